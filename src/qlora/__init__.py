@@ -1,0 +1,35 @@
+"""qlora: fine-tune large language models on one GPU with QLoRA.
+
+The frozen base model is stored in 4-bit NormalFloat with double-quantized
+block constants, LoRA adapters train in 16/32-bit, and optimizer states live in
+paged memory. The top-level names below are the public API; they are imported
+lazily so that ``import qlora`` stays cheap (no transformers import).
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__version__ = "0.1.0"
+
+_LAZY = {
+    "load_model": "qlora.model.load",
+    "add_lora": "qlora.model.inject",
+    "save_adapter": "qlora.model.adapter_io",
+    "load_adapter": "qlora.model.adapter_io",
+    "merge": "qlora.model.merge",
+    "save_merged": "qlora.model.merge",
+    "save_quantized": "qlora.model.quantized_io",
+    "quantize_model": "qlora.model.quantize",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'qlora' has no attribute {name!r}")
+    return getattr(importlib.import_module(module), name)
+
+
+__all__ = ["__version__", *_LAZY]

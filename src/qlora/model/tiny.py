@@ -1,0 +1,138 @@
+"""Tiny models and tokenizers built locally, with no download.
+
+``qlora demo`` and the test-suite need real transformers checkpoints on a
+machine that cannot reach a model hub. These helpers train a small byte-level
+BPE tokenizer on the given text and save a randomly initialized model of a
+chosen architecture with ``save_pretrained``, so every loading path that users
+take with real checkpoints is exercised unchanged.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterable
+
+import torch
+
+SPECIAL_TOKENS = ("<|pad|>", "<|bos|>", "<|eos|>", "<|unk|>")
+
+# A ChatML template: the tokenizer's own chat_template for tiny models.
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "phi3", "gpt2")
+
+
+def train_tokenizer(texts: Iterable[str], vocab_size: int = 512, add_bos: bool = True, chat_template: bool = True):
+    """A byte-level BPE ``PreTrainedTokenizerFast`` trained on ``texts``.
+
+    Args:
+        texts: training text.
+        vocab_size: target vocabulary size including special tokens.
+        add_bos: whether encoding prepends ``<|bos|>`` (as Llama tokenizers
+            do); ``False`` behaves like Qwen/GPT-2 tokenizers.
+        chat_template: give the tokenizer a ChatML ``chat_template``.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<|unk|>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[*SPECIAL_TOKENS, "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(list(texts), trainer)
+    if add_bos:
+        bos_id = tok.token_to_id("<|bos|>")
+        tok.post_processor = processors.TemplateProcessing(
+            single="<|bos|> $A", pair="<|bos|> $A <|bos|> $B", special_tokens=[("<|bos|>", bos_id)]
+        )
+    else:
+        tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<|bos|>",
+        eos_token="<|eos|>",
+        pad_token="<|pad|>",
+        unk_token="<|unk|>",
+        additional_special_tokens=["<|im_start|>", "<|im_end|>"],
+    )
+    if chat_template:
+        fast.chat_template = CHATML_TEMPLATE
+    return fast
+
+
+def tiny_config(arch: str, vocab_size: int, hidden: int = 64, layers: int = 2, heads: int = 4,
+                kv_heads: int = 2, intermediate: int = 128, max_positions: int = 512, **extra):
+    """A transformers config of ``arch`` at toy size (random weights follow)."""
+    import transformers as tf
+
+    common = dict(vocab_size=vocab_size, bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=False)
+    if arch == "gpt2":
+        return tf.GPT2Config(n_embd=hidden, n_layer=layers, n_head=heads, n_positions=max_positions,
+                             n_inner=intermediate, **common, **extra)
+    llama_like = dict(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+                      num_key_value_heads=kv_heads, intermediate_size=intermediate,
+                      max_position_embeddings=max_positions, **common)
+    if arch == "llama":
+        return tf.LlamaConfig(**llama_like, **extra)
+    if arch == "mistral":
+        return tf.MistralConfig(**llama_like, sliding_window=None, **extra)
+    if arch == "qwen2":
+        return tf.Qwen2Config(**llama_like, **extra)
+    if arch == "qwen3":
+        return tf.Qwen3Config(**llama_like, head_dim=hidden // heads, **extra)
+    if arch == "gemma2":
+        return tf.Gemma2Config(**llama_like, head_dim=hidden // heads, **extra)
+    if arch == "gemma3":
+        return tf.Gemma3TextConfig(**llama_like, head_dim=hidden // heads, **extra)
+    if arch == "phi3":
+        return tf.Phi3Config(**llama_like, **extra)
+    raise ValueError(f"unknown tiny architecture {arch!r}; choose from {', '.join(ARCHITECTURES)}")
+
+
+def build_tiny_model(
+    out_dir: str | Path,
+    tokenizer=None,
+    arch: str = "llama",
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+    texts: Iterable[str] | None = None,
+    **config_overrides,
+) -> Path:
+    """Save a random-initialized ``arch`` model and its tokenizer to ``out_dir``.
+
+    Either pass a tokenizer or ``texts`` to train one on. Returns ``out_dir``.
+    """
+    from transformers import AutoModelForCausalLM
+
+    out = Path(out_dir)
+    if tokenizer is None:
+        tokenizer = train_tokenizer(texts or _DEFAULT_TEXT)
+    config = tiny_config(arch, vocab_size=len(tokenizer), **config_overrides)
+    config.bos_token_id = tokenizer.bos_token_id
+    config.eos_token_id = tokenizer.eos_token_id
+    config.pad_token_id = tokenizer.pad_token_id
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+_DEFAULT_TEXT = [
+    "The quick brown fox jumps over the lazy dog.",
+    "QLoRA fine-tunes a 4-bit quantized model with low-rank adapters.",
+    "Question: what is the capital of France? Answer: Paris.",
+    "def add(a, b):\n    return a + b\n",
+    "Large language models learn from text; adapters learn from little.",
+] * 20

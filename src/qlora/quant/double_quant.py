@@ -1,0 +1,38 @@
+"""Double quantization: compress the 4-bit blocks' float32 absmax to 8 bits.
+
+Step by step (QLoRA paper, section 3):
+
+1. The first quantization leaves one float32 absmax per block of 64 weights:
+   32 / 64 = 0.5 extra bits per weight.
+2. These constants are all positive and similar, so subtract their mean (the
+   ``offset``) to centre them around zero; this makes a signed code usable.
+3. Quantize the centred constants blockwise (block 256) with the signed 8-bit
+   dynamic code, keeping one float32 absmax per 256 constants.
+4. Cost: 8 / 64 + 32 / (64 * 256) = 0.127 bits per weight, a saving of 0.373.
+
+Decoding reverses it: ``absmax = dynamic[codes] * nested_absmax + offset``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .blockwise import dequantize_blockwise, quantize_blockwise
+from .codebook import dynamic_code
+from .quant_state import NestedState
+
+NESTED_BLOCKSIZE = 256
+
+
+def compress_absmax(absmax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, NestedState]:
+    """Returns ``(codes uint8, offset float32 scalar, nested state)``."""
+    offset = absmax.mean()
+    code = dynamic_code(signed=True, device=absmax.device)
+    codes, nested_absmax = quantize_blockwise(absmax - offset, code, NESTED_BLOCKSIZE)
+    return codes, offset, NestedState(nested_absmax, code.clone(), NESTED_BLOCKSIZE, torch.float32)
+
+
+def decompress_absmax(codes: torch.Tensor, offset: torch.Tensor, nested: NestedState) -> torch.Tensor:
+    """The float32 absmax vector back from its 8-bit form."""
+    absmax = dequantize_blockwise(codes, nested.absmax, nested.code, nested.blocksize, torch.float32)
+    return absmax + offset.to(absmax.device)

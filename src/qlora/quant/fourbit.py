@@ -1,0 +1,81 @@
+"""Public 4-bit API: ``quantize_4bit`` / ``dequantize_4bit``.
+
+Dispatch: CUDA tensors use the Triton dequantizer when Triton is importable
+(one launch decodes the double-quantized absmax, looks up the code and scales);
+everything else uses :mod:`qlora.quant.kernels.torch_ref`, the reference.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .codebook import QUANT_TYPES_4BIT, code_4bit
+from .double_quant import compress_absmax, decompress_absmax
+from .kernels import torch_ref
+from .quant_state import QuantState
+
+BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _check(quant_type: str, blocksize: int, dtype: torch.dtype) -> None:
+    if quant_type not in QUANT_TYPES_4BIT:
+        raise ValueError(f"quant_type must be one of {QUANT_TYPES_4BIT}, got {quant_type!r}")
+    if blocksize not in BLOCKSIZES:
+        raise ValueError(f"blocksize must be one of {BLOCKSIZES}, got {blocksize}")
+    if dtype not in FLOAT_DTYPES:
+        raise ValueError(f"4-bit quantization takes float32, float16 or bfloat16 tensors, got {dtype}")
+
+
+def quantize_4bit(
+    w: torch.Tensor,
+    quant_type: str = "nf4",
+    blocksize: int = 64,
+    double_quant: bool = True,
+) -> tuple[torch.Tensor, QuantState]:
+    """Quantize ``w`` blockwise to 4 bits.
+
+    Args:
+        w: float32/float16/bfloat16 tensor of any shape.
+        quant_type: ``"nf4"`` or ``"fp4"``.
+        blocksize: elements per absmax block (32 ... 4096, powers of two).
+        double_quant: also quantize the block absmax to 8 bits.
+
+    Returns:
+        ``(packed, state)`` with ``packed`` uint8 of shape ``[ceil(numel/2), 1]``
+        (bitsandbytes' layout) and the :class:`QuantState` to decode it.
+    """
+    _check(quant_type, blocksize, w.dtype)
+    packed, absmax = torch_ref.quantize_4bit_ref(w, blocksize, quant_type)
+    state = QuantState(
+        absmax=absmax, shape=w.shape, code=code_4bit(quant_type, w.device), blocksize=blocksize,
+        quant_type=quant_type, dtype=w.dtype,
+    )
+    if double_quant:
+        state.absmax, state.offset, state.nested = compress_absmax(absmax)
+    return packed, state
+
+
+def _use_triton(packed: torch.Tensor) -> bool:
+    if packed.device.type != "cuda":
+        return False
+    from .kernels import triton_dequant
+
+    return triton_dequant.available()
+
+
+def dequantize_4bit(
+    packed: torch.Tensor, state: QuantState, dtype: torch.dtype | None = None
+) -> torch.Tensor:
+    """Decode ``packed`` to a tensor of ``state.shape`` in ``dtype``
+    (default: the dtype that was quantized)."""
+    dtype = dtype or state.dtype
+    if _use_triton(packed):
+        from .kernels import triton_dequant
+
+        return triton_dequant.dequantize_4bit(packed, state, dtype)
+    absmax = state.absmax
+    if state.nested is not None:
+        assert state.offset is not None
+        absmax = decompress_absmax(absmax, state.offset, state.nested)
+    return torch_ref.dequantize_4bit_ref(packed, absmax, state.blocksize, state.quant_type, state.shape, dtype)

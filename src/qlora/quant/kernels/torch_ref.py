@@ -1,0 +1,77 @@
+"""Reference 4-bit kernels in plain PyTorch (CPU and any device).
+
+These define the numerics every faster kernel is tested against. Their steps
+are those of bitsandbytes 0.50's portable implementation, so the bytes agree:
+
+quantize: per block of the flattened tensor, ``absmax = max |x|``; full blocks
+are scaled by ``x * (1 / max(absmax, 1e-38))``, a short last block by
+``x / max(absmax, 1e-38)``; the scaled value is clamped to [-1, 1] and given the
+code of the nearest table value (a value exactly on a midpoint takes the lower
+one); two codes share a byte, the first element in the high nibble.
+
+dequantize: ``table[code] * absmax`` in float32, rounded once to the output dtype.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from ..codebook import code_4bit
+
+
+@functools.lru_cache(maxsize=None)
+def _bounds(quant_type: str) -> tuple[torch.Tensor, torch.Tensor]:
+    code = code_4bit(quant_type)
+    order = torch.argsort(code, stable=True)
+    mids = (code[order[:-1]] + code[order[1:]]) / 2
+    return mids, order
+
+
+def quantize_4bit_ref(
+    x: torch.Tensor, blocksize: int, quant_type: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Returns ``(packed uint8 [ceil(n/2), 1], absmax float32 [n_blocks])``."""
+    mids, order = _bounds(quant_type)
+    mids, order = mids.to(x.device), order.to(x.device)
+    flat = x.reshape(-1).float()
+    n = flat.numel()
+    rem = n % blocksize
+    full = n - rem
+    body = flat[:full].view(-1, blocksize)
+    absmax = body.abs().amax(dim=1)
+    scaled = (body * (1.0 / absmax.clamp(min=1e-38))[:, None]).clamp(-1, 1).reshape(-1)
+    if rem:
+        tail_max = flat[full:].abs().max().clamp(min=1e-38)
+        absmax = torch.cat([absmax, tail_max[None]])
+        scaled = torch.cat([scaled, (flat[full:] / tail_max).clamp(-1, 1)])
+    if scaled.numel() % 2:
+        scaled = torch.nn.functional.pad(scaled, (0, 1))
+    q = order[torch.bucketize(scaled, mids)].to(torch.uint8)
+    packed = (q[0::2] << 4) | q[1::2]
+    return packed.unsqueeze(1), absmax
+
+
+def dequantize_4bit_ref(
+    packed: torch.Tensor,
+    absmax: torch.Tensor,
+    blocksize: int,
+    quant_type: str,
+    shape: torch.Size,
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """``absmax`` is the float32 per-block absmax (already decoded if nested)."""
+    flat = packed.reshape(-1)
+    if flat.dtype != torch.uint8:
+        flat = flat.view(torch.uint8)
+    n = shape.numel()
+    codes = torch.stack([flat >> 4, flat & 0xF], dim=1).reshape(-1)[:n]
+    values = code_4bit(quant_type, flat.device)[codes.long()]
+    rem = n % blocksize
+    full = n - rem
+    out = torch.empty(n, dtype=torch.float32, device=flat.device)
+    out[:full] = (values[:full].view(-1, blocksize) * absmax[: full // blocksize, None]).reshape(-1)
+    if rem:
+        out[full:] = values[full:] * absmax[-1]
+    return out.to(dtype).reshape(shape)

@@ -1,0 +1,46 @@
+"""Shared fixtures: tiny tokenizers and models built locally (no hub)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer():
+    from qlora.model.tiny import train_tokenizer
+
+    return train_tokenizer(_TEXT, vocab_size=400)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, tiny_tokenizer):
+    """A saved random Llama-architecture model (fp32) with its tokenizer."""
+    from qlora.model.tiny import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("tiny-llama"), tokenizer=tiny_tokenizer, arch="llama")
+
+
+_TEXT = [
+    "The quick brown fox jumps over the lazy dog.",
+    "Question: what is two plus two? Answer: four.",
+    "def add(a, b):\n    return a + b\n",
+    "A paged optimizer moves its state to CPU memory when the GPU is full.",
+    "<|im_start|>user\nHello<|im_end|>\n<|im_start|>assistant\nHi there!<|im_end|>\n",
+] * 20
