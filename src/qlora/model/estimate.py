@@ -16,7 +16,7 @@ rows follow from the trainable tensors.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -336,7 +336,7 @@ def estimate(config, opts: TrainingOptions) -> Estimate:
     ]
     if opts.optim.startswith("paged"):
         notes.append("paged optimizer states sit in unified memory: they can move to CPU RAM when the GPU fills")
-    other_gc = TrainingOptions(**{**opts.__dict__, "gradient_checkpointing": not opts.gradient_checkpointing})
+    other_gc = replace(opts, gradient_checkpointing=not opts.gradient_checkpointing)
     notes.append(f"QLoRA activations with checkpointing {'off' if opts.gradient_checkpointing else 'on'}: "
                  f"{activation_bytes(config, other_gc, per_layer) / GIB:.2f} GiB")
     notes.append("logits: a chunked cross-entropy would hold one chunk of the fp32 logits instead of all of them")
