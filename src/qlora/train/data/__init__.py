@@ -16,7 +16,7 @@ The training loop needs only this pipeline::
 from qlora.train.data.collate import count_trainable_tokens, pad_collate, pad_token_id, packed_collate, shuffled_indices
 from qlora.train.data.formats import FORMATS, Example, detect_format, normalize
 from qlora.train.data.packing import PackedRow, check_packing_supported, pack_examples, packed_attention_mask
-from qlora.train.data.sources import Record, load_records
+from qlora.train.data.sources import Record, demo_data_path, load_records
 from qlora.train.data.templates import TEMPLATES, resolve_chat_template
 from qlora.train.data.tokenize import (
     IGNORE_INDEX, TRAIN_ON, DataReport, TokenizedExample, tokenize_dataset, tokenize_example,
@@ -25,7 +25,7 @@ from qlora.train.data.tokenize import (
 __all__ = [
     "FORMATS", "IGNORE_INDEX", "TEMPLATES", "TRAIN_ON",
     "DataReport", "Example", "PackedRow", "Record", "TokenizedExample",
-    "check_packing_supported", "count_trainable_tokens", "detect_format", "load_records", "normalize",
+    "check_packing_supported", "count_trainable_tokens", "demo_data_path", "detect_format", "load_records", "normalize",
     "pack_examples", "packed_attention_mask", "packed_collate", "pad_collate", "pad_token_id",
     "resolve_chat_template", "shuffled_indices", "tokenize_dataset", "tokenize_example",
 ]

@@ -26,6 +26,11 @@ class Record:
     where: str
 
 
+def demo_data_path() -> Path:
+    """The small instruction dataset shipped for ``qlora demo`` (country capitals and sums)."""
+    return Path(__file__).resolve().parents[2] / "data" / "demo.jsonl"
+
+
 def load_records(source: str | Path, split: str = "train") -> list[Record]:
     """Read every record of a local file or a `datasets` hub dataset.
 
