@@ -135,7 +135,8 @@ def test_truncation_is_counted_and_untrainable_examples_reported():
 def test_every_example_truncated_away_is_an_error():
     tok = tokenizer()
     examples = [Example(chat().messages, None, f"d.jsonl line {i}") for i in (1, 2)]
-    with pytest.raises(UsageError, match=r"all 2 examples have no trainable tokens after tokenization \(first: d\.jsonl line 1, d\.jsonl line 2\)"):
+    expected = r"all 2 examples have no trainable tokens after tokenization \(first: d\.jsonl line 1, d\.jsonl line 2\)"
+    with pytest.raises(UsageError, match=expected):
         tokenize_dataset(examples, tok, TEMPLATES["chatml"], seq_len=8)
 
 

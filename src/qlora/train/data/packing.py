@@ -75,7 +75,9 @@ def pack_examples(examples: list[TokenizedExample], seq_len: int) -> list[Packed
     for example in examples:
         n = len(example.input_ids)
         if n > seq_len:
-            raise UsageError(f"example {example.index} has {n} tokens, more than seq_len={seq_len}; truncate before packing.")
+            raise UsageError(
+                f"example {example.index} has {n} tokens, more than seq_len={seq_len}; truncate before packing."
+            )
         if current and used + n > seq_len:
             rows.append(_row(current))
             current, used = [], 0
