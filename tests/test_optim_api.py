@@ -105,7 +105,7 @@ def test_lora_plus_groups_scale_b_learning_rate():
     model = _Lora()
     groups = lora_plus_param_groups(model, lr=1e-4, ratio=16, weight_decay=0.01)
     assert [g["lr"] for g in groups] == pytest.approx([1e-4, 1.6e-3])
-    assert [id(p) for p in groups[0]["params"]] == [id(model.lora_A["default"]), id(model.norm)]
+    assert {id(p) for p in groups[0]["params"]} == {id(model.lora_A["default"]), id(model.norm)}
     assert [id(p) for p in groups[1]["params"]] == [id(model.lora_B["default"])]
     opt = create_optimizer("paged_adamw_32bit", groups)
     assert [g["weight_decay"] for g in opt.param_groups] == [0.01, 0.01]
