@@ -191,7 +191,9 @@ def load_model(
                     continue  # e.g. legacy rotary buffers, or tied duplicates
                 if tensor.is_floating_point():
                     tensor = tensor.to(compute_dtype)
-                _set_tensor(model, key, tensor.to(device))
+                # copy=True: never keep a view into the memory-mapped shard,
+                # which would keep the whole file mapped (and counted in RSS).
+                _set_tensor(model, key, tensor.to(device, copy=True))
                 loaded.add(key)
     bar.close()
     for owner, parts in pending_qstate.items():

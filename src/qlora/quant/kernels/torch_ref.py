@@ -26,30 +26,44 @@ def _bounds(quant_type: str) -> tuple[torch.Tensor, torch.Tensor]:
     code = code_4bit(quant_type)
     order = torch.argsort(code, stable=True)
     mids = (code[order[:-1]] + code[order[1:]]) / 2
-    return mids, order
+    return mids, order.to(torch.uint8)
+
+
+_CHUNK = 1 << 16  # elements per step: a multiple of every block size, bounds temporary memory
 
 
 def quantize_4bit_ref(
     x: torch.Tensor, blocksize: int, quant_type: str
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Returns ``(packed uint8 [ceil(n/2), 1], absmax float32 [n_blocks])``."""
+    """Returns ``(packed uint8 [ceil(n/2), 1], absmax float32 [n_blocks])``.
+
+    Works through the tensor in chunks of whole blocks so that the float32
+    temporaries stay small whatever the tensor size (quantize-on-load relies
+    on this to keep peak memory low).
+    """
     mids, order = _bounds(quant_type)
     mids, order = mids.to(x.device), order.to(x.device)
-    flat = x.reshape(-1).float()
+    flat = x.reshape(-1)
     n = flat.numel()
-    rem = n % blocksize
-    full = n - rem
-    body = flat[:full].view(-1, blocksize)
-    absmax = body.abs().amax(dim=1)
-    scaled = (body * (1.0 / absmax.clamp(min=1e-38))[:, None]).clamp(-1, 1).reshape(-1)
-    if rem:
-        tail_max = flat[full:].abs().max().clamp(min=1e-38)
-        absmax = torch.cat([absmax, tail_max[None]])
-        scaled = torch.cat([scaled, (flat[full:] / tail_max).clamp(-1, 1)])
-    if scaled.numel() % 2:
-        scaled = torch.nn.functional.pad(scaled, (0, 1))
-    q = order[torch.bucketize(scaled, mids)].to(torch.uint8)
-    packed = (q[0::2] << 4) | q[1::2]
+    packed = torch.empty((n + 1) // 2, dtype=torch.uint8, device=x.device)
+    absmax = torch.empty(-(-n // blocksize), dtype=torch.float32, device=x.device)
+    for start in range(0, n, _CHUNK):
+        chunk = flat[start:start + _CHUNK].float()
+        m = chunk.numel()
+        rem = m % blocksize
+        full = m - rem
+        body = chunk[:full].view(-1, blocksize)
+        amax = body.abs().amax(dim=1)
+        scaled = (body * (1.0 / amax.clamp(min=1e-38))[:, None]).clamp_(-1, 1).reshape(-1)
+        if rem:  # only the last chunk can end in a short block
+            tail_max = chunk[full:].abs().max().clamp(min=1e-38)
+            amax = torch.cat([amax, tail_max[None]])
+            scaled = torch.cat([scaled, (chunk[full:] / tail_max).clamp(-1, 1)])
+        if m % 2:
+            scaled = torch.nn.functional.pad(scaled, (0, 1))
+        q = order[torch.bucketize(scaled, mids, out_int32=True)]
+        packed[start // 2:start // 2 + q.numel() // 2] = (q[0::2] << 4) | q[1::2]
+        absmax[start // blocksize:start // blocksize + amax.numel()] = amax
     return packed.unsqueeze(1), absmax
 
 
