@@ -1,0 +1,137 @@
+"""Adapters on disk in PEFT's exact format.
+
+``adapter_config.json`` + ``adapter_model.safetensors`` whose keys are PEFT's
+(``base_model.model.<module path>.lora_A.weight``, adapter name omitted), so
+``peft.PeftModel.from_pretrained`` loads what we save and we load what PEFT
+saves. The config also records the qlora version and format version.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .. import __version__
+from ..atomic import atomic_dir
+from ..errors import UsageError
+from .inject import adapter_configs, add_lora, lora_layers
+
+log = logging.getLogger("qlora")
+
+FORMAT_VERSION = 1
+_PEFT_PREFIX = "base_model.model."
+_KNOWN_KEYS = {
+    "peft_type", "task_type", "base_model_name_or_path", "r", "lora_alpha", "lora_dropout", "target_modules",
+    "bias", "fan_in_fan_out", "use_rslora", "init_lora_weights", "modules_to_save", "inference_mode",
+    "use_dora", "revision", "layers_to_transform", "layers_pattern", "rank_pattern", "alpha_pattern",
+    "qlora_version", "qlora_format_version", "auto_mapping", "megatron_config", "megatron_core", "loftq_config",
+    "layer_replication", "exclude_modules", "lora_bias", "eva_config", "corda_config", "use_qalora",
+    "qalora_group_size", "trainable_token_indices", "target_parameters", "peft_version", "arrow_config",
+    "ensure_weight_tying", "alora_invocation_tokens", "lora_ga_config", "use_bdlora",
+}
+
+
+def adapter_state_dict(model: nn.Module, adapter_name: str = "default") -> dict[str, torch.Tensor]:
+    """The adapter's tensors under PEFT's file key names."""
+    out = {}
+    for path, layer in lora_layers(model).items():
+        if adapter_name in layer.specs:
+            out[f"{_PEFT_PREFIX}{path}.lora_A.weight"] = layer.lora_A[adapter_name].weight.detach()
+            out[f"{_PEFT_PREFIX}{path}.lora_B.weight"] = layer.lora_B[adapter_name].weight.detach()
+    return out
+
+
+def save_adapter(model: nn.Module, out_dir: str | Path, adapter_name: str = "default") -> Path:
+    """Write ``adapter_name`` in PEFT's format, atomically (old content survives a crash)."""
+    from safetensors.torch import save_file
+
+    cfg = adapter_configs(model).get(adapter_name)
+    if cfg is None:
+        raise UsageError(f"the model has no adapter named {adapter_name!r}; it has {sorted(adapter_configs(model))}")
+    spec = cfg.spec
+    config = {
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": cfg.base_model_name_or_path,
+        "r": spec.r, "lora_alpha": spec.alpha, "lora_dropout": spec.dropout, "target_modules": cfg.target_modules,
+        "bias": "none", "fan_in_fan_out": cfg.fan_in_fan_out, "use_rslora": spec.rslora,
+        "init_lora_weights": True if spec.init == "kaiming" else "gaussian", "modules_to_save": None,
+        "inference_mode": True, "use_dora": False, "revision": None, "layers_to_transform": None,
+        "qlora_version": __version__, "qlora_format_version": FORMAT_VERSION,
+    }
+    tensors = {k: v.contiguous().cpu() for k, v in adapter_state_dict(model, adapter_name).items()}
+    with atomic_dir(out_dir) as tmp:
+        (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
+        save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
+    return Path(out_dir)
+
+
+def read_adapter_config(adapter_dir: str | Path) -> dict:
+    path = Path(adapter_dir) / "adapter_config.json"
+    if not path.is_file():
+        raise UsageError(f"{adapter_dir} is not an adapter folder: {path.name} is missing.")
+    try:
+        config = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise UsageError(f"{path} is not valid JSON (line {exc.lineno}): {exc.msg}.") from exc
+    if config.get("qlora_format_version", FORMAT_VERSION) > FORMAT_VERSION:
+        raise UsageError(f"{path} was written by a newer qlora (format {config['qlora_format_version']}, "
+                         f"this one reads up to {FORMAT_VERSION}); upgrade qlora to load it.")
+    if config.get("peft_type", "LORA") != "LORA":
+        raise UsageError(f"{path}: adapter type {config.get('peft_type')} is not a LoRA adapter.")
+    if config.get("use_dora"):
+        raise UsageError(f"{path}: DoRA adapters are not supported by this version of qlora.")
+    unknown = sorted(set(config) - _KNOWN_KEYS)
+    if unknown:
+        log.warning("%s: ignoring unknown adapter config keys %s", path, ", ".join(unknown))
+    return config
+
+
+def load_adapter(model: nn.Module, adapter_dir: str | Path, adapter_name: str = "default",
+                 trainable: bool = False) -> nn.Module:
+    """Load a PEFT-format LoRA adapter (ours or PEFT's) onto ``model``.
+
+    Raises:
+        UsageError: missing or corrupt files, or an adapter made for another base
+            (a layer it names is missing, or a tensor shape differs).
+    """
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    adapter_dir = Path(adapter_dir)
+    config = read_adapter_config(adapter_dir)
+    weights = adapter_dir / "adapter_model.safetensors"
+    if not weights.is_file():
+        raise UsageError(f"{adapter_dir} has no adapter_model.safetensors (qlora reads safetensors only).")
+    try:
+        tensors = load_file(str(weights))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise UsageError(f"{weights} is corrupted or not a safetensors file ({exc}).") from exc
+    paths = sorted({k[len(_PEFT_PREFIX):].rsplit(".lora_", 1)[0] for k in tensors if ".lora_" in k})
+    names = dict(model.named_modules())
+    missing = [p for p in paths if p not in names]
+    if missing:
+        raise UsageError(f"{adapter_dir} was made for another base model: it adapts {missing[0]}, which this "
+                         f"model does not have ({len(missing)} such layers).")
+    add_lora(model, r=int(config["r"]), alpha=float(config["lora_alpha"]), dropout=float(config.get("lora_dropout") or 0.0),
+             target_modules="|".join(map(re.escape, paths)), rslora=bool(config.get("use_rslora")),
+             adapter_name=adapter_name, verbose=False)
+    adapter_configs(model)[adapter_name].target_modules = list(config.get("target_modules") or [])
+    layers = lora_layers(model)
+    for key, value in tensors.items():
+        if ".lora_" not in key:
+            continue
+        path, _, rest = key[len(_PEFT_PREFIX):].rpartition(".lora_")
+        which = "lora_A" if rest.startswith("A") else "lora_B"
+        param = getattr(layers[path], which)[adapter_name].weight
+        if param.shape != value.shape:
+            raise UsageError(f"{adapter_dir} was made for another base model: {key} has shape {tuple(value.shape)} "
+                             f"but this model's layer needs {tuple(param.shape)}.")
+        with torch.no_grad():
+            param.copy_(value.to(param.dtype))
+        param.requires_grad_(trainable)
+    return model
+

@@ -1,0 +1,363 @@
+"""Memory calculator: how many bytes full fine-tuning, 16-bit LoRA and QLoRA need.
+
+Counts are exact, not rules of thumb: the model is built on the ``meta``
+device from its transformers config (no memory, no download), and its modules
+are walked, so every architecture transformers knows is counted the same way.
+Decoder ``nn.Linear`` and GPT-2 ``Conv1D`` weights are the quantized part;
+everything else (embeddings, norms, biases, ``lm_head``) stays 16-bit, and a
+tied embedding is counted once. The 4-bit bytes are what
+:func:`qlora.quant.quantize_4bit` produces for each weight, tensor for tensor.
+
+Activations and logits are a model of what autograd keeps (see
+:func:`activation_bytes` and :func:`logits_bytes`); the optimizer and gradient
+rows follow from the trainable tensors.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import UsageError
+from ..quant import BLOCKSIZES
+from ..quant.double_quant import NESTED_BLOCKSIZE
+
+GIB = 1024**3
+QUANT_TYPES = ("nf4", "fp4", "none")
+OPTIMIZERS = ("adamw_32bit", "adamw_8bit", "paged_adamw_32bit", "paged_adamw_8bit")
+COLUMNS = ("full fine-tuning", "16-bit LoRA", "QLoRA")
+
+# Known shapes: the config.json fields that decide the parameter count.
+KNOWN_SHAPES: dict[str, dict[str, Any]] = {
+    "llama-3-8b": dict(model_type="llama", vocab_size=128256, hidden_size=4096, intermediate_size=14336,
+                       num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
+                       tie_word_embeddings=False, max_position_embeddings=8192, rope_theta=500000.0),
+    "llama-3-70b": dict(model_type="llama", vocab_size=128256, hidden_size=8192, intermediate_size=28672,
+                        num_hidden_layers=80, num_attention_heads=64, num_key_value_heads=8,
+                        tie_word_embeddings=False, max_position_embeddings=8192, rope_theta=500000.0),
+    "llama-65b": dict(model_type="llama", vocab_size=32000, hidden_size=8192, intermediate_size=22016,
+                      num_hidden_layers=80, num_attention_heads=64, num_key_value_heads=64,
+                      tie_word_embeddings=False, max_position_embeddings=2048),
+    "llama-33b": dict(model_type="llama", vocab_size=32000, hidden_size=6656, intermediate_size=17920,
+                      num_hidden_layers=60, num_attention_heads=52, num_key_value_heads=52,
+                      tie_word_embeddings=False, max_position_embeddings=2048),
+    "mistral-7b": dict(model_type="mistral", vocab_size=32000, hidden_size=4096, intermediate_size=14336,
+                       num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
+                       tie_word_embeddings=False, max_position_embeddings=32768, sliding_window=4096),
+    "qwen2.5-7b": dict(model_type="qwen2", vocab_size=152064, hidden_size=3584, intermediate_size=18944,
+                       num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4,
+                       tie_word_embeddings=False, max_position_embeddings=131072, rope_theta=1000000.0),
+}
+
+
+@dataclass(frozen=True)
+class TrainingOptions:
+    """The training choices that change memory (names as the ``qlora train`` flags)."""
+
+    quant: str = "nf4"
+    double_quant: bool = True
+    blocksize: int = 64
+    rank: int = 16
+    target_modules: tuple[str, ...] | None = None  # None: every quantized linear of the decoder
+    seq_len: int = 2048
+    batch_size: int = 1
+    gradient_checkpointing: bool = True
+    optim: str = "paged_adamw_32bit"
+
+    def __post_init__(self) -> None:
+        if self.quant not in QUANT_TYPES:
+            raise UsageError(f"--quant must be one of {', '.join(QUANT_TYPES)}, got {self.quant!r}.")
+        if self.blocksize not in BLOCKSIZES:
+            raise UsageError(f"--blocksize must be one of {', '.join(map(str, BLOCKSIZES))}, got {self.blocksize}.")
+        if self.optim not in OPTIMIZERS:
+            raise UsageError(f"--optim must be one of {', '.join(OPTIMIZERS)}, got {self.optim!r}.")
+        for name in ("rank", "seq_len", "batch_size"):
+            if getattr(self, name) < 1:
+                raise UsageError(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(self, name)}.")
+
+
+@dataclass(frozen=True)
+class LinearShape:
+    """One quantizable weight: module name and ``(out, in)`` of its matmul."""
+
+    name: str
+    out_features: int
+    in_features: int
+
+    @property
+    def numel(self) -> int:
+        return self.out_features * self.in_features
+
+
+@dataclass(frozen=True)
+class ModelCounts:
+    """Exact parameter counts of a model, split into quantized and 16-bit parts."""
+
+    linears: tuple[LinearShape, ...]  # decoder linear weights (the quantized part)
+    other_tensors: tuple[int, ...]  # numel of every other parameter, shared ones once
+    num_layers: int
+
+    @property
+    def quantized_params(self) -> int:
+        return sum(lin.numel for lin in self.linears)
+
+    @property
+    def params_16bit(self) -> int:
+        return sum(self.other_tensors)
+
+    @property
+    def total_params(self) -> int:
+        return self.quantized_params + self.params_16bit
+
+
+def load_config(model: str):
+    """A transformers config from a known shape name, a local path, or a hub id.
+
+    Raises:
+        UsageError: the name is none of these, or config.json is missing or bad.
+    """
+    from transformers import AutoConfig
+
+    key = model.lower()
+    if key in KNOWN_SHAPES:
+        fields = dict(KNOWN_SHAPES[key])
+        return AutoConfig.for_model(fields.pop("model_type"), **fields)
+    path = Path(model).expanduser()
+    if path.exists():
+        config_file = path / "config.json" if path.is_dir() else path
+        if not config_file.is_file():
+            raise UsageError(f"{path} has no config.json; pass a model directory saved by transformers, "
+                             f"a config.json file, or a known shape ({', '.join(KNOWN_SHAPES)}).")
+        try:
+            fields = json.loads(config_file.read_text())
+            return AutoConfig.for_model(fields.pop("model_type"), **fields)
+        except (ValueError, KeyError) as exc:
+            raise UsageError(f"cannot read a transformers config from {config_file}: {exc}. "
+                             "It must be JSON with a model_type that transformers knows.") from exc
+    if "/" in model and not model.startswith((".", "/")):
+        try:
+            return AutoConfig.from_pretrained(model)
+        except (OSError, ValueError) as exc:
+            raise UsageError(f"{model!r} is not a local path and its config could not be fetched from the hub "
+                             f"({exc.__class__.__name__}); pass a local path or a known shape "
+                             f"({', '.join(KNOWN_SHAPES)}).") from exc
+    raise UsageError(f"unknown model {model!r}: not a local path, hub id or known shape; "
+                     f"known shapes are {', '.join(KNOWN_SHAPES)}.")
+
+
+def count_parameters(config) -> ModelCounts:
+    """Walk the model built on the ``meta`` device (no memory is allocated).
+
+    ``named_parameters`` yields a tied parameter once. The output embedding
+    (``lm_head``) is a Linear but is kept in 16-bit, as transformers and
+    bitsandbytes do, so it counts with the embeddings.
+    """
+    from transformers import AutoModelForCausalLM
+    from transformers.pytorch_utils import Conv1D
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    head = model.get_output_embeddings()
+    quantized: dict[int, LinearShape] = {}
+    for name, module in model.named_modules():
+        if module is head:
+            continue
+        if isinstance(module, torch.nn.Linear):
+            quantized[id(module.weight)] = LinearShape(name, module.out_features, module.in_features)
+        elif isinstance(module, Conv1D):  # weight stored (in, out)
+            quantized[id(module.weight)] = LinearShape(name, module.weight.shape[1], module.weight.shape[0])
+    linears = tuple(quantized[id(p)] for _, p in model.named_parameters() if id(p) in quantized)
+    others = tuple(p.numel() for _, p in model.named_parameters() if id(p) not in quantized)
+    text = config.get_text_config()
+    return ModelCounts(linears=linears, other_tensors=others, num_layers=text.num_hidden_layers)
+
+
+def quantized_bytes(numel: int, blocksize: int, double_quant: bool) -> tuple[int, int]:
+    """``(codes, constants)`` bytes of one tensor as ``quantize_4bit`` stores it.
+
+    Codes: two per byte. Constants without double quantization: one fp32
+    absmax per block + the 16-entry fp32 code table. With it: one uint8 per
+    block, one fp32 nested absmax per 256 blocks, the fp32 offset, the 16-entry
+    code table and the 256-entry fp32 nested code table.
+    """
+    blocks = -(-numel // blocksize)
+    codes = -(-numel // 2)
+    if not double_quant:
+        return codes, blocks * 4 + 16 * 4
+    nested_blocks = -(-blocks // NESTED_BLOCKSIZE)
+    return codes, blocks + nested_blocks * 4 + 4 + 16 * 4 + 256 * 4
+
+
+def select_targets(counts: ModelCounts, target_modules: tuple[str, ...] | None) -> list[LinearShape]:
+    """Linears that get LoRA adapters; names match the last part of a module name.
+
+    Raises:
+        UsageError: a requested name matches no linear layer.
+    """
+    if target_modules is None:
+        return list(counts.linears)
+    leaves = {lin.name.rsplit(".", 1)[-1] for lin in counts.linears}
+    missing = [t for t in target_modules if t not in leaves]
+    if missing:
+        raise UsageError(f"--target-modules {', '.join(missing)} match no linear layer of this model; "
+                         f"its linear layers are {', '.join(sorted(leaves))}.")
+    return [lin for lin in counts.linears if lin.name.rsplit(".", 1)[-1] in target_modules]
+
+
+def optimizer_bytes(tensor_numels: list[int], optim: str) -> int:
+    """AdamW states (two per parameter) for the trainable tensors.
+
+    32-bit: 8 bytes a parameter. 8-bit: 2 bytes a parameter plus one fp32
+    absmax per 256 values per state; tensors under 4096 elements stay 32-bit
+    (bitsandbytes' ``min_8bit_size``). Paging does not change the bytes.
+    """
+    if optim.endswith("32bit"):
+        return 8 * sum(tensor_numels)
+    total = 0
+    for n in tensor_numels:
+        total += 8 * n if n < 4096 else 2 * (n + 4 * -(-n // 256))
+    return total
+
+
+def _shape(config) -> dict[str, int]:
+    text = config.get_text_config()
+    hidden = text.hidden_size
+    heads = text.num_attention_heads
+    head_dim = getattr(text, "head_dim", None) or hidden // heads
+    return dict(
+        hidden=hidden,
+        heads=heads,
+        q=heads * head_dim,
+        kv=(getattr(text, "num_key_value_heads", None) or heads) * head_dim,
+        inter=getattr(text, "intermediate_size", None) or getattr(text, "n_inner", None) or 4 * hidden,
+        layers=text.num_hidden_layers,
+        vocab=text.vocab_size,
+    )
+
+
+def activation_bytes(config, opts: TrainingOptions, lora_per_layer: float) -> int:
+    """Bytes autograd keeps for the backward pass (a Llama block model).
+
+    Per token and layer, in bf16 (2 bytes) unless noted, with SDPA attention
+    and h = hidden, q/kv = query/key-value widths, i = intermediate, r = rank,
+    n = LoRA-adapted linears in the layer::
+
+        A = 2 x 8h            two RMSNorms: fp32 input copy 4h + normalized 2h + output 2h
+          + 2(q + 2 kv)       rotated q, k and v, saved by SDPA
+          + 2q + 4 heads      attention output and its fp32 logsumexp
+          + 2 r n             LoRA A outputs, input of each B
+          + 8i                gate, up, silu(gate), silu(gate) * up
+        T = 2 x 2i            gradient transients of the MLP backward (d gate, d up)
+
+    Without checkpointing: ``tokens * (layers * A + T + 8h)`` (8h: final norm).
+    With checkpointing only each layer's input survives the forward, and one
+    layer is recomputed at a time: ``tokens * (layers * 2h + A + T + 8h)``.
+    Dropout is taken as 0 (a mask and a dropped copy per adapter otherwise).
+    """
+    s = _shape(config)
+    per_layer = (16 * s["hidden"] + 2 * (s["q"] + 2 * s["kv"]) + 2 * s["q"] + 4 * s["heads"]
+                 + 2 * opts.rank * lora_per_layer + 8 * s["inter"])
+    if opts.gradient_checkpointing:
+        kept = s["layers"] * 2 * s["hidden"] + per_layer
+    else:
+        kept = s["layers"] * per_layer
+    transient = 4 * s["inter"] + 8 * s["hidden"]
+    return int(opts.batch_size * opts.seq_len * (kept + transient))
+
+
+def logits_bytes(config, opts: TrainingOptions) -> int:
+    """Peak bytes of the loss: 12 bytes per token and vocabulary entry.
+
+    transformers upcasts the logits to fp32 for the cross-entropy; autograd
+    keeps the fp32 log-softmax (4), and its backward holds the incoming fp32
+    gradient (4) while writing the outgoing one (4). A chunked cross-entropy
+    that never materializes the full logits brings this down to one chunk.
+    """
+    return 12 * opts.batch_size * opts.seq_len * _shape(config)["vocab"]
+
+
+@dataclass
+class Estimate:
+    """Rows of bytes per method, their totals, and notes for the reader."""
+
+    rows: list[tuple[str, dict[str, int]]]
+    notes: list[str] = field(default_factory=list)
+    columns: tuple[str, ...] = COLUMNS
+
+    def total(self, column: str) -> int:
+        return sum(values.get(column, 0) for _, values in self.rows)
+
+    def fits(self, column: str, gpu_memory_gib: float) -> bool:
+        return self.total(column) <= gpu_memory_gib * GIB
+
+
+def estimate(config, opts: TrainingOptions) -> Estimate:
+    """The memory table for ``config`` trained with ``opts``."""
+    counts = count_parameters(config)
+    targets = select_targets(counts, opts.target_modules)
+    lora_tensors = [n for lin in targets for n in (opts.rank * lin.in_features, lin.out_features * opts.rank)]
+    lora_params = sum(lora_tensors)
+    all_tensors = [lin.numel for lin in counts.linears] + list(counts.other_tensors)
+    full, lora, q = COLUMNS
+    columns = (full, lora) if opts.quant == "none" else COLUMNS
+    codes = consts = 0
+    for lin in counts.linears:
+        c, k = quantized_bytes(lin.numel, opts.blocksize, opts.double_quant)
+        codes, consts = codes + c, consts + k
+    rows: list[tuple[str, dict[str, int]]] = [
+        ("linear weights (bf16 / 4-bit codes)", {full: 2 * counts.quantized_params, lora: 2 * counts.quantized_params,
+                                                 q: codes}),
+        ("quantization constants", {q: consts}),
+        ("embeddings, norms, lm_head, biases (bf16)", {c: 2 * counts.params_16bit for c in COLUMNS}),
+        ("LoRA adapters (fp32)", {lora: 4 * lora_params, q: 4 * lora_params}),
+        ("gradients", {full: 2 * counts.total_params, lora: 4 * lora_params, q: 4 * lora_params}),
+        (f"optimizer states ({opts.optim})", {full: optimizer_bytes(all_tensors, opts.optim),
+                                              lora: optimizer_bytes(lora_tensors, opts.optim),
+                                              q: optimizer_bytes(lora_tensors, opts.optim)}),
+    ]
+    per_layer = len(targets) / counts.num_layers
+    gc = "on" if opts.gradient_checkpointing else "off"
+    rows.append((f"activations (checkpointing {gc})", {full: activation_bytes(config, opts, 0),
+                                                       lora: activation_bytes(config, opts, per_layer),
+                                                       q: activation_bytes(config, opts, per_layer)}))
+    rows.append(("logits + loss (fp32)", {c: logits_bytes(config, opts) for c in COLUMNS}))
+    rows = [(label, {c: v for c, v in values.items() if c in columns}) for label, values in rows]
+    other_dq = sum(quantized_bytes(lin.numel, opts.blocksize, not opts.double_quant)[1] for lin in counts.linears)
+    notes = [
+        f"parameters: {counts.total_params:,} total, {counts.quantized_params:,} in quantized linears, "
+        f"{counts.params_16bit:,} kept in 16-bit; LoRA r={opts.rank} on {len(targets)} linears: {lora_params:,}",
+        f"quantization constants {'with' if opts.double_quant else 'without'} double quantization: "
+        f"{consts / GIB:.3f} GiB ({'without' if opts.double_quant else 'with'}: {other_dq / GIB:.3f} GiB)",
+        "full fine-tuning: bf16 weights and gradients, AdamW states as chosen (no fp32 master copy)",
+    ]
+    if opts.optim.startswith("paged"):
+        notes.append("paged optimizer states sit in unified memory: they can move to CPU RAM when the GPU fills")
+    other_gc = replace(opts, gradient_checkpointing=not opts.gradient_checkpointing)
+    notes.append(f"QLoRA activations with checkpointing {'off' if opts.gradient_checkpointing else 'on'}: "
+                 f"{activation_bytes(config, other_gc, per_layer) / GIB:.2f} GiB")
+    notes.append("logits: a chunked cross-entropy would hold one chunk of the fp32 logits instead of all of them")
+    return Estimate(rows=rows, notes=notes, columns=columns)
+
+
+def format_table(est: Estimate, gpu_memory_gib: float | None = None) -> str:
+    """The table as aligned text, GiB with two decimals, then verdict and notes."""
+    label_w = max(len(label) for label, _ in est.rows + [("total", {})])
+    col_w = [max(len(c), 8) for c in est.columns]
+
+    def line(label: str, cells: list[str]) -> str:
+        return "  ".join([label.ljust(label_w), *(cell.rjust(w) for cell, w in zip(cells, col_w))]).rstrip()
+
+    out = [line("GiB", list(est.columns)), line("-" * label_w, ["-" * w for w in col_w])]
+    for label, values in est.rows:
+        out.append(line(label, [f"{values[c] / GIB:.2f}" if c in values else "-" for c in est.columns]))
+    out.append(line("total", [f"{est.total(c) / GIB:.2f}" for c in est.columns]))
+    if gpu_memory_gib is not None:
+        out.append(line(f"fits in {gpu_memory_gib:g} GiB?",
+                        ["yes" if est.fits(c, gpu_memory_gib) else "no" for c in est.columns]))
+    out.append("")
+    out.extend(f"- {note}" for note in est.notes)
+    return "\n".join(out)

@@ -1,0 +1,124 @@
+"""add_lora: freeze the base and wrap the chosen linear layers with adapters."""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from ..errors import UsageError
+from ..nn import LoraLinear, LoraSpec
+from .quantize import is_linear_like, matches_any, output_embedding_names
+
+log = logging.getLogger("qlora")
+
+
+@dataclass
+class AdapterConfig:
+    """What ``save_adapter`` writes to adapter_config.json (PEFT's fields)."""
+
+    spec: LoraSpec
+    target_modules: list[str]
+    fan_in_fan_out: bool = False
+    base_model_name_or_path: str | None = None
+    layers: list[str] = field(default_factory=list)
+
+
+def adapter_configs(model: nn.Module) -> dict[str, AdapterConfig]:
+    """The adapters attached by :func:`add_lora`, by name."""
+    return model.__dict__.setdefault("_qlora_adapters", {})
+
+
+def lora_layers(model: nn.Module) -> dict[str, LoraLinear]:
+    return {name: m for name, m in model.named_modules() if isinstance(m, LoraLinear)}
+
+
+def _select(model: nn.Module, target_modules: str | list[str]) -> list[str]:
+    head = output_embedding_names(model)
+    candidates = [n for n, m in model.named_modules()
+                  if n and (isinstance(m, LoraLinear) or is_linear_like(m)) and n not in head
+                  and not n.endswith(".base_layer") and ".lora_" not in n]
+    if target_modules == "all-linear":
+        chosen = candidates
+    elif isinstance(target_modules, str):
+        chosen = [n for n in candidates if re.fullmatch(target_modules, n)]
+    else:
+        chosen = [n for n in candidates if matches_any(n, target_modules)]
+    if not chosen:
+        leaf_names = sorted({n.rsplit(".", 1)[-1] for n in candidates})
+        raise UsageError(f"target modules {target_modules!r} match no linear layer of this model. Its linear "
+                         f"layers are named: {', '.join(leaf_names)} (or use 'all-linear').")
+    return chosen
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameters, 4-bit weights counted as their element count."""
+    from ..nn import Linear4bit
+
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    total += sum(m.in_features * m.out_features for m in model.modules() if isinstance(m, Linear4bit))
+    return trainable, total
+
+
+def add_lora(
+    model: nn.Module,
+    r: int = 16,
+    alpha: float = 16.0,
+    dropout: float = 0.05,
+    target_modules: str | list[str] = "all-linear",
+    rslora: bool = False,
+    adapter_name: str = "default",
+    init: str = "kaiming",
+    dtype: torch.dtype = torch.float32,
+    verbose: bool = True,
+) -> nn.Module:
+    """Attach a LoRA adapter to the matching linear layers; freeze everything else.
+
+    Args:
+        model: a transformers model (4-bit from :func:`qlora.load_model` or dense).
+        r, alpha, dropout, rslora, init, dtype: adapter hyper-parameters (PEFT's meaning).
+        target_modules: ``"all-linear"``, a list of names (``["q_proj", "v_proj"]``,
+            matched against the end of module paths) or a regex over full paths.
+        adapter_name: adapters of several names can live on one model.
+
+    Returns:
+        The same model, modified in place.
+
+    Raises:
+        UsageError: nothing matches (the message lists the layer names that exist).
+    """
+    configs = adapter_configs(model)
+    if adapter_name in configs:
+        raise UsageError(f"the model already has an adapter named {adapter_name!r}")
+    spec = LoraSpec(r=r, alpha=alpha, dropout=dropout, rslora=rslora, init=init, dtype=dtype)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    paths = _select(model, target_modules)
+    fan_in_fan_out = False
+    for path in paths:
+        module = model.get_submodule(path)
+        if not isinstance(module, LoraLinear):
+            parent_path, _, child = path.rpartition(".")
+            parent = model.get_submodule(parent_path) if parent_path else model
+            module = LoraLinear(module)
+            setattr(parent, child, module)
+        fan_in_fan_out |= module.fan_in_fan_out or getattr(module.base_layer, "from_conv1d", False)
+        module.add_adapter(adapter_name, spec)
+    for layer in lora_layers(model).values():
+        for p in layer.lora_A.parameters():
+            p.requires_grad_(True)
+        for p in layer.lora_B.parameters():
+            p.requires_grad_(True)
+    names = sorted({p.rsplit(".", 1)[-1] for p in paths})
+    configs[adapter_name] = AdapterConfig(spec, names, fan_in_fan_out,
+                                          getattr(model, "name_or_path", None), paths)
+    if verbose:
+        trainable, total = count_parameters(model)
+        log.info("qlora: %d layers adapted; trainable params %s of %s (%.4f%%)",
+                 len(paths), f"{trainable:,}", f"{total:,}", 100 * trainable / max(total, 1))
+    return model
+

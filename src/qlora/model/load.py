@@ -1,0 +1,237 @@
+"""Load a transformers causal LM with its linear layers quantized while reading.
+
+The model skeleton is built on the ``meta`` device (no memory), its linear
+layers are swapped for empty :class:`~qlora.nn.Linear4bit` modules on the
+target device, and the safetensors shards are then read one tensor at a time
+(memory-mapped): a linear weight is quantized as soon as it is read and its
+16-bit copy dropped, every other tensor is placed directly. Neither host RAM
+nor GPU memory ever holds the whole model in 16 bits. Checkpoints already in
+bitsandbytes' 4-bit format load their packed codes as they are.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from pathlib import Path
+from typing import Iterable
+
+import torch
+from torch import nn
+
+from ..errors import UsageError
+from ..nn import Linear4bit
+from .quantize import _skipped, is_conv1d, output_embedding_names, replace_modules
+
+_QSTATE_SUFFIXES = (".absmax", ".quant_map", ".nested_absmax", ".nested_quant_map", ".quant_state.bitsandbytes__nf4",
+                    ".quant_state.bitsandbytes__fp4")
+
+
+def resolve_model_dir(name_or_path: str | Path) -> Path:
+    """A local folder, or a hub id downloaded when a hub is reachable."""
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise UsageError(f"{path} has no config.json: point --model at a transformers model folder "
+                             "(one written by save_pretrained).")
+        return path
+    if path.exists() or str(name_or_path).startswith((".", "/", "~")) or str(name_or_path).count("/") > 1:
+        raise UsageError(f"model path {name_or_path} does not exist or is not a folder; give a local model folder "
+                         "or a hub id such as meta-llama/Meta-Llama-3-8B.")
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(str(name_or_path), allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt"]))
+    except Exception as exc:  # network errors come in many types
+        raise UsageError(f"{name_or_path} is not a local folder and could not be fetched from the model hub "
+                         f"({type(exc).__name__}). Download it where a hub is reachable and pass the folder.") from exc
+
+
+def _weight_files(model_dir: Path) -> list[Path]:
+    index = model_dir / "model.safetensors.index.json"
+    if index.is_file():
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        return [model_dir / f for f in files]
+    single = model_dir / "model.safetensors"
+    if single.is_file():
+        return [single]
+    if any(model_dir.glob("*.bin")):
+        raise UsageError(f"{model_dir} holds only pickle (.bin) weights; qlora reads safetensors only. Convert them "
+                         "once with transformers (from_pretrained then save_pretrained(safe_serialization=True)).")
+    raise UsageError(f"{model_dir} has no model.safetensors or model.safetensors.index.json.")
+
+
+def _prequantized(config) -> dict | None:
+    qc = getattr(config, "quantization_config", None)
+    if qc is None:
+        return None
+    qc = qc if isinstance(qc, dict) else qc.to_dict()
+    if qc.get("quant_method") != "bitsandbytes" or not qc.get("load_in_4bit", qc.get("_load_in_4bit")):
+        raise UsageError(f"unsupported quantization_config {qc.get('quant_method')!r}: qlora loads 16/32-bit "
+                         "checkpoints and bitsandbytes 4-bit checkpoints.")
+    return qc
+
+
+def _set_tensor(model: nn.Module, key: str, value: torch.Tensor) -> None:
+    path, _, name = key.rpartition(".")
+    module = model.get_submodule(path) if path else model
+    if name in module._parameters:
+        old = module._parameters[name]
+        module._parameters[name] = nn.Parameter(value, requires_grad=False if old is None else old.requires_grad)
+    elif name in module._buffers:
+        module._buffers[name] = value
+    else:
+        raise KeyError(key)
+
+
+def _materialize_buffers(model: nn.Module, device: torch.device) -> None:
+    """Non-persistent buffers (rotary frequencies...) are not in checkpoints:
+    allocate them and let the model's own initializer compute them. Loaded
+    parameters are flagged as initialized, which transformers' initializers
+    respect, so only the new buffers are written."""
+    for p in model.parameters():
+        p._is_hf_initialized = True
+    for name, module in model.named_modules():
+        meta = [b for b, t in module._buffers.items() if t is not None and t.is_meta]
+        if not meta:
+            continue
+        for b in meta:
+            module._buffers[b] = torch.empty_like(module._buffers[b], device=device)
+        model._init_weights(module)
+        left = [b for b in meta if module._buffers[b] is not None and module._buffers[b].is_meta]
+        if left:
+            raise RuntimeError(f"buffers {left} of {name} could not be initialized")
+
+
+def load_model(
+    name_or_path: str | Path,
+    quant: str | None = "nf4",
+    double_quant: bool = True,
+    blocksize: int = 64,
+    compute_dtype: torch.dtype = torch.bfloat16,
+    device: torch.device | str | None = None,
+    skip_modules: Iterable[str] = ("lm_head",),
+    attn_implementation: str | None = None,
+    progress: bool | None = None,
+):
+    """Load a causal LM (4-bit unless ``quant=None``) and its tokenizer.
+
+    Args:
+        name_or_path: local model folder, or a hub id when a hub is reachable.
+        quant: ``"nf4"``, ``"fp4"`` or ``None`` (16-bit, for LoRA without quantization).
+        double_quant, blocksize: see :func:`qlora.quant.quantize_4bit`.
+        compute_dtype: dtype of the matmuls and of every unquantized tensor.
+        device: target device (default: CUDA when available, else CPU).
+        skip_modules: linear layers kept dense, by name or regex (the output
+            head always is).
+        attn_implementation: forwarded to transformers ("eager", "sdpa", ...).
+        progress: show a progress bar (default: for checkpoints over 1 GB).
+
+    Returns:
+        ``(model, tokenizer)``; every base parameter is frozen.
+
+    Raises:
+        UsageError: missing folder or files, unsupported checkpoint.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from safetensors import safe_open
+
+    if quant not in ("nf4", "fp4", None):
+        raise UsageError(f"quant must be nf4, fp4 or none, got {quant!r}")
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model_dir = resolve_model_dir(name_or_path)
+    files = _weight_files(model_dir)
+    config = AutoConfig.from_pretrained(model_dir)
+    prequant = _prequantized(config)
+    if prequant is not None:
+        quant = prequant.get("bnb_4bit_quant_type", "nf4")
+        double_quant = bool(prequant.get("bnb_4bit_use_double_quant", False))
+        skip_modules = tuple(prequant.get("llm_int8_skip_modules") or skip_modules)
+        del config.quantization_config
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    kwargs = {"attn_implementation": attn_implementation} if attn_implementation else {}
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=compute_dtype, **kwargs)
+
+    skip = set(skip_modules) | output_embedding_names(model)
+
+    def make(path: str, module: nn.Module) -> nn.Module | None:
+        if quant is None or not (isinstance(module, nn.Linear) or is_conv1d(module)) or _skipped(path, skip):
+            return None
+        in_f, out_f = (module.weight.shape if is_conv1d(module) else (module.in_features, module.out_features))
+        layer = Linear4bit(in_f, out_f, bias=module.bias is not None, compute_dtype=compute_dtype,
+                           quant_type=quant, blocksize=blocksize, double_quant=double_quant, device=device)
+        layer.from_conv1d = is_conv1d(module)
+        return layer
+
+    quantized = set(replace_modules(model, make))
+    expected = set(model.state_dict().keys())
+    pending_qstate: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)
+    loaded: set[str] = set()
+    total = sum(f.stat().st_size for f in files)
+    bar = _progress(total, progress)
+    for file in files:
+        with safe_open(str(file), framework="pt", device="cpu") as fh:
+            for raw_key in fh.keys():
+                key = _model_key(raw_key, expected, model)
+                module_path, _, leaf = key.rpartition(".")
+                owner = next((p for p in (module_path, key.rsplit(".weight.", 1)[0]) if p in quantized), None)
+                tensor = fh.get_tensor(raw_key)
+                bar.update(tensor.numel() * tensor.element_size())
+                if owner is not None and key.startswith(owner + ".weight"):
+                    layer: Linear4bit = model.get_submodule(owner)
+                    if prequant is not None:
+                        pending_qstate[owner][key[len(owner) + 1:]] = tensor
+                    else:
+                        w = tensor.to(device)
+                        layer.set_weight(w.t() if layer.from_conv1d else w)
+                    loaded.add(owner + ".weight")
+                    continue
+                if key not in expected:
+                    continue  # e.g. legacy rotary buffers, or tied duplicates
+                if tensor.is_floating_point():
+                    tensor = tensor.to(compute_dtype)
+                _set_tensor(model, key, tensor.to(device))
+                loaded.add(key)
+    bar.close()
+    for owner, parts in pending_qstate.items():
+        model.get_submodule(owner).load_state_dict(
+            {k: v.to(device) for k, v in parts.items()} | ({"bias": model.get_submodule(owner).bias} if model.get_submodule(owner).bias is not None and "bias" not in parts else {}),
+            strict=False)
+    model.tie_weights()
+    _materialize_buffers(model, device)
+    still_meta = [n for n, p in model.named_parameters() if p.is_meta]
+    if still_meta:
+        raise UsageError(f"{model_dir}: the checkpoint lacks {len(still_meta)} tensors the model needs, e.g. "
+                         f"{', '.join(still_meta[:3])}; is it the checkpoint of this config?")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    model.eval()
+    model.name_or_path = str(name_or_path)
+    return model, tokenizer
+
+
+def _model_key(raw: str, expected: set[str], model: nn.Module) -> str:
+    """Map a checkpoint key to the model's naming (base-model prefix added or dropped)."""
+    base = str(getattr(model, "base_model_prefix", "") or "")
+    stem = raw.split(".weight.", 1)[0] + ".weight" if ".weight." in raw else raw
+    if stem in expected or not base:
+        return raw
+    if base and f"{base}.{stem}" in expected:
+        return f"{base}.{raw}"
+    if base and stem.startswith(base + ".") and stem[len(base) + 1:] in expected:
+        return raw[len(base) + 1:]
+    return raw
+
+
+class _NoBar:
+    def update(self, n: int) -> None: ...
+    def close(self) -> None: ...
+
+
+def _progress(total_bytes: int, enabled: bool | None):
+    if enabled is False or (enabled is None and total_bytes < 1 << 30):
+        return _NoBar()
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total_bytes, unit="B", unit_scale=True, desc="loading (quantize-on-load)")

@@ -1,0 +1,94 @@
+"""Fold adapters into the base and write plain 16-bit checkpoints.
+
+``into="dequantized"`` replaces each 4-bit layer by a dense one holding
+``dequant(W) + scale * B @ A``: the merged model reproduces the adapter
+model's outputs (the base it was trained on is the dequantized one).
+``into="requantized"`` quantizes that sum back to 4 bits.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..atomic import atomic_dir
+from ..nn import Linear4bit, LoraLinear
+from .inject import adapter_configs
+from .quantize import replace_modules
+
+
+def _dense(weight: torch.Tensor, bias: torch.Tensor | None, conv1d: bool, dtype: torch.dtype) -> nn.Module:
+    out_f, in_f = weight.shape
+    if conv1d:
+        from transformers.pytorch_utils import Conv1D
+
+        layer = Conv1D(out_f, in_f)
+        layer.weight = nn.Parameter(weight.t().contiguous().to(dtype), requires_grad=False)
+        layer.bias = nn.Parameter((bias if bias is not None else torch.zeros(out_f)).to(dtype), requires_grad=False)
+        return layer
+    layer = nn.Linear(in_f, out_f, bias=bias is not None, device=weight.device, dtype=dtype)
+    layer.weight = nn.Parameter(weight.to(dtype), requires_grad=False)
+    if bias is not None:
+        layer.bias = nn.Parameter(bias.detach().to(dtype), requires_grad=False)
+    return layer
+
+
+@torch.no_grad()
+def merge(model: nn.Module, into: str = "dequantized", dtype: torch.dtype | None = None) -> nn.Module:
+    """Return ``model`` with its active adapters folded in (modified in place).
+
+    Args:
+        into: ``"dequantized"`` (dense 16-bit layers) or ``"requantized"`` (4-bit again).
+        dtype: dtype of the dense layers (default: each layer's compute dtype).
+    """
+    if into not in ("dequantized", "requantized"):
+        raise ValueError(f"into must be 'dequantized' or 'requantized', got {into!r}")
+
+    def make(path: str, module: nn.Module) -> nn.Module | None:
+        if isinstance(module, LoraLinear):
+            w = module.base_weight(torch.float32)
+            for name, weight in module.active.items():
+                if name not in module.merged:
+                    w = w + module.delta_weight(name) * weight
+            base = module.base_layer
+        elif isinstance(module, Linear4bit) and into == "dequantized":
+            w, base = module.dequantize(torch.float32), module
+        else:
+            return None
+        conv1d = module.fan_in_fan_out if isinstance(module, LoraLinear) else False
+        conv1d |= getattr(base, "from_conv1d", False)
+        if isinstance(base, Linear4bit):
+            out_dtype = dtype or base.compute_dtype
+            bias = base.bias
+            if into == "requantized":
+                layer = Linear4bit(base.in_features, base.out_features, bias is not None, base.compute_dtype,
+                                   base.quant_type, base.blocksize, base.double_quant, device=w.device)
+                layer.set_weight(w)
+                layer.from_conv1d = base.from_conv1d
+                if bias is not None:
+                    layer.bias.data.copy_(bias)
+                return layer
+            return _dense(w, bias, conv1d, out_dtype)
+        out_dtype = dtype or base.weight.dtype
+        return _dense(w, getattr(base, "bias", None), conv1d, out_dtype)
+
+    # Outer LoraLinear layers are replaced first; their Linear4bit children go with them.
+    replace_modules(model, lambda p, m: make(p, m) if not p.endswith(".base_layer") else None)
+    adapter_configs(model).clear()
+    return model
+
+
+def save_merged(model: nn.Module, out_dir: str | Path, tokenizer=None) -> Path:
+    """Write a merged (dense) model as a standard transformers safetensors checkpoint."""
+    if any(isinstance(m, (Linear4bit, LoraLinear)) for m in model.modules()):
+        raise ValueError("save_merged needs a dense model: call qlora.merge(model) first")
+    config = model.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    with atomic_dir(out_dir) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+    return Path(out_dir)

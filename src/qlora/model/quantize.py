@@ -1,0 +1,85 @@
+"""Swap a model's linear layers for 4-bit ones, explicitly and per instance.
+
+One replace function walks the module tree; callers decide per layer what to
+put in its place. No transformers code is patched.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Callable, Iterable
+
+import torch
+from torch import nn
+
+from ..nn import Linear4bit
+
+
+def is_conv1d(module: nn.Module) -> bool:
+    """transformers' GPT-2 ``Conv1D``: a linear layer with weight ``[in, out]``."""
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
+
+
+def is_linear_like(module: nn.Module) -> bool:
+    return isinstance(module, (nn.Linear, Linear4bit)) or is_conv1d(module)
+
+
+def output_embedding_names(model: nn.Module) -> set[str]:
+    """Module paths of the output head (never quantized or adapted by default)."""
+    get = getattr(model, "get_output_embeddings", None)
+    head = get() if callable(get) else None
+    return {name for name, m in model.named_modules() if head is not None and m is head}
+
+
+def replace_modules(model: nn.Module, make: Callable[[str, nn.Module], nn.Module | None]) -> list[str]:
+    """Replace every module for which ``make(path, module)`` returns a new one.
+
+    Returns the replaced paths. Children are visited before being replaced, so
+    ``make`` sees original modules only.
+    """
+    replaced = []
+    for path, module in list(model.named_modules()):
+        if not path:
+            continue
+        new = make(path, module)
+        if new is None:
+            continue
+        parent_path, _, child = path.rpartition(".")
+        parent = model.get_submodule(parent_path) if parent_path else model
+        setattr(parent, child, new)
+        replaced.append(path)
+    return replaced
+
+
+def matches_any(path: str, patterns: Iterable[str]) -> bool:
+    """PEFT-style name match: a pattern equals the last path component(s) or the whole path."""
+    return any(path == p or path.endswith("." + p) for p in patterns)
+
+
+def quantize_model(
+    model: nn.Module,
+    quant_type: str = "nf4",
+    blocksize: int = 64,
+    double_quant: bool = True,
+    compute_dtype: torch.dtype = torch.bfloat16,
+    skip_modules: Iterable[str] = ("lm_head",),
+) -> list[str]:
+    """Quantize every linear layer of an in-memory model in place.
+
+    The output head and modules matching ``skip_modules`` (by name or regex)
+    stay dense. Returns the quantized module paths.
+    """
+    skip = set(skip_modules) | output_embedding_names(model)
+
+    def make(path: str, module: nn.Module) -> nn.Module | None:
+        if not (isinstance(module, nn.Linear) or is_conv1d(module)) or _skipped(path, skip):
+            return None
+        layer = Linear4bit.from_linear(module, quant_type, blocksize, double_quant, compute_dtype, transposed=is_conv1d(module))
+        layer.from_conv1d = is_conv1d(module)
+        return layer
+
+    return replace_modules(model, make)
+
+
+def _skipped(path: str, skip: Iterable[str]) -> bool:
+    return any(matches_any(path, [s]) or re.fullmatch(s, path) for s in skip)

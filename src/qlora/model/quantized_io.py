@@ -1,0 +1,93 @@
+"""4-bit checkpoints in transformers' bitsandbytes format.
+
+``config.json`` gains a ``quantization_config`` (quant_method bitsandbytes,
+load_in_4bit), and each 4-bit layer contributes ``weight`` plus its
+``weight.absmax`` ... ``weight.quant_state.bitsandbytes__nf4`` entries, so
+``AutoModelForCausalLM.from_pretrained`` with bitsandbytes installed loads it,
+and :func:`qlora.load_model` loads checkpoints transformers wrote.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..atomic import atomic_dir
+from ..nn import Linear4bit, LoraLinear
+
+_SHARD_BYTES = 5 * 1024**3
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def quantized_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Base-model tensors (adapters left out), tied duplicates dropped."""
+    sd = model.state_dict()
+    seen: set[int] = set()
+    tied: set[str] = set()
+    for key, param in model.named_parameters(remove_duplicate=False):
+        if id(param) in seen:
+            tied.add(key)  # e.g. lm_head tied to embed_tokens: stored once
+        seen.add(id(param))
+    out: dict[str, torch.Tensor] = {}
+    for key, value in sd.items():
+        if ".lora_" in key or key in tied:
+            continue
+        out[key.replace(".base_layer.", ".")] = value.detach().contiguous().cpu().clone()
+    return out
+
+
+def save_quantized(model: nn.Module, out_dir: str | Path, tokenizer=None) -> Path:
+    """Write the 4-bit base model (without adapters) in bitsandbytes' checkpoint format."""
+    from safetensors.torch import save_file
+
+    layers = [m.base_layer if isinstance(m, LoraLinear) else m for m in model.modules()]
+    q = [m for m in layers if isinstance(m, Linear4bit)]
+    if not q:
+        raise ValueError("the model has no 4-bit layers to save; load it with quant='nf4' or 'fp4'")
+    first = q[0]
+    quantized_paths = {n.replace(".base_layer", "") for n, m in model.named_modules() if isinstance(m, Linear4bit)}
+    skipped = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules()
+                      if isinstance(m, nn.Linear) and n not in quantized_paths and ".lora_" not in n})
+    config = model.config.to_dict()
+    config["quantization_config"] = {
+        "quant_method": "bitsandbytes", "load_in_4bit": True, "load_in_8bit": False,
+        "_load_in_4bit": True, "_load_in_8bit": False,
+        "bnb_4bit_quant_type": first.quant_type, "bnb_4bit_use_double_quant": first.double_quant,
+        "bnb_4bit_compute_dtype": _dtype_name(first.compute_dtype), "bnb_4bit_quant_storage": "uint8",
+        "llm_int8_skip_modules": skipped or None, "llm_int8_threshold": 6.0,
+        "llm_int8_has_fp16_weight": False, "llm_int8_enable_fp32_cpu_offload": False,
+    }
+    sd = quantized_state_dict(model)
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for key, value in sd.items():
+        nbytes = value.numel() * value.element_size()
+        if size and size + nbytes > _SHARD_BYTES:
+            shards.append({})
+            size = 0
+        shards[-1][key] = value
+        size += nbytes
+    with atomic_dir(out_dir) as tmp:
+        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        if getattr(model, "generation_config", None) is not None:
+            model.generation_config.save_pretrained(tmp)
+        if len(shards) == 1:
+            save_file(shards[0], str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        else:
+            weight_map = {}
+            for i, shard in enumerate(shards, 1):
+                name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+                save_file(shard, str(tmp / name), metadata={"format": "pt"})
+                weight_map.update({k: name for k in shard})
+            index = {"metadata": {"total_size": sum(v.numel() * v.element_size() for v in sd.values())},
+                     "weight_map": weight_map}
+            (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+    return Path(out_dir)

@@ -1,0 +1,186 @@
+"""Linear4bit: a frozen linear layer whose weight lives in 4 bits.
+
+The packed codes and the quantization constants are buffers, not parameters,
+so optimizers never see them and ``.to(device)`` moves them. The forward pass
+dequantizes the weight to the compute dtype just before the matmul; the
+backward pass dequantizes it again to form the input gradient. Nothing but
+the 4-bit data is kept between the two (see :class:`_Linear4bitFunction`).
+
+The state-dict layout is transformers' bitsandbytes-4bit layout
+(``weight``, ``weight.absmax``, ``weight.quant_map``, ``weight.nested_absmax``,
+``weight.nested_quant_map``, ``weight.quant_state.bitsandbytes__nf4``).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..quant import QuantState, dequantize_4bit, quantize_4bit
+from ..quant.quant_state import NestedState
+
+_STATE_SUFFIXES = ("absmax", "quant_map", "nested_absmax", "nested_quant_map")
+
+
+class _Linear4bitFunction(torch.autograd.Function):
+    """``y = x @ dequant(W)^T + b`` that saves no 16-bit weight for backward."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, layer: "Linear4bit") -> torch.Tensor:
+        w = layer.dequantize(x.dtype)
+        bias = None if layer.bias is None else layer.bias.to(x.dtype)
+        ctx.layer = layer
+        return F.linear(x, w, bias)
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            w = ctx.layer.dequantize(grad_out.dtype)
+            grad_x = grad_out @ w
+        return grad_x, None
+
+
+class Linear4bit(nn.Module):
+    """Frozen 4-bit linear layer (NF4 or FP4, optional double quantization).
+
+    Args:
+        in_features, out_features: the dense shape (weight is ``[out, in]``).
+        bias: keep a (frozen) bias in ``compute_dtype``.
+        compute_dtype: dtype of the dequantized weight and the matmul.
+        quant_type, blocksize, double_quant: as in :func:`qlora.quant.quantize_4bit`.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        compute_dtype: torch.dtype = torch.bfloat16,
+        quant_type: str = "nf4",
+        blocksize: int = 64,
+        double_quant: bool = True,
+        device: torch.device | str | None = None,
+    ) -> None:
+        super().__init__()
+        self.in_features = in_features
+        self.out_features = out_features
+        self.compute_dtype = compute_dtype
+        self.quant_type = quant_type
+        self.blocksize = blocksize
+        self.double_quant = double_quant
+        self.quant_dtype = compute_dtype  # dtype recorded in the QuantState
+        self.from_conv1d = False  # quantized from a transposed GPT-2 Conv1D
+        n = in_features * out_features
+        n_blocks = -(-n // blocksize)
+        self.register_buffer("weight", torch.zeros((n + 1) // 2, 1, dtype=torch.uint8, device=device))
+        self.register_buffer("absmax", torch.zeros(n_blocks, dtype=torch.uint8 if double_quant else torch.float32, device=device))
+        self.register_buffer("quant_map", torch.zeros(16, dtype=torch.float32, device=device))
+        if double_quant:
+            self.register_buffer("nested_absmax", torch.zeros(-(-n_blocks // 256), dtype=torch.float32, device=device))
+            self.register_buffer("nested_quant_map", torch.zeros(256, dtype=torch.float32, device=device))
+            self.register_buffer("offset", torch.zeros((), dtype=torch.float32, device=device))
+        self.bias = nn.Parameter(torch.zeros(out_features, dtype=compute_dtype, device=device), requires_grad=False) if bias else None
+
+    @classmethod
+    def from_linear(
+        cls,
+        linear: nn.Module,
+        quant_type: str = "nf4",
+        blocksize: int = 64,
+        double_quant: bool = True,
+        compute_dtype: torch.dtype = torch.bfloat16,
+        transposed: bool = False,
+    ) -> "Linear4bit":
+        """Quantize a dense layer. ``transposed`` is for GPT-2's Conv1D,
+        whose weight is stored ``[in, out]``."""
+        weight = linear.weight.detach()
+        if transposed:
+            weight = weight.t().contiguous()
+        out_f, in_f = weight.shape
+        layer = cls(in_f, out_f, bias=linear.bias is not None, compute_dtype=compute_dtype,
+                    quant_type=quant_type, blocksize=blocksize, double_quant=double_quant, device=weight.device)
+        layer.set_weight(weight)
+        if linear.bias is not None:
+            layer.bias.data.copy_(linear.bias.detach().to(compute_dtype))
+        return layer
+
+    @torch.no_grad()
+    def set_weight(self, weight: torch.Tensor) -> None:
+        """Quantize a dense ``[out, in]`` weight into this layer's buffers."""
+        if tuple(weight.shape) != (self.out_features, self.in_features):
+            raise ValueError(f"weight of shape {tuple(weight.shape)} does not fit a "
+                             f"{self.out_features}x{self.in_features} Linear4bit")
+        packed, state = quantize_4bit(weight.to(self.weight.device), self.quant_type, self.blocksize, self.double_quant)
+        self.load_quant_state(packed, state)
+
+    @torch.no_grad()
+    def load_quant_state(self, packed: torch.Tensor, state: QuantState) -> None:
+        """Adopt already-quantized data (e.g. from a bitsandbytes checkpoint)."""
+        if state.shape.numel() != self.in_features * self.out_features:
+            raise ValueError(f"quantized weight of shape {tuple(state.shape)} does not fit a "
+                             f"{self.out_features}x{self.in_features} Linear4bit")
+        if state.double_quant != self.double_quant:
+            raise ValueError("double quantization of the state does not match the layer")
+        self.quant_type, self.blocksize, self.quant_dtype = state.quant_type, state.blocksize, state.dtype
+        device = self.weight.device
+        self.weight = packed.reshape(-1, 1).view(torch.uint8).to(device)
+        self.absmax = state.absmax.to(device)
+        self.quant_map = state.code.to(device).clone()
+        if state.nested is not None:
+            self.nested_absmax = state.nested.absmax.to(device)
+            self.nested_quant_map = state.nested.code.to(device).clone()
+            self.offset = state.offset.to(device=device, dtype=torch.float32)
+
+    @property
+    def quant_state(self) -> QuantState:
+        nested = None
+        if self.double_quant:
+            nested = NestedState(self.nested_absmax, self.nested_quant_map, 256, torch.float32)
+        return QuantState(
+            absmax=self.absmax, shape=torch.Size((self.out_features, self.in_features)), code=self.quant_map,
+            blocksize=self.blocksize, quant_type=self.quant_type, dtype=self.quant_dtype,
+            offset=self.offset if self.double_quant else None, nested=nested,
+        )
+
+    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The dense ``[out, in]`` weight in ``dtype`` (default: compute dtype)."""
+        return dequantize_4bit(self.weight, self.quant_state, dtype or self.compute_dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Under autocast the matmul runs in the autocast dtype and returns it,
+        # as nn.Linear does; otherwise in compute_dtype, cast back to x's dtype.
+        if torch.is_autocast_enabled(x.device.type):
+            return _Linear4bitFunction.apply(x.to(torch.get_autocast_dtype(x.device.type)), self)
+        return _Linear4bitFunction.apply(x.to(self.compute_dtype), self).to(x.dtype)
+
+    # --- bitsandbytes/transformers state-dict layout -------------------------
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        destination[prefix + "weight"] = self.weight if keep_vars else self.weight.detach()
+        for key, value in self.quant_state.as_dict(packed=True).items():
+            destination[prefix + "weight." + key] = value if keep_vars else value.detach()
+        if self.bias is not None:
+            destination[prefix + "bias"] = self.bias if keep_vars else self.bias.detach()
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+        wkey = prefix + "weight"
+        if wkey not in state_dict:
+            missing_keys.append(wkey)
+            return
+        qs = {k[len(wkey) + 1:]: v for k, v in state_dict.items() if k.startswith(wkey + ".")}
+        try:
+            state = QuantState.from_dict(qs, device=self.weight.device)
+            self.load_quant_state(state_dict[wkey], state)
+        except ValueError as exc:
+            error_msgs.append(f"{wkey}: {exc}")
+        if self.bias is not None:
+            if prefix + "bias" in state_dict:
+                self.bias.data.copy_(state_dict[prefix + "bias"].to(self.bias.dtype))
+            else:
+                missing_keys.append(prefix + "bias")
+
+    def extra_repr(self) -> str:
+        dq = ", double_quant" if self.double_quant else ""
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"{self.quant_type}, blocksize={self.blocksize}{dq}, compute_dtype={self.compute_dtype}")

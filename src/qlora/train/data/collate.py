@@ -1,0 +1,89 @@
+"""Batches for the training loop: padding, packed rows, order, token counts.
+
+The trainer's contract with this module:
+
+- :func:`shuffled_indices` gives the order of one epoch from (seed, epoch)
+  alone, so a resumed run sees the same batches as an uninterrupted one;
+- :func:`pad_collate` / :func:`packed_collate` turn a list of examples or
+  packed rows into the keyword arguments of a transformers causal LM forward;
+- the loss must be normalized by :func:`count_trainable_tokens` summed over
+  all micro-batches of one optimizer step (and all ranks), not averaged per
+  micro-batch, so accumulation equals one big batch with variable lengths.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from qlora.train.data.packing import MASK_ATTENTION, PackedRow, check_packing_supported, packed_attention_mask
+from qlora.train.data.tokenize import IGNORE_INDEX, TokenizedExample
+
+
+def pad_token_id(tokenizer) -> int:
+    """The id to pad with: the pad token, else EOS.
+
+    Padding never decides the labels (they are ``IGNORE_INDEX`` by position),
+    so pad == eos is harmless and the final EOS of every example still counts.
+    """
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
+def pad_collate(examples: Sequence[TokenizedExample], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad to the longest example: ``input_ids``, ``labels`` (-100 on pads), 2D ``attention_mask``."""
+    length = max(len(e.input_ids) for e in examples)
+    input_ids = torch.full((len(examples), length), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), length), IGNORE_INDEX, dtype=torch.long)
+    attention_mask = torch.zeros((len(examples), length), dtype=torch.long)
+    for row, e in enumerate(examples):
+        n = len(e.input_ids)
+        input_ids[row, :n] = torch.tensor(e.input_ids)
+        labels[row, :n] = torch.tensor(e.labels)
+        attention_mask[row, :n] = 1
+    return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
+
+
+def packed_collate(
+    rows: Sequence[PackedRow], pad_id: int, attn_implementation: str, dtype: torch.dtype = torch.float32
+) -> dict[str, torch.Tensor]:
+    """Batch packed rows: ``input_ids``, ``labels``, restarting ``position_ids`` and, for eager/sdpa, a 4D mask.
+
+    Args:
+        rows: from :func:`pack_examples`.
+        pad_id: the id for padding shorter rows (labels there are -100).
+        attn_implementation: the model's ``config._attn_implementation``.
+        dtype: the model's compute dtype (the 4D mask must match it).
+
+    Raises:
+        UsageError: an attention implementation that cannot isolate examples.
+    """
+    check_packing_supported(attn_implementation)
+    length = max(len(r.input_ids) for r in rows)
+    shape = (len(rows), length)
+    input_ids = torch.full(shape, pad_id, dtype=torch.long)
+    labels = torch.full(shape, IGNORE_INDEX, dtype=torch.long)
+    position_ids = torch.arange(length).repeat(len(rows), 1)
+    sequence_ids = torch.full(shape, -1, dtype=torch.long)
+    for i, r in enumerate(rows):
+        n = len(r.input_ids)
+        input_ids[i, :n] = torch.tensor(r.input_ids)
+        labels[i, :n] = torch.tensor(r.labels)
+        position_ids[i, :n] = torch.tensor(r.position_ids)
+        position_ids[i, n:] = torch.arange(length - n)  # padding: one more "sequence" of its own
+        sequence_ids[i, :n] = torch.tensor(r.sequence_ids)
+    batch = {"input_ids": input_ids, "labels": labels, "position_ids": position_ids}
+    if attn_implementation in MASK_ATTENTION:
+        batch["attention_mask"] = packed_attention_mask(sequence_ids, dtype)
+    return batch
+
+
+def shuffled_indices(n: int, seed: int, epoch: int = 0) -> list[int]:
+    """The example order of one epoch: a permutation fixed by (seed, epoch) on every platform."""
+    return np.random.default_rng([seed, epoch]).permutation(n).tolist()
+
+
+def count_trainable_tokens(batch: dict[str, torch.Tensor]) -> int:
+    """Tokens that count in the loss: labels after the causal shift that are not -100."""
+    return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())

@@ -1,0 +1,81 @@
+"""Chat templates: the built-in ones and the tokenizer's own.
+
+Templates are Jinja strings in the same dialect as Hugging Face
+``chat_template``s, so ``tokenizer.apply_chat_template(..., chat_template=...)``
+renders ours exactly as it renders a model's own: the text qlora trains on and
+the text a user's inference stack produces are the same by construction.
+
+Every built-in template is *prefix-stable*: rendering the first k messages
+(with the generation prompt before an assistant turn) yields a prefix of
+rendering all of them. :mod:`qlora.train.data.tokenize` relies on this to
+find the assistant tokens exactly, and checks it for the tokenizer's own.
+"""
+
+from __future__ import annotations
+
+from qlora.errors import UsageError
+
+_BOS = "{% if bos_token %}{{ bos_token }}{% endif %}"
+
+CHATML = (
+    _BOS + "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+LLAMA3 = (
+    _BOS + "{% for message in messages %}"
+    "{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n' + message['content'] | trim + '<|eot_id|>' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
+)
+
+# Alpaca (Stanford): a preamble (the system message, or the standard one), then
+# "### Instruction:" / "### Response:" blocks. A response ends with EOS because
+# the format has no other end-of-turn marker.
+ALPACA = (
+    _BOS + "{% if messages and messages[0]['role'] == 'system' %}{{ messages[0]['content'] + '\n\n' }}"
+    "{% else %}{{ 'Below is an instruction that describes a task. "
+    "Write a response that appropriately completes the request.\n\n' }}{% endif %}"
+    "{% for message in messages %}"
+    "{% if message['role'] == 'user' %}"
+    "{% if not loop.first and messages[loop.index0 - 1]['role'] == 'assistant' %}{{ '\n\n' }}{% endif %}"
+    "{{ '### Instruction:\n' + message['content'] + '\n\n' }}"
+    "{% elif message['role'] == 'assistant' %}"
+    "{{ '### Response:\n' + message['content'] }}{% if eos_token %}{{ eos_token }}{% endif %}"
+    "{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '### Response:\n' }}{% endif %}"
+)
+
+TEMPLATES = {"chatml": CHATML, "llama-3": LLAMA3, "alpaca": ALPACA}
+
+
+def resolve_chat_template(tokenizer, name: str = "auto") -> str:
+    """The Jinja template to train with.
+
+    Args:
+        tokenizer: a transformers tokenizer.
+        name: ``"auto"`` (the tokenizer's own template, else ChatML),
+            ``"tokenizer"`` (the tokenizer's own, required), or a built-in name
+            (``chatml``, ``llama-3``, ``alpaca``).
+
+    Raises:
+        UsageError: unknown name, or ``"tokenizer"`` with a tokenizer that has none.
+    """
+    own = tokenizer.chat_template
+    if isinstance(own, dict):  # tokenizers may carry several named templates
+        own = own.get("default")
+    if name == "auto":
+        return own or CHATML
+    if name == "tokenizer":
+        if not own:
+            raise UsageError(
+                "--template tokenizer: this tokenizer has no chat_template; "
+                f"choose a built-in template ({', '.join(TEMPLATES)})."
+            )
+        return own
+    if name not in TEMPLATES:
+        raise UsageError(f"unknown chat template {name!r}; choose auto, tokenizer, or one of {', '.join(TEMPLATES)}.")
+    return TEMPLATES[name]

@@ -1,0 +1,60 @@
+"""Format detection and normalization to messages or text."""
+
+from __future__ import annotations
+
+import pytest
+
+from qlora.errors import UsageError
+from qlora.train.data import Record, detect_format, normalize
+
+CASES = {
+    "alpaca": ({"instruction": "Add", "input": "2+2", "output": "4"},
+               [{"role": "user", "content": "Add\n\n2+2"}, {"role": "assistant", "content": "4"}]),
+    "chat": ({"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+                           {"role": "assistant", "content": "Hello"}]},
+             [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+              {"role": "assistant", "content": "Hello"}]),
+    "sharegpt": ({"conversations": [{"from": "system", "value": "Be brief."}, {"from": "human", "value": "Hi"},
+                                    {"from": "gpt", "value": "Hello"}]},
+                 [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+                  {"role": "assistant", "content": "Hello"}]),
+}
+
+
+@pytest.mark.parametrize("fmt", sorted(CASES))
+def test_detect_and_normalize(fmt):
+    fields, messages = CASES[fmt]
+    record = Record(fields, "d.jsonl line 1")
+    assert detect_format(record) == fmt
+    (example,) = normalize([record])
+    assert list(example.messages) == messages and example.text is None
+
+
+def test_alpaca_without_input_and_text_format():
+    (a,) = normalize([Record({"instruction": "Say hi", "input": "", "output": "hi"}, "x")])
+    assert a.messages[0] == {"role": "user", "content": "Say hi"}
+    (t,) = normalize([Record({"text": "plain words"}, "x")])
+    assert detect_format(Record({"text": "plain words"}, "x")) == "text"
+    assert t.text == "plain words" and t.messages is None
+
+
+def test_format_override_and_unknown():
+    record = Record({"text": "t", "instruction": "i", "output": "o"}, "x")
+    assert detect_format(record) == "alpaca"
+    assert normalize([record], fmt="text")[0].text == "t"
+    with pytest.raises(UsageError, match="unknown data format 'yaml'"):
+        normalize([record], fmt="yaml")
+    with pytest.raises(UsageError, match=r"d\.jsonl line 4: cannot tell the data format"):
+        detect_format(Record({"prompt": "p"}, "d.jsonl line 4"))
+
+
+@pytest.mark.parametrize("fields, message", [
+    ({"messages": [{"role": "user"}]}, r'line 9, message 0: each entry needs string fields "role" and "content"'),
+    ({"messages": [{"role": "wizard", "content": "x"}]}, "role 'wizard'"),
+    ({"conversations": [{"from": "alien", "value": "x"}]}, "unknown ShareGPT speaker 'alien'"),
+    ({"conversations": []}, 'field "conversations" must be a non-empty list'),
+    ({"instruction": "i", "output": None}, 'field "output" is missing'),
+])
+def test_bad_records_name_their_line(fields, message):
+    with pytest.raises(UsageError, match=message):
+        normalize([Record(fields, "d.jsonl line 9")])

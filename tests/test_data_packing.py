@@ -1,0 +1,92 @@
+"""Packing isolates examples (issue 11, item 5), collation and shuffling."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from qlora.errors import UsageError
+from qlora.train.data import (
+    IGNORE_INDEX, TEMPLATES, Example, check_packing_supported, count_trainable_tokens, pack_examples, packed_collate,
+    pad_collate, pad_token_id, shuffled_indices, tokenize_dataset,
+)
+
+QUESTIONS = ["Hello", "What is two plus two?", "Hi there!", "The quick brown fox jumps over the lazy dog.", "def add(a, b)"]
+
+
+@pytest.fixture(scope="module")
+def tokenized(tiny_tokenizer):
+    examples = [
+        Example(({"role": "user", "content": q}, {"role": "assistant", "content": QUESTIONS[(i + 1) % 5] * (1 + i % 2)}),
+                None, f"line {i}")
+        for i, q in enumerate(QUESTIONS * 2)
+    ]
+    kept, _ = tokenize_dataset(examples, tiny_tokenizer, TEMPLATES["chatml"], seq_len=96)
+    return kept
+
+
+def per_token_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Causal-LM cross-entropy per target position (0 where ignored), shape (batch, L-1)."""
+    return F.cross_entropy(logits[:, :-1].transpose(1, 2), labels[:, 1:], ignore_index=IGNORE_INDEX, reduction="none")
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_packed_loss_equals_unpacked_per_example(tiny_model_dir, tiny_tokenizer, tokenized, attn):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, attn_implementation=attn, dtype=torch.float32).eval()
+    rows = pack_examples(tokenized, seq_len=96)
+    assert len(rows) < len(tokenized) and len({len(r.input_ids) for r in rows}) > 1  # really packed, and padded
+    batch = packed_collate(rows, pad_token_id(tiny_tokenizer), attn, torch.float32)
+    with torch.no_grad():
+        packed = per_token_loss(model(**{k: v for k, v in batch.items() if k != "labels"}).logits, batch["labels"])
+        unpacked = {}
+        for e in tokenized:
+            single = pad_collate([e], pad_token_id(tiny_tokenizer))
+            unpacked[e.index] = per_token_loss(model(input_ids=single["input_ids"]).logits, single["labels"]).sum()
+    for i, row in enumerate(rows):
+        seq = torch.tensor(row.sequence_ids[1:])  # the sequence of each target position
+        for k, index in enumerate(row.indices):
+            got = packed[i, : len(seq)][seq == k].sum()
+            torch.testing.assert_close(got, unpacked[index], atol=1e-4, rtol=0)
+    assert count_trainable_tokens(batch) == sum(e.num_trainable for e in tokenized)
+
+
+def test_position_ids_alone_leak_when_a_cache_is_built(tiny_model_dir, tokenized):
+    """Why qlora passes a 4D mask: transformers infers packing from position_ids only without a KV cache."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, attn_implementation="sdpa").eval()
+    a, b = tokenized[0].input_ids, tokenized[1].input_ids
+    ids = torch.tensor([a + b])
+    positions = torch.tensor([list(range(len(a))) + list(range(len(b)))])
+    with torch.no_grad():
+        alone = model(input_ids=torch.tensor([b])).logits
+        leaky = model(input_ids=ids, position_ids=positions, use_cache=True).logits[:, len(a):]
+    assert (leaky - alone).abs().max() > 1e-3
+
+
+def test_pack_rows_restart_positions_and_respect_seq_len(tokenized):
+    rows = pack_examples(tokenized, seq_len=96)
+    assert [i for r in rows for i in r.indices] == [e.index for e in tokenized]  # order kept
+    for r in rows:
+        assert len(r.input_ids) <= 96
+        starts = [t for t, p in enumerate(r.position_ids) if p == 0]
+        assert len(starts) == len(r.indices)
+    with pytest.raises(UsageError, match="more than seq_len=8"):
+        pack_examples(tokenized, seq_len=8)
+
+
+def test_packing_refused_where_examples_cannot_be_isolated(tokenized):
+    with pytest.raises(UsageError, match="--packing is not supported with attention implementation 'flex_attention'"):
+        check_packing_supported("flex_attention")
+    batch = packed_collate(pack_examples(tokenized, 96), 0, "flash_attention_2")
+    assert "attention_mask" not in batch and "position_ids" in batch
+
+
+def test_shuffling_is_deterministic_per_seed_and_epoch():
+    a = shuffled_indices(100, seed=3, epoch=0)
+    assert a == shuffled_indices(100, seed=3, epoch=0) and sorted(a) == list(range(100))
+    assert a != shuffled_indices(100, seed=3, epoch=1) and a != shuffled_indices(100, seed=4, epoch=0)
+    assert a[:5] == [84, 45, 22, 1, 34]  # pinned: numpy's PCG64 stream is stable across platforms and versions

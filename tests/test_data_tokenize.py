@@ -1,0 +1,160 @@
+"""Token ids, loss masks, BOS/EOS rules and truncation (issue 11, items 1-3)."""
+
+from __future__ import annotations
+
+import pytest
+
+from qlora.errors import UsageError
+from qlora.model.tiny import train_tokenizer
+from qlora.train.data import (
+    IGNORE_INDEX, TEMPLATES, Example, count_trainable_tokens, pad_collate, pad_token_id, resolve_chat_template,
+    tokenize_dataset, tokenize_example,
+)
+
+TEXT = [
+    "<|im_start|>user\nWhat is two plus two?<|im_end|>\n<|im_start|>assistant\nFour.<|im_end|>\n",
+    "### Instruction:\nName a color.\n\n### Response:\nBlue.",
+    "The capital of France is Paris. Hello there!",
+] * 20
+
+CONVERSATION = (
+    {"role": "system", "content": "Be brief."},
+    {"role": "user", "content": "What is two plus two?"},
+    {"role": "assistant", "content": "Four."},
+    {"role": "user", "content": "And three plus three?"},
+    {"role": "assistant", "content": "Six."},
+)
+# What the loss must cover, per template: each assistant turn with its end tokens, then the final EOS.
+TRAINED = {
+    "chatml": ["Four.<|im_end|>\n", "Six.<|im_end|>\n<|eos|>"],
+    "llama-3": ["Four.<|eot_id|>", "Six.<|eot_id|><|eos|>"],
+    "alpaca": ["Four.<|eos|>", "Six.<|eos|>"],
+    "tokenizer": ["Four.<|im_end|>\n", "Six.<|im_end|>\n<|eos|>"],
+}
+_CACHE: dict = {}
+
+
+def tokenizer(add_bos: bool = True, pad: str = "pad"):
+    """A tiny tokenizer: adds BOS or not; pad token own ("pad"), = eos ("eos") or absent ("none")."""
+    key = (add_bos, pad)
+    if key not in _CACHE:
+        tok = train_tokenizer(TEXT, vocab_size=300, add_bos=add_bos)
+        if pad == "eos":
+            tok.pad_token = tok.eos_token
+        elif pad == "none":
+            tok.pad_token = None
+        _CACHE[key] = tok
+    return _CACHE[key]
+
+
+def chat(messages=CONVERSATION) -> Example:
+    return Example(tuple(messages), None, "d.jsonl line 1")
+
+
+def spans(tok, tokenized) -> list[str]:
+    """The decoded runs of consecutive trained tokens."""
+    runs, current = [], []
+    for token, label in zip(tokenized.input_ids, tokenized.labels):
+        if label != IGNORE_INDEX:
+            current.append(token)
+        elif current:
+            runs.append(current)
+            current = []
+    runs += [current] if current else []
+    return [tok.decode(r, skip_special_tokens=False) for r in runs]
+
+
+def repaired(tok, ids: list[int], eos: bool = True) -> list[int]:
+    """apply_chat_template's ids with qlora's two repairs: one leading BOS, a final EOS."""
+    body = ids[1:] if ids and ids[0] == tok.bos_token_id else ids
+    out = [tok.bos_token_id] + body
+    return out + [tok.eos_token_id] if eos and out[-1] != tok.eos_token_id else out
+
+
+@pytest.mark.parametrize("add_bos", [True, False])
+@pytest.mark.parametrize("name", sorted(TRAINED))
+def test_ids_equal_apply_chat_template_and_mask_is_exact(name, add_bos):
+    tok = tokenizer(add_bos)
+    template = resolve_chat_template(tok, name)
+    tokenized = tokenize_example(chat(), tok, template)
+    full = tok.apply_chat_template(list(CONVERSATION), chat_template=template, return_dict=True)["input_ids"]
+    prompt = tok.apply_chat_template(list(CONVERSATION[:-1]), chat_template=template, add_generation_prompt=True,
+                                     return_dict=True)["input_ids"]
+    if name != "tokenizer":  # built-in templates write the BOS themselves: no repair at the start
+        assert full[0] == tok.bos_token_id and tokenized.input_ids[: len(full)] == full
+    assert tokenized.input_ids == repaired(tok, full)
+    assert tokenized.input_ids[: len(repaired(tok, prompt, eos=False))] == repaired(tok, prompt, eos=False)
+    assert spans(tok, tokenized) == TRAINED[name]
+    assert tokenized.input_ids.count(tok.bos_token_id) == 1 and tokenized.input_ids[0] == tok.bos_token_id
+
+
+@pytest.mark.parametrize("add_bos", [True, False])
+def test_exactly_one_bos_for_text_and_double_bos_template(add_bos):
+    tok = tokenizer(add_bos)
+    text = tokenize_example(Example(None, "Hello there!", "x"), tok, TEMPLATES["chatml"])
+    assert text.input_ids[0] == tok.bos_token_id and text.input_ids.count(tok.bos_token_id) == 1
+    doubled = "{{ bos_token }}" + TEMPLATES["chatml"]  # a template that writes BOS twice
+    ids = tokenize_example(chat(), tok, doubled).input_ids
+    assert ids[0] == tok.bos_token_id and ids.count(tok.bos_token_id) == 1
+
+
+@pytest.mark.parametrize("pad", ["pad", "eos", "none"])
+def test_final_eos_counts_in_loss_whatever_the_pad_token(pad):
+    tok = tokenizer(True, pad)
+    short = tokenize_example(chat(CONVERSATION[1:3]), tok, TEMPLATES["chatml"])
+    long = tokenize_example(chat(), tok, TEMPLATES["chatml"])
+    for e in (short, long):
+        assert e.input_ids[-1] == e.labels[-1] == tok.eos_token_id
+    batch = pad_collate([short, long], pad_token_id(tok))
+    n = len(short.input_ids)
+    assert batch["labels"][0, n - 1] == tok.eos_token_id
+    assert (batch["labels"][0, n:] == IGNORE_INDEX).all() and (batch["attention_mask"][0, n:] == 0).all()
+    assert count_trainable_tokens(batch) == short.num_trainable + long.num_trainable
+
+
+def test_train_on_all_tokens():
+    tok = tokenizer()
+    tokenized = tokenize_example(chat(), tok, TEMPLATES["chatml"], train_on="all")
+    assert tokenized.labels[0] == IGNORE_INDEX and tokenized.labels[1:] == tokenized.input_ids[1:]
+    with pytest.raises(UsageError, match="unknown train_on"):
+        tokenize_example(chat(), tok, TEMPLATES["chatml"], train_on="prompt")
+
+
+def test_truncation_is_counted_and_untrainable_examples_reported():
+    tok = tokenizer()
+    long_prompt = ({"role": "user", "content": "What is two plus two? " * 30}, {"role": "assistant", "content": "Four."})
+    examples = [chat(CONVERSATION[1:3]), Example(long_prompt, None, "d.jsonl line 2"), chat()]
+    kept, report = tokenize_dataset(examples, tok, TEMPLATES["chatml"], seq_len=60)
+    assert [e.index for e in kept] == [0, 2]
+    assert report.truncated == 2 and kept[1].num_trainable == 6 and report.untrainable == [1]
+    assert "d.jsonl line 2" in report.summary()
+    assert all(len(e.input_ids) <= 60 for e in kept)
+    assert kept[1].truncated and kept[1].input_ids[-1] != tok.eos_token_id
+
+
+def test_every_example_truncated_away_is_an_error():
+    tok = tokenizer()
+    examples = [Example(chat().messages, None, f"d.jsonl line {i}") for i in (1, 2)]
+    expected = r"all 2 examples have no trainable tokens after tokenization \(first: d\.jsonl line 1, d\.jsonl line 2\)"
+    with pytest.raises(UsageError, match=expected):
+        tokenize_dataset(examples, tok, TEMPLATES["chatml"], seq_len=8)
+
+
+def test_template_resolution():
+    tok = tokenizer()
+    assert resolve_chat_template(tok, "auto") == tok.chat_template
+    bare = train_tokenizer(TEXT, vocab_size=300, chat_template=False)
+    assert resolve_chat_template(bare, "auto") == TEMPLATES["chatml"]
+    with pytest.raises(UsageError, match="has no chat_template"):
+        resolve_chat_template(bare, "tokenizer")
+    with pytest.raises(UsageError, match="unknown chat template 'vicuna'"):
+        resolve_chat_template(tok, "vicuna")
+
+
+def test_template_that_rewrites_earlier_turns_is_refused():
+    # Renders only the last assistant turn in full, like templates that strip earlier reasoning.
+    rewriting = ("{% for m in messages %}{% if m['role'] == 'assistant' and not loop.last %}{{ 'A:...\n' }}"
+                 "{% else %}{{ m['role'] + ': ' + m['content'] + '\n' }}{% endif %}{% endfor %}"
+                 "{% if add_generation_prompt %}{{ 'assistant: ' }}{% endif %}")
+    with pytest.raises(UsageError, match=r"d\.jsonl line 1: the chat template renders the start"):
+        tokenize_example(chat(), tokenizer(), rewriting)
