@@ -59,6 +59,7 @@ def _spawn(*args: str) -> pexpect.spawn:
 def test_chat_command_turns_reset_and_resume(tiny_model_dir, tmp_path):
     db = tmp_path / "chats.sqlite"
     args = ["chat", "--model", str(tiny_model_dir), "--temperature", "0", "--max-new-tokens", "6",
+            "--quant", "none", "--compute-dtype", "fp32",
             "--memory", "window", "--k", "2", "--session", "demo", "--db", str(db)]
     child = _spawn(*args)
     child.expect("you> ")
@@ -105,7 +106,8 @@ def test_generate_command_streams_the_greedy_continuation(lm, tiny_model_dir):
     model, tok = lm
     expected = "".join(stream_text(model, tok, "The quick", SamplingOptions(max_new_tokens=12, temperature=0)))
     out = subprocess.run([sys.executable, "-m", "qlora", "generate", "--model", str(tiny_model_dir), "--prompt",
-                          "The quick", "--temperature", "0", "--max-new-tokens", "12"],
+                          "The quick", "--temperature", "0", "--max-new-tokens", "12",
+                          "--quant", "none", "--compute-dtype", "fp32"],
                          env=ENV, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout == expected + "\n"

@@ -67,3 +67,13 @@ def test_top_p_keeps_the_smallest_set_reaching_p():
     assert seen == {0}
     seen = {next_token(logits, SamplingOptions(temperature=1.0, top_p=1.0, top_k=2), g) for _ in range(200)}
     assert seen == {0, 1}
+
+
+def test_greedy_stream_equals_model_generate_on_nf4(tiny_model_dir):
+    from qlora.model.load import load_model
+
+    model, tok = load_model(tiny_model_dir, quant="nf4", compute_dtype=torch.float32, device="cpu")
+    ids = _ids(tok)
+    ref = model.generate(ids, do_sample=False, max_new_tokens=12, eos_token_id=tok.eos_token_id,
+                         pad_token_id=tok.pad_token_id)[0, ids.shape[1]:].tolist()
+    assert list(stream_tokens(model, ids, SamplingOptions(max_new_tokens=12, temperature=0), [tok.eos_token_id])) == ref

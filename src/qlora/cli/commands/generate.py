@@ -9,9 +9,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
-from pathlib import Path
-
-from ...errors import UsageError
 
 NAME = "generate"
 HELP = "stream a model's continuation of a prompt, with sampling options"
@@ -21,10 +18,12 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     """--model, --adapter, --quant and the sampling options of ``SamplingOptions``."""
     from ...infer.generate import SamplingOptions
 
-    parser.add_argument("--model", required=True, help="local model directory (transformers checkpoint)")
+    parser.add_argument("--model", required=True, help="model folder (transformers checkpoint) or hub id")
     parser.add_argument("--adapter", help="LoRA adapter directory (PEFT format) to apply")
-    parser.add_argument("--quant", choices=("nf4", "fp4", "none"), default="none",
-                        help="quantize the base on load (default: none)")
+    parser.add_argument("--quant", choices=("nf4", "fp4", "none"), default="nf4",
+                        help="4-bit format of the base weights on load, or none for 16/32-bit")
+    parser.add_argument("--compute-dtype", choices=("bf16", "fp16", "fp32"), default="bf16",
+                        help="dtype of the matmuls and unquantized weights")
     for f in dataclasses.fields(SamplingOptions):
         kind = int if f.name in ("max_new_tokens", "top_k", "seed") else float
         parser.add_argument(f"--{f.name.replace('_', '-')}", type=kind, default=f.default, help=f.metadata["help"])
@@ -38,16 +37,17 @@ def sampling_options(args: argparse.Namespace):
 
 
 def load_model_from_args(args: argparse.Namespace):
-    """``(model, tokenizer)`` for --model; 4-bit and adapters need ``qlora.model.load`` (not yet merged)."""
-    if not Path(args.model).is_dir():
-        raise UsageError(f"model directory {args.model} does not exist")
-    if args.quant != "none" or args.adapter:
-        raise UsageError("--quant nf4/fp4 and --adapter need qlora's model loader, which this build lacks; "
-                         "use --quant none without --adapter")
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """``(model, tokenizer)`` for --model/--quant/--compute-dtype, with --adapter applied."""
+    import torch
 
-    tokenizer = AutoTokenizer.from_pretrained(args.model)
-    model = AutoModelForCausalLM.from_pretrained(args.model)
+    from ...model.adapter_io import load_adapter
+    from ...model.load import load_model
+
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.compute_dtype]
+    quant = None if args.quant == "none" else args.quant
+    model, tokenizer = load_model(args.model, quant=quant, compute_dtype=dtype)
+    if args.adapter:
+        load_adapter(model, args.adapter)
     return model.eval(), tokenizer
 
 
