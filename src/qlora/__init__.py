@@ -22,6 +22,7 @@ _LAZY = {
     "save_merged": "qlora.model.merge",
     "save_quantized": "qlora.model.quantized_io",
     "quantize_model": "qlora.model.quantize",
+    "Chat": "qlora.infer.chat",
 }
 
 

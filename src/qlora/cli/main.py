@@ -18,6 +18,8 @@ from ..errors import UsageError
 COMMANDS: dict[str, tuple[str, str]] = {
     "estimate": ("qlora.cli.commands.estimate", "memory needed to fine-tune a model: full, 16-bit LoRA and QLoRA"),
     "quant-error": ("qlora.cli.commands.quant_error", "quantization error of NF4/FP4/INT4 and bits per parameter"),
+    "generate": ("qlora.cli.commands.generate", "stream a model's continuation of a prompt, with sampling options"),
+    "chat": ("qlora.cli.commands.chat", "multi-turn chat with a model, with conversation memory persisted in SQLite"),
 }
 
 

@@ -1,0 +1,100 @@
+"""Streamed text generation with a KV cache.
+
+A small explicit loop instead of ``model.generate``: each step runs the model on
+the newest token only (the cache holds the past), picks the next token, and
+yields it at once, so a chat shows words as they are made. Greedy decoding
+(temperature 0) gives exactly the tokens of ``model.generate(do_sample=False)``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterable, Iterator
+
+import torch
+
+
+@dataclass
+class SamplingOptions:
+    """How the next token is chosen; each field's help is the CLI's help text."""
+
+    max_new_tokens: int = field(default=256, metadata={"help": "stop after this many new tokens"})
+    temperature: float = field(default=0.7, metadata={"help": "softmax temperature; 0 = greedy (deterministic)"})
+    top_p: float = field(default=0.9, metadata={"help": "nucleus sampling: smallest token set with this probability mass"})
+    top_k: int = field(default=0, metadata={"help": "sample only among the k most likely tokens; 0 = all"})
+    seed: int | None = field(default=None, metadata={"help": "random seed, for reproducible sampling"})
+
+
+def next_token(logits: torch.Tensor, options: SamplingOptions, generator: torch.Generator | None) -> int:
+    """Pick the next token id from 1-D ``logits`` by greedy, top-k and top-p sampling."""
+    if options.temperature <= 0:
+        return int(logits.argmax())
+    logits = logits.float() / options.temperature
+    if 0 < options.top_k < logits.numel():
+        kth = torch.topk(logits, options.top_k).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if options.top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True)
+        cumulative = sorted_logits.softmax(-1).cumsum(-1)
+        drop = cumulative - sorted_logits.softmax(-1) >= options.top_p  # keep the token that crosses top_p
+        logits = logits.masked_fill(drop.scatter(0, order, drop), float("-inf"))
+    probs = logits.softmax(-1)
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
+@torch.inference_mode()
+def stream_tokens(model, input_ids: torch.Tensor, options: SamplingOptions | None = None,
+                  stop_ids: Iterable[int] = ()) -> Iterator[int]:
+    """Yield new token ids one by one; a stop id is yielded and then ends the stream.
+
+    Args:
+        model: a transformers causal LM (4-bit/LoRA modules included).
+        input_ids: the prompt, shape ``(1, length)``.
+        options: sampling options (defaults: :class:`SamplingOptions`).
+        stop_ids: token ids that end generation (EOS, end of turn).
+    """
+    options = options or SamplingOptions()
+    stop = set(stop_ids)
+    device = input_ids.device
+    generator = None
+    if options.seed is not None and options.temperature > 0:
+        generator = torch.Generator(device=device).manual_seed(options.seed)
+    model.eval()
+    ids, past = input_ids, None
+    for _ in range(options.max_new_tokens):
+        out = model(input_ids=ids, past_key_values=past, use_cache=True)
+        past = out.past_key_values
+        token = next_token(out.logits[0, -1], options, generator)
+        yield token
+        if token in stop:
+            return
+        ids = torch.tensor([[token]], device=device)
+
+
+def stream_text(model, tokenizer, prompt: str, options: SamplingOptions | None = None,
+                stop_ids: Iterable[int] | None = None) -> Iterator[str]:
+    """Yield the continuation of ``prompt`` as text pieces, as soon as they decode.
+
+    The whole reply is re-decoded each step and only the new suffix is emitted,
+    holding back a trailing partial UTF-8 character, so the pieces join to
+    exactly ``tokenizer.decode(tokens, skip_special_tokens=True)``.
+    """
+    device = next(model.parameters()).device
+    # A template that writes BOS itself (Llama 3) must not get a second one from the tokenizer.
+    has_bos = bool(tokenizer.bos_token) and prompt.startswith(tokenizer.bos_token)
+    input_ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=not has_bos).input_ids.to(device)
+    if stop_ids is None:
+        stop_ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    tokens: list[int] = []
+    shown = 0
+    for token in stream_tokens(model, input_ids, options, stop_ids):
+        tokens.append(token)
+        text = tokenizer.decode(tokens, skip_special_tokens=True)
+        if text.endswith("\ufffd"):
+            continue
+        if len(text) > shown:
+            yield text[shown:]
+            shown = len(text)
+    text = tokenizer.decode(tokens, skip_special_tokens=True)
+    if len(text) > shown:
+        yield text[shown:]

@@ -1,0 +1,46 @@
+"""The model seen as an LLM: prompt text in, completion text out.
+
+Memories that ask the model to summarize or extract facts depend only on the
+:class:`LLM` protocol, so tests drive them with a scripted stand-in that
+returns known text, and the real path uses :class:`ModelLLM`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Any, Iterator, Protocol, Sequence
+
+from .generate import SamplingOptions, stream_text
+from .messages import Message
+from .template import render_chat, stop_token_ids
+
+
+class LLM(Protocol):
+    """Anything that completes a prompt with text."""
+
+    def complete(self, prompt: str, **options: Any) -> str: ...
+
+
+class ModelLLM:
+    """A loaded causal LM + tokenizer, prompted through its chat template.
+
+    Args:
+        model: a transformers causal LM.
+        tokenizer: its tokenizer.
+        **defaults: :class:`SamplingOptions` fields used unless a call overrides them.
+    """
+
+    def __init__(self, model, tokenizer, **defaults: Any) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.options = SamplingOptions(**defaults)
+        self.stop_ids = stop_token_ids(model, tokenizer)
+
+    def stream_messages(self, messages: Sequence[Message], **options: Any) -> Iterator[str]:
+        """Stream the assistant's reply to ``messages``."""
+        prompt = render_chat(self.tokenizer, messages)
+        return stream_text(self.model, self.tokenizer, prompt, replace(self.options, **options), self.stop_ids)
+
+    def complete(self, prompt: str, **options: Any) -> str:
+        """The reply to ``prompt`` sent as one user message, stripped of surrounding space."""
+        return "".join(self.stream_messages([Message("user", prompt)], **options)).strip()

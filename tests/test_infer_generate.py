@@ -1,0 +1,79 @@
+"""Streamed generation: greedy equals model.generate, sampling is seeded, stops on EOS."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from qlora.infer.generate import SamplingOptions, next_token, stream_text, stream_tokens
+
+
+@pytest.fixture(scope="module")
+def lm(tiny_model_dir):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    return AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval(), AutoTokenizer.from_pretrained(tiny_model_dir)
+
+
+def _ids(tokenizer, text="The quick brown fox"):
+    return tokenizer(text, return_tensors="pt").input_ids
+
+
+def test_greedy_stream_equals_model_generate(lm):
+    model, tok = lm
+    ids = _ids(tok)
+    ref = model.generate(ids, do_sample=False, max_new_tokens=24, eos_token_id=tok.eos_token_id,
+                         pad_token_id=tok.pad_token_id)[0, ids.shape[1]:].tolist()
+    greedy = SamplingOptions(max_new_tokens=24, temperature=0)
+    assert list(stream_tokens(model, ids, greedy, [tok.eos_token_id])) == ref
+    pieces = list(stream_text(model, tok, "The quick brown fox", greedy))
+    assert len(pieces) > 1
+    assert "".join(pieces) == tok.decode(ref, skip_special_tokens=True)
+
+
+def test_seeded_sampling_is_reproducible(lm):
+    model, tok = lm
+    ids = _ids(tok)
+
+    def sample(seed):
+        return list(stream_tokens(model, ids, SamplingOptions(max_new_tokens=16, temperature=1.0, top_p=1.0, seed=seed)))
+
+    assert sample(1) == sample(1)
+    assert sample(1) != sample(2)
+    assert len(sample(3)) == 16
+
+
+def test_top_k_one_is_greedy(lm):
+    model, tok = lm
+    ids = _ids(tok)
+    greedy = list(stream_tokens(model, ids, SamplingOptions(max_new_tokens=10, temperature=0)))
+    top1 = list(stream_tokens(model, ids, SamplingOptions(max_new_tokens=10, temperature=1.5, top_k=1, seed=0)))
+    assert top1 == greedy
+
+
+def test_stops_after_a_stop_token(lm):
+    model, tok = lm
+    ids = _ids(tok)
+    first = next(stream_tokens(model, ids, SamplingOptions(max_new_tokens=10, temperature=0)))
+    assert list(stream_tokens(model, ids, SamplingOptions(max_new_tokens=10, temperature=0), [first])) == [first]
+
+
+def test_top_p_keeps_the_smallest_set_reaching_p():
+    logits = torch.tensor([0.5, 0.3, 0.2]).log()
+    g = torch.Generator().manual_seed(0)
+    seen = {next_token(logits, SamplingOptions(temperature=1.0, top_p=0.6), g) for _ in range(200)}
+    assert seen == {0, 1}
+    seen = {next_token(logits, SamplingOptions(temperature=1.0, top_p=0.5), g) for _ in range(50)}
+    assert seen == {0}
+    seen = {next_token(logits, SamplingOptions(temperature=1.0, top_p=1.0, top_k=2), g) for _ in range(200)}
+    assert seen == {0, 1}
+
+
+def test_greedy_stream_equals_model_generate_on_nf4(tiny_model_dir):
+    from qlora.model.load import load_model
+
+    model, tok = load_model(tiny_model_dir, quant="nf4", compute_dtype=torch.float32, device="cpu")
+    ids = _ids(tok)
+    ref = model.generate(ids, do_sample=False, max_new_tokens=12, eos_token_id=tok.eos_token_id,
+                         pad_token_id=tok.pad_token_id)[0, ids.shape[1]:].tolist()
+    assert list(stream_tokens(model, ids, SamplingOptions(max_new_tokens=12, temperature=0), [tok.eos_token_id])) == ref

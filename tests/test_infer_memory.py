@@ -1,0 +1,182 @@
+"""Each memory kind: what it keeps and drops, its prompts and parsing (scripted LLM), and the real model path."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from qlora.infer.memory import (
+    ConversationBufferMemory, ConversationBufferWindowMemory, ConversationEntityMemory, ConversationKGMemory,
+    ConversationSummaryBufferMemory, ConversationSummaryMemory, ConversationTokenBufferMemory,
+    VectorStoreRetrieverMemory)
+from qlora.infer.memory.entity import parse_entities
+from qlora.infer.memory.kg import parse_triples
+from qlora.infer.memory.prompts import ENTITY_EXTRACTION_PROMPT, SUMMARY_PROMPT
+from qlora.infer.messages import Message
+
+
+class ScriptedLLM:
+    """Returns queued answers in order and records the prompts it was given."""
+
+    def __init__(self, *answers: str) -> None:
+        self.answers = list(answers)
+        self.prompts: list[str] = []
+
+    def complete(self, prompt: str, **options) -> str:
+        self.prompts.append(prompt)
+        return self.answers.pop(0)
+
+
+def _talk(memory, turns):
+    for i in range(turns):
+        memory.save_context({"input": f"q{i}"}, {"output": f"a{i}"})
+
+
+def test_buffer_keeps_every_turn_in_order():
+    memory = ConversationBufferMemory()
+    _talk(memory, 3)
+    assert memory.load_memory_variables({"input": "x"}) == {"history": "Human: q0\nAI: a0\nHuman: q1\nAI: a1\nHuman: q2\nAI: a2"}
+    messages = ConversationBufferMemory(session=memory.session, return_messages=True).load_memory_variables({})["history"]
+    assert messages[0] == Message("user", "q0") and messages[-1] == Message("assistant", "a2")
+    memory.clear()
+    assert memory.load_memory_variables({})["history"] == ""
+
+
+def test_window_keeps_last_k_exchanges():
+    memory = ConversationBufferWindowMemory(k=2, return_messages=True)
+    _talk(memory, 5)
+    assert [m.content for m in memory.load_memory_variables({})["history"]] == ["q3", "a3", "q4", "a4"]
+
+
+def test_token_buffer_drops_oldest_until_it_fits(tiny_tokenizer):
+    memory = ConversationTokenBufferMemory(tiny_tokenizer, max_token_limit=10**6)
+    for i in range(4):
+        memory.save_context({"input": f"The quick brown fox {i}"}, {"output": "jumps over the lazy dog."})
+    every = memory.session.messages()
+    counts = [len(tiny_tokenizer(ConversationBufferMemory(session=memory.session).format(every[s:]),
+                                 add_special_tokens=False).input_ids) for s in range(len(every))]
+    assert counts == sorted(counts, reverse=True) and counts[-1] > 0
+    memory.max_token_limit = counts[3]  # exactly the last five messages fit
+    assert memory.buffer() == every[3:]
+    assert memory.num_tokens(memory.buffer()) == counts[3]
+    memory.max_token_limit = counts[3] - 1
+    assert memory.buffer() == every[4:]
+    memory.max_token_limit = 0
+    assert memory.buffer() == []
+
+
+def test_summary_is_progressive_and_written_by_the_llm():
+    llm = ScriptedLLM("S1", "S2")
+    memory = ConversationSummaryMemory(llm)
+    _talk(memory, 2)
+    assert llm.prompts[0] == SUMMARY_PROMPT.format(summary="", new_lines="Human: q0\nAI: a0")
+    assert llm.prompts[1] == SUMMARY_PROMPT.format(summary="S1", new_lines="Human: q1\nAI: a1")
+    assert memory.load_memory_variables({"input": "x"}) == {"history": "S2"}
+    memory.return_messages = True
+    assert memory.load_memory_variables({})["history"] == [Message("system", "S2")]
+
+
+def test_summary_buffer_folds_old_turns_into_the_summary(tiny_tokenizer):
+    llm = ScriptedLLM("folded")
+    memory = ConversationSummaryBufferMemory(llm, tiny_tokenizer, max_token_limit=10**6)
+    memory.save_context({"input": "hi"}, {"output": "yo"})
+    memory.max_token_limit = memory._tokens(memory.buffer())
+    assert llm.prompts == []  # under the limit: nothing summarized
+    memory.save_context({"input": "The quick brown fox jumps"}, {"output": "over the lazy dog."})
+    kept = memory.buffer()
+    assert memory.session.summary() == ("folded", 4 - len(kept))
+    assert len(kept) < 4 and memory._tokens(kept) <= memory.max_token_limit
+    assert "Human: hi\nAI: yo" in llm.prompts[0]
+    history = memory.load_memory_variables({})["history"]
+    assert history.startswith("System: folded\n")
+
+
+def test_entity_memory_extracts_and_summarizes():
+    llm = ScriptedLLM("Alice, Paris", "Alice lives in Paris.", "Paris is a city.", "NONE")
+    memory = ConversationEntityMemory(llm, return_messages=True)
+    variables = memory.load_memory_variables({"input": "Alice moved to Paris"})
+    assert variables["entities"] == {"Alice": "", "Paris": ""}
+    assert llm.prompts[0] == ENTITY_EXTRACTION_PROMPT.format(history="", input="Alice moved to Paris")
+    memory.save_context({"input": "Alice moved to Paris"}, {"output": "Nice!"})
+    assert memory.session.entities() == {"Alice": "Alice lives in Paris.", "Paris": "Paris is a city."}
+    assert "Existing summary of Alice:\n\n" in llm.prompts[1]
+    assert memory.load_memory_variables({"input": "hello"})["entities"] == {}
+
+
+def test_entity_parsing_is_robust():
+    assert parse_entities("NONE") == []
+    assert parse_entities(" Output: Alice,  Bob , Alice, - Carol.\nrambling, more") == ["Alice", "Bob", "Carol"]
+    assert parse_entities("x" * 200) == []
+
+
+def test_kg_memory_stores_triples_and_recalls_by_subject():
+    llm = ScriptedLLM("(Nevada, is a, state)<|>(Nevada, is in, US)", "Nevada")
+    memory = ConversationKGMemory(llm)
+    memory.save_context({"input": "Nevada is a state in the US"}, {"output": "ok"})
+    assert memory.session.triples() == [("Nevada", "is a", "state"), ("Nevada", "is in", "US")]
+    assert memory.load_memory_variables({"input": "tell me about Nevada"}) == {"history": "On Nevada: is a state. is in US."}
+
+
+def test_triple_parsing_is_robust():
+    messy = 'Output: ( "Ann" , likes, tea )\n(Bob, works at, Acme, Inc)  junk (only, two) (Ann, likes, tea) NONE'
+    assert parse_triples(messy) == [("Ann", "likes", "tea"), ("Bob", "works at, Acme", "Inc")]
+    assert parse_triples("NONE") == []
+
+
+class BagOfWords:
+    """A deterministic embedder: normalized counts of a few words."""
+
+    words = ("cat", "dog", "car", "tea")
+
+    def __call__(self, texts):
+        rows = torch.tensor([[t.lower().count(w) for w in self.words] for t in texts], dtype=torch.float32)
+        return torch.nn.functional.normalize(rows + 1e-3, dim=-1)
+
+
+def test_vector_memory_recalls_most_similar_first():
+    memory = VectorStoreRetrieverMemory(BagOfWords(), k=2)
+    memory.save_context({"input": "my cat"}, {"output": "cats purr"})
+    memory.save_context({"input": "my car"}, {"output": "car car"})
+    memory.save_context({"input": "tea time"}, {"output": "green tea"})
+    history = memory.load_memory_variables({"input": "car car cat"})["history"]
+    assert history == "input: my car\noutput: car car\ninput: my cat\noutput: cats purr"
+    memory.return_messages = True
+    assert memory.load_memory_variables({"input": "tea"})["history"][0] == Message("system", "input: tea time\noutput: green tea")
+
+
+@pytest.fixture(scope="module")
+def model_llm(tiny_model_dir):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from qlora.infer.llm import ModelLLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    return ModelLLM(model, AutoTokenizer.from_pretrained(tiny_model_dir), temperature=0, max_new_tokens=12)
+
+
+def test_model_written_summary_entities_and_triples(model_llm):
+    """The real generation path: whatever the (random) model writes is stored as parsed."""
+    summary = ConversationSummaryMemory(model_llm)
+    summary.save_context({"input": "Alice likes tea"}, {"output": "Good."})
+    expected = model_llm.complete(SUMMARY_PROMPT.format(summary="", new_lines="Human: Alice likes tea\nAI: Good."))
+    assert summary.session.summary() == (expected, 2)
+
+    entity = ConversationEntityMemory(model_llm)
+    found = entity.load_memory_variables({"input": "Alice likes tea"})["entities"]
+    extracted = model_llm.complete(ENTITY_EXTRACTION_PROMPT.format(history="", input="Alice likes tea"))
+    assert list(found) == parse_entities(extracted)
+    entity.save_context({"input": "Alice likes tea"}, {"output": "Good."})
+    assert list(entity.session.entities()) == list(found)
+
+    kg = ConversationKGMemory(model_llm)
+    kg.save_context({"input": "Alice likes tea"}, {"output": "Good."})
+    assert all(len(t) == 3 for t in kg.session.triples())
+
+
+def test_model_embedder_retrieves_identical_text_first(model_llm):
+    from qlora.infer.embedder import ModelEmbedder
+
+    memory = VectorStoreRetrieverMemory(ModelEmbedder(model_llm.model, model_llm.tokenizer), k=3)
+    for text in ("The quick brown fox", "def add(a, b):", "a paged optimizer"):
+        memory.save_context({"input": text}, {"output": "ok"})
+    assert memory.retrieve("input: def add(a, b):\noutput: ok")[0] == "input: def add(a, b):\noutput: ok"
