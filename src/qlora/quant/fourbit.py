@@ -46,6 +46,13 @@ def quantize_4bit(
         (bitsandbytes' layout) and the :class:`QuantState` to decode it.
     """
     _check(quant_type, blocksize, w.dtype)
+    return _quantize(w, quant_type, blocksize, double_quant)
+
+
+def _quantize(
+    w: torch.Tensor, quant_type: str, blocksize: int, double_quant: bool
+) -> tuple[torch.Tensor, QuantState]:
+    # Unchecked, so the error report can also run the int4 baseline through it.
     packed, absmax = torch_ref.quantize_4bit_ref(w, blocksize, quant_type)
     state = QuantState(
         absmax=absmax, shape=w.shape, code=code_4bit(quant_type, w.device), blocksize=blocksize,

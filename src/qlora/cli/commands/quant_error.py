@@ -1,0 +1,35 @@
+"""``qlora quant-error``: the quantization error of NF4, FP4 and INT4, and
+their storage cost, on normal and heavy-tailed weights."""
+
+from __future__ import annotations
+
+import argparse
+
+from ...errors import UsageError
+from ...quant import BLOCKSIZES
+from ...quant.error_report import quant_error_report
+
+NAME = "quant-error"
+HELP = "quantization error of NF4/FP4/INT4 and bits per parameter"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--numel", type=int, default=1 << 20, help="weights drawn per distribution (default 2^20)")
+    parser.add_argument("--blocksize", type=int, default=64, choices=BLOCKSIZES, help="absmax block size (default 64)")
+    parser.add_argument("--seed", type=int, default=0, help="random seed of the weights (default 0)")
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.numel < 2:
+        raise UsageError(f"--numel must be at least 2, got {args.numel}")
+    rows = quant_error_report(args.numel, args.blocksize, args.seed)
+    print(f"Round trip of {args.numel} weights per distribution, block size {args.blocksize}, seed {args.seed}.")
+    print("Errors without double quantization, then with it (DQ); bits per parameter include the constants.\n")
+    header = (f"{'weights':<14}{'code':<6}{'MSE':>11}{'max |err|':>11}{'MSE (DQ)':>11}{'max (DQ)':>11}"
+              f"{'bits':>8}{'bits (DQ)':>11}")
+    print(header)
+    print("-" * len(header))
+    for r in rows:
+        print(f"{r.weights:<14}{r.quant_type:<6}{r.mse:>11.3e}{r.max_error:>11.4f}{r.mse_double_quant:>11.3e}"
+              f"{r.max_error_double_quant:>11.4f}{r.bits:>8.3f}{r.bits_double_quant:>11.3f}")
+    return 0

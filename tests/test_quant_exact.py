@@ -1,0 +1,239 @@
+"""qlora's 4-bit and 8-bit quantization against bitsandbytes 0.50 (the peer oracle), bit for bit.
+
+Inputs are fresh random tensors every run; the seed is printed in every failure
+message and ``QLORA_TEST_SEED=<seed>`` replays it.
+
+Dequantization oracle: bitsandbytes' portable reference
+(``backends.default.ops._dequantize_4bit_compute``). Its native CPU kernel
+disagrees with that reference (and with itself on CUDA) when the last dimension
+is not a multiple of the blocksize or the tensor is 1-D, so we hold ours equal
+to the native kernel wherever the native kernel agrees with the portable one,
+and outright for shapes whose last dimension is a multiple of the blocksize.
+The sign of a decoded zero is not compared (FP4 code 0b1000 gives -0.0 on some
+bitsandbytes paths, +0.0 in its table).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+
+import pytest
+import torch
+
+bnb_F = pytest.importorskip("bitsandbytes.functional")
+from bitsandbytes.backends.default.ops import _dequantize_4bit_compute  # noqa: E402
+from bitsandbytes.backends.utils import _get_4bit_code  # noqa: E402
+
+from qlora.quant import (  # noqa: E402
+    BLOCKSIZES, QuantState, bits_per_parameter, dequantize_4bit, dynamic_code, quantize_4bit,
+    quantize_blockwise,
+)
+from qlora.quant.blockwise import _codes_by_search  # noqa: E402
+from qlora.quant.codebook import code_4bit  # noqa: E402
+
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_INT_VIEW = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16}
+
+
+@pytest.fixture
+def seed() -> int:
+    return int(os.environ.get("QLORA_TEST_SEED", random.randrange(2**31)))
+
+
+def _same_bits(ours: torch.Tensor, theirs: torch.Tensor, what: str, seed: int, signed_zero: bool = True) -> None:
+    """Equal bit for bit; with ``signed_zero=False`` a zero may differ in sign only."""
+    assert ours.dtype == theirs.dtype and ours.shape == theirs.shape, (
+        f"{what}: {ours.dtype}{tuple(ours.shape)} vs {theirs.dtype}{tuple(theirs.shape)} (seed {seed})")
+    if not ours.is_floating_point():
+        assert torch.equal(ours, theirs), f"{what}: values differ (seed {seed})"
+        return
+    a, b = ours.view(_INT_VIEW[ours.dtype]), theirs.view(_INT_VIEW[theirs.dtype])
+    differ = a != b
+    if not signed_zero:
+        differ &= ~((ours == 0) & (theirs == 0))
+    if differ.any():
+        i = differ.nonzero()[0].tolist()
+        raise AssertionError(f"{what}: {int(differ.sum())} elements differ, first at {i}: "
+                             f"{ours[tuple(i)].item()!r} vs {theirs[tuple(i)].item()!r} (seed {seed})")
+
+
+def _bnb_portable(packed: torch.Tensor, state, dtype: torch.dtype) -> torch.Tensor:
+    """bitsandbytes' portable dequantization, with its own double-quant decoding."""
+    absmax = state.absmax
+    if state.nested:
+        absmax = bnb_F.dequantize_blockwise(state.absmax, state.state2) + state.offset
+    code = _get_4bit_code(state.quant_type, packed.device)
+    return _dequantize_4bit_compute(packed.reshape(-1), absmax.float(), code, state.blocksize, state.shape, dtype)
+
+
+def _adversarial(quant_type: str, blocksize: int, dtype: torch.dtype, gen: torch.Generator) -> torch.Tensor:
+    """Blocks of: zeros, exact ties between code values, huge and tiny magnitudes,
+    random values with negative zeros, all negative zeros; then a short tail."""
+    huge, tiny = (6e4, 1e-7) if dtype == torch.float16 else (1e30, 1e-30)
+    code = code_4bit(quant_type).double().sort().values.unique()
+    mids = (code[:-1] + code[1:]) / 2
+    scale = 2.0 ** torch.randint(-8, 9, (1,), generator=gen).item()  # powers of two keep x/absmax exact
+    ties = torch.cat([mids, code, -mids, torch.tensor([1.0])]) * scale
+    ties = ties[torch.randint(0, ties.numel(), (blocksize,), generator=gen)]
+    ties[0] = scale  # the block absmax
+    ties = ties.float()
+
+    def rand(n: int) -> torch.Tensor:
+        return torch.randn(n, generator=gen)
+
+    with_negzero = rand(blocksize)
+    with_negzero[torch.randint(0, blocksize, (blocksize // 4,), generator=gen)] = -0.0
+    blocks = [
+        torch.zeros(blocksize),
+        ties,
+        (torch.rand(blocksize, generator=gen) * 2 - 1) * huge,  # within float16's range
+        rand(blocksize) * tiny,
+        with_negzero,
+        torch.full((blocksize,), -0.0),
+    ]
+    if dtype == torch.float32:
+        blocks.append(rand(blocksize) * 1e-39)  # subnormal float32
+    blocks.append(rand(5) * 0.5)
+    return torch.cat(blocks).to(dtype)
+
+
+def _check_against_bnb(w: torch.Tensor, quant_type: str, blocksize: int, dq: bool, seed: int) -> None:
+    case = f"{quant_type} bs={blocksize} dq={dq} {w.dtype} {tuple(w.shape)}"
+    ours_p, ours_s = quantize_4bit(w, quant_type, blocksize, dq)
+    bnb_p, bnb_s = bnb_F.quantize_4bit(w, blocksize=blocksize, quant_type=quant_type, compress_statistics=dq)
+
+    _same_bits(ours_p, bnb_p, f"packed bytes [{case}]", seed)
+    _same_bits(ours_s.absmax, bnb_s.absmax, f"absmax [{case}]", seed)
+    if dq:
+        _same_bits(ours_s.nested.absmax, bnb_s.state2.absmax, f"nested absmax [{case}]", seed)
+        _same_bits(ours_s.offset.reshape(()), bnb_s.offset.reshape(()), f"offset [{case}]", seed)
+
+    ours_d, bnb_d = ours_s.as_dict(packed=True), bnb_s.as_dict(packed=True)
+    assert sorted(ours_d) == sorted(bnb_d), f"as_dict keys [{case}] (seed {seed})"
+    for key, theirs in bnb_d.items():
+        if key.startswith("quant_state."):
+            mine = json.loads(bytes(ours_d[key].tolist()))
+            assert mine == json.loads(bytes(theirs.tolist())), f"{key} [{case}] (seed {seed})"
+        else:
+            _same_bits(ours_d[key], theirs, f"as_dict[{key}] [{case}]", seed)
+
+    ours_out = dequantize_4bit(ours_p, ours_s)
+    portable = _bnb_portable(bnb_p, bnb_s, w.dtype)
+    _same_bits(ours_out, portable, f"dequantized vs bnb portable [{case}]", seed, signed_zero=False)
+
+    native = bnb_F.dequantize_4bit(bnb_p, bnb_s)
+    if w.dim() > 1 and w.shape[-1] % blocksize == 0:
+        _same_bits(ours_out, native, f"dequantized vs bnb native [{case}]", seed, signed_zero=False)
+    else:
+        agree = (native == portable) & (native.view(_INT_VIEW[w.dtype]) == portable.view(_INT_VIEW[w.dtype]))
+        _same_bits(ours_out[agree], native[agree], f"dequantized vs bnb native where it agrees [{case}]", seed,
+                   signed_zero=False)
+
+    # Cross decoding: bitsandbytes' state read by qlora, and qlora's state read by bitsandbytes.
+    from_bnb = QuantState.from_dict(bnb_s.as_dict(packed=True), device="cpu")
+    _same_bits(dequantize_4bit(bnb_p, from_bnb), portable, f"bnb-quantized decoded by qlora [{case}]", seed,
+               signed_zero=False)
+    to_bnb = bnb_F.QuantState.from_dict(ours_s.as_dict(packed=True), torch.device("cpu"))
+    _same_bits(_bnb_portable(ours_p, to_bnb, w.dtype), ours_out, f"qlora-quantized decoded by bnb [{case}]", seed,
+               signed_zero=False)
+    if w.dim() > 1 and w.shape[-1] % blocksize == 0:
+        _same_bits(bnb_F.dequantize_4bit(ours_p, to_bnb), ours_out,
+                   f"qlora-quantized decoded by bnb native [{case}]", seed, signed_zero=False)
+
+
+@pytest.mark.parametrize("blocksize", BLOCKSIZES)
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+@pytest.mark.parametrize("dq", [True, False], ids=["dq", "nodq"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
+def test_random_shapes_match_bitsandbytes(seed, dtype, dq, quant_type, blocksize):
+    gen = torch.Generator().manual_seed(seed)
+    shapes = [(3, blocksize), (2, 3, blocksize + 5), (33, 257), (2 * blocksize + 7,), (7,), (1,)]
+    for shape in shapes:
+        w = (torch.randn(shape, generator=gen) * torch.rand(1, generator=gen) * 10).to(dtype)
+        _check_against_bnb(w, quant_type, blocksize, dq, seed)
+
+
+@pytest.mark.parametrize("blocksize", [32, 64, 256, 4096])
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+@pytest.mark.parametrize("dq", [True, False], ids=["dq", "nodq"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
+def test_adversarial_values_match_bitsandbytes(seed, dtype, dq, quant_type, blocksize):
+    gen = torch.Generator().manual_seed(seed)
+    flat = _adversarial(quant_type, blocksize, dtype, gen)
+    _check_against_bnb(flat, quant_type, blocksize, dq, seed)
+    # The same values as a matrix whose rows are whole blocks (the tail dropped).
+    whole = flat[: flat.numel() // blocksize * blocksize].view(-1, blocksize)
+    _check_against_bnb(whole, quant_type, blocksize, dq, seed)
+
+
+@pytest.mark.parametrize("blocksize", [32, 64, 256, 1024, 4096])
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
+def test_blockwise_8bit_matches_bitsandbytes_cpu(seed, dtype, blocksize):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(3 * blocksize + 11, generator=gen) * 3
+    x[:blocksize] = 0  # an all-zero block
+    x[blocksize: blocksize + 8] = -0.0
+    x = x.to(dtype)
+    codes, absmax = quantize_blockwise(x, dynamic_code(signed=True), blocksize)
+    bnb_codes, bnb_state = bnb_F.quantize_blockwise(x, blocksize=blocksize)
+    _same_bits(codes, bnb_codes, f"8-bit codes bs={blocksize} {dtype}", seed)
+    _same_bits(absmax, bnb_state.absmax, f"8-bit absmax bs={blocksize} {dtype}", seed)
+
+
+@pytest.mark.parametrize("signed", [True, False], ids=["signed", "unsigned"])
+def test_binary_search_codes_are_nearest(seed, signed):
+    """The CUDA scheme (bitsandbytes' 7-step binary search over 256 sorted values)
+    picks the nearest code value. Its search always ends on an even index and
+    keeps it when the value sits exactly on a midpoint, so a tie goes to the
+    even one of the two codes (not always the lower)."""
+    gen = torch.Generator().manual_seed(seed)
+    code = dynamic_code(signed=signed)
+    c64 = code.double()
+    mids64 = (c64[:-1] + c64[1:]) / 2
+    exact = mids64.float().double() == mids64  # ties representable in float32
+    low = -1.0 if signed else 0.0
+    small = torch.randn(5000, generator=gen) * 1e-3  # the dense end of the dynamic code
+    x = torch.cat([
+        torch.rand(20000, generator=gen) * (1 - low) + low,
+        small if signed else small.abs(),
+        code, mids64[exact].float(), torch.tensor([low, 1.0]),
+    ])
+    got = _codes_by_search(x, code).long()
+    dist = (x.double()[:, None] - c64[None, :]).abs()
+    expected = dist.argmin(dim=1)
+    tie_lower = torch.arange(255)[exact]
+    is_tie = torch.zeros(x.numel(), dtype=torch.bool)
+    is_tie[-2 - tie_lower.numel(): -2] = True
+    expected[is_tie] = tie_lower + tie_lower % 2  # the even index of (i, i + 1)
+    assert is_tie.sum() > 50, "too few exact ties to test the tie rule"
+    bad = got != expected
+    assert not bad.any(), (f"{int(bad.sum())} codes differ, e.g. x={x[bad][0].item()!r}: "
+                           f"{got[bad][0].item()} vs {expected[bad][0].item()} (seed {seed})")
+
+
+def test_bits_per_parameter():
+    w = torch.randn(256, 1024)
+    _, plain = quantize_4bit(w, "nf4", 64, double_quant=False)
+    _, nested = quantize_4bit(w, "nf4", 64, double_quant=True)
+    assert bits_per_parameter(plain) == 4.5
+    offset_bits = 32 / w.numel()
+    assert bits_per_parameter(nested) == pytest.approx(4 + 8 / 64 + 32 / (64 * 256) + offset_bits, rel=1e-12)
+    assert round(bits_per_parameter(nested), 3) == 4.127
+
+
+@pytest.mark.parametrize(
+    "kwargs, dtype, message",
+    [
+        ({"quant_type": "int4"}, torch.float32, "quant_type must be one of"),
+        ({"quant_type": "nf8"}, torch.float32, "quant_type must be one of"),
+        ({"blocksize": 48}, torch.float32, "blocksize must be one of"),
+        ({"blocksize": 8192}, torch.float32, "blocksize must be one of"),
+        ({}, torch.float64, "float32, float16 or bfloat16"),
+        ({}, torch.int32, "float32, float16 or bfloat16"),
+    ],
+)
+def test_bad_arguments_raise_clear_errors(kwargs, dtype, message):
+    with pytest.raises(ValueError, match=message):
+        quantize_4bit(torch.ones(64, 64).to(dtype), **kwargs)
