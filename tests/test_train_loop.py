@@ -38,7 +38,10 @@ def _config(model, data, out, **kw):
 
 
 def _run(argv, capsys):
-    code = main(argv)
+    try:
+        code = main(argv)
+    except SystemExit as exc:  # argparse's own errors (unknown flag) exit 2 the same way
+        code = exc.code
     return code, capsys.readouterr().err
 
 
@@ -60,8 +63,11 @@ def test_resume_reproduces_uninterrupted_losses(tmp_path, tiny_model_dir):
     kw = dict(max_steps=8, save_steps=4, dropout=0.1, lr_scheduler="cosine", warmup_steps=2, grad_accum=2)
     full = Trainer(_config(tiny_model_dir, data, tmp_path / "full", **kw)).run()
     first = Trainer(_config(tiny_model_dir, data, tmp_path / "part", **kw))
+    first.setup()
     first.total_steps = 4  # stop as if killed right after the step-4 checkpoint
-    first.run()
+    first.train()
+    first.cleanup()
+    assert len(first.losses) == 4
     resumed = Trainer(_config(tiny_model_dir, data, tmp_path / "part", resume=True, **kw)).run()
     assert resumed == full  # bit-identical on CPU
     steps = [json.loads(line)["step"] for line in (tmp_path / "part" / "metrics.jsonl").read_text().splitlines()]
@@ -80,9 +86,11 @@ def test_checkpoints_are_atomic_and_limited(tmp_path, tiny_model_dir):
 def test_nonfinite_loss_stops_and_keeps_checkpoint(tmp_path, tiny_model_dir, capsys):
     data = _write(tmp_path / "d.jsonl", FORMATS["alpaca"])
     out = tmp_path / "o"
-    assert main(["train", "--model", str(tiny_model_dir), "--data", str(data), "--output", str(out),
-                 "--optim", "adamw", "--max-steps", "4", "--save-steps", "2", "--no-progress"]) == 0
-    capsys.readouterr()
+    first = Trainer(_config(tiny_model_dir, data, out, max_steps=8, save_steps=2))
+    first.setup()
+    first.total_steps = 4
+    first.train()
+    first.cleanup()
     before = (list_checkpoints(out)[-1] / "adapter" / "adapter_model.safetensors").read_bytes()
     trainer = Trainer(_config(tiny_model_dir, data, out, max_steps=8, save_steps=2, resume=True))
     trainer.setup()

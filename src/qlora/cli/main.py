@@ -31,7 +31,9 @@ class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # argparse exits 2 too; keep its usage line, no traceback
         self.print_usage(sys.stderr)
         if message.startswith("unrecognized arguments:"):
-            known = [o for a in self._actions for o in a.option_strings]
+            parsers = [self] + [p for a in self._actions if isinstance(a, argparse._SubParsersAction)
+                                for p in a.choices.values()]
+            known = [o for p in parsers for a in p._actions for o in a.option_strings]
             for word in message.split(":", 1)[1].split():
                 close = difflib.get_close_matches(word.split("=")[0], known, n=3, cutoff=0.6)
                 if close:

@@ -43,7 +43,7 @@ def run(args: argparse.Namespace) -> int:
                          kv_heads=2, intermediate=384)
         print(f"2/3 NF4-quantizing it and QLoRA-training an adapter for {args.steps} steps (outputs: {out})")
         config = TrainConfig(model=str(Path(tmp) / "model"), data=str(demo_data_path()), output=str(out),
-                             overwrite=True, rank=64, alpha=128, dropout=0.0, lr=1e-2, lr_scheduler="cosine",
+                             overwrite=True, rank=64, alpha=128, dropout=0.0, lr=3e-3, lr_scheduler="cosine",
                              max_steps=args.steps, batch_size=8, optim="adamw", max_grad_norm=1.0,
                              seq_len=128, logging_steps=10, progress=False)
         trainer = Trainer(config)
