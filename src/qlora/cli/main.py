@@ -8,6 +8,7 @@ Modules are imported only when their command runs, so ``qlora --help`` stays fas
 from __future__ import annotations
 
 import argparse
+import difflib
 import importlib
 import sys
 from typing import Sequence
@@ -17,6 +18,11 @@ from ..errors import UsageError
 # command name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "estimate": ("qlora.cli.commands.estimate", "memory needed to fine-tune a model: full, 16-bit LoRA and QLoRA"),
+    "train": ("qlora.cli.commands.train", "QLoRA-fine-tune a model on a dataset (YAML config and/or flags)"),
+    "eval": ("qlora.cli.commands.eval", "loss and perplexity of a model (+ adapter) on a dataset"),
+    "merge": ("qlora.cli.commands.merge", "fold an adapter into its base: a standard 16-bit HF checkpoint"),
+    "quantize": ("qlora.cli.commands.quantize", "write a bitsandbytes-format 4-bit checkpoint"),
+    "demo": ("qlora.cli.commands.demo", "build, QLoRA-train and query a tiny model in minutes on a CPU"),
     "quant-error": ("qlora.cli.commands.quant_error", "quantization error of NF4/FP4/INT4 and bits per parameter"),
     "generate": ("qlora.cli.commands.generate", "stream a model's continuation of a prompt, with sampling options"),
     "chat": ("qlora.cli.commands.chat", "multi-turn chat with a model, with conversation memory persisted in SQLite"),
@@ -26,6 +32,14 @@ COMMANDS: dict[str, tuple[str, str]] = {
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # argparse exits 2 too; keep its usage line, no traceback
         self.print_usage(sys.stderr)
+        if message.startswith("unrecognized arguments:"):
+            parsers = [self] + [p for a in self._actions if isinstance(a, argparse._SubParsersAction)
+                                for p in a.choices.values()]
+            known = [o for p in parsers for a in p._actions for o in a.option_strings]
+            for word in message.split(":", 1)[1].split():
+                close = difflib.get_close_matches(word.split("=")[0], known, n=3, cutoff=0.6)
+                if close:
+                    message += f" (did you mean {', '.join(close)} for {word}?)"
         self.exit(2, f"qlora: error: {message}\n")
 
 

@@ -1,0 +1,57 @@
+"""``qlora eval``: loss and perplexity of a model (+ optional adapter) on a dataset.
+
+Uses the same tokenization, loss mask and per-token normalization as training,
+so the number printed is comparable with the eval loss in a run's metrics.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+
+NAME = "eval"
+HELP = "loss and perplexity of a model (+ adapter) on a dataset"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, help="base model folder or hub id")
+    parser.add_argument("--adapter", default=None, help="a PEFT-format adapter folder (e.g. a qlora train output)")
+    parser.add_argument("--data", required=True, help="evaluation data (.jsonl/.json/.csv/.parquet or a dataset name)")
+    parser.add_argument("--format", default="auto", choices=("auto", "alpaca", "chat", "sharegpt", "text"))
+    parser.add_argument("--template", default="auto", choices=("auto", "chatml", "llama-3", "alpaca"))
+    parser.add_argument("--train-on", default="assistant", choices=("assistant", "all"), help="tokens that count")
+    parser.add_argument("--quant", default="nf4", choices=("nf4", "fp4", "none"), help="base data type (default nf4)")
+    parser.add_argument("--seq-len", type=int, default=512, help="truncate examples to this many tokens")
+    parser.add_argument("--batch-size", type=int, default=4, help="examples per forward pass")
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from ...model.adapter_io import load_adapter
+    from ...model.load import load_model
+    from ...train.data import (count_trainable_tokens, load_records, normalize, pad_collate, pad_token_id,
+                               resolve_chat_template, tokenize_dataset)
+    from ...train.trainer import compute_dtype_for, token_loss_sum
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = compute_dtype_for("auto", device)
+    model, tokenizer = load_model(args.model, quant=None if args.quant == "none" else args.quant,
+                                  compute_dtype=dtype, device=device)
+    if args.adapter:
+        load_adapter(model, args.adapter)
+    examples = normalize(load_records(args.data), args.format)
+    template = resolve_chat_template(tokenizer, args.template)
+    tokenized, report = tokenize_dataset(examples, tokenizer, template, args.train_on, args.seq_len)
+    model.eval()
+    loss_sum, tokens = 0.0, 0
+    with torch.no_grad():
+        for i in range(0, len(tokenized), args.batch_size):
+            batch = {k: v.to(device) for k, v in pad_collate(tokenized[i:i + args.batch_size],
+                                                              pad_token_id(tokenizer)).items()}
+            loss_sum += token_loss_sum(model, batch).item()
+            tokens += count_trainable_tokens(batch)
+    loss = loss_sum / tokens
+    print(f"{args.data}: {report.summary()}")
+    print(f"loss {loss:.4f}  perplexity {math.exp(min(loss, 50.0)):.3f}  ({tokens} tokens)")
+    return 0

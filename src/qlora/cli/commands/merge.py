@@ -1,0 +1,48 @@
+"""``qlora merge``: adapter + base -> a standard 16-bit transformers checkpoint.
+
+By default the adapter is folded into the *dequantized* 4-bit base, i.e. the
+exact weights it was trained against, so the merged model's outputs match the
+training-time model (merging into the original 16-bit weights would not).
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from ...errors import UsageError
+
+NAME = "merge"
+HELP = "fold an adapter into its base: a standard 16-bit HF checkpoint"
+
+_DTYPES = ("bfloat16", "float16", "float32")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, help="the base model the adapter was trained on")
+    parser.add_argument("--adapter", required=True, help="PEFT-format adapter folder")
+    parser.add_argument("--output", required=True, help="folder for the merged checkpoint")
+    parser.add_argument("--quant", default="nf4", choices=("nf4", "fp4", "none"),
+                        help="the base data type used in training (default nf4; none = merge into 16-bit weights)")
+    parser.add_argument("--dtype", default="bfloat16", choices=_DTYPES, help="dtype of the merged weights")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --output")
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from ...model.adapter_io import load_adapter
+    from ...model.load import load_model
+    from ...model.merge import merge, save_merged
+
+    if Path(args.output).exists() and not args.overwrite:
+        raise UsageError(f"output directory {args.output} already exists; pass --overwrite to replace it")
+    dtype = getattr(torch, args.dtype)
+    model, tokenizer = load_model(args.model, quant=None if args.quant == "none" else args.quant,
+                                  compute_dtype=dtype, device="cpu")
+    load_adapter(model, args.adapter)
+    merge(model, into="dequantized", dtype=dtype)
+    model.to(dtype)
+    save_merged(model, args.output, tokenizer)
+    print(f"merged {args.adapter} into {args.model} ({args.dtype}): {args.output}")
+    return 0

@@ -1,0 +1,40 @@
+"""``qlora quantize``: write a bitsandbytes-format 4-bit checkpoint of a model.
+
+The folder loads in transformers with bitsandbytes installed and in qlora
+without it, and skips quantize-on-load the next time.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from ...errors import UsageError
+
+NAME = "quantize"
+HELP = "write a bitsandbytes-format 4-bit checkpoint"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, help="a 16/32-bit model folder or hub id")
+    parser.add_argument("--output", required=True, help="folder for the 4-bit checkpoint")
+    parser.add_argument("--quant", default="nf4", choices=("nf4", "fp4"), help="4-bit data type (default nf4)")
+    parser.add_argument("--double-quant", action=argparse.BooleanOptionalAction, default=True,
+                        help="quantize the block constants to 8 bits (default on)")
+    parser.add_argument("--blocksize", type=int, default=64, help="weights per absmax block (default 64)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --output")
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from ...model.load import load_model
+    from ...model.quantized_io import save_quantized
+
+    if Path(args.output).exists() and not args.overwrite:
+        raise UsageError(f"output directory {args.output} already exists; pass --overwrite to replace it")
+    model, tokenizer = load_model(args.model, quant=args.quant, double_quant=args.double_quant,
+                                  blocksize=args.blocksize, compute_dtype=torch.bfloat16, device="cpu")
+    save_quantized(model, args.output, tokenizer)
+    print(f"wrote {args.quant} checkpoint of {args.model} to {args.output}")
+    return 0

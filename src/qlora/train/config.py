@@ -1,0 +1,193 @@
+"""The training configuration: one typed dataclass, the single source of truth.
+
+Every field carries its help text in ``metadata["help"]``; the ``qlora train``
+flags, the YAML keys and the resolved ``config.yaml`` of a run are all derived
+from :class:`TrainConfig`, so they cannot drift apart. Defaults follow the
+QLoRA paper (NF4, double quantization, paged AdamW, lr 2e-4, max grad norm 0.3,
+warmup ratio 0.03, LoRA dropout 0.05) with a smaller default rank.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from qlora.errors import UsageError
+
+OPTIMIZERS = ("paged_adamw_32bit", "paged_adamw_8bit", "adamw_8bit", "adamw")
+SCHEDULERS = ("cosine", "linear", "constant")
+QUANTS = ("nf4", "fp4", "none")
+PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+
+# Fields whose change makes a checkpoint incompatible with a resumed run.
+_RUN_DEFINING = (
+    "model", "data", "quant", "double_quant", "blocksize", "rank", "alpha", "dropout", "target_modules",
+    "rslora", "seq_len", "batch_size", "grad_accum", "lr", "lr_scheduler", "warmup_ratio", "warmup_steps",
+    "epochs", "max_steps", "optim", "weight_decay", "max_grad_norm", "packing", "template", "format",
+    "train_on", "seed", "precision",
+)
+
+
+def _opt(default: Any, help: str, choices: tuple[str, ...] | None = None) -> Any:
+    return field(default=default, metadata={"help": help, "choices": choices})
+
+
+@dataclass
+class TrainConfig:
+    """All options of a training run (YAML key == flag name with ``-`` for ``_``)."""
+
+    model: str | None = _opt(None, "base model: a local transformers folder or a hub id")
+    data: str | None = _opt(None, "training data: .jsonl/.json/.csv/.parquet file or a datasets name")
+    eval_data: str | None = _opt(None, "held-out data for eval loss and perplexity")
+    output: str | None = _opt(None, "output directory (adapter, checkpoints, metrics, plots)")
+    format: str = _opt("auto", "data format", ("auto", "alpaca", "chat", "sharegpt", "text"))
+    template: str = _opt("auto", "chat template: the tokenizer's own, else a built-in",
+                         ("auto", "chatml", "llama-3", "alpaca"))
+    train_on: str = _opt("assistant", "tokens that count in the loss", ("assistant", "all"))
+    quant: str = _opt("nf4", "4-bit data type of the frozen base ('none' = 16-bit LoRA)", QUANTS)
+    double_quant: bool = _opt(True, "quantize the block constants to 8 bits")
+    blocksize: int = _opt(64, "weights per absmax block")
+    rank: int = _opt(16, "LoRA rank r")
+    alpha: float = _opt(16.0, "LoRA alpha (scale = alpha / r)")
+    dropout: float = _opt(0.05, "LoRA dropout")
+    target_modules: str = _opt("all-linear", "comma-separated layer names to adapt, a regex, or all-linear")
+    rslora: bool = _opt(False, "rank-stabilized LoRA: scale = alpha / sqrt(r)")
+    seq_len: int = _opt(512, "maximum tokens per example (longer ones are truncated)")
+    batch_size: int = _opt(1, "examples per micro-batch")
+    grad_accum: int = _opt(1, "micro-batches per optimizer step")
+    lr: float = _opt(2e-4, "peak learning rate")
+    lr_scheduler: str = _opt("constant", "learning-rate schedule after warmup", SCHEDULERS)
+    warmup_ratio: float = _opt(0.03, "warmup as a fraction of all steps (ignored if --warmup-steps > 0)")
+    warmup_steps: int = _opt(0, "warmup steps")
+    epochs: float = _opt(1.0, "passes over the data (ignored if --max-steps > 0)")
+    max_steps: int = _opt(0, "optimizer steps to run (0: from --epochs)")
+    optim: str = _opt("paged_adamw_32bit", "optimizer", OPTIMIZERS)
+    weight_decay: float = _opt(0.0, "AdamW weight decay")
+    max_grad_norm: float = _opt(0.3, "clip the gradient norm to this (0: no clipping)")
+    gradient_checkpointing: bool = _opt(False, "recompute each layer in the backward pass to save memory")
+    packing: bool = _opt(False, "pack short examples into --seq-len rows (examples never attend to each other)")
+    precision: str = _opt("auto", "compute dtype: auto = bf16 on CUDA (fp16 without bf16), fp32 on CPU", PRECISIONS)
+    seed: int = _opt(42, "random seed (data order, dropout, initialization)")
+    logging_steps: int = _opt(1, "optimizer steps between metric records")
+    save_steps: int = _opt(0, "optimizer steps between checkpoints (0: only at the end and on Ctrl-C)")
+    eval_steps: int = _opt(0, "optimizer steps between evaluations (0: only at the end)")
+    save_total_limit: int = _opt(2, "checkpoints to keep (oldest are deleted)")
+    resume: bool = _opt(False, "continue from the last checkpoint in --output")
+    overwrite: bool = _opt(False, "replace an existing --output directory")
+    progress: bool = _opt(True, "show a live progress bar")
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain values, in field order, for YAML and checkpoint comparison."""
+        return dataclasses.asdict(self)
+
+    def run_defining(self) -> dict[str, Any]:
+        """The options a checkpoint must agree on to be resumed."""
+        return {k: getattr(self, k) for k in _RUN_DEFINING}
+
+    def validate(self) -> None:
+        """Check choices and ranges; missing required options.
+
+        Raises:
+            UsageError: naming the option and the allowed values.
+        """
+        for name in ("model", "data", "output"):
+            if not getattr(self, name):
+                raise UsageError(f"--{name.replace('_', '-')} is required (or set `{name}:` in the YAML file)")
+        for f in fields(self):
+            choices = f.metadata["choices"]
+            if choices and getattr(self, f.name) not in choices:
+                raise UsageError(f"--{_flag(f.name)} must be one of {', '.join(choices)}; got {getattr(self, f.name)!r}")
+        for name in ("rank", "seq_len", "batch_size", "grad_accum", "blocksize"):
+            if getattr(self, name) < 1:
+                raise UsageError(f"--{_flag(name)} must be at least 1; got {getattr(self, name)}")
+        for name in ("max_steps", "warmup_steps", "save_steps", "eval_steps", "save_total_limit", "logging_steps"):
+            if getattr(self, name) < 0:
+                raise UsageError(f"--{_flag(name)} must not be negative; got {getattr(self, name)}")
+        if not self.lr > 0:
+            raise UsageError(f"--lr must be positive; got {self.lr}")
+        if not 0 <= self.dropout < 1 or not 0 <= self.warmup_ratio < 1:
+            raise UsageError("--dropout and --warmup-ratio must lie in [0, 1)")
+        if self.max_steps == 0 and not self.epochs > 0:
+            raise UsageError("give --epochs > 0 or --max-steps > 0")
+
+
+def _flag(name: str) -> str:
+    return name.replace("_", "-")
+
+
+def _coerce(name: str, value: Any, kind: type, source: str) -> Any:
+    """Convert a YAML or flag value to the field's type, with a clear error."""
+    if value is None:
+        return None
+    try:
+        if kind is bool:
+            if isinstance(value, bool):
+                return value
+            text = str(value).strip().lower()
+            if text in ("true", "yes", "1", "on"):
+                return True
+            if text in ("false", "no", "0", "off"):
+                return False
+            raise ValueError
+        if kind is int and isinstance(value, float) and not value.is_integer():
+            raise ValueError
+        return kind(value)
+    except (TypeError, ValueError):
+        raise UsageError(f"{source}: {name} expects {kind.__name__}, got {value!r}") from None
+
+
+_TYPES = {"str | None": str, "str": str, "int": int, "float": float, "bool": bool}
+
+
+def field_type(f: dataclasses.Field) -> type:
+    """The Python type of a :class:`TrainConfig` field (annotations are strings)."""
+    return _TYPES[str(f.type)]
+
+
+def _unknown(key: str, known: list[str], source: str) -> UsageError:
+    close = difflib.get_close_matches(key, known, n=3, cutoff=0.6)
+    hint = f"; did you mean {', '.join(close)}?" if close else f"; known: {', '.join(known)}"
+    return UsageError(f"{source}: unknown option {key!r}{hint}")
+
+
+def load_config(yaml_path: str | Path | None, overrides: dict[str, Any]) -> TrainConfig:
+    """Build a config from an optional YAML file, then ``overrides`` (flags win).
+
+    Args:
+        yaml_path: a mapping of option names (``-`` or ``_``) to values.
+        overrides: option name -> value given on the command line.
+
+    Raises:
+        UsageError: unreadable YAML, an unknown key (with close matches), a
+            value of the wrong type, or an invalid combination.
+    """
+    import yaml
+
+    by_name = {f.name: f for f in fields(TrainConfig)}
+    values: dict[str, Any] = {}
+    if yaml_path is not None:
+        path = Path(yaml_path)
+        if not path.is_file():
+            raise UsageError(f"config file {path} does not exist")
+        try:
+            loaded = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise UsageError(f"{path}: not valid YAML: {exc}") from None
+        if not isinstance(loaded, dict):
+            raise UsageError(f"{path}: expected a mapping of option: value, got {type(loaded).__name__}")
+        for key, value in loaded.items():
+            name = str(key).replace("-", "_")
+            if name not in by_name:
+                raise _unknown(str(key), list(by_name), str(path))
+            values[name] = _coerce(name, value, field_type(by_name[name]), str(path))
+    for key, value in overrides.items():
+        name = key.replace("-", "_")
+        if name not in by_name:
+            raise _unknown(key, [_flag(n) for n in by_name], "command line")
+        values[name] = _coerce(name, value, field_type(by_name[name]), "command line")
+    config = TrainConfig(**values)
+    config.validate()
+    return config

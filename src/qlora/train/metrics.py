@@ -1,0 +1,100 @@
+"""What a run reports: metrics.jsonl, TensorBoard events, a loss plot, a progress bar.
+
+metrics.jsonl is the record of truth (one JSON object a line, ``"split"`` =
+train or eval); TensorBoard and the PNG are views of it. On resume the lines
+after the checkpoint's step are dropped, so the file reads as one run.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+def gpu_memory_gib() -> float:
+    """Peak CUDA memory allocated so far in GiB (0 on CPU)."""
+    return torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else 0.0
+
+
+class MetricsLogger:
+    """Writes every record to metrics.jsonl, TensorBoard (when it imports) and the bar."""
+
+    def __init__(self, out_dir: Path, total_steps: int, start_step: int = 0, progress: bool = True) -> None:
+        self.out_dir = out_dir
+        self.path = out_dir / "metrics.jsonl"
+        self.records = _read_until(self.path, start_step)
+        self.path.write_text("".join(json.dumps(r) + "\n" for r in self.records))
+        self._file = open(self.path, "a")
+        self._tb = _tensorboard(out_dir / "events")
+        from tqdm.auto import tqdm
+
+        self._bar = tqdm(total=total_steps, initial=start_step, disable=not progress, unit="step", dynamic_ncols=True)
+
+    def log(self, record: dict[str, Any]) -> None:
+        """Append one record (must hold ``step`` and ``split``)."""
+        self.records.append(record)
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+        if self._tb is not None:
+            for key, value in record.items():
+                if key not in ("step", "split") and isinstance(value, (int, float)):
+                    self._tb.add_scalar(f"{record['split']}/{key}", value, record["step"])
+        if record["split"] == "train":
+            self._bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",
+                                  tok_s=f"{record['tokens_per_s']:.0f}", gpu=f"{record['gpu_mem_gib']:.1f}G")
+
+    def advance(self, steps: int = 1) -> None:
+        """Move the progress bar (its ETA comes from the rate of steps)."""
+        self._bar.update(steps)
+
+    def write(self, message: str) -> None:
+        """Print a line without breaking the progress bar."""
+        self._bar.write(message)
+
+    def close(self) -> None:
+        """Flush everything and draw loss.png."""
+        self._bar.close()
+        self._file.close()
+        if self._tb is not None:
+            self._tb.close()
+        plot_losses(self.records, self.out_dir / "loss.png")
+
+
+def _read_until(path: Path, step: int) -> list[dict[str, Any]]:
+    if step == 0 or not path.exists():
+        return []
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [r for r in records if r["step"] <= step]
+
+
+def _tensorboard(log_dir: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        return None
+    return SummaryWriter(str(log_dir))
+
+
+def plot_losses(records: list[dict[str, Any]], path: Path) -> None:
+    """Train and eval loss against the optimizer step, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for split, style in (("train", "-"), ("eval", "o-")):
+        points = [(r["step"], r["loss"]) for r in records if r["split"] == split and math.isfinite(r["loss"])]
+        if points:
+            ax.plot(*zip(*points), style, label=split)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

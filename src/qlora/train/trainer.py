@@ -1,0 +1,412 @@
+"""The QLoRA training loop as one class, readable top to bottom.
+
+``Trainer(config).run()`` does: setup (output folder, model, adapter, data,
+optimizer, schedule, resume) -> train (accumulate, clip, step, log, evaluate,
+checkpoint) -> save the final adapter -> cleanup. Choices that matter:
+
+- The loss of one optimizer step is ``sum of token losses / trainable tokens``
+  over *all* its micro-batches, so ``batch 4 x accum 1 == batch 1 x accum 4``
+  with variable-length examples.
+- The data stream is a pure function of (seed, step): micro-batch ``m`` takes
+  units ``m*B .. m*B+B-1`` of an endless sequence of epochs, each shuffled by
+  :func:`shuffled_indices`. A checkpoint therefore only needs the step.
+- A checkpoint holds the adapter, optimizer, scheduler, RNG states (torch,
+  CUDA, python, numpy) and the step, written atomically; resuming reproduces
+  the losses of an uninterrupted run bit for bit on the CPU.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import shutil
+import signal
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from qlora.atomic import atomic_dir
+from qlora.errors import UsageError
+from qlora.train.config import TrainConfig
+from qlora.train.data import (
+    IGNORE_INDEX, check_packing_supported, count_trainable_tokens, load_records, normalize, pack_examples,
+    packed_collate, pad_collate, pad_token_id, resolve_chat_template, shuffled_indices, tokenize_dataset,
+)
+from qlora.train.metrics import MetricsLogger, gpu_memory_gib
+
+CHECKPOINTS = "checkpoints"
+STATE_FILE = "trainer_state.pt"
+
+
+class Interrupted(Exception):
+    """Raised after Ctrl-C / SIGTERM once the checkpoint is safely written."""
+
+    def __init__(self, step: int, checkpoint: Path) -> None:
+        super().__init__(f"interrupted at step {step}; checkpoint saved to {checkpoint}. "
+                         "Continue with the same command and --resume.")
+        self.step, self.checkpoint = step, checkpoint
+
+
+def _make_optimizer(name: str, params: list[torch.nn.Parameter], lr: float, weight_decay: float):
+    """The optimizer named by ``--optim`` (one place to swap in qlora.optim)."""
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    raise UsageError(f"--optim {name} is not available in this build yet; use --optim adamw")
+
+
+def _lr_lambda(kind: str, warmup: int, total: int):
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        progress = (step - warmup) / max(1, total - warmup)
+        if kind == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+        if kind == "linear":
+            return max(0.0, 1.0 - progress)
+        return 1.0
+    return factor
+
+
+def compute_dtype_for(precision: str, device: torch.device) -> torch.dtype:
+    """bf16 on CUDA when supported (fp16 otherwise), fp32 on the CPU unless asked."""
+    if precision == "auto":
+        if device.type != "cuda":
+            return torch.float32
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
+
+
+def token_loss_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Sum (not mean) of next-token cross-entropy over the trainable labels of ``batch``."""
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    logits = model(**inputs, use_cache=False).logits
+    labels = batch["labels"][:, 1:]
+    return F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), labels.reshape(-1),
+                           ignore_index=IGNORE_INDEX, reduction="sum")
+
+
+def first_nonfinite_module(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> str | None:
+    """Re-run ``batch`` with forward hooks and name the first module whose output is not finite."""
+    found: list[str] = []
+
+    def hook(name: str):
+        def check(_module, _inputs, output):
+            out = output[0] if isinstance(output, tuple) else output
+            if not found and torch.is_tensor(out) and out.is_floating_point() and not torch.isfinite(out).all():
+                found.append(name)
+        return check
+
+    handles = [m.register_forward_hook(hook(n)) for n, m in model.named_modules() if n]
+    try:
+        with torch.no_grad():
+            model(**{k: v for k, v in batch.items() if k != "labels"}, use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    return found[0] if found else None
+
+
+def _rng_state() -> dict[str, Any]:
+    np_state = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "python": random.getstate(),
+        "numpy": (np_state[0], torch.from_numpy(np_state[1].copy()), *np_state[2:]),
+    }
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    random.setstate(state["python"])
+    name, keys, *rest = state["numpy"]
+    np.random.set_state((name, keys.numpy(), *rest))
+
+
+def list_checkpoints(out_dir: Path) -> list[Path]:
+    """Complete checkpoints of a run, oldest first."""
+    root = out_dir / CHECKPOINTS
+    if not root.is_dir():
+        return []
+    return sorted((p for p in root.glob("step-*") if (p / STATE_FILE).is_file()), key=lambda p: int(p.name[5:]))
+
+
+class Trainer:
+    """One QLoRA fine-tuning run, configured by a :class:`TrainConfig`."""
+
+    def __init__(self, config: TrainConfig) -> None:
+        self.config = config
+        self.out = Path(config.output)
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.dtype = compute_dtype_for(config.precision, self.device)
+        self.step = 0
+        self.losses: list[float] = []
+
+    # ----------------------------------------------------------------- setup
+    def setup(self) -> None:
+        """Check the output folder, then load model, adapter, data, optimizer; resume if asked."""
+        cfg = self.config
+        resume_from = self._check_output()
+        self.train_units, self.report = self._load_data(cfg.data)
+        self.eval_units = self._load_data(cfg.eval_data)[0] if cfg.eval_data else []
+        if cfg.overwrite and not cfg.resume and self.out.exists():
+            shutil.rmtree(self.out)  # only now: every input has been checked
+        self.micro_batches_per_step = cfg.grad_accum
+        units_per_step = cfg.batch_size * cfg.grad_accum
+        self.total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * len(self.train_units) / units_per_step))
+        warmup = cfg.warmup_steps or int(cfg.warmup_ratio * self.total_steps)
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = _make_optimizer(cfg.optim, params, cfg.lr, cfg.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, _lr_lambda(cfg.lr_scheduler, warmup, self.total_steps))
+        self.scaler = torch.amp.GradScaler(self.device.type) if self.dtype == torch.float16 else None
+        if resume_from is not None:
+            self._load_checkpoint(resume_from)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self._write_config()
+        self.metrics = MetricsLogger(self.out, self.total_steps, self.step, cfg.progress)
+        self.metrics.write(f"data: {self.report.summary()}; {len(self.train_units)} "
+                           f"{'packed rows' if cfg.packing else 'examples'}, {self.total_steps} steps")
+
+    def _check_output(self) -> Path | None:
+        cfg = self.config
+        exists = self.out.exists() and any(self.out.iterdir())
+        if cfg.resume:
+            checkpoints = list_checkpoints(self.out)
+            if not checkpoints:
+                raise UsageError(f"--resume: {self.out} has no checkpoint to resume from")
+            saved = json.loads((checkpoints[-1] / "run_config.json").read_text())
+            differ = [k for k, v in self.config.run_defining().items() if saved.get(k) != v]
+            if differ:
+                shown = ", ".join(f"{k}: {saved.get(k)!r} -> {getattr(cfg, k)!r}" for k in differ)
+                raise UsageError(f"--resume: the checkpoint in {self.out} was made with a different config ({shown}); "
+                                 "resume with the original options or train into a new --output")
+            self._load_model()
+            return checkpoints[-1]
+        if exists and not cfg.overwrite:
+            raise UsageError(f"output directory {self.out} already exists; pass --overwrite to replace it "
+                             "or --resume to continue its run")
+        self._load_model()
+        return None
+
+    def _load_model(self) -> None:
+        from qlora.model.inject import add_lora
+        from qlora.model.load import load_model
+
+        cfg = self.config
+        quant = None if cfg.quant == "none" else cfg.quant
+        self.model, self.tokenizer = load_model(cfg.model, quant=quant, double_quant=cfg.double_quant,
+                                                blocksize=cfg.blocksize, compute_dtype=self.dtype, device=self.device)
+        targets = cfg.target_modules
+        if "," in targets or targets.isidentifier():
+            targets = [t.strip() for t in targets.split(",") if t.strip()]
+        torch.manual_seed(cfg.seed)
+        add_lora(self.model, r=cfg.rank, alpha=cfg.alpha, dropout=cfg.dropout, target_modules=targets,
+                 rslora=cfg.rslora, verbose=False)
+        if cfg.gradient_checkpointing:
+            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            self.model.enable_input_require_grads()
+        self.attn = getattr(self.model.config, "_attn_implementation", "eager") or "eager"
+        if cfg.packing:
+            check_packing_supported(self.attn)
+
+    def _load_data(self, source: str):
+        cfg = self.config
+        examples = normalize(load_records(source), cfg.format)
+        template = resolve_chat_template(self.tokenizer, cfg.template)
+        tokenized, report = tokenize_dataset(examples, self.tokenizer, template, cfg.train_on, cfg.seq_len)
+        if cfg.packing:
+            order = shuffled_indices(len(tokenized), cfg.seed, 0)
+            return pack_examples([tokenized[i] for i in order], cfg.seq_len), report
+        return tokenized, report
+
+    def _collate(self, units: list) -> dict[str, torch.Tensor]:
+        pad = pad_token_id(self.tokenizer)
+        batch = packed_collate(units, pad, self.attn, self.dtype) if self.config.packing else pad_collate(units, pad)
+        return {k: v.to(self.device) for k, v in batch.items()}
+
+    def micro_batches(self, step: int) -> list[dict[str, torch.Tensor]]:
+        """The micro-batches of optimizer step ``step``: a pure function of (seed, step)."""
+        n, bs = len(self.train_units), self.config.batch_size
+        batches = []
+        for m in range(step * self.micro_batches_per_step, (step + 1) * self.micro_batches_per_step):
+            units = []
+            for u in range(m * bs, (m + 1) * bs):
+                epoch, pos = divmod(u, n)
+                units.append(self.train_units[self._order(epoch)[pos]])
+            batches.append(self._collate(units))
+        return batches
+
+    def _order(self, epoch: int) -> list[int]:
+        if getattr(self, "_cached_epoch", None) != epoch:
+            self._cached_epoch, self._cached_order = epoch, shuffled_indices(len(self.train_units), self.config.seed, epoch)
+        return self._cached_order
+
+    def _autocast(self):
+        if self.device.type == "cuda" and self.dtype != torch.float32:
+            return torch.autocast("cuda", dtype=self.dtype)
+        return nullcontext()
+
+    # ----------------------------------------------------------------- train
+    def train(self) -> None:
+        """Run optimizer steps until ``total_steps``; Ctrl-C / SIGTERM checkpoint and stop."""
+        cfg = self.config
+        previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+        try:
+            while self.step < self.total_steps:
+                try:
+                    record = self.train_step()
+                except KeyboardInterrupt:
+                    raise Interrupted(self.step, self.save_checkpoint()) from None
+                self.step += 1
+                self.metrics.advance()
+                if self.step % cfg.logging_steps == 0 or self.step == self.total_steps:
+                    self.metrics.log(record)
+                if cfg.eval_steps and self.step % cfg.eval_steps == 0 and self.eval_units:
+                    self.evaluate()
+                if cfg.save_steps and self.step % cfg.save_steps == 0:
+                    self.save_checkpoint()
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+        if self.eval_units and not (cfg.eval_steps and self.step % cfg.eval_steps == 0):
+            self.evaluate()
+
+    def train_step(self) -> dict[str, Any]:
+        """One optimizer step over ``grad_accum`` micro-batches; the loss is normalized by all their tokens."""
+        self.model.train()
+        start = time.perf_counter()
+        batches = self.micro_batches(self.step)
+        tokens = sum(count_trainable_tokens(b) for b in batches)
+        self.optimizer.zero_grad(set_to_none=True)
+        total = 0.0
+        for batch in batches:
+            with self._autocast():
+                loss = token_loss_sum(self.model, batch) / tokens
+            if not torch.isfinite(loss):
+                self._stop_nonfinite("loss", batch)
+            (self.scaler.scale(loss) if self.scaler else loss).backward()
+            total += loss.item()
+        if self.scaler:
+            self.scaler.unscale_(self.optimizer)
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        max_norm = self.config.max_grad_norm or float("inf")
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+        if not math.isfinite(grad_norm) and self.scaler is None:
+            self._stop_nonfinite("gradient", batches[-1])
+        lr = self.scheduler.get_last_lr()[0]
+        if self.scaler:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.scheduler.step()
+        self.losses.append(total)
+        elapsed = time.perf_counter() - start
+        n_tokens = sum(int(b["input_ids"].numel()) for b in batches)
+        return {"split": "train", "step": self.step + 1, "loss": total, "lr": lr, "grad_norm": grad_norm,
+                "tokens_per_s": n_tokens / max(elapsed, 1e-9), "gpu_mem_gib": gpu_memory_gib()}
+
+    def _stop_nonfinite(self, what: str, batch: dict[str, torch.Tensor]) -> None:
+        module = first_nonfinite_module(self.model, batch)
+        where = f"; first non-finite output: {module}" if module else ""
+        last = list_checkpoints(self.out)
+        kept = f"; the last good checkpoint is {last[-1]}" if last else "; no checkpoint was written yet"
+        raise UsageError(f"non-finite {what} at step {self.step + 1}{where}{kept}. "
+                         "Lower --lr, check the data, or use --precision fp32.")
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, Any]:
+        """Loss (per trainable token) and perplexity on --eval-data."""
+        self.model.eval()
+        loss_sum, tokens = 0.0, 0
+        bs = self.config.batch_size
+        for i in range(0, len(self.eval_units), bs):
+            batch = self._collate(self.eval_units[i:i + bs])
+            with self._autocast():
+                loss_sum += token_loss_sum(self.model, batch).item()
+            tokens += count_trainable_tokens(batch)
+        loss = loss_sum / max(tokens, 1)
+        record = {"split": "eval", "step": self.step, "loss": loss, "perplexity": math.exp(min(loss, 50.0))}
+        self.metrics.log(record)
+        self.metrics.write(f"step {self.step}: eval loss {loss:.4f}, perplexity {record['perplexity']:.2f}")
+        return record
+
+    # ------------------------------------------------------------ checkpoints
+    def save_checkpoint(self) -> Path:
+        """Write adapter + optimizer + scheduler + RNG + step atomically; keep the last --save-total-limit."""
+        from qlora.model.adapter_io import save_adapter
+
+        target = self.out / CHECKPOINTS / f"step-{self.step:07d}"
+        with atomic_dir(target) as tmp:
+            save_adapter(self.model, tmp / "adapter")
+            state = {"step": self.step, "optimizer": self.optimizer.state_dict(),
+                     "scheduler": self.scheduler.state_dict(), "rng": _rng_state(), "losses": self.losses,
+                     "scaler": self.scaler.state_dict() if self.scaler else None}
+            torch.save(state, tmp / STATE_FILE)
+            (tmp / "run_config.json").write_text(json.dumps(self.config.run_defining(), indent=1))
+        limit = self.config.save_total_limit
+        if limit:
+            for old in list_checkpoints(self.out)[:-limit]:
+                shutil.rmtree(old)
+        return target
+
+    def _load_checkpoint(self, path: Path) -> None:
+        from qlora.model.adapter_io import adapter_state_dict
+        from safetensors.torch import load_file
+
+        saved = load_file(str(path / "adapter" / "adapter_model.safetensors"))
+        current = adapter_state_dict(self.model)
+        with torch.no_grad():
+            for key, tensor in current.items():
+                tensor.copy_(saved[key])
+        state = torch.load(path / STATE_FILE, weights_only=True)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        if self.scaler and state["scaler"]:
+            self.scaler.load_state_dict(state["scaler"])
+        _set_rng_state(state["rng"])
+        self.step, self.losses = state["step"], list(state["losses"])
+
+    # ---------------------------------------------------------------- finish
+    def save_final(self) -> None:
+        """The adapter (PEFT format) and tokenizer at the top of --output."""
+        from qlora.model.adapter_io import save_adapter
+
+        staged = self.out / ".final-adapter"
+        save_adapter(self.model, staged)
+        for f in staged.iterdir():
+            f.replace(self.out / f.name)
+        staged.rmdir()
+        self.tokenizer.save_pretrained(self.out)
+
+    def _write_config(self) -> None:
+        import yaml
+
+        (self.out / "config.yaml").write_text(yaml.safe_dump(self.config.to_dict(), sort_keys=False))
+
+    def cleanup(self) -> None:
+        """Close the metric writers and draw loss.png."""
+        if hasattr(self, "metrics"):
+            self.metrics.close()
+
+    def run(self) -> list[float]:
+        """setup -> train -> save -> cleanup; returns the loss of every step of this process."""
+        try:
+            self.setup()
+            self.train()
+            self.save_final()
+        finally:
+            self.cleanup()
+        return self.losses
+
+
+def _raise_interrupt(_signum, _frame) -> None:
+    raise KeyboardInterrupt

@@ -1,0 +1,177 @@
+"""End-to-end CPU tests of ``qlora train``: loss falls, resume, checkpoints, bad input, accumulation."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from qlora.cli.main import main
+from qlora.train.config import load_config
+from qlora.train.trainer import Trainer, list_checkpoints
+
+QA = [("What is two plus two?", "four"), ("Name a red fruit.", "An apple is red."),
+      ("Say hello.", "Hello there!"), ("What colour is the sky?", "The sky is blue."),
+      ("Count to three.", "one two three"), ("What is a fox?", "A quick brown animal.")]
+
+FORMATS = {
+    "alpaca": [{"instruction": q, "input": "", "output": a} for q, a in QA],
+    "chat": [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]} for q, a in QA],
+    "sharegpt": [{"conversations": [{"from": "human", "value": q}, {"from": "gpt", "value": a}]} for q, a in QA],
+    "text": [{"text": f"{q} {a}"} for q, a in QA],
+}
+
+
+def _write(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def _config(model, data, out, **kw):
+    base = dict(model=str(model), data=str(data), output=str(out), optim="adamw", lr=1e-2, max_steps=30,
+                batch_size=2, progress=False, seq_len=64)
+    base.update(kw)
+    return load_config(None, base)
+
+
+def _run(argv, capsys):
+    try:
+        code = main(argv)
+    except SystemExit as exc:  # argparse's own errors (unknown flag) exit 2 the same way
+        code = exc.code
+    return code, capsys.readouterr().err
+
+
+@pytest.mark.parametrize("fmt", sorted(FORMATS))
+def test_loss_falls_on_every_format(tmp_path, tiny_model_dir, fmt):
+    data = _write(tmp_path / f"{fmt}.jsonl", FORMATS[fmt])
+    losses = Trainer(_config(tiny_model_dir, data, tmp_path / "out", max_steps=30)).run()
+    assert len(losses) == 30
+    assert sum(losses[-5:]) / 5 < 0.9 * sum(losses[:5]) / 5
+    out = tmp_path / "out"
+    for name in ("adapter_config.json", "adapter_model.safetensors", "config.yaml", "metrics.jsonl", "loss.png",
+                 "tokenizer.json"):
+        assert (out / name).is_file(), name
+    assert any((out / "events").iterdir())
+
+
+def test_resume_reproduces_uninterrupted_losses(tmp_path, tiny_model_dir):
+    data = _write(tmp_path / "d.jsonl", FORMATS["alpaca"])
+    kw = dict(max_steps=8, save_steps=4, dropout=0.1, lr_scheduler="cosine", warmup_steps=2, grad_accum=2)
+    full = Trainer(_config(tiny_model_dir, data, tmp_path / "full", **kw)).run()
+    first = Trainer(_config(tiny_model_dir, data, tmp_path / "part", **kw))
+    first.setup()
+    first.total_steps = 4  # stop as if killed right after the step-4 checkpoint
+    first.train()
+    first.cleanup()
+    assert len(first.losses) == 4
+    resumed = Trainer(_config(tiny_model_dir, data, tmp_path / "part", resume=True, **kw)).run()
+    assert resumed == full  # bit-identical on CPU
+    steps = [json.loads(line)["step"] for line in (tmp_path / "part" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 9))
+
+
+def test_checkpoints_are_atomic_and_limited(tmp_path, tiny_model_dir):
+    data = _write(tmp_path / "d.jsonl", FORMATS["chat"])
+    Trainer(_config(tiny_model_dir, data, tmp_path / "o", max_steps=6, save_steps=1, save_total_limit=2)).run()
+    ckpts = list_checkpoints(tmp_path / "o")
+    assert [p.name for p in ckpts] == ["step-0000005", "step-0000006"]
+    assert not [p for p in (tmp_path / "o" / "checkpoints").iterdir() if p.name.startswith(".")]
+    assert {p.name for p in ckpts[-1].iterdir()} == {"adapter", "trainer_state.pt", "run_config.json"}
+
+
+def test_nonfinite_loss_stops_and_keeps_checkpoint(tmp_path, tiny_model_dir, capsys):
+    data = _write(tmp_path / "d.jsonl", FORMATS["alpaca"])
+    out = tmp_path / "o"
+    first = Trainer(_config(tiny_model_dir, data, out, max_steps=8, save_steps=2))
+    first.setup()
+    first.total_steps = 4
+    first.train()
+    first.cleanup()
+    before = (list_checkpoints(out)[-1] / "adapter" / "adapter_model.safetensors").read_bytes()
+    trainer = Trainer(_config(tiny_model_dir, data, out, max_steps=8, save_steps=2, resume=True))
+    trainer.setup()
+    layer = trainer.model.model.layers[1].mlp.down_proj
+    layer.register_forward_hook(lambda m, i, o: o * float("nan"))
+    with pytest.raises(Exception) as info:
+        trainer.train()
+    trainer.cleanup()
+    assert "non-finite loss at step 5" in str(info.value) and "layers.1.mlp.down_proj" in str(info.value)
+    assert (list_checkpoints(out)[-1] / "adapter" / "adapter_model.safetensors").read_bytes() == before
+
+
+def test_accumulation_equals_big_batch(tmp_path, tiny_model_dir):
+    rows = [{"instruction": "word " * (3 + 5 * i), "input": "", "output": "x " * (1 + 7 * i)} for i in range(4)]
+    data = _write(tmp_path / "v.jsonl", rows)
+    grads = []
+    for bs, accum in ((4, 1), (1, 4)):
+        t = Trainer(_config(tiny_model_dir, data, tmp_path / f"g{bs}", batch_size=bs, grad_accum=accum,
+                            dropout=0.0, max_steps=1))
+        t.setup()
+        with torch.no_grad():  # non-zero B so every LoRA parameter has a gradient
+            for p in t.model.parameters():
+                if p.requires_grad:
+                    p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())) * 0.05)
+        t.optimizer.step = lambda: None
+        t.train_step()
+        grads.append(torch.cat([p.grad.flatten() for p in t.model.parameters() if p.requires_grad]))
+        t.cleanup()
+    assert len({len(r["output"]) for r in rows}) == 4
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-5, atol=1e-7)
+
+
+def test_bad_inputs_exit_2_without_traceback(tmp_path, tiny_model_dir, capsys):
+    good = _write(tmp_path / "good.jsonl", FORMATS["alpaca"])
+    bad_json = tmp_path / "bad.jsonl"
+    bad_json.write_text('{"instruction": "a", "output": "b"}\n{"instruction": oops}\n')
+    missing = _write(tmp_path / "missing.jsonl", [{"instruction": "no output"}])
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    existing = tmp_path / "existing"
+    existing.mkdir()
+    (existing / "keep.txt").write_text("precious")
+    yaml_bad = tmp_path / "c.yaml"
+    yaml_bad.write_text("rnak: 8\n")
+    base = ["train", "--model", str(tiny_model_dir), "--optim", "adamw", "--max-steps", "1", "--no-progress"]
+    cases = [
+        (base + ["--data", str(bad_json), "--output", str(tmp_path / "o1")], "line 2"),
+        (base + ["--data", str(missing), "--output", str(tmp_path / "o2")], "output"),
+        (base + ["--data", str(empty), "--output", str(tmp_path / "o3")], "empty"),
+        (base + ["--data", str(good), "--seq-len", "3", "--output", str(tmp_path / "o4")], "no trainable"),
+        (base + ["--data", str(good), "--output", str(tmp_path / "o5"), "--rnak", "4"], "--rank"),
+        (["train", str(yaml_bad)] + base[1:] + ["--data", str(good), "--output", str(tmp_path / "o6")], "rank"),
+        (["train", "--model", str(tmp_path / "nope"), "--data", str(good), "--output", str(tmp_path / "o7")], "nope"),
+        (base + ["--data", str(good), "--output", str(existing)], "--overwrite"),
+        (base + ["--data", str(good), "--output", str(tmp_path / "o9"), "--target-modules", "zzz_proj"], "zzz_proj"),
+        (base + ["--data", str(good), "--output", str(tmp_path / "o10"), "--optim", "adamw", "--resume"], "checkpoint"),
+    ]
+    for argv, expected in cases:
+        code, err = _run(argv, capsys)
+        assert code == 2, (argv, err)
+        assert expected.lower() in err.lower(), (expected, err)
+        assert "Traceback" not in err
+    assert (existing / "keep.txt").read_text() == "precious"
+    for i in (1, 2, 3, 4, 5, 6, 7, 9):
+        assert not (tmp_path / f"o{i}").exists()
+
+
+def test_resume_with_different_config_is_refused(tmp_path, tiny_model_dir, capsys):
+    data = _write(tmp_path / "d.jsonl", FORMATS["alpaca"])
+    out = tmp_path / "o"
+    argv = ["train", "--model", str(tiny_model_dir), "--data", str(data), "--output", str(out), "--optim", "adamw",
+            "--max-steps", "2", "--save-steps", "1", "--no-progress"]
+    assert main(argv) == 0
+    before = sorted(p.name for p in out.rglob("*"))
+    code, err = _run(argv + ["--resume", "--lr", "0.1"], capsys)
+    assert code == 2 and "different config" in err and "lr" in err
+    assert sorted(p.name for p in out.rglob("*")) == before
+
+
+def test_subprocess_unknown_flag(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "qlora", "train", "--batchsize", "2"], capture_output=True,
+                          text=True, env={"PYTHONPATH": "src", "PATH": "/usr/bin:/bin"})
+    assert proc.returncode == 2
+    assert "--batch-size" in proc.stderr and "Traceback" not in proc.stderr
