@@ -48,8 +48,9 @@ def _run(argv, capsys):
 @pytest.mark.parametrize("fmt", sorted(FORMATS))
 def test_loss_falls_on_every_format(tmp_path, tiny_model_dir, fmt):
     data = _write(tmp_path / f"{fmt}.jsonl", FORMATS[fmt])
-    losses = Trainer(_config(tiny_model_dir, data, tmp_path / "out", max_steps=30)).run()
-    assert len(losses) == 30
+    steps = 60 if fmt == "text" else 30  # plain text trains on every token: slower to fall
+    losses = Trainer(_config(tiny_model_dir, data, tmp_path / "out", max_steps=steps)).run()
+    assert len(losses) == steps
     assert sum(losses[-5:]) / 5 < 0.9 * sum(losses[:5]) / 5
     out = tmp_path / "out"
     for name in ("adapter_config.json", "adapter_model.safetensors", "config.yaml", "metrics.jsonl", "loss.png",
@@ -58,9 +59,10 @@ def test_loss_falls_on_every_format(tmp_path, tiny_model_dir, fmt):
     assert any((out / "events").iterdir())
 
 
-def test_resume_reproduces_uninterrupted_losses(tmp_path, tiny_model_dir):
+@pytest.mark.parametrize("optim", ["adamw", "adamw_8bit", "paged_adamw_32bit", "paged_adamw_8bit"])
+def test_resume_reproduces_uninterrupted_losses(tmp_path, tiny_model_dir, optim):
     data = _write(tmp_path / "d.jsonl", FORMATS["alpaca"])
-    kw = dict(max_steps=8, save_steps=4, dropout=0.1, lr_scheduler="cosine", warmup_steps=2, grad_accum=2)
+    kw = dict(max_steps=8, save_steps=4, dropout=0.1, lr_scheduler="cosine", warmup_steps=2, grad_accum=2, optim=optim)
     full = Trainer(_config(tiny_model_dir, data, tmp_path / "full", **kw)).run()
     first = Trainer(_config(tiny_model_dir, data, tmp_path / "part", **kw))
     first.setup()

@@ -17,7 +17,7 @@ from typing import Any
 
 from qlora.errors import UsageError
 
-OPTIMIZERS = ("paged_adamw_32bit", "paged_adamw_8bit", "adamw_8bit", "adamw")
+from qlora.optim import OPTIMIZERS
 SCHEDULERS = ("cosine", "linear", "constant")
 QUANTS = ("nf4", "fp4", "none")
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 
 from qlora.atomic import atomic_dir
 from qlora.errors import UsageError
+from qlora.optim import create_optimizer
 from qlora.train.config import TrainConfig
 from qlora.train.data import (
     IGNORE_INDEX, check_packing_supported, count_trainable_tokens, load_records, normalize, pack_examples,
@@ -54,10 +55,11 @@ class Interrupted(Exception):
 
 
 def _make_optimizer(name: str, params: list[torch.nn.Parameter], lr: float, weight_decay: float):
-    """The optimizer named by ``--optim`` (one place to swap in qlora.optim)."""
-    if name == "adamw":
-        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-    raise UsageError(f"--optim {name} is not available in this build yet; use --optim adamw")
+    """The optimizer named by ``--optim`` (qlora's AdamW family, paged or not)."""
+    try:
+        return create_optimizer(name, params, lr=lr, weight_decay=weight_decay)
+    except ValueError as exc:
+        raise UsageError(f"--optim {name}: {exc}") from exc
 
 
 def _lr_lambda(kind: str, warmup: int, total: int):
