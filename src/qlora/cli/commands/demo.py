@@ -14,6 +14,7 @@ import argparse
 import json
 import random
 import tempfile
+import time
 from pathlib import Path
 
 NAME = "demo"
@@ -30,7 +31,8 @@ QUESTIONS = (
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--steps", type=int, default=120, help="optimizer steps (default 120)")
+    parser.add_argument("--steps", type=int, default=300, help="optimizer steps (default 300)")
+    parser.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (default 3e-3)")
     parser.add_argument("--output", default=None, help="keep the run here (default: a temporary folder)")
 
 
@@ -53,17 +55,21 @@ def run(args: argparse.Namespace) -> int:
         print(f"1/4 building a small random Llama model and a tokenizer from {len(records)} demo examples "
               "(capitals of 12 countries, each asked 4 ways)")
         tokenizer = train_tokenizer(texts * 4, vocab_size=512)
+        # initializer_range 0.1 (not 0.02): the output layer stays frozen and random under QLoRA, and with tiny
+        # weights it could not give any token a confident logit, so no adapter could lower the loss far.
         build_tiny_model(Path(tmp) / "model", tokenizer=tokenizer, arch="llama", hidden=128, layers=2, heads=4,
                          kv_heads=2, intermediate=256, seed=0, initializer_range=0.1)
         config = TrainConfig(model=str(Path(tmp) / "model"), data=str(demo_data_path()), output=str(out),
-                             overwrite=True, rank=32, alpha=64, dropout=0.0, lr=3e-3, lr_scheduler="cosine",
+                             overwrite=True, rank=32, alpha=64, dropout=0.0, lr=args.lr, lr_scheduler="cosine",
                              warmup_steps=5, max_steps=args.steps, batch_size=8, optim="adamw", max_grad_norm=1.0,
                              seq_len=64, logging_steps=max(1, args.steps // 10), progress=False, seed=0)
         trainer = Trainer(config)
         trainer.setup()
         print("2/4 the NF4-quantized base model, adapter disabled (greedy decoding):")
+        every = [(r["instruction"], r["output"].rstrip(".")) for r in records]
         with _adapters_disabled(trainer.model):
             before = _report(trainer, QUESTIONS)
+            before_all = _count(trainer, every)
         print(f"3/4 QLoRA-training the adapter for {args.steps} steps (outputs: {out})")
         original = trainer.metrics.log
 
@@ -71,17 +77,22 @@ def run(args: argparse.Namespace) -> int:
             original(record)
             print(f"  step {record['step']:4d}  loss {record['loss']:.4f}")
         trainer.metrics.log = show
+        start = time.perf_counter()
         try:
             trainer.train()
             trainer.save_final()
         finally:
             trainer.cleanup()
         if trainer.losses:
-            print(f"  loss: first step {trainer.losses[0]:.4f} -> last step {trainer.losses[-1]:.4f}")
+            print(f"  loss: first step {trainer.losses[0]:.4f} -> last step {trainer.losses[-1]:.4f} "
+                  f"({time.perf_counter() - start:.0f} s)")
         print("4/4 the same base model with the trained adapter (greedy decoding):")
         after = _report(trainer, QUESTIONS)
-        print(f"base model (adapter disabled): {before}/{len(QUESTIONS)} answers correct")
-        print(f"QLoRA adapter:                 {after}/{len(QUESTIONS)} answers correct")
+        after_all = _count(trainer, every)
+        print(f"base model (adapter disabled): {before}/{len(QUESTIONS)} answers correct "
+              f"({before_all}/{len(every)} over all training questions)")
+        print(f"QLoRA adapter:                 {after}/{len(QUESTIONS)} answers correct "
+              f"({after_all}/{len(every)} over all training questions)")
     return 0
 
 
@@ -110,6 +121,11 @@ def _report(trainer, questions) -> int:
         correct += ok
         print(f"  Q: {question}\n  A: {answer!r}  {'correct' if ok else 'wrong (expected ' + expected + ')'}")
     return correct
+
+
+def _count(trainer, questions) -> int:
+    answers = _ask(trainer, [q for q, _ in questions])
+    return sum(answer.rstrip(".").strip() == expected for (_, expected), answer in zip(questions, answers))
 
 
 def _ask(trainer, questions):
