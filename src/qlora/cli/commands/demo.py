@@ -1,30 +1,43 @@
-"""``qlora demo``: the whole method in a few minutes on a laptop CPU, no download.
+"""``qlora demo``: the whole method in about a minute on a laptop CPU, no download.
 
-Builds a small Llama-architecture model and a tokenizer from the instruction
-data shipped with qlora, quantizes the model to NF4, QLoRA-trains an adapter on
-that data (the loss is printed as it falls), then asks it some of the questions
-with greedy decoding, with and without the adapter, so the effect is visible.
+Builds a small random Llama-architecture model and a tokenizer from the
+instruction data shipped with qlora (12 countries and their capitals, each
+asked four ways), quantizes the model to NF4, QLoRA-trains an adapter on that
+data (the loss is printed as it falls), then asks some of the questions with
+greedy decoding, first with the adapter disabled (the untrained base) and then
+with it, and counts the correct answers of each, so the effect is measurable.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import random
 import tempfile
+import time
 from pathlib import Path
 
 NAME = "demo"
 HELP = "build, QLoRA-train and query a tiny model in minutes on a CPU"
 
-QUESTIONS = ("What is the capital of France?", "What is the capital of Italy?", "What is the capital of Japan?")
+# Held-in questions asked before and after training, with the expected capital.
+QUESTIONS = (
+    ("What is the capital of France?", "Paris"),
+    ("Which city is the capital of Japan?", "Tokyo"),
+    ("Name the capital city of Kenya.", "Nairobi"),
+    ("Norway: what is its capital?", "Oslo"),
+    ("What is the capital of Peru?", "Lima"),
+)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--steps", type=int, default=150, help="optimizer steps (default 150)")
+    parser.add_argument("--steps", type=int, default=300, help="optimizer steps (default 300)")
+    parser.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (default 3e-3)")
     parser.add_argument("--output", default=None, help="keep the run here (default: a temporary folder)")
 
 
 def run(args: argparse.Namespace) -> int:
+    import numpy as np
     import torch
 
     from ...model.tiny import build_tiny_model, train_tokenizer
@@ -32,37 +45,87 @@ def run(args: argparse.Namespace) -> int:
     from ...train.data import demo_data_path
     from ...train.trainer import Trainer
 
+    random.seed(0)
+    np.random.seed(0)
     torch.manual_seed(0)
     records = [json.loads(line) for line in demo_data_path().read_text().splitlines() if line.strip()]
     texts = [f"{r['instruction']} {r['output']}" for r in records]
     with tempfile.TemporaryDirectory(prefix="qlora-demo-") as tmp:
         out = Path(args.output) if args.output else Path(tmp) / "run"
-        print(f"1/3 building a small Llama model and tokenizer from {len(records)} demo examples")
+        print(f"1/4 building a small random Llama model and a tokenizer from {len(records)} demo examples "
+              "(capitals of 12 countries, each asked 4 ways)")
         tokenizer = train_tokenizer(texts * 4, vocab_size=512)
-        build_tiny_model(Path(tmp) / "model", tokenizer=tokenizer, arch="llama", hidden=192, layers=2, heads=4,
-                         kv_heads=2, intermediate=384)
-        print(f"2/3 NF4-quantizing it and QLoRA-training an adapter for {args.steps} steps (outputs: {out})")
+        # initializer_range 0.1 (not 0.02): the output layer stays frozen and random under QLoRA, and with tiny
+        # weights it could not give any token a confident logit, so no adapter could lower the loss far.
+        build_tiny_model(Path(tmp) / "model", tokenizer=tokenizer, arch="llama", hidden=128, layers=2, heads=4,
+                         kv_heads=2, intermediate=256, seed=0, initializer_range=0.1)
         config = TrainConfig(model=str(Path(tmp) / "model"), data=str(demo_data_path()), output=str(out),
-                             overwrite=True, rank=64, alpha=128, dropout=0.0, lr=3e-3, lr_scheduler="cosine",
-                             max_steps=args.steps, batch_size=8, optim="adamw", max_grad_norm=1.0,
-                             seq_len=128, logging_steps=10, progress=False)
+                             overwrite=True, rank=32, alpha=64, dropout=0.0, lr=args.lr, lr_scheduler="cosine",
+                             warmup_steps=5, max_steps=args.steps, batch_size=8, optim="adamw", max_grad_norm=1.0,
+                             seq_len=64, logging_steps=max(1, args.steps // 10), progress=False, seed=0)
         trainer = Trainer(config)
         trainer.setup()
+        print("2/4 the NF4-quantized base model, adapter disabled (greedy decoding):")
+        every = [(r["instruction"], r["output"].rstrip(".")) for r in records]
+        with _adapters_disabled(trainer.model):
+            before = _report(trainer, QUESTIONS)
+            before_all = _count(trainer, every)
+        print(f"3/4 QLoRA-training the adapter for {args.steps} steps (outputs: {out})")
         original = trainer.metrics.log
 
         def show(record):
             original(record)
             print(f"  step {record['step']:4d}  loss {record['loss']:.4f}")
         trainer.metrics.log = show
+        start = time.perf_counter()
         try:
             trainer.train()
             trainer.save_final()
         finally:
             trainer.cleanup()
-        print("3/3 asking the fine-tuned model (greedy decoding):")
-        for question, answer in _ask(trainer, QUESTIONS):
-            print(f"  Q: {question}\n  A: {answer}")
+        if trainer.losses:
+            print(f"  loss: first step {trainer.losses[0]:.4f} -> last step {trainer.losses[-1]:.4f} "
+                  f"({time.perf_counter() - start:.0f} s)")
+        print("4/4 the same base model with the trained adapter (greedy decoding):")
+        after = _report(trainer, QUESTIONS)
+        after_all = _count(trainer, every)
+        print(f"base model (adapter disabled): {before}/{len(QUESTIONS)} answers correct "
+              f"({before_all}/{len(every)} over all training questions)")
+        print(f"QLoRA adapter:                 {after}/{len(QUESTIONS)} answers correct "
+              f"({after_all}/{len(every)} over all training questions)")
     return 0
+
+
+class _adapters_disabled:
+    """Turn every LoRA layer of ``model`` off for the duration of the block."""
+
+    def __init__(self, model) -> None:
+        from ...nn import LoraLinear
+
+        self.layers = [m for m in model.modules() if isinstance(m, LoraLinear)]
+
+    def __enter__(self):
+        self.previous = [m.disabled for m in self.layers]
+        for m in self.layers:
+            m.disabled = True
+
+    def __exit__(self, *exc):
+        for m, prev in zip(self.layers, self.previous):
+            m.disabled = prev
+
+
+def _report(trainer, questions) -> int:
+    correct = 0
+    for (question, expected), answer in zip(questions, _ask(trainer, [q for q, _ in questions])):
+        ok = answer.rstrip(".").strip() == expected
+        correct += ok
+        print(f"  Q: {question}\n  A: {answer!r}  {'correct' if ok else 'wrong (expected ' + expected + ')'}")
+    return correct
+
+
+def _count(trainer, questions) -> int:
+    answers = _ask(trainer, [q for q, _ in questions])
+    return sum(answer.rstrip(".").strip() == expected for (_, expected), answer in zip(questions, answers))
 
 
 def _ask(trainer, questions):
@@ -75,6 +138,6 @@ def _ask(trainer, questions):
         ids = tokenizer.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True,
                                             return_tensors="pt", return_dict=True)["input_ids"]
         with torch.no_grad():
-            out = model.generate(input_ids=ids, max_new_tokens=24, do_sample=False, eos_token_id=stop,
-                                 pad_token_id=tokenizer.pad_token_id)
-        yield question, tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
+            out = model.generate(input_ids=ids.to(trainer.device), max_new_tokens=12, do_sample=False,
+                                 eos_token_id=stop, pad_token_id=tokenizer.pad_token_id)
+        yield tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
