@@ -78,3 +78,15 @@ def test_only_adapters_train_and_adapters_are_fp32_under_autocast():
     assert y.dtype == torch.bfloat16
     y.float().sum().backward()
     assert layer.lora_A["a"].weight.grad.dtype == torch.float32 and layer.lora_A["a"].weight.grad.abs().sum() > 0
+
+
+def test_adapters_added_to_an_eval_model_do_not_drop_out(tiny_model_dir):
+    import qlora
+
+    model, _ = qlora.load_model(tiny_model_dir, compute_dtype=torch.float32, device="cpu")
+    qlora.add_lora(model, r=4, dropout=0.5)
+    for layer in model.modules():
+        if isinstance(layer, LoraLinear):
+            nn.init.normal_(layer.lora_B["default"].weight)
+    ids = torch.tensor([[1, 5, 9, 13]])
+    torch.testing.assert_close(model(ids).logits, model(ids).logits, rtol=0, atol=0)

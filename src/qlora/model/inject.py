@@ -108,6 +108,7 @@ def add_lora(
             setattr(parent, child, module)
         fan_in_fan_out |= module.fan_in_fan_out or getattr(module.base_layer, "from_conv1d", False)
         module.add_adapter(adapter_name, spec)
+        module.train(model.training)  # new dropout modules follow the model's train/eval mode
     for layer in lora_layers(model).values():
         for p in layer.lora_A.parameters():
             p.requires_grad_(True)

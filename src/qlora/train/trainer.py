@@ -259,15 +259,20 @@ class Trainer:
 
     # ----------------------------------------------------------------- train
     def train(self) -> None:
-        """Run optimizer steps until ``total_steps``; Ctrl-C / SIGTERM checkpoint and stop."""
+        """Run optimizer steps until ``total_steps``.
+
+        Ctrl-C or SIGTERM only sets a flag: the step in progress finishes, a
+        checkpoint is written, then :class:`Interrupted` is raised. A second
+        Ctrl-C stops at once (the last checkpoint stays intact).
+        """
         cfg = self.config
-        previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+        self._stop_signal = None
+        previous = _install_stop_handlers(self)
         try:
             while self.step < self.total_steps:
-                try:
-                    record = self.train_step()
-                except KeyboardInterrupt:
-                    raise Interrupted(self.step, self.save_checkpoint()) from None
+                if self._stop_signal is not None:
+                    raise Interrupted(self.step, self.save_checkpoint())
+                record = self.train_step()
                 self.step += 1
                 self.metrics.advance()
                 if self.step % cfg.logging_steps == 0 or self.step == self.total_steps:
@@ -276,8 +281,11 @@ class Trainer:
                     self.evaluate()
                 if cfg.save_steps and self.step % cfg.save_steps == 0:
                     self.save_checkpoint()
+            if self._stop_signal is not None:
+                raise Interrupted(self.step, self.save_checkpoint())
         finally:
-            signal.signal(signal.SIGTERM, previous)
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
         if self.eval_units and not (cfg.eval_steps and self.step % cfg.eval_steps == 0):
             self.evaluate()
 
@@ -410,5 +418,17 @@ class Trainer:
         return self.losses
 
 
-def _raise_interrupt(_signum, _frame) -> None:
-    raise KeyboardInterrupt
+def _install_stop_handlers(trainer: "Trainer") -> dict:
+    """SIGINT/SIGTERM set ``trainer._stop_signal``; a second SIGINT interrupts at once.
+    Returns the previous handlers (none off the main thread, where Python allows no handlers)."""
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+
+    def on_signal(signum, _frame) -> None:
+        if trainer._stop_signal is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        trainer._stop_signal = signum
+
+    return {signum: signal.signal(signum, on_signal) for signum in (signal.SIGINT, signal.SIGTERM)}

@@ -1,0 +1,87 @@
+"""The command line end to end: train, eval, merge, quantize, and a run stopped by a signal."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import torch
+
+import qlora
+from qlora.cli.main import main
+
+QA = [(f"What is {a} plus {b}?", f"{a + b}.") for a in range(6) for b in range(5)]
+IDS = torch.tensor([[1, 17, 42, 99, 7, 250, 3, 64]])
+
+
+def _data(path):
+    path.write_text("".join(json.dumps({"instruction": q, "input": "", "output": a}) + "\n" for q, a in QA))
+    return path
+
+
+def _train(model_dir, data, out, *extra):
+    argv = ["train", "--model", str(model_dir), "--data", str(data), "--output", str(out), "--seq-len", "64",
+            "--batch-size", "2", "--lr", "1e-2", "--no-progress", *extra]
+    return main(argv)
+
+
+def test_train_eval_merge_quantize(tmp_path, tiny_model_dir, capsys):
+    from transformers import AutoModelForCausalLM
+
+    data = _data(tmp_path / "d.jsonl")
+    assert _train(tiny_model_dir, data, tmp_path / "run", "--max-steps", "30", "--quant", "nf4") == 0
+    capsys.readouterr()
+
+    def eval_loss(*extra):
+        assert main(["eval", "--model", str(tiny_model_dir), "--data", str(data), *extra]) == 0
+        return float(re.search(r"loss (\S+)", capsys.readouterr().out).group(1))
+
+    assert eval_loss("--adapter", str(tmp_path / "run")) < 0.9 * eval_loss()
+
+    assert main(["merge", "--model", str(tiny_model_dir), "--adapter", str(tmp_path / "run"),
+                 "--output", str(tmp_path / "merged"), "--dtype", "float32"]) == 0
+    model, _ = qlora.load_model(tiny_model_dir, compute_dtype=torch.float32, device="cpu")
+    qlora.load_adapter(model, tmp_path / "run")
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32)
+    torch.testing.assert_close(plain(IDS).logits, model(IDS).logits, rtol=1e-4, atol=1e-4)
+
+    assert main(["quantize", "--model", str(tiny_model_dir), "--output", str(tmp_path / "q4")]) == 0
+    reloaded, _ = qlora.load_model(tmp_path / "q4", compute_dtype=torch.float32, device="cpu")
+    direct, _ = qlora.load_model(tiny_model_dir, compute_dtype=torch.float32, device="cpu")
+    four_bit = {k: v for k, v in direct.state_dict().items() if ".weight." in k or k.endswith("proj.weight")}
+    got = reloaded.state_dict()
+    assert four_bit and all(torch.equal(got[k], v) for k, v in four_bit.items())  # same codes and constants
+    # Unquantized tensors were stored in bf16 (the command's compute dtype): bf16 tolerance.
+    torch.testing.assert_close(reloaded(IDS).logits, direct(IDS).logits, rtol=2e-2, atol=2e-2)
+    # An existing output is refused, not overwritten.
+    assert main(["quantize", "--model", str(tiny_model_dir), "--output", str(tmp_path / "q4")]) == 2
+
+
+def test_sigint_saves_a_checkpoint_and_exits_cleanly(tmp_path, tiny_model_dir):
+    data = _data(tmp_path / "d.jsonl")
+    out = tmp_path / "run"
+    src = os.path.dirname(os.path.dirname(qlora.__file__))
+    env = os.environ | {"PYTHONPATH": src + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    cmd = [sys.executable, "-m", "qlora", "train", "--model", str(tiny_model_dir), "--data", str(data),
+           "--output", str(out), "--seq-len", "64", "--batch-size", "2", "--no-progress", "--max-steps", "100000",
+           "--save-steps", "100000"]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = out / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (metrics.is_file() and metrics.read_text().count('"step"') >= 3):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err
+    checkpoints = sorted((out / "checkpoints").iterdir())
+    assert len(checkpoints) == 1
+    stopped_at = int(re.search(r"(\d+)$", checkpoints[0].name).group(1))
+    assert stopped_at >= 3
+    assert (checkpoints[0] / "adapter" / "adapter_model.safetensors").is_file()
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no half-written temporary folder left
