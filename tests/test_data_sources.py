@@ -82,3 +82,16 @@ def test_demo_dataset_is_shipped_alpaca():
     examples = normalize(load_records(demo_data_path()))
     assert 40 <= len(examples) <= 80
     assert all(e.messages[-1]["role"] == "assistant" for e in examples)
+
+
+def test_parquet_round_trip_and_corrupt_file(tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    rows = [{"instruction": "Say hi", "input": "", "output": "hi"}, {"instruction": "Add 1+1", "input": "", "output": "2"}]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "d.parquet")
+    records = load_records(tmp_path / "d.parquet")
+    assert [r.fields for r in records] == rows and records[1].where.endswith("row 1")
+    (tmp_path / "bad.parquet").write_bytes(b"PAR1 not really")
+    with pytest.raises(UsageError, match="bad.parquet is not a readable parquet file"):
+        load_records(tmp_path / "bad.parquet")

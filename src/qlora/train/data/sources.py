@@ -101,9 +101,15 @@ def _read_csv(path: Path) -> list[Record]:
 def _read_parquet(path: Path) -> list[Record]:
     try:
         import pyarrow.parquet as pq
-
-        rows = pq.read_table(path).to_pylist()
     except ImportError:
+        pq = None
+    if pq is not None:
+        try:
+            rows = pq.read_table(path).to_pylist()
+        except Exception as exc:  # pyarrow raises ArrowInvalid, OSError, ...
+            raise UsageError(f"{path} is not a readable parquet file ({exc}). Check the file, or convert "
+                             "it to .jsonl.") from None
+    else:
         try:
             import pandas as pd
         except ImportError:
