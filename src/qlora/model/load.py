@@ -21,11 +21,8 @@ from torch import nn
 
 from ..errors import UsageError
 from ..nn import Linear4bit
+from ..quant import QuantState
 from .quantize import _skipped, is_conv1d, output_embedding_names, replace_modules
-
-_QSTATE_SUFFIXES = (".absmax", ".quant_map", ".nested_absmax", ".nested_quant_map", ".quant_state.bitsandbytes__nf4",
-                    ".quant_state.bitsandbytes__fp4")
-
 
 def resolve_model_dir(name_or_path: str | Path) -> Path:
     """A local folder, or a hub id downloaded when a hub is reachable."""
@@ -197,9 +194,9 @@ def load_model(
                 loaded.add(key)
     bar.close()
     for owner, parts in pending_qstate.items():
-        model.get_submodule(owner).load_state_dict(
-            {k: v.to(device) for k, v in parts.items()} | ({"bias": model.get_submodule(owner).bias} if model.get_submodule(owner).bias is not None and "bias" not in parts else {}),
-            strict=False)
+        layer = model.get_submodule(owner)
+        qs = {k[len("weight."):]: v for k, v in parts.items() if k.startswith("weight.")}
+        layer.load_quant_state(parts["weight"], QuantState.from_dict(qs, device=device))
     model.tie_weights()
     _materialize_buffers(model, device)
     still_meta = [n for n, p in model.named_parameters() if p.is_meta]

@@ -20,9 +20,6 @@ from torch import nn
 from ..quant import QuantState, dequantize_4bit, quantize_4bit
 from ..quant.quant_state import NestedState
 
-_STATE_SUFFIXES = ("absmax", "quant_map", "nested_absmax", "nested_quant_map")
-
-
 class _Linear4bitFunction(torch.autograd.Function):
     """``y = x @ dequant(W)^T + b`` that saves no 16-bit weight for backward."""
 

@@ -13,9 +13,6 @@ from typing import Any
 
 import torch
 
-_TENSOR_KEYS = ("absmax", "quant_map", "nested_absmax", "nested_quant_map")
-
-
 def _pack_json(obj: dict[str, Any]) -> torch.Tensor:
     return torch.tensor(list(json.dumps(obj).encode("utf-8")), dtype=torch.uint8)
 
