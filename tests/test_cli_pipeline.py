@@ -85,3 +85,36 @@ def test_sigint_saves_a_checkpoint_and_exits_cleanly(tmp_path, tiny_model_dir):
     assert stopped_at >= 3
     assert (checkpoints[0] / "adapter" / "adapter_model.safetensors").is_file()
     assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no half-written temporary folder left
+
+
+def _losses(out):
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in rows if r.get("split") == "train"}
+
+
+def test_sigkill_then_resume_reproduces_the_uninterrupted_losses(tmp_path, tiny_model_dir):
+    data = _data(tmp_path / "d.jsonl")
+    src = os.path.dirname(os.path.dirname(qlora.__file__))
+    env = os.environ | {"PYTHONPATH": src + os.pathsep + os.environ.get("PYTHONPATH", "")}
+
+    def cmd(out, *extra):
+        return [sys.executable, "-m", "qlora", "train", "--model", str(tiny_model_dir), "--data", str(data),
+                "--output", str(out), "--seq-len", "64", "--batch-size", "2", "--no-progress", "--max-steps", "40",
+                "--save-steps", "2", "--optim", "paged_adamw_8bit", "--dropout", "0.1", *extra]
+
+    full = subprocess.run(cmd(tmp_path / "full"), env=env, capture_output=True, text=True, timeout=300)
+    assert full.returncode == 0, full.stderr
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(cmd(killed), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (killed / "checkpoints").is_dir():
+        time.sleep(0.05)
+    time.sleep(0.5)
+    proc.kill()  # SIGKILL: no handler runs
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    assert not (killed / "adapter_model.safetensors").exists()  # it died mid-run
+    resumed = subprocess.run(cmd(killed, "--resume"), env=env, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    assert _losses(killed) == _losses(tmp_path / "full")
+    assert len(_losses(killed)) == 40

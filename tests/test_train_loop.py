@@ -106,10 +106,10 @@ def test_nonfinite_loss_stops_and_keeps_checkpoint(tmp_path, tiny_model_dir, cap
 
 
 def test_accumulation_equals_big_batch(tmp_path, tiny_model_dir):
-    rows = [{"instruction": "word " * (3 + 5 * i), "input": "", "output": "x " * (1 + 7 * i)} for i in range(4)]
+    rows = [{"instruction": "word " * (2 + 2 * i), "input": "", "output": "x " * (1 + 3 * i)} for i in range(8)]
     data = _write(tmp_path / "v.jsonl", rows)
     grads = []
-    for bs, accum in ((4, 1), (1, 4)):
+    for bs, accum in ((8, 1), (1, 8)):
         t = Trainer(_config(tiny_model_dir, data, tmp_path / f"g{bs}", batch_size=bs, grad_accum=accum,
                             dropout=0.0, max_steps=1))
         t.setup()
@@ -121,7 +121,8 @@ def test_accumulation_equals_big_batch(tmp_path, tiny_model_dir):
         t.train_step()
         grads.append(torch.cat([p.grad.flatten() for p in t.model.parameters() if p.requires_grad]))
         t.cleanup()
-    assert len({len(r["output"]) for r in rows}) == 4
+    assert len({len(r["output"]) for r in rows}) == 8
+    assert grads[0].abs().sum() > 0
     torch.testing.assert_close(grads[1], grads[0], rtol=1e-5, atol=1e-7)
 
 
