@@ -7,6 +7,8 @@ import subprocess
 import sys
 
 import pytest
+
+from qlora.errors import UsageError
 import torch
 
 from qlora.cli.main import main
@@ -178,3 +180,29 @@ def test_subprocess_unknown_flag(tmp_path):
                           text=True, env={"PYTHONPATH": "src", "PATH": "/usr/bin:/bin"})
     assert proc.returncode == 2
     assert "--batch-size" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_first_step_checks_that_gradients_reach_every_adapter(tmp_path, tiny_model_dir, checkpointing):
+    data = _write(tmp_path / "d.jsonl", FORMATS["alpaca"])
+    t = Trainer(_config(tiny_model_dir, data, tmp_path / "o", max_steps=1, gradient_checkpointing=checkpointing))
+    t.setup()
+    t.train_step()  # passes: every adapter has a gradient, every B a non-zero one
+    grads = {n: p.grad for n, p in t.model.named_parameters() if p.requires_grad}
+    assert grads and all(g is not None for g in grads.values())
+    assert all(g.abs().sum() > 0 for n, g in grads.items() if "lora_B" in n)
+    t.cleanup()
+
+
+def test_first_step_stops_when_the_graph_misses_the_adapters(tmp_path, tiny_model_dir):
+    from qlora.nn import LoraLinear
+
+    data = _write(tmp_path / "d.jsonl", FORMATS["alpaca"])
+    t = Trainer(_config(tiny_model_dir, data, tmp_path / "o", max_steps=1, gradient_checkpointing=True))
+    t.setup()
+    for layer in t.model.modules():  # the loss still needs a backward pass, but not through the adapters
+        if isinstance(layer, LoraLinear):
+            layer.disabled = True
+    with pytest.raises(UsageError, match="no gradient reached"):
+        t.train_step()
+    t.cleanup()

@@ -306,6 +306,8 @@ class Trainer:
             total += loss.item()
         if self.scaler:
             self.scaler.unscale_(self.optimizer)
+        if self.step == 0:
+            self._check_gradients_reach_adapters()
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
         max_norm = self.config.max_grad_norm or float("inf")
         grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
@@ -323,6 +325,18 @@ class Trainer:
         n_tokens = sum(int(b["input_ids"].numel()) for b in batches)
         return {"split": "train", "step": self.step + 1, "loss": total, "lr": lr, "grad_norm": grad_norm,
                 "tokens_per_s": n_tokens / max(elapsed, 1e-9), "gpu_mem_gib": gpu_memory_gib()}
+
+    def _check_gradients_reach_adapters(self) -> None:
+        """After the first backward pass every adapter must have a gradient, and
+        every B matrix a non-zero one (A's is zero while B is still zero).
+        Catches the silent failure where checkpointing on a frozen base cuts the
+        graph and the run 'trains' without changing anything."""
+        dead = [n for n, p in self.model.named_parameters() if p.requires_grad
+                and (p.grad is None or ("lora_B" in n and not bool(p.grad.abs().sum() > 0)))]
+        if dead:
+            raise UsageError(f"no gradient reached {len(dead)} adapter parameters in the first step (e.g. "
+                             f"{dead[0]}); the loss does not depend on them. Check --gradient-checkpointing "
+                             "with this model, or report the model architecture as a qlora bug.")
 
     def _stop_nonfinite(self, what: str, batch: dict[str, torch.Tensor]) -> None:
         module = first_nonfinite_module(self.model, batch)
