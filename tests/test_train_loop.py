@@ -7,11 +7,10 @@ import subprocess
 import sys
 
 import pytest
-
-from qlora.errors import UsageError
 import torch
 
 from qlora.cli.main import main
+from qlora.errors import UsageError
 from qlora.train.config import load_config
 from qlora.train.trainer import Trainer, list_checkpoints
 
