@@ -217,3 +217,17 @@ def test_bitsandbytes_checkpoints_both_ways(tmp_path, tiny_tokenizer, arch):
     tiny_tokenizer.save_pretrained(tmp_path / "tq4")
     loaded, _ = qlora.load_model(tmp_path / "tq4", compute_dtype=torch.float32, device="cpu")
     torch.testing.assert_close(loaded(IDS).logits, model(IDS).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_unknown_adapter_config_keys_warn_and_load(tmp_path, tiny_model_dir, caplog):
+    model, _ = qlora.load_model(tiny_model_dir, compute_dtype=torch.float32, device="cpu")
+    qlora.add_lora(model, r=4, dropout=0.0)
+    out = qlora.save_adapter(model, tmp_path / "a")
+    cfg = json.loads((out / "adapter_config.json").read_text())
+    assert cfg["qlora_version"] == qlora.__version__
+    (out / "adapter_config.json").write_text(json.dumps(cfg | {"from_the_future": 1}))
+    fresh, _ = qlora.load_model(tiny_model_dir, compute_dtype=torch.float32, device="cpu")
+    with caplog.at_level("WARNING", logger="qlora"):
+        qlora.load_adapter(fresh, out)
+    assert "from_the_future" in caplog.text
+    torch.testing.assert_close(fresh(IDS).logits, model(IDS).logits, rtol=0, atol=0)
