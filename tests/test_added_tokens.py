@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import qlora
+from qlora.errors import UsageError
 from qlora.model.tokens import add_special_tokens
 
 from test_model_api import _dequantized_reference
@@ -98,5 +99,5 @@ def test_qlora_loads_peft_saved_modules_to_save(tiny_model_dir, tmp_path):
 
 def test_add_lora_unknown_modules_to_save(tiny_model_dir):
     model, _ = qlora.load_model(tiny_model_dir, compute_dtype=torch.float32, device="cpu")
-    with pytest.raises(qlora.UsageError, match="modules_to_save"):
+    with pytest.raises(UsageError, match="modules_to_save"):
         qlora.add_lora(model, modules_to_save=["no_such_module"])

@@ -127,7 +127,10 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path, adapter_name: str = 
         raise UsageError(f"{adapter_dir} trains single tokens (PEFT's trainable_token_indices), which this version "
                          "of qlora does not load; save the embeddings whole with modules_to_save.")
     paths = sorted({k[len(_PEFT_PREFIX):].rsplit(".lora_", 1)[0] for k in tensors if ".lora_" in k})
-    whole = {k[len(_PEFT_PREFIX):]: v for k, v in tensors.items() if ".lora_" not in k}
+    # modules trained whole; PEFT's save_embedding_layers adds copies under .original_module. (the base
+    # before training) and .modules_to_save. (the same trained weights as the plain key), skipped here
+    whole = {k[len(_PEFT_PREFIX):]: v for k, v in tensors.items()
+             if ".lora_" not in k and ".original_module." not in k and ".modules_to_save." not in k}
     _grow_vocabulary(model, whole)
     save_paths = sorted({k.rpartition(".")[0] for k in whole})
     names = dict(model.named_modules())
