@@ -101,3 +101,26 @@ def test_add_lora_unknown_modules_to_save(tiny_model_dir):
     model, _ = qlora.load_model(tiny_model_dir, compute_dtype=torch.float32, device="cpu")
     with pytest.raises(UsageError, match="modules_to_save"):
         qlora.add_lora(model, modules_to_save=["no_such_module"])
+
+
+def test_train_with_added_tokens_saves_a_reloadable_adapter(tmp_path, tiny_model_dir):
+    from qlora.train.config import load_config
+    from qlora.train.trainer import Trainer, list_checkpoints
+
+    rows = [{"text": f"call {NEW[0]} tool {i} {NEW[1]} done"} for i in range(6)]
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "out"
+    cfg = load_config(None, dict(model=str(tiny_model_dir), data=str(data), output=str(out), optim="adamw",
+                                 lr=1e-2, max_steps=3, batch_size=2, progress=False, seq_len=32, save_steps=2,
+                                 add_special_tokens=NEW))
+    trainer = Trainer(cfg)
+    trainer.run()
+    assert json.loads((out / "adapter_config.json").read_text())["modules_to_save"] == ["embed_tokens", "lm_head"]
+    assert (list_checkpoints(out)[-1] / "adapter" / "tokenizer.json").is_file()
+    fresh, _ = qlora.load_model(tiny_model_dir, compute_dtype=torch.float32, device="cpu")
+    qlora.load_adapter(fresh, out)
+    trainer.model.eval()
+    ids = torch.tensor([[1, len(trainer.tokenizer) - 2, 5, len(trainer.tokenizer) - 1, 2]])
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(ids).logits, trainer.model(ids).logits, rtol=1e-4, atol=1e-4)

@@ -46,8 +46,7 @@ def adapter_state_dict(model: nn.Module, adapter_name: str = "default") -> dict[
     cfg = adapter_configs(model).get(adapter_name)
     for path in cfg.modules_to_save if cfg else ():
         for name, param in model.get_submodule(path).named_parameters():
-            # clone: tied weights are one tensor, which safetensors refuses to write twice
-            out[f"{_PEFT_PREFIX}{path}.{name}"] = param.detach().clone()
+            out[f"{_PEFT_PREFIX}{path}.{name}"] = param.detach()
     return out
 
 
@@ -73,7 +72,8 @@ def save_adapter(model: nn.Module, out_dir: str | Path, adapter_name: str = "def
         "inference_mode": True, "use_dora": False, "revision": None, "layers_to_transform": None,
         "qlora_version": __version__, "qlora_format_version": FORMAT_VERSION,
     }
-    tensors = {k: v.contiguous().cpu() for k, v in adapter_state_dict(model, adapter_name).items()}
+    # clone: tied weights (embedding == head) are one tensor, which safetensors refuses to write twice
+    tensors = {k: v.cpu().clone() for k, v in adapter_state_dict(model, adapter_name).items()}
     with atomic_dir(out_dir) as tmp:
         (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
         save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
