@@ -18,6 +18,7 @@ _LAZY = {
     "add_lora": "qlora.model.inject",
     "save_adapter": "qlora.model.adapter_io",
     "load_adapter": "qlora.model.adapter_io",
+    "add_special_tokens": "qlora.model.tokens",
     "merge": "qlora.model.merge",
     "save_merged": "qlora.model.merge",
     "save_quantized": "qlora.model.quantized_io",

@@ -43,11 +43,20 @@ def adapter_state_dict(model: nn.Module, adapter_name: str = "default") -> dict[
         if adapter_name in layer.specs:
             out[f"{_PEFT_PREFIX}{path}.lora_A.weight"] = layer.lora_A[adapter_name].weight.detach()
             out[f"{_PEFT_PREFIX}{path}.lora_B.weight"] = layer.lora_B[adapter_name].weight.detach()
+    cfg = adapter_configs(model).get(adapter_name)
+    for path in cfg.modules_to_save if cfg else ():
+        for name, param in model.get_submodule(path).named_parameters():
+            out[f"{_PEFT_PREFIX}{path}.{name}"] = param.detach()
     return out
 
 
-def save_adapter(model: nn.Module, out_dir: str | Path, adapter_name: str = "default") -> Path:
-    """Write ``adapter_name`` in PEFT's format, atomically (old content survives a crash)."""
+def save_adapter(model: nn.Module, out_dir: str | Path, adapter_name: str = "default", tokenizer=None) -> Path:
+    """Write ``adapter_name`` in PEFT's format, atomically (old content survives a crash).
+
+    Modules trained whole (``modules_to_save``, e.g. a resized embedding and
+    output head) are saved with it under PEFT's keys; pass ``tokenizer`` to
+    write it alongside, which such an adapter needs to be reloaded.
+    """
     from safetensors.torch import save_file
 
     cfg = adapter_configs(model).get(adapter_name)
@@ -58,14 +67,18 @@ def save_adapter(model: nn.Module, out_dir: str | Path, adapter_name: str = "def
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": cfg.base_model_name_or_path,
         "r": spec.r, "lora_alpha": spec.alpha, "lora_dropout": spec.dropout, "target_modules": cfg.target_modules,
         "bias": "none", "fan_in_fan_out": cfg.fan_in_fan_out, "use_rslora": spec.rslora,
-        "init_lora_weights": True if spec.init == "kaiming" else "gaussian", "modules_to_save": None,
+        "init_lora_weights": True if spec.init == "kaiming" else "gaussian",
+        "modules_to_save": sorted({p.rsplit(".", 1)[-1] for p in cfg.modules_to_save}) or None,
         "inference_mode": True, "use_dora": False, "revision": None, "layers_to_transform": None,
         "qlora_version": __version__, "qlora_format_version": FORMAT_VERSION,
     }
-    tensors = {k: v.contiguous().cpu() for k, v in adapter_state_dict(model, adapter_name).items()}
+    # clone: tied weights (embedding == head) are one tensor, which safetensors refuses to write twice
+    tensors = {k: v.cpu().clone() for k, v in adapter_state_dict(model, adapter_name).items()}
     with atomic_dir(out_dir) as tmp:
         (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
         save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
     return Path(out_dir)
 
 
@@ -110,15 +123,24 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path, adapter_name: str = 
         tensors = load_file(str(weights))
     except (SafetensorError, OSError, ValueError) as exc:
         raise UsageError(f"{weights} is corrupted or not a safetensors file ({exc}).") from exc
+    if any(".token_adapter." in k for k in tensors):
+        raise UsageError(f"{adapter_dir} trains single tokens (PEFT's trainable_token_indices), which this version "
+                         "of qlora does not load; save the embeddings whole with modules_to_save.")
     paths = sorted({k[len(_PEFT_PREFIX):].rsplit(".lora_", 1)[0] for k in tensors if ".lora_" in k})
+    # modules trained whole; PEFT's save_embedding_layers adds copies under .original_module. (the base
+    # before training) and .modules_to_save. (the same trained weights as the plain key), skipped here
+    whole = {k[len(_PEFT_PREFIX):]: v for k, v in tensors.items()
+             if ".lora_" not in k and ".original_module." not in k and ".modules_to_save." not in k}
+    _grow_vocabulary(model, whole)
+    save_paths = sorted({k.rpartition(".")[0] for k in whole})
     names = dict(model.named_modules())
-    missing = [p for p in paths if p not in names]
+    missing = [p for p in paths + save_paths if p not in names]
     if missing:
         raise UsageError(f"{adapter_dir} was made for another base model: it adapts {missing[0]}, which this "
                          f"model does not have ({len(missing)} such layers).")
     add_lora(model, r=int(config["r"]), alpha=float(config["lora_alpha"]), dropout=float(config.get("lora_dropout") or 0.0),
              target_modules="|".join(map(re.escape, paths)), rslora=bool(config.get("use_rslora")),
-             adapter_name=adapter_name, verbose=False)
+             adapter_name=adapter_name, verbose=False, modules_to_save=save_paths)
     adapter_configs(model)[adapter_name].target_modules = list(config.get("target_modules") or [])
     layers = lora_layers(model)
     for key, value in tensors.items():
@@ -133,5 +155,26 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path, adapter_name: str = 
         with torch.no_grad():
             param.copy_(value.to(param.dtype))
         param.requires_grad_(trainable)
+    for key, value in whole.items():
+        path, _, name = key.rpartition(".")
+        param = model.get_submodule(path).get_parameter(name)
+        if param.shape != value.shape:
+            raise UsageError(f"{adapter_dir} was made for another base model: {_PEFT_PREFIX}{key} has shape "
+                             f"{tuple(value.shape)} but this model's needs {tuple(param.shape)}.")
+        with torch.no_grad():
+            param.copy_(value.to(param.dtype))
+        param.requires_grad_(trainable)
     return model
+
+
+def _grow_vocabulary(model: nn.Module, whole: dict[str, torch.Tensor]) -> None:
+    """Resize the model's embeddings when the adapter saved a larger vocabulary (added tokens)."""
+    from .tokens import embedding_module_names
+
+    embed = model.get_input_embeddings()
+    rows = max((v.shape[0] for k, v in whole.items()
+                if k.rpartition(".")[0] in embedding_module_names(model) and v.dim() == 2), default=0)
+    if rows > embed.weight.shape[0]:
+        log.info("qlora: the adapter has %d added tokens; resizing the embeddings to %d", rows - embed.weight.shape[0], rows)
+        model.resize_token_embeddings(rows, mean_resizing=False)
 

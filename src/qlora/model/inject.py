@@ -25,6 +25,7 @@ class AdapterConfig:
     fan_in_fan_out: bool = False
     base_model_name_or_path: str | None = None
     layers: list[str] = field(default_factory=list)
+    modules_to_save: list[str] = field(default_factory=list)  # full paths, trained whole (PEFT's modules_to_save)
 
 
 def adapter_configs(model: nn.Module) -> dict[str, AdapterConfig]:
@@ -54,6 +55,18 @@ def _select(model: nn.Module, target_modules: str | list[str]) -> list[str]:
     return chosen
 
 
+def _modules_to_save(model: nn.Module, names: list[str] | None) -> list[str]:
+    from .tokens import pending_modules_to_save
+
+    if names is None:
+        return list(pending_modules_to_save(model))
+    paths = [n for n, m in model.named_modules() if n and matches_any(n, names) and not isinstance(m, LoraLinear)]
+    unmatched = [n for n in names if not any(matches_any(p, [n]) for p in paths)]
+    if unmatched:
+        raise UsageError(f"modules_to_save {unmatched} match no module of this model.")
+    return paths
+
+
 def count_parameters(model: nn.Module) -> tuple[int, int]:
     """(trainable, total) parameters, 4-bit weights counted as their element count."""
     from ..nn import Linear4bit
@@ -75,6 +88,7 @@ def add_lora(
     init: str = "kaiming",
     dtype: torch.dtype = torch.float32,
     verbose: bool = True,
+    modules_to_save: list[str] | None = None,
 ) -> nn.Module:
     """Attach a LoRA adapter to the matching linear layers; freeze everything else.
 
@@ -84,6 +98,10 @@ def add_lora(
         target_modules: ``"all-linear"``, a list of names (``["q_proj", "v_proj"]``,
             matched against the end of module paths) or a regex over full paths.
         adapter_name: adapters of several names can live on one model.
+        modules_to_save: other modules trained whole and saved with the adapter
+            (PEFT's meaning, e.g. ``["embed_tokens", "lm_head"]``); by default
+            those that :func:`qlora.model.tokens.add_special_tokens` resized.
+            They are trained in place, so adapters of one model share them.
 
     Returns:
         The same model, modified in place.
@@ -114,9 +132,13 @@ def add_lora(
             p.requires_grad_(True)
         for p in layer.lora_B.parameters():
             p.requires_grad_(True)
+    save_paths = _modules_to_save(model, modules_to_save)
+    for path in save_paths:
+        for p in model.get_submodule(path).parameters():
+            p.requires_grad_(True)
     names = sorted({p.rsplit(".", 1)[-1] for p in paths})
     configs[adapter_name] = AdapterConfig(spec, names, fan_in_fan_out,
-                                          getattr(model, "name_or_path", None), paths)
+                                          getattr(model, "name_or_path", None), paths, save_paths)
     if verbose:
         trainable, total = count_parameters(model)
         log.info("qlora: %d layers adapted; trainable params %s of %s (%.4f%%)",

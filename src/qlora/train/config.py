@@ -27,7 +27,7 @@ _RUN_DEFINING = (
     "model", "data", "quant", "double_quant", "blocksize", "rank", "alpha", "dropout", "target_modules",
     "rslora", "seq_len", "batch_size", "grad_accum", "lr", "lr_scheduler", "warmup_ratio", "warmup_steps",
     "epochs", "max_steps", "optim", "weight_decay", "max_grad_norm", "packing", "template", "format",
-    "train_on", "seed", "precision",
+    "train_on", "seed", "precision", "add_special_tokens",
 )
 
 
@@ -55,6 +55,8 @@ class TrainConfig:
     dropout: float = _opt(0.05, "LoRA dropout")
     target_modules: str = _opt("all-linear", "comma-separated layer names to adapt, a regex, or all-linear")
     rslora: bool = _opt(False, "rank-stabilized LoRA: scale = alpha / sqrt(r)")
+    add_special_tokens: str = _opt("", "comma-separated special tokens to add to the vocabulary; the embeddings "
+                                       "and output head are then trained whole and saved with the adapter")
     seq_len: int = _opt(512, "maximum tokens per example (longer ones are truncated)")
     batch_size: int = _opt(1, "examples per micro-batch")
     grad_accum: int = _opt(1, "micro-batches per optimizer step")
@@ -132,6 +134,8 @@ def _coerce(name: str, value: Any, kind: type, source: str) -> Any:
             if text in ("false", "no", "0", "off"):
                 return False
             raise ValueError
+        if kind is str and isinstance(value, list):  # YAML lists of names or tokens
+            return ",".join(str(v) for v in value)
         if kind is int and isinstance(value, float) and not value.is_integer():
             raise ValueError
         return kind(value)

@@ -207,6 +207,11 @@ class Trainer:
         quant = None if cfg.quant == "none" else cfg.quant
         self.model, self.tokenizer = load_model(cfg.model, quant=quant, double_quant=cfg.double_quant,
                                                 blocksize=cfg.blocksize, compute_dtype=self.dtype, device=self.device)
+        tokens = [t.strip() for t in cfg.add_special_tokens.split(",") if t.strip()]
+        if tokens:
+            from qlora.model.tokens import add_special_tokens
+
+            add_special_tokens(self.model, self.tokenizer, tokens)
         targets = cfg.target_modules
         if "," in targets or targets.isidentifier():
             targets = [t.strip() for t in targets.split(",") if t.strip()]
@@ -370,7 +375,7 @@ class Trainer:
 
         target = self.out / CHECKPOINTS / f"step-{self.step:07d}"
         with atomic_dir(target) as tmp:
-            save_adapter(self.model, tmp / "adapter")
+            save_adapter(self.model, tmp / "adapter", tokenizer=self._adapter_tokenizer())
             state = {"step": self.step, "optimizer": self.optimizer.state_dict(),
                      "scheduler": self.scheduler.state_dict(), "rng": _rng_state(), "losses": self.losses,
                      "scaler": self.scaler.state_dict() if self.scaler else None}
@@ -399,13 +404,17 @@ class Trainer:
         _set_rng_state(state["rng"])
         self.step, self.losses = state["step"], list(state["losses"])
 
+    def _adapter_tokenizer(self):
+        """The tokenizer, when the adapter needs it to be reloaded (added tokens)."""
+        return self.tokenizer if self.config.add_special_tokens.strip() else None
+
     # ---------------------------------------------------------------- finish
     def save_final(self) -> None:
         """The adapter (PEFT format) and tokenizer at the top of --output."""
         from qlora.model.adapter_io import save_adapter
 
         staged = self.out / ".final-adapter"
-        save_adapter(self.model, staged)
+        save_adapter(self.model, staged)  # the tokenizer goes next to it below
         for f in staged.iterdir():
             f.replace(self.out / f.name)
         staged.rmdir()

@@ -1,0 +1,126 @@
+"""Added tokens: resized embeddings and head are trained and saved PEFT's way (modules_to_save)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import qlora
+from qlora.errors import UsageError
+from qlora.model.tokens import add_special_tokens
+
+from test_model_api import _dequantized_reference
+
+NEW = ["<|tool|>", "<|/tool|>"]
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_model_dir, tmp_path_factory):
+    """A qlora model with two added tokens, trained a few steps and saved; (model, tokenizer, ids, out_dir)."""
+    model, tok = qlora.load_model(tiny_model_dir, compute_dtype=torch.float32, device="cpu")
+    old_vocab = model.get_input_embeddings().weight.shape[0]
+    assert add_special_tokens(model, tok, NEW + [tok.eos_token]) == 2  # a known token is skipped
+    assert model.get_input_embeddings().weight.shape[0] == len(tok) == old_vocab + 2
+    new_ids = tok.convert_tokens_to_ids(NEW)
+    assert tok.decode(tok("a <|tool|> b <|/tool|>")["input_ids"], skip_special_tokens=True).find("tool") == -1
+    torch.manual_seed(0)
+    qlora.add_lora(model, r=4, dropout=0.0)
+    before = {n: model.get_submodule(n).weight[new_ids].clone() for n in ("model.embed_tokens", "lm_head")}
+    ids = torch.tensor([[1, 5, new_ids[0], 7, 9, new_ids[1], 11, new_ids[0], 2]])
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    model.train()
+    for _ in range(3):
+        model(ids, labels=ids).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    model.eval()
+    for name, rows in before.items():
+        assert not torch.allclose(model.get_submodule(name).weight[new_ids], rows), name
+    out = qlora.save_adapter(model, tmp_path_factory.mktemp("adapter") / "a", tokenizer=tok)
+    return model, tok, ids, out
+
+
+def test_adapter_files_list_modules_to_save(trained):
+    _, tok, _, out = trained
+    from safetensors.torch import load_file
+
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["modules_to_save"] == ["embed_tokens", "lm_head"]
+    keys = load_file(str(out / "adapter_model.safetensors"))
+    assert keys["base_model.model.model.embed_tokens.weight"].shape[0] == len(tok)
+    assert keys["base_model.model.lm_head.weight"].shape[0] == len(tok)
+    assert (out / "tokenizer.json").is_file()
+
+
+def test_peft_reloads_same_model(trained, tiny_model_dir):
+    peft = pytest.importorskip("peft")
+    from transformers import AutoTokenizer
+
+    model, _, ids, out = trained
+    fresh, _ = qlora.load_model(tiny_model_dir, compute_dtype=torch.float32, device="cpu")
+    ref = _dequantized_reference(tiny_model_dir, fresh)
+    ref.resize_token_embeddings(len(AutoTokenizer.from_pretrained(out)))
+    ref = peft.PeftModel.from_pretrained(ref, str(out)).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(ref(ids).logits, model(ids).logits, rtol=1e-4, atol=1e-4)
+
+
+def test_qlora_reloads_same_model(trained, tiny_model_dir):
+    model, _, ids, out = trained
+    fresh, _ = qlora.load_model(tiny_model_dir, compute_dtype=torch.float32, device="cpu")
+    qlora.load_adapter(fresh, out)
+    assert fresh.get_input_embeddings().weight.shape == model.get_input_embeddings().weight.shape
+    assert not any(p.requires_grad for p in fresh.parameters())
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(ids).logits, model(ids).logits, rtol=1e-4, atol=1e-4)
+
+
+def test_qlora_loads_peft_saved_modules_to_save(tiny_model_dir, tmp_path):
+    peft = pytest.importorskip("peft")
+    qmodel, tok = qlora.load_model(tiny_model_dir, compute_dtype=torch.float32, device="cpu")
+    ref = _dequantized_reference(tiny_model_dir, qmodel)
+    tok.add_tokens(NEW, special_tokens=True)
+    ref.resize_token_embeddings(len(tok))
+    torch.manual_seed(0)
+    pm = peft.get_peft_model(ref, peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"],
+                                                  modules_to_save=["embed_tokens", "lm_head"], init_lora_weights=False))
+    with torch.no_grad():
+        for name, p in pm.named_parameters():
+            if "modules_to_save" in name:
+                p.add_(torch.randn_like(p) * 0.1)
+    pm.save_pretrained(tmp_path / "peft")
+    qlora.load_adapter(qmodel, tmp_path / "peft")
+    ids = torch.tensor([[1, 5, len(tok) - 1, 7, len(tok) - 2, 2]])
+    with torch.no_grad():
+        torch.testing.assert_close(qmodel(ids).logits, pm.eval()(ids).logits, rtol=1e-4, atol=1e-4)
+
+
+def test_add_lora_unknown_modules_to_save(tiny_model_dir):
+    model, _ = qlora.load_model(tiny_model_dir, compute_dtype=torch.float32, device="cpu")
+    with pytest.raises(UsageError, match="modules_to_save"):
+        qlora.add_lora(model, modules_to_save=["no_such_module"])
+
+
+def test_train_with_added_tokens_saves_a_reloadable_adapter(tmp_path, tiny_model_dir):
+    from qlora.train.config import load_config
+    from qlora.train.trainer import Trainer, list_checkpoints
+
+    rows = [{"text": f"call {NEW[0]} tool {i} {NEW[1]} done"} for i in range(6)]
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "out"
+    cfg = load_config(None, dict(model=str(tiny_model_dir), data=str(data), output=str(out), optim="adamw",
+                                 lr=1e-2, max_steps=3, batch_size=2, progress=False, seq_len=32, save_steps=2,
+                                 add_special_tokens=NEW))
+    trainer = Trainer(cfg)
+    trainer.run()
+    assert json.loads((out / "adapter_config.json").read_text())["modules_to_save"] == ["embed_tokens", "lm_head"]
+    assert (list_checkpoints(out)[-1] / "adapter" / "tokenizer.json").is_file()
+    fresh, _ = qlora.load_model(tiny_model_dir, compute_dtype=torch.float32, device="cpu")
+    qlora.load_adapter(fresh, out)
+    trainer.model.eval()
+    ids = torch.tensor([[1, len(trainer.tokenizer) - 2, 5, len(trainer.tokenizer) - 1, 2]])
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(ids).logits, trainer.model(ids).logits, rtol=1e-4, atol=1e-4)
