@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 
@@ -205,3 +206,11 @@ def test_first_step_stops_when_the_graph_misses_the_adapters(tmp_path, tiny_mode
     with pytest.raises(UsageError, match="no gradient reached"):
         t.train_step()
     t.cleanup()
+
+
+def test_fp16_runs_use_loss_scaling(tmp_path, tiny_model_dir):
+    data = _write(tmp_path / "d.jsonl", FORMATS["alpaca"])
+    t = Trainer(_config(tiny_model_dir, data, tmp_path / "o", max_steps=5, precision="fp16"))
+    losses = t.run()
+    assert t.scaler is not None and t.scaler.get_scale() > 1
+    assert all(math.isfinite(x) for x in losses) and losses[-1] < losses[0]
