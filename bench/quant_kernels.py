@@ -6,8 +6,8 @@ dequantize must move (packed bytes + absmax codes read, bf16 written) and a
 quantize (bf16 read, packed bytes + absmax codes written).
 CPU (``--device cpu``): 4096x4096, wall-clock median.
 
-    python bench/kernels.py                 # on a CUDA machine
-    python bench/kernels.py --device cpu
+    python bench/quant_kernels.py                 # on a CUDA machine
+    python bench/quant_kernels.py --device cpu
 """
 
 from __future__ import annotations
