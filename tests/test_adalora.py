@@ -116,3 +116,28 @@ def test_peft_round_trips(tmp_path, tiny_model_dir):
     qlora.save_adapter(model2, tmp_path / "again")  # a loaded, shrunk adapter saves the same pattern
     again = json.loads((tmp_path / "again" / "adapter_config.json").read_text())["rank_pattern"]
     assert again == json.loads((tmp_path / "theirs" / "adapter_config.json").read_text())["rank_pattern"]
+
+
+def test_train_cli_with_adalora_trains_and_reports_final_ranks(tmp_path, tiny_model_dir, capsys):
+    from qlora.cli.main import main
+
+    rows = [{"text": f"The quick brown fox number {i} jumps over the lazy dog."} for i in range(8)]
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "out"
+    argv = ["train", "--model", str(tiny_model_dir), "--data", str(data), "--output", str(out), "--optim", "adamw",
+            "--lr", "1e-2", "--max-steps", "30", "--batch-size", "4", "--seq-len", "32", "--no-progress",
+            "--target-modules", "q_proj,v_proj", "--dropout", "0", "--adalora", "--adalora-init-r", "6",
+            "--adalora-target-r", "2", "--adalora-tinit", "5", "--adalora-tfinal", "10", "--adalora-delta-t", "2"]
+    assert main(argv) == 0
+    printed = capsys.readouterr()
+    assert "AdaLoRA ranks (total 8, budget 8)" in printed.out + printed.err
+    losses = [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()
+              if json.loads(line).get("split") == "train"]
+    assert sum(losses[-5:]) < 0.9 * sum(losses[:5])
+    cfg = json.loads((out / "adapter_config.json").read_text())
+    assert cfg["peft_type"] == "ADALORA" and cfg["total_step"] == 30 and cfg["tinit"] == 5 and cfg["deltaT"] == 2
+    assert sum(sum(v) for v in cfg["rank_pattern"].values()) == 2 * 4
+    model, _ = qlora.load_model(tiny_model_dir, compute_dtype=torch.float32, device="cpu")
+    qlora.load_adapter(model, out)
+    assert sum(layer.A.shape[0] for layer in adalora_layers(model).values()) == 8
