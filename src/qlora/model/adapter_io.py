@@ -19,7 +19,9 @@ from torch import nn
 from .. import __version__
 from ..atomic import atomic_dir
 from ..errors import UsageError
-from .inject import adapter_configs, add_lora, lora_layers
+from .adalora import AdaLoraConfig
+from .adalora_io import adalora_peft_config, adalora_state_dict, attach_adalora
+from .inject import AdapterConfig, adapter_configs, add_lora, lora_layers
 
 log = logging.getLogger("qlora")
 
@@ -33,17 +35,21 @@ _KNOWN_KEYS = {
     "layer_replication", "exclude_modules", "lora_bias", "eva_config", "corda_config", "use_qalora",
     "qalora_group_size", "trainable_token_indices", "target_parameters", "peft_version", "arrow_config",
     "ensure_weight_tying", "alora_invocation_tokens", "lora_ga_config", "use_bdlora",
+    "init_r", "target_r", "tinit", "tfinal", "deltaT", "beta1", "beta2", "orth_reg_weight", "total_step",
+    "kasa_config", "monteclora_config", "velora_config",
 }
 
 
 def adapter_state_dict(model: nn.Module, adapter_name: str = "default") -> dict[str, torch.Tensor]:
     """The adapter's tensors under PEFT's file key names."""
+    cfg = adapter_configs(model).get(adapter_name)
+    if isinstance(cfg, AdaLoraConfig):
+        return adalora_state_dict(model, cfg, adapter_name)
     out = {}
     for path, layer in lora_layers(model).items():
         if adapter_name in layer.specs:
             out[f"{_PEFT_PREFIX}{path}.lora_A.weight"] = layer.lora_A[adapter_name].weight.detach()
             out[f"{_PEFT_PREFIX}{path}.lora_B.weight"] = layer.lora_B[adapter_name].weight.detach()
-    cfg = adapter_configs(model).get(adapter_name)
     for path in cfg.modules_to_save if cfg else ():
         for name, param in model.get_submodule(path).named_parameters():
             out[f"{_PEFT_PREFIX}{path}.{name}"] = param.detach()
@@ -62,16 +68,10 @@ def save_adapter(model: nn.Module, out_dir: str | Path, adapter_name: str = "def
     cfg = adapter_configs(model).get(adapter_name)
     if cfg is None:
         raise UsageError(f"the model has no adapter named {adapter_name!r}; it has {sorted(adapter_configs(model))}")
-    spec = cfg.spec
-    config = {
-        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": cfg.base_model_name_or_path,
-        "r": spec.r, "lora_alpha": spec.alpha, "lora_dropout": spec.dropout, "target_modules": cfg.target_modules,
-        "bias": "none", "fan_in_fan_out": cfg.fan_in_fan_out, "use_rslora": spec.rslora,
-        "init_lora_weights": True if spec.init == "kaiming" else "gaussian",
-        "modules_to_save": sorted({p.rsplit(".", 1)[-1] for p in cfg.modules_to_save}) or None,
-        "inference_mode": True, "use_dora": False, "revision": None, "layers_to_transform": None,
-        "qlora_version": __version__, "qlora_format_version": FORMAT_VERSION,
-    }
+    if isinstance(cfg, AdaLoraConfig):
+        config = adalora_peft_config(cfg, FORMAT_VERSION)
+    else:
+        config = _lora_peft_config(cfg)
     # clone: tied weights (embedding == head) are one tensor, which safetensors refuses to write twice
     tensors = {k: v.cpu().clone() for k, v in adapter_state_dict(model, adapter_name).items()}
     with atomic_dir(out_dir) as tmp:
@@ -80,6 +80,19 @@ def save_adapter(model: nn.Module, out_dir: str | Path, adapter_name: str = "def
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
     return Path(out_dir)
+
+
+def _lora_peft_config(cfg: AdapterConfig) -> dict:
+    spec = cfg.spec
+    return {
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": cfg.base_model_name_or_path,
+        "r": spec.r, "lora_alpha": spec.alpha, "lora_dropout": spec.dropout, "target_modules": cfg.target_modules,
+        "bias": "none", "fan_in_fan_out": cfg.fan_in_fan_out, "use_rslora": spec.rslora,
+        "init_lora_weights": True if spec.init == "kaiming" else "gaussian",
+        "modules_to_save": sorted({p.rsplit(".", 1)[-1] for p in cfg.modules_to_save}) or None,
+        "inference_mode": True, "use_dora": False, "revision": None, "layers_to_transform": None,
+        "qlora_version": __version__, "qlora_format_version": FORMAT_VERSION,
+    }
 
 
 def read_adapter_config(adapter_dir: str | Path) -> dict:
@@ -93,7 +106,7 @@ def read_adapter_config(adapter_dir: str | Path) -> dict:
     if config.get("qlora_format_version", FORMAT_VERSION) > FORMAT_VERSION:
         raise UsageError(f"{path} was written by a newer qlora (format {config['qlora_format_version']}, "
                          f"this one reads up to {FORMAT_VERSION}); upgrade qlora to load it.")
-    if config.get("peft_type", "LORA") != "LORA":
+    if config.get("peft_type", "LORA") not in ("LORA", "ADALORA"):
         raise UsageError(f"{path}: adapter type {config.get('peft_type')} is not a LoRA adapter.")
     if config.get("use_dora"):
         raise UsageError(f"{path}: DoRA adapters are not supported by this version of qlora.")
@@ -138,6 +151,10 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path, adapter_name: str = 
     if missing:
         raise UsageError(f"{adapter_dir} was made for another base model: it adapts {missing[0]}, which this "
                          f"model does not have ({len(missing)} such layers).")
+    if config.get("peft_type") == "ADALORA":
+        attach_adalora(model, config, paths, save_paths, tensors, adapter_name, trainable, str(adapter_dir))
+        _load_whole(model, whole, trainable, adapter_dir)
+        return model
     add_lora(model, r=int(config["r"]), alpha=float(config["lora_alpha"]), dropout=float(config.get("lora_dropout") or 0.0),
              target_modules="|".join(map(re.escape, paths)), rslora=bool(config.get("use_rslora")),
              adapter_name=adapter_name, verbose=False, modules_to_save=save_paths)
@@ -155,6 +172,12 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path, adapter_name: str = 
         with torch.no_grad():
             param.copy_(value.to(param.dtype))
         param.requires_grad_(trainable)
+    _load_whole(model, whole, trainable, adapter_dir)
+    return model
+
+
+def _load_whole(model: nn.Module, whole: dict[str, torch.Tensor], trainable: bool, adapter_dir: Path) -> None:
+    """Copy the modules trained whole (``modules_to_save``) into ``model``."""
     for key, value in whole.items():
         path, _, name = key.rpartition(".")
         param = model.get_submodule(path).get_parameter(name)
@@ -164,7 +187,6 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path, adapter_name: str = 
         with torch.no_grad():
             param.copy_(value.to(param.dtype))
         param.requires_grad_(trainable)
-    return model
 
 
 def _grow_vocabulary(model: nn.Module, whole: dict[str, torch.Tensor]) -> None:

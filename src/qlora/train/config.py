@@ -27,7 +27,8 @@ _RUN_DEFINING = (
     "model", "data", "quant", "double_quant", "blocksize", "rank", "alpha", "dropout", "target_modules",
     "rslora", "seq_len", "batch_size", "grad_accum", "lr", "lr_scheduler", "warmup_ratio", "warmup_steps",
     "epochs", "max_steps", "optim", "weight_decay", "max_grad_norm", "packing", "template", "format",
-    "train_on", "seed", "precision", "add_special_tokens",
+    "train_on", "seed", "precision", "add_special_tokens", "adalora", "adalora_init_r", "adalora_target_r",
+    "adalora_tinit", "adalora_tfinal", "adalora_delta_t",
 )
 
 
@@ -55,6 +56,13 @@ class TrainConfig:
     dropout: float = _opt(0.05, "LoRA dropout")
     target_modules: str = _opt("all-linear", "comma-separated layer names to adapt, a regex, or all-linear")
     rslora: bool = _opt(False, "rank-stabilized LoRA: scale = alpha / sqrt(r)")
+    adalora: bool = _opt(False, "AdaLoRA: SVD-shaped adapters whose ranks are pruned by importance during training "
+                                "(--rank is ignored; scale = alpha / adalora-init-r)")
+    adalora_init_r: int = _opt(12, "AdaLoRA rank of every layer at the start")
+    adalora_target_r: int = _opt(8, "AdaLoRA average rank per layer after pruning")
+    adalora_tinit: int = _opt(0, "AdaLoRA warmup steps before pruning starts")
+    adalora_tfinal: int = _opt(0, "AdaLoRA final steps trained with the ranks fixed")
+    adalora_delta_t: int = _opt(1, "AdaLoRA steps between rank reallocations")
     add_special_tokens: str = _opt("", "comma-separated special tokens to add to the vocabulary; the embeddings "
                                        "and output head are then trained whole and saved with the adapter")
     seq_len: int = _opt(512, "maximum tokens per example (longer ones are truncated)")
@@ -112,6 +120,11 @@ class TrainConfig:
             raise UsageError(f"--lr must be positive; got {self.lr}")
         if not 0 <= self.dropout < 1 or not 0 <= self.warmup_ratio < 1:
             raise UsageError("--dropout and --warmup-ratio must lie in [0, 1)")
+        if self.adalora and self.rslora:
+            raise UsageError("--adalora and --rslora do not combine: AdaLoRA scales by alpha / adalora-init-r")
+        if self.adalora and self.resume:
+            raise UsageError("--resume is not available with --adalora: a checkpoint keeps only the surviving "
+                             "AdaLoRA triplets, so the rank schedule could not continue exactly")
         if self.max_steps == 0 and not self.epochs > 0:
             raise UsageError("give --epochs > 0 or --max-steps > 0")
 

@@ -151,6 +151,7 @@ class Trainer:
         self.dtype = compute_dtype_for(config.precision, self.device)
         self.step = 0
         self.losses: list[float] = []
+        self.adapter_hooks = None  # adapter-specific work around each step (AdaLoRA: penalty, rank allocation)
 
     # ----------------------------------------------------------------- setup
     def setup(self) -> None:
@@ -165,6 +166,8 @@ class Trainer:
         units_per_step = cfg.batch_size * cfg.grad_accum
         self.total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * len(self.train_units) / units_per_step))
         warmup = cfg.warmup_steps or int(cfg.warmup_ratio * self.total_steps)
+        if cfg.adalora:
+            self._add_adalora()
         params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = _make_optimizer(cfg.optim, params, cfg.lr, cfg.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -216,14 +219,30 @@ class Trainer:
         if "," in targets or targets.isidentifier():
             targets = [t.strip() for t in targets.split(",") if t.strip()]
         torch.manual_seed(cfg.seed)
-        add_lora(self.model, r=cfg.rank, alpha=cfg.alpha, dropout=cfg.dropout, target_modules=targets,
-                 rslora=cfg.rslora, verbose=False)
+        if not cfg.adalora:
+            add_lora(self.model, r=cfg.rank, alpha=cfg.alpha, dropout=cfg.dropout, target_modules=targets,
+                     rslora=cfg.rslora, verbose=False)
+        self._targets = targets
         if cfg.gradient_checkpointing:
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             self.model.enable_input_require_grads()
         self.attn = getattr(self.model.config, "_attn_implementation", "eager") or "eager"
         if cfg.packing:
             check_packing_supported(self.attn)
+
+    def _add_adalora(self) -> None:
+        """AdaLoRA's schedule needs the number of steps, known only once the data is loaded."""
+        from qlora.model.adalora import AdaLoraHooks, add_adalora
+
+        cfg = self.config
+        torch.manual_seed(cfg.seed)
+        try:
+            add_adalora(self.model, init_r=cfg.adalora_init_r, target_r=cfg.adalora_target_r, tinit=cfg.adalora_tinit,
+                        tfinal=cfg.adalora_tfinal, deltaT=cfg.adalora_delta_t, total_step=self.total_steps,
+                        alpha=cfg.alpha, dropout=cfg.dropout, target_modules=self._targets, verbose=False)
+        except UsageError as exc:
+            raise UsageError(f"--adalora: {exc} (this run has {self.total_steps} steps)") from None
+        self.adapter_hooks = AdaLoraHooks(self.model)
 
     def _load_data(self, source: str):
         cfg = self.config
@@ -309,6 +328,10 @@ class Trainer:
                 self._stop_nonfinite("loss", batch)
             (self.scaler.scale(loss) if self.scaler else loss).backward()
             total += loss.item()
+        if self.adapter_hooks is not None:  # once per optimizer step, whatever grad_accum is
+            extra = self.adapter_hooks.extra_loss()
+            (self.scaler.scale(extra) if self.scaler else extra).backward()
+            total += extra.item()
         if self.scaler:
             self.scaler.unscale_(self.optimizer)
         if self.step == 0:
@@ -324,6 +347,8 @@ class Trainer:
             self.scaler.update()
         else:
             self.optimizer.step()
+        if self.adapter_hooks is not None:
+            self.adapter_hooks.after_step(self.step)
         self.scheduler.step()
         self.losses.append(total)
         elapsed = time.perf_counter() - start
@@ -337,11 +362,16 @@ class Trainer:
         Catches the silent failure where checkpointing on a frozen base cuts the
         graph and the run 'trains' without changing anything."""
         dead = [n for n, p in self.model.named_parameters() if p.requires_grad
-                and (p.grad is None or ("lora_B" in n and not bool(p.grad.abs().sum() > 0)))]
+                and (p.grad is None or (self._zero_at_init(n) and not bool(p.grad.abs().sum() > 0)))]
         if dead:
             raise UsageError(f"no gradient reached {len(dead)} adapter parameters in the first step (e.g. "
                              f"{dead[0]}); the loss does not depend on them. Check --gradient-checkpointing "
                              "with this model, or report the model architecture as a qlora bug.")
+
+    def _zero_at_init(self, name: str) -> bool:
+        """The adapter factor that starts at zero, hence the one the first gradient must reach:
+        LoRA's B; AdaLoRA's singular values E (its P and Q get zero gradients while E = 0)."""
+        return ("lora_E" in name) if self.config.adalora else ("lora_B" in name)
 
     def _stop_nonfinite(self, what: str, batch: dict[str, torch.Tensor]) -> None:
         module = first_nonfinite_module(self.model, batch)
@@ -413,6 +443,8 @@ class Trainer:
         """The adapter (PEFT format) and tokenizer at the top of --output."""
         from qlora.model.adapter_io import save_adapter
 
+        if self.adapter_hooks is not None:
+            self.metrics.write(self.adapter_hooks.summary())
         staged = self.out / ".final-adapter"
         save_adapter(self.model, staged)  # the tokenizer goes next to it below
         for f in staged.iterdir():
