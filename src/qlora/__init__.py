@@ -23,6 +23,10 @@ _LAZY = {
     "save_merged": "qlora.model.merge",
     "save_quantized": "qlora.model.quantized_io",
     "quantize_model": "qlora.model.quantize",
+    "set_adapter": "qlora.model.multi_adapter",
+    "set_adapters": "qlora.model.multi_adapter",
+    "adapter_rows": "qlora.model.multi_adapter",
+    "combine_adapters": "qlora.model.multi_adapter",
     "Chat": "qlora.infer.chat",
 }
 

@@ -50,6 +50,8 @@ def adapter_state_dict(model: nn.Module, adapter_name: str = "default") -> dict[
         if adapter_name in layer.specs:
             out[f"{_PEFT_PREFIX}{path}.lora_A.weight"] = layer.lora_A[adapter_name].weight.detach()
             out[f"{_PEFT_PREFIX}{path}.lora_B.weight"] = layer.lora_B[adapter_name].weight.detach()
+            if adapter_name in layer.lora_magnitude_vector:
+                out[f"{_PEFT_PREFIX}{path}.lora_magnitude_vector"] = layer.lora_magnitude_vector[adapter_name].weight.detach()
     for path in cfg.modules_to_save if cfg else ():
         for name, param in model.get_submodule(path).named_parameters():
             out[f"{_PEFT_PREFIX}{path}.{name}"] = param.detach()
@@ -88,11 +90,11 @@ def _lora_peft_config(cfg: AdapterConfig) -> dict:
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": cfg.base_model_name_or_path,
         "r": spec.r, "lora_alpha": spec.alpha, "lora_dropout": spec.dropout, "target_modules": cfg.target_modules,
         "bias": "none", "fan_in_fan_out": cfg.fan_in_fan_out, "use_rslora": spec.rslora,
-        "init_lora_weights": True if spec.init == "kaiming" else "gaussian",
+        "init_lora_weights": {"kaiming": True}.get(spec.init, spec.init),
         "modules_to_save": sorted({p.rsplit(".", 1)[-1] for p in cfg.modules_to_save}) or None,
-        "inference_mode": True, "use_dora": False, "revision": None, "layers_to_transform": None,
+        "inference_mode": True, "use_dora": spec.use_dora, "revision": None, "layers_to_transform": None,
         "qlora_version": __version__, "qlora_format_version": FORMAT_VERSION,
-    }
+    } | ({"loftq_config": {"loftq_bits": 4, "loftq_iter": spec.loftq_iter}} if spec.init == "loftq" else {})
 
 
 def read_adapter_config(adapter_dir: str | Path) -> dict:
@@ -108,8 +110,9 @@ def read_adapter_config(adapter_dir: str | Path) -> dict:
                          f"this one reads up to {FORMAT_VERSION}); upgrade qlora to load it.")
     if config.get("peft_type", "LORA") not in ("LORA", "ADALORA"):
         raise UsageError(f"{path}: adapter type {config.get('peft_type')} is not a LoRA adapter.")
-    if config.get("use_dora"):
-        raise UsageError(f"{path}: DoRA adapters are not supported by this version of qlora.")
+    if config.get("init_lora_weights") == "loftq":
+        log.warning("%s: a LoftQ adapter is only valid on the 4-bit base it was made with "
+                    "(qlora.save_quantized wrote it next to the adapter, or PEFT's LoftQ base).", path)
     unknown = sorted(set(config) - _KNOWN_KEYS)
     if unknown:
         log.warning("%s: ignoring unknown adapter config keys %s", path, ", ".join(unknown))
@@ -157,14 +160,16 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path, adapter_name: str = 
         return model
     add_lora(model, r=int(config["r"]), alpha=float(config["lora_alpha"]), dropout=float(config.get("lora_dropout") or 0.0),
              target_modules="|".join(map(re.escape, paths)), rslora=bool(config.get("use_rslora")),
-             adapter_name=adapter_name, verbose=False, modules_to_save=save_paths)
+             adapter_name=adapter_name, verbose=False, modules_to_save=save_paths, use_dora=bool(config.get("use_dora")))
     adapter_configs(model)[adapter_name].target_modules = list(config.get("target_modules") or [])
     layers = lora_layers(model)
     for key, value in tensors.items():
         if ".lora_" not in key:
             continue
         path, _, rest = key[len(_PEFT_PREFIX):].rpartition(".lora_")
-        which = "lora_A" if rest.startswith("A") else "lora_B"
+        which = {"A": "lora_A", "B": "lora_B", "m": "lora_magnitude_vector"}[rest[0]]
+        if which not in ("lora_A", "lora_B") and adapter_name not in layers[path].lora_magnitude_vector:
+            raise UsageError(f"{adapter_dir} has DoRA magnitudes ({key}) but its config does not say use_dora.")
         param = getattr(layers[path], which)[adapter_name].weight
         if param.shape != value.shape:
             raise UsageError(f"{adapter_dir} was made for another base model: {key} has shape {tuple(value.shape)} "

@@ -89,12 +89,21 @@ def add_lora(
     dtype: torch.dtype = torch.float32,
     verbose: bool = True,
     modules_to_save: list[str] | None = None,
+    use_dora: bool = False,
+    loftq_iter: int = 1,
+    loftq_quant: tuple[str, int, bool] = ("nf4", 64, True),
 ) -> nn.Module:
     """Attach a LoRA adapter to the matching linear layers; freeze everything else.
 
     Args:
         model: a transformers model (4-bit from :func:`qlora.load_model` or dense).
-        r, alpha, dropout, rslora, init, dtype: adapter hyper-parameters (PEFT's meaning).
+        r, alpha, dropout, rslora, init, dtype: adapter hyper-parameters (PEFT's meaning);
+            ``init="loftq"`` needs a dense model (``load_model(quant=None)``) and
+            quantizes each adapted layer to the LoftQ base ``loftq_quant`` =
+            (quant_type, blocksize, double_quant) in ``loftq_iter`` steps; the other
+            linear layers stay dense (``quantize_model`` them). The adapter is valid
+            only on that base: save it with ``save_quantized`` next to the adapter.
+        use_dora: DoRA (a trained magnitude per output row); composes with rslora.
         target_modules: ``"all-linear"``, a list of names (``["q_proj", "v_proj"]``,
             matched against the end of module paths) or a regex over full paths.
         adapter_name: adapters of several names can live on one model.
@@ -112,7 +121,10 @@ def add_lora(
     configs = adapter_configs(model)
     if adapter_name in configs:
         raise UsageError(f"the model already has an adapter named {adapter_name!r}")
-    spec = LoraSpec(r=r, alpha=alpha, dropout=dropout, rslora=rslora, init=init, dtype=dtype)
+    if init == "loftq" and not 1 <= loftq_iter <= 5:
+        raise UsageError(f"loftq_iter must be 1 to 5 (each step is an SVD of every adapted layer), got {loftq_iter}")
+    spec = LoraSpec(r=r, alpha=alpha, dropout=dropout, rslora=rslora, init=init, dtype=dtype, use_dora=use_dora,
+                    loftq_iter=loftq_iter, loftq_quant=loftq_quant)
     for p in model.parameters():
         p.requires_grad_(False)
     paths = _select(model, target_modules)
@@ -124,13 +136,18 @@ def add_lora(
             parent = model.get_submodule(parent_path) if parent_path else model
             module = LoraLinear(module)
             setattr(parent, child, module)
+        try:
+            module.add_adapter(adapter_name, spec)
+        except ValueError as exc:
+            raise UsageError(f"{path}: {exc}") from exc
         fan_in_fan_out |= module.fan_in_fan_out or getattr(module.base_layer, "from_conv1d", False)
-        module.add_adapter(adapter_name, spec)
         module.train(model.training)  # new dropout modules follow the model's train/eval mode
     for layer in lora_layers(model).values():
         for p in layer.lora_A.parameters():
             p.requires_grad_(True)
         for p in layer.lora_B.parameters():
+            p.requires_grad_(True)
+        for p in layer.lora_magnitude_vector.parameters():
             p.requires_grad_(True)
     save_paths = _modules_to_save(model, modules_to_save)
     for path in save_paths:

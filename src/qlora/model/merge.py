@@ -48,10 +48,9 @@ def merge(model: nn.Module, into: str = "dequantized", dtype: torch.dtype | None
 
     def make(path: str, module: nn.Module) -> nn.Module | None:
         if isinstance(module, LoraLinear):
-            w = module.base_weight(torch.float32)
-            for name, weight in module.active.items():
-                if name not in module.merged:
-                    w = w + module.delta_weight(name) * weight
+            if module.merged and any(n in module.lora_magnitude_vector for n in module.active):
+                module.unmerge()  # DoRA's fold needs the unmerged base
+            w = module.merged_weight([n for n in module.active if n not in module.merged])
             base = module.base_layer
         elif isinstance(module, Linear4bit) and into == "dequantized":
             w, base = module.dequantize(torch.float32), module

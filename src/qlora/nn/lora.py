@@ -5,8 +5,14 @@
 :class:`~qlora.nn.linear4bit.Linear4bit`, an ``nn.Linear``, or GPT-2's
 ``Conv1D`` (a linear layer stored transposed: ``fan_in_fan_out``).
 
+DoRA (Liu et al. 2024) splits the adapted weight into a trained magnitude ``m``
+(one value per output row) and a direction: ``W' = m * (W + s BA) / ||W + s BA||``,
+the row norm taken of the dequantized base and detached (the paper's section
+4.3), so it adds ``(m/n - 1) * W x + (m/n) * s B A x`` to the base output.
+
 The module layout (``base_layer``, ``lora_A.<name>``, ``lora_B.<name>``,
-``lora_dropout.<name>``) is PEFT's, so adapter keys translate one to one.
+``lora_dropout.<name>``, ``lora_magnitude_vector.<name>.weight``) is PEFT's,
+so adapter keys translate one to one.
 """
 
 from __future__ import annotations
@@ -30,8 +36,11 @@ class LoraSpec:
     alpha: float = 16.0
     dropout: float = 0.0
     rslora: bool = False
-    init: str = "kaiming"  # "kaiming" (A Kaiming-uniform, B zeros) | "gaussian" (A ~ N(0, 1/r), B zeros)
+    init: str = "kaiming"  # "kaiming" (A Kaiming-uniform, B zeros) | "gaussian" (A ~ N(0, 1/r), B zeros) | "loftq"
     dtype: torch.dtype = torch.float32
+    use_dora: bool = False
+    loftq_iter: int = 1  # alternating quantize/SVD steps of init="loftq"
+    loftq_quant: tuple[str, int, bool] = ("nf4", 64, True)  # (quant_type, blocksize, double_quant) of its base
 
     @property
     def scaling(self) -> float:
@@ -48,6 +57,14 @@ def _dense_shape(base: nn.Module) -> tuple[int, int, bool]:
     raise TypeError(f"LoRA can wrap nn.Linear, Linear4bit or Conv1D, not {type(base).__name__}")
 
 
+class _Magnitude(nn.Module):
+    """DoRA's magnitude vector; a module holding ``weight`` so keys match PEFT's."""
+
+    def __init__(self, norm: torch.Tensor) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(norm)
+
+
 class LoraLinear(nn.Module):
     """A frozen linear base with any number of named LoRA adapters."""
 
@@ -60,10 +77,13 @@ class LoraLinear(nn.Module):
         self.lora_A = nn.ModuleDict()
         self.lora_B = nn.ModuleDict()
         self.lora_dropout = nn.ModuleDict()
+        self.lora_magnitude_vector = nn.ModuleDict()
         self.specs: dict[str, LoraSpec] = {}
         self.active: dict[str, float] = {}  # adapter name -> combination weight
         self.disabled = False
         self.merged: list[str] = []
+        self.row_adapters: list[str | None] | None = None  # per batch row adapter (see qlora.model.multi_adapter)
+        self._dora_scale: dict[str, torch.Tensor] = {}  # m / ||W + s BA|| of merged DoRA adapters, to unmerge
 
     # --- adapters -----------------------------------------------------------
     def add_adapter(self, name: str, spec: LoraSpec) -> None:
@@ -79,6 +99,9 @@ class LoraLinear(nn.Module):
         self.lora_dropout[name] = nn.Dropout(spec.dropout) if spec.dropout > 0 else nn.Identity()
         self.specs[name] = spec
         self.reset_adapter(name)
+        if spec.use_dora:
+            norm = self._weight_norm(name).to(spec.dtype)
+            self.lora_magnitude_vector[name] = _Magnitude(norm)
         if not self.active:
             self.active = {name: 1.0}
 
@@ -90,15 +113,55 @@ class LoraLinear(nn.Module):
             nn.init.normal_(a, std=1.0 / spec.r)
         elif spec.init == "kaiming":
             nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+        elif spec.init == "loftq":
+            self._loftq_init(name)
+            return
         else:
-            raise ValueError(f"unknown LoRA init {spec.init!r}; use 'kaiming' or 'gaussian'")
+            raise ValueError(f"unknown LoRA init {spec.init!r}; use 'kaiming', 'gaussian' or 'loftq'")
         nn.init.zeros_(b)
+
+    @torch.no_grad()
+    def _loftq_init(self, name: str) -> None:
+        """LoftQ (Li et al. 2023): choose the 4-bit base Q and A, B together so that
+        ``dequant(Q) + s BA`` approximates the full-precision W, instead of leaving
+        the whole quantization error to training.
+
+        Alternates ``Q = quant(W - s BA)`` and ``s BA = SVD_r(W - dequant(Q))``.
+        The base must still be dense here; it is replaced by a :class:`Linear4bit`
+        holding Q (``spec.loftq_quant``, compute dtype = the dense weight's), so the
+        adapter is only valid on this base, not on a plain quantization of W.
+        """
+        spec = self.specs[name]
+        if len(self.specs) > 1:
+            raise ValueError("LoftQ replaces the base weight, which the layer's other adapters were made for; "
+                             "use init='loftq' only for a layer's first adapter")
+        base = self.base_layer
+        if isinstance(base, Linear4bit):
+            raise ValueError("LoftQ needs the full-precision base weights; load the model with quant=None, "
+                             "add_lora(init='loftq') quantizes the adapted layers itself")
+        quant_type, blocksize, double_quant = spec.loftq_quant
+        quantized = Linear4bit.from_linear(base, quant_type, blocksize, double_quant, base.weight.dtype,
+                                           transposed=self.fan_in_fan_out)
+        quantized.from_conv1d = self.fan_in_fan_out
+        w = self.base_weight(torch.float32)
+        residual = w
+        for _ in range(spec.loftq_iter):
+            quantized.set_weight(residual)
+            u, sigma, vh = torch.linalg.svd(w - quantized.dequantize(torch.float32), full_matrices=False)
+            root = sigma[: spec.r].sqrt() / math.sqrt(spec.scaling)
+            b, a = u[:, : spec.r] * root, root[:, None] * vh[: spec.r]
+            residual = w - spec.scaling * (b @ a)
+        self.base_layer, self.fan_in_fan_out = quantized.requires_grad_(False), False
+        self.lora_A[name].weight.copy_(a)
+        self.lora_B[name].weight.copy_(b)
 
     def delete_adapter(self, name: str) -> None:
         if name in self.merged:
             raise ValueError(f"unmerge adapter {name!r} before deleting it")
         for d in (self.lora_A, self.lora_B, self.lora_dropout):
             del d[name]
+        if name in self.lora_magnitude_vector:
+            del self.lora_magnitude_vector[name]
         del self.specs[name]
         self.active.pop(name, None)
 
@@ -132,43 +195,107 @@ class LoraLinear(nn.Module):
         w = base.weight.detach()
         return (w.t() if self.fan_in_fan_out else w).to(dtype)
 
+    @torch.no_grad()
+    def _weight_norm(self, name: str) -> torch.Tensor:
+        """DoRA's per-row ``||W + s BA||`` (float32), detached: the paper treats it
+        as a constant in backward, which is what saves DoRA's memory."""
+        w = self.base_weight(torch.float32) + self.delta_weight(name)
+        return torch.linalg.norm(w, dim=1)
+
+    def _without_bias(self, y: torch.Tensor) -> torch.Tensor:
+        bias = getattr(self.base_layer, "bias", None)
+        return y if bias is None else y - bias.to(y.dtype)
+
+    def _adapter_out(self, name: str, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """What adapter ``name`` adds to the base output ``y`` of input ``x``.
+
+        For DoRA with active dropout the base term is recomputed on the dropped
+        input, as PEFT does; otherwise it is the base output without bias.
+        """
+        a, dropout = self.lora_A[name], self.lora_dropout[name]
+        h = dropout(x)
+        if not torch.is_autocast_enabled(x.device.type):
+            h = h.to(a.weight.dtype)
+        out = self.lora_B[name](a(h)) * self.specs[name].scaling
+        if name not in self.lora_magnitude_vector:
+            return out.to(y.dtype)
+        dropped = self.training and not isinstance(dropout, nn.Identity)
+        base = self._without_bias(self.base_layer(h) if dropped else y)
+        ratio = self.lora_magnitude_vector[name].weight / self._weight_norm(name)
+        return ((ratio - 1) * base + ratio * out).to(y.dtype)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base_layer(x)
         if self.disabled:
             return y
+        if self.row_adapters is not None:
+            return self._forward_rows(x, y)
         for name, weight in self.active.items():
             if name in self.merged or weight == 0:
                 continue
-            a = self.lora_A[name]
-            h = self.lora_dropout[name](x)
-            if not torch.is_autocast_enabled(x.device.type):
-                h = h.to(a.weight.dtype)
-            out = self.lora_B[name](a(h)) * (self.specs[name].scaling * weight)
-            y = y + out.to(y.dtype)
+            y = y + self._adapter_out(name, x, y) * weight
         return y
 
+    def _forward_rows(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Row ``i`` of the batch gets adapter ``row_adapters[i]`` (None or a name this
+        layer lacks: base only); the base runs once for the whole batch."""
+        if len(self.row_adapters) != x.shape[0]:
+            raise ValueError(f"{len(self.row_adapters)} row adapters for a batch of {x.shape[0]} rows")
+        if self.merged:
+            raise ValueError("per-row adapters need unmerged adapters; unmerge first")
+        out = y
+        for name in dict.fromkeys(self.row_adapters):
+            if name not in self.specs:
+                continue
+            rows = torch.tensor([i for i, n in enumerate(self.row_adapters) if n == name], device=x.device)
+            out = out.index_add(0, rows, self._adapter_out(name, x[rows], y[rows]))
+        return out
+
     # --- merge --------------------------------------------------------------
+    def merged_weight(self, names: list[str]) -> torch.Tensor:
+        """The dense float32 ``[out, in]`` weight with adapters ``names`` (weighted
+        as in :attr:`active`) folded in, equal to the forward pass with them."""
+        return self._fold(self.base_weight(torch.float32), names)[0]
+
+    @torch.no_grad()
+    def _fold(self, w: torch.Tensor, names: list[str]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        out, ratios = w.clone(), {}
+        for n in names:
+            weight, delta = self.active.get(n, 1.0), self.delta_weight(n)
+            if n in self.lora_magnitude_vector:
+                ratio = (self.lora_magnitude_vector[n].weight.float() / torch.linalg.norm(w + delta, dim=1))[:, None]
+                out += weight * ((ratio - 1) * w + ratio * delta)
+                ratios[n] = ratio
+            else:
+                out += weight * delta
+        return out, ratios
+
     @torch.no_grad()
     def merge(self, names: list[str] | None = None) -> None:
         """Fold adapters into the base weight (re-quantized if the base is 4-bit)."""
         names = [n for n in (names or list(self.active)) if n not in self.merged]
         if not names:
             return
-        w = self.base_weight(torch.float32)
-        for n in names:
-            w = w + self.delta_weight(n) * self.active.get(n, 1.0)
+        if self.merged and any(n in self.lora_magnitude_vector for n in names + self.merged):
+            raise ValueError("DoRA's norm is of the unmerged base: unmerge before merging more adapters")
+        w, self._dora_scale = self._fold(self.base_weight(torch.float32), names)
         self._write_base(w)
         self.merged += names
 
     @torch.no_grad()
     def unmerge(self) -> None:
+        """Undo :meth:`merge`: ``W = (W' - sum_a w_a r_a s B_a A_a) / (1 + sum_a w_a (r_a - 1))``,
+        ``r_a = m_a / ||W + s B_a A_a||`` for DoRA adapters, 1 for plain ones."""
         if not self.merged:
             return
         w = self.base_weight(torch.float32)
+        row_scale = torch.ones(w.shape[0], 1, device=w.device)
         for n in self.merged:
-            w = w - self.delta_weight(n) * self.active.get(n, 1.0)
-        self._write_base(w)
-        self.merged = []
+            weight, ratio = self.active.get(n, 1.0), self._dora_scale.get(n, 1.0)
+            w = w - weight * ratio * self.delta_weight(n)
+            row_scale = row_scale + weight * (ratio - 1)
+        self._write_base(w / row_scale)
+        self.merged, self._dora_scale = [], {}
 
     def _write_base(self, w: torch.Tensor) -> None:
         base = self.base_layer
@@ -179,5 +306,5 @@ class LoraLinear(nn.Module):
             base.weight.data.copy_(target.to(base.weight.dtype))
 
     def extra_repr(self) -> str:
-        ranks = ", ".join(f"{n}: r={s.r}" for n, s in self.specs.items())
+        ranks = ", ".join(f"{n}: r={s.r}{', dora' if s.use_dora else ''}" for n, s in self.specs.items())
         return f"adapters=[{ranks}], active={list(self.active)}"

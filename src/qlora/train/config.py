@@ -21,11 +21,12 @@ from qlora.optim import OPTIMIZERS
 SCHEDULERS = ("cosine", "linear", "constant")
 QUANTS = ("nf4", "fp4", "none")
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+INITS = ("kaiming", "gaussian", "loftq")
 
 # Fields whose change makes a checkpoint incompatible with a resumed run.
 _RUN_DEFINING = (
     "model", "data", "quant", "double_quant", "blocksize", "rank", "alpha", "dropout", "target_modules",
-    "rslora", "seq_len", "batch_size", "grad_accum", "lr", "lr_scheduler", "warmup_ratio", "warmup_steps",
+    "rslora", "dora", "init", "loftq_iter", "seq_len", "batch_size", "grad_accum", "lr", "lr_scheduler", "warmup_ratio", "warmup_steps",
     "epochs", "max_steps", "optim", "weight_decay", "max_grad_norm", "packing", "template", "format",
     "train_on", "seed", "precision", "add_special_tokens", "adalora", "adalora_init_r", "adalora_target_r",
     "adalora_tinit", "adalora_tfinal", "adalora_delta_t",
@@ -63,6 +64,10 @@ class TrainConfig:
     adalora_tinit: int = _opt(0, "AdaLoRA warmup steps before pruning starts")
     adalora_tfinal: int = _opt(0, "AdaLoRA final steps trained with the ranks fixed")
     adalora_delta_t: int = _opt(1, "AdaLoRA steps between rank reallocations")
+    dora: bool = _opt(False, "DoRA: train a magnitude per output row besides the LoRA direction (PEFT's use_dora)")
+    init: str = _opt("kaiming", "adapter init; loftq also picks the 4-bit base so base + BA approximates the "
+                                "full-precision weights (the base is then saved with the adapter)", INITS)
+    loftq_iter: int = _opt(1, "alternating quantize/SVD steps of --init loftq (1 to 5)")
     add_special_tokens: str = _opt("", "comma-separated special tokens to add to the vocabulary; the embeddings "
                                        "and output head are then trained whole and saved with the adapter")
     seq_len: int = _opt(512, "maximum tokens per example (longer ones are truncated)")
@@ -120,11 +125,18 @@ class TrainConfig:
             raise UsageError(f"--lr must be positive; got {self.lr}")
         if not 0 <= self.dropout < 1 or not 0 <= self.warmup_ratio < 1:
             raise UsageError("--dropout and --warmup-ratio must lie in [0, 1)")
+        if self.adalora and (self.dora or self.init != "kaiming"):
+            raise UsageError("--adalora does not combine with --dora or --init: AdaLoRA has its own SVD-shaped "
+                             "adapters and initialization")
         if self.adalora and self.rslora:
             raise UsageError("--adalora and --rslora do not combine: AdaLoRA scales by alpha / adalora-init-r")
         if self.adalora and self.resume:
             raise UsageError("--resume is not available with --adalora: a checkpoint keeps only the surviving "
                              "AdaLoRA triplets, so the rank schedule could not continue exactly")
+        if self.init == "loftq" and self.quant == "none":
+            raise UsageError("--init loftq picks a 4-bit base; it needs --quant nf4 or fp4")
+        if not 1 <= self.loftq_iter <= 5:
+            raise UsageError(f"--loftq-iter must be 1 to 5; got {self.loftq_iter}")
         if self.max_steps == 0 and not self.epochs > 0:
             raise UsageError("give --epochs > 0 or --max-steps > 0")
 

@@ -207,7 +207,7 @@ class Trainer:
         from qlora.model.load import load_model
 
         cfg = self.config
-        quant = None if cfg.quant == "none" else cfg.quant
+        quant = None if cfg.quant == "none" or cfg.init == "loftq" else cfg.quant  # LoftQ quantizes below
         self.model, self.tokenizer = load_model(cfg.model, quant=quant, double_quant=cfg.double_quant,
                                                 blocksize=cfg.blocksize, compute_dtype=self.dtype, device=self.device)
         tokens = [t.strip() for t in cfg.add_special_tokens.split(",") if t.strip()]
@@ -221,8 +221,14 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         if not cfg.adalora:
             add_lora(self.model, r=cfg.rank, alpha=cfg.alpha, dropout=cfg.dropout, target_modules=targets,
-                     rslora=cfg.rslora, verbose=False)
+                     rslora=cfg.rslora, verbose=False, use_dora=cfg.dora, init=cfg.init, loftq_iter=cfg.loftq_iter,
+                     loftq_quant=(cfg.quant, cfg.blocksize, cfg.double_quant))
         self._targets = targets
+        if cfg.init == "loftq":  # the adapted layers now hold their LoftQ base; quantize the rest as usual
+            from qlora.model.quantize import quantize_model
+
+            quantize_model(self.model, cfg.quant, cfg.blocksize, cfg.double_quant, self.dtype,
+                           skip_modules=("lm_head", r".*\.lora_[AB]\..*"))
         if cfg.gradient_checkpointing:
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             self.model.enable_input_require_grads()
@@ -440,7 +446,8 @@ class Trainer:
 
     # ---------------------------------------------------------------- finish
     def save_final(self) -> None:
-        """The adapter (PEFT format) and tokenizer at the top of --output."""
+        """The adapter (PEFT format) and tokenizer at the top of --output; with --init loftq
+        also its 4-bit base in ``loftq-base/`` (``load_model`` it, then ``load_adapter``)."""
         from qlora.model.adapter_io import save_adapter
 
         if self.adapter_hooks is not None:
@@ -451,6 +458,10 @@ class Trainer:
             f.replace(self.out / f.name)
         staged.rmdir()
         self.tokenizer.save_pretrained(self.out)
+        if self.config.init == "loftq":  # the adapter is only valid on its LoftQ base: ship the base with it
+            from qlora.model.quantized_io import save_quantized
+
+            save_quantized(self.model, self.out / "loftq-base", tokenizer=self.tokenizer)
 
     def _write_config(self) -> None:
         import yaml

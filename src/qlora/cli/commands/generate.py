@@ -19,7 +19,12 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     from ...infer.generate import SamplingOptions
 
     parser.add_argument("--model", required=True, help="model folder (transformers checkpoint) or hub id")
-    parser.add_argument("--adapter", help="LoRA adapter directory (PEFT format) to apply")
+    parser.add_argument("--adapter", action="append", default=[], metavar="[NAME=]DIR",
+                        help="LoRA adapter directory (PEFT format); repeat for several on one base (NAME defaults "
+                             "to the folder name). Without --adapter-weights, generate continues the prompt once "
+                             "per adapter and chat uses the first")
+    parser.add_argument("--adapter-weights", metavar="W1,W2,...",
+                        help="combine the adapters linearly with these weights (one per --adapter)")
     parser.add_argument("--quant", choices=("nf4", "fp4", "none"), default="nf4",
                         help="4-bit format of the base weights on load, or none for 16/32-bit")
     parser.add_argument("--compute-dtype", choices=("bf16", "fp16", "fp32"), default="bf16",
@@ -42,13 +47,44 @@ def load_model_from_args(args: argparse.Namespace):
 
     from ...model.adapter_io import load_adapter
     from ...model.load import load_model
+    from ...model.multi_adapter import set_adapters
 
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.compute_dtype]
     quant = None if args.quant == "none" else args.quant
     model, tokenizer = load_model(args.model, quant=quant, compute_dtype=dtype)
-    if args.adapter:
-        load_adapter(model, args.adapter)
+    for name, path in adapter_names(args).items():
+        load_adapter(model, path, adapter_name=name)
+    if args.adapter_weights:
+        set_adapters(model, dict(zip(adapter_names(args), _weights(args))))
     return model.eval(), tokenizer
+
+
+def adapter_names(args: argparse.Namespace) -> dict[str, str]:
+    """Adapter name -> folder, from the repeated ``--adapter [NAME=]DIR``."""
+    from pathlib import Path
+
+    from ...errors import UsageError
+
+    names: dict[str, str] = {}
+    for item in args.adapter:
+        name, _, path = item.rpartition("=")
+        name = name or Path(path).resolve().name
+        if name in names:
+            raise UsageError(f"two adapters are named {name!r}; name them with --adapter NAME=DIR")
+        names[name] = path
+    return names
+
+
+def _weights(args: argparse.Namespace) -> list[float]:
+    from ...errors import UsageError
+
+    try:
+        weights = [float(w) for w in args.adapter_weights.split(",")]
+    except ValueError:
+        raise UsageError(f"--adapter-weights must be comma-separated numbers, got {args.adapter_weights!r}") from None
+    if len(weights) != len(args.adapter):
+        raise UsageError(f"--adapter-weights has {len(weights)} values for {len(args.adapter)} adapters")
+    return weights
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -59,9 +95,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from ...infer.generate import stream_text
 
+    from ...model.multi_adapter import set_adapter
+
     model, tokenizer = load_model_from_args(args)
-    for piece in stream_text(model, tokenizer, args.prompt, sampling_options(args)):
-        sys.stdout.write(piece)
-        sys.stdout.flush()
-    sys.stdout.write("\n")
+    names = list(adapter_names(args)) if len(args.adapter) > 1 and not args.adapter_weights else [None]
+    for name in names:
+        if name is not None:
+            set_adapter(model, name)
+            sys.stdout.write(f"[{name}] ")
+        for piece in stream_text(model, tokenizer, args.prompt, sampling_options(args)):
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
     return 0

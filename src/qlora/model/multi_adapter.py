@@ -1,0 +1,100 @@
+"""Several adapters on one base: switch, weight, concatenate, or pick one per batch row.
+
+Adapters are loaded side by side with ``load_adapter(model, path, adapter_name=...)``;
+the 4-bit base is shared, never copied. Layers an adapter does not adapt run
+the base alone for it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator, Sequence
+
+import torch
+from torch import nn
+
+from ..errors import UsageError
+from ..nn import LoraSpec
+from .inject import AdapterConfig, adapter_configs, lora_layers
+
+
+def _check_names(model: nn.Module, names: Sequence[str | None]) -> None:
+    known = adapter_configs(model)
+    unknown = sorted({n for n in names if n is not None and n not in known})
+    if unknown:
+        raise UsageError(f"unknown adapter(s) {unknown}; the model has {sorted(known)}")
+
+
+def set_adapters(model: nn.Module, weights: dict[str, float]) -> None:
+    """Activate adapters with weights: the output is ``base + sum_a w_a * delta_a``."""
+    _check_names(model, list(weights))
+    for layer in lora_layers(model).values():
+        layer.set_active({n: w for n, w in weights.items() if n in layer.specs})
+
+
+def set_adapter(model: nn.Module, name: str) -> None:
+    """Make ``name`` the only active adapter."""
+    set_adapters(model, {name: 1.0})
+
+
+@contextlib.contextmanager
+def adapter_rows(model: nn.Module, names: Sequence[str | None]) -> Iterator[None]:
+    """Within the block, batch row ``i`` uses adapter ``names[i]`` (None: the base alone).
+
+    Each adapter runs on its rows only and the base once on the whole batch, so
+    serving several adapters costs one base forward. The list must match the
+    batch size of every forward inside the block (generation keeps it).
+    """
+    _check_names(model, names)
+    layers = list(lora_layers(model).values())
+    for layer in layers:
+        layer.row_adapters = list(names)
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.row_adapters = None
+
+
+@torch.no_grad()
+def combine_adapters(model: nn.Module, weights: dict[str, float], new_name: str) -> None:
+    """Add adapter ``new_name`` equal to ``sum_a w_a * delta_a`` by concatenation.
+
+    ``A`` stacks the adapters' A rows and ``B`` their columns times ``w_a * scale_a``
+    (the new scale is 1: alpha = r = sum of ranks), so ranks may differ and the
+    result is exact. Layers lacking an adapter get zeros in its slots.
+
+    Raises:
+        UsageError: unknown names, or a DoRA adapter (its row normalization is
+            not linear in BA, so no concatenation equals the weighted sum).
+    """
+    _check_names(model, list(weights))
+    configs = adapter_configs(model)
+    if new_name in configs:
+        raise UsageError(f"the model already has an adapter named {new_name!r}")
+    dora = [n for n in weights if configs[n].spec.use_dora]
+    if dora:
+        raise UsageError(f"cannot concatenate DoRA adapters {dora}: the magnitude normalization is not linear in "
+                         "the deltas; combine them with set_adapters(...) weights at run time instead.")
+    specs = [configs[n].spec for n in weights]
+    r = sum(s.r for s in specs)
+    spec = LoraSpec(r=r, alpha=float(r), dropout=max(s.dropout for s in specs), dtype=specs[0].dtype)
+    paths = sorted({p for n in weights for p in configs[n].layers})
+    layers = lora_layers(model)
+    for path in paths:
+        layer = layers[path]
+        layer.add_adapter(new_name, spec)
+        a, b = layer.lora_A[new_name].weight, layer.lora_B[new_name].weight
+        a.zero_(), b.zero_()
+        start = 0
+        for (name, weight), s in zip(weights.items(), specs):
+            if name in layer.specs:
+                a[start:start + s.r] = layer.lora_A[name].weight
+                b[:, start:start + s.r] = layer.lora_B[name].weight * (weight * s.scaling)
+            start += s.r
+        for p in (a, b):
+            p.requires_grad_(False)
+    first = configs[next(iter(weights))]
+    configs[new_name] = AdapterConfig(spec, sorted({t for n in weights for t in configs[n].target_modules}),
+                                      any(configs[n].fan_in_fan_out for n in weights),
+                                      first.base_model_name_or_path, paths)

@@ -1,0 +1,118 @@
+"""Several adapters on one 4-bit base: switching, weighting, concatenation, per-row batches, CLI."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import qlora
+from qlora.cli.main import main
+from qlora.errors import UsageError
+from qlora.nn import LoraLinear
+
+IDS = torch.tensor([[1, 17, 42, 99, 7, 250, 3, 64], [5, 6, 7, 8, 9, 10, 11, 12], [3, 3, 40, 41, 42, 2, 9, 9]])
+
+
+def _randomize(model, name, seed):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for layer in model.modules():
+            if isinstance(layer, LoraLinear) and name in layer.specs:
+                w = layer.lora_B[name].weight
+                w.copy_(0.05 * torch.randn(w.shape, generator=g))
+
+
+@pytest.fixture(scope="module")
+def adapters(tmp_path_factory, tiny_model_dir):
+    """Two saved adapters of different ranks and targets (b is DoRA)."""
+    root = tmp_path_factory.mktemp("adapters")
+    for name, kw, seed in (("a", dict(r=4, target_modules=["q_proj", "v_proj"]), 1),
+                           ("b", dict(r=2, alpha=8, target_modules=["v_proj", "down_proj"], use_dora=True), 2)):
+        model, _ = qlora.load_model(tiny_model_dir, compute_dtype=torch.float32, device="cpu")
+        torch.manual_seed(seed)
+        qlora.add_lora(model, dropout=0.0, verbose=False, **kw)
+        _randomize(model, "default", seed)
+        qlora.save_adapter(model, root / name)
+    return root
+
+
+def _model(tiny_model_dir, adapters, names=("a", "b")):
+    model, _ = qlora.load_model(tiny_model_dir, compute_dtype=torch.float32, device="cpu")
+    for n in names:
+        qlora.load_adapter(model, adapters / n, adapter_name=n)
+    return model.eval()
+
+
+@torch.no_grad()
+def test_switching_equals_each_adapter_alone(tiny_model_dir, adapters):
+    model = _model(tiny_model_dir, adapters)
+    for name in ("a", "b"):
+        qlora.set_adapter(model, name)
+        alone = _model(tiny_model_dir, adapters, [name])
+        torch.testing.assert_close(model(IDS).logits, alone(IDS).logits, rtol=1e-6, atol=1e-6)
+    with pytest.raises(UsageError, match="unknown adapter"):
+        qlora.set_adapter(model, "c")
+
+
+@torch.no_grad()
+def test_per_row_adapters_equal_running_each_row_alone(tiny_model_dir, adapters):
+    model = _model(tiny_model_dir, adapters)
+    rows = ["b", None, "a"]
+    with qlora.adapter_rows(model, rows):
+        batched = model(IDS).logits
+    for i, name in enumerate(rows):
+        if name is None:
+            with _disabled(model):
+                alone = model(IDS[i:i + 1]).logits
+        else:
+            qlora.set_adapter(model, name)
+            alone = model(IDS[i:i + 1]).logits
+        torch.testing.assert_close(batched[i:i + 1], alone, rtol=1e-5, atol=1e-5)
+    assert all(m.row_adapters is None for m in model.modules() if isinstance(m, LoraLinear))
+
+
+class _disabled:
+    def __init__(self, model):
+        self.layers = [m for m in model.modules() if isinstance(m, LoraLinear)]
+
+    def __enter__(self):
+        for m in self.layers:
+            m.disabled = True
+
+    def __exit__(self, *exc):
+        for m in self.layers:
+            m.disabled = False
+
+
+@torch.no_grad()
+def test_concatenation_equals_weighted_sum_for_different_ranks(tmp_path, tiny_model_dir, adapters):
+    model = _model(tiny_model_dir, adapters, ["a"])
+    torch.manual_seed(3)
+    qlora.add_lora(model, r=8, alpha=4, rslora=True, dropout=0.0, target_modules=["v_proj", "o_proj"],
+                   adapter_name="c", verbose=False)
+    _randomize(model, "c", 3)
+    qlora.set_adapters(model, {"a": 0.7, "c": -0.4})
+    weighted = model(IDS).logits
+    qlora.combine_adapters(model, {"a": 0.7, "c": -0.4}, "ac")
+    qlora.set_adapter(model, "ac")
+    torch.testing.assert_close(model(IDS).logits, weighted, rtol=1e-5, atol=1e-5)
+    assert model.get_submodule("model.layers.0.self_attn.v_proj").specs["ac"].r == 12
+    qlora.save_adapter(model, tmp_path / "ac", adapter_name="ac")
+    fresh = _model(tiny_model_dir, adapters, [])
+    qlora.load_adapter(fresh, tmp_path / "ac")
+    torch.testing.assert_close(fresh(IDS).logits, weighted, rtol=1e-5, atol=1e-5)
+    with pytest.raises(UsageError, match="cannot concatenate DoRA"):
+        qlora.combine_adapters(_model(tiny_model_dir, adapters), {"a": 1.0, "b": 1.0}, "ab")
+
+
+def test_generate_with_several_adapters(tiny_model_dir, adapters, capsys):
+    common = ["generate", "--model", str(tiny_model_dir), "--compute-dtype", "fp32", "--prompt", "The sky",
+              "--temperature", "0", "--max-new-tokens", "3",
+              "--adapter", f"a={adapters / 'a'}", "--adapter", f"b={adapters / 'b'}"]
+    assert main(common) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert [line[:4] for line in out] == ["[a] ", "[b] "]
+    assert main(common + ["--adapter-weights", "0.5,0.5"]) == 0
+    assert "[a]" not in capsys.readouterr().out
+    assert main(common + ["--adapter-weights", "0.5"]) == 2
+    assert "2 adapters" in capsys.readouterr().err
