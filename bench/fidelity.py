@@ -81,11 +81,11 @@ class Scale:
 SCALES = {
     "cpu-smoke": Scale(train_bytes=400_000, held_out_bytes=60_000, vocab=512, hidden=64, layers=2, heads=4,
                        kv_heads=2, intermediate=128, seq_len=128, pretrain_steps=150, pretrain_batch=8,
-                       pretrain_lr=3e-3, eval_windows=32, task_train=256, task_eval=48, task_max_chars=400,
+                       pretrain_lr=3e-3, eval_windows=32, task_train=256, task_eval=48, task_max_chars=240,
                        ft_steps=16, ft_batch=8, rank=8, full_lrs=(1e-3, 3e-3, 1e-2), lora_lrs=(3e-3, 1e-2, 3e-2)),
     "gpu": Scale(train_bytes=200_000_000, held_out_bytes=200_000_000, vocab=8192, hidden=512, layers=8, heads=8,
                  kv_heads=8, intermediate=1376, seq_len=512, pretrain_steps=3000, pretrain_batch=32,
-                 pretrain_lr=1e-3, eval_windows=512, task_train=20_000, task_eval=1000, task_max_chars=1500,
+                 pretrain_lr=1e-3, eval_windows=512, task_train=20_000, task_eval=1000, task_max_chars=1200,
                  ft_steps=300, ft_batch=16, rank=16, full_lrs=(1e-5, 3e-5, 1e-4), lora_lrs=(1e-4, 3e-4, 1e-3)),
 }
 
