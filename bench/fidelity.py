@@ -373,11 +373,13 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True, help="directory for results.json, results.md, fidelity.png")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--threads", type=int, default=0,
-                        help="CPU threads (0: torch's default); 1 keeps a smoke run fast on a busy shared CPU")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU threads (default: 1 for cpu-smoke, whose tiny matmuls only lose to thread "
+                             "synchronization on a busy shared CPU; torch's default otherwise)")
     args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    threads = args.threads if args.threads is not None else (1 if args.scale == "cpu-smoke" else 0)
+    if threads:
+        torch.set_num_threads(threads)
     start = time.perf_counter()
     results = run(args.scale, args.out, args.seed, torch.device(args.device))
     print(markdown(results))

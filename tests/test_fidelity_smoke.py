@@ -20,7 +20,7 @@ def test_fidelity_smoke(tmp_path: Path) -> None:
     out = tmp_path / "fid"
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
     proc = subprocess.run([sys.executable, str(ROOT / "bench" / "fidelity.py"), "--scale", "cpu-smoke",
-                           "--out", str(out), "--device", "cpu", "--threads", "1"],
+                           "--out", str(out), "--device", "cpu"],
                           env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "| qlora-nf4-dq |" in proc.stdout
