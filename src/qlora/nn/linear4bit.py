@@ -1,7 +1,10 @@
 """Linear4bit: a frozen linear layer whose weight lives in 4 bits.
 
 The packed codes and the quantization constants are buffers, not parameters,
-so optimizers never see them and ``.to(device)`` moves them. The forward pass
+so optimizers never see them and ``.to(device)`` moves them. For FSDP2, which
+shards parameters only, :meth:`Linear4bit.make_shardable` turns them into
+frozen parameters whose bytes are stored as float elements (bitsandbytes'
+``quant_storage`` trick); gathered, they are the same bytes as before. The forward pass
 dequantizes the weight to the compute dtype just before the matmul; the
 backward pass dequantizes it again to form the input gradient. Nothing but
 the 4-bit data is kept between the two (see :class:`_Linear4bitFunction`).
@@ -79,6 +82,7 @@ class Linear4bit(nn.Module):
             self.register_buffer("nested_quant_map", torch.zeros(256, dtype=torch.float32, device=device))
             self.register_buffer("offset", torch.zeros((), dtype=torch.float32, device=device))
         self.bias = nn.Parameter(torch.zeros(out_features, dtype=compute_dtype, device=device), requires_grad=False) if bias else None
+        self._storage: dict[str, tuple[torch.dtype, torch.Size, int]] = {}  # name -> (dtype, shape, bytes)
 
     @classmethod
     def from_linear(
@@ -130,20 +134,50 @@ class Linear4bit(nn.Module):
             self.nested_quant_map = state.nested.code.to(device).clone()
             self.offset = state.offset.to(device=device, dtype=torch.float32)
 
+    def _quant_names(self) -> tuple[str, ...]:
+        nested = ("nested_absmax", "nested_quant_map", "offset") if self.double_quant else ()
+        return ("weight", "absmax", "quant_map", *nested)
+
+    @torch.no_grad()
+    def make_shardable(self, storage_dtype: torch.dtype) -> None:
+        """Store the codes and constants as frozen 1-D ``storage_dtype`` parameters.
+
+        FSDP2 shards and all-gathers parameters along dim 0, never buffers, and
+        casts them to its ``param_dtype``: with ``storage_dtype`` equal to that
+        dtype the cast is a no-op, so the gathered bytes are bitsandbytes' bytes
+        (padded to whole elements), viewed back by :meth:`_quant_tensor`.
+        """
+        size = torch.empty((), dtype=storage_dtype).element_size()
+        for name in self._quant_names():
+            tensor = self._buffers.pop(name)
+            raw = tensor.contiguous().reshape(-1).view(torch.uint8)
+            padded = torch.cat([raw, raw.new_zeros(-raw.numel() % size)])
+            self._storage[name] = (tensor.dtype, tensor.shape, raw.numel())
+            self.register_parameter(name, nn.Parameter(padded.view(storage_dtype), requires_grad=False))
+
+    def _quant_tensor(self, name: str) -> torch.Tensor:
+        """A code/constant tensor in its own dtype and shape, whether buffer or byte storage."""
+        tensor = getattr(self, name)
+        if name not in self._storage:
+            return tensor
+        dtype, shape, nbytes = self._storage[name]
+        return tensor.view(torch.uint8)[:nbytes].view(dtype).reshape(shape)
+
     @property
     def quant_state(self) -> QuantState:
         nested = None
         if self.double_quant:
-            nested = NestedState(self.nested_absmax, self.nested_quant_map, 256, torch.float32)
+            nested = NestedState(self._quant_tensor("nested_absmax"), self._quant_tensor("nested_quant_map"),
+                                 256, torch.float32)
         return QuantState(
-            absmax=self.absmax, shape=torch.Size((self.out_features, self.in_features)), code=self.quant_map,
-            blocksize=self.blocksize, quant_type=self.quant_type, dtype=self.quant_dtype,
-            offset=self.offset if self.double_quant else None, nested=nested,
+            absmax=self._quant_tensor("absmax"), shape=torch.Size((self.out_features, self.in_features)),
+            code=self._quant_tensor("quant_map"), blocksize=self.blocksize, quant_type=self.quant_type,
+            dtype=self.quant_dtype, offset=self._quant_tensor("offset") if self.double_quant else None, nested=nested,
         )
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The dense ``[out, in]`` weight in ``dtype`` (default: compute dtype)."""
-        return dequantize_4bit(self.weight, self.quant_state, dtype or self.compute_dtype)
+        return dequantize_4bit(self._quant_tensor("weight"), self.quant_state, dtype or self.compute_dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Under autocast the matmul runs in the autocast dtype and returns it,
@@ -154,7 +188,8 @@ class Linear4bit(nn.Module):
 
     # --- bitsandbytes/transformers state-dict layout -------------------------
     def _save_to_state_dict(self, destination, prefix, keep_vars):
-        destination[prefix + "weight"] = self.weight if keep_vars else self.weight.detach()
+        weight = self._quant_tensor("weight")
+        destination[prefix + "weight"] = weight if keep_vars else weight.detach()
         for key, value in self.quant_state.as_dict(packed=True).items():
             destination[prefix + "weight." + key] = value if keep_vars else value.detach()
         if self.bias is not None:

@@ -83,6 +83,7 @@ class TrainConfig:
     weight_decay: float = _opt(0.0, "AdamW weight decay")
     max_grad_norm: float = _opt(0.3, "clip the gradient norm to this (0: no clipping)")
     gradient_checkpointing: bool = _opt(False, "recompute each layer in the backward pass to save memory")
+    fsdp: bool = _opt(False, "under torchrun: shard the 4-bit base over the ranks with FSDP2 (default: DDP replicas)")
     packing: bool = _opt(False, "pack short examples into --seq-len rows (examples never attend to each other)")
     precision: str = _opt("auto", "compute dtype: auto = bf16 on CUDA (fp16 without bf16), fp32 on CPU", PRECISIONS)
     seed: int = _opt(42, "random seed (data order, dropout, initialization)")
@@ -98,9 +99,16 @@ class TrainConfig:
         """Plain values, in field order, for YAML and checkpoint comparison."""
         return dataclasses.asdict(self)
 
-    def run_defining(self) -> dict[str, Any]:
-        """The options a checkpoint must agree on to be resumed."""
-        return {k: getattr(self, k) for k in _RUN_DEFINING}
+    def run_defining(self, world_size: int = 1) -> dict[str, Any]:
+        """The options a checkpoint must agree on to be resumed.
+
+        The batch is recorded as the global batch (per-device batch x
+        accumulation x ranks), so a checkpoint resumes on any number of ranks
+        that keeps it, e.g. 2 ranks x batch 2 -> 1 rank x batch 2 x accum 2.
+        """
+        values = {k: getattr(self, k) for k in _RUN_DEFINING}
+        values["global_batch"] = values.pop("batch_size") * values.pop("grad_accum") * world_size
+        return values
 
     def validate(self) -> None:
         """Check choices and ranges; missing required options.

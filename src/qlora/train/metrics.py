@@ -20,6 +20,15 @@ def gpu_memory_gib() -> float:
     return torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else 0.0
 
 
+class NullMetrics:
+    """The logger of ranks other than 0: one writer per run, so they write nothing."""
+
+    def log(self, record: dict[str, Any]) -> None: ...
+    def advance(self, steps: int = 1) -> None: ...
+    def write(self, message: str) -> None: ...
+    def close(self) -> None: ...
+
+
 class MetricsLogger:
     """Writes every record to metrics.jsonl, TensorBoard (when it imports) and the bar."""
 

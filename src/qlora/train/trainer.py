@@ -13,6 +13,10 @@ checkpoint) -> save the final adapter -> cleanup. Choices that matter:
 - A checkpoint holds the adapter, optimizer, scheduler, RNG states (torch,
   CUDA, python, numpy) and the step, written atomically; resuming reproduces
   the losses of an uninterrupted run bit for bit on the CPU.
+- Under ``torchrun`` (see :mod:`qlora.train.distributed`) each step's units
+  are split over the ranks, rank ``r`` taking its ``B`` units of every global
+  micro-batch, and the token count is all-reduced; the global batch, the
+  losses and the checkpoints are those of one process with ``B x ranks``.
 """
 
 from __future__ import annotations
@@ -35,11 +39,12 @@ from qlora.atomic import atomic_dir
 from qlora.errors import UsageError
 from qlora.optim import create_optimizer
 from qlora.train.config import TrainConfig
+from qlora.train.distributed import DistContext, all_reduce_grads, shard_fsdp, wrap_ddp
 from qlora.train.data import (
     IGNORE_INDEX, check_packing_supported, count_trainable_tokens, load_records, normalize, pack_examples,
     packed_collate, pad_collate, pad_token_id, resolve_chat_template, shuffled_indices, tokenize_dataset,
 )
-from qlora.train.metrics import MetricsLogger, gpu_memory_gib
+from qlora.train.metrics import MetricsLogger, NullMetrics, gpu_memory_gib
 
 CHECKPOINTS = "checkpoints"
 STATE_FILE = "trainer_state.pt"
@@ -147,7 +152,8 @@ class Trainer:
     def __init__(self, config: TrainConfig) -> None:
         self.config = config
         self.out = Path(config.output)
-        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.dist = DistContext.from_env()
+        self.device = self.dist.device()
         self.dtype = compute_dtype_for(config.precision, self.device)
         self.step = 0
         self.losses: list[float] = []
@@ -160,14 +166,16 @@ class Trainer:
         resume_from = self._check_output()
         self.train_units, self.report = self._load_data(cfg.data)
         self.eval_units = self._load_data(cfg.eval_data)[0] if cfg.eval_data else []
-        if cfg.overwrite and not cfg.resume and self.out.exists():
+        self.dist.barrier()  # every rank has checked --output before rank 0 changes it
+        if cfg.overwrite and not cfg.resume and self.out.exists() and self.dist.is_main:
             shutil.rmtree(self.out)  # only now: every input has been checked
         self.micro_batches_per_step = cfg.grad_accum
-        units_per_step = cfg.batch_size * cfg.grad_accum
+        units_per_step = cfg.batch_size * cfg.grad_accum * self.dist.world_size
         self.total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * len(self.train_units) / units_per_step))
         warmup = cfg.warmup_steps or int(cfg.warmup_ratio * self.total_steps)
         if cfg.adalora:
             self._add_adalora()
+        self._parallelize()  # after every adapter exists: DDP and FSDP see the final parameters
         params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = _make_optimizer(cfg.optim, params, cfg.lr, cfg.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -175,6 +183,9 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(self.device.type) if self.dtype == torch.float16 else None
         if resume_from is not None:
             self._load_checkpoint(resume_from)
+        if not self.dist.is_main:
+            self.metrics = NullMetrics()
+            return
         self.out.mkdir(parents=True, exist_ok=True)
         self._write_config()
         self.metrics = MetricsLogger(self.out, self.total_steps, self.step, cfg.progress)
@@ -189,9 +200,10 @@ class Trainer:
             if not checkpoints:
                 raise UsageError(f"--resume: {self.out} has no checkpoint to resume from")
             saved = json.loads((checkpoints[-1] / "run_config.json").read_text())
-            differ = [k for k, v in self.config.run_defining().items() if saved.get(k) != v]
+            current = self.config.run_defining(self.dist.world_size)
+            differ = [k for k, v in current.items() if saved.get(k) != v]
             if differ:
-                shown = ", ".join(f"{k}: {saved.get(k)!r} -> {getattr(cfg, k)!r}" for k in differ)
+                shown = ", ".join(f"{k}: {saved.get(k)!r} -> {current[k]!r}" for k in differ)
                 raise UsageError(f"--resume: the checkpoint in {self.out} was made with a different config ({shown}); "
                                  "resume with the original options or train into a new --output")
             self._load_model()
@@ -250,6 +262,18 @@ class Trainer:
             raise UsageError(f"--adalora: {exc} (this run has {self.total_steps} steps)") from None
         self.adapter_hooks = AdaLoraHooks(self.model)
 
+    def _parallelize(self) -> None:
+        """Under torchrun: DDP replicas, or FSDP2 shards with --fsdp. ``self.model``
+        stays the plain model (adapter I/O, parameters); ``self.forward_model``
+        is what the loss runs through."""
+        self.forward_model = self.model
+        if not self.dist.enabled:
+            return
+        if self.config.fsdp:
+            shard_fsdp(self.model, self.dist, self.dtype)
+        else:
+            self.forward_model = wrap_ddp(self.model, self.dist)
+
     def _load_data(self, source: str):
         cfg = self.config
         examples = normalize(load_records(source), cfg.format)
@@ -268,10 +292,12 @@ class Trainer:
     def micro_batches(self, step: int) -> list[dict[str, torch.Tensor]]:
         """The micro-batches of optimizer step ``step``: a pure function of (seed, step)."""
         n, bs = len(self.train_units), self.config.batch_size
+        world, rank = self.dist.world_size, self.dist.rank
         batches = []
         for m in range(step * self.micro_batches_per_step, (step + 1) * self.micro_batches_per_step):
             units = []
-            for u in range(m * bs, (m + 1) * bs):
+            first = (m * world + rank) * bs  # this rank's slice of global micro-batch m
+            for u in range(first, first + bs):
                 epoch, pos = divmod(u, n)
                 units.append(self.train_units[self._order(epoch)[pos]])
             batches.append(self._collate(units))
@@ -281,6 +307,12 @@ class Trainer:
         if getattr(self, "_cached_epoch", None) != epoch:
             self._cached_epoch, self._cached_order = epoch, shuffled_indices(len(self.train_units), self.config.seed, epoch)
         return self._cached_order
+
+    def _no_sync(self, last: bool):
+        """DDP all-reduces once per step: on the last micro-batch's backward only."""
+        if last or self.forward_model is self.model:
+            return nullcontext()
+        return self.forward_model.no_sync()
 
     def _autocast(self):
         if self.device.type == "cuda" and self.dtype != torch.float32:
@@ -300,7 +332,7 @@ class Trainer:
         previous = _install_stop_handlers(self)
         try:
             while self.step < self.total_steps:
-                if self._stop_signal is not None:
+                if self._stop_requested():
                     raise Interrupted(self.step, self.save_checkpoint())
                 record = self.train_step()
                 self.step += 1
@@ -311,7 +343,7 @@ class Trainer:
                     self.evaluate()
                 if cfg.save_steps and self.step % cfg.save_steps == 0:
                     self.save_checkpoint()
-            if self._stop_signal is not None:
+            if self._stop_requested():
                 raise Interrupted(self.step, self.save_checkpoint())
         finally:
             for signum, handler in previous.items():
@@ -319,30 +351,47 @@ class Trainer:
         if self.eval_units and not (cfg.eval_steps and self.step % cfg.eval_steps == 0):
             self.evaluate()
 
+    def _stop_requested(self) -> bool:
+        """Whether any rank got Ctrl-C/SIGTERM: all ranks stop at the same step."""
+        flag = torch.tensor([float(self._stop_signal is not None)], device=self.device)
+        return bool(self.dist.all_reduce_sum(flag).item() > 0)
+
+    def _reseed_step(self) -> None:
+        """Ranks draw different dropout masks, each a function of (seed, step, rank),
+        so a resumed multi-rank run repeats the masks of an uninterrupted one."""
+        if self.dist.enabled:
+            torch.manual_seed(int(np.random.SeedSequence([self.config.seed, self.step, self.dist.rank]).generate_state(1)[0]))
+
     def train_step(self) -> dict[str, Any]:
-        """One optimizer step over ``grad_accum`` micro-batches; the loss is normalized by all their tokens."""
+        """One optimizer step over ``grad_accum`` micro-batches; the loss is normalized by all their
+        tokens, on every rank (the count is all-reduced), and the gradients are summed over ranks."""
         self.model.train()
+        self._reseed_step()
         start = time.perf_counter()
         batches = self.micro_batches(self.step)
-        tokens = sum(count_trainable_tokens(b) for b in batches)
+        local = torch.tensor([sum(count_trainable_tokens(b) for b in batches)], dtype=torch.float64, device=self.device)
+        tokens = self.dist.all_reduce_sum(local).item()
         self.optimizer.zero_grad(set_to_none=True)
         total = 0.0
-        for batch in batches:
-            with self._autocast():
-                loss = token_loss_sum(self.model, batch) / tokens
-            if not torch.isfinite(loss):
-                self._stop_nonfinite("loss", batch)
-            (self.scaler.scale(loss) if self.scaler else loss).backward()
+        for i, batch in enumerate(batches):
+            with self._no_sync(last=i == len(batches) - 1):
+                with self._autocast():
+                    loss = token_loss_sum(self.forward_model, batch) / tokens
+                if not torch.isfinite(loss):
+                    self._stop_nonfinite("loss", batch)
+                (self.scaler.scale(loss) if self.scaler else loss).backward()
             total += loss.item()
         if self.adapter_hooks is not None:  # once per optimizer step, whatever grad_accum is
             extra = self.adapter_hooks.extra_loss()
             (self.scaler.scale(extra) if self.scaler else extra).backward()
             total += extra.item()
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        if self.config.fsdp:
+            all_reduce_grads(params, self.dist)
         if self.scaler:
             self.scaler.unscale_(self.optimizer)
         if self.step == 0:
             self._check_gradients_reach_adapters()
-        params = [p for g in self.optimizer.param_groups for p in g["params"]]
         max_norm = self.config.max_grad_norm or float("inf")
         grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
         if not math.isfinite(grad_norm) and self.scaler is None:
@@ -356,9 +405,11 @@ class Trainer:
         if self.adapter_hooks is not None:
             self.adapter_hooks.after_step(self.step)
         self.scheduler.step()
+        sums = torch.tensor([total, sum(b["input_ids"].numel() for b in batches)], dtype=torch.float64,
+                            device=self.device)
+        total, n_tokens = self.dist.all_reduce_sum(sums).tolist()
         self.losses.append(total)
         elapsed = time.perf_counter() - start
-        n_tokens = sum(int(b["input_ids"].numel()) for b in batches)
         return {"split": "train", "step": self.step + 1, "loss": total, "lr": lr, "grad_norm": grad_norm,
                 "tokens_per_s": n_tokens / max(elapsed, 1e-9), "gpu_mem_gib": gpu_memory_gib()}
 
@@ -406,21 +457,28 @@ class Trainer:
 
     # ------------------------------------------------------------ checkpoints
     def save_checkpoint(self) -> Path:
-        """Write adapter + optimizer + scheduler + RNG + step atomically; keep the last --save-total-limit."""
+        """Write adapter + optimizer + scheduler + RNG + step atomically; keep the last --save-total-limit.
+
+        Rank 0 alone writes: the adapter and optimizer states are whole and
+        identical on every rank, so the checkpoint is that of one process."""
         from qlora.model.adapter_io import save_adapter
 
         target = self.out / CHECKPOINTS / f"step-{self.step:07d}"
+        if not self.dist.is_main:
+            self.dist.barrier()
+            return target
         with atomic_dir(target) as tmp:
             save_adapter(self.model, tmp / "adapter", tokenizer=self._adapter_tokenizer())
             state = {"step": self.step, "optimizer": self.optimizer.state_dict(),
                      "scheduler": self.scheduler.state_dict(), "rng": _rng_state(), "losses": self.losses,
                      "scaler": self.scaler.state_dict() if self.scaler else None}
             torch.save(state, tmp / STATE_FILE)
-            (tmp / "run_config.json").write_text(json.dumps(self.config.run_defining(), indent=1))
+            (tmp / "run_config.json").write_text(json.dumps(self.config.run_defining(self.dist.world_size), indent=1))
         limit = self.config.save_total_limit
         if limit:
             for old in list_checkpoints(self.out)[:-limit]:
                 shutil.rmtree(old)
+        self.dist.barrier()
         return target
 
     def _load_checkpoint(self, path: Path) -> None:
@@ -450,6 +508,8 @@ class Trainer:
         also its 4-bit base in ``loftq-base/`` (``load_model`` it, then ``load_adapter``)."""
         from qlora.model.adapter_io import save_adapter
 
+        if not self.dist.is_main:
+            return
         if self.adapter_hooks is not None:
             self.metrics.write(self.adapter_hooks.summary())
         staged = self.out / ".final-adapter"
@@ -472,6 +532,7 @@ class Trainer:
         """Close the metric writers and draw loss.png."""
         if hasattr(self, "metrics"):
             self.metrics.close()
+        self.dist.shutdown()
 
     def run(self) -> list[float]:
         """setup -> train -> save -> cleanup; returns the loss of every step of this process."""

@@ -2,12 +2,15 @@
 
 The flags are generated from :class:`qlora.train.config.TrainConfig`, so every
 YAML key has a flag of the same name and the same help text; flags given on the
-command line win over the file.
+command line win over the file. ``--nproc N`` re-runs the same command under
+``torchrun --nproc-per-node N`` (one process per GPU; gloo on the CPU).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 from dataclasses import fields
 
 NAME = "train"
@@ -18,6 +21,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     from ...train.config import TrainConfig, field_type
 
     parser.add_argument("config_file", nargs="?", metavar="CONFIG.yaml", help="options as a YAML mapping")
+    parser.add_argument("--nproc", type=int, default=1, metavar="N",
+                        help="processes on this machine, launched by torchrun (data parallel; add --fsdp to shard)")
     for f in fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
         help_text = f"{f.metadata['help']} (default: {f.default})"
@@ -29,18 +34,41 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                 choices=f.metadata["choices"], help=help_text)
 
 
+def torchrun_argv(args: argparse.Namespace) -> list[str]:
+    """The ``torchrun`` command line that runs this same training in ``args.nproc`` processes."""
+    argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.nproc}",
+            "-m", "qlora", "train"]
+    if args.config_file:
+        argv.append(args.config_file)
+    for key, value in vars(args).items():
+        if key in ("command", "config_file", "nproc"):
+            continue
+        flag = "--" + key.replace("_", "-")
+        if isinstance(value, bool):
+            argv.append(flag if value else "--no-" + flag[2:])
+        else:
+            argv += [flag, str(value)]
+    return argv
+
+
 def run(args: argparse.Namespace) -> int:
+    from ...errors import UsageError
     from ...train.config import load_config
     from ...train.trainer import Interrupted, Trainer
 
-    overrides = {k: v for k, v in vars(args).items() if k not in ("command", "config_file")}
+    overrides = {k: v for k, v in vars(args).items() if k not in ("command", "config_file", "nproc")}
     config = load_config(args.config_file, overrides)
+    if args.nproc < 1:
+        raise UsageError(f"--nproc must be at least 1; got {args.nproc}")
+    if args.nproc > 1 and "WORLD_SIZE" not in os.environ:
+        argv = torchrun_argv(args)
+        os.execv(argv[0], argv)
     trainer = Trainer(config)
     try:
         losses = trainer.run()
     except Interrupted as exc:
         print(f"qlora train: {exc}")
         return 130
-    if losses:
+    if losses and trainer.dist.is_main:
         print(f"trained {trainer.step} steps: loss {losses[0]:.4f} -> {losses[-1]:.4f}; adapter in {config.output}")
     return 0

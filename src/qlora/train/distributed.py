@@ -1,0 +1,142 @@
+"""Data-parallel (DDP) and sharded (FSDP2) training through torch.distributed.
+
+A run is launched by ``torchrun``, which sets ``RANK``, ``WORLD_SIZE`` and
+``LOCAL_RANK``; without them everything here is a no-op for one process. The
+choices that keep runs equivalent to one process with the same global batch:
+
+- Gradients are *summed* over ranks (never averaged): each rank's loss is its
+  token-loss sum divided by the trainable-token count of the whole global
+  batch, which is all-reduced first.
+- LoRA parameters stay whole on every rank, also under FSDP2 (they are
+  ``ignored_params``): they are a fraction of a percent of the model, and whole
+  copies keep optimizer states and checkpoints independent of the world size.
+  FSDP2 shards what does not fit: the frozen 4-bit base.
+"""
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from qlora.nn import Linear4bit
+
+
+@dataclass(frozen=True)
+class DistContext:
+    """This process's place in the run: rank, world size and device."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0 alone writes checkpoints, logs, metrics and the progress bar."""
+        return self.rank == 0
+
+    @classmethod
+    def from_env(cls) -> "DistContext":
+        """Read torchrun's variables and join the process group (NCCL on CUDA, gloo on CPU)."""
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if world == 1:
+            return cls()
+        ctx = cls(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0")))
+        if not dist.is_initialized():
+            cuda = torch.cuda.is_available()
+            if cuda:
+                torch.cuda.set_device(ctx.local_rank)
+            dist.init_process_group("nccl" if cuda else "gloo")
+        return ctx
+
+    def device(self) -> torch.device:
+        return torch.device("cuda", self.local_rank) if torch.cuda.is_available() else torch.device("cpu")
+
+    def barrier(self) -> None:
+        if self.enabled:
+            dist.barrier()
+
+    def all_reduce_sum(self, values: torch.Tensor) -> torch.Tensor:
+        """Sum ``values`` over ranks (in place; returned for chaining)."""
+        if self.enabled:
+            dist.all_reduce(values, op=dist.ReduceOp.SUM)
+        return values
+
+    def shutdown(self) -> None:
+        if self.enabled and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _sum_hook(group: dist.ProcessGroup | None, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
+    """DDP communication hook: all-reduce SUM (DDP's default divides by the world size).
+    (This module has no ``from __future__ import annotations``: DDP checks these
+    annotations as objects.)"""
+    work = dist.all_reduce(bucket.buffer(), group=group, async_op=True)
+    return work.get_future().then(lambda fut: fut.value()[0])
+
+
+def wrap_ddp(model: nn.Module, ctx: DistContext) -> nn.Module:
+    """DDP over the trainable parameters only.
+
+    The frozen base is excluded from DDP's start-up broadcast (every rank
+    loaded the same checkpoint, and LoRA is initialized from the same seed), so
+    a 70B base is not sent over the network once per run.
+    """
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    frozen = [n for n, p in model.named_parameters() if not p.requires_grad] + [n for n, _ in model.named_buffers()]
+    DDP._set_params_and_buffers_to_ignore_for_model(model, frozen)
+    device_ids = [ctx.local_rank] if torch.cuda.is_available() else None
+    ddp = DDP(model, device_ids=device_ids, broadcast_buffers=False)
+    ddp.register_comm_hook(None, _sum_hook)
+    return ddp
+
+
+def decoder_layers(model: nn.Module) -> list[nn.Module]:
+    """The repeated blocks (transformers names their classes in ``_no_split_modules``)."""
+    names = set(getattr(model, "_no_split_modules", None) or ())
+    layers = [m for m in model.modules() if type(m).__name__ in names]
+    if not layers:
+        raise ValueError(f"{type(model).__name__} names no decoder layer class (_no_split_modules); "
+                         "--fsdp cannot tell where to shard")
+    return layers
+
+
+def shard_fsdp(model: nn.Module, ctx: DistContext, compute_dtype: torch.dtype) -> None:
+    """FSDP2 (``fully_shard``) on every decoder layer, then on the root, in place.
+
+    Each rank keeps 1/world of the 4-bit codes and constants (made shardable
+    in ``compute_dtype`` storage, the all-gather dtype) and of the frozen
+    16-bit tensors; a layer's shards are all-gathered just before its forward
+    and again before its backward, and freed after. Mixed precision: the
+    parameters are already in ``compute_dtype`` (bf16 on GPU, fp32 on the CPU);
+    trainable parameters are ignored by FSDP (see the module docstring).
+    """
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    for module in model.modules():
+        if isinstance(module, Linear4bit):
+            module.make_shardable(compute_dtype)
+    mesh = init_device_mesh(ctx.device().type, (ctx.world_size,))
+    policy = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
+    trainable = {p for p in model.parameters() if p.requires_grad}
+    for layer in decoder_layers(model):
+        fully_shard(layer, mesh=mesh, mp_policy=policy, ignored_params=trainable)
+    fully_shard(model, mesh=mesh, mp_policy=policy, ignored_params=trainable)
+
+
+def all_reduce_grads(params: list[nn.Parameter], ctx: DistContext) -> None:
+    """Sum the gradients of whole (FSDP-ignored) parameters over ranks, in one flat bucket."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if not ctx.enabled or not grads:
+        return
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+    for g, part in zip(grads, flat.split([g.numel() for g in grads])):
+        g.copy_(part.view_as(g))

@@ -1,0 +1,126 @@
+"""Multi-process training on the CPU (gloo, 2 ranks): DDP and FSDP2 equal one process with the same global batch.
+
+One reference run (1 process, batch 2 x accumulation 2) is compared with
+``qlora train --nproc 2`` (batch 2 per rank) under DDP and under FSDP2 (with
+gradient checkpointing), and checkpoints cross world sizes in both directions.
+Dropout is 0 so that every run computes the same function; the logged gradient
+norm (before clipping) pins the gradient scale, which Adam and clipping would hide.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from qlora.nn import Linear4bit
+from qlora.train.config import load_config
+from qlora.train.trainer import Trainer
+
+SRC = Path(__file__).resolve().parents[1] / "src"
+QA = [("What is two plus two?", "four"), ("Name a red fruit.", "An apple is red."),
+      ("Say hello.", "Hello there!"), ("What colour is the sky?", "The sky is blue."),
+      ("Count to three.", "one two three"), ("What is a fox?", "A quick brown animal."),
+      ("Hi?", "Hello, how are you today?")]
+STEPS = 6
+
+
+def _options(model: Path, data: Path, out: Path) -> dict:
+    return dict(model=str(model), data=str(data), output=str(out), optim="adamw", lr=1e-2, max_steps=STEPS,
+                seq_len=64, dropout=0.0, save_steps=3, save_total_limit=0, progress=False, batch_size=2)
+
+
+def _single(opts: dict, **kw) -> None:
+    """One process, batch 2 x accumulation 2 = the global batch of 2 ranks x batch 2."""
+    Trainer(load_config(None, {**opts, "grad_accum": 2, **kw})).run()
+
+
+def _two_ranks(opts: dict, *flags: str) -> None:
+    argv = [sys.executable, "-m", "qlora", "train", "--nproc", "2", *flags]
+    for key, value in opts.items():
+        flag = "--" + key.replace("_", "-")
+        argv += [flag] if value is True else [f"--no-{flag[2:]}"] if value is False else [flag, str(value)]
+    env = {**os.environ, "PYTHONPATH": str(SRC), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def _records(out: Path) -> list[dict]:
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if r["split"] == "train"]
+
+
+def _assert_same_run(out: Path, ref: Path) -> None:
+    got, want = _records(out), _records(ref)
+    assert [r["step"] for r in got] == list(range(1, STEPS + 1))
+    for key in ("loss", "grad_norm"):
+        torch.testing.assert_close(torch.tensor([r[key] for r in got]), torch.tensor([r[key] for r in want]),
+                                   rtol=1e-5, atol=1e-6)
+    a, b = load_file(str(out / "adapter_model.safetensors")), load_file(str(ref / "adapter_model.safetensors"))
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-6)
+
+
+def _cut_after_first_checkpoint(src: Path, dst: Path) -> None:
+    """A copy of a finished run as if it had been killed right after the step-3 checkpoint."""
+    shutil.copytree(src, dst)
+    shutil.rmtree(dst / "checkpoints" / f"step-{STEPS:07d}")
+    (dst / "adapter_model.safetensors").unlink()
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, tiny_model_dir) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("dist")
+    data = root / "d.jsonl"
+    data.write_text("".join(json.dumps({"instruction": q, "input": "", "output": a}) + "\n" for q, a in QA))
+    outs = {name: root / name for name in ("single", "ddp", "fsdp")}
+    _single(_options(tiny_model_dir, data, outs["single"]))
+    _two_ranks(_options(tiny_model_dir, data, outs["ddp"]))
+    _two_ranks(_options(tiny_model_dir, data, outs["fsdp"]), "--fsdp", "--gradient-checkpointing")
+    return {**outs, "data": data, "root": root}
+
+
+def test_ddp_two_ranks_equal_one_process(runs):
+    _assert_same_run(runs["ddp"], runs["single"])
+    assert json.loads((runs["ddp"] / "checkpoints" / "step-0000003" / "run_config.json").read_text())["global_batch"] == 4
+
+
+def test_fsdp_two_ranks_equal_ddp(runs):
+    _assert_same_run(runs["fsdp"], runs["ddp"])
+
+
+def test_two_rank_checkpoint_resumes_in_one_process(runs, tiny_model_dir):
+    out = runs["root"] / "ddp-then-1"
+    _cut_after_first_checkpoint(runs["ddp"], out)
+    _single(_options(tiny_model_dir, runs["data"], out), resume=True)
+    _assert_same_run(out, runs["single"])
+
+
+def test_one_process_checkpoint_resumes_in_two_ranks(runs, tiny_model_dir):
+    out = runs["root"] / "1-then-ddp"
+    _cut_after_first_checkpoint(runs["single"], out)
+    _two_ranks({**_options(tiny_model_dir, runs["data"], out), "resume": True})
+    _assert_same_run(out, runs["single"])
+
+
+@pytest.mark.parametrize("double_quant", [True, False])
+@pytest.mark.parametrize("storage", [torch.float32, torch.bfloat16])
+def test_shardable_linear4bit_keeps_bytes_and_layout(double_quant, storage):
+    layer = Linear4bit.from_linear(torch.nn.Linear(70, 33), double_quant=double_quant, compute_dtype=torch.float32)
+    weight, before = layer.dequantize(), {k: v.clone() for k, v in layer.state_dict().items()}
+    layer.make_shardable(storage)
+    params = dict(layer.named_parameters())
+    assert all(p.dim() == 1 and p.dtype == storage and not p.requires_grad for n, p in params.items() if n != "bias")
+    assert not dict(layer.named_buffers())  # FSDP2 shards parameters, not buffers
+    torch.testing.assert_close(layer.dequantize(), weight, rtol=0, atol=0)
+    after = layer.state_dict()
+    assert after.keys() == before.keys()
+    assert all(torch.equal(after[k], before[k]) for k in before)
