@@ -141,3 +141,19 @@ def test_train_cli_with_adalora_trains_and_reports_final_ranks(tmp_path, tiny_mo
     model, _ = qlora.load_model(tiny_model_dir, compute_dtype=torch.float32, device="cpu")
     qlora.load_adapter(model, out)
     assert sum(layer.A.shape[0] for layer in adalora_layers(model).values()) == 8
+
+
+def test_merge_folds_adalora_and_reloads_in_plain_transformers(tmp_path, tiny_model_dir, tiny_tokenizer):
+    from transformers import AutoModelForCausalLM
+
+    model = _ours(tiny_model_dir)
+    with torch.no_grad():
+        for layer in adalora_layers(model).values():
+            torch.nn.init.normal_(layer.E, std=0.5)
+    model.eval()
+    expected = model(IDS).logits
+    merged = qlora.merge(model, into="dequantized", dtype=torch.float32)
+    assert not adalora_layers(merged)
+    qlora.save_merged(merged, tmp_path / "m", tokenizer=tiny_tokenizer)
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "m", dtype=torch.float32)
+    torch.testing.assert_close(plain(IDS).logits, expected, rtol=1e-4, atol=1e-4)

@@ -214,3 +214,22 @@ def test_fp16_runs_use_loss_scaling(tmp_path, tiny_model_dir):
     losses = t.run()
     assert t.scaler is not None and t.scaler.get_scale() > 1
     assert all(math.isfinite(x) for x in losses) and losses[-1] < losses[0]
+
+
+def test_chunked_loss_reproduces_the_plain_loss_and_is_refused_where_logits_differ(tmp_path, tiny_model_dir,
+                                                                                    tiny_tokenizer):
+    from qlora.model.tiny import build_tiny_model
+
+    data = _write(tmp_path / "d.jsonl", FORMATS["chat"])
+    runs = {}
+    for chunked in (True, False):
+        t = Trainer(_config(tiny_model_dir, data, tmp_path / f"c{chunked}", max_steps=5, chunked_ce=chunked))
+        runs[chunked] = t.run()
+        assert t.chunked_ce is chunked
+    torch.testing.assert_close(torch.tensor(runs[True]), torch.tensor(runs[False]), rtol=1e-5, atol=1e-6)
+    gemma = build_tiny_model(tmp_path / "gemma2", tokenizer=tiny_tokenizer, arch="gemma2",
+                             final_logit_softcapping=5.0)
+    t = Trainer(_config(gemma, data, tmp_path / "g", max_steps=1))
+    t.setup()
+    assert t.chunked_ce is False  # soft-capped logits are not hidden @ W^T
+    t.cleanup()

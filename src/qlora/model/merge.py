@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from ..atomic import atomic_dir
-from ..nn import Linear4bit, LoraLinear
+from ..nn import AdaLoraLinear, Linear4bit, LoraLinear
 from .inject import adapter_configs
 from .quantize import replace_modules
 
@@ -52,12 +52,14 @@ def merge(model: nn.Module, into: str = "dequantized", dtype: torch.dtype | None
                 module.unmerge()  # DoRA's fold needs the unmerged base
             w = module.merged_weight([n for n in module.active if n not in module.merged])
             base = module.base_layer
+        elif isinstance(module, AdaLoraLinear):
+            w = module.base_weight(torch.float32) + module.delta_weight()
+            base = module.base_layer
         elif isinstance(module, Linear4bit) and into == "dequantized":
             w, base = module.dequantize(torch.float32), module
         else:
             return None
-        conv1d = module.fan_in_fan_out if isinstance(module, LoraLinear) else False
-        conv1d |= getattr(base, "from_conv1d", False)
+        conv1d = getattr(module, "fan_in_fan_out", False) or getattr(base, "from_conv1d", False)
         if isinstance(base, Linear4bit):
             out_dtype = dtype or base.compute_dtype
             bias = base.bias
@@ -81,7 +83,7 @@ def merge(model: nn.Module, into: str = "dequantized", dtype: torch.dtype | None
 
 def save_merged(model: nn.Module, out_dir: str | Path, tokenizer=None) -> Path:
     """Write a merged (dense) model as a standard transformers safetensors checkpoint."""
-    if any(isinstance(m, (Linear4bit, LoraLinear)) for m in model.modules()):
+    if any(isinstance(m, (Linear4bit, LoraLinear, AdaLoraLinear)) for m in model.modules()):
         raise ValueError("save_merged needs a dense model: call qlora.merge(model) first")
     config = model.config
     if hasattr(config, "quantization_config"):

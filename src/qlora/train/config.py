@@ -28,7 +28,7 @@ _RUN_DEFINING = (
     "model", "data", "quant", "double_quant", "blocksize", "rank", "alpha", "dropout", "target_modules",
     "rslora", "dora", "init", "loftq_iter", "seq_len", "batch_size", "grad_accum", "lr", "lr_scheduler", "warmup_ratio", "warmup_steps",
     "epochs", "max_steps", "optim", "weight_decay", "max_grad_norm", "packing", "template", "format",
-    "train_on", "seed", "precision", "add_special_tokens", "adalora", "adalora_init_r", "adalora_target_r",
+    "train_on", "seed", "precision", "chunked_ce", "add_special_tokens", "adalora", "adalora_init_r", "adalora_target_r",
     "adalora_tinit", "adalora_tfinal", "adalora_delta_t",
 )
 
@@ -83,6 +83,8 @@ class TrainConfig:
     weight_decay: float = _opt(0.0, "AdamW weight decay")
     max_grad_norm: float = _opt(0.3, "clip the gradient norm to this (0: no clipping)")
     gradient_checkpointing: bool = _opt(False, "recompute each layer in the backward pass to save memory")
+    chunked_ce: bool = _opt(True, "compute the loss in chunks of rows, never holding the full float32 logits "
+                                  "(used when it reproduces the model's own logits; checked at start)")
     fsdp: bool = _opt(False, "under torchrun: shard the 4-bit base over the ranks with FSDP2 (default: DDP replicas)")
     packing: bool = _opt(False, "pack short examples into --seq-len rows (examples never attend to each other)")
     precision: str = _opt("auto", "compute dtype: auto = bf16 on CUDA (fp16 without bf16), fp32 on CPU", PRECISIONS)

@@ -33,7 +33,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from qlora.atomic import atomic_dir
 from qlora.errors import UsageError
@@ -41,9 +40,10 @@ from qlora.optim import create_optimizer
 from qlora.train.config import TrainConfig
 from qlora.train.distributed import DistContext, all_reduce_grads, shard_fsdp, wrap_ddp
 from qlora.train.data import (
-    IGNORE_INDEX, check_packing_supported, count_trainable_tokens, load_records, normalize, pack_examples,
+    check_packing_supported, count_trainable_tokens, load_records, normalize, pack_examples,
     packed_collate, pad_collate, pad_token_id, resolve_chat_template, shuffled_indices, tokenize_dataset,
 )
+from qlora.train.loss import chunked_loss_matches, token_loss_sum
 from qlora.train.metrics import MetricsLogger, NullMetrics, gpu_memory_gib
 
 CHECKPOINTS = "checkpoints"
@@ -87,15 +87,6 @@ def compute_dtype_for(precision: str, device: torch.device) -> torch.dtype:
             return torch.float32
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
-
-
-def token_loss_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Sum (not mean) of next-token cross-entropy over the trainable labels of ``batch``."""
-    inputs = {k: v for k, v in batch.items() if k != "labels"}
-    logits = model(**inputs, use_cache=False).logits
-    labels = batch["labels"][:, 1:]
-    return F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), labels.reshape(-1),
-                           ignore_index=IGNORE_INDEX, reduction="sum")
 
 
 def first_nonfinite_module(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> str | None:
@@ -176,6 +167,10 @@ class Trainer:
         if cfg.adalora:
             self._add_adalora()
         self._parallelize()  # after every adapter exists: DDP and FSDP see the final parameters
+        # The chunked loss calls the decoder directly, which would bypass the hooks of the
+        # wrapped root module (DDP's gradient sync, FSDP's unsharding of the embeddings).
+        self.chunked_ce = (cfg.chunked_ce and not self.dist.enabled
+                           and chunked_loss_matches(self.model, self.micro_batches(0)[0]))
         params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = _make_optimizer(cfg.optim, params, cfg.lr, cfg.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -376,7 +371,7 @@ class Trainer:
         for i, batch in enumerate(batches):
             with self._no_sync(last=i == len(batches) - 1):
                 with self._autocast():
-                    loss = token_loss_sum(self.forward_model, batch) / tokens
+                    loss = token_loss_sum(self.forward_model, batch, self.chunked_ce) / tokens
                 if not torch.isfinite(loss):
                     self._stop_nonfinite("loss", batch)
                 (self.scaler.scale(loss) if self.scaler else loss).backward()
@@ -447,7 +442,7 @@ class Trainer:
         for i in range(0, len(self.eval_units), bs):
             batch = self._collate(self.eval_units[i:i + bs])
             with self._autocast():
-                loss_sum += token_loss_sum(self.model, batch).item()
+                loss_sum += token_loss_sum(self.model, batch, self.chunked_ce).item()
             tokens += count_trainable_tokens(batch)
         loss = loss_sum / max(tokens, 1)
         record = {"split": "eval", "step": self.step, "loss": loss, "perplexity": math.exp(min(loss, 50.0))}

@@ -1,0 +1,67 @@
+"""The training loss: summed next-token cross-entropy over trainable labels.
+
+Two paths compute the same number. The plain one asks the model for its
+logits. The chunked one asks the decoder for its final hidden states and
+applies the output head inside :func:`qlora.nn.chunked_ce.chunked_linear_cross_entropy`,
+so the ``[tokens, vocab]`` float32 logits never exist (4 GiB per copy for
+Llama-3 at 8k tokens). Models whose logits are more than ``hidden @ W^T``
+(soft-capping, logit scales, a head bias) are detected by
+:func:`chunked_loss_matches` and keep the plain path.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from qlora.nn.chunked_ce import chunked_linear_cross_entropy
+from qlora.train.data import IGNORE_INDEX
+
+
+def _decoder_and_head(model: nn.Module) -> tuple[nn.Module, nn.Linear] | None:
+    decoder = getattr(model, getattr(model, "base_model_prefix", "") or "", None)
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if not isinstance(decoder, nn.Module) or type(head) is not nn.Linear or head.bias is not None:
+        return None
+    return decoder, head
+
+
+def token_loss_sum(model: nn.Module, batch: dict[str, torch.Tensor], chunked: bool = False) -> torch.Tensor:
+    """Sum (not mean) of next-token cross-entropy over the trainable labels of ``batch``."""
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    labels = batch["labels"][:, 1:].reshape(-1)
+    if chunked:
+        decoder, head = _decoder_and_head(model)
+        hidden = decoder(**inputs, use_cache=False).last_hidden_state[:, :-1]
+        return chunked_linear_cross_entropy(hidden.reshape(-1, hidden.shape[-1]), head.weight, labels)
+    logits = model(**inputs, use_cache=False).logits
+    return F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), labels,
+                           ignore_index=IGNORE_INDEX, reduction="sum")
+
+
+# Config fields by which transformers models turn ``hidden @ W^T`` into something else.
+_LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
+
+
+@torch.no_grad()
+def chunked_loss_matches(model: nn.Module, batch: dict[str, torch.Tensor]) -> bool:
+    """Whether the model's logits are exactly its decoder's hidden states times the
+    head: checked from the config and numerically, once, on a real batch."""
+    parts = _decoder_and_head(model)
+    config = getattr(model, "config", None)
+    if parts is None or any(getattr(config, f, None) not in (None, 1, 1.0) for f in _LOGIT_TRANSFORMS):
+        return False
+    decoder, head = parts
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    was_training = model.training
+    model.eval()
+    try:
+        logits = model(**inputs, use_cache=False).logits.float()
+        ours = (decoder(**inputs, use_cache=False).last_hidden_state @ head.weight.t()).float()
+    except (TypeError, AttributeError):  # a decoder without last_hidden_state or these inputs
+        return False
+    finally:
+        model.train(was_training)
+    tol = 1e-4 if head.weight.dtype == torch.float32 else 2e-2
+    return ours.shape == logits.shape and bool(torch.allclose(ours, logits, rtol=tol, atol=tol * logits.abs().max().item()))
