@@ -68,7 +68,10 @@ class DistContext:
         return values
 
     def shutdown(self) -> None:
+        """Leave the group only once every rank is done: a rank that tears its
+        group down while another still talks to it can abort the process."""
         if self.enabled and dist.is_initialized():
+            dist.barrier()
             dist.destroy_process_group()
 
 
