@@ -60,7 +60,9 @@ def device_headroom_bytes(device: torch.device, safety_margin_bytes: int = DEFAU
     free, total = torch.cuda.mem_get_info(device)
     reserved = torch.cuda.memory_reserved(device)
     cached = reserved - torch.cuda.memory_allocated(device)
-    cap = int(total * torch.cuda.get_per_process_memory_fraction(device)) - reserved
+    # torch < 2.6 cannot report a set_per_process_memory_fraction cap: count the whole card then.
+    fraction = getattr(torch.cuda, "get_per_process_memory_fraction", lambda _device: 1.0)(device)
+    cap = int(total * fraction) - reserved
     return max(0, min(free, cap) + cached - safety_margin_bytes)
 
 
