@@ -6,8 +6,8 @@ dequantize must move (packed bytes + absmax codes read, bf16 written) and a
 quantize (bf16 read, packed bytes + absmax codes written).
 On the GPU a GEMV table follows: ``y = x @ W^T`` for one bf16 input row,
 qlora's fused 4-bit GEMV against ``bitsandbytes.matmul_4bit`` (whose batch-1
-path is its ``gemv_4bit``, as in ``bnb.nn.Linear4bit``) and torch's bf16 GEMV (``F.linear`` with a dense bf16 weight); its TB/s counts the weight bytes
-read (packed + absmax codes for 4-bit, 2 a weight for bf16). Each call gets
+path is its ``gemv_4bit``, as in ``bnb.nn.Linear4bit``) and torch's bf16 GEMV
+(``F.linear`` with a dense bf16 weight); its TB/s counts the weight bytes read (packed + absmax codes for 4-bit, 2 a weight for bf16). Each call gets
 another of several weight copies in turn, so the L2 cache (50 MB) never holds
 the weight it reads.
 CPU (``--device cpu``): 4096x4096, wall-clock median.
