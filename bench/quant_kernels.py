@@ -1,9 +1,15 @@
-"""qlora vs bitsandbytes: 4-bit quantize and dequantize (NF4, double quantization, block 64, bf16).
+"""qlora vs bitsandbytes: 4-bit quantize, dequantize and batch-1 GEMV (NF4, double quantization, block 64, bf16).
 
 GPU (default): 4096x4096, 14336x4096 and 28672x8192, timed with CUDA events
 after a warmup, median of the repeats; throughput counts the bytes a
 dequantize must move (packed bytes + absmax codes read, bf16 written) and a
 quantize (bf16 read, packed bytes + absmax codes written).
+On the GPU a GEMV table follows: ``y = x @ W^T`` for one bf16 input row,
+qlora's fused 4-bit GEMV against ``bitsandbytes.matmul_4bit`` (whose batch-1
+path is its ``gemv_4bit``, as in ``bnb.nn.Linear4bit``) and torch's bf16 GEMV
+(``F.linear`` with a dense bf16 weight); its TB/s counts the weight bytes read (packed + absmax codes for 4-bit, 2 a weight for bf16). Each call gets
+another of several weight copies in turn, so the L2 cache (50 MB) never holds
+the weight it reads.
 CPU (``--device cpu``): 4096x4096, wall-clock median.
 
     python bench/quant_kernels.py                 # on a CUDA machine
@@ -19,10 +25,12 @@ import time
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 
 import bitsandbytes
 import bitsandbytes.functional as bnb_F
 from qlora.quant import dequantize_4bit, quantize_4bit
+from qlora.quant.kernels.triton_gemv import gemv_4bit
 
 GPU_SHAPES = ((4096, 4096), (14336, 4096), (28672, 8192))
 CPU_SHAPES = ((4096, 4096),)
@@ -90,6 +98,43 @@ def bench(device: str, shapes: tuple[tuple[int, int], ...], warmup: int, repeats
                   f"{nbytes / t_bnb / scale:>10.3f}{t_bnb / t_ours:>16.2f}x")
 
 
+def _rotating(fns: list[Callable[[], object]]) -> Callable[[], object]:
+    """One callable that runs the next of ``fns`` each time (a cold weight per call)."""
+    state = {"i": 0}
+
+    def call() -> object:
+        state["i"] = (state["i"] + 1) % len(fns)
+        return fns[state["i"]]()
+
+    return call
+
+
+def bench_gemv(shapes: tuple[tuple[int, int], ...], warmup: int, repeats: int) -> None:
+    """Batch-1 GEMV: qlora fused 4-bit vs bitsandbytes 4-bit vs torch bf16, alternating calls."""
+    print(f"\nGEMV, one bf16 row; median of {repeats}")
+    print(f"{'shape':<13}{'qlora µs':>10}{'bnb µs':>10}{'bf16 µs':>10}{'qlora TB/s':>12}{'bf16 TB/s':>11}"
+          f"{'vs bnb':>9}{'vs bf16':>9}")
+    for rows, cols in shapes:
+        copies = max(2, -(-200 * 2**20 // (2 * rows * cols)))  # > 4x the L2 in bf16 weights
+        x = torch.randn(1, cols, device="cuda", dtype=torch.bfloat16)
+        ours, theirs, dense = [], [], []
+        for _ in range(copies):
+            w = torch.randn(rows, cols, device="cuda", dtype=torch.bfloat16) * 0.02
+            packed, state = quantize_4bit(w, "nf4", 64, True)
+            bnb_packed, bnb_state = bnb_F.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=True)
+            ours.append(lambda p=packed, s=state: gemv_4bit(x, p, s))
+            theirs.append(lambda p=bnb_packed, s=bnb_state: bitsandbytes.matmul_4bit(x, p.t(), quant_state=s))
+            dense.append(lambda w=w: F.linear(x, w))
+        ref = x.float() @ dequantize_4bit(packed, state, torch.float32).T
+        err = ((ours[-1]().float() - ref).norm() / ref.norm()).item()
+        assert err < 1e-2, f"fused GEMV off by {err:.2e} on {rows}x{cols}"
+        t_ours, t_bnb = _median_pair_us(_rotating(ours), _rotating(theirs), "cuda", warmup, repeats)
+        t_dense, _ = _median_pair_us(_rotating(dense), _rotating(ours), "cuda", warmup, repeats)
+        four_bit_bytes = packed.numel() + state.absmax.numel()
+        print(f"{f'{rows}x{cols}':<13}{t_ours:>10.1f}{t_bnb:>10.1f}{t_dense:>10.1f}{four_bit_bytes / t_ours / 1e6:>12.3f}"
+              f"{2 * rows * cols / t_dense / 1e6:>11.3f}{t_bnb / t_ours:>8.2f}x{t_dense / t_ours:>8.2f}x")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
@@ -100,6 +145,8 @@ def main() -> None:
     gpu = args.device == "cuda"
     repeats = args.repeats or (100 if gpu else 10)
     bench(args.device, GPU_SHAPES if gpu else CPU_SHAPES, warmup=10 if gpu else 2, repeats=repeats)
+    if gpu:
+        bench_gemv(GPU_SHAPES, warmup=10, repeats=repeats)
 
 
 if __name__ == "__main__":

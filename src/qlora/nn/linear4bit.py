@@ -8,6 +8,9 @@ frozen parameters whose bytes are stored as float elements (bitsandbytes'
 dequantizes the weight to the compute dtype just before the matmul; the
 backward pass dequantizes it again to form the input gradient. Nothing but
 the 4-bit data is kept between the two (see :class:`_Linear4bitFunction`).
+For decoding (inference on CUDA, at most 4 input rows) the forward pass is
+instead one fused Triton GEMV that reads the packed bytes once and never
+forms the dense weight (:mod:`qlora.quant.kernels.triton_gemv`).
 
 The state-dict layout is transformers' bitsandbytes-4bit layout
 (``weight``, ``weight.absmax``, ``weight.quant_map``, ``weight.nested_absmax``,
@@ -21,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..quant import QuantState, dequantize_4bit, quantize_4bit
+from ..quant.kernels import triton_gemv
 from ..quant.quant_state import NestedState
 
 class _Linear4bitFunction(torch.autograd.Function):
@@ -179,12 +183,23 @@ class Linear4bit(nn.Module):
         """The dense ``[out, in]`` weight in ``dtype`` (default: compute dtype)."""
         return dequantize_4bit(self._quant_tensor("weight"), self.quant_state, dtype or self.compute_dtype)
 
+    def _use_fused_gemv(self, x: torch.Tensor) -> bool:
+        """Decode step: CUDA, Triton, no autograd graph needed, at most
+        ``triton_gemv.MAX_ROWS`` rows (beyond that, dequantize + GEMM reuses the weight)."""
+        return (x.is_cuda and 0 < x.numel() <= triton_gemv.MAX_ROWS * self.in_features
+                and not (torch.is_grad_enabled() and x.requires_grad)
+                and triton_gemv.supports(self.in_features, self.blocksize) and triton_gemv.available())
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Under autocast the matmul runs in the autocast dtype and returns it,
         # as nn.Linear does; otherwise in compute_dtype, cast back to x's dtype.
-        if torch.is_autocast_enabled(x.device.type):
-            return _Linear4bitFunction.apply(x.to(torch.get_autocast_dtype(x.device.type)), self)
-        return _Linear4bitFunction.apply(x.to(self.compute_dtype), self).to(x.dtype)
+        autocast = torch.is_autocast_enabled(x.device.type)
+        xc = x.to(torch.get_autocast_dtype(x.device.type) if autocast else self.compute_dtype)
+        if self._use_fused_gemv(xc):
+            y = triton_gemv.gemv_4bit(xc, self._quant_tensor("weight"), self.quant_state, self.bias)
+        else:  # reference path: dequantize, then a dense matmul
+            y = _Linear4bitFunction.apply(xc, self)
+        return y if autocast else y.to(x.dtype)
 
     # --- bitsandbytes/transformers state-dict layout -------------------------
     def _save_to_state_dict(self, destination, prefix, keep_vars):
