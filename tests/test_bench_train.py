@@ -1,4 +1,4 @@
-"""The training benchmark harness runs, and both systems compute the same first loss."""
+"""The benchmark harnesses run, and both systems compute the same thing (first loss, greedy tokens)."""
 
 from __future__ import annotations
 
@@ -27,3 +27,14 @@ def test_tiny_cpu_run_gives_the_same_first_loss_in_both_systems():
                                                                  out.stdout, re.M)}
     assert set(rows) == {"qlora", "bnb-peft"}, out.stdout
     assert abs(rows["qlora"] - rows["bnb-peft"]) < 1e-3
+
+
+def test_tiny_cpu_decode_agrees_token_for_token_with_transformers_bitsandbytes():
+    pytest.importorskip("bitsandbytes")
+    src = os.path.dirname(os.path.dirname(qlora.__file__))
+    env = os.environ | {"PYTHONPATH": src + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    out = subprocess.run([sys.executable, str(ROOT / "bench" / "generate.py"), "--shape", "tiny", "--device", "cpu",
+                          "--new-tokens", "16", "--warmup", "0", "--repeats", "1"],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "greedy tokens agree for the first 16 of 16" in out.stdout, out.stdout
