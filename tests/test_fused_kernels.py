@@ -181,11 +181,24 @@ def test_gemma_norm_is_fused_and_unknown_modules_are_refused():
         FusedSwiGLUMLP.from_module(Gemma2MLP(config))
 
 
-def test_trainer_option_defaults_off():
-    from qlora.train.config import TrainConfig
+def test_trainer_option_defaults_off_and_leaves_cpu_training_unchanged(tmp_path, tiny_model_dir):
+    from qlora.nn.fused import FusedRMSNorm
+    from qlora.train.config import TrainConfig, load_config
+    from qlora.train.trainer import Trainer
 
     field = TrainConfig.__dataclass_fields__["fused_kernels"]
     assert field.default is False and "GPU" in field.metadata["help"]
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(f'{{"text": "Question {i}: what is {i} plus {i}? Answer: {2 * i}."}}\n' for i in range(8)))
+    losses, trainers = [], []
+    for fused in (False, True):
+        options = dict(model=str(tiny_model_dir), data=str(data), output=str(tmp_path / str(fused)), optim="adamw",
+                       max_steps=3, batch_size=2, progress=False, seq_len=32, fused_kernels=fused)
+        trainer = Trainer(load_config(None, options))
+        losses.append(trainer.run())
+        trainers.append(trainer)
+    assert isinstance(trainers[1].model.get_submodule("model.norm"), FusedRMSNorm)
+    assert losses[0] == losses[1]
 
 
 _KERNEL_SIGNATURES = {
