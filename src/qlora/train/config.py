@@ -85,6 +85,8 @@ class TrainConfig:
     gradient_checkpointing: bool = _opt(False, "recompute each layer in the backward pass to save memory")
     chunked_ce: bool = _opt(True, "compute the loss in chunks of rows, never holding the full float32 logits "
                                   "(used when it reproduces the model's own logits; checked at start)")
+    fused_kernels: bool = _opt(False, "swap RMSNorm and SwiGLU MLP modules for fused Triton ones on CUDA (same math; "
+                                      "off by default until measured on a GPU; CPU runs keep the PyTorch path)")
     fsdp: bool = _opt(False, "under torchrun: shard the 4-bit base over the ranks with FSDP2 (default: DDP replicas)")
     packing: bool = _opt(False, "pack short examples into --seq-len rows (examples never attend to each other)")
     precision: str = _opt("auto", "compute dtype: auto = bf16 on CUDA (fp16 without bf16), fp32 on CPU", PRECISIONS)

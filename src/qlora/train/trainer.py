@@ -166,6 +166,10 @@ class Trainer:
         warmup = cfg.warmup_steps or int(cfg.warmup_ratio * self.total_steps)
         if cfg.adalora:
             self._add_adalora()
+        if cfg.fused_kernels:  # shares every parameter and adapter, so it may follow their creation
+            from qlora.model.fused import apply_fused_kernels
+
+            apply_fused_kernels(self.model)
         self._parallelize()  # after every adapter exists: DDP and FSDP see the final parameters
         # The chunked loss calls the decoder directly, which would bypass the hooks of the
         # wrapped root module (DDP's gradient sync, FSDP's unsharding of the embeddings).
