@@ -27,6 +27,8 @@ from typing import Any
 
 import torch
 
+from environment import describe
+
 from train import build_model
 
 SYSTEMS = ("qlora", "bnb-transformers")
@@ -76,6 +78,9 @@ def run_system(system: str, args: argparse.Namespace) -> dict[str, Any]:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+PACKAGES = ("transformers", "bitsandbytes", "triton")  # versions printed above the table
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--shape", default="llama-3-8b", help="tiny or a known shape of qlora.model.estimate")
@@ -92,15 +97,7 @@ def main() -> None:
         print(json.dumps(worker(args)))
         return
     results = [run_system(s, args) for s in args.systems.split(",")]
-    import qlora
-
-    versions = f"torch {torch.__version__}, qlora {qlora.__version__}"
-    for name in ("transformers", "bitsandbytes", "triton"):
-        try:
-            versions += f", {name} {__import__(name).__version__}"
-        except ImportError:
-            pass
-    print(f"{torch.cuda.get_device_name() if args.device == 'cuda' else 'CPU'}; {versions}")
+    print(describe(args.device, PACKAGES))
     print(f"shape {args.shape}, batch 1, greedy, prompt {args.prompt}, {args.new_tokens} new tokens; "
           f"median of {args.repeats}")
     print(f"{'system':17} {'tokens/s':>9} {'peak GiB':>9}")

@@ -31,6 +31,8 @@ from typing import Any
 
 import torch
 
+from environment import describe
+
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 TINY = dict(model_type="llama", vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
             num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
@@ -174,6 +176,9 @@ def run_system(system: str, args: argparse.Namespace) -> dict[str, Any]:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+PACKAGES = ("transformers", "peft", "bitsandbytes", "triton")  # versions printed above the table
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--shape", default="llama-3-8b", help="tiny or a known shape of qlora.model.estimate")
@@ -191,16 +196,7 @@ def main() -> None:
         print(json.dumps(worker(args)))
         return
     results = [run_system(s, args) for s in args.systems.split(",")]
-    import qlora
-
-    versions = f"torch {torch.__version__}, qlora {qlora.__version__}"
-    for name in ("transformers", "peft", "bitsandbytes", "triton"):
-        try:
-            versions += f", {name} {__import__(name).__version__}"
-        except ImportError:
-            pass
-    gpu = torch.cuda.get_device_name() if args.device == "cuda" else "CPU"
-    print(f"{gpu}; {versions}")
+    print(describe(args.device, PACKAGES))
     print(f"shape {args.shape}, seq {args.seq}, batch 1, r={args.rank}, memory cap {args.memory_cap or 'none'}; "
           f"median of {max(args.steps - args.warmup, 1)} steps")
     print(f"{'system':10} {'tokens/s':>10} {'peak GiB':>9} {'weights GiB':>11} {'first loss':>11}")

@@ -10,15 +10,13 @@ tests run the same checks on CUDA tensors.
 from __future__ import annotations
 
 import importlib
-import os
 import random
-import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+from triton_interpreter import run_interpreted
 
 pytest.importorskip("triton")
 
@@ -121,16 +119,9 @@ def _swap_failures(model_dir: str, device: str, dtype: torch.dtype, seed: int) -
     return failures
 
 
-def _run_interpreted(*args: str) -> subprocess.CompletedProcess:
-    root = Path(__file__).resolve().parents[1]
-    env = dict(os.environ, TRITON_INTERPRET="1",
-               PYTHONPATH=os.pathsep.join(filter(None, [str(root / "src"), os.environ.get("PYTHONPATH")])))
-    return subprocess.run([sys.executable, __file__, *args], env=env, capture_output=True, text=True, timeout=600)
-
-
 def test_interpreted_kernels_and_swap_match_reference(tiny_model_dir):
     seed = random.randrange(2**31)
-    done = _run_interpreted(str(tiny_model_dir), str(seed))
+    done = run_interpreted(__file__, str(tiny_model_dir), str(seed))
     assert done.returncode == 0, f"seed {seed}:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
     assert "all cases match" in done.stdout
 

@@ -9,17 +9,15 @@ and with bitsandbytes' CUDA kernels.
 
 from __future__ import annotations
 
-import os
 import random
-import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 pytest.importorskip("triton")
 
+from triton_interpreter import run_interpreted
 from qlora.quant import BLOCKSIZES, dequantize_4bit, quantize_4bit  # noqa: E402
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -60,10 +58,7 @@ def _interpreted_sweep(seed: int) -> list[str]:
 
 def test_interpreted_kernel_matches_reference():
     seed = random.randrange(2**31)
-    root = Path(__file__).resolve().parents[1]
-    env = dict(os.environ, TRITON_INTERPRET="1",
-               PYTHONPATH=os.pathsep.join(filter(None, [str(root / "src"), os.environ.get("PYTHONPATH")])))
-    done = subprocess.run([sys.executable, __file__, str(seed)], env=env, capture_output=True, text=True, timeout=600)
+    done = run_interpreted(__file__, str(seed), timeout=600)
     assert done.returncode == 0, f"seed {seed}:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
     assert "all cases bit-exact" in done.stdout
 

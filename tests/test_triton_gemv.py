@@ -14,17 +14,15 @@ plus the float32 allowance.
 
 from __future__ import annotations
 
-import os
 import random
-import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 pytest.importorskip("triton")
 
+from triton_interpreter import run_interpreted
 from qlora.quant import dequantize_4bit, quantize_4bit  # noqa: E402
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -84,10 +82,7 @@ def _sweep(seed: int, device: str) -> list[str]:
 
 def test_interpreted_kernel_matches_reference():
     seed = random.randrange(2**31)
-    root = Path(__file__).resolve().parents[1]
-    env = dict(os.environ, TRITON_INTERPRET="1",
-               PYTHONPATH=os.pathsep.join(filter(None, [str(root / "src"), os.environ.get("PYTHONPATH")])))
-    done = subprocess.run([sys.executable, __file__, str(seed)], env=env, capture_output=True, text=True, timeout=300)
+    done = run_interpreted(__file__, str(seed), timeout=300)
     assert done.returncode == 0, f"seed {seed}:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
     assert "all cases within tolerance" in done.stdout
 
