@@ -116,3 +116,16 @@ def test_generate_with_several_adapters(tiny_model_dir, adapters, capsys):
     assert "[a]" not in capsys.readouterr().out
     assert main(common + ["--adapter-weights", "0.5"]) == 2
     assert "2 adapters" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.8])
+def test_batched_generation_per_adapter_equals_each_adapter_alone(tiny_model_dir, tiny_tokenizer, adapters,
+                                                                  temperature):
+    from qlora.infer.generate import SamplingOptions, generate_per_adapter, stream_text
+
+    options = SamplingOptions(max_new_tokens=6, temperature=temperature, seed=7)
+    model = _model(tiny_model_dir, adapters)
+    batched = generate_per_adapter(model, tiny_tokenizer, "The quick brown", ["a", None, "b"], options)
+    for name, text in zip(["a", None, "b"], batched):
+        alone = _model(tiny_model_dir, adapters, [name] if name else [])
+        assert text == "".join(stream_text(alone, tiny_tokenizer, "The quick brown", options))

@@ -71,6 +71,14 @@ def stream_tokens(model, input_ids: torch.Tensor, options: SamplingOptions | Non
         ids = torch.tensor([[token]], device=device)
 
 
+def encode_prompt(model, tokenizer, prompt: str) -> torch.Tensor:
+    """``(1, length)`` prompt ids on the model's device."""
+    device = next(model.parameters()).device
+    # A template that writes BOS itself (Llama 3) must not get a second one from the tokenizer.
+    has_bos = bool(tokenizer.bos_token) and prompt.startswith(tokenizer.bos_token)
+    return tokenizer(prompt, return_tensors="pt", add_special_tokens=not has_bos).input_ids.to(device)
+
+
 def stream_text(model, tokenizer, prompt: str, options: SamplingOptions | None = None,
                 stop_ids: Iterable[int] | None = None) -> Iterator[str]:
     """Yield the continuation of ``prompt`` as text pieces, as soon as they decode.
@@ -79,10 +87,7 @@ def stream_text(model, tokenizer, prompt: str, options: SamplingOptions | None =
     holding back a trailing partial UTF-8 character, so the pieces join to
     exactly ``tokenizer.decode(tokens, skip_special_tokens=True)``.
     """
-    device = next(model.parameters()).device
-    # A template that writes BOS itself (Llama 3) must not get a second one from the tokenizer.
-    has_bos = bool(tokenizer.bos_token) and prompt.startswith(tokenizer.bos_token)
-    input_ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=not has_bos).input_ids.to(device)
+    input_ids = encode_prompt(model, tokenizer, prompt)
     if stop_ids is None:
         stop_ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     tokens: list[int] = []
@@ -98,3 +103,44 @@ def stream_text(model, tokenizer, prompt: str, options: SamplingOptions | None =
     text = tokenizer.decode(tokens, skip_special_tokens=True)
     if len(text) > shown:
         yield text[shown:]
+
+
+@torch.no_grad()
+def generate_per_adapter(model, tokenizer, prompt: str, adapters: list[str | None],
+                         options: SamplingOptions | None = None,
+                         stop_ids: Iterable[int] | None = None) -> list[str]:
+    """Continue ``prompt`` once per adapter in ONE batch: row ``i`` runs adapter
+    ``adapters[i]`` (``None``: the base alone) and the 4-bit base is read once
+    per step for all rows. Each row samples with its own generator seeded like a
+    single run, so every row equals what that adapter produces alone.
+    """
+    from ..model.multi_adapter import adapter_rows
+
+    options = options or SamplingOptions()
+    if stop_ids is None:
+        stop_ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    stop = set(stop_ids)
+    prompt_ids = encode_prompt(model, tokenizer, prompt)
+    device = prompt_ids.device
+    rows = len(adapters)
+    generators = [torch.Generator(device=device).manual_seed(options.seed)
+                  if options.seed is not None and options.temperature > 0 else None for _ in adapters]
+    tokens: list[list[int]] = [[] for _ in adapters]
+    done = [False] * rows
+    model.eval()
+    ids, past = prompt_ids.repeat(rows, 1), None
+    with adapter_rows(model, adapters):
+        for _ in range(options.max_new_tokens):
+            out = model(input_ids=ids, past_key_values=past, use_cache=True)
+            past = out.past_key_values
+            step = []
+            for r in range(rows):
+                token = tokens[r][-1] if done[r] else next_token(out.logits[r, -1], options, generators[r])
+                if not done[r]:
+                    tokens[r].append(token)
+                    done[r] = token in stop
+                step.append(token)
+            if all(done):
+                break
+            ids = torch.tensor(step, device=device)[:, None]
+    return [tokenizer.decode(t, skip_special_tokens=True) for t in tokens]

@@ -93,18 +93,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ...infer.generate import stream_text
-
-    from ...model.multi_adapter import set_adapter
+    from ...infer.generate import generate_per_adapter, stream_text
 
     model, tokenizer = load_model_from_args(args)
-    names = list(adapter_names(args)) if len(args.adapter) > 1 and not args.adapter_weights else [None]
-    for name in names:
-        if name is not None:
-            set_adapter(model, name)
-            sys.stdout.write(f"[{name}] ")
-        for piece in stream_text(model, tokenizer, args.prompt, sampling_options(args)):
-            sys.stdout.write(piece)
-            sys.stdout.flush()
-        sys.stdout.write("\n")
+    if len(args.adapter) > 1 and not args.adapter_weights:
+        # One batch, one row per adapter: the base is read once per step for all of them.
+        names = list(adapter_names(args))
+        for name, text in zip(names, generate_per_adapter(model, tokenizer, args.prompt, names,
+                                                          sampling_options(args))):
+            sys.stdout.write(f"[{name}] {text}\n")
+        return 0
+    for piece in stream_text(model, tokenizer, args.prompt, sampling_options(args)):
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
     return 0
