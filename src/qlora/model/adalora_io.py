@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from .. import __version__
-from ..errors import UsageError
+from .adapter_tensors import copy_adapter_tensor
 from .adalora import AdaLoraConfig, adalora_layers, add_adalora
 from .inject import adapter_configs
 
@@ -76,10 +76,4 @@ def attach_adalora(model: nn.Module, config: dict, paths: list[str], save_paths:
         if ".lora_" not in key:
             continue
         path, _, which = key[len(PEFT_PREFIX):].rpartition(".lora_")
-        param = getattr(layers[path], which)
-        if param.shape != value.shape:
-            raise UsageError(f"{source} was made for another base model: {key} has shape {tuple(value.shape)} "
-                             f"but this model's layer needs {tuple(param.shape)}.")
-        with torch.no_grad():
-            param.copy_(value.to(param.dtype))
-        param.requires_grad_(trainable)
+        copy_adapter_tensor(getattr(layers[path], which), value, key, source, trainable)

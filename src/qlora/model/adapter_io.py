@@ -19,6 +19,7 @@ from torch import nn
 from .. import __version__
 from ..atomic import atomic_dir
 from ..errors import UsageError
+from .adapter_tensors import copy_adapter_tensor
 from .adalora import AdaLoraConfig
 from .adalora_io import adalora_peft_config, adalora_state_dict, attach_adalora
 from .inject import AdapterConfig, adapter_configs, add_lora, lora_layers
@@ -170,13 +171,7 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path, adapter_name: str = 
         which = {"A": "lora_A", "B": "lora_B", "m": "lora_magnitude_vector"}[rest[0]]
         if which not in ("lora_A", "lora_B") and adapter_name not in layers[path].lora_magnitude_vector:
             raise UsageError(f"{adapter_dir} has DoRA magnitudes ({key}) but its config does not say use_dora.")
-        param = getattr(layers[path], which)[adapter_name].weight
-        if param.shape != value.shape:
-            raise UsageError(f"{adapter_dir} was made for another base model: {key} has shape {tuple(value.shape)} "
-                             f"but this model's layer needs {tuple(param.shape)}.")
-        with torch.no_grad():
-            param.copy_(value.to(param.dtype))
-        param.requires_grad_(trainable)
+        copy_adapter_tensor(getattr(layers[path], which)[adapter_name].weight, value, key, adapter_dir, trainable)
     _load_whole(model, whole, trainable, adapter_dir)
     return model
 
@@ -185,13 +180,8 @@ def _load_whole(model: nn.Module, whole: dict[str, torch.Tensor], trainable: boo
     """Copy the modules trained whole (``modules_to_save``) into ``model``."""
     for key, value in whole.items():
         path, _, name = key.rpartition(".")
-        param = model.get_submodule(path).get_parameter(name)
-        if param.shape != value.shape:
-            raise UsageError(f"{adapter_dir} was made for another base model: {_PEFT_PREFIX}{key} has shape "
-                             f"{tuple(value.shape)} but this model's needs {tuple(param.shape)}.")
-        with torch.no_grad():
-            param.copy_(value.to(param.dtype))
-        param.requires_grad_(trainable)
+        copy_adapter_tensor(model.get_submodule(path).get_parameter(name), value, _PEFT_PREFIX + key, adapter_dir,
+                            trainable)
 
 
 def _grow_vocabulary(model: nn.Module, whole: dict[str, torch.Tensor]) -> None:
