@@ -18,16 +18,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import subprocess
-import sys
 import time
 from typing import Any
 
 import torch
 
-from environment import describe
+from harness import describe, run_worker
 
 from train import build_model
 
@@ -69,13 +66,9 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def run_system(system: str, args: argparse.Namespace) -> dict[str, Any]:
-    cmd = [sys.executable, __file__, "--worker", "--system", system, "--shape", args.shape, "--device", args.device,
-           "--prompt", str(args.prompt), "--new-tokens", str(args.new_tokens), "--warmup", str(args.warmup),
-           "--repeats", str(args.repeats)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=os.environ)
-    if proc.returncode != 0:
-        return {"system": system, "error": proc.stderr.strip().splitlines()[-1:]}
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return run_worker(__file__, system, ["--shape", args.shape, "--device", args.device, "--prompt", str(args.prompt),
+                                         "--new-tokens", str(args.new_tokens), "--warmup", str(args.warmup),
+                                         "--repeats", str(args.repeats)])
 
 
 PACKAGES = ("transformers", "bitsandbytes", "triton")  # versions printed above the table

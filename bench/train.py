@@ -22,16 +22,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import subprocess
-import sys
 import time
 from typing import Any
 
 import torch
 
-from environment import describe
+from harness import describe, run_worker
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 TINY = dict(model_type="llama", vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
@@ -166,14 +163,10 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def run_system(system: str, args: argparse.Namespace) -> dict[str, Any]:
-    cmd = [sys.executable, __file__, "--worker", "--system", system, "--shape", args.shape, "--seq", str(args.seq),
-           "--steps", str(args.steps), "--warmup", str(args.warmup), "--rank", str(args.rank),
-           "--device", args.device] + (["--memory-cap", str(args.memory_cap)] if args.memory_cap else [])
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=os.environ)
-    if proc.returncode != 0:
-        oom = "out of memory" in proc.stderr.lower()
-        return {"system": system, "error": "out of memory" if oom else proc.stderr.strip().splitlines()[-1:]}
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return run_worker(__file__, system, ["--shape", args.shape, "--seq", str(args.seq), "--steps", str(args.steps),
+                                         "--warmup", str(args.warmup), "--rank", str(args.rank), "--device",
+                                         args.device] + (["--memory-cap", str(args.memory_cap)] if args.memory_cap
+                                                         else []))
 
 
 PACKAGES = ("transformers", "peft", "bitsandbytes", "triton")  # versions printed above the table
