@@ -173,7 +173,9 @@ class ContinuousBatcher:
         while self._waiting and len(self._rows) < self.max_batch_size:
             with self._wake:
                 request = self._waiting.popleft()
-            if not request.cancelled:
+            if request.cancelled:
+                self.stats["requests_cancelled"] += 1
+            else:
                 self._admit(request)
         if self._rows:
             self._decode()

@@ -93,6 +93,8 @@ def run(args: argparse.Namespace) -> int:
           f"(context {context} tokens, up to {args.max_batch_size} requests per batch)", file=sys.stderr, flush=True)
     try:
         make_server(app, log_level=args.log_level).run(sockets=[sock])
+    except KeyboardInterrupt:  # uvicorn re-raises Ctrl-C after its graceful shutdown: the normal way to stop
+        print("qlora serve: stopped", file=sys.stderr)
     finally:
         batcher.close()
         sock.close()
