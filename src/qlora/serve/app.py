@@ -19,7 +19,7 @@ import time
 import uuid
 from typing import Any, AsyncIterator
 
-from fastapi import Depends, FastAPI, Request
+from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 
@@ -48,41 +48,34 @@ def build_app(batcher: ContinuousBatcher, base_id: str, adapters: list[str], api
     text_stops = frozenset([eos] if eos is not None else [])
     ids = {base_id: None, **{name: name for name in adapters}}
     created = int(time.time())
-    app = FastAPI(title="qlora serve", docs_url=None, redoc_url=None)
+    app = FastAPI(title="qlora serve", docs_url=None, redoc_url=None, openapi_url=None)
+    if api_key is not None:
+        app.add_middleware(_RequireKey, api_key=api_key)
 
     @app.exception_handler(APIError)
     async def api_error(_: Request, exc: APIError) -> JSONResponse:
-        headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
-        return JSONResponse(exc.body(), status_code=exc.status, headers=headers)
+        return JSONResponse(exc.body(), status_code=exc.status)
 
     @app.exception_handler(RequestValidationError)
     async def invalid_body(_: Request, exc: RequestValidationError) -> JSONResponse:
         return JSONResponse(_validation_error(exc).body(), status_code=400)
 
-    async def authorize(request: Request) -> None:
-        if api_key is None:
-            return
-        scheme, _, token = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), api_key.encode()):
-            raise APIError(401, "Incorrect or missing API key: send 'Authorization: Bearer <key>' with the key "
-                                "given to qlora serve (--api-key or QLORA_API_KEY).", code="invalid_api_key")
-
     @app.get("/health")
     async def health() -> dict[str, str]:
         return {"status": "ok"}
 
-    @app.get("/stats", dependencies=[Depends(authorize)])
+    @app.get("/stats")
     async def stats() -> dict[str, int]:
         return batcher.load()
 
-    @app.get("/v1/models", dependencies=[Depends(authorize)])
+    @app.get("/v1/models")
     async def models() -> dict[str, Any]:
         data = [{"id": mid, "object": "model", "created": created, "owned_by": "qlora",
                  "root": base_id, "parent": None if adapter is None else base_id}
                 for mid, adapter in ids.items()]
         return {"object": "list", "data": data}
 
-    @app.post("/v1/chat/completions", dependencies=[Depends(authorize)])
+    @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request):
         body.refuse_unsupported()
         adapter = _adapter(ids, body.model)
@@ -91,7 +84,7 @@ def build_app(batcher: ContinuousBatcher, base_id: str, adapters: list[str], api
         generation = _generation(batcher, body, adapter, prompt_ids, chat_stops, "messages")
         return await _respond(batcher, generation, body, request, chat=True)
 
-    @app.post("/v1/completions", dependencies=[Depends(authorize)])
+    @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):
         body.refuse_unsupported()
         adapter = _adapter(ids, body.model)
@@ -107,6 +100,27 @@ def build_app(batcher: ContinuousBatcher, base_id: str, adapters: list[str], api
         return await _respond(batcher, generation, body, request, chat=False)
 
     return app
+
+
+class _RequireKey:
+    """ASGI middleware: every request but ``/health`` needs ``Authorization: Bearer <key>``.
+
+    Checked before anything else (a bad body without a key gets 401, not 400).
+    """
+
+    def __init__(self, app, api_key: str) -> None:
+        self.app, self.key = app, api_key.encode()
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "http" and scope["path"] != "/health":
+            header = dict(scope["headers"]).get(b"authorization", b"")
+            scheme, _, token = header.partition(b" ")
+            if scheme.lower() != b"bearer" or not hmac.compare_digest(token.strip(), self.key):
+                error = APIError(401, "Incorrect or missing API key: send 'Authorization: Bearer <key>' with the "
+                                      "key given to qlora serve (--api-key or QLORA_API_KEY).", code="invalid_api_key")
+                await JSONResponse(error.body(), 401, headers={"WWW-Authenticate": "Bearer"})(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
 
 
 def _validation_error(exc: RequestValidationError) -> APIError:
