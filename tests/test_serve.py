@@ -247,6 +247,9 @@ def test_errors_have_openai_shape_and_status(served):
     with pytest.raises(openai.BadRequestError) as exc:
         client.chat.completions.create(model="a", messages=HELLO, temperature=5)
     assert exc.value.param == "temperature"
+    with pytest.raises(openai.BadRequestError) as exc:
+        _chat(client, "a", messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}])
+    assert exc.value.param == "messages.0.content"
     # the server still answers after all of these
     assert _chat(client, "a").choices[0].finish_reason == "length"
 

@@ -17,6 +17,7 @@ from the decode thread (a server hands them to its event loop).
 from __future__ import annotations
 
 import contextlib
+import logging
 import random
 import threading
 from collections import deque
@@ -29,6 +30,8 @@ from ..model.multi_adapter import adapter_rows
 from .batch_cache import add_row, attention_mask, cache_length, check_cache, keep_rows, new_cache
 from .generate import SamplingOptions, next_token
 from .text_stream import TextStream
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -165,6 +168,7 @@ class ContinuousBatcher:
                 try:
                     self._step()
                 except Exception as exc:  # a failed forward ends the batch's requests, not the server
+                    log.exception("decode step failed; ending the %d running requests", len(self._rows))
                     self._fail_all(f"{type(exc).__name__}: {exc}")
 
     @torch.inference_mode()
@@ -209,10 +213,14 @@ class ContinuousBatcher:
             out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions,
                              past_key_values=self._cache, use_cache=True)
         self._count_step(adapters)
+        last = out.logits[:, -1]
+        greedy = last.argmax(-1).tolist()  # one device sync for all greedy rows
         keep = []
         for i, row in enumerate(rows):
             row.length += 1
-            if not self._advance(row, next_token(out.logits[i, -1], row.request.options, row.generator)):
+            options = row.request.options
+            token = greedy[i] if options.temperature <= 0 else next_token(last[i], options, row.generator)
+            if not self._advance(row, token):
                 keep.append(i)
         self._retain(keep)
 

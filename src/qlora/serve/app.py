@@ -30,6 +30,7 @@ from ..infer.messages import Message
 from ..infer.template import render_chat, stop_token_ids
 from .protocol import APIError, ChatCompletionRequest, CompletionRequest, _Body
 
+TYPE_TAGS = {"str", "int", "float", "bool", "dict", "list", "none"}
 DISCONNECT_POLL_S = 0.5  # how often a non-streaming request checks that its client is still there
 
 
@@ -56,6 +57,11 @@ def build_app(batcher: ContinuousBatcher, base_id: str, adapters: list[str], api
     async def api_error(_: Request, exc: APIError) -> JSONResponse:
         return JSONResponse(exc.body(), status_code=exc.status)
 
+    @app.exception_handler(Exception)
+    async def internal_error(_: Request, exc: Exception) -> JSONResponse:  # logged by the server too
+        error = APIError(500, f"Internal error: {type(exc).__name__}: {exc}", kind="server_error")
+        return JSONResponse(error.body(), status_code=500)
+
     @app.exception_handler(RequestValidationError)
     async def invalid_body(_: Request, exc: RequestValidationError) -> JSONResponse:
         return JSONResponse(_validation_error(exc).body(), status_code=400)
@@ -79,8 +85,13 @@ def build_app(batcher: ContinuousBatcher, base_id: str, adapters: list[str], api
     async def chat_completions(body: ChatCompletionRequest, request: Request):
         body.refuse_unsupported()
         adapter = _adapter(ids, body.model)
-        messages = [Message("system" if m.role == "developer" else m.role, m.text()) for m in body.messages]
-        prompt_ids = _encode(model, tokenizer, render_chat(tokenizer, messages))
+        messages = [Message("system" if m.role == "developer" else m.role, m.text(i))
+                    for i, m in enumerate(body.messages)]
+        try:
+            prompt = render_chat(tokenizer, messages)
+        except Exception as exc:  # e.g. a template that allows no system turn, or needs alternating roles
+            raise APIError(400, f"The model's chat template rejected these messages: {exc}", "messages") from None
+        prompt_ids = _encode(model, tokenizer, prompt)
         generation = _generation(batcher, body, adapter, prompt_ids, chat_stops, "messages")
         return await _respond(batcher, generation, body, request, chat=True)
 
@@ -128,7 +139,9 @@ def _validation_error(exc: RequestValidationError) -> APIError:
     if first.get("type") == "json_invalid":
         return APIError(400, f"The request body is not valid JSON: {first.get('ctx', {}).get('error', first.get('msg'))}",
                         code="invalid_json")
-    loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+    # drop "body" and the union-member tags pydantic adds ("str", "list[int]", ...)
+    loc = [str(p) for p in first.get("loc", ()) if p != "body" and (
+        isinstance(p, int) or not (p in TYPE_TAGS or "[" in p))]
     param = ".".join(loc) or None
     return APIError(400, f"Invalid request body: {param or 'body'}: {first.get('msg', 'invalid')}", param)
 

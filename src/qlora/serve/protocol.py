@@ -67,23 +67,22 @@ class _Body(BaseModel):
             raise APIError(400, "'logit_bias' is not supported", "logit_bias")
 
 
-class TextPart(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-
-    type: Literal["text"]
-    text: str
-
-
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     role: Literal["system", "developer", "user", "assistant"]
-    content: Union[str, list[TextPart], None] = None
+    content: Union[str, list[dict[str, Any]], None] = None
 
-    def text(self) -> str:
-        if isinstance(self.content, list):
-            return "".join(part.text for part in self.content)
-        return self.content or ""
+    def text(self, index: int) -> str:
+        """The message's text; content parts must all be text (the models served read text only)."""
+        if not isinstance(self.content, list):
+            return self.content or ""
+        for part in self.content:
+            if part.get("type") != "text" or not isinstance(part.get("text"), str):
+                raise APIError(400, f"messages[{index}] has a content part of type {part.get('type')!r}; only "
+                                    "text parts ({'type': 'text', 'text': ...}) are supported",
+                               f"messages.{index}.content")
+        return "".join(part["text"] for part in self.content)
 
 
 class ChatCompletionRequest(_Body):
