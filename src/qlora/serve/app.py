@@ -41,7 +41,7 @@ def build_app(batcher: ContinuousBatcher, base_id: str, adapters: list[str], api
         batcher: a started batcher; its model holds the adapters by these names.
         base_id: model id of the base alone.
         adapters: adapter names, served as model ids.
-        api_key: when set, every /v1 request needs ``Authorization: Bearer <api_key>``.
+        api_key: when set, every request but ``GET /health`` needs ``Authorization: Bearer <api_key>``.
     """
     model, tokenizer = batcher.model, batcher.tokenizer
     chat_stops = frozenset(stop_token_ids(model, tokenizer))
