@@ -137,8 +137,8 @@ class _RequireKey:
 def _validation_error(exc: RequestValidationError) -> APIError:
     first = exc.errors()[0] if exc.errors() else {}
     if first.get("type") == "json_invalid":
-        return APIError(400, f"The request body is not valid JSON: {first.get('ctx', {}).get('error', first.get('msg'))}",
-                        code="invalid_json")
+        reason = first.get("ctx", {}).get("error", first.get("msg"))
+        return APIError(400, f"The request body is not valid JSON: {reason}", code="invalid_json")
     # drop "body" and the union-member tags pydantic adds ("str", "list[int]", ...)
     loc = [str(p) for p in first.get("loc", ()) if p != "body" and (
         isinstance(p, int) or not (p in TYPE_TAGS or "[" in p))]

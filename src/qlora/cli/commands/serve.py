@@ -16,7 +16,7 @@ from pathlib import Path
 from ...errors import UsageError
 
 NAME = "serve"
-HELP = "serve a model and its adapters over the OpenAI HTTP API (chat, completions, streaming)"
+HELP = "serve a model and its adapters over the OpenAI HTTP API"
 
 INSTALL_HINT = "FastAPI and uvicorn are not installed; install them with: pip install 'qlora[serve]'"
 
