@@ -62,7 +62,10 @@ def start_server(model_dir: Path, adapters: list[Path], args: argparse.Namespace
            "--compute-dtype", args.compute_dtype, "--max-batch-size", str(args.max_batch_size),
            "--log-level", "warning", *[a for p in adapters for a in ("--adapter", f"{p.name}={p}")]]
     proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, env={**os.environ, "QLORA_API_KEY": KEY})
-    line = proc.stderr.readline()
+    line = ""
+    for line in iter(proc.stderr.readline, ""):  # warnings from libraries may come first
+        if line.startswith("qlora serve: http://"):
+            break
     if not line.startswith("qlora serve: http://"):
         proc.kill()
         raise SystemExit(f"the server did not start: {line}{proc.stderr.read()}")

@@ -274,7 +274,7 @@ def test_qlora_serve_command_end_to_end(tiny_model_dir, adapters):
            f"a={adapters / 'a'}", "--compute-dtype", "fp32", "--port", "0", "--log-level", "warning"]
     proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, env=_env(QLORA_API_KEY=KEY))
     try:
-        line = proc.stderr.readline()
+        line = _startup_line(proc)
         assert line.startswith("qlora serve: http://127.0.0.1:"), line + proc.stderr.read()
         base = line.split()[2]
         client = openai.OpenAI(base_url=base, api_key=KEY, max_retries=0, timeout=60)
@@ -285,6 +285,15 @@ def test_qlora_serve_command_end_to_end(tiny_model_dir, adapters):
     finally:
         proc.send_signal(2)  # SIGINT: uvicorn shuts down gracefully
         assert proc.wait(30) == 0
+
+
+def _startup_line(proc: subprocess.Popen) -> str:
+    """The server's "qlora serve: http://..." line (warnings from libraries may come first)."""
+    line = ""
+    for line in iter(proc.stderr.readline, ""):
+        if line.startswith("qlora serve: http://"):
+            break
+    return line
 
 
 def _env(**extra: str) -> dict[str, str]:
