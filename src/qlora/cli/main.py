@@ -26,6 +26,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "quant-error": ("qlora.cli.commands.quant_error", "quantization error of NF4/FP4/INT4 and bits per parameter"),
     "generate": ("qlora.cli.commands.generate", "stream a model's continuation of a prompt, with sampling options"),
     "chat": ("qlora.cli.commands.chat", "multi-turn chat with a model, with conversation memory persisted in SQLite"),
+    "serve": ("qlora.cli.commands.serve", "serve a model and its adapters over the OpenAI HTTP API"),
 }
 
 

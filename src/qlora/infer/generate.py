@@ -83,26 +83,22 @@ def stream_text(model, tokenizer, prompt: str, options: SamplingOptions | None =
                 stop_ids: Iterable[int] | None = None) -> Iterator[str]:
     """Yield the continuation of ``prompt`` as text pieces, as soon as they decode.
 
-    The whole reply is re-decoded each step and only the new suffix is emitted,
-    holding back a trailing partial UTF-8 character, so the pieces join to
-    exactly ``tokenizer.decode(tokens, skip_special_tokens=True)``.
+    The pieces join to exactly ``tokenizer.decode(tokens, skip_special_tokens=True)``
+    (see :class:`qlora.infer.text_stream.TextStream`).
     """
+    from .text_stream import TextStream
+
     input_ids = encode_prompt(model, tokenizer, prompt)
     if stop_ids is None:
         stop_ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-    tokens: list[int] = []
-    shown = 0
+    text = TextStream(tokenizer)
     for token in stream_tokens(model, input_ids, options, stop_ids):
-        tokens.append(token)
-        text = tokenizer.decode(tokens, skip_special_tokens=True)
-        if text.endswith("\ufffd"):
-            continue
-        if len(text) > shown:
-            yield text[shown:]
-            shown = len(text)
-    text = tokenizer.decode(tokens, skip_special_tokens=True)
-    if len(text) > shown:
-        yield text[shown:]
+        piece = text.push(token)
+        if piece:
+            yield piece
+    rest = text.flush()
+    if rest:
+        yield rest
 
 
 @torch.no_grad()

@@ -54,7 +54,7 @@ def load_model_from_args(args: argparse.Namespace):
     model, tokenizer = load_model(args.model, quant=quant, compute_dtype=dtype)
     for name, path in adapter_names(args).items():
         load_adapter(model, path, adapter_name=name)
-    if args.adapter_weights:
+    if getattr(args, "adapter_weights", None):  # generate/chat only
         set_adapters(model, dict(zip(adapter_names(args), _weights(args))))
     return model.eval(), tokenizer
 

@@ -1,0 +1,101 @@
+"""``qlora serve``: the OpenAI HTTP API for a model and its adapters.
+
+Each ``--adapter NAME=DIR`` is served as model id NAME, the base alone as the
+model folder's name (or ``--served-model-name``). Concurrent requests are
+decoded together in one batch, whatever adapters they ask for.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import sys
+from pathlib import Path
+
+from ...errors import UsageError
+
+NAME = "serve"
+HELP = "serve a model and its adapters over the OpenAI HTTP API"
+
+INSTALL_HINT = "FastAPI and uvicorn are not installed; install them with: pip install 'qlora[serve]'"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, help="model folder (transformers checkpoint) or hub id")
+    parser.add_argument("--adapter", action="append", default=[], metavar="[NAME=]DIR",
+                        help="LoRA adapter directory (PEFT format), served as model id NAME (default: the folder "
+                             "name); repeat for several adapters on the one base")
+    parser.add_argument("--quant", choices=("nf4", "fp4", "none"), default="nf4",
+                        help="4-bit format of the base weights on load, or none for 16/32-bit")
+    parser.add_argument("--compute-dtype", choices=("bf16", "fp16", "fp32"), default="bf16",
+                        help="dtype of the matmuls and unquantized weights")
+    parser.add_argument("--host", default="127.0.0.1",
+                        help="address to listen on (default: loopback only; 0.0.0.0 exposes the server)")
+    parser.add_argument("--port", type=int, default=8000, help="TCP port (0: any free port)")
+    parser.add_argument("--api-key", default=os.environ.get("QLORA_API_KEY"),
+                        help="require 'Authorization: Bearer KEY' on every request (default: $QLORA_API_KEY)")
+    parser.add_argument("--served-model-name", help="model id of the base model (default: the model folder's name)")
+    parser.add_argument("--max-batch-size", type=int, default=32,
+                        help="requests decoded together at most; more wait for a free row")
+    parser.add_argument("--max-model-len", type=int,
+                        help="context length (prompt + reply) in tokens (default: the model's)")
+    parser.add_argument("--log-level", choices=("critical", "error", "warning", "info", "debug"), default="info",
+                        help="uvicorn's log level (info logs each request)")
+
+
+def model_context_length(model, tokenizer) -> int | None:
+    """The longest sequence the model takes: its position table, or the tokenizer's limit."""
+    config = model.config
+    limits = [getattr(config, name, None) for name in ("max_position_embeddings", "n_positions")]
+    limits.append(getattr(tokenizer, "model_max_length", None))
+    limits = [n for n in limits if isinstance(n, int) and 0 < n < 10**8]
+    return min(limits) if limits else None
+
+
+def run(args: argparse.Namespace) -> int:
+    if importlib.util.find_spec("fastapi") is None or importlib.util.find_spec("uvicorn") is None:
+        raise UsageError(INSTALL_HINT)
+    if args.max_batch_size < 1:
+        raise UsageError(f"--max-batch-size must be at least 1, got {args.max_batch_size}")
+    from ...infer.batcher import ContinuousBatcher
+    from ...serve.app import build_app
+    from ...serve.server import LOOPBACK, bind, make_server
+    from .generate import adapter_names, load_model_from_args
+
+    names = list(adapter_names(args))
+    base_id = args.served_model_name or Path(args.model.rstrip("/")).name
+    if base_id in names:
+        raise UsageError(f"the adapter name {base_id!r} is also the base model's id; rename the adapter "
+                         "(--adapter NAME=DIR) or the base (--served-model-name)")
+    model, tokenizer = load_model_from_args(args)
+    context = model_context_length(model, tokenizer)
+    if args.max_model_len is not None:
+        if args.max_model_len < 2 or (context is not None and args.max_model_len > context):
+            raise UsageError(f"--max-model-len must lie between 2 and the model's context ({context}), "
+                             f"got {args.max_model_len}")
+        context = args.max_model_len
+    if context is None:
+        raise UsageError("the model's config gives no context length; pass --max-model-len")
+    batcher = ContinuousBatcher(model, tokenizer, max_batch_size=args.max_batch_size, context_length=context)
+    app = build_app(batcher.start(), base_id, names, api_key=args.api_key or None)
+    try:
+        sock = bind(args.host, args.port)
+    except OSError as exc:
+        batcher.close()
+        raise UsageError(f"cannot listen on {args.host}:{args.port}: {exc.strerror}; choose another --port "
+                         "or --host") from None
+    port = sock.getsockname()[1]
+    if args.host not in LOOPBACK and not args.api_key:
+        print(f"qlora serve: warning: listening on {args.host} without --api-key: anyone who reaches this "
+              "address can use the model", file=sys.stderr)
+    print(f"qlora serve: http://{args.host}:{port}/v1 serving {', '.join([base_id, *names])} "
+          f"(context {context} tokens, up to {args.max_batch_size} requests per batch)", file=sys.stderr, flush=True)
+    try:
+        make_server(app, log_level=args.log_level).run(sockets=[sock])
+    except KeyboardInterrupt:  # uvicorn re-raises Ctrl-C after its graceful shutdown: the normal way to stop
+        print("qlora serve: stopped", file=sys.stderr)
+    finally:
+        batcher.close()
+        sock.close()
+    return 0

@@ -1,0 +1,75 @@
+"""A KV cache whose batch rows come and go: the memory of continuous batching.
+
+Each row is one request. Rows hold different numbers of tokens, so the cache is
+left-padded: row ``i``'s real entries are the last ``lengths[i]`` positions and
+the attention mask hides the rest. A row joins by padding the shorter side on
+the left and concatenating along the batch; a row leaves by selecting the
+others, then columns that every row pads are cut. Because each row's entries
+stay contiguous at the right, distances between its tokens are unchanged, so
+causal and sliding-window masks (computed on cache positions) stay right.
+
+Works on transformers' ``DynamicCache`` built without a config, whose layers
+are all full ``DynamicLayer`` s holding ``keys``/``values`` of shape
+``(batch, kv_heads, length, head_dim)``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from transformers import DynamicCache
+
+from ..errors import UsageError
+
+
+def new_cache() -> DynamicCache:
+    """An empty cache of full layers (no sliding-window cropping), for one prefill."""
+    return DynamicCache()
+
+
+def check_cache(cache: DynamicCache) -> None:
+    """Refuse caches this module cannot re-batch (recurrent or hybrid model state)."""
+    for layer in cache.layers:
+        keys = getattr(layer, "keys", None)
+        if type(layer).__name__ != "DynamicLayer" or not isinstance(keys, torch.Tensor) or keys.dim() != 4:
+            raise UsageError(f"continuous batching needs a plain key/value cache; this model's cache has a "
+                             f"{type(layer).__name__} layer. Serve a transformer with standard attention "
+                             "(Llama, Qwen, Mistral, Gemma, Phi, GPT-2 families).")
+
+
+def cache_length(cache: DynamicCache) -> int:
+    return cache.get_seq_length()
+
+
+def _pad_left(t: torch.Tensor, n: int) -> torch.Tensor:
+    return F.pad(t, (0, 0, n, 0)) if n > 0 else t
+
+
+def add_row(batch: DynamicCache | None, row: DynamicCache) -> DynamicCache:
+    """``batch`` with the one-row cache ``row`` appended as its last row."""
+    if batch is None:
+        return row
+    t_batch, t_row = cache_length(batch), cache_length(row)
+    width = max(t_batch, t_row)
+    for b, r in zip(batch.layers, row.layers):
+        b.keys = torch.cat([_pad_left(b.keys, width - t_batch), _pad_left(r.keys, width - t_row)])
+        b.values = torch.cat([_pad_left(b.values, width - t_batch), _pad_left(r.values, width - t_row)])
+    return batch
+
+
+def keep_rows(batch: DynamicCache, rows: list[int], lengths: list[int]) -> DynamicCache | None:
+    """Only ``rows`` of ``batch`` (their real lengths ``lengths``), left padding trimmed."""
+    if not rows:
+        return None
+    cut = cache_length(batch) - max(lengths)
+    index = torch.tensor(rows, device=batch.layers[0].keys.device)
+    for layer in batch.layers:
+        layer.keys = layer.keys.index_select(0, index)[:, :, cut:]
+        layer.values = layer.values.index_select(0, index)[:, :, cut:]
+    return batch
+
+
+def attention_mask(width: int, lengths: list[int], device: torch.device) -> torch.Tensor:
+    """``(rows, width)`` mask: 1 on each row's last ``lengths[i]`` positions, 0 on its padding."""
+    first = width - torch.tensor(lengths, device=device)
+    return (torch.arange(width, device=device)[None] >= first[:, None]).long()

@@ -1,0 +1,269 @@
+"""Continuous batching: concurrent requests decoded together, one batch row each.
+
+A background thread runs the decode loop. At every step boundary it admits
+waiting requests into the running batch (each prompt is prefilled alone, so its
+first token is exactly what a single run gives, then its cache joins the batch;
+see :mod:`qlora.infer.batch_cache`), decodes one token for every row in ONE
+forward pass, and drops the rows that finished or whose client went away. Each
+row carries its own adapter (:func:`qlora.model.multi_adapter.adapter_rows`: the
+4-bit base is read once per step for all rows, whichever adapters they use), its
+sampling options and seeded generator, its stop tokens and stop strings. Greedy
+rows produce the tokens of :func:`qlora.infer.generate.stream_tokens`.
+
+Events reach the caller through the ``emit`` callback of its request, called
+from the decode thread (a server hands them to its event loop).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import random
+import threading
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
+
+import torch
+
+from ..model.multi_adapter import adapter_rows
+from .batch_cache import add_row, attention_mask, cache_length, check_cache, keep_rows, new_cache
+from .generate import SamplingOptions, next_token
+from .text_stream import TextStream
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Event:
+    """New text of one request; ``finish_reason`` is set on its last event.
+
+    finish_reason: ``"stop"`` (stop token or string), ``"length"`` (max tokens or
+    the context is full), ``"error"`` (``error`` says why), ``"cancelled"``.
+    """
+
+    text: str
+    finish_reason: str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    error: str | None = None
+
+
+@dataclass
+class Request:
+    """One generation: prompt ids, adapter (None: the base alone) and how to sample and stop."""
+
+    prompt_ids: list[int]
+    adapter: str | None
+    options: SamplingOptions
+    emit: Callable[[Event], None]
+    stop_ids: frozenset[int] = frozenset()
+    stop_strings: tuple[str, ...] = ()
+    cancelled: bool = field(default=False, init=False)
+
+    def cancel(self) -> None:
+        """Free the request's batch slot at the next step boundary (the client went away)."""
+        self.cancelled = True
+
+
+class _Row:
+    """A running request: its tokens so far and how many of them the cache holds."""
+
+    def __init__(self, request: Request, tokenizer, device: torch.device) -> None:
+        self.request = request
+        self.text = TextStream(tokenizer, request.stop_strings)
+        self.length = len(request.prompt_ids)  # entries of this row in the cache
+        seed = request.options.seed if request.options.seed is not None else random.getrandbits(63)
+        self.generator = torch.Generator(device=device).manual_seed(seed)  # as a single run seeds it
+
+
+class ContinuousBatcher:
+    """Serve many generation requests at once from one model.
+
+    Args:
+        model: a causal LM (4-bit/LoRA modules included), adapters loaded by name.
+        tokenizer: its tokenizer.
+        max_batch_size: rows decoded together at most; more requests wait.
+        context_length: prompt plus reply never exceed this many tokens.
+    """
+
+    def __init__(self, model, tokenizer, max_batch_size: int = 32, context_length: int = 2048) -> None:
+        if max_batch_size < 1:
+            raise ValueError(f"max_batch_size must be at least 1, got {max_batch_size}")
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.max_batch_size = max_batch_size
+        self.context_length = context_length
+        self.device = next(model.parameters()).device
+        self._waiting: deque[Request] = deque()
+        self._rows: list[_Row] = []
+        self._cache = None
+        self._wake = threading.Condition()
+        self._step_lock = threading.Lock()
+        self._closed = False
+        self._thread: threading.Thread | None = None
+        self._check_model()
+        self.stats = {"steps": 0, "max_rows_in_step": 0, "mixed_adapter_steps": 0, "max_adapters_in_step": 0,
+                      "requests_completed": 0, "requests_cancelled": 0, "tokens_generated": 0}
+
+    @torch.inference_mode()
+    def _check_model(self) -> None:
+        """Fail at start, not on the first request, if the model's cache cannot be re-batched."""
+        cache = new_cache()
+        self.model(input_ids=torch.tensor([[0]], device=self.device), past_key_values=cache, use_cache=True)
+        check_cache(cache)
+
+    # --- public API ----------------------------------------------------------
+    def start(self) -> "ContinuousBatcher":
+        self._thread = threading.Thread(target=self._loop, name="qlora-batcher", daemon=True)
+        self._thread.start()
+        return self
+
+    def close(self) -> None:
+        """Stop the loop; unfinished requests end with ``finish_reason="cancelled"``."""
+        with self._wake:
+            self._closed = True
+            self._wake.notify()
+        if self._thread is not None:
+            self._thread.join()
+        for request in [*self._waiting, *(r.request for r in self._rows)]:
+            request.emit(Event("", "cancelled", len(request.prompt_ids)))
+        self._waiting.clear()
+        self._rows, self._cache = [], None
+
+    def submit(self, request: Request) -> Request:
+        """Queue ``request``; its events arrive through ``request.emit``."""
+        if not request.prompt_ids:
+            raise ValueError("the prompt is empty")
+        if len(request.prompt_ids) >= self.context_length:
+            raise ValueError(f"the prompt has {len(request.prompt_ids)} tokens; the context holds "
+                             f"{self.context_length} (prompt and reply together)")
+        with self._wake:
+            if self._closed:
+                raise RuntimeError("the batcher is closed")
+            self._waiting.append(request)
+            self._wake.notify()
+        return request
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """Hold the loop between two steps (requests queue up meanwhile), e.g. to
+        change the model's adapters or to look at a consistent batch."""
+        with self._step_lock:
+            yield
+
+    def load(self) -> dict[str, int]:
+        """Running rows and waiting requests, with the counters of ``stats``."""
+        return {"running": len(self._rows), "waiting": len(self._waiting), **self.stats}
+
+    # --- the loop ------------------------------------------------------------
+    def _loop(self) -> None:
+        while True:
+            with self._wake:
+                while not self._closed and not self._waiting and not self._rows:
+                    self._wake.wait()
+                if self._closed:
+                    return
+            with self._step_lock:
+                try:
+                    self._step()
+                except Exception as exc:  # a failed forward ends the batch's requests, not the server
+                    log.exception("decode step failed; ending the %d running requests", len(self._rows))
+                    self._fail_all(f"{type(exc).__name__}: {exc}")
+
+    @torch.inference_mode()
+    def _step(self) -> None:
+        self._drop_cancelled()
+        while self._waiting and len(self._rows) < self.max_batch_size:
+            with self._wake:
+                request = self._waiting.popleft()
+            if request.cancelled:
+                self.stats["requests_cancelled"] += 1
+            else:
+                self._admit(request)
+        if self._rows:
+            self._decode()
+
+    def _admit(self, request: Request) -> None:
+        """Prefill ``request`` alone, emit its first token, and add it to the batch."""
+        row = _Row(request, self.tokenizer, self.device)
+        cache = new_cache()
+        ids = torch.tensor([request.prompt_ids], device=self.device)
+        try:
+            with adapter_rows(self.model, [request.adapter]):
+                out = self.model(input_ids=ids, past_key_values=cache, use_cache=True)
+            check_cache(cache)
+        except Exception as exc:
+            request.emit(Event("", "error", len(request.prompt_ids), error=f"{type(exc).__name__}: {exc}"))
+            return
+        if not self._advance(row, next_token(out.logits[0, -1], request.options, row.generator)):
+            self._cache = add_row(self._cache, cache)
+            self._rows.append(row)
+
+    def _decode(self) -> None:
+        """One token for every row, in one forward pass."""
+        rows = self._rows
+        width = cache_length(self._cache)
+        lengths = [r.length for r in rows]
+        ids = torch.tensor([[r.text.tokens[-1]] for r in rows], device=self.device)
+        positions = torch.tensor([[n] for n in lengths], device=self.device)
+        mask = attention_mask(width + 1, [n + 1 for n in lengths], self.device)
+        adapters = [r.request.adapter for r in rows]
+        with adapter_rows(self.model, adapters):
+            out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions,
+                             past_key_values=self._cache, use_cache=True)
+        self._count_step(adapters)
+        last = out.logits[:, -1]
+        greedy = last.argmax(-1).tolist()  # one device sync for all greedy rows
+        keep = []
+        for i, row in enumerate(rows):
+            row.length += 1
+            options = row.request.options
+            token = greedy[i] if options.temperature <= 0 else next_token(last[i], options, row.generator)
+            if not self._advance(row, token):
+                keep.append(i)
+        self._retain(keep)
+
+    def _advance(self, row: _Row, token: int) -> bool:
+        """Record ``token`` for ``row`` and emit its text; True when the row is finished."""
+        request = row.request
+        self.stats["tokens_generated"] += 1
+        piece = row.text.push(token)
+        generated = len(row.text.tokens)
+        reason = None
+        if token in request.stop_ids or row.text.stopped:
+            reason = "stop"
+        elif generated >= request.options.max_new_tokens or row.length + 1 >= self.context_length:
+            reason = "length"
+        if reason is not None:
+            piece += row.text.flush()
+            self.stats["requests_completed"] += 1
+        if piece or reason is not None:
+            request.emit(Event(piece, reason, len(request.prompt_ids), generated))
+        return reason is not None
+
+    def _retain(self, keep: list[int]) -> None:
+        if len(keep) != len(self._rows):
+            self._rows = [self._rows[i] for i in keep]
+            self._cache = keep_rows(self._cache, keep, [r.length for r in self._rows])
+
+    def _drop_cancelled(self) -> None:
+        keep = [i for i, r in enumerate(self._rows) if not r.request.cancelled]
+        for row in self._rows:
+            if row.request.cancelled:
+                self.stats["requests_cancelled"] += 1
+                row.request.emit(Event("", "cancelled", len(row.request.prompt_ids), len(row.text.tokens)))
+        self._retain(keep)
+
+    def _count_step(self, adapters: list[str | None]) -> None:
+        distinct = len(set(adapters))
+        s = self.stats
+        s["steps"] += 1
+        s["max_rows_in_step"] = max(s["max_rows_in_step"], len(adapters))
+        s["max_adapters_in_step"] = max(s["max_adapters_in_step"], distinct)
+        s["mixed_adapter_steps"] += distinct > 1
+
+    def _fail_all(self, message: str) -> None:
+        for row in self._rows:
+            row.request.emit(Event("", "error", len(row.request.prompt_ids), len(row.text.tokens), message))
+        self._rows, self._cache = [], None

@@ -1,0 +1,128 @@
+"""The OpenAI request bodies ``qlora serve`` accepts, and its error shape.
+
+Fields follow the OpenAI API reference. Unknown fields are ignored (clients
+send extras such as ``user``); known fields that would change the answer in a
+way qlora does not implement (``n`` > 1, ``logprobs``, tools, penalties, ...)
+are refused with a 400 naming the field, rather than silently ignored.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class APIError(Exception):
+    """An OpenAI-shaped error: ``{"error": {"message", "type", "param", "code"}}`` with an HTTP status."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
+                 kind: str = "invalid_request_error") -> None:
+        super().__init__(message)
+        self.status, self.message, self.param, self.code, self.kind = status, message, param, code, kind
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_default(cls, data: Any) -> Any:
+        """OpenAI clients send ``null`` for options left unset: take the default."""
+        return {k: v for k, v in data.items() if v is not None} if isinstance(data, dict) else data
+
+    model: str
+    max_tokens: int | None = Field(default=None, ge=1)
+    temperature: float = Field(default=1.0, ge=0.0, le=2.0)
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    stop: Union[str, list[str], None] = None
+    seed: int | None = None
+    n: int = Field(default=1, ge=1)
+    stream: bool = False
+    stream_options: dict[str, Any] | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: dict[str, float] | None = None
+
+    def stop_strings(self) -> tuple[str, ...]:
+        stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        if len(stop) > 4:
+            raise APIError(400, f"'stop' takes at most 4 strings, got {len(stop)}", "stop")
+        return tuple(stop)
+
+    def include_usage(self) -> bool:
+        return bool(self.stream and self.stream_options and self.stream_options.get("include_usage"))
+
+    def refuse_unsupported(self) -> None:
+        """400 for options that would change the answer in ways not implemented."""
+        if self.n != 1:
+            raise APIError(400, f"'n' must be 1 (qlora serve returns one choice per request), got {self.n}", "n")
+        if self.presence_penalty or self.frequency_penalty:
+            param = "presence_penalty" if self.presence_penalty else "frequency_penalty"
+            raise APIError(400, f"'{param}' is not supported; leave it at 0", param)
+        if self.logit_bias:
+            raise APIError(400, "'logit_bias' is not supported", "logit_bias")
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    role: Literal["system", "developer", "user", "assistant"]
+    content: Union[str, list[dict[str, Any]], None] = None
+
+    def text(self, index: int) -> str:
+        """The message's text; content parts must all be text (the models served read text only)."""
+        if not isinstance(self.content, list):
+            return self.content or ""
+        for part in self.content:
+            if part.get("type") != "text" or not isinstance(part.get("text"), str):
+                raise APIError(400, f"messages[{index}] has a content part of type {part.get('type')!r}; only "
+                                    "text parts ({'type': 'text', 'text': ...}) are supported",
+                               f"messages.{index}.content")
+        return "".join(part["text"] for part in self.content)
+
+
+class ChatCompletionRequest(_Body):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+    logprobs: bool | None = None
+    tools: list[Any] | None = None
+    response_format: dict[str, Any] | None = None
+
+    def refuse_unsupported(self) -> None:
+        super().refuse_unsupported()
+        if self.logprobs:
+            raise APIError(400, "'logprobs' is not supported", "logprobs")
+        if self.tools:
+            raise APIError(400, "'tools' (function calling) is not supported", "tools")
+        if self.response_format and self.response_format.get("type", "text") != "text":
+            raise APIError(400, "only the 'text' response_format is supported", "response_format")
+
+    def token_limit(self) -> int | None:
+        return self.max_completion_tokens or self.max_tokens
+
+
+class CompletionRequest(_Body):
+    prompt: Union[str, list[str], list[int]]
+    max_tokens: int | None = Field(default=16, ge=1)  # the OpenAI default for completions
+    echo: bool = False
+    logprobs: int | None = None
+    best_of: int | None = None
+    suffix: str | None = None
+
+    def refuse_unsupported(self) -> None:
+        super().refuse_unsupported()
+        for name in ("echo", "logprobs", "suffix"):
+            if getattr(self, name):
+                raise APIError(400, f"'{name}' is not supported", name)
+        if self.best_of not in (None, 1):
+            raise APIError(400, f"'best_of' must be 1, got {self.best_of}", "best_of")
+        if isinstance(self.prompt, list) and self.prompt and isinstance(self.prompt[0], str) and len(self.prompt) != 1:
+            raise APIError(400, "'prompt' must be one string (a batch of prompts is not supported; send "
+                                "one request per prompt)", "prompt")
+
+    def token_limit(self) -> int | None:
+        return self.max_tokens

@@ -1,0 +1,308 @@
+"""``qlora serve`` driven by the official ``openai`` client against a real uvicorn server.
+
+Oracles: ``qlora generate`` (greedy output for the same prompt and adapter), the
+same request served alone (for concurrent and batched requests), and the
+OpenAI client's own parsing of responses, streams and errors.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+
+import qlora
+from qlora.cli.main import main
+from qlora.infer.messages import Message
+from qlora.infer.template import render_chat
+from qlora.nn import LoraLinear
+
+openai = pytest.importorskip("openai")
+pytest.importorskip("fastapi")
+
+KEY = "sk-test-key"
+HELLO = [{"role": "user", "content": "Hello"}]
+MAX_TOKENS = 10
+
+
+@pytest.fixture(scope="module")
+def adapters(tmp_path_factory, tiny_model_dir):
+    """Two saved adapters with large random deltas, so their answers differ from the base and each other."""
+    root = tmp_path_factory.mktemp("serve-adapters")
+    for name, seed in (("a", 1), ("b", 2)):
+        model, _ = qlora.load_model(tiny_model_dir, compute_dtype=torch.float32, device="cpu")
+        torch.manual_seed(seed)
+        qlora.add_lora(model, r=4, dropout=0.0, verbose=False, target_modules=["q_proj", "v_proj", "down_proj"])
+        g = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for layer in model.modules():
+                if isinstance(layer, LoraLinear):
+                    w = layer.lora_B["default"].weight
+                    w.copy_(0.3 * torch.randn(w.shape, generator=g))
+        qlora.save_adapter(model, root / name)
+    return root
+
+
+@pytest.fixture(scope="module")
+def served(tiny_model_dir, adapters):
+    """The server as ``qlora serve`` builds it (NF4 base, fp32 compute), on 127.0.0.1, any free port."""
+    from qlora.infer.batcher import ContinuousBatcher
+    from qlora.serve.app import build_app
+    from qlora.serve.server import BackgroundServer
+
+    model, tokenizer = qlora.load_model(tiny_model_dir, compute_dtype=torch.float32, device="cpu")
+    for name in ("a", "b"):
+        qlora.load_adapter(model, adapters / name, adapter_name=name)
+    batcher = ContinuousBatcher(model.eval(), tokenizer, max_batch_size=32, context_length=512).start()
+    app = build_app(batcher, "tiny", ["a", "b"], api_key=KEY)
+    with BackgroundServer(app) as server:
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=0, timeout=60)
+        yield server, batcher, client, tokenizer
+    batcher.close()
+
+
+def _generate(capsys, model_dir, adapters, adapter, prompt, max_tokens=MAX_TOKENS) -> str:
+    """``qlora generate``'s greedy output (stdout minus its final newline)."""
+    capsys.readouterr()
+    args = ["generate", "--model", str(model_dir), "--compute-dtype", "fp32", "--temperature", "0",
+            "--max-new-tokens", str(max_tokens), "--prompt", prompt]
+    if adapter is not None:
+        args += ["--adapter", f"{adapter}={adapters / adapter}"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert out.endswith("\n")
+    return out[:-1]
+
+
+def _chat(client, model, messages=HELLO, max_tokens=MAX_TOKENS, **kw):
+    return client.chat.completions.create(model=model, messages=messages, max_tokens=max_tokens,
+                                          temperature=0, **kw)
+
+
+def _stream_chat(client, model, messages=HELLO, **kw) -> tuple[str, str, list]:
+    chunks = list(client.chat.completions.create(model=model, messages=messages, stream=True, **kw))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    finish = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert len(finish) == 1
+    return text, finish[0], chunks
+
+
+@pytest.mark.parametrize("model_id", ["tiny", "a"])
+def test_chat_equals_qlora_generate(served, capsys, tiny_model_dir, adapters, model_id):
+    _, _, client, tokenizer = served
+    prompt = render_chat(tokenizer, [Message("user", "Hello")])
+    expected = _generate(capsys, tiny_model_dir, adapters, None if model_id == "tiny" else model_id, prompt)
+
+    reply = _chat(client, model_id)
+    choice = reply.choices[0]
+    assert choice.message.content == expected
+    assert choice.message.role == "assistant"
+    assert choice.finish_reason == "length"  # no early stop: generate (EOS only) decoded the same 10 tokens
+    assert reply.model == model_id
+    assert reply.usage.prompt_tokens == len(tokenizer(prompt).input_ids)
+    assert reply.usage.completion_tokens == MAX_TOKENS
+    assert reply.usage.total_tokens == reply.usage.prompt_tokens + MAX_TOKENS
+
+    text, finish, chunks = _stream_chat(client, model_id, max_tokens=MAX_TOKENS, temperature=0,
+                                        stream_options={"include_usage": True})
+    assert text == expected and finish == "length"
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert len(chunks) > 3  # streamed in pieces, not in one chunk
+    assert chunks[-1].usage.completion_tokens == MAX_TOKENS and not chunks[-1].choices
+
+
+def test_completions_equal_qlora_generate(served, capsys, tiny_model_dir, adapters):
+    _, _, client, _ = served
+    prompt = "The quick brown fox"
+    for model_id in ("tiny", "b"):
+        expected = _generate(capsys, tiny_model_dir, adapters, None if model_id == "tiny" else model_id, prompt)
+        reply = client.completions.create(model=model_id, prompt=prompt, max_tokens=MAX_TOKENS, temperature=0)
+        assert reply.choices[0].text == expected
+        streamed = client.completions.create(model=model_id, prompt=prompt, max_tokens=MAX_TOKENS, temperature=0,
+                                             stream=True)
+        assert "".join(c.choices[0].text for c in streamed) == expected
+
+
+def test_models_lists_base_and_adapters(served):
+    _, _, client, _ = served
+    assert [m.id for m in client.models.list()] == ["tiny", "a", "b"]
+
+
+def test_stop_strings_cut_the_reply(served):
+    _, _, client, _ = served
+    full = _chat(client, "a").choices[0].message.content
+    stop = full[3:5]
+    cut = full[:full.index(stop)]
+    reply = _chat(client, "a", stop=[stop, "never appears"])
+    assert reply.choices[0].message.content == cut and reply.choices[0].finish_reason == "stop"
+    text, finish, _ = _stream_chat(client, "a", max_tokens=MAX_TOKENS, temperature=0, stop=stop)
+    assert text == cut and finish == "stop"
+
+
+def test_two_adapters_concurrently_are_batched_and_each_equals_alone(served):
+    _, batcher, client, _ = served
+    alone = {m: _chat(client, m, max_tokens=16).choices[0].message.content for m in ("a", "b")}
+    assert alone["a"] != alone["b"]
+    before = batcher.load()["mixed_adapter_steps"]
+    replies: dict[str, str] = {}
+
+    def ask(model_id: str) -> None:
+        replies[model_id] = _chat(client, model_id, max_tokens=16).choices[0].message.content
+
+    threads = [threading.Thread(target=ask, args=(m,)) for m in ("a", "b")]
+    with batcher.paused():  # both requests queue, so they join the batch at the same step boundary
+        for t in threads:
+            t.start()
+        _wait(lambda: batcher.load()["waiting"] == 2)
+    for t in threads:
+        t.join(60)
+    assert replies == alone
+    # decode steps held rows of both adapters: one forward for the two of them
+    assert batcher.load()["mixed_adapter_steps"] - before >= 10
+
+
+def test_twenty_concurrent_streaming_clients_complete(served):
+    _, batcher, client, _ = served
+    models = ["tiny", "a", "b"]
+    results: dict[int, tuple[str, str]] = {}
+    errors: list[BaseException] = []
+
+    def ask(i: int) -> None:
+        try:
+            text, finish, _ = _stream_chat(client, models[i % 3], messages=[{"role": "user", "content": f"Hi {i}"}],
+                                           max_tokens=8, temperature=1.0, top_p=0.9, seed=i)
+            results[i] = (text, finish)
+        except BaseException as exc:  # reported below, with the others
+            errors.append(exc)
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(20)]
+    with batcher.paused():
+        for t in threads:
+            t.start()
+        _wait(lambda: batcher.load()["waiting"] == 20)
+    for t in threads:
+        t.join(120)
+    assert not errors and sorted(results) == list(range(20))
+    assert all(finish in ("stop", "length") for _, finish in results.values())
+    assert batcher.load()["max_rows_in_step"] >= 10
+    # a seeded, sampled request gives the same text alone as inside a batch of 20
+    for i in (0, 1, 2):
+        text, _, _ = _stream_chat(client, models[i % 3], messages=[{"role": "user", "content": f"Hi {i}"}],
+                                  max_tokens=8, temperature=1.0, top_p=0.9, seed=i)
+        assert text == results[i][0]
+
+
+def test_disconnect_mid_stream_frees_the_row(served):
+    server, batcher, client, _ = served
+    assert _chat(client, "tiny", max_tokens=300).choices[0].finish_reason == "length"  # would run 300 steps
+    before = batcher.load()
+    body = {"model": "tiny", "messages": HELLO, "max_tokens": 300, "temperature": 0, "stream": True}
+    with httpx.stream("POST", server.url + "/v1/chat/completions", json=body,
+                      headers={"Authorization": f"Bearer {KEY}"}, timeout=30) as response:
+        assert response.status_code == 200
+        lines = (line for line in response.iter_lines() if line)
+        assert '"role":"assistant"' in next(lines)
+        assert '"content":' in next(lines)  # decoding has started
+    _wait(lambda: batcher.load()["requests_cancelled"] == before["requests_cancelled"] + 1)
+    after = batcher.load()
+    assert after["running"] == after["waiting"] == 0
+    assert after["requests_completed"] == before["requests_completed"]
+    assert after["tokens_generated"] - before["tokens_generated"] < 300
+
+
+def test_errors_have_openai_shape_and_status(served):
+    server, _, client, _ = served
+    bad_key = openai.OpenAI(base_url=server.url + "/v1", api_key="wrong", max_retries=0)
+    with pytest.raises(openai.AuthenticationError) as exc:
+        bad_key.models.list()
+    assert exc.value.status_code == 401 and exc.value.code == "invalid_api_key"
+    assert httpx.get(server.url + "/v1/models").status_code == 401  # no key at all
+    assert httpx.post(server.url + "/v1/completions", content=b"{").status_code == 401  # the key is checked first
+    assert httpx.get(server.url + "/health").status_code == 200  # liveness needs no key
+
+    response = httpx.post(server.url + "/v1/chat/completions", content=b'{"model": "a", "messages": [',
+                          headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"})
+    assert response.status_code == 400
+    assert set(response.json()["error"]) == {"message", "type", "param", "code"}
+    assert response.json()["error"]["code"] == "invalid_json"
+
+    with pytest.raises(openai.BadRequestError) as exc:
+        _chat(client, "no-such-model")
+    assert exc.value.status_code == 400 and exc.value.code == "model_not_found" and exc.value.param == "model"
+
+    with pytest.raises(openai.APIStatusError) as exc:
+        _chat(client, "a", messages=[{"role": "user", "content": "fox " * 600}])
+    assert exc.value.status_code == 413 and exc.value.code == "context_length_exceeded"
+
+    with pytest.raises(openai.BadRequestError) as exc:
+        _chat(client, "a", n=2)
+    assert exc.value.param == "n"
+    with pytest.raises(openai.BadRequestError) as exc:
+        client.chat.completions.create(model="a", messages=HELLO, temperature=5)
+    assert exc.value.param == "temperature"
+    with pytest.raises(openai.BadRequestError) as exc:
+        _chat(client, "a", messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}])
+    assert exc.value.param == "messages.0.content"
+    # the server still answers after all of these
+    assert _chat(client, "a").choices[0].finish_reason == "length"
+
+
+def test_serve_without_fastapi_says_what_to_install(monkeypatch, capsys, tiny_model_dir):
+    monkeypatch.setitem(sys.modules, "fastapi", None)  # as if not installed: find_spec gives None
+    assert main(["serve", "--model", str(tiny_model_dir)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "pip install 'qlora[serve]'" in err[0]
+
+
+def test_nothing_else_imports_the_server_stack():
+    code = ("import sys, qlora, qlora.cli.main, qlora.cli.commands.serve, qlora.infer.batcher, qlora.model.load\n"
+            "assert not {'fastapi', 'uvicorn', 'starlette'} & set(sys.modules), sorted(sys.modules)")
+    subprocess.run([sys.executable, "-c", code], check=True, env=_env())
+
+
+@pytest.mark.slow
+def test_qlora_serve_command_end_to_end(tiny_model_dir, adapters):
+    """The real command: loopback, an ephemeral port, the key from QLORA_API_KEY, a clean Ctrl-C."""
+    cmd = [sys.executable, "-m", "qlora", "serve", "--model", str(tiny_model_dir), "--adapter",
+           f"a={adapters / 'a'}", "--compute-dtype", "fp32", "--port", "0", "--log-level", "warning"]
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, env=_env(QLORA_API_KEY=KEY))
+    try:
+        line = _startup_line(proc)
+        assert line.startswith("qlora serve: http://127.0.0.1:"), line + proc.stderr.read()
+        base = line.split()[2]
+        client = openai.OpenAI(base_url=base, api_key=KEY, max_retries=0, timeout=60)
+        assert [m.id for m in client.models.list()] == [Path(tiny_model_dir).name, "a"]
+        assert _chat(client, "a").usage.completion_tokens == MAX_TOKENS
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(base_url=base, api_key="nope", max_retries=0).models.list()
+    finally:
+        proc.send_signal(2)  # SIGINT: uvicorn shuts down gracefully
+        assert proc.wait(30) == 0
+
+
+def _startup_line(proc: subprocess.Popen) -> str:
+    """The server's "qlora serve: http://..." line (warnings from libraries may come first)."""
+    line = ""
+    for line in iter(proc.stderr.readline, ""):
+        if line.startswith("qlora serve: http://"):
+            break
+    return line
+
+
+def _env(**extra: str) -> dict[str, str]:
+    src = str(Path(qlora.__file__).resolve().parents[1])
+    return {**os.environ, "PYTHONPATH": src, "OMP_NUM_THREADS": "1", **extra}
+
+
+def _wait(condition, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)
