@@ -31,11 +31,12 @@ def test_round_trip_across_processes(tmp_path):
         from qlora.infer.messages import Message
         from qlora.infer.store import ChatStore
         s = ChatStore(sys.argv[1]).session("alice", "kg")
-        s.add_messages([Message("user", "hi"), Message("assistant", "hello")])
-        s.set_summary("greeting", 2)
-        s.set_entities({"Alice": "a person"})
-        s.add_triples([("Alice", "likes", "tea"), ("Alice", "likes", "tea")])
-        s.add_vector("input: hi", [0.5, -1.0, 2.0])
+        last = s.add_messages([Message("user", "hi"), Message("assistant", "hello")])
+        assert last == 2
+        s.set_summary("greeting", last)
+        s.set_entities({"Alice": "a person"}, last)
+        s.add_triples([("Alice", "likes", "tea"), ("Alice", "likes", "tea")], last)
+        s.add_vector("input: hi", [0.5, -1.0, 2.0], last, "bag")
     """, str(db))
     assert writer.wait() == 0, writer.stderr.read()
     store = ChatStore(db)
@@ -44,13 +45,20 @@ def test_round_trip_across_processes(tmp_path):
     assert s.summary() == ("greeting", 2)
     assert s.entities() == {"Alice": "a person"}
     assert s.triples() == [("Alice", "likes", "tea")]
-    assert s.vectors() == [("input: hi", [0.5, -1.0, 2.0])]
-    s.set_entities({"Alice": "likes tea"})
-    assert s.entities() == {"Alice": "likes tea"}
+    assert [(i, t, list(v)) for i, t, v in s.vectors()] == [(1, "input: hi", [0.5, -1.0, 2.0])]
+    assert s.embedder() == ("bag", 3)
+    assert s.entries() == [(1, Message("user", "hi")), (2, Message("assistant", "hello"))]
+    assert not s.set_entities({"Alice": "likes tea"}, 2)  # that exchange was already derived from
+    assert s.entities() == {"Alice": "a person"}
+    third = s.add_messages([Message("user", "Alice likes coffee"), Message("assistant", "ok")])
+    assert s.set_entities({"Alice": "likes coffee"}, third) and s.entities() == {"Alice": "likes coffee"}
+    assert s.add_triples([("alice", "drinks", "Tea")], third)  # same subject and object: replaces
+    assert s.triples() == [("alice", "drinks", "Tea")] and s.progress("triples") == third
     other = store.session("bob", "kg")
     assert other.messages() == [] and store.sessions() == ["alice", "bob"]
     s.clear()
     assert s.messages() == [] and s.summary() == ("", 0) and s.triples() == [] and s.vectors() == []
+    assert s.embedder() is None and s.progress("triples") == 0
     assert sqlite3.connect(db).execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     assert sqlite3.connect(db).execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
 
