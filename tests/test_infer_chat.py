@@ -52,6 +52,92 @@ def test_string_history_goes_to_the_system_message(lm):
     assert prompt[1:] == [Message("user", "next")]
 
 
+# Llama-2's template in substance: an optional system message folded into the first user turn, then strict
+# user/assistant alternation, enforced with raise_exception as the real one does.
+LLAMA2_TEMPLATE = (
+    "{% if messages[0]['role'] == 'system' %}{% set loop_messages = messages[1:] %}"
+    "{% set system = messages[0]['content'] %}{% else %}{% set loop_messages = messages %}{% set system = '' %}{% endif %}"
+    "{% for message in loop_messages %}"
+    "{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+    "{% if loop.index0 == 0 and system %}{% set content = '<<SYS>>\\n' + system + '\\n<</SYS>>\\n\\n' + message['content'] %}"
+    "{% else %}{% set content = message['content'] %}{% endif %}"
+    "{% if message['role'] == 'user' %}{{ '[INST] ' + content + ' [/INST]' }}{% else %}{{ ' ' + content + ' </s>' }}{% endif %}"
+    "{% endfor %}"
+)
+# Gemma's: no system role at all, strict alternation.
+GEMMA_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] == 'system' %}{{ raise_exception('System role not supported') }}{% endif %}"
+    "{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+    "{{ '<start_of_turn>' + message['role'] + '\\n' + message['content'] + '<end_of_turn>\\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<start_of_turn>assistant\\n' }}{% endif %}"
+)
+
+
+class _Bookkeeper:
+    """A deterministic LLM for the memories' own calls: entities, facts, summaries."""
+
+    def complete(self, prompt: str, **options) -> str:
+        if "knowledge triples" in prompt:
+            return "(Alice, likes, tea)"
+        if "proper nouns" in prompt:
+            return "Alice"
+        return "A summary of the talk so far."
+
+
+class _Words:
+    name, dim = "words", 3
+
+    def __call__(self, texts):
+        import torch
+
+        rows = torch.tensor([[len(t), t.count("a") + 1.0, t.count("e") + 1.0] for t in texts])
+        return torch.nn.functional.normalize(rows, dim=-1)
+
+
+def _memory(kind: str, tokenizer):
+    from qlora.infer import memory as m
+
+    llm = _Bookkeeper()
+    common = dict(return_messages=True)
+    return {
+        "buffer": lambda: m.ConversationBufferMemory(**common),
+        "window": lambda: m.ConversationBufferWindowMemory(k=2, **common),
+        "token": lambda: m.ConversationTokenBufferMemory(tokenizer, max_token_limit=120, **common),
+        "summary": lambda: m.ConversationSummaryMemory(llm, **common),
+        "summary-buffer": lambda: m.ConversationSummaryBufferMemory(llm, tokenizer, max_token_limit=120, **common),
+        "entity": lambda: m.ConversationEntityMemory(llm, k=2, **common),
+        "kg": lambda: m.ConversationKGMemory(llm, k=2, **common),
+        "vector": lambda: m.VectorStoreRetrieverMemory(_Words(), k=3, **common),
+    }[kind]()
+
+
+@pytest.mark.parametrize("template", ["llama2", "gemma"])
+@pytest.mark.parametrize("kind", ["buffer", "window", "token", "summary", "summary-buffer", "entity", "kg", "vector"])
+def test_strict_alternation_templates_accept_every_memory_for_12_turns(lm, kind, template):
+    import copy
+
+    from qlora.infer.template import render_chat
+
+    model, tok = lm
+    tok = copy.deepcopy(tok)
+    tok.chat_template = LLAMA2_TEMPLATE if template == "llama2" else GEMMA_TEMPLATE
+    chat = Chat(model, tok, memory=_memory(kind, tok), system="Be brief.", temperature=0, max_new_tokens=5)
+    for turn in range(12):
+        text = f"Alice says turn {turn}" + " and more words" * (turn % 4)
+        prompt = chat.prompt_messages(text)
+        turns = [m.role for m in prompt if m.role != "system"]
+        assert turns == ["user", "assistant"] * (len(turns) // 2) + ["user"], (turn, turns)
+        rendered = render_chat(tok, prompt)  # raises on a broken alternation
+        assert "Be brief." in rendered and text in rendered
+        "".join(chat.send(text))
+    assert len(chat.memory.session.messages()) == 24
+    if kind in ("window", "token", "summary-buffer"):  # pruning happened, and at exchange boundaries
+        assert 0 < len(chat.memory.buffer()) < 22
+
+
 def _spawn(*args: str) -> pexpect.spawn:
     return pexpect.spawn(sys.executable, ["-m", "qlora", *args], env=ENV, encoding="utf-8", timeout=60)
 
