@@ -130,3 +130,138 @@ def test_damaged_database_is_reported(tmp_path):
     path.write_bytes(bytes(data))
     with pytest.raises(UsageError, match="damaged"):
         ChatStore(path)
+
+
+# Memories that derive state from exchanges, driven by deterministic stand-ins so that what each exchange
+# must leave behind is known. Run in a child process (killed) and in the test (resumed).
+_MEMORIES = '''
+import numpy as np
+
+from qlora.infer import memory as m
+
+
+class Bookkeeper:
+    def complete(self, prompt, **options):
+        last = prompt.rsplit("Human: ", 1)[-1].split("\\n")[0]  # the line being processed
+        word = last.split()[0] if last.split() else "x"
+        if "knowledge triples" in prompt:
+            return f"({word}, said, {last})"
+        if "proper nouns" in prompt:
+            return word
+        if "Progressively summarize" in prompt:
+            old = prompt.split("Current summary:\\n")[-1].split("\\n\\nNew lines")[0]
+            new = [line[7:] for line in prompt.split("New lines of conversation:\\n")[-1].split("\\n")
+                   if line.startswith("Human: ")]
+            return " | ".join(filter(None, [old, *new]))
+        return f"{word} was mentioned"
+
+
+class Letters:
+    name, dim = "letters", 26
+
+    def __call__(self, texts):
+        rows = np.array([[t.lower().count(chr(97 + i)) + 0.5 for i in range(26)] for t in texts], dtype=np.float32)
+        return rows / np.linalg.norm(rows, axis=1, keepdims=True)
+
+
+def build(kind, session):
+    llm = Bookkeeper()
+    return {"summary": lambda: m.ConversationSummaryMemory(llm, session=session),
+            "summary-buffer": lambda: m.ConversationSummaryBufferMemory(llm, TOKENIZER, max_token_limit=12,
+                                                                        session=session),
+            "entity": lambda: m.ConversationEntityMemory(llm, session=session),
+            "kg": lambda: m.ConversationKGMemory(llm, session=session),
+            "vector": lambda: m.VectorStoreRetrieverMemory(Letters(), session=session)}[kind]()
+
+
+class WordTokenizer:  # one token per word: enough to count
+    def __call__(self, text, add_special_tokens=False):
+        return type("Encoding", (), {"input_ids": text.split()})
+
+
+TOKENIZER = WordTokenizer()
+TURNS = [("Alice likes green tea", "noted"), ("Bob plays the mandolin", "nice"), ("Carol lives in Oslo", "cold")]
+'''
+
+_CRASH_CHILD = '''
+import os, signal, sys
+from contextlib import contextmanager
+
+from qlora.infer.store import ChatStore
+
+db, kind, kill_after = sys.argv[1], sys.argv[2], int(sys.argv[3])
+
+
+class KilledAfterCommit(ChatStore):
+    """SIGKILLs this process right after its kill_after-th committed transaction."""
+    commits = 0
+
+    @contextmanager
+    def transaction(self):
+        with super().transaction() as conn:
+            yield conn
+        KilledAfterCommit.commits += 1
+        if KilledAfterCommit.commits == kill_after:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+memory = build(kind, KilledAfterCommit(db).session("s", kind))
+for user, reply in TURNS[:2]:
+    memory.load_memory_variables({"input": user})
+    memory.save_context({"input": user}, {"output": reply})
+print("commits", KilledAfterCommit.commits)
+'''
+
+
+def _check_derived(kind: str, memory, turns) -> None:
+    """Every exchange in the session has everything it derives, exactly once."""
+    users = [m.content for m in memory.session.messages() if m.role == "user"]
+    assert users == [u for u, _ in turns]
+    last = memory.session.entries()[-1][0]
+    if kind == "summary":
+        assert memory.session.summary() == (" | ".join(users), last)
+    elif kind == "summary-buffer":
+        summary, covered = memory.session.summary()
+        kept = [m.content for m in memory.buffer() if m.role == "user"]
+        assert [u for u in summary.split(" | ") if u] + kept == users and memory.num_tokens(memory.buffer()) <= 12
+    elif kind == "entity":
+        assert memory.session.entities() == {u.split()[0]: f"{u.split()[0]} was mentioned" for u in users}
+        assert memory.session.progress("entities") == last
+    elif kind == "kg":
+        assert memory.session.triples() == [(u.split()[0], "said", u) for u in users]
+    else:
+        assert [text for _, text, _ in memory.session.vectors()] == [f"input: {u}\noutput: {r}" for u, r in turns]
+        assert memory.session.embedder() == ("letters", 26)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["summary", "summary-buffer", "entity", "kg", "vector"])
+def test_kill_9_at_every_commit_then_resume_keeps_every_derived_record(tmp_path, kind):
+    from qlora.infer.memory.base import exchanges
+
+    namespace: dict = {}
+    exec(_MEMORIES, namespace)
+    total = None
+    kill_after = 1
+    while total is None or kill_after <= total:
+        db = tmp_path / f"{kind}-{kill_after}.sqlite"
+        child = subprocess.run([sys.executable, "-c", _MEMORIES + _CRASH_CHILD, str(db), kind, str(kill_after)],
+                               capture_output=True, text=True, env={**os.environ, "PYTHONPATH": SRC}, timeout=60)
+        if child.returncode == 0:  # ran to the end: now we know how many commit points there are
+            total = int(child.stdout.split()[-1])
+            break
+        assert child.returncode == -9, child.stderr
+        store = ChatStore(db)
+        resumed = namespace["build"](kind, store.session("s", kind))
+        resumed.catch_up()  # what qlora chat does on resume
+        saved = [(u.content, r.content) for u, r, _ in exchanges(resumed.session.entries())]
+        assert saved == namespace["TURNS"][:len(saved)]
+        if saved:
+            _check_derived(kind, resumed, saved)
+            user, reply = namespace["TURNS"][2]  # and the conversation goes on normally
+            resumed.load_memory_variables({"input": user})
+            resumed.save_context({"input": user}, {"output": reply})
+            _check_derived(kind, resumed, saved + [(user, reply)])
+        store.close()
+        kill_after += 1
+    assert total is not None and total >= 3  # the session, then each exchange and what it derives

@@ -62,7 +62,8 @@ class VectorStoreRetrieverMemory(BaseMemory):
         """Embed and store every exchange after the cursor, each in one transaction with the cursor."""
         for user, reply, through in exchanges(self.session.entries(after=self.session.progress("vectors"))):
             document = f"input: {user.content}\noutput: {reply.content}"
-            self.session.add_vector(document, self.embedder([document])[0].tolist(), through, self.embedder.name)
+            vector = np.asarray(self.embedder([document])[0], dtype=np.float32)
+            self.session.add_vector(document, vector.tolist(), through, self.embedder.name)
 
     def _index(self) -> tuple[np.ndarray, list[str]]:
         new = self.session.vectors(after=self._last_id)
@@ -78,7 +79,7 @@ class VectorStoreRetrieverMemory(BaseMemory):
         keys, texts = self._index()
         if not texts:
             return []
-        query = self.embedder([text])[0].float().numpy()
+        query = np.asarray(self.embedder([text])[0], dtype=np.float32)
         return [texts[i] for i in top_k(query, keys, self.k)]
 
     def load_memory_variables(self, inputs: dict[str, Any]) -> dict[str, Any]:
