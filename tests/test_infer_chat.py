@@ -204,3 +204,143 @@ def test_bad_model_path_is_a_clear_error(tmp_path):
                          env=ENV, capture_output=True, text=True, timeout=120)
     assert out.returncode == 2
     assert "does not exist" in out.stderr and "Traceback" not in out.stderr
+
+
+def _chat(tiny_model_dir, db, *extra: str, stdin: str, **kwargs) -> subprocess.CompletedProcess:
+    args = [sys.executable, "-m", "qlora", "chat", "--model", str(tiny_model_dir), "--temperature", "0",
+            "--max-new-tokens", "4", "--quant", "none", "--compute-dtype", "fp32", "--db", str(db), *extra]
+    return subprocess.run(args, input=stdin, env=ENV, capture_output=True, text=True, timeout=180, **kwargs)
+
+
+@pytest.mark.slow
+def test_read_only_database_serves_history_and_saves_nothing(tiny_model_dir, tmp_path):
+    from test_infer_store import _stored, _without_root_override
+
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    db = folder / "chats.sqlite"
+    _stored(db, turns=2)
+    before = db.read_bytes()
+    db.chmod(0o444)
+    try:
+        out = _chat(tiny_model_dir, db, "--session", "s", stdin="/history\nnew question\nanother\n/history\n",
+                    preexec_fn=_without_root_override)
+        refused = _chat(tiny_model_dir, db, "--session", "brand new", stdin="hi\n", preexec_fn=_without_root_override)
+    finally:
+        db.chmod(0o644)
+    assert out.returncode == 0, out.stderr
+    assert "is read-only: the session can be read, new turns will not be saved" in out.stderr
+    assert out.stdout.count("you: old question 1") == 2 and "you: new question" not in out.stdout
+    assert out.stderr.count("(turn not saved:") == 2 and out.stdout.count("assistant> ") == 2
+    assert "Traceback" not in out.stderr
+    assert refused.returncode == 2 and "session 'brand new' does not exist" in refused.stderr
+    assert "Traceback" not in refused.stderr
+    assert db.read_bytes() == before and sorted(p.name for p in folder.iterdir()) == ["chats.sqlite"]
+
+
+@pytest.mark.slow
+def test_read_only_folder_is_a_clear_error(tiny_model_dir, tmp_path):
+    from test_infer_store import _without_root_override
+
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    folder.chmod(0o555)
+    try:
+        out = _chat(tiny_model_dir, folder / "chats.sqlite", "--session", "s", stdin="hi\n",
+                    preexec_fn=_without_root_override)
+    finally:
+        folder.chmod(0o755)
+    assert out.returncode == 2 and "is read-only; pass --db a file in a folder you can write" in out.stderr
+    assert "Traceback" not in out.stderr and list(folder.iterdir()) == []
+
+
+@pytest.mark.slow
+def test_lock_held_at_start_reports_unsaved_turns_and_the_chat_goes_on(tiny_model_dir, tmp_path):
+    from test_infer_store import Locker, _stored
+
+    db = tmp_path / "chats.sqlite"
+    _stored(db)
+    locker = Locker(db)
+    try:
+        out = _chat(tiny_model_dir, db, "--session", "s", "--db-timeout", "0.3",
+                    stdin="first\nsecond\n/history\n")
+        new = _chat(tiny_model_dir, db, "--session", "other", "--db-timeout", "0.3", stdin="hi\n")
+    finally:
+        locker.release()
+    assert out.returncode == 0, out.stderr
+    assert out.stderr.count("(turn not saved: database locked by another program; the chat goes on)") == 2
+    assert out.stdout.count("assistant> ") == 2 and "you: old question 0" in out.stdout  # all piped input ran
+    assert "Traceback" not in out.stderr
+    assert new.returncode == 2 and "locked by another program" in new.stderr and "Traceback" not in new.stderr
+    from qlora.infer.store import ChatStore
+
+    store = ChatStore(db)
+    assert [m.content for m in store.session("s", "buffer").messages()] == ["old question 0", "old answer 0"]
+    assert store.sessions() == ["s"]
+
+
+@pytest.mark.slow
+def test_lock_taken_mid_session_loses_only_that_turn(tiny_model_dir, tmp_path):
+    from test_infer_store import Locker
+
+    from qlora.infer.store import ChatStore
+
+    db = tmp_path / "chats.sqlite"
+    child = pexpect.spawn(sys.executable, ["-m", "qlora", "chat", "--model", str(tiny_model_dir), "--temperature", "0",
+                                           "--max-new-tokens", "4", "--quant", "none", "--compute-dtype", "fp32",
+                                           "--session", "s", "--db", str(db), "--db-timeout", "0.3"],
+                          env=ENV, encoding="utf-8", timeout=60)
+    child.expect("you> ")
+    child.sendline("saved before")
+    child.expect("you> ")
+    locker = Locker(db)
+    try:
+        child.sendline("during the lock")
+        child.expect(r"turn not saved: database locked by another program")
+        child.expect("you> ")
+    finally:
+        locker.release()
+    child.sendline("saved after")
+    child.expect("you> ")
+    child.sendline("/history")
+    child.expect("you: saved after")
+    child.expect("you> ")
+    child.sendeof()
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 0
+    users = [m.content for m in ChatStore(db).session("s", "buffer").messages() if m.role == "user"]
+    assert users == ["saved before", "saved after"]
+
+
+@pytest.mark.slow
+def test_vector_session_with_another_embedder_is_refused_before_the_model_loads(tiny_model_dir, tmp_path):
+    from qlora.infer.store import ChatStore
+
+    db = tmp_path / "chats.sqlite"
+    store = ChatStore(db)
+    session = store.session("v", "vector")
+    last = session.add_messages([Message("user", "hi"), Message("assistant", "hello")])
+    session.add_vector("input: hi\noutput: hello", [1.0, 0.0, 0.0], last, "model:/some/other/model")
+    store.close()
+    other = _chat(tmp_path / "no-such-model", db, "--session", "v", "--memory", "vector", stdin="hi\n")
+    assert other.returncode == 2 and "Traceback" not in other.stderr
+    assert "made by embedder model:/some/other/model (width 3)" in other.stderr  # not "no such model": checked first
+    store = ChatStore(db)  # same name, other width: found once the model is loaded
+    store.conn.execute("UPDATE sessions SET embedder = ?", (f"model:{tiny_model_dir}",))
+    store.close()
+    wider = _chat(tiny_model_dir, db, "--session", "v", "--memory", "vector", stdin="hi\n")
+    assert wider.returncode == 2 and "(width 3), but this run embeds with" in wider.stderr
+    assert "Traceback" not in wider.stderr
+
+
+def test_embedder_problems_fail_before_the_model_loads(tmp_path):
+    import importlib.util
+
+    out = _chat(tmp_path / "no-such-model", tmp_path / "c.sqlite", "--memory", "vector", "--embedder",
+                "someone/some-embedder", stdin="hi\n", )
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    if importlib.util.find_spec("sentence_transformers") is None:
+        assert "pip install sentence-transformers" in out.stderr
+    else:  # HF_HUB_OFFLINE is set for the tests: an uncached hub id fails at once
+        assert "someone/some-embedder is not in the Hugging Face cache" in out.stderr

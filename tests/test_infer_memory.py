@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -153,6 +154,17 @@ def test_triple_parsing_is_robust():
     assert parse_triples("NONE") == []
 
 
+def test_kg_splits_four_parts_as_subject_relation_object_and_newer_facts_replace_older():
+    assert parse_triples("(Acme, is based in, Nevada, USA)") == [("Acme", "is based in", "Nevada, USA")]
+    llm = ScriptedLLM("(Ann, lives in, Paris)<|>(Ann, likes, tea)", "(ann, moved away from, paris)", "Ann")
+    memory = ConversationKGMemory(llm)
+    memory.save_context({"input": "Ann lives in Paris and likes tea"}, {"output": "ok"})
+    memory.save_context({"input": "Ann moved away from Paris"}, {"output": "ok"})
+    assert memory.session.triples() == [("Ann", "likes", "tea"), ("ann", "moved away from", "paris")]
+    assert memory.load_memory_variables({"input": "where is Ann?"}) == {
+        "history": "On Ann: Ann likes tea. ann moved away from paris."}
+
+
 class BagOfWords:
     """A deterministic embedder: normalized counts of a few words."""
 
@@ -173,6 +185,37 @@ def test_vector_memory_recalls_most_similar_first():
     assert history == "input: my car\noutput: car car\ninput: my cat\noutput: cats purr"
     memory.return_messages = True
     assert memory.load_memory_variables({"input": "tea"})["history"][0] == Message("system", "input: tea time\noutput: green tea")
+
+
+def test_vector_ties_come_back_in_stored_order():
+    from qlora.infer.memory.vector import top_k
+
+    keys = np.array([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0], [0.6, 0.8], [1.0, 0.0]], dtype=np.float32)
+    assert top_k(np.array([1.0, 0.0], dtype=np.float32), keys, 4) == [0, 2, 4, 3]
+    assert top_k(np.array([1.0, 0.0], dtype=np.float32), keys, 2) == [0, 2]
+    rng = np.random.default_rng(0)
+    keys = rng.standard_normal((1000, 8)).astype(np.float32)
+    query = rng.standard_normal(8).astype(np.float32)
+    assert top_k(query, keys, 10) == np.argsort(-(keys @ query), kind="stable")[:10].tolist()
+
+
+def test_vector_session_refuses_another_embedder():
+    from qlora.errors import UsageError
+
+    memory = VectorStoreRetrieverMemory(BagOfWords(), k=2)
+    memory.save_context({"input": "my cat"}, {"output": "cats purr"})
+    assert memory.session.embedder() == ("bag-of-words", 4)
+
+    class Renamed(BagOfWords):
+        name = "other-words"
+
+    class Wider(BagOfWords):
+        dim = 5
+
+    for other in (Renamed(), Wider()):
+        with pytest.raises(UsageError, match=r"made by embedder bag-of-words \(width 4\).*start a new --session"):
+            VectorStoreRetrieverMemory(other, session=memory.session)
+    VectorStoreRetrieverMemory(BagOfWords(), session=memory.session)  # the same one resumes
 
 
 @pytest.fixture(scope="module")
@@ -211,3 +254,24 @@ def test_model_embedder_retrieves_identical_text_first(model_llm):
     for text in ("The quick brown fox", "def add(a, b):", "a paged optimizer"):
         memory.save_context({"input": text}, {"output": "ok"})
     assert memory.retrieve("input: def add(a, b):\noutput: ok")[0] == "input: def add(a, b):\noutput: ok"
+
+
+def test_model_embedder_skips_bos_and_truncates_to_the_window(model_llm):
+    from qlora.infer.embedder import ModelEmbedder
+
+    model, tok = model_llm.model, model_llm.tokenizer
+    embedder = ModelEmbedder(model, tok)
+    assert embedder.dim == model.config.hidden_size and embedder.max_tokens == model.config.max_position_embeddings
+
+    def mean_without_bos(ids):
+        assert ids[0] == tok.bos_token_id
+        with torch.no_grad():
+            hidden = model(input_ids=torch.tensor([ids]), output_hidden_states=True).hidden_states[-1][0]
+        return torch.nn.functional.normalize(hidden[1:].mean(0), dim=0)
+
+    text = "The quick brown fox"
+    torch.testing.assert_close(embedder([text])[0], mean_without_bos(tok(text).input_ids), atol=1e-5, rtol=1e-5)
+    long = "def add(a, b): return a + b. " * 200
+    ids = tok(long).input_ids
+    assert len(ids) > embedder.max_tokens
+    torch.testing.assert_close(embedder([long])[0], mean_without_bos(ids[:embedder.max_tokens]), atol=1e-5, rtol=1e-5)

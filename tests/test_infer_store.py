@@ -265,3 +265,127 @@ def test_kill_9_at_every_commit_then_resume_keeps_every_derived_record(tmp_path,
         store.close()
         kill_after += 1
     assert total is not None and total >= 3  # the session, then each exchange and what it derives
+
+
+_LOCKER = """
+import sqlite3, sys
+conn = sqlite3.connect(sys.argv[1], isolation_level=None)
+if sys.argv[2] == "readers-too":
+    conn.execute("PRAGMA locking_mode = EXCLUSIVE")
+conn.execute("BEGIN EXCLUSIVE")
+print("locked", flush=True)
+sys.stdin.readline()
+conn.execute("ROLLBACK")
+"""
+
+
+class Locker:
+    """Another program holding the database's lock until :meth:`release`."""
+
+    def __init__(self, db: Path, mode: str = "writers") -> None:
+        self.proc = subprocess.Popen([sys.executable, "-c", _LOCKER, str(db), mode], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, text=True)
+        assert self.proc.stdout.readline().strip() == "locked"
+
+    def release(self) -> None:
+        self.proc.communicate("\n", timeout=30)
+        assert self.proc.returncode == 0
+
+
+def _stored(db: Path, name: str = "s", turns: int = 1) -> None:
+    store = ChatStore(db)
+    session = store.session(name, "buffer")
+    for i in range(turns):
+        session.add_messages([Message("user", f"old question {i}"), Message("assistant", f"old answer {i}")])
+    store.close()
+
+
+def test_lock_held_by_another_program_is_reported_as_locked(tmp_path):
+    from qlora.infer.store import StoreLocked
+
+    db = tmp_path / "c.sqlite"
+    _stored(db)
+    locker = Locker(db)
+    try:
+        store = ChatStore(db, timeout=0.2)  # reading needs no lock: an existing session opens
+        session = store.session("s", "buffer")
+        assert session.messages()[0] == Message("user", "old question 0")
+        with pytest.raises(StoreLocked, match="database locked by another program"):
+            session.add_messages([Message("user", "new"), Message("assistant", "lost")])
+        with pytest.raises(StoreLocked):
+            store.session("new session", "buffer")  # creating one must write
+        store.close()
+    finally:
+        locker.release()
+    locker = Locker(db, "readers-too")  # a program that locks readers out too
+    try:
+        with pytest.raises(StoreLocked, match="locked by another program"):
+            ChatStore(db, timeout=0.2)
+    finally:
+        locker.release()
+    store = ChatStore(db)
+    assert [m.content for m in store.session("s", "buffer").messages()] == ["old question 0", "old answer 0"]
+    assert store.conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+
+
+def _without_root_override() -> None:
+    """As root, drop CAP_DAC_OVERRIDE from the child so file permission bits apply to it
+    as to any user (root can otherwise write a 0444 file); elsewhere nothing to do."""
+    if os.geteuid() == 0:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(24, 1, 0, 0, 0) != 0:  # PR_CAPBSET_DROP, CAP_DAC_OVERRIDE
+            raise OSError(ctypes.get_errno(), "prctl(PR_CAPBSET_DROP) failed")
+
+
+_READ_ONLY_CHILD = """
+import sys
+from qlora.errors import UsageError
+from qlora.infer.messages import Message
+from qlora.infer.store import ChatStore, StoreReadOnly
+db = sys.argv[1]
+store = ChatStore(db)
+assert store.read_only
+session = store.session("s", "buffer")
+print([m.content for m in session.messages()])
+try:
+    session.add_messages([Message("user", "new"), Message("assistant", "x")])
+except StoreReadOnly as exc:
+    print("write refused:", exc)
+try:
+    store.session("other", "buffer")
+except StoreReadOnly as exc:
+    print("create refused:", exc)
+store.close()
+"""
+
+
+@pytest.mark.parametrize("what", ["file", "folder"])
+def test_read_only_store_opens_for_reading_and_refuses_writes(tmp_path, what):
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    db = folder / "c.sqlite"
+    _stored(db)
+    before = db.read_bytes()
+    (db if what == "file" else folder).chmod(0o444 if what == "file" else 0o555)
+    tmp_path.chmod(0o755)
+    try:
+        out = subprocess.run([sys.executable, "-c", _READ_ONLY_CHILD, str(db)], capture_output=True, text=True,
+                             env={**os.environ, "PYTHONPATH": SRC}, preexec_fn=_without_root_override, timeout=60)
+        assert out.returncode == 0, out.stderr
+        assert "['old question 0', 'old answer 0']" in out.stdout
+        assert f"write refused: {db} is read-only" in out.stdout
+        assert "create refused: session 'other' does not exist" in out.stdout and "read-only" in out.stdout
+        new = subprocess.run([sys.executable, "-c", "import sys; from qlora.infer.store import ChatStore; "
+                              "ChatStore(sys.argv[1])", str(folder / "new.sqlite")], capture_output=True, text=True,
+                             env={**os.environ, "PYTHONPATH": SRC}, preexec_fn=_without_root_override, timeout=60)
+        if what == "folder":
+            assert "StoreReadOnly" in new.stderr and "is read-only; pass --db a file in a folder you can write" in new.stderr
+        else:
+            assert new.returncode == 0, new.stderr
+    finally:
+        folder.chmod(0o755)
+        db.chmod(0o644)
+    assert db.read_bytes() == before
+    assert sorted(p.name for p in folder.iterdir()) == sorted(["c.sqlite"] + (["new.sqlite"] if what == "file" else []))
