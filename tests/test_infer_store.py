@@ -7,6 +7,7 @@ import sqlite3
 import subprocess
 import sys
 import textwrap
+from array import array
 from pathlib import Path
 
 import pytest
@@ -45,7 +46,7 @@ def test_round_trip_across_processes(tmp_path):
     assert s.summary() == ("greeting", 2)
     assert s.entities() == {"Alice": "a person"}
     assert s.triples() == [("Alice", "likes", "tea")]
-    assert [(i, t, list(v)) for i, t, v in s.vectors()] == [(1, "input: hi", [0.5, -1.0, 2.0])]
+    assert [(i, t, array("f", v).tolist()) for i, t, v in s.vectors()] == [(1, "input: hi", [0.5, -1.0, 2.0])]
     assert s.embedder() == ("bag", 3)
     assert s.entries() == [(1, Message("user", "hi")), (2, Message("assistant", "hello"))]
     assert not s.set_entities({"Alice": "likes tea"}, 2)  # that exchange was already derived from
@@ -389,3 +390,29 @@ def test_read_only_store_opens_for_reading_and_refuses_writes(tmp_path, what):
         db.chmod(0o644)
     assert db.read_bytes() == before
     assert sorted(p.name for p in folder.iterdir()) == sorted(["c.sqlite"] + (["new.sqlite"] if what == "file" else []))
+
+
+def test_schema_1_file_is_upgraded_in_place(tmp_path):
+    """A file written before derived state had cursors: the summary's message count becomes the id of the
+    last message it covers, and sessions count as fully derived (their vectors are not made again)."""
+    from qlora.infer.store import APPLICATION_ID, _TABLES
+
+    path = tmp_path / "v1.sqlite"
+    conn = sqlite3.connect(path, isolation_level=None)
+    v1_tables = _TABLES.replace(",\n                       embedder TEXT, embedding_width INTEGER", "")
+    for statement in filter(str.strip, v1_tables.split(";")):
+        conn.execute(statement)
+    conn.execute("INSERT INTO sessions VALUES (1, 'other', 'buffer', 0), (2, 's', 'summary-buffer', 0)")
+    conn.executemany("INSERT INTO messages (session_id, role, content, created) VALUES (?, ?, ?, 0)",
+                     [(1, "user", "x"), (2, "user", "a"), (2, "assistant", "b"), (1, "assistant", "y"),
+                      (2, "user", "c"), (2, "assistant", "d")])
+    conn.execute("INSERT INTO summaries VALUES (2, 'a and b', 2)")  # schema 1: covers the first 2 messages
+    conn.execute(f"PRAGMA application_id = {APPLICATION_ID}")
+    conn.execute("PRAGMA user_version = 1")
+    conn.close()
+    store = ChatStore(path)
+    session = store.session("s", "summary-buffer")
+    assert session.summary() == ("a and b", 3)  # ids 2 and 3 are that session's first two messages
+    assert [m.content for _, m in session.entries(after=3)] == ["c", "d"]
+    assert session.progress("vectors") == 6 and session.embedder() is None
+    assert store.conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION

@@ -58,8 +58,10 @@ CREATE TABLE progress (session_id INTEGER NOT NULL REFERENCES sessions(id) ON DE
 _MIGRATE_1_TO_2 = """
 ALTER TABLE sessions ADD COLUMN embedder TEXT;
 ALTER TABLE sessions ADD COLUMN embedding_width INTEGER;
-UPDATE summaries SET covered = COALESCE((SELECT id FROM messages m WHERE m.session_id = summaries.session_id
-                                         ORDER BY id LIMIT 1 OFFSET summaries.covered - 1), 0) WHERE covered > 0;
+UPDATE summaries SET covered = COALESCE((SELECT r.id FROM (SELECT id, session_id, row_number() OVER
+                                         (PARTITION BY session_id ORDER BY id) AS n FROM messages) r
+                                         WHERE r.session_id = summaries.session_id AND r.n = summaries.covered), 0)
+  WHERE covered > 0;
 INSERT INTO progress SELECT session_id, 'summary', covered FROM summaries;
 INSERT INTO progress SELECT s.id, k.kind, (SELECT max(id) FROM messages WHERE session_id = s.id)
   FROM sessions s, (SELECT 'entities' AS kind UNION SELECT 'triples' UNION SELECT 'vectors') k
@@ -350,9 +352,8 @@ class StoredSession:
                              [(self.id, *t) for t in kept if t not in known])
             return True
 
-    def vectors(self, after: int = 0) -> list[tuple[int, str, array]]:
-        return [(i, text, array("f", blob)) for i, text, blob in self._rows(
-            "SELECT id, text, embedding FROM vectors WHERE session_id = ? AND id > ? ORDER BY id", after)]
+    def vectors(self, after: int = 0) -> list[tuple[int, str, bytes]]:
+        return self._rows("SELECT id, text, embedding FROM vectors WHERE session_id = ? AND id > ? ORDER BY id", after)
 
     def add_vector(self, text: str, embedding: Sequence[float], through: int, embedder: str) -> bool:
         with self._derive("vectors", through) as conn:

@@ -15,6 +15,7 @@ and catches up, and no exchange is derived from twice.
 
 from __future__ import annotations
 
+from array import array
 from typing import Iterator, Protocol, Sequence
 
 from ..messages import Message
@@ -40,7 +41,7 @@ class Session(Protocol):
     def set_entities(self, entities: dict[str, str], through: int) -> bool: ...
     def triples(self) -> list[Triple]: ...
     def add_triples(self, triples: Sequence[Triple], through: int) -> bool: ...
-    def vectors(self, after: int = 0) -> list[tuple[int, str, Sequence[float]]]: ...
+    def vectors(self, after: int = 0) -> list[tuple[int, str, bytes]]: ...
     def add_vector(self, text: str, embedding: Sequence[float], through: int, embedder: str) -> bool: ...
     def embedder(self) -> tuple[str, int] | None: ...
     def clear(self) -> None: ...
@@ -120,15 +121,15 @@ class InMemorySession:
         self._triples = replace_triples(self._triples, triples)
         return True
 
-    def vectors(self, after: int = 0) -> list[tuple[int, str, Sequence[float]]]:
-        """``(id, text, embedding)`` of the stored documents after id ``after``, oldest first."""
+    def vectors(self, after: int = 0) -> list[tuple[int, str, bytes]]:
+        """``(id, text, embedding as float32 bytes)`` of the documents after id ``after``, oldest first."""
         return [v for v in self._vectors if v[0] > after]
 
     def add_vector(self, text: str, embedding: Sequence[float], through: int, embedder: str) -> bool:
         if not self._advance("vectors", through):
             return False
         self._embedder = self._embedder or (embedder, len(embedding))
-        self._vectors.append((self._next_id, text, list(embedding)))
+        self._vectors.append((self._next_id, text, array("f", embedding).tobytes()))
         self._next_id += 1
         return True
 
@@ -142,5 +143,5 @@ class InMemorySession:
         self._progress: dict[str, int] = {}
         self._entities: dict[str, str] = {}
         self._triples: list[Triple] = []
-        self._vectors: list[tuple[int, str, list[float]]] = []
+        self._vectors: list[tuple[int, str, bytes]] = []
         self._embedder: tuple[str, int] | None = None

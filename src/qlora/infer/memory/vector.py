@@ -68,7 +68,7 @@ class VectorStoreRetrieverMemory(BaseMemory):
     def _index(self) -> tuple[np.ndarray, list[str]]:
         new = self.session.vectors(after=self._last_id)
         if new:
-            rows = np.stack([np.asarray(v, dtype=np.float32) for _, _, v in new])
+            rows = np.frombuffer(b"".join(blob for _, _, blob in new), dtype=np.float32).reshape(len(new), -1)
             self._keys = np.concatenate([self._keys, rows]) if len(self._keys) else rows
             self._texts += [text for _, text, _ in new]
             self._last_id = new[-1][0]
