@@ -11,7 +11,7 @@
    faiss is installed.
 
     PYTHONPATH=src python bench/chat_memory.py                 # both parts
-    PYTHONPATH=src python bench/chat_memory.py --part vector --vectors 100000 --width 1024
+    PYTHONPATH=src python bench/chat_memory.py --part vector --vectors 100000 --width 1024 [--hnsw]
 """
 
 from __future__ import annotations
@@ -91,7 +91,7 @@ def token_buffer(sizes: list[int], limit: int, old_up_to: int) -> None:
             store.close()
 
 
-def vectors(count: int, width: int, k: int, queries: int) -> None:
+def vectors(count: int, width: int, k: int, queries: int, hnsw: bool) -> None:
 
     rng = np.random.default_rng(0)
     keys = rng.standard_normal((count, width), dtype=np.float32)
@@ -135,9 +135,11 @@ def vectors(count: int, width: int, k: int, queries: int) -> None:
         per_query = _median_time(lambda: rebuilt(probes[0]), 2)
         print(f"| before: every vector read from SQLite + FAISS flat index built, per query | {per_query * 1e3:,.0f} | "
               f"{per_query * 1e3:,.0f} | — |")
-        for name, index in (("FAISS IndexFlatIP, persistent", faiss.IndexFlatIP(width)),
-                            ("FAISS IndexHNSWFlat (M=32, efSearch=64), persistent",
-                             faiss.IndexHNSWFlat(width, 32, faiss.METRIC_INNER_PRODUCT))):
+        indexes = [("FAISS IndexFlatIP, persistent", faiss.IndexFlatIP(width))]
+        if hnsw:  # approximate: faster queries, long build, may miss exact neighbours
+            indexes.append(("FAISS IndexHNSWFlat (M=32, efSearch=64), persistent",
+                            faiss.IndexHNSWFlat(width, 32, faiss.METRIC_INNER_PRODUCT)))
+        for name, index in indexes:
             if hasattr(index, "hnsw"):
                 index.hnsw.efSearch = 64
             start = time.perf_counter()
@@ -160,13 +162,14 @@ def main() -> None:
     parser.add_argument("--vectors", type=int, default=100_000)
     parser.add_argument("--width", type=int, default=1024)
     parser.add_argument("--queries", type=int, default=20)
+    parser.add_argument("--hnsw", action="store_true", help="also an approximate FAISS HNSW index (slow to build)")
     args = parser.parse_args()
     print(f"CPU: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; Python {sys.version.split()[0]}, "
           f"numpy {np.__version__}")
     if args.part in ("token", "all"):
         token_buffer([int(n) for n in args.sizes.split(",")], args.limit, args.old_up_to)
     if args.part in ("vector", "all"):
-        vectors(args.vectors, args.width, 4, args.queries)
+        vectors(args.vectors, args.width, 4, args.queries, args.hnsw)
 
 
 if __name__ == "__main__":
