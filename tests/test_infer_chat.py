@@ -344,3 +344,23 @@ def test_embedder_problems_fail_before_the_model_loads(tmp_path):
         assert "pip install sentence-transformers" in out.stderr
     else:  # HF_HUB_OFFLINE is set for the tests: an uncached hub id fails at once
         assert "someone/some-embedder is not in the Hugging Face cache" in out.stderr
+
+
+@pytest.mark.slow
+def test_resume_derives_what_a_killed_run_saved(tiny_model_dir, tmp_path):
+    """The state kill -9 leaves between an exchange's commit and its vector's: resuming embeds it."""
+    from qlora.infer.store import ChatStore
+
+    db = tmp_path / "chats.sqlite"
+    store = ChatStore(db)
+    store.session("v", "vector").add_messages([Message("user", "where is my cat"), Message("assistant", "on the mat")])
+    store.close()
+    out = _chat(tiny_model_dir, db, "--session", "v", "--memory", "vector", stdin="/memory\n")
+    assert out.returncode == 0, out.stderr
+    assert "input: where is my cat\noutput: on the mat" in out.stdout
+    store = ChatStore(db)
+    session = store.session("v", "vector")
+    from transformers import AutoConfig
+
+    width = AutoConfig.from_pretrained(tiny_model_dir).hidden_size
+    assert len(session.vectors()) == 1 and session.embedder() == (f"model:{tiny_model_dir}", width)
