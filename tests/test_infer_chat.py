@@ -327,7 +327,7 @@ def test_vector_session_with_another_embedder_is_refused_before_the_model_loads(
     assert other.returncode == 2 and "Traceback" not in other.stderr
     assert "made by embedder model:/some/other/model (width 3)" in other.stderr  # not "no such model": checked first
     store = ChatStore(db)  # same name, other width: found once the model is loaded
-    store.conn.execute("UPDATE sessions SET embedder = ?", (f"model:{tiny_model_dir}",))
+    store.conn.execute("UPDATE sessions SET embedder = ?", (f"model:{Path(tiny_model_dir).resolve()}",))
     store.close()
     wider = _chat(tiny_model_dir, db, "--session", "v", "--memory", "vector", stdin="hi\n")
     assert wider.returncode == 2 and "(width 3), but this run embeds with" in wider.stderr
@@ -363,4 +363,4 @@ def test_resume_derives_what_a_killed_run_saved(tiny_model_dir, tmp_path):
     from transformers import AutoConfig
 
     width = AutoConfig.from_pretrained(tiny_model_dir).hidden_size
-    assert len(session.vectors()) == 1 and session.embedder() == (f"model:{tiny_model_dir}", width)
+    assert len(session.vectors()) == 1 and session.embedder() == (f"model:{Path(tiny_model_dir).resolve()}", width)

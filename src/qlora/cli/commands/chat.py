@@ -16,8 +16,8 @@ import argparse
 import dataclasses
 import json
 import sys
-from typing import Any
 from pathlib import Path
+from typing import Any
 
 from ...errors import UsageError
 from .generate import add_model_arguments, load_model_from_args, sampling_options
@@ -58,10 +58,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def embedder_name(args: argparse.Namespace) -> str:
     """What a session records as the embedder of --memory vector (known before the model loads)."""
+    def where(name: str) -> str:  # a local folder by its absolute path, so another working directory agrees
+        path = Path(name).expanduser()
+        return str(path.resolve()) if path.exists() else name
+
     if args.embedder:
-        return f"sentence-transformers:{args.embedder}"
-    adapters = "".join(f"+{path}" for path in args.adapter)
-    return f"model:{args.model}{adapters}"
+        return f"sentence-transformers:{where(args.embedder)}"
+    adapters = "".join(f"+{where(item.rpartition('=')[2])}" for item in args.adapter)
+    return f"model:{where(args.model)}{adapters}"
 
 
 def build_memory(args: argparse.Namespace, model, tokenizer, session):
