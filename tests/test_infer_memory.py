@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -48,21 +49,49 @@ def test_window_keeps_last_k_exchanges():
     assert [m.content for m in memory.load_memory_variables({})["history"]] == ["q3", "a3", "q4", "a4"]
 
 
-def test_token_buffer_drops_oldest_until_it_fits(tiny_tokenizer):
+def test_token_buffer_keeps_newest_whole_exchanges_by_per_message_count(tiny_tokenizer):
     memory = ConversationTokenBufferMemory(tiny_tokenizer, max_token_limit=10**6)
     for i in range(4):
         memory.save_context({"input": f"The quick brown fox {i}"}, {"output": "jumps over the lazy dog."})
     every = memory.session.messages()
-    counts = [len(tiny_tokenizer(ConversationBufferMemory(session=memory.session).format(every[s:]),
-                                 add_special_tokens=False).input_ids) for s in range(len(every))]
-    assert counts == sorted(counts, reverse=True) and counts[-1] > 0
-    memory.max_token_limit = counts[3]  # exactly the last five messages fit
-    assert memory.buffer() == every[3:]
-    assert memory.num_tokens(memory.buffer()) == counts[3]
-    memory.max_token_limit = counts[3] - 1
+    per_message = [len(tiny_tokenizer(f"{'Human' if m.role == 'user' else 'AI'}: {m.content}",
+                                      add_special_tokens=False).input_ids) for m in every]
+    assert memory.num_tokens(every) == sum(per_message)  # LangChain's rule: each message alone, summed
+    last_two = sum(per_message[4:])
+    memory.max_token_limit = last_two  # exactly the last two exchanges fit
     assert memory.buffer() == every[4:]
-    memory.max_token_limit = 0
+    memory.max_token_limit = last_two - 1  # one token short: a whole exchange goes, never half of one
+    assert memory.buffer() == every[6:]
+    memory.max_token_limit = per_message[-1] + per_message[-2] - 1
     assert memory.buffer() == []
+
+
+def test_token_buffer_cost_does_not_grow_with_the_conversation(tmp_path, tiny_tokenizer):
+    """A loose ratio check; the measured figures are in BENCHMARKS.md (bench/chat_memory.py)."""
+    import time
+
+    from qlora.infer.store import ChatStore
+
+    def per_call(exchanges: int) -> float:
+        store = ChatStore(tmp_path / f"{exchanges}.sqlite")
+        session = store.session("s", "token")
+        for start in range(0, exchanges, 500):
+            n = min(500, exchanges - start)
+            session.add_messages([Message(role, f"message {start + i} from the {role}")
+                                  for i in range(n) for role in ("user", "assistant")])
+        memory = ConversationTokenBufferMemory(tiny_tokenizer, max_token_limit=200, session=session)
+        memory.buffer()  # warm the token-count cache, as after the first turn
+        times = []
+        for _ in range(5):
+            start = time.perf_counter()
+            kept = memory.buffer()
+            times.append(time.perf_counter() - start)
+        assert kept and kept[0].role == "user" and memory.num_tokens(kept) <= 200
+        store.close()
+        return sorted(times)[2]
+
+    small, large = per_call(100), per_call(5000)
+    assert large < 3 * small + 0.005, (small, large)
 
 
 def test_summary_is_progressive_and_written_by_the_llm():
@@ -80,13 +109,14 @@ def test_summary_buffer_folds_old_turns_into_the_summary(tiny_tokenizer):
     llm = ScriptedLLM("folded")
     memory = ConversationSummaryBufferMemory(llm, tiny_tokenizer, max_token_limit=10**6)
     memory.save_context({"input": "hi"}, {"output": "yo"})
-    memory.max_token_limit = memory._tokens(memory.buffer())
     assert llm.prompts == []  # under the limit: nothing summarized
+    memory.max_token_limit = memory.num_tokens([Message("user", "The quick brown fox jumps"),
+                                                Message("assistant", "over the lazy dog.")])
     memory.save_context({"input": "The quick brown fox jumps"}, {"output": "over the lazy dog."})
     kept = memory.buffer()
-    assert memory.session.summary() == ("folded", 4 - len(kept))
-    assert len(kept) < 4 and memory._tokens(kept) <= memory.max_token_limit
-    assert "Human: hi\nAI: yo" in llm.prompts[0]
+    assert memory.session.summary() == ("folded", 2)  # the first exchange, whole, by the id of its reply
+    assert [m.content for m in kept] == ["The quick brown fox jumps", "over the lazy dog."]
+    assert llm.prompts[0] == SUMMARY_PROMPT.format(summary="", new_lines="Human: hi\nAI: yo")
     history = memory.load_memory_variables({})["history"]
     assert history.startswith("System: folded\n")
 
@@ -114,19 +144,32 @@ def test_kg_memory_stores_triples_and_recalls_by_subject():
     memory = ConversationKGMemory(llm)
     memory.save_context({"input": "Nevada is a state in the US"}, {"output": "ok"})
     assert memory.session.triples() == [("Nevada", "is a", "state"), ("Nevada", "is in", "US")]
-    assert memory.load_memory_variables({"input": "tell me about Nevada"}) == {"history": "On Nevada: is a state. is in US."}
+    assert memory.load_memory_variables({"input": "tell me about Nevada"}) == {
+        "history": "On Nevada: Nevada is a state. Nevada is in US."}  # LangChain's wording
 
 
 def test_triple_parsing_is_robust():
     messy = 'Output: ( "Ann" , likes, tea )\n(Bob, works at, Acme, Inc)  junk (only, two) (Ann, likes, tea) NONE'
-    assert parse_triples(messy) == [("Ann", "likes", "tea"), ("Bob", "works at, Acme", "Inc")]
+    assert parse_triples(messy) == [("Ann", "likes", "tea"), ("Bob", "works at", "Acme, Inc")]
     assert parse_triples("NONE") == []
+
+
+def test_kg_splits_four_parts_as_subject_relation_object_and_newer_facts_replace_older():
+    assert parse_triples("(Acme, is based in, Nevada, USA)") == [("Acme", "is based in", "Nevada, USA")]
+    llm = ScriptedLLM("(Ann, lives in, Paris)<|>(Ann, likes, tea)", "(ann, moved away from, paris)", "Ann")
+    memory = ConversationKGMemory(llm)
+    memory.save_context({"input": "Ann lives in Paris and likes tea"}, {"output": "ok"})
+    memory.save_context({"input": "Ann moved away from Paris"}, {"output": "ok"})
+    assert memory.session.triples() == [("Ann", "likes", "tea"), ("ann", "moved away from", "paris")]
+    assert memory.load_memory_variables({"input": "where is Ann?"}) == {
+        "history": "On Ann: Ann likes tea. ann moved away from paris."}
 
 
 class BagOfWords:
     """A deterministic embedder: normalized counts of a few words."""
 
     words = ("cat", "dog", "car", "tea")
+    name, dim = "bag-of-words", 4
 
     def __call__(self, texts):
         rows = torch.tensor([[t.lower().count(w) for w in self.words] for t in texts], dtype=torch.float32)
@@ -142,6 +185,37 @@ def test_vector_memory_recalls_most_similar_first():
     assert history == "input: my car\noutput: car car\ninput: my cat\noutput: cats purr"
     memory.return_messages = True
     assert memory.load_memory_variables({"input": "tea"})["history"][0] == Message("system", "input: tea time\noutput: green tea")
+
+
+def test_vector_ties_come_back_in_stored_order():
+    from qlora.infer.memory.vector import top_k
+
+    keys = np.array([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0], [0.6, 0.8], [1.0, 0.0]], dtype=np.float32)
+    assert top_k(np.array([1.0, 0.0], dtype=np.float32), keys, 4) == [0, 2, 4, 3]
+    assert top_k(np.array([1.0, 0.0], dtype=np.float32), keys, 2) == [0, 2]
+    rng = np.random.default_rng(0)
+    keys = rng.standard_normal((1000, 8)).astype(np.float32)
+    query = rng.standard_normal(8).astype(np.float32)
+    assert top_k(query, keys, 10) == np.argsort(-(keys @ query), kind="stable")[:10].tolist()
+
+
+def test_vector_session_refuses_another_embedder():
+    from qlora.errors import UsageError
+
+    memory = VectorStoreRetrieverMemory(BagOfWords(), k=2)
+    memory.save_context({"input": "my cat"}, {"output": "cats purr"})
+    assert memory.session.embedder() == ("bag-of-words", 4)
+
+    class Renamed(BagOfWords):
+        name = "other-words"
+
+    class Wider(BagOfWords):
+        dim = 5
+
+    for other in (Renamed(), Wider()):
+        with pytest.raises(UsageError, match=r"made by embedder bag-of-words \(width 4\).*start a new --session"):
+            VectorStoreRetrieverMemory(other, session=memory.session)
+    VectorStoreRetrieverMemory(BagOfWords(), session=memory.session)  # the same one resumes
 
 
 @pytest.fixture(scope="module")
@@ -180,3 +254,24 @@ def test_model_embedder_retrieves_identical_text_first(model_llm):
     for text in ("The quick brown fox", "def add(a, b):", "a paged optimizer"):
         memory.save_context({"input": text}, {"output": "ok"})
     assert memory.retrieve("input: def add(a, b):\noutput: ok")[0] == "input: def add(a, b):\noutput: ok"
+
+
+def test_model_embedder_skips_bos_and_truncates_to_the_window(model_llm):
+    from qlora.infer.embedder import ModelEmbedder
+
+    model, tok = model_llm.model, model_llm.tokenizer
+    embedder = ModelEmbedder(model, tok)
+    assert embedder.dim == model.config.hidden_size and embedder.max_tokens == model.config.max_position_embeddings
+
+    def mean_without_bos(ids):
+        assert ids[0] == tok.bos_token_id
+        with torch.no_grad():
+            hidden = model(input_ids=torch.tensor([ids]), output_hidden_states=True).hidden_states[-1][0]
+        return torch.nn.functional.normalize(hidden[1:].mean(0), dim=0)
+
+    text = "The quick brown fox"
+    torch.testing.assert_close(embedder([text])[0], mean_without_bos(tok(text).input_ids), atol=1e-5, rtol=1e-5)
+    long = "def add(a, b): return a + b. " * 200
+    ids = tok(long).input_ids
+    assert len(ids) > embedder.max_tokens
+    torch.testing.assert_close(embedder([long])[0], mean_without_bos(ids[:embedder.max_tokens]), atol=1e-5, rtol=1e-5)

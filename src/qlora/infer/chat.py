@@ -3,6 +3,10 @@
 Each turn asks the memory what to recall, lays that out as chat messages
 (recalled turns as turns, summaries and facts in the system message), streams
 the model's reply, and hands the finished exchange back to the memory.
+Recalled turns are whole exchanges starting with a user message, so templates
+that require strict user/assistant alternation accept every memory kind; a
+template without a system role gets the system text in the first user message
+(see :func:`~qlora.infer.template.render_chat`).
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ class Chat:
         self.llm = ModelLLM(model, tokenizer, **gen_options)
         self.memory = memory if memory is not None else ConversationBufferMemory(return_messages=True)
         self.system = system
+        self.last_reply: str | None = None  # the reply of the last turn, once generated
 
     def prompt_messages(self, text: str) -> list[Message]:
         """The messages the model sees for the user's ``text``, memory included."""
@@ -55,9 +60,16 @@ class Chat:
         return ([Message("system", system)] if system else []) + turns + [Message("user", text)]
 
     def send(self, text: str) -> Iterator[str]:
-        """Stream the reply to ``text``; the memory records the exchange once the reply is complete."""
+        """Stream the reply to ``text``; the memory records the exchange once the reply is complete.
+
+        Raises:
+            StoreLocked, StoreReadOnly: (a stored session) the exchange could not be saved;
+                the reply was already streamed.
+        """
+        self.last_reply = None
         pieces = []
         for piece in self.llm.stream_messages(self.prompt_messages(text)):
             pieces.append(piece)
             yield piece
-        self.memory.save_context({"input": text}, {"output": "".join(pieces).strip()})
+        self.last_reply = "".join(pieces).strip()
+        self.memory.save_context({"input": text}, {"output": self.last_reply})

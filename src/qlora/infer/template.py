@@ -22,14 +22,27 @@ def chatml(messages: Sequence[Message], add_generation_prompt: bool = True) -> s
 
 
 def render_chat(tokenizer, messages: Sequence[Message], add_generation_prompt: bool = True) -> str:
-    """Prompt text for ``messages`` in the model's chat format, ready for generation."""
-    if getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template(
-            [{"role": m.role, "content": m.content} for m in messages],
-            tokenize=False,
-            add_generation_prompt=add_generation_prompt,
-        )
-    return chatml(messages, add_generation_prompt)
+    """Prompt text for ``messages`` in the model's chat format, ready for generation.
+
+    Templates without a system role (Gemma's, Mistral's first) raise on one; the
+    system text then goes before the first user message, separated by a blank line.
+    """
+    if not getattr(tokenizer, "chat_template", None):
+        return chatml(messages, add_generation_prompt)
+
+    def apply(msgs: Sequence[Message]) -> str:
+        return tokenizer.apply_chat_template([{"role": m.role, "content": m.content} for m in msgs],
+                                             tokenize=False, add_generation_prompt=add_generation_prompt)
+
+    if len(messages) < 2 or messages[0].role != "system" or messages[1].role != "user":
+        return apply(messages)
+    from jinja2.exceptions import TemplateError  # what a template's raise_exception() raises
+
+    try:
+        return apply(messages)
+    except TemplateError:
+        system, user = messages[0], messages[1]
+        return apply([Message("user", f"{system.content}\n\n{user.content}"), *messages[2:]])
 
 
 def stop_token_ids(model, tokenizer) -> set[int]:

@@ -1,7 +1,12 @@
 """``qlora chat``: talk with a model in the terminal, with conversation memory.
 
 Replies stream as they are generated. With ``--session NAME --db FILE`` the
-conversation is stored in SQLite after every turn and resumes on the next run.
+conversation is stored in SQLite after every turn and resumes on the next run;
+what a memory derives from a turn (summary, entities, triples, vectors) is
+caught up on resume if the program was killed before it was written. A
+read-only database still opens (``/history`` works; turns are not saved); a
+database locked by another program is waited for ``--db-timeout`` seconds, then
+the turn is reported unsaved and the chat goes on.
 Slash commands: /reset, /history, /memory, /save [FILE], /exit.
 """
 
@@ -12,6 +17,7 @@ import dataclasses
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 from ...errors import UsageError
 from .generate import add_model_arguments, load_model_from_args, sampling_options
@@ -25,13 +31,41 @@ SLASH_HELP = "commands: /reset /history /memory /save [FILE] /exit"
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_arguments(parser)
-    parser.add_argument("--memory", choices=MEMORY_KINDS, default="buffer", help="what the model remembers")
-    parser.add_argument("--k", type=int, default=4, help="exchanges kept (window, entity, kg) or recalled (vector)")
-    parser.add_argument("--max-token-limit", type=int, default=1024, help="token budget of token/summary-buffer")
+    parser.add_argument("--memory", choices=MEMORY_KINDS, default="buffer",
+                        help="what the model remembers: every turn (buffer), the last --k exchanges (window), the "
+                             "newest exchanges within --max-token-limit tokens (token), a running summary (summary), "
+                             "a summary plus recent exchanges within the token limit (summary-buffer), descriptions "
+                             "of the entities named (entity), facts as triples about them (kg), or the --k past "
+                             "exchanges most similar to the input (vector)")
+    parser.add_argument("--k", type=int, default=4,
+                        help="window and entity: recent exchanges shown; kg: recent exchanges given to the model "
+                             "as context when it extracts entities and facts (kg shows no turns); vector: "
+                             "exchanges recalled")
+    parser.add_argument("--max-token-limit", type=int, default=1024,
+                        help="token and summary-buffer: most tokens of verbatim history, counted per message as "
+                             "its 'Human: ...'/'AI: ...' line with the model's tokenizer, whole exchanges kept")
     parser.add_argument("--system", help="system prompt")
-    parser.add_argument("--embedder", help="sentence-transformers model for --memory vector (default: the chat model)")
+    parser.add_argument("--embedder",
+                        help="--memory vector: a sentence-transformers model (folder or hub id; needs "
+                             "pip install sentence-transformers); default: the chat model's mean hidden state. "
+                             "A session keeps the embedder it started with")
     parser.add_argument("--session", help="session name: store the chat in --db and resume it later")
     parser.add_argument("--db", default="chats.sqlite", help="SQLite file of sessions (with --session)")
+    parser.add_argument("--db-timeout", type=float, default=10.0,
+                        help="seconds to wait for a database locked by another program before reporting the turn "
+                             "unsaved")
+
+
+def embedder_name(args: argparse.Namespace) -> str:
+    """What a session records as the embedder of --memory vector (known before the model loads)."""
+    def where(name: str) -> str:  # a local folder by its absolute path, so another working directory agrees
+        path = Path(name).expanduser()
+        return str(path.resolve()) if path.exists() else name
+
+    if args.embedder:
+        return f"sentence-transformers:{where(args.embedder)}"
+    adapters = "".join(f"+{where(item.rpartition('=')[2])}" for item in args.adapter)
+    return f"model:{where(args.model)}{adapters}"
 
 
 def build_memory(args: argparse.Namespace, model, tokenizer, session):
@@ -39,7 +73,7 @@ def build_memory(args: argparse.Namespace, model, tokenizer, session):
     from ...infer import memory as m
     from ...infer.llm import ModelLLM
 
-    common = dict(session=session, return_messages=True)
+    common: dict[str, Any] = dict(session=session, return_messages=True)
     llm = ModelLLM(model, tokenizer, temperature=0.0, max_new_tokens=128)  # deterministic bookkeeping
     kind = args.memory
     if kind == "buffer":
@@ -58,7 +92,10 @@ def build_memory(args: argparse.Namespace, model, tokenizer, session):
         return m.ConversationKGMemory(llm, k=args.k, **common)
     from ...infer.embedder import ModelEmbedder, SentenceTransformerEmbedder
 
-    embedder = SentenceTransformerEmbedder(args.embedder) if args.embedder else ModelEmbedder(model, tokenizer)
+    if args.embedder:
+        embedder = SentenceTransformerEmbedder(args.embedder, name=embedder_name(args))
+    else:
+        embedder = ModelEmbedder(model, tokenizer, name=embedder_name(args))
     return m.VectorStoreRetrieverMemory(embedder, k=args.k, **common)
 
 
@@ -95,48 +132,100 @@ def _command(chat, args: argparse.Namespace, line: str) -> bool:
     return True
 
 
+def _store_problem(exc: Exception, answered: bool) -> str:
+    """The line shown when a turn could not be stored; the chat goes on."""
+    from ...infer.store import StoreLocked
+
+    what = "turn not saved" if answered else "turn not answered"
+    if isinstance(exc, StoreLocked):
+        return f"({what}: database locked by another program; the chat goes on)"
+    return f"({what}: {exc}; the chat goes on)"
+
+
+def _open_session(args: argparse.Namespace):
+    """``(store, session)`` for --session/--db, or ``(None, in-memory session)``."""
+    from ...infer.memory import InMemorySession
+    from ...infer.store import ChatStore
+
+    if not args.session:
+        return None, InMemorySession()
+    store = ChatStore(args.db, timeout=args.db_timeout)
+    try:
+        session = store.session(args.session, args.memory)
+        if args.memory == "vector":
+            from ...infer.memory.vector import check_embedder
+
+            recorded = session.embedder()
+            if recorded is not None:  # the width is checked too once the model is loaded
+                check_embedder(recorded, embedder_name(args), recorded[1])
+    except BaseException:
+        store.close()
+        raise
+    return store, session
+
+
 def run(args: argparse.Namespace) -> int:
     from ...infer.chat import Chat
-    from ...infer.memory import InMemorySession
+    from ...infer.store import StoreLocked, StoreReadOnly
 
     if args.k < 1 or args.max_token_limit < 1:
         raise UsageError("--k and --max-token-limit must be positive")
-    store = None
-    if args.session:
-        from ...infer.store import ChatStore
+    if not args.db_timeout >= 0:
+        raise UsageError(f"--db-timeout must be a number of seconds >= 0, got {args.db_timeout}")
+    if args.memory == "vector" and args.embedder:
+        from ...infer.embedder import resolve_sentence_transformer
 
-        store = ChatStore(args.db)
-        session = store.session(args.session, args.memory)
-    else:
-        session = InMemorySession()
-    model, tokenizer = load_model_from_args(args)
-    options = sampling_options(args)
-    chat = Chat(model, tokenizer, memory=build_memory(args, model, tokenizer, session), system=args.system,
-                **dataclasses.asdict(options))
-    resumed = len(session.messages())
-    print(f"qlora chat ({args.memory} memory). {SLASH_HELP}")
-    if resumed:
-        print(f"(resumed session {args.session!r}: {resumed} messages)")
+        resolve_sentence_transformer(args.embedder)  # fail before the chat model loads
+    store, session = _open_session(args)
     try:
-        while True:
-            try:
-                line = input("you> ").strip()
-            except EOFError:
-                print()
-                break
-            if not line:
-                continue
-            if line.startswith("/"):
-                if not _command(chat, args, line):
-                    break
-                continue
-            sys.stdout.write("assistant> ")
-            for piece in chat.send(line):
-                sys.stdout.write(piece)
-                sys.stdout.flush()
-            sys.stdout.write("\n")
+        model, tokenizer = load_model_from_args(args)
+        options = sampling_options(args)
+        chat = Chat(model, tokenizer, memory=build_memory(args, model, tokenizer, session), system=args.system,
+                    **dataclasses.asdict(options))
+        print(f"qlora chat ({args.memory} memory). {SLASH_HELP}")
+        if store is not None and store.read_only:
+            print(f"({args.db} is read-only: the session can be read, new turns will not be saved)", file=sys.stderr)
+        resumed = len(session.messages())
+        if resumed:
+            print(f"(resumed session {args.session!r}: {resumed} messages)")
+            if store is None or not store.read_only:
+                try:
+                    chat.memory.catch_up()  # what a killed run saved but did not derive yet
+                except (StoreLocked, StoreReadOnly) as exc:
+                    print(f"(memory not brought up to date: {exc})", file=sys.stderr)
+        _loop(chat, args)
     finally:
         if store is not None:
             store.close()
     return 0
+
+
+def _loop(chat, args: argparse.Namespace) -> None:
+    from ...infer.store import StoreLocked, StoreReadOnly
+
+    while True:
+        try:
+            line = input("you> ").strip()
+        except EOFError:
+            print()
+            return
+        if not line:
+            continue
+        if line.startswith("/"):
+            try:
+                if not _command(chat, args, line):
+                    return
+            except (StoreLocked, StoreReadOnly) as exc:
+                print(f"({line.split()[0]} not done: {exc})", file=sys.stderr)
+            continue
+        sys.stdout.write("assistant> ")
+        try:
+            for piece in chat.send(line):
+                sys.stdout.write(piece)
+                sys.stdout.flush()
+            sys.stdout.write("\n")
+        except (StoreLocked, StoreReadOnly) as exc:
+            sys.stdout.write("\n")
+            sys.stdout.flush()
+            print(_store_problem(exc, chat.last_reply is not None), file=sys.stderr)
 

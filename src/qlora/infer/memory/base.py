@@ -4,14 +4,54 @@
 returns what the model should see before the next turn, under ``"history"``,
 as one string by default or as :class:`~qlora.infer.messages.Message` objects
 with ``return_messages=True``; ``clear`` forgets everything.
+
+Recalled turns are always whole exchanges that start with a user message, so
+chat templates that insist on user/assistant alternation (Llama-2, Mistral,
+Gemma) accept them. Memories that derive state from exchanges (summaries,
+entities, triples, vectors) do it in :meth:`BaseMemory.catch_up`, for every
+exchange after their cursor in the session: the exchange is committed first,
+what is derived from it after, and a crash in between is repaired by the next
+``catch_up``: ``save_context`` calls it, and so should whoever resumes a stored
+session (``qlora chat`` does, before the first turn).
 """
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 from ..messages import Message, buffer_string
-from .session import InMemorySession, Session
+from .session import Entry, InMemorySession, Session
+
+Exchange = tuple[Message, Message, int]  # user message, reply, id of the reply
+
+
+def exchanges(entries: Iterable[Entry]) -> Iterator[Exchange]:
+    """The complete user/assistant pairs in ``entries`` (oldest first), anything unpaired skipped."""
+    user: Message | None = None
+    for message_id, message in entries:
+        if message.role == "assistant" and user is not None:
+            yield user, message, message_id
+        user = message if message.role == "user" else None
+
+
+def recent_exchanges(session: Session, k: int, upto: int | None = None) -> list[Message]:
+    """The messages of the last ``k`` whole exchanges (of those with ids up to ``upto``),
+    oldest first; reads from the newest message back, no further than needed."""
+    kept: list[Message] = []
+    reply: Message | None = None
+    if k <= 0:
+        return kept
+    for message_id, message in session.newest():
+        if upto is not None and message_id > upto:
+            continue
+        if message.role == "assistant":
+            reply = message
+        elif message.role == "user" and reply is not None:
+            kept += [reply, message]
+            reply = None
+            if len(kept) == 2 * k:
+                break
+    return kept[::-1]
 
 
 class BaseMemory:
@@ -51,9 +91,14 @@ class BaseMemory:
         return self._pick({k: v for k, v in inputs.items() if k != self.memory_key}, self.input_key, "input")
 
     def save_context(self, inputs: dict[str, Any], outputs: dict[str, Any]) -> None:
-        """Record one exchange: the user's input and the model's output."""
+        """Record one exchange (one transaction), then derive from it (see :meth:`catch_up`)."""
         user = Message("user", self.input_text(inputs))
         self.session.add_messages([user, Message("assistant", self._pick(outputs, self.output_key, "output"))])
+        self.catch_up()
+
+    def catch_up(self) -> None:
+        """Derive state from every exchange after this memory's cursor in the session (each
+        exchange in its own transaction); nothing to do for memories that show turns verbatim."""
 
     def load_memory_variables(self, inputs: dict[str, Any]) -> dict[str, Any]:
         """What the model should see before answering ``inputs``."""

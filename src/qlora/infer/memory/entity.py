@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import re
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from ..llm import LLM
-from ..messages import buffer_string
-from .base import BaseMemory
+from ..messages import Message, buffer_string
+from .base import BaseMemory, exchanges, recent_exchanges
 from .prompts import ENTITY_EXTRACTION_PROMPT, ENTITY_SUMMARIZATION_PROMPT
+
+if TYPE_CHECKING:
+    from ..llm import LLM
 
 _MAX_ENTITY_CHARS = 60
 
@@ -33,7 +35,9 @@ class ConversationEntityMemory(BaseMemory):
     """Recalls short, model-written descriptions of the entities in the current input.
 
     Before a turn the model lists the entities in the user's input; after it,
-    each one's description is updated from that exchange.
+    each one's description is updated from that exchange. An exchange whose
+    descriptions were not written (the program was killed first) is caught up
+    later: its entities are extracted again and described then.
 
     Args:
         llm: extracts entities and writes their descriptions.
@@ -46,29 +50,38 @@ class ConversationEntityMemory(BaseMemory):
         self.llm = llm
         self.k = k
         self.entity_cache: list[str] = []
+        self._cached_input: str | None = None
 
-    def buffer(self):
-        return self.session.messages()[-self.k * 2:] if self.k > 0 else []
+    def buffer(self) -> list[Message]:
+        return recent_exchanges(self.session, self.k)
 
-    def _recent(self) -> str:
-        return buffer_string(self.buffer(), self.human_prefix, self.ai_prefix)
+    def _history(self, upto: int | None = None) -> str:
+        return buffer_string(recent_exchanges(self.session, self.k, upto), self.human_prefix, self.ai_prefix)
+
+    def _extract(self, text: str, upto: int | None = None) -> list[str]:
+        prompt = ENTITY_EXTRACTION_PROMPT.format(history=self._history(upto), input=text)
+        return parse_entities(self.llm.complete(prompt))
 
     def load_memory_variables(self, inputs: dict[str, Any]) -> dict[str, Any]:
-        prompt = ENTITY_EXTRACTION_PROMPT.format(history=self._recent(), input=self.input_text(inputs))
-        self.entity_cache = parse_entities(self.llm.complete(prompt))
+        text = self.input_text(inputs)
+        self.entity_cache, self._cached_input = self._extract(text), text
         known = self.session.entities()
         return {self.memory_key: self.format(self.buffer()),
                 "entities": {name: known.get(name, "") for name in self.entity_cache}}
 
-    def save_context(self, inputs: dict[str, Any], outputs: dict[str, Any]) -> None:
-        super().save_context(inputs, outputs)
-        text, history, known = self.input_text(inputs), self._recent(), self.session.entities()
-        updates = {}
-        for name in self.entity_cache:
-            prompt = ENTITY_SUMMARIZATION_PROMPT.format(
-                history=history, entity=name, summary=known.get(name, ""), input=text)
-            updates[name] = self.llm.complete(prompt).strip()
-        self.session.set_entities(updates)
+    def catch_up(self) -> None:
+        for user, _, through in exchanges(self.session.entries(after=self.session.progress("entities"))):
+            # The user message is saved with its reply in one transaction: its id is through - 1.
+            names = self.entity_cache if user.content == self._cached_input else self._extract(user.content, through - 2)
+            history, known = self._history(through), self.session.entities()
+            updates = {}
+            for name in names:
+                prompt = ENTITY_SUMMARIZATION_PROMPT.format(
+                    history=history, entity=name, summary=known.get(name, ""), input=user.content)
+                updates[name] = self.llm.complete(prompt).strip()
+            self.session.set_entities(updates, through)
+            if user.content == self._cached_input:
+                self._cached_input = None
 
     def contents(self) -> str:
         entities = self.session.entities()
@@ -76,4 +89,4 @@ class ConversationEntityMemory(BaseMemory):
 
     def clear(self) -> None:
         super().clear()
-        self.entity_cache = []
+        self.entity_cache, self._cached_input = [], None

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import re
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from ..llm import LLM
 from ..messages import Message, buffer_string
-from .base import BaseMemory
+from .base import BaseMemory, exchanges, recent_exchanges
 from .entity import parse_entities
 from .prompts import ENTITY_EXTRACTION_PROMPT, KNOWLEDGE_TRIPLE_EXTRACTION_PROMPT
 from .session import Triple
+
+if TYPE_CHECKING:
+    from ..llm import LLM
 
 _PAREN = re.compile(r"\(([^()]*)\)")
 
@@ -18,8 +20,9 @@ _PAREN = re.compile(r"\(([^()]*)\)")
 def parse_triples(text: str) -> list[Triple]:
     """Every ``(subject, relation, object)`` in the model's answer, however it is separated.
 
-    Groups with fewer than three parts are skipped; with more, the first part
-    is the subject, the last the object and the middle ones the relation.
+    Groups with fewer than three parts are skipped. With more, the first part is
+    the subject, the second the relation and the rest, commas kept, the object:
+    ``(Acme, is based in, Nevada, USA)`` -> ``('Acme', 'is based in', 'Nevada, USA')``.
     Quotes and spaces around parts are stripped; duplicates removed.
     """
     triples: list[Triple] = []
@@ -27,7 +30,7 @@ def parse_triples(text: str) -> list[Triple]:
         parts = [p.strip().strip("\"'`").strip() for p in group.split(",")]
         if len(parts) < 3 or not all(parts):
             continue
-        triple = (parts[0], ", ".join(parts[1:-1]), parts[-1])
+        triple = (parts[0], parts[1], ", ".join(parts[2:]))
         if triple not in triples:
             triples.append(triple)
     return triples
@@ -37,11 +40,15 @@ class ConversationKGMemory(BaseMemory):
     """Recalls what is known about the entities named in the current input.
 
     After each exchange the model extracts triples from the user's line; before
-    the next, entities in the new input are looked up as triple subjects.
+    the next, entities in the new input are looked up as triple subjects and
+    recalled as ``"On Sam: Sam is a friend."`` system lines, as LangChain does.
+    A new triple replaces a stored one with the same subject and object (``Ann
+    lives in Paris`` then ``Ann moved away from Paris`` keeps only the second),
+    as LangChain's graph overwrites an edge. No recent turns are shown verbatim.
 
     Args:
         llm: extracts entities and triples.
-        k: exchanges of recent transcript given to the model as context.
+        k: exchanges of recent transcript given to the model as context for extraction.
         **kwargs: see :class:`~qlora.infer.memory.base.BaseMemory`.
     """
 
@@ -50,16 +57,18 @@ class ConversationKGMemory(BaseMemory):
         self.llm = llm
         self.k = k
 
-    def _recent(self) -> str:
-        recent = self.session.messages()[-self.k * 2:] if self.k > 0 else []
-        return buffer_string(recent, self.human_prefix, self.ai_prefix)
+    def _history(self, upto: int | None = None) -> str:
+        return buffer_string(recent_exchanges(self.session, self.k, upto), self.human_prefix, self.ai_prefix)
+
+    def buffer(self) -> list[Message]:
+        return []
 
     def entity_knowledge(self, entity: str) -> list[str]:
-        """``"relation object"`` for each stored triple whose subject is ``entity``."""
-        return [f"{r} {o}" for s, r, o in self.session.triples() if s.lower() == entity.lower()]
+        """``"subject relation object"`` for each stored triple whose subject is ``entity``."""
+        return [f"{s} {r} {o}" for s, r, o in self.session.triples() if s.lower() == entity.lower()]
 
     def load_memory_variables(self, inputs: dict[str, Any]) -> dict[str, Any]:
-        prompt = ENTITY_EXTRACTION_PROMPT.format(history=self._recent(), input=self.input_text(inputs))
+        prompt = ENTITY_EXTRACTION_PROMPT.format(history=self._history(), input=self.input_text(inputs))
         facts = []
         for entity in parse_entities(self.llm.complete(prompt)):
             knowledge = self.entity_knowledge(entity)
@@ -69,11 +78,11 @@ class ConversationKGMemory(BaseMemory):
             return {self.memory_key: [Message("system", fact) for fact in facts]}
         return {self.memory_key: "\n".join(facts)}
 
-    def save_context(self, inputs: dict[str, Any], outputs: dict[str, Any]) -> None:
-        history = self._recent()
-        super().save_context(inputs, outputs)
-        prompt = KNOWLEDGE_TRIPLE_EXTRACTION_PROMPT.format(history=history, input=self.input_text(inputs))
-        self.session.add_triples(parse_triples(self.llm.complete(prompt)))
+    def catch_up(self) -> None:
+        """Extract triples from each exchange after the cursor (history: the ``k`` exchanges up to it)."""
+        for user, _, through in exchanges(self.session.entries(after=self.session.progress("triples"))):
+            prompt = KNOWLEDGE_TRIPLE_EXTRACTION_PROMPT.format(history=self._history(through), input=user.content)
+            self.session.add_triples(parse_triples(self.llm.complete(prompt)), through)
 
     def contents(self) -> str:
         return "\n".join(f"({s}, {r}, {o})" for s, r, o in self.session.triples()) or "(no triples yet)"

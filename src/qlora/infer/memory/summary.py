@@ -1,13 +1,15 @@
-"""ConversationSummaryMemory: a running summary the model writes itself."""
+"""ConversationSummaryMemory: a running summary the model writes as the chat goes on."""
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
-from ..llm import LLM
 from ..messages import Message, buffer_string
 from .base import BaseMemory
 from .prompts import SUMMARY_PROMPT
+
+if TYPE_CHECKING:
+    from ..llm import LLM
 
 
 def predict_new_summary(llm: LLM, summary: str, messages: Sequence[Message], human_prefix: str = "Human",
@@ -20,7 +22,9 @@ def predict_new_summary(llm: LLM, summary: str, messages: Sequence[Message], hum
 class ConversationSummaryMemory(BaseMemory):
     """Shows the model a summary of the whole conversation instead of the turns.
 
-    Costs one model call per exchange; keeps long conversations short.
+    Costs one model call per exchange; keeps long conversations short. Exchanges
+    saved but not yet summarized (the program was killed in between) are folded
+    in at the next :meth:`catch_up`.
 
     Args:
         llm: writes the summary.
@@ -31,12 +35,12 @@ class ConversationSummaryMemory(BaseMemory):
         super().__init__(**kwargs)
         self.llm = llm
 
-    def save_context(self, inputs: dict[str, Any], outputs: dict[str, Any]) -> None:
-        super().save_context(inputs, outputs)
-        messages = self.session.messages()
+    def catch_up(self) -> None:
         summary, covered = self.session.summary()
-        new = predict_new_summary(self.llm, summary, messages[covered:], self.human_prefix, self.ai_prefix)
-        self.session.set_summary(new, len(messages))
+        pending = self.session.entries(after=covered)
+        if pending:
+            new = predict_new_summary(self.llm, summary, [m for _, m in pending], self.human_prefix, self.ai_prefix)
+            self.session.set_summary(new, pending[-1][0])
 
     def load_memory_variables(self, inputs: dict[str, Any]) -> dict[str, Any]:
         summary = self.session.summary()[0]

@@ -1,19 +1,26 @@
-"""ConversationSummaryBufferMemory: recent turns verbatim, older ones summarized."""
+"""ConversationSummaryBufferMemory: recent exchanges verbatim, older ones summarized."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from ..llm import LLM
 from ..messages import Message, buffer_string
+from .base import BaseMemory, exchanges
 from .summary import predict_new_summary
-from .token_buffer import count_tokens
-from .base import BaseMemory
+from .token_buffer import MessageTokens
+
+if TYPE_CHECKING:
+    from ..llm import LLM
 
 
 class ConversationSummaryBufferMemory(BaseMemory):
-    """Keeps turns word for word until they exceed ``max_token_limit`` tokens, then
-    folds the oldest into the running summary.
+    """Keeps exchanges word for word until they exceed ``max_token_limit`` tokens, then
+    folds the oldest whole exchanges into the running summary.
+
+    Tokens are counted per message as in
+    :class:`~qlora.infer.memory.token_buffer.MessageTokens`; only the messages
+    after the summary are read, so a turn costs the same however long the
+    conversation is. The verbatim part always starts with a user turn.
 
     Args:
         llm: writes the summary.
@@ -27,23 +34,24 @@ class ConversationSummaryBufferMemory(BaseMemory):
         self.llm = llm
         self.tokenizer = tokenizer
         self.max_token_limit = max_token_limit
-
-    def _tokens(self, messages: list[Message]) -> int:
-        return count_tokens(self.tokenizer, buffer_string(messages, self.human_prefix, self.ai_prefix))
+        self.num_tokens = MessageTokens(tokenizer, self.human_prefix, self.ai_prefix)
 
     def buffer(self) -> list[Message]:
-        return self.session.messages()[self.session.summary()[1]:]
+        return [m for _, m in self.session.entries(after=self.session.summary()[1])]
 
-    def save_context(self, inputs: dict[str, Any], outputs: dict[str, Any]) -> None:
-        super().save_context(inputs, outputs)
+    def catch_up(self) -> None:
+        """Fold the oldest exchanges into the summary until the rest fits the token limit."""
         summary, covered = self.session.summary()
-        buffer = self.session.messages()[covered:]
-        pruned = 0
-        while pruned < len(buffer) and self._tokens(buffer[pruned:]) > self.max_token_limit:
-            pruned += 1
-        if pruned:
-            new = predict_new_summary(self.llm, summary, buffer[:pruned], self.human_prefix, self.ai_prefix)
-            self.session.set_summary(new, covered + pruned)
+        pending = list(exchanges(self.session.entries(after=covered)))
+        total = sum(self.num_tokens([user, reply]) for user, reply, _ in pending)
+        folded = 0
+        while folded < len(pending) and total > self.max_token_limit:
+            total -= self.num_tokens(pending[folded][:2])
+            folded += 1
+        if folded:
+            old = [m for user, reply, _ in pending[:folded] for m in (user, reply)]
+            new = predict_new_summary(self.llm, summary, old, self.human_prefix, self.ai_prefix)
+            self.session.set_summary(new, pending[folded - 1][2])
 
     def load_memory_variables(self, inputs: dict[str, Any]) -> dict[str, Any]:
         summary = self.session.summary()[0]

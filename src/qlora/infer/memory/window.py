@@ -5,11 +5,14 @@ from __future__ import annotations
 from typing import Any
 
 from ..messages import Message
-from .base import BaseMemory
+from .base import BaseMemory, recent_exchanges
 
 
 class ConversationBufferWindowMemory(BaseMemory):
     """Shows the last ``k`` user/assistant pairs, so the prompt stays bounded.
+
+    Only those messages are read from the session, so a turn costs the same
+    however long the conversation is.
 
     Args:
         k: number of exchanges kept (``2 * k`` messages).
@@ -21,4 +24,4 @@ class ConversationBufferWindowMemory(BaseMemory):
         self.k = k
 
     def buffer(self) -> list[Message]:
-        return self.session.messages()[-self.k * 2:] if self.k > 0 else []
+        return recent_exchanges(self.session, self.k)
