@@ -178,12 +178,12 @@ class Trainer:
             from qlora.model.fused import apply_fused_kernels
 
             apply_fused_kernels(self.model)
-        self._prepare_method()
-        self._parallelize()  # after every adapter exists: DDP and FSDP see the final parameters
         # The chunked loss calls the decoder directly, which would bypass the hooks of the
         # wrapped root module (DDP's gradient sync, FSDP's unsharding of the embeddings).
         self.chunked_ce = (cfg.chunked_ce and not self.dist.enabled
                            and chunked_loss_matches(self.model, self.micro_batches(0)[0]))
+        self._prepare_method()
+        self._parallelize()  # after every adapter exists: DDP and FSDP see the final parameters
         params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = _make_optimizer(cfg.optim, params, cfg.lr, cfg.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
