@@ -110,6 +110,13 @@ def test_metrics_reach_jsonl_tensorboard_and_plot(tmp_path, tiny_model_dir):
     assert {"train/rewards/accuracies", "train/rewards/margins", "eval/rewards/accuracies"} <= set(events.Tags()["scalars"])
     assert (out / "loss.png").stat().st_size > 0
     assert (out / "adapter_model.safetensors").is_file()
+    from qlora.train.metrics import MetricsLogger
+
+    (tmp_path / "bar").mkdir()
+    logger = MetricsLogger(tmp_path / "bar", total_steps=1, progress=True)  # the progress bar shows the rewards
+    logger.log(train[-1])
+    assert "acc=" in logger._bar.postfix and "margin=" in logger._bar.postfix
+    logger.close()
 
 
 def test_conversational_rows_use_the_chat_template(tmp_path, tiny_model_dir):
