@@ -46,6 +46,7 @@ def _follows_rule(trainer, pairs) -> int:
     return hits
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["dpo", "orpo"])
 def test_preference_training_teaches_a_rule_the_base_does_not_know(tmp_path, method):
     train, held = _rows(TRAIN), _rows(HELD_OUT)

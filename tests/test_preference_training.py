@@ -211,22 +211,25 @@ def test_cli_dpo_run_then_resume_with_another_method_is_refused(tmp_path, tiny_m
     assert code == 2 and "method: 'dpo' -> 'orpo'" in err
 
 
-def test_ddp_two_ranks_equal_one_process(tmp_path, tiny_model_dir):
-    """DPO under torchrun (gloo, 2 ranks x batch 1), reference precomputed and split over the ranks,
-    equals one process with batch 1 x accumulation 2 and the reference in each step."""
+@pytest.mark.slow
+@pytest.mark.parametrize("flags", [["--precompute-ref"], ["--fsdp", "--gradient-checkpointing"]],
+                         ids=["ddp-precomputed-ref", "fsdp-checkpointing"])
+def test_two_ranks_equal_one_process(tmp_path, tiny_model_dir, flags):
+    """DPO under torchrun (gloo, 2 ranks x batch 1) equals one process with batch 1 x accumulation 2 and
+    the reference in each step: under DDP with the reference precomputed and split over the ranks, and
+    under FSDP2 (sharded 4-bit base) with gradient checkpointing and the reference in each step."""
     data = _write(tmp_path / "d.jsonl", ROWS)
     opts = dict(model=str(tiny_model_dir), data=str(data), method="dpo", optim="adamw", lr=1e-2, max_steps=3,
                 seq_len=64, dropout=0.0, progress=False, batch_size=1, chunked_ce=False)
     Trainer(load_config(None, {**opts, "output": str(tmp_path / "single"), "grad_accum": 2})).run()
-    argv = [sys.executable, "-m", "qlora", "train", "--nproc", "2", "--precompute-ref",
-            "--output", str(tmp_path / "ddp")]
+    argv = [sys.executable, "-m", "qlora", "train", "--nproc", "2", *flags, "--output", str(tmp_path / "ranks")]
     for key, value in opts.items():
         flag = "--" + key.replace("_", "-")
         argv += [f"--no-{flag[2:]}"] if value is False else [flag, str(value)]
     env = {**os.environ, "PYTHONPATH": str(SRC), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     proc = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    got, want = _train_records(tmp_path / "ddp"), _train_records(tmp_path / "single")
+    got, want = _train_records(tmp_path / "ranks"), _train_records(tmp_path / "single")
     assert [r["step"] for r in got] == [1, 2, 3]
     for key in ("loss", "grad_norm", "rewards/margins", "rewards/accuracies", "logps/chosen"):
         torch.testing.assert_close(torch.tensor([r[key] for r in got]), torch.tensor([r[key] for r in want]),
