@@ -152,6 +152,47 @@ def test_conversational_rows_use_the_chat_template(tmp_path, tiny_model_dir):
                         len(pairs[0].rejected_ids), len(pairs[1].rejected_ids)]
 
 
+def test_parquet_rows_with_message_columns(tmp_path, tiny_model_dir):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    user = [{"role": "user", "content": "Say hello."}]
+    table = pa.Table.from_pylist([
+        {"prompt": user, "chosen": [{"role": "assistant", "content": "Hello!"}],
+         "rejected": [{"role": "assistant", "content": "No."}]}] * 3)
+    pq.write_table(table, tmp_path / "pairs.parquet")
+    losses = Trainer(_config(tiny_model_dir, tmp_path / "pairs.parquet", tmp_path / "out", method="orpo",
+                             max_steps=2)).run()
+    assert len(losses) == 2 and all(torch.isfinite(torch.tensor(losses)))
+
+
+@pytest.mark.parametrize("kind", ["lora", "dora", "adalora"])
+def test_reference_is_the_base_with_adapters_off(tiny_model_dir, kind):
+    """adapters_disabled gives the base model's logits back, for every adapter kind, once they have trained values."""
+    from qlora.model.adalora import add_adalora
+    from qlora.model.load import load_model
+    from qlora.model.inject import adapters_disabled, add_lora
+
+    model, _ = load_model(str(tiny_model_dir), quant="nf4")
+    ids = torch.tensor([[1, 5, 9, 20, 33, 7]])
+    with torch.no_grad():
+        base = model(input_ids=ids).logits
+        if kind == "adalora":
+            add_adalora(model, init_r=4, target_r=2, total_step=10, verbose=False)
+        else:
+            add_lora(model, r=4, use_dora=kind == "dora", verbose=False)
+        for name, p in model.named_parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.1)
+        adapted = model(input_ids=ids).logits
+        with adapters_disabled(model):
+            off = model(input_ids=ids).logits
+        again = model(input_ids=ids).logits
+    assert not torch.allclose(adapted, base, atol=1e-3)
+    torch.testing.assert_close(off, base, rtol=0, atol=0)
+    torch.testing.assert_close(again, adapted, rtol=0, atol=0)
+
+
 def test_truncation_keeps_prompts_and_skips_pairs_without_answers(tiny_tokenizer):
     from qlora.train.data.preference import PreferenceExample
 
@@ -189,6 +230,7 @@ def test_bad_preference_input_exits_2_with_file_and_line(tmp_path, tiny_model_di
         (["--data", str(missing), "--label-smoothing", "0.5"], "--label-smoothing must lie in [0, 0.5)"),
         (["--data", str(missing), "--beta", "0"], "--beta must be positive"),
         (["--data", str(missing), "--method", "sft", "--precompute-ref"], "applies to --method dpo"),
+        (["--data", str(_write(tmp_path / "ok.jsonl", ROWS)), "--add-special-tokens", "<|new|>"], "--precompute-ref"),
     ]
     for i, (extra, message) in enumerate(cases):
         code, err = _run(base + ["--output", str(tmp_path / f"o{i}")] + extra, capsys)
