@@ -107,7 +107,8 @@ def test_metrics_reach_jsonl_tensorboard_and_plot(tmp_path, tiny_model_dir):
 
     events = EventAccumulator(str(out / "events"))
     events.Reload()
-    assert {"train/rewards/accuracies", "train/rewards/margins", "eval/rewards/accuracies"} <= set(events.Tags()["scalars"])
+    tags = set(events.Tags()["scalars"])
+    assert {"train/rewards/accuracies", "train/rewards/margins", "eval/rewards/accuracies"} <= tags
     assert (out / "loss.png").stat().st_size > 0
     assert (out / "adapter_model.safetensors").is_file()
     from qlora.train.metrics import MetricsLogger

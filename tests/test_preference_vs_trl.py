@@ -38,7 +38,8 @@ def _qlora(tmp_path, model_dir, method, dora=False, rows=ROWS, **kw):
     data = tmp_path / "pairs.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     config = load_config(None, dict(model=str(model_dir), data=str(data), output=str(tmp_path / f"q-{method}"),
-                                    method=method, rank=4, alpha=8, dropout=0.0, dora=dora, target_modules=",".join(TARGETS),
+                                    method=method, rank=4, alpha=8, dropout=0.0, dora=dora,
+                                    target_modules=",".join(TARGETS),
                                     batch_size=len(rows), seq_len=64, optim="adamw", max_steps=1, progress=False,
                                     precision="fp32", **kw))
     trainer = Trainer(config)

@@ -164,7 +164,6 @@ class TrainConfig:
         if self.max_steps == 0 and not self.epochs > 0:
             raise UsageError("give --epochs > 0 or --max-steps > 0")
 
-
     def _validate_method(self) -> None:
         """Options that belong to one training method only."""
         if self.method == "sft":

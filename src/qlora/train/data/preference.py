@@ -120,7 +120,10 @@ def _normalize_row(fields: dict[str, Any], where: str) -> PreferenceExample:
         return PreferenceExample(chosen_m[:shared], chosen_m[shared:], rejected_m[shared:], where)
     if prompt is None:
         raise UsageError(f'{where}: field "prompt" is missing {need}.')
-    prompt_m = _messages(prompt, where, "prompt") if isinstance(prompt, list) else ({"role": "user", "content": prompt},)
+    if isinstance(prompt, list):
+        prompt_m = _messages(prompt, where, "prompt")
+    else:
+        prompt_m = ({"role": "user", "content": prompt},)
     return PreferenceExample(prompt_m, chosen_m, rejected_m, where)
 
 
