@@ -125,6 +125,31 @@ def test_options_change_the_right_rows():
         select_targets(counts, ("qkv",))
 
 
+def test_preference_methods_double_the_sequences_and_count_the_dpo_reference(capsys):
+    config = load_config("llama-3-8b")
+    sft = dict(estimate(config, TrainingOptions(seq_len=1024, batch_size=2)).rows)
+    doubled = dict(estimate(config, TrainingOptions(seq_len=1024, batch_size=4)).rows)
+    counts = count_parameters(config)
+    act, logits = "activations (checkpointing on)", "logits + loss (fp32)"
+    for method in ("dpo", "orpo"):
+        pairs = estimate(config, TrainingOptions(seq_len=1024, batch_size=2, method=method))
+        rows = dict(pairs.rows)
+        assert rows[act] == doubled[act] and rows[logits] == doubled[logits]  # 2 pairs = 4 sequences
+        assert rows[act]["QLoRA"] > sft[act]["QLoRA"]
+        if method == "dpo":  # the reference: adapter off for (Q)LoRA, a frozen bf16 copy for full fine-tuning
+            assert rows["DPO reference model"] == {"full fine-tuning": 2 * counts.total_params, "16-bit LoRA": 0,
+                                                   "QLoRA": 0}
+        else:
+            assert "DPO reference model" not in rows
+    pre = dict(estimate(config, TrainingOptions(method="dpo", precompute_ref=True)).rows)
+    assert pre["DPO reference model"]["full fine-tuning"] == 0
+    with pytest.raises(UsageError, match="--precompute-ref applies to --method dpo"):
+        TrainingOptions(method="orpo", precompute_ref=True)
+    assert main(["estimate", "--model", "llama-3-8b", "--method", "dpo", "--batch-size", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "batch 2 pairs (DPO)" in out and "DPO reference model" in out and "4 sequences" in out
+
+
 def test_optimizer_bytes():
     assert optimizer_bytes([1000, 5000], "paged_adamw_32bit") == 8 * 6000
     # 8-bit: small tensors stay 32-bit; large ones 2 bytes a value + fp32 absmax per 256, for both states

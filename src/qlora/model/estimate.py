@@ -29,6 +29,7 @@ from ..quant.double_quant import NESTED_BLOCKSIZE
 GIB = 1024**3
 QUANT_TYPES = ("nf4", "fp4", "none")
 OPTIMIZERS = ("adamw_32bit", "adamw_8bit", "paged_adamw_32bit", "paged_adamw_8bit")
+METHODS = ("sft", "dpo", "orpo")
 COLUMNS = ("full fine-tuning", "16-bit LoRA", "QLoRA")
 
 # Known shapes: the config.json fields that decide the parameter count.
@@ -67,6 +68,13 @@ class TrainingOptions:
     batch_size: int = 1
     gradient_checkpointing: bool = True
     optim: str = "paged_adamw_32bit"
+    method: str = "sft"  # dpo / orpo: each example is a pair, two sequences through the model
+    precompute_ref: bool = False  # dpo: reference log-probs computed before training
+
+    @property
+    def sequences(self) -> int:
+        """Sequences per micro-batch: a preference pair puts its chosen and rejected answers side by side."""
+        return self.batch_size * (1 if self.method == "sft" else 2)
 
     def __post_init__(self) -> None:
         if self.quant not in QUANT_TYPES:
@@ -75,6 +83,10 @@ class TrainingOptions:
             raise UsageError(f"--blocksize must be one of {', '.join(map(str, BLOCKSIZES))}, got {self.blocksize}.")
         if self.optim not in OPTIMIZERS:
             raise UsageError(f"--optim must be one of {', '.join(OPTIMIZERS)}, got {self.optim!r}.")
+        if self.method not in METHODS:
+            raise UsageError(f"--method must be one of {', '.join(METHODS)}, got {self.method!r}.")
+        if self.precompute_ref and self.method != "dpo":
+            raise UsageError("--precompute-ref applies to --method dpo.")
         for name in ("rank", "seq_len", "batch_size"):
             if getattr(self, name) < 1:
                 raise UsageError(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(self, name)}.")
@@ -296,8 +308,18 @@ class Estimate:
 
 
 def estimate(config, opts: TrainingOptions) -> Estimate:
-    """The memory table for ``config`` trained with ``opts``."""
+    """The memory table for ``config`` trained with ``opts``.
+
+    DPO and ORPO run ``2 x batch`` sequences (chosen and rejected of each pair)
+    through one forward pass, so activations and logits double. DPO's
+    reference pass runs without gradient before the policy pass and keeps only
+    two numbers a pair, so it adds no row for LoRA and QLoRA (the reference is
+    the base with the adapter off); full fine-tuning must hold a frozen bf16
+    copy of the model as its reference, unless the reference is precomputed.
+    """
     counts = count_parameters(config)
+    pairs = opts
+    opts = replace(opts, batch_size=opts.sequences)
     targets = select_targets(counts, opts.target_modules)
     lora_tensors = [n for lin in targets for n in (opts.rank * lin.in_features, lin.out_features * opts.rank)]
     lora_params = sum(lora_tensors)
@@ -325,6 +347,9 @@ def estimate(config, opts: TrainingOptions) -> Estimate:
                                                        lora: activation_bytes(config, opts, per_layer),
                                                        q: activation_bytes(config, opts, per_layer)}))
     rows.append(("logits + loss (fp32)", {c: logits_bytes(config, opts) for c in COLUMNS}))
+    if pairs.method == "dpo":
+        rows.append(("DPO reference model", {full: 0 if pairs.precompute_ref else 2 * counts.total_params,
+                                             lora: 0, q: 0}))
     rows = [(label, {c: v for c, v in values.items() if c in columns}) for label, values in rows]
     other_dq = sum(quantized_bytes(lin.numel, opts.blocksize, not opts.double_quant)[1] for lin in counts.linears)
     notes = [
@@ -340,6 +365,15 @@ def estimate(config, opts: TrainingOptions) -> Estimate:
     notes.append(f"QLoRA activations with checkpointing {'off' if opts.gradient_checkpointing else 'on'}: "
                  f"{activation_bytes(config, other_gc, per_layer) / GIB:.2f} GiB")
     notes.append("logits: a chunked cross-entropy would hold one chunk of the fp32 logits instead of all of them")
+    if pairs.method != "sft":
+        notes.append(f"{pairs.method.upper()}: {pairs.batch_size} pair(s) = {opts.batch_size} sequences of "
+                     f"{opts.seq_len} tokens per micro-batch (chosen and rejected in one pass)")
+    if pairs.method == "dpo":
+        ref = 6 * opts.batch_size * opts.seq_len * _shape(config)["vocab"]
+        notes.append("DPO reference: the same base with the adapter off (LoRA, QLoRA: no second model); "
+                     + ("precomputed once before training" if pairs.precompute_ref else
+                        f"its no-grad pass in each step peaks at {ref / GIB:.2f} GiB of logits, before the "
+                        "policy pass and freed after it, so below the training peak"))
     return Estimate(rows=rows, notes=notes, columns=columns)
 
 

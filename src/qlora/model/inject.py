@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 from dataclasses import dataclass, field
+from typing import Iterator
 
 import torch
 from torch import nn
 
 from ..errors import UsageError
-from ..nn import LoraLinear, LoraSpec
+from ..nn import AdaLoraLinear, LoraLinear, LoraSpec
 from .quantize import is_linear_like, matches_any, output_embedding_names
 
 log = logging.getLogger("qlora")
@@ -35,6 +37,21 @@ def adapter_configs(model: nn.Module) -> dict[str, AdapterConfig]:
 
 def lora_layers(model: nn.Module) -> dict[str, LoraLinear]:
     return {name: m for name, m in model.named_modules() if isinstance(m, LoraLinear)}
+
+
+@contextlib.contextmanager
+def adapters_disabled(model: nn.Module) -> Iterator[None]:
+    """Every adapter layer of ``model`` (LoRA, DoRA, AdaLoRA) off for the block: the base model,
+    as PEFT's ``disable_adapter()``. The DPO reference model is this, so no second copy is loaded."""
+    layers = [m for m in model.modules() if isinstance(m, (LoraLinear, AdaLoraLinear))]
+    previous = [m.disabled for m in layers]
+    for m in layers:
+        m.disabled = True
+    try:
+        yield
+    finally:
+        for m, prev in zip(layers, previous):
+            m.disabled = prev
 
 
 def _select(model: nn.Module, target_modules: str | list[str]) -> list[str]:

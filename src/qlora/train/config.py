@@ -22,6 +22,7 @@ SCHEDULERS = ("cosine", "linear", "constant")
 QUANTS = ("nf4", "fp4", "none")
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 INITS = ("kaiming", "gaussian", "loftq")
+METHODS = ("sft", "dpo", "orpo")
 
 # Fields whose change makes a checkpoint incompatible with a resumed run.
 _RUN_DEFINING = (
@@ -42,6 +43,14 @@ class TrainConfig:
     """All options of a training run (YAML key == flag name with ``-`` for ``_``)."""
 
     model: str | None = _opt(None, "base model: a local transformers folder or a hub id")
+    method: str = _opt("sft", "training objective: sft (next-token loss on --data examples), or dpo / orpo on "
+                              "preference pairs {prompt, chosen, rejected}", METHODS)
+    beta: float = _opt(0.1, "dpo: strength of the pull towards the reference (beta of the sigmoid loss); "
+                            "orpo: weight lambda of the odds-ratio term")
+    label_smoothing: float = _opt(0.0, "dpo: probability that a preference label is wrong (conservative DPO), "
+                                       "in [0, 0.5)")
+    precompute_ref: bool = _opt(False, "dpo: compute the reference log-probs once before training (stored in "
+                                       "--output, reused on --resume) instead of in every step")
     data: str | None = _opt(None, "training data: .jsonl/.json/.csv/.parquet file or a datasets name")
     eval_data: str | None = _opt(None, "held-out data for eval loss and perplexity")
     output: str | None = _opt(None, "output directory (adapter, checkpoints, metrics, plots)")
@@ -111,6 +120,8 @@ class TrainConfig:
         that keeps it, e.g. 2 ranks x batch 2 -> 1 rank x batch 2 x accum 2.
         """
         values = {k: getattr(self, k) for k in _RUN_DEFINING}
+        if self.method != "sft":  # absent for SFT, so checkpoints from before preference methods still resume
+            values.update({k: getattr(self, k) for k in ("method", "beta", "label_smoothing", "precompute_ref")})
         values["global_batch"] = values.pop("batch_size") * values.pop("grad_accum") * world_size
         return values
 
@@ -149,8 +160,29 @@ class TrainConfig:
             raise UsageError("--init loftq picks a 4-bit base; it needs --quant nf4 or fp4")
         if not 1 <= self.loftq_iter <= 5:
             raise UsageError(f"--loftq-iter must be 1 to 5; got {self.loftq_iter}")
+        self._validate_method()
         if self.max_steps == 0 and not self.epochs > 0:
             raise UsageError("give --epochs > 0 or --max-steps > 0")
+
+    def _validate_method(self) -> None:
+        """Options that belong to one training method only."""
+        if self.method == "sft":
+            for name in ("label_smoothing", "precompute_ref"):
+                if getattr(self, name):
+                    raise UsageError(f"--{_flag(name)} applies to --method dpo; this run is --method sft")
+            return
+        if not self.beta > 0:
+            raise UsageError(f"--beta must be positive; got {self.beta}")
+        if self.method == "orpo" and (self.label_smoothing or self.precompute_ref):
+            raise UsageError("--label-smoothing and --precompute-ref apply to --method dpo; ORPO has no reference model")
+        if not 0 <= self.label_smoothing < 0.5:
+            raise UsageError(f"--label-smoothing must lie in [0, 0.5); got {self.label_smoothing}")
+        if self.packing:
+            raise UsageError(f"--packing applies to --method sft; --method {self.method} batches each pair's chosen "
+                             "and rejected answers side by side")
+        if self.format != "auto":
+            raise UsageError(f"--format applies to --method sft; --method {self.method} reads preference rows "
+                             '{"prompt", "chosen", "rejected"}')
 
 
 def _flag(name: str) -> str:

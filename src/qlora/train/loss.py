@@ -19,7 +19,16 @@ from qlora.nn.chunked_ce import chunked_linear_cross_entropy
 from qlora.train.data import IGNORE_INDEX
 
 
-def _decoder_and_head(model: nn.Module) -> tuple[nn.Module, nn.Linear] | None:
+# Batch entries that are not keyword arguments of the model's forward.
+NON_MODEL_KEYS = ("labels", "ref_logps")
+
+
+def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The model's keyword arguments in ``batch``: without labels or reference log-probs."""
+    return {k: v for k, v in batch.items() if k not in NON_MODEL_KEYS}
+
+
+def decoder_and_head(model: nn.Module) -> tuple[nn.Module, nn.Linear] | None:
     decoder = getattr(model, getattr(model, "base_model_prefix", "") or "", None)
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if not isinstance(decoder, nn.Module) or type(head) is not nn.Linear or head.bias is not None:
@@ -29,10 +38,10 @@ def _decoder_and_head(model: nn.Module) -> tuple[nn.Module, nn.Linear] | None:
 
 def token_loss_sum(model: nn.Module, batch: dict[str, torch.Tensor], chunked: bool = False) -> torch.Tensor:
     """Sum (not mean) of next-token cross-entropy over the trainable labels of ``batch``."""
-    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    inputs = model_inputs(batch)
     labels = batch["labels"][:, 1:].reshape(-1)
     if chunked:
-        decoder, head = _decoder_and_head(model)
+        decoder, head = decoder_and_head(model)
         hidden = decoder(**inputs, use_cache=False).last_hidden_state[:, :-1]
         return chunked_linear_cross_entropy(hidden.reshape(-1, hidden.shape[-1]), head.weight, labels)
     logits = model(**inputs, use_cache=False).logits
@@ -48,12 +57,12 @@ _LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling",
 def chunked_loss_matches(model: nn.Module, batch: dict[str, torch.Tensor]) -> bool:
     """Whether the model's logits are exactly its decoder's hidden states times the
     head: checked from the config and numerically, once, on a real batch."""
-    parts = _decoder_and_head(model)
+    parts = decoder_and_head(model)
     config = getattr(model, "config", None)
     if parts is None or any(getattr(config, f, None) not in (None, 1, 1.0) for f in _LOGIT_TRANSFORMS):
         return False
     decoder, head = parts
-    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    inputs = model_inputs(batch)
     was_training = model.training
     model.eval()
     try:

@@ -53,8 +53,11 @@ class MetricsLogger:
                 if key not in ("step", "split") and isinstance(value, (int, float)):
                     self._tb.add_scalar(f"{record['split']}/{key}", value, record["step"])
         if record["split"] == "train":
-            self._bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",
-                                  tok_s=f"{record['tokens_per_s']:.0f}", gpu=f"{record['gpu_mem_gib']:.1f}G")
+            shown = {"loss": f"{record['loss']:.4f}"}
+            if "rewards/accuracies" in record:  # preference runs (DPO, ORPO)
+                shown.update(acc=f"{record['rewards/accuracies']:.2f}", margin=f"{record['rewards/margins']:.3f}")
+            self._bar.set_postfix(**shown, lr=f"{record['lr']:.2e}", tok_s=f"{record['tokens_per_s']:.0f}",
+                                  gpu=f"{record['gpu_mem_gib']:.1f}G")
 
     def advance(self, steps: int = 1) -> None:
         """Move the progress bar (its ETA comes from the rate of steps)."""
@@ -89,19 +92,39 @@ def _tensorboard(log_dir: Path):
 
 
 def plot_losses(records: list[dict[str, Any]], path: Path) -> None:
-    """Train and eval loss against the optimizer step, as a PNG."""
+    """Train and eval loss against the optimizer step, as a PNG; for preference runs
+    (records with rewards) a second panel with the reward accuracy and margin."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4))
+    rewards = any("rewards/accuracies" in r for r in records)
+    fig, axes = plt.subplots(2 if rewards else 1, 1, figsize=(7, 7 if rewards else 4), sharex=True, squeeze=False)
+    ax = axes[0, 0]
     for split, style in (("train", "-"), ("eval", "o-")):
         points = [(r["step"], r["loss"]) for r in records if r["split"] == split and math.isfinite(r["loss"])]
         if points:
             ax.plot(*zip(*points), style, label=split)
-    ax.set_xlabel("optimizer step")
     ax.set_ylabel("loss")
+    if rewards:
+        low = axes[1, 0]
+        margin = low.twinx()
+        for split, style in (("train", "-"), ("eval", "o-")):
+            rows = [r for r in records if r["split"] == split and "rewards/accuracies" in r]
+            if rows:
+                steps = [r["step"] for r in rows]
+                low.plot(steps, [r["rewards/accuracies"] for r in rows], style, color="tab:green",
+                         label=f"{split} reward accuracy")
+                margin.plot(steps, [r["rewards/margins"] for r in rows], style, color="tab:purple",
+                            label=f"{split} reward margin")
+        low.set_ylabel("reward accuracy")
+        low.set_ylim(-0.05, 1.05)
+        margin.set_ylabel("reward margin")
+        low.grid(alpha=0.3)
+        handles = low.get_legend_handles_labels()[0] + margin.get_legend_handles_labels()[0]
+        low.legend(handles=handles, fontsize="small", loc="best")
+    axes[-1, 0].set_xlabel("optimizer step")
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()

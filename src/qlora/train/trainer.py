@@ -43,7 +43,7 @@ from qlora.train.data import (
     check_packing_supported, count_trainable_tokens, load_records, normalize, pack_examples,
     packed_collate, pad_collate, pad_token_id, resolve_chat_template, shuffled_indices, tokenize_dataset,
 )
-from qlora.train.loss import chunked_loss_matches, token_loss_sum
+from qlora.train.loss import chunked_loss_matches, model_inputs, token_loss_sum
 from qlora.train.metrics import MetricsLogger, NullMetrics, gpu_memory_gib
 
 CHECKPOINTS = "checkpoints"
@@ -103,7 +103,7 @@ def first_nonfinite_module(model: torch.nn.Module, batch: dict[str, torch.Tensor
     handles = [m.register_forward_hook(hook(n)) for n, m in model.named_modules() if n]
     try:
         with torch.no_grad():
-            model(**{k: v for k, v in batch.items() if k != "labels"}, use_cache=False)
+            model(**model_inputs(batch), use_cache=False)
     finally:
         for h in handles:
             h.remove()
@@ -140,6 +140,14 @@ def list_checkpoints(out_dir: Path) -> list[Path]:
 class Trainer:
     """One QLoRA fine-tuning run, configured by a :class:`TrainConfig`."""
 
+    def __new__(cls, config: TrainConfig) -> "Trainer":
+        """``Trainer(config)`` is the trainer of ``config.method``: preference methods have their own."""
+        if cls is Trainer and config.method != "sft":
+            from qlora.train.preference_trainer import PreferenceTrainer
+
+            cls = PreferenceTrainer
+        return super().__new__(cls)
+
     def __init__(self, config: TrainConfig) -> None:
         self.config = config
         self.out = Path(config.output)
@@ -170,11 +178,12 @@ class Trainer:
             from qlora.model.fused import apply_fused_kernels
 
             apply_fused_kernels(self.model)
-        self._parallelize()  # after every adapter exists: DDP and FSDP see the final parameters
         # The chunked loss calls the decoder directly, which would bypass the hooks of the
         # wrapped root module (DDP's gradient sync, FSDP's unsharding of the embeddings).
         self.chunked_ce = (cfg.chunked_ce and not self.dist.enabled
                            and chunked_loss_matches(self.model, self.micro_batches(0)[0]))
+        self._prepare_method()
+        self._parallelize()  # after every adapter exists: DDP and FSDP see the final parameters
         params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = _make_optimizer(cfg.optim, params, cfg.lr, cfg.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -260,6 +269,10 @@ class Trainer:
         except UsageError as exc:
             raise UsageError(f"--adalora: {exc} (this run has {self.total_steps} steps)") from None
         self.adapter_hooks = AdaLoraHooks(self.model)
+
+    def _prepare_method(self) -> None:
+        """Work of the training method once model and data are ready, before DDP/FSDP wrap the
+        model (preference methods: reference log-probs with --precompute-ref)."""
 
     def _parallelize(self) -> None:
         """Under torchrun: DDP replicas, or FSDP2 shards with --fsdp. ``self.model``
@@ -368,18 +381,17 @@ class Trainer:
         self._reseed_step()
         start = time.perf_counter()
         batches = self.micro_batches(self.step)
-        local = torch.tensor([sum(count_trainable_tokens(b) for b in batches)], dtype=torch.float64, device=self.device)
-        tokens = self.dist.all_reduce_sum(local).item()
+        norm = self._step_normalizer(batches)
         self.optimizer.zero_grad(set_to_none=True)
-        total = 0.0
+        total, stats = 0.0, {}
         for i, batch in enumerate(batches):
             with self._no_sync(last=i == len(batches) - 1):
-                with self._autocast():
-                    loss = token_loss_sum(self.forward_model, batch, self.chunked_ce) / tokens
+                loss, sums = self._micro_loss(batch, norm)
                 if not torch.isfinite(loss):
                     self._stop_nonfinite("loss", batch)
                 (self.scaler.scale(loss) if self.scaler else loss).backward()
             total += loss.item()
+            stats = {k: stats.get(k, 0.0) + v for k, v in sums.items()}
         if self.adapter_hooks is not None:  # once per optimizer step, whatever grad_accum is
             extra = self.adapter_hooks.extra_loss()
             (self.scaler.scale(extra) if self.scaler else extra).backward()
@@ -409,8 +421,22 @@ class Trainer:
         total, n_tokens = self.dist.all_reduce_sum(sums).tolist()
         self.losses.append(total)
         elapsed = time.perf_counter() - start
-        return {"split": "train", "step": self.step + 1, "loss": total, "lr": lr, "grad_norm": grad_norm,
-                "tokens_per_s": n_tokens / max(elapsed, 1e-9), "gpu_mem_gib": gpu_memory_gib()}
+        return {"split": "train", "step": self.step + 1, "loss": total, **self._step_metrics(stats), "lr": lr,
+                "grad_norm": grad_norm, "tokens_per_s": n_tokens / max(elapsed, 1e-9), "gpu_mem_gib": gpu_memory_gib()}
+
+    def _step_normalizer(self, batches: list[dict[str, torch.Tensor]]) -> Any:
+        """What each micro-batch's loss is divided by: the trainable tokens of the whole step, all ranks."""
+        local = torch.tensor([sum(count_trainable_tokens(b) for b in batches)], dtype=torch.float64, device=self.device)
+        return self.dist.all_reduce_sum(local).item()
+
+    def _micro_loss(self, batch: dict[str, torch.Tensor], norm: Any) -> tuple[torch.Tensor, dict[str, float]]:
+        """This micro-batch's share of the step loss, and sums of step metrics (none for SFT)."""
+        with self._autocast():
+            return token_loss_sum(self.forward_model, batch, self.chunked_ce) / norm, {}
+
+    def _step_metrics(self, sums: dict[str, float]) -> dict[str, float]:
+        """Metrics of a step from the micro-batches' summed ``sums`` (none for SFT)."""
+        return {}
 
     def _check_gradients_reach_adapters(self) -> None:
         """After the first backward pass every adapter must have a gradient, and

@@ -40,6 +40,7 @@ def run(args: argparse.Namespace) -> int:
     import numpy as np
     import torch
 
+    from ...model.inject import adapters_disabled
     from ...model.tiny import build_tiny_model, train_tokenizer
     from ...train.config import TrainConfig
     from ...train.data import demo_data_path
@@ -67,7 +68,7 @@ def run(args: argparse.Namespace) -> int:
         trainer.setup()
         print("2/4 the NF4-quantized base model, adapter disabled (greedy decoding):")
         every = [(r["instruction"], r["output"].rstrip(".")) for r in records]
-        with _adapters_disabled(trainer.model):
+        with adapters_disabled(trainer.model):
             before = _report(trainer, QUESTIONS)
             before_all = _count(trainer, every)
         print(f"3/4 QLoRA-training the adapter for {args.steps} steps (outputs: {out})")
@@ -94,24 +95,6 @@ def run(args: argparse.Namespace) -> int:
         print(f"QLoRA adapter:                 {after}/{len(QUESTIONS)} answers correct "
               f"({after_all}/{len(every)} over all training questions)")
     return 0
-
-
-class _adapters_disabled:
-    """Turn every LoRA layer of ``model`` off for the duration of the block."""
-
-    def __init__(self, model) -> None:
-        from ...nn import LoraLinear
-
-        self.layers = [m for m in model.modules() if isinstance(m, LoraLinear)]
-
-    def __enter__(self):
-        self.previous = [m.disabled for m in self.layers]
-        for m in self.layers:
-            m.disabled = True
-
-    def __exit__(self, *exc):
-        for m, prev in zip(self.layers, self.previous):
-            m.disabled = prev
 
 
 def _report(trainer, questions) -> int:

@@ -35,7 +35,7 @@ def _gib(text: str) -> float:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from ...model.estimate import KNOWN_SHAPES, OPTIMIZERS, QUANT_TYPES
+    from ...model.estimate import KNOWN_SHAPES, METHODS, OPTIMIZERS, QUANT_TYPES
 
     parser.add_argument("--model", required=True,
                         help=f"model directory or config.json, a hub id, or a known shape: {', '.join(KNOWN_SHAPES)}")
@@ -52,6 +52,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="recompute each layer in the backward pass (default on)")
     parser.add_argument("--optim", choices=OPTIMIZERS, default="paged_adamw_32bit",
                         help="optimizer (default paged_adamw_32bit)")
+    parser.add_argument("--method", choices=METHODS, default="sft",
+                        help="training objective: dpo and orpo run each pair's chosen and rejected answers "
+                             "(--batch-size pairs = twice the sequences); dpo adds its reference pass (default sft)")
+    parser.add_argument("--precompute-ref", action="store_true",
+                        help="dpo: reference log-probs computed once before training (no reference model kept)")
     parser.add_argument("--gpu-memory", type=_gib, default=None, help="GPU memory in GiB to check the totals against")
 
 
@@ -66,10 +71,12 @@ def run(args: argparse.Namespace) -> int:
     opts = TrainingOptions(
         quant=args.quant, double_quant=args.double_quant, blocksize=args.blocksize, rank=args.rank,
         target_modules=targets, seq_len=args.seq_len, batch_size=args.batch_size,
-        gradient_checkpointing=args.gradient_checkpointing, optim=args.optim,
+        gradient_checkpointing=args.gradient_checkpointing, optim=args.optim, method=args.method,
+        precompute_ref=args.precompute_ref,
     )
     config = load_config(args.model)
-    print(f"{args.model}: seq {opts.seq_len} x batch {opts.batch_size}, {opts.quant}"
+    unit = "" if opts.method == "sft" else f" pairs ({opts.method.upper()})"
+    print(f"{args.model}: seq {opts.seq_len} x batch {opts.batch_size}{unit}, {opts.quant}"
           f"{' + double quant' if opts.double_quant and opts.quant != 'none' else ''}, block {opts.blocksize}, "
           f"LoRA r={opts.rank}\n")
     print(format_table(estimate(config, opts), args.gpu_memory))

@@ -1,0 +1,220 @@
+"""Preference pairs for DPO and ORPO: normalize, tokenize and batch.
+
+A row holds a prompt and two answers to it, ``chosen`` (preferred) and
+``rejected``, in one of the shapes users bring (TRL's and LLaMA-Factory's):
+
+- plain strings: ``{"prompt": "...", "chosen": "...", "rejected": "..."}``;
+- conversations: ``prompt`` a list of ``{"role", "content"}`` messages and
+  ``chosen`` / ``rejected`` the assistant message(s) that follow it (a string
+  prompt is one user message, a string answer one assistant message);
+- implicit prompt: ``chosen`` and ``rejected`` whole conversations; their
+  shared leading messages are the prompt (a ``prompt`` string beside them, as
+  in UltraFeedback, repeats the last user message and is not used).
+
+Tokens follow the SFT rules of :func:`qlora.train.data.tokenize_example` (one
+BOS, an EOS after each answer, conversations rendered with the chat template),
+so a DPO run continues an SFT run on the same token conventions. The prompt is
+tokenized once per pair; each answer starts where ``prompt + answer`` stops
+agreeing with the prompt alone (usually right after it; earlier when a BPE
+merge crosses the boundary), as TRL does. Sequences longer than ``--seq-len``
+keep their start; a pair left with no answer token is skipped and reported.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+
+from qlora.errors import UsageError
+from qlora.train.data.formats import Example, normalize
+from qlora.train.data.sources import Record
+from qlora.train.data.tokenize import IGNORE_INDEX, DataReport, tokenize_example
+
+FIELDS = ("prompt", "chosen", "rejected")
+Messages = tuple[dict[str, str], ...]
+
+
+@dataclass(frozen=True)
+class PreferenceExample:
+    """One pair: all three parts strings, or all three message tuples."""
+
+    prompt: str | Messages
+    chosen: str | Messages
+    rejected: str | Messages
+    where: str
+
+    @property
+    def conversational(self) -> bool:
+        return not isinstance(self.prompt, str)
+
+
+@dataclass(frozen=True)
+class TokenizedPair:
+    """Token ids of a pair: the shared prompt once, then each answer's own tokens.
+
+    ``ref_logps`` holds the reference log-probs (chosen, rejected) once
+    precomputed (``--precompute-ref``).
+    """
+
+    prompt_ids: list[int]
+    chosen_ids: list[int]
+    rejected_ids: list[int]
+    index: int
+    truncated: bool = False
+    ref_logps: tuple[float, float] | None = None
+
+
+def _messages(value: Any, where: str, key: str) -> Messages:
+    """Validate a message list with the chat format's own checks."""
+    example = normalize([Record({"messages": value}, f'{where}, field "{key}"')], "chat")[0]
+    return example.messages
+
+
+def _common_prefix(a: Sequence, b: Sequence) -> int:
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n
+
+
+def normalize_preferences(records: list[Record]) -> list[PreferenceExample]:
+    """Preference rows to :class:`PreferenceExample` (see the module docstring for the shapes).
+
+    Raises:
+        UsageError: naming the file and line of a row with a missing or
+            malformed field.
+    """
+    if not records:
+        raise UsageError("the preference dataset is empty; it needs at least one row.")
+    return [_normalize_row(r.fields, r.where) for r in records]
+
+
+def _normalize_row(fields: dict[str, Any], where: str) -> PreferenceExample:
+    need = '(preference rows need "prompt", "chosen" and "rejected": strings or message lists)'
+    for key in ("chosen", "rejected"):
+        value = fields.get(key)
+        if value is None:
+            raise UsageError(f'{where}: field "{key}" is missing {need}; the fields are {sorted(fields)}.')
+        if not isinstance(value, (str, list)) or not value or (isinstance(value, str) and not value.strip()):
+            raise UsageError(f'{where}: field "{key}" must be a non-empty string or message list {need}.')
+    prompt = fields.get("prompt")
+    if prompt is not None and not isinstance(prompt, (str, list)):
+        raise UsageError(f'{where}: field "prompt" must be a string or a message list {need}.')
+    chosen, rejected = fields["chosen"], fields["rejected"]
+    if isinstance(chosen, str) and isinstance(rejected, str) and not isinstance(prompt, list):
+        if prompt is None:
+            raise UsageError(f'{where}: field "prompt" is missing {need}.')
+        return PreferenceExample(prompt, chosen, rejected, where)
+    answers = []
+    for key, value in (("chosen", chosen), ("rejected", rejected)):
+        answers.append(_messages(value, where, key) if isinstance(value, list)
+                       else ({"role": "assistant", "content": value},))
+    chosen_m, rejected_m = answers
+    shared = _common_prefix(chosen_m, rejected_m)
+    if not isinstance(prompt, list) and chosen_m[0]["role"] != "assistant":  # implicit prompt
+        if shared == 0 or shared == len(chosen_m) or shared == len(rejected_m):
+            raise UsageError(f'{where}: "chosen" and "rejected" are whole conversations, so their shared leading '
+                             "messages are the prompt; they must share at least one message and then differ.")
+        return PreferenceExample(chosen_m[:shared], chosen_m[shared:], rejected_m[shared:], where)
+    if prompt is None:
+        raise UsageError(f'{where}: field "prompt" is missing {need}.')
+    if isinstance(prompt, list):
+        prompt_m = _messages(prompt, where, "prompt")
+    else:
+        prompt_m = ({"role": "user", "content": prompt},)
+    return PreferenceExample(prompt_m, chosen_m, rejected_m, where)
+
+
+def _one_leading_bos(ids: list[int], bos_id: int | None) -> list[int]:
+    """The prompt with exactly one leading BOS when the tokenizer has one (the SFT rule)."""
+    if bos_id is None:
+        return ids
+    k = 0
+    while k < len(ids) and ids[k] == bos_id:
+        k += 1
+    return [bos_id] + ids[k:]
+
+
+def _prompt_ids(example: PreferenceExample, tokenizer, chat_template: str) -> list[int]:
+    if example.conversational:
+        ids = tokenizer.apply_chat_template(list(example.prompt), chat_template=chat_template, tokenize=True,
+                                            return_dict=True, add_generation_prompt=True)["input_ids"]
+    else:
+        ids = tokenizer(example.prompt, add_special_tokens=False)["input_ids"]
+    return _one_leading_bos(list(ids), tokenizer.bos_token_id)
+
+
+def _full_ids(example: PreferenceExample, answer, tokenizer, chat_template: str) -> list[int]:
+    if example.conversational:
+        whole = Example(tuple(example.prompt) + tuple(answer), None, example.where)
+    else:
+        whole = Example(None, example.prompt + answer, example.where)
+    return tokenize_example(whole, tokenizer, chat_template, "all").input_ids
+
+
+def tokenize_pair(example: PreferenceExample, tokenizer, chat_template: str, seq_len: int | None = None,
+                  index: int = 0) -> TokenizedPair:
+    """Token ids of one pair; ``prompt + answer`` is cut to ``seq_len`` tokens (its start kept)."""
+    prompt = _prompt_ids(example, tokenizer, chat_template)
+    chosen = _full_ids(example, example.chosen, tokenizer, chat_template)
+    rejected = _full_ids(example, example.rejected, tokenizer, chat_template)
+    n = min(_common_prefix(prompt, chosen), _common_prefix(prompt, rejected))
+    prompt, chosen, rejected = chosen[:n], chosen[n:], rejected[n:]
+    truncated = False
+    if seq_len is not None:
+        room = max(0, seq_len - len(prompt))
+        truncated = len(prompt) > seq_len or len(chosen) > room or len(rejected) > room
+        prompt, chosen, rejected = prompt[:seq_len], chosen[:room], rejected[:room]
+    return TokenizedPair(prompt, chosen, rejected, index, truncated)
+
+
+def tokenize_pairs(examples: list[PreferenceExample], tokenizer, chat_template: str,
+                   seq_len: int | None = None) -> tuple[list[TokenizedPair], DataReport]:
+    """Tokenize every pair; skip and report those whose answers were truncated away.
+
+    Raises:
+        UsageError: no pair keeps an answer token (the prompts fill ``seq_len``).
+    """
+    if tokenizer.eos_token_id is None:
+        raise UsageError("the tokenizer has no EOS token; set eos_token so answers can teach the model to stop.")
+    kept, report = [], DataReport(examples=len(examples))
+    for i, example in enumerate(examples):
+        pair = tokenize_pair(example, tokenizer, chat_template, seq_len, index=i)
+        report.truncated += pair.truncated
+        if not pair.chosen_ids or not pair.rejected_ids:
+            report.untrainable.append(i)
+            report.untrainable_where.append(example.where)
+        else:
+            kept.append(pair)
+    if not kept:
+        raise UsageError(
+            f"all {len(examples)} preference pairs lose their answers to truncation (first: "
+            f"{', '.join(report.untrainable_where[:5])}): the prompts fill --seq-len ({seq_len}). "
+            "Raise --seq-len or shorten the prompts.")
+    return kept, report
+
+
+def preference_collate(pairs: Sequence[TokenizedPair], pad_id: int) -> dict[str, torch.Tensor]:
+    """Chosen rows, then rejected rows, right-padded: one forward pass for both answers.
+
+    Returns ``input_ids`` and ``attention_mask`` ``[2B, T]``, ``labels`` (the
+    answer tokens; -100 on prompt and padding) and, when every pair has them,
+    ``ref_logps`` ``[2B]`` (float64) in the same row order.
+    """
+    rows = [p.prompt_ids + p.chosen_ids for p in pairs] + [p.prompt_ids + p.rejected_ids for p in pairs]
+    prompt_lens = [len(p.prompt_ids) for p in pairs] * 2
+    length = max(len(r) for r in rows)
+    input_ids = torch.full((len(rows), length), pad_id, dtype=torch.long)
+    labels = torch.full((len(rows), length), IGNORE_INDEX, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), length), dtype=torch.long)
+    for i, (row, start) in enumerate(zip(rows, prompt_lens)):
+        input_ids[i, :len(row)] = torch.tensor(row)
+        labels[i, start:len(row)] = torch.tensor(row[start:])
+        attention_mask[i, :len(row)] = 1
+    batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+    if all(p.ref_logps is not None for p in pairs):
+        batch["ref_logps"] = torch.tensor([p.ref_logps[0] for p in pairs] + [p.ref_logps[1] for p in pairs],
+                                          dtype=torch.float64)
+    return batch

@@ -1,0 +1,229 @@
+"""Preference tuning on a 4-bit base: ``qlora train --method dpo|orpo``.
+
+:class:`PreferenceTrainer` is the QLoRA training loop of
+:class:`qlora.train.trainer.Trainer` (accumulation, clipping, checkpoints,
+resume, DDP/FSDP, metrics) with preference pairs as data and DPO or ORPO
+(:mod:`qlora.train.preference_loss`) as the loss. What differs:
+
+- Each micro-batch of ``B`` pairs is one forward pass over ``2B`` rows, the
+  chosen answers then the rejected ones.
+- The step loss is normalized over the whole optimizer step (all micro-batches,
+  all ranks), as for SFT: the DPO loss and ORPO's odds-ratio term are means over
+  the step's pairs, ORPO's NLL term a mean over the step's chosen tokens. With
+  one micro-batch this is exactly TRL's loss.
+- DPO's reference model is the same 4-bit base with the adapters switched off
+  (:func:`qlora.model.inject.adapters_disabled`), run without gradient and in
+  eval mode (no dropout) right before the policy pass; no second model is
+  loaded. With ``--precompute-ref`` the reference log-probs of every pair are
+  computed once before training, split over the ranks, and stored in
+  ``--output/reference/`` with a fingerprint of the model and data, so that a
+  resumed run reuses them.
+- Metrics (TRL's names): ``rewards/chosen``, ``rewards/rejected``,
+  ``rewards/accuracies``, ``rewards/margins``, ``logps/chosen``,
+  ``logps/rejected`` and, for ORPO, ``nll_loss``, ``log_odds_ratio``,
+  ``log_odds_chosen``: means over the step's pairs, in metrics.jsonl,
+  TensorBoard, the progress bar and the plot.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import replace
+from typing import Any
+
+import torch
+
+from qlora.atomic import atomic_dir
+from qlora.errors import UsageError
+from qlora.model.inject import adapters_disabled
+from qlora.train.data import IGNORE_INDEX, load_records, pad_token_id, resolve_chat_template
+from qlora.train.data.preference import TokenizedPair, normalize_preferences, preference_collate, tokenize_pairs
+from qlora.train.preference_loss import dpo_loss, label_logps, orpo_odds_ratio
+from qlora.train.trainer import Trainer
+
+REFERENCE_DIR = "reference"
+REFERENCE_FILE = "logps.safetensors"
+_PER_PAIR = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
+             "logps/rejected", "log_odds_ratio", "log_odds_chosen")
+
+
+class PreferenceTrainer(Trainer):
+    """One DPO or ORPO run; ``Trainer(config)`` returns this for ``config.method`` dpo or orpo."""
+
+    def setup(self) -> None:
+        cfg = self.config
+        if cfg.method == "dpo" and cfg.add_special_tokens.strip() and not cfg.precompute_ref:
+            raise UsageError("--add-special-tokens trains the embeddings and output head in place, so switching the "
+                             "adapters off no longer gives the reference model; add --precompute-ref to take the "
+                             "reference log-probs before training changes them")
+        super().setup()
+
+    # ------------------------------------------------------------------ data
+    def _load_data(self, source: str) -> tuple[list[TokenizedPair], Any]:
+        examples = normalize_preferences(load_records(source))
+        template = resolve_chat_template(self.tokenizer, self.config.template)
+        return tokenize_pairs(examples, self.tokenizer, template, self.config.seq_len)
+
+    def _collate(self, units: list) -> dict[str, torch.Tensor]:
+        batch = preference_collate(units, pad_token_id(self.tokenizer))
+        return {k: v.to(self.device) for k, v in batch.items()}
+
+    # ------------------------------------------------------------- reference
+    def _prepare_method(self) -> None:
+        """With --precompute-ref: reuse the stored reference log-probs of this run, or compute and store them."""
+        if self.config.method != "dpo" or not self.config.precompute_ref:
+            return
+        fingerprint = self._fingerprint()
+        stored = self._read_reference(fingerprint)
+        if stored is None:
+            stored = {"train": self._compute_reference(self.train_units)}
+            if self.eval_units:
+                stored["eval"] = self._compute_reference(self.eval_units)
+            if self.dist.is_main:
+                from safetensors.torch import save_file
+
+                with atomic_dir(self.out / REFERENCE_DIR) as tmp:
+                    save_file(stored, str(tmp / REFERENCE_FILE), metadata={"fingerprint": fingerprint})
+            self.dist.barrier()
+        self.train_units = _with_reference(self.train_units, stored["train"])
+        if self.eval_units:
+            self.eval_units = _with_reference(self.eval_units, stored["eval"])
+
+    def _fingerprint(self) -> str:
+        """What the reference log-probs depend on: base model, quantization, precision and the tokens."""
+        cfg = self.config
+        digest = hashlib.sha256(json.dumps([cfg.model, cfg.quant, cfg.double_quant, cfg.blocksize, cfg.init,
+                                            str(self.dtype)]).encode())
+        for units in (self.train_units, self.eval_units):
+            for p in units:
+                digest.update(json.dumps([p.prompt_ids, p.chosen_ids, p.rejected_ids]).encode())
+        return digest.hexdigest()
+
+    def _read_reference(self, fingerprint: str) -> dict[str, torch.Tensor] | None:
+        from safetensors import safe_open
+
+        path = self.out / REFERENCE_DIR / REFERENCE_FILE
+        if not self.config.resume or not path.is_file():
+            return None
+        with safe_open(str(path), framework="pt") as f:
+            if (f.metadata() or {}).get("fingerprint") != fingerprint:
+                return None  # other data or model: recompute
+            return {k: f.get_tensor(k) for k in f.keys()}
+
+    @torch.no_grad()
+    def _compute_reference(self, units: list[TokenizedPair]) -> torch.Tensor:
+        """``[pairs, 2]`` float64 reference log-probs (chosen, rejected); ranks split the batches."""
+        out = torch.zeros((len(units), 2), dtype=torch.float64, device=self.device)
+        bs = self.config.batch_size
+        starts = range(0, len(units), bs)
+        for k, start in enumerate(starts):
+            if k % self.dist.world_size != self.dist.rank:
+                continue
+            batch = self._collate(units[start:start + bs])
+            logps = self._reference_logps(batch).double()
+            n = logps.shape[0] // 2
+            out[start:start + n, 0], out[start:start + n, 1] = logps[:n], logps[n:]
+        return self.dist.all_reduce_sum(out).cpu()
+
+    @torch.no_grad()
+    def _reference_logps(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """``[2B]`` answer log-probs of the base model (adapters off, eval mode), or the precomputed ones."""
+        if "ref_logps" in batch:
+            return batch["ref_logps"]
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with adapters_disabled(self.model), self._autocast():
+                return label_logps(self.model, batch, [batch["labels"]], self.chunked_ce)[0]
+        finally:
+            self.model.train(was_training)
+
+    # ------------------------------------------------------------------ loss
+    def _pair_terms(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Per-pair loss terms and metrics of one batch (sums; see :meth:`_combine`)."""
+        cfg = self.config
+        n = batch["input_ids"].shape[0] // 2
+        labels = batch["labels"]
+        if cfg.method == "dpo":
+            ref = self._reference_logps(batch)
+            with self._autocast():
+                logps = label_logps(model, batch, [labels], self.chunked_ce)[0]
+            losses, chosen_r, rejected_r = dpo_loss(logps[:n], logps[n:], ref[:n], ref[n:], cfg.beta,
+                                                    cfg.label_smoothing)
+            terms = {"pair_loss": losses.sum()}
+        else:
+            nll_labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, IGNORE_INDEX)
+            nll_labels[n:] = IGNORE_INDEX  # the NLL term is over the chosen sequences only
+            with self._autocast():
+                logps, nll = label_logps(model, batch, [labels, nll_labels], self.chunked_ce)
+            logps = logps / (labels[:, 1:] != IGNORE_INDEX).sum(-1)  # ORPO: per-token mean log-probs
+            ratio, log_odds = orpo_odds_ratio(logps[:n], logps[n:])
+            chosen_r, rejected_r = cfg.beta * logps[:n].detach(), cfg.beta * logps[n:].detach()
+            terms = {"nll": -nll[:n].sum(), "pair_loss": -cfg.beta * ratio.sum(),
+                     "log_odds_ratio": ratio.detach().sum(), "log_odds_chosen": log_odds.detach().sum()}
+        terms.update({
+            "rewards/chosen": chosen_r.sum(), "rewards/rejected": rejected_r.sum(),
+            "rewards/accuracies": (chosen_r > rejected_r).float().sum(),
+            "rewards/margins": (chosen_r - rejected_r).sum(),
+            "logps/chosen": logps[:n].detach().float().sum(), "logps/rejected": logps[n:].detach().float().sum(),
+        })
+        return terms
+
+    @staticmethod
+    def _combine(terms: dict[str, Any], pairs: float, nll_tokens: float) -> Any:
+        """The loss: pair terms averaged over ``pairs``, ORPO's NLL over ``nll_tokens``."""
+        loss = terms["pair_loss"] / pairs
+        return loss + terms["nll"] / nll_tokens if "nll" in terms else loss
+
+    def _step_normalizer(self, batches: list[dict[str, torch.Tensor]]) -> tuple[float, float]:
+        """(pairs, chosen tokens of ORPO's NLL) of the whole step, over all ranks."""
+        counts = torch.zeros(2, dtype=torch.float64, device=self.device)
+        for b in batches:
+            n = b["input_ids"].shape[0] // 2
+            counts[0] += n
+            counts[1] += int(b["attention_mask"][:n, 1:].sum())
+        self._norm = tuple(self.dist.all_reduce_sum(counts).tolist())
+        return self._norm
+
+    def _micro_loss(self, batch: dict[str, torch.Tensor], norm: tuple[float, float]):
+        terms = self._pair_terms(self.forward_model, batch)
+        sums = {k: float(v) for k, v in terms.items() if k in _PER_PAIR}
+        if "nll" in terms:
+            sums["nll_loss"] = float(terms["nll"].detach())
+        return self._combine(terms, *norm), sums
+
+    def _step_metrics(self, sums: dict[str, float]) -> dict[str, float]:
+        keys = sorted(sums)  # the same order on every rank
+        totals = self.dist.all_reduce_sum(torch.tensor([sums[k] for k in keys], dtype=torch.float64,
+                                                       device=self.device)).tolist()
+        pairs, nll_tokens = self._norm
+        return {k: v / (nll_tokens if k == "nll_loss" else pairs) for k, v in zip(keys, totals)}
+
+    # ------------------------------------------------------------------ eval
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, Any]:
+        """Loss and reward metrics on --eval-data (the policy in eval mode, no dropout)."""
+        self.model.eval()
+        sums: dict[str, float] = {}
+        pairs = nll_tokens = 0
+        bs = self.config.batch_size
+        for i in range(0, len(self.eval_units), bs):
+            batch = self._collate(self.eval_units[i:i + bs])
+            n = batch["input_ids"].shape[0] // 2
+            pairs += n
+            nll_tokens += int(batch["attention_mask"][:n, 1:].sum())
+            for k, v in self._pair_terms(self.model, batch).items():
+                sums[k] = sums.get(k, 0.0) + float(v)
+        record = {"split": "eval", "step": self.step, "loss": float(self._combine(sums, pairs, max(nll_tokens, 1)))}
+        record.update({k: sums[k] / pairs for k in _PER_PAIR if k in sums})
+        if "nll" in sums:
+            record["nll_loss"] = sums["nll"] / max(nll_tokens, 1)
+        self.metrics.log(record)
+        self.metrics.write(f"step {self.step}: eval loss {record['loss']:.4f}, reward accuracy "
+                           f"{record['rewards/accuracies']:.3f}, margin {record['rewards/margins']:.4f}")
+        return record
+
+
+def _with_reference(units: list[TokenizedPair], logps: torch.Tensor) -> list[TokenizedPair]:
+    return [replace(u, ref_logps=(float(c), float(r))) for u, (c, r) in zip(units, logps.tolist())]

@@ -1,0 +1,279 @@
+"""``qlora train --method dpo|orpo`` on the CPU: data, resume, accumulation, checkpointing, reference, DDP, errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from qlora.cli.main import main
+from qlora.train.config import load_config
+from qlora.train.data import load_records, resolve_chat_template
+from qlora.train.data.preference import normalize_preferences, preference_collate, tokenize_pairs
+from qlora.train.trainer import Trainer
+
+SRC = Path(__file__).resolve().parents[1] / "src"
+PAIRS = [("What is two plus two?", " four", " five"), ("Say hello.", " Hello there!", " Go away."),
+         ("Name a red fruit.", " An apple is red.", " A banana."), ("What colour is the sky?", " Blue.", " Green."),
+         ("Count to three.", " one two three", " three two one"), ("What is a fox?", " A quick animal.", " A car.")]
+ROWS = [{"prompt": p, "chosen": c, "rejected": r} for p, c, r in PAIRS]
+
+
+def _write(path: Path, rows) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def _config(model, data, out, **kw):
+    base = dict(model=str(model), data=str(data), output=str(out), method="dpo", optim="adamw", lr=1e-2,
+                max_steps=6, batch_size=2, progress=False, seq_len=64)
+    base.update(kw)
+    return load_config(None, base)
+
+
+def _train_records(out: Path) -> list[dict]:
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if r["split"] == "train"]
+
+
+def _stop_after(config, steps: int) -> None:
+    """Train as if killed right after the checkpoint of step ``steps``."""
+    trainer = Trainer(config)
+    trainer.setup()
+    trainer.total_steps = steps
+    trainer.train()
+    trainer.cleanup()
+
+
+@pytest.mark.parametrize("method,extra", [("dpo", {}), ("dpo", {"precompute_ref": True}), ("orpo", {})],
+                         ids=["dpo", "dpo-precomputed-ref", "orpo"])
+def test_resume_reproduces_uninterrupted_losses(tmp_path, tiny_model_dir, method, extra):
+    data = _write(tmp_path / "d.jsonl", ROWS)
+    kw = dict(method=method, max_steps=8, save_steps=4, dropout=0.1, lr_scheduler="cosine", warmup_steps=2,
+              grad_accum=2, **extra)
+    full = Trainer(_config(tiny_model_dir, data, tmp_path / "full", **kw)).run()
+    _stop_after(_config(tiny_model_dir, data, tmp_path / "part", **kw), 4)
+    resumed = Trainer(_config(tiny_model_dir, data, tmp_path / "part", resume=True, **kw))
+    if extra.get("precompute_ref"):  # the stored reference is reused, not recomputed
+        resumed._compute_reference = lambda units: pytest.fail("the reference log-probs were recomputed")
+    assert resumed.run() == full  # bit-identical on CPU
+    got, want = _train_records(tmp_path / "part"), _train_records(tmp_path / "full")
+    assert [r["step"] for r in got] == list(range(1, 9))
+    assert [r["rewards/accuracies"] for r in got] == [r["rewards/accuracies"] for r in want]
+    assert [r["rewards/margins"] for r in got] == [r["rewards/margins"] for r in want]
+
+
+@pytest.mark.parametrize("method", ["dpo", "orpo"])
+def test_accumulation_equals_big_batch(tmp_path, tiny_model_dir, method):
+    data = _write(tmp_path / "d.jsonl", ROWS)
+    kw = dict(method=method, dropout=0.0, max_steps=3)
+    big = Trainer(_config(tiny_model_dir, data, tmp_path / "big", batch_size=4, **kw)).run()
+    small = Trainer(_config(tiny_model_dir, data, tmp_path / "small", batch_size=2, grad_accum=2, **kw)).run()
+    torch.testing.assert_close(torch.tensor(small), torch.tensor(big), rtol=1e-5, atol=1e-6)
+    for key in ("grad_norm", "rewards/margins", "rewards/chosen", "logps/rejected"):
+        a = [r[key] for r in _train_records(tmp_path / "small")]
+        b = [r[key] for r in _train_records(tmp_path / "big")]
+        torch.testing.assert_close(torch.tensor(a), torch.tensor(b), rtol=1e-4, atol=1e-6)
+
+
+def test_precomputed_reference_and_checkpointing_equal_the_plain_run(tmp_path, tiny_model_dir):
+    data = _write(tmp_path / "d.jsonl", ROWS)
+    kw = dict(dropout=0.0, max_steps=4)
+    plain = Trainer(_config(tiny_model_dir, data, tmp_path / "plain", **kw)).run()
+    precomputed = Trainer(_config(tiny_model_dir, data, tmp_path / "pre", precompute_ref=True, **kw)).run()
+    checkpointed = Trainer(_config(tiny_model_dir, data, tmp_path / "gc", gradient_checkpointing=True, **kw)).run()
+    torch.testing.assert_close(torch.tensor(precomputed), torch.tensor(plain), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(torch.tensor(checkpointed), torch.tensor(plain), rtol=1e-5, atol=1e-6)
+    assert plain[0] == pytest.approx(0.6931472, abs=1e-6)  # step 1: policy == reference, loss = log 2
+    assert (tmp_path / "pre" / "reference" / "logps.safetensors").is_file()
+    assert not (tmp_path / "plain" / "reference").exists()
+
+
+def test_metrics_reach_jsonl_tensorboard_and_plot(tmp_path, tiny_model_dir):
+    data = _write(tmp_path / "d.jsonl", ROWS)
+    out = tmp_path / "out"
+    Trainer(_config(tiny_model_dir, data, out, method="orpo", eval_data=str(data), max_steps=3)).run()
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    train, evals = [r for r in records if r["split"] == "train"], [r for r in records if r["split"] == "eval"]
+    for key in ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
+                "logps/chosen", "logps/rejected", "nll_loss", "log_odds_ratio", "log_odds_chosen"):
+        assert key in train[-1] and key in evals[-1], key
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(out / "events"))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"train/rewards/accuracies", "train/rewards/margins", "eval/rewards/accuracies"} <= tags
+    assert (out / "loss.png").stat().st_size > 0
+    assert (out / "adapter_model.safetensors").is_file()
+    from qlora.train.metrics import MetricsLogger
+
+    (tmp_path / "bar").mkdir()
+    logger = MetricsLogger(tmp_path / "bar", total_steps=1, progress=True)  # the progress bar shows the rewards
+    logger.log(train[-1])
+    assert "acc=" in logger._bar.postfix and "margin=" in logger._bar.postfix
+    logger.close()
+
+
+def test_conversational_rows_use_the_chat_template(tmp_path, tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    user = {"role": "user", "content": "Say hello."}
+    rows = [
+        {"prompt": [user], "chosen": [{"role": "assistant", "content": "Hello there!"}],
+         "rejected": [{"role": "assistant", "content": "Go away."}]},
+        # implicit prompt: whole conversations sharing their first message (TRL's format)
+        {"chosen": [user, {"role": "assistant", "content": "Hello there!"}],
+         "rejected": [user, {"role": "assistant", "content": "Go away."}]},
+        # a string prompt is a user message, string answers assistant messages
+        {"prompt": "Say hello.", "chosen": [{"role": "assistant", "content": "Hello there!"}], "rejected": "Go away."},
+    ]
+    examples = normalize_preferences(load_records(_write(tmp_path / "c.jsonl", rows)))
+    template = resolve_chat_template(tok, "auto")
+    pairs, report = tokenize_pairs(examples, tok, template, seq_len=64)
+    assert report.untrainable == []
+    prompt = tok.apply_chat_template([user], add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
+    whole = tok.apply_chat_template([user, {"role": "assistant", "content": "Hello there!"}], tokenize=True,
+                                    return_dict=True)["input_ids"]
+    bos = [tok.bos_token_id]
+    for pair in pairs:
+        assert pair.prompt_ids == bos + prompt  # one BOS, then the prompt with the generation prompt
+        assert pair.prompt_ids + pair.chosen_ids == bos + whole + [tok.eos_token_id]
+        assert tok.decode(pair.rejected_ids, skip_special_tokens=True).startswith("Go away.")
+    batch = preference_collate(pairs[:2], tok.pad_token_id)
+    assert batch["input_ids"].shape[0] == 4  # chosen rows, then rejected rows, in one batch
+    labelled = (batch["labels"] != -100).sum(-1).tolist()
+    assert labelled == [len(pairs[0].chosen_ids), len(pairs[1].chosen_ids),
+                        len(pairs[0].rejected_ids), len(pairs[1].rejected_ids)]
+
+
+def test_parquet_rows_with_message_columns(tmp_path, tiny_model_dir):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    user = [{"role": "user", "content": "Say hello."}]
+    table = pa.Table.from_pylist([
+        {"prompt": user, "chosen": [{"role": "assistant", "content": "Hello!"}],
+         "rejected": [{"role": "assistant", "content": "No."}]}] * 3)
+    pq.write_table(table, tmp_path / "pairs.parquet")
+    losses = Trainer(_config(tiny_model_dir, tmp_path / "pairs.parquet", tmp_path / "out", method="orpo",
+                             max_steps=2)).run()
+    assert len(losses) == 2 and all(torch.isfinite(torch.tensor(losses)))
+
+
+@pytest.mark.parametrize("kind", ["lora", "dora", "adalora"])
+def test_reference_is_the_base_with_adapters_off(tiny_model_dir, kind):
+    """adapters_disabled gives the base model's logits back, for every adapter kind, once they have trained values."""
+    from qlora.model.adalora import add_adalora
+    from qlora.model.load import load_model
+    from qlora.model.inject import adapters_disabled, add_lora
+
+    model, _ = load_model(str(tiny_model_dir), quant="nf4")
+    ids = torch.tensor([[1, 5, 9, 20, 33, 7]])
+    with torch.no_grad():
+        base = model(input_ids=ids).logits
+        if kind == "adalora":
+            add_adalora(model, init_r=4, target_r=2, total_step=10, verbose=False)
+        else:
+            add_lora(model, r=4, use_dora=kind == "dora", verbose=False)
+        for name, p in model.named_parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.1)
+        adapted = model(input_ids=ids).logits
+        with adapters_disabled(model):
+            off = model(input_ids=ids).logits
+        again = model(input_ids=ids).logits
+    assert not torch.allclose(adapted, base, atol=1e-3)
+    torch.testing.assert_close(off, base, rtol=0, atol=0)
+    torch.testing.assert_close(again, adapted, rtol=0, atol=0)
+
+
+def test_truncation_keeps_prompts_and_skips_pairs_without_answers(tiny_tokenizer):
+    from qlora.train.data.preference import PreferenceExample
+
+    long_prompt = "The quick brown fox jumps over the lazy dog. " * 6
+    examples = [PreferenceExample("Say hello.", " Hello there, how are you today?", " no", "row 0"),
+                PreferenceExample(long_prompt, " yes", " no", "row 1")]
+    pairs, report = tokenize_pairs(examples, tiny_tokenizer, "", seq_len=12)
+    assert [p.index for p in pairs] == [0] and report.untrainable_where == ["row 1"] and report.truncated == 2
+    assert len(pairs[0].prompt_ids + pairs[0].chosen_ids) == 12
+
+
+def _run(argv, capsys):
+    try:
+        code = main(argv)
+    except SystemExit as exc:
+        code = exc.code
+    return code, capsys.readouterr().err
+
+
+def test_bad_preference_input_exits_2_with_file_and_line(tmp_path, tiny_model_dir, capsys):
+    base = ["train", "--model", str(tiny_model_dir), "--method", "dpo", "--optim", "adamw", "--no-progress",
+            "--max-steps", "1"]
+    missing = _write(tmp_path / "missing.jsonl", ROWS[:2] + [{"prompt": "Hi", "chosen": "Hello"}])
+    bad_message = _write(tmp_path / "msg.jsonl", [{"prompt": [{"role": "user"}], "chosen": "a", "rejected": "b"}])
+    bad_json = tmp_path / "bad.jsonl"
+    bad_json.write_text(json.dumps(ROWS[0]) + "\n{not json\n")
+    no_prompt = _write(tmp_path / "np.jsonl", [{"chosen": "a", "rejected": "b"}])
+    cases = [
+        (["--data", str(missing)], f'{missing} line 3: field "rejected" is missing'),
+        (["--data", str(bad_message)], f'{bad_message} line 1, field "prompt", message 0'),
+        (["--data", str(bad_json)], f"{bad_json} line 2: malformed JSON"),
+        (["--data", str(no_prompt)], f'{no_prompt} line 1: field "prompt" is missing'),
+        (["--data", str(missing), "--method", "orpo", "--label-smoothing", "0.1"], "apply to --method dpo"),
+        (["--data", str(missing), "--packing"], "--packing applies to --method sft"),
+        (["--data", str(missing), "--label-smoothing", "0.5"], "--label-smoothing must lie in [0, 0.5)"),
+        (["--data", str(missing), "--beta", "0"], "--beta must be positive"),
+        (["--data", str(missing), "--method", "sft", "--precompute-ref"], "applies to --method dpo"),
+        (["--data", str(_write(tmp_path / "ok.jsonl", ROWS)), "--add-special-tokens", "<|new|>"], "--precompute-ref"),
+    ]
+    for i, (extra, message) in enumerate(cases):
+        code, err = _run(base + ["--output", str(tmp_path / f"o{i}")] + extra, capsys)
+        assert code == 2, (extra, err)
+        assert message in err, (message, err)
+        assert "Traceback" not in err
+        assert not (tmp_path / f"o{i}").exists()
+
+
+def test_cli_dpo_run_then_resume_with_another_method_is_refused(tmp_path, tiny_model_dir, capsys):
+    data = _write(tmp_path / "d.jsonl", ROWS)
+    argv = ["train", "--model", str(tiny_model_dir), "--data", str(data), "--output", str(tmp_path / "o"),
+            "--method", "dpo", "--beta", "0.2", "--optim", "adamw", "--no-progress", "--max-steps", "2",
+            "--batch-size", "2", "--save-steps", "1"]
+    assert main(argv) == 0
+    assert "trained 2 steps" in capsys.readouterr().out
+    saved = json.loads(next((tmp_path / "o" / "checkpoints").glob("step-*/run_config.json")).read_text())
+    assert saved["method"] == "dpo" and saved["beta"] == 0.2
+    code, err = _run([a if a != "dpo" else "orpo" for a in argv] + ["--resume"], capsys)
+    assert code == 2 and "method: 'dpo' -> 'orpo'" in err
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("flags", [["--precompute-ref"], ["--fsdp", "--gradient-checkpointing"]],
+                         ids=["ddp-precomputed-ref", "fsdp-checkpointing"])
+def test_two_ranks_equal_one_process(tmp_path, tiny_model_dir, flags):
+    """DPO under torchrun (gloo, 2 ranks x batch 1) equals one process with batch 1 x accumulation 2 and
+    the reference in each step: under DDP with the reference precomputed and split over the ranks, and
+    under FSDP2 (sharded 4-bit base) with gradient checkpointing and the reference in each step."""
+    data = _write(tmp_path / "d.jsonl", ROWS)
+    opts = dict(model=str(tiny_model_dir), data=str(data), method="dpo", optim="adamw", lr=1e-2, max_steps=3,
+                seq_len=64, dropout=0.0, progress=False, batch_size=1, chunked_ce=False)
+    Trainer(load_config(None, {**opts, "output": str(tmp_path / "single"), "grad_accum": 2})).run()
+    argv = [sys.executable, "-m", "qlora", "train", "--nproc", "2", *flags, "--output", str(tmp_path / "ranks")]
+    for key, value in opts.items():
+        flag = "--" + key.replace("_", "-")
+        argv += [f"--no-{flag[2:]}"] if value is False else [flag, str(value)]
+    env = {**os.environ, "PYTHONPATH": str(SRC), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got, want = _train_records(tmp_path / "ranks"), _train_records(tmp_path / "single")
+    assert [r["step"] for r in got] == [1, 2, 3]
+    for key in ("loss", "grad_norm", "rewards/margins", "rewards/accuracies", "logps/chosen"):
+        torch.testing.assert_close(torch.tensor([r[key] for r in got]), torch.tensor([r[key] for r in want]),
+                                   rtol=1e-5, atol=1e-6, msg=key)

@@ -1,0 +1,183 @@
+"""DPO and ORPO against TRL 1.16 (test-only oracle): losses, gradients and reward metrics.
+
+qlora trains a 4-bit (NF4) tiny Llama with LoRA or DoRA adapters; TRL gets the
+same model as a plain transformers model whose linear weights are the
+dequantized NF4 weights, wrapped by PEFT from the same ``LoraConfig``, and the
+adapter values are copied over (B made non-zero, so every gradient is
+informative). The two then see the same pairs: TRL's own tokenization of
+string rows is compared token for token with qlora's, and the batch goes
+through ``DPOTrainer.compute_loss`` / ``ORPOTrainer.compute_loss`` on one
+side and qlora's training step on the other, in fp32.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import pytest
+import torch
+
+from qlora.train.config import load_config
+from qlora.train.trainer import Trainer
+
+trl = pytest.importorskip("trl")
+peft = pytest.importorskip("peft")
+datasets = pytest.importorskip("datasets")
+
+ROWS = [
+    {"prompt": "What is two plus two?", "chosen": " four", "rejected": " five, I think"},
+    {"prompt": "Say hello.", "chosen": " Hello there!", "rejected": " no"},
+    {"prompt": "What does the fox do?", "chosen": " The quick brown fox jumps.", "rejected": " It sleeps."},
+]
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+RTOL = 1e-5
+
+
+def _qlora(tmp_path, model_dir, method, dora=False, rows=ROWS, **kw):
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    config = load_config(None, dict(model=str(model_dir), data=str(data), output=str(tmp_path / f"q-{method}"),
+                                    method=method, rank=4, alpha=8, dropout=0.0, dora=dora,
+                                    target_modules=",".join(TARGETS),
+                                    batch_size=len(rows), seq_len=64, optim="adamw", max_steps=1, progress=False,
+                                    precision="fp32", **kw))
+    trainer = Trainer(config)
+    trainer.setup()
+    torch.manual_seed(0)
+    with torch.no_grad():  # non-zero B (and a moved DoRA magnitude) so the adapters matter
+        for name, p in trainer.model.named_parameters():
+            if p.requires_grad and ("lora_B" in name or "magnitude" in name):
+                p.add_(torch.randn_like(p) * 0.05)
+    return trainer
+
+
+def _hf_twin(trainer, model_dir):
+    """A plain transformers model with qlora's dequantized base weights."""
+    from transformers import AutoModelForCausalLM
+
+    from qlora.model.inject import lora_layers
+
+    hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    with torch.no_grad():
+        for name, layer in lora_layers(trainer.model).items():
+            hf.get_submodule(name).weight.copy_(layer.base_weight(torch.float32))
+    return hf
+
+
+def _copy_adapters(trainer, peft_model) -> dict[str, torch.nn.Parameter]:
+    """Copy qlora's adapter values into PEFT's and return PEFT's parameters by qlora name."""
+    theirs = dict(peft_model.named_parameters())
+    pairs = {}
+    with torch.no_grad():
+        for name, p in trainer.model.named_parameters():
+            if not p.requires_grad:
+                continue
+            their = theirs["base_model.model." + name]
+            their.copy_(p)
+            pairs[name] = their
+    return pairs
+
+
+def _qlora_step(trainer):
+    """Loss, gradients and metrics of qlora's step over all ROWS in one micro-batch."""
+    batch = trainer._collate(trainer.train_units)
+    trainer.model.zero_grad(set_to_none=True)
+    norm = trainer._step_normalizer([batch])
+    loss, sums = trainer._micro_loss(batch, norm)
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
+    return loss.detach(), grads, trainer._step_metrics(sums)
+
+
+def _assert_grads_equal(ours: dict, theirs: dict) -> None:
+    assert ours.keys() == theirs.keys()
+    for name, g in ours.items():
+        other = theirs[name].grad
+        assert other is not None, name
+        scale = other.abs().max()
+        assert scale > 0, name
+        torch.testing.assert_close(g, other, rtol=RTOL, atol=RTOL * float(scale), msg=name)
+
+
+# TRL 1.16 applies no label smoothing to its sigmoid loss; its "aot_unpaired" loss is conservative DPO
+# (qlora's --label-smoothing) for a batch of one pair, where sorting the batch changes nothing.
+CASES = {"lora": dict(), "dora": dict(dora=True), "label-smoothing": dict(label_smoothing=0.2, rows=ROWS[1:2])}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_dpo_equals_trl_dpotrainer(tmp_path, tiny_model_dir, case):
+    from trl import DPOConfig, DPOTrainer
+
+    kw = CASES[case]
+    dora, rows, smoothing = kw.get("dora", False), kw.get("rows", ROWS), kw.get("label_smoothing", 0.0)
+    trainer = _qlora(tmp_path, tiny_model_dir, "dpo", dora=dora, rows=rows, label_smoothing=smoothing, beta=0.3)
+    hf = _hf_twin(trainer, tiny_model_dir)
+    args = DPOConfig(output_dir=str(tmp_path / "trl"), beta=0.3, per_device_train_batch_size=len(rows),
+                     max_length=64, report_to=[], use_cpu=True, bf16=False, fp16=False, disable_dropout=True,
+                     loss_type=["aot_unpaired"] if smoothing else ["sigmoid"], label_smoothing=smoothing)
+    config = peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=TARGETS, use_dora=dora,
+                             task_type="CAUSAL_LM")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        oracle = DPOTrainer(model=hf, args=args, train_dataset=datasets.Dataset.from_list(rows),
+                            processing_class=trainer.tokenizer, peft_config=config)
+    params = _copy_adapters(trainer, oracle.model)
+
+    # The same tokens: TRL's tokenization of the string rows is qlora's.
+    tokenized = oracle.train_dataset
+    for pair in trainer.train_units:
+        row = tokenized[pair.index]
+        assert (row["prompt_ids"], row["chosen_ids"], row["rejected_ids"]) == \
+            (pair.prompt_ids, pair.chosen_ids, pair.rejected_ids)
+
+    inputs = oracle.data_collator([tokenized[p.index] for p in trainer.train_units])
+    oracle.model.train()
+    their_loss = oracle.compute_loss(oracle.model, inputs)
+    their_loss.backward()
+    loss, grads, metrics = _qlora_step(trainer)
+
+    torch.testing.assert_close(loss, their_loss.detach(), rtol=RTOL, atol=0)
+    assert float(loss) > 0
+    _assert_grads_equal(grads, params)
+    theirs = oracle._metrics["train"]
+    for key in ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
+                "logps/rejected"):
+        assert metrics[key] == pytest.approx(theirs[key][-1], rel=RTOL, abs=1e-6), key
+    assert metrics["rewards/margins"] != 0
+
+
+def test_orpo_equals_trl_orpotrainer(tmp_path, tiny_model_dir):
+    from trl.experimental.orpo import ORPOConfig, ORPOTrainer
+
+    trainer = _qlora(tmp_path, tiny_model_dir, "orpo", beta=0.25)
+    hf = _hf_twin(trainer, tiny_model_dir)
+    args = ORPOConfig(output_dir=str(tmp_path / "trl"), beta=0.25, per_device_train_batch_size=len(ROWS),
+                      max_length=64, report_to=[], use_cpu=True, bf16=False, fp16=False, disable_dropout=True,
+                      remove_unused_columns=False)
+    config = peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=TARGETS, task_type="CAUSAL_LM")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        oracle = ORPOTrainer(model=hf, args=args, train_dataset=datasets.Dataset.from_list(ROWS),
+                             processing_class=trainer.tokenizer, peft_config=config)
+    params = _copy_adapters(trainer, oracle.model)
+
+    tokenized = oracle.train_dataset
+    for pair in trainer.train_units:  # TRL's ORPO tokenization of the strings is qlora's
+        row = tokenized[pair.index]
+        assert row["chosen_input_ids"] == pair.prompt_ids + pair.chosen_ids
+        assert row["rejected_input_ids"] == pair.prompt_ids + pair.rejected_ids
+        assert row["chosen_labels"][:len(pair.prompt_ids)] == [-100] * len(pair.prompt_ids)
+
+    inputs = oracle.data_collator([tokenized[p.index] for p in trainer.train_units])
+    oracle.model.train()
+    their_loss = oracle.compute_loss(oracle.model, inputs)
+    their_loss.backward()
+    loss, grads, metrics = _qlora_step(trainer)
+
+    torch.testing.assert_close(loss, their_loss.detach(), rtol=RTOL, atol=0)
+    _assert_grads_equal(grads, params)
+    theirs = oracle._stored_metrics["train"]
+    for key in ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
+                "logps/rejected", "nll_loss", "log_odds_ratio", "log_odds_chosen"):
+        assert metrics[key] == pytest.approx(theirs[key][-1], rel=RTOL, abs=1e-6), key
