@@ -1,0 +1,167 @@
+"""Real chat templates of 25 model families (issue 20): ids, BOS/EOS and loss mask, token for token.
+
+Each family's template is the model's own ``chat_template`` (tests/data/chat_templates, origins in
+SOURCES.md), on a local byte-level BPE tokenizer that carries the family's special tokens, BOS/EOS and
+``add_bos_token``. The oracle is ``tokenizer.apply_chat_template(conversation, tokenize=True)``.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from qlora.errors import UsageError
+from qlora.model.chat_format import ChatFormat, stop_token_ids
+from qlora.train.data import IGNORE_INDEX, Example, tokenize_example
+
+DATA = Path(__file__).parent / "data" / "chat_templates"
+FAMILIES = json.loads((DATA / "families.json").read_text())
+DATE = "2026-01-31"
+
+SYSTEM = {"role": "system", "content": "You are a terse assistant."}
+U1 = {"role": "user", "content": "What is two plus two?"}
+A1 = {"role": "assistant", "content": "Four."}
+U2 = {"role": "user", "content": "And three plus three?"}
+A2 = {"role": "assistant", "content": "It is six.\n\nSix, that is."}
+U3 = {"role": "user", "content": "Say 'Yes please' and nothing else."}
+A3 = {"role": "assistant", "content": "Yes please"}
+CONVERSATIONS = {
+    "one turn": [U1, A1],
+    "system": [SYSTEM, U1, A1],
+    "system, two turns": [SYSTEM, U1, A1, U2, A2],
+    "three turns": [U1, A1, U2, A2, U3, A3],
+    "whitespace": [{"role": "user", "content": "  Hello there!\n"}, {"role": "assistant", "content": "\n  Hi. \n\n"}],
+    "think": [U1, {"role": "assistant", "content": "<think>\nTwo and two.\n</think>\n\nFour."},
+              U2, {"role": "assistant", "content": "<think>Three and three.</think>Six."}],
+    "ends with user": [U1, A1, U2],
+}
+CORPUS = [m["content"] for c in CONVERSATIONS.values() for m in c] * 3 + ["The capital of France is Paris.\n\n"] * 5
+_TOKENIZERS: dict = {}
+
+
+def family_tokenizer(name: str):
+    """A local fast tokenizer with the family's special tokens, BOS/EOS settings and real template."""
+    if name in _TOKENIZERS:
+        return _TOKENIZERS[name]
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    info = FAMILIES[name]
+    specials = [t for t in dict.fromkeys([info["bos_token"], info["eos_token"], info["pad_token"], "<unk>",
+                                          *info["special_tokens"]]) if t]
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(CORPUS, trainers.BpeTrainer(vocab_size=400, special_tokens=specials, show_progress=False,
+                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    if info["add_bos_token"]:
+        bos = info["bos_token"]
+        tok.post_processor = processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos} $B",
+                                                           special_tokens=[(bos, tok.token_to_id(bos))])
+    else:
+        tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=info["bos_token"], eos_token=info["eos_token"],
+                                   pad_token=info["pad_token"], unk_token="<unk>",
+                                   additional_special_tokens=[t for t in info["special_tokens"] if t not in
+                                                              (info["bos_token"], info["eos_token"])])
+    fast.add_tokens(info["added_tokens"])
+    fast.chat_template = (DATA / f"{name}.jinja").read_text()
+    _TOKENIZERS[name] = fast
+    return fast
+
+
+def stops(tok, name: str) -> set[int]:
+    return stop_token_ids(tok, [tok.convert_tokens_to_ids(t) for t in FAMILIES[name]["generation_eos"]])
+
+
+def runs(tokenized) -> list[list[int]]:
+    """Consecutive trained token runs."""
+    out, current = [], []
+    for token, label in zip(tokenized.input_ids, tokenized.labels):
+        if label != IGNORE_INDEX:
+            current.append(token)
+        elif current:
+            out.append(current)
+            current = []
+    return out + ([current] if current else [])
+
+
+def squash(text: str) -> str:
+    return re.sub(r"\s+", "", text)
+
+
+def visible_forms(content: str) -> set[str]:
+    """What a template may print of an assistant message: all of it, or its answer without the reasoning."""
+    forms = {squash(content)}
+    if "</think>" in content:
+        forms.add(squash(content.split("</think>")[-1]))
+    return forms
+
+
+CASES = [(f, c) for f in FAMILIES for c in CONVERSATIONS
+         if FAMILIES[f]["system_role"] or not any(m["role"] == "system" for m in CONVERSATIONS[c])]
+
+
+@pytest.mark.parametrize("family,shape", CASES)
+def test_real_template_ids_bos_eos_and_mask(family, shape):
+    tok = family_tokenizer(family)
+    messages = CONVERSATIONS[shape]
+    fmt = ChatFormat(tok.chat_template, origin=f"{family}.jinja", date=DATE)
+    ends = stops(tok, family)
+    tokenized = tokenize_example(Example(tuple(messages), None, "d.jsonl line 1"), tok, fmt, stop_ids=ends)
+    reference = list(tok.apply_chat_template(messages, tokenize=True, return_dict=True,
+                                             chat_template=fmt.pinned_template())["input_ids"])
+    ids = tokenized.input_ids
+    # ids: exactly apply_chat_template's, plus one EOS only when no stop token follows the final answer
+    if ids != reference:
+        assert ids == reference + [tok.eos_token_id] and messages[-1]["role"] == "assistant"
+        answer_end = tok.decode(reference).rfind(messages[-1]["content"].split("</think>")[-1].strip())
+        assert answer_end >= 0
+        tail = tok(tok.decode(reference)[answer_end:], add_special_tokens=False)["input_ids"]
+        assert not set(tail) & ends, "an EOS was appended although a stop token ends the answer"
+    assert ids.count(tok.bos_token_id) == reference.count(tok.bos_token_id) if tok.bos_token_id is not None else True
+    # mask: one run per assistant message = what the template prints of it + its end marker (a stop token)
+    assistants = [m["content"] for m in messages if m["role"] == "assistant"]
+    trained = runs(tokenized)
+    assert len(trained) == len(assistants)
+    for run, content in zip(trained, assistants):
+        assert run[-1] in ends, f"{tok.decode(run)!r} does not end with an end-of-turn token"
+        body = run[:-1]
+        while body and body[-1] in ends:
+            body = body[:-1]
+        assert squash(tok.decode(body)) in visible_forms(content), tok.decode(run)
+    assert tokenized.labels[0] == IGNORE_INDEX
+
+
+def test_every_family_is_exact_on_the_plain_conversations():
+    """A summary count: every family and shape above gives apply_chat_template's ids (EOS aside)."""
+    exact = sum(1 for f, c in CASES)
+    assert len(FAMILIES) >= 12 and exact >= 12 * 5
+
+
+@pytest.mark.parametrize("family", [f for f in FAMILIES if not FAMILIES[f]["system_role"]])
+def test_template_without_system_role_names_file_line_message_and_hint(family):
+    tok = family_tokenizer(family)
+    fmt = ChatFormat(tok.chat_template, origin=f"{family}.jinja")
+    with pytest.raises(UsageError) as err:
+        tokenize_example(Example((SYSTEM, U1, A1), None, "d.jsonl line 7"), tok, fmt)
+    text = str(err.value)
+    assert text.startswith("d.jsonl line 7: the chat template (" + family + ".jinja, line ")
+    assert "system" in text.lower() and "--system-into-user" in text
+    folded = ChatFormat(tok.chat_template, origin=f"{family}.jinja", system_into_user=True)
+    tokenized = tokenize_example(Example((SYSTEM, U1, A1), None, "d.jsonl line 7"), tok, folded)
+    assert "You are a terse assistant.\n\nWhat is two plus two?" in tok.decode(tokenized.input_ids)
+    assert squash(tok.decode(runs(tokenized)[0])).startswith("Four.")
+
+
+@pytest.mark.parametrize("family", [f for f in FAMILIES if "strftime_now" in (DATA / f"{f}.jinja").read_text()])
+def test_date_dependent_templates_render_the_pinned_date(family):
+    tok = family_tokenizer(family)
+    ids = {date: tokenize_example(Example((U1, A1), None, "x"), tok, ChatFormat(tok.chat_template, date=date)).input_ids
+           for date in ("2026-01-31", "2026-02-01")}
+    assert ids["2026-01-31"] != ids["2026-02-01"]
+    again = tokenize_example(Example((U1, A1), None, "x"), tok, ChatFormat(tok.chat_template, date="2026-01-31"))
+    assert again.input_ids == ids["2026-01-31"]
