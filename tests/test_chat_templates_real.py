@@ -1,4 +1,4 @@
-"""Real chat templates of 25 model families (issue 20): ids, BOS/EOS and loss mask, token for token.
+"""Real chat templates of 24 model families (issue 20): ids, BOS/EOS and loss mask, token for token.
 
 Each family's template is the model's own ``chat_template`` (tests/data/chat_templates, origins in
 SOURCES.md), on a local byte-level BPE tokenizer that carries the family's special tokens, BOS/EOS and
@@ -16,6 +16,7 @@ import pytest
 from qlora.errors import UsageError
 from qlora.model.chat_format import ChatFormat, stop_token_ids
 from qlora.train.data import IGNORE_INDEX, Example, tokenize_example
+from qlora.train.data.tokenize import has_generation_markers
 
 DATA = Path(__file__).parent / "data" / "chat_templates"
 FAMILIES = json.loads((DATA / "families.json").read_text())
@@ -132,7 +133,10 @@ def test_real_template_ids_bos_eos_and_mask(family, shape):
         body = run[:-1]
         while body and body[-1] in ends:
             body = body[:-1]
-        assert squash(tok.decode(body)) in visible_forms(content), tok.decode(run)
+        if has_generation_markers(fmt.template):  # the template's own {% generation %} span, up to its end marker
+            assert any(form in squash(tok.decode(body)) for form in visible_forms(content)), tok.decode(run)
+        else:
+            assert squash(tok.decode(body)) in visible_forms(content), tok.decode(run)
     assert tokenized.labels[0] == IGNORE_INDEX
 
 

@@ -174,7 +174,7 @@ def _chat_ids_and_mask(example: Example, tokenizer, fmt: ChatFormat, stops: set[
     if has_generation_markers(fmt.template):
         marked = fmt.render(tokenizer, messages, where=example.where, tokenize=True, return_dict=True,
                             return_assistant_tokens_mask=True)
-        runs = _runs([bool(m) for m in marked["assistant_masks"]])
+        runs = [_trim_after_stop(ids, run, stops) for run in _runs([bool(m) for m in marked["assistant_masks"]])]
     else:
         runs = [_tokens_covering(offsets, s, e) for s, e in _assistant_spans(text, messages, fmt, example.where)]
     mask = [False] * len(ids)
@@ -196,6 +196,13 @@ def _runs(flags: list[bool]) -> list[tuple[int, int]]:
             runs.append((start, i))
             start = None
     return runs
+
+
+def _trim_after_stop(ids: list[int], run: tuple[int, int], stops: set[int]) -> tuple[int, int]:
+    """A marked run ends at its last stop token: the model stops there and never writes what follows."""
+    start, end = run
+    last = max((k for k in range(start, end) if ids[k] in stops), default=None)
+    return (start, last + 1) if last is not None else run
 
 
 def _tokens_covering(offsets: list[tuple[int, int]], start: int, end: int) -> tuple[int, int]:
