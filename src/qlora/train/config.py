@@ -28,6 +28,7 @@ _RUN_DEFINING = (
     "model", "data", "quant", "double_quant", "blocksize", "rank", "alpha", "dropout", "target_modules",
     "rslora", "dora", "init", "loftq_iter", "seq_len", "batch_size", "grad_accum", "lr", "lr_scheduler", "warmup_ratio", "warmup_steps",
     "epochs", "max_steps", "optim", "weight_decay", "max_grad_norm", "packing", "template", "format",
+    "system_into_user",
     "train_on", "seed", "precision", "chunked_ce", "add_special_tokens", "adalora", "adalora_init_r", "adalora_target_r",
     "adalora_tinit", "adalora_tfinal", "adalora_delta_t",
 )
@@ -48,6 +49,10 @@ class TrainConfig:
     format: str = _opt("auto", "data format", ("auto", "alpaca", "chat", "sharegpt", "text"))
     template: str = _opt("auto", "chat template: the tokenizer's own, else a built-in",
                          ("auto", "chatml", "llama-3", "alpaca"))
+    system_into_user: bool = _opt(False, "fold a system message into the first user turn (for chat templates without "
+                                         "a system role, e.g. Gemma 2, Mixtral); saved with the adapter")
+    template_date: str = _opt("", "date (YYYY-MM-DD) that date-dependent chat templates (strftime_now) see; empty: the "
+                                  "run's start date, recorded in config.yaml and reused on --resume")
     train_on: str = _opt("assistant", "tokens that count in the loss", ("assistant", "all"))
     quant: str = _opt("nf4", "4-bit data type of the frozen base ('none' = 16-bit LoRA)", QUANTS)
     double_quant: bool = _opt(True, "quantize the block constants to 8 bits")

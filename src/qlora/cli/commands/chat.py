@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 from ...errors import UsageError
-from .generate import add_model_arguments, load_model_from_args, sampling_options
+from .generate import add_model_arguments, chat_format_from_args, load_model_from_args, sampling_options
 
 NAME = "chat"
 HELP = "multi-turn chat with a model, with conversation memory persisted in SQLite"
@@ -112,7 +112,7 @@ def run(args: argparse.Namespace) -> int:
     model, tokenizer = load_model_from_args(args)
     options = sampling_options(args)
     chat = Chat(model, tokenizer, memory=build_memory(args, model, tokenizer, session), system=args.system,
-                **dataclasses.asdict(options))
+                chat_format=chat_format_from_args(args, tokenizer, "chat"), **dataclasses.asdict(options))
     resumed = len(session.messages())
     print(f"qlora chat ({args.memory} memory). {SLASH_HELP}")
     if resumed:

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from typing import Iterable, Sequence
 
 from qlora.errors import UsageError
-from qlora.model.chat_format import ChatFormat, stop_token_ids
+from qlora.model.chat_format import END_OF_TURN_TOKENS, ChatFormat, stop_token_ids
 from qlora.train.data.formats import Example
 
 IGNORE_INDEX = -100
@@ -224,6 +224,14 @@ def _with_end_marker(ids, offsets, text: str, end: int, stops: set[int]) -> tupl
         while j < len(ids) and ids[j] in stops:
             j += 1
         return j, True
+    # A known end-of-turn marker that this vocabulary spells as plain text: trained, but not a stop token.
+    after = offsets[end - 1][1] if end > 0 else 0
+    rest = text[after:]
+    marker = next((m for m in END_OF_TURN_TOKENS if rest.lstrip().startswith(m)), None)
+    if marker:
+        stop_char = after + len(rest) - len(rest.lstrip()) + len(marker)
+        while end < len(ids) and offsets[end][0] < stop_char:
+            end += 1
     return end, False
 
 
