@@ -177,3 +177,19 @@ def test_template_error_is_a_usage_error_with_line_and_hint():
     with pytest.raises(UsageError, match=r"d\.jsonl line 1: the chat template \(the chat template, line 2\) failed "
                                          r".*System role not supported.*--system-into-user"):
         tokenize_example(chat(), tokenizer(), no_system)
+
+
+def test_llama3_on_a_bpe_that_merges_newlines_differently_at_a_prefix_boundary():
+    # A GPT-2-style BPE that learned "\n\n": the generation prompt "...<|end_header_id|>\n\n" alone
+    # tokenizes its newlines as one token, the whole conversation as two, so tokenizing pieces fails.
+    tok = train_tokenizer(["Hello\n\nworld\n\n"] * 50 + TEXT, vocab_size=300)
+    tok.add_special_tokens({"additional_special_tokens": ["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]})
+    template = TEMPLATES["llama-3"]
+    full = list(tok.apply_chat_template(list(CONVERSATION), chat_template=template)["input_ids"])
+    prompt = list(tok.apply_chat_template(list(CONVERSATION[:2]), chat_template=template,
+                                          add_generation_prompt=True)["input_ids"])
+    assert full[:len(prompt)] != prompt  # the hazard is real on this tokenizer
+    eot = tok.convert_tokens_to_ids("<|eot_id|>")
+    tokenized = tokenize_example(chat(), tok, template, stop_ids=[tok.eos_token_id, eot])
+    assert tokenized.input_ids == full
+    assert spans(tok, tokenized) == ["Four.<|eot_id|>", "Six.<|eot_id|>"]

@@ -175,12 +175,15 @@ def _chat_ids_and_mask(example: Example, tokenizer, fmt: ChatFormat, stops: set[
         marked = fmt.render(tokenizer, messages, where=example.where, tokenize=True, return_dict=True,
                             return_assistant_tokens_mask=True)
         runs = [_trim_after_stop(ids, run, stops) for run in _runs([bool(m) for m in marked["assistant_masks"]])]
+        char_ends = [offsets[end - 1][1] for _, end in runs]
     else:
-        runs = [_tokens_covering(offsets, s, e) for s, e in _assistant_spans(text, messages, fmt, example.where)]
+        spans = _assistant_spans(text, messages, fmt, example.where)
+        runs = [_tokens_covering(offsets, s, e) for s, e in spans]
+        char_ends = [e for _, e in spans]
     mask = [False] * len(ids)
     last_end_has_stop = False
-    for start, end in runs:
-        end, last_end_has_stop = _with_end_marker(ids, offsets, text, end, stops)
+    for (start, end), char_end in zip(runs, char_ends):
+        end, last_end_has_stop = _with_end_marker(ids, offsets, text, end, char_end, stops)
         mask[start:end] = [True] * (end - start)
     final_is_assistant = bool(messages) and messages[-1].get("role") == "assistant" and bool(runs)
     return ids, mask, final_is_assistant and not last_end_has_stop
@@ -211,8 +214,9 @@ def _tokens_covering(offsets: list[tuple[int, int]], start: int, end: int) -> tu
     return covering[0], covering[-1] + 1
 
 
-def _with_end_marker(ids, offsets, text: str, end: int, stops: set[int]) -> tuple[int, bool]:
-    """Extend a trained run over its end-of-turn marker: whitespace, then stop tokens.
+def _with_end_marker(ids, offsets, text: str, end: int, char_end: int, stops: set[int]) -> tuple[int, bool]:
+    """Extend a trained run (tokens up to ``end``, text up to ``char_end``) over its end-of-turn
+    marker: whitespace, then stop tokens.
 
     Returns the new end and whether a stop token ends the turn."""
     if end > 0 and ids[end - 1] in stops:
@@ -225,11 +229,10 @@ def _with_end_marker(ids, offsets, text: str, end: int, stops: set[int]) -> tupl
             j += 1
         return j, True
     # A known end-of-turn marker that this vocabulary spells as plain text: trained, but not a stop token.
-    after = offsets[end - 1][1] if end > 0 else 0
-    rest = text[after:]
+    rest = text[char_end:]
     marker = next((m for m in END_OF_TURN_TOKENS if rest.lstrip().startswith(m)), None)
     if marker:
-        stop_char = after + len(rest) - len(rest.lstrip()) + len(marker)
+        stop_char = char_end + len(rest) - len(rest.lstrip()) + len(marker)
         while end < len(ids) and offsets[end][0] < stop_char:
             end += 1
     return end, False
