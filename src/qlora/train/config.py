@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from qlora.errors import UsageError
+from qlora.model.chat_format import pinned_datetime
 
 from qlora.optim import OPTIMIZERS
 SCHEDULERS = ("cosine", "linear", "constant")
@@ -47,8 +48,9 @@ class TrainConfig:
     eval_data: str | None = _opt(None, "held-out data for eval loss and perplexity")
     output: str | None = _opt(None, "output directory (adapter, checkpoints, metrics, plots)")
     format: str = _opt("auto", "data format", ("auto", "alpaca", "chat", "sharegpt", "text"))
-    template: str = _opt("auto", "chat template: the tokenizer's own, else a built-in",
-                         ("auto", "chatml", "llama-3", "alpaca"))
+    template: str = _opt("auto", "chat template: auto = the model's own (chatml if it has none), tokenizer = the "
+                                 "model's own (required), or a built-in one; saved with the adapter",
+                         ("auto", "tokenizer", "chatml", "llama-3", "alpaca"))
     system_into_user: bool = _opt(False, "fold a system message into the first user turn (for chat templates without "
                                          "a system role, e.g. Gemma 2, Mixtral); saved with the adapter")
     template_date: str = _opt("", "date (YYYY-MM-DD) that date-dependent chat templates (strftime_now) see; empty: the "
@@ -156,6 +158,8 @@ class TrainConfig:
             raise UsageError(f"--loftq-iter must be 1 to 5; got {self.loftq_iter}")
         if self.max_steps == 0 and not self.epochs > 0:
             raise UsageError("give --epochs > 0 or --max-steps > 0")
+        if self.template_date:
+            pinned_datetime(self.template_date)  # YYYY-MM-DD, checked before the model loads
 
 
 def _flag(name: str) -> str:
