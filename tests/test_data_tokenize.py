@@ -193,3 +193,9 @@ def test_llama3_on_a_bpe_that_merges_newlines_differently_at_a_prefix_boundary()
     tokenized = tokenize_example(chat(), tok, template, stop_ids=[tok.eos_token_id, eot])
     assert tokenized.input_ids == full
     assert spans(tok, tokenized) == ["Four.<|eot_id|>", "Six.<|eot_id|>"]
+
+
+def test_template_syntax_error_names_its_line():
+    broken = "{% for m in messages %}\n{{ m['content'] }}\n{% endfor %\n"
+    with pytest.raises(UsageError, match=r"the chat template \(the chat template, line 3\) failed"):
+        tokenize_example(chat(), tokenizer(), broken)
