@@ -1,4 +1,4 @@
-"""Token ids, loss masks, BOS/EOS rules and truncation (issue 11, items 1-3)."""
+"""Token ids, loss masks, BOS/EOS rules and truncation (issue 11, items 1-3; issue 20)."""
 
 from __future__ import annotations
 
@@ -24,12 +24,12 @@ CONVERSATION = (
     {"role": "user", "content": "And three plus three?"},
     {"role": "assistant", "content": "Six."},
 )
-# What the loss must cover, per template: each assistant turn with its end tokens, then the final EOS.
+# What the loss must cover, per template: each assistant message with its end-of-turn marker, no extra EOS.
 TRAINED = {
-    "chatml": ["Four.<|im_end|>\n", "Six.<|im_end|>\n<|eos|>"],
-    "llama-3": ["Four.<|eot_id|>", "Six.<|eot_id|><|eos|>"],
+    "chatml": ["Four.<|im_end|>", "Six.<|im_end|>"],
+    "llama-3": ["Four.<|eot_id|>", "Six.<|eot_id|><|eos|>"],  # this vocabulary spells <|eot_id|> as text: EOS follows
     "alpaca": ["Four.<|eos|>", "Six.<|eos|>"],
-    "tokenizer": ["Four.<|im_end|>\n", "Six.<|im_end|>\n<|eos|>"],
+    "tokenizer": ["Four.<|im_end|>", "Six.<|im_end|>"],
 }
 _CACHE: dict = {}
 
@@ -64,13 +64,6 @@ def spans(tok, tokenized) -> list[str]:
     return [tok.decode(r, skip_special_tokens=False) for r in runs]
 
 
-def repaired(tok, ids: list[int], eos: bool = True) -> list[int]:
-    """apply_chat_template's ids with qlora's two repairs: one leading BOS, a final EOS."""
-    body = ids[1:] if ids and ids[0] == tok.bos_token_id else ids
-    out = [tok.bos_token_id] + body
-    return out + [tok.eos_token_id] if eos and out[-1] != tok.eos_token_id else out
-
-
 @pytest.mark.parametrize("add_bos", [True, False])
 @pytest.mark.parametrize("name", sorted(TRAINED))
 def test_ids_equal_apply_chat_template_and_mask_is_exact(name, add_bos):
@@ -78,24 +71,39 @@ def test_ids_equal_apply_chat_template_and_mask_is_exact(name, add_bos):
     template = resolve_chat_template(tok, name)
     tokenized = tokenize_example(chat(), tok, template)
     full = tok.apply_chat_template(list(CONVERSATION), chat_template=template, return_dict=True)["input_ids"]
-    prompt = tok.apply_chat_template(list(CONVERSATION[:-1]), chat_template=template, add_generation_prompt=True,
-                                     return_dict=True)["input_ids"]
-    if name != "tokenizer":  # built-in templates write the BOS themselves: no repair at the start
-        assert full[0] == tok.bos_token_id and tokenized.input_ids[: len(full)] == full
-    assert tokenized.input_ids == repaired(tok, full)
-    assert tokenized.input_ids[: len(repaired(tok, prompt, eos=False))] == repaired(tok, prompt, eos=False)
+    eos = [tok.eos_token_id] if name == "llama-3" else []
+    assert tokenized.input_ids == list(full) + eos  # the template decides BOS and end markers; EOS only if no stop
     assert spans(tok, tokenized) == TRAINED[name]
-    assert tokenized.input_ids.count(tok.bos_token_id) == 1 and tokenized.input_ids[0] == tok.bos_token_id
+    bos = 0 if name == "tokenizer" else 1  # the tiny ChatML template writes no BOS; the built-ins write one
+    assert tokenized.input_ids.count(tok.bos_token_id) == bos
 
 
 @pytest.mark.parametrize("add_bos", [True, False])
-def test_exactly_one_bos_for_text_and_double_bos_template(add_bos):
+def test_text_examples_follow_the_tokenizer_and_chat_follows_the_template(add_bos):
     tok = tokenizer(add_bos)
     text = tokenize_example(Example(None, "Hello there!", "x"), tok, TEMPLATES["chatml"])
-    assert text.input_ids[0] == tok.bos_token_id and text.input_ids.count(tok.bos_token_id) == 1
-    doubled = "{{ bos_token }}" + TEMPLATES["chatml"]  # a template that writes BOS twice
+    assert text.input_ids == tok("Hello there!")["input_ids"] + [tok.eos_token_id]
+    doubled = "{{ bos_token }}" + TEMPLATES["chatml"]  # a template that writes BOS twice: its own choice
     ids = tokenize_example(chat(), tok, doubled).input_ids
-    assert ids[0] == tok.bos_token_id and ids.count(tok.bos_token_id) == 1
+    assert ids == list(tok.apply_chat_template(list(CONVERSATION), chat_template=doubled)["input_ids"])
+
+
+def test_eos_appended_only_without_an_end_marker_after_the_last_answer():
+    tok = tokenizer()
+    bare = ("{% for m in messages %}{{ m['role'] + ': ' + m['content'] + '\n' }}{% endfor %}"
+            "{% if add_generation_prompt %}{{ 'assistant: ' }}{% endif %}")
+    tokenized = tokenize_example(chat(), tok, bare)
+    assert tokenized.input_ids[-1] == tokenized.labels[-1] == tok.eos_token_id
+    assert tokenized.input_ids[:-1] == list(tok.apply_chat_template(list(CONVERSATION), chat_template=bare)["input_ids"])
+    marked = tokenize_example(chat(), tok, TEMPLATES["chatml"])
+    assert marked.input_ids.count(tok.eos_token_id) == 0  # <|im_end|> ends the answer: no EOS after it
+
+
+def test_assistant_text_quoted_in_the_prompt_is_not_taken_for_the_answer():
+    tok = tokenizer()
+    quoted = ({"role": "user", "content": "Reply Four."}, {"role": "assistant", "content": "Four."})
+    tokenized = tokenize_example(chat(quoted), tok, TEMPLATES["chatml"])
+    assert spans(tok, tokenized) == ["Four.<|im_end|>"]
 
 
 @pytest.mark.parametrize("pad", ["pad", "eos", "none"])
@@ -103,11 +111,12 @@ def test_final_eos_counts_in_loss_whatever_the_pad_token(pad):
     tok = tokenizer(True, pad)
     short = tokenize_example(chat(CONVERSATION[1:3]), tok, TEMPLATES["chatml"])
     long = tokenize_example(chat(), tok, TEMPLATES["chatml"])
-    for e in (short, long):
-        assert e.input_ids[-1] == e.labels[-1] == tok.eos_token_id
+    im_end = tok.convert_tokens_to_ids("<|im_end|>")
+    for e in (short, long):  # the answer's end marker is trained; the template's trailing newline is not
+        assert e.labels[-2] == im_end and e.labels[-1] == IGNORE_INDEX
     batch = pad_collate([short, long], pad_token_id(tok))
     n = len(short.input_ids)
-    assert batch["labels"][0, n - 1] == tok.eos_token_id
+    assert batch["labels"][0, n - 2] == im_end
     assert (batch["labels"][0, n:] == IGNORE_INDEX).all() and (batch["attention_mask"][0, n:] == 0).all()
     assert count_trainable_tokens(batch) == short.num_trainable + long.num_trainable
 
@@ -126,7 +135,8 @@ def test_truncation_is_counted_and_untrainable_examples_reported():
     examples = [chat(CONVERSATION[1:3]), Example(long_prompt, None, "d.jsonl line 2"), chat()]
     kept, report = tokenize_dataset(examples, tok, TEMPLATES["chatml"], seq_len=60)
     assert [e.index for e in kept] == [0, 2]
-    assert report.truncated == 2 and kept[1].num_trainable == 6 and report.untrainable == [1]
+    assert report.truncated == 2 and kept[1].num_trainable == kept[1].labels.count(IGNORE_INDEX) * 0 + \
+        sum(label != IGNORE_INDEX for label in kept[1].labels) and report.untrainable == [1]
     assert "d.jsonl line 2" in report.summary()
     assert all(len(e.input_ids) <= 60 for e in kept)
     assert kept[1].truncated and kept[1].input_ids[-1] != tok.eos_token_id
@@ -156,5 +166,36 @@ def test_template_that_rewrites_earlier_turns_is_refused():
     rewriting = ("{% for m in messages %}{% if m['role'] == 'assistant' and not loop.last %}{{ 'A:...\n' }}"
                  "{% else %}{{ m['role'] + ': ' + m['content'] + '\n' }}{% endif %}{% endfor %}"
                  "{% if add_generation_prompt %}{{ 'assistant: ' }}{% endif %}")
-    with pytest.raises(UsageError, match=r"d\.jsonl line 1: the chat template renders the start"):
+    with pytest.raises(UsageError, match=r"d\.jsonl line 1: assistant message 1 of 2 \(message 3 of the conversation, "
+                                         r"starting 'Four\.'\) does not appear"):
         tokenize_example(chat(), tokenizer(), rewriting)
+
+
+def test_template_error_is_a_usage_error_with_line_and_hint():
+    no_system = ("{% if messages[0]['role'] == 'system' %}\n{{ raise_exception('System role not supported') }}"
+                 "{% endif %}{% for m in messages %}{{ m['content'] }}{% endfor %}")
+    with pytest.raises(UsageError, match=r"d\.jsonl line 1: the chat template \(the chat template, line 2\) failed "
+                                         r".*System role not supported.*--system-into-user"):
+        tokenize_example(chat(), tokenizer(), no_system)
+
+
+def test_llama3_on_a_bpe_that_merges_newlines_differently_at_a_prefix_boundary():
+    # A GPT-2-style BPE that learned "\n\n": the generation prompt "...<|end_header_id|>\n\n" alone
+    # tokenizes its newlines as one token, the whole conversation as two, so tokenizing pieces fails.
+    tok = train_tokenizer(["Hello\n\nworld\n\n"] * 50 + TEXT, vocab_size=300)
+    tok.add_special_tokens({"additional_special_tokens": ["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]})
+    template = TEMPLATES["llama-3"]
+    full = list(tok.apply_chat_template(list(CONVERSATION), chat_template=template)["input_ids"])
+    prompt = list(tok.apply_chat_template(list(CONVERSATION[:2]), chat_template=template,
+                                          add_generation_prompt=True)["input_ids"])
+    assert full[:len(prompt)] != prompt  # the hazard is real on this tokenizer
+    eot = tok.convert_tokens_to_ids("<|eot_id|>")
+    tokenized = tokenize_example(chat(), tok, template, stop_ids=[tok.eos_token_id, eot])
+    assert tokenized.input_ids == full
+    assert spans(tok, tokenized) == ["Four.<|eot_id|>", "Six.<|eot_id|>"]
+
+
+def test_template_syntax_error_names_its_line():
+    broken = "{% for m in messages %}\n{{ m['content'] }}\n{% endfor %\n"
+    with pytest.raises(UsageError, match=r"the chat template \(the chat template, line 3\) failed"):
+        tokenize_example(chat(), tokenizer(), broken)

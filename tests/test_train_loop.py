@@ -50,7 +50,9 @@ def _run(argv, capsys):
 @pytest.mark.parametrize("fmt", sorted(FORMATS))
 def test_loss_falls_on_every_format(tmp_path, tiny_model_dir, fmt):
     data = _write(tmp_path / f"{fmt}.jsonl", FORMATS[fmt])
-    steps = 60 if fmt == "text" else 30  # plain text trains on every token: slower to fall
+    # Plain text trains on every token, a chat answer only on "<sum>." and its end marker: both need
+    # more steps than a few constant tokens would (issue 20: no trailing "\n" + extra EOS to learn any more).
+    steps = 60
     losses = Trainer(_config(tiny_model_dir, data, tmp_path / "out", max_steps=steps)).run()
     assert len(losses) == steps
     assert sum(losses[-5:]) / 5 < 0.9 * sum(losses[:5]) / 5

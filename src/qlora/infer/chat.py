@@ -13,6 +13,8 @@ from __future__ import annotations
 
 from typing import Any, Iterator
 
+from qlora.model.chat_format import ChatFormat
+
 from .llm import ModelLLM
 from .memory import ConversationBufferMemory
 from .memory.base import BaseMemory
@@ -27,6 +29,7 @@ class Chat:
         tokenizer: its tokenizer; its chat template formats the prompt (ChatML if none).
         memory: what is remembered between turns; all turns by default.
         system: a system prompt put before everything else.
+        chat_format: the format to prompt in (a fine-tune's saved one); default: the tokenizer's template.
         **gen_options: :class:`~qlora.infer.generate.SamplingOptions` fields.
 
     Example:
@@ -35,8 +38,8 @@ class Chat:
     """
 
     def __init__(self, model, tokenizer, memory: BaseMemory | None = None, system: str | None = None,
-                 **gen_options: Any) -> None:
-        self.llm = ModelLLM(model, tokenizer, **gen_options)
+                 chat_format: ChatFormat | None = None, **gen_options: Any) -> None:
+        self.llm = ModelLLM(model, tokenizer, chat_format=chat_format, **gen_options)
         self.memory = memory if memory is not None else ConversationBufferMemory(return_messages=True)
         self.system = system
         self.last_reply: str | None = None  # the reply of the last turn, once generated

@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Any, Iterator, Protocol, Sequence
 
+from qlora.model.chat_format import ChatFormat
+
 from .generate import SamplingOptions, stream_text
 from .messages import Message
 from .template import render_chat, stop_token_ids
@@ -27,18 +29,20 @@ class ModelLLM:
     Args:
         model: a transformers causal LM.
         tokenizer: its tokenizer.
+        chat_format: the format to prompt in (a fine-tune's saved one); default: the tokenizer's template.
         **defaults: :class:`SamplingOptions` fields used unless a call overrides them.
     """
 
-    def __init__(self, model, tokenizer, **defaults: Any) -> None:
+    def __init__(self, model, tokenizer, chat_format: ChatFormat | None = None, **defaults: Any) -> None:
         self.model = model
         self.tokenizer = tokenizer
+        self.chat_format = chat_format
         self.options = SamplingOptions(**defaults)
         self.stop_ids = stop_token_ids(model, tokenizer)
 
     def stream_messages(self, messages: Sequence[Message], **options: Any) -> Iterator[str]:
         """Stream the assistant's reply to ``messages``."""
-        prompt = render_chat(self.tokenizer, messages)
+        prompt = render_chat(self.tokenizer, messages, chat_format=self.chat_format)
         return stream_text(self.model, self.tokenizer, prompt, replace(self.options, **options), self.stop_ids)
 
     def complete(self, prompt: str, **options: Any) -> str:

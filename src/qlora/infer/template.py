@@ -1,18 +1,20 @@
 """Render a list of messages into the prompt text a chat model was trained on.
 
-The tokenizer's own ``chat_template`` is used when it has one, so a fine-tuned
-model sees the format of its training data; otherwise ChatML, the format
-qlora's built-in templates and tiny models use.
+A fine-tune's :class:`~qlora.model.chat_format.ChatFormat` (saved with its
+adapter) is used when given, so the model sees the format of its training data,
+date and system handling included; otherwise the tokenizer's own
+``chat_template``; otherwise ChatML, the format qlora's tiny models use.
 """
 
 from __future__ import annotations
 
 from typing import Sequence
 
-from .messages import Message
+from qlora.model.chat_format import ChatFormat
+from qlora.model.chat_format import stop_token_ids as _stop_token_ids
+from qlora.errors import UsageError
 
-# Token strings that end an assistant turn in common templates; generation stops on them.
-END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>")
+from .messages import Message
 
 
 def chatml(messages: Sequence[Message], add_generation_prompt: bool = True) -> str:
@@ -21,18 +23,22 @@ def chatml(messages: Sequence[Message], add_generation_prompt: bool = True) -> s
     return text + ("<|im_start|>assistant\n" if add_generation_prompt else "")
 
 
-def render_chat(tokenizer, messages: Sequence[Message], add_generation_prompt: bool = True) -> str:
+def render_chat(tokenizer, messages: Sequence[Message], add_generation_prompt: bool = True,
+                chat_format: ChatFormat | None = None) -> str:
     """Prompt text for ``messages`` in the model's chat format, ready for generation.
 
+    ``chat_format`` (the one a fine-tune saved) wins over the tokenizer's own template.
     Templates without a system role (Gemma's, Mistral's first) raise on one; the
     system text then goes before the first user message, separated by a blank line.
     """
-    if not getattr(tokenizer, "chat_template", None):
+    if chat_format is None and not getattr(tokenizer, "chat_template", None):
         return chatml(messages, add_generation_prompt)
 
     def apply(msgs: Sequence[Message]) -> str:
-        return tokenizer.apply_chat_template([{"role": m.role, "content": m.content} for m in msgs],
-                                             tokenize=False, add_generation_prompt=add_generation_prompt)
+        dicts = [{"role": m.role, "content": m.content} for m in msgs]
+        if chat_format is not None:
+            return chat_format.render(tokenizer, dicts, add_generation_prompt=add_generation_prompt)
+        return tokenizer.apply_chat_template(dicts, tokenize=False, add_generation_prompt=add_generation_prompt)
 
     if len(messages) < 2 or messages[0].role != "system" or messages[1].role != "user":
         return apply(messages)
@@ -40,20 +46,12 @@ def render_chat(tokenizer, messages: Sequence[Message], add_generation_prompt: b
 
     try:
         return apply(messages)
-    except TemplateError:
+    except (TemplateError, UsageError):  # a saved ChatFormat reports template errors as UsageError
         system, user = messages[0], messages[1]
         return apply([Message("user", f"{system.content}\n\n{user.content}"), *messages[2:]])
 
 
 def stop_token_ids(model, tokenizer) -> set[int]:
     """Token ids that end a reply: EOS from model and tokenizer, plus end-of-turn markers."""
-    ids: set[int] = set()
     eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    for value in (eos, tokenizer.eos_token_id):
-        if isinstance(value, int):
-            ids.add(value)
-        elif value:
-            ids.update(value)
-    vocab = tokenizer.get_vocab()
-    ids.update(vocab[t] for t in END_OF_TURN_TOKENS if t in vocab)
-    return ids
+    return _stop_token_ids(tokenizer, eos)

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from qlora.errors import UsageError
+from qlora.model.chat_format import pinned_datetime
 
 from qlora.optim import OPTIMIZERS
 SCHEDULERS = ("cosine", "linear", "constant")
@@ -29,6 +30,7 @@ _RUN_DEFINING = (
     "model", "data", "quant", "double_quant", "blocksize", "rank", "alpha", "dropout", "target_modules",
     "rslora", "dora", "init", "loftq_iter", "seq_len", "batch_size", "grad_accum", "lr", "lr_scheduler", "warmup_ratio", "warmup_steps",
     "epochs", "max_steps", "optim", "weight_decay", "max_grad_norm", "packing", "template", "format",
+    "system_into_user",
     "train_on", "seed", "precision", "chunked_ce", "add_special_tokens", "adalora", "adalora_init_r", "adalora_target_r",
     "adalora_tinit", "adalora_tfinal", "adalora_delta_t",
 )
@@ -55,8 +57,13 @@ class TrainConfig:
     eval_data: str | None = _opt(None, "held-out data for eval loss and perplexity")
     output: str | None = _opt(None, "output directory (adapter, checkpoints, metrics, plots)")
     format: str = _opt("auto", "data format", ("auto", "alpaca", "chat", "sharegpt", "text"))
-    template: str = _opt("auto", "chat template: the tokenizer's own, else a built-in",
-                         ("auto", "chatml", "llama-3", "alpaca"))
+    template: str = _opt("auto", "chat template: auto = the model's own (chatml if it has none), tokenizer = the "
+                                 "model's own (required), or a built-in one; saved with the adapter",
+                         ("auto", "tokenizer", "chatml", "llama-3", "alpaca"))
+    system_into_user: bool = _opt(False, "fold a system message into the first user turn (for chat templates without "
+                                         "a system role, e.g. Gemma 2, Mixtral); saved with the adapter")
+    template_date: str = _opt("", "date (YYYY-MM-DD) that date-dependent chat templates (strftime_now) see; empty: the "
+                                  "run's start date, recorded in config.yaml and reused on --resume")
     train_on: str = _opt("assistant", "tokens that count in the loss", ("assistant", "all"))
     quant: str = _opt("nf4", "4-bit data type of the frozen base ('none' = 16-bit LoRA)", QUANTS)
     double_quant: bool = _opt(True, "quantize the block constants to 8 bits")
@@ -163,6 +170,8 @@ class TrainConfig:
         self._validate_method()
         if self.max_steps == 0 and not self.epochs > 0:
             raise UsageError("give --epochs > 0 or --max-steps > 0")
+        if self.template_date:
+            pinned_datetime(self.template_date)  # YYYY-MM-DD, checked before the model loads
 
     def _validate_method(self) -> None:
         """Options that belong to one training method only."""

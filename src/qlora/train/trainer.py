@@ -36,12 +36,13 @@ import torch
 
 from qlora.atomic import atomic_dir
 from qlora.errors import UsageError
+from qlora.model.chat_format import ChatFormat, stop_token_ids, today
 from qlora.optim import create_optimizer
 from qlora.train.config import TrainConfig
 from qlora.train.distributed import DistContext, all_reduce_grads, shard_fsdp, wrap_ddp
 from qlora.train.data import (
     check_packing_supported, count_trainable_tokens, load_records, normalize, pack_examples,
-    packed_collate, pad_collate, pad_token_id, resolve_chat_template, shuffled_indices, tokenize_dataset,
+    packed_collate, pad_collate, pad_token_id, resolve_chat_format, shuffled_indices, tokenize_dataset,
 )
 from qlora.train.loss import chunked_loss_matches, model_inputs, token_loss_sum
 from qlora.train.metrics import MetricsLogger, NullMetrics, gpu_memory_gib
@@ -163,6 +164,7 @@ class Trainer:
         """Check the output folder, then load model, adapter, data, optimizer; resume if asked."""
         cfg = self.config
         resume_from = self._check_output()
+        self.chat_format = self._chat_format(resume_from)
         self.train_units, self.report = self._load_data(cfg.data)
         self.eval_units = self._load_data(cfg.eval_data)[0] if cfg.eval_data else []
         self.dist.barrier()  # every rank has checked --output before rank 0 changes it
@@ -289,12 +291,22 @@ class Trainer:
     def _load_data(self, source: str):
         cfg = self.config
         examples = normalize(load_records(source), cfg.format)
-        template = resolve_chat_template(self.tokenizer, cfg.template)
-        tokenized, report = tokenize_dataset(examples, self.tokenizer, template, cfg.train_on, cfg.seq_len)
+        generation_eos = getattr(getattr(self.model, "generation_config", None), "eos_token_id", None)
+        tokenized, report = tokenize_dataset(examples, self.tokenizer, self.chat_format, cfg.train_on, cfg.seq_len,
+                                             stop_ids=stop_token_ids(self.tokenizer, generation_eos))
         if cfg.packing:
             order = shuffled_indices(len(tokenized), cfg.seed, 0)
             return pack_examples([tokenized[i] for i in order], cfg.seq_len), report
         return tokenized, report
+
+    def _chat_format(self, resume_from: Path | None) -> ChatFormat:
+        """The run's chat format; its date is pinned now (or taken from the checkpoint on --resume) and
+        recorded in config.yaml, so the data are the same tokens whatever the day."""
+        cfg = self.config
+        if not cfg.template_date:
+            saved = json.loads((resume_from / "run_config.json").read_text()) if resume_from else {}
+            cfg.template_date = saved.get("template_date") or today()
+        return resolve_chat_format(self.tokenizer, cfg.template, cfg.template_date, cfg.system_into_user)
 
     def _collate(self, units: list) -> dict[str, torch.Tensor]:
         pad = pad_token_id(self.tokenizer)
@@ -498,7 +510,9 @@ class Trainer:
                      "scheduler": self.scheduler.state_dict(), "rng": _rng_state(), "losses": self.losses,
                      "scaler": self.scaler.state_dict() if self.scaler else None}
             torch.save(state, tmp / STATE_FILE)
-            (tmp / "run_config.json").write_text(json.dumps(self.config.run_defining(self.dist.world_size), indent=1))
+            run_config = {**self.config.run_defining(self.dist.world_size), "template_date": self.config.template_date}
+            (tmp / "run_config.json").write_text(json.dumps(run_config, indent=1))
+            self.chat_format.save(tmp / "adapter")
         limit = self.config.save_total_limit
         if limit:
             for old in list_checkpoints(self.out)[:-limit]:
@@ -539,9 +553,11 @@ class Trainer:
             self.metrics.write(self.adapter_hooks.summary())
         staged = self.out / ".final-adapter"
         save_adapter(self.model, staged)  # the tokenizer goes next to it below
+        self.chat_format.save(staged)  # generate and chat render as training did
         for f in staged.iterdir():
             f.replace(self.out / f.name)
         staged.rmdir()
+        self.tokenizer.chat_template = self.chat_format.template  # other tools loading --output see the same format
         self.tokenizer.save_pretrained(self.out)
         if self.config.init == "loftq":  # the adapter is only valid on its LoftQ base: ship the base with it
             from qlora.model.quantized_io import save_quantized

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from ...errors import UsageError
-from .generate import add_model_arguments, load_model_from_args, sampling_options
+from .generate import add_model_arguments, chat_format_from_args, load_model_from_args, sampling_options
 
 NAME = "chat"
 HELP = "multi-turn chat with a model, with conversation memory persisted in SQLite"
@@ -181,7 +181,7 @@ def run(args: argparse.Namespace) -> int:
         model, tokenizer = load_model_from_args(args)
         options = sampling_options(args)
         chat = Chat(model, tokenizer, memory=build_memory(args, model, tokenizer, session), system=args.system,
-                    **dataclasses.asdict(options))
+                    chat_format=chat_format_from_args(args, tokenizer, "chat"), **dataclasses.asdict(options))
         print(f"qlora chat ({args.memory} memory). {SLASH_HELP}")
         if store is not None and store.read_only:
             print(f"({args.db} is read-only: the session can be read, new turns will not be saved)", file=sys.stderr)

@@ -18,7 +18,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--adapter", default=None, help="a PEFT-format adapter folder (e.g. a qlora train output)")
     parser.add_argument("--data", required=True, help="evaluation data (.jsonl/.json/.csv/.parquet or a dataset name)")
     parser.add_argument("--format", default="auto", choices=("auto", "alpaca", "chat", "sharegpt", "text"))
-    parser.add_argument("--template", default="auto", choices=("auto", "chatml", "llama-3", "alpaca"))
+    parser.add_argument("--template", default="auto", choices=("auto", "tokenizer", "chatml", "llama-3", "alpaca"),
+                        help="chat format: auto = the one --adapter was trained with (chat_format.json), else the "
+                             "model's own, else chatml")
     parser.add_argument("--train-on", default="assistant", choices=("assistant", "all"), help="tokens that count")
     parser.add_argument("--quant", default="nf4", choices=("nf4", "fp4", "none"), help="base data type (default nf4)")
     parser.add_argument("--seq-len", type=int, default=512, help="truncate examples to this many tokens")
@@ -31,7 +33,9 @@ def run(args: argparse.Namespace) -> int:
     from ...model.adapter_io import load_adapter
     from ...model.load import load_model
     from ...train.data import (count_trainable_tokens, load_records, normalize, pad_collate, pad_token_id,
-                               resolve_chat_template, tokenize_dataset)
+                               resolve_chat_format, tokenize_dataset)
+    from ...infer.template import stop_token_ids
+    from ...model.chat_format import ChatFormat
     from ...train.trainer import compute_dtype_for, token_loss_sum
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -41,8 +45,10 @@ def run(args: argparse.Namespace) -> int:
     if args.adapter:
         load_adapter(model, args.adapter)
     examples = normalize(load_records(args.data), args.format)
-    template = resolve_chat_template(tokenizer, args.template)
-    tokenized, report = tokenize_dataset(examples, tokenizer, template, args.train_on, args.seq_len)
+    saved = ChatFormat.load(args.adapter) if args.adapter and args.template == "auto" else None
+    fmt = saved or resolve_chat_format(tokenizer, args.template)
+    tokenized, report = tokenize_dataset(examples, tokenizer, fmt, args.train_on, args.seq_len,
+                                         stop_ids=stop_token_ids(model, tokenizer))
     model.eval()
     loss_sum, tokens = 0.0, 0
     with torch.no_grad():

@@ -10,7 +10,10 @@ import argparse
 import dataclasses
 import sys
 
+from ...errors import UsageError
+
 NAME = "generate"
+TEMPLATE_CHOICES = ("auto", "tokenizer", "none", "chatml", "llama-3", "alpaca")
 HELP = "stream a model's continuation of a prompt, with sampling options"
 
 
@@ -25,6 +28,10 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
                              "per adapter and chat uses the first")
     parser.add_argument("--adapter-weights", metavar="W1,W2,...",
                         help="combine the adapters linearly with these weights (one per --adapter)")
+    parser.add_argument("--template", choices=TEMPLATE_CHOICES, default="auto",
+                        help="chat format of the prompt: auto = the one the adapter was trained with (its "
+                             "chat_format.json: template, date, system handling), else the model's own for chat and "
+                             "the raw --prompt for generate; tokenizer = the model's own; none = raw text (generate)")
     parser.add_argument("--quant", choices=("nf4", "fp4", "none"), default="nf4",
                         help="4-bit format of the base weights on load, or none for 16/32-bit")
     parser.add_argument("--compute-dtype", choices=("bf16", "fp16", "fp32"), default="bf16",
@@ -59,11 +66,34 @@ def load_model_from_args(args: argparse.Namespace):
     return model.eval(), tokenizer
 
 
+def chat_format_from_args(args: argparse.Namespace, tokenizer, command: str):
+    """The :class:`ChatFormat` to prompt with, or ``None`` for raw text (generate) / the tokenizer's own (chat).
+
+    ``--template auto`` takes the format saved with the first --adapter; an adapter trained before
+    formats were saved falls back as before (raw prompt for generate, the tokenizer's template for chat).
+    """
+    from ...model.chat_format import ChatFormat
+    from ...train.data import resolve_chat_format
+
+    if args.template == "none":
+        if command == "chat":
+            raise UsageError("qlora chat --template none: a chat needs a chat template; use auto, tokenizer or "
+                             "a built-in one.")
+        return None
+    if args.template == "auto":
+        saved = [ChatFormat.load(path) for path in adapter_names(args).values()]
+        if saved and saved[0] is not None:
+            if any(f != saved[0] for f in saved[1:]):
+                print("note: the adapters were trained with different chat formats; prompting in the first one's "
+                      f"({saved[0].origin})", file=sys.stderr)
+            return saved[0]
+        return None
+    return resolve_chat_format(tokenizer, args.template)
+
+
 def adapter_names(args: argparse.Namespace) -> dict[str, str]:
     """Adapter name -> folder, from the repeated ``--adapter [NAME=]DIR``."""
     from pathlib import Path
-
-    from ...errors import UsageError
 
     names: dict[str, str] = {}
     for item in args.adapter:
@@ -76,8 +106,6 @@ def adapter_names(args: argparse.Namespace) -> dict[str, str]:
 
 
 def _weights(args: argparse.Namespace) -> list[float]:
-    from ...errors import UsageError
-
     try:
         weights = [float(w) for w in args.adapter_weights.split(",")]
     except ValueError:
@@ -89,21 +117,30 @@ def _weights(args: argparse.Namespace) -> list[float]:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_arguments(parser)
-    parser.add_argument("--prompt", required=True, help="text to continue (used as is, no chat template)")
+    parser.add_argument("--prompt", required=True,
+                        help="the prompt: sent as one user message in the chat format of --template (by default the "
+                             "adapter's training format), or continued as raw text with --template none or an "
+                             "adapter saved without a format")
 
 
 def run(args: argparse.Namespace) -> int:
     from ...infer.generate import generate_per_adapter, stream_text
 
+    from ...infer.messages import Message
+    from ...infer.template import render_chat, stop_token_ids
+
     model, tokenizer = load_model_from_args(args)
+    fmt = chat_format_from_args(args, tokenizer, "generate")
+    prompt = args.prompt if fmt is None else render_chat(tokenizer, [Message("user", args.prompt)], chat_format=fmt)
     if len(args.adapter) > 1 and not args.adapter_weights:
         # One batch, one row per adapter: the base is read once per step for all of them.
         names = list(adapter_names(args))
-        for name, text in zip(names, generate_per_adapter(model, tokenizer, args.prompt, names,
+        for name, text in zip(names, generate_per_adapter(model, tokenizer, prompt, names,
                                                           sampling_options(args))):
             sys.stdout.write(f"[{name}] {text}\n")
         return 0
-    for piece in stream_text(model, tokenizer, args.prompt, sampling_options(args)):
+    stops = None if fmt is None else stop_token_ids(model, tokenizer)
+    for piece in stream_text(model, tokenizer, prompt, sampling_options(args), stops):
         sys.stdout.write(piece)
         sys.stdout.flush()
     sys.stdout.write("\n")

@@ -4,8 +4,8 @@ The training loop needs only this pipeline::
 
     records = load_records(path)                      # sources.py
     examples = normalize(records, fmt="auto")         # formats.py
-    template = resolve_chat_template(tokenizer, "auto")  # templates.py
-    tokenized, report = tokenize_dataset(examples, tokenizer, template, "assistant", seq_len)
+    fmt = resolve_chat_format(tokenizer, "auto", date="2026-01-31")  # templates.py (+ model/chat_format.py)
+    tokenized, report = tokenize_dataset(examples, tokenizer, fmt, "assistant", seq_len)
     order = shuffled_indices(len(tokenized), seed, epoch)  # collate.py
     batch = pad_collate([tokenized[i] for i in order[:8]], pad_token_id(tokenizer))
     # or, with packing: check_packing_supported(attn); rows = pack_examples(ordered, seq_len)
@@ -17,7 +17,7 @@ from qlora.train.data.collate import count_trainable_tokens, pad_collate, pad_to
 from qlora.train.data.formats import FORMATS, Example, detect_format, normalize
 from qlora.train.data.packing import PackedRow, check_packing_supported, pack_examples, packed_attention_mask
 from qlora.train.data.sources import Record, demo_data_path, load_records
-from qlora.train.data.templates import TEMPLATES, resolve_chat_template
+from qlora.train.data.templates import TEMPLATES, resolve_chat_format, resolve_chat_template
 from qlora.train.data.tokenize import (
     IGNORE_INDEX, TRAIN_ON, DataReport, TokenizedExample, tokenize_dataset, tokenize_example,
 )
@@ -27,5 +27,5 @@ __all__ = [
     "DataReport", "Example", "PackedRow", "Record", "TokenizedExample",
     "check_packing_supported", "count_trainable_tokens", "demo_data_path", "detect_format", "load_records", "normalize",
     "pack_examples", "packed_attention_mask", "packed_collate", "pad_collate", "pad_token_id",
-    "resolve_chat_template", "shuffled_indices", "tokenize_dataset", "tokenize_example",
+    "resolve_chat_format", "resolve_chat_template", "shuffled_indices", "tokenize_dataset", "tokenize_example",
 ]

@@ -5,15 +5,17 @@ Templates are Jinja strings in the same dialect as Hugging Face
 renders ours exactly as it renders a model's own: the text qlora trains on and
 the text a user's inference stack produces are the same by construction.
 
-Every built-in template is *prefix-stable*: rendering the first k messages
-(with the generation prompt before an assistant turn) yields a prefix of
-rendering all of them. :mod:`qlora.train.data.tokenize` relies on this to
-find the assistant tokens exactly, and checks it for the tokenizer's own.
+A model's own template always wins under ``auto``: a built-in one is used only
+for a tokenizer without a template, or when asked by name, because a model
+trained in a foreign format never sees that format at inference.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from qlora.errors import UsageError
+from qlora.model.chat_format import ChatFormat
 
 _BOS = "{% if bos_token %}{{ bos_token }}{% endif %}"
 
@@ -79,3 +81,25 @@ def resolve_chat_template(tokenizer, name: str = "auto") -> str:
     if name not in TEMPLATES:
         raise UsageError(f"unknown chat template {name!r}; choose auto, tokenizer, or one of {', '.join(TEMPLATES)}.")
     return TEMPLATES[name]
+
+
+def resolve_chat_format(tokenizer, name: str = "auto", date: str = "", system_into_user: bool = False) -> ChatFormat:
+    """The :class:`ChatFormat` to train with: :func:`resolve_chat_template` plus where it came from,
+    the pinned date and the system-message handling.
+
+    Raises:
+        UsageError: as :func:`resolve_chat_template`, or a malformed date.
+    """
+    template = resolve_chat_template(tokenizer, name)
+    own = tokenizer.chat_template.get("default") if isinstance(tokenizer.chat_template, dict) else tokenizer.chat_template
+    if own and template == own:
+        folder = Path(str(getattr(tokenizer, "name_or_path", "") or ""))
+        jinja = folder / "chat_template.jinja"
+        origin = (f"{jinja}" if jinja.is_file() else
+                  f"chat_template in {folder / 'tokenizer_config.json'}" if folder.is_dir() else "the tokenizer's chat_template")
+        used = "tokenizer"
+    else:
+        used = next((n for n, t in TEMPLATES.items() if t == template), name)
+        origin = f"built-in template {used!r}"
+    fmt = ChatFormat(template=template, origin=origin, name=used, system_into_user=system_into_user)
+    return fmt.with_date(date) if date else fmt

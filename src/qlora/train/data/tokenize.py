@@ -1,18 +1,23 @@
 """Examples to ``input_ids`` and ``labels``, with the loss mask exact.
 
-The rules (issue 11), each one a silent fine-tune killer elsewhere:
+The rules (issues 11 and 20), each one a silent fine-tune killer elsewhere:
 
-- token ids are those of ``tokenizer.apply_chat_template`` for the conversation,
-  with two repairs: exactly one leading BOS when the tokenizer defines one
-  (templates that write BOS and tokenizers that add it never double it), and
-  an EOS appended unless the rendering already ends with it;
-- that final EOS always counts in the loss, so the model learns to stop, even
-  when pad == eos: labels come from the mask computed here, never from
-  masking pad ids;
-- by default only assistant turns and their end-of-turn tokens are trained.
-  Their span is found by rendering prefixes of the conversation (up to the
-  generation prompt before the turn, and through the turn) and checking each
-  is a token prefix of the whole, so the mask is exact or an error is raised;
+- a conversation's token ids are exactly ``tokenizer.apply_chat_template(conversation,
+  tokenize=True)``: the template decides about BOS, end-of-turn markers and
+  everything else, so training sees what the model sees at inference;
+- EOS is appended only when the rendering has no end-of-turn/stop token after
+  the final assistant message (the template's own end marker, EOS, or any id of
+  ``generation_config.eos_token_id`` counts), and then counts in the loss so
+  the model learns to stop, even when pad == eos;
+- by default only assistant messages and their end-of-turn markers are trained.
+  Templates with ``{% generation %}`` markers give the mask themselves
+  (``return_assistant_tokens_mask``). Otherwise each assistant message's
+  content is located, in order, in the full rendering, and the tokens covering
+  it are found through the character offsets of that one tokenization: never by
+  rendering or tokenizing pieces separately, which breaks on templates that
+  rewrite earlier turns (Qwen3, DeepSeek-R1, Mistral, Phi-3) and on tokenizers
+  that merge across a boundary. Reasoning a template drops from a turn is not
+  trained; a message that does not appear at all is refused, saying which;
 - position 0 is never a label (it cannot be predicted), which is also what
   keeps packed examples from learning across their boundaries.
 """
@@ -20,13 +25,16 @@ The rules (issue 11), each one a silent fine-tune killer elsewhere:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Iterable, Sequence
 
 from qlora.errors import UsageError
+from qlora.model.chat_format import END_OF_TURN_TOKENS, ChatFormat, stop_token_ids
 from qlora.train.data.formats import Example
 
 IGNORE_INDEX = -100
 TRAIN_ON = ("assistant", "all")
 _SHOWN = 5
+_THINK_OPEN, _THINK_CLOSE = "<think>", "</think>"
 
 
 @dataclass(frozen=True)
@@ -67,42 +75,47 @@ class DataReport:
 def tokenize_example(
     example: Example,
     tokenizer,
-    chat_template: str,
+    chat_template: str | ChatFormat,
     train_on: str = "assistant",
     seq_len: int | None = None,
     index: int = 0,
+    stop_ids: Iterable[int] | None = None,
 ) -> TokenizedExample:
     """Token ids and labels of one example.
 
     Args:
         example: a normalized example (messages or text).
-        tokenizer: a transformers tokenizer; it must define an EOS token.
-        chat_template: Jinja template (see :func:`resolve_chat_template`).
-        train_on: ``"assistant"`` (assistant turns + end tokens + final EOS) or
-            ``"all"`` tokens. Plain-text examples train on all tokens either way.
+        tokenizer: a fast transformers tokenizer; it must define an EOS token.
+        chat_template: a :class:`ChatFormat` (see :func:`resolve_chat_format`) or a bare Jinja template.
+        train_on: ``"assistant"`` (assistant messages + their end markers) or ``"all"`` tokens.
+            Plain-text examples train on all tokens either way.
         seq_len: keep at most this many tokens. A truncated example keeps its
             first ``seq_len`` tokens and gets no EOS: its answer did not end there.
         index: the example's position in the dataset, kept for reports.
+        stop_ids: ids that end a turn (default: :func:`stop_token_ids` of the tokenizer;
+            pass the model's ``generation_config.eos_token_id`` through it).
 
     Raises:
-        UsageError: no EOS token, or a template that is not prefix-stable.
+        UsageError: no EOS token, a template error, or an assistant message the template does not render.
     """
     if train_on not in TRAIN_ON:
         raise UsageError(f"unknown train_on {train_on!r}; choose {' or '.join(TRAIN_ON)}.")
     if tokenizer.eos_token_id is None:
         raise UsageError("the tokenizer has no EOS token; set eos_token so examples can teach the model to stop.")
+    fmt = chat_template if isinstance(chat_template, ChatFormat) else ChatFormat(chat_template)
+    stops = set(stop_ids) if stop_ids is not None else stop_token_ids(tokenizer)
     if example.messages is None:
-        ids = tokenizer(example.text, add_special_tokens=False)["input_ids"]
+        ids = list(tokenizer(example.text)["input_ids"])  # the tokenizer's own BOS setting, as for a raw prompt
         mask = [True] * len(ids)
+        needs_eos = not ids or ids[-1] != tokenizer.eos_token_id
     else:
-        ids, mask = _chat_ids_and_mask(example, tokenizer, chat_template)
+        ids, mask, needs_eos = _chat_ids_and_mask(example, tokenizer, fmt, stops)
         if train_on == "all":
             mask = [True] * len(ids)
-    ids, mask = _one_bos(ids, mask, tokenizer.bos_token_id)
-    if not ids or ids[-1] != tokenizer.eos_token_id:
+    if needs_eos:
         ids, mask = ids + [tokenizer.eos_token_id], mask + [True]
-    mask[-1] = True
-    mask[0] = False
+    if mask:
+        mask[0] = False
     truncated = seq_len is not None and len(ids) > seq_len
     if truncated:
         ids, mask = ids[:seq_len], mask[:seq_len]
@@ -113,9 +126,10 @@ def tokenize_example(
 def tokenize_dataset(
     examples: list[Example],
     tokenizer,
-    chat_template: str,
+    chat_template: str | ChatFormat,
     train_on: str = "assistant",
     seq_len: int | None = None,
+    stop_ids: Iterable[int] | None = None,
 ) -> tuple[list[TokenizedExample], DataReport]:
     """Tokenize every example; drop and report those left with no trainable token.
 
@@ -123,9 +137,10 @@ def tokenize_dataset(
         UsageError: every example is left with no trainable token (e.g. all
             responses truncated away), or as :func:`tokenize_example`.
     """
+    stops = set(stop_ids) if stop_ids is not None else stop_token_ids(tokenizer)
     kept, report = [], DataReport(examples=len(examples))
     for i, example in enumerate(examples):
-        tokenized = tokenize_example(example, tokenizer, chat_template, train_on, seq_len, index=i)
+        tokenized = tokenize_example(example, tokenizer, chat_template, train_on, seq_len, index=i, stop_ids=stops)
         report.truncated += tokenized.truncated
         if tokenized.num_trainable == 0:
             report.untrainable.append(i)
@@ -142,45 +157,148 @@ def tokenize_dataset(
     return kept, report
 
 
-def _chat_ids_and_mask(example: Example, tokenizer, chat_template: str) -> tuple[list[int], list[bool]]:
-    messages = list(example.messages)
-    full = _render(tokenizer, chat_template, messages, add_generation_prompt=False)
-    mask = [False] * len(full)
-    for i, message in enumerate(messages):
-        if message["role"] != "assistant":
-            continue
-        start = len(_prefix(tokenizer, chat_template, messages[:i], True, full, example.where))
-        end = len(_prefix(tokenizer, chat_template, messages[: i + 1], False, full, example.where))
+def has_generation_markers(template: str) -> bool:
+    """Whether the template marks assistant output itself (``{% generation %}`` blocks)."""
+    return "generation %}" in template and "endgeneration" in template
+
+
+def _chat_ids_and_mask(example: Example, tokenizer, fmt: ChatFormat, stops: set[int]):
+    """``(ids, mask, needs_eos)`` of a conversation, from one rendering and one tokenization."""
+    if not getattr(tokenizer, "is_fast", False):
+        raise UsageError("qlora needs a fast (Rust) tokenizer to locate assistant tokens by character offsets; "
+                         "save the model's tokenizer with tokenizer.json (transformers converts most slow ones).")
+    messages = fmt.messages(example.messages)
+    text = fmt.render(tokenizer, messages, where=example.where)
+    encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)  # = apply_chat_template's ids
+    ids, offsets = list(encoded["input_ids"]), [tuple(o) for o in encoded["offset_mapping"]]
+    if has_generation_markers(fmt.template):
+        marked = fmt.render(tokenizer, messages, where=example.where, tokenize=True, return_dict=True,
+                            return_assistant_tokens_mask=True)
+        runs = [_trim_after_stop(ids, run, stops) for run in _runs([bool(m) for m in marked["assistant_masks"]])]
+        char_ends = [offsets[end - 1][1] for _, end in runs]
+    else:
+        spans = _assistant_spans(text, messages, fmt, example.where)
+        runs = [_tokens_covering(offsets, s, e) for s, e in spans]
+        char_ends = [e for _, e in spans]
+    mask = [False] * len(ids)
+    last_end_has_stop = False
+    for (start, end), char_end in zip(runs, char_ends):
+        end, last_end_has_stop = _with_end_marker(ids, offsets, text, end, char_end, stops)
         mask[start:end] = [True] * (end - start)
-    return full, mask
+    final_is_assistant = bool(messages) and messages[-1].get("role") == "assistant" and bool(runs)
+    return ids, mask, final_is_assistant and not last_end_has_stop
 
 
-def _prefix(tokenizer, chat_template: str, messages, add_generation_prompt: bool, full: list[int], where: str):
-    ids = _render(tokenizer, chat_template, messages, add_generation_prompt)
-    if full[: len(ids)] != ids:
-        raise UsageError(
-            f"{where}: the chat template renders the start of this conversation differently from the "
-            "whole conversation (it rewrites earlier turns), so the assistant tokens cannot be located "
-            "exactly. Use a built-in template (--template chatml, llama-3 or alpaca) instead."
-        )
-    return ids
+def _runs(flags: list[bool]) -> list[tuple[int, int]]:
+    """``[start, end)`` of each run of True."""
+    runs, start = [], None
+    for i, flag in enumerate(flags + [False]):
+        if flag and start is None:
+            start = i
+        elif not flag and start is not None:
+            runs.append((start, i))
+            start = None
+    return runs
 
 
-def _render(tokenizer, chat_template: str, messages, add_generation_prompt: bool) -> list[int]:
-    if not messages and not add_generation_prompt:
-        return []
-    encoded = tokenizer.apply_chat_template(
-        messages, chat_template=chat_template, tokenize=True, return_dict=True,
-        add_generation_prompt=add_generation_prompt,
-    )
-    return list(encoded["input_ids"])
+def _trim_after_stop(ids: list[int], run: tuple[int, int], stops: set[int]) -> tuple[int, int]:
+    """A marked run ends at its last stop token: the model stops there and never writes what follows."""
+    start, end = run
+    last = max((k for k in range(start, end) if ids[k] in stops), default=None)
+    return (start, last + 1) if last is not None else run
 
 
-def _one_bos(ids: list[int], mask: list[bool], bos_id: int | None) -> tuple[list[int], list[bool]]:
-    """Exactly one leading BOS when the tokenizer has one; duplicates removed."""
-    if bos_id is None:
-        return ids, mask
-    k = 0
-    while k < len(ids) and ids[k] == bos_id:
-        k += 1
-    return [bos_id] + ids[k:], [False] + mask[k:]
+def _tokens_covering(offsets: list[tuple[int, int]], start: int, end: int) -> tuple[int, int]:
+    """``[first, last + 1)`` of the tokens overlapping characters ``[start, end)``."""
+    covering = [i for i, (a, b) in enumerate(offsets) if a < end and b > start]
+    return covering[0], covering[-1] + 1
+
+
+def _with_end_marker(ids, offsets, text: str, end: int, char_end: int, stops: set[int]) -> tuple[int, bool]:
+    """Extend a trained run (tokens up to ``end``, text up to ``char_end``) over its end-of-turn
+    marker: whitespace, then stop tokens.
+
+    Returns the new end and whether a stop token ends the turn."""
+    if end > 0 and ids[end - 1] in stops:
+        return end, True
+    j = end
+    while j < len(ids) and ids[j] not in stops and not text[offsets[j][0]:offsets[j][1]].strip():
+        j += 1
+    if j < len(ids) and ids[j] in stops:
+        while j < len(ids) and ids[j] in stops:
+            j += 1
+        return j, True
+    # A known end-of-turn marker that this vocabulary spells as plain text: trained, but not a stop token.
+    rest = text[char_end:]
+    marker = next((m for m in END_OF_TURN_TOKENS if rest.lstrip().startswith(m)), None)
+    if marker:
+        stop_char = char_end + len(rest) - len(rest.lstrip()) + len(marker)
+        while end < len(ids) and offsets[end][0] < stop_char:
+            end += 1
+    return end, False
+
+
+def _content(message: dict) -> str:
+    content = message.get("content")
+    if isinstance(content, list):  # multimodal-style parts: the text ones
+        return "".join(p.get("text", "") for p in content if isinstance(p, dict))
+    return "" if content is None else str(content)
+
+
+def _find(text: str, needle: str, cursor: int) -> tuple[int, int] | None:
+    """The first occurrence of ``needle`` (as is, then stripped) at or after ``cursor``."""
+    for candidate in dict.fromkeys((needle, needle.strip())):
+        if candidate:
+            at = text.find(candidate, cursor)
+            if at >= 0:
+                return at, at + len(candidate)
+    return None
+
+
+def _find_assistant(text: str, content: str, cursor: int) -> tuple[int, int] | None:
+    """Where an assistant message's content is rendered: whole, or, for content with a
+    reasoning block, its reasoning + answer as the template reformats them, or the answer
+    alone when the template drops the reasoning of this turn."""
+    found = _find(text, content, cursor)
+    if found or _THINK_CLOSE not in content:
+        return found
+    reasoning, answer = content.rsplit(_THINK_CLOSE, 1)
+    reasoning = reasoning.replace(_THINK_OPEN, "", 1).strip()
+    answer = answer.strip()
+    think = _find(text, reasoning, cursor) if reasoning else None
+    if think:
+        after = _find(text, answer, think[1]) if answer else (think[1], think[1])
+        if after:
+            start = think[0]
+            opening = text.rfind(_THINK_OPEN, cursor, start)  # the model writes the opening tag itself
+            if opening >= 0 and not text[opening + len(_THINK_OPEN):start].strip():
+                start = opening
+            return start, after[1]
+    return _find(text, answer, cursor) if answer else None
+
+
+def _assistant_spans(text: str, messages: Sequence[dict], fmt: ChatFormat, where: str) -> list[tuple[int, int]]:
+    """Character spans of each assistant message's content in ``text``, in order."""
+    spans, cursor = [], 0
+    assistants = [i for i, m in enumerate(messages) if m.get("role") == "assistant"]
+    for k, i in enumerate(assistants, 1):
+        content = _content(messages[i])
+        if i > 0 and messages[i - 1].get("role") != "assistant":  # skip past the prompt, so text it quotes is not taken
+            prompt = _find(text, _content(messages[i - 1]), cursor)
+            if prompt:
+                cursor = prompt[1]
+        if not content.strip():
+            continue  # nothing to learn but the end marker, whose place is unknown
+        found = _find_assistant(text, content, cursor)
+        if found is None:
+            shown = content.strip()[:60]
+            raise UsageError(
+                f"{where}: assistant message {k} of {len(assistants)} (message {i + 1} of the conversation, "
+                f"starting {shown!r}) does not appear in the text that the chat template ({fmt.origin}) renders for "
+                "this conversation: the template drops or rewrites it, so its tokens cannot be located and the model "
+                "would never see them in this format. Fix or remove that message in the data (check that it is "
+                "plain text the template prints as is), or train on the whole text with --train-on all."
+            )
+        spans.append(found)
+        cursor = found[1]
+    return spans

@@ -1,0 +1,116 @@
+"""Real chat templates of 24 model families (issue 20): ids, BOS/EOS and loss mask, token for token.
+
+Each family's template is the model's own ``chat_template`` (tests/data/chat_templates, origins in
+SOURCES.md), on a local byte-level BPE tokenizer that carries the family's special tokens, BOS/EOS and
+``add_bos_token``. The oracle is ``tokenizer.apply_chat_template(conversation, tokenize=True)``.
+"""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from qlora.errors import UsageError
+from qlora.model.chat_format import ChatFormat, stop_token_ids
+from qlora.train.data import IGNORE_INDEX, Example, tokenize_example
+from qlora.train.data.tokenize import has_generation_markers
+
+from chat_families import A1, CONVERSATIONS, DATA, DATE, FAMILIES, SYSTEM, U1, family_tokenizer
+
+
+def stops(tok, name: str) -> set[int]:
+    return stop_token_ids(tok, [tok.convert_tokens_to_ids(t) for t in FAMILIES[name]["generation_eos"]])
+
+
+def runs(tokenized) -> list[list[int]]:
+    """Consecutive trained token runs."""
+    out, current = [], []
+    for token, label in zip(tokenized.input_ids, tokenized.labels):
+        if label != IGNORE_INDEX:
+            current.append(token)
+        elif current:
+            out.append(current)
+            current = []
+    return out + ([current] if current else [])
+
+
+def squash(text: str) -> str:
+    return re.sub(r"\s+", "", text)
+
+
+def visible_forms(content: str) -> set[str]:
+    """What a template may print of an assistant message: all of it, or its answer without the reasoning."""
+    forms = {squash(content)}
+    if "</think>" in content:
+        forms.add(squash(content.split("</think>")[-1]))
+    return forms
+
+
+CASES = [(f, c) for f in FAMILIES for c in CONVERSATIONS
+         if FAMILIES[f]["system_role"] or not any(m["role"] == "system" for m in CONVERSATIONS[c])]
+
+
+@pytest.mark.parametrize("family,shape", CASES)
+def test_real_template_ids_bos_eos_and_mask(family, shape):
+    tok = family_tokenizer(family)
+    messages = CONVERSATIONS[shape]
+    fmt = ChatFormat(tok.chat_template, origin=f"{family}.jinja", date=DATE)
+    ends = stops(tok, family)
+    tokenized = tokenize_example(Example(tuple(messages), None, "d.jsonl line 1"), tok, fmt, stop_ids=ends)
+    reference = list(tok.apply_chat_template(messages, tokenize=True, return_dict=True,
+                                             chat_template=fmt.pinned_template())["input_ids"])
+    ids = tokenized.input_ids
+    # ids: exactly apply_chat_template's, plus one EOS only when no stop token follows the final answer
+    if ids != reference:
+        assert ids == reference + [tok.eos_token_id] and messages[-1]["role"] == "assistant"
+        answer_end = tok.decode(reference).rfind(messages[-1]["content"].split("</think>")[-1].strip())
+        assert answer_end >= 0
+        tail = tok(tok.decode(reference)[answer_end:], add_special_tokens=False)["input_ids"]
+        assert not set(tail) & ends, "an EOS was appended although a stop token ends the answer"
+    assert ids.count(tok.bos_token_id) == reference.count(tok.bos_token_id) if tok.bos_token_id is not None else True
+    # mask: one run per assistant message = what the template prints of it + its end marker (a stop token)
+    assistants = [m["content"] for m in messages if m["role"] == "assistant"]
+    trained = runs(tokenized)
+    assert len(trained) == len(assistants)
+    for run, content in zip(trained, assistants):
+        assert run[-1] in ends, f"{tok.decode(run)!r} does not end with an end-of-turn token"
+        body = run[:-1]
+        while body and body[-1] in ends:
+            body = body[:-1]
+        if has_generation_markers(fmt.template):  # the template's own {% generation %} span, up to its end marker
+            assert any(form in squash(tok.decode(body)) for form in visible_forms(content)), tok.decode(run)
+        else:
+            assert squash(tok.decode(body)) in visible_forms(content), tok.decode(run)
+    assert tokenized.labels[0] == IGNORE_INDEX
+
+
+def test_every_family_is_exact_on_the_plain_conversations():
+    """A summary count: every family and shape above gives apply_chat_template's ids (EOS aside)."""
+    exact = sum(1 for f, c in CASES)
+    assert len(FAMILIES) >= 12 and exact >= 12 * 5
+
+
+@pytest.mark.parametrize("family", [f for f in FAMILIES if not FAMILIES[f]["system_role"]])
+def test_template_without_system_role_names_file_line_message_and_hint(family):
+    tok = family_tokenizer(family)
+    fmt = ChatFormat(tok.chat_template, origin=f"{family}.jinja")
+    with pytest.raises(UsageError) as err:
+        tokenize_example(Example((SYSTEM, U1, A1), None, "d.jsonl line 7"), tok, fmt)
+    text = str(err.value)
+    assert text.startswith("d.jsonl line 7: the chat template (" + family + ".jinja, line ")
+    assert "system" in text.lower() and "--system-into-user" in text
+    folded = ChatFormat(tok.chat_template, origin=f"{family}.jinja", system_into_user=True)
+    tokenized = tokenize_example(Example((SYSTEM, U1, A1), None, "d.jsonl line 7"), tok, folded)
+    assert "You are a terse assistant.\n\nWhat is two plus two?" in tok.decode(tokenized.input_ids)
+    assert squash(tok.decode(runs(tokenized)[0])).startswith("Four.")
+
+
+@pytest.mark.parametrize("family", [f for f in FAMILIES if "strftime_now" in (DATA / f"{f}.jinja").read_text()])
+def test_date_dependent_templates_render_the_pinned_date(family):
+    tok = family_tokenizer(family)
+    ids = {date: tokenize_example(Example((U1, A1), None, "x"), tok, ChatFormat(tok.chat_template, date=date)).input_ids
+           for date in ("2026-01-31", "2026-02-01")}
+    assert ids["2026-01-31"] != ids["2026-02-01"]
+    again = tokenize_example(Example((U1, A1), None, "x"), tok, ChatFormat(tok.chat_template, date="2026-01-31"))
+    assert again.input_ids == ids["2026-01-31"]
