@@ -306,3 +306,44 @@ def _wait(condition, timeout: float = 60.0) -> None:
     while not condition():
         assert time.monotonic() < deadline, "timed out"
         time.sleep(0.01)
+
+
+def test_each_adapter_chats_in_the_format_it_was_trained_with(tiny_model_dir, adapters, capsys, tmp_path):
+    """An adapter saved with ``chat_format.json`` (here Alpaca) is prompted in that format, as ``qlora generate``
+    does with ``--template auto``; the base keeps the model's own template."""
+    import argparse
+    import shutil
+
+    from qlora.cli.commands.serve import chat_formats
+    from qlora.infer.batcher import ContinuousBatcher
+    from qlora.model.chat_format import ChatFormat
+    from qlora.serve.app import build_app
+    from qlora.serve.server import BackgroundServer
+    from qlora.train.data.templates import TEMPLATES
+
+    alpaca_dir = tmp_path / "c"
+    shutil.copytree(adapters / "a", alpaca_dir)
+    ChatFormat(template=TEMPLATES["alpaca"], origin="--template alpaca", name="alpaca").save(alpaca_dir)
+    capsys.readouterr()
+    assert main(["generate", "--model", str(tiny_model_dir), "--compute-dtype", "fp32", "--temperature", "0",
+                 "--max-new-tokens", str(MAX_TOKENS), "--adapter", f"c={alpaca_dir}", "--prompt", "Hello"]) == 0
+    expected = capsys.readouterr().out[:-1]
+
+    model, tokenizer = qlora.load_model(tiny_model_dir, compute_dtype=torch.float32, device="cpu")
+    qlora.load_adapter(model, alpaca_dir, adapter_name="c")
+    formats = chat_formats(argparse.Namespace(template="auto", adapter=[f"c={alpaca_dir}"]), tokenizer)
+    assert formats["c"].name == "alpaca" and None not in formats
+    batcher = ContinuousBatcher(model.eval(), tokenizer, max_batch_size=4, context_length=512).start()
+    try:
+        with BackgroundServer(build_app(batcher, "tiny", ["c"], chat_formats=formats)) as server:
+            client = openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0, timeout=60)
+            reply = _chat(client, "c")
+            base = _chat(client, "tiny")
+    finally:
+        batcher.close()
+    assert reply.choices[0].message.content == expected
+    alpaca_prompt = formats["c"].render(tokenizer, HELLO, add_generation_prompt=True)
+    assert "### Instruction:\nHello" in alpaca_prompt
+    assert reply.usage.prompt_tokens == len(tokenizer(alpaca_prompt, add_special_tokens=False).input_ids)  # BOS by the template
+    assert base.usage.prompt_tokens == len(tokenizer(render_chat(tokenizer, [Message("user", "Hello")])).input_ids)
+    assert base.usage.prompt_tokens != reply.usage.prompt_tokens

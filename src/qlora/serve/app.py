@@ -28,13 +28,15 @@ from ..infer.batcher import Request as Generation
 from ..infer.generate import SamplingOptions, encode_prompt
 from ..infer.messages import Message
 from ..infer.template import render_chat, stop_token_ids
+from ..model.chat_format import ChatFormat
 from .protocol import APIError, ChatCompletionRequest, CompletionRequest, _Body
 
 TYPE_TAGS = {"str", "int", "float", "bool", "dict", "list", "none"}
 DISCONNECT_POLL_S = 0.5  # how often a non-streaming request checks that its client is still there
 
 
-def build_app(batcher: ContinuousBatcher, base_id: str, adapters: list[str], api_key: str | None = None) -> FastAPI:
+def build_app(batcher: ContinuousBatcher, base_id: str, adapters: list[str], api_key: str | None = None,
+              chat_formats: dict[str | None, ChatFormat | None] | None = None) -> FastAPI:
     """The application serving ``batcher``'s model as ``base_id`` and each adapter as its name.
 
     Args:
@@ -42,7 +44,10 @@ def build_app(batcher: ContinuousBatcher, base_id: str, adapters: list[str], api
         base_id: model id of the base alone.
         adapters: adapter names, served as model ids.
         api_key: when set, every request but ``GET /health`` needs ``Authorization: Bearer <api_key>``.
+        chat_formats: adapter name (``None``: the base) -> the chat format its chat requests are rendered
+            with (the one it was trained with); missing or ``None``: the tokenizer's own template.
     """
+    chat_formats = chat_formats or {}
     model, tokenizer = batcher.model, batcher.tokenizer
     chat_stops = frozenset(stop_token_ids(model, tokenizer))
     eos = tokenizer.eos_token_id
@@ -88,7 +93,7 @@ def build_app(batcher: ContinuousBatcher, base_id: str, adapters: list[str], api
         messages = [Message("system" if m.role == "developer" else m.role, m.text(i))
                     for i, m in enumerate(body.messages)]
         try:
-            prompt = render_chat(tokenizer, messages)
+            prompt = render_chat(tokenizer, messages, chat_format=chat_formats.get(adapter))
         except Exception as exc:  # e.g. a template that allows no system turn, or needs alternating roles
             raise APIError(400, f"The model's chat template rejected these messages: {exc}", "messages") from None
         prompt_ids = _encode(model, tokenizer, prompt)

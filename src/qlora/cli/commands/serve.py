@@ -30,6 +30,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="4-bit format of the base weights on load, or none for 16/32-bit")
     parser.add_argument("--compute-dtype", choices=("bf16", "fp16", "fp32"), default="bf16",
                         help="dtype of the matmuls and unquantized weights")
+    parser.add_argument("--template", choices=("auto", "tokenizer", "chatml", "llama-3", "alpaca"), default="auto",
+                        help="chat format of /v1/chat/completions: auto = each adapter's own (its chat_format.json, "
+                             "the format it was trained with), else the model's own template; or one format for all")
     parser.add_argument("--host", default="127.0.0.1",
                         help="address to listen on (default: loopback only; 0.0.0.0 exposes the server)")
     parser.add_argument("--port", type=int, default=8000, help="TCP port (0: any free port)")
@@ -51,6 +54,22 @@ def model_context_length(model, tokenizer) -> int | None:
     limits.append(getattr(tokenizer, "model_max_length", None))
     limits = [n for n in limits if isinstance(n, int) and 0 < n < 10**8]
     return min(limits) if limits else None
+
+
+def chat_formats(args: argparse.Namespace, tokenizer) -> dict:
+    """Adapter name (``None``: the base) -> the ChatFormat its chat requests are rendered with.
+
+    With ``--template auto`` each adapter prompts in the format it was trained with (a model
+    trained on Alpaca text answers Alpaca prompts); the base and older adapters use the model's own.
+    """
+    from ...model.chat_format import ChatFormat
+    from ...train.data import resolve_chat_format
+    from .generate import adapter_names
+
+    if args.template != "auto":
+        fixed = resolve_chat_format(tokenizer, args.template)
+        return {None: fixed, **{name: fixed for name in adapter_names(args)}}
+    return {name: ChatFormat.load(path) for name, path in adapter_names(args).items()}
 
 
 def run(args: argparse.Namespace) -> int:
@@ -77,8 +96,9 @@ def run(args: argparse.Namespace) -> int:
         context = args.max_model_len
     if context is None:
         raise UsageError("the model's config gives no context length; pass --max-model-len")
+    formats = chat_formats(args, tokenizer)
     batcher = ContinuousBatcher(model, tokenizer, max_batch_size=args.max_batch_size, context_length=context)
-    app = build_app(batcher.start(), base_id, names, api_key=args.api_key or None)
+    app = build_app(batcher.start(), base_id, names, api_key=args.api_key or None, chat_formats=formats)
     try:
         sock = bind(args.host, args.port)
     except OSError as exc:
