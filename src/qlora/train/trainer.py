@@ -155,8 +155,8 @@ class Trainer:
         """Check the output folder, then load model, adapter, data, optimizer; resume if asked."""
         cfg = self.config
         resume_from = self._check_output()
-        self.train_units, self.report = self._load_data(cfg.data)
-        self.eval_units = self._load_data(cfg.eval_data)[0] if cfg.eval_data else []
+        self.train_units, self.report = self._load_data(cfg.data, cfg.data_split)
+        self.eval_units = self._load_data(cfg.eval_data, cfg.eval_data_split)[0] if cfg.eval_data else []
         self.dist.barrier()  # every rank has checked --output before rank 0 changes it
         if cfg.overwrite and not cfg.resume and self.out.exists() and self.dist.is_main:
             shutil.rmtree(self.out)  # only now: every input has been checked
@@ -273,9 +273,9 @@ class Trainer:
         else:
             self.forward_model = wrap_ddp(self.model, self.dist)
 
-    def _load_data(self, source: str):
+    def _load_data(self, source: str, split: str):
         cfg = self.config
-        examples = normalize(load_records(source), cfg.format)
+        examples = normalize(load_records(source, split, cfg.data_subset), cfg.format)
         template = resolve_chat_template(self.tokenizer, cfg.template)
         tokenized, report = tokenize_dataset(examples, self.tokenizer, template, cfg.train_on, cfg.seq_len)
         if cfg.packing:

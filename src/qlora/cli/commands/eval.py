@@ -16,7 +16,10 @@ HELP = "loss and perplexity of a model (+ adapter) on a dataset"
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="base model folder or hub id")
     parser.add_argument("--adapter", default=None, help="a PEFT-format adapter folder (e.g. a qlora train output)")
-    parser.add_argument("--data", required=True, help="evaluation data (.jsonl/.json/.csv/.parquet or a dataset name)")
+    parser.add_argument("--data", required=True, help="evaluation data: a .jsonl/.json/.csv/.parquet/.arrow/.txt file, "
+                        "a save_to_disk folder, or a hub dataset name")
+    parser.add_argument("--data-split", default="test", help="split of a hub dataset or DatasetDict folder (default test)")
+    parser.add_argument("--data-subset", default=None, help="subset (configuration) of a hub dataset")
     parser.add_argument("--format", default="auto", choices=("auto", "alpaca", "chat", "sharegpt", "text"))
     parser.add_argument("--template", default="auto", choices=("auto", "chatml", "llama-3", "alpaca"))
     parser.add_argument("--train-on", default="assistant", choices=("assistant", "all"), help="tokens that count")
@@ -40,7 +43,7 @@ def run(args: argparse.Namespace) -> int:
                                   compute_dtype=dtype, device=device)
     if args.adapter:
         load_adapter(model, args.adapter)
-    examples = normalize(load_records(args.data), args.format)
+    examples = normalize(load_records(args.data, args.data_split, args.data_subset), args.format)
     template = resolve_chat_template(tokenizer, args.template)
     tokenized, report = tokenize_dataset(examples, tokenizer, template, args.train_on, args.seq_len)
     model.eval()
