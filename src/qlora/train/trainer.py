@@ -35,6 +35,7 @@ import numpy as np
 import torch
 
 from qlora.atomic import atomic_dir
+from qlora.cpu_threads import apply_cpu_threads
 from qlora.errors import UsageError
 from qlora.optim import create_optimizer
 from qlora.train.config import TrainConfig
@@ -221,6 +222,7 @@ class Trainer:
         quant = None if cfg.quant == "none" or cfg.init == "loftq" else cfg.quant  # LoftQ quantizes below
         self.model, self.tokenizer = load_model(cfg.model, quant=quant, double_quant=cfg.double_quant,
                                                 blocksize=cfg.blocksize, compute_dtype=self.dtype, device=self.device)
+        apply_cpu_threads(self.model, self.device)  # one thread for small models: see qlora.cpu_threads
         tokens = [t.strip() for t in cfg.add_special_tokens.split(",") if t.strip()]
         if tokens:
             from qlora.model.tokens import add_special_tokens

@@ -31,6 +31,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
+    from ...cpu_threads import apply_cpu_threads
     from ...model.adapter_io import load_adapter
     from ...model.load import load_model
     from ...train.data import (count_trainable_tokens, load_records, normalize, pad_collate, pad_token_id,
@@ -41,6 +42,7 @@ def run(args: argparse.Namespace) -> int:
     dtype = compute_dtype_for("auto", device)
     model, tokenizer = load_model(args.model, quant=None if args.quant == "none" else args.quant,
                                   compute_dtype=dtype, device=device)
+    apply_cpu_threads(model, device)
     if args.adapter:
         load_adapter(model, args.adapter)
     examples = normalize(load_records(args.data, args.data_split, args.data_subset), args.format)
