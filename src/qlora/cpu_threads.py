@@ -4,7 +4,7 @@ PyTorch starts one OpenMP thread per core. Each matmul then ends at a barrier
 where the threads wait for each other: when a thread's core is busy with
 another process, or when a matmul is only microseconds of work (small models),
 the waiting costs more than the parallel work saves. Measured on 2 busy cores
-(bench notes in BENCHMARKS.md): a [512 x h] @ [h x h] forward+backward took
+(`bench/cpu_threads.py`, BENCHMARKS.md): a [512 x h] @ [h x h] forward+backward took
 3.5 ms with one thread and 294 ms with two at h = 128, 45 vs 381 ms at h = 512,
 and 763 vs 1174 ms at h = 2048; ``qlora demo`` (h = 128) ran 60 steps in 7 s
 with one thread and had not finished in 10 minutes with two.
