@@ -34,7 +34,8 @@ check() {  # check NAME COMMAND...: run it, no stdin; fail on a non-zero exit or
         tail -n 40 "$work/$name.err" >&2
         exit 1
     fi
-    echo "  ok ($((SECONDS - start)) s): $*"
+    local shown="$*"
+    echo "  ok ($((SECONDS - start)) s): ${shown%%$'\n'*}"
 }
 
 cd "$work/qlora"
