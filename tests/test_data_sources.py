@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 
 import pytest
@@ -58,24 +57,99 @@ def test_empty_dataset(tmp_path):
 
 
 def test_unknown_suffix_and_missing_file(tmp_path):
-    (tmp_path / "d.txt").write_text("hello")
-    with pytest.raises(UsageError, match="unknown data format '.txt'"):
-        load_records(tmp_path / "d.txt")
+    (tmp_path / "d.xml").write_text("<a/>")
+    with pytest.raises(UsageError, match="unknown data format '.xml'"):
+        load_records(tmp_path / "d.xml")
     with pytest.raises(UsageError, match="not found"):
         load_records(tmp_path / "nope.jsonl")
+    with pytest.raises(UsageError, match="not found"):
+        load_records("./some/dir")  # a relative path, never a hub name
 
 
-@pytest.mark.skipif(importlib.util.find_spec("pyarrow") is not None, reason="pyarrow installed")
-def test_parquet_without_pyarrow_says_what_to_install(tmp_path):
-    (tmp_path / "d.parquet").write_bytes(b"PAR1")
-    with pytest.raises(UsageError, match="pip install pyarrow"):
-        load_records(tmp_path / "d.parquet")
+def test_txt_is_plain_text_by_paragraph_or_by_line(tmp_path):
+    (tmp_path / "book.txt").write_text("\nFirst paragraph,\nstill first.\n\n\nSecond one.\r\n\nThird.\n\n")
+    records = load_records(tmp_path / "book.txt")
+    assert [r.fields for r in records] == [{"text": "First paragraph,\nstill first."}, {"text": "Second one."},
+                                           {"text": "Third."}]
+    assert [r.where.rsplit(" ", 2)[1:] for r in records] == [["line", "2"], ["line", "6"], ["line", "8"]]
+    (tmp_path / "lines.txt").write_text("\ufeffone sample\ntwo samples\n\n")  # BOM and a trailing blank line
+    records = load_records(tmp_path / "lines.txt")
+    assert [r.fields["text"] for r in records] == ["one sample", "two samples"]
+    examples = normalize(records)
+    assert examples[1].text == "two samples" and examples[1].where.endswith("lines.txt line 2")
 
 
-@pytest.mark.skipif(importlib.util.find_spec("datasets") is not None, reason="datasets installed")
-def test_hub_name_without_datasets_library():
-    with pytest.raises(UsageError, match="pip install datasets"):
-        load_records("someone/some-dataset")
+def test_txt_not_utf8_names_the_line(tmp_path):
+    (tmp_path / "latin.txt").write_bytes("fine\nstill fine\ncaf\u00e9\n".encode("latin-1"))
+    with pytest.raises(UsageError, match=r"latin\.txt line 3: not UTF-8"):
+        load_records(tmp_path / "latin.txt")
+
+
+def test_saved_datasets_and_arrow_files_through_datasets(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    rows = [{"instruction": f"q{i}", "input": "", "output": f"a{i}"} for i in range(3)]
+    datasets.Dataset.from_list(rows).save_to_disk(str(tmp_path / "one"))
+    one = load_records(tmp_path / "one")
+    assert [r.fields for r in one] == rows and one[2].where.endswith("one row 2")
+    arrow = next((tmp_path / "one").glob("*.arrow"))
+    assert [r.fields for r in load_records(arrow)] == rows
+    split = datasets.DatasetDict({"train": datasets.Dataset.from_list(rows),
+                                  "test": datasets.Dataset.from_list(rows[:1])})
+    split.save_to_disk(str(tmp_path / "dict"))
+    assert len(load_records(tmp_path / "dict")) == 3
+    test = load_records(tmp_path / "dict", split="test")
+    assert [r.fields for r in test] == rows[:1] and test[0].where.endswith("dict[test] row 0")
+    with pytest.raises(UsageError, match=r"no split 'validation'; it has train, test"):
+        load_records(tmp_path / "dict", split="validation")
+    (tmp_path / "fake.arrow").write_bytes(b"not arrow")
+    with pytest.raises(UsageError, match=r"fake\.arrow is not a readable Arrow file"):
+        load_records(tmp_path / "fake.arrow")
+
+
+def test_folder_of_data_files_through_datasets(tmp_path):
+    pytest.importorskip("datasets")
+    folder = tmp_path / "repo"
+    folder.mkdir()
+    _jsonl(folder / "train.jsonl", ALPACA)
+    _jsonl(folder / "test.jsonl", ALPACA[:1])
+    assert [r.fields for r in load_records(folder)] == ALPACA
+    assert [r.fields for r in load_records(folder, split="test")] == ALPACA[:1]
+    with pytest.raises(UsageError, match=r"--data-split"):
+        load_records(folder, split="dev")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(UsageError, match=r"empty: a folder given as --data"):
+        load_records(empty)
+
+
+def test_hub_dataset_name_offline_fails_fast_and_clearly(monkeypatch):
+    """No hub (a closed local port as the endpoint): a clear error at once, not a minute of retries."""
+    import time
+
+    from qlora import hub
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", f"https://127.0.0.1:{_closed_port()}")
+    start = time.perf_counter()
+    with pytest.raises(UsageError, match=r"someone/some-dataset is not a local path, and the Hugging Face hub "
+                                         r"\(https://127\.0\.0\.1:\d+\) is not reachable"):
+        load_records("someone/some-dataset", split="train", subset="en")
+    assert time.perf_counter() - start < hub.PROBE_TIMEOUT_S + 1
+
+
+def test_hub_dataset_name_in_offline_mode_says_so(monkeypatch):
+    pytest.importorskip("datasets")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(UsageError, match=r"not in the Hugging Face cache, and offline mode is on"):
+        load_records("someone/some-dataset-that-is-not-cached")
+
+
+def _closed_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def test_demo_dataset_is_shipped_alpaca():

@@ -123,6 +123,8 @@ def test_metrics_reach_jsonl_tensorboard_and_plot(tmp_path, tiny_model_dir):
 def test_conversational_rows_use_the_chat_template(tmp_path, tiny_model_dir):
     from transformers import AutoTokenizer
 
+    from qlora.model.chat_format import stop_token_ids
+
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
     user = {"role": "user", "content": "Say hello."}
     rows = [
@@ -141,10 +143,10 @@ def test_conversational_rows_use_the_chat_template(tmp_path, tiny_model_dir):
     prompt = tok.apply_chat_template([user], add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
     whole = tok.apply_chat_template([user, {"role": "assistant", "content": "Hello there!"}], tokenize=True,
                                     return_dict=True)["input_ids"]
-    bos = [tok.bos_token_id]
+    ends_turn = any(t in stop_token_ids(tok) for t in whole[len(prompt):])  # the template's end marker: no EOS
     for pair in pairs:
-        assert pair.prompt_ids == bos + prompt  # one BOS, then the prompt with the generation prompt
-        assert pair.prompt_ids + pair.chosen_ids == bos + whole + [tok.eos_token_id]
+        assert pair.prompt_ids == prompt  # the template decides BOS; the prompt ends with the generation prompt
+        assert pair.prompt_ids + pair.chosen_ids == whole + ([] if ends_turn else [tok.eos_token_id])
         assert tok.decode(pair.rejected_ids, skip_special_tokens=True).startswith("Go away.")
     batch = preference_collate(pairs[:2], tok.pad_token_id)
     assert batch["input_ids"].shape[0] == 4  # chosen rows, then rejected rows, in one batch

@@ -151,9 +151,15 @@ def load_config(model: str):
             raise UsageError(f"cannot read a transformers config from {config_file}: {exc}. "
                              "It must be JSON with a model_type that transformers knows.") from exc
     if "/" in model and not model.startswith((".", "/")):
+        from .. import hub
+
+        cache_only = hub.cache_only()  # no minute of retries against a hub that is not there
         try:
-            return AutoConfig.from_pretrained(model)
+            return AutoConfig.from_pretrained(model, local_files_only=cache_only)
         except (OSError, ValueError) as exc:
+            if cache_only:
+                raise hub.unreachable_error(model, "model config", f"a local path or a known shape "
+                                            f"({', '.join(KNOWN_SHAPES)})", cache_checked=True) from None
             raise UsageError(f"{model!r} is not a local path and its config could not be fetched from the hub "
                              f"({exc.__class__.__name__}); pass a local path or a known shape "
                              f"({', '.join(KNOWN_SHAPES)}).") from exc

@@ -25,7 +25,7 @@ from ..quant import QuantState
 from .quantize import _skipped, is_conv1d, output_embedding_names, replace_modules
 
 def resolve_model_dir(name_or_path: str | Path) -> Path:
-    """A local folder, or a hub id downloaded when a hub is reachable."""
+    """A local folder, or a hub id: downloaded when a hub is reachable, else from the local cache."""
     path = Path(name_or_path).expanduser()
     if path.is_dir():
         if not (path / "config.json").is_file():
@@ -35,13 +35,21 @@ def resolve_model_dir(name_or_path: str | Path) -> Path:
     if path.exists() or str(name_or_path).startswith((".", "/", "~")) or str(name_or_path).count("/") > 1:
         raise UsageError(f"model path {name_or_path} does not exist or is not a folder; give a local model folder "
                          "or a hub id such as meta-llama/Meta-Llama-3-8B.")
-    try:
-        from huggingface_hub import snapshot_download
+    from huggingface_hub import snapshot_download
 
-        return Path(snapshot_download(str(name_or_path), allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt"]))
-    except Exception as exc:  # network errors come in many types
+    from .. import hub
+
+    cache_only = hub.cache_only()  # no minute of retries against a hub that is not there
+    try:
+        return Path(snapshot_download(str(name_or_path), allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt"],
+                                      local_files_only=cache_only))
+    except Exception as exc:  # network and hub errors come in many types
+        if cache_only:
+            raise hub.unreachable_error(str(name_or_path), "model", "a local model folder (one written by "
+                                        "save_pretrained)", cache_checked=True) from None
         raise UsageError(f"{name_or_path} is not a local folder and could not be fetched from the model hub "
-                         f"({type(exc).__name__}). Download it where a hub is reachable and pass the folder.") from exc
+                         f"({type(exc).__name__}: {exc}). Check the name, log in with `hf auth login` for gated "
+                         "models, or download it elsewhere and pass the folder.") from None
 
 
 def _weight_files(model_dir: Path) -> list[Path]:

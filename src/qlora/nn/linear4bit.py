@@ -24,7 +24,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..quant import QuantState, dequantize_4bit, quantize_4bit
-from ..quant.kernels import triton_gemv
 from ..quant.quant_state import NestedState
 
 class _Linear4bitFunction(torch.autograd.Function):
@@ -185,8 +184,13 @@ class Linear4bit(nn.Module):
 
     def _use_fused_gemv(self, x: torch.Tensor) -> bool:
         """Decode step: CUDA, Triton, no autograd graph needed, at most
-        ``triton_gemv.MAX_ROWS`` rows (beyond that, dequantize + GEMM reuses the weight)."""
-        return (x.is_cuda and 0 < x.numel() <= triton_gemv.MAX_ROWS * self.in_features
+        ``triton_gemv.MAX_ROWS`` rows (beyond that, dequantize + GEMM reuses the weight).
+        Triton is imported only here, on CUDA: CPU runs never pay for its import."""
+        if not x.is_cuda:
+            return False
+        from ..quant.kernels import triton_gemv
+
+        return (0 < x.numel() <= triton_gemv.MAX_ROWS * self.in_features
                 and not (torch.is_grad_enabled() and x.requires_grad)
                 and triton_gemv.supports(self.in_features, self.blocksize) and triton_gemv.available())
 
@@ -196,6 +200,8 @@ class Linear4bit(nn.Module):
         autocast = torch.is_autocast_enabled(x.device.type)
         xc = x.to(torch.get_autocast_dtype(x.device.type) if autocast else self.compute_dtype)
         if self._use_fused_gemv(xc):
+            from ..quant.kernels import triton_gemv
+
             y = triton_gemv.gemv_4bit(xc, self._quant_tensor("weight"), self.quant_state, self.bias)
         else:  # reference path: dequantize, then a dense matmul
             y = _Linear4bitFunction.apply(xc, self)

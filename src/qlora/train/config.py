@@ -27,7 +27,7 @@ METHODS = ("sft", "dpo", "orpo")
 
 # Fields whose change makes a checkpoint incompatible with a resumed run.
 _RUN_DEFINING = (
-    "model", "data", "quant", "double_quant", "blocksize", "rank", "alpha", "dropout", "target_modules",
+    "model", "data", "data_split", "data_subset", "quant", "double_quant", "blocksize", "rank", "alpha", "dropout", "target_modules",
     "rslora", "dora", "init", "loftq_iter", "seq_len", "batch_size", "grad_accum", "lr", "lr_scheduler", "warmup_ratio", "warmup_steps",
     "epochs", "max_steps", "optim", "weight_decay", "max_grad_norm", "packing", "template", "format",
     "system_into_user",
@@ -53,8 +53,12 @@ class TrainConfig:
                                        "in [0, 0.5)")
     precompute_ref: bool = _opt(False, "dpo: compute the reference log-probs once before training (stored in "
                                        "--output, reused on --resume) instead of in every step")
-    data: str | None = _opt(None, "training data: .jsonl/.json/.csv/.parquet file or a datasets name")
-    eval_data: str | None = _opt(None, "held-out data for eval loss and perplexity")
+    data: str | None = _opt(None, "training data: a .jsonl/.json/.csv/.parquet/.arrow/.txt file, a save_to_disk "
+                                  "folder, or a hub dataset name")
+    data_split: str = _opt("train", "split of --data to train on (hub datasets, DatasetDict folders)")
+    data_subset: str | None = _opt(None, "subset (configuration) of a hub dataset that has several")
+    eval_data: str | None = _opt(None, "held-out data for eval loss and perplexity (same kinds as --data)")
+    eval_data_split: str = _opt("test", "split of --eval-data (hub datasets, DatasetDict folders)")
     output: str | None = _opt(None, "output directory (adapter, checkpoints, metrics, plots)")
     format: str = _opt("auto", "data format", ("auto", "alpaca", "chat", "sharegpt", "text"))
     template: str = _opt("auto", "chat template: auto = the model's own (chatml if it has none), tokenizer = the "

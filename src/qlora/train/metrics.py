@@ -3,6 +3,10 @@
 metrics.jsonl is the record of truth (one JSON object a line, ``"split"`` =
 train or eval); TensorBoard and the PNG are views of it. On resume the lines
 after the checkpoint's step are dropped, so the file reads as one run.
+matplotlib is a dependency (a loss plot after every run is worth it);
+TensorBoard is optional (``pip install tensorboard``): without it the run says
+so in one line and writes everything else. Neither view can lose a run: a
+failure to draw is reported, never raised.
 """
 
 from __future__ import annotations
@@ -38,10 +42,10 @@ class MetricsLogger:
         self.records = _read_until(self.path, start_step)
         self.path.write_text("".join(json.dumps(r) + "\n" for r in self.records))
         self._file = open(self.path, "a")
-        self._tb = _tensorboard(out_dir / "events")
         from tqdm.auto import tqdm
 
         self._bar = tqdm(total=total_steps, initial=start_step, disable=not progress, unit="step", dynamic_ncols=True)
+        self._tb = _tensorboard(out_dir / "events", self.write)
 
     def log(self, record: dict[str, Any]) -> None:
         """Append one record (must hold ``step`` and ``split``)."""
@@ -73,7 +77,11 @@ class MetricsLogger:
         self._file.close()
         if self._tb is not None:
             self._tb.close()
-        plot_losses(self.records, self.out_dir / "loss.png")
+        try:
+            plot_losses(self.records, self.out_dir / "loss.png")
+        except ImportError as exc:  # a broken or partial matplotlib install
+            print(f"qlora: loss.png not drawn ({exc}); pip install matplotlib. The run's metrics are in "
+                  f"{self.path}.")
 
 
 def _read_until(path: Path, step: int) -> list[dict[str, Any]]:
@@ -83,10 +91,12 @@ def _read_until(path: Path, step: int) -> list[dict[str, Any]]:
     return [r for r in records if r["step"] <= step]
 
 
-def _tensorboard(log_dir: Path):
+def _tensorboard(log_dir: Path, say) -> Any:
+    """A TensorBoard writer, or None (said once) when tensorboard is not installed."""
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:
+        say("qlora: TensorBoard logging off (pip install tensorboard to get it); metrics.jsonl and loss.png are written")
         return None
     return SummaryWriter(str(log_dir))
 

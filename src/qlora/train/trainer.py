@@ -35,6 +35,7 @@ import numpy as np
 import torch
 
 from qlora.atomic import atomic_dir
+from qlora.cpu_threads import apply_cpu_threads
 from qlora.errors import UsageError
 from qlora.model.chat_format import ChatFormat, stop_token_ids, today
 from qlora.optim import create_optimizer
@@ -165,8 +166,8 @@ class Trainer:
         cfg = self.config
         resume_from = self._check_output()
         self.chat_format = self._chat_format(resume_from)
-        self.train_units, self.report = self._load_data(cfg.data)
-        self.eval_units = self._load_data(cfg.eval_data)[0] if cfg.eval_data else []
+        self.train_units, self.report = self._load_data(cfg.data, cfg.data_split)
+        self.eval_units = self._load_data(cfg.eval_data, cfg.eval_data_split)[0] if cfg.eval_data else []
         self.dist.barrier()  # every rank has checked --output before rank 0 changes it
         if cfg.overwrite and not cfg.resume and self.out.exists() and self.dist.is_main:
             shutil.rmtree(self.out)  # only now: every input has been checked
@@ -232,6 +233,7 @@ class Trainer:
         quant = None if cfg.quant == "none" or cfg.init == "loftq" else cfg.quant  # LoftQ quantizes below
         self.model, self.tokenizer = load_model(cfg.model, quant=quant, double_quant=cfg.double_quant,
                                                 blocksize=cfg.blocksize, compute_dtype=self.dtype, device=self.device)
+        apply_cpu_threads(self.model, self.device)  # one thread for small models: see qlora.cpu_threads
         tokens = [t.strip() for t in cfg.add_special_tokens.split(",") if t.strip()]
         if tokens:
             from qlora.model.tokens import add_special_tokens
@@ -288,16 +290,20 @@ class Trainer:
         else:
             self.forward_model = wrap_ddp(self.model, self.dist)
 
-    def _load_data(self, source: str):
+    def _load_data(self, source: str, split: str):
         cfg = self.config
-        examples = normalize(load_records(source), cfg.format)
-        generation_eos = getattr(getattr(self.model, "generation_config", None), "eos_token_id", None)
+        examples = normalize(load_records(source, split, cfg.data_subset), cfg.format)
         tokenized, report = tokenize_dataset(examples, self.tokenizer, self.chat_format, cfg.train_on, cfg.seq_len,
-                                             stop_ids=stop_token_ids(self.tokenizer, generation_eos))
+                                             stop_ids=self._stop_ids())
         if cfg.packing:
             order = shuffled_indices(len(tokenized), cfg.seed, 0)
             return pack_examples([tokenized[i] for i in order], cfg.seq_len), report
         return tokenized, report
+
+    def _stop_ids(self) -> set[int]:
+        """Ids that end an assistant turn: the tokenizer's end markers and the model's generation EOS ids."""
+        generation_eos = getattr(getattr(self.model, "generation_config", None), "eos_token_id", None)
+        return stop_token_ids(self.tokenizer, generation_eos)
 
     def _chat_format(self, resume_from: Path | None) -> ChatFormat:
         """The run's chat format; its date is pinned now (or taken from the checkpoint on --resume) and

@@ -16,7 +16,10 @@ HELP = "loss and perplexity of a model (+ adapter) on a dataset"
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="base model folder or hub id")
     parser.add_argument("--adapter", default=None, help="a PEFT-format adapter folder (e.g. a qlora train output)")
-    parser.add_argument("--data", required=True, help="evaluation data (.jsonl/.json/.csv/.parquet or a dataset name)")
+    parser.add_argument("--data", required=True, help="evaluation data: a .jsonl/.json/.csv/.parquet/.arrow/.txt file, "
+                        "a save_to_disk folder, or a hub dataset name")
+    parser.add_argument("--data-split", default="test", help="split of a hub dataset or DatasetDict folder (default test)")
+    parser.add_argument("--data-subset", default=None, help="subset (configuration) of a hub dataset")
     parser.add_argument("--format", default="auto", choices=("auto", "alpaca", "chat", "sharegpt", "text"))
     parser.add_argument("--template", default="auto", choices=("auto", "tokenizer", "chatml", "llama-3", "alpaca"),
                         help="chat format: auto = the one --adapter was trained with (chat_format.json), else the "
@@ -30,6 +33,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
+    from ...cpu_threads import apply_cpu_threads
     from ...model.adapter_io import load_adapter
     from ...model.load import load_model
     from ...train.data import (count_trainable_tokens, load_records, normalize, pad_collate, pad_token_id,
@@ -42,9 +46,10 @@ def run(args: argparse.Namespace) -> int:
     dtype = compute_dtype_for("auto", device)
     model, tokenizer = load_model(args.model, quant=None if args.quant == "none" else args.quant,
                                   compute_dtype=dtype, device=device)
+    apply_cpu_threads(model, device)
     if args.adapter:
         load_adapter(model, args.adapter)
-    examples = normalize(load_records(args.data), args.format)
+    examples = normalize(load_records(args.data, args.data_split, args.data_subset), args.format)
     saved = ChatFormat.load(args.adapter) if args.adapter and args.template == "auto" else None
     fmt = saved or resolve_chat_format(tokenizer, args.template)
     tokenized, report = tokenize_dataset(examples, tokenizer, fmt, args.train_on, args.seq_len,

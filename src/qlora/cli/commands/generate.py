@@ -52,6 +52,7 @@ def load_model_from_args(args: argparse.Namespace):
     """``(model, tokenizer)`` for --model/--quant/--compute-dtype, with --adapter applied."""
     import torch
 
+    from ...cpu_threads import apply_cpu_threads
     from ...model.adapter_io import load_adapter
     from ...model.load import load_model
     from ...model.multi_adapter import set_adapters
@@ -59,6 +60,7 @@ def load_model_from_args(args: argparse.Namespace):
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.compute_dtype]
     quant = None if args.quant == "none" else args.quant
     model, tokenizer = load_model(args.model, quant=quant, compute_dtype=dtype)
+    apply_cpu_threads(model, next(model.parameters()).device)
     for name, path in adapter_names(args).items():
         load_adapter(model, path, adapter_name=name)
     if getattr(args, "adapter_weights", None):  # generate/chat only

@@ -11,8 +11,10 @@ A row holds a prompt and two answers to it, ``chosen`` (preferred) and
   shared leading messages are the prompt (a ``prompt`` string beside them, as
   in UltraFeedback, repeats the last user message and is not used).
 
-Tokens follow the SFT rules of :func:`qlora.train.data.tokenize_example` (one
-BOS, an EOS after each answer, conversations rendered with the chat template),
+Tokens follow the SFT rules of :func:`qlora.train.data.tokenize_example`
+(conversations rendered with the run's chat format, which decides BOS and end
+markers, an EOS only after an answer nothing else ends; plain text with the
+tokenizer's own BOS setting),
 so a DPO run continues an SFT run on the same token conventions. The prompt is
 tokenized once per pair; each answer starts where ``prompt + answer`` stops
 agreeing with the prompt alone (usually right after it; earlier when a BPE
@@ -23,11 +25,12 @@ keep their start; a pair left with no answer token is skipped and reported.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Iterable, Sequence
 
 import torch
 
 from qlora.errors import UsageError
+from qlora.model.chat_format import ChatFormat
 from qlora.train.data.formats import Example, normalize
 from qlora.train.data.sources import Record
 from qlora.train.data.tokenize import IGNORE_INDEX, DataReport, tokenize_example
@@ -127,39 +130,35 @@ def _normalize_row(fields: dict[str, Any], where: str) -> PreferenceExample:
     return PreferenceExample(prompt_m, chosen_m, rejected_m, where)
 
 
-def _one_leading_bos(ids: list[int], bos_id: int | None) -> list[int]:
-    """The prompt with exactly one leading BOS when the tokenizer has one (the SFT rule)."""
-    if bos_id is None:
-        return ids
-    k = 0
-    while k < len(ids) and ids[k] == bos_id:
-        k += 1
-    return [bos_id] + ids[k:]
-
-
-def _prompt_ids(example: PreferenceExample, tokenizer, chat_template: str) -> list[int]:
+def _prompt_ids(example: PreferenceExample, tokenizer, fmt: ChatFormat) -> list[int]:
+    """The prompt's ids: as the chat format renders it for generation (it decides BOS), or plain text with the
+    tokenizer's own BOS setting (as :func:`tokenize_example` reads text)."""
     if example.conversational:
-        ids = tokenizer.apply_chat_template(list(example.prompt), chat_template=chat_template, tokenize=True,
-                                            return_dict=True, add_generation_prompt=True)["input_ids"]
-    else:
-        ids = tokenizer(example.prompt, add_special_tokens=False)["input_ids"]
-    return _one_leading_bos(list(ids), tokenizer.bos_token_id)
+        return list(fmt.render(tokenizer, list(example.prompt), add_generation_prompt=True, where=example.where,
+                               tokenize=True, return_dict=True)["input_ids"])
+    return list(tokenizer(example.prompt)["input_ids"])
 
 
-def _full_ids(example: PreferenceExample, answer, tokenizer, chat_template: str) -> list[int]:
+def _full_ids(example: PreferenceExample, answer, tokenizer, fmt: ChatFormat,
+              stop_ids: Iterable[int] | None) -> list[int]:
     if example.conversational:
         whole = Example(tuple(example.prompt) + tuple(answer), None, example.where)
     else:
         whole = Example(None, example.prompt + answer, example.where)
-    return tokenize_example(whole, tokenizer, chat_template, "all").input_ids
+    return tokenize_example(whole, tokenizer, fmt, "all", stop_ids=stop_ids).input_ids
 
 
-def tokenize_pair(example: PreferenceExample, tokenizer, chat_template: str, seq_len: int | None = None,
-                  index: int = 0) -> TokenizedPair:
-    """Token ids of one pair; ``prompt + answer`` is cut to ``seq_len`` tokens (its start kept)."""
-    prompt = _prompt_ids(example, tokenizer, chat_template)
-    chosen = _full_ids(example, example.chosen, tokenizer, chat_template)
-    rejected = _full_ids(example, example.rejected, tokenizer, chat_template)
+def tokenize_pair(example: PreferenceExample, tokenizer, chat_template: str | ChatFormat, seq_len: int | None = None,
+                  index: int = 0, stop_ids: Iterable[int] | None = None) -> TokenizedPair:
+    """Token ids of one pair; ``prompt + answer`` is cut to ``seq_len`` tokens (its start kept).
+
+    ``stop_ids`` are the end-of-turn ids (as for :func:`tokenize_example`): an EOS follows an answer only
+    when none of them ends it.
+    """
+    fmt = chat_template if isinstance(chat_template, ChatFormat) else ChatFormat(chat_template)
+    prompt = _prompt_ids(example, tokenizer, fmt)
+    chosen = _full_ids(example, example.chosen, tokenizer, fmt, stop_ids)
+    rejected = _full_ids(example, example.rejected, tokenizer, fmt, stop_ids)
     n = min(_common_prefix(prompt, chosen), _common_prefix(prompt, rejected))
     prompt, chosen, rejected = chosen[:n], chosen[n:], rejected[n:]
     truncated = False
@@ -170,8 +169,9 @@ def tokenize_pair(example: PreferenceExample, tokenizer, chat_template: str, seq
     return TokenizedPair(prompt, chosen, rejected, index, truncated)
 
 
-def tokenize_pairs(examples: list[PreferenceExample], tokenizer, chat_template: str,
-                   seq_len: int | None = None) -> tuple[list[TokenizedPair], DataReport]:
+def tokenize_pairs(examples: list[PreferenceExample], tokenizer, chat_template: str | ChatFormat,
+                   seq_len: int | None = None,
+                   stop_ids: Iterable[int] | None = None) -> tuple[list[TokenizedPair], DataReport]:
     """Tokenize every pair; skip and report those whose answers were truncated away.
 
     Raises:
@@ -181,7 +181,7 @@ def tokenize_pairs(examples: list[PreferenceExample], tokenizer, chat_template: 
         raise UsageError("the tokenizer has no EOS token; set eos_token so answers can teach the model to stop.")
     kept, report = [], DataReport(examples=len(examples))
     for i, example in enumerate(examples):
-        pair = tokenize_pair(example, tokenizer, chat_template, seq_len, index=i)
+        pair = tokenize_pair(example, tokenizer, chat_template, seq_len, index=i, stop_ids=stop_ids)
         report.truncated += pair.truncated
         if not pair.chosen_ids or not pair.rejected_ids:
             report.untrainable.append(i)

@@ -1,21 +1,27 @@
-"""Reading training records from local files or the `datasets` hub.
+"""Reading training records from local files, saved datasets or the `datasets` hub.
 
 Every record keeps where it came from (file and line, item or row) so that a
 bad record anywhere later in the pipeline can be reported precisely: a user
 with a 50,000-line file needs the line number, not a stack trace.
+
+Text formats (.jsonl, .json, .csv, .txt) are read here line by line, which is
+what lets an error name the line; columnar data (.parquet, .arrow, folders
+written by ``Dataset.save_to_disk``, folders of data files) and hub names go
+through the `datasets` library, the data layer users already know.
 """
 
 from __future__ import annotations
 
 import csv
+import io
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 from qlora.errors import UsageError
 
-LOCAL_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
+LOCAL_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet", ".arrow", ".txt")
 
 
 @dataclass(frozen=True)
@@ -31,32 +37,39 @@ def demo_data_path() -> Path:
     return Path(__file__).resolve().parents[2] / "data" / "demo.jsonl"
 
 
-def load_records(source: str | Path, split: str = "train") -> list[Record]:
-    """Read every record of a local file or a `datasets` hub dataset.
+def load_records(source: str | Path, split: str = "train", subset: str | None = None) -> list[Record]:
+    """Read every record of a local file or folder, or of a hub dataset.
 
     Args:
-        source: a ``.jsonl``, ``.json`` (a list or ``{"data": [...]}``), ``.csv``
-            or ``.parquet`` file, or a hub dataset name when the ``datasets``
-            library is installed.
-        split: the split to load from a hub dataset.
+        source: a ``.jsonl``, ``.json`` (a list or ``{"data": [...]}``), ``.csv``,
+            ``.parquet``, ``.arrow`` or ``.txt`` file (plain text: one record a
+            paragraph, or a line when the file has no blank line); a folder
+            written by ``datasets``' ``save_to_disk``, or a folder of data files;
+            or a hub dataset name.
+        split: the split of a hub dataset, saved ``DatasetDict`` or data folder.
+        subset: the configuration (subset) of a hub dataset, if it has several.
 
     Raises:
-        UsageError: unreadable or malformed file, unknown format, or no records.
+        UsageError: unreadable or malformed file, unknown format, unknown
+            split or subset, unreachable hub, or no records.
     """
-    path = Path(source)
+    path = Path(source).expanduser()
     if path.is_file():
-        readers = {".jsonl": _read_jsonl, ".json": _read_json, ".csv": _read_csv, ".parquet": _read_parquet}
+        readers = {".jsonl": _read_jsonl, ".json": _read_json, ".csv": _read_csv, ".parquet": _read_parquet,
+                   ".arrow": _read_arrow, ".txt": _read_text}
         reader = readers.get(path.suffix.lower())
         if reader is None:
             raise UsageError(
-                f"{path}: unknown data format {path.suffix or '(no suffix)'!r}. "
-                f"Give a file ending in {', '.join(LOCAL_SUFFIXES)}."
+                f"{path}: unknown data format {path.suffix or '(no suffix)'!r}. Give a file ending in "
+                f"{', '.join(LOCAL_SUFFIXES)}, a folder written by save_to_disk, or a hub dataset name."
             )
         records = reader(path)
-    elif path.suffix.lower() in LOCAL_SUFFIXES or path.exists():
+    elif path.is_dir():
+        records = _read_folder(path, split, subset)
+    elif path.suffix.lower() in LOCAL_SUFFIXES or path.exists() or str(source).startswith((".", "/", "~")):
         raise UsageError(f"{path}: data file not found (or not a regular file). Check the --data path.")
     else:
-        records = _read_hub(str(source), split)
+        records = _read_hub(str(source), split, subset)
     if not records:
         raise UsageError(f"{source}: the dataset is empty; it needs at least one example.")
     return records
@@ -98,42 +111,110 @@ def _read_csv(path: Path) -> list[Record]:
         return [Record(dict(row), f"{path} line {reader.line_num}") for row in reader]
 
 
+def _read_text(path: Path) -> list[Record]:
+    """Plain text: one record a paragraph (blank-line separated), or one a line if no line inside is blank."""
+    lines = [line.rstrip("\n") for line in _decoded_lines(path)]
+    filled = [i for i, line in enumerate(lines) if line.strip()]
+    if not filled:
+        return []
+    if all(lines[i].strip() for i in range(filled[0], filled[-1] + 1)):
+        return [Record({"text": lines[i]}, f"{path} line {i + 1}") for i in filled]
+    records, block = [], []
+    for i, line in enumerate(lines + [""]):
+        if line.strip():
+            block.append(i)
+        elif block:
+            records.append(Record({"text": "\n".join(lines[j] for j in block)}, f"{path} line {block[0] + 1}"))
+            block = []
+    return records
+
+
+def _decoded_lines(path: Path) -> list[str]:
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = raw[:exc.start].count(b"\n") + 1
+        raise UsageError(f"{path} line {line}: not UTF-8 text (byte {raw[exc.start]:#04x}). Save the file as "
+                         "UTF-8 (e.g. iconv -f latin1 -t utf-8).") from None
+    return io.StringIO(text, newline=None).readlines()  # universal newlines, and nothing else, end a line
+
+
 def _read_parquet(path: Path) -> list[Record]:
+    import pyarrow.parquet as pq  # installed with `datasets`, whose Parquet engine it is
+
     try:
-        import pyarrow.parquet as pq
-    except ImportError:
-        pq = None
-    if pq is not None:
-        try:
-            rows = pq.read_table(path).to_pylist()
-        except Exception as exc:  # pyarrow raises ArrowInvalid, OSError, ...
-            raise UsageError(f"{path} is not a readable parquet file ({exc}). Check the file, or convert "
-                             "it to .jsonl.") from None
-    else:
-        try:
-            import pandas as pd
-        except ImportError:
-            raise UsageError(
-                f"{path}: reading .parquet needs pyarrow (pip install pyarrow) or pandas with a parquet "
-                "engine; neither is installed. Or convert the file to .jsonl."
-            ) from None
-        rows = pd.read_parquet(path).to_dict(orient="records")
-    return [Record(dict(row), f"{path} row {i}") for i, row in enumerate(rows)]
+        rows = pq.read_table(path).to_pylist()
+    except Exception as exc:  # pyarrow raises ArrowInvalid, OSError, ...
+        raise UsageError(f"{path} is not a readable parquet file ({exc}). Check the file, or convert "
+                         "it to .jsonl.") from None
+    return _rows(rows, str(path))
 
 
-def _read_hub(name: str, split: str) -> list[Record]:
+def _read_arrow(path: Path) -> list[Record]:
+    """An Arrow file as ``datasets`` writes it (``data-00000-of-00001.arrow``), memory-mapped."""
+    import datasets
+
     try:
-        import datasets
-    except ImportError:
-        raise UsageError(
-            f"{name}: no such file, and hub datasets need the `datasets` library (pip install datasets). "
-            f"Local data must end in {', '.join(LOCAL_SUFFIXES)}."
-        ) from None
+        table = datasets.Dataset.from_file(str(path))
+    except Exception as exc:  # pyarrow's ArrowInvalid for anything that is not an Arrow stream
+        raise UsageError(f"{path} is not a readable Arrow file ({exc}). Give the file datasets wrote, or "
+                         "convert it to .jsonl.") from None
+    return _rows(table, str(path))
+
+
+def _read_folder(path: Path, split: str, subset: str | None) -> list[Record]:
+    """A ``save_to_disk`` folder (a Dataset or a DatasetDict), else a folder of data files."""
+    import datasets
+
+    if (path / "dataset_dict.json").is_file() or (path / "state.json").is_file():
+        try:
+            data = datasets.load_from_disk(str(path))
+        except Exception as exc:  # FileNotFoundError, JSON and Arrow errors of a damaged folder
+            raise UsageError(f"{path}: not a readable save_to_disk folder ({type(exc).__name__}: {exc}).") from None
+        if isinstance(data, datasets.DatasetDict):
+            data = _pick_split(data, split, str(path))
+            return _rows(data, f"{path}[{split}]")
+        return _rows(data, str(path))
     try:
-        rows = datasets.load_dataset(name, split=split)
-    except Exception as e:  # the hub raises many unrelated types; the user needs the message
-        raise UsageError(f"{name}: could not load the dataset (split {split!r}) from the hub: {e}") from None
-    return [Record(dict(row), f"{name}[{split}] row {i}") for i, row in enumerate(rows)]
+        data = datasets.load_dataset(str(path), subset, split=split)
+    except ValueError as exc:  # unknown split or subset: datasets' message lists the existing ones
+        raise UsageError(f"{path}: {exc} (--data-split, --data-subset)") from None
+    except Exception as exc:  # no data files, mixed formats, unreadable files
+        raise UsageError(f"{path}: a folder given as --data must be written by save_to_disk or hold data files "
+                         f"that datasets reads (json, csv, parquet, arrow, text): {type(exc).__name__}: {exc}") from None
+    return _rows(data, f"{path}[{split}]")
+
+
+def _read_hub(name: str, split: str, subset: str | None) -> list[Record]:
+    from qlora import hub
+
+    if not hub.offline_mode() and not hub.hub_reachable():
+        raise hub.unreachable_error(name, "dataset", f"a local data file ({', '.join(LOCAL_SUFFIXES)}) or folder")
+    import datasets
+
+    try:
+        data = datasets.load_dataset(name, subset, split=split)
+    except ValueError as exc:  # unknown split or subset: datasets' message lists the existing ones
+        raise UsageError(f"{name}: {exc} (--data-split, --data-subset)") from None
+    except Exception as exc:  # the hub raises many unrelated types; the user needs the message
+        if hub.offline_mode():
+            raise hub.unreachable_error(name, "dataset", f"a local data file ({', '.join(LOCAL_SUFFIXES)}) "
+                                        "or folder") from None
+        raise UsageError(f"{name}: could not load the dataset (split {split!r}"
+                         f"{f', subset {subset!r}' if subset else ''}) from the hub: {type(exc).__name__}: {exc}"
+                         ) from None
+    return _rows(data, f"{name}[{split}]")
+
+
+def _pick_split(data: Any, split: str, where: str) -> Any:
+    if split not in data:
+        raise UsageError(f"{where}: no split {split!r}; it has {', '.join(data)}. Choose one with --data-split.")
+    return data[split]
+
+
+def _rows(rows: Iterable[dict[str, Any]], where: str) -> list[Record]:
+    return [Record(dict(row), f"{where} row {i}") for i, row in enumerate(rows)]
 
 
 def _as_object(value: Any, where: str) -> dict[str, Any]:

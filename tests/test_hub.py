@@ -1,0 +1,94 @@
+"""Hub names without a hub: a clear error in seconds (no minute of retries); with a hub, the probe says yes."""
+
+from __future__ import annotations
+
+import http.server
+import socket
+import threading
+import time
+
+import pytest
+
+from qlora import hub
+from qlora.errors import UsageError
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def no_hub(monkeypatch):
+    """A hub endpoint nobody listens on, offline mode off (conftest turns it on for the suite)."""
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{_closed_port()}")
+
+
+def _serve(status: int, delay: float = 0.0):
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_HEAD(self):
+            time.sleep(delay)
+            self.send_response(status)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
+
+
+@pytest.mark.parametrize("status, delay, reachable", [(200, 0, True), (404, 0, True), (503, 0, False),
+                                                      (200, 3, False)])
+def test_probe_answers(monkeypatch, status, delay, reachable):
+    server = _serve(status, delay)
+    try:
+        monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{server.server_address[1]}")
+        start = time.perf_counter()
+        assert hub.hub_reachable(timeout=1.0) is reachable
+        assert time.perf_counter() - start < 2.0  # a hub that does not answer costs the timeout, no more
+    finally:
+        server.shutdown()
+
+
+def test_model_names_fail_fast_without_a_hub(no_hub):
+    from huggingface_hub import snapshot_download  # noqa: F401  (imports are not what is timed)
+    from transformers import AutoConfig  # noqa: F401
+
+    from qlora.model.estimate import load_config
+    from qlora.model.load import resolve_model_dir
+
+    start = time.perf_counter()
+    with pytest.raises(UsageError, match=r"meta-llama/Llama-3\.1-8B is not a local path, and the Hugging Face hub "
+                                         r"\(http://127\.0\.0\.1:\d+\) is not reachable .* not in the local"):
+        load_config("meta-llama/Llama-3.1-8B")
+    with pytest.raises(UsageError, match=r"some/name is not a local path, .* pass a local model folder"):
+        resolve_model_dir("some/name")
+    assert time.perf_counter() - start < 5
+
+
+def test_offline_mode_reads_the_cache_only_and_says_so(monkeypatch):
+    from qlora.model.load import resolve_model_dir
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # never asked in offline mode
+    assert hub.cache_only()
+    with pytest.raises(UsageError, match=r"not in the Hugging Face cache, and offline mode is on"):
+        resolve_model_dir("some/name")
+
+
+def test_cli_exits_2_in_seconds(no_hub, capsys):
+    from transformers import AutoConfig  # noqa: F401  (imports are not what is timed)
+
+    from qlora.cli.main import main
+    from qlora.model.estimate import load_config  # noqa: F401
+
+    start = time.perf_counter()
+    assert main(["estimate", "--model", "meta-llama/Llama-3.1-8B"]) == 2
+    assert time.perf_counter() - start < 5
+    assert "is not reachable" in capsys.readouterr().err
