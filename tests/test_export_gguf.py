@@ -173,3 +173,64 @@ def test_untied_gemma2_head_and_unknown_pre_tokenizer_are_refused(tmp_path, tiny
     llama, _ = qlora.load_model(tmp_path / "g2", quant=None, compute_dtype=torch.float32, device="cpu")
     with pytest.raises(UsageError, match="pre-tokenizer"):
         export_gguf(llama, PreTrainedTokenizerFast(tokenizer_object=odd), tmp_path / "odd.gguf")
+
+
+def _sentencepiece_style_tokenizer():
+    """A Llama-2-style tokenizer: ``▁`` for spaces, byte fallback to ``<0xNN>`` tokens, BOS added."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    text = ["The quick brown fox jumps over the lazy dog.", "Question: what is two plus two? Answer: four.",
+            "def add(a, b):\n    return a + b\n", "Größe café naïve"] * 20
+    normalizer = normalizers.Sequence([normalizers.Prepend("\u2581"), normalizers.Replace(" ", "\u2581")])
+    plain = Tokenizer(models.BPE())
+    plain.normalizer = normalizer
+    plain.train_from_iterator(text, trainers.BpeTrainer(vocab_size=200, show_progress=False))
+    trained = json.loads(plain.to_str())["model"]
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"<0x{i:02X}>": 3 + i for i in range(256)}}
+    for token, _ in sorted(trained["vocab"].items(), key=lambda kv: kv[1]):
+        vocab.setdefault(token, len(vocab))
+    merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in trained["merges"]]
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, byte_fallback=True, unk_token="<unk>", fuse_unk=True))
+    tok.normalizer = normalizer
+    tok.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                     decoders.Strip(" ", 1, 0)])
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+
+
+def test_sentencepiece_style_vocab_reads_back_with_the_same_tokens(tmp_path):
+    from transformers import AutoTokenizer
+
+    tokenizer = _sentencepiece_style_tokenizer()
+    model_dir = build_tiny_model(tmp_path / "spm", tokenizer=tokenizer, arch="llama")
+    model, tokenizer = qlora.load_model(model_dir, quant=None, compute_dtype=torch.float32, device="cpu")
+    export_gguf(model, tokenizer, tmp_path / "m.gguf")
+    reader = gguf.GGUFReader(tmp_path / "m.gguf")
+    assert reader.fields["tokenizer.ggml.model"].contents() == "llama"
+    assert reader.fields["tokenizer.ggml.add_space_prefix"].contents() is True
+    types = reader.fields["tokenizer.ggml.token_type"].contents()
+    assert types[3:259] == [gguf.TokenType.BYTE] * 256 and types[1] == gguf.TokenType.CONTROL
+    # transformers rebuilds a tokenizer from the GGUF's tokens and scores (its merges come from the scores);
+    # ordinary text, byte fallback included, must tokenize as the original does. (Its reader normalizes
+    # runs of spaces and text after special tokens its own way, so those are not compared.)
+    back = AutoTokenizer.from_pretrained(tmp_path, gguf_file="m.gguf")
+    tokens, scores = reader.fields["tokenizer.ggml.tokens"].contents(), reader.fields["tokenizer.ggml.scores"].contents()
+    for text in ("The quick brown fox", "Größe 123 naïve zebra!", "def add(a, b): return a + b", "the lazy fox"):
+        assert back(text)["input_ids"] == tokenizer(text)["input_ids"]
+        assert [1] + _merge_by_score(text, tokens, scores) == tokenizer(text)["input_ids"]
+
+
+def _merge_by_score(text: str, tokens: list[str], scores: list[float]) -> list[int]:
+    """llama.cpp's SentencePiece-BPE tokenization: from characters, repeatedly join the adjacent pair whose
+    join is a token with the highest score (leftmost on ties); leftovers fall back to <0xNN> byte tokens."""
+    index = {t: i for i, t in enumerate(tokens)}
+    symbols = list("\u2581" + text.replace(" ", "\u2581"))
+    while True:
+        pairs = [(scores[index[a + b]], -i) for i, (a, b) in enumerate(zip(symbols, symbols[1:])) if a + b in index]
+        if not pairs:
+            break
+        i = -max(pairs)[1]
+        symbols[i:i + 2] = [symbols[i] + symbols[i + 1]]
+    return [i for s in symbols for i in ([index[s]] if s in index else
+                                         [index[f"<0x{b:02X}>"] for b in s.encode("utf-8")])]
