@@ -85,7 +85,7 @@ def rope_parameters(config) -> tuple[dict, dict | None]:
     return params, None
 
 
-def write_metadata(writer, config, spec: ArchSpec) -> list[tuple[str, torch.Tensor]]:
+def write_metadata(writer, config, spec: ArchSpec, n_vocab: int) -> list[tuple[str, torch.Tensor]]:
     """Write the architecture's hyper-parameters; return extra tensors llama.cpp needs (RoPE factors)."""
     import gguf
 
@@ -100,7 +100,7 @@ def write_metadata(writer, config, spec: ArchSpec) -> list[tuple[str, torch.Tens
     writer.add_key_length(hd)
     writer.add_value_length(hd)
     writer.add_layer_norm_rms_eps(config.rms_norm_eps)
-    writer.add_vocab_size(config.vocab_size)
+    writer.add_vocab_size(n_vocab)
     full, sliding = rope_parameters(config)
     writer.add_rope_freq_base(full.get("rope_theta", 10000.0))
     if sliding is not None and "rope_theta" in sliding:

@@ -68,14 +68,15 @@ def export_gguf(model: nn.Module, tokenizer, path: str | Path, out_type: str = "
     config = model.config
     spec = arch_spec(config)
     path = Path(path)
-    vocab = gguf_vocab(tokenizer, config.vocab_size)
+    n_vocab = model.get_input_embeddings().weight.shape[0]  # added tokens may have grown it past the config
+    vocab = gguf_vocab(tokenizer, n_vocab)
 
     partial = path.with_name(path.name + ".partial")  # a failed export leaves no half-written file
     writer = gguf.GGUFWriter(partial, spec.gguf_arch)
     try:
         writer.add_name(name or path.stem)
         writer.add_file_type(_file_type(gguf, out_type))
-        extra = write_metadata(writer, config, spec)
+        extra = write_metadata(writer, config, spec, n_vocab)
         _write_vocab(writer, vocab)
         plan = _plan(model, config, spec, out_type, extra)
         for t in plan:

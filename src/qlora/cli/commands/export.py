@@ -62,7 +62,7 @@ def run(args: argparse.Namespace) -> int:
     gguf_name = f"model-{args.type}.gguf"
     with atomic_dir(out) as tmp:
         path = export_gguf(model, tokenizer, Path(tmp) / gguf_name, args.type, name=args.name or out.resolve().name)
-        notes = write_modelfile(tmp, gguf_name, tokenizer, gguf_vocab(tokenizer, model.config.vocab_size).add_bos)
+        notes = write_modelfile(tmp, gguf_name, tokenizer, gguf_vocab(tokenizer, model.get_input_embeddings().weight.shape[0]).add_bos)
         size = path.stat().st_size
     for note in notes:
         print(f"qlora export: note: Modelfile: {note}", file=sys.stderr)
