@@ -21,6 +21,7 @@ check of what encoding actually adds).
 from __future__ import annotations
 
 import json
+import logging
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -152,9 +153,15 @@ def _steps(node: dict | None) -> list[dict]:
 def _special(tokenizer, vocab: GGUFVocab, n_vocab: int) -> None:
     import gguf
 
-    with tempfile.TemporaryDirectory() as tmp:
-        tokenizer.save_pretrained(tmp)
-        special = gguf.SpecialVocab(Path(tmp), load_merges=False, n_vocab=n_vocab)
+    quiet = logging.getLogger("gguf.vocab")  # its post-processor remarks do not apply: BOS/EOS are checked below
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            tokenizer.save_pretrained(tmp)
+            special = gguf.SpecialVocab(Path(tmp), load_merges=False, n_vocab=n_vocab)
+    finally:
+        quiet.setLevel(level)
     vocab.special_ids = dict(special.special_token_ids)
     for kind in ("bos", "eos", "unk", "pad"):  # the tokenizer's own view wins over config guesses
         tid = getattr(tokenizer, f"{kind}_token_id", None)
