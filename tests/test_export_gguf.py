@@ -234,3 +234,10 @@ def _merge_by_score(text: str, tokens: list[str], scores: list[float]) -> list[i
         symbols[i:i + 2] = [symbols[i] + symbols[i + 1]]
     return [i for s in symbols for i in ([index[s]] if s in index else
                                          [index[f"<0x{b:02X}>"] for b in s.encode("utf-8")])]
+
+
+def test_missing_gguf_package_is_one_line(tmp_path, tiny_models, monkeypatch, capsys):
+    monkeypatch.setitem(__import__("sys").modules, "gguf", None)  # as if not installed
+    assert main(["export", "--model", str(tiny_models["llama"]), "--output", str(tmp_path / "out")]) == 2
+    assert capsys.readouterr().err.strip() == ("qlora export: error: GGUF export needs the gguf package (llama.cpp's "
+                                               "own writer): pip install 'qlora[export]'")
