@@ -111,3 +111,42 @@ def test_llama_cpp_chat_completion_answers_as_qlora_does(exported):
     text = reply["choices"][0]["message"]["content"]
     assert text.strip() == tokenizer.decode(expected[:stop], skip_special_tokens=True).strip()
     assert "Paris" in text  # the trained adapter is in the file
+
+
+# Every exported architecture, run by llama.cpp: its logits for a prompt equal the merged model's. This checks
+# the conventions transformers' reader would undo for us (RoPE layout, Gemma norms, fused Phi-3 projections,
+# soft-capping, sliding-window pattern) against the real consumer.
+ARCHS = {
+    "llama": {}, "mistral": {}, "qwen2": {}, "phi3": {}, "qwen3": {},
+    "gemma2": dict(head_dim=256, tie_word_embeddings=True),
+    "gemma3": dict(head_dim=256, tie_word_embeddings=True),
+    "llama-rope-llama3": dict(rope_parameters={"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0,
+                                               "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                               "original_max_position_embeddings": 64}),
+}
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("arch", list(ARCHS))
+def test_llama_cpp_logits_equal_the_merged_model(tmp_path, tiny_tokenizer, arch):
+    from qlora.model.gguf_export import export_gguf
+    from qlora.nn import LoraLinear
+
+    model_dir = build_tiny_model(tmp_path / "m", tokenizer=tiny_tokenizer, arch=arch.split("-")[0],
+                                 initializer_range=0.1, **ARCHS[arch])
+    model, tokenizer = qlora.load_model(model_dir, compute_dtype=torch.float32, device="cpu")
+    torch.manual_seed(0)
+    qlora.add_lora(model, r=4, alpha=8, dropout=0.0, target_modules="all-linear", verbose=False)
+    for layer in model.modules():
+        if isinstance(layer, LoraLinear):
+            torch.nn.init.normal_(layer.lora_B["default"].weight, std=0.05)
+    export_gguf(model, tokenizer, tmp_path / "m.gguf", "f32")
+    ids = tokenizer("The quick brown fox jumps over the lazy dog. Question: what is two plus two?")["input_ids"]
+    expected = merge(model, dtype=torch.float32)(torch.tensor([ids])).logits[0]
+
+    llm = llama_cpp.Llama(model_path=str(tmp_path / "m.gguf"), n_ctx=128, n_threads=2, logits_all=True,
+                          verbose=False)
+    assert llm.tokenize(tokenizer.decode(ids[1:]).encode(), add_bos=True) == ids
+    llm.eval(ids)
+    got = torch.tensor(llm.scores[: len(ids)])
+    assert float((got - expected).abs().max() / expected.abs().max()) < 1e-3
