@@ -15,7 +15,7 @@ from pathlib import Path
 from ...errors import UsageError
 
 NAME = "export"
-HELP = "write a model (+ adapter, merged) as a GGUF file for llama.cpp / Ollama, with a Modelfile"
+HELP = "write a model (+ adapter, merged) as GGUF for llama.cpp / Ollama, with a Modelfile"
 
 _DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 
