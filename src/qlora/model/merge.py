@@ -9,6 +9,7 @@ model's outputs (the base it was trained on is the dequantized one).
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Callable
 
 import torch
 from torch import nn
@@ -36,6 +37,64 @@ def _dense(weight: torch.Tensor, bias: torch.Tensor | None, conv1d: bool, dtype:
 
 
 @torch.no_grad()
+def folded_weight(module: nn.Module) -> tuple[torch.Tensor, nn.Module] | None:
+    """``(dense float32 [out, in] weight, base layer)`` of a LoRA, AdaLoRA or 4-bit
+    layer with its active adapters folded in; ``None`` for any other module."""
+    if isinstance(module, LoraLinear):
+        if module.merged and any(n in module.lora_magnitude_vector for n in module.active):
+            module.unmerge()  # DoRA's fold needs the unmerged base
+        return module.merged_weight([n for n in module.active if n not in module.merged]), module.base_layer
+    if isinstance(module, AdaLoraLinear):
+        return module.base_weight(torch.float32) + module.delta_weight(), module.base_layer
+    if isinstance(module, Linear4bit):
+        return module.dequantize(torch.float32), module
+    return None
+
+
+def _is_conv1d(module: nn.Module, base: nn.Module) -> bool:
+    return getattr(module, "fan_in_fan_out", False) or getattr(base, "from_conv1d", False)
+
+
+def merged_tensors(model: nn.Module) -> list[tuple[str, tuple[int, ...], Callable[[], torch.Tensor]]]:
+    """The merged model's state dict as ``(key, shape, make)`` rows, ``make()``
+    computing that one tensor on demand.
+
+    Equal to ``merge(model).state_dict()`` (float32 for folded layers) without
+    building it: a writer can stream a checkpoint one layer at a time, so the
+    4-bit model plus one dense layer is all that is ever in memory. Tied
+    parameters appear under each of their keys, as in ``state_dict``.
+    """
+    foldable = (LoraLinear, AdaLoraLinear, Linear4bit)
+    rows: list[tuple[str, tuple[int, ...], Callable[[], torch.Tensor]]] = []
+    folded: list[str] = []
+    for path, module in model.named_modules():
+        if any(path.startswith(f + ".") for f in folded):
+            continue
+        prefix = f"{path}." if path else ""
+        if isinstance(module, foldable):
+            folded.append(path)
+            base = module.base_layer if isinstance(module, (LoraLinear, AdaLoraLinear)) else module
+            conv1d = _is_conv1d(module, base)
+            shape = (module.in_features, module.out_features) if conv1d else (module.out_features, module.in_features)
+
+            def weight(module=module, conv1d=conv1d) -> torch.Tensor:
+                w = folded_weight(module)[0]
+                return w.t().contiguous() if conv1d else w
+
+            rows.append((prefix + "weight", shape, weight))
+            bias = getattr(base, "bias", None)
+            if bias is not None:
+                rows.append((prefix + "bias", tuple(bias.shape), lambda b=bias: b.detach()))
+            elif conv1d:  # a merged Conv1D always has a bias (see _dense)
+                rows.append((prefix + "bias", (module.out_features,), lambda n=module.out_features: torch.zeros(n)))
+            continue
+        for name, t in list(module.named_parameters(recurse=False)) + [
+                (n, b) for n, b in module.named_buffers(recurse=False) if n not in module._non_persistent_buffers_set]:
+            rows.append((prefix + name, tuple(t.shape), lambda t=t: t.detach()))
+    return rows
+
+
+@torch.no_grad()
 def merge(model: nn.Module, into: str = "dequantized", dtype: torch.dtype | None = None) -> nn.Module:
     """Return ``model`` with its active adapters folded in (modified in place).
 
@@ -47,19 +106,13 @@ def merge(model: nn.Module, into: str = "dequantized", dtype: torch.dtype | None
         raise ValueError(f"into must be 'dequantized' or 'requantized', got {into!r}")
 
     def make(path: str, module: nn.Module) -> nn.Module | None:
-        if isinstance(module, LoraLinear):
-            if module.merged and any(n in module.lora_magnitude_vector for n in module.active):
-                module.unmerge()  # DoRA's fold needs the unmerged base
-            w = module.merged_weight([n for n in module.active if n not in module.merged])
-            base = module.base_layer
-        elif isinstance(module, AdaLoraLinear):
-            w = module.base_weight(torch.float32) + module.delta_weight()
-            base = module.base_layer
-        elif isinstance(module, Linear4bit) and into == "dequantized":
-            w, base = module.dequantize(torch.float32), module
-        else:
+        if isinstance(module, Linear4bit) and into != "dequantized":
             return None
-        conv1d = getattr(module, "fan_in_fan_out", False) or getattr(base, "from_conv1d", False)
+        folded = folded_weight(module)
+        if folded is None:
+            return None
+        w, base = folded
+        conv1d = _is_conv1d(module, base)
         if isinstance(base, Linear4bit):
             out_dtype = dtype or base.compute_dtype
             bias = base.bias

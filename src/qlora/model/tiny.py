@@ -77,25 +77,23 @@ def tiny_config(arch: str, vocab_size: int, hidden: int = 64, layers: int = 2, h
 
     common = dict(vocab_size=vocab_size, bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=False)
     if arch == "gpt2":
-        return tf.GPT2Config(n_embd=hidden, n_layer=layers, n_head=heads, n_positions=max_positions,
-                             n_inner=intermediate, **common, **extra)
+        return tf.GPT2Config(**{**common, **dict(n_embd=hidden, n_layer=layers, n_head=heads, n_positions=max_positions,
+                                                 n_inner=intermediate), **extra})
     llama_like = dict(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
                       num_key_value_heads=kv_heads, intermediate_size=intermediate,
                       max_position_embeddings=max_positions, **common)
-    if arch == "llama":
-        return tf.LlamaConfig(**llama_like, **extra)
-    if arch == "mistral":
-        return tf.MistralConfig(**llama_like, sliding_window=None, **extra)
-    if arch == "qwen2":
-        return tf.Qwen2Config(**llama_like, **extra)
-    if arch == "qwen3":
-        return tf.Qwen3Config(**llama_like, head_dim=hidden // heads, **extra)
-    if arch == "gemma2":
-        return tf.Gemma2Config(**llama_like, head_dim=hidden // heads, **extra)
-    if arch == "gemma3":
-        return tf.Gemma3TextConfig(**llama_like, head_dim=hidden // heads, **extra)
-    if arch == "phi3":
-        return tf.Phi3Config(**llama_like, **extra)
+    per_arch = {  # arch -> (config class, its own defaults); ``extra`` overrides any of them
+        "llama": (tf.LlamaConfig, {}),
+        "mistral": (tf.MistralConfig, dict(sliding_window=None)),
+        "qwen2": (tf.Qwen2Config, {}),
+        "qwen3": (tf.Qwen3Config, dict(head_dim=hidden // heads)),
+        "gemma2": (tf.Gemma2Config, dict(head_dim=hidden // heads)),
+        "gemma3": (tf.Gemma3TextConfig, dict(head_dim=hidden // heads)),
+        "phi3": (tf.Phi3Config, {}),
+    }
+    if arch in per_arch:
+        cls, defaults = per_arch[arch]
+        return cls(**{**llama_like, **defaults, **extra})
     raise ValueError(f"unknown tiny architecture {arch!r}; choose from {', '.join(ARCHITECTURES)}")
 
 

@@ -1,0 +1,96 @@
+"""``qlora export --format gguf``: a fine-tune as one file for llama.cpp and Ollama.
+
+The adapter is folded into the dequantized 4-bit base exactly as ``qlora merge``
+does (the weights it was trained against), streamed into a GGUF file with the
+tokenizer and chat template embedded, and an Ollama ``Modelfile`` is written
+next to it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from ...errors import UsageError
+
+NAME = "export"
+HELP = "write a model (+ adapter, merged) as GGUF for llama.cpp / Ollama, with a Modelfile"
+
+_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, help="the base model folder (the one the adapter was trained on)")
+    parser.add_argument("--adapter", help="PEFT-format adapter folder to fold in (omit to export the model as is)")
+    parser.add_argument("--output", required=True, help="folder to write: model-<type>.gguf and Modelfile")
+    parser.add_argument("--format", default="gguf", choices=("gguf",), help="output format (default gguf)")
+    parser.add_argument("--type", default="f16", choices=("f16", "bf16", "q8_0", "f32"),
+                        help="tensor type of the weight matrices (norms stay f32); for k-quants such as q4_k_m "
+                             "run llama.cpp's llama-quantize on the f16 file")
+    parser.add_argument("--quant", choices=("nf4", "fp4", "none"),
+                        help="the base data type used in training: the adapter is folded into this dequantized "
+                             "base, as qlora merge does (default: nf4 with --adapter, none without)")
+    parser.add_argument("--compute-dtype", choices=tuple(_DTYPES), default=None,
+                        help="dtype the unquantized tensors are loaded in (default: fp32 for a 4-bit base, "
+                             "the checkpoint's own dtype otherwise)")
+    parser.add_argument("--name", help="model name stored in the file (default: the output folder's name)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --output folder")
+
+
+def run(args: argparse.Namespace) -> int:
+    from ...atomic import atomic_dir
+    from ...model.adapter_io import load_adapter
+    from ...model.gguf_export import export_gguf, require_gguf
+    from ...model.gguf_vocab import gguf_vocab
+    from ...model.load import load_model, resolve_model_dir
+    from ...model.modelfile import write_modelfile
+
+    require_gguf()
+    out = Path(args.output)
+    if out.exists() and not args.overwrite:
+        raise UsageError(f"output folder {out} already exists; pass --overwrite to replace it")
+    if out.suffix == ".gguf":
+        raise UsageError(f"--output is a folder (it receives the .gguf file and a Modelfile), not {out.name}")
+    quant = args.quant or ("nf4" if args.adapter else "none")
+    dtype = _load_dtype(args.compute_dtype, quant, resolve_model_dir(args.model))
+    model, tokenizer = load_model(args.model, quant=None if quant == "none" else quant, compute_dtype=dtype,
+                                  device="cpu")
+    if args.adapter:
+        load_adapter(model, args.adapter)
+        tokenizer = _adapter_tokenizer(args.adapter) or tokenizer
+    gguf_name = f"model-{args.type}.gguf"
+    with atomic_dir(out) as tmp:
+        path = export_gguf(model, tokenizer, Path(tmp) / gguf_name, args.type, name=args.name or out.resolve().name)
+        notes = write_modelfile(tmp, gguf_name, tokenizer, gguf_vocab(tokenizer, model.get_input_embeddings().weight.shape[0]).add_bos)
+        size = path.stat().st_size
+    for note in notes:
+        print(f"qlora export: note: Modelfile: {note}", file=sys.stderr)
+    what = f"{args.model} + {args.adapter} (folded into the dequantized {quant} base)" if args.adapter else args.model
+    print(f"exported {what} as GGUF {args.type} ({size / 2**20:.1f} MiB): {out / gguf_name}")
+    print(f"  llama.cpp: llama-cli -m {out / gguf_name}    Ollama: ollama create NAME -f {out / 'Modelfile'}")
+    return 0
+
+
+def _load_dtype(choice: str | None, quant: str, model_dir: Path):
+    import torch
+
+    if choice is not None:
+        return getattr(torch, _DTYPES[choice])
+    if quant != "none":
+        return torch.float32  # only embeddings and norms stay dense: keep them exact
+    from transformers import AutoConfig
+
+    dtype = getattr(AutoConfig.from_pretrained(model_dir), "dtype", None)
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype, None)
+    return dtype if isinstance(dtype, torch.dtype) else torch.float32
+
+
+def _adapter_tokenizer(adapter_dir: str):
+    """The tokenizer saved with the adapter (training may have added tokens), if any."""
+    if not (Path(adapter_dir) / "tokenizer.json").is_file():
+        return None
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(adapter_dir)

@@ -1,0 +1,240 @@
+"""How each supported transformers architecture is laid out in a llama.cpp GGUF file.
+
+The facts here are llama.cpp's conventions (its ``convert_hf_to_gguf.py`` and
+model loaders), restated for the architectures qlora exports:
+
+- Tensor names come from ``gguf``'s own HF-to-GGUF name table, so they follow
+  llama.cpp as the ``gguf`` package is updated.
+- Llama and Mistral (written as llama.cpp's ``llama`` architecture) use
+  interleaved ("normal") RoPE, HF uses rotate-half: each head's rows of
+  ``q_proj``/``k_proj`` are reordered from ``[first halves | second halves]``
+  to alternating pairs. Qwen2/3, Gemma 2/3 and Phi-3 use NeoX RoPE: no reorder.
+- Gemma's RMSNorm scales by ``1 + w``; llama.cpp's by ``w``: norm weights are
+  written as ``w + 1``.
+- Phi-3's fused ``qkv_proj`` and ``gate_up_proj`` are written fused, as
+  llama.cpp reads them.
+- Gemma 2 has no separate output matrix in llama.cpp (it always reuses the
+  embedding), so an untied Gemma 2 head cannot be written and is refused.
+- Gemma 2/3 attention scale is fixed by llama.cpp (1/sqrt(head_dim), or
+  1/sqrt(hidden/heads) for the 27B layer counts); a config whose
+  ``query_pre_attn_scalar`` differs would run differently there and is refused.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from ..errors import UsageError
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    """One transformers ``model_type`` as llama.cpp reads it."""
+
+    gguf_arch: str  # gguf.MODEL_ARCH_NAMES value
+    permute_qk: bool = False  # HF rotate-half RoPE -> llama.cpp interleaved RoPE
+    norm_shift: float = 0.0  # added to every ``*norm.weight``
+    has_output: bool = True  # llama.cpp can read a separate ``output.weight``
+    softcap_attn: bool = False  # writes attention/final logit soft-capping
+    swa_27b_layers: int | None = None  # layer count llama.cpp treats as the 27B (attention scale rule)
+
+
+SPECS: dict[str, ArchSpec] = {
+    "llama": ArchSpec("llama", permute_qk=True),
+    "mistral": ArchSpec("llama", permute_qk=True),
+    "qwen2": ArchSpec("qwen2"),
+    "qwen3": ArchSpec("qwen3"),
+    "gemma2": ArchSpec("gemma2", norm_shift=1.0, has_output=False, softcap_attn=True, swa_27b_layers=46),
+    "gemma3_text": ArchSpec("gemma3", norm_shift=1.0, swa_27b_layers=62),
+    "phi3": ArchSpec("phi3"),
+}
+
+
+def arch_spec(config) -> ArchSpec:
+    """The spec of ``config.model_type``; a clear refusal for anything else."""
+    model_type = getattr(config, "model_type", None)
+    if model_type == "gemma3" and hasattr(config, "text_config"):
+        raise UsageError("GGUF export writes the text model; this is a Gemma 3 vision-language checkpoint. "
+                         "Export its language model (Gemma3ForCausalLM) instead.")
+    if model_type not in SPECS:
+        names = "Llama, Mistral, Qwen2, Qwen3, Gemma 2, Gemma 3 (text) and Phi-3"
+        raise UsageError(f"GGUF export does not support the {model_type!r} architecture; it writes {names} models "
+                         f"(with their llama.cpp conventions checked). For others use llama.cpp's "
+                         f"convert_hf_to_gguf.py on the merged checkpoint (qlora merge).")
+    return SPECS[model_type]
+
+
+def head_dim(config) -> int:
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
+def rope_parameters(config) -> tuple[dict, dict | None]:
+    """``(full-attention RoPE parameters, sliding-attention ones or None)`` across transformers versions."""
+    params = getattr(config, "rope_parameters", None)
+    if params is None:  # transformers 4.x
+        params = dict(getattr(config, "rope_scaling", None) or {})
+        params.setdefault("rope_theta", getattr(config, "rope_theta", 10000.0))
+        if getattr(config, "rope_local_base_freq", None) is not None:
+            return params, {"rope_theta": config.rope_local_base_freq}
+    if "full_attention" in params:
+        return params["full_attention"], params.get("sliding_attention")
+    return params, None
+
+
+def write_metadata(writer, config, spec: ArchSpec, n_vocab: int) -> list[tuple[str, torch.Tensor]]:
+    """Write the architecture's hyper-parameters; return extra tensors llama.cpp needs (RoPE factors)."""
+    import gguf
+
+    n_head, n_kv = config.num_attention_heads, getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    hd = head_dim(config)
+    writer.add_context_length(config.max_position_embeddings)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_block_count(config.num_hidden_layers)
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_head_count(n_head)
+    writer.add_head_count_kv(n_kv)
+    writer.add_key_length(hd)
+    writer.add_value_length(hd)
+    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    writer.add_vocab_size(n_vocab)
+    full, sliding = rope_parameters(config)
+    writer.add_rope_freq_base(full.get("rope_theta", 10000.0))
+    if sliding is not None and "rope_theta" in sliding:
+        writer.add_rope_freq_base_swa(sliding["rope_theta"])
+    extra: list[tuple[str, torch.Tensor]] = []
+
+    rotary = hd
+    if spec.gguf_arch == "phi3":
+        rotary = int(full.get("partial_rotary_factor", getattr(config, "partial_rotary_factor", 1.0))
+                     * config.hidden_size) // n_head
+        original = full.get("original_max_position_embeddings",
+                            getattr(config, "original_max_position_embeddings", config.max_position_embeddings))
+        writer.add_rope_scaling_orig_ctx_len(original)
+        writer.add_sliding_window(getattr(config, "sliding_window", None) or 0)
+    writer.add_rope_dimension_count(rotary)
+    extra += _rope_scaling(writer, config, spec, full, rotary)
+
+    if spec.gguf_arch in ("gemma2", "gemma3"):
+        _check_gemma_attention_scale(config, spec, hd)
+        if getattr(config, "sliding_window", None):
+            writer.add_sliding_window(config.sliding_window)
+        layer_types = getattr(config, "layer_types", None)
+        if layer_types:  # the exact per-layer pattern, not llama.cpp's default guess
+            writer.add_sliding_window_pattern([t == "sliding_attention" for t in layer_types])
+        if spec.softcap_attn and getattr(config, "attn_logit_softcapping", None):
+            writer.add_attn_logit_softcapping(config.attn_logit_softcapping)
+        if getattr(config, "final_logit_softcapping", None):
+            writer.add_final_logit_softcapping(config.final_logit_softcapping)
+    elif getattr(config, "use_sliding_window", False) or (
+            spec.gguf_arch in ("qwen2", "qwen3") and _sliding_layers(config)):
+        raise UsageError("this model uses sliding-window attention on some layers, which llama.cpp does not run "
+                         "for its architecture; the exported model would attend differently. Refusing to export.")
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    return extra
+
+
+def _sliding_layers(config) -> bool:
+    return any(t == "sliding_attention" for t in getattr(config, "layer_types", None) or [])
+
+
+def _check_gemma_attention_scale(config, spec: ArchSpec, hd: int) -> None:
+    scalar = getattr(config, "query_pre_attn_scalar", None)
+    if scalar is None:
+        return
+    is_27b = config.num_hidden_layers == spec.swa_27b_layers
+    expected = config.hidden_size // config.num_attention_heads if is_27b else hd
+    if scalar != expected:
+        raise UsageError(f"this Gemma config has query_pre_attn_scalar={scalar}, but llama.cpp scales attention by "
+                         f"1/sqrt({expected}) for a {config.num_hidden_layers}-layer model; the GGUF would compute "
+                         f"different attention. Refusing to export.")
+
+
+def _rope_scaling(writer, config, spec: ArchSpec, rope: dict, rotary: int) -> list[tuple[str, torch.Tensor]]:
+    import gguf
+
+    kind = (rope.get("rope_type") or rope.get("type") or "default").lower()
+    if kind == "default":
+        return []
+    if kind == "linear":
+        writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        writer.add_rope_scaling_factor(rope["factor"])
+        return []
+    if kind == "yarn":
+        writer.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+        writer.add_rope_scaling_factor(rope["factor"])
+        writer.add_rope_scaling_orig_ctx_len(rope["original_max_position_embeddings"])
+        for key, add in (("beta_fast", writer.add_rope_scaling_yarn_beta_fast),
+                         ("beta_slow", writer.add_rope_scaling_yarn_beta_slow)):
+            if rope.get(key) is not None:
+                add(rope[key])
+        if rope.get("attention_factor") is not None:
+            writer.add_rope_scaling_yarn_attn_factor(rope["attention_factor"])
+        return []
+    if kind == "llama3" and spec.gguf_arch == "llama":
+        return [("rope_freqs.weight", _llama3_rope_factors(rope, rotary))]
+    if kind in ("longrope", "su") and spec.gguf_arch == "phi3":
+        return _phi3_longrope(writer, config, rope, rotary)
+    raise UsageError(f"GGUF export does not write {kind!r} RoPE scaling for {config.model_type} models; "
+                     f"the exported model would use different positions. Refusing to export.")
+
+
+def _llama3_rope_factors(rope: dict, dim: int) -> torch.Tensor:
+    """Llama 3.1's per-frequency RoPE divisors, as llama.cpp reads them from ``rope_freqs``
+    (transformers computes the same scaling on the fly)."""
+    base, factor = rope.get("rope_theta", 10000.0), rope.get("factor", 8.0)
+    low, high = rope.get("low_freq_factor", 1.0), rope.get("high_freq_factor", 4.0)
+    old_ctx = rope.get("original_max_position_embeddings", 8192)
+    freqs = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+    out = []
+    for freq in freqs.tolist():
+        wavelen = 2 * math.pi / freq
+        if wavelen < old_ctx / high:
+            out.append(1.0)
+        elif wavelen > old_ctx / low:
+            out.append(factor)
+        else:
+            smooth = (old_ctx / wavelen - low) / (high - low)
+            out.append(1 / ((1 - smooth) / factor + smooth))
+    return torch.tensor(out, dtype=torch.float32)
+
+
+def _phi3_longrope(writer, config, rope: dict, rotary: int) -> list[tuple[str, torch.Tensor]]:
+    import gguf
+
+    long, short = rope.get("long_factor"), rope.get("short_factor")
+    if not long or not short or len(long) != rotary // 2 or len(short) != rotary // 2:
+        raise UsageError(f"Phi-3 LongRoPE needs long_factor and short_factor of {rotary // 2} values each in "
+                         f"the config's RoPE parameters.")
+    original = rope.get("original_max_position_embeddings",
+                        getattr(config, "original_max_position_embeddings", config.max_position_embeddings))
+    scale = config.max_position_embeddings / original
+    writer.add_rope_scaling_type(gguf.RopeScalingType.LONGROPE)
+    writer.add_rope_scaling_attn_factors(math.sqrt(1 + math.log(scale) / math.log(original)) if scale > 1 else 1.0)
+    return [("rope_factors_long.weight", torch.tensor(long, dtype=torch.float32)),
+            ("rope_factors_short.weight", torch.tensor(short, dtype=torch.float32))]
+
+
+def tensor_namer(config, spec: ArchSpec) -> Callable[[str], str | None]:
+    """HF state-dict key -> GGUF tensor name (None if gguf has no name for it)."""
+    import gguf
+
+    arch = next(a for a, n in gguf.MODEL_ARCH_NAMES.items() if n == spec.gguf_arch)
+    table = gguf.get_tensor_name_map(arch, config.num_hidden_layers)
+    return lambda key: table.get_name(key, try_suffixes=(".weight", ".bias"))
+
+
+def to_llama_cpp(key: str, tensor: torch.Tensor, config, spec: ArchSpec) -> torch.Tensor:
+    """Apply llama.cpp's layout convention to one HF tensor (see module docstring)."""
+    if spec.permute_qk and (key.endswith("self_attn.q_proj.weight") or key.endswith("self_attn.q_proj.bias")
+                            or key.endswith("self_attn.k_proj.weight") or key.endswith("self_attn.k_proj.bias")):
+        heads = config.num_attention_heads if ".q_proj." in key else (
+            getattr(config, "num_key_value_heads", None) or config.num_attention_heads)
+        rest = tensor.shape[1:]
+        tensor = tensor.reshape(heads, 2, tensor.shape[0] // heads // 2, *rest).transpose(1, 2).reshape(-1, *rest)
+    if spec.norm_shift and key.endswith("norm.weight"):
+        tensor = tensor.float() + spec.norm_shift
+    return tensor

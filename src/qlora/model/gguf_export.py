@@ -1,0 +1,182 @@
+"""Write a model, its adapters folded in, as one GGUF file for llama.cpp and Ollama.
+
+The merged weights are those of ``qlora merge``: each adapter folded into the
+dequantized 4-bit base it was trained against (:func:`qlora.model.merge.merged_tensors`).
+They are streamed: the header and tensor table are written from shapes alone,
+then each tensor is merged, converted and written in turn, so peak memory is
+the 4-bit model plus one dense layer, never a second copy of the model.
+
+Types follow llama.cpp's converter: 1-D tensors (norms, biases) and RoPE factor
+tables stay float32; matrices are f16, bf16 or q8_0 (q8_0 falls back to f16
+for a row length that is not a multiple of its 32-value block). ``q8_0`` is
+quantized by ``gguf.quants``, llama.cpp's own Python reference of the format.
+Formats gguf-py cannot quantize (the k-quants such as q4_k_m) are not offered:
+use llama.cpp's ``llama-quantize`` on the f16 file for those.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..errors import UsageError
+from .gguf_arch import ArchSpec, arch_spec, tensor_namer, to_llama_cpp, write_metadata
+from .gguf_vocab import gguf_vocab
+from .merge import merged_tensors
+
+TYPES = ("f32", "f16", "bf16", "q8_0")
+
+
+def require_gguf():
+    """The ``gguf`` package, or a one-line install hint."""
+    try:
+        import gguf
+    except ImportError:
+        raise UsageError("GGUF export needs the gguf package (llama.cpp's own writer): "
+                         "pip install 'qlora[export]'") from None
+    return gguf
+
+
+@dataclass
+class _Planned:
+    name: str
+    shape: tuple[int, ...]
+    qtype: object  # gguf.GGMLQuantizationType
+    make: Callable[[], torch.Tensor]
+
+
+def export_gguf(model: nn.Module, tokenizer, path: str | Path, out_type: str = "f16", name: str | None = None) -> Path:
+    """Write ``model`` (4-bit, LoRA or dense; adapters folded in) with ``tokenizer`` as a GGUF file.
+
+    Args:
+        path: the ``.gguf`` file to write (its parent must exist).
+        out_type: ``f32``, ``f16``, ``bf16`` or ``q8_0`` for the matrices.
+        name: ``general.name`` (default: the file's stem).
+
+    Raises:
+        UsageError: unsupported architecture, tokenizer or configuration.
+    """
+    gguf = require_gguf()
+    if out_type not in TYPES:
+        raise UsageError(f"unknown GGUF type {out_type!r}; choose from {', '.join(TYPES)}")
+    config = model.config
+    spec = arch_spec(config)
+    path = Path(path)
+    n_vocab = model.get_input_embeddings().weight.shape[0]  # added tokens may have grown it past the config
+    vocab = gguf_vocab(tokenizer, n_vocab)
+
+    partial = path.with_name(path.name + ".partial")  # a failed export leaves no half-written file
+    writer = gguf.GGUFWriter(partial, spec.gguf_arch)
+    try:
+        writer.add_name(name or path.stem)
+        writer.add_file_type(_file_type(gguf, out_type))
+        extra = write_metadata(writer, config, spec, n_vocab)
+        _write_vocab(writer, vocab)
+        plan = _plan(model, config, spec, out_type, extra)
+        for t in plan:
+            byte_shape = tuple(gguf.quant_shape_to_byte_shape(t.shape, t.qtype))
+            writer.add_tensor_info(t.name, byte_shape, np.dtype(np.uint8), int(np.prod(byte_shape)), raw_dtype=t.qtype)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_ti_data_to_file()
+        for t in plan:
+            writer.write_tensor_data(_encode(gguf, t.make(), t.qtype))
+        writer.close()
+        os.replace(partial, path)
+    except BaseException:
+        writer.close()
+        partial.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _file_type(gguf, out_type: str) -> int:
+    ft = gguf.LlamaFileType
+    return {"f32": ft.ALL_F32, "f16": ft.MOSTLY_F16, "bf16": ft.MOSTLY_BF16, "q8_0": ft.MOSTLY_Q8_0}[out_type]
+
+
+def _plan(model: nn.Module, config, spec: ArchSpec, out_type: str,
+          extra: list[tuple[str, torch.Tensor]]) -> list[_Planned]:
+    import gguf
+
+    Q = gguf.GGMLQuantizationType
+    matrix_type = {"f32": Q.F32, "f16": Q.F16, "bf16": Q.BF16, "q8_0": Q.Q8_0}[out_type]
+    name_of = tensor_namer(config, spec)
+    rows = merged_tensors(model)
+    tied = _tied(model)
+    plan: list[_Planned] = []
+    unknown = []
+    for key, shape, make in rows:
+        gguf_name = name_of(key)
+        if gguf_name == "output.weight" or (gguf_name is None and key == "lm_head.weight"):
+            if tied:
+                continue  # llama.cpp reuses token_embd
+            if not spec.has_output:
+                raise UsageError(f"this {config.model_type} model's output layer differs from its embedding, but "
+                                 f"llama.cpp's {spec.gguf_arch} always uses the embedding as output layer; the "
+                                 f"GGUF would compute different logits. Refusing to export.")
+        if gguf_name is None:
+            unknown.append(key)
+            continue
+        if len(shape) == 1:
+            qtype = Q.F32
+        elif matrix_type == Q.Q8_0 and shape[-1] % gguf.GGML_QUANT_SIZES[Q.Q8_0][0]:
+            qtype = Q.F16
+        else:
+            qtype = matrix_type
+        plan.append(_Planned(gguf_name, tuple(shape), qtype,
+                             lambda key=key, make=make: to_llama_cpp(key, make(), config, spec)))
+    if unknown:
+        raise UsageError(f"GGUF export found tensors that llama.cpp's {spec.gguf_arch} layout has no place for: "
+                         f"{', '.join(unknown[:5])}{' ...' if len(unknown) > 5 else ''}. This checkpoint is a "
+                         f"variant qlora does not export.")
+    for gguf_name, t in extra:
+        plan.append(_Planned(gguf_name, tuple(t.shape), Q.F32, lambda t=t: t))
+    return plan
+
+
+def _tied(model: nn.Module) -> bool:
+    out, inp = model.get_output_embeddings(), model.get_input_embeddings()
+    return out is not None and getattr(out, "weight", None) is inp.weight
+
+
+def _encode(gguf, tensor: torch.Tensor, qtype) -> np.ndarray:
+    """The tensor's bytes in ``qtype`` as a uint8 array."""
+    Q = gguf.GGMLQuantizationType
+    t = tensor.detach().to("cpu")
+    if qtype == Q.F32:
+        data = t.float().numpy()
+    elif qtype == Q.F16:
+        data = t.to(torch.float16).numpy()
+    elif qtype == Q.BF16:
+        data = t.to(torch.bfloat16).view(torch.int16).numpy()
+    else:
+        data = gguf.quants.quantize(t.float().numpy(), qtype)
+    return np.ascontiguousarray(data).view(np.uint8)
+
+
+def _write_vocab(writer, vocab) -> None:
+    writer.add_tokenizer_model(vocab.model)
+    writer.add_tokenizer_pre(vocab.pre)
+    writer.add_token_list(vocab.tokens)
+    writer.add_token_types(vocab.types)
+    if vocab.scores is not None:
+        writer.add_token_scores(vocab.scores)
+    if vocab.merges:
+        writer.add_token_merges(vocab.merges)
+    for kind, tid in vocab.special_ids.items():
+        add = getattr(writer, f"add_{kind}_token_id", None)
+        if add is not None:
+            add(tid)
+    writer.add_add_bos_token(vocab.add_bos)
+    writer.add_add_eos_token(vocab.add_eos)
+    if vocab.add_space_prefix is not None:
+        writer.add_add_space_prefix(vocab.add_space_prefix)
+    if vocab.chat_template:
+        writer.add_chat_template(vocab.chat_template)

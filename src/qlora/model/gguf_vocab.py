@@ -1,0 +1,174 @@
+"""A transformers fast tokenizer as llama.cpp's GGUF tokenizer fields.
+
+llama.cpp runs two tokenizer families, and its reader needs to be told which:
+
+- ``gpt2``: byte-level BPE (GPT-2, Llama 3, Qwen): token strings in the byte-to-
+  unicode alphabet, the merge list, and a *pre-tokenizer* name that selects
+  llama.cpp's built-in split regex. The name is read off the regex in
+  ``tokenizer.json``; an unknown regex is refused rather than guessed, because
+  a wrong pre-tokenizer silently changes every tokenization.
+- ``llama``: SentencePiece-style BPE with byte fallback (Llama 2, Mistral,
+  Gemma, Phi-3): ``▁`` for spaces, ``<0xNN>`` byte tokens, and a score per token
+  that llama.cpp merges by (highest first). Scores are ``-rank`` of the merge
+  that makes the token, so llama.cpp merges in exactly the order of the
+  ``tokenizer.json`` merge list.
+
+Special token ids, whether BOS/EOS are added, and the chat template come from
+the tokenizer itself (``gguf.SpecialVocab``, llama.cpp's own reader, plus a
+check of what encoding actually adds).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..errors import UsageError
+
+# llama.cpp pre-tokenizer name for each split regex found in tokenizer.json.
+_GPT2_REGEX = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
+_PRE_BY_REGEX = {
+    _GPT2_REGEX: "gpt-2",
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+":
+        "llama-bpe",
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+":
+        "qwen2",
+}
+
+# gguf.TokenType values (kept numeric so this module imports without gguf)
+NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
+
+
+@dataclass
+class GGUFVocab:
+    """Everything llama.cpp reads under ``tokenizer.ggml.*`` and ``tokenizer.chat_template``."""
+
+    model: str  # "gpt2" or "llama"
+    pre: str
+    tokens: list[str]
+    types: list[int]
+    scores: list[float] | None = None
+    merges: list[str] = field(default_factory=list)
+    special_ids: dict[str, int] = field(default_factory=dict)  # bos, eos, unk, pad, ...
+    add_bos: bool = False
+    add_eos: bool = False
+    add_space_prefix: bool | None = None
+    chat_template: str | None = None
+
+
+def gguf_vocab(tokenizer, n_vocab: int) -> GGUFVocab:
+    """Read ``tokenizer`` (a transformers fast tokenizer) into GGUF fields.
+
+    Args:
+        n_vocab: rows of the model's embedding; ids the tokenizer lacks become
+            unused ``[PAD<id>]`` tokens, as llama.cpp's converter writes them.
+    """
+    if not getattr(tokenizer, "is_fast", False):
+        raise UsageError("GGUF export needs the model's fast tokenizer (tokenizer.json); this model has only a "
+                         "slow one. Save it once with transformers (AutoTokenizer.from_pretrained(...)"
+                         ".save_pretrained(DIR)) and export again.")
+    spec = json.loads(tokenizer.backend_tokenizer.to_str())
+    model = spec["model"]
+    if model.get("type") != "BPE":
+        raise UsageError(f"GGUF export supports BPE tokenizers (byte-level or SentencePiece-style); this tokenizer "
+                         f"is {model.get('type')}, which qlora cannot write for llama.cpp yet.")
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
+    added = {t["id"]: t for t in spec.get("added_tokens", [])}
+    by_id = {i: t for t, i in model["vocab"].items()}
+    by_id.update({i: t["content"] for i, t in added.items()})
+    if max(by_id) >= n_vocab:
+        raise UsageError(f"the tokenizer has ids up to {max(by_id)} but the model's embedding has only {n_vocab} "
+                         f"rows; export the tokenizer the model was trained with.")
+
+    spm = bool(model.get("byte_fallback"))
+    tokens, types = [], []
+    for i in range(n_vocab):
+        text = by_id.get(i)
+        if text is None:
+            tokens.append(f"[PAD{i}]")
+            types.append(UNUSED)
+        elif i in added:
+            tokens.append(text)
+            types.append(CONTROL if added[i].get("special") else USER_DEFINED)
+        elif spm and len(text) == 6 and text.startswith("<0x") and text.endswith(">"):
+            tokens.append(text)
+            types.append(BYTE)
+        else:
+            tokens.append(text)
+            types.append(UNKNOWN if text == model.get("unk_token") else NORMAL)
+
+    vocab = GGUFVocab(model="llama" if spm else "gpt2", pre="default" if spm else _pre_tokenizer(spec),
+                      tokens=tokens, types=types)
+    if spm:
+        rank = {a + b: r for r, (a, b) in enumerate(m.split(" ", 1) for m in merges)}
+        # Tokens no merge makes (single characters, specials) are never a merge result in HF's BPE;
+        # the lowest score keeps llama.cpp from preferring them.
+        vocab.scores = [-float(rank[t] + 1) if t in rank else (-1e9 if types[i] == NORMAL else 0.0)
+                        for i, t in enumerate(tokens)]
+        vocab.add_space_prefix = _adds_space_prefix(spec)
+    else:
+        vocab.merges = merges
+    _special(tokenizer, vocab, n_vocab)
+    return vocab
+
+
+def _pre_tokenizer(spec: dict) -> str:
+    for step in _steps(spec.get("pre_tokenizer")):
+        if step.get("type") == "ByteLevel" and step.get("use_regex", True):
+            return "gpt-2"
+        if step.get("type") == "Split":
+            regex = step.get("pattern", {}).get("Regex")
+            if regex in _PRE_BY_REGEX:
+                return _PRE_BY_REGEX[regex]
+            break
+    raise UsageError(
+        "GGUF export does not recognize this tokenizer's pre-tokenizer (its split rule in tokenizer.json), so it "
+        "cannot tell llama.cpp how to split text; byte-level BPE with the GPT-2, Llama 3 or Qwen2 rule and "
+        "SentencePiece-style tokenizers are supported. Writing a guess would silently change tokenization.")
+
+
+def _adds_space_prefix(spec: dict) -> bool:
+    """Whether the tokenizer prepends ``▁`` to the text (SentencePiece's add_dummy_prefix)."""
+    for step in _steps(spec.get("normalizer")):
+        if step.get("type") == "Prepend" and step.get("prepend") == "\u2581":
+            return True
+    for step in _steps(spec.get("pre_tokenizer")):
+        if step.get("type") == "Metaspace":
+            return step.get("prepend_scheme", "always") != "never" and step.get("add_prefix_space", True)
+    return False
+
+
+def _steps(node: dict | None) -> list[dict]:
+    """The steps of a tokenizer.json normalizer/pre-tokenizer, Sequences flattened."""
+    if not node:
+        return []
+    if node.get("type") == "Sequence":
+        return [s for n in node.get("normalizers") or node.get("pretokenizers") or [] for s in _steps(n)]
+    return [node]
+
+
+def _special(tokenizer, vocab: GGUFVocab, n_vocab: int) -> None:
+    import gguf
+
+    quiet = logging.getLogger("gguf.vocab")  # its post-processor remarks do not apply: BOS/EOS are checked below
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            tokenizer.save_pretrained(tmp)
+            special = gguf.SpecialVocab(Path(tmp), load_merges=False, n_vocab=n_vocab)
+    finally:
+        quiet.setLevel(level)
+    vocab.special_ids = dict(special.special_token_ids)
+    for kind in ("bos", "eos", "unk", "pad"):  # the tokenizer's own view wins over config guesses
+        tid = getattr(tokenizer, f"{kind}_token_id", None)
+        if isinstance(tid, int) and 0 <= tid < n_vocab:
+            vocab.special_ids[kind] = tid
+    ids = tokenizer("a", add_special_tokens=True)["input_ids"]
+    vocab.add_bos = tokenizer.bos_token_id is not None and ids[:1] == [tokenizer.bos_token_id]
+    vocab.add_eos = tokenizer.eos_token_id is not None and ids[-1:] == [tokenizer.eos_token_id]
+    template = getattr(tokenizer, "chat_template", None)
+    vocab.chat_template = template if isinstance(template, str) else special.chat_template
