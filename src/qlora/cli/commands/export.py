@@ -41,6 +41,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from ...atomic import atomic_dir
     from ...model.adapter_io import load_adapter
+    from ...model.chat_format import ChatFormat
     from ...model.gguf_export import export_gguf, require_gguf
     from ...model.gguf_vocab import gguf_vocab
     from ...model.load import load_model, resolve_model_dir
@@ -59,6 +60,9 @@ def run(args: argparse.Namespace) -> int:
     if args.adapter:
         load_adapter(model, args.adapter)
         tokenizer = _adapter_tokenizer(args.adapter) or tokenizer
+        trained = ChatFormat.load(args.adapter)  # the format the adapter was trained in is the one to embed
+        if trained is not None:
+            tokenizer.chat_template = trained.template
     gguf_name = f"model-{args.type}.gguf"
     with atomic_dir(out) as tmp:
         path = export_gguf(model, tokenizer, Path(tmp) / gguf_name, args.type, name=args.name or out.resolve().name)
