@@ -217,6 +217,34 @@ def test_nonfinite_weights_raise_a_clear_error():
         quantize_4bit(w.bfloat16(), "fp4", 32, double_quant=False)
 
 
+def test_nonfinite_weight_error_names_the_module_and_file(tmp_path, tiny_model_dir):
+    """Quantizing a model in memory names the module; loading a checkpoint names the
+    file and tensor and is a usage error (the CLI exits 2 with that paragraph)."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoModelForCausalLM
+
+    from qlora.errors import UsageError
+    from qlora.model.load import load_model
+    from qlora.model.quantize import quantize_model
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    with torch.no_grad():
+        model.model.layers[0].mlp.up_proj.weight[2, 3] = float("nan")
+    with pytest.raises(ValueError, match=r"module model\.layers\.0\.mlp\.up_proj: cannot quantize"):
+        quantize_model(model)
+    bad_dir = tmp_path / "bad"
+    shutil.copytree(tiny_model_dir, bad_dir)
+    shard = next(bad_dir.glob("*.safetensors"))
+    tensors = load_file(shard)
+    key = next(k for k in tensors if k.endswith("layers.1.self_attn.q_proj.weight"))
+    tensors[key][0, 0] = float("inf")
+    save_file(tensors, shard, metadata={"format": "pt"})
+    with pytest.raises(UsageError, match=rf"{shard.name}: tensor {key} \(module .*q_proj\): cannot quantize"):
+        load_model(str(bad_dir))
+
+
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
 def test_blockwise_8bit_propagates_nonfinite_blocks(bad):
     """An 8-bit optimizer state that went NaN stays NaN (its block decodes to NaN);
