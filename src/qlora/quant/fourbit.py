@@ -2,7 +2,9 @@
 
 Dispatch: CUDA tensors use the Triton kernels when Triton is importable (one
 launch quantizes, bitsandbytes' CUDA bytes; one launch decodes the
-double-quantized absmax, looks up the code and scales); everything else uses
+double-quantized absmax, looks up the code and scales); large CPU tensors decode
+with the compiled reference (:mod:`qlora.quant.kernels.compiled_cpu`, same
+bits, one fused loop); everything else uses
 :mod:`qlora.quant.kernels.torch_ref`, the reference, whose bytes are
 bitsandbytes' CPU bytes on the CPU and its CUDA bytes on CUDA.
 """
@@ -13,7 +15,7 @@ import torch
 
 from .codebook import QUANT_TYPES_4BIT, code_4bit
 from .double_quant import compress_absmax, decompress_absmax
-from .kernels import torch_ref
+from .kernels import compiled_cpu, torch_ref
 from .quant_state import QuantState
 
 BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
@@ -116,6 +118,10 @@ def dequantize_4bit(
         from .kernels import triton_dequant
 
         return triton_dequant.dequantize_4bit(packed, state, dtype)
+    if compiled_cpu.supports(packed, state.shape.numel(), state.blocksize):
+        out = compiled_cpu.dequantize(packed, state, dtype)
+        if out is not None:
+            return out
     absmax = state.absmax
     if state.nested is not None:
         assert state.offset is not None
