@@ -44,8 +44,10 @@ export PYTHONPATH=$ROOT/src${PYTHONPATH:+:$PYTHONPATH}
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 
 # step NAME SECONDS FUNCTION: run an (exported) function with a time limit, log to $OUT/NAME.log, record the outcome.
+# GPU_CHECK_STEPS="train_smoke generate_smoke" runs only those steps (default: all).
 step() {
   local name=$1 limit=$2; shift 2
+  if [[ -n ${GPU_CHECK_STEPS:-} && " $GPU_CHECK_STEPS " != *" $name "* ]]; then return 0; fi
   local start=$SECONDS
   echo "== $name (limit ${limit}s)"
   timeout --kill-after=10 "$limit" bash -o pipefail -c "$*" >"$OUT/$name.log" 2>&1
