@@ -189,7 +189,12 @@ def test_trainer_option_defaults_off_and_leaves_cpu_training_unchanged(tmp_path,
         losses.append(trainer.run())
         trainers.append(trainer)
     assert isinstance(trainers[1].model.get_submodule("model.norm"), FusedRMSNorm)
-    assert losses[0] == losses[1]
+    if trainers[1].device.type == "cuda":
+        # The Triton RMSNorm takes the GPU's approximate sqrt, so a few bf16 roundings
+        # differ; over three steps the loss moves by far less than 1%.
+        assert losses[1] == pytest.approx(losses[0], rel=1e-2)
+    else:  # on the CPU the fused modules run the same PyTorch code: identical losses
+        assert losses[0] == losses[1]
 
 
 _KERNEL_SIGNATURES = {

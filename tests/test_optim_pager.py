@@ -114,3 +114,145 @@ def test_optimizer_step_transfers_follow_the_policy():
         stats = opt.pager("cpu").stats
         assert (stats.to_host, stats.to_device) == (step, step)
     assert len(opt.pager("cpu")) == 3
+
+
+class _FakeStream:
+    def __init__(self, name: str, log: list) -> None:
+        self.name, self.log = name, log
+
+    def wait_stream(self, other: "_FakeStream") -> None:
+        self.log.append(("wait_stream", self.name, other.name))
+
+    def record_event(self) -> tuple:
+        event = ("event", len(self.log))
+        self.log.append(("record_event", self.name, event))
+        return event
+
+    def wait_event(self, event: tuple) -> None:
+        self.log.append(("wait_event", self.name, event))
+
+    def synchronize(self) -> None:
+        self.log.append(("synchronize", self.name))
+
+
+class _RecordingStreams:
+    """The pager's CUDA stream operations with fake streams that record every call
+    (the copies themselves run synchronously on CPU tensors)."""
+
+    pin_memory = False
+
+    def __init__(self) -> None:
+        from qlora.optim.pager import CudaStreams
+
+        self.log: list = []
+        self.side, self.compute = _FakeStream("side", self.log), _FakeStream("compute", self.log)
+        self._real = CudaStreams.__new__(CudaStreams)  # its copy() protocol, with our primitives
+        self._real.side, self._real.current, self._real.on_side, self._real.keep_alive = (
+            self.side, self.current, self.on_side, self.keep_alive)
+
+    def current(self) -> _FakeStream:
+        return self.compute
+
+    def on_side(self):
+        import contextlib
+
+        log = self.log
+
+        @contextlib.contextmanager
+        def side():
+            log.append(("side_begin",))
+            yield
+            log.append(("side_end",))
+
+        return side()
+
+    def keep_alive(self, tensor: torch.Tensor) -> None:
+        self.log.append(("keep_alive", tensor.data_ptr()))
+
+    def copy(self, dst: torch.Tensor, src: torch.Tensor) -> None:
+        self._real.copy(dst, src)
+        self.log.append(("copied", dst.data_ptr(), src.data_ptr()))
+
+    def record_event(self):
+        return self.side.record_event()
+
+    def synchronize(self) -> None:
+        self.side.synchronize()
+        self.compute.synchronize()
+
+
+def test_stream_discipline_under_a_recording_fake():
+    """Every side-stream copy first waits for the compute stream's queued work;
+    every device buffer a copy touches is recorded on the side stream; the
+    compute stream waits for a restore's event before it uses the page; buffers
+    freed by a budget cut are recorded too. Checked over paged sweeps with
+    read-only and dirty pages (a clean page evicted and its buffer reused)."""
+    streams = _RecordingStreams()
+    log = streams.log
+    pager = Pager("cpu", budget_bytes=2 * PAGE, page_bytes=PAGE, streams=streams)
+    pids = [pager.new_page() for _ in range(5)]
+    for sweep in range(3):
+        order = pager.sweep_order(pids)
+        for i, pid in enumerate(order):
+            write = (pid + sweep) % 2 == 0  # some uses leave the page clean
+            with pager.use(pid, write=write) as buf:
+                if i + 1 < len(order):
+                    pager.prefetch(order[i + 1])
+                log.append(("compute", buf.data_ptr(), pid))
+                if write:
+                    buf.fill_(sweep * 10 + pid)
+    with pager.use(pids[0]) as buf:
+        log.append(("compute", buf.data_ptr(), pids[0]))
+    pager.budget_bytes = 2 * PAGE  # no change
+    dirty_ptrs = {pager._pages[p].device_buf.data_ptr() for p in pager.resident}
+    pager.budget_bytes = None  # no eviction either
+    pager.budget_bytes = 2 * PAGE
+
+    copies = [i for i, e in enumerate(log) if e[0] == "side_begin"]
+    assert len(copies) >= 10 and pager.stats.to_host > 0 and pager.stats.to_device > 0
+    for i in copies:
+        last_compute = max((j for j in range(i) if log[j][0] == "compute"), default=-1)
+        assert any(log[j] == ("wait_stream", "side", "compute") for j in range(last_compute + 1, i)), (
+            f"copy at log[{i}] does not wait for the compute work queued before it: {log[max(0, i - 6):i + 1]}")
+        k = next(k for k in range(i, len(log)) if log[k][0] == "copied")
+        copied = log[k]
+        kept = {e[1] for e in log[i:k] if e[0] == "keep_alive"}
+        assert {copied[1], copied[2]} <= kept, f"copy at log[{i}] leaves a buffer unrecorded"
+    # Compute after a restore waits for the event recorded after that restore's copy.
+    for j, entry in enumerate(log):
+        if entry[0] != "compute":
+            continue
+        restores = [i for i in copies if i < j and next(e for e in log[i:] if e[0] == "copied")[1] == entry[1]]
+        if restores:
+            event = next(e[2] for e in log[restores[-1]:] if e[0] == "record_event")
+            assert ("wait_event", "compute", event) in log[restores[-1]:j], f"compute at log[{j}] does not wait"
+    assert dirty_ptrs
+    for pid in pids:
+        last_write = max(s for s in range(3) if (pid + s) % 2 == 0)
+        assert torch.all(pager.read(pid) == last_write * 10 + pid)
+
+
+def test_budget_cut_records_the_freed_buffers_on_the_side_stream():
+    streams = _RecordingStreams()
+    pager = Pager("cpu", budget_bytes=3 * PAGE, page_bytes=PAGE, streams=streams)
+    pids = [pager.new_page() for _ in range(3)]
+    for pid in pids:
+        _fill(pager, pid, pid + 1)
+    ptrs = [pager._pages[p].device_buf.data_ptr() for p in pids]
+    streams.log.clear()
+    pager.budget_bytes = 2 * PAGE  # evicts the least recently used page, which is dirty
+    log = streams.log
+    assert log[0] == ("wait_stream", "side", "compute")
+    assert ("keep_alive", ptrs[0]) in log and pager.resident == pids[1:]
+    assert torch.all(pager.read(pids[0]) == 1)
+
+
+def test_device_code_tables_are_made_once_per_device():
+    """The 8-bit optimizer fetches its two code books every step: on a device they
+    must come from a cache, not from a host-to-device copy each time."""
+    from qlora.quant import code_4bit, dynamic_code
+
+    for signed in (True, False):
+        assert dynamic_code(signed, "meta") is dynamic_code(signed, torch.device("meta"))
+    assert code_4bit("nf4", "meta") is code_4bit("nf4", "meta")
+    assert torch.equal(dynamic_code(True, "cpu"), dynamic_code(True))

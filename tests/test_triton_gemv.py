@@ -80,6 +80,37 @@ def _sweep(seed: int, device: str) -> list[str]:
     return failures
 
 
+def _strided(t: torch.Tensor) -> torch.Tensor:
+    """The same values as a non-contiguous view (every other element of a buffer twice as long)."""
+    buf = torch.empty(t.numel() * 2, dtype=t.dtype, device=t.device)
+    view = buf[::2]
+    view.copy_(t.reshape(-1))
+    return view.reshape(t.shape) if t.dim() == 1 else view
+
+
+def _strided_state_failures(device: str) -> list[str]:
+    """gemv_4bit with absmax, code book and nested tensors that are strided views."""
+    from dataclasses import replace
+
+    from qlora.quant import NestedState
+    from qlora.quant.kernels.triton_gemv import gemv_4bit
+
+    gen = torch.Generator().manual_seed(7)
+    failures = []
+    for dq in (True, False):
+        w = torch.randn(24, 256, generator=gen) * 0.05
+        packed, state = quantize_4bit(w.to(device), "nf4", 64, dq)
+        nested = state.nested and NestedState(_strided(state.nested.absmax), _strided(state.nested.code),
+                                              state.nested.blocksize, state.nested.dtype)
+        strided = replace(state, absmax=_strided(state.absmax), code=_strided(state.code), nested=nested)
+        assert not strided.absmax.is_contiguous() and not strided.code.is_contiguous()
+        x = torch.randn(2, 256, generator=gen).to(device)
+        why = _check(gemv_4bit(x, packed, strided), _reference(x, packed, state), torch.float32)
+        if why:
+            failures.append(f"strided state dq={dq}: {why}")
+    return failures
+
+
 def test_interpreted_kernel_matches_reference():
     seed = random.randrange(2**31)
     done = run_interpreted(__file__, str(seed), timeout=300)
@@ -139,7 +170,7 @@ def test_kernel_compiles_for_h100_with_16_byte_loads():
 
 @pytest.mark.cuda
 def test_cuda_kernel_matches_reference():
-    bad = _sweep(random.randrange(2**31), "cuda")
+    bad = _sweep(random.randrange(2**31), "cuda") + _strided_state_failures("cuda")
     assert not bad, "\n".join(bad)
 
 
@@ -184,6 +215,6 @@ def test_cuda_linear4bit_dispatches_to_gemv(dq, bias, monkeypatch):
 
 
 if __name__ == "__main__":  # the interpreted sweep, run by test_interpreted_kernel_matches_reference
-    bad = _sweep(int(sys.argv[1]), "cpu")
+    bad = _sweep(int(sys.argv[1]), "cpu") + _strided_state_failures("cpu")
     print("\n".join(bad) if bad else "all cases within tolerance")
     sys.exit(1 if bad else 0)

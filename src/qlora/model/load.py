@@ -21,7 +21,7 @@ from torch import nn
 
 from ..errors import UsageError
 from ..nn import Linear4bit
-from ..quant import QuantState
+from ..quant import NonFiniteError, QuantState
 from .quantize import _skipped, is_conv1d, output_embedding_names, replace_modules
 
 def resolve_model_dir(name_or_path: str | Path) -> Path:
@@ -189,7 +189,10 @@ def load_model(
                         pending_qstate[owner][key[len(owner) + 1:]] = tensor
                     else:
                         w = tensor.to(device)
-                        layer.set_weight(w.t() if layer.from_conv1d else w)
+                        try:
+                            layer.set_weight(w.t() if layer.from_conv1d else w)
+                        except NonFiniteError as exc:
+                            raise UsageError(f"{file}: tensor {raw_key} (module {owner}): {exc}") from None
                     loaded.add(owner + ".weight")
                     continue
                 if key not in expected:

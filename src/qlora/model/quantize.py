@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from ..nn import Linear4bit
+from ..quant import NonFiniteError
 
 
 def is_conv1d(module: nn.Module) -> bool:
@@ -74,7 +75,11 @@ def quantize_model(
     def make(path: str, module: nn.Module) -> nn.Module | None:
         if not (isinstance(module, nn.Linear) or is_conv1d(module)) or _skipped(path, skip):
             return None
-        layer = Linear4bit.from_linear(module, quant_type, blocksize, double_quant, compute_dtype, transposed=is_conv1d(module))
+        try:
+            layer = Linear4bit.from_linear(module, quant_type, blocksize, double_quant, compute_dtype,
+                                           transposed=is_conv1d(module))
+        except NonFiniteError as exc:
+            raise NonFiniteError(f"module {path}: {exc}") from None
         layer.from_conv1d = is_conv1d(module)
         return layer
 

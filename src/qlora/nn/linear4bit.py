@@ -26,6 +26,26 @@ from torch import nn
 from ..quant import QuantState, dequantize_4bit, quantize_4bit
 from ..quant.quant_state import NestedState
 
+class _StateDictPath:
+    """Resolves the dotted suffixes of a Linear4bit state-dict key by attribute.
+
+    ``torch.distributed.checkpoint`` maps each state-dict key to the module
+    tree with ``getattr`` part by part; the bitsandbytes keys
+    (``weight.absmax``, ``weight.quant_state.bitsandbytes__nf4``, ...) name no
+    attribute of the weight tensor. Linear4bit's ``_fqn_modifiers`` (the hook
+    DCP provides for modules whose keys differ from their attributes) points
+    ``weight`` here, and every part of those keys resolves to this object.
+    """
+
+    def __init__(self, parts: frozenset[str]) -> None:
+        self._parts = parts
+
+    def __getattr__(self, name: str) -> "_StateDictPath":
+        if name.startswith("__") or name not in self._parts:
+            raise AttributeError(name)
+        return self
+
+
 class _Linear4bitFunction(torch.autograd.Function):
     """``y = x @ dequant(W)^T + b`` that saves no 16-bit weight for backward."""
 
@@ -129,13 +149,29 @@ class Linear4bit(nn.Module):
             raise ValueError("double quantization of the state does not match the layer")
         self.quant_type, self.blocksize, self.quant_dtype = state.quant_type, state.blocksize, state.dtype
         device = self.weight.device
-        self.weight = packed.reshape(-1, 1).view(torch.uint8).to(device)
-        self.absmax = state.absmax.to(device)
-        self.quant_map = state.code.to(device).clone()
+        self._set_quant_tensor("weight", packed.reshape(-1, 1).view(torch.uint8).to(device))
+        self._set_quant_tensor("absmax", state.absmax.to(device))
+        self._set_quant_tensor("quant_map", state.code.to(device).clone())
         if state.nested is not None:
-            self.nested_absmax = state.nested.absmax.to(device)
-            self.nested_quant_map = state.nested.code.to(device).clone()
-            self.offset = state.offset.to(device=device, dtype=torch.float32)
+            self._set_quant_tensor("nested_absmax", state.nested.absmax.to(device))
+            self._set_quant_tensor("nested_quant_map", state.nested.code.to(device).clone())
+            self._set_quant_tensor("offset", state.offset.to(device=device, dtype=torch.float32))
+
+    def _set_quant_tensor(self, name: str, tensor: torch.Tensor) -> None:
+        """Replace a code/constant tensor; after :meth:`make_shardable` its bytes go
+        into the existing storage parameter (in place when the size is unchanged,
+        so optimizers and FSDP keep holding the same parameter)."""
+        if name not in self._storage:
+            setattr(self, name, tensor)
+            return
+        param = getattr(self, name)
+        raw = tensor.contiguous().reshape(-1).view(torch.uint8)
+        padded = torch.cat([raw, raw.new_zeros(-raw.numel() % param.element_size())]).view(param.dtype)
+        if padded.shape == param.shape:
+            param.data.copy_(padded)
+        else:
+            self.register_parameter(name, nn.Parameter(padded, requires_grad=False))
+        self._storage[name] = (tensor.dtype, tensor.shape, raw.numel())
 
     def _quant_names(self) -> tuple[str, ...]:
         nested = ("nested_absmax", "nested_quant_map", "offset") if self.double_quant else ()
@@ -208,6 +244,17 @@ class Linear4bit(nn.Module):
         return y if autocast else y.to(x.dtype)
 
     # --- bitsandbytes/transformers state-dict layout -------------------------
+    def _fqn_modifiers(self) -> dict[str, str]:
+        """For torch.distributed.checkpoint: resolve ``weight.*`` keys through :class:`_StateDictPath`."""
+        return {"weight": "_state_dict_path"}
+
+    @property
+    def _state_dict_path(self) -> _StateDictPath:
+        parts = {"weight"}
+        for key in self.quant_state.as_dict(packed=True):
+            parts.update(key.split("."))
+        return _StateDictPath(frozenset(parts))
+
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         weight = self._quant_tensor("weight")
         destination[prefix + "weight"] = weight if keep_vars else weight.detach()

@@ -17,10 +17,21 @@ Policy (what the transfer counts in the tests hold):
 - :meth:`Pager.sweep_order` visits resident pages first, so one optimizer step
   over ``n`` pages with ``k`` slots moves ``n - k`` pages each way.
 
-On CUDA, restores run on a side stream so that the next page streams in while
-the current one updates. On a CPU device with no budget, nothing is ever
-evicted: paging is a no-op. A CPU device with a budget simulates the policy
-(host buffers are then plain CPU tensors), which is how the tests drive it.
+On CUDA, copies run on a side stream so that the next page streams in while
+the current one updates. Stream discipline (held by a test with a recording
+fake of :class:`CudaStreams`):
+
+- before any side-stream copy, the side stream waits for the work already
+  queued on the compute stream (that work may still read or write the buffer
+  the copy touches, or the memory the allocator just handed out);
+- the compute stream waits for a restore's event before it uses the page;
+- every device buffer a side-stream copy touches is recorded on the side
+  stream (``record_stream``), so dropping it never frees memory a pending
+  copy still uses.
+
+On a CPU device with no budget, nothing is ever evicted: paging is a no-op. A
+CPU device with a budget simulates the policy (host buffers are then plain CPU
+tensors), which is how the tests drive it.
 """
 
 from __future__ import annotations
@@ -42,6 +53,43 @@ class _Page:
     host_buf: torch.Tensor | None = None
     dirty: bool = True
     ready: torch.cuda.Event | None = None
+
+
+class CudaStreams:
+    """The CUDA stream operations the pager needs: a side stream for copies,
+    the compute (current) stream, and asynchronous copies on the side stream."""
+
+    pin_memory = True
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.side = torch.cuda.Stream(device)
+
+    def current(self) -> torch.cuda.Stream:
+        return torch.cuda.current_stream(self.device)
+
+    def on_side(self) -> contextlib.AbstractContextManager:
+        return torch.cuda.stream(self.side)
+
+    def keep_alive(self, tensor: torch.Tensor) -> None:
+        """Tell the allocator that the side stream uses ``tensor`` (device memory only)."""
+        if tensor.is_cuda:
+            tensor.record_stream(self.side)
+
+    def copy(self, dst: torch.Tensor, src: torch.Tensor) -> None:
+        """``dst.copy_(src)`` queued on the side stream after the work already on the compute stream."""
+        self.side.wait_stream(self.current())
+        with self.on_side():
+            dst.copy_(src, non_blocking=True)
+        self.keep_alive(dst)
+        self.keep_alive(src)
+
+    def record_event(self) -> torch.cuda.Event:
+        return self.side.record_event()
+
+    def synchronize(self) -> None:
+        self.side.synchronize()
+        self.current().synchronize()
 
 
 @dataclass
@@ -75,6 +123,8 @@ class Pager:
             unlimited on CPU and :func:`device_headroom_bytes` on CUDA.
         page_bytes: size of every page.
         safety_margin_bytes: left free when the budget is derived on CUDA.
+        streams: the stream operations (default: :class:`CudaStreams` on
+            CUDA, none on the CPU); tests pass a recording fake.
 
     Raises:
         ValueError: if the budget holds fewer than two pages (one being
@@ -87,6 +137,7 @@ class Pager:
         budget_bytes: int | None = None,
         page_bytes: int = DEFAULT_PAGE_BYTES,
         safety_margin_bytes: int = DEFAULT_SAFETY_MARGIN_BYTES,
+        streams: CudaStreams | None = None,
     ) -> None:
         if page_bytes <= 0:
             raise ValueError(f"page_bytes must be positive, got {page_bytes}")
@@ -98,7 +149,9 @@ class Pager:
         self._pages: list[_Page] = []
         self._resident: OrderedDict[int, None] = OrderedDict()  # least recently used first
         self._pinned: set[int] = set()
-        self._stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        if streams is None and self.device.type == "cuda":
+            streams = CudaStreams(self.device)
+        self._streams = streams
         self.stats = PagerStats()
 
     def _slots_for(self, budget_bytes: int) -> int:
@@ -170,7 +223,7 @@ class Pager:
         self.prefetch(pid)
         page = self._pages[pid]
         if page.ready is not None:
-            torch.cuda.current_stream(self.device).wait_event(page.ready)
+            self._streams.current().wait_event(page.ready)
             page.ready = None
         self._pinned.add(pid)
         try:
@@ -197,9 +250,8 @@ class Pager:
             page.host_buf.copy_(data)
 
     def _sync(self) -> None:
-        if self._stream is not None:
-            self._stream.synchronize()
-            torch.cuda.current_stream(self.device).synchronize()
+        if self._streams is not None:
+            self._streams.synchronize()
 
     def _has_free_slot(self) -> bool:
         return self._slots is None or len(self._resident) < self._slots
@@ -216,9 +268,6 @@ class Pager:
         if page.dirty:
             if page.host_buf is None:
                 page.host_buf = self._host_empty()
-            if self._stream is not None:
-                # The copy must see every update the compute stream queued on this page.
-                self._stream.wait_stream(torch.cuda.current_stream(self.device))
             self._copy(page.host_buf, page.device_buf)
             page.dirty = False
             self.stats.to_host += 1
@@ -227,17 +276,17 @@ class Pager:
         return buf
 
     def _copy(self, dst: torch.Tensor, src: torch.Tensor) -> None:
-        if self._stream is None:
+        if self._streams is None:
             dst.copy_(src)
-            return
-        with torch.cuda.stream(self._stream):
-            dst.copy_(src, non_blocking=True)
+        else:
+            self._streams.copy(dst, src)
 
     def _record(self) -> torch.cuda.Event | None:
-        return None if self._stream is None else self._stream.record_event()
+        return None if self._streams is None else self._streams.record_event()
 
     def _host_empty(self) -> torch.Tensor:
-        return torch.empty(self.page_bytes, dtype=torch.uint8, pin_memory=self._stream is not None)
+        pin = self._streams is not None and self._streams.pin_memory
+        return torch.empty(self.page_bytes, dtype=torch.uint8, pin_memory=pin)
 
     def _host_zeros(self) -> torch.Tensor:
         return self._host_empty().zero_()

@@ -10,9 +10,15 @@ normalized value to its code differently per device, and we reproduce each:
   This is not always the nearest code value (values within one bin of a
   midpoint can go either way), which is why a plain nearest search would not
   be bit-exact.
-- CUDA: an 8-step binary search over the sorted code followed by a comparison
-  with the midpoint to the neighbour that was crossed (nearest value, ties
-  towards the lower code).
+- CUDA: values scaled by ``x * (1 / absmax)`` with subnormals flushed to zero
+  (its kernels are built with fast math), then a 7-step binary search over the
+  sorted code followed by a comparison with the midpoint to the neighbour that
+  was crossed. On CUDA tensors the Triton quantizer
+  (:mod:`qlora.quant.kernels.triton_quant`) does it in one launch.
+
+A block holding NaN or an infinity gets a NaN absmax, so the whole block
+decodes to NaN: non-finite values propagate (as they would through a 32-bit
+optimizer) instead of turning into large finite numbers.
 
 Both share the block layout: the flattened tensor is cut into ``blocksize``
 runs (the last may be short), each scaled by its own absmax to [-1, 1].
@@ -23,6 +29,8 @@ from __future__ import annotations
 import functools
 
 import torch
+
+from .kernels.torch_ref import flush_subnormals
 
 _LUT_BINS = 65536
 
@@ -37,6 +45,7 @@ def _lut_for(code_key: tuple[float, ...]) -> torch.Tensor:
 
 def _codes_by_lut(scaled: torch.Tensor, code: torch.Tensor) -> torch.Tensor:
     lut = _lut_for(tuple(code.float().cpu().tolist())).to(scaled.device)
+    # Only finite blocks reach here: NaN cannot occur.
     v = scaled.clamp(-1.0, 1.0)
     # float32 steps in the same order as bitsandbytes: ((v + 1) * 0.5) * 65535 + 0.5, truncated.
     bins = ((v + 1.0) * 0.5 * float(_LUT_BINS - 1) + 0.5).to(torch.int64)
@@ -71,6 +80,14 @@ def _codes_by_search(scaled: torch.Tensor, code: torch.Tensor) -> torch.Tensor:
     return out.to(torch.uint8)
 
 
+def _use_triton(x: torch.Tensor, blocksize: int) -> bool:
+    if x.device.type != "cuda" or blocksize & (blocksize - 1):
+        return False
+    from .kernels import triton_quant
+
+    return triton_quant.available()
+
+
 def quantize_blockwise(
     x: torch.Tensor, code: torch.Tensor, blocksize: int = 256
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -83,26 +100,41 @@ def quantize_blockwise(
 
     Returns:
         ``(codes, absmax)``: uint8 codes shaped like ``x`` and the float32
-        absmax of each block (``ceil(numel / blocksize)`` values).
+        absmax of each block (``ceil(numel / blocksize)`` values; NaN for a
+        block holding NaN or an infinity).
+
+    Raises:
+        ValueError: for a non-positive blocksize or a dtype other than
+            float32, float16 or bfloat16 (as bitsandbytes).
     """
     if blocksize <= 0:
         raise ValueError(f"blocksize must be positive, got {blocksize}")
+    if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise ValueError(f"blockwise quantization takes float32, float16 or bfloat16 tensors, got {x.dtype}")
+    if _use_triton(x, blocksize):
+        from .kernels import triton_quant
+
+        return triton_quant.quantize_blockwise(x, code, blocksize)
     flat = x.reshape(-1).float()
     n = flat.numel()
     n_blocks = -(-n // blocksize)
     pad = n_blocks * blocksize - n
     padded = torch.nn.functional.pad(flat, (0, pad)) if pad else flat
     blocks = padded.view(n_blocks, blocksize)
-    absmax = blocks.abs().amax(dim=1)
     if x.device.type == "cuda":
-        scaled = blocks / absmax[:, None]
+        blocks = flush_subnormals(blocks)
+        absmax = blocks.abs().amax(dim=1)
+        scaled = flush_subnormals(blocks * torch.reciprocal(absmax)[:, None])
         codes = _codes_by_search(scaled, code)
     else:
-        # An all-zero block gets code 0 (bitsandbytes skips it), not NaN.
-        empty = (absmax == 0)[:, None]
-        scaled = torch.where(empty, 0.0, blocks * (1.0 / absmax)[:, None])
-        codes = torch.where(empty, 0, _codes_by_lut(scaled, code))
+        absmax = blocks.abs().amax(dim=1)
+        # An all-zero block gets code 0 (bitsandbytes skips it), not NaN; so does a non-finite one.
+        skip = ((absmax == 0) | ~torch.isfinite(absmax))[:, None]
+        scaled = torch.where(skip, 0.0, blocks * (1.0 / absmax)[:, None])
+        codes = torch.where(skip, 0, _codes_by_lut(scaled, code))
+    absmax = torch.where(torch.isfinite(absmax), absmax, torch.nan)
     return codes.reshape(-1)[:n].reshape(x.shape), absmax
+
 
 
 def dequantize_blockwise(

@@ -31,6 +31,39 @@ _INT4_RAW = (7.0, 6.0, 5.0, 4.0, 3.0, 2.0, 1.0, 0.0, -0.0, -1.0, -2.0, -3.0, -4.
 
 QUANT_TYPES_4BIT = ("nf4", "fp4")
 
+# bitsandbytes' CUDA quantizer does not search the table: it walks a decision
+# tree of decimal constants (``dQuantizeNF4`` / ``dQuantizeFP4`` in its
+# csrc/kernels.cu), rounded to float32 by the compiler. They are not the
+# float32 midpoints of the table (e.g. 0.583333 for FP4's 7/12), so a value
+# near a midpoint can get a different code than on the CPU; a CUDA quantizer
+# that must agree with bitsandbytes' CUDA bytes compares with these.
+#
+# NF4: the code is the number of thresholds the value exceeds (strictly).
+NF4_CUDA_THRESHOLDS = (
+    -0.8480964004993439, -0.6106329262256622, -0.4599952697753906, -0.33967943489551544,
+    -0.23460740596055984, -0.13791173323988914, -0.045525018125772476, 0.03979014977812767,
+    0.1202552504837513, 0.2035212516784668, 0.2920137718319893, 0.3893125355243683,
+    0.5016634166240692, 0.6427869200706482, 0.8614784181118011,
+)
+# FP4: the rank of |x| among these (number exceeded, 0..7) names the magnitude
+# bits 0b000, 0b001, 0b110, 0b111, 0b100, 0b101, 0b010, 0b011 (rank ``r`` ->
+# ``r ^ ((r & 2) << 1)``); bit 3 is set for every x < 0, so a small negative
+# value is 0b1000 (-0), not 0b0000.
+FP4_CUDA_THRESHOLDS = (0.00260417, 0.0859375, 0.20833333, 0.29166667, 0.4166667, 0.583333, 0.8333333)
+
+
+def cuda_thresholds(quant_type: str, device: torch.device | str = "cpu") -> torch.Tensor:
+    """bitsandbytes' CUDA decision constants for ``quant_type`` as float32, ascending."""
+    return _table("cuda_tree", quant_type, device)
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_thresholds_cpu(quant_type: str) -> torch.Tensor:
+    table = {"nf4": NF4_CUDA_THRESHOLDS, "fp4": FP4_CUDA_THRESHOLDS}
+    if quant_type not in table:
+        raise ValueError(f"no CUDA decision tree for quant_type {quant_type!r}")
+    return torch.tensor(table[quant_type], dtype=torch.float32)
+
 
 @functools.lru_cache(maxsize=None)
 def _code_4bit_cpu(quant_type: str) -> torch.Tensor:
@@ -45,9 +78,32 @@ def _code_4bit_cpu(quant_type: str) -> torch.Tensor:
     return table / table.abs().max()
 
 
+def _device_key(device: torch.device | str) -> torch.device:
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
+@functools.lru_cache(maxsize=None)
+def _on_device(table: str, key: object, device: torch.device) -> torch.Tensor:
+    # One copy per device, made once: a table fetched every optimizer step or
+    # every quantize call would otherwise cost a blocking host-to-device copy.
+    source = {"4bit": _code_4bit_cpu, "dynamic": _dynamic_cpu, "cuda_tree": _cuda_thresholds_cpu}[table]
+    return source(key).to(device)
+
+
+def _table(table: str, key: object, device: torch.device | str) -> torch.Tensor:
+    device = _device_key(device)
+    if device.type == "cpu":
+        return {"4bit": _code_4bit_cpu, "dynamic": _dynamic_cpu, "cuda_tree": _cuda_thresholds_cpu}[table](key)
+    return _on_device(table, key, device)
+
+
 def code_4bit(quant_type: str, device: torch.device | str = "cpu") -> torch.Tensor:
-    """The 16-entry float32 table of a 4-bit type, indexed by the 4-bit code."""
-    return _code_4bit_cpu(quant_type).to(device)
+    """The 16-entry float32 table of a 4-bit type, indexed by the 4-bit code
+    (a shared, cached tensor: clone it before changing it)."""
+    return _table("4bit", quant_type, device)
 
 
 @functools.lru_cache(maxsize=None)
@@ -77,5 +133,6 @@ def _dynamic_cpu(signed: bool) -> torch.Tensor:
 
 def dynamic_code(signed: bool = True, device: torch.device | str = "cpu") -> torch.Tensor:
     """The 256-entry sorted dynamic 8-bit table (signed for double quantization
-    and Adam's first moment, unsigned for the second moment)."""
-    return _dynamic_cpu(signed).to(device)
+    and Adam's first moment, unsigned for the second moment); shared and cached
+    per device: clone it before changing it."""
+    return _table("dynamic", signed, device)

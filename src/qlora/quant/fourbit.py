@@ -1,8 +1,12 @@
 """Public 4-bit API: ``quantize_4bit`` / ``dequantize_4bit``.
 
-Dispatch: CUDA tensors use the Triton dequantizer when Triton is importable
-(one launch decodes the double-quantized absmax, looks up the code and scales);
-everything else uses :mod:`qlora.quant.kernels.torch_ref`, the reference.
+Dispatch: CUDA tensors use the Triton kernels when Triton is importable (one
+launch quantizes, bitsandbytes' CUDA bytes; one launch decodes the
+double-quantized absmax, looks up the code and scales); large CPU tensors decode
+with the compiled reference (:mod:`qlora.quant.kernels.compiled_cpu`, same
+bits, one fused loop); everything else uses
+:mod:`qlora.quant.kernels.torch_ref`, the reference, whose bytes are
+bitsandbytes' CPU bytes on the CPU and its CUDA bytes on CUDA.
 """
 
 from __future__ import annotations
@@ -11,7 +15,7 @@ import torch
 
 from .codebook import QUANT_TYPES_4BIT, code_4bit
 from .double_quant import compress_absmax, decompress_absmax
-from .kernels import torch_ref
+from .kernels import compiled_cpu, torch_ref
 from .quant_state import QuantState
 
 BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
@@ -44,23 +48,56 @@ def quantize_4bit(
     Returns:
         ``(packed, state)`` with ``packed`` uint8 of shape ``[ceil(numel/2), 1]``
         (bitsandbytes' layout) and the :class:`QuantState` to decode it.
+
+    Raises:
+        ValueError: for an unknown type, blocksize or dtype, or when ``w``
+            holds NaN or infinite values (4 bits cannot store them; the
+            message says how many blocks and where the first one starts).
     """
     _check(quant_type, blocksize, w.dtype)
     return _quantize(w, quant_type, blocksize, double_quant)
+
+
+class NonFiniteError(ValueError):
+    """A tensor to quantize holds NaN or infinite values."""
+
+
+def _check_finite(absmax: torch.Tensor, blocksize: int, shape: torch.Size) -> None:
+    bad = ~torch.isfinite(absmax)
+    if bool(bad.any()):
+        first = int(bad.nonzero()[0]) * blocksize
+        raise NonFiniteError(
+            f"cannot quantize a {tuple(shape)} tensor holding NaN or infinite values: {int(bad.sum())} of its "
+            f"{absmax.numel()} blocks of {blocksize} do, the first starting at flat element {first}. "
+            "Check the checkpoint (or the merge that produced the weight) for overflow.")
 
 
 def _quantize(
     w: torch.Tensor, quant_type: str, blocksize: int, double_quant: bool
 ) -> tuple[torch.Tensor, QuantState]:
     # Unchecked, so the error report can also run the int4 baseline through it.
-    packed, absmax = torch_ref.quantize_4bit_ref(w, blocksize, quant_type)
+    if _use_triton_quantize(w, quant_type):
+        from .kernels import triton_quant
+
+        packed, absmax = triton_quant.quantize_4bit(w, blocksize, quant_type)
+    else:
+        packed, absmax = torch_ref.quantize_4bit_ref(w, blocksize, quant_type)
+    _check_finite(absmax, blocksize, w.shape)
     state = QuantState(
-        absmax=absmax, shape=w.shape, code=code_4bit(quant_type, w.device), blocksize=blocksize,
+        absmax=absmax, shape=w.shape, code=code_4bit(quant_type, w.device).clone(), blocksize=blocksize,
         quant_type=quant_type, dtype=w.dtype,
     )
     if double_quant:
         state.absmax, state.offset, state.nested = compress_absmax(absmax)
     return packed, state
+
+
+def _use_triton_quantize(w: torch.Tensor, quant_type: str) -> bool:
+    if w.device.type != "cuda" or quant_type not in QUANT_TYPES_4BIT:
+        return False
+    from .kernels import triton_quant
+
+    return triton_quant.available()
 
 
 def _use_triton(packed: torch.Tensor) -> bool:
@@ -81,6 +118,10 @@ def dequantize_4bit(
         from .kernels import triton_dequant
 
         return triton_dequant.dequantize_4bit(packed, state, dtype)
+    if compiled_cpu.supports(packed, state.shape.numel(), state.blocksize):
+        out = compiled_cpu.dequantize(packed, state, dtype)
+        if out is not None:
+            return out
     absmax = state.absmax
     if state.nested is not None:
         assert state.offset is not None
