@@ -13,7 +13,7 @@ import importlib
 import sys
 from typing import Sequence
 
-from ..errors import UsageError
+from ..errors import UsageError, describe_os_error
 
 # command name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -70,6 +70,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UsageError as exc:
         print(f"qlora {args.command}: error: {exc}", file=sys.stderr)
         return exc.exit_code
+    except OSError as exc:  # the environment, not the input: a full disk, a read-only folder
+        print(f"qlora {args.command}: error: {describe_os_error(exc)}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("qlora: interrupted", file=sys.stderr)
         return 130

@@ -92,7 +92,8 @@ class TrainConfig:
     precision: str = _opt("auto", "compute dtype: auto = bf16 on CUDA (fp16 without bf16), fp32 on CPU", PRECISIONS)
     seed: int = _opt(42, "random seed (data order, dropout, initialization)")
     logging_steps: int = _opt(1, "optimizer steps between metric records")
-    save_steps: int = _opt(0, "optimizer steps between checkpoints (0: only at the end and on Ctrl-C)")
+    save_steps: int = _opt(0, "optimizer steps between checkpoints (0: none during training); the last step and "
+                              "a Ctrl-C are always checkpointed, so --resume can finish a run")
     eval_steps: int = _opt(0, "optimizer steps between evaluations (0: only at the end)")
     save_total_limit: int = _opt(2, "checkpoints to keep (oldest are deleted)")
     resume: bool = _opt(False, "continue from the last checkpoint in --output")
