@@ -229,7 +229,10 @@ def load_model(
     for p in model.parameters():
         p.requires_grad_(False)
     model.eval()
-    model.name_or_path = str(name_or_path)
+    # Recorded in adapters as base_model_name_or_path: an absolute path for a local folder (a relative
+    # one breaks once the adapter is used from another folder), a hub id as given.
+    local = Path(name_or_path).expanduser()
+    model.name_or_path = str(local.resolve()) if local.is_dir() else str(name_or_path)
     return model, tokenizer
 
 

@@ -52,7 +52,7 @@ STATE_FILE = "trainer_state.pt"
 # What a run writes at the top of --output besides the final adapter and tokenizer files,
 # all recorded in the folder's manifest so --overwrite removes them and nothing else.
 RUN_ENTRIES = (CHECKPOINTS, "config.yaml", "metrics.jsonl", "events", "loss.png",
-               "adapter_config.json", "adapter_model.safetensors", "loftq-base")
+               "adapter_config.json", "adapter_model.safetensors", "qlora_adapter.json", "loftq-base")
 
 
 class Interrupted(Exception):

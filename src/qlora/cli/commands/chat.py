@@ -24,10 +24,12 @@ SLASH_HELP = "commands: /reset /history /memory /save [FILE] /exit"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from ..options import positive_int
+
     add_model_arguments(parser)
     parser.add_argument("--memory", choices=MEMORY_KINDS, default="buffer", help="what the model remembers")
-    parser.add_argument("--k", type=int, default=4, help="exchanges kept (window, entity, kg) or recalled (vector)")
-    parser.add_argument("--max-token-limit", type=int, default=1024, help="token budget of token/summary-buffer")
+    parser.add_argument("--k", type=positive_int, default=4, help="exchanges kept (window, entity, kg) or recalled (vector)")
+    parser.add_argument("--max-token-limit", type=positive_int, default=1024, help="token budget of token/summary-buffer")
     parser.add_argument("--system", help="system prompt")
     parser.add_argument("--embedder", help="sentence-transformers model for --memory vector (default: the chat model)")
     parser.add_argument("--session", help="session name: store the chat in --db and resume it later")
@@ -99,8 +101,6 @@ def run(args: argparse.Namespace) -> int:
     from ...infer.chat import Chat
     from ...infer.memory import InMemorySession
 
-    if args.k < 1 or args.max_token_limit < 1:
-        raise UsageError("--k and --max-token-limit must be positive")
     store = None
     if args.session:
         from ...infer.store import ChatStore

@@ -17,6 +17,7 @@ HELP = "stream a model's continuation of a prompt, with sampling options"
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     """--model, --adapter, --quant and the sampling options of ``SamplingOptions``."""
     from ...infer.generate import SamplingOptions
+    from ..options import number
 
     parser.add_argument("--model", required=True, help="model folder (transformers checkpoint) or hub id")
     parser.add_argument("--adapter", action="append", default=[], metavar="[NAME=]DIR",
@@ -31,7 +32,8 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
                         help="dtype of the matmuls and unquantized weights")
     for f in dataclasses.fields(SamplingOptions):
         kind = int if f.name in ("max_new_tokens", "top_k", "seed") else float
-        parser.add_argument(f"--{f.name.replace('_', '-')}", type=kind, default=f.default, help=f.metadata["help"])
+        parser.add_argument(f"--{f.name.replace('_', '-')}", type=number(kind, f.metadata["range"]), default=f.default,
+                            help=f.metadata["help"])
 
 
 def sampling_options(args: argparse.Namespace):
@@ -76,10 +78,14 @@ def adapter_names(args: argparse.Namespace) -> dict[str, str]:
 
 
 def _weights(args: argparse.Namespace) -> list[float]:
+    import math
+
     from ...errors import UsageError
 
     try:
         weights = [float(w) for w in args.adapter_weights.split(",")]
+        if not all(math.isfinite(w) for w in weights):
+            raise ValueError
     except ValueError:
         raise UsageError(f"--adapter-weights must be comma-separated numbers, got {args.adapter_weights!r}") from None
     if len(weights) != len(args.adapter):

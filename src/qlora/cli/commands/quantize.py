@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ...errors import UsageError
+from ...quant import BLOCKSIZES
 
 NAME = "quantize"
 HELP = "write a bitsandbytes-format 4-bit checkpoint"
@@ -21,7 +21,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quant", default="nf4", choices=("nf4", "fp4"), help="4-bit data type (default nf4)")
     parser.add_argument("--double-quant", action=argparse.BooleanOptionalAction, default=True,
                         help="quantize the block constants to 8 bits (default on)")
-    parser.add_argument("--blocksize", type=int, default=64, help="weights per absmax block (default 64)")
+    parser.add_argument("--blocksize", type=int, default=64, choices=BLOCKSIZES, help="weights per absmax block")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace qlora's earlier results in an existing --output (only files qlora wrote)")
 
