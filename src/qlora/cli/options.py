@@ -50,9 +50,12 @@ class HelpFormatter(argparse.HelpFormatter):
         if allowed is not None and allowed.text not in text and allowed.text != "finite":
             extra.append(allowed.text)
         default = action.default
-        if "default" not in text and not (default is None or default is False or default == argparse.SUPPRESS
-                                          or default == []) and not action.required and action.option_strings:
-            extra.append(f"default: {action.default}")
+        if "default" in text or default is None or default == argparse.SUPPRESS or action.required:
+            pass
+        elif isinstance(action, argparse.BooleanOptionalAction):
+            extra.append(f"default: {'on' if default else 'off'}")
+        elif default is not False and default != [] and action.option_strings:
+            extra.append(f"default: {default}")
         if extra:
             text = f"{text} ({'; '.join(extra)})" if text else "; ".join(extra)
         return text if "%(" in text else text.replace("%", "%%")

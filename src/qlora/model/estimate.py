@@ -23,12 +23,13 @@ from typing import Any
 import torch
 
 from ..errors import UsageError
+from ..nn.chunked_ce import CHUNK_ROWS
 from ..quant import BLOCKSIZES
 from ..quant.double_quant import NESTED_BLOCKSIZE
 
 GIB = 1024**3
 QUANT_TYPES = ("nf4", "fp4", "none")
-OPTIMIZERS = ("adamw_32bit", "adamw_8bit", "paged_adamw_32bit", "paged_adamw_8bit")
+OPTIMIZERS = ("adamw", "adamw_8bit", "paged_adamw_32bit", "paged_adamw_8bit")  # as ``qlora train --optim``
 COLUMNS = ("full fine-tuning", "16-bit LoRA", "QLoRA")
 
 # Known shapes: the config.json fields that decide the parameter count.
@@ -67,6 +68,7 @@ class TrainingOptions:
     batch_size: int = 1
     gradient_checkpointing: bool = True
     optim: str = "paged_adamw_32bit"
+    chunked_ce: bool = False  # qlora train's chunked loss (the CLI passes train's default, on)
 
     def __post_init__(self) -> None:
         if self.quant not in QUANT_TYPES:
@@ -215,7 +217,7 @@ def optimizer_bytes(tensor_numels: list[int], optim: str) -> int:
     absmax per 256 values per state; tensors under 4096 elements stay 32-bit
     (bitsandbytes' ``min_8bit_size``). Paging does not change the bytes.
     """
-    if optim.endswith("32bit"):
+    if not optim.endswith("8bit"):
         return 8 * sum(tensor_numels)
     total = 0
     for n in tensor_numels:
@@ -275,9 +277,14 @@ def logits_bytes(config, opts: TrainingOptions) -> int:
     transformers upcasts the logits to fp32 for the cross-entropy; autograd
     keeps the fp32 log-softmax (4), and its backward holds the incoming fp32
     gradient (4) while writing the outgoing one (4). A chunked cross-entropy
-    that never materializes the full logits brings this down to one chunk.
+    that never materializes the full logits brings this down to one chunk
+    of rows (:data:`qlora.nn.chunked_ce.CHUNK_ROWS`) plus a float32
+    log-sum-exp per token.
     """
-    return 12 * opts.batch_size * opts.seq_len * _shape(config)["vocab"]
+    tokens = opts.batch_size * opts.seq_len
+    if opts.chunked_ce:
+        return 12 * min(tokens, CHUNK_ROWS) * _shape(config)["vocab"] + 4 * tokens
+    return 12 * tokens * _shape(config)["vocab"]
 
 
 @dataclass
@@ -324,7 +331,8 @@ def estimate(config, opts: TrainingOptions) -> Estimate:
     rows.append((f"activations (checkpointing {gc})", {full: activation_bytes(config, opts, 0),
                                                        lora: activation_bytes(config, opts, per_layer),
                                                        q: activation_bytes(config, opts, per_layer)}))
-    rows.append(("logits + loss (fp32)", {c: logits_bytes(config, opts) for c in COLUMNS}))
+    loss_label = "logits + loss (fp32, chunked)" if opts.chunked_ce else "logits + loss (fp32)"
+    rows.append((loss_label, {c: logits_bytes(config, opts) for c in COLUMNS}))
     rows = [(label, {c: v for c, v in values.items() if c in columns}) for label, values in rows]
     other_dq = sum(quantized_bytes(lin.numel, opts.blocksize, not opts.double_quant)[1] for lin in counts.linears)
     notes = [
@@ -339,7 +347,9 @@ def estimate(config, opts: TrainingOptions) -> Estimate:
     other_gc = replace(opts, gradient_checkpointing=not opts.gradient_checkpointing)
     notes.append(f"QLoRA activations with checkpointing {'off' if opts.gradient_checkpointing else 'on'}: "
                  f"{activation_bytes(config, other_gc, per_layer) / GIB:.2f} GiB")
-    notes.append("logits: a chunked cross-entropy would hold one chunk of the fp32 logits instead of all of them")
+    other_ce = logits_bytes(config, replace(opts, chunked_ce=not opts.chunked_ce))
+    notes.append(f"loss {'without' if opts.chunked_ce else 'with'} the chunked cross-entropy (--"
+                 f"{'no-' if opts.chunked_ce else ''}chunked-ce): {other_ce / GIB:.2f} GiB")
     return Estimate(rows=rows, notes=notes, columns=columns)
 
 

@@ -20,8 +20,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="base model folder or hub id")
     parser.add_argument("--adapter", default=None, help="a PEFT-format adapter folder (e.g. a qlora train output)")
     parser.add_argument("--data", required=True, help="evaluation data (.jsonl/.json/.csv/.parquet or a dataset name)")
-    parser.add_argument("--format", default="auto", choices=("auto", "alpaca", "chat", "sharegpt", "text"))
-    parser.add_argument("--template", default="auto", choices=("auto", "chatml", "llama-3", "alpaca"))
+    parser.add_argument("--format", default="auto", choices=("auto", "alpaca", "chat", "sharegpt", "text"),
+                        help="data format")
+    parser.add_argument("--template", default="auto", choices=("auto", "chatml", "llama-3", "alpaca"),
+                        help="chat template: the tokenizer's own, else a built-in")
     parser.add_argument("--train-on", default="assistant", choices=("assistant", "all"), help="tokens that count")
     parser.add_argument("--quant", default="nf4", choices=("nf4", "fp4", "none"), help="base data type (default nf4)")
     parser.add_argument("--seq-len", type=number(int, Range(2)), default=512, help="truncate examples to this many tokens")

@@ -53,11 +53,14 @@ def load_model_from_args(args: argparse.Namespace):
 
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.compute_dtype]
     quant = None if args.quant == "none" else args.quant
+    names = adapter_names(args)  # options are checked before the (slow) model load
+    weights = _weights(args) if args.adapter_weights else None
+    sampling_options(args)
     model, tokenizer = load_model(args.model, quant=quant, compute_dtype=dtype)
-    for name, path in adapter_names(args).items():
+    for name, path in names.items():
         load_adapter(model, path, adapter_name=name)
-    if args.adapter_weights:
-        set_adapters(model, dict(zip(adapter_names(args), _weights(args))))
+    if weights is not None:
+        set_adapters(model, dict(zip(names, weights)))
     return model.eval(), tokenizer
 
 
