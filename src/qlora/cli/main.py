@@ -39,9 +39,22 @@ class _Parser(argparse.ArgumentParser):
             known = [o for p in parsers for a in p._actions for o in a.option_strings]
             for word in message.split(":", 1)[1].split():
                 close = difflib.get_close_matches(word.split("=")[0], known, n=3, cutoff=0.6)
+                alias = _alias(word.split("=")[0])
+                if alias and alias in known:
+                    close = [alias]
                 if close:
                     message += f" (did you mean {', '.join(close)} for {word}?)"
         self.exit(2, f"qlora: error: {message}\n")
+
+
+def _alias(flag: str) -> str | None:
+    """``--lr`` for ``--learning-rate``: the flag of a PEFT/TRL/axolotl/LLaMA-Factory key, if we have one."""
+    if not flag.startswith("--"):
+        return None
+    from ..train.config import canonical_name
+
+    name = canonical_name(flag[2:])
+    return "--" + name.replace("_", "-") if name != flag[2:].replace("-", "_") else None
 
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:

@@ -188,10 +188,70 @@ def field_type(f: dataclasses.Field) -> type:
     return _TYPES[str(f.type)]
 
 
+# Keys of PEFT / transformers TrainingArguments / TRL / axolotl / LLaMA-Factory configs -> ours.
+ALIASES = {
+    "learning_rate": "lr", "lora_r": "rank", "lora_rank": "rank", "r": "rank", "lora_alpha": "alpha",
+    "lora_dropout": "dropout", "num_epochs": "epochs", "num_train_epochs": "epochs", "output_dir": "output",
+    "cutoff_len": "seq_len", "sequence_len": "seq_len", "max_seq_length": "seq_len", "max_seq_len": "seq_len",
+    "max_length": "seq_len", "per_device_train_batch_size": "batch_size", "micro_batch_size": "batch_size",
+    "gradient_accumulation_steps": "grad_accum", "model_name_or_path": "model", "base_model": "model",
+    "dataset": "data", "data_path": "data", "train_file": "data", "eval_file": "eval_data",
+    "lr_scheduler_type": "lr_scheduler", "lora_target_modules": "target_modules", "lora_target": "target_modules",
+    "use_rslora": "rslora", "use_dora": "dora", "bnb_4bit_quant_type": "quant",
+    "bnb_4bit_use_double_quant": "double_quant", "overwrite_output_dir": "overwrite", "sample_packing": "packing",
+    "optimizer": "optim", "chat_template": "template",
+}
+# Boolean keys that map onto one of ours: key -> (our key, {their value: our value, None = no change}).
+VALUE_ALIASES = {
+    "train_on_inputs": ("train_on", {True: "all", False: "assistant"}),
+    "bf16": ("precision", {True: "bf16", False: None}),
+    "fp16": ("precision", {True: "fp16", False: None}),
+    "lora_target_linear": ("target_modules", {True: "all-linear", False: None}),
+}
+
+
+def canonical_name(key: str) -> str:
+    """Our option name for ``key`` (``-`` or ``_``, ours or another tool's alias)."""
+    name = key.replace("-", "_")
+    return ALIASES.get(name, name)
+
+
 def _unknown(key: str, known: list[str], source: str) -> UsageError:
-    close = difflib.get_close_matches(key, known, n=3, cutoff=0.6)
+    candidates = {k: k for k in known} | {a: ALIASES[a] for a in ALIASES}
+    close = difflib.get_close_matches(key.replace("-", "_"), list(candidates), n=3, cutoff=0.6)
+    close = list(dict.fromkeys(candidates[c] for c in close))
     hint = f"; did you mean {', '.join(close)}?" if close else f"; known: {', '.join(known)}"
     return UsageError(f"{source}: unknown option {key!r}{hint}")
+
+
+def _read_yaml(path: Path) -> tuple[dict, dict[str, int]]:
+    """The mapping in ``path`` and the line of each top-level key; errors name the file and line."""
+    import yaml
+
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise UsageError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start}); save it as UTF-8.") from None
+    try:
+        node = yaml.compose(text)
+        loaded = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
+        where = f"{path} line {mark.line + 1}, column {mark.column + 1}" if mark else str(path)
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise UsageError(f"{where}: not valid YAML ({problem}).") from None
+    if loaded is None:
+        return {}, {}
+    if not isinstance(loaded, dict):
+        raise UsageError(f"{path}: expected a mapping of option: value, got {type(loaded).__name__}")
+    lines: dict[str, int] = {}
+    for key_node, _ in node.value:
+        key = str(key_node.value)
+        if key in lines:
+            raise UsageError(f"{path} line {key_node.start_mark.line + 1}: {key!r} is given twice (first on line "
+                             f"{lines[key]}); keep one.")
+        lines[key] = key_node.start_mark.line + 1
+    return loaded, lines
 
 
 def load_config(yaml_path: str | Path | None, overrides: dict[str, Any]) -> TrainConfig:
@@ -205,25 +265,30 @@ def load_config(yaml_path: str | Path | None, overrides: dict[str, Any]) -> Trai
         UsageError: unreadable YAML, an unknown key (with close matches), a
             value of the wrong type, or an invalid combination.
     """
-    import yaml
-
     by_name = {f.name: f for f in fields(TrainConfig)}
     values: dict[str, Any] = {}
     if yaml_path is not None:
         path = Path(yaml_path)
         if not path.is_file():
             raise UsageError(f"config file {path} does not exist")
-        try:
-            loaded = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise UsageError(f"{path}: not valid YAML: {exc}") from None
-        if not isinstance(loaded, dict):
-            raise UsageError(f"{path}: expected a mapping of option: value, got {type(loaded).__name__}")
+        loaded, lines = _read_yaml(path)
+        given_as: dict[str, str] = {}
         for key, value in loaded.items():
-            name = str(key).replace("-", "_")
+            where = f"{path} line {lines.get(str(key), '?')}"
+            name = canonical_name(str(key))
+            if name in VALUE_ALIASES:
+                name, mapping = VALUE_ALIASES[name]
+                if not isinstance(value, bool):
+                    raise UsageError(f"{where}: {key} expects true or false (it sets qlora's {name}); got {value!r}")
+                value = mapping[value]
+                if value is None:
+                    continue
             if name not in by_name:
-                raise _unknown(str(key), list(by_name), str(path))
-            values[name] = _coerce(name, value, field_type(by_name[name]), str(path))
+                raise _unknown(str(key), list(by_name), where)
+            if name in given_as:
+                raise UsageError(f"{where}: {key} and {given_as[name]} both set {name}; keep one.")
+            given_as[name] = str(key)
+            values[name] = _coerce(name, value, field_type(by_name[name]), where)
     for key, value in overrides.items():
         name = key.replace("-", "_")
         if name not in by_name:
