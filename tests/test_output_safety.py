@@ -255,3 +255,14 @@ def test_manifest_lists_only_qlora_entries(tmp_path, tiny_model_dir):
     assert set(manifest["entries"]) <= set(os.listdir(tmp_path / "run")) | {"events", "loss.png", "loftq-base"}
     for folder in (tmp_path / "run", tmp_path / "run" / "checkpoints" / "step-0000002"):
         assert stat.S_IMODE(folder.stat().st_mode) == 0o777 & ~_umask()
+
+
+def test_chat_save_never_replaces_a_file(tmp_path):
+    import argparse
+
+    from qlora.cli.commands.chat import _save
+
+    data = tmp_path / "train.jsonl"
+    data.write_text('{"text": "precious"}\n')
+    reply = _save(None, argparse.Namespace(session=None, db=None), str(data))
+    assert "already exists" in reply and data.read_text() == '{"text": "precious"}\n'

@@ -70,7 +70,9 @@ def _save(chat, args: argparse.Namespace, target: str) -> str:
             return f"(session {args.session!r} is saved in {args.db} after every turn)"
         return "(give a file: /save FILE, or start with --session NAME to store every turn)"
     path = Path(target)
-    with path.open("w", encoding="utf-8") as f:
+    if path.exists():  # a transcript never replaces a file (it could be the user's data)
+        return f"({path} already exists; give a new file name)"
+    with path.open("x", encoding="utf-8") as f:
         for message in chat.memory.session.messages():
             f.write(json.dumps({"role": message.role, "content": message.content}, ensure_ascii=False) + "\n")
     return f"(saved the transcript to {path})"
