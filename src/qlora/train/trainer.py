@@ -53,6 +53,9 @@ STATE_FILE = "trainer_state.pt"
 # all recorded in the folder's manifest so --overwrite removes them and nothing else.
 RUN_ENTRIES = (CHECKPOINTS, "config.yaml", "metrics.jsonl", "events", "loss.png",
                "adapter_config.json", "adapter_model.safetensors", "qlora_adapter.json", "loftq-base")
+# Names save_pretrained may give tokenizer files: a user's file of such a name is refused up front.
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
+                    "tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json", "vocab.txt")
 
 
 class Interrupted(Exception):
@@ -216,7 +219,8 @@ class Trainer:
                 raise UsageError(f"--resume: the checkpoint in {self.out} was made with a different config ({shown}); "
                                  "resume with the original options or train into a new --output")
             return checkpoints[-1]
-        check_output(self.out, overwrite=cfg.overwrite, writes=RUN_ENTRIES, alternative="--resume to continue its run",
+        check_output(self.out, overwrite=cfg.overwrite, writes=RUN_ENTRIES + _TOKENIZER_FILES,
+                     alternative="--resume to continue its run",
                      inputs={"--model": cfg.model, "--data": cfg.data, "--eval-data": cfg.eval_data})
         return None
 
