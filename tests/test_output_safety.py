@@ -266,3 +266,50 @@ def test_chat_save_never_replaces_a_file(tmp_path):
     data.write_text('{"text": "precious"}\n')
     reply = _save(None, argparse.Namespace(session=None, db=None), str(data))
     assert "already exists" in reply and data.read_text() == '{"text": "precious"}\n'
+
+
+def test_merge_on_a_full_disk_writes_nothing(tmp_path, tiny_model_dir, capsys, monkeypatch):
+    import qlora.model.merge as merge_module
+
+    data = _data(tmp_path / "d.jsonl")
+    assert _train(tiny_model_dir, data, tmp_path / "run") == 0
+
+    def disk_full(model, out_dir, tokenizer=None):
+        Path(out_dir).mkdir(parents=True)
+        (Path(out_dir) / "model.safetensors").write_bytes(b"half")
+        raise RuntimeError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(merge_module, "save_merged", disk_full)
+    out = tmp_path / "merged"
+    assert main(["merge", "--model", str(tiny_model_dir), "--adapter", str(tmp_path / "run"), "--output", str(out),
+                 "--dtype", "float32"]) == 1
+    err = capsys.readouterr().err
+    assert "No space left on device" in err and "Traceback" not in err
+    assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".merged")]
+
+
+def test_a_read_only_filesystem_is_refused_before_loading(tmp_path, tiny_model_dir, capsys):
+    """A real read-only mount (needs mount rights; skipped elsewhere, the probe test above covers it)."""
+    mnt = tmp_path / "ro"
+    mnt.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", str(mnt)],
+                      capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        assert _train(tiny_model_dir, _data(tmp_path / "d.jsonl"), mnt / "run") == 2
+        err = capsys.readouterr().err
+        assert "cannot be written" in err and "Read-only file system" in err and "Traceback" not in err
+    finally:
+        subprocess.run(["umount", str(mnt)], check=False)
+
+
+def test_an_edited_manifest_cannot_reach_outside_the_folder(tmp_path):
+    from qlora.output_folder import clear_owned
+
+    out = tmp_path / "run"
+    out.mkdir()
+    (tmp_path / "precious.txt").write_text("keep")
+    (out / "ours.txt").write_text("x")
+    (out / MANIFEST).write_text(json.dumps({"entries": ["../precious.txt", "..", "/etc", "ours.txt"]}))
+    clear_owned(out)
+    assert (tmp_path / "precious.txt").read_text() == "keep" and not (out / "ours.txt").exists()

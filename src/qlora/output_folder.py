@@ -40,10 +40,12 @@ def owned_entries(folder: str | Path) -> list[str]:
     if not path.is_file():
         return []
     try:
-        return list(json.loads(path.read_text()).get("entries", []))
-    except (OSError, ValueError, AttributeError):
+        names = [str(n) for n in json.loads(path.read_text()).get("entries", [])]
+    except (OSError, ValueError, AttributeError, TypeError):
         raise UsageError(f"{path} is unreadable; qlora cannot tell its own files from yours in {folder}. "
                          "Remove the folder's qlora files yourself or choose another --output.") from None
+    # only plain names of this folder: an edited manifest must never reach outside it
+    return [n for n in names if n not in ("", ".", "..", MANIFEST) and "/" not in n and os.sep not in n]
 
 
 def _write_manifest(folder: Path, entries: Iterable[str], command: str) -> None:
