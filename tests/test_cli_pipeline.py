@@ -14,6 +14,7 @@ import torch
 
 import qlora
 from qlora.cli.main import main
+from qlora.output_folder import MANIFEST
 
 QA = [(f"What is {a} plus {b}?", f"{a + b}.") for a in range(6) for b in range(5)]
 IDS = torch.tensor([[1, 17, 42, 99, 7, 250, 3, 64]])
@@ -84,7 +85,7 @@ def test_sigint_saves_a_checkpoint_and_exits_cleanly(tmp_path, tiny_model_dir):
     stopped_at = int(re.search(r"(\d+)$", checkpoints[0].name).group(1))
     assert stopped_at >= 3
     assert (checkpoints[0] / "adapter" / "adapter_model.safetensors").is_file()
-    assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no half-written temporary folder left
+    assert [p.name for p in out.iterdir() if p.name.startswith(".")] == [MANIFEST]  # no half-written temporary folder
 
 
 def _losses(out):

@@ -172,9 +172,9 @@ def test_cli_reads_a_config_json(tmp_path, capsys):
 @pytest.mark.parametrize("argv, message", [
     (["--model", "no-such-model"], "unknown model"),
     (["--model", "."], "no config.json"),
-    (["--model", "llama-3-8b", "--seq-len", "many"], "positive integer"),
-    (["--model", "llama-3-8b", "--rank", "0"], "positive integer"),
-    (["--model", "llama-3-8b", "--gpu-memory", "-3"], "positive size"),
+    (["--model", "llama-3-8b", "--seq-len", "many"], "--seq-len"),
+    (["--model", "llama-3-8b", "--rank", "0"], "--rank"),
+    (["--model", "llama-3-8b", "--gpu-memory", "-3"], "--gpu-memory"),
     (["--model", "llama-3-8b", "--blocksize", "100"], "--blocksize"),
     (["--model", "llama-3-8b", "--target-modules", "c_attn"], "match no linear"),
 ])
@@ -186,3 +186,38 @@ def test_cli_bad_input_exits_2(argv, message, capsys):
     assert code == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
+
+
+def test_cli_defaults_are_train_defaults_and_the_model_is_positional(capsys):
+    """`qlora estimate MODEL` estimates what `qlora train --model MODEL` would run: same defaults, same names."""
+    import argparse
+    from dataclasses import fields
+
+    from qlora.cli.main import build_parser
+    from qlora.optim import OPTIMIZERS as TRAIN_OPTIMIZERS
+    from qlora.train.config import TrainConfig
+
+    from qlora.model.estimate import OPTIMIZERS
+
+    assert set(OPTIMIZERS) == set(TRAIN_OPTIMIZERS)
+    sub = next(a for a in build_parser("estimate")._actions if isinstance(a, argparse._SubParsersAction))
+    est = {a.dest: a for a in sub.choices["estimate"]._actions}
+    train = {f.name: f.default for f in fields(TrainConfig)}
+    shared = [d for d in est if d in train]
+    assert {"seq_len", "gradient_checkpointing", "optim", "chunked_ce", "rank", "blocksize"} <= set(shared)
+    for dest in shared:
+        assert est[dest].default == train[dest], dest
+    assert main(["estimate", "llama-3-8b"]) == 0
+    positional = capsys.readouterr().out
+    assert main(["estimate", "--model", "llama-3-8b", "--seq-len", "512", "--no-gradient-checkpointing",
+                 "--optim", "paged_adamw_32bit", "--chunked-ce"]) == 0
+    assert capsys.readouterr().out == positional
+    assert "checkpointing off" in positional and "chunked" in positional
+    assert main(["estimate", "llama-3-8b", "--optim", "adamw", "--seq-len", "8192"]) == 0
+    out = capsys.readouterr().out
+    assert "optimizer states (adamw)" in out
+    # the chunked loss holds one chunk of 4096 rows of float32 logits instead of all 8192
+    plain = estimate(load_config("llama-3-8b"), TrainingOptions(seq_len=8192, chunked_ce=False))
+    chunked = estimate(load_config("llama-3-8b"), TrainingOptions(seq_len=8192, chunked_ce=True))
+    assert chunked.rows[-1][1]["QLoRA"] == pytest.approx(plain.rows[-1][1]["QLoRA"] / 2, rel=1e-3)
+    assert main(["estimate"]) == 2

@@ -126,7 +126,8 @@ def test_peft_reads_our_adapter_and_we_read_peft(tmp_path, tiny_model_dir):
     _train_a_few_steps(model)
     qlora.save_adapter(model, tmp_path / "ours")
     cfg = json.loads((tmp_path / "ours" / "adapter_config.json").read_text())
-    assert cfg["qlora_format_version"] == 1 and cfg["peft_type"] == "LORA"
+    assert cfg["peft_type"] == "LORA" and not any(k.startswith("qlora") for k in cfg)  # PEFT's keys only
+    assert json.loads((tmp_path / "ours" / "qlora_adapter.json").read_text())["qlora_format_version"] == 1
     ours = model(IDS).logits
 
     base = _dequantized_reference(tiny_model_dir, model)
@@ -161,8 +162,7 @@ def test_adapter_errors_and_atomic_save(tmp_path, tiny_model_dir, tiny_tokenizer
     wide, _ = qlora.load_model(other, compute_dtype=torch.float32, device="cpu")
     with pytest.raises(UsageError, match="another base model"):
         qlora.load_adapter(wide, out)
-    newer = json.loads((out / "adapter_config.json").read_text()) | {"qlora_format_version": 99}
-    (bad / "adapter_config.json").write_text(json.dumps(newer))
+    (bad / "qlora_adapter.json").write_text(json.dumps({"qlora_format_version": 99}))
     with pytest.raises(UsageError, match="newer qlora"):
         qlora.load_adapter(fresh, bad)
     # A failing save leaves the previous adapter untouched.
@@ -224,7 +224,7 @@ def test_unknown_adapter_config_keys_warn_and_load(tmp_path, tiny_model_dir, cap
     qlora.add_lora(model, r=4, dropout=0.0)
     out = qlora.save_adapter(model, tmp_path / "a")
     cfg = json.loads((out / "adapter_config.json").read_text())
-    assert cfg["qlora_version"] == qlora.__version__
+    assert json.loads((out / "qlora_adapter.json").read_text())["qlora_version"] == qlora.__version__
     (out / "adapter_config.json").write_text(json.dumps(cfg | {"from_the_future": 1}))
     fresh, _ = qlora.load_model(tiny_model_dir, compute_dtype=torch.float32, device="cpu")
     with caplog.at_level("WARNING", logger="qlora"):

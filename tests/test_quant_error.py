@@ -30,5 +30,7 @@ def test_command_prints_the_table(capsys):
 
 
 def test_command_rejects_bad_numel(capsys):
-    assert main(["quant-error", "--numel", "1"]) == 2
-    assert "--numel must be at least 2" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:  # refused while the command line is parsed
+        main(["quant-error", "--numel", "1"])
+    assert exc.value.code == 2
+    assert "--numel: must be at least 2" in capsys.readouterr().err

@@ -1,13 +1,18 @@
 """Atomic directory writes: build in a temporary sibling, fsync, rename.
 
-A crash or Ctrl-C mid-write leaves the previous directory intact (or none),
-never a half-written one. Used for adapters, checkpoints and model folders.
+A crash, Ctrl-C or a full disk mid-write leaves the previous directory intact
+(or none), never a half-written one. Used for adapters, checkpoints and model
+folders. Failed writes surface as :class:`OSError` (torch and safetensors
+report a full disk as ``RuntimeError``/``SafetensorError``; they are
+translated here), which the ``qlora`` command reports in one line.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -26,6 +31,51 @@ def _fsync_tree(root: Path) -> None:
         os.close(fd)
 
 
+def default_dir_mode() -> int:
+    """The mode ``mkdir`` gives a new folder under the current umask (0755 under umask 022)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o777 & ~umask
+
+
+def temp_dir_beside(target: Path, tag: str = "tmp") -> Path:
+    """A fresh hidden folder next to ``target`` (same filesystem, so it can be renamed onto it),
+    with normal permissions: ``mkdtemp`` alone makes it 0700, which the final folder would keep."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.{tag}-", dir=target.parent))
+    tmp.chmod(default_dir_mode())
+    return tmp
+
+
+def as_os_error(exc: BaseException, where: Path) -> BaseException:
+    """``exc`` as an :class:`OSError` when it is a failed write in disguise, else ``exc``.
+
+    torch.save reports a full disk as ``RuntimeError: [enforce fail at
+    inline_container.cc...]`` and safetensors as ``SafetensorError: ... I/O
+    error: No space left on device (os error 28)``.
+    """
+    if isinstance(exc, OSError):
+        return exc
+    text = str(exc)
+    if not isinstance(exc, RuntimeError) and type(exc).__name__ != "SafetensorError":
+        return exc
+    code = re.search(r"os error (\d+)", text)
+    if code:
+        number = int(code.group(1))
+    elif "inline_container" in text or "file write failed" in text:
+        number = errno.ENOSPC if _nearly_full(where) else errno.EIO
+    else:
+        return exc
+    return OSError(number, os.strerror(number), str(where))
+
+
+def _nearly_full(path: Path) -> bool:
+    try:
+        return shutil.disk_usage(path).free < 16 << 20
+    except OSError:
+        return False
+
+
 @contextlib.contextmanager
 def atomic_dir(target: str | Path, overwrite: bool = True) -> Iterator[Path]:
     """Yield a temporary directory that replaces ``target`` on success.
@@ -34,13 +84,18 @@ def atomic_dir(target: str | Path, overwrite: bool = True) -> Iterator[Path]:
     target is only removed after the new content is complete and synced.
     """
     target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
     if target.exists() and not overwrite:
         raise FileExistsError(f"{target} already exists")
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    tmp = temp_dir_beside(target)
     try:
-        yield tmp
-        _fsync_tree(tmp)
+        try:
+            yield tmp
+            _fsync_tree(tmp)
+        except Exception as exc:
+            converted = as_os_error(exc, tmp)
+            if converted is exc:
+                raise
+            raise converted from exc
         if target.exists():
             old = target.with_name(f".{target.name}.old-{os.getpid()}")
             os.replace(target, old)

@@ -13,7 +13,8 @@ import importlib
 import sys
 from typing import Sequence
 
-from ..errors import UsageError
+from ..errors import UsageError, describe_os_error
+from .options import HelpFormatter
 
 # command name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -40,16 +41,29 @@ class _Parser(argparse.ArgumentParser):
             known = [o for p in parsers for a in p._actions for o in a.option_strings]
             for word in message.split(":", 1)[1].split():
                 close = difflib.get_close_matches(word.split("=")[0], known, n=3, cutoff=0.6)
+                alias = _alias(word.split("=")[0])
+                if alias and alias in known:
+                    close = [alias]
                 if close:
                     message += f" (did you mean {', '.join(close)} for {word}?)"
         self.exit(2, f"qlora: error: {message}\n")
+
+
+def _alias(flag: str) -> str | None:
+    """``--lr`` for ``--learning-rate``: the flag of a PEFT/TRL/axolotl/LLaMA-Factory key, if we have one."""
+    if not flag.startswith("--"):
+        return None
+    from ..train.config import canonical_name
+
+    name = canonical_name(flag[2:])
+    return "--" + name.replace("_", "-") if name != flag[2:].replace("-", "_") else None
 
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     parser = _Parser(prog="qlora", description="Fine-tune large language models on one GPU with QLoRA.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     for name, (module, help_text) in COMMANDS.items():
-        p = sub.add_parser(name, help=help_text, description=help_text)
+        p = sub.add_parser(name, help=help_text, description=help_text, formatter_class=HelpFormatter)
         if name == command:
             importlib.import_module(module).add_arguments(p)
     return parser
@@ -72,6 +86,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UsageError as exc:
         print(f"qlora {args.command}: error: {exc}", file=sys.stderr)
         return exc.exit_code
+    except OSError as exc:  # the environment, not the input: a full disk, a read-only folder
+        print(f"qlora {args.command}: error: {describe_os_error(exc)}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("qlora: interrupted", file=sys.stderr)
         return 130

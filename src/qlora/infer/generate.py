@@ -8,21 +8,31 @@ yields it at once, so a chat shows words as they are made. Greedy decoding
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Iterable, Iterator
 
 import torch
+
+from ..option_range import AT_LEAST_1, NON_NEGATIVE, Range
 
 
 @dataclass
 class SamplingOptions:
     """How the next token is chosen; each field's help is the CLI's help text."""
 
-    max_new_tokens: int = field(default=256, metadata={"help": "stop after this many new tokens"})
-    temperature: float = field(default=0.7, metadata={"help": "softmax temperature; 0 = greedy (deterministic)"})
-    top_p: float = field(default=0.9, metadata={"help": "nucleus sampling: smallest token set with this probability mass"})
-    top_k: int = field(default=0, metadata={"help": "sample only among the k most likely tokens; 0 = all"})
-    seed: int | None = field(default=None, metadata={"help": "random seed, for reproducible sampling"})
+    max_new_tokens: int = field(default=256, metadata={"help": "stop after this many new tokens", "range": AT_LEAST_1})
+    temperature: float = field(default=0.7, metadata={"help": "softmax temperature; 0 = greedy (deterministic)",
+                                                      "range": NON_NEGATIVE})
+    top_p: float = field(default=0.9, metadata={"help": "nucleus sampling: smallest token set with this probability mass",
+                                                "range": Range(0, 1, low_open=True)})
+    top_k: int = field(default=0, metadata={"help": "sample only among the k most likely tokens; 0 = all",
+                                            "range": NON_NEGATIVE})
+    seed: int | None = field(default=None, metadata={"help": "random seed, for reproducible sampling",
+                                                     "range": NON_NEGATIVE})
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            f.metadata["range"].check(f"--{f.name.replace('_', '-')}", getattr(self, f.name))
 
 
 def next_token(logits: torch.Tensor, options: SamplingOptions, generator: torch.Generator | None) -> int:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .. import __version__
 from .adapter_tensors import copy_adapter_tensor
 from .adalora import AdaLoraConfig, adalora_layers, add_adalora
 from .inject import adapter_configs
@@ -36,7 +35,7 @@ def adalora_state_dict(model: nn.Module, cfg: AdaLoraConfig, adapter_name: str =
     return out
 
 
-def adalora_peft_config(cfg: AdaLoraConfig, format_version: int) -> dict:
+def adalora_peft_config(cfg: AdaLoraConfig) -> dict:
     """adapter_config.json as PEFT's ``AdaLoraConfig`` writes it (rank_pattern keys ``<path>.lora_E``)."""
     s = cfg.schedule
     pattern = None if cfg.rank_pattern is None else {f"{p}.lora_E": keep for p, keep in cfg.rank_pattern.items()}
@@ -49,7 +48,6 @@ def adalora_peft_config(cfg: AdaLoraConfig, format_version: int) -> dict:
         "use_rslora": False, "init_lora_weights": True,
         "modules_to_save": sorted({p.rsplit(".", 1)[-1] for p in cfg.modules_to_save}) or None,
         "inference_mode": True, "use_dora": False, "revision": None, "layers_to_transform": None,
-        "qlora_version": __version__, "qlora_format_version": format_version,
     }
 
 

@@ -3,7 +3,10 @@
 ``adapter_config.json`` + ``adapter_model.safetensors`` whose keys are PEFT's
 (``base_model.model.<module path>.lora_A.weight``, adapter name omitted), so
 ``peft.PeftModel.from_pretrained`` loads what we save and we load what PEFT
-saves. The config also records the qlora version and format version.
+saves. qlora's own information (its version, the format version) goes in a
+separate ``qlora_adapter.json``, never in ``adapter_config.json``, whose
+unknown keys PEFT warns about; adapters written with those keys inside
+``adapter_config.json`` (qlora before format 1's side file) still load.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from .inject import AdapterConfig, adapter_configs, add_lora, lora_layers
 log = logging.getLogger("qlora")
 
 FORMAT_VERSION = 1
+QLORA_INFO = "qlora_adapter.json"  # qlora's fields, kept out of PEFT's adapter_config.json
 _PEFT_PREFIX = "base_model.model."
 _KNOWN_KEYS = {
     "peft_type", "task_type", "base_model_name_or_path", "r", "lora_alpha", "lora_dropout", "target_modules",
@@ -72,13 +76,15 @@ def save_adapter(model: nn.Module, out_dir: str | Path, adapter_name: str = "def
     if cfg is None:
         raise UsageError(f"the model has no adapter named {adapter_name!r}; it has {sorted(adapter_configs(model))}")
     if isinstance(cfg, AdaLoraConfig):
-        config = adalora_peft_config(cfg, FORMAT_VERSION)
+        config = adalora_peft_config(cfg)
     else:
         config = _lora_peft_config(cfg)
     # clone: tied weights (embedding == head) are one tensor, which safetensors refuses to write twice
     tensors = {k: v.cpu().clone() for k, v in adapter_state_dict(model, adapter_name).items()}
     with atomic_dir(out_dir) as tmp:
         (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
+        info = {"qlora_version": __version__, "qlora_format_version": FORMAT_VERSION}
+        (tmp / QLORA_INFO).write_text(json.dumps(info, indent=2) + "\n")
         save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
@@ -94,18 +100,18 @@ def _lora_peft_config(cfg: AdapterConfig) -> dict:
         "init_lora_weights": {"kaiming": True}.get(spec.init, spec.init),
         "modules_to_save": sorted({p.rsplit(".", 1)[-1] for p in cfg.modules_to_save}) or None,
         "inference_mode": True, "use_dora": spec.use_dora, "revision": None, "layers_to_transform": None,
-        "qlora_version": __version__, "qlora_format_version": FORMAT_VERSION,
     } | ({"loftq_config": {"loftq_bits": 4, "loftq_iter": spec.loftq_iter}} if spec.init == "loftq" else {})
 
 
 def read_adapter_config(adapter_dir: str | Path) -> dict:
+    """PEFT's adapter config with qlora's fields (from ``qlora_adapter.json``, or inline in old adapters)."""
     path = Path(adapter_dir) / "adapter_config.json"
     if not path.is_file():
         raise UsageError(f"{adapter_dir} is not an adapter folder: {path.name} is missing.")
-    try:
-        config = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise UsageError(f"{path} is not valid JSON (line {exc.lineno}): {exc.msg}.") from exc
+    config = _read_json(path)
+    info = Path(adapter_dir) / QLORA_INFO
+    if info.is_file():
+        config = config | _read_json(info)
     if config.get("qlora_format_version", FORMAT_VERSION) > FORMAT_VERSION:
         raise UsageError(f"{path} was written by a newer qlora (format {config['qlora_format_version']}, "
                          f"this one reads up to {FORMAT_VERSION}); upgrade qlora to load it.")
@@ -118,6 +124,16 @@ def read_adapter_config(adapter_dir: str | Path) -> dict:
     if unknown:
         log.warning("%s: ignoring unknown adapter config keys %s", path, ", ".join(unknown))
     return config
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        value = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise UsageError(f"{path} is not valid JSON (line {exc.lineno}): {exc.msg}.") from exc
+    if not isinstance(value, dict):
+        raise UsageError(f"{path} must hold a JSON object, not {type(value).__name__}.")
+    return value
 
 
 def load_adapter(model: nn.Module, adapter_dir: str | Path, adapter_name: str = "default",
@@ -155,6 +171,7 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path, adapter_name: str = 
     if missing:
         raise UsageError(f"{adapter_dir} was made for another base model: it adapts {missing[0]}, which this "
                          f"model does not have ({len(missing)} such layers).")
+    _warn_other_base(adapter_dir, config.get("base_model_name_or_path"), getattr(model, "name_or_path", None))
     if config.get("peft_type") == "ADALORA":
         attach_adalora(model, config, paths, save_paths, tensors, adapter_name, trainable, str(adapter_dir))
         _load_whole(model, whole, trainable, adapter_dir)
@@ -174,6 +191,44 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path, adapter_name: str = 
         copy_adapter_tensor(getattr(layers[path], which)[adapter_name].weight, value, key, adapter_dir, trainable)
     _load_whole(model, whole, trainable, adapter_dir)
     return model
+
+
+def _warn_other_base(adapter_dir: Path, saved: str | None, current: str | None) -> None:
+    """Warn when the adapter names another base than the model it is loaded onto. Equal shapes
+    load without error, but the adapter's deltas only mean something on the weights it was trained on."""
+    if not saved or not current or same_base(saved, current):
+        return
+    log.warning("%s was trained on the base model %s, but is being loaded onto %s. The shapes match, but an "
+                "adapter only works on the weights it was trained with; ignore this if %s is a copy of %s.",
+                adapter_dir, saved, current, current, saved)
+
+
+def same_base(saved: str, current: str) -> bool:
+    """Whether two base-model names denote the same model: equal names, the same local folder (or
+    copies with identical weight files), or a hub id and a local folder of the same name."""
+    if saved == current:
+        return True
+    a, b = Path(saved).expanduser(), Path(current).expanduser()
+    if a.is_dir() and b.is_dir():
+        return a.resolve() == b.resolve() or _weights_fingerprint(a) == _weights_fingerprint(b)
+    if a.is_dir() or b.is_dir():  # one side is a hub id (or a folder moved away): compare the names
+        return a.name == b.name
+    return False
+
+
+def _weights_fingerprint(folder: Path) -> list[tuple[str, int, str]]:
+    """Name, size and a hash of the first and last MiB of each safetensors file (cheap; equal for copies)."""
+    import hashlib
+
+    out = []
+    for file in sorted(folder.glob("*.safetensors")):
+        size = file.stat().st_size
+        with open(file, "rb") as fh:
+            digest = hashlib.sha256(fh.read(1 << 20))
+            fh.seek(max(0, size - (1 << 20)))
+            digest.update(fh.read())
+        out.append((file.name, size, digest.hexdigest()))
+    return out
 
 
 def _load_whole(model: nn.Module, whole: dict[str, torch.Tensor], trainable: bool, adapter_dir: Path) -> None:

@@ -23,12 +23,13 @@ from typing import Any
 import torch
 
 from ..errors import UsageError
+from ..nn.chunked_ce import CHUNK_ROWS
 from ..quant import BLOCKSIZES
 from ..quant.double_quant import NESTED_BLOCKSIZE
 
 GIB = 1024**3
 QUANT_TYPES = ("nf4", "fp4", "none")
-OPTIMIZERS = ("adamw_32bit", "adamw_8bit", "paged_adamw_32bit", "paged_adamw_8bit")
+OPTIMIZERS = ("adamw", "adamw_8bit", "paged_adamw_32bit", "paged_adamw_8bit")  # as ``qlora train --optim``
 METHODS = ("sft", "dpo", "orpo")
 COLUMNS = ("full fine-tuning", "16-bit LoRA", "QLoRA")
 
@@ -68,6 +69,7 @@ class TrainingOptions:
     batch_size: int = 1
     gradient_checkpointing: bool = True
     optim: str = "paged_adamw_32bit"
+    chunked_ce: bool = False  # qlora train's chunked loss (the CLI passes train's default, on)
     method: str = "sft"  # dpo / orpo: each example is a pair, two sequences through the model
     precompute_ref: bool = False  # dpo: reference log-probs computed before training
 
@@ -233,7 +235,7 @@ def optimizer_bytes(tensor_numels: list[int], optim: str) -> int:
     absmax per 256 values per state; tensors under 4096 elements stay 32-bit
     (bitsandbytes' ``min_8bit_size``). Paging does not change the bytes.
     """
-    if optim.endswith("32bit"):
+    if not optim.endswith("8bit"):
         return 8 * sum(tensor_numels)
     total = 0
     for n in tensor_numels:
@@ -293,9 +295,14 @@ def logits_bytes(config, opts: TrainingOptions) -> int:
     transformers upcasts the logits to fp32 for the cross-entropy; autograd
     keeps the fp32 log-softmax (4), and its backward holds the incoming fp32
     gradient (4) while writing the outgoing one (4). A chunked cross-entropy
-    that never materializes the full logits brings this down to one chunk.
+    that never materializes the full logits brings this down to one chunk
+    of rows (:data:`qlora.nn.chunked_ce.CHUNK_ROWS`) plus a float32
+    log-sum-exp per token.
     """
-    return 12 * opts.batch_size * opts.seq_len * _shape(config)["vocab"]
+    tokens = opts.batch_size * opts.seq_len
+    if opts.chunked_ce:
+        return 12 * min(tokens, CHUNK_ROWS) * _shape(config)["vocab"] + 4 * tokens
+    return 12 * tokens * _shape(config)["vocab"]
 
 
 @dataclass
@@ -352,7 +359,8 @@ def estimate(config, opts: TrainingOptions) -> Estimate:
     rows.append((f"activations (checkpointing {gc})", {full: activation_bytes(config, opts, 0),
                                                        lora: activation_bytes(config, opts, per_layer),
                                                        q: activation_bytes(config, opts, per_layer)}))
-    rows.append(("logits + loss (fp32)", {c: logits_bytes(config, opts) for c in COLUMNS}))
+    loss_label = "logits + loss (fp32, chunked)" if opts.chunked_ce else "logits + loss (fp32)"
+    rows.append((loss_label, {c: logits_bytes(config, opts) for c in COLUMNS}))
     if pairs.method == "dpo":
         rows.append(("DPO reference model", {full: 0 if pairs.precompute_ref else 2 * counts.total_params,
                                              lora: 0, q: 0}))
@@ -370,7 +378,9 @@ def estimate(config, opts: TrainingOptions) -> Estimate:
     other_gc = replace(opts, gradient_checkpointing=not opts.gradient_checkpointing)
     notes.append(f"QLoRA activations with checkpointing {'off' if opts.gradient_checkpointing else 'on'}: "
                  f"{activation_bytes(config, other_gc, per_layer) / GIB:.2f} GiB")
-    notes.append("logits: a chunked cross-entropy would hold one chunk of the fp32 logits instead of all of them")
+    other_ce = logits_bytes(config, replace(opts, chunked_ce=not opts.chunked_ce))
+    notes.append(f"loss {'without' if opts.chunked_ce else 'with'} the chunked cross-entropy (--"
+                 f"{'no-' if opts.chunked_ce else ''}chunked-ce): {other_ce / GIB:.2f} GiB")
     if pairs.method != "sft":
         notes.append(f"{pairs.method.upper()}: {pairs.batch_size} pair(s) = {opts.batch_size} sequences of "
                      f"{opts.seq_len} tokens per micro-batch (chosen and rejected in one pass)")

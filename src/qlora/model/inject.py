@@ -65,6 +65,15 @@ def _select(model: nn.Module, target_modules: str | list[str]) -> list[str]:
         chosen = [n for n in candidates if re.fullmatch(target_modules, n)]
     else:
         chosen = [n for n in candidates if matches_any(n, target_modules)]
+        unmatched = [t for t in target_modules if not any(matches_any(n, [t]) for n in candidates)]
+        if unmatched and chosen:  # one typo next to a valid name must not silently adapt fewer layers
+            import difflib
+
+            leaf_names = sorted({n.rsplit(".", 1)[-1] for n in candidates})
+            hints = [f"{t!r} (did you mean {', '.join(close)}?)" if (close := difflib.get_close_matches(
+                t, leaf_names, n=2, cutoff=0.6)) else repr(t) for t in unmatched]
+            raise UsageError(f"target modules {', '.join(hints)} match no linear layer of this model. Its linear "
+                             f"layers are named: {', '.join(leaf_names)} (or use 'all-linear').")
     if not chosen:
         leaf_names = sorted({n.rsplit(".", 1)[-1] for n in candidates})
         raise UsageError(f"target modules {target_modules!r} match no linear layer of this model. Its linear "

@@ -66,6 +66,21 @@ def _weight_files(model_dir: Path) -> list[Path]:
     raise UsageError(f"{model_dir} has no model.safetensors or model.safetensors.index.json.")
 
 
+def _check_weight_files(files: list[Path]) -> None:
+    """Open every safetensors file's header (cheap) so a corrupt or truncated one is named at once."""
+    from safetensors import SafetensorError, safe_open
+
+    for file in files:
+        if not file.is_file():
+            raise UsageError(f"{file} is missing (it is listed in the model's safetensors index).")
+        try:
+            with safe_open(str(file), framework="pt", device="cpu") as fh:
+                fh.keys()
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise UsageError(f"{file} is corrupt or not a safetensors file ({exc}). Download or copy the model "
+                             "again.") from None
+
+
 def _prequantized(config) -> dict | None:
     qc = getattr(config, "quantization_config", None)
     if qc is None:
@@ -139,14 +154,18 @@ def load_model(
         UsageError: missing folder or files, unsupported checkpoint.
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
     if quant not in ("nf4", "fp4", None):
         raise UsageError(f"quant must be nf4, fp4 or none, got {quant!r}")
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model_dir = resolve_model_dir(name_or_path)
     files = _weight_files(model_dir)
-    config = AutoConfig.from_pretrained(model_dir)
+    _check_weight_files(files)  # headers only: a corrupt file fails here, before any tensor is read
+    try:
+        config = AutoConfig.from_pretrained(model_dir)
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"{model_dir / 'config.json'} could not be read as a transformers config ({exc}).") from None
     prequant = _prequantized(config)
     if prequant is not None:
         quant = prequant.get("bnb_4bit_quant_type", "nf4")
@@ -181,7 +200,11 @@ def load_model(
                 key = _model_key(raw_key, expected, model)
                 module_path, _, leaf = key.rpartition(".")
                 owner = next((p for p in (module_path, key.rsplit(".weight.", 1)[0]) if p in quantized), None)
-                tensor = fh.get_tensor(raw_key)
+                try:
+                    tensor = fh.get_tensor(raw_key)
+                except SafetensorError as exc:
+                    raise UsageError(f"{file}: tensor {raw_key} is corrupt ({exc}). Download or copy the model "
+                                     "again.") from None
                 bar.update(tensor.numel() * tensor.element_size())
                 if owner is not None and key.startswith(owner + ".weight"):
                     layer: Linear4bit = model.get_submodule(owner)
@@ -217,7 +240,10 @@ def load_model(
     for p in model.parameters():
         p.requires_grad_(False)
     model.eval()
-    model.name_or_path = str(name_or_path)
+    # Recorded in adapters as base_model_name_or_path: an absolute path for a local folder (a relative
+    # one breaks once the adapter is used from another folder), a hub id as given.
+    local = Path(name_or_path).expanduser()
+    model.name_or_path = str(local.resolve()) if local.is_dir() else str(name_or_path)
     return model, tokenizer
 
 

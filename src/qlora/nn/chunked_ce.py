@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 
 IGNORE_INDEX = -100
+CHUNK_ROWS = 4096  # rows of float32 logits alive at once (the memory estimate uses it too)
 
 
 def _chunks(n: int, size: int) -> range:
@@ -57,7 +58,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
 
 
 def chunked_linear_cross_entropy(
-    hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk: int = 4096
+    hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk: int = CHUNK_ROWS
 ) -> torch.Tensor:
     """Sum of token cross-entropies of ``hidden @ weight.T`` against ``labels``.
 

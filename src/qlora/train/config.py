@@ -17,6 +17,8 @@ from typing import Any
 
 from qlora.errors import UsageError
 from qlora.model.chat_format import pinned_datetime
+from qlora.option_range import AT_LEAST_1, NON_NEGATIVE, POSITIVE, Range
+from qlora.quant import BLOCKSIZES
 
 from qlora.optim import OPTIMIZERS
 SCHEDULERS = ("cosine", "linear", "constant")
@@ -36,8 +38,9 @@ _RUN_DEFINING = (
 )
 
 
-def _opt(default: Any, help: str, choices: tuple[str, ...] | None = None) -> Any:
-    return field(default=default, metadata={"help": help, "choices": choices})
+def _opt(default: Any, help: str, choices: tuple[str, ...] | None = None, range: Range | None = None) -> Any:
+    """A field with its help text, its allowed values or its allowed numeric range (checked by ``validate``)."""
+    return field(default=default, metadata={"help": help, "choices": choices, "range": range})
 
 
 @dataclass
@@ -48,9 +51,9 @@ class TrainConfig:
     method: str = _opt("sft", "training objective: sft (next-token loss on --data examples), or dpo / orpo on "
                               "preference pairs {prompt, chosen, rejected}", METHODS)
     beta: float = _opt(0.1, "dpo: strength of the pull towards the reference (beta of the sigmoid loss); "
-                            "orpo: weight lambda of the odds-ratio term")
-    label_smoothing: float = _opt(0.0, "dpo: probability that a preference label is wrong (conservative DPO), "
-                                       "in [0, 0.5)")
+                            "orpo: weight lambda of the odds-ratio term", range=POSITIVE)
+    label_smoothing: float = _opt(0.0, "dpo: probability that a preference label is wrong (conservative DPO)",
+                                  range=Range(0, 0.5, high_open=True))
     precompute_ref: bool = _opt(False, "dpo: compute the reference log-probs once before training (stored in "
                                        "--output, reused on --resume) instead of in every step")
     data: str | None = _opt(None, "training data: a .jsonl/.json/.csv/.parquet/.arrow/.txt file, a save_to_disk "
@@ -71,37 +74,37 @@ class TrainConfig:
     train_on: str = _opt("assistant", "tokens that count in the loss", ("assistant", "all"))
     quant: str = _opt("nf4", "4-bit data type of the frozen base ('none' = 16-bit LoRA)", QUANTS)
     double_quant: bool = _opt(True, "quantize the block constants to 8 bits")
-    blocksize: int = _opt(64, "weights per absmax block")
-    rank: int = _opt(16, "LoRA rank r")
-    alpha: float = _opt(16.0, "LoRA alpha (scale = alpha / r)")
-    dropout: float = _opt(0.05, "LoRA dropout")
+    blocksize: int = _opt(64, "weights per absmax block: 32, 64, 128, 256, 512, 1024, 2048 or 4096")
+    rank: int = _opt(16, "LoRA rank r", range=AT_LEAST_1)
+    alpha: float = _opt(16.0, "LoRA alpha (scale = alpha / r)", range=POSITIVE)
+    dropout: float = _opt(0.05, "LoRA dropout", range=Range(0, 1, high_open=True))
     target_modules: str = _opt("all-linear", "comma-separated layer names to adapt, a regex, or all-linear")
     rslora: bool = _opt(False, "rank-stabilized LoRA: scale = alpha / sqrt(r)")
     adalora: bool = _opt(False, "AdaLoRA: SVD-shaped adapters whose ranks are pruned by importance during training "
                                 "(--rank is ignored; scale = alpha / adalora-init-r)")
-    adalora_init_r: int = _opt(12, "AdaLoRA rank of every layer at the start")
-    adalora_target_r: int = _opt(8, "AdaLoRA average rank per layer after pruning")
-    adalora_tinit: int = _opt(0, "AdaLoRA warmup steps before pruning starts")
-    adalora_tfinal: int = _opt(0, "AdaLoRA final steps trained with the ranks fixed")
-    adalora_delta_t: int = _opt(1, "AdaLoRA steps between rank reallocations")
+    adalora_init_r: int = _opt(12, "AdaLoRA rank of every layer at the start", range=AT_LEAST_1)
+    adalora_target_r: int = _opt(8, "AdaLoRA average rank per layer after pruning", range=AT_LEAST_1)
+    adalora_tinit: int = _opt(0, "AdaLoRA warmup steps before pruning starts", range=NON_NEGATIVE)
+    adalora_tfinal: int = _opt(0, "AdaLoRA final steps trained with the ranks fixed", range=NON_NEGATIVE)
+    adalora_delta_t: int = _opt(1, "AdaLoRA steps between rank reallocations", range=AT_LEAST_1)
     dora: bool = _opt(False, "DoRA: train a magnitude per output row besides the LoRA direction (PEFT's use_dora)")
     init: str = _opt("kaiming", "adapter init; loftq also picks the 4-bit base so base + BA approximates the "
                                 "full-precision weights (the base is then saved with the adapter)", INITS)
-    loftq_iter: int = _opt(1, "alternating quantize/SVD steps of --init loftq (1 to 5)")
+    loftq_iter: int = _opt(1, "alternating quantize/SVD steps of --init loftq (1 to 5)", range=Range(1, 5))
     add_special_tokens: str = _opt("", "comma-separated special tokens to add to the vocabulary; the embeddings "
                                        "and output head are then trained whole and saved with the adapter")
-    seq_len: int = _opt(512, "maximum tokens per example (longer ones are truncated)")
-    batch_size: int = _opt(1, "examples per micro-batch")
-    grad_accum: int = _opt(1, "micro-batches per optimizer step")
-    lr: float = _opt(2e-4, "peak learning rate")
+    seq_len: int = _opt(512, "maximum tokens per example (longer ones are truncated)", range=Range(2))
+    batch_size: int = _opt(1, "examples per micro-batch", range=AT_LEAST_1)
+    grad_accum: int = _opt(1, "micro-batches per optimizer step", range=AT_LEAST_1)
+    lr: float = _opt(2e-4, "peak learning rate", range=POSITIVE)
     lr_scheduler: str = _opt("constant", "learning-rate schedule after warmup", SCHEDULERS)
-    warmup_ratio: float = _opt(0.03, "warmup as a fraction of all steps (ignored if --warmup-steps > 0)")
-    warmup_steps: int = _opt(0, "warmup steps")
-    epochs: float = _opt(1.0, "passes over the data (ignored if --max-steps > 0)")
-    max_steps: int = _opt(0, "optimizer steps to run (0: from --epochs)")
+    warmup_ratio: float = _opt(0.03, "warmup as a fraction of all steps (ignored if --warmup-steps > 0)", range=Range(0, 1, high_open=True))
+    warmup_steps: int = _opt(0, "warmup steps", range=NON_NEGATIVE)
+    epochs: float = _opt(1.0, "passes over the data (ignored if --max-steps > 0)", range=NON_NEGATIVE)
+    max_steps: int = _opt(0, "optimizer steps to run (0: from --epochs)", range=NON_NEGATIVE)
     optim: str = _opt("paged_adamw_32bit", "optimizer", OPTIMIZERS)
-    weight_decay: float = _opt(0.0, "AdamW weight decay")
-    max_grad_norm: float = _opt(0.3, "clip the gradient norm to this (0: no clipping)")
+    weight_decay: float = _opt(0.0, "AdamW weight decay", range=NON_NEGATIVE)
+    max_grad_norm: float = _opt(0.3, "clip the gradient norm to this (0: no clipping)", range=NON_NEGATIVE)
     gradient_checkpointing: bool = _opt(False, "recompute each layer in the backward pass to save memory")
     chunked_ce: bool = _opt(True, "compute the loss in chunks of rows, never holding the full float32 logits "
                                   "(used when it reproduces the model's own logits; checked at start)")
@@ -110,11 +113,12 @@ class TrainConfig:
     fsdp: bool = _opt(False, "under torchrun: shard the 4-bit base over the ranks with FSDP2 (default: DDP replicas)")
     packing: bool = _opt(False, "pack short examples into --seq-len rows (examples never attend to each other)")
     precision: str = _opt("auto", "compute dtype: auto = bf16 on CUDA (fp16 without bf16), fp32 on CPU", PRECISIONS)
-    seed: int = _opt(42, "random seed (data order, dropout, initialization)")
-    logging_steps: int = _opt(1, "optimizer steps between metric records")
-    save_steps: int = _opt(0, "optimizer steps between checkpoints (0: only at the end and on Ctrl-C)")
-    eval_steps: int = _opt(0, "optimizer steps between evaluations (0: only at the end)")
-    save_total_limit: int = _opt(2, "checkpoints to keep (oldest are deleted)")
+    seed: int = _opt(42, "random seed (data order, dropout, initialization)", range=Range(0, 2**32 - 1))
+    logging_steps: int = _opt(1, "optimizer steps between metric records", range=AT_LEAST_1)
+    save_steps: int = _opt(0, "optimizer steps between checkpoints (0: none during training); the last step and "
+                              "a Ctrl-C are always checkpointed, so --resume can finish a run", range=NON_NEGATIVE)
+    eval_steps: int = _opt(0, "optimizer steps between evaluations (0: only at the end)", range=NON_NEGATIVE)
+    save_total_limit: int = _opt(2, "checkpoints to keep (oldest are deleted)", range=NON_NEGATIVE)
     resume: bool = _opt(False, "continue from the last checkpoint in --output")
     overwrite: bool = _opt(False, "replace an existing --output directory")
     progress: bool = _opt(True, "show a live progress bar")
@@ -149,16 +153,14 @@ class TrainConfig:
             choices = f.metadata["choices"]
             if choices and getattr(self, f.name) not in choices:
                 raise UsageError(f"--{_flag(f.name)} must be one of {', '.join(choices)}; got {getattr(self, f.name)!r}")
-        for name in ("rank", "seq_len", "batch_size", "grad_accum", "blocksize"):
-            if getattr(self, name) < 1:
-                raise UsageError(f"--{_flag(name)} must be at least 1; got {getattr(self, name)}")
-        for name in ("max_steps", "warmup_steps", "save_steps", "eval_steps", "save_total_limit", "logging_steps"):
-            if getattr(self, name) < 0:
-                raise UsageError(f"--{_flag(name)} must not be negative; got {getattr(self, name)}")
-        if not self.lr > 0:
-            raise UsageError(f"--lr must be positive; got {self.lr}")
-        if not 0 <= self.dropout < 1 or not 0 <= self.warmup_ratio < 1:
-            raise UsageError("--dropout and --warmup-ratio must lie in [0, 1)")
+            if f.metadata["range"] is not None:
+                f.metadata["range"].check(f"--{_flag(f.name)}", getattr(self, f.name))
+        if self.blocksize not in BLOCKSIZES:
+            raise UsageError(f"--blocksize must be one of {', '.join(map(str, BLOCKSIZES))} (a power of two "
+                             f"from 32 to 4096, as bitsandbytes accepts); got {self.blocksize}")
+        if self.adalora and self.adalora_target_r > self.adalora_init_r:
+            raise UsageError(f"--adalora-target-r ({self.adalora_target_r}) cannot exceed --adalora-init-r "
+                             f"({self.adalora_init_r}): AdaLoRA only prunes ranks")
         if self.adalora and (self.dora or self.init != "kaiming"):
             raise UsageError("--adalora does not combine with --dora or --init: AdaLoRA has its own SVD-shaped "
                              "adapters and initialization")
@@ -169,8 +171,6 @@ class TrainConfig:
                              "AdaLoRA triplets, so the rank schedule could not continue exactly")
         if self.init == "loftq" and self.quant == "none":
             raise UsageError("--init loftq picks a 4-bit base; it needs --quant nf4 or fp4")
-        if not 1 <= self.loftq_iter <= 5:
-            raise UsageError(f"--loftq-iter must be 1 to 5; got {self.loftq_iter}")
         self._validate_method()
         if self.max_steps == 0 and not self.epochs > 0:
             raise UsageError("give --epochs > 0 or --max-steps > 0")
@@ -184,12 +184,8 @@ class TrainConfig:
                 if getattr(self, name):
                     raise UsageError(f"--{_flag(name)} applies to --method dpo; this run is --method sft")
             return
-        if not self.beta > 0:
-            raise UsageError(f"--beta must be positive; got {self.beta}")
         if self.method == "orpo" and (self.label_smoothing or self.precompute_ref):
             raise UsageError("--label-smoothing and --precompute-ref apply to --method dpo; ORPO has no reference model")
-        if not 0 <= self.label_smoothing < 0.5:
-            raise UsageError(f"--label-smoothing must lie in [0, 0.5); got {self.label_smoothing}")
         if self.packing:
             raise UsageError(f"--packing applies to --method sft; --method {self.method} batches each pair's chosen "
                              "and rejected answers side by side")
@@ -233,10 +229,70 @@ def field_type(f: dataclasses.Field) -> type:
     return _TYPES[str(f.type)]
 
 
+# Keys of PEFT / transformers TrainingArguments / TRL / axolotl / LLaMA-Factory configs -> ours.
+ALIASES = {
+    "learning_rate": "lr", "lora_r": "rank", "lora_rank": "rank", "r": "rank", "lora_alpha": "alpha",
+    "lora_dropout": "dropout", "num_epochs": "epochs", "num_train_epochs": "epochs", "output_dir": "output",
+    "cutoff_len": "seq_len", "sequence_len": "seq_len", "max_seq_length": "seq_len", "max_seq_len": "seq_len",
+    "max_length": "seq_len", "per_device_train_batch_size": "batch_size", "micro_batch_size": "batch_size",
+    "gradient_accumulation_steps": "grad_accum", "model_name_or_path": "model", "base_model": "model",
+    "dataset": "data", "data_path": "data", "train_file": "data", "eval_file": "eval_data",
+    "lr_scheduler_type": "lr_scheduler", "lora_target_modules": "target_modules", "lora_target": "target_modules",
+    "use_rslora": "rslora", "use_dora": "dora", "bnb_4bit_quant_type": "quant",
+    "bnb_4bit_use_double_quant": "double_quant", "overwrite_output_dir": "overwrite", "sample_packing": "packing",
+    "optimizer": "optim", "chat_template": "template",
+}
+# Boolean keys that map onto one of ours: key -> (our key, {their value: our value, None = no change}).
+VALUE_ALIASES = {
+    "train_on_inputs": ("train_on", {True: "all", False: "assistant"}),
+    "bf16": ("precision", {True: "bf16", False: None}),
+    "fp16": ("precision", {True: "fp16", False: None}),
+    "lora_target_linear": ("target_modules", {True: "all-linear", False: None}),
+}
+
+
+def canonical_name(key: str) -> str:
+    """Our option name for ``key`` (``-`` or ``_``, ours or another tool's alias)."""
+    name = key.replace("-", "_")
+    return ALIASES.get(name, name)
+
+
 def _unknown(key: str, known: list[str], source: str) -> UsageError:
-    close = difflib.get_close_matches(key, known, n=3, cutoff=0.6)
+    candidates = {k: k for k in known} | {a: ALIASES[a] for a in ALIASES}
+    close = difflib.get_close_matches(key.replace("-", "_"), list(candidates), n=3, cutoff=0.6)
+    close = list(dict.fromkeys(candidates[c] for c in close))
     hint = f"; did you mean {', '.join(close)}?" if close else f"; known: {', '.join(known)}"
     return UsageError(f"{source}: unknown option {key!r}{hint}")
+
+
+def _read_yaml(path: Path) -> tuple[dict, dict[str, int]]:
+    """The mapping in ``path`` and the line of each top-level key; errors name the file and line."""
+    import yaml
+
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise UsageError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start}); save it as UTF-8.") from None
+    try:
+        node = yaml.compose(text)
+        loaded = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
+        where = f"{path} line {mark.line + 1}, column {mark.column + 1}" if mark else str(path)
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise UsageError(f"{where}: not valid YAML ({problem}).") from None
+    if loaded is None:
+        return {}, {}
+    if not isinstance(loaded, dict):
+        raise UsageError(f"{path}: expected a mapping of option: value, got {type(loaded).__name__}")
+    lines: dict[str, int] = {}
+    for key_node, _ in node.value:
+        key = str(key_node.value)
+        if key in lines:
+            raise UsageError(f"{path} line {key_node.start_mark.line + 1}: {key!r} is given twice (first on line "
+                             f"{lines[key]}); keep one.")
+        lines[key] = key_node.start_mark.line + 1
+    return loaded, lines
 
 
 def load_config(yaml_path: str | Path | None, overrides: dict[str, Any]) -> TrainConfig:
@@ -250,25 +306,30 @@ def load_config(yaml_path: str | Path | None, overrides: dict[str, Any]) -> Trai
         UsageError: unreadable YAML, an unknown key (with close matches), a
             value of the wrong type, or an invalid combination.
     """
-    import yaml
-
     by_name = {f.name: f for f in fields(TrainConfig)}
     values: dict[str, Any] = {}
     if yaml_path is not None:
         path = Path(yaml_path)
         if not path.is_file():
             raise UsageError(f"config file {path} does not exist")
-        try:
-            loaded = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise UsageError(f"{path}: not valid YAML: {exc}") from None
-        if not isinstance(loaded, dict):
-            raise UsageError(f"{path}: expected a mapping of option: value, got {type(loaded).__name__}")
+        loaded, lines = _read_yaml(path)
+        given_as: dict[str, str] = {}
         for key, value in loaded.items():
-            name = str(key).replace("-", "_")
+            where = f"{path} line {lines.get(str(key), '?')}"
+            name = canonical_name(str(key))
+            if name in VALUE_ALIASES:
+                name, mapping = VALUE_ALIASES[name]
+                if not isinstance(value, bool):
+                    raise UsageError(f"{where}: {key} expects true or false (it sets qlora's {name}); got {value!r}")
+                value = mapping[value]
+                if value is None:
+                    continue
             if name not in by_name:
-                raise _unknown(str(key), list(by_name), str(path))
-            values[name] = _coerce(name, value, field_type(by_name[name]), str(path))
+                raise _unknown(str(key), list(by_name), where)
+            if name in given_as:
+                raise UsageError(f"{where}: {key} and {given_as[name]} both set {name}; keep one.")
+            given_as[name] = str(key)
+            values[name] = _coerce(name, value, field_type(by_name[name]), where)
     for key, value in overrides.items():
         name = key.replace("-", "_")
         if name not in by_name:

@@ -38,7 +38,7 @@ from qlora.atomic import atomic_dir
 from qlora.errors import UsageError
 from qlora.model.inject import adapters_disabled
 from qlora.train.data import IGNORE_INDEX, load_records, pad_token_id
-from qlora.train.data.preference import TokenizedPair, normalize_preferences, preference_collate, tokenize_pairs
+from qlora.train.data.preference import PreferenceExample, TokenizedPair, normalize_preferences, preference_collate, tokenize_pairs
 from qlora.train.preference_loss import dpo_loss, label_logps, orpo_odds_ratio
 from qlora.train.trainer import Trainer
 
@@ -60,8 +60,10 @@ class PreferenceTrainer(Trainer):
         super().setup()
 
     # ------------------------------------------------------------------ data
-    def _load_data(self, source: str, split: str) -> tuple[list[TokenizedPair], Any]:
-        examples = normalize_preferences(load_records(source, split, self.config.data_subset))
+    def _read_data(self, source: str, split: str) -> list[PreferenceExample]:
+        return normalize_preferences(load_records(source, split, self.config.data_subset))
+
+    def _tokenize(self, examples: list[PreferenceExample]) -> tuple[list[TokenizedPair], Any]:
         return tokenize_pairs(examples, self.tokenizer, self.chat_format, self.config.seq_len,
                               stop_ids=self._stop_ids())
 

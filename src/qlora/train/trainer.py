@@ -39,6 +39,7 @@ from qlora.cpu_threads import apply_cpu_threads
 from qlora.errors import UsageError
 from qlora.model.chat_format import ChatFormat, stop_token_ids, today
 from qlora.optim import create_optimizer
+from qlora.output_folder import check_output, clear_owned, record, staged_output
 from qlora.train.config import TrainConfig
 from qlora.train.distributed import DistContext, all_reduce_grads, shard_fsdp, wrap_ddp
 from qlora.train.data import (
@@ -50,6 +51,13 @@ from qlora.train.metrics import MetricsLogger, NullMetrics, gpu_memory_gib
 
 CHECKPOINTS = "checkpoints"
 STATE_FILE = "trainer_state.pt"
+# What a run writes at the top of --output besides the final adapter and tokenizer files,
+# all recorded in the folder's manifest so --overwrite removes them and nothing else.
+RUN_ENTRIES = (CHECKPOINTS, "config.yaml", "metrics.jsonl", "events", "loss.png",
+               "adapter_config.json", "adapter_model.safetensors", "qlora_adapter.json", "loftq-base")
+# Names save_pretrained may give tokenizer files: a user's file of such a name is refused up front.
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
+                    "tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json", "vocab.txt")
 
 
 class Interrupted(Exception):
@@ -159,18 +167,23 @@ class Trainer:
         self.step = 0
         self.losses: list[float] = []
         self.adapter_hooks = None  # adapter-specific work around each step (AdaLoRA: penalty, rank allocation)
+        self._saved_step: int | None = None  # step of the newest checkpoint (the same on every rank)
 
     # ----------------------------------------------------------------- setup
     def setup(self) -> None:
         """Check the output folder, then load model, adapter, data, optimizer; resume if asked."""
         cfg = self.config
         resume_from = self._check_output()
+        # Read (and so check) the data before the model: a bad file fails in seconds, not after the load.
+        train_examples = self._read_data(cfg.data, cfg.data_split)
+        eval_examples = self._read_data(cfg.eval_data, cfg.eval_data_split) if cfg.eval_data else None
+        self._load_model()
         self.chat_format = self._chat_format(resume_from)
-        self.train_units, self.report = self._load_data(cfg.data, cfg.data_split)
-        self.eval_units = self._load_data(cfg.eval_data, cfg.eval_data_split)[0] if cfg.eval_data else []
+        self.train_units, self.report = self._tokenize(train_examples)
+        self.eval_units = self._tokenize(eval_examples)[0] if eval_examples else []
         self.dist.barrier()  # every rank has checked --output before rank 0 changes it
         if cfg.overwrite and not cfg.resume and self.out.exists() and self.dist.is_main:
-            shutil.rmtree(self.out)  # only now: every input has been checked
+            clear_owned(self.out)  # only now: every input has been checked; only qlora's own files go
         self.micro_batches_per_step = cfg.grad_accum
         units_per_step = cfg.batch_size * cfg.grad_accum * self.dist.world_size
         self.total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * len(self.train_units) / units_per_step))
@@ -198,6 +211,7 @@ class Trainer:
             self.metrics = NullMetrics()
             return
         self.out.mkdir(parents=True, exist_ok=True)
+        record(self.out, *RUN_ENTRIES)
         self._write_config()
         self.metrics = MetricsLogger(self.out, self.total_steps, self.step, cfg.progress)
         self.metrics.write(f"data: {self.report.summary()}; {len(self.train_units)} "
@@ -205,7 +219,6 @@ class Trainer:
 
     def _check_output(self) -> Path | None:
         cfg = self.config
-        exists = self.out.exists() and any(self.out.iterdir())
         if cfg.resume:
             checkpoints = list_checkpoints(self.out)
             if not checkpoints:
@@ -217,12 +230,10 @@ class Trainer:
                 shown = ", ".join(f"{k}: {saved.get(k)!r} -> {current[k]!r}" for k in differ)
                 raise UsageError(f"--resume: the checkpoint in {self.out} was made with a different config ({shown}); "
                                  "resume with the original options or train into a new --output")
-            self._load_model()
             return checkpoints[-1]
-        if exists and not cfg.overwrite:
-            raise UsageError(f"output directory {self.out} already exists; pass --overwrite to replace it "
-                             "or --resume to continue its run")
-        self._load_model()
+        check_output(self.out, overwrite=cfg.overwrite, writes=RUN_ENTRIES + _TOKENIZER_FILES,
+                     alternative="--resume to continue its run",
+                     inputs={"--model": cfg.model, "--data": cfg.data, "--eval-data": cfg.eval_data})
         return None
 
     def _load_model(self) -> None:
@@ -290,9 +301,12 @@ class Trainer:
         else:
             self.forward_model = wrap_ddp(self.model, self.dist)
 
-    def _load_data(self, source: str, split: str):
+    def _read_data(self, source: str, split: str):
         cfg = self.config
-        examples = normalize(load_records(source, split, cfg.data_subset), cfg.format)
+        return normalize(load_records(source, split, cfg.data_subset), cfg.format)
+
+    def _tokenize(self, examples):
+        cfg = self.config
         tokenized, report = tokenize_dataset(examples, self.tokenizer, self.chat_format, cfg.train_on, cfg.seq_len,
                                              stop_ids=self._stop_ids())
         if cfg.packing:
@@ -375,6 +389,10 @@ class Trainer:
                     self.save_checkpoint()
             if self._stop_requested():
                 raise Interrupted(self.step, self.save_checkpoint())
+            if self._saved_step != self.step:
+                # The last state is always checkpointed (whatever --save-steps): if the final
+                # evaluation or save fails, e.g. on a full disk, --resume finishes without retraining.
+                self.save_checkpoint()
         finally:
             for signum, handler in previous.items():
                 signal.signal(signum, handler)
@@ -507,6 +525,7 @@ class Trainer:
         from qlora.model.adapter_io import save_adapter
 
         target = self.out / CHECKPOINTS / f"step-{self.step:07d}"
+        self._saved_step = self.step
         if not self.dist.is_main:
             self.dist.barrier()
             return target
@@ -515,7 +534,8 @@ class Trainer:
             state = {"step": self.step, "optimizer": self.optimizer.state_dict(),
                      "scheduler": self.scheduler.state_dict(), "rng": _rng_state(), "losses": self.losses,
                      "scaler": self.scaler.state_dict() if self.scaler else None}
-            torch.save(state, tmp / STATE_FILE)
+            with open(tmp / STATE_FILE, "wb") as fh:  # a file object: a full disk raises OSError, not RuntimeError
+                torch.save(state, fh)
             run_config = {**self.config.run_defining(self.dist.world_size), "template_date": self.config.template_date}
             (tmp / "run_config.json").write_text(json.dumps(run_config, indent=1))
             self.chat_format.save(tmp / "adapter")
@@ -542,6 +562,7 @@ class Trainer:
             self.scaler.load_state_dict(state["scaler"])
         _set_rng_state(state["rng"])
         self.step, self.losses = state["step"], list(state["losses"])
+        self._saved_step = self.step
 
     def _adapter_tokenizer(self):
         """The tokenizer, when the adapter needs it to be reloaded (added tokens)."""
@@ -557,18 +578,17 @@ class Trainer:
             return
         if self.adapter_hooks is not None:
             self.metrics.write(self.adapter_hooks.summary())
-        staged = self.out / ".final-adapter"
-        save_adapter(self.model, staged)  # the tokenizer goes next to it below
-        self.chat_format.save(staged)  # generate and chat render as training did
-        for f in staged.iterdir():
-            f.replace(self.out / f.name)
-        staged.rmdir()
-        self.tokenizer.chat_template = self.chat_format.template  # other tools loading --output see the same format
-        self.tokenizer.save_pretrained(self.out)
-        if self.config.init == "loftq":  # the adapter is only valid on its LoftQ base: ship the base with it
-            from qlora.model.quantized_io import save_quantized
+        # Everything is written into a staging folder first and moved in only when complete:
+        # a full disk leaves the previous contents (and the last checkpoint) as they were.
+        with staged_output(self.out, "train", replace=False) as stage:
+            save_adapter(self.model, stage)
+            self.chat_format.save(stage)  # generate and chat render as training did
+            self.tokenizer.chat_template = self.chat_format.template  # other tools loading --output see the same format
+            self.tokenizer.save_pretrained(stage)
+            if self.config.init == "loftq":  # the adapter is only valid on its LoftQ base: ship the base with it
+                from qlora.model.quantized_io import save_quantized
 
-            save_quantized(self.model, self.out / "loftq-base", tokenizer=self.tokenizer)
+                save_quantized(self.model, stage / "loftq-base", tokenizer=self.tokenizer)
 
     def _write_config(self) -> None:
         import yaml

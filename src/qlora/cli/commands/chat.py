@@ -19,7 +19,6 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from ...errors import UsageError
 from .generate import add_model_arguments, chat_format_from_args, load_model_from_args, sampling_options
 
 NAME = "chat"
@@ -30,6 +29,8 @@ SLASH_HELP = "commands: /reset /history /memory /save [FILE] /exit"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from ..options import non_negative_float, positive_int
+
     add_model_arguments(parser)
     parser.add_argument("--memory", choices=MEMORY_KINDS, default="buffer",
                         help="what the model remembers: every turn (buffer), the last --k exchanges (window), the "
@@ -37,11 +38,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "a summary plus recent exchanges within the token limit (summary-buffer), descriptions "
                              "of the entities named (entity), facts as triples about them (kg), or the --k past "
                              "exchanges most similar to the input (vector)")
-    parser.add_argument("--k", type=int, default=4,
+    parser.add_argument("--k", type=positive_int, default=4,
                         help="window and entity: recent exchanges shown; kg: recent exchanges given to the model "
                              "as context when it extracts entities and facts (kg shows no turns); vector: "
                              "exchanges recalled")
-    parser.add_argument("--max-token-limit", type=int, default=1024,
+    parser.add_argument("--max-token-limit", type=positive_int, default=1024,
                         help="token and summary-buffer: most tokens of verbatim history, counted per message as "
                              "its 'Human: ...'/'AI: ...' line with the model's tokenizer, whole exchanges kept")
     parser.add_argument("--system", help="system prompt")
@@ -51,7 +52,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "A session keeps the embedder it started with")
     parser.add_argument("--session", help="session name: store the chat in --db and resume it later")
     parser.add_argument("--db", default="chats.sqlite", help="SQLite file of sessions (with --session)")
-    parser.add_argument("--db-timeout", type=float, default=10.0,
+    parser.add_argument("--db-timeout", type=non_negative_float, default=10.0,
                         help="seconds to wait for a database locked by another program before reporting the turn "
                              "unsaved")
 
@@ -105,7 +106,9 @@ def _save(chat, args: argparse.Namespace, target: str) -> str:
             return f"(session {args.session!r} is saved in {args.db} after every turn)"
         return "(give a file: /save FILE, or start with --session NAME to store every turn)"
     path = Path(target)
-    with path.open("w", encoding="utf-8") as f:
+    if path.exists():  # a transcript never replaces a file (it could be the user's data)
+        return f"({path} already exists; give a new file name)"
+    with path.open("x", encoding="utf-8") as f:
         for message in chat.memory.session.messages():
             f.write(json.dumps({"role": message.role, "content": message.content}, ensure_ascii=False) + "\n")
     return f"(saved the transcript to {path})"
@@ -168,18 +171,14 @@ def run(args: argparse.Namespace) -> int:
     from ...infer.chat import Chat
     from ...infer.store import StoreLocked, StoreReadOnly
 
-    if args.k < 1 or args.max_token_limit < 1:
-        raise UsageError("--k and --max-token-limit must be positive")
-    if not args.db_timeout >= 0:
-        raise UsageError(f"--db-timeout must be a number of seconds >= 0, got {args.db_timeout}")
     if args.memory == "vector" and args.embedder:
         from ...infer.embedder import resolve_sentence_transformer
 
         resolve_sentence_transformer(args.embedder)  # fail before the chat model loads
+    options = sampling_options(args)  # checked before the (slow) model load
     store, session = _open_session(args)
     try:
         model, tokenizer = load_model_from_args(args)
-        options = sampling_options(args)
         chat = Chat(model, tokenizer, memory=build_memory(args, model, tokenizer, session), system=args.system,
                     chat_format=chat_format_from_args(args, tokenizer, "chat"), **dataclasses.asdict(options))
         print(f"qlora chat ({args.memory} memory). {SLASH_HELP}")

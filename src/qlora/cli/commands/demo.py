@@ -31,9 +31,13 @@ QUESTIONS = (
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--steps", type=int, default=300, help="optimizer steps (default 300)")
-    parser.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (default 3e-3)")
+    from ..options import positive_float, positive_int
+
+    parser.add_argument("--steps", type=positive_int, default=300, help="optimizer steps")
+    parser.add_argument("--lr", type=positive_float, default=3e-3, help="peak learning rate")
     parser.add_argument("--output", default=None, help="keep the run here (default: a temporary folder)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace qlora's earlier results in an existing --output (only files qlora wrote)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -44,8 +48,11 @@ def run(args: argparse.Namespace) -> int:
     from ...model.tiny import build_tiny_model, train_tokenizer
     from ...train.config import TrainConfig
     from ...train.data import demo_data_path
+    from ...output_folder import check_output
     from ...train.trainer import Trainer
 
+    if args.output:  # before building anything: never clear a folder the user did not give up
+        check_output(args.output, overwrite=args.overwrite)
     random.seed(0)
     np.random.seed(0)
     torch.manual_seed(0)
@@ -61,7 +68,7 @@ def run(args: argparse.Namespace) -> int:
         build_tiny_model(Path(tmp) / "model", tokenizer=tokenizer, arch="llama", hidden=128, layers=2, heads=4,
                          kv_heads=2, intermediate=256, seed=0, initializer_range=0.1)
         config = TrainConfig(model=str(Path(tmp) / "model"), data=str(demo_data_path()), output=str(out),
-                             overwrite=True, rank=32, alpha=64, dropout=0.0, lr=args.lr, lr_scheduler="cosine",
+                             overwrite=args.overwrite or not args.output, rank=32, alpha=64, dropout=0.0, lr=args.lr, lr_scheduler="cosine",
                              warmup_steps=5, max_steps=args.steps, batch_size=8, optim="adamw", max_grad_norm=1.0,
                              seq_len=64, logging_steps=max(1, args.steps // 10), progress=False, seed=0)
         trainer = Trainer(config)

@@ -2,6 +2,9 @@
 
 Prints the memory table of :mod:`qlora.model.estimate` for full fine-tuning,
 16-bit LoRA and QLoRA side by side, and which of them fit ``--gpu-memory``.
+The options and their defaults are those of ``qlora train`` (taken from
+:class:`qlora.train.config.TrainConfig`, so they cannot drift apart): what
+``qlora estimate MODEL`` prints is what ``qlora train --model MODEL`` needs.
 """
 
 from __future__ import annotations
@@ -13,71 +16,66 @@ from ...errors import UsageError
 NAME = "estimate"
 HELP = "memory needed to fine-tune a model: full, 16-bit LoRA and QLoRA side by side"
 
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
-
-
-def _gib(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a size in GiB such as 24, got {text!r}") from None
-    if not value > 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"expected a positive size in GiB, got {text!r}")
-    return value
+# TrainConfig fields that change memory, shown with train's flag names and defaults.
+_TRAIN_OPTIONS = ("quant", "double_quant", "blocksize", "rank", "target_modules", "seq_len", "batch_size",
+                  "gradient_checkpointing", "optim", "chunked_ce", "method", "precompute_ref")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from ...model.estimate import KNOWN_SHAPES, METHODS, OPTIMIZERS, QUANT_TYPES
+    from dataclasses import fields
 
-    parser.add_argument("--model", required=True,
-                        help=f"model directory or config.json, a hub id, or a known shape: {', '.join(KNOWN_SHAPES)}")
-    parser.add_argument("--quant", choices=QUANT_TYPES, default="nf4", help="4-bit data type of the base (default nf4)")
-    parser.add_argument("--double-quant", action=argparse.BooleanOptionalAction, default=True,
-                        help="quantize the block constants to 8 bits (default on)")
-    parser.add_argument("--blocksize", type=_positive_int, default=64, help="weights per absmax block (default 64)")
-    parser.add_argument("--rank", type=_positive_int, default=16, help="LoRA rank (default 16)")
-    parser.add_argument("--target-modules", default=None,
-                        help="comma-separated linear names to adapt, e.g. q_proj,v_proj (default: all linear layers)")
-    parser.add_argument("--seq-len", type=_positive_int, default=2048, help="tokens per sequence (default 2048)")
-    parser.add_argument("--batch-size", type=_positive_int, default=1, help="sequences per step (default 1)")
-    parser.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=True,
-                        help="recompute each layer in the backward pass (default on)")
-    parser.add_argument("--optim", choices=OPTIMIZERS, default="paged_adamw_32bit",
-                        help="optimizer (default paged_adamw_32bit)")
-    parser.add_argument("--method", choices=METHODS, default="sft",
-                        help="training objective: dpo and orpo run each pair's chosen and rejected answers "
-                             "(--batch-size pairs = twice the sequences); dpo adds its reference pass (default sft)")
-    parser.add_argument("--precompute-ref", action="store_true",
-                        help="dpo: reference log-probs computed once before training (no reference model kept)")
-    parser.add_argument("--gpu-memory", type=_gib, default=None, help="GPU memory in GiB to check the totals against")
+    from ...model.estimate import KNOWN_SHAPES, OPTIMIZERS
+    from ...option_range import POSITIVE
+    from ...quant import BLOCKSIZES
+    from ...train.config import TrainConfig, field_type
+    from ..options import number
+
+    where = f"model directory or config.json, a hub id, or a known shape: {', '.join(KNOWN_SHAPES)}"
+    parser.add_argument("model_arg", nargs="?", metavar="MODEL", help=where)
+    parser.add_argument("--model", help="the same as MODEL (as qlora train spells it)")
+    by_name = {f.name: f for f in fields(TrainConfig)}
+    for name in _TRAIN_OPTIONS:
+        f = by_name[name]
+        flag = "--" + name.replace("_", "-")
+        help_text = f.metadata["help"]
+        if field_type(f) is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=help_text)
+        elif name == "blocksize":
+            parser.add_argument(flag, type=int, choices=BLOCKSIZES, default=f.default, help="weights per absmax block")
+        elif name == "optim":
+            parser.add_argument(flag, choices=OPTIMIZERS, default=f.default, help=help_text)
+        elif field_type(f) is int:
+            parser.add_argument(flag, type=number(int, f.metadata["range"]), default=f.default, help=help_text)
+        else:
+            parser.add_argument(flag, choices=f.metadata["choices"], default=f.default, help=help_text)
+    parser.add_argument("--gpu-memory", type=number(float, POSITIVE), default=None,
+                        help="GPU memory in GiB to check the totals against")
 
 
 def run(args: argparse.Namespace) -> int:
     from ...model.estimate import TrainingOptions, estimate, format_table, load_config
 
+    if args.model_arg and args.model and args.model_arg != args.model:
+        raise UsageError(f"two models given: {args.model_arg} and --model {args.model}; give one")
+    model = args.model_arg or args.model
+    if not model:
+        raise UsageError("give the model: qlora estimate MODEL (a folder, a config.json, a hub id or a known shape)")
     targets = None
-    if args.target_modules is not None:
+    if args.target_modules.strip() != "all-linear":
         targets = tuple(t.strip() for t in args.target_modules.split(",") if t.strip())
         if not targets:
             raise UsageError("--target-modules is empty; give comma-separated linear layer names such as q_proj,v_proj.")
     opts = TrainingOptions(
         quant=args.quant, double_quant=args.double_quant, blocksize=args.blocksize, rank=args.rank,
         target_modules=targets, seq_len=args.seq_len, batch_size=args.batch_size,
-        gradient_checkpointing=args.gradient_checkpointing, optim=args.optim, method=args.method,
-        precompute_ref=args.precompute_ref,
+        gradient_checkpointing=args.gradient_checkpointing, optim=args.optim, chunked_ce=args.chunked_ce,
+        method=args.method, precompute_ref=args.precompute_ref,
     )
-    config = load_config(args.model)
+    config = load_config(model)
     unit = "" if opts.method == "sft" else f" pairs ({opts.method.upper()})"
-    print(f"{args.model}: seq {opts.seq_len} x batch {opts.batch_size}{unit}, {opts.quant}"
+    print(f"{model}: seq {opts.seq_len} x batch {opts.batch_size}{unit}, {opts.quant}"
           f"{' + double quant' if opts.double_quant and opts.quant != 'none' else ''}, block {opts.blocksize}, "
-          f"LoRA r={opts.rank}\n")
+          f"LoRA r={opts.rank}, checkpointing {'on' if opts.gradient_checkpointing else 'off'}, {opts.optim}"
+          f"{', chunked loss' if opts.chunked_ce else ''}\n")
     print(format_table(estimate(config, opts), args.gpu_memory))
     return 0

@@ -14,20 +14,24 @@ HELP = "loss and perplexity of a model (+ adapter) on a dataset"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from ...option_range import Range
+    from ..options import number, positive_int
+
     parser.add_argument("--model", required=True, help="base model folder or hub id")
     parser.add_argument("--adapter", default=None, help="a PEFT-format adapter folder (e.g. a qlora train output)")
     parser.add_argument("--data", required=True, help="evaluation data: a .jsonl/.json/.csv/.parquet/.arrow/.txt file, "
                         "a save_to_disk folder, or a hub dataset name")
     parser.add_argument("--data-split", default="test", help="split of a hub dataset or DatasetDict folder (default test)")
     parser.add_argument("--data-subset", default=None, help="subset (configuration) of a hub dataset")
-    parser.add_argument("--format", default="auto", choices=("auto", "alpaca", "chat", "sharegpt", "text"))
+    parser.add_argument("--format", default="auto", choices=("auto", "alpaca", "chat", "sharegpt", "text"),
+                        help="data format")
     parser.add_argument("--template", default="auto", choices=("auto", "tokenizer", "chatml", "llama-3", "alpaca"),
                         help="chat format: auto = the one --adapter was trained with (chat_format.json), else the "
                              "model's own, else chatml")
     parser.add_argument("--train-on", default="assistant", choices=("assistant", "all"), help="tokens that count")
     parser.add_argument("--quant", default="nf4", choices=("nf4", "fp4", "none"), help="base data type (default nf4)")
-    parser.add_argument("--seq-len", type=int, default=512, help="truncate examples to this many tokens")
-    parser.add_argument("--batch-size", type=int, default=4, help="examples per forward pass")
+    parser.add_argument("--seq-len", type=number(int, Range(2)), default=512, help="truncate examples to this many tokens")
+    parser.add_argument("--batch-size", type=positive_int, default=4, help="examples per forward pass")
 
 
 def run(args: argparse.Namespace) -> int:

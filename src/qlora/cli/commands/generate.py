@@ -20,6 +20,7 @@ HELP = "stream a model's continuation of a prompt, with sampling options"
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     """--model, --adapter, --quant and the sampling options of ``SamplingOptions``."""
     from ...infer.generate import SamplingOptions
+    from ..options import number
 
     parser.add_argument("--model", required=True, help="model folder (transformers checkpoint) or hub id")
     parser.add_argument("--adapter", action="append", default=[], metavar="[NAME=]DIR",
@@ -38,7 +39,8 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
                         help="dtype of the matmuls and unquantized weights")
     for f in dataclasses.fields(SamplingOptions):
         kind = int if f.name in ("max_new_tokens", "top_k", "seed") else float
-        parser.add_argument(f"--{f.name.replace('_', '-')}", type=kind, default=f.default, help=f.metadata["help"])
+        parser.add_argument(f"--{f.name.replace('_', '-')}", type=number(kind, f.metadata["range"]), default=f.default,
+                            help=f.metadata["help"])
 
 
 def sampling_options(args: argparse.Namespace):
@@ -59,12 +61,14 @@ def load_model_from_args(args: argparse.Namespace):
 
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.compute_dtype]
     quant = None if args.quant == "none" else args.quant
+    names = adapter_names(args)  # options are checked before the (slow) model load
+    weights = _weights(args) if getattr(args, "adapter_weights", None) else None  # generate/chat only
     model, tokenizer = load_model(args.model, quant=quant, compute_dtype=dtype)
     apply_cpu_threads(model, next(model.parameters()).device)
-    for name, path in adapter_names(args).items():
+    for name, path in names.items():
         load_adapter(model, path, adapter_name=name)
-    if getattr(args, "adapter_weights", None):  # generate/chat only
-        set_adapters(model, dict(zip(adapter_names(args), _weights(args))))
+    if weights is not None:
+        set_adapters(model, dict(zip(names, weights)))
     return model.eval(), tokenizer
 
 
@@ -108,8 +112,14 @@ def adapter_names(args: argparse.Namespace) -> dict[str, str]:
 
 
 def _weights(args: argparse.Namespace) -> list[float]:
+    import math
+
+    from ...errors import UsageError
+
     try:
         weights = [float(w) for w in args.adapter_weights.split(",")]
+        if not all(math.isfinite(w) for w in weights):
+            raise ValueError
     except ValueError:
         raise UsageError(f"--adapter-weights must be comma-separated numbers, got {args.adapter_weights!r}") from None
     if len(weights) != len(args.adapter):
@@ -127,22 +137,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ...infer.generate import generate_per_adapter, stream_text
-
     from ...infer.messages import Message
     from ...infer.template import render_chat, stop_token_ids
 
+    options = sampling_options(args)  # checked before the (slow) model load
     model, tokenizer = load_model_from_args(args)
     fmt = chat_format_from_args(args, tokenizer, "generate")
     prompt = args.prompt if fmt is None else render_chat(tokenizer, [Message("user", args.prompt)], chat_format=fmt)
     if len(args.adapter) > 1 and not args.adapter_weights:
         # One batch, one row per adapter: the base is read once per step for all of them.
         names = list(adapter_names(args))
-        for name, text in zip(names, generate_per_adapter(model, tokenizer, prompt, names,
-                                                          sampling_options(args))):
+        for name, text in zip(names, generate_per_adapter(model, tokenizer, prompt, names, options)):
             sys.stdout.write(f"[{name}] {text}\n")
         return 0
     stops = None if fmt is None else stop_token_ids(model, tokenizer)
-    for piece in stream_text(model, tokenizer, prompt, sampling_options(args), stops):
+    for piece in stream_text(model, tokenizer, prompt, options, stops):
         sys.stdout.write(piece)
         sys.stdout.flush()
     sys.stdout.write("\n")

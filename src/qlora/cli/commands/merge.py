@@ -8,9 +8,6 @@ training-time model (merging into the original 16-bit weights would not).
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
-
-from ...errors import UsageError
 
 NAME = "merge"
 HELP = "fold an adapter into its base: a standard 16-bit HF checkpoint"
@@ -25,7 +22,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quant", default="nf4", choices=("nf4", "fp4", "none"),
                         help="the base data type used in training (default nf4; none = merge into 16-bit weights)")
     parser.add_argument("--dtype", default="bfloat16", choices=_DTYPES, help="dtype of the merged weights")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing --output")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace qlora's earlier results in an existing --output (only files qlora wrote)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -35,14 +33,16 @@ def run(args: argparse.Namespace) -> int:
     from ...model.load import load_model
     from ...model.merge import merge, save_merged
 
-    if Path(args.output).exists() and not args.overwrite:
-        raise UsageError(f"output directory {args.output} already exists; pass --overwrite to replace it")
+    from ...output_folder import check_output, staged_output
+
+    check_output(args.output, overwrite=args.overwrite, inputs={"--model": args.model, "--adapter": args.adapter})
     dtype = getattr(torch, args.dtype)
     model, tokenizer = load_model(args.model, quant=None if args.quant == "none" else args.quant,
                                   compute_dtype=dtype, device="cpu")
     load_adapter(model, args.adapter)
     merge(model, into="dequantized", dtype=dtype)
     model.to(dtype)
-    save_merged(model, args.output, tokenizer)
+    with staged_output(args.output, "merge", replace=True) as stage:
+        save_merged(model, stage, tokenizer)
     print(f"merged {args.adapter} into {args.model} ({args.dtype}): {args.output}")
     return 0

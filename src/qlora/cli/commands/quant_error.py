@@ -5,23 +5,22 @@ from __future__ import annotations
 
 import argparse
 
-from ...errors import UsageError
 from ...quant import BLOCKSIZES
 from ...quant.error_report import quant_error_report
+from ...option_range import Range
+from ..options import non_negative_int, number
 
 NAME = "quant-error"
 HELP = "quantization error of NF4/FP4/INT4 and bits per parameter"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--numel", type=int, default=1 << 20, help="weights drawn per distribution (default 2^20)")
+    parser.add_argument("--numel", type=number(int, Range(2)), default=1 << 20, help="weights drawn per distribution")
     parser.add_argument("--blocksize", type=int, default=64, choices=BLOCKSIZES, help="absmax block size (default 64)")
-    parser.add_argument("--seed", type=int, default=0, help="random seed of the weights (default 0)")
+    parser.add_argument("--seed", type=non_negative_int, default=0, help="random seed of the weights")
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.numel < 2:
-        raise UsageError(f"--numel must be at least 2, got {args.numel}")
     rows = quant_error_report(args.numel, args.blocksize, args.seed)
     print(f"Round trip of {args.numel} weights per distribution, block size {args.blocksize}, seed {args.seed}.")
     print("Errors without double quantization, then with it (DQ); bits per parameter include the constants.\n")

@@ -7,9 +7,8 @@ without it, and skips quantize-on-load the next time.
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
-from ...errors import UsageError
+from ...quant import BLOCKSIZES
 
 NAME = "quantize"
 HELP = "write a bitsandbytes-format 4-bit checkpoint"
@@ -21,8 +20,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quant", default="nf4", choices=("nf4", "fp4"), help="4-bit data type (default nf4)")
     parser.add_argument("--double-quant", action=argparse.BooleanOptionalAction, default=True,
                         help="quantize the block constants to 8 bits (default on)")
-    parser.add_argument("--blocksize", type=int, default=64, help="weights per absmax block (default 64)")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing --output")
+    parser.add_argument("--blocksize", type=int, default=64, choices=BLOCKSIZES, help="weights per absmax block")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace qlora's earlier results in an existing --output (only files qlora wrote)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -31,10 +31,12 @@ def run(args: argparse.Namespace) -> int:
     from ...model.load import load_model
     from ...model.quantized_io import save_quantized
 
-    if Path(args.output).exists() and not args.overwrite:
-        raise UsageError(f"output directory {args.output} already exists; pass --overwrite to replace it")
+    from ...output_folder import check_output, staged_output
+
+    check_output(args.output, overwrite=args.overwrite, inputs={"--model": args.model})
     model, tokenizer = load_model(args.model, quant=args.quant, double_quant=args.double_quant,
                                   blocksize=args.blocksize, compute_dtype=torch.bfloat16, device="cpu")
-    save_quantized(model, args.output, tokenizer)
+    with staged_output(args.output, "quantize", replace=True) as stage:
+        save_quantized(model, stage, tokenizer)
     print(f"wrote {args.quant} checkpoint of {args.model} to {args.output}")
     return 0

@@ -19,13 +19,15 @@ HELP = "QLoRA-fine-tune a model on a dataset (YAML config and/or flags)"
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from ...train.config import TrainConfig, field_type
+    from ..options import positive_int
 
     parser.add_argument("config_file", nargs="?", metavar="CONFIG.yaml", help="options as a YAML mapping")
-    parser.add_argument("--nproc", type=int, default=1, metavar="N",
+    parser.add_argument("--nproc", type=positive_int, default=1, metavar="N",
                         help="processes on this machine, launched by torchrun (data parallel; add --fsdp to shard)")
     for f in fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
-        help_text = f"{f.metadata['help']} (default: {f.default})"
+        allowed = f.metadata["range"]
+        help_text = f"{f.metadata['help']} ({allowed.text + '; ' if allowed else ''}default: {f.default})"
         if field_type(f) is bool:
             parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction,
                                 default=argparse.SUPPRESS, help=help_text)

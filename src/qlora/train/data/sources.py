@@ -63,7 +63,12 @@ def load_records(source: str | Path, split: str = "train", subset: str | None = 
                 f"{path}: unknown data format {path.suffix or '(no suffix)'!r}. Give a file ending in "
                 f"{', '.join(LOCAL_SUFFIXES)}, a folder written by save_to_disk, or a hub dataset name."
             )
-        records = reader(path)
+        try:
+            records = reader(path)
+        except UnicodeDecodeError as exc:
+            raise UsageError(f"{path} line {_line_of_byte(path, exc)}: not UTF-8 text ({exc.reason} at byte "
+                             f"{exc.object[exc.start]:#04x}). Save the file as UTF-8 (e.g. iconv -f latin1 "
+                             "-t utf-8).") from None
     elif path.is_dir():
         records = _read_folder(path, split, subset)
     elif path.suffix.lower() in LOCAL_SUFFIXES or path.exists() or str(source).startswith((".", "/", "~")):
@@ -73,6 +78,16 @@ def load_records(source: str | Path, split: str = "train", subset: str | None = 
     if not records:
         raise UsageError(f"{source}: the dataset is empty; it needs at least one example.")
     return records
+
+
+def _line_of_byte(path: Path, exc: UnicodeDecodeError) -> int:
+    """The line of the first byte that is not UTF-8 (the decoder's offsets are per chunk, not per file)."""
+    for line_no, line in enumerate(path.read_bytes().split(b"\n"), start=1):
+        try:
+            line.decode("utf-8")
+        except UnicodeDecodeError:
+            return line_no
+    return 1
 
 
 def _read_jsonl(path: Path) -> list[Record]:

@@ -1,0 +1,62 @@
+"""Checked option types for the ``qlora`` commands, declared with the options.
+
+Every numeric flag is declared with :func:`number` as its argparse ``type``, so
+``--batch-size 0`` or ``--top-p 2`` is refused when the command line is read
+(exit 2, one line naming the flag and the allowed range), before anything
+loads. :class:`HelpFormatter` shows the default, the choices and the range of
+every option in ``--help``.
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Callable
+
+from ..option_range import AT_LEAST_1, NON_NEGATIVE, POSITIVE, Range
+
+
+def number(kind: type = int, allowed: Range = Range()) -> Callable[[str], float]:
+    """An argparse type: a finite ``kind`` (int or float) within ``allowed``."""
+
+    def parse(value: str):
+        try:
+            parsed = kind(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'} "
+                                             f"{allowed.text}, got {value!r}") from None
+        if parsed not in allowed:
+            raise argparse.ArgumentTypeError(f"must be {allowed.text}, got {value}")
+        return parsed
+
+    parse.__name__ = kind.__name__  # argparse names the type in its messages
+    parse.allowed = allowed
+    return parse
+
+
+positive_int = number(int, AT_LEAST_1)
+non_negative_int = number(int, NON_NEGATIVE)
+positive_float = number(float, POSITIVE)
+non_negative_float = number(float, NON_NEGATIVE)
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """Adds the allowed values or range and the default to every option's help line."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        extra = []
+        if action.choices and "one of" not in text:
+            extra.append("one of " + ", ".join(map(str, action.choices)))
+        allowed = getattr(action.type, "allowed", None)
+        if allowed is not None and allowed.text not in text and allowed.text != "finite":
+            extra.append(allowed.text)
+        default = action.default
+        if "default" in text or default is None or default == argparse.SUPPRESS or action.required:
+            pass
+        elif isinstance(action, argparse.BooleanOptionalAction):
+            extra.append(f"default: {'on' if default else 'off'}")
+        elif default is not False and default != [] and action.option_strings:
+            extra.append(f"default: {default}")
+        if extra:
+            text = f"{text} ({'; '.join(extra)})" if text else "; ".join(extra)
+        return text if "%(" in text else text.replace("%", "%%")

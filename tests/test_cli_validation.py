@@ -1,0 +1,147 @@
+"""Bad options and inputs: one line naming the option, exit 2, no traceback, nothing loaded.
+
+Every numeric option of every command is checked against its declared range
+(a sweep over all commands' parsers, not a list of known flags), and the
+cases users hit: non-UTF-8 data, a misspelled target module beside a valid
+one, an adapter loaded onto another base with equal shapes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+
+import pytest
+import torch
+
+import qlora
+from qlora.cli.main import COMMANDS, build_parser, main
+from qlora.errors import UsageError
+from qlora.train.config import TrainConfig
+
+
+def _run(argv, capsys) -> tuple[int, str]:
+    try:
+        code = main(argv)
+    except SystemExit as exc:  # argparse
+        code = exc.code
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    return code, err
+
+
+@pytest.mark.parametrize("argv, flag", [
+    (["eval", "--model", "m", "--data", "d.jsonl", "--batch-size", "0"], "--batch-size"),
+    (["eval", "--model", "m", "--data", "d.jsonl", "--seq-len", "-3"], "--seq-len"),
+    (["train", "--model", "m", "--data", "d", "--output", "o", "--blocksize", "7"], "--blocksize"),
+    (["train", "--model", "m", "--data", "d", "--output", "o", "--blocksize", "0"], "--blocksize"),
+    (["quantize", "--model", "m", "--output", "o", "--blocksize", "7"], "--blocksize"),
+    (["estimate", "llama-3-8b", "--blocksize", "7"], "--blocksize"),
+    (["generate", "--model", "m", "--prompt", "p", "--max-new-tokens", "-1"], "--max-new-tokens"),
+    (["generate", "--model", "m", "--prompt", "p", "--temperature", "-1"], "--temperature"),
+    (["generate", "--model", "m", "--prompt", "p", "--top-p", "2"], "--top-p"),
+    (["generate", "--model", "m", "--prompt", "p", "--top-p", "nan"], "--top-p"),
+    (["generate", "--model", "m", "--prompt", "p", "--top-k", "-2"], "--top-k"),
+    (["generate", "--model", "m", "--prompt", "p", "--adapter", "a", "--adapter-weights", "inf"], "--adapter-weights"),
+    (["chat", "--model", "m", "--k", "0"], "--k"),
+    (["train", "--model", "m", "--data", "d", "--output", "o", "--alpha", "-5"], "--alpha"),
+    (["train", "--model", "m", "--data", "d", "--output", "o", "--logging-steps", "0"], "--logging-steps"),
+    (["train", "--model", "m", "--data", "d", "--output", "o", "--weight-decay", "-0.1"], "--weight-decay"),
+    (["train", "--model", "m", "--data", "d", "--output", "o", "--lr", "nan"], "--lr"),
+    (["train", "--model", "m", "--data", "d", "--output", "o", "--seed", "-1"], "--seed"),
+    (["train", "--model", "m", "--data", "d", "--output", "o", "--nproc", "0"], "--nproc"),
+    (["demo", "--steps", "0"], "--steps"),
+    (["quant-error", "--numel", "1"], "--numel"),
+])
+def test_out_of_range_options_exit_2_naming_the_option(argv, flag, capsys):
+    code, err = _run(argv, capsys)
+    assert code == 2 and flag in err, err
+
+
+def _numeric_options():
+    """Every int/float option of every command, with its parser action."""
+    for command in COMMANDS:
+        sub = next(a for a in build_parser(command)._actions if isinstance(a, argparse._SubParsersAction))
+        for action in sub.choices[command]._actions:
+            if action.option_strings and action.type is not None and action.type not in (str,):
+                yield command, action
+
+
+def test_every_numeric_option_of_every_command_declares_a_range():
+    seen = list(_numeric_options())
+    assert len(seen) > 15
+    for command, action in seen:
+        if action.choices:  # e.g. --blocksize: one of the listed values
+            continue
+        assert hasattr(action.type, "allowed"), f"qlora {command} {action.option_strings[0]} has no checked range"
+        with pytest.raises(argparse.ArgumentTypeError):
+            action.type("nan")
+    ranged = [f for f in TrainConfig.__dataclass_fields__.values() if f.type in ("int", "float")]
+    unchecked = [f.name for f in ranged if f.metadata["range"] is None and f.name != "blocksize"]
+    assert not unchecked, f"TrainConfig numeric fields without a range: {unchecked}"
+
+
+def test_help_shows_choices_ranges_and_defaults(capsys):
+    for argv, expected in ((["train", "--help"], ["one of cosine, linear, constant", "at least 1; default: 16",
+                                                  "default: paged_adamw_32bit", "in [0, 1)"]),
+                           (["generate", "--help"], ["in (0, 1]", "default: 0.9", "default: 0"]),
+                           (["eval", "--help"], ["one of auto, alpaca", "default: 4"])):
+        with pytest.raises(SystemExit):
+            main(argv)
+        out = " ".join(capsys.readouterr().out.split())
+        for text in expected:
+            assert text in out, (argv, text)
+
+
+def test_non_utf8_data_names_the_line(tmp_path, tiny_model_dir, capsys):
+    data = tmp_path / "latin1.jsonl"
+    data.write_bytes('{"text": "ok"}\n{"text": "café"}\n'.encode("latin-1"))
+    for argv in (["train", "--model", str(tiny_model_dir), "--data", str(data), "--output", str(tmp_path / "o")],
+                 ["eval", "--model", str(tiny_model_dir), "--data", str(data)]):
+        code, err = _run(argv, capsys)
+        assert code == 2 and "latin1.jsonl line 2" in err and "UTF-8" in err
+
+
+def test_misspelled_target_module_next_to_a_valid_one_is_an_error(tiny_model_dir):
+    model, _ = qlora.load_model(tiny_model_dir, compute_dtype=torch.float32, device="cpu")
+    with pytest.raises(UsageError) as info:
+        qlora.add_lora(model, r=4, target_modules=["q_proj", "v_porj"])
+    message = str(info.value)
+    assert "'v_porj'" in message and "did you mean v_proj" in message and "q_proj" in message
+    assert not any("lora" in n for n, _ in model.named_modules())  # nothing half-added
+    qlora.add_lora(model, r=4, target_modules=["q_proj", "v_proj"])  # the valid spelling works
+
+
+def test_an_adapter_for_another_base_with_equal_shapes_warns(tmp_path, tiny_model_dir, tiny_tokenizer, caplog,
+                                                             monkeypatch):
+    import shutil
+
+    from qlora.model.tiny import build_tiny_model
+
+    model, _ = qlora.load_model(tiny_model_dir, compute_dtype=torch.float32, device="cpu")
+    qlora.add_lora(model, r=4)
+    adapter = qlora.save_adapter(model, tmp_path / "a")
+    saved = json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"]
+    assert saved == str(tiny_model_dir.resolve())  # absolute, so it still names the model from anywhere
+
+    other = build_tiny_model(tmp_path / "other", tokenizer=tiny_tokenizer, arch="llama", seed=123)  # same shapes
+    copy = shutil.copytree(tiny_model_dir, tmp_path / "copy")
+    monkeypatch.chdir(tiny_model_dir.parent)
+    for base, warns in ((other, True), (copy, False), (tiny_model_dir.name, False)):
+        fresh, _ = qlora.load_model(base, compute_dtype=torch.float32, device="cpu")
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="qlora"):
+            qlora.load_adapter(fresh, adapter)
+        assert ("was trained on the base model" in caplog.text) == warns, (base, caplog.text)
+
+
+def test_sampling_options_are_checked_in_python_too():
+    from qlora.infer.generate import SamplingOptions
+
+    for bad in ({"top_p": 0.0}, {"temperature": math.inf}, {"max_new_tokens": 0}):
+        with pytest.raises(UsageError):
+            SamplingOptions(**bad)
+    with pytest.raises(UsageError, match="--alpha must be positive"):
+        TrainConfig(model="m", data="d", output="o", alpha=-5.0).validate()
