@@ -132,7 +132,7 @@ def test_cli_export_with_adapter_writes_gguf_and_modelfile(tmp_path, tiny_models
     out = tmp_path / "export"
     assert main(["export", "--model", str(tiny_models["llama"]), "--adapter", str(tmp_path / "adapter"),
                  "--output", str(out)]) == 0
-    assert sorted(p.name for p in out.iterdir()) == ["Modelfile", "model-f16.gguf"]
+    assert sorted(p.name for p in out.iterdir()) == [".qlora-output.json", "Modelfile", "model-f16.gguf"]
     with torch.no_grad():
         merged = merge(model, dtype=torch.float32)(IDS).logits
         back = AutoModelForCausalLM.from_pretrained(out, gguf_file="model-f16.gguf", dtype=torch.float32)(IDS).logits
@@ -141,12 +141,19 @@ def test_cli_export_with_adapter_writes_gguf_and_modelfile(tmp_path, tiny_models
     assert modelfile.startswith("FROM ./model-f16.gguf\n")
     assert 'PARAMETER stop "<|im_end|>"' in modelfile and "<|im_start|>assistant\n{{ end }}" in modelfile
     assert "model-f16.gguf" in capsys.readouterr().out
-    # an existing output folder is kept unless --overwrite
+    # an existing output folder is kept unless --overwrite, which replaces only qlora's own files
     assert main(["export", "--model", str(tiny_models["llama"]), "--output", str(out)]) == 2
     assert "already exists" in capsys.readouterr().err
+    (out / "notes.md").write_text("mine")
     assert main(["export", "--model", str(tiny_models["llama"]), "--output", str(out), "--overwrite",
                  "--type", "q8_0"]) == 0
-    assert sorted(p.name for p in out.iterdir()) == ["Modelfile", "model-q8_0.gguf"]
+    assert sorted(p.name for p in out.iterdir()) == [".qlora-output.json", "Modelfile", "model-q8_0.gguf", "notes.md"]
+    # never into (or around) the model it reads
+    model_files = sorted(p.name for p in tiny_models["llama"].iterdir())
+    assert main(["export", "--model", str(tiny_models["llama"]), "--output", str(tiny_models["llama"]),
+                 "--overwrite"]) == 2
+    assert "is the input of --model" in capsys.readouterr().err
+    assert sorted(p.name for p in tiny_models["llama"].iterdir()) == model_files
 
 
 def test_unsupported_architecture_is_refused_clearly(tmp_path, tiny_tokenizer, capsys):

@@ -203,9 +203,13 @@ def test_binary_search_codes_are_nearest(seed, signed):
     got = _codes_by_search(x, code).long()
     dist = (x.double()[:, None] - c64[None, :]).abs()
     expected = dist.argmin(dim=1)
-    tie_lower = torch.arange(255)[exact]
-    is_tie = torch.zeros(x.numel(), dtype=torch.bool)
-    is_tie[-2 - tie_lower.numel(): -2] = True
+    # The search compares in float32: a value equal to a float32 midpoint of two codes is a tie there (the
+    # appended exact midpoints, and any random value that lands on one), whichever code is nearer in exact
+    # arithmetic when the midpoint itself is not representable.
+    mids32 = (code[:-1] + code[1:]) / 2
+    on_mid = x[:, None] == mids32[None, :]
+    is_tie = on_mid.any(dim=1)
+    tie_lower = on_mid.float().argmax(dim=1)[is_tie]
     expected[is_tie] = tie_lower + tie_lower % 2  # the even index of (i, i + 1)
     assert is_tie.sum() > 50, "too few exact ties to test the tie rule"
     bad = got != expected

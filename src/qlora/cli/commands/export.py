@@ -35,24 +35,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="dtype the unquantized tensors are loaded in (default: fp32 for a 4-bit base, "
                              "the checkpoint's own dtype otherwise)")
     parser.add_argument("--name", help="model name stored in the file (default: the output folder's name)")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing --output folder")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace qlora's earlier results in an existing --output (only files qlora wrote)")
 
 
 def run(args: argparse.Namespace) -> int:
-    from ...atomic import atomic_dir
     from ...model.adapter_io import load_adapter
     from ...model.chat_format import ChatFormat
     from ...model.gguf_export import export_gguf, require_gguf
     from ...model.gguf_vocab import gguf_vocab
     from ...model.load import load_model, resolve_model_dir
     from ...model.modelfile import write_modelfile
+    from ...output_folder import check_output, staged_output
 
     require_gguf()
     out = Path(args.output)
-    if out.exists() and not args.overwrite:
-        raise UsageError(f"output folder {out} already exists; pass --overwrite to replace it")
     if out.suffix == ".gguf":
         raise UsageError(f"--output is a folder (it receives the .gguf file and a Modelfile), not {out.name}")
+    check_output(out, overwrite=args.overwrite, inputs={"--model": args.model, "--adapter": args.adapter})
     quant = args.quant or ("nf4" if args.adapter else "none")
     dtype = _load_dtype(args.compute_dtype, quant, resolve_model_dir(args.model))
     model, tokenizer = load_model(args.model, quant=None if quant == "none" else quant, compute_dtype=dtype,
@@ -64,8 +64,9 @@ def run(args: argparse.Namespace) -> int:
         if trained is not None:
             tokenizer.chat_template = trained.template
     gguf_name = f"model-{args.type}.gguf"
-    with atomic_dir(out) as tmp:
-        path = export_gguf(model, tokenizer, Path(tmp) / gguf_name, args.type, name=args.name or out.resolve().name)
+    with staged_output(out, "export", replace=True) as tmp:
+        tmp.mkdir(parents=True)
+        path = export_gguf(model, tokenizer, tmp / gguf_name, args.type, name=args.name or out.resolve().name)
         notes = write_modelfile(tmp, gguf_name, tokenizer, gguf_vocab(tokenizer, model.get_input_embeddings().weight.shape[0]).add_bos)
         size = path.stat().st_size
     for note in notes:

@@ -22,6 +22,9 @@ INSTALL_HINT = "FastAPI and uvicorn are not installed; install them with: pip in
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from ...option_range import Range
+    from ..options import number, positive_int
+
     parser.add_argument("--model", required=True, help="model folder (transformers checkpoint) or hub id")
     parser.add_argument("--adapter", action="append", default=[], metavar="[NAME=]DIR",
                         help="LoRA adapter directory (PEFT format), served as model id NAME (default: the folder "
@@ -35,13 +38,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "the format it was trained with), else the model's own template; or one format for all")
     parser.add_argument("--host", default="127.0.0.1",
                         help="address to listen on (default: loopback only; 0.0.0.0 exposes the server)")
-    parser.add_argument("--port", type=int, default=8000, help="TCP port (0: any free port)")
+    parser.add_argument("--port", type=number(int, Range(0, 65535)), default=8000, help="TCP port (0: any free port)")
     parser.add_argument("--api-key", default=os.environ.get("QLORA_API_KEY"),
                         help="require 'Authorization: Bearer KEY' on every request (default: $QLORA_API_KEY)")
     parser.add_argument("--served-model-name", help="model id of the base model (default: the model folder's name)")
-    parser.add_argument("--max-batch-size", type=int, default=32,
+    parser.add_argument("--max-batch-size", type=positive_int, default=32,
                         help="requests decoded together at most; more wait for a free row")
-    parser.add_argument("--max-model-len", type=int,
+    parser.add_argument("--max-model-len", type=number(int, Range(2)),
                         help="context length (prompt + reply) in tokens (default: the model's)")
     parser.add_argument("--log-level", choices=("critical", "error", "warning", "info", "debug"), default="info",
                         help="uvicorn's log level (info logs each request)")
@@ -75,8 +78,6 @@ def chat_formats(args: argparse.Namespace, tokenizer) -> dict:
 def run(args: argparse.Namespace) -> int:
     if importlib.util.find_spec("fastapi") is None or importlib.util.find_spec("uvicorn") is None:
         raise UsageError(INSTALL_HINT)
-    if args.max_batch_size < 1:
-        raise UsageError(f"--max-batch-size must be at least 1, got {args.max_batch_size}")
     from ...infer.batcher import ContinuousBatcher
     from ...serve.app import build_app
     from ...serve.server import LOOPBACK, bind, make_server
