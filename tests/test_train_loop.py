@@ -235,3 +235,22 @@ def test_chunked_loss_reproduces_the_plain_loss_and_is_refused_where_logits_diff
     t.setup()
     assert t.chunked_ce is False  # soft-capped logits are not hidden @ W^T
     t.cleanup()
+
+
+def test_model_with_nonfinite_logits_from_the_start_is_reported_not_crashed(tmp_path, tiny_model_dir, capsys):
+    """The chunked-loss check runs before the first step; a checkpoint whose logits are NaN from
+    the start (a NaN norm weight) must reach the first step's report, not crash the check."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_model_dir, broken)
+    weights = load_file(broken / "model.safetensors")
+    weights["model.norm.weight"] = torch.full_like(weights["model.norm.weight"], float("nan"))
+    save_file(weights, broken / "model.safetensors", metadata={"format": "pt"})
+    data = _write(tmp_path / "d.jsonl", FORMATS["alpaca"])
+    code, err = _run(["train", "--model", str(broken), "--data", str(data), "--output", str(tmp_path / "o"),
+                      "--max-steps", "2", "--no-progress", "--chunked-ce"], capsys)
+    assert code != 0 and "Traceback" not in err
+    assert "non-finite loss at step 1" in err and "model.norm" in err

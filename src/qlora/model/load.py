@@ -11,6 +11,7 @@ bitsandbytes' 4-bit format load their packed codes as they are.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from collections import defaultdict
 from pathlib import Path
@@ -105,22 +106,33 @@ def _set_tensor(model: nn.Module, key: str, value: torch.Tensor) -> None:
 
 
 def _materialize_buffers(model: nn.Module, device: torch.device) -> None:
-    """Non-persistent buffers (rotary frequencies...) are not in checkpoints:
-    allocate them and let the model's own initializer compute them. Loaded
-    parameters are flagged as initialized, which transformers' initializers
-    respect, so only the new buffers are written."""
-    for p in model.parameters():
-        p._is_hf_initialized = True
+    """Non-persistent buffers (rotary frequencies, Falcon-H1's muP vector...) are
+    not in checkpoints: allocate them and let the model's own initializers
+    compute them. Loaded tensors are flagged as initialized, which transformers'
+    guarded initializers (v5 ``transformers.initialization``) respect, so only
+    the new buffers are written; there the owners' ancestors run too, because
+    some models fill a layer's buffer from the model-level initializer. Older
+    transformers write unconditionally, so only the owning modules run there."""
+    for t in (*model.parameters(), *model.buffers()):
+        if not t.is_meta:
+            t._is_hf_initialized = True
+    owners: list[str] = []
     for name, module in model.named_modules():
         meta = [b for b, t in module._buffers.items() if t is not None and t.is_meta]
-        if not meta:
-            continue
         for b in meta:
             module._buffers[b] = torch.empty_like(module._buffers[b], device=device)
-        model._init_weights(module)
-        left = [b for b in meta if module._buffers[b] is not None and module._buffers[b].is_meta]
-        if left:
-            raise RuntimeError(f"buffers {left} of {name} could not be initialized")
+        if meta:
+            owners.append(name)
+    if not owners:
+        return
+    run = set(owners)
+    if importlib.util.find_spec("transformers.initialization") is not None:
+        for name in owners:
+            parts = name.split(".") if name else []
+            run.update(".".join(parts[:i]) for i in range(len(parts)))
+    modules = dict(model.named_modules())
+    for name in sorted(run, key=lambda n: -(n.count(".") + bool(n))):  # children before parents
+        model._init_weights(modules[name])
 
 
 def load_model(

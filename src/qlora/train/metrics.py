@@ -136,7 +136,8 @@ def plot_losses(records: list[dict[str, Any]], path: Path) -> None:
         low.legend(handles=handles, fontsize="small", loc="best")
     axes[-1, 0].set_xlabel("optimizer step")
     ax.grid(alpha=0.3)
-    ax.legend()
+    if ax.get_legend_handles_labels()[0]:  # a run stopped before its first log has nothing to label
+        ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

@@ -1,0 +1,51 @@
+"""qlora's streaming loader builds the same model as transformers' ``from_pretrained``
+across architectures beyond the tiny builder's: other attention layouts, Conv1D
+layers, fused QKV, hybrid attention/Mamba layers whose buffers are computed by
+a model-level initializer (Falcon-H1's muP vector)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from qlora.model.load import load_model
+from qlora.nn import Linear4bit
+
+ARCHS = ("falcon_h1", "olmo2", "cohere", "bloom", "opt", "phi", "starcoder2", "stablelm", "gpt_bigcode", "lfm2")
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory, tiny_tokenizer):
+    def build(arch: str):
+        d = tmp_path_factory.mktemp(arch)
+        config = AutoConfig.for_model(
+            arch, vocab_size=len(tiny_tokenizer), hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, intermediate_size=128, max_position_embeddings=256,
+            bos_token_id=tiny_tokenizer.bos_token_id, eos_token_id=tiny_tokenizer.eos_token_id,
+            pad_token_id=tiny_tokenizer.pad_token_id)
+        torch.manual_seed(0)
+        AutoModelForCausalLM.from_config(config).save_pretrained(d)
+        tiny_tokenizer.save_pretrained(d)
+        return d
+    return build
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_load_matches_transformers(arch, saved):
+    d = saved(arch)
+    ref = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).eval()
+    ours, _ = load_model(d, quant=None, compute_dtype=torch.float32, device="cpu")
+    ref_buffers = dict(ref.named_buffers())
+    for name, buf in ours.named_buffers():
+        assert torch.equal(buf, ref_buffers[name]), f"{arch}: buffer {name} differs from transformers'"
+    x = torch.randint(3, 200, (2, 12))
+    with torch.no_grad():
+        assert torch.equal(ours(x).logits, ref(x).logits)
+
+    q, _ = load_model(d, quant="nf4", compute_dtype=torch.float32, device="cpu")
+    assert any(isinstance(m, Linear4bit) for m in q.modules())
+    with torch.no_grad():
+        logits = q(x).logits
+    assert torch.isfinite(logits).all()
+    assert (logits - ref(x).logits).abs().max() < 0.5 * ref(x).logits.abs().max()
