@@ -49,3 +49,33 @@ def test_load_matches_transformers(arch, saved):
         logits = q(x).logits
     assert torch.isfinite(logits).all()
     assert (logits - ref(x).logits).abs().max() < 0.5 * ref(x).logits.abs().max()
+
+
+def test_layers_whose_weight_the_model_reads_stay_dense_and_round_trip(saved, tmp_path):
+    """Falcon-H1's Mamba mixer hands ``out_proj.weight`` to a fused kernel instead of calling
+    the layer: it stays 16-bit and outside all-linear, and the bitsandbytes-format checkpoint
+    says so, so transformers + bitsandbytes rebuilds the same model."""
+    pytest.importorskip("bitsandbytes")
+    from qlora.model.inject import add_lora
+    from qlora.model.quantize import kept_dense_names
+    from qlora.model.quantized_io import save_quantized
+
+    d = saved("falcon_h1")
+    model, tok = load_model(d, quant="nf4", compute_dtype=torch.float32, device="cpu")
+    dense = kept_dense_names(model)
+    assert {"model.layers.0.mamba.out_proj", "model.layers.1.mamba.out_proj", "lm_head"} <= dense
+    assert isinstance(model.model.layers[0].mamba.out_proj, torch.nn.Linear)
+    assert isinstance(model.model.layers[0].self_attn.o_proj, Linear4bit)
+    save_quantized(model, tmp_path / "q4", tok)
+    theirs = AutoModelForCausalLM.from_pretrained(tmp_path / "q4", device_map="cpu", dtype=torch.float32)
+    x = torch.randint(3, 200, (1, 10))
+    with torch.no_grad():
+        assert torch.allclose(model(x).logits, theirs(x).logits.float(), atol=1e-5)
+
+    add_lora(model, r=4)
+    model.train()
+    loss = model(x, labels=x).loss
+    loss.backward()
+    assert torch.isfinite(loss)
+    adapted = {n.rsplit(".", 1)[0] for n, p in model.named_parameters() if p.requires_grad}
+    assert not any(".mamba.out_proj" in n for n in adapted) and any("o_proj" in n for n in adapted)

@@ -23,7 +23,7 @@ from torch import nn
 from ..errors import UsageError
 from ..nn import Linear4bit
 from ..quant import NonFiniteError, QuantState
-from .quantize import _skipped, is_conv1d, output_embedding_names, replace_modules
+from .quantize import _skipped, is_conv1d, kept_dense_names, replace_modules
 
 def resolve_model_dir(name_or_path: str | Path) -> Path:
     """A local folder, or a hub id: downloaded when a hub is reachable, else from the local cache."""
@@ -189,7 +189,7 @@ def load_model(
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=compute_dtype, **kwargs)
 
-    skip = set(skip_modules) | output_embedding_names(model)
+    skip = set(skip_modules) | kept_dense_names(model)
 
     def make(path: str, module: nn.Module) -> nn.Module | None:
         if quant is None or not (isinstance(module, nn.Linear) or is_conv1d(module)) or _skipped(path, skip):

@@ -6,6 +6,8 @@ put in its place. No transformers code is patched.
 
 from __future__ import annotations
 
+import functools
+import inspect
 import re
 from typing import Callable, Iterable
 
@@ -30,6 +32,39 @@ def output_embedding_names(model: nn.Module) -> set[str]:
     get = getattr(model, "get_output_embeddings", None)
     head = get() if callable(get) else None
     return {name for name, m in model.named_modules() if head is not None and m is head}
+
+
+# ``self.<child>.weight`` used as a tensor (not only its dtype/device/shape).
+_WEIGHT_READ = re.compile(r"self\.(\w+)\.weight\b(?!\.(?:dtype|device|shape|is_meta)\b)")
+
+
+@functools.lru_cache(maxsize=None)
+def _children_read_as_tensors(cls: type) -> frozenset[str]:
+    """Attribute names whose ``.weight`` a module class's own methods (not its
+    initializers) hand to other code: a fused Mamba kernel, ``weight @ x``."""
+    names: set[str] = set()
+    for attr, fn in vars(cls).items():
+        if not inspect.isfunction(fn) or attr == "__init__" or attr.lstrip("_").startswith("init"):
+            continue
+        try:
+            names.update(_WEIGHT_READ.findall(inspect.getsource(fn)))
+        except (OSError, TypeError):
+            continue
+    return frozenset(names)
+
+
+def kept_dense_names(model: nn.Module) -> set[str]:
+    """Linear layers that stay 16-bit and outside ``all-linear``: the output head,
+    and layers whose weight the model's code reads directly instead of calling
+    the layer (Mamba mixers' ``out_proj``/``dt_proj``), where a packed 4-bit
+    weight or a LoRA wrapper would be read as if it were the dense matrix."""
+    kept = set(output_embedding_names(model))
+    for path, module in model.named_modules():
+        for child in _children_read_as_tensors(type(module)):
+            sub = module._modules.get(child)
+            if sub is not None and is_linear_like(sub):
+                kept.add(f"{path}.{child}" if path else child)
+    return kept
 
 
 def replace_modules(model: nn.Module, make: Callable[[str, nn.Module], nn.Module | None]) -> list[str]:
@@ -68,9 +103,9 @@ def quantize_model(
     """Quantize every linear layer of an in-memory model in place.
 
     The output head and modules matching ``skip_modules`` (by name or regex)
-    stay dense. Returns the quantized module paths.
+    stay dense, as do layers in :func:`kept_dense_names`. Returns the quantized module paths.
     """
-    skip = set(skip_modules) | output_embedding_names(model)
+    skip = set(skip_modules) | kept_dense_names(model)
 
     def make(path: str, module: nn.Module) -> nn.Module | None:
         if not (isinstance(module, nn.Linear) or is_conv1d(module)) or _skipped(path, skip):

@@ -52,8 +52,13 @@ def save_quantized(model: nn.Module, out_dir: str | Path, tokenizer=None) -> Pat
         raise ValueError("the model has no 4-bit layers to save; load it with quant='nf4' or 'fp4'")
     first = q[0]
     quantized_paths = {n.replace(".base_layer", "") for n, m in model.named_modules() if isinstance(m, Linear4bit)}
-    skipped = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules()
-                      if isinstance(m, nn.Linear) and n not in quantized_paths and ".lora_" not in n})
+    dense = [n.replace(".base_layer", "") for n, m in model.named_modules()
+             if isinstance(m, nn.Linear) and ".lora_" not in n]
+    dense = [n for n in dense if n not in quantized_paths]
+    # Loaders match these as name suffixes: a leaf name is enough unless a quantized layer shares it
+    # (Falcon-H1's dense mamba.out_proj beside quantized ones elsewhere), then full paths.
+    quantized_leaves = {n.rsplit(".", 1)[-1] for n in quantized_paths}
+    skipped = sorted({n if n.rsplit(".", 1)[-1] in quantized_leaves else n.rsplit(".", 1)[-1] for n in dense})
     config = model.config.to_dict()
     config["quantization_config"] = {
         "quant_method": "bitsandbytes", "load_in_4bit": True, "load_in_8bit": False,
