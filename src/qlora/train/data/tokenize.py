@@ -24,8 +24,9 @@ The rules (issues 11 and 20), each one a silent fine-tune killer elsewhere:
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 from qlora.errors import UsageError
 from qlora.model.chat_format import END_OF_TURN_TOKENS, ChatFormat, stop_token_ids
@@ -105,9 +106,16 @@ def tokenize_example(
     fmt = chat_template if isinstance(chat_template, ChatFormat) else ChatFormat(chat_template)
     stops = set(stop_ids) if stop_ids is not None else stop_token_ids(tokenizer)
     if example.messages is None:
-        ids = list(tokenizer(example.text)["input_ids"])  # the tokenizer's own BOS setting, as for a raw prompt
+        ids = list(tokenizer(_raw_text(example))["input_ids"])  # the tokenizer's own BOS setting, as for a raw prompt
         mask = [True] * len(ids)
+        if example.prompt is not None and train_on != "all":  # TRL: the completion starts where the ids diverge
+            prompt_len = _common_prefix(list(tokenizer(example.prompt)["input_ids"]), ids)
+            mask = [False] * prompt_len + [True] * (len(ids) - prompt_len)
         needs_eos = not ids or ids[-1] != tokenizer.eos_token_id
+    elif example.prompt_turns is not None:
+        ids, mask, needs_eos = _prompt_completion_ids_and_mask(example, tokenizer, fmt, stops)
+        if train_on == "all":
+            mask = [True] * len(ids)
     else:
         ids, mask, needs_eos = _chat_ids_and_mask(example, tokenizer, fmt, stops)
         if train_on == "all":
@@ -167,17 +175,19 @@ def _chat_ids_and_mask(example: Example, tokenizer, fmt: ChatFormat, stops: set[
     if not getattr(tokenizer, "is_fast", False):
         raise UsageError("qlora needs a fast (Rust) tokenizer to locate assistant tokens by character offsets; "
                          "save the model's tokenizer with tokenizer.json (transformers converts most slow ones).")
-    messages = fmt.messages(example.messages)
-    text = fmt.render(tokenizer, messages, where=example.where)
+    messages = fmt.messages(for_template(example.messages, fmt.template))
+    extra = _template_kwargs(example)
+    text = fmt.render(tokenizer, messages, where=example.where, **extra)
     encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)  # = apply_chat_template's ids
     ids, offsets = list(encoded["input_ids"]), [tuple(o) for o in encoded["offset_mapping"]]
     if has_generation_markers(fmt.template):
         marked = fmt.render(tokenizer, messages, where=example.where, tokenize=True, return_dict=True,
-                            return_assistant_tokens_mask=True)
+                            return_assistant_tokens_mask=True, **extra)
         runs = [_trim_after_stop(ids, run, stops) for run in _runs([bool(m) for m in marked["assistant_masks"]])]
         char_ends = [offsets[end - 1][1] for _, end in runs]
     else:
-        spans = _assistant_spans(text, messages, fmt, example.where)
+        turn = lambda i: _rendered_turn(tokenizer, fmt, messages, i, example.where, extra)  # noqa: E731
+        spans = _assistant_spans(text, messages, fmt, example.where, turn)
         runs = [_tokens_covering(offsets, s, e) for s, e in spans]
         char_ends = [e for _, e in spans]
     mask = [False] * len(ids)
@@ -187,6 +197,65 @@ def _chat_ids_and_mask(example: Example, tokenizer, fmt: ChatFormat, stops: set[
         mask[start:end] = [True] * (end - start)
     final_is_assistant = bool(messages) and messages[-1].get("role") == "assistant" and bool(runs)
     return ids, mask, final_is_assistant and not last_end_has_stop
+
+
+def _prompt_completion_ids_and_mask(example: Example, tokenizer, fmt: ChatFormat, stops: set[int]):
+    """``(ids, mask, needs_eos)`` of a conversational prompt-completion row, as TRL's SFTTrainer builds them:
+    the ids of prompt + completion rendered together; the completion is trained from where they stop
+    agreeing with the ids of the prompt rendered alone with the generation prompt."""
+    messages = for_template(example.messages, fmt.template)
+    extra = _template_kwargs(example)
+
+    def ids_of(turns: Sequence[dict], prompt: bool) -> list[int]:
+        out = fmt.render(tokenizer, turns, add_generation_prompt=prompt, where=example.where, tokenize=True,
+                         return_dict=True, **extra)
+        return list(out["input_ids"])
+
+    ids = ids_of(messages, False)
+    prompt_len = _common_prefix(ids_of(messages[:example.prompt_turns], True), ids)
+    mask = [False] * prompt_len + [True] * (len(ids) - prompt_len)
+    return ids, mask, not any(t in stops for t in ids[prompt_len:])
+
+
+def for_template(messages: Sequence[dict], template: str) -> list[dict]:
+    """Messages as ``template`` can take them: OpenAI's ``developer`` role becomes ``system`` for a template
+    that has no developer role (all but a few recent ones), since that is what it means there."""
+    if "developer" in template or not any(m.get("role") == "developer" for m in messages):
+        return list(messages)
+    return [{**m, "role": "system"} if m.get("role") == "developer" else m for m in messages]
+
+
+def _template_kwargs(example: Example) -> dict:
+    return {"tools": [dict(t) for t in example.tools]} if example.tools else {}
+
+
+def _raw_text(example: Example) -> str:
+    return example.text if example.prompt is None else example.prompt + example.text
+
+
+def _common_prefix(a: Sequence, b: Sequence) -> int:
+    n = 0
+    while n < len(a) and n < len(b) and a[n] == b[n]:
+        n += 1
+    return n
+
+
+def _rendered_turn(tokenizer, fmt: ChatFormat, messages: Sequence[dict], i: int, where: str, extra: dict) -> list[str]:
+    """What the template writes for assistant message ``i`` (one that calls tools, so it has no content to
+    search for): the text that rendering messages ``[:i + 1]`` adds after the generation prompt of messages
+    ``[:i]``. Also that text without a leading reasoning block (templates such as Qwen3 add an empty one to
+    the last turn only) and without its end-of-turn marker (found again by the caller)."""
+    before = fmt.render(tokenizer, messages[:i], add_generation_prompt=True, where=where, **extra) if i else ""
+    upto = fmt.render(tokenizer, messages[:i + 1], where=where, **extra)
+    turn = upto[_common_prefix(before, upto):].strip()
+    forms = [turn, re.sub(r"^<think>.*?</think>\s*", "", turn, flags=re.S)]
+    for form in list(forms):
+        bare = form
+        for marker in (*END_OF_TURN_TOKENS, tokenizer.eos_token or ""):
+            if marker and bare.endswith(marker):
+                bare = bare[:-len(marker)].rstrip()
+        forms.append(bare)
+    return [f for f in dict.fromkeys(forms) if f]
 
 
 def _runs(flags: list[bool]) -> list[tuple[int, int]]:
@@ -277,8 +346,10 @@ def _find_assistant(text: str, content: str, cursor: int) -> tuple[int, int] | N
     return _find(text, answer, cursor) if answer else None
 
 
-def _assistant_spans(text: str, messages: Sequence[dict], fmt: ChatFormat, where: str) -> list[tuple[int, int]]:
-    """Character spans of each assistant message's content in ``text``, in order."""
+def _assistant_spans(text: str, messages: Sequence[dict], fmt: ChatFormat, where: str,
+                     rendered_turn: Callable[[int], list[str]]) -> list[tuple[int, int]]:
+    """Character spans of each assistant message's content in ``text``, in order; a message that calls
+    tools spans the whole turn the template writes for it (``rendered_turn(i)``: content and calls)."""
     spans, cursor = [], 0
     assistants = [i for i, m in enumerate(messages) if m.get("role") == "assistant"]
     for k, i in enumerate(assistants, 1):
@@ -287,6 +358,18 @@ def _assistant_spans(text: str, messages: Sequence[dict], fmt: ChatFormat, where
             prompt = _find(text, _content(messages[i - 1]), cursor)
             if prompt:
                 cursor = prompt[1]
+        if messages[i].get("tool_calls"):
+            found = next(filter(None, (_find(text, form, cursor) for form in rendered_turn(i))), None)
+            if found is None:
+                names = [c.get("function", c).get("name") for c in messages[i]["tool_calls"]]
+                raise UsageError(
+                    f"{where}: assistant message {k} of {len(assistants)} (message {i + 1} of the conversation, "
+                    f"calling {names}) is rendered differently inside the conversation than as its last turn by "
+                    f"the chat template ({fmt.origin}), so its tokens cannot be located. Use a template with "
+                    "{% generation %} markers, or train on the whole text with --train-on all.")
+            spans.append(found)
+            cursor = found[1]
+            continue
         if not content.strip():
             continue  # nothing to learn but the end marker, whose place is unknown
         found = _find_assistant(text, content, cursor)
