@@ -228,7 +228,7 @@ def _message(item: Any, where: str, names: FieldMap, fmt: str) -> dict[str, Any]
     message: dict[str, Any] = {"role": role}
     content = item.get(content_key)
     if speaker.lower() in _TOOL_CALL_SPEAKERS and role == "assistant":  # glaive / LLaMA-Factory tool-call turn
-        message["content"] = ""
+        message["content"] = None
         message["tool_calls"] = _tool_calls(_parsed_json(content, where, "the function_call value"), where)
         return message
     calls = item.get("tool_calls")
@@ -241,13 +241,13 @@ def _message(item: Any, where: str, names: FieldMap, fmt: str) -> dict[str, Any]
     return message
 
 
-def _content(content: Any, where: str, role: str, key: str, fmt: str, has_calls: bool) -> str:
+def _content(content: Any, where: str, role: str, key: str, fmt: str, has_calls: bool) -> str | None:
     """A message's text: a string, text parts joined (OpenAI / HF multimodal style), a tool's JSON result."""
     if isinstance(content, str):
         return content
     if content is None:
         if has_calls:
-            return ""  # an assistant turn that only calls tools
+            return None  # an assistant turn that only calls tools: null, as OpenAI writes it and templates test
         raise UsageError(f'{where}: the {role} message has no "{key}" (format {fmt}); only an assistant message '
                          'with "tool_calls" may have none.')
     if isinstance(content, list):

@@ -24,6 +24,7 @@ The rules (issues 11 and 20), each one a silent fine-tune killer elsewhere:
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Sequence
@@ -186,8 +187,9 @@ def _chat_ids_and_mask(example: Example, tokenizer, fmt: ChatFormat, stops: set[
         runs = [_trim_after_stop(ids, run, stops) for run in _runs([bool(m) for m in marked["assistant_masks"]])]
         char_ends = [offsets[end - 1][1] for _, end in runs]
     else:
-        turn = lambda i: _rendered_turn(tokenizer, fmt, messages, i, example.where, extra)  # noqa: E731
-        spans = _assistant_spans(text, messages, fmt, example.where, turn)
+        spans = _assistant_spans(text, messages, fmt, example.where,
+                                 lambda cursor, i: _tool_call_span(text, cursor, tokenizer, fmt, messages, i,
+                                                                   example.where, extra))
         runs = [_tokens_covering(offsets, s, e) for s, e in spans]
         char_ends = [e for _, e in spans]
     mask = [False] * len(ids)
@@ -217,12 +219,33 @@ def _prompt_completion_ids_and_mask(example: Example, tokenizer, fmt: ChatFormat
     return ids, mask, not any(t in stops for t in ids[prompt_len:])
 
 
+_ARGUMENTS_AS_TEXT = re.compile(r"""arguments['"]?\]?\s*\+""")  # DeepSeek: '...' + tool['function']['arguments']
+
+
 def for_template(messages: Sequence[dict], template: str) -> list[dict]:
     """Messages as ``template`` can take them: OpenAI's ``developer`` role becomes ``system`` for a template
-    that has no developer role (all but a few recent ones), since that is what it means there."""
-    if "developer" in template or not any(m.get("role") == "developer" for m in messages):
-        return list(messages)
-    return [{**m, "role": "system"} if m.get("role") == "developer" else m for m in messages]
+    that has no developer role (all but a few recent ones), since that is what it means there; tool-call
+    arguments are a dict (Hugging Face's convention, ``| tojson`` in the template) except for templates that
+    concatenate them as JSON text (DeepSeek V3/R1)."""
+    developer = "developer" in template
+    as_text = bool(_ARGUMENTS_AS_TEXT.search(template))
+    out = []
+    for m in messages:
+        if m.get("role") == "developer" and not developer:
+            m = {**m, "role": "system"}
+        if m.get("tool_calls") and m.get("content") is None:  # transformers drops None keys; templates need one
+            m = {**m, "content": ""}
+        if as_text and m.get("tool_calls"):
+            m = {**m, "tool_calls": [_arguments_as_text(c) for c in m["tool_calls"]]}
+        out.append(m)
+    return out
+
+
+def _arguments_as_text(call: dict) -> dict:
+    fn = call.get("function", {})
+    if isinstance(fn.get("arguments"), str):
+        return call
+    return {**call, "function": {**fn, "arguments": json.dumps(fn.get("arguments", {}), ensure_ascii=False)}}
 
 
 def _template_kwargs(example: Example) -> dict:
@@ -240,14 +263,28 @@ def _common_prefix(a: Sequence, b: Sequence) -> int:
     return n
 
 
-def _rendered_turn(tokenizer, fmt: ChatFormat, messages: Sequence[dict], i: int, where: str, extra: dict) -> list[str]:
-    """What the template writes for assistant message ``i`` (one that calls tools, so it has no content to
-    search for): the text that rendering messages ``[:i + 1]`` adds after the generation prompt of messages
-    ``[:i]``. Also that text without a leading reasoning block (templates such as Qwen3 add an empty one to
-    the last turn only) and without its end-of-turn marker (found again by the caller)."""
+def _tool_call_span(text: str, cursor: int, tokenizer, fmt: ChatFormat, messages: Sequence[dict], i: int,
+                    where: str, extra: dict) -> tuple[int, int] | None:
+    """Where assistant message ``i``, which calls tools (so it may have no content to search for), is
+    rendered in ``text`` at or after ``cursor``, or None if the template drops its calls.
+
+    The turn's text is what rendering messages ``[:i + 1]`` adds to the generation prompt of messages
+    ``[:i]`` (also without a leading reasoning block, which templates such as Qwen3 add to the last turn
+    only, and without its end-of-turn marker, found again by the caller). Templates that place other
+    messages by position (Mistral puts the system message in the last user turn) make that text begin with
+    some prompt: the longest part of it, cut after whitespace or a special token, that ``text`` holds past
+    the prompt is the turn."""
     before = fmt.render(tokenizer, messages[:i], add_generation_prompt=True, where=where, **extra) if i else ""
     upto = fmt.render(tokenizer, messages[:i + 1], where=where, **extra)
-    turn = upto[_common_prefix(before, upto):].strip()
+    first, second = (tokenizer(t, add_special_tokens=False, return_offsets_mapping=True) for t in (before, upto))
+    ids, offsets = second["input_ids"], second["offset_mapping"]
+    n = _common_prefix(first["input_ids"], ids)
+    # A generation prompt that opens a block (DeepSeek-V3's "<think>") can share a first character with the turn
+    # ("<｜tool▁calls▁begin｜>"): the turn starts after the last special token or whitespace before the split.
+    special = set(tokenizer.all_special_ids) | set(getattr(tokenizer, "added_tokens_decoder", {}))
+    while 0 < n < len(ids) and ids[n - 1] not in special and not upto[offsets[n - 1][0]:offsets[n - 1][1]][-1:].isspace():
+        n -= 1
+    turn = upto[offsets[n][0] if n < len(ids) else len(upto):].strip()
     forms = [turn, re.sub(r"^<think>.*?</think>\s*", "", turn, flags=re.S)]
     for form in list(forms):
         bare = form
@@ -255,7 +292,17 @@ def _rendered_turn(tokenizer, fmt: ChatFormat, messages: Sequence[dict], i: int,
             if marker and bare.endswith(marker):
                 bare = bare[:-len(marker)].rstrip()
         forms.append(bare)
-    return [f for f in dict.fromkeys(forms) if f]
+    names = [c.get("function", c).get("name", "") for c in messages[i]["tool_calls"]]
+    markers = [str(t) for t in tokenizer.all_special_tokens] + [
+        str(getattr(t, "content", t)) for t in getattr(tokenizer, "added_tokens_decoder", {}).values()]
+    for form in dict.fromkeys(f for f in forms if f):
+        for cut in range(len(form)):
+            if cut and not (form[cut - 1].isspace() or any(form.endswith(m, 0, cut) for m in markers if m)):
+                continue
+            found = _find(text, form[cut:], cursor)
+            if found and all(name in text[found[0]:found[1]] for name in names):
+                return found
+    return None
 
 
 def _runs(flags: list[bool]) -> list[tuple[int, int]]:
@@ -347,9 +394,9 @@ def _find_assistant(text: str, content: str, cursor: int) -> tuple[int, int] | N
 
 
 def _assistant_spans(text: str, messages: Sequence[dict], fmt: ChatFormat, where: str,
-                     rendered_turn: Callable[[int], list[str]]) -> list[tuple[int, int]]:
+                     tool_call_span: Callable[[int, int], tuple[int, int] | None]) -> list[tuple[int, int]]:
     """Character spans of each assistant message's content in ``text``, in order; a message that calls
-    tools spans the whole turn the template writes for it (``rendered_turn(i)``: content and calls)."""
+    tools spans the whole turn the template writes for it (``tool_call_span(cursor, i)``: content and calls)."""
     spans, cursor = [], 0
     assistants = [i for i, m in enumerate(messages) if m.get("role") == "assistant"]
     for k, i in enumerate(assistants, 1):
@@ -359,14 +406,15 @@ def _assistant_spans(text: str, messages: Sequence[dict], fmt: ChatFormat, where
             if prompt:
                 cursor = prompt[1]
         if messages[i].get("tool_calls"):
-            found = next(filter(None, (_find(text, form, cursor) for form in rendered_turn(i))), None)
+            found = tool_call_span(cursor, i)
             if found is None:
                 names = [c.get("function", c).get("name") for c in messages[i]["tool_calls"]]
                 raise UsageError(
                     f"{where}: assistant message {k} of {len(assistants)} (message {i + 1} of the conversation, "
-                    f"calling {names}) is rendered differently inside the conversation than as its last turn by "
-                    f"the chat template ({fmt.origin}), so its tokens cannot be located. Use a template with "
-                    "{% generation %} markers, or train on the whole text with --train-on all.")
+                    f"calling {names}): the chat template ({fmt.origin}) drops these tool calls, or renders them "
+                    "differently inside the conversation than as its last turn, so their tokens cannot be located. "
+                    "Use a template that renders tool calls (or has {% generation %} markers), or train on the whole "
+                    "text with --train-on all.")
             spans.append(found)
             cursor = found[1]
             continue
