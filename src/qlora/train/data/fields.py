@@ -75,6 +75,8 @@ class FieldMap:
                 raise UsageError(f"{record.where}: --data-fields maps {ours}={theirs}, but this row has no field "
                                  f"{theirs!r}; its fields are {sorted(record.fields)}.")
             fields.pop(ours, None)
+        for theirs in self.columns.values():  # renamed, not copied: the old name must not decide the format
+            fields.pop(theirs, None)
         for ours, theirs in self.columns.items():
             fields[ours] = record.fields[theirs]
         return replace(record, fields=fields)
