@@ -89,7 +89,7 @@ def test_real_templates_equal_trl(family):
         assert row["completion"][0]["content"] in trained and "Paris?" not in trained
 
 
-def test_chat_rows_with_tools_tokenize_as_trl(tiny_tokenizer):
+def test_chat_rows_with_tools_tokenize_as_trl():
     """A ``messages`` row with a ``tools`` column: the ids TRL builds (it passes tools to the template)."""
     tok = family_tokenizer("qwen2.5")
     row = {"messages": ROWS["conversational, tools"]["prompt"] + ROWS["conversational, tools"]["completion"],
@@ -97,7 +97,7 @@ def test_chat_rows_with_tools_tokenize_as_trl(tiny_tokenizer):
     theirs = _trl(tok, [row])[0]
     ours = _ours(tok, row)
     assert ours.input_ids == theirs["input_ids"]
-    assert "get_weather" in tok.decode(ours.input_ids[:20] + ours.input_ids)  # the tools are in the system turn
+    assert "Weather of a city" in tok.decode(ours.input_ids)  # the tool definitions are rendered
 
 
 def test_detection_and_mixed_shapes():
