@@ -18,6 +18,11 @@ The rules (issues 11 and 20), each one a silent fine-tune killer elsewhere:
   rewrite earlier turns (Qwen3, DeepSeek-R1, Mistral, Phi-3) and on tokenizers
   that merge across a boundary. Reasoning a template drops from a turn is not
   trained; a message that does not appear at all is refused, saying which;
+- an assistant message that calls tools has no content to search for: its whole turn (markers,
+  calls, end of turn) is the text that rendering the conversation up to it adds to the generation
+  prompt, located in the full rendering; tool results are never trained;
+- prompt-completion rows are masked exactly as TRL's SFTTrainer does: the completion starts where
+  the ids of the prompt (rendered alone, with the generation prompt) and of prompt + completion part;
 - position 0 is never a label (it cannot be predicted), which is also what
   keeps packed examples from learning across their boundaries.
 """
