@@ -146,3 +146,14 @@ def test_bad_tools_column_names_the_line():
         _example({**OPENAI_ROW, "tools": "[{"})
     with pytest.raises(UsageError, match=r'tools\.jsonl line 1: "tools" must be a list of tool definitions'):
         _example({**OPENAI_ROW, "tools": [1, 2]})
+
+
+def test_openai_export_quirks():
+    """tool_calls stored as JSON text or as an empty list, and a tool result given as a JSON value."""
+    calls = OPENAI_ROW["messages"][2]["tool_calls"]
+    messages = [OPENAI_ROW["messages"][1], {**OPENAI_ROW["messages"][2], "tool_calls": json.dumps(calls)},
+                {"role": "tool", "content": {"temp_c": 21}}, {"role": "assistant", "content": "Warm.", "tool_calls": []}]
+    example = _example({"messages": messages})
+    assert example.messages[1]["tool_calls"][0]["function"]["arguments"] == {"city": "Paris"}
+    assert example.messages[2]["content"] == '{"temp_c": 21}'
+    assert "tool_calls" not in example.messages[3]

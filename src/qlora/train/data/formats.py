@@ -232,8 +232,8 @@ def _message(item: Any, where: str, names: FieldMap, fmt: str) -> dict[str, Any]
         message["tool_calls"] = _tool_calls(_parsed_json(content, where, "the function_call value"), where)
         return message
     calls = item.get("tool_calls")
-    if calls is not None and role == "assistant":
-        message["tool_calls"] = _tool_calls(calls, where)
+    if calls and role == "assistant":  # OpenAI exports write [] or null when a message calls nothing
+        message["tool_calls"] = _tool_calls(_parsed_json(calls, where, '"tool_calls"'), where)
     message["content"] = _content(content, where, role, content_key, fmt, bool(message.get("tool_calls")))
     for key in ("tool_call_id", "name"):
         if isinstance(item.get(key), str):
@@ -263,7 +263,7 @@ def _content(content: Any, where: str, role: str, key: str, fmt: str, has_calls:
                                  'only text parts ({"type": "text", "text": ...}) are accepted. Remove the '
                                  f"{kind} parts or the row.")
         return "\n".join(texts)
-    if isinstance(content, dict) and role == "tool":
+    if isinstance(content, (dict, int, float)) and not isinstance(content, bool) and role == "tool":
         return json.dumps(content, ensure_ascii=False)
     raise UsageError(f'{where}: "{key}" must be a string or a list of text parts, got {type(content).__name__} '
                      f"(format {fmt}).")
@@ -274,7 +274,7 @@ def _tool_calls(value: Any, where: str) -> list[dict[str, Any]]:
     {"name", "arguments": dict}}``; OpenAI's JSON-string arguments are parsed."""
     calls = value if isinstance(value, list) else [value]
     if not calls:
-        raise UsageError(f'{where}: "tool_calls" is an empty list; drop the key or give the calls.')
+        raise UsageError(f"{where}: the tool call list is empty.")
     out = []
     for k, call in enumerate(calls):
         fn = call.get("function", call) if isinstance(call, dict) else None
