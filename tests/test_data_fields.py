@@ -111,3 +111,17 @@ def test_yaml_mapping_and_string(tmp_path):
         path.write_text(f"model: m\ndata: d.jsonl\noutput: o\ndata_fields: {value}\n")
         config = load_config(path, {})
         assert parse_data_fields(config.data_fields).columns == {"instruction": "question", "output": "answer"}
+
+
+def test_data_fields_belong_to_sft_and_are_checked_before_eval_loads_a_model(tmp_path, capsys):
+    code = main(["train", "--model", "m", "--data", "d.jsonl", "--output", str(tmp_path / "o"), "--method", "dpo",
+                 "--data-fields", "prompt=question"])
+    assert code == 2 and "--data-fields applies to --method sft" in capsys.readouterr().err
+    code = main(["eval", "--model", str(tmp_path / "no-model"), "--data", "d.jsonl", "--data-fields", "q=question"])
+    err = capsys.readouterr().err
+    assert code == 2 and "--data-fields: unknown name 'q'" in err and "Traceback" not in err
+
+
+def test_a_text_prompt_that_looks_like_json_stays_text():
+    example = normalize(_rows({"prompt": "[1, 2, 3]", "completion": " 6"}))[0]
+    assert (example.prompt, example.text) == ("[1, 2, 3]", " 6")

@@ -322,7 +322,7 @@ def _json_list(value: str) -> list | None:
         parsed = json.loads(value)
     except json.JSONDecodeError:
         return None
-    return parsed if isinstance(parsed, list) else None
+    return parsed if isinstance(parsed, list) and all(isinstance(m, dict) for m in parsed) else None
 
 
 def _text_field(fields: dict[str, Any], key: str, where: str, fmt: str) -> str:
