@@ -157,3 +157,18 @@ def test_openai_export_quirks():
     assert example.messages[1]["tool_calls"][0]["function"]["arguments"] == {"city": "Paris"}
     assert example.messages[2]["content"] == '{"temp_c": 21}'
     assert "tool_calls" not in example.messages[3]
+
+
+@pytest.mark.parametrize("family", ["qwen2.5", "llama-3.1", "smollm3"])
+def test_openai_weight_0_keeps_a_turn_in_the_context_untrained(family):
+    tok = family_tokenizer(family)
+    fmt = ChatFormat(tok.chat_template, date=DATE)
+    turns = [{"role": "user", "content": "Capital of France?"}, {"role": "assistant", "content": "Lyon."},
+             {"role": "user", "content": "Sure?"}, {"role": "assistant", "content": "Paris, sorry."}]
+    full = tokenize_example(_example({"messages": turns}), tok, fmt)
+    turns[1] = {**turns[1], "weight": 0}
+    weighted = tokenize_example(_example({"messages": turns}), tok, fmt)
+    assert weighted.input_ids == full.input_ids
+    assert [tok.decode(r) for r in _runs(weighted)] == [tok.decode(r) for r in _runs(full)][1:]
+    with pytest.raises(UsageError, match=r'message 1: "weight" must be 0'):
+        _example({"messages": [turns[0], {**turns[1], "weight": 0.5}]})

@@ -235,6 +235,12 @@ def _message(item: Any, where: str, names: FieldMap, fmt: str) -> dict[str, Any]
     if calls and role == "assistant":  # OpenAI exports write [] or null when a message calls nothing
         message["tool_calls"] = _tool_calls(_parsed_json(calls, where, '"tool_calls"'), where)
     message["content"] = _content(content, where, role, content_key, fmt, bool(message.get("tool_calls")))
+    weight = item.get("weight")
+    if weight is not None and role == "assistant":  # OpenAI fine-tuning data: weight 0 = context only
+        if weight not in (0, 1):
+            raise UsageError(f'{where}: "weight" must be 0 (not trained) or 1 (trained), got {weight!r}.')
+        if weight == 0:
+            message["weight"] = 0
     for key in ("tool_call_id", "name"):
         if isinstance(item.get(key), str):
             message[key] = item[key]

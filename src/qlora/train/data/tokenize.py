@@ -182,6 +182,8 @@ def _chat_ids_and_mask(example: Example, tokenizer, fmt: ChatFormat, stops: set[
         raise UsageError("qlora needs a fast (Rust) tokenizer to locate assistant tokens by character offsets; "
                          "save the model's tokenizer with tokenizer.json (transformers converts most slow ones).")
     messages = fmt.messages(for_template(example.messages, fmt.template))
+    weights = [m.get("weight", 1) for m in example.messages if m.get("role") == "assistant"]
+    skipped = {k for k, w in enumerate(weights) if w == 0}  # OpenAI's weight 0: in the context, not trained
     extra = _template_kwargs(example)
     text = fmt.render(tokenizer, messages, where=example.where, **extra)
     encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)  # = apply_chat_template's ids
@@ -190,11 +192,17 @@ def _chat_ids_and_mask(example: Example, tokenizer, fmt: ChatFormat, stops: set[
         marked = fmt.render(tokenizer, messages, where=example.where, tokenize=True, return_dict=True,
                             return_assistant_tokens_mask=True, **extra)
         runs = [_trim_after_stop(ids, run, stops) for run in _runs([bool(m) for m in marked["assistant_masks"]])]
+        if skipped:
+            if len(runs) != len(weights):
+                raise UsageError(f"{example.where}: the chat template ({fmt.origin}) marks {len(runs)} generation "
+                                 f"blocks for {len(weights)} assistant messages, so the messages with weight 0 cannot "
+                                 "be told apart; remove their weight, or split the conversation.")
+            runs = [run for k, run in enumerate(runs) if k not in skipped]
         char_ends = [offsets[end - 1][1] for _, end in runs]
     else:
         spans = _assistant_spans(text, messages, fmt, example.where,
                                  lambda cursor, i: _tool_call_span(text, cursor, tokenizer, fmt, messages, i,
-                                                                   example.where, extra))
+                                                                   example.where, extra), skipped)
         runs = [_tokens_covering(offsets, s, e) for s, e in spans]
         char_ends = [e for _, e in spans]
     mask = [False] * len(ids)
@@ -202,7 +210,8 @@ def _chat_ids_and_mask(example: Example, tokenizer, fmt: ChatFormat, stops: set[
     for (start, end), char_end in zip(runs, char_ends):
         end, last_end_has_stop = _with_end_marker(ids, offsets, text, end, char_end, stops)
         mask[start:end] = [True] * (end - start)
-    final_is_assistant = bool(messages) and messages[-1].get("role") == "assistant" and bool(runs)
+    final_is_assistant = (bool(messages) and messages[-1].get("role") == "assistant" and bool(runs)
+                          and example.messages[-1].get("weight", 1) != 0)
     return ids, mask, final_is_assistant and not last_end_has_stop
 
 
@@ -236,6 +245,8 @@ def for_template(messages: Sequence[dict], template: str) -> list[dict]:
     as_text = bool(_ARGUMENTS_AS_TEXT.search(template))
     out = []
     for m in messages:
+        if "weight" in m:  # ours (which turns are trained), not the template's
+            m = {k: v for k, v in m.items() if k != "weight"}
         if m.get("role") == "developer" and not developer:
             m = {**m, "role": "system"}
         if m.get("tool_calls") and m.get("content") is None:  # transformers drops None keys; templates need one
@@ -399,9 +410,11 @@ def _find_assistant(text: str, content: str, cursor: int) -> tuple[int, int] | N
 
 
 def _assistant_spans(text: str, messages: Sequence[dict], fmt: ChatFormat, where: str,
-                     tool_call_span: Callable[[int, int], tuple[int, int] | None]) -> list[tuple[int, int]]:
-    """Character spans of each assistant message's content in ``text``, in order; a message that calls
-    tools spans the whole turn the template writes for it (``tool_call_span(cursor, i)``: content and calls)."""
+                     tool_call_span: Callable[[int, int], tuple[int, int] | None],
+                     skipped: set[int] = frozenset()) -> list[tuple[int, int]]:
+    """Character spans of each assistant message's content in ``text``, in order, but for the assistant
+    messages numbered (from 0) in ``skipped``; a message that calls tools spans the whole turn the template
+    writes for it (``tool_call_span(cursor, i)``: content and calls)."""
     spans, cursor = [], 0
     assistants = [i for i, m in enumerate(messages) if m.get("role") == "assistant"]
     for k, i in enumerate(assistants, 1):
@@ -420,7 +433,8 @@ def _assistant_spans(text: str, messages: Sequence[dict], fmt: ChatFormat, where
                     "differently inside the conversation than as its last turn, so their tokens cannot be located. "
                     "Use a template that renders tool calls (or has {% generation %} markers), or train on the whole "
                     "text with --train-on all.")
-            spans.append(found)
+            if k - 1 not in skipped:
+                spans.append(found)
             cursor = found[1]
             continue
         if not content.strip():
@@ -435,6 +449,7 @@ def _assistant_spans(text: str, messages: Sequence[dict], fmt: ChatFormat, where
                 "would never see them in this format. Fix or remove that message in the data (check that it is "
                 "plain text the template prints as is), or train on the whole text with --train-on all."
             )
-        spans.append(found)
+        if k - 1 not in skipped:
+            spans.append(found)
         cursor = found[1]
     return spans
