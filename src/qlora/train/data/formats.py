@@ -32,7 +32,6 @@ FORMATS = ("alpaca", "chat", "sharegpt", "prompt-completion", "text")
 ROLES = ("system", "developer", "user", "assistant", "tool")
 DETECT_ROWS = 32  # rows inspected to detect the format: one atypical first row must not decide it
 
-SHAREGPT_ROLES = ROLE_NAMES  # the name older code and tests use
 _TOOL_CALL_SPEAKERS = ("function_call",)
 
 
@@ -79,7 +78,8 @@ def detect_format(record: Record | list[Record]) -> str:
         UsageError: preference pairs (they train with --method dpo/orpo), or no row matches a format.
     """
     records = [record] if isinstance(record, Record) else record[:DETECT_ROWS]
-    found = Counter(f for f in (row_format(r.fields) for r in records) if f is not None)
+    shapes = [row_format(r.fields) for r in records]
+    found = Counter(f for f in shapes if f is not None)
     if not found:
         first = records[0]
         keys = sorted(first.fields)
@@ -90,7 +90,7 @@ def detect_format(record: Record | list[Record]) -> str:
             '"conversations" (ShareGPT), "prompt"/"completion" (TRL prompt-completion) or "text". '
             f"{suggest_fields(first.fields)}Or pass --format explicitly."
         )
-    fmt = max(found, key=lambda f: (found[f], -[row_format(r.fields) for r in records].index(f)))
+    fmt = max(found, key=lambda f: (found[f], -shapes.index(f)))
     if fmt == "preference":
         raise UsageError(
             f'{records[0].where}: these rows are preference pairs ("prompt", "chosen", "rejected"): train them with '
@@ -223,8 +223,9 @@ def _message(item: Any, where: str, names: FieldMap, fmt: str) -> dict[str, Any]
     role = names.role(speaker)
     if role is None:
         kind = "ShareGPT speaker" if fmt == "ShareGPT" else "role"
-        raise UsageError(f"{where}: unknown {kind} {speaker!r}; known: {', '.join(sorted(set(ROLE_NAMES) | set(names.roles)))}."
-                         f" Map it with --data-fields, e.g. --data-fields assistant={speaker} (roles: {', '.join(ROLES)}).")
+        known = ", ".join(sorted(set(ROLE_NAMES) | set(names.roles)))
+        raise UsageError(f"{where}: unknown {kind} {speaker!r}; known: {known}. Map it with --data-fields, e.g. "
+                         f"--data-fields assistant={speaker} (roles: {', '.join(ROLES)}).")
     message: dict[str, Any] = {"role": role}
     content = item.get(content_key)
     if speaker.lower() in _TOOL_CALL_SPEAKERS and role == "assistant":  # glaive / LLaMA-Factory tool-call turn
