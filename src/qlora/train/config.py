@@ -19,6 +19,7 @@ from qlora.errors import UsageError
 from qlora.model.chat_format import pinned_datetime
 from qlora.option_range import AT_LEAST_1, NON_NEGATIVE, POSITIVE, Range
 from qlora.quant import BLOCKSIZES
+from qlora.train.data.fields import parse_data_fields
 
 from qlora.optim import OPTIMIZERS
 SCHEDULERS = ("cosine", "linear", "constant")
@@ -32,6 +33,7 @@ _RUN_DEFINING = (
     "model", "data", "data_split", "data_subset", "quant", "double_quant", "blocksize", "rank", "alpha", "dropout", "target_modules",
     "rslora", "dora", "init", "loftq_iter", "seq_len", "batch_size", "grad_accum", "lr", "lr_scheduler", "warmup_ratio", "warmup_steps",
     "epochs", "max_steps", "optim", "weight_decay", "max_grad_norm", "packing", "template", "format",
+    "data_fields",
     "system_into_user",
     "train_on", "seed", "precision", "chunked_ce", "add_special_tokens", "adalora", "adalora_init_r", "adalora_target_r",
     "adalora_tinit", "adalora_tfinal", "adalora_delta_t",
@@ -63,7 +65,11 @@ class TrainConfig:
     eval_data: str | None = _opt(None, "held-out data for eval loss and perplexity (same kinds as --data)")
     eval_data_split: str = _opt("test", "split of --eval-data (hub datasets, DatasetDict folders)")
     output: str | None = _opt(None, "output directory (adapter, checkpoints, metrics, plots)")
-    format: str = _opt("auto", "data format", ("auto", "alpaca", "chat", "sharegpt", "text"))
+    format: str = _opt("auto", "data format (auto: detected from the fields of the first rows)",
+                       ("auto", "alpaca", "chat", "sharegpt", "prompt-completion", "text"))
+    data_fields: str = _opt("", "the dataset's names for our fields, as OURS=THEIRS,...: columns (e.g. "
+                                "instruction=question,output=answer or messages=dialog), message keys "
+                                "(role=from,content=value) and role values (user=human,assistant=gpt)")
     template: str = _opt("auto", "chat template: auto = the model's own (chatml if it has none), tokenizer = the "
                                  "model's own (required), or a built-in one; saved with the adapter",
                          ("auto", "tokenizer", "chatml", "llama-3", "alpaca"))
@@ -176,6 +182,7 @@ class TrainConfig:
             raise UsageError("give --epochs > 0 or --max-steps > 0")
         if self.template_date:
             pinned_datetime(self.template_date)  # YYYY-MM-DD, checked before the model loads
+        parse_data_fields(self.data_fields)  # checked before the model loads
 
     def _validate_method(self) -> None:
         """Options that belong to one training method only."""
@@ -189,9 +196,10 @@ class TrainConfig:
         if self.packing:
             raise UsageError(f"--packing applies to --method sft; --method {self.method} batches each pair's chosen "
                              "and rejected answers side by side")
-        if self.format != "auto":
-            raise UsageError(f"--format applies to --method sft; --method {self.method} reads preference rows "
-                             '{"prompt", "chosen", "rejected"}')
+        for name, default in (("format", "auto"), ("data_fields", "")):
+            if getattr(self, name) != default:
+                raise UsageError(f"--{_flag(name)} applies to --method sft; --method {self.method} reads preference "
+                                 'rows {"prompt", "chosen", "rejected"}')
 
 
 def _flag(name: str) -> str:
@@ -214,6 +222,8 @@ def _coerce(name: str, value: Any, kind: type, source: str) -> Any:
             raise ValueError
         if kind is str and isinstance(value, list):  # YAML lists of names or tokens
             return ",".join(str(v) for v in value)
+        if kind is str and isinstance(value, dict):  # YAML mappings (data_fields: {instruction: question})
+            return ",".join(f"{k}={v}" for k, v in value.items())
         if kind is int and isinstance(value, float) and not value.is_integer():
             raise ValueError
         return kind(value)

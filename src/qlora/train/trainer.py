@@ -303,7 +303,7 @@ class Trainer:
 
     def _read_data(self, source: str, split: str):
         cfg = self.config
-        return normalize(load_records(source, split, cfg.data_subset), cfg.format)
+        return normalize(load_records(source, split, cfg.data_subset), cfg.format, cfg.data_fields)
 
     def _tokenize(self, examples):
         cfg = self.config

@@ -23,8 +23,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "a save_to_disk folder, or a hub dataset name")
     parser.add_argument("--data-split", default="test", help="split of a hub dataset or DatasetDict folder (default test)")
     parser.add_argument("--data-subset", default=None, help="subset (configuration) of a hub dataset")
-    parser.add_argument("--format", default="auto", choices=("auto", "alpaca", "chat", "sharegpt", "text"),
-                        help="data format")
+    parser.add_argument("--format", default="auto", choices=("auto", "alpaca", "chat", "sharegpt",
+                        "prompt-completion", "text"), help="data format")
+    parser.add_argument("--data-fields", default="", help="the dataset's names for our fields, as OURS=THEIRS,... "
+                        "(e.g. instruction=question,output=answer; see qlora train --help)")
     parser.add_argument("--template", default="auto", choices=("auto", "tokenizer", "chatml", "llama-3", "alpaca"),
                         help="chat format: auto = the one --adapter was trained with (chat_format.json), else the "
                              "model's own, else chatml")
@@ -40,12 +42,14 @@ def run(args: argparse.Namespace) -> int:
     from ...cpu_threads import apply_cpu_threads
     from ...model.adapter_io import load_adapter
     from ...model.load import load_model
+    from ...train.data.fields import parse_data_fields
     from ...train.data import (count_trainable_tokens, load_records, normalize, pad_collate, pad_token_id,
                                resolve_chat_format, tokenize_dataset)
     from ...infer.template import stop_token_ids
     from ...model.chat_format import ChatFormat
     from ...train.trainer import compute_dtype_for, token_loss_sum
 
+    fields = parse_data_fields(args.data_fields)  # checked before the model loads
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = compute_dtype_for("auto", device)
     model, tokenizer = load_model(args.model, quant=None if args.quant == "none" else args.quant,
@@ -53,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
     apply_cpu_threads(model, device)
     if args.adapter:
         load_adapter(model, args.adapter)
-    examples = normalize(load_records(args.data, args.data_split, args.data_subset), args.format)
+    examples = normalize(load_records(args.data, args.data_split, args.data_subset), args.format, fields)
     saved = ChatFormat.load(args.adapter) if args.adapter and args.template == "auto" else None
     fmt = saved or resolve_chat_format(tokenizer, args.template)
     tokenized, report = tokenize_dataset(examples, tokenizer, fmt, args.train_on, args.seq_len,

@@ -3,7 +3,7 @@
 The training loop needs only this pipeline::
 
     records = load_records(path)                      # sources.py
-    examples = normalize(records, fmt="auto")         # formats.py
+    examples = normalize(records, fmt="auto", fields="")  # formats.py (+ fields.py: --data-fields)
     fmt = resolve_chat_format(tokenizer, "auto", date="2026-01-31")  # templates.py (+ model/chat_format.py)
     tokenized, report = tokenize_dataset(examples, tokenizer, fmt, "assistant", seq_len)
     order = shuffled_indices(len(tokenized), seed, epoch)  # collate.py
@@ -14,6 +14,7 @@ The training loop needs only this pipeline::
 """
 
 from qlora.train.data.collate import count_trainable_tokens, pad_collate, pad_token_id, packed_collate, shuffled_indices
+from qlora.train.data.fields import FieldMap, parse_data_fields
 from qlora.train.data.formats import FORMATS, Example, detect_format, normalize
 from qlora.train.data.packing import PackedRow, check_packing_supported, pack_examples, packed_attention_mask
 from qlora.train.data.sources import Record, demo_data_path, load_records
@@ -24,8 +25,8 @@ from qlora.train.data.tokenize import (
 
 __all__ = [
     "FORMATS", "IGNORE_INDEX", "TEMPLATES", "TRAIN_ON",
-    "DataReport", "Example", "PackedRow", "Record", "TokenizedExample",
+    "DataReport", "Example", "FieldMap", "PackedRow", "Record", "TokenizedExample",
     "check_packing_supported", "count_trainable_tokens", "demo_data_path", "detect_format", "load_records", "normalize",
-    "pack_examples", "packed_attention_mask", "packed_collate", "pad_collate", "pad_token_id",
+    "pack_examples", "packed_attention_mask", "parse_data_fields", "packed_collate", "pad_collate", "pad_token_id",
     "resolve_chat_format", "resolve_chat_template", "shuffled_indices", "tokenize_dataset", "tokenize_example",
 ]

@@ -1,127 +1,335 @@
 """Dataset formats and their normalization to conversations or raw text.
 
-Users bring data in a handful of shapes. Everything downstream (templates,
+Users bring data in many shapes. Everything downstream (templates,
 tokenization, loss masks) works on one shape only: an :class:`Example` holding
-either a list of ``{"role", "content"}`` messages or a raw text, so each
-format's quirks are handled here and nowhere else.
+either a list of chat messages (``role``, ``content`` and, for tool use,
+``tool_calls`` / ``tool_call_id`` / ``name``) or a raw text, so each format's
+quirks are handled here and nowhere else:
+
+- alpaca (``instruction``/``input``/``output``, optional ``system`` and
+  LLaMA-Factory's ``history``), and Dolly (``instruction``/``context``/``response``);
+- chat (``messages``) and ShareGPT (``conversations``), whatever their entries'
+  keys (``role``/``content`` or ``from``/``value``), with content given as
+  text parts, tool calls, tool results and a per-row ``tools`` column;
+- TRL's prompt-completion (``prompt``/``completion``: strings, or message lists);
+- plain ``text``.
+
+Field names that differ are mapped by :mod:`qlora.train.data.fields` (``--data-fields``).
 """
 
 from __future__ import annotations
 
+import json
+from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Callable
 
 from qlora.errors import UsageError
+from qlora.train.data.fields import ROLE_NAMES, FieldMap, parse_data_fields, suggest_fields
 from qlora.train.data.sources import Record
 
-FORMATS = ("alpaca", "chat", "sharegpt", "text")
-ROLES = ("system", "user", "assistant")
+FORMATS = ("alpaca", "chat", "sharegpt", "prompt-completion", "text")
+ROLES = ("system", "developer", "user", "assistant", "tool")
+DETECT_ROWS = 32  # rows inspected to detect the format: one atypical first row must not decide it
 
-# ShareGPT speaker names seen in the wild, mapped to chat roles.
-SHAREGPT_ROLES = {
-    "system": "system",
-    "human": "user",
-    "user": "user",
-    "gpt": "assistant",
-    "assistant": "assistant",
-    "chatgpt": "assistant",
-    "bing": "assistant",
-    "model": "assistant",
-}
+_TOOL_CALL_SPEAKERS = ("function_call",)
 
 
 @dataclass(frozen=True)
 class Example:
-    """A normalized example: ``messages`` (chat) or ``text`` (plain), never both."""
+    """A normalized example: ``messages`` (chat) or ``text`` (plain), never both.
 
-    messages: tuple[dict[str, str], ...] | None
+    Prompt-completion rows keep where the prompt ends, because only the completion is trained:
+    ``prompt`` is the prompt text of a plain row (``text`` is then the completion), and
+    ``prompt_turns`` the number of leading ``messages`` that form the prompt of a conversational one.
+    ``tools`` are the tool definitions the chat template renders (``apply_chat_template(tools=...)``).
+    """
+
+    messages: tuple[dict[str, Any], ...] | None
     text: str | None
     where: str
+    prompt: str | None = None
+    prompt_turns: int | None = None
+    tools: tuple[dict[str, Any], ...] | None = None
 
 
-def detect_format(record: Record) -> str:
-    """The format of a record, from its keys (checked on the first record of a dataset).
-
-    Raises:
-        UsageError: the keys match no known format.
-    """
-    keys = record.fields.keys()
+def row_format(fields: dict[str, Any]) -> str | None:
+    """The format a row's fields look like (``"preference"`` for DPO pairs), or None."""
+    keys = set(fields)
+    if "chosen" in keys and "rejected" in keys:
+        return "preference"
     if "messages" in keys:
         return "chat"
     if "conversations" in keys:
         return "sharegpt"
-    if "instruction" in keys and "output" in keys:
+    if "prompt" in keys and "completion" in keys:
+        return "prompt-completion"
+    if "instruction" in keys and ("output" in keys or "response" in keys):
         return "alpaca"
     if "text" in keys:
         return "text"
-    raise UsageError(
-        f"{record.where}: cannot tell the data format from the fields {sorted(keys)}. Expected "
-        '"instruction"/"output" (alpaca), "messages" (chat), "conversations" (ShareGPT) or "text"; '
-        "or pass --format explicitly."
-    )
+    return None
 
 
-def normalize(records: list[Record], fmt: str = "auto") -> list[Example]:
-    """Normalize records of one format (``"auto"``: detected from the first record).
+def detect_format(record: Record | list[Record]) -> str:
+    """The format of a dataset: the most common one among its first rows (ties: the first seen).
 
     Raises:
-        UsageError: unknown format, or a record missing a field the format needs.
+        UsageError: preference pairs (they train with --method dpo/orpo), or no row matches a format.
+    """
+    records = [record] if isinstance(record, Record) else record[:DETECT_ROWS]
+    shapes = [row_format(r.fields) for r in records]
+    found = Counter(f for f in shapes if f is not None)
+    if not found:
+        first = records[0]
+        keys = sorted(first.fields)
+        raise UsageError(
+            f"{first.where}: cannot tell the data format from the fields {keys}"
+            f"{f' (nor from the first {len(records)} rows)' if len(records) > 1 else ''}. Expected "
+            '"instruction"/"output" (alpaca; Dolly\'s "instruction"/"context"/"response"), "messages" (chat), '
+            '"conversations" (ShareGPT), "prompt"/"completion" (TRL prompt-completion) or "text". '
+            f"{suggest_fields(first.fields)}Or pass --format explicitly."
+        )
+    fmt = max(found, key=lambda f: (found[f], -shapes.index(f)))
+    if fmt == "preference":
+        raise UsageError(
+            f'{records[0].where}: these rows are preference pairs ("prompt", "chosen", "rejected"): train them with '
+            "--method dpo or --method orpo. For supervised fine-tuning on the preferred answers, map them: "
+            "--data-fields completion=chosen (the prompt-completion format; \"rejected\" is then ignored)."
+        )
+    return fmt
+
+
+def normalize(records: list[Record], fmt: str = "auto", fields: FieldMap | str | None = None) -> list[Example]:
+    """Normalize records of one format (``"auto"``: detected from the first rows).
+
+    Args:
+        records: the rows, as read by :func:`~qlora.train.data.sources.load_records`.
+        fmt: ``"auto"`` or one of :data:`FORMATS`.
+        fields: ``--data-fields``: the dataset's names for our fields, keys and roles.
+
+    Raises:
+        UsageError: unknown format, a malformed --data-fields, or a record missing a field the format needs
+            (naming its file and line).
     """
     if not records:
         raise UsageError("the dataset is empty; it needs at least one example.")
+    names = fields if isinstance(fields, FieldMap) else parse_data_fields(fields or "")
+    records = [names.rename(r) for r in records]
+    how = "given with --format"
     if fmt == "auto":
-        fmt = detect_format(records[0])
+        fmt = detect_format(records)
+        how = f"detected from the first {min(len(records), DETECT_ROWS)} rows"
     if fmt not in FORMATS:
         raise UsageError(f"unknown data format {fmt!r}; choose auto or one of {', '.join(FORMATS)}.")
-    convert: Callable[[dict[str, Any], str], Example] = _CONVERTERS[fmt]
-    return [convert(r.fields, r.where) for r in records]
+    convert: Callable[[dict[str, Any], str, FieldMap], Example] = _CONVERTERS[fmt]
+    examples = []
+    for r in records:
+        try:
+            examples.append(convert(r.fields, r.where, names))
+        except UsageError as exc:
+            own = row_format(r.fields)
+            if own is None or own == fmt:
+                raise
+            raise UsageError(f"{exc} This row looks like the {own} format, but the dataset is {fmt} ({how}); "
+                             "a dataset holds one format: convert or remove this row.") from None
+    return examples
 
 
-def _alpaca(fields: dict[str, Any], where: str) -> Example:
+def _alpaca(fields: dict[str, Any], where: str, names: FieldMap) -> Example:
+    out_key = "output" if fields.get("output") is not None or "response" not in fields else "response"
+    in_key = "input" if fields.get("input") is not None or "context" not in fields else "context"
     instruction = _text_field(fields, "instruction", where, "alpaca")
-    output = _text_field(fields, "output", where, "alpaca")
-    extra = fields.get("input") or ""
+    output = _text_field(fields, out_key, where, "alpaca")
+    extra = fields.get(in_key) or ""
     if not isinstance(extra, str):
-        raise UsageError(f'{where}: field "input" must be a string in the alpaca format.')
-    messages = []
+        raise UsageError(f'{where}: field "{in_key}" must be a string in the alpaca format.')
+    messages: list[dict[str, Any]] = []
     if fields.get("system"):
         messages.append({"role": "system", "content": _text_field(fields, "system", where, "alpaca")})
+    for k, turn in enumerate(fields.get("history") or []):  # LLaMA-Factory: earlier [instruction, response] pairs
+        if not (isinstance(turn, (list, tuple)) and len(turn) == 2 and all(isinstance(t, str) for t in turn)):
+            raise UsageError(f'{where}: "history" item {k} must be a pair of strings [instruction, response].')
+        messages += [{"role": "user", "content": turn[0]}, {"role": "assistant", "content": turn[1]}]
     messages.append({"role": "user", "content": f"{instruction}\n\n{extra}" if extra else instruction})
     messages.append({"role": "assistant", "content": output})
-    return Example(tuple(messages), None, where)
+    return Example(tuple(messages), None, where, tools=_tools(fields, where))
 
 
-def _chat(fields: dict[str, Any], where: str) -> Example:
-    raw = _list_field(fields, "messages", where, "chat")
-    messages = []
-    for i, m in enumerate(raw):
-        role, content = _pair(m, "role", "content", f"{where}, message {i}", "chat")
-        if role not in ROLES:
-            raise UsageError(f"{where}, message {i}: role {role!r} is not one of {', '.join(ROLES)}.")
-        messages.append({"role": role, "content": content})
-    return Example(tuple(messages), None, where)
+def _chat(fields: dict[str, Any], where: str, names: FieldMap) -> Example:
+    return _conversation(fields, "messages", where, names, "chat")
 
 
-def _sharegpt(fields: dict[str, Any], where: str) -> Example:
-    raw = _list_field(fields, "conversations", where, "ShareGPT")
-    messages = []
-    for i, m in enumerate(raw):
-        speaker, content = _pair(m, "from", "value", f"{where}, turn {i}", "ShareGPT")
-        role = SHAREGPT_ROLES.get(speaker.lower())
-        if role is None:
-            raise UsageError(
-                f"{where}, turn {i}: unknown ShareGPT speaker {speaker!r}; "
-                f"expected one of {', '.join(sorted(SHAREGPT_ROLES))}."
-            )
-        messages.append({"role": role, "content": content})
-    return Example(tuple(messages), None, where)
+def _sharegpt(fields: dict[str, Any], where: str, names: FieldMap) -> Example:
+    return _conversation(fields, "conversations", where, names, "ShareGPT")
 
 
-def _text(fields: dict[str, Any], where: str) -> Example:
+def _conversation(fields: dict[str, Any], key: str, where: str, names: FieldMap, fmt: str) -> Example:
+    raw = _list_field(fields, key, where, fmt)
+    messages = [_message(m, f"{where}, message {i}", names, fmt) for i, m in enumerate(raw)]
+    system = fields.get("system")  # LLaMA-Factory's system column
+    if isinstance(system, str) and system.strip() and not any(m["role"] == "system" for m in messages):
+        messages.insert(0, {"role": "system", "content": system})
+    return Example(tuple(messages), None, where, tools=_tools(fields, where))
+
+
+def _prompt_completion(fields: dict[str, Any], where: str, names: FieldMap) -> Example:
+    prompt, completion = fields.get("prompt"), fields.get("completion")
+    for key, value in (("prompt", prompt), ("completion", completion)):
+        if value is None:
+            raise UsageError(f'{where}: field "{key}" is missing (format prompt-completion).')
+        if isinstance(value, str) and value.strip().startswith("[") and _json_list(value) is not None:
+            fields = {**fields, key: _json_list(value)}
+    prompt, completion = fields["prompt"], fields["completion"]
+    if isinstance(prompt, str) and isinstance(completion, str):
+        if not completion.strip():
+            raise UsageError(f'{where}: field "completion" must be a non-empty string (format prompt-completion).')
+        return Example(None, completion, where, prompt=prompt)
+    turns = []
+    for key, value, default_role in (("prompt", prompt, "user"), ("completion", completion, "assistant")):
+        if isinstance(value, str):
+            turns.append([{"role": default_role, "content": value}])
+        elif isinstance(value, list) and value:
+            turns.append([_message(m, f'{where}, "{key}" message {i}', names, "prompt-completion")
+                          for i, m in enumerate(value)])
+        else:
+            raise UsageError(f'{where}: field "{key}" must be a string or a non-empty list of messages '
+                             "(format prompt-completion).")
+    prompt_m, completion_m = turns
+    if not any(m["role"] == "assistant" for m in completion_m):
+        raise UsageError(f'{where}: "completion" has no assistant message; it is what the model learns to write.')
+    return Example(tuple(prompt_m + completion_m), None, where, prompt_turns=len(prompt_m), tools=_tools(fields, where))
+
+
+def _text(fields: dict[str, Any], where: str, names: FieldMap) -> Example:
     return Example(None, _text_field(fields, "text", where, "text"), where)
 
 
-_CONVERTERS = {"alpaca": _alpaca, "chat": _chat, "sharegpt": _sharegpt, "text": _text}
+_CONVERTERS = {"alpaca": _alpaca, "chat": _chat, "sharegpt": _sharegpt, "prompt-completion": _prompt_completion,
+               "text": _text}
+
+
+def _message(item: Any, where: str, names: FieldMap, fmt: str) -> dict[str, Any]:
+    """One message in our shape; entries may use role/content or from/value (or the --data-fields names)."""
+    if not isinstance(item, dict):
+        raise UsageError(f"{where}: each message must be an object with a role and a content (format {fmt}), "
+                         f"got {type(item).__name__}.")
+    role_key, content_key = names.message_keys(item)
+    speaker = item.get(role_key)
+    if not isinstance(speaker, str) or (content_key not in item and "tool_calls" not in item
+                                        and speaker.lower() not in _TOOL_CALL_SPEAKERS):
+        raise UsageError(f'{where}: each entry needs string fields "{role_key}" and "{content_key}" (format {fmt}); '
+                         f"this one has {sorted(item)}. Map other names with --data-fields role=KEY,content=KEY.")
+    role = names.role(speaker)
+    if role is None:
+        kind = "ShareGPT speaker" if fmt == "ShareGPT" else "role"
+        known = ", ".join(sorted(set(ROLE_NAMES) | set(names.roles)))
+        raise UsageError(f"{where}: unknown {kind} {speaker!r}; known: {known}. Map it with --data-fields, e.g. "
+                         f"--data-fields assistant={speaker} (roles: {', '.join(ROLES)}).")
+    message: dict[str, Any] = {"role": role}
+    content = item.get(content_key)
+    if speaker.lower() in _TOOL_CALL_SPEAKERS and role == "assistant":  # glaive / LLaMA-Factory tool-call turn
+        message["content"] = None
+        message["tool_calls"] = _tool_calls(_parsed_json(content, where, "the function_call value"), where)
+        return message
+    calls = item.get("tool_calls")
+    if calls and role == "assistant":  # OpenAI exports write [] or null when a message calls nothing
+        message["tool_calls"] = _tool_calls(_parsed_json(calls, where, '"tool_calls"'), where)
+    message["content"] = _content(content, where, role, content_key, fmt, bool(message.get("tool_calls")))
+    weight = item.get("weight")
+    if weight is not None and role == "assistant":  # OpenAI fine-tuning data: weight 0 = context only
+        if weight not in (0, 1):
+            raise UsageError(f'{where}: "weight" must be 0 (not trained) or 1 (trained), got {weight!r}.')
+        if weight == 0:
+            message["weight"] = 0
+    for key in ("tool_call_id", "name"):
+        if isinstance(item.get(key), str):
+            message[key] = item[key]
+    return message
+
+
+def _content(content: Any, where: str, role: str, key: str, fmt: str, has_calls: bool) -> str | None:
+    """A message's text: a string, text parts joined (OpenAI / HF multimodal style), a tool's JSON result."""
+    if isinstance(content, str):
+        return content
+    if content is None:
+        if has_calls:
+            return None  # an assistant turn that only calls tools: null, as OpenAI writes it and templates test
+        raise UsageError(f'{where}: the {role} message has no "{key}" (format {fmt}); only an assistant message '
+                         'with "tool_calls" may have none.')
+    if isinstance(content, list):
+        texts = []
+        for k, part in enumerate(content):
+            kind = part.get("type", "text") if isinstance(part, dict) else type(part).__name__
+            if isinstance(part, dict) and kind == "text" and isinstance(part.get("text"), str):
+                texts.append(part["text"])
+            elif isinstance(part, str):
+                texts.append(part)
+            else:
+                raise UsageError(f"{where}: content part {k} is of type {kind!r}; qlora trains text-only models, so "
+                                 'only text parts ({"type": "text", "text": ...}) are accepted. Remove the '
+                                 f"{kind} parts or the row.")
+        return "\n".join(texts)
+    if isinstance(content, (dict, int, float)) and not isinstance(content, bool) and role == "tool":
+        return json.dumps(content, ensure_ascii=False)
+    raise UsageError(f'{where}: "{key}" must be a string or a list of text parts, got {type(content).__name__} '
+                     f"(format {fmt}).")
+
+
+def _tool_calls(value: Any, where: str) -> list[dict[str, Any]]:
+    """Tool calls as Hugging Face chat templates expect them: ``{"type": "function", "function":
+    {"name", "arguments": dict}}``; OpenAI's JSON-string arguments are parsed."""
+    calls = value if isinstance(value, list) else [value]
+    if not calls:
+        raise UsageError(f"{where}: the tool call list is empty.")
+    out = []
+    for k, call in enumerate(calls):
+        fn = call.get("function", call) if isinstance(call, dict) else None
+        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
+            raise UsageError(f'{where}: tool call {k} needs a "name" (OpenAI style: {{"type": "function", '
+                             '"function": {"name": ..., "arguments": {...}}}).')
+        args = fn.get("arguments", fn.get("parameters", {}))
+        if isinstance(args, str):
+            args = _parsed_json(args, where, f"the arguments of tool call {k}") if args.strip() else {}
+        if not isinstance(args, dict):
+            raise UsageError(f"{where}: the arguments of tool call {k} must be a JSON object.")
+        normalized: dict[str, Any] = {"type": "function", "function": {"name": fn["name"], "arguments": args}}
+        if isinstance(call, dict) and isinstance(call.get("id"), str):
+            normalized["id"] = call["id"]
+        out.append(normalized)
+    return out
+
+
+def _tools(fields: dict[str, Any], where: str) -> tuple[dict[str, Any], ...] | None:
+    """The row's ``tools`` column: a list of tool definitions, or that list as a JSON string."""
+    value = fields.get("tools")
+    if value is None or value == "" or value == []:
+        return None
+    if isinstance(value, str):
+        value = _parsed_json(value, where, 'the "tools" field')
+    if isinstance(value, dict):
+        value = [value]
+    if not isinstance(value, list) or not all(isinstance(t, dict) for t in value):
+        raise UsageError(f'{where}: "tools" must be a list of tool definitions (JSON objects), or that list as a '
+                         "JSON string.")
+    return tuple(value) or None
+
+
+def _parsed_json(value: Any, where: str, what: str) -> Any:
+    if not isinstance(value, str):
+        return value
+    try:
+        return json.loads(value)
+    except json.JSONDecodeError as e:
+        raise UsageError(f"{where}: {what} is not valid JSON ({e.msg} at column {e.colno}).") from None
+
+
+def _json_list(value: str) -> list | None:
+    try:
+        parsed = json.loads(value)
+    except json.JSONDecodeError:
+        return None
+    return parsed if isinstance(parsed, list) and all(isinstance(m, dict) for m in parsed) else None
 
 
 def _text_field(fields: dict[str, Any], key: str, where: str, fmt: str) -> str:
@@ -134,13 +342,9 @@ def _text_field(fields: dict[str, Any], key: str, where: str, fmt: str) -> str:
 
 def _list_field(fields: dict[str, Any], key: str, where: str, fmt: str) -> list[Any]:
     value = fields.get(key)
+    if isinstance(value, str) and value.strip().startswith("["):  # a message list stored as JSON text (CSV)
+        value = _json_list(value) or value
     if not isinstance(value, list) or not value:
         problem = "is missing" if value is None else "must be a non-empty list"
         raise UsageError(f'{where}: field "{key}" {problem} (format {fmt}).')
     return value
-
-
-def _pair(item: Any, key: str, value_key: str, where: str, fmt: str) -> tuple[str, str]:
-    if not isinstance(item, dict) or not isinstance(item.get(key), str) or not isinstance(item.get(value_key), str):
-        raise UsageError(f'{where}: each entry needs string fields "{key}" and "{value_key}" (format {fmt}).')
-    return item[key], item[value_key]

@@ -18,14 +18,21 @@ The rules (issues 11 and 20), each one a silent fine-tune killer elsewhere:
   rewrite earlier turns (Qwen3, DeepSeek-R1, Mistral, Phi-3) and on tokenizers
   that merge across a boundary. Reasoning a template drops from a turn is not
   trained; a message that does not appear at all is refused, saying which;
+- an assistant message that calls tools has no content to search for: its whole turn (markers,
+  calls, end of turn) is the text that rendering the conversation up to it adds to the generation
+  prompt, located in the full rendering; tool results are never trained;
+- prompt-completion rows are masked exactly as TRL's SFTTrainer does: the completion starts where
+  the ids of the prompt (rendered alone, with the generation prompt) and of prompt + completion part;
 - position 0 is never a label (it cannot be predicted), which is also what
   keeps packed examples from learning across their boundaries.
 """
 
 from __future__ import annotations
 
+import json
+import re
 from dataclasses import dataclass, field
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 from qlora.errors import UsageError
 from qlora.model.chat_format import END_OF_TURN_TOKENS, ChatFormat, stop_token_ids
@@ -105,9 +112,16 @@ def tokenize_example(
     fmt = chat_template if isinstance(chat_template, ChatFormat) else ChatFormat(chat_template)
     stops = set(stop_ids) if stop_ids is not None else stop_token_ids(tokenizer)
     if example.messages is None:
-        ids = list(tokenizer(example.text)["input_ids"])  # the tokenizer's own BOS setting, as for a raw prompt
+        ids = list(tokenizer(_raw_text(example))["input_ids"])  # the tokenizer's own BOS setting, as for a raw prompt
         mask = [True] * len(ids)
+        if example.prompt is not None and train_on != "all":  # TRL: the completion starts where the ids diverge
+            prompt_len = _common_prefix(list(tokenizer(example.prompt)["input_ids"]), ids)
+            mask = [False] * prompt_len + [True] * (len(ids) - prompt_len)
         needs_eos = not ids or ids[-1] != tokenizer.eos_token_id
+    elif example.prompt_turns is not None:
+        ids, mask, needs_eos = _prompt_completion_ids_and_mask(example, tokenizer, fmt, stops)
+        if train_on == "all":
+            mask = [True] * len(ids)
     else:
         ids, mask, needs_eos = _chat_ids_and_mask(example, tokenizer, fmt, stops)
         if train_on == "all":
@@ -167,17 +181,28 @@ def _chat_ids_and_mask(example: Example, tokenizer, fmt: ChatFormat, stops: set[
     if not getattr(tokenizer, "is_fast", False):
         raise UsageError("qlora needs a fast (Rust) tokenizer to locate assistant tokens by character offsets; "
                          "save the model's tokenizer with tokenizer.json (transformers converts most slow ones).")
-    messages = fmt.messages(example.messages)
-    text = fmt.render(tokenizer, messages, where=example.where)
+    messages = fmt.messages(for_template(example.messages, fmt.template))
+    weights = [m.get("weight", 1) for m in example.messages if m.get("role") == "assistant"]
+    skipped = {k for k, w in enumerate(weights) if w == 0}  # OpenAI's weight 0: in the context, not trained
+    extra = _template_kwargs(example)
+    text = fmt.render(tokenizer, messages, where=example.where, **extra)
     encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)  # = apply_chat_template's ids
     ids, offsets = list(encoded["input_ids"]), [tuple(o) for o in encoded["offset_mapping"]]
     if has_generation_markers(fmt.template):
         marked = fmt.render(tokenizer, messages, where=example.where, tokenize=True, return_dict=True,
-                            return_assistant_tokens_mask=True)
+                            return_assistant_tokens_mask=True, **extra)
         runs = [_trim_after_stop(ids, run, stops) for run in _runs([bool(m) for m in marked["assistant_masks"]])]
+        if skipped:
+            if len(runs) != len(weights):
+                raise UsageError(f"{example.where}: the chat template ({fmt.origin}) marks {len(runs)} generation "
+                                 f"blocks for {len(weights)} assistant messages, so the messages with weight 0 cannot "
+                                 "be told apart; remove their weight, or split the conversation.")
+            runs = [run for k, run in enumerate(runs) if k not in skipped]
         char_ends = [offsets[end - 1][1] for _, end in runs]
     else:
-        spans = _assistant_spans(text, messages, fmt, example.where)
+        spans = _assistant_spans(text, messages, fmt, example.where,
+                                 lambda cursor, i: _tool_call_span(text, cursor, tokenizer, fmt, messages, i,
+                                                                   example.where, extra), skipped)
         runs = [_tokens_covering(offsets, s, e) for s, e in spans]
         char_ends = [e for _, e in spans]
     mask = [False] * len(ids)
@@ -185,8 +210,118 @@ def _chat_ids_and_mask(example: Example, tokenizer, fmt: ChatFormat, stops: set[
     for (start, end), char_end in zip(runs, char_ends):
         end, last_end_has_stop = _with_end_marker(ids, offsets, text, end, char_end, stops)
         mask[start:end] = [True] * (end - start)
-    final_is_assistant = bool(messages) and messages[-1].get("role") == "assistant" and bool(runs)
+    final_is_assistant = (bool(messages) and messages[-1].get("role") == "assistant" and bool(runs)
+                          and example.messages[-1].get("weight", 1) != 0)
     return ids, mask, final_is_assistant and not last_end_has_stop
+
+
+def _prompt_completion_ids_and_mask(example: Example, tokenizer, fmt: ChatFormat, stops: set[int]):
+    """``(ids, mask, needs_eos)`` of a conversational prompt-completion row, as TRL's SFTTrainer builds them:
+    the ids of prompt + completion rendered together; the completion is trained from where they stop
+    agreeing with the ids of the prompt rendered alone with the generation prompt."""
+    messages = for_template(example.messages, fmt.template)
+    extra = _template_kwargs(example)
+
+    def ids_of(turns: Sequence[dict], prompt: bool) -> list[int]:
+        out = fmt.render(tokenizer, turns, add_generation_prompt=prompt, where=example.where, tokenize=True,
+                         return_dict=True, **extra)
+        return list(out["input_ids"])
+
+    ids = ids_of(messages, False)
+    prompt_len = _common_prefix(ids_of(messages[:example.prompt_turns], True), ids)
+    mask = [False] * prompt_len + [True] * (len(ids) - prompt_len)
+    return ids, mask, not any(t in stops for t in ids[prompt_len:])
+
+
+_ARGUMENTS_AS_TEXT = re.compile(r"""arguments['"]?\]?\s*\+""")  # DeepSeek: '...' + tool['function']['arguments']
+
+
+def for_template(messages: Sequence[dict], template: str) -> list[dict]:
+    """Messages as ``template`` can take them: OpenAI's ``developer`` role becomes ``system`` for a template
+    that has no developer role (all but a few recent ones), since that is what it means there; tool-call
+    arguments are a dict (Hugging Face's convention, ``| tojson`` in the template) except for templates that
+    concatenate them as JSON text (DeepSeek V3/R1)."""
+    developer = "developer" in template
+    as_text = bool(_ARGUMENTS_AS_TEXT.search(template))
+    out = []
+    for m in messages:
+        if "weight" in m:  # ours (which turns are trained), not the template's
+            m = {k: v for k, v in m.items() if k != "weight"}
+        if m.get("role") == "developer" and not developer:
+            m = {**m, "role": "system"}
+        if m.get("tool_calls") and m.get("content") is None:  # transformers drops None keys; templates need one
+            m = {**m, "content": ""}
+        if as_text and m.get("tool_calls"):
+            m = {**m, "tool_calls": [_arguments_as_text(c) for c in m["tool_calls"]]}
+        out.append(m)
+    return out
+
+
+def _arguments_as_text(call: dict) -> dict:
+    fn = call.get("function", {})
+    if isinstance(fn.get("arguments"), str):
+        return call
+    return {**call, "function": {**fn, "arguments": json.dumps(fn.get("arguments", {}), ensure_ascii=False)}}
+
+
+def _template_kwargs(example: Example) -> dict:
+    return {"tools": [dict(t) for t in example.tools]} if example.tools else {}
+
+
+def _raw_text(example: Example) -> str:
+    return example.text if example.prompt is None else example.prompt + example.text
+
+
+def _common_prefix(a: Sequence, b: Sequence) -> int:
+    n = 0
+    while n < len(a) and n < len(b) and a[n] == b[n]:
+        n += 1
+    return n
+
+
+def _tool_call_span(text: str, cursor: int, tokenizer, fmt: ChatFormat, messages: Sequence[dict], i: int,
+                    where: str, extra: dict) -> tuple[int, int] | None:
+    """Where assistant message ``i``, which calls tools (so it may have no content to search for), is
+    rendered in ``text`` at or after ``cursor``, or None if the template drops its calls.
+
+    The turn's text is what rendering messages ``[:i + 1]`` adds to the generation prompt of messages
+    ``[:i]`` (also without a leading reasoning block, which templates such as Qwen3 add to the last turn
+    only, and without its end-of-turn marker, found again by the caller). Templates that place other
+    messages by position (Mistral puts the system message in the last user turn) make that text begin with
+    some prompt: the longest part of it, cut after whitespace or a special token, that ``text`` holds past
+    the prompt is the turn."""
+    before = fmt.render(tokenizer, messages[:i], add_generation_prompt=True, where=where, **extra) if i else ""
+    upto = fmt.render(tokenizer, messages[:i + 1], where=where, **extra)
+    first, second = (tokenizer(t, add_special_tokens=False, return_offsets_mapping=True) for t in (before, upto))
+    ids, offsets = second["input_ids"], second["offset_mapping"]
+    n = _common_prefix(first["input_ids"], ids)
+    # A generation prompt that opens a block (DeepSeek-V3's "<think>") can share a first character with the turn
+    # ("<｜tool▁calls▁begin｜>"): the turn starts after the last special token or whitespace before the split.
+    special = set(tokenizer.all_special_ids) | set(getattr(tokenizer, "added_tokens_decoder", {}))
+    def plain(k: int) -> bool:  # neither a special token nor ending in whitespace
+        return ids[k] not in special and not upto[offsets[k][0]:offsets[k][1]][-1:].isspace()
+
+    while 0 < n < len(ids) and plain(n - 1):
+        n -= 1
+    turn = upto[offsets[n][0] if n < len(ids) else len(upto):].strip()
+    forms = [turn, re.sub(r"^<think>.*?</think>\s*", "", turn, flags=re.S)]
+    for form in list(forms):
+        bare = form
+        for marker in (*END_OF_TURN_TOKENS, tokenizer.eos_token or ""):
+            if marker and bare.endswith(marker):
+                bare = bare[:-len(marker)].rstrip()
+        forms.append(bare)
+    names = [c.get("function", c).get("name", "") for c in messages[i]["tool_calls"]]
+    markers = [str(t) for t in tokenizer.all_special_tokens] + [
+        str(getattr(t, "content", t)) for t in getattr(tokenizer, "added_tokens_decoder", {}).values()]
+    for form in dict.fromkeys(f for f in forms if f):
+        for cut in range(len(form)):
+            if cut and not (form[cut - 1].isspace() or any(form.endswith(m, 0, cut) for m in markers if m)):
+                continue
+            found = _find(text, form[cut:], cursor)
+            if found and all(name in text[found[0]:found[1]] for name in names):
+                return found
+    return None
 
 
 def _runs(flags: list[bool]) -> list[tuple[int, int]]:
@@ -277,8 +412,12 @@ def _find_assistant(text: str, content: str, cursor: int) -> tuple[int, int] | N
     return _find(text, answer, cursor) if answer else None
 
 
-def _assistant_spans(text: str, messages: Sequence[dict], fmt: ChatFormat, where: str) -> list[tuple[int, int]]:
-    """Character spans of each assistant message's content in ``text``, in order."""
+def _assistant_spans(text: str, messages: Sequence[dict], fmt: ChatFormat, where: str,
+                     tool_call_span: Callable[[int, int], tuple[int, int] | None],
+                     skipped: set[int] = frozenset()) -> list[tuple[int, int]]:
+    """Character spans of each assistant message's content in ``text``, in order, but for the assistant
+    messages numbered (from 0) in ``skipped``; a message that calls tools spans the whole turn the template
+    writes for it (``tool_call_span(cursor, i)``: content and calls)."""
     spans, cursor = [], 0
     assistants = [i for i, m in enumerate(messages) if m.get("role") == "assistant"]
     for k, i in enumerate(assistants, 1):
@@ -287,6 +426,20 @@ def _assistant_spans(text: str, messages: Sequence[dict], fmt: ChatFormat, where
             prompt = _find(text, _content(messages[i - 1]), cursor)
             if prompt:
                 cursor = prompt[1]
+        if messages[i].get("tool_calls"):
+            found = tool_call_span(cursor, i)
+            if found is None:
+                names = [c.get("function", c).get("name") for c in messages[i]["tool_calls"]]
+                raise UsageError(
+                    f"{where}: assistant message {k} of {len(assistants)} (message {i + 1} of the conversation, "
+                    f"calling {names}): the chat template ({fmt.origin}) drops these tool calls, or renders them "
+                    "differently inside the conversation than as its last turn, so their tokens cannot be located. "
+                    "Use a template that renders tool calls (or has {% generation %} markers), or train on the whole "
+                    "text with --train-on all.")
+            if k - 1 not in skipped:
+                spans.append(found)
+            cursor = found[1]
+            continue
         if not content.strip():
             continue  # nothing to learn but the end marker, whose place is unknown
         found = _find_assistant(text, content, cursor)
@@ -299,6 +452,7 @@ def _assistant_spans(text: str, messages: Sequence[dict], fmt: ChatFormat, where
                 "would never see them in this format. Fix or remove that message in the data (check that it is "
                 "plain text the template prints as is), or train on the whole text with --train-on all."
             )
-        spans.append(found)
+        if k - 1 not in skipped:
+            spans.append(found)
         cursor = found[1]
     return spans

@@ -1,0 +1,143 @@
+"""``--data-fields``: the dataset's names for our fields, message keys and role values.
+
+Datasets name the same things differently (``question``/``answer``, ``dialog``,
+``from``/``value``, ``human``/``gpt``). Rather than guess from names that can
+mean several things (a ``question``/``answer`` dataset often has a ``context``
+the model needs, which a guess would silently drop), qlora auto-detects only
+unambiguous layouts and lets the user say the rest in one option::
+
+    --data-fields instruction=question,output=answer
+    --data-fields messages=dialog,role=speaker,content=text,user=human,assistant=bot
+
+Each item is ``OURS=THEIRS``: a column (alpaca, chat, ShareGPT, prompt-completion and
+text fields), a key inside messages (``role``, ``content``), or a role value (``user``,
+``assistant``, ``tool``, ``developer``; ``system_role`` for the system role's name,
+since ``system`` is the alpaca/ShareGPT system column).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from qlora.errors import UsageError
+from qlora.train.data.sources import Record
+
+COLUMNS = ("instruction", "input", "output", "system", "history", "messages", "conversations", "prompt",
+           "completion", "text", "tools")
+# Speaker names seen in the wild (ShareGPT, glaive, LLaMA-Factory, OpenAI), mapped to chat roles.
+# ``function_call`` is an assistant turn whose value is the tool call(s) as JSON.
+ROLE_NAMES = {
+    "system": "system",
+    "developer": "developer",
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+    "chatgpt": "assistant",
+    "bing": "assistant",
+    "model": "assistant",
+    "function_call": "assistant",
+    "tool": "tool",
+    "observation": "tool",
+    "function": "tool",
+    "ipython": "tool",
+}
+MESSAGE_KEYS = ("role", "content")
+ROLE_VALUES = {"user": "user", "assistant": "assistant", "tool": "tool", "developer": "developer",
+               "system_role": "system"}
+
+# Names that suggest a prompt or an answer column, for the error that suggests a mapping.
+_PROMPT_NAMES = ("question", "query", "prompt", "input", "problem", "instruction", "human", "user", "request", "q")
+_ANSWER_NAMES = ("answer", "response", "output", "completion", "solution", "target", "assistant", "gpt", "reply",
+                 "chosen", "a")
+
+
+@dataclass(frozen=True)
+class FieldMap:
+    """A parsed ``--data-fields``; the empty map changes nothing."""
+
+    columns: dict[str, str] = field(default_factory=dict)  # ours -> theirs
+    keys: dict[str, str] = field(default_factory=dict)  # "role"/"content" -> theirs
+    roles: dict[str, str] = field(default_factory=dict)  # their value (lowercase) -> our role
+
+    def rename(self, record: Record) -> Record:
+        """``record`` with the mapped columns under our names.
+
+        Raises:
+            UsageError: the row lacks a mapped column (naming its file and line).
+        """
+        if not self.columns:
+            return record
+        fields = dict(record.fields)
+        for ours, theirs in self.columns.items():
+            if theirs not in record.fields:
+                raise UsageError(f"{record.where}: --data-fields maps {ours}={theirs}, but this row has no field "
+                                 f"{theirs!r}; its fields are {sorted(record.fields)}.")
+            fields.pop(ours, None)
+        for theirs in self.columns.values():  # renamed, not copied: the old name must not decide the format
+            fields.pop(theirs, None)
+        for ours, theirs in self.columns.items():
+            fields[ours] = record.fields[theirs]
+        return replace(record, fields=fields)
+
+    def message_keys(self, item: dict[str, Any]) -> tuple[str, str]:
+        """The role and content keys of a message: as mapped, else role/content or from/value, whichever it has."""
+        if "role" not in self.keys and "content" not in self.keys and "role" not in item and "from" in item:
+            return "from", "value"
+        return self.keys.get("role", "role"), self.keys.get("content", "content")
+
+    def role(self, speaker: str) -> str | None:
+        """Our role for a role value of the dataset (mapped first, then the known names), or None."""
+        name = speaker.lower()
+        return self.roles.get(name) or ROLE_NAMES.get(name)
+
+
+def parse_data_fields(spec: str | dict | None) -> FieldMap:
+    """Parse ``--data-fields`` (``"ours=theirs,..."``, or a YAML mapping).
+
+    Raises:
+        UsageError: an item not of the form OURS=THEIRS, an unknown OURS (listing the valid ones), or a repeat.
+    """
+    if not spec:
+        return FieldMap()
+    items = list(spec.items()) if isinstance(spec, dict) else [
+        tuple(part.split("=", 1)) if "=" in part else (part, "") for part in str(spec).split(",") if part.strip()]
+    columns, keys, roles, seen = {}, {}, {}, set()
+    for ours, theirs in items:
+        ours, theirs = str(ours).strip(), str(theirs).strip()
+        if not ours or not theirs:
+            raise UsageError(f"--data-fields: {ours or theirs!r} is not of the form OURS=THEIRS (e.g. "
+                             "instruction=question,output=answer).")
+        if ours in seen:
+            raise UsageError(f"--data-fields: {ours} is mapped twice.")
+        seen.add(ours)
+        if ours in COLUMNS:
+            columns[ours] = theirs
+        elif ours in MESSAGE_KEYS:
+            keys[ours] = theirs
+        elif ours in ROLE_VALUES:
+            roles[theirs.lower()] = ROLE_VALUES[ours]
+        else:
+            raise UsageError(
+                f"--data-fields: unknown name {ours!r}. Valid names: columns {', '.join(COLUMNS)}; message keys "
+                f"{', '.join(MESSAGE_KEYS)}; role values {', '.join(ROLE_VALUES)} (each as OURS=THEIRS, e.g. "
+                "instruction=question,output=answer or role=from,content=value,user=human).")
+    return FieldMap(columns, keys, roles)
+
+
+def suggest_fields(fields: dict[str, Any]) -> str:
+    """A sentence suggesting a --data-fields mapping for a row no format matched ('' if none fits)."""
+    lowered = {k.lower(): k for k in fields}
+    lists = [k for k, v in fields.items() if isinstance(v, list) and v and all(isinstance(m, dict) for m in v)]
+    if lists:
+        return (f"The field {lists[0]!r} holds a list of objects: if it is the conversation, map it with "
+                f"--data-fields messages={lists[0]} (and role=KEY,content=KEY if its entries use other keys). ")
+    prompt = next((lowered[n] for n in _PROMPT_NAMES if n in lowered), None)
+    answer = next((lowered[n] for n in _ANSWER_NAMES if n in lowered and lowered[n] != prompt), None)
+    if prompt and answer:
+        return (f"If {prompt!r} is the prompt and {answer!r} the answer, map them with --data-fields "
+                f"instruction={prompt},output={answer} (add input=COLUMN for a context the model must see); "
+                "such names are not mapped automatically because datasets that use them often carry other "
+                "columns the model needs. ")
+    return "Map your fields with --data-fields OURS=THEIRS (e.g. instruction=question,output=answer). "

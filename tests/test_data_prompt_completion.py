@@ -1,0 +1,130 @@
+"""TRL's prompt-completion format: token ids and completion mask equal TRL's SFTTrainer's (the oracle),
+on the tiny tokenizer and on real chat templates; preference rows stay DPO data."""
+
+from __future__ import annotations
+
+import json
+import types
+
+import pytest
+
+from qlora.errors import UsageError
+from qlora.model.chat_format import ChatFormat
+from qlora.train.data import IGNORE_INDEX, Record, normalize, tokenize_example
+from qlora.train.data.preference import normalize_preferences
+
+from chat_families import family_tokenizer
+
+trl = pytest.importorskip("trl")
+
+SYSTEM = {"role": "system", "content": "You answer in one line."}
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "Weather of a city",
+          "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}]
+CALL = {"role": "assistant", "content": None, "tool_calls": [
+    {"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}]}
+ROWS = {
+    "plain": {"prompt": "Question: what is two plus two?", "completion": " Answer: four."},
+    "plain, eos given": {"prompt": "The quick brown", "completion": " fox.<|eos|>"},
+    "conversational": {"prompt": [{"role": "user", "content": "Hello"}],
+                       "completion": [{"role": "assistant", "content": "Hi there!"}]},
+    "conversational, system, two turns": {
+        "prompt": [SYSTEM, {"role": "user", "content": "What is two plus two?"}, {"role": "assistant", "content": "Four."},
+                   {"role": "user", "content": "And three plus three?"}],
+        "completion": [{"role": "assistant", "content": "Six."}]},
+    "conversational, tools": {
+        "prompt": [{"role": "user", "content": "Weather in Paris?"}, CALL,
+                   {"role": "tool", "content": '{"temp": 21}'}],
+        "completion": [{"role": "assistant", "content": "It is 21 degrees in Paris."}],
+        "tools": json.dumps(TOOLS)},
+}
+TINY_ROWS = ["plain", "plain, eos given", "conversational", "conversational, system, two turns"]
+FAMILY_ROWS = ["conversational", "conversational, system, two turns", "conversational, tools"]
+FAMILIES = ["qwen2.5", "qwen3", "llama-3.1"]
+
+
+def _trl(tokenizer, rows: list[dict], completion_only_loss: bool = True) -> list[dict]:
+    """TRL's SFTTrainer dataset preparation (tokenization, completion mask, labels) on ``rows``."""
+    from datasets import Dataset
+    from trl import SFTConfig, SFTTrainer
+
+    args = SFTConfig(output_dir="unused", report_to=[], bf16=False, use_cpu=True,
+                     completion_only_loss=completion_only_loss, dataset_num_proc=None)
+    trainer = types.SimpleNamespace(_tokenizer=tokenizer, chat_template=None, completion_only_loss=completion_only_loss)
+    out = SFTTrainer._prepare_dataset(trainer, Dataset.from_list(rows), tokenizer, args, False, None, "train")
+    return [{"input_ids": list(r["input_ids"]), "labels": list(r["labels"])} for r in out]
+
+
+def _ours(tokenizer, row: dict, train_on: str = "assistant"):
+    example = normalize([Record(row, "d.jsonl line 1")])[0]
+    return tokenize_example(example, tokenizer, ChatFormat(tokenizer.chat_template), train_on)
+
+
+def _same_columns(rows: list[dict]) -> list[dict]:
+    """Rows of one Dataset share columns: a missing ``tools`` is None."""
+    return [{"tools": None, **r} for r in rows]
+
+
+@pytest.mark.parametrize("train_on", ["assistant", "all"])
+def test_tiny_tokenizer_equals_trl(tiny_tokenizer, train_on):
+    plain = [ROWS[k] for k in TINY_ROWS if isinstance(ROWS[k]["prompt"], str)]
+    chat = [ROWS[k] for k in TINY_ROWS if not isinstance(ROWS[k]["prompt"], str)]
+    expected = (_trl(tiny_tokenizer, plain, train_on == "assistant")
+                + _trl(tiny_tokenizer, chat, train_on == "assistant"))
+    for row, theirs in zip(plain + chat, expected):
+        ours = _ours(tiny_tokenizer, row, train_on)
+        assert ours.input_ids == theirs["input_ids"], row
+        assert ours.labels[1:] == theirs["labels"][1:], row  # position 0 is never a label (it cannot be predicted)
+        assert ours.num_trainable > 0
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_real_templates_equal_trl(family):
+    tok = family_tokenizer(family)
+    rows = _same_columns([ROWS[k] for k in FAMILY_ROWS])
+    for name, row, theirs in zip(FAMILY_ROWS, rows, _trl(tok, rows)):
+        ours = _ours(tok, {k: v for k, v in row.items() if v is not None})
+        assert ours.input_ids == theirs["input_ids"], (family, name)
+        assert ours.labels == theirs["labels"], (family, name)
+        trained = tok.decode([t for t in ours.labels if t != IGNORE_INDEX])
+        assert row["completion"][0]["content"] in trained and "Paris?" not in trained
+
+
+def test_chat_rows_with_tools_tokenize_as_trl():
+    """A ``messages`` row with a ``tools`` column: the ids TRL builds (it passes tools to the template)."""
+    tok = family_tokenizer("qwen2.5")
+    row = {"messages": ROWS["conversational, tools"]["prompt"] + ROWS["conversational, tools"]["completion"],
+           "tools": json.dumps(TOOLS)}
+    theirs = _trl(tok, [row])[0]
+    ours = _ours(tok, row)
+    assert ours.input_ids == theirs["input_ids"]
+    assert "Weather of a city" in tok.decode(ours.input_ids)  # the tool definitions are rendered
+
+
+def test_detection_and_mixed_shapes():
+    examples = normalize([Record({"prompt": [{"role": "user", "content": "Hi"}], "completion": "Hello!"}, "x line 1"),
+                          Record({"prompt": "Hi", "completion": [{"role": "assistant", "content": "Yo"}]}, "x line 2")])
+    assert [e.prompt_turns for e in examples] == [1, 1]
+    assert examples[0].messages[-1] == {"role": "assistant", "content": "Hello!"}
+    assert examples[1].messages[0] == {"role": "user", "content": "Hi"}
+    plain = normalize([Record({"prompt": "a", "completion": "b"}, "x line 1")], "prompt-completion")[0]
+    assert (plain.prompt, plain.text, plain.messages) == ("a", "b", None)
+
+
+@pytest.mark.parametrize("row, message", [
+    ({"prompt": "p", "completion": "  "}, r'd\.jsonl line 3: field "completion" must be a non-empty string'),
+    ({"prompt": "p", "completion": 7}, r'd\.jsonl line 3: field "completion" must be a string or a non-empty list'),
+    ({"prompt": [{"role": "user", "content": "p"}], "completion": [{"role": "user", "content": "q"}]},
+     r'd\.jsonl line 3: "completion" has no assistant message'),
+])
+def test_bad_rows_name_their_line(row, message):
+    with pytest.raises(UsageError, match=message):
+        normalize([Record(row, "d.jsonl line 3")])
+
+
+def test_preference_rows_stay_dpo_data_and_are_refused_for_sft():
+    row = {"prompt": "Capital of France?", "chosen": "Paris.", "rejected": "Lyon."}
+    assert normalize_preferences([Record(row, "p.jsonl line 1")])[0].chosen == "Paris."
+    with pytest.raises(UsageError, match=r"p\.jsonl line 1: these rows are preference pairs.*--method dpo"):
+        normalize([Record(row, "p.jsonl line 1")])
+    sft = normalize([Record(row, "p.jsonl line 1")], fields="completion=chosen")[0]
+    assert (sft.prompt, sft.text) == ("Capital of France?", "Paris.")
