@@ -169,6 +169,18 @@ def test_cli_reads_a_config_json(tmp_path, capsys):
     assert "LoRA r=16 on 4 linears" in capsys.readouterr().out
 
 
+def test_cli_reads_configs_that_save_pretrained_encodes(tmp_path, capsys):
+    """Falcon-H1's config.json holds an infinity as {"__float__": "Infinity"}: only
+    transformers' own reader decodes it (passing the raw JSON as kwargs fails validation)."""
+    from transformers import FalconH1Config
+
+    FalconH1Config(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                   intermediate_size=128, vocab_size=256).save_pretrained(tmp_path)
+    assert "Infinity" in (tmp_path / "config.json").read_text()
+    assert main(["estimate", str(tmp_path)]) == 0
+    assert "QLoRA" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--model", "no-such-model"], "unknown model"),
     (["--model", "."], "no config.json"),

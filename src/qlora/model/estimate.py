@@ -147,9 +147,12 @@ def load_config(model: str):
             raise UsageError(f"{path} has no config.json; pass a model directory saved by transformers, "
                              f"a config.json file, or a known shape ({', '.join(KNOWN_SHAPES)}).")
         try:
-            fields = json.loads(config_file.read_text())
-            return AutoConfig.for_model(fields.pop("model_type"), **fields)
-        except (ValueError, KeyError) as exc:
+            if "model_type" not in json.loads(config_file.read_text()):
+                raise KeyError("model_type")
+            # from_pretrained, not for_model(**json): it decodes what save_pretrained encodes
+            # (Falcon-H1's time_step_limit holds an infinity written as {"__float__": "Infinity"}).
+            return AutoConfig.from_pretrained(config_file)
+        except (ValueError, KeyError, OSError) as exc:
             raise UsageError(f"cannot read a transformers config from {config_file}: {exc}. "
                              "It must be JSON with a model_type that transformers knows.") from exc
     if "/" in model and not model.startswith((".", "/")):
