@@ -177,6 +177,27 @@ def test_resume_with_different_config_is_refused(tmp_path, tiny_model_dir, capsy
     assert sorted(p.name for p in out.rglob("*")) == before
 
 
+def test_resume_of_a_checkpoint_older_than_an_option_uses_its_default(tmp_path, tiny_model_dir, capsys):
+    """Options added to qlora after a checkpoint was written are absent from its run_config.json:
+    the run used their default, so resuming with the default is no config change; another value is."""
+    from qlora.train.trainer import list_checkpoints
+
+    data = _write(tmp_path / "d.jsonl", FORMATS["alpaca"])
+    out = tmp_path / "o"
+    argv = ["train", "--model", str(tiny_model_dir), "--data", str(data), "--output", str(out), "--optim", "adamw",
+            "--max-steps", "3", "--save-steps", "1", "--no-progress"]
+    assert main(argv) == 0
+    for ckpt in list_checkpoints(out):
+        run_config = ckpt / "run_config.json"
+        saved = json.loads(run_config.read_text())
+        del saved["data_fields"], saved["system_into_user"]
+        run_config.write_text(json.dumps(saved))
+    code, err = _run(argv + ["--resume", "--data-fields", "output=answer"], capsys)
+    assert code == 2 and "data_fields: None -> 'output=answer'" in err
+    code, err = _run(argv + ["--resume"], capsys)
+    assert code == 0, err
+
+
 def test_subprocess_unknown_flag(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "qlora", "train", "--batchsize", "2"], capture_output=True,
                           text=True, env={"PYTHONPATH": "src", "PATH": "/usr/bin:/bin"})

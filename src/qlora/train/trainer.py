@@ -21,6 +21,7 @@ checkpoint) -> save the final adapter -> cleanup. Choices that matter:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import random
@@ -225,7 +226,9 @@ class Trainer:
                 raise UsageError(f"--resume: {self.out} has no checkpoint to resume from")
             saved = json.loads((checkpoints[-1] / "run_config.json").read_text())
             current = self.config.run_defining(self.dist.world_size)
-            differ = [k for k, v in current.items() if saved.get(k) != v]
+            # A key the checkpoint lacks was added to qlora after it was written: that run used the default.
+            defaults = {f.name: f.default for f in dataclasses.fields(cfg)}
+            differ = [k for k, v in current.items() if (saved[k] if k in saved else defaults.get(k)) != v]
             if differ:
                 shown = ", ".join(f"{k}: {saved.get(k)!r} -> {current[k]!r}" for k in differ)
                 raise UsageError(f"--resume: the checkpoint in {self.out} was made with a different config ({shown}); "
