@@ -77,3 +77,20 @@ def test_greedy_stream_equals_model_generate_on_nf4(tiny_model_dir):
     ref = model.generate(ids, do_sample=False, max_new_tokens=12, eos_token_id=tok.eos_token_id,
                          pad_token_id=tok.pad_token_id)[0, ids.shape[1]:].tolist()
     assert list(stream_tokens(model, ids, SamplingOptions(max_new_tokens=12, temperature=0), [tok.eos_token_id])) == ref
+
+
+def test_cli_prompt_from_stdin_equals_the_same_prompt_inline(tiny_model_dir, capsys, monkeypatch):
+    import io
+
+    from qlora.cli.main import main
+
+    prompt = "Question: what is the capital of France?\nAnswer:"
+    argv = ["generate", "--model", str(tiny_model_dir), "--template", "none", "--max-new-tokens", "6", "--temperature", "0"]
+    assert main(argv + ["--prompt", prompt]) == 0
+    inline = capsys.readouterr().out
+    monkeypatch.setattr("sys.stdin", io.StringIO(prompt))
+    assert main(argv + ["--prompt", "-"]) == 0
+    assert capsys.readouterr().out == inline and inline.strip()
+    monkeypatch.setattr("sys.stdin", io.StringIO("  \n"))
+    assert main(argv + ["--prompt", "-"]) == 2
+    assert "--prompt is empty" in capsys.readouterr().err

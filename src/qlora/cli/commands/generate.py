@@ -132,7 +132,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prompt", required=True,
                         help="the prompt: sent as one user message in the chat format of --template (by default the "
                              "adapter's training format), or continued as raw text with --template none or an "
-                             "adapter saved without a format")
+                             "adapter saved without a format; '-' reads it from standard input (a long or "
+                             "multi-line prompt: qlora generate ... --prompt - < prompt.txt)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -141,6 +142,10 @@ def run(args: argparse.Namespace) -> int:
     from ...infer.template import render_chat, stop_token_ids
 
     options = sampling_options(args)  # checked before the (slow) model load
+    if args.prompt == "-":
+        args.prompt = sys.stdin.read()
+    if not args.prompt.strip():
+        raise UsageError("--prompt is empty; give the text to continue (or '-' with the text on standard input).")
     model, tokenizer = load_model_from_args(args)
     fmt = chat_format_from_args(args, tokenizer, "generate")
     prompt = args.prompt if fmt is None else render_chat(tokenizer, [Message("user", args.prompt)], chat_format=fmt)
