@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import sys
 
 NAME = "eval"
 HELP = "loss and perplexity of a model (+ adapter) on a dataset"
@@ -40,8 +41,8 @@ def run(args: argparse.Namespace) -> int:
     from ...cpu_threads import apply_cpu_threads
     from ...model.adapter_io import load_adapter
     from ...model.load import load_model
-    from ...train.data import (count_trainable_tokens, load_records, normalize, pad_collate, pad_token_id,
-                               resolve_chat_format, tokenize_dataset)
+    from ...train.data import (count_trainable_tokens, fallback_note, load_records, normalize, own_template,
+                               pad_collate, pad_token_id, resolve_chat_format, tokenize_dataset)
     from ...infer.template import stop_token_ids
     from ...model.chat_format import ChatFormat
     from ...train.trainer import compute_dtype_for, token_loss_sum
@@ -56,6 +57,9 @@ def run(args: argparse.Namespace) -> int:
     examples = normalize(load_records(args.data, args.data_split, args.data_subset), args.format)
     saved = ChatFormat.load(args.adapter) if args.adapter and args.template == "auto" else None
     fmt = saved or resolve_chat_format(tokenizer, args.template)
+    if (saved is None and args.template == "auto" and own_template(tokenizer) is None
+            and any(e.messages is not None for e in examples)):
+        print(fallback_note(tokenizer), file=sys.stderr)
     tokenized, report = tokenize_dataset(examples, tokenizer, fmt, args.train_on, args.seq_len,
                                          stop_ids=stop_token_ids(model, tokenizer))
     model.eval()

@@ -79,7 +79,7 @@ def chat_format_from_args(args: argparse.Namespace, tokenizer, command: str):
     formats were saved falls back as before (raw prompt for generate, the tokenizer's template for chat).
     """
     from ...model.chat_format import ChatFormat
-    from ...train.data import resolve_chat_format
+    from ...train.data import fallback_note, own_template, resolve_chat_format
 
     if args.template == "none":
         if command == "chat":
@@ -93,6 +93,9 @@ def chat_format_from_args(args: argparse.Namespace, tokenizer, command: str):
                 print("note: the adapters were trained with different chat formats; prompting in the first one's "
                       f"({saved[0].origin})", file=sys.stderr)
             return saved[0]
+        if command == "chat" and own_template(tokenizer) is None:
+            print(fallback_note(tokenizer), file=sys.stderr)
+            return resolve_chat_format(tokenizer, "auto")
         return None
     return resolve_chat_format(tokenizer, args.template)
 

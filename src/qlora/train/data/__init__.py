@@ -17,7 +17,8 @@ from qlora.train.data.collate import count_trainable_tokens, pad_collate, pad_to
 from qlora.train.data.formats import FORMATS, Example, detect_format, normalize
 from qlora.train.data.packing import PackedRow, check_packing_supported, pack_examples, packed_attention_mask
 from qlora.train.data.sources import Record, demo_data_path, load_records
-from qlora.train.data.templates import TEMPLATES, resolve_chat_format, resolve_chat_template
+from qlora.train.data.templates import (TEMPLATES, fallback_note, own_template, resolve_chat_format,
+                                       resolve_chat_template)
 from qlora.train.data.tokenize import (
     IGNORE_INDEX, TRAIN_ON, DataReport, TokenizedExample, tokenize_dataset, tokenize_example,
 )
@@ -27,5 +28,6 @@ __all__ = [
     "DataReport", "Example", "PackedRow", "Record", "TokenizedExample",
     "check_packing_supported", "count_trainable_tokens", "demo_data_path", "detect_format", "load_records", "normalize",
     "pack_examples", "packed_attention_mask", "packed_collate", "pad_collate", "pad_token_id",
-    "resolve_chat_format", "resolve_chat_template", "shuffled_indices", "tokenize_dataset", "tokenize_example",
+    "fallback_note", "own_template", "resolve_chat_format", "resolve_chat_template", "shuffled_indices",
+    "tokenize_dataset", "tokenize_example",
 ]
