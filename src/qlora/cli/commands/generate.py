@@ -139,7 +139,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ...infer.generate import generate_per_adapter, stream_text
+    from ...infer.generate import default_stop_ids, generate_per_adapter, stream_text
     from ...infer.messages import Message
     from ...infer.template import render_chat, stop_token_ids
 
@@ -153,7 +153,7 @@ def run(args: argparse.Namespace) -> int:
         for name, text in zip(names, generate_per_adapter(model, tokenizer, prompt, names, options)):
             sys.stdout.write(f"[{name}] {text}\n")
         return 0
-    stops = None if fmt is None else stop_token_ids(model, tokenizer)
+    stops = default_stop_ids(model, tokenizer) if fmt is None else stop_token_ids(model, tokenizer)
     for piece in stream_text(model, tokenizer, prompt, options, stops):
         sys.stdout.write(piece)
         sys.stdout.flush()
