@@ -171,14 +171,15 @@ def build_tiny_model(
 ) -> Path:
     """Save a random-initialized ``arch`` model and its tokenizer to ``out_dir``.
 
-    Either pass a tokenizer or ``texts`` to train one on. Returns ``out_dir``.
+    Either pass a tokenizer or ``texts`` to train one on. ``vocab_size`` (embedding rows) defaults to
+    the tokenizer's length; a larger one pads the embedding as many real checkpoints do. Returns ``out_dir``.
     """
     from transformers import AutoModelForCausalLM
 
     out = Path(out_dir)
     if tokenizer is None:
         tokenizer = train_tokenizer(texts or _DEFAULT_TEXT)
-    config = tiny_config(arch, vocab_size=len(tokenizer), **config_overrides)
+    config = tiny_config(arch, **{"vocab_size": len(tokenizer), **config_overrides})
     config.bos_token_id = tokenizer.bos_token_id
     config.eos_token_id = tokenizer.eos_token_id
     config.pad_token_id = tokenizer.pad_token_id
