@@ -24,6 +24,8 @@ from qlora.model.chat_format import ChatFormat, stop_token_ids
 from qlora.model.tiny import _DEFAULT_TEXT, build_tiny_model, train_sentencepiece_tokenizer, train_tokenizer
 from qlora.train.data import IGNORE_INDEX, Example, resolve_chat_format, tokenize_example
 
+from chat_families import FAMILIES
+
 TEMPLATES = Path(__file__).parent / "data" / "chat_templates"
 TEXT = _DEFAULT_TEXT + ["Paris est la capitale. naïve café, 世界"] * 5
 HARD = ["Hello world", " two  spaces", "你好世界 🙂🚀 naïve café", "line1\nline2\n\n  indented\tend", "x", "🚀🚀🚀"]
@@ -186,13 +188,13 @@ CHAT_CASES = [("llama", "mistral-v0.3"), ("llama", "tinyllama-zephyr"), ("llama"
 @pytest.mark.parametrize("family,template", CHAT_CASES)
 def test_assistant_mask_with_sentencepiece_tokenizer(family, template):
     """Ids equal apply_chat_template's; exactly the assistant answers (and their end marker) are trained."""
+    info = FAMILIES[template]  # the model's special tokens, EOS and end-of-turn ids, as in test_chat_templates_real
     tok = train_sentencepiece_tokenizer(TEXT, family=family, chat_template=(TEMPLATES / f"{template}.jinja").read_text())
-    if template == "tinyllama-zephyr":
-        tok.add_special_tokens({"additional_special_tokens": ["<|user|>", "<|assistant|>", "<|system|>"]})
+    tok.add_special_tokens({"eos_token": info["eos_token"], "additional_special_tokens": info["special_tokens"]})
     messages = [{"role": "user", "content": "What is 你好?"}, {"role": "assistant", "content": "Hello 🙂 world."},
                 {"role": "user", "content": "And café?"}, {"role": "assistant", "content": "Coffee, naïve."}]
     fmt = ChatFormat(tok.chat_template, origin=f"{template}.jinja")
-    ends = stop_token_ids(tok, None) | ({tok.convert_tokens_to_ids("<end_of_turn>")} if family == "gemma" else set())
+    ends = stop_token_ids(tok, [tok.convert_tokens_to_ids(t) for t in info["generation_eos"]])
     tokenized = tokenize_example(Example(tuple(messages), None, "d.jsonl line 1"), tok, fmt, stop_ids=ends)
     reference = list(tok.apply_chat_template(messages, tokenize=True, return_dict=True)["input_ids"])
     ids = tokenized.input_ids

@@ -235,6 +235,7 @@ def load_model(
         qs = {k[len("weight."):]: v for k, v in parts.items() if k.startswith("weight.")}
         layer.load_quant_state(parts["weight"], QuantState.from_dict(qs, device=device))
     model.tie_weights()
+    _load_generation_config(model, model_dir)
     _materialize_buffers(model, device)
     still_meta = [n for n, p in model.named_parameters() if p.is_meta]
     if still_meta:
@@ -248,6 +249,19 @@ def load_model(
     local = Path(name_or_path).expanduser()
     model.name_or_path = str(local.resolve()) if local.is_dir() else str(name_or_path)
     return model, tokenizer
+
+
+def _load_generation_config(model: nn.Module, model_dir: Path) -> None:
+    """The checkpoint's generation_config.json (its EOS ids: Llama 3 Instruct lists three, sampling
+    defaults), as ``from_pretrained`` reads it; ``from_config`` alone derives one from config.json."""
+    if not (model_dir / "generation_config.json").is_file():
+        return
+    from transformers import GenerationConfig
+
+    try:
+        model.generation_config = GenerationConfig.from_pretrained(model_dir)
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"{model_dir / 'generation_config.json'} could not be read ({exc}); fix or remove it.") from None
 
 
 def load_tokenizer(folder: str | Path):
