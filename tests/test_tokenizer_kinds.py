@@ -279,3 +279,41 @@ def test_llama_cpp_runs_the_sentencepiece_gguf_like_transformers(tmp_path, famil
         assert clear >= 3 and got[:clear] == ref[:clear]
     finally:
         llm.close()
+
+
+def test_serve_streams_sentencepiece_text_exactly(spm_model, capsys):
+    """OpenAI client, streamed and whole: qlora generate's text for the same prompt (byte tokens, CJK, emoji)."""
+    openai = pytest.importorskip("openai")
+    pytest.importorskip("fastapi")
+    import qlora
+    from qlora.infer.batcher import ContinuousBatcher
+    from qlora.infer.messages import Message
+    from qlora.infer.template import render_chat
+    from qlora.serve.app import build_app
+    from qlora.serve.server import BackgroundServer
+
+    model, tok = qlora.load_model(spm_model, quant=None, compute_dtype=torch.float32, device="cpu")
+    fmt = resolve_chat_format(tok, "auto")  # no template: Alpaca, as qlora serve picks it
+    batcher = ContinuousBatcher(model.eval(), tok, max_batch_size=4, context_length=512).start()
+    app = build_app(batcher, "spm", [], api_key="k", chat_formats={None: fmt})
+    messages = [{"role": "user", "content": "Hello 你好 🙂"}]
+    prompt = render_chat(tok, [Message("user", "Hello 你好 🙂")], chat_format=fmt)
+    expected = {}
+    for name, text in (("chat", prompt), ("text", "The quick 你好")):
+        capsys.readouterr()
+        assert main(["generate", "--model", str(spm_model), "--quant", "none", "--compute-dtype", "fp32",
+                     "--template", "none", "--temperature", "0", "--max-new-tokens", "20", "--prompt", text]) == 0
+        expected[name] = capsys.readouterr().out[:-1]
+    try:
+        with BackgroundServer(app) as server:
+            client = openai.OpenAI(base_url=server.url + "/v1", api_key="k", max_retries=0, timeout=60)
+            whole = client.chat.completions.create(model="spm", messages=messages, max_tokens=20, temperature=0)
+            assert whole.choices[0].message.content == expected["chat"]
+            chunks = client.chat.completions.create(model="spm", messages=messages, max_tokens=20, temperature=0,
+                                                    stream=True)
+            assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == expected["chat"]
+            streamed = client.completions.create(model="spm", prompt="The quick 你好", max_tokens=20, temperature=0,
+                                                 stream=True)
+            assert "".join(c.choices[0].text for c in streamed) == expected["text"]
+    finally:
+        batcher.close()
