@@ -64,7 +64,8 @@ class TrainConfig:
     eval_data_split: str = _opt("test", "split of --eval-data (hub datasets, DatasetDict folders)")
     output: str | None = _opt(None, "output directory (adapter, checkpoints, metrics, plots)")
     format: str = _opt("auto", "data format", ("auto", "alpaca", "chat", "sharegpt", "text"))
-    template: str = _opt("auto", "chat template: auto = the model's own (chatml if it has none), tokenizer = the "
+    template: str = _opt("auto", "chat template: auto = the model's own (if none: chatml or llama-3 when the "
+                                 "vocabulary has their markers, else alpaca), tokenizer = the "
                                  "model's own (required), or a built-in one; saved with the adapter",
                          ("auto", "tokenizer", "chatml", "llama-3", "alpaca"))
     system_into_user: bool = _opt(False, "fold a system message into the first user turn (for chat templates without "

@@ -28,7 +28,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="data format")
     parser.add_argument("--template", default="auto", choices=("auto", "tokenizer", "chatml", "llama-3", "alpaca"),
                         help="chat format: auto = the one --adapter was trained with (chat_format.json), else the "
-                             "model's own, else chatml")
+                             "model's own, else the built-in one its vocabulary supports (as train)")
     parser.add_argument("--train-on", default="assistant", choices=("assistant", "all"), help="tokens that count")
     parser.add_argument("--quant", default="nf4", choices=("nf4", "fp4", "none"), help="base data type (default nf4)")
     parser.add_argument("--seq-len", type=number(int, Range(2)), default=512, help="truncate examples to this many tokens")
