@@ -91,7 +91,7 @@ def test_generate_stream_equals_decode_of_transformers_greedy(spm_model, capsys)
 
 def test_generation_config_eos_list_stops_generate(tmp_path, capsys):
     """Llama 3 Instruct lists three EOS ids in generation_config.json; generation stops on any of them."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     tok = train_sentencepiece_tokenizer(TEXT, family="llama")
     folder = build_tiny_model(tmp_path / "m", tokenizer=tok, arch="llama")
@@ -139,7 +139,6 @@ def test_chat_without_template_prompts_in_alpaca_and_says_so(spm_model):
 
 
 def test_slow_only_sentencepiece_tokenizer_needs_sentencepiece(spm_model, tmp_path):
-    pytest.importorskip("transformers")
     if _has("sentencepiece"):
         pytest.skip("sentencepiece is installed: transformers converts tokenizer.model itself")
     folder = tmp_path / "slow"
@@ -171,8 +170,9 @@ def test_tokenizer_ids_past_the_embedding_are_refused(tmp_path, capsys):
 def test_padded_embedding_rows_train_and_export(spm_model, tmp_path):
     """32000 tokens on 32064 rows (Phi-3, Llama 2 fine-tunes): the extra rows are unused GGUF tokens."""
     import gguf
+    from transformers import AutoTokenizer
 
-    rows = len(__import__("transformers").AutoTokenizer.from_pretrained(spm_model)) + 64
+    rows = len(AutoTokenizer.from_pretrained(spm_model)) + 64
     assert main(["export", "--model", str(spm_model), "--output", str(tmp_path / "g"), "--type", "f32",
                  "--quant", "none"]) == 0
     reader = gguf.GGUFReader(next((tmp_path / "g").glob("*.gguf")))

@@ -11,6 +11,7 @@ bitsandbytes' 4-bit format load their packed codes as they are.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from collections import defaultdict
 from pathlib import Path
@@ -275,14 +276,11 @@ def load_tokenizer(folder: str | Path):
 
     folder = Path(folder)
     slow_only = (folder / "tokenizer.model").is_file() and not (folder / "tokenizer.json").is_file()
-    if slow_only:
-        try:
-            import sentencepiece  # noqa: F401
-        except ImportError:
-            raise UsageError(f"{folder} has only a SentencePiece tokenizer.model (no tokenizer.json); reading it "
-                             "needs the sentencepiece package: pip install sentencepiece (and protobuf). Or save "
-                             "the tokenizer once as tokenizer.json where sentencepiece is installed "
-                             "(AutoTokenizer.from_pretrained(DIR).save_pretrained(DIR)).") from None
+    if slow_only and importlib.util.find_spec("sentencepiece") is None:
+        raise UsageError(f"{folder} has only a SentencePiece tokenizer.model (no tokenizer.json); reading it "
+                         "needs the sentencepiece package: pip install sentencepiece (and protobuf). Or save "
+                         "the tokenizer once as tokenizer.json where sentencepiece is installed "
+                         "(AutoTokenizer.from_pretrained(DIR).save_pretrained(DIR)).")
     try:
         return AutoTokenizer.from_pretrained(folder)
     except (OSError, ValueError, ImportError) as exc:
