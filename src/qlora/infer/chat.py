@@ -26,7 +26,8 @@ class Chat:
 
     Args:
         model: a transformers causal LM (4-bit/LoRA included).
-        tokenizer: its tokenizer; its chat template formats the prompt (ChatML if none).
+        tokenizer: its tokenizer; its chat template formats the prompt (ChatML if none; ``qlora chat``
+            passes the format ``--template auto`` picks).
         memory: what is remembered between turns; all turns by default.
         system: a system prompt put before everything else.
         chat_format: the format to prompt in (a fine-tune's saved one); default: the tokenizer's template.

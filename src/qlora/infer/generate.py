@@ -89,6 +89,15 @@ def encode_prompt(model, tokenizer, prompt: str) -> torch.Tensor:
     return tokenizer(prompt, return_tensors="pt", add_special_tokens=not has_bos).input_ids.to(device)
 
 
+def default_stop_ids(model, tokenizer) -> set[int]:
+    """Ids that end a raw-text continuation: the tokenizer's EOS and every id of
+    ``generation_config.eos_token_id`` (Llama 3 Instruct lists three), as ``transformers``' ``generate``."""
+    ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
+    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids.update([eos] if isinstance(eos, int) else (int(i) for i in eos or ()))
+    return ids
+
+
 def stream_text(model, tokenizer, prompt: str, options: SamplingOptions | None = None,
                 stop_ids: Iterable[int] | None = None) -> Iterator[str]:
     """Yield the continuation of ``prompt`` as text pieces, as soon as they decode.
@@ -100,7 +109,7 @@ def stream_text(model, tokenizer, prompt: str, options: SamplingOptions | None =
 
     input_ids = encode_prompt(model, tokenizer, prompt)
     if stop_ids is None:
-        stop_ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+        stop_ids = default_stop_ids(model, tokenizer)
     text = TextStream(tokenizer)
     for token in stream_tokens(model, input_ids, options, stop_ids):
         piece = text.push(token)
@@ -124,7 +133,7 @@ def generate_per_adapter(model, tokenizer, prompt: str, adapters: list[str | Non
 
     options = options or SamplingOptions()
     if stop_ids is None:
-        stop_ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+        stop_ids = default_stop_ids(model, tokenizer)
     stop = set(stop_ids)
     prompt_ids = encode_prompt(model, tokenizer, prompt)
     device = prompt_ids.device

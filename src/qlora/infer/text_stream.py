@@ -6,11 +6,36 @@ skip_special_tokens=True)`` even where one character spans several tokens (a
 trailing partial UTF-8 character, shown as U+FFFD, is held back). With stop
 strings, text that could still grow into one is held back too, and a match ends
 the stream with the text before it (the OpenAI ``stop`` semantics).
+
+SentencePiece-style tokenizers (Llama 2, Mistral, Gemma) spell characters outside
+their vocabulary as ``<0xNN>`` byte tokens, and their decoder turns a whole run of
+byte tokens into text at once: one invalid byte makes every byte of the run U+FFFD,
+valid characters before it included. Decoding is prefix-stable only where a run
+ends, so text from a trailing run of byte tokens is held back until the run ends.
 """
 
 from __future__ import annotations
 
+import re
+import weakref
 from typing import Sequence
+
+_BYTE_TOKEN = re.compile(r"<0x[0-9A-Fa-f]{2}>")
+_BYTE_IDS: "weakref.WeakKeyDictionary[object, frozenset[int]]" = weakref.WeakKeyDictionary()
+
+
+def byte_token_ids(tokenizer) -> frozenset[int]:
+    """Ids of the tokenizer's ``<0xNN>`` byte-fallback tokens (none for byte-level BPE); cached per tokenizer."""
+    try:
+        return _BYTE_IDS[tokenizer]
+    except (KeyError, TypeError):
+        pass
+    ids = frozenset(i for t, i in tokenizer.get_vocab().items() if len(t) == 6 and _BYTE_TOKEN.fullmatch(t))
+    try:
+        _BYTE_IDS[tokenizer] = ids
+    except TypeError:  # not weak-referenceable: computed again next time
+        pass
+    return ids
 
 
 class TextStream:
@@ -19,6 +44,7 @@ class TextStream:
     def __init__(self, tokenizer, stop_strings: Sequence[str] = ()) -> None:
         self.tokenizer = tokenizer
         self.stop_strings = tuple(s for s in stop_strings if s)
+        self.byte_ids = byte_token_ids(tokenizer)
         self.tokens: list[int] = []
         self.shown = 0  # characters of the decoded text already released
         self.stopped = False  # a stop string matched; nothing more will be released
@@ -28,7 +54,7 @@ class TextStream:
         if self.stopped:
             return ""
         self.tokens.append(token)
-        text = self._text()
+        text = self._text(self._stable_end())
         cut = self._stop_at(text)
         if cut is not None:
             self.stopped = True
@@ -38,11 +64,23 @@ class TextStream:
         return self._release(text[:len(text) - self._held_back(text)])
 
     def flush(self) -> str:
-        """The rest of the reply, at its end (held-back text included)."""
-        return "" if self.stopped else self._release(self._text())
+        """The rest of the reply, at its end (held-back text included, up to a stop string in it)."""
+        if self.stopped:
+            return ""
+        text = self._text(len(self.tokens))
+        cut = self._stop_at(text)
+        self.stopped = cut is not None
+        return self._release(text if cut is None else text[:cut])
 
-    def _text(self) -> str:
-        return self.tokenizer.decode(self.tokens, skip_special_tokens=True)
+    def _stable_end(self) -> int:
+        """How many tokens decode to text that later tokens cannot change: all but a trailing byte run."""
+        end = len(self.tokens)
+        while end and self.tokens[end - 1] in self.byte_ids:
+            end -= 1
+        return end
+
+    def _text(self, end: int) -> str:
+        return self.tokenizer.decode(self.tokens[:end], skip_special_tokens=True)
 
     def _release(self, text: str) -> str:
         piece = text[self.shown:]

@@ -165,7 +165,7 @@ def load_model(
     Raises:
         UsageError: missing folder or files, unsupported checkpoint.
     """
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM
     from safetensors import SafetensorError, safe_open
 
     if quant not in ("nf4", "fp4", None):
@@ -184,7 +184,10 @@ def load_model(
         double_quant = bool(prequant.get("bnb_4bit_use_double_quant", False))
         skip_modules = tuple(prequant.get("llm_int8_skip_modules") or skip_modules)
         del config.quantization_config
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    tokenizer = load_tokenizer(model_dir)
+    rows = getattr(config.get_text_config(), "vocab_size", None)
+    if isinstance(rows, int):  # checked before the (slow) weight load
+        check_vocab_fits(tokenizer, rows, model_dir)
     kwargs = {"attn_implementation": attn_implementation} if attn_implementation else {}
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=compute_dtype, **kwargs)
@@ -244,6 +247,7 @@ def load_model(
         qs = {k[len("weight."):]: v for k, v in parts.items() if k.startswith("weight.")}
         layer.load_quant_state(parts["weight"], QuantState.from_dict(qs, device=device))
     model.tie_weights()
+    _load_generation_config(model, model_dir)
     _materialize_buffers(model, device)
     still_meta = [n for n, p in model.named_parameters() if p.is_meta]
     if still_meta:
@@ -257,6 +261,58 @@ def load_model(
     local = Path(name_or_path).expanduser()
     model.name_or_path = str(local.resolve()) if local.is_dir() else str(name_or_path)
     return model, tokenizer
+
+
+def _load_generation_config(model: nn.Module, model_dir: Path) -> None:
+    """The checkpoint's generation_config.json (its EOS ids: Llama 3 Instruct lists three, sampling
+    defaults), as ``from_pretrained`` reads it; ``from_config`` alone derives one from config.json."""
+    if not (model_dir / "generation_config.json").is_file():
+        return
+    from transformers import GenerationConfig
+
+    try:
+        model.generation_config = GenerationConfig.from_pretrained(model_dir)
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"{model_dir / 'generation_config.json'} could not be read ({exc}); fix or remove it.") from None
+
+
+def load_tokenizer(folder: str | Path):
+    """The fast tokenizer saved in ``folder``.
+
+    A folder with only a slow SentencePiece ``tokenizer.model`` (no ``tokenizer.json``) needs the
+    ``sentencepiece`` package to be converted; without it transformers fails deep inside its converter,
+    so that case is named here with what to do.
+    """
+    from transformers import AutoTokenizer
+
+    folder = Path(folder)
+    slow_only = (folder / "tokenizer.model").is_file() and not (folder / "tokenizer.json").is_file()
+    if slow_only and importlib.util.find_spec("sentencepiece") is None:
+        raise UsageError(f"{folder} has only a SentencePiece tokenizer.model (no tokenizer.json); reading it "
+                         "needs the sentencepiece package: pip install sentencepiece (and protobuf). Or save "
+                         "the tokenizer once as tokenizer.json where sentencepiece is installed "
+                         "(AutoTokenizer.from_pretrained(DIR).save_pretrained(DIR)).")
+    try:
+        return AutoTokenizer.from_pretrained(folder)
+    except (OSError, ValueError, ImportError) as exc:
+        raise UsageError(f"the tokenizer in {folder} could not be loaded ({type(exc).__name__}: "
+                         f"{str(exc).strip().splitlines()[0] if str(exc).strip() else exc!r}). A model folder needs "
+                         "tokenizer.json (or tokenizer.model with sentencepiece installed) and "
+                         "tokenizer_config.json.") from None
+
+
+def check_vocab_fits(tokenizer, rows: int, model_dir: str | Path) -> None:
+    """Refuse a tokenizer whose ids index past the embedding (an IndexError deep in a forward otherwise).
+
+    Fewer tokenizer ids than rows is normal: many checkpoints pad the embedding (32000 tokens, 32064
+    rows) and the extra rows are simply never produced by the tokenizer.
+    """
+    n_ids = len(tokenizer)
+    if n_ids > rows:
+        raise UsageError(f"{model_dir}: the tokenizer has {n_ids} tokens (ids up to {n_ids - 1}) but the model's "
+                         f"embedding has only {rows} rows; the tokenizer does not belong to this model. Use the "
+                         "tokenizer the model was trained with (a fine-tune that added tokens saves its tokenizer "
+                         "next to its adapter).")
 
 
 def _model_key(raw: str, expected: set[str], model: nn.Module) -> str:

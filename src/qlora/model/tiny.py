@@ -9,6 +9,7 @@ take with real checkpoints is exercised unchanged.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Iterable
 
@@ -70,6 +71,68 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 512, add_bos: bool =
     return fast
 
 
+# Special tokens of each SentencePiece-style family, in their vocabulary order (ids 0, 1, ...).
+SPM_SPECIALS = {
+    "llama": ("<unk>", "<s>", "</s>"),  # Llama 2, Mistral, Phi-3, TinyLlama: no pad token
+    "gemma": ("<pad>", "<eos>", "<bos>", "<unk>", "<mask>"),
+    "unigram": ("<pad>", "</s>", "<unk>", "<s>"),  # a Unigram model (T5/ALBERT-style) with byte fallback
+}
+
+
+def train_sentencepiece_tokenizer(texts: Iterable[str], vocab_size: int = 512, family: str = "llama",
+                                  chat_template: str | None = None):
+    """A SentencePiece-style fast tokenizer trained on ``texts``: ``▁`` for spaces, ``<0xNN>`` byte fallback.
+
+    Real checkpoints of Llama 2, Mistral, Gemma, Phi-3 and TinyLlama ship such a tokenizer (converted from
+    their ``tokenizer.model``); here it is trained with the ``tokenizers`` library and wrapped as
+    transformers wraps theirs, so code that only ever saw byte-level BPE meets its quirks: a leading
+    ``▁`` that decoding strips, characters outside the vocabulary spelled as several byte tokens, and
+    (Llama) no pad token.
+
+    Args:
+        family: ``"llama"`` (``LlamaTokenizer``: ``<s>``/``</s>``, BOS added, no pad), ``"gemma"``
+            (``GemmaTokenizer``: ``<bos>``/``<eos>``/``<pad>``, ``<start_of_turn>``/``<end_of_turn>``)
+            or ``"unigram"`` (a Unigram model with a Metaspace pre-tokenizer, BOS not added).
+        chat_template: the tokenizer's ``chat_template`` (none by default, as base models have).
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import GemmaTokenizer, LlamaTokenizer, PreTrainedTokenizerFast
+
+    if family not in SPM_SPECIALS:
+        raise ValueError(f"unknown SentencePiece family {family!r}; choose from {', '.join(SPM_SPECIALS)}")
+    specials = list(SPM_SPECIALS[family])
+    byte_tokens = [f"<0x{b:02X}>" for b in range(256)]
+    texts = list(texts)
+    trainer_tok = Tokenizer(models.BPE() if family != "unigram" else models.Unigram())
+    trainer_tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first")
+    n_learned = max(vocab_size - len(specials) - len(byte_tokens), 32)
+    if family == "unigram":
+        trainer_tok.train_from_iterator(texts, trainers.UnigramTrainer(vocab_size=n_learned, show_progress=False))
+        scores = json.loads(trainer_tok.to_str())["model"]["vocab"]
+        vocab = [(t, 0.0) for t in specials + byte_tokens] + [(t, s) for t, s in scores if t not in specials]
+        tok = Tokenizer(models.Unigram(vocab, unk_id=specials.index("<unk>"), byte_fallback=True))
+        tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first")
+        tok.decoder = decoders.Sequence([decoders.Metaspace(replacement="\u2581", prepend_scheme="first"),
+                                         decoders.ByteFallback(), decoders.Fuse()])
+        tok.add_special_tokens(specials)
+        fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>",
+                                       bos_token="<s>")
+    else:
+        trainer_tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=n_learned, show_progress=False))
+        spec = json.loads(trainer_tok.to_str())["model"]
+        learned = sorted(spec["vocab"], key=spec["vocab"].get)
+        vocab = {t: i for i, t in enumerate(dict.fromkeys(specials + byte_tokens + learned))}
+        merges = [tuple(m) if not isinstance(m, str) else tuple(m.split(" ", 1)) for m in spec["merges"]]
+        if family == "llama":
+            fast = LlamaTokenizer(vocab=vocab, merges=merges, add_bos_token=True, add_eos_token=False)
+        else:
+            fast = GemmaTokenizer(vocab=vocab, merges=merges, add_bos_token=True, add_eos_token=False)
+            fast.add_special_tokens({"additional_special_tokens": ["<start_of_turn>", "<end_of_turn>"]})
+    if chat_template is not None:
+        fast.chat_template = chat_template
+    return fast
+
+
 def tiny_config(arch: str, vocab_size: int, hidden: int = 64, layers: int = 2, heads: int = 4,
                 kv_heads: int = 2, intermediate: int = 128, max_positions: int = 512, **extra):
     """A transformers config of ``arch`` at toy size (random weights follow)."""
@@ -108,14 +171,15 @@ def build_tiny_model(
 ) -> Path:
     """Save a random-initialized ``arch`` model and its tokenizer to ``out_dir``.
 
-    Either pass a tokenizer or ``texts`` to train one on. Returns ``out_dir``.
+    Either pass a tokenizer or ``texts`` to train one on. ``vocab_size`` (embedding rows) defaults to
+    the tokenizer's length; a larger one pads the embedding as many real checkpoints do. Returns ``out_dir``.
     """
     from transformers import AutoModelForCausalLM
 
     out = Path(out_dir)
     if tokenizer is None:
         tokenizer = train_tokenizer(texts or _DEFAULT_TEXT)
-    config = tiny_config(arch, vocab_size=len(tokenizer), **config_overrides)
+    config = tiny_config(arch, **{"vocab_size": len(tokenizer), **config_overrides})
     config.bos_token_id = tokenizer.bos_token_id
     config.eos_token_id = tokenizer.eos_token_id
     config.pad_token_id = tokenizer.pad_token_id

@@ -25,7 +25,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from ..infer.batcher import ContinuousBatcher, Event
 from ..infer.batcher import Request as Generation
-from ..infer.generate import SamplingOptions, encode_prompt
+from ..infer.generate import SamplingOptions, default_stop_ids, encode_prompt
 from ..infer.messages import Message
 from ..infer.template import render_chat, stop_token_ids
 from ..model.chat_format import ChatFormat
@@ -50,8 +50,7 @@ def build_app(batcher: ContinuousBatcher, base_id: str, adapters: list[str], api
     chat_formats = chat_formats or {}
     model, tokenizer = batcher.model, batcher.tokenizer
     chat_stops = frozenset(stop_token_ids(model, tokenizer))
-    eos = tokenizer.eos_token_id
-    text_stops = frozenset([eos] if eos is not None else [])
+    text_stops = frozenset(default_stop_ids(model, tokenizer))
     ids = {base_id: None, **{name: name for name in adapters}}
     created = int(time.time())
     app = FastAPI(title="qlora serve", docs_url=None, redoc_url=None, openapi_url=None)

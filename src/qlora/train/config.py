@@ -70,7 +70,8 @@ class TrainConfig:
     data_fields: str = _opt("", "the dataset's names for our fields, as OURS=THEIRS,...: columns (e.g. "
                                 "instruction=question,output=answer or messages=dialog), message keys "
                                 "(role=from,content=value) and role values (user=human,assistant=gpt)")
-    template: str = _opt("auto", "chat template: auto = the model's own (chatml if it has none), tokenizer = the "
+    template: str = _opt("auto", "chat template: auto = the model's own (if none: chatml or llama-3 when the "
+                                 "vocabulary has their markers, else alpaca), tokenizer = the "
                                  "model's own (required), or a built-in one; saved with the adapter",
                          ("auto", "tokenizer", "chatml", "llama-3", "alpaca"))
     system_into_user: bool = _opt(False, "fold a system message into the first user turn (for chat templates without "

@@ -45,7 +45,8 @@ from qlora.train.config import TrainConfig
 from qlora.train.distributed import DistContext, all_reduce_grads, shard_fsdp, wrap_ddp
 from qlora.train.data import (
     check_packing_supported, count_trainable_tokens, load_records, normalize, pack_examples,
-    packed_collate, pad_collate, pad_token_id, resolve_chat_format, shuffled_indices, tokenize_dataset,
+    fallback_note, own_template, packed_collate, pad_collate, pad_token_id, resolve_chat_format, shuffled_indices,
+    tokenize_dataset,
 )
 from qlora.train.loss import chunked_loss_matches, model_inputs, token_loss_sum
 from qlora.train.metrics import MetricsLogger, NullMetrics, gpu_memory_gib
@@ -180,6 +181,9 @@ class Trainer:
         eval_examples = self._read_data(cfg.eval_data, cfg.eval_data_split) if cfg.eval_data else None
         self._load_model()
         self.chat_format = self._chat_format(resume_from)
+        # a model without a chat template: say which built-in format chat data are rendered in
+        self.template_fallback = (cfg.template == "auto" and own_template(self.tokenizer) is None
+                                  and any(e.messages is not None for e in train_examples))
         self.train_units, self.report = self._tokenize(train_examples)
         self.eval_units = self._tokenize(eval_examples)[0] if eval_examples else []
         self.dist.barrier()  # every rank has checked --output before rank 0 changes it
@@ -215,6 +219,8 @@ class Trainer:
         record(self.out, *RUN_ENTRIES)
         self._write_config()
         self.metrics = MetricsLogger(self.out, self.total_steps, self.step, cfg.progress)
+        if self.template_fallback:
+            self.metrics.write(fallback_note(self.tokenizer))
         self.metrics.write(f"data: {self.report.summary()}; {len(self.train_units)} "
                            f"{'packed rows' if cfg.packing else 'examples'}, {self.total_steps} steps")
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import sys
 
 NAME = "eval"
 HELP = "loss and perplexity of a model (+ adapter) on a dataset"
@@ -29,7 +30,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "(e.g. instruction=question,output=answer; see qlora train --help)")
     parser.add_argument("--template", default="auto", choices=("auto", "tokenizer", "chatml", "llama-3", "alpaca"),
                         help="chat format: auto = the one --adapter was trained with (chat_format.json), else the "
-                             "model's own, else chatml")
+                             "model's own, else the built-in one its vocabulary supports (as train)")
     parser.add_argument("--train-on", default="assistant", choices=("assistant", "all"), help="tokens that count")
     parser.add_argument("--quant", default="nf4", choices=("nf4", "fp4", "none"), help="base data type (default nf4)")
     parser.add_argument("--seq-len", type=number(int, Range(2)), default=512, help="truncate examples to this many tokens")
@@ -43,8 +44,8 @@ def run(args: argparse.Namespace) -> int:
     from ...model.adapter_io import load_adapter
     from ...model.load import load_model
     from ...train.data.fields import parse_data_fields
-    from ...train.data import (count_trainable_tokens, load_records, normalize, pad_collate, pad_token_id,
-                               resolve_chat_format, tokenize_dataset)
+    from ...train.data import (count_trainable_tokens, fallback_note, load_records, normalize, own_template,
+                               pad_collate, pad_token_id, resolve_chat_format, tokenize_dataset)
     from ...infer.template import stop_token_ids
     from ...model.chat_format import ChatFormat
     from ...train.trainer import compute_dtype_for, token_loss_sum
@@ -60,6 +61,9 @@ def run(args: argparse.Namespace) -> int:
     examples = normalize(load_records(args.data, args.data_split, args.data_subset), args.format, fields)
     saved = ChatFormat.load(args.adapter) if args.adapter and args.template == "auto" else None
     fmt = saved or resolve_chat_format(tokenizer, args.template)
+    if (saved is None and args.template == "auto" and own_template(tokenizer) is None
+            and any(e.messages is not None for e in examples)):
+        print(fallback_note(tokenizer), file=sys.stderr)
     tokenized, report = tokenize_dataset(examples, tokenizer, fmt, args.train_on, args.seq_len,
                                          stop_ids=stop_token_ids(model, tokenizer))
     model.eval()

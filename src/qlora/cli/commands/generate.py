@@ -79,7 +79,7 @@ def chat_format_from_args(args: argparse.Namespace, tokenizer, command: str):
     formats were saved falls back as before (raw prompt for generate, the tokenizer's template for chat).
     """
     from ...model.chat_format import ChatFormat
-    from ...train.data import resolve_chat_format
+    from ...train.data import fallback_note, own_template, resolve_chat_format
 
     if args.template == "none":
         if command == "chat":
@@ -93,6 +93,9 @@ def chat_format_from_args(args: argparse.Namespace, tokenizer, command: str):
                 print("note: the adapters were trained with different chat formats; prompting in the first one's "
                       f"({saved[0].origin})", file=sys.stderr)
             return saved[0]
+        if command == "chat" and own_template(tokenizer) is None:
+            print(fallback_note(tokenizer), file=sys.stderr)
+            return resolve_chat_format(tokenizer, "auto")
         return None
     return resolve_chat_format(tokenizer, args.template)
 
@@ -137,7 +140,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ...infer.generate import generate_per_adapter, stream_text
+    from ...infer.generate import default_stop_ids, generate_per_adapter, stream_text
     from ...infer.messages import Message
     from ...infer.template import render_chat, stop_token_ids
 
@@ -155,7 +158,7 @@ def run(args: argparse.Namespace) -> int:
         for name, text in zip(names, generate_per_adapter(model, tokenizer, prompt, names, options)):
             sys.stdout.write(f"[{name}] {text}\n")
         return 0
-    stops = None if fmt is None else stop_token_ids(model, tokenizer)
+    stops = default_stop_ids(model, tokenizer) if fmt is None else stop_token_ids(model, tokenizer)
     for piece in stream_text(model, tokenizer, prompt, options, stops):
         sys.stdout.write(piece)
         sys.stdout.flush()

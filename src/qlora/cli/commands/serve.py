@@ -66,13 +66,18 @@ def chat_formats(args: argparse.Namespace, tokenizer) -> dict:
     trained on Alpaca text answers Alpaca prompts); the base and older adapters use the model's own.
     """
     from ...model.chat_format import ChatFormat
-    from ...train.data import resolve_chat_format
+    from ...train.data import fallback_note, own_template, resolve_chat_format
     from .generate import adapter_names
 
     if args.template != "auto":
         fixed = resolve_chat_format(tokenizer, args.template)
         return {None: fixed, **{name: fixed for name in adapter_names(args)}}
-    return {name: ChatFormat.load(path) for name, path in adapter_names(args).items()}
+    formats = {name: ChatFormat.load(path) for name, path in adapter_names(args).items()}
+    if own_template(tokenizer) is None and (not formats or None in formats.values()):
+        print(fallback_note(tokenizer), file=sys.stderr)  # the base and older adapters need a format too
+        fallback = resolve_chat_format(tokenizer, "auto")
+        formats = {None: fallback, **{name: fmt or fallback for name, fmt in formats.items()}}
+    return formats
 
 
 def run(args: argparse.Namespace) -> int:

@@ -18,7 +18,8 @@ from qlora.train.data.fields import FieldMap, parse_data_fields
 from qlora.train.data.formats import FORMATS, Example, detect_format, normalize
 from qlora.train.data.packing import PackedRow, check_packing_supported, pack_examples, packed_attention_mask
 from qlora.train.data.sources import Record, demo_data_path, load_records
-from qlora.train.data.templates import TEMPLATES, resolve_chat_format, resolve_chat_template
+from qlora.train.data.templates import (TEMPLATES, fallback_note, own_template, resolve_chat_format,
+                                       resolve_chat_template)
 from qlora.train.data.tokenize import (
     IGNORE_INDEX, TRAIN_ON, DataReport, TokenizedExample, tokenize_dataset, tokenize_example,
 )
@@ -28,5 +29,6 @@ __all__ = [
     "DataReport", "Example", "FieldMap", "PackedRow", "Record", "TokenizedExample",
     "check_packing_supported", "count_trainable_tokens", "demo_data_path", "detect_format", "load_records", "normalize",
     "pack_examples", "packed_attention_mask", "parse_data_fields", "packed_collate", "pad_collate", "pad_token_id",
-    "resolve_chat_format", "resolve_chat_template", "shuffled_indices", "tokenize_dataset", "tokenize_example",
+    "fallback_note", "own_template", "resolve_chat_format", "resolve_chat_template", "shuffled_indices",
+    "tokenize_dataset", "tokenize_example",
 ]

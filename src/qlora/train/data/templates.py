@@ -53,24 +53,58 @@ ALPACA = (
 
 TEMPLATES = {"chatml": CHATML, "llama-3": LLAMA3, "alpaca": ALPACA}
 
+# The special tokens each built-in format needs as single tokens; Alpaca needs none.
+_MARKERS = {"chatml": ("<|im_start|>", "<|im_end|>"),
+            "llama-3": ("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>")}
+
+
+def own_template(tokenizer) -> str | None:
+    """The tokenizer's own chat template (the default one of several), or ``None``."""
+    own = getattr(tokenizer, "chat_template", None)
+    if isinstance(own, dict):  # tokenizers may carry several named templates
+        own = own.get("default")
+    return own or None
+
+
+def fallback_template_name(tokenizer) -> str:
+    """The built-in format ``auto`` picks for a tokenizer without a chat template.
+
+    ChatML or Llama 3 when the vocabulary has their markers as single tokens (Qwen and Llama 3 base
+    models do), else Alpaca: its headings are plain text and an answer ends with EOS, so a base model
+    such as Llama 2 or Mistral needs no new tokens. ChatML there would spell ``<|im_end|>`` in a dozen
+    ordinary pieces that the model learns to print as part of every answer.
+    """
+    vocab = tokenizer.get_vocab()
+    for name, markers in _MARKERS.items():
+        if all(m in vocab for m in markers):
+            return name
+    return "alpaca"
+
+
+def fallback_note(tokenizer) -> str:
+    """One line saying which format ``--template auto`` chose for a tokenizer without a template."""
+    name = fallback_template_name(tokenizer)
+    why = ("its vocabulary has that format's markers" if name in _MARKERS else
+           "its vocabulary has no ChatML or Llama 3 markers, and Alpaca needs no new tokens")
+    return (f"note: the model's tokenizer has no chat_template; --template auto uses the built-in {name!r} "
+            f"format ({why}). Pass --template to choose another.")
+
 
 def resolve_chat_template(tokenizer, name: str = "auto") -> str:
     """The Jinja template to train with.
 
     Args:
         tokenizer: a transformers tokenizer.
-        name: ``"auto"`` (the tokenizer's own template, else ChatML),
+        name: ``"auto"`` (the tokenizer's own template, else :func:`fallback_template_name`'s),
             ``"tokenizer"`` (the tokenizer's own, required), or a built-in name
             (``chatml``, ``llama-3``, ``alpaca``).
 
     Raises:
         UsageError: unknown name, or ``"tokenizer"`` with a tokenizer that has none.
     """
-    own = tokenizer.chat_template
-    if isinstance(own, dict):  # tokenizers may carry several named templates
-        own = own.get("default")
+    own = own_template(tokenizer)
     if name == "auto":
-        return own or CHATML
+        return own or TEMPLATES[fallback_template_name(tokenizer)]
     if name == "tokenizer":
         if not own:
             raise UsageError(
@@ -91,7 +125,7 @@ def resolve_chat_format(tokenizer, name: str = "auto", date: str = "", system_in
         UsageError: as :func:`resolve_chat_template`, or a malformed date.
     """
     template = resolve_chat_template(tokenizer, name)
-    own = tokenizer.chat_template.get("default") if isinstance(tokenizer.chat_template, dict) else tokenizer.chat_template
+    own = own_template(tokenizer)
     if own and template == own:
         folder = Path(str(getattr(tokenizer, "name_or_path", "") or ""))
         jinja = folder / "chat_template.jinja"

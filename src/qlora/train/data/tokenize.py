@@ -108,7 +108,9 @@ def tokenize_example(
     if train_on not in TRAIN_ON:
         raise UsageError(f"unknown train_on {train_on!r}; choose {' or '.join(TRAIN_ON)}.")
     if tokenizer.eos_token_id is None:
-        raise UsageError("the tokenizer has no EOS token; set eos_token so examples can teach the model to stop.")
+        raise UsageError("the tokenizer has no EOS token, so examples cannot teach the model to stop: set "
+                         "\"eos_token\" in the model's tokenizer_config.json to the token that ends its text "
+                         "(the one generation_config.json's eos_token_id names).")
     fmt = chat_template if isinstance(chat_template, ChatFormat) else ChatFormat(chat_template)
     stops = set(stop_ids) if stop_ids is not None else stop_token_ids(tokenizer)
     if example.messages is None:

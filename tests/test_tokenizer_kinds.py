@@ -1,0 +1,319 @@
+"""Tokenizers other than the tiny byte-level BPE: SentencePiece-style (Llama 2, Mistral, Gemma), and ones lacking
+a chat template, a pad token, BOS or EOS, or with padded embeddings and EOS lists.
+
+The SentencePiece-style tokenizers are trained locally (``train_sentencepiece_tokenizer``) and wrapped in
+``LlamaTokenizer``/``GemmaTokenizer`` as transformers wraps the real ones: ``▁`` for spaces, characters outside
+the vocabulary as ``<0xNN>`` byte tokens. Oracles: ``tokenizer.decode``, ``apply_chat_template``, transformers'
+``generate``.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from qlora.cli.main import main
+from qlora.infer.text_stream import TextStream
+from qlora.model.chat_format import ChatFormat, stop_token_ids
+from qlora.model.tiny import _DEFAULT_TEXT, build_tiny_model, train_sentencepiece_tokenizer, train_tokenizer
+from qlora.train.data import IGNORE_INDEX, Example, resolve_chat_format, tokenize_example
+
+from chat_families import FAMILIES
+
+TEMPLATES = Path(__file__).parent / "data" / "chat_templates"
+TEXT = _DEFAULT_TEXT + ["Paris est la capitale. naïve café, 世界"] * 5
+HARD = ["Hello world", " two  spaces", "你好世界 🙂🚀 naïve café", "line1\nline2\n\n  indented\tend", "x", "🚀🚀🚀"]
+
+
+@pytest.fixture(scope="module", params=["llama", "gemma", "unigram"])
+def spm(request):
+    return train_sentencepiece_tokenizer(TEXT, family=request.param)
+
+
+@pytest.fixture(scope="module")
+def spm_model(tmp_path_factory):
+    """A tiny Llama with a Llama 2-style tokenizer (no chat template, no pad) and padded embedding rows."""
+    tok = train_sentencepiece_tokenizer(TEXT, family="llama")
+    return build_tiny_model(tmp_path_factory.mktemp("spm") / "m", tokenizer=tok, arch="llama",
+                            vocab_size=len(tok) + 64, initializer_range=0.2)
+
+
+def stream(tok, ids, stops=()):
+    text = TextStream(tok, stops)
+    pieces = [text.push(i) for i in ids]
+    return pieces + [text.flush()]
+
+
+def test_sentencepiece_builder_is_sentencepiece_style(spm):
+    ids = spm("你好 🙂", add_special_tokens=False)["input_ids"]
+    pieces = spm.convert_ids_to_tokens(ids)
+    assert any(p.startswith("<0x") for p in pieces), "characters outside the vocabulary fall back to bytes"
+    assert "\u2581" in "".join(pieces)
+    assert spm.decode(ids) == "你好 🙂"
+
+
+def test_stream_pieces_join_to_decode_across_byte_fallback(spm):
+    for text in HARD:
+        ids = spm(text, add_special_tokens=False)["input_ids"]
+        pieces = stream(spm, ids)
+        assert "".join(pieces) == spm.decode(ids, skip_special_tokens=True)
+        assert not any("\ufffd" in p for p in pieces), "a partial UTF-8 character was released"
+    rng = random.Random(0)  # what a random model emits: any ids, byte tokens in any order, specials included
+    for _ in range(30):
+        ids = [rng.randrange(len(spm)) for _ in range(rng.randrange(1, 25))]
+        assert "".join(stream(spm, ids)) == spm.decode(ids, skip_special_tokens=True)
+
+
+def test_stream_stop_strings_with_byte_fallback(spm):
+    ids = spm("Hello 你好世界 and more", add_special_tokens=False)["input_ids"]
+    assert "".join(stream(spm, ids, ["世界"])) == "Hello 你好"
+    assert "".join(stream(spm, ids, [" and"])) == "Hello 你好世界"
+
+
+def test_generate_stream_equals_decode_of_transformers_greedy(spm_model, capsys):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(spm_model)
+    model = AutoModelForCausalLM.from_pretrained(spm_model, dtype=torch.float32).eval()
+    prompt = "The quick 你好"
+    ids = tok(prompt, return_tensors="pt").input_ids
+    ref = model.generate(ids, do_sample=False, max_new_tokens=24, pad_token_id=tok.eos_token_id)[0, ids.shape[1]:]
+    assert main(["generate", "--model", str(spm_model), "--quant", "none", "--compute-dtype", "fp32",
+                 "--temperature", "0", "--max-new-tokens", "24", "--prompt", prompt]) == 0
+    assert capsys.readouterr().out == tok.decode(ref.tolist(), skip_special_tokens=True) + "\n"
+
+
+def test_generation_config_eos_list_stops_generate(tmp_path, capsys):
+    """Llama 3 Instruct lists three EOS ids in generation_config.json; generation stops on any of them."""
+    from transformers import AutoModelForCausalLM
+
+    tok = train_sentencepiece_tokenizer(TEXT, family="llama")
+    folder = build_tiny_model(tmp_path / "m", tokenizer=tok, arch="llama")
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    ids = tok("Hello", return_tensors="pt").input_ids
+    first = int(model(ids).logits[0, -1].argmax())  # the greedy first token becomes an extra EOS
+    assert first != tok.eos_token_id
+    model.generation_config.eos_token_id = [tok.eos_token_id, first]
+    model.generation_config.save_pretrained(folder)
+    assert main(["generate", "--model", str(folder), "--quant", "none", "--compute-dtype", "fp32",
+                 "--temperature", "0", "--max-new-tokens", "8", "--prompt", "Hello"]) == 0
+    assert capsys.readouterr().out == tok.decode([first], skip_special_tokens=True) + "\n"
+
+
+def test_template_auto_without_chat_template_picks_a_format_the_vocabulary_supports():
+    spm = train_sentencepiece_tokenizer(TEXT, family="llama")  # Llama 2 / Mistral base: no ChatML markers
+    assert resolve_chat_format(spm, "auto").name == "alpaca"
+    assert resolve_chat_format(train_tokenizer(TEXT, chat_template=False), "auto").name == "chatml"
+    llama3 = train_sentencepiece_tokenizer(TEXT, family="llama")  # a Llama 3 base: its markers, no ChatML
+    llama3.add_special_tokens({"additional_special_tokens": ["<|start_header_id|>", "<|end_header_id|>",
+                                                             "<|eot_id|>"]})
+    assert resolve_chat_format(llama3, "auto").name == "llama-3"
+    with_template = train_sentencepiece_tokenizer(TEXT, family="gemma",
+                                                  chat_template=(TEMPLATES / "gemma-2.jinja").read_text())
+    assert resolve_chat_format(with_template, "auto").name == "tokenizer"
+
+
+def test_eval_says_which_format_auto_chose(spm_model, tmp_path, capsys):
+    data = tmp_path / "d.jsonl"
+    data.write_text("\n".join(json.dumps({"messages": [{"role": "user", "content": f"Q {i}?"},
+                                                       {"role": "assistant", "content": f"A {i}."}]})
+                              for i in range(3)) + "\n")
+    assert main(["eval", "--model", str(spm_model), "--data", str(data), "--quant", "none"]) == 0
+    err = capsys.readouterr().err
+    assert "no chat_template" in err and "'alpaca'" in err
+
+
+def test_chat_without_template_prompts_in_alpaca_and_says_so(spm_model):
+    out = subprocess.run([sys.executable, "-m", "qlora", "chat", "--model", str(spm_model), "--temperature", "0",
+                          "--max-new-tokens", "4", "--quant", "none"], input="Hi 🙂\n/exit\n", capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "'alpaca'" in out.stderr and "Traceback" not in out.stderr
+    assert "assistant>" in out.stdout
+
+
+def test_slow_only_sentencepiece_tokenizer_needs_sentencepiece(spm_model, tmp_path):
+    if _has("sentencepiece"):
+        pytest.skip("sentencepiece is installed: transformers converts tokenizer.model itself")
+    folder = tmp_path / "slow"
+    folder.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        (folder / name).write_bytes((spm_model / name).read_bytes())
+    (folder / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "LlamaTokenizer"}))
+    (folder / "tokenizer.model").write_bytes(b"\x0a\x0b\x0a\x05<unk>\x15\x00\x00\x00\x00\x18\x02")
+    out = subprocess.run([sys.executable, "-m", "qlora", "generate", "--model", str(folder), "--prompt", "x"],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 2
+    assert "pip install sentencepiece" in out.stderr and "Traceback" not in out.stderr
+
+
+def _has(module: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(module) is not None
+
+
+def test_tokenizer_ids_past_the_embedding_are_refused(tmp_path, capsys):
+    tok = train_sentencepiece_tokenizer(TEXT, family="llama")
+    folder = build_tiny_model(tmp_path / "m", tokenizer=tok, arch="llama", vocab_size=len(tok) - 10)
+    assert main(["generate", "--model", str(folder), "--prompt", "x"]) == 2
+    err = capsys.readouterr().err
+    assert f"{len(tok)} tokens" in err and f"{len(tok) - 10} rows" in err
+
+
+def test_padded_embedding_rows_train_and_export(spm_model, tmp_path):
+    """32000 tokens on 32064 rows (Phi-3, Llama 2 fine-tunes): the extra rows are unused GGUF tokens."""
+    import gguf
+    from transformers import AutoTokenizer
+
+    rows = len(AutoTokenizer.from_pretrained(spm_model)) + 64
+    assert main(["export", "--model", str(spm_model), "--output", str(tmp_path / "g"), "--type", "f32",
+                 "--quant", "none"]) == 0
+    reader = gguf.GGUFReader(next((tmp_path / "g").glob("*.gguf")))
+    field = reader.fields["tokenizer.ggml.tokens"]
+    assert len(field.data) == rows
+    assert bytes(field.parts[field.data[-1]]).decode() == f"[PAD{rows - 1}]"
+    assert bytes(reader.fields["tokenizer.ggml.model"].parts[-1]).decode() == "llama"
+
+
+CHAT_CASES = [("llama", "mistral-v0.3"), ("llama", "tinyllama-zephyr"), ("llama", "phi-3"), ("gemma", "gemma-2")]
+
+
+@pytest.mark.parametrize("family,template", CHAT_CASES)
+def test_assistant_mask_with_sentencepiece_tokenizer(family, template):
+    """Ids equal apply_chat_template's; exactly the assistant answers (and their end marker) are trained."""
+    info = FAMILIES[template]  # the model's special tokens, EOS and end-of-turn ids, as in test_chat_templates_real
+    tok = train_sentencepiece_tokenizer(TEXT, family=family, chat_template=(TEMPLATES / f"{template}.jinja").read_text())
+    tok.add_special_tokens({"eos_token": info["eos_token"], "additional_special_tokens": info["special_tokens"]})
+    messages = [{"role": "user", "content": "What is 你好?"}, {"role": "assistant", "content": "Hello 🙂 world."},
+                {"role": "user", "content": "And café?"}, {"role": "assistant", "content": "Coffee, naïve."}]
+    fmt = ChatFormat(tok.chat_template, origin=f"{template}.jinja")
+    ends = stop_token_ids(tok, [tok.convert_tokens_to_ids(t) for t in info["generation_eos"]])
+    tokenized = tokenize_example(Example(tuple(messages), None, "d.jsonl line 1"), tok, fmt, stop_ids=ends)
+    reference = list(tok.apply_chat_template(messages, tokenize=True, return_dict=True)["input_ids"])
+    ids = tokenized.input_ids
+    assert ids in (reference, reference + [tok.eos_token_id])
+    runs, current = [], []
+    for token, label in zip(ids, tokenized.labels):
+        if label != IGNORE_INDEX:
+            current.append(token)
+        elif current:
+            runs, current = runs + [current], []
+    runs += [current] if current else []
+    assert len(runs) == 2
+    for run, answer in zip(runs, ("Hello 🙂 world.", "Coffee, naïve.")):
+        assert run[-1] in ends
+        assert tok.decode(run, skip_special_tokens=True).strip() == answer
+
+
+def test_text_packing_without_bos(tmp_path):
+    """Plain text on a tokenizer that adds no BOS (Qwen): documents are still separated by EOS in packed rows."""
+    from qlora.train.data import pack_examples
+
+    tok = train_tokenizer(TEXT, add_bos=False, chat_template=False)
+    docs = [Example(None, t, f"c.txt line {i}") for i, t in enumerate(["Hello world.", "你好 🙂", "Paris."])]
+    fmt = resolve_chat_format(tok, "auto")
+    units = [tokenize_example(d, tok, fmt, seq_len=64, index=i) for i, d in enumerate(docs)]
+    assert all(u.input_ids[-1] == tok.eos_token_id and tok.bos_token_id not in u.input_ids for u in units)
+    rows = pack_examples(units, 64)
+    packed = [t for r in rows for t in r.input_ids]
+    assert packed.count(tok.eos_token_id) == 3
+
+
+def test_text_without_eos_token_is_a_clear_error():
+    from qlora.errors import UsageError
+
+    tok = train_tokenizer(TEXT, add_bos=False, chat_template=False)
+    tok.eos_token = None
+    with pytest.raises(UsageError, match="no EOS token"):
+        tokenize_example(Example(None, "Hello", "c.txt line 1"), tok, resolve_chat_format(tok, "auto"))
+
+
+@pytest.mark.parametrize("family,arch,template", [("llama", "mistral", "mistral-v0.3"), ("gemma", "gemma2", "gemma-2")])
+def test_llama_cpp_runs_the_sentencepiece_gguf_like_transformers(tmp_path, family, arch, template):
+    """The exported SentencePiece vocabulary (scores, byte tokens, space prefix) tokenizes as the HF tokenizer, and
+    llama.cpp's logits and greedy tokens are transformers' (f32 export of a random tiny model)."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    from transformers import AutoModelForCausalLM
+
+    info = FAMILIES[template]
+    tok = train_sentencepiece_tokenizer(TEXT, family=family, chat_template=(TEMPLATES / f"{template}.jinja").read_text())
+    tok.add_special_tokens({"additional_special_tokens": info["special_tokens"]})
+    # llama.cpp's gemma2 scales attention by 1/sqrt(head_dim) and ties the output layer to the embedding
+    extra = {"query_pre_attn_scalar": 16, "tie_word_embeddings": True} if arch == "gemma2" else {}
+    folder = build_tiny_model(tmp_path / "m", tokenizer=tok, arch=arch, initializer_range=0.2, **extra)
+    assert main(["export", "--model", str(folder), "--output", str(tmp_path / "g"), "--type", "f32",
+                 "--quant", "none"]) == 0
+    llm = llama_cpp.Llama(str(next((tmp_path / "g").glob("*.gguf"))), n_ctx=256, logits_all=True, verbose=False)
+    try:
+        # HF's Metaspace adds no "▁" to text that already starts with a space, SentencePiece (and llama.cpp)
+        # always does: text starting with a space is the one known difference, so none is tested here.
+        for text in [t for t in HARD if not t.startswith(" ")] + ["Question: what is the capital of France?"]:
+            assert llm.tokenize(text.encode(), add_bos=True, special=False) == tok(text)["input_ids"], text
+        # Text right after a special token: llama.cpp (as SentencePiece) gives it a "▁" prefix when the vocabulary
+        # adds one, HF's Metaspace(prepend_scheme="first") does not; llama.cpp's own converter writes the same flag.
+        ids = tok.apply_chat_template([{"role": "user", "content": "Hello 你好 🙂"}], tokenize=True,
+                                      add_generation_prompt=True, return_dict=True)["input_ids"]
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+        llm.eval(ids)
+        import numpy as np
+
+        hf = model(torch.tensor([ids])).logits[0].detach().numpy()
+        assert np.abs(np.array(llm.scores[:len(ids)]) - hf).max() < 0.02  # llama.cpp keeps its KV cache in f16
+        out = model.generate(torch.tensor([ids]), do_sample=False, max_new_tokens=8, output_scores=True,
+                             return_dict_in_generate=True)
+        ref = out.sequences[0, len(ids):].tolist()
+        margins = [float(s[0].topk(2).values.diff().abs()) for s in out.scores]
+        clear = next((i for i, m in enumerate(margins) if m < 0.05), len(ref))  # stop before a near-tie
+        got = []
+        for token in llm.generate(ids, temp=0.0, top_k=1, reset=True):
+            got.append(token)
+            if len(got) == len(ref):
+                break
+        assert clear >= 3 and got[:clear] == ref[:clear]
+    finally:
+        llm.close()
+
+
+def test_serve_streams_sentencepiece_text_exactly(spm_model, capsys):
+    """OpenAI client, streamed and whole: qlora generate's text for the same prompt (byte tokens, CJK, emoji)."""
+    openai = pytest.importorskip("openai")
+    pytest.importorskip("fastapi")
+    import qlora
+    from qlora.infer.batcher import ContinuousBatcher
+    from qlora.infer.messages import Message
+    from qlora.infer.template import render_chat
+    from qlora.serve.app import build_app
+    from qlora.serve.server import BackgroundServer
+
+    model, tok = qlora.load_model(spm_model, quant=None, compute_dtype=torch.float32, device="cpu")
+    fmt = resolve_chat_format(tok, "auto")  # no template: Alpaca, as qlora serve picks it
+    batcher = ContinuousBatcher(model.eval(), tok, max_batch_size=4, context_length=512).start()
+    app = build_app(batcher, "spm", [], api_key="k", chat_formats={None: fmt})
+    messages = [{"role": "user", "content": "Hello 你好 🙂"}]
+    prompt = render_chat(tok, [Message("user", "Hello 你好 🙂")], chat_format=fmt)
+    expected = {}
+    for name, text in (("chat", prompt), ("text", "The quick 你好")):
+        capsys.readouterr()
+        assert main(["generate", "--model", str(spm_model), "--quant", "none", "--compute-dtype", "fp32",
+                     "--template", "none", "--temperature", "0", "--max-new-tokens", "20", "--prompt", text]) == 0
+        expected[name] = capsys.readouterr().out[:-1]
+    try:
+        with BackgroundServer(app) as server:
+            client = openai.OpenAI(base_url=server.url + "/v1", api_key="k", max_retries=0, timeout=60)
+            whole = client.chat.completions.create(model="spm", messages=messages, max_tokens=20, temperature=0)
+            assert whole.choices[0].message.content == expected["chat"]
+            chunks = client.chat.completions.create(model="spm", messages=messages, max_tokens=20, temperature=0,
+                                                    stream=True)
+            assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == expected["chat"]
+            streamed = client.completions.create(model="spm", prompt="The quick 你好", max_tokens=20, temperature=0,
+                                                 stream=True)
+            assert "".join(c.choices[0].text for c in streamed) == expected["text"]
+    finally:
+        batcher.close()
