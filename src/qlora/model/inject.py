@@ -13,7 +13,7 @@ from torch import nn
 
 from ..errors import UsageError
 from ..nn import AdaLoraLinear, LoraLinear, LoraSpec
-from .quantize import is_linear_like, matches_any, output_embedding_names
+from .quantize import is_linear_like, matches_any, output_embedding_names, router_names
 
 log = logging.getLogger("qlora")
 
@@ -59,8 +59,9 @@ def _select(model: nn.Module, target_modules: str | list[str]) -> list[str]:
     candidates = [n for n, m in model.named_modules()
                   if n and (isinstance(m, LoraLinear) or is_linear_like(m)) and n not in head
                   and not n.endswith(".base_layer") and ".lora_" not in n]
-    if target_modules == "all-linear":
-        chosen = candidates
+    if target_modules == "all-linear":  # MoE routers excluded, unlike PEFT's: adapting one reroutes tokens
+        routers = router_names(model)
+        chosen = [n for n in candidates if n not in routers]
     elif isinstance(target_modules, str):
         chosen = [n for n in candidates if re.fullmatch(target_modules, n)]
     else:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 from collections import defaultdict
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Iterable
 
@@ -20,9 +21,10 @@ import torch
 from torch import nn
 
 from ..errors import UsageError
-from ..nn import Linear4bit
+from ..nn import Experts4bit, Linear4bit, expert_weight_names
 from ..quant import NonFiniteError, QuantState
-from .quantize import _skipped, is_conv1d, output_embedding_names, replace_modules
+from .checkpoint_layout import CheckpointLayout
+from .quantize import _skipped, is_conv1d, is_plain_linear, output_embedding_names, replace_modules, router_names
 
 def resolve_model_dir(name_or_path: str | Path) -> Path:
     """A local folder, or a hub id: downloaded when a hub is reachable, else from the local cache."""
@@ -177,10 +179,16 @@ def load_model(
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=compute_dtype, **kwargs)
 
-    skip = set(skip_modules) | output_embedding_names(model)
+    skip = set(skip_modules) | output_embedding_names(model) | router_names(model)
+    dense_keys = set(model.state_dict().keys())
 
     def make(path: str, module: nn.Module) -> nn.Module | None:
-        if quant is None or not (isinstance(module, nn.Linear) or is_conv1d(module)) or _skipped(path, skip):
+        if quant is None or _skipped(path, skip):
+            return None
+        if expert_weight_names(module):  # MoE experts as 3-D weights (transformers v5)
+            return Experts4bit(module, compute_dtype=compute_dtype, quant_type=quant, blocksize=blocksize,
+                               double_quant=double_quant, device=device)
+        if not (is_plain_linear(module) or is_conv1d(module)):
             return None
         in_f, out_f = (module.weight.shape if is_conv1d(module) else (module.in_features, module.out_features))
         layer = Linear4bit(in_f, out_f, bias=module.bias is not None, compute_dtype=compute_dtype,
@@ -194,38 +202,67 @@ def load_model(
     loaded: set[str] = set()
     total = sum(f.stat().st_size for f in files)
     bar = _progress(total, progress)
-    for file in files:
-        with safe_open(str(file), framework="pt", device="cpu") as fh:
-            for raw_key in fh.keys():
-                key = _model_key(raw_key, expected, model)
-                module_path, _, leaf = key.rpartition(".")
-                owner = next((p for p in (module_path, key.rsplit(".weight.", 1)[0]) if p in quantized), None)
+
+    def place(key: str, tensor: torch.Tensor, source: str) -> None:
+        """Put one checkpoint tensor (already in model naming and layout) into the model."""
+        module_path, _, leaf = key.rpartition(".")
+        owner = next((p for p in (module_path, key.rsplit(".weight.", 1)[0]) if p in quantized), None)
+        if owner is not None and isinstance(model.get_submodule(owner), Experts4bit):
+            experts: Experts4bit = model.get_submodule(owner)
+            if leaf in experts.weight_names:
+                try:
+                    experts.set_weight(leaf, tensor.to(device))
+                except NonFiniteError as exc:
+                    raise UsageError(f"{source} (module {owner}): {exc}") from None
+                loaded.add(key)
+                return
+            owner = None  # biases, norms: ordinary tensors below
+        if owner is not None and key.startswith(owner + ".weight"):
+            layer: Linear4bit = model.get_submodule(owner)
+            if prequant is not None:
+                pending_qstate[owner][key[len(owner) + 1:]] = tensor
+            else:
+                w = tensor.to(device)
+                try:
+                    layer.set_weight(w.t() if layer.from_conv1d else w)
+                except NonFiniteError as exc:
+                    raise UsageError(f"{source} (module {owner}): {exc}") from None
+            loaded.add(owner + ".weight")
+            return
+        if key not in expected:
+            return  # e.g. legacy rotary buffers, or tied duplicates
+        if tensor.is_floating_point():
+            tensor = tensor.to(compute_dtype)
+        # copy=True: never keep a view into the memory-mapped shard,
+        # which would keep the whole file mapped (and counted in RSS).
+        _set_tensor(model, key, tensor.to(device, copy=True))
+        loaded.add(key)
+
+    with ExitStack() as stack:
+        handles = [stack.enter_context(safe_open(str(file), framework="pt", device="cpu")) for file in files]
+        layout = CheckpointLayout(model, dense_keys, [k for fh in handles for k in fh.keys()])
+        for file, fh in zip(files, handles):
+            def read(raw_key: str, fh=fh, file=file) -> torch.Tensor:
                 try:
                     tensor = fh.get_tensor(raw_key)
                 except SafetensorError as exc:
                     raise UsageError(f"{file}: tensor {raw_key} is corrupt ({exc}). Download or copy the model "
                                      "again.") from None
                 bar.update(tensor.numel() * tensor.element_size())
-                if owner is not None and key.startswith(owner + ".weight"):
-                    layer: Linear4bit = model.get_submodule(owner)
-                    if prequant is not None:
-                        pending_qstate[owner][key[len(owner) + 1:]] = tensor
-                    else:
-                        w = tensor.to(device)
-                        try:
-                            layer.set_weight(w.t() if layer.from_conv1d else w)
-                        except NonFiniteError as exc:
-                            raise UsageError(f"{file}: tensor {raw_key} (module {owner}): {exc}") from None
-                    loaded.add(owner + ".weight")
+                return tensor
+
+            for raw_key in fh.keys():
+                if layout.in_group(raw_key):  # read when its group is complete, then converted
+                    cast = compute_dtype if prequant is None else None
+                    converted = layout.add(raw_key, lambda r=raw_key, read=read: _cast(read(r), cast))
+                    for key, tensor in converted.items():
+                        place(key, tensor, f"{model_dir}: {key}")
                     continue
-                if key not in expected:
-                    continue  # e.g. legacy rotary buffers, or tied duplicates
-                if tensor.is_floating_point():
-                    tensor = tensor.to(compute_dtype)
-                # copy=True: never keep a view into the memory-mapped shard,
-                # which would keep the whole file mapped (and counted in RSS).
-                _set_tensor(model, key, tensor.to(device, copy=True))
-                loaded.add(key)
+                key = _model_key(layout.target(raw_key), expected, model)
+                place(key, read(raw_key), f"{file}: tensor {raw_key}")
+        if layout.incomplete():
+            raise UsageError(f"{model_dir}: the checkpoint lacks some of the tensors that make "
+                             f"{', '.join(layout.incomplete()[:3])}; is it complete?")
     bar.close()
     for owner, parts in pending_qstate.items():
         layer = model.get_submodule(owner)
@@ -234,6 +271,10 @@ def load_model(
     model.tie_weights()
     _materialize_buffers(model, device)
     still_meta = [n for n, p in model.named_parameters() if p.is_meta]
+    for path in sorted(quantized):  # 4-bit weights are buffers: is_meta cannot tell they were never read
+        module = model.get_submodule(path)
+        names = module.weight_names if isinstance(module, Experts4bit) else ("weight",)
+        still_meta += [f"{path}.{n}" for n in names if f"{path}.{n}" not in loaded]
     if still_meta:
         raise UsageError(f"{model_dir}: the checkpoint lacks {len(still_meta)} tensors the model needs, e.g. "
                          f"{', '.join(still_meta[:3])}; is it the checkpoint of this config?")
@@ -245,6 +286,10 @@ def load_model(
     local = Path(name_or_path).expanduser()
     model.name_or_path = str(local.resolve()) if local.is_dir() else str(name_or_path)
     return model, tokenizer
+
+
+def _cast(tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    return tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor
 
 
 def _model_key(raw: str, expected: set[str], model: nn.Module) -> str:
