@@ -1,0 +1,127 @@
+"""MoE and renamed-layout checkpoints: loaded as transformers loads them, experts in 4 bits.
+
+Oracle: transformers' own ``from_pretrained`` of the same folder (it applies the
+checkpoint conversion mapping), and for the 4-bit model a transformers model
+whose expert weights were replaced by qlora's dequantized 4-bit experts.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from qlora.model.load import load_model
+from qlora.nn import Experts4bit, Linear4bit
+
+transformers = pytest.importorskip("transformers")
+pytestmark = pytest.mark.skipif(not hasattr(transformers, "conversion_mapping") and
+                                not __import__("importlib").util.find_spec("transformers.conversion_mapping"),
+                                reason="transformers 4.x stores experts as nn.Linear (loaded by the plain path)")
+
+_CONFIG = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, intermediate_size=48,
+               max_position_embeddings=64, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+_MOE = dict(moe_intermediate_size=32, num_experts=4, num_local_experts=4, n_routed_experts=4, num_experts_per_tok=2,
+            shared_expert_intermediate_size=32, head_dim=8, q_lora_rank=16, kv_lora_rank=16, qk_rope_head_dim=8,
+            qk_nope_head_dim=8, v_head_dim=8, first_k_dense_replace=1, n_group=1, topk_group=1)
+
+
+def _save(tmp_path_factory, tokenizer, model_type: str):
+    cfg = transformers.AutoConfig.for_model(model_type, vocab_size=len(tokenizer), **_CONFIG)
+    for key, value in _MOE.items():
+        if hasattr(cfg, key):
+            setattr(cfg, key, value)
+    if model_type.startswith("deepseek"):  # multi-head latent attention: as many key/value heads as heads
+        cfg.num_key_value_heads = cfg.num_attention_heads
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    with torch.no_grad():  # random, non-trivial weights everywhere (norms and biases included)
+        for p in model.parameters():
+            p.normal_(0, 0.3) if p.dim() > 1 else p.uniform_(0.5, 1.5)
+    out = tmp_path_factory.mktemp(model_type)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory, tiny_tokenizer):
+    cache = {}
+
+    def get(model_type: str):
+        if model_type not in cache:
+            cache[model_type] = _save(tmp_path_factory, tiny_tokenizer, model_type)
+        return cache[model_type]
+    return get
+
+
+def _reference(path):
+    return transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+
+_IDS = torch.tensor([[5, 17, 42, 99, 7, 250, 31, 8, 64, 12], [3, 9, 27, 81, 200, 150, 11, 4, 66, 90]])
+
+
+@pytest.mark.parametrize("model_type", ["mixtral", "qwen3_moe", "qwen2_moe", "deepseek_v3", "granitemoe", "gpt_neox",
+                                        "gpt_oss"])
+def test_dense_load_equals_transformers(saved, model_type):
+    path = saved(model_type)
+    ours, _ = load_model(path, quant=None, compute_dtype=torch.float32, device="cpu")
+    ref = _reference(path)
+    theirs = dict(ref.named_parameters())
+    mine = dict(ours.named_parameters())
+    assert mine.keys() == theirs.keys()
+    for name, p in mine.items():
+        assert torch.equal(p, theirs[name]), name
+    with torch.no_grad():
+        torch.testing.assert_close(ours(_IDS).logits, ref(_IDS).logits, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("model_type", ["mixtral", "qwen3_moe", "gpt_oss", "deepseek_v3"])
+def test_4bit_experts_equal_transformers_with_dequantized_experts(saved, model_type):
+    path = saved(model_type)
+    ours, _ = load_model(path, quant="nf4", compute_dtype=torch.float32, device="cpu")
+    experts = {n: m for n, m in ours.named_modules() if isinstance(m, Experts4bit)}
+    assert experts, "experts were not swapped for 4-bit ones"
+    ref = _reference(path)
+    with torch.no_grad():
+        for name, module in ours.named_modules():  # the oracle gets exactly our 4-bit weights, dequantized
+            if isinstance(module, Experts4bit):
+                target = ref.get_submodule(name)
+                for w in module.weight_names:
+                    getattr(target, w).copy_(module.dequantize(w, torch.float32))
+                    # one expert's slice is the dequantized 2-D matrix of its own Linear4bit
+                    first = getattr(module, w)[0].dequantize(torch.float32)
+                    torch.testing.assert_close(getattr(target, w)[0], first.t() if module.is_transposed else first,
+                                               rtol=0, atol=0)
+            elif isinstance(module, Linear4bit) and not any(name.startswith(e + ".") for e in experts):
+                ref.get_submodule(name).weight.copy_(module.dequantize(torch.float32))
+        torch.testing.assert_close(ours(_IDS).logits, ref(_IDS).logits, rtol=1e-5, atol=1e-5)
+    # the experts are really 4-bit: no 3-D 16/32-bit expert weight is left in the model
+    assert not [n for n, p in ours.named_parameters() if p.dim() == 3]
+
+
+def test_lora_gradients_flow_through_4bit_experts(saved):
+    import qlora
+
+    ours, _ = load_model(saved("qwen3_moe"), quant="nf4", compute_dtype=torch.float32, device="cpu")
+    qlora.add_lora(ours, r=4, dropout=0.0, target_modules=["q_proj", "v_proj"])
+    for name, p in ours.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.1)
+    loss = ours(_IDS, labels=_IDS).loss
+    loss.backward()
+    first_layer = [p.grad for n, p in ours.named_parameters() if "layers.0." in n and "lora_A" in n]
+    assert first_layer and all(g is not None and g.abs().sum() > 0 for g in first_layer)
+
+
+def test_routers_stay_dense_and_are_not_default_lora_targets(saved):
+    import qlora
+    from qlora.nn import LoraLinear
+
+    ours, _ = load_model(saved("qwen2_moe"), quant="nf4", compute_dtype=torch.float32, device="cpu")
+    gates = [n for n, m in ours.named_modules() if n.endswith("shared_expert_gate")]
+    assert gates and all(type(ours.get_submodule(n)) is torch.nn.Linear for n in gates)
+    qlora.add_lora(ours, r=4)
+    adapted = {n for n, m in ours.named_modules() if isinstance(m, LoraLinear)}
+    assert not [n for n in adapted if n.endswith(("gate", "shared_expert_gate"))]
+    assert [n for n in adapted if ".shared_expert." in n] and [n for n in adapted if n.endswith("q_proj")]
