@@ -97,6 +97,18 @@ class Experts4bit(nn.Module):
         mats = [layer.dequantize(dtype) for layer in getattr(self, name)]
         return torch.stack([m.t() for m in mats] if self.is_transposed else mats)
 
+    @torch.no_grad()
+    def to_dense(self, dtype: torch.dtype | None = None) -> nn.Module:
+        """The replaced transformers module, holding the dequantized weights (merging)."""
+        source = self._source
+        for name in self.weight_names:
+            weight = self.dequantize(name, dtype)
+            source._parameters[name] = nn.Parameter(weight, requires_grad=False)
+            bias = getattr(self, name + "_bias", None)
+            if bias is not None:
+                source._parameters[name + "_bias"] = nn.Parameter(bias.detach().to(weight.dtype), requires_grad=False)
+        return source
+
     def _routing(self, args: tuple, kwargs: dict) -> tuple[torch.Tensor, torch.Tensor]:
         values = dict(zip(self._arg_names[1:], args))
         values.update(kwargs)
