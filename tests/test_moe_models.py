@@ -125,3 +125,19 @@ def test_routers_stay_dense_and_are_not_default_lora_targets(saved):
     adapted = {n for n, m in ours.named_modules() if isinstance(m, LoraLinear)}
     assert not [n for n in adapted if n.endswith(("gate", "shared_expert_gate"))]
     assert [n for n in adapted if ".shared_expert." in n] and [n for n in adapted if n.endswith("q_proj")]
+
+
+def test_estimate_counts_experts_as_4bit_and_routers_as_16bit():
+    from qlora.model.estimate import count_parameters, select_targets
+
+    cfg = transformers.AutoConfig.for_model("mixtral", vocab_size=300, **_CONFIG)
+    cfg.num_local_experts, cfg.num_experts_per_tok = 4, 2
+    counts = count_parameters(cfg)
+    h, i, layers = cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers
+    experts = [lin for lin in counts.linears if not lin.adaptable]
+    assert len(experts) == layers * 4 * 2 and sum(lin.numel for lin in experts) == layers * 4 * 3 * h * i
+    router = layers * 4 * h  # (E, H) per layer, 16-bit
+    attention = layers * (2 * h * h + 2 * h * (h // 4 * 2))
+    assert counts.quantized_params == layers * 4 * 3 * h * i + attention
+    assert counts.params_16bit >= router
+    assert {lin.name.rsplit(".", 1)[-1] for lin in select_targets(counts, None)} == {"q_proj", "k_proj", "v_proj", "o_proj"}
