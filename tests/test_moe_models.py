@@ -141,3 +141,47 @@ def test_estimate_counts_experts_as_4bit_and_routers_as_16bit():
     assert counts.quantized_params == layers * 4 * 3 * h * i + attention
     assert counts.params_16bit >= router
     assert {lin.name.rsplit(".", 1)[-1] for lin in select_targets(counts, None)} == {"q_proj", "k_proj", "v_proj", "o_proj"}
+
+
+def test_cli_train_merge_quantize_on_moe(tmp_path, saved, capsys):
+    """train (2 steps) -> PEFT loads the adapter with qlora's logits -> merge loads in transformers -> quantize refuses."""
+    import json
+    import math
+
+    import qlora
+    from peft import PeftModel
+    from qlora.cli.main import main
+
+    path = saved("qwen3_moe")
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"instruction": f"What is {a} plus 2?", "input": "", "output": f"{a + 2}."})
+                            + "\n" for a in range(8)))
+    out = tmp_path / "run"
+    assert main(["train", "--model", str(path), "--data", str(data), "--output", str(out), "--seq-len", "48",
+                 "--batch-size", "2", "--lr", "1e-2", "--max-steps", "2", "--no-progress"]) == 0
+    losses = [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()
+              if json.loads(line).get("split") == "train"]
+    assert len(losses) == 2 and all(math.isfinite(x) for x in losses)
+    targets = set(json.loads((out / "adapter_config.json").read_text())["target_modules"])
+    assert "gate" not in targets and {"q_proj", "v_proj"} <= targets
+
+    ours, _ = load_model(path, quant=None, compute_dtype=torch.float32, device="cpu")
+    qlora.load_adapter(ours, out)
+    peft_model = PeftModel.from_pretrained(_reference(path), str(out)).eval()
+    with torch.no_grad():
+        base = _reference(path)(_IDS).logits
+        mine, theirs = ours(_IDS).logits, peft_model(_IDS).logits
+    assert (mine - base).abs().max() > 1e-4  # the adapter does something
+    torch.testing.assert_close(mine, theirs, rtol=1e-5, atol=1e-5)
+
+    assert main(["merge", "--model", str(path), "--adapter", str(out), "--output", str(tmp_path / "merged"),
+                 "--dtype", "float32"]) == 0
+    four_bit, _ = load_model(path, compute_dtype=torch.float32, device="cpu")
+    qlora.load_adapter(four_bit, out)
+    merged = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(merged(_IDS).logits, four_bit(_IDS).logits, rtol=1e-4, atol=1e-4)
+
+    capsys.readouterr()
+    assert main(["quantize", "--model", str(path), "--output", str(tmp_path / "q4")]) == 2
+    assert "mixture-of-experts" in capsys.readouterr().err and not (tmp_path / "q4").exists()
