@@ -185,3 +185,33 @@ def test_cli_train_merge_quantize_on_moe(tmp_path, saved, capsys):
     capsys.readouterr()
     assert main(["quantize", "--model", str(path), "--output", str(tmp_path / "q4")]) == 2
     assert "mixture-of-experts" in capsys.readouterr().err and not (tmp_path / "q4").exists()
+
+
+def test_bitsandbytes_moe_checkpoints(tmp_path, saved):
+    """transformers 5 + bitsandbytes keeps experts 16-bit in its 4-bit files: qlora loads them with 4-bit experts,
+    identical to quantizing the 16-bit checkpoint; a 4.x file with per-expert 4-bit layers is refused clearly."""
+    pytest.importorskip("bitsandbytes")
+    from safetensors.torch import load_file, save_file
+
+    from qlora.errors import UsageError
+
+    path = saved("mixtral")
+    bnb = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                          bnb_4bit_compute_dtype=torch.float32)
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(path, quantization_config=bnb, device_map="cpu")
+    out = tmp_path / "bnb"
+    theirs.save_pretrained(out)
+    for f in path.glob("tokenizer*"):
+        (out / f.name).write_bytes(f.read_bytes())
+    prequantized, _ = load_model(out, compute_dtype=torch.float32, device="cpu")
+    direct, _ = load_model(path, compute_dtype=torch.float32, device="cpu")
+    assert any(isinstance(m, Experts4bit) for m in prequantized.modules())
+    with torch.no_grad():
+        torch.testing.assert_close(prequantized(_IDS).logits, direct(_IDS).logits, rtol=0, atol=0)
+
+    tensors = load_file(out / "model.safetensors")
+    key = next(k for k in tensors if ".experts.0.w1.weight" in k)
+    tensors[key + ".absmax"] = torch.zeros(4, dtype=torch.uint8)  # a 4.x per-expert 4-bit layer
+    save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(UsageError, match="per-expert"):
+        load_model(out, compute_dtype=torch.float32, device="cpu")

@@ -79,6 +79,7 @@ class CheckpointLayout:
         self._group_of: dict[str, str] = {}  # raw key -> first target key of its group
         self._groups: dict[str, _Group] = {}
         self._size: dict[str, int] = {}
+        self._converted: set[str] = set()  # keys a converter matched, whether or not they make a model tensor
         if not mapping:
             return
         try:
@@ -93,6 +94,8 @@ class CheckpointLayout:
                 target, pattern = rename_source_key(raw, renamings, converters, base, meta)
                 if target not in meta and raw in meta:  # as transformers: a key already in model naming stays
                     target, pattern = raw, None
+                if pattern is not None:
+                    self._converted.add(raw)
                 if pattern is None or target not in meta:
                     if target != raw:
                         self._targets[raw] = target
@@ -114,6 +117,11 @@ class CheckpointLayout:
     def target(self, raw: str) -> str:
         """The model key of a checkpoint key that needs no conversion (renamed or as is)."""
         return self._targets.get(raw, raw)
+
+    def needs_conversion(self, raw: str) -> bool:
+        """True for a key in a layout transformers converts (e.g. one expert's ``w1``), even
+        when it is not a plain tensor (a 4-bit layer's ``weight.absmax``)."""
+        return raw in self._converted
 
     def in_group(self, raw: str) -> bool:
         return raw in self._group_of

@@ -241,6 +241,12 @@ def load_model(
     with ExitStack() as stack:
         handles = [stack.enter_context(safe_open(str(file), framework="pt", device="cpu")) for file in files]
         layout = CheckpointLayout(model, dense_keys, [k for fh in handles for k in fh.keys()])
+        if prequant is not None and any(layout.needs_conversion(k) and ".weight." in k for fh in handles for k in fh.keys()):
+            raise UsageError(f"{model_dir} is a bitsandbytes 4-bit checkpoint whose MoE experts are 4-bit per-expert "
+                             "linear layers (written with transformers 4.x); transformers 5 and qlora hold experts "
+                             "as 3-D weights and cannot join 4-bit experts without requantizing them. Load the "
+                             "original 16-bit checkpoint instead: qlora quantizes its experts to 4 bits while "
+                             "loading.")
         for file, fh in zip(files, handles):
             def read(raw_key: str, fh=fh, file=file) -> torch.Tensor:
                 try:
