@@ -35,6 +35,9 @@ def expert_weight_names(module: nn.Module) -> tuple[str, ...]:
         return ()
     names = tuple(n for n in _WEIGHTS if isinstance(module._parameters.get(n), torch.Tensor)
                   and module._parameters[n].dim() == 3)
+    known = set(names) | {n + "_bias" for n in names}
+    if any(p is not None and n not in known for n, p in module._parameters.items()):
+        return ()  # a tensor whose role Experts4bit does not know (scales...): the module stays as it is
     return names if "down_proj" in names and len(names) == 2 else ()
 
 
