@@ -215,3 +215,18 @@ def test_bitsandbytes_moe_checkpoints(tmp_path, saved):
     save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(UsageError, match="per-expert"):
         load_model(out, compute_dtype=torch.float32, device="cpu")
+
+
+@pytest.mark.parametrize("model_type", ["gpt_oss", "deepseek_v3", "granitemoe"])
+def test_merged_moe_loads_in_transformers_with_the_4bit_logits(tmp_path, saved, model_type):
+    import qlora
+
+    ours, tokenizer = load_model(saved(model_type), compute_dtype=torch.float32, device="cpu")
+    with torch.no_grad():
+        before = ours(_IDS).logits
+    qlora.merge(ours, dtype=torch.float32)
+    assert not any(isinstance(m, (Experts4bit, Linear4bit)) for m in ours.modules())
+    qlora.save_merged(ours, tmp_path / "merged", tokenizer)
+    plain = _reference(tmp_path / "merged")
+    with torch.no_grad():
+        torch.testing.assert_close(plain(_IDS).logits, before, rtol=1e-5, atol=1e-5)
