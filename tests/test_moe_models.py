@@ -230,3 +230,17 @@ def test_merged_moe_loads_in_transformers_with_the_4bit_logits(tmp_path, saved, 
     plain = _reference(tmp_path / "merged")
     with torch.no_grad():
         torch.testing.assert_close(plain(_IDS).logits, before, rtol=1e-5, atol=1e-5)
+
+
+def test_experts_split_across_shards(tmp_path, saved):
+    """One layer's experts in several safetensors shards: gathered across them, equal to transformers."""
+    path = saved("mixtral")
+    ref = _reference(path)
+    sharded = tmp_path / "sharded"
+    ref.save_pretrained(sharded, max_shard_size="20KB")
+    for f in path.glob("tokenizer*"):
+        (sharded / f.name).write_bytes(f.read_bytes())
+    assert len(list(sharded.glob("*.safetensors"))) > 3
+    ours, _ = load_model(sharded, quant=None, compute_dtype=torch.float32, device="cpu")
+    theirs = dict(ref.named_parameters())
+    assert all(torch.equal(p, theirs[n]) for n, p in ours.named_parameters())

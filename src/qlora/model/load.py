@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 from collections import defaultdict
-from contextlib import ExitStack
 from pathlib import Path
 from typing import Iterable
 
@@ -238,37 +237,48 @@ def load_model(
         _set_tensor(model, key, tensor.to(device, copy=True))
         loaded.add(key)
 
-    with ExitStack() as stack:
-        handles = [stack.enter_context(safe_open(str(file), framework="pt", device="cpu")) for file in files]
-        layout = CheckpointLayout(model, dense_keys, [k for fh in handles for k in fh.keys()])
-        if prequant is not None and any(layout.needs_conversion(k) and ".weight." in k for fh in handles for k in fh.keys()):
-            raise UsageError(f"{model_dir} is a bitsandbytes 4-bit checkpoint whose MoE experts are 4-bit per-expert "
-                             "linear layers (written with transformers 4.x); transformers 5 and qlora hold experts "
-                             "as 3-D weights and cannot join 4-bit experts without requantizing them. Load the "
-                             "original 16-bit checkpoint instead: qlora quantizes its experts to 4 bits while "
-                             "loading.")
-        for file, fh in zip(files, handles):
-            def read(raw_key: str, fh=fh, file=file) -> torch.Tensor:
-                try:
-                    tensor = fh.get_tensor(raw_key)
-                except SafetensorError as exc:
-                    raise UsageError(f"{file}: tensor {raw_key} is corrupt ({exc}). Download or copy the model "
-                                     "again.") from None
-                bar.update(tensor.numel() * tensor.element_size())
-                return tensor
+    keys: dict[Path, list[str]] = {}
+    for file in files:
+        with safe_open(str(file), framework="pt", device="cpu") as fh:
+            keys[file] = list(fh.keys())
+    layout = CheckpointLayout(model, dense_keys, [k for file_keys in keys.values() for k in file_keys])
+    if prequant is not None and any(layout.needs_conversion(k) and ".weight." in k for ks in keys.values() for k in ks):
+        raise UsageError(f"{model_dir} is a bitsandbytes 4-bit checkpoint whose MoE experts are 4-bit per-expert "
+                         "linear layers (written with transformers 4.x); transformers 5 and qlora hold experts "
+                         "as 3-D weights and cannot join 4-bit experts without requantizing them. Load the "
+                         "original 16-bit checkpoint instead: qlora quantizes its experts to 4 bits while loading.")
+    # One shard is open (memory-mapped) at a time: an open mapping keeps the pages read so far in RSS.
+    current: dict[Path, object] = {}
 
-            for raw_key in fh.keys():
-                if layout.in_group(raw_key):  # read when its group is complete, then converted
-                    cast = compute_dtype if prequant is None else None
-                    converted = layout.add(raw_key, lambda r=raw_key, read=read: _cast(read(r), cast))
+    def read(file: Path, raw_key: str) -> torch.Tensor:
+        try:
+            if file in current:
+                tensor = current[file].get_tensor(raw_key)
+            else:  # a converted group that spans shards: this one tensor from an earlier shard, copied
+                with safe_open(str(file), framework="pt", device="cpu") as other:
+                    tensor = other.get_tensor(raw_key).clone()
+        except SafetensorError as exc:
+            raise UsageError(f"{file}: tensor {raw_key} is corrupt ({exc}). Download or copy the model "
+                             "again.") from None
+        bar.update(tensor.numel() * tensor.element_size())
+        return tensor
+
+    cast = compute_dtype if prequant is None else None
+    for file in files:
+        with safe_open(str(file), framework="pt", device="cpu") as fh:
+            current[file] = fh
+            for raw_key in keys[file]:
+                if layout.in_group(raw_key):  # read once its group is complete, then converted
+                    converted = layout.add(raw_key, lambda f=file, r=raw_key: _cast(read(f, r), cast))
                     for key, tensor in converted.items():
                         place(key, tensor, f"{model_dir}: {key}")
                     continue
                 key = _model_key(layout.target(raw_key), expected, model)
-                place(key, read(raw_key), f"{file}: tensor {raw_key}")
-        if layout.incomplete():
-            raise UsageError(f"{model_dir}: the checkpoint lacks some of the tensors that make "
-                             f"{', '.join(layout.incomplete()[:3])}; is it complete?")
+                place(key, read(file, raw_key), f"{file}: tensor {raw_key}")
+            current.clear()
+    if layout.incomplete():
+        raise UsageError(f"{model_dir}: the checkpoint lacks some of the tensors that make "
+                         f"{', '.join(layout.incomplete()[:3])}; is it complete?")
     bar.close()
     for owner, parts in pending_qstate.items():
         layer = model.get_submodule(owner)
