@@ -7,6 +7,13 @@ target device, and the safetensors shards are then read one tensor at a time
 16-bit copy dropped, every other tensor is placed directly. Neither host RAM
 nor GPU memory ever holds the whole model in 16 bits. Checkpoints already in
 bitsandbytes' 4-bit format load their packed codes as they are.
+
+Where transformers' module layout differs from the checkpoint's (v5 MoE
+experts as 3-D weights, renamed modules), keys are mapped and tensors
+converted with transformers' own conversion mapping
+(:mod:`qlora.model.checkpoint_layout`), one target at a time; MoE experts
+become :class:`~qlora.nn.Experts4bit` (one 4-bit matrix per expert), routers
+stay 16-bit.
 """
 
 from __future__ import annotations
