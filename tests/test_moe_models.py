@@ -114,17 +114,31 @@ def test_lora_gradients_flow_through_4bit_experts(saved):
     assert first_layer and all(g is not None and g.abs().sum() > 0 for g in first_layer)
 
 
-def test_routers_stay_dense_and_are_not_default_lora_targets(saved):
+def test_routers_stay_dense_and_are_not_default_lora_targets(tmp_path, saved):
     import qlora
+    from peft import PeftModel
     from qlora.nn import LoraLinear
 
-    ours, _ = load_model(saved("qwen2_moe"), quant="nf4", compute_dtype=torch.float32, device="cpu")
+    path = saved("qwen2_moe")
+    ours, _ = load_model(path, quant="nf4", compute_dtype=torch.float32, device="cpu")
     gates = [n for n, m in ours.named_modules() if n.endswith("shared_expert_gate")]
     assert gates and all(type(ours.get_submodule(n)) is torch.nn.Linear for n in gates)
     qlora.add_lora(ours, r=4)
     adapted = {n for n, m in ours.named_modules() if isinstance(m, LoraLinear)}
     assert not [n for n in adapted if n.endswith(("gate", "shared_expert_gate"))]
     assert [n for n in adapted if ".shared_expert." in n] and [n for n in adapted if n.endswith("q_proj")]
+
+    # PEFT puts the adapter (shared experts included) on the same modules, with the same result
+    dense, _ = load_model(path, quant=None, compute_dtype=torch.float32, device="cpu")
+    qlora.add_lora(dense, r=4, dropout=0.0)
+    torch.manual_seed(1)
+    for name, p in dense.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.2)
+    adapter = qlora.save_adapter(dense, tmp_path / "a")
+    peft_model = PeftModel.from_pretrained(_reference(path), str(adapter)).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(dense(_IDS).logits, peft_model(_IDS).logits, rtol=1e-5, atol=1e-5)
 
 
 def test_estimate_counts_experts_as_4bit_and_routers_as_16bit():
