@@ -3,8 +3,9 @@
 Counts are exact, not rules of thumb: the model is built on the ``meta``
 device from its transformers config (no memory, no download), and its modules
 are walked, so every architecture transformers knows is counted the same way.
-Decoder ``nn.Linear`` and GPT-2 ``Conv1D`` weights are the quantized part;
-everything else (embeddings, norms, biases, ``lm_head``) stays 16-bit, and a
+Decoder ``nn.Linear`` and GPT-2 ``Conv1D`` weights and the 3-D expert weights
+of MoE layers (one 4-bit matrix per expert) are the quantized part; everything
+else (embeddings, norms, biases, MoE routers, ``lm_head``) stays 16-bit, and a
 tied embedding is counted once. The 4-bit bytes are what
 :func:`qlora.quant.quantize_4bit` produces for each weight, tensor for tensor.
 
@@ -23,9 +24,11 @@ from typing import Any
 import torch
 
 from ..errors import UsageError
+from ..nn import expert_weight_names
 from ..nn.chunked_ce import CHUNK_ROWS
 from ..quant import BLOCKSIZES
 from ..quant.double_quant import NESTED_BLOCKSIZE
+from .quantize import is_plain_linear, kept_dense_names
 
 GIB = 1024**3
 QUANT_TYPES = ("nf4", "fp4", "none")
@@ -101,6 +104,7 @@ class LinearShape:
     name: str
     out_features: int
     in_features: int
+    adaptable: bool = True  # False for one expert of a 3-D experts weight: quantized, not a LoRA target
 
     @property
     def numel(self) -> int:
@@ -184,16 +188,21 @@ def count_parameters(config) -> ModelCounts:
 
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
-    head = model.get_output_embeddings()
-    quantized: dict[int, LinearShape] = {}
+    dense = kept_dense_names(model)  # head, routers...: 16-bit, as load_model keeps them
+    quantized: dict[int, tuple[LinearShape, ...]] = {}
     for name, module in model.named_modules():
-        if module is head:
+        if name in dense:
             continue
-        if isinstance(module, torch.nn.Linear):
-            quantized[id(module.weight)] = LinearShape(name, module.out_features, module.in_features)
+        if is_plain_linear(module):
+            quantized[id(module.weight)] = (LinearShape(name, module.out_features, module.in_features),)
         elif isinstance(module, Conv1D):  # weight stored (in, out)
-            quantized[id(module.weight)] = LinearShape(name, module.weight.shape[1], module.weight.shape[0])
-    linears = tuple(quantized[id(p)] for _, p in model.named_parameters() if id(p) in quantized)
+            quantized[id(module.weight)] = (LinearShape(name, module.weight.shape[1], module.weight.shape[0]),)
+        for w in expert_weight_names(module):  # 3-D experts: each expert one 4-bit matrix (Experts4bit)
+            p = module._parameters[w]
+            out_f, in_f = (p.shape[2], p.shape[1]) if module.is_transposed else (p.shape[1], p.shape[2])
+            quantized[id(p)] = tuple(LinearShape(f"{name}.{w}.{e}", out_f, in_f, adaptable=False)
+                                     for e in range(p.shape[0]))
+    linears = tuple(lin for _, p in model.named_parameters() if id(p) in quantized for lin in quantized[id(p)])
     others = tuple(p.numel() for _, p in model.named_parameters() if id(p) not in quantized)
     text = config.get_text_config()
     return ModelCounts(linears=linears, other_tensors=others, num_layers=text.num_hidden_layers)
@@ -221,14 +230,15 @@ def select_targets(counts: ModelCounts, target_modules: tuple[str, ...] | None) 
     Raises:
         UsageError: a requested name matches no linear layer.
     """
+    adaptable = [lin for lin in counts.linears if lin.adaptable]
     if target_modules is None:
-        return list(counts.linears)
-    leaves = {lin.name.rsplit(".", 1)[-1] for lin in counts.linears}
+        return adaptable
+    leaves = {lin.name.rsplit(".", 1)[-1] for lin in adaptable}
     missing = [t for t in target_modules if t not in leaves]
     if missing:
         raise UsageError(f"--target-modules {', '.join(missing)} match no linear layer of this model; "
                          f"its linear layers are {', '.join(sorted(leaves))}.")
-    return [lin for lin in counts.linears if lin.name.rsplit(".", 1)[-1] in target_modules]
+    return [lin for lin in adaptable if lin.name.rsplit(".", 1)[-1] in target_modules]
 
 
 def optimizer_bytes(tensor_numels: list[int], optim: str) -> int:

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from ..errors import UsageError
-from ..nn import AdaLoraLinear, LoraLinear, LoraSpec
+from ..nn import AdaLoraLinear, Experts4bit, LoraLinear, LoraSpec
 from .quantize import is_linear_like, kept_dense_names, matches_any, output_embedding_names
 
 log = logging.getLogger("qlora")
@@ -56,10 +56,12 @@ def adapters_disabled(model: nn.Module) -> Iterator[None]:
 
 def _select(model: nn.Module, target_modules: str | list[str]) -> list[str]:
     head = output_embedding_names(model)
+    # An Experts4bit's per-expert layers are its storage, not linear layers PEFT knows (it names 3-D weights).
+    experts = tuple(n + "." for n, m in model.named_modules() if isinstance(m, Experts4bit))
     candidates = [n for n, m in model.named_modules()
                   if n and (isinstance(m, LoraLinear) or is_linear_like(m)) and n not in head
-                  and not n.endswith(".base_layer") and ".lora_" not in n]
-    if target_modules == "all-linear":
+                  and not n.endswith(".base_layer") and ".lora_" not in n and not n.startswith(experts)]
+    if target_modules == "all-linear":  # MoE routers excluded, unlike PEFT's: adapting one reroutes tokens
         dense = kept_dense_names(model)
         chosen = [n for n in candidates if n not in dense]
     elif isinstance(target_modules, str):

@@ -7,6 +7,13 @@ target device, and the safetensors shards are then read one tensor at a time
 16-bit copy dropped, every other tensor is placed directly. Neither host RAM
 nor GPU memory ever holds the whole model in 16 bits. Checkpoints already in
 bitsandbytes' 4-bit format load their packed codes as they are.
+
+Where transformers' module layout differs from the checkpoint's (v5 MoE
+experts as 3-D weights, renamed modules), keys are mapped and tensors
+converted with transformers' own conversion mapping
+(:mod:`qlora.model.checkpoint_layout`), one target at a time; MoE experts
+become :class:`~qlora.nn.Experts4bit` (one 4-bit matrix per expert), routers
+stay 16-bit.
 """
 
 from __future__ import annotations
@@ -21,9 +28,10 @@ import torch
 from torch import nn
 
 from ..errors import UsageError
-from ..nn import Linear4bit
+from ..nn import Experts4bit, Linear4bit, expert_weight_names
 from ..quant import NonFiniteError, QuantState
-from .quantize import _skipped, is_conv1d, kept_dense_names, replace_modules
+from .checkpoint_layout import CheckpointLayout
+from .quantize import _skipped, is_conv1d, is_plain_linear, kept_dense_names, replace_modules
 
 def resolve_model_dir(name_or_path: str | Path) -> Path:
     """A local folder, or a hub id: downloaded when a hub is reachable, else from the local cache."""
@@ -193,9 +201,15 @@ def load_model(
         model = AutoModelForCausalLM.from_config(config, dtype=compute_dtype, **kwargs)
 
     skip = set(skip_modules) | kept_dense_names(model)
+    dense_keys = set(model.state_dict().keys())
 
     def make(path: str, module: nn.Module) -> nn.Module | None:
-        if quant is None or not (isinstance(module, nn.Linear) or is_conv1d(module)) or _skipped(path, skip):
+        if quant is None or _skipped(path, skip):
+            return None
+        if expert_weight_names(module):  # MoE experts as 3-D weights (transformers v5)
+            return Experts4bit(module, compute_dtype=compute_dtype, quant_type=quant, blocksize=blocksize,
+                               double_quant=double_quant, device=device)
+        if not (is_plain_linear(module) or is_conv1d(module)):
             return None
         in_f, out_f = (module.weight.shape if is_conv1d(module) else (module.in_features, module.out_features))
         layer = Linear4bit(in_f, out_f, bias=module.bias is not None, compute_dtype=compute_dtype,
@@ -209,38 +223,84 @@ def load_model(
     loaded: set[str] = set()
     total = sum(f.stat().st_size for f in files)
     bar = _progress(total, progress)
+
+    def place(key: str, tensor: torch.Tensor, source: str) -> None:
+        """Put one checkpoint tensor (already in model naming and layout) into the model."""
+        module_path, _, leaf = key.rpartition(".")
+        owner = next((p for p in (module_path, key.rsplit(".weight.", 1)[0]) if p in quantized), None)
+        if owner is not None and isinstance(model.get_submodule(owner), Experts4bit):
+            experts: Experts4bit = model.get_submodule(owner)
+            if leaf in experts.weight_names:
+                try:
+                    experts.set_weight(leaf, tensor.to(device))
+                except NonFiniteError as exc:
+                    raise UsageError(f"{source} (module {owner}): {exc}") from None
+                loaded.add(key)
+                return
+            owner = None  # biases, norms: ordinary tensors below
+        if owner is not None and key.startswith(owner + ".weight"):
+            layer: Linear4bit = model.get_submodule(owner)
+            if prequant is not None:
+                pending_qstate[owner][key[len(owner) + 1:]] = tensor
+            else:
+                w = tensor.to(device)
+                try:
+                    layer.set_weight(w.t() if layer.from_conv1d else w)
+                except NonFiniteError as exc:
+                    raise UsageError(f"{source} (module {owner}): {exc}") from None
+            loaded.add(owner + ".weight")
+            return
+        if key not in expected:
+            return  # e.g. legacy rotary buffers, or tied duplicates
+        if tensor.is_floating_point():
+            tensor = tensor.to(compute_dtype)
+        # copy=True: never keep a view into the memory-mapped shard,
+        # which would keep the whole file mapped (and counted in RSS).
+        _set_tensor(model, key, tensor.to(device, copy=True))
+        loaded.add(key)
+
+    keys: dict[Path, list[str]] = {}
     for file in files:
         with safe_open(str(file), framework="pt", device="cpu") as fh:
-            for raw_key in fh.keys():
-                key = _model_key(raw_key, expected, model)
-                module_path, _, leaf = key.rpartition(".")
-                owner = next((p for p in (module_path, key.rsplit(".weight.", 1)[0]) if p in quantized), None)
-                try:
-                    tensor = fh.get_tensor(raw_key)
-                except SafetensorError as exc:
-                    raise UsageError(f"{file}: tensor {raw_key} is corrupt ({exc}). Download or copy the model "
-                                     "again.") from None
-                bar.update(tensor.numel() * tensor.element_size())
-                if owner is not None and key.startswith(owner + ".weight"):
-                    layer: Linear4bit = model.get_submodule(owner)
-                    if prequant is not None:
-                        pending_qstate[owner][key[len(owner) + 1:]] = tensor
-                    else:
-                        w = tensor.to(device)
-                        try:
-                            layer.set_weight(w.t() if layer.from_conv1d else w)
-                        except NonFiniteError as exc:
-                            raise UsageError(f"{file}: tensor {raw_key} (module {owner}): {exc}") from None
-                    loaded.add(owner + ".weight")
+            keys[file] = list(fh.keys())
+    layout = CheckpointLayout(model, dense_keys, [k for file_keys in keys.values() for k in file_keys])
+    if prequant is not None and any(layout.needs_conversion(k) and ".weight." in k for ks in keys.values() for k in ks):
+        raise UsageError(f"{model_dir} is a bitsandbytes 4-bit checkpoint whose MoE experts are 4-bit per-expert "
+                         "linear layers (written with transformers 4.x); transformers 5 and qlora hold experts "
+                         "as 3-D weights and cannot join 4-bit experts without requantizing them. Load the "
+                         "original 16-bit checkpoint instead: qlora quantizes its experts to 4 bits while loading.")
+    # One shard is open (memory-mapped) at a time: an open mapping keeps the pages read so far in RSS.
+    current: dict[Path, object] = {}
+
+    def read(file: Path, raw_key: str) -> torch.Tensor:
+        try:
+            if file in current:
+                tensor = current[file].get_tensor(raw_key)
+            else:  # a converted group that spans shards: this one tensor from an earlier shard, copied
+                with safe_open(str(file), framework="pt", device="cpu") as other:
+                    tensor = other.get_tensor(raw_key).clone()
+        except SafetensorError as exc:
+            raise UsageError(f"{file}: tensor {raw_key} is corrupt ({exc}). Download or copy the model "
+                             "again.") from None
+        bar.update(tensor.numel() * tensor.element_size())
+        return tensor
+
+    cast = compute_dtype if prequant is None else None
+    for file in files:
+        with safe_open(str(file), framework="pt", device="cpu") as fh:
+            current[file] = fh
+            for raw_key in keys[file]:
+                if layout.in_group(raw_key):  # read once its group is complete, then converted
+                    converted = layout.add(raw_key, lambda f=file, r=raw_key: _cast(read(f, r), cast))
+                    for key, tensor in converted.items():
+                        place(key, tensor, f"{model_dir}: {key}")
                     continue
-                if key not in expected:
-                    continue  # e.g. legacy rotary buffers, or tied duplicates
-                if tensor.is_floating_point():
-                    tensor = tensor.to(compute_dtype)
-                # copy=True: never keep a view into the memory-mapped shard,
-                # which would keep the whole file mapped (and counted in RSS).
-                _set_tensor(model, key, tensor.to(device, copy=True))
-                loaded.add(key)
+                key = _model_key(layout.target(raw_key), expected, model)
+                place(key, read(file, raw_key), f"{file}: tensor {raw_key}")
+            current.clear()
+    if layout.incomplete():
+        raise UsageError(f"{model_dir}: the checkpoint lacks some of the tensors that make "
+                         f"{', '.join(layout.incomplete()[:3])}; is it complete?")
     bar.close()
     for owner, parts in pending_qstate.items():
         layer = model.get_submodule(owner)
@@ -250,6 +310,10 @@ def load_model(
     _load_generation_config(model, model_dir)
     _materialize_buffers(model, device)
     still_meta = [n for n, p in model.named_parameters() if p.is_meta]
+    for path in sorted(quantized):  # 4-bit weights are buffers: is_meta cannot tell they were never read
+        module = model.get_submodule(path)
+        names = module.weight_names if isinstance(module, Experts4bit) else ("weight",)
+        still_meta += [f"{path}.{n}" for n in names if f"{path}.{n}" not in loaded]
     if still_meta:
         raise UsageError(f"{model_dir}: the checkpoint lacks {len(still_meta)} tensors the model needs, e.g. "
                          f"{', '.join(still_meta[:3])}; is it the checkpoint of this config?")
@@ -313,6 +377,10 @@ def check_vocab_fits(tokenizer, rows: int, model_dir: str | Path) -> None:
                          f"embedding has only {rows} rows; the tokenizer does not belong to this model. Use the "
                          "tokenizer the model was trained with (a fine-tune that added tokens saves its tokenizer "
                          "next to its adapter).")
+
+
+def _cast(tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    return tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor
 
 
 def _model_key(raw: str, expected: set[str], model: nn.Module) -> str:

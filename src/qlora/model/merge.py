@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from ..atomic import atomic_dir
-from ..nn import AdaLoraLinear, Linear4bit, LoraLinear
+from ..nn import AdaLoraLinear, Experts4bit, Linear4bit, LoraLinear
 from .inject import adapter_configs
 from .quantize import replace_modules
 
@@ -71,6 +71,16 @@ def merged_tensors(model: nn.Module) -> list[tuple[str, tuple[int, ...], Callabl
         if any(path.startswith(f + ".") for f in folded):
             continue
         prefix = f"{path}." if path else ""
+        if isinstance(module, Experts4bit):  # transformers' 3-D layout, dequantized
+            folded.append(path)
+            for name in module.weight_names:
+                layers = getattr(module, name)
+                shape = (len(layers), layers[0].in_features, layers[0].out_features) if module.is_transposed else (
+                    len(layers), layers[0].out_features, layers[0].in_features)
+                rows.append((prefix + name, shape, lambda m=module, n=name: m.dequantize(n, torch.float32)))
+            for name, t in module.named_parameters():  # biases, post-expert norm
+                rows.append((prefix + name, tuple(t.shape), lambda t=t: t.detach()))
+            continue
         if isinstance(module, foldable):
             folded.append(path)
             base = module.base_layer if isinstance(module, (LoraLinear, AdaLoraLinear)) else module
@@ -105,7 +115,13 @@ def merge(model: nn.Module, into: str = "dequantized", dtype: torch.dtype | None
     if into not in ("dequantized", "requantized"):
         raise ValueError(f"into must be 'dequantized' or 'requantized', got {into!r}")
 
+    experts = [p for p, m in model.named_modules() if isinstance(m, Experts4bit)]
+
     def make(path: str, module: nn.Module) -> nn.Module | None:
+        if any(path.startswith(e + ".") for e in experts):
+            return None  # the experts' own 4-bit layers go with them
+        if isinstance(module, Experts4bit):
+            return module.to_dense(dtype) if into == "dequantized" else None
         if isinstance(module, Linear4bit) and into != "dequantized":
             return None
         folded = folded_weight(module)
@@ -136,7 +152,7 @@ def merge(model: nn.Module, into: str = "dequantized", dtype: torch.dtype | None
 
 def save_merged(model: nn.Module, out_dir: str | Path, tokenizer=None) -> Path:
     """Write a merged (dense) model as a standard transformers safetensors checkpoint."""
-    if any(isinstance(m, (Linear4bit, LoraLinear, AdaLoraLinear)) for m in model.modules()):
+    if any(isinstance(m, (Linear4bit, Experts4bit, LoraLinear, AdaLoraLinear)) for m in model.modules()):
         raise ValueError("save_merged needs a dense model: call qlora.merge(model) first")
     config = model.config
     if hasattr(config, "quantization_config"):

@@ -23,8 +23,29 @@ def is_conv1d(module: nn.Module) -> bool:
     return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
 
 
+def is_plain_linear(module: nn.Module) -> bool:
+    """An ``nn.Linear`` that computes ``x @ W^T + b`` and nothing else. Subclasses with a
+    forward of their own (MoE routers that return top-k indices) are not."""
+    return isinstance(module, nn.Linear) and type(module).forward is nn.Linear.forward
+
+
 def is_linear_like(module: nn.Module) -> bool:
-    return isinstance(module, (nn.Linear, Linear4bit)) or is_conv1d(module)
+    return is_plain_linear(module) or isinstance(module, Linear4bit) or is_conv1d(module)
+
+
+def router_names(model: nn.Module) -> set[str]:
+    """Paths of MoE routers and gates: linear layers beside an ``experts`` module
+    (``mlp.gate``, ``mlp.shared_expert_gate``). They stay 16-bit and are not LoRA
+    targets: quantizing or adapting them changes which experts a token reaches."""
+    names = set()
+    for path, module in model.named_modules():
+        if "experts" not in module._modules:
+            continue
+        for child_name, child in module.named_children():
+            if child_name != "experts" and (isinstance(child, (nn.Linear, Linear4bit)) or
+                                            type(getattr(child, "base_layer", None)) in (nn.Linear, Linear4bit)):
+                names.add(f"{path}.{child_name}" if path else child_name)
+    return names
 
 
 def output_embedding_names(model: nn.Module) -> set[str]:
@@ -55,10 +76,11 @@ def _children_read_as_tensors(cls: type) -> frozenset[str]:
 
 def kept_dense_names(model: nn.Module) -> set[str]:
     """Linear layers that stay 16-bit and outside ``all-linear``: the output head,
-    and layers whose weight the model's code reads directly instead of calling
-    the layer (Mamba mixers' ``out_proj``/``dt_proj``), where a packed 4-bit
-    weight or a LoRA wrapper would be read as if it were the dense matrix."""
-    kept = set(output_embedding_names(model))
+    MoE routers (:func:`router_names`), and layers whose weight the model's code
+    reads directly instead of calling the layer (Mamba mixers' ``out_proj``),
+    where a packed 4-bit weight or a LoRA wrapper would be read as if it were
+    the dense matrix."""
+    kept = output_embedding_names(model) | router_names(model)
     for path, module in model.named_modules():
         for child in _children_read_as_tensors(type(module)):
             sub = module._modules.get(child)
@@ -108,7 +130,7 @@ def quantize_model(
     skip = set(skip_modules) | kept_dense_names(model)
 
     def make(path: str, module: nn.Module) -> nn.Module | None:
-        if not (isinstance(module, nn.Linear) or is_conv1d(module)) or _skipped(path, skip):
+        if not (is_plain_linear(module) or is_conv1d(module)) or _skipped(path, skip):
             return None
         try:
             layer = Linear4bit.from_linear(module, quant_type, blocksize, double_quant, compute_dtype,

@@ -16,7 +16,8 @@ import torch
 from torch import nn
 
 from ..atomic import atomic_dir
-from ..nn import Linear4bit, LoraLinear
+from ..errors import UsageError
+from ..nn import Experts4bit, Linear4bit, LoraLinear, expert_weight_names
 
 _SHARD_BYTES = 5 * 1024**3
 
@@ -42,9 +43,35 @@ def quantized_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
+_MOE_REFUSAL = ("is a mixture-of-experts model whose experts are 3-D weights; bitsandbytes and transformers "
+                "quantize only linear layers, so a 4-bit file of its experts would load nowhere but qlora, and a "
+                "file with 16-bit experts would keep ~all of its weights in 16 bits. Skip `qlora quantize`: give "
+                "the 16-bit model to train/generate/eval/serve, which quantize its experts to 4 bits while loading.")
+
+
+def check_quantizable(model_dir: str | Path) -> None:
+    """Refuse, before any weight is read, models whose 4-bit checkpoint transformers could not load."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(model_dir)
+    if getattr(config, "quantization_config", None) is not None:
+        return  # already 4-bit: re-saving it changes nothing about its experts
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    if any(expert_weight_names(m) for m in model.modules()):
+        raise UsageError(f"{model_dir} {_MOE_REFUSAL}")
+
+
 def save_quantized(model: nn.Module, out_dir: str | Path, tokenizer=None) -> Path:
-    """Write the 4-bit base model (without adapters) in bitsandbytes' checkpoint format."""
+    """Write the 4-bit base model (without adapters) in bitsandbytes' checkpoint format.
+
+    Raises:
+        UsageError: for MoE models with 3-D experts (see :func:`check_quantizable`).
+    """
     from safetensors.torch import save_file
+
+    if any(isinstance(m, Experts4bit) for m in model.modules()):
+        raise UsageError(f"this model {_MOE_REFUSAL}")
 
     layers = [m.base_layer if isinstance(m, LoraLinear) else m for m in model.modules()]
     q = [m for m in layers if isinstance(m, Linear4bit)]

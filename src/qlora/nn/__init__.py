@@ -1,7 +1,8 @@
-"""Neural-network modules: the 4-bit linear layer, LoRA and AdaLoRA adapters."""
+"""Neural-network modules: the 4-bit linear layer, 4-bit MoE experts, LoRA and AdaLoRA adapters."""
 
 from .adalora import AdaLoraLinear
+from .experts4bit import Experts4bit, expert_weight_names
 from .linear4bit import Linear4bit
 from .lora import LoraLinear, LoraSpec
 
-__all__ = ["AdaLoraLinear", "Linear4bit", "LoraLinear", "LoraSpec"]
+__all__ = ["AdaLoraLinear", "Experts4bit", "Linear4bit", "LoraLinear", "LoraSpec", "expert_weight_names"]

@@ -28,12 +28,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from ...model.load import load_model
-    from ...model.quantized_io import save_quantized
+    from ...model.load import load_model, resolve_model_dir
+    from ...model.quantized_io import check_quantizable, save_quantized
 
     from ...output_folder import check_output, staged_output
 
     check_output(args.output, overwrite=args.overwrite, inputs={"--model": args.model})
+    check_quantizable(resolve_model_dir(args.model))
     model, tokenizer = load_model(args.model, quant=args.quant, double_quant=args.double_quant,
                                   blocksize=args.blocksize, compute_dtype=torch.bfloat16, device="cpu")
     with staged_output(args.output, "quantize", replace=True) as stage:

@@ -1,0 +1,260 @@
+"""MoE and renamed-layout checkpoints: loaded as transformers loads them, experts in 4 bits.
+
+Oracle: transformers' own ``from_pretrained`` of the same folder (it applies the
+checkpoint conversion mapping), and for the 4-bit model a transformers model
+whose expert weights were replaced by qlora's dequantized 4-bit experts.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from qlora.model.load import load_model
+from qlora.nn import Experts4bit, Linear4bit
+
+transformers = pytest.importorskip("transformers")
+pytestmark = pytest.mark.skipif(not hasattr(transformers, "conversion_mapping") and
+                                not __import__("importlib").util.find_spec("transformers.conversion_mapping"),
+                                reason="transformers 4.x stores experts as nn.Linear (loaded by the plain path)")
+
+_CONFIG = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, intermediate_size=48,
+               max_position_embeddings=64, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+_MOE = dict(moe_intermediate_size=32, num_experts=4, num_local_experts=4, n_routed_experts=4, num_experts_per_tok=2,
+            shared_expert_intermediate_size=32, head_dim=8, q_lora_rank=16, kv_lora_rank=16, qk_rope_head_dim=8,
+            qk_nope_head_dim=8, v_head_dim=8, first_k_dense_replace=1, n_group=1, topk_group=1)
+
+
+def _save(tmp_path_factory, tokenizer, model_type: str):
+    cfg = transformers.AutoConfig.for_model(model_type, vocab_size=len(tokenizer), **_CONFIG)
+    for key, value in _MOE.items():
+        if hasattr(cfg, key):
+            setattr(cfg, key, value)
+    if model_type.startswith("deepseek"):  # multi-head latent attention: as many key/value heads as heads
+        cfg.num_key_value_heads = cfg.num_attention_heads
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    with torch.no_grad():  # random, non-trivial weights everywhere (norms and biases included)
+        for p in model.parameters():
+            p.normal_(0, 0.3) if p.dim() > 1 else p.uniform_(0.5, 1.5)
+    out = tmp_path_factory.mktemp(model_type)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory, tiny_tokenizer):
+    cache = {}
+
+    def get(model_type: str):
+        if model_type not in cache:
+            cache[model_type] = _save(tmp_path_factory, tiny_tokenizer, model_type)
+        return cache[model_type]
+    return get
+
+
+def _reference(path):
+    return transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+
+_IDS = torch.tensor([[5, 17, 42, 99, 7, 250, 31, 8, 64, 12], [3, 9, 27, 81, 200, 150, 11, 4, 66, 90]])
+
+
+@pytest.mark.parametrize("model_type", ["mixtral", "qwen3_moe", "qwen2_moe", "deepseek_v3", "granitemoe", "gpt_neox",
+                                        "gpt_oss"])
+def test_dense_load_equals_transformers(saved, model_type):
+    path = saved(model_type)
+    ours, _ = load_model(path, quant=None, compute_dtype=torch.float32, device="cpu")
+    ref = _reference(path)
+    theirs = dict(ref.named_parameters())
+    mine = dict(ours.named_parameters())
+    assert mine.keys() == theirs.keys()
+    for name, p in mine.items():
+        assert torch.equal(p, theirs[name]), name
+    with torch.no_grad():
+        torch.testing.assert_close(ours(_IDS).logits, ref(_IDS).logits, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("model_type", ["mixtral", "qwen3_moe", "gpt_oss", "deepseek_v3"])
+def test_4bit_experts_equal_transformers_with_dequantized_experts(saved, model_type):
+    path = saved(model_type)
+    ours, _ = load_model(path, quant="nf4", compute_dtype=torch.float32, device="cpu")
+    experts = {n: m for n, m in ours.named_modules() if isinstance(m, Experts4bit)}
+    assert experts, "experts were not swapped for 4-bit ones"
+    ref = _reference(path)
+    with torch.no_grad():
+        for name, module in ours.named_modules():  # the oracle gets exactly our 4-bit weights, dequantized
+            if isinstance(module, Experts4bit):
+                target = ref.get_submodule(name)
+                for w in module.weight_names:
+                    getattr(target, w).copy_(module.dequantize(w, torch.float32))
+                    # one expert's slice is the dequantized 2-D matrix of its own Linear4bit
+                    first = getattr(module, w)[0].dequantize(torch.float32)
+                    torch.testing.assert_close(getattr(target, w)[0], first.t() if module.is_transposed else first,
+                                               rtol=0, atol=0)
+            elif isinstance(module, Linear4bit) and not any(name.startswith(e + ".") for e in experts):
+                ref.get_submodule(name).weight.copy_(module.dequantize(torch.float32))
+        torch.testing.assert_close(ours(_IDS).logits, ref(_IDS).logits, rtol=1e-5, atol=1e-5)
+    # the experts are really 4-bit: no 3-D 16/32-bit expert weight is left in the model
+    assert not [n for n, p in ours.named_parameters() if p.dim() == 3]
+
+
+def test_lora_gradients_flow_through_4bit_experts(saved):
+    import qlora
+
+    ours, _ = load_model(saved("qwen3_moe"), quant="nf4", compute_dtype=torch.float32, device="cpu")
+    qlora.add_lora(ours, r=4, dropout=0.0, target_modules=["q_proj", "v_proj"])
+    for name, p in ours.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.1)
+    loss = ours(_IDS, labels=_IDS).loss
+    loss.backward()
+    first_layer = [p.grad for n, p in ours.named_parameters() if "layers.0." in n and "lora_A" in n]
+    assert first_layer and all(g is not None and g.abs().sum() > 0 for g in first_layer)
+
+
+def test_routers_stay_dense_and_are_not_default_lora_targets(tmp_path, saved):
+    import qlora
+    from peft import PeftModel
+    from qlora.nn import LoraLinear
+
+    path = saved("qwen2_moe")
+    ours, _ = load_model(path, quant="nf4", compute_dtype=torch.float32, device="cpu")
+    gates = [n for n, m in ours.named_modules() if n.endswith("shared_expert_gate")]
+    assert gates and all(type(ours.get_submodule(n)) is torch.nn.Linear for n in gates)
+    qlora.add_lora(ours, r=4)
+    adapted = {n for n, m in ours.named_modules() if isinstance(m, LoraLinear)}
+    assert not [n for n in adapted if n.endswith(("gate", "shared_expert_gate"))]
+    assert [n for n in adapted if ".shared_expert." in n] and [n for n in adapted if n.endswith("q_proj")]
+
+    # PEFT puts the adapter (shared experts included) on the same modules, with the same result
+    dense, _ = load_model(path, quant=None, compute_dtype=torch.float32, device="cpu")
+    qlora.add_lora(dense, r=4, dropout=0.0)
+    torch.manual_seed(1)
+    for name, p in dense.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.2)
+    adapter = qlora.save_adapter(dense, tmp_path / "a")
+    peft_model = PeftModel.from_pretrained(_reference(path), str(adapter)).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(dense(_IDS).logits, peft_model(_IDS).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_estimate_counts_experts_as_4bit_and_routers_as_16bit():
+    from qlora.model.estimate import count_parameters, select_targets
+
+    cfg = transformers.AutoConfig.for_model("mixtral", vocab_size=300, **_CONFIG)
+    cfg.num_local_experts, cfg.num_experts_per_tok = 4, 2
+    counts = count_parameters(cfg)
+    h, i, layers = cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers
+    experts = [lin for lin in counts.linears if not lin.adaptable]
+    assert len(experts) == layers * 4 * 2 and sum(lin.numel for lin in experts) == layers * 4 * 3 * h * i
+    router = layers * 4 * h  # (E, H) per layer, 16-bit
+    attention = layers * (2 * h * h + 2 * h * (h // 4 * 2))
+    assert counts.quantized_params == layers * 4 * 3 * h * i + attention
+    assert counts.params_16bit >= router
+    assert {lin.name.rsplit(".", 1)[-1] for lin in select_targets(counts, None)} == {"q_proj", "k_proj", "v_proj", "o_proj"}
+
+
+def test_cli_train_merge_quantize_on_moe(tmp_path, saved, capsys):
+    """train (2 steps) -> PEFT loads the adapter with qlora's logits -> merge loads in transformers -> quantize refuses."""
+    import json
+    import math
+
+    import qlora
+    from peft import PeftModel
+    from qlora.cli.main import main
+
+    path = saved("qwen3_moe")
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"instruction": f"What is {a} plus 2?", "input": "", "output": f"{a + 2}."})
+                            + "\n" for a in range(8)))
+    out = tmp_path / "run"
+    assert main(["train", "--model", str(path), "--data", str(data), "--output", str(out), "--seq-len", "48",
+                 "--batch-size", "2", "--lr", "1e-2", "--max-steps", "2", "--no-progress"]) == 0
+    losses = [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()
+              if json.loads(line).get("split") == "train"]
+    assert len(losses) == 2 and all(math.isfinite(x) for x in losses)
+    targets = set(json.loads((out / "adapter_config.json").read_text())["target_modules"])
+    assert "gate" not in targets and {"q_proj", "v_proj"} <= targets
+
+    ours, _ = load_model(path, quant=None, compute_dtype=torch.float32, device="cpu")
+    qlora.load_adapter(ours, out)
+    peft_model = PeftModel.from_pretrained(_reference(path), str(out)).eval()
+    with torch.no_grad():
+        base = _reference(path)(_IDS).logits
+        mine, theirs = ours(_IDS).logits, peft_model(_IDS).logits
+    assert (mine - base).abs().max() > 1e-4  # the adapter does something
+    torch.testing.assert_close(mine, theirs, rtol=1e-5, atol=1e-5)
+
+    assert main(["merge", "--model", str(path), "--adapter", str(out), "--output", str(tmp_path / "merged"),
+                 "--dtype", "float32"]) == 0
+    four_bit, _ = load_model(path, compute_dtype=torch.float32, device="cpu")
+    qlora.load_adapter(four_bit, out)
+    merged = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(merged(_IDS).logits, four_bit(_IDS).logits, rtol=1e-4, atol=1e-4)
+
+    capsys.readouterr()
+    assert main(["quantize", "--model", str(path), "--output", str(tmp_path / "q4")]) == 2
+    assert "mixture-of-experts" in capsys.readouterr().err and not (tmp_path / "q4").exists()
+
+
+def test_bitsandbytes_moe_checkpoints(tmp_path, saved):
+    """transformers 5 + bitsandbytes keeps experts 16-bit in its 4-bit files: qlora loads them with 4-bit experts,
+    identical to quantizing the 16-bit checkpoint; a 4.x file with per-expert 4-bit layers is refused clearly."""
+    pytest.importorskip("bitsandbytes")
+    from safetensors.torch import load_file, save_file
+
+    from qlora.errors import UsageError
+
+    path = saved("mixtral")
+    bnb = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                          bnb_4bit_compute_dtype=torch.float32)
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(path, quantization_config=bnb, device_map="cpu")
+    out = tmp_path / "bnb"
+    theirs.save_pretrained(out)
+    for f in path.glob("tokenizer*"):
+        (out / f.name).write_bytes(f.read_bytes())
+    prequantized, _ = load_model(out, compute_dtype=torch.float32, device="cpu")
+    direct, _ = load_model(path, compute_dtype=torch.float32, device="cpu")
+    assert any(isinstance(m, Experts4bit) for m in prequantized.modules())
+    with torch.no_grad():
+        torch.testing.assert_close(prequantized(_IDS).logits, direct(_IDS).logits, rtol=0, atol=0)
+
+    tensors = load_file(out / "model.safetensors")
+    key = next(k for k in tensors if ".experts.0.w1.weight" in k)
+    tensors[key + ".absmax"] = torch.zeros(4, dtype=torch.uint8)  # a 4.x per-expert 4-bit layer
+    save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(UsageError, match="per-expert"):
+        load_model(out, compute_dtype=torch.float32, device="cpu")
+
+
+@pytest.mark.parametrize("model_type", ["gpt_oss", "deepseek_v3", "granitemoe"])
+def test_merged_moe_loads_in_transformers_with_the_4bit_logits(tmp_path, saved, model_type):
+    import qlora
+
+    ours, tokenizer = load_model(saved(model_type), compute_dtype=torch.float32, device="cpu")
+    with torch.no_grad():
+        before = ours(_IDS).logits
+    qlora.merge(ours, dtype=torch.float32)
+    assert not any(isinstance(m, (Experts4bit, Linear4bit)) for m in ours.modules())
+    qlora.save_merged(ours, tmp_path / "merged", tokenizer)
+    plain = _reference(tmp_path / "merged")
+    with torch.no_grad():
+        torch.testing.assert_close(plain(_IDS).logits, before, rtol=1e-5, atol=1e-5)
+
+
+def test_experts_split_across_shards(tmp_path, saved):
+    """One layer's experts in several safetensors shards: gathered across them, equal to transformers."""
+    path = saved("mixtral")
+    ref = _reference(path)
+    sharded = tmp_path / "sharded"
+    ref.save_pretrained(sharded, max_shard_size="20KB")
+    for f in path.glob("tokenizer*"):
+        (sharded / f.name).write_bytes(f.read_bytes())
+    assert len(list(sharded.glob("*.safetensors"))) > 3
+    ours, _ = load_model(sharded, quant=None, compute_dtype=torch.float32, device="cpu")
+    theirs = dict(ref.named_parameters())
+    assert all(torch.equal(p, theirs[n]) for n, p in ours.named_parameters())
