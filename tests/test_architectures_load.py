@@ -79,3 +79,29 @@ def test_layers_whose_weight_the_model_reads_stay_dense_and_round_trip(saved, tm
     assert torch.isfinite(loss)
     adapted = {n.rsplit(".", 1)[0] for n, p in model.named_parameters() if p.requires_grad}
     assert not any(".mamba.out_proj" in n for n in adapted) and any("o_proj" in n for n in adapted)
+
+
+def test_linear_subclasses_that_compute_a_linear_are_quantized_and_adapted(tmp_path, tiny_tokenizer):
+    """Falcon's layers are ``FalconLinear`` (an nn.Linear subclass with its own, equivalent
+    forward): 4-bit and all-linear targets like plain nn.Linear; a router subclass is not."""
+    from transformers import FalconConfig
+    from transformers.models.phimoe.modeling_phimoe import PhimoeTopKRouter
+
+    from qlora.model.inject import add_lora
+    from qlora.model.quantize import is_plain_linear
+    from qlora.nn import LoraLinear
+
+    config = FalconConfig(vocab_size=len(tiny_tokenizer), hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                          num_kv_heads=2, new_decoder_architecture=True)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path)
+    tiny_tokenizer.save_pretrained(tmp_path)
+    model, _ = load_model(tmp_path, quant="nf4", compute_dtype=torch.float32, device="cpu")
+    block = model.transformer.h[0]
+    assert isinstance(block.self_attention.query_key_value, Linear4bit)
+    assert isinstance(block.mlp.dense_4h_to_h, Linear4bit)
+    add_lora(model, r=4)
+    assert isinstance(block.self_attention.dense, LoraLinear) and isinstance(block.mlp.dense_h_to_4h, LoraLinear)
+    router = PhimoeTopKRouter.__new__(PhimoeTopKRouter)
+    torch.nn.Linear.__init__(router, 8, 4)
+    assert not is_plain_linear(router)

@@ -24,9 +24,28 @@ def is_conv1d(module: nn.Module) -> bool:
 
 
 def is_plain_linear(module: nn.Module) -> bool:
-    """An ``nn.Linear`` that computes ``x @ W^T + b`` and nothing else. Subclasses with a
-    forward of their own (MoE routers that return top-k indices) are not."""
-    return isinstance(module, nn.Linear) and type(module).forward is nn.Linear.forward
+    """An ``nn.Linear`` that computes ``x @ W^T + b`` and nothing else: ``nn.Linear``
+    itself, or a subclass whose own forward gives the same result (Falcon's
+    ``FalconLinear``), but not one that does more (MoE routers returning top-k
+    indices, DeepSeek-V4's grouped linear)."""
+    return isinstance(module, nn.Linear) and _computes_linear(type(module))
+
+
+@functools.lru_cache(maxsize=None)
+def _computes_linear(cls: type) -> bool:
+    """Run the class's forward on a small probe instance and compare it with ``F.linear``."""
+    if cls.forward is nn.Linear.forward:
+        return True
+    try:
+        probe = cls.__new__(cls)
+        nn.Linear.__init__(probe, 8, 4, bias=True, device="cpu", dtype=torch.float32)
+        x = torch.randn(3, 8, device="cpu", generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            out = probe(x)
+            return (torch.is_tensor(out) and out.shape == (3, 4)
+                    and torch.allclose(out, nn.functional.linear(x, probe.weight, probe.bias), atol=1e-5))
+    except Exception:  # a forward that needs more than a linear layer's state is not one
+        return False
 
 
 def is_linear_like(module: nn.Module) -> bool:
