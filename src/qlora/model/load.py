@@ -75,19 +75,22 @@ def _weight_files(model_dir: Path) -> list[Path]:
     raise UsageError(f"{model_dir} has no model.safetensors or model.safetensors.index.json.")
 
 
-def _check_weight_files(files: list[Path]) -> None:
-    """Open every safetensors file's header (cheap) so a corrupt or truncated one is named at once."""
+def _read_weight_keys(files: list[Path]) -> dict[Path, list[str]]:
+    """Every safetensors file's tensor names, from its header (cheap), so a corrupt or
+    truncated file is named at once, before any tensor is read."""
     from safetensors import SafetensorError, safe_open
 
+    keys: dict[Path, list[str]] = {}
     for file in files:
         if not file.is_file():
             raise UsageError(f"{file} is missing (it is listed in the model's safetensors index).")
         try:
             with safe_open(str(file), framework="pt", device="cpu") as fh:
-                fh.keys()
+                keys[file] = list(fh.keys())
         except (SafetensorError, OSError, ValueError) as exc:
             raise UsageError(f"{file} is corrupt or not a safetensors file ({exc}). Download or copy the model "
                              "again.") from None
+    return keys
 
 
 def _prequantized(config) -> dict | None:
@@ -181,7 +184,7 @@ def load_model(
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model_dir = resolve_model_dir(name_or_path)
     files = _weight_files(model_dir)
-    _check_weight_files(files)  # headers only: a corrupt file fails here, before any tensor is read
+    keys = _read_weight_keys(files)  # headers only: a corrupt file fails here, before any tensor is read
     try:
         config = AutoConfig.from_pretrained(model_dir)
     except (OSError, ValueError) as exc:
@@ -259,10 +262,6 @@ def load_model(
         _set_tensor(model, key, tensor.to(device, copy=True))
         loaded.add(key)
 
-    keys: dict[Path, list[str]] = {}
-    for file in files:
-        with safe_open(str(file), framework="pt", device="cpu") as fh:
-            keys[file] = list(fh.keys())
     layout = CheckpointLayout(model, dense_keys, [k for file_keys in keys.values() for k in file_keys])
     if prequant is not None and any(layout.needs_conversion(k) and ".weight." in k for ks in keys.values() for k in ks):
         raise UsageError(f"{model_dir} is a bitsandbytes 4-bit checkpoint whose MoE experts are 4-bit per-expert "
