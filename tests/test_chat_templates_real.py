@@ -17,6 +17,7 @@ from qlora.train.data import IGNORE_INDEX, Example, tokenize_example
 from qlora.train.data.tokenize import has_generation_markers
 
 from chat_families import A1, CONVERSATIONS, DATA, DATE, FAMILIES, SYSTEM, U1, family_tokenizer
+from trained_runs import trained_runs
 
 
 def stops(tok, name: str) -> set[int]:
@@ -24,15 +25,7 @@ def stops(tok, name: str) -> set[int]:
 
 
 def runs(tokenized) -> list[list[int]]:
-    """Consecutive trained token runs."""
-    out, current = [], []
-    for token, label in zip(tokenized.input_ids, tokenized.labels):
-        if label != IGNORE_INDEX:
-            current.append(token)
-        elif current:
-            out.append(current)
-            current = []
-    return out + ([current] if current else [])
+    return trained_runs(tokenized.input_ids, tokenized.labels)
 
 
 def squash(text: str) -> str:

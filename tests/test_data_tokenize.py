@@ -11,6 +11,8 @@ from qlora.train.data import (
     tokenize_dataset, tokenize_example,
 )
 
+from trained_runs import trained_runs
+
 TEXT = [
     "<|im_start|>user\nWhat is two plus two?<|im_end|>\n<|im_start|>assistant\nFour.<|im_end|>\n",
     "### Instruction:\nName a color.\n\n### Response:\nBlue.",
@@ -53,15 +55,7 @@ def chat(messages=CONVERSATION) -> Example:
 
 def spans(tok, tokenized) -> list[str]:
     """The decoded runs of consecutive trained tokens."""
-    runs, current = [], []
-    for token, label in zip(tokenized.input_ids, tokenized.labels):
-        if label != IGNORE_INDEX:
-            current.append(token)
-        elif current:
-            runs.append(current)
-            current = []
-    runs += [current] if current else []
-    return [tok.decode(r, skip_special_tokens=False) for r in runs]
+    return [tok.decode(r, skip_special_tokens=False) for r in trained_runs(tokenized.input_ids, tokenized.labels)]
 
 
 @pytest.mark.parametrize("add_bos", [True, False])

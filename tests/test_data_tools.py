@@ -14,9 +14,10 @@ import pytest
 
 from qlora.errors import UsageError
 from qlora.model.chat_format import ChatFormat, stop_token_ids
-from qlora.train.data import IGNORE_INDEX, Record, normalize, tokenize_example
+from qlora.train.data import Record, normalize, tokenize_example
 
 from chat_families import DATE, FAMILIES, family_tokenizer
+from trained_runs import trained_runs
 
 TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "Weather of a city",
           "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}]
@@ -49,14 +50,7 @@ TOOL_FAMILIES = ["qwen2.5", "qwen3", "qwen3-2507", "llama-3.1", "llama-3.2", "mi
 
 
 def _runs(tokenized) -> list[list[int]]:
-    out, current = [], []
-    for token, label in zip(tokenized.input_ids, tokenized.labels):
-        if label != IGNORE_INDEX:
-            current.append(token)
-        elif current:
-            out.append(current)
-            current = []
-    return out + ([current] if current else [])
+    return trained_runs(tokenized.input_ids, tokenized.labels)
 
 
 def _example(row=OPENAI_ROW):

@@ -20,7 +20,8 @@ from qlora.model.gguf_export import export_gguf
 from qlora.model.gguf_vocab import gguf_vocab
 from qlora.model.merge import merge, merged_tensors
 from qlora.model.tiny import build_tiny_model
-from qlora.nn import LoraLinear
+
+from random_adapters import randomize_lora_b
 
 gguf = pytest.importorskip("gguf")
 
@@ -37,15 +38,6 @@ ARCH_CONFIG = {
 }
 
 
-def _randomize_adapter(model, seed: int = 0) -> None:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for layer in model.modules():
-            if isinstance(layer, LoraLinear):
-                w = layer.lora_B["default"].weight
-                w.copy_(0.05 * torch.randn(w.shape, generator=g))
-
-
 @pytest.fixture(scope="module")
 def tiny_models(tmp_path_factory, tiny_tokenizer):
     root = tmp_path_factory.mktemp("gguf-tiny")
@@ -58,7 +50,7 @@ def _adapted(model_dir):
     model, tokenizer = qlora.load_model(model_dir, compute_dtype=torch.float32, device="cpu")
     torch.manual_seed(0)
     qlora.add_lora(model, r=4, alpha=8, dropout=0.0, target_modules="all-linear", verbose=False)
-    _randomize_adapter(model)
+    randomize_lora_b(model, seed=0)
     return model.eval(), tokenizer
 
 

@@ -10,16 +10,9 @@ from qlora.cli.main import main
 from qlora.errors import UsageError
 from qlora.nn import LoraLinear
 
+from random_adapters import randomize_lora_b
+
 IDS = torch.tensor([[1, 17, 42, 99, 7, 250, 3, 64], [5, 6, 7, 8, 9, 10, 11, 12], [3, 3, 40, 41, 42, 2, 9, 9]])
-
-
-def _randomize(model, name, seed):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for layer in model.modules():
-            if isinstance(layer, LoraLinear) and name in layer.specs:
-                w = layer.lora_B[name].weight
-                w.copy_(0.05 * torch.randn(w.shape, generator=g))
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +24,7 @@ def adapters(tmp_path_factory, tiny_model_dir):
         model, _ = qlora.load_model(tiny_model_dir, compute_dtype=torch.float32, device="cpu")
         torch.manual_seed(seed)
         qlora.add_lora(model, dropout=0.0, verbose=False, **kw)
-        _randomize(model, "default", seed)
+        randomize_lora_b(model, seed)
         qlora.save_adapter(model, root / name)
     return root
 
@@ -90,7 +83,7 @@ def test_concatenation_equals_weighted_sum_for_different_ranks(tmp_path, tiny_mo
     torch.manual_seed(3)
     qlora.add_lora(model, r=8, alpha=4, rslora=True, dropout=0.0, target_modules=["v_proj", "o_proj"],
                    adapter_name="c", verbose=False)
-    _randomize(model, "c", 3)
+    randomize_lora_b(model, 3, name="c")
     qlora.set_adapters(model, {"a": 0.7, "c": -0.4})
     weighted = model(IDS).logits
     qlora.combine_adapters(model, {"a": 0.7, "c": -0.4}, "ac")

@@ -22,7 +22,8 @@ import qlora
 from qlora.cli.main import main
 from qlora.infer.messages import Message
 from qlora.infer.template import render_chat
-from qlora.nn import LoraLinear
+
+from random_adapters import randomize_lora_b
 
 openai = pytest.importorskip("openai")
 pytest.importorskip("fastapi")
@@ -40,12 +41,7 @@ def adapters(tmp_path_factory, tiny_model_dir):
         model, _ = qlora.load_model(tiny_model_dir, compute_dtype=torch.float32, device="cpu")
         torch.manual_seed(seed)
         qlora.add_lora(model, r=4, dropout=0.0, verbose=False, target_modules=["q_proj", "v_proj", "down_proj"])
-        g = torch.Generator().manual_seed(seed)
-        with torch.no_grad():
-            for layer in model.modules():
-                if isinstance(layer, LoraLinear):
-                    w = layer.lora_B["default"].weight
-                    w.copy_(0.3 * torch.randn(w.shape, generator=g))
+        randomize_lora_b(model, seed, scale=0.3)
         qlora.save_adapter(model, root / name)
     return root
 

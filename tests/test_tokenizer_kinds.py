@@ -22,9 +22,10 @@ from qlora.cli.main import main
 from qlora.infer.text_stream import TextStream
 from qlora.model.chat_format import ChatFormat, stop_token_ids
 from qlora.model.tiny import _DEFAULT_TEXT, build_tiny_model, train_sentencepiece_tokenizer, train_tokenizer
-from qlora.train.data import IGNORE_INDEX, Example, resolve_chat_format, tokenize_example
+from qlora.train.data import Example, resolve_chat_format, tokenize_example
 
 from chat_families import FAMILIES
+from trained_runs import trained_runs
 
 TEMPLATES = Path(__file__).parent / "data" / "chat_templates"
 TEXT = _DEFAULT_TEXT + ["Paris est la capitale. naïve café, 世界"] * 5
@@ -199,13 +200,7 @@ def test_assistant_mask_with_sentencepiece_tokenizer(family, template):
     reference = list(tok.apply_chat_template(messages, tokenize=True, return_dict=True)["input_ids"])
     ids = tokenized.input_ids
     assert ids in (reference, reference + [tok.eos_token_id])
-    runs, current = [], []
-    for token, label in zip(ids, tokenized.labels):
-        if label != IGNORE_INDEX:
-            current.append(token)
-        elif current:
-            runs, current = runs + [current], []
-    runs += [current] if current else []
+    runs = trained_runs(ids, tokenized.labels)
     assert len(runs) == 2
     for run, answer in zip(runs, ("Hello 🙂 world.", "Coffee, naïve.")):
         assert run[-1] in ends
