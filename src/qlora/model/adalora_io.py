@@ -15,7 +15,7 @@ from torch import nn
 
 from .adapter_tensors import copy_adapter_tensor
 from .adalora import AdaLoraConfig, adalora_layers, add_adalora
-from .inject import adapter_configs
+from .inject import adapter_configs, target_names
 
 PEFT_PREFIX = "base_model.model."
 
@@ -63,7 +63,7 @@ def attach_adalora(model: nn.Module, config: dict, paths: list[str], save_paths:
                 dropout=float(config.get("lora_dropout") or 0.0), target_modules="|".join(map(re.escape, paths)),
                 adapter_name=adapter_name, verbose=False, modules_to_save=save_paths)
     cfg: AdaLoraConfig = adapter_configs(model)[adapter_name]
-    cfg.target_modules = list(config.get("target_modules") or [])
+    cfg.target_modules = target_names(config.get("target_modules"), paths)
     layers = adalora_layers(model, adapter_name)
     pattern = config.get("rank_pattern")
     if pattern:

@@ -25,7 +25,8 @@ from ..errors import UsageError
 from .adapter_tensors import copy_adapter_tensor
 from .adalora import AdaLoraConfig
 from .adalora_io import adalora_peft_config, adalora_state_dict, attach_adalora
-from .inject import AdapterConfig, adapter_configs, add_lora, lora_layers
+from .inject import AdapterConfig, adapter_configs, add_lora, lora_layers, target_names
+from .quantize import non_text_names, text_decoder_path
 
 log = logging.getLogger("qlora")
 
@@ -79,6 +80,7 @@ def save_adapter(model: nn.Module, out_dir: str | Path, adapter_name: str = "def
         config = adalora_peft_config(cfg)
     else:
         config = _lora_peft_config(cfg)
+    config["target_modules"] = _peft_target_modules(model, cfg.target_modules)
     # clone: tied weights (embedding == head) are one tensor, which safetensors refuses to write twice
     tensors = {k: v.cpu().clone() for k, v in adapter_state_dict(model, adapter_name).items()}
     with atomic_dir(out_dir) as tmp:
@@ -89,6 +91,14 @@ def save_adapter(model: nn.Module, out_dir: str | Path, adapter_name: str = "def
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
     return Path(out_dir)
+
+
+def _peft_target_modules(model: nn.Module, names: list[str]) -> list[str] | str:
+    """The adapted layers' names, as PEFT writes them; for a vision-language model a regex
+    scoped to its language model, or PEFT would also adapt the vision layers of those names."""
+    if not non_text_names(model):
+        return names
+    return rf"{re.escape(text_decoder_path(model))}\..*\.(?:{'|'.join(map(re.escape, names))})"
 
 
 def _lora_peft_config(cfg: AdapterConfig) -> dict:
@@ -179,7 +189,7 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path, adapter_name: str = 
     add_lora(model, r=int(config["r"]), alpha=float(config["lora_alpha"]), dropout=float(config.get("lora_dropout") or 0.0),
              target_modules="|".join(map(re.escape, paths)), rslora=bool(config.get("use_rslora")),
              adapter_name=adapter_name, verbose=False, modules_to_save=save_paths, use_dora=bool(config.get("use_dora")))
-    adapter_configs(model)[adapter_name].target_modules = list(config.get("target_modules") or [])
+    adapter_configs(model)[adapter_name].target_modules = target_names(config.get("target_modules"), paths)
     layers = lora_layers(model)
     for key, value in tensors.items():
         if ".lora_" not in key:

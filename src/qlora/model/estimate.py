@@ -28,6 +28,7 @@ from ..nn import expert_weight_names
 from ..nn.chunked_ce import CHUNK_ROWS
 from ..quant import BLOCKSIZES
 from ..quant.double_quant import NESTED_BLOCKSIZE
+from .architecture import text_model_from_config
 from .quantize import is_plain_linear, kept_dense_names
 
 GIB = 1024**3
@@ -183,11 +184,10 @@ def count_parameters(config) -> ModelCounts:
     (``lm_head``) is a Linear but is kept in 16-bit, as transformers and
     bitsandbytes do, so it counts with the embeddings.
     """
-    from transformers import AutoModelForCausalLM
     from transformers.pytorch_utils import Conv1D
 
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
+        model = text_model_from_config(config, getattr(config, "name_or_path", "") or config.model_type)
     dense = kept_dense_names(model)  # head, routers...: 16-bit, as load_model keeps them
     quantized: dict[int, tuple[LinearShape, ...]] = {}
     for name, module in model.named_modules():

@@ -57,9 +57,6 @@ SPECS: dict[str, ArchSpec] = {
 def arch_spec(config) -> ArchSpec:
     """The spec of ``config.model_type``; a clear refusal for anything else."""
     model_type = getattr(config, "model_type", None)
-    if model_type == "gemma3" and hasattr(config, "text_config"):
-        raise UsageError("GGUF export writes the text model; this is a Gemma 3 vision-language checkpoint. "
-                         "Export its language model (Gemma3ForCausalLM) instead.")
     if model_type not in SPECS:
         names = "Llama, Mistral, Qwen2, Qwen3, Gemma 2, Gemma 3 (text) and Phi-3"
         raise UsageError(f"GGUF export does not support the {model_type!r} architecture; it writes {names} models "

@@ -12,6 +12,10 @@ for a row length that is not a multiple of its 32-value block). ``q8_0`` is
 quantized by ``gguf.quants``, llama.cpp's own Python reference of the format.
 Formats gguf-py cannot quantize (the k-quants such as q4_k_m) are not offered:
 use llama.cpp's ``llama-quantize`` on the f16 file for those.
+
+Of a vision-language model (Gemma 3, Mistral 3, LLaVA) the file holds the
+language model, as llama.cpp's converter writes it; the vision tower goes to
+a separate projector file (``mmproj``) that qlora does not write.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from ..errors import UsageError
 from .gguf_arch import ArchSpec, arch_spec, tensor_namer, to_llama_cpp, write_metadata
 from .gguf_vocab import gguf_vocab
 from .merge import merged_tensors
+from .quantize import non_text_names, text_decoder_path
 
 TYPES = ("f32", "f16", "bf16", "q8_0")
 
@@ -65,7 +70,7 @@ def export_gguf(model: nn.Module, tokenizer, path: str | Path, out_type: str = "
     gguf = require_gguf()
     if out_type not in TYPES:
         raise UsageError(f"unknown GGUF type {out_type!r}; choose from {', '.join(TYPES)}")
-    config = model.config
+    config = model.config.get_text_config()  # a vision-language model's text part is what llama.cpp runs
     spec = arch_spec(config)
     path = Path(path)
     n_vocab = model.get_input_embeddings().weight.shape[0]  # added tokens may have grown it past the config
@@ -108,7 +113,10 @@ def _plan(model: nn.Module, config, spec: ArchSpec, out_type: str,
     Q = gguf.GGMLQuantizationType
     matrix_type = {"f32": Q.F32, "f16": Q.F16, "bf16": Q.BF16, "q8_0": Q.Q8_0}[out_type]
     name_of = tensor_namer(config, spec)
-    rows = merged_tensors(model)
+    towers = tuple(t + "." for t in non_text_names(model))  # a vision-language model: its decoder as ``model.``
+    decoder = text_decoder_path(model) + "." if towers else ""
+    rows = [("model." + key[len(decoder):] if decoder and key.startswith(decoder) else key, shape, make)
+            for key, shape, make in merged_tensors(model) if not key.startswith(towers)]
     tied = _tied(model)
     plan: list[_Planned] = []
     unknown = []

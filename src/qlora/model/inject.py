@@ -13,7 +13,7 @@ from torch import nn
 
 from ..errors import UsageError
 from ..nn import AdaLoraLinear, Experts4bit, LoraLinear, LoraSpec
-from .quantize import is_linear_like, kept_dense_names, matches_any, output_embedding_names
+from .quantize import is_linear_like, kept_dense_names, matches_any, non_text_names, output_embedding_names
 
 log = logging.getLogger("qlora")
 
@@ -58,9 +58,11 @@ def _select(model: nn.Module, target_modules: str | list[str]) -> list[str]:
     head = output_embedding_names(model)
     # An Experts4bit's per-expert layers are its storage, not linear layers PEFT knows (it names 3-D weights).
     experts = tuple(n + "." for n, m in model.named_modules() if isinstance(m, Experts4bit))
+    # A vision or audio tower gets no gradient from text: adapting it would only add dead weights.
+    towers = tuple(n + "." for n in non_text_names(model))
     candidates = [n for n, m in model.named_modules()
                   if n and (isinstance(m, LoraLinear) or is_linear_like(m)) and n not in head
-                  and not n.endswith(".base_layer") and ".lora_" not in n and not n.startswith(experts)]
+                  and not n.endswith(".base_layer") and ".lora_" not in n and not n.startswith(experts + towers)]
     if target_modules == "all-linear":  # MoE routers excluded, unlike PEFT's: adapting one reroutes tokens
         dense = kept_dense_names(model)
         chosen = [n for n in candidates if n not in dense]
@@ -82,6 +84,13 @@ def _select(model: nn.Module, target_modules: str | list[str]) -> list[str]:
         raise UsageError(f"target modules {target_modules!r} match no linear layer of this model. Its linear "
                          f"layers are named: {', '.join(leaf_names)} (or use 'all-linear').")
     return chosen
+
+
+def target_names(target_modules: list[str] | str | None, paths: list[str]) -> list[str]:
+    """An adapter config's target modules as layer names; a PEFT regex (a string) by the layers it adapted."""
+    if isinstance(target_modules, str):
+        return sorted({p.rsplit(".", 1)[-1] for p in paths})
+    return list(target_modules or [])
 
 
 def _modules_to_save(model: nn.Module, names: list[str] | None) -> list[str]:

@@ -30,6 +30,7 @@ from torch import nn
 from ..errors import UsageError
 from ..nn import Experts4bit, Linear4bit, expert_weight_names
 from ..quant import NonFiniteError, QuantState
+from .architecture import text_model_from_config
 from .checkpoint_layout import CheckpointLayout
 from .quantize import _skipped, is_conv1d, is_plain_linear, kept_dense_names, replace_modules
 
@@ -176,7 +177,7 @@ def load_model(
     Raises:
         UsageError: missing folder or files, unsupported checkpoint.
     """
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
     from safetensors import SafetensorError, safe_open
 
     if quant not in ("nf4", "fp4", None):
@@ -201,18 +202,26 @@ def load_model(
         check_vocab_fits(tokenizer, rows, model_dir)
     kwargs = {"attn_implementation": attn_implementation} if attn_implementation else {}
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, dtype=compute_dtype, **kwargs)
+        model = text_model_from_config(config, model_dir, dtype=compute_dtype, **kwargs)
 
     skip = set(skip_modules) | kept_dense_names(model)
     dense_keys = set(model.state_dict().keys())
+    layout = CheckpointLayout(model, dense_keys, [k for file_keys in keys.values() for k in file_keys])
+    # A 4-bit checkpoint says itself which layers are packed: its skip list may be spelled for
+    # another transformers version, and bitsandbytes may have packed layers qlora keeps dense.
+    packed = _packed_layers(keys, layout, dense_keys, model) if prequant is not None else set()
 
     def make(path: str, module: nn.Module) -> nn.Module | None:
-        if quant is None or _skipped(path, skip):
+        if quant is None:
             return None
-        if expert_weight_names(module):  # MoE experts as 3-D weights (transformers v5)
+        if expert_weight_names(module):  # MoE experts as 3-D weights (transformers v5): bitsandbytes keeps them
+            if _skipped(path, skip):     # 16-bit even in its 4-bit files, so they are quantized here
+                return None
             return Experts4bit(module, compute_dtype=compute_dtype, quant_type=quant, blocksize=blocksize,
                                double_quant=double_quant, device=device)
         if not (is_plain_linear(module) or is_conv1d(module)):
+            return None
+        if path not in packed if prequant is not None else _skipped(path, skip):
             return None
         in_f, out_f = (module.weight.shape if is_conv1d(module) else (module.in_features, module.out_features))
         layer = Linear4bit(in_f, out_f, bias=module.bias is not None, compute_dtype=compute_dtype,
@@ -262,7 +271,6 @@ def load_model(
         _set_tensor(model, key, tensor.to(device, copy=True))
         loaded.add(key)
 
-    layout = CheckpointLayout(model, dense_keys, [k for file_keys in keys.values() for k in file_keys])
     if prequant is not None and any(layout.needs_conversion(k) and ".weight." in k for ks in keys.values() for k in ks):
         raise UsageError(f"{model_dir} is a bitsandbytes 4-bit checkpoint whose MoE experts are 4-bit per-expert "
                          "linear layers (written with transformers 4.x); transformers 5 and qlora hold experts "
@@ -380,6 +388,18 @@ def check_vocab_fits(tokenizer, rows: int, model_dir: str | Path) -> None:
 
 def _cast(tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
     return tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor
+
+
+def _packed_layers(keys: dict[Path, list[str]], layout: CheckpointLayout, dense_keys: set[str],
+                   model: nn.Module) -> set[str]:
+    """Model paths of the layers a bitsandbytes 4-bit checkpoint stores packed (those with a quant state)."""
+    paths = set()
+    for raw in (k for file_keys in keys.values() for k in file_keys):
+        stem, sep, rest = raw.partition(".weight.")
+        if sep and rest.startswith(("quant_state.", "absmax", "quant_map")):
+            key = _model_key(layout.target(stem + ".weight"), dense_keys, model)
+            paths.add(key[: -len(".weight")])
+    return paths
 
 
 def _model_key(raw: str, expected: set[str], model: nn.Module) -> str:

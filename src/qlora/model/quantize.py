@@ -67,6 +67,33 @@ def router_names(model: nn.Module) -> set[str]:
     return names
 
 
+def text_decoder_path(model: nn.Module) -> str:
+    """Module path of the text decoder (``model``; ``model.language_model`` in a
+    vision-language model), ``""`` when the model does not say."""
+    get = getattr(model, "get_decoder", None)
+    try:
+        decoder = get() if callable(get) else None
+    except (AttributeError, NotImplementedError):
+        return ""
+    return next((n for n, m in model.named_modules() if m is decoder), "") if decoder is not None else ""
+
+
+def non_text_names(model: nn.Module) -> set[str]:
+    """Paths of the towers a multimodal model keeps beside its text decoder (vision and
+    audio encoders, their projectors). Text never flows through them: they stay 16-bit,
+    exact for image use after a merge, and are never LoRA targets. Empty for text-only
+    models, whose decoder is a direct child of the model."""
+    path = text_decoder_path(model)
+    if "." not in path:
+        return set()
+    head = output_embedding_names(model)
+    names, parent, prefix = set(), model, ""
+    for part in path.split("."):
+        names.update(prefix + child for child in parent._modules if child != part and prefix + child not in head)
+        parent, prefix = parent._modules[part], f"{prefix}{part}."
+    return names
+
+
 def output_embedding_names(model: nn.Module) -> set[str]:
     """Module paths of the output head (never quantized or adapted by default)."""
     get = getattr(model, "get_output_embeddings", None)
@@ -95,11 +122,14 @@ def _children_read_as_tensors(cls: type) -> frozenset[str]:
 
 def kept_dense_names(model: nn.Module) -> set[str]:
     """Linear layers that stay 16-bit and outside ``all-linear``: the output head,
-    MoE routers (:func:`router_names`), and layers whose weight the model's code
+    MoE routers (:func:`router_names`), those of a multimodal model's vision or audio
+    towers (:func:`non_text_names`), and layers whose weight the model's code
     reads directly instead of calling the layer (Mamba mixers' ``out_proj``),
     where a packed 4-bit weight or a LoRA wrapper would be read as if it were
     the dense matrix."""
     kept = output_embedding_names(model) | router_names(model)
+    towers = tuple(t + "." for t in non_text_names(model))
+    kept.update(n for n, m in model.named_modules() if n.startswith(towers) and is_linear_like(m))
     for path, module in model.named_modules():
         for child in _children_read_as_tensors(type(module)):
             sub = module._modules.get(child)
@@ -163,4 +193,6 @@ def quantize_model(
 
 
 def _skipped(path: str, skip: Iterable[str]) -> bool:
-    return any(matches_any(path, [s]) or re.fullmatch(s, path) for s in skip)
+    """``path`` is named by a skip entry: as its suffix, as a regex, or as an enclosing
+    module (``model.vision_tower``), the ways transformers reads ``llm_int8_skip_modules``."""
+    return any(matches_any(path, [s]) or re.fullmatch(s, path) or path.startswith(s + ".") for s in skip)

@@ -18,6 +18,8 @@ from torch import nn
 from ..atomic import atomic_dir
 from ..errors import UsageError
 from ..nn import Experts4bit, Linear4bit, LoraLinear, expert_weight_names
+from .architecture import text_model_from_config
+from .quantize import non_text_names
 
 _SHARD_BYTES = 5 * 1024**3
 
@@ -51,13 +53,13 @@ _MOE_REFUSAL = ("is a mixture-of-experts model whose experts are 3-D weights; bi
 
 def check_quantizable(model_dir: str | Path) -> None:
     """Refuse, before any weight is read, models whose 4-bit checkpoint transformers could not load."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(model_dir)
     if getattr(config, "quantization_config", None) is not None:
         return  # already 4-bit: re-saving it changes nothing about its experts
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
+        model = text_model_from_config(config, model_dir)
     if any(expert_weight_names(m) for m in model.modules()):
         raise UsageError(f"{model_dir} {_MOE_REFUSAL}")
 
@@ -85,7 +87,11 @@ def save_quantized(model: nn.Module, out_dir: str | Path, tokenizer=None) -> Pat
     # Loaders match these as name suffixes: a leaf name is enough unless a quantized layer shares it
     # (Falcon-H1's dense mamba.out_proj beside quantized ones elsewhere), then full paths.
     quantized_leaves = {n.rsplit(".", 1)[-1] for n in quantized_paths}
-    skipped = sorted({n if n.rsplit(".", 1)[-1] in quantized_leaves else n.rsplit(".", 1)[-1] for n in dense})
+    # A multimodal model's dense vision/audio towers are named as a whole (a module prefix).
+    towers = tuple(t for t in non_text_names(model) if not any(q.startswith(t + ".") for q in quantized_paths))
+    dense = [n for n in dense if not n.startswith(tuple(t + "." for t in towers))]
+    skipped = sorted({n if n.rsplit(".", 1)[-1] in quantized_leaves else n.rsplit(".", 1)[-1] for n in dense}
+                     | set(towers))
     config = model.config.to_dict()
     config["quantization_config"] = {
         "quant_method": "bitsandbytes", "load_in_4bit": True, "load_in_8bit": False,

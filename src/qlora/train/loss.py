@@ -59,7 +59,8 @@ def chunked_loss_matches(model: nn.Module, batch: dict[str, torch.Tensor]) -> bo
     head: checked from the config and numerically, once, on a real batch."""
     parts = decoder_and_head(model)
     config = getattr(model, "config", None)
-    if parts is None or any(getattr(config, f, None) not in (None, 1, 1.0) for f in _LOGIT_TRANSFORMS):
+    configs = [config, config.get_text_config()] if hasattr(config, "get_text_config") else [config]
+    if parts is None or any(getattr(c, f, None) not in (None, 1, 1.0) for c in configs for f in _LOGIT_TRANSFORMS):
         return False
     decoder, head = parts
     inputs = model_inputs(batch)

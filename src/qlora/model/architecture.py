@@ -1,0 +1,39 @@
+"""Which transformers model class generates text for a checkpoint's config.
+
+``AutoModelForCausalLM`` covers decoder LMs and some vision-language models
+(Gemma 3, Llama 4). Others that generate text from text just as well
+(Mistral 3, Qwen2.5-VL, LLaVA) are listed only under
+``AutoModelForImageTextToText``; qlora loads those with it and fine-tunes
+their language model on text, as a transformers + PEFT user would.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from torch import nn
+
+from ..errors import UsageError
+
+
+def text_model_from_config(config, source: str | Path, **kwargs) -> nn.Module:
+    """Build the model for ``config`` (under the current default device, e.g. ``meta``).
+
+    Raises:
+        UsageError: the config is neither a causal LM nor an image-text-to-text model.
+    """
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
+
+    last: ValueError | None = None
+    for auto in (AutoModelForCausalLM, AutoModelForImageTextToText):
+        if type(config) not in auto._model_mapping:
+            continue
+        try:
+            return auto.from_config(config, **kwargs)
+        except ValueError as exc:  # e.g. an attn_implementation the class lacks
+            last = exc
+    if last is not None:
+        raise UsageError(f"{source}: transformers could not build the {config.model_type!r} model ({last}).")
+    raise UsageError(f"{source}: model type {config.model_type!r} is not a text-generating model "
+                     "(transformers lists it neither as a causal LM nor as an image-text-to-text model); qlora "
+                     "fine-tunes decoder language models such as Llama, Qwen, Mistral, Gemma and Phi.")

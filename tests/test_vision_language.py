@@ -1,0 +1,204 @@
+"""Vision-language checkpoints (Gemma 3, Mistral 3, LLaVA, Qwen2.5-VL) fine-tuned on text.
+
+qlora builds the class transformers gives such a config, quantizes the language
+model only, adapts only it, and keeps the vision tower and projector 16-bit and
+exact through merge, 4-bit export and GGUF export (which, as llama.cpp's
+converter, writes the language model).
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+from torch import nn
+from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
+
+from qlora.cli.main import main
+from qlora.errors import UsageError
+from qlora.model.adapter_io import load_adapter, save_adapter
+from qlora.model.inject import add_lora
+from qlora.model.load import load_model
+from qlora.model.quantize import non_text_names, quantize_model
+from qlora.nn import Linear4bit, LoraLinear
+from random_adapters import randomize_lora_b
+from vision_language import build_tiny_vlm
+
+KINDS = ("gemma3", "mistral3", "llava", "qwen2_5_vl")
+IDS = torch.tensor([[1, 17, 42, 99, 7, 250, 3, 64, 5, 120]])
+
+
+@pytest.fixture(scope="module")
+def vlms(tmp_path_factory, tiny_tokenizer):
+    root = tmp_path_factory.mktemp("vlm")
+    return {kind: build_tiny_vlm(root / kind, tiny_tokenizer, kind) for kind in KINDS}
+
+
+def _transformers_model(model_dir):
+    """The model a transformers user gets: AutoModelForCausalLM where it takes the config."""
+    try:
+        return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    except ValueError:
+        return AutoModelForImageTextToText.from_pretrained(model_dir, dtype=torch.float32).eval()
+
+
+def _under(path: str, towers: set[str]) -> bool:
+    return any(path.startswith(t + ".") for t in towers)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("kind", KINDS)
+def test_language_model_is_4bit_and_towers_stay_exact(vlms, kind):
+    ref = _transformers_model(vlms[kind])
+    dense, _ = load_model(vlms[kind], quant=None, compute_dtype=torch.float32, device="cpu")
+    assert type(dense) is type(ref)
+    assert torch.equal(dense(IDS).logits, ref(IDS).logits)
+
+    model, _ = load_model(vlms[kind], quant="nf4", compute_dtype=torch.float32, device="cpu")
+    towers = non_text_names(model)
+    assert towers and all(not t.endswith("language_model") for t in towers)
+    linears = {n: m for n, m in model.named_modules() if isinstance(m, (nn.Linear, Linear4bit))}
+    tower_linears = [n for n in linears if _under(n, towers)]
+    assert tower_linears and all(isinstance(linears[n], nn.Linear) for n in tower_linears)
+    state = ref.state_dict()
+    for n in tower_linears:
+        assert torch.equal(linears[n].weight, state[n + ".weight"])
+    text = [n for n in linears if not _under(n, towers) and n != "lm_head"]
+    assert text and all(isinstance(linears[n], Linear4bit) for n in text)
+    quantize_model(ref, compute_dtype=torch.float32)  # in memory: the same layers, the same codes
+    assert torch.allclose(model(IDS).logits, ref(IDS).logits, atol=1e-5)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("kind", ["gemma3", "qwen2_5_vl"])
+@pytest.mark.parametrize("targets", ["all-linear", ["q_proj", "v_proj", "fc1"]])
+def test_only_the_language_model_is_adapted_and_peft_reads_the_adapter(vlms, kind, targets, tmp_path):
+    from peft import PeftModel
+
+    model, _ = load_model(vlms[kind], quant=None, compute_dtype=torch.float32, device="cpu")
+    towers = non_text_names(model)
+    if isinstance(targets, list) and kind == "qwen2_5_vl":
+        targets = ["q_proj", "v_proj", "qkv"]  # its vision blocks' fused attention; not in the language model
+    if isinstance(targets, list):
+        with pytest.raises(UsageError, match="match no linear layer"):  # vision-only names match nothing
+            add_lora(model, r=4, target_modules=targets, verbose=False)
+        targets = targets[:2]
+    add_lora(model, r=4, alpha=8, dropout=0.0, target_modules=targets, verbose=False)
+    adapted = [n for n, m in model.named_modules() if isinstance(m, LoraLinear)]
+    assert adapted and not any(_under(n, towers) for n in adapted)
+    assert all(".language_model." in n for n in adapted)
+    randomize_lora_b(model, seed=0)
+    save_adapter(model, tmp_path / "adapter")
+
+    theirs = PeftModel.from_pretrained(_transformers_model(vlms[kind]), str(tmp_path / "adapter")).eval()
+    ours = model.eval()(IDS).logits
+    assert (ours - _transformers_model(vlms[kind])(IDS).logits).abs().max() > 1e-3  # the adapter matters
+    assert torch.allclose(theirs(IDS).logits, ours, atol=1e-5, rtol=1e-5)
+
+
+def _tensors(folder) -> dict[str, torch.Tensor]:
+    out = {}
+    for f in folder.glob("*.safetensors"):
+        with safe_open(str(f), "pt") as fh:
+            out.update({k: fh.get_tensor(k) for k in fh.keys()})
+    return out
+
+
+def test_train_merge_quantize_and_gguf_keep_the_vision_tower(vlms, tmp_path, capsys):
+    """The CLI path end to end on Mistral 3 (which AutoModelForCausalLM does not take)."""
+    pytest.importorskip("bitsandbytes")
+    pytest.importorskip("gguf")
+    src = vlms["mistral3"]
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"Say {w}."},
+                                                    {"role": "assistant", "content": f"{w} {w} {w}."}]}) + "\n"
+                            for w in ("red", "green", "blue", "gold") * 4))
+    adapter = tmp_path / "adapter"
+    assert main(["train", "--model", str(src), "--data", str(data), "--output", str(adapter), "--max-steps", "12",
+                 "--lr", "3e-3", "--batch-size", "4", "--seq-len", "64", "--no-progress"]) == 0
+    losses = [json.loads(line)["loss"] for line in (adapter / "metrics.jsonl").read_text().splitlines()
+              if '"loss"' in line]
+    assert losses[-1] < losses[0]
+
+    torch.set_grad_enabled(False)  # inference from here; pytest restores nothing, so undone below
+    try:
+        _check_outputs(src, adapter, tmp_path, capsys)
+    finally:
+        torch.set_grad_enabled(True)
+
+
+def _check_outputs(src, adapter, tmp_path, capsys):
+    model, _ = load_model(src, quant="nf4", compute_dtype=torch.float32, device="cpu")
+    load_adapter(model, adapter)
+    adapted = model.eval()(IDS).logits
+
+    assert main(["merge", "--model", str(src), "--adapter", str(adapter), "--output", str(tmp_path / "m"),
+                 "--dtype", "float32"]) == 0
+    merged = AutoModelForImageTextToText.from_pretrained(tmp_path / "m", dtype=torch.float32).eval()
+    assert torch.allclose(merged(IDS).logits, adapted, atol=1e-4)
+    original, written = _tensors(src), merged.state_dict()
+    vision = [k for k in original if k.startswith(("vision_tower.", "multi_modal_projector."))]
+    assert vision and all(torch.equal(written["model." + k], original[k]) for k in vision)
+
+    assert main(["quantize", "--model", str(src), "--output", str(tmp_path / "q4")]) == 0
+    skip = json.loads((tmp_path / "q4" / "config.json").read_text())["quantization_config"]["llm_int8_skip_modules"]
+    assert "model.vision_tower" in skip and "model.multi_modal_projector" in skip
+    bnb = AutoModelForImageTextToText.from_pretrained(tmp_path / "q4", device_map="cpu", dtype=torch.float32)
+    assert type(bnb.model.vision_tower.transformer.layers[0].attention.q_proj) is nn.Linear
+    ours_q4, _ = load_model(tmp_path / "q4", compute_dtype=torch.float32, device="cpu")
+    base, _ = load_model(src, compute_dtype=torch.float32, device="cpu")
+    ours, theirs, before = ours_q4(IDS).logits, bnb(IDS).logits.float(), base(IDS).logits
+    assert (ours - theirs).abs().max() < 1e-2 * theirs.abs().max()  # one file, two readers (bitsandbytes in bf16)
+    assert (ours - before).abs().max() < 2e-2 * before.abs().max()  # its 16-bit tensors are bfloat16
+
+    capsys.readouterr()
+    assert main(["export", "--model", str(src), "--adapter", str(adapter), "--output", str(tmp_path / "g"),
+                 "--type", "f32"]) == 0
+    gguf_file = next((tmp_path / "g").glob("*.gguf"))
+    back = AutoModelForCausalLM.from_pretrained(tmp_path / "g", gguf_file=gguf_file.name, dtype=torch.float32)
+    assert torch.allclose(back.eval()(IDS).logits, adapted, atol=1e-4)
+
+
+def test_estimate_counts_the_towers_as_16_bit(vlms):
+    from transformers import AutoConfig
+
+    from qlora.model.estimate import count_parameters
+
+    counts = count_parameters(AutoConfig.from_pretrained(vlms["llava"]))
+    assert counts.linears and all(".language_model." in lin.name for lin in counts.linears)
+    tower = sum(p.numel() for n, p in AutoModelForImageTextToText.from_pretrained(vlms["llava"]).named_parameters()
+                if n.startswith(("model.vision_tower.", "model.multi_modal_projector.")))
+    assert sum(counts.other_tensors) > tower
+
+
+def test_a_model_that_does_not_generate_text_is_refused(tmp_path, tiny_tokenizer, capsys):
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    T5ForConditionalGeneration(T5Config(vocab_size=len(tiny_tokenizer), d_model=32, d_ff=64, num_layers=1,
+                                        num_heads=2, d_kv=16)).save_pretrained(tmp_path)
+    tiny_tokenizer.save_pretrained(tmp_path)
+    assert main(["generate", "--model", str(tmp_path), "--prompt", "hi"]) == 2
+    err = capsys.readouterr().err
+    assert "'t5' is not a text-generating model" in err and "Traceback" not in err
+
+
+@torch.no_grad()
+def test_a_bitsandbytes_checkpoint_with_a_4bit_vision_tower_loads_as_written(vlms, tmp_path):
+    """transformers + bitsandbytes packs the vision tower too, unless told to skip it: qlora reads
+    which layers are packed from the file, not from a skip list spelled for some loader."""
+    pytest.importorskip("bitsandbytes")
+    from transformers import BitsAndBytesConfig
+
+    bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                             bnb_4bit_compute_dtype=torch.float32)
+    theirs = AutoModelForImageTextToText.from_pretrained(vlms["llava"], quantization_config=bnb, device_map="cpu",
+                                                         dtype=torch.float32).eval()
+    theirs.save_pretrained(tmp_path)
+    for f in vlms["llava"].glob("tokenizer*"):
+        (tmp_path / f.name).write_bytes(f.read_bytes())
+    ours, _ = load_model(tmp_path, compute_dtype=torch.float32, device="cpu")
+    assert isinstance(ours.model.vision_tower.encoder.layers[0].self_attn.q_proj, Linear4bit)
+    assert isinstance(ours.model.language_model.layers[0].self_attn.q_proj, Linear4bit)
+    assert torch.allclose(ours(IDS).logits, theirs(IDS).logits, atol=1e-5)
