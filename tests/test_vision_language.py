@@ -21,27 +21,24 @@ from qlora.errors import UsageError
 from qlora.model.adapter_io import load_adapter, save_adapter
 from qlora.model.inject import add_lora
 from qlora.model.load import load_model
-from qlora.model.quantize import non_text_names, quantize_model
+from qlora.model.quantize import kept_dense_names, non_text_names, quantize_model
 from qlora.nn import Linear4bit, LoraLinear
 from random_adapters import randomize_lora_b
 from vision_language import build_tiny_vlm
 
-KINDS = ("gemma3", "mistral3", "llava", "qwen2_5_vl")
+KINDS = ("gemma3", "mistral3", "llava", "qwen2_5_vl", "llama4")
 IDS = torch.tensor([[1, 17, 42, 99, 7, 250, 3, 64, 5, 120]])
 
 
 @pytest.fixture(scope="module")
 def vlms(tmp_path_factory, tiny_tokenizer):
     root = tmp_path_factory.mktemp("vlm")
-    return {kind: build_tiny_vlm(root / kind, tiny_tokenizer, kind) for kind in KINDS}
+    return {kind: build_tiny_vlm(root / kind, tiny_tokenizer, kind) for kind in KINDS + ("mllama",)}
 
 
 def _transformers_model(model_dir):
-    """The model a transformers user gets: AutoModelForCausalLM where it takes the config."""
-    try:
-        return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    except ValueError:
-        return AutoModelForImageTextToText.from_pretrained(model_dir, dtype=torch.float32).eval()
+    """The whole model, vision tower included (Llama 4's AutoModelForCausalLM would drop it)."""
+    return AutoModelForImageTextToText.from_pretrained(model_dir, dtype=torch.float32).eval()
 
 
 def _under(path: str, towers: set[str]) -> bool:
@@ -65,7 +62,7 @@ def test_language_model_is_4bit_and_towers_stay_exact(vlms, kind):
     state = ref.state_dict()
     for n in tower_linears:
         assert torch.equal(linears[n].weight, state[n + ".weight"])
-    text = [n for n in linears if not _under(n, towers) and n != "lm_head"]
+    text = [n for n in linears if not _under(n, towers) and n not in kept_dense_names(model)]  # head, routers
     assert text and all(isinstance(linears[n], Linear4bit) for n in text)
     quantize_model(ref, compute_dtype=torch.float32)  # in memory: the same layers, the same codes
     assert torch.allclose(model(IDS).logits, ref(IDS).logits, atol=1e-5)
@@ -202,3 +199,21 @@ def test_a_bitsandbytes_checkpoint_with_a_4bit_vision_tower_loads_as_written(vlm
     assert isinstance(ours.model.vision_tower.encoder.layers[0].self_attn.q_proj, Linear4bit)
     assert isinstance(ours.model.language_model.layers[0].self_attn.q_proj, Linear4bit)
     assert torch.allclose(ours(IDS).logits, theirs(IDS).logits, atol=1e-5)
+
+
+def test_layers_only_images_reach_keep_zero_adapters(vlms, tmp_path):
+    """Llama 3.2 Vision's cross-attention layers sit in the language model but read only image
+    states: on text they get no gradient, so their adapters stay zero while the rest train."""
+    from safetensors.torch import load_file
+
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"text": f"{w} is a colour and {w} is a word."}) + "\n"
+                            for w in ("red", "green", "blue", "gold")))
+    out = tmp_path / "adapter"
+    assert main(["train", "--model", str(vlms["mllama"]), "--data", str(data), "--output", str(out),
+                 "--max-steps", "2", "--seq-len", "32", "--no-progress"]) == 0
+    tensors = load_file(out / "adapter_model.safetensors")
+    cross = [v for k, v in tensors.items() if ".cross_attn." in k and "lora_B" in k]
+    self_attn = [v for k, v in tensors.items() if ".self_attn." in k and "lora_B" in k]
+    assert cross and all(not v.any() for v in cross)
+    assert self_attn and all(v.any() for v in self_attn)

@@ -1,7 +1,8 @@
 """Tiny vision-language checkpoints, saved as transformers writes the hub's (test helper).
 
 Each has a real vision tower and projector beside its language model, so the
-tests see the module layout of Gemma 3, Mistral 3, LLaVA and Qwen2.5-VL checkpoints.
+tests see the module layout of Gemma 3, Mistral 3, LLaVA, Qwen2.5-VL, Llama 4 and Llama 3.2
+Vision checkpoints.
 """
 
 from __future__ import annotations
@@ -34,6 +35,18 @@ def _spec(kind: str, v: int, text: dict) -> dict:
                     vision_config=dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2,
                                        out_hidden_size=64, fullatt_block_indexes=[0]),
                     image_token_id=v, video_token_id=v + 1, vision_start_token_id=v + 2)
+    if kind == "llama4":
+        return dict(text_config=dict(text, model_type="llama4_text", num_local_experts=2, intermediate_size_mlp=128,
+                                     interleave_moe_layer_step=1, attention_chunk_size=64),
+                    vision_config=dict(_VISION, vision_output_dim=64, projector_input_dim=64,
+                                       projector_output_dim=64), image_token_index=v)
+    if kind == "mllama":  # Llama 3.2 Vision: cross-attention layers inside the language model
+        return dict(text_config=dict(text, model_type="mllama_text_model", cross_attention_layers=[1],
+                                     rope_scaling={"rope_type": "default"}),
+                    vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_global_layers=1,
+                                       attention_heads=2, image_size=28, patch_size=14, vision_output_dim=64,
+                                       intermediate_layers_indices=[0], max_num_tiles=1,
+                                       supported_aspect_ratios=[[1, 1]]), image_token_index=v)
     raise ValueError(kind)
 
 

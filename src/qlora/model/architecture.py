@@ -25,7 +25,7 @@ def text_model_from_config(config, source: str | Path, **kwargs) -> nn.Module:
     from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 
     last: ValueError | None = None
-    for auto in (AutoModelForCausalLM, AutoModelForImageTextToText):
+    for auto in (AutoModelForImageTextToText, AutoModelForCausalLM):
         if type(config) not in auto._model_mapping:
             continue
         try:

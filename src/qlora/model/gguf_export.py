@@ -113,9 +113,8 @@ def _plan(model: nn.Module, config, spec: ArchSpec, out_type: str,
     Q = gguf.GGMLQuantizationType
     matrix_type = {"f32": Q.F32, "f16": Q.F16, "bf16": Q.BF16, "q8_0": Q.Q8_0}[out_type]
     name_of = tensor_namer(config, spec)
-    towers = tuple(t + "." for t in non_text_names(model))  # a vision-language model: its decoder as ``model.``
-    decoder = text_decoder_path(model) + "." if towers else ""
-    rows = [("model." + key[len(decoder):] if decoder and key.startswith(decoder) else key, shape, make)
+    towers = tuple(t + "." for t in non_text_names(model))
+    rows = [(_causal_lm_key(model, key) if towers else key, shape, make)
             for key, shape, make in merged_tensors(model) if not key.startswith(towers)]
     tied = _tied(model)
     plan: list[_Planned] = []
@@ -147,6 +146,16 @@ def _plan(model: nn.Module, config, spec: ArchSpec, out_type: str,
     for gguf_name, t in extra:
         plan.append(_Planned(gguf_name, tuple(t.shape), Q.F32, lambda t=t: t))
     return plan
+
+
+def _causal_lm_key(model: nn.Module, key: str) -> str:
+    """A vision-language model's key as its language model alone names it: ``model.layers.0...``
+    for ``model.language_model.layers.0...`` (Gemma 3), or ``language_model.model.layers.0...`` (Llama 4)."""
+    path = text_decoder_path(model)
+    if not key.startswith(path + "."):
+        return key
+    rest = key[len(path) + 1:]
+    return rest if model.get_submodule(path).get_output_embeddings() is not None else "model." + rest
 
 
 def _tied(model: nn.Module) -> bool:

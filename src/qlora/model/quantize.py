@@ -82,9 +82,10 @@ def non_text_names(model: nn.Module) -> set[str]:
     """Paths of the towers a multimodal model keeps beside its text decoder (vision and
     audio encoders, their projectors). Text never flows through them: they stay 16-bit,
     exact for image use after a merge, and are never LoRA targets. Empty for text-only
-    models, whose decoder is a direct child of the model."""
-    path = text_decoder_path(model)
-    if "." not in path:
+    models (a config without vision or audio sub-configs)."""
+    subs = getattr(getattr(model, "config", None), "sub_configs", None) or {}
+    path = text_decoder_path(model) if any(k != "text_config" for k in subs) else ""
+    if not path:
         return set()
     head = output_embedding_names(model)
     names, parent, prefix = set(), model, ""

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
 import random
 import shutil
@@ -39,6 +40,7 @@ from qlora.atomic import atomic_dir
 from qlora.cpu_threads import apply_cpu_threads
 from qlora.errors import UsageError
 from qlora.model.chat_format import ChatFormat, stop_token_ids, today
+from qlora.model.quantize import non_text_names
 from qlora.optim import create_optimizer
 from qlora.output_folder import check_output, clear_owned, record, staged_output
 from qlora.train.config import TrainConfig
@@ -490,6 +492,19 @@ class Trainer:
         graph and the run 'trains' without changing anything."""
         dead = [n for n, p in self.model.named_parameters() if p.requires_grad
                 and (p.grad is None or (self._zero_at_init(n) and not bool(p.grad.abs().sum() > 0)))]
+        trained = sum(1 for p in self.model.parameters() if p.requires_grad)
+        if dead and len(dead) < trained and non_text_names(self.model):
+            # A vision-language model's decoder can hold layers only images reach (Llama 3.2 Vision's
+            # cross-attention): on text their adapters stay zero, which changes nothing; freeze them.
+            layers = sorted({n.split(".lora_")[0] for n in dead})
+            for name, p in self.model.named_parameters():
+                if name.split(".lora_")[0] in layers:
+                    p.requires_grad_(False)
+                    p.grad = None
+            logging.getLogger("qlora").warning(
+                "qlora: %d adapted layers get no gradient from text (e.g. %s: layers only images reach); "
+                "their adapters stay zero.", len(layers), layers[0])
+            return
         if dead:
             raise UsageError(f"no gradient reached {len(dead)} adapter parameters in the first step (e.g. "
                              f"{dead[0]}); the loss does not depend on them. Check --gradient-checkpointing "
