@@ -81,14 +81,14 @@ def test_malformed_reasoning_names_file_line_and_field(row, message):
 
 
 def test_which_fields_templates_read():
-    assert template_reasoning_keys(FAMILY_TEMPLATE("qwen3")) == ("reasoning_content",)
-    assert template_reasoning_keys(FAMILY_TEMPLATE("glm-4.5")) == ("reasoning_content",)
+    assert template_reasoning_keys(template_of("qwen3")) == ("reasoning_content",)
+    assert template_reasoning_keys(template_of("glm-4.5")) == ("reasoning_content",)
     assert template_reasoning_keys(HARMONY) == ("thinking",)
-    for name in ("deepseek-r1-distill", "smollm3", "qwen2.5", "llama-3.1"):  # enable_thinking, reasoning_mode: not fields
-        assert template_reasoning_keys(FAMILY_TEMPLATE(name)) == (), name
+    for name in ("deepseek-r1-distill", "smollm3", "qwen2.5", "llama-3.1"):  # enable_thinking is no message field
+        assert template_reasoning_keys(template_of(name)) == (), name
 
 
-def FAMILY_TEMPLATE(name: str) -> str:
+def template_of(name: str) -> str:
     return family_tokenizer(name).chat_template
 
 
@@ -107,6 +107,23 @@ def test_qwen3_gets_reasoning_content_and_trains_reasoning_and_answer():
     # the same turns written as <think> blocks in the content give the same ids and labels
     again = tokenize(tok, [U1, embedded("Four.", R1), U2, embedded("Six.", R2)])
     assert (again.input_ids, again.labels) == (tokenized.input_ids, tokenized.labels)
+
+
+def test_repeated_reasoning_and_tool_calls_and_weight_zero_on_qwen3():
+    tok = family_tokenizer("qwen3")
+    # the same reasoning twice: the first turn's (dropped by the template) must not be taken from the second turn
+    same = tokenize(tok, [U1, assistant("Four.", R1), U2, assistant("Four.", R1)])
+    assert trained_text(tok, same) == ["Four.<|im_end|>", f"<think>\n{R1}\n</think>\n\nFour.<|im_end|>"]
+    # a tool-calling turn after the last user message keeps its reasoning, trained with the call
+    call = {"role": "assistant", "content": None, "reasoning_content": R1, "tool_calls": [
+        {"type": "function", "function": {"name": "add", "arguments": {"a": 2, "b": 2}}}]}
+    tool = {"role": "tool", "content": "4"}
+    runs = trained_text(tok, tokenize(tok, [U1, call, tool, assistant("Four.", R2)]))
+    assert len(runs) == 2 and runs[0].startswith(f"<think>\n{R1}\n</think>\n\n<tool_call>") and '"add"' in runs[0]
+    assert runs[1] == f"<think>\n{R2}\n</think>\n\nFour.<|im_end|>"
+    # weight 0: in the context (with its reasoning where the template shows it), not trained
+    kept = tokenize(tok, [U1, {**assistant("Four.", R1), "weight": 0}, U2, assistant("Six.", R2)])
+    assert trained_text(tok, kept) == [f"<think>\n{R2}\n</think>\n\nSix.<|im_end|>"]
 
 
 def test_glm_reads_reasoning_content_after_its_own_header():
@@ -175,7 +192,8 @@ def test_deepseek_r1_reasoning_is_put_back_in_the_final_turn():
     tokenized = tokenize(tok, [U1, embedded("Four.", R1), U2, assistant("Six.", R2)])
     text = tok.decode(tokenized.input_ids)
     assert R1 not in text and f"<｜Assistant｜><think>\n{R2}\n</think>\n\nSix." in text
-    assert trained_text(tok, tokenized) == ["Four.<｜end▁of▁sentence｜>", f"{R2}\n</think>\n\nSix.<｜end▁of▁sentence｜>"]
+    eos = "<｜end▁of▁sentence｜>"
+    assert trained_text(tok, tokenized) == [f"Four.{eos}", f"{R2}\n</think>\n\nSix.{eos}"]
 
 
 def test_plain_prompt_completion_reasoning_becomes_a_think_block():
@@ -281,7 +299,8 @@ def test_train_and_eval_on_reasoning_data_end_to_end(tmp_path, capsys):
     model = _model("qwen3", tmp_path)
     assert main(["train", "--model", str(model), "--output", str(tmp_path / "run"), "--max-steps", "2", *common]) == 0
     assert (tmp_path / "run" / "adapter_model.safetensors").is_file()
-    assert main(["eval", "--model", str(model), "--adapter", str(tmp_path / "run"), "--quant", "none", *common[:4]]) == 0
+    evaluated = ["eval", "--model", str(model), "--adapter", str(tmp_path / "run"), "--quant", "none", *common[:4]]
+    assert main(evaluated) == 0
     assert "2 examples" in capsys.readouterr().out
     llama = _model("llama-3.1", tmp_path)
     assert main(["train", "--model", str(llama), "--output", str(tmp_path / "bad"), "--max-steps", "2", *common]) == 2

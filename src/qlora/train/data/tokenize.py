@@ -122,7 +122,8 @@ def tokenize_example(
     fmt = chat_template if isinstance(chat_template, ChatFormat) else ChatFormat(chat_template)
     stops = set(stop_ids) if stop_ids is not None else stop_token_ids(tokenizer)
     if example.messages is None:
-        ids = list(tokenizer(_raw_text(example, fmt, tokenizer))["input_ids"])  # the tokenizer's own BOS setting, as for a raw prompt
+        # the tokenizer's own BOS setting, as for a raw prompt
+        ids = list(tokenizer(_raw_text(example, fmt, tokenizer))["input_ids"])
         mask = [True] * len(ids)
         if example.prompt is not None and train_on != "all":  # TRL: the completion starts where the ids diverge
             prompt_len = _common_prefix(list(tokenizer(example.prompt)["input_ids"]), ids)
@@ -236,7 +237,7 @@ def _prompt_completion_ids_and_mask(example: Example, tokenizer, fmt: ChatFormat
 
     def ids_of(turns: Sequence[dict], prompt: bool) -> list[int]:
         if not prompt:  # the completion's reasoning, put back if the template drops it
-            text = fmt.render(tokenizer, fmt.messages(turns), where=example.where, **extra)
+            text = fmt.render(tokenizer, turns, where=example.where, **extra)
             restored = restore_final_reasoning(text, fmt.messages(turns))
             if restored != text:
                 return list(tokenizer(restored, add_special_tokens=False)["input_ids"])
