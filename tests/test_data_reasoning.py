@@ -301,7 +301,8 @@ def test_train_and_eval_on_reasoning_data_end_to_end(tmp_path, capsys):
     assert (tmp_path / "run" / "adapter_model.safetensors").is_file()
     evaluated = ["eval", "--model", str(model), "--adapter", str(tmp_path / "run"), "--quant", "none", *common[:4]]
     assert main(evaluated) == 0
-    assert "2 examples" in capsys.readouterr().out
+    assert "2 examples, 0 truncated to --seq-len, 2 with reasoning (given to the chat template as " \
+           "reasoning_content)" in capsys.readouterr().out
     llama = _model("llama-3.1", tmp_path)
     assert main(["train", "--model", str(llama), "--output", str(tmp_path / "bad"), "--max-steps", "2", *common]) == 2
     err = capsys.readouterr().err

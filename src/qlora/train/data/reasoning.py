@@ -87,6 +87,23 @@ def knows_think_markers(template: str, tokenizer) -> bool:
     return all(i is not None and i != unk for i in ids)
 
 
+def has_reasoning(messages: Sequence[dict] | None, plain: tuple[str, str] | None = None) -> bool:
+    """Whether an example carries reasoning: a field or a ``<think>`` block of an assistant turn, or a plain row's."""
+    return plain is not None or any(
+        m.get("role") == "assistant" and (reasoning_of(m) or THINK_CLOSE in (m.get("content") or ""))
+        for m in messages or ())
+
+
+def placement(template: str, tokenizer) -> str:
+    """How :func:`place_reasoning` gives reasoning to ``template``, in words for the run log."""
+    keys = template_reasoning_keys(template)
+    if keys:
+        return f"given to the chat template as {'/'.join(keys)}"
+    if knows_think_markers(template, tokenizer):
+        return "written as <think> blocks"
+    return "no place in this chat template"
+
+
 def no_place_error(where: str, key: str, origin: str) -> UsageError:
     return UsageError(
         f'{where}: field "{key}" holds the reasoning of an assistant turn, but the chat template ({origin}) has no '

@@ -44,8 +44,8 @@ from typing import Callable, Iterable, Sequence
 from qlora.errors import UsageError
 from qlora.model.chat_format import END_OF_TURN_TOKENS, ChatFormat, stop_token_ids
 from qlora.train.data.formats import Example
-from qlora.train.data.reasoning import (THINK_CLOSE, THINK_OPEN, fold, knows_think_markers, no_place_error,
-                                        place_reasoning, reasoning_of, split_think)
+from qlora.train.data.reasoning import (THINK_CLOSE, THINK_OPEN, fold, has_reasoning, knows_think_markers,
+                                        no_place_error, place_reasoning, placement, reasoning_of, split_think)
 
 IGNORE_INDEX = -100
 TRAIN_ON = ("assistant", "all")
@@ -75,10 +75,14 @@ class DataReport:
     truncated: int = 0
     untrainable: list[int] = field(default_factory=list)
     untrainable_where: list[str] = field(default_factory=list)
+    reasoning: int = 0  # examples with reasoning traces
+    reasoning_placement: str = ""
 
     def summary(self) -> str:
         """One line for the user: counts, and the first untrainable examples."""
         text = f"{self.examples} examples, {self.truncated} truncated to --seq-len"
+        if self.reasoning:
+            text += f", {self.reasoning} with reasoning ({self.reasoning_placement})"
         if self.untrainable:
             text += (
                 f", {len(self.untrainable)} skipped with no trainable tokens "
@@ -167,11 +171,15 @@ def tokenize_dataset(
     for i, example in enumerate(examples):
         tokenized = tokenize_example(example, tokenizer, chat_template, train_on, seq_len, index=i, stop_ids=stops)
         report.truncated += tokenized.truncated
+        report.reasoning += has_reasoning(example.messages, example.reasoning)
         if tokenized.num_trainable == 0:
             report.untrainable.append(i)
             report.untrainable_where.append(example.where)
         else:
             kept.append(tokenized)
+    if report.reasoning:
+        template = chat_template.template if isinstance(chat_template, ChatFormat) else chat_template
+        report.reasoning_placement = placement(template, tokenizer)
     if not kept:
         raise UsageError(
             f"all {len(examples)} examples have no trainable tokens after tokenization "
