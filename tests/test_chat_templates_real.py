@@ -34,8 +34,9 @@ def squash(text: str) -> str:
 
 def visible_forms(content: str) -> set[str]:
     """What a template may print of an assistant message: all of it, or its answer without the reasoning;
-    a generation prompt that opens the reasoning block (DeepSeek-R1) leaves the rest to the model."""
-    forms = {squash(content), squash(content.replace("<think>", "", 1))}
+    a generation prompt that opens the reasoning block (DeepSeek-R1) leaves the rest to the model; an empty
+    reasoning block the template writes before an answer (Qwen3, GLM) is the model's to write."""
+    forms = {squash(content), squash(content.replace("<think>", "", 1)), squash("<think></think>" + content)}
     if "</think>" in content:
         forms.add(squash(content.split("</think>")[-1]))
     return forms

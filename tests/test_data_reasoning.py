@@ -104,6 +104,7 @@ def test_qwen3_gets_reasoning_content_and_trains_reasoning_and_answer():
     text = tok.decode(tokenized.input_ids)
     assert R1 not in text and R2 in text  # Qwen3 keeps reasoning only after the last user turn
     assert trained_text(tok, tokenized) == ["Four.<|im_end|>", f"<think>\n{R2}\n</think>\n\nSix.<|im_end|>"]
+    assert tokenized.reasoning_hidden == 1  # the first turn's, reported in the run log
     # the same turns written as <think> blocks in the content give the same ids and labels
     again = tokenize(tok, [U1, embedded("Four.", R1), U2, embedded("Six.", R2)])
     assert (again.input_ids, again.labels) == (tokenized.input_ids, tokenized.labels)
@@ -124,6 +125,13 @@ def test_repeated_reasoning_and_tool_calls_and_weight_zero_on_qwen3():
     # weight 0: in the context (with its reasoning where the template shows it), not trained
     kept = tokenize(tok, [U1, {**assistant("Four.", R1), "weight": 0}, U2, assistant("Six.", R2)])
     assert trained_text(tok, kept) == [f"<think>\n{R2}\n</think>\n\nSix.<|im_end|>"]
+
+
+def test_final_turn_without_reasoning_trains_the_empty_block_qwen3_writes():
+    tok = family_tokenizer("qwen3")
+    tokenized = tokenize(tok, [U1, {"role": "assistant", "content": "Four."}])
+    assert trained_text(tok, tokenized) == ["<think>\n\n</think>\n\nFour.<|im_end|>"]
+    assert tokenized.reasoning_hidden == 0
 
 
 def test_glm_reads_reasoning_content_after_its_own_header():
@@ -301,8 +309,9 @@ def test_train_and_eval_on_reasoning_data_end_to_end(tmp_path, capsys):
     assert (tmp_path / "run" / "adapter_model.safetensors").is_file()
     evaluated = ["eval", "--model", str(model), "--adapter", str(tmp_path / "run"), "--quant", "none", *common[:4]]
     assert main(evaluated) == 0
+    out = capsys.readouterr().out
     assert "2 examples, 0 truncated to --seq-len, 2 with reasoning (given to the chat template as " \
-           "reasoning_content)" in capsys.readouterr().out
+           "reasoning_content); the chat template does not show the reasoning of 1 assistant turn " in out
     llama = _model("llama-3.1", tmp_path)
     assert main(["train", "--model", str(llama), "--output", str(tmp_path / "bad"), "--max-steps", "2", *common]) == 2
     err = capsys.readouterr().err

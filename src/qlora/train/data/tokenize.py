@@ -54,12 +54,14 @@ _SHOWN = 5
 
 @dataclass(frozen=True)
 class TokenizedExample:
-    """Token ids and labels (``IGNORE_INDEX`` where no loss) of dataset item ``index``."""
+    """Token ids and labels (``IGNORE_INDEX`` where no loss) of dataset item ``index``; ``reasoning_hidden``
+    counts its assistant turns whose reasoning the chat template does not show (so it is not trained)."""
 
     input_ids: list[int]
     labels: list[int]
     index: int
     truncated: bool = False
+    reasoning_hidden: int = 0
 
     @property
     def num_trainable(self) -> int:
@@ -77,12 +79,18 @@ class DataReport:
     untrainable_where: list[str] = field(default_factory=list)
     reasoning: int = 0  # examples with reasoning traces
     reasoning_placement: str = ""
+    reasoning_hidden: int = 0  # assistant turns whose reasoning the template does not show
 
     def summary(self) -> str:
         """One line for the user: counts, and the first untrainable examples."""
         text = f"{self.examples} examples, {self.truncated} truncated to --seq-len"
         if self.reasoning:
             text += f", {self.reasoning} with reasoning ({self.reasoning_placement})"
+        if self.reasoning_hidden:
+            turns = "turn" if self.reasoning_hidden == 1 else "turns"
+            text += (f"; the chat template does not show the reasoning of {self.reasoning_hidden} assistant {turns} "
+                     "(before the last user message), so only their answers are trained: split such "
+                     "conversations into one row per turn to train it")
         if self.untrainable:
             text += (
                 f", {len(self.untrainable)} skipped with no trainable tokens "
@@ -125,6 +133,7 @@ def tokenize_example(
                          "(the one generation_config.json's eos_token_id names).")
     fmt = chat_template if isinstance(chat_template, ChatFormat) else ChatFormat(chat_template)
     stops = set(stop_ids) if stop_ids is not None else stop_token_ids(tokenizer)
+    hidden = 0
     if example.messages is None:
         # the tokenizer's own BOS setting, as for a raw prompt
         ids = list(tokenizer(_raw_text(example, fmt, tokenizer))["input_ids"])
@@ -138,7 +147,7 @@ def tokenize_example(
         if train_on == "all":
             mask = [True] * len(ids)
     else:
-        ids, mask, needs_eos = _chat_ids_and_mask(example, tokenizer, fmt, stops)
+        ids, mask, needs_eos, hidden = _chat_ids_and_mask(example, tokenizer, fmt, stops)
         if train_on == "all":
             mask = [True] * len(ids)
     if needs_eos:
@@ -149,7 +158,7 @@ def tokenize_example(
     if truncated:
         ids, mask = ids[:seq_len], mask[:seq_len]
     labels = [t if m else IGNORE_INDEX for t, m in zip(ids, mask)]
-    return TokenizedExample(ids, labels, index, truncated)
+    return TokenizedExample(ids, labels, index, truncated, hidden)
 
 
 def tokenize_dataset(
@@ -172,6 +181,7 @@ def tokenize_dataset(
         tokenized = tokenize_example(example, tokenizer, chat_template, train_on, seq_len, index=i, stop_ids=stops)
         report.truncated += tokenized.truncated
         report.reasoning += has_reasoning(example.messages, example.reasoning)
+        report.reasoning_hidden += tokenized.reasoning_hidden
         if tokenized.num_trainable == 0:
             report.untrainable.append(i)
             report.untrainable_where.append(example.where)
@@ -196,7 +206,7 @@ def has_generation_markers(template: str) -> bool:
 
 
 def _chat_ids_and_mask(example: Example, tokenizer, fmt: ChatFormat, stops: set[int]):
-    """``(ids, mask, needs_eos)`` of a conversation, from one rendering and one tokenization."""
+    """``(ids, mask, needs_eos, reasoning_hidden)`` of a conversation, from one rendering and one tokenization."""
     if not getattr(tokenizer, "is_fast", False):
         raise UsageError("qlora needs a fast (Rust) tokenizer to locate assistant tokens by character offsets; "
                          "save the model's tokenizer with tokenizer.json (transformers converts most slow ones).")
@@ -233,7 +243,16 @@ def _chat_ids_and_mask(example: Example, tokenizer, fmt: ChatFormat, stops: set[
         mask[start:end] = [True] * (end - start)
     final_is_assistant = (bool(messages) and messages[-1].get("role") == "assistant" and bool(runs)
                           and example.messages[-1].get("weight", 1) != 0)
-    return ids, mask, final_is_assistant and not last_end_has_stop
+    hidden = sum(1 for m in messages if m.get("role") == "assistant" and _reasoning_text(m)
+                 and _reasoning_text(m) not in text)
+    return ids, mask, final_is_assistant and not last_end_has_stop, hidden
+
+
+def _reasoning_text(message: dict) -> str:
+    """An assistant message's reasoning (its field, or its content's ``<think>`` block), stripped; '' if none."""
+    field = reasoning_of(message)
+    parts = (field[1], "") if field else split_think(_content(message))
+    return parts[0].strip() if parts else ""
 
 
 def _prompt_completion_ids_and_mask(example: Example, tokenizer, fmt: ChatFormat, stops: set[int]):
@@ -478,9 +497,11 @@ def _find_assistant(text: str, message: dict, cursor: int,
     the template drops the reasoning of this turn."""
     content = _content(message)
     field = reasoning_of(message)
-    parts = (field[1].strip(), content.strip()) if field else split_think(content)
+    parts = (_reasoning_text(message), content.strip()) if field else split_think(content)
     if parts is None:
-        return _find(text, content, cursor)
+        found = _find(text, content, cursor)
+        empty = _EMPTY_THINK.search(text, cursor, found[0]) if found else None
+        return (empty.start(), found[1]) if empty else found
     reasoning, answer = parts
     think = _find(text, reasoning, cursor) if reasoning else None
     first_answer = _find(text, answer, cursor) if answer else None
@@ -493,6 +514,11 @@ def _find_assistant(text: str, message: dict, cursor: int,
         if found:
             return found
     return first_answer
+
+
+# An empty reasoning block a template writes before an answer without reasoning (Qwen3's final turn, GLM's every
+# turn): the model writes it too, so it is trained with the answer.
+_EMPTY_THINK = re.compile(r"<think>\s*</think>\s*\Z")
 
 
 def _turn_start(text: str, cursor: int, start: int, generation_prompt: str) -> int:
