@@ -88,6 +88,19 @@ def test_which_fields_templates_read():
         assert template_reasoning_keys(template_of(name)) == (), name
 
 
+@pytest.mark.parametrize("name, keys", [
+    ("qwen3_6", ("reasoning_content",)), ("nemotron_3_nano", ("reasoning_content",)), ("gptoss", ("thinking",)),
+    ("gemma4_v5", ("reasoning_content", "reasoning")), ("lfm2_2_5", ("thinking",)),
+    ("lfm2_2_5_v2", ("reasoning_content", "reasoning", "thinking")), ("gemma4_v2", ()), ("qwen3_instruct_2507", ()),
+])
+def test_which_fields_the_templates_trl_ships_read(name, keys):
+    """Recent families' own templates, as TRL 1.16 stores them (message.get(...), fallbacks, `in message`)."""
+    pytest.importorskip("trl")
+    from importlib.resources import files
+
+    assert template_reasoning_keys(files("trl").joinpath(f"chat_templates/{name}.jinja").read_text()) == keys
+
+
 def template_of(name: str) -> str:
     return family_tokenizer(name).chat_template
 

@@ -69,10 +69,10 @@ def fold(reasoning: str, answer: str) -> str:
 
 
 def template_reasoning_keys(template: str) -> tuple[str, ...]:
-    """The message fields among :data:`REASONING_KEYS` that ``template`` reads
-    (``message.thinking``, ``m['reasoning_content']``, ``"thinking" in message``)."""
-    return tuple(k for k in REASONING_KEYS
-                 if re.search(rf"""\.{k}\b|\[\s*['"]{k}['"]\s*\]|['"]{k}['"]\s+(?:not\s+)?in\s""", template))
+    """The message fields among :data:`REASONING_KEYS` that ``template`` reads (``message.thinking``,
+    ``m['reasoning_content']``, ``message.get('reasoning')``, ``"thinking" in message``)."""
+    return tuple(k for k in REASONING_KEYS if re.search(
+        rf"""\.{k}\b|\[\s*['"]{k}['"]\s*\]|\.get\(\s*['"]{k}['"]|['"]{k}['"]\s+(?:not\s+)?in\s""", template))
 
 
 def knows_think_markers(template: str, tokenizer) -> bool:
