@@ -236,8 +236,9 @@ def test_template_without_reasoning_support_is_refused_with_file_line_and_field(
     with pytest.raises(UsageError) as err:
         tokenize(tok, [U1, assistant("Four.", "x"), U2, assistant("Six.", R2, "thinking")], where="d.jsonl line 4")
     text = str(err.value)
-    assert text.startswith('d.jsonl line 4, message 2: field "reasoning_content" holds the reasoning')
-    assert "chat_template.jinja" in text and "--template" in text and "\n" not in text
+    assert text.startswith('d.jsonl line 4, message 2 of the conversation: field "reasoning_content" holds the '
+                           'reasoning')
+    assert "(chat_template.jinja)" in text and "Qwen3" in text and "\n" not in text
 
 
 # ---------------------------------------------------------------- TRL as the oracle
@@ -328,5 +329,6 @@ def test_train_and_eval_on_reasoning_data_end_to_end(tmp_path, capsys):
     llama = _model("llama-3.1", tmp_path)
     assert main(["train", "--model", str(llama), "--output", str(tmp_path / "bad"), "--max-steps", "2", *common]) == 2
     err = capsys.readouterr().err
-    assert f'{data} line 1, message 2: field "reasoning_content" holds the reasoning' in err and "Traceback" not in err
+    assert f'{data} line 1, message 2 of the conversation: field "reasoning_content" holds' in err
+    assert "Traceback" not in err
     assert not (tmp_path / "bad" / "adapter_model.safetensors").exists()

@@ -108,9 +108,10 @@ def no_place_error(where: str, key: str, origin: str) -> UsageError:
     return UsageError(
         f'{where}: field "{key}" holds the reasoning of an assistant turn, but the chat template ({origin}) has no '
         f"place for reasoning: it reads no {'/'.join(REASONING_KEYS)} field and neither it nor the tokenizer "
-        "knows <think>/</think> markers, so the reasoning would be dropped from training. Train a model whose "
-        "template supports reasoning (Qwen3, DeepSeek-R1, gpt-oss, SmolLM3), pass --template with one, or remove "
-        f'the "{key}" field from the data (or write the reasoning into the answer yourself).')
+        "knows <think>/</think> markers, so the reasoning would be dropped from training. Train a reasoning "
+        "model, whose own template takes reasoning (Qwen3, DeepSeek-R1, gpt-oss, GLM-4.5, SmolLM3), give the model a "
+        "chat template that renders a reasoning_content field or <think> blocks (chat_template.jinja in its "
+        f'folder), or remove the "{key}" field from the data (or write the reasoning into the answer yourself).')
 
 
 def place_reasoning(messages: Sequence[dict], template: str, tokenizer, where: str = "",
@@ -139,5 +140,5 @@ def place_reasoning(messages: Sequence[dict], template: str, tokenizer, where: s
         elif knows_think_markers(template, tokenizer):
             out.append({**bare, "content": fold(reasoning, content)})
         else:
-            raise no_place_error(f"{where}, message {i + 1}", key, origin)
+            raise no_place_error(f"{where}, message {i + 1} of the conversation", key, origin)
     return out
