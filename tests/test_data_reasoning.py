@@ -67,13 +67,22 @@ def test_reasoning_columns_beside_the_answer():
     assert mapped.messages[-1] == {"role": "assistant", "content": "Four.", "reasoning": R1}
 
 
+def test_reasoning_written_twice_alike_and_mode_flags_are_not_errors():
+    twice = normalize([Record({"messages": [U1, {**embedded("Four.", R1), "reasoning_content": R1}]}, "d")])[0]
+    assert twice.messages[1] == {"role": "assistant", "content": "Four.", "reasoning_content": R1}
+    # Llama-Nemotron: "reasoning": "on" is a mode flag beside an output that holds its <think> block
+    row = {"input": [U1], "output": f"<think>{R1}</think>Four.", "reasoning": "on", "category": "math"}
+    nemotron = normalize([Record(row, "n")], fields="prompt=input,completion=output")[0]
+    assert nemotron.messages[-1] == {"role": "assistant", "content": f"<think>{R1}</think>Four."}
+
+
 @pytest.mark.parametrize("row, message", [
-    ({"messages": [U1, {**embedded("Four.", R1), "reasoning_content": R1}]},
-     r'd\.jsonl line 3, message 1: the assistant answer has reasoning twice: in field "reasoning_content"'),
+    ({"messages": [U1, {**embedded("Four.", R1), "reasoning_content": R2}]},
+     r'd\.jsonl line 3, message 1: the assistant answer has two different reasonings: in field "reasoning_content"'),
     ({"messages": [U1, assistant("Four.", ["step"], "thinking")]},
      r'd\.jsonl line 3, message 1: field "thinking" \(the reasoning of an assistant message\) must be a string'),
     ({"prompt": "Q", "completion": "<think>x</think>A", "reasoning": R1},
-     r'd\.jsonl line 3: the assistant answer has reasoning twice: in field "reasoning"'),
+     r'd\.jsonl line 3: the assistant answer has two different reasonings: in field "reasoning"'),
 ])
 def test_malformed_reasoning_names_file_line_and_field(row, message):
     with pytest.raises(UsageError, match=message):

@@ -30,7 +30,7 @@ from typing import Any, Callable
 
 from qlora.errors import UsageError
 from qlora.train.data.fields import ROLE_NAMES, FieldMap, parse_data_fields, suggest_fields
-from qlora.train.data.reasoning import REASONING_KEYS, THINK_CLOSE, message_reasoning
+from qlora.train.data.reasoning import REASONING_KEYS, THINK_CLOSE, message_reasoning, split_think
 from qlora.train.data.sources import Record
 
 FORMATS = ("alpaca", "chat", "sharegpt", "prompt-completion", "text")
@@ -268,13 +268,17 @@ def _with_reasoning(message: dict[str, Any], source: dict[str, Any], where: str)
     found = message_reasoning(source, where)
     if found is None:
         return message
-    if THINK_CLOSE in (message.get("content") or ""):
-        raise _twice_error(where, found[0], "its content")
+    content = message.get("content") or ""
+    if THINK_CLOSE in content:
+        reasoning, answer = split_think(content)
+        if reasoning != found[1].strip():
+            raise _twice_error(where, found[0], "its content")
+        message = {**message, "content": answer}  # the same reasoning written twice: the field keeps it
     return {**message, found[0]: found[1]}
 
 
 def _twice_error(where: str, key: str, holder: str) -> UsageError:
-    return UsageError(f'{where}: the assistant answer has reasoning twice: in field "{key}" and as a '
+    return UsageError(f'{where}: the assistant answer has two different reasonings: in field "{key}" and as a '
                       f"<think>...</think> block in {holder}. Keep one of them (the field, with the answer alone in "
                       "the content, is what reasoning templates such as Qwen3 and gpt-oss take).")
 

@@ -27,10 +27,14 @@ from qlora.errors import UsageError
 
 REASONING_KEYS = ("reasoning_content", "reasoning", "thinking")
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
+# NVIDIA's Nemotron post-training sets write "reasoning": "on"/"off" beside an output holding its own <think> block:
+# a mode flag, not a trace.
+_MODE_FLAGS = ("on", "off")
 
 
 def message_reasoning(item: dict[str, Any], where: str) -> tuple[str, str] | None:
-    """``(key, text)`` of a raw assistant message's reasoning field, or None when it has none (or an empty one).
+    """``(key, text)`` of a raw assistant message's (or a row's) reasoning field, or None when it has none (or an
+    empty one, or a reasoning-mode flag).
 
     Raises:
         UsageError: a reasoning field that is not a string.
@@ -42,7 +46,7 @@ def message_reasoning(item: dict[str, Any], where: str) -> tuple[str, str] | Non
         if not isinstance(value, str):
             raise UsageError(f'{where}: field "{key}" (the reasoning of an assistant message) must be a string, got '
                              f"{type(value).__name__}.")
-        if value.strip():
+        if value.strip() and value.strip().lower() not in _MODE_FLAGS:
             return key, value
     return None
 
