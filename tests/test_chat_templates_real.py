@@ -33,11 +33,29 @@ def squash(text: str) -> str:
 
 
 def visible_forms(content: str) -> set[str]:
-    """What a template may print of an assistant message: all of it, or its answer without the reasoning."""
-    forms = {squash(content)}
+    """What a template may print of an assistant message: all of it, or its answer without the reasoning;
+    a generation prompt that opens the reasoning block (DeepSeek-R1) leaves the rest to the model; an empty
+    reasoning block the template writes before an answer (Qwen3, GLM) is the model's to write."""
+    forms = {squash(content), squash(content.replace("<think>", "", 1)), squash("<think></think>" + content)}
     if "</think>" in content:
         forms.add(squash(content.split("</think>")[-1]))
     return forms
+
+
+# DeepSeek's templates strip every <think> block (``content.split('</think>')[-1]``); qlora puts the final
+# turn's back (as TRL's deepseek_r1_distill_training template does, by removing this split).
+_STRIP = "{% if '</think>' in content %}{% set content = content.split('</think>')[-1] %}{% endif %}"
+
+
+def reference_ids(tok, messages, template: str) -> list[int]:
+    """apply_chat_template's ids; for a template that strips reasoning, with the turns after the last user message
+    rendered whole and the earlier ones as the template shows them (their answer)."""
+    if _STRIP in template:
+        last_user = max(i for i, m in enumerate(messages) if m["role"] == "user")
+        messages = [{**m, "content": m["content"].split("</think>")[-1]} if m["role"] == "assistant" and
+                    i < last_user else m for i, m in enumerate(messages)]
+        template = template.replace(_STRIP, "")
+    return list(tok.apply_chat_template(messages, tokenize=True, return_dict=True, chat_template=template)["input_ids"])
 
 
 CASES = [(f, c) for f in FAMILIES for c in CONVERSATIONS
@@ -51,8 +69,7 @@ def test_real_template_ids_bos_eos_and_mask(family, shape):
     fmt = ChatFormat(tok.chat_template, origin=f"{family}.jinja", date=DATE)
     ends = stops(tok, family)
     tokenized = tokenize_example(Example(tuple(messages), None, "d.jsonl line 1"), tok, fmt, stop_ids=ends)
-    reference = list(tok.apply_chat_template(messages, tokenize=True, return_dict=True,
-                                             chat_template=fmt.pinned_template())["input_ids"])
+    reference = reference_ids(tok, messages, fmt.pinned_template())
     ids = tokenized.input_ids
     # ids: exactly apply_chat_template's, plus one EOS only when no stop token follows the final answer
     if ids != reference:

@@ -83,7 +83,9 @@ def test_tool_call_turn_trained_tool_result_not(family):
     assert tokenized.input_ids[:len(expected)] == list(expected) and extra in ([], [tok.eos_token_id])
     call, answer = (tok.decode(r) for r in _runs(tokenized))
     assert "get_weather" in call and "Paris" in call and "temp_c" not in call
-    assert answer.startswith("It is 21 degrees in Paris.")
+    # the answer, after the empty reasoning block a thinking template writes before it (Qwen3, GLM)
+    assert answer.startswith("It is 21 degrees in Paris.") or (
+        answer.startswith("<think>") and answer.split("</think>", 1)[1].lstrip().startswith("It is 21 degrees"))
     for run in _runs(tokenized):
         assert run[-1] in stops  # each trained turn ends with the token that stops generation
     # The whole turn the model writes, from its first token after the assistant header.

@@ -68,7 +68,7 @@ class TrainConfig:
     format: str = _opt("auto", "data format (auto: detected from the fields of the first rows)",
                        ("auto", "alpaca", "chat", "sharegpt", "prompt-completion", "text"))
     data_fields: str = _opt("", "the dataset's names for our fields, as OURS=THEIRS,...: columns (e.g. "
-                                "instruction=question,output=answer or messages=dialog), message keys "
+                                "instruction=question,output=answer, messages=dialog or reasoning=cot), message keys "
                                 "(role=from,content=value) and role values (user=human,assistant=gpt)")
     template: str = _opt("auto", "chat template: auto = the model's own (if none: chatml or llama-3 when the "
                                  "vocabulary has their markers, else alpaca), tokenizer = the "

@@ -4,6 +4,7 @@ The training loop needs only this pipeline::
 
     records = load_records(path)                      # sources.py
     examples = normalize(records, fmt="auto", fields="")  # formats.py (+ fields.py: --data-fields)
+    # reasoning traces are placed for the template by reasoning.py, inside tokenize_dataset
     fmt = resolve_chat_format(tokenizer, "auto", date="2026-01-31")  # templates.py (+ model/chat_format.py)
     tokenized, report = tokenize_dataset(examples, tokenizer, fmt, "assistant", seq_len)
     order = shuffled_indices(len(tokenized), seed, epoch)  # collate.py

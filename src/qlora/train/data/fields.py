@@ -10,7 +10,8 @@ unambiguous layouts and lets the user say the rest in one option::
     --data-fields messages=dialog,role=speaker,content=text,user=human,assistant=bot
 
 Each item is ``OURS=THEIRS``: a column (alpaca, chat, ShareGPT, prompt-completion and
-text fields), a key inside messages (``role``, ``content``), or a role value (``user``,
+text fields, and ``reasoning``: the reasoning trace beside an alpaca or prompt-completion answer),
+a key inside messages (``role``, ``content``), or a role value (``user``,
 ``assistant``, ``tool``, ``developer``; ``system_role`` for the system role's name,
 since ``system`` is the alpaca/ShareGPT system column).
 """
@@ -24,7 +25,7 @@ from qlora.errors import UsageError
 from qlora.train.data.sources import Record
 
 COLUMNS = ("instruction", "input", "output", "system", "history", "messages", "conversations", "prompt",
-           "completion", "text", "tools")
+           "completion", "text", "tools", "reasoning")
 # Speaker names seen in the wild (ShareGPT, glaive, LLaMA-Factory, OpenAI), mapped to chat roles.
 # ``function_call`` is an assistant turn whose value is the tool call(s) as JSON.
 ROLE_NAMES = {

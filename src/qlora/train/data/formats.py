@@ -14,6 +14,10 @@ quirks are handled here and nowhere else:
 - TRL's prompt-completion (``prompt``/``completion``: strings, or message lists);
 - plain ``text``.
 
+Reasoning traces (an assistant message's ``reasoning_content``/``reasoning``/``thinking``, or such a
+column beside an alpaca or prompt-completion answer) are kept under their own name; where they go
+depends on the chat template (:mod:`qlora.train.data.reasoning`).
+
 Field names that differ are mapped by :mod:`qlora.train.data.fields` (``--data-fields``).
 """
 
@@ -26,6 +30,7 @@ from typing import Any, Callable
 
 from qlora.errors import UsageError
 from qlora.train.data.fields import ROLE_NAMES, FieldMap, parse_data_fields, suggest_fields
+from qlora.train.data.reasoning import REASONING_KEYS, THINK_CLOSE, message_reasoning, split_think
 from qlora.train.data.sources import Record
 
 FORMATS = ("alpaca", "chat", "sharegpt", "prompt-completion", "text")
@@ -43,6 +48,7 @@ class Example:
     ``prompt`` is the prompt text of a plain row (``text`` is then the completion), and
     ``prompt_turns`` the number of leading ``messages`` that form the prompt of a conversational one.
     ``tools`` are the tool definitions the chat template renders (``apply_chat_template(tools=...)``).
+    ``reasoning`` is ``(column, text)``: the reasoning trace of a plain prompt-completion row's completion.
     """
 
     messages: tuple[dict[str, Any], ...] | None
@@ -51,6 +57,7 @@ class Example:
     prompt: str | None = None
     prompt_turns: int | None = None
     tools: tuple[dict[str, Any], ...] | None = None
+    reasoning: tuple[str, str] | None = None
 
 
 def row_format(fields: dict[str, Any]) -> str | None:
@@ -152,7 +159,7 @@ def _alpaca(fields: dict[str, Any], where: str, names: FieldMap) -> Example:
             raise UsageError(f'{where}: "history" item {k} must be a pair of strings [instruction, response].')
         messages += [{"role": "user", "content": turn[0]}, {"role": "assistant", "content": turn[1]}]
     messages.append({"role": "user", "content": f"{instruction}\n\n{extra}" if extra else instruction})
-    messages.append({"role": "assistant", "content": output})
+    messages.append(_with_reasoning({"role": "assistant", "content": output}, fields, where))
     return Example(tuple(messages), None, where, tools=_tools(fields, where))
 
 
@@ -184,7 +191,9 @@ def _prompt_completion(fields: dict[str, Any], where: str, names: FieldMap) -> E
     if isinstance(prompt, str) and isinstance(completion, str):
         if not completion.strip():
             raise UsageError(f'{where}: field "completion" must be a non-empty string (format prompt-completion).')
-        return Example(None, completion, where, prompt=prompt)
+        if THINK_CLOSE in completion and message_reasoning(fields, where):
+            raise _twice_error(where, message_reasoning(fields, where)[0], '"completion"')
+        return Example(None, completion, where, prompt=prompt, reasoning=message_reasoning(fields, where))
     turns = []
     for key, value, default_role in (("prompt", prompt, "user"), ("completion", completion, "assistant")):
         if isinstance(value, str):
@@ -198,6 +207,9 @@ def _prompt_completion(fields: dict[str, Any], where: str, names: FieldMap) -> E
     prompt_m, completion_m = turns
     if not any(m["role"] == "assistant" for m in completion_m):
         raise UsageError(f'{where}: "completion" has no assistant message; it is what the model learns to write.')
+    last = max(k for k, m in enumerate(completion_m) if m["role"] == "assistant")
+    if not any(key in completion_m[last] for key in REASONING_KEYS):  # a reasoning column beside the completion
+        completion_m[last] = _with_reasoning(completion_m[last], fields, where)
     return Example(tuple(prompt_m + completion_m), None, where, prompt_turns=len(prompt_m), tools=_tools(fields, where))
 
 
@@ -236,6 +248,8 @@ def _message(item: Any, where: str, names: FieldMap, fmt: str) -> dict[str, Any]
     if calls and role == "assistant":  # OpenAI exports write [] or null when a message calls nothing
         message["tool_calls"] = _tool_calls(_parsed_json(calls, where, '"tool_calls"'), where)
     message["content"] = _content(content, where, role, content_key, fmt, bool(message.get("tool_calls")))
+    if role == "assistant":
+        message = _with_reasoning(message, item, where)
     weight = item.get("weight")
     if weight is not None and role == "assistant":  # OpenAI fine-tuning data: weight 0 = context only
         if weight not in (0, 1):
@@ -246,6 +260,27 @@ def _message(item: Any, where: str, names: FieldMap, fmt: str) -> dict[str, Any]
         if isinstance(item.get(key), str):
             message[key] = item[key]
     return message
+
+
+def _with_reasoning(message: dict[str, Any], source: dict[str, Any], where: str) -> dict[str, Any]:
+    """``message`` (an assistant turn) with the reasoning field of ``source`` (the raw message, or the row whose
+    column holds the answer's reasoning), under its own name."""
+    found = message_reasoning(source, where)
+    if found is None:
+        return message
+    content = message.get("content") or ""
+    if THINK_CLOSE in content:
+        reasoning, answer = split_think(content)
+        if reasoning != found[1].strip():
+            raise _twice_error(where, found[0], "its content")
+        message = {**message, "content": answer}  # the same reasoning written twice: the field keeps it
+    return {**message, found[0]: found[1]}
+
+
+def _twice_error(where: str, key: str, holder: str) -> UsageError:
+    return UsageError(f'{where}: the assistant answer has two different reasonings: in field "{key}" and as a '
+                      f"<think>...</think> block in {holder}. Keep one of them (the field, with the answer alone in "
+                      "the content, is what reasoning templates such as Qwen3 and gpt-oss take).")
 
 
 def _content(content: Any, where: str, role: str, key: str, fmt: str, has_calls: bool) -> str | None:

@@ -11,6 +11,10 @@ A row holds a prompt and two answers to it, ``chosen`` (preferred) and
   shared leading messages are the prompt (a ``prompt`` string beside them, as
   in UltraFeedback, repeats the last user message and is not used).
 
+Assistant messages may carry reasoning (``reasoning_content``/``reasoning``/``thinking``, or a
+``<think>`` block in the content): it is placed and kept as for SFT, so each answer's reasoning
+is part of what DPO compares.
+
 Tokens follow the SFT rules of :func:`qlora.train.data.tokenize_example`
 (conversations rendered with the run's chat format, which decides BOS and end
 markers, an EOS only after an answer nothing else ends; plain text with the
@@ -33,7 +37,7 @@ from qlora.errors import UsageError
 from qlora.model.chat_format import ChatFormat
 from qlora.train.data.formats import Example, normalize
 from qlora.train.data.sources import Record
-from qlora.train.data.tokenize import IGNORE_INDEX, DataReport, tokenize_example
+from qlora.train.data.tokenize import IGNORE_INDEX, DataReport, for_template, tokenize_example
 
 FIELDS = ("prompt", "chosen", "rejected")
 Messages = tuple[dict[str, str], ...]
@@ -134,7 +138,8 @@ def _prompt_ids(example: PreferenceExample, tokenizer, fmt: ChatFormat) -> list[
     """The prompt's ids: as the chat format renders it for generation (it decides BOS), or plain text with the
     tokenizer's own BOS setting (as :func:`tokenize_example` reads text)."""
     if example.conversational:
-        return list(fmt.render(tokenizer, list(example.prompt), add_generation_prompt=True, where=example.where,
+        prompt = for_template(example.prompt, fmt.template, tokenizer, example.where, fmt.origin)
+        return list(fmt.render(tokenizer, prompt, add_generation_prompt=True, where=example.where,
                                tokenize=True, return_dict=True)["input_ids"])
     return list(tokenizer(example.prompt)["input_ids"])
 

@@ -16,8 +16,15 @@ The rules (issues 11 and 20), each one a silent fine-tune killer elsewhere:
   it are found through the character offsets of that one tokenization: never by
   rendering or tokenizing pieces separately, which breaks on templates that
   rewrite earlier turns (Qwen3, DeepSeek-R1, Mistral, Phi-3) and on tokenizers
-  that merge across a boundary. Reasoning a template drops from a turn is not
-  trained; a message that does not appear at all is refused, saying which;
+  that merge across a boundary. A message that does not appear at all is refused, saying which;
+- reasoning traces go where the template takes them (:mod:`qlora.train.data.reasoning`); a turn
+  with reasoning is trained from the end of the template's generation prompt (so Qwen3's
+  ``<think>``, gpt-oss's analysis channel header are learned) through its answer. Reasoning a
+  template drops from turns before the last user message (Qwen3, gpt-oss, DeepSeek-R1: the model
+  never sees it there at inference) is not trained; reasoning a template drops from the final
+  turns too (DeepSeek-R1's templates strip every ``<think>`` block) is put back before the answer, as
+  the model writes it after the generation prompt (TRL's ``deepseek_r1_distill_training`` template
+  renders the same), so the ids are ``apply_chat_template``'s plus that block;
 - an assistant message that calls tools has no content to search for: its whole turn (markers,
   calls, end of turn) is the text that rendering the conversation up to it adds to the generation
   prompt, located in the full rendering; tool results are never trained;
@@ -37,21 +44,24 @@ from typing import Callable, Iterable, Sequence
 from qlora.errors import UsageError
 from qlora.model.chat_format import END_OF_TURN_TOKENS, ChatFormat, stop_token_ids
 from qlora.train.data.formats import Example
+from qlora.train.data.reasoning import (THINK_CLOSE, THINK_OPEN, fold, has_reasoning, knows_think_markers,
+                                        no_place_error, place_reasoning, placement, reasoning_of, split_think)
 
 IGNORE_INDEX = -100
 TRAIN_ON = ("assistant", "all")
 _SHOWN = 5
-_THINK_OPEN, _THINK_CLOSE = "<think>", "</think>"
 
 
 @dataclass(frozen=True)
 class TokenizedExample:
-    """Token ids and labels (``IGNORE_INDEX`` where no loss) of dataset item ``index``."""
+    """Token ids and labels (``IGNORE_INDEX`` where no loss) of dataset item ``index``; ``reasoning_hidden``
+    counts its assistant turns whose reasoning the chat template does not show (so it is not trained)."""
 
     input_ids: list[int]
     labels: list[int]
     index: int
     truncated: bool = False
+    reasoning_hidden: int = 0
 
     @property
     def num_trainable(self) -> int:
@@ -67,10 +77,20 @@ class DataReport:
     truncated: int = 0
     untrainable: list[int] = field(default_factory=list)
     untrainable_where: list[str] = field(default_factory=list)
+    reasoning: int = 0  # examples with reasoning traces
+    reasoning_placement: str = ""
+    reasoning_hidden: int = 0  # assistant turns whose reasoning the template does not show
 
     def summary(self) -> str:
         """One line for the user: counts, and the first untrainable examples."""
         text = f"{self.examples} examples, {self.truncated} truncated to --seq-len"
+        if self.reasoning:
+            text += f", {self.reasoning} with reasoning ({self.reasoning_placement})"
+        if self.reasoning_hidden:
+            turns = "turn" if self.reasoning_hidden == 1 else "turns"
+            text += (f"; the chat template does not show the reasoning of {self.reasoning_hidden} assistant {turns} "
+                     "(before the last user message), so only their answers are trained: split such "
+                     "conversations into one row per turn to train it")
         if self.untrainable:
             text += (
                 f", {len(self.untrainable)} skipped with no trainable tokens "
@@ -113,8 +133,10 @@ def tokenize_example(
                          "(the one generation_config.json's eos_token_id names).")
     fmt = chat_template if isinstance(chat_template, ChatFormat) else ChatFormat(chat_template)
     stops = set(stop_ids) if stop_ids is not None else stop_token_ids(tokenizer)
+    hidden = 0
     if example.messages is None:
-        ids = list(tokenizer(_raw_text(example))["input_ids"])  # the tokenizer's own BOS setting, as for a raw prompt
+        # the tokenizer's own BOS setting, as for a raw prompt
+        ids = list(tokenizer(_raw_text(example, fmt, tokenizer))["input_ids"])
         mask = [True] * len(ids)
         if example.prompt is not None and train_on != "all":  # TRL: the completion starts where the ids diverge
             prompt_len = _common_prefix(list(tokenizer(example.prompt)["input_ids"]), ids)
@@ -125,7 +147,7 @@ def tokenize_example(
         if train_on == "all":
             mask = [True] * len(ids)
     else:
-        ids, mask, needs_eos = _chat_ids_and_mask(example, tokenizer, fmt, stops)
+        ids, mask, needs_eos, hidden = _chat_ids_and_mask(example, tokenizer, fmt, stops)
         if train_on == "all":
             mask = [True] * len(ids)
     if needs_eos:
@@ -136,7 +158,7 @@ def tokenize_example(
     if truncated:
         ids, mask = ids[:seq_len], mask[:seq_len]
     labels = [t if m else IGNORE_INDEX for t, m in zip(ids, mask)]
-    return TokenizedExample(ids, labels, index, truncated)
+    return TokenizedExample(ids, labels, index, truncated, hidden)
 
 
 def tokenize_dataset(
@@ -158,11 +180,16 @@ def tokenize_dataset(
     for i, example in enumerate(examples):
         tokenized = tokenize_example(example, tokenizer, chat_template, train_on, seq_len, index=i, stop_ids=stops)
         report.truncated += tokenized.truncated
+        report.reasoning += has_reasoning(example.messages, example.reasoning)
+        report.reasoning_hidden += tokenized.reasoning_hidden
         if tokenized.num_trainable == 0:
             report.untrainable.append(i)
             report.untrainable_where.append(example.where)
         else:
             kept.append(tokenized)
+    if report.reasoning:
+        template = chat_template.template if isinstance(chat_template, ChatFormat) else chat_template
+        report.reasoning_placement = placement(template, tokenizer)
     if not kept:
         raise UsageError(
             f"all {len(examples)} examples have no trainable tokens after tokenization "
@@ -179,18 +206,19 @@ def has_generation_markers(template: str) -> bool:
 
 
 def _chat_ids_and_mask(example: Example, tokenizer, fmt: ChatFormat, stops: set[int]):
-    """``(ids, mask, needs_eos)`` of a conversation, from one rendering and one tokenization."""
+    """``(ids, mask, needs_eos, reasoning_hidden)`` of a conversation, from one rendering and one tokenization."""
     if not getattr(tokenizer, "is_fast", False):
         raise UsageError("qlora needs a fast (Rust) tokenizer to locate assistant tokens by character offsets; "
                          "save the model's tokenizer with tokenizer.json (transformers converts most slow ones).")
-    messages = fmt.messages(for_template(example.messages, fmt.template))
+    messages = fmt.messages(for_template(example.messages, fmt.template, tokenizer, example.where, fmt.origin))
     weights = [m.get("weight", 1) for m in example.messages if m.get("role") == "assistant"]
     skipped = {k for k, w in enumerate(weights) if w == 0}  # OpenAI's weight 0: in the context, not trained
     extra = _template_kwargs(example)
-    text = fmt.render(tokenizer, messages, where=example.where, **extra)
+    rendered = fmt.render(tokenizer, messages, where=example.where, **extra)
+    text = restore_final_reasoning(rendered, messages)
     encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)  # = apply_chat_template's ids
     ids, offsets = list(encoded["input_ids"]), [tuple(o) for o in encoded["offset_mapping"]]
-    if has_generation_markers(fmt.template):
+    if has_generation_markers(fmt.template) and text == rendered:
         marked = fmt.render(tokenizer, messages, where=example.where, tokenize=True, return_dict=True,
                             return_assistant_tokens_mask=True, **extra)
         runs = [_trim_after_stop(ids, run, stops) for run in _runs([bool(m) for m in marked["assistant_masks"]])]
@@ -204,7 +232,8 @@ def _chat_ids_and_mask(example: Example, tokenizer, fmt: ChatFormat, stops: set[
     else:
         spans = _assistant_spans(text, messages, fmt, example.where,
                                  lambda cursor, i: _tool_call_span(text, cursor, tokenizer, fmt, messages, i,
-                                                                   example.where, extra), skipped)
+                                                                   example.where, extra), skipped,
+                                 lambda i: _generation_prompt(tokenizer, fmt, messages, i, example.where, extra))
         runs = [_tokens_covering(offsets, s, e) for s, e in spans]
         char_ends = [e for _, e in spans]
     mask = [False] * len(ids)
@@ -214,17 +243,31 @@ def _chat_ids_and_mask(example: Example, tokenizer, fmt: ChatFormat, stops: set[
         mask[start:end] = [True] * (end - start)
     final_is_assistant = (bool(messages) and messages[-1].get("role") == "assistant" and bool(runs)
                           and example.messages[-1].get("weight", 1) != 0)
-    return ids, mask, final_is_assistant and not last_end_has_stop
+    hidden = sum(1 for m in messages if m.get("role") == "assistant" and _reasoning_text(m)
+                 and _reasoning_text(m) not in text)
+    return ids, mask, final_is_assistant and not last_end_has_stop, hidden
+
+
+def _reasoning_text(message: dict) -> str:
+    """An assistant message's reasoning (its field, or its content's ``<think>`` block), stripped; '' if none."""
+    field = reasoning_of(message)
+    parts = (field[1], "") if field else split_think(_content(message))
+    return parts[0].strip() if parts else ""
 
 
 def _prompt_completion_ids_and_mask(example: Example, tokenizer, fmt: ChatFormat, stops: set[int]):
     """``(ids, mask, needs_eos)`` of a conversational prompt-completion row, as TRL's SFTTrainer builds them:
     the ids of prompt + completion rendered together; the completion is trained from where they stop
     agreeing with the ids of the prompt rendered alone with the generation prompt."""
-    messages = for_template(example.messages, fmt.template)
+    messages = for_template(example.messages, fmt.template, tokenizer, example.where, fmt.origin)
     extra = _template_kwargs(example)
 
     def ids_of(turns: Sequence[dict], prompt: bool) -> list[int]:
+        if not prompt:  # the completion's reasoning, put back if the template drops it
+            text = fmt.render(tokenizer, turns, where=example.where, **extra)
+            restored = restore_final_reasoning(text, fmt.messages(turns))
+            if restored != text:
+                return list(tokenizer(restored, add_special_tokens=False)["input_ids"])
         out = fmt.render(tokenizer, turns, add_generation_prompt=prompt, where=example.where, tokenize=True,
                          return_dict=True, **extra)
         return list(out["input_ids"])
@@ -238,11 +281,17 @@ def _prompt_completion_ids_and_mask(example: Example, tokenizer, fmt: ChatFormat
 _ARGUMENTS_AS_TEXT = re.compile(r"""arguments['"]?\]?\s*\+""")  # DeepSeek: '...' + tool['function']['arguments']
 
 
-def for_template(messages: Sequence[dict], template: str) -> list[dict]:
+def for_template(messages: Sequence[dict], template: str, tokenizer=None, where: str = "",
+                 origin: str = "the chat template") -> list[dict]:
     """Messages as ``template`` can take them: OpenAI's ``developer`` role becomes ``system`` for a template
     that has no developer role (all but a few recent ones), since that is what it means there; tool-call
     arguments are a dict (Hugging Face's convention, ``| tojson`` in the template) except for templates that
-    concatenate them as JSON text (DeepSeek V3/R1)."""
+    concatenate them as JSON text (DeepSeek V3/R1); reasoning goes where the template (or ``tokenizer``'s
+    ``<think>`` markers) takes it (:func:`~qlora.train.data.reasoning.place_reasoning`).
+
+    Raises:
+        UsageError: an assistant turn has reasoning the template has no place for (naming ``where``).
+    """
     developer = "developer" in template
     as_text = bool(_ARGUMENTS_AS_TEXT.search(template))
     out = []
@@ -256,7 +305,42 @@ def for_template(messages: Sequence[dict], template: str) -> list[dict]:
         if as_text and m.get("tool_calls"):
             m = {**m, "tool_calls": [_arguments_as_text(c) for c in m["tool_calls"]]}
         out.append(m)
-    return out
+    return place_reasoning(out, template, tokenizer, where, origin)
+
+
+def restore_final_reasoning(text: str, messages: Sequence[dict]) -> str:
+    """``text`` with the ``<think>`` block of each assistant turn after the last user message put back before its
+    answer when the template dropped it (DeepSeek-R1's templates strip it from every turn): what the model writes
+    after the generation prompt, so the reasoning is trained."""
+    users = [i for i, m in enumerate(messages) if m.get("role") == "user"]
+    cursor = 0
+    if users:
+        last = _content(messages[users[-1]])
+        at = text.rfind(last) if last else -1
+        cursor = at + len(last) if at >= 0 else 0
+    for m in messages[(users[-1] + 1) if users else 0:]:
+        content = m.get("content")
+        parts = split_think(content) if m.get("role") == "assistant" and isinstance(content, str) else None
+        if not parts or not parts[0] or _find(text, parts[0], cursor):
+            continue
+        rest = content.rsplit(THINK_CLOSE, 1)[1]
+        for shown in dict.fromkeys((rest, rest.lstrip(), rest.strip())):
+            at = text.find(shown, cursor) if shown else -1
+            if at >= 0:
+                block = content[:content.rfind(shown)]
+                text = text[:at] + block + text[at:]
+                cursor = at + len(block) + len(shown)
+                break
+    return text
+
+
+def _generation_prompt(tokenizer, fmt: ChatFormat, messages: Sequence[dict], i: int, where: str, extra: dict) -> str:
+    """What the template's generation prompt adds after messages ``[:i]`` ('' when it is not a plain suffix)."""
+    if i == 0:
+        return ""
+    plain = fmt.render(tokenizer, messages[:i], where=where, **extra)
+    prompted = fmt.render(tokenizer, messages[:i], add_generation_prompt=True, where=where, **extra)
+    return prompted[len(plain):] if prompted.startswith(plain) else ""
 
 
 def _arguments_as_text(call: dict) -> dict:
@@ -270,8 +354,21 @@ def _template_kwargs(example: Example) -> dict:
     return {"tools": [dict(t) for t in example.tools]} if example.tools else {}
 
 
-def _raw_text(example: Example) -> str:
-    return example.text if example.prompt is None else example.prompt + example.text
+def _raw_text(example: Example, fmt: ChatFormat, tokenizer) -> str:
+    """A plain row's text; a reasoning column becomes a ``<think>`` block before the completion when the model
+    knows those markers (there is no template to place it otherwise).
+
+    Raises:
+        UsageError: a reasoning column, and a model without ``<think>`` markers.
+    """
+    text = example.text
+    if example.reasoning is not None:
+        key, reasoning = example.reasoning
+        if not knows_think_markers(fmt.template, tokenizer):
+            raise no_place_error(example.where, key, f"{fmt.origin}; plain prompt-completion rows are not rendered "
+                                 "with it, so only <think> markers could hold the reasoning")
+        text = fold(reasoning, text)
+    return text if example.prompt is None else example.prompt + text
 
 
 def _common_prefix(a: Sequence, b: Sequence) -> int:
@@ -392,34 +489,59 @@ def _find(text: str, needle: str, cursor: int) -> tuple[int, int] | None:
     return None
 
 
-def _find_assistant(text: str, content: str, cursor: int) -> tuple[int, int] | None:
-    """Where an assistant message's content is rendered: whole, or, for content with a
-    reasoning block, its reasoning + answer as the template reformats them, or the answer
-    alone when the template drops the reasoning of this turn."""
-    found = _find(text, content, cursor)
-    if found or _THINK_CLOSE not in content:
-        return found
-    reasoning, answer = content.rsplit(_THINK_CLOSE, 1)
-    reasoning = reasoning.replace(_THINK_OPEN, "", 1).strip()
-    answer = answer.strip()
+def _find_assistant(text: str, message: dict, cursor: int,
+                    generation_prompt: Callable[[], str] = lambda: "") -> tuple[int, int] | None:
+    """Where an assistant message is rendered: its content whole, or, for a message with reasoning (a field or a
+    ``<think>`` block in the content), its reasoning + answer as the template reformats them, from the end of the
+    generation prompt (the model writes what follows it: ``<think>``, a channel header), or the answer alone when
+    the template drops the reasoning of this turn."""
+    content = _content(message)
+    field = reasoning_of(message)
+    parts = (_reasoning_text(message), content.strip()) if field else split_think(content)
+    if parts is None:
+        found = _find(text, content, cursor)
+        empty = _EMPTY_THINK.search(text, cursor, found[0]) if found else None
+        return (empty.start(), found[1]) if empty else found
+    reasoning, answer = parts
     think = _find(text, reasoning, cursor) if reasoning else None
-    if think:
+    first_answer = _find(text, answer, cursor) if answer else None
+    if think and (first_answer is None or first_answer[0] >= think[0]):  # this turn's reasoning, not a later one's
         after = _find(text, answer, think[1]) if answer else (think[1], think[1])
         if after:
-            start = think[0]
-            opening = text.rfind(_THINK_OPEN, cursor, start)  # the model writes the opening tag itself
-            if opening >= 0 and not text[opening + len(_THINK_OPEN):start].strip():
-                start = opening
-            return start, after[1]
-    return _find(text, answer, cursor) if answer else None
+            return _turn_start(text, cursor, think[0], generation_prompt()), after[1]
+    if field is None:
+        found = _find(text, content, cursor)  # a template that prints the <think> block as plain text
+        if found:
+            return found
+    return first_answer
+
+
+# An empty reasoning block a template writes before an answer without reasoning (Qwen3's final turn, GLM's every
+# turn): the model writes it too, so it is trained with the answer.
+_EMPTY_THINK = re.compile(r"<think>\s*</think>\s*\Z")
+
+
+def _turn_start(text: str, cursor: int, start: int, generation_prompt: str) -> int:
+    """Where the model starts writing a turn whose reasoning starts at ``start``: after the generation prompt
+    (found between ``cursor`` and ``start``), else at the ``<think>`` tag just before it, else at ``start``."""
+    for prompt in dict.fromkeys((generation_prompt, generation_prompt.rstrip())):
+        at = text.rfind(prompt, cursor, start) if prompt.strip() else -1
+        if at >= 0:
+            return at + len(prompt)
+    opening = text.rfind(THINK_OPEN, cursor, start)  # the model writes the opening tag itself
+    if opening >= 0 and not text[opening + len(THINK_OPEN):start].strip():
+        return opening
+    return start
 
 
 def _assistant_spans(text: str, messages: Sequence[dict], fmt: ChatFormat, where: str,
                      tool_call_span: Callable[[int, int], tuple[int, int] | None],
-                     skipped: set[int] = frozenset()) -> list[tuple[int, int]]:
+                     skipped: set[int] = frozenset(),
+                     generation_prompt: Callable[[int], str] = lambda i: "") -> list[tuple[int, int]]:
     """Character spans of each assistant message's content in ``text``, in order, but for the assistant
     messages numbered (from 0) in ``skipped``; a message that calls tools spans the whole turn the template
-    writes for it (``tool_call_span(cursor, i)``: content and calls)."""
+    writes for it (``tool_call_span(cursor, i)``: content and calls); a message with reasoning starts where
+    ``generation_prompt(i)`` (the template's, after messages ``[:i]``) ends."""
     spans, cursor = [], 0
     assistants = [i for i, m in enumerate(messages) if m.get("role") == "assistant"]
     for k, i in enumerate(assistants, 1):
@@ -442,9 +564,9 @@ def _assistant_spans(text: str, messages: Sequence[dict], fmt: ChatFormat, where
                 spans.append(found)
             cursor = found[1]
             continue
-        if not content.strip():
+        if not content.strip() and not reasoning_of(messages[i]):
             continue  # nothing to learn but the end marker, whose place is unknown
-        found = _find_assistant(text, content, cursor)
+        found = _find_assistant(text, messages[i], cursor, lambda i=i: generation_prompt(i))
         if found is None:
             shown = content.strip()[:60]
             raise UsageError(
