@@ -94,3 +94,25 @@ def test_cli_prompt_from_stdin_equals_the_same_prompt_inline(tiny_model_dir, cap
     monkeypatch.setattr("sys.stdin", io.StringIO("  \n"))
     assert main(argv + ["--prompt", "-"]) == 2
     assert "--prompt is empty" in capsys.readouterr().err
+
+
+def test_harmony_replies_do_not_stop_at_the_end_of_their_reasoning(tiny_tokenizer):
+    """gpt-oss closes its analysis message with <|end|> and the reply with <|return|>; Phi-3 ends a
+    turn with <|end|>. Generation stops on <|end|> only for the latter (or when generation_config says)."""
+    import copy
+    from types import SimpleNamespace
+
+    from qlora.infer.template import stop_token_ids
+
+    phi = copy.deepcopy(tiny_tokenizer)
+    phi.add_special_tokens({"additional_special_tokens": ["<|end|>", "<|assistant|>"]})
+    harmony = copy.deepcopy(tiny_tokenizer)
+    harmony.add_special_tokens({"additional_special_tokens": ["<|start|>", "<|end|>", "<|message|>", "<|channel|>",
+                                                              "<|return|>", "<|call|>"]})
+    model = SimpleNamespace(generation_config=SimpleNamespace(eos_token_id=None))
+    end, ret = harmony.convert_tokens_to_ids("<|end|>"), harmony.convert_tokens_to_ids("<|return|>")
+    assert phi.convert_tokens_to_ids("<|end|>") in stop_token_ids(model, phi)
+    assert ret in stop_token_ids(model, harmony) and end not in stop_token_ids(model, harmony)
+    assert harmony.convert_tokens_to_ids("<|call|>") in stop_token_ids(model, harmony)  # a tool call ends a reply
+    listed = SimpleNamespace(generation_config=SimpleNamespace(eos_token_id=[ret, end]))
+    assert end in stop_token_ids(listed, harmony)

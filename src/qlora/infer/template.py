@@ -52,6 +52,17 @@ def render_chat(tokenizer, messages: Sequence[Message], add_generation_prompt: b
 
 
 def stop_token_ids(model, tokenizer) -> set[int]:
-    """Token ids that end a reply: EOS from model and tokenizer, plus end-of-turn markers."""
+    """Token ids that end a reply: EOS from model and tokenizer, plus end-of-turn markers.
+
+    In gpt-oss's harmony format ``<|end|>`` closes every message, the reasoning (analysis
+    channel) too; a reply ends at ``<|return|>`` or ``<|call|>``, so ``<|end|>`` is no stop there
+    unless the model's generation config lists it."""
     eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    return _stop_token_ids(tokenizer, eos)
+    ids = _stop_token_ids(tokenizer, eos)
+    vocab = tokenizer.get_vocab()
+    listed = {eos} if isinstance(eos, int) else set(eos or ())
+    if "<|return|>" in vocab and "<|channel|>" in vocab:
+        ids.update(vocab[t] for t in ("<|return|>", "<|call|>") if t in vocab)
+        if vocab.get("<|end|>") not in listed:
+            ids.discard(vocab.get("<|end|>"))
+    return ids
