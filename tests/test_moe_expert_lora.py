@@ -96,7 +96,7 @@ def test_16bit_outputs_and_files_equal_peft_both_ways(tmp_path, saved, model_typ
     assert mine.keys() == peft_file.keys() and any(".experts.base_layer.lora_A" in k for k in mine)
     assert all(torch.equal(mine[k], peft_file[k]) for k in mine)
     saved_config = json.loads((tmp_path / "ours" / "adapter_config.json").read_text())
-    assert saved_config["target_parameters"] == _EXPERTS and saved_config["lora_dropout"] == 0.0
+    assert sorted(saved_config["target_parameters"]) == sorted(_EXPERTS) and saved_config["lora_dropout"] == 0.0
     again = peft.PeftModel.from_pretrained(_reference(path), str(tmp_path / "ours")).eval()
     torch.testing.assert_close(_logits(again), _logits(ours), rtol=1e-5, atol=1e-5)
 
@@ -239,13 +239,26 @@ def test_cli_train_resume_generate_merge_with_target_parameters(tmp_path, saved)
     data = tmp_path / "d.jsonl"
     data.write_text("".join(json.dumps({"instruction": f"What is {a} plus 2?", "input": "", "output": f"{a + 2}."})
                             + "\n" for a in range(8)))
-    out = tmp_path / "run"
-    common = ["train", "--model", str(path), "--data", str(data), "--output", str(out), "--seq-len", "48",
-              "--batch-size", "2", "--lr", "1e-2", "--no-progress", "--target-modules", "none",
-              "--target-parameters", "mlp.experts.gate_up_proj,mlp.experts.down_proj", "--dropout", "0",
-              "--save-steps", "1"]
-    assert main(common + ["--max-steps", "1"]) == 0
-    assert main(common + ["--max-steps", "2", "--resume"]) == 0
+    out, cut = tmp_path / "run", tmp_path / "cut"
+
+    def train(folder, *extra):
+        return main(["train", "--model", str(path), "--data", str(data), "--output", str(folder), "--seq-len", "48",
+                     "--batch-size", "2", "--lr", "1e-2", "--no-progress", "--target-modules", "none",
+                     "--target-parameters", "mlp.experts.gate_up_proj,mlp.experts.down_proj", "--dropout", "0",
+                     "--save-steps", "1", "--max-steps", "3", *extra])
+    assert train(out) == 0 and train(cut) == 0
+    import shutil
+
+    from safetensors.torch import load_file
+
+    shutil.rmtree(cut / "checkpoints" / "step-0000003")  # as if cut off after step 2
+    for name in ("adapter_model.safetensors", "adapter_config.json"):
+        (cut / name).unlink()
+    assert train(cut, "--resume") == 0
+    full, resumed = load_file(out / "adapter_model.safetensors"), load_file(cut / "adapter_model.safetensors")
+    assert full.keys() == resumed.keys() and any(".experts.base_layer.lora_B" in k for k in full)
+    for key in full:  # the expert adapters and their optimizer state came back from the checkpoint
+        torch.testing.assert_close(resumed[key], full[key], rtol=1e-6, atol=1e-7, msg=key)
     config = json.loads((out / "adapter_config.json").read_text())
     assert config["target_parameters"] == _EXPERTS and config["target_modules"] == []
     ours, _ = load_model(path, compute_dtype=torch.float32, device="cpu")
