@@ -272,3 +272,28 @@ def test_cli_train_resume_generate_merge_with_target_parameters(tmp_path, saved)
                  "--dtype", "float32"]) == 0
     merged = _reference(tmp_path / "merged")
     torch.testing.assert_close(_logits(merged), _logits(ours), rtol=1e-4, atol=1e-4)
+
+
+def test_two_expert_adapters_switch_weight_and_disable(tmp_path, saved):
+    from qlora.model.inject import adapters_disabled
+    from qlora.model.multi_adapter import adapter_rows, set_adapter, set_adapters
+
+    path = saved("qwen3_moe")
+    ours, _ = load_model(path, quant=None, compute_dtype=torch.float32, device="cpu")
+    base = _logits(ours)
+    for seed, name in ((1, "one"), (2, "two")):
+        qlora.add_lora(ours, r=2, dropout=0.0, target_modules=None, target_parameters=_EXPERTS, adapter_name=name)
+        with torch.no_grad():
+            for p in [p for n, p in ours.named_parameters() if f"lora_B.down_proj.{name}" in n]:
+                p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(seed)) * 0.3)
+        qlora.save_adapter(ours, tmp_path / name, adapter_name=name)
+    with adapters_disabled(ours):
+        torch.testing.assert_close(_logits(ours), base, rtol=0, atol=0)
+    set_adapter(ours, "two")
+    theirs = peft.PeftModel.from_pretrained(_reference(path), str(tmp_path / "two")).eval()
+    torch.testing.assert_close(_logits(ours), _logits(theirs), rtol=1e-5, atol=1e-5)
+    set_adapters(ours, {"one": 0.0, "two": 0.0})
+    torch.testing.assert_close(_logits(ours), base, rtol=1e-6, atol=1e-6)
+    with pytest.raises(UsageError, match="target_parameters"):
+        with adapter_rows(ours, ["one", "two"]):
+            pass
