@@ -220,7 +220,7 @@ def test_bad_target_parameters_are_usage_errors(saved):
     ours, _ = load_model(saved("qwen3_moe"), quant="nf4", compute_dtype=torch.float32, device="cpu")
     with pytest.raises(UsageError, match=r"'mlp\.experts\.up_proj'.*named: down_proj, gate_up_proj"):
         qlora.add_lora(ours, r=2, dropout=0.0, target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.up_proj"])
-    with pytest.raises(UsageError, match=r"mlp\.gate\.weight.*not an expert weight.*routers"):
+    with pytest.raises(UsageError, match=r"mlp\.gate\.weight.*not an expert weight.*routers are never adapted"):
         qlora.add_lora(ours, r=2, dropout=0.0, target_parameters=["mlp.gate.weight"])
     with pytest.raises(UsageError, match="dropout"):
         qlora.add_lora(ours, r=2, dropout=0.05, target_parameters=_EXPERTS)
@@ -232,7 +232,7 @@ def test_bad_target_parameters_are_usage_errors(saved):
         qlora.add_lora(dense, r=2, dropout=0.0, target_parameters=["self_attn.q_proj.weight"])
 
 
-def test_cli_train_resume_generate_merge_with_target_parameters(tmp_path, saved):
+def test_cli_train_resume_generate_merge_with_target_parameters(tmp_path, saved, capsys):
     from qlora.cli.main import main
 
     path = saved("qwen3_moe")
@@ -246,6 +246,10 @@ def test_cli_train_resume_generate_merge_with_target_parameters(tmp_path, saved)
                      "--batch-size", "2", "--lr", "1e-2", "--no-progress", "--target-modules", "none",
                      "--target-parameters", "mlp.experts.gate_up_proj,mlp.experts.down_proj", "--dropout", "0",
                      "--save-steps", "1", "--max-steps", "3", *extra])
+    capsys.readouterr()
+    assert main(["train", "--model", str(path), "--data", str(data), "--output", str(tmp_path / "bad"),
+                 "--target-parameters", "mlp.experts.down_proj", "--max-steps", "1", "--no-progress"]) == 2
+    assert "--dropout 0" in capsys.readouterr().err  # PEFT refuses dropout on expert adapters
     assert train(out) == 0 and train(cut) == 0
     import shutil
 

@@ -125,8 +125,8 @@ def _select_parameters(model: nn.Module, targets: list[str]) -> dict[str, list[s
         exist = (f"Its expert weights are named: {', '.join(sorted({k.rsplit('.', 1)[-1] for k in keys}))} "
                  f"(e.g. {', '.join(sorted(keys)[:2])})." if keys else "This model has no 3-D expert weights "
                  "(transformers' MoE experts modules); adapt its linear layers with target_modules.")
-        detail = "; ".join(f"{t!r} names {wrong[t]}, which is not an expert weight (routers and linear layers are "
-                           "adapted through target_modules, routers not at all)" for t in wrong)
+        detail = "; ".join(f"{t!r} names {wrong[t]}, which is not an expert weight (linear layers are adapted "
+                           "through target_modules; routers are never adapted)" for t in wrong)
         raise UsageError(f"target parameters {', '.join(map(repr, unmatched))} match no expert weight of this model"
                          f"{': ' + detail if detail else ''}. {exist}")
     return chosen
