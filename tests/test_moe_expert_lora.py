@@ -301,3 +301,18 @@ def test_two_expert_adapters_switch_weight_and_disable(tmp_path, saved):
     with pytest.raises(UsageError, match="target_parameters"):
         with adapter_rows(ours, ["one", "two"]):
             pass
+
+
+def test_estimate_counts_the_expert_adapters_as_add_lora_makes_them(saved):
+    from qlora.model.estimate import TrainingOptions, estimate, load_config
+    from qlora.model.inject import count_parameters
+
+    path = saved("mixtral")
+    est = estimate(load_config(str(path)), TrainingOptions(rank=3, target_modules=("q_proj",),
+                                                           target_parameters=("mlp.experts.down_proj",)))
+    lora_bytes = dict(est.rows)["LoRA adapters (fp32)"]["QLoRA"]
+    ours, _ = load_model(path, compute_dtype=torch.float32, device="cpu")
+    qlora.add_lora(ours, r=3, dropout=0.0, target_modules=["q_proj"], target_parameters=["mlp.experts.down_proj"])
+    assert lora_bytes == 4 * count_parameters(ours)[0]
+    with pytest.raises(UsageError, match="expert weights are down_proj, gate_up_proj"):
+        estimate(load_config(str(path)), TrainingOptions(target_parameters=("experts.w2",)))
