@@ -12,9 +12,11 @@ that layout, so adapter files copy one to one.
 
 PEFT adds the delta of all experts to the whole 3-D weight before the forward;
 here each routed expert computes ``base_e(x) + scale * (x @ A_e^T) @ B_e^T``:
-equal maths, no dense copy of the expert stack, and the base may be 4-bit
-(:class:`Experts4bit`, one expert dequantized at a time) or transformers' own
-16-bit experts module. PEFT has no dropout for these adapters, nor DoRA.
+equal maths, ``n r (in + out)`` flops for its ``n`` tokens instead of ``r in out``
+for a delta plus a second weight, no dense copy of the expert stack (3.6x faster
+and 2.6x less memory than PEFT in bench/moe_expert_lora.py), and the base may be
+4-bit (:class:`Experts4bit`, one expert dequantized at a time) or transformers'
+own 16-bit experts module. PEFT has no dropout for these adapters, nor DoRA.
 """
 
 from __future__ import annotations
