@@ -25,7 +25,7 @@ from ..errors import UsageError
 from .adapter_tensors import copy_adapter_tensor
 from .adalora import AdaLoraConfig
 from .adalora_io import adalora_peft_config, adalora_state_dict, attach_adalora
-from .inject import AdapterConfig, adapter_configs, add_lora, experts_lora_layers, lora_layers
+from .inject import AdapterConfig, adapter_configs, add_lora, expert_modules, experts_lora_layers, lora_layers
 
 log = logging.getLogger("qlora")
 
@@ -112,7 +112,8 @@ def _lora_peft_config(cfg: AdapterConfig) -> dict:
         "init_lora_weights": {"kaiming": True}.get(spec.init, spec.init),
         "modules_to_save": sorted({p.rsplit(".", 1)[-1] for p in cfg.modules_to_save}) or None,
         "inference_mode": True, "use_dora": spec.use_dora, "revision": None, "layers_to_transform": None,
-    } | ({"target_parameters": cfg.target_parameters} if cfg.target_parameters else {}) | ({"loftq_config": {"loftq_bits": 4, "loftq_iter": spec.loftq_iter}} if spec.init == "loftq" else {})
+    } | ({"target_parameters": cfg.target_parameters} if cfg.target_parameters else {}) | (
+        {"loftq_config": {"loftq_bits": 4, "loftq_iter": spec.loftq_iter}} if spec.init == "loftq" else {})
 
 
 def read_adapter_config(adapter_dir: str | Path) -> dict:
@@ -172,8 +173,9 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path, adapter_name: str = 
         raise UsageError(f"{adapter_dir} trains single tokens (PEFT's trainable_token_indices), which this version "
                          "of qlora does not load; save the embeddings whole with modules_to_save.")
     target_parameters = [t for t in config.get("target_parameters") or [] if t]
-    expert_keys = {k for k in tensors if ".lora_" in k and target_parameters
-                   and _unwrapped(k[len(_PEFT_PREFIX):].rsplit(".lora_", 1)[0]) in _expert_paths(model)}
+    experts = set(expert_modules(model)) if target_parameters else set()
+    expert_keys = {k for k in tensors if ".lora_" in k
+                   and _unwrapped(k[len(_PEFT_PREFIX):].rsplit(".lora_", 1)[0]) in experts}
     paths = sorted({k[len(_PEFT_PREFIX):].rsplit(".lora_", 1)[0] for k in tensors if ".lora_" in k} - {
         k[len(_PEFT_PREFIX):].rsplit(".lora_", 1)[0] for k in expert_keys})
     # modules trained whole; PEFT's save_embedding_layers adds copies under .original_module. (the base
@@ -214,12 +216,6 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path, adapter_name: str = 
 def _unwrapped(path: str) -> str:
     """A PEFT module path without its nested ``.base_layer`` wrappers (PEFT's strip_base_layer_from_name)."""
     return re.sub(r"(\.base_layer)+$", "", path)
-
-
-def _expert_paths(model: nn.Module) -> set[str]:
-    from .inject import expert_modules
-
-    return set(expert_modules(model))
 
 
 def _load_expert_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], keys: set[str], adapter_name: str,

@@ -30,7 +30,6 @@ class AdapterConfig:
     layers: list[str] = field(default_factory=list)
     modules_to_save: list[str] = field(default_factory=list)  # full paths, trained whole (PEFT's modules_to_save)
     target_parameters: list[str] = field(default_factory=list)  # PEFT's target_parameters, as given
-    expert_layers: list[str] = field(default_factory=list)  # paths of the experts modules they adapt
 
 
 def adapter_configs(model: nn.Module) -> dict[str, AdapterConfig]:
@@ -215,12 +214,12 @@ def add_lora(
         raise UsageError(f"target_parameters (LoRA on expert weights) does not work with {what}: PEFT refuses it "
                          "for these adapters, so the adapter could not be loaded there. Set dropout to 0 "
                          "(--dropout 0), no DoRA, and init 'kaiming' or 'gaussian'.")
-    experts = _select_parameters(model, target_parameters) if target_parameters else {}
-    for p in model.parameters():
-        p.requires_grad_(False)
     no_modules = target_modules is None or (not isinstance(target_modules, str) and not target_modules)
     if no_modules and not target_parameters:
         raise UsageError("nothing to adapt: give target_modules (or 'all-linear') or target_parameters.")
+    experts = _select_parameters(model, target_parameters) if target_parameters else {}
+    for p in model.parameters():
+        p.requires_grad_(False)
     paths = [] if no_modules else _select(model, target_modules)
     fan_in_fan_out = False
     for path in paths:
@@ -259,7 +258,7 @@ def add_lora(
             p.requires_grad_(True)
     names = sorted({p.rsplit(".", 1)[-1] for p in paths})
     configs[adapter_name] = AdapterConfig(spec, names, fan_in_fan_out, getattr(model, "name_or_path", None), paths,
-                                          save_paths, list(target_parameters), sorted(experts))
+                                          save_paths, list(target_parameters))
     if verbose:
         trainable, total = count_parameters(model)
         log.info("qlora: %d layers and %d experts modules adapted; trainable params %s of %s (%.4f%%)",
