@@ -316,3 +316,16 @@ def test_estimate_counts_the_expert_adapters_as_add_lora_makes_them(saved):
     assert lora_bytes == 4 * count_parameters(ours)[0]
     with pytest.raises(UsageError, match="expert weights are down_proj, gate_up_proj"):
         estimate(load_config(str(path)), TrainingOptions(target_parameters=("experts.w2",)))
+
+
+def test_yaml_target_parameters_list_and_peft_alias(tmp_path):
+    from qlora.train.config import load_config
+
+    path = tmp_path / "run.yaml"
+    path.write_text("model: m\ndata: d\noutput: o\ntarget_modules: none\nlora_dropout: 0\n"
+                    "target_parameters: [7.mlp.experts.gate_up_proj, 7.mlp.experts.down_proj]\n")
+    cfg = load_config(path, {})
+    assert cfg.target_parameters == "7.mlp.experts.gate_up_proj,7.mlp.experts.down_proj"
+    assert cfg.target_modules == "none" and cfg.dropout == 0
+    path.write_text("model: m\ndata: d\noutput: o\nlora_target_parameters: [mlp.experts.down_proj]\n")
+    assert load_config(path, {}).target_parameters == "mlp.experts.down_proj"
