@@ -24,7 +24,9 @@ peft = pytest.importorskip("peft")
 
 _CONFIG = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, intermediate_size=48,
                max_position_embeddings=64, bos_token_id=1, eos_token_id=2, pad_token_id=0, head_dim=8)
-_MOE = dict(moe_intermediate_size=32, num_experts=4, num_local_experts=4, num_experts_per_tok=2)
+_MOE = dict(moe_intermediate_size=32, num_experts=4, num_local_experts=4, n_routed_experts=4, num_experts_per_tok=2,
+            q_lora_rank=16, kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8,
+            first_k_dense_replace=1, n_group=1, topk_group=1)
 _IDS = torch.tensor([[5, 17, 42, 99, 7, 250, 31, 8, 64, 12], [3, 9, 27, 81, 200, 150, 11, 4, 66, 90]])
 _EXPERTS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
 
@@ -39,6 +41,8 @@ def saved(tmp_path_factory, tiny_tokenizer):
             for key, value in _MOE.items():
                 if hasattr(cfg, key):
                     setattr(cfg, key, value)
+            if model_type.startswith("deepseek"):  # multi-head latent attention: as many key/value heads as heads
+                cfg.num_key_value_heads = cfg.num_attention_heads
             torch.manual_seed(0)
             model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
             with torch.no_grad():
@@ -70,7 +74,8 @@ def _logits(model):
 
 
 @pytest.mark.parametrize("model_type,rslora,modules", [("gpt_oss", False, None), ("qwen3_moe", True, None),
-                                                       ("mixtral", False, ["q_proj", "v_proj"])])
+                                                       ("mixtral", False, ["q_proj", "v_proj"]),
+                                                       ("deepseek_v3", False, ["o_proj"])])
 def test_16bit_outputs_and_files_equal_peft_both_ways(tmp_path, saved, model_type, rslora, modules):
     path = saved(model_type)
     # PEFT makes the adapter (random non-zero B), saves it; qlora loads it and gives PEFT's logits
@@ -82,7 +87,7 @@ def test_16bit_outputs_and_files_equal_peft_both_ways(tmp_path, saved, model_typ
     ours, _ = load_model(path, quant=None, compute_dtype=torch.float32, device="cpu")
     qlora.load_adapter(ours, tmp_path / "peft")
     experts = [m for m in ours.modules() if isinstance(m, ExpertsLora)]
-    assert len(experts) == 2 and all(set(m.targets["default"]) == {"gate_up_proj", "down_proj"} for m in experts)
+    assert experts and all(set(m.targets["default"]) == {"gate_up_proj", "down_proj"} for m in experts)
     base = _logits(_reference(path))
     assert (_logits(theirs) - base).abs().max() > 1e-2  # the expert adapters change the output
     torch.testing.assert_close(_logits(ours), _logits(theirs), rtol=1e-5, atol=1e-5)
