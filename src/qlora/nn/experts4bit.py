@@ -59,7 +59,7 @@ def routing(arg_names: list[str], args: tuple, kwargs: dict) -> tuple[torch.Tens
     return values[arg_names[1]], values[arg_names[2]]
 
 
-def gating(experts: nn.Module):
+def gating(experts: nn.Module) -> tuple[Callable, nn.Module | None]:
     """The source experts module's gate (``_apply_gate``) or activation, and its post-expert norm (or None)."""
     source = getattr(experts, "_source", experts)
     gate = source._apply_gate if experts.has_gate else source.act_fn
@@ -67,16 +67,15 @@ def gating(experts: nn.Module):
     return gate, norm
 
 
-def run_experts(experts: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
+def run_experts(experts: nn.Module, num_experts: int, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
                 top_k_weights: torch.Tensor, project: Callable[[torch.Tensor, str, int], torch.Tensor]) -> torch.Tensor:
     """transformers' eager experts loop: only the experts some token was routed to run, one at a
-    time; ``project(x, weight_name, expert)`` applies one expert's projection (with its bias)."""
+    time; ``project(x, weight_name, expert)`` applies one expert's projection (with its bias).
+    ``experts`` (an :class:`Experts4bit` or transformers' module) supplies the gate and norm."""
     gate, norm = gating(experts)
     out = torch.zeros_like(hidden_states)
     with torch.no_grad():
-        count = experts._parameters["down_proj"].shape[0] if "down_proj" in experts._parameters and \
-            experts._parameters["down_proj"] is not None else experts.num_experts
-        hit = [e for e in torch.unique(top_k_index).tolist() if 0 <= e < count]
+        hit = [e for e in torch.unique(top_k_index).tolist() if 0 <= e < num_experts]
     up_name = "gate_up_proj" if experts.has_gate else "up_proj"
     for expert in hit:
         token_idx, k_pos = torch.where(top_k_index == expert)
@@ -164,7 +163,7 @@ class Experts4bit(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         top_k_index, top_k_weights = routing(self._arg_names, args, kwargs)
-        return run_experts(self, hidden_states, top_k_index, top_k_weights, self._project)
+        return run_experts(self, self.num_experts, hidden_states, top_k_index, top_k_weights, self._project)
 
     def extra_repr(self) -> str:
         layer = getattr(self, self.weight_names[0])[0]

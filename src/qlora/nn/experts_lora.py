@@ -172,7 +172,7 @@ class ExpertsLora(nn.Module):
             return self.base_layer(hidden_states, *args, **kwargs)
         names = self.base_layer._arg_names if self._arg_names is None else self._arg_names
         top_k_index, top_k_weights = routing(names, args, kwargs)
-        return run_experts(self.base_layer, hidden_states, top_k_index, top_k_weights, self._project)
+        return run_experts(self.base_layer, self.num_experts, hidden_states, top_k_index, top_k_weights, self._project)
 
     def extra_repr(self) -> str:
         ranks = ", ".join(f"{n}: r={s.r} on {self.targets[n]}" for n, s in self.specs.items())
