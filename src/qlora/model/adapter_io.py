@@ -25,7 +25,8 @@ from ..errors import UsageError
 from .adapter_tensors import copy_adapter_tensor
 from .adalora import AdaLoraConfig
 from .adalora_io import adalora_peft_config, adalora_state_dict, attach_adalora
-from .inject import AdapterConfig, adapter_configs, add_lora, lora_layers, target_names
+from .inject import (AdapterConfig, adapter_configs, add_lora, expert_modules, experts_lora_layers, lora_layers,
+                     target_names)
 from .quantize import non_text_names, text_decoder_path
 
 log = logging.getLogger("qlora")
@@ -58,10 +59,22 @@ def adapter_state_dict(model: nn.Module, adapter_name: str = "default") -> dict[
             out[f"{_PEFT_PREFIX}{path}.lora_B.weight"] = layer.lora_B[adapter_name].weight.detach()
             if adapter_name in layer.lora_magnitude_vector:
                 out[f"{_PEFT_PREFIX}{path}.lora_magnitude_vector"] = layer.lora_magnitude_vector[adapter_name].weight.detach()
+    for path, layer in experts_lora_layers(model).items():
+        for weight, prefix in expert_key_prefixes(path, layer, adapter_name).items():
+            out[f"{_PEFT_PREFIX}{prefix}.lora_A.weight"] = layer.lora_A[weight][adapter_name].weight.detach()
+            out[f"{_PEFT_PREFIX}{prefix}.lora_B.weight"] = layer.lora_B[weight][adapter_name].weight.detach()
     for path in cfg.modules_to_save if cfg else ():
         for name, param in model.get_submodule(path).named_parameters():
             out[f"{_PEFT_PREFIX}{path}.{name}"] = param.detach()
     return out
+
+
+def expert_key_prefixes(path: str, layer, adapter_name: str) -> dict[str, str]:
+    """PEFT's module path of each adapted expert weight: PEFT wraps the experts module once per
+    weight, the first weight the module registered innermost, so with two adapted weights
+    ``gate_up_proj`` lives under ``<path>.base_layer`` and ``down_proj`` under ``<path>``."""
+    weights = [w for w in layer.shapes if w in layer.targets.get(adapter_name, ())]
+    return {w: path + ".base_layer" * (len(weights) - 1 - k) for k, w in enumerate(weights)}
 
 
 def save_adapter(model: nn.Module, out_dir: str | Path, adapter_name: str = "default", tokenizer=None) -> Path:
@@ -96,7 +109,7 @@ def save_adapter(model: nn.Module, out_dir: str | Path, adapter_name: str = "def
 def _peft_target_modules(model: nn.Module, names: list[str]) -> list[str] | str:
     """The adapted layers' names, as PEFT writes them; for a vision-language model a regex
     scoped to its language model, or PEFT would also adapt the vision layers of those names."""
-    if not non_text_names(model):
+    if not names or not non_text_names(model):
         return names
     return rf"{re.escape(text_decoder_path(model))}\..*\.(?:{'|'.join(map(re.escape, names))})"
 
@@ -110,7 +123,8 @@ def _lora_peft_config(cfg: AdapterConfig) -> dict:
         "init_lora_weights": {"kaiming": True}.get(spec.init, spec.init),
         "modules_to_save": sorted({p.rsplit(".", 1)[-1] for p in cfg.modules_to_save}) or None,
         "inference_mode": True, "use_dora": spec.use_dora, "revision": None, "layers_to_transform": None,
-    } | ({"loftq_config": {"loftq_bits": 4, "loftq_iter": spec.loftq_iter}} if spec.init == "loftq" else {})
+    } | ({"target_parameters": cfg.target_parameters} if cfg.target_parameters else {}) | (
+        {"loftq_config": {"loftq_bits": 4, "loftq_iter": spec.loftq_iter}} if spec.init == "loftq" else {})
 
 
 def read_adapter_config(adapter_dir: str | Path) -> dict:
@@ -169,7 +183,12 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path, adapter_name: str = 
     if any(".token_adapter." in k for k in tensors):
         raise UsageError(f"{adapter_dir} trains single tokens (PEFT's trainable_token_indices), which this version "
                          "of qlora does not load; save the embeddings whole with modules_to_save.")
-    paths = sorted({k[len(_PEFT_PREFIX):].rsplit(".lora_", 1)[0] for k in tensors if ".lora_" in k})
+    target_parameters = [t for t in config.get("target_parameters") or [] if t]
+    experts = set(expert_modules(model)) if target_parameters else set()
+    expert_keys = {k for k in tensors if ".lora_" in k
+                   and _unwrapped(k[len(_PEFT_PREFIX):].rsplit(".lora_", 1)[0]) in experts}
+    paths = sorted({k[len(_PEFT_PREFIX):].rsplit(".lora_", 1)[0] for k in tensors if ".lora_" in k} - {
+        k[len(_PEFT_PREFIX):].rsplit(".lora_", 1)[0] for k in expert_keys})
     # modules trained whole; PEFT's save_embedding_layers adds copies under .original_module. (the base
     # before training) and .modules_to_save. (the same trained weights as the plain key), skipped here
     whole = {k[len(_PEFT_PREFIX):]: v for k, v in tensors.items()
@@ -187,12 +206,14 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path, adapter_name: str = 
         _load_whole(model, whole, trainable, adapter_dir)
         return model
     add_lora(model, r=int(config["r"]), alpha=float(config["lora_alpha"]), dropout=float(config.get("lora_dropout") or 0.0),
-             target_modules="|".join(map(re.escape, paths)), rslora=bool(config.get("use_rslora")),
-             adapter_name=adapter_name, verbose=False, modules_to_save=save_paths, use_dora=bool(config.get("use_dora")))
+             target_modules="|".join(map(re.escape, paths)) if paths else None, rslora=bool(config.get("use_rslora")),
+             adapter_name=adapter_name, verbose=False, modules_to_save=save_paths, use_dora=bool(config.get("use_dora")),
+             target_parameters=target_parameters)
     adapter_configs(model)[adapter_name].target_modules = target_names(config.get("target_modules"), paths)
+    _load_expert_tensors(model, tensors, expert_keys, adapter_name, adapter_dir, trainable)
     layers = lora_layers(model)
     for key, value in tensors.items():
-        if ".lora_" not in key:
+        if ".lora_" not in key or key in expert_keys:
             continue
         path, _, rest = key[len(_PEFT_PREFIX):].rpartition(".lora_")
         which = {"A": "lora_A", "B": "lora_B", "m": "lora_magnitude_vector"}[rest[0]]
@@ -201,6 +222,30 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path, adapter_name: str = 
         copy_adapter_tensor(getattr(layers[path], which)[adapter_name].weight, value, key, adapter_dir, trainable)
     _load_whole(model, whole, trainable, adapter_dir)
     return model
+
+
+def _unwrapped(path: str) -> str:
+    """A PEFT module path without its nested ``.base_layer`` wrappers (PEFT's strip_base_layer_from_name)."""
+    return re.sub(r"(\.base_layer)+$", "", path)
+
+
+def _load_expert_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], keys: set[str], adapter_name: str,
+                         adapter_dir: Path, trainable: bool) -> None:
+    """Copy the expert LoRA tensors (``target_parameters``) into the :class:`ExpertsLora` layers; every
+    adapted expert weight must have its two tensors in the file, and the file no others."""
+    expected = {}
+    for path, layer in experts_lora_layers(model).items():
+        for weight, prefix in expert_key_prefixes(path, layer, adapter_name).items():
+            for which in ("lora_A", "lora_B"):
+                expected[f"{_PEFT_PREFIX}{prefix}.{which}.weight"] = getattr(layer, which)[weight][adapter_name].weight
+    missing, extra = sorted(set(expected) - keys), sorted(keys - set(expected))
+    if missing or extra:
+        key = (missing or extra)[0]
+        raise UsageError(f"{adapter_dir} does not fit this model's experts: its target_parameters adapt "
+                         f"{len(expected) // 2} expert weights here, but {key} is "
+                         f"{'missing from' if missing else 'unexpected in'} its adapter_model.safetensors.")
+    for key, param in expected.items():
+        copy_adapter_tensor(param, tensors[key], key, adapter_dir, trainable)
 
 
 def _warn_other_base(adapter_dir: Path, saved: str | None, current: str | None) -> None:

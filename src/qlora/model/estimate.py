@@ -29,7 +29,7 @@ from ..nn.chunked_ce import CHUNK_ROWS
 from ..quant import BLOCKSIZES
 from ..quant.double_quant import NESTED_BLOCKSIZE
 from .architecture import text_model_from_config
-from .quantize import is_plain_linear, kept_dense_names
+from .quantize import is_plain_linear, kept_dense_names, matches_any
 
 GIB = 1024**3
 QUANT_TYPES = ("nf4", "fp4", "none")
@@ -68,7 +68,8 @@ class TrainingOptions:
     double_quant: bool = True
     blocksize: int = 64
     rank: int = 16
-    target_modules: tuple[str, ...] | None = None  # None: every quantized linear of the decoder
+    target_modules: tuple[str, ...] | None = None  # None: every quantized linear of the decoder; (): none
+    target_parameters: tuple[str, ...] = ()  # 3-D expert weights with one LoRA per expert (PEFT's names)
     seq_len: int = 2048
     batch_size: int = 1
     gradient_checkpointing: bool = True
@@ -233,12 +234,33 @@ def select_targets(counts: ModelCounts, target_modules: tuple[str, ...] | None) 
     adaptable = [lin for lin in counts.linears if lin.adaptable]
     if target_modules is None:
         return adaptable
+    if not target_modules:
+        return []
     leaves = {lin.name.rsplit(".", 1)[-1] for lin in adaptable}
     missing = [t for t in target_modules if t not in leaves]
     if missing:
         raise UsageError(f"--target-modules {', '.join(missing)} match no linear layer of this model; "
                          f"its linear layers are {', '.join(sorted(leaves))}.")
     return [lin for lin in adaptable if lin.name.rsplit(".", 1)[-1] in target_modules]
+
+
+def select_expert_targets(counts: ModelCounts, target_parameters: tuple[str, ...]) -> dict[str, list[LinearShape]]:
+    """``{expert weight: its experts}`` adapted by ``target_parameters`` (PEFT's rule: the name equals
+    ``<module>.<weight>`` or its end); each expert gets rank-r A and B.
+
+    Raises:
+        UsageError: a requested name matches no expert weight.
+    """
+    weights: dict[str, list[LinearShape]] = {}
+    for lin in counts.linears:
+        if not lin.adaptable:
+            weights.setdefault(lin.name.rsplit(".", 1)[0], []).append(lin)
+    missing = [t for t in target_parameters if not any(matches_any(w, [t]) for w in weights)]
+    if missing:
+        names = sorted({w.rsplit(".", 1)[-1] for w in weights})
+        raise UsageError(f"--target-parameters {', '.join(missing)} match no expert weight of this model; "
+                         + (f"its expert weights are {', '.join(names)}." if names else "it has no 3-D experts."))
+    return {w: lins for w, lins in weights.items() if target_parameters and matches_any(w, target_parameters)}
 
 
 def optimizer_bytes(tensor_numels: list[int], optim: str) -> int:
@@ -348,6 +370,9 @@ def estimate(config, opts: TrainingOptions) -> Estimate:
     opts = replace(opts, batch_size=opts.sequences)
     targets = select_targets(counts, opts.target_modules)
     lora_tensors = [n for lin in targets for n in (opts.rank * lin.in_features, lin.out_features * opts.rank)]
+    experts = select_expert_targets(counts, opts.target_parameters)
+    lora_tensors += [n for lins in experts.values() for n in (opts.rank * len(lins) * lins[0].in_features,
+                                                               lins[0].out_features * opts.rank * len(lins))]
     lora_params = sum(lora_tensors)
     all_tensors = [lin.numel for lin in counts.linears] + list(counts.other_tensors)
     full, lora, q = COLUMNS
@@ -381,7 +406,8 @@ def estimate(config, opts: TrainingOptions) -> Estimate:
     other_dq = sum(quantized_bytes(lin.numel, opts.blocksize, not opts.double_quant)[1] for lin in counts.linears)
     notes = [
         f"parameters: {counts.total_params:,} total, {counts.quantized_params:,} in quantized linears, "
-        f"{counts.params_16bit:,} kept in 16-bit; LoRA r={opts.rank} on {len(targets)} linears: {lora_params:,}",
+        f"{counts.params_16bit:,} kept in 16-bit; LoRA r={opts.rank} on {len(targets)} linears"
+        f"{f' and {len(experts)} expert weights (one LoRA per expert)' if experts else ''}: {lora_params:,}",
         f"quantization constants {'with' if opts.double_quant else 'without'} double quantization: "
         f"{consts / GIB:.3f} GiB ({'without' if opts.double_quant else 'with'}: {other_dq / GIB:.3f} GiB)",
         "full fine-tuning: bf16 weights and gradients, AdamW states as chosen (no fp32 master copy)",

@@ -12,7 +12,8 @@ import torch
 from torch import nn
 
 from ..errors import UsageError
-from ..nn import AdaLoraLinear, Experts4bit, LoraLinear, LoraSpec
+from ..nn import AdaLoraLinear, Experts4bit, ExpertsLora, LoraLinear, LoraSpec, expert_weight_names
+from ..nn.experts_lora import expert_shapes
 from .quantize import is_linear_like, kept_dense_names, matches_any, non_text_names, output_embedding_names
 
 log = logging.getLogger("qlora")
@@ -28,6 +29,7 @@ class AdapterConfig:
     base_model_name_or_path: str | None = None
     layers: list[str] = field(default_factory=list)
     modules_to_save: list[str] = field(default_factory=list)  # full paths, trained whole (PEFT's modules_to_save)
+    target_parameters: list[str] = field(default_factory=list)  # PEFT's target_parameters, as given
 
 
 def adapter_configs(model: nn.Module) -> dict[str, AdapterConfig]:
@@ -39,11 +41,16 @@ def lora_layers(model: nn.Module) -> dict[str, LoraLinear]:
     return {name: m for name, m in model.named_modules() if isinstance(m, LoraLinear)}
 
 
+def experts_lora_layers(model: nn.Module) -> dict[str, ExpertsLora]:
+    """The experts modules carrying LoRA on their 3-D weights (``target_parameters``), by path."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, ExpertsLora)}
+
+
 @contextlib.contextmanager
 def adapters_disabled(model: nn.Module) -> Iterator[None]:
     """Every adapter layer of ``model`` (LoRA, DoRA, AdaLoRA) off for the block: the base model,
     as PEFT's ``disable_adapter()``. The DPO reference model is this, so no second copy is loaded."""
-    layers = [m for m in model.modules() if isinstance(m, (LoraLinear, AdaLoraLinear))]
+    layers = [m for m in model.modules() if isinstance(m, (LoraLinear, AdaLoraLinear, ExpertsLora))]
     previous = [m.disabled for m in layers]
     for m in layers:
         m.disabled = True
@@ -93,6 +100,46 @@ def target_names(target_modules: list[str] | str | None, paths: list[str]) -> li
     return list(target_modules or [])
 
 
+def expert_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """Experts modules with 3-D weights (4-bit, 16-bit, or already carrying expert LoRA), by path."""
+    out: dict[str, nn.Module] = {}
+    for path, m in model.named_modules():
+        if any(path.startswith(p + ".") for p in out):
+            continue
+        if isinstance(m, (ExpertsLora, Experts4bit)) or expert_weight_names(m):
+            out[path] = m
+    return out
+
+
+def _select_parameters(model: nn.Module, targets: list[str]) -> dict[str, list[str]]:
+    """``{experts path: [weight names]}`` matched by PEFT's ``target_parameters`` rule (a target equals
+    ``<module path>.<parameter>`` or its end), weights in the module's registration order."""
+    experts = expert_modules(model)
+    keys = {f"{path}.{w}": (path, w) for path, m in experts.items()
+            for w in (m.shapes if isinstance(m, ExpertsLora) else expert_shapes(m))}
+    chosen: dict[str, list[str]] = {}
+    for key, (path, w) in keys.items():
+        if matches_any(key, targets):
+            chosen.setdefault(path, []).append(w)
+    unmatched = [t for t in targets if not any(matches_any(k, [t]) for k in keys)]
+    if unmatched:
+        from ..nn import Linear4bit
+
+        others = [n for n, _ in model.named_parameters() if ".lora_" not in n and not n.startswith(
+            tuple(p + "." for p in experts))] + [f"{n}.weight" for n, m in model.named_modules()
+                                                 if isinstance(m, Linear4bit) and not n.startswith(tuple(experts))]
+        wrong = {t: next(k for k in others if matches_any(k, [t])) for t in unmatched
+                 if any(matches_any(k, [t]) for k in others)}
+        exist = (f"Its expert weights are named: {', '.join(sorted({k.rsplit('.', 1)[-1] for k in keys}))} "
+                 f"(e.g. {', '.join(sorted(keys)[:2])})." if keys else "This model has no 3-D expert weights "
+                 "(transformers' MoE experts modules); adapt its linear layers with target_modules.")
+        detail = "; ".join(f"{t!r} names {wrong[t]}, which is not an expert weight (linear layers are adapted "
+                           "through target_modules; routers are never adapted)" for t in wrong)
+        raise UsageError(f"target parameters {', '.join(map(repr, unmatched))} match no expert weight of this model"
+                         f"{': ' + detail if detail else ''}. {exist}")
+    return chosen
+
+
 def _modules_to_save(model: nn.Module, names: list[str] | None) -> list[str]:
     from .tokens import pending_modules_to_save
 
@@ -130,6 +177,7 @@ def add_lora(
     use_dora: bool = False,
     loftq_iter: int = 1,
     loftq_quant: tuple[str, int, bool] = ("nf4", 64, True),
+    target_parameters: list[str] | None = None,
 ) -> nn.Module:
     """Attach a LoRA adapter to the matching linear layers; freeze everything else.
 
@@ -149,6 +197,12 @@ def add_lora(
             (PEFT's meaning, e.g. ``["embed_tokens", "lm_head"]``); by default
             those that :func:`qlora.model.tokens.add_special_tokens` resized.
             They are trained in place, so adapters of one model share them.
+        target_parameters: 3-D MoE expert weights to adapt, PEFT's ``target_parameters``
+            (``["mlp.experts.gate_up_proj", "7.mlp.experts.down_proj"]``: a name equal to
+            ``<module path>.<weight>`` or its end). Each expert gets its own rank-``r``
+            adapter, laid out as PEFT's ``ParamWrapper`` (A ``(r * E, in)``, B ``(out, r * E)``);
+            routers are never adapted. PEFT allows no dropout, DoRA or LoftQ with them.
+            ``target_modules`` may then be ``None`` or ``[]`` (experts only).
 
     Returns:
         The same model, modified in place.
@@ -163,9 +217,19 @@ def add_lora(
         raise UsageError(f"loftq_iter must be 1 to 5 (each step is an SVD of every adapted layer), got {loftq_iter}")
     spec = LoraSpec(r=r, alpha=alpha, dropout=dropout, rslora=rslora, init=init, dtype=dtype, use_dora=use_dora,
                     loftq_iter=loftq_iter, loftq_quant=loftq_quant)
+    target_parameters = [t for t in (target_parameters or []) if t]
+    if target_parameters and (dropout or use_dora or init not in ("kaiming", "gaussian")):
+        what = "lora dropout" if dropout else "DoRA" if use_dora else f"init {init!r}"
+        raise UsageError(f"target_parameters (LoRA on expert weights) does not work with {what}: PEFT refuses it "
+                         "for these adapters, so the adapter could not be loaded there. Set dropout to 0 "
+                         "(--dropout 0), no DoRA, and init 'kaiming' or 'gaussian'.")
+    no_modules = target_modules is None or (not isinstance(target_modules, str) and not target_modules)
+    if no_modules and not target_parameters:
+        raise UsageError("nothing to adapt: give target_modules (or 'all-linear') or target_parameters.")
+    experts = _select_parameters(model, target_parameters) if target_parameters else {}
     for p in model.parameters():
         p.requires_grad_(False)
-    paths = _select(model, target_modules)
+    paths = [] if no_modules else _select(model, target_modules)
     fan_in_fan_out = False
     for path in paths:
         module = model.get_submodule(path)
@@ -180,6 +244,16 @@ def add_lora(
             raise UsageError(f"{path}: {exc}") from exc
         fan_in_fan_out |= module.fan_in_fan_out or getattr(module.base_layer, "from_conv1d", False)
         module.train(model.training)  # new dropout modules follow the model's train/eval mode
+    for path, weights in experts.items():
+        module = model.get_submodule(path)
+        if not isinstance(module, ExpertsLora):
+            parent_path, _, child = path.rpartition(".")
+            module = ExpertsLora(module)
+            setattr(model.get_submodule(parent_path) if parent_path else model, child, module)
+        module.add_adapter(adapter_name, spec, weights)
+    for layer in experts_lora_layers(model).values():
+        for p in list(layer.lora_A.parameters()) + list(layer.lora_B.parameters()):
+            p.requires_grad_(True)
     for layer in lora_layers(model).values():
         for p in layer.lora_A.parameters():
             p.requires_grad_(True)
@@ -192,11 +266,11 @@ def add_lora(
         for p in model.get_submodule(path).parameters():
             p.requires_grad_(True)
     names = sorted({p.rsplit(".", 1)[-1] for p in paths})
-    configs[adapter_name] = AdapterConfig(spec, names, fan_in_fan_out,
-                                          getattr(model, "name_or_path", None), paths, save_paths)
+    configs[adapter_name] = AdapterConfig(spec, names, fan_in_fan_out, getattr(model, "name_or_path", None), paths,
+                                          save_paths, list(target_parameters))
     if verbose:
         trainable, total = count_parameters(model)
-        log.info("qlora: %d layers adapted; trainable params %s of %s (%.4f%%)",
-                 len(paths), f"{trainable:,}", f"{total:,}", 100 * trainable / max(total, 1))
+        log.info("qlora: %d layers and %d experts modules adapted; trainable params %s of %s (%.4f%%)",
+                 len(paths), len(experts), f"{trainable:,}", f"{total:,}", 100 * trainable / max(total, 1))
     return model
 

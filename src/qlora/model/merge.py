@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from ..atomic import atomic_dir
-from ..nn import AdaLoraLinear, Experts4bit, Linear4bit, LoraLinear
+from ..nn import AdaLoraLinear, Experts4bit, ExpertsLora, Linear4bit, LoraLinear
 from .inject import adapter_configs
 from .quantize import replace_modules
 
@@ -71,6 +71,17 @@ def merged_tensors(model: nn.Module) -> list[tuple[str, tuple[int, ...], Callabl
         if any(path.startswith(f + ".") for f in folded):
             continue
         prefix = f"{path}." if path else ""
+        if isinstance(module, ExpertsLora):  # transformers' 3-D layout, expert deltas folded in
+            folded.append(path)
+            base = module.base_layer
+            for name in module.shapes:
+                in_f, out_f = module.shapes[name]
+                shape = (module.num_experts, in_f, out_f) if base.is_transposed else (module.num_experts, out_f, in_f)
+                rows.append((prefix + name, shape, lambda m=module, n=name: m.merged_weight(n)))
+            for name, t in base.named_parameters():  # biases, post-expert norm
+                if name not in module.shapes:
+                    rows.append((prefix + name, tuple(t.shape), lambda t=t: t.detach()))
+            continue
         if isinstance(module, Experts4bit):  # transformers' 3-D layout, dequantized
             folded.append(path)
             for name in module.weight_names:
@@ -115,11 +126,13 @@ def merge(model: nn.Module, into: str = "dequantized", dtype: torch.dtype | None
     if into not in ("dequantized", "requantized"):
         raise ValueError(f"into must be 'dequantized' or 'requantized', got {into!r}")
 
-    experts = [p for p, m in model.named_modules() if isinstance(m, Experts4bit)]
+    experts = [p for p, m in model.named_modules() if isinstance(m, (Experts4bit, ExpertsLora))]
 
     def make(path: str, module: nn.Module) -> nn.Module | None:
         if any(path.startswith(e + ".") for e in experts):
-            return None  # the experts' own 4-bit layers go with them
+            return None  # the experts' own 4-bit layers and adapters go with them
+        if isinstance(module, ExpertsLora):
+            return _merge_experts(module, into, dtype)
         if isinstance(module, Experts4bit):
             return module.to_dense(dtype) if into == "dequantized" else None
         if isinstance(module, Linear4bit) and into != "dequantized":
@@ -150,9 +163,28 @@ def merge(model: nn.Module, into: str = "dequantized", dtype: torch.dtype | None
     return model
 
 
+def _merge_experts(module: ExpertsLora, into: str, dtype: torch.dtype | None) -> nn.Module:
+    """The experts module with its active expert adapters folded in: transformers' dense module
+    (``dequantized``), or the 4-bit one quantized again from the merged weights (``requantized``)."""
+    merged = {name: module.merged_weight(name) for name in module.shapes}
+    base = module.base_layer
+    if isinstance(base, Experts4bit):
+        if into == "requantized":
+            for name, w in merged.items():
+                base.set_weight(name, w)
+            return base
+        dense = base.to_dense(dtype)
+    else:
+        dense = base
+    for name, w in merged.items():
+        old = dense._parameters[name]
+        dense._parameters[name] = nn.Parameter(w.to(old.device, dtype or old.dtype), requires_grad=False)
+    return dense
+
+
 def save_merged(model: nn.Module, out_dir: str | Path, tokenizer=None) -> Path:
     """Write a merged (dense) model as a standard transformers safetensors checkpoint."""
-    if any(isinstance(m, (Linear4bit, Experts4bit, LoraLinear, AdaLoraLinear)) for m in model.modules()):
+    if any(isinstance(m, (Linear4bit, Experts4bit, ExpertsLora, LoraLinear, AdaLoraLinear)) for m in model.modules()):
         raise ValueError("save_merged needs a dense model: call qlora.merge(model) first")
     config = model.config
     if hasattr(config, "quantization_config"):

@@ -15,7 +15,7 @@ from torch import nn
 
 from ..errors import UsageError
 from ..nn import LoraSpec
-from .inject import AdapterConfig, adapter_configs, lora_layers
+from .inject import AdapterConfig, adapter_configs, experts_lora_layers, lora_layers
 
 
 def _check_names(model: nn.Module, names: Sequence[str | None]) -> None:
@@ -25,10 +25,17 @@ def _check_names(model: nn.Module, names: Sequence[str | None]) -> None:
         raise UsageError(f"unknown adapter(s) {unknown}; the model has {sorted(known)}")
 
 
+def _refuse_expert_adapters(model: nn.Module, names: list[str], what: str) -> None:
+    experts = sorted({n for n in names if getattr(adapter_configs(model)[n], "target_parameters", None)})
+    if experts:
+        raise UsageError(f"{what} does not cover LoRA on expert weights (target_parameters), which adapters "
+                         f"{experts} have; switch or weight them with set_adapters(...) instead.")
+
+
 def set_adapters(model: nn.Module, weights: dict[str, float]) -> None:
     """Activate adapters with weights: the output is ``base + sum_a w_a * delta_a``."""
     _check_names(model, list(weights))
-    for layer in lora_layers(model).values():
+    for layer in list(lora_layers(model).values()) + list(experts_lora_layers(model).values()):
         layer.set_active({n: w for n, w in weights.items() if n in layer.specs})
 
 
@@ -46,6 +53,7 @@ def adapter_rows(model: nn.Module, names: Sequence[str | None]) -> Iterator[None
     batch size of every forward inside the block (generation keeps it).
     """
     _check_names(model, names)
+    _refuse_expert_adapters(model, [n for n in names if n is not None], "per-row adapters")
     layers = list(lora_layers(model).values())
     for layer in layers:
         layer.row_adapters = list(names)
@@ -69,6 +77,7 @@ def combine_adapters(model: nn.Module, weights: dict[str, float], new_name: str)
             not linear in BA, so no concatenation equals the weighted sum).
     """
     _check_names(model, list(weights))
+    _refuse_expert_adapters(model, list(weights), "concatenating adapters")
     configs = adapter_configs(model)
     if new_name in configs:
         raise UsageError(f"the model already has an adapter named {new_name!r}")

@@ -2,7 +2,8 @@
 
 from .adalora import AdaLoraLinear
 from .experts4bit import Experts4bit, expert_weight_names
+from .experts_lora import ExpertsLora
 from .linear4bit import Linear4bit
 from .lora import LoraLinear, LoraSpec
 
-__all__ = ["AdaLoraLinear", "Experts4bit", "Linear4bit", "LoraLinear", "LoraSpec", "expert_weight_names"]
+__all__ = ["AdaLoraLinear", "Experts4bit", "ExpertsLora", "Linear4bit", "LoraLinear", "LoraSpec", "expert_weight_names"]

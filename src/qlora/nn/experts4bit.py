@@ -20,6 +20,7 @@ its post-expert norm is reused as a submodule, so the maths stay transformers'.
 from __future__ import annotations
 
 import inspect
+from typing import Callable
 
 import torch
 from torch import nn
@@ -39,6 +40,52 @@ def expert_weight_names(module: nn.Module) -> tuple[str, ...]:
     if any(p is not None and n not in known for n, p in module._parameters.items()):
         return ()  # a tensor whose role Experts4bit does not know (scales...): the module stays as it is
     return names if "down_proj" in names and len(names) == 2 else ()
+
+
+def routing_arg_names(experts: nn.Module) -> list[str]:
+    """Names of ``(hidden_states, top_k_index, top_k_weights)`` in the experts module's ``forward``."""
+    params = list(inspect.signature(type(experts).forward).parameters)
+    if len(params) < 4:
+        raise ValueError(f"{type(experts).__name__}.forward does not take (hidden_states, indices, weights)")
+    return params[1:4]
+
+
+def routing(arg_names: list[str], args: tuple, kwargs: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(top_k_index, top_k_weights)`` from the arguments after ``hidden_states``."""
+    if args and arg_names[0] in kwargs:
+        raise TypeError("hidden_states given twice")
+    values = dict(zip(arg_names[1:], args))
+    values.update(kwargs)
+    return values[arg_names[1]], values[arg_names[2]]
+
+
+def gating(experts: nn.Module) -> tuple[Callable, nn.Module | None]:
+    """The source experts module's gate (``_apply_gate``) or activation, and its post-expert norm (or None)."""
+    source = getattr(experts, "_source", experts)
+    gate = source._apply_gate if experts.has_gate else source.act_fn
+    norm = experts.post_expert_norm if getattr(experts, "has_post_expert_norm", False) else None
+    return gate, norm
+
+
+def run_experts(experts: nn.Module, num_experts: int, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
+                top_k_weights: torch.Tensor, project: Callable[[torch.Tensor, str, int], torch.Tensor]) -> torch.Tensor:
+    """transformers' eager experts loop: only the experts some token was routed to run, one at a
+    time; ``project(x, weight_name, expert)`` applies one expert's projection (with its bias).
+    ``experts`` (an :class:`Experts4bit` or transformers' module) supplies the gate and norm."""
+    gate, norm = gating(experts)
+    out = torch.zeros_like(hidden_states)
+    with torch.no_grad():
+        hit = [e for e in torch.unique(top_k_index).tolist() if 0 <= e < num_experts]
+    up_name = "gate_up_proj" if experts.has_gate else "up_proj"
+    for expert in hit:
+        token_idx, k_pos = torch.where(top_k_index == expert)
+        h = gate(project(hidden_states[token_idx], up_name, expert))
+        h = project(h, "down_proj", expert)
+        if norm is not None:
+            h = norm(h)
+        h = h * top_k_weights[token_idx, k_pos, None]
+        out.index_add_(0, token_idx, h.to(out.dtype))
+    return out
 
 
 class Experts4bit(nn.Module):
@@ -80,10 +127,7 @@ class Experts4bit(nn.Module):
             self.add_module(child_name, child)
         # The replaced module supplies the gating maths; not a submodule (its weights are gone).
         object.__setattr__(self, "_source", experts)
-        params = list(inspect.signature(type(experts).forward).parameters)
-        if len(params) < 4:
-            raise ValueError(f"{type(experts).__name__}.forward does not take (hidden_states, indices, weights)")
-        self._arg_names = params[1:4]
+        self._arg_names = routing_arg_names(experts)
 
     @torch.no_grad()
     def set_weight(self, name: str, weight: torch.Tensor) -> None:
@@ -112,34 +156,14 @@ class Experts4bit(nn.Module):
                 source._parameters[name + "_bias"] = nn.Parameter(bias.detach().to(weight.dtype), requires_grad=False)
         return source
 
-    def _routing(self, args: tuple, kwargs: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        values = dict(zip(self._arg_names[1:], args))
-        values.update(kwargs)
-        return values[self._arg_names[1]], values[self._arg_names[2]]
-
     def _project(self, x: torch.Tensor, name: str, expert: int) -> torch.Tensor:
         y = getattr(self, name)[expert](x)
         bias = getattr(self, name + "_bias", None)
         return y if bias is None else y + bias[expert].to(y.dtype)
 
     def forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        if args and self._arg_names[0] in kwargs:
-            raise TypeError("hidden_states given twice")
-        top_k_index, top_k_weights = self._routing(args, kwargs)
-        out = torch.zeros_like(hidden_states)
-        with torch.no_grad():
-            hit = [e for e in torch.unique(top_k_index).tolist() if 0 <= e < self.num_experts]
-        up_name = "gate_up_proj" if self.has_gate else "up_proj"
-        for expert in hit:
-            token_idx, k_pos = torch.where(top_k_index == expert)
-            h = self._project(hidden_states[token_idx], up_name, expert)
-            h = self._source._apply_gate(h) if self.has_gate else self._source.act_fn(h)
-            h = self._project(h, "down_proj", expert)
-            if self.has_post_expert_norm:
-                h = self.post_expert_norm(h)
-            h = h * top_k_weights[token_idx, k_pos, None]
-            out.index_add_(0, token_idx, h.to(out.dtype))
-        return out
+        top_k_index, top_k_weights = routing(self._arg_names, args, kwargs)
+        return run_experts(self, self.num_experts, hidden_states, top_k_index, top_k_weights, self._project)
 
     def extra_repr(self) -> str:
         layer = getattr(self, self.weight_names[0])[0]

@@ -31,6 +31,7 @@ METHODS = ("sft", "dpo", "orpo")
 # Fields whose change makes a checkpoint incompatible with a resumed run.
 _RUN_DEFINING = (
     "model", "data", "data_split", "data_subset", "quant", "double_quant", "blocksize", "rank", "alpha", "dropout", "target_modules",
+    "target_parameters",
     "rslora", "dora", "init", "loftq_iter", "seq_len", "batch_size", "grad_accum", "lr", "lr_scheduler", "warmup_ratio", "warmup_steps",
     "epochs", "max_steps", "optim", "weight_decay", "max_grad_norm", "packing", "template", "format",
     "data_fields",
@@ -85,7 +86,11 @@ class TrainConfig:
     rank: int = _opt(16, "LoRA rank r", range=AT_LEAST_1)
     alpha: float = _opt(16.0, "LoRA alpha (scale = alpha / r)", range=POSITIVE)
     dropout: float = _opt(0.05, "LoRA dropout", range=Range(0, 1, high_open=True))
-    target_modules: str = _opt("all-linear", "comma-separated layer names to adapt, a regex, or all-linear")
+    target_modules: str = _opt("all-linear", "comma-separated layer names to adapt, a regex, all-linear, or none "
+                                             "(only --target-parameters)")
+    target_parameters: str = _opt("", "comma-separated 3-D MoE expert weights to adapt, one LoRA per expert "
+                                      "(PEFT's target_parameters), e.g. mlp.experts.gate_up_proj,mlp.experts.down_proj; "
+                                      "needs --dropout 0")
     rslora: bool = _opt(False, "rank-stabilized LoRA: scale = alpha / sqrt(r)")
     adalora: bool = _opt(False, "AdaLoRA: SVD-shaped adapters whose ranks are pruned by importance during training "
                                 "(--rank is ignored; scale = alpha / adalora-init-r)")
@@ -249,6 +254,7 @@ ALIASES = {
     "gradient_accumulation_steps": "grad_accum", "model_name_or_path": "model", "base_model": "model",
     "dataset": "data", "data_path": "data", "train_file": "data", "eval_file": "eval_data",
     "lr_scheduler_type": "lr_scheduler", "lora_target_modules": "target_modules", "lora_target": "target_modules",
+    "lora_target_parameters": "target_parameters",
     "use_rslora": "rslora", "use_dora": "dora", "bnb_4bit_quant_type": "quant",
     "bnb_4bit_use_double_quant": "double_quant", "overwrite_output_dir": "overwrite", "sample_packing": "packing",
     "optimizer": "optim", "chat_template": "template",

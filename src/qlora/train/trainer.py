@@ -262,13 +262,19 @@ class Trainer:
 
             add_special_tokens(self.model, self.tokenizer, tokens)
         targets = cfg.target_modules
-        if "," in targets or targets.isidentifier():
+        if targets.strip().lower() in ("none", ""):
+            targets = []
+        elif "," in targets or targets.isidentifier():
             targets = [t.strip() for t in targets.split(",") if t.strip()]
+        parameters = [t.strip() for t in cfg.target_parameters.split(",") if t.strip()]
+        if parameters and cfg.adalora:
+            raise UsageError("--target-parameters works with LoRA, not --adalora (PEFT's AdaLoRA has no expert "
+                             "weights either).")
         torch.manual_seed(cfg.seed)
         if not cfg.adalora:
             add_lora(self.model, r=cfg.rank, alpha=cfg.alpha, dropout=cfg.dropout, target_modules=targets,
                      rslora=cfg.rslora, verbose=False, use_dora=cfg.dora, init=cfg.init, loftq_iter=cfg.loftq_iter,
-                     loftq_quant=(cfg.quant, cfg.blocksize, cfg.double_quant))
+                     loftq_quant=(cfg.quant, cfg.blocksize, cfg.double_quant), target_parameters=parameters)
         self._targets = targets
         if cfg.init == "loftq":  # the adapted layers now hold their LoftQ base; quantize the rest as usual
             from qlora.model.quantize import quantize_model

@@ -17,7 +17,8 @@ NAME = "estimate"
 HELP = "memory needed to fine-tune a model: full, 16-bit LoRA and QLoRA side by side"
 
 # TrainConfig fields that change memory, shown with train's flag names and defaults.
-_TRAIN_OPTIONS = ("quant", "double_quant", "blocksize", "rank", "target_modules", "seq_len", "batch_size",
+_TRAIN_OPTIONS = ("quant", "double_quant", "blocksize", "rank", "target_modules", "target_parameters", "seq_len",
+                  "batch_size",
                   "gradient_checkpointing", "optim", "chunked_ce", "method", "precompute_ref")
 
 
@@ -61,13 +62,16 @@ def run(args: argparse.Namespace) -> int:
     if not model:
         raise UsageError("give the model: qlora estimate MODEL (a folder, a config.json, a hub id or a known shape)")
     targets = None
-    if args.target_modules.strip() != "all-linear":
+    parameters = tuple(t.strip() for t in args.target_parameters.split(",") if t.strip())
+    if args.target_modules.strip().lower() == "none" or (not args.target_modules.strip() and parameters):
+        targets = ()
+    elif args.target_modules.strip() != "all-linear":
         targets = tuple(t.strip() for t in args.target_modules.split(",") if t.strip())
         if not targets:
             raise UsageError("--target-modules is empty; give comma-separated linear layer names such as q_proj,v_proj.")
     opts = TrainingOptions(
         quant=args.quant, double_quant=args.double_quant, blocksize=args.blocksize, rank=args.rank,
-        target_modules=targets, seq_len=args.seq_len, batch_size=args.batch_size,
+        target_modules=targets, target_parameters=parameters, seq_len=args.seq_len, batch_size=args.batch_size,
         gradient_checkpointing=args.gradient_checkpointing, optim=args.optim, chunked_ce=args.chunked_ce,
         method=args.method, precompute_ref=args.precompute_ref,
     )

@@ -1,0 +1,179 @@
+"""ExpertsLora: LoRA on the 3-D expert weights of an MoE block (PEFT's ``target_parameters``).
+
+PEFT's ``LoraConfig(target_parameters=["mlp.experts.gate_up_proj", ...])`` wraps
+a 3-D parameter ``(E, out, in)`` (or ``(E, in, out)`` when the module is
+``is_transposed``) in a ``ParamWrapper`` holding, per adapter, one
+``lora_A: (r * E, in)`` and one ``lora_B: (out, r * E)``. Expert ``e`` owns
+rows ``e*r .. e*r + r`` of A and the *strided* columns ``e, e + E, e + 2E, ...``
+of B (PEFT reshapes B to ``(out, r, E)``), so its delta is
+``scale * B[:, e::E] @ A[e*r:(e+1)*r]`` in ``[out, in]`` orientation, scale =
+alpha / r (alpha / sqrt(r) with rsLoRA). The tensors here are stored in exactly
+that layout, so adapter files copy one to one.
+
+PEFT adds the delta of all experts to the whole 3-D weight before the forward;
+here each routed expert computes ``base_e(x) + scale * (x @ A_e^T) @ B_e^T``:
+equal maths, ``n r (in + out)`` flops for its ``n`` tokens instead of ``r in out``
+for a delta plus a second weight, no dense copy of the expert stack (3.6x faster
+and 2.6x less memory than PEFT in bench/moe_expert_lora.py), and the base may be
+4-bit (:class:`Experts4bit`, one expert dequantized at a time) or transformers'
+own 16-bit experts module. PEFT has no dropout for these adapters, nor DoRA.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from .experts4bit import Experts4bit, expert_weight_names, routing, routing_arg_names, run_experts
+from .lora import LoraSpec
+
+
+def expert_shapes(experts: nn.Module) -> dict[str, tuple[int, int]]:
+    """``{weight name: (in_features, out_features)}`` of an Experts4bit or transformers experts module,
+    in the order the source module registered them (PEFT nests its wrappers in that order)."""
+    if isinstance(experts, Experts4bit):
+        order = [n for n in experts._source._parameters if n in experts.weight_names]
+        return {n: (getattr(experts, n)[0].in_features, getattr(experts, n)[0].out_features) for n in order}
+    names = expert_weight_names(experts)
+    out = {}
+    for n in [n for n in experts._parameters if n in names]:
+        _, d1, d2 = experts._parameters[n].shape
+        out[n] = (d1, d2) if experts.is_transposed else (d2, d1)
+    return out
+
+
+class ExpertsLora(nn.Module):
+    """An experts module (4-bit or 16-bit, frozen) with named LoRA adapters on some of its 3-D weights.
+
+    ``lora_A[weight][adapter]`` and ``lora_B[weight][adapter]`` are ``nn.Linear``
+    holding PEFT's ``(r * E, in)`` and ``(out, r * E)`` tensors.
+    """
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__()
+        self.shapes = expert_shapes(base_layer)
+        if not self.shapes:
+            raise ValueError(f"{type(base_layer).__name__} is not an experts module with 3-D weights")
+        self.base_layer = base_layer
+        for p in base_layer.parameters():
+            p.requires_grad_(False)
+        first = getattr(base_layer, next(iter(self.shapes)))
+        self.num_experts = len(first) if isinstance(base_layer, Experts4bit) else first.shape[0]
+        self.lora_A = nn.ModuleDict()
+        self.lora_B = nn.ModuleDict()
+        self.specs: dict[str, LoraSpec] = {}
+        self.targets: dict[str, list[str]] = {}  # adapter -> adapted weight names
+        self.active: dict[str, float] = {}
+        self.disabled = False
+        self._arg_names = None if isinstance(base_layer, Experts4bit) else routing_arg_names(base_layer)
+
+    # --- adapters -----------------------------------------------------------
+    def add_adapter(self, name: str, spec: LoraSpec, weights: list[str]) -> None:
+        if name in self.specs:
+            raise ValueError(f"adapter {name!r} already exists on this layer")
+        if spec.r <= 0:
+            raise ValueError(f"LoRA rank must be positive, got {spec.r}")
+        if spec.dropout or spec.use_dora or spec.init not in ("kaiming", "gaussian"):
+            raise ValueError("LoRA on expert weights (target_parameters) has no dropout, DoRA or LoftQ, as in PEFT")
+        device = next((t.device for t in self.base_layer.buffers()), None) or next(
+            (t.device for t in self.base_layer.parameters()), None)
+        for w in weights:
+            in_f, out_f = self.shapes[w]
+            rows = spec.r * self.num_experts
+            for dicts in (self.lora_A, self.lora_B):
+                if w not in dicts:
+                    dicts[w] = nn.ModuleDict()
+            self.lora_A[w][name] = nn.Linear(in_f, rows, bias=False, device=device, dtype=spec.dtype)
+            self.lora_B[w][name] = nn.Linear(rows, out_f, bias=False, device=device, dtype=spec.dtype)
+        self.specs[name], self.targets[name] = spec, list(weights)
+        self.reset_adapter(name)
+        if not self.active:
+            self.active = {name: 1.0}
+
+    @torch.no_grad()
+    def reset_adapter(self, name: str) -> None:
+        """PEFT's init over the whole ``(r * E, in)`` A (Kaiming-uniform or N(0, 1/r)); B zeros."""
+        spec = self.specs[name]
+        for w in self.targets[name]:
+            a = self.lora_A[w][name].weight
+            if spec.init == "gaussian":
+                nn.init.normal_(a, std=1.0 / spec.r)
+            else:
+                nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+            nn.init.zeros_(self.lora_B[w][name].weight)
+
+    def delete_adapter(self, name: str) -> None:
+        for w in self.targets.pop(name, []):
+            del self.lora_A[w][name], self.lora_B[w][name]
+        self.specs.pop(name, None)
+        self.active.pop(name, None)
+
+    def set_active(self, weights: dict[str, float]) -> None:
+        unknown = [n for n in weights if n not in self.specs]
+        if unknown:
+            raise ValueError(f"unknown adapters {unknown}")
+        self.active = dict(weights)
+
+    def factors(self, weight: str, name: str, expert: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(A_e [r, in], B_e [out, r])`` of one expert: PEFT's row block of A, strided columns of B."""
+        r = self.specs[name].r
+        a = self.lora_A[weight][name].weight[expert * r:(expert + 1) * r]
+        b = self.lora_B[weight][name].weight[:, expert::self.num_experts]
+        return a, b
+
+    @torch.no_grad()
+    def delta_weight(self, weight: str, name: str) -> torch.Tensor:
+        """Adapter ``name``'s float32 delta of ``weight`` in transformers' 3-D layout (PEFT's get_delta_weight)."""
+        r, E = self.specs[name].r, self.num_experts
+        a = self.lora_A[weight][name].weight.float().reshape(E, r, -1)  # (E, r, in)
+        b = self.lora_B[weight][name].weight.float().reshape(-1, r, E).permute(2, 0, 1)  # (E, out, r)
+        delta = torch.bmm(b, a) * self.specs[name].scaling  # (E, out, in)
+        return delta.transpose(1, 2) if self.base_layer.is_transposed else delta
+
+    def base_weight(self, weight: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The base's 3-D ``weight`` (transformers' layout), dequantized if 4-bit."""
+        if isinstance(self.base_layer, Experts4bit):
+            return self.base_layer.dequantize(weight, dtype)
+        return self.base_layer._parameters[weight].detach().to(dtype)
+
+    @torch.no_grad()
+    def merged_weight(self, weight: str) -> torch.Tensor:
+        """The float32 3-D ``weight`` with the active adapters (with their weights) folded in."""
+        w = self.base_weight(weight)
+        for name, coef in self.active.items():
+            if weight in self.targets.get(name, ()):
+                w += self.delta_weight(weight, name).to(w.device) * coef
+        return w
+
+    # --- forward ------------------------------------------------------------
+    def _base_project(self, x: torch.Tensor, weight: str, expert: int) -> torch.Tensor:
+        base = self.base_layer
+        if isinstance(base, Experts4bit):
+            return base._project(x, weight, expert)
+        w = base._parameters[weight][expert]
+        y = x @ w if base.is_transposed else nn.functional.linear(x, w)
+        bias = base._parameters.get(weight + "_bias")
+        return y if bias is None else y + bias[expert].to(y.dtype)
+
+    def _project(self, x: torch.Tensor, weight: str, expert: int) -> torch.Tensor:
+        y = self._base_project(x, weight, expert)
+        for name, coef in self.active.items():
+            if coef == 0 or weight not in self.targets.get(name, ()):
+                continue
+            a, b = self.factors(weight, name, expert)
+            h = x if torch.is_autocast_enabled(x.device.type) else x.to(a.dtype)
+            y = y + ((h @ a.t()) @ b.t() * (self.specs[name].scaling * coef)).to(y.dtype)
+        return y
+
+    def forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        if self.disabled or not self.active:
+            return self.base_layer(hidden_states, *args, **kwargs)
+        names = self.base_layer._arg_names if self._arg_names is None else self._arg_names
+        top_k_index, top_k_weights = routing(names, args, kwargs)
+        return run_experts(self.base_layer, self.num_experts, hidden_states, top_k_index, top_k_weights, self._project)
+
+    def extra_repr(self) -> str:
+        ranks = ", ".join(f"{n}: r={s.r} on {self.targets[n]}" for n, s in self.specs.items())
+        return f"experts={self.num_experts}, adapters=[{ranks}], active={list(self.active)}"
