@@ -249,12 +249,13 @@ def test_cli_train_resume_generate_merge_with_target_parameters(tmp_path, saved,
     def train(folder, *extra):
         return main(["train", "--model", str(path), "--data", str(data), "--output", str(folder), "--seq-len", "48",
                      "--batch-size", "2", "--lr", "1e-2", "--no-progress", "--target-modules", "none",
-                     "--target-parameters", "mlp.experts.gate_up_proj,mlp.experts.down_proj", "--dropout", "0",
+                     "--target-parameters", "mlp.experts.gate_up_proj,mlp.experts.down_proj",
                      "--save-steps", "1", "--max-steps", "3", *extra])
     capsys.readouterr()
     assert main(["train", "--model", str(path), "--data", str(data), "--output", str(tmp_path / "bad"),
-                 "--target-parameters", "mlp.experts.down_proj", "--max-steps", "1", "--no-progress"]) == 2
-    assert "--dropout 0" in capsys.readouterr().err  # PEFT refuses dropout on expert adapters
+                 "--target-parameters", "mlp.experts.down_proj", "--dropout", "0.1", "--max-steps", "1",
+                 "--no-progress"]) == 2
+    assert "--dropout 0" in capsys.readouterr().err  # PEFT refuses dropout on expert adapters; 0 is the default
     assert train(out) == 0 and train(cut) == 0
     import shutil
 

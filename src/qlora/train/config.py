@@ -90,7 +90,7 @@ class TrainConfig:
                                              "(only --target-parameters)")
     target_parameters: str = _opt("", "comma-separated 3-D MoE expert weights to adapt, one LoRA per expert "
                                       "(PEFT's target_parameters), e.g. mlp.experts.gate_up_proj,mlp.experts.down_proj; "
-                                      "needs --dropout 0")
+                                      "--dropout then defaults to 0 (PEFT allows no other)")
     rslora: bool = _opt(False, "rank-stabilized LoRA: scale = alpha / sqrt(r)")
     adalora: bool = _opt(False, "AdaLoRA: SVD-shaped adapters whose ranks are pruned by importance during training "
                                 "(--rank is ignored; scale = alpha / adalora-init-r)")
@@ -352,6 +352,8 @@ def load_config(yaml_path: str | Path | None, overrides: dict[str, Any]) -> Trai
         if name not in by_name:
             raise _unknown(key, [_flag(n) for n in by_name], "command line")
         values[name] = _coerce(name, value, field_type(by_name[name]), "command line")
+    if values.get("target_parameters") and "dropout" not in values:
+        values["dropout"] = 0.0  # PEFT's expert LoRA has no dropout, so an adapter with it has none anywhere
     config = TrainConfig(**values)
     config.validate()
     return config
