@@ -1,9 +1,8 @@
 """Function calling through ``qlora serve``, driven by the official ``openai`` client.
 
-The model is real: a tiny Qwen2-architecture model with Qwen 2.5's own chat template (which renders tools
-and writes calls as ``<tool_call>`` blocks), trained here for a few seconds, full weights, on one tool-calling
-conversation tokenized by qlora's training data path, until it writes that conversation's call and final
-answer greedily. It is then served as ``qlora serve`` serves (NF4 base). Oracles: ``apply_chat_template(...,
+The model is real (``tool_model_dir``, tests/tool_model.py): a tiny model with Qwen 2.5's own chat template,
+trained for a few seconds to call get_weather and then answer. It is served as ``qlora serve`` serves
+(NF4 base). Oracles: ``apply_chat_template(...,
 tools=...)`` for the prompt the model saw (its token count), the openai client's parsing of responses and
 stream chunks, and the conversation it was trained on.
 """
@@ -11,7 +10,6 @@ stream chunks, and the conversation it was trained on.
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import httpx
 import pytest
@@ -19,51 +17,12 @@ import torch
 
 import qlora
 from qlora.model.chat_format import ChatFormat
-from qlora.model.tiny import CHATML_TEMPLATE, build_tiny_model, train_tokenizer
-from qlora.train.data import Record, normalize, tokenize_example
+from qlora.model.tiny import CHATML_TEMPLATE
+
+from tool_model import ANSWER, ASK, RESULT, TOOLS
 
 openai = pytest.importorskip("openai")
 pytest.importorskip("fastapi")
-
-TEMPLATE = (Path(__file__).parent / "data" / "chat_templates" / "qwen2.5.jinja").read_text()
-TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "Current weather of a city",
-          "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}]
-ASK = {"role": "user", "content": "Weather in Paris?"}
-CALL = {"name": "get_weather", "arguments": {"city": "Paris"}}
-RESULT = '{"temp_c": 21}'
-ANSWER = "It is 21 degrees in Paris."
-TRAINED = [ASK, {"role": "assistant", "content": None, "tool_calls": [{"type": "function", "function": CALL}]},
-           {"role": "tool", "content": RESULT}, {"role": "assistant", "content": ANSWER}]
-
-
-@pytest.fixture(scope="module")
-def tool_model_dir(tmp_path_factory):
-    """A tiny model trained to call get_weather for ASK and to answer ANSWER once given RESULT."""
-    from transformers import AutoModelForCausalLM
-
-    fmt = ChatFormat(TEMPLATE, origin="qwen2.5.jinja")
-    scratch = train_tokenizer(["Weather"], vocab_size=300)
-    text = fmt.render(scratch, TRAINED, tools=TOOLS)
-    tokenizer = train_tokenizer([text] * 20, vocab_size=700)
-    tokenizer.chat_template = TEMPLATE
-    folder = build_tiny_model(tmp_path_factory.mktemp("tool-model"), tokenizer=tokenizer, arch="qwen2",
-                              max_positions=1024)
-    example = normalize([Record({"messages": TRAINED, "tools": TOOLS}, "tools.jsonl line 1")])[0]
-    tokenized = tokenize_example(example, tokenizer, fmt)
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
-    ids, labels = torch.tensor([tokenized.input_ids]), torch.tensor([tokenized.labels])
-    torch.manual_seed(0)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    for _ in range(400):
-        loss = model(input_ids=ids, labels=labels).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        if loss.item() < 1e-3:
-            break
-    model.save_pretrained(folder)
-    return folder
-
 
 @pytest.fixture(scope="module")
 def served(tool_model_dir):

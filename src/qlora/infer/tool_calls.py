@@ -92,6 +92,33 @@ class ToolCallFormat:
         return "call_" + secrets.token_hex(12)
 
 
+_FUNCTION_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")  # OpenAI's rule for function names
+
+
+def tool_definition_problem(tools: Sequence[object]) -> tuple[str, str] | None:
+    """The first problem in OpenAI tool definitions, as ``(message, field)`` (e.g. ``tools.0.function.name``),
+    or None: each must be a function tool with a valid, unique name and a JSON-schema object of parameters."""
+    names: set[str] = set()
+    for i, tool in enumerate(tools):
+        where = f"tools.{i}"
+        kind = tool.get("type") if isinstance(tool, dict) else None
+        if kind != "function":
+            return f"{where}.type must be 'function' (the only tool type chat models take), got {kind!r}", \
+                f"{where}.type"
+        fn = tool.get("function")  # type: ignore[union-attr]
+        name = fn.get("name") if isinstance(fn, dict) else None
+        if not isinstance(name, str) or not _FUNCTION_NAME.fullmatch(name):
+            return f"{where}.function.name must be 1 to 64 letters, digits, '_' or '-', got {name!r}", \
+                f"{where}.function.name"
+        if name in names:
+            return f"{where}.function.name {name!r} is given twice; tool names must be unique", \
+                f"{where}.function.name"
+        names.add(name)
+        if not isinstance(fn.get("parameters", {}), dict):
+            return f"{where}.function.parameters must be a JSON Schema object", f"{where}.function.parameters"
+    return None
+
+
 def _call(obj: object, names: frozenset[str] = frozenset()) -> ToolCall | None:
     """A ``{"name", "arguments"|"parameters"}`` object as a call (arguments: an object, or its JSON text)."""
     if not isinstance(obj, dict) or not isinstance(obj.get("name"), str) or not obj["name"]:

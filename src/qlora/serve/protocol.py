@@ -9,14 +9,12 @@ penalties, ...) are refused with a 400 naming the field, rather than silently ig
 from __future__ import annotations
 
 import json
-import re
 from typing import Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from ..infer.messages import Message
-
-_FUNCTION_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")  # OpenAI's rule for function names
+from ..infer.tool_calls import tool_definition_problem
 
 
 class APIError(Exception):
@@ -139,25 +137,9 @@ class ChatCompletionRequest(_Body):
 
     def function_tools(self) -> list[dict[str, Any]]:
         """The request's tools, checked: function tools with a valid name and a JSON-schema object."""
-        names: set[str] = set()
-        for i, tool in enumerate(self.tools or ()):
-            where = f"tools.{i}"
-            kind = tool.get("type") if isinstance(tool, dict) else None
-            if kind != "function":
-                raise APIError(400, f"{where}.type must be 'function' (the only tool type chat completions serve), "
-                                    f"got {kind!r}", f"{where}.type")
-            fn = tool.get("function")
-            name = fn.get("name") if isinstance(fn, dict) else None
-            if not isinstance(name, str) or not _FUNCTION_NAME.fullmatch(name):
-                raise APIError(400, f"{where}.function.name must be 1 to 64 letters, digits, '_' or '-', got "
-                                    f"{name!r}", f"{where}.function.name")
-            if name in names:
-                raise APIError(400, f"{where}.function.name {name!r} is given twice; tool names must be unique",
-                               f"{where}.function.name")
-            names.add(name)
-            if not isinstance(fn.get("parameters", {}), dict):
-                raise APIError(400, f"{where}.function.parameters must be a JSON Schema object",
-                               f"{where}.function.parameters")
+        problem = tool_definition_problem(self.tools or ())
+        if problem is not None:
+            raise APIError(400, *problem)
         return list(self.tools or ())
 
     def calls_tools(self) -> bool:
