@@ -113,6 +113,7 @@ def test_tool_choice_none_returns_text(served):
     (dict(tools=TOOLS, tool_choice="required"), "tool_choice"),
     (dict(tools=TOOLS, tool_choice={"type": "function", "function": {"name": "get_weather"}}), "tool_choice"),
     (dict(tool_choice="auto"), "tool_choice"),
+    (dict(functions=[TOOLS[0]["function"]]), "functions"),  # the deprecated form is refused, not ignored
     (dict(tools=[{"type": "custom", "custom": {"name": "x"}}]), "tools.0.type"),
     (dict(tools=[{"type": "function", "function": {"name": "bad name"}}]), "tools.0.function.name"),
     (dict(tools=TOOLS, messages=[ASK, {"role": "tool", "content": "21"}]), "messages.1.tool_call_id"),
@@ -127,6 +128,19 @@ def test_bad_tool_requests_are_400_naming_the_field(served, kw, param):
         _ask(client, messages, **kw)
     assert exc.value.status_code == 400 and exc.value.param == param
     assert "\n" not in exc.value.body["message"]
+
+
+def test_parallel_tool_calls_false_keeps_the_first_call():
+    from qlora.infer.tool_calls import FORMATS
+    from qlora.serve.app import _ToolPlan
+
+    text = ('<tool_call>\n{"name": "a", "arguments": {"x": 1}}\n</tool_call>\n'
+            '<tool_call>\n{"name": "b", "arguments": {}}\n</tool_call>')
+    both = _ToolPlan(FORMATS["hermes"], ("a", "b"), parallel=True).parse(text)
+    first = _ToolPlan(FORMATS["hermes"], ("a", "b"), parallel=False).parse(text)
+    assert [c["function"] for c in both[1]] == [{"name": "a", "arguments": '{"x": 1}'}, {"name": "b", "arguments": "{}"}]
+    assert [c["function"] for c in first[1]] == [both[1][0]["function"]] and first[0] is both[0] is None
+    assert len({c["id"] for c in both[1]}) == 2
 
 
 def test_a_template_that_cannot_render_tools_is_refused(served):

@@ -133,6 +133,8 @@ class ChatCompletionRequest(_Body):
     tools: list[Any] | None = None
     tool_choice: Union[str, dict[str, Any], None] = None
     parallel_tool_calls: bool = True
+    functions: list[Any] | None = None  # OpenAI's deprecated form of tools: refused, not silently ignored
+    function_call: Union[str, dict[str, Any], None] = None
     response_format: dict[str, Any] | None = None
 
     def function_tools(self) -> list[dict[str, Any]]:
@@ -167,6 +169,10 @@ class ChatCompletionRequest(_Body):
         super().refuse_unsupported()
         if self.logprobs:
             raise APIError(400, "'logprobs' is not supported", "logprobs")
+        for legacy, now in (("functions", "tools"), ("function_call", "tool_choice")):
+            if getattr(self, legacy) is not None:
+                raise APIError(400, f"'{legacy}' is OpenAI's deprecated form of '{now}'; send '{now}' instead "
+                                    "(function tools: {'type': 'function', 'function': {...}})", legacy)
         self.function_tools()
         self.calls_tools()
         if self.response_format and self.response_format.get("type", "text") != "text":
