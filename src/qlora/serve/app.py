@@ -238,8 +238,8 @@ async def _respond(batcher: ContinuousBatcher, generation: Generation, body: _Bo
     batcher.submit(generation)
     reply_id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
     if body.stream:
-        return StreamingResponse(_stream(queue, generation, body, reply_id, chat, tools), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        return StreamingResponse(_stream(queue, generation, body, reply_id, chat, tools),
+                                 media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
     try:
         pieces, last = [], None
         while last is None:
