@@ -30,6 +30,14 @@ def tiny_tokenizer():
 
 
 @pytest.fixture(scope="session")
+def tool_model_dir(tmp_path_factory):
+    """A tiny model trained to call a tool (tests/tool_model.py)."""
+    from tool_model import build_tool_model
+
+    return build_tool_model(tmp_path_factory.mktemp("tool-model"))
+
+
+@pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory, tiny_tokenizer):
     """A saved random Llama-architecture model (fp32) with its tokenizer."""
     from qlora.model.tiny import build_tiny_model

@@ -59,6 +59,7 @@ class Request:
     emit: Callable[[Event], None]
     stop_ids: frozenset[int] = frozenset()
     stop_strings: tuple[str, ...] = ()
+    keep_tokens: frozenset[int] = frozenset()  # special tokens kept in the text (tool-call markup)
     cancelled: bool = field(default=False, init=False)
 
     def cancel(self) -> None:
@@ -71,7 +72,7 @@ class _Row:
 
     def __init__(self, request: Request, tokenizer, device: torch.device) -> None:
         self.request = request
-        self.text = TextStream(tokenizer, request.stop_strings)
+        self.text = TextStream(tokenizer, request.stop_strings, request.keep_tokens)
         self.length = len(request.prompt_ids)  # entries of this row in the cache
         seed = request.options.seed if request.options.seed is not None else random.getrandbits(63)
         self.generator = torch.Generator(device=device).manual_seed(seed)  # as a single run seeds it

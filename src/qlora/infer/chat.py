@@ -7,11 +7,17 @@ Recalled turns are whole exchanges starting with a user message, so templates
 that require strict user/assistant alternation accept every memory kind; a
 template without a system role gets the system text in the first user message
 (see :func:`~qlora.infer.template.render_chat`).
+
+With tools, a reply that calls them ends with :attr:`Chat.pending_calls` set; the
+caller runs them and hands the results to :meth:`Chat.send_tool_results`, and the
+model goes on from there. The calls and results belong to the turn's prompt; the
+memory records the user's text and the final answer, as for any turn.
 """
 
 from __future__ import annotations
 
-from typing import Any, Iterator
+import json
+from typing import Any, Iterator, Sequence
 
 from qlora.model.chat_format import ChatFormat
 
@@ -19,6 +25,7 @@ from .llm import ModelLLM
 from .memory import ConversationBufferMemory
 from .memory.base import BaseMemory
 from .messages import Message
+from .tool_calls import ToolCall, ToolCallStream
 
 
 class Chat:
@@ -31,6 +38,7 @@ class Chat:
         memory: what is remembered between turns; all turns by default.
         system: a system prompt put before everything else.
         chat_format: the format to prompt in (a fine-tune's saved one); default: the tokenizer's template.
+        tools: OpenAI function definitions shown to the model; its calls are parsed out of its replies.
         **gen_options: :class:`~qlora.infer.generate.SamplingOptions` fields.
 
     Example:
@@ -39,11 +47,18 @@ class Chat:
     """
 
     def __init__(self, model, tokenizer, memory: BaseMemory | None = None, system: str | None = None,
-                 chat_format: ChatFormat | None = None, **gen_options: Any) -> None:
+                 chat_format: ChatFormat | None = None, tools: Sequence[dict] | None = None,
+                 **gen_options: Any) -> None:
         self.llm = ModelLLM(model, tokenizer, chat_format=chat_format, **gen_options)
         self.memory = memory if memory is not None else ConversationBufferMemory(return_messages=True)
         self.system = system
+        self.tools = list(tools) if tools else None
+        self.tool_format = self.llm.tool_format() if self.tools else None  # raises if the template shows no tools
         self.last_reply: str | None = None  # the reply of the last turn, once generated
+        self.pending_calls: list[tuple[str, ToolCall]] = []  # (id, call) the last reply made, awaiting results
+        self._turn: list[Message] = []  # the current turn's prompt: memory, user text, calls and results so far
+        self._input = ""
+        self._said = ""  # text of the last reply before its calls
 
     def prompt_messages(self, text: str) -> list[Message]:
         """The messages the model sees for the user's ``text``, memory included."""
@@ -64,16 +79,46 @@ class Chat:
         return ([Message("system", system)] if system else []) + turns + [Message("user", text)]
 
     def send(self, text: str) -> Iterator[str]:
-        """Stream the reply to ``text``; the memory records the exchange once the reply is complete.
+        """Stream the reply to ``text``; the memory records the exchange once the reply is complete
+        (with tools: once a reply calls no more tools).
 
         Raises:
             StoreLocked, StoreReadOnly: (a stored session) the exchange could not be saved;
                 the reply was already streamed.
         """
-        self.last_reply = None
+        self._input, self._turn = text, self.prompt_messages(text)
+        yield from self._reply()
+
+    def send_tool_results(self, results: Sequence[str]) -> Iterator[str]:
+        """Stream the model's reply once each of :attr:`pending_calls` has its result (in that order)."""
+        if len(results) != len(self.pending_calls):
+            raise ValueError(f"{len(self.pending_calls)} tool calls are waiting for results, got {len(results)}")
+        calls = tuple({"id": call_id, "type": "function",
+                       "function": {"name": call.name, "arguments": json.loads(call.arguments)}}
+                      for call_id, call in self.pending_calls)
+        self._turn += [Message("assistant", self._said, calls),
+                       *(Message("tool", result, tool_call_id=call_id)
+                         for (call_id, _), result in zip(self.pending_calls, results))]
+        return self._reply()
+
+    def _reply(self) -> Iterator[str]:
+        self.last_reply, self.pending_calls, self._said = None, [], ""
+        split = ToolCallStream(self.tool_format, [t["function"]["name"] for t in self.tools]) if self.tools else None
         pieces = []
-        for piece in self.llm.stream_messages(self.prompt_messages(text)):
-            pieces.append(piece)
-            yield piece
+        for piece in self.llm.stream_messages(self._turn, tools=self.tools):
+            shown = split.push(piece) if split is not None else piece
+            if shown:
+                pieces.append(shown)
+                yield shown
+        calls: list[ToolCall] = []
+        if split is not None:
+            tail, calls = split.finish()
+            if tail:
+                pieces.append(tail)
+                yield tail
+        if calls:
+            self._said = "".join(pieces).strip()
+            self.pending_calls = [(self.tool_format.new_id(), call) for call in calls]
+            return
         self.last_reply = "".join(pieces).strip()
-        self.memory.save_context({"input": text}, {"output": self.last_reply})
+        self.memory.save_context({"input": self._input}, {"output": self.last_reply})

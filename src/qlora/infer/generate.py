@@ -99,18 +99,18 @@ def default_stop_ids(model, tokenizer) -> set[int]:
 
 
 def stream_text(model, tokenizer, prompt: str, options: SamplingOptions | None = None,
-                stop_ids: Iterable[int] | None = None) -> Iterator[str]:
+                stop_ids: Iterable[int] | None = None, keep: frozenset[int] = frozenset()) -> Iterator[str]:
     """Yield the continuation of ``prompt`` as text pieces, as soon as they decode.
 
     The pieces join to exactly ``tokenizer.decode(tokens, skip_special_tokens=True)``
-    (see :class:`qlora.infer.text_stream.TextStream`).
+    (see :class:`qlora.infer.text_stream.TextStream`), but for the special tokens in ``keep``.
     """
     from .text_stream import TextStream
 
     input_ids = encode_prompt(model, tokenizer, prompt)
     if stop_ids is None:
         stop_ids = default_stop_ids(model, tokenizer)
-    text = TextStream(tokenizer)
+    text = TextStream(tokenizer, keep=keep)
     for token in stream_tokens(model, input_ids, options, stop_ids):
         piece = text.push(token)
         if piece:

@@ -10,11 +10,14 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Any, Iterator, Protocol, Sequence
 
+from qlora.errors import UsageError
+
 from qlora.model.chat_format import ChatFormat
 
 from .generate import SamplingOptions, stream_text
 from .messages import Message
-from .template import render_chat, stop_token_ids
+from .template import chat_template, render_chat, renders_tools, stop_token_ids
+from .tool_calls import ToolCallFormat, markup_token_ids, tool_call_format
 
 
 class LLM(Protocol):
@@ -40,10 +43,26 @@ class ModelLLM:
         self.options = SamplingOptions(**defaults)
         self.stop_ids = stop_token_ids(model, tokenizer)
 
-    def stream_messages(self, messages: Sequence[Message], **options: Any) -> Iterator[str]:
-        """Stream the assistant's reply to ``messages``."""
-        prompt = render_chat(self.tokenizer, messages, chat_format=self.chat_format)
-        return stream_text(self.model, self.tokenizer, prompt, replace(self.options, **options), self.stop_ids)
+    def tool_format(self) -> ToolCallFormat:
+        """How this model writes tool calls (from its chat template).
+
+        Raises:
+            UsageError: the template does not render tool definitions, so the model would never see them.
+        """
+        if not renders_tools(self.tokenizer, self.chat_format):
+            origin = self.chat_format.origin if self.chat_format is not None else "the tokenizer's chat_template"
+            raise UsageError(f"--tools: the chat template ({origin}) does not render tools, so the model would "
+                             "never see them. Use a model whose template renders tools (one trained on "
+                             "tool-calling data with its own template), or leave out --tools.")
+        return tool_call_format(chat_template(self.tokenizer, self.chat_format, tools=True) or "")
+
+    def stream_messages(self, messages: Sequence[Message], tools: Sequence[dict] | None = None,
+                        **options: Any) -> Iterator[str]:
+        """Stream the assistant's reply to ``messages``; with ``tools``, call markup is decoded too."""
+        prompt = render_chat(self.tokenizer, messages, chat_format=self.chat_format, tools=tools)
+        keep = markup_token_ids(self.tool_format(), self.tokenizer) if tools else frozenset()
+        return stream_text(self.model, self.tokenizer, prompt, replace(self.options, **options), self.stop_ids,
+                           keep=keep)
 
     def complete(self, prompt: str, **options: Any) -> str:
         """The reply to ``prompt`` sent as one user message, stripped of surrounding space."""

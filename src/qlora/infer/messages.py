@@ -1,6 +1,8 @@
 """Chat messages and the plain-text transcript form that memory prompts use.
 
-A message is a role (``system``, ``user``, ``assistant``) and its text. LangChain
+A message is a role (``system``, ``user``, ``assistant``, ``tool``) and its text;
+an assistant message may call tools and a tool message answers one call (the
+OpenAI function-calling shapes, which chat templates render). LangChain
 prompts show a conversation as ``Human: ...`` / ``AI: ...`` lines; the same
 rendering is used here so its prompts work unchanged.
 """
@@ -8,24 +10,40 @@ rendering is used here so its prompts work unchanged.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterable
+from typing import Any, Iterable
 
-ROLES = ("system", "user", "assistant")
+ROLES = ("system", "user", "assistant", "tool")
 
 
 @dataclass(frozen=True)
 class Message:
-    """One turn of a conversation: who spoke and what they said."""
+    """One turn of a conversation: who spoke and what they said.
+
+    ``tool_calls`` (assistant) are the calls it made, each ``{"id", "type": "function", "function":
+    {"name", "arguments": dict}}`` as Hugging Face chat templates take them; ``tool_call_id`` (tool)
+    names the call a tool result answers.
+    """
 
     role: str
     content: str
+    tool_calls: tuple[dict[str, Any], ...] = ()
+    tool_call_id: str | None = None
 
     def __post_init__(self) -> None:
         if self.role not in ROLES:
             raise ValueError(f"unknown message role {self.role!r}; choose from {', '.join(ROLES)}")
 
+    def as_dict(self) -> dict[str, Any]:
+        """The message as chat templates receive it (only the keys it has)."""
+        out: dict[str, Any] = {"role": self.role, "content": self.content}
+        if self.tool_calls:
+            out["tool_calls"] = [dict(call) for call in self.tool_calls]
+        if self.tool_call_id is not None:
+            out["tool_call_id"] = self.tool_call_id
+        return out
+
 
 def buffer_string(messages: Iterable[Message], human_prefix: str = "Human", ai_prefix: str = "AI") -> str:
     """The transcript as ``Human: ...``/``AI: ...`` lines (LangChain's ``get_buffer_string``)."""
-    prefix = {"user": human_prefix, "assistant": ai_prefix, "system": "System"}
+    prefix = {"user": human_prefix, "assistant": ai_prefix, "system": "System", "tool": "Tool"}
     return "\n".join(f"{prefix[m.role]}: {m.content}" for m in messages)

@@ -4,13 +4,16 @@ A fine-tune's :class:`~qlora.model.chat_format.ChatFormat` (saved with its
 adapter) is used when given, so the model sees the format of its training data,
 date and system handling included; otherwise the tokenizer's own
 ``chat_template``; otherwise ChatML, the format qlora's tiny models use.
+Tool definitions go to the template (``apply_chat_template(tools=...)``), as
+they did when a model was trained on tool-calling data; a template that has no
+place for them is detected by :func:`renders_tools` rather than trusted.
 """
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Sequence
 
-from qlora.model.chat_format import ChatFormat
+from qlora.model.chat_format import ChatFormat, for_template
 from qlora.model.chat_format import stop_token_ids as _stop_token_ids
 from qlora.errors import UsageError
 
@@ -23,22 +26,40 @@ def chatml(messages: Sequence[Message], add_generation_prompt: bool = True) -> s
     return text + ("<|im_start|>assistant\n" if add_generation_prompt else "")
 
 
+def chat_template(tokenizer, chat_format: ChatFormat | None = None, tools: bool = False) -> str | None:
+    """The Jinja template :func:`render_chat` uses (``None``: the ChatML fallback).
+
+    A tokenizer with several named templates uses its ``tool_use`` one for requests with tools,
+    as ``apply_chat_template`` does.
+    """
+    if chat_format is not None:
+        return chat_format.template
+    own = getattr(tokenizer, "chat_template", None)
+    if isinstance(own, dict):
+        own = own.get("tool_use") if tools and own.get("tool_use") else own.get("default")
+    return own or None
+
+
 def render_chat(tokenizer, messages: Sequence[Message], add_generation_prompt: bool = True,
-                chat_format: ChatFormat | None = None) -> str:
+                chat_format: ChatFormat | None = None, tools: Sequence[dict[str, Any]] | None = None) -> str:
     """Prompt text for ``messages`` in the model's chat format, ready for generation.
 
     ``chat_format`` (the one a fine-tune saved) wins over the tokenizer's own template.
     Templates without a system role (Gemma's, Mistral's first) raise on one; the
     system text then goes before the first user message, separated by a blank line.
+    ``tools`` (OpenAI function definitions) are passed to the template as ``tools``.
     """
-    if chat_format is None and not getattr(tokenizer, "chat_template", None):
+    template = chat_template(tokenizer, chat_format, tools=bool(tools))
+    if template is None:
         return chatml(messages, add_generation_prompt)
+    extra = {"tools": [dict(t) for t in tools]} if tools else {}
 
     def apply(msgs: Sequence[Message]) -> str:
-        dicts = [{"role": m.role, "content": m.content} for m in msgs]
+        dicts = for_template([m.as_dict() for m in msgs], template)
         if chat_format is not None:
-            return chat_format.render(tokenizer, dicts, add_generation_prompt=add_generation_prompt)
-        return tokenizer.apply_chat_template(dicts, tokenize=False, add_generation_prompt=add_generation_prompt)
+            return chat_format.render(tokenizer, dicts, add_generation_prompt=add_generation_prompt, **extra)
+        return tokenizer.apply_chat_template(dicts, chat_template=template, tokenize=False,
+                                             add_generation_prompt=add_generation_prompt, **extra)
 
     if len(messages) < 2 or messages[0].role != "system" or messages[1].role != "user":
         return apply(messages)
@@ -49,6 +70,23 @@ def render_chat(tokenizer, messages: Sequence[Message], add_generation_prompt: b
     except (TemplateError, UsageError):  # a saved ChatFormat reports template errors as UsageError
         system, user = messages[0], messages[1]
         return apply([Message("user", f"{system.content}\n\n{user.content}"), *messages[2:]])
+
+
+_PROBE_TOOL = {"type": "function", "function": {
+    "name": "qlora_probe_tool", "description": "Probe whether the template renders tools.",
+    "parameters": {"type": "object", "properties": {"qlora_probe_arg": {"type": "string"}}}}}
+
+
+def renders_tools(tokenizer, chat_format: ChatFormat | None = None) -> bool:
+    """Whether the chat template shows tool definitions to the model (many templates ignore ``tools``)."""
+    template = chat_template(tokenizer, chat_format, tools=True)
+    if template is None or "tools" not in template:
+        return False
+    probe = [Message("user", "Hello")]
+    try:
+        return "qlora_probe_tool" in render_chat(tokenizer, probe, chat_format=chat_format, tools=[_PROBE_TOOL])
+    except Exception:  # a template that fails on tools cannot serve them either
+        return False
 
 
 def stop_token_ids(model, tokenizer) -> set[int]:

@@ -12,6 +12,9 @@ their vocabulary as ``<0xNN>`` byte tokens, and their decoder turns a whole run 
 byte tokens into text at once: one invalid byte makes every byte of the run U+FFFD,
 valid characters before it included. Decoding is prefix-stable only where a run
 ends, so text from a trailing run of byte tokens is held back until the run ends.
+
+Special tokens are dropped from the text, except those named in ``keep``: tool-call
+markup such as Mistral's ``[TOOL_CALLS]`` is a special token, and a parser must see it.
 """
 
 from __future__ import annotations
@@ -41,10 +44,12 @@ def byte_token_ids(tokenizer) -> frozenset[int]:
 class TextStream:
     """Turn one reply's token ids into text pieces, honouring stop strings."""
 
-    def __init__(self, tokenizer, stop_strings: Sequence[str] = ()) -> None:
+    def __init__(self, tokenizer, stop_strings: Sequence[str] = (), keep: frozenset[int] = frozenset()) -> None:
         self.tokenizer = tokenizer
         self.stop_strings = tuple(s for s in stop_strings if s)
         self.byte_ids = byte_token_ids(tokenizer)
+        self.keep = keep
+        self.hidden = frozenset(tokenizer.all_special_ids) - keep if keep else frozenset()
         self.tokens: list[int] = []
         self.shown = 0  # characters of the decoded text already released
         self.stopped = False  # a stop string matched; nothing more will be released
@@ -80,7 +85,9 @@ class TextStream:
         return end
 
     def _text(self, end: int) -> str:
-        return self.tokenizer.decode(self.tokens[:end], skip_special_tokens=True)
+        if not self.keep:
+            return self.tokenizer.decode(self.tokens[:end], skip_special_tokens=True)
+        return self.tokenizer.decode([t for t in self.tokens[:end] if t not in self.hidden], skip_special_tokens=False)
 
     def _release(self, text: str) -> str:
         piece = text[self.shown:]

@@ -172,6 +172,37 @@ def _template_line(exc: Exception) -> int | None:
     return None
 
 
+_ARGUMENTS_AS_TEXT = re.compile(r"""arguments['"]?\]?\s*\+""")  # DeepSeek: '...' + tool['function']['arguments']
+
+
+def for_template(messages: Sequence[dict], template: str) -> list[dict]:
+    """Messages as ``template`` can take them: OpenAI's ``developer`` role becomes ``system`` for a template
+    that has no developer role (all but a few recent ones), since that is what it means there; tool-call
+    arguments are a dict (Hugging Face's convention, ``| tojson`` in the template) except for templates that
+    concatenate them as JSON text (DeepSeek V3/R1)."""
+    developer = "developer" in template
+    as_text = bool(_ARGUMENTS_AS_TEXT.search(template))
+    out = []
+    for m in messages:
+        if "weight" in m:  # ours (which turns are trained), not the template's
+            m = {k: v for k, v in m.items() if k != "weight"}
+        if m.get("role") == "developer" and not developer:
+            m = {**m, "role": "system"}
+        if m.get("tool_calls") and m.get("content") is None:  # transformers drops None keys; templates need one
+            m = {**m, "content": ""}
+        if as_text and m.get("tool_calls"):
+            m = {**m, "tool_calls": [_arguments_as_text(c) for c in m["tool_calls"]]}
+        out.append(m)
+    return out
+
+
+def _arguments_as_text(call: dict) -> dict:
+    fn = call.get("function", {})
+    if isinstance(fn.get("arguments"), str):
+        return call
+    return {**call, "function": {**fn, "arguments": json.dumps(fn.get("arguments", {}), ensure_ascii=False)}}
+
+
 # Token strings that end an assistant turn in common templates: generation stops on them, and
 # training counts them as the end marker of a turn (with EOS and generation_config's eos ids).
 END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|eom_id|>", "<end_of_turn>", "<|end|>", "<|END_OF_TURN_TOKEN|>",

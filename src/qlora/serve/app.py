@@ -8,6 +8,12 @@ Routes: ``POST /v1/chat/completions``, ``POST /v1/completions``, ``GET
 different adapters are decoded in the same batch. Errors are OpenAI-shaped JSON
 (:class:`qlora.serve.protocol.APIError`); a streaming client that disconnects
 has its row dropped at the next step.
+
+Function calling: ``tools`` go to the chat template, and the reply is parsed for
+calls in the markup that template uses (:mod:`qlora.infer.tool_calls`); calls
+come back as ``message.tool_calls`` with ``finish_reason: "tool_calls"``. A
+stream holds text back from where call markup may begin and sends the calls, whole,
+when the reply ends.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ import hmac
 import json
 import time
 import uuid
+from dataclasses import dataclass
 from typing import Any, AsyncIterator
 
 from fastapi import FastAPI, Request
@@ -26,8 +33,8 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from ..infer.batcher import ContinuousBatcher, Event
 from ..infer.batcher import Request as Generation
 from ..infer.generate import SamplingOptions, default_stop_ids, encode_prompt
-from ..infer.messages import Message
-from ..infer.template import render_chat, stop_token_ids
+from ..infer.template import chat_template, render_chat, renders_tools, stop_token_ids
+from ..infer.tool_calls import ToolCall, ToolCallFormat, ToolCallStream, markup_token_ids, tool_call_format
 from ..model.chat_format import ChatFormat
 from .protocol import APIError, ChatCompletionRequest, CompletionRequest, _Body
 
@@ -85,19 +92,36 @@ def build_app(batcher: ContinuousBatcher, base_id: str, adapters: list[str], api
                 for mid, adapter in ids.items()]
         return {"object": "list", "data": data}
 
+    tool_templates: dict[str | None, bool] = {}  # adapter -> whether its template renders tools
+
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request):
         body.refuse_unsupported()
         adapter = _adapter(ids, body.model)
-        messages = [Message("system" if m.role == "developer" else m.role, m.text(i))
-                    for i, m in enumerate(body.messages)]
+        chat_format = chat_formats.get(adapter)
+        messages = [m.message(i) for i, m in enumerate(body.messages)]
+        tools, plan = body.function_tools(), None
+        if tools:
+            if adapter not in tool_templates:
+                tool_templates[adapter] = renders_tools(tokenizer, chat_format)
+            if not tool_templates[adapter]:
+                origin = chat_format.origin if chat_format is not None else "the tokenizer's chat_template"
+                raise APIError(400, f"The chat template of {body.model!r} ({origin}) does not render tools, so the "
+                                    "model would never see them: 'tools' cannot be served for it. Serve a model whose "
+                                    "chat template renders tools (one trained on tool-calling data with its own "
+                                    "template), or send the request without 'tools'.", "tools")
+            if body.calls_tools():
+                fmt = tool_call_format(chat_template(tokenizer, chat_format, tools=True) or "")
+                plan = _ToolPlan(fmt, tuple(t["function"]["name"] for t in tools), body.parallel_tool_calls)
         try:
-            prompt = render_chat(tokenizer, messages, chat_format=chat_formats.get(adapter))
+            prompt = render_chat(tokenizer, messages, chat_format=chat_format, tools=tools)
         except Exception as exc:  # e.g. a template that allows no system turn, or needs alternating roles
             raise APIError(400, f"The model's chat template rejected these messages: {exc}", "messages") from None
         prompt_ids = _encode(model, tokenizer, prompt)
         generation = _generation(batcher, body, adapter, prompt_ids, chat_stops, "messages")
-        return await _respond(batcher, generation, body, request, chat=True)
+        if plan is not None:
+            generation.keep_tokens = markup_token_ids(plan.format, tokenizer)
+        return await _respond(batcher, generation, body, request, chat=True, tools=plan)
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):
@@ -115,6 +139,28 @@ def build_app(batcher: ContinuousBatcher, base_id: str, adapters: list[str], api
         return await _respond(batcher, generation, body, request, chat=False)
 
     return app
+
+
+@dataclass(frozen=True)
+class _ToolPlan:
+    """How a chat reply is read for tool calls: the template's markup, the offered names, one call or several."""
+
+    format: ToolCallFormat
+    names: tuple[str, ...]
+    parallel: bool
+
+    def parse(self, text: str) -> tuple[str | None, list[dict[str, Any]]]:
+        """The reply's content (None when it only calls) and its calls in OpenAI's shape."""
+        content, calls = self.format.parse(text, self.names)
+        if not calls:
+            return text, []
+        return content.strip() or None, self.shape(calls)
+
+    def shape(self, calls: list[ToolCall]) -> list[dict[str, Any]]:
+        """Calls as ``message.tool_calls`` entries (only the first when parallel calls are off)."""
+        calls = calls if self.parallel else calls[:1]
+        return [{"id": self.format.new_id(), "type": "function",
+                 "function": {"name": c.name, "arguments": c.arguments}} for c in calls]
 
 
 class _RequireKey:
@@ -177,7 +223,8 @@ def _generation(batcher: ContinuousBatcher, body: _Body, adapter: str | None, pr
                       stop_strings=body.stop_strings())
 
 
-async def _respond(batcher: ContinuousBatcher, generation: Generation, body: _Body, request: Request, chat: bool):
+async def _respond(batcher: ContinuousBatcher, generation: Generation, body: _Body, request: Request, chat: bool,
+                   tools: _ToolPlan | None = None):
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue[Event] = asyncio.Queue()
 
@@ -191,8 +238,8 @@ async def _respond(batcher: ContinuousBatcher, generation: Generation, body: _Bo
     batcher.submit(generation)
     reply_id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
     if body.stream:
-        return StreamingResponse(_stream(queue, generation, body, reply_id, chat), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        return StreamingResponse(_stream(queue, generation, body, reply_id, chat, tools),
+                                 media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
     try:
         pieces, last = [], None
         while last is None:
@@ -210,18 +257,27 @@ async def _respond(batcher: ContinuousBatcher, generation: Generation, body: _Bo
     _raise_failure(last)
     text = "".join(pieces)
     choice: dict[str, Any] = {"index": 0, "finish_reason": last.finish_reason, "logprobs": None}
-    choice.update({"message": {"role": "assistant", "content": text}} if chat else {"text": text})
+    if not chat:
+        choice["text"] = text
+    elif tools is not None and (parsed := tools.parse(text))[1]:
+        choice["message"] = {"role": "assistant", "content": parsed[0], "tool_calls": parsed[1]}
+        choice["finish_reason"] = "tool_calls"
+    else:
+        choice["message"] = {"role": "assistant", "content": text}
     return {"id": reply_id, "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
             "model": body.model, "choices": [choice], "usage": _usage(last)}
 
 
 async def _stream(queue: asyncio.Queue, generation: Generation, body: _Body, reply_id: str,
-                  chat: bool) -> AsyncIterator[str]:
+                  chat: bool, tools: _ToolPlan | None = None) -> AsyncIterator[str]:
     created, kind = int(time.time()), "chat.completion.chunk" if chat else "text_completion"
+    splitter = ToolCallStream(tools.format, tools.names) if tools is not None else None
 
-    def chunk(text: str | None, finish: str | None, first: bool = False) -> str:
+    def chunk(text: str | None, finish: str | None, first: bool = False, calls: list | None = None) -> str:
         if chat:
             delta = ({"role": "assistant", "content": ""} if first else {}) | ({"content": text} if text else {})
+            if calls:
+                delta["tool_calls"] = calls
             choice = {"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}
         else:
             choice = {"index": 0, "text": text or "", "finish_reason": finish, "logprobs": None}
@@ -236,10 +292,19 @@ async def _stream(queue: asyncio.Queue, generation: Generation, body: _Body, rep
                 failure = _failure(event)
                 yield _sse(failure.body())
                 break
-            if event.text:
-                yield chunk(event.text, None)
+            text = splitter.push(event.text) if splitter is not None else event.text
+            if text:
+                yield chunk(text, None)
             if event.finish_reason is not None:
-                yield chunk(None, event.finish_reason)
+                finish = event.finish_reason
+                if splitter is not None:
+                    tail, calls = splitter.finish()
+                    if tail:
+                        yield chunk(tail, None)
+                    for index, call in enumerate(tools.shape(calls)):  # each call whole, in its own chunk
+                        yield chunk(None, None, calls=[{"index": index, **call}])
+                    finish = "tool_calls" if calls else finish
+                yield chunk(None, finish)
                 if body.include_usage():
                     yield _sse({"id": reply_id, "object": kind, "created": created, "model": body.model,
                                 "choices": [], "usage": _usage(event)})

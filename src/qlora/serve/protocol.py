@@ -2,15 +2,19 @@
 
 Fields follow the OpenAI API reference. Unknown fields are ignored (clients
 send extras such as ``user``); known fields that would change the answer in a
-way qlora does not implement (``n`` > 1, ``logprobs``, tools, penalties, ...)
-are refused with a 400 naming the field, rather than silently ignored.
+way qlora does not implement (``n`` > 1, ``logprobs``, a forced ``tool_choice``,
+penalties, ...) are refused with a 400 naming the field, rather than silently ignored.
 """
 
 from __future__ import annotations
 
+import json
 from typing import Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from ..infer.messages import Message
+from ..infer.tool_calls import tool_definition_problem
 
 
 class APIError(Exception):
@@ -70,8 +74,23 @@ class _Body(BaseModel):
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
-    role: Literal["system", "developer", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: Union[str, list[dict[str, Any]], None] = None
+    tool_calls: list[dict[str, Any]] | None = None
+    tool_call_id: str | None = None
+
+    def message(self, index: int) -> Message:
+        """The message as the chat template takes it (tool-call arguments parsed from their JSON text)."""
+        where = f"messages.{index}"
+        if self.tool_calls and self.role != "assistant":
+            raise APIError(400, f"{where} is a {self.role} message with 'tool_calls'; only assistant messages "
+                                "call tools", f"{where}.tool_calls")
+        if self.role == "tool" and not self.tool_call_id:
+            raise APIError(400, f"{where} is a tool message without 'tool_call_id'; give the id of the call it "
+                                "answers (from the assistant message's tool_calls)", f"{where}.tool_call_id")
+        calls = tuple(_history_call(call, f"{where}.tool_calls.{k}") for k, call in enumerate(self.tool_calls or ()))
+        role = "system" if self.role == "developer" else self.role
+        return Message(role, self.text(index), calls, self.tool_call_id if self.role == "tool" else None)
 
     def text(self, index: int) -> str:
         """The message's text; content parts must all be text (the models served read text only)."""
@@ -85,19 +104,77 @@ class ChatMessage(BaseModel):
         return "".join(part["text"] for part in self.content)
 
 
+def _history_call(call: Any, where: str) -> dict[str, Any]:
+    """An earlier assistant message's tool call, checked, with its arguments as a dict (what templates render)."""
+    fn = call.get("function") if isinstance(call, dict) else None
+    if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or call.get("type", "function") != "function":
+        raise APIError(400, f"{where} must be {{'id': ..., 'type': 'function', 'function': {{'name': ..., "
+                            "'arguments': '<JSON object>'}}", where)
+    args = fn.get("arguments", "{}")
+    if isinstance(args, str):
+        try:
+            args = json.loads(args) if args.strip() else {}
+        except json.JSONDecodeError as exc:
+            raise APIError(400, f"{where}.function.arguments is not valid JSON ({exc.msg} at column {exc.colno}); "
+                                "send the arguments the model gave, as a JSON object in a string",
+                           f"{where}.function.arguments") from None
+    if not isinstance(args, dict):
+        raise APIError(400, f"{where}.function.arguments must be a JSON object", f"{where}.function.arguments")
+    out: dict[str, Any] = {"type": "function", "function": {"name": fn["name"], "arguments": args}}
+    if isinstance(call.get("id"), str):
+        out["id"] = call["id"]
+    return out
+
+
 class ChatCompletionRequest(_Body):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
     logprobs: bool | None = None
     tools: list[Any] | None = None
+    tool_choice: Union[str, dict[str, Any], None] = None
+    parallel_tool_calls: bool = True
+    functions: list[Any] | None = None  # OpenAI's deprecated form of tools: refused, not silently ignored
+    function_call: Union[str, dict[str, Any], None] = None
     response_format: dict[str, Any] | None = None
+
+    def function_tools(self) -> list[dict[str, Any]]:
+        """The request's tools, checked: function tools with a valid name and a JSON-schema object."""
+        problem = tool_definition_problem(self.tools or ())
+        if problem is not None:
+            raise APIError(400, *problem)
+        return list(self.tools or ())
+
+    def calls_tools(self) -> bool:
+        """Whether replies are parsed for tool calls: tools given and ``tool_choice`` 'auto' (the default).
+
+        'none' shows the tools to the model but returns its reply as text. 'required' and a named
+        function would need decoding constrained to a call, which qlora serve does not do: refused.
+        """
+        choice = self.tool_choice
+        if choice is not None and not self.tools:
+            raise APIError(400, "'tool_choice' is only allowed when 'tools' are given", "tool_choice")
+        if choice is None or choice == "auto":
+            return bool(self.tools)
+        if choice == "none":
+            return False
+        if choice == "required" or isinstance(choice, dict):
+            what = "'required'" if choice == "required" else "a named function"
+            raise APIError(400, f"'tool_choice' {what} is not supported: forcing a call needs decoding constrained "
+                                "to the call's grammar, which qlora serve does not do. Use 'auto' (the model "
+                                "decides whether to call, as it was trained to) or 'none'.", "tool_choice")
+        raise APIError(400, f"'tool_choice' must be 'auto', 'none', 'required' or "
+                            f"{{'type': 'function', 'function': {{'name': ...}}}}, got {choice!r}", "tool_choice")
 
     def refuse_unsupported(self) -> None:
         super().refuse_unsupported()
         if self.logprobs:
             raise APIError(400, "'logprobs' is not supported", "logprobs")
-        if self.tools:
-            raise APIError(400, "'tools' (function calling) is not supported", "tools")
+        for legacy, now in (("functions", "tools"), ("function_call", "tool_choice")):
+            if getattr(self, legacy) is not None:
+                raise APIError(400, f"'{legacy}' is OpenAI's deprecated form of '{now}'; send '{now}' instead "
+                                    "(function tools: {'type': 'function', 'function': {...}})", legacy)
+        self.function_tools()
+        self.calls_tools()
         if self.response_format and self.response_format.get("type", "text") != "text":
             raise APIError(400, "only the 'text' response_format is supported", "response_format")
 

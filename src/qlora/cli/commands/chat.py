@@ -8,6 +8,8 @@ read-only database still opens (``/history`` works; turns are not saved); a
 database locked by another program is waited for ``--db-timeout`` seconds, then
 the turn is reported unsaved and the chat goes on.
 Slash commands: /reset, /history, /memory, /save [FILE], /exit.
+With ``--tools FILE`` the model sees those function definitions; each call it makes
+is shown and its result asked for (you play the tool), then the model goes on.
 """
 
 from __future__ import annotations
@@ -50,6 +52,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="--memory vector: a sentence-transformers model (folder or hub id; needs "
                              "pip install sentence-transformers); default: the chat model's mean hidden state. "
                              "A session keeps the embedder it started with")
+    parser.add_argument("--tools", metavar="FILE",
+                        help="JSON file with a list of OpenAI function definitions ({\"type\": \"function\", "
+                             "\"function\": {\"name\", \"description\", \"parameters\"}}) shown to the model "
+                             "through its chat template; you type the result of each call it makes")
     parser.add_argument("--session", help="session name: store the chat in --db and resume it later")
     parser.add_argument("--db", default="chats.sqlite", help="SQLite file of sessions (with --session)")
     parser.add_argument("--db-timeout", type=non_negative_float, default=10.0,
@@ -98,6 +104,35 @@ def build_memory(args: argparse.Namespace, model, tokenizer, session):
     else:
         embedder = ModelEmbedder(model, tokenizer, name=embedder_name(args))
     return m.VectorStoreRetrieverMemory(embedder, k=args.k, **common)
+
+
+def load_tools(path: str | None) -> list[dict] | None:
+    """The tool definitions in ``path`` (--tools), checked.
+
+    Raises:
+        UsageError: unreadable file, not JSON, not a list of function tools (naming the entry and field).
+    """
+    from ...errors import UsageError
+    from ...infer.tool_calls import tool_definition_problem
+
+    if path is None:
+        return None
+    try:
+        tools = json.loads(Path(path).read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise UsageError(f"--tools {path}: cannot read it ({exc.strerror}).") from None
+    except json.JSONDecodeError as exc:
+        raise UsageError(f"--tools {path}: not valid JSON ({exc.msg} at line {exc.lineno}, column {exc.colno}).") \
+            from None
+    if isinstance(tools, dict) and isinstance(tools.get("tools"), list):  # a saved request body's "tools"
+        tools = tools["tools"]
+    if not isinstance(tools, list) or not tools:
+        raise UsageError(f"--tools {path}: expected a non-empty JSON list of function definitions, "
+                         '[{"type": "function", "function": {"name": ..., "parameters": {...}}}].')
+    problem = tool_definition_problem(tools)
+    if problem is not None:
+        raise UsageError(f"--tools {path}: {problem[0]}.")
+    return tools
 
 
 def _save(chat, args: argparse.Namespace, target: str) -> str:
@@ -176,11 +211,13 @@ def run(args: argparse.Namespace) -> int:
 
         resolve_sentence_transformer(args.embedder)  # fail before the chat model loads
     options = sampling_options(args)  # checked before the (slow) model load
+    tools = load_tools(args.tools)
     store, session = _open_session(args)
     try:
         model, tokenizer = load_model_from_args(args)
         chat = Chat(model, tokenizer, memory=build_memory(args, model, tokenizer, session), system=args.system,
-                    chat_format=chat_format_from_args(args, tokenizer, "chat"), **dataclasses.asdict(options))
+                    chat_format=chat_format_from_args(args, tokenizer, "chat"), tools=tools,
+                    **dataclasses.asdict(options))
         print(f"qlora chat ({args.memory} memory). {SLASH_HELP}")
         if store is not None and store.read_only:
             print(f"({args.db} is read-only: the session can be read, new turns will not be saved)", file=sys.stderr)
@@ -219,12 +256,34 @@ def _loop(chat, args: argparse.Namespace) -> None:
             continue
         sys.stdout.write("assistant> ")
         try:
-            for piece in chat.send(line):
-                sys.stdout.write(piece)
-                sys.stdout.flush()
-            sys.stdout.write("\n")
+            _show(chat.send(line))
+            while chat.pending_calls:
+                results = _tool_results(chat)
+                if results is None:
+                    return
+                sys.stdout.write("assistant> ")
+                _show(chat.send_tool_results(results))
         except (StoreLocked, StoreReadOnly) as exc:
             sys.stdout.write("\n")
             sys.stdout.flush()
             print(_store_problem(exc, chat.last_reply is not None), file=sys.stderr)
 
+
+def _show(pieces) -> None:
+    for piece in pieces:
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+
+
+def _tool_results(chat) -> list[str] | None:
+    """Show each pending call and read its result (one line each); None at end of input."""
+    results = []
+    for _, call in chat.pending_calls:
+        print(f"(tool call: {call.name} {call.arguments})")
+        try:
+            results.append(input(f"{call.name} result> ").strip())
+        except EOFError:
+            print()
+            return None
+    return results

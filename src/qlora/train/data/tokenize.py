@@ -36,12 +36,12 @@ The rules (issues 11 and 20), each one a silent fine-tune killer elsewhere:
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Sequence
 
 from qlora.errors import UsageError
+from qlora.model import chat_format
 from qlora.model.chat_format import END_OF_TURN_TOKENS, ChatFormat, stop_token_ids
 from qlora.train.data.formats import Example
 from qlora.train.data.reasoning import (THINK_CLOSE, THINK_OPEN, fold, has_reasoning, knows_think_markers,
@@ -278,34 +278,17 @@ def _prompt_completion_ids_and_mask(example: Example, tokenizer, fmt: ChatFormat
     return ids, mask, not any(t in stops for t in ids[prompt_len:])
 
 
-_ARGUMENTS_AS_TEXT = re.compile(r"""arguments['"]?\]?\s*\+""")  # DeepSeek: '...' + tool['function']['arguments']
-
-
 def for_template(messages: Sequence[dict], template: str, tokenizer=None, where: str = "",
                  origin: str = "the chat template") -> list[dict]:
-    """Messages as ``template`` can take them: OpenAI's ``developer`` role becomes ``system`` for a template
-    that has no developer role (all but a few recent ones), since that is what it means there; tool-call
-    arguments are a dict (Hugging Face's convention, ``| tojson`` in the template) except for templates that
-    concatenate them as JSON text (DeepSeek V3/R1); reasoning goes where the template (or ``tokenizer``'s
-    ``<think>`` markers) takes it (:func:`~qlora.train.data.reasoning.place_reasoning`).
+    """Messages as ``template`` can take them (:func:`qlora.model.chat_format.for_template`: roles,
+    tool calls), with reasoning where the template (or ``tokenizer``'s ``<think>`` markers) takes it
+    (:func:`~qlora.train.data.reasoning.place_reasoning`).
 
     Raises:
         UsageError: an assistant turn has reasoning the template has no place for (naming ``where``).
     """
-    developer = "developer" in template
-    as_text = bool(_ARGUMENTS_AS_TEXT.search(template))
-    out = []
-    for m in messages:
-        if "weight" in m:  # ours (which turns are trained), not the template's
-            m = {k: v for k, v in m.items() if k != "weight"}
-        if m.get("role") == "developer" and not developer:
-            m = {**m, "role": "system"}
-        if m.get("tool_calls") and m.get("content") is None:  # transformers drops None keys; templates need one
-            m = {**m, "content": ""}
-        if as_text and m.get("tool_calls"):
-            m = {**m, "tool_calls": [_arguments_as_text(c) for c in m["tool_calls"]]}
-        out.append(m)
-    return place_reasoning(out, template, tokenizer, where, origin)
+    shaped = chat_format.for_template(messages, template)
+    return place_reasoning(shaped, template, tokenizer, where, origin)
 
 
 def restore_final_reasoning(text: str, messages: Sequence[dict]) -> str:
@@ -341,13 +324,6 @@ def _generation_prompt(tokenizer, fmt: ChatFormat, messages: Sequence[dict], i: 
     plain = fmt.render(tokenizer, messages[:i], where=where, **extra)
     prompted = fmt.render(tokenizer, messages[:i], add_generation_prompt=True, where=where, **extra)
     return prompted[len(plain):] if prompted.startswith(plain) else ""
-
-
-def _arguments_as_text(call: dict) -> dict:
-    fn = call.get("function", {})
-    if isinstance(fn.get("arguments"), str):
-        return call
-    return {**call, "function": {**fn, "arguments": json.dumps(fn.get("arguments", {}), ensure_ascii=False)}}
 
 
 def _template_kwargs(example: Example) -> dict:
