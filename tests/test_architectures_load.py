@@ -105,3 +105,42 @@ def test_linear_subclasses_that_compute_a_linear_are_quantized_and_adapted(tmp_p
     router = PhimoeTopKRouter.__new__(PhimoeTopKRouter)
     torch.nn.Linear.__init__(router, 8, 4)
     assert not is_plain_linear(router)
+
+
+def test_routers_inside_gate_modules_and_self_cast_layers_stay_dense(tmp_path, tiny_tokenizer):
+    """Hunyuan's router is ``mlp.gate.wg`` (inside a gate module, one output per expert) and its code reads
+    ``wg.weight.dtype``; DeepSeek-V3.2's indexer runs ``weights_proj(x.to(weights_proj.weight.dtype))``: a
+    packed uint8 weight would cast the input to bytes. Both stay 16-bit and out of all-linear."""
+    from qlora.model.inject import add_lora
+    from qlora.nn import LoraLinear
+
+    kw = dict(vocab_size=len(tiny_tokenizer), hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, intermediate_size=128, head_dim=16, bos_token_id=tiny_tokenizer.bos_token_id,
+              eos_token_id=tiny_tokenizer.eos_token_id, pad_token_id=tiny_tokenizer.pad_token_id)
+    dirs = {}
+    for arch, extra in (("hunyuan_v1_moe", dict(num_experts=4, moe_topk=2, moe_intermediate_size=32)),
+                        ("deepseek_v32", dict(n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                                              q_lora_rank=32, kv_lora_rank=16, qk_rope_head_dim=8,
+                                              qk_nope_head_dim=8, v_head_dim=16, n_group=1, topk_group=1))):
+        config = AutoConfig.for_model(arch, **kw, **extra)
+        torch.manual_seed(0)
+        AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / arch)
+        tiny_tokenizer.save_pretrained(tmp_path / arch)
+        dirs[arch] = tmp_path / arch
+
+    model, _ = load_model(dirs["deepseek_v32"], compute_dtype=torch.float32, device="cpu")
+    indexer = model.model.layers[0].self_attn.indexer
+    assert type(indexer.weights_proj) is torch.nn.Linear and isinstance(indexer.wq_b, Linear4bit)
+
+    model, _ = load_model(dirs["hunyuan_v1_moe"], compute_dtype=torch.float32, device="cpu")
+    mlp = model.model.layers[0].mlp
+    assert type(mlp.gate.wg) is torch.nn.Linear
+    add_lora(model, r=4, verbose=False)
+    assert type(mlp.gate.wg) is torch.nn.Linear
+    q = model.model.layers[0].self_attn.q_proj
+    assert isinstance(q, LoraLinear) and q.weight is q.base_layer.weight  # PEFT's layers expose it too
+    model.train()
+    x = torch.randint(3, 200, (2, 10))
+    loss = model(x, labels=x).loss
+    loss.backward()
+    assert torch.isfinite(loss) and q.lora_B["default"].weight.grad.abs().sum() > 0

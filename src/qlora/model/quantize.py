@@ -54,17 +54,49 @@ def is_linear_like(module: nn.Module) -> bool:
 
 def router_names(model: nn.Module) -> set[str]:
     """Paths of MoE routers and gates: linear layers beside an ``experts`` module
-    (``mlp.gate``, ``mlp.shared_expert_gate``). They stay 16-bit and are not LoRA
-    targets: quantizing or adapting them changes which experts a token reaches."""
+    (``mlp.gate``, ``mlp.shared_expert_gate``), or inside a gate module beside it
+    with one output per expert (Hunyuan's ``mlp.gate.wg``). They stay 16-bit and are
+    not LoRA targets: quantizing or adapting them changes which experts a token reaches."""
     names = set()
     for path, module in model.named_modules():
-        if "experts" not in module._modules:
+        experts = module._modules.get("experts")
+        if experts is None:
             continue
+        count = _expert_count(experts)
+        prefix = f"{path}." if path else ""
         for child_name, child in module.named_children():
-            if child_name != "experts" and (isinstance(child, (nn.Linear, Linear4bit)) or
-                                            type(getattr(child, "base_layer", None)) in (nn.Linear, Linear4bit)):
-                names.add(f"{path}.{child_name}" if path else child_name)
+            if child_name == "experts":
+                continue
+            if _is_linear_or_wrapped(child):
+                names.add(prefix + child_name)
+                continue
+            names.update(f"{prefix}{child_name}.{n}" for n, m in child.named_modules()
+                         if n and _is_linear_or_wrapped(m) and count is not None and _out_features(m) == count)
     return names
+
+
+def _is_linear_or_wrapped(m: nn.Module) -> bool:
+    return isinstance(m, (nn.Linear, Linear4bit)) or type(getattr(m, "base_layer", None)) in (nn.Linear, Linear4bit)
+
+
+def _out_features(m: nn.Module) -> int | None:
+    return getattr(m, "out_features", None)
+
+
+def _expert_count(experts: nn.Module) -> int | None:
+    """How many experts an experts module holds (its ``num_experts``, list length or 3-D weight's first dim)."""
+    from ..nn import expert_weight_names
+
+    n = getattr(experts, "num_experts", None)
+    if isinstance(n, int):
+        return n
+    if isinstance(experts, nn.ModuleList):
+        return len(experts)
+    names = getattr(experts, "weight_names", None) or expert_weight_names(experts)
+    if names:
+        w = getattr(experts, names[0])
+        return len(w) if isinstance(w, nn.ModuleList) else int(w.shape[0])
+    return None
 
 
 def text_decoder_path(model: nn.Module) -> str:
@@ -102,8 +134,11 @@ def output_embedding_names(model: nn.Module) -> set[str]:
     return {name for name, m in model.named_modules() if head is not None and m is head}
 
 
-# ``self.<child>.weight`` used as a tensor (not only its dtype/device/shape).
-_WEIGHT_READ = re.compile(r"self\.(\w+)\.weight\b(?!\.(?:dtype|device|shape|is_meta)\b)")
+# ``self.<child>.weight`` used as a tensor (not only its dtype/device/shape), or the layer's input cast to
+# its weight's dtype (DeepSeek-V3.2's ``self.weights_proj(x.to(self.weights_proj.weight.dtype))``), which
+# a packed 4-bit weight (uint8) would turn into garbage.
+_WEIGHT_READ = re.compile(r"self\.(\w+)\.weight\b(?!\.(?:dtype|device|shape|is_meta)\b)"
+                          r"|self\.(\w+)\([^()]*\.to\((?:dtype=)?self\.\2\.weight\.dtype")
 
 
 @functools.lru_cache(maxsize=None)
@@ -115,7 +150,7 @@ def _children_read_as_tensors(cls: type) -> frozenset[str]:
         if not inspect.isfunction(fn) or attr == "__init__" or attr.lstrip("_").startswith("init"):
             continue
         try:
-            names.update(_WEIGHT_READ.findall(inspect.getsource(fn)))
+            names.update(n for pair in _WEIGHT_READ.findall(inspect.getsource(fn)) for n in pair if n)
         except (OSError, TypeError):
             continue
     return frozenset(names)

@@ -85,6 +85,11 @@ class LoraLinear(nn.Module):
         self.row_adapters: list[str | None] | None = None  # per batch row adapter (see qlora.model.multi_adapter)
         self._dora_scale: dict[str, torch.Tensor] = {}  # m / ||W + s BA|| of merged DoRA adapters, to unmerge
 
+    @property
+    def weight(self) -> torch.Tensor:
+        """The base layer's weight, as PEFT's LoRA layers expose it (model code reads ``.weight.dtype``)."""
+        return self.base_layer.weight
+
     # --- adapters -----------------------------------------------------------
     def add_adapter(self, name: str, spec: LoraSpec) -> None:
         if name in self.specs:
