@@ -15,8 +15,8 @@ import pytest
 
 from qlora.cli.main import main
 from qlora.errors import UsageError
-from qlora.model.chat_format import ChatFormat, stop_token_ids
-from qlora.train.data import IGNORE_INDEX, Example, Record, normalize, tokenize_example
+from qlora.model.chat_format import ChatFormat
+from qlora.train.data import IGNORE_INDEX, Record, normalize, tokenize_example
 from qlora.train.data.preference import normalize_preferences, tokenize_pair
 from qlora.train.data.reasoning import template_reasoning_keys
 
