@@ -11,7 +11,8 @@ from transformers.pytorch_utils import Conv1D
 from qlora.cli.main import main
 from qlora.errors import UsageError
 from qlora.model.estimate import (
-    GIB, TrainingOptions, count_parameters, estimate, load_config, optimizer_bytes, quantized_bytes, select_targets,
+    GIB, TrainingOptions, activation_bytes, count_parameters, estimate, load_config, optimizer_bytes, quantized_bytes,
+    select_targets,
 )
 from qlora.model.tiny import ARCHITECTURES, tiny_config
 from qlora.quant import quantize_4bit
@@ -233,3 +234,20 @@ def test_cli_defaults_are_train_defaults_and_the_model_is_positional(capsys):
     chunked = estimate(load_config("llama-3-8b"), TrainingOptions(seq_len=8192, chunked_ce=True))
     assert chunked.rows[-1][1]["QLoRA"] == pytest.approx(plain.rows[-1][1]["QLoRA"] / 2, rel=1e-3)
     assert main(["estimate"]) == 2
+
+
+def test_layers_of_different_widths_are_estimated_at_the_widest():
+    """Gemma 4's config holds head_dim per layer (reading the global value raises); the activation
+    estimate takes the widest layer, so it is no smaller than for a model of only such layers."""
+    from transformers import AutoConfig
+
+    kw = dict(vocab_size=512, hidden_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+              intermediate_size=128)
+    mixed = AutoConfig.for_model("gemma4_text", **kw)
+    widths = [layer.head_dim for layer in mixed.per_layer_config]
+    assert len(set(widths)) > 1  # the case this test is about
+    opts = TrainingOptions(seq_len=64, gradient_checkpointing=False)
+    got = activation_bytes(mixed, opts, lora_per_layer=0)
+    widest = AutoConfig.for_model("gemma3_text", **kw, head_dim=max(widths))
+    narrowest = AutoConfig.for_model("gemma3_text", **kw, head_dim=min(widths))
+    assert activation_bytes(narrowest, opts, 0) < got == activation_bytes(widest, opts, 0)

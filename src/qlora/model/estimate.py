@@ -278,17 +278,26 @@ def optimizer_bytes(tensor_numels: list[int], optim: str) -> int:
     return total
 
 
+def _widest(config, name: str):
+    """``config.<name>``; for a config whose layers differ (Gemma 4's per-layer ``head_dim``), the
+    largest layer's value: the estimate stays an upper bound."""
+    if name in (getattr(config, "per_layer_attributes", None) or ()):
+        values = [v for layer in config.per_layer_config if (v := getattr(layer, name, None)) is not None]
+        return max(values) if values else None
+    return getattr(config, name, None)
+
+
 def _shape(config) -> dict[str, int]:
     text = config.get_text_config()
-    hidden = text.hidden_size
-    heads = text.num_attention_heads
-    head_dim = getattr(text, "head_dim", None) or hidden // heads
+    hidden = _widest(text, "hidden_size")
+    heads = _widest(text, "num_attention_heads")
+    head_dim = _widest(text, "head_dim") or hidden // heads
     return dict(
         hidden=hidden,
         heads=heads,
         q=heads * head_dim,
-        kv=(getattr(text, "num_key_value_heads", None) or heads) * head_dim,
-        inter=getattr(text, "intermediate_size", None) or getattr(text, "n_inner", None) or 4 * hidden,
+        kv=(_widest(text, "num_key_value_heads") or heads) * head_dim,
+        inter=_widest(text, "intermediate_size") or _widest(text, "n_inner") or 4 * hidden,
         layers=text.num_hidden_layers,
         vocab=text.vocab_size,
     )
