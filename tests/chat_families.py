@@ -66,3 +66,15 @@ def family_tokenizer(name: str):
     return fast
 
 
+def model_for(family: str, tmp_path):
+    """A tiny Llama with the family's tokenizer and generation_config stop ids."""
+    from transformers import GenerationConfig
+
+    from qlora.model.tiny import build_tiny_model
+
+    tok = family_tokenizer(family)
+    out = build_tiny_model(tmp_path / f"model-{family}", tokenizer=tok, arch="llama")
+    config = GenerationConfig.from_pretrained(out)
+    config.eos_token_id = [tok.convert_tokens_to_ids(t) for t in FAMILIES[family]["generation_eos"]]
+    config.save_pretrained(out)
+    return out

@@ -12,7 +12,7 @@ import yaml
 from qlora.cli.main import main
 from qlora.model.chat_format import ChatFormat, today
 
-from chat_families import FAMILIES, family_tokenizer
+from chat_families import family_tokenizer, model_for
 
 THINK = {"role": "assistant", "content": "<think>\nTwo and two make four.\n</think>\n\nFour."}
 ROWS = [
@@ -20,20 +20,6 @@ ROWS = [
      {"role": "user", "content": "And three plus three?"}, {"role": "assistant", "content": "Six."}],
     [{"role": "user", "content": "Name a color."}, {"role": "assistant", "content": "Blue."}],
 ]
-
-
-def model_for(family: str, tmp_path):
-    """A tiny Llama with the family's tokenizer and generation_config stop ids."""
-    from transformers import GenerationConfig
-
-    from qlora.model.tiny import build_tiny_model
-
-    tok = family_tokenizer(family)
-    out = build_tiny_model(tmp_path / f"model-{family}", tokenizer=tok, arch="llama")
-    config = GenerationConfig.from_pretrained(out)
-    config.eos_token_id = [tok.convert_tokens_to_ids(t) for t in FAMILIES[family]["generation_eos"]]
-    config.save_pretrained(out)
-    return out
 
 
 def data(tmp_path, rows=ROWS):

@@ -20,7 +20,7 @@ from qlora.train.data import IGNORE_INDEX, Record, normalize, tokenize_example
 from qlora.train.data.preference import normalize_preferences, tokenize_pair
 from qlora.train.data.reasoning import template_reasoning_keys
 
-from chat_families import FAMILIES, family_tokenizer
+from chat_families import family_tokenizer, model_for
 from trained_runs import trained_runs
 
 U1 = {"role": "user", "content": "What is two plus two?"}
@@ -308,26 +308,13 @@ def test_preference_answers_keep_their_reasoning(family):
 # ---------------------------------------------------------------- end to end
 
 
-def _model(family: str, tmp_path):
-    from transformers import GenerationConfig
-
-    from qlora.model.tiny import build_tiny_model
-
-    tok = family_tokenizer(family)
-    out = build_tiny_model(tmp_path / f"model-{family}", tokenizer=tok, arch="llama")
-    config = GenerationConfig.from_pretrained(out)
-    config.eos_token_id = [tok.convert_tokens_to_ids(t) for t in FAMILIES[family]["generation_eos"]]
-    config.save_pretrained(out)
-    return out
-
-
 def test_train_and_eval_on_reasoning_data_end_to_end(tmp_path, capsys):
     rows = [{"messages": [U1, assistant("Four.", R1)]},
             {"messages": [U1, {"role": "assistant", "content": "Four.", "thinking": R1}, U2, embedded("Six.", R2)]}]
     data = tmp_path / "think.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     common = ["--data", str(data), "--seq-len", "256", "--no-progress"]
-    model = _model("qwen3", tmp_path)
+    model = model_for("qwen3", tmp_path)
     assert main(["train", "--model", str(model), "--output", str(tmp_path / "run"), "--max-steps", "2", *common]) == 0
     assert (tmp_path / "run" / "adapter_model.safetensors").is_file()
     evaluated = ["eval", "--model", str(model), "--adapter", str(tmp_path / "run"), "--quant", "none", *common[:4]]
@@ -335,7 +322,7 @@ def test_train_and_eval_on_reasoning_data_end_to_end(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "2 examples, 0 truncated to --seq-len, 2 with reasoning (given to the chat template as " \
            "reasoning_content); the chat template does not show the reasoning of 1 assistant turn " in out
-    llama = _model("llama-3.1", tmp_path)
+    llama = model_for("llama-3.1", tmp_path)
     assert main(["train", "--model", str(llama), "--output", str(tmp_path / "bad"), "--max-steps", "2", *common]) == 2
     err = capsys.readouterr().err
     assert f'{data} line 1, message 2 of the conversation: field "reasoning_content" holds' in err

@@ -18,42 +18,18 @@ import qlora
 from qlora.errors import UsageError
 from qlora.model.load import load_model
 from qlora.nn import Experts4bit, ExpertsLora, Linear4bit
+from tiny_moe import tiny_moe_factory
 
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
-_CONFIG = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, intermediate_size=48,
-               max_position_embeddings=64, bos_token_id=1, eos_token_id=2, pad_token_id=0, head_dim=8)
-_MOE = dict(moe_intermediate_size=32, num_experts=4, num_local_experts=4, n_routed_experts=4, num_experts_per_tok=2,
-            q_lora_rank=16, kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8,
-            first_k_dense_replace=1, n_group=1, topk_group=1)
 _IDS = torch.tensor([[5, 17, 42, 99, 7, 250, 31, 8, 64, 12], [3, 9, 27, 81, 200, 150, 11, 4, 66, 90]])
 _EXPERTS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
 
 
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory, tiny_tokenizer):
-    cache = {}
-
-    def get(model_type: str):
-        if model_type not in cache:
-            cfg = transformers.AutoConfig.for_model(model_type, vocab_size=len(tiny_tokenizer), **_CONFIG)
-            for key, value in _MOE.items():
-                if hasattr(cfg, key):
-                    setattr(cfg, key, value)
-            if model_type.startswith("deepseek"):  # multi-head latent attention: as many key/value heads as heads
-                cfg.num_key_value_heads = cfg.num_attention_heads
-            torch.manual_seed(0)
-            model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
-            with torch.no_grad():
-                for p in model.parameters():
-                    p.normal_(0, 0.3) if p.dim() > 1 else p.uniform_(0.5, 1.5)
-            out = tmp_path_factory.mktemp(model_type)
-            model.save_pretrained(out)
-            tiny_tokenizer.save_pretrained(out)
-            cache[model_type] = out
-        return cache[model_type]
-    return get
+    return tiny_moe_factory(tmp_path_factory, tiny_tokenizer)
 
 
 def _reference(path):

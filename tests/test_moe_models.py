@@ -12,46 +12,16 @@ import torch
 
 from qlora.model.load import load_model
 from qlora.nn import Experts4bit, Linear4bit
+from tiny_moe import CONFIG, tiny_moe_factory
 
 transformers = pytest.importorskip("transformers")
 pytestmark = pytest.mark.skipif(not hasattr(transformers, "conversion_mapping") and
                                 not __import__("importlib").util.find_spec("transformers.conversion_mapping"),
                                 reason="transformers 4.x stores experts as nn.Linear (loaded by the plain path)")
 
-_CONFIG = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, intermediate_size=48,
-               max_position_embeddings=64, bos_token_id=1, eos_token_id=2, pad_token_id=0)
-_MOE = dict(moe_intermediate_size=32, num_experts=4, num_local_experts=4, n_routed_experts=4, num_experts_per_tok=2,
-            shared_expert_intermediate_size=32, head_dim=8, q_lora_rank=16, kv_lora_rank=16, qk_rope_head_dim=8,
-            qk_nope_head_dim=8, v_head_dim=8, first_k_dense_replace=1, n_group=1, topk_group=1)
-
-
-def _save(tmp_path_factory, tokenizer, model_type: str):
-    cfg = transformers.AutoConfig.for_model(model_type, vocab_size=len(tokenizer), **_CONFIG)
-    for key, value in _MOE.items():
-        if hasattr(cfg, key):
-            setattr(cfg, key, value)
-    if model_type.startswith("deepseek"):  # multi-head latent attention: as many key/value heads as heads
-        cfg.num_key_value_heads = cfg.num_attention_heads
-    torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
-    with torch.no_grad():  # random, non-trivial weights everywhere (norms and biases included)
-        for p in model.parameters():
-            p.normal_(0, 0.3) if p.dim() > 1 else p.uniform_(0.5, 1.5)
-    out = tmp_path_factory.mktemp(model_type)
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    return out
-
-
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory, tiny_tokenizer):
-    cache = {}
-
-    def get(model_type: str):
-        if model_type not in cache:
-            cache[model_type] = _save(tmp_path_factory, tiny_tokenizer, model_type)
-        return cache[model_type]
-    return get
+    return tiny_moe_factory(tmp_path_factory, tiny_tokenizer)
 
 
 def _reference(path):
@@ -144,7 +114,7 @@ def test_routers_stay_dense_and_are_not_default_lora_targets(tmp_path, saved):
 def test_estimate_counts_experts_as_4bit_and_routers_as_16bit():
     from qlora.model.estimate import count_parameters, select_targets
 
-    cfg = transformers.AutoConfig.for_model("mixtral", vocab_size=300, **_CONFIG)
+    cfg = transformers.AutoConfig.for_model("mixtral", vocab_size=300, **CONFIG)
     cfg.num_local_experts, cfg.num_experts_per_tok = 4, 2
     counts = count_parameters(cfg)
     h, i, layers = cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers
