@@ -114,8 +114,8 @@ def _plan(model: nn.Module, config, spec: ArchSpec, out_type: str,
     matrix_type = {"f32": Q.F32, "f16": Q.F16, "bf16": Q.BF16, "q8_0": Q.Q8_0}[out_type]
     name_of = tensor_namer(config, spec)
     towers = tuple(t + "." for t in non_text_names(model))
-    rows = [(_causal_lm_key(model, key) if towers else key, shape, make)
-            for key, shape, make in merged_tensors(model) if not key.startswith(towers)]
+    rename = _causal_lm_key(model) if towers else (lambda key: key)
+    rows = [(rename(key), shape, make) for key, shape, make in merged_tensors(model) if not key.startswith(towers)]
     tied = _tied(model)
     plan: list[_Planned] = []
     unknown = []
@@ -148,14 +148,12 @@ def _plan(model: nn.Module, config, spec: ArchSpec, out_type: str,
     return plan
 
 
-def _causal_lm_key(model: nn.Module, key: str) -> str:
-    """A vision-language model's key as its language model alone names it: ``model.layers.0...``
+def _causal_lm_key(model: nn.Module) -> Callable[[str], str]:
+    """A vision-language model's keys as its language model alone names them: ``model.layers.0...``
     for ``model.language_model.layers.0...`` (Gemma 3), or ``language_model.model.layers.0...`` (Llama 4)."""
     path = text_decoder_path(model)
-    if not key.startswith(path + "."):
-        return key
-    rest = key[len(path) + 1:]
-    return rest if model.get_submodule(path).get_output_embeddings() is not None else "model." + rest
+    inner = "" if model.get_submodule(path).get_output_embeddings() is not None else "model."
+    return lambda key: inner + key[len(path) + 1:] if key.startswith(path + ".") else key
 
 
 def _tied(model: nn.Module) -> bool:

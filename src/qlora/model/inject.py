@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from ..errors import UsageError
-from ..nn import AdaLoraLinear, Experts4bit, ExpertsLora, LoraLinear, LoraSpec, expert_weight_names
+from ..nn import AdaLoraLinear, Experts4bit, ExpertsLora, Linear4bit, LoraLinear, LoraSpec, expert_weight_names
 from ..nn.experts_lora import expert_shapes
 from .quantize import is_linear_like, kept_dense_names, matches_any, non_text_names, output_embedding_names
 
@@ -123,8 +123,6 @@ def _select_parameters(model: nn.Module, targets: list[str]) -> dict[str, list[s
             chosen.setdefault(path, []).append(w)
     unmatched = [t for t in targets if not any(matches_any(k, [t]) for k in keys)]
     if unmatched:
-        from ..nn import Linear4bit
-
         others = [n for n, _ in model.named_parameters() if ".lora_" not in n and not n.startswith(
             tuple(p + "." for p in experts))] + [f"{n}.weight" for n, m in model.named_modules()
                                                  if isinstance(m, Linear4bit) and not n.startswith(tuple(experts))]

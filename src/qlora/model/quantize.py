@@ -14,7 +14,7 @@ from typing import Callable, Iterable
 import torch
 from torch import nn
 
-from ..nn import Linear4bit
+from ..nn import Linear4bit, expert_weight_names
 from ..quant import NonFiniteError
 
 
@@ -71,7 +71,8 @@ def router_names(model: nn.Module) -> set[str]:
                 names.add(prefix + child_name)
                 continue
             names.update(f"{prefix}{child_name}.{n}" for n, m in child.named_modules()
-                         if n and _is_linear_or_wrapped(m) and count is not None and _out_features(m) == count)
+                         if n and _is_linear_or_wrapped(m) and count is not None
+                         and getattr(m, "out_features", None) == count)
     return names
 
 
@@ -79,14 +80,8 @@ def _is_linear_or_wrapped(m: nn.Module) -> bool:
     return isinstance(m, (nn.Linear, Linear4bit)) or type(getattr(m, "base_layer", None)) in (nn.Linear, Linear4bit)
 
 
-def _out_features(m: nn.Module) -> int | None:
-    return getattr(m, "out_features", None)
-
-
 def _expert_count(experts: nn.Module) -> int | None:
     """How many experts an experts module holds (its ``num_experts``, list length or 3-D weight's first dim)."""
-    from ..nn import expert_weight_names
-
     n = getattr(experts, "num_experts", None)
     if isinstance(n, int):
         return n
