@@ -150,3 +150,49 @@ def test_llama_cpp_logits_equal_the_merged_model(tmp_path, tiny_tokenizer, arch)
     llm.eval(ids)
     got = torch.tensor(llm.scores[: len(ids)])
     assert float((got - expected).abs().max() / expected.abs().max()) < 1e-3
+
+
+@torch.no_grad()
+def test_k_quants_are_llama_cpps_own_and_lose_accuracy_in_order_of_their_bits(tmp_path, tiny_tokenizer):
+    """--type q4_k_m runs llama.cpp's quantizer: its Q4_K/Q6_K mix, and error shrinking with more bits."""
+    from qlora.model.gguf_export import export_gguf
+    from qlora.model.gguf_quantize import quantize_gguf
+    from qlora.nn import LoraLinear
+
+    gguf = pytest.importorskip("gguf")
+    # rows of 256 values: the k-quant block size (narrower rows get llama.cpp's fallback types)
+    base = build_tiny_model(tmp_path / "m", tokenizer=tiny_tokenizer, arch="llama", hidden=256, layers=2, heads=4,
+                            kv_heads=2, intermediate=512, seed=0, initializer_range=0.05)
+    adapter = tmp_path / "adapter"
+    model, tokenizer = qlora.load_model(base, compute_dtype=torch.float32, device="cpu")
+    torch.manual_seed(0)
+    qlora.add_lora(model, r=4, alpha=8, dropout=0.0, target_modules="all-linear", verbose=False)
+    for layer in model.modules():
+        if isinstance(layer, LoraLinear):
+            torch.nn.init.normal_(layer.lora_B["default"].weight, std=0.05)
+    qlora.save_adapter(model, adapter)
+    assert main(["export", "--model", str(base), "--adapter", str(adapter), "--output", str(tmp_path / "out"),
+                 "--type", "q4_k_m"]) == 0
+    q4 = tmp_path / "out" / "model-q4_k_m.gguf"
+    assert sorted(p.name for p in q4.parent.iterdir()) == [".qlora-output.json", "Modelfile", q4.name]
+    reader = gguf.GGUFReader(q4)
+    assert int(reader.fields["general.file_type"].parts[-1][0]) == gguf.LlamaFileType.MOSTLY_Q4_K_M
+    types = {t.name: t.tensor_type.name for t in reader.tensors}
+    assert types["blk.0.attn_q.weight"] == "Q4_K" and "Q6_K" in types.values()  # llama.cpp's Q4_K_M mix
+    assert types["blk.0.attn_norm.weight"] == "F32"
+
+    ids = tokenizer("The quick brown fox jumps over the lazy dog. Question: what is two plus two?")["input_ids"]
+    expected = merge(model, dtype=torch.float32)(torch.tensor([ids])).logits[0]
+    export_gguf(model, tokenizer, tmp_path / "f16.gguf", "f16")  # the merged model; quantize from it directly
+    errors = {}
+    for out_type in ("q6_k", "q4_k_m", "q2_k"):
+        path = q4 if out_type == "q4_k_m" else quantize_gguf(tmp_path / "f16.gguf", tmp_path / f"{out_type}.gguf",
+                                                             out_type)
+        llm = llama_cpp.Llama(model_path=str(path), n_ctx=128, n_threads=2, logits_all=True, verbose=False)
+        llm.eval(ids)
+        got = torch.tensor(llm.scores[: len(ids)])
+        llm.close()
+        errors[out_type] = float((got - expected).abs().max() / expected.abs().max())
+        if out_type == "q4_k_m":  # the CLI's file is the adapter folded into the nf4 base, as merge gives
+            assert float(torch.nn.functional.cosine_similarity(got, expected, dim=-1).min()) > 0.9, errors
+    assert errors["q6_k"] < errors["q4_k_m"] < errors["q2_k"], errors

@@ -111,3 +111,14 @@ def test_commands_import_only_what_they_need(tmp_path, tiny_model_dir):
     proc, modules = _qlora(tmp_path, ["estimate", "--model", "llama-3-8b"])
     assert proc.returncode == 0 and "QLoRA" in proc.stdout, proc.stderr
     assert not _top(modules) & (unneeded | {"matplotlib", "tensorboard"}) and not _own_kernels(modules)
+
+
+def test_k_quant_export_without_llama_cpp_says_what_to_install_before_loading(tmp_path, tiny_model_dir):
+    out = tmp_path / "gguf"
+    proc, modules = _qlora(tmp_path, ["export", "--model", str(tiny_model_dir), "--output", str(out),
+                                      "--type", "q4_k_m"], hide=("llama_cpp",))
+    assert proc.returncode == 2, proc.stderr
+    said = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(said) == 1 and "pip install llama-cpp-python" in said[0] and "llama-quantize" in said[0], said
+    assert not out.exists()
+    assert "transformers" not in _top(modules)  # refused before the model is loaded

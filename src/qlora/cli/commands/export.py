@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 from ...errors import UsageError
+from ...model.gguf_quantize import LLAMA_CPP_TYPES
 
 NAME = "export"
 HELP = "write a model (+ adapter, merged) as GGUF for llama.cpp / Ollama, with a Modelfile"
@@ -25,9 +26,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--adapter", help="PEFT-format adapter folder to fold in (omit to export the model as is)")
     parser.add_argument("--output", required=True, help="folder to write: model-<type>.gguf and Modelfile")
     parser.add_argument("--format", default="gguf", choices=("gguf",), help="output format (default gguf)")
-    parser.add_argument("--type", default="f16", choices=("f16", "bf16", "q8_0", "f32"),
-                        help="tensor type of the weight matrices (norms stay f32); for k-quants such as q4_k_m "
-                             "run llama.cpp's llama-quantize on the f16 file")
+    parser.add_argument("--type", default="f16", choices=("f16", "bf16", "q8_0", "f32", *LLAMA_CPP_TYPES),
+                        help="tensor type of the weight matrices (norms stay f32). k-quants (q4_k_m, q5_k_m, "
+                             "q6_k, ...) and q4_0/q5_0 are made by llama.cpp's own quantizer from an f16 file "
+                             "and need llama-cpp-python")
     parser.add_argument("--quant", choices=("nf4", "fp4", "none"),
                         help="the base data type used in training: the adapter is folded into this dequantized "
                              "base, as qlora merge does (default: nf4 with --adapter, none without)")
@@ -43,12 +45,15 @@ def run(args: argparse.Namespace) -> int:
     from ...model.adapter_io import load_adapter
     from ...model.chat_format import ChatFormat
     from ...model.gguf_export import export_gguf, require_gguf
+    from ...model.gguf_quantize import quantize_gguf, require_llama_cpp
     from ...model.gguf_vocab import gguf_vocab
     from ...model.load import load_model, resolve_model_dir
     from ...model.modelfile import write_modelfile
     from ...output_folder import check_output, staged_output
 
     require_gguf()
+    if args.type in LLAMA_CPP_TYPES:
+        require_llama_cpp()  # before minutes of loading and merging, not after
     out = Path(args.output)
     if out.suffix == ".gguf":
         raise UsageError(f"--output is a folder (it receives the .gguf file and a Modelfile), not {out.name}")
@@ -66,7 +71,13 @@ def run(args: argparse.Namespace) -> int:
     gguf_name = f"model-{args.type}.gguf"
     with staged_output(out, "export", replace=True) as tmp:
         tmp.mkdir(parents=True)
-        path = export_gguf(model, tokenizer, tmp / gguf_name, args.type, name=args.name or out.resolve().name)
+        name = args.name or out.resolve().name
+        if args.type in LLAMA_CPP_TYPES:
+            f16 = export_gguf(model, tokenizer, tmp / "model-f16.gguf", "f16", name=name)
+            path = quantize_gguf(f16, tmp / gguf_name, args.type)
+            f16.unlink()  # the staging folder holds only what the output keeps
+        else:
+            path = export_gguf(model, tokenizer, tmp / gguf_name, args.type, name=name)
         notes = write_modelfile(tmp, gguf_name, tokenizer, gguf_vocab(tokenizer, model.get_input_embeddings().weight.shape[0]).add_bos)
         size = path.stat().st_size
     for note in notes:
