@@ -126,20 +126,25 @@ ARCHS = {
 }
 
 
-@torch.no_grad()
-@pytest.mark.parametrize("arch", list(ARCHS))
-def test_llama_cpp_logits_equal_the_merged_model(tmp_path, tiny_tokenizer, arch):
-    from qlora.model.gguf_export import export_gguf
+def _random_lora(model) -> None:
+    """All-linear LoRA with nonzero B, so folding it in changes every matrix."""
     from qlora.nn import LoraLinear
 
-    model_dir = build_tiny_model(tmp_path / "m", tokenizer=tiny_tokenizer, arch=arch.split("-")[0],
-                                 initializer_range=0.1, **ARCHS[arch])
-    model, tokenizer = qlora.load_model(model_dir, compute_dtype=torch.float32, device="cpu")
     torch.manual_seed(0)
     qlora.add_lora(model, r=4, alpha=8, dropout=0.0, target_modules="all-linear", verbose=False)
     for layer in model.modules():
         if isinstance(layer, LoraLinear):
             torch.nn.init.normal_(layer.lora_B["default"].weight, std=0.05)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("arch", list(ARCHS))
+def test_llama_cpp_logits_equal_the_merged_model(tmp_path, tiny_tokenizer, arch):
+    from qlora.model.gguf_export import export_gguf
+    model_dir = build_tiny_model(tmp_path / "m", tokenizer=tiny_tokenizer, arch=arch.split("-")[0],
+                                 initializer_range=0.1, **ARCHS[arch])
+    model, tokenizer = qlora.load_model(model_dir, compute_dtype=torch.float32, device="cpu")
+    _random_lora(model)
     export_gguf(model, tokenizer, tmp_path / "m.gguf", "f32")
     ids = tokenizer("The quick brown fox jumps over the lazy dog. Question: what is two plus two?")["input_ids"]
     expected = merge(model, dtype=torch.float32)(torch.tensor([ids])).logits[0]
@@ -157,7 +162,6 @@ def test_k_quants_are_llama_cpps_own_and_lose_accuracy_in_order_of_their_bits(tm
     """--type q4_k_m runs llama.cpp's quantizer: its Q4_K/Q6_K mix, and error shrinking with more bits."""
     from qlora.model.gguf_export import export_gguf
     from qlora.model.gguf_quantize import quantize_gguf
-    from qlora.nn import LoraLinear
 
     gguf = pytest.importorskip("gguf")
     # rows of 256 values: the k-quant block size (narrower rows get llama.cpp's fallback types)
@@ -165,11 +169,7 @@ def test_k_quants_are_llama_cpps_own_and_lose_accuracy_in_order_of_their_bits(tm
                             kv_heads=2, intermediate=512, seed=0, initializer_range=0.05)
     adapter = tmp_path / "adapter"
     model, tokenizer = qlora.load_model(base, compute_dtype=torch.float32, device="cpu")
-    torch.manual_seed(0)
-    qlora.add_lora(model, r=4, alpha=8, dropout=0.0, target_modules="all-linear", verbose=False)
-    for layer in model.modules():
-        if isinstance(layer, LoraLinear):
-            torch.nn.init.normal_(layer.lora_B["default"].weight, std=0.05)
+    _random_lora(model)
     qlora.save_adapter(model, adapter)
     assert main(["export", "--model", str(base), "--adapter", str(adapter), "--output", str(tmp_path / "out"),
                  "--type", "q4_k_m"]) == 0

@@ -90,6 +90,25 @@ def _log2(blocksize: int) -> int:
     return blocksize.bit_length() - 1
 
 
+def kernel_tables(state: QuantState, device: torch.device) -> tuple:
+    """``(code, absmax, nested_absmax, nested_code, offset, nested_shift)`` as the 4-bit kernels read them.
+
+    The kernels index every table as a dense vector: a strided view (a slice of a
+    bigger buffer, a transposed load) would be read at the wrong places, hence
+    ``contiguous``. Without double quantization the nested tables are unused
+    placeholders (``DOUBLE_QUANT`` is False).
+    """
+    code = state.code.to(device=device, dtype=torch.float32).contiguous()
+    if state.nested is None:
+        absmax = state.absmax.to(device=device, dtype=torch.float32).contiguous()
+        return code, absmax, absmax, absmax, absmax, 0
+    assert state.offset is not None
+    return (code, state.absmax.to(device).contiguous(),
+            state.nested.absmax.to(device=device, dtype=torch.float32).contiguous(),
+            state.nested.code.to(device=device, dtype=torch.float32).contiguous(),
+            state.offset.to(device=device, dtype=torch.float32).reshape(1), _log2(state.nested.blocksize))
+
+
 def dequantize_4bit(packed: torch.Tensor, state: QuantState, dtype: torch.dtype) -> torch.Tensor:
     """Decode ``packed`` (uint8, bitsandbytes' layout) to ``state.shape`` in ``dtype``."""
     if triton is None:
@@ -102,18 +121,7 @@ def dequantize_4bit(packed: torch.Tensor, state: QuantState, dtype: torch.dtype)
     out = torch.empty(n_out, dtype=dtype, device=device)
     if n_out == 0:
         return out.reshape(state.shape)
-    code = state.code.to(device=device, dtype=torch.float32).contiguous()
-    if state.nested is not None:
-        assert state.offset is not None
-        absmax = state.absmax.to(device).contiguous()
-        nested_absmax = state.nested.absmax.to(device=device, dtype=torch.float32).contiguous()
-        nested_code = state.nested.code.to(device=device, dtype=torch.float32).contiguous()
-        offset = state.offset.to(device=device, dtype=torch.float32).reshape(1)
-        nested_shift = _log2(state.nested.blocksize)
-    else:
-        absmax = state.absmax.to(device=device, dtype=torch.float32).contiguous()
-        nested_absmax = nested_code = offset = absmax  # unused when DOUBLE_QUANT is False
-        nested_shift = 0
+    code, absmax, nested_absmax, nested_code, offset, nested_shift = kernel_tables(state, device)
     n_bytes = flat.numel()
     grid = (triton.cdiv(n_bytes, _BYTES_PER_PROGRAM),)
     _dequant_kernel[grid](

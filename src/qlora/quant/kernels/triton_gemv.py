@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import torch
 
 from ..quant_state import QuantState
-from .triton_dequant import _log2, available, triton
+from .triton_dequant import _log2, available, kernel_tables, triton
 
 if triton is not None:
     import triton.language as tl
@@ -169,20 +169,7 @@ def gemv_4bit(
     flat = packed.reshape(-1)
     if flat.dtype != torch.uint8:
         flat = flat.view(torch.uint8)
-    # The kernel indexes every table as a dense vector: a strided view (a slice
-    # of a bigger buffer, a transposed load) would be read at the wrong places.
-    code = state.code.to(device=device, dtype=torch.float32).contiguous()
-    if state.nested is not None:
-        assert state.offset is not None
-        absmax = state.absmax.to(device).contiguous()
-        nested_absmax = state.nested.absmax.to(device=device, dtype=torch.float32).contiguous()
-        nested_code = state.nested.code.to(device=device, dtype=torch.float32).contiguous()
-        offset = state.offset.to(device=device, dtype=torch.float32).reshape(1)
-        nested_shift = _log2(state.nested.blocksize)
-    else:
-        absmax = state.absmax.to(device=device, dtype=torch.float32).contiguous()
-        nested_absmax = nested_code = offset = absmax  # unused when DOUBLE_QUANT is False
-        nested_shift = 0
+    code, absmax, nested_absmax, nested_code, offset, nested_shift = kernel_tables(state, device)
 
     cfg = config or choose_config(n, k, device)
     k_per_split = triton.cdiv(triton.cdiv(k, cfg.split_k), cfg.block_k) * cfg.block_k
