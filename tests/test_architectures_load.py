@@ -144,3 +144,45 @@ def test_routers_inside_gate_modules_and_self_cast_layers_stay_dense(tmp_path, t
     loss = model(x, labels=x).loss
     loss.backward()
     assert torch.isfinite(loss) and q.lora_B["default"].weight.grad.abs().sum() > 0
+
+
+def test_gemma3n_loads_as_transformers_does_and_trains_every_path(tmp_path, tiny_tokenizer):
+    """Gemma 3n's initializer fills the text model's buffers from attributes of the inner text model,
+    which transformers reaches by dispatching to the innermost ``PreTrainedModel``; KV-shared layers,
+    AltUp streams, LAuReL and per-layer inputs all load and get gradients through 4-bit LoRA."""
+    from qlora.model.inject import add_lora
+    from qlora.nn import LoraLinear
+
+    n = len(tiny_tokenizer)
+    config = AutoConfig.for_model(
+        "gemma3n_text", vocab_size=n, vocab_size_per_layer_input=n, hidden_size=64, hidden_size_per_layer_input=16,
+        num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, head_dim=16, intermediate_size=128,
+        layer_types=["sliding_attention", "full_attention"] * 2, num_kv_shared_layers=2, sliding_window=16,
+        activation_sparsity_pattern=[0.95, 0.0, 0.0, 0.0], laurel_rank=8, altup_num_inputs=4,
+        bos_token_id=tiny_tokenizer.bos_token_id, eos_token_id=tiny_tokenizer.eos_token_id,
+        pad_token_id=tiny_tokenizer.pad_token_id)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config)
+    for layer in model.model.layers:  # zero at random init, which would cut the per-layer-input path
+        torch.nn.init.normal_(layer.altup.correct_output_scale, std=0.5)
+    model.save_pretrained(tmp_path)
+    tiny_tokenizer.save_pretrained(tmp_path)
+
+    ref = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
+    ours, _ = load_model(tmp_path, quant=None, compute_dtype=torch.float32, device="cpu")
+    ref_buffers = dict(ref.named_buffers())
+    for name, buf in ours.named_buffers():
+        assert torch.equal(buf, ref_buffers[name]), f"buffer {name} differs from transformers'"
+    x = torch.randint(3, 200, (2, 12))
+    with torch.no_grad():
+        assert torch.equal(ours(x).logits, ref(x).logits)
+
+    q, _ = load_model(tmp_path, compute_dtype=torch.float32, device="cpu")
+    add_lora(q, r=4, dropout=0.0, verbose=False)
+    q.train()
+    q(x, labels=x).loss.backward()
+    layers = dict(q.named_modules())
+    assert "model.layers.0.per_layer_input_gate" in layers and "model.layers.0.laurel.linear_left" in layers
+    for name in ("model.layers.0.per_layer_input_gate", "model.layers.0.laurel.linear_left",
+                 "model.layers.1.self_attn.k_proj"):
+        assert layers[name].lora_B["default"].weight.grad.abs().sum() > 0, name

@@ -122,3 +122,18 @@ def test_k_quant_export_without_llama_cpp_says_what_to_install_before_loading(tm
     assert len(said) == 1 and "pip install llama-cpp-python" in said[0] and "llama-quantize" in said[0], said
     assert not out.exists()
     assert "transformers" not in _top(modules)  # refused before the model is loaded
+
+
+def test_a_model_whose_tower_needs_a_missing_package_is_refused_with_the_package(tmp_path, tiny_model_dir):
+    """Gemma 3n's vision tower is a timm model: without timm, one paragraph naming it, not a traceback."""
+    import shutil
+
+    from transformers import Gemma3nConfig
+
+    model = tmp_path / "gemma3n"
+    shutil.copytree(tiny_model_dir, model)
+    Gemma3nConfig().save_pretrained(model)
+    proc, _ = _qlora(tmp_path, ["generate", "--model", str(model), "--prompt", "hi"], hide=("timm",))
+    said = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == 2 and len(said) == 1, proc.stderr
+    assert "gemma3n" in said[0] and "pip install timm" in said[0], said

@@ -20,7 +20,8 @@ def text_model_from_config(config, source: str | Path, **kwargs) -> nn.Module:
     """Build the model for ``config`` (under the current default device, e.g. ``meta``).
 
     Raises:
-        UsageError: the config is neither a causal LM nor an image-text-to-text model.
+        UsageError: the config is neither a causal LM nor an image-text-to-text model, or its
+            classes need a package that is missing.
     """
     from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 
@@ -32,6 +33,10 @@ def text_model_from_config(config, source: str | Path, **kwargs) -> nn.Module:
             return auto.from_config(config, **kwargs)
         except ValueError as exc:  # e.g. an attn_implementation the class lacks
             last = exc
+        except ImportError as exc:  # a tower built on an optional package (Gemma 3n's vision tower needs timm)
+            said = " ".join(str(exc).split())
+            raise UsageError(f"{source}: transformers needs a package that is not installed to build the "
+                             f"{config.model_type!r} model: {said}") from None
     if last is not None:
         raise UsageError(f"{source}: transformers could not build the {config.model_type!r} model ({last}).")
     raise UsageError(f"{source}: model type {config.model_type!r} is not a text-generating model "

@@ -144,7 +144,20 @@ def _materialize_buffers(model: nn.Module, device: torch.device) -> None:
             run.update(".".join(parts[:i]) for i in range(len(parts)))
     modules = dict(model.named_modules())
     for name in sorted(run, key=lambda n: -(n.count(".") + bool(n))):  # children before parents
-        model._init_weights(modules[name])
+        _owning_model(modules, name)._init_weights(modules[name])
+
+
+def _owning_model(modules: dict[str, nn.Module], name: str) -> nn.Module:
+    """The innermost ``PreTrainedModel`` holding module ``name``: its ``_init_weights`` is the one written
+    for it (transformers dispatches so too; Gemma 3n's initializer reads attributes of the inner text model)."""
+    from transformers import PreTrainedModel
+
+    parts = name.split(".") if name else []
+    for i in range(len(parts), 0, -1):
+        owner = modules[".".join(parts[:i])]
+        if isinstance(owner, PreTrainedModel):
+            return owner
+    return modules[""]
 
 
 def load_model(
