@@ -5,7 +5,9 @@ OpenAI's ``tool_choice: "required"`` (some call) and ``{"type": "function", "fun
 the model's chat template (:mod:`qlora.infer.tool_calls`):
 
 1. the opening markup (with the function's name when it is given) is put in the
-   reply's first tokens, prefilled with the prompt when the tokenizer spells it exactly;
+   reply's first tokens, prefilled with the prompt when the tokenizer spells it exactly,
+   but for its last token, which the model picks among those that fit (token healing:
+   ``": "`` then ``{`` is often one token ``" {"`` in training text);
 2. with several tools the model picks the name, one character at a time, among the
    offered names only;
 3. the arguments are decoded under :class:`~qlora.infer.json_prefix.JsonPrefix`: only
@@ -182,10 +184,12 @@ class ForcedCall:
         self.tokenizer, self.keep, self.stop_ids = tokenizer, keep, sorted(stop_ids)
         self.texts = TokenTexts.of(tokenizer)
         self.matcher = CallMatcher.start(markup, schemas, name)
-        opening = self.matcher.literal_left()
-        self.prefix_ids: list[int] = literal_ids(tokenizer, opening, keep) or []
+        # All but the opening's last token: that one may merge with what follows (' {' after '": '),
+        # so the model picks it among the tokens that fit, as it saw the markup tokenized in training.
+        self.prefix_ids: list[int] = (literal_ids(tokenizer, self.matcher.literal_left(), keep) or [])[:-1]
         if self.prefix_ids:
-            self.matcher = self.matcher.feed(opening)  # type: ignore[assignment]
+            spelled = "".join(self.texts.text(t, keep) for t in self.prefix_ids)  # type: ignore[misc]
+            self.matcher = self.matcher.feed(spelled)  # type: ignore[assignment]
         self._spelled: dict[str, list[int]] = {}
 
     def choose(self, logits: torch.Tensor, options: SamplingOptions, generator: torch.Generator | None) -> int | None:
@@ -203,10 +207,12 @@ class ForcedCall:
         return bool(text) and self.matcher.feed(text) is not None
 
     def _preferred(self) -> list[int]:
-        """Fixed markup is written as the tokenizer spells it (as in training), not as the logits would."""
+        """Fixed markup is written as the tokenizer spells it (as in training), not as the logits would,
+        but for its last token, which may merge with what follows."""
         left = self.matcher.literal_left()
         if not left:
             return []
         if left not in self._spelled:
-            self._spelled[left] = (literal_ids(self.tokenizer, left, self.keep) or [])[:1]
+            ids = literal_ids(self.tokenizer, left, self.keep) or []
+            self._spelled[left] = ids[:1] if len(ids) > 1 else []
         return self._spelled[left]
