@@ -140,7 +140,7 @@ class JsonPrefix:
                                 used, rule = used | {name}, schema.properties.get(name)
                             mode, ws = _COLON, 0
                         else:
-                            mode, ws = _AFTER, 0
+                            mode, ws = (_AFTER if stack else _DONE), 0
                         key = ""
                         continue
                     if ch == "\\":
