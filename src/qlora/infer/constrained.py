@@ -5,10 +5,12 @@ the rest), and each candidate's text is checked by the caller's ``accepts``; the
 vocabulary is neither decoded nor checked at each step. Greedy decoding takes the first
 accepted candidate. Sampling keeps the usual semantics restricted to the allowed
 tokens: temperature, then top-k and top-p over the allowed tokens' renormalized
-probabilities. The scan stops once the allowed tokens found hold the top-p share of
+probabilities. Without top-k/top-p, the Gumbel-max trick makes sampling a greedy scan
+of noisy logits (exact, and as cheap as greedy). With them, the scan stops once the allowed tokens found hold the top-p share of
 all allowed mass for certain (the unchecked rest could not change the nucleus), or
-the unchecked rest is under 0.1% of it, or 8192 candidates were checked and one
-was allowed (only a near-flat distribution gets that far).
+the unchecked rest is under 0.1% of it, or 1024 candidates were checked and one
+was allowed (only a near-flat distribution gets that far; its nucleus is then taken
+among those first 1024).
 
 A token's text is what it adds to the reply as :class:`~qlora.infer.text_stream.TextStream`
 shows it, taken after an anchor token so that SentencePiece's word-start spaces are kept;
@@ -27,7 +29,7 @@ from .generate import SamplingOptions
 
 _CHUNKS = (16, 256, 4096)
 _REST_TOLERANCE = 1e-3
-_SCAN_CAP = 8192
+_SCAN_CAP = 1024
 
 _TEXTS: "weakref.WeakKeyDictionary[object, TokenTexts]" = weakref.WeakKeyDictionary()
 
@@ -112,6 +114,12 @@ def choose_token(logits: torch.Tensor, options: SamplingOptions, generator: torc
             return token
     if options.temperature <= 0:
         return next((t for t, _ in _descending(logits) if accepts(t)), None)
+    if options.top_p >= 1.0 and options.top_k <= 0:
+        # Gumbel-max: the best allowed token by logit / T + Gumbel noise is an exact sample of the
+        # allowed tokens' renormalized distribution, found with as few checks as a greedy pick.
+        uniform = torch.rand(logits.shape, generator=generator, device=logits.device, dtype=torch.float32)
+        noisy = logits.float() / options.temperature - torch.log(-torch.log(uniform.clamp_(1e-20, 1.0 - 1e-7)))
+        return next((t for t, _ in _descending(noisy) if accepts(t)), None)
     probs = (logits.float() / options.temperature).softmax(-1)
     found: list[tuple[int, float]] = []
     allowed = seen = 0.0
