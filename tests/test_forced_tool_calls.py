@@ -260,3 +260,30 @@ def test_a_template_whose_calls_cannot_be_forced_is_a_400_saying_why(random_serv
     assert forced.status_code == 400 and auto.status_code == 200
     error = forced.json()["error"]
     assert error["param"] == "tool_choice" and reason in error["message"] and "'auto'" in error["message"]
+
+
+def test_constrained_sampling_is_the_allowed_tokens_renormalized_distribution():
+    """Oracle: softmax over the allowed tokens only (then top-p among them), counted over many draws."""
+    from qlora.infer.constrained import choose_token
+
+    logits = torch.tensor([3.0, 1.0, 2.5, 0.5, 1.5, -1.0])
+    allowed = {1, 3, 4, 5}
+    accepts = allowed.__contains__
+    generator = torch.Generator().manual_seed(0)
+    assert choose_token(logits, SamplingOptions(temperature=0), None, accepts) == 4  # the best allowed
+    assert choose_token(logits, SamplingOptions(temperature=0), None, accepts, preferred=[0, 3]) == 3
+    assert choose_token(logits, SamplingOptions(temperature=1.0, top_p=1.0), generator, lambda t: False) is None
+    for temperature, top_p in ((1.0, 1.0), (0.7, 1.0), (1.0, 0.6)):
+        ids = sorted(allowed)
+        expected = torch.zeros(6)
+        expected[ids] = (logits[ids] / temperature).softmax(-1)
+        if top_p < 1:  # the smallest set of allowed tokens, best first, holding top_p of their mass
+            order = expected.argsort(descending=True)
+            cumulative = expected[order].cumsum(0)
+            expected[order[(cumulative - expected[order]) >= top_p]] = 0
+            expected /= expected.sum()
+        options = SamplingOptions(temperature=temperature, top_p=top_p)
+        counts = torch.zeros(6)
+        for _ in range(4000):
+            counts[choose_token(logits, options, generator, accepts)] += 1
+        assert torch.allclose(counts / 4000, expected, atol=0.025), (temperature, top_p, counts / 4000, expected)

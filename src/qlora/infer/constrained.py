@@ -6,11 +6,11 @@ vocabulary is neither decoded nor checked at each step. Greedy decoding takes th
 accepted candidate. Sampling keeps the usual semantics restricted to the allowed
 tokens: temperature, then top-k and top-p over the allowed tokens' renormalized
 probabilities. Without top-k/top-p, the Gumbel-max trick makes sampling a greedy scan
-of noisy logits (exact, and as cheap as greedy). With them, the scan stops once the allowed tokens found hold the top-p share of
-all allowed mass for certain (the unchecked rest could not change the nucleus), or
-the unchecked rest is under 0.1% of it, or 1024 candidates were checked and one
-was allowed (only a near-flat distribution gets that far; its nucleus is then taken
-among those first 1024).
+of noisy logits (exact, and as cheap as greedy). With them, the scan stops once the
+nucleus is settled (the same whether the unchecked tokens add no allowed mass or all of
+theirs), or the unchecked rest is under 0.1% of the allowed mass, or 1024 candidates
+were checked and one was allowed (only a near-flat distribution gets that far; its
+nucleus is then taken among those first 1024).
 
 A token's text is what it adds to the reply as :class:`~qlora.infer.text_stream.TextStream`
 shows it, taken after an anchor token so that SentencePiece's word-start spaces are kept;
@@ -123,24 +123,44 @@ def choose_token(logits: torch.Tensor, options: SamplingOptions, generator: torc
     probs = (logits.float() / options.temperature).softmax(-1)
     found: list[tuple[int, float]] = []
     allowed = seen = 0.0
+    total = None  # the allowed mass top-p is taken of, once known well enough
     for checked, (token, p) in enumerate(_descending(probs), 1):
         seen += p
         if accepts(token):
             found.append((token, p))
             allowed += p
             if 0 < options.top_k <= len(found):
+                total = allowed  # top-k first: top-p is a share of the k tokens' mass
                 break
-        rest = max(0.0, 1.0 - seen)
-        if found and (allowed >= options.top_p * (allowed + rest) or rest <= _REST_TOLERANCE * (allowed + rest)
-                      or checked >= _SCAN_CAP):
+        if not found:
+            continue
+        rest = max(0.0, 1.0 - seen)  # what the unchecked tokens may add to the allowed mass
+        # The nucleus is settled when it is the same whether they add nothing or all of it.
+        if allowed >= options.top_p * (allowed + rest) and \
+                _nucleus(found, allowed, options.top_p) == _nucleus(found, allowed + rest, options.top_p):
+            total = allowed + rest
+            break
+        if rest <= _REST_TOLERANCE * (allowed + rest) or checked >= _SCAN_CAP:
+            total = allowed + rest
             break
     if not found:
         return None
-    weights = torch.tensor([p for _, p in found], dtype=torch.float64)
-    if allowed <= 0:  # underflow: every allowed token is far down the distribution
-        weights = torch.ones(len(found), dtype=torch.float64)
-    cumulative = weights.cumsum(0) / weights.sum()
-    keep = int(((cumulative - weights / weights.sum()) < options.top_p).sum())  # the token crossing top_p stays
+    keep = max(1, _nucleus(found, total if total is not None else allowed, options.top_p))
+    weights = torch.tensor([p for _, p in found[:keep]], dtype=torch.float64)
+    if float(weights.sum()) <= 0:  # underflow: every allowed token is far down the distribution
+        weights = torch.ones(keep, dtype=torch.float64)
     device = generator.device if generator is not None else "cpu"
-    pick = int(torch.multinomial(weights[:max(keep, 1)].to(device), 1, generator=generator))
+    pick = int(torch.multinomial(weights.to(device), 1, generator=generator))
     return found[pick][0]
+
+
+def _nucleus(found: list[tuple[int, float]], total: float, top_p: float) -> int:
+    """How many of ``found`` (best first) the top-p nucleus of allowed mass ``total`` holds: each token whose
+    predecessors hold less than ``top_p`` of it (the one crossing the threshold stays, as in :func:`next_token`)."""
+    before, count = 0.0, 0
+    for _, p in found:
+        if before >= top_p * total:
+            break
+        before += p
+        count += 1
+    return count
