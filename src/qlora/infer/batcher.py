@@ -8,7 +8,10 @@ forward pass, and drops the rows that finished or whose client went away. Each
 row carries its own adapter (:func:`qlora.model.multi_adapter.adapter_rows`: the
 4-bit base is read once per step for all rows, whichever adapters they use), its
 sampling options and seeded generator, its stop tokens and stop strings. Greedy
-rows produce the tokens of :func:`qlora.infer.generate.stream_tokens`.
+rows produce the tokens of :func:`qlora.infer.generate.stream_tokens`. A row may carry
+a :class:`Constraint` (a forced tool call): its reply's fixed first tokens are prefilled
+with its prompt and its tokens are chosen by the constraint; the batch's other rows
+still take one argmax for all, so their tokens are what they would be alone.
 
 Events reach the caller through the ``emit`` callback of its request, called
 from the decode thread (a server hands them to its event loop).
