@@ -49,6 +49,49 @@ def test_window_keeps_last_k_exchanges():
     assert [m.content for m in memory.load_memory_variables({})["history"]] == ["q3", "a3", "q4", "a4"]
 
 
+CALL = {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}
+TOOL_STEPS = [Message("assistant", "", (CALL,)), Message("tool", "21 C", tool_call_id="call_1")]
+
+
+def _talk_with_tools(memory, turns):
+    """Exchanges whose odd ones call a tool before answering."""
+    for i in range(turns):
+        memory.save_context({"input": f"q{i}"}, {"output": f"a{i}"}, steps=TOOL_STEPS if i % 2 else ())
+
+
+def test_tool_calls_and_results_belong_to_their_exchange():
+    """Windows, token budgets, summaries and derived memories count an exchange with tool steps as one,
+    and recall it whole: the calls and results come with the answer they led to."""
+    from qlora.infer.memory.base import exchanges
+
+    window = ConversationBufferWindowMemory(k=1, return_messages=True)
+    _talk_with_tools(window, 2)
+    assert window.buffer() == [Message("user", "q1"), *TOOL_STEPS, Message("assistant", "a1")]
+    window.k = 2
+    assert [m.content for m in window.buffer()] == ["q0", "a0", "q1", "", "21 C", "a1"]
+    found = list(exchanges(window.session.entries()))
+    assert [(e.user.content, e.reply.content, e.user_id, e.through) for e in found] == [("q0", "a0", 1, 2),
+                                                                                         ("q1", "a1", 3, 6)]
+    window.session.add_messages([Message("user", "q2"), *TOOL_STEPS])  # a turn whose answer never came
+    assert list(exchanges(window.session.entries()))[-1].through == 6 and window.buffer()[-1].content == "a1"
+    assert "AI: (tool call: get_weather {\"city\": \"Paris\"})\nTool: 21 C\nAI: a1" in \
+        ConversationBufferMemory(session=window.session).load_memory_variables({})["history"]
+    llm = ScriptedLLM("s1", "s2")
+    summary = ConversationSummaryMemory(llm)
+    _talk_with_tools(summary, 2)
+    assert "(tool call: get_weather" not in llm.prompts[0] and "Tool: 21 C" in llm.prompts[1]
+
+
+def test_token_buffer_counts_tool_steps_and_keeps_them_whole(tiny_tokenizer):
+    memory = ConversationTokenBufferMemory(tiny_tokenizer, max_token_limit=10**6)
+    _talk_with_tools(memory, 2)
+    every = memory.session.messages()
+    memory.max_token_limit = memory.num_tokens(every[2:])  # exactly the exchange with the tool steps
+    assert memory.buffer() == every[2:]
+    memory.max_token_limit -= 1
+    assert memory.buffer() == []
+
+
 def test_token_buffer_keeps_newest_whole_exchanges_by_per_message_count(tiny_tokenizer):
     memory = ConversationTokenBufferMemory(tiny_tokenizer, max_token_limit=10**6)
     for i in range(4):

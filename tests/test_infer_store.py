@@ -255,7 +255,7 @@ def test_kill_9_at_every_commit_then_resume_keeps_every_derived_record(tmp_path,
         store = ChatStore(db)
         resumed = namespace["build"](kind, store.session("s", kind))
         resumed.catch_up()  # what qlora chat does on resume
-        saved = [(u.content, r.content) for u, r, _ in exchanges(resumed.session.entries())]
+        saved = [(e.user.content, e.reply.content) for e in exchanges(resumed.session.entries())]
         assert saved == namespace["TURNS"][:len(saved)]
         if saved:
             _check_derived(kind, resumed, saved)
@@ -416,3 +416,34 @@ def test_schema_1_file_is_upgraded_in_place(tmp_path):
     assert [m.content for _, m in session.entries(after=3)] == ["c", "d"]
     assert session.progress("vectors") == 6 and session.embedder() is None
     assert store.conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+
+
+def test_schema_2_file_is_upgraded_and_keeps_tool_turns(tmp_path):
+    """Version 3 stores an assistant's tool calls and the call a tool result answers; older rows have none."""
+    from qlora.infer.messages import Message
+    from qlora.infer.store import _PROGRESS, APPLICATION_ID, _TABLES
+
+    path = tmp_path / "v2.sqlite"
+    conn = sqlite3.connect(path, isolation_level=None)
+    for statement in filter(str.strip, (_TABLES + _PROGRESS).split(";")):
+        conn.execute(statement)
+    conn.execute("INSERT INTO sessions (id, name, memory, created) VALUES (1, 's', 'buffer', 0)")
+    conn.executemany("INSERT INTO messages (session_id, role, content, created) VALUES (1, ?, ?, 0)",
+                     [("user", "hi"), ("assistant", "hello")])
+    conn.execute(f"PRAGMA application_id = {APPLICATION_ID}")
+    conn.execute("PRAGMA user_version = 2")
+    conn.close()
+    store = ChatStore(path)
+    session = store.session("s", "buffer")
+    assert session.messages() == [Message("user", "hi"), Message("assistant", "hello")]
+    call = {"id": "call_1", "type": "function", "function": {"name": "f", "arguments": {"x": "é", "n": [1]}}}
+    turn = [Message("user", "q"), Message("assistant", "Checking.", (call,)), Message("tool", "42", tool_call_id="call_1"),
+            Message("assistant", "It is 42.")]
+    session.add_messages(turn)
+    store.close()
+    reopened = ChatStore(path)
+    assert reopened.conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 3
+    again = reopened.session("s", "buffer")
+    assert again.messages()[2:] == turn
+    assert [m for _, m in again.newest()][:4] == turn[::-1]
+    reopened.close()

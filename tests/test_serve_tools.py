@@ -109,9 +109,27 @@ def test_tool_choice_none_returns_text(served):
         "tool_calls"
 
 
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("choice", ["required", {"type": "function", "function": {"name": "get_weather"}}])
+def test_a_forced_call_is_the_call_the_model_was_trained_to_make(served, choice, stream):
+    """Asked something else, the trained model is still made to call, and writes the arguments it learned."""
+    _, _, client, _ = served
+    other = {"role": "user", "content": "Hello!"}
+    if stream:
+        chunks = list(_ask(client, [other], tools=TOOLS, tool_choice=choice, stream=True))
+        calls = [tc.function for c in chunks if c.choices for tc in c.choices[0].delta.tool_calls or ()]
+        assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == ["tool_calls"]
+    else:
+        reply = _ask(client, [other], tools=TOOLS, tool_choice=choice).choices[0]
+        assert reply.finish_reason == "tool_calls" and reply.message.content is None
+        calls = [tc.function for tc in reply.message.tool_calls]
+    assert [(c.name, json.loads(c.arguments)) for c in calls] == [("get_weather", {"city": "Paris"})]
+
+
 @pytest.mark.parametrize("kw, param", [
-    (dict(tools=TOOLS, tool_choice="required"), "tool_choice"),
-    (dict(tools=TOOLS, tool_choice={"type": "function", "function": {"name": "get_weather"}}), "tool_choice"),
+    (dict(tools=TOOLS, tool_choice={"type": "function", "function": {"name": "get_time"}}), "tool_choice"),
+    (dict(tools=TOOLS, tool_choice={"type": "function"}), "tool_choice"),
+    (dict(tools=TOOLS, tool_choice="always"), "tool_choice"),
     (dict(tool_choice="auto"), "tool_choice"),
     (dict(functions=[TOOLS[0]["function"]]), "functions"),  # the deprecated form is refused, not ignored
     (dict(tools=[{"type": "custom", "custom": {"name": "x"}}]), "tools.0.type"),

@@ -8,7 +8,10 @@ forward pass, and drops the rows that finished or whose client went away. Each
 row carries its own adapter (:func:`qlora.model.multi_adapter.adapter_rows`: the
 4-bit base is read once per step for all rows, whichever adapters they use), its
 sampling options and seeded generator, its stop tokens and stop strings. Greedy
-rows produce the tokens of :func:`qlora.infer.generate.stream_tokens`.
+rows produce the tokens of :func:`qlora.infer.generate.stream_tokens`. A row may carry
+a :class:`Constraint` (a forced tool call): its reply's fixed first tokens are prefilled
+with its prompt and its tokens are chosen by the constraint; the batch's other rows
+still take one argmax for all, so their tokens are what they would be alone.
 
 Events reach the caller through the ``emit`` callback of its request, called
 from the decode thread (a server hands them to its event loop).
@@ -22,7 +25,7 @@ import random
 import threading
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Protocol
 
 import torch
 
@@ -49,6 +52,18 @@ class Event:
     error: str | None = None
 
 
+class Constraint(Protocol):
+    """Decoding restricted per request (e.g. :class:`~qlora.infer.forced_call.ForcedCall`).
+
+    ``prefix_ids``: tokens the reply starts with, prefilled with the prompt. ``choose``: the next
+    token from the row's logits (None: nothing may follow, the request fails); called once per step.
+    """
+
+    prefix_ids: list[int]
+
+    def choose(self, logits: torch.Tensor, options: SamplingOptions, generator: torch.Generator) -> int | None: ...
+
+
 @dataclass
 class Request:
     """One generation: prompt ids, adapter (None: the base alone) and how to sample and stop."""
@@ -60,6 +75,7 @@ class Request:
     stop_ids: frozenset[int] = frozenset()
     stop_strings: tuple[str, ...] = ()
     keep_tokens: frozenset[int] = frozenset()  # special tokens kept in the text (tool-call markup)
+    constraint: Constraint | None = None  # only this row's tokens are restricted; others decode as usual
     cancelled: bool = field(default=False, init=False)
 
     def cancel(self) -> None:
@@ -186,10 +202,16 @@ class ContinuousBatcher:
             self._decode()
 
     def _admit(self, request: Request) -> None:
-        """Prefill ``request`` alone, emit its first token, and add it to the batch."""
+        """Prefill ``request`` alone (with the reply's forced first tokens, if any), emit its first
+        token, and add it to the batch."""
         row = _Row(request, self.tokenizer, self.device)
+        prefix = request.constraint.prefix_ids if request.constraint is not None else []
+        prefix = prefix[:request.options.max_new_tokens]
+        if prefix and len(request.prompt_ids) + len(prefix) >= self.context_length:
+            request.emit(Event("", "length", len(request.prompt_ids)))
+            return
         cache = new_cache()
-        ids = torch.tensor([request.prompt_ids], device=self.device)
+        ids = torch.tensor([request.prompt_ids + prefix], device=self.device)
         try:
             with adapter_rows(self.model, [request.adapter]):
                 out = self.model(input_ids=ids, past_key_values=cache, use_cache=True)
@@ -197,9 +219,25 @@ class ContinuousBatcher:
         except Exception as exc:
             request.emit(Event("", "error", len(request.prompt_ids), error=f"{type(exc).__name__}: {exc}"))
             return
-        if not self._advance(row, next_token(out.logits[0, -1], request.options, row.generator)):
+        if prefix:
+            row.length += len(prefix)
+            piece = "".join(row.text.push(t) for t in prefix)
+            if len(prefix) >= request.options.max_new_tokens:  # the limit ends the reply inside its forced start
+                request.emit(Event(piece + row.text.flush(), "length", len(request.prompt_ids), len(prefix)))
+                self.stats["requests_completed"] += 1
+                return
+            if piece:
+                request.emit(Event(piece, None, len(request.prompt_ids), len(prefix)))
+        if not self._advance(row, self._choose(row, out.logits[0, -1])):
             self._cache = add_row(self._cache, cache)
             self._rows.append(row)
+
+    @staticmethod
+    def _choose(row: _Row, logits: torch.Tensor) -> int | None:
+        request = row.request
+        if request.constraint is not None:
+            return request.constraint.choose(logits, request.options, row.generator)
+        return next_token(logits, request.options, row.generator)
 
     def _decode(self) -> None:
         """One token for every row, in one forward pass."""
@@ -219,15 +257,21 @@ class ContinuousBatcher:
         keep = []
         for i, row in enumerate(rows):
             row.length += 1
-            options = row.request.options
-            token = greedy[i] if options.temperature <= 0 else next_token(last[i], options, row.generator)
+            unconstrained = row.request.constraint is None and row.request.options.temperature <= 0
+            token = greedy[i] if unconstrained else self._choose(row, last[i])
             if not self._advance(row, token):
                 keep.append(i)
         self._retain(keep)
 
-    def _advance(self, row: _Row, token: int) -> bool:
+    def _advance(self, row: _Row, token: int | None) -> bool:
         """Record ``token`` for ``row`` and emit its text; True when the row is finished."""
         request = row.request
+        prompt = len(request.prompt_ids)
+        if token is None:  # a constraint that no token of the vocabulary satisfies
+            request.emit(Event(row.text.flush(), "error", prompt, len(row.text.tokens),
+                               "no token of the vocabulary continues the constrained reply"))
+            self.stats["requests_completed"] += 1
+            return True
         self.stats["tokens_generated"] += 1
         piece = row.text.push(token)
         generated = len(row.text.tokens)
@@ -240,7 +284,7 @@ class ContinuousBatcher:
             piece += row.text.flush()
             self.stats["requests_completed"] += 1
         if piece or reason is not None:
-            request.emit(Event(piece, reason, len(request.prompt_ids), generated))
+            request.emit(Event(piece, reason, prompt, generated))
         return reason is not None
 
     def _retain(self, keep: list[int]) -> None:

@@ -10,8 +10,9 @@ template without a system role gets the system text in the first user message
 
 With tools, a reply that calls them ends with :attr:`Chat.pending_calls` set; the
 caller runs them and hands the results to :meth:`Chat.send_tool_results`, and the
-model goes on from there. The calls and results belong to the turn's prompt; the
-memory records the user's text and the final answer, as for any turn.
+model goes on from there. Once it answers, the memory records the user's text, the
+assistant's calls and the tool results, and the final answer, so later turns (and a
+resumed stored session) see how earlier answers were reached.
 """
 
 from __future__ import annotations
@@ -57,6 +58,7 @@ class Chat:
         self.last_reply: str | None = None  # the reply of the last turn, once generated
         self.pending_calls: list[tuple[str, ToolCall]] = []  # (id, call) the last reply made, awaiting results
         self._turn: list[Message] = []  # the current turn's prompt: memory, user text, calls and results so far
+        self._steps: list[Message] = []  # the current turn's calls and results, for the memory
         self._input = ""
         self._said = ""  # text of the last reply before its calls
 
@@ -86,7 +88,7 @@ class Chat:
             StoreLocked, StoreReadOnly: (a stored session) the exchange could not be saved;
                 the reply was already streamed.
         """
-        self._input, self._turn = text, self.prompt_messages(text)
+        self._input, self._turn, self._steps = text, self.prompt_messages(text), []
         yield from self._reply()
 
     def send_tool_results(self, results: Sequence[str]) -> Iterator[str]:
@@ -96,9 +98,10 @@ class Chat:
         calls = tuple({"id": call_id, "type": "function",
                        "function": {"name": call.name, "arguments": json.loads(call.arguments)}}
                       for call_id, call in self.pending_calls)
-        self._turn += [Message("assistant", self._said, calls),
-                       *(Message("tool", result, tool_call_id=call_id)
-                         for (call_id, _), result in zip(self.pending_calls, results))]
+        steps = [Message("assistant", self._said, calls),
+                 *(Message("tool", result, tool_call_id=call_id) for (call_id, _), result in zip(self.pending_calls, results))]
+        self._turn += steps
+        self._steps += steps
         return self._reply()
 
     def _reply(self) -> Iterator[str]:
@@ -121,4 +124,4 @@ class Chat:
             self.pending_calls = [(self.tool_format.new_id(), call) for call in calls]
             return
         self.last_reply = "".join(pieces).strip()
-        self.memory.save_context({"input": self._input}, {"output": self.last_reply})
+        self.memory.save_context({"input": self._input}, {"output": self.last_reply}, steps=self._steps)

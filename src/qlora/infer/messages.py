@@ -9,6 +9,7 @@ rendering is used here so its prompts work unchanged.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Any, Iterable
 
@@ -44,6 +45,16 @@ class Message:
 
 
 def buffer_string(messages: Iterable[Message], human_prefix: str = "Human", ai_prefix: str = "AI") -> str:
-    """The transcript as ``Human: ...``/``AI: ...`` lines (LangChain's ``get_buffer_string``)."""
+    """The transcript as ``Human: ...``/``AI: ...`` lines (LangChain's ``get_buffer_string``); an assistant's
+    tool calls follow its text as ``(tool call: NAME {arguments})``, as ``qlora chat`` prints them."""
     prefix = {"user": human_prefix, "assistant": ai_prefix, "system": "System", "tool": "Tool"}
-    return "\n".join(f"{prefix[m.role]}: {m.content}" for m in messages)
+    return "\n".join(f"{prefix[m.role]}: {_with_calls(m)}" for m in messages)
+
+
+def _with_calls(message: Message) -> str:
+    parts = [message.content] if message.content else []
+    for call in message.tool_calls:
+        fn = call.get("function", {})
+        args = fn.get("arguments", {})
+        parts.append(f"(tool call: {fn.get('name')} {args if isinstance(args, str) else json.dumps(args, ensure_ascii=False)})")
+    return "\n".join(parts)

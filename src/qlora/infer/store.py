@@ -1,6 +1,7 @@
 """SQLite persistence of conversations: many named sessions in one file.
 
-Each session keeps its messages, running summary, entity descriptions, triples
+Each session keeps its messages (an assistant's tool calls and the call a tool
+result answers included), running summary, entity descriptions, triples
 and embedded documents, so ``qlora chat --session NAME --db FILE`` continues a
 conversation after the program exits. The file is in WAL mode (readers never
 block the writer), every write is one ``BEGIN IMMEDIATE`` transaction, and a
@@ -17,6 +18,7 @@ Opening an existing session reads only; nothing is written until a turn is saved
 
 from __future__ import annotations
 
+import json
 import os
 import sqlite3
 import time
@@ -31,7 +33,7 @@ from .memory.session import DERIVED, Entry, Triple, replace_triples
 from .messages import Message
 
 APPLICATION_ID = 0x514C4F52  # "QLOR"
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 BUSY_TIMEOUT_S = 10.0
 
 _TABLES = """
@@ -66,6 +68,12 @@ INSERT INTO progress SELECT session_id, 'summary', covered FROM summaries;
 INSERT INTO progress SELECT s.id, k.kind, (SELECT max(id) FROM messages WHERE session_id = s.id)
   FROM sessions s, (SELECT 'entities' AS kind UNION SELECT 'triples' UNION SELECT 'vectors') k
   WHERE EXISTS (SELECT 1 FROM messages WHERE session_id = s.id);
+"""
+
+# Version 3: an assistant message's tool calls (JSON list) and the call a tool result answers.
+_MIGRATE_2_TO_3 = """
+ALTER TABLE messages ADD COLUMN tool_calls TEXT;
+ALTER TABLE messages ADD COLUMN tool_call_id TEXT;
 """
 
 _SESSION_TABLES = ("messages", "summaries", "entities", "triples", "vectors", "progress")
@@ -161,7 +169,7 @@ class ChatStore:
                 raise StoreReadOnly(f"cannot create a chat database in {self.path}: it is read-only")
             with self.transaction():
                 if self._header() == (0, 0, 0):  # still empty: no other process created it meanwhile
-                    for statement in _statements(_TABLES + _PROGRESS):
+                    for statement in _statements(_TABLES + _PROGRESS + _MIGRATE_2_TO_3):
                         self.conn.execute(statement)
                     self.conn.execute(f"PRAGMA application_id = {APPLICATION_ID}")
                     self.conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
@@ -191,8 +199,10 @@ class ChatStore:
             raise StoreReadOnly(f"{self.path} was written by an older qlora (chat schema {version}) and must be "
                                 "upgraded once, but it is read-only; make it writable and run qlora chat once")
         with self.transaction():
-            if self.conn.execute("PRAGMA user_version").fetchone()[0] == 1:
-                for statement in _statements(_PROGRESS + _MIGRATE_1_TO_2):
+            found = self.conn.execute("PRAGMA user_version").fetchone()[0]
+            steps = {1: _PROGRESS + _MIGRATE_1_TO_2 + _MIGRATE_2_TO_3, 2: _MIGRATE_2_TO_3}.get(found)
+            if steps is not None:  # else another process upgraded it meanwhile
+                for statement in _statements(steps):
                     self.conn.execute(statement)
                 self.conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
@@ -264,6 +274,14 @@ class ChatStore:
         self.conn.close()
 
 
+_MESSAGE = "id, role, content, tool_calls, tool_call_id"
+
+
+def _entry(row: tuple) -> Entry:
+    message_id, role, content, calls, call_id = row
+    return message_id, Message(role, content, tuple(json.loads(calls)) if calls else (), call_id)
+
+
 class StoredSession:
     """A :class:`~qlora.infer.memory.session.Session` whose state lives in a :class:`ChatStore`.
 
@@ -279,23 +297,25 @@ class StoredSession:
         return self.store.read(sql, (self.id, *params)).fetchall()
 
     def messages(self) -> list[Message]:
-        return [Message(r, c) for r, c in self._rows("SELECT role, content FROM messages WHERE session_id = ? ORDER BY id")]
+        return [m for _, m in self.entries()]
 
     def entries(self, after: int = 0) -> list[Entry]:
-        rows = self._rows("SELECT id, role, content FROM messages WHERE session_id = ? AND id > ? ORDER BY id", after)
-        return [(i, Message(r, c)) for i, r, c in rows]
+        rows = self._rows(f"SELECT {_MESSAGE} FROM messages WHERE session_id = ? AND id > ? ORDER BY id", after)
+        return [_entry(row) for row in rows]
 
     def newest(self) -> Iterator[Entry]:
         """Newest first, read lazily: the caller's early stop ends the scan (cost ∝ what is read)."""
-        cursor = self.store.read("SELECT id, role, content FROM messages WHERE session_id = ? ORDER BY id DESC",
-                                 (self.id,))
-        return ((i, Message(r, c)) for i, r, c in cursor)
+        cursor = self.store.read(f"SELECT {_MESSAGE} FROM messages WHERE session_id = ? ORDER BY id DESC", (self.id,))
+        return (_entry(row) for row in cursor)
 
     def add_messages(self, messages: Sequence[Message]) -> int:
         now = time.time()
         with self.store.transaction() as conn:
-            conn.executemany("INSERT INTO messages (session_id, role, content, created) VALUES (?, ?, ?, ?)",
-                             [(self.id, m.role, m.content, now) for m in messages])
+            conn.executemany("INSERT INTO messages (session_id, role, content, created, tool_calls, tool_call_id) "
+                             "VALUES (?, ?, ?, ?, ?, ?)",
+                             [(self.id, m.role, m.content, now,
+                               json.dumps(list(m.tool_calls), ensure_ascii=False) if m.tool_calls else None,
+                               m.tool_call_id) for m in messages])
             return conn.execute("SELECT max(id) FROM messages WHERE session_id = ?", (self.id,)).fetchone()[0]
 
     def progress(self, kind: str) -> int:

@@ -32,6 +32,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from ..infer.batcher import ContinuousBatcher, Event
 from ..infer.batcher import Request as Generation
+from ..infer.forced_call import CallMarkup, ForcedCall, ForcedCallUnsupported, call_markup
 from ..infer.generate import SamplingOptions, default_stop_ids, encode_prompt
 from ..infer.template import chat_template, render_chat, renders_tools, stop_token_ids
 from ..infer.tool_calls import ToolCall, ToolCallFormat, ToolCallStream, markup_token_ids, tool_call_format
@@ -100,7 +101,7 @@ def build_app(batcher: ContinuousBatcher, base_id: str, adapters: list[str], api
         adapter = _adapter(ids, body.model)
         chat_format = chat_formats.get(adapter)
         messages = [m.message(i) for i, m in enumerate(body.messages)]
-        tools, plan = body.function_tools(), None
+        tools, plan, markup, forced = body.function_tools(), None, None, None
         if tools:
             if adapter not in tool_templates:
                 tool_templates[adapter] = renders_tools(tokenizer, chat_format)
@@ -111,8 +112,11 @@ def build_app(batcher: ContinuousBatcher, base_id: str, adapters: list[str], api
                                     "chat template renders tools (one trained on tool-calling data with its own "
                                     "template), or send the request without 'tools'.", "tools")
             if body.calls_tools():
-                fmt = tool_call_format(chat_template(tokenizer, chat_format, tools=True) or "")
-                plan = _ToolPlan(fmt, tuple(t["function"]["name"] for t in tools), body.parallel_tool_calls)
+                template = chat_template(tokenizer, chat_format, tools=True) or ""
+                fmt, forced = tool_call_format(template), body.forced_function()
+                plan = _ToolPlan(fmt, tuple(t["function"]["name"] for t in tools),
+                                 body.parallel_tool_calls and forced is None)
+                markup = _forced_markup(fmt, template, body) if forced is not None else None
         try:
             prompt = render_chat(tokenizer, messages, chat_format=chat_format, tools=tools)
         except Exception as exc:  # e.g. a template that allows no system turn, or needs alternating roles
@@ -121,6 +125,10 @@ def build_app(batcher: ContinuousBatcher, base_id: str, adapters: list[str], api
         generation = _generation(batcher, body, adapter, prompt_ids, chat_stops, "messages")
         if plan is not None:
             generation.keep_tokens = markup_token_ids(plan.format, tokenizer)
+        if markup is not None:  # a forced call: no stop strings inside it, one call, its end forced
+            generation.stop_strings = ()
+            generation.constraint = ForcedCall(tokenizer, markup, tools, forced or None, generation.keep_tokens,
+                                               chat_stops)
         return await _respond(batcher, generation, body, request, chat=True, tools=plan)
 
     @app.post("/v1/completions")
@@ -139,6 +147,15 @@ def build_app(batcher: ContinuousBatcher, base_id: str, adapters: list[str], api
         return await _respond(batcher, generation, body, request, chat=False)
 
     return app
+
+
+def _forced_markup(fmt: ToolCallFormat, template: str, body: ChatCompletionRequest) -> CallMarkup:
+    try:
+        return call_markup(fmt.name, template)
+    except ForcedCallUnsupported as exc:
+        raise APIError(400, f"'tool_choice' {body.tool_choice!r} cannot be served for {body.model!r}: {exc}. Send "
+                            "'tool_choice': 'auto' (the model decides whether to call) instead.",
+                       "tool_choice") from None
 
 
 @dataclass(frozen=True)

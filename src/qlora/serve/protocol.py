@@ -2,8 +2,16 @@
 
 Fields follow the OpenAI API reference. Unknown fields are ignored (clients
 send extras such as ``user``); known fields that would change the answer in a
-way qlora does not implement (``n`` > 1, ``logprobs``, a forced ``tool_choice``,
-penalties, ...) are refused with a 400 naming the field, rather than silently ignored.
+way qlora does not implement (``n`` > 1, ``logprobs``, penalties, ...) are
+refused with a 400 naming the field, rather than silently ignored.
+
+``tool_choice``: 'auto' (default with tools: the model decides, its reply is parsed
+for calls), 'none' (tools shown, reply returned as text), 'required' (the reply is
+one call to one of the tools) and ``{"type": "function", "function": {"name": N}}``
+(one call to N, which must be among ``tools``). The last two are decoded under a
+constraint (:mod:`qlora.infer.forced_call`): the arguments are a JSON object whose
+top level follows the tool's ``parameters``; one call per reply, whatever
+``parallel_tool_calls`` says; a template whose call markup cannot be forced gets a 400.
 """
 
 from __future__ import annotations
@@ -144,26 +152,36 @@ class ChatCompletionRequest(_Body):
             raise APIError(400, *problem)
         return list(self.tools or ())
 
-    def calls_tools(self) -> bool:
-        """Whether replies are parsed for tool calls: tools given and ``tool_choice`` 'auto' (the default).
+    def forced_function(self) -> str | None:
+        """The function a reply must call: its name for a named ``tool_choice``, ``""`` for
+        'required' (any of the tools), None when the model decides ('auto', the default) or calls
+        nothing ('none').
 
-        'none' shows the tools to the model but returns its reply as text. 'required' and a named
-        function would need decoding constrained to a call, which qlora serve does not do: refused.
+        Raises:
+            APIError: ``tool_choice`` without tools, of an unknown form, or naming a function not in ``tools``.
         """
         choice = self.tool_choice
         if choice is not None and not self.tools:
             raise APIError(400, "'tool_choice' is only allowed when 'tools' are given", "tool_choice")
-        if choice is None or choice == "auto":
-            return bool(self.tools)
-        if choice == "none":
-            return False
-        if choice == "required" or isinstance(choice, dict):
-            what = "'required'" if choice == "required" else "a named function"
-            raise APIError(400, f"'tool_choice' {what} is not supported: forcing a call needs decoding constrained "
-                                "to the call's grammar, which qlora serve does not do. Use 'auto' (the model "
-                                "decides whether to call, as it was trained to) or 'none'.", "tool_choice")
-        raise APIError(400, f"'tool_choice' must be 'auto', 'none', 'required' or "
-                            f"{{'type': 'function', 'function': {{'name': ...}}}}, got {choice!r}", "tool_choice")
+        if choice is None or choice in ("auto", "none"):
+            return None
+        if choice == "required":
+            return ""
+        fn = choice.get("function") if isinstance(choice, dict) else None
+        name = fn.get("name") if isinstance(fn, dict) else None
+        if not isinstance(choice, dict) or choice.get("type", "function") != "function" or not isinstance(name, str):
+            raise APIError(400, f"'tool_choice' must be 'auto', 'none', 'required' or "
+                                f"{{'type': 'function', 'function': {{'name': ...}}}}, got {choice!r}", "tool_choice")
+        offered = [t["function"]["name"] for t in self.function_tools()]
+        if name not in offered:
+            raise APIError(400, f"'tool_choice' names the function {name!r}, which is not among the request's "
+                                f"tools ({', '.join(offered)}); name one of them, or send that function in 'tools'",
+                           "tool_choice")
+        return name
+
+    def calls_tools(self) -> bool:
+        """Whether the reply is read for tool calls: tools given and ``tool_choice`` not 'none'."""
+        return bool(self.tools) and self.tool_choice != "none"
 
     def refuse_unsupported(self) -> None:
         super().refuse_unsupported()
@@ -174,7 +192,7 @@ class ChatCompletionRequest(_Body):
                 raise APIError(400, f"'{legacy}' is OpenAI's deprecated form of '{now}'; send '{now}' instead "
                                     "(function tools: {'type': 'function', 'function': {...}})", legacy)
         self.function_tools()
-        self.calls_tools()
+        self.forced_function()
         if self.response_format and self.response_format.get("type", "text") != "text":
             raise APIError(400, "only the 'text' response_format is supported", "response_format")
 

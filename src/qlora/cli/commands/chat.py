@@ -145,7 +145,7 @@ def _save(chat, args: argparse.Namespace, target: str) -> str:
         return f"({path} already exists; give a new file name)"
     with path.open("x", encoding="utf-8") as f:
         for message in chat.memory.session.messages():
-            f.write(json.dumps({"role": message.role, "content": message.content}, ensure_ascii=False) + "\n")
+            f.write(json.dumps(message.as_dict(), ensure_ascii=False) + "\n")  # tool calls and ids included
     return f"(saved the transcript to {path})"
 
 

@@ -1,11 +1,13 @@
 """Behaviour every conversation memory shares (LangChain's ``BaseChatMemory``).
 
-``save_context`` records a user turn and the reply; ``load_memory_variables``
+``save_context`` records a user turn and the reply (with the tool calls and
+results in between, if any); ``load_memory_variables``
 returns what the model should see before the next turn, under ``"history"``,
 as one string by default or as :class:`~qlora.infer.messages.Message` objects
 with ``return_messages=True``; ``clear`` forgets everything.
 
-Recalled turns are always whole exchanges that start with a user message, so
+Recalled turns are always whole exchanges (tool calls and results included)
+that start with a user message, so
 chat templates that insist on user/assistant alternation (Llama-2, Mistral,
 Gemma) accept them. Memories that derive state from exchanges (summaries,
 entities, triples, vectors) do it in :meth:`BaseMemory.catch_up`, for every
@@ -17,40 +19,66 @@ session (``qlora chat`` does, before the first turn).
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Iterable, Iterator, NamedTuple, Sequence
 
 from ..messages import Message, buffer_string
 from .session import Entry, InMemorySession, Session
 
-Exchange = tuple[Message, Message, int]  # user message, reply, id of the reply
+
+class Exchange(NamedTuple):
+    """One whole exchange: the user's message, any tool calls and results, and the final reply."""
+
+    messages: list[Message]
+    user_id: int  # id of the user message
+    through: int  # id of the reply, its last message
+
+    @property
+    def user(self) -> Message:
+        return self.messages[0]
+
+    @property
+    def reply(self) -> Message:
+        return self.messages[-1]
+
+
+def _complete(turn: list[Message]) -> bool:
+    """A user message followed by a final answer (an assistant message that calls no tool)."""
+    return len(turn) > 1 and turn[-1].role == "assistant" and not turn[-1].tool_calls
 
 
 def exchanges(entries: Iterable[Entry]) -> Iterator[Exchange]:
-    """The complete user/assistant pairs in ``entries`` (oldest first), anything unpaired skipped."""
-    user: Message | None = None
-    for message_id, message in entries:
-        if message.role == "assistant" and user is not None:
-            yield user, message, message_id
-        user = message if message.role == "user" else None
+    """The complete exchanges in ``entries`` (oldest first): each user message with what follows it up to
+    the next one, when that ends with a final answer; anything else skipped."""
+    turn: list[Entry] = []
+    for entry in [*entries, None]:
+        if entry is None or entry[1].role == "user":
+            if turn and _complete([m for _, m in turn]):
+                yield Exchange([m for _, m in turn], turn[0][0], turn[-1][0])
+            turn = [entry] if entry is not None else []
+        elif turn:
+            turn.append(entry)
 
 
 def recent_exchanges(session: Session, k: int, upto: int | None = None) -> list[Message]:
-    """The messages of the last ``k`` whole exchanges (of those with ids up to ``upto``),
-    oldest first; reads from the newest message back, no further than needed."""
+    """The messages of the last ``k`` whole exchanges (of those with ids up to ``upto``), tool calls and
+    results included, oldest first; reads from the newest message back, no further than needed."""
     kept: list[Message] = []
-    reply: Message | None = None
+    pending: list[Message] = []  # the exchange being read, newest message first
+    found = 0
     if k <= 0:
         return kept
     for message_id, message in session.newest():
         if upto is not None and message_id > upto:
             continue
-        if message.role == "assistant":
-            reply = message
-        elif message.role == "user" and reply is not None:
-            kept += [reply, message]
-            reply = None
-            if len(kept) == 2 * k:
+        pending.append(message)
+        if message.role != "user":
+            continue
+        if _complete(pending[::-1]):
+            kept += pending
+            found += 1
+            if found == k:
                 break
+        pending = []
     return kept[::-1]
 
 
@@ -90,10 +118,15 @@ class BaseMemory:
         """The user's text in ``inputs``."""
         return self._pick({k: v for k, v in inputs.items() if k != self.memory_key}, self.input_key, "input")
 
-    def save_context(self, inputs: dict[str, Any], outputs: dict[str, Any]) -> None:
-        """Record one exchange (one transaction), then derive from it (see :meth:`catch_up`)."""
+    def save_context(self, inputs: dict[str, Any], outputs: dict[str, Any], steps: Sequence[Message] = ()) -> None:
+        """Record one exchange (one transaction), then derive from it (see :meth:`catch_up`).
+
+        ``steps``: the assistant's tool calls and the tool results between the user's message and the
+        final reply, kept in order so the next turns see how the answer was reached.
+        """
         user = Message("user", self.input_text(inputs))
-        self.session.add_messages([user, Message("assistant", self._pick(outputs, self.output_key, "output"))])
+        reply = Message("assistant", self._pick(outputs, self.output_key, "output"))
+        self.session.add_messages([user, *steps, reply])
         self.catch_up()
 
     def catch_up(self) -> None:

@@ -70,9 +70,10 @@ class ConversationEntityMemory(BaseMemory):
                 "entities": {name: known.get(name, "") for name in self.entity_cache}}
 
     def catch_up(self) -> None:
-        for user, _, through in exchanges(self.session.entries(after=self.session.progress("entities"))):
-            # The user message is saved with its reply in one transaction: its id is through - 1.
-            names = self.entity_cache if user.content == self._cached_input else self._extract(user.content, through - 2)
+        for exchange in exchanges(self.session.entries(after=self.session.progress("entities"))):
+            user, through = exchange.user, exchange.through
+            names = self.entity_cache if user.content == self._cached_input else \
+                self._extract(user.content, exchange.user_id - 1)
             history, known = self._history(through), self.session.entities()
             updates = {}
             for name in names:

@@ -80,9 +80,10 @@ class ConversationKGMemory(BaseMemory):
 
     def catch_up(self) -> None:
         """Extract triples from each exchange after the cursor (history: the ``k`` exchanges up to it)."""
-        for user, _, through in exchanges(self.session.entries(after=self.session.progress("triples"))):
-            prompt = KNOWLEDGE_TRIPLE_EXTRACTION_PROMPT.format(history=self._history(through), input=user.content)
-            self.session.add_triples(parse_triples(self.llm.complete(prompt)), through)
+        for exchange in exchanges(self.session.entries(after=self.session.progress("triples"))):
+            prompt = KNOWLEDGE_TRIPLE_EXTRACTION_PROMPT.format(history=self._history(exchange.through),
+                                                               input=exchange.user.content)
+            self.session.add_triples(parse_triples(self.llm.complete(prompt)), exchange.through)
 
     def contents(self) -> str:
         return "\n".join(f"({s}, {r}, {o})" for s, r, o in self.session.triples()) or "(no triples yet)"

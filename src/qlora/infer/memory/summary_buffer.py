@@ -43,15 +43,15 @@ class ConversationSummaryBufferMemory(BaseMemory):
         """Fold the oldest exchanges into the summary until the rest fits the token limit."""
         summary, covered = self.session.summary()
         pending = list(exchanges(self.session.entries(after=covered)))
-        total = sum(self.num_tokens([user, reply]) for user, reply, _ in pending)
+        total = sum(self.num_tokens(exchange.messages) for exchange in pending)
         folded = 0
         while folded < len(pending) and total > self.max_token_limit:
-            total -= self.num_tokens(pending[folded][:2])
+            total -= self.num_tokens(pending[folded].messages)
             folded += 1
         if folded:
-            old = [m for user, reply, _ in pending[:folded] for m in (user, reply)]
+            old = [m for exchange in pending[:folded] for m in exchange.messages]
             new = predict_new_summary(self.llm, summary, old, self.human_prefix, self.ai_prefix)
-            self.session.set_summary(new, pending[folded - 1][2])
+            self.session.set_summary(new, pending[folded - 1].through)
 
     def load_memory_variables(self, inputs: dict[str, Any]) -> dict[str, Any]:
         summary = self.session.summary()[0]

@@ -24,17 +24,18 @@ class MessageTokens:
     def __init__(self, tokenizer, human_prefix: str = "Human", ai_prefix: str = "AI") -> None:
         self.tokenizer = tokenizer
         self.prefixes = (human_prefix, ai_prefix)
-        self._cache: dict[Message, int] = {}
+        self._cache: dict[str, int] = {}
 
     def __call__(self, messages: Sequence[Message]) -> int:
         total = 0
         for message in messages:
-            count = self._cache.get(message)
+            line = buffer_string([message], *self.prefixes)  # keyed by its line: tool calls make a Message unhashable
+            count = self._cache.get(line)
             if count is None:
-                count = count_tokens(self.tokenizer, buffer_string([message], *self.prefixes))
+                count = count_tokens(self.tokenizer, line)
                 if len(self._cache) >= _CACHE_ENTRIES:
                     self._cache.clear()
-                self._cache[message] = count
+                self._cache[line] = count
             total += count
         return total
 

@@ -60,10 +60,10 @@ class VectorStoreRetrieverMemory(BaseMemory):
 
     def catch_up(self) -> None:
         """Embed and store every exchange after the cursor, each in one transaction with the cursor."""
-        for user, reply, through in exchanges(self.session.entries(after=self.session.progress("vectors"))):
-            document = f"input: {user.content}\noutput: {reply.content}"
+        for exchange in exchanges(self.session.entries(after=self.session.progress("vectors"))):
+            document = f"input: {exchange.user.content}\noutput: {exchange.reply.content}"
             vector = np.asarray(self.embedder([document])[0], dtype=np.float32)
-            self.session.add_vector(document, vector.tolist(), through, self.embedder.name)
+            self.session.add_vector(document, vector.tolist(), exchange.through, self.embedder.name)
 
     def _index(self) -> tuple[np.ndarray, list[str]]:
         new = self.session.vectors(after=self._last_id)
