@@ -116,3 +116,32 @@ def test_harmony_replies_do_not_stop_at_the_end_of_their_reasoning(tiny_tokenize
     assert harmony.convert_tokens_to_ids("<|call|>") in stop_token_ids(model, harmony)  # a tool call ends a reply
     listed = SimpleNamespace(generation_config=SimpleNamespace(eos_token_id=[ret, end]))
     assert end in stop_token_ids(listed, harmony)
+
+
+def test_state_space_models_generate_with_their_own_cache_and_are_not_served(tmp_path, tiny_tokenizer):
+    """Mamba keeps a recurrent state in ``cache_params``, not ``past_key_values``: generation passes it back
+    (greedy equals recomputing the whole sequence each step); continuous batching, which re-batches
+    key/value caches, refuses the model at start instead of decoding without context."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from qlora.errors import UsageError
+    from qlora.infer.batcher import ContinuousBatcher
+    from qlora.model.load import load_model
+
+    config = AutoConfig.for_model("mamba", vocab_size=len(tiny_tokenizer), hidden_size=64, num_hidden_layers=2,
+                                  state_size=8, initializer_range=0.5, bos_token_id=tiny_tokenizer.bos_token_id,
+                                  eos_token_id=tiny_tokenizer.eos_token_id, pad_token_id=tiny_tokenizer.pad_token_id)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path)
+    tiny_tokenizer.save_pretrained(tmp_path)
+    model, tokenizer = load_model(tmp_path, compute_dtype=torch.float32, device="cpu")
+    ids = _ids(tokenizer)
+    got = list(stream_tokens(model, ids, SamplingOptions(max_new_tokens=8, temperature=0.0)))
+    expected, seq = [], ids
+    with torch.no_grad():
+        for _ in range(8):
+            expected.append(int(model(seq).logits[0, -1].argmax()))
+            seq = torch.cat([seq, torch.tensor([[expected[-1]]])], dim=1)
+    assert got == expected and len(set(got)) > 1, (got, expected)
+    with pytest.raises(UsageError, match="continuous batching needs a plain key/value cache"):
+        ContinuousBatcher(model, tokenizer)

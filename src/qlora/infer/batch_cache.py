@@ -27,14 +27,25 @@ def new_cache() -> DynamicCache:
     return DynamicCache()
 
 
-def check_cache(cache: DynamicCache) -> None:
-    """Refuse caches this module cannot re-batch (recurrent or hybrid model state)."""
+def check_cache(cache: DynamicCache, out) -> None:
+    """Refuse caches this module cannot re-batch (recurrent or hybrid model state).
+
+    ``out``: the model's output for a forward given ``cache``. A model that keeps its own state
+    instead (Mamba's ``cache_params``) ignores ``cache`` and would decode without context.
+    """
+    returned = next((c for c in (getattr(out, "past_key_values", None), getattr(out, "cache_params", None))
+                     if c is not None), None)
+    kinds = {type(layer).__name__ for layer in cache.layers}
+    if returned is not cache or not cache.layers:  # the model kept its state elsewhere: name its layers
+        kinds = {type(layer).__name__ for layer in getattr(returned, "layers", ())} or {type(returned).__name__}
     for layer in cache.layers:
         keys = getattr(layer, "keys", None)
         if type(layer).__name__ != "DynamicLayer" or not isinstance(keys, torch.Tensor) or keys.dim() != 4:
-            raise UsageError(f"continuous batching needs a plain key/value cache; this model's cache has a "
-                             f"{type(layer).__name__} layer. Serve a transformer with standard attention "
-                             "(Llama, Qwen, Mistral, Gemma, Phi, GPT-2 families).")
+            kinds = {type(layer).__name__}
+    if kinds != {"DynamicLayer"}:
+        raise UsageError(f"continuous batching needs a plain key/value cache; this model's cache is "
+                         f"{', '.join(sorted(kinds))}. Serve a transformer with standard attention "
+                         "(Llama, Qwen, Mistral, Gemma, Phi, GPT-2 families).")
 
 
 def cache_length(cache: DynamicCache) -> int:

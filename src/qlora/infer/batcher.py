@@ -127,8 +127,8 @@ class ContinuousBatcher:
     def _check_model(self) -> None:
         """Fail at start, not on the first request, if the model's cache cannot be re-batched."""
         cache = new_cache()
-        self.model(input_ids=torch.tensor([[0]], device=self.device), past_key_values=cache, use_cache=True)
-        check_cache(cache)
+        out = self.model(input_ids=torch.tensor([[0]], device=self.device), past_key_values=cache, use_cache=True)
+        check_cache(cache, out)
 
     # --- public API ----------------------------------------------------------
     def start(self) -> "ContinuousBatcher":
@@ -215,7 +215,7 @@ class ContinuousBatcher:
         try:
             with adapter_rows(self.model, [request.adapter]):
                 out = self.model(input_ids=ids, past_key_values=cache, use_cache=True)
-            check_cache(cache)
+            check_cache(cache, out)
         except Exception as exc:
             request.emit(Event("", "error", len(request.prompt_ids), error=f"{type(exc).__name__}: {exc}"))
             return

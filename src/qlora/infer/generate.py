@@ -70,15 +70,24 @@ def stream_tokens(model, input_ids: torch.Tensor, options: SamplingOptions | Non
     if options.seed is not None and options.temperature > 0:
         generator = torch.Generator(device=device).manual_seed(options.seed)
     model.eval()
-    ids, past = input_ids, None
+    ids, cache = input_ids, {}
     for _ in range(options.max_new_tokens):
-        out = model(input_ids=ids, past_key_values=past, use_cache=True)
-        past = out.past_key_values
+        out = model(input_ids=ids, use_cache=True, **cache)
+        cache = _cache_of(out)
         token = next_token(out.logits[0, -1], options, generator)
         yield token
         if token in stop:
             return
         ids = torch.tensor([[token]], device=device)
+
+
+def _cache_of(out) -> dict:
+    """The model's cache as the keyword its forward takes back: ``past_key_values``, or ``cache_params`` for
+    state-space models (Mamba, FalconMamba), as transformers' ``generate`` passes them."""
+    for name in ("past_key_values", "cache_params"):
+        if getattr(out, name, None) is not None:
+            return {name: getattr(out, name)}
+    return {}
 
 
 def encode_prompt(model, tokenizer, prompt: str) -> torch.Tensor:
@@ -143,11 +152,11 @@ def generate_per_adapter(model, tokenizer, prompt: str, adapters: list[str | Non
     tokens: list[list[int]] = [[] for _ in adapters]
     done = [False] * rows
     model.eval()
-    ids, past = prompt_ids.repeat(rows, 1), None
+    ids, cache = prompt_ids.repeat(rows, 1), {}
     with adapter_rows(model, adapters):
         for _ in range(options.max_new_tokens):
-            out = model(input_ids=ids, past_key_values=past, use_cache=True)
-            past = out.past_key_values
+            out = model(input_ids=ids, use_cache=True, **cache)
+            cache = _cache_of(out)
             step = []
             for r in range(rows):
                 token = tokens[r][-1] if done[r] else next_token(out.logits[r, -1], options, generators[r])
