@@ -231,6 +231,28 @@ def test_first_step_stops_when_the_graph_misses_the_adapters(tmp_path, tiny_mode
     t.cleanup()
 
 
+def test_adapters_a_batch_does_not_reach_are_a_warning_and_the_rest_train(tmp_path, tiny_model_dir, caplog):
+    """Some layers are legitimately unreached by a batch (DeepSeek-V4's compressors on short sequences, an
+    expert no token chose): the run warns, naming one, and trains the others."""
+    from qlora.nn import LoraLinear
+
+    data = _write(tmp_path / "d.jsonl", FORMATS["alpaca"])
+    t = Trainer(_config(tiny_model_dir, data, tmp_path / "o", max_steps=2))
+    t.setup()
+    unreached = [name for name, layer in t.model.named_modules()
+                 if isinstance(layer, LoraLinear) and ".layers.1." in name]
+    for name in unreached:
+        t.model.get_submodule(name).disabled = True
+    with caplog.at_level("WARNING", logger="qlora"):
+        t.train_step()
+    said = [r.getMessage() for r in caplog.records if "no gradient" in r.getMessage()]
+    assert len(said) == 1 and f"{len(unreached)} adapted layers" in said[0] and min(unreached) in said[0], said
+    reached = [layer for name, layer in t.model.named_modules() if isinstance(layer, LoraLinear)
+               and name not in unreached]
+    assert reached and all(layer.lora_B["default"].weight.abs().sum() > 0 for layer in reached)
+    t.cleanup()
+
+
 def test_fp16_runs_use_loss_scaling(tmp_path, tiny_model_dir):
     data = _write(tmp_path / "d.jsonl", FORMATS["alpaca"])
     t = Trainer(_config(tiny_model_dir, data, tmp_path / "o", max_steps=5, precision="fp16"))

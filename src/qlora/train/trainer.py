@@ -492,24 +492,33 @@ class Trainer:
         return {}
 
     def _check_gradients_reach_adapters(self) -> None:
-        """After the first backward pass every adapter must have a gradient, and
-        every B matrix a non-zero one (A's is zero while B is still zero).
-        Catches the silent failure where checkpointing on a frozen base cuts the
-        graph and the run 'trains' without changing anything."""
+        """After the first backward pass the adapters must have gradients (every B
+        matrix a non-zero one; A's is zero while B is still zero). Catches the silent
+        failure where checkpointing on a frozen base cuts the graph and the run
+        'trains' without changing anything: no adapter is reached. Some adapters
+        without a gradient is a warning: the batch may just not reach them."""
         dead = [n for n, p in self.model.named_parameters() if p.requires_grad
                 and (p.grad is None or (self._zero_at_init(n) and not bool(p.grad.abs().sum() > 0)))]
         trained = sum(1 for p in self.model.parameters() if p.requires_grad)
-        if dead and len(dead) < trained and non_text_names(self.model):
-            # A vision-language model's decoder can hold layers only images reach (Llama 3.2 Vision's
-            # cross-attention): on text their adapters stay zero, which changes nothing; freeze them.
+        if dead and len(dead) < trained:  # the graph reaches the adapters, just not all of them in this batch
             layers = sorted({n.split(".lora_")[0] for n in dead})
-            for name, p in self.model.named_parameters():
-                if name.split(".lora_")[0] in layers:
-                    p.requires_grad_(False)
-                    p.grad = None
-            logging.getLogger("qlora").warning(
-                "qlora: %d adapted layers get no gradient from text (e.g. %s: layers only images reach); "
-                "their adapters stay zero.", len(layers), layers[0])
+            log = logging.getLogger("qlora")
+            if non_text_names(self.model):
+                # A vision-language model's decoder can hold layers only images reach (Llama 3.2 Vision's
+                # cross-attention): on text their adapters stay zero, which changes nothing; freeze them.
+                for name, p in self.model.named_parameters():
+                    if name.split(".lora_")[0] in layers:
+                        p.requires_grad_(False)
+                        p.grad = None
+                log.warning("qlora: %d adapted layers get no gradient from text (e.g. %s: layers only images "
+                            "reach); their adapters stay zero.", len(layers), layers[0])
+            else:
+                # Layers a batch may not reach: DeepSeek-V4's compressors on sequences shorter than their
+                # block, experts no token was routed to. They train once a batch reaches them.
+                log.warning("qlora: %d adapted layers got no gradient in the first step (e.g. %s): this batch "
+                            "does not reach them (a compressor of long sequences, an expert no token chose, a "
+                            "gate still at zero); they train once a batch does. If they never should, leave them "
+                            "out with --target-modules.", len(layers), layers[0])
             return
         if dead:
             raise UsageError(f"no gradient reached {len(dead)} adapter parameters in the first step (e.g. "
