@@ -110,7 +110,8 @@ def test_linear_subclasses_that_compute_a_linear_are_quantized_and_adapted(tmp_p
 def test_routers_inside_gate_modules_and_self_cast_layers_stay_dense(tmp_path, tiny_tokenizer):
     """Hunyuan's router is ``mlp.gate.wg`` (inside a gate module, one output per expert) and its code reads
     ``wg.weight.dtype``; DeepSeek-V3.2's indexer runs ``weights_proj(x.to(weights_proj.weight.dtype))``: a
-    packed uint8 weight would cast the input to bytes. Both stay 16-bit and out of all-linear."""
+    packed uint8 weight would cast the input to bytes. Both stay 16-bit and out of all-linear; the indexer's
+    other layers are 4-bit but not adapted (it only ranks keys, so no gradient reaches it)."""
     from qlora.model.inject import add_lora
     from qlora.nn import LoraLinear
 
@@ -131,6 +132,8 @@ def test_routers_inside_gate_modules_and_self_cast_layers_stay_dense(tmp_path, t
     model, _ = load_model(dirs["deepseek_v32"], compute_dtype=torch.float32, device="cpu")
     indexer = model.model.layers[0].self_attn.indexer
     assert type(indexer.weights_proj) is torch.nn.Linear and isinstance(indexer.wq_b, Linear4bit)
+    add_lora(model, r=4, verbose=False)  # the indexer returns top-k indices: no gradient, so no adapter
+    assert isinstance(indexer.wq_b, Linear4bit) and isinstance(model.model.layers[0].self_attn.q_b_proj, LoraLinear)
 
     model, _ = load_model(dirs["hunyuan_v1_moe"], compute_dtype=torch.float32, device="cpu")
     mlp = model.model.layers[0].mlp

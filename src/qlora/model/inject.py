@@ -72,7 +72,9 @@ def _select(model: nn.Module, target_modules: str | list[str]) -> list[str]:
                   and not n.endswith(".base_layer") and ".lora_" not in n and not n.startswith(experts + towers)]
     if target_modules == "all-linear":  # MoE routers excluded, unlike PEFT's: adapting one reroutes tokens
         dense = kept_dense_names(model)
-        chosen = [n for n in candidates if n not in dense]
+        # A sparse-attention indexer (DeepSeek-V3.2, GLM-5) only ranks keys for a top-k choice: no gradient
+        # reaches it from the loss, so an adapter there would stay zero.
+        chosen = [n for n in candidates if n not in dense and ".indexer." not in f".{n}."]
     elif isinstance(target_modules, str):
         chosen = [n for n in candidates if re.fullmatch(target_modules, n)]
     else:
