@@ -123,28 +123,53 @@ def _materialize_buffers(model: nn.Module, device: torch.device) -> None:
     compute them. Loaded tensors are flagged as initialized, which transformers'
     guarded initializers (v5 ``transformers.initialization``) respect, so only
     the new buffers are written; there the owners' ancestors run too, because
-    some models fill a layer's buffer from the model-level initializer. Older
-    transformers write unconditionally, so only the owning modules run there."""
+    some models fill a layer's buffer from the model-level initializer. transformers
+    4.x computes rotary frequencies only in the rotary module's ``__init__`` (its
+    initializers skip them), so there they are recomputed with the module's own
+    ``rope_init_fn``; its initializers would overwrite loaded weights and skip
+    other such buffers (Gemma 3's embedding scale), so those models are refused."""
     for t in (*model.parameters(), *model.buffers()):
         if not t.is_meta:
             t._is_hf_initialized = True
-    owners: list[str] = []
+    owners: dict[str, list[str]] = {}
     for name, module in model.named_modules():
         meta = [b for b, t in module._buffers.items() if t is not None and t.is_meta]
         for b in meta:
             module._buffers[b] = torch.empty_like(module._buffers[b], device=device)
         if meta:
-            owners.append(name)
+            owners[name] = meta
     if not owners:
         return
     run = set(owners)
+    modules = dict(model.named_modules())
     if importlib.util.find_spec("transformers.initialization") is not None:
         for name in owners:
             parts = name.split(".") if name else []
             run.update(".".join(parts[:i]) for i in range(len(parts)))
-    modules = dict(model.named_modules())
+    else:
+        left = [name for name in owners if not _recompute_rope_v4(modules[name], device)]
+        if left:
+            import transformers
+
+            where = f"{left[0]}.{owners[left[0]][0]}".lstrip(".")
+            raise UsageError(f"{type(model).__name__} computes buffers (e.g. {where}) that transformers "
+                             f"{transformers.__version__} cannot recompute after a memory-saving load; "
+                             "upgrade transformers to 5.x (pip install -U transformers) to use this model.")
+        return
     for name in sorted(run, key=lambda n: -(n.count(".") + bool(n))):  # children before parents
         model._init_weights(modules[name])
+
+
+def _recompute_rope_v4(module: nn.Module, device: torch.device) -> bool:
+    """Refill a transformers 4.x rotary module's ``inv_freq`` as its ``__init__`` does; False if it is none."""
+    init = getattr(module, "rope_init_fn", None)
+    if init is None or "inv_freq" not in module._buffers or not hasattr(module, "config"):
+        return False
+    inv_freq, module.attention_scaling = init(module.config, device, **getattr(module, "rope_kwargs", {}))
+    module.register_buffer("inv_freq", inv_freq, persistent=False)
+    if hasattr(module, "original_inv_freq"):  # what dynamic RoPE resets to
+        module.original_inv_freq = module.inv_freq
+    return True
 
 
 def load_model(
