@@ -2,8 +2,11 @@
 # transformers 4.x still works: a fresh virtual environment with transformers 4.57 (the last 4.x line; override
 # with TRANSFORMERS_SPEC, e.g. TRANSFORMERS_SPEC='transformers==4.56.*' for the declared floor), this tree installed
 # without its own dependency resolution, and a smoke subset of the suite: load + quantize against transformers'
-# own forward (llama, qwen2, mistral, phi3, gemma2, gemma3, gpt2, MoE families), LoRA train/merge/PEFT round trip,
-# generation, and the CLI pipeline (train, eval, merge, quantize, resume).
+# own forward (every architecture of test_architectures_load that 4.x has), bitsandbytes checkpoints both ways,
+# LoRA train/merge/PEFT round trip, generation, and the CLI pipeline (train, eval, merge, quantize, resume).
+# tests/test_moe_models.py skips itself on 4.x (experts are nn.Linear there, loaded by the plain path).
+# Measured 2026-11-23 on the 2-core CI-like machine: tests 132 s; installs 3.5 min alone, 7.5 min when the cores
+# are busy, so scripts/test.sh does not call it (run it beside the suite).
 # The whole suite is developed against transformers 5 (scripts/test.sh); run this beside it.
 set -euo pipefail
 repo="$(cd "$(dirname "$0")/.." && pwd)"
@@ -28,7 +31,6 @@ export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
 PYTHONPATH="$repo/src" "$work/venv/bin/python" -m pytest -q -p no:cacheprovider \
     tests/test_model_api.py \
     "tests/test_architectures_load.py::test_load_matches_transformers" \
-    tests/test_moe_models.py \
     tests/test_infer_generate.py \
     tests/test_cli_pipeline.py \
     -k "not gemma4 and not deepseek_v32 and not falcon_h1"
