@@ -79,7 +79,7 @@ def test_text_examples_follow_the_tokenizer_and_chat_follows_the_template(add_bo
     assert text.input_ids == tok("Hello there!")["input_ids"] + [tok.eos_token_id]
     doubled = "{{ bos_token }}" + TEMPLATES["chatml"]  # a template that writes BOS twice: its own choice
     ids = tokenize_example(chat(), tok, doubled).input_ids
-    assert ids == list(tok.apply_chat_template(list(CONVERSATION), chat_template=doubled)["input_ids"])
+    assert ids == list(tok.apply_chat_template(list(CONVERSATION), chat_template=doubled, return_dict=True)["input_ids"])
 
 
 def test_eos_appended_only_without_an_end_marker_after_the_last_answer():
@@ -88,7 +88,7 @@ def test_eos_appended_only_without_an_end_marker_after_the_last_answer():
             "{% if add_generation_prompt %}{{ 'assistant: ' }}{% endif %}")
     tokenized = tokenize_example(chat(), tok, bare)
     assert tokenized.input_ids[-1] == tokenized.labels[-1] == tok.eos_token_id
-    assert tokenized.input_ids[:-1] == list(tok.apply_chat_template(list(CONVERSATION), chat_template=bare)["input_ids"])
+    assert tokenized.input_ids[:-1] == list(tok.apply_chat_template(list(CONVERSATION), chat_template=bare, return_dict=True)["input_ids"])
     marked = tokenize_example(chat(), tok, TEMPLATES["chatml"])
     assert marked.input_ids.count(tok.eos_token_id) == 0  # <|im_end|> ends the answer: no EOS after it
 
@@ -179,9 +179,9 @@ def test_llama3_on_a_bpe_that_merges_newlines_differently_at_a_prefix_boundary()
     tok = train_tokenizer(["Hello\n\nworld\n\n"] * 50 + TEXT, vocab_size=300)
     tok.add_special_tokens({"additional_special_tokens": ["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]})
     template = TEMPLATES["llama-3"]
-    full = list(tok.apply_chat_template(list(CONVERSATION), chat_template=template)["input_ids"])
+    full = list(tok.apply_chat_template(list(CONVERSATION), chat_template=template, return_dict=True)["input_ids"])
     prompt = list(tok.apply_chat_template(list(CONVERSATION[:2]), chat_template=template,
-                                          add_generation_prompt=True)["input_ids"])
+                                          add_generation_prompt=True, return_dict=True)["input_ids"])
     assert full[:len(prompt)] != prompt  # the hazard is real on this tokenizer
     eot = tok.convert_tokens_to_ids("<|eot_id|>")
     tokenized = tokenize_example(chat(), tok, template, stop_ids=[tok.eos_token_id, eot])

@@ -212,7 +212,8 @@ def test_bitsandbytes_checkpoints_both_ways(tmp_path, tiny_tokenizer, arch):
 
     bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                              bnb_4bit_compute_dtype=torch.float32)
-    tq = AutoModelForCausalLM.from_pretrained(d, quantization_config=bnb, device_map="cpu")
+    # dtype given: transformers 4.x would cast the fp32 checkpoint to fp16 before quantizing (5.x keeps fp32)
+    tq = AutoModelForCausalLM.from_pretrained(d, quantization_config=bnb, device_map="cpu", dtype=torch.float32)
     tq.save_pretrained(tmp_path / "tq4")
     tiny_tokenizer.save_pretrained(tmp_path / "tq4")
     loaded, _ = qlora.load_model(tmp_path / "tq4", compute_dtype=torch.float32, device="cpu")

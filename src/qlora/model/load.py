@@ -34,6 +34,9 @@ from .architecture import text_model_from_config
 from .checkpoint_layout import CheckpointLayout
 from .quantize import _skipped, is_conv1d, is_plain_linear, kept_dense_names, replace_modules
 
+_TRANSFORMERS_V5 = importlib.util.find_spec("transformers.initialization") is not None
+
+
 def resolve_model_dir(name_or_path: str | Path) -> Path:
     """A local folder, or a hub id: downloaded when a hub is reachable, else from the local cache."""
     path = Path(name_or_path).expanduser()
@@ -117,14 +120,34 @@ def _set_tensor(model: nn.Module, key: str, value: torch.Tensor) -> None:
         raise KeyError(key)
 
 
+def _empty_model():
+    """Where the model skeleton is built: parameters on ``meta`` (nothing materialized twice).
+    transformers 5 initializes non-persistent buffers (rotary frequencies, embedding scales,
+    causal masks) in guarded initializers, so everything is built on ``meta`` and those buffers
+    are computed later; transformers 4.x computes them only in ``__init__``, so there buffers are
+    built for real (they are small) with its own ``init_empty_weights``, as its ``from_pretrained`` does."""
+    if _TRANSFORMERS_V5:
+        return torch.device("meta")
+    from transformers.integrations.accelerate import init_empty_weights
+
+    return init_empty_weights(include_buffers=False)
+
+
 def _materialize_buffers(model: nn.Module, device: torch.device) -> None:
     """Non-persistent buffers (rotary frequencies, Falcon-H1's muP vector...) are
     not in checkpoints: allocate them and let the model's own initializers
     compute them. Loaded tensors are flagged as initialized, which transformers'
     guarded initializers (v5 ``transformers.initialization``) respect, so only
-    the new buffers are written; there the owners' ancestors run too, because
-    some models fill a layer's buffer from the model-level initializer. Older
-    transformers write unconditionally, so only the owning modules run there."""
+    the new buffers are written; the owners' ancestors run too, because some
+    models fill a layer's buffer from the model-level initializer. On transformers
+    4.x the buffers were computed at construction (see :func:`_empty_model`) and
+    are only moved to ``device``."""
+    if not _TRANSFORMERS_V5:
+        for module in model.modules():
+            for b, t in module._buffers.items():
+                if t is not None and t.device != device:
+                    module._buffers[b] = t.to(device)
+        return
     for t in (*model.parameters(), *model.buffers()):
         if not t.is_meta:
             t._is_hf_initialized = True
@@ -135,13 +158,10 @@ def _materialize_buffers(model: nn.Module, device: torch.device) -> None:
             module._buffers[b] = torch.empty_like(module._buffers[b], device=device)
         if meta:
             owners.append(name)
-    if not owners:
-        return
     run = set(owners)
-    if importlib.util.find_spec("transformers.initialization") is not None:
-        for name in owners:
-            parts = name.split(".") if name else []
-            run.update(".".join(parts[:i]) for i in range(len(parts)))
+    for name in owners:
+        parts = name.split(".") if name else []
+        run.update(".".join(parts[:i]) for i in range(len(parts)))
     modules = dict(model.named_modules())
     for name in sorted(run, key=lambda n: -(n.count(".") + bool(n))):  # children before parents
         _owning_model(modules, name)._init_weights(modules[name])
@@ -214,7 +234,7 @@ def load_model(
     if isinstance(rows, int):  # checked before the (slow) weight load
         check_vocab_fits(tokenizer, rows, model_dir)
     kwargs = {"attn_implementation": attn_implementation} if attn_implementation else {}
-    with torch.device("meta"):
+    with _empty_model():
         model = text_model_from_config(config, model_dir, dtype=compute_dtype, **kwargs)
 
     skip = set(skip_modules) | kept_dense_names(model)
