@@ -115,14 +115,15 @@ def _plan(model: nn.Module, config, spec: ArchSpec, out_type: str,
     name_of = tensor_namer(config, spec)
     towers = tuple(t + "." for t in non_text_names(model))
     rename = _causal_lm_key(model) if towers else (lambda key: key)
-    rows = [(rename(key), shape, make) for key, shape, make in merged_tensors(model) if not key.startswith(towers)]
+    rows = [(rename(key), shape, make) for key, shape, make in _split_gate_up(model, merged_tensors(model))
+            if not key.startswith(towers)]
     tied = _tied(model)
     plan: list[_Planned] = []
     unknown = []
     for key, shape, make in rows:
         gguf_name = name_of(key)
         if gguf_name == "output.weight" or (gguf_name is None and key == "lm_head.weight"):
-            if tied:
+            if tied and not spec.output_required:
                 continue  # llama.cpp reuses token_embd
             if not spec.has_output:
                 raise UsageError(f"this {config.model_type} model's output layer differs from its embedding, but "
@@ -146,6 +147,35 @@ def _plan(model: nn.Module, config, spec: ArchSpec, out_type: str,
     for gguf_name, t in extra:
         plan.append(_Planned(gguf_name, tuple(t.shape), Q.F32, lambda t=t: t))
     return plan
+
+
+def _split_gate_up(model: nn.Module, rows: list) -> list:
+    """transformers' fused 3-D expert ``gate_up_proj`` as the separate ``gate_proj`` and ``up_proj`` stacks
+    llama.cpp reads (``[experts, ff, hidden]`` each, gate half first, as transformers' forward chunks it).
+    The fused merged tensor is computed once for both halves: one layer's experts, then dropped."""
+    out = []
+    for key, shape, make in rows:
+        if not key.endswith(".gate_up_proj") or len(shape) != 3:
+            out.append((key, shape, make))
+            continue
+        experts = model.get_submodule(key.rsplit(".", 1)[0])
+        transposed = getattr(getattr(experts, "base_layer", experts), "is_transposed", False)
+        n, ff2, hidden = (shape[0], shape[2], shape[1]) if transposed else shape
+        cache: dict[str, torch.Tensor] = {}
+
+        def half(i: int, make=make, cache=cache, transposed=transposed, ff=ff2 // 2) -> torch.Tensor:
+            fused = cache.pop("fused", None) if i else None  # the up half is asked for right after the gate half
+            if fused is None:
+                fused = make()
+                if i == 0:
+                    cache["fused"] = fused
+            fused = fused.transpose(1, 2) if transposed else fused
+            return fused[:, i * ff:(i + 1) * ff].contiguous()
+
+        prefix = key[: -len("gate_up_proj")]
+        out.append((prefix + "gate_proj", (n, ff2 // 2, hidden), lambda half=half: half(0)))
+        out.append((prefix + "up_proj", (n, ff2 // 2, hidden), lambda half=half: half(1)))
+    return out
 
 
 def _causal_lm_key(model: nn.Module) -> Callable[[str], str]:
