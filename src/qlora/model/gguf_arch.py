@@ -64,6 +64,10 @@ SPECS: dict[str, ArchSpec] = {
     "gemma2": ArchSpec("gemma2", norm_shift=1.0, has_output=False, softcap_attn=True, swa_27b_layers=46),
     "gemma3_text": ArchSpec("gemma3", norm_shift=1.0, swa_27b_layers=62),
     "phi3": ArchSpec("phi3"),
+    "gemma": ArchSpec("gemma", norm_shift=1.0, has_output=False),
+    "olmo2": ArchSpec("olmo2"),
+    "granite": ArchSpec("granite", permute_qk=True),
+    "smollm3": ArchSpec("smollm3", permute_qk=True),
     "mixtral": ArchSpec("llama", permute_qk=True, norm_topk=True),
     "qwen2_moe": ArchSpec("qwen2moe", output_required=True, norm_topk=False),
     "qwen3_moe": ArchSpec("qwen3moe", norm_topk=True),
@@ -141,6 +145,13 @@ def write_metadata(writer, config, spec: ArchSpec, n_vocab: int) -> list[tuple[s
     writer.add_rope_dimension_count(rotary)
     extra += _rope_scaling(writer, config, spec, full, rotary)
 
+    if spec.gguf_arch == "granite":  # Granite's multipliers, as llama.cpp's granite graph applies them
+        writer.add_embedding_scale(config.embedding_multiplier)
+        writer.add_residual_scale(config.residual_multiplier)
+        writer.add_attention_scale(config.attention_multiplier)
+        writer.add_logit_scale(config.logits_scaling)
+    if spec.gguf_arch == "smollm3":
+        _check_smollm3_nope_layers(config)
     if spec.gguf_arch in ("gemma2", "gemma3"):
         _check_gemma_attention_scale(config, spec, hd)
         if getattr(config, "sliding_window", None):
@@ -182,6 +193,17 @@ def _write_experts(writer, config, spec: ArchSpec) -> None:
         raise UsageError(f"this {config.model_type} model has dense MLP layers ({dense[:8]}) between its expert "
                          f"layers (mlp_only_layers / decoder_sparse_step), which llama.cpp's {spec.gguf_arch} "
                          f"does not run. Refusing to export.")
+
+
+def _check_smollm3_nope_layers(config) -> None:
+    """llama.cpp's smollm3 skips RoPE on every 4th layer (a fixed step, no GGUF key); SmolLM3's config lists the
+    layers that use it (``no_rope_layers``, 1 = RoPE). Any other pattern would attend differently there."""
+    layers = getattr(config, "no_rope_layers", None)
+    expected = [int((i + 1) % 4 != 0) for i in range(config.num_hidden_layers)]
+    if layers is not None and list(layers) != expected:
+        raise UsageError(f"this SmolLM3 config uses RoPE on layers {list(layers)} (no_rope_layers), but llama.cpp's "
+                         f"smollm3 skips it on every 4th layer ({expected}); the GGUF would attend differently. "
+                         f"Refusing to export.")
 
 
 def _sliding_layers(config) -> bool:
