@@ -157,12 +157,14 @@ def test_llama_cpp_logits_equal_the_merged_model(tmp_path, tiny_tokenizer, arch)
 # (PEFT's target_parameters), so the file is right only if both kinds are folded into the dequantized 4-bit base.
 # The configs are the ones llama.cpp's graphs compute: Qwen3-MoE renormalizes its top-k weights (as the released
 # checkpoints do), OLMoE uses as many key/value heads as query heads, the Qwen2-MoE one ties its embedding
-# (llama.cpp's qwen2moe still needs an output matrix).
+# (llama.cpp's qwen2moe still needs an output matrix), Granite MoE has all four of Granite's multipliers.
 MOE = {
     "mixtral": {},
     "qwen2_moe": dict(tie_word_embeddings=True),
-    "qwen3_moe": dict(norm_topk_prob=True),
+    "qwen3_moe": dict(norm_topk_prob=True, head_dim=16),  # heads x head_dim != hidden, as in Qwen3-30B-A3B
     "olmoe": dict(num_key_value_heads=4),
+    "granitemoe": dict(embedding_multiplier=2.0, residual_multiplier=0.5, attention_multiplier=0.2,
+                       logits_scaling=4.0),
 }
 MOE_PROMPT = "The quick brown fox jumps over the lazy dog. Question: what is two plus two?"
 

@@ -54,6 +54,7 @@ class ArchSpec:
     swa_27b_layers: int | None = None  # layer count llama.cpp treats as the 27B (attention scale rule)
     output_required: bool = False  # llama.cpp needs ``output.weight`` even when tied to the embedding
     norm_topk: bool | None = None  # MoE: whether llama.cpp renormalizes the top-k routing weights (None: dense)
+    rename: tuple[tuple[str, str], ...] = ()  # HF key parts to respell before gguf's name table is consulted
 
 
 SPECS: dict[str, ArchSpec] = {
@@ -69,12 +70,15 @@ SPECS: dict[str, ArchSpec] = {
     "granite": ArchSpec("granite", permute_qk=True),
     "smollm3": ArchSpec("smollm3", permute_qk=True),
     "mixtral": ArchSpec("llama", permute_qk=True, norm_topk=True),
+    "granitemoe": ArchSpec("granitemoe", permute_qk=True, norm_topk=True,  # transformers 5 names, gguf's table 4.x's
+                           rename=((".block_sparse_moe.router.", ".mlp.gate."),
+                                   (".block_sparse_moe.experts.", ".mlp.experts."))),
     "qwen2_moe": ArchSpec("qwen2moe", output_required=True, norm_topk=False),
     "qwen3_moe": ArchSpec("qwen3moe", norm_topk=True),
     "olmoe": ArchSpec("olmoe", output_required=True, norm_topk=False),
 }
-SUPPORTED = ("Llama, Mistral, Qwen2, Qwen3, Gemma 2, Gemma 3 (text), Phi-3, and the mixture-of-experts "
-             "Mixtral, Qwen2-MoE (Qwen1.5-MoE), Qwen3-MoE and OLMoE")
+SUPPORTED = ("Llama, Mistral, Qwen2, Qwen3, Gemma, Gemma 2, Gemma 3 (text), Phi-3, OLMo 2, Granite, SmolLM3, "
+             "and the mixture-of-experts Mixtral, Qwen2-MoE (Qwen1.5-MoE), Qwen3-MoE, OLMoE and Granite MoE")
 
 
 def arch_spec(config) -> ArchSpec:
@@ -145,7 +149,7 @@ def write_metadata(writer, config, spec: ArchSpec, n_vocab: int) -> list[tuple[s
     writer.add_rope_dimension_count(rotary)
     extra += _rope_scaling(writer, config, spec, full, rotary)
 
-    if spec.gguf_arch == "granite":  # Granite's multipliers, as llama.cpp's granite graph applies them
+    if spec.gguf_arch in ("granite", "granitemoe"):  # Granite's multipliers, as llama.cpp's granite graph applies them
         writer.add_embedding_scale(config.embedding_multiplier)
         writer.add_residual_scale(config.residual_multiplier)
         writer.add_attention_scale(config.attention_multiplier)
@@ -295,6 +299,8 @@ def tensor_namer(config, spec: ArchSpec) -> Callable[[str], str | None]:
     table = gguf.get_tensor_name_map(arch, config.num_hidden_layers)
 
     def name(key: str) -> str | None:
+        for old, new in spec.rename:
+            key = key.replace(old, new)
         found = table.get_name(key, try_suffixes=(".weight", ".bias"))
         if found is not None and not key.endswith((".weight", ".bias")):
             found += ".weight"  # transformers' bare 3-D expert parameters (``mlp.experts.down_proj``)
