@@ -272,6 +272,8 @@ def test_moe_experts_are_written_in_llama_cpps_layout(tmp_path, tiny_tokenizer):
     assert shapes["blk.1.ffn_gate_inp.weight"] == (4, 32) and shapes["blk.1.ffn_gate_inp_shexp.weight"][-1] == 32
     assert {"blk.1.ffn_gate_shexp.weight", "blk.1.ffn_up_shexp.weight", "output.weight"} <= set(tensors)
     assert tensors["blk.1.ffn_gate_exps.weight"].tensor_type == gguf.GGMLQuantizationType.Q8_0
+    assert tensors["blk.1.ffn_gate_inp.weight"].tensor_type == gguf.GGMLQuantizationType.F32  # as llama.cpp's
+    assert tensors["blk.1.ffn_gate_inp_shexp.weight"].tensor_type == gguf.GGMLQuantizationType.F32
     # the gate half of the merged gate_up_proj, expert LoRA folded in
     merged = experts.merged_weight("gate_up_proj")
     gate = gguf.quants.dequantize(tensors["blk.1.ffn_gate_exps.weight"].data, gguf.GGMLQuantizationType.Q8_0)

@@ -6,9 +6,10 @@ They are streamed: the header and tensor table are written from shapes alone,
 then each tensor is merged, converted and written in turn, so peak memory is
 the 4-bit model plus one dense layer, never a second copy of the model.
 
-Types follow llama.cpp's converter: 1-D tensors (norms, biases) and RoPE factor
-tables stay float32; matrices are f16, bf16 or q8_0 (q8_0 falls back to f16
-for a row length that is not a multiple of its 32-value block). ``q8_0`` is
+Types follow llama.cpp's converter: 1-D tensors (norms, biases), RoPE factor
+tables and MoE routers (``ffn_gate_inp``; Qwen2-MoE's shared-expert gate too)
+stay float32; matrices are f16, bf16 or q8_0 (q8_0 falls back to f16 for a row
+length that is not a multiple of its 32-value block). ``q8_0`` is
 quantized by ``gguf.quants``, llama.cpp's own Python reference of the format.
 Formats gguf-py cannot quantize (the k-quants such as q4_k_m) are not offered:
 use llama.cpp's ``llama-quantize`` on the f16 file for those.
@@ -36,6 +37,7 @@ from .merge import merged_tensors
 from .quantize import non_text_names, text_decoder_path
 
 TYPES = ("f32", "f16", "bf16", "q8_0")
+ROUTERS = ("ffn_gate_inp", "ffn_gate_inp_shexp")  # MoE routers stay f32: a rounded router can pick other experts
 
 
 def require_gguf():
@@ -132,7 +134,7 @@ def _plan(model: nn.Module, config, spec: ArchSpec, out_type: str,
         if gguf_name is None:
             unknown.append(key)
             continue
-        if len(shape) == 1:
+        if len(shape) == 1 or gguf_name.split(".")[-2] in ROUTERS:
             qtype = Q.F32
         elif matrix_type == Q.Q8_0 and shape[-1] % gguf.GGML_QUANT_SIZES[Q.Q8_0][0]:
             qtype = Q.F16
