@@ -5,12 +5,16 @@ model loaders), restated for the architectures qlora exports:
 
 - Tensor names come from ``gguf``'s own HF-to-GGUF name table, so they follow
   llama.cpp as the ``gguf`` package is updated.
-- Llama and Mistral (written as llama.cpp's ``llama`` architecture) use
-  interleaved ("normal") RoPE, HF uses rotate-half: each head's rows of
-  ``q_proj``/``k_proj`` are reordered from ``[first halves | second halves]``
-  to alternating pairs. Qwen2/3, Gemma 2/3 and Phi-3 use NeoX RoPE: no reorder.
+- Llama, Mistral, Mixtral (written as llama.cpp's ``llama`` architecture),
+  Granite, Granite MoE and SmolLM3 use interleaved ("normal") RoPE in llama.cpp,
+  HF uses rotate-half: each head's rows of ``q_proj``/``k_proj`` are reordered
+  from ``[first halves | second halves]`` to alternating pairs. Qwen2/3 (and
+  their MoEs), Gemma 1/2/3, Phi-3, OLMo 2 and OLMoE use NeoX RoPE: no reorder.
 - Gemma's RMSNorm scales by ``1 + w``; llama.cpp's by ``w``: norm weights are
   written as ``w + 1``.
+- Granite's embedding, residual, attention and logit multipliers are metadata
+  llama.cpp's granite graphs apply. SmolLM3 skips RoPE on every 4th layer in
+  llama.cpp (a fixed step); another ``no_rope_layers`` pattern is refused.
 - Phi-3's fused ``qkv_proj`` and ``gate_up_proj`` are written fused, as
   llama.cpp reads them.
 - Gemma 2 has no separate output matrix in llama.cpp (it always reuses the
@@ -28,7 +32,9 @@ model loaders), restated for the architectures qlora exports:
   other (``norm_topk_prob``) is refused, as are checkpoints with dense MLP layers
   between the sparse ones (``mlp_only_layers``, ``decoder_sparse_step``), which
   those graphs do not have. Qwen2-MoE and OLMoE need an output matrix even when it
-  is tied to the embedding: the embedding is written twice.
+  is tied to the embedding: the embedding is written twice. transformers 5 names
+  Granite MoE's router and experts like the others (``block_sparse_moe.router``),
+  which gguf's table knows by other names: they are respelled before the lookup.
 """
 
 from __future__ import annotations
