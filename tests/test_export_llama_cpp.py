@@ -165,13 +165,14 @@ MOE = {
     "olmoe": dict(num_key_value_heads=4),
     "granitemoe": dict(embedding_multiplier=2.0, residual_multiplier=0.5, attention_multiplier=0.2,
                        logits_scaling=4.0),
+    "mixtral-16bit": {},  # adapters on transformers' own (not quantized) experts module
 }
 MOE_PROMPT = "The quick brown fox jumps over the lazy dog. Question: what is two plus two?"
 
 
-def _adapted_moe(model_dir):
-    """A 4-bit tiny MoE with random non-zero LoRA on its linear layers and its expert weights."""
-    model, tokenizer = qlora.load_model(model_dir, compute_dtype=torch.float32, device="cpu")
+def _adapted_moe(model_dir, quant: str | None = "nf4"):
+    """A tiny MoE (4-bit by default) with random non-zero LoRA on its linear layers and its expert weights."""
+    model, tokenizer = qlora.load_model(model_dir, quant=quant, compute_dtype=torch.float32, device="cpu")
     torch.manual_seed(0)
     qlora.add_lora(model, r=4, alpha=8, dropout=0.0, target_modules="all-linear",
                    target_parameters=["gate_up_proj", "down_proj"], verbose=False)
@@ -218,11 +219,13 @@ def test_llama_cpp_runs_moe_exports_as_the_merged_model(tmp_path, tiny_tokenizer
     from qlora.model.gguf_export import export_gguf
     from tiny_moe import save_tiny_moe
 
-    model_dir = save_tiny_moe(tmp_path / "m", tiny_tokenizer, model_type, **MOE[model_type])
-    model, tokenizer = _adapted_moe(model_dir)
+    quant = None if model_type.endswith("-16bit") else "nf4"
+    model_dir = save_tiny_moe(tmp_path / "m", tiny_tokenizer, model_type.split("-")[0], **MOE[model_type])
+    model, tokenizer = _adapted_moe(model_dir, quant)
     export_gguf(model, tokenizer, tmp_path / "m.gguf", "f32")
     ids = tokenizer(MOE_PROMPT)["input_ids"]
-    base = qlora.load_model(model_dir, compute_dtype=torch.float32, device="cpu")[0](torch.tensor([ids])).logits[0]
+    base = qlora.load_model(model_dir, quant=quant, compute_dtype=torch.float32, device="cpu")[0]
+    base = base(torch.tensor([ids])).logits[0]
     merged = merge(model, dtype=torch.float32)
     expected = merged(torch.tensor([ids])).logits[0]
     assert _relative(base, expected) > 0.05  # the adapters matter: a file without them fails by far
