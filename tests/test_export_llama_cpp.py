@@ -298,11 +298,12 @@ def _router_margin(model, ids: list[int]) -> float:
 def test_llama_cpp_runs_16_bit_and_q8_0_moe_exports_from_the_cli(tmp_path, tiny_tokenizer):
     """``qlora export --adapter`` of a Qwen3-MoE with expert LoRA, as f16 and q8_0, with llama.cpp's defaults.
 
-    llama.cpp rounds activations to f16 (to 8 bits for q8_0) before each matmul, so its logits move by ~3e-3
-    (~6e-2 measured for q8_0) of the largest logit. A router choosing between two experts of nearly equal probability can then pick the
-    other one, and a token's output changes completely: that would be rounding, not an export error. So the
-    test first checks that the prompt routes with clear margins and that the greedy path leads by more than
-    the tolerance; with those, equal logits and equal tokens are a real check of the file.
+    llama.cpp rounds activations to f16 (to 8 bits for q8_0) before each matmul, so its logits move by
+    3e-3 (7e-2 for q8_0, measured) of the largest logit. A router choosing between two experts of nearly
+    equal probability can then pick the other one, and that token's output changes completely: rounding,
+    not an export error. So the test first checks that the prompt routes with clear margins and that the
+    greedy path leads by more than twice the f16 tolerance; then equal f16 logits and tokens are a real
+    check of the file. The q8_0 tokens (4, as for the dense q8_0 export above) are a looser check.
     """
     from tiny_moe import save_tiny_moe
 
