@@ -241,11 +241,11 @@ def test_llama_cpp_runs_moe_exports_as_the_merged_model(tmp_path, tiny_tokenizer
 
 
 # Dense architectures written by the same path, each in a config that exercises what llama.cpp must be told:
-# Granite's four multipliers, SmolLM3's RoPE-less 4th layer, OLMo 2's post-norms and full-width Q/K norms,
-# Gemma's norm + 1 and tied head. (tests/tiny_moe.py builds a tiny checkpoint of any model type.)
+# Granite's four multipliers, SmolLM3's RoPE-less 4th layer, OLMo 2's post-norms, full-width Q/K norms and
+# tied head written twice, Gemma's norm + 1 and tied head. (tests/tiny_moe.py builds a tiny checkpoint of any model type.)
 DENSE = {
     "gemma": {},
-    "olmo2": {},
+    "olmo2": dict(tie_word_embeddings=True),  # llama.cpp's olmo2 still needs an output matrix
     "granite": dict(embedding_multiplier=2.0, residual_multiplier=0.5, attention_multiplier=0.2, logits_scaling=4.0),
     "smollm3": dict(num_hidden_layers=4, layer_types=["full_attention"] * 4, no_rope_layers=[1, 1, 1, 0]),
 }

@@ -31,8 +31,8 @@ model loaders), restated for the architectures qlora exports:
   (Mixtral and Qwen3-MoE yes, Qwen2-MoE and OLMoE no), so a config asking the
   other (``norm_topk_prob``) is refused, as are checkpoints with dense MLP layers
   between the sparse ones (``mlp_only_layers``, ``decoder_sparse_step``), which
-  those graphs do not have. Qwen2-MoE and OLMoE need an output matrix even when it
-  is tied to the embedding: the embedding is written twice. transformers 5 names
+  those graphs do not have. Qwen2-MoE, OLMoE (and the dense OLMo 2) need an output
+  matrix even when it is tied to the embedding: the embedding is written twice. transformers 5 names
   Granite MoE's router and experts like the others (``block_sparse_moe.router``),
   which gguf's table knows by other names: they are respelled before the lookup.
 """
@@ -72,7 +72,7 @@ SPECS: dict[str, ArchSpec] = {
     "gemma3_text": ArchSpec("gemma3", norm_shift=1.0, swa_27b_layers=62),
     "phi3": ArchSpec("phi3"),
     "gemma": ArchSpec("gemma", norm_shift=1.0, has_output=False),
-    "olmo2": ArchSpec("olmo2"),
+    "olmo2": ArchSpec("olmo2", output_required=True),
     "granite": ArchSpec("granite", permute_qk=True),
     "smollm3": ArchSpec("smollm3", permute_qk=True),
     "mixtral": ArchSpec("llama", permute_qk=True, norm_topk=True),
