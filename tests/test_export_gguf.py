@@ -289,8 +289,10 @@ def test_moe_experts_are_written_in_llama_cpps_layout(tmp_path, tiny_tokenizer):
     ("qwen2_moe", dict(norm_topk_prob=True), "never renormalizes the top-k"),
     ("qwen3_moe", dict(norm_topk_prob=True, mlp_only_layers=[0]), r"dense MLP layers \(\[0\]\)"),
     ("olmoe", {}, "as many key/value heads as query heads"),
+    ("olmo2", dict(head_dim=16), "query heads spanning the hidden size"),
+    ("smollm3", dict(no_rope_layers=[1, 0]), "skips it on every 4th layer"),
 ])
-def test_moe_configs_llama_cpp_computes_differently_are_refused(tmp_path, tiny_tokenizer, model_type, overrides,
+def test_configs_llama_cpp_computes_differently_are_refused(tmp_path, tiny_tokenizer, model_type, overrides,
                                                                  message):
     model, tokenizer = _tiny_moe_model(tmp_path, tiny_tokenizer, model_type, **overrides)
     with pytest.raises(UsageError, match=message):

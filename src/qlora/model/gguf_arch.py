@@ -132,7 +132,7 @@ def write_metadata(writer, config, spec: ArchSpec, n_vocab: int) -> list[tuple[s
     writer.add_vocab_size(n_vocab)
     if spec.norm_topk is not None:
         _write_experts(writer, config, spec)
-    if spec.gguf_arch in ("qwen2moe", "olmoe") and (hd * n_head != config.hidden_size or (
+    if spec.gguf_arch in ("qwen2moe", "olmoe", "olmo2") and (hd * n_head != config.hidden_size or (
             spec.gguf_arch == "olmoe" and n_kv != n_head)):  # llama.cpp sizes these by the hidden width
         raise UsageError(f"llama.cpp's {spec.gguf_arch} needs query heads spanning the hidden size"
                          f"{' and as many key/value heads as query heads' if spec.gguf_arch == 'olmoe' else ''}; "
