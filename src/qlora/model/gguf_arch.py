@@ -23,18 +23,20 @@ model loaders), restated for the architectures qlora exports:
   1/sqrt(hidden/heads) for the 27B layer counts); a config whose
   ``query_pre_attn_scalar`` differs would run differently there and is refused.
 - Mixture of experts (Mixtral as ``llama`` with experts, Qwen2-MoE, Qwen3-MoE,
-  OLMoE): the experts of a layer are three 3-D tensors ``ffn_gate_exps``,
-  ``ffn_up_exps`` (each ``[experts, ff, hidden]``) and ``ffn_down_exps``; the
-  router is ``ffn_gate_inp``. transformers' fused ``gate_up_proj`` is split, gate
-  half first (the order its forward chunks it in). llama.cpp's graph for each
-  architecture hard-codes whether the top-k routing weights are renormalized
-  (Mixtral and Qwen3-MoE yes, Qwen2-MoE and OLMoE no), so a config asking the
-  other (``norm_topk_prob``) is refused, as are checkpoints with dense MLP layers
-  between the sparse ones (``mlp_only_layers``, ``decoder_sparse_step``), which
-  those graphs do not have. Qwen2-MoE, OLMoE (and the dense OLMo 2) need an output
-  matrix even when it is tied to the embedding: the embedding is written twice. transformers 5 names
-  Granite MoE's router and experts like the others (``block_sparse_moe.router``),
-  which gguf's table knows by other names: they are respelled before the lookup.
+  OLMoE, Granite MoE): the experts of a layer are three 3-D tensors
+  ``ffn_gate_exps``, ``ffn_up_exps`` (each ``[experts, ff, hidden]``) and
+  ``ffn_down_exps``; the router is ``ffn_gate_inp``. transformers' fused
+  ``gate_up_proj`` is split, gate half first (the order its forward chunks it
+  in). llama.cpp's graph for each architecture hard-codes whether the top-k
+  routing weights are renormalized (Mixtral, Qwen3-MoE and Granite MoE yes,
+  Qwen2-MoE and OLMoE no), so a config asking the other (``norm_topk_prob``) is
+  refused, as are checkpoints with dense MLP layers between the sparse ones
+  (``mlp_only_layers``, ``decoder_sparse_step``), which those graphs do not have.
+- Qwen2-MoE, OLMoE and OLMo 2 need an output matrix even when it is tied to the
+  embedding: the embedding is written twice.
+- transformers 5 names Granite MoE's router and experts
+  ``block_sparse_moe.router``/``.experts``, which gguf's table knows under other
+  names: they are respelled before the lookup.
 """
 
 from __future__ import annotations
@@ -76,7 +78,7 @@ SPECS: dict[str, ArchSpec] = {
     "granite": ArchSpec("granite", permute_qk=True),
     "smollm3": ArchSpec("smollm3", permute_qk=True),
     "mixtral": ArchSpec("llama", permute_qk=True, norm_topk=True),
-    "granitemoe": ArchSpec("granitemoe", permute_qk=True, norm_topk=True,  # transformers 5 names, gguf's table 4.x's
+    "granitemoe": ArchSpec("granitemoe", permute_qk=True, norm_topk=True,
                            rename=((".block_sparse_moe.router.", ".mlp.gate."),
                                    (".block_sparse_moe.experts.", ".mlp.experts."))),
     "qwen2_moe": ArchSpec("qwen2moe", output_required=True, norm_topk=False),
