@@ -240,3 +240,73 @@ def test_missing_gguf_package_is_one_line(tmp_path, tiny_models, monkeypatch, ca
     assert main(["export", "--model", str(tiny_models["llama"]), "--output", str(tmp_path / "out")]) == 2
     assert capsys.readouterr().err.strip() == ("qlora export: error: GGUF export needs the gguf package (llama.cpp's "
                                                "own writer): pip install 'qlora[export]'")
+
+
+def _tiny_moe_model(tmp_path, tokenizer, model_type, **overrides):
+    from tiny_moe import save_tiny_moe
+
+    model_dir = save_tiny_moe(tmp_path / model_type, tokenizer, model_type, **overrides)
+    return qlora.load_model(model_dir, compute_dtype=torch.float32, device="cpu")
+
+
+def test_moe_experts_are_written_in_llama_cpps_layout(tmp_path, tiny_tokenizer):
+    """Qwen2-MoE as llama.cpp's loader checks it (names, [experts, ff, hidden] stacks, the shared expert and
+    its gate, an output matrix although tied); what these tensors compute is checked by llama.cpp itself in
+    test_export_llama_cpp.py."""
+    model, tokenizer = _tiny_moe_model(tmp_path, tiny_tokenizer, "qwen2_moe", tie_word_embeddings=True)
+    qlora.add_lora(model, r=4, alpha=8, dropout=0.0, target_modules="all-linear",
+                   target_parameters=["gate_up_proj"], verbose=False)
+    experts = model.model.layers[1].mlp.experts
+    torch.nn.init.normal_(experts.lora_B["gate_up_proj"]["default"].weight, std=0.05)
+    export_gguf(model, tokenizer, tmp_path / "m.gguf", "q8_0")
+    reader = gguf.GGUFReader(tmp_path / "m.gguf")
+    field = lambda key: reader.fields[key].contents()  # noqa: E731
+    assert field("general.architecture") == "qwen2moe"
+    assert (field("qwen2moe.expert_count"), field("qwen2moe.expert_used_count")) == (4, 2)
+    assert field("qwen2moe.expert_feed_forward_length") == 32
+    assert field("qwen2moe.expert_shared_feed_forward_length") == 32
+    tensors = {t.name: t for t in reader.tensors}
+    shapes = {n: tuple(int(d) for d in reversed(t.shape)) for n, t in tensors.items()}  # GGUF lists dims reversed
+    assert shapes["blk.1.ffn_gate_exps.weight"] == shapes["blk.1.ffn_up_exps.weight"] == (4, 32, 32)
+    assert shapes["blk.1.ffn_down_exps.weight"] == (4, 32, 32)
+    assert shapes["blk.1.ffn_gate_inp.weight"] == (4, 32) and shapes["blk.1.ffn_gate_inp_shexp.weight"][-1] == 32
+    assert {"blk.1.ffn_gate_shexp.weight", "blk.1.ffn_up_shexp.weight", "output.weight"} <= set(tensors)
+    assert tensors["blk.1.ffn_gate_exps.weight"].tensor_type == gguf.GGMLQuantizationType.Q8_0
+    assert tensors["blk.1.ffn_gate_inp.weight"].tensor_type == gguf.GGMLQuantizationType.F32  # as llama.cpp's
+    assert tensors["blk.1.ffn_gate_inp_shexp.weight"].tensor_type == gguf.GGMLQuantizationType.F32
+    # the gate half of the merged gate_up_proj, expert LoRA folded in
+    merged = experts.merged_weight("gate_up_proj")
+    gate = gguf.quants.dequantize(tensors["blk.1.ffn_gate_exps.weight"].data, gguf.GGMLQuantizationType.Q8_0)
+    up = gguf.quants.dequantize(tensors["blk.1.ffn_up_exps.weight"].data, gguf.GGMLQuantizationType.Q8_0)
+    torch.testing.assert_close(torch.from_numpy(gate.copy()), merged[:, :32], atol=0.01, rtol=0)
+    torch.testing.assert_close(torch.from_numpy(up.copy()), merged[:, 32:], atol=0.01, rtol=0)
+    # the adapter is in there: it moves the weights by 5x the q8_0 error allowed above
+    assert float((merged - experts.base_weight("gate_up_proj")).abs().max()) > 0.05
+
+
+@pytest.mark.parametrize("model_type,overrides,message", [
+    ("qwen3_moe", dict(norm_topk_prob=False), "always renormalizes the top-k"),
+    ("qwen2_moe", dict(norm_topk_prob=True), "never renormalizes the top-k"),
+    ("qwen3_moe", dict(norm_topk_prob=True, mlp_only_layers=[0]), r"dense MLP layers \(\[0\]\)"),
+    ("olmoe", {}, "as many key/value heads as query heads"),
+    ("olmo2", dict(head_dim=16), "query heads spanning the hidden size"),
+    ("smollm3", dict(no_rope_layers=[1, 0]), "skips it on every 4th layer"),
+])
+def test_configs_llama_cpp_computes_differently_are_refused(tmp_path, tiny_tokenizer, model_type, overrides,
+                                                                 message):
+    model, tokenizer = _tiny_moe_model(tmp_path, tiny_tokenizer, model_type, **overrides)
+    with pytest.raises(UsageError, match=message):
+        export_gguf(model, tokenizer, tmp_path / "m.gguf")
+    assert not list(tmp_path.glob("*.gguf*"))
+
+
+@pytest.mark.parametrize("model_type", ["qwen3_next", "gpt_oss"])
+def test_hybrid_and_unsupported_moe_architectures_are_refused(tmp_path, tiny_tokenizer, model_type, capsys):
+    """Qwen3-Next (linear-attention hybrid) and GPT-OSS (sinks, biased clamped experts) have no export here."""
+    from tiny_moe import save_tiny_moe
+
+    model_dir = save_tiny_moe(tmp_path / model_type, tiny_tokenizer, model_type)
+    assert main(["export", "--model", str(model_dir), "--output", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert f"{model_type!r} architecture" in err and "Qwen3-MoE" in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists()

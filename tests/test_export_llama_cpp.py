@@ -196,3 +196,180 @@ def test_k_quants_are_llama_cpps_own_and_lose_accuracy_in_order_of_their_bits(tm
         if out_type == "q4_k_m":  # the CLI's file is the adapter folded into the nf4 base, as merge gives
             assert float(torch.nn.functional.cosine_similarity(got, expected, dim=-1).min()) > 0.9, errors
     assert errors["q6_k"] < errors["q4_k_m"] < errors["q2_k"], errors
+
+
+# Mixture-of-experts exports, run by llama.cpp. Each tiny MoE (tests/tiny_moe.py: 2 layers, 4 experts, top-2)
+# carries a random LoRA adapter on every attention/shared-expert linear layer *and* on the 3-D expert weights
+# (PEFT's target_parameters), so the file is right only if both kinds are folded into the dequantized 4-bit base.
+# The configs are the ones llama.cpp's graphs compute: Qwen3-MoE renormalizes its top-k weights (as the released
+# checkpoints do), OLMoE uses as many key/value heads as query heads, the Qwen2-MoE one ties its embedding
+# (llama.cpp's qwen2moe still needs an output matrix), Granite MoE has all four of Granite's multipliers.
+MOE = {
+    "mixtral": {},
+    "qwen2_moe": dict(tie_word_embeddings=True),
+    "qwen3_moe": dict(norm_topk_prob=True, head_dim=16),  # heads x head_dim != hidden, as in Qwen3-30B-A3B
+    "olmoe": dict(num_key_value_heads=4),
+    "granitemoe": dict(embedding_multiplier=2.0, residual_multiplier=0.5, attention_multiplier=0.2,
+                       logits_scaling=4.0),
+    "mixtral-16bit": {},  # adapters on transformers' own (not quantized) experts module
+}
+MOE_PROMPT = "The quick brown fox jumps over the lazy dog. Question: what is two plus two?"
+
+
+def _adapted_moe(model_dir, quant: str | None = "nf4"):
+    """A tiny MoE (4-bit by default) with random non-zero LoRA on its linear layers and its expert weights."""
+    model, tokenizer = qlora.load_model(model_dir, quant=quant, compute_dtype=torch.float32, device="cpu")
+    torch.manual_seed(0)
+    qlora.add_lora(model, r=4, alpha=8, dropout=0.0, target_modules="all-linear",
+                   target_parameters=["gate_up_proj", "down_proj"], verbose=False)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(0.05 * torch.randn(p.shape, generator=g))
+    return model.eval(), tokenizer
+
+
+@torch.no_grad()
+def _greedy(model, ids: list[int], n: int) -> tuple[list[int], float]:
+    """n greedy tokens of ``model`` after ``ids`` and the smallest lead of the chosen logit over the runner-up,
+    relative to the largest logit (how much error the comparison tolerates before a tie could flip)."""
+    seq, margin = list(ids), float("inf")
+    for _ in range(n):
+        logits = model(torch.tensor([seq])).logits[0, -1]
+        top = logits.topk(2).values
+        margin = min(margin, float((top[0] - top[1]) / logits.abs().max()))
+        seq.append(int(logits.argmax()))
+    return seq[len(ids):], margin
+
+
+def _llama_cpp(path, f32_cache: bool = True):
+    # llama.cpp keeps its KV cache in f16 by default; f32 makes an f32 file's logits comparable at 1e-5
+    kw = dict(type_k=0, type_v=0) if f32_cache else {}  # 0 = GGML_TYPE_F32
+    return llama_cpp.Llama(model_path=str(path), n_ctx=128, n_threads=2, logits_all=True, verbose=False, **kw)
+
+
+def _llama_cpp_greedy(llm, ids: list[int], n: int) -> list[int]:
+    llm.reset()
+    got = []
+    for token in llm.generate(ids, top_k=1, temp=0.0, repeat_penalty=1.0):
+        got.append(token)
+        if len(got) == n:
+            return got
+    return got
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("model_type", list(MOE))
+def test_llama_cpp_runs_moe_exports_as_the_merged_model(tmp_path, tiny_tokenizer, model_type):
+    from qlora.model.gguf_export import export_gguf
+    from tiny_moe import save_tiny_moe
+
+    quant = None if model_type.endswith("-16bit") else "nf4"
+    model_dir = save_tiny_moe(tmp_path / "m", tiny_tokenizer, model_type.split("-")[0], **MOE[model_type])
+    model, tokenizer = _adapted_moe(model_dir, quant)
+    export_gguf(model, tokenizer, tmp_path / "m.gguf", "f32")
+    ids = tokenizer(MOE_PROMPT)["input_ids"]
+    base = qlora.load_model(model_dir, quant=quant, compute_dtype=torch.float32, device="cpu")[0]
+    base = base(torch.tensor([ids])).logits[0]
+    merged = merge(model, dtype=torch.float32)
+    expected = merged(torch.tensor([ids])).logits[0]
+    assert _relative(base, expected) > 0.05  # the adapters matter: a file without them fails by far
+
+    llm = _llama_cpp(tmp_path / "m.gguf")
+    assert llm.metadata[f"{llm.metadata['general.architecture']}.expert_count"] == "4"
+    llm.eval(ids)
+    error = _relative(torch.tensor(llm.scores[: len(ids)]), expected)
+    assert error < 1e-5  # measured ~1e-6
+    tokens, margin = _greedy(merged, ids, 16)
+    assert margin > 2 * error  # no near-tie that this much error could flip: equal tokens are a real check
+    assert _llama_cpp_greedy(llm, ids, 16) == tokens
+
+
+# Dense architectures written by the same path, each in a config that exercises what llama.cpp must be told:
+# Granite's four multipliers, SmolLM3's RoPE-less 4th layer, OLMo 2's post-norms, full-width Q/K norms and
+# tied head written twice, Gemma's norm + 1 and tied head. (tests/tiny_moe.py builds a tiny checkpoint of any model type.)
+DENSE = {
+    "gemma": {},
+    "olmo2": dict(tie_word_embeddings=True),  # llama.cpp's olmo2 still needs an output matrix
+    "granite": dict(embedding_multiplier=2.0, residual_multiplier=0.5, attention_multiplier=0.2, logits_scaling=4.0),
+    "smollm3": dict(num_hidden_layers=4, layer_types=["full_attention"] * 4, no_rope_layers=[1, 1, 1, 0]),
+}
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("model_type", list(DENSE))
+def test_llama_cpp_runs_more_dense_exports_as_the_merged_model(tmp_path, tiny_tokenizer, model_type):
+    from qlora.model.gguf_export import export_gguf
+    from random_adapters import randomize_lora_b
+    from tiny_moe import save_tiny_moe
+
+    model_dir = save_tiny_moe(tmp_path / "m", tiny_tokenizer, model_type, **DENSE[model_type])
+    model, tokenizer = qlora.load_model(model_dir, compute_dtype=torch.float32, device="cpu")
+    qlora.add_lora(model, r=4, alpha=8, dropout=0.0, target_modules="all-linear", verbose=False)
+    randomize_lora_b(model, seed=0)
+    export_gguf(model, tokenizer, tmp_path / "m.gguf", "f32")
+    ids = tokenizer(MOE_PROMPT)["input_ids"]
+    merged = merge(model, dtype=torch.float32)
+    expected = merged(torch.tensor([ids])).logits[0]
+
+    llm = _llama_cpp(tmp_path / "m.gguf")
+    llm.eval(ids)
+    # llama.cpp's CPU GELU (Gemma) reads a 16-bit table: 8e-4 measured; the SiLU models agree to ~1e-6
+    error = _relative(torch.tensor(llm.scores[: len(ids)]), expected)
+    assert error < (2e-3 if model_type == "gemma" else 1e-5)
+    tokens, margin = _greedy(merged, ids, 16)
+    assert margin > 2 * error  # no near-tie that this much error could flip: equal tokens are a real check
+    assert _llama_cpp_greedy(llm, ids, 16) == tokens
+
+
+def _router_margin(model, ids: list[int]) -> float:
+    """The smallest gap, over the prompt's tokens and every MoE layer, between the probability of the last
+    expert a token is routed to and the first one it is not."""
+    gaps = []
+
+    def hook(module, args, out):
+        probs = out[0].float().softmax(-1).sort(-1, descending=True).values
+        gaps.append(float((probs[:, module.top_k - 1] - probs[:, module.top_k]).min()))
+
+    handles = [m.register_forward_hook(hook) for n, m in model.named_modules() if n.endswith("mlp.gate")]
+    with torch.no_grad():
+        model(torch.tensor([ids]))
+    for h in handles:
+        h.remove()
+    return min(gaps)
+
+
+@torch.no_grad()
+def test_llama_cpp_runs_16_bit_and_q8_0_moe_exports_from_the_cli(tmp_path, tiny_tokenizer):
+    """``qlora export --adapter`` of a Qwen3-MoE with expert LoRA, as f16 and q8_0, with llama.cpp's defaults.
+
+    llama.cpp rounds activations to f16 (to 8 bits for q8_0) before each matmul, so its logits move by
+    3e-3 (7e-2 for q8_0, measured) of the largest logit. A router choosing between two experts of nearly
+    equal probability can then pick the other one, and that token's output changes completely: rounding,
+    not an export error. So the test first checks that the prompt routes with clear margins and that the
+    greedy path leads by more than twice the f16 tolerance; then equal f16 logits and tokens are a real
+    check of the file. The q8_0 tokens (4, as for the dense q8_0 export above) are a looser check.
+    """
+    from tiny_moe import save_tiny_moe
+
+    model_dir = save_tiny_moe(tmp_path / "m", tiny_tokenizer, "qwen3_moe", norm_topk_prob=True)
+    model, tokenizer = _adapted_moe(model_dir)
+    qlora.save_adapter(model, tmp_path / "adapter")
+    ids = tokenizer(MOE_PROMPT)["input_ids"]
+    merged = merge(model, dtype=torch.float32)
+    expected = merged(torch.tensor([ids])).logits[0]
+    tokens, margin = _greedy(merged, ids, 8)
+    assert _router_margin(merged, ids) > 0.01 and margin > 0.03
+
+    for out_type, tolerance, n in (("f16", 1e-2, 8), ("q8_0", 1e-1, 4)):
+        assert main(["export", "--model", str(model_dir), "--adapter", str(tmp_path / "adapter"),
+                     "--output", str(tmp_path / out_type), "--type", out_type]) == 0
+        llm = _llama_cpp(tmp_path / out_type / f"model-{out_type}.gguf", f32_cache=False)
+        llm.eval(ids)
+        assert _relative(torch.tensor(llm.scores[: len(ids)]), expected) < tolerance, out_type
+        assert _llama_cpp_greedy(llm, ids, n) == tokens[:n], out_type
+
+
+def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).abs().max() / b.abs().max())

@@ -311,3 +311,16 @@ def test_yaml_target_parameters_list_and_peft_alias(tmp_path):
     assert cfg.target_modules == "none" and cfg.dropout == 0
     path.write_text("model: m\ndata: d\noutput: o\nlora_target_parameters: [mlp.experts.down_proj]\n")
     assert load_config(path, {}).target_parameters == "mlp.experts.down_proj"
+
+
+def test_merged_weight_on_a_16bit_base_leaves_the_base_alone(saved):
+    """Reading the merged expert weight (merge, GGUF export) must not fold the delta into a float32 base in place:
+    a second read, and the adapter model's own forward, would then count the adapter twice."""
+    model, _ = load_model(saved("mixtral"), quant=None, compute_dtype=torch.float32, device="cpu")
+    qlora.add_lora(model, r=2, dropout=0.0, target_modules=None, target_parameters=["gate_up_proj"])
+    _randomize_b(model)
+    before = _logits(model)
+    experts = next(m for m in model.modules() if isinstance(m, ExpertsLora))
+    first = experts.merged_weight("gate_up_proj")
+    torch.testing.assert_close(experts.merged_weight("gate_up_proj"), first, rtol=0, atol=0)
+    torch.testing.assert_close(_logits(model), before, rtol=0, atol=0)

@@ -15,8 +15,8 @@ MOE = dict(moe_intermediate_size=32, num_experts=4, num_local_experts=4, n_route
            qk_nope_head_dim=8, v_head_dim=8, first_k_dense_replace=1, n_group=1, topk_group=1)
 
 
-def save_tiny_moe(out: Path, tokenizer, model_type: str) -> Path:
-    """Save a 2-layer ``model_type`` MoE with 4 experts and ``tokenizer`` to ``out``."""
+def save_tiny_moe(out: Path, tokenizer, model_type: str, **overrides) -> Path:
+    """Save a 2-layer ``model_type`` MoE with 4 experts and ``tokenizer`` to ``out`` (``overrides``: config fields)."""
     import transformers
 
     cfg = transformers.AutoConfig.for_model(model_type, vocab_size=len(tokenizer), **CONFIG)
@@ -25,6 +25,8 @@ def save_tiny_moe(out: Path, tokenizer, model_type: str) -> Path:
             setattr(cfg, key, value)
     if model_type.startswith("deepseek"):  # multi-head latent attention: as many key/value heads as heads
         cfg.num_key_value_heads = cfg.num_attention_heads
+    for key, value in overrides.items():
+        setattr(cfg, key, value)
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
     with torch.no_grad():  # random, non-trivial weights everywhere (norms and biases included)

@@ -5,12 +5,16 @@ model loaders), restated for the architectures qlora exports:
 
 - Tensor names come from ``gguf``'s own HF-to-GGUF name table, so they follow
   llama.cpp as the ``gguf`` package is updated.
-- Llama and Mistral (written as llama.cpp's ``llama`` architecture) use
-  interleaved ("normal") RoPE, HF uses rotate-half: each head's rows of
-  ``q_proj``/``k_proj`` are reordered from ``[first halves | second halves]``
-  to alternating pairs. Qwen2/3, Gemma 2/3 and Phi-3 use NeoX RoPE: no reorder.
+- Llama, Mistral, Mixtral (written as llama.cpp's ``llama`` architecture),
+  Granite, Granite MoE and SmolLM3 use interleaved ("normal") RoPE in llama.cpp,
+  HF uses rotate-half: each head's rows of ``q_proj``/``k_proj`` are reordered
+  from ``[first halves | second halves]`` to alternating pairs. Qwen2/3 (and
+  their MoEs), Gemma 1/2/3, Phi-3, OLMo 2 and OLMoE use NeoX RoPE: no reorder.
 - Gemma's RMSNorm scales by ``1 + w``; llama.cpp's by ``w``: norm weights are
   written as ``w + 1``.
+- Granite's embedding, residual, attention and logit multipliers are metadata
+  llama.cpp's granite graphs apply. SmolLM3 skips RoPE on every 4th layer in
+  llama.cpp (a fixed step); another ``no_rope_layers`` pattern is refused.
 - Phi-3's fused ``qkv_proj`` and ``gate_up_proj`` are written fused, as
   llama.cpp reads them.
 - Gemma 2 has no separate output matrix in llama.cpp (it always reuses the
@@ -18,6 +22,21 @@ model loaders), restated for the architectures qlora exports:
 - Gemma 2/3 attention scale is fixed by llama.cpp (1/sqrt(head_dim), or
   1/sqrt(hidden/heads) for the 27B layer counts); a config whose
   ``query_pre_attn_scalar`` differs would run differently there and is refused.
+- Mixture of experts (Mixtral as ``llama`` with experts, Qwen2-MoE, Qwen3-MoE,
+  OLMoE, Granite MoE): the experts of a layer are three 3-D tensors
+  ``ffn_gate_exps``, ``ffn_up_exps`` (each ``[experts, ff, hidden]``) and
+  ``ffn_down_exps``; the router is ``ffn_gate_inp``. transformers' fused
+  ``gate_up_proj`` is split, gate half first (the order its forward chunks it
+  in). llama.cpp's graph for each architecture hard-codes whether the top-k
+  routing weights are renormalized (Mixtral, Qwen3-MoE and Granite MoE yes,
+  Qwen2-MoE and OLMoE no), so a config asking the other (``norm_topk_prob``) is
+  refused, as are checkpoints with dense MLP layers between the sparse ones
+  (``mlp_only_layers``, ``decoder_sparse_step``), which those graphs do not have.
+- Qwen2-MoE, OLMoE and OLMo 2 need an output matrix even when it is tied to the
+  embedding: the embedding is written twice.
+- transformers 5 names Granite MoE's router and experts
+  ``block_sparse_moe.router``/``.experts``, which gguf's table knows under other
+  names: they are respelled before the lookup.
 """
 
 from __future__ import annotations
@@ -41,6 +60,9 @@ class ArchSpec:
     has_output: bool = True  # llama.cpp can read a separate ``output.weight``
     softcap_attn: bool = False  # writes attention/final logit soft-capping
     swa_27b_layers: int | None = None  # layer count llama.cpp treats as the 27B (attention scale rule)
+    output_required: bool = False  # llama.cpp needs ``output.weight`` even when tied to the embedding
+    norm_topk: bool | None = None  # MoE: whether llama.cpp renormalizes the top-k routing weights (None: dense)
+    rename: tuple[tuple[str, str], ...] = ()  # HF key parts to respell before gguf's name table is consulted
 
 
 SPECS: dict[str, ArchSpec] = {
@@ -51,15 +73,27 @@ SPECS: dict[str, ArchSpec] = {
     "gemma2": ArchSpec("gemma2", norm_shift=1.0, has_output=False, softcap_attn=True, swa_27b_layers=46),
     "gemma3_text": ArchSpec("gemma3", norm_shift=1.0, swa_27b_layers=62),
     "phi3": ArchSpec("phi3"),
+    "gemma": ArchSpec("gemma", norm_shift=1.0, has_output=False),
+    "olmo2": ArchSpec("olmo2", output_required=True),
+    "granite": ArchSpec("granite", permute_qk=True),
+    "smollm3": ArchSpec("smollm3", permute_qk=True),
+    "mixtral": ArchSpec("llama", permute_qk=True, norm_topk=True),
+    "granitemoe": ArchSpec("granitemoe", permute_qk=True, norm_topk=True,
+                           rename=((".block_sparse_moe.router.", ".mlp.gate."),
+                                   (".block_sparse_moe.experts.", ".mlp.experts."))),
+    "qwen2_moe": ArchSpec("qwen2moe", output_required=True, norm_topk=False),
+    "qwen3_moe": ArchSpec("qwen3moe", norm_topk=True),
+    "olmoe": ArchSpec("olmoe", output_required=True, norm_topk=False),
 }
+SUPPORTED = ("Llama, Mistral, Qwen2, Qwen3, Gemma, Gemma 2, Gemma 3 (text), Phi-3, OLMo 2, Granite, SmolLM3, "
+             "and the mixture-of-experts Mixtral, Qwen2-MoE (Qwen1.5-MoE), Qwen3-MoE, OLMoE and Granite MoE")
 
 
 def arch_spec(config) -> ArchSpec:
     """The spec of ``config.model_type``; a clear refusal for anything else."""
     model_type = getattr(config, "model_type", None)
     if model_type not in SPECS:
-        names = "Llama, Mistral, Qwen2, Qwen3, Gemma 2, Gemma 3 (text) and Phi-3"
-        raise UsageError(f"GGUF export does not support the {model_type!r} architecture; it writes {names} models "
+        raise UsageError(f"GGUF export does not support the {model_type!r} architecture; it writes {SUPPORTED} models "
                          f"(with their llama.cpp conventions checked). For others use llama.cpp's "
                          f"convert_hf_to_gguf.py on the merged checkpoint (qlora merge).")
     return SPECS[model_type]
@@ -98,6 +132,14 @@ def write_metadata(writer, config, spec: ArchSpec, n_vocab: int) -> list[tuple[s
     writer.add_value_length(hd)
     writer.add_layer_norm_rms_eps(config.rms_norm_eps)
     writer.add_vocab_size(n_vocab)
+    if spec.norm_topk is not None:
+        _write_experts(writer, config, spec)
+    if spec.gguf_arch in ("qwen2moe", "olmoe", "olmo2") and (hd * n_head != config.hidden_size or (
+            spec.gguf_arch == "olmoe" and n_kv != n_head)):  # llama.cpp sizes these by the hidden width
+        raise UsageError(f"llama.cpp's {spec.gguf_arch} needs query heads spanning the hidden size"
+                         f"{' and as many key/value heads as query heads' if spec.gguf_arch == 'olmoe' else ''}; "
+                         f"this config has {n_head} heads of {hd} ({n_kv} key/value heads) for hidden size "
+                         f"{config.hidden_size}. Refusing to export.")
     full, sliding = rope_parameters(config)
     writer.add_rope_freq_base(full.get("rope_theta", 10000.0))
     if sliding is not None and "rope_theta" in sliding:
@@ -115,6 +157,13 @@ def write_metadata(writer, config, spec: ArchSpec, n_vocab: int) -> list[tuple[s
     writer.add_rope_dimension_count(rotary)
     extra += _rope_scaling(writer, config, spec, full, rotary)
 
+    if spec.gguf_arch in ("granite", "granitemoe"):  # Granite's multipliers, as llama.cpp's granite graph applies them
+        writer.add_embedding_scale(config.embedding_multiplier)
+        writer.add_residual_scale(config.residual_multiplier)
+        writer.add_attention_scale(config.attention_multiplier)
+        writer.add_logit_scale(config.logits_scaling)
+    if spec.gguf_arch == "smollm3":
+        _check_smollm3_nope_layers(config)
     if spec.gguf_arch in ("gemma2", "gemma3"):
         _check_gemma_attention_scale(config, spec, hd)
         if getattr(config, "sliding_window", None):
@@ -127,11 +176,46 @@ def write_metadata(writer, config, spec: ArchSpec, n_vocab: int) -> list[tuple[s
         if getattr(config, "final_logit_softcapping", None):
             writer.add_final_logit_softcapping(config.final_logit_softcapping)
     elif getattr(config, "use_sliding_window", False) or (
-            spec.gguf_arch in ("qwen2", "qwen3") and _sliding_layers(config)):
+            spec.gguf_arch in ("qwen2", "qwen3", "qwen2moe", "qwen3moe") and _sliding_layers(config)):
         raise UsageError("this model uses sliding-window attention on some layers, which llama.cpp does not run "
                          "for its architecture; the exported model would attend differently. Refusing to export.")
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     return extra
+
+
+def _write_experts(writer, config, spec: ArchSpec) -> None:
+    """Expert counts and sizes; refuse routing llama.cpp's graph for ``spec`` does not compute."""
+    n_expert = getattr(config, "num_local_experts", None) or getattr(config, "num_experts", None)
+    writer.add_expert_count(n_expert)
+    writer.add_expert_used_count(config.num_experts_per_tok)
+    if getattr(config, "moe_intermediate_size", None):
+        writer.add_expert_feed_forward_length(config.moe_intermediate_size)
+    if getattr(config, "shared_expert_intermediate_size", None):
+        writer.add_expert_shared_feed_forward_length(config.shared_expert_intermediate_size)
+    norm = getattr(config, "norm_topk_prob", spec.norm_topk)  # Mixtral always renormalizes and has no flag
+    if bool(norm) != spec.norm_topk:
+        rule = "always renormalizes" if spec.norm_topk else "never renormalizes"
+        raise UsageError(f"this {config.model_type} config has norm_topk_prob={norm}, but llama.cpp's "
+                         f"{spec.gguf_arch} {rule} the top-k routing weights; the GGUF would mix experts "
+                         f"differently. Refusing to export.")
+    step = getattr(config, "decoder_sparse_step", 1) or 1
+    dense = [i for i in range(config.num_hidden_layers)
+             if i in (getattr(config, "mlp_only_layers", None) or []) or (i + 1) % step]
+    if dense:
+        raise UsageError(f"this {config.model_type} model has dense MLP layers ({dense[:8]}) between its expert "
+                         f"layers (mlp_only_layers / decoder_sparse_step), which llama.cpp's {spec.gguf_arch} "
+                         f"does not run. Refusing to export.")
+
+
+def _check_smollm3_nope_layers(config) -> None:
+    """llama.cpp's smollm3 skips RoPE on every 4th layer (a fixed step, no GGUF key); SmolLM3's config lists the
+    layers that use it (``no_rope_layers``, 1 = RoPE). Any other pattern would attend differently there."""
+    layers = getattr(config, "no_rope_layers", None)
+    expected = [int((i + 1) % 4 != 0) for i in range(config.num_hidden_layers)]
+    if layers is not None and list(layers) != expected:
+        raise UsageError(f"this SmolLM3 config uses RoPE on layers {list(layers)} (no_rope_layers), but llama.cpp's "
+                         f"smollm3 skips it on every 4th layer ({expected}); the GGUF would attend differently. "
+                         f"Refusing to export.")
 
 
 def _sliding_layers(config) -> bool:
@@ -221,7 +305,15 @@ def tensor_namer(config, spec: ArchSpec) -> Callable[[str], str | None]:
 
     arch = next(a for a, n in gguf.MODEL_ARCH_NAMES.items() if n == spec.gguf_arch)
     table = gguf.get_tensor_name_map(arch, config.num_hidden_layers)
-    return lambda key: table.get_name(key, try_suffixes=(".weight", ".bias"))
+
+    def name(key: str) -> str | None:
+        for old, new in spec.rename:
+            key = key.replace(old, new)
+        found = table.get_name(key, try_suffixes=(".weight", ".bias"))
+        if found is not None and not key.endswith((".weight", ".bias")):
+            found += ".weight"  # transformers' bare 3-D expert parameters (``mlp.experts.down_proj``)
+        return found
+    return name
 
 
 def to_llama_cpp(key: str, tensor: torch.Tensor, config, spec: ArchSpec) -> torch.Tensor:

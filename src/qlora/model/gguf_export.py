@@ -6,9 +6,10 @@ They are streamed: the header and tensor table are written from shapes alone,
 then each tensor is merged, converted and written in turn, so peak memory is
 the 4-bit model plus one dense layer, never a second copy of the model.
 
-Types follow llama.cpp's converter: 1-D tensors (norms, biases) and RoPE factor
-tables stay float32; matrices are f16, bf16 or q8_0 (q8_0 falls back to f16
-for a row length that is not a multiple of its 32-value block). ``q8_0`` is
+Types follow llama.cpp's converter: 1-D tensors (norms, biases), RoPE factor
+tables and MoE routers (``ffn_gate_inp``; Qwen2-MoE's shared-expert gate too)
+stay float32; matrices are f16, bf16 or q8_0 (q8_0 falls back to f16 for a row
+length that is not a multiple of its 32-value block). ``q8_0`` is
 quantized by ``gguf.quants``, llama.cpp's own Python reference of the format.
 Formats gguf-py cannot quantize (the k-quants such as q4_k_m) are not offered:
 use llama.cpp's ``llama-quantize`` on the f16 file for those.
@@ -36,6 +37,7 @@ from .merge import merged_tensors
 from .quantize import non_text_names, text_decoder_path
 
 TYPES = ("f32", "f16", "bf16", "q8_0")
+ROUTERS = ("ffn_gate_inp", "ffn_gate_inp_shexp")  # MoE routers stay f32: a rounded router can pick other experts
 
 
 def require_gguf():
@@ -115,14 +117,15 @@ def _plan(model: nn.Module, config, spec: ArchSpec, out_type: str,
     name_of = tensor_namer(config, spec)
     towers = tuple(t + "." for t in non_text_names(model))
     rename = _causal_lm_key(model) if towers else (lambda key: key)
-    rows = [(rename(key), shape, make) for key, shape, make in merged_tensors(model) if not key.startswith(towers)]
+    rows = [(rename(key), shape, make) for key, shape, make in _split_gate_up(model, merged_tensors(model))
+            if not key.startswith(towers)]
     tied = _tied(model)
     plan: list[_Planned] = []
     unknown = []
     for key, shape, make in rows:
         gguf_name = name_of(key)
         if gguf_name == "output.weight" or (gguf_name is None and key == "lm_head.weight"):
-            if tied:
+            if tied and not spec.output_required:
                 continue  # llama.cpp reuses token_embd
             if not spec.has_output:
                 raise UsageError(f"this {config.model_type} model's output layer differs from its embedding, but "
@@ -131,7 +134,7 @@ def _plan(model: nn.Module, config, spec: ArchSpec, out_type: str,
         if gguf_name is None:
             unknown.append(key)
             continue
-        if len(shape) == 1:
+        if len(shape) == 1 or gguf_name.split(".")[-2] in ROUTERS:
             qtype = Q.F32
         elif matrix_type == Q.Q8_0 and shape[-1] % gguf.GGML_QUANT_SIZES[Q.Q8_0][0]:
             qtype = Q.F16
@@ -146,6 +149,35 @@ def _plan(model: nn.Module, config, spec: ArchSpec, out_type: str,
     for gguf_name, t in extra:
         plan.append(_Planned(gguf_name, tuple(t.shape), Q.F32, lambda t=t: t))
     return plan
+
+
+def _split_gate_up(model: nn.Module, rows: list) -> list:
+    """transformers' fused 3-D expert ``gate_up_proj`` as the separate ``gate_proj`` and ``up_proj`` stacks
+    llama.cpp reads (``[experts, ff, hidden]`` each, gate half first, as transformers' forward chunks it).
+    The fused merged tensor is computed once for both halves: one layer's experts, then dropped."""
+    out = []
+    for key, shape, make in rows:
+        if not key.endswith(".gate_up_proj") or len(shape) != 3:
+            out.append((key, shape, make))
+            continue
+        experts = model.get_submodule(key.rsplit(".", 1)[0])
+        transposed = getattr(getattr(experts, "base_layer", experts), "is_transposed", False)
+        n, ff2, hidden = (shape[0], shape[2], shape[1]) if transposed else shape
+        cache: dict[str, torch.Tensor] = {}
+
+        def half(i: int, make=make, cache=cache, transposed=transposed, ff=ff2 // 2) -> torch.Tensor:
+            fused = cache.pop("fused", None) if i else None  # the up half is asked for right after the gate half
+            if fused is None:
+                fused = make()
+                if i == 0:
+                    cache["fused"] = fused
+            fused = fused.transpose(1, 2) if transposed else fused
+            return fused[:, i * ff:(i + 1) * ff].contiguous()
+
+        prefix = key[: -len("gate_up_proj")]
+        out.append((prefix + "gate_proj", (n, ff2 // 2, hidden), lambda half=half: half(0)))
+        out.append((prefix + "up_proj", (n, ff2 // 2, hidden), lambda half=half: half(1)))
+    return out
 
 
 def _causal_lm_key(model: nn.Module) -> Callable[[str], str]:

@@ -136,7 +136,7 @@ class ExpertsLora(nn.Module):
         """The base's 3-D ``weight`` (transformers' layout), dequantized if 4-bit."""
         if isinstance(self.base_layer, Experts4bit):
             return self.base_layer.dequantize(weight, dtype)
-        return self.base_layer._parameters[weight].detach().to(dtype)
+        return self.base_layer._parameters[weight].detach().to(dtype, copy=True)  # callers add deltas in place
 
     @torch.no_grad()
     def merged_weight(self, weight: str) -> torch.Tensor:
