@@ -71,9 +71,9 @@ def stream_tokens(model, input_ids: torch.Tensor, options: SamplingOptions | Non
         generator = torch.Generator(device=device).manual_seed(options.seed)
     model.eval()
     ids, cache = input_ids, {}
-    for _ in range(options.max_new_tokens):
+    for step in range(options.max_new_tokens):
         out = model(input_ids=ids, use_cache=True, **cache)
-        cache = _cache_of(out)
+        cache = _cache_of(out, input_ids.shape[1] + step)
         token = next_token(out.logits[0, -1], options, generator)
         yield token
         if token in stop:
@@ -81,12 +81,14 @@ def stream_tokens(model, input_ids: torch.Tensor, options: SamplingOptions | Non
         ids = torch.tensor([[token]], device=device)
 
 
-def _cache_of(out) -> dict:
-    """The model's cache as the keyword its forward takes back: ``past_key_values``, or ``cache_params`` for
-    state-space models (Mamba, FalconMamba), as transformers' ``generate`` passes them."""
-    for name in ("past_key_values", "cache_params"):
-        if getattr(out, name, None) is not None:
-            return {name: getattr(out, name)}
+def _cache_of(out, seen: int) -> dict:
+    """The model's cache as the keywords its forward takes back after ``seen`` tokens: ``past_key_values``,
+    or for state-space models (Mamba, FalconMamba) ``cache_params`` with the next position (transformers
+    4.x requires it), as transformers' ``generate`` passes them."""
+    if getattr(out, "past_key_values", None) is not None:
+        return {"past_key_values": out.past_key_values}
+    if getattr(out, "cache_params", None) is not None:
+        return {"cache_params": out.cache_params, "cache_position": torch.tensor([seen], device=out.logits.device)}
     return {}
 
 
@@ -154,9 +156,9 @@ def generate_per_adapter(model, tokenizer, prompt: str, adapters: list[str | Non
     model.eval()
     ids, cache = prompt_ids.repeat(rows, 1), {}
     with adapter_rows(model, adapters):
-        for _ in range(options.max_new_tokens):
+        for step in range(options.max_new_tokens):
             out = model(input_ids=ids, use_cache=True, **cache)
-            cache = _cache_of(out)
+            cache = _cache_of(out, prompt_ids.shape[1] + step)
             step = []
             for r in range(rows):
                 token = tokens[r][-1] if done[r] else next_token(out.logits[r, -1], options, generators[r])
