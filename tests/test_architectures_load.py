@@ -31,17 +31,24 @@ def saved(tmp_path_factory, tiny_tokenizer):
     return build
 
 
-@pytest.mark.parametrize("arch", ARCHS)
-def test_load_matches_transformers(arch, saved):
-    d = saved(arch)
+def _loads_as_transformers(d):
+    """qlora's 16-bit load of ``d`` has transformers' buffers and logits; returns transformers' model."""
     ref = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).eval()
     ours, _ = load_model(d, quant=None, compute_dtype=torch.float32, device="cpu")
     ref_buffers = dict(ref.named_buffers())
     for name, buf in ours.named_buffers():
-        assert torch.equal(buf, ref_buffers[name]), f"{arch}: buffer {name} differs from transformers'"
+        assert torch.equal(buf, ref_buffers[name]), f"{d.name}: buffer {name} differs from transformers'"
     x = torch.randint(3, 200, (2, 12))
     with torch.no_grad():
         assert torch.equal(ours(x).logits, ref(x).logits)
+    return ref
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_load_matches_transformers(arch, saved):
+    d = saved(arch)
+    ref = _loads_as_transformers(d)
+    x = torch.randint(3, 200, (2, 12))
 
     q, _ = load_model(d, quant="nf4", compute_dtype=torch.float32, device="cpu")
     assert any(isinstance(m, Linear4bit) for m in q.modules())
@@ -171,14 +178,8 @@ def test_gemma3n_loads_as_transformers_does_and_trains_every_path(tmp_path, tiny
     model.save_pretrained(tmp_path)
     tiny_tokenizer.save_pretrained(tmp_path)
 
-    ref = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
-    ours, _ = load_model(tmp_path, quant=None, compute_dtype=torch.float32, device="cpu")
-    ref_buffers = dict(ref.named_buffers())
-    for name, buf in ours.named_buffers():
-        assert torch.equal(buf, ref_buffers[name]), f"buffer {name} differs from transformers'"
+    _loads_as_transformers(tmp_path)
     x = torch.randint(3, 200, (2, 12))
-    with torch.no_grad():
-        assert torch.equal(ours(x).logits, ref(x).logits)
 
     q, _ = load_model(tmp_path, compute_dtype=torch.float32, device="cpu")
     add_lora(q, r=4, dropout=0.0, verbose=False)
