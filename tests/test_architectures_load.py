@@ -190,3 +190,33 @@ def test_gemma3n_loads_as_transformers_does_and_trains_every_path(tmp_path, tiny
     for name in ("model.layers.0.per_layer_input_gate", "model.layers.0.laurel.linear_left",
                  "model.layers.1.self_attn.k_proj"):
         assert layers[name].lora_B["default"].weight.grad.abs().sum() > 0, name
+
+
+@pytest.mark.parametrize("arch,extra", [
+    ("deepseek_v3", dict(n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, q_lora_rank=32,
+                         kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16, n_group=1,
+                         topk_group=1, first_k_dense_replace=1)),
+    ("ernie4_5_moe", dict(moe_num_experts=4, moe_k=2, moe_intermediate_size=32, moe_layer_start_index=1)),
+])
+def test_tensors_the_model_keeps_in_fp32_stay_fp32_under_bf16(arch, extra, tmp_path, tiny_tokenizer):
+    """``_keep_in_fp32_modules_strict`` (DeepSeek-V3's expert-bias correction, Ernie 4.5's router): fp32 as in
+    transformers' bf16 load, so routing is decided as there; such a linear layer is not quantized."""
+    config = AutoConfig.for_model(
+        arch, vocab_size=len(tiny_tokenizer), hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, intermediate_size=128, bos_token_id=tiny_tokenizer.bos_token_id,
+        eos_token_id=tiny_tokenizer.eos_token_id, pad_token_id=tiny_tokenizer.pad_token_id, **extra)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path)
+    tiny_tokenizer.save_pretrained(tmp_path)
+    ref = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16)
+    expected = {n: t.dtype for n, t in (*ref.named_parameters(), *ref.named_buffers())}
+    assert torch.float32 in expected.values()
+    ours, _ = load_model(tmp_path, quant=None, compute_dtype=torch.bfloat16, device="cpu")
+    got = {n: t.dtype for n, t in (*ours.named_parameters(), *ours.named_buffers()) if n in expected}
+    assert got == {n: expected[n] for n in got}
+    q, _ = load_model(tmp_path, compute_dtype=torch.bfloat16, device="cpu")
+    fp32 = [n for n, t in (*q.named_parameters(), *q.named_buffers()) if t.dtype == torch.float32 and n in expected]
+    assert fp32 and sorted(fp32) == sorted(n for n, d in expected.items() if d == torch.float32), fp32
+    x = torch.randint(3, 200, (1, 10))
+    with torch.no_grad():
+        assert torch.isfinite(q(x).logits).all()

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 from collections import defaultdict
 from pathlib import Path
 from typing import Iterable
@@ -133,6 +134,18 @@ def _empty_model():
     return init_empty_weights(include_buffers=False)
 
 
+def _kept_in_fp32(model: nn.Module, dtype: torch.dtype) -> re.Pattern | None:
+    """Tensors the model's class keeps in fp32 whatever the load dtype, as transformers' ``from_pretrained``
+    does: ``_keep_in_fp32_modules_strict`` under bf16 and fp16 (DeepSeek-V3's ``e_score_correction_bias``,
+    whose bf16 rounding would change which experts are chosen), ``_keep_in_fp32_modules`` under fp16
+    (gpt-oss's norms). Names are transformers' globs, searched in each tensor's key."""
+    names = set(getattr(model, "_keep_in_fp32_modules_strict", None) or ()) if dtype in (
+        torch.float16, torch.bfloat16) else set()
+    if dtype == torch.float16:
+        names |= set(getattr(model, "_keep_in_fp32_modules", None) or ())
+    return re.compile("|".join(n.replace("*", ".*") for n in sorted(names))) if names else None
+
+
 def _materialize_buffers(model: nn.Module, device: torch.device) -> None:
     """Non-persistent buffers (rotary frequencies, Falcon-H1's muP vector...) are
     not in checkpoints: allocate them and let the model's own initializers
@@ -237,7 +250,10 @@ def load_model(
     with _empty_model():
         model = text_model_from_config(config, model_dir, dtype=compute_dtype, **kwargs)
 
+    fp32 = _kept_in_fp32(model, compute_dtype)
     skip = set(skip_modules) | kept_dense_names(model)
+    if fp32 is not None:  # a layer the model computes in fp32 (Ernie 4.5's router) is not quantized either
+        skip.update(n for n, m in model.named_modules() if n and fp32.search(f"{n}.weight") and is_plain_linear(m))
     dense_keys = set(model.state_dict().keys())
     layout = CheckpointLayout(model, dense_keys, [k for file_keys in keys.values() for k in file_keys])
     # A 4-bit checkpoint says itself which layers are packed: its skip list may be spelled for
@@ -298,7 +314,7 @@ def load_model(
         if key not in expected:
             return  # e.g. legacy rotary buffers, or tied duplicates
         if tensor.is_floating_point():
-            tensor = tensor.to(compute_dtype)
+            tensor = tensor.to(torch.float32 if fp32 is not None and fp32.search(key) else compute_dtype)
         # copy=True: never keep a view into the memory-mapped shard,
         # which would keep the whole file mapped (and counted in RSS).
         _set_tensor(model, key, tensor.to(device, copy=True))
