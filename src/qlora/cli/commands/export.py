@@ -42,18 +42,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ...model.gguf_quantize import quantize_gguf, require_llama_cpp
+
+    if args.type in LLAMA_CPP_TYPES:
+        require_llama_cpp()  # before seconds of imports and minutes of loading and merging, not after
+
     from ...model.adapter_io import load_adapter
     from ...model.chat_format import ChatFormat
     from ...model.gguf_export import export_gguf, require_gguf
-    from ...model.gguf_quantize import quantize_gguf, require_llama_cpp
     from ...model.gguf_vocab import gguf_vocab
     from ...model.load import load_model, resolve_model_dir
     from ...model.modelfile import write_modelfile
     from ...output_folder import check_output, staged_output
 
     require_gguf()
-    if args.type in LLAMA_CPP_TYPES:
-        require_llama_cpp()  # before minutes of loading and merging, not after
     out = Path(args.output)
     if out.suffix == ".gguf":
         raise UsageError(f"--output is a folder (it receives the .gguf file and a Modelfile), not {out.name}")
