@@ -35,17 +35,19 @@ def check_cache(cache: DynamicCache, out) -> None:
     """
     returned = next((c for c in (getattr(out, "past_key_values", None), getattr(out, "cache_params", None))
                      if c is not None), None)
-    kinds = {type(layer).__name__ for layer in cache.layers}
-    if returned is not cache or not cache.layers:  # the model kept its state elsewhere: name its layers
-        kinds = {type(layer).__name__ for layer in getattr(returned, "layers", ())} or {type(returned).__name__}
-    for layer in cache.layers:
-        keys = getattr(layer, "keys", None)
-        if type(layer).__name__ != "DynamicLayer" or not isinstance(keys, torch.Tensor) or keys.dim() != 4:
-            kinds = {type(layer).__name__}
-    if kinds != {"DynamicLayer"}:
-        raise UsageError(f"continuous batching needs a plain key/value cache; this model's cache is "
-                         f"{', '.join(sorted(kinds))}. Serve a transformer with standard attention "
-                         "(Llama, Qwen, Mistral, Gemma, Phi, GPT-2 families).")
+    if returned is cache and cache.layers and all(_plain(layer) for layer in cache.layers):
+        return
+    layers = cache.layers if returned is cache else getattr(returned, "layers", ())
+    kinds = sorted({type(layer).__name__ for layer in layers if not _plain(layer)}) or [type(returned).__name__]
+    raise UsageError(f"continuous batching needs a plain key/value cache; this model's cache is "
+                     f"{', '.join(kinds)}. Serve a transformer with standard attention "
+                     "(Llama, Qwen, Mistral, Gemma, Phi, GPT-2 families).")
+
+
+def _plain(layer) -> bool:
+    """A key/value layer of ``[batch, heads, length, dim]`` tensors, which rows can be padded into and dropped from."""
+    keys = getattr(layer, "keys", None)
+    return type(layer).__name__ == "DynamicLayer" and isinstance(keys, torch.Tensor) and keys.dim() == 4
 
 
 def cache_length(cache: DynamicCache) -> int:

@@ -156,9 +156,9 @@ def generate_per_adapter(model, tokenizer, prompt: str, adapters: list[str | Non
     model.eval()
     ids, cache = prompt_ids.repeat(rows, 1), {}
     with adapter_rows(model, adapters):
-        for step in range(options.max_new_tokens):
+        for n in range(options.max_new_tokens):
             out = model(input_ids=ids, use_cache=True, **cache)
-            cache = _cache_of(out, prompt_ids.shape[1] + step)
+            cache = _cache_of(out, prompt_ids.shape[1] + n)
             step = []
             for r in range(rows):
                 token = tokens[r][-1] if done[r] else next_token(out.logits[r, -1], options, generators[r])

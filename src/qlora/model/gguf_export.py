@@ -11,8 +11,8 @@ tables and MoE routers (``ffn_gate_inp``; Qwen2-MoE's shared-expert gate too)
 stay float32; matrices are f16, bf16 or q8_0 (q8_0 falls back to f16 for a row
 length that is not a multiple of its 32-value block). ``q8_0`` is
 quantized by ``gguf.quants``, llama.cpp's own Python reference of the format.
-Formats gguf-py cannot quantize (the k-quants such as q4_k_m) are not offered:
-use llama.cpp's ``llama-quantize`` on the f16 file for those.
+Formats gguf-py cannot quantize (the k-quants such as q4_k_m) are made from the
+f16 file by llama.cpp's own quantizer (:mod:`qlora.model.gguf_quantize`).
 
 Of a vision-language model (Gemma 3, Mistral 3, LLaVA) the file holds the
 language model, as llama.cpp's converter writes it; the vision tower goes to

@@ -52,8 +52,9 @@ def exchanges(entries: Iterable[Entry]) -> Iterator[Exchange]:
     turn: list[Entry] = []
     for entry in [*entries, None]:
         if entry is None or entry[1].role == "user":
-            if turn and _complete([m for _, m in turn]):
-                yield Exchange([m for _, m in turn], turn[0][0], turn[-1][0])
+            messages = [m for _, m in turn]
+            if _complete(messages):
+                yield Exchange(messages, turn[0][0], turn[-1][0])
             turn = [entry] if entry is not None else []
         elif turn:
             turn.append(entry)
