@@ -25,8 +25,8 @@ from ..errors import UsageError
 from .adapter_tensors import copy_adapter_tensor
 from .adalora import AdaLoraConfig
 from .adalora_io import adalora_peft_config, adalora_state_dict, attach_adalora
-from .inject import (AdapterConfig, adapter_configs, add_lora, expert_modules, experts_lora_layers, lora_layers,
-                     target_names)
+from .inject import (AdapterConfig, adapter_configs, add_lora, embedding_lora_layers, expert_modules,
+                     experts_lora_layers, lora_layers, target_names, trained_biases)
 from .quantize import non_text_names, text_decoder_path
 
 log = logging.getLogger("qlora")
@@ -57,8 +57,14 @@ def adapter_state_dict(model: nn.Module, adapter_name: str = "default") -> dict[
         if adapter_name in layer.specs:
             out[f"{_PEFT_PREFIX}{path}.lora_A.weight"] = layer.lora_A[adapter_name].weight.detach()
             out[f"{_PEFT_PREFIX}{path}.lora_B.weight"] = layer.lora_B[adapter_name].weight.detach()
+            if layer.lora_B[adapter_name].bias is not None:
+                out[f"{_PEFT_PREFIX}{path}.lora_B.bias"] = layer.lora_B[adapter_name].bias.detach()
             if adapter_name in layer.lora_magnitude_vector:
                 out[f"{_PEFT_PREFIX}{path}.lora_magnitude_vector"] = layer.lora_magnitude_vector[adapter_name].weight.detach()
+    for path, layer in embedding_lora_layers(model).items():
+        if adapter_name in layer.specs:
+            out[f"{_PEFT_PREFIX}{path}.lora_embedding_A"] = layer.lora_embedding_A[adapter_name].detach()
+            out[f"{_PEFT_PREFIX}{path}.lora_embedding_B"] = layer.lora_embedding_B[adapter_name].detach()
     for path, layer in experts_lora_layers(model).items():
         for weight, prefix in expert_key_prefixes(path, layer, adapter_name).items():
             out[f"{_PEFT_PREFIX}{prefix}.lora_A.weight"] = layer.lora_A[weight][adapter_name].weight.detach()
@@ -66,6 +72,11 @@ def adapter_state_dict(model: nn.Module, adapter_name: str = "default") -> dict[
     for path in cfg.modules_to_save if cfg else ():
         for name, param in model.get_submodule(path).named_parameters():
             out[f"{_PEFT_PREFIX}{path}.{name}"] = param.detach()
+    for key, param in trained_biases(model, cfg.bias if cfg else "none").items():
+        out[f"{_PEFT_PREFIX}{key}"] = param.detach()
+    for path, indices in (cfg.trainable_tokens if cfg else {}).items():
+        out[f"{_PEFT_PREFIX}{path}.token_adapter.trainable_tokens_delta"] = model.get_submodule(path).weight.detach()[
+            torch.tensor(indices)]
     return out
 
 
@@ -114,16 +125,22 @@ def _peft_target_modules(model: nn.Module, names: list[str]) -> list[str] | str:
     return rf"{re.escape(text_decoder_path(model))}\..*\.(?:{'|'.join(map(re.escape, names))})"
 
 
+def _token_indices_config(tokens: dict[str, list[int]]) -> dict[str, list[int]]:
+    """PEFT's ``trainable_token_indices``: the token ids by layer name."""
+    return {path.rsplit(".", 1)[-1]: indices for path, indices in tokens.items()}
+
+
 def _lora_peft_config(cfg: AdapterConfig) -> dict:
     spec = cfg.spec
     return {
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": cfg.base_model_name_or_path,
         "r": spec.r, "lora_alpha": spec.alpha, "lora_dropout": spec.dropout, "target_modules": cfg.target_modules,
-        "bias": "none", "fan_in_fan_out": cfg.fan_in_fan_out, "use_rslora": spec.rslora,
+        "bias": cfg.bias, "fan_in_fan_out": cfg.fan_in_fan_out, "use_rslora": spec.rslora,
         "init_lora_weights": {"kaiming": True}.get(spec.init, spec.init),
         "modules_to_save": sorted({p.rsplit(".", 1)[-1] for p in cfg.modules_to_save}) or None,
         "inference_mode": True, "use_dora": spec.use_dora, "revision": None, "layers_to_transform": None,
-    } | ({"target_parameters": cfg.target_parameters} if cfg.target_parameters else {}) | (
+        "rank_pattern": cfg.rank_pattern, "alpha_pattern": cfg.alpha_pattern, "lora_bias": spec.lora_bias,
+    } | ({"trainable_token_indices": _token_indices_config(cfg.trainable_tokens)} if cfg.trainable_tokens else {}) | ({"target_parameters": cfg.target_parameters} if cfg.target_parameters else {}) | (
         {"loftq_config": {"loftq_bits": 4, "loftq_iter": spec.loftq_iter}} if spec.init == "loftq" else {})
 
 
@@ -180,9 +197,8 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path, adapter_name: str = 
         tensors = load_file(str(weights))
     except (SafetensorError, OSError, ValueError) as exc:
         raise UsageError(f"{weights} is corrupted or not a safetensors file ({exc}).") from exc
-    if any(".token_adapter." in k for k in tensors):
-        raise UsageError(f"{adapter_dir} trains single tokens (PEFT's trainable_token_indices), which this version "
-                         "of qlora does not load; save the embeddings whole with modules_to_save.")
+    token_rows = _token_rows(model, config, {k: tensors.pop(k) for k in [k for k in tensors if ".token_adapter." in k]},
+                             adapter_dir)
     target_parameters = [t for t in config.get("target_parameters") or [] if t]
     experts = set(expert_modules(model)) if target_parameters else set()
     expert_keys = {k for k in tensors if ".lora_" in k
@@ -193,10 +209,17 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path, adapter_name: str = 
     # before training) and .modules_to_save. (the same trained weights as the plain key), skipped here
     whole = {k[len(_PEFT_PREFIX):]: v for k, v in tensors.items()
              if ".lora_" not in k and ".original_module." not in k and ".modules_to_save." not in k}
-    _grow_vocabulary(model, whole)
+    # the biases PEFT's bias="all"/"lora_only" trains (a module's bias alone, not a module saved whole)
+    bias_mode = config.get("bias") or "none"
+    biases = {} if bias_mode == "none" else {k: whole.pop(k) for k in [
+        k for k in whole if k.endswith(".bias") and not any(o.startswith(k[:-4]) and not o.endswith(".bias")
+                                                            for o in whole)]}
+    # and for an adapted embedding or head, its base table under .base_layer. (resized if tokens were added)
+    base_tables = {k.replace(".base_layer.", ".", 1): whole.pop(k) for k in [k for k in whole if ".base_layer." in k]}
+    _grow_vocabulary(model, whole | base_tables)
     save_paths = sorted({k.rpartition(".")[0] for k in whole})
     names = dict(model.named_modules())
-    missing = [p for p in paths + save_paths if p not in names]
+    missing = [p for p in paths + save_paths + [k.rpartition(".")[0] for k in base_tables] if p not in names]
     if missing:
         raise UsageError(f"{adapter_dir} was made for another base model: it adapts {missing[0]}, which this "
                          f"model does not have ({len(missing)} such layers).")
@@ -208,18 +231,33 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path, adapter_name: str = 
     add_lora(model, r=int(config["r"]), alpha=float(config["lora_alpha"]), dropout=float(config.get("lora_dropout") or 0.0),
              target_modules="|".join(map(re.escape, paths)) if paths else None, rslora=bool(config.get("use_rslora")),
              adapter_name=adapter_name, verbose=False, modules_to_save=save_paths, use_dora=bool(config.get("use_dora")),
-             target_parameters=target_parameters)
+             target_parameters=target_parameters, rank_pattern=config.get("rank_pattern") or None,
+             alpha_pattern=config.get("alpha_pattern") or None, lora_bias=bool(config.get("lora_bias")),
+             bias=bias_mode)
     adapter_configs(model)[adapter_name].target_modules = target_names(config.get("target_modules"), paths)
     _load_expert_tensors(model, tensors, expert_keys, adapter_name, adapter_dir, trainable)
-    layers = lora_layers(model)
+    _load_base_tables(model, base_tables, adapter_dir)
+    _write_token_rows(model, token_rows, adapter_name)
+    _load_biases(model, biases, bias_mode, trainable, adapter_dir)
+    layers, embeddings = lora_layers(model), embedding_lora_layers(model)
     for key, value in tensors.items():
         if ".lora_" not in key or key in expert_keys:
             continue
         path, _, rest = key[len(_PEFT_PREFIX):].rpartition(".lora_")
+        if rest in ("embedding_A", "embedding_B"):
+            if path not in embeddings:
+                raise UsageError(f"{adapter_dir}: {key} is an embedding adapter, but {path} is not an embedding here.")
+            table = getattr(embeddings[path], f"lora_{rest}")[adapter_name]
+            copy_adapter_tensor(table, value, key, adapter_dir, trainable)
+            continue
         which = {"A": "lora_A", "B": "lora_B", "m": "lora_magnitude_vector"}[rest[0]]
         if which not in ("lora_A", "lora_B") and adapter_name not in layers[path].lora_magnitude_vector:
             raise UsageError(f"{adapter_dir} has DoRA magnitudes ({key}) but its config does not say use_dora.")
-        copy_adapter_tensor(getattr(layers[path], which)[adapter_name].weight, value, key, adapter_dir, trainable)
+        target = getattr(layers[path], which)[adapter_name]
+        if rest.endswith(".bias") and target.bias is None:
+            raise UsageError(f"{adapter_dir} has a LoRA bias ({key}) but its config does not say lora_bias.")
+        copy_adapter_tensor(target.bias if rest.endswith(".bias") else target.weight, value, key, adapter_dir,
+                            trainable)
     _load_whole(model, whole, trainable, adapter_dir)
     return model
 
@@ -284,6 +322,73 @@ def _weights_fingerprint(folder: Path) -> list[tuple[str, int, str]]:
             digest.update(fh.read())
         out.append((file.name, size, digest.hexdigest()))
     return out
+
+
+def _token_rows(model: nn.Module, config: dict, tensors: dict[str, torch.Tensor],
+                adapter_dir: Path) -> dict[str, tuple[list[int], torch.Tensor]]:
+    """PEFT's ``trainable_token_indices`` adapters: the new rows of single tokens, by module path. The
+    config gives the indices (a list: the input embedding; a mapping: by layer name) and the file the rows."""
+    spec = config.get("trainable_token_indices")
+    rows: dict[str, tuple[list[int], torch.Tensor]] = {}
+    for key, value in tensors.items():
+        path = key[len(_PEFT_PREFIX):].split(".token_adapter.")[0]
+        if isinstance(spec, dict):
+            indices = next((v for name, v in spec.items() if path == name or path.endswith("." + name)), None)
+        else:
+            indices = spec
+        try:
+            module = model.get_submodule(path)
+        except AttributeError:
+            module = None
+        weight = getattr(module, "weight", None)
+        if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or weight.dtype == torch.uint8:
+            raise UsageError(f"{adapter_dir} was made for another base model: it trains single tokens of {path}, "
+                             "which this model does not have as an embedding table.")
+        if not isinstance(indices, list) or len(indices) != value.shape[0]:
+            raise UsageError(f"{adapter_dir}/adapter_config.json: trainable_token_indices does not give the "
+                             f"{value.shape[0]} token ids of {key}; the adapter is damaged.")
+        if max(indices, default=0) >= weight.shape[0] or value.shape[1:] != weight.shape[1:]:
+            raise UsageError(f"{adapter_dir} was made for another base model: {key} has rows of shape "
+                             f"{tuple(value.shape[1:])} for token ids up to {max(indices)}, but {path} holds "
+                             f"{weight.shape[0]} rows of shape {tuple(weight.shape[1:])}.")
+        rows[path] = (list(indices), value)
+    return rows
+
+
+@torch.no_grad()
+def _write_token_rows(model: nn.Module, rows: dict[str, tuple[list[int], torch.Tensor]], adapter_name: str) -> None:
+    """Write the tokens' rows into the tables in place, as modules saved whole are (a head tied to
+    the embedding gets them too, as in PEFT), and remember them so the adapter saves them back."""
+    for path, (indices, value) in rows.items():
+        weight = model.get_submodule(path).weight
+        weight[torch.tensor(indices)] = value.to(weight.dtype)
+    if rows:
+        adapter_configs(model)[adapter_name].trainable_tokens = {p: i for p, (i, _) in rows.items()}
+
+
+def _load_biases(model: nn.Module, biases: dict[str, torch.Tensor], mode: str, trainable: bool,
+                 adapter_dir: Path) -> None:
+    """Copy the biases trained with PEFT's ``bias`` mode into the model (in place: the base's own)."""
+    params = trained_biases(model, mode)
+    for key, value in biases.items():
+        if key not in params:
+            raise UsageError(f"{adapter_dir} was made for another base model: it trains the bias {key} "
+                             f"(bias={mode!r}), which this model does not have.")
+        copy_adapter_tensor(params[key], value, _PEFT_PREFIX + key, adapter_dir, trainable)
+
+
+def _load_base_tables(model: nn.Module, tables: dict[str, torch.Tensor], adapter_dir: Path) -> None:
+    """Copy the base tables PEFT saves with an adapted embedding or head (``save_embedding_layers``)
+    into the frozen base layer: equal to it unless tokens were added before training."""
+    for key, value in tables.items():
+        path, _, name = key.rpartition(".")
+        base = getattr(model.get_submodule(path), "base_layer", None)
+        param = getattr(base, name, None) if base is not None else None
+        if not isinstance(param, nn.Parameter) or param.dtype == torch.uint8:
+            raise UsageError(f"{adapter_dir}: {_PEFT_PREFIX}{path}.base_layer.{name} holds a base table for {path}, "
+                             "which this model does not adapt as a dense layer; the adapter was made for another "
+                             "model.")
+        copy_adapter_tensor(param, value, f"{_PEFT_PREFIX}{path}.base_layer.{name}", adapter_dir, False)
 
 
 def _load_whole(model: nn.Module, whole: dict[str, torch.Tensor], trainable: bool, adapter_dir: Path) -> None:

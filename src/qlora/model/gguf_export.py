@@ -33,7 +33,7 @@ from torch import nn
 from ..errors import UsageError
 from .gguf_arch import ArchSpec, arch_spec, tensor_namer, to_llama_cpp, write_metadata
 from .gguf_vocab import gguf_vocab
-from .merge import merged_tensors
+from .merge import merged_tensors, tied_embeddings
 from .quantize import non_text_names, text_decoder_path
 
 TYPES = ("f32", "f16", "bf16", "q8_0")
@@ -119,7 +119,7 @@ def _plan(model: nn.Module, config, spec: ArchSpec, out_type: str,
     rename = _causal_lm_key(model) if towers else (lambda key: key)
     rows = [(rename(key), shape, make) for key, shape, make in _split_gate_up(model, merged_tensors(model))
             if not key.startswith(towers)]
-    tied = _tied(model)
+    tied = tied_embeddings(model)
     plan: list[_Planned] = []
     unknown = []
     for key, shape, make in rows:
@@ -186,11 +186,6 @@ def _causal_lm_key(model: nn.Module) -> Callable[[str], str]:
     path = text_decoder_path(model)
     inner = "" if model.get_submodule(path).get_output_embeddings() is not None else "model."
     return lambda key: inner + key[len(path) + 1:] if key.startswith(path + ".") else key
-
-
-def _tied(model: nn.Module) -> bool:
-    out, inp = model.get_output_embeddings(), model.get_input_embeddings()
-    return out is not None and getattr(out, "weight", None) is inp.weight
 
 
 def _encode(gguf, tensor: torch.Tensor, qtype) -> np.ndarray:

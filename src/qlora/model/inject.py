@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import re
 from dataclasses import dataclass, field
@@ -12,7 +13,8 @@ import torch
 from torch import nn
 
 from ..errors import UsageError
-from ..nn import AdaLoraLinear, Experts4bit, ExpertsLora, Linear4bit, LoraLinear, LoraSpec, expert_weight_names
+from ..nn import (AdaLoraLinear, Experts4bit, ExpertsLora, Linear4bit, LoraEmbedding, LoraLinear, LoraSpec,
+                  expert_weight_names)
 from ..nn.experts_lora import expert_shapes
 from .quantize import is_linear_like, kept_dense_names, matches_any, non_text_names, output_embedding_names
 
@@ -30,6 +32,10 @@ class AdapterConfig:
     layers: list[str] = field(default_factory=list)
     modules_to_save: list[str] = field(default_factory=list)  # full paths, trained whole (PEFT's modules_to_save)
     target_parameters: list[str] = field(default_factory=list)  # PEFT's target_parameters, as given
+    rank_pattern: dict[str, int] = field(default_factory=dict)  # PEFT's: layer-name regex -> rank
+    alpha_pattern: dict[str, float] = field(default_factory=dict)  # PEFT's: layer-name regex -> alpha
+    bias: str = "none"  # PEFT's: "none", "all" (every bias trained) or "lora_only" (the adapted layers' biases)
+    trainable_tokens: dict[str, list[int]] = field(default_factory=dict)  # PEFT's trainable_token_indices, by path
 
 
 def adapter_configs(model: nn.Module) -> dict[str, AdapterConfig]:
@@ -41,6 +47,11 @@ def lora_layers(model: nn.Module) -> dict[str, LoraLinear]:
     return {name: m for name, m in model.named_modules() if isinstance(m, LoraLinear)}
 
 
+def embedding_lora_layers(model: nn.Module) -> dict[str, LoraEmbedding]:
+    """The token embeddings carrying LoRA (PEFT's ``lora_embedding_A/B``), by path."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, LoraEmbedding)}
+
+
 def experts_lora_layers(model: nn.Module) -> dict[str, ExpertsLora]:
     """The experts modules carrying LoRA on their 3-D weights (``target_parameters``), by path."""
     return {name: m for name, m in model.named_modules() if isinstance(m, ExpertsLora)}
@@ -50,7 +61,7 @@ def experts_lora_layers(model: nn.Module) -> dict[str, ExpertsLora]:
 def adapters_disabled(model: nn.Module) -> Iterator[None]:
     """Every adapter layer of ``model`` (LoRA, DoRA, AdaLoRA) off for the block: the base model,
     as PEFT's ``disable_adapter()``. The DPO reference model is this, so no second copy is loaded."""
-    layers = [m for m in model.modules() if isinstance(m, (LoraLinear, AdaLoraLinear, ExpertsLora))]
+    layers = [m for m in model.modules() if isinstance(m, (LoraLinear, LoraEmbedding, AdaLoraLinear, ExpertsLora))]
     previous = [m.disabled for m in layers]
     for m in layers:
         m.disabled = True
@@ -67,9 +78,12 @@ def _select(model: nn.Module, target_modules: str | list[str]) -> list[str]:
     experts = tuple(n + "." for n, m in model.named_modules() if isinstance(m, Experts4bit))
     # A vision or audio tower gets no gradient from text: adapting it would only add dead weights.
     towers = tuple(n + "." for n in non_text_names(model))
-    candidates = [n for n, m in model.named_modules()
-                  if n and (isinstance(m, LoraLinear) or is_linear_like(m)) and n not in head
-                  and not n.endswith(".base_layer") and ".lora_" not in n and not n.startswith(experts + towers)]
+    layers = [(n, m) for n, m in model.named_modules() if n and not n.endswith(".base_layer")
+              and ".lora_" not in n and not n.startswith(experts + towers)]
+    candidates = [n for n, m in layers if (isinstance(m, LoraLinear) or is_linear_like(m)) and n not in head]
+    if target_modules != "all-linear":
+        # Named explicitly (as PEFT allows), the output head and token embeddings are adapted too.
+        candidates += [n for n, m in layers if n in head or isinstance(m, (nn.Embedding, LoraEmbedding))]
     if target_modules == "all-linear":  # MoE routers excluded, unlike PEFT's: adapting one reroutes tokens
         dense = kept_dense_names(model)
         # A sparse-attention indexer (DeepSeek-V3.2, GLM-5) only ranks keys for a top-k choice: no gradient
@@ -152,6 +166,47 @@ def _modules_to_save(model: nn.Module, names: list[str] | None) -> list[str]:
     return paths
 
 
+def trained_biases(model: nn.Module, bias: str) -> dict[str, nn.Parameter]:
+    """The biases PEFT's ``bias`` mode trains, by state-dict key: ``"all"`` every parameter named
+    ``bias`` outside the adapters, ``"lora_only"`` those of the layers LoRA wraps."""
+    if bias == "none":
+        return {}
+    if bias == "all":
+        return {n: p for n, p in model.named_parameters() if n.rsplit(".", 1)[-1] == "bias" and ".lora_" not in n}
+    return {f"{path}.base_layer.bias": m.base_layer.bias for path, m in lora_layers(model).items()
+            if getattr(m.base_layer, "bias", None) is not None}
+
+
+def pattern_key(patterns: dict, path: str) -> str | None:
+    """The first key of a PEFT ``rank_pattern``/``alpha_pattern`` that matches a module path
+    (PEFT's rule: the key is a regex matching the whole path or a ``.``-separated tail of it)."""
+    return next((k for k in patterns if re.match(rf"(.*\.)?({k})$", path)), None)
+
+
+def _layer_spec(spec: LoraSpec, path: str, rank_pattern: dict, alpha_pattern: dict) -> LoraSpec:
+    r_key, alpha_key = pattern_key(rank_pattern, path), pattern_key(alpha_pattern, path)
+    if r_key is None and alpha_key is None:
+        return spec
+    return dataclasses.replace(spec, r=int(rank_pattern[r_key]) if r_key is not None else spec.r,
+                               alpha=float(alpha_pattern[alpha_key]) if alpha_key is not None else spec.alpha)
+
+
+def _check_patterns(rank_pattern: dict, alpha_pattern: dict, paths: list[str]) -> None:
+    for what, patterns in (("rank_pattern", rank_pattern), ("alpha_pattern", alpha_pattern)):
+        for key, value in patterns.items():
+            try:
+                re.compile(key)
+            except re.error as exc:
+                raise UsageError(f"{what} key {key!r} is not a valid regular expression ({exc}).") from None
+            valid = isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0 and (
+                what == "alpha_pattern" or float(value).is_integer())
+            if not valid:
+                raise UsageError(f"{what}[{key!r}] must be a positive {'integer' if what == 'rank_pattern' else 'number'}"
+                                 f", got {value!r}.")
+            if not any(re.match(rf"(.*\.)?({key})$", p) for p in paths):
+                log.warning("qlora: %s key %r matches none of the adapted layers", what, key)
+
+
 def count_parameters(model: nn.Module) -> tuple[int, int]:
     """(trainable, total) parameters, 4-bit weights counted as their element count."""
     from ..nn import Linear4bit
@@ -178,6 +233,10 @@ def add_lora(
     loftq_iter: int = 1,
     loftq_quant: tuple[str, int, bool] = ("nf4", 64, True),
     target_parameters: list[str] | None = None,
+    rank_pattern: dict[str, int] | None = None,
+    alpha_pattern: dict[str, float] | None = None,
+    lora_bias: bool = False,
+    bias: str = "none",
 ) -> nn.Module:
     """Attach a LoRA adapter to the matching linear layers; freeze everything else.
 
@@ -203,6 +262,13 @@ def add_lora(
             adapter, laid out as PEFT's ``ParamWrapper`` (A ``(r * E, in)``, B ``(out, r * E)``);
             routers are never adapted. PEFT allows no dropout, DoRA or LoftQ with them.
             ``target_modules`` may then be ``None`` or ``[]`` (experts only).
+        rank_pattern, alpha_pattern: PEFT's per-layer rank and alpha: ``{regex: value}``,
+            a key matching a module path or a ``.``-separated tail of it
+            (``{"v_proj": 8, "layers\\.0\\.self_attn\\.q_proj": 32}``); other layers get ``r``/``alpha``.
+        lora_bias: PEFT's ``lora_bias``: B gets a trained bias (merging needs a base bias).
+        bias: PEFT's ``bias``: ``"none"``, ``"all"`` (every bias of the model is trained) or
+            ``"lora_only"`` (the adapted layers' own biases); trained in place and saved with
+            the adapter, so adapters of one model share them, as ``modules_to_save``.
 
     Returns:
         The same model, modified in place.
@@ -215,14 +281,19 @@ def add_lora(
         raise UsageError(f"the model already has an adapter named {adapter_name!r}")
     if init == "loftq" and not 1 <= loftq_iter <= 5:
         raise UsageError(f"loftq_iter must be 1 to 5 (each step is an SVD of every adapted layer), got {loftq_iter}")
+    if bias not in ("none", "all", "lora_only"):
+        raise UsageError(f"bias must be 'none', 'all' or 'lora_only' (PEFT's meaning), got {bias!r}.")
+    if lora_bias and use_dora:
+        raise UsageError("lora_bias does not combine with DoRA (PEFT refuses it too): drop one of them.")
     spec = LoraSpec(r=r, alpha=alpha, dropout=dropout, rslora=rslora, init=init, dtype=dtype, use_dora=use_dora,
-                    loftq_iter=loftq_iter, loftq_quant=loftq_quant)
+                    loftq_iter=loftq_iter, loftq_quant=loftq_quant, lora_bias=lora_bias)
+    rank_pattern, alpha_pattern = dict(rank_pattern or {}), dict(alpha_pattern or {})
     target_parameters = [t for t in (target_parameters or []) if t]
-    if target_parameters and (dropout or use_dora or init not in ("kaiming", "gaussian")):
-        what = "lora dropout" if dropout else "DoRA" if use_dora else f"init {init!r}"
+    if target_parameters and (dropout or use_dora or lora_bias or init not in ("kaiming", "gaussian")):
+        what = "lora dropout" if dropout else "DoRA" if use_dora else "lora_bias" if lora_bias else f"init {init!r}"
         raise UsageError(f"target_parameters (LoRA on expert weights) does not work with {what}: PEFT refuses it "
                          "for these adapters, so the adapter could not be loaded there. Set dropout to 0 "
-                         "(--dropout 0), no DoRA, and init 'kaiming' or 'gaussian'.")
+                         "(--dropout 0), no DoRA or lora_bias, and init 'kaiming' or 'gaussian'.")
     no_modules = target_modules is None or (not isinstance(target_modules, str) and not target_modules)
     if no_modules and not target_parameters:
         raise UsageError("nothing to adapt: give target_modules (or 'all-linear') or target_parameters.")
@@ -230,19 +301,20 @@ def add_lora(
     for p in model.parameters():
         p.requires_grad_(False)
     paths = [] if no_modules else _select(model, target_modules)
+    _check_patterns(rank_pattern, alpha_pattern, paths + list(experts))
     fan_in_fan_out = False
     for path in paths:
         module = model.get_submodule(path)
-        if not isinstance(module, LoraLinear):
+        if not isinstance(module, (LoraLinear, LoraEmbedding)):
             parent_path, _, child = path.rpartition(".")
             parent = model.get_submodule(parent_path) if parent_path else model
-            module = LoraLinear(module)
+            module = LoraEmbedding(module) if isinstance(module, nn.Embedding) else LoraLinear(module)
             setattr(parent, child, module)
         try:
-            module.add_adapter(adapter_name, spec)
+            module.add_adapter(adapter_name, _layer_spec(spec, path, rank_pattern, alpha_pattern))
         except ValueError as exc:
             raise UsageError(f"{path}: {exc}") from exc
-        fan_in_fan_out |= module.fan_in_fan_out or getattr(module.base_layer, "from_conv1d", False)
+        fan_in_fan_out |= getattr(module, "fan_in_fan_out", False) or getattr(module.base_layer, "from_conv1d", False)
         module.train(model.training)  # new dropout modules follow the model's train/eval mode
     for path, weights in experts.items():
         module = model.get_submodule(path)
@@ -250,7 +322,7 @@ def add_lora(
             parent_path, _, child = path.rpartition(".")
             module = ExpertsLora(module)
             setattr(model.get_submodule(parent_path) if parent_path else model, child, module)
-        module.add_adapter(adapter_name, spec, weights)
+        module.add_adapter(adapter_name, _layer_spec(spec, path, rank_pattern, alpha_pattern), weights)
     for layer in experts_lora_layers(model).values():
         for p in list(layer.lora_A.parameters()) + list(layer.lora_B.parameters()):
             p.requires_grad_(True)
@@ -261,13 +333,18 @@ def add_lora(
             p.requires_grad_(True)
         for p in layer.lora_magnitude_vector.parameters():
             p.requires_grad_(True)
+    for layer in embedding_lora_layers(model).values():
+        for p in list(layer.lora_embedding_A.parameters()) + list(layer.lora_embedding_B.parameters()):
+            p.requires_grad_(True)
     save_paths = _modules_to_save(model, modules_to_save)
     for path in save_paths:
         for p in model.get_submodule(path).parameters():
             p.requires_grad_(True)
+    for p in trained_biases(model, bias).values():
+        p.requires_grad_(True)
     names = sorted({p.rsplit(".", 1)[-1] for p in paths})
     configs[adapter_name] = AdapterConfig(spec, names, fan_in_fan_out, getattr(model, "name_or_path", None), paths,
-                                          save_paths, list(target_parameters))
+                                          save_paths, list(target_parameters), rank_pattern, alpha_pattern, bias)
     if verbose:
         trainable, total = count_parameters(model)
         log.info("qlora: %d layers and %d experts modules adapted; trainable params %s of %s (%.4f%%)",

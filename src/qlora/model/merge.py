@@ -15,7 +15,8 @@ import torch
 from torch import nn
 
 from ..atomic import atomic_dir
-from ..nn import AdaLoraLinear, Experts4bit, ExpertsLora, Linear4bit, LoraLinear
+from ..errors import UsageError
+from ..nn import AdaLoraLinear, Experts4bit, ExpertsLora, Linear4bit, LoraEmbedding, LoraLinear
 from .inject import adapter_configs
 from .quantize import replace_modules
 
@@ -51,6 +52,49 @@ def folded_weight(module: nn.Module) -> tuple[torch.Tensor, nn.Module] | None:
     return None
 
 
+@torch.no_grad()
+def folded_bias(module: nn.Module, base: nn.Module) -> torch.Tensor | None:
+    """The bias of a folded layer: the base's, plus what its active ``lora_bias`` adapters add."""
+    bias = getattr(base, "bias", None)
+    delta = module.bias_delta([n for n in module.active if n not in module.merged]) if isinstance(
+        module, LoraLinear) else None
+    if delta is None:
+        return None if bias is None else bias.detach()
+    return (bias.detach().float() + delta).to(bias.dtype)
+
+
+def _shares_table(model: nn.Module) -> bool:
+    out, inp = model.get_output_embeddings(), model.get_input_embeddings()
+    return out is not None and inp is not None and getattr(out, "weight", None) is inp.weight
+
+
+def _adapted(module: nn.Module) -> bool:
+    return isinstance(module, (LoraLinear, LoraEmbedding)) and any(n not in module.merged for n in module.active)
+
+
+def tied_embeddings(model: nn.Module) -> bool:
+    """Whether the merged model's output head is its embedding table: the two share one tensor and
+    neither carries an active adapter (LoRA on either makes them differ once merged)."""
+    return _shares_table(model) and not any(
+        _adapted(m) for m in (model.get_output_embeddings(), model.get_input_embeddings()))
+
+
+def _untie_config(model: nn.Module) -> None:
+    """Record in the config that head and embedding now differ, or loading would tie them again."""
+    for config in {id(c): c for c in (model.config, model.config.get_text_config())}.values():
+        if getattr(config, "tie_word_embeddings", False):
+            config.tie_word_embeddings = False
+
+
+def _refuse_unmergeable(model: nn.Module) -> None:
+    for path, m in model.named_modules():
+        if isinstance(m, LoraLinear) and getattr(m.base_layer, "bias", None) is None and any(
+                m.lora_B[n].bias is not None for n in m.active if n not in m.merged):
+            raise UsageError(f"{path}: the adapter trains a bias there (PEFT's lora_bias) but the layer has no "
+                             "bias, so it cannot be merged into a plain checkpoint (PEFT refuses this merge too). "
+                             "Use the adapter unmerged (qlora generate/serve --adapter) instead.")
+
+
 def _is_conv1d(module: nn.Module, base: nn.Module) -> bool:
     return getattr(module, "fan_in_fan_out", False) or getattr(base, "from_conv1d", False)
 
@@ -64,6 +108,7 @@ def merged_tensors(model: nn.Module) -> list[tuple[str, tuple[int, ...], Callabl
     4-bit model plus one dense layer is all that is ever in memory. Tied
     parameters appear under each of their keys, as in ``state_dict``.
     """
+    _refuse_unmergeable(model)
     foldable = (LoraLinear, AdaLoraLinear, Linear4bit)
     rows: list[tuple[str, tuple[int, ...], Callable[[], torch.Tensor]]] = []
     folded: list[str] = []
@@ -92,6 +137,11 @@ def merged_tensors(model: nn.Module) -> list[tuple[str, tuple[int, ...], Callabl
             for name, t in module.named_parameters():  # biases, post-expert norm
                 rows.append((prefix + name, tuple(t.shape), lambda t=t: t.detach()))
             continue
+        if isinstance(module, LoraEmbedding):
+            folded.append(path)
+            names = [n for n in module.active if n not in module.merged]
+            rows.append((prefix + "weight", tuple(module.weight.shape), lambda m=module, n=names: m.merged_weight(n)))
+            continue
         if isinstance(module, foldable):
             folded.append(path)
             base = module.base_layer if isinstance(module, (LoraLinear, AdaLoraLinear)) else module
@@ -105,7 +155,7 @@ def merged_tensors(model: nn.Module) -> list[tuple[str, tuple[int, ...], Callabl
             rows.append((prefix + "weight", shape, weight))
             bias = getattr(base, "bias", None)
             if bias is not None:
-                rows.append((prefix + "bias", tuple(bias.shape), lambda b=bias: b.detach()))
+                rows.append((prefix + "bias", tuple(bias.shape), lambda m=module, b=base: folded_bias(m, b)))
             elif conv1d:  # a merged Conv1D always has a bias (see _dense)
                 rows.append((prefix + "bias", (module.out_features,), lambda n=module.out_features: torch.zeros(n)))
             continue
@@ -126,6 +176,8 @@ def merge(model: nn.Module, into: str = "dequantized", dtype: torch.dtype | None
     if into not in ("dequantized", "requantized"):
         raise ValueError(f"into must be 'dequantized' or 'requantized', got {into!r}")
 
+    _refuse_unmergeable(model)
+    untie = _shares_table(model) and not tied_embeddings(model)
     experts = [p for p, m in model.named_modules() if isinstance(m, (Experts4bit, ExpertsLora))]
 
     def make(path: str, module: nn.Module) -> nn.Module | None:
@@ -137,14 +189,19 @@ def merge(model: nn.Module, into: str = "dequantized", dtype: torch.dtype | None
             return module.to_dense(dtype) if into == "dequantized" else None
         if isinstance(module, Linear4bit) and into != "dequantized":
             return None
+        if isinstance(module, LoraEmbedding):  # a new table: a head tied to the old one keeps it
+            base = module.base_layer
+            merged = module.merged_weight([n for n in module.active if n not in module.merged])
+            base.weight = nn.Parameter(merged.to(dtype or base.weight.dtype), requires_grad=False)
+            return base
         folded = folded_weight(module)
         if folded is None:
             return None
         w, base = folded
         conv1d = _is_conv1d(module, base)
+        bias = folded_bias(module, base)
         if isinstance(base, Linear4bit):
             out_dtype = dtype or base.compute_dtype
-            bias = base.bias
             if into == "requantized":
                 layer = Linear4bit(base.in_features, base.out_features, bias is not None, base.compute_dtype,
                                    base.quant_type, base.blocksize, base.double_quant, device=w.device)
@@ -155,10 +212,12 @@ def merge(model: nn.Module, into: str = "dequantized", dtype: torch.dtype | None
                 return layer
             return _dense(w, bias, conv1d, out_dtype)
         out_dtype = dtype or base.weight.dtype
-        return _dense(w, getattr(base, "bias", None), conv1d, out_dtype)
+        return _dense(w, bias, conv1d, out_dtype)
 
     # Outer LoraLinear layers are replaced first; their Linear4bit children go with them.
     replace_modules(model, lambda p, m: make(p, m) if not p.endswith(".base_layer") else None)
+    if untie:
+        _untie_config(model)
     adapter_configs(model).clear()
     return model
 
@@ -184,7 +243,8 @@ def _merge_experts(module: ExpertsLora, into: str, dtype: torch.dtype | None) ->
 
 def save_merged(model: nn.Module, out_dir: str | Path, tokenizer=None) -> Path:
     """Write a merged (dense) model as a standard transformers safetensors checkpoint."""
-    if any(isinstance(m, (Linear4bit, Experts4bit, ExpertsLora, LoraLinear, AdaLoraLinear)) for m in model.modules()):
+    if any(isinstance(m, (Linear4bit, Experts4bit, ExpertsLora, LoraLinear, LoraEmbedding, AdaLoraLinear))
+           for m in model.modules()):
         raise ValueError("save_merged needs a dense model: call qlora.merge(model) first")
     config = model.config
     if hasattr(config, "quantization_config"):

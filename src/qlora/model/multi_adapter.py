@@ -8,14 +8,15 @@ the base alone for it.
 from __future__ import annotations
 
 import contextlib
+import re
 from typing import Iterator, Sequence
 
 import torch
 from torch import nn
 
 from ..errors import UsageError
-from ..nn import LoraSpec
-from .inject import AdapterConfig, adapter_configs, experts_lora_layers, lora_layers
+from ..nn import LoraEmbedding, LoraSpec
+from .inject import AdapterConfig, adapter_configs, embedding_lora_layers, experts_lora_layers, lora_layers
 
 
 def _check_names(model: nn.Module, names: Sequence[str | None]) -> None:
@@ -35,7 +36,8 @@ def _refuse_expert_adapters(model: nn.Module, names: list[str], what: str) -> No
 def set_adapters(model: nn.Module, weights: dict[str, float]) -> None:
     """Activate adapters with weights: the output is ``base + sum_a w_a * delta_a``."""
     _check_names(model, list(weights))
-    for layer in list(lora_layers(model).values()) + list(experts_lora_layers(model).values()):
+    for layer in [*lora_layers(model).values(), *embedding_lora_layers(model).values(),
+                  *experts_lora_layers(model).values()]:
         layer.set_active({n: w for n, w in weights.items() if n in layer.specs})
 
 
@@ -54,7 +56,7 @@ def adapter_rows(model: nn.Module, names: Sequence[str | None]) -> Iterator[None
     """
     _check_names(model, names)
     _refuse_expert_adapters(model, [n for n in names if n is not None], "per-row adapters")
-    layers = list(lora_layers(model).values())
+    layers = [*lora_layers(model).values(), *embedding_lora_layers(model).values()]
     for layer in layers:
         layer.row_adapters = list(names)
     try:
@@ -68,9 +70,10 @@ def adapter_rows(model: nn.Module, names: Sequence[str | None]) -> Iterator[None
 def combine_adapters(model: nn.Module, weights: dict[str, float], new_name: str) -> None:
     """Add adapter ``new_name`` equal to ``sum_a w_a * delta_a`` by concatenation.
 
-    ``A`` stacks the adapters' A rows and ``B`` their columns times ``w_a * scale_a``
-    (the new scale is 1: alpha = r = sum of ranks), so ranks may differ and the
-    result is exact. Layers lacking an adapter get zeros in its slots.
+    In each layer ``A`` stacks the adapters' A rows and ``B`` their columns times
+    ``w_a * scale_a`` (the new scale is 1: alpha = r = the sum of the ranks there,
+    recorded per layer as PEFT's rank/alpha patterns where it differs), so ranks
+    may differ and the result is exact; LoRA biases add up the same way.
 
     Raises:
         UsageError: unknown names, or a DoRA adapter (its row normalization is
@@ -86,24 +89,43 @@ def combine_adapters(model: nn.Module, weights: dict[str, float], new_name: str)
         raise UsageError(f"cannot concatenate DoRA adapters {dora}: the magnitude normalization is not linear in "
                          "the deltas; combine them with set_adapters(...) weights at run time instead.")
     specs = [configs[n].spec for n in weights]
-    r = sum(s.r for s in specs)
-    spec = LoraSpec(r=r, alpha=float(r), dropout=max(s.dropout for s in specs), dtype=specs[0].dtype)
+    lora_bias = any(s.lora_bias for s in specs)
     paths = sorted({p for n in weights for p in configs[n].layers})
-    layers = lora_layers(model)
+    layers = {**lora_layers(model), **embedding_lora_layers(model)}
+    ranks = {path: sum(layers[path].specs[n].r for n in weights if n in layers[path].specs) for path in paths}
+    r = max(ranks.values())
     for path in paths:
-        layer = layers[path]
+        layer, rank = layers[path], ranks[path]
+        spec = LoraSpec(r=rank, alpha=float(rank), dtype=specs[0].dtype,
+                        lora_bias=lora_bias and not isinstance(layer, LoraEmbedding))
         layer.add_adapter(new_name, spec)
-        a, b = layer.lora_A[new_name].weight, layer.lora_B[new_name].weight
+        embedding = isinstance(layer, LoraEmbedding)
+        a, b = (layer.lora_embedding_A[new_name], layer.lora_embedding_B[new_name]) if embedding else (
+            layer.lora_A[new_name].weight, layer.lora_B[new_name].weight)
         a.zero_(), b.zero_()
+        bias = None if embedding else layer.lora_B[new_name].bias
+        if bias is not None:
+            bias.zero_()
         start = 0
-        for (name, weight), s in zip(weights.items(), specs):
-            if name in layer.specs:
-                a[start:start + s.r] = layer.lora_A[name].weight
-                b[:, start:start + s.r] = layer.lora_B[name].weight * (weight * s.scaling)
+        for name, weight in weights.items():
+            if name not in layer.specs or name == new_name:
+                continue
+            s = layer.specs[name]
+            if embedding:
+                a_n, b_n = layer.lora_embedding_A[name], layer.lora_embedding_B[name]
+            else:
+                a_n, b_n = layer.lora_A[name].weight, layer.lora_B[name].weight
+                if layer.lora_B[name].bias is not None:
+                    bias += layer.lora_B[name].bias * (weight * s.scaling)
+            a[start:start + s.r] = a_n
+            b[:, start:start + s.r] = b_n * (weight * s.scaling)
             start += s.r
-        for p in (a, b):
+        for p in (a, b) if bias is None else (a, b, bias):
             p.requires_grad_(False)
     first = configs[next(iter(weights))]
-    configs[new_name] = AdapterConfig(spec, sorted({t for n in weights for t in configs[n].target_modules}),
+    odd = {re.escape(path): rank for path, rank in ranks.items() if rank != r}
+    configs[new_name] = AdapterConfig(LoraSpec(r=r, alpha=float(r), dtype=specs[0].dtype, lora_bias=lora_bias),
+                                      sorted({t for n in weights for t in configs[n].target_modules}),
                                       any(configs[n].fan_in_fan_out for n in weights),
-                                      first.base_model_name_or_path, paths)
+                                      first.base_model_name_or_path, paths, rank_pattern=odd,
+                                      alpha_pattern={k: float(v) for k, v in odd.items()})

@@ -1,9 +1,11 @@
-"""Neural-network modules: the 4-bit linear layer, 4-bit MoE experts, LoRA and AdaLoRA adapters."""
+"""Neural-network modules: the 4-bit linear layer, 4-bit MoE experts, LoRA (on linear layers and
+embeddings) and AdaLoRA adapters."""
 
 from .adalora import AdaLoraLinear
 from .experts4bit import Experts4bit, expert_weight_names
 from .experts_lora import ExpertsLora
 from .linear4bit import Linear4bit
 from .lora import LoraLinear, LoraSpec
+from .lora_embedding import LoraEmbedding
 
-__all__ = ["AdaLoraLinear", "Experts4bit", "ExpertsLora", "Linear4bit", "LoraLinear", "LoraSpec", "expert_weight_names"]
+__all__ = ["AdaLoraLinear", "Experts4bit", "ExpertsLora", "Linear4bit", "LoraEmbedding", "LoraLinear", "LoraSpec", "expert_weight_names"]

@@ -75,8 +75,9 @@ class ExpertsLora(nn.Module):
             raise ValueError(f"adapter {name!r} already exists on this layer")
         if spec.r <= 0:
             raise ValueError(f"LoRA rank must be positive, got {spec.r}")
-        if spec.dropout or spec.use_dora or spec.init not in ("kaiming", "gaussian"):
-            raise ValueError("LoRA on expert weights (target_parameters) has no dropout, DoRA or LoftQ, as in PEFT")
+        if spec.dropout or spec.use_dora or spec.lora_bias or spec.init not in ("kaiming", "gaussian"):
+            raise ValueError("LoRA on expert weights (target_parameters) has no dropout, DoRA, lora_bias or LoftQ, "
+                             "as in PEFT")
         device = next((t.device for t in self.base_layer.buffers()), None) or next(
             (t.device for t in self.base_layer.parameters()), None)
         for w in weights:

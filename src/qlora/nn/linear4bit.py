@@ -47,22 +47,24 @@ class _StateDictPath:
 
 
 class _Linear4bitFunction(torch.autograd.Function):
-    """``y = x @ dequant(W)^T + b`` that saves no 16-bit weight for backward."""
+    """``y = x @ dequant(W)^T + b`` that saves no 16-bit weight for backward. The bias is an input,
+    so it gets a gradient when trained (PEFT's ``bias="all"``); the 4-bit weight never does."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, layer: "Linear4bit") -> torch.Tensor:
+    def forward(ctx, x: torch.Tensor, bias: torch.Tensor | None, layer: "Linear4bit") -> torch.Tensor:
         w = layer.dequantize(x.dtype)
-        bias = None if layer.bias is None else layer.bias.to(x.dtype)
         ctx.layer = layer
-        return F.linear(x, w, bias)
+        return F.linear(x, w, None if bias is None else bias.to(x.dtype))
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
-        grad_x = None
+        grad_x = grad_bias = None
         if ctx.needs_input_grad[0]:
             w = ctx.layer.dequantize(grad_out.dtype)
             grad_x = grad_out @ w
-        return grad_x, None
+        if ctx.needs_input_grad[1]:
+            grad_bias = grad_out.reshape(-1, grad_out.shape[-1]).sum(0).to(ctx.layer.bias.dtype)
+        return grad_x, grad_bias, None
 
 
 class Linear4bit(nn.Module):
@@ -240,7 +242,7 @@ class Linear4bit(nn.Module):
 
             y = triton_gemv.gemv_4bit(xc, self._quant_tensor("weight"), self.quant_state, self.bias)
         else:  # reference path: dequantize, then a dense matmul
-            y = _Linear4bitFunction.apply(xc, self)
+            y = _Linear4bitFunction.apply(xc, self.bias, self)
         return y if autocast else y.to(x.dtype)
 
     # --- bitsandbytes/transformers state-dict layout -------------------------

@@ -41,6 +41,7 @@ class LoraSpec:
     use_dora: bool = False
     loftq_iter: int = 1  # alternating quantize/SVD steps of init="loftq"
     loftq_quant: tuple[str, int, bool] = ("nf4", 64, True)  # (quant_type, blocksize, double_quant) of its base
+    lora_bias: bool = False  # PEFT's lora_bias: B has a bias, scaled with it (folds into the base bias)
 
     @property
     def scaling(self) -> float:
@@ -96,10 +97,12 @@ class LoraLinear(nn.Module):
             raise ValueError(f"adapter {name!r} already exists on this layer")
         if spec.r <= 0:
             raise ValueError(f"LoRA rank must be positive, got {spec.r}")
+        if spec.lora_bias and spec.use_dora:
+            raise ValueError("lora_bias does not combine with DoRA (PEFT refuses it too)")
         device = next((t.device for t in self.base_layer.buffers()), None) or next(
             (t.device for t in self.base_layer.parameters()), None)
         a = nn.Linear(self.in_features, spec.r, bias=False, device=device, dtype=spec.dtype)
-        b = nn.Linear(spec.r, self.out_features, bias=False, device=device, dtype=spec.dtype)
+        b = nn.Linear(spec.r, self.out_features, bias=spec.lora_bias, device=device, dtype=spec.dtype)
         self.lora_A[name], self.lora_B[name] = a, b
         self.lora_dropout[name] = nn.Dropout(spec.dropout) if spec.dropout > 0 else nn.Identity()
         self.specs[name] = spec
@@ -124,6 +127,8 @@ class LoraLinear(nn.Module):
         else:
             raise ValueError(f"unknown LoRA init {spec.init!r}; use 'kaiming', 'gaussian' or 'loftq'")
         nn.init.zeros_(b)
+        if self.lora_B[name].bias is not None:
+            nn.init.zeros_(self.lora_B[name].bias)
 
     @torch.no_grad()
     def _loftq_init(self, name: str) -> None:
@@ -263,6 +268,18 @@ class LoraLinear(nn.Module):
         return self._fold(self.base_weight(torch.float32), names)[0]
 
     @torch.no_grad()
+    def bias_delta(self, names: list[str]) -> torch.Tensor | None:
+        """What the adapters ``names`` add to the base bias (float32; PEFT's ``lora_bias``), or None."""
+        deltas = [self.active.get(n, 1.0) * self.specs[n].scaling * self.lora_B[n].bias.float()
+                  for n in names if self.lora_B[n].bias is not None]
+        if not deltas:
+            return None
+        if getattr(self.base_layer, "bias", None) is None:
+            raise ValueError("an adapter with lora_bias cannot be merged into a layer without a bias "
+                             "(the merged checkpoint has nowhere to put it); PEFT refuses this merge too")
+        return torch.stack(deltas).sum(0)
+
+    @torch.no_grad()
     def _fold(self, w: torch.Tensor, names: list[str]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         out, ratios = w.clone(), {}
         for n in names:
@@ -283,8 +300,11 @@ class LoraLinear(nn.Module):
             return
         if self.merged and any(n in self.lora_magnitude_vector for n in names + self.merged):
             raise ValueError("DoRA's norm is of the unmerged base: unmerge before merging more adapters")
+        bias = self.bias_delta(names)
         w, self._dora_scale = self._fold(self.base_weight(torch.float32), names)
         self._write_base(w)
+        if bias is not None:
+            self.base_layer.bias.data += bias.to(self.base_layer.bias.dtype)
         self.merged += names
 
     @torch.no_grad()
@@ -293,6 +313,9 @@ class LoraLinear(nn.Module):
         ``r_a = m_a / ||W + s B_a A_a||`` for DoRA adapters, 1 for plain ones."""
         if not self.merged:
             return
+        bias = self.bias_delta(self.merged)
+        if bias is not None:
+            self.base_layer.bias.data -= bias.to(self.base_layer.bias.dtype)
         w = self.base_weight(torch.float32)
         row_scale = torch.ones(w.shape[0], 1, device=w.device)
         for n in self.merged:
@@ -311,5 +334,6 @@ class LoraLinear(nn.Module):
             base.weight.data.copy_(target.to(base.weight.dtype))
 
     def extra_repr(self) -> str:
-        ranks = ", ".join(f"{n}: r={s.r}{', dora' if s.use_dora else ''}" for n, s in self.specs.items())
+        ranks = ", ".join(f"{n}: r={s.r}{', dora' if s.use_dora else ''}{', bias' if s.lora_bias else ''}"
+                          for n, s in self.specs.items())
         return f"adapters=[{ranks}], active={list(self.active)}"

@@ -32,7 +32,7 @@ METHODS = ("sft", "dpo", "orpo")
 _RUN_DEFINING = (
     "model", "data", "data_split", "data_subset", "quant", "double_quant", "blocksize", "rank", "alpha", "dropout", "target_modules",
     "target_parameters",
-    "rslora", "dora", "init", "loftq_iter", "seq_len", "batch_size", "grad_accum", "lr", "lr_scheduler", "warmup_ratio", "warmup_steps",
+    "rslora", "rank_pattern", "alpha_pattern", "lora_bias", "bias", "dora", "init", "loftq_iter", "seq_len", "batch_size", "grad_accum", "lr", "lr_scheduler", "warmup_ratio", "warmup_steps",
     "epochs", "max_steps", "optim", "weight_decay", "max_grad_norm", "packing", "template", "format",
     "data_fields",
     "system_into_user",
@@ -92,6 +92,13 @@ class TrainConfig:
                                       "(PEFT's target_parameters), e.g. mlp.experts.gate_up_proj,mlp.experts.down_proj; "
                                       "--dropout then defaults to 0 (PEFT allows no other)")
     rslora: bool = _opt(False, "rank-stabilized LoRA: scale = alpha / sqrt(r)")
+    rank_pattern: str = _opt("", "per-layer ranks, PEFT's rank_pattern, as NAME=R,...: NAME a regex matching a layer's "
+                                 "path or its end (v_proj=8,layers\\.0\\..*=32); other layers get --rank")
+    alpha_pattern: str = _opt("", "per-layer alphas, PEFT's alpha_pattern, as NAME=ALPHA,... (as --rank-pattern)")
+    lora_bias: bool = _opt(False, "PEFT's lora_bias: LoRA's B gets a trained bias (a merge then needs layers "
+                                  "that have a bias)")
+    bias: str = _opt("none", "PEFT's bias: also train the base model's biases, all of them or those of the "
+                             "adapted layers (lora_only); saved with the adapter", ("none", "all", "lora_only"))
     adalora: bool = _opt(False, "AdaLoRA: SVD-shaped adapters whose ranks are pruned by importance during training "
                                 "(--rank is ignored; scale = alpha / adalora-init-r)")
     adalora_init_r: int = _opt(12, "AdaLoRA rank of every layer at the start", range=AT_LEAST_1)
@@ -176,6 +183,11 @@ class TrainConfig:
         if self.adalora and (self.dora or self.init != "kaiming"):
             raise UsageError("--adalora does not combine with --dora or --init: AdaLoRA has its own SVD-shaped "
                              "adapters and initialization")
+        for name in ("rank_pattern", "alpha_pattern"):
+            parse_pattern(name, getattr(self, name))  # checked before the model loads
+        if self.adalora and (self.rank_pattern or self.alpha_pattern or self.lora_bias):
+            raise UsageError("--rank-pattern, --alpha-pattern and --lora-bias are LoRA options; --adalora sets "
+                             "its ranks itself and has no LoRA bias")
         if self.adalora and self.rslora:
             raise UsageError("--adalora and --rslora do not combine: AdaLoRA scales by alpha / adalora-init-r")
         if self.adalora and self.resume:
@@ -210,6 +222,23 @@ class TrainConfig:
 
 def _flag(name: str) -> str:
     return name.replace("_", "-")
+
+
+def parse_pattern(name: str, spec: str) -> dict[str, float]:
+    """``--rank-pattern``/``--alpha-pattern`` (``NAME=VALUE,...``) as PEFT's ``{regex: value}``."""
+    out: dict[str, float] = {}
+    for item in filter(None, (i.strip() for i in spec.split(","))):
+        key, sep, value = item.rpartition("=")
+        try:
+            number = float(value)
+        except ValueError:
+            number = None
+        if not sep or not key.strip() or number is None or number <= 0 or (
+                name == "rank_pattern" and not number.is_integer()):
+            kind = "a positive integer rank" if name == "rank_pattern" else "a positive alpha"
+            raise UsageError(f"--{_flag(name)}: {item!r} is not NAME=VALUE with {kind} (e.g. v_proj=8).")
+        out[key.strip()] = int(number) if name == "rank_pattern" else number
+    return out
 
 
 def _coerce(name: str, value: Any, kind: type, source: str) -> Any:

@@ -43,7 +43,7 @@ from qlora.model.chat_format import ChatFormat, stop_token_ids, today
 from qlora.model.quantize import non_text_names
 from qlora.optim import create_optimizer
 from qlora.output_folder import check_output, clear_owned, record, staged_output
-from qlora.train.config import TrainConfig
+from qlora.train.config import TrainConfig, parse_pattern
 from qlora.train.distributed import DistContext, all_reduce_grads, shard_fsdp, wrap_ddp
 from qlora.train.data import (
     check_packing_supported, count_trainable_tokens, load_records, normalize, pack_examples,
@@ -274,7 +274,10 @@ class Trainer:
         if not cfg.adalora:
             add_lora(self.model, r=cfg.rank, alpha=cfg.alpha, dropout=cfg.dropout, target_modules=targets,
                      rslora=cfg.rslora, verbose=False, use_dora=cfg.dora, init=cfg.init, loftq_iter=cfg.loftq_iter,
-                     loftq_quant=(cfg.quant, cfg.blocksize, cfg.double_quant), target_parameters=parameters)
+                     loftq_quant=(cfg.quant, cfg.blocksize, cfg.double_quant), target_parameters=parameters,
+                     rank_pattern=parse_pattern("rank_pattern", cfg.rank_pattern),
+                     alpha_pattern=parse_pattern("alpha_pattern", cfg.alpha_pattern), lora_bias=cfg.lora_bias,
+                     bias=cfg.bias)
         self._targets = targets
         if cfg.init == "loftq":  # the adapted layers now hold their LoftQ base; quantize the rest as usual
             from qlora.model.quantize import quantize_model

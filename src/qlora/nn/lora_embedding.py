@@ -1,0 +1,160 @@
+"""LoraEmbedding: low-rank adapters on a frozen token embedding (PEFT's LoRA ``Embedding``).
+
+``y = base(x) + sum_a  w_a * scale_a * embed(x, A_a^T) @ B_a^T``: A is ``[r, vocab]``
+and B ``[dim, r]``, the transpose of a linear layer's, so that one token reads one
+column of A. As in PEFT, A starts at zero and B random (the reverse of a linear
+layer, where a zero A would leave B without gradient), there is no dropout (a
+dropped token id is not a thing), and an embedding that scales its output in
+``forward`` (Gemma's ``embed_scale``) scales the adapter's share too.
+
+Parameters are ``lora_embedding_A.<name>`` and ``lora_embedding_B.<name>``,
+PEFT's keys, so adapter files translate one to one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .lora import LoraSpec
+
+
+class LoraEmbedding(nn.Module):
+    """A frozen ``nn.Embedding`` (or a subclass) with any number of named LoRA adapters."""
+
+    def __init__(self, base_layer: nn.Embedding) -> None:
+        super().__init__()
+        if not isinstance(base_layer, nn.Embedding):
+            raise TypeError(f"LoraEmbedding wraps an nn.Embedding, not {type(base_layer).__name__}")
+        self.base_layer = base_layer
+        base_layer.weight.requires_grad_(False)
+        self.num_embeddings, self.embedding_dim = base_layer.weight.shape
+        self.lora_embedding_A = nn.ParameterDict()
+        self.lora_embedding_B = nn.ParameterDict()
+        self.lora_magnitude_vector = nn.ModuleDict()  # always empty: no DoRA here (kept for the shared checks)
+        self.specs: dict[str, LoraSpec] = {}
+        self.active: dict[str, float] = {}
+        self.disabled = False
+        self.merged: list[str] = []
+        self.row_adapters: list[str | None] | None = None
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The base table: model code (weight tying, ``get_input_embeddings().weight``) reads it."""
+        return self.base_layer.weight
+
+    def add_adapter(self, name: str, spec: LoraSpec) -> None:
+        if name in self.specs:
+            raise ValueError(f"adapter {name!r} already exists on this layer")
+        if spec.r <= 0:
+            raise ValueError(f"LoRA rank must be positive, got {spec.r}")
+        if spec.use_dora or spec.lora_bias or spec.init == "loftq":
+            what = "DoRA" if spec.use_dora else "lora_bias" if spec.lora_bias else "LoftQ"
+            raise ValueError(f"LoRA on an embedding does not support {what} here; adapt only linear layers with "
+                             "it, or train the embedding whole (modules_to_save)")
+        w = self.base_layer.weight
+        self.lora_embedding_A[name] = nn.Parameter(torch.zeros(spec.r, self.num_embeddings, device=w.device,
+                                                               dtype=spec.dtype))
+        self.lora_embedding_B[name] = nn.Parameter(torch.empty(self.embedding_dim, spec.r, device=w.device,
+                                                               dtype=spec.dtype))
+        self.specs[name] = spec
+        self.reset_adapter(name)
+        if not self.active:
+            self.active = {name: 1.0}
+
+    @torch.no_grad()
+    def reset_adapter(self, name: str) -> None:
+        nn.init.zeros_(self.lora_embedding_A[name])
+        nn.init.normal_(self.lora_embedding_B[name])
+
+    def delete_adapter(self, name: str) -> None:
+        if name in self.merged:
+            raise ValueError(f"unmerge adapter {name!r} before deleting it")
+        del self.lora_embedding_A[name], self.lora_embedding_B[name], self.specs[name]
+        self.active.pop(name, None)
+
+    def set_active(self, weights: dict[str, float]) -> None:
+        unknown = set(weights) - set(self.specs)
+        if unknown:
+            raise KeyError(f"unknown adapter(s) {sorted(unknown)}; this layer has {sorted(self.specs)}")
+        self.active = dict(weights)
+
+    @contextlib.contextmanager
+    def adapters_disabled(self) -> Iterator[None]:
+        prev, self.disabled = self.disabled, True
+        try:
+            yield
+        finally:
+            self.disabled = prev
+
+    # --- math ---------------------------------------------------------------
+    def delta_weight(self, name: str) -> torch.Tensor:
+        """``scale * (B @ A)^T`` as a ``[vocab, dim]`` float32 table."""
+        a, b = self.lora_embedding_A[name].float(), self.lora_embedding_B[name].float()
+        return (b @ a).t() * self.specs[name].scaling
+
+    def _embed_scale(self) -> torch.Tensor | float | None:
+        return getattr(self.base_layer, "embed_scale", None)
+
+    def _adapter_out(self, name: str, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        base = self.base_layer
+        after_a = F.embedding(x, self.lora_embedding_A[name].t(), padding_idx=base.padding_idx,
+                              max_norm=base.max_norm, norm_type=base.norm_type,
+                              scale_grad_by_freq=base.scale_grad_by_freq, sparse=base.sparse)
+        out = (after_a @ self.lora_embedding_B[name].t()) * self.specs[name].scaling
+        scale = self._embed_scale()
+        if scale is not None:
+            out = out * (scale.to(out.dtype) if isinstance(scale, torch.Tensor) else scale)
+        return out.to(dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base_layer(x)
+        if self.disabled:
+            return y
+        if self.row_adapters is not None:
+            if len(self.row_adapters) != x.shape[0]:
+                raise ValueError(f"{len(self.row_adapters)} row adapters for a batch of {x.shape[0]} rows")
+            if self.merged:
+                raise ValueError("per-row adapters need unmerged adapters; unmerge first")
+            for name in dict.fromkeys(self.row_adapters):
+                if name in self.specs:
+                    rows = torch.tensor([i for i, n in enumerate(self.row_adapters) if n == name], device=x.device)
+                    y = y.index_add(0, rows, self._adapter_out(name, x[rows], y.dtype))
+            return y
+        for name, weight in self.active.items():
+            if name not in self.merged and weight != 0:
+                y = y + self._adapter_out(name, x, y.dtype) * weight
+        return y
+
+    # --- merge --------------------------------------------------------------
+    @torch.no_grad()
+    def merged_weight(self, names: list[str]) -> torch.Tensor:
+        """The float32 table with adapters ``names`` (weighted as in :attr:`active`) folded in."""
+        w = self.base_layer.weight.detach().float().clone()
+        for n in names:
+            w += self.active.get(n, 1.0) * self.delta_weight(n)
+        return w
+
+    @torch.no_grad()
+    def merge(self, names: list[str] | None = None) -> None:
+        names = [n for n in (names or list(self.active)) if n not in self.merged]
+        if names:
+            w = self.base_layer.weight
+            w.copy_(self.merged_weight(names).to(w.dtype))
+            self.merged += names
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        if self.merged:
+            w = self.base_layer.weight
+            delta = sum(self.active.get(n, 1.0) * self.delta_weight(n) for n in self.merged)
+            w.copy_((w.float() - delta).to(w.dtype))
+            self.merged = []
+
+    def extra_repr(self) -> str:
+        ranks = ", ".join(f"{n}: r={s.r}" for n, s in self.specs.items())
+        return f"adapters=[{ranks}], active={list(self.active)}"

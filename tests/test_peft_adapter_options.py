@@ -1,0 +1,234 @@
+"""PEFT LoraConfig options beyond r/alpha/targets: adapters PEFT writes with them load in qlora with
+PEFT's outputs, qlora writes them back for PEFT, and merging them gives transformers the same model.
+
+Options: per-layer ranks and alphas (``rank_pattern``, ``alpha_pattern``), a trained LoRA bias
+(``lora_bias``), trained base biases (``bias="all"`` / ``"lora_only"``), and LoRA on the token
+embedding and the output head (tied or not; Gemma's scaled embedding).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import qlora
+from qlora.errors import UsageError
+from qlora.model.merge import merge, save_merged
+from qlora.model.tiny import build_tiny_model
+from test_model_api import IDS, _dequantized_reference, _train_a_few_steps
+
+CASES = {
+    "patterns": ("llama", dict(target_modules=["q_proj", "v_proj", "down_proj"],
+                               rank_pattern={"v_proj": 2, r"layers\.1\.mlp\.down_proj": 6}, alpha_pattern={"q_proj": 3})),
+    "lora_bias": ("qwen2", dict(target_modules=["q_proj", "v_proj"], lora_bias=True)),
+    "bias_all": ("qwen2", dict(target_modules=["q_proj", "o_proj"], bias="all")),
+    "bias_lora_only": ("qwen2", dict(target_modules=["q_proj", "o_proj"], bias="lora_only")),
+    "embedding_and_tied_head": ("llama_tied", dict(target_modules=["q_proj", "embed_tokens", "lm_head"])),
+    "scaled_embedding": ("gemma3", dict(target_modules=["embed_tokens", "v_proj"])),
+}
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory, tiny_tokenizer):
+    root = tmp_path_factory.mktemp("peft-options")
+    specs = {"llama": ("llama", {}), "qwen2": ("qwen2", {}), "gemma3": ("gemma3", {}),
+             "llama_tied": ("llama", dict(tie_word_embeddings=True))}
+    return {name: build_tiny_model(root / name, tokenizer=tiny_tokenizer, arch=arch, **kw)
+            for name, (arch, kw) in specs.items()}
+
+
+def _peft_adapter(model_dir, qmodel, out, **options):
+    """A PEFT adapter with random (non-zero) weights and biases, made on qlora's dequantized base."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    pm = get_peft_model(_dequantized_reference(model_dir, qmodel),
+                        LoraConfig(r=4, lora_alpha=8, init_lora_weights=False, **options))
+    with torch.no_grad():
+        for name, p in pm.named_parameters():
+            if p.requires_grad and name.endswith("bias"):
+                p.add_(torch.randn_like(p) * 0.1)
+    pm.eval().save_pretrained(out)
+    with torch.no_grad():
+        return pm(IDS).logits
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_peft_adapter_options_round_trip(tmp_path, models, case):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    arch, options = CASES[case]
+    model_dir = models[arch]
+    model, _ = qlora.load_model(model_dir, compute_dtype=torch.float32, device="cpu")
+    theirs = _peft_adapter(model_dir, model, tmp_path / "theirs", **options)
+
+    qlora.load_adapter(model, tmp_path / "theirs")
+    with torch.no_grad():
+        ours = model(IDS).logits
+    torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4)
+
+    # written back, PEFT reads the same adapter (options, trained biases and all)
+    qlora.save_adapter(model, tmp_path / "ours")
+    again = PeftModel.from_pretrained(_dequantized_reference(model_dir, model), tmp_path / "ours").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(again(IDS).logits, theirs, rtol=1e-4, atol=1e-4)
+
+    # merged into plain weights, transformers computes the adapter model (a tied head is untied)
+    merge(model, into="dequantized", dtype=torch.float32)
+    save_merged(model, tmp_path / "merged")
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(merged(IDS).logits, theirs, rtol=1e-4, atol=1e-4)
+
+
+def test_lora_bias_on_a_layer_without_bias_loads_but_refuses_to_merge(tmp_path, models):
+    model_dir = models["llama"]
+    model, _ = qlora.load_model(model_dir, compute_dtype=torch.float32, device="cpu")
+    theirs = _peft_adapter(model_dir, model, tmp_path / "a", target_modules=["q_proj"], lora_bias=True)
+    qlora.load_adapter(model, tmp_path / "a")
+    with torch.no_grad():
+        torch.testing.assert_close(model(IDS).logits, theirs, rtol=1e-4, atol=1e-4)
+    with pytest.raises(UsageError, match=r"q_proj: the adapter trains a bias there .*lora_bias.* no bias"):
+        merge(model)
+
+
+def test_embedding_lora_trains_and_serves_per_row(models):
+    model, _ = qlora.load_model(models["llama"], compute_dtype=torch.float32, device="cpu")
+    qlora.add_lora(model, r=4, dropout=0.0, target_modules=["embed_tokens", "v_proj"], adapter_name="e")
+    embedding = model.get_input_embeddings()
+    assert embedding.lora_embedding_A["e"].requires_grad and not embedding.base_layer.weight.requires_grad
+    with torch.no_grad():
+        before = model(IDS, labels=IDS).loss.item()
+    _train_a_few_steps(model, steps=5)
+    with torch.no_grad():
+        assert model(IDS, labels=IDS).loss.item() < before
+    assert embedding.lora_embedding_A["e"].abs().sum() > 0  # A starts at zero (PEFT's init) and moved
+
+    # a second adapter: per-row batches give each row what its adapter alone gives
+    qlora.add_lora(model, r=2, dropout=0.0, target_modules=["embed_tokens"], rank_pattern={"embed_tokens": 3},
+                   adapter_name="f", init="gaussian")
+    with torch.no_grad():
+        embedding.lora_embedding_A["f"].normal_()
+    batch = IDS.repeat(3, 1)
+    alone = {}
+    for name in ("e", "f"):
+        qlora.set_adapter(model, name)
+        with torch.no_grad():
+            alone[name] = model(IDS).logits[0]
+    with torch.no_grad(), qlora.adapter_rows(model, ["f", None, "e"]):
+        rows = model(batch).logits
+        with qlora.model.inject.adapters_disabled(model):
+            base = model(IDS).logits[0]
+    torch.testing.assert_close(rows[0], alone["f"], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(rows[1], base, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(rows[2], alone["e"], rtol=1e-5, atol=1e-5)
+
+    # concatenated with per-layer ranks, the combination equals the weighted sum
+    qlora.set_adapters(model, {"e": 0.5, "f": -1.5})
+    with torch.no_grad():
+        weighted = model(IDS).logits
+    qlora.combine_adapters(model, {"e": 0.5, "f": -1.5}, "ef")
+    qlora.set_adapter(model, "ef")
+    with torch.no_grad():
+        torch.testing.assert_close(model(IDS).logits, weighted, rtol=1e-4, atol=1e-4)
+    assert embedding.specs["ef"].r == 7 and qlora.model.inject.adapter_configs(model)["ef"].rank_pattern
+
+
+def test_bad_options_say_what_to_do(models):
+    model, _ = qlora.load_model(models["llama"], compute_dtype=torch.float32, device="cpu")
+    with pytest.raises(UsageError, match=r"rank_pattern\['v_proj'\] must be a positive integer, got 0"):
+        qlora.add_lora(model, target_modules=["v_proj"], rank_pattern={"v_proj": 0})
+    with pytest.raises(UsageError, match="bias must be 'none', 'all' or 'lora_only'"):
+        qlora.add_lora(model, target_modules=["v_proj"], bias="some")
+    with pytest.raises(UsageError, match="lora_bias does not combine with DoRA"):
+        qlora.add_lora(model, target_modules=["v_proj"], lora_bias=True, use_dora=True)
+    with pytest.raises(UsageError, match="embed_tokens: .*does not support DoRA"):
+        qlora.add_lora(model, target_modules=["embed_tokens"], use_dora=True)
+
+
+def test_trained_biases_of_4bit_layers_get_the_dense_gradient_and_reach_peft(tmp_path, models):
+    from peft import PeftModel
+
+    from qlora.nn import Linear4bit
+
+    dense = torch.nn.Linear(64, 48)
+    layer = Linear4bit.from_linear(dense, "nf4", 64, True, torch.float32)
+    layer.bias.requires_grad_(True)
+    reference = torch.nn.Linear(64, 48)
+    reference.weight.data.copy_(layer.dequantize(torch.float32))
+    reference.bias.data.copy_(layer.bias.detach())
+    x = torch.randn(3, 5, 64)
+    (layer(x) ** 2).sum().backward()
+    (reference(x) ** 2).sum().backward()
+    torch.testing.assert_close(layer.bias.grad, reference.bias.grad, rtol=1e-5, atol=1e-5)
+
+    model_dir = models["qwen2"]
+    model, _ = qlora.load_model(model_dir, compute_dtype=torch.float32, device="cpu")
+    qlora.add_lora(model, r=4, dropout=0.0, target_modules=["q_proj"], bias="all")
+    q_bias = model.model.layers[0].self_attn.q_proj.base_layer.bias
+    k_bias = model.model.layers[0].self_attn.k_proj.bias
+    before = q_bias.detach().clone(), k_bias.detach().clone()
+    _train_a_few_steps(model)
+    assert not torch.equal(q_bias, before[0]) and not torch.equal(k_bias, before[1])
+    qlora.save_adapter(model, tmp_path / "a")
+    theirs = PeftModel.from_pretrained(_dequantized_reference(model_dir, model), tmp_path / "a").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(IDS).logits, model(IDS).logits, rtol=1e-4, atol=1e-4)
+
+
+def test_train_takes_the_options_from_yaml_and_flags(tmp_path, models, capsys):
+    import json
+
+    from qlora.cli.main import main
+    from qlora.train.data.sources import demo_data_path
+
+    config = tmp_path / "run.yaml"
+    config.write_text(f"model: {models['qwen2']}\ndata: {demo_data_path()}\noutput: {tmp_path / 'run'}\n"
+                      "max_steps: 2\nseq_len: 48\ntarget_modules: [q_proj, v_proj]\n"
+                      "rank_pattern: {v_proj: 2}\nalpha_pattern: {'layers\\.1\\.self_attn\\.q_proj': 4}\n"
+                      "lora_bias: true\nbias: lora_only\n")
+    assert main(["train", str(config), "--no-progress"]) == 0
+    saved = json.loads((tmp_path / "run" / "adapter_config.json").read_text())
+    assert (saved["rank_pattern"], saved["alpha_pattern"]) == ({"v_proj": 2}, {r"layers\.1\.self_attn\.q_proj": 4.0})
+    assert saved["lora_bias"] is True and saved["bias"] == "lora_only"
+    model, _ = qlora.load_model(models["qwen2"], compute_dtype=torch.float32, device="cpu")
+    qlora.load_adapter(model, tmp_path / "run")
+    assert model.model.layers[0].self_attn.v_proj.lora_A["default"].weight.shape[0] == 2
+
+    capsys.readouterr()
+    assert main(["train", str(config), "--rank-pattern", "v_proj=two", "--overwrite"]) == 2
+    assert "--rank-pattern: 'v_proj=two' is not NAME=VALUE with a positive integer rank" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("arch,indices", [("llama_tied", [3, 7, 11]), ("qwen2", {"embed_tokens": [5, 2]})])
+def test_trainable_token_rows_load_save_and_merge(tmp_path, models, arch, indices):
+    """PEFT's trainable_token_indices: new rows for single tokens (a tied head reads them too)."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model_dir = models[arch]
+    model, _ = qlora.load_model(model_dir, compute_dtype=torch.float32, device="cpu")
+    torch.manual_seed(0)
+    theirs_model = get_peft_model(_dequantized_reference(model_dir, model), LoraConfig(
+        r=4, target_modules=["q_proj"], init_lora_weights=False, trainable_token_indices=indices)).eval()
+    with torch.no_grad():
+        for name, p in theirs_model.named_parameters():
+            if "trainable_tokens_delta" in name:
+                p.add_(torch.randn_like(p))  # the rows start as the base's: make them differ
+    theirs_model.save_pretrained(tmp_path / "theirs")
+    ids = torch.tensor([[1, 3, 5, 7, 2, 11, 9]])
+    with torch.no_grad():
+        theirs = theirs_model(ids).logits
+    qlora.load_adapter(model, tmp_path / "theirs")
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, theirs, rtol=1e-4, atol=1e-4)
+    qlora.save_adapter(model, tmp_path / "ours")
+    again = PeftModel.from_pretrained(_dequantized_reference(model_dir, model), tmp_path / "ours").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(again(ids).logits, theirs, rtol=1e-4, atol=1e-4)
+    merge(model, into="dequantized", dtype=torch.float32)
+    save_merged(model, tmp_path / "merged")
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(merged(ids).logits, theirs, rtol=1e-4, atol=1e-4)
