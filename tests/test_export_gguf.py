@@ -84,6 +84,28 @@ def test_merged_tensors_are_the_merged_state_dict(tiny_models):
         torch.testing.assert_close(t.float(), expected[key].float(), rtol=0, atol=0, msg=key)
 
 
+@torch.no_grad()
+def test_lora_on_a_tied_embedding_and_head_exports_both_tables(tmp_path, tiny_tokenizer):
+    from transformers import AutoModelForCausalLM
+
+    model_dir = build_tiny_model(tmp_path / "tied", tokenizer=tiny_tokenizer, arch="llama", tie_word_embeddings=True)
+    model, tokenizer = qlora.load_model(model_dir, compute_dtype=torch.float32, device="cpu")
+    torch.manual_seed(0)
+    qlora.add_lora(model, r=4, alpha=8, dropout=0.0, target_modules=["q_proj", "embed_tokens", "lm_head"], verbose=False)
+    randomize_lora_b(model, seed=0)
+    model.get_input_embeddings().lora_embedding_A["default"].normal_(std=0.05)
+    model.eval()
+    merged_model = merge(copy.deepcopy(model), dtype=torch.float32)
+    expected, merged = merged_model.state_dict(), merged_model(IDS).logits
+    rows = {key: make() for key, _, make in merged_tensors(model)}
+    assert not torch.equal(rows["lm_head.weight"], rows["model.embed_tokens.weight"])
+    for key, t in rows.items():
+        torch.testing.assert_close(t.float(), expected[key].float(), rtol=0, atol=0, msg=key)
+    export_gguf(model, tokenizer, tmp_path / "m.gguf", "f32")
+    back = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="m.gguf", dtype=torch.float32).eval()
+    assert _relative(back(IDS).logits, merged) < TOLERANCE["f32"]
+
+
 def test_tokenizer_and_metadata_are_embedded_as_llama_cpp_reads_them(tmp_path, tiny_models, tiny_tokenizer):
     model, tokenizer = _adapted(tiny_models["qwen2"])
     export_gguf(model, tokenizer, tmp_path / "m.gguf", "q8_0")

@@ -158,7 +158,13 @@ def read_adapter_config(adapter_dir: str | Path) -> dict:
                          f"this one reads up to {FORMAT_VERSION}); upgrade qlora to load it.")
     if config.get("peft_type", "LORA") not in ("LORA", "ADALORA"):
         raise UsageError(f"{path}: adapter type {config.get('peft_type')} is not a LoRA adapter.")
-    if config.get("init_lora_weights") == "loftq":
+    init = config.get("init_lora_weights")
+    if isinstance(init, str) and init.startswith(("pissa", "olora", "corda")):
+        log.warning("%s: a %s adapter was made on a residual base (PEFT subtracted its initial BA from the weights); "
+                    "on the original model it is only right if PEFT converted it when saving "
+                    "(save_pretrained(path_initial_model_for_weight_conversion=...)), which would have set "
+                    "init_lora_weights to true.", path, init.split("_")[0].upper())
+    if init == "loftq":
         log.warning("%s: a LoftQ adapter is only valid on the 4-bit base it was made with "
                     "(qlora.save_quantized wrote it next to the adapter, or PEFT's LoftQ base).", path)
     unknown = sorted(set(config) - _KNOWN_KEYS)
