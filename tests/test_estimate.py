@@ -251,3 +251,33 @@ def test_layers_of_different_widths_are_estimated_at_the_widest():
     widest = AutoConfig.for_model("gemma3_text", **kw, head_dim=max(widths))
     narrowest = AutoConfig.for_model("gemma3_text", **kw, head_dim=min(widths))
     assert activation_bytes(narrowest, opts, 0) < got == activation_bytes(widest, opts, 0)
+
+
+_MOE_SIZES = dict(head_dim=16, moe_intermediate_size=32, num_local_experts=4, n_routed_experts=4, num_experts_per_tok=2,
+                  q_lora_rank=32, kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16,
+                  first_k_dense_replace=1, n_group=1, topk_group=1)
+
+
+@pytest.mark.parametrize("model_type", ["minimax", "deepseek_v3", "gpt_bigcode", "qwen2"])
+def test_resident_rows_equal_the_loaded_model_bytes(tmp_path, tiny_tokenizer, model_type):
+    """Weights, constants, 16-bit tensors (fp32 where the class keeps them: DeepSeek-V3's expert bias)
+    and buffers (MiniMax's decay tables, GPT-BigCode's causal mask) are what load_model holds."""
+    from transformers import AutoConfig
+
+    import qlora
+
+    config = AutoConfig.for_model(model_type, vocab_size=len(tiny_tokenizer), hidden_size=64, num_hidden_layers=2,
+                                  num_attention_heads=4, num_key_value_heads=2, intermediate_size=128,
+                                  max_position_embeddings=512)
+    for key, value in _MOE_SIZES.items():
+        if hasattr(config, key):
+            setattr(config, key, value)
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path)
+    tiny_tokenizer.save_pretrained(tmp_path)
+    model, _ = qlora.load_model(tmp_path, compute_dtype=torch.bfloat16, device="cpu")
+    tensors = {id(t): t for t in [*model.parameters(), *model.buffers()]}.values()
+    actual = sum(t.numel() * t.element_size() for t in tensors)
+    est = estimate(load_config(str(tmp_path)), TrainingOptions())
+    resident = ("linear weights", "quantization constants", "embeddings", "buffers")
+    predicted = sum(values["QLoRA"] for label, values in est.rows if label.startswith(resident))
+    assert predicted == actual

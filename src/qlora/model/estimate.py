@@ -29,7 +29,7 @@ from ..nn.chunked_ce import CHUNK_ROWS
 from ..quant import BLOCKSIZES
 from ..quant.double_quant import NESTED_BLOCKSIZE
 from .architecture import text_model_from_config
-from .quantize import is_plain_linear, kept_dense_names, matches_any
+from .quantize import fp32_linear_names, is_plain_linear, kept_dense_names, kept_in_fp32, matches_any
 
 GIB = 1024**3
 QUANT_TYPES = ("nf4", "fp4", "none")
@@ -120,6 +120,8 @@ class ModelCounts:
     linears: tuple[LinearShape, ...]  # decoder linear weights (the quantized part)
     other_tensors: tuple[int, ...]  # numel of every other parameter, shared ones once
     num_layers: int
+    fp32_params: int = 0  # of the other parameters, those the model class keeps in fp32 under bf16
+    buffer_bytes: int = 0  # buffers at bf16 load: causal masks, rotary and decay tables
 
     @property
     def quantized_params(self) -> int:
@@ -189,7 +191,7 @@ def count_parameters(config) -> ModelCounts:
 
     with torch.device("meta"):
         model = text_model_from_config(config, getattr(config, "name_or_path", "") or config.model_type)
-    dense = kept_dense_names(model)  # head, routers...: 16-bit, as load_model keeps them
+    dense = kept_dense_names(model) | fp32_linear_names(model, torch.bfloat16)  # head, routers...: as load_model
     quantized: dict[int, tuple[LinearShape, ...]] = {}
     for name, module in model.named_modules():
         if name in dense:
@@ -205,8 +207,19 @@ def count_parameters(config) -> ModelCounts:
                                      for e in range(p.shape[0]))
     linears = tuple(lin for _, p in model.named_parameters() if id(p) in quantized for lin in quantized[id(p)])
     others = tuple(p.numel() for _, p in model.named_parameters() if id(p) not in quantized)
+    fp32 = kept_in_fp32(model, torch.bfloat16)
+    fp32_params = sum(p.numel() for n, p in model.named_parameters()
+                      if id(p) not in quantized and fp32 is not None and fp32.search(n))
+    # persistent float buffers are read from the checkpoint in bf16 (fp32 where the class keeps them so); the
+    # others keep the dtype the model computes them in
+    persistent = {id(b) for m in model.modules() for n, b in m.named_buffers(recurse=False)
+                  if n not in m._non_persistent_buffers_set}
+    buffers = {id(b): (n, b) for n, b in model.named_buffers()}.values()
+    buffer_bytes = sum(b.numel() * (2 if b.is_floating_point() and id(b) in persistent and not (
+        fp32 is not None and fp32.search(n)) else b.element_size()) for n, b in buffers)
     text = config.get_text_config()
-    return ModelCounts(linears=linears, other_tensors=others, num_layers=text.num_hidden_layers)
+    return ModelCounts(linears=linears, other_tensors=others, num_layers=text.num_hidden_layers,
+                       fp32_params=fp32_params, buffer_bytes=buffer_bytes)
 
 
 def quantized_bytes(numel: int, blocksize: int, double_quant: bool) -> tuple[int, int]:
@@ -394,7 +407,9 @@ def estimate(config, opts: TrainingOptions) -> Estimate:
         ("linear weights (bf16 / 4-bit codes)", {full: 2 * counts.quantized_params, lora: 2 * counts.quantized_params,
                                                  q: codes}),
         ("quantization constants", {q: consts}),
-        ("embeddings, norms, lm_head, biases (bf16)", {c: 2 * counts.params_16bit for c in COLUMNS}),
+        ("embeddings, norms, lm_head, biases (bf16)", {c: 2 * counts.params_16bit + 2 * counts.fp32_params
+                                                       for c in COLUMNS}),
+        ("buffers (masks, rotary and decay tables)", {c: counts.buffer_bytes for c in COLUMNS}),
         ("LoRA adapters (fp32)", {lora: 4 * lora_params, q: 4 * lora_params}),
         ("gradients", {full: 2 * counts.total_params, lora: 4 * lora_params, q: 4 * lora_params}),
         (f"optimizer states ({opts.optim})", {full: optimizer_bytes(all_tensors, opts.optim),

@@ -33,7 +33,8 @@ from ..nn import Experts4bit, Linear4bit, expert_weight_names
 from ..quant import NonFiniteError, QuantState
 from .architecture import text_model_from_config
 from .checkpoint_layout import CheckpointLayout
-from .quantize import _skipped, is_conv1d, is_plain_linear, kept_dense_names, replace_modules
+from .quantize import (_skipped, fp32_linear_names, is_conv1d, is_plain_linear, kept_dense_names, kept_in_fp32,
+                       replace_modules)
 
 _TRANSFORMERS_V5 = importlib.util.find_spec("transformers.initialization") is not None
 
@@ -132,18 +133,6 @@ def _empty_model():
     from transformers.integrations.accelerate import init_empty_weights
 
     return init_empty_weights(include_buffers=False)
-
-
-def _kept_in_fp32(model: nn.Module, dtype: torch.dtype) -> re.Pattern | None:
-    """Tensors the model's class keeps in fp32 whatever the load dtype, as transformers' ``from_pretrained``
-    does: ``_keep_in_fp32_modules_strict`` under bf16 and fp16 (DeepSeek-V3's ``e_score_correction_bias``,
-    whose bf16 rounding would change which experts are chosen), ``_keep_in_fp32_modules`` under fp16
-    (gpt-oss's norms). Names are transformers' globs, searched in each tensor's key."""
-    names = set(getattr(model, "_keep_in_fp32_modules_strict", None) or ()) if dtype in (
-        torch.float16, torch.bfloat16) else set()
-    if dtype == torch.float16:
-        names |= set(getattr(model, "_keep_in_fp32_modules", None) or ())
-    return re.compile("|".join(n.replace("*", ".*") for n in sorted(names))) if names else None
 
 
 def _materialize_buffers(model: nn.Module, device: torch.device) -> None:
@@ -250,10 +239,8 @@ def load_model(
     with _empty_model():
         model = text_model_from_config(config, model_dir, dtype=compute_dtype, **kwargs)
 
-    fp32 = _kept_in_fp32(model, compute_dtype)
-    skip = set(skip_modules) | kept_dense_names(model)
-    if fp32 is not None:  # a layer the model computes in fp32 (Ernie 4.5's router) is not quantized either
-        skip.update(n for n, m in model.named_modules() if n and fp32.search(f"{n}.weight") and is_plain_linear(m))
+    fp32 = kept_in_fp32(model, compute_dtype)
+    skip = set(skip_modules) | kept_dense_names(model) | fp32_linear_names(model, compute_dtype)
     dense_keys = set(model.state_dict().keys())
     layout = CheckpointLayout(model, dense_keys, [k for file_keys in keys.values() for k in file_keys])
     # A 4-bit checkpoint says itself which layers are packed: its skip list may be spelled for

@@ -122,6 +122,27 @@ def non_text_names(model: nn.Module) -> set[str]:
     return names
 
 
+def kept_in_fp32(model: nn.Module, dtype: torch.dtype) -> re.Pattern | None:
+    """Tensors the model's class keeps in fp32 whatever the load dtype, as transformers' ``from_pretrained``
+    does: ``_keep_in_fp32_modules_strict`` under bf16 and fp16 (DeepSeek-V3's ``e_score_correction_bias``,
+    whose bf16 rounding would change which experts are chosen), ``_keep_in_fp32_modules`` under fp16
+    (gpt-oss's norms). Names are transformers' globs, searched in each tensor's key."""
+    names = set(getattr(model, "_keep_in_fp32_modules_strict", None) or ()) if dtype in (
+        torch.float16, torch.bfloat16) else set()
+    if dtype == torch.float16:
+        names |= set(getattr(model, "_keep_in_fp32_modules", None) or ())
+    return re.compile("|".join(n.replace("*", ".*") for n in sorted(names))) if names else None
+
+
+
+def fp32_linear_names(model: nn.Module, dtype: torch.dtype) -> set[str]:
+    """Linear layers the model computes in fp32 at ``dtype`` (Ernie 4.5's router): not quantized either."""
+    fp32 = kept_in_fp32(model, dtype)
+    if fp32 is None:
+        return set()
+    return {n for n, m in model.named_modules() if n and fp32.search(f"{n}.weight") and is_plain_linear(m)}
+
+
 def output_embedding_names(model: nn.Module) -> set[str]:
     """Module paths of the output head (never quantized or adapted by default)."""
     get = getattr(model, "get_output_embeddings", None)
