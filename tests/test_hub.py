@@ -92,3 +92,35 @@ def test_cli_exits_2_in_seconds(no_hub, capsys):
     assert main(["estimate", "--model", "meta-llama/Llama-3.1-8B"]) == 2
     assert time.perf_counter() - start < 5
     assert "is not reachable" in capsys.readouterr().err
+
+
+def test_a_hub_model_brings_its_chat_template_file_and_only_the_weights_it_names(tmp_path, monkeypatch):
+    """Repos keep chat templates in chat_template.jinja, and some a second copy of the weights in
+    another layout (Mistral's consolidated.safetensors): fetch the first, never the second."""
+    import fnmatch
+    import json
+
+    import huggingface_hub
+
+    from qlora.model.load import resolve_model_dir
+
+    repo = {"config.json": "{}", "tokenizer.json": "{}", "chat_template.jinja": "{{ messages }}",
+            "additional_chat_templates/tool_use.jinja": "{{ tools }}", "tokenizer.model": "",
+            "model.safetensors.index.json": json.dumps({"weight_map": {"a": "model-00001-of-00002.safetensors",
+                                                                       "b": "model-00002-of-00002.safetensors"}}),
+            "model-00001-of-00002.safetensors": "", "model-00002-of-00002.safetensors": "",
+            "consolidated.safetensors": "", "original/consolidated.00.pth": ""}
+    snapshot = tmp_path / "snapshot"
+
+    def fake_download(repo_id, allow_patterns, local_files_only=False, **kwargs):
+        for name, text in repo.items():
+            if any(fnmatch.fnmatch(name, p) for p in allow_patterns):
+                (snapshot / name).parent.mkdir(parents=True, exist_ok=True)
+                (snapshot / name).write_text(text)
+        return str(snapshot)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_download)
+    monkeypatch.setattr(hub, "cache_only", lambda: False)
+    assert resolve_model_dir("org/model") == snapshot
+    fetched = sorted(str(p.relative_to(snapshot)) for p in snapshot.rglob("*") if p.is_file())
+    assert fetched == sorted(set(repo) - {"consolidated.safetensors", "original/consolidated.00.pth"})

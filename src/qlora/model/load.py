@@ -39,6 +39,11 @@ from .quantize import (_skipped, fp32_linear_names, is_conv1d, is_plain_linear, 
 _TRANSFORMERS_V5 = importlib.util.find_spec("transformers.initialization") is not None
 
 
+# A hub model's config, tokenizer (tokenizer.json / .model / vocab and merges / tiktoken) and chat
+# templates (chat_template.jinja, additional_chat_templates/*.jinja); weights are fetched after them.
+_HUB_SMALL_FILES = ["*.json", "*.model", "*.txt", "*.jinja", "*.tiktoken"]
+
+
 def resolve_model_dir(name_or_path: str | Path) -> Path:
     """A local folder, or a hub id: downloaded when a hub is reachable, else from the local cache."""
     path = Path(name_or_path).expanduser()
@@ -56,8 +61,13 @@ def resolve_model_dir(name_or_path: str | Path) -> Path:
 
     cache_only = hub.cache_only()  # no minute of retries against a hub that is not there
     try:
-        return Path(snapshot_download(str(name_or_path), allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt"],
-                                      local_files_only=cache_only))
+        folder = Path(snapshot_download(str(name_or_path), allow_patterns=_HUB_SMALL_FILES, local_files_only=cache_only))
+        # then only the weights transformers' layout names: not a second copy in another layout
+        # (Mistral's consolidated.safetensors, 14 GB for a 7B model) that qlora would not read
+        index = folder / "model.safetensors.index.json"
+        weights = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() else [
+            "model.safetensors"]
+        return Path(snapshot_download(str(name_or_path), allow_patterns=weights, local_files_only=cache_only))
     except Exception as exc:  # network and hub errors come in many types
         if cache_only:
             raise hub.unreachable_error(str(name_or_path), "model", "a local model folder (one written by "
