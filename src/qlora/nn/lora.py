@@ -66,7 +66,35 @@ class _Magnitude(nn.Module):
         self.weight = nn.Parameter(norm)
 
 
-class LoraLinear(nn.Module):
+class AdapterSlots(nn.Module):
+    """What every layer holding named adapters shares: their specs, which are active with which
+    combination weights, and a switch that turns them all off."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.specs: dict[str, LoraSpec] = {}
+        self.active: dict[str, float] = {}  # adapter name -> combination weight
+        self.disabled = False
+        self.merged: list[str] = []
+        self.row_adapters: list[str | None] | None = None  # per batch row adapter (see qlora.model.multi_adapter)
+
+    def set_active(self, weights: dict[str, float]) -> None:
+        """Activate adapters with combination weights (``{"a": 1.0}`` for one)."""
+        unknown = set(weights) - set(self.specs)
+        if unknown:
+            raise KeyError(f"unknown adapter(s) {sorted(unknown)}; this layer has {sorted(self.specs)}")
+        self.active = dict(weights)
+
+    @contextlib.contextmanager
+    def adapters_disabled(self) -> Iterator[None]:
+        prev, self.disabled = self.disabled, True
+        try:
+            yield
+        finally:
+            self.disabled = prev
+
+
+class LoraLinear(AdapterSlots):
     """A frozen linear base with any number of named LoRA adapters."""
 
     def __init__(self, base_layer: nn.Module) -> None:
@@ -79,11 +107,6 @@ class LoraLinear(nn.Module):
         self.lora_B = nn.ModuleDict()
         self.lora_dropout = nn.ModuleDict()
         self.lora_magnitude_vector = nn.ModuleDict()
-        self.specs: dict[str, LoraSpec] = {}
-        self.active: dict[str, float] = {}  # adapter name -> combination weight
-        self.disabled = False
-        self.merged: list[str] = []
-        self.row_adapters: list[str | None] | None = None  # per batch row adapter (see qlora.model.multi_adapter)
         self._dora_scale: dict[str, torch.Tensor] = {}  # m / ||W + s BA|| of merged DoRA adapters, to unmerge
 
     @property
@@ -174,21 +197,6 @@ class LoraLinear(nn.Module):
             del self.lora_magnitude_vector[name]
         del self.specs[name]
         self.active.pop(name, None)
-
-    def set_active(self, weights: dict[str, float]) -> None:
-        """Activate adapters with combination weights (``{"a": 1.0}`` for one)."""
-        unknown = set(weights) - set(self.specs)
-        if unknown:
-            raise KeyError(f"unknown adapter(s) {sorted(unknown)}; this layer has {sorted(self.specs)}")
-        self.active = dict(weights)
-
-    @contextlib.contextmanager
-    def adapters_disabled(self) -> Iterator[None]:
-        prev, self.disabled = self.disabled, True
-        try:
-            yield
-        finally:
-            self.disabled = prev
 
     # --- math ---------------------------------------------------------------
     def delta_weight(self, name: str) -> torch.Tensor:

@@ -13,17 +13,14 @@ PEFT's keys, so adapter files translate one to one.
 
 from __future__ import annotations
 
-import contextlib
-from typing import Iterator
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .lora import LoraSpec
+from .lora import AdapterSlots, LoraSpec
 
 
-class LoraEmbedding(nn.Module):
+class LoraEmbedding(AdapterSlots):
     """A frozen ``nn.Embedding`` (or a subclass) with any number of named LoRA adapters."""
 
     def __init__(self, base_layer: nn.Embedding) -> None:
@@ -36,11 +33,6 @@ class LoraEmbedding(nn.Module):
         self.lora_embedding_A = nn.ParameterDict()
         self.lora_embedding_B = nn.ParameterDict()
         self.lora_magnitude_vector = nn.ModuleDict()  # always empty: no DoRA here (kept for the shared checks)
-        self.specs: dict[str, LoraSpec] = {}
-        self.active: dict[str, float] = {}
-        self.disabled = False
-        self.merged: list[str] = []
-        self.row_adapters: list[str | None] | None = None
 
     @property
     def weight(self) -> torch.Tensor:
@@ -76,20 +68,6 @@ class LoraEmbedding(nn.Module):
             raise ValueError(f"unmerge adapter {name!r} before deleting it")
         del self.lora_embedding_A[name], self.lora_embedding_B[name], self.specs[name]
         self.active.pop(name, None)
-
-    def set_active(self, weights: dict[str, float]) -> None:
-        unknown = set(weights) - set(self.specs)
-        if unknown:
-            raise KeyError(f"unknown adapter(s) {sorted(unknown)}; this layer has {sorted(self.specs)}")
-        self.active = dict(weights)
-
-    @contextlib.contextmanager
-    def adapters_disabled(self) -> Iterator[None]:
-        prev, self.disabled = self.disabled, True
-        try:
-            yield
-        finally:
-            self.disabled = prev
 
     # --- math ---------------------------------------------------------------
     def delta_weight(self, name: str) -> torch.Tensor:
