@@ -232,3 +232,26 @@ def test_trainable_token_rows_load_save_and_merge(tmp_path, models, arch, indice
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32).eval()
     with torch.no_grad():
         torch.testing.assert_close(merged(ids).logits, theirs, rtol=1e-4, atol=1e-4)
+
+
+def test_lora_variants_that_compute_differently_are_refused_naming_them(tmp_path, models):
+    from peft import LoraConfig, get_peft_model
+
+    model_dir = models["llama"]
+    model, _ = qlora.load_model(model_dir, compute_dtype=torch.float32, device="cpu")
+    pm = get_peft_model(_dequantized_reference(model_dir, model),
+                        LoraConfig(r=4, target_modules=["q_proj"], use_qalora=True, qalora_group_size=8))
+    pm.save_pretrained(tmp_path / "qalora")
+    with pytest.raises(UsageError, match=r"adapter_config.json is a QA-LoRA adapter.*merge_and_unload"):
+        qlora.load_adapter(model, tmp_path / "qalora")
+    # a tensor of another kind than plain LoRA's, even without the config saying so
+    from safetensors.torch import load_file, save_file
+
+    pm = get_peft_model(_dequantized_reference(model_dir, model), LoraConfig(r=4, target_modules=["q_proj"]))
+    pm.save_pretrained(tmp_path / "odd")
+    tensors = load_file(str(tmp_path / "odd" / "adapter_model.safetensors"))
+    key = next(iter(tensors)).rsplit(".lora_", 1)[0] + ".lora_diag"
+    save_file(tensors | {key: torch.ones(4)}, str(tmp_path / "odd" / "adapter_model.safetensors"))
+    fresh, _ = qlora.load_model(model_dir, compute_dtype=torch.float32, device="cpu")
+    with pytest.raises(UsageError, match=r"lora_diag is not a tensor of plain LoRA or DoRA"):
+        qlora.load_adapter(fresh, tmp_path / "odd")

@@ -47,6 +47,12 @@ _KNOWN_KEYS = {
 }
 
 
+# PEFT LoraConfig fields that, when set, change what a layer computes (or its shapes)
+_VARIANTS = {"layer_replication": "layer-replication (repeated layers)", "use_qalora": "QA-LoRA",
+             "alora_invocation_tokens": "activated LoRA (aLoRA)", "arrow_config": "Arrow (routed LoRA)",
+             "use_bdlora": "block-diagonal LoRA", "kasa_config": "KaSA", "monteclora_config": "MonteCLoRA"}
+
+
 def adapter_state_dict(model: nn.Module, adapter_name: str = "default") -> dict[str, torch.Tensor]:
     """The adapter's tensors under PEFT's file key names."""
     cfg = adapter_configs(model).get(adapter_name)
@@ -167,6 +173,11 @@ def read_adapter_config(adapter_dir: str | Path) -> dict:
     if init == "loftq":
         log.warning("%s: a LoftQ adapter is only valid on the 4-bit base it was made with "
                     "(qlora.save_quantized wrote it next to the adapter, or PEFT's LoftQ base).", path)
+    variant = next((what for key, what in _VARIANTS.items() if config.get(key)), None)
+    if variant:
+        raise UsageError(f"{path} is a {variant} adapter, a LoRA variant whose layers compute differently; qlora "
+                         "implements plain LoRA, DoRA and AdaLoRA only, so it would give other outputs than PEFT. "
+                         "Merge it with PEFT (merge_and_unload) and give qlora the merged model.")
     unknown = sorted(set(config) - _KNOWN_KEYS)
     if unknown:
         log.warning("%s: ignoring unknown adapter config keys %s", path, ", ".join(unknown))
@@ -250,6 +261,9 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path, adapter_name: str = 
         if ".lora_" not in key or key in expert_keys:
             continue
         path, _, rest = key[len(_PEFT_PREFIX):].rpartition(".lora_")
+        if rest not in _LORA_TENSORS:
+            raise UsageError(f"{adapter_dir}: {key} is not a tensor of plain LoRA or DoRA (a LoRA variant qlora does "
+                             "not implement); merge it with PEFT (merge_and_unload) and give qlora the merged model.")
         if rest in ("embedding_A", "embedding_B"):
             if path not in embeddings:
                 raise UsageError(f"{adapter_dir}: {key} is an embedding adapter, but {path} is not an embedding here.")
@@ -266,6 +280,9 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path, adapter_name: str = 
                             trainable)
     _load_whole(model, whole, trainable, adapter_dir)
     return model
+
+
+_LORA_TENSORS = ("A.weight", "B.weight", "B.bias", "magnitude_vector.weight", "embedding_A", "embedding_B")
 
 
 def _unwrapped(path: str) -> str:
