@@ -124,3 +124,23 @@ def test_train_with_added_tokens_saves_a_reloadable_adapter(tmp_path, tiny_model
     ids = torch.tensor([[1, len(trainer.tokenizer) - 2, 5, len(trainer.tokenizer) - 1, 2]])
     with torch.no_grad():
         torch.testing.assert_close(fresh(ids).logits, trainer.model(ids).logits, rtol=1e-4, atol=1e-4)
+
+
+def test_commands_use_the_tokenizer_saved_with_the_adapter(trained, tiny_model_dir, tmp_path, capsys):
+    """merge writes it beside the merged weights; generate and eval read prompts with it (the added
+    tokens are single tokens there, pieces in the base's tokenizer)."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    from qlora.cli.commands.generate import load_model_from_args
+    from qlora.cli.main import build_parser, main
+
+    _, tok, _, out = trained
+    assert main(["merge", "--model", str(tiny_model_dir), "--adapter", str(out), "--output", str(tmp_path / "m"),
+                 "--dtype", "float32"]) == 0
+    merged = AutoTokenizer.from_pretrained(tmp_path / "m")
+    assert len(merged) == AutoConfig.from_pretrained(tmp_path / "m").vocab_size == len(tok)
+    assert merged.tokenize("a <|tool|> b") == tok.tokenize("a <|tool|> b")
+    args = build_parser("generate").parse_args(["generate", "--model", str(tiny_model_dir), "--adapter", str(out),
+                                      "--prompt", "x", "--compute-dtype", "fp32"])
+    _, loaded = load_model_from_args(args)
+    assert loaded.convert_tokens_to_ids(NEW) == tok.convert_tokens_to_ids(NEW)

@@ -279,3 +279,48 @@ def test_two_ranks_equal_one_process(tmp_path, tiny_model_dir, flags):
     for key in ("loss", "grad_norm", "rewards/margins", "rewards/accuracies", "logps/chosen"):
         torch.testing.assert_close(torch.tensor([r[key] for r in got]), torch.tensor([r[key] for r in want]),
                                    rtol=1e-5, atol=1e-6, msg=key)
+
+
+@pytest.mark.parametrize("precompute", [False, True], ids=["frozen-copy", "precomputed"])
+def test_dpo_from_an_sft_adapter_uses_it_as_the_reference(tmp_path, tiny_model_dir, precompute):
+    """SFT, then DPO on top with --adapter: the reference is the SFT policy, so the first step's rewards
+    (policy minus reference log-probs) are zero; with the base as reference they would not be."""
+    from safetensors.torch import load_file
+
+    sft_data = _write(tmp_path / "sft.jsonl", [{"prompt": p, "completion": c} for p, c, _ in PAIRS])
+    sft = tmp_path / "sft"
+    Trainer(_config(tiny_model_dir, sft_data, sft, method="sft", rank=4, alpha=8, target_modules="q_proj,v_proj",
+                    dropout=0.0, max_steps=8)).run()
+    before = load_file(str(sft / "adapter_model.safetensors"))
+    assert any(k.endswith("lora_B.weight") and v.abs().max() > 1e-3 for k, v in before.items())  # SFT != base
+    dpo = tmp_path / "dpo"
+    Trainer(_config(tiny_model_dir, _write(tmp_path / "p.jsonl", ROWS), dpo, adapter=str(sft), max_steps=2,
+                    precompute_ref=precompute)).run()
+    first = _train_records(dpo)[0]
+    assert abs(first["rewards/chosen"]) < 1e-5 and abs(first["rewards/rejected"]) < 1e-5
+    saved = json.loads((dpo / "adapter_config.json").read_text())
+    assert (saved["r"], saved["lora_alpha"], sorted(saved["target_modules"])) == (4, 8, ["q_proj", "v_proj"])
+    after = load_file(str(dpo / "adapter_model.safetensors"))
+    assert before.keys() == after.keys() and any(not torch.equal(before[k], after[k]) for k in before)
+
+
+def test_train_from_an_adapter_continues_it_and_refuses_its_own_settings(tmp_path, tiny_model_dir, capsys):
+    from safetensors.torch import load_file
+
+    from qlora.model.adapter_io import adapter_state_dict
+
+    data = _write(tmp_path / "sft.jsonl", [{"prompt": p, "completion": c} for p, c, _ in PAIRS])
+    first = tmp_path / "first"
+    Trainer(_config(tiny_model_dir, data, first, method="sft", rank=4, max_steps=3)).run()
+    again = Trainer(_config(tiny_model_dir, data, tmp_path / "again", method="sft", adapter=str(first), max_steps=2))
+    again.setup()  # training starts from the adapter's own weights
+    saved, start = load_file(str(first / "adapter_model.safetensors")), adapter_state_dict(again.model)
+    assert saved.keys() == start.keys() and all(torch.equal(saved[k], start[k].cpu()) for k in saved)
+    again.train()
+    again.cleanup()
+    assert any(not torch.equal(saved[k], adapter_state_dict(again.model)[k].cpu()) for k in saved)
+    capsys.readouterr()
+    assert main(["train", "--model", str(tiny_model_dir), "--data", str(data), "--output", str(tmp_path / "x"),
+                 "--adapter", str(first), "--rank", "8"]) == 2
+    err = capsys.readouterr().err
+    assert f"--adapter {first} brings its own --rank (rank 4," in err and "drop it" in err

@@ -150,6 +150,26 @@ def _lora_peft_config(cfg: AdapterConfig) -> dict:
         {"loftq_config": {"loftq_bits": 4, "loftq_iter": spec.loftq_iter}} if spec.init == "loftq" else {})
 
 
+def adapter_tokenizer(adapter_dirs: str | Path | list[str | Path], tokenizer):
+    """The tokenizer to use with these adapters: the one saved with them (training may have added
+    tokens, which the base's tokenizer would split into pieces and cannot decode), else ``tokenizer``.
+
+    Raises:
+        UsageError: two adapters saved tokenizers of different vocabularies.
+    """
+    from .load import load_tokenizer
+
+    dirs = [Path(d) for d in (adapter_dirs if isinstance(adapter_dirs, list) else [adapter_dirs])]
+    saved = [(d, load_tokenizer(d)) for d in dirs
+             if (d / "tokenizer.json").is_file() or (d / "tokenizer_config.json").is_file()]
+    sizes = {len(t) for _, t in saved}
+    if len(sizes) > 1:
+        listing = ", ".join(f"{d} ({len(t)} tokens)" for d, t in saved)
+        raise UsageError(f"the adapters were trained with different vocabularies: {listing}. Added tokens have one "
+                         "meaning per model: load such adapters in separate runs.")
+    return saved[0][1] if saved else tokenizer
+
+
 def read_adapter_config(adapter_dir: str | Path) -> dict:
     """PEFT's adapter config with qlora's fields (from ``qlora_adapter.json``, or inline in old adapters)."""
     path = Path(adapter_dir) / "adapter_config.json"

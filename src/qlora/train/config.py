@@ -30,7 +30,7 @@ METHODS = ("sft", "dpo", "orpo")
 
 # Fields whose change makes a checkpoint incompatible with a resumed run.
 _RUN_DEFINING = (
-    "model", "data", "data_split", "data_subset", "quant", "double_quant", "blocksize", "rank", "alpha", "dropout", "target_modules",
+    "model", "adapter", "data", "data_split", "data_subset", "quant", "double_quant", "blocksize", "rank", "alpha", "dropout", "target_modules",
     "target_parameters",
     "rslora", "rank_pattern", "alpha_pattern", "lora_bias", "bias", "dora", "init", "loftq_iter", "seq_len", "batch_size", "grad_accum", "lr", "lr_scheduler", "warmup_ratio", "warmup_steps",
     "epochs", "max_steps", "optim", "weight_decay", "max_grad_norm", "packing", "template", "format",
@@ -83,6 +83,9 @@ class TrainConfig:
     quant: str = _opt("nf4", "4-bit data type of the frozen base ('none' = 16-bit LoRA)", QUANTS)
     double_quant: bool = _opt(True, "quantize the block constants to 8 bits")
     blocksize: int = _opt(64, "weights per absmax block: 32, 64, 128, 256, 512, 1024, 2048 or 4096")
+    adapter: str | None = _opt(None, "start from this adapter (PEFT format, e.g. an SFT run's output): it is trained "
+                                     "further with its own rank, alpha, targets and options, and its chat format; "
+                                     "with --method dpo it is also the reference model")
     rank: int = _opt(16, "LoRA rank r", range=AT_LEAST_1)
     alpha: float = _opt(16.0, "LoRA alpha (scale = alpha / r)", range=POSITIVE)
     dropout: float = _opt(0.05, "LoRA dropout", range=Range(0, 1, high_open=True))
@@ -185,6 +188,8 @@ class TrainConfig:
                              "adapters and initialization")
         for name in ("rank_pattern", "alpha_pattern"):
             parse_pattern(name, getattr(self, name))  # checked before the model loads
+        if self.adapter:
+            self._validate_adapter()
         if self.adalora and (self.rank_pattern or self.alpha_pattern or self.lora_bias):
             raise UsageError("--rank-pattern, --alpha-pattern and --lora-bias are LoRA options; --adalora sets "
                              "its ranks itself and has no LoRA bias")
@@ -201,6 +206,22 @@ class TrainConfig:
         if self.template_date:
             pinned_datetime(self.template_date)  # YYYY-MM-DD, checked before the model loads
         parse_data_fields(self.data_fields)  # checked before the model loads
+
+    def _validate_adapter(self) -> None:
+        """--adapter brings its own LoRA settings: giving them too is a contradiction, said before the load."""
+        from qlora.model.adapter_io import read_adapter_config
+
+        saved = read_adapter_config(self.adapter)
+        if self.adalora or saved.get("peft_type") == "ADALORA":
+            raise UsageError("--adapter continues a LoRA adapter; AdaLoRA's rank schedule cannot be continued "
+                             "(neither --adalora nor an AdaLoRA adapter works with it).")
+        defaults = {f.name: f.default for f in fields(self)}
+        given = [n for n in _ADAPTER_SHAPED if getattr(self, n) != defaults[n]]
+        if given:
+            raise UsageError(f"--adapter {self.adapter} brings its own {', '.join('--' + _flag(n) for n in given)} "
+                             f"(rank {saved.get('r')}, alpha {saved.get('lora_alpha')}, targets "
+                             f"{saved.get('target_modules')}); drop {'it' if len(given) == 1 else 'them'}, or train a "
+                             "new adapter without --adapter.")
 
     def _validate_method(self) -> None:
         """Options that belong to one training method only."""
@@ -222,6 +243,11 @@ class TrainConfig:
 
 def _flag(name: str) -> str:
     return name.replace("_", "-")
+
+
+# Options that shape an adapter; with --adapter they come from the adapter's config.
+_ADAPTER_SHAPED = ("rank", "alpha", "dropout", "target_modules", "target_parameters", "rslora", "rank_pattern",
+                   "alpha_pattern", "lora_bias", "bias", "dora", "init", "loftq_iter", "add_special_tokens")
 
 
 def parse_pattern(name: str, spec: str) -> dict[str, float]:

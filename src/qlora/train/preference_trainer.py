@@ -12,7 +12,8 @@ resume, DDP/FSDP, metrics) with preference pairs as data and DPO or ORPO
   the step's pairs, ORPO's NLL term a mean over the step's chosen tokens. With
   one micro-batch this is exactly TRL's loss.
 - DPO's reference model is the same 4-bit base with the adapters switched off
-  (:func:`qlora.model.inject.adapters_disabled`), run without gradient and in
+  (:func:`qlora.model.inject.adapters_disabled`), or, with ``--adapter``, the
+  adapter training starts from (a frozen copy), run without gradient and in
   eval mode (no dropout) right before the policy pass; no second model is
   loaded. With ``--precompute-ref`` the reference log-probs of every pair are
   computed once before training, split over the ranks, and stored in
@@ -27,22 +28,26 @@ resume, DDP/FSDP, metrics) with preference pairs as data and DPO or ORPO
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 from dataclasses import replace
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
 from qlora.atomic import atomic_dir
 from qlora.errors import UsageError
-from qlora.model.inject import adapters_disabled
+from qlora.model.adapter_io import load_adapter
+from qlora.model.inject import adapter_configs, adapters_disabled
+from qlora.model.multi_adapter import set_adapter
 from qlora.train.data import IGNORE_INDEX, load_records, pad_token_id
 from qlora.train.data.preference import PreferenceExample, TokenizedPair, normalize_preferences, preference_collate, tokenize_pairs
 from qlora.train.preference_loss import dpo_loss, label_logps, orpo_odds_ratio
 from qlora.train.trainer import Trainer
 
 REFERENCE_DIR = "reference"
+REFERENCE_ADAPTER = "reference"  # with --adapter: the frozen starting adapter
 REFERENCE_FILE = "logps.safetensors"
 _PER_PAIR = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
              "logps/rejected", "log_odds_ratio", "log_odds_chosen")
@@ -58,6 +63,35 @@ class PreferenceTrainer(Trainer):
                              "adapters off no longer gives the reference model; add --precompute-ref to take the "
                              "reference log-probs before training changes them")
         super().setup()
+
+    def _load_model(self) -> None:
+        """With --adapter, DPO's reference is the adapter training starts from (an SFT run), as TRL's
+        ``ref_adapter_name`` makes it: a frozen second copy, switched on for the reference pass."""
+        super()._load_model()
+        cfg = self.config
+        if cfg.method != "dpo" or not cfg.adapter or cfg.precompute_ref:
+            return
+        start = adapter_configs(self.model)["default"]
+        if start.modules_to_save or start.bias != "none" or start.trainable_tokens:
+            raise UsageError(f"--adapter {cfg.adapter} trains weights of the model itself (modules_to_save, biases or "
+                             "token rows), which a frozen copy of the adapter cannot keep as they were; add "
+                             "--precompute-ref to take the reference log-probs before training changes them")
+        load_adapter(self.model, cfg.adapter, adapter_name=REFERENCE_ADAPTER)
+
+    @contextlib.contextmanager
+    def _reference_model(self) -> Iterator[None]:
+        """The model as DPO's reference: the starting adapter (--adapter), else the base with adapters off."""
+        if REFERENCE_ADAPTER in adapter_configs(self.model):
+            set_adapter(self.model, REFERENCE_ADAPTER)
+            try:
+                yield
+            finally:
+                set_adapter(self.model, "default")
+        elif self.config.adapter:  # --precompute-ref: computed before training, from the adapter as loaded
+            yield
+        else:
+            with adapters_disabled(self.model):
+                yield
 
     # ------------------------------------------------------------------ data
     def _read_data(self, source: str, split: str) -> list[PreferenceExample]:
@@ -95,8 +129,8 @@ class PreferenceTrainer(Trainer):
     def _fingerprint(self) -> str:
         """What the reference log-probs depend on: base model, quantization, precision and the tokens."""
         cfg = self.config
-        digest = hashlib.sha256(json.dumps([cfg.model, cfg.quant, cfg.double_quant, cfg.blocksize, cfg.init,
-                                            str(self.dtype)]).encode())
+        digest = hashlib.sha256(json.dumps([cfg.model, cfg.adapter, cfg.quant, cfg.double_quant, cfg.blocksize,
+                                            cfg.init, str(self.dtype)]).encode())
         for units in (self.train_units, self.eval_units):
             for p in units:
                 digest.update(json.dumps([p.prompt_ids, p.chosen_ids, p.rejected_ids]).encode())
@@ -136,7 +170,7 @@ class PreferenceTrainer(Trainer):
         was_training = self.model.training
         self.model.eval()
         try:
-            with adapters_disabled(self.model), self._autocast():
+            with self._reference_model(), self._autocast():
                 return label_logps(self.model, batch, [batch["labels"]], self.chunked_ce)[0]
         finally:
             self.model.train(was_training)

@@ -30,6 +30,7 @@ import shutil
 import signal
 import time
 from contextlib import nullcontext
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -271,7 +272,12 @@ class Trainer:
             raise UsageError("--target-parameters works with LoRA, not --adalora (PEFT's AdaLoRA has no expert "
                              "weights either).")
         torch.manual_seed(cfg.seed)
-        if not cfg.adalora:
+        if cfg.adapter:
+            from qlora.model.adapter_io import adapter_tokenizer, load_adapter
+
+            self.tokenizer = adapter_tokenizer(cfg.adapter, self.tokenizer)  # with the tokens it may have added
+            load_adapter(self.model, cfg.adapter, trainable=True)
+        elif not cfg.adalora:
             add_lora(self.model, r=cfg.rank, alpha=cfg.alpha, dropout=cfg.dropout, target_modules=targets,
                      rslora=cfg.rslora, verbose=False, use_dora=cfg.dora, init=cfg.init, loftq_iter=cfg.loftq_iter,
                      loftq_quant=(cfg.quant, cfg.blocksize, cfg.double_quant), target_parameters=parameters,
@@ -343,9 +349,14 @@ class Trainer:
         """The run's chat format; its date is pinned now (or taken from the checkpoint on --resume) and
         recorded in config.yaml, so the data are the same tokens whatever the day."""
         cfg = self.config
+        # started from an adapter: the format it was trained with, as generate and chat would render
+        started = ChatFormat.load(cfg.adapter) if cfg.adapter and cfg.template == "auto" else None
         if not cfg.template_date:
             saved = json.loads((resume_from / "run_config.json").read_text()) if resume_from else {}
-            cfg.template_date = saved.get("template_date") or today()
+            cfg.template_date = saved.get("template_date") or (started.date if started else "") or today()
+        if started is not None:
+            return replace(started, system_into_user=started.system_into_user or cfg.system_into_user).with_date(
+                cfg.template_date)
         return resolve_chat_format(self.tokenizer, cfg.template, cfg.template_date, cfg.system_into_user)
 
     def _collate(self, units: list) -> dict[str, torch.Tensor]:

@@ -41,7 +41,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from ...cpu_threads import apply_cpu_threads
-    from ...model.adapter_io import load_adapter
+    from ...model.adapter_io import adapter_tokenizer, load_adapter
     from ...model.load import load_model
     from ...train.data.fields import parse_data_fields
     from ...train.data import (count_trainable_tokens, fallback_note, load_records, normalize, own_template,
@@ -57,6 +57,7 @@ def run(args: argparse.Namespace) -> int:
                                   compute_dtype=dtype, device=device)
     apply_cpu_threads(model, device)
     if args.adapter:
+        tokenizer = adapter_tokenizer(args.adapter, tokenizer)
         load_adapter(model, args.adapter)
     examples = normalize(load_records(args.data, args.data_split, args.data_subset), args.format, fields)
     saved = ChatFormat.load(args.adapter) if args.adapter and args.template == "auto" else None

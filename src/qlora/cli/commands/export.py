@@ -47,7 +47,7 @@ def run(args: argparse.Namespace) -> int:
     if args.type in LLAMA_CPP_TYPES:
         require_llama_cpp()  # before seconds of imports and minutes of loading and merging, not after
 
-    from ...model.adapter_io import load_adapter
+    from ...model.adapter_io import adapter_tokenizer, load_adapter
     from ...model.chat_format import ChatFormat
     from ...model.gguf_export import export_gguf, require_gguf
     from ...model.gguf_vocab import gguf_vocab
@@ -65,8 +65,8 @@ def run(args: argparse.Namespace) -> int:
     model, tokenizer = load_model(args.model, quant=None if quant == "none" else quant, compute_dtype=dtype,
                                   device="cpu")
     if args.adapter:
+        tokenizer = adapter_tokenizer(args.adapter, tokenizer)
         load_adapter(model, args.adapter)
-        tokenizer = _adapter_tokenizer(args.adapter) or tokenizer
         trained = ChatFormat.load(args.adapter)  # the format the adapter was trained in is the one to embed
         if trained is not None:
             tokenizer.chat_template = trained.template
@@ -103,12 +103,3 @@ def _load_dtype(choice: str | None, quant: str, model_dir: Path):
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype, None)
     return dtype if isinstance(dtype, torch.dtype) else torch.float32
-
-
-def _adapter_tokenizer(adapter_dir: str):
-    """The tokenizer saved with the adapter (training may have added tokens), if any."""
-    if not (Path(adapter_dir) / "tokenizer.json").is_file():
-        return None
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(adapter_dir)

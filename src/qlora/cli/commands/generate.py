@@ -55,7 +55,7 @@ def load_model_from_args(args: argparse.Namespace):
     import torch
 
     from ...cpu_threads import apply_cpu_threads
-    from ...model.adapter_io import load_adapter
+    from ...model.adapter_io import adapter_tokenizer, load_adapter
     from ...model.load import load_model
     from ...model.multi_adapter import set_adapters
 
@@ -65,6 +65,7 @@ def load_model_from_args(args: argparse.Namespace):
     weights = _weights(args) if getattr(args, "adapter_weights", None) else None  # generate/chat only
     model, tokenizer = load_model(args.model, quant=quant, compute_dtype=dtype)
     apply_cpu_threads(model, next(model.parameters()).device)
+    tokenizer = adapter_tokenizer(list(names.values()), tokenizer)
     for name, path in names.items():
         load_adapter(model, path, adapter_name=name)
     if weights is not None:

@@ -29,7 +29,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from ...model.adapter_io import load_adapter
+    from ...model.adapter_io import adapter_tokenizer, load_adapter
     from ...model.load import load_model
     from ...model.merge import merge, save_merged
 
@@ -39,6 +39,7 @@ def run(args: argparse.Namespace) -> int:
     dtype = getattr(torch, args.dtype)
     model, tokenizer = load_model(args.model, quant=None if args.quant == "none" else args.quant,
                                   compute_dtype=dtype, device="cpu")
+    tokenizer = adapter_tokenizer(args.adapter, tokenizer)
     load_adapter(model, args.adapter)
     merge(model, into="dequantized", dtype=dtype)
     model.to(dtype)
