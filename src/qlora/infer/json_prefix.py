@@ -85,8 +85,9 @@ def unenforced_keywords(schema: Mapping[str, Any]) -> list[str]:
     """Where ``schema`` asks more than :class:`ObjectSchema` enforces, as paths (``"properties.tags.items"``).
 
     Enforced: a root ``{"type": "object"}`` with ``properties``, ``required`` and
-    ``additionalProperties`` (true or false), each property's ``type`` (JSON type names; ``object``
-    and ``array`` only as such, their contents unchecked), ``enum`` and ``const``. Annotations
+    ``additionalProperties`` (true or false), each property's ``type`` (JSON type names, or an
+    ``anyOf`` of bare types; ``object`` and ``array`` only as such, their contents unchecked),
+    ``enum`` and ``const``. Annotations
     (``title``, ``description``, ``default``, ...) change nothing and are never listed.
     """
     out = []
@@ -104,10 +105,9 @@ def unenforced_keywords(schema: Mapping[str, Any]) -> list[str]:
         if not isinstance(spec, dict):
             out.append(where)
             continue
-        out += [f"{where}.{k}" for k in spec if k not in _PROPERTY_KEYWORDS | _ANNOTATIONS]
-        types = spec.get("type", [])
-        types = [types] if isinstance(types, str) else types
-        if not isinstance(types, list) or any(t not in _FIRST_CHARS for t in types):
+        union = "type" not in spec and _bare_type_union(spec.get("anyOf"))
+        out += [f"{where}.{k}" for k in spec if k not in _PROPERTY_KEYWORDS | _ANNOTATIONS and not (union and k == "anyOf")]
+        if any(t not in _FIRST_CHARS for t in _types(spec)):
             out.append(f"{where}.type")
     return out
 
@@ -122,12 +122,25 @@ def _rule(spec: Any) -> PropertyRule:
     values = [spec["const"]] if "const" in spec else spec.get("enum")
     if isinstance(values, list) and values:
         return PropertyRule(literals=tuple(json.dumps(v, ensure_ascii=False, separators=(",", ":")) for v in values))
-    types = spec.get("type")
-    types = [types] if isinstance(types, str) else types if isinstance(types, list) else []
+    types = _types(spec)
     if not types or any(t not in _FIRST_CHARS for t in types):
         return PropertyRule()
     first = "".join(dict.fromkeys("".join(_FIRST_CHARS[t] for t in types)))
     return PropertyRule(first, integer="integer" in types and "number" not in types)
+
+
+def _types(spec: Mapping[str, Any]) -> list[Any]:
+    """The JSON types a property's value may have: its ``type`` (a name or a list), or an ``anyOf`` of
+    bare types (``{"anyOf": [{"type": "integer"}, {"type": "null"}]}``, pydantic's ``int | None``)."""
+    types = spec.get("type")
+    if types is None and _bare_type_union(spec.get("anyOf")):
+        types = [member["type"] for member in spec["anyOf"]]
+    return [types] if isinstance(types, str) else types if isinstance(types, list) else []
+
+
+def _bare_type_union(members: Any) -> bool:
+    return isinstance(members, list) and bool(members) and all(
+        isinstance(m, dict) and isinstance(m.get("type"), str) and set(m) <= {"type"} | _ANNOTATIONS for m in members)
 
 
 class JsonPrefix:

@@ -50,6 +50,9 @@ from ..infer.messages import Message
 from ..infer.tool_calls import tool_definition_problem
 
 
+MAX_STOP_STRINGS = 32  # OpenAI takes 4; eval harnesses send their task's stops plus EOS, often more
+
+
 class APIError(Exception):
     """An OpenAI-shaped error: ``{"error": {"message", "type", "param", "code"}}`` with an HTTP status."""
 
@@ -86,8 +89,8 @@ class _Body(BaseModel):
 
     def stop_strings(self) -> tuple[str, ...]:
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
-        if len(stop) > 4:
-            raise APIError(400, f"'stop' takes at most 4 strings, got {len(stop)}", "stop")
+        if len(stop) > MAX_STOP_STRINGS:
+            raise APIError(400, f"'stop' takes at most {MAX_STOP_STRINGS} strings, got {len(stop)}", "stop")
         return tuple(stop)
 
     def include_usage(self) -> bool:
