@@ -46,7 +46,7 @@ def prompt_logprobs(logits: torch.Tensor, ids: list[int], top: int) -> list[Toke
     """Entries for each of ``ids`` from the ``(len(ids), vocab)`` logits of a forward over them
     (row ``i`` predicts token ``i + 1``); the first token's logprob is None."""
     logprobs = logits[:len(ids) - 1].float().log_softmax(-1)
-    targets = torch.tensor(ids[1:], device=logprobs.device)
+    targets = torch.tensor(ids[1:], dtype=torch.long, device=logprobs.device)
     chosen = logprobs.gather(-1, targets[:, None])[:, 0].tolist()
     tops = [()] * len(chosen)
     if top:
