@@ -9,7 +9,7 @@ row carries its own adapter (:func:`qlora.model.multi_adapter.adapter_rows`: the
 4-bit base is read once per step for all rows, whichever adapters they use), its
 sampling options and seeded generator, its stop tokens and stop strings. Greedy
 rows produce the tokens of :func:`qlora.infer.generate.stream_tokens`. A row may carry
-a :class:`Constraint` (a forced tool call): its reply's fixed first tokens are prefilled
+a :class:`Constraint` (a forced tool call, a JSON reply): its reply's fixed first tokens are prefilled
 with its prompt and its tokens are chosen by the constraint; the batch's other rows
 still take one argmax for all, so their tokens are what they would be alone.
 

@@ -15,15 +15,13 @@ of its own; its ``token`` is written ``bytes:\\xNN...``, as OpenAI does.
 
 from __future__ import annotations
 
-import re
 import weakref
 from dataclasses import dataclass
 
 import torch
 
 from .constrained import TokenTexts
-
-_BYTE_TOKEN = re.compile(r"<0x([0-9A-Fa-f]{2})>")
+from .text_stream import byte_token_ids
 
 
 @dataclass(frozen=True)
@@ -74,6 +72,7 @@ class TokenPieces:
         self.specials = frozenset(tokenizer.all_special_ids)
         decoder = getattr(getattr(tokenizer, "backend_tokenizer", None), "decoder", None)
         self.byte_level = "ByteLevel" in repr(decoder)
+        self.byte_ids = byte_token_ids(tokenizer)  # SentencePiece's <0xNN>
         self._bytes: dict[int, bytes] = {}
 
     @classmethod
@@ -95,10 +94,9 @@ class TokenPieces:
         except KeyError:
             pass
         raw = self.tokenizer.convert_ids_to_tokens(token)
-        byte = _BYTE_TOKEN.fullmatch(raw) if isinstance(raw, str) else None
         text = self.texts.text(token, self.specials)
-        if byte is not None:
-            value = bytes([int(byte.group(1), 16)])
+        if token in self.byte_ids:
+            value = bytes([int(raw[3:5], 16)])
         elif text is not None:
             value = text.encode()
         elif self.byte_level and isinstance(raw, str) and all(c in _UNICODE_TO_BYTE for c in raw):

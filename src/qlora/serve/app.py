@@ -15,6 +15,10 @@ calls in the markup that template uses (:mod:`qlora.infer.tool_calls`); calls
 come back as ``message.tool_calls`` with ``finish_reason: "tool_calls"``. A
 stream holds text back from where call markup may begin and sends the calls, whole,
 when the reply ends.
+
+Structured replies (``response_format``) decode each choice under its own
+:class:`qlora.infer.json_reply.JsonReply`; logprobs come with the batcher's events and
+are written in OpenAI's chat or completions shape (see :mod:`qlora.serve.protocol`).
 """
 
 from __future__ import annotations
