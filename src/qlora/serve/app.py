@@ -24,7 +24,6 @@ are written in OpenAI's chat or completions shape (see :mod:`qlora.serve.protoco
 from __future__ import annotations
 
 import asyncio
-import codecs
 import hmac
 import json
 import time
@@ -45,6 +44,7 @@ from ..infer.logprobs import TokenLogprob, TokenPieces
 from ..infer.template import chat_template, render_chat, renders_tools, stop_token_ids
 from ..infer.tool_calls import ToolCall, ToolCallFormat, ToolCallStream, markup_token_ids, tool_call_format
 from ..model.chat_format import ChatFormat
+from .logprobs import TextOffsets, chat_logprobs, completion_logprobs
 from .protocol import APIError, ChatCompletionRequest, CompletionRequest, _Body
 
 TYPE_TAGS = {"str", "int", "float", "bool", "dict", "list", "none"}
@@ -332,10 +332,10 @@ async def _respond(batcher: ContinuousBatcher, choices: list[_Choice], body: _Bo
         if not chat:
             entry["text"] = choice.echo + text
             if body.logprob_count() is not None:
-                entry["logprobs"] = _completion_logprobs(pieces, choice.logprobs, _Offsets(pieces))
+                entry["logprobs"] = completion_logprobs(pieces, choice.logprobs, TextOffsets(pieces))
         else:
             if body.logprob_count() is not None:
-                entry["logprobs"] = {"content": _chat_logprobs(pieces, choice.logprobs), "refusal": None}
+                entry["logprobs"] = {"content": chat_logprobs(pieces, choice.logprobs), "refusal": None}
             if choice.tools is not None and (parsed := choice.tools.parse(text))[1]:
                 entry["message"] = {"role": "assistant", "content": parsed[0], "tool_calls": parsed[1]}
                 entry["finish_reason"] = "tool_calls"
@@ -364,7 +364,7 @@ async def _stream(queue: asyncio.Queue, choices: list[_Choice], body: _Body, rep
                   pieces: TokenPieces) -> AsyncIterator[str]:
     created, kind = int(time.time()), "chat.completion.chunk" if chat else "text_completion"
     splitters = [ToolCallStream(c.tools.format, c.tools.names) if c.tools is not None else None for c in choices]
-    offsets = [_Offsets(pieces) for _ in choices]
+    offsets = [TextOffsets(pieces) for _ in choices]
     carried: list[list[TokenLogprob]] = [[] for _ in choices]  # logprobs whose text a splitter still holds
     want_logprobs = body.logprob_count() is not None
 
@@ -376,11 +376,11 @@ async def _stream(queue: asyncio.Queue, choices: list[_Choice], body: _Body, rep
             if calls:
                 delta["tool_calls"] = calls
             if want_logprobs and not first:
-                logprobs = {"content": _chat_logprobs(pieces, entries), "refusal": None}
+                logprobs = {"content": chat_logprobs(pieces, entries), "refusal": None}
             choice = {"index": choices[k].index, "delta": delta, "finish_reason": finish, "logprobs": logprobs}
         else:
             if want_logprobs:
-                logprobs = _completion_logprobs(pieces, entries, offsets[k])
+                logprobs = completion_logprobs(pieces, entries, offsets[k])
             choice = {"index": choices[k].index, "text": text or "", "finish_reason": finish, "logprobs": logprobs}
         return _sse({"id": reply_id, "object": kind, "created": created, "model": body.model, "choices": [choice]})
 
@@ -420,46 +420,6 @@ async def _stream(queue: asyncio.Queue, choices: list[_Choice], body: _Body, rep
         yield "data: [DONE]\n\n"
     finally:
         _cancel(choices)  # the client went away mid-stream: free the rows at the next step
-
-
-def _chat_logprobs(pieces: TokenPieces, entries: list[TokenLogprob]) -> list[dict[str, Any]]:
-    """OpenAI chat's ``logprobs.content``: token, logprob, bytes and the top alternatives of each token."""
-    def one(token: int, logprob: float) -> dict[str, Any]:
-        return {"token": pieces.text(token), "logprob": logprob, "bytes": list(pieces.bytes(token))}
-    return [{**one(e.token, e.logprob), "top_logprobs": [one(t, p) for t, p in e.top]} for e in entries]
-
-
-class _Offsets:
-    """Character offsets of tokens in a completion's text, counted over the tokens' UTF-8 bytes
-    (a character split over several tokens counts at the token that completes it)."""
-
-    def __init__(self, pieces: TokenPieces) -> None:
-        self.pieces, self.chars = pieces, 0
-        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-
-    def take(self, token: int) -> int:
-        """The offset where ``token`` starts; moves past it (special tokens, not in the text, add nothing)."""
-        start = self.chars
-        if token not in self.pieces.specials:
-            self.chars += len(self.decoder.decode(self.pieces.bytes(token)))
-        return start
-
-
-def _completion_logprobs(pieces: TokenPieces, entries: list[TokenLogprob], offsets: _Offsets) -> dict[str, list]:
-    """OpenAI completions' ``logprobs``: ``tokens``, ``token_logprobs``, ``top_logprobs`` (token text ->
-    logprob, the chosen token included) and ``text_offset``."""
-    out: dict[str, list] = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
-    for e in entries:
-        text = pieces.text(e.token)
-        out["tokens"].append(text)
-        out["token_logprobs"].append(e.logprob)
-        top = None
-        if e.logprob is not None:
-            top = {pieces.text(t): p for t, p in e.top}
-            top.setdefault(text, e.logprob)
-        out["top_logprobs"].append(top)
-        out["text_offset"].append(offsets.take(e.token))
-    return out
 
 
 def _sse(payload: dict[str, Any]) -> str:
