@@ -130,10 +130,12 @@ def test_sampled_logprobs_are_of_the_raw_logits_not_the_temperature(served, orac
     _, _, client, tokenizer = served
     prompt_ids = _chat_prompt_ids(tokenizer, "Hi there")
     reply = client.chat.completions.create(model="a", messages=[{"role": "user", "content": "Hi there"}],
-                                           max_tokens=12, temperature=1.7, top_p=0.95, seed=3, logprobs=True)
-    content = reply.choices[0].logprobs.content
-    ids = [_token_id(e.bytes) for e in content]
-    _check_chat_logprobs(content, prompt_ids, ids, oracle, top=0)
+                                           max_tokens=12, temperature=1.7, top_p=0.95, seed=3, logprobs=True, n=3)
+    assert len({c.message.content for c in reply.choices}) > 1
+    for choice in reply.choices:  # three rows of one batch, each with its own tokens and cache length
+        content = choice.logprobs.content
+        ids = [_token_id(e.bytes) for e in content]
+        _check_chat_logprobs(content, prompt_ids, ids, oracle, top=0)
     table = _log_softmax(oracle, prompt_ids + ids)
     scaled = [float((table[len(prompt_ids) - 1 + k] / 1.7).log_softmax(-1)[t]) for k, t in enumerate(ids)]
     assert [e.logprob for e in content] != pytest.approx(scaled, abs=1e-3)

@@ -16,7 +16,8 @@ prompt ``i``'s ``j``-th.
 top-p or a constraint (OpenAI's numbers, vLLM's default ``raw_logprobs``): see
 :mod:`qlora.infer.logprobs`. Completions' ``top_logprobs`` also hold the chosen token
 (up to ``logprobs + 1`` entries, as OpenAI documents); ``text_offset`` counts characters
-of the choice's ``text``. End-of-turn/EOS tokens, which add no text, get no entry.
+of the choice's ``text`` over the tokens' own texts (a SentencePiece text's first token keeps
+its word-start space there, though decoding drops it from ``text``). End-of-turn/EOS tokens, which add no text, get no entry.
 ``echo: true`` puts the prompt before the reply, and with ``logprobs`` its tokens' entries
 first (the first token's logprob is null); ``max_tokens: 0`` scores the prompt only.
 
