@@ -13,7 +13,7 @@ import random
 
 import pytest
 
-from qlora.infer.json_prefix import MAX_WHITESPACE, JsonPrefix, ObjectSchema
+from qlora.infer.json_prefix import MAX_WHITESPACE, JsonPrefix, ObjectSchema, unenforced_keywords
 
 
 def _feed_each(text: str, state: JsonPrefix) -> JsonPrefix | None:
@@ -140,3 +140,29 @@ def test_open_schemas_take_any_key_and_nested_values_are_plain_json():
     assert JsonPrefix.start(schema).feed('{"n": "2"') is None
     assert JsonPrefix.start(schema).feed("[") is None  # arguments are an object
     assert JsonPrefix.start(ObjectSchema.from_json_schema(None)).feed("{}").complete
+
+
+def test_an_any_of_of_bare_types_is_a_type_union():
+    """pydantic writes ``int | None`` as ``anyOf`` of bare types: enforced like ``"type": ["integer", "null"]``."""
+    schema = ObjectSchema.from_json_schema({"type": "object", "properties": {
+        "n": {"anyOf": [{"type": "integer"}, {"type": "null"}], "title": "N"}}})
+    assert JsonPrefix.start(schema).feed('{"n": null}').complete and JsonPrefix.start(schema).feed('{"n": 12}').complete
+    assert JsonPrefix.start(schema).feed('{"n": "1') is None and JsonPrefix.start(schema).feed('{"n": 1.') is None
+
+
+@pytest.mark.parametrize("schema, missing", [
+    ({"type": "object", "properties": {"a": {"type": "string", "title": "A", "description": "d"}}, "required": ["a"],
+      "additionalProperties": False, "title": "T", "$schema": "x"}, []),
+    ({"type": "object", "properties": {"a": {"anyOf": [{"type": "integer"}, {"type": "null"}]}}}, []),
+    ({"type": "object", "properties": {"a": {"anyOf": [{"type": "object", "properties": {}}, {"type": "null"}]}}},
+     ["properties.a.anyOf"]),
+    ({"type": "object", "properties": {"a": {"type": "array", "items": {"type": "string"}, "minItems": 1}}},
+     ["properties.a.items", "properties.a.minItems"]),
+    ({"type": "object", "properties": {"a": {"$ref": "#/$defs/A"}}, "$defs": {"A": {}}}, ["properties.a.$ref"]),
+    ({"type": "object", "properties": {"a": {"type": "date"}}, "additionalProperties": {"type": "string"}},
+     ["additionalProperties", "properties.a.type"]),
+    ({"type": "array", "items": {}}, ["type", "items"]),
+    ({"properties": {}, "oneOf": []}, ['type (the root must be {"type": "object"})', "oneOf"]),
+])
+def test_unenforced_keywords_names_each_part_a_reply_could_break(schema, missing):
+    assert unenforced_keywords(schema) == missing

@@ -238,7 +238,7 @@ def test_errors_have_openai_shape_and_status(served):
     assert exc.value.status_code == 413 and exc.value.code == "context_length_exceeded"
 
     with pytest.raises(openai.BadRequestError) as exc:
-        _chat(client, "a", n=2)
+        _chat(client, "a", n=0)
     assert exc.value.param == "n"
     with pytest.raises(openai.BadRequestError) as exc:
         client.chat.completions.create(model="a", messages=HELLO, temperature=5)

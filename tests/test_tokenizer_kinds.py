@@ -71,6 +71,28 @@ def test_stream_pieces_join_to_decode_across_byte_fallback(spm):
         assert "".join(stream(spm, ids)) == spm.decode(ids, skip_special_tokens=True)
 
 
+@pytest.mark.parametrize("kind", ["spm", "byte-level"])
+def test_token_bytes_join_to_the_decoded_text(spm, kind):
+    """OpenAI's logprob ``bytes`` of a reply's tokens spell its text, byte tokens and split characters included."""
+    from qlora.infer.logprobs import TokenPieces
+
+    tok = spm if kind == "spm" else train_tokenizer(TEXT, vocab_size=300)
+    pieces = TokenPieces.of(tok)
+    split = 0
+    for text in HARD:
+        ids = tok(text, add_special_tokens=False)["input_ids"]
+        joined = b"".join(pieces.bytes(i) for i in ids).decode()
+        # SentencePiece's decode drops the word-start space of the very first token; the token still holds it
+        assert joined.removeprefix(" ") == tok.decode(ids).removeprefix(" ")
+        for i in ids:
+            try:
+                assert pieces.text(i) == pieces.bytes(i).decode()
+            except UnicodeDecodeError:  # part of a character: OpenAI's "bytes:\xNN" spelling
+                split += 1
+                assert pieces.text(i) == "bytes:" + "".join(f"\\x{b:02x}" for b in pieces.bytes(i))
+    assert split > 0  # CJK and emoji were split over tokens here
+
+
 def test_stream_stop_strings_with_byte_fallback(spm):
     ids = spm("Hello 你好世界 and more", add_special_tokens=False)["input_ids"]
     assert "".join(stream(spm, ids, ["世界"])) == "Hello 你好"

@@ -9,9 +9,14 @@ row carries its own adapter (:func:`qlora.model.multi_adapter.adapter_rows`: the
 4-bit base is read once per step for all rows, whichever adapters they use), its
 sampling options and seeded generator, its stop tokens and stop strings. Greedy
 rows produce the tokens of :func:`qlora.infer.generate.stream_tokens`. A row may carry
-a :class:`Constraint` (a forced tool call): its reply's fixed first tokens are prefilled
+a :class:`Constraint` (a forced tool call, a JSON reply): its reply's fixed first tokens are prefilled
 with its prompt and its tokens are chosen by the constraint; the batch's other rows
 still take one argmax for all, so their tokens are what they would be alone.
+
+A row may ask for log-probabilities (:mod:`qlora.infer.logprobs`): of each token it
+chooses, from that row's logits of the step, and of its prompt's tokens, from the
+logits of its prefill (which covers every prompt position anyway); a row that only
+scores its prompt (``generate=False``) leaves after its prefill.
 
 Events reach the caller through the ``emit`` callback of its request, called
 from the decode thread (a server hands them to its event loop).
@@ -32,6 +37,7 @@ import torch
 from ..model.multi_adapter import adapter_rows
 from .batch_cache import add_row, attention_mask, cache_length, check_cache, keep_rows, new_cache
 from .generate import SamplingOptions, next_token
+from .logprobs import TokenLogprob, chosen_logprob, prompt_logprobs
 from .text_stream import TextStream
 
 log = logging.getLogger(__name__)
@@ -43,6 +49,9 @@ class Event:
 
     finish_reason: ``"stop"`` (stop token or string), ``"length"`` (max tokens or
     the context is full), ``"error"`` (``error`` says why), ``"cancelled"``.
+    ``logprobs``: entries of the reply tokens decoded since the previous event (when the
+    request asked; end-of-turn/stop tokens have none); ``prompt_logprobs``: the prompt's, on
+    the first event.
     """
 
     text: str
@@ -50,6 +59,8 @@ class Event:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     error: str | None = None
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    prompt_logprobs: list[TokenLogprob] | None = None
 
 
 class Constraint(Protocol):
@@ -76,6 +87,9 @@ class Request:
     stop_strings: tuple[str, ...] = ()
     keep_tokens: frozenset[int] = frozenset()  # special tokens kept in the text (tool-call markup)
     constraint: Constraint | None = None  # only this row's tokens are restricted; others decode as usual
+    logprobs: int | None = None  # None: no logprobs; k: each reply token's logprob with the k most likely
+    prompt_logprobs: bool = False  # also the prompt tokens' (with ``logprobs`` alternatives each)
+    generate: bool = True  # False: prefill only (score the prompt), no reply token
     cancelled: bool = field(default=False, init=False)
 
     def cancel(self) -> None:
@@ -90,6 +104,8 @@ class _Row:
         self.request = request
         self.text = TextStream(tokenizer, request.stop_strings, request.keep_tokens)
         self.length = len(request.prompt_ids)  # entries of this row in the cache
+        self.pending: list[TokenLogprob] = []  # logprobs not yet sent (their text is held back)
+        self.prompt_logprobs: list[TokenLogprob] | None = None
         seed = request.options.seed if request.options.seed is not None else random.getrandbits(63)
         self.generator = torch.Generator(device=device).manual_seed(seed)  # as a single run seeds it
 
@@ -206,7 +222,7 @@ class ContinuousBatcher:
         token, and add it to the batch."""
         row = _Row(request, self.tokenizer, self.device)
         prefix = request.constraint.prefix_ids if request.constraint is not None else []
-        prefix = prefix[:request.options.max_new_tokens]
+        prefix = prefix[:request.options.max_new_tokens] if request.generate else []
         if prefix and len(request.prompt_ids) + len(prefix) >= self.context_length:
             request.emit(Event("", "length", len(request.prompt_ids)))
             return
@@ -219,16 +235,25 @@ class ContinuousBatcher:
         except Exception as exc:
             request.emit(Event("", "error", len(request.prompt_ids), error=f"{type(exc).__name__}: {exc}"))
             return
+        logits, prompt = out.logits[0], len(request.prompt_ids)
+        if request.prompt_logprobs:
+            row.prompt_logprobs = prompt_logprobs(logits, request.prompt_ids, request.logprobs or 0)
+        if not request.generate:
+            self._emit(row, "", "length")
+            self.stats["requests_completed"] += 1
+            return
         if prefix:
             row.length += len(prefix)
             piece = "".join(row.text.push(t) for t in prefix)
+            if request.logprobs is not None:
+                row.pending += [chosen_logprob(logits[prompt - 1 + k], t, request.logprobs) for k, t in enumerate(prefix)]
             if len(prefix) >= request.options.max_new_tokens:  # the limit ends the reply inside its forced start
-                request.emit(Event(piece + row.text.flush(), "length", len(request.prompt_ids), len(prefix)))
+                self._emit(row, piece + row.text.flush(), "length")
                 self.stats["requests_completed"] += 1
                 return
             if piece:
-                request.emit(Event(piece, None, len(request.prompt_ids), len(prefix)))
-        if not self._advance(row, self._choose(row, out.logits[0, -1])):
+                self._emit(row, piece, None)
+        if not self._advance(row, self._choose(row, logits[-1]), logits[-1]):
             self._cache = add_row(self._cache, cache)
             self._rows.append(row)
 
@@ -259,20 +284,20 @@ class ContinuousBatcher:
             row.length += 1
             unconstrained = row.request.constraint is None and row.request.options.temperature <= 0
             token = greedy[i] if unconstrained else self._choose(row, last[i])
-            if not self._advance(row, token):
+            if not self._advance(row, token, last[i]):
                 keep.append(i)
         self._retain(keep)
 
-    def _advance(self, row: _Row, token: int | None) -> bool:
-        """Record ``token`` for ``row`` and emit its text; True when the row is finished."""
+    def _advance(self, row: _Row, token: int | None, logits: torch.Tensor) -> bool:
+        """Record ``token`` (chosen from ``logits``) for ``row`` and emit its text; True when the row is finished."""
         request = row.request
-        prompt = len(request.prompt_ids)
         if token is None:  # a constraint that no token of the vocabulary satisfies
-            request.emit(Event(row.text.flush(), "error", prompt, len(row.text.tokens),
-                               "no token of the vocabulary continues the constrained reply"))
+            self._emit(row, row.text.flush(), "error", "no token of the vocabulary continues the constrained reply")
             self.stats["requests_completed"] += 1
             return True
         self.stats["tokens_generated"] += 1
+        if request.logprobs is not None and token not in request.stop_ids:
+            row.pending.append(chosen_logprob(logits, token, request.logprobs))
         piece = row.text.push(token)
         generated = len(row.text.tokens)
         reason = None
@@ -284,8 +309,17 @@ class ContinuousBatcher:
             piece += row.text.flush()
             self.stats["requests_completed"] += 1
         if piece or reason is not None:
-            request.emit(Event(piece, reason, prompt, generated))
+            self._emit(row, piece, reason)
         return reason is not None
+
+    @staticmethod
+    def _emit(row: _Row, text: str, reason: str | None, error: str | None = None) -> None:
+        """Send ``row``'s new text, with the logprobs gathered since its last event."""
+        request = row.request
+        event = Event(text, reason, len(request.prompt_ids), len(row.text.tokens), error, row.pending,
+                      row.prompt_logprobs)
+        row.pending, row.prompt_logprobs = [], None
+        request.emit(event)
 
     def _retain(self, keep: list[int]) -> None:
         if len(keep) != len(self._rows):

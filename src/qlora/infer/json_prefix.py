@@ -75,6 +75,43 @@ class ObjectSchema:
         return tuple(_raw(k) for k in self.properties if k not in used)
 
 
+_ANNOTATIONS = frozenset({"title", "description", "default", "examples", "$comment", "deprecated", "readOnly",
+                          "writeOnly", "$schema", "$id", "$defs", "definitions"})  # change no valid value
+_ROOT_KEYWORDS = frozenset({"type", "properties", "required", "additionalProperties"})
+_PROPERTY_KEYWORDS = frozenset({"type", "enum", "const"})
+
+
+def unenforced_keywords(schema: Mapping[str, Any]) -> list[str]:
+    """Where ``schema`` asks more than :class:`ObjectSchema` enforces, as paths (``"properties.tags.items"``).
+
+    Enforced: a root ``{"type": "object"}`` with ``properties``, ``required`` and
+    ``additionalProperties`` (true or false), each property's ``type`` (JSON type names, or an
+    ``anyOf`` of bare types; ``object`` and ``array`` only as such, their contents unchecked),
+    ``enum`` and ``const``. Annotations
+    (``title``, ``description``, ``default``, ...) change nothing and are never listed.
+    """
+    out = []
+    if schema.get("type") != "object":
+        out.append("type" if "type" in schema else "type (the root must be {\"type\": \"object\"})")
+    out += [k for k in schema if k not in _ROOT_KEYWORDS | _ANNOTATIONS]
+    extra = schema.get("additionalProperties", False)
+    if not isinstance(extra, bool):
+        out.append("additionalProperties")
+    props = schema.get("properties", {})
+    if not isinstance(props, dict):
+        return out + ["properties"]
+    for name, spec in props.items():
+        where = f"properties.{name}"
+        if not isinstance(spec, dict):
+            out.append(where)
+            continue
+        union = "type" not in spec and _bare_type_union(spec.get("anyOf"))
+        out += [f"{where}.{k}" for k in spec if k not in _PROPERTY_KEYWORDS | _ANNOTATIONS and not (union and k == "anyOf")]
+        if any(t not in _FIRST_CHARS for t in _types(spec)):
+            out.append(f"{where}.type")
+    return out
+
+
 def _raw(key: str) -> str:
     return json.dumps(key, ensure_ascii=False)[1:-1]
 
@@ -85,12 +122,25 @@ def _rule(spec: Any) -> PropertyRule:
     values = [spec["const"]] if "const" in spec else spec.get("enum")
     if isinstance(values, list) and values:
         return PropertyRule(literals=tuple(json.dumps(v, ensure_ascii=False, separators=(",", ":")) for v in values))
-    types = spec.get("type")
-    types = [types] if isinstance(types, str) else types if isinstance(types, list) else []
+    types = _types(spec)
     if not types or any(t not in _FIRST_CHARS for t in types):
         return PropertyRule()
     first = "".join(dict.fromkeys("".join(_FIRST_CHARS[t] for t in types)))
     return PropertyRule(first, integer="integer" in types and "number" not in types)
+
+
+def _types(spec: Mapping[str, Any]) -> list[Any]:
+    """The JSON types a property's value may have: its ``type`` (a name or a list), or an ``anyOf`` of
+    bare types (``{"anyOf": [{"type": "integer"}, {"type": "null"}]}``, pydantic's ``int | None``)."""
+    types = spec.get("type")
+    if types is None and _bare_type_union(spec.get("anyOf")):
+        types = [member["type"] for member in spec["anyOf"]]
+    return [types] if isinstance(types, str) else types if isinstance(types, list) else []
+
+
+def _bare_type_union(members: Any) -> bool:
+    return isinstance(members, list) and bool(members) and all(
+        isinstance(m, dict) and isinstance(m.get("type"), str) and set(m) <= {"type"} | _ANNOTATIONS for m in members)
 
 
 class JsonPrefix:
@@ -117,6 +167,11 @@ class JsonPrefix:
     def complete(self) -> bool:
         """Whether the text read so far is a whole JSON value (nothing more may follow an object)."""
         return self.mode == _DONE or (self.mode == _NUMBER and not self.stack and self.sub[0] in _NUMBER_ENDS)
+
+    @property
+    def closed(self) -> bool:
+        """Whether the value is complete and nothing may follow (a root number may still grow)."""
+        return self.mode == _DONE
 
     def accepts(self, text: str) -> bool:
         return self.feed(text) is not None

@@ -3,7 +3,8 @@
 Routes: ``POST /v1/chat/completions``, ``POST /v1/completions``, ``GET
 /v1/models`` (the base model and each adapter, by id), plus ``GET /health``
 (no key needed) and ``GET /stats`` (the batcher's counters). The request's
-``model`` picks the adapter; every request becomes one row of the shared
+``model`` picks the adapter; every choice of a request (``n`` of them, for each
+prompt of a completions batch) becomes one row of the shared
 :class:`qlora.infer.batcher.ContinuousBatcher`, so concurrent requests for
 different adapters are decoded in the same batch. Errors are OpenAI-shaped JSON
 (:class:`qlora.serve.protocol.APIError`); a streaming client that disconnects
@@ -14,6 +15,10 @@ calls in the markup that template uses (:mod:`qlora.infer.tool_calls`); calls
 come back as ``message.tool_calls`` with ``finish_reason: "tool_calls"``. A
 stream holds text back from where call markup may begin and sends the calls, whole,
 when the reply ends.
+
+Structured replies (``response_format``) decode each choice under its own
+:class:`qlora.infer.json_reply.JsonReply`; logprobs come with the batcher's events and
+are written in OpenAI's chat or completions shape (see :mod:`qlora.serve.protocol`).
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ import hmac
 import json
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, AsyncIterator
 
 from fastapi import FastAPI, Request
@@ -34,9 +39,12 @@ from ..infer.batcher import ContinuousBatcher, Event
 from ..infer.batcher import Request as Generation
 from ..infer.forced_call import CallMarkup, ForcedCall, ForcedCallUnsupported, call_markup
 from ..infer.generate import SamplingOptions, default_stop_ids, encode_prompt
+from ..infer.json_reply import JsonReply
+from ..infer.logprobs import TokenLogprob, TokenPieces
 from ..infer.template import chat_template, render_chat, renders_tools, stop_token_ids
 from ..infer.tool_calls import ToolCall, ToolCallFormat, ToolCallStream, markup_token_ids, tool_call_format
 from ..model.chat_format import ChatFormat
+from .logprobs import TextOffsets, chat_logprobs, completion_logprobs
 from .protocol import APIError, ChatCompletionRequest, CompletionRequest, _Body
 
 TYPE_TAGS = {"str", "int", "float", "bool", "dict", "list", "none"}
@@ -122,29 +130,40 @@ def build_app(batcher: ContinuousBatcher, base_id: str, adapters: list[str], api
         except Exception as exc:  # e.g. a template that allows no system turn, or needs alternating roles
             raise APIError(400, f"The model's chat template rejected these messages: {exc}", "messages") from None
         prompt_ids = _encode(model, tokenizer, prompt)
-        generation = _generation(batcher, body, adapter, prompt_ids, chat_stops, "messages")
-        if plan is not None:
-            generation.keep_tokens = markup_token_ids(plan.format, tokenizer)
-        if markup is not None:  # a forced call: no stop strings inside it, one call, its end forced
-            generation.stop_strings = ()
-            generation.constraint = ForcedCall(tokenizer, markup, tools, forced or None, generation.keep_tokens,
-                                               chat_stops)
-        return await _respond(batcher, generation, body, request, chat=True, tools=plan)
+        json_reply = body.json_reply()
+        choices = []
+        for index in range(body.n):  # each choice is its own row, with its own constraint state and seed
+            generation = _generation(batcher, body, adapter, prompt_ids, chat_stops, "messages", index)
+            if plan is not None:
+                generation.keep_tokens = markup_token_ids(plan.format, tokenizer)
+            if markup is not None:  # a forced call: no stop strings inside it, one call, its end forced
+                generation.stop_strings = ()
+                generation.constraint = ForcedCall(tokenizer, markup, tools, forced or None, generation.keep_tokens,
+                                                   chat_stops)
+            if json_reply is not None:
+                generation.constraint = JsonReply(tokenizer, json_reply[0], chat_stops, root_object=json_reply[1])
+            choices.append(_Choice(index, generation, plan, first=index == 0))
+        return await _respond(batcher, choices, body, request, chat=True)
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):
         body.refuse_unsupported()
         adapter = _adapter(ids, body.model)
-        prompt = body.prompt[0] if isinstance(body.prompt, list) and body.prompt and isinstance(
-            body.prompt[0], str) else body.prompt
-        if isinstance(prompt, str):
-            prompt_ids = _encode(model, tokenizer, prompt)
-        elif all(0 <= t < len(tokenizer) for t in prompt):
-            prompt_ids = list(prompt)
-        else:
-            raise APIError(400, f"'prompt' token ids must lie in [0, {len(tokenizer)})", "prompt")
-        generation = _generation(batcher, body, adapter, prompt_ids, text_stops, "prompt")
-        return await _respond(batcher, generation, body, request, chat=False)
+        choices = []
+        for number, prompt in enumerate(body.prompts()):
+            if isinstance(prompt, str):
+                prompt_ids = _encode(model, tokenizer, prompt)
+            elif all(0 <= t < len(tokenizer) for t in prompt):
+                prompt_ids = list(prompt)
+            else:
+                raise APIError(400, f"'prompt' token ids must lie in [0, {len(tokenizer)})", "prompt")
+            echo = "" if not body.echo else prompt if isinstance(prompt, str) else \
+                tokenizer.decode(prompt_ids, skip_special_tokens=True)
+            for index in range(body.n):
+                generation = _generation(batcher, body, adapter, prompt_ids, text_stops, "prompt", index)
+                generation.prompt_logprobs = body.echo and body.logprobs is not None
+                choices.append(_Choice(number * body.n + index, generation, echo=echo, first=index == 0))
+        return await _respond(batcher, choices, body, request, chat=False)
 
     return app
 
@@ -225,7 +244,8 @@ def _encode(model, tokenizer, text: str) -> list[int]:
 
 
 def _generation(batcher: ContinuousBatcher, body: _Body, adapter: str | None, prompt_ids: list[int],
-                stop_ids: frozenset[int], prompt_param: str) -> Generation:
+                stop_ids: frozenset[int], prompt_param: str, index: int = 0) -> Generation:
+    """The batch row of choice ``index`` (its own seed, see :func:`_choice_seed`)."""
     room = batcher.context_length - len(prompt_ids)
     if room <= 0:
         raise APIError(413, f"The prompt is {len(prompt_ids)} tokens long; this model's context holds "
@@ -234,110 +254,183 @@ def _generation(batcher: ContinuousBatcher, body: _Body, adapter: str | None, pr
     if not prompt_ids:
         raise APIError(400, f"The {prompt_param} is empty", prompt_param)
     limit = body.token_limit()
-    options = SamplingOptions(max_new_tokens=min(limit or room, room), temperature=body.temperature,
-                              top_p=body.top_p, top_k=0, seed=body.seed)
+    options = SamplingOptions(max_new_tokens=max(1, min(room if limit is None else limit, room)),
+                              temperature=body.temperature, top_p=body.top_p, top_k=0,
+                              seed=_choice_seed(body.seed, index))
     return Generation(prompt_ids, adapter, options, emit=lambda event: None, stop_ids=stop_ids,
-                      stop_strings=body.stop_strings())
+                      stop_strings=body.stop_strings(), logprobs=body.logprob_count(), generate=limit != 0)
 
 
-async def _respond(batcher: ContinuousBatcher, generation: Generation, body: _Body, request: Request, chat: bool,
-                   tools: _ToolPlan | None = None):
+def _choice_seed(seed: int | None, index: int) -> int | None:
+    """Choice 0 takes the request's seed (so it equals the ``n=1`` reply); choice ``j`` a seed mixed from
+    it and ``j`` (SplitMix64's finalizer), so choices are independent yet reproducible."""
+    if seed is None:
+        return None
+    if index == 0:
+        return seed % 2**63
+    z = (seed + index * 0x9E3779B97F4A7C15) % 2**64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) % 2**64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) % 2**64
+    return (z ^ (z >> 31)) % 2**63
+
+
+@dataclass
+class _Choice:
+    """One choice of a reply: its batch row, how its text is read, and what it received so far."""
+
+    index: int
+    generation: Generation
+    tools: _ToolPlan | None = None
+    echo: str = ""  # completions with echo: the prompt text, put before the reply
+    first: bool = True  # the first choice of its prompt (its prompt is counted in usage)
+    text: str = ""
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    last: Event | None = None
+
+    def add(self, event: Event) -> None:
+        self.text += event.text
+        self.logprobs += (event.prompt_logprobs or []) + event.logprobs
+        if event.finish_reason is not None:
+            self.last = event
+
+
+async def _respond(batcher: ContinuousBatcher, choices: list[_Choice], body: _Body, request: Request, chat: bool):
     loop = asyncio.get_running_loop()
-    queue: asyncio.Queue[Event] = asyncio.Queue()
-
-    def emit(event: Event) -> None:  # called on the decode thread
-        try:
-            loop.call_soon_threadsafe(queue.put_nowait, event)
-        except RuntimeError:  # the event loop is gone (server shutting down)
-            generation.cancel()
-
-    generation.emit = emit
-    batcher.submit(generation)
+    queue: asyncio.Queue[tuple[int, Event]] = asyncio.Queue()
+    for k, choice in enumerate(choices):
+        choice.generation.emit = _emitter(loop, queue, k, choice.generation)
+    try:
+        for choice in choices:
+            batcher.submit(choice.generation)
+    except BaseException:
+        _cancel(choices)
+        raise
     reply_id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
+    pieces = TokenPieces.of(batcher.tokenizer)
     if body.stream:
-        return StreamingResponse(_stream(queue, generation, body, reply_id, chat, tools),
+        return StreamingResponse(_stream(queue, choices, body, reply_id, chat, pieces),
                                  media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
     try:
-        pieces, last = [], None
-        while last is None:
+        left = len(choices)
+        while left:
             try:
-                event = await asyncio.wait_for(queue.get(), DISCONNECT_POLL_S)
+                k, event = await asyncio.wait_for(queue.get(), DISCONNECT_POLL_S)
             except asyncio.TimeoutError:
                 if await request.is_disconnected():
                     return JSONResponse({}, status_code=499)
                 continue
-            pieces.append(event.text)
-            if event.finish_reason is not None:
-                last = event
+            choices[k].add(event)
+            left -= event.finish_reason is not None
     finally:
-        generation.cancel()  # frees the row if the request ended early; no-op once finished
-    _raise_failure(last)
-    text = "".join(pieces)
-    choice: dict[str, Any] = {"index": 0, "finish_reason": last.finish_reason, "logprobs": None}
-    if not chat:
-        choice["text"] = text
-    elif tools is not None and (parsed := tools.parse(text))[1]:
-        choice["message"] = {"role": "assistant", "content": parsed[0], "tool_calls": parsed[1]}
-        choice["finish_reason"] = "tool_calls"
-    else:
-        choice["message"] = {"role": "assistant", "content": text}
+        _cancel(choices)  # frees the rows if the request ended early; no-op once finished
+    for choice in choices:
+        _raise_failure(choice.last)
+    out = []
+    for choice in choices:
+        last, text = choice.last, choice.text
+        entry: dict[str, Any] = {"index": choice.index, "finish_reason": last.finish_reason, "logprobs": None}
+        if not chat:
+            entry["text"] = choice.echo + text
+            if body.logprob_count() is not None:
+                entry["logprobs"] = completion_logprobs(pieces, choice.logprobs, TextOffsets(pieces))
+        else:
+            if body.logprob_count() is not None:
+                entry["logprobs"] = {"content": chat_logprobs(pieces, choice.logprobs), "refusal": None}
+            if choice.tools is not None and (parsed := choice.tools.parse(text))[1]:
+                entry["message"] = {"role": "assistant", "content": parsed[0], "tool_calls": parsed[1]}
+                entry["finish_reason"] = "tool_calls"
+            else:
+                entry["message"] = {"role": "assistant", "content": text}
+        out.append(entry)
     return {"id": reply_id, "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
-            "model": body.model, "choices": [choice], "usage": _usage(last)}
+            "model": body.model, "choices": out, "usage": _usage(choices)}
 
 
-async def _stream(queue: asyncio.Queue, generation: Generation, body: _Body, reply_id: str,
-                  chat: bool, tools: _ToolPlan | None = None) -> AsyncIterator[str]:
+def _emitter(loop: asyncio.AbstractEventLoop, queue: asyncio.Queue, k: int, generation: Generation):
+    def emit(event: Event) -> None:  # called on the decode thread
+        try:
+            loop.call_soon_threadsafe(queue.put_nowait, (k, event))
+        except RuntimeError:  # the event loop is gone (server shutting down)
+            generation.cancel()
+    return emit
+
+
+def _cancel(choices: list[_Choice]) -> None:
+    for choice in choices:
+        choice.generation.cancel()
+
+
+async def _stream(queue: asyncio.Queue, choices: list[_Choice], body: _Body, reply_id: str, chat: bool,
+                  pieces: TokenPieces) -> AsyncIterator[str]:
     created, kind = int(time.time()), "chat.completion.chunk" if chat else "text_completion"
-    splitter = ToolCallStream(tools.format, tools.names) if tools is not None else None
+    splitters = [ToolCallStream(c.tools.format, c.tools.names) if c.tools is not None else None for c in choices]
+    offsets = [TextOffsets(pieces) for _ in choices]
+    carried: list[list[TokenLogprob]] = [[] for _ in choices]  # logprobs whose text a splitter still holds
+    want_logprobs = body.logprob_count() is not None
 
-    def chunk(text: str | None, finish: str | None, first: bool = False, calls: list | None = None) -> str:
+    def chunk(k: int, text: str | None, finish: str | None, first: bool = False, calls: list | None = None) -> str:
+        entries, carried[k] = carried[k], []
+        logprobs = None
         if chat:
             delta = ({"role": "assistant", "content": ""} if first else {}) | ({"content": text} if text else {})
             if calls:
                 delta["tool_calls"] = calls
-            choice = {"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}
+            if want_logprobs and not first:
+                logprobs = {"content": chat_logprobs(pieces, entries), "refusal": None}
+            choice = {"index": choices[k].index, "delta": delta, "finish_reason": finish, "logprobs": logprobs}
         else:
-            choice = {"index": 0, "text": text or "", "finish_reason": finish, "logprobs": None}
+            if want_logprobs:
+                logprobs = completion_logprobs(pieces, entries, offsets[k])
+            choice = {"index": choices[k].index, "text": text or "", "finish_reason": finish, "logprobs": logprobs}
         return _sse({"id": reply_id, "object": kind, "created": created, "model": body.model, "choices": [choice]})
 
     try:
         if chat:
-            yield chunk(None, None, first=True)
-        while True:
-            event: Event = await queue.get()
+            for k in range(len(choices)):
+                yield chunk(k, None, None, first=True)
+        left, started = len(choices), [False] * len(choices)
+        while left:
+            k, event = await queue.get()
+            choice, splitter = choices[k], splitters[k]
             if event.finish_reason in ("error", "cancelled"):
-                failure = _failure(event)
-                yield _sse(failure.body())
+                yield _sse(_failure(event).body())
                 break
+            choice.add(event)
+            carried[k] += (event.prompt_logprobs or []) + event.logprobs
             text = splitter.push(event.text) if splitter is not None else event.text
+            if not started[k]:
+                text, started[k] = choice.echo + text, True
             if text:
-                yield chunk(text, None)
+                yield chunk(k, text, None)
             if event.finish_reason is not None:
+                left -= 1
                 finish = event.finish_reason
                 if splitter is not None:
                     tail, calls = splitter.finish()
                     if tail:
-                        yield chunk(tail, None)
-                    for index, call in enumerate(tools.shape(calls)):  # each call whole, in its own chunk
-                        yield chunk(None, None, calls=[{"index": index, **call}])
+                        yield chunk(k, tail, None)
+                    for index, call in enumerate(choice.tools.shape(calls)):  # each call whole, in its own chunk
+                        yield chunk(k, None, None, calls=[{"index": index, **call}])
                     finish = "tool_calls" if calls else finish
-                yield chunk(None, finish)
-                if body.include_usage():
-                    yield _sse({"id": reply_id, "object": kind, "created": created, "model": body.model,
-                                "choices": [], "usage": _usage(event)})
-                break
+                yield chunk(k, None, finish)
+        else:
+            if body.include_usage():
+                yield _sse({"id": reply_id, "object": kind, "created": created, "model": body.model,
+                            "choices": [], "usage": _usage(choices)})
         yield "data: [DONE]\n\n"
     finally:
-        generation.cancel()  # the client went away mid-stream: free the row at the next step
+        _cancel(choices)  # the client went away mid-stream: free the rows at the next step
 
 
 def _sse(payload: dict[str, Any]) -> str:
     return f"data: {json.dumps(payload, ensure_ascii=False, separators=(',', ':'))}\n\n"
 
 
-def _usage(event: Event) -> dict[str, int]:
-    return {"prompt_tokens": event.prompt_tokens, "completion_tokens": event.completion_tokens,
-            "total_tokens": event.prompt_tokens + event.completion_tokens}
+def _usage(choices: list[_Choice]) -> dict[str, int]:
+    """Token counts of the whole reply: each prompt once, every choice's tokens."""
+    prompt = sum(c.last.prompt_tokens for c in choices if c.first and c.last is not None)
+    completion = sum(c.last.completion_tokens for c in choices if c.last is not None)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
 def _failure(event: Event) -> APIError:

@@ -2,8 +2,33 @@
 
 Fields follow the OpenAI API reference. Unknown fields are ignored (clients
 send extras such as ``user``); known fields that would change the answer in a
-way qlora does not implement (``n`` > 1, ``logprobs``, penalties, ...) are
-refused with a 400 naming the field, rather than silently ignored.
+way qlora does not implement (penalties, ``logit_bias``, ``suffix``, ``best_of`` > 1)
+are refused with a 400 naming the field, rather than silently ignored.
+
+``n``: that many choices, each its own batch row sampled with its own generator; with
+``seed``, choice 0 is seeded with it (so it equals the ``n=1`` reply) and choice ``j``
+with a seed derived from it and ``j``. ``/v1/completions`` takes a batch of prompts
+(strings or token-id lists, as lm-evaluation-harness sends); choice ``i * n + j`` is
+prompt ``i``'s ``j``-th.
+
+``logprobs`` (chat: ``logprobs: true`` with ``top_logprobs`` 0..20; completions:
+``logprobs`` 0..20) are ``log_softmax`` of the model's raw logits, before temperature,
+top-p or a constraint (OpenAI's numbers, vLLM's default ``raw_logprobs``): see
+:mod:`qlora.infer.logprobs`. Completions' ``top_logprobs`` also hold the chosen token
+(up to ``logprobs + 1`` entries, as OpenAI documents); ``text_offset`` counts characters
+of the choice's ``text`` over the tokens' own texts (a SentencePiece text's first token keeps
+its word-start space there, though decoding drops it from ``text``). End-of-turn/EOS tokens, which add no text, get no entry.
+``echo: true`` puts the prompt before the reply, and with ``logprobs`` its tokens' entries
+first (the first token's logprob is null); ``max_tokens: 0`` scores the prompt only.
+
+``response_format``: ``json_object`` (the reply is a JSON object) or ``json_schema``
+(a JSON value whose top level follows the schema), decoded under a constraint
+(:mod:`qlora.infer.json_reply`). Enforced: a root object's ``properties`` (JSON ``type``s,
+``enum``, ``const``), ``required`` and ``additionalProperties: false``; nested values are
+only valid JSON. With ``strict: true`` a schema asking for more (``items``, nested
+``properties``, ``pattern``, ``anyOf``, ``$ref``, length or range bounds, a non-object
+root, ...) is a 400 naming each such keyword, since the promise could not be kept; without
+it those parts are best effort (the reply is still valid JSON, the enforced part holds).
 
 ``tool_choice``: 'auto' (default with tools: the model decides, its reply is parsed
 for calls), 'none' (tools shown, reply returned as text), 'required' (the reply is
@@ -21,8 +46,12 @@ from typing import Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from ..infer.json_prefix import unenforced_keywords
 from ..infer.messages import Message
 from ..infer.tool_calls import tool_definition_problem
+
+
+MAX_STOP_STRINGS = 32  # OpenAI takes 4; eval harnesses send their task's stops plus EOS, often more
 
 
 class APIError(Exception):
@@ -48,11 +77,11 @@ class _Body(BaseModel):
 
     model: str
     max_tokens: int | None = Field(default=None, ge=1)
+    n: int = Field(default=1, ge=1, le=128)
     temperature: float = Field(default=1.0, ge=0.0, le=2.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     stop: Union[str, list[str], None] = None
     seed: int | None = None
-    n: int = Field(default=1, ge=1)
     stream: bool = False
     stream_options: dict[str, Any] | None = None
     presence_penalty: float = 0.0
@@ -61,8 +90,8 @@ class _Body(BaseModel):
 
     def stop_strings(self) -> tuple[str, ...]:
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
-        if len(stop) > 4:
-            raise APIError(400, f"'stop' takes at most 4 strings, got {len(stop)}", "stop")
+        if len(stop) > MAX_STOP_STRINGS:
+            raise APIError(400, f"'stop' takes at most {MAX_STOP_STRINGS} strings, got {len(stop)}", "stop")
         return tuple(stop)
 
     def include_usage(self) -> bool:
@@ -70,8 +99,6 @@ class _Body(BaseModel):
 
     def refuse_unsupported(self) -> None:
         """400 for options that would change the answer in ways not implemented."""
-        if self.n != 1:
-            raise APIError(400, f"'n' must be 1 (qlora serve returns one choice per request), got {self.n}", "n")
         if self.presence_penalty or self.frequency_penalty:
             param = "presence_penalty" if self.presence_penalty else "frequency_penalty"
             raise APIError(400, f"'{param}' is not supported; leave it at 0", param)
@@ -137,7 +164,8 @@ def _history_call(call: Any, where: str) -> dict[str, Any]:
 class ChatCompletionRequest(_Body):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
-    logprobs: bool | None = None
+    logprobs: bool = False
+    top_logprobs: int | None = Field(default=None, ge=0, le=20)
     tools: list[Any] | None = None
     tool_choice: Union[str, dict[str, Any], None] = None
     parallel_tool_calls: bool = True
@@ -185,39 +213,92 @@ class ChatCompletionRequest(_Body):
 
     def refuse_unsupported(self) -> None:
         super().refuse_unsupported()
-        if self.logprobs:
-            raise APIError(400, "'logprobs' is not supported", "logprobs")
+        if self.top_logprobs is not None and not self.logprobs:
+            raise APIError(400, "'top_logprobs' needs 'logprobs': true", "top_logprobs")
         for legacy, now in (("functions", "tools"), ("function_call", "tool_choice")):
             if getattr(self, legacy) is not None:
                 raise APIError(400, f"'{legacy}' is OpenAI's deprecated form of '{now}'; send '{now}' instead "
                                     "(function tools: {'type': 'function', 'function': {...}})", legacy)
         self.function_tools()
         self.forced_function()
-        if self.response_format and self.response_format.get("type", "text") != "text":
-            raise APIError(400, "only the 'text' response_format is supported", "response_format")
+        self.json_reply()
+
+    def logprob_count(self) -> int | None:
+        """Alternatives per token when logprobs are asked (0: the chosen token's only), else None."""
+        return (self.top_logprobs or 0) if self.logprobs else None
+
+    def json_reply(self) -> tuple[dict[str, Any] | None, bool] | None:
+        """What ``response_format`` asks: None (text), or (the schema whose top level is enforced, None
+        for any value; whether the root must be an object).
+
+        Raises:
+            APIError: an unknown format, a malformed ``json_schema``, a ``strict`` schema asking for
+                what is not enforced, or a JSON format with tools the model may call.
+        """
+        fmt = self.response_format or {"type": "text"}
+        kind = fmt.get("type")
+        if kind == "text":
+            return None
+        if kind not in ("json_object", "json_schema"):
+            raise APIError(400, f"'response_format' type must be 'text', 'json_object' or 'json_schema', got {kind!r}",
+                           "response_format.type")
+        if self.calls_tools():
+            raise APIError(400, "'response_format' (a JSON reply) cannot be combined with 'tools' the model may call "
+                                "(a call is not the JSON reply); send 'tool_choice': 'none' or leave 'tools' out",
+                           "response_format")
+        if kind == "json_object":
+            return None, True
+        spec = fmt.get("json_schema")
+        if not isinstance(spec, dict) or not isinstance(spec.get("name"), str):
+            raise APIError(400, "'response_format' json_schema must be {'name': ..., 'schema': {...}, 'strict': ...}",
+                           "response_format.json_schema")
+        schema = spec.get("schema", {})
+        if not isinstance(schema, dict):
+            raise APIError(400, "'response_format.json_schema.schema' must be a JSON Schema object",
+                           "response_format.json_schema.schema")
+        missing = unenforced_keywords(schema)
+        if missing and spec.get("strict"):
+            raise APIError(400, f"'response_format' json_schema {spec['name']!r} is strict, but qlora serve cannot "
+                                f"enforce these parts of its schema: {', '.join(missing)}. It enforces a root "
+                                "object's properties (type, enum, const), required and additionalProperties; send "
+                                "'strict': false to have the rest as best effort (the reply is still valid JSON)",
+                           "response_format.json_schema.schema")
+        if schema.get("type") == "object":
+            return schema, True
+        return None, False  # best effort: any JSON value
 
     def token_limit(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
 
 
 class CompletionRequest(_Body):
-    prompt: Union[str, list[str], list[int]]
-    max_tokens: int | None = Field(default=16, ge=1)  # the OpenAI default for completions
+    prompt: Union[str, list[str], list[int], list[list[int]]]
+    max_tokens: int | None = Field(default=16, ge=0)  # the OpenAI default; 0: score the prompt (with echo)
     echo: bool = False
-    logprobs: int | None = None
+    logprobs: int | None = Field(default=None, ge=0, le=20)
     best_of: int | None = None
     suffix: str | None = None
 
     def refuse_unsupported(self) -> None:
         super().refuse_unsupported()
-        for name in ("echo", "logprobs", "suffix"):
-            if getattr(self, name):
-                raise APIError(400, f"'{name}' is not supported", name)
+        if self.suffix:
+            raise APIError(400, "'suffix' is not supported", "suffix")
         if self.best_of not in (None, 1):
             raise APIError(400, f"'best_of' must be 1, got {self.best_of}", "best_of")
-        if isinstance(self.prompt, list) and self.prompt and isinstance(self.prompt[0], str) and len(self.prompt) != 1:
-            raise APIError(400, "'prompt' must be one string (a batch of prompts is not supported; send "
-                                "one request per prompt)", "prompt")
+        if not self.prompt:
+            raise APIError(400, "'prompt' is empty", "prompt")
+        if self.max_tokens == 0 and self.stream:
+            raise APIError(400, "'max_tokens': 0 (scoring the prompt) cannot be streamed", "max_tokens")
+
+    def prompts(self) -> list[str | list[int]]:
+        """The prompts of the request: one string or token-id list each."""
+        prompt = self.prompt
+        if isinstance(prompt, str) or (prompt and isinstance(prompt[0], int)):
+            return [prompt]  # type: ignore[list-item]
+        return list(prompt)  # type: ignore[arg-type]
+
+    def logprob_count(self) -> int | None:
+        return self.logprobs
 
     def token_limit(self) -> int | None:
         return self.max_tokens

@@ -1,0 +1,58 @@
+"""Structured replies: decode a reply that is, by construction, one JSON value.
+
+OpenAI's ``response_format`` (``{"type": "json_object"}``, or ``"json_schema"`` with a
+schema) is served by constraining decoding, per request, with the validator forced tool
+calls use (:mod:`qlora.infer.json_prefix`, :func:`qlora.infer.constrained.choose_token`):
+only tokens keeping the reply a prefix of valid JSON, whose top level follows the
+schema's enforced part (:func:`qlora.infer.json_prefix.unenforced_keywords` says what is
+not), may be chosen; once the value is complete the best-scored end-of-turn token ends the
+reply. The reply is whole JSON unless the token limit cuts it first (``finish_reason``
+``"length"``, as OpenAI).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import torch
+
+from .constrained import TokenTexts, choose_token
+from .generate import SamplingOptions
+from .json_prefix import JsonPrefix, ObjectSchema
+
+
+class JsonReply:
+    """The per-request constraint of a JSON reply (see the module docstring).
+
+    Args:
+        tokenizer: the served tokenizer.
+        schema: the JSON Schema whose top level is enforced (its root must be an object); None:
+            any JSON object (``json_object``).
+        stop_ids: end-of-turn tokens; the best-scored one ends the reply once the value is complete.
+        root_object: without a schema, whether the value must be an object (``json_object``: yes).
+    """
+
+    prefix_ids: list[int] = []
+
+    def __init__(self, tokenizer, schema: Mapping[str, Any] | None, stop_ids: frozenset[int],
+                 root_object: bool = True) -> None:
+        self.texts = TokenTexts.of(tokenizer)
+        self.stop_ids = frozenset(stop_ids)
+        rules = ObjectSchema.from_json_schema(schema) if schema is not None else None
+        self.state = JsonPrefix.start(rules, root_object)
+
+    def choose(self, logits: torch.Tensor, options: SamplingOptions, generator: torch.Generator | None) -> int | None:
+        """The next token of the reply (None: no token of the vocabulary continues it)."""
+        stops = [t for t in self.stop_ids if t < logits.numel()]
+        if self.state.closed:
+            return max(stops, key=lambda t: float(logits[t])) if stops else None
+        token = choose_token(logits, options, generator, self._accepts)
+        if token is not None and token not in self.stop_ids:
+            self.state = self.state.feed(self.texts.text(token))  # type: ignore[assignment]
+        return token
+
+    def _accepts(self, token: int) -> bool:
+        if token in self.stop_ids:  # a root number may end here or go on
+            return self.state.complete
+        text = self.texts.text(token)
+        return bool(text) and self.state.feed(text) is not None

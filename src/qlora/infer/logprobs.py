@@ -1,0 +1,131 @@
+"""Token log-probabilities: of the tokens a reply chose, and of a prompt's own tokens.
+
+The numbers are ``log_softmax`` of the model's raw logits in fp32: before temperature,
+top-p or a constraint reshape the distribution a token is drawn from. This is what
+OpenAI reports and vLLM's default (``logprobs_mode="raw_logprobs"``), and it makes the
+logprob of a text a property of the model alone, whatever the sampling options
+(eval harnesses score loglikelihoods this way).
+
+A token's text and bytes (OpenAI's ``token`` and ``bytes`` fields) are what it adds
+to the reply: byte-level BPE tokens (GPT-2, Llama 3, Qwen) map their symbols back to
+bytes, SentencePiece ``<0xNN>`` tokens are one byte, other tokens are their decoded
+text (word-start spaces kept). A token holding part of a UTF-8 character has no text
+of its own; its ``token`` is written ``bytes:\\xNN...``, as OpenAI does.
+"""
+
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass
+
+import torch
+
+from .constrained import TokenTexts
+from .text_stream import byte_token_ids
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """One token with its log-probability (None: a prompt's first token, which nothing predicts)
+    and the ``top`` most likely tokens at its position, best first, as ``(id, logprob)``."""
+
+    token: int
+    logprob: float | None
+    top: tuple[tuple[int, float], ...] = ()
+
+
+def chosen_logprob(logits: torch.Tensor, token: int, top: int) -> TokenLogprob:
+    """``token``'s entry from the 1-D next-token ``logits`` it was chosen from, with ``top`` alternatives."""
+    logprobs = logits.float().log_softmax(-1)
+    return TokenLogprob(token, float(logprobs[token]), _top(logprobs, top))
+
+
+def prompt_logprobs(logits: torch.Tensor, ids: list[int], top: int) -> list[TokenLogprob]:
+    """Entries for each of ``ids`` from the ``(len(ids), vocab)`` logits of a forward over them
+    (row ``i`` predicts token ``i + 1``); the first token's logprob is None."""
+    logprobs = logits[:len(ids) - 1].float().log_softmax(-1)
+    targets = torch.tensor(ids[1:], dtype=torch.long, device=logprobs.device)
+    chosen = logprobs.gather(-1, targets[:, None])[:, 0].tolist()
+    tops = [()] * len(chosen)
+    if top:
+        values, indices = torch.topk(logprobs, min(top, logprobs.shape[-1]), dim=-1)
+        tops = [tuple(zip(i, v)) for i, v in zip(indices.tolist(), values.tolist())]
+    return [TokenLogprob(ids[0], None)] + [TokenLogprob(t, p, k) for t, p, k in zip(ids[1:], chosen, tops)]
+
+
+def _top(logprobs: torch.Tensor, k: int) -> tuple[tuple[int, float], ...]:
+    if k <= 0:
+        return ()
+    values, indices = torch.topk(logprobs, min(k, logprobs.numel()))
+    return tuple(zip(indices.tolist(), values.tolist()))
+
+
+_PIECES: "weakref.WeakKeyDictionary[object, TokenPieces]" = weakref.WeakKeyDictionary()
+
+
+class TokenPieces:
+    """Each token's bytes and display text, computed on first use and cached (one per tokenizer)."""
+
+    def __init__(self, tokenizer) -> None:
+        self.tokenizer = tokenizer
+        self.texts = TokenTexts.of(tokenizer)
+        self.specials = frozenset(tokenizer.all_special_ids)
+        decoder = getattr(getattr(tokenizer, "backend_tokenizer", None), "decoder", None)
+        self.byte_level = "ByteLevel" in repr(decoder)
+        self.byte_ids = byte_token_ids(tokenizer)  # SentencePiece's <0xNN>
+        self._bytes: dict[int, bytes] = {}
+
+    @classmethod
+    def of(cls, tokenizer) -> "TokenPieces":
+        try:
+            return _PIECES[tokenizer]
+        except (KeyError, TypeError):
+            pieces = cls(tokenizer)
+        try:
+            _PIECES[tokenizer] = pieces
+        except TypeError:  # not weak-referenceable: not shared
+            pass
+        return pieces
+
+    def bytes(self, token: int) -> bytes:
+        """The UTF-8 bytes ``token`` adds to a text (a special token: its literal)."""
+        try:
+            return self._bytes[token]
+        except KeyError:
+            pass
+        raw = self.tokenizer.convert_ids_to_tokens(token)
+        text = self.texts.text(token, self.specials)
+        if token in self.byte_ids:
+            value = bytes([int(raw[3:5], 16)])
+        elif text is not None:
+            value = text.encode()
+        elif self.byte_level and isinstance(raw, str) and all(c in _UNICODE_TO_BYTE for c in raw):
+            value = bytes(_UNICODE_TO_BYTE[c] for c in raw)
+        else:
+            value = self.tokenizer.decode([token], skip_special_tokens=False).encode()
+        self._bytes[token] = value
+        return value
+
+    def text(self, token: int) -> str:
+        """``token``'s text; ``bytes:\\xNN..`` when its bytes are not whole UTF-8 characters."""
+        value = self.bytes(token)
+        try:
+            return value.decode()
+        except UnicodeDecodeError:
+            return "bytes:" + "".join(f"\\x{b:02x}" for b in value)
+
+
+def _gpt2_unicode_to_byte() -> dict[str, int]:
+    """GPT-2's byte-level BPE alphabet: the printable character standing for each byte, reversed."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            chars[chr(b)] = b
+        else:
+            chars[chr(256 + extra)] = b
+            extra += 1
+    return chars
+
+
+_UNICODE_TO_BYTE = _gpt2_unicode_to_byte()

@@ -1,0 +1,390 @@
+"""``qlora serve``'s logprobs, echo scoring, ``n`` choices and structured (JSON) replies, driven by the
+official ``openai`` client against a real server.
+
+The model is served unquantized in fp32 so that an independent oracle exists: transformers'
+own ``LlamaForCausalLM`` with the adapter loaded by PEFT, whose ``log_softmax`` the logprobs must
+equal. Structured replies are checked by parsing them and checking them against their schema.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from typing import Literal
+
+import pytest
+import torch
+
+import qlora
+from qlora.infer.generate import encode_prompt
+from qlora.infer.messages import Message
+from qlora.infer.template import render_chat
+
+from test_serve import KEY, _wait, adapters  # noqa: F401  (the fixture is shared: two saved random adapters)
+
+openai = pytest.importorskip("openai")
+pytest.importorskip("fastapi")
+peft = pytest.importorskip("peft")
+
+ATOL = 1e-4  # fp32, batched or not, against a separate implementation
+
+
+@pytest.fixture(scope="module")
+def served(tiny_model_dir, adapters):  # noqa: F811
+    from qlora.infer.batcher import ContinuousBatcher
+    from qlora.serve.app import build_app
+    from qlora.serve.server import BackgroundServer
+
+    model, tokenizer = qlora.load_model(tiny_model_dir, quant=None, compute_dtype=torch.float32, device="cpu")
+    qlora.load_adapter(model, adapters / "a", adapter_name="a")
+    batcher = ContinuousBatcher(model.eval(), tokenizer, max_batch_size=16, context_length=512).start()
+    with BackgroundServer(build_app(batcher, "tiny", ["a"], api_key=KEY)) as server:
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=0, timeout=60)
+        yield server, batcher, client, tokenizer
+    batcher.close()
+
+
+@pytest.fixture(scope="module")
+def oracle(tiny_model_dir, adapters):  # noqa: F811
+    """transformers + PEFT: the model and adapter "a" as those libraries load them."""
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    return peft.PeftModel.from_pretrained(base, adapters / "a").eval()
+
+
+def _log_softmax(oracle, ids: list[int]) -> torch.Tensor:
+    """``(len(ids), vocab)``: row i is the log-distribution of the token after ``ids[:i + 1]``."""
+    with torch.no_grad():
+        return oracle(input_ids=torch.tensor([ids])).logits[0].float().log_softmax(-1)
+
+
+def _chat_prompt_ids(tokenizer, text: str) -> list[int]:
+    prompt = render_chat(tokenizer, [Message("user", text)])
+    return encode_prompt(torch.nn.Linear(1, 1), tokenizer, prompt)[0].tolist()
+
+
+def _check_chat_logprobs(content, prompt_ids, token_ids, oracle, top: int) -> None:
+    """Each entry's logprob and top alternatives equal the oracle's log_softmax at its position."""
+    table = _log_softmax(oracle, prompt_ids + token_ids)
+    assert len(content) == len(token_ids)
+    for k, (entry, token) in enumerate(zip(content, token_ids)):
+        row = table[len(prompt_ids) - 1 + k]
+        assert entry.logprob == pytest.approx(float(row[token]), abs=ATOL)
+        assert len(entry.top_logprobs) == top
+        values = torch.topk(row, top).values.tolist() if top else []
+        assert [t.logprob for t in entry.top_logprobs] == pytest.approx(values, abs=ATOL)
+        for alt in entry.top_logprobs:  # each alternative is the token its bytes spell, with its logprob
+            assert alt.logprob == pytest.approx(float(row[_token_id(alt.bytes)]), abs=ATOL)
+
+
+_IDS: dict[bytes | str, int] = {}
+
+
+def _token_id(token: list[int] | str) -> int:
+    """The vocabulary id with these bytes (chat) or this token text (completions); byte-level BPE: unique."""
+    return _IDS[token if isinstance(token, str) else bytes(token)]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _vocabulary(served):
+    from qlora.infer.logprobs import TokenPieces
+
+    tokenizer = served[3]
+    pieces = TokenPieces.of(tokenizer)
+    _IDS.update({pieces.bytes(i): i for i in range(len(tokenizer))})
+    _IDS.update({pieces.text(i): i for i in range(len(tokenizer))})
+
+
+def _shown(content, tokenizer):
+    """The entries of tokens that add text (special tokens, dropped from the reply's text, do not)."""
+    specials = set(tokenizer.all_special_tokens)
+    return [e for e in content if e.token not in specials]
+
+
+def test_greedy_chat_logprobs_equal_transformers(served, oracle):
+    _, _, client, tokenizer = served
+    prompt_ids = _chat_prompt_ids(tokenizer, "Hello")
+    reply = client.chat.completions.create(model="a", messages=[{"role": "user", "content": "Hello"}], max_tokens=8,
+                                           temperature=0, logprobs=True, top_logprobs=5)
+    choice = reply.choices[0]
+    content = choice.logprobs.content
+    # greedy: each token is the oracle's argmax after the ones before it
+    ids = []
+    for _ in range(len(content)):
+        ids.append(int(_log_softmax(oracle, prompt_ids + ids)[-1].argmax()))
+    _check_chat_logprobs(content, prompt_ids, ids, oracle, top=5)
+    assert [e.top_logprobs[0].logprob for e in content] == [e.logprob for e in content]  # greedy = top-1
+    shown = _shown(content, tokenizer)
+    assert b"".join(bytes(e.bytes) for e in shown).decode(errors="replace") == choice.message.content
+    # streamed, the chunks' logprobs are the same entries
+    chunks = list(client.chat.completions.create(model="a", messages=[{"role": "user", "content": "Hello"}],
+                                                 max_tokens=8, temperature=0, logprobs=True, top_logprobs=5,
+                                                 stream=True))
+    streamed = [e for c in chunks if c.choices and c.choices[0].logprobs for e in c.choices[0].logprobs.content]
+    assert [(e.token, e.logprob) for e in streamed] == [(e.token, e.logprob) for e in content]
+
+
+def test_sampled_logprobs_are_of_the_raw_logits_not_the_temperature(served, oracle):
+    """vLLM's and OpenAI's convention: log_softmax of the model's logits, whatever temperature/top_p sampled."""
+    _, _, client, tokenizer = served
+    prompt_ids = _chat_prompt_ids(tokenizer, "Hi there")
+    reply = client.chat.completions.create(model="a", messages=[{"role": "user", "content": "Hi there"}],
+                                           max_tokens=12, temperature=1.7, top_p=0.95, seed=3, logprobs=True, n=3)
+    assert len({c.message.content for c in reply.choices}) > 1
+    for choice in reply.choices:  # three rows of one batch, each with its own tokens and cache length
+        content = choice.logprobs.content
+        ids = [_token_id(e.bytes) for e in content]
+        _check_chat_logprobs(content, prompt_ids, ids, oracle, top=0)
+    table = _log_softmax(oracle, prompt_ids + ids)
+    scaled = [float((table[len(prompt_ids) - 1 + k] / 1.7).log_softmax(-1)[t]) for k, t in enumerate(ids)]
+    assert [e.logprob for e in content] != pytest.approx(scaled, abs=1e-3)
+
+
+def _loglikelihood(client, context: list[int], continuation: list[int], model: str = "a") -> tuple[float, bool]:
+    """What lm-evaluation-harness's ``local-completions`` model sends and computes for a loglikelihood request."""
+    body = client.completions.create(model=model, prompt=[context + continuation], temperature=0, max_tokens=1,
+                                     logprobs=1, seed=1234, echo=True).model_dump()
+    choice = sorted(body["choices"], key=lambda c: c["index"])[0]
+    ctxlen = len(context)
+    token_logprobs = choice["logprobs"]["token_logprobs"][ctxlen:-1]
+    tops = choice["logprobs"]["top_logprobs"][ctxlen:-1]
+    return sum(token_logprobs), all(t == max(top.values()) for t, top in zip(token_logprobs, tops))
+
+
+def test_echo_loglikelihood_equals_transformers(served, oracle):
+    _, _, client, tokenizer = served
+    context = tokenizer("Question: what is two plus two? Answer:").input_ids
+    for continuation_text in (" four.", " The quick brown fox"):
+        continuation = tokenizer(continuation_text, add_special_tokens=False).input_ids
+        ll, greedy = _loglikelihood(client, context, continuation)
+        table = _log_softmax(oracle, context + continuation)
+        expected = sum(float(table[len(context) - 1 + k, t]) for k, t in enumerate(continuation))
+        assert ll == pytest.approx(expected, abs=ATOL * len(continuation))
+        expected_greedy = all(int(table[len(context) - 1 + k].argmax()) == t for k, t in enumerate(continuation))
+        assert greedy == expected_greedy
+
+
+def test_echo_with_max_tokens_0_scores_the_prompt_only(served, oracle):
+    _, _, client, tokenizer = served
+    text = "The quick brown fox jumps"
+    ids = tokenizer(text).input_ids  # with BOS, as the server encodes a text prompt
+    reply = client.completions.create(model="a", prompt=text, max_tokens=0, echo=True, logprobs=3)
+    choice = reply.choices[0]
+    assert choice.text == text and choice.finish_reason == "length"
+    assert reply.usage.completion_tokens == 0 and reply.usage.prompt_tokens == len(ids)
+    lp = choice.logprobs
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None and len(lp.token_logprobs) == len(ids)
+    table = _log_softmax(oracle, ids)
+    assert lp.token_logprobs[1:] == pytest.approx([float(table[k, t]) for k, t in enumerate(ids[1:])], abs=ATOL)
+    for k, top in enumerate(lp.top_logprobs[1:]):  # the 3 best and the prompt's own token
+        best = torch.topk(table[k], 3)
+        assert sorted(top.values(), reverse=True)[:3] == pytest.approx(best.values.tolist(), abs=ATOL)
+        assert top[lp.tokens[k + 1]] == lp.token_logprobs[k + 1]
+    # text_offset indexes the echoed text: BOS adds no text, each token's text starts where it says
+    assert lp.text_offset[0] == lp.text_offset[1] == 0
+    assert all(text[o:].startswith(t) for o, t in zip(lp.text_offset[1:], lp.tokens[1:]))
+
+
+def test_completions_echo_and_logprobs_of_the_generated_tokens(served, oracle):
+    _, _, client, tokenizer = served
+    prompt = "def add(a, b):"
+    ids = tokenizer(prompt).input_ids
+    reply = client.completions.create(model="a", prompt=prompt, max_tokens=6, temperature=0, echo=True, logprobs=2)
+    choice = reply.choices[0]
+    plain = client.completions.create(model="a", prompt=prompt, max_tokens=6, temperature=0).choices[0].text
+    assert choice.text == prompt + plain
+    lp = choice.logprobs
+    generated = len(lp.tokens) - len(ids)
+    assert generated == reply.usage.completion_tokens == 6 or choice.finish_reason == "stop"
+    all_ids = ids + [_token_id(t) for t in lp.tokens[len(ids):]]
+    table = _log_softmax(oracle, all_ids)
+    assert lp.token_logprobs[1:] == pytest.approx([float(table[k, t]) for k, t in enumerate(all_ids[1:])], abs=ATOL)
+    # streamed: the same text and entries, offsets continuing across chunks
+    chunks = list(client.completions.create(model="a", prompt=prompt, max_tokens=6, temperature=0, echo=True,
+                                            logprobs=2, stream=True))
+    assert "".join(c.choices[0].text for c in chunks) == choice.text
+    assert [o for c in chunks if c.choices[0].logprobs for o in c.choices[0].logprobs.text_offset] == lp.text_offset
+    assert [p for c in chunks if c.choices[0].logprobs for p in c.choices[0].logprobs.token_logprobs] == \
+        lp.token_logprobs
+
+
+def test_a_batch_of_prompts_gets_one_choice_each_in_order(served):
+    _, _, client, tokenizer = served
+    prompts = ["The quick brown fox", "Question: what is", "def add(a, b):"]
+    alone = [client.completions.create(model="a", prompt=p, max_tokens=5, temperature=0) for p in prompts]
+    batch = client.completions.create(model="a", prompt=prompts, max_tokens=5, temperature=0, n=2)
+    assert [c.index for c in batch.choices] == list(range(6))
+    assert [c.text for c in batch.choices] == [a.choices[0].text for a in alone for _ in range(2)]
+    assert batch.usage.prompt_tokens == sum(a.usage.prompt_tokens for a in alone)
+    assert batch.usage.completion_tokens == 2 * sum(a.usage.completion_tokens for a in alone)
+    token_batch = client.completions.create(model="a", prompt=[tokenizer(p).input_ids for p in prompts], max_tokens=5,
+                                            temperature=0)
+    assert [c.text for c in token_batch.choices] == [a.choices[0].text for a in alone]
+
+
+def test_n_choices_are_independent_rows_and_reproducible_with_a_seed(served):
+    _, batcher, client, _ = served
+    kw = dict(model="a", messages=[{"role": "user", "content": "Hello"}], max_tokens=12, temperature=1.0, seed=7)
+    batcher.stats["max_rows_in_step"] = 0
+    first = client.chat.completions.create(n=4, **kw)
+    assert batcher.load()["max_rows_in_step"] == 4  # the choices are rows decoded together, not one after another
+    again = client.chat.completions.create(n=4, **kw)
+    texts = [c.message.content for c in first.choices]
+    assert [c.index for c in first.choices] == [0, 1, 2, 3]
+    assert texts == [c.message.content for c in again.choices]  # seeded: reproducible
+    assert len(set(texts)) > 1  # sampled independently, not one sample copied
+    assert texts[0] == client.chat.completions.create(n=1, **kw).choices[0].message.content
+    if all(c.finish_reason == "length" for c in first.choices):
+        assert first.usage.completion_tokens == 4 * 12  # every choice's tokens
+    single = client.chat.completions.create(n=1, **kw).usage
+    assert first.usage.prompt_tokens == single.prompt_tokens  # the prompt is counted once
+    # streamed: chunks per index reassemble to the same choices, one finish_reason each
+    chunks = list(client.chat.completions.create(n=4, stream=True, stream_options={"include_usage": True}, **kw))
+    by_index: dict[int, str] = {}
+    finishes: dict[int, list] = {}
+    for c in chunks:
+        for ch in c.choices:
+            by_index[ch.index] = by_index.get(ch.index, "") + (ch.delta.content or "")
+            if ch.finish_reason:
+                finishes.setdefault(ch.index, []).append(ch.finish_reason)
+    assert [by_index[i] for i in range(4)] == texts
+    assert all(len(finishes[i]) == 1 for i in range(4))
+    assert chunks[-1].usage.completion_tokens == first.usage.completion_tokens and not chunks[-1].choices
+    # a different seed gives different samples
+    other = client.chat.completions.create(n=4, **{**kw, "seed": 8})
+    assert [c.message.content for c in other.choices] != texts
+
+
+def test_stop_strings_max_completion_tokens_and_usage(served):
+    _, _, client, _ = served
+    kw = dict(model="a", messages=[{"role": "user", "content": "Hello"}], temperature=0)
+    full = client.chat.completions.create(max_completion_tokens=5, **kw)
+    assert full.usage.completion_tokens == 5 and full.choices[0].finish_reason == "length"
+    longer = client.chat.completions.create(max_completion_tokens=30, **kw).choices[0].message.content
+    assert longer.startswith(full.choices[0].message.content)
+    stops = [longer[12:14], "zzz", longer[6:8], "never", "<none>", "qq"]  # more than OpenAI's 4
+    cut = longer[:min(longer.index(s) for s in stops if s in longer)]
+    reply = client.chat.completions.create(max_completion_tokens=30, stop=stops, **kw).choices[0]
+    assert reply.message.content == cut and reply.finish_reason == "stop"
+
+
+# Every value bounded (enum, boolean, null) and keys closed, so that even a random model's reply ends.
+PERSON = {"type": "object", "properties": {"mood": {"enum": ["happy", "sad", "ok"]}, "awake": {"type": "boolean"},
+                                           "note": {"type": ["null", "boolean"]}},
+          "required": ["mood", "awake", "note"], "additionalProperties": False}
+
+
+def _check_person(value) -> None:
+    assert isinstance(value, dict) and set(value) <= set(PERSON["properties"])
+    assert {"mood", "awake", "note"} == set(value)
+    assert value["mood"] in ("happy", "sad", "ok") and isinstance(value["awake"], bool)
+    assert value["note"] is None or isinstance(value["note"], bool)
+
+
+@pytest.mark.parametrize("temperature", [0, 1.0])
+def test_json_schema_replies_parse_and_follow_the_schema(served, temperature):
+    _, _, client, _ = served
+    fmt = {"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON, "strict": True}}
+    reply = client.chat.completions.create(model="a", messages=[{"role": "user", "content": "Hello"}], max_tokens=200,
+                                           temperature=temperature, seed=5, n=3, response_format=fmt)
+    for choice in reply.choices:
+        assert choice.finish_reason == "stop", choice.message.content
+        _check_person(json.loads(choice.message.content))
+    # the client's own structured-output parser reads it
+    from pydantic import BaseModel
+
+    class Person(BaseModel):  # the client sends it as a strict schema, `bool | None` as an anyOf
+        mood: Literal["happy", "sad", "ok"]
+        awake: bool
+        note: bool | None
+
+    parsed = client.chat.completions.parse(model="a", messages=[{"role": "user", "content": "Hello"}],
+                                           max_tokens=200, temperature=temperature, seed=5, response_format=Person)
+    assert isinstance(parsed.choices[0].message.parsed, Person)
+
+
+def test_json_object_reply_is_an_object_streamed_or_not(served):
+    _, batcher, client, _ = served
+    kw = dict(model="a", messages=[{"role": "user", "content": "Hi"}], max_tokens=300, temperature=0,
+              response_format={"type": "json_object"})
+    reply = client.chat.completions.create(**kw).choices[0]
+    if reply.finish_reason == "stop":
+        assert isinstance(json.loads(reply.message.content), dict)
+    else:  # a random model may write one long string; what it wrote is still the start of an object
+        assert reply.finish_reason == "length" and reply.message.content.startswith("{")
+    streamed = list(client.chat.completions.create(stream=True, **kw))
+    assert "".join(c.choices[0].delta.content or "" for c in streamed if c.choices) == reply.message.content
+    # plain requests beside it in the batch are not constrained
+    plain = client.chat.completions.create(model="a", messages=[{"role": "user", "content": "Hi"}], max_tokens=8,
+                                           temperature=0).choices[0].message.content
+    results = {}
+
+    def ask(key, **extra):
+        results[key] = client.chat.completions.create(model="a", messages=[{"role": "user", "content": "Hi"}],
+                                                      temperature=0, **extra).choices[0].message.content
+
+    threads = [threading.Thread(target=ask, args=("json",),
+                                kwargs={"max_tokens": 300, "response_format": {"type": "json_object"}}),
+               threading.Thread(target=ask, args=("plain",), kwargs={"max_tokens": 8})]
+    with batcher.paused():
+        for t in threads:
+            t.start()
+        _wait(lambda: batcher.load()["waiting"] == 2)
+    for t in threads:
+        t.join(60)
+    assert results == {"json": reply.message.content, "plain": plain}
+
+
+def test_a_token_limit_cuts_json_with_finish_reason_length(served):
+    _, _, client, _ = served
+    fmt = {"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON}}
+    choice = client.chat.completions.create(model="a", messages=[{"role": "user", "content": "Hello"}], max_tokens=3,
+                                            temperature=0, response_format=fmt).choices[0]
+    assert choice.finish_reason == "length" and choice.message.content.startswith("{")
+    with pytest.raises(json.JSONDecodeError):
+        json.loads(choice.message.content)
+
+
+NESTED = {"type": "object", "properties": {"tags": {"type": "array", "items": {"type": "string"}},
+                                           "name": {"type": "string", "maxLength": 5}},
+          "required": ["tags"], "additionalProperties": False}
+
+
+def test_strict_schemas_asking_more_than_is_enforced_are_refused(served):
+    _, _, client, _ = served
+    strict = {"type": "json_schema", "json_schema": {"name": "x", "schema": NESTED, "strict": True}}
+    with pytest.raises(openai.BadRequestError) as exc:
+        client.chat.completions.create(model="a", messages=[{"role": "user", "content": "Hi"}], response_format=strict)
+    assert exc.value.param == "response_format.json_schema.schema"
+    assert "properties.tags.items" in exc.value.message and "properties.name.maxLength" in exc.value.message
+    # not strict: best effort, still valid JSON with the enforced part (keys, required, enum); 'minimum' is not
+    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}, "level": {"enum": [1, 2, 3], "minimum": 2}},
+              "required": ["ok", "level"], "additionalProperties": False}
+    with pytest.raises(openai.BadRequestError, match="properties.level.minimum"):
+        client.chat.completions.create(model="a", messages=[{"role": "user", "content": "Hi"}], response_format={
+            "type": "json_schema", "json_schema": {"name": "x", "schema": schema, "strict": True}})
+    loose = {"type": "json_schema", "json_schema": {"name": "x", "schema": schema}}
+    for temperature in (0, 1.0):
+        choice = client.chat.completions.create(model="a", messages=[{"role": "user", "content": "Hi"}],
+                                                max_tokens=300, temperature=temperature, seed=2,
+                                                response_format=loose).choices[0]
+        assert choice.finish_reason == "stop"
+        value = json.loads(choice.message.content)
+        assert set(value) == {"ok", "level"} and isinstance(value["ok"], bool) and value["level"] in (1, 2, 3)
+    for bad, param in ((({"type": "xml"}), "response_format.type"),
+                       ({"type": "json_schema"}, "response_format.json_schema")):
+        with pytest.raises(openai.BadRequestError) as exc:
+            client.chat.completions.create(model="a", messages=[{"role": "user", "content": "Hi"}], response_format=bad)
+        assert exc.value.param == param
+
+
+def test_bad_logprob_requests_are_400(served):
+    _, _, client, _ = served
+    for kw, param in ((dict(top_logprobs=3), "top_logprobs"), (dict(logprobs=True, top_logprobs=21), "top_logprobs")):
+        with pytest.raises(openai.BadRequestError) as exc:
+            client.chat.completions.create(model="a", messages=[{"role": "user", "content": "Hi"}], **kw)
+        assert exc.value.param == param
+    with pytest.raises(openai.BadRequestError) as exc:
+        client.completions.create(model="a", prompt="Hi", logprobs=21)
+    assert exc.value.param == "logprobs"
