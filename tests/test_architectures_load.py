@@ -220,3 +220,60 @@ def test_tensors_the_model_keeps_in_fp32_stay_fp32_under_bf16(arch, extra, tmp_p
     x = torch.randint(3, 200, (1, 10))
     with torch.no_grad():
         assert torch.isfinite(q(x).logits).all()
+
+
+def test_layers_the_model_rescales_in_place_stay_dense_and_train_merge_as_transformers(tmp_path, tiny_tokenizer):
+    """RWKV divides ``attention.output`` and ``feed_forward.value`` weights by 2**(layer // rescale_every) in
+    place when it enters inference and multiplies them back for training: 4-bit codes cannot take that and an
+    adapter there would not follow it, so those layers stay 16-bit and unadapted; the rest is 4-bit with LoRA,
+    inference matches transformers', training lowers the loss, and the merged model is the adapter model."""
+    import qlora
+    from qlora.model.inject import add_lora
+    from qlora.nn import LoraLinear
+
+    config = AutoConfig.for_model(
+        "rwkv", vocab_size=len(tiny_tokenizer), hidden_size=64, num_hidden_layers=2, attention_hidden_size=64,
+        intermediate_size=128, context_length=64, rescale_every=1, bos_token_id=tiny_tokenizer.bos_token_id,
+        eos_token_id=tiny_tokenizer.eos_token_id, pad_token_id=tiny_tokenizer.pad_token_id)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "rwkv")
+    tiny_tokenizer.save_pretrained(tmp_path / "rwkv")
+    ref = _loads_as_transformers(tmp_path / "rwkv")  # eval: both rescale block 1 by 1/2
+    x = torch.randint(3, 200, (2, 12))
+
+    model, tok = load_model(tmp_path / "rwkv", compute_dtype=torch.float32, device="cpu")
+    block = model.rwkv.blocks[1]
+    assert type(block.attention.output) is torch.nn.Linear and type(block.feed_forward.value) is torch.nn.Linear
+    assert isinstance(block.attention.key, Linear4bit)
+    model.eval()
+    with torch.no_grad():
+        expected = ref(x).logits
+        assert (model(x).logits - expected).abs().max() < 0.5 * expected.abs().max()
+
+    add_lora(model, r=4, dropout=0.0, verbose=False)
+    assert isinstance(block.attention.key, LoraLinear) and type(block.attention.output) is torch.nn.Linear
+    eval_scaled = ref.rwkv.blocks[1].attention.output.weight.detach().clone()
+    ref.train()
+    ref(x)  # transformers multiplies the eval-scaled weight back for training
+    model.train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    losses = []
+    for _ in range(6):
+        loss = model(x, labels=x).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] - 0.05, losses
+    torch.testing.assert_close(block.attention.output.weight, ref.rwkv.blocks[1].attention.output.weight)
+    assert not torch.equal(eval_scaled, block.attention.output.weight)  # so the check above sees the scaling
+
+    qlora.save_adapter(model, tmp_path / "adapter")
+    qlora.merge(model, dtype=torch.float32)
+    qlora.save_merged(model, tmp_path / "merged", tok)
+    adapted, _ = load_model(tmp_path / "rwkv", compute_dtype=torch.float32, device="cpu")
+    qlora.load_adapter(adapted, tmp_path / "adapter")
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32).eval()
+    adapted.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(merged(x).logits, adapted(x).logits, rtol=1e-4, atol=1e-4)
