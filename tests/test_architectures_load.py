@@ -220,3 +220,113 @@ def test_tensors_the_model_keeps_in_fp32_stay_fp32_under_bf16(arch, extra, tmp_p
     x = torch.randint(3, 200, (1, 10))
     with torch.no_grad():
         assert torch.isfinite(q(x).logits).all()
+
+
+def test_layers_the_model_rescales_in_place_stay_dense_and_train_merge_as_transformers(tmp_path, tiny_tokenizer):
+    """RWKV divides ``attention.output`` and ``feed_forward.value`` weights by 2**(layer // rescale_every) in
+    place when it enters inference and multiplies them back for training: 4-bit codes cannot take that and an
+    adapter there would not follow it, so those layers stay 16-bit and unadapted; the rest is 4-bit with LoRA,
+    inference matches transformers', training lowers the loss, and the merged model is the adapter model."""
+    import qlora
+    from qlora.model.inject import add_lora
+    from qlora.nn import LoraLinear
+
+    config = AutoConfig.for_model(
+        "rwkv", vocab_size=len(tiny_tokenizer), hidden_size=64, num_hidden_layers=2, attention_hidden_size=64,
+        intermediate_size=128, context_length=64, rescale_every=1, bos_token_id=tiny_tokenizer.bos_token_id,
+        eos_token_id=tiny_tokenizer.eos_token_id, pad_token_id=tiny_tokenizer.pad_token_id)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "rwkv")
+    tiny_tokenizer.save_pretrained(tmp_path / "rwkv")
+    ref = _loads_as_transformers(tmp_path / "rwkv")  # eval: both rescale block 1 by 1/2
+    x = torch.randint(3, 200, (2, 12))
+
+    model, tok = load_model(tmp_path / "rwkv", compute_dtype=torch.float32, device="cpu")
+    block = model.rwkv.blocks[1]
+    assert type(block.attention.output) is torch.nn.Linear and type(block.feed_forward.value) is torch.nn.Linear
+    assert isinstance(block.attention.key, Linear4bit)
+    model.eval()
+    with torch.no_grad():
+        expected = ref(x).logits
+        assert (model(x).logits - expected).abs().max() < 0.5 * expected.abs().max()
+
+    add_lora(model, r=4, dropout=0.0, verbose=False)
+    assert isinstance(block.attention.key, LoraLinear) and type(block.attention.output) is torch.nn.Linear
+    eval_scaled = ref.rwkv.blocks[1].attention.output.weight.detach().clone()
+    ref.train()
+    ref(x)  # transformers multiplies the eval-scaled weight back for training
+    model.train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    losses = []
+    for _ in range(6):
+        loss = model(x, labels=x).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] - 0.05, losses
+    torch.testing.assert_close(block.attention.output.weight, ref.rwkv.blocks[1].attention.output.weight)
+    assert not torch.equal(eval_scaled, block.attention.output.weight)  # so the check above sees the scaling
+
+    qlora.save_adapter(model, tmp_path / "adapter")
+    qlora.merge(model, dtype=torch.float32)
+    qlora.save_merged(model, tmp_path / "merged", tok)
+    adapted, _ = load_model(tmp_path / "rwkv", compute_dtype=torch.float32, device="cpu")
+    qlora.load_adapter(adapted, tmp_path / "adapter")
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32).eval()
+    adapted.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(merged(x).logits, adapted(x).logits, rtol=1e-4, atol=1e-4)
+
+
+def test_4bit_layers_tied_across_layers_share_codes_and_adapt_per_layer(tmp_path, tiny_tokenizer):
+    """Zamba runs one transformer block in all its hybrid layers; the checkpoint stores it once and
+    transformers ties the others to it by a pattern. The 4-bit copies share codes and constants (the
+    checkpoint lacks theirs), each layer gets its own adapter as PEFT gives it, and the merged model,
+    whose shared layers now differ, is the adapter model in transformers."""
+    import qlora
+    from qlora.model.inject import add_lora
+
+    config = AutoConfig.for_model(
+        "zamba", vocab_size=len(tiny_tokenizer), hidden_size=64, num_hidden_layers=5, num_attention_heads=4,
+        num_key_value_heads=2, intermediate_size=128, attention_hidden_size=128, attention_head_dim=32,
+        n_mamba_heads=2, mamba_dt_rank=8, attn_layer_period=2, attn_layer_offset=1,
+        bos_token_id=tiny_tokenizer.bos_token_id, eos_token_id=tiny_tokenizer.eos_token_id,
+        pad_token_id=tiny_tokenizer.pad_token_id)
+    assert config.layers_block_type.count("hybrid") == 2
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "zamba")
+    tiny_tokenizer.save_pretrained(tmp_path / "zamba")
+    ref = _loads_as_transformers(tmp_path / "zamba")
+    x = torch.randint(3, 200, (2, 12))
+
+    model, tok = load_model(tmp_path / "zamba", compute_dtype=torch.float32, device="cpu")
+    first, second = (model.model.layers[i].shared_transf.self_attn.q_proj for i in (2, 4))
+    assert isinstance(first, Linear4bit) and first is not second
+    assert first.weight.data_ptr() == second.weight.data_ptr() and torch.equal(first.absmax, second.absmax)
+    with torch.no_grad():
+        expected = ref(x).logits
+        assert (model(x).logits - expected).abs().max() < 0.5 * expected.abs().max()
+
+    add_lora(model, r=4, dropout=0.0, verbose=False)
+    model.train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    losses = []
+    for _ in range(5):
+        loss = model(x, labels=x).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] - 0.05, losses
+    a, b = (model.model.layers[i].shared_transf.self_attn.q_proj.lora_B["default"].weight for i in (2, 4))
+    assert a.abs().sum() > 0 and b.abs().sum() > 0 and not torch.equal(a, b)
+
+    model.eval()
+    with torch.no_grad():
+        adapted = model(x).logits
+    qlora.merge(model, dtype=torch.float32)
+    qlora.save_merged(model, tmp_path / "merged", tok)
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(merged(x).logits, adapted, rtol=1e-4, atol=1e-4)

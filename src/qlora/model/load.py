@@ -360,6 +360,7 @@ def load_model(
         qs = {k[len("weight."):]: v for k, v in parts.items() if k.startswith("weight.")}
         layer.load_quant_state(parts["weight"], QuantState.from_dict(qs, device=device))
     model.tie_weights()
+    _share_tied_4bit(model, quantized, loaded)
     _load_generation_config(model, model_dir)
     _materialize_buffers(model, device)
     still_meta = [n for n, p in model.named_parameters() if p.is_meta]
@@ -378,6 +379,26 @@ def load_model(
     local = Path(name_or_path).expanduser()
     model.name_or_path = str(local.resolve()) if local.is_dir() else str(name_or_path)
     return model, tokenizer
+
+
+def _share_tied_4bit(model: nn.Module, quantized: set[str], loaded: set[str]) -> None:
+    """Give a 4-bit layer that transformers ties to another (Zamba's hybrid layers all run one shared
+    transformer block, stored once) that layer's codes and constants. ``tie_weights`` ties parameters
+    by name, and a 4-bit weight is several tensors; the layers stay separate modules, as in
+    transformers, so each gets its own adapter as PEFT gives it."""
+    expand = getattr(model, "get_expanded_tied_weights_keys", None)  # transformers 5
+    if expand is None:
+        return
+    for target, source in expand(all_submodels=True).items():
+        into, _, leaf = target.rpartition(".")
+        owner = source.rpartition(".")[0]
+        if leaf != "weight" or into not in quantized or owner not in quantized:
+            continue
+        if into + ".weight" in loaded and owner + ".weight" not in loaded:  # the checkpoint kept the other one
+            into, owner = owner, into
+        src = model.get_submodule(owner)
+        model.get_submodule(into).load_quant_state(src._quant_tensor("weight"), src.quant_state)
+        loaded.add(into + ".weight")
 
 
 def _load_generation_config(model: nn.Module, model_dir: Path) -> None:

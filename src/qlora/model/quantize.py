@@ -155,38 +155,54 @@ def output_embedding_names(model: nn.Module) -> set[str]:
 # a packed 4-bit weight (uint8) would turn into garbage.
 _WEIGHT_READ = re.compile(r"self\.(\w+)\.weight\b(?!\.(?:dtype|device|shape|is_meta)\b)"
                           r"|self\.(\w+)\([^()]*\.to\((?:dtype=)?self\.\2\.weight\.dtype")
+# A descendant's weight changed in place through an attribute chain (RWKV's ``_rescale_layers``:
+# ``block.attention.output.weight.mul_(2 ** k)`` over ``self.blocks``), which 4-bit codes cannot take
+# and which an adapter beside the weight would not follow.
+_WEIGHT_MUTATED = re.compile(r"\b\w+((?:\.\w+)+)\.weight(?:\.data)?\.\w+_\(")
 
 
 @functools.lru_cache(maxsize=None)
-def _children_read_as_tensors(cls: type) -> frozenset[str]:
-    """Attribute names whose ``.weight`` a module class's own methods (not its
-    initializers) hand to other code: a fused Mamba kernel, ``weight @ x``."""
+def _children_read_as_tensors(cls: type) -> tuple[frozenset[str], frozenset[str]]:
+    """What a module class's own methods (not its initializers) do with layer weights
+    besides calling the layers: names of children whose ``.weight`` they hand to other
+    code (a fused Mamba kernel, ``weight @ x``), and dotted path suffixes of descendants
+    whose weight they change in place."""
     names: set[str] = set()
+    suffixes: set[str] = set()
     for attr, fn in vars(cls).items():
         if not inspect.isfunction(fn) or attr == "__init__" or attr.lstrip("_").startswith("init"):
             continue
         try:
-            names.update(n for pair in _WEIGHT_READ.findall(inspect.getsource(fn)) for n in pair if n)
+            source = inspect.getsource(fn)
         except (OSError, TypeError):
             continue
-    return frozenset(names)
+        names.update(n for pair in _WEIGHT_READ.findall(source) for n in pair if n)
+        suffixes.update(chain.lstrip(".") for chain in _WEIGHT_MUTATED.findall(source))
+    return frozenset(names), frozenset(suffixes)
 
 
 def kept_dense_names(model: nn.Module) -> set[str]:
     """Linear layers that stay 16-bit and outside ``all-linear``: the output head,
     MoE routers (:func:`router_names`), those of a multimodal model's vision or audio
-    towers (:func:`non_text_names`), and layers whose weight the model's code
+    towers (:func:`non_text_names`), layers whose weight the model's code
     reads directly instead of calling the layer (Mamba mixers' ``out_proj``),
     where a packed 4-bit weight or a LoRA wrapper would be read as if it were
-    the dense matrix."""
+    the dense matrix, and layers whose weight it rescales in place (RWKV's
+    ``attention.output`` and ``feed_forward.value`` when it switches between
+    training and inference)."""
     kept = output_embedding_names(model) | router_names(model)
     towers = tuple(t + "." for t in non_text_names(model))
     kept.update(n for n, m in model.named_modules() if n.startswith(towers) and is_linear_like(m))
     for path, module in model.named_modules():
-        for child in _children_read_as_tensors(type(module)):
+        children, suffixes = _children_read_as_tensors(type(module))
+        prefix = f"{path}." if path else ""
+        for child in children:
             sub = module._modules.get(child)
             if sub is not None and is_linear_like(sub):
-                kept.add(f"{path}.{child}" if path else child)
+                kept.add(prefix + child)
+        if suffixes:
+            kept.update(prefix + n for n, sub in module.named_modules()
+                        if n and is_linear_like(sub) and any(n == s or n.endswith("." + s) for s in suffixes))
     return kept
 
 
