@@ -98,15 +98,31 @@ def _read_weight_keys(files: list[Path]) -> dict[Path, list[str]]:
     return keys
 
 
-def _prequantized(config) -> dict | None:
+def _prequantized(config, model_dir: Path) -> dict | None:
+    """The checkpoint's bitsandbytes 4-bit ``quantization_config``, None for a 16/32-bit one.
+
+    Raises:
+        UsageError: for any other quantization (bitsandbytes 8-bit, GPTQ, AWQ, FP8, ...), whose
+            weights qlora cannot read; the message says what to give it instead.
+    """
     qc = getattr(config, "quantization_config", None)
     if qc is None:
         return None
     qc = qc if isinstance(qc, dict) else qc.to_dict()
-    if qc.get("quant_method") != "bitsandbytes" or not qc.get("load_in_4bit", qc.get("_load_in_4bit")):
-        raise UsageError(f"unsupported quantization_config {qc.get('quant_method')!r}: qlora loads 16/32-bit "
-                         "checkpoints and bitsandbytes 4-bit checkpoints.")
-    return qc
+    method = qc.get("quant_method", "bitsandbytes")  # configs written before transformers named the method
+    if method == "bitsandbytes" and qc.get("load_in_4bit", qc.get("_load_in_4bit")):
+        return qc
+    if method == "bitsandbytes":
+        kind = "bitsandbytes 8-bit (LLM.int8, load_in_8bit)" if qc.get("load_in_8bit", qc.get(
+            "_load_in_8bit")) else "bitsandbytes with neither load_in_4bit nor load_in_8bit set"
+    else:
+        bits = qc.get("bits") or qc.get("w_bit")
+        kind = f"{method!r}" + (f" ({bits}-bit)" if bits else "")
+    raise UsageError(f"{model_dir / 'config.json'} describes a {kind} quantized checkpoint; qlora reads 16/32-bit "
+                     "checkpoints and bitsandbytes 4-bit ones (load_in_4bit, NF4 or FP4) only, and would misread "
+                     "these weights. Give it the model's original 16/32-bit checkpoint instead (qlora quantizes it "
+                     "to 4 bits while loading, or once with `qlora quantize`), or a bitsandbytes 4-bit checkpoint "
+                     "of it (BitsAndBytesConfig(load_in_4bit=True) then save_pretrained).")
 
 
 def _set_tensor(model: nn.Module, key: str, value: torch.Tensor) -> None:
@@ -236,7 +252,7 @@ def load_model(
         config = AutoConfig.from_pretrained(model_dir)
     except (OSError, ValueError) as exc:
         raise UsageError(f"{model_dir / 'config.json'} could not be read as a transformers config ({exc}).") from None
-    prequant = _prequantized(config)
+    prequant = _prequantized(config, model_dir)
     if prequant is not None:
         quant = prequant.get("bnb_4bit_quant_type", "nf4")
         double_quant = bool(prequant.get("bnb_4bit_use_double_quant", False))

@@ -98,7 +98,10 @@ def save_quantized(model: nn.Module, out_dir: str | Path, tokenizer=None) -> Pat
         "_load_in_4bit": True, "_load_in_8bit": False,
         "bnb_4bit_quant_type": first.quant_type, "bnb_4bit_use_double_quant": first.double_quant,
         "bnb_4bit_compute_dtype": _dtype_name(first.compute_dtype), "bnb_4bit_quant_storage": "uint8",
-        "llm_int8_skip_modules": skipped or None, "llm_int8_threshold": 6.0,
+        # Always a list, even empty: transformers reads None as "skip the output head and tied
+        # layers", which would leave a head this file stores packed (a checkpoint whose head
+        # bitsandbytes quantized) dense on load, and fail there on its shape.
+        "llm_int8_skip_modules": skipped, "llm_int8_threshold": 6.0,
         "llm_int8_has_fp16_weight": False, "llm_int8_enable_fp32_cpu_offload": False,
     }
     sd = quantized_state_dict(model)

@@ -149,7 +149,9 @@ class Linear4bit(nn.Module):
             raise ValueError("double quantization of the state does not match the layer")
         self.quant_type, self.blocksize, self.quant_dtype = state.quant_type, state.blocksize, state.dtype
         device = self.weight.device
-        self._set_quant_tensor("weight", packed.reshape(-1, 1).view(torch.uint8).to(device))
+        # bitsandbytes' layout, [bytes, 1] uint8, whatever quant_storage the checkpoint used
+        # (FSDP-QLoRA files store the packed bytes as [n, 1] bfloat16/float32 elements).
+        self._set_quant_tensor("weight", packed.reshape(-1).view(torch.uint8).reshape(-1, 1).to(device))
         self._set_quant_tensor("absmax", state.absmax.to(device))
         self._set_quant_tensor("quant_map", state.code.to(device).clone())
         if state.nested is not None:

@@ -1,0 +1,133 @@
+"""4-bit checkpoints as transformers + bitsandbytes write them, in every variant users bring.
+
+The oracle is transformers with bitsandbytes (CPU backend): the checkpoints are written by its
+``save_pretrained``, the logits qlora must reproduce are its own, and the files qlora writes
+must load there (and hold the bytes it would have written itself).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+
+import qlora
+from qlora.cli.main import main
+from qlora.errors import UsageError
+from qlora.model.tiny import build_tiny_model
+from qlora.nn import Linear4bit
+
+pytest.importorskip("bitsandbytes")
+
+IDS = torch.tensor([[1, 17, 42, 99, 7, 250, 3, 64]])
+
+
+def _bnb_checkpoint(base, out, tokenizer, compute=torch.float32, **bnb_kwargs):
+    """``out``: ``base`` quantized and saved by transformers + bitsandbytes; returns its model too."""
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=compute, **bnb_kwargs)
+    model = AutoModelForCausalLM.from_pretrained(base, quantization_config=config, device_map="cpu", dtype=compute)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return model
+
+
+def _logits(model) -> torch.Tensor:
+    with torch.no_grad():
+        return model(IDS).logits.float()
+
+
+@pytest.mark.parametrize("arch, quant_type, double_quant, compute, storage", [
+    ("llama", "fp4", False, torch.float16, torch.bfloat16),
+    ("qwen2", "nf4", True, torch.bfloat16, torch.float32),  # biases
+    ("phi3", "fp4", True, torch.float32, torch.float16),  # fused qkv / gate_up
+    ("gemma3", "nf4", False, torch.float32, torch.bfloat16),
+    ("gpt2", "nf4", True, torch.float16, torch.float32),  # Conv1D, [in, out] weights
+])
+def test_every_quant_variant_loads_with_transformers_logits(tmp_path, tiny_tokenizer, arch, quant_type,
+                                                            double_quant, compute, storage):
+    """quant type x double quant x compute dtype x quant_storage (FSDP-QLoRA files keep the packed
+    bytes in bf16/fp32 tensors): qlora reproduces transformers + bitsandbytes' logits exactly."""
+    base = build_tiny_model(tmp_path / "base", tokenizer=tiny_tokenizer, arch=arch)
+    theirs = _bnb_checkpoint(base, tmp_path / "q", tiny_tokenizer, compute, bnb_4bit_quant_type=quant_type,
+                             bnb_4bit_use_double_quant=double_quant, bnb_4bit_quant_storage=storage)
+    ours, _ = qlora.load_model(tmp_path / "q", compute_dtype=compute, device="cpu")
+    assert sum(isinstance(m, Linear4bit) for m in ours.modules()) == sum(
+        type(m).__name__ == "Linear4bit" for m in theirs.modules())
+    torch.testing.assert_close(_logits(ours), _logits(theirs), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("storage", [torch.bfloat16, torch.float16, torch.float32])
+def test_non_uint8_storage_resaves_as_transformers_own_uint8_checkpoint(tmp_path, tiny_tokenizer, storage):
+    """A checkpoint whose packed weights are stored as bf16/fp16/fp32 elements, loaded and saved
+    again, is byte for byte the uint8 checkpoint transformers writes for the same model."""
+    from safetensors.torch import load_file
+
+    base = build_tiny_model(tmp_path / "base", tokenizer=tiny_tokenizer, arch="llama")
+    kwargs = {"bnb_4bit_quant_type": "nf4", "bnb_4bit_use_double_quant": True}
+    _bnb_checkpoint(base, tmp_path / "stored", tiny_tokenizer, bnb_4bit_quant_storage=storage, **kwargs)
+    _bnb_checkpoint(base, tmp_path / "uint8", tiny_tokenizer, bnb_4bit_quant_storage=torch.uint8, **kwargs)
+    model, tok = qlora.load_model(tmp_path / "stored", compute_dtype=torch.float32, device="cpu")
+    for m in model.modules():
+        if isinstance(m, Linear4bit):
+            assert m.weight.shape == ((m.in_features * m.out_features + 1) // 2, 1)
+    qlora.save_quantized(model, tmp_path / "resaved", tokenizer=tok)
+    ours = load_file(tmp_path / "resaved" / "model.safetensors")
+    reference = load_file(tmp_path / "uint8" / "model.safetensors")
+    assert sorted(ours) == sorted(reference)
+    for key, value in reference.items():
+        assert ours[key].dtype == value.dtype and ours[key].shape == value.shape, key
+        assert torch.equal(ours[key].view(torch.uint8), value.view(torch.uint8)), key
+
+
+def test_checkpoint_with_quantized_head_round_trips_through_transformers(tmp_path, tiny_tokenizer):
+    """``llm_int8_skip_modules=[]`` makes bitsandbytes pack the output head too; re-saved by qlora,
+    the file must say so, or transformers keeps the head dense and fails on its shape."""
+    from transformers import AutoModelForCausalLM
+
+    base = build_tiny_model(tmp_path / "base", tokenizer=tiny_tokenizer, arch="qwen2")
+    theirs = _bnb_checkpoint(base, tmp_path / "q", tiny_tokenizer, llm_int8_skip_modules=[])
+    assert type(theirs.lm_head).__name__ == "Linear4bit"
+    ours, tok = qlora.load_model(tmp_path / "q", compute_dtype=torch.float32, device="cpu")
+    assert isinstance(ours.lm_head, Linear4bit)
+    torch.testing.assert_close(_logits(ours), _logits(theirs), rtol=0, atol=0)
+    qlora.save_quantized(ours, tmp_path / "resaved", tokenizer=tok)
+    again = AutoModelForCausalLM.from_pretrained(tmp_path / "resaved", device_map="cpu")
+    assert type(again.lm_head).__name__ == "Linear4bit"
+    torch.testing.assert_close(_logits(again), _logits(theirs), rtol=0, atol=0)
+
+
+def _with_quantization_config(src, out, qc: dict):
+    shutil.copytree(src, out)
+    config = json.loads((out / "config.json").read_text())
+    config["quantization_config"] = qc
+    (out / "config.json").write_text(json.dumps(config))
+    return out
+
+
+def test_other_quantized_checkpoints_are_refused_with_what_to_do(tmp_path, tiny_tokenizer, capsys):
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    base = build_tiny_model(tmp_path / "base", tokenizer=tiny_tokenizer, arch="llama")
+    int8 = AutoModelForCausalLM.from_pretrained(base, quantization_config=BitsAndBytesConfig(load_in_8bit=True),
+                                                device_map="cpu", dtype=torch.float32)
+    int8.save_pretrained(tmp_path / "int8")
+    tiny_tokenizer.save_pretrained(tmp_path / "int8")
+    cases = {
+        tmp_path / "int8": "8-bit",
+        _with_quantization_config(base, tmp_path / "gptq", {"quant_method": "gptq", "bits": 4}): "'gptq' (4-bit)",
+        _with_quantization_config(base, tmp_path / "awq", {"quant_method": "awq", "bits": 4}): "'awq' (4-bit)",
+        _with_quantization_config(base, tmp_path / "fp8", {"quant_method": "fp8", "activation_scheme": "dynamic"}):
+            "'fp8'",
+    }
+    for folder, kind in cases.items():
+        with pytest.raises(UsageError) as err:
+            qlora.load_model(folder, device="cpu")
+        message = str(err.value)
+        assert str(folder / "config.json") in message and kind in message and "original 16/32-bit" in message
+        assert main(["generate", "--model", str(folder), "--prompt", "hi", "--max-new-tokens", "1"]) == 2
+        captured = capsys.readouterr()
+        assert str(folder / "config.json") in captured.err and "Traceback" not in captured.err
