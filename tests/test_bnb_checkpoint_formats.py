@@ -131,3 +131,45 @@ def test_other_quantized_checkpoints_are_refused_with_what_to_do(tmp_path, tiny_
         assert main(["generate", "--model", str(folder), "--prompt", "hi", "--max-new-tokens", "1"]) == 2
         captured = capsys.readouterr()
         assert str(folder / "config.json") in captured.err and "Traceback" not in captured.err
+
+
+@pytest.mark.parametrize("arch, quant_type, double_quant, blocksize, compute", [
+    ("llama", "nf4", True, 64, "fp32"),
+    ("qwen2", "fp4", False, 64, "fp16"),
+    ("gpt2", "nf4", True, 64, "bf16"),
+    ("phi3", "fp4", True, 32, "fp32"),
+    ("llama", "nf4", False, 4096, "fp16"),
+])
+def test_quantize_command_options_load_in_transformers(tmp_path, tiny_tokenizer, arch, quant_type, double_quant,
+                                                       blocksize, compute):
+    """`qlora quantize` under each of its options: transformers + bitsandbytes loads the folder with
+    the logits of qlora's own 4-bit model and, at its one block size (64), the folder equals its own
+    quantization of the original model: same logits, the quantized tensors byte for byte."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[compute]
+    # A checkpoint in the compute dtype, as real ones are: transformers casts the weights to the load
+    # dtype before quantizing, qlora quantizes the checkpoint's own values.
+    base = build_tiny_model(tmp_path / "base", tokenizer=tiny_tokenizer, arch=arch, dtype=dtype)
+    argv = ["quantize", "--model", str(base), "--output", str(tmp_path / "q"), "--quant", quant_type,
+            "--blocksize", str(blocksize), "--compute-dtype", compute]
+    assert main([*argv, "--double-quant" if double_quant else "--no-double-quant"]) == 0
+    qc = json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]
+    assert (qc["bnb_4bit_quant_type"], qc["bnb_4bit_use_double_quant"], qc["bnb_4bit_compute_dtype"]) == (
+        quant_type, double_quant, str(dtype).removeprefix("torch."))
+    theirs = AutoModelForCausalLM.from_pretrained(tmp_path / "q", device_map="cpu")
+    ours, _ = qlora.load_model(base, quant=quant_type, double_quant=double_quant, blocksize=blocksize,
+                               compute_dtype=dtype, device="cpu")
+    torch.testing.assert_close(_logits(theirs), _logits(ours), rtol=0, atol=0)
+    again, _ = qlora.load_model(tmp_path / "q", compute_dtype=dtype, device="cpu")
+    torch.testing.assert_close(_logits(again), _logits(ours), rtol=0, atol=0)
+    if blocksize == 64:
+        direct = _bnb_checkpoint(base, tmp_path / "direct", tiny_tokenizer, dtype, bnb_4bit_quant_type=quant_type,
+                                 bnb_4bit_use_double_quant=double_quant)
+        torch.testing.assert_close(_logits(theirs), _logits(direct), rtol=0, atol=0)
+        mine, reference = load_file(tmp_path / "q" / "model.safetensors"), load_file(
+            tmp_path / "direct" / "model.safetensors")
+        assert sorted(mine) == sorted(reference)
+        packed = [k for k in reference if ".weight." in k or k + ".absmax" in reference]
+        assert packed and all(torch.equal(mine[k], reference[k]) for k in packed)

@@ -21,6 +21,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--double-quant", action=argparse.BooleanOptionalAction, default=True,
                         help="quantize the block constants to 8 bits (default on)")
     parser.add_argument("--blocksize", type=int, default=64, choices=BLOCKSIZES, help="weights per absmax block")
+    parser.add_argument("--compute-dtype", choices=("bf16", "fp16", "fp32"), default="bf16",
+                        help="dtype of the unquantized tensors (embeddings, norms, output head) and the "
+                             "bnb_4bit_compute_dtype recorded for the 4-bit layers (default bf16)")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace qlora's earlier results in an existing --output (only files qlora wrote)")
 
@@ -36,7 +39,9 @@ def run(args: argparse.Namespace) -> int:
     check_output(args.output, overwrite=args.overwrite, inputs={"--model": args.model})
     check_quantizable(resolve_model_dir(args.model))
     model, tokenizer = load_model(args.model, quant=args.quant, double_quant=args.double_quant,
-                                  blocksize=args.blocksize, compute_dtype=torch.bfloat16, device="cpu")
+                                  blocksize=args.blocksize, device="cpu",
+                                  compute_dtype={"bf16": torch.bfloat16, "fp16": torch.float16,
+                                                 "fp32": torch.float32}[args.compute_dtype])
     with staged_output(args.output, "quantize", replace=True) as stage:
         save_quantized(model, stage, tokenizer)
     print(f"wrote {args.quant} checkpoint of {args.model} to {args.output}")
