@@ -173,3 +173,35 @@ def test_quantize_command_options_load_in_transformers(tmp_path, tiny_tokenizer,
         assert sorted(mine) == sorted(reference)
         packed = [k for k in reference if ".weight." in k or k + ".absmax" in reference]
         assert packed and all(torch.equal(mine[k], reference[k]) for k in packed)
+
+
+def test_quantize_refuses_a_4bit_checkpoint_in_another_format_and_resaves_its_own(tmp_path, tiny_tokenizer, capsys):
+    base = build_tiny_model(tmp_path / "base", tokenizer=tiny_tokenizer, arch="llama")
+    theirs = _bnb_checkpoint(base, tmp_path / "q", tiny_tokenizer, bnb_4bit_quant_type="fp4",
+                             bnb_4bit_use_double_quant=False)
+    assert main(["quantize", "--model", str(tmp_path / "q"), "--output", str(tmp_path / "nf4")]) == 2
+    err = capsys.readouterr().err
+    assert "fp4, no double quantization, block size 64" in err and "Traceback" not in err
+    assert not (tmp_path / "nf4").exists()
+    assert main(["quantize", "--model", str(tmp_path / "q"), "--output", str(tmp_path / "same"), "--quant", "fp4",
+                 "--no-double-quant", "--compute-dtype", "fp32"]) == 0
+    from transformers import AutoModelForCausalLM
+
+    again = AutoModelForCausalLM.from_pretrained(tmp_path / "same", device_map="cpu")
+    torch.testing.assert_close(_logits(again), _logits(theirs), rtol=0, atol=0)
+
+
+def test_config_naming_4bit_over_dense_weights_quantizes_as_it_names(tmp_path, tiny_tokenizer):
+    """A 16/32-bit checkpoint whose config.json carries a bitsandbytes 4-bit quantization_config (kept
+    over a dense save): quantized while loading in that format, as transformers + bitsandbytes
+    quantizes it when given that config, not loaded dense."""
+    base = build_tiny_model(tmp_path / "base", tokenizer=tiny_tokenizer, arch="qwen2")
+    theirs = _bnb_checkpoint(base, tmp_path / "q", tiny_tokenizer, bnb_4bit_quant_type="fp4",
+                             bnb_4bit_use_double_quant=True)
+    config = json.loads((base / "config.json").read_text())
+    config["quantization_config"] = json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]
+    (base / "config.json").write_text(json.dumps(config))
+    ours, _ = qlora.load_model(base, compute_dtype=torch.float32, device="cpu")
+    layers = [m for m in ours.modules() if isinstance(m, Linear4bit)]
+    assert len(layers) == 14 and {(m.quant_type, m.double_quant) for m in layers} == {("fp4", True)}
+    torch.testing.assert_close(_logits(ours), _logits(theirs), rtol=0, atol=0)

@@ -225,7 +225,9 @@ def load_model(
     Args:
         name_or_path: local model folder, or a hub id when a hub is reachable.
         quant: ``"nf4"``, ``"fp4"`` or ``None`` (16-bit, for LoRA without quantization).
-        double_quant, blocksize: see :func:`qlora.quant.quantize_4bit`.
+        double_quant, blocksize: see :func:`qlora.quant.quantize_4bit`. A checkpoint whose config
+            has a bitsandbytes 4-bit ``quantization_config`` is loaded in the format it names
+            (its packed codes as they are), whatever these say.
         compute_dtype: dtype of the matmuls and of every unquantized tensor.
         device: target device (default: CUDA when available, else CPU).
         skip_modules: linear layers kept dense, by name or regex (the output
@@ -275,6 +277,10 @@ def load_model(
     # A 4-bit checkpoint says itself which layers are packed: its skip list may be spelled for
     # another transformers version, and bitsandbytes may have packed layers qlora keeps dense.
     packed = _packed_layers(keys, layout, dense_keys, model) if prequant is not None else set()
+    if prequant is not None and not packed:
+        # Its config asks for bitsandbytes 4-bit but the files hold 16/32-bit weights (a config copied
+        # or kept over a dense save): quantized while loading, in the format the config names.
+        prequant = None
 
     def make(path: str, module: nn.Module) -> nn.Module | None:
         if quant is None:
