@@ -205,3 +205,26 @@ def test_config_naming_4bit_over_dense_weights_quantizes_as_it_names(tmp_path, t
     layers = [m for m in ours.modules() if isinstance(m, Linear4bit)]
     assert len(layers) == 14 and {(m.quant_type, m.double_quant) for m in layers} == {("fp4", True)}
     torch.testing.assert_close(_logits(ours), _logits(theirs), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("arch, storage", [("phi3", torch.bfloat16), ("gpt2", torch.float32)])
+def test_adapter_on_a_bnb_checkpoint_loads_in_peft_on_transformers_bnb(tmp_path, tiny_tokenizer, arch, storage):
+    """An adapter made on a transformers + bitsandbytes checkpoint (fused qkv / Conv1D layers, packed
+    bytes in float tensors) gives the same logits under PEFT on that checkpoint loaded by transformers."""
+    from peft import PeftModel
+    from random_adapters import randomize_lora_b
+    from transformers import AutoModelForCausalLM
+
+    base = build_tiny_model(tmp_path / "base", tokenizer=tiny_tokenizer, arch=arch)
+    _bnb_checkpoint(base, tmp_path / "q", tiny_tokenizer, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                    bnb_4bit_quant_storage=storage)
+    ours, _ = qlora.load_model(tmp_path / "q", compute_dtype=torch.float32, device="cpu")
+    qlora.add_lora(ours, r=4, alpha=8, dropout=0.0)
+    randomize_lora_b(ours, seed=0)
+    qlora.save_adapter(ours, tmp_path / "adapter")
+    theirs = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tmp_path / "q", device_map="cpu"),
+                                       tmp_path / "adapter")
+    expected = _logits(theirs)
+    with theirs.disable_adapter():
+        assert (expected - _logits(theirs)).abs().max() > 1e-3  # the adapter changes the output
+    torch.testing.assert_close(_logits(ours), expected, rtol=1e-5, atol=1e-5)
