@@ -228,3 +228,22 @@ def test_adapter_on_a_bnb_checkpoint_loads_in_peft_on_transformers_bnb(tmp_path,
     with theirs.disable_adapter():
         assert (expected - _logits(theirs)).abs().max() > 1e-3  # the adapter changes the output
     torch.testing.assert_close(_logits(ours), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_format_is_read_from_each_layers_quant_state(tmp_path, tiny_tokenizer):
+    """bitsandbytes decodes each layer from its own quant state: a config.json without
+    bnb_4bit_quant_type / bnb_4bit_use_double_quant (older or hand-written ones) loads the same."""
+    from transformers import AutoModelForCausalLM
+
+    base = build_tiny_model(tmp_path / "base", tokenizer=tiny_tokenizer, arch="llama")
+    _bnb_checkpoint(base, tmp_path / "q", tiny_tokenizer, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True)
+    config = json.loads((tmp_path / "q" / "config.json").read_text())
+    del config["quantization_config"]["bnb_4bit_quant_type"], config["quantization_config"]["bnb_4bit_use_double_quant"]
+    (tmp_path / "q" / "config.json").write_text(json.dumps(config))
+    theirs = AutoModelForCausalLM.from_pretrained(tmp_path / "q", device_map="cpu")
+    ours, tok = qlora.load_model(tmp_path / "q", compute_dtype=torch.float32, device="cpu")
+    assert {(m.quant_type, m.double_quant) for m in ours.modules() if isinstance(m, Linear4bit)} == {("nf4", True)}
+    torch.testing.assert_close(_logits(ours), _logits(theirs), rtol=0, atol=0)
+    qlora.save_quantized(ours, tmp_path / "resaved", tokenizer=tok)
+    again = AutoModelForCausalLM.from_pretrained(tmp_path / "resaved", device_map="cpu")
+    torch.testing.assert_close(_logits(again), _logits(theirs), rtol=0, atol=0)

@@ -141,12 +141,20 @@ class Linear4bit(nn.Module):
 
     @torch.no_grad()
     def load_quant_state(self, packed: torch.Tensor, state: QuantState) -> None:
-        """Adopt already-quantized data (e.g. from a bitsandbytes checkpoint)."""
+        """Adopt already-quantized data (e.g. from a bitsandbytes checkpoint), in the format its
+        state says (quant type, block size and double quantization, as bitsandbytes reads it)."""
         if state.shape.numel() != self.in_features * self.out_features:
             raise ValueError(f"quantized weight of shape {tuple(state.shape)} does not fit a "
                              f"{self.out_features}x{self.in_features} Linear4bit")
         if state.double_quant != self.double_quant:
-            raise ValueError("double quantization of the state does not match the layer")
+            if self._storage:
+                raise ValueError("double quantization of the state does not match the sharded layer")
+            self.double_quant = state.double_quant
+            for name in ("nested_absmax", "nested_quant_map", "offset"):
+                if state.double_quant:
+                    self.register_buffer(name, torch.zeros(0, device=self.weight.device))
+                else:
+                    delattr(self, name)
         self.quant_type, self.blocksize, self.quant_dtype = state.quant_type, state.blocksize, state.dtype
         device = self.weight.device
         # bitsandbytes' layout, [bytes, 1] uint8, whatever quant_storage the checkpoint used
