@@ -247,3 +247,30 @@ def test_format_is_read_from_each_layers_quant_state(tmp_path, tiny_tokenizer):
     qlora.save_quantized(ours, tmp_path / "resaved", tokenizer=tok)
     again = AutoModelForCausalLM.from_pretrained(tmp_path / "resaved", device_map="cpu")
     torch.testing.assert_close(_logits(again), _logits(theirs), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("missing", [".absmax", "", ".quant_state.bitsandbytes__nf4", ".nested_absmax",
+                                     ".absmax .quant_map .nested_absmax .nested_quant_map .quant_state.bitsandbytes__nf4"])
+def test_incomplete_4bit_layers_are_named_not_misread(tmp_path, tiny_tokenizer, missing):
+    """A 4-bit layer with part of its quant state gone: one message naming the layer, never a
+    traceback, and never a load that decodes 8-bit absmax codes as if they were the constants."""
+    from safetensors.torch import load_file, save_file
+
+    base = build_tiny_model(tmp_path / "base", tokenizer=tiny_tokenizer, arch="llama")
+    _bnb_checkpoint(base, tmp_path / "q", tiny_tokenizer, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True)
+    file = tmp_path / "q" / "model.safetensors"
+    tensors = load_file(file)
+    for suffix in missing.split(" "):
+        del tensors["model.layers.1.mlp.up_proj.weight" + suffix]
+    save_file(tensors, str(file), metadata={"format": "pt"})
+    with pytest.raises(UsageError, match=r"model\.layers\.1\.mlp\.up_proj"):
+        qlora.load_model(tmp_path / "q", device="cpu")
+
+
+def test_weights_of_another_config_are_refused_by_shape(tmp_path, tiny_tokenizer, capsys):
+    base = build_tiny_model(tmp_path / "base", tokenizer=tiny_tokenizer, arch="qwen2")
+    other = build_tiny_model(tmp_path / "other", tokenizer=tiny_tokenizer, arch="qwen2", intermediate_size=96)
+    shutil.copy(other / "config.json", base / "config.json")
+    assert main(["generate", "--model", str(base), "--prompt", "hi", "--max-new-tokens", "1", "--quant", "none"]) == 2
+    err = capsys.readouterr().err
+    assert "model.layers.0.mlp" in err and "expects (" in err and "Traceback" not in err

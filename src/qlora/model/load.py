@@ -125,9 +125,14 @@ def _prequantized(config, model_dir: Path) -> dict | None:
                      "of it (BitsAndBytesConfig(load_in_4bit=True) then save_pretrained).")
 
 
-def _set_tensor(model: nn.Module, key: str, value: torch.Tensor) -> None:
+def _set_tensor(model: nn.Module, key: str, value: torch.Tensor, source: str) -> None:
     path, _, name = key.rpartition(".")
     module = model.get_submodule(path) if path else model
+    old = module._parameters.get(name, module._buffers.get(name))
+    if old is not None and old.shape != value.shape:
+        raise UsageError(f"{source} has shape {tuple(value.shape)} where the model built from config.json "
+                         f"expects {tuple(old.shape)}; the weights and config.json do not belong together (or the "
+                         "layer is 4-bit packed without the quant state bitsandbytes stores beside it).")
     if name in module._parameters:
         old = module._parameters[name]
         module._parameters[name] = nn.Parameter(value, requires_grad=False if old is None else old.requires_grad)
@@ -339,7 +344,7 @@ def load_model(
             tensor = tensor.to(torch.float32 if fp32 is not None and fp32.search(key) else compute_dtype)
         # copy=True: never keep a view into the memory-mapped shard,
         # which would keep the whole file mapped (and counted in RSS).
-        _set_tensor(model, key, tensor.to(device, copy=True))
+        _set_tensor(model, key, tensor.to(device, copy=True), source)
         loaded.add(key)
 
     if prequant is not None and any(layout.needs_conversion(k) and ".weight." in k for ks in keys.values() for k in ks):
@@ -383,7 +388,14 @@ def load_model(
     for owner, parts in pending_qstate.items():
         layer = model.get_submodule(owner)
         qs = {k[len("weight."):]: v for k, v in parts.items() if k.startswith("weight.")}
-        layer.load_quant_state(parts["weight"], QuantState.from_dict(qs, device=device))
+        try:
+            if "weight" not in parts:
+                raise ValueError(f"its packed weight is missing; found only {', '.join(sorted(qs))}")
+            layer.load_quant_state(parts["weight"], QuantState.from_dict(qs, device=device))
+        except ValueError as exc:
+            raise UsageError(f"{model_dir}: the 4-bit layer {owner} cannot be read: {exc}. The checkpoint is "
+                             "incomplete or was not written by transformers + bitsandbytes; copy or download it "
+                             "again, or load its 16-bit original.") from None
     model.tie_weights()
     _load_generation_config(model, model_dir)
     _materialize_buffers(model, device)

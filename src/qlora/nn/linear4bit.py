@@ -146,6 +146,16 @@ class Linear4bit(nn.Module):
         if state.shape.numel() != self.in_features * self.out_features:
             raise ValueError(f"quantized weight of shape {tuple(state.shape)} does not fit a "
                              f"{self.out_features}x{self.in_features} Linear4bit")
+        n = self.in_features * self.out_features
+        n_blocks = -(-n // state.blocksize)
+        sizes = {"packed weight bytes": (packed.numel() * packed.element_size(), (n + 1) // 2),
+                 "absmax": (state.absmax.numel(), n_blocks)}
+        if state.nested is not None:
+            sizes["nested_absmax"] = (state.nested.absmax.numel(), -(-n_blocks // state.nested.blocksize))
+        wrong = [f"{name} has {got} elements, not {want}" for name, (got, want) in sizes.items() if got != want]
+        if wrong:
+            raise ValueError(f"quantized {tuple(state.shape)} weight with block size {state.blocksize}: "
+                             + "; ".join(wrong))
         if state.double_quant != self.double_quant:
             if self._storage:
                 raise ValueError("double quantization of the state does not match the sharded layer")
