@@ -274,3 +274,26 @@ def test_weights_of_another_config_are_refused_by_shape(tmp_path, tiny_tokenizer
     assert main(["generate", "--model", str(base), "--prompt", "hi", "--max-new-tokens", "1", "--quant", "none"]) == 2
     err = capsys.readouterr().err
     assert "model.layers.0.mlp" in err and "expects (" in err and "Traceback" not in err
+
+
+def test_train_generate_merge_from_a_bf16_storage_checkpoint(tmp_path, tiny_tokenizer, capsys):
+    """The CLI on an FSDP-QLoRA-style checkpoint (packed bytes in bf16 tensors, fp16 compute): train
+    an adapter, generate with it, merge it; the merged 16-bit model is the 4-bit one plus the adapter."""
+    from transformers import AutoModelForCausalLM
+
+    base = build_tiny_model(tmp_path / "base", tokenizer=tiny_tokenizer, arch="mistral")
+    _bnb_checkpoint(base, tmp_path / "q", tiny_tokenizer, torch.float16, bnb_4bit_quant_type="nf4",
+                    bnb_4bit_use_double_quant=True, bnb_4bit_quant_storage=torch.bfloat16)
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"text": f"the fox jumps over {i} lazy dogs."}) + "\n" for i in range(16)))
+    q, run = str(tmp_path / "q"), str(tmp_path / "run")
+    assert main(["train", "--model", q, "--data", str(data), "--output", run, "--seq-len", "32", "--batch-size", "4",
+                 "--lr", "1e-2", "--max-steps", "3", "--no-progress"]) == 0
+    assert main(["generate", "--model", q, "--adapter", run, "--prompt", "the fox", "--max-new-tokens", "3"]) == 0
+    assert main(["merge", "--model", q, "--adapter", run, "--output", str(tmp_path / "merged"), "--dtype",
+                 "float32"]) == 0
+    capsys.readouterr()
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32)
+    ours, _ = qlora.load_model(q, compute_dtype=torch.float32, device="cpu")
+    qlora.load_adapter(ours, run)
+    torch.testing.assert_close(_logits(merged), _logits(ours), rtol=1e-4, atol=1e-4)
