@@ -297,3 +297,18 @@ def test_train_generate_merge_from_a_bf16_storage_checkpoint(tmp_path, tiny_toke
     ours, _ = qlora.load_model(q, compute_dtype=torch.float32, device="cpu")
     qlora.load_adapter(ours, run)
     torch.testing.assert_close(_logits(merged), _logits(ours), rtol=1e-4, atol=1e-4)
+
+
+def test_falcon_checkpoint_transformers_wrote_loads_as_transformers_loads_it(tmp_path, tiny_tokenizer):
+    """transformers + bitsandbytes packs exact nn.Linear layers only: its 4-bit Falcon file keeps every
+    FalconLinear 16-bit, and qlora loads that file as transformers does, not quantizing them itself."""
+    from transformers import AutoModelForCausalLM, FalconConfig
+
+    config = FalconConfig(vocab_size=len(tiny_tokenizer), hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                          num_kv_heads=2, new_decoder_architecture=True)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "base")
+    theirs = _bnb_checkpoint(tmp_path / "base", tmp_path / "q", tiny_tokenizer, bnb_4bit_quant_type="nf4")
+    ours, _ = qlora.load_model(tmp_path / "q", compute_dtype=torch.float32, device="cpu")
+    assert not any(isinstance(m, Linear4bit) for m in ours.modules())
+    torch.testing.assert_close(_logits(ours), _logits(theirs), rtol=0, atol=0)

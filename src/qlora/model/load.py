@@ -282,9 +282,12 @@ def load_model(
     # A 4-bit checkpoint says itself which layers are packed: its skip list may be spelled for
     # another transformers version, and bitsandbytes may have packed layers qlora keeps dense.
     packed = _packed_layers(keys, layout, dense_keys, model) if prequant is not None else set()
-    if prequant is not None and not packed:
-        # Its config asks for bitsandbytes 4-bit but the files hold 16/32-bit weights (a config copied
-        # or kept over a dense save): quantized while loading, in the format the config names.
+    # A config naming bitsandbytes 4-bit over files with no packed layer: 16/32-bit weights under a config
+    # copied or kept over a dense save, or a model none of whose layers transformers quantizes (Falcon's
+    # FalconLinear: transformers + bitsandbytes packs exact nn.Linear and Conv1D layers only). Either way
+    # quantized while loading as transformers + bitsandbytes quantizes with that config.
+    as_transformers = prequant is not None and not packed
+    if as_transformers:
         prequant = None
 
     def make(path: str, module: nn.Module) -> nn.Module | None:
@@ -296,6 +299,8 @@ def load_model(
             return Experts4bit(module, compute_dtype=compute_dtype, quant_type=quant, blocksize=blocksize,
                                double_quant=double_quant, device=device)
         if not (is_plain_linear(module) or is_conv1d(module)):
+            return None
+        if as_transformers and not (type(module) is nn.Linear or is_conv1d(module)):
             return None
         if path not in packed if prequant is not None else _skipped(path, skip):
             return None
