@@ -312,3 +312,16 @@ def test_falcon_checkpoint_transformers_wrote_loads_as_transformers_loads_it(tmp
     ours, _ = qlora.load_model(tmp_path / "q", compute_dtype=torch.float32, device="cpu")
     assert not any(isinstance(m, Linear4bit) for m in ours.modules())
     torch.testing.assert_close(_logits(ours), _logits(theirs), rtol=0, atol=0)
+
+
+def test_quantize_refuses_linear_subclasses_transformers_keeps_dense(tmp_path, tiny_tokenizer, capsys):
+    """qlora quantizes FalconLinear while loading, but transformers + bitsandbytes would keep it 16-bit
+    and fail on a file holding it packed: `qlora quantize` says so instead of writing that file."""
+    from transformers import AutoModelForCausalLM, FalconConfig
+
+    config = FalconConfig(vocab_size=len(tiny_tokenizer), hidden_size=64, num_hidden_layers=2, num_attention_heads=4)
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "base")
+    tiny_tokenizer.save_pretrained(tmp_path / "base")
+    assert main(["quantize", "--model", str(tmp_path / "base"), "--output", str(tmp_path / "q")]) == 2
+    err = capsys.readouterr().err
+    assert "FalconLinear" in err and "Traceback" not in err and not (tmp_path / "q").exists()
