@@ -261,7 +261,7 @@ def load_model(
         raise UsageError(f"{model_dir / 'config.json'} could not be read as a transformers config ({exc}).") from None
     prequant = _prequantized(config, model_dir)
     if prequant is not None:
-        quant = prequant.get("bnb_4bit_quant_type", "nf4")
+        quant = prequant.get("bnb_4bit_quant_type", "fp4")  # BitsAndBytesConfig's default
         double_quant = bool(prequant.get("bnb_4bit_use_double_quant", False))
         skip_modules = tuple(prequant.get("llm_int8_skip_modules") or skip_modules)
         del config.quantization_config

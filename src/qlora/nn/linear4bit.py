@@ -143,10 +143,10 @@ class Linear4bit(nn.Module):
     def load_quant_state(self, packed: torch.Tensor, state: QuantState) -> None:
         """Adopt already-quantized data (e.g. from a bitsandbytes checkpoint), in the format its
         state says (quant type, block size and double quantization, as bitsandbytes reads it)."""
-        if state.shape.numel() != self.in_features * self.out_features:
+        n = self.in_features * self.out_features
+        if state.shape.numel() != n:
             raise ValueError(f"quantized weight of shape {tuple(state.shape)} does not fit a "
                              f"{self.out_features}x{self.in_features} Linear4bit")
-        n = self.in_features * self.out_features
         n_blocks = -(-n // state.blocksize)
         sizes = {"packed weight bytes": (packed.numel() * packed.element_size(), (n + 1) // 2),
                  "absmax": (state.absmax.numel(), n_blocks)}
