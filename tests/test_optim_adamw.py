@@ -109,6 +109,26 @@ def test_8bit_step_matches_bitsandbytes_cpu():
         assert torch.equal(sd["exp_avg_sq_absmax"], rs["absmax2"])
 
 
+def test_8bit_vanishing_gradients_match_bitsandbytes_cpu():
+    """Gradients around 1e-20 make the second moment subnormal (about 1e-43): its blocks' absmax has
+    an infinite reciprocal, which bitsandbytes' kernel clamps; the step must neither crash nor differ."""
+    bnb = pytest.importorskip("bitsandbytes")
+    torch.manual_seed(0)
+    ours = torch.nn.Parameter(torch.randn(64, 80))
+    theirs = torch.nn.Parameter(ours.detach().clone())
+    opt = AdamW8bit([ours], lr=1e-2)
+    ref = bnb.optim.AdamW8bit([theirs], lr=1e-2)
+    for step in range(4):
+        g = torch.randn_like(ours) * 1e-20
+        g[:, :8] = 0.0  # zeros inside the subnormal blocks: 0 * inf
+        ours.grad, theirs.grad = g.clone(), g.clone()
+        opt.step()
+        ref.step()
+        assert torch.equal(ours, theirs), f"step {step}"
+        sd, rs = opt.state_dict()["state"][0], ref.state[theirs]
+        assert torch.equal(sd["exp_avg_sq_codes"], rs["state2"]) and torch.equal(sd["exp_avg_codes"], rs["state1"])
+
+
 def test_small_tensors_keep_32bit_state_in_8bit_mode():
     small, big = torch.nn.Parameter(torch.randn(4095)), torch.nn.Parameter(torch.randn(4096))
     opt = AdamW8bit([small, big])

@@ -182,6 +182,24 @@ def test_blockwise_8bit_matches_bitsandbytes_cpu(seed, dtype, blocksize):
     _same_bits(absmax, bnb_state.absmax, f"8-bit absmax bs={blocksize} {dtype}", seed)
 
 
+@pytest.mark.parametrize("scale", [1e-39, 1e-42])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=lambda d: str(d).removeprefix("torch."))
+def test_subnormal_blocks_match_bitsandbytes(seed, dtype, scale):
+    """Blocks whose absmax is subnormal: its reciprocal overflows to inf, so bitsandbytes codes their
+    values as +-1 and their zeros (0 * inf = NaN) as -1. Reached by 8-bit optimizer moments of
+    vanishing gradients, and by double quantization of a 4-bit tensor whose weights are all tiny."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(3 * 256 + 11, generator=gen) * scale
+    x[torch.randint(0, x.numel(), (40,), generator=gen)] = 0.0
+    x = x.to(dtype)
+    codes, absmax = quantize_blockwise(x, dynamic_code(signed=True), 256)
+    bnb_codes, bnb_state = bnb_F.quantize_blockwise(x, blocksize=256)
+    _same_bits(codes, bnb_codes, f"8-bit codes of {scale:g} {dtype}", seed)
+    _same_bits(absmax, bnb_state.absmax, f"8-bit absmax of {scale:g} {dtype}", seed)
+    for quant_type in ("nf4", "fp4"):
+        _check_against_bnb(x.view(-1, 1), quant_type, 64, True, seed)  # the absmax vector is subnormal too
+
+
 @pytest.mark.parametrize("signed", [True, False], ids=["signed", "unsigned"])
 def test_binary_search_codes_are_nearest(seed, signed):
     """The CUDA scheme (bitsandbytes' 7-step binary search over 256 sorted values)

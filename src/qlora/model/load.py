@@ -109,20 +109,41 @@ def _read_weight_keys(files: list[Path]) -> dict[Path, list[str]]:
     return keys
 
 
-def _prequantized(config) -> dict | None:
+def _prequantized(config, model_dir: Path) -> dict | None:
+    """The checkpoint's bitsandbytes 4-bit ``quantization_config``, None for a 16/32-bit one.
+
+    Raises:
+        UsageError: for any other quantization (bitsandbytes 8-bit, GPTQ, AWQ, FP8, ...), whose
+            weights qlora cannot read; the message says what to give it instead.
+    """
     qc = getattr(config, "quantization_config", None)
     if qc is None:
         return None
     qc = qc if isinstance(qc, dict) else qc.to_dict()
-    if qc.get("quant_method") != "bitsandbytes" or not qc.get("load_in_4bit", qc.get("_load_in_4bit")):
-        raise UsageError(f"unsupported quantization_config {qc.get('quant_method')!r}: qlora loads 16/32-bit "
-                         "checkpoints and bitsandbytes 4-bit checkpoints.")
-    return qc
+    method = qc.get("quant_method", "bitsandbytes")  # configs written before transformers named the method
+    if method == "bitsandbytes" and qc.get("load_in_4bit", qc.get("_load_in_4bit")):
+        return qc
+    if method == "bitsandbytes":
+        kind = "bitsandbytes 8-bit (LLM.int8, load_in_8bit)" if qc.get("load_in_8bit", qc.get(
+            "_load_in_8bit")) else "bitsandbytes with neither load_in_4bit nor load_in_8bit set"
+    else:
+        bits = qc.get("bits") or qc.get("w_bit")
+        kind = f"{method!r}" + (f" ({bits}-bit)" if bits else "")
+    raise UsageError(f"{model_dir / 'config.json'} describes a {kind} quantized checkpoint; qlora reads 16/32-bit "
+                     "checkpoints and bitsandbytes 4-bit ones (load_in_4bit, NF4 or FP4) only, and would misread "
+                     "these weights. Give it the model's original 16/32-bit checkpoint instead (qlora quantizes it "
+                     "to 4 bits while loading, or once with `qlora quantize`), or a bitsandbytes 4-bit checkpoint "
+                     "of it (BitsAndBytesConfig(load_in_4bit=True) then save_pretrained).")
 
 
-def _set_tensor(model: nn.Module, key: str, value: torch.Tensor) -> None:
+def _set_tensor(model: nn.Module, key: str, value: torch.Tensor, source: str) -> None:
     path, _, name = key.rpartition(".")
     module = model.get_submodule(path) if path else model
+    old = module._parameters.get(name, module._buffers.get(name))
+    if old is not None and old.shape != value.shape:
+        raise UsageError(f"{source} has shape {tuple(value.shape)} where the model built from config.json "
+                         f"expects {tuple(old.shape)}; the weights and config.json do not belong together (or the "
+                         "layer is 4-bit packed without the quant state bitsandbytes stores beside it).")
     if name in module._parameters:
         old = module._parameters[name]
         module._parameters[name] = nn.Parameter(value, requires_grad=False if old is None else old.requires_grad)
@@ -208,7 +229,9 @@ def load_model(
     Args:
         name_or_path: local model folder, or a hub id when a hub is reachable.
         quant: ``"nf4"``, ``"fp4"`` or ``None`` (16-bit, for LoRA without quantization).
-        double_quant, blocksize: see :func:`qlora.quant.quantize_4bit`.
+        double_quant, blocksize: see :func:`qlora.quant.quantize_4bit`. A checkpoint whose config
+            has a bitsandbytes 4-bit ``quantization_config`` is loaded in the format it names
+            (its packed codes as they are), whatever these say.
         compute_dtype: dtype of the matmuls and of every unquantized tensor.
         device: target device (default: CUDA when available, else CPU).
         skip_modules: linear layers kept dense, by name or regex (the output
@@ -235,9 +258,9 @@ def load_model(
         config = AutoConfig.from_pretrained(model_dir)
     except (OSError, ValueError) as exc:
         raise UsageError(f"{model_dir / 'config.json'} could not be read as a transformers config ({exc}).") from None
-    prequant = _prequantized(config)
+    prequant = _prequantized(config, model_dir)
     if prequant is not None:
-        quant = prequant.get("bnb_4bit_quant_type", "nf4")
+        quant = prequant.get("bnb_4bit_quant_type", "fp4")  # BitsAndBytesConfig's default
         double_quant = bool(prequant.get("bnb_4bit_use_double_quant", False))
         skip_modules = tuple(prequant.get("llm_int8_skip_modules") or skip_modules)
         del config.quantization_config
@@ -256,6 +279,13 @@ def load_model(
     # A 4-bit checkpoint says itself which layers are packed: its skip list may be spelled for
     # another transformers version, and bitsandbytes may have packed layers qlora keeps dense.
     packed = _packed_layers(keys, layout, dense_keys, model) if prequant is not None else set()
+    # A config naming bitsandbytes 4-bit over files with no packed layer: 16/32-bit weights under a config
+    # copied or kept over a dense save, or a model none of whose layers transformers quantizes (Falcon's
+    # FalconLinear: transformers + bitsandbytes packs exact nn.Linear and Conv1D layers only). Either way
+    # quantized while loading as transformers + bitsandbytes quantizes with that config.
+    as_transformers = prequant is not None and not packed
+    if as_transformers:
+        prequant = None
 
     def make(path: str, module: nn.Module) -> nn.Module | None:
         if quant is None:
@@ -266,6 +296,8 @@ def load_model(
             return Experts4bit(module, compute_dtype=compute_dtype, quant_type=quant, blocksize=blocksize,
                                double_quant=double_quant, device=device)
         if not (is_plain_linear(module) or is_conv1d(module)):
+            return None
+        if as_transformers and not (type(module) is nn.Linear or is_conv1d(module)):
             return None
         if path not in packed if prequant is not None else _skipped(path, skip):
             return None
@@ -314,7 +346,7 @@ def load_model(
             tensor = tensor.to(torch.float32 if fp32 is not None and fp32.search(key) else compute_dtype)
         # copy=True: never keep a view into the memory-mapped shard,
         # which would keep the whole file mapped (and counted in RSS).
-        _set_tensor(model, key, tensor.to(device, copy=True))
+        _set_tensor(model, key, tensor.to(device, copy=True), source)
         loaded.add(key)
 
     if prequant is not None and any(layout.needs_conversion(k) and ".weight." in k for ks in keys.values() for k in ks):
@@ -358,7 +390,14 @@ def load_model(
     for owner, parts in pending_qstate.items():
         layer = model.get_submodule(owner)
         qs = {k[len("weight."):]: v for k, v in parts.items() if k.startswith("weight.")}
-        layer.load_quant_state(parts["weight"], QuantState.from_dict(qs, device=device))
+        try:
+            if "weight" not in parts:
+                raise ValueError(f"its packed weight is missing; found only {', '.join(sorted(qs))}")
+            layer.load_quant_state(parts["weight"], QuantState.from_dict(qs, device=device))
+        except ValueError as exc:
+            raise UsageError(f"{model_dir}: the 4-bit layer {owner} cannot be read: {exc}. The checkpoint is "
+                             "incomplete or was not written by transformers + bitsandbytes; copy or download it "
+                             "again, or load its 16-bit original.") from None
     model.tie_weights()
     _share_tied_4bit(model, quantized, loaded)
     _load_generation_config(model, model_dir)

@@ -19,7 +19,7 @@ from ..atomic import atomic_dir
 from ..errors import UsageError
 from ..nn import Experts4bit, Linear4bit, LoraLinear, expert_weight_names
 from .architecture import text_model_from_config
-from .quantize import non_text_names
+from .quantize import is_plain_linear, kept_dense_names, non_text_names
 
 _SHARD_BYTES = 5 * 1024**3
 
@@ -52,7 +52,8 @@ _MOE_REFUSAL = ("is a mixture-of-experts model whose experts are 3-D weights; bi
 
 
 def check_quantizable(model_dir: str | Path) -> None:
-    """Refuse, before any weight is read, models whose 4-bit checkpoint transformers could not load."""
+    """Refuse, before any weight is read, models whose 4-bit checkpoint transformers could not load:
+    3-D MoE experts, and linear layers of an nn.Linear subclass (Falcon's FalconLinear)."""
     from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(model_dir)
@@ -62,6 +63,14 @@ def check_quantizable(model_dir: str | Path) -> None:
         model = text_model_from_config(config, model_dir)
     if any(expert_weight_names(m) for m in model.modules()):
         raise UsageError(f"{model_dir} {_MOE_REFUSAL}")
+    kept = kept_dense_names(model)
+    subclasses = sorted({type(m).__name__ for n, m in model.named_modules()
+                         if n not in kept and type(m) is not nn.Linear and is_plain_linear(m)})
+    if subclasses:
+        raise UsageError(f"{model_dir} builds its linear layers as {', '.join(subclasses)} (a subclass of nn.Linear); "
+                         "transformers + bitsandbytes quantizes exact nn.Linear layers only and keeps these 16-bit, "
+                         "so it could not load a 4-bit file of them. Skip `qlora quantize`: give the 16-bit model to "
+                         "train/generate/eval/serve, which quantize these layers to 4 bits while loading.")
 
 
 def save_quantized(model: nn.Module, out_dir: str | Path, tokenizer=None) -> Path:
@@ -98,7 +107,10 @@ def save_quantized(model: nn.Module, out_dir: str | Path, tokenizer=None) -> Pat
         "_load_in_4bit": True, "_load_in_8bit": False,
         "bnb_4bit_quant_type": first.quant_type, "bnb_4bit_use_double_quant": first.double_quant,
         "bnb_4bit_compute_dtype": _dtype_name(first.compute_dtype), "bnb_4bit_quant_storage": "uint8",
-        "llm_int8_skip_modules": skipped or None, "llm_int8_threshold": 6.0,
+        # Always a list, even empty: transformers reads None as "skip the output head and tied
+        # layers", which would leave a head this file stores packed (a checkpoint whose head
+        # bitsandbytes quantized) dense on load, and fail there on its shape.
+        "llm_int8_skip_modules": skipped, "llm_int8_threshold": 6.0,
         "llm_int8_has_fp16_weight": False, "llm_int8_enable_fp32_cpu_offload": False,
     }
     sd = quantized_state_dict(model)

@@ -143,15 +143,35 @@ class Linear4bit(nn.Module):
 
     @torch.no_grad()
     def load_quant_state(self, packed: torch.Tensor, state: QuantState) -> None:
-        """Adopt already-quantized data (e.g. from a bitsandbytes checkpoint)."""
-        if state.shape.numel() != self.in_features * self.out_features:
+        """Adopt already-quantized data (e.g. from a bitsandbytes checkpoint), in the format its
+        state says (quant type, block size and double quantization, as bitsandbytes reads it)."""
+        n = self.in_features * self.out_features
+        if state.shape.numel() != n:
             raise ValueError(f"quantized weight of shape {tuple(state.shape)} does not fit a "
                              f"{self.out_features}x{self.in_features} Linear4bit")
+        n_blocks = -(-n // state.blocksize)
+        sizes = {"packed weight bytes": (packed.numel() * packed.element_size(), (n + 1) // 2),
+                 "absmax": (state.absmax.numel(), n_blocks)}
+        if state.nested is not None:
+            sizes["nested_absmax"] = (state.nested.absmax.numel(), -(-n_blocks // state.nested.blocksize))
+        wrong = [f"{name} has {got} elements, not {want}" for name, (got, want) in sizes.items() if got != want]
+        if wrong:
+            raise ValueError(f"quantized {tuple(state.shape)} weight with block size {state.blocksize}: "
+                             + "; ".join(wrong))
         if state.double_quant != self.double_quant:
-            raise ValueError("double quantization of the state does not match the layer")
+            if self._storage:
+                raise ValueError("double quantization of the state does not match the sharded layer")
+            self.double_quant = state.double_quant
+            for name in ("nested_absmax", "nested_quant_map", "offset"):
+                if state.double_quant:
+                    self.register_buffer(name, torch.zeros(0, device=self.weight.device))
+                else:
+                    delattr(self, name)
         self.quant_type, self.blocksize, self.quant_dtype = state.quant_type, state.blocksize, state.dtype
         device = self.weight.device
-        self._set_quant_tensor("weight", packed.reshape(-1, 1).view(torch.uint8).to(device))
+        # bitsandbytes' layout, [bytes, 1] uint8, whatever quant_storage the checkpoint used
+        # (FSDP-QLoRA files store the packed bytes as [n, 1] bfloat16/float32 elements).
+        self._set_quant_tensor("weight", packed.reshape(-1).view(torch.uint8).reshape(-1, 1).to(device))
         self._set_quant_tensor("absmax", state.absmax.to(device))
         self._set_quant_tensor("quant_map", state.code.to(device).clone())
         if state.nested is not None:

@@ -45,8 +45,10 @@ def _lut_for(code_key: tuple[float, ...]) -> torch.Tensor:
 
 def _codes_by_lut(scaled: torch.Tensor, code: torch.Tensor) -> torch.Tensor:
     lut = _lut_for(tuple(code.float().cpu().tolist())).to(scaled.device)
-    # Only finite blocks reach here: NaN cannot occur.
-    v = scaled.clamp(-1.0, 1.0)
+    # Clamped as C's fmin/fmax do, which return the number when the other side is NaN: a block whose
+    # absmax is subnormal has an infinite reciprocal (1 / 1e-39 > float32 max), so its values scale
+    # to +-inf (clamped to +-1) and its zeros to 0 * inf = NaN, which bitsandbytes codes as -1.
+    v = torch.fmin(torch.fmax(scaled, scaled.new_tensor(-1.0)), scaled.new_tensor(1.0))
     # float32 steps in the same order as bitsandbytes: ((v + 1) * 0.5) * 65535 + 0.5, truncated.
     bins = ((v + 1.0) * 0.5 * float(_LUT_BINS - 1) + 0.5).to(torch.int64)
     return lut[bins]

@@ -113,8 +113,16 @@ class QuantState:
         missing = [k for k in ("absmax", "quant_map", "quant_type", "blocksize", "dtype", "shape") if k not in flat]
         if missing:
             raise ValueError(f"quantization state is missing {', '.join(missing)}; found keys {sorted(d)}")
+        nested_keys = ("nested_absmax", "nested_quant_map", "nested_blocksize", "nested_dtype", "nested_offset")
+        present = [k for k in nested_keys if k in flat]
+        if present and len(present) < len(nested_keys):
+            raise ValueError(f"double-quantization state is missing "
+                             f"{', '.join(k for k in nested_keys if k not in flat)}; found keys {sorted(d)}")
+        if not present and flat["absmax"].dtype == torch.uint8:
+            raise ValueError("absmax holds 8-bit codes (double quantization) but the nested state that decodes "
+                             f"them is missing; found keys {sorted(d)}")
         nested = offset = None
-        if "nested_absmax" in flat:
+        if present:
             offset = torch.tensor(float(flat["nested_offset"]), device=device)
             nested = NestedState(
                 absmax=flat["nested_absmax"].to(device),

@@ -21,6 +21,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--double-quant", action=argparse.BooleanOptionalAction, default=True,
                         help="quantize the block constants to 8 bits (default on)")
     parser.add_argument("--blocksize", type=int, default=64, choices=BLOCKSIZES, help="weights per absmax block")
+    parser.add_argument("--compute-dtype", choices=("bf16", "fp16", "fp32"), default="bf16",
+                        help="dtype of the unquantized tensors (embeddings, norms, output head) and the "
+                             "bnb_4bit_compute_dtype recorded for the 4-bit layers (default bf16)")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace qlora's earlier results in an existing --output (only files qlora wrote)")
 
@@ -36,8 +39,34 @@ def run(args: argparse.Namespace) -> int:
     check_output(args.output, overwrite=args.overwrite, inputs={"--model": args.model})
     check_quantizable(resolve_model_dir(args.model))
     model, tokenizer = load_model(args.model, quant=args.quant, double_quant=args.double_quant,
-                                  blocksize=args.blocksize, compute_dtype=torch.bfloat16, device="cpu")
+                                  blocksize=args.blocksize, device="cpu",
+                                  compute_dtype={"bf16": torch.bfloat16, "fp16": torch.float16,
+                                                 "fp32": torch.float32}[args.compute_dtype])
+    _check_same_format(args, model)
     with staged_output(args.output, "quantize", replace=True) as stage:
         save_quantized(model, stage, tokenizer)
     print(f"wrote {args.quant} checkpoint of {args.model} to {args.output}")
     return 0
+
+
+def _check_same_format(args: argparse.Namespace, model) -> None:
+    """A bitsandbytes 4-bit --model loads in its own format: re-saved as it is, never re-quantized
+    (that would round the 4-bit values a second time), so a different format asked is refused."""
+    from ...errors import UsageError
+    from ...nn import Linear4bit
+
+    layer = next((m for m in model.modules() if isinstance(m, Linear4bit)), None)
+    if layer is None:
+        return
+    have = (layer.quant_type, layer.double_quant, layer.blocksize)
+    if have == (args.quant, args.double_quant, args.blocksize):
+        return
+
+    def describe(quant: str, double_quant: bool, blocksize: int) -> str:
+        return f"{quant}, {'double' if double_quant else 'no double'} quantization, block size {blocksize}"
+
+    flags = f"--quant {have[0]} --{'' if have[1] else 'no-'}double-quant --blocksize {have[2]}"
+    raise UsageError(f"{args.model} is a bitsandbytes 4-bit checkpoint (its config.json names {describe(*have)}), "
+                     f"not {describe(args.quant, args.double_quant, args.blocksize)} as asked; 4-bit weights cannot "
+                     "be re-quantized without rounding them a second time. Give the original 16/32-bit model to "
+                     f"--model to quantize it as asked, or pass {flags} to re-save this one as it is.")
