@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import re
 from collections import defaultdict
 from pathlib import Path
 from typing import Iterable
