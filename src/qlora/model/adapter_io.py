@@ -302,7 +302,8 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path, adapter_name: str = 
     return model
 
 
-_LORA_TENSORS = ("A.weight", "B.weight", "B.bias", "magnitude_vector.weight", "embedding_A", "embedding_B")
+_LORA_TENSORS = ("A.weight", "B.weight", "B.bias", "magnitude_vector", "magnitude_vector.weight", "embedding_A",
+                 "embedding_B")
 
 
 def _unwrapped(path: str) -> str:

@@ -134,7 +134,6 @@ def kept_in_fp32(model: nn.Module, dtype: torch.dtype) -> re.Pattern | None:
     return re.compile("|".join(n.replace("*", ".*") for n in sorted(names))) if names else None
 
 
-
 def fp32_linear_names(model: nn.Module, dtype: torch.dtype) -> set[str]:
     """Linear layers the model computes in fp32 at ``dtype`` (Ernie 4.5's router): not quantized either."""
     fp32 = kept_in_fp32(model, dtype)
