@@ -58,3 +58,22 @@ def test_peak_rss_growth_below_half_the_16bit_model_plus_one_shard(tmp_path, tin
     print(f"16-bit size {size16 / 2**20:.1f} MiB, largest shard {biggest / 2**20:.1f} MiB, "
           f"peak RSS growth {report['growth'] / 2**20:.1f} MiB, bound {bound / 2**20:.1f} MiB")
     assert report["growth"] < bound
+
+
+def test_a_model_whose_bulk_stays_16bit_says_so(tmp_path, tiny_tokenizer, tiny_model_dir, caplog):
+    """JetMoE's experts are a layout qlora does not quantize: the load warns instead of leaving the user
+    to find out from an out-of-memory error; a model quantized as usual loads without the warning."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model("jetmoe", vocab_size=len(tiny_tokenizer), hidden_size=64, num_hidden_layers=2,
+                                  num_key_value_heads=2, kv_channels=16, intermediate_size=128, num_local_experts=4,
+                                  num_experts_per_tok=2)
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path)
+    tiny_tokenizer.save_pretrained(tmp_path)
+    with caplog.at_level("WARNING", logger="qlora"):
+        qlora.load_model(tmp_path, compute_dtype=torch.float32, device="cpu")
+    assert "of this model's weights stay 16-bit (in JetMoeParallelExperts" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="qlora"):
+        qlora.load_model(tiny_model_dir, compute_dtype=torch.float32, device="cpu")
+    assert "stay 16-bit" not in caplog.text

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import logging
 from collections import defaultdict
 from pathlib import Path
 from typing import Iterable
@@ -35,6 +36,7 @@ from .checkpoint_layout import CheckpointLayout
 from .quantize import (_skipped, fp32_linear_names, is_conv1d, is_plain_linear, kept_dense_names, kept_in_fp32,
                        replace_modules)
 
+log = logging.getLogger("qlora")
 _TRANSFORMERS_V5 = importlib.util.find_spec("transformers.initialization") is not None
 
 
@@ -412,11 +414,35 @@ def load_model(
     for p in model.parameters():
         p.requires_grad_(False)
     model.eval()
+    if quant is not None:
+        _warn_dense_bulk(model)
     # Recorded in adapters as base_model_name_or_path: an absolute path for a local folder (a relative
     # one breaks once the adapter is used from another folder), a hub id as given.
     local = Path(name_or_path).expanduser()
     model.name_or_path = str(local.resolve()) if local.is_dir() else str(name_or_path)
     return model, tokenizer
+
+
+def _warn_dense_bulk(model: nn.Module) -> None:
+    """Say so when over a quarter of the weights stays 16-bit outside embeddings, head and vision towers
+    (DBRX's, JetMoE's, LongCat-Flash's and Llama 4's experts, BLOOM's layers its code slices): the user
+    would otherwise learn it from an out-of-memory error."""
+    from .quantize import non_text_names, output_embedding_names
+
+    skip = tuple(n + "." for n in non_text_names(model) | output_embedding_names(model))
+    skip += tuple(n + "." for n, m in model.named_modules() if isinstance(m, (nn.Embedding, Linear4bit, Experts4bit)))
+    total = sum(m.in_features * m.out_features for m in model.modules() if isinstance(m, Linear4bit))
+    total += sum(p.numel() for p in model.parameters())
+    dense: dict[str, int] = defaultdict(int)
+    for name, p in model.named_parameters():
+        if p.dim() >= 2 and p.is_floating_point() and not name.startswith(skip):
+            dense[type(model.get_submodule(name.rpartition(".")[0])).__name__] += p.numel()
+    if total and sum(dense.values()) > 0.25 * total:
+        kinds = ", ".join(sorted(dense, key=dense.get, reverse=True)[:3])
+        log.warning("qlora: %.0f%% of this model's weights stay 16-bit (in %s): experts in a layout qlora does "
+                    "not quantize, or layers whose weight the model's own code reads or changes directly. The "
+                    "4-bit saving is that much smaller; `qlora estimate` shows the memory this takes.",
+                    100 * sum(dense.values()) / total, kinds)
 
 
 def _share_tied_4bit(model: nn.Module, quantized: set[str], loaded: set[str]) -> None:
