@@ -34,6 +34,20 @@ _SCAN_CAP = 1024
 _TEXTS: "weakref.WeakKeyDictionary[object, TokenTexts]" = weakref.WeakKeyDictionary()
 
 
+def per_tokenizer(cache: weakref.WeakKeyDictionary, tokenizer, make: Callable):
+    """``make(tokenizer)``, computed once per tokenizer and shared while it lives (not shared for a
+    tokenizer that cannot be weakly referenced)."""
+    try:
+        return cache[tokenizer]
+    except (KeyError, TypeError):
+        value = make(tokenizer)
+    try:
+        cache[tokenizer] = value
+    except TypeError:
+        pass
+    return value
+
+
 class TokenTexts:
     """The text each token id adds to a reply, decoded on first use and cached (one per tokenizer)."""
 
@@ -46,15 +60,7 @@ class TokenTexts:
 
     @classmethod
     def of(cls, tokenizer) -> "TokenTexts":
-        try:
-            return _TEXTS[tokenizer]
-        except (KeyError, TypeError):
-            texts = cls(tokenizer)
-        try:
-            _TEXTS[tokenizer] = texts
-        except TypeError:  # not weak-referenceable: not shared
-            pass
-        return texts
+        return per_tokenizer(_TEXTS, tokenizer, cls)
 
     def text(self, token: int, keep: frozenset[int] = frozenset()) -> str | None:
         """What ``token`` adds to the reply; None for a special token not in ``keep`` or a partial character."""

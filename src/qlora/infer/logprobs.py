@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .constrained import TokenTexts
+from .constrained import TokenTexts, per_tokenizer
 from .text_stream import byte_token_ids
 
 
@@ -69,7 +69,7 @@ class TokenPieces:
     def __init__(self, tokenizer) -> None:
         self.tokenizer = tokenizer
         self.texts = TokenTexts.of(tokenizer)
-        self.specials = frozenset(tokenizer.all_special_ids)
+        self.specials = self.texts.specials
         decoder = getattr(getattr(tokenizer, "backend_tokenizer", None), "decoder", None)
         self.byte_level = "ByteLevel" in repr(decoder)
         self.byte_ids = byte_token_ids(tokenizer)  # SentencePiece's <0xNN>
@@ -77,15 +77,7 @@ class TokenPieces:
 
     @classmethod
     def of(cls, tokenizer) -> "TokenPieces":
-        try:
-            return _PIECES[tokenizer]
-        except (KeyError, TypeError):
-            pieces = cls(tokenizer)
-        try:
-            _PIECES[tokenizer] = pieces
-        except TypeError:  # not weak-referenceable: not shared
-            pass
-        return pieces
+        return per_tokenizer(_PIECES, tokenizer, cls)
 
     def bytes(self, token: int) -> bytes:
         """The UTF-8 bytes ``token`` adds to a text (a special token: its literal)."""

@@ -13,11 +13,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .adapter_tensors import copy_adapter_tensor
+from .adapter_tensors import PEFT_PREFIX, copy_adapter_tensor, lora_key
 from .adalora import AdaLoraConfig, adalora_layers, add_adalora
 from .inject import adapter_configs, target_names
-
-PEFT_PREFIX = "base_model.model."
 
 
 def adalora_state_dict(model: nn.Module, cfg: AdaLoraConfig, adapter_name: str = "default") -> dict[str, torch.Tensor]:
@@ -73,5 +71,5 @@ def attach_adalora(model: nn.Module, config: dict, paths: list[str], save_paths:
     for key, value in tensors.items():
         if ".lora_" not in key:
             continue
-        path, _, which = key[len(PEFT_PREFIX):].rpartition(".lora_")
+        path, which = lora_key(key)
         copy_adapter_tensor(getattr(layers[path], which), value, key, source, trainable)

@@ -22,7 +22,7 @@ from torch import nn
 from .. import __version__
 from ..atomic import atomic_dir
 from ..errors import UsageError
-from .adapter_tensors import copy_adapter_tensor
+from .adapter_tensors import PEFT_PREFIX, copy_adapter_tensor, lora_key
 from .adalora import AdaLoraConfig
 from .adalora_io import adalora_peft_config, adalora_state_dict, attach_adalora
 from .inject import (AdapterConfig, adapter_configs, add_lora, embedding_lora_layers, expert_modules,
@@ -33,7 +33,6 @@ log = logging.getLogger("qlora")
 
 FORMAT_VERSION = 1
 QLORA_INFO = "qlora_adapter.json"  # qlora's fields, kept out of PEFT's adapter_config.json
-_PEFT_PREFIX = "base_model.model."
 _KNOWN_KEYS = {
     "peft_type", "task_type", "base_model_name_or_path", "r", "lora_alpha", "lora_dropout", "target_modules",
     "bias", "fan_in_fan_out", "use_rslora", "init_lora_weights", "modules_to_save", "inference_mode",
@@ -61,27 +60,27 @@ def adapter_state_dict(model: nn.Module, adapter_name: str = "default") -> dict[
     out = {}
     for path, layer in lora_layers(model).items():
         if adapter_name in layer.specs:
-            out[f"{_PEFT_PREFIX}{path}.lora_A.weight"] = layer.lora_A[adapter_name].weight.detach()
-            out[f"{_PEFT_PREFIX}{path}.lora_B.weight"] = layer.lora_B[adapter_name].weight.detach()
+            out[f"{PEFT_PREFIX}{path}.lora_A.weight"] = layer.lora_A[adapter_name].weight.detach()
+            out[f"{PEFT_PREFIX}{path}.lora_B.weight"] = layer.lora_B[adapter_name].weight.detach()
             if layer.lora_B[adapter_name].bias is not None:
-                out[f"{_PEFT_PREFIX}{path}.lora_B.bias"] = layer.lora_B[adapter_name].bias.detach()
+                out[f"{PEFT_PREFIX}{path}.lora_B.bias"] = layer.lora_B[adapter_name].bias.detach()
             if adapter_name in layer.lora_magnitude_vector:
-                out[f"{_PEFT_PREFIX}{path}.lora_magnitude_vector"] = layer.lora_magnitude_vector[adapter_name].weight.detach()
+                out[f"{PEFT_PREFIX}{path}.lora_magnitude_vector"] = layer.lora_magnitude_vector[adapter_name].weight.detach()
     for path, layer in embedding_lora_layers(model).items():
         if adapter_name in layer.specs:
-            out[f"{_PEFT_PREFIX}{path}.lora_embedding_A"] = layer.lora_embedding_A[adapter_name].detach()
-            out[f"{_PEFT_PREFIX}{path}.lora_embedding_B"] = layer.lora_embedding_B[adapter_name].detach()
+            out[f"{PEFT_PREFIX}{path}.lora_embedding_A"] = layer.lora_embedding_A[adapter_name].detach()
+            out[f"{PEFT_PREFIX}{path}.lora_embedding_B"] = layer.lora_embedding_B[adapter_name].detach()
     for path, layer in experts_lora_layers(model).items():
         for weight, prefix in expert_key_prefixes(path, layer, adapter_name).items():
-            out[f"{_PEFT_PREFIX}{prefix}.lora_A.weight"] = layer.lora_A[weight][adapter_name].weight.detach()
-            out[f"{_PEFT_PREFIX}{prefix}.lora_B.weight"] = layer.lora_B[weight][adapter_name].weight.detach()
+            out[f"{PEFT_PREFIX}{prefix}.lora_A.weight"] = layer.lora_A[weight][adapter_name].weight.detach()
+            out[f"{PEFT_PREFIX}{prefix}.lora_B.weight"] = layer.lora_B[weight][adapter_name].weight.detach()
     for path in cfg.modules_to_save if cfg else ():
         for name, param in model.get_submodule(path).named_parameters():
-            out[f"{_PEFT_PREFIX}{path}.{name}"] = param.detach()
+            out[f"{PEFT_PREFIX}{path}.{name}"] = param.detach()
     for key, param in trained_biases(model, cfg.bias if cfg else "none").items():
-        out[f"{_PEFT_PREFIX}{key}"] = param.detach()
+        out[f"{PEFT_PREFIX}{key}"] = param.detach()
     for path, indices in (cfg.trainable_tokens if cfg else {}).items():
-        out[f"{_PEFT_PREFIX}{path}.token_adapter.trainable_tokens_delta"] = model.get_submodule(path).weight.detach()[
+        out[f"{PEFT_PREFIX}{path}.token_adapter.trainable_tokens_delta"] = model.get_submodule(path).weight.detach()[
             torch.tensor(indices)]
     return out
 
@@ -238,13 +237,12 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path, adapter_name: str = 
                              adapter_dir)
     target_parameters = [t for t in config.get("target_parameters") or [] if t]
     experts = set(expert_modules(model)) if target_parameters else set()
-    expert_keys = {k for k in tensors if ".lora_" in k
-                   and _unwrapped(k[len(_PEFT_PREFIX):].rsplit(".lora_", 1)[0]) in experts}
-    paths = sorted({k[len(_PEFT_PREFIX):].rsplit(".lora_", 1)[0] for k in tensors if ".lora_" in k} - {
-        k[len(_PEFT_PREFIX):].rsplit(".lora_", 1)[0] for k in expert_keys})
+    lora_keys = {k: lora_key(k) for k in tensors if ".lora_" in k}  # key -> (module path, tensor kind)
+    expert_keys = {k for k, (path, _) in lora_keys.items() if _unwrapped(path) in experts}
+    paths = sorted({path for k, (path, _) in lora_keys.items() if k not in expert_keys})
     # modules trained whole; PEFT's save_embedding_layers adds copies under .original_module. (the base
     # before training) and .modules_to_save. (the same trained weights as the plain key), skipped here
-    whole = {k[len(_PEFT_PREFIX):]: v for k, v in tensors.items()
+    whole = {k[len(PEFT_PREFIX):]: v for k, v in tensors.items()
              if ".lora_" not in k and ".original_module." not in k and ".modules_to_save." not in k}
     # the biases PEFT's bias="all"/"lora_only" trains (a module's bias alone, not a module saved whole)
     bias_mode = config.get("bias") or "none"
@@ -277,10 +275,10 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path, adapter_name: str = 
     _write_token_rows(model, token_rows, adapter_name)
     _load_biases(model, biases, bias_mode, trainable, adapter_dir)
     layers, embeddings = lora_layers(model), embedding_lora_layers(model)
-    for key, value in tensors.items():
-        if ".lora_" not in key or key in expert_keys:
+    for key, (path, rest) in lora_keys.items():
+        if key in expert_keys:
             continue
-        path, _, rest = key[len(_PEFT_PREFIX):].rpartition(".lora_")
+        value = tensors[key]
         if rest not in _LORA_TENSORS:
             raise UsageError(f"{adapter_dir}: {key} is not a tensor of plain LoRA or DoRA (a LoRA variant qlora does "
                              "not implement); merge it with PEFT (merge_and_unload) and give qlora the merged model.")
@@ -319,7 +317,7 @@ def _load_expert_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], key
     for path, layer in experts_lora_layers(model).items():
         for weight, prefix in expert_key_prefixes(path, layer, adapter_name).items():
             for which in ("lora_A", "lora_B"):
-                expected[f"{_PEFT_PREFIX}{prefix}.{which}.weight"] = getattr(layer, which)[weight][adapter_name].weight
+                expected[f"{PEFT_PREFIX}{prefix}.{which}.weight"] = getattr(layer, which)[weight][adapter_name].weight
     missing, extra = sorted(set(expected) - keys), sorted(keys - set(expected))
     if missing or extra:
         key = (missing or extra)[0]
@@ -375,7 +373,7 @@ def _token_rows(model: nn.Module, config: dict, tensors: dict[str, torch.Tensor]
     spec = config.get("trainable_token_indices")
     rows: dict[str, tuple[list[int], torch.Tensor]] = {}
     for key, value in tensors.items():
-        path = key[len(_PEFT_PREFIX):].split(".token_adapter.")[0]
+        path = key[len(PEFT_PREFIX):].split(".token_adapter.")[0]
         if isinstance(spec, dict):
             indices = next((v for name, v in spec.items() if path == name or path.endswith("." + name)), None)
         else:
@@ -418,7 +416,7 @@ def _load_biases(model: nn.Module, biases: dict[str, torch.Tensor], mode: str, t
         if key not in params:
             raise UsageError(f"{adapter_dir} was made for another base model: it trains the bias {key} "
                              f"(bias={mode!r}), which this model does not have.")
-        copy_adapter_tensor(params[key], value, _PEFT_PREFIX + key, adapter_dir, trainable)
+        copy_adapter_tensor(params[key], value, PEFT_PREFIX + key, adapter_dir, trainable)
 
 
 def _load_base_tables(model: nn.Module, tables: dict[str, torch.Tensor], adapter_dir: Path) -> None:
@@ -429,17 +427,17 @@ def _load_base_tables(model: nn.Module, tables: dict[str, torch.Tensor], adapter
         base = getattr(model.get_submodule(path), "base_layer", None)
         param = getattr(base, name, None) if base is not None else None
         if not isinstance(param, nn.Parameter) or param.dtype == torch.uint8:
-            raise UsageError(f"{adapter_dir}: {_PEFT_PREFIX}{path}.base_layer.{name} holds a base table for {path}, "
+            raise UsageError(f"{adapter_dir}: {PEFT_PREFIX}{path}.base_layer.{name} holds a base table for {path}, "
                              "which this model does not adapt as a dense layer; the adapter was made for another "
                              "model.")
-        copy_adapter_tensor(param, value, f"{_PEFT_PREFIX}{path}.base_layer.{name}", adapter_dir, False)
+        copy_adapter_tensor(param, value, f"{PEFT_PREFIX}{path}.base_layer.{name}", adapter_dir, False)
 
 
 def _load_whole(model: nn.Module, whole: dict[str, torch.Tensor], trainable: bool, adapter_dir: Path) -> None:
     """Copy the modules trained whole (``modules_to_save``) into ``model``."""
     for key, value in whole.items():
         path, _, name = key.rpartition(".")
-        copy_adapter_tensor(model.get_submodule(path).get_parameter(name), value, _PEFT_PREFIX + key, adapter_dir,
+        copy_adapter_tensor(model.get_submodule(path).get_parameter(name), value, PEFT_PREFIX + key, adapter_dir,
                             trainable)
 
 

@@ -1,4 +1,4 @@
-"""Copying saved adapter tensors into a model, with the check every loader needs."""
+"""Adapter file keys and copying saved adapter tensors into a model, with the check every loader needs."""
 
 from __future__ import annotations
 
@@ -8,6 +8,15 @@ import torch
 from torch import nn
 
 from ..errors import UsageError
+
+PEFT_PREFIX = "base_model.model."  # PEFT's adapter files name model tensors under this prefix
+
+
+def lora_key(key: str) -> tuple[str, str]:
+    """``(module path, tensor kind)`` of an adapter file's LoRA key: ``...q_proj.lora_A.weight`` gives
+    ``("...q_proj", "A.weight")``."""
+    path, _, kind = key[len(PEFT_PREFIX):].rpartition(".lora_")
+    return path, kind
 
 
 def copy_adapter_tensor(param: nn.Parameter, value: torch.Tensor, key: str, source: str | Path,

@@ -7,7 +7,7 @@ import dataclasses
 import logging
 import re
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Iterable, Iterator
 
 import torch
 from torch import nn
@@ -177,7 +177,7 @@ def trained_biases(model: nn.Module, bias: str) -> dict[str, nn.Parameter]:
             if getattr(m.base_layer, "bias", None) is not None}
 
 
-def pattern_key(patterns: dict, path: str) -> str | None:
+def pattern_key(patterns: Iterable[str], path: str) -> str | None:
     """The first key of a PEFT ``rank_pattern``/``alpha_pattern`` that matches a module path
     (PEFT's rule: the key is a regex matching the whole path or a ``.``-separated tail of it)."""
     return next((k for k in patterns if re.match(rf"(.*\.)?({k})$", path)), None)
@@ -203,7 +203,7 @@ def _check_patterns(rank_pattern: dict, alpha_pattern: dict, paths: list[str]) -
             if not valid:
                 raise UsageError(f"{what}[{key!r}] must be a positive {'integer' if what == 'rank_pattern' else 'number'}"
                                  f", got {value!r}.")
-            if not any(re.match(rf"(.*\.)?({key})$", p) for p in paths):
+            if not any(pattern_key([key], p) for p in paths):
                 log.warning("qlora: %s key %r matches none of the adapted layers", what, key)
 
 

@@ -44,7 +44,7 @@ def folded_weight(module: nn.Module) -> tuple[torch.Tensor, nn.Module] | None:
     if isinstance(module, LoraLinear):
         if module.merged and any(n in module.lora_magnitude_vector for n in module.active):
             module.unmerge()  # DoRA's fold needs the unmerged base
-        return module.merged_weight([n for n in module.active if n not in module.merged]), module.base_layer
+        return module.merged_weight(module.unmerged_active), module.base_layer
     if isinstance(module, AdaLoraLinear):
         return module.base_weight(torch.float32) + module.delta_weight(), module.base_layer
     if isinstance(module, Linear4bit):
@@ -56,8 +56,7 @@ def folded_weight(module: nn.Module) -> tuple[torch.Tensor, nn.Module] | None:
 def folded_bias(module: nn.Module, base: nn.Module) -> torch.Tensor | None:
     """The bias of a folded layer: the base's, plus what its active ``lora_bias`` adapters add."""
     bias = getattr(base, "bias", None)
-    delta = module.bias_delta([n for n in module.active if n not in module.merged]) if isinstance(
-        module, LoraLinear) else None
+    delta = module.bias_delta(module.unmerged_active) if isinstance(module, LoraLinear) else None
     if delta is None:
         return None if bias is None else bias.detach()
     return (bias.detach().float() + delta).to(bias.dtype)
@@ -69,7 +68,7 @@ def _shares_table(model: nn.Module) -> bool:
 
 
 def _adapted(module: nn.Module) -> bool:
-    return isinstance(module, (LoraLinear, LoraEmbedding)) and any(n not in module.merged for n in module.active)
+    return isinstance(module, (LoraLinear, LoraEmbedding)) and bool(module.unmerged_active)
 
 
 def tied_embeddings(model: nn.Module) -> bool:
@@ -87,12 +86,16 @@ def _untie_config(model: nn.Module) -> None:
 
 
 def _refuse_unmergeable(model: nn.Module) -> None:
+    """Before anything is folded: a layer whose adapter bias has nowhere to go (:meth:`LoraLinear.bias_delta`)."""
     for path, m in model.named_modules():
-        if isinstance(m, LoraLinear) and getattr(m.base_layer, "bias", None) is None and any(
-                m.lora_B[n].bias is not None for n in m.active if n not in m.merged):
+        if not isinstance(m, LoraLinear):
+            continue
+        try:
+            m.bias_delta(m.unmerged_active)
+        except ValueError:
             raise UsageError(f"{path}: the adapter trains a bias there (PEFT's lora_bias) but the layer has no "
                              "bias, so it cannot be merged into a plain checkpoint (PEFT refuses this merge too). "
-                             "Use the adapter unmerged (qlora generate/serve --adapter) instead.")
+                             "Use the adapter unmerged (qlora generate/serve --adapter) instead.") from None
 
 
 def _is_conv1d(module: nn.Module, base: nn.Module) -> bool:
@@ -139,7 +142,7 @@ def merged_tensors(model: nn.Module) -> list[tuple[str, tuple[int, ...], Callabl
             continue
         if isinstance(module, LoraEmbedding):
             folded.append(path)
-            names = [n for n in module.active if n not in module.merged]
+            names = module.unmerged_active
             rows.append((prefix + "weight", tuple(module.weight.shape), lambda m=module, n=names: m.merged_weight(n)))
             continue
         if isinstance(module, foldable):
@@ -191,7 +194,7 @@ def merge(model: nn.Module, into: str = "dequantized", dtype: torch.dtype | None
             return None
         if isinstance(module, LoraEmbedding):  # a new table: a head tied to the old one keeps it
             base = module.base_layer
-            merged = module.merged_weight([n for n in module.active if n not in module.merged])
+            merged = module.merged_weight(module.unmerged_active)
             base.weight = nn.Parameter(merged.to(dtype or base.weight.dtype), requires_grad=False)
             return base
         folded = folded_weight(module)

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from .experts4bit import Experts4bit, expert_weight_names, routing, routing_arg_names, run_experts
-from .lora import LoraSpec
+from .lora import LoraSpec, check_new_adapter
 
 
 def expert_shapes(experts: nn.Module) -> dict[str, tuple[int, int]]:
@@ -71,10 +71,7 @@ class ExpertsLora(nn.Module):
 
     # --- adapters -----------------------------------------------------------
     def add_adapter(self, name: str, spec: LoraSpec, weights: list[str]) -> None:
-        if name in self.specs:
-            raise ValueError(f"adapter {name!r} already exists on this layer")
-        if spec.r <= 0:
-            raise ValueError(f"LoRA rank must be positive, got {spec.r}")
+        check_new_adapter(self.specs, name, spec)
         if spec.dropout or spec.use_dora or spec.lora_bias or spec.init not in ("kaiming", "gaussian"):
             raise ValueError("LoRA on expert weights (target_parameters) has no dropout, DoRA, lora_bias or LoftQ, "
                              "as in PEFT")

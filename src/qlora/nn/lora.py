@@ -66,6 +66,14 @@ class _Magnitude(nn.Module):
         self.weight = nn.Parameter(norm)
 
 
+def check_new_adapter(specs: dict[str, LoraSpec], name: str, spec: LoraSpec) -> None:
+    """The checks every adapter layer makes before adding adapter ``name``."""
+    if name in specs:
+        raise ValueError(f"adapter {name!r} already exists on this layer")
+    if spec.r <= 0:
+        raise ValueError(f"LoRA rank must be positive, got {spec.r}")
+
+
 class AdapterSlots(nn.Module):
     """What every layer holding named adapters shares: their specs, which are active with which
     combination weights, and a switch that turns them all off."""
@@ -77,6 +85,11 @@ class AdapterSlots(nn.Module):
         self.disabled = False
         self.merged: list[str] = []
         self.row_adapters: list[str | None] | None = None  # per batch row adapter (see qlora.model.multi_adapter)
+
+    @property
+    def unmerged_active(self) -> list[str]:
+        """The active adapters not folded into the base yet: what a merge of this layer adds."""
+        return [n for n in self.active if n not in self.merged]
 
     def set_active(self, weights: dict[str, float]) -> None:
         """Activate adapters with combination weights (``{"a": 1.0}`` for one)."""
@@ -116,10 +129,7 @@ class LoraLinear(AdapterSlots):
 
     # --- adapters -----------------------------------------------------------
     def add_adapter(self, name: str, spec: LoraSpec) -> None:
-        if name in self.specs:
-            raise ValueError(f"adapter {name!r} already exists on this layer")
-        if spec.r <= 0:
-            raise ValueError(f"LoRA rank must be positive, got {spec.r}")
+        check_new_adapter(self.specs, name, spec)
         if spec.lora_bias and spec.use_dora:
             raise ValueError("lora_bias does not combine with DoRA (PEFT refuses it too)")
         device = next((t.device for t in self.base_layer.buffers()), None) or next(

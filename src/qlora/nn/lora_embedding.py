@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .lora import AdapterSlots, LoraSpec
+from .lora import AdapterSlots, LoraSpec, check_new_adapter
 
 
 class LoraEmbedding(AdapterSlots):
@@ -40,10 +40,7 @@ class LoraEmbedding(AdapterSlots):
         return self.base_layer.weight
 
     def add_adapter(self, name: str, spec: LoraSpec) -> None:
-        if name in self.specs:
-            raise ValueError(f"adapter {name!r} already exists on this layer")
-        if spec.r <= 0:
-            raise ValueError(f"LoRA rank must be positive, got {spec.r}")
+        check_new_adapter(self.specs, name, spec)
         if spec.use_dora or spec.lora_bias or spec.init == "loftq":
             what = "DoRA" if spec.use_dora else "lora_bias" if spec.lora_bias else "LoftQ"
             raise ValueError(f"LoRA on an embedding does not support {what} here; adapt only linear layers with "
