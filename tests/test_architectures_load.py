@@ -31,6 +31,20 @@ def saved(tmp_path_factory, tiny_tokenizer):
     return build
 
 
+def train_losses(model, ids: torch.Tensor, steps: int) -> list[float]:
+    """Train ``model``'s trainable parameters on ``ids`` (AdamW, lr 1e-2); the loss of each step."""
+    model.train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    losses = []
+    for _ in range(steps):
+        loss = model(ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    return losses
+
+
 def _loads_as_transformers(d):
     """qlora's 16-bit load of ``d`` has transformers' buffers and logits; returns transformers' model."""
     ref = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).eval()
@@ -161,7 +175,6 @@ def test_gemma3n_loads_as_transformers_does_and_trains_every_path(tmp_path, tiny
     which transformers reaches by dispatching to the innermost ``PreTrainedModel``; KV-shared layers,
     AltUp streams, LAuReL and per-layer inputs all load and get gradients through 4-bit LoRA."""
     from qlora.model.inject import add_lora
-    from qlora.nn import LoraLinear
 
     n = len(tiny_tokenizer)
     config = AutoConfig.for_model(
@@ -255,15 +268,7 @@ def test_layers_the_model_rescales_in_place_stay_dense_and_train_merge_as_transf
     eval_scaled = ref.rwkv.blocks[1].attention.output.weight.detach().clone()
     ref.train()
     ref(x)  # transformers multiplies the eval-scaled weight back for training
-    model.train()
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    losses = []
-    for _ in range(6):
-        loss = model(x, labels=x).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        losses.append(loss.item())
+    losses = train_losses(model, x, steps=6)
     assert losses[-1] < losses[0] - 0.05, losses
     torch.testing.assert_close(block.attention.output.weight, ref.rwkv.blocks[1].attention.output.weight)
     assert not torch.equal(eval_scaled, block.attention.output.weight)  # so the check above sees the scaling
@@ -309,15 +314,7 @@ def test_4bit_layers_tied_across_layers_share_codes_and_adapt_per_layer(tmp_path
         assert (model(x).logits - expected).abs().max() < 0.5 * expected.abs().max()
 
     add_lora(model, r=4, dropout=0.0, verbose=False)
-    model.train()
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    losses = []
-    for _ in range(5):
-        loss = model(x, labels=x).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        losses.append(loss.item())
+    losses = train_losses(model, x, steps=5)
     assert losses[-1] < losses[0] - 0.05, losses
     a, b = (model.model.layers[i].shared_transf.self_attn.q_proj.lora_B["default"].weight for i in (2, 4))
     assert a.abs().sum() > 0 and b.abs().sum() > 0 and not torch.equal(a, b)

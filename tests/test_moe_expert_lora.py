@@ -18,6 +18,7 @@ import qlora
 from qlora.errors import UsageError
 from qlora.model.load import load_model
 from qlora.nn import Experts4bit, ExpertsLora, Linear4bit
+from test_architectures_load import train_losses
 from tiny_moe import tiny_moe_factory
 
 transformers = pytest.importorskip("transformers")
@@ -146,14 +147,7 @@ def test_training_moves_the_expert_adapters_and_lowers_the_loss(saved):
     router = ours.model.layers[0].mlp.gate.weight
     router_before = router.detach().clone()
     before = {n: p.detach().clone() for n, p in trainable.items()}
-    opt = torch.optim.AdamW(trainable.values(), lr=1e-2)
-    losses = []
-    for _ in range(8):
-        loss = ours(_IDS, labels=_IDS).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        losses.append(loss.item())
+    losses = train_losses(ours, _IDS, steps=8)
     assert losses[-1] < losses[0] - 0.05
     moved = [n for n, p in trainable.items() if not torch.equal(p, before[n])]
     assert {n.split(".lora_")[1].split(".")[:2][0] for n in moved} == {"A", "B"} and len(moved) == len(trainable)

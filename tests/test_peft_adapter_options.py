@@ -55,31 +55,31 @@ def _peft_adapter(model_dir, qmodel, out, **options):
 
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_peft_adapter_options_round_trip(tmp_path, models, case):
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
-
     arch, options = CASES[case]
     model_dir = models[arch]
     model, _ = qlora.load_model(model_dir, compute_dtype=torch.float32, device="cpu")
     theirs = _peft_adapter(model_dir, model, tmp_path / "theirs", **options)
 
-    qlora.load_adapter(model, tmp_path / "theirs")
-    with torch.no_grad():
-        ours = model(IDS).logits
-    torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4)
+    _round_trip(model, model_dir, tmp_path, IDS, theirs)
 
-    # written back, PEFT reads the same adapter (options, trained biases and all)
+
+@torch.no_grad()
+def _round_trip(model, model_dir, tmp_path, ids, theirs) -> None:
+    """PEFT's adapter in ``tmp_path/theirs`` gives its logits ``theirs`` in qlora; written back, PEFT reads the
+    same adapter (options, trained biases, token rows and all); merged into plain weights, transformers
+    computes the adapter model (a tied head is untied)."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    qlora.load_adapter(model, tmp_path / "theirs")
+    torch.testing.assert_close(model(ids).logits, theirs, rtol=1e-4, atol=1e-4)
     qlora.save_adapter(model, tmp_path / "ours")
     again = PeftModel.from_pretrained(_dequantized_reference(model_dir, model), tmp_path / "ours").eval()
-    with torch.no_grad():
-        torch.testing.assert_close(again(IDS).logits, theirs, rtol=1e-4, atol=1e-4)
-
-    # merged into plain weights, transformers computes the adapter model (a tied head is untied)
+    torch.testing.assert_close(again(ids).logits, theirs, rtol=1e-4, atol=1e-4)
     merge(model, into="dequantized", dtype=torch.float32)
     save_merged(model, tmp_path / "merged")
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32).eval()
-    with torch.no_grad():
-        torch.testing.assert_close(merged(IDS).logits, theirs, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(merged(ids).logits, theirs, rtol=1e-4, atol=1e-4)
 
 
 def test_lora_bias_on_a_layer_without_bias_loads_but_refuses_to_merge(tmp_path, models):
@@ -204,8 +204,7 @@ def test_train_takes_the_options_from_yaml_and_flags(tmp_path, models, capsys):
 @pytest.mark.parametrize("arch,indices", [("llama_tied", [3, 7, 11]), ("qwen2", {"embed_tokens": [5, 2]})])
 def test_trainable_token_rows_load_save_and_merge(tmp_path, models, arch, indices):
     """PEFT's trainable_token_indices: new rows for single tokens (a tied head reads them too)."""
-    from peft import LoraConfig, PeftModel, get_peft_model
-    from transformers import AutoModelForCausalLM
+    from peft import LoraConfig, get_peft_model
 
     model_dir = models[arch]
     model, _ = qlora.load_model(model_dir, compute_dtype=torch.float32, device="cpu")
@@ -220,18 +219,7 @@ def test_trainable_token_rows_load_save_and_merge(tmp_path, models, arch, indice
     ids = torch.tensor([[1, 3, 5, 7, 2, 11, 9]])
     with torch.no_grad():
         theirs = theirs_model(ids).logits
-    qlora.load_adapter(model, tmp_path / "theirs")
-    with torch.no_grad():
-        torch.testing.assert_close(model(ids).logits, theirs, rtol=1e-4, atol=1e-4)
-    qlora.save_adapter(model, tmp_path / "ours")
-    again = PeftModel.from_pretrained(_dequantized_reference(model_dir, model), tmp_path / "ours").eval()
-    with torch.no_grad():
-        torch.testing.assert_close(again(ids).logits, theirs, rtol=1e-4, atol=1e-4)
-    merge(model, into="dequantized", dtype=torch.float32)
-    save_merged(model, tmp_path / "merged")
-    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32).eval()
-    with torch.no_grad():
-        torch.testing.assert_close(merged(ids).logits, theirs, rtol=1e-4, atol=1e-4)
+    _round_trip(model, model_dir, tmp_path, ids, theirs)
 
 
 def test_lora_variants_that_compute_differently_are_refused_naming_them(tmp_path, models):

@@ -153,12 +153,7 @@ def test_two_adapters_concurrently_are_batched_and_each_equals_alone(served):
         replies[model_id] = _chat(client, model_id, max_tokens=16).choices[0].message.content
 
     threads = [threading.Thread(target=ask, args=(m,)) for m in ("a", "b")]
-    with batcher.paused():  # both requests queue, so they join the batch at the same step boundary
-        for t in threads:
-            t.start()
-        _wait(lambda: batcher.load()["waiting"] == 2)
-    for t in threads:
-        t.join(60)
+    _together(batcher, threads)
     assert replies == alone
     # decode steps held rows of both adapters: one forward for the two of them
     assert batcher.load()["mixed_adapter_steps"] - before >= 10
@@ -179,12 +174,7 @@ def test_twenty_concurrent_streaming_clients_complete(served):
             errors.append(exc)
 
     threads = [threading.Thread(target=ask, args=(i,)) for i in range(20)]
-    with batcher.paused():
-        for t in threads:
-            t.start()
-        _wait(lambda: batcher.load()["waiting"] == 20)
-    for t in threads:
-        t.join(120)
+    _together(batcher, threads, timeout=120)
     assert not errors and sorted(results) == list(range(20))
     assert all(finish in ("stop", "length") for _, finish in results.values())
     assert batcher.load()["max_rows_in_step"] >= 10
@@ -295,6 +285,17 @@ def _startup_line(proc: subprocess.Popen) -> str:
 def _env(**extra: str) -> dict[str, str]:
     src = str(Path(qlora.__file__).resolve().parents[1])
     return {**os.environ, "PYTHONPATH": src, "OMP_NUM_THREADS": "1", **extra}
+
+
+def _together(batcher, threads, timeout: float = 60.0) -> None:
+    """Run the request threads so that every request queues first and all join the batch at the same
+    step boundary; return when they are done."""
+    with batcher.paused():
+        for t in threads:
+            t.start()
+        _wait(lambda: batcher.load()["waiting"] == len(threads))
+    for t in threads:
+        t.join(timeout)
 
 
 def _wait(condition, timeout: float = 60.0) -> None:

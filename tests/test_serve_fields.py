@@ -20,7 +20,7 @@ from qlora.infer.generate import encode_prompt
 from qlora.infer.messages import Message
 from qlora.infer.template import render_chat
 
-from test_serve import KEY, _wait, adapters  # noqa: F401  (the fixture is shared: two saved random adapters)
+from test_serve import KEY, _together, adapters  # noqa: F401  (the fixture is shared: two saved random adapters)
 
 openai = pytest.importorskip("openai")
 pytest.importorskip("fastapi")
@@ -327,12 +327,7 @@ def test_json_object_reply_is_an_object_streamed_or_not(served):
     threads = [threading.Thread(target=ask, args=("json",),
                                 kwargs={"max_tokens": 300, "response_format": {"type": "json_object"}}),
                threading.Thread(target=ask, args=("plain",), kwargs={"max_tokens": 8})]
-    with batcher.paused():
-        for t in threads:
-            t.start()
-        _wait(lambda: batcher.load()["waiting"] == 2)
-    for t in threads:
-        t.join(60)
+    _together(batcher, threads)
     assert results == {"json": reply.message.content, "plain": plain}
 
 
