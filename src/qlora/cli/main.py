@@ -82,6 +82,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     module = importlib.import_module(COMMANDS[args.command][0])
     try:
+        from .base_model import resolve_base
+
+        resolve_base(args, args.command)
         return int(module.run(args) or 0)
     except UsageError as exc:
         print(f"qlora {args.command}: error: {exc}", file=sys.stderr)

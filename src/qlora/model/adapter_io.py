@@ -22,6 +22,7 @@ from torch import nn
 from .. import __version__
 from ..atomic import atomic_dir
 from ..errors import UsageError
+from .adapter_base import BASE_KEY, base_quantization
 from .adapter_tensors import PEFT_PREFIX, copy_adapter_tensor, lora_key
 from .adalora import AdaLoraConfig
 from .adalora_io import adalora_peft_config, adalora_state_dict, attach_adalora
@@ -42,7 +43,7 @@ _KNOWN_KEYS = {
     "qalora_group_size", "trainable_token_indices", "target_parameters", "peft_version", "arrow_config",
     "ensure_weight_tying", "alora_invocation_tokens", "lora_ga_config", "use_bdlora",
     "init_r", "target_r", "tinit", "tfinal", "deltaT", "beta1", "beta2", "orth_reg_weight", "total_step",
-    "kasa_config", "monteclora_config", "velora_config",
+    "kasa_config", "monteclora_config", "velora_config", BASE_KEY,
 }
 
 
@@ -114,7 +115,8 @@ def save_adapter(model: nn.Module, out_dir: str | Path, adapter_name: str = "def
     tensors = {k: v.cpu().clone() for k, v in adapter_state_dict(model, adapter_name).items()}
     with atomic_dir(out_dir) as tmp:
         (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
-        info = {"qlora_version": __version__, "qlora_format_version": FORMAT_VERSION}
+        info = {"qlora_version": __version__, "qlora_format_version": FORMAT_VERSION,
+                BASE_KEY: base_quantization(model)}
         (tmp / QLORA_INFO).write_text(json.dumps(info, indent=2) + "\n")
         save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
         if tokenizer is not None:

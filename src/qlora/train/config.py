@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import sys
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -367,6 +368,30 @@ def _read_yaml(path: Path) -> tuple[dict, dict[str, int]]:
     return loaded, lines
 
 
+def _adapter_base(values: dict[str, Any]) -> None:
+    """The base of a continued adapter: ``model: ADAPTER_FOLDER`` continues that adapter on the base it
+    names (as PEFT reads such a folder), and the 4-bit format it was trained on is the default."""
+    from qlora.model.adapter_base import adapter_folder_base, trained_base
+
+    base = adapter_folder_base(values["model"]) if values.get("model") else None
+    if base is not None:
+        if values.get("adapter"):
+            raise UsageError(f"--model {values['model']} is a LoRA adapter and --adapter {values['adapter']} "
+                             "another; give the base model as --model.")
+        print(f"qlora train: {values['model']} is a LoRA adapter: training it further on its base {base}",
+              file=sys.stderr)
+        values["adapter"], values["model"] = values["model"], base
+    trained = trained_base(values["adapter"]) if values.get("adapter") else None
+    if trained is None:
+        return
+    for key in ("quant", "blocksize", "double_quant"):
+        if key in trained and key not in values:
+            values[key] = trained[key]
+        elif key in trained and values[key] != trained[key]:
+            print(f"qlora train: warning: {values['adapter']} was trained with --{_flag(key)} {trained[key]}; "
+                  f"continuing with {values[key]} changes the base weights it corrects", file=sys.stderr)
+
+
 def load_config(yaml_path: str | Path | None, overrides: dict[str, Any]) -> TrainConfig:
     """Build a config from an optional YAML file, then ``overrides`` (flags win).
 
@@ -409,6 +434,7 @@ def load_config(yaml_path: str | Path | None, overrides: dict[str, Any]) -> Trai
         values[name] = _coerce(name, value, field_type(by_name[name]), "command line")
     if values.get("target_parameters") and "dropout" not in values:
         values["dropout"] = 0.0  # PEFT's expert LoRA has no dropout, so an adapter with it has none anywhere
+    _adapter_base(values)
     config = TrainConfig(**values)
     config.validate()
     return config

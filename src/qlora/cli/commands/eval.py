@@ -32,7 +32,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="chat format: auto = the one --adapter was trained with (chat_format.json), else the "
                              "model's own, else the built-in one its vocabulary supports (as train)")
     parser.add_argument("--train-on", default="assistant", choices=("assistant", "all"), help="tokens that count")
-    parser.add_argument("--quant", default="nf4", choices=("nf4", "fp4", "none"), help="base data type (default nf4)")
+    parser.add_argument("--quant", default=None, choices=("nf4", "fp4", "none"),
+                        help="base data type (default: the format the adapter was trained on, else nf4)")
     parser.add_argument("--seq-len", type=number(int, Range(2)), default=512, help="truncate examples to this many tokens")
     parser.add_argument("--batch-size", type=positive_int, default=4, help="examples per forward pass")
 
@@ -41,6 +42,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from ...cpu_threads import apply_cpu_threads
+    from ..base_model import load_kwargs
     from ...model.adapter_io import adapter_tokenizer, load_adapter
     from ...model.load import load_model
     from ...train.data.fields import parse_data_fields
@@ -53,8 +55,7 @@ def run(args: argparse.Namespace) -> int:
     fields = parse_data_fields(args.data_fields)  # checked before the model loads
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = compute_dtype_for("auto", device)
-    model, tokenizer = load_model(args.model, quant=None if args.quant == "none" else args.quant,
-                                  compute_dtype=dtype, device=device)
+    model, tokenizer = load_model(args.model, **load_kwargs(args), compute_dtype=dtype, device=device)
     apply_cpu_threads(model, device)
     if args.adapter:
         tokenizer = adapter_tokenizer(args.adapter, tokenizer)

@@ -32,7 +32,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "and need llama-cpp-python")
     parser.add_argument("--quant", choices=("nf4", "fp4", "none"),
                         help="the base data type used in training: the adapter is folded into this dequantized "
-                             "base, as qlora merge does (default: nf4 with --adapter, none without)")
+                             "base, as qlora merge does (default: the format the adapter was trained on, else nf4; "
+                             "none without --adapter)")
     parser.add_argument("--compute-dtype", choices=tuple(_DTYPES), default=None,
                         help="dtype the unquantized tensors are loaded in (default: fp32 for a 4-bit base, "
                              "the checkpoint's own dtype otherwise)")
@@ -54,16 +55,16 @@ def run(args: argparse.Namespace) -> int:
     from ...model.load import load_model, resolve_model_dir
     from ...model.modelfile import write_modelfile
     from ...output_folder import check_output, staged_output
+    from ..base_model import load_kwargs
 
     require_gguf()
     out = Path(args.output)
     if out.suffix == ".gguf":
         raise UsageError(f"--output is a folder (it receives the .gguf file and a Modelfile), not {out.name}")
     check_output(out, overwrite=args.overwrite, inputs={"--model": args.model, "--adapter": args.adapter})
-    quant = args.quant or ("nf4" if args.adapter else "none")
+    quant = args.quant
     dtype = _load_dtype(args.compute_dtype, quant, resolve_model_dir(args.model))
-    model, tokenizer = load_model(args.model, quant=None if quant == "none" else quant, compute_dtype=dtype,
-                                  device="cpu")
+    model, tokenizer = load_model(args.model, **load_kwargs(args), compute_dtype=dtype, device="cpu")
     if args.adapter:
         tokenizer = adapter_tokenizer(args.adapter, tokenizer)
         load_adapter(model, args.adapter)

@@ -33,8 +33,9 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
                         help="chat format of the prompt: auto = the one the adapter was trained with (its "
                              "chat_format.json: template, date, system handling), else the model's own for chat and "
                              "the raw --prompt for generate; tokenizer = the model's own; none = raw text (generate)")
-    parser.add_argument("--quant", choices=("nf4", "fp4", "none"), default="nf4",
-                        help="4-bit format of the base weights on load, or none for 16/32-bit")
+    parser.add_argument("--quant", choices=("nf4", "fp4", "none"), default=None,
+                        help="4-bit format of the base weights on load, or none for 16/32-bit "
+                             "(default: the format the adapter was trained on, else nf4)")
     parser.add_argument("--compute-dtype", choices=("bf16", "fp16", "fp32"), default="bf16",
                         help="dtype of the matmuls and unquantized weights")
     for f in dataclasses.fields(SamplingOptions):
@@ -58,12 +59,12 @@ def load_model_from_args(args: argparse.Namespace):
     from ...model.adapter_io import adapter_tokenizer, load_adapter
     from ...model.load import load_model
     from ...model.multi_adapter import set_adapters
+    from ..base_model import load_kwargs
 
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.compute_dtype]
-    quant = None if args.quant == "none" else args.quant
     names = adapter_names(args)  # options are checked before the (slow) model load
     weights = _weights(args) if getattr(args, "adapter_weights", None) else None  # generate/chat only
-    model, tokenizer = load_model(args.model, quant=quant, compute_dtype=dtype)
+    model, tokenizer = load_model(args.model, **load_kwargs(args), compute_dtype=dtype)
     apply_cpu_threads(model, next(model.parameters()).device)
     tokenizer = adapter_tokenizer(list(names.values()), tokenizer)
     for name, path in names.items():

@@ -16,11 +16,13 @@ _DTYPES = ("bfloat16", "float16", "float32")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True, help="the base model the adapter was trained on")
-    parser.add_argument("--adapter", required=True, help="PEFT-format adapter folder")
+    parser.add_argument("--model", required=True, help="the base model the adapter was trained on (or the adapter "
+                                                       "folder: its config names the base)")
+    parser.add_argument("--adapter", help="PEFT-format adapter folder")
     parser.add_argument("--output", required=True, help="folder for the merged checkpoint")
-    parser.add_argument("--quant", default="nf4", choices=("nf4", "fp4", "none"),
-                        help="the base data type used in training (default nf4; none = merge into 16-bit weights)")
+    parser.add_argument("--quant", default=None, choices=("nf4", "fp4", "none"),
+                        help="the base data type used in training; none = merge into 16-bit weights (default: the "
+                             "format the adapter was trained on, else nf4)")
     parser.add_argument("--dtype", default="bfloat16", choices=_DTYPES, help="dtype of the merged weights")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace qlora's earlier results in an existing --output (only files qlora wrote)")
@@ -34,11 +36,15 @@ def run(args: argparse.Namespace) -> int:
     from ...model.merge import merge, save_merged
 
     from ...output_folder import check_output, staged_output
+    from ...errors import UsageError
+    from ..base_model import load_kwargs
 
+    if not args.adapter:
+        raise UsageError("qlora merge needs --adapter DIR (or --model DIR of the adapter, whose adapter_config.json "
+                         "names the base model).")
     check_output(args.output, overwrite=args.overwrite, inputs={"--model": args.model, "--adapter": args.adapter})
     dtype = getattr(torch, args.dtype)
-    model, tokenizer = load_model(args.model, quant=None if args.quant == "none" else args.quant,
-                                  compute_dtype=dtype, device="cpu")
+    model, tokenizer = load_model(args.model, **load_kwargs(args), compute_dtype=dtype, device="cpu")
     tokenizer = adapter_tokenizer(args.adapter, tokenizer)
     load_adapter(model, args.adapter)
     merge(model, into="dequantized", dtype=dtype)

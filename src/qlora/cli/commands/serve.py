@@ -29,8 +29,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--adapter", action="append", default=[], metavar="[NAME=]DIR",
                         help="LoRA adapter directory (PEFT format), served as model id NAME (default: the folder "
                              "name); repeat for several adapters on the one base")
-    parser.add_argument("--quant", choices=("nf4", "fp4", "none"), default="nf4",
-                        help="4-bit format of the base weights on load, or none for 16/32-bit")
+    parser.add_argument("--quant", choices=("nf4", "fp4", "none"), default=None,
+                        help="4-bit format of the base weights on load, or none for 16/32-bit "
+                             "(default: the format the adapter was trained on, else nf4)")
     parser.add_argument("--compute-dtype", choices=("bf16", "fp16", "fp32"), default="bf16",
                         help="dtype of the matmuls and unquantized weights")
     parser.add_argument("--template", choices=("auto", "tokenizer", "chatml", "llama-3", "alpaca"), default="auto",

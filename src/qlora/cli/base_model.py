@@ -1,0 +1,84 @@
+"""Which base a command loads for its adapters: ``--model`` may be an adapter folder (as in
+PEFT and transformers), and an unset ``--quant`` means the format the adapter was trained on
+(see :mod:`qlora.model.adapter_base`)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+from ..errors import UsageError
+from ..model.adapter_base import adapter_folder_base, trained_base
+
+_DEFAULT = {"blocksize": 64, "double_quant": True}
+
+
+def resolve_base(args: argparse.Namespace, command: str) -> None:
+    """Rewrite ``args`` in place: ``--model ADAPTER`` -> its base + ``--adapter ADAPTER``; then
+    ``args.quant``, ``args.blocksize`` and ``args.double_quant`` as the first adapter was trained."""
+    if command == "train" or not hasattr(args, "adapter") or getattr(args, "model", None) is None:
+        return  # train's options merge with its YAML file first (TrainConfig)
+    base = adapter_folder_base(args.model)
+    if base is not None:
+        _adapter_as_model(args, base, command)
+    if hasattr(args, "quant"):
+        _quant_as_trained(args, command)
+
+
+def adapter_dirs(args: argparse.Namespace) -> list[str]:
+    """The adapter folders of ``--adapter`` (``[NAME=]DIR`` items, or one folder)."""
+    if isinstance(args.adapter, list):
+        return [item.rpartition("=")[2] for item in args.adapter]
+    return [args.adapter] if args.adapter else []
+
+
+def load_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """``quant``/``blocksize``/``double_quant`` for :func:`qlora.model.load.load_model`."""
+    return {"quant": None if args.quant == "none" else args.quant, "blocksize": args.blocksize,
+            "double_quant": args.double_quant}
+
+
+def _adapter_as_model(args: argparse.Namespace, base: str, command: str) -> None:
+    folder = args.model
+    looks_local = base.startswith((".", "/", "~")) or base.count("/") > 1
+    if looks_local and not Path(base).expanduser().is_dir():
+        raise UsageError(f"--model {folder} is a LoRA adapter whose adapter_config.json names the base model "
+                         f"{base}, which is not a folder here; pass the base with --model and this folder with "
+                         "--adapter.")
+    if isinstance(args.adapter, list):
+        args.adapter = [folder] + args.adapter
+    elif args.adapter:
+        raise UsageError(f"--model {folder} is a LoRA adapter and --adapter {args.adapter} another; qlora {command} "
+                         "takes one: pass the base model with --model.")
+    else:
+        args.adapter = folder
+    args.model = base
+    print(f"qlora {command}: {folder} is a LoRA adapter: loading its base {base} with it", file=sys.stderr)
+
+
+def _quant_as_trained(args: argparse.Namespace, command: str) -> None:
+    dirs = adapter_dirs(args)
+    bases = [(d, trained_base(d)) for d in dirs]
+    recorded = [(d, b) for d, b in bases if b is not None]
+    trained = recorded[0][1] if recorded else None
+    if len({_describe(b) for _, b in recorded}) > 1:
+        listing = "; ".join(f"{d}: {_describe(b)}" for d, b in recorded)
+        print(f"qlora {command}: warning: the adapters were trained on differently quantized bases ({listing}); "
+              f"loading the first one's", file=sys.stderr)
+    if args.quant is None:
+        args.quant = trained["quant"] if trained else ("nf4" if dirs or command != "export" else "none")
+    elif trained is not None and args.quant != trained["quant"]:
+        print(f"qlora {command}: warning: {recorded[0][0]} was trained on a {_describe(trained)} base; loading "
+              f"{args.quant} as --quant asks changes the weights the adapter corrects", file=sys.stderr)
+    same = trained is not None and trained["quant"] == args.quant
+    for key, default in _DEFAULT.items():
+        setattr(args, key, trained.get(key, default) if same else default)
+
+
+def _describe(base: dict[str, Any]) -> str:
+    if base["quant"] == "none":
+        return "16-bit"
+    dq = "double-quantized" if base.get("double_quant", True) else "no double quantization"
+    return f"{base['quant']} (block {base.get('blocksize', 64)}, {dq})"

@@ -1,0 +1,72 @@
+"""The base an adapter belongs to: which model, and which 4-bit format it was trained against.
+
+An adapter corrects the weights it was trained on. For a QLoRA adapter those are the
+*dequantized* 4-bit weights, which depend on the data type (NF4 or FP4), the block size
+and double quantization; a 16-bit LoRA adapter was trained on the 16-bit weights.
+Loading the base in another format changes what the adapter corrects (and a merge into
+it bakes the difference in), so :func:`save_adapter` records the format beside the
+adapter (``qlora_adapter.json``) and the commands load that format unless told otherwise.
+
+PEFT and transformers also accept an adapter folder where a model is expected: its
+``adapter_config.json`` names the base (``base_model_name_or_path``).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from ..errors import UsageError
+from ..nn import Linear4bit
+from ..quant import BLOCKSIZES
+
+BASE_KEY = "base_quantization"
+
+
+def base_quantization(model: nn.Module) -> dict[str, Any]:
+    """The 4-bit format of ``model``'s quantized layers (``{"quant": "none"}`` for a 16-bit model)."""
+    for module in model.modules():
+        if isinstance(module, Linear4bit):  # expert banks hold Linear4bit layers too
+            return {"quant": module.quant_type, "blocksize": module.blocksize, "double_quant": module.double_quant}
+    return {"quant": "none"}
+
+
+def trained_base(adapter_dir: str | Path) -> dict[str, Any] | None:
+    """The base format recorded with an adapter, or None (PEFT adapters, older qlora ones)."""
+    info = Path(adapter_dir) / "qlora_adapter.json"
+    if not info.is_file():
+        return None
+    try:
+        base = json.loads(info.read_text()).get(BASE_KEY)
+    except (OSError, ValueError, AttributeError):
+        return None  # read_adapter_config names a broken file when the adapter is loaded
+    if not isinstance(base, dict) or base.get("quant") not in ("nf4", "fp4", "none"):
+        return None
+    if base["quant"] != "none" and (base.get("blocksize") not in BLOCKSIZES
+                                    or not isinstance(base.get("double_quant"), bool)):
+        return None
+    return base
+
+
+def adapter_folder_base(path: str | Path) -> str | None:
+    """The base model named by ``path`` when it is an adapter folder (not a model), else None.
+
+    Raises:
+        UsageError: an adapter folder whose config names no base model.
+    """
+    folder = Path(path).expanduser()
+    config = folder / "adapter_config.json"
+    if not folder.is_dir() or (folder / "config.json").is_file() or not config.is_file():
+        return None
+    try:
+        base = json.loads(config.read_text()).get("base_model_name_or_path")
+    except (OSError, ValueError, AttributeError):
+        base = None
+    if not isinstance(base, str) or not base.strip():
+        raise UsageError(f"{folder} is a LoRA adapter, not a model, and its adapter_config.json names no base "
+                         "model (base_model_name_or_path); pass the base with --model and this folder with "
+                         "--adapter.")
+    return base

@@ -1,0 +1,110 @@
+"""An adapter knows its base: the 4-bit format it was trained on is recorded beside it and is what the
+commands load by default, and an adapter folder given as --model brings its base (as PEFT reads it)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from qlora.cli.main import main
+from qlora.model.adapter_io import load_adapter, save_adapter
+from qlora.model.inject import add_lora
+from qlora.model.load import load_model
+from qlora.model.merge import merge
+from random_adapters import randomize_lora_b
+
+FP4_128 = {"quant": "fp4", "blocksize": 128, "double_quant": False}
+
+
+@pytest.fixture(scope="module")
+def fp4_adapter(tmp_path_factory, tiny_model_dir):
+    """An adapter trained (non-zero B) on an FP4, block-128, single-quantized base."""
+    model, tok = load_model(tiny_model_dir, quant="fp4", blocksize=128, double_quant=False,
+                            compute_dtype=torch.float32, device="cpu")
+    add_lora(model, r=4, alpha=8, dropout=0.0, verbose=False)
+    randomize_lora_b(model, seed=1)
+    return save_adapter(model, tmp_path_factory.mktemp("fp4-adapter") / "adapter", tokenizer=tok)
+
+
+def test_the_base_format_is_recorded_beside_the_adapter(fp4_adapter):
+    info = json.loads((fp4_adapter / "qlora_adapter.json").read_text())
+    assert info["base_quantization"] == FP4_128
+    assert "base_quantization" not in json.loads((fp4_adapter / "adapter_config.json").read_text())  # PEFT's file
+
+
+def test_merge_of_the_adapter_folder_folds_into_the_base_it_was_trained_on(fp4_adapter, tiny_model_dir, tmp_path,
+                                                                          capsys):
+    assert main(["merge", "--model", str(fp4_adapter), "--output", str(tmp_path / "m"), "--dtype", "float32"]) == 0
+    assert "is a LoRA adapter: loading its base" in capsys.readouterr().err
+    merged = load_file(tmp_path / "m" / "model.safetensors")
+    expected = {}
+    for kwargs in (FP4_128, {"quant": "nf4", "blocksize": 64, "double_quant": True}):
+        model, _ = load_model(tiny_model_dir, compute_dtype=torch.float32, device="cpu", **kwargs)
+        load_adapter(model, fp4_adapter)
+        merge(model, into="dequantized", dtype=torch.float32)
+        expected[kwargs["quant"]] = model.state_dict()
+    key = "model.layers.0.self_attn.q_proj.weight"
+    assert torch.equal(merged[key], expected["fp4"][key])
+    assert not torch.allclose(merged[key], expected["nf4"][key], atol=1e-3)  # the old default base was another
+
+
+def test_generate_with_the_adapter_folder_as_model_equals_base_plus_adapter(fp4_adapter, tiny_model_dir, capsys):
+    common = ["--prompt", "the quick", "--max-new-tokens", "6", "--temperature", "0", "--compute-dtype", "fp32",
+              "--template", "none"]
+    assert main(["generate", "--model", str(fp4_adapter), *common]) == 0
+    via_folder = capsys.readouterr().out
+    assert main(["generate", "--model", str(tiny_model_dir), "--adapter", str(fp4_adapter), "--quant", "fp4",
+                 *common]) == 0
+    assert capsys.readouterr().out == via_folder
+    assert main(["generate", "--model", str(tiny_model_dir), "--adapter", str(fp4_adapter), "--quant", "nf4",
+                 *common]) == 0
+    assert "was trained on a fp4 (block 128, no double quantization) base; loading nf4" in capsys.readouterr().err
+
+
+def test_train_continues_an_adapter_folder_on_its_base_and_format(fp4_adapter, tiny_model_dir, tmp_path):
+    data = tmp_path / "d.jsonl"
+    data.write_text("\n".join(json.dumps({"instruction": f"say {i}", "output": f"ok {i}"}) for i in range(4)))
+    out = tmp_path / "run"
+    assert main(["train", "--model", str(fp4_adapter), "--data", str(data), "--output", str(out), "--max-steps", "1",
+                 "--no-progress"]) == 0
+    import yaml
+
+    config = yaml.safe_load((out / "config.yaml").read_text())
+    assert (config["model"], config["adapter"]) == (str(tiny_model_dir), str(fp4_adapter))
+    assert {k: config[k] for k in FP4_128} == FP4_128
+    assert json.loads((out / "qlora_adapter.json").read_text())["base_quantization"] == FP4_128
+
+
+def test_an_adapter_folder_that_names_no_base_is_refused(fp4_adapter, tmp_path, capsys):
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    config = json.loads((fp4_adapter / "adapter_config.json").read_text())
+    config["base_model_name_or_path"] = None
+    (bare / "adapter_config.json").write_text(json.dumps(config))
+    assert main(["eval", "--model", str(bare), "--data", "x.jsonl"]) == 2
+    err = capsys.readouterr().err
+    assert "is a LoRA adapter, not a model" in err and "base_model_name_or_path" in err and "Traceback" not in err
+    config["base_model_name_or_path"] = str(tmp_path / "gone")
+    (bare / "adapter_config.json").write_text(json.dumps(config))
+    assert main(["generate", "--model", str(bare), "--prompt", "x"]) == 2
+    assert "names the base model" in capsys.readouterr().err
+
+
+def test_an_adapter_without_a_record_loads_on_the_default_nf4_base(fp4_adapter, tmp_path):
+    """PEFT's adapters (no qlora_adapter.json) keep the QLoRA default."""
+    import argparse
+
+    from qlora.cli.base_model import resolve_base
+
+    peft_like = tmp_path / "peft"
+    peft_like.mkdir()
+    (peft_like / "adapter_config.json").write_text((fp4_adapter / "adapter_config.json").read_text())
+    args = argparse.Namespace(model="base", adapter=[str(peft_like)], quant=None)
+    resolve_base(args, "generate")
+    assert (args.quant, args.blocksize, args.double_quant) == ("nf4", 64, True)
+    args = argparse.Namespace(model="base", adapter=None, quant=None)
+    resolve_base(args, "export")
+    assert args.quant == "none"
