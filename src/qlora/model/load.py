@@ -35,6 +35,7 @@ from .architecture import text_model_from_config
 from .checkpoint_layout import CheckpointLayout
 from .quantize import (_skipped, fp32_linear_names, is_conv1d, is_plain_linear, kept_dense_names, kept_in_fp32,
                        replace_modules)
+from .weight_files import PICKLE_INDEX, SAFETENSORS_INDEX, open_weights, weight_files
 
 log = logging.getLogger("qlora")
 _TRANSFORMERS_V5 = importlib.util.find_spec("transformers.initialization") is not None
@@ -64,11 +65,16 @@ def resolve_model_dir(name_or_path: str | Path) -> Path:
     try:
         folder = Path(snapshot_download(str(name_or_path), allow_patterns=_HUB_SMALL_FILES, local_files_only=cache_only))
         # then only the weights transformers' layout names: not a second copy in another layout
-        # (Mistral's consolidated.safetensors, 14 GB for a 7B model) that qlora would not read
-        index = folder / "model.safetensors.index.json"
-        weights = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() else [
-            "model.safetensors"]
-        return Path(snapshot_download(str(name_or_path), allow_patterns=weights, local_files_only=cache_only))
+        # (Mistral's consolidated.safetensors, 14 GB for a 7B model) that qlora would not read;
+        # pickled .bin weights only for a repository without safetensors
+        for index_name, single in ((SAFETENSORS_INDEX, "model.safetensors"), (PICKLE_INDEX, "pytorch_model.bin")):
+            index = folder / index_name
+            weights = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() else [
+                single]
+            folder = Path(snapshot_download(str(name_or_path), allow_patterns=weights, local_files_only=cache_only))
+            if all((folder / w).is_file() for w in weights):
+                break
+        return folder
     except Exception as exc:  # network and hub errors come in many types
         if cache_only:
             raise hub.unreachable_error(str(name_or_path), "model", "a local model folder (one written by "
@@ -78,35 +84,15 @@ def resolve_model_dir(name_or_path: str | Path) -> Path:
                          "models, or download it elsewhere and pass the folder.") from None
 
 
-def _weight_files(model_dir: Path) -> list[Path]:
-    index = model_dir / "model.safetensors.index.json"
-    if index.is_file():
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        return [model_dir / f for f in files]
-    single = model_dir / "model.safetensors"
-    if single.is_file():
-        return [single]
-    if any(model_dir.glob("*.bin")):
-        raise UsageError(f"{model_dir} holds only pickle (.bin) weights; qlora reads safetensors only. Convert them "
-                         "once with transformers (from_pretrained then save_pretrained(safe_serialization=True)).")
-    raise UsageError(f"{model_dir} has no model.safetensors or model.safetensors.index.json.")
-
-
 def _read_weight_keys(files: list[Path]) -> dict[Path, list[str]]:
-    """Every safetensors file's tensor names, from its header (cheap), so a corrupt or
-    truncated file is named at once, before any tensor is read."""
-    from safetensors import SafetensorError, safe_open
-
+    """Every weight file's tensor names (cheap: safetensors headers, memory-mapped pickles), so a
+    corrupt or truncated file is named at once, before any tensor is read."""
     keys: dict[Path, list[str]] = {}
     for file in files:
         if not file.is_file():
-            raise UsageError(f"{file} is missing (it is listed in the model's safetensors index).")
-        try:
-            with safe_open(str(file), framework="pt", device="cpu") as fh:
-                keys[file] = list(fh.keys())
-        except (SafetensorError, OSError, ValueError) as exc:
-            raise UsageError(f"{file} is corrupt or not a safetensors file ({exc}). Download or copy the model "
-                             "again.") from None
+            raise UsageError(f"{file} is missing (it is listed in the model's weight index).")
+        with open_weights(file) as fh:
+            keys[file] = list(fh.keys())
     return keys
 
 
@@ -247,13 +233,13 @@ def load_model(
         UsageError: missing folder or files, unsupported checkpoint.
     """
     from transformers import AutoConfig
-    from safetensors import SafetensorError, safe_open
+    from safetensors import SafetensorError
 
     if quant not in ("nf4", "fp4", None):
         raise UsageError(f"quant must be nf4, fp4 or none, got {quant!r}")
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model_dir = resolve_model_dir(name_or_path)
-    files = _weight_files(model_dir)
+    files = weight_files(model_dir)
     keys = _read_weight_keys(files)  # headers only: a corrupt file fails here, before any tensor is read
     try:
         config = AutoConfig.from_pretrained(model_dir)
@@ -363,9 +349,9 @@ def load_model(
             if file in current:
                 tensor = current[file].get_tensor(raw_key)
             else:  # a converted group that spans shards: this one tensor from an earlier shard, copied
-                with safe_open(str(file), framework="pt", device="cpu") as other:
+                with open_weights(file) as other:
                     tensor = other.get_tensor(raw_key).clone()
-        except SafetensorError as exc:
+        except (SafetensorError, RuntimeError) as exc:
             raise UsageError(f"{file}: tensor {raw_key} is corrupt ({exc}). Download or copy the model "
                              "again.") from None
         bar.update(tensor.numel() * tensor.element_size())
@@ -373,7 +359,7 @@ def load_model(
 
     cast = compute_dtype if prequant is None else None
     for file in files:
-        with safe_open(str(file), framework="pt", device="cpu") as fh:
+        with open_weights(file) as fh:
             current[file] = fh
             for raw_key in keys[file]:
                 if layout.in_group(raw_key):  # read once its group is complete, then converted
