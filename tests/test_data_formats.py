@@ -58,3 +58,23 @@ def test_format_override_and_unknown():
 def test_bad_records_name_their_line(fields, message):
     with pytest.raises(UsageError, match=message):
         normalize([Record(fields, "d.jsonl line 9")])
+
+
+def test_lima_turns_as_plain_strings_alternate_user_and_assistant():
+    rows = [Record({"conversations": ["What is 2+2?", "4.", "And 3+3?", "6."], "source": "lima"}, "lima.jsonl line 1")]
+    (example,) = normalize(rows)
+    assert [(m["role"], m["content"]) for m in example.messages] == [
+        ("user", "What is 2+2?"), ("assistant", "4."), ("user", "And 3+3?"), ("assistant", "6.")]
+    with pytest.raises(UsageError, match="message 1: each message must be an object"):  # mixed: not LIMA's shape
+        normalize([Record({"conversations": [{"from": "human", "value": "hi"}, "yo"]}, "x.jsonl line 1")])
+
+
+def test_hh_texts_without_prompt_split_at_their_shared_start():
+    from qlora.train.data.preference import normalize_preferences
+
+    row = {"chosen": "\n\nHuman: Hi\n\nAssistant: Hello!", "rejected": "\n\nHuman: Hi\n\nAssistant: Go away."}
+    (pair,) = normalize_preferences([Record(row, "hh.jsonl line 1")])
+    assert (pair.prompt, pair.chosen, pair.rejected) == ("\n\nHuman: Hi\n\nAssistant:", " Hello!", " Go away.")
+    for chosen, rejected, what in (("abc", "xyz", "share no start"), ("same text", "same text", "do not differ")):
+        with pytest.raises(UsageError, match=f'hh.jsonl line 2: field "prompt" is missing.*{what}'):
+            normalize_preferences([Record({"chosen": chosen, "rejected": rejected}, "hh.jsonl line 2")])

@@ -30,6 +30,12 @@ ROWS = [
     {"prompt": "Say hello.", "chosen": " Hello there!", "rejected": " no"},
     {"prompt": "What does the fox do?", "chosen": " The quick brown fox jumps.", "rejected": " It sleeps."},
 ]
+# Anthropic HH's shape: whole texts, the prompt implicit in their shared start (TRL's extract_prompt)
+HH_ROWS = [
+    {"chosen": "\n\nHuman: What is two plus two?\n\nAssistant: four",
+     "rejected": "\n\nHuman: What is two plus two?\n\nAssistant: five, I think"},
+    {"chosen": "\n\nHuman: Say hello.\n\nAssistant: Hello there!", "rejected": "\n\nHuman: Say hello.\n\nAssistant: no"},
+]
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 RTOL = 1e-5
 
@@ -102,7 +108,8 @@ def _assert_grads_equal(ours: dict, theirs: dict) -> None:
 
 # TRL 1.16 applies no label smoothing to its sigmoid loss; its "aot_unpaired" loss is conservative DPO
 # (qlora's --label-smoothing) for a batch of one pair, where sorting the batch changes nothing.
-CASES = {"lora": dict(), "dora": dict(dora=True), "label-smoothing": dict(label_smoothing=0.2, rows=ROWS[1:2])}
+CASES = {"lora": dict(), "dora": dict(dora=True), "label-smoothing": dict(label_smoothing=0.2, rows=ROWS[1:2]),
+         "implicit-text-prompt": dict(rows=HH_ROWS)}
 
 
 @pytest.mark.parametrize("case", sorted(CASES))

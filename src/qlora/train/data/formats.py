@@ -9,7 +9,8 @@ quirks are handled here and nowhere else:
 - alpaca (``instruction``/``input``/``output``, optional ``system`` and
   LLaMA-Factory's ``history``), and Dolly (``instruction``/``context``/``response``);
 - chat (``messages``) and ShareGPT (``conversations``), whatever their entries'
-  keys (``role``/``content`` or ``from``/``value``), with content given as
+  keys (``role``/``content`` or ``from``/``value``), or plain strings alternating user and
+  assistant turns (LIMA), with content given as
   text parts, tool calls, tool results and a per-row ``tools`` column;
 - TRL's prompt-completion (``prompt``/``completion``: strings, or message lists);
 - plain ``text``.
@@ -173,6 +174,8 @@ def _sharegpt(fields: dict[str, Any], where: str, names: FieldMap) -> Example:
 
 def _conversation(fields: dict[str, Any], key: str, where: str, names: FieldMap, fmt: str) -> Example:
     raw = _list_field(fields, key, where, fmt)
+    if all(isinstance(m, str) for m in raw):  # LIMA's turns: plain strings, user first, then alternating
+        raw = [{"role": ("user", "assistant")[i % 2], "content": m} for i, m in enumerate(raw)]
     messages = [_message(m, f"{where}, message {i}", names, fmt) for i, m in enumerate(raw)]
     system = fields.get("system")  # LLaMA-Factory's system column
     if isinstance(system, str) and system.strip() and not any(m["role"] == "system" for m in messages):

@@ -7,9 +7,10 @@ A row holds a prompt and two answers to it, ``chosen`` (preferred) and
 - conversations: ``prompt`` a list of ``{"role", "content"}`` messages and
   ``chosen`` / ``rejected`` the assistant message(s) that follow it (a string
   prompt is one user message, a string answer one assistant message);
-- implicit prompt: ``chosen`` and ``rejected`` whole conversations; their
-  shared leading messages are the prompt (a ``prompt`` string beside them, as
-  in UltraFeedback, repeats the last user message and is not used).
+- implicit prompt: ``chosen`` and ``rejected`` whole conversations, or whole texts
+  (Anthropic HH); their shared leading messages (or characters) are the prompt (a
+  ``prompt`` string beside conversations, as in UltraFeedback, repeats the last user
+  message and is not used).
 
 Assistant messages may carry reasoning (``reasoning_content``/``reasoning``/``thinking``, or a
 ``<think>`` block in the content): it is placed and kept as for SFT, so each answer's reasoning
@@ -112,7 +113,7 @@ def _normalize_row(fields: dict[str, Any], where: str) -> PreferenceExample:
     chosen, rejected = fields["chosen"], fields["rejected"]
     if isinstance(chosen, str) and isinstance(rejected, str) and not isinstance(prompt, list):
         if prompt is None:
-            raise UsageError(f'{where}: field "prompt" is missing {need}.')
+            return _implicit_text_prompt(chosen, rejected, where, need)
         return PreferenceExample(prompt, chosen, rejected, where)
     answers = []
     for key, value in (("chosen", chosen), ("rejected", rejected)):
@@ -132,6 +133,20 @@ def _normalize_row(fields: dict[str, Any], where: str) -> PreferenceExample:
     else:
         prompt_m = ({"role": "user", "content": prompt},)
     return PreferenceExample(prompt_m, chosen_m, rejected_m, where)
+
+
+def _implicit_text_prompt(chosen: str, rejected: str, where: str, need: str) -> PreferenceExample:
+    """Whole texts without a prompt (Anthropic HH's ``"\\n\\nHuman: ... \\n\\nAssistant: ..."``): their
+    shared start is the prompt, as TRL's ``extract_prompt`` cuts it (a space before the first
+    differing character goes with the answers)."""
+    shared = _common_prefix(chosen, rejected)
+    if shared and shared < min(len(chosen), len(rejected)) and chosen[shared - 1] == " ":
+        shared -= 1
+    if shared == 0 or shared in (len(chosen), len(rejected)):
+        raise UsageError(f'{where}: field "prompt" is missing {need}; "chosen" and "rejected" would then be whole '
+                         "texts whose shared start is the prompt, but they "
+                         f"{'share no start' if shared == 0 else 'do not differ after their shared start'}.")
+    return PreferenceExample(chosen[:shared], chosen[shared:], rejected[shared:], where)
 
 
 def _prompt_ids(example: PreferenceExample, tokenizer, fmt: ChatFormat) -> list[int]:
