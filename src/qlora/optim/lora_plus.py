@@ -20,7 +20,8 @@ def lora_plus_param_groups(
     weight_decay: float = 0.0,
 ) -> list[dict[str, Any]]:
     """Parameter groups with ``lr`` for trainable parameters and ``ratio * lr``
-    for those whose name contains ``lora_B``; frozen parameters are left out.
+    for the B matrices (``lora_B``, and ``lora_embedding_B`` of embedding adapters); frozen
+    parameters are left out. DoRA magnitudes and trained biases learn at ``lr``.
 
     Args:
         named_parameters: a module or its ``named_parameters()``.
@@ -40,7 +41,7 @@ def lora_plus_param_groups(
     a_params, b_params = [], []
     for name, p in named_parameters:
         if p.requires_grad:
-            (b_params if "lora_B" in name else a_params).append(p)
+            (b_params if "lora_B" in name or "lora_embedding_B" in name else a_params).append(p)
     if not a_params and not b_params:
         raise ValueError("no trainable parameters for LoRA+ groups")
     groups = [

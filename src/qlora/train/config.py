@@ -34,7 +34,7 @@ _RUN_DEFINING = (
     "model", "adapter", "data", "data_split", "data_subset", "quant", "double_quant", "blocksize", "rank", "alpha", "dropout", "target_modules",
     "target_parameters",
     "rslora", "rank_pattern", "alpha_pattern", "lora_bias", "bias", "dora", "init", "loftq_iter", "seq_len", "batch_size", "grad_accum", "lr", "lr_scheduler", "warmup_ratio", "warmup_steps",
-    "epochs", "max_steps", "optim", "weight_decay", "max_grad_norm", "packing", "template", "format",
+    "epochs", "max_steps", "optim", "max_samples", "eval_split", "lora_plus_ratio", "neftune_alpha", "weight_decay", "max_grad_norm", "packing", "template", "format",
     "data_fields",
     "system_into_user",
     "train_on", "seed", "precision", "chunked_ce", "add_special_tokens", "adalora", "adalora_init_r", "adalora_target_r",
@@ -61,11 +61,14 @@ class TrainConfig:
     precompute_ref: bool = _opt(False, "dpo: compute the reference log-probs once before training (stored in "
                                        "--output, reused on --resume) instead of in every step")
     data: str | None = _opt(None, "training data: a .jsonl/.json/.csv/.parquet/.arrow/.txt file, a save_to_disk "
-                                  "folder, or a hub dataset name")
+                                  "folder, or a hub dataset name; several as a,b (a YAML list), mixed")
     data_split: str = _opt("train", "split of --data to train on (hub datasets, DatasetDict folders)")
     data_subset: str | None = _opt(None, "subset (configuration) of a hub dataset that has several")
+    max_samples: int = _opt(0, "use only the first N rows of each --data source (0: all)", range=NON_NEGATIVE)
     eval_data: str | None = _opt(None, "held-out data for eval loss and perplexity (same kinds as --data)")
     eval_data_split: str = _opt("test", "split of --eval-data (hub datasets, DatasetDict folders)")
+    eval_split: float = _opt(0.0, "without --eval-data: hold out this share of --data (0 < x < 1) or this many "
+                                  "examples (x >= 1) for eval loss, drawn with --seed (0: none)", range=NON_NEGATIVE)
     output: str | None = _opt(None, "output directory (adapter, checkpoints, metrics, plots)")
     format: str = _opt("auto", "data format (auto: detected from the fields of the first rows)",
                        ("auto", "alpaca", "chat", "sharegpt", "prompt-completion", "text"))
@@ -120,6 +123,10 @@ class TrainConfig:
     batch_size: int = _opt(1, "examples per micro-batch", range=AT_LEAST_1)
     grad_accum: int = _opt(1, "micro-batches per optimizer step", range=AT_LEAST_1)
     lr: float = _opt(2e-4, "peak learning rate", range=POSITIVE)
+    lora_plus_ratio: float = _opt(0.0, "LoRA+: the B matrices learn at this times --lr (the paper uses 16; "
+                                       "0: off)", range=NON_NEGATIVE)
+    neftune_alpha: float = _opt(0.0, "NEFTune: add uniform noise of scale alpha/sqrt(tokens x width) to the token "
+                                     "embeddings while training (the paper uses 5; 0: off)", range=NON_NEGATIVE)
     lr_scheduler: str = _opt("constant", "learning-rate schedule after warmup", SCHEDULERS)
     warmup_ratio: float = _opt(0.03, "warmup as a fraction of all steps (ignored if --warmup-steps > 0)", range=Range(0, 1, high_open=True))
     warmup_steps: int = _opt(0, "warmup steps", range=NON_NEGATIVE)
@@ -202,6 +209,11 @@ class TrainConfig:
         if self.init == "loftq" and self.quant == "none":
             raise UsageError("--init loftq picks a 4-bit base; it needs --quant nf4 or fp4")
         self._validate_method()
+        if self.eval_split and self.eval_data:
+            raise UsageError("--eval-split holds out part of --data for evaluation; this run has --eval-data "
+                             f"{self.eval_data} for that: give one of the two.")
+        if self.lora_plus_ratio and self.adalora:
+            raise UsageError("--lora-plus-ratio applies to LoRA's B matrices; --adalora's triplets have none")
         if self.max_steps == 0 and not self.epochs > 0:
             raise UsageError("give --epochs > 0 or --max-steps > 0")
         if self.template_date:
@@ -236,6 +248,9 @@ class TrainConfig:
         if self.packing:
             raise UsageError(f"--packing applies to --method sft; --method {self.method} batches each pair's chosen "
                              "and rejected answers side by side")
+        if self.neftune_alpha:
+            raise UsageError(f"--neftune-alpha applies to --method sft (noisy embeddings for instruction tuning); "
+                             f"--method {self.method} compares answers under the clean model")
         for name, default in (("format", "auto"), ("data_fields", "")):
             if getattr(self, name) != default:
                 raise UsageError(f"--{_flag(name)} applies to --method sft; --method {self.method} reads preference "
@@ -313,7 +328,8 @@ ALIASES = {
     "lora_target_parameters": "target_parameters",
     "use_rslora": "rslora", "use_dora": "dora", "bnb_4bit_quant_type": "quant",
     "bnb_4bit_use_double_quant": "double_quant", "overwrite_output_dir": "overwrite", "sample_packing": "packing",
-    "optimizer": "optim", "chat_template": "template",
+    "optimizer": "optim", "chat_template": "template", "val_size": "eval_split", "val_set_size": "eval_split",
+    "loraplus_lr_ratio": "lora_plus_ratio", "neftune_noise_alpha": "neftune_alpha",
 }
 # Boolean keys that map onto one of ours: key -> (our key, {their value: our value, None = no change}).
 VALUE_ALIASES = {

@@ -41,8 +41,9 @@ from qlora.errors import UsageError
 from qlora.model.adapter_io import load_adapter
 from qlora.model.inject import adapter_configs, adapters_disabled
 from qlora.model.multi_adapter import set_adapter
-from qlora.train.data import IGNORE_INDEX, load_records, pad_token_id
+from qlora.train.data import IGNORE_INDEX, pad_token_id
 from qlora.train.data.preference import PreferenceExample, TokenizedPair, normalize_preferences, preference_collate, tokenize_pairs
+from qlora.train.data.selection import read_sources
 from qlora.train.preference_loss import dpo_loss, label_logps, orpo_odds_ratio
 from qlora.train.trainer import Trainer
 
@@ -95,7 +96,8 @@ class PreferenceTrainer(Trainer):
 
     # ------------------------------------------------------------------ data
     def _read_data(self, source: str, split: str) -> list[PreferenceExample]:
-        return normalize_preferences(load_records(source, split, self.config.data_subset))
+        cfg = self.config
+        return read_sources(source, split, cfg.data_subset, cfg.max_samples, normalize_preferences)
 
     def _tokenize(self, examples: list[PreferenceExample]) -> tuple[list[TokenizedPair], Any]:
         return tokenize_pairs(examples, self.tokenizer, self.chat_format, self.config.seq_len,

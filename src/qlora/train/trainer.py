@@ -42,17 +42,19 @@ from qlora.cpu_threads import apply_cpu_threads
 from qlora.errors import UsageError
 from qlora.model.chat_format import ChatFormat, stop_token_ids, today
 from qlora.model.quantize import non_text_names
-from qlora.optim import create_optimizer
+from qlora.optim import create_optimizer, lora_plus_param_groups
 from qlora.output_folder import check_output, clear_owned, record, staged_output
 from qlora.train.config import TrainConfig, parse_pattern
 from qlora.train.distributed import DistContext, all_reduce_grads, shard_fsdp, wrap_ddp
 from qlora.train.data import (
-    check_packing_supported, count_trainable_tokens, load_records, normalize, pack_examples,
+    check_packing_supported, count_trainable_tokens, normalize, pack_examples,
     fallback_note, own_template, packed_collate, pad_collate, pad_token_id, resolve_chat_format, shuffled_indices,
     tokenize_dataset,
 )
+from qlora.train.data.selection import hold_out, read_sources
 from qlora.train.loss import chunked_loss_matches, model_inputs, token_loss_sum
 from qlora.train.metrics import MetricsLogger, NullMetrics, gpu_memory_gib
+from qlora.train.neftune import add_neftune
 
 CHECKPOINTS = "checkpoints"
 STATE_FILE = "trainer_state.pt"
@@ -182,6 +184,8 @@ class Trainer:
         # Read (and so check) the data before the model: a bad file fails in seconds, not after the load.
         train_examples = self._read_data(cfg.data, cfg.data_split)
         eval_examples = self._read_data(cfg.eval_data, cfg.eval_data_split) if cfg.eval_data else None
+        if cfg.eval_split:
+            train_examples, eval_examples = hold_out(train_examples, cfg.eval_split, cfg.seed)
         self._load_model()
         self.chat_format = self._chat_format(resume_from)
         # a model without a chat template: say which built-in format chat data are rendered in
@@ -207,8 +211,12 @@ class Trainer:
         self.chunked_ce = (cfg.chunked_ce and not self.dist.enabled
                            and chunked_loss_matches(self.model, self.micro_batches(0)[0]))
         self._prepare_method()
+        if cfg.neftune_alpha:
+            add_neftune(self.model, cfg.neftune_alpha)
         self._parallelize()  # after every adapter exists: DDP and FSDP see the final parameters
         params = [p for p in self.model.parameters() if p.requires_grad]
+        if cfg.lora_plus_ratio:
+            params = lora_plus_param_groups(self.model, cfg.lr, cfg.lora_plus_ratio, cfg.weight_decay)
         self.optimizer = _make_optimizer(cfg.optim, params, cfg.lr, cfg.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, _lr_lambda(cfg.lr_scheduler, warmup, self.total_steps))
@@ -329,7 +337,8 @@ class Trainer:
 
     def _read_data(self, source: str, split: str):
         cfg = self.config
-        return normalize(load_records(source, split, cfg.data_subset), cfg.format, cfg.data_fields)
+        return read_sources(source, split, cfg.data_subset, cfg.max_samples,
+                            lambda records: normalize(records, cfg.format, cfg.data_fields))
 
     def _tokenize(self, examples):
         cfg = self.config

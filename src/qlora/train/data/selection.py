@@ -1,0 +1,59 @@
+"""Which examples a run trains and evaluates on: several sources, a cap per source, a held-out share.
+
+``--data a.jsonl,b.parquet`` (a YAML list) mixes datasets, each read and its format detected
+on its own, as LLaMA-Factory's ``dataset: a,b`` does; ``--max-samples N`` keeps the first N
+rows of each (a quick trial run); ``--eval-split`` holds out a share of the training examples
+for eval loss when there is no separate ``--eval-data`` (LLaMA-Factory's ``val_size``), chosen
+by ``--seed`` so a resumed run holds out the same examples.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, Sequence, TypeVar
+
+from qlora.errors import UsageError
+from qlora.train.data.collate import shuffled_indices
+from qlora.train.data.sources import Record, load_records
+
+T = TypeVar("T")
+_HOLD_OUT_STREAM = 2**31  # the random stream of the held-out draw: an "epoch" no run reaches
+
+
+def data_sources(spec: str) -> list[str]:
+    """The sources of ``--data``: one, or several separated by commas (an existing path stays whole)."""
+    if Path(spec).expanduser().exists():
+        return [spec]
+    parts = [part.strip() for part in spec.split(",")]
+    if len(parts) > 1 and not all(parts):
+        raise UsageError(f"--data {spec!r}: an empty name between commas; give sources as a,b,c.")
+    return parts
+
+
+def read_sources(spec: str, split: str, subset: str | None, max_samples: int,
+                 normalize: Callable[[list[Record]], list[T]]) -> list[T]:
+    """Every source of ``spec`` read, cut to ``max_samples`` rows (0: all) and normalized, in order."""
+    examples: list[T] = []
+    for source in data_sources(spec):
+        records = load_records(source, split, subset)
+        examples += normalize(records[:max_samples] if max_samples else records)
+    return examples
+
+
+def hold_out(examples: Sequence[T], amount: float, seed: int) -> tuple[list[T], list[T]]:
+    """``(train, held_out)``: ``amount`` as a share (0 < amount < 1) or a count (>= 1) of ``examples``,
+    drawn with ``seed``; both keep the data's order.
+
+    Raises:
+        UsageError: a count that is not whole, or a split leaving either side empty.
+    """
+    n = len(examples)
+    if amount >= 1 and not float(amount).is_integer():
+        raise UsageError(f"--eval-split {amount}: give a share below 1 (e.g. 0.05) or a whole number of examples.")
+    k = int(amount) if amount >= 1 else round(amount * n)
+    if not 1 <= k < n:
+        raise UsageError(f"--eval-split {amount} holds out {k} of the {n} examples of --data; both the training "
+                         "and the held-out part need at least one. Give a share or a count in between, or a "
+                         "separate --eval-data.")
+    chosen = set(shuffled_indices(n, seed, _HOLD_OUT_STREAM)[:k])
+    return ([e for i, e in enumerate(examples) if i not in chosen], [e for i, e in enumerate(examples) if i in chosen])
