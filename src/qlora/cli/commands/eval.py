@@ -21,7 +21,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="base model folder or hub id")
     parser.add_argument("--adapter", default=None, help="a PEFT-format adapter folder (e.g. a qlora train output)")
     parser.add_argument("--data", required=True, help="evaluation data: a .jsonl/.json/.csv/.parquet/.arrow/.txt file, "
-                        "a save_to_disk folder, or a hub dataset name")
+                        "a save_to_disk folder, or a hub dataset name; several as a,b")
     parser.add_argument("--data-split", default="test", help="split of a hub dataset or DatasetDict folder (default test)")
     parser.add_argument("--data-subset", default=None, help="subset (configuration) of a hub dataset")
     parser.add_argument("--format", default="auto", choices=("auto", "alpaca", "chat", "sharegpt",
@@ -46,7 +46,8 @@ def run(args: argparse.Namespace) -> int:
     from ...model.adapter_io import adapter_tokenizer, load_adapter
     from ...model.load import load_model
     from ...train.data.fields import parse_data_fields
-    from ...train.data import (count_trainable_tokens, fallback_note, load_records, normalize, own_template,
+    from ...train.data.selection import read_sources
+    from ...train.data import (count_trainable_tokens, fallback_note, normalize, own_template,
                                pad_collate, pad_token_id, resolve_chat_format, tokenize_dataset)
     from ...infer.template import stop_token_ids
     from ...model.chat_format import ChatFormat
@@ -60,7 +61,8 @@ def run(args: argparse.Namespace) -> int:
     if args.adapter:
         tokenizer = adapter_tokenizer(args.adapter, tokenizer)
         load_adapter(model, args.adapter)
-    examples = normalize(load_records(args.data, args.data_split, args.data_subset), args.format, fields)
+    examples = read_sources(args.data, args.data_split, args.data_subset, 0,
+                            lambda records: normalize(records, args.format, fields))
     saved = ChatFormat.load(args.adapter) if args.adapter and args.template == "auto" else None
     fmt = saved or resolve_chat_format(tokenizer, args.template)
     if (saved is None and args.template == "auto" and own_template(tokenizer) is None
