@@ -94,22 +94,12 @@ def test_cli_exits_2_in_seconds(no_hub, capsys):
     assert "is not reachable" in capsys.readouterr().err
 
 
-def test_a_hub_model_brings_its_chat_template_file_and_only_the_weights_it_names(tmp_path, monkeypatch):
-    """Repos keep chat templates in chat_template.jinja, and some a second copy of the weights in
-    another layout (Mistral's consolidated.safetensors): fetch the first, never the second."""
+def _fake_hub(tmp_path, monkeypatch, repo: dict[str, str]):
+    """``snapshot_download`` serving ``repo`` (name -> text) with its allow_patterns; returns the snapshot."""
     import fnmatch
-    import json
 
     import huggingface_hub
 
-    from qlora.model.load import resolve_model_dir
-
-    repo = {"config.json": "{}", "tokenizer.json": "{}", "chat_template.jinja": "{{ messages }}",
-            "additional_chat_templates/tool_use.jinja": "{{ tools }}", "tokenizer.model": "",
-            "model.safetensors.index.json": json.dumps({"weight_map": {"a": "model-00001-of-00002.safetensors",
-                                                                       "b": "model-00002-of-00002.safetensors"}}),
-            "model-00001-of-00002.safetensors": "", "model-00002-of-00002.safetensors": "",
-            "consolidated.safetensors": "", "original/consolidated.00.pth": ""}
     snapshot = tmp_path / "snapshot"
 
     def fake_download(repo_id, allow_patterns, local_files_only=False, **kwargs):
@@ -121,6 +111,45 @@ def test_a_hub_model_brings_its_chat_template_file_and_only_the_weights_it_names
 
     monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_download)
     monkeypatch.setattr(hub, "cache_only", lambda: False)
+    return snapshot
+
+
+def _fetched(snapshot) -> list[str]:
+    return sorted(str(p.relative_to(snapshot)) for p in snapshot.rglob("*") if p.is_file())
+
+
+def test_a_hub_model_brings_its_chat_template_file_and_only_the_weights_it_names(tmp_path, monkeypatch):
+    """Repos keep chat templates in chat_template.jinja, and some a second copy of the weights in
+    another layout (Mistral's consolidated.safetensors): fetch the first, never the second."""
+    import json
+
+    from qlora.model.load import resolve_model_dir
+
+    repo = {"config.json": "{}", "tokenizer.json": "{}", "chat_template.jinja": "{{ messages }}",
+            "additional_chat_templates/tool_use.jinja": "{{ tools }}", "tokenizer.model": "",
+            "model.safetensors.index.json": json.dumps({"weight_map": {"a": "model-00001-of-00002.safetensors",
+                                                                       "b": "model-00002-of-00002.safetensors"}}),
+            "model-00001-of-00002.safetensors": "", "model-00002-of-00002.safetensors": "",
+            "consolidated.safetensors": "", "original/consolidated.00.pth": "", "pytorch_model.bin": ""}
+    snapshot = _fake_hub(tmp_path, monkeypatch, repo)
     assert resolve_model_dir("org/model") == snapshot
-    fetched = sorted(str(p.relative_to(snapshot)) for p in snapshot.rglob("*") if p.is_file())
-    assert fetched == sorted(set(repo) - {"consolidated.safetensors", "original/consolidated.00.pth"})
+    assert _fetched(snapshot) == sorted(set(repo) - {"consolidated.safetensors", "original/consolidated.00.pth",
+                                                     "pytorch_model.bin"})
+
+
+@pytest.mark.parametrize("sharded", [False, True])
+def test_a_hub_model_without_safetensors_brings_its_pickled_weights(tmp_path, monkeypatch, sharded):
+    import json
+
+    from qlora.model.load import resolve_model_dir
+
+    repo = {"config.json": "{}", "tokenizer.json": "{}", "consolidated.00.pth": ""}
+    if sharded:
+        repo |= {"pytorch_model.bin.index.json": json.dumps({"weight_map": {"a": "pytorch_model-1.bin",
+                                                                            "b": "pytorch_model-2.bin"}}),
+                 "pytorch_model-1.bin": "", "pytorch_model-2.bin": ""}
+    else:
+        repo |= {"pytorch_model.bin": ""}
+    snapshot = _fake_hub(tmp_path, monkeypatch, repo)
+    assert resolve_model_dir("org/model") == snapshot
+    assert _fetched(snapshot) == sorted(set(repo) - {"consolidated.00.pth"})
