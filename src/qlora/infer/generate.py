@@ -70,15 +70,22 @@ def stream_tokens(model, input_ids: torch.Tensor, options: SamplingOptions | Non
     if options.seed is not None and options.temperature > 0:
         generator = torch.Generator(device=device).manual_seed(options.seed)
     model.eval()
-    ids, cache = input_ids, {}
-    for step in range(options.max_new_tokens):
-        out = model(input_ids=ids, use_cache=True, **cache)
-        cache = _cache_of(out, input_ids.shape[1] + step)
+    ids, cache, seen = input_ids, {}, 0
+    for _ in range(options.max_new_tokens):
+        out, cache = forward_cached(model, ids, cache, seen)
+        seen += ids.shape[1]
         token = next_token(out.logits[0, -1], options, generator)
         yield token
         if token in stop:
             return
         ids = torch.tensor([[token]], device=device)
+
+
+def forward_cached(model, ids: torch.Tensor, cache: dict, seen: int):
+    """Run ``ids`` after the ``seen`` tokens that ``cache`` (keywords from the previous call, ``{}`` at first)
+    holds; returns the model's output and the cache keywords for the next call."""
+    out = model(input_ids=ids, use_cache=True, **cache)
+    return out, _cache_of(out, seen + ids.shape[1])
 
 
 def _cache_of(out, seen: int) -> dict:
@@ -154,11 +161,11 @@ def generate_per_adapter(model, tokenizer, prompt: str, adapters: list[str | Non
     tokens: list[list[int]] = [[] for _ in adapters]
     done = [False] * rows
     model.eval()
-    ids, cache = prompt_ids.repeat(rows, 1), {}
+    ids, cache, seen = prompt_ids.repeat(rows, 1), {}, 0
     with adapter_rows(model, adapters):
-        for n in range(options.max_new_tokens):
-            out = model(input_ids=ids, use_cache=True, **cache)
-            cache = _cache_of(out, prompt_ids.shape[1] + n)
+        for _ in range(options.max_new_tokens):
+            out, cache = forward_cached(model, ids, cache, seen)
+            seen += ids.shape[1]
             step = []
             for r in range(rows):
                 token = tokens[r][-1] if done[r] else next_token(out.logits[r, -1], options, generators[r])
