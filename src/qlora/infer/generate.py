@@ -88,15 +88,18 @@ def forward_cached(model, ids: torch.Tensor, cache: dict, seen: int):
     return out, _cache_of(out, seen + ids.shape[1])
 
 
+# Where a forward returns its cache, by model family, as transformers' generate looks for it.
+CACHE_NAMES = ("past_key_values", "cache_params", "state")  # default; Mamba in transformers 4.x; RWKV
+
+
 def _cache_of(out, seen: int) -> dict:
     """The model's cache as the keywords its forward takes back after ``seen`` tokens: ``past_key_values``,
-    or for state-space models (Mamba, FalconMamba) ``cache_params`` with the next position (transformers
-    4.x requires it), as transformers' ``generate`` passes them."""
-    if getattr(out, "past_key_values", None) is not None:
-        return {"past_key_values": out.past_key_values}
-    if getattr(out, "cache_params", None) is not None:
+    Mamba's ``cache_params`` with the next position (transformers 4.x requires it) or RWKV's ``state``,
+    as transformers' ``generate`` passes them. Without them the next step would decode without context."""
+    name = next((n for n in CACHE_NAMES if getattr(out, n, None) is not None), None)
+    if name == "cache_params":
         return {"cache_params": out.cache_params, "cache_position": torch.tensor([seen], device=out.logits.device)}
-    return {}
+    return {name: getattr(out, name)} if name else {}
 
 
 def encode_prompt(model, tokenizer, prompt: str) -> torch.Tensor:
