@@ -44,6 +44,7 @@ ARCHS = {
     "mamba": (dict(state_size=8), False),
     "rwkv": (dict(attention_hidden_size=64, context_length=256), False),
     "lfm2": (dict(layer_types=["conv", "full_attention"]), False),
+    "bamba": (dict(attn_layer_indices=[1], mamba_n_heads=4, mamba_d_head=32, mamba_d_state=8), False),
 }
 
 

@@ -8,6 +8,7 @@ yields it at once, so a chat shows words as they are made. Greedy decoding
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass, field, fields
 from typing import Iterable, Iterator
 
@@ -83,7 +84,14 @@ def stream_tokens(model, input_ids: torch.Tensor, options: SamplingOptions | Non
 
 def forward_cached(model, ids: torch.Tensor, cache: dict, seen: int):
     """Run ``ids`` after the ``seen`` tokens that ``cache`` (keywords from the previous call, ``{}`` at first)
-    holds; returns the model's output and the cache keywords for the next call."""
+    holds; returns the model's output and the cache keywords for the next call.
+
+    Positions are passed, as transformers' ``generate`` passes them to a forward that takes them: some
+    models (Bamba, hybrid Mamba/attention) count from 0 again at every call when they are left out.
+    """
+    if "position_ids" in inspect.signature(model.forward).parameters:
+        positions = torch.arange(seen, seen + ids.shape[1], device=ids.device)
+        cache = {**cache, "position_ids": positions[None].expand(ids.shape[0], -1)}
     out = model(input_ids=ids, use_cache=True, **cache)
     return out, _cache_of(out, seen + ids.shape[1])
 
