@@ -13,6 +13,7 @@ from dataclasses import dataclass, field, fields
 from typing import Iterable, Iterator
 
 import torch
+from transformers import DynamicCache
 
 from ..option_range import AT_LEAST_1, NON_NEGATIVE, Range
 
@@ -86,14 +87,19 @@ def forward_cached(model, ids: torch.Tensor, cache: dict, seen: int):
     """Run ``ids`` after the ``seen`` tokens that ``cache`` (keywords from the previous call, ``{}`` at first)
     holds; returns the model's output and the cache keywords for the next call.
 
-    Positions are passed, as transformers' ``generate`` passes them to a forward that takes them: some
-    models (Bamba, hybrid Mamba/attention) count from 0 again at every call when they are left out.
+    As transformers' ``generate``: the first call gets a ``DynamicCache`` for the model's config (RecurrentGemma
+    fills it but does not return it), and positions are passed to a forward that takes them (Bamba counts
+    from 0 again at every call when they are left out).
     """
-    if "position_ids" in inspect.signature(model.forward).parameters:
+    params = inspect.signature(model.forward).parameters
+    if not cache and "past_key_values" in params:
+        cache = {"past_key_values": DynamicCache(config=model.config)}
+    if "position_ids" in params:
         positions = torch.arange(seen, seen + ids.shape[1], device=ids.device)
         cache = {**cache, "position_ids": positions[None].expand(ids.shape[0], -1)}
     out = model(input_ids=ids, use_cache=True, **cache)
-    return out, _cache_of(out, seen + ids.shape[1])
+    kept = {n: v for n, v in cache.items() if n in CACHE_NAMES}
+    return out, _cache_of(out, seen + ids.shape[1]) or kept
 
 
 # Where a forward returns its cache, by model family, as transformers' generate looks for it.
