@@ -5,7 +5,8 @@ drive the model's cache themselves; ``model.generate(do_sample=False)`` on the s
 the oracle. One tiny model per way a cache differs from Llama's: sliding windows crossed within
 the prompt (window 4), logit softcapping, attention sinks, learned absolute positions and ALiBi,
 mixture-of-experts routing, multi-head latent attention (MLA), recurrent state (Mamba, RWKV) and
-hybrid attention/recurrent caches. Requests of different lengths are submitted together, so the
+hybrid attention/recurrent caches (LFM2, Bamba, RecurrentGemma, whose forward does not return its cache).
+Requests of different lengths are submitted together, so the
 batcher joins rows of different lengths (or, for a cache it cannot re-batch, says so at start and
 decodes them one at a time).
 """
@@ -44,6 +45,7 @@ ARCHS = {
     "mamba": (dict(state_size=8), False),
     "rwkv": (dict(attention_hidden_size=64, context_length=256), False),
     "lfm2": (dict(layer_types=["conv", "full_attention"]), False),
+    "recurrent_gemma": (dict(block_types=["recurrent", "attention"], lru_width=64, attention_window_size=4), False),
     "bamba": (dict(attn_layer_indices=[1], mamba_n_heads=4, mamba_d_head=32, mamba_d_state=8), False),
 }
 

@@ -87,19 +87,21 @@ def forward_cached(model, ids: torch.Tensor, cache: dict, seen: int):
     """Run ``ids`` after the ``seen`` tokens that ``cache`` (keywords from the previous call, ``{}`` at first)
     holds; returns the model's output and the cache keywords for the next call.
 
-    As transformers' ``generate``: the first call gets a ``DynamicCache`` for the model's config (RecurrentGemma
-    fills it but does not return it), and positions are passed to a forward that takes them (Bamba counts
-    from 0 again at every call when they are left out).
+    As transformers' ``generate``: positions are passed to a forward that takes them (Bamba counts from 0
+    again at every call when they are left out), and a model that fills a cache it is given without
+    returning it (RecurrentGemma) gets a ``DynamicCache`` for its config, kept from call to call.
     """
     params = inspect.signature(model.forward).parameters
-    if not cache and "past_key_values" in params:
-        cache = {"past_key_values": DynamicCache(config=model.config)}
+    positions = {}
     if "position_ids" in params:
-        positions = torch.arange(seen, seen + ids.shape[1], device=ids.device)
-        cache = {**cache, "position_ids": positions[None].expand(ids.shape[0], -1)}
-    out = model(input_ids=ids, use_cache=True, **cache)
-    kept = {n: v for n, v in cache.items() if n in CACHE_NAMES}
-    return out, _cache_of(out, seen + ids.shape[1]) or kept
+        positions = {"position_ids": torch.arange(seen, seen + ids.shape[1], device=ids.device)[None]
+                     .expand(ids.shape[0], -1)}
+    out = model(input_ids=ids, use_cache=True, **cache, **positions)
+    returned = _cache_of(out, seen + ids.shape[1])
+    if returned or cache or "past_key_values" not in params:
+        return out, returned or cache
+    cache = {"past_key_values": DynamicCache(config=model.config)}  # the prefill again, into a cache we keep
+    return model(input_ids=ids, use_cache=True, **cache, **positions), cache
 
 
 # Where a forward returns its cache, by model family, as transformers' generate looks for it.
