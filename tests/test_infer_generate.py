@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 
@@ -118,14 +120,13 @@ def test_harmony_replies_do_not_stop_at_the_end_of_their_reasoning(tiny_tokenize
     assert end in stop_token_ids(listed, harmony)
 
 
-def test_state_space_models_generate_with_their_own_cache_and_are_not_served(tmp_path, tiny_tokenizer):
-    """Mamba keeps a recurrent state in ``cache_params``, not ``past_key_values``: generation passes it back
-    (greedy equals recomputing the whole sequence each step); continuous batching, which re-batches
-    key/value caches, refuses the model at start instead of decoding without context."""
+def test_state_space_models_generate_with_their_own_cache_and_are_served_one_at_a_time(tmp_path, tiny_tokenizer):
+    """Mamba keeps a recurrent state, not key/value pairs: generation passes it back (greedy equals
+    recomputing the whole sequence each step); continuous batching, which re-batches key/value caches,
+    says so at start and serves the model one request at a time, with the same tokens."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from qlora.errors import UsageError
-    from qlora.infer.batcher import ContinuousBatcher
+    from qlora.infer.batcher import ContinuousBatcher, Request
     from qlora.model.load import load_model
 
     config = AutoConfig.for_model("mamba", vocab_size=len(tiny_tokenizer), hidden_size=64, num_hidden_layers=2,
@@ -143,5 +144,20 @@ def test_state_space_models_generate_with_their_own_cache_and_are_not_served(tmp
             expected.append(int(model(seq).logits[0, -1].argmax()))
             seq = torch.cat([seq, torch.tensor([[expected[-1]]])], dim=1)
     assert got == expected and len(set(got)) > 1, (got, expected)
-    with pytest.raises(UsageError, match="continuous batching needs a plain key/value cache"):
-        ContinuousBatcher(model, tokenizer)
+    batcher = ContinuousBatcher(model, tokenizer)
+    assert "cache holds" in batcher.unbatchable
+    events = []
+    batcher.start()
+    try:
+        with batcher.paused():
+            for n in (8, 5):
+                batcher.submit(Request(ids[0].tolist(), None, SamplingOptions(max_new_tokens=n, temperature=0.0),
+                                       events.append))
+        deadline = time.monotonic() + 60
+        while sum(e.finish_reason is not None for e in events) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        batcher.close()
+    text = "".join(e.text for e in events)
+    assert text == tokenizer.decode(got, skip_special_tokens=True) + tokenizer.decode(got[:5], skip_special_tokens=True)
+    assert batcher.load()["max_rows_in_step"] == 1

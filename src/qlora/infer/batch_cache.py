@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
 
-from ..errors import UsageError
+from .generate import CACHE_NAMES
 
 
 def new_cache() -> DynamicCache:
@@ -27,21 +27,20 @@ def new_cache() -> DynamicCache:
     return DynamicCache()
 
 
-def check_cache(cache: DynamicCache, out) -> None:
-    """Refuse caches this module cannot re-batch (recurrent or hybrid model state).
+def cache_problem(cache: DynamicCache, out) -> str | None:
+    """Why this module cannot re-batch the cache a forward filled (recurrent or hybrid model state), or None.
 
     ``out``: the model's output for a forward given ``cache``. A model that keeps its own state
-    instead (Mamba's ``cache_params``) ignores ``cache`` and would decode without context.
+    instead (RWKV's ``state``, a hybrid model's own cache class) ignores ``cache``.
     """
-    returned = next((c for c in (getattr(out, "past_key_values", None), getattr(out, "cache_params", None))
-                     if c is not None), None)
+    returned = next((getattr(out, n) for n in CACHE_NAMES if getattr(out, n, None) is not None), None)
     if returned is cache and cache.layers and all(_plain(layer) for layer in cache.layers):
-        return
+        return None
     layers = cache.layers if returned is cache else getattr(returned, "layers", ())
-    kinds = sorted({type(layer).__name__ for layer in layers if not _plain(layer)}) or [type(returned).__name__]
-    raise UsageError(f"continuous batching needs a plain key/value cache; this model's cache is "
-                     f"{', '.join(kinds)}. Serve a transformer with standard attention "
-                     "(Llama, Qwen, Mistral, Gemma, Phi, GPT-2 families).")
+    kinds = sorted({type(layer).__name__ for layer in layers if not _plain(layer)})
+    if not kinds:
+        return "it keeps a recurrent state instead of a key/value cache"
+    return f"its cache holds {', '.join(kinds)}, not only plain key/value layers"
 
 
 def _plain(layer) -> bool:

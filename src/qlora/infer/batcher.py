@@ -8,7 +8,9 @@ forward pass, and drops the rows that finished or whose client went away. Each
 row carries its own adapter (:func:`qlora.model.multi_adapter.adapter_rows`: the
 4-bit base is read once per step for all rows, whichever adapters they use), its
 sampling options and seeded generator, its stop tokens and stop strings. Greedy
-rows produce the tokens of :func:`qlora.infer.generate.stream_tokens`. A row may carry
+rows produce the tokens of :func:`qlora.infer.generate.stream_tokens`. A model whose cache cannot be
+re-batched (recurrent state: Mamba, hybrid models) or whose padded batch does not reproduce
+each request alone is found at start and served one request at a time (``unbatchable`` says why). A row may carry
 a :class:`Constraint` (a forced tool call, a JSON reply): its reply's fixed first tokens are prefilled
 with its prompt and its tokens are chosen by the constraint; the batch's other rows
 still take one argmax for all, so their tokens are what they would be alone.
@@ -25,6 +27,7 @@ from the decode thread (a server hands them to its event loop).
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 import random
 import threading
@@ -35,8 +38,8 @@ from typing import Callable, Iterator, Protocol
 import torch
 
 from ..model.multi_adapter import adapter_rows
-from .batch_cache import add_row, attention_mask, cache_length, check_cache, keep_rows, new_cache
-from .generate import SamplingOptions, next_token
+from .batch_cache import add_row, attention_mask, cache_length, cache_problem, keep_rows, new_cache
+from .generate import SamplingOptions, forward_cached, next_token
 from .logprobs import TokenLogprob, chosen_logprob, prompt_logprobs
 from .text_stream import TextStream
 
@@ -135,16 +138,56 @@ class ContinuousBatcher:
         self._step_lock = threading.Lock()
         self._closed = False
         self._thread: threading.Thread | None = None
-        self._check_model()
+        self.unbatchable = self._batching_problem()
+        if self.unbatchable:
+            log.warning("continuous batching is off for this model: %s; requests are decoded one at a time",
+                        self.unbatchable)
         self.stats = {"steps": 0, "max_rows_in_step": 0, "mixed_adapter_steps": 0, "max_adapters_in_step": 0,
                       "requests_completed": 0, "requests_cancelled": 0, "tokens_generated": 0}
 
     @torch.inference_mode()
-    def _check_model(self) -> None:
-        """Fail at start, not on the first request, if the model's cache cannot be re-batched."""
-        cache = new_cache()
-        out = self.model(input_ids=torch.tensor([[0]], device=self.device), past_key_values=cache, use_cache=True)
-        check_cache(cache, out)
+    def _batching_problem(self) -> str | None:
+        """Why this model's requests cannot share a batch, or None; asked once, at start.
+
+        Two probe prompts are prefilled alone and decoded one step each alone, then joined and decoded
+        together: the batch must give each row the logits it gets alone. A cache this module cannot
+        re-batch (recurrent or hybrid state), or a model whose forward fails or differs on a padded
+        batch, is served one request at a time instead, with the same tokens.
+        """
+        vocab = self.model.get_input_embeddings().num_embeddings
+        prompts = [[(7 * i + 3) % vocab for i in range(n)] for n in (11, 4)]
+        try:
+            caches, alone = [], []
+            for p in prompts:
+                cache = new_cache()
+                with adapter_rows(self.model, [None]):
+                    out = self.model(input_ids=torch.tensor([p], device=self.device), past_key_values=cache,
+                                     use_cache=True)
+                    problem = cache_problem(cache, out)
+                    if problem:
+                        return problem
+                    caches.append(cache)
+                    step = copy.deepcopy(cache)
+                    alone.append(self.model(input_ids=torch.tensor([[p[-1]]], device=self.device),
+                                            position_ids=torch.tensor([[len(p)]], device=self.device),
+                                            past_key_values=step, use_cache=True).logits[0, -1].float())
+            batch = add_row(add_row(None, caches[0]), caches[1])
+            lengths = [len(p) for p in prompts]
+            with adapter_rows(self.model, [None, None]):
+                logits = self.model(input_ids=torch.tensor([[p[-1]] for p in prompts], device=self.device),
+                                    attention_mask=attention_mask(cache_length(batch) + 1, [n + 1 for n in lengths],
+                                                                  self.device),
+                                    position_ids=torch.tensor([[n] for n in lengths], device=self.device),
+                                    past_key_values=batch, use_cache=True).logits[:, -1].float()
+            dtype = self.model.get_input_embeddings().weight.dtype  # the compute dtype
+        except Exception as exc:  # noqa: BLE001 - any failure of a padded batch means: decode alone
+            return f"a padded batch fails in its forward ({type(exc).__name__}: {exc})"
+        # Rounding alone differs between a batch and a row (other kernels, other summation orders).
+        tolerance = 1e-4 if dtype == torch.float32 else 2e-2
+        for row, ref in zip(logits, alone):
+            if not torch.isfinite(row).all() or (row - ref).abs().max() > tolerance * ref.abs().max() + 1e-5:
+                return "a padded batch does not give each request the logits it gets alone"
+        return None
 
     # --- public API ----------------------------------------------------------
     def start(self) -> "ContinuousBatcher":
@@ -207,7 +250,7 @@ class ContinuousBatcher:
     @torch.inference_mode()
     def _step(self) -> None:
         self._drop_cancelled()
-        while self._waiting and len(self._rows) < self.max_batch_size:
+        while self._waiting and len(self._rows) < (1 if self.unbatchable else self.max_batch_size):
             with self._wake:
                 request = self._waiting.popleft()
             if request.cancelled:
@@ -226,12 +269,17 @@ class ContinuousBatcher:
         if prefix and len(request.prompt_ids) + len(prefix) >= self.context_length:
             request.emit(Event("", "length", len(request.prompt_ids)))
             return
-        cache = new_cache()
         ids = torch.tensor([request.prompt_ids + prefix], device=self.device)
         try:
             with adapter_rows(self.model, [request.adapter]):
-                out = self.model(input_ids=ids, past_key_values=cache, use_cache=True)
-            check_cache(cache, out)
+                if self.unbatchable:  # the model's own cache, as a single run (stream_tokens) keeps it
+                    out, cache = forward_cached(self.model, ids, {}, 0)
+                else:
+                    cache = new_cache()
+                    out = self.model(input_ids=ids, past_key_values=cache, use_cache=True)
+            problem = None if self.unbatchable else cache_problem(cache, out)
+            if problem:
+                raise RuntimeError(f"this request's cache cannot join the batch: {problem}")
         except Exception as exc:
             request.emit(Event("", "error", len(request.prompt_ids), error=f"{type(exc).__name__}: {exc}"))
             return
@@ -254,7 +302,7 @@ class ContinuousBatcher:
             if piece:
                 self._emit(row, piece, None)
         if not self._advance(row, self._choose(row, logits[-1]), logits[-1]):
-            self._cache = add_row(self._cache, cache)
+            self._cache = cache if self.unbatchable else add_row(self._cache, cache)
             self._rows.append(row)
 
     @staticmethod
@@ -267,15 +315,17 @@ class ContinuousBatcher:
     def _decode(self) -> None:
         """One token for every row, in one forward pass."""
         rows = self._rows
-        width = cache_length(self._cache)
         lengths = [r.length for r in rows]
         ids = torch.tensor([[r.text.tokens[-1]] for r in rows], device=self.device)
-        positions = torch.tensor([[n] for n in lengths], device=self.device)
-        mask = attention_mask(width + 1, [n + 1 for n in lengths], self.device)
         adapters = [r.request.adapter for r in rows]
         with adapter_rows(self.model, adapters):
-            out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions,
-                             past_key_values=self._cache, use_cache=True)
+            if self.unbatchable:  # one row, decoded as stream_tokens decodes it
+                out, self._cache = forward_cached(self.model, ids, self._cache, lengths[0])
+            else:
+                mask = attention_mask(cache_length(self._cache) + 1, [n + 1 for n in lengths], self.device)
+                positions = torch.tensor([[n] for n in lengths], device=self.device)
+                out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions,
+                                 past_key_values=self._cache, use_cache=True)
         self._count_step(adapters)
         last = out.logits[:, -1]
         greedy = last.argmax(-1).tolist()  # one device sync for all greedy rows
@@ -324,7 +374,10 @@ class ContinuousBatcher:
     def _retain(self, keep: list[int]) -> None:
         if len(keep) != len(self._rows):
             self._rows = [self._rows[i] for i in keep]
-            self._cache = keep_rows(self._cache, keep, [r.length for r in self._rows])
+            if self.unbatchable:  # one row at most: it left
+                self._cache = None
+            else:
+                self._cache = keep_rows(self._cache, keep, [r.length for r in self._rows])
 
     def _drop_cancelled(self) -> None:
         keep = [i for i, r in enumerate(self._rows) if not r.request.cancelled]

@@ -8,10 +8,12 @@ yields it at once, so a chat shows words as they are made. Greedy decoding
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass, field, fields
 from typing import Iterable, Iterator
 
 import torch
+from transformers import DynamicCache
 
 from ..option_range import AT_LEAST_1, NON_NEGATIVE, Range
 
@@ -70,10 +72,10 @@ def stream_tokens(model, input_ids: torch.Tensor, options: SamplingOptions | Non
     if options.seed is not None and options.temperature > 0:
         generator = torch.Generator(device=device).manual_seed(options.seed)
     model.eval()
-    ids, cache = input_ids, {}
-    for step in range(options.max_new_tokens):
-        out = model(input_ids=ids, use_cache=True, **cache)
-        cache = _cache_of(out, input_ids.shape[1] + step)
+    ids, cache, seen = input_ids, {}, 0
+    for _ in range(options.max_new_tokens):
+        out, cache = forward_cached(model, ids, cache, seen)
+        seen += ids.shape[1]
         token = next_token(out.logits[0, -1], options, generator)
         yield token
         if token in stop:
@@ -81,15 +83,39 @@ def stream_tokens(model, input_ids: torch.Tensor, options: SamplingOptions | Non
         ids = torch.tensor([[token]], device=device)
 
 
+def forward_cached(model, ids: torch.Tensor, cache: dict, seen: int):
+    """Run ``ids`` after the ``seen`` tokens that ``cache`` (keywords from the previous call, ``{}`` at first)
+    holds; returns the model's output and the cache keywords for the next call.
+
+    As transformers' ``generate``: positions are passed to a forward that takes them (Bamba counts from 0
+    again at every call when they are left out), and a model that fills a cache it is given without
+    returning it (RecurrentGemma) gets a ``DynamicCache`` for its config, kept from call to call.
+    """
+    params = inspect.signature(model.forward).parameters
+    positions = {}
+    if "position_ids" in params:
+        positions = {"position_ids": torch.arange(seen, seen + ids.shape[1], device=ids.device)[None]
+                     .expand(ids.shape[0], -1)}
+    out = model(input_ids=ids, use_cache=True, **cache, **positions)
+    returned = _cache_of(out, seen + ids.shape[1])
+    if returned or cache or "past_key_values" not in params:
+        return out, returned or cache
+    cache = {"past_key_values": DynamicCache(config=model.config)}  # the prefill again, into a cache we keep
+    return model(input_ids=ids, use_cache=True, **cache, **positions), cache
+
+
+# Where a forward returns its cache, by model family, as transformers' generate looks for it.
+CACHE_NAMES = ("past_key_values", "cache_params", "state")  # default; Mamba in transformers 4.x; RWKV
+
+
 def _cache_of(out, seen: int) -> dict:
     """The model's cache as the keywords its forward takes back after ``seen`` tokens: ``past_key_values``,
-    or for state-space models (Mamba, FalconMamba) ``cache_params`` with the next position (transformers
-    4.x requires it), as transformers' ``generate`` passes them."""
-    if getattr(out, "past_key_values", None) is not None:
-        return {"past_key_values": out.past_key_values}
-    if getattr(out, "cache_params", None) is not None:
+    Mamba's ``cache_params`` with the next position (transformers 4.x requires it) or RWKV's ``state``,
+    as transformers' ``generate`` passes them. Without them the next step would decode without context."""
+    name = next((n for n in CACHE_NAMES if getattr(out, n, None) is not None), None)
+    if name == "cache_params":
         return {"cache_params": out.cache_params, "cache_position": torch.tensor([seen], device=out.logits.device)}
-    return {}
+    return {name: getattr(out, name)} if name else {}
 
 
 def encode_prompt(model, tokenizer, prompt: str) -> torch.Tensor:
@@ -154,11 +180,11 @@ def generate_per_adapter(model, tokenizer, prompt: str, adapters: list[str | Non
     tokens: list[list[int]] = [[] for _ in adapters]
     done = [False] * rows
     model.eval()
-    ids, cache = prompt_ids.repeat(rows, 1), {}
+    ids, cache, seen = prompt_ids.repeat(rows, 1), {}, 0
     with adapter_rows(model, adapters):
-        for n in range(options.max_new_tokens):
-            out = model(input_ids=ids, use_cache=True, **cache)
-            cache = _cache_of(out, prompt_ids.shape[1] + n)
+        for _ in range(options.max_new_tokens):
+            out, cache = forward_cached(model, ids, cache, seen)
+            seen += ids.shape[1]
             step = []
             for r in range(rows):
                 token = tokens[r][-1] if done[r] else next_token(out.logits[r, -1], options, generators[r])

@@ -116,8 +116,12 @@ def run(args: argparse.Namespace) -> int:
     if args.host not in LOOPBACK and not args.api_key:
         print(f"qlora serve: warning: listening on {args.host} without --api-key: anyone who reaches this "
               "address can use the model", file=sys.stderr)
+    if batcher.unbatchable:
+        print(f"qlora serve: warning: continuous batching is off for this model ({batcher.unbatchable}); "
+              "requests are decoded one at a time, in order of arrival", file=sys.stderr)
+    per_batch = 1 if batcher.unbatchable else args.max_batch_size
     print(f"qlora serve: http://{args.host}:{port}/v1 serving {', '.join([base_id, *names])} "
-          f"(context {context} tokens, up to {args.max_batch_size} requests per batch)", file=sys.stderr, flush=True)
+          f"(context {context} tokens, up to {per_batch} requests per batch)", file=sys.stderr, flush=True)
     try:
         make_server(app, log_level=args.log_level).run(sockets=[sock])
     except KeyboardInterrupt:  # uvicorn re-raises Ctrl-C after its graceful shutdown: the normal way to stop

@@ -1,0 +1,126 @@
+"""qlora's own decoding loops give transformers' tokens on every kind of cache.
+
+``stream_tokens`` (``qlora generate``/``chat``) and the continuous batcher (``qlora serve``) each
+drive the model's cache themselves; ``model.generate(do_sample=False)`` on the same loaded model is
+the oracle. One tiny model per way a cache differs from Llama's: sliding windows crossed within
+the prompt (window 4), logit softcapping, attention sinks, learned absolute positions and ALiBi,
+mixture-of-experts routing, multi-head latent attention (MLA), recurrent state (Mamba, RWKV) and
+hybrid attention/recurrent caches (LFM2, Bamba, RecurrentGemma, whose forward does not return its cache).
+Requests of different lengths are submitted together, so the
+batcher joins rows of different lengths (or, for a cache it cannot re-batch, says so at start and
+decodes them one at a time).
+"""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from qlora.infer.batcher import ContinuousBatcher, Event, Request
+from qlora.infer.generate import SamplingOptions, stream_tokens
+from qlora.model.load import load_model
+
+# initializer_range 0.5: a random model at the usual 0.02 repeats its last token, whatever its cache holds
+SMALL = dict(initializer_range=0.5, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+             intermediate_size=128, max_position_embeddings=256)
+# model type -> (config overrides, batched: whether the batcher can re-batch its cache)
+ARCHS = {
+    "mistral": (dict(sliding_window=4), True),
+    "gemma2": (dict(head_dim=16, sliding_window=4, layer_types=["sliding_attention", "full_attention"],
+                    final_logit_softcapping=30.0, attn_logit_softcapping=50.0, tie_word_embeddings=False), True),
+    "cohere2": (dict(head_dim=16, sliding_window=4, layer_types=["sliding_attention", "full_attention"]), True),
+    "gpt_oss": (dict(head_dim=16, sliding_window=4, num_local_experts=4, num_experts_per_tok=2,
+                     layer_types=["sliding_attention", "full_attention"]), True),
+    "gpt2": (dict(n_positions=256), True),
+    "opt": (dict(ffn_dim=128, word_embed_proj_dim=64, init_std=0.5), True),
+    "bloom": ({}, True),
+    "qwen2_moe": (dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                       shared_expert_intermediate_size=32), True),
+    "deepseek_v2": (dict(n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, q_lora_rank=32,
+                         kv_lora_rank=32, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16,
+                         first_k_dense_replace=1, n_group=1, topk_group=1), False),
+    "mamba": (dict(state_size=8), False),
+    "rwkv": (dict(attention_hidden_size=64, context_length=256), False),
+    "lfm2": (dict(layer_types=["conv", "full_attention"]), False),
+    "recurrent_gemma": (dict(block_types=["recurrent", "attention"], lru_width=64, attention_window_size=4), False),
+    "bamba": (dict(attn_layer_indices=[1], mamba_n_heads=4, mamba_d_head=32, mamba_d_state=8), False),
+}
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory, tiny_tokenizer):
+    def build(arch: str):
+        d = tmp_path_factory.mktemp(arch)
+        config = AutoConfig.for_model(
+            arch, vocab_size=len(tiny_tokenizer), bos_token_id=tiny_tokenizer.bos_token_id,
+            eos_token_id=tiny_tokenizer.eos_token_id, pad_token_id=tiny_tokenizer.pad_token_id,
+            **{k: v for k, v in SMALL.items() if hasattr(AutoConfig.for_model(arch), k)}, **ARCHS[arch][0])
+        torch.manual_seed(0)
+        AutoModelForCausalLM.from_config(config).save_pretrained(d)
+        tiny_tokenizer.save_pretrained(d)
+        return load_model(d, quant="nf4", compute_dtype=torch.float32, device="cpu")
+    return build
+
+
+def _batched(model, tokenizer, requests: list[tuple[list[int], int]], stop: int) -> tuple[list[list[int]], ContinuousBatcher]:
+    """Each request's tokens when all are submitted together to one batcher."""
+    done = threading.Semaphore(0)
+    tokens: list[list[int]] = [[] for _ in requests]
+    errors: list[str | None] = [None] * len(requests)
+
+    def emitter(i):
+        def emit(event: Event) -> None:
+            errors[i] = errors[i] or event.error
+            if event.finish_reason:
+                done.release()
+        return emit
+
+    batcher = ContinuousBatcher(model, tokenizer, max_batch_size=len(requests), context_length=256)
+    reqs = [Request(ids, None, SamplingOptions(max_new_tokens=n, temperature=0), emitter(i), stop_ids=frozenset({stop}))
+            for i, (ids, n) in enumerate(requests)]
+    advance = batcher._advance
+
+    def record(row, token, logits):  # the tokens themselves, not their text (tiny vocabularies merge pieces)
+        tokens[reqs.index(row.request)].append(token)
+        return advance(row, token, logits)
+
+    batcher._advance = record
+    batcher.start()
+    try:
+        with batcher.paused():
+            for r in reqs:
+                batcher.submit(r)
+        for _ in reqs:
+            assert done.acquire(timeout=60)
+    finally:
+        batcher.close()
+    assert errors == [None] * len(requests), errors
+    return tokens, batcher
+
+
+@pytest.mark.parametrize("arch", list(ARCHS))
+def test_stream_and_batcher_give_transformers_greedy_tokens(arch, built):
+    model, tokenizer = built(arch)
+    stop = tokenizer.eos_token_id
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(3, len(tokenizer), (1, n), generator=g) for n in (12, 5, 9)]
+    news = [16, 7, 11]
+    expected = []
+    for p, n in zip(prompts, news):
+        ref = model.generate(p, attention_mask=torch.ones_like(p), max_new_tokens=n, do_sample=False,
+                             pad_token_id=tokenizer.pad_token_id, eos_token_id=stop)[0, p.shape[1]:].tolist()
+        expected.append(ref[:ref.index(stop) + 1] if stop in ref else ref)
+    assert len(set(expected[0])) > 2, expected  # a degenerate model would hide a wrong cache
+
+    alone = [list(stream_tokens(model, p, SamplingOptions(max_new_tokens=n, temperature=0), {stop}))
+             for p, n in zip(prompts, news)]
+    assert alone == expected
+
+    tokens, batcher = _batched(model, tokenizer, [(p[0].tolist(), n) for p, n in zip(prompts, news)], stop)
+    assert tokens == expected
+    batched = ARCHS[arch][1]
+    assert (batcher.unbatchable is None) == batched, batcher.unbatchable
+    assert batcher.load()["max_rows_in_step"] == (3 if batched else 1)
