@@ -7,7 +7,6 @@ Also home of the model options that ``qlora chat`` shares (--model, --adapter,
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
 
 from ...errors import UsageError
@@ -19,7 +18,7 @@ HELP = "stream a model's continuation of a prompt, with sampling options"
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     """--model, --adapter, --quant and the sampling options of ``SamplingOptions``."""
-    from ...infer.generate import SamplingOptions
+    from ...infer.generate import cli_fields
     from ..options import number
 
     parser.add_argument("--model", required=True, help="model folder (transformers checkpoint) or hub id")
@@ -37,7 +36,7 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
                         help="4-bit format of the base weights on load, or none for 16/32-bit")
     parser.add_argument("--compute-dtype", choices=("bf16", "fp16", "fp32"), default="bf16",
                         help="dtype of the matmuls and unquantized weights")
-    for f in dataclasses.fields(SamplingOptions):
+    for f in cli_fields():
         kind = int if f.name in ("max_new_tokens", "top_k", "seed") else float
         parser.add_argument(f"--{f.name.replace('_', '-')}", type=number(kind, f.metadata["range"]), default=f.default,
                             help=f.metadata["help"])
@@ -45,9 +44,9 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
 
 def sampling_options(args: argparse.Namespace):
     """The ``SamplingOptions`` given on the command line."""
-    from ...infer.generate import SamplingOptions
+    from ...infer.generate import SamplingOptions, cli_fields
 
-    return SamplingOptions(**{f.name: getattr(args, f.name) for f in dataclasses.fields(SamplingOptions)})
+    return SamplingOptions(**{f.name: getattr(args, f.name) for f in cli_fields()})
 
 
 def load_model_from_args(args: argparse.Namespace):
@@ -138,6 +137,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "adapter's training format), or continued as raw text with --template none or an "
                              "adapter saved without a format; '-' reads it from standard input (a long or "
                              "multi-line prompt: qlora generate ... --prompt - < prompt.txt)")
+    parser.add_argument("--stop", action="append", default=[], metavar="TEXT",
+                        help="end the continuation before this text (repeat for several), as the 'stop' of "
+                             "qlora serve and OpenAI's API")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -156,11 +158,12 @@ def run(args: argparse.Namespace) -> int:
     if len(args.adapter) > 1 and not args.adapter_weights:
         # One batch, one row per adapter: the base is read once per step for all of them.
         names = list(adapter_names(args))
-        for name, text in zip(names, generate_per_adapter(model, tokenizer, prompt, names, options)):
+        for name, text in zip(names, generate_per_adapter(model, tokenizer, prompt, names, options,
+                                                                         stop_strings=args.stop)):
             sys.stdout.write(f"[{name}] {text}\n")
         return 0
     stops = default_stop_ids(model, tokenizer) if fmt is None else stop_token_ids(model, tokenizer)
-    for piece in stream_text(model, tokenizer, prompt, options, stops):
+    for piece in stream_text(model, tokenizer, prompt, options, stops, stop_strings=args.stop):
         sys.stdout.write(piece)
         sys.stdout.flush()
     sys.stdout.write("\n")
