@@ -168,3 +168,23 @@ def test_stop_strings_end_stream_text_as_serve_does(lm):
     full = "".join(stream_text(model, tok, PROMPT, greedy))
     stop = full.strip()[:2]
     assert "".join(stream_text(model, tok, PROMPT, greedy, stop_strings=[stop])) == full[:full.index(stop)]
+
+
+@pytest.mark.parametrize("config", [dict(min_p=0.3), dict(min_p=0.2, top_p=0.9), dict(min_p=0.5, top_k=3)])
+def test_constrained_sampling_applies_min_p_among_the_allowed_tokens(config):
+    """Oracle: :func:`sampling_probs` of the logits with the disallowed tokens masked out, counted over many draws."""
+    from qlora.infer.constrained import choose_token
+
+    logits = torch.tensor([3.0, 1.0, 2.5, 0.5, 1.5, -1.0, 1.2, 0.9])
+    allowed = [1, 3, 4, 5, 6, 7]
+    masked = torch.full_like(logits, float("-inf"))
+    masked[allowed] = logits[allowed]
+    options = SamplingOptions(temperature=1.0, **{"top_p": 1.0, **config})
+    expected = sampling_probs(masked, options)
+    assert 1 < int((expected > 0).sum()) < len(allowed)  # min-p cuts some allowed tokens, not all
+    generator = torch.Generator().manual_seed(0)
+    counts = torch.zeros(len(logits))
+    for _ in range(3000):
+        counts[choose_token(logits, options, generator, set(allowed).__contains__)] += 1
+    assert torch.equal(counts > 0, expected > 0)
+    torch.testing.assert_close(counts / 3000, expected, atol=0.03, rtol=0)
