@@ -5,10 +5,11 @@ the rest), and each candidate's text is checked by the caller's ``accepts``; the
 vocabulary is neither decoded nor checked at each step. Greedy decoding takes the first
 accepted candidate. Sampling keeps the usual semantics restricted to the allowed
 tokens: temperature, then top-k, top-p and min-p over the allowed tokens' renormalized
-probabilities (min-p relative to the most likely allowed token). Without top-k/top-p/min-p, the Gumbel-max trick makes sampling a greedy scan
-of noisy logits (exact, and as cheap as greedy). With them, the scan stops once the
-nucleus is settled (the same whether the unchecked tokens add no allowed mass or all of
-theirs), or the unchecked rest is under 0.1% of the allowed mass, or 1024 candidates
+probabilities (min-p relative to the most likely allowed token). Without top-k/top-p/min-p,
+the Gumbel-max trick makes sampling a greedy scan of noisy logits (exact, and as cheap as
+greedy). With them, the scan stops once the nucleus is settled (the same whether the
+unchecked tokens add no allowed mass or all of theirs), or (min-p without top-p) once a token falls
+under min-p, or the unchecked rest is under 0.1% of the allowed mass, or 1024 candidates
 were checked and one was allowed (only a near-flat distribution gets that far; its
 nucleus is then taken among those first 1024).
 
