@@ -145,6 +145,8 @@ def test_frequency_penalty_stops_a_greedy_repetition(lm):
 
 
 def test_cli_generate_takes_the_new_options_and_stop_strings(tiny_model_dir, capsys):
+    from transformers import AutoTokenizer
+
     from qlora.cli.main import main
 
     argv = ["generate", "--model", str(tiny_model_dir), "--template", "none", "--quant", "none", "--compute-dtype",
@@ -157,6 +159,11 @@ def test_cli_generate_takes_the_new_options_and_stop_strings(tiny_model_dir, cap
     stop = plain.strip()[len(plain.strip()) // 2:][:3]
     assert stop and main(argv + ["--stop", stop, "--stop", "never-there"]) == 0
     assert capsys.readouterr().out[:-1] == plain[:plain.index(stop)]
+    fox = AutoTokenizer.from_pretrained(tiny_model_dir)(" fox", add_special_tokens=False).input_ids[-1]
+    assert main(argv + ["--logit-bias", f"{fox}=100", "--max-new-tokens", "4"]) == 0
+    assert capsys.readouterr().out == AutoTokenizer.from_pretrained(tiny_model_dir).decode([fox] * 4) + "\n"
+    assert main(argv + ["--logit-bias", "100000=5"]) == 2  # checked against the tokenizer once it is loaded
+    assert "--logit-bias 100000=...: the tokenizer" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exc:  # refused as the command line is read
         main(argv + ["--repetition-penalty", "0"])
     assert exc.value.code == 2 and "--repetition-penalty: must be positive" in capsys.readouterr().err

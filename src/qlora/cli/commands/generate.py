@@ -40,13 +40,32 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
         kind = int if f.name in ("max_new_tokens", "top_k", "seed") else float
         parser.add_argument(f"--{f.name.replace('_', '-')}", type=number(kind, f.metadata["range"]), default=f.default,
                             help=f.metadata["help"])
+    parser.add_argument("--logit-bias", action="append", default=[], type=_token_bias, metavar="ID=BIAS",
+                        help="add BIAS (in [-100, 100]) to the logit of token ID before sampling (OpenAI's logit_bias: "
+                             "100 all but forces the token, -100 bans it); repeat for several tokens")
+
+
+def _token_bias(text: str) -> tuple[int, float]:
+    """``ID=BIAS`` -> ``(id, bias)``, for --logit-bias."""
+    from ...infer.generate import BIAS_RANGE
+
+    token, sep, bias = text.partition("=")
+    try:
+        parsed = int(token), float(bias)
+    except ValueError:
+        parsed = None
+    if not sep or parsed is None or parsed[0] < 0:
+        raise argparse.ArgumentTypeError(f"expected TOKEN_ID=BIAS (e.g. 15043=-100), got {text!r}")
+    if parsed[1] not in BIAS_RANGE:
+        raise argparse.ArgumentTypeError(f"the bias must be {BIAS_RANGE.text}, got {bias}")
+    return parsed
 
 
 def sampling_options(args: argparse.Namespace):
     """The ``SamplingOptions`` given on the command line."""
     from ...infer.generate import SamplingOptions, cli_fields
 
-    return SamplingOptions(**{f.name: getattr(args, f.name) for f in cli_fields()})
+    return SamplingOptions(**{f.name: getattr(args, f.name) for f in cli_fields()}, logit_bias=dict(args.logit_bias))
 
 
 def load_model_from_args(args: argparse.Namespace):
@@ -65,6 +84,10 @@ def load_model_from_args(args: argparse.Namespace):
     model, tokenizer = load_model(args.model, quant=quant, compute_dtype=dtype)
     apply_cpu_threads(model, next(model.parameters()).device)
     tokenizer = adapter_tokenizer(list(names.values()), tokenizer)
+    for token, _ in getattr(args, "logit_bias", ()):  # generate/chat only
+        if token >= len(tokenizer):
+            raise UsageError(f"--logit-bias {token}=...: the tokenizer of {args.model} has token ids 0 to "
+                             f"{len(tokenizer) - 1}; give a token id from it")
     for name, path in names.items():
         load_adapter(model, path, adapter_name=name)
     if weights is not None:
