@@ -19,8 +19,8 @@ with a seed derived from it and ``j``. ``/v1/completions`` takes a batch of prom
 prompt ``i``'s ``j``-th.
 
 ``logprobs`` (chat: ``logprobs: true`` with ``top_logprobs`` 0..20; completions:
-``logprobs`` 0..20) are ``log_softmax`` of the model's raw logits, before temperature,
-top-p or a constraint (OpenAI's numbers, vLLM's default ``raw_logprobs``): see
+``logprobs`` 0..20) are ``log_softmax`` of the model's raw logits, before penalties, bias,
+temperature, top-p or a constraint (OpenAI's numbers, vLLM's default ``raw_logprobs``): see
 :mod:`qlora.infer.logprobs`. Completions' ``top_logprobs`` also hold the chosen token
 (up to ``logprobs + 1`` entries, as OpenAI documents); ``text_offset`` counts characters
 of the choice's ``text`` over the tokens' own texts (a SentencePiece text's first token keeps
