@@ -60,6 +60,7 @@ class SamplingOptions:
         for f in fields(self):
             if "range" in f.metadata:
                 f.metadata["range"].check(f"--{f.name.replace('_', '-')}", getattr(self, f.name))
+        self.logit_bias = dict(self.logit_bias or {})
         for token, bias in self.logit_bias.items():
             if not isinstance(token, int) or token < 0:
                 raise UsageError(f"logit_bias keys must be token ids (integers, at least 0); got {token!r}")
