@@ -18,8 +18,8 @@ HELP = "stream a model's continuation of a prompt, with sampling options"
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     """--model, --adapter, --quant and the sampling options of ``SamplingOptions``."""
-    from ...infer.generate import cli_fields
-    from ..options import number
+    from ...infer.generate import BIAS_RANGE, cli_fields
+    from ..options import id_value, number
 
     parser.add_argument("--model", required=True, help="model folder (transformers checkpoint) or hub id")
     parser.add_argument("--adapter", action="append", default=[], metavar="[NAME=]DIR",
@@ -40,25 +40,9 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
         kind = int if f.name in ("max_new_tokens", "top_k", "seed") else float
         parser.add_argument(f"--{f.name.replace('_', '-')}", type=number(kind, f.metadata["range"]), default=f.default,
                             help=f.metadata["help"])
-    parser.add_argument("--logit-bias", action="append", default=[], type=_token_bias, metavar="ID=BIAS",
+    parser.add_argument("--logit-bias", action="append", default=[], type=id_value(BIAS_RANGE), metavar="ID=BIAS",
                         help="add BIAS (in [-100, 100]) to the logit of token ID before sampling (OpenAI's logit_bias: "
                              "100 all but forces the token, -100 bans it); repeat for several tokens")
-
-
-def _token_bias(text: str) -> tuple[int, float]:
-    """``ID=BIAS`` -> ``(id, bias)``, for --logit-bias."""
-    from ...infer.generate import BIAS_RANGE
-
-    token, sep, bias = text.partition("=")
-    try:
-        parsed = int(token), float(bias)
-    except ValueError:
-        parsed = None
-    if not sep or parsed is None or parsed[0] < 0:
-        raise argparse.ArgumentTypeError(f"expected TOKEN_ID=BIAS (e.g. 15043=-100), got {text!r}")
-    if parsed[1] not in BIAS_RANGE:
-        raise argparse.ArgumentTypeError(f"the bias must be {BIAS_RANGE.text}, got {bias}")
-    return parsed
 
 
 def sampling_options(args: argparse.Namespace):
