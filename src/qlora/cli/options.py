@@ -33,6 +33,26 @@ def number(kind: type = int, allowed: Range = Range()) -> Callable[[str], float]
     return parse
 
 
+def id_value(allowed: Range) -> Callable[[str], tuple[int, float]]:
+    """An argparse type: ``ID=VALUE``, a token id (integer, at least 0) and a number within ``allowed``."""
+
+    def parse(text: str) -> tuple[int, float]:
+        token, sep, value = text.partition("=")
+        try:
+            parsed = int(token), float(value)
+        except ValueError:
+            parsed = None
+        if not sep or parsed is None or parsed[0] < 0:
+            raise argparse.ArgumentTypeError(f"expected TOKEN_ID=VALUE (e.g. 15043=-100), got {text!r}")
+        if parsed[1] not in allowed:
+            raise argparse.ArgumentTypeError(f"the value must be {allowed.text}, got {value}")
+        return parsed
+
+    parse.__name__ = "ID=VALUE"
+    parse.allowed = allowed
+    return parse
+
+
 positive_int = number(int, AT_LEAST_1)
 non_negative_int = number(int, NON_NEGATIVE)
 positive_float = number(float, POSITIVE)

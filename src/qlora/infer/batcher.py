@@ -7,7 +7,8 @@ see :mod:`qlora.infer.batch_cache`), decodes one token for every row in ONE
 forward pass, and drops the rows that finished or whose client went away. Each
 row carries its own adapter (:func:`qlora.model.multi_adapter.adapter_rows`: the
 4-bit base is read once per step for all rows, whichever adapters they use), its
-sampling options and seeded generator, its stop tokens and stop strings. Greedy
+sampling options and seeded generator, its penalties (:class:`qlora.infer.penalties.Penalties`:
+its own token counts and logit bias), its stop tokens and stop strings. Greedy
 rows produce the tokens of :func:`qlora.infer.generate.stream_tokens`. A model whose cache cannot be
 re-batched (recurrent state: Mamba, hybrid models) or whose padded batch does not reproduce
 each request alone is found at start and served one request at a time (``unbatchable`` says why). A row may carry
@@ -41,6 +42,7 @@ from ..model.multi_adapter import adapter_rows
 from .batch_cache import add_row, attention_mask, cache_length, cache_problem, keep_rows, new_cache
 from .generate import SamplingOptions, forward_cached, next_token
 from .logprobs import TokenLogprob, chosen_logprob, prompt_logprobs
+from .penalties import Penalties
 from .text_stream import TextStream
 
 log = logging.getLogger(__name__)
@@ -70,7 +72,8 @@ class Constraint(Protocol):
     """Decoding restricted per request (e.g. :class:`~qlora.infer.forced_call.ForcedCall`).
 
     ``prefix_ids``: tokens the reply starts with, prefilled with the prompt. ``choose``: the next
-    token from the row's logits (None: nothing may follow, the request fails); called once per step.
+    token from the row's logits, logit bias and penalties already applied (None: nothing may follow,
+    the request fails); called once per step.
     """
 
     prefix_ids: list[int]
@@ -111,6 +114,7 @@ class _Row:
         self.prompt_logprobs: list[TokenLogprob] | None = None
         seed = request.options.seed if request.options.seed is not None else random.getrandbits(63)
         self.generator = torch.Generator(device=device).manual_seed(seed)  # as a single run seeds it
+        self.penalties = Penalties.of(request.options, request.prompt_ids)
 
 
 class ContinuousBatcher:
@@ -293,6 +297,9 @@ class ContinuousBatcher:
         if prefix:
             row.length += len(prefix)
             piece = "".join(row.text.push(t) for t in prefix)
+            if row.penalties is not None:
+                for t in prefix:
+                    row.penalties.add(t)
             if request.logprobs is not None:
                 row.pending += [chosen_logprob(logits[prompt - 1 + k], t, request.logprobs) for k, t in enumerate(prefix)]
             if len(prefix) >= request.options.max_new_tokens:  # the limit ends the reply inside its forced start
@@ -309,8 +316,10 @@ class ContinuousBatcher:
     def _choose(row: _Row, logits: torch.Tensor) -> int | None:
         request = row.request
         if request.constraint is not None:
+            if row.penalties is not None:
+                logits = row.penalties(logits)
             return request.constraint.choose(logits, request.options, row.generator)
-        return next_token(logits, request.options, row.generator)
+        return next_token(logits, request.options, row.generator, row.penalties)
 
     def _decode(self) -> None:
         """One token for every row, in one forward pass."""
@@ -332,8 +341,9 @@ class ContinuousBatcher:
         keep = []
         for i, row in enumerate(rows):
             row.length += 1
-            unconstrained = row.request.constraint is None and row.request.options.temperature <= 0
-            token = greedy[i] if unconstrained else self._choose(row, last[i])
+            plain_greedy = row.request.constraint is None and row.request.options.temperature <= 0 \
+                and row.penalties is None
+            token = greedy[i] if plain_greedy else self._choose(row, last[i])
             if not self._advance(row, token, last[i]):
                 keep.append(i)
         self._retain(keep)
@@ -346,6 +356,8 @@ class ContinuousBatcher:
             self.stats["requests_completed"] += 1
             return True
         self.stats["tokens_generated"] += 1
+        if row.penalties is not None:
+            row.penalties.add(token)
         if request.logprobs is not None and token not in request.stop_ids:
             row.pending.append(chosen_logprob(logits, token, request.logprobs))
         piece = row.text.push(token)

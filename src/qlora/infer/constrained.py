@@ -4,11 +4,12 @@ The logits are visited best first, in growing chunks (``topk`` of 16, 256, 4096,
 the rest), and each candidate's text is checked by the caller's ``accepts``; the whole
 vocabulary is neither decoded nor checked at each step. Greedy decoding takes the first
 accepted candidate. Sampling keeps the usual semantics restricted to the allowed
-tokens: temperature, then top-k and top-p over the allowed tokens' renormalized
-probabilities. Without top-k/top-p, the Gumbel-max trick makes sampling a greedy scan
-of noisy logits (exact, and as cheap as greedy). With them, the scan stops once the
-nucleus is settled (the same whether the unchecked tokens add no allowed mass or all of
-theirs), or the unchecked rest is under 0.1% of the allowed mass, or 1024 candidates
+tokens: temperature, then top-k, top-p and min-p over the allowed tokens' renormalized
+probabilities (min-p relative to the most likely allowed token). Without top-k/top-p/min-p,
+the Gumbel-max trick makes sampling a greedy scan of noisy logits (exact, and as cheap as
+greedy). With them, the scan stops once the nucleus is settled (the same whether the
+unchecked tokens add no allowed mass or all of theirs), or (min-p without top-p) once a token falls
+under min-p, or the unchecked rest is under 0.1% of the allowed mass, or 1024 candidates
 were checked and one was allowed (only a near-flat distribution gets that far; its
 nucleus is then taken among those first 1024).
 
@@ -110,7 +111,7 @@ def choose_token(logits: torch.Tensor, options: SamplingOptions, generator: torc
 
     Args:
         logits: 1-D next-token logits.
-        options: temperature, top_k and top_p, applied to the allowed tokens only.
+        options: temperature, top_k, top_p and min_p, applied to the allowed tokens only.
         generator: the request's seeded generator (sampling).
         accepts: whether a token id may come next.
         preferred: ids taken before looking at the logits, the first one allowed (a literal's own spelling).
@@ -120,7 +121,7 @@ def choose_token(logits: torch.Tensor, options: SamplingOptions, generator: torc
             return token
     if options.temperature <= 0:
         return next((t for t, _ in _descending(logits) if accepts(t)), None)
-    if options.top_p >= 1.0 and options.top_k <= 0:
+    if options.top_p >= 1.0 and options.top_k <= 0 and options.min_p <= 0:
         # Gumbel-max: the best allowed token by logit / T + Gumbel noise is an exact sample of the
         # allowed tokens' renormalized distribution, found with as few checks as a greedy pick.
         uniform = torch.rand(logits.shape, generator=generator, device=logits.device, dtype=torch.float32)
@@ -131,6 +132,8 @@ def choose_token(logits: torch.Tensor, options: SamplingOptions, generator: torc
     allowed = seen = 0.0
     total = None  # the allowed mass top-p is taken of, once known well enough
     for checked, (token, p) in enumerate(_descending(probs), 1):
+        if options.min_p > 0 and options.top_p >= 1.0 and found and p < options.min_p * found[0][1]:
+            break  # this and every later token fall under min-p: the allowed ones found so far are the set
         seen += p
         if accepts(token):
             found.append((token, p))
@@ -152,6 +155,7 @@ def choose_token(logits: torch.Tensor, options: SamplingOptions, generator: torc
     if not found:
         return None
     keep = max(1, _nucleus(found, total if total is not None else allowed, options.top_p))
+    keep = min(keep, sum(p >= options.min_p * found[0][1] for _, p in found))  # the first always stays
     weights = torch.tensor([p for _, p in found[:keep]], dtype=torch.float64)
     if float(weights.sum()) <= 0:  # underflow: every allowed token is far down the distribution
         weights = torch.ones(keep, dtype=torch.float64)

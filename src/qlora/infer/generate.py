@@ -3,19 +3,29 @@
 A small explicit loop instead of ``model.generate``: each step runs the model on
 the newest token only (the cache holds the past), picks the next token, and
 yields it at once, so a chat shows words as they are made. Greedy decoding
-(temperature 0) gives exactly the tokens of ``model.generate(do_sample=False)``.
+(temperature 0) gives exactly the tokens of ``model.generate(do_sample=False)``, with
+``repetition_penalty`` too.
+
+The next token is chosen as transformers' ``generate`` chooses it: logit bias and penalties on
+the raw logits (:mod:`qlora.infer.penalties`), then temperature, top-k, top-p and min-p, in the
+order of its ``LogitsProcessorList`` (``GenerationMixin._get_logits_processor``).
 """
 
 from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass, field, fields
-from typing import Iterable, Iterator
+from typing import Iterable, Iterator, Sequence
 
 import torch
 from transformers import DynamicCache
 
-from ..option_range import AT_LEAST_1, NON_NEGATIVE, Range
+from ..errors import UsageError
+from ..option_range import AT_LEAST_1, NON_NEGATIVE, POSITIVE, Range
+from .penalties import Penalties
+
+PENALTY_RANGE = Range(-2, 2)  # OpenAI's presence_penalty / frequency_penalty
+BIAS_RANGE = Range(-100, 100)  # OpenAI's logit_bias values
 
 
 @dataclass
@@ -31,27 +41,66 @@ class SamplingOptions:
                                             "range": NON_NEGATIVE})
     seed: int | None = field(default=None, metadata={"help": "random seed, for reproducible sampling",
                                                      "range": NON_NEGATIVE})
+    min_p: float = field(default=0.0, metadata={
+        "help": "drop tokens less likely than min_p times the most likely one (after temperature); 0 = off",
+        "range": Range(0, 1)})
+    repetition_penalty: float = field(default=1.0, metadata={
+        "help": "penalize tokens already in the prompt or the reply: a logit above 0 is divided by this, one below "
+                "0 multiplied (transformers' repetition_penalty); 1 = off, above 1 repeats less",
+        "range": POSITIVE})
+    presence_penalty: float = field(default=0.0, metadata={
+        "help": "subtract this from the logit of every token already in the reply (OpenAI's); 0 = off",
+        "range": PENALTY_RANGE})
+    frequency_penalty: float = field(default=0.0, metadata={
+        "help": "subtract this times its count in the reply from each token's logit (OpenAI's); 0 = off",
+        "range": PENALTY_RANGE})
+    logit_bias: dict[int, float] = field(default_factory=dict, metadata={
+        "help": "token id -> value added to its logit before sampling, in [-100, 100] (OpenAI's logit_bias)",
+        "cli": False})
 
     def __post_init__(self) -> None:
         for f in fields(self):
-            f.metadata["range"].check(f"--{f.name.replace('_', '-')}", getattr(self, f.name))
+            if "range" in f.metadata:
+                f.metadata["range"].check(f"--{f.name.replace('_', '-')}", getattr(self, f.name))
+        self.logit_bias = dict(self.logit_bias or {})
+        for token, bias in self.logit_bias.items():
+            if not isinstance(token, int) or token < 0:
+                raise UsageError(f"logit_bias keys must be token ids (integers, at least 0); got {token!r}")
+            BIAS_RANGE.check(f"logit_bias[{token}]", bias)
 
 
-def next_token(logits: torch.Tensor, options: SamplingOptions, generator: torch.Generator | None) -> int:
-    """Pick the next token id from 1-D ``logits`` by greedy, top-k and top-p sampling."""
+def cli_fields() -> list:
+    """The :class:`SamplingOptions` fields that are command-line options (``logit_bias`` is not)."""
+    return [f for f in fields(SamplingOptions) if f.metadata.get("cli", True)]
+
+
+def next_token(logits: torch.Tensor, options: SamplingOptions, generator: torch.Generator | None,
+               penalties: Penalties | None = None) -> int:
+    """Pick the next token id from 1-D ``logits``: penalties, then greedy or a sample of :func:`sampling_probs`."""
+    if penalties is not None:
+        logits = penalties(logits)
     if options.temperature <= 0:
         return int(logits.argmax())
+    return int(torch.multinomial(sampling_probs(logits, options), 1, generator=generator))
+
+
+def sampling_probs(logits: torch.Tensor, options: SamplingOptions) -> torch.Tensor:
+    """The distribution a token is drawn from: ``logits`` (1-D or batched, penalties already applied)
+    divided by the temperature, then top-k, top-p and min-p, as transformers' warpers in this order."""
     logits = logits.float() / options.temperature
-    if 0 < options.top_k < logits.numel():
-        kth = torch.topk(logits, options.top_k).values[-1]
+    if 0 < options.top_k < logits.shape[-1]:
+        kth = torch.topk(logits, options.top_k).values[..., -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if options.top_p < 1.0:
         sorted_logits, order = torch.sort(logits, descending=True)
-        cumulative = sorted_logits.softmax(-1).cumsum(-1)
-        drop = cumulative - sorted_logits.softmax(-1) >= options.top_p  # keep the token that crosses top_p
-        logits = logits.masked_fill(drop.scatter(0, order, drop), float("-inf"))
+        probs = sorted_logits.softmax(-1)
+        drop = probs.cumsum(-1) - probs >= options.top_p  # keep the token that crosses top_p
+        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
     probs = logits.softmax(-1)
-    return int(torch.multinomial(probs, 1, generator=generator))
+    if options.min_p > 0:
+        probs = probs.masked_fill(probs < options.min_p * probs.amax(-1, keepdim=True), 0.0)
+        probs = probs / probs.sum(-1, keepdim=True)
+    return probs
 
 
 @torch.inference_mode()
@@ -72,11 +121,14 @@ def stream_tokens(model, input_ids: torch.Tensor, options: SamplingOptions | Non
     if options.seed is not None and options.temperature > 0:
         generator = torch.Generator(device=device).manual_seed(options.seed)
     model.eval()
+    penalties = Penalties.of(options, input_ids[0])
     ids, cache, seen = input_ids, {}, 0
     for _ in range(options.max_new_tokens):
         out, cache = forward_cached(model, ids, cache, seen)
         seen += ids.shape[1]
-        token = next_token(out.logits[0, -1], options, generator)
+        token = next_token(out.logits[0, -1], options, generator, penalties)
+        if penalties is not None:
+            penalties.add(token)
         yield token
         if token in stop:
             return
@@ -136,22 +188,26 @@ def default_stop_ids(model, tokenizer) -> set[int]:
 
 
 def stream_text(model, tokenizer, prompt: str, options: SamplingOptions | None = None,
-                stop_ids: Iterable[int] | None = None, keep: frozenset[int] = frozenset()) -> Iterator[str]:
+                stop_ids: Iterable[int] | None = None, keep: frozenset[int] = frozenset(),
+                stop_strings: Sequence[str] = ()) -> Iterator[str]:
     """Yield the continuation of ``prompt`` as text pieces, as soon as they decode.
 
     The pieces join to exactly ``tokenizer.decode(tokens, skip_special_tokens=True)``
     (see :class:`qlora.infer.text_stream.TextStream`), but for the special tokens in ``keep``.
+    A stop string ends the text before it (OpenAI's ``stop``, as ``qlora serve`` does).
     """
     from .text_stream import TextStream
 
     input_ids = encode_prompt(model, tokenizer, prompt)
     if stop_ids is None:
         stop_ids = default_stop_ids(model, tokenizer)
-    text = TextStream(tokenizer, keep=keep)
+    text = TextStream(tokenizer, stop_strings, keep=keep)
     for token in stream_tokens(model, input_ids, options, stop_ids):
         piece = text.push(token)
         if piece:
             yield piece
+        if text.stopped:
+            return
     rest = text.flush()
     if rest:
         yield rest
@@ -160,13 +216,14 @@ def stream_text(model, tokenizer, prompt: str, options: SamplingOptions | None =
 @torch.no_grad()
 def generate_per_adapter(model, tokenizer, prompt: str, adapters: list[str | None],
                          options: SamplingOptions | None = None,
-                         stop_ids: Iterable[int] | None = None) -> list[str]:
+                         stop_ids: Iterable[int] | None = None, stop_strings: Sequence[str] = ()) -> list[str]:
     """Continue ``prompt`` once per adapter in ONE batch: row ``i`` runs adapter
     ``adapters[i]`` (``None``: the base alone) and the 4-bit base is read once
     per step for all rows. Each row samples with its own generator seeded like a
-    single run, so every row equals what that adapter produces alone.
+    single run, so every row equals what that adapter produces alone (stop strings included).
     """
     from ..model.multi_adapter import adapter_rows
+    from .text_stream import TextStream
 
     options = options or SamplingOptions()
     if stop_ids is None:
@@ -177,7 +234,9 @@ def generate_per_adapter(model, tokenizer, prompt: str, adapters: list[str | Non
     rows = len(adapters)
     generators = [torch.Generator(device=device).manual_seed(options.seed)
                   if options.seed is not None and options.temperature > 0 else None for _ in adapters]
-    tokens: list[list[int]] = [[] for _ in adapters]
+    penalties = [Penalties.of(options, prompt_ids[0]) for _ in adapters]
+    texts = [TextStream(tokenizer, stop_strings) for _ in adapters]
+    pieces: list[list[str]] = [[] for _ in adapters]
     done = [False] * rows
     model.eval()
     ids, cache, seen = prompt_ids.repeat(rows, 1), {}, 0
@@ -187,12 +246,15 @@ def generate_per_adapter(model, tokenizer, prompt: str, adapters: list[str | Non
             seen += ids.shape[1]
             step = []
             for r in range(rows):
-                token = tokens[r][-1] if done[r] else next_token(out.logits[r, -1], options, generators[r])
+                token = texts[r].tokens[-1] if done[r] else next_token(out.logits[r, -1], options,
+                                                                       generators[r], penalties[r])
                 if not done[r]:
-                    tokens[r].append(token)
-                    done[r] = token in stop
+                    pieces[r].append(texts[r].push(token))
+                    if penalties[r] is not None:
+                        penalties[r].add(token)
+                    done[r] = token in stop or texts[r].stopped
                 step.append(token)
             if all(done):
                 break
             ids = torch.tensor(step, device=device)[:, None]
-    return [tokenizer.decode(t, skip_special_tokens=True) for t in tokens]
+    return ["".join(p) + text.flush() for p, text in zip(pieces, texts)]

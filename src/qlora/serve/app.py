@@ -255,8 +255,10 @@ def _generation(batcher: ContinuousBatcher, body: _Body, adapter: str | None, pr
         raise APIError(400, f"The {prompt_param} is empty", prompt_param)
     limit = body.token_limit()
     options = SamplingOptions(max_new_tokens=max(1, min(room if limit is None else limit, room)),
-                              temperature=body.temperature, top_p=body.top_p, top_k=0,
-                              seed=_choice_seed(body.seed, index))
+                              temperature=body.temperature, top_p=body.top_p, top_k=max(0, body.top_k),
+                              min_p=body.min_p, repetition_penalty=body.repetition_penalty,
+                              presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty,
+                              logit_bias=body.token_bias(len(batcher.tokenizer)), seed=_choice_seed(body.seed, index))
     return Generation(prompt_ids, adapter, options, emit=lambda event: None, stop_ids=stop_ids,
                       stop_strings=body.stop_strings(), logprobs=body.logprob_count(), generate=limit != 0)
 

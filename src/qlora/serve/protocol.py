@@ -2,8 +2,15 @@
 
 Fields follow the OpenAI API reference. Unknown fields are ignored (clients
 send extras such as ``user``); known fields that would change the answer in a
-way qlora does not implement (penalties, ``logit_bias``, ``suffix``, ``best_of`` > 1)
-are refused with a 400 naming the field, rather than silently ignored.
+way qlora does not implement (``suffix``, ``best_of`` > 1) are refused with a 400
+naming the field, rather than silently ignored.
+
+Sampling: ``temperature``, ``top_p``, ``presence_penalty`` and ``frequency_penalty`` (in [-2, 2],
+over the tokens the choice generated), ``logit_bias`` (token id as a string -> bias in [-100, 100];
+an id outside the tokenizer's vocabulary is a 400 naming it), and vLLM's extra body fields
+``top_k`` (0 or -1: off), ``min_p`` and ``repetition_penalty`` (over prompt and reply, as
+transformers). Penalties and bias apply to greedy decoding too; see :mod:`qlora.infer.penalties`.
+An out-of-range value is a 400 naming the parameter.
 
 ``n``: that many choices, each its own batch row sampled with its own generator; with
 ``seed``, choice 0 is seeded with it (so it equals the ``n=1`` reply) and choice ``j``
@@ -12,8 +19,8 @@ with a seed derived from it and ``j``. ``/v1/completions`` takes a batch of prom
 prompt ``i``'s ``j``-th.
 
 ``logprobs`` (chat: ``logprobs: true`` with ``top_logprobs`` 0..20; completions:
-``logprobs`` 0..20) are ``log_softmax`` of the model's raw logits, before temperature,
-top-p or a constraint (OpenAI's numbers, vLLM's default ``raw_logprobs``): see
+``logprobs`` 0..20) are ``log_softmax`` of the model's raw logits, before penalties, bias,
+temperature, top-p or a constraint (OpenAI's numbers, vLLM's default ``raw_logprobs``): see
 :mod:`qlora.infer.logprobs`. Completions' ``top_logprobs`` also hold the chosen token
 (up to ``logprobs + 1`` entries, as OpenAI documents); ``text_offset`` counts characters
 of the choice's ``text`` over the tokens' own texts (a SentencePiece text's first token keeps
@@ -67,7 +74,7 @@ class APIError(Exception):
 
 
 class _Body(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
 
     @model_validator(mode="before")
     @classmethod
@@ -84,9 +91,12 @@ class _Body(BaseModel):
     seed: int | None = None
     stream: bool = False
     stream_options: dict[str, Any] | None = None
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
+    presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
+    frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
     logit_bias: dict[str, float] | None = None
+    top_k: int = Field(default=0, ge=-1)  # vLLM's extra sampling fields (the openai client's extra_body)
+    min_p: float = Field(default=0.0, ge=0.0, le=1.0)
+    repetition_penalty: float = Field(default=1.0, gt=0.0)
 
     def stop_strings(self) -> tuple[str, ...]:
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
@@ -97,13 +107,26 @@ class _Body(BaseModel):
     def include_usage(self) -> bool:
         return bool(self.stream and self.stream_options and self.stream_options.get("include_usage"))
 
-    def refuse_unsupported(self) -> None:
-        """400 for options that would change the answer in ways not implemented."""
-        if self.presence_penalty or self.frequency_penalty:
-            param = "presence_penalty" if self.presence_penalty else "frequency_penalty"
-            raise APIError(400, f"'{param}' is not supported; leave it at 0", param)
-        if self.logit_bias:
-            raise APIError(400, "'logit_bias' is not supported", "logit_bias")
+    def token_bias(self, vocab_size: int) -> dict[int, float]:
+        """``logit_bias`` with token-id keys, checked against a vocabulary of ``vocab_size`` ids.
+
+        Raises:
+            APIError: a key that is not a token id of the vocabulary, or a bias outside [-100, 100].
+        """
+        bias = {}
+        for key, value in (self.logit_bias or {}).items():
+            try:
+                token = int(key)
+            except ValueError:
+                token = -1
+            if not 0 <= token < vocab_size:
+                raise APIError(400, f"'logit_bias' key {key!r} is not a token id of this model's vocabulary (integers "
+                                    f"0 to {vocab_size - 1})", f"logit_bias.{key}")
+            if not -100 <= value <= 100:
+                raise APIError(400, f"'logit_bias' value of token {key} must be in [-100, 100], got {value}",
+                               f"logit_bias.{key}")
+            bias[token] = value
+        return bias
 
 
 class ChatMessage(BaseModel):
@@ -212,7 +235,7 @@ class ChatCompletionRequest(_Body):
         return bool(self.tools) and self.tool_choice != "none"
 
     def refuse_unsupported(self) -> None:
-        super().refuse_unsupported()
+        """400 for options that would change the answer in ways not implemented."""
         if self.top_logprobs is not None and not self.logprobs:
             raise APIError(400, "'top_logprobs' needs 'logprobs': true", "top_logprobs")
         for legacy, now in (("functions", "tools"), ("function_call", "tool_choice")):
@@ -280,7 +303,7 @@ class CompletionRequest(_Body):
     suffix: str | None = None
 
     def refuse_unsupported(self) -> None:
-        super().refuse_unsupported()
+        """400 for options that would change the answer in ways not implemented."""
         if self.suffix:
             raise APIError(400, "'suffix' is not supported", "suffix")
         if self.best_of not in (None, 1):

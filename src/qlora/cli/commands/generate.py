@@ -7,7 +7,6 @@ Also home of the model options that ``qlora chat`` shares (--model, --adapter,
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
 
 from ...errors import UsageError
@@ -19,8 +18,8 @@ HELP = "stream a model's continuation of a prompt, with sampling options"
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     """--model, --adapter, --quant and the sampling options of ``SamplingOptions``."""
-    from ...infer.generate import SamplingOptions
-    from ..options import number
+    from ...infer.generate import BIAS_RANGE, cli_fields
+    from ..options import id_value, number
 
     parser.add_argument("--model", required=True, help="model folder (transformers checkpoint) or hub id")
     parser.add_argument("--adapter", action="append", default=[], metavar="[NAME=]DIR",
@@ -38,17 +37,20 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
                              "(default: the format the adapter was trained on, else nf4)")
     parser.add_argument("--compute-dtype", choices=("bf16", "fp16", "fp32"), default="bf16",
                         help="dtype of the matmuls and unquantized weights")
-    for f in dataclasses.fields(SamplingOptions):
+    for f in cli_fields():
         kind = int if f.name in ("max_new_tokens", "top_k", "seed") else float
         parser.add_argument(f"--{f.name.replace('_', '-')}", type=number(kind, f.metadata["range"]), default=f.default,
                             help=f.metadata["help"])
+    parser.add_argument("--logit-bias", action="append", default=[], type=id_value(BIAS_RANGE), metavar="ID=BIAS",
+                        help="add BIAS (in [-100, 100]) to the logit of token ID before sampling (OpenAI's logit_bias: "
+                             "100 all but forces the token, -100 bans it); repeat for several tokens")
 
 
 def sampling_options(args: argparse.Namespace):
     """The ``SamplingOptions`` given on the command line."""
-    from ...infer.generate import SamplingOptions
+    from ...infer.generate import SamplingOptions, cli_fields
 
-    return SamplingOptions(**{f.name: getattr(args, f.name) for f in dataclasses.fields(SamplingOptions)})
+    return SamplingOptions(**{f.name: getattr(args, f.name) for f in cli_fields()}, logit_bias=dict(args.logit_bias))
 
 
 def load_model_from_args(args: argparse.Namespace):
@@ -67,6 +69,10 @@ def load_model_from_args(args: argparse.Namespace):
     model, tokenizer = load_model(args.model, **load_kwargs(args), compute_dtype=dtype)
     apply_cpu_threads(model, next(model.parameters()).device)
     tokenizer = adapter_tokenizer(list(names.values()), tokenizer)
+    for token, _ in getattr(args, "logit_bias", ()):  # generate/chat only
+        if token >= len(tokenizer):
+            raise UsageError(f"--logit-bias {token}=...: the tokenizer of {args.model} has token ids 0 to "
+                             f"{len(tokenizer) - 1}; give a token id from it")
     for name, path in names.items():
         load_adapter(model, path, adapter_name=name)
     if weights is not None:
@@ -139,6 +145,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "adapter's training format), or continued as raw text with --template none or an "
                              "adapter saved without a format; '-' reads it from standard input (a long or "
                              "multi-line prompt: qlora generate ... --prompt - < prompt.txt)")
+    parser.add_argument("--stop", action="append", default=[], metavar="TEXT",
+                        help="end the continuation before this text (repeat for several), as the 'stop' of "
+                             "qlora serve and OpenAI's API")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -157,11 +166,12 @@ def run(args: argparse.Namespace) -> int:
     if len(args.adapter) > 1 and not args.adapter_weights:
         # One batch, one row per adapter: the base is read once per step for all of them.
         names = list(adapter_names(args))
-        for name, text in zip(names, generate_per_adapter(model, tokenizer, prompt, names, options)):
+        for name, text in zip(names, generate_per_adapter(model, tokenizer, prompt, names, options,
+                                                                         stop_strings=args.stop)):
             sys.stdout.write(f"[{name}] {text}\n")
         return 0
     stops = default_stop_ids(model, tokenizer) if fmt is None else stop_token_ids(model, tokenizer)
-    for piece in stream_text(model, tokenizer, prompt, options, stops):
+    for piece in stream_text(model, tokenizer, prompt, options, stops, stop_strings=args.stop):
         sys.stdout.write(piece)
         sys.stdout.flush()
     sys.stdout.write("\n")

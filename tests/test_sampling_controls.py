@@ -1,0 +1,197 @@
+"""Repetition penalty, min-p, presence/frequency penalties and logit bias in generation.
+
+Oracles: transformers' ``generate`` (greedy with ``repetition_penalty``) and the
+``LogitsProcessorList`` its ``GenerationConfig`` builds (the filtered distribution of each
+sampling step, on the same logits and token history); hand-computed arithmetic for OpenAI's
+presence/frequency penalties and ``logit_bias``, which transformers does not have.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from qlora.errors import UsageError
+from qlora.infer.generate import SamplingOptions, next_token, sampling_probs, stream_text, stream_tokens
+from qlora.infer.penalties import Penalties
+
+
+@pytest.fixture(scope="module")
+def lm(tiny_model_dir):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    return AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval(), AutoTokenizer.from_pretrained(tiny_model_dir)
+
+
+PROMPT = "The quick brown fox jumps over the lazy dog. The quick brown"
+
+
+@pytest.mark.parametrize("penalty", [1.3, 0.7])
+def test_greedy_with_repetition_penalty_equals_transformers_generate(lm, penalty):
+    model, tok = lm
+    ids = tok(PROMPT, return_tensors="pt").input_ids
+    ref = model.generate(ids, do_sample=False, max_new_tokens=24, repetition_penalty=penalty,
+                         eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)[0, ids.shape[1]:].tolist()
+    plain = model.generate(ids, do_sample=False, max_new_tokens=24, eos_token_id=tok.eos_token_id,
+                           pad_token_id=tok.pad_token_id)[0, ids.shape[1]:].tolist()
+    assert ref != plain  # the penalty changes this greedy continuation, so the comparison means something
+    options = SamplingOptions(max_new_tokens=24, temperature=0, repetition_penalty=penalty)
+    assert list(stream_tokens(model, ids, options, [tok.eos_token_id])) == ref
+
+
+# The tiny random model's next-token distribution is nearly flat (logit std ~0.16): low temperatures
+# make min-p cut something.
+CONFIGS = [
+    dict(temperature=0.7, top_k=40),
+    dict(temperature=1.3, top_p=0.8),
+    dict(temperature=0.1, min_p=0.2),
+    dict(temperature=0.2, top_k=60, top_p=0.95, min_p=0.3, repetition_penalty=1.3),
+    dict(temperature=0.15, top_p=0.9, min_p=0.5, repetition_penalty=0.8),
+]
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: ",".join(f"{k}={v}" for k, v in c.items()))
+def test_each_sampling_step_draws_from_the_distribution_transformers_warpers_give(lm, config):
+    """Step by step along a seeded sampled reply: the probabilities qlora samples from equal the softmax of
+    what ``model._get_logits_processor(GenerationConfig(...))`` makes of the same logits and history."""
+    from transformers import GenerationConfig
+
+    model, tok = lm
+    ids = tok(PROMPT, return_tensors="pt").input_ids
+    options = SamplingOptions(max_new_tokens=12, seed=3, **{"top_p": 1.0, **config})
+    reply = list(stream_tokens(model, ids, options))
+    gen = GenerationConfig(do_sample=True, **{"top_p": 1.0, "top_k": 0, **config})
+    processors = model._get_logits_processor(gen, input_ids_seq_length=ids.shape[1])
+    assert len(processors) == len(config)  # one warper/processor per option set (temperature included)
+    penalties = Penalties.of(options, ids[0])
+    cut = 0
+    for k, token in enumerate(reply):
+        history = torch.cat([ids[0], torch.tensor(reply[:k], dtype=torch.long)])
+        with torch.no_grad():
+            logits = model(history[None]).logits[0, -1]
+        theirs = processors(history[None], logits[None].clone())[0].softmax(-1)
+        ours = sampling_probs(penalties(logits) if penalties is not None else logits, options)
+        assert torch.equal(ours > 0, theirs > 0), f"step {k}: different token sets"
+        torch.testing.assert_close(ours, theirs, atol=1e-6, rtol=1e-5)
+        assert ours[token] > 0  # the sampled token was in the set
+        cut += int((ours > 0).sum()) < logits.numel()
+        if penalties is not None:
+            penalties.add(token)
+    assert cut  # the filters removed tokens at some step
+
+
+def test_min_p_keeps_tokens_at_least_min_p_times_the_top_one():
+    probs = torch.tensor([0.5, 0.3, 0.12, 0.08])
+    kept = sampling_probs(probs.log(), SamplingOptions(temperature=1.0, top_p=1.0, min_p=0.2))
+    torch.testing.assert_close(kept, torch.tensor([0.5, 0.3, 0.12, 0.0]) / 0.92)  # 0.08 < 0.2 * 0.5
+    # after temperature: T = 0.5 squares the ratios, 0.12/0.5 = 0.24 -> 0.0576 < 0.2
+    kept = sampling_probs(probs.log(), SamplingOptions(temperature=0.5, top_p=1.0, min_p=0.2))
+    assert (kept > 0).tolist() == [True, True, False, False]
+
+
+def test_presence_frequency_penalties_and_logit_bias_arithmetic():
+    """logit[t] += bias[t]; then -= frequency * count[t] + presence * (count[t] > 0), counts over the reply only;
+    the repetition penalty also covers the prompt and comes after the bias (transformers' and vLLM's order)."""
+    logits = torch.tensor([1.0, -2.0, 3.0, 0.5, -1.0, 2.0])
+    options = SamplingOptions(presence_penalty=0.5, frequency_penalty=0.25, logit_bias={3: 10.0, 5: -100.0})
+    penalties = Penalties(options, [4])  # a prompt token: no presence/frequency penalty
+    for token in (0, 2, 2, 1):
+        penalties.add(token)
+    counts = torch.tensor([1.0, 1.0, 2.0, 0.0, 0.0, 0.0])
+    expected = logits + torch.tensor([0.0, 0.0, 0.0, 10.0, 0.0, -100.0]) - 0.25 * counts - 0.5 * (counts > 0).float()
+    torch.testing.assert_close(penalties(logits), expected)
+    assert expected.tolist() == [0.25, -2.75, 2.0, 10.5, -1.0, -98.0]
+
+    both = SamplingOptions(repetition_penalty=2.0, frequency_penalty=1.0, logit_bias={1: 3.0, 4: -1.0})
+    penalties = Penalties(both, [4])
+    penalties.add(1)
+    # bias: [1, 1, 3, .5, -2, 2]; repetition on 1 (reply) and 4 (prompt): [1, .5, 3, .5, -4, 2]; frequency on 1
+    torch.testing.assert_close(penalties(logits), torch.tensor([1.0, -0.5, 3.0, 0.5, -4.0, 2.0]))
+
+
+def test_penalties_change_greedy_choices_and_stop_a_repeating_token():
+    logits = torch.tensor([2.0, 1.9, 0.0])
+    greedy = SamplingOptions(temperature=0, frequency_penalty=0.2)
+    penalties = Penalties.of(greedy, [])
+    chosen = []
+    for _ in range(4):
+        chosen.append(next_token(logits, greedy, None, penalties))
+        penalties.add(chosen[-1])
+    assert chosen == [0, 1, 0, 1]  # 2.0 - 0.2 = 1.8 < 1.9, then 1.9 - 0.2 = 1.7 < 1.8 ...
+    forced = SamplingOptions(temperature=0, logit_bias={2: 100.0})
+    assert next_token(logits, forced, None, Penalties.of(forced, [])) == 2
+    assert Penalties.of(SamplingOptions(), [1, 2]) is None  # nothing asked: the logits are used as they are
+
+
+@pytest.mark.parametrize("bad, option", [(dict(repetition_penalty=0.0), "--repetition-penalty"),
+                                         (dict(min_p=1.5), "--min-p"),
+                                         (dict(presence_penalty=2.5), "--presence-penalty"),
+                                         (dict(frequency_penalty=-3), "--frequency-penalty"),
+                                         (dict(logit_bias={5: 101.0}), "logit_bias[5]"),
+                                         (dict(logit_bias={-1: 1.0}), "logit_bias")])
+def test_out_of_range_options_are_refused_by_name(bad, option):
+    with pytest.raises(UsageError, match=option.replace("[", r"\[")):
+        SamplingOptions(**bad)
+
+
+def test_frequency_penalty_stops_a_greedy_repetition(lm):
+    model, tok = lm
+    ids = tok(PROMPT, return_tensors="pt").input_ids
+    plain = list(stream_tokens(model, ids, SamplingOptions(max_new_tokens=24, temperature=0)))
+    assert max(plain.count(t) for t in set(plain)) > 2  # this random model repeats itself greedily
+    penalized = list(stream_tokens(model, ids, SamplingOptions(max_new_tokens=24, temperature=0,
+                                                               frequency_penalty=2.0, presence_penalty=2.0)))
+    assert max(penalized.count(t) for t in set(penalized)) < max(plain.count(t) for t in set(plain))
+
+
+def test_cli_generate_takes_the_new_options_and_stop_strings(tiny_model_dir, capsys):
+    from transformers import AutoTokenizer
+
+    from qlora.cli.main import main
+
+    argv = ["generate", "--model", str(tiny_model_dir), "--template", "none", "--quant", "none", "--compute-dtype",
+            "fp32", "--max-new-tokens", "16", "--temperature", "0", "--prompt", PROMPT]
+    assert main(argv) == 0
+    plain = capsys.readouterr().out[:-1]
+    assert main(argv + ["--repetition-penalty", "1.3", "--min-p", "0.1"]) == 0
+    penalized = capsys.readouterr().out[:-1]
+    assert penalized != plain
+    stop = plain.strip()[len(plain.strip()) // 2:][:3]
+    assert stop and main(argv + ["--stop", stop, "--stop", "never-there"]) == 0
+    assert capsys.readouterr().out[:-1] == plain[:plain.index(stop)]
+    fox = AutoTokenizer.from_pretrained(tiny_model_dir)(" fox", add_special_tokens=False).input_ids[-1]
+    assert main(argv + ["--logit-bias", f"{fox}=100", "--max-new-tokens", "4"]) == 0
+    assert capsys.readouterr().out == AutoTokenizer.from_pretrained(tiny_model_dir).decode([fox] * 4) + "\n"
+    assert main(argv + ["--logit-bias", "100000=5"]) == 2  # checked against the tokenizer once it is loaded
+    assert "--logit-bias 100000=...: the tokenizer" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:  # refused as the command line is read
+        main(argv + ["--repetition-penalty", "0"])
+    assert exc.value.code == 2 and "--repetition-penalty: must be positive" in capsys.readouterr().err
+
+
+def test_stop_strings_end_stream_text_as_serve_does(lm):
+    model, tok = lm
+    greedy = SamplingOptions(max_new_tokens=16, temperature=0)
+    full = "".join(stream_text(model, tok, PROMPT, greedy))
+    stop = full.strip()[:2]
+    assert "".join(stream_text(model, tok, PROMPT, greedy, stop_strings=[stop])) == full[:full.index(stop)]
+
+
+@pytest.mark.parametrize("config", [dict(min_p=0.3), dict(min_p=0.2, top_p=0.9), dict(min_p=0.5, top_k=3)])
+def test_constrained_sampling_applies_min_p_among_the_allowed_tokens(config):
+    """Oracle: :func:`sampling_probs` of the logits with the disallowed tokens masked out, counted over many draws."""
+    from qlora.infer.constrained import choose_token
+
+    logits = torch.tensor([3.0, 1.0, 2.5, 0.5, 1.5, -1.0, 1.2, 0.9])
+    allowed = [1, 3, 4, 5, 6, 7]
+    masked = torch.full_like(logits, float("-inf"))
+    masked[allowed] = logits[allowed]
+    options = SamplingOptions(temperature=1.0, **{"top_p": 1.0, **config})
+    expected = sampling_probs(masked, options)
+    assert 1 < int((expected > 0).sum()) < len(allowed)  # min-p cuts some allowed tokens, not all
+    generator = torch.Generator().manual_seed(0)
+    counts = torch.zeros(len(logits))
+    for _ in range(3000):
+        counts[choose_token(logits, options, generator, set(allowed).__contains__)] += 1
+    assert torch.equal(counts > 0, expected > 0)
+    torch.testing.assert_close(counts / 3000, expected, atol=0.03, rtol=0)
