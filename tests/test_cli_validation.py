@@ -145,3 +145,69 @@ def test_sampling_options_are_checked_in_python_too():
             SamplingOptions(**bad)
     with pytest.raises(UsageError, match="--alpha must be positive"):
         TrainConfig(model="m", data="d", output="o", alpha=-5.0).validate()
+
+
+def test_empty_or_senseless_values_exit_2_before_anything_loads(tmp_path, capsys):
+    """Values an unset shell variable or a typo gives: refused by name instead of silently meaning something."""
+    data = _jsonl(tmp_path / "d.jsonl", 3)
+    (tmp_path / "cfg").mkdir()
+    for argv, expected in (
+            (["generate", "--model", "m", "--prompt", "p", "--adapter", "a", "--adapter-weights", ""], "--adapter-weights"),
+            (["serve", "--model", "m", "--api-key", ""], "--api-key is empty"),
+            (["serve", "--model", "m", "--served-model-name", " "], "--served-model-name is empty"),
+            (["merge", "--model", "m", "--adapter", "a", "--output", ""], "--output is empty"),
+            (["quant-error", "--numel", str(10**9)], "--numel"),
+            (["train", str(tmp_path / "cfg"), "--model", "m", "--data", str(data), "--output", str(tmp_path / "o")],
+             "is a folder"),
+            (["train", "--model", "m", "--data", str(data), "--output", str(tmp_path / "o"), "--batch-size", "4"],
+             "--batch-size 4 is more than the 3 examples")):
+        code, err = _run(argv, capsys)
+        assert code == 2 and expected in err, (argv, err)
+    assert not (tmp_path / "o").exists()
+
+
+def _jsonl(path, n):
+    path.write_text("".join(json.dumps({"instruction": f"q{i}", "output": f"a{i}"}) + "\n" for i in range(n)))
+    return path
+
+
+def test_yaml_true_is_not_a_number(tmp_path):
+    from qlora.train.config import load_config
+
+    for line in ("rank: true", "lr: false", "seed: yes"):
+        (tmp_path / "c.yaml").write_text(f"model: m\ndata: d\noutput: o\n{line}\n")
+        with pytest.raises(UsageError, match=r"c\.yaml line 4: \w+ expects (int|float), got (True|False)"):
+            load_config(tmp_path / "c.yaml", {})
+
+
+def test_chat_tools_file_not_utf8_exits_2(tmp_path, capsys):
+    tools = tmp_path / "tools.json"
+    tools.write_bytes('[{"type": "function", "function": {"name": "caf\u00e9"}}]'.encode("latin-1"))
+    code, err = _run(["chat", "--model", "m", "--tools", str(tools)], capsys)
+    assert code == 2 and "--tools" in err and "not UTF-8" in err, err
+    tools.write_bytes(b"\xef\xbb\xbf[]")  # a BOM is read past: the complaint is about the content
+    code, err = _run(["chat", "--model", "m", "--tools", str(tools)], capsys)
+    assert code == 2 and "non-empty JSON list" in err, err
+
+
+@pytest.mark.parametrize("exc", [MemoryError(), RuntimeError(
+    "[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate memory: you tried to "
+    "allocate 256000000000 bytes. Error code 12 (Cannot allocate memory)")])
+def test_out_of_memory_is_one_paragraph_without_traceback(exc, monkeypatch, capsys):
+    import qlora.cli.commands.quant_error as quant_error
+
+    def fail(*args):
+        raise exc
+    monkeypatch.setattr(quant_error, "quant_error_report", fail)
+    code, err = _run(["quant-error"], capsys)
+    assert code == 1 and "out of memory" in err and "--batch-size" in err and len(err.strip().splitlines()) == 1
+
+
+def test_other_runtime_errors_still_propagate(monkeypatch):
+    import qlora.cli.commands.quant_error as quant_error
+
+    def fail(*args):
+        raise RuntimeError("a bug")
+    monkeypatch.setattr(quant_error, "quant_error_report", fail)
+    with pytest.raises(RuntimeError, match="a bug"):
+        main(["quant-error"])

@@ -92,7 +92,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (MemoryError, RuntimeError) as exc:
         if not _out_of_memory(exc):
             raise
-        print(f"qlora {args.command}: error: out of memory ({str(exc).splitlines()[0][:200]}). Lower the sizes "
+        detail = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        print(f"qlora {args.command}: error: out of memory ({detail}). Lower the sizes "
               "asked for (--batch-size, --seq-len, --rank, --max-batch-size, --numel), use a smaller model, or "
               "free memory; files already completed were left as they were, nothing half-written was kept.",
               file=sys.stderr)
