@@ -147,22 +147,22 @@ def test_sampling_options_are_checked_in_python_too():
         TrainConfig(model="m", data="d", output="o", alpha=-5.0).validate()
 
 
-def test_empty_or_senseless_values_exit_2_before_anything_loads(tmp_path, capsys):
+@pytest.mark.parametrize("argv, expected", [
+    (["generate", "--model", "m", "--prompt", "p", "--adapter", "a", "--adapter-weights", ""], "--adapter-weights"),
+    (["serve", "--model", "m", "--api-key", ""], "--api-key is empty"),
+    (["serve", "--model", "m", "--served-model-name", " "], "--served-model-name is empty"),
+    (["merge", "--model", "m", "--adapter", "a", "--output", ""], "--output is empty"),
+    (["quant-error", "--numel", str(10**9)], "--numel"),
+    (["train", "{tmp}/cfg", "--model", "m", "--data", "{tmp}/d.jsonl", "--output", "{tmp}/o"], "is a folder"),
+    (["train", "--model", "m", "--data", "{tmp}/d.jsonl", "--output", "{tmp}/o", "--batch-size", "4"],
+     "--batch-size 4 is more than the 3 examples"),
+])
+def test_empty_or_senseless_values_exit_2_before_anything_loads(argv, expected, tmp_path, capsys):
     """Values an unset shell variable or a typo gives: refused by name instead of silently meaning something."""
-    data = _jsonl(tmp_path / "d.jsonl", 3)
+    _jsonl(tmp_path / "d.jsonl", 3)
     (tmp_path / "cfg").mkdir()
-    for argv, expected in (
-            (["generate", "--model", "m", "--prompt", "p", "--adapter", "a", "--adapter-weights", ""], "--adapter-weights"),
-            (["serve", "--model", "m", "--api-key", ""], "--api-key is empty"),
-            (["serve", "--model", "m", "--served-model-name", " "], "--served-model-name is empty"),
-            (["merge", "--model", "m", "--adapter", "a", "--output", ""], "--output is empty"),
-            (["quant-error", "--numel", str(10**9)], "--numel"),
-            (["train", str(tmp_path / "cfg"), "--model", "m", "--data", str(data), "--output", str(tmp_path / "o")],
-             "is a folder"),
-            (["train", "--model", "m", "--data", str(data), "--output", str(tmp_path / "o"), "--batch-size", "4"],
-             "--batch-size 4 is more than the 3 examples")):
-        code, err = _run(argv, capsys)
-        assert code == 2 and expected in err, (argv, err)
+    code, err = _run([a.replace("{tmp}", str(tmp_path)) for a in argv], capsys)
+    assert code == 2 and expected in err, err
     assert not (tmp_path / "o").exists()
 
 
