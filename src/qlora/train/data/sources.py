@@ -72,7 +72,8 @@ def load_records(source: str | Path, split: str = "train", subset: str | None = 
     elif path.is_dir():
         records = _read_folder(path, split, subset)
     elif path.suffix.lower() in LOCAL_SUFFIXES or path.exists() or str(source).startswith((".", "/", "~")):
-        raise UsageError(f"{path}: data file not found (or not a regular file). Check the --data path.")
+        raise UsageError(f"{path}: data file not found (or not a regular file). Check the path given (--data or "
+                         "--eval-data).")
     else:
         records = _read_hub(str(source), split, subset)
     if not records:
