@@ -250,14 +250,17 @@ def test_a_damaged_adapter_config_exits_2_from_the_command(tmp_path, capsys):
 
 @pytest.mark.parametrize("edit, named", [
     ({"num_hidden_layers": "x"}, "num_hidden_layers"), ({"vocab_size": -1}, "vocab_size must be"),
-    ({"model_type": None}, "model_type"), ({"model_type": "bogus"}, "bogus"),
+    ({"model_type": None}, "model_type"), ({"model_type": "bogus"}, "bogus"), (b'{"model_type": "lla', "JSON"),
 ])
 def test_a_damaged_model_config_is_named(edit, named, tmp_path, tiny_model_dir, capsys):
     import shutil
 
     model = shutil.copytree(tiny_model_dir, tmp_path / "m")
     config = json.loads((model / "config.json").read_text())
-    (model / "config.json").write_text(json.dumps({k: v for k, v in (config | edit).items() if v is not None}))
+    if isinstance(edit, bytes):  # a truncated file: an input error (exit 2), not a failing disk (exit 1)
+        (model / "config.json").write_bytes(edit)
+    else:
+        (model / "config.json").write_text(json.dumps({k: v for k, v in (config | edit).items() if v is not None}))
     for argv in (["estimate", str(model)], ["quantize", "--model", str(model), "--output", str(tmp_path / "q")],
                  ["export", "--model", str(model), "--output", str(tmp_path / "q")]):
         code, err = _run(argv, capsys)
