@@ -145,3 +145,150 @@ def test_sampling_options_are_checked_in_python_too():
             SamplingOptions(**bad)
     with pytest.raises(UsageError, match="--alpha must be positive"):
         TrainConfig(model="m", data="d", output="o", alpha=-5.0).validate()
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["generate", "--model", "m", "--prompt", "p", "--adapter", "a", "--adapter-weights", ""], "--adapter-weights"),
+    (["serve", "--model", "m", "--api-key", ""], "--api-key is empty"),
+    (["serve", "--model", "m", "--served-model-name", " "], "--served-model-name is empty"),
+    (["merge", "--model", "m", "--adapter", "a", "--output", ""], "--output is empty"),
+    (["quant-error", "--numel", str(10**9)], "--numel"),
+    (["train", "{tmp}/cfg", "--model", "m", "--data", "{tmp}/d.jsonl", "--output", "{tmp}/o"], "is a folder"),
+    (["train", "--model", "m", "--data", "{tmp}/d.jsonl", "--output", "{tmp}/o", "--batch-size", "4"],
+     "--batch-size 4 is more than the 3 examples"),
+])
+def test_empty_or_senseless_values_exit_2_before_anything_loads(argv, expected, tmp_path, capsys):
+    """Values an unset shell variable or a typo gives: refused by name instead of silently meaning something."""
+    _jsonl(tmp_path / "d.jsonl", 3)
+    (tmp_path / "cfg").mkdir()
+    code, err = _run([a.replace("{tmp}", str(tmp_path)) for a in argv], capsys)
+    assert code == 2 and expected in err, err
+    assert not (tmp_path / "o").exists()
+
+
+def _jsonl(path, n):
+    path.write_text("".join(json.dumps({"instruction": f"q{i}", "output": f"a{i}"}) + "\n" for i in range(n)))
+    return path
+
+
+def test_yaml_true_is_not_a_number(tmp_path):
+    from qlora.train.config import load_config
+
+    for line in ("rank: true", "lr: false", "seed: yes"):
+        (tmp_path / "c.yaml").write_text(f"model: m\ndata: d\noutput: o\n{line}\n")
+        with pytest.raises(UsageError, match=r"c\.yaml line 4: \w+ expects (int|float), got (True|False)"):
+            load_config(tmp_path / "c.yaml", {})
+
+
+def test_chat_tools_file_not_utf8_exits_2(tmp_path, capsys):
+    tools = tmp_path / "tools.json"
+    tools.write_bytes('[{"type": "function", "function": {"name": "caf\u00e9"}}]'.encode("latin-1"))
+    code, err = _run(["chat", "--model", "m", "--tools", str(tools)], capsys)
+    assert code == 2 and "--tools" in err and "not UTF-8" in err, err
+    tools.write_bytes(b"\xef\xbb\xbf[]")  # a BOM is read past: the complaint is about the content
+    code, err = _run(["chat", "--model", "m", "--tools", str(tools)], capsys)
+    assert code == 2 and "non-empty JSON list" in err, err
+
+
+@pytest.mark.parametrize("exc", [MemoryError(), RuntimeError(
+    "[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate memory: you tried to "
+    "allocate 256000000000 bytes. Error code 12 (Cannot allocate memory)")])
+def test_out_of_memory_is_one_paragraph_without_traceback(exc, monkeypatch, capsys):
+    import qlora.cli.commands.quant_error as quant_error
+
+    def fail(*args):
+        raise exc
+    monkeypatch.setattr(quant_error, "quant_error_report", fail)
+    code, err = _run(["quant-error"], capsys)
+    assert code == 1 and "out of memory" in err and "--batch-size" in err and len(err.strip().splitlines()) == 1
+
+
+def test_other_runtime_errors_still_propagate(monkeypatch):
+    import qlora.cli.commands.quant_error as quant_error
+
+    def fail(*args):
+        raise RuntimeError("a bug")
+    monkeypatch.setattr(quant_error, "quant_error_report", fail)
+    with pytest.raises(RuntimeError, match="a bug"):
+        main(["quant-error"])
+
+
+_ADAPTER_CONFIG = {"peft_type": "LORA", "r": 8, "lora_alpha": 16, "lora_dropout": 0.0, "target_modules": ["q_proj"],
+                   "rank_pattern": {"q_proj": 4}}
+
+
+@pytest.mark.parametrize("edit, named", [
+    ({"r": "abc"}, "r must be a positive integer"), ({"r": 0}, "r must be a positive integer"),
+    ({"r": ...}, "has no r"), ({"lora_alpha": None}, "lora_alpha must be a number"),
+    ({"lora_alpha": "x"}, "lora_alpha must be a number"), ({"lora_dropout": "x"}, "lora_dropout must be"),
+    ({"target_modules": 5}, "target_modules must be"), ({"rank_pattern": [1]}, "rank_pattern must be"),
+    ({"alpha_pattern": {"q_proj": None}}, "alpha_pattern must be"), (b'{"r": 8, "x": "caf\xe9"}', "not UTF-8"),
+])
+def test_a_damaged_adapter_config_is_named(edit, named, tmp_path):
+    from qlora.model.adapter_io import read_adapter_config
+
+    path = tmp_path / "adapter_config.json"
+    path.write_text(json.dumps(_ADAPTER_CONFIG))
+    assert read_adapter_config(tmp_path)["r"] == 8  # the undamaged file reads
+    if isinstance(edit, bytes):
+        path.write_bytes(edit)
+    else:
+        path.write_text(json.dumps({k: v for k, v in (_ADAPTER_CONFIG | edit).items() if v is not ...}))
+    with pytest.raises(UsageError, match=named) as info:
+        read_adapter_config(tmp_path)
+    assert "adapter_config.json" in str(info.value)
+
+
+def test_a_damaged_adapter_config_exits_2_from_the_command(tmp_path, capsys):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "adapter_config.json").write_text(json.dumps(_ADAPTER_CONFIG | {"lora_alpha": None}))
+    data = _jsonl(tmp_path / "d.jsonl", 3)
+    code, err = _run(["train", "--model", "m", "--adapter", str(tmp_path / "a"), "--data", str(data),
+                      "--output", str(tmp_path / "o")], capsys)
+    assert code == 2 and "lora_alpha must be a number" in err, err
+
+
+@pytest.mark.parametrize("edit, named", [
+    ({"num_hidden_layers": "x"}, "num_hidden_layers"), ({"vocab_size": -1}, "vocab_size must be"),
+    ({"model_type": None}, "model_type"), ({"model_type": "bogus"}, "bogus"), (b'{"model_type": "lla', "JSON"),
+])
+def test_a_damaged_model_config_is_named(edit, named, tmp_path, tiny_model_dir, capsys):
+    import shutil
+
+    model = shutil.copytree(tiny_model_dir, tmp_path / "m")
+    config = json.loads((model / "config.json").read_text())
+    if isinstance(edit, bytes):  # a truncated file: an input error (exit 2), not a failing disk (exit 1)
+        (model / "config.json").write_bytes(edit)
+    else:
+        (model / "config.json").write_text(json.dumps({k: v for k, v in (config | edit).items() if v is not None}))
+    for argv in (["estimate", str(model)], ["quantize", "--model", str(model), "--output", str(tmp_path / "q")],
+                 ["export", "--model", str(model), "--output", str(tmp_path / "q")]):
+        code, err = _run(argv, capsys)
+        assert code == 2 and "config.json" in err and named in err, (argv, err)
+    assert not (tmp_path / "q").exists()
+
+
+@pytest.mark.parametrize("index", ["{oops", "{}", "[1]"])
+def test_a_damaged_safetensors_index_is_named(index, tmp_path, tiny_model_dir, capsys):
+    import shutil
+
+    model = shutil.copytree(tiny_model_dir, tmp_path / "m")
+    (model / "model.safetensors.index.json").write_text(index)
+    code, err = _run(["quantize", "--model", str(model), "--output", str(tmp_path / "q")], capsys)
+    assert code == 2 and "model.safetensors.index.json is not a weight index" in err, err
+
+
+def test_a_broken_chat_template_or_chat_format_is_named(tmp_path, tiny_tokenizer):
+    import copy
+
+    from qlora.infer.messages import Message
+    from qlora.infer.template import render_chat
+    from qlora.model.chat_format import ChatFormat
+
+    broken = copy.deepcopy(tiny_tokenizer)
+    broken.chat_template = "{% if %}"
+    with pytest.raises(UsageError, match="chat template is not valid Jinja.*--template chatml"):
+        render_chat(broken, [Message("user", "hi")])
+    (tmp_path / "chat_format.json").write_text('{"template": 5}')
+    with pytest.raises(UsageError, match="not a valid chat format file.*template must be a str"):
+        ChatFormat.load(tmp_path)

@@ -169,3 +169,13 @@ def test_parquet_round_trip_and_corrupt_file(tmp_path):
     (tmp_path / "bad.parquet").write_bytes(b"PAR1 not really")
     with pytest.raises(UsageError, match="bad.parquet is not a readable parquet file"):
         load_records(tmp_path / "bad.parquet")
+
+
+def test_a_byte_order_mark_is_not_data(tmp_path):
+    """Windows editors and Excel start UTF-8 files with a BOM; every text format reads past it."""
+    bom = b"\xef\xbb\xbf"
+    (tmp_path / "d.jsonl").write_bytes(bom + "".join(json.dumps(r) + "\n" for r in ALPACA).encode())
+    (tmp_path / "d.json").write_bytes(bom + json.dumps(ALPACA).encode())
+    (tmp_path / "d.csv").write_bytes(bom + b"instruction,input,output\nSay hi,,hi\nAdd,2+2,4\n")
+    for name in ("d.jsonl", "d.json", "d.csv"):
+        assert [r.fields for r in load_records(tmp_path / name)] == ALPACA, name

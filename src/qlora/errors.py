@@ -7,7 +7,8 @@ The ``qlora`` command prints it and exits with status 2, without a traceback.
 Failures of the environment rather than of the input (a disk that fills up,
 a folder that turns read-only mid-run, an I/O error) arrive as
 :class:`OSError`; the command reports them in one line with what to do and
-exits with status 1 (see :func:`describe_os_error`). Exit statuses of
+exits with status 1 (see :func:`describe_os_error`); so does memory that runs
+out (``qlora.cli.main``). Exit statuses of
 ``qlora``: 0 success, 1 environment failure, 2 bad input, 130 interrupted.
 """
 

@@ -83,6 +83,8 @@ def check_output(output: str | Path, *, overwrite: bool, inputs: Mapping[str, st
     Raises:
         UsageError: naming the folder, the reason and what to do.
     """
+    if not str(output).strip():  # Path("") is the working folder: an unset shell variable, not a choice
+        raise UsageError(f"{option} is empty; give the path of a new folder.")
     out = Path(output).expanduser()
     if out.exists() and not out.is_dir():
         raise UsageError(f"{option} {output} exists and is not a folder; give a folder path.")

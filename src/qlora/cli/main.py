@@ -92,9 +92,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OSError as exc:  # the environment, not the input: a full disk, a read-only folder
         print(f"qlora {args.command}: error: {describe_os_error(exc)}", file=sys.stderr)
         return 1
+    except (MemoryError, RuntimeError) as exc:
+        if not _out_of_memory(exc):
+            raise
+        detail = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        print(f"qlora {args.command}: error: out of memory ({detail}). Lower the sizes "
+              "asked for (--batch-size, --seq-len, --rank, --max-batch-size, --numel), use a smaller model, or "
+              "free memory; files already completed were left as they were, nothing half-written was kept.",
+              file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("qlora: interrupted", file=sys.stderr)
         return 130
+
+
+def _out_of_memory(exc: BaseException) -> bool:
+    """Whether ``exc`` is an allocation that failed: torch reports the CPU's as a ``RuntimeError``."""
+    if isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError":  # torch.OutOfMemoryError (CUDA)
+        return True
+    return "can't allocate memory" in str(exc) or "CUDA out of memory" in str(exc)
 
 
 if __name__ == "__main__":

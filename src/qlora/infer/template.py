@@ -55,11 +55,18 @@ def render_chat(tokenizer, messages: Sequence[Message], add_generation_prompt: b
     extra = {"tools": [dict(t) for t in tools]} if tools else {}
 
     def apply(msgs: Sequence[Message]) -> str:
+        from jinja2.exceptions import TemplateSyntaxError
+
         dicts = for_template([m.as_dict() for m in msgs], template)
         if chat_format is not None:
             return chat_format.render(tokenizer, dicts, add_generation_prompt=add_generation_prompt, **extra)
-        return tokenizer.apply_chat_template(dicts, chat_template=template, tokenize=False,
-                                             add_generation_prompt=add_generation_prompt, **extra)
+        try:
+            return tokenizer.apply_chat_template(dicts, chat_template=template, tokenize=False,
+                                                 add_generation_prompt=add_generation_prompt, **extra)
+        except TemplateSyntaxError as exc:  # a damaged chat_template.jinja / tokenizer_config.json
+            raise UsageError(f"the model's chat template is not valid Jinja ({exc.message}, line {exc.lineno}); fix "
+                             "its chat_template.jinja or tokenizer_config.json, or choose a built-in format with "
+                             "--template chatml, llama-3 or alpaca.") from None
 
     if len(messages) < 2 or messages[0].role != "system" or messages[1].role != "user":
         return apply(messages)

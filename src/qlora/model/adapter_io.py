@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import re
 from pathlib import Path
 
@@ -202,12 +203,45 @@ def read_adapter_config(adapter_dir: str | Path) -> dict:
     unknown = sorted(set(config) - _KNOWN_KEYS)
     if unknown:
         log.warning("%s: ignoring unknown adapter config keys %s", path, ", ".join(unknown))
+    _check_values(path, config)
     return config
+
+
+def _check_values(path: Path, config: dict) -> None:
+    """The values qlora computes with have PEFT's types, so a hand-edited or damaged config is named here
+    rather than failing deep inside the load."""
+    def number(value) -> bool:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+    def bad(key: str, expected: str) -> UsageError:
+        return UsageError(f"{path}: {key} must be {expected}, got {config[key]!r}. Fix the file or save the "
+                          "adapter again.")
+
+    if config.get("peft_type", "LORA") == "LORA" and "r" not in config:
+        raise UsageError(f"{path} has no r (the LoRA rank); it is not a complete LoRA adapter config.")
+    r = config.get("r", 1)
+    if not (isinstance(r, int) and not isinstance(r, bool) and r > 0):
+        raise bad("r", "a positive integer")
+    if "lora_alpha" in config and not number(config["lora_alpha"]):
+        raise bad("lora_alpha", "a number")
+    if "lora_dropout" in config and not (number(config["lora_dropout"]) and 0 <= config["lora_dropout"] < 1):
+        raise bad("lora_dropout", "a number in [0, 1)")
+    for key in ("target_modules", "target_parameters"):
+        value = config.get(key)
+        if not (value is None or isinstance(value, str)
+                or (isinstance(value, list) and all(isinstance(v, str) for v in value))):
+            raise bad(key, "a module name pattern or a list of names")
+    for key in ("rank_pattern", "alpha_pattern") if config.get("peft_type", "LORA") == "LORA" else ():
+        value = config.get(key)  # (AdaLoRA's rank_pattern holds its pruning masks instead)
+        if not (value is None or (isinstance(value, dict) and all(number(v) and v > 0 for v in value.values()))):
+            raise bad(key, "a mapping of layer name patterns to positive numbers")
 
 
 def _read_json(path: Path) -> dict:
     try:
-        value = json.loads(path.read_text())
+        value = json.loads(path.read_text(encoding="utf-8-sig"))
+    except UnicodeDecodeError as exc:
+        raise UsageError(f"{path} is not UTF-8 text ({exc.reason} at byte {exc.start}); save it as UTF-8.") from None
     except json.JSONDecodeError as exc:
         raise UsageError(f"{path} is not valid JSON (line {exc.lineno}): {exc.msg}.") from exc
     if not isinstance(value, dict):

@@ -101,8 +101,13 @@ class ChatFormat:
         if not path.is_file():
             return None
         try:
-            data = json.loads(path.read_text())
-            return cls(**{k: data[k] for k in ("template", "origin", "name", "date", "system_into_user") if k in data})
+            data = json.loads(path.read_text(encoding="utf-8"))
+            fmt = cls(**{k: data[k] for k in ("template", "origin", "name", "date", "system_into_user") if k in data})
+            types = {"template": str, "origin": str, "name": str, "date": str, "system_into_user": bool}
+            wrong = [k for k, kind in types.items() if not isinstance(getattr(fmt, k), kind)]
+            if wrong:
+                raise TypeError(f"{wrong[0]} must be a {types[wrong[0]].__name__}, got {getattr(fmt, wrong[0])!r}")
+            return fmt
         except (ValueError, TypeError, KeyError) as exc:
             raise UsageError(f"{path}: not a valid chat format file ({exc}); delete it to use the model's own "
                              "template, or retrain the adapter.") from None

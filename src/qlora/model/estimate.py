@@ -144,6 +144,8 @@ def load_config(model: str):
     """
     from transformers import AutoConfig
 
+    from .load import read_model_config
+
     key = model.lower()
     if key in KNOWN_SHAPES:
         fields = dict(KNOWN_SHAPES[key])
@@ -157,12 +159,12 @@ def load_config(model: str):
         try:
             if "model_type" not in json.loads(config_file.read_text()):
                 raise KeyError("model_type")
-            # from_pretrained, not for_model(**json): it decodes what save_pretrained encodes
-            # (Falcon-H1's time_step_limit holds an infinity written as {"__float__": "Infinity"}).
-            return AutoConfig.from_pretrained(config_file)
-        except (ValueError, KeyError, OSError) as exc:
+        except (ValueError, KeyError, OSError, TypeError) as exc:
             raise UsageError(f"cannot read a transformers config from {config_file}: {exc}. "
                              "It must be JSON with a model_type that transformers knows.") from exc
+        # from_pretrained, not for_model(**json): it decodes what save_pretrained encodes
+        # (Falcon-H1's time_step_limit holds an infinity written as {"__float__": "Infinity"}).
+        return read_model_config(config_file)
     if "/" in model and not model.startswith((".", "/")):
         from .. import hub
 

@@ -232,7 +232,6 @@ def load_model(
     Raises:
         UsageError: missing folder or files, unsupported checkpoint.
     """
-    from transformers import AutoConfig
     from safetensors import SafetensorError
 
     if quant not in ("nf4", "fp4", None):
@@ -241,10 +240,7 @@ def load_model(
     model_dir = resolve_model_dir(name_or_path)
     files = weight_files(model_dir)
     keys = _read_weight_keys(files)  # headers only: a corrupt file fails here, before any tensor is read
-    try:
-        config = AutoConfig.from_pretrained(model_dir)
-    except (OSError, ValueError) as exc:
-        raise UsageError(f"{model_dir / 'config.json'} could not be read as a transformers config ({exc}).") from None
+    config = read_model_config(model_dir)
     prequant = _prequantized(config, model_dir)
     if prequant is not None:
         quant = prequant.get("bnb_4bit_quant_type", "fp4")  # BitsAndBytesConfig's default
@@ -462,6 +458,34 @@ def _load_generation_config(model: nn.Module, model_dir: Path) -> None:
         model.generation_config = GenerationConfig.from_pretrained(model_dir)
     except (OSError, ValueError) as exc:
         raise UsageError(f"{model_dir / 'generation_config.json'} could not be read ({exc}); fix or remove it.") from None
+
+
+def read_model_config(model_dir: str | Path):
+    """The transformers config of a local model folder (or of its config.json).
+
+    Raises:
+        UsageError: config.json missing, not JSON, without a known model_type, or with a value of the wrong
+            type or a size that is not positive.
+    """
+    from transformers import AutoConfig
+
+    try:  # transformers' typed config fields (a str for an int) raise this
+        from huggingface_hub.errors import StrictDataclassError
+    except ImportError:  # an older huggingface_hub, without typed configs
+        StrictDataclassError = TypeError
+    path = Path(model_dir) if Path(model_dir).is_file() else Path(model_dir) / "config.json"
+    try:
+        config = AutoConfig.from_pretrained(model_dir)
+    except (OSError, ValueError, TypeError, StrictDataclassError) as exc:
+        raise UsageError(f"{path} could not be read as a transformers config "
+                         f"({' '.join(str(exc).split())[:300] or type(exc).__name__}).") from None
+    text = config.get_text_config()
+    for key in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size"):
+        value = getattr(text, key, None)
+        if isinstance(value, int) and value <= 0:
+            raise UsageError(f"{path}: {key} must be a positive integer, got {value}; the file is damaged or "
+                             "edited by hand.")
+    return config
 
 
 def load_tokenizer(folder: str | Path):

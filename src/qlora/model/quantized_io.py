@@ -54,9 +54,9 @@ _MOE_REFUSAL = ("is a mixture-of-experts model whose experts are 3-D weights; bi
 def check_quantizable(model_dir: str | Path) -> None:
     """Refuse, before any weight is read, models whose 4-bit checkpoint transformers could not load:
     3-D MoE experts, and linear layers of an nn.Linear subclass (Falcon's FalconLinear)."""
-    from transformers import AutoConfig
+    from .load import read_model_config
 
-    config = AutoConfig.from_pretrained(model_dir)
+    config = read_model_config(model_dir)
     if getattr(config, "quantization_config", None) is not None:
         return  # already 4-bit: re-saving it changes nothing about its experts
     with torch.device("meta"):

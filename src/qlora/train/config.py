@@ -301,6 +301,8 @@ def _coerce(name: str, value: Any, kind: type, source: str) -> Any:
             return ",".join(str(v) for v in value)
         if kind is str and isinstance(value, dict):  # YAML mappings (data_fields: {instruction: question})
             return ",".join(f"{k}={v}" for k, v in value.items())
+        if kind in (int, float) and isinstance(value, bool):  # YAML's true is not the number 1
+            raise ValueError
         if kind is int and isinstance(value, float) and not value.is_integer():
             raise ValueError
         return kind(value)
@@ -423,8 +425,11 @@ def load_config(yaml_path: str | Path | None, overrides: dict[str, Any]) -> Trai
     values: dict[str, Any] = {}
     if yaml_path is not None:
         path = Path(yaml_path)
+        if path.is_dir():
+            raise UsageError(f"config file {yaml_path} is a folder; give the YAML file of options (qlora train "
+                             "CONFIG.yaml).")
         if not path.is_file():
-            raise UsageError(f"config file {path} does not exist")
+            raise UsageError(f"config file {yaml_path!r} does not exist; check the path of the YAML file.")
         loaded, lines = _read_yaml(path)
         given_as: dict[str, str] = {}
         for key, value in loaded.items():

@@ -186,6 +186,9 @@ class Trainer:
         eval_examples = self._read_data(cfg.eval_data, cfg.eval_data_split) if cfg.eval_data else None
         if cfg.eval_split:
             train_examples, eval_examples = hold_out(train_examples, cfg.eval_split, cfg.seed)
+        if cfg.batch_size > len(train_examples):  # a micro-batch would hold the same example several times
+            raise UsageError(f"--batch-size {cfg.batch_size} is more than the {len(train_examples)} examples of "
+                             f"{cfg.data}; lower --batch-size (--grad-accum gives a larger effective batch).")
         self._load_model()
         self.chat_format = self._chat_format(resume_from)
         # a model without a chat template: say which built-in format chat data are rendered in

@@ -118,9 +118,12 @@ def load_tools(path: str | None) -> list[dict] | None:
     if path is None:
         return None
     try:
-        tools = json.loads(Path(path).read_text(encoding="utf-8"))
+        tools = json.loads(Path(path).read_text(encoding="utf-8-sig"))
     except OSError as exc:
         raise UsageError(f"--tools {path}: cannot read it ({exc.strerror}).") from None
+    except UnicodeDecodeError as exc:
+        raise UsageError(f"--tools {path}: not UTF-8 text ({exc.reason} at byte {exc.start}); save it as UTF-8.") \
+            from None
     except json.JSONDecodeError as exc:
         raise UsageError(f"--tools {path}: not valid JSON ({exc.msg} at line {exc.lineno}, column {exc.colno}).") \
             from None

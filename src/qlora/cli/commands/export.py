@@ -98,9 +98,9 @@ def _load_dtype(choice: str | None, quant: str, model_dir: Path):
         return getattr(torch, _DTYPES[choice])
     if quant != "none":
         return torch.float32  # only embeddings and norms stay dense: keep them exact
-    from transformers import AutoConfig
+    from ...model.load import read_model_config
 
-    dtype = getattr(AutoConfig.from_pretrained(model_dir), "dtype", None)
+    dtype = getattr(read_model_config(model_dir), "dtype", None)
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype, None)
     return dtype if isinstance(dtype, torch.dtype) else torch.float32

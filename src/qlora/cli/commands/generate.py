@@ -65,7 +65,7 @@ def load_model_from_args(args: argparse.Namespace):
 
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.compute_dtype]
     names = adapter_names(args)  # options are checked before the (slow) model load
-    weights = _weights(args) if getattr(args, "adapter_weights", None) else None  # generate/chat only
+    weights = _weights(args) if getattr(args, "adapter_weights", None) is not None else None  # generate/chat only
     model, tokenizer = load_model(args.model, **load_kwargs(args), compute_dtype=dtype)
     apply_cpu_threads(model, next(model.parameters()).device)
     tokenizer = adapter_tokenizer(list(names.values()), tokenizer)

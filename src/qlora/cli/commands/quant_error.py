@@ -12,10 +12,12 @@ from ..options import non_negative_int, number
 
 NAME = "quant-error"
 HELP = "quantization error of NF4/FP4/INT4 and bits per parameter"
+MAX_NUMEL = 1 << 27  # ~4 GB of round-trip tensors; the error statistics settle long before
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--numel", type=number(int, Range(2)), default=1 << 20, help="weights drawn per distribution")
+    parser.add_argument("--numel", type=number(int, Range(2, MAX_NUMEL)), default=1 << 20,
+                        help="weights drawn per distribution (the round trips hold about 30 bytes a weight)")
     parser.add_argument("--blocksize", type=int, default=64, choices=BLOCKSIZES, help="absmax block size (default 64)")
     parser.add_argument("--seed", type=non_negative_int, default=0, help="random seed of the weights")
 

@@ -40,7 +40,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", default="127.0.0.1",
                         help="address to listen on (default: loopback only; 0.0.0.0 exposes the server)")
     parser.add_argument("--port", type=number(int, Range(0, 65535)), default=8000, help="TCP port (0: any free port)")
-    parser.add_argument("--api-key", default=os.environ.get("QLORA_API_KEY"),
+    parser.add_argument("--api-key", default=None,
                         help="require 'Authorization: Bearer KEY' on every request (default: $QLORA_API_KEY)")
     parser.add_argument("--served-model-name", help="model id of the base model (default: the model folder's name)")
     parser.add_argument("--max-batch-size", type=positive_int, default=32,
@@ -89,6 +89,11 @@ def run(args: argparse.Namespace) -> int:
     from ...serve.server import LOOPBACK, bind, make_server
     from .generate import adapter_names, load_model_from_args
 
+    for option, value in (("--api-key", args.api_key), ("--served-model-name", args.served_model_name)):
+        if value is not None and not value.strip():
+            raise UsageError(f"{option} is empty; give a value or leave the option out.")
+    if args.api_key is None:  # an empty $QLORA_API_KEY means no key, as if unset
+        args.api_key = os.environ.get("QLORA_API_KEY") or None
     names = list(adapter_names(args))
     base_id = args.served_model_name or Path(args.model.rstrip("/")).name
     if base_id in names:

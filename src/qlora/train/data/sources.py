@@ -72,7 +72,8 @@ def load_records(source: str | Path, split: str = "train", subset: str | None = 
     elif path.is_dir():
         records = _read_folder(path, split, subset)
     elif path.suffix.lower() in LOCAL_SUFFIXES or path.exists() or str(source).startswith((".", "/", "~")):
-        raise UsageError(f"{path}: data file not found (or not a regular file). Check the --data path.")
+        raise UsageError(f"{path}: data file not found (or not a regular file). Check the path given (--data or "
+                         "--eval-data).")
     else:
         records = _read_hub(str(source), split, subset)
     if not records:
@@ -92,7 +93,7 @@ def _line_of_byte(path: Path, exc: UnicodeDecodeError) -> int:
 
 def _read_jsonl(path: Path) -> list[Record]:
     records = []
-    with path.open(encoding="utf-8") as f:
+    with path.open(encoding="utf-8-sig") as f:  # a byte-order mark (Windows editors) is not data
         for line_no, line in enumerate(f, start=1):
             if not line.strip():
                 continue
@@ -109,7 +110,7 @@ def _read_jsonl(path: Path) -> list[Record]:
 
 def _read_json(path: Path) -> list[Record]:
     try:
-        value = json.loads(path.read_text(encoding="utf-8"))
+        value = json.loads(path.read_text(encoding="utf-8-sig"))
     except json.JSONDecodeError as e:
         raise UsageError(f"{path} line {e.lineno}: malformed JSON ({e.msg} at column {e.colno}).") from None
     if isinstance(value, dict) and isinstance(value.get("data"), list):
@@ -120,7 +121,7 @@ def _read_json(path: Path) -> list[Record]:
 
 
 def _read_csv(path: Path) -> list[Record]:
-    with path.open(encoding="utf-8", newline="") as f:
+    with path.open(encoding="utf-8-sig", newline="") as f:  # Excel starts its UTF-8 CSV with a BOM
         reader = csv.DictReader(f)
         # line_num is the physical line where the row ended, so quoted newlines keep it right.
         return [Record(dict(row), f"{path} line {reader.line_num}") for row in reader]
