@@ -179,3 +179,33 @@ def test_a_byte_order_mark_is_not_data(tmp_path):
     (tmp_path / "d.csv").write_bytes(bom + b"instruction,input,output\nSay hi,,hi\nAdd,2+2,4\n")
     for name in ("d.jsonl", "d.json", "d.csv"):
         assert [r.fields for r in load_records(tmp_path / name)] == ALPACA, name
+
+
+@pytest.mark.parametrize("compression", ["", ".gz", ".bz2", ".xz"])
+@pytest.mark.parametrize("kind", ["jsonl", "json", "csv", "tsv"])
+def test_tab_separated_and_compressed_text_files_read_as_their_plain_twin(tmp_path, kind, compression):
+    import bz2
+    import gzip
+    import lzma
+
+    text = {"jsonl": "".join(json.dumps(r) + "\n" for r in ALPACA), "json": json.dumps(ALPACA),
+            "csv": "instruction,input,output\nSay hi,,hi\nAdd,2+2,4\n",
+            "tsv": "instruction\tinput\toutput\nSay hi\t\thi\nAdd\t2+2\t4\n"}[kind]
+    path = tmp_path / f"d.{kind}{compression}"
+    opener = {"": open, ".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}[compression]
+    with opener(path, "wt", encoding="utf-8") as f:
+        f.write(text)
+    records = load_records(path)
+    assert [r.fields for r in records] == ALPACA
+    assert records[-1].where.startswith(f"{path} ")  # errors still name the file and its line or item
+
+
+def test_a_damaged_compressed_file_is_named_and_bad_text_inside_it_has_its_line(tmp_path):
+    import gzip
+
+    (tmp_path / "cut.jsonl.gz").write_bytes(gzip.compress(b'{"text": "a"}\n' * 50)[:40])
+    with pytest.raises(UsageError, match="cut.jsonl.gz: cannot be decompressed"):
+        load_records(tmp_path / "cut.jsonl.gz")
+    (tmp_path / "latin.jsonl.gz").write_bytes(gzip.compress('{"text": "a"}\n{"text": "caf\xe9"}\n'.encode("latin1")))
+    with pytest.raises(UsageError, match="latin.jsonl.gz line 2: not UTF-8"):
+        load_records(tmp_path / "latin.jsonl.gz")

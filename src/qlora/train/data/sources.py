@@ -12,16 +12,22 @@ through the `datasets` library, the data layer users already know.
 
 from __future__ import annotations
 
+import bz2
 import csv
+import gzip
 import io
 import json
+import lzma
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
 from qlora.errors import UsageError
 
-LOCAL_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet", ".arrow", ".txt")
+LOCAL_SUFFIXES = (".jsonl", ".json", ".csv", ".tsv", ".parquet", ".arrow", ".txt")
+# Compressed text files (data.jsonl.gz, data.csv.xz) are read through these, as datasets reads them.
+_COMPRESSED = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}
+_TEXT_SUFFIXES = (".jsonl", ".json", ".csv", ".tsv", ".txt")
 
 
 @dataclass(frozen=True)
@@ -41,8 +47,8 @@ def load_records(source: str | Path, split: str = "train", subset: str | None = 
     """Read every record of a local file or folder, or of a hub dataset.
 
     Args:
-        source: a ``.jsonl``, ``.json`` (a list or ``{"data": [...]}``), ``.csv``,
-            ``.parquet``, ``.arrow`` or ``.txt`` file (plain text: one record a
+        source: a ``.jsonl``, ``.json`` (a list or ``{"data": [...]}``), ``.csv``, ``.tsv``,
+            ``.parquet``, ``.arrow`` or ``.txt`` file (the text ones also ``.gz``, ``.bz2``, ``.xz``) (plain text: one record a
             paragraph, or a line when the file has no blank line); a folder
             written by ``datasets``' ``save_to_disk``, or a folder of data files;
             or a hub dataset name.
@@ -55,23 +61,29 @@ def load_records(source: str | Path, split: str = "train", subset: str | None = 
     """
     path = Path(source).expanduser()
     if path.is_file():
-        readers = {".jsonl": _read_jsonl, ".json": _read_json, ".csv": _read_csv, ".parquet": _read_parquet,
-                   ".arrow": _read_arrow, ".txt": _read_text}
-        reader = readers.get(path.suffix.lower())
+        readers = {".jsonl": _read_jsonl, ".json": _read_json, ".csv": _read_csv, ".tsv": _read_tsv,
+                   ".parquet": _read_parquet, ".arrow": _read_arrow, ".txt": _read_text}
+        reader = readers.get(_format_suffix(path))
         if reader is None:
             raise UsageError(
-                f"{path}: unknown data format {path.suffix or '(no suffix)'!r}. Give a file ending in "
-                f"{', '.join(LOCAL_SUFFIXES)}, a folder written by save_to_disk, or a hub dataset name."
+                f"{path}: unknown data format {''.join(path.suffixes[-2:]) or '(no suffix)'!r}. Give a file ending "
+                f"in {', '.join(LOCAL_SUFFIXES)} (text ones also compressed: .gz, .bz2, .xz), a folder written by "
+                "save_to_disk, or a hub dataset name."
             )
         try:
             records = reader(path)
+        except (OSError, EOFError) as exc:  # a damaged compressed file (a bad gzip header, a cut stream)
+            if path.suffix.lower() not in _COMPRESSED:
+                raise
+            raise UsageError(f"{path}: cannot be decompressed ({type(exc).__name__}: {exc}). Download or copy it "
+                             "again.") from None
         except UnicodeDecodeError as exc:
             raise UsageError(f"{path} line {_line_of_byte(path, exc)}: not UTF-8 text ({exc.reason} at byte "
                              f"{exc.object[exc.start]:#04x}). Save the file as UTF-8 (e.g. iconv -f latin1 "
                              "-t utf-8).") from None
     elif path.is_dir():
         records = _read_folder(path, split, subset)
-    elif path.suffix.lower() in LOCAL_SUFFIXES or path.exists() or str(source).startswith((".", "/", "~")):
+    elif _format_suffix(path) in LOCAL_SUFFIXES or path.exists() or str(source).startswith((".", "/", "~")):
         raise UsageError(f"{path}: data file not found (or not a regular file). Check the path given (--data or "
                          "--eval-data).")
     else:
@@ -81,9 +93,34 @@ def load_records(source: str | Path, split: str = "train", subset: str | None = 
     return records
 
 
+def _format_suffix(path: Path) -> str:
+    """The suffix naming the data format: ``.jsonl`` for ``data.jsonl`` and for ``data.jsonl.gz``."""
+    suffixes = [s.lower() for s in path.suffixes]
+    if len(suffixes) > 1 and suffixes[-1] in _COMPRESSED and suffixes[-2] in _TEXT_SUFFIXES:
+        return suffixes[-2]
+    return suffixes[-1] if suffixes else ""
+
+
+def _open_text(path: Path, newline: str | None = None):
+    """``path`` as UTF-8 text, decompressed if its name says so; a byte-order mark (Windows editors,
+    Excel) is not data."""
+    opener = _COMPRESSED.get(path.suffix.lower())
+    if opener is None:
+        return path.open(encoding="utf-8-sig", newline=newline)
+    return opener(path, "rt", encoding="utf-8-sig", newline=newline)
+
+
+def _read_bytes(path: Path) -> bytes:
+    opener = _COMPRESSED.get(path.suffix.lower())
+    if opener is None:
+        return path.read_bytes()
+    with opener(path, "rb") as f:
+        return f.read()
+
+
 def _line_of_byte(path: Path, exc: UnicodeDecodeError) -> int:
     """The line of the first byte that is not UTF-8 (the decoder's offsets are per chunk, not per file)."""
-    for line_no, line in enumerate(path.read_bytes().split(b"\n"), start=1):
+    for line_no, line in enumerate(_read_bytes(path).split(b"\n"), start=1):
         try:
             line.decode("utf-8")
         except UnicodeDecodeError:
@@ -93,7 +130,7 @@ def _line_of_byte(path: Path, exc: UnicodeDecodeError) -> int:
 
 def _read_jsonl(path: Path) -> list[Record]:
     records = []
-    with path.open(encoding="utf-8-sig") as f:  # a byte-order mark (Windows editors) is not data
+    with _open_text(path) as f:
         for line_no, line in enumerate(f, start=1):
             if not line.strip():
                 continue
@@ -110,7 +147,8 @@ def _read_jsonl(path: Path) -> list[Record]:
 
 def _read_json(path: Path) -> list[Record]:
     try:
-        value = json.loads(path.read_text(encoding="utf-8-sig"))
+        with _open_text(path) as f:
+            value = json.loads(f.read())
     except json.JSONDecodeError as e:
         raise UsageError(f"{path} line {e.lineno}: malformed JSON ({e.msg} at column {e.colno}).") from None
     if isinstance(value, dict) and isinstance(value.get("data"), list):
@@ -120,11 +158,15 @@ def _read_json(path: Path) -> list[Record]:
     return [Record(_as_object(item, f"{path} item {i}"), f"{path} item {i}") for i, item in enumerate(value)]
 
 
-def _read_csv(path: Path) -> list[Record]:
-    with path.open(encoding="utf-8-sig", newline="") as f:  # Excel starts its UTF-8 CSV with a BOM
-        reader = csv.DictReader(f)
+def _read_csv(path: Path, delimiter: str = ",") -> list[Record]:
+    with _open_text(path, newline="") as f:
+        reader = csv.DictReader(f, delimiter=delimiter)
         # line_num is the physical line where the row ended, so quoted newlines keep it right.
         return [Record(dict(row), f"{path} line {reader.line_num}") for row in reader]
+
+
+def _read_tsv(path: Path) -> list[Record]:
+    return _read_csv(path, delimiter="\t")
 
 
 def _read_text(path: Path) -> list[Record]:
@@ -146,7 +188,7 @@ def _read_text(path: Path) -> list[Record]:
 
 
 def _decoded_lines(path: Path) -> list[str]:
-    raw = path.read_bytes()
+    raw = _read_bytes(path)
     try:
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
