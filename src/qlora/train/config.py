@@ -60,8 +60,9 @@ class TrainConfig:
                                   range=Range(0, 0.5, high_open=True))
     precompute_ref: bool = _opt(False, "dpo: compute the reference log-probs once before training (stored in "
                                        "--output, reused on --resume) instead of in every step")
-    data: str | None = _opt(None, "training data: a .jsonl/.json/.csv/.tsv/.parquet/.arrow/.txt file (text ones also .gz), a save_to_disk "
-                                  "folder, or a hub dataset name; several as a,b (a YAML list), mixed")
+    data: str | None = _opt(None, "training data: a .jsonl/.json/.csv/.tsv/.parquet/.arrow/.txt file (text ones "
+                                  "also .gz), a save_to_disk folder, or a hub dataset name; several as a,b (a YAML "
+                                  "list), mixed")
     data_split: str = _opt("train", "split of --data to train on (hub datasets, DatasetDict folders)")
     data_subset: str | None = _opt(None, "subset (configuration) of a hub dataset that has several")
     max_samples: int = _opt(0, "use only the first N rows of each --data source (0: all)", range=NON_NEGATIVE)
