@@ -35,7 +35,10 @@ def adapter_dirs(args: argparse.Namespace) -> list[str]:
 
 
 def load_kwargs(args: argparse.Namespace) -> dict[str, Any]:
-    """``quant``/``blocksize``/``double_quant`` for :func:`qlora.model.load.load_model`."""
+    """``quant``/``blocksize``/``double_quant`` for :func:`qlora.model.load.load_model` (resolved here
+    when ``args`` did not come through :func:`qlora.cli.main.main`)."""
+    if not hasattr(args, "blocksize"):
+        resolve_base(args, getattr(args, "command", None) or "generate")
     return {"quant": None if args.quant == "none" else args.quant, "blocksize": args.blocksize,
             "double_quant": args.double_quant}
 
