@@ -13,6 +13,7 @@ order of its ``LogitsProcessorList`` (``GenerationMixin._get_logits_processor``)
 
 from __future__ import annotations
 
+import functools
 import inspect
 from dataclasses import dataclass, field, fields
 from typing import Iterable, Iterator, Sequence
@@ -143,7 +144,7 @@ def forward_cached(model, ids: torch.Tensor, cache: dict, seen: int):
     again at every call when they are left out), and a model that fills a cache it is given without
     returning it (RecurrentGemma) gets a ``DynamicCache`` for its config, kept from call to call.
     """
-    params = inspect.signature(model.forward).parameters
+    params = _forward_params(getattr(model.forward, "__func__", model.forward))
     positions = {}
     if "position_ids" in params:
         positions = {"position_ids": torch.arange(seen, seen + ids.shape[1], device=ids.device)[None]
@@ -154,6 +155,12 @@ def forward_cached(model, ids: torch.Tensor, cache: dict, seen: int):
         return out, returned or cache
     cache = {"past_key_values": DynamicCache(config=model.config)}  # the prefill again, into a cache we keep
     return model(input_ids=ids, use_cache=True, **cache, **positions), cache
+
+
+@functools.lru_cache(maxsize=None)
+def _forward_params(forward) -> frozenset[str]:
+    """The keywords a forward takes: asked once per model class, not at every decoded token."""
+    return frozenset(inspect.signature(forward).parameters)
 
 
 # Where a forward returns its cache, by model family, as transformers' generate looks for it.
