@@ -176,13 +176,9 @@ class ContinuousBatcher:
                                             position_ids=torch.tensor([[len(p)]], device=self.device),
                                             past_key_values=step, use_cache=True).logits[0, -1].float())
             batch = add_row(add_row(None, caches[0]), caches[1])
-            lengths = [len(p) for p in prompts]
             with adapter_rows(self.model, [None, None]):
-                logits = self.model(input_ids=torch.tensor([[p[-1]] for p in prompts], device=self.device),
-                                    attention_mask=attention_mask(cache_length(batch) + 1, [n + 1 for n in lengths],
-                                                                  self.device),
-                                    position_ids=torch.tensor([[n] for n in lengths], device=self.device),
-                                    past_key_values=batch, use_cache=True).logits[:, -1].float()
+                logits = self._batch_step([p[-1] for p in prompts], [len(p) for p in prompts],
+                                          batch).logits[:, -1].float()
             dtype = self.model.get_input_embeddings().weight.dtype  # the compute dtype
         except Exception as exc:  # noqa: BLE001 - any failure of a padded batch means: decode alone
             return f"a padded batch fails in its forward ({type(exc).__name__}: {exc})"
@@ -321,20 +317,25 @@ class ContinuousBatcher:
             return request.constraint.choose(logits, request.options, row.generator)
         return next_token(logits, request.options, row.generator, row.penalties)
 
+    def _batch_step(self, last: list[int], lengths: list[int], cache):
+        """The forward of one decode step: each row's ``last`` token after the ``lengths[i]`` tokens its
+        row of the joined ``cache`` holds (left-padded to the longest)."""
+        mask = attention_mask(cache_length(cache) + 1, [n + 1 for n in lengths], self.device)
+        return self.model(input_ids=torch.tensor([[t] for t in last], device=self.device), attention_mask=mask,
+                          position_ids=torch.tensor([[n] for n in lengths], device=self.device),
+                          past_key_values=cache, use_cache=True)
+
     def _decode(self) -> None:
         """One token for every row, in one forward pass."""
         rows = self._rows
         lengths = [r.length for r in rows]
-        ids = torch.tensor([[r.text.tokens[-1]] for r in rows], device=self.device)
         adapters = [r.request.adapter for r in rows]
         with adapter_rows(self.model, adapters):
             if self.unbatchable:  # one row, decoded as stream_tokens decodes it
+                ids = torch.tensor([[rows[0].text.tokens[-1]]], device=self.device)
                 out, self._cache = forward_cached(self.model, ids, self._cache, lengths[0])
             else:
-                mask = attention_mask(cache_length(self._cache) + 1, [n + 1 for n in lengths], self.device)
-                positions = torch.tensor([[n] for n in lengths], device=self.device)
-                out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions,
-                                 past_key_values=self._cache, use_cache=True)
+                out = self._batch_step([r.text.tokens[-1] for r in rows], lengths, self._cache)
         self._count_step(adapters)
         last = out.logits[:, -1]
         greedy = last.argmax(-1).tolist()  # one device sync for all greedy rows
