@@ -19,7 +19,6 @@ stay 16-bit.
 from __future__ import annotations
 
 import importlib.util
-import json
 import logging
 from collections import defaultdict
 from pathlib import Path
@@ -35,7 +34,7 @@ from .architecture import text_model_from_config
 from .checkpoint_layout import CheckpointLayout
 from .quantize import (_skipped, fp32_linear_names, is_conv1d, is_plain_linear, kept_dense_names, kept_in_fp32,
                        replace_modules)
-from .weight_files import PICKLE_INDEX, SAFETENSORS_INDEX, open_weights, weight_files
+from .weight_files import LAYOUTS, indexed_files, open_weights, weight_files
 
 log = logging.getLogger("qlora")
 _TRANSFORMERS_V5 = importlib.util.find_spec("transformers.initialization") is not None
@@ -67,10 +66,9 @@ def resolve_model_dir(name_or_path: str | Path) -> Path:
         # then only the weights transformers' layout names: not a second copy in another layout
         # (Mistral's consolidated.safetensors, 14 GB for a 7B model) that qlora would not read;
         # pickled .bin weights only for a repository without safetensors
-        for index_name, single in ((SAFETENSORS_INDEX, "model.safetensors"), (PICKLE_INDEX, "pytorch_model.bin")):
+        for index_name, single in LAYOUTS:
             index = folder / index_name
-            weights = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() else [
-                single]
+            weights = indexed_files(index) if index.is_file() else [single]
             folder = Path(snapshot_download(str(name_or_path), allow_patterns=weights, local_files_only=cache_only))
             if all((folder / w).is_file() for w in weights):
                 break

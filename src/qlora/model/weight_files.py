@@ -21,6 +21,8 @@ from ..errors import UsageError
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 PICKLE_INDEX = "pytorch_model.bin.index.json"
+# (index, single file) of each layout transformers writes, in the order it prefers them
+LAYOUTS = ((SAFETENSORS_INDEX, "model.safetensors"), (PICKLE_INDEX, "pytorch_model.bin"))
 
 
 class WeightReader(Protocol):
@@ -40,21 +42,28 @@ class _PickleReader:
         return self._tensors[key]
 
 
+def indexed_files(index: Path) -> list[str]:
+    """The weight files a ``*.index.json`` names, each once.
+
+    Raises:
+        UsageError: the index is not JSON with a ``weight_map``.
+    """
+    try:
+        return sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise UsageError(f"{index} is not a weight index (a JSON object with a \"weight_map\"): {exc}. "
+                         "Download or copy the model again.") from None
+
+
 def weight_files(model_dir: Path) -> list[Path]:
     """The checkpoint's weight files, safetensors preferred (as transformers prefers them).
 
     Raises:
-        UsageError: the folder has no weight files transformers would read.
+        UsageError: the folder has no weight files transformers would read, or a damaged index.
     """
-    for index_name, single in ((SAFETENSORS_INDEX, "model.safetensors"), (PICKLE_INDEX, "pytorch_model.bin")):
-        index = model_dir / index_name
-        if index.is_file():
-            try:
-                files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-            except (ValueError, KeyError, TypeError, AttributeError) as exc:
-                raise UsageError(f"{index} is not a weight index (a JSON object with a \"weight_map\"): {exc}. "
-                                 "Download or copy the model again.") from None
-            return [model_dir / f for f in files]
+    for index_name, single in LAYOUTS:
+        if (model_dir / index_name).is_file():
+            return [model_dir / f for f in indexed_files(model_dir / index_name)]
         if (model_dir / single).is_file():
             return [model_dir / single]
     raise UsageError(f"{model_dir} has no weights transformers would read: no model.safetensors, "
