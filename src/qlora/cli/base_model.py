@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import UsageError
-from ..model.adapter_base import adapter_folder_base, trained_base
 
 _DEFAULT = {"blocksize": 64, "double_quant": True}
 
@@ -20,6 +19,8 @@ def resolve_base(args: argparse.Namespace, command: str) -> None:
     ``args.quant``, ``args.blocksize`` and ``args.double_quant`` as the first adapter was trained."""
     if command == "train" or not hasattr(args, "adapter") or getattr(args, "model", None) is None:
         return  # train's options merge with its YAML file first (TrainConfig)
+    from ..model.adapter_base import adapter_folder_base  # torch: not imported for --help
+
     base = adapter_folder_base(args.model)
     if base is not None:
         _adapter_as_model(args, base, command)
@@ -27,10 +28,22 @@ def resolve_base(args: argparse.Namespace, command: str) -> None:
         _quant_as_trained(args, command)
 
 
+def adapter_names(args: argparse.Namespace) -> dict[str, str]:
+    """Adapter name -> folder, from the repeated ``--adapter [NAME=]DIR``."""
+    names: dict[str, str] = {}
+    for item in args.adapter:
+        name, _, path = item.rpartition("=")
+        name = name or Path(path).resolve().name
+        if name in names:
+            raise UsageError(f"two adapters are named {name!r}; name them with --adapter NAME=DIR")
+        names[name] = path
+    return names
+
+
 def adapter_dirs(args: argparse.Namespace) -> list[str]:
-    """The adapter folders of ``--adapter`` (``[NAME=]DIR`` items, or one folder)."""
+    """The adapter folders of ``--adapter`` (repeated ``[NAME=]DIR`` items, or one folder)."""
     if isinstance(args.adapter, list):
-        return [item.rpartition("=")[2] for item in args.adapter]
+        return list(adapter_names(args).values())
     return [args.adapter] if args.adapter else []
 
 
@@ -45,11 +58,6 @@ def load_kwargs(args: argparse.Namespace) -> dict[str, Any]:
 
 def _adapter_as_model(args: argparse.Namespace, base: str, command: str) -> None:
     folder = args.model
-    looks_local = base.startswith((".", "/", "~")) or base.count("/") > 1
-    if looks_local and not Path(base).expanduser().is_dir():
-        raise UsageError(f"--model {folder} is a LoRA adapter whose adapter_config.json names the base model "
-                         f"{base}, which is not a folder here; pass the base with --model and this folder with "
-                         "--adapter.")
     if isinstance(args.adapter, list):
         args.adapter = [folder] + args.adapter
     elif args.adapter:
@@ -62,6 +70,8 @@ def _adapter_as_model(args: argparse.Namespace, base: str, command: str) -> None
 
 
 def _quant_as_trained(args: argparse.Namespace, command: str) -> None:
+    from ..model.adapter_base import trained_base
+
     dirs = adapter_dirs(args)
     bases = [(d, trained_base(d)) for d in dirs]
     recorded = [(d, b) for d, b in bases if b is not None]

@@ -55,7 +55,7 @@ def adapter_folder_base(path: str | Path) -> str | None:
     """The base model named by ``path`` when it is an adapter folder (not a model), else None.
 
     Raises:
-        UsageError: an adapter folder whose config names no base model.
+        UsageError: an adapter folder whose config names no base model, or a local base that is not there.
     """
     folder = Path(path).expanduser()
     config = folder / "adapter_config.json"
@@ -69,4 +69,8 @@ def adapter_folder_base(path: str | Path) -> str | None:
         raise UsageError(f"{folder} is a LoRA adapter, not a model, and its adapter_config.json names no base "
                          "model (base_model_name_or_path); pass the base with --model and this folder with "
                          "--adapter.")
+    looks_local = base.startswith((".", "/", "~")) or base.count("/") > 1  # a hub id is org/name
+    if looks_local and not Path(base).expanduser().is_dir():
+        raise UsageError(f"{folder} is a LoRA adapter whose adapter_config.json names the base model {base}, which "
+                         "is not a folder here; pass the base with --model and this folder with --adapter.")
     return base

@@ -62,8 +62,7 @@ def run(args: argparse.Namespace) -> int:
     if out.suffix == ".gguf":
         raise UsageError(f"--output is a folder (it receives the .gguf file and a Modelfile), not {out.name}")
     check_output(out, overwrite=args.overwrite, inputs={"--model": args.model, "--adapter": args.adapter})
-    quant = args.quant
-    dtype = _load_dtype(args.compute_dtype, quant, resolve_model_dir(args.model))
+    dtype = _load_dtype(args.compute_dtype, args.quant, resolve_model_dir(args.model))
     model, tokenizer = load_model(args.model, **load_kwargs(args), compute_dtype=dtype, device="cpu")
     if args.adapter:
         tokenizer = adapter_tokenizer(args.adapter, tokenizer)
@@ -85,7 +84,7 @@ def run(args: argparse.Namespace) -> int:
         size = path.stat().st_size
     for note in notes:
         print(f"qlora export: note: Modelfile: {note}", file=sys.stderr)
-    what = f"{args.model} + {args.adapter} (folded into the dequantized {quant} base)" if args.adapter else args.model
+    what = f"{args.model} + {args.adapter} (folded into the dequantized {args.quant} base)" if args.adapter else args.model
     print(f"exported {what} as GGUF {args.type} ({size / 2**20:.1f} MiB): {out / gguf_name}")
     print(f"  llama.cpp: llama-cli -m {out / gguf_name}    Ollama: ollama create NAME -f {out / 'Modelfile'}")
     return 0

@@ -10,6 +10,7 @@ import argparse
 import sys
 
 from ...errors import UsageError
+from ..base_model import adapter_names
 
 NAME = "generate"
 TEMPLATE_CHOICES = ("auto", "tokenizer", "none", "chatml", "llama-3", "alpaca")
@@ -106,20 +107,6 @@ def chat_format_from_args(args: argparse.Namespace, tokenizer, command: str):
             return resolve_chat_format(tokenizer, "auto")
         return None
     return resolve_chat_format(tokenizer, args.template)
-
-
-def adapter_names(args: argparse.Namespace) -> dict[str, str]:
-    """Adapter name -> folder, from the repeated ``--adapter [NAME=]DIR``."""
-    from pathlib import Path
-
-    names: dict[str, str] = {}
-    for item in args.adapter:
-        name, _, path = item.rpartition("=")
-        name = name or Path(path).resolve().name
-        if name in names:
-            raise UsageError(f"two adapters are named {name!r}; name them with --adapter NAME=DIR")
-        names[name] = path
-    return names
 
 
 def _weights(args: argparse.Namespace) -> list[float]:

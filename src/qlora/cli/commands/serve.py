@@ -68,7 +68,7 @@ def chat_formats(args: argparse.Namespace, tokenizer) -> dict:
     """
     from ...model.chat_format import ChatFormat
     from ...train.data import fallback_note, own_template, resolve_chat_format
-    from .generate import adapter_names
+    from ..base_model import adapter_names
 
     if args.template != "auto":
         fixed = resolve_chat_format(tokenizer, args.template)
@@ -87,7 +87,8 @@ def run(args: argparse.Namespace) -> int:
     from ...infer.batcher import ContinuousBatcher
     from ...serve.app import build_app
     from ...serve.server import LOOPBACK, bind, make_server
-    from .generate import adapter_names, load_model_from_args
+    from ..base_model import adapter_names
+    from .generate import load_model_from_args
 
     for option, value in (("--api-key", args.api_key), ("--served-model-name", args.served_model_name)):
         if value is not None and not value.strip():
