@@ -84,7 +84,8 @@ def run(args: argparse.Namespace) -> int:
         size = path.stat().st_size
     for note in notes:
         print(f"qlora export: note: Modelfile: {note}", file=sys.stderr)
-    what = f"{args.model} + {args.adapter} (folded into the dequantized {args.quant} base)" if args.adapter else args.model
+    what = (f"{args.model} + {args.adapter} (folded into the dequantized {args.quant} base)" if args.adapter
+            else args.model)
     print(f"exported {what} as GGUF {args.type} ({size / 2**20:.1f} MiB): {out / gguf_name}")
     print(f"  llama.cpp: llama-cli -m {out / gguf_name}    Ollama: ollama create NAME -f {out / 'Modelfile'}")
     return 0

@@ -48,10 +48,10 @@ def load_records(source: str | Path, split: str = "train", subset: str | None = 
 
     Args:
         source: a ``.jsonl``, ``.json`` (a list or ``{"data": [...]}``), ``.csv``, ``.tsv``,
-            ``.parquet``, ``.arrow`` or ``.txt`` file (the text ones also ``.gz``, ``.bz2``, ``.xz``) (plain text: one record a
-            paragraph, or a line when the file has no blank line); a folder
-            written by ``datasets``' ``save_to_disk``, or a folder of data files;
-            or a hub dataset name.
+            ``.parquet``, ``.arrow`` or ``.txt`` file (plain text: one record a paragraph, or a
+            line when the file has no blank line), the text ones also compressed (``.gz``,
+            ``.bz2``, ``.xz``); a folder written by ``datasets``' ``save_to_disk``, or a folder
+            of data files; or a hub dataset name.
         split: the split of a hub dataset, saved ``DatasetDict`` or data folder.
         subset: the configuration (subset) of a hub dataset, if it has several.
 
