@@ -26,6 +26,8 @@ peft = pytest.importorskip("peft")
 
 _IDS = torch.tensor([[5, 17, 42, 99, 7, 250, 31, 8, 64, 12], [3, 9, 27, 81, 200, 150, 11, 4, 66, 90]])
 _EXPERTS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
+# Llama 4 predates transformers' experts flags: (E, in, out) weights applied by bmm to pre-routed rows
+_LLAMA4_EXPERTS = ["feed_forward.experts.gate_up_proj", "feed_forward.experts.down_proj"]
 
 
 @pytest.fixture(scope="module")
@@ -52,12 +54,14 @@ def _logits(model):
 
 @pytest.mark.parametrize("model_type,rslora,modules", [("gpt_oss", False, None), ("qwen3_moe", True, None),
                                                        ("mixtral", False, ["q_proj", "v_proj"]),
-                                                       ("deepseek_v3", False, ["o_proj"])])
+                                                       ("deepseek_v3", False, ["o_proj"]),
+                                                       ("llama4_text", False, ["q_proj"])])
 def test_16bit_outputs_and_files_equal_peft_both_ways(tmp_path, saved, model_type, rslora, modules):
     path = saved(model_type)
+    targets = _LLAMA4_EXPERTS if model_type == "llama4_text" else _EXPERTS
     # PEFT makes the adapter (random non-zero B), saves it; qlora loads it and gives PEFT's logits
     config = peft.LoraConfig(r=2, lora_alpha=6, lora_dropout=0.0, target_modules=modules or [],
-                             target_parameters=_EXPERTS, use_rslora=rslora)
+                             target_parameters=targets, use_rslora=rslora)
     theirs = peft.get_peft_model(_reference(path), config).eval()
     _randomize_b(theirs)
     theirs.save_pretrained(tmp_path / "peft")
@@ -78,7 +82,7 @@ def test_16bit_outputs_and_files_equal_peft_both_ways(tmp_path, saved, model_typ
     assert mine.keys() == peft_file.keys() and any(".experts.base_layer.lora_A" in k for k in mine)
     assert all(torch.equal(mine[k], peft_file[k]) for k in mine)
     saved_config = json.loads((tmp_path / "ours" / "adapter_config.json").read_text())
-    assert sorted(saved_config["target_parameters"]) == sorted(_EXPERTS) and saved_config["lora_dropout"] == 0.0
+    assert sorted(saved_config["target_parameters"]) == sorted(targets) and saved_config["lora_dropout"] == 0.0
     again = peft.PeftModel.from_pretrained(_reference(path), str(tmp_path / "ours")).eval()
     torch.testing.assert_close(_logits(again), _logits(ours), rtol=1e-5, atol=1e-5)
 
@@ -121,12 +125,14 @@ def _dequantized_reference(path, ours):
     return ref
 
 
-@pytest.mark.parametrize("model_type", ["gpt_oss", "mixtral"])
+@pytest.mark.parametrize("model_type", ["gpt_oss", "mixtral", "llama4_text"])
 def test_4bit_experts_equal_peft_on_the_dequantized_weights(tmp_path, saved, model_type):
     path = saved(model_type)
     ours, _ = load_model(path, quant="nf4", compute_dtype=torch.float32, device="cpu")
-    qlora.add_lora(ours, r=4, alpha=8, dropout=0.0, target_modules="all-linear", target_parameters=_EXPERTS)
-    layer = ours.model.layers[1].mlp.experts
+    llama4 = model_type == "llama4_text"
+    qlora.add_lora(ours, r=4, alpha=8, dropout=0.0, target_modules="all-linear",
+                   target_parameters=_LLAMA4_EXPERTS if llama4 else _EXPERTS)
+    layer = ours.model.layers[1].get_submodule("feed_forward" if llama4 else "mlp").experts
     assert isinstance(layer, ExpertsLora) and isinstance(layer.base_layer, Experts4bit)
     assert not [n for n, p in ours.named_parameters() if p.dim() == 3]  # no dense copy of the experts
     _randomize_b(ours)
@@ -139,12 +145,14 @@ def test_4bit_experts_equal_peft_on_the_dequantized_weights(tmp_path, saved, mod
     torch.testing.assert_close(_logits(again), _logits(ours), rtol=0, atol=0)
 
 
-def test_training_moves_the_expert_adapters_and_lowers_the_loss(saved):
-    ours, _ = load_model(saved("qwen3_moe"), quant="nf4", compute_dtype=torch.float32, device="cpu")
+@pytest.mark.parametrize("model_type", ["qwen3_moe", "llama4_text"])
+def test_training_moves_the_expert_adapters_and_lowers_the_loss(saved, model_type):
+    ours, _ = load_model(saved(model_type), quant="nf4", compute_dtype=torch.float32, device="cpu")
     qlora.add_lora(ours, r=4, dropout=0.0, target_modules=[], target_parameters=["gate_up_proj", "down_proj"])
     trainable = {n: p for n, p in ours.named_parameters() if p.requires_grad}
     assert trainable and all(".experts.lora_" in n for n in trainable)
-    router = ours.model.layers[0].mlp.gate.weight
+    moe = ours.model.layers[0].get_submodule("feed_forward" if model_type == "llama4_text" else "mlp")
+    router = (moe.router if model_type == "llama4_text" else moe.gate).weight
     router_before = router.detach().clone()
     before = {n: p.detach().clone() for n, p in trainable.items()}
     losses = train_losses(ours, _IDS, steps=8)
@@ -154,10 +162,12 @@ def test_training_moves_the_expert_adapters_and_lowers_the_loss(saved):
     assert torch.equal(router, router_before) and not router.requires_grad
 
 
-def test_merge_equals_peft_merge_and_unload(tmp_path, saved):
-    path = saved("gpt_oss")
+@pytest.mark.parametrize("model_type", ["gpt_oss", "llama4_text"])
+def test_merge_equals_peft_merge_and_unload(tmp_path, saved, model_type):
+    path = saved(model_type)
     ours, tokenizer = load_model(path, quant=None, compute_dtype=torch.float32, device="cpu")
-    qlora.add_lora(ours, r=2, dropout=0.0, target_modules=["q_proj"], target_parameters=_EXPERTS)
+    qlora.add_lora(ours, r=2, dropout=0.0, target_modules=["q_proj"],
+                   target_parameters=_LLAMA4_EXPERTS if model_type == "llama4_text" else _EXPERTS)
     _randomize_b(ours)
     adapter = qlora.save_adapter(ours, tmp_path / "a")
     merged_theirs = peft.PeftModel.from_pretrained(_reference(path), str(adapter)).merge_and_unload()

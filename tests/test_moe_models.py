@@ -32,7 +32,7 @@ _IDS = torch.tensor([[5, 17, 42, 99, 7, 250, 31, 8, 64, 12], [3, 9, 27, 81, 200,
 
 
 @pytest.mark.parametrize("model_type", ["mixtral", "qwen3_moe", "qwen2_moe", "deepseek_v3", "granitemoe", "gpt_neox",
-                                        "gpt_oss"])
+                                        "gpt_oss", "llama4_text"])
 def test_dense_load_equals_transformers(saved, model_type):
     path = saved(model_type)
     ours, _ = load_model(path, quant=None, compute_dtype=torch.float32, device="cpu")
@@ -46,7 +46,7 @@ def test_dense_load_equals_transformers(saved, model_type):
         torch.testing.assert_close(ours(_IDS).logits, ref(_IDS).logits, rtol=0, atol=1e-6)
 
 
-@pytest.mark.parametrize("model_type", ["mixtral", "qwen3_moe", "gpt_oss", "deepseek_v3"])
+@pytest.mark.parametrize("model_type", ["mixtral", "qwen3_moe", "gpt_oss", "deepseek_v3", "llama4_text"])
 def test_4bit_experts_equal_transformers_with_dequantized_experts(saved, model_type):
     path = saved(model_type)
     ours, _ = load_model(path, quant="nf4", compute_dtype=torch.float32, device="cpu")
@@ -201,7 +201,7 @@ def test_bitsandbytes_moe_checkpoints(tmp_path, saved):
         load_model(out, compute_dtype=torch.float32, device="cpu")
 
 
-@pytest.mark.parametrize("model_type", ["gpt_oss", "deepseek_v3", "granitemoe"])
+@pytest.mark.parametrize("model_type", ["gpt_oss", "deepseek_v3", "granitemoe", "llama4_text"])
 def test_merged_moe_loads_in_transformers_with_the_4bit_logits(tmp_path, saved, model_type):
     import qlora
 
@@ -228,3 +228,18 @@ def test_experts_split_across_shards(tmp_path, saved):
     ours, _ = load_model(sharded, quant=None, compute_dtype=torch.float32, device="cpu")
     theirs = dict(ref.named_parameters())
     assert all(torch.equal(p, theirs[n]) for n, p in ours.named_parameters())
+
+
+@pytest.mark.parametrize("model_type", ["gpt_oss", "qwen3_moe", "llama4_text"])
+def test_quantize_model_in_memory_equals_quantize_on_load(saved, model_type):
+    """``qlora.quantize_model`` on a transformers MoE quantizes its experts (biases kept) as loading does."""
+    from qlora.model.quantize import quantize_model
+
+    path = saved(model_type)
+    loaded, _ = load_model(path, quant="nf4", compute_dtype=torch.float32, device="cpu")
+    ref = _reference(path)
+    replaced = quantize_model(ref, compute_dtype=torch.float32)
+    assert any(p.endswith(".experts") for p in replaced)
+    assert not [n for n, p in ref.named_parameters() if p.dim() == 3]
+    with torch.no_grad():
+        torch.testing.assert_close(ref(_IDS).logits, loaded(_IDS).logits, rtol=0, atol=0)

@@ -12,7 +12,8 @@ CONFIG = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_ke
 # Set where the model type's config has the field: the names differ between MoE families.
 MOE = dict(moe_intermediate_size=32, num_experts=4, num_local_experts=4, n_routed_experts=4, num_experts_per_tok=2,
            shared_expert_intermediate_size=32, head_dim=8, q_lora_rank=16, kv_lora_rank=16, qk_rope_head_dim=8,
-           qk_nope_head_dim=8, v_head_dim=8, first_k_dense_replace=1, n_group=1, topk_group=1)
+           qk_nope_head_dim=8, v_head_dim=8, first_k_dense_replace=1, n_group=1, topk_group=1,
+           intermediate_size_mlp=48, attention_chunk_size=8)
 
 
 def save_tiny_moe(out: Path, tokenizer, model_type: str, **overrides) -> Path:

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from ..errors import UsageError
-from ..nn import expert_weight_names
+from ..nn import experts_layout
 from ..nn.chunked_ce import CHUNK_ROWS
 from ..quant import BLOCKSIZES
 from ..quant.double_quant import NESTED_BLOCKSIZE
@@ -202,9 +202,10 @@ def count_parameters(config) -> ModelCounts:
             quantized[id(module.weight)] = (LinearShape(name, module.out_features, module.in_features),)
         elif isinstance(module, Conv1D):  # weight stored (in, out)
             quantized[id(module.weight)] = (LinearShape(name, module.weight.shape[1], module.weight.shape[0]),)
-        for w in expert_weight_names(module):  # 3-D experts: each expert one 4-bit matrix (Experts4bit)
+        layout = experts_layout(module)
+        for w in layout.names if layout else ():  # 3-D experts: each expert one 4-bit matrix (Experts4bit)
             p = module._parameters[w]
-            out_f, in_f = (p.shape[2], p.shape[1]) if module.is_transposed else (p.shape[1], p.shape[2])
+            out_f, in_f = (p.shape[2], p.shape[1]) if layout.is_transposed else (p.shape[1], p.shape[2])
             quantized[id(p)] = tuple(LinearShape(f"{name}.{w}.{e}", out_f, in_f, adaptable=False)
                                      for e in range(p.shape[0]))
     linears = tuple(lin for _, p in model.named_parameters() if id(p) in quantized for lin in quantized[id(p)])

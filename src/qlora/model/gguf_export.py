@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from ..errors import UsageError
+from ..nn import experts_layout
 from .gguf_arch import ArchSpec, arch_spec, tensor_namer, to_llama_cpp, write_metadata
 from .gguf_vocab import gguf_vocab
 from .merge import merged_tensors, tied_embeddings
@@ -161,7 +162,8 @@ def _split_gate_up(model: nn.Module, rows: list) -> list:
             out.append((key, shape, make))
             continue
         experts = model.get_submodule(key.rsplit(".", 1)[0])
-        transposed = getattr(getattr(experts, "base_layer", experts), "is_transposed", False)
+        layout = experts_layout(getattr(experts, "base_layer", experts))
+        transposed = bool(layout and layout.is_transposed)
         n, ff2, hidden = (shape[0], shape[2], shape[1]) if transposed else shape
         cache: dict[str, torch.Tensor] = {}
 

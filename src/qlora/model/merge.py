@@ -123,9 +123,7 @@ def merged_tensors(model: nn.Module) -> list[tuple[str, tuple[int, ...], Callabl
             folded.append(path)
             base = module.base_layer
             for name in module.shapes:
-                in_f, out_f = module.shapes[name]
-                shape = (module.num_experts, in_f, out_f) if base.is_transposed else (module.num_experts, out_f, in_f)
-                rows.append((prefix + name, shape, lambda m=module, n=name: m.merged_weight(n)))
+                rows.append((prefix + name, module.weight_shape(name), lambda m=module, n=name: m.merged_weight(n)))
             for name, t in base.named_parameters():  # biases, post-expert norm
                 if name not in module.shapes:
                     rows.append((prefix + name, tuple(t.shape), lambda t=t: t.detach()))

@@ -14,7 +14,7 @@ from typing import Callable, Iterable
 import torch
 from torch import nn
 
-from ..nn import Linear4bit, expert_weight_names
+from ..nn import Experts4bit, Linear4bit, expert_weight_names
 from ..quant import NonFiniteError
 
 
@@ -238,7 +238,8 @@ def quantize_model(
     compute_dtype: torch.dtype = torch.bfloat16,
     skip_modules: Iterable[str] = ("lm_head",),
 ) -> list[str]:
-    """Quantize every linear layer of an in-memory model in place.
+    """Quantize every linear layer, and the 3-D experts of MoE layers, of an in-memory model in place,
+    as :func:`qlora.model.load.load_model` quantizes them while loading.
 
     The output head and modules matching ``skip_modules`` (by name or regex)
     stay dense, as do layers in :func:`kept_dense_names`. Returns the quantized module paths.
@@ -246,6 +247,8 @@ def quantize_model(
     skip = set(skip_modules) | kept_dense_names(model)
 
     def make(path: str, module: nn.Module) -> nn.Module | None:
+        if expert_weight_names(module) and not _skipped(path, skip):
+            return _experts_4bit(path, module, quant_type, blocksize, double_quant, compute_dtype)
         if not (is_plain_linear(module) or is_conv1d(module)) or _skipped(path, skip):
             return None
         try:
@@ -257,6 +260,23 @@ def quantize_model(
         return layer
 
     return replace_modules(model, make)
+
+
+def _experts_4bit(path: str, experts: nn.Module, quant_type: str, blocksize: int, double_quant: bool,
+                  compute_dtype: torch.dtype) -> Experts4bit:
+    """An experts module's 4-bit replacement holding its weights (its 16-bit 3-D weights are released)."""
+    weights = {n: experts._parameters[n].detach() for n in expert_weight_names(experts)}
+    biases = {n: b.detach() for n in weights if (b := experts._parameters.get(n + "_bias")) is not None}
+    layer = Experts4bit(experts, compute_dtype, quant_type, blocksize, double_quant,
+                        device=next(iter(weights.values())).device)
+    for name, weight in weights.items():
+        try:
+            layer.set_weight(name, weight)
+        except NonFiniteError as exc:
+            raise NonFiniteError(f"module {path}: {exc}") from None
+    for name, bias in biases.items():
+        getattr(layer, name + "_bias").data.copy_(bias)
+    return layer
 
 
 def _skipped(path: str, skip: Iterable[str]) -> bool:

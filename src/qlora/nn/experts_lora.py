@@ -26,22 +26,29 @@ import math
 import torch
 from torch import nn
 
-from .experts4bit import Experts4bit, expert_weight_names, routing, routing_arg_names, run_experts
+from .experts4bit import Experts4bit, experts_layout, routing, routing_arg_names, run_experts, run_prerouted
 from .lora import LoraSpec, check_new_adapter
 
 
+def peft_transposed(experts: nn.Module) -> bool:
+    """Whether PEFT reads the 3-D weights as ``(E, in, out)``: only when the module says ``is_transposed``
+    (Llama 4's experts, ``(E, in, out)`` but without the flag, get factors sized as ``(E, out, in)``)."""
+    return bool(getattr(getattr(experts, "_source", experts), "is_transposed", False))
+
+
 def expert_shapes(experts: nn.Module) -> dict[str, tuple[int, int]]:
-    """``{weight name: (in_features, out_features)}`` of an Experts4bit or transformers experts module,
-    in the order the source module registered them (PEFT nests its wrappers in that order)."""
+    """``{weight name: (in_features, out_features)}`` as PEFT sizes the LoRA factors of each 3-D weight
+    of an Experts4bit or transformers experts module, in the order the source module registered them
+    (PEFT nests its wrappers in that order)."""
+    layout = experts_layout(experts)
     if isinstance(experts, Experts4bit):
-        order = [n for n in experts._source._parameters if n in experts.weight_names]
-        return {n: (getattr(experts, n)[0].in_features, getattr(experts, n)[0].out_features) for n in order}
-    names = expert_weight_names(experts)
-    out = {}
-    for n in [n for n in experts._parameters if n in names]:
-        _, d1, d2 = experts._parameters[n].shape
-        out[n] = (d1, d2) if experts.is_transposed else (d2, d1)
-    return out
+        order = [n for n in experts._source._parameters if n in layout.names]
+        dims = {n: (getattr(experts, n)[0].in_features, getattr(experts, n)[0].out_features) for n in order}
+        dims = {n: (i, o) if layout.is_transposed else (o, i) for n, (i, o) in dims.items()}  # the 3-D layout's
+    else:
+        dims = {n: tuple(experts._parameters[n].shape[1:]) for n in experts._parameters if layout and n in layout.names}
+    swap = not peft_transposed(experts)
+    return {n: (d2, d1) if swap else (d1, d2) for n, (d1, d2) in dims.items()}
 
 
 class ExpertsLora(nn.Module):
@@ -67,7 +74,12 @@ class ExpertsLora(nn.Module):
         self.targets: dict[str, list[str]] = {}  # adapter -> adapted weight names
         self.active: dict[str, float] = {}
         self.disabled = False
-        self._arg_names = None if isinstance(base_layer, Experts4bit) else routing_arg_names(base_layer)
+        self.layout = experts_layout(base_layer)
+        self.peft_transposed = peft_transposed(base_layer)
+        # PEFT's factors of Llama 4's (E, in, out) weights are sized as for (E, out, in): x @ B_e @ A_e
+        self.swapped = self.layout.is_transposed != self.peft_transposed
+        self._arg_names = None if isinstance(base_layer, Experts4bit) or self.layout.prerouted else routing_arg_names(
+            base_layer)
 
     # --- adapters -----------------------------------------------------------
     def add_adapter(self, name: str, spec: LoraSpec, weights: list[str]) -> None:
@@ -128,7 +140,12 @@ class ExpertsLora(nn.Module):
         a = self.lora_A[weight][name].weight.float().reshape(E, r, -1)  # (E, r, in)
         b = self.lora_B[weight][name].weight.float().reshape(-1, r, E).permute(2, 0, 1)  # (E, out, r)
         delta = torch.bmm(b, a) * self.specs[name].scaling  # (E, out, in)
-        return delta.transpose(1, 2) if self.base_layer.is_transposed else delta
+        return delta.transpose(1, 2) if self.peft_transposed else delta
+
+    def weight_shape(self, weight: str) -> tuple[int, int, int]:
+        """The 3-D ``weight``'s shape in transformers' layout."""
+        in_f, out_f = self.shapes[weight]
+        return (self.num_experts, in_f, out_f) if self.peft_transposed else (self.num_experts, out_f, in_f)
 
     def base_weight(self, weight: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The base's 3-D ``weight`` (transformers' layout), dequantized if 4-bit."""
@@ -151,7 +168,7 @@ class ExpertsLora(nn.Module):
         if isinstance(base, Experts4bit):
             return base._project(x, weight, expert)
         w = base._parameters[weight][expert]
-        y = x @ w if base.is_transposed else nn.functional.linear(x, w)
+        y = x @ w if self.layout.is_transposed else nn.functional.linear(x, w)
         bias = base._parameters.get(weight + "_bias")
         return y if bias is None else y + bias[expert].to(y.dtype)
 
@@ -162,12 +179,15 @@ class ExpertsLora(nn.Module):
                 continue
             a, b = self.factors(weight, name, expert)
             h = x if torch.is_autocast_enabled(x.device.type) else x.to(a.dtype)
-            y = y + ((h @ a.t()) @ b.t() * (self.specs[name].scaling * coef)).to(y.dtype)
+            lora = (h @ b) @ a if self.swapped else (h @ a.t()) @ b.t()
+            y = y + (lora * (self.specs[name].scaling * coef)).to(y.dtype)
         return y
 
     def forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         if self.disabled or not self.active:
             return self.base_layer(hidden_states, *args, **kwargs)
+        if self.layout.prerouted:
+            return run_prerouted(self.base_layer, self.num_experts, hidden_states, self._project)
         names = self.base_layer._arg_names if self._arg_names is None else self._arg_names
         top_k_index, top_k_weights = routing(names, args, kwargs)
         return run_experts(self.base_layer, self.num_experts, hidden_states, top_k_index, top_k_weights, self._project)
