@@ -281,3 +281,33 @@ def test_resident_rows_equal_the_loaded_model_bytes(tmp_path, tiny_tokenizer, mo
     resident = ("linear weights", "quantization constants", "embeddings", "buffers")
     predicted = sum(values["QLoRA"] for label, values in est.rows if label.startswith(resident))
     assert predicted == actual
+
+
+def test_an_adapter_folder_is_estimated_as_continuing_it(tmp_path, tiny_model_dir, capsys):
+    """``qlora estimate ADAPTER`` = the base with the adapter's rank, targets and trained 4-bit format,
+    as ``qlora train --model ADAPTER`` would continue it; a PEFT regex of module paths counts the same layers."""
+    import json
+
+    import qlora
+    from qlora.model.load import load_model
+
+    model, _ = load_model(tiny_model_dir, quant="fp4", blocksize=128, double_quant=False, compute_dtype=torch.float32)
+    qlora.add_lora(model, r=4, target_modules=["q_proj", "v_proj"])
+    adapter = qlora.save_adapter(model, tmp_path / "adapter")
+
+    def table(*argv) -> str:
+        capsys.readouterr()
+        assert main(["estimate", *argv]) == 0
+        return capsys.readouterr().out.split("\n\n", 1)[1]  # the table, after the summary line
+
+    expected = table(str(tiny_model_dir), "--rank", "4", "--target-modules", "q_proj,v_proj", "--quant", "fp4",
+                     "--blocksize", "128", "--no-double-quant")
+    assert table(str(adapter)) == expected
+    assert table(str(tiny_model_dir)) != expected  # rank 16 on every linear, NF4: another table
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    config["target_modules"] = r"model\.layers\.\d+\.self_attn\.(?:q_proj|v_proj)"
+    (adapter / "adapter_config.json").write_text(json.dumps(config))
+    assert table(str(adapter)) == expected
+    (adapter / "adapter_config.json").write_text(json.dumps(config | {"r": "four"}))
+    assert main(["estimate", str(adapter)]) == 2
+    assert "adapter_config.json: r must be a positive integer" in capsys.readouterr().err

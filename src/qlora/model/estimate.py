@@ -17,6 +17,7 @@ rows follow from the trainable tensors.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -68,7 +69,8 @@ class TrainingOptions:
     double_quant: bool = True
     blocksize: int = 64
     rank: int = 16
-    target_modules: tuple[str, ...] | None = None  # None: every quantized linear of the decoder; (): none
+    target_modules: tuple[str, ...] | str | None = None  # None: every quantized linear of the decoder; (): none;
+    # a string: a regex matching whole module paths (PEFT's form, as a vision-language adapter saves it)
     target_parameters: tuple[str, ...] = ()  # 3-D expert weights with one LoRA per expert (PEFT's names)
     seq_len: int = 2048
     batch_size: int = 1
@@ -241,8 +243,9 @@ def quantized_bytes(numel: int, blocksize: int, double_quant: bool) -> tuple[int
     return codes, blocks + nested_blocks * 4 + 4 + 16 * 4 + 256 * 4
 
 
-def select_targets(counts: ModelCounts, target_modules: tuple[str, ...] | None) -> list[LinearShape]:
-    """Linears that get LoRA adapters; names match the last part of a module name.
+def select_targets(counts: ModelCounts, target_modules: tuple[str, ...] | str | None) -> list[LinearShape]:
+    """Linears that get LoRA adapters; names match the last part of a module name, a string
+    (PEFT's regex form) the whole module path.
 
     Raises:
         UsageError: a requested name matches no linear layer.
@@ -250,6 +253,11 @@ def select_targets(counts: ModelCounts, target_modules: tuple[str, ...] | None) 
     adaptable = [lin for lin in counts.linears if lin.adaptable]
     if target_modules is None:
         return adaptable
+    if isinstance(target_modules, str):
+        chosen = [lin for lin in adaptable if re.fullmatch(target_modules, lin.name)]
+        if not chosen:
+            raise UsageError(f"the target modules pattern {target_modules!r} matches no linear layer of this model")
+        return chosen
     if not target_modules:
         return []
     leaves = {lin.name.rsplit(".", 1)[-1] for lin in adaptable}

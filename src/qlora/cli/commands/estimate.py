@@ -5,6 +5,8 @@ Prints the memory table of :mod:`qlora.model.estimate` for full fine-tuning,
 The options and their defaults are those of ``qlora train`` (taken from
 :class:`qlora.train.config.TrainConfig`, so they cannot drift apart): what
 ``qlora estimate MODEL`` prints is what ``qlora train --model MODEL`` needs.
+An adapter folder as MODEL is what continuing it takes: its base, rank and targets,
+and the 4-bit format it was trained on.
 """
 
 from __future__ import annotations
@@ -61,9 +63,11 @@ def run(args: argparse.Namespace) -> int:
     model = args.model_arg or args.model
     if not model:
         raise UsageError("give the model: qlora estimate MODEL (a folder, a config.json, a hub id or a known shape)")
-    targets = None
+    model, targets = _adapter_as_model(args, model)
     parameters = tuple(t.strip() for t in args.target_parameters.split(",") if t.strip())
-    if args.target_modules.strip().lower() == "none" or (not args.target_modules.strip() and parameters):
+    if targets is not None:
+        pass  # the adapter's own
+    elif args.target_modules.strip().lower() == "none" or (not args.target_modules.strip() and parameters):
         targets = ()
     elif args.target_modules.strip() != "all-linear":
         targets = tuple(t.strip() for t in args.target_modules.split(",") if t.strip())
@@ -83,3 +87,29 @@ def run(args: argparse.Namespace) -> int:
           f"{', chunked loss' if opts.chunked_ce else ''}\n")
     print(format_table(estimate(config, opts), args.gpu_memory))
     return 0
+
+
+def _adapter_as_model(args: argparse.Namespace, model: str) -> tuple[str, tuple[str, ...] | str | None]:
+    """``(model, None)``, or for an adapter folder ``(its base, its target modules)`` with ``args`` set to
+    continue that adapter (as ``qlora train --model ADAPTER`` does): its rank, expert targets and
+    recorded 4-bit format. Target modules are names, or PEFT's regex of whole module paths."""
+    from ...model.adapter_base import adapter_folder_base, trained_base
+    from ...model.adapter_io import read_adapter_config
+
+    base = adapter_folder_base(model)
+    if base is None:
+        return model, None
+    config = read_adapter_config(model)
+    rank, modules, parameters = config.get("r"), config.get("target_modules"), config.get("target_parameters") or []
+    if not isinstance(rank, int) or rank < 1:
+        raise UsageError(f"{model}/adapter_config.json: r must be a positive integer, got {rank!r}")
+    if not isinstance(parameters, list) or not isinstance(modules, (str, list, type(None))):
+        raise UsageError(f"{model}/adapter_config.json: target_modules and target_parameters must be lists of names")
+    args.rank, args.target_parameters = rank, ",".join(parameters)
+    for key, value in (trained_base(model) or {}).items():
+        setattr(args, key, value)
+    print(f"{model} is a LoRA adapter: estimating training it further on its base {base} "
+          f"(r={rank}, {args.quant}, as it was trained)")
+    targets = None if modules == "all-linear" else modules if isinstance(modules, str) else tuple(sorted(set(
+        modules or [])))
+    return base, targets
