@@ -83,3 +83,86 @@ def test_cli_reports_yaml_errors_and_suggests_flags(tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
         main(["train", "--model", "m", "--learning-rate", "1e-4"])
     assert exc.value.code == 2 and "did you mean --lr" in capsys.readouterr().err
+
+
+_LLAMA_FACTORY = """
+### model
+model_name_or_path: ./models/llama
+quantization_bit: 4
+quantization_method: bnb
+trust_remote_code: true
+### method
+stage: sft
+do_train: true
+finetuning_type: lora
+lora_rank: 8
+lora_target: all
+### dataset
+dataset: data.jsonl
+template: llama3
+cutoff_len: 2048
+max_samples: 1000
+overwrite_cache: true
+preprocessing_num_workers: 16
+dataloader_num_workers: 4
+### output
+output_dir: saves/llama3-8b/lora/sft
+logging_steps: 10
+save_steps: 500
+plot_loss: true
+overwrite_output_dir: true
+save_only_model: false
+report_to: none
+### train
+per_device_train_batch_size: 1
+gradient_accumulation_steps: 8
+learning_rate: 1.0e-4
+num_train_epochs: 3.0
+lr_scheduler_type: cosine
+warmup_ratio: 0.1
+bf16: true
+ddp_timeout: 180000000
+resume_from_checkpoint: null
+"""
+
+
+def test_a_llama_factory_qlora_example_loads_as_it_trains_there(tmp_path, capsys):
+    """LLaMA-Factory's QLoRA example file, keys and values as it ships them: its values are translated
+    (lora_target all, template llama3, stage sft), its runtime-only settings passed over by name."""
+    cfg = load_config(_yaml(tmp_path, _LLAMA_FACTORY), {})
+    assert (cfg.model, cfg.data, cfg.output, cfg.method) == ("./models/llama", "data.jsonl", "saves/llama3-8b/lora/sft",
+                                                             "sft")
+    assert (cfg.quant, cfg.double_quant, cfg.rank, cfg.target_modules, cfg.template) == (
+        "nf4", True, 8, "all-linear", "llama-3")
+    assert (cfg.seq_len, cfg.max_samples, cfg.batch_size, cfg.grad_accum, cfg.lr, cfg.epochs) == (
+        2048, 1000, 1, 8, 1e-4, 3.0)
+    assert (cfg.lr_scheduler, cfg.warmup_ratio, cfg.precision, cfg.overwrite, cfg.save_steps) == (
+        "cosine", 0.1, "bf16", True, 500)
+    err = capsys.readouterr().err
+    assert "passing over" in err and "preprocessing_num_workers" in err and "ddp_timeout" in err
+    assert "lora_rank" not in err and "template" not in err
+
+    # the other quantization settings LLaMA-Factory has, and a family template
+    cfg = load_config(_yaml(tmp_path, _LLAMA_FACTORY.replace("template: llama3", "template: qwen")
+                            + "quantization_type: fp4\ndouble_quantization: false\n"), {})
+    assert (cfg.quant, cfg.double_quant, cfg.template) == ("fp4", False, "auto")
+    assert "template 'qwen' is a LLaMA-Factory name" in capsys.readouterr().err
+    assert load_config(_yaml(tmp_path, _LLAMA_FACTORY.replace("stage: sft", "stage: dpo")), {}).method == "dpo"
+    assert load_config(_yaml(tmp_path, _LLAMA_FACTORY.replace("stage: sft", "stage: pt")), {}).format == "text"
+
+
+@pytest.mark.parametrize("edit,message", [
+    (("quantization_bit: 4", "quantization_bit: 8"), r"line 4: quantization_bit 8: qlora stores the base model in 4 bits"),
+    (("quantization_method: bnb", "quantization_method: hqq"), r"line 5: quantization_method 'hqq'"),
+    (("finetuning_type: lora", "finetuning_type: full"), r"line 10: finetuning_type 'full': qlora trains LoRA"),
+    (("stage: sft", "stage: ppo"), r"line 8: stage ppo: qlora does not train reward models or PPO"),
+    (("resume_from_checkpoint: null", "resume_from_checkpoint: saves/x/checkpoint-500"),
+     r"resume_from_checkpoint 'saves/x/checkpoint-500'.*set resume: true"),
+    (("stage: sft", "stage: sft\nmethod: orpo"), r"method and stage both set method"),
+])
+def test_llama_factory_values_without_an_equivalent_are_refused_by_line(tmp_path, capsys, edit, message):
+    path = _yaml(tmp_path, _LLAMA_FACTORY.replace(*edit))
+    with pytest.raises(UsageError, match=message):
+        load_config(path, {})
+    assert main(["train", str(path)]) == 2
+    assert "Traceback" not in capsys.readouterr().err

@@ -21,6 +21,7 @@ from qlora.model.chat_format import pinned_datetime
 from qlora.option_range import AT_LEAST_1, NON_NEGATIVE, POSITIVE, Range
 from qlora.quant import BLOCKSIZES
 from qlora.train.data.fields import parse_data_fields
+from qlora.train.foreign_keys import translate
 
 from qlora.optim import OPTIMIZERS
 SCHEDULERS = ("cosine", "linear", "constant")
@@ -334,6 +335,7 @@ ALIASES = {
     "bnb_4bit_use_double_quant": "double_quant", "overwrite_output_dir": "overwrite", "sample_packing": "packing",
     "optimizer": "optim", "chat_template": "template", "val_size": "eval_split", "val_set_size": "eval_split",
     "loraplus_lr_ratio": "lora_plus_ratio", "neftune_noise_alpha": "neftune_alpha",
+    "quantization_type": "quant", "double_quantization": "double_quant",
 }
 # Boolean keys that map onto one of ours: key -> (our key, {their value: our value, None = no change}).
 VALUE_ALIASES = {
@@ -434,22 +436,34 @@ def load_config(yaml_path: str | Path | None, overrides: dict[str, Any]) -> Trai
             raise UsageError(f"config file {yaml_path!r} does not exist; check the path of the YAML file.")
         loaded, lines = _read_yaml(path)
         given_as: dict[str, str] = {}
+        passed_over = []
         for key, value in loaded.items():
             where = f"{path} line {lines.get(str(key), '?')}"
-            name = canonical_name(str(key))
-            if name in VALUE_ALIASES:
-                name, mapping = VALUE_ALIASES[name]
-                if not isinstance(value, bool):
-                    raise UsageError(f"{where}: {key} expects true or false (it sets qlora's {name}); got {value!r}")
-                value = mapping[value]
-                if value is None:
-                    continue
-            if name not in by_name:
-                raise _unknown(str(key), list(by_name), where)
-            if name in given_as:
-                raise UsageError(f"{where}: {key} and {given_as[name]} both set {name}; keep one.")
-            given_as[name] = str(key)
-            values[name] = _coerce(name, value, field_type(by_name[name]), where)
+            foreign = translate(str(key), value, where)
+            if foreign is not None:
+                pairs, note = foreign
+                if note:
+                    print(f"qlora train: {note}", file=sys.stderr)
+                if not pairs:
+                    passed_over.append(str(key))
+            for their_key, value in [(str(key), value)] if foreign is None else pairs:
+                name = canonical_name(their_key)
+                if name in VALUE_ALIASES:
+                    name, mapping = VALUE_ALIASES[name]
+                    if not isinstance(value, bool):
+                        raise UsageError(f"{where}: {key} expects true or false (it sets qlora's {name}); got {value!r}")
+                    value = mapping[value]
+                    if value is None:
+                        continue
+                if name not in by_name:
+                    raise _unknown(str(key), list(by_name), where)
+                if name in given_as:
+                    raise UsageError(f"{where}: {key} and {given_as[name]} both set {name}; keep one.")
+                given_as[name] = str(key)
+                values[name] = _coerce(name, value, field_type(by_name[name]), where)
+        if passed_over:
+            print(f"qlora train: {path}: passing over {', '.join(passed_over)}: settings of another tool that change "
+                  "nothing in what qlora computes", file=sys.stderr)
     for key, value in overrides.items():
         name = key.replace("-", "_")
         if name not in by_name:

@@ -1,0 +1,108 @@
+"""Keys of other tools' YAML files whose values need translating, or that change nothing here.
+
+Users bring their LLaMA-Factory, transformers ``TrainingArguments``, TRL and axolotl
+configs. Keys that only rename one of ours are plain aliases
+(:data:`qlora.train.config.ALIASES`); this module handles the rest:
+
+- keys whose *values* differ: LLaMA-Factory's ``quantization_bit: 4``, ``stage: sft``,
+  ``finetuning_type: lora``, ``lora_target: all``, its template names;
+- settings of the other tool's runtime that do not change what a run computes
+  (worker counts, caches, timeouts, report sinks): passed over, and the run says which;
+- values qlora has no equivalent for (8-bit quantization, full fine-tuning, PPO):
+  refused by name, instead of training something else than the file asks.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from qlora.errors import UsageError
+from qlora.train.data.templates import TEMPLATES
+
+Translation = tuple[list[tuple[str, Any]], str]  # our (option, value) pairs, and a note for the user ("" if none)
+
+# Settings of the other tool's runtime: they change speed, logging or caching, never the result.
+RUNTIME_ONLY = frozenset({
+    "do_train", "do_eval", "overwrite_cache", "preprocessing_num_workers", "dataloader_num_workers",
+    "dataloader_pin_memory", "dataloader_persistent_workers", "ddp_timeout", "ddp_find_unused_parameters",
+    "plot_loss", "report_to", "logging_dir", "run_name", "save_only_model", "trust_remote_code", "flash_attn",
+    "disable_tqdm", "use_fast_tokenizer", "tokenized_path", "per_device_eval_batch_size", "eval_batch_size",
+    "include_num_input_tokens_seen", "remove_unused_columns", "logging_first_step", "save_safetensors",
+    "quantization_device_map", "low_cpu_mem_usage", "wandb_project", "wandb_entity", "wandb_run_id",
+    "wandb_name", "wandb_watch", "wandb_log_model", "bnb_4bit_quant_storage",
+})
+
+
+def _quantization_bit(value: Any, where: str) -> Translation:
+    if value is None or value == 4:
+        return [], ""  # qlora's base is 4-bit unless quant: none
+    raise UsageError(f"{where}: quantization_bit {value!r}: qlora stores the base model in 4 bits (quant: nf4 or "
+                     "fp4) or keeps it 16-bit (quant: none); set quantization_bit: 4 or remove it.")
+
+
+def _quantization_method(value: Any, where: str) -> Translation:
+    if value in (None, "bnb", "bitsandbytes"):
+        return [], ""  # qlora's NF4/FP4 are bitsandbytes' formats, bit for bit
+    raise UsageError(f"{where}: quantization_method {value!r}: qlora quantizes as bitsandbytes does (NF4/FP4 with "
+                     "double quantization); remove the key or set it to bnb.")
+
+
+def _finetuning_type(value: Any, where: str) -> Translation:
+    if value in (None, "lora"):
+        return [], ""
+    raise UsageError(f"{where}: finetuning_type {value!r}: qlora trains LoRA adapters (and DoRA, AdaLoRA) on a "
+                     "frozen base; for full or frozen-layer fine-tuning use another tool.")
+
+
+def _stage(value: Any, where: str) -> Translation:
+    if value == "pt":  # pre-training: every token of raw texts
+        return [("format", "text")], ""
+    if value in ("rm", "ppo"):
+        raise UsageError(f"{where}: stage {value}: qlora does not train reward models or PPO; its training "
+                         "methods are given by method (sft, dpo, orpo, ...).")
+    return [("method", value)], ""  # sft, dpo, kto: the method option checks what qlora has
+
+
+def _lora_target(value: Any, where: str) -> Translation:
+    return [("target_modules", "all-linear" if value == "all" else value)], ""
+
+
+# LLaMA-Factory's template names with a built-in equivalent; its others name a model family's own format.
+_TEMPLATE_NAMES = {"llama3": "llama-3", "chatml": "chatml", "alpaca": "alpaca"}
+
+
+def _template(value: Any, where: str) -> Translation:
+    if not isinstance(value, str) or value in ("auto", "tokenizer") or value in TEMPLATES:
+        return [("template", value)], ""
+    if value in _TEMPLATE_NAMES:
+        return [("template", _TEMPLATE_NAMES[value])], ""
+    return [("template", "auto")], (f"{where}: template {value!r} is a LLaMA-Factory name; training with the "
+                                    "model's own chat template (template: auto), the format that template writes "
+                                    "for its model family")
+
+
+def _resume(value: Any, where: str) -> Translation:
+    if value in (None, False):
+        return [], ""
+    raise UsageError(f"{where}: resume_from_checkpoint {value!r}: qlora resumes a run from the latest checkpoint in "
+                     "its output folder; set resume: true (and output to that run's folder) instead.")
+
+
+TRANSLATED: dict[str, Callable[[Any, str], Translation]] = {
+    "quantization_bit": _quantization_bit, "quantization_method": _quantization_method,
+    "finetuning_type": _finetuning_type, "stage": _stage, "lora_target": _lora_target, "template": _template,
+    "resume_from_checkpoint": _resume,
+}
+
+def translate(key: str, value: Any, where: str) -> Translation | None:
+    """Our ``(option, value)`` pairs for another tool's ``key`` (none for a key that changes nothing
+    here) and a note for the user, or None for a key this module does not handle.
+
+    Raises:
+        UsageError: a value qlora has no equivalent for.
+    """
+    if key in RUNTIME_ONLY:
+        return [], ""
+    if key in TRANSLATED:
+        return TRANSLATED[key](value, where)
+    return None
