@@ -32,7 +32,7 @@ METHODS = ("sft", "dpo", "orpo")
 
 # Fields whose change makes a checkpoint incompatible with a resumed run.
 _RUN_DEFINING = (
-    "model", "adapter", "data", "data_split", "data_subset", "quant", "double_quant", "blocksize", "rank", "alpha", "dropout", "target_modules",
+    "model", "adapter", "data", "dataset_dir", "data_split", "data_subset", "quant", "double_quant", "blocksize", "rank", "alpha", "dropout", "target_modules",
     "target_parameters",
     "rslora", "rank_pattern", "alpha_pattern", "lora_bias", "bias", "dora", "init", "loftq_iter", "seq_len", "batch_size", "grad_accum", "lr", "lr_scheduler", "warmup_ratio", "warmup_steps",
     "epochs", "max_steps", "optim", "max_samples", "eval_split", "lora_plus_ratio", "neftune_alpha",
@@ -64,7 +64,9 @@ class TrainConfig:
                                        "--output, reused on --resume) instead of in every step")
     data: str | None = _opt(None, "training data: a .jsonl/.json/.csv/.tsv/.parquet/.arrow/.txt file (text ones "
                                   "also .gz), a save_to_disk folder, or a hub dataset name; several as a,b (a YAML "
-                                  "list), mixed")
+                                  "list), mixed; or names registered in --dataset-dir's dataset_info.json")
+    dataset_dir: str = _opt("data", "folder of a LLaMA-Factory dataset_info.json, whose registered names --data and "
+                                    "--eval-data may give")
     data_split: str = _opt("train", "split of --data to train on (hub datasets, DatasetDict folders)")
     data_subset: str | None = _opt(None, "subset (configuration) of a hub dataset that has several")
     max_samples: int = _opt(0, "use only the first N rows of each --data source (0: all)", range=NON_NEGATIVE)

@@ -341,7 +341,7 @@ class Trainer:
     def _read_data(self, source: str, split: str):
         cfg = self.config
         return read_sources(source, split, cfg.data_subset, cfg.max_samples,
-                            lambda records: normalize(records, cfg.format, cfg.data_fields))
+                            lambda records: normalize(records, cfg.format, cfg.data_fields), cfg.dataset_dir)
 
     def _tokenize(self, examples):
         cfg = self.config

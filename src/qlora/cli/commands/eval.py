@@ -24,6 +24,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "a save_to_disk folder, or a hub dataset name; several as a,b")
     parser.add_argument("--data-split", default="test", help="split of a hub dataset or DatasetDict folder (default test)")
     parser.add_argument("--data-subset", default=None, help="subset (configuration) of a hub dataset")
+    parser.add_argument("--dataset-dir", default="data",
+                        help="folder of a LLaMA-Factory dataset_info.json, whose registered names --data may give")
     parser.add_argument("--format", default="auto", choices=("auto", "alpaca", "chat", "sharegpt",
                         "prompt-completion", "text"), help="data format")
     parser.add_argument("--data-fields", default="", help="the dataset's names for our fields, as OURS=THEIRS,... "
@@ -62,7 +64,7 @@ def run(args: argparse.Namespace) -> int:
         tokenizer = adapter_tokenizer(args.adapter, tokenizer)
         load_adapter(model, args.adapter)
     examples = read_sources(args.data, args.data_split, args.data_subset, 0,
-                            lambda records: normalize(records, args.format, fields))
+                            lambda records: normalize(records, args.format, fields), args.dataset_dir)
     saved = ChatFormat.load(args.adapter) if args.adapter and args.template == "auto" else None
     fmt = saved or resolve_chat_format(tokenizer, args.template)
     if (saved is None and args.template == "auto" and own_template(tokenizer) is None

@@ -1,7 +1,8 @@
 """Which examples a run trains and evaluates on: several sources, a cap per source, a held-out share.
 
 ``--data a.jsonl,b.parquet`` (a YAML list) mixes datasets, each read and its format detected
-on its own, as LLaMA-Factory's ``dataset: a,b`` does; ``--max-samples N`` keeps the first N
+on its own, as LLaMA-Factory's ``dataset: a,b`` does (names registered in its ``dataset_info.json``
+too: :mod:`qlora.train.data.dataset_info`); ``--max-samples N`` keeps the first N
 rows of each (a quick trial run); ``--eval-split`` holds out a share of the training examples
 for eval loss when there is no separate ``--eval-data`` (LLaMA-Factory's ``val_size``), chosen
 by ``--seed`` so a resumed run holds out the same examples.
@@ -14,6 +15,7 @@ from typing import Callable, Sequence, TypeVar
 
 from qlora.errors import UsageError
 from qlora.train.data.collate import shuffled_indices
+from qlora.train.data.dataset_info import read_registered, registered_dataset
 from qlora.train.data.sources import Record, load_records
 
 T = TypeVar("T")
@@ -31,11 +33,13 @@ def data_sources(spec: str) -> list[str]:
 
 
 def read_sources(spec: str, split: str, subset: str | None, max_samples: int,
-                 normalize: Callable[[list[Record]], list[T]]) -> list[T]:
-    """Every source of ``spec`` read, cut to ``max_samples`` rows (0: all) and normalized, in order."""
+                 normalize: Callable[[list[Record]], list[T]], dataset_dir: str = "data") -> list[T]:
+    """Every source of ``spec`` read, cut to ``max_samples`` rows (0: all) and normalized, in order;
+    a name registered in ``<dataset_dir>/dataset_info.json`` is read as LLaMA-Factory declares it."""
     examples: list[T] = []
     for source in data_sources(spec):
-        records = load_records(source, split, subset)
+        registered = registered_dataset(source, dataset_dir)
+        records = read_registered(registered) if registered else load_records(source, split, subset)
         examples += normalize(records[:max_samples] if max_samples else records)
     return examples
 

@@ -1,0 +1,226 @@
+"""LLaMA-Factory's dataset registry: ``--data alpaca_en_demo,identity`` read from ``dataset_info.json``.
+
+LLaMA-Factory users name their datasets in ``<dataset_dir>/dataset_info.json``: each
+entry says where the rows are (``file_name`` under the folder, or ``hf_hub_url``), their
+``formatting`` (``alpaca`` or ``sharegpt``), whether they are preference pairs
+(``ranking``) or KTO rows (a ``kto_tag`` column), and the names of their ``columns``
+and, for sharegpt, of their speaker ``tags``. A name that is not a path and is
+registered there is read here, and each row is rebuilt in the shape
+:mod:`qlora.train.data.formats` and :mod:`qlora.train.data.preference` read, as
+LLaMA-Factory's converters build it:
+
+- alpaca: the ``history`` pairs, then one user turn of ``prompt`` and ``query`` joined
+  by a newline (empty ones left out), then the ``response``; ``system`` and ``tools``
+  columns kept;
+- sharegpt: speakers mapped by the tags (user, assistant, observation = a tool result,
+  function = a tool call), user/observation and assistant/function turns alternating,
+  a leading system turn or the ``system`` column as the system message;
+- ranking: the prompt turns, with ``chosen`` and ``rejected`` as the two answers;
+- KTO: the prompt turns, the last turn as the completion and the tag as its ``label``.
+
+Entries' defaults are LLaMA-Factory's: without ``columns`` the alpaca columns are
+``instruction``/``input``/``output`` and the sharegpt one ``conversations``; a ``columns``
+mapping names every column used. Rows it would skip as malformed are errors here,
+naming the row. ``num_samples`` keeps the first rows (LLaMA-Factory draws them at random).
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from qlora.errors import UsageError
+from qlora.train.data.sources import Record, load_records
+
+INFO_FILE = "dataset_info.json"
+_ALPACA_COLUMNS = {"prompt": "instruction", "query": "input", "response": "output", "history": None}
+_COMMON_COLUMNS = ("system", "tools", "chosen", "rejected", "kto_tag")
+_MEDIA_COLUMNS = ("images", "videos", "audios")
+_TAGS = {"role_tag": "from", "content_tag": "value", "user_tag": "human", "assistant_tag": "gpt",
+         "observation_tag": "observation", "function_tag": "function_call", "system_tag": "system"}
+# Our ShareGPT speakers for LLaMA-Factory's roles (what formats.py reads as user, assistant, tool result, tool call).
+_SPEAKERS = {"user_tag": "human", "assistant_tag": "gpt", "observation_tag": "observation",
+             "function_tag": "function_call"}
+
+
+@dataclass(frozen=True)
+class RegisteredDataset:
+    """One ``dataset_info.json`` entry, with LLaMA-Factory's defaults filled in."""
+
+    name: str
+    source: str  # a local file or folder, or a hub dataset id
+    split: str
+    subset: str | None
+    num_samples: int | None
+    formatting: str
+    ranking: bool
+    columns: dict[str, str | None]
+    tags: dict[str, str | None]
+
+
+def registered_dataset(name: str, dataset_dir: str | Path) -> RegisteredDataset | None:
+    """The entry ``name`` of ``<dataset_dir>/dataset_info.json``, or None when ``name`` is a path, or there
+    is no such file, or (for a hub-style ``org/name``) the file does not register it.
+
+    Raises:
+        UsageError: a malformed file or entry, or a plain name the file does not register.
+    """
+    info_path = Path(dataset_dir).expanduser() / INFO_FILE
+    if Path(name).expanduser().exists() or not info_path.is_file():
+        return None
+    try:
+        info = json.loads(info_path.read_text(encoding="utf-8-sig"))
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise UsageError(f"{info_path}: not a readable JSON file ({exc}); fix it or give --data a file path.") from None
+    if not isinstance(info, dict):
+        raise UsageError(f"{info_path}: expected an object of dataset names, got {type(info).__name__}.")
+    if name not in info:
+        if "/" in name:
+            return None  # a hub dataset id
+        close = difflib.get_close_matches(name, list(info), n=3)
+        hint = f"did you mean {', '.join(close)}?" if close else f"it registers {', '.join(sorted(info)) or 'nothing'}."
+        raise UsageError(f"--data {name!r} is neither a file nor a dataset registered in {info_path}; {hint}")
+    return _entry(name, info[name], info_path)
+
+
+def _entry(name: str, entry: Any, info_path: Path) -> RegisteredDataset:
+    where = f"{info_path}, dataset {name!r}"
+    if not isinstance(entry, dict):
+        raise UsageError(f"{where}: expected an object with file_name or hf_hub_url, got {type(entry).__name__}.")
+    if "file_name" in entry:
+        source = str(info_path.parent / str(entry["file_name"]))
+    elif "hf_hub_url" in entry:
+        source = str(entry["hf_hub_url"])
+    else:
+        other = next((k for k in ("ms_hub_url", "om_hub_url", "script_url", "cloud_file_name") if k in entry), None)
+        raise UsageError(f"{where}: " + (f"{other} is a source qlora does not read (ModelScope, Modelers, loading "
+                                         "scripts, cloud files); download the data and register it with file_name."
+                                         if other else "it names no file_name or hf_hub_url."))
+    formatting = entry.get("formatting", "alpaca")
+    if formatting not in ("alpaca", "sharegpt"):
+        raise UsageError(f"{where}: formatting {formatting!r}; qlora reads LLaMA-Factory's alpaca and sharegpt "
+                         "formats (an OpenAI messages file can be given to --data directly).")
+    given = entry.get("columns")
+    if given is not None and not (isinstance(given, dict) and all(isinstance(v, (str, type(None)))
+                                                                 for v in given.values())):
+        raise UsageError(f"{where}: columns must map names to column names.")
+    media = [c for c in _MEDIA_COLUMNS if (given or {}).get(c)]
+    if media:
+        raise UsageError(f"{where}: {', '.join(media)} columns: qlora trains on text; give a text-only dataset.")
+    names = (dict(_ALPACA_COLUMNS) if formatting == "alpaca" else {"messages": "conversations"})
+    names |= dict.fromkeys(_COMMON_COLUMNS)
+    if given is not None:  # LLaMA-Factory: with a columns mapping, every column used is named in it
+        names = {key: given.get(key) for key in names}
+    tags = dict(_TAGS)
+    if formatting == "sharegpt" and isinstance(entry.get("tags"), dict):
+        tags = {key: entry["tags"].get(key) for key in _TAGS}
+    num_samples = entry.get("num_samples")
+    if num_samples is not None and (not isinstance(num_samples, int) or isinstance(num_samples, bool)
+                                    or num_samples < 1):
+        raise UsageError(f"{where}: num_samples must be a positive integer, got {num_samples!r}.")
+    return RegisteredDataset(name, source, str(entry.get("split", "train")), entry.get("subset"), num_samples,
+                             formatting, bool(entry.get("ranking", False)), names, tags)
+
+
+def read_registered(dataset: RegisteredDataset) -> list[Record]:
+    """The dataset's rows, rebuilt as chat, preference or KTO records (see the module docstring)."""
+    records = load_records(dataset.source, dataset.split, dataset.subset)
+    if dataset.num_samples:
+        records = records[:dataset.num_samples]
+    convert = _alpaca if dataset.formatting == "alpaca" else _sharegpt
+    return [Record(convert(r.fields, dataset, f"{r.where} ({dataset.name})"), f"{r.where} ({dataset.name})")
+            for r in records]
+
+
+def _column(fields: dict[str, Any], dataset: RegisteredDataset, key: str) -> Any:
+    name = dataset.columns.get(key)
+    return fields.get(name) if name else None
+
+
+def _alpaca(fields: dict[str, Any], dataset: RegisteredDataset, where: str) -> dict[str, Any]:
+    turns: list[dict[str, Any]] = []
+    history = _column(fields, dataset, "history")
+    for k, pair in enumerate(history if isinstance(history, list) else []):
+        if not (isinstance(pair, (list, tuple)) and len(pair) == 2):
+            raise UsageError(f"{where}: history item {k} must be a pair [instruction, response].")
+        turns += [{"role": "user", "content": pair[0]}, {"role": "assistant", "content": pair[1]}]
+    query = [v for v in (_column(fields, dataset, "prompt"), _column(fields, dataset, "query")) if v]
+    turns.append({"role": "user", "content": "\n".join(str(v) for v in query)})
+    if _column(fields, dataset, "kto_tag") is not None:
+        return _kto(turns, {"role": "assistant", "content": _column(fields, dataset, "response")}, fields, dataset)
+    if dataset.ranking:
+        return _pair(turns, _column(fields, dataset, "chosen"), _column(fields, dataset, "rejected"), fields, dataset)
+    response = _column(fields, dataset, "response")
+    if not isinstance(response, str):
+        raise UsageError(f"{where}: the response column {dataset.columns.get('response')!r} must be a string "
+                         "(LLaMA-Factory would skip this row).")
+    return _with_common({"messages": turns + [{"role": "assistant", "content": response}]}, fields, dataset)
+
+
+def _sharegpt(fields: dict[str, Any], dataset: RegisteredDataset, where: str) -> dict[str, Any]:
+    tags = dataset.tags
+    raw = _column(fields, dataset, "messages")
+    if not isinstance(raw, list) or not all(isinstance(m, dict) for m in raw):
+        raise UsageError(f"{where}: the messages column {dataset.columns.get('messages')!r} must be a list of "
+                         "objects.")
+    system = _column(fields, dataset, "system")
+    if tags["system_tag"] and raw and raw[0].get(tags["role_tag"]) == tags["system_tag"]:
+        system, raw = raw[0].get(tags["content_tag"]), raw[1:]
+    accepted = (("user_tag", "observation_tag"), ("assistant_tag", "function_tag"))
+    turns = []
+    for k, message in enumerate(raw):
+        speaker = message.get(tags["role_tag"])
+        tag = next((t for t in accepted[k % 2] if tags[t] is not None and speaker == tags[t]), None)
+        if tag is None:
+            expected = " or ".join(repr(tags[t]) for t in accepted[k % 2] if tags[t] is not None)
+            raise UsageError(f"{where}, message {k}: speaker {speaker!r} where {expected} must come (turns "
+                             "alternate; LLaMA-Factory would skip this row).")
+        turns.append({"from": _SPEAKERS[tag], "value": message.get(tags["content_tag"])})
+    if len(turns) % 2 != (1 if dataset.ranking else 0):
+        raise UsageError(f"{where}: {len(turns)} turns; " + ("a preference row's prompt ends with a user turn."
+                                                             if dataset.ranking else "a conversation ends with "
+                                                             "the assistant (LLaMA-Factory would skip this row)."))
+    if _column(fields, dataset, "kto_tag") is not None:
+        return _kto(_messages(turns[:-1], system), _messages(turns[-1:], None)[0], fields, dataset)
+    if dataset.ranking:
+        answers = [_column(fields, dataset, key) for key in ("chosen", "rejected")]
+        if not all(isinstance(a, dict) and a.get(tags["role_tag"]) in (tags["assistant_tag"], tags["function_tag"])
+                   for a in answers):
+            raise UsageError(f"{where}: chosen and rejected must be assistant messages "
+                             f"({tags['role_tag']!r}: {tags['assistant_tag']!r}).")
+        return _pair(_messages(turns, system), *(a.get(tags["content_tag"]) for a in answers), fields, dataset,
+                     with_system=False)
+    return _with_common({"conversations": turns, "system": system}, fields, dataset)
+
+
+def _messages(turns: list[dict[str, Any]], system: Any) -> list[dict[str, Any]]:
+    """Our ShareGPT turns as role/content messages (a tool call's value stays its JSON text)."""
+    roles = {"human": "user", "gpt": "assistant", "observation": "tool", "function_call": "assistant"}
+    out = [{"role": "system", "content": system}] if system else []
+    return out + [{"role": roles[t["from"]], "content": t["value"]} for t in turns]
+
+
+def _pair(prompt: list[dict[str, Any]], chosen: Any, rejected: Any, fields: dict[str, Any],
+          dataset: RegisteredDataset, with_system: bool = True) -> dict[str, Any]:
+    system = _column(fields, dataset, "system") if with_system else None
+    head = [{"role": "system", "content": system}] if system else []
+    return {"prompt": head + prompt, "chosen": chosen, "rejected": rejected}
+
+
+def _kto(prompt: list[dict[str, Any]], completion: dict[str, Any], fields: dict[str, Any],
+         dataset: RegisteredDataset) -> dict[str, Any]:
+    """TRL's unpaired preference row: ``prompt``, ``completion`` and a boolean ``label``."""
+    system = _column(fields, dataset, "system") if dataset.formatting == "alpaca" else None
+    head = [{"role": "system", "content": system}] if system else []
+    return {"prompt": head + prompt, "completion": [completion], "label": bool(_column(fields, dataset, "kto_tag"))}
+
+
+def _with_common(row: dict[str, Any], fields: dict[str, Any], dataset: RegisteredDataset) -> dict[str, Any]:
+    for key in ("system", "tools"):
+        value = _column(fields, dataset, key)
+        if value and not row.get(key):
+            row[key] = value
+    return row

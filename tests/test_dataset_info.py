@@ -1,0 +1,159 @@
+"""LLaMA-Factory's dataset registry (``dataset_info.json``): registered names read as LLaMA-Factory builds
+their rows, checked against the same conversations written directly in qlora's own formats."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from qlora.cli.main import main
+from qlora.errors import UsageError
+from qlora.train.data import normalize
+from qlora.train.data.preference import normalize_preferences
+from qlora.train.data.selection import read_sources
+
+_TOOLS = json.dumps([{"name": "add", "description": "add", "parameters": {"type": "object", "properties": {}}}])
+_INFO = {
+    "alpaca_demo": {"file_name": "alpaca.json"},
+    "qa": {"file_name": "qa.jsonl", "columns": {"prompt": "question", "response": "answer", "system": "sys",
+                                                "history": "past"}},
+    "glaive": {"file_name": "glaive.json", "formatting": "sharegpt", "columns": {"messages": "conversations",
+                                                                                 "tools": "tools"}},
+    "chat": {"file_name": "chat.jsonl", "formatting": "sharegpt", "columns": {"messages": "messages"},
+             "tags": {"role_tag": "role", "content_tag": "content", "user_tag": "user", "assistant_tag": "assistant",
+                      "system_tag": "system"}},
+    "dpo_sharegpt": {"file_name": "dpo.json", "ranking": True, "formatting": "sharegpt",
+                     "columns": {"messages": "conversations", "chosen": "chosen", "rejected": "rejected"}},
+    "dpo_alpaca": {"file_name": "dpo_alpaca.json", "ranking": True,
+                   "columns": {"prompt": "instruction", "query": "input", "chosen": "chosen", "rejected": "rejected"}},
+    "first_two": {"file_name": "alpaca.json", "num_samples": 2},
+    "kto": {"file_name": "chat.jsonl", "formatting": "sharegpt", "columns": {"messages": "messages", "kto_tag": "ok"},
+            "tags": {"role_tag": "role", "content_tag": "content", "user_tag": "user", "assistant_tag": "assistant",
+                     "system_tag": "system"}},
+    "hub": {"hf_hub_url": "org/some-dataset"},
+    "modelscope": {"ms_hub_url": "org/some-dataset"},
+    "pictures": {"file_name": "alpaca.json", "columns": {"prompt": "instruction", "images": "images"}},
+}
+_ALPACA = [{"instruction": "Add 2 and 3.", "input": "Show the sum.", "output": "5"},
+           {"instruction": "Name a colour.", "input": "", "output": "Blue."},
+           {"instruction": "Say hi.", "input": "", "output": "Hi!"}]
+_QA = [{"question": "What is 4 plus 4?", "answer": "8", "sys": "Be brief.", "past": [["Hi", "Hello!"]]}]
+_GLAIVE = [{"conversations": [
+    {"from": "human", "value": "What is 2 plus 2?"},
+    {"from": "function_call", "value": json.dumps({"name": "add", "arguments": {"a": 2, "b": 2}})},
+    {"from": "observation", "value": "4"},
+    {"from": "gpt", "value": "It is 4."}], "tools": _TOOLS}]
+_CHAT = [{"messages": [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Hi"},
+                       {"role": "assistant", "content": "Hello."}]}]
+_DPO = [{"conversations": [{"from": "human", "value": "Pick a number."}],
+         "chosen": {"from": "gpt", "value": "7"}, "rejected": {"from": "gpt", "value": "no"}}]
+_DPO_ALPACA = [{"instruction": "Pick a number", "input": "between 1 and 9", "chosen": "7", "rejected": "no"}]
+
+
+@pytest.fixture()
+def registry(tmp_path):
+    folder = tmp_path / "data"
+    folder.mkdir()
+    (folder / "dataset_info.json").write_text(json.dumps(_INFO))
+    for name, rows in (("alpaca.json", _ALPACA), ("glaive.json", _GLAIVE), ("dpo.json", _DPO),
+                       ("dpo_alpaca.json", _DPO_ALPACA)):
+        (folder / name).write_text(json.dumps(rows))
+    for name, rows in (("qa.jsonl", _QA), ("chat.jsonl", _CHAT)):
+        (folder / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return folder
+
+
+def _sft(spec: str, folder) -> list:
+    return read_sources(spec, "train", None, 0, lambda records: normalize(records), str(folder))
+
+
+def _direct(rows: list[dict], tmp_path, fmt: str = "auto") -> list:
+    path = tmp_path / f"direct-{len(list(tmp_path.iterdir()))}.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return normalize(read_sources(str(path), "train", None, 0, lambda records: records), fmt)
+
+
+def _messages(examples) -> list:
+    return [(e.messages, e.tools) for e in examples]
+
+
+def test_alpaca_entries_join_prompt_and_query_with_a_newline_after_the_history(registry, tmp_path):
+    got = _sft("alpaca_demo,qa", registry)
+    expected = _direct([
+        {"messages": [{"role": "user", "content": "Add 2 and 3.\nShow the sum."}, {"role": "assistant", "content": "5"}]},
+        {"messages": [{"role": "user", "content": "Name a colour."}, {"role": "assistant", "content": "Blue."}]},
+        {"messages": [{"role": "user", "content": "Say hi."}, {"role": "assistant", "content": "Hi!"}]},
+        {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+                      {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "What is 4 plus 4?"},
+                      {"role": "assistant", "content": "8"}]},
+    ], tmp_path)
+    assert _messages(got) == _messages(expected)
+    assert "(alpaca_demo)" in got[0].where and "(qa)" in got[3].where
+    assert len(_sft("first_two", registry)) == 2
+
+
+def test_sharegpt_entries_map_speakers_by_their_tags(registry, tmp_path):
+    got = _sft("glaive,chat", registry)
+    expected = _direct(_GLAIVE, tmp_path) + _direct([{"messages": _CHAT[0]["messages"]}], tmp_path)
+    assert _messages(got) == _messages(expected)
+    assert got[0].messages[1]["tool_calls"][0]["function"]["name"] == "add" and got[0].tools
+    assert got[1].messages[0] == {"role": "system", "content": "You are terse."}
+
+
+def test_ranking_entries_are_preference_pairs(registry, tmp_path):
+    got = read_sources("dpo_sharegpt,dpo_alpaca", "train", None, 0, normalize_preferences, str(registry))
+    assert [(e.prompt, e.chosen, e.rejected) for e in got] == [
+        (({"role": "user", "content": "Pick a number."},), ({"role": "assistant", "content": "7"},),
+         ({"role": "assistant", "content": "no"},)),
+        (({"role": "user", "content": "Pick a number\nbetween 1 and 9"},), ({"role": "assistant", "content": "7"},),
+         ({"role": "assistant", "content": "no"},)),
+    ]
+
+
+def test_kto_entries_are_trl_unpaired_rows(registry):
+    (registry / "chat.jsonl").write_text(json.dumps(_CHAT[0] | {"ok": False}) + "\n")
+    rows = read_sources("kto", "train", None, 0, lambda records: records, str(registry))
+    assert [r.fields for r in rows] == [{"prompt": [{"role": "system", "content": "You are terse."},
+                                                    {"role": "user", "content": "Hi"}],
+                                         "completion": [{"role": "assistant", "content": "Hello."}], "label": False}]
+
+
+@pytest.mark.parametrize("spec,message", [
+    ("alpaca_dmeo", r"neither a file nor a dataset registered in .*dataset_info.json; did you mean alpaca_demo"),
+    ("modelscope", r"ms_hub_url is a source qlora does not read"),
+    ("pictures", r"images columns: qlora trains on text"),
+])
+def test_unusable_entries_are_named(registry, spec, message):
+    with pytest.raises(UsageError, match=message):
+        _sft(spec, registry)
+
+
+def test_malformed_rows_are_named_instead_of_skipped(registry):
+    (registry / "glaive.json").write_text(json.dumps([{"conversations": [{"from": "gpt", "value": "x"}],
+                                                       "tools": _TOOLS}]))
+    with pytest.raises(UsageError, match=r"glaive.json item 0 \(glaive\), message 0: speaker 'gpt' where 'human' or "
+                                         "'observation' must come"):
+        _sft("glaive", registry)
+
+
+def test_hub_ids_and_files_are_not_looked_up(registry, tmp_path):
+    from qlora.train.data.dataset_info import registered_dataset
+
+    assert registered_dataset("org/other", registry) is None  # a hub id the file does not register
+    assert registered_dataset("hub", registry).source == "org/some-dataset"
+    assert registered_dataset(str(registry / "alpaca.json"), registry) is None
+    assert registered_dataset("alpaca_demo", tmp_path / "elsewhere") is None
+
+
+def test_a_llama_factory_run_trains_on_registered_names(registry, tiny_model_dir, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # dataset_dir defaults to ./data, as in LLaMA-Factory
+    config = tmp_path / "run.yaml"
+    config.write_text(f"model_name_or_path: {tiny_model_dir}\nstage: sft\nfinetuning_type: lora\nlora_target: all\n"
+                      "dataset: alpaca_demo,chat\ncutoff_len: 64\noutput_dir: out\nmax_steps: 2\n"
+                      "per_device_train_batch_size: 2\nlearning_rate: 1.0e-3\n")
+    assert main(["train", str(config), "--no-progress"]) == 0
+    assert "data: 4 examples" in capsys.readouterr().out
+    config.write_text(config.read_text().replace("output_dir: out", "output_dir: out2") + "dataset_dir: nowhere\n")
+    assert main(["train", str(config), "--no-progress"]) == 2
+    assert "alpaca_demo" in capsys.readouterr().err
