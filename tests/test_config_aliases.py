@@ -166,3 +166,10 @@ def test_llama_factory_values_without_an_equivalent_are_refused_by_line(tmp_path
         load_config(path, {})
     assert main(["train", str(path)]) == 2
     assert "Traceback" not in capsys.readouterr().err
+
+
+def test_llama_factory_packing_prompt_and_strategy_keys(tmp_path, capsys):
+    cfg = load_config(_yaml(tmp_path, _LLAMA_FACTORY + "train_on_prompt: true\nneat_packing: true\n"
+                                                       "eval_strategy: steps\nval_size: 0.1\neval_steps: 50\n"), {})
+    assert (cfg.train_on, cfg.packing, cfg.eval_split, cfg.eval_steps) == ("all", True, 0.1, 50)
+    assert "eval_strategy" in capsys.readouterr().err

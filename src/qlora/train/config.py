@@ -342,6 +342,8 @@ ALIASES = {
 # Boolean keys that map onto one of ours: key -> (our key, {their value: our value, None = no change}).
 VALUE_ALIASES = {
     "train_on_inputs": ("train_on", {True: "all", False: "assistant"}),
+    "train_on_prompt": ("train_on", {True: "all", False: "assistant"}),
+    "neat_packing": ("packing", {True: True, False: None}),  # LLaMA-Factory's: packed examples kept apart, as ours
     "bf16": ("precision", {True: "bf16", False: None}),
     "fp16": ("precision", {True: "fp16", False: None}),
     "lora_target_linear": ("target_modules", {True: "all-linear", False: None}),

@@ -29,7 +29,9 @@ RUNTIME_ONLY = frozenset({
     "disable_tqdm", "use_fast_tokenizer", "tokenized_path", "per_device_eval_batch_size", "eval_batch_size",
     "include_num_input_tokens_seen", "remove_unused_columns", "logging_first_step", "save_safetensors",
     "quantization_device_map", "low_cpu_mem_usage", "wandb_project", "wandb_entity", "wandb_run_id",
-    "wandb_name", "wandb_watch", "wandb_log_model", "bnb_4bit_quant_storage",
+    "wandb_name", "wandb_watch", "wandb_log_model", "bnb_4bit_quant_storage", "eval_strategy",
+    "evaluation_strategy", "save_strategy", "logging_strategy", "enable_liger_kernel", "use_unsloth",
+    "use_unsloth_gc", "print_param_status",
 })
 
 
