@@ -2,8 +2,9 @@
 PEFT's outputs, qlora writes them back for PEFT, and merging them gives transformers the same model.
 
 Options: per-layer ranks and alphas (``rank_pattern``, ``alpha_pattern``), a trained LoRA bias
-(``lora_bias``), trained base biases (``bias="all"`` / ``"lora_only"``), and LoRA on the token
-embedding and the output head (tied or not; Gemma's scaled embedding).
+(``lora_bias``), trained base biases (``bias="all"`` / ``"lora_only"``), LoRA on the token
+embedding and the output head (tied or not; Gemma's scaled embedding), and one of a tied pair
+saved whole (``modules_to_save``, with and without ``ensure_weight_tying``).
 """
 
 from __future__ import annotations
@@ -25,6 +26,11 @@ CASES = {
     "bias_lora_only": ("qwen2", dict(target_modules=["q_proj", "o_proj"], bias="lora_only")),
     "embedding_and_tied_head": ("llama_tied", dict(target_modules=["q_proj", "embed_tokens", "lm_head"])),
     "scaled_embedding": ("gemma3", dict(target_modules=["embed_tokens", "v_proj"])),
+    # a module saved whole is PEFT's own copy: of a tied pair only it changes, unless ensure_weight_tying
+    "saved_embedding_of_tied_pair": ("llama_tied", dict(target_modules=["q_proj"], modules_to_save=["embed_tokens"])),
+    "saved_head_of_tied_pair": ("llama_tied", dict(target_modules=["v_proj"], modules_to_save=["lm_head"])),
+    "saved_embedding_kept_tied": ("llama_tied", dict(target_modules=["q_proj"], modules_to_save=["embed_tokens"],
+                                                     ensure_weight_tying=True)),
 }
 
 
@@ -46,7 +52,7 @@ def _peft_adapter(model_dir, qmodel, out, **options):
                         LoraConfig(r=4, lora_alpha=8, init_lora_weights=False, **options))
     with torch.no_grad():
         for name, p in pm.named_parameters():
-            if p.requires_grad and name.endswith("bias"):
+            if p.requires_grad and (name.endswith("bias") or ".modules_to_save." in name):
                 p.add_(torch.randn_like(p) * 0.1)
     pm.eval().save_pretrained(out)
     with torch.no_grad():

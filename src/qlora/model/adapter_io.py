@@ -27,6 +27,7 @@ from .adapter_base import BASE_KEY, base_quantization
 from .adapter_tensors import PEFT_PREFIX, copy_adapter_tensor, lora_key
 from .adalora import AdaLoraConfig
 from .adalora_io import adalora_peft_config, adalora_state_dict, attach_adalora
+from .merge import shares_table, untie_config
 from .inject import (AdapterConfig, adapter_configs, add_lora, embedding_lora_layers, expert_modules,
                      experts_lora_layers, lora_layers, target_names, trained_biases)
 from .quantize import non_text_names, text_decoder_path
@@ -295,6 +296,7 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path, adapter_name: str = 
         raise UsageError(f"{adapter_dir} was made for another base model: it adapts {missing[0]}, which this "
                          f"model does not have ({len(missing)} such layers).")
     _warn_other_base(adapter_dir, config.get("base_model_name_or_path"), getattr(model, "name_or_path", None))
+    _untie_saved_table(model, save_paths, config)
     if config.get("peft_type") == "ADALORA":
         attach_adalora(model, config, paths, save_paths, tensors, adapter_name, trainable, str(adapter_dir))
         _load_whole(model, whole, trainable, adapter_dir)
@@ -467,6 +469,20 @@ def _load_base_tables(model: nn.Module, tables: dict[str, torch.Tensor], adapter
                              "which this model does not adapt as a dense layer; the adapter was made for another "
                              "model.")
         copy_adapter_tensor(param, value, f"{PEFT_PREFIX}{path}.base_layer.{name}", adapter_dir, False)
+
+
+def _untie_saved_table(model: nn.Module, save_paths: list[str], config: dict) -> None:
+    """PEFT trains a module saved whole as its own copy: of a tied embedding and head, an adapter that
+    saves one (without PEFT's ``ensure_weight_tying``) changes that one only. Untie them first, and
+    say so in the config, so the other keeps the base weights here too, and in a merged model."""
+    if config.get("ensure_weight_tying") or not shares_table(model):
+        return
+    paths = {id(m): p for p, m in model.named_modules()}
+    saved = [m for m in (model.get_input_embeddings(), model.get_output_embeddings()) if paths.get(id(m)) in save_paths]
+    if len(saved) == 1:
+        module = saved[0]
+        module.weight = nn.Parameter(module.weight.detach().clone(), requires_grad=module.weight.requires_grad)
+        untie_config(model)
 
 
 def _load_whole(model: nn.Module, whole: dict[str, torch.Tensor], trainable: bool, adapter_dir: Path) -> None:

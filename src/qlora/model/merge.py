@@ -62,7 +62,8 @@ def folded_bias(module: nn.Module, base: nn.Module) -> torch.Tensor | None:
     return (bias.detach().float() + delta).to(bias.dtype)
 
 
-def _shares_table(model: nn.Module) -> bool:
+def shares_table(model: nn.Module) -> bool:
+    """Whether the output head and the input embedding are one tensor (tied)."""
     out, inp = model.get_output_embeddings(), model.get_input_embeddings()
     return out is not None and inp is not None and getattr(out, "weight", None) is inp.weight
 
@@ -74,11 +75,11 @@ def _adapted(module: nn.Module) -> bool:
 def tied_embeddings(model: nn.Module) -> bool:
     """Whether the merged model's output head is its embedding table: the two share one tensor and
     neither carries an active adapter (LoRA on either makes them differ once merged)."""
-    return _shares_table(model) and not any(
+    return shares_table(model) and not any(
         _adapted(m) for m in (model.get_output_embeddings(), model.get_input_embeddings()))
 
 
-def _untie_config(model: nn.Module) -> None:
+def untie_config(model: nn.Module) -> None:
     """Record in the config that head and embedding now differ, or loading would tie them again."""
     for config in {id(c): c for c in (model.config, model.config.get_text_config())}.values():
         if getattr(config, "tie_word_embeddings", False):
@@ -178,7 +179,7 @@ def merge(model: nn.Module, into: str = "dequantized", dtype: torch.dtype | None
         raise ValueError(f"into must be 'dequantized' or 'requantized', got {into!r}")
 
     _refuse_unmergeable(model)
-    untie = _shares_table(model) and not tied_embeddings(model)
+    untie = shares_table(model) and not tied_embeddings(model)
     experts = [p for p, m in model.named_modules() if isinstance(m, (Experts4bit, ExpertsLora))]
 
     def make(path: str, module: nn.Module) -> nn.Module | None:
@@ -218,7 +219,7 @@ def merge(model: nn.Module, into: str = "dequantized", dtype: torch.dtype | None
     # Outer LoraLinear layers are replaced first; their Linear4bit children go with them.
     replace_modules(model, lambda p, m: make(p, m) if not p.endswith(".base_layer") else None)
     if untie:
-        _untie_config(model)
+        untie_config(model)
     adapter_configs(model).clear()
     return model
 
