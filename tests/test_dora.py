@@ -153,3 +153,32 @@ def test_dora_errors_are_clear(tmp_path, tiny_model_dir):
     fresh, _ = qlora.load_model(tiny_model_dir, compute_dtype=torch.float32, device="cpu")
     with pytest.raises(UsageError, match="DoRA magnitudes"):
         qlora.load_adapter(fresh, tmp_path / "dora")
+
+
+def test_embedding_dora_merge_unmerge_round_trip_and_gradients():
+    """DoRA on a token embedding (PEFT's DoraEmbeddingLayer): a magnitude per embedding dimension over
+    the table's column norms; merging folds exactly the forward pass, unmerging restores the table."""
+    from qlora.nn import LoraEmbedding
+
+    torch.manual_seed(0)
+    layer = LoraEmbedding(nn.Embedding(50, 16))
+    layer.add_adapter("a", LoraSpec(r=4, alpha=8, use_dora=True))
+    layer.add_adapter("b", LoraSpec(r=2, alpha=2))
+    mag = layer.lora_magnitude_vector["a"].weight
+    assert mag.shape == (16,)
+    torch.testing.assert_close(mag, torch.linalg.norm(layer.base_layer.weight, dim=0))  # A starts at zero
+    with torch.no_grad():
+        for n in ("a", "b"):
+            layer.lora_embedding_A[n].normal_(std=0.3)
+        mag.mul_(1.5)
+    layer.set_active({"a": 0.7, "b": 0.5})
+    x = torch.randint(0, 50, (3, 7))
+    before, w0 = layer(x), layer.base_layer.weight.clone()
+    assert (before - layer.base_layer(x)).abs().max() > 0.1
+    before.sum().backward()
+    assert mag.grad is not None and mag.grad.abs().sum() > 0
+    assert layer.lora_embedding_A["a"].grad.abs().sum() > 0
+    layer.merge()
+    torch.testing.assert_close(layer(x), before.detach(), rtol=1e-5, atol=1e-5)
+    layer.unmerge()
+    torch.testing.assert_close(layer.base_layer.weight, w0, rtol=1e-5, atol=1e-5)

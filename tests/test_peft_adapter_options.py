@@ -3,7 +3,7 @@ PEFT's outputs, qlora writes them back for PEFT, and merging them gives transfor
 
 Options: per-layer ranks and alphas (``rank_pattern``, ``alpha_pattern``), a trained LoRA bias
 (``lora_bias``), trained base biases (``bias="all"`` / ``"lora_only"``), LoRA on the token
-embedding and the output head (tied or not; Gemma's scaled embedding), and one of a tied pair
+embedding and the output head (tied or not; Gemma's scaled embedding; DoRA), and one of a tied pair
 saved whole (``modules_to_save``, with and without ``ensure_weight_tying``).
 """
 
@@ -26,6 +26,8 @@ CASES = {
     "bias_lora_only": ("qwen2", dict(target_modules=["q_proj", "o_proj"], bias="lora_only")),
     "embedding_and_tied_head": ("llama_tied", dict(target_modules=["q_proj", "embed_tokens", "lm_head"])),
     "scaled_embedding": ("gemma3", dict(target_modules=["embed_tokens", "v_proj"])),
+    "dora_embedding": ("llama", dict(target_modules=["q_proj", "embed_tokens"], use_dora=True)),
+    "dora_scaled_embedding_and_tied_head": ("gemma3", dict(target_modules=["embed_tokens", "lm_head"], use_dora=True)),
     # a module saved whole is PEFT's own copy: of a tied pair only it changes, unless ensure_weight_tying
     "saved_embedding_of_tied_pair": ("llama_tied", dict(target_modules=["q_proj"], modules_to_save=["embed_tokens"])),
     "saved_head_of_tied_pair": ("llama_tied", dict(target_modules=["v_proj"], modules_to_save=["lm_head"])),
@@ -52,7 +54,8 @@ def _peft_adapter(model_dir, qmodel, out, **options):
                         LoraConfig(r=4, lora_alpha=8, init_lora_weights=False, **options))
     with torch.no_grad():
         for name, p in pm.named_parameters():
-            if p.requires_grad and (name.endswith("bias") or ".modules_to_save." in name):
+            if p.requires_grad and (name.endswith("bias") or ".modules_to_save." in name
+                                    or "lora_magnitude_vector" in name):
                 p.add_(torch.randn_like(p) * 0.1)
     pm.eval().save_pretrained(out)
     with torch.no_grad():
@@ -149,8 +152,8 @@ def test_bad_options_say_what_to_do(models):
         qlora.add_lora(model, target_modules=["v_proj"], bias="some")
     with pytest.raises(UsageError, match="lora_bias does not combine with DoRA"):
         qlora.add_lora(model, target_modules=["v_proj"], lora_bias=True, use_dora=True)
-    with pytest.raises(UsageError, match="embed_tokens: .*does not support DoRA"):
-        qlora.add_lora(model, target_modules=["embed_tokens"], use_dora=True)
+    with pytest.raises(UsageError, match="embed_tokens: .*does not support lora_bias"):
+        qlora.add_lora(model, target_modules=["embed_tokens"], lora_bias=True)
 
 
 def test_trained_biases_of_4bit_layers_get_the_dense_gradient_and_reach_peft(tmp_path, models):

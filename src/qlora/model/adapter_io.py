@@ -73,6 +73,8 @@ def adapter_state_dict(model: nn.Module, adapter_name: str = "default") -> dict[
         if adapter_name in layer.specs:
             out[f"{PEFT_PREFIX}{path}.lora_embedding_A"] = layer.lora_embedding_A[adapter_name].detach()
             out[f"{PEFT_PREFIX}{path}.lora_embedding_B"] = layer.lora_embedding_B[adapter_name].detach()
+            if adapter_name in layer.lora_magnitude_vector:
+                out[f"{PEFT_PREFIX}{path}.lora_magnitude_vector"] = layer.lora_magnitude_vector[adapter_name].weight.detach()
     for path, layer in experts_lora_layers(model).items():
         for weight, prefix in expert_key_prefixes(path, layer, adapter_name).items():
             out[f"{PEFT_PREFIX}{prefix}.lora_A.weight"] = layer.lora_A[weight][adapter_name].weight.detach()
@@ -327,6 +329,12 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path, adapter_name: str = 
             copy_adapter_tensor(table, value, key, adapter_dir, trainable)
             continue
         which = {"A": "lora_A", "B": "lora_B", "m": "lora_magnitude_vector"}[rest[0]]
+        if which == "lora_magnitude_vector" and path in embeddings:  # DoRA on an embedding
+            if adapter_name not in embeddings[path].lora_magnitude_vector:
+                raise UsageError(f"{adapter_dir} has DoRA magnitudes ({key}) but its config does not say use_dora.")
+            copy_adapter_tensor(embeddings[path].lora_magnitude_vector[adapter_name].weight, value, key, adapter_dir,
+                                trainable)
+            continue
         if which not in ("lora_A", "lora_B") and adapter_name not in layers[path].lora_magnitude_vector:
             raise UsageError(f"{adapter_dir} has DoRA magnitudes ({key}) but its config does not say use_dora.")
         target = getattr(layers[path], which)[adapter_name]

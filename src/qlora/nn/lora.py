@@ -58,7 +58,7 @@ def _dense_shape(base: nn.Module) -> tuple[int, int, bool]:
     raise TypeError(f"LoRA can wrap nn.Linear, Linear4bit or Conv1D, not {type(base).__name__}")
 
 
-class _Magnitude(nn.Module):
+class Magnitude(nn.Module):
     """DoRA's magnitude vector; a module holding ``weight`` so keys match PEFT's."""
 
     def __init__(self, norm: torch.Tensor) -> None:
@@ -142,7 +142,7 @@ class LoraLinear(AdapterSlots):
         self.reset_adapter(name)
         if spec.use_dora:
             norm = self._weight_norm(name).to(spec.dtype)
-            self.lora_magnitude_vector[name] = _Magnitude(norm)
+            self.lora_magnitude_vector[name] = Magnitude(norm)
         if not self.active:
             self.active = {name: 1.0}
 

@@ -7,8 +7,13 @@ layer, where a zero A would leave B without gradient), there is no dropout (a
 dropped token id is not a thing), and an embedding that scales its output in
 ``forward`` (Gemma's ``embed_scale``) scales the adapter's share too.
 
-Parameters are ``lora_embedding_A.<name>`` and ``lora_embedding_B.<name>``,
-PEFT's keys, so adapter files translate one to one.
+DoRA, as PEFT applies it to an embedding: a trained magnitude per embedding
+dimension over the column norms of the adapted table, ``W' = m * (W + s (BA)^T) /
+||W + s (BA)^T||_col``, the norm detached; the adapter adds ``(m/n - 1) * base(x) +
+(m/n) * s * embed(x, A^T) @ B^T``.
+
+Parameters are ``lora_embedding_A.<name>``, ``lora_embedding_B.<name>`` and
+``lora_magnitude_vector.<name>.weight``, PEFT's keys, so adapter files translate one to one.
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .lora import AdapterSlots, LoraSpec, check_new_adapter
+from .lora import AdapterSlots, LoraSpec, Magnitude, check_new_adapter
 
 
 class LoraEmbedding(AdapterSlots):
@@ -32,7 +37,8 @@ class LoraEmbedding(AdapterSlots):
         self.num_embeddings, self.embedding_dim = base_layer.weight.shape
         self.lora_embedding_A = nn.ParameterDict()
         self.lora_embedding_B = nn.ParameterDict()
-        self.lora_magnitude_vector = nn.ModuleDict()  # always empty: no DoRA here (kept for the shared checks)
+        self.lora_magnitude_vector = nn.ModuleDict()
+        self._dora_scale: dict[str, torch.Tensor] = {}  # m / ||W + delta||_col of merged DoRA adapters, to unmerge
 
     @property
     def weight(self) -> torch.Tensor:
@@ -41,8 +47,8 @@ class LoraEmbedding(AdapterSlots):
 
     def add_adapter(self, name: str, spec: LoraSpec) -> None:
         check_new_adapter(self.specs, name, spec)
-        if spec.use_dora or spec.lora_bias or spec.init == "loftq":
-            what = "DoRA" if spec.use_dora else "lora_bias" if spec.lora_bias else "LoftQ"
+        if spec.lora_bias or spec.init == "loftq":
+            what = "lora_bias" if spec.lora_bias else "LoftQ"
             raise ValueError(f"LoRA on an embedding does not support {what} here; adapt only linear layers with "
                              "it, or train the embedding whole (modules_to_save)")
         w = self.base_layer.weight
@@ -52,6 +58,8 @@ class LoraEmbedding(AdapterSlots):
                                                                dtype=spec.dtype))
         self.specs[name] = spec
         self.reset_adapter(name)
+        if spec.use_dora:
+            self.lora_magnitude_vector[name] = Magnitude(self._weight_norm(name).to(spec.dtype))
         if not self.active:
             self.active = {name: 1.0}
 
@@ -64,6 +72,8 @@ class LoraEmbedding(AdapterSlots):
         if name in self.merged:
             raise ValueError(f"unmerge adapter {name!r} before deleting it")
         del self.lora_embedding_A[name], self.lora_embedding_B[name], self.specs[name]
+        if name in self.lora_magnitude_vector:
+            del self.lora_magnitude_vector[name]
         self.active.pop(name, None)
 
     # --- math ---------------------------------------------------------------
@@ -72,10 +82,16 @@ class LoraEmbedding(AdapterSlots):
         a, b = self.lora_embedding_A[name].float(), self.lora_embedding_B[name].float()
         return (b @ a).t() * self.specs[name].scaling
 
+    @torch.no_grad()
+    def _weight_norm(self, name: str) -> torch.Tensor:
+        """DoRA's per-dimension ``||W + delta||`` over the vocabulary (float32, detached, as PEFT's)."""
+        return torch.linalg.norm(self.base_layer.weight.float() + self.delta_weight(name), dim=0)
+
     def _embed_scale(self) -> torch.Tensor | float | None:
         return getattr(self.base_layer, "embed_scale", None)
 
-    def _adapter_out(self, name: str, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    def _adapter_out(self, name: str, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """What adapter ``name`` adds to the base output ``y`` of token ids ``x``."""
         base = self.base_layer
         after_a = F.embedding(x, self.lora_embedding_A[name].t(), padding_idx=base.padding_idx,
                               max_norm=base.max_norm, norm_type=base.norm_type,
@@ -84,7 +100,10 @@ class LoraEmbedding(AdapterSlots):
         scale = self._embed_scale()
         if scale is not None:
             out = out * (scale.to(out.dtype) if isinstance(scale, torch.Tensor) else scale)
-        return out.to(dtype)
+        if name in self.lora_magnitude_vector:
+            ratio = self.lora_magnitude_vector[name].weight / self._weight_norm(name)
+            out = (ratio - 1) * y + ratio * out
+        return out.to(y.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base_layer(x)
@@ -98,38 +117,58 @@ class LoraEmbedding(AdapterSlots):
             for name in dict.fromkeys(self.row_adapters):
                 if name in self.specs:
                     rows = torch.tensor([i for i, n in enumerate(self.row_adapters) if n == name], device=x.device)
-                    y = y.index_add(0, rows, self._adapter_out(name, x[rows], y.dtype))
+                    y = y.index_add(0, rows, self._adapter_out(name, x[rows], y[rows]))
             return y
         for name, weight in self.active.items():
             if name not in self.merged and weight != 0:
-                y = y + self._adapter_out(name, x, y.dtype) * weight
+                y = y + self._adapter_out(name, x, y) * weight
         return y
 
     # --- merge --------------------------------------------------------------
     @torch.no_grad()
+    def _fold(self, w: torch.Tensor, names: list[str]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """``w`` (float32) with adapters ``names`` folded in, and the DoRA adapters' column ratios."""
+        out, ratios = w.clone(), {}
+        for n in names:
+            weight, delta = self.active.get(n, 1.0), self.delta_weight(n)
+            if n in self.lora_magnitude_vector:
+                ratio = self.lora_magnitude_vector[n].weight.float() / torch.linalg.norm(w + delta, dim=0)
+                out += weight * ((ratio - 1) * w + ratio * delta)
+                ratios[n] = ratio
+            else:
+                out += weight * delta
+        return out, ratios
+
     def merged_weight(self, names: list[str]) -> torch.Tensor:
         """The float32 table with adapters ``names`` (weighted as in :attr:`active`) folded in."""
-        w = self.base_layer.weight.detach().float().clone()
-        for n in names:
-            w += self.active.get(n, 1.0) * self.delta_weight(n)
-        return w
+        return self._fold(self.base_layer.weight.detach().float(), names)[0]
 
     @torch.no_grad()
     def merge(self, names: list[str] | None = None) -> None:
         names = [n for n in (names or list(self.active)) if n not in self.merged]
-        if names:
-            w = self.base_layer.weight
-            w.copy_(self.merged_weight(names).to(w.dtype))
-            self.merged += names
+        if not names:
+            return
+        if self.merged and any(n in self.lora_magnitude_vector for n in names + self.merged):
+            raise ValueError("DoRA's norm is of the unmerged base: unmerge before merging more adapters")
+        w = self.base_layer.weight
+        merged, self._dora_scale = self._fold(w.detach().float(), names)
+        w.copy_(merged.to(w.dtype))
+        self.merged += names
 
     @torch.no_grad()
     def unmerge(self) -> None:
-        if self.merged:
-            w = self.base_layer.weight
-            delta = sum(self.active.get(n, 1.0) * self.delta_weight(n) for n in self.merged)
-            w.copy_((w.float() - delta).to(w.dtype))
-            self.merged = []
+        """Undo :meth:`merge` (DoRA's column ratios as :meth:`LoraLinear.unmerge` undoes its row ratios)."""
+        if not self.merged:
+            return
+        w = self.base_layer.weight
+        table, col_scale = w.float(), torch.ones(w.shape[1], device=w.device)
+        for n in self.merged:
+            weight, ratio = self.active.get(n, 1.0), self._dora_scale.get(n, 1.0)
+            table = table - weight * ratio * self.delta_weight(n)
+            col_scale = col_scale + weight * (ratio - 1)
+        w.copy_((table / col_scale).to(w.dtype))
+        self.merged, self._dora_scale = [], {}
 
     def extra_repr(self) -> str:
-        ranks = ", ".join(f"{n}: r={s.r}" for n, s in self.specs.items())
+        ranks = ", ".join(f"{n}: r={s.r}{', dora' if s.use_dora else ''}" for n, s in self.specs.items())
         return f"adapters=[{ranks}], active={list(self.active)}"
