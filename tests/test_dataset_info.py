@@ -150,7 +150,7 @@ def test_a_llama_factory_run_trains_on_registered_names(registry, tiny_model_dir
     monkeypatch.chdir(tmp_path)  # dataset_dir defaults to ./data, as in LLaMA-Factory
     config = tmp_path / "run.yaml"
     config.write_text(f"model_name_or_path: {tiny_model_dir}\nstage: sft\nfinetuning_type: lora\nlora_target: all\n"
-                      "dataset: alpaca_demo,chat\ncutoff_len: 64\noutput_dir: out\nmax_steps: 2\n"
+                      "dataset: alpaca_demo,chat\neval_dataset: qa\ncutoff_len: 64\noutput_dir: out\nmax_steps: 2\n"
                       "per_device_train_batch_size: 2\nlearning_rate: 1.0e-3\n")
     assert main(["train", str(config), "--no-progress"]) == 0
     assert "data: 4 examples" in capsys.readouterr().out

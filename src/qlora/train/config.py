@@ -337,7 +337,7 @@ ALIASES = {
     "bnb_4bit_use_double_quant": "double_quant", "overwrite_output_dir": "overwrite", "sample_packing": "packing",
     "optimizer": "optim", "chat_template": "template", "val_size": "eval_split", "val_set_size": "eval_split",
     "loraplus_lr_ratio": "lora_plus_ratio", "neftune_noise_alpha": "neftune_alpha",
-    "quantization_type": "quant", "double_quantization": "double_quant",
+    "quantization_type": "quant", "double_quantization": "double_quant", "eval_dataset": "eval_data",
 }
 # Boolean keys that map onto one of ours: key -> (our key, {their value: our value, None = no change}).
 VALUE_ALIASES = {
