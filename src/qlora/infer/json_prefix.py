@@ -248,7 +248,8 @@ def _string_step(stack, mode: int, sub: tuple, node: Node | None, ch: str):
                 return None
             return (kind, obj, used | {text}, parent), _COLON, None, 0, value
         if ch == "\\":
-            return stack, mode, (-1, 0, high, length, text), 0, node
+            return (stack, mode, (-1, 0, high, length, text), 0, node) if _escape_ok(stack, mode, node, sub, 0, 0) \
+                else None
         if ch < " ":
             return None
         return _add(stack, mode, node, high, length, text, ch)
@@ -261,9 +262,43 @@ def _string_step(stack, mode: int, sub: tuple, node: Node | None, ch: str):
     if ch not in _HEX:
         return None
     code = code * 16 + int(ch, 16)
+    if not _escape_ok(stack, mode, node, sub, code, 5 - escape):
+        return None
     if escape > 1:
         return stack, mode, (escape - 1, code, high, length, text), 0, node
     return _add(stack, mode, node, high, length, text, chr(code))
+
+
+def _escape_ok(stack, mode: int, node: Node | None, sub: tuple, code: int, digits: int) -> bool:
+    """Whether a ``\\u`` escape whose first ``digits`` hex digits spell ``code`` can still give a character that
+    the string's rules allow next (checked as the digits come, so that no escape is begun that cannot end)."""
+    _, _, high, length, text = sub
+    if mode == _CSTRING:
+        candidates = node.strings
+        if length >= node.max_length and not high:
+            return False
+    else:
+        obj, used = stack[1], stack[2]
+        candidates = None if obj.extra is not None else [k for k in obj.keys if k not in used]
+    if candidates is None:
+        if mode == _CSTRING and length >= node.max_length:  # only a low surrogate, pairing with the high one
+            units = range(0xDC00, 0xE000)
+        else:
+            return True
+    else:
+        units = set()
+        if high:  # a pair's second half: the low surrogate of a candidate's next character
+            base = text[:-1]
+            for s in candidates:
+                if len(s) > len(base) and s.startswith(base) and ord(s[len(base)]) > 0xFFFF:
+                    pair = s[len(base)].encode("utf-16-be")
+                    if pair[:2] == text[-1].encode("utf-16-be", "surrogatepass"):
+                        units.add(int.from_bytes(pair[2:], "big"))
+        for s in candidates:  # a character of its own (or, beyond the BMP, the first half of its pair)
+            if len(s) > len(text) and s.startswith(text):
+                units.add(int.from_bytes(s[len(text)].encode("utf-16-be")[:2], "big"))
+    shift = 4 * (4 - digits)
+    return any(unit >> shift == code for unit in units)
 
 
 def _add(stack, mode: int, node: Node | None, high: bool, length: int, text: str | None, char: str):
