@@ -117,9 +117,9 @@ def compile_schema(schema: Any) -> Compiled:
     """
     compiler = _Compiler(schema)
     root = compiler.node(schema, "")
-    compiler.finish()
-    if not root.leaves:
-        raise SchemaError(f"no JSON value satisfies the schema{compiler.why(root)}")
+    reason = compiler.finish(root)
+    if reason is not None:
+        raise SchemaError(f"no JSON value satisfies the schema: {reason}")
     return Compiled(root, tuple(compiler.problems))
 
 
@@ -350,7 +350,8 @@ class _Compiler:
 
     # -- after compiling: which parts some finite value satisfies, and pruning the rest --
 
-    def finish(self) -> None:
+    def finish(self, root: Node | None = None) -> str | None:
+        """Prune what no finite value satisfies; if ``root`` is all such, why (else None)."""
         nodes = self.nodes
         closure = {id(n): self.closure(n) for n in nodes if n.alts is not None}
         sat: set[int] = {id(ANY), id(OBJECT)}
@@ -369,6 +370,8 @@ class _Compiler:
                 if n.alts is None and id(n) not in sat and self.kinds(n, ok):
                     sat.add(id(n))
                     changed = True
+        if root is not None and not ok(root):
+            return self.why(root, ok, set())
         for n in nodes:
             if n.alts is not None:
                 n.leaves = tuple(leaf for leaf in closure[id(n)] if id(leaf) in sat)
@@ -390,6 +393,7 @@ class _Compiler:
             alts = [a for a in node.alts if any(id(leaf) in sat for leaf in closure.get(id(a), (a,)))]
             if any(not _disjoint(a, b, 3) for i, a in enumerate(alts) for b in alts[i + 1:]):
                 self.problems.append(where + " (its alternatives overlap: enforced as anyOf)")
+        return None
 
     def kinds(self, n: Node, ok) -> set[str]:
         """The kinds of value a leaf has some finite value of, given which nodes are known satisfiable."""
@@ -421,11 +425,47 @@ class _Compiler:
                 todo.extend(reversed(n.alts))
         return tuple(out.values())
 
-    def why(self, root: Node) -> str:
-        if root.alts is not None and not self.closure(root):
-            return " (its references lead only to each other, never to a schema with content)"
-        return " (a required property, item or value that cannot be written: check required, " \
-               "additionalProperties, minItems/maxItems, minLength/maxLength and enum against type)"
+    def why(self, node: Node, ok, seen: set[int]) -> str:
+        """Where and why ``node`` (found unsatisfiable) has no finite value: the first cause met on its
+        required parts."""
+        where = node.path or "the root"
+        if id(node) in seen:
+            return f"{where} can only be written by containing itself, forever"
+        seen.add(id(node))
+        if node.alts is not None:
+            leaves = self.closure(node)
+            if not node.alts:
+                return f"{where}: none of its enum/const values has the allowed type and length"
+            if not leaves:
+                chain, n = [node], node
+                while n.alts and n.alts[0].alts is not None and n.alts[0] not in chain:
+                    n = n.alts[0]
+                    chain.append(n)
+                return f"{' -> '.join(c.path or '#' for c in chain)}: a reference cycle that consumes no input (its $ref/anyOf lead " \
+                       "only to each other, never to a schema with content)"
+            return self.why(leaves[0], ok, seen)
+        if not node.types:
+            return f"{where}: the schema is false, or its type list is empty"
+        for t in sorted(node.types):
+            if t == "object":
+                for key in sorted(node.required):
+                    value = node.properties.get(key, node.extra)
+                    if value is None:
+                        return f"{where}: required property {key!r} may not appear (additionalProperties is false)"
+                    if not ok(value):
+                        return self.why(value, ok, seen)
+            elif t == "array":
+                if node.min_items > node.max_items:
+                    return f"{where}: minItems {node.min_items} is above maxItems {node.max_items}"
+                for i in range(node.min_items):
+                    item = node.item(i)
+                    if item is None:
+                        return f"{where}: minItems {node.min_items}, but only {len(node.prefix)} items may be written"
+                    if not ok(item):
+                        return self.why(item, ok, seen)
+            elif t == "string":
+                return f"{where}: minLength {node.min_length} is above maxLength {node.max_length}"
+        return f"{where} has no finite value"
 
 
 def _same(a: Any, b: Any) -> bool:
