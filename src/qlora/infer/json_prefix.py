@@ -254,7 +254,7 @@ def _string_step(stack, mode: int, sub: tuple, node: Node | None, ch: str):
             return None
         return _add(stack, mode, node, high, length, text, ch)
     if escape == -1:
-        if ch not in _ESCAPES:
+        if ch not in _ESCAPES or (ch == "/" and _candidates(stack, mode, node) is not None):
             return None
         if ch == "u":
             return stack, mode, (4, 0, high, length, text), 0, node
@@ -269,20 +269,28 @@ def _string_step(stack, mode: int, sub: tuple, node: Node | None, ch: str):
     return _add(stack, mode, node, high, length, text, chr(code))
 
 
+def _candidates(stack, mode: int, node: Node | None):
+    """The strings a checked string may still become (an enum's, a closed object's unused keys); None: any."""
+    if mode == _CSTRING:
+        return node.strings
+    obj, used = stack[1], stack[2]
+    return None if obj.extra is not None else [k for k in obj.keys if k not in used]
+
+
 def _escape_ok(stack, mode: int, node: Node | None, sub: tuple, code: int, digits: int) -> bool:
     """Whether a ``\\u`` escape whose first ``digits`` hex digits spell ``code`` can still give a character that
-    the string's rules allow next (checked as the digits come, so that no escape is begun that cannot end)."""
+    the string's rules allow next (checked as the digits come, so that no escape is begun that cannot end).
+
+    A string that must be one of given strings (an enum's, a closed object's keys) is written as JSON writers
+    write it: only characters ``json.dumps`` may escape (quote, backslash, control and non-ASCII characters)
+    come escaped, so a model cannot spend its tokens spelling ``"a"`` as ``"\\u0061"``."""
     _, _, high, length, text = sub
-    if mode == _CSTRING:
-        candidates = node.strings
-        if length >= node.max_length and not high:
-            return False
-    else:
-        obj, used = stack[1], stack[2]
-        candidates = None if obj.extra is not None else [k for k in obj.keys if k not in used]
+    candidates = _candidates(stack, mode, node)
     if candidates is None:
-        if mode == _CSTRING and length >= node.max_length:  # only a low surrogate, pairing with the high one
-            units = range(0xDC00, 0xE000)
+        if mode == _CSTRING and length >= node.max_length:
+            if not high:
+                return False
+            units = range(0xDC00, 0xE000)  # only a low surrogate, pairing with the high one, adds nothing
         else:
             return True
     else:
@@ -296,7 +304,11 @@ def _escape_ok(stack, mode: int, node: Node | None, sub: tuple, code: int, digit
                         units.add(int.from_bytes(pair[2:], "big"))
         for s in candidates:  # a character of its own (or, beyond the BMP, the first half of its pair)
             if len(s) > len(text) and s.startswith(text):
-                units.add(int.from_bytes(s[len(text)].encode("utf-16-be")[:2], "big"))
+                unit = int.from_bytes(s[len(text)].encode("utf-16-be")[:2], "big")
+                if unit < 0x20 or unit == 0x22 or unit == 0x5C or unit >= 0x7F:
+                    units.add(unit)
+        if mode == _CSTRING and length >= node.max_length:
+            units = {u for u in units if 0xDC00 <= u < 0xE000}
     shift = 4 * (4 - digits)
     return any(unit >> shift == code for unit in units)
 
