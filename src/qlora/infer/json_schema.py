@@ -39,7 +39,7 @@ from typing import Any, Mapping
 TYPES = ("string", "number", "integer", "boolean", "null", "object", "array")
 ANNOTATIONS = frozenset({"title", "description", "default", "examples", "$comment", "deprecated", "readOnly",
                          "writeOnly", "$schema", "$id", "$anchor", "contentEncoding", "contentMediaType",
-                         "discriminator", "$defs", "definitions"})  # change no valid value
+                         "discriminator", "$defs", "definitions"})  # change no valid value (definitions: by $ref)
 _ENFORCED = frozenset({"type", "enum", "const", "properties", "required", "additionalProperties", "items",
                        "prefixItems", "additionalItems", "minItems", "maxItems", "minLength", "maxLength", "anyOf",
                        "oneOf", "allOf", "$ref"})
@@ -84,10 +84,6 @@ class Node:
     def item(self, index: int) -> Node | None:
         """The schema of an array's ``index``-th item (None: no such item may be written)."""
         return self.prefix[index] if index < len(self.prefix) else self.items
-
-    @property
-    def integer(self) -> bool:
-        return "integer" in self.types
 
     def __repr__(self) -> str:
         return f"Node({self.path or '#'})"
