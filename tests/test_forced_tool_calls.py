@@ -292,7 +292,8 @@ def test_forced_tools_with_schemas_that_cannot_be_kept_are_a_400(random_served):
         "type": "object", "properties": {"a": {"$ref": "#/$defs/A"}}, "required": ["a"],
         "$defs": {"A": {"$ref": "#/$defs/B"}, "B": {"$ref": "#/$defs/A"}}}}}
     with pytest.raises(openai.BadRequestError) as exc:
-        client.chat.completions.create(model="tiny", messages=[ASK], tools=[endless, PING], tool_choice=_named("loop"))
+        client.chat.completions.create(model="tiny", messages=[ASK], tools=[endless, PING],
+                                       tool_choice=_named("loop"))
     assert exc.value.param == "tools.0.function.parameters" and "reference cycle" in exc.value.message
     assert "$defs.A" in exc.value.message
 

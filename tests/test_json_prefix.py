@@ -112,7 +112,8 @@ def test_fuzzed_text_accepted_as_complete_is_json():
 SCHEMA = compile_schema({
     "type": "object", "additionalProperties": False, "required": ["city", "days"],
     "properties": {"city": {"type": "string"}, "days": {"type": "integer"}, "unit": {"enum": ["c", "f", 1]},
-                   "ok": {"type": ["boolean", "null"]}, "tags": {"type": "array"}, "fixed": {"const": {"a": 1}}}}).root
+                   "ok": {"type": ["boolean", "null"]}, "tags": {"type": "array"},
+                   "fixed": {"const": {"a": 1}}}}).root
 
 
 @pytest.mark.parametrize("text, valid", [
@@ -154,14 +155,16 @@ def test_an_any_of_of_bare_types_is_a_type_union():
 @pytest.mark.parametrize("schema, missing", [
     ({"type": "object", "properties": {"a": {"type": "string", "title": "A", "description": "d"}}, "required": ["a"],
       "additionalProperties": False, "title": "T", "$schema": "x", "examples": [{}]}, []),
-    ({"type": "object", "properties": {"a": {"anyOf": [{"type": "object", "properties": {}}, {"type": "null"}]}}}, []),
+    ({"type": "object", "properties": {"a": {"anyOf": [{"type": "object", "properties": {}}, {"type": "null"}]}}},
+     []),
     ({"type": "object", "properties": {"a": {"type": "array", "items": {"type": "string", "maxLength": 3},
                                              "minItems": 1, "maxItems": 4, "prefixItems": [{"const": "x"}]}}}, []),
     ({"type": "object", "properties": {"a": {"$ref": "#/$defs/A"}, "b": {"$ref": "#"}}, "$defs": {"A": {}}}, []),
     ({"type": "object", "properties": {"a": {"type": "date"}}, "additionalProperties": {"type": "string"}},
      ["properties.a.type"]),
     ({"type": "object", "properties": {"a": {"type": "array", "items": {"type": "string", "pattern": "x+",
-                                                                        "format": "email"}}, "n": {"$ref": "#/$defs/N"}},
+                                                                        "format": "email"}},
+                                       "n": {"$ref": "#/$defs/N"}},
       "$defs": {"N": {"type": "number", "minimum": 1, "multipleOf": 2}, "Unused": {"uniqueItems": True}}},
      ["properties.a.items.pattern", "properties.a.items.format", "$defs.N.minimum", "$defs.N.multipleOf"]),
     ({"oneOf": [{"type": "string"}, {"type": "string", "maxLength": 3}]},

@@ -78,8 +78,8 @@ class Loose(BaseModel):  # not strict: a dict (additionalProperties schema), a t
     maybe: Optional[Tree] = None
 
 
-LIST = {"type": "object", "properties": {"v": {"type": "integer"}, "next": {"anyOf": [{"$ref": "#"}, {"type": "null"}]}},
-        "required": ["v", "next"], "additionalProperties": False}
+LIST = {"type": "object", "required": ["v", "next"], "additionalProperties": False,
+        "properties": {"v": {"type": "integer"}, "next": {"anyOf": [{"$ref": "#"}, {"type": "null"}]}}}
 
 SCHEMAS = {
     "report (openai strict)": openai_pydantic.to_strict_json_schema(Report),
@@ -373,7 +373,7 @@ def test_unsatisfiable_schemas_raise_and_unsatisfiable_options_are_pruned():
     assert JsonPrefix.start(root).feed('{"a') is None and JsonPrefix.start(root).feed('{"b": [') is not None
     assert JsonPrefix.start(root).feed('{"b": [1') is None and JsonPrefix.start(root).feed('{"b": []}').complete
     pruned = compile_schema({"anyOf": [{"$ref": "#"}, {"type": "integer"}]}).root  # left recursion: just integer
-    assert JsonPrefix.start(pruned, root_object=False).feed("12").complete and JsonPrefix.start(pruned).feed('"') is None
+    assert JsonPrefix.start(pruned).feed("12").complete and JsonPrefix.start(pruned).feed('"') is None
 
 
 def test_one_of_is_enforced_when_its_alternatives_exclude_each_other():

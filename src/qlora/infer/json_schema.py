@@ -437,8 +437,9 @@ class _Compiler:
                 while n.alts and n.alts[0].alts is not None and n.alts[0] not in chain:
                     n = n.alts[0]
                     chain.append(n)
-                return f"{' -> '.join(c.path or '#' for c in chain)}: a reference cycle that consumes no input (its $ref/anyOf lead " \
-                       "only to each other, never to a schema with content)"
+                cycle = " -> ".join(c.path or "#" for c in chain)
+                return f"{cycle}: a reference cycle that consumes no input (its $ref/anyOf lead only to each other, " \
+                       "never to a schema with content)"
             return self.why(leaves[0], ok, seen)
         if not node.types:
             return f"{where}: the schema is false, or its type list is empty"
