@@ -138,12 +138,18 @@ def _string(rng: random.Random, low: int, high) -> str:
     return "".join(rng.choice('ab z"\\/\n\té漢🙂\u2028') for _ in range(rng.randint(low, high)))
 
 
+class _Stuck(Exception):
+    """The generator went too deep (a schema whose values must nest without end)."""
+
+
 def _instance(schema, rng: random.Random, root, depth: int = 0):
     """A random value meant to be valid under ``schema`` (checked by the oracle afterwards)."""
+    if depth > 40:
+        raise _Stuck
     if schema is True or schema == {}:
         return _any_value(rng, depth)
     if "$ref" in schema:
-        return _instance(_resolve(root, schema["$ref"]), rng, root, depth)
+        return _instance(_resolve(root, schema["$ref"]), rng, root, depth + 1)
     for union in ("anyOf", "oneOf", "allOf"):
         if union in schema:
             members = list(schema[union])
@@ -394,3 +400,105 @@ def test_union_threads_stay_few_and_whitespace_stays_capped():
     assert len(state.feed("1").threads) == 1 and state.feed("t") is not None and state.feed('"') is None
     assert JsonPrefix.start(root).feed("{" + " " * MAX_WHITESPACE + '"title"') is not None
     assert JsonPrefix.start(root).feed("{" + " " * (MAX_WHITESPACE + 1)) is None
+
+
+def _random_schema(rng: random.Random, depth: int = 0, defs: tuple[str, ...] = ()):
+    """A random schema over the enforced keywords (references to ``defs``, which may recurse)."""
+    kind = rng.choice(["scalar", "enum", "object", "array", "anyOf", "oneOf", "ref", "types"] if depth < 3 else
+                      ["scalar", "enum", "types"] + (["ref"] if defs else []))
+    if kind == "ref" and defs:
+        return {"$ref": rng.choice([f"#/$defs/{d}" for d in defs])}
+    if kind == "scalar" or (kind == "ref" and not defs):
+        schema = {"type": rng.choice(["string", "integer", "number", "boolean", "null"])}
+        if schema["type"] == "string" and rng.random() < 0.5:
+            low = rng.randint(0, 3)
+            schema.update({"minLength": low, "maxLength": low + rng.randint(0, 3)})
+        return schema
+    if kind == "enum":
+        values = rng.sample(["a", "b c", "é", "", 0, 1, -2.5, True, None, {"k": [1]}, [None, "x"]], rng.randint(1, 4))
+        return {"const": values[0]} if len(values) == 1 and rng.random() < 0.5 else {"enum": values}
+    if kind == "types":
+        return {"type": rng.sample(["string", "integer", "number", "boolean", "null", "array", "object"],
+                                   rng.randint(1, 3)), "maxItems": 2}
+    if kind in ("anyOf", "oneOf"):
+        return {kind: [_random_schema(rng, depth + 1, defs) for _ in range(rng.randint(1, 3))]}
+    if kind == "object":
+        names = rng.sample(["a", "b", "cd", "é", "k k"], rng.randint(0, 4))
+        schema = {"type": "object", "properties": {n: _random_schema(rng, depth + 1, defs) for n in names},
+                  "required": [n for n in names if rng.random() < 0.6]}
+        extra = rng.random()
+        if extra < 0.5:
+            schema["additionalProperties"] = False
+        elif extra < 0.7:
+            schema["additionalProperties"] = _random_schema(rng, depth + 1, defs)
+        return schema
+    schema = {"type": "array", "items": _random_schema(rng, depth + 1, defs)}
+    if rng.random() < 0.3:
+        schema["prefixItems"] = [_random_schema(rng, depth + 1, defs) for _ in range(rng.randint(1, 2))]
+    low = rng.choice([0, 0, 1, 2])
+    schema.update({"minItems": low, "maxItems": low + rng.randint(0, 2)})
+    return schema
+
+
+def _verdict(schema, value) -> bool | None:
+    """The oracle's answer; None where it recurses without end (left recursion such as
+    ``{"anyOf": [{"$ref": "#"}, ...]}``, which the compiler reads as the other alternatives)."""
+    try:
+        return _valid(schema, value)
+    except RecursionError:
+        return None
+
+
+def _instances(schema, rng: random.Random, count: int) -> list:
+    out = []
+    for _ in range(count):
+        try:
+            out.append(_instance(schema, rng, schema))
+        except _Stuck:
+            pass
+    return out
+
+
+@pytest.mark.parametrize("seed", range(120))
+def test_random_schemas_hold_the_same_properties(seed):
+    """Random schemas over the enforced keywords: prefixes of valid documents accepted, no dead ends, and only
+    valid documents completed (or, for a schema the compiler finds unsatisfiable, no valid document found)."""
+    rng = random.Random(seed)
+    defs = {"D0": _random_schema(rng, 1, ("D0",))}
+    schema = {**_random_schema(rng, 0, ("D0",)), "$defs": defs}
+    try:
+        root = compile_schema(schema).root
+    except SchemaError:
+        assert not any(_verdict(schema, value) for value in _instances(schema, rng, 50))
+        return
+    unenforced = compile_schema(schema).unenforced
+    assert all(u.endswith("(its alternatives overlap: enforced as anyOf)") for u in unenforced), unenforced
+    exact = not unenforced  # a oneOf claimed exclusive is checked here too
+    for value in _instances(schema, rng, 20):
+        if _verdict(schema, value):
+            text = json.dumps(value, ensure_ascii=rng.random() < 0.5, indent=rng.choice([None, 1]))
+            assert _feed_each(JsonPrefix.start(root), text).complete, text
+        mutated = _integral(json.loads(json.dumps(_mutate(value, rng))))
+        state, valid = JsonPrefix.start(root).feed(json.dumps(mutated)), _verdict(schema, mutated)
+        if exact and state is not None and state.complete:
+            assert valid in (True, None), (schema, mutated)
+        if valid:
+            assert state is not None and state.complete, (schema, mutated)
+    alphabet = sorted(set(json.dumps(schema, ensure_ascii=False) + '{}[]",: -0123456789.etruefalsn\\u'))
+    keys = [json.dumps(k, ensure_ascii=False) + ":" for k in sorted(_property_names(schema))]
+    for _ in range(10):
+        state, text = JsonPrefix.start(root), ""
+        while not state.closed and len(text) < 2000:
+            options = [c for c in alphabet if state.accepts(c)]
+            assert options or state.complete, f"dead end after {text!r}"
+            if not options or (state.complete and rng.random() < 0.3):
+                break
+            options += [k for k in keys if state.accepts(k)]
+            if len(text) > 30:
+                draw, closers = rng.random(), [c for c in options if c in '"}]']
+                named = [c for c in options if c in keys]
+                options = named if named and draw < 0.4 else closers if closers and draw < 0.8 else options
+            token = rng.choice(options)
+            state, text = state.feed(token), text + token
+        if state.complete and exact:
+            assert _verdict(schema, json.loads(text)) in (True, None), (schema, text)
