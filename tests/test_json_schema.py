@@ -24,7 +24,7 @@ from typing import Literal, Optional, Union
 import pytest
 from pydantic import BaseModel, Field, conlist, constr
 
-from qlora.infer.json_prefix import MAX_WHITESPACE, JsonPrefix
+from qlora.infer.json_prefix import MAX_THREADS, MAX_WHITESPACE, JsonPrefix
 from qlora.infer.json_schema import SchemaError, compile_schema, unenforced_keywords
 
 jsonschema = pytest.importorskip("jsonschema")
@@ -391,6 +391,16 @@ def test_one_of_is_enforced_when_its_alternatives_exclude_each_other():
     assert JsonPrefix.start(root).feed('{"x": 1, "t": "b"') is None
     assert unenforced_keywords({"oneOf": [{"type": "number"}, {"type": "integer"}]}) == [
         "oneOf (its alternatives overlap: enforced as anyOf)"]
+
+
+def test_undecided_alternatives_that_nest_are_capped_not_exponential():
+    twins = compile_schema({"anyOf": [{"type": "array", "items": {"$ref": "#"}},
+                                      {"type": "array", "items": {"$ref": "#"}, "title": "twin"}]}).root
+    state = JsonPrefix.start(twins)
+    for _ in range(30):  # 2**30 readings if each level doubled them
+        state = state.feed("[")
+        assert len(state.threads) <= MAX_THREADS
+    assert state.feed("]" * 30).complete and state.feed("]" * 31) is None
 
 
 def test_union_threads_stay_few_and_whitespace_stays_capped():

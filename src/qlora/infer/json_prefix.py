@@ -11,7 +11,10 @@ what is enforced); the automaton follows it at every depth. A state is a set of 
 each a deterministic reading of the text: where a value may follow several schemas
 (``anyOf``, ``Optional``'s ``null``, overlapping types) one thread per schema is started at
 the value's first character, and threads die as characters rule them out, so a union
-costs only while it is undecided. A thread is a tuple ``(stack, mode, sub, ws, node)``:
+costs only while it is undecided. Alternatives that stay undecided while containers nest
+(``anyOf`` of two array schemas that both recurse) would multiply threads at each level:
+at most :data:`MAX_THREADS` are kept, the first in schema order, which keeps every
+accepted prefix valid and completable and only drops readings of such pathological schemas. A thread is a tuple ``(stack, mode, sub, ws, node)``:
 the open containers as a linked list ``(kind, schema, used keys or item count, parent)``,
 shared between states, what is being read, its lexical state, the whitespace run, and the
 schema of the value being read. Runs of insignificant whitespace are capped
@@ -26,6 +29,7 @@ from __future__ import annotations
 from .json_schema import ANY, OBJECT, Node
 
 MAX_WHITESPACE = 20  # longest run of whitespace between JSON tokens (deep pretty-printing fits)
+MAX_THREADS = 64  # readings followed at once; beyond, the first ones (in anyOf order) are kept
 
 _WS = " \t\n\r"
 _DIGITS = "0123456789"
@@ -88,7 +92,7 @@ class JsonPrefix:
                 out = _step(threads[0], ch)
                 if out is None:
                     return None
-                threads = tuple(dict.fromkeys(out)) if type(out) is list else (out,)
+                threads = tuple(dict.fromkeys(out))[:MAX_THREADS] if type(out) is list else (out,)
                 continue
             merged: dict = {}
             for thread in threads:
@@ -99,7 +103,7 @@ class JsonPrefix:
                     merged[out] = None
             if not merged:
                 return None
-            threads = tuple(merged)
+            threads = tuple(merged)[:MAX_THREADS]
         return JsonPrefix(threads)
 
 
