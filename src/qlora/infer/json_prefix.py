@@ -11,14 +11,15 @@ what is enforced); the automaton follows it at every depth. A state is a set of 
 each a deterministic reading of the text: where a value may follow several schemas
 (``anyOf``, ``Optional``'s ``null``, overlapping types) one thread per schema is started at
 the value's first character, and threads die as characters rule them out, so a union
-costs only while it is undecided. Alternatives that stay undecided while containers nest
-(``anyOf`` of two array schemas that both recurse) would multiply threads at each level:
-at most :data:`MAX_THREADS` are kept, the first in schema order, which keeps every
-accepted prefix valid and completable and only drops readings of such pathological schemas. A thread is a tuple ``(stack, mode, sub, ws, node)``:
+costs only while it is undecided. A thread is a tuple ``(stack, mode, sub, ws, node)``:
 the open containers as a linked list ``(kind, schema, used keys or item count, parent)``,
 shared between states, what is being read, its lexical state, the whitespace run, and the
-schema of the value being read. Runs of insignificant whitespace are capped
-(:data:`MAX_WHITESPACE`), so a model cannot loop on spaces forever.
+schema of the value being read. Alternatives that stay undecided while containers nest
+(``anyOf`` of two array schemas that both recurse) would multiply threads at each level:
+at most :data:`MAX_THREADS` are kept, the first in schema order, which keeps every
+accepted prefix valid and completable and only drops readings of such pathological
+schemas. Runs of insignificant whitespace are capped (:data:`MAX_WHITESPACE`), so a model
+cannot loop on spaces forever.
 
 Every prefix accepted can be completed into a valid document (the compiler prunes what no
 finite value satisfies), so decoding under it never reaches a dead end.
