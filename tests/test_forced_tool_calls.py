@@ -17,9 +17,8 @@ import pytest
 import torch
 
 import qlora
-from qlora.infer.forced_call import CallMatcher, ForcedCall, ForcedCallUnsupported, call_markup
+from qlora.infer.forced_call import CallMatcher, ForcedCall, ForcedCallUnsupported, call_markup, tool_arguments
 from qlora.infer.generate import SamplingOptions
-from qlora.infer.json_prefix import ObjectSchema
 from qlora.infer.text_stream import TextStream
 from qlora.infer.tool_calls import FORMATS, ToolCall, markup_token_ids, tool_call_format
 from qlora.model.chat_format import ChatFormat, stop_token_ids
@@ -45,7 +44,7 @@ NAMES = {"set_unit", "ping"}
 
 
 def _schemas(tools):
-    return {t["function"]["name"]: ObjectSchema.from_json_schema(t["function"]["parameters"]) for t in tools}
+    return {t["function"]["name"]: tool_arguments(t["function"]["parameters"]) for t in tools}
 
 
 @pytest.mark.parametrize("family, fmt", [("qwen2.5", "hermes"), ("qwen3", "hermes"), ("mistral-v0.3", "mistral"),
@@ -132,6 +131,41 @@ def test_random_logits_under_the_constraint_always_give_one_parseable_call(famil
         args = json.loads(calls[0].arguments)
         assert calls[0].name == (name or calls[0].name) and calls[0].name in NAMES
         assert args == {} if calls[0].name == "ping" else (set(args) == {"unit", "on"} and isinstance(args["on"], bool))
+
+
+# Nested and bounded: a list of sub-objects through $ref, an Optional enum, a constant.
+PLAN = {"type": "function", "function": {"name": "plan", "strict": True, "parameters": {
+    "type": "object", "additionalProperties": False, "required": ["steps", "mode", "v"],
+    "properties": {"steps": {"type": "array", "items": {"$ref": "#/$defs/Step"}, "maxItems": 3},
+                   "mode": {"anyOf": [{"enum": ["fast", "slow"]}, {"type": "null"}]}, "v": {"const": 2}},
+    "$defs": {"Step": {"type": "object", "additionalProperties": False, "required": ["on", "level"],
+                       "properties": {"on": {"type": "boolean"}, "level": {"enum": [1, 2, 3]}}}}}}}
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_random_logits_under_a_nested_schema_give_arguments_valid_at_every_depth(seed):
+    """Oracle: ``jsonschema`` validates the parsed arguments against the tool's whole ``parameters``."""
+    jsonschema = pytest.importorskip("jsonschema")
+    tok, info = family_tokenizer("qwen2.5"), FAMILY_INFO["qwen2.5"]
+    fmt = tool_call_format(tok.chat_template)
+    keep = markup_token_ids(fmt, tok)
+    stops = frozenset(stop_token_ids(tok, [tok.convert_tokens_to_ids(t) for t in info["generation_eos"]]))
+    generator = torch.Generator().manual_seed(seed)
+    forced = ForcedCall(tok, call_markup(fmt.name, tok.chat_template), [PLAN], "plan", keep, stops)
+    stream = TextStream(tok, keep=keep)
+    text = "".join(stream.push(t) for t in forced.prefix_ids)
+    for _ in range(600):
+        token = forced.choose(torch.randn(len(tok), generator=generator) * 3, SamplingOptions(temperature=1.0),
+                              generator)
+        assert token is not None
+        if token in stops:
+            break
+        text += stream.push(token)
+    else:
+        pytest.fail(f"no end of turn: {text!r}")
+    _, calls = fmt.parse(text + stream.flush(), ["plan"])
+    args = json.loads(calls[0].arguments)
+    jsonschema.validate(args, PLAN["function"]["parameters"])
 
 
 # --- through qlora serve, with the openai client ---------------------------------------------------------------
@@ -240,6 +274,28 @@ def test_a_named_function_not_offered_is_a_400_naming_it(random_served):
         client.chat.completions.create(model="tiny", messages=[ASK], tools=BOUNDED, tool_choice=_named("get_time"))
     assert exc.value.param == "tool_choice" and "'get_time'" in exc.value.body["message"]
     assert "set_unit, ping" in exc.value.body["message"]
+
+
+def test_forced_tools_with_schemas_that_cannot_be_kept_are_a_400(random_served):
+    _, _, client = random_served
+    strict = {"type": "function", "function": {"name": "find", "strict": True, "parameters": {
+        "type": "object", "properties": {"q": {"type": "string", "pattern": "^[a-z]+$"}}, "required": ["q"],
+        "additionalProperties": False}}}
+    with pytest.raises(openai.BadRequestError) as exc:
+        client.chat.completions.create(model="tiny", messages=[ASK], tools=[strict], tool_choice="required")
+    assert exc.value.param == "tools.0.function.parameters" and "properties.q.pattern" in exc.value.message
+    loose = {"type": "function", "function": {**strict["function"], "strict": False}}
+    reply = client.chat.completions.create(model="tiny", messages=[ASK], tools=[loose], tool_choice="required",
+                                           max_tokens=2).choices[0]
+    assert reply.finish_reason == "length"  # accepted, 'pattern' unchecked
+    endless = {"type": "function", "function": {"name": "loop", "parameters": {
+        "type": "object", "properties": {"a": {"$ref": "#/$defs/A"}}, "required": ["a"],
+        "$defs": {"A": {"$ref": "#/$defs/B"}, "B": {"$ref": "#/$defs/A"}}}}}
+    with pytest.raises(openai.BadRequestError) as exc:
+        client.chat.completions.create(model="tiny", messages=[ASK], tools=[endless, PING],
+                                       tool_choice=_named("loop"))
+    assert exc.value.param == "tools.0.function.parameters" and "reference cycle" in exc.value.message
+    assert "$defs.A" in exc.value.message
 
 
 @pytest.mark.parametrize("template, reason", [

@@ -13,7 +13,8 @@ import random
 
 import pytest
 
-from qlora.infer.json_prefix import MAX_WHITESPACE, JsonPrefix, ObjectSchema, unenforced_keywords
+from qlora.infer.json_prefix import MAX_WHITESPACE, JsonPrefix
+from qlora.infer.json_schema import compile_schema, unenforced_keywords
 
 
 def _feed_each(text: str, state: JsonPrefix) -> JsonPrefix | None:
@@ -108,10 +109,11 @@ def test_fuzzed_text_accepted_as_complete_is_json():
     assert complete > 100
 
 
-SCHEMA = ObjectSchema.from_json_schema({
+SCHEMA = compile_schema({
     "type": "object", "additionalProperties": False, "required": ["city", "days"],
     "properties": {"city": {"type": "string"}, "days": {"type": "integer"}, "unit": {"enum": ["c", "f", 1]},
-                   "ok": {"type": ["boolean", "null"]}, "tags": {"type": "array"}, "fixed": {"const": {"a": 1}}}})
+                   "ok": {"type": ["boolean", "null"]}, "tags": {"type": "array"},
+                   "fixed": {"const": {"a": 1}}}}).root
 
 
 @pytest.mark.parametrize("text, valid", [
@@ -127,42 +129,52 @@ SCHEMA = ObjectSchema.from_json_schema({
     ('{"ok": 1', False), ('{"tags": {', False), ('{"fixed": {"a": 2', False),
     ('{"city": "x", "days": 1, "unit": "c", "ok": true, "tags": [], "fixed": {"a":1},', False),  # no key left
 ])
-def test_the_top_level_follows_the_tool_schema(text, valid):
+def test_the_top_level_follows_the_schema(text, valid):
     state = JsonPrefix.start(SCHEMA).feed(text)
     assert (state is not None) == valid
     if valid and text.endswith("}"):
         assert state.complete and json.loads(text)
 
 
-def test_open_schemas_take_any_key_and_nested_values_are_plain_json():
-    schema = ObjectSchema.from_json_schema({"type": "object", "properties": {"n": {"type": "number"}}})
+def test_open_schemas_take_any_key_and_unconstrained_values_are_any_json():
+    schema = compile_schema({"type": "object", "properties": {"n": {"type": "number"}}}).root
     assert JsonPrefix.start(schema).feed('{"other": {"n": "nested keys are free"}, "n": 2.5e3}').complete
     assert JsonPrefix.start(schema).feed('{"n": "2"') is None
     assert JsonPrefix.start(schema).feed("[") is None  # arguments are an object
-    assert JsonPrefix.start(ObjectSchema.from_json_schema(None)).feed("{}").complete
+    assert JsonPrefix.start(compile_schema({}).root).feed("[1]").complete
 
 
 def test_an_any_of_of_bare_types_is_a_type_union():
     """pydantic writes ``int | None`` as ``anyOf`` of bare types: enforced like ``"type": ["integer", "null"]``."""
-    schema = ObjectSchema.from_json_schema({"type": "object", "properties": {
-        "n": {"anyOf": [{"type": "integer"}, {"type": "null"}], "title": "N"}}})
+    schema = compile_schema({"type": "object", "properties": {
+        "n": {"anyOf": [{"type": "integer"}, {"type": "null"}], "title": "N"}}}).root
     assert JsonPrefix.start(schema).feed('{"n": null}').complete and JsonPrefix.start(schema).feed('{"n": 12}').complete
     assert JsonPrefix.start(schema).feed('{"n": "1') is None and JsonPrefix.start(schema).feed('{"n": 1.') is None
 
 
 @pytest.mark.parametrize("schema, missing", [
     ({"type": "object", "properties": {"a": {"type": "string", "title": "A", "description": "d"}}, "required": ["a"],
-      "additionalProperties": False, "title": "T", "$schema": "x"}, []),
-    ({"type": "object", "properties": {"a": {"anyOf": [{"type": "integer"}, {"type": "null"}]}}}, []),
+      "additionalProperties": False, "title": "T", "$schema": "x", "examples": [{}]}, []),
     ({"type": "object", "properties": {"a": {"anyOf": [{"type": "object", "properties": {}}, {"type": "null"}]}}},
-     ["properties.a.anyOf"]),
-    ({"type": "object", "properties": {"a": {"type": "array", "items": {"type": "string"}, "minItems": 1}}},
-     ["properties.a.items", "properties.a.minItems"]),
-    ({"type": "object", "properties": {"a": {"$ref": "#/$defs/A"}}, "$defs": {"A": {}}}, ["properties.a.$ref"]),
+     []),
+    ({"type": "object", "properties": {"a": {"type": "array", "items": {"type": "string", "maxLength": 3},
+                                             "minItems": 1, "maxItems": 4, "prefixItems": [{"const": "x"}]}}}, []),
+    ({"type": "object", "properties": {"a": {"$ref": "#/$defs/A"}, "b": {"$ref": "#"}}, "$defs": {"A": {}}}, []),
     ({"type": "object", "properties": {"a": {"type": "date"}}, "additionalProperties": {"type": "string"}},
-     ["additionalProperties", "properties.a.type"]),
-    ({"type": "array", "items": {}}, ["type", "items"]),
-    ({"properties": {}, "oneOf": []}, ['type (the root must be {"type": "object"})', "oneOf"]),
+     ["properties.a.type"]),
+    ({"type": "object", "properties": {"a": {"type": "array", "items": {"type": "string", "pattern": "x+",
+                                                                        "format": "email"}},
+                                       "n": {"$ref": "#/$defs/N"}},
+      "$defs": {"N": {"type": "number", "minimum": 1, "multipleOf": 2}, "Unused": {"uniqueItems": True}}},
+     ["properties.a.items.pattern", "properties.a.items.format", "$defs.N.minimum", "$defs.N.multipleOf"]),
+    ({"oneOf": [{"type": "string"}, {"type": "string", "maxLength": 3}]},
+     ["oneOf (its alternatives overlap: enforced as anyOf)"]),
+    ({"oneOf": [{"type": "string"}, {"type": "integer"}, {"const": None}]}, []),
+    ({"type": "object", "anyOf": [{"required": ["a"]}, {"required": ["b"]}]}, ["anyOf (beside other keywords)"]),
+    ({"allOf": [{"type": "string"}, {"maxLength": 2}], "not": {"const": ""}}, ["not", "allOf"]),
+    ({"allOf": [{"$ref": "#/definitions/A"}], "definitions": {"A": {"type": "integer"}}}, []),
+    ({"$ref": "https://example.com/s.json"}, ["$ref (only local references, '#...', are resolved)"]),
+    ({"enum": ["a", 1], "minimum": 0}, ["minimum", "enum (beside minimum)"]),
 ])
 def test_unenforced_keywords_names_each_part_a_reply_could_break(schema, missing):
     assert unenforced_keywords(schema) == missing

@@ -8,12 +8,14 @@ equal. Structured replies are checked by parsing them and checking them against 
 
 from __future__ import annotations
 
+import enum
 import json
 import threading
-from typing import Literal
+from typing import Literal, Optional
 
 import pytest
 import torch
+from pydantic import BaseModel, conlist, constr
 
 import qlora
 from qlora.infer.generate import encode_prompt
@@ -292,7 +294,6 @@ def test_json_schema_replies_parse_and_follow_the_schema(served, temperature):
         assert choice.finish_reason == "stop", choice.message.content
         _check_person(json.loads(choice.message.content))
     # the client's own structured-output parser reads it
-    from pydantic import BaseModel
 
     class Person(BaseModel):  # the client sends it as a strict schema, `bool | None` as an anyOf
         mood: Literal["happy", "sad", "ok"]
@@ -341,18 +342,57 @@ def test_a_token_limit_cuts_json_with_finish_reason_length(served):
         json.loads(choice.message.content)
 
 
-NESTED = {"type": "object", "properties": {"tags": {"type": "array", "items": {"type": "string"}},
-                                           "name": {"type": "string", "maxLength": 5}},
-          "required": ["tags"], "additionalProperties": False}
+class Mood(str, enum.Enum):
+    happy = "happy"
+    sad = "sad"
+
+
+class Item(BaseModel):
+    name: constr(max_length=3)
+    mood: Mood
+
+
+class Link(BaseModel):  # recursive, through an Optional
+    label: Literal["a", "b"]
+    next: Optional["Link"]
+
+
+class Nested(BaseModel):
+    """What ``client.chat.completions.parse`` sends as a strict schema with $defs, $ref, anyOf, items and enums;
+    every value bounded so that even a random model's reply ends (it spends most tokens on whitespace runs)."""
+
+    items: conlist(Item, max_length=2)
+    note: Optional[constr(max_length=5)]
+    mood: Mood
+    chain: Link
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_nested_pydantic_models_parse_replies_that_follow_them_at_every_depth(served, seed):
+    _, _, client, _ = served
+    completion = client.chat.completions.parse(model="a", messages=[{"role": "user", "content": "Hello"}],
+                                               max_tokens=480, temperature=1.0, seed=seed, response_format=Nested)
+    choice = completion.choices[0]
+    assert choice.finish_reason == "stop", choice.message.content
+    assert isinstance(choice.message.parsed, Nested)  # the client parsed it: pydantic validated every depth
+    assert Nested.model_validate_json(choice.message.content) == choice.message.parsed
 
 
 def test_strict_schemas_asking_more_than_is_enforced_are_refused(served):
     _, _, client, _ = served
-    strict = {"type": "json_schema", "json_schema": {"name": "x", "schema": NESTED, "strict": True}}
+    strict = {"type": "json_schema", "json_schema": {"name": "x", "strict": True, "schema": {
+        "type": "object", "properties": {"tags": {"type": "array", "items": {"type": "string", "pattern": "^a"}},
+                                         "name": {"type": "string", "format": "email"}},
+        "required": ["tags", "name"], "additionalProperties": False}}}
     with pytest.raises(openai.BadRequestError) as exc:
         client.chat.completions.create(model="a", messages=[{"role": "user", "content": "Hi"}], response_format=strict)
     assert exc.value.param == "response_format.json_schema.schema"
-    assert "properties.tags.items" in exc.value.message and "properties.name.maxLength" in exc.value.message
+    assert "properties.tags.items.pattern" in exc.value.message and "properties.name.format" in exc.value.message
+    endless = {"type": "json_schema", "json_schema": {"name": "x", "schema": {"$ref": "#/$defs/A", "$defs": {
+        "A": {"anyOf": [{"$ref": "#/$defs/A"}]}}}}}
+    with pytest.raises(openai.BadRequestError, match="reference cycle") as exc:
+        client.chat.completions.create(model="a", messages=[{"role": "user", "content": "Hi"}], response_format=endless)
+    assert exc.value.param == "response_format.json_schema.schema"
     # not strict: best effort, still valid JSON with the enforced part (keys, required, enum); 'minimum' is not
     schema = {"type": "object", "properties": {"ok": {"type": "boolean"}, "level": {"enum": [1, 2, 3], "minimum": 2}},
               "required": ["ok", "level"], "additionalProperties": False}

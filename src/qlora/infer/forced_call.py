@@ -11,8 +11,8 @@ the model's chat template (:mod:`qlora.infer.tool_calls`):
 2. with several tools the model picks the name, one character at a time, among the
    offered names only;
 3. the arguments are decoded under :class:`~qlora.infer.json_prefix.JsonPrefix`: only
-   tokens keeping them a valid JSON prefix, and the top level following the tool's
-   ``parameters`` (see :class:`~qlora.infer.json_prefix.ObjectSchema`), may be chosen;
+   tokens keeping them the prefix of a JSON object valid under the tool's ``parameters``,
+   at every depth (see :mod:`qlora.infer.json_schema` for what is enforced), may be chosen;
    text that would end the markup early (``</tool_call>`` in a string) is refused too;
 4. once the object closes, the closing markup is forced, then the end-of-turn token.
 
@@ -30,7 +30,8 @@ import torch
 
 from .constrained import TokenTexts, choose_token, literal_ids
 from .generate import SamplingOptions
-from .json_prefix import JsonPrefix, ObjectSchema
+from .json_prefix import JsonPrefix
+from .json_schema import Node, compile_schema, object_root
 
 
 class ForcedCallUnsupported(ValueError):
@@ -91,13 +92,13 @@ class CallMatcher:
 
     __slots__ = ("markup", "choices", "stage", "pos", "literal", "args", "tail")
 
-    def __init__(self, markup: CallMarkup, choices: Mapping[str, ObjectSchema], stage: int, pos: int, literal: str,
+    def __init__(self, markup: CallMarkup, choices: Mapping[str, Node], stage: int, pos: int, literal: str,
                  args: JsonPrefix | None, tail: str) -> None:
         self.markup, self.choices, self.stage, self.pos, self.literal = markup, choices, stage, pos, literal
         self.args, self.tail = args, tail
 
     @classmethod
-    def start(cls, markup: CallMarkup, schemas: Mapping[str, ObjectSchema], name: str | None = None) -> "CallMatcher":
+    def start(cls, markup: CallMarkup, schemas: Mapping[str, Node], name: str | None = None) -> "CallMatcher":
         """Before the opening markup; ``name`` forces that function, else one of ``schemas``' names is written."""
         if name is not None:
             return cls(markup, {name + markup.after_name: schemas[name]}, _OPEN, 0,
@@ -165,6 +166,15 @@ class CallMatcher:
         return CallMatcher(self.markup, self.choices, stage, pos, literal, args, tail)
 
 
+def tool_arguments(parameters: Mapping | None) -> Node:
+    """The compiled schema of a tool's arguments: its ``parameters``, narrowed to objects (none: any object).
+
+    Raises:
+        SchemaError: no JSON object satisfies ``parameters``.
+    """
+    return object_root(compile_schema(parameters if parameters is not None else {"type": "object"}).root)
+
+
 class ForcedCall:
     """The per-request constraint the batcher asks for each token of a forced call.
 
@@ -179,8 +189,8 @@ class ForcedCall:
 
     def __init__(self, tokenizer, markup: CallMarkup, tools: Sequence[dict], name: str | None,
                  keep: frozenset[int], stop_ids: frozenset[int]) -> None:
-        schemas = {t["function"]["name"]: ObjectSchema.from_json_schema(t["function"].get("parameters"))
-                   for t in tools}
+        schemas = {t["function"]["name"]: tool_arguments(t["function"].get("parameters"))
+                   for t in tools if name is None or t["function"]["name"] == name}
         self.tokenizer, self.keep, self.stop_ids = tokenizer, keep, sorted(stop_ids)
         self.texts = TokenTexts.of(tokenizer)
         self.matcher = CallMatcher.start(markup, schemas, name)

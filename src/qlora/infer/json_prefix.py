@@ -1,326 +1,342 @@
-"""An incremental JSON validator: is this text still the beginning of a valid JSON value?
+"""An incremental JSON Schema validator: is this text still the beginning of a valid document?
 
 Constrained decoding asks, for each candidate token, whether appending its text keeps
-the reply a prefix of valid JSON; :class:`JsonPrefix` answers by feeding the new
-characters to a small pushdown automaton (a stack of open containers and the state
-inside the current token), never re-reading what came before. States are immutable:
-:meth:`JsonPrefix.feed` returns a new state or ``None``, so trying a candidate
-costs only its own characters and leaves the current state untouched.
+the reply a prefix of a JSON document valid under the schema; :class:`JsonPrefix` answers
+by feeding the new characters to a pushdown automaton, never re-reading what came before.
+States are immutable: :meth:`JsonPrefix.feed` returns a new state or ``None``, so trying a
+candidate costs only its own characters and leaves the current state untouched.
 
-With an :class:`ObjectSchema` (a tool's ``parameters``) the root must be an object and
-its top level follows the schema cheaply: keys are unique (and only the declared
-ones when ``additionalProperties`` is false), each declared property's value has one
-of its declared JSON types (an integer has no fraction or exponent) or is one of its
-``enum``/``const`` values, and the object only closes once every ``required`` key is
-there. Nested values are checked as plain JSON. Runs of insignificant whitespace are
-capped (:data:`MAX_WHITESPACE`), so a model cannot loop on spaces forever.
+The schema is compiled once (:func:`qlora.infer.json_schema.compile_schema`, which says
+what is enforced); the automaton follows it at every depth. A state is a set of *threads*,
+each a deterministic reading of the text: where a value may follow several schemas
+(``anyOf``, ``Optional``'s ``null``, overlapping types) one thread per schema is started at
+the value's first character, and threads die as characters rule them out, so a union
+costs only while it is undecided. A thread is a tuple ``(stack, mode, sub, ws, node)``:
+the open containers as a linked list ``(kind, schema, used keys or item count, parent)``,
+shared between states, what is being read, its lexical state, the whitespace run, and the
+schema of the value being read. Alternatives that stay undecided while containers nest
+(``anyOf`` of two array schemas that both recurse) would multiply threads at each level:
+at most :data:`MAX_THREADS` are kept, the first in schema order, which keeps every
+accepted prefix valid and completable and only drops readings of such pathological
+schemas. Runs of insignificant whitespace are capped (:data:`MAX_WHITESPACE`), so a model
+cannot loop on spaces forever.
+
+Every prefix accepted can be completed into a valid document (the compiler prunes what no
+finite value satisfies), so decoding under it never reaches a dead end.
 """
 
 from __future__ import annotations
 
-import json
-from dataclasses import dataclass
-from typing import Any, Mapping
+from .json_schema import ANY, OBJECT, Node
 
 MAX_WHITESPACE = 20  # longest run of whitespace between JSON tokens (deep pretty-printing fits)
+MAX_THREADS = 64  # readings followed at once; beyond, the first ones (in anyOf order) are kept
 
 _WS = " \t\n\r"
 _DIGITS = "0123456789"
 _HEX = "0123456789abcdefABCDEF"
-_ESCAPES = '"\\/bfnrtu'
+_ESCAPES = {'"': '"', "\\": "\\", "/": "/", "b": "\b", "f": "\f", "n": "\n", "r": "\r", "t": "\t", "u": ""}
 _LITERALS = {"t": "rue", "f": "alse", "n": "ull"}
-_FIRST_CHARS = {"string": '"', "number": "-" + _DIGITS, "integer": "-" + _DIGITS, "boolean": "tf", "null": "n",
-                "object": "{", "array": "["}
+_LITERAL_TYPES = {"t": "boolean", "f": "boolean", "n": "null"}
 
 # modes
-_VALUE, _OBJ_FIRST, _OBJ_KEY, _KEY, _COLON, _STRING, _NUMBER, _LITERAL, _ENUM, _AFTER, _ARR_FIRST, _DONE = range(12)
+(_VALUE, _OBJ_FIRST, _OBJ_KEY, _KEY, _COLON, _STRING, _CSTRING, _NUMBER, _LITERAL, _ENUM, _AFTER, _ARR_FIRST,
+ _DONE) = range(13)
 # number states (sub of _NUMBER): which characters may come next
 _MINUS, _ZERO, _INT, _DOT, _FRAC, _EXP, _EXP_SIGN, _EXP_DIGITS = range(8)
 _NUMBER_ENDS = (_ZERO, _INT, _FRAC, _EXP_DIGITS)
-
-
-@dataclass(frozen=True)
-class PropertyRule:
-    """What a top-level property's value may be: JSON types (empty: any) or a fixed set of values."""
-
-    first_chars: str = ""  # characters its value may start with ("" = any value)
-    integer: bool = False  # a number without fraction or exponent
-    literals: tuple[str, ...] = ()  # enum/const values as compact JSON text
-
-
-@dataclass(frozen=True)
-class ObjectSchema:
-    """The part of a JSON Schema for an object that :class:`JsonPrefix` enforces at the top level."""
-
-    properties: Mapping[str, PropertyRule]
-    required: frozenset[str] = frozenset()
-    closed: bool = False  # additionalProperties: false
-
-    @classmethod
-    def from_json_schema(cls, schema: Mapping[str, Any] | None) -> "ObjectSchema":
-        """The enforced part of an OpenAI function's ``parameters`` (anything else is not checked)."""
-        schema = schema or {}
-        props = schema.get("properties") if isinstance(schema.get("properties"), dict) else {}
-        rules = {name: _rule(spec) for name, spec in props.items()}
-        required = frozenset(k for k in schema.get("required", ()) if isinstance(k, str))
-        closed = schema.get("additionalProperties") is False
-        if closed:  # a required key that may not appear cannot be satisfied: keep the declared ones only
-            required &= frozenset(rules)
-        return cls(rules, required, closed)
-
-    def allowed_keys(self, used: frozenset[str]) -> tuple[str, ...] | None:
-        """Keys (as raw JSON string text) that may still be written; None: any new key."""
-        if not self.closed:
-            return None
-        return tuple(_raw(k) for k in self.properties if k not in used)
-
-
-_ANNOTATIONS = frozenset({"title", "description", "default", "examples", "$comment", "deprecated", "readOnly",
-                          "writeOnly", "$schema", "$id", "$defs", "definitions"})  # change no valid value
-_ROOT_KEYWORDS = frozenset({"type", "properties", "required", "additionalProperties"})
-_PROPERTY_KEYWORDS = frozenset({"type", "enum", "const"})
-
-
-def unenforced_keywords(schema: Mapping[str, Any]) -> list[str]:
-    """Where ``schema`` asks more than :class:`ObjectSchema` enforces, as paths (``"properties.tags.items"``).
-
-    Enforced: a root ``{"type": "object"}`` with ``properties``, ``required`` and
-    ``additionalProperties`` (true or false), each property's ``type`` (JSON type names, or an
-    ``anyOf`` of bare types; ``object`` and ``array`` only as such, their contents unchecked),
-    ``enum`` and ``const``. Annotations
-    (``title``, ``description``, ``default``, ...) change nothing and are never listed.
-    """
-    out = []
-    if schema.get("type") != "object":
-        out.append("type" if "type" in schema else "type (the root must be {\"type\": \"object\"})")
-    out += [k for k in schema if k not in _ROOT_KEYWORDS | _ANNOTATIONS]
-    extra = schema.get("additionalProperties", False)
-    if not isinstance(extra, bool):
-        out.append("additionalProperties")
-    props = schema.get("properties", {})
-    if not isinstance(props, dict):
-        return out + ["properties"]
-    for name, spec in props.items():
-        where = f"properties.{name}"
-        if not isinstance(spec, dict):
-            out.append(where)
-            continue
-        union = "type" not in spec and _bare_type_union(spec.get("anyOf"))
-        out += [f"{where}.{k}" for k in spec if k not in _PROPERTY_KEYWORDS | _ANNOTATIONS and not (union and k == "anyOf")]
-        if any(t not in _FIRST_CHARS for t in _types(spec)):
-            out.append(f"{where}.type")
-    return out
-
-
-def _raw(key: str) -> str:
-    return json.dumps(key, ensure_ascii=False)[1:-1]
-
-
-def _rule(spec: Any) -> PropertyRule:
-    if not isinstance(spec, dict):
-        return PropertyRule()
-    values = [spec["const"]] if "const" in spec else spec.get("enum")
-    if isinstance(values, list) and values:
-        return PropertyRule(literals=tuple(json.dumps(v, ensure_ascii=False, separators=(",", ":")) for v in values))
-    types = _types(spec)
-    if not types or any(t not in _FIRST_CHARS for t in types):
-        return PropertyRule()
-    first = "".join(dict.fromkeys("".join(_FIRST_CHARS[t] for t in types)))
-    return PropertyRule(first, integer="integer" in types and "number" not in types)
-
-
-def _types(spec: Mapping[str, Any]) -> list[Any]:
-    """The JSON types a property's value may have: its ``type`` (a name or a list), or an ``anyOf`` of
-    bare types (``{"anyOf": [{"type": "integer"}, {"type": "null"}]}``, pydantic's ``int | None``)."""
-    types = spec.get("type")
-    if types is None and _bare_type_union(spec.get("anyOf")):
-        types = [member["type"] for member in spec["anyOf"]]
-    return [types] if isinstance(types, str) else types if isinstance(types, list) else []
-
-
-def _bare_type_union(members: Any) -> bool:
-    return isinstance(members, list) and bool(members) and all(
-        isinstance(m, dict) and isinstance(m.get("type"), str) and set(m) <= {"type"} | _ANNOTATIONS for m in members)
+# a checked string's state: (escape: 0 none, -1 after a backslash, 1-4 hex digits left; the code point read so
+# far of a \u escape; whether the last character was a high surrogate; length in code points; text or None)
+_STR_KEY = (0, 0, False, 0, "")
+_STR_VALUE = (0, 0, False, 0, None)
+_DONE_THREAD = (None, _DONE, None, 0, None)
 
 
 class JsonPrefix:
-    """The state after reading a prefix of a JSON value (see the module docstring).
+    """The state after reading a prefix of a JSON document (see the module docstring)."""
 
-    Args (of :meth:`start`):
-        schema: top-level rules for the root object; None: any JSON value (an object if ``root_object``).
-        root_object: the value must be an object.
-    """
+    __slots__ = ("threads",)
 
-    __slots__ = ("stack", "mode", "sub", "ws", "schema", "used", "key", "rule")
-
-    def __init__(self, stack: str, mode: int, sub: Any, ws: int, schema: ObjectSchema | None,
-                 used: frozenset[str], key: str, rule: PropertyRule | None) -> None:
-        self.stack, self.mode, self.sub, self.ws = stack, mode, sub, ws
-        self.schema, self.used, self.key, self.rule = schema, used, key, rule
+    def __init__(self, threads: tuple) -> None:
+        self.threads = threads
 
     @classmethod
-    def start(cls, schema: ObjectSchema | None = None, root_object: bool = True) -> "JsonPrefix":
-        first = PropertyRule("{") if root_object or schema is not None else None
-        return cls("", _VALUE, None, -1, schema, frozenset(), "", first)
+    def start(cls, schema: Node | None = None, root_object: bool = True) -> "JsonPrefix":
+        """Before the first character: ``schema`` a compiled schema's root; None: any JSON value (any
+        object if ``root_object``)."""
+        node = schema if schema is not None else OBJECT if root_object else ANY
+        return cls(((None, _VALUE, None, -1, node),))
 
     @property
     def complete(self) -> bool:
-        """Whether the text read so far is a whole JSON value (nothing more may follow an object)."""
-        return self.mode == _DONE or (self.mode == _NUMBER and not self.stack and self.sub[0] in _NUMBER_ENDS)
+        """Whether the text read so far is a whole valid document (a root number may still grow)."""
+        for stack, mode, sub, _, _ in self.threads:
+            if mode == _DONE:
+                return True
+            if stack is None and ((mode == _NUMBER and sub[0] in _NUMBER_ENDS) or (mode == _ENUM and sub[0] in sub[1])):
+                return True
+        return False
 
     @property
     def closed(self) -> bool:
-        """Whether the value is complete and nothing may follow (a root number may still grow)."""
-        return self.mode == _DONE
+        """Whether the document is complete and nothing may follow."""
+        return all(t[1] == _DONE for t in self.threads)
 
     def accepts(self, text: str) -> bool:
         return self.feed(text) is not None
 
     def feed(self, text: str) -> "JsonPrefix | None":
-        """The state after ``text`` is appended, or None if no valid JSON begins with the result."""
-        stack, mode, sub, ws, used, key, rule = self.stack, self.mode, self.sub, self.ws, self.used, self.key, self.rule
-        schema = self.schema
+        """The state after ``text`` is appended, or None if no valid document begins with the result."""
+        threads = self.threads
         for ch in text:
-            if mode == _STRING or mode == _KEY:
-                if sub == 0:
-                    if ch == '"':
-                        if mode == _KEY:
-                            if schema is not None and stack == "{":
-                                allowed = schema.allowed_keys(used)
-                                if allowed is not None and key not in allowed:
-                                    return None
-                                name = json.loads(f'"{key}"')
-                                if name in used:
-                                    return None
-                                used, rule = used | {name}, schema.properties.get(name)
-                            mode, ws = _COLON, 0
-                        else:
-                            mode, ws = (_AFTER if stack else _DONE), 0
-                        key = ""
-                        continue
-                    if ch == "\\":
-                        sub = -1
-                    elif ch < " ":
-                        return None
-                elif sub == -1:
-                    if ch not in _ESCAPES:
-                        return None
-                    sub = 4 if ch == "u" else 0
-                else:
-                    if ch not in _HEX:
-                        return None
-                    sub -= 1
-                if mode == _KEY and schema is not None and stack == "{":
-                    key += ch
-                    allowed = schema.allowed_keys(used)
-                    if allowed is not None and not any(k.startswith(key) for k in allowed):
-                        return None
+            if len(threads) == 1:
+                out = _step(threads[0], ch)
+                if out is None:
+                    return None
+                threads = tuple(dict.fromkeys(out))[:MAX_THREADS] if type(out) is list else (out,)
                 continue
-            if mode == _NUMBER:
-                state, integer = sub
-                nxt = _number_step(state, ch, integer)
-                if nxt is not None:
-                    sub = (nxt, integer)
-                    continue
-                if state not in _NUMBER_ENDS or not stack:
-                    return None
-                mode, ws = _AFTER, 0  # the number ended; read ch as what follows it
-            elif mode == _LITERAL:
-                if ch != sub[0]:
-                    return None
-                sub = sub[1:]
-                if not sub:
-                    mode, ws = (_AFTER if stack else _DONE), 0
-                continue
-            elif mode == _ENUM:
-                typed, options = sub
-                grown = typed + ch
-                if any(o.startswith(grown) for o in options):
-                    sub = (grown, options)
-                    continue
-                if typed not in options:
-                    return None
-                mode, ws = _AFTER, 0  # the value ended; read ch as what follows it
-            if ch in _WS:
-                if mode == _DONE or ws < 0 or ws >= MAX_WHITESPACE:
-                    return None
-                ws += 1
-                continue
-            if mode == _VALUE or mode == _ARR_FIRST:
-                if mode == _ARR_FIRST and ch == "]":
-                    stack = stack[:-1]
-                    mode, ws = (_AFTER if stack else _DONE), 0
-                    continue
-                if rule is not None:
-                    if rule.literals:
-                        if not any(o.startswith(ch) for o in rule.literals):
-                            return None
-                        mode, sub, ws, rule = _ENUM, (ch, rule.literals), 0, None
-                        continue
-                    if rule.first_chars and ch not in rule.first_chars:
-                        return None
-                integer = rule is not None and rule.integer
-                rule = None
-                ws = 0
-                if ch == "{":
-                    stack += "{"
-                    mode = _OBJ_FIRST
-                elif ch == "[":
-                    stack += "["
-                    mode = _ARR_FIRST
-                elif ch == '"':
-                    mode, sub = _STRING, 0
-                elif ch == "-" or ch in _DIGITS:
-                    mode, sub = _NUMBER, (_MINUS if ch == "-" else _ZERO if ch == "0" else _INT, integer)
-                elif ch in _LITERALS:
-                    mode, sub = _LITERAL, _LITERALS[ch]
-                else:
-                    return None
-                continue
-            if mode == _OBJ_FIRST or mode == _OBJ_KEY:
-                top = schema is not None and stack == "{"
-                if ch == '"':
-                    if top:
-                        allowed = schema.allowed_keys(used)
-                        if allowed is not None and not allowed:
-                            return None
-                    mode, sub, ws, key = _KEY, 0, 0, ""
-                    continue
-                if ch == "}" and mode == _OBJ_FIRST:
-                    if top and not schema.required <= used:
-                        return None
-                    stack = stack[:-1]
-                    mode, ws = (_AFTER if stack else _DONE), 0
-                    continue
+            merged: dict = {}
+            for thread in threads:
+                out = _step(thread, ch)
+                if type(out) is list:
+                    merged.update(dict.fromkeys(out))
+                elif out is not None:
+                    merged[out] = None
+            if not merged:
                 return None
-            if mode == _COLON:
-                if ch != ":":
+            threads = tuple(merged)[:MAX_THREADS]
+        return JsonPrefix(threads)
+
+
+def _ended(parent):
+    """The thread after a value closed inside ``parent`` (None: the root)."""
+    return _DONE_THREAD if parent is None else (parent, _AFTER, None, 0, None)
+
+
+def _step(thread, ch: str):
+    """A thread after ``ch``: None (ruled out), a thread, or a list of threads (a value that may follow
+    several schemas began)."""
+    stack, mode, sub, ws, node = thread
+    if mode == _STRING:  # a string with no rule on its content: only JSON's
+        if sub == 0:
+            if ch == '"':
+                return _ended(stack)
+            if ch == "\\":
+                return stack, _STRING, -1, 0, None
+            return None if ch < " " else thread
+        if sub == -1:
+            return None if ch not in _ESCAPES else (stack, _STRING, 4 if ch == "u" else 0, 0, None)
+        return None if ch not in _HEX else (stack, _STRING, sub - 1, 0, None)
+    if mode == _KEY or mode == _CSTRING:
+        return _string_step(stack, mode, sub, node, ch)
+    if mode == _NUMBER:
+        state, integer = sub
+        nxt = _number_step(state, ch, integer)
+        if nxt is not None:
+            return stack, _NUMBER, (nxt, integer), 0, None
+        if state not in _NUMBER_ENDS or stack is None:
+            return None
+        return _after(stack, ch)  # the number ended: ch is what follows it
+    if mode == _LITERAL:
+        if ch != sub[0]:
+            return None
+        return _ended(stack) if len(sub) == 1 else (stack, _LITERAL, sub[1:], 0, None)
+    if mode == _ENUM:
+        typed, options = sub
+        grown = typed + ch
+        left = tuple(o for o in options if o.startswith(grown))
+        if left:
+            return _ended(stack) if left == (grown,) else (stack, _ENUM, (grown, left), 0, None)
+        if typed not in options or stack is None:
+            return None
+        return _after(stack, ch)  # the value ended: ch is what follows it
+    if ch in _WS:
+        if mode == _DONE or ws < 0 or ws >= MAX_WHITESPACE:
+            return None
+        return stack, mode, sub, ws + 1, node
+    if mode == _VALUE:
+        return _start(stack, node, ch)
+    if mode == _AFTER:
+        return _after(stack, ch)
+    if mode == _COLON:
+        return (stack, _VALUE, None, 0, node) if ch == ":" else None
+    if mode == _OBJ_FIRST or mode == _OBJ_KEY:
+        obj, used = stack[1], stack[2]
+        if ch == '"':
+            return (stack, _KEY, _STR_KEY, 0, None) if _key_left(obj, used) else None
+        if ch == "}" and mode == _OBJ_FIRST and obj.required <= used:
+            return _ended(stack[3])
+        return None
+    if mode == _ARR_FIRST:
+        array = stack[1]
+        if ch == "]":
+            return _ended(stack[3]) if array.min_items == 0 else None
+        if array.max_items < 1:
+            return None
+        return _start(("[", array, 1, stack[3]), array.item(0), ch)
+    return None  # _DONE: nothing may follow the root value
+
+
+def _key_left(obj: Node, used: frozenset) -> bool:
+    """Whether another key may be written in an object."""
+    return obj.extra is not None or any(k not in used for k in obj.keys)
+
+
+def _after(stack, ch: str):
+    """After a value inside a container: whitespace, a separator or the container's end."""
+    if ch in _WS:
+        return stack, _AFTER, None, 1, None
+    kind, container, info, parent = stack
+    if ch == ",":
+        if kind == "{":
+            return (stack, _OBJ_KEY, None, 0, None) if _key_left(container, info) else None
+        if info >= container.max_items:
+            return None
+        return (kind, container, info + 1, parent), _VALUE, None, 0, container.item(info)
+    if kind == "{":
+        return _ended(parent) if ch == "}" and container.required <= info else None
+    return _ended(parent) if ch == "]" and info >= container.min_items else None
+
+
+def _start(stack, node: Node, ch: str):
+    """The threads of a value of schema ``node`` whose first character is ``ch``."""
+    leaves = node.leaves
+    if len(leaves) == 1:
+        return _start_leaf(stack, leaves[0], ch)
+    out = []
+    for leaf in leaves:
+        thread = _start_leaf(stack, leaf, ch)
+        if thread is not None:
+            out.append(thread)
+    return out or None
+
+
+def _start_leaf(stack, leaf: Node, ch: str):
+    if leaf.literals:
+        options = tuple(o for o in leaf.literals if o.startswith(ch))
+        if options:
+            return _ended(stack) if options == (ch,) else (stack, _ENUM, (ch, options), 0, None)
+    types = leaf.types
+    if ch == '"':
+        if leaf.strings is not None:
+            return stack, _CSTRING, _STR_KEY, 0, leaf
+        if "string" not in types:
+            return None
+        if leaf.min_length or leaf.max_length != float("inf"):
+            return stack, _CSTRING, _STR_VALUE, 0, leaf
+        return stack, _STRING, 0, 0, None
+    if ch == "{":
+        return (("{", leaf, frozenset(), stack), _OBJ_FIRST, None, 0, None) if "object" in types else None
+    if ch == "[":
+        return (("[", leaf, 0, stack), _ARR_FIRST, None, 0, None) if "array" in types else None
+    if ch == "-" or ch in _DIGITS:
+        if "number" not in types and "integer" not in types:
+            return None
+        return stack, _NUMBER, (_MINUS if ch == "-" else _ZERO if ch == "0" else _INT, "integer" in types), 0, None
+    if ch in _LITERALS and _LITERAL_TYPES[ch] in types:
+        return stack, _LITERAL, _LITERALS[ch], 0, None
+    return None
+
+
+def _string_step(stack, mode: int, sub: tuple, node: Node | None, ch: str):
+    """A key (``_KEY``) or a string whose content is checked (``_CSTRING``) after ``ch``."""
+    escape, code, high, length, text = sub
+    if escape == 0:
+        if ch == '"':
+            if mode == _CSTRING:
+                if length < node.min_length or (node.strings is not None and text not in node.strings):
                     return None
-                mode, ws = _VALUE, 0
-                continue
-            if mode == _AFTER:
-                top = schema is not None and stack == "{"
-                if ch == ",":
-                    if stack[-1] == "{":
-                        if top:
-                            allowed = schema.allowed_keys(used)
-                            if allowed is not None and not allowed:
-                                return None
-                        mode = _OBJ_KEY
-                    else:
-                        mode = _VALUE
-                    ws = 0
-                    continue
-                if ch == "}" and stack[-1] == "{":
-                    if top and not schema.required <= used:
-                        return None
-                elif not (ch == "]" and stack[-1] == "["):
-                    return None
-                stack = stack[:-1]
-                mode, ws = (_AFTER if stack else _DONE), 0
-                continue
-            return None  # _DONE: nothing may follow the root value
-        return JsonPrefix(stack, mode, sub, ws, schema, used, key, rule)
+                return _ended(stack)
+            kind, obj, used, parent = stack
+            value = obj.properties.get(text, obj.extra)
+            if text in used or value is None or not value.leaves:
+                return None
+            return (kind, obj, used | {text}, parent), _COLON, None, 0, value
+        if ch == "\\":
+            return (stack, mode, (-1, 0, high, length, text), 0, node) if _escape_ok(stack, mode, node, sub, 0, 0) \
+                else None
+        if ch < " ":
+            return None
+        return _add(stack, mode, node, high, length, text, ch)
+    if escape == -1:
+        if ch not in _ESCAPES or (ch == "/" and _candidates(stack, mode, node) is not None):
+            return None
+        if ch == "u":
+            return stack, mode, (4, 0, high, length, text), 0, node
+        return _add(stack, mode, node, high, length, text, _ESCAPES[ch])
+    if ch not in _HEX:
+        return None
+    code = code * 16 + int(ch, 16)
+    if not _escape_ok(stack, mode, node, sub, code, 5 - escape):
+        return None
+    if escape > 1:
+        return stack, mode, (escape - 1, code, high, length, text), 0, node
+    return _add(stack, mode, node, high, length, text, chr(code))
+
+
+def _candidates(stack, mode: int, node: Node | None):
+    """The strings a checked string may still become (an enum's, a closed object's unused keys); None: any."""
+    if mode == _CSTRING:
+        return node.strings
+    obj, used = stack[1], stack[2]
+    return None if obj.extra is not None else [k for k in obj.keys if k not in used]
+
+
+def _escape_ok(stack, mode: int, node: Node | None, sub: tuple, code: int, digits: int) -> bool:
+    """Whether a ``\\u`` escape whose first ``digits`` hex digits spell ``code`` can still give a character that
+    the string's rules allow next (checked as the digits come, so that no escape is begun that cannot end).
+
+    A string that must be one of given strings (an enum's, a closed object's keys) is written as JSON writers
+    write it: only characters ``json.dumps`` may escape (quote, backslash, control and non-ASCII characters)
+    come escaped, so a model cannot spend its tokens spelling ``"a"`` as ``"\\u0061"``."""
+    _, _, high, length, text = sub
+    candidates = _candidates(stack, mode, node)
+    if candidates is None:
+        if mode == _CSTRING and length >= node.max_length:
+            if not high:
+                return False
+            units = range(0xDC00, 0xE000)  # only a low surrogate, pairing with the high one, adds nothing
+        else:
+            return True
+    else:
+        units = set()
+        if high:  # a pair's second half: the low surrogate of a candidate's next character
+            base = text[:-1]
+            for s in candidates:
+                if len(s) > len(base) and s.startswith(base) and ord(s[len(base)]) > 0xFFFF:
+                    pair = s[len(base)].encode("utf-16-be")
+                    if pair[:2] == text[-1].encode("utf-16-be", "surrogatepass"):
+                        units.add(int.from_bytes(pair[2:], "big"))
+        for s in candidates:  # a character of its own (or, beyond the BMP, the first half of its pair)
+            if len(s) > len(text) and s.startswith(text):
+                unit = int.from_bytes(s[len(text)].encode("utf-16-be")[:2], "big")
+                if unit < 0x20 or unit == 0x22 or unit == 0x5C or unit >= 0x7F:
+                    units.add(unit)
+        if mode == _CSTRING and length >= node.max_length:
+            units = {u for u in units if 0xDC00 <= u < 0xE000}
+    shift = 4 * (4 - digits)
+    return any(unit >> shift == code for unit in units)
+
+
+def _add(stack, mode: int, node: Node | None, high: bool, length: int, text: str | None, char: str):
+    """A string's state after one more decoded character (a \\u surrogate pair is one code point)."""
+    pair = high and "\udc00" <= char <= "\udfff"
+    if not pair:
+        length += 1
+    if text is not None:
+        text = text[:-1] + (text[-1] + char).encode("utf-16", "surrogatepass").decode("utf-16") if pair \
+            else text + char
+    high = not pair and "\ud800" <= char <= "\udbff"
+    if mode == _CSTRING:
+        if length > node.max_length:
+            return None
+        if node.strings is not None and not high and not any(s.startswith(text) for s in node.strings):
+            return None
+    else:
+        obj, used = stack[1], stack[2]
+        if obj.extra is None and not high and not any(k.startswith(text) for k in obj.keys if k not in used):
+            return None
+    return stack, mode, (0, 0, high, length, text), 0, node
 
 
 def _number_step(state: int, ch: str, integer: bool) -> int | None:

@@ -3,22 +3,21 @@
 OpenAI's ``response_format`` (``{"type": "json_object"}``, or ``"json_schema"`` with a
 schema) is served by constraining decoding, per request, with the validator forced tool
 calls use (:mod:`qlora.infer.json_prefix`, :func:`qlora.infer.constrained.choose_token`):
-only tokens keeping the reply a prefix of valid JSON, whose top level follows the
-schema's enforced part (:func:`qlora.infer.json_prefix.unenforced_keywords` says what is
-not), may be chosen; once the value is complete the best-scored end-of-turn token ends the
+only tokens keeping the reply the prefix of a JSON document valid under the schema's
+enforced part (:mod:`qlora.infer.json_schema` says what is enforced, at every depth),
+may be chosen; once the value is complete the best-scored end-of-turn token ends the
 reply. The reply is whole JSON unless the token limit cuts it first (``finish_reason``
 ``"length"``, as OpenAI).
 """
 
 from __future__ import annotations
 
-from typing import Any, Mapping
-
 import torch
 
 from .constrained import TokenTexts, choose_token
 from .generate import SamplingOptions
-from .json_prefix import JsonPrefix, ObjectSchema
+from .json_prefix import JsonPrefix
+from .json_schema import Node
 
 
 class JsonReply:
@@ -26,20 +25,19 @@ class JsonReply:
 
     Args:
         tokenizer: the served tokenizer.
-        schema: the JSON Schema whose top level is enforced (its root must be an object); None:
-            any JSON object (``json_object``).
+        schema: the compiled JSON Schema the reply follows (:func:`~qlora.infer.json_schema.compile_schema`'s
+            root); None: any JSON value (an object if ``root_object``).
         stop_ids: end-of-turn tokens; the best-scored one ends the reply once the value is complete.
         root_object: without a schema, whether the value must be an object (``json_object``: yes).
     """
 
     prefix_ids: list[int] = []
 
-    def __init__(self, tokenizer, schema: Mapping[str, Any] | None, stop_ids: frozenset[int],
+    def __init__(self, tokenizer, schema: Node | None, stop_ids: frozenset[int],
                  root_object: bool = True) -> None:
         self.texts = TokenTexts.of(tokenizer)
         self.stop_ids = frozenset(stop_ids)
-        rules = ObjectSchema.from_json_schema(schema) if schema is not None else None
-        self.state = JsonPrefix.start(rules, root_object)
+        self.state = JsonPrefix.start(schema, root_object)
 
     def choose(self, logits: torch.Tensor, options: SamplingOptions, generator: torch.Generator | None) -> int | None:
         """The next token of the reply (None: no token of the vocabulary continues it)."""

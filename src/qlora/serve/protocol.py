@@ -29,21 +29,28 @@ its word-start space there, though decoding drops it from ``text``). End-of-turn
 first (the first token's logprob is null); ``max_tokens: 0`` scores the prompt only.
 
 ``response_format``: ``json_object`` (the reply is a JSON object) or ``json_schema``
-(a JSON value whose top level follows the schema), decoded under a constraint
-(:mod:`qlora.infer.json_reply`). Enforced: a root object's ``properties`` (JSON ``type``s,
-``enum``, ``const``), ``required`` and ``additionalProperties: false``; nested values are
-only valid JSON. With ``strict: true`` a schema asking for more (``items``, nested
-``properties``, ``pattern``, ``anyOf``, ``$ref``, length or range bounds, a non-object
-root, ...) is a 400 naming each such keyword, since the promise could not be kept; without
-it those parts are best effort (the reply is still valid JSON, the enforced part holds).
+(a JSON document valid under the schema), decoded under a constraint
+(:mod:`qlora.infer.json_reply`) that follows the whole schema, at every depth: the
+subset OpenAI's Structured Outputs documents (``type`` and type lists, ``properties``,
+``required``, ``additionalProperties``, ``items``, ``prefixItems``, ``minItems``/``maxItems``,
+``minLength``/``maxLength``, ``enum``/``const``, ``anyOf``, ``$ref`` into ``$defs`` or
+``definitions`` or ``#``, recursion included), plus ``oneOf`` whose alternatives exclude each
+other and ``allOf`` of one schema; :mod:`qlora.infer.json_schema` has the details. With
+``strict: true`` a schema asking for what cannot be enforced exactly (``pattern``,
+``format``, ``minimum``/``maximum``, ``multipleOf``, ``uniqueItems``, ``not``, ...) is a 400
+naming each such keyword by path, since the promise could not be kept; without it those
+keywords are ignored (the rest still holds). A schema no finite value satisfies (a
+``$ref`` cycle without content, a required property that may not appear, ...) is a 400.
 
 ``tool_choice``: 'auto' (default with tools: the model decides, its reply is parsed
 for calls), 'none' (tools shown, reply returned as text), 'required' (the reply is
 one call to one of the tools) and ``{"type": "function", "function": {"name": N}}``
 (one call to N, which must be among ``tools``). The last two are decoded under a
-constraint (:mod:`qlora.infer.forced_call`): the arguments are a JSON object whose
-top level follows the tool's ``parameters``; one call per reply, whatever
-``parallel_tool_calls`` says; a template whose call markup cannot be forced gets a 400.
+constraint (:mod:`qlora.infer.forced_call`): the arguments are a JSON object valid under
+the tool's ``parameters``, enforced as ``response_format``'s schemas are (a tool with
+``strict: true`` asking for what is not enforced is a 400, as is one no object satisfies);
+one call per reply, whatever ``parallel_tool_calls`` says; a template whose call markup
+cannot be forced gets a 400.
 """
 
 from __future__ import annotations
@@ -53,11 +60,16 @@ from typing import Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from ..infer.json_prefix import unenforced_keywords
+from ..infer.forced_call import tool_arguments
+from ..infer.json_schema import Node, SchemaError, compile_schema, unenforced_keywords
 from ..infer.messages import Message
 from ..infer.tool_calls import tool_definition_problem
 
 
+_ENFORCED = ("It enforces, at every depth, type, properties, required, additionalProperties, items, prefixItems, "
+             "minItems, maxItems, minLength, maxLength, enum, const, anyOf, oneOf of exclusive alternatives, "
+             "allOf of one schema and local $ref (recursion included); pattern, format, numeric bounds and the "
+             "rest are not.")
 MAX_STOP_STRINGS = 32  # OpenAI takes 4; eval harnesses send their task's stops plus EOS, often more
 
 
@@ -230,6 +242,28 @@ class ChatCompletionRequest(_Body):
                            "tool_choice")
         return name
 
+    def check_forced_schemas(self) -> None:
+        """400 for a forced call's tool whose ``parameters`` cannot be decoded under: no object satisfies
+        them, or the tool is ``strict`` and asks for what is not enforced."""
+        forced = self.forced_function()
+        if forced is None:
+            return
+        for i, tool in enumerate(self.function_tools()):
+            fn = tool["function"]
+            if forced and fn["name"] != forced:
+                continue
+            where = f"tools.{i}.function.parameters"
+            try:
+                tool_arguments(fn.get("parameters"))
+            except SchemaError as exc:
+                raise APIError(400, f"{where} of the function {fn['name']!r} cannot be followed: {exc}; fix the "
+                                    "schema", where) from None
+            missing = unenforced_keywords(fn.get("parameters", {}))
+            if missing and fn.get("strict"):
+                raise APIError(400, f"the function {fn['name']!r} is strict, but qlora serve cannot enforce these "
+                                    f"parts of its parameters: {', '.join(missing)}. {_ENFORCED} Send 'strict': "
+                                    "false to have them unchecked (the rest still holds)", where)
+
     def calls_tools(self) -> bool:
         """Whether the reply is read for tool calls: tools given and ``tool_choice`` not 'none'."""
         return bool(self.tools) and self.tool_choice != "none"
@@ -243,20 +277,21 @@ class ChatCompletionRequest(_Body):
                 raise APIError(400, f"'{legacy}' is OpenAI's deprecated form of '{now}'; send '{now}' instead "
                                     "(function tools: {'type': 'function', 'function': {...}})", legacy)
         self.function_tools()
-        self.forced_function()
+        self.check_forced_schemas()
         self.json_reply()
 
     def logprob_count(self) -> int | None:
         """Alternatives per token when logprobs are asked (0: the chosen token's only), else None."""
         return (self.top_logprobs or 0) if self.logprobs else None
 
-    def json_reply(self) -> tuple[dict[str, Any] | None, bool] | None:
-        """What ``response_format`` asks: None (text), or (the schema whose top level is enforced, None
-        for any value; whether the root must be an object).
+    def json_reply(self) -> tuple[Node | None, bool] | None:
+        """What ``response_format`` asks: None (text), or (the compiled schema the reply follows, None for
+        any value; without one, whether the value must be an object).
 
         Raises:
-            APIError: an unknown format, a malformed ``json_schema``, a ``strict`` schema asking for
-                what is not enforced, or a JSON format with tools the model may call.
+            APIError: an unknown format, a malformed ``json_schema``, a schema no value satisfies, a
+                ``strict`` schema asking for what is not enforced, or a JSON format with tools the model
+                may call.
         """
         fmt = self.response_format or {"type": "text"}
         kind = fmt.get("type")
@@ -279,16 +314,17 @@ class ChatCompletionRequest(_Body):
         if not isinstance(schema, dict):
             raise APIError(400, "'response_format.json_schema.schema' must be a JSON Schema object",
                            "response_format.json_schema.schema")
-        missing = unenforced_keywords(schema)
-        if missing and spec.get("strict"):
+        try:
+            compiled = compile_schema(schema)
+        except SchemaError as exc:
+            raise APIError(400, f"'response_format' json_schema {spec['name']!r} cannot be followed: {exc}; fix the "
+                                "schema", "response_format.json_schema.schema") from None
+        if compiled.unenforced and spec.get("strict"):
             raise APIError(400, f"'response_format' json_schema {spec['name']!r} is strict, but qlora serve cannot "
-                                f"enforce these parts of its schema: {', '.join(missing)}. It enforces a root "
-                                "object's properties (type, enum, const), required and additionalProperties; send "
-                                "'strict': false to have the rest as best effort (the reply is still valid JSON)",
+                                f"enforce these parts of its schema: {', '.join(compiled.unenforced)}. {_ENFORCED} "
+                                "Send 'strict': false to have them unchecked (the rest still holds)",
                            "response_format.json_schema.schema")
-        if schema.get("type") == "object":
-            return schema, True
-        return None, False  # best effort: any JSON value
+        return compiled.root, False
 
     def token_limit(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
