@@ -13,7 +13,7 @@ import transformers
 
 from qlora.cli.main import main
 from qlora.errors import UsageError
-from qlora.optim import SCHEDULES, lr_lambda, schedule_kwargs, schedule_name
+from qlora.optim import PLATEAU, SCHEDULES, lr_lambda, schedule_kwargs, schedule_name
 from qlora.train.config import load_config
 from qlora.train.trainer import Trainer, _make_scheduler
 
@@ -65,7 +65,7 @@ def test_every_step_has_transformers_rate(name, kwargs, warmup, total):
 
 
 def test_every_schedule_is_tested_and_transformers_constant_is_ours_without_warmup():
-    assert {schedule_name(n) for n, _ in CASES} == set(SCHEDULES)
+    assert {schedule_name(n) for n, _ in CASES} | {PLATEAU} == set(SCHEDULES)  # plateau: in a run, below
     ref_opt, opt = _two_groups(), _two_groups()
     ref = transformers.get_scheduler("constant", ref_opt, num_warmup_steps=5, num_training_steps=20)
     ours = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda("constant", 0, 20, LR))
@@ -89,6 +89,8 @@ def test_kwargs_and_defaults_are_transformers_own():
         if name == "warmup_stable_decay":
             theirs["num_decay_steps"] = None  # required by transformers; ours says so by name
         assert schedule_kwargs(name) == theirs, name
+    torch_plateau = inspect.signature(torch.optim.lr_scheduler.ReduceLROnPlateau).parameters.values()
+    assert schedule_kwargs(PLATEAU) == {p.name: p.default for p in torch_plateau if p.name != "optimizer"}
 
 
 @pytest.mark.parametrize("ratio, total", [(0.03, 100), (0.07, 100), (0.1, 7), (0.5, 3)])
@@ -114,7 +116,13 @@ def test_warmup_ratio_is_rounded_up_as_transformers_does(ratio, total, tmp_path)
      "decay_type must be one of linear, cosine, 1-sqrt; got 'exp'"),
     (["--lr-scheduler-kwargs", "num_cycles"], "--lr-scheduler-kwargs: 'num_cycles' is not KEY=VALUE"),
     (["--lr-scheduler-kwargs", "{num_cycles: 1}"], "is not a JSON object"),
-    (["--lr-scheduler", "reduce_lr_on_plateau"], "--lr-scheduler: reduce_lr_on_plateau is not available"),
+    (["--lr-scheduler", "reduce_lr_on_plateau"], "--lr-scheduler reduce_lr_on_plateau lowers the rate when the eval "
+                                                 "loss stops improving: give --eval-steps N and held-out data"),
+    (["--lr-scheduler", "reduce_lr_on_plateau", "--eval-steps", "2", "--eval-split", "0.2", "--lr-scheduler-kwargs",
+      "mode=max"], "mode must be min: the metric is the eval loss"),
+    (["--lr-scheduler", "reduce_lr_on_plateau", "--eval-steps", "2", "--eval-split", "0.2", "--lr-scheduler-kwargs",
+      "num_cycles=2"], "schedule reduce_lr_on_plateau does not take num_cycles"),
+    (["--lr-scheduler", "greedy"], "--lr-scheduler: greedy is not available: qlora does not implement"),
     (["--lr-scheduler", "cosine_annealing"], "unknown schedule 'cosine_annealing'; qlora's schedules are constant, "
                                              "linear, cosine"),
     (["--optim", "adafactor"], "--optim: 'adafactor' is not available: qlora trains with AdamW only"),
@@ -237,3 +245,32 @@ def test_resume_continues_the_schedule_exactly(tmp_path, tiny_model_dir, optim):
                                                   lr_scheduler_kwargs="num_decay_steps=3")))
     with pytest.raises(UsageError, match="lr_scheduler_kwargs"):
         refused.run()
+
+
+def test_reduce_lr_on_plateau_follows_the_eval_loss_as_transformers_and_resumes(tmp_path, tiny_model_dir):
+    data = _data(tmp_path / "d.jsonl")
+    plateau = {"patience": 1, "factor": 0.5, "threshold": 0.02, "threshold_mode": "abs"}
+    kw = dict(model=str(tiny_model_dir), data=str(data), optim="adamw", lr=1e-2, max_steps=10, save_steps=5,
+              batch_size=2, seq_len=64, dropout=0.0, progress=False, lora_plus_ratio=4, eval_split=3, eval_steps=1,
+              lr_scheduler="reduce_lr_on_plateau", lr_scheduler_kwargs=json.dumps(plateau), warmup_steps=3)
+    full = Trainer(load_config(None, kw | dict(output=str(tmp_path / "full")))).run()
+    records = [json.loads(line) for line in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
+    evals = [r["loss"] for r in records if r.get("split") == "eval"][:10]
+    opt = _two_groups(1e-2, 4)  # transformers' scheduler stepped with the same eval losses
+    ref = transformers.get_scheduler("reduce_lr_on_plateau", opt, num_warmup_steps=3, num_training_steps=10,
+                                     scheduler_specific_kwargs=dict(plateau))
+    expected = []
+    for loss in evals:
+        expected.append(opt.param_groups[0]["lr"])
+        ref.step(loss)
+    lrs = _lrs(tmp_path / "full")
+    assert lrs == expected and lrs[-1] < lrs[0] and lrs[0] == 1e-2  # no warmup, as transformers; it did lower
+    first = Trainer(load_config(None, kw | dict(output=str(tmp_path / "part"))))
+    first.setup()
+    first.total_steps = 5
+    first.train()
+    first.cleanup()
+    assert Trainer(load_config(None, kw | dict(output=str(tmp_path / "part"), resume=True))).run() == full
+    assert _lrs(tmp_path / "part") == lrs
+    with pytest.raises(UsageError, match="eval_steps"):  # its rates follow the evaluations: they define the run
+        Trainer(load_config(None, kw | dict(output=str(tmp_path / "part"), resume=True, eval_steps=2))).run()

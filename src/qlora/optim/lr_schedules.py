@@ -14,6 +14,11 @@ group keeps its ratio to the A group at every step. Kwargs given in absolute
 learning rates (``lr_end``, ``min_lr``) are relative to the run's ``--lr``, the
 A group's rate, as transformers takes them relative to the optimizer's
 default rate.
+
+``reduce_lr_on_plateau`` is torch's ``ReduceLROnPlateau``, as transformers
+builds it: no warmup, the rate multiplied by ``factor`` when the eval loss has
+not improved for ``patience`` evaluations; the trainer steps it after each
+periodic evaluation instead of after each optimizer step.
 """
 
 from __future__ import annotations
@@ -23,6 +28,8 @@ import math
 from collections.abc import Callable
 from functools import partial
 from typing import Any
+
+import torch
 
 LrLambda = Callable[[int], float]
 
@@ -203,7 +210,22 @@ def _warmup_stable_decay(warmup: int, total: int, lr: float, *, num_decay_steps:
                    num_cycles=_number("num_cycles", num_cycles, 0))
 
 
-SCHEDULES: dict[str, Callable[..., LrLambda]] = {
+def _reduce_lr_on_plateau(*, mode: str = "min", factor: float = 0.1, patience: int = 10, threshold: float = 1e-4,
+                          threshold_mode: str = "rel", cooldown: int = 0, min_lr: float = 0.0,
+                          eps: float = 1e-8) -> dict[str, Any]:
+    """torch's ReduceLROnPlateau options (and defaults), checked."""
+    if mode != "min":
+        raise ValueError(f"mode must be min: the metric is the eval loss, lower is better; got {mode!r}")
+    if threshold_mode not in ("rel", "abs"):
+        raise ValueError(f"threshold_mode must be rel or abs; got {threshold_mode!r}")
+    return dict(mode=mode, factor=_number("factor", factor, 0, 1, low_open=True, high_open=True),
+                patience=_number("patience", patience, 0, integer=True), threshold=_number("threshold", threshold, 0),
+                threshold_mode=threshold_mode, cooldown=_number("cooldown", cooldown, 0, integer=True),
+                min_lr=_number("min_lr", min_lr, 0), eps=_number("eps", eps, 0))
+
+
+PLATEAU = "reduce_lr_on_plateau"
+SCHEDULES: dict[str, Callable[..., Any]] = {
     "constant": _constant,
     "linear": _linear,
     "cosine": _cosine,
@@ -213,14 +235,13 @@ SCHEDULES: dict[str, Callable[..., LrLambda]] = {
     "cosine_with_min_lr": _cosine_with_min_lr,
     "cosine_warmup_with_min_lr": _cosine_warmup_with_min_lr,
     "warmup_stable_decay": _warmup_stable_decay,
+    PLATEAU: _reduce_lr_on_plateau,
 }
 # Other tools' names for one of ours.
 SCHEDULE_ALIASES = {"constant_with_warmup": "constant"}
 # transformers' schedules qlora does not run, and why.
 _REFUSED = {
-    "reduce_lr_on_plateau": "it lowers the rate when the eval loss stops improving, so it needs --eval-steps "
-                            "and held-out data",
-    "greedy": "transformers' GreedyLR raises and lowers the rate from a metric after every step",
+    "greedy": "qlora does not implement transformers' GreedyLR, which raises and lowers the rate from a metric",
 }
 
 
@@ -260,6 +281,13 @@ def lr_lambda(name: str, warmup: int, total: int, lr: float, kwargs: dict[str, A
     """
     name = schedule_name(name)
     kwargs = dict(kwargs or {})
+    _check_names(name, kwargs)
+    if name == PLATEAU:
+        raise ValueError(f"{PLATEAU} follows the eval loss, not the step; build it with make_scheduler")
+    return SCHEDULES[name](warmup, total, lr, **kwargs)
+
+
+def _check_names(name: str, kwargs: dict[str, Any]) -> None:
     valid = schedule_kwargs(name)
     bad = [k for k in kwargs if k not in valid]
     if bad:
@@ -267,4 +295,33 @@ def lr_lambda(name: str, warmup: int, total: int, lr: float, kwargs: dict[str, A
         elsewhere = f" ({'it belongs' if len(bad) == 1 else 'they belong'} to {', '.join(others)})" if others else ""
         takes = f"it takes {', '.join(valid)}" if valid else "it takes none"
         raise ValueError(f"schedule {name} does not take {', '.join(bad)}{elsewhere}; {takes}")
-    return SCHEDULES[name](warmup, total, lr, **kwargs)
+
+
+def check_schedule(name: str, lr: float, kwargs: dict[str, Any] | None = None) -> None:
+    """Check the schedule's name and kwargs (names and values) before a run knows its steps.
+
+    Raises:
+        ValueError: as :func:`lr_lambda`.
+    """
+    name = schedule_name(name)
+    _check_names(name, kwargs or {})
+    if name == PLATEAU:
+        _reduce_lr_on_plateau(**(kwargs or {}))
+    else:
+        lr_lambda(name, 0, 0, lr, kwargs)
+
+
+def make_scheduler(name: str, optimizer: torch.optim.Optimizer, warmup: int, total: int,
+                   kwargs: dict[str, Any] | None = None) -> torch.optim.lr_scheduler.LRScheduler:
+    """The scheduler of schedule ``name`` over ``optimizer``: a ``LambdaLR`` stepped after each optimizer
+    step, or for ``reduce_lr_on_plateau`` a ``ReduceLROnPlateau`` stepped with each eval loss. Rates in
+    kwargs are relative to the optimizer's default ``lr``.
+
+    Raises:
+        ValueError: as :func:`lr_lambda`.
+    """
+    if schedule_name(name) == PLATEAU:
+        _check_names(PLATEAU, kwargs or {})
+        return torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, **_reduce_lr_on_plateau(**(kwargs or {})))
+    lr = optimizer.defaults["lr"]
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(name, warmup, total, lr, kwargs))

@@ -24,7 +24,7 @@ from qlora.quant import BLOCKSIZES
 from qlora.train.data.fields import parse_data_fields
 
 from qlora.optim import (
-    OPTIMIZER_ALIASES, OPTIMIZERS, SCHEDULE_ALIASES, SCHEDULES, lr_lambda, optimizer_name, schedule_name,
+    OPTIMIZER_ALIASES, OPTIMIZERS, PLATEAU, SCHEDULE_ALIASES, SCHEDULES, check_schedule, optimizer_name, schedule_name,
 )
 
 QUANTS = ("nf4", "fp4", "none")
@@ -133,8 +133,9 @@ class TrainConfig:
     neftune_alpha: float = _opt(0.0, "NEFTune: add uniform noise of scale alpha/sqrt(tokens x width) to the token "
                                      "embeddings while training (the paper uses 5; 0: off)", range=NON_NEGATIVE)
     lr_scheduler: str = _opt("constant", "learning-rate schedule, transformers' lr_scheduler_type with the same "
-                                         f"rate at every step: {', '.join(SCHEDULES)}; every one warms up over the "
-                                         "warmup steps (constant_with_warmup = constant)")
+                                         f"rate at every step: {', '.join(SCHEDULES)}; all but {PLATEAU} (which "
+                                         "follows the eval loss of --eval-steps) warm up over the warmup steps, "
+                                         "constant too (constant_with_warmup = constant)")
     lr_scheduler_kwargs: str = _opt("", "the schedule's own options, as JSON or KEY=VALUE,... (YAML: a mapping), "
                                         "e.g. min_lr_rate=0.1 for cosine_with_min_lr, num_decay_steps=100 for "
                                         "warmup_stable_decay, num_cycles, power, lr_end, timescale")
@@ -195,6 +196,8 @@ class TrainConfig:
         values = {k: getattr(self, k) for k in _RUN_DEFINING}
         if self.method != "sft":  # absent for SFT, so checkpoints from before preference methods still resume
             values.update({k: getattr(self, k) for k in ("method", "beta", "label_smoothing", "precompute_ref")})
+        if self.lr_scheduler == PLATEAU:  # its rates follow the eval losses
+            values.update({k: getattr(self, k) for k in ("eval_data", "eval_data_split", "eval_steps")})
         values["global_batch"] = values.pop("batch_size") * values.pop("grad_accum") * world_size
         return values
 
@@ -259,9 +262,13 @@ class TrainConfig:
                 raise UsageError(f"--{_flag(name)}: {exc}") from None
         kwargs = parse_schedule_kwargs(self.lr_scheduler_kwargs)
         try:  # the steps are known only once the data is read; the trainer checks them against the schedule
-            lr_lambda(self.lr_scheduler, 0, 0, self.lr, kwargs)
+            check_schedule(self.lr_scheduler, self.lr, kwargs)
         except ValueError as exc:
             raise UsageError(f"--lr-scheduler-kwargs: {exc}.") from None
+        if self.lr_scheduler == PLATEAU and not (self.eval_steps and (self.eval_data or self.eval_split)):
+            raise UsageError(f"--lr-scheduler {PLATEAU} lowers the rate when the eval loss stops improving: give "
+                             "--eval-steps N and held-out data (--eval-data or --eval-split), as transformers "
+                             "needs an eval strategy for it.")
 
     def _validate_adapter(self) -> None:
         """--adapter brings its own LoRA settings: giving them too is a contradiction, said before the load."""

@@ -42,7 +42,7 @@ from qlora.cpu_threads import apply_cpu_threads
 from qlora.errors import UsageError
 from qlora.model.chat_format import ChatFormat, stop_token_ids, today
 from qlora.model.quantize import non_text_names
-from qlora.optim import create_optimizer, lora_plus_param_groups, lr_lambda
+from qlora.optim import create_optimizer, lora_plus_param_groups, make_scheduler
 from qlora.output_folder import check_output, clear_owned, record, staged_output
 from qlora.train.config import TrainConfig, parse_pattern, parse_schedule_kwargs
 from qlora.train.distributed import DistContext, all_reduce_grads, shard_fsdp, wrap_ddp
@@ -85,7 +85,7 @@ def _make_optimizer(cfg: TrainConfig, params: list[torch.nn.Parameter] | list[di
         raise UsageError(f"--optim {cfg.optim}: {exc}") from exc
 
 
-def _make_scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer, total: int) -> torch.optim.lr_scheduler.LambdaLR:
+def _make_scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer, total: int) -> torch.optim.lr_scheduler.LRScheduler:
     """--lr-scheduler over ``total`` steps; warmup: --warmup-steps, else --warmup-ratio of the steps rounded up
     (transformers' ``get_warmup_steps``)."""
     warmup = cfg.warmup_steps or math.ceil(total * cfg.warmup_ratio)
@@ -97,7 +97,7 @@ def _make_scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer, total: i
             raise UsageError(f"--lr-scheduler warmup_stable_decay: its phases ({shown} steps) exceed the run's "
                              f"{total} steps; lower num_decay_steps in --lr-scheduler-kwargs or train longer.")
     try:
-        return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.lr_scheduler, warmup, total, cfg.lr, kwargs))
+        return make_scheduler(cfg.lr_scheduler, optimizer, warmup, total, kwargs)
     except ValueError as exc:
         raise UsageError(f"--lr-scheduler-kwargs: {exc}.") from None
 
@@ -226,6 +226,7 @@ class Trainer:
             params = lora_plus_param_groups(self.model, cfg.lr, cfg.lora_plus_ratio, cfg.weight_decay)
         self.optimizer = _make_optimizer(cfg, params)
         self.scheduler = _make_scheduler(cfg, self.optimizer, self.total_steps)
+        self.on_plateau = isinstance(self.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)  # steps on eval loss
         self.scaler = torch.amp.GradScaler(self.device.type) if self.dtype == torch.float16 else None
         if resume_from is not None:
             self._load_checkpoint(resume_from)
@@ -430,7 +431,9 @@ class Trainer:
                 if self.step % cfg.logging_steps == 0 or self.step == self.total_steps:
                     self.metrics.log(record)
                 if cfg.eval_steps and self.step % cfg.eval_steps == 0 and self.eval_units:
-                    self.evaluate()
+                    loss = self.evaluate()["loss"]
+                    if self.on_plateau:
+                        self.scheduler.step(loss)
                 if cfg.save_steps and self.step % cfg.save_steps == 0:
                     self.save_checkpoint()
             if self._stop_requested():
@@ -489,7 +492,7 @@ class Trainer:
         grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
         if not math.isfinite(grad_norm) and self.scaler is None:
             self._stop_nonfinite("gradient", batches[-1])
-        lr = self.scheduler.get_last_lr()[0]
+        lr = self.optimizer.param_groups[0]["lr"]
         if self.scaler:
             self.scaler.step(self.optimizer)
             self.scaler.update()
@@ -497,7 +500,8 @@ class Trainer:
             self.optimizer.step()
         if self.adapter_hooks is not None:
             self.adapter_hooks.after_step(self.step)
-        self.scheduler.step()
+        if not self.on_plateau:
+            self.scheduler.step()
         sums = torch.tensor([total, sum(b["input_ids"].numel() for b in batches)], dtype=torch.float64,
                             device=self.device)
         total, n_tokens = self.dist.all_reduce_sum(sums).tolist()
