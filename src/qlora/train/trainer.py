@@ -257,6 +257,12 @@ class Trainer:
                 shown = ", ".join(f"{k}: {saved.get(k)!r} -> {current[k]!r}" for k in differ)
                 raise UsageError(f"--resume: the checkpoint in {self.out} was made with a different config ({shown}); "
                                  "resume with the original options or train into a new --output")
+            if "lr_scheduler_kwargs" not in saved:  # written before the schedules followed transformers
+                logging.getLogger("qlora").warning(
+                    "qlora: %s was written by an older qlora, whose warmup rose as (step+1)/(warmup+1) over "
+                    "int(ratio x steps) steps; the run continues on transformers' schedule (step/warmup over "
+                    "ceil(ratio x steps) steps), so its learning rates can differ slightly from before.",
+                    checkpoints[-1])
             return checkpoints[-1]
         check_output(self.out, overwrite=cfg.overwrite, writes=RUN_ENTRIES + _TOKENIZER_FILES,
                      alternative="--resume to continue its run",
