@@ -189,7 +189,8 @@ def _cosine_warmup_with_min_lr(warmup: int, total: int, lr: float, *, num_cycles
     if warmup_lr_rate is not None:
         warmup_lr_rate = _number("warmup_lr_rate", warmup_lr_rate, 0, 1)
     return partial(_cosine_warmup_min_lr_factor, warmup=warmup, total=total,
-                   num_cycles=_number("num_cycles", num_cycles, 0), min_lr_rate=_min_lr_rate("cosine_warmup_with_min_lr", lr, min_lr, min_lr_rate),
+                   num_cycles=_number("num_cycles", num_cycles, 0),
+                   min_lr_rate=_min_lr_rate("cosine_warmup_with_min_lr", lr, min_lr, min_lr_rate),
                    warmup_lr_rate=warmup_lr_rate)
 
 

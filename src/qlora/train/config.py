@@ -36,7 +36,8 @@ METHODS = ("sft", "dpo", "orpo")
 _RUN_DEFINING = (
     "model", "adapter", "data", "data_split", "data_subset", "quant", "double_quant", "blocksize", "rank", "alpha", "dropout", "target_modules",
     "target_parameters",
-    "rslora", "rank_pattern", "alpha_pattern", "lora_bias", "bias", "dora", "init", "loftq_iter", "seq_len", "batch_size", "grad_accum", "lr", "lr_scheduler", "lr_scheduler_kwargs", "warmup_ratio", "warmup_steps",
+    "rslora", "rank_pattern", "alpha_pattern", "lora_bias", "bias", "dora", "init", "loftq_iter", "seq_len", "batch_size", "grad_accum", "lr", "lr_scheduler",
+    "lr_scheduler_kwargs", "warmup_ratio", "warmup_steps",
     "epochs", "max_steps", "optim", "max_samples", "eval_split", "lora_plus_ratio", "neftune_alpha",
     "weight_decay", "adam_beta1", "adam_beta2", "adam_epsilon", "max_grad_norm", "packing", "template", "format",
     "data_fields",

@@ -85,7 +85,8 @@ def _make_optimizer(cfg: TrainConfig, params: list[torch.nn.Parameter] | list[di
         raise UsageError(f"--optim {cfg.optim}: {exc}") from exc
 
 
-def _make_scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer, total: int) -> torch.optim.lr_scheduler.LRScheduler:
+def _make_scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer,
+                    total: int) -> torch.optim.lr_scheduler.LRScheduler:
     """--lr-scheduler over ``total`` steps; warmup: --warmup-steps, else --warmup-ratio of the steps rounded up
     (transformers' ``get_warmup_steps``)."""
     warmup = cfg.warmup_steps or math.ceil(total * cfg.warmup_ratio)
