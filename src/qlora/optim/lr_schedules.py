@@ -304,12 +304,15 @@ def check_schedule(name: str, lr: float, kwargs: dict[str, Any] | None = None) -
     Raises:
         ValueError: as :func:`lr_lambda`.
     """
-    name = schedule_name(name)
-    _check_names(name, kwargs or {})
-    if name == PLATEAU:
-        _reduce_lr_on_plateau(**(kwargs or {}))
+    if schedule_name(name) == PLATEAU:
+        _plateau_options(kwargs)
     else:
         lr_lambda(name, 0, 0, lr, kwargs)
+
+
+def _plateau_options(kwargs: dict[str, Any] | None) -> dict[str, Any]:
+    _check_names(PLATEAU, kwargs or {})
+    return _reduce_lr_on_plateau(**(kwargs or {}))
 
 
 def make_scheduler(name: str, optimizer: torch.optim.Optimizer, warmup: int, total: int,
@@ -322,7 +325,6 @@ def make_scheduler(name: str, optimizer: torch.optim.Optimizer, warmup: int, tot
         ValueError: as :func:`lr_lambda`.
     """
     if schedule_name(name) == PLATEAU:
-        _check_names(PLATEAU, kwargs or {})
-        return torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, **_reduce_lr_on_plateau(**(kwargs or {})))
+        return torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, **_plateau_options(kwargs))
     lr = optimizer.defaults["lr"]
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(name, warmup, total, lr, kwargs))

@@ -334,10 +334,10 @@ def parse_pattern(name: str, spec: str) -> dict[str, float]:
     return out
 
 
-def parse_schedule_kwargs(text: str) -> dict[str, Any]:
+def parse_schedule_kwargs(text: str | None) -> dict[str, Any]:
     """``--lr-scheduler-kwargs`` as a dict: a JSON object or ``KEY=VALUE,...`` (each value read as JSON
-    when it is JSON, e.g. a number, else as text)."""
-    text = text.strip()
+    when it is JSON, e.g. a number, else as text); empty or None (YAML ``null``): none."""
+    text = (text or "").strip()
     if text.startswith("{"):
         try:
             value = json.loads(text)
