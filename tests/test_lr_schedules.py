@@ -277,3 +277,26 @@ def test_reduce_lr_on_plateau_follows_the_eval_loss_as_transformers_and_resumes(
     assert _lrs(tmp_path / "part") == lrs
     with pytest.raises(UsageError, match="eval_steps"):  # its rates follow the evaluations: they define the run
         Trainer(load_config(None, kw | dict(output=str(tmp_path / "part"), resume=True, eval_steps=2))).run()
+
+
+def test_axolotl_cosine_min_lr_ratio_is_cosine_with_min_lr(tmp_path):
+    """axolotl's get_cosine_schedule_with_min_lr: warmup, then (1 - ratio) x half-cosine + ratio."""
+    import math
+
+    config = tmp_path / "axolotl.yaml"
+    config.write_text("base_model: m\ndataset: d\noutput_dir: o\nlr_scheduler: cosine\ncosine_min_lr_ratio: 0.1\n")
+    cfg = load_config(config, {})
+    assert (cfg.lr_scheduler, json.loads(cfg.lr_scheduler_kwargs)) == ("cosine_with_min_lr", {"min_lr_rate": 0.1})
+    factor = lr_lambda(cfg.lr_scheduler, 4, 30, cfg.lr, json.loads(cfg.lr_scheduler_kwargs))
+
+    def axolotl(step, warmup=4, total=30, ratio=0.1):  # axolotl.utils.schedulers' formula
+        if step < warmup:
+            return float(step) / float(max(1, warmup))
+        progress = float(step - warmup) / float(max(1, total - warmup))
+        return (1 - ratio) * (0.5 * (1.0 + math.cos(math.pi * progress))) + ratio
+
+    assert [factor(s) for s in range(31)] == [axolotl(s) for s in range(31)]
+    config.write_text("base_model: m\ndataset: d\noutput_dir: o\nlr_scheduler: linear\ncosine_min_lr_ratio: 0.1\n")
+    with pytest.raises(UsageError, match="axolotl.yaml line 5: cosine_min_lr_ratio .axolotl. sets the floor of "
+                                         "lr_scheduler: cosine; this config's schedule is linear"):
+        load_config(config, {})

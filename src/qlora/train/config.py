@@ -489,6 +489,20 @@ def _adapter_base(values: dict[str, Any]) -> None:
                   f"continuing with {values[key]} changes the base weights it corrects", file=sys.stderr)
 
 
+def _cosine_floor(values: dict[str, Any], ratio: Any, where: str) -> None:
+    """axolotl's ``cosine_min_lr_ratio`` with its ``lr_scheduler: cosine`` is transformers' cosine_with_min_lr with
+    ``min_lr_rate`` (the same formula: warmup, then cosine from 1 down to the ratio)."""
+    schedule = values.get("lr_scheduler", "constant")
+    if schedule != "cosine":
+        raise UsageError(f"{where}: cosine_min_lr_ratio (axolotl) sets the floor of lr_scheduler: cosine; this config's "
+                         f"schedule is {schedule}. Drop it, or use lr_scheduler: cosine.")
+    kwargs = parse_schedule_kwargs(values.get("lr_scheduler_kwargs"))
+    if {"min_lr", "min_lr_rate"} & set(kwargs):
+        raise UsageError(f"{where}: cosine_min_lr_ratio and lr_scheduler_kwargs both set the cosine's floor; keep one.")
+    values["lr_scheduler"] = "cosine_with_min_lr"
+    values["lr_scheduler_kwargs"] = json.dumps(kwargs | {"min_lr_rate": ratio})
+
+
 def load_config(yaml_path: str | Path | None, overrides: dict[str, Any]) -> TrainConfig:
     """Build a config from an optional YAML file, then ``overrides`` (flags win).
 
@@ -514,6 +528,8 @@ def load_config(yaml_path: str | Path | None, overrides: dict[str, Any]) -> Trai
         for key, value in loaded.items():
             where = f"{path} line {lines.get(str(key), '?')}"
             name = canonical_name(str(key))
+            if name == "cosine_min_lr_ratio":
+                continue  # axolotl's, read below with the schedule it changes
             if name in VALUE_ALIASES:
                 name, mapping = VALUE_ALIASES[name]
                 if not isinstance(value, bool):
@@ -529,6 +545,8 @@ def load_config(yaml_path: str | Path | None, overrides: dict[str, Any]) -> Trai
                 raise UsageError(f"{where}: {key} and {given_as[name]} both set {name}; keep one.")
             given_as[name] = str(key)
             values[name] = _coerce(name, value, field_type(by_name[name]), where)
+        if "cosine_min_lr_ratio" in loaded:
+            _cosine_floor(values, loaded["cosine_min_lr_ratio"], f"{path} line {lines['cosine_min_lr_ratio']}")
     for key, value in overrides.items():
         name = key.replace("-", "_")
         if name not in by_name:
