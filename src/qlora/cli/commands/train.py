@@ -32,8 +32,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction,
                                 default=argparse.SUPPRESS, help=help_text)
         else:
-            # Choices are checked by TrainConfig.validate, which also takes other tools' names (--optim adamw_torch).
-            parser.add_argument(flag, dest=f.name, default=argparse.SUPPRESS, metavar=f.name.upper(), help=help_text)
+            # --optim and --lr-scheduler have no fixed choices: TrainConfig takes other tools' names for them too.
+            parser.add_argument(flag, dest=f.name, default=argparse.SUPPRESS, metavar=f.name.upper(),
+                                choices=f.metadata["choices"], help=help_text)
 
 
 def torchrun_argv(args: argparse.Namespace) -> list[str]:
