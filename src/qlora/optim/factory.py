@@ -30,6 +30,10 @@ _NOT_THE_SAME = {
     "adamw_torch_8bit": "torchao's 8-bit AdamW quantizes its states differently from bitsandbytes' (qlora's "
                         "adamw_8bit)",
     "adamw_torch_4bit": "torchao's 4-bit AdamW is not implemented",
+    "adamw_torch_xla": "it is torch's AdamW for TPUs, which qlora does not run on (adamw is the same update on CUDA "
+                       "and the CPU)",
+    "adamw_torch_npu_fused": "it is torch's AdamW fused for Ascend NPUs, which qlora does not run on (adamw is the "
+                             "same update on CUDA and the CPU)",
 }
 
 _FIXED_BY_NAME = {"state_bits", "paged"}
