@@ -84,7 +84,9 @@ def test_every_numeric_option_of_every_command_declares_a_range():
 
 
 def test_help_shows_choices_ranges_and_defaults(capsys):
-    for argv, expected in ((["train", "--help"], ["one of cosine, linear, constant", "at least 1; default: 16",
+    for argv, expected in ((["train", "--help"], ["constant, linear, cosine, cosine_with_restarts, polynomial",
+                                                  "one of nf4, fp4, none", "at least 1; default: 16",
+                                                  "transformers' name for one of them (adamw_torch,",
                                                   "default: paged_adamw_32bit", "in [0, 1)"]),
                            (["generate", "--help"], ["in (0, 1]", "default: 0.9", "default: 0"]),
                            (["eval", "--help"], ["one of auto, alpaca", "default: 4"])):

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from qlora.optim import AdamW, AdamW8bit, PagedAdamW, PagedAdamW8bit
+from qlora.optim import AdamW, AdamW8bit, PagedAdamW, PagedAdamW8bit, create_optimizer
 
 
 def _groups(seed: int) -> list[torch.nn.Parameter]:
@@ -39,6 +39,26 @@ def test_adamw_32bit_matches_torch_over_200_steps():
         ref_opt.step()
     for a, b in zip(ours, ref):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("name", ["adamw", "paged_adamw_32bit"])
+@pytest.mark.parametrize("betas, eps", [((0.9, 0.95), 1e-6), ((0.85, 0.99), 1e-5), ((0.0, 0.5), 1e-3)])
+def test_32bit_matches_torch_with_other_betas_and_eps(name, betas, eps):
+    """--adam-beta1/--adam-beta2/--adam-epsilon reach the update as torch.optim.AdamW uses them."""
+    ours, ref = _groups(1), _groups(1)
+    opt = create_optimizer(name, _param_groups(ours)[:2], betas=betas, eps=eps, weight_decay=0.01)
+    ref_opt = torch.optim.AdamW(_param_groups(ref)[:2], betas=betas, eps=eps, weight_decay=0.01)
+    default = torch.optim.AdamW(_param_groups(_groups(1))[:2], weight_decay=0.01)
+    for step in range(100):
+        for ps in (ours, ref, default.param_groups[0]["params"] + default.param_groups[1]["params"]):
+            for p, g in zip(ps, _grads(ps, step)):
+                p.grad = g
+        opt.step()
+        ref_opt.step()
+        default.step()
+    for a, b in zip(ours[:3], ref[:3]):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    assert not torch.allclose(ours[0], default.param_groups[0]["params"][0], rtol=1e-4, atol=1e-6)
 
 
 @pytest.mark.parametrize("cls", [PagedAdamW, PagedAdamW8bit, AdamW8bit])
@@ -86,7 +106,8 @@ def test_8bit_tracks_32bit_on_regression():
     assert eight == pytest.approx(full, rel=0.02)
 
 
-def test_8bit_step_matches_bitsandbytes_cpu():
+@pytest.mark.parametrize("betas, eps", [((0.9, 0.999), 1e-8), ((0.85, 0.95), 1e-6)])
+def test_8bit_step_matches_bitsandbytes_cpu(betas, eps):
     """Per-step parameters and quantized states equal bitsandbytes' CPU kernel
     bit for bit: same dequantize -> float32 update -> requantize order, and our
     blockwise quantizer reproduces its lookup-table rounding."""
@@ -94,8 +115,8 @@ def test_8bit_step_matches_bitsandbytes_cpu():
     torch.manual_seed(0)
     ours = torch.nn.Parameter(torch.randn(70, 77))  # 5390 elements: a partial last block
     theirs = torch.nn.Parameter(ours.detach().clone())
-    opt = AdamW8bit([ours], lr=1e-2, weight_decay=0.1)
-    ref = bnb.optim.AdamW8bit([theirs], lr=1e-2, weight_decay=0.1)
+    opt = AdamW8bit([ours], lr=1e-2, weight_decay=0.1, betas=betas, eps=eps)
+    ref = bnb.optim.AdamW8bit([theirs], lr=1e-2, weight_decay=0.1, betas=betas, eps=eps)
     for step in range(10):
         g = torch.randn_like(ours) * (10.0 ** (step % 3 - 1))
         ours.grad, theirs.grad = g.clone(), g.clone()

@@ -4,11 +4,13 @@ by-name factory and its errors."""
 from __future__ import annotations
 
 import io
+import re
 
 import pytest
 import torch
+from transformers.training_args import OptimizerNames
 
-from qlora.optim import OPTIMIZERS, AdamW, create_optimizer, lora_plus_param_groups
+from qlora.optim import OPTIMIZER_ALIASES, OPTIMIZERS, AdamW, create_optimizer, lora_plus_param_groups
 
 _PAGING = dict(page_budget_bytes=2 * 8192, page_bytes=8192)
 
@@ -118,8 +120,19 @@ def test_lora_plus_rejects_bad_values(kw):
 
 
 def test_unknown_name_lists_valid_names():
-    with pytest.raises(ValueError, match="adamw, adamw_8bit, paged_adamw_32bit, paged_adamw_8bit"):
+    with pytest.raises(ValueError, match=re.escape("Optimizers: adamw (= adamw_torch, adamw_torch_fused), adamw_8bit "
+                                                   "(= adamw_bnb_8bit), paged_adamw_32bit, paged_adamw_8bit.")):
         create_optimizer("adam_9bit", _params())
+    with pytest.raises(ValueError, match="adamw_torch_8bit'? is not available: torchao's 8-bit AdamW"):
+        create_optimizer("adamw_torch_8bit", _params())
+
+
+@pytest.mark.parametrize("alias, ours", sorted(OPTIMIZER_ALIASES.items()))
+def test_transformers_names_build_the_same_optimizer(alias, ours):
+    assert OptimizerNames(alias)  # a name transformers' optim takes
+    by_alias, by_name = create_optimizer(alias, _params()), create_optimizer(ours, _params())
+    assert type(by_alias) is type(by_name)
+    assert (by_alias.state_bits, by_alias.paged) == (by_name.state_bits, by_name.paged)
 
 
 @pytest.mark.parametrize(

@@ -177,7 +177,7 @@ def test_resume_with_different_config_is_refused(tmp_path, tiny_model_dir, capsy
     assert sorted(p.name for p in out.rglob("*")) == before
 
 
-def test_resume_of_a_checkpoint_older_than_an_option_uses_its_default(tmp_path, tiny_model_dir, capsys):
+def test_resume_of_a_checkpoint_older_than_an_option_uses_its_default(tmp_path, tiny_model_dir, capsys, caplog):
     """Options added to qlora after a checkpoint was written are absent from its run_config.json:
     the run used their default, so resuming with the default is no config change; another value is."""
     from qlora.train.trainer import list_checkpoints
@@ -190,12 +190,18 @@ def test_resume_of_a_checkpoint_older_than_an_option_uses_its_default(tmp_path, 
     for ckpt in list_checkpoints(out):
         run_config = ckpt / "run_config.json"
         saved = json.loads(run_config.read_text())
-        del saved["data_fields"], saved["system_into_user"]
+        for key in ("data_fields", "system_into_user", "lr_scheduler_kwargs", "adam_beta1", "adam_beta2",
+                    "adam_epsilon"):
+            del saved[key]
         run_config.write_text(json.dumps(saved))
     code, err = _run(argv + ["--resume", "--data-fields", "output=answer"], capsys)
     assert code == 2 and "data_fields: None -> 'output=answer'" in err
-    code, err = _run(argv + ["--resume"], capsys)
+    code, err = _run(argv + ["--resume", "--adam-beta2", "0.95"], capsys)
+    assert code == 2 and "adam_beta2: None -> 0.95" in err
+    with caplog.at_level("WARNING", logger="qlora"):
+        code, err = _run(argv + ["--resume", "--lr-scheduler", "constant_with_warmup"], capsys)  # = constant
     assert code == 0, err
+    assert any("written by an older qlora, whose warmup" in r.getMessage() for r in caplog.records)
 
 
 def test_subprocess_unknown_flag(tmp_path):
@@ -237,7 +243,7 @@ def test_adapters_a_batch_does_not_reach_are_a_warning_and_the_rest_train(tmp_pa
     from qlora.nn import LoraLinear
 
     data = _write(tmp_path / "d.jsonl", FORMATS["alpaca"])
-    t = Trainer(_config(tiny_model_dir, data, tmp_path / "o", max_steps=2))
+    t = Trainer(_config(tiny_model_dir, data, tmp_path / "o", max_steps=2, warmup_ratio=0))  # step 1 moves the weights
     t.setup()
     unreached = [name for name, layer in t.model.named_modules()
                  if isinstance(layer, LoraLinear) and ".layers.1." in name]

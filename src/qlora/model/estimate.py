@@ -27,6 +27,7 @@ import torch
 from ..errors import UsageError
 from ..nn import experts_layout
 from ..nn.chunked_ce import CHUNK_ROWS
+from ..optim import optimizer_name  # the names qlora train --optim takes, aliases included
 from ..quant import BLOCKSIZES
 from ..quant.double_quant import NESTED_BLOCKSIZE
 from .architecture import text_model_from_config
@@ -34,7 +35,6 @@ from .quantize import fp32_linear_names, is_plain_linear, kept_dense_names, kept
 
 GIB = 1024**3
 QUANT_TYPES = ("nf4", "fp4", "none")
-OPTIMIZERS = ("adamw", "adamw_8bit", "paged_adamw_32bit", "paged_adamw_8bit")  # as ``qlora train --optim``
 METHODS = ("sft", "dpo", "orpo")
 COLUMNS = ("full fine-tuning", "16-bit LoRA", "QLoRA")
 
@@ -90,8 +90,10 @@ class TrainingOptions:
             raise UsageError(f"--quant must be one of {', '.join(QUANT_TYPES)}, got {self.quant!r}.")
         if self.blocksize not in BLOCKSIZES:
             raise UsageError(f"--blocksize must be one of {', '.join(map(str, BLOCKSIZES))}, got {self.blocksize}.")
-        if self.optim not in OPTIMIZERS:
-            raise UsageError(f"--optim must be one of {', '.join(OPTIMIZERS)}, got {self.optim!r}.")
+        try:
+            object.__setattr__(self, "optim", optimizer_name(self.optim))  # transformers' names -> ours
+        except ValueError as exc:
+            raise UsageError(f"--optim: {exc}") from None
         if self.method not in METHODS:
             raise UsageError(f"--method must be one of {', '.join(METHODS)}, got {self.method!r}.")
         if self.precompute_ref and self.method != "dpo":

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import json
 import sys
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -23,8 +24,10 @@ from qlora.quant import BLOCKSIZES
 from qlora.train.data.fields import parse_data_fields
 from qlora.train.foreign_keys import translate
 
-from qlora.optim import OPTIMIZERS
-SCHEDULERS = ("cosine", "linear", "constant")
+from qlora.optim import (
+    OPTIMIZER_ALIASES, OPTIMIZERS, PLATEAU, SCHEDULE_ALIASES, SCHEDULES, check_schedule, optimizer_name, schedule_name,
+)
+
 QUANTS = ("nf4", "fp4", "none")
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 INITS = ("kaiming", "gaussian", "loftq")
@@ -34,9 +37,10 @@ METHODS = ("sft", "dpo", "orpo")
 _RUN_DEFINING = (
     "model", "adapter", "data", "dataset_dir", "data_split", "data_subset", "quant", "double_quant", "blocksize", "rank", "alpha", "dropout", "target_modules",
     "target_parameters",
-    "rslora", "rank_pattern", "alpha_pattern", "lora_bias", "bias", "dora", "init", "loftq_iter", "seq_len", "batch_size", "grad_accum", "lr", "lr_scheduler", "warmup_ratio", "warmup_steps",
+    "rslora", "rank_pattern", "alpha_pattern", "lora_bias", "bias", "dora", "init", "loftq_iter", "seq_len", "batch_size", "grad_accum", "lr", "lr_scheduler",
+    "lr_scheduler_kwargs", "warmup_ratio", "warmup_steps",
     "epochs", "max_steps", "optim", "max_samples", "eval_split", "lora_plus_ratio", "neftune_alpha",
-    "weight_decay", "max_grad_norm", "packing", "template", "format",
+    "weight_decay", "adam_beta1", "adam_beta2", "adam_epsilon", "max_grad_norm", "packing", "template", "format",
     "data_fields",
     "system_into_user",
     "train_on", "seed", "precision", "chunked_ce", "add_special_tokens", "adalora", "adalora_init_r", "adalora_target_r",
@@ -132,13 +136,26 @@ class TrainConfig:
                                        "0: off)", range=NON_NEGATIVE)
     neftune_alpha: float = _opt(0.0, "NEFTune: add uniform noise of scale alpha/sqrt(tokens x width) to the token "
                                      "embeddings while training (the paper uses 5; 0: off)", range=NON_NEGATIVE)
-    lr_scheduler: str = _opt("constant", "learning-rate schedule after warmup", SCHEDULERS)
-    warmup_ratio: float = _opt(0.03, "warmup as a fraction of all steps (ignored if --warmup-steps > 0)", range=Range(0, 1, high_open=True))
+    lr_scheduler: str = _opt("constant", "learning-rate schedule, transformers' lr_scheduler_type with the same "
+                                         f"rate at every step: {', '.join(SCHEDULES)}; all but {PLATEAU} (which "
+                                         "follows the eval loss of --eval-steps) warm up over the warmup steps, "
+                                         "constant too (constant_with_warmup = constant)")
+    lr_scheduler_kwargs: str = _opt("", "the schedule's own options, as JSON or KEY=VALUE,... (YAML: a mapping), "
+                                        "e.g. min_lr_rate=0.1 for cosine_with_min_lr, num_decay_steps=100 for "
+                                        "warmup_stable_decay, num_cycles, power, lr_end, timescale")
+    warmup_ratio: float = _opt(0.03, "warmup as a fraction of all steps, rounded up as transformers does (ignored if "
+                                     "--warmup-steps > 0)", range=Range(0, 1, high_open=True))
     warmup_steps: int = _opt(0, "warmup steps", range=NON_NEGATIVE)
     epochs: float = _opt(1.0, "passes over the data (ignored if --max-steps > 0)", range=NON_NEGATIVE)
     max_steps: int = _opt(0, "optimizer steps to run (0: from --epochs)", range=NON_NEGATIVE)
-    optim: str = _opt("paged_adamw_32bit", "optimizer", OPTIMIZERS)
+    optim: str = _opt("paged_adamw_32bit", f"optimizer: {', '.join(OPTIMIZERS)}, or transformers' name for one of "
+                                           f"them ({', '.join(OPTIMIZER_ALIASES)})")
     weight_decay: float = _opt(0.0, "AdamW weight decay", range=NON_NEGATIVE)
+    adam_beta1: float = _opt(0.9, "AdamW beta1: decay rate of the gradient's running mean",
+                             range=Range(0, 1, high_open=True))
+    adam_beta2: float = _opt(0.999, "AdamW beta2: decay rate of the squared gradient's running mean",
+                             range=Range(0, 1, high_open=True))
+    adam_epsilon: float = _opt(1e-8, "AdamW epsilon, added to the root of the second moment", range=POSITIVE)
     max_grad_norm: float = _opt(0.3, "clip the gradient norm to this (0: no clipping)", range=NON_NEGATIVE)
     gradient_checkpointing: bool = _opt(False, "recompute each layer in the backward pass to save memory")
     chunked_ce: bool = _opt(True, "compute the loss in chunks of rows, never holding the full float32 logits "
@@ -158,6 +175,17 @@ class TrainConfig:
     overwrite: bool = _opt(False, "replace an existing --output directory")
     progress: bool = _opt(True, "show a live progress bar")
 
+    def __post_init__(self) -> None:
+        """Other tools' names for our optimizers and schedules become ours, and the schedule's kwargs one
+        canonical JSON text, so a checkpoint compares equal however they were spelled."""
+        self.optim = OPTIMIZER_ALIASES.get(self.optim, self.optim)
+        self.lr_scheduler = SCHEDULE_ALIASES.get(self.lr_scheduler, self.lr_scheduler)
+        try:
+            kwargs = parse_schedule_kwargs(self.lr_scheduler_kwargs)
+        except UsageError:
+            return  # validate() says what is wrong
+        self.lr_scheduler_kwargs = json.dumps(kwargs, sort_keys=True) if kwargs else ""
+
     def to_dict(self) -> dict[str, Any]:
         """Plain values, in field order, for YAML and checkpoint comparison."""
         return dataclasses.asdict(self)
@@ -172,6 +200,8 @@ class TrainConfig:
         values = {k: getattr(self, k) for k in _RUN_DEFINING}
         if self.method != "sft":  # absent for SFT, so checkpoints from before preference methods still resume
             values.update({k: getattr(self, k) for k in ("method", "beta", "label_smoothing", "precompute_ref")})
+        if self.lr_scheduler == PLATEAU:  # its rates follow the eval losses
+            values.update({k: getattr(self, k) for k in ("eval_data", "eval_data_split", "eval_steps")})
         values["global_batch"] = values.pop("batch_size") * values.pop("grad_accum") * world_size
         return values
 
@@ -184,6 +214,7 @@ class TrainConfig:
         for name in ("model", "data", "output"):
             if not getattr(self, name):
                 raise UsageError(f"--{name.replace('_', '-')} is required (or set `{name}:` in the YAML file)")
+        self._validate_schedule()
         for f in fields(self):
             choices = f.metadata["choices"]
             if choices and getattr(self, f.name) not in choices:
@@ -224,6 +255,24 @@ class TrainConfig:
         if self.template_date:
             pinned_datetime(self.template_date)  # YYYY-MM-DD, checked before the model loads
         parse_data_fields(self.data_fields)  # checked before the model loads
+
+    def _validate_schedule(self) -> None:
+        """--optim and --lr-scheduler by name (saying what qlora has instead), and the schedule's kwargs
+        by name and value, before the model loads."""
+        for name, canonical in (("optim", optimizer_name), ("lr_scheduler", schedule_name)):
+            try:
+                canonical(getattr(self, name))
+            except ValueError as exc:
+                raise UsageError(f"--{_flag(name)}: {exc}") from None
+        kwargs = parse_schedule_kwargs(self.lr_scheduler_kwargs)
+        try:  # the steps are known only once the data is read; the trainer checks them against the schedule
+            check_schedule(self.lr_scheduler, self.lr, kwargs)
+        except ValueError as exc:
+            raise UsageError(f"--lr-scheduler-kwargs: {exc}.") from None
+        if self.lr_scheduler == PLATEAU and not (self.eval_steps and (self.eval_data or self.eval_split)):
+            raise UsageError(f"--lr-scheduler {PLATEAU} lowers the rate when the eval loss stops improving: give "
+                             "--eval-steps N and held-out data (--eval-data or --eval-split), as transformers "
+                             "needs an eval strategy for it.")
 
     def _validate_adapter(self) -> None:
         """--adapter brings its own LoRA settings: giving them too is a contradiction, said before the load."""
@@ -288,6 +337,31 @@ def parse_pattern(name: str, spec: str) -> dict[str, float]:
     return out
 
 
+def parse_schedule_kwargs(text: str | None) -> dict[str, Any]:
+    """``--lr-scheduler-kwargs`` as a dict: a JSON object or ``KEY=VALUE,...`` (each value read as JSON
+    when it is JSON, e.g. a number, else as text); empty or None (YAML ``null``): none."""
+    text = (text or "").strip()
+    if text.startswith("{"):
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise UsageError(f"--lr-scheduler-kwargs: {text!r} is not a JSON object ({exc.msg}).") from None
+        if not isinstance(value, dict):
+            raise UsageError(f"--lr-scheduler-kwargs: {text!r} is not a JSON object.")
+        return value
+    out: dict[str, Any] = {}
+    for item in filter(None, (i.strip() for i in text.split(","))):
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise UsageError(f"--lr-scheduler-kwargs: {item!r} is not KEY=VALUE; give e.g. min_lr_rate=0.1 or a "
+                             'JSON object {"min_lr_rate": 0.1}.')
+        try:
+            out[key.strip()] = json.loads(value.strip())
+        except json.JSONDecodeError:
+            out[key.strip()] = value.strip()
+    return out
+
+
 def _coerce(name: str, value: Any, kind: type, source: str) -> Any:
     """Convert a YAML or flag value to the field's type, with a clear error."""
     if value is None:
@@ -304,6 +378,8 @@ def _coerce(name: str, value: Any, kind: type, source: str) -> Any:
             raise ValueError
         if kind is str and isinstance(value, list):  # YAML lists of names or tokens
             return ",".join(str(v) for v in value)
+        if kind is str and isinstance(value, dict) and name in _JSON_FIELDS:  # typed values: numbers stay numbers
+            return json.dumps(value)
         if kind is str and isinstance(value, dict):  # YAML mappings (data_fields: {instruction: question})
             return ",".join(f"{k}={v}" for k, v in value.items())
         if kind in (int, float) and isinstance(value, bool):  # YAML's true is not the number 1
@@ -315,6 +391,7 @@ def _coerce(name: str, value: Any, kind: type, source: str) -> Any:
         raise UsageError(f"{source}: {name} expects {kind.__name__}, got {value!r}") from None
 
 
+_JSON_FIELDS = ("lr_scheduler_kwargs",)
 _TYPES = {"str | None": str, "str": str, "int": int, "float": float, "bool": bool}
 
 
@@ -418,6 +495,20 @@ def _adapter_base(values: dict[str, Any]) -> None:
                   f"continuing with {values[key]} changes the base weights it corrects", file=sys.stderr)
 
 
+def _cosine_floor(values: dict[str, Any], ratio: Any, where: str) -> None:
+    """axolotl's ``cosine_min_lr_ratio`` with its ``lr_scheduler: cosine`` is transformers' cosine_with_min_lr with
+    ``min_lr_rate`` (the same formula: warmup, then cosine from 1 down to the ratio)."""
+    schedule = values.get("lr_scheduler", "constant")
+    if schedule != "cosine":
+        raise UsageError(f"{where}: cosine_min_lr_ratio (axolotl) sets the floor of lr_scheduler: cosine; this config's "
+                         f"schedule is {schedule}. Drop it, or use lr_scheduler: cosine.")
+    kwargs = parse_schedule_kwargs(values.get("lr_scheduler_kwargs"))
+    if {"min_lr", "min_lr_rate"} & set(kwargs):
+        raise UsageError(f"{where}: cosine_min_lr_ratio and lr_scheduler_kwargs both set the cosine's floor; keep one.")
+    values["lr_scheduler"] = "cosine_with_min_lr"
+    values["lr_scheduler_kwargs"] = json.dumps(kwargs | {"min_lr_rate": ratio})
+
+
 def load_config(yaml_path: str | Path | None, overrides: dict[str, Any]) -> TrainConfig:
     """Build a config from an optional YAML file, then ``overrides`` (flags win).
 
@@ -452,6 +543,8 @@ def load_config(yaml_path: str | Path | None, overrides: dict[str, Any]) -> Trai
                     passed_over.append(str(key))
             for their_key, value in [(str(key), value)] if foreign is None else pairs:
                 name = canonical_name(their_key)
+                if name == "cosine_min_lr_ratio":
+                    continue  # axolotl's, read below with the schedule it changes
                 if name in VALUE_ALIASES:
                     name, mapping = VALUE_ALIASES[name]
                     if not isinstance(value, bool):
@@ -459,6 +552,8 @@ def load_config(yaml_path: str | Path | None, overrides: dict[str, Any]) -> Trai
                     value = mapping[value]
                     if value is None:
                         continue
+                if name == "warmup_steps" and isinstance(value, float) and 0 < value < 1:
+                    name = "warmup_ratio"  # transformers 5 reads a warmup_steps below 1 as a share of the steps
                 if name not in by_name:
                     raise _unknown(str(key), list(by_name), where)
                 if name in given_as:
@@ -468,6 +563,8 @@ def load_config(yaml_path: str | Path | None, overrides: dict[str, Any]) -> Trai
         if passed_over:
             print(f"qlora train: {path}: passing over {', '.join(passed_over)}: settings of another tool that change "
                   "nothing in what qlora computes", file=sys.stderr)
+        if "cosine_min_lr_ratio" in loaded:
+            _cosine_floor(values, loaded["cosine_min_lr_ratio"], f"{path} line {lines['cosine_min_lr_ratio']}")
     for key, value in overrides.items():
         name = key.replace("-", "_")
         if name not in by_name:

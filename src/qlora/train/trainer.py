@@ -42,9 +42,9 @@ from qlora.cpu_threads import apply_cpu_threads
 from qlora.errors import UsageError
 from qlora.model.chat_format import ChatFormat, stop_token_ids, today
 from qlora.model.quantize import non_text_names
-from qlora.optim import create_optimizer, lora_plus_param_groups
+from qlora.optim import create_optimizer, lora_plus_param_groups, make_scheduler
 from qlora.output_folder import check_output, clear_owned, record, staged_output
-from qlora.train.config import TrainConfig, parse_pattern
+from qlora.train.config import TrainConfig, parse_pattern, parse_schedule_kwargs
 from qlora.train.distributed import DistContext, all_reduce_grads, shard_fsdp, wrap_ddp
 from qlora.train.data import (
     check_packing_supported, count_trainable_tokens, normalize, pack_examples,
@@ -76,25 +76,31 @@ class Interrupted(Exception):
         self.step, self.checkpoint = step, checkpoint
 
 
-def _make_optimizer(name: str, params: list[torch.nn.Parameter], lr: float, weight_decay: float):
-    """The optimizer named by ``--optim`` (qlora's AdamW family, paged or not)."""
+def _make_optimizer(cfg: TrainConfig, params: list[torch.nn.Parameter] | list[dict[str, Any]]):
+    """The optimizer named by ``--optim`` (qlora's AdamW family, paged or not) with the run's hyperparameters."""
     try:
-        return create_optimizer(name, params, lr=lr, weight_decay=weight_decay)
+        return create_optimizer(cfg.optim, params, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon)
     except ValueError as exc:
-        raise UsageError(f"--optim {name}: {exc}") from exc
+        raise UsageError(f"--optim {cfg.optim}: {exc}") from exc
 
 
-def _lr_lambda(kind: str, warmup: int, total: int):
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / (warmup + 1)
-        progress = (step - warmup) / max(1, total - warmup)
-        if kind == "cosine":
-            return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-        if kind == "linear":
-            return max(0.0, 1.0 - progress)
-        return 1.0
-    return factor
+def _make_scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer,
+                    total: int) -> torch.optim.lr_scheduler.LRScheduler:
+    """--lr-scheduler over ``total`` steps; warmup: --warmup-steps, else --warmup-ratio of the steps rounded up
+    (transformers' ``get_warmup_steps``)."""
+    warmup = cfg.warmup_steps or math.ceil(total * cfg.warmup_ratio)
+    kwargs = parse_schedule_kwargs(cfg.lr_scheduler_kwargs)
+    if cfg.lr_scheduler == "warmup_stable_decay":  # the phases must fit, or decay would begin inside warmup
+        phases = {"warmup": warmup, "stable": kwargs.get("num_stable_steps") or 0, "decay": kwargs["num_decay_steps"]}
+        if sum(phases.values()) > total:
+            shown = " + ".join(f"{n} {k}" for k, n in phases.items() if n)
+            raise UsageError(f"--lr-scheduler warmup_stable_decay: its phases ({shown} steps) exceed the run's "
+                             f"{total} steps; lower num_decay_steps in --lr-scheduler-kwargs or train longer.")
+    try:
+        return make_scheduler(cfg.lr_scheduler, optimizer, warmup, total, kwargs)
+    except ValueError as exc:
+        raise UsageError(f"--lr-scheduler-kwargs: {exc}.") from None
 
 
 def compute_dtype_for(precision: str, device: torch.device) -> torch.dtype:
@@ -202,7 +208,6 @@ class Trainer:
         self.micro_batches_per_step = cfg.grad_accum
         units_per_step = cfg.batch_size * cfg.grad_accum * self.dist.world_size
         self.total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * len(self.train_units) / units_per_step))
-        warmup = cfg.warmup_steps or int(cfg.warmup_ratio * self.total_steps)
         if cfg.adalora:
             self._add_adalora()
         if cfg.fused_kernels:  # shares every parameter and adapter, so it may follow their creation
@@ -220,9 +225,9 @@ class Trainer:
         params = [p for p in self.model.parameters() if p.requires_grad]
         if cfg.lora_plus_ratio:
             params = lora_plus_param_groups(self.model, cfg.lr, cfg.lora_plus_ratio, cfg.weight_decay)
-        self.optimizer = _make_optimizer(cfg.optim, params, cfg.lr, cfg.weight_decay)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, _lr_lambda(cfg.lr_scheduler, warmup, self.total_steps))
+        self.optimizer = _make_optimizer(cfg, params)
+        self.scheduler = _make_scheduler(cfg, self.optimizer, self.total_steps)
+        self.on_plateau = isinstance(self.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)  # steps on eval loss
         self.scaler = torch.amp.GradScaler(self.device.type) if self.dtype == torch.float16 else None
         if resume_from is not None:
             self._load_checkpoint(resume_from)
@@ -253,6 +258,12 @@ class Trainer:
                 shown = ", ".join(f"{k}: {saved.get(k)!r} -> {current[k]!r}" for k in differ)
                 raise UsageError(f"--resume: the checkpoint in {self.out} was made with a different config ({shown}); "
                                  "resume with the original options or train into a new --output")
+            if "lr_scheduler_kwargs" not in saved:  # written before the schedules followed transformers
+                logging.getLogger("qlora").warning(
+                    "qlora: %s was written by an older qlora, whose warmup rose as (step+1)/(warmup+1) over "
+                    "int(ratio x steps) steps; the run continues on transformers' schedule (step/warmup over "
+                    "ceil(ratio x steps) steps), so its learning rates can differ slightly from before.",
+                    checkpoints[-1])
             return checkpoints[-1]
         check_output(self.out, overwrite=cfg.overwrite, writes=RUN_ENTRIES + _TOKENIZER_FILES,
                      alternative="--resume to continue its run",
@@ -427,7 +438,9 @@ class Trainer:
                 if self.step % cfg.logging_steps == 0 or self.step == self.total_steps:
                     self.metrics.log(record)
                 if cfg.eval_steps and self.step % cfg.eval_steps == 0 and self.eval_units:
-                    self.evaluate()
+                    loss = self.evaluate()["loss"]
+                    if self.on_plateau:
+                        self.scheduler.step(loss)
                 if cfg.save_steps and self.step % cfg.save_steps == 0:
                     self.save_checkpoint()
             if self._stop_requested():
@@ -486,7 +499,7 @@ class Trainer:
         grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
         if not math.isfinite(grad_norm) and self.scaler is None:
             self._stop_nonfinite("gradient", batches[-1])
-        lr = self.scheduler.get_last_lr()[0]
+        lr = self.optimizer.param_groups[0]["lr"]
         if self.scaler:
             self.scaler.step(self.optimizer)
             self.scaler.update()
@@ -494,7 +507,8 @@ class Trainer:
             self.optimizer.step()
         if self.adapter_hooks is not None:
             self.adapter_hooks.after_step(self.step)
-        self.scheduler.step()
+        if not self.on_plateau:
+            self.scheduler.step()
         sums = torch.tensor([total, sum(b["input_ids"].numel() for b in batches)], dtype=torch.float64,
                             device=self.device)
         total, n_tokens = self.dist.all_reduce_sum(sums).tolist()

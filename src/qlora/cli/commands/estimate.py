@@ -27,7 +27,7 @@ _TRAIN_OPTIONS = ("quant", "double_quant", "blocksize", "rank", "target_modules"
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from dataclasses import fields
 
-    from ...model.estimate import KNOWN_SHAPES, OPTIMIZERS
+    from ...model.estimate import KNOWN_SHAPES
     from ...option_range import POSITIVE
     from ...quant import BLOCKSIZES
     from ...train.config import TrainConfig, field_type
@@ -45,8 +45,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=help_text)
         elif name == "blocksize":
             parser.add_argument(flag, type=int, choices=BLOCKSIZES, default=f.default, help="weights per absmax block")
-        elif name == "optim":
-            parser.add_argument(flag, choices=OPTIMIZERS, default=f.default, help=help_text)
+        elif name == "optim":  # checked by TrainingOptions, which takes train's aliases (adamw_torch, ...) too
+            parser.add_argument(flag, default=f.default, help=help_text)
         elif field_type(f) is int:
             parser.add_argument(flag, type=number(int, f.metadata["range"]), default=f.default, help=help_text)
         else:

@@ -32,6 +32,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction,
                                 default=argparse.SUPPRESS, help=help_text)
         else:
+            # --optim and --lr-scheduler have no fixed choices: TrainConfig takes other tools' names for them too.
             parser.add_argument(flag, dest=f.name, default=argparse.SUPPRESS, metavar=f.name.upper(),
                                 choices=f.metadata["choices"], help=help_text)
 
