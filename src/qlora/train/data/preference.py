@@ -36,7 +36,7 @@ import torch
 
 from qlora.errors import UsageError
 from qlora.model.chat_format import ChatFormat
-from qlora.train.data.formats import Example, normalize
+from qlora.train.data.formats import Example, normalize, unpaired_error, unpaired_label
 from qlora.train.data.sources import Record
 from qlora.train.data.tokenize import IGNORE_INDEX, DataReport, for_template, tokenize_example
 
@@ -101,6 +101,8 @@ def normalize_preferences(records: list[Record]) -> list[PreferenceExample]:
 
 def _normalize_row(fields: dict[str, Any], where: str) -> PreferenceExample:
     need = '(preference rows need "prompt", "chosen" and "rejected": strings or message lists)'
+    if "chosen" not in fields and unpaired_label(fields) is not None:
+        raise unpaired_error(where)
     for key in ("chosen", "rejected"):
         value = fields.get(key)
         if value is None:
