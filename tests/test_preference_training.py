@@ -228,7 +228,7 @@ def test_bad_preference_input_exits_2_with_file_and_line(tmp_path, tiny_model_di
         (["--data", str(bad_message)], f'{bad_message} line 1, field "prompt", message 0'),
         (["--data", str(bad_json)], f"{bad_json} line 2: malformed JSON"),
         (["--data", str(no_prompt)], f'{no_prompt} line 1: field "prompt" is missing'),
-        (["--data", str(missing), "--method", "orpo", "--label-smoothing", "0.1"], "apply to --method dpo"),
+        (["--data", str(missing), "--method", "orpo", "--label-smoothing", "0.1"], "--label-smoothing applies to --method dpo"),
         (["--data", str(missing), "--packing"], "--packing applies to --method sft"),
         (["--data", str(missing), "--label-smoothing", "0.5"], "--label-smoothing must be in [0, 0.5); got 0.5"),
         (["--data", str(missing), "--beta", "0"], "--beta must be positive; got 0"),

@@ -27,7 +27,18 @@ SCHEDULERS = ("cosine", "linear", "constant")
 QUANTS = ("nf4", "fp4", "none")
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 INITS = ("kaiming", "gaussian", "loftq")
-METHODS = ("sft", "dpo", "orpo")
+METHODS = ("sft", "dpo", "orpo", "cpo", "simpo")
+# TRL 1.16's DPOTrainer loss types ("sft": the NLL of the chosen answers, RPO) and those that read --label-smoothing.
+DPO_LOSSES = ("sigmoid", "hinge", "ipo", "robust", "exo_pair", "nca_pair", "bco_pair", "sppo_hard", "aot",
+              "aot_unpaired", "apo_zero", "apo_down", "discopop", "sigmoid_norm", "sft")
+DPO_SMOOTHED = ("sigmoid", "robust", "exo_pair", "aot", "aot_unpaired", "sft")
+CPO_LOSSES = ("sigmoid", "hinge", "ipo", "simpo")  # TRL 1.16's CPOTrainer; simpo is --method simpo's
+# Preference options and the methods they apply to (any other method refuses them by name).
+_METHOD_OPTIONS = {
+    "label_smoothing": ("dpo", "cpo", "simpo"), "precompute_ref": ("dpo",), "loss_type": ("dpo", "cpo"),
+    "loss_weights": ("dpo",), "rpo_alpha": ("dpo",), "discopop_tau": ("dpo",), "cpo_alpha": ("cpo", "simpo"),
+    "simpo_gamma": ("cpo", "simpo"),
+}
 
 # Fields whose change makes a checkpoint incompatible with a resumed run.
 _RUN_DEFINING = (
@@ -53,12 +64,28 @@ class TrainConfig:
     """All options of a training run (YAML key == flag name with ``-`` for ``_``)."""
 
     model: str | None = _opt(None, "base model: a local transformers folder or a hub id")
-    method: str = _opt("sft", "training objective: sft (next-token loss on --data examples), or dpo / orpo on "
-                              "preference pairs {prompt, chosen, rejected}", METHODS)
-    beta: float = _opt(0.1, "dpo: strength of the pull towards the reference (beta of the sigmoid loss); "
-                            "orpo: weight lambda of the odds-ratio term", range=POSITIVE)
-    label_smoothing: float = _opt(0.0, "dpo: probability that a preference label is wrong (conservative DPO)",
+    method: str = _opt("sft", "training objective: sft (next-token loss on --data examples), or, on preference "
+                              "pairs {prompt, chosen, rejected}: dpo (against a reference model), orpo, cpo or simpo "
+                              "(reference-free; TRL's CPOTrainer, simpo = its loss simpo without NLL)", METHODS)
+    beta: float = _opt(0.1, "dpo: strength of the pull towards the reference (beta of its loss; IPO's tau); "
+                            "cpo, simpo: temperature beta of the loss; orpo: weight lambda of the odds-ratio term",
+                       range=POSITIVE)
+    label_smoothing: float = _opt(0.0, "dpo (sigmoid, robust, aot, aot_unpaired), cpo (sigmoid), simpo: probability "
+                                       "that a preference label is wrong (conservative DPO); dpo exo_pair: its epsilon",
                                   range=Range(0, 0.5, high_open=True))
+    loss_type: str = _opt("", "dpo: TRL's loss_type: sigmoid (default), hinge, ipo, robust, exo_pair, nca_pair, "
+                              "bco_pair, sppo_hard, aot, aot_unpaired, apo_zero, apo_down, discopop, sigmoid_norm or "
+                              "sft (NLL of the chosen answers); several as a,b (a YAML list) are added, weighted by "
+                              "--loss-weights; cpo: sigmoid (default), hinge, ipo or simpo")
+    loss_weights: str = _opt("", "dpo: weights of the --loss-type list, as 1,0.5 (a YAML list; default: 1 each)")
+    rpo_alpha: float = _opt(0.0, "dpo: RPO: add this times the NLL of the chosen answers (the mean over their "
+                                 "tokens; TRL's rpo_alpha, its loss type sft)", range=NON_NEGATIVE)
+    discopop_tau: float = _opt(0.05, "dpo --loss-type discopop: temperature tau of its log-ratio modulation",
+                               range=POSITIVE)
+    cpo_alpha: float | None = _opt(None, "cpo, simpo: weight of the NLL of the chosen answers (TRL's cpo_alpha; "
+                                         "default: 1 for cpo, 0 for simpo; > 0 with simpo is CPO-SimPO)",
+                                   range=NON_NEGATIVE)
+    simpo_gamma: float = _opt(0.5, "simpo (cpo --loss-type simpo): target reward margin gamma", range=NON_NEGATIVE)
     precompute_ref: bool = _opt(False, "dpo: compute the reference log-probs once before training (stored in "
                                        "--output, reused on --resume) instead of in every step")
     data: str | None = _opt(None, "training data: a .jsonl/.json/.csv/.tsv/.parquet/.arrow/.txt file (text ones "
@@ -168,7 +195,7 @@ class TrainConfig:
         """
         values = {k: getattr(self, k) for k in _RUN_DEFINING}
         if self.method != "sft":  # absent for SFT, so checkpoints from before preference methods still resume
-            values.update({k: getattr(self, k) for k in ("method", "beta", "label_smoothing", "precompute_ref")})
+            values.update({k: getattr(self, k) for k in ("method", "beta", *_METHOD_OPTIONS)})
         values["global_batch"] = values.pop("batch_size") * values.pop("grad_accum") * world_size
         return values
 
@@ -239,14 +266,29 @@ class TrainConfig:
                              "new adapter without --adapter.")
 
     def _validate_method(self) -> None:
-        """Options that belong to one training method only."""
+        """Options that belong to some training methods only, and the loss types of each."""
+        defaults = {f.name: f.default for f in fields(self)}
+        for name, methods in _METHOD_OPTIONS.items():
+            if getattr(self, name) != defaults[name] and self.method not in methods and not (
+                    name == "loss_type" and self.method == "simpo" and self.loss_type == "simpo"):
+                raise UsageError(f"--{_flag(name)} applies to --method {' or '.join(methods)}; this run is "
+                                 f"--method {self.method}")
         if self.method == "sft":
-            for name in ("label_smoothing", "precompute_ref"):
-                if getattr(self, name):
-                    raise UsageError(f"--{_flag(name)} applies to --method dpo; this run is --method sft")
             return
-        if self.method == "orpo" and (self.label_smoothing or self.precompute_ref):
-            raise UsageError("--label-smoothing and --precompute-ref apply to --method dpo; ORPO has no reference model")
+        if self.method == "dpo":
+            self._validate_dpo_losses()
+        elif self.method == "cpo":
+            loss = self.loss_type or "sigmoid"
+            if loss not in CPO_LOSSES:
+                raise UsageError(f"--loss-type {loss!r} is not a loss of --method cpo (TRL's CPOTrainer): choose one "
+                                 f"of {', '.join(CPO_LOSSES)}{'; for DPO losses use --method dpo' * (loss in DPO_LOSSES)}")
+        if self.method in ("cpo", "simpo"):
+            loss = self.preference_losses()[0][0]
+            if self.label_smoothing and loss in ("hinge", "ipo"):
+                raise UsageError(f"--label-smoothing applies to the sigmoid and simpo losses; --loss-type {loss} has none")
+            if self.simpo_gamma != defaults["simpo_gamma"] and loss != "simpo":
+                raise UsageError("--simpo-gamma is SimPO's target margin: it applies to --method simpo (or --method "
+                                 "cpo --loss-type simpo)")
         if self.packing:
             raise UsageError(f"--packing applies to --method sft; --method {self.method} batches each pair's chosen "
                              "and rejected answers side by side")
@@ -257,6 +299,65 @@ class TrainConfig:
             if getattr(self, name) != default:
                 raise UsageError(f"--{_flag(name)} applies to --method sft; --method {self.method} reads preference "
                                  'rows {"prompt", "chosen", "rejected"}')
+
+    def _validate_dpo_losses(self) -> None:
+        names = [n for n, _ in self.preference_losses()]
+        for name in names:
+            if name in DPO_LOSSES:
+                continue
+            hint = {"simpo": "; SimPO is reference-free: --method simpo", "orpo": "; ORPO is --method orpo",
+                    "kto_pair": "; TRL removed kto_pair (KTO learns from unpaired data)",
+                    "aot_pair": "; TRL 1.16 calls it aot_unpaired"}.get(name, "")
+            raise UsageError(f"--loss-type {name!r} is not a DPO loss: choose among {', '.join(DPO_LOSSES)}{hint}")
+        if self.rpo_alpha and names.count("sft") > 1:
+            raise UsageError("--rpo-alpha adds the sft loss type; this run lists sft in --loss-type already: give one")
+        if self.loss_weights:
+            weights = self.loss_weights.split(",")
+            listed = len(self.loss_type.split(",")) if self.loss_type else 1
+            if len(weights) != listed:
+                raise UsageError(f"--loss-weights has {len(weights)} weights for {listed} loss type(s) of --loss-type "
+                                 f"{self.loss_type or 'sigmoid'}: give one weight for each")
+        smoothless = [n for n in names if n not in DPO_SMOOTHED]
+        if self.label_smoothing and smoothless:
+            raise UsageError(f"--label-smoothing does not apply to the DPO loss {', '.join(smoothless)}; it applies to "
+                             f"{', '.join(DPO_SMOOTHED[:-1])}")
+        if "exo_pair" in names and not self.label_smoothing:
+            raise UsageError("--loss-type exo_pair needs --label-smoothing > 0 (its epsilon; the EXO paper uses 1e-3)")
+        if self.discopop_tau != 0.05 and "discopop" not in names:
+            raise UsageError("--discopop-tau applies to --loss-type discopop")
+
+    def preference_losses(self) -> list[tuple[str, float]]:
+        """The (loss type, weight) terms of a preference run; --rpo-alpha is DPO's ``sft`` term.
+
+        Raises:
+            UsageError: a --loss-weights item that is not a non-negative number.
+        """
+        if self.method == "simpo":
+            return [("simpo", 1.0)]
+        if self.method == "cpo":
+            return [(self.loss_type or "sigmoid", 1.0)]
+        if self.method != "dpo":
+            return []
+        names = [n.strip() for n in (self.loss_type or "sigmoid").split(",")]
+        weights = [1.0] * len(names)
+        if self.loss_weights:
+            try:
+                weights = [float(w) for w in self.loss_weights.split(",")]
+            except ValueError:
+                weights = []
+            if any(not 0 <= w < float("inf") for w in weights) or not weights:
+                raise UsageError(f"--loss-weights must be non-negative numbers, as 1,0.5; got {self.loss_weights!r}")
+        terms = list(zip(names, weights))
+        return terms + [("sft", self.rpo_alpha)] if self.rpo_alpha else terms
+
+    @property
+    def nll_weight(self) -> float:
+        """Weight of the chosen answers' NLL in a preference loss: ORPO's 1, CPO's cpo_alpha, DPO's sft terms."""
+        if self.method == "orpo":
+            return 1.0
+        if self.method in ("cpo", "simpo"):
+            return self.cpo_alpha if self.cpo_alpha is not None else float(self.method == "cpo")
+        return sum(w for n, w in self.preference_losses() if n == "sft")
 
 
 def _flag(name: str) -> str:
@@ -312,7 +413,7 @@ def _coerce(name: str, value: Any, kind: type, source: str) -> Any:
         raise UsageError(f"{source}: {name} expects {kind.__name__}, got {value!r}") from None
 
 
-_TYPES = {"str | None": str, "str": str, "int": int, "float": float, "bool": bool}
+_TYPES = {"str | None": str, "str": str, "int": int, "float": float, "float | None": float, "bool": bool}
 
 
 def field_type(f: dataclasses.Field) -> type:

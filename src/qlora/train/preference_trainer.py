@@ -44,7 +44,7 @@ from qlora.model.multi_adapter import set_adapter
 from qlora.train.data import IGNORE_INDEX, pad_token_id
 from qlora.train.data.preference import PreferenceExample, TokenizedPair, normalize_preferences, preference_collate, tokenize_pairs
 from qlora.train.data.selection import read_sources
-from qlora.train.preference_loss import dpo_loss, label_logps, orpo_odds_ratio
+from qlora.train.preference_loss import cpo_losses, dpo_losses, label_logps, orpo_odds_ratio
 from qlora.train.trainer import Trainer
 
 REFERENCE_DIR = "reference"
@@ -178,28 +178,50 @@ class PreferenceTrainer(Trainer):
             self.model.train(was_training)
 
     # ------------------------------------------------------------------ loss
+    def _nll_labels(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Labels of the NLL term: the chosen rows only; their answer tokens (DPO's sft/RPO, CPO), or
+        their whole sequence, prompt included (ORPO, as the ORPO paper's code and TRL)."""
+        n = batch["input_ids"].shape[0] // 2
+        if self.config.method == "orpo":
+            labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, IGNORE_INDEX)
+        else:
+            labels = batch["labels"].clone()
+        labels[n:] = IGNORE_INDEX
+        return labels
+
     def _pair_terms(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Per-pair loss terms and metrics of one batch (sums; see :meth:`_combine`)."""
         cfg = self.config
         n = batch["input_ids"].shape[0] // 2
         labels = batch["labels"]
+        label_sets = [labels, self._nll_labels(batch)] if cfg.nll_weight else [labels]
+        ref = self._reference_logps(batch) if cfg.method == "dpo" else None
+        with self._autocast():
+            logps, *nll = label_logps(model, batch, label_sets, self.chunked_ce)
+        lengths = (labels[:, 1:] != IGNORE_INDEX).sum(-1)
+        terms = {"nll": -nll[0][:n].sum()} if nll else {}
         if cfg.method == "dpo":
-            ref = self._reference_logps(batch)
-            with self._autocast():
-                logps = label_logps(model, batch, [labels], self.chunked_ce)[0]
-            losses, chosen_r, rejected_r = dpo_loss(logps[:n], logps[n:], ref[:n], ref[n:], cfg.beta,
-                                                    cfg.label_smoothing)
-            terms = {"pair_loss": losses.sum()}
+            pair = logps.new_zeros(n, dtype=torch.float32)
+            for loss_type, weight in cfg.preference_losses():
+                if loss_type != "sft":  # the NLL term, weighted in _combine
+                    pair = pair + weight * dpo_losses(loss_type, (logps[:n], logps[n:]), (ref[:n], ref[n:]),
+                                                      (lengths[:n], lengths[n:]), cfg.beta, cfg.label_smoothing,
+                                                      cfg.discopop_tau)
+            chosen_r, rejected_r = cfg.beta * (logps[:n] - ref[:n]).detach(), cfg.beta * (logps[n:] - ref[n:]).detach()
+            terms["pair_loss"] = pair.sum()
+        elif cfg.method in ("cpo", "simpo"):
+            loss_type = cfg.preference_losses()[0][0]
+            if loss_type in ("ipo", "simpo"):  # per-token mean log-probs, as TRL's CPOTrainer
+                logps = logps / lengths
+            pair = cpo_losses(loss_type, logps[:n], logps[n:], cfg.beta, cfg.label_smoothing, cfg.simpo_gamma)
+            chosen_r, rejected_r = cfg.beta * logps[:n].detach(), cfg.beta * logps[n:].detach()
+            terms["pair_loss"] = pair.sum()
         else:
-            nll_labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, IGNORE_INDEX)
-            nll_labels[n:] = IGNORE_INDEX  # the NLL term is over the chosen sequences only
-            with self._autocast():
-                logps, nll = label_logps(model, batch, [labels, nll_labels], self.chunked_ce)
-            logps = logps / (labels[:, 1:] != IGNORE_INDEX).sum(-1)  # ORPO: per-token mean log-probs
+            logps = logps / lengths  # ORPO: per-token mean log-probs
             ratio, log_odds = orpo_odds_ratio(logps[:n], logps[n:])
             chosen_r, rejected_r = cfg.beta * logps[:n].detach(), cfg.beta * logps[n:].detach()
-            terms = {"nll": -nll[:n].sum(), "pair_loss": -cfg.beta * ratio.sum(),
-                     "log_odds_ratio": ratio.detach().sum(), "log_odds_chosen": log_odds.detach().sum()}
+            terms.update({"pair_loss": -cfg.beta * ratio.sum(), "log_odds_ratio": ratio.detach().sum(),
+                          "log_odds_chosen": log_odds.detach().sum()})
         terms.update({
             "rewards/chosen": chosen_r.sum(), "rewards/rejected": rejected_r.sum(),
             "rewards/accuracies": (chosen_r > rejected_r).float().sum(),
@@ -208,19 +230,20 @@ class PreferenceTrainer(Trainer):
         })
         return terms
 
-    @staticmethod
-    def _combine(terms: dict[str, Any], pairs: float, nll_tokens: float) -> Any:
-        """The loss: pair terms averaged over ``pairs``, ORPO's NLL over ``nll_tokens``."""
+    def _combine(self, terms: dict[str, Any], pairs: float, nll_tokens: float) -> Any:
+        """The loss: pair terms averaged over ``pairs``, plus the weighted NLL averaged over ``nll_tokens``."""
         loss = terms["pair_loss"] / pairs
-        return loss + terms["nll"] / nll_tokens if "nll" in terms else loss
+        return loss + self.config.nll_weight * terms["nll"] / nll_tokens if "nll" in terms else loss
+
+    def _nll_tokens(self, batch: dict[str, torch.Tensor]) -> int:
+        return int((self._nll_labels(batch)[:, 1:] != IGNORE_INDEX).sum())
 
     def _step_normalizer(self, batches: list[dict[str, torch.Tensor]]) -> tuple[float, float]:
-        """(pairs, chosen tokens of ORPO's NLL) of the whole step, over all ranks."""
+        """(pairs, tokens of the NLL term) of the whole step, over all ranks."""
         counts = torch.zeros(2, dtype=torch.float64, device=self.device)
         for b in batches:
-            n = b["input_ids"].shape[0] // 2
-            counts[0] += n
-            counts[1] += int(b["attention_mask"][:n, 1:].sum())
+            counts[0] += b["input_ids"].shape[0] // 2
+            counts[1] += self._nll_tokens(b)
         self._norm = tuple(self.dist.all_reduce_sum(counts).tolist())
         return self._norm
 
@@ -236,7 +259,7 @@ class PreferenceTrainer(Trainer):
         totals = self.dist.all_reduce_sum(torch.tensor([sums[k] for k in keys], dtype=torch.float64,
                                                        device=self.device)).tolist()
         pairs, nll_tokens = self._norm
-        return {k: v / (nll_tokens if k == "nll_loss" else pairs) for k, v in zip(keys, totals)}
+        return {k: v / (max(nll_tokens, 1) if k == "nll_loss" else pairs) for k, v in zip(keys, totals)}
 
     # ------------------------------------------------------------------ eval
     @torch.no_grad()
@@ -248,9 +271,8 @@ class PreferenceTrainer(Trainer):
         bs = self.config.batch_size
         for i in range(0, len(self.eval_units), bs):
             batch = self._collate(self.eval_units[i:i + bs])
-            n = batch["input_ids"].shape[0] // 2
-            pairs += n
-            nll_tokens += int(batch["attention_mask"][:n, 1:].sum())
+            pairs += batch["input_ids"].shape[0] // 2
+            nll_tokens += self._nll_tokens(batch)
             for k, v in self._pair_terms(self.model, batch).items():
                 sums[k] = sums.get(k, 0.0) + float(v)
         record = {"split": "eval", "step": self.step, "loss": float(self._combine(sums, pairs, max(nll_tokens, 1)))}
