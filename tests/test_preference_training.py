@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from qlora.cli.main import main
+from qlora.errors import UsageError
 from qlora.train.config import load_config
 from qlora.train.data import load_records, resolve_chat_template
 from qlora.train.data.preference import normalize_preferences, preference_collate, tokenize_pairs
@@ -324,3 +325,45 @@ def test_train_from_an_adapter_continues_it_and_refuses_its_own_settings(tmp_pat
                  "--adapter", str(first), "--rank", "8"]) == 2
     err = capsys.readouterr().err
     assert f"--adapter {first} brings its own --rank (rank 4," in err and "drop it" in err
+
+
+@pytest.mark.parametrize("flags", [["--method", "dpo", "--loss-type", "ipo"],
+                                   ["--method", "dpo", "--loss-type", "robust,sft", "--loss-weights", "1,0.2",
+                                    "--label-smoothing", "0.1"],
+                                   ["--method", "dpo", "--rpo-alpha", "0.5"],
+                                   ["--method", "cpo"], ["--method", "simpo", "--beta", "2"]],
+                         ids=["dpo-ipo", "dpo-robust-sft", "rpo", "cpo", "simpo"])
+def test_cli_preference_losses_train_and_record_their_options(tmp_path, tiny_model_dir, flags, capsys):
+    """Each loss trains from the command line: the loss goes down, and --resume holds the loss options."""
+    data = _write(tmp_path / "d.jsonl", ROWS)
+    out = tmp_path / "o"
+    argv = ["train", "--model", str(tiny_model_dir), "--data", str(data), "--output", str(out), "--optim", "adamw",
+            "--lr", "1e-2", "--no-progress", "--max-steps", "8", "--batch-size", "6", "--dropout", "0",
+            "--seq-len", "64", "--save-steps", "8", *flags]
+    assert main(argv) == 0
+    records = _train_records(out)
+    assert records[-1]["loss"] < records[0]["loss"], [r["loss"] for r in records]
+    assert records[-1]["rewards/margins"] > records[0]["rewards/margins"]
+    assert ("nll_loss" in records[0]) == ("--rpo-alpha" in flags or "robust,sft" in flags or "cpo" in flags)
+    saved = json.loads(next((out / "checkpoints").glob("step-*/run_config.json")).read_text())
+    assert saved["method"] == flags[1] and saved["loss_type"] == (flags[3] if flags[2:3] == ["--loss-type"] else "")
+    capsys.readouterr()
+    code, err = _run(argv + ["--beta", "0.3", "--resume"], capsys)  # another beta: not this run
+    assert code == 2 and "beta: " in err
+
+
+def test_resume_of_a_dpo_checkpoint_from_before_loss_types(tmp_path, tiny_model_dir):
+    """A checkpoint whose run_config.json predates --loss-type & co. resumes with their defaults."""
+    data = _write(tmp_path / "d.jsonl", ROWS)
+    kw = dict(max_steps=4, save_steps=2)
+    _stop_after(_config(tiny_model_dir, data, tmp_path / "o", **kw), 2)
+    path = next((tmp_path / "o" / "checkpoints").glob("step-*/run_config.json"))
+    saved = json.loads(path.read_text())
+    for key in ("loss_type", "loss_weights", "rpo_alpha", "discopop_tau", "cpo_alpha", "simpo_gamma"):
+        del saved[key]
+    path.write_text(json.dumps(saved))
+    resumed = Trainer(_config(tiny_model_dir, data, tmp_path / "o", resume=True, **kw))
+    resumed.run()
+    assert resumed.step == 4 and [r["step"] for r in _train_records(tmp_path / "o")] == [1, 2, 3, 4]
+    with pytest.raises(UsageError, match="loss_type: '' -> 'ipo'"):
+        Trainer(_config(tiny_model_dir, data, tmp_path / "o", resume=True, loss_type="ipo", **kw)).setup()

@@ -34,7 +34,7 @@ from .quantize import fp32_linear_names, is_plain_linear, kept_dense_names, kept
 GIB = 1024**3
 QUANT_TYPES = ("nf4", "fp4", "none")
 OPTIMIZERS = ("adamw", "adamw_8bit", "paged_adamw_32bit", "paged_adamw_8bit")  # as ``qlora train --optim``
-METHODS = ("sft", "dpo", "orpo")
+METHODS = ("sft", "dpo", "orpo", "cpo", "simpo")
 COLUMNS = ("full fine-tuning", "16-bit LoRA", "QLoRA")
 
 # Known shapes: the config.json fields that decide the parameter count.
@@ -75,7 +75,7 @@ class TrainingOptions:
     gradient_checkpointing: bool = True
     optim: str = "paged_adamw_32bit"
     chunked_ce: bool = False  # qlora train's chunked loss (the CLI passes train's default, on)
-    method: str = "sft"  # dpo / orpo: each example is a pair, two sequences through the model
+    method: str = "sft"  # dpo, orpo, cpo, simpo: each example is a pair, two sequences through the model
     precompute_ref: bool = False  # dpo: reference log-probs computed before training
 
     @property
@@ -382,7 +382,7 @@ class Estimate:
 def estimate(config, opts: TrainingOptions) -> Estimate:
     """The memory table for ``config`` trained with ``opts``.
 
-    DPO and ORPO run ``2 x batch`` sequences (chosen and rejected of each pair)
+    DPO, ORPO, CPO and SimPO run ``2 x batch`` sequences (chosen and rejected of each pair)
     through one forward pass, so activations and logits double. DPO's
     reference pass runs without gradient before the policy pass and keeps only
     two numbers a pair, so it adds no row for LoRA and QLoRA (the reference is

@@ -435,6 +435,7 @@ ALIASES = {
     "bnb_4bit_use_double_quant": "double_quant", "overwrite_output_dir": "overwrite", "sample_packing": "packing",
     "optimizer": "optim", "chat_template": "template", "val_size": "eval_split", "val_set_size": "eval_split",
     "loraplus_lr_ratio": "lora_plus_ratio", "neftune_noise_alpha": "neftune_alpha",
+    "pref_beta": "beta", "dpo_label_smoothing": "label_smoothing",
 }
 # Boolean keys that map onto one of ours: key -> (our key, {their value: our value, None = no change}).
 VALUE_ALIASES = {
@@ -489,6 +490,54 @@ def _read_yaml(path: Path) -> tuple[dict, dict[str, int]]:
     return loaded, lines
 
 
+# LLaMA-Factory's pref_loss values that are one of qlora's losses: (method, loss_type).
+_PREF_LOSSES = {"sigmoid": ("dpo", "sigmoid"), "hinge": ("dpo", "hinge"), "ipo": ("dpo", "ipo"), "simpo": ("simpo", "")}
+
+
+def _llama_factory(loaded: dict, lines: dict[str, int], path: Path) -> dict:
+    """LLaMA-Factory's ``stage``, ``pref_loss`` and ``pref_ftx`` as qlora's method and loss type; what has no
+    identical counterpart is refused by name rather than trained differently."""
+    keys = {"stage", "pref_loss", "pref_ftx"} & set(loaded)
+    if not keys:
+        return loaded
+    out = {k: v for k, v in loaded.items() if k not in keys}
+    where = {k: f"{path} line {lines.get(k, '?')}" for k in keys}
+    ftx, stage, loss = loaded.get("pref_ftx"), loaded.get("stage"), loaded.get("pref_loss")
+    if ftx not in (None, 0, 0.0):
+        raise UsageError(f"{where['pref_ftx']}: pref_ftx is LLaMA-Factory's SFT term: each chosen answer's NLL averaged "
+                         "over its own tokens, then over the pairs. qlora's --rpo-alpha (dpo; TRL's RPO) and "
+                         "--cpo-alpha (cpo, simpo) average the NLL over all chosen tokens of the batch, which weighs "
+                         "answers of different lengths differently; set rpo_alpha or cpo_alpha to train with that term.")
+    if stage is not None and stage not in ("sft", "dpo"):
+        raise UsageError(f"{where['stage']}: stage {stage!r} has no qlora counterpart; qlora trains stage sft and "
+                         "stage dpo (pref_loss sigmoid, hinge, ipo or simpo) as method sft / dpo / simpo, and "
+                         "method orpo or cpo.")
+    method = stage
+    if loss is not None:
+        if stage not in (None, "dpo"):
+            raise UsageError(f"{where['pref_loss']}: pref_loss applies to stage dpo; this config is stage {stage}.")
+        if loss == "orpo":
+            raise UsageError(f"{where['pref_loss']}: LLaMA-Factory's orpo adds each chosen answer's NLL averaged over "
+                             "its own tokens; qlora's --method orpo is the ORPO paper's and TRL's (NLL over all chosen "
+                             "tokens, prompt included). Write method: orpo (and drop stage, pref_loss) to train that.")
+        if loss not in _PREF_LOSSES:
+            raise UsageError(f"{where['pref_loss']}: pref_loss {loss!r} has no qlora counterpart; qlora maps "
+                             f"{', '.join(_PREF_LOSSES)} (TRL removed kto_pair: KTO learns from unpaired data).")
+        method, loss_type = _PREF_LOSSES[loss]
+        if loss_type:
+            if "loss_type" in out:
+                raise UsageError(f"{where['pref_loss']}: loss_type and pref_loss both set the loss; keep one.")
+            out["loss_type"] = loss_type
+            lines.setdefault("loss_type", lines.get("pref_loss", 0))
+    if method is not None:
+        if "method" in out:
+            raise UsageError(f"{path} line {lines.get('method', '?')}: method and LLaMA-Factory's "
+                             f"{' and '.join(sorted(keys & {'stage', 'pref_loss'}))} both set the method; keep one.")
+        out["method"] = method
+        lines.setdefault("method", lines.get("pref_loss", lines.get("stage", 0)))
+    return out
+
+
 def _adapter_base(values: dict[str, Any]) -> None:
     """The base of a continued adapter: ``model: ADAPTER_FOLDER`` continues that adapter on the base it
     names (as PEFT reads such a folder), and the 4-bit format it was trained on is the default."""
@@ -534,6 +583,7 @@ def load_config(yaml_path: str | Path | None, overrides: dict[str, Any]) -> Trai
         if not path.is_file():
             raise UsageError(f"config file {yaml_path!r} does not exist; check the path of the YAML file.")
         loaded, lines = _read_yaml(path)
+        loaded = _llama_factory(loaded, lines, path)
         given_as: dict[str, str] = {}
         for key, value in loaded.items():
             where = f"{path} line {lines.get(str(key), '?')}"
