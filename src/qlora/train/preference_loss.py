@@ -1,6 +1,6 @@
 """The losses of preference tuning: DPO and its variants, CPO / SimPO, and ORPO (odds ratio).
 
-Both score an answer by the log-probability the policy gives its tokens,
+All score an answer by the log-probability the policy gives its tokens,
 ``log p(y | x) = sum_t log p(y_t | x, y_<t)`` over the answer's tokens only,
 computed for the chosen and rejected rows of one batch in one forward pass.
 
@@ -19,7 +19,8 @@ DPO's other loss types (:func:`dpo_losses`) and CPO / SimPO (:func:`cpo_losses`,
 model) are TRL 1.16's. All follow TRL 1.16 (``DPOTrainer``, ``CPOTrainer`` and ``ORPOTrainer``)
 to 1e-5 in fp32 (tests/test_preference_vs_trl.py, tests/test_preference_losses_vs_trl.py), including
 ORPO's NLL over the whole chosen sequence, prompt included, as in the ORPO
-paper's code, and the reward metrics (DPO: ``r``; ORPO: ``lambda * a``).
+paper's code (CPO's and RPO's NLL covers the chosen answer's tokens only), and the
+reward metrics (DPO: ``r``; CPO, SimPO: ``beta`` times the policy's log-probs; ORPO: ``lambda * a``).
 TRL 1.16 dropped label smoothing from its sigmoid loss; ours is the
 conservative-DPO form that earlier TRL and LLaMA-Factory use.
 """

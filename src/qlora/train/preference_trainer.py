@@ -1,16 +1,18 @@
-"""Preference tuning on a 4-bit base: ``qlora train --method dpo|orpo``.
+"""Preference tuning on a 4-bit base: ``qlora train --method dpo|orpo|cpo|simpo``.
 
 :class:`PreferenceTrainer` is the QLoRA training loop of
 :class:`qlora.train.trainer.Trainer` (accumulation, clipping, checkpoints,
-resume, DDP/FSDP, metrics) with preference pairs as data and DPO or ORPO
-(:mod:`qlora.train.preference_loss`) as the loss. What differs:
+resume, DDP/FSDP, metrics) with preference pairs as data and DPO (any of TRL's
+loss types), CPO / SimPO or ORPO (:mod:`qlora.train.preference_loss`) as the
+loss. What differs:
 
 - Each micro-batch of ``B`` pairs is one forward pass over ``2B`` rows, the
   chosen answers then the rejected ones.
 - The step loss is normalized over the whole optimizer step (all micro-batches,
-  all ranks), as for SFT: the DPO loss and ORPO's odds-ratio term are means over
-  the step's pairs, ORPO's NLL term a mean over the step's chosen tokens. With
-  one micro-batch this is exactly TRL's loss.
+  all ranks), as for SFT: the pair losses (DPO's, CPO's, ORPO's odds-ratio term)
+  are means over the step's pairs, the NLL term (ORPO; CPO's cpo_alpha; DPO's
+  rpo_alpha / sft loss type) a mean over the step's chosen tokens. With one
+  micro-batch this is exactly TRL's loss.
 - DPO's reference model is the same 4-bit base with the adapters switched off
   (:func:`qlora.model.inject.adapters_disabled`), or, with ``--adapter``, the
   adapter training starts from (a frozen copy), run without gradient and in
@@ -21,7 +23,7 @@ resume, DDP/FSDP, metrics) with preference pairs as data and DPO or ORPO
   resumed run reuses them.
 - Metrics (TRL's names): ``rewards/chosen``, ``rewards/rejected``,
   ``rewards/accuracies``, ``rewards/margins``, ``logps/chosen``,
-  ``logps/rejected`` and, for ORPO, ``nll_loss``, ``log_odds_ratio``,
+  ``logps/rejected``, ``nll_loss`` with an NLL term and, for ORPO, ``log_odds_ratio``,
   ``log_odds_chosen``: means over the step's pairs, in metrics.jsonl,
   TensorBoard, the progress bar and the plot.
 """
@@ -55,7 +57,7 @@ _PER_PAIR = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "reward
 
 
 class PreferenceTrainer(Trainer):
-    """One DPO or ORPO run; ``Trainer(config)`` returns this for ``config.method`` dpo or orpo."""
+    """One preference run; ``Trainer(config)`` returns this for every ``config.method`` but sft."""
 
     def setup(self) -> None:
         cfg = self.config

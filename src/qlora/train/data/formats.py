@@ -115,7 +115,7 @@ def detect_format(record: Record | list[Record]) -> str:
     if fmt == "preference":
         raise UsageError(
             f'{records[0].where}: these rows are preference pairs ("prompt", "chosen", "rejected"): train them with '
-            "--method dpo or --method orpo. For supervised fine-tuning on the preferred answers, map them: "
+            "--method dpo, orpo, cpo or simpo. For supervised fine-tuning on the preferred answers, map them: "
             "--data-fields completion=chosen (the prompt-completion format; \"rejected\" is then ignored)."
         )
     if fmt == "unpaired-preference":
@@ -129,8 +129,8 @@ def unpaired_error(where: str) -> UsageError:
     return UsageError(
         f'{where}: these rows are unpaired preference data ("prompt", "completion" and a true/false "label", '
         "TRL's KTO format): supervised fine-tuning on them would also teach the completions labelled false. "
-        "qlora has no KTO training (--method dpo, orpo need pairs of a chosen and a rejected answer to the same "
-        "prompt). For supervised fine-tuning on the desirable completions only, keep the rows whose label is true "
+        "qlora has no KTO training (--method dpo, orpo, cpo and simpo need pairs of a chosen and a rejected answer "
+        "to the same prompt). For supervised fine-tuning on the desirable completions only, keep the rows whose label is true "
         'and remove the "label" field.')
 
 
