@@ -125,13 +125,18 @@ def test_preference_keys_of_trl_and_llama_factory(tmp_path):
     ("method: cpo\nloss_type: robust\n", "--loss-type 'robust' is not a loss of --method cpo"),
     ("method: cpo\nloss_type: ipo\nlabel_smoothing: 0.1\n", "--loss-type ipo has none"),
     ("method: cpo\nsimpo_gamma: 1\n", "--simpo-gamma is SimPO's target margin"),
-    ("method: simpo\nloss_type: hinge\n", "--loss-type applies to --method dpo or cpo; this run is --method simpo"),
-    ("method: orpo\nloss_type: sigmoid\n", "--loss-type applies to --method dpo or cpo; this run is --method orpo"),
-    ("loss_type: ipo\n", "--loss-type applies to --method dpo or cpo; this run is --method sft"),
+    ("method: simpo\nloss_type: hinge\n", "--loss-type applies to --method dpo, cpo, kto; this run is --method simpo"),
+    ("method: orpo\nloss_type: sigmoid\n", "--loss-type applies to --method dpo, cpo, kto; this run is --method orpo"),
+    ("loss_type: ipo\n", "--loss-type applies to --method dpo, cpo, kto; this run is --method sft"),
     ("rpo_alpha: 1\n", "--rpo-alpha applies to --method dpo; this run is --method sft"),
-    ("method: dpo\ncpo_alpha: 1\n", "--cpo-alpha applies to --method cpo or simpo; this run is --method dpo"),
+    ("method: dpo\ncpo_alpha: 1\n", "--cpo-alpha applies to --method cpo, simpo; this run is --method dpo"),
     ("method: simpo\nprecompute_ref: true\n", "--precompute-ref applies to --method dpo; this run is --method simpo"),
     ("method: cpo\ncpo_alpha: -1\n", "--cpo-alpha must be at least 0"),
+    ("method: kto\n", "--method kto estimates its KL term from the other examples of a micro-batch"),
+    ("method: kto\nbatch_size: 2\nloss_type: sigmoid\n", "--loss-type 'sigmoid' is not a loss of --method kto"),
+    ("method: kto\nbatch_size: 2\nprecompute_ref: true\n", "--precompute-ref applies to --method dpo; this run is"),
+    ("method: dpo\ndesirable_weight: 2\n", "--desirable-weight applies to --method kto; this run is --method dpo"),
+    ("method: kto\nbatch_size: 2\nundesirable_weight: 0\n", "--undesirable-weight must be positive"),
 ])
 def test_preference_options_refused_by_name(tmp_path, text, message):
     with pytest.raises(UsageError, match=re.escape(message)):

@@ -143,7 +143,8 @@ KTO_CHAT = {"prompt": [{"role": "user", "content": "Capital of France?"}],
 def test_unpaired_preference_rows_are_never_sft_data(rows):
     """TRL's KTO rows (prompt, completion, true/false label) would train the label=false completions as SFT."""
     records = [Record(r, f"k.jsonl line {i + 1}") for i, r in enumerate(rows)]
-    with pytest.raises(UsageError, match=r'k\.jsonl line 1: these rows are unpaired preference data.*label is true'):
+    with pytest.raises(UsageError, match=r'k\.jsonl line 1: these rows are unpaired preference data.*--method kto.*'
+                                         'label is true'):
         normalize(records)
     with pytest.raises(UsageError, match=r"k\.jsonl line \d: these rows are unpaired preference data"):
         normalize(records, "prompt-completion")  # an explicit format does not train them either

@@ -367,3 +367,39 @@ def test_resume_of_a_dpo_checkpoint_from_before_loss_types(tmp_path, tiny_model_
     assert resumed.step == 4 and [r["step"] for r in _train_records(tmp_path / "o")] == [1, 2, 3, 4]
     with pytest.raises(UsageError, match="loss_type: '' -> 'ipo'"):
         Trainer(_config(tiny_model_dir, data, tmp_path / "o", resume=True, loss_type="ipo", **kw)).setup()
+
+
+def test_cli_kto_on_unpaired_conversations_and_on_pairs(tmp_path, tiny_model_dir, capsys):
+    """KTO from the command line: conversational unpaired rows train (loss down, desirable rewards up,
+    undesirable down), eval reports TRL's KTO metrics; pairs are unpaired into a true and a false row."""
+    from qlora.train.data import Record
+    from qlora.train.data.unpaired import normalize_unpaired
+
+    rows = []
+    for p, c, r in PAIRS:
+        prompt = [{"role": "user", "content": p}]
+        rows += [{"prompt": prompt, "completion": [{"role": "assistant", "content": c}], "label": True},
+                 {"prompt": prompt, "completion": [{"role": "assistant", "content": r}], "label": False}]
+    data = _write(tmp_path / "kto.jsonl", rows)
+    out = tmp_path / "o"
+    argv = ["train", "--model", str(tiny_model_dir), "--data", str(data), "--eval-data", str(data), "--output",
+            str(out), "--method", "kto", "--optim", "adamw", "--lr", "1e-2", "--no-progress", "--max-steps", "8",
+            "--batch-size", "4", "--dropout", "0", "--seq-len", "64", "--undesirable-weight", "1.2"]
+    assert main(argv) == 0
+    records = _train_records(out)
+    assert records[-1]["loss"] < records[0]["loss"], [r["loss"] for r in records]
+    assert all("kl" in r for r in records)
+    evals = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    final = [r for r in evals if r["split"] == "eval"][-1]
+    assert final["rewards/chosen"] > 0 > final["rewards/rejected"] and final["rewards/margins"] > 0
+    config = (out / "config.yaml").read_text()
+    assert "method: kto" in config and "undesirable_weight: 1.2" in config
+
+    pairs = normalize_unpaired([Record(ROWS[0], "p.jsonl line 1")])
+    assert [(e.prompt, e.completion, e.desirable) for e in pairs] == [
+        (PAIRS[0][0], PAIRS[0][1], True), (PAIRS[0][0], PAIRS[0][2], False)]
+    bad = _write(tmp_path / "bad.jsonl", [{"prompt": "p", "completion": "c", "label": "maybe"}])
+    code, err = _run(["train", "--model", str(tiny_model_dir), "--data", str(bad), "--output", str(tmp_path / "x"),
+                      "--method", "kto", "--batch-size", "2"], capsys)
+    assert code == 2 and f'{bad} line 1: field "label" must be true or false' in err
+    assert not (tmp_path / "x").exists()

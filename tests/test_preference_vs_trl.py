@@ -273,3 +273,62 @@ def test_orpo_equals_trl_orpotrainer(tmp_path, tiny_model_dir):
     for key in ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
                 "logps/rejected", "nll_loss", "log_odds_ratio", "log_odds_chosen"):
         assert metrics[key] == pytest.approx(theirs[key][-1], rel=RTOL, abs=1e-6), key
+
+
+KTO_ROWS = [
+    {"prompt": "What is two plus two?", "completion": " four", "label": True},
+    {"prompt": "Say hello.", "completion": " no", "label": False},
+    {"prompt": "What does the fox do?", "completion": " The quick brown fox jumps.", "label": True},
+    {"prompt": "What is two plus two?", "completion": " five, I think", "label": False},
+]
+
+
+@pytest.mark.parametrize("case", ["kto", "kto-weighted", "apo_zero_unpaired"])
+def test_kto_equals_trl_ktotrainer(tmp_path, tiny_model_dir, case):
+    """KTO: the reference is the base with the adapters off, the KL term is estimated from the batch's
+    prompts paired with the previous example's completion (no gradient), desirable/undesirable weights."""
+    from trl import KTOConfig, KTOTrainer
+
+    ours = {"kto": {}, "kto-weighted": dict(desirable_weight=1.5, undesirable_weight=0.7),
+            "apo_zero_unpaired": dict(loss_type="apo_zero_unpaired")}[case]
+    data = tmp_path / "kto.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in KTO_ROWS))
+    config = load_config(None, dict(model=str(tiny_model_dir), data=str(data), output=str(tmp_path / "q"), method="kto",
+                                    rank=4, alpha=8, dropout=0.0, target_modules=",".join(TARGETS), beta=0.3,
+                                    batch_size=len(KTO_ROWS), seq_len=64, optim="adamw", max_steps=1, progress=False,
+                                    precision="fp32", **ours))
+    trainer = Trainer(config)
+    trainer.setup()
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, p in trainer.model.named_parameters():
+            if p.requires_grad and "lora_B" in name:
+                p.add_(torch.randn_like(p) * 0.05)
+    hf = _hf_twin(trainer, tiny_model_dir)
+    args = KTOConfig(output_dir=str(tmp_path / "trl"), beta=0.3, per_device_train_batch_size=len(KTO_ROWS),
+                     max_length=64, report_to=[], use_cpu=True, bf16=False, fp16=False, disable_dropout=True,
+                     train_sampling_strategy="sequential", **ours)
+    lora = peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=TARGETS, task_type="CAUSAL_LM")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        oracle = KTOTrainer(model=hf, args=args, train_dataset=datasets.Dataset.from_list(KTO_ROWS),
+                            processing_class=trainer.tokenizer, peft_config=lora)
+    params = _copy_adapters(trainer, oracle.model)
+    tokenized = oracle.train_dataset
+    for unit in trainer.train_units:  # TRL's KTO tokenization of the strings is qlora's
+        row = tokenized[unit.index]
+        assert (row["prompt_ids"], row["completion_ids"]) == (unit.prompt_ids, unit.completion_ids)
+        assert row["label"] == unit.desirable
+
+    inputs = oracle.data_collator([tokenized[u.index] for u in trainer.train_units])
+    oracle.model.train()
+    their_loss = oracle.compute_loss(oracle.model, inputs)
+    their_loss.backward()
+    loss, grads, metrics = _qlora_step(trainer)
+
+    torch.testing.assert_close(loss, their_loss.detach(), rtol=RTOL, atol=1e-7)
+    _assert_grads_equal(grads, params)
+    theirs = oracle._metrics["train"]
+    for key in ("rewards/chosen", "rewards/rejected", "rewards/margins", "logps/chosen", "logps/rejected", "kl"):
+        assert metrics[key] == pytest.approx(theirs[key][-1], rel=RTOL, abs=1e-6), key
+    assert (metrics["kl"] > 0) == (case != "apo_zero_unpaired")  # the KL term is live where it is used

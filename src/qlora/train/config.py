@@ -27,17 +27,18 @@ SCHEDULERS = ("cosine", "linear", "constant")
 QUANTS = ("nf4", "fp4", "none")
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 INITS = ("kaiming", "gaussian", "loftq")
-METHODS = ("sft", "dpo", "orpo", "cpo", "simpo")
+METHODS = ("sft", "dpo", "orpo", "cpo", "simpo", "kto")
 # TRL 1.16's DPOTrainer loss types ("sft": the NLL of the chosen answers, RPO) and those that read --label-smoothing.
 DPO_LOSSES = ("sigmoid", "hinge", "ipo", "robust", "exo_pair", "nca_pair", "bco_pair", "sppo_hard", "aot",
               "aot_unpaired", "apo_zero", "apo_down", "discopop", "sigmoid_norm", "sft")
 DPO_SMOOTHED = ("sigmoid", "robust", "exo_pair", "aot", "aot_unpaired", "sft")
 CPO_LOSSES = ("sigmoid", "hinge", "ipo", "simpo")  # TRL 1.16's CPOTrainer; simpo is --method simpo's
+KTO_LOSSES = ("kto", "apo_zero_unpaired")  # TRL 1.16's KTOTrainer
 # Preference options and the methods they apply to (any other method refuses them by name).
 _METHOD_OPTIONS = {
-    "label_smoothing": ("dpo", "cpo", "simpo"), "precompute_ref": ("dpo",), "loss_type": ("dpo", "cpo"),
+    "label_smoothing": ("dpo", "cpo", "simpo"), "precompute_ref": ("dpo",), "loss_type": ("dpo", "cpo", "kto"),
     "loss_weights": ("dpo",), "rpo_alpha": ("dpo",), "discopop_tau": ("dpo",), "cpo_alpha": ("cpo", "simpo"),
-    "simpo_gamma": ("cpo", "simpo"),
+    "simpo_gamma": ("cpo", "simpo"), "desirable_weight": ("kto",), "undesirable_weight": ("kto",),
 }
 
 # Fields whose change makes a checkpoint incompatible with a resumed run.
@@ -66,7 +67,8 @@ class TrainConfig:
     model: str | None = _opt(None, "base model: a local transformers folder or a hub id")
     method: str = _opt("sft", "training objective: sft (next-token loss on --data examples), or, on preference "
                               "pairs {prompt, chosen, rejected}: dpo (against a reference model), orpo, cpo or simpo "
-                              "(reference-free; TRL's CPOTrainer, simpo = its loss simpo without NLL)", METHODS)
+                              "(reference-free; TRL's CPOTrainer, simpo = its loss simpo without NLL), or kto on "
+                              "unpaired rows {prompt, completion, label: true/false} (or pairs, unpaired)", METHODS)
     beta: float = _opt(0.1, "dpo: strength of the pull towards the reference (beta of its loss; IPO's tau); "
                             "cpo, simpo: temperature beta of the loss; orpo: weight lambda of the odds-ratio term",
                        range=POSITIVE)
@@ -76,7 +78,8 @@ class TrainConfig:
     loss_type: str = _opt("", "dpo: TRL's loss_type: sigmoid (default), hinge, ipo, robust, exo_pair, nca_pair, "
                               "bco_pair, sppo_hard, aot, aot_unpaired, apo_zero, apo_down, discopop, sigmoid_norm or "
                               "sft (NLL of the chosen answers); several as a,b (a YAML list) are added, weighted by "
-                              "--loss-weights; cpo: sigmoid (default), hinge, ipo or simpo")
+                              "--loss-weights; cpo: sigmoid (default), hinge, ipo or simpo; kto: kto (default) or "
+                              "apo_zero_unpaired")
     loss_weights: str = _opt("", "dpo: weights of the --loss-type list, as 1,0.5 (a YAML list; default: 1 each)")
     rpo_alpha: float = _opt(0.0, "dpo: RPO: add this times the NLL of the chosen answers (the mean over their "
                                  "tokens; TRL's rpo_alpha, its loss type sft)", range=NON_NEGATIVE)
@@ -86,6 +89,10 @@ class TrainConfig:
                                          "default: 1 for cpo, 0 for simpo; > 0 with simpo is CPO-SimPO)",
                                    range=NON_NEGATIVE)
     simpo_gamma: float = _opt(0.5, "simpo (cpo --loss-type simpo): target reward margin gamma", range=NON_NEGATIVE)
+    desirable_weight: float = _opt(1.0, "kto: weight of the losses of desirable (label true) completions",
+                                   range=POSITIVE)
+    undesirable_weight: float = _opt(1.0, "kto: weight of the losses of undesirable (label false) completions",
+                                     range=POSITIVE)
     precompute_ref: bool = _opt(False, "dpo: compute the reference log-probs once before training (stored in "
                                        "--output, reused on --resume) instead of in every step")
     data: str | None = _opt(None, "training data: a .jsonl/.json/.csv/.tsv/.parquet/.arrow/.txt file (text ones "
@@ -271,7 +278,7 @@ class TrainConfig:
         for name, methods in _METHOD_OPTIONS.items():
             if getattr(self, name) != defaults[name] and self.method not in methods and not (
                     name == "loss_type" and self.method == "simpo" and self.loss_type == "simpo"):
-                raise UsageError(f"--{_flag(name)} applies to --method {' or '.join(methods)}; this run is "
+                raise UsageError(f"--{_flag(name)} applies to --method {', '.join(methods)}; this run is "
                                  f"--method {self.method}")
         if self.method == "sft":
             return
@@ -282,6 +289,14 @@ class TrainConfig:
             if loss not in CPO_LOSSES:
                 raise UsageError(f"--loss-type {loss!r} is not a loss of --method cpo (TRL's CPOTrainer): choose one "
                                  f"of {', '.join(CPO_LOSSES)}{'; for DPO losses use --method dpo' * (loss in DPO_LOSSES)}")
+        elif self.method == "kto":
+            loss = self.loss_type or "kto"
+            if loss not in KTO_LOSSES:
+                raise UsageError(f"--loss-type {loss!r} is not a loss of --method kto (TRL's KTOTrainer): choose one "
+                                 f"of {', '.join(KTO_LOSSES)}")
+            if loss == "kto" and self.batch_size < 2:
+                raise UsageError("--method kto estimates its KL term from the other examples of a micro-batch (each "
+                                 "prompt with another completion): give --batch-size 2 or more (TRL requires it too)")
         if self.method in ("cpo", "simpo"):
             loss = self.preference_losses()[0][0]
             if self.label_smoothing and loss in ("hinge", "ipo"):
@@ -298,7 +313,8 @@ class TrainConfig:
         for name, default in (("format", "auto"), ("data_fields", "")):
             if getattr(self, name) != default:
                 raise UsageError(f"--{_flag(name)} applies to --method sft; --method {self.method} reads preference "
-                                 'rows {"prompt", "chosen", "rejected"}')
+                                 'rows {"prompt", "chosen", "rejected"}' + ' or {"prompt", "completion", "label"}' *
+                                 (self.method == "kto"))
 
     def _validate_dpo_losses(self) -> None:
         names = [n for n, _ in self.preference_losses()]
@@ -334,8 +350,8 @@ class TrainConfig:
         """
         if self.method == "simpo":
             return [("simpo", 1.0)]
-        if self.method == "cpo":
-            return [(self.loss_type or "sigmoid", 1.0)]
+        if self.method in ("cpo", "kto"):
+            return [(self.loss_type or {"cpo": "sigmoid", "kto": "kto"}[self.method], 1.0)]
         if self.method != "dpo":
             return []
         names = [n.strip() for n in (self.loss_type or "sigmoid").split(",")]

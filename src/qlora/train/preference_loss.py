@@ -167,3 +167,21 @@ def orpo_odds_ratio(chosen_mean_logps: torch.Tensor, rejected_mean_logps: torch.
     chosen, rejected = chosen_mean_logps.float(), rejected_mean_logps.float()
     log_odds = (chosen - rejected) - (log1mexp(chosen) - log1mexp(rejected))
     return F.logsigmoid(log_odds), log_odds
+
+
+def kto_losses(loss_type: str, logps: torch.Tensor, ref_logps: torch.Tensor, desirable: torch.Tensor,
+               kl: torch.Tensor, beta: float, desirable_weight: float = 1.0, undesirable_weight: float = 1.0):
+    """Per-example losses ``[B]`` of TRL 1.16's KTOTrainer and the rewards ``beta * r`` (detached).
+
+    ``r = log p(y|x) - log p_ref(y|x)``; ``kl`` is the batch's (detached) KL estimate ``z``:
+    kto: ``w_d (1 - s(beta (r - z)))`` for a desirable completion, ``w_u (1 - s(beta (z - r)))`` for an
+    undesirable one; apo_zero_unpaired: ``w_d (1 - s(beta r))`` and ``w_u s(beta r)``.
+    """
+    r = logps.float() - ref_logps.float()
+    if loss_type == "kto":
+        chosen, rejected = 1 - torch.sigmoid(beta * (r - kl)), 1 - torch.sigmoid(beta * (kl - r))
+    elif loss_type == "apo_zero_unpaired":
+        chosen, rejected = 1 - torch.sigmoid(beta * r), torch.sigmoid(beta * r)
+    else:
+        raise ValueError(f"unknown KTO loss type {loss_type!r}")
+    return torch.where(desirable, desirable_weight * chosen, undesirable_weight * rejected), beta * r.detach()

@@ -52,16 +52,19 @@ from qlora.train.trainer import Trainer
 REFERENCE_DIR = "reference"
 REFERENCE_ADAPTER = "reference"  # with --adapter: the frozen starting adapter
 REFERENCE_FILE = "logps.safetensors"
-_PER_PAIR = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
-             "logps/rejected", "log_odds_ratio", "log_odds_chosen")
+REFERENCE_METHODS = ("dpo", "kto")  # the methods with a reference model
 
 
 class PreferenceTrainer(Trainer):
-    """One preference run; ``Trainer(config)`` returns this for every ``config.method`` but sft."""
+    """One preference run; ``Trainer(config)`` returns this for dpo, orpo, cpo and simpo."""
+
+    # per-pair metrics summed over a step's batches, logged as means over its pairs
+    METRIC_SUMS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
+                   "logps/rejected", "log_odds_ratio", "log_odds_chosen")
 
     def setup(self) -> None:
         cfg = self.config
-        if cfg.method == "dpo" and cfg.add_special_tokens.strip() and not cfg.precompute_ref:
+        if cfg.method in REFERENCE_METHODS and cfg.add_special_tokens.strip() and not cfg.precompute_ref:
             raise UsageError("--add-special-tokens trains the embeddings and output head in place, so switching the "
                              "adapters off no longer gives the reference model; add --precompute-ref to take the "
                              "reference log-probs before training changes them")
@@ -72,7 +75,7 @@ class PreferenceTrainer(Trainer):
         ``ref_adapter_name`` makes it: a frozen second copy, switched on for the reference pass."""
         super()._load_model()
         cfg = self.config
-        if cfg.method != "dpo" or not cfg.adapter or cfg.precompute_ref:
+        if cfg.method not in REFERENCE_METHODS or not cfg.adapter or cfg.precompute_ref:
             return
         start = adapter_configs(self.model)["default"]
         if start.modules_to_save or start.bias != "none" or start.trainable_tokens:
@@ -237,6 +240,11 @@ class PreferenceTrainer(Trainer):
         loss = terms["pair_loss"] / pairs
         return loss + self.config.nll_weight * terms["nll"] / nll_tokens if "nll" in terms else loss
 
+    @staticmethod
+    def _units_in(batch: dict[str, torch.Tensor]) -> int:
+        """Pairs in ``batch`` (its chosen rows, then its rejected ones)."""
+        return batch["input_ids"].shape[0] // 2
+
     def _nll_tokens(self, batch: dict[str, torch.Tensor]) -> int:
         return int((self._nll_labels(batch)[:, 1:] != IGNORE_INDEX).sum())
 
@@ -244,24 +252,31 @@ class PreferenceTrainer(Trainer):
         """(pairs, tokens of the NLL term) of the whole step, over all ranks."""
         counts = torch.zeros(2, dtype=torch.float64, device=self.device)
         for b in batches:
-            counts[0] += b["input_ids"].shape[0] // 2
+            counts[0] += self._units_in(b)
             counts[1] += self._nll_tokens(b)
         self._norm = tuple(self.dist.all_reduce_sum(counts).tolist())
         return self._norm
 
     def _micro_loss(self, batch: dict[str, torch.Tensor], norm: tuple[float, float]):
         terms = self._pair_terms(self.forward_model, batch)
-        sums = {k: float(v) for k, v in terms.items() if k in _PER_PAIR}
+        sums = {k: float(v) for k, v in terms.items() if k in self.METRIC_SUMS}
         if "nll" in terms:
-            sums["nll_loss"] = float(terms["nll"].detach())
+            sums["nll"] = float(terms["nll"].detach())
         return self._combine(terms, *norm), sums
 
     def _step_metrics(self, sums: dict[str, float]) -> dict[str, float]:
         keys = sorted(sums)  # the same order on every rank
         totals = self.dist.all_reduce_sum(torch.tensor([sums[k] for k in keys], dtype=torch.float64,
                                                        device=self.device)).tolist()
-        pairs, nll_tokens = self._norm
-        return {k: v / (max(nll_tokens, 1) if k == "nll_loss" else pairs) for k, v in zip(keys, totals)}
+        return self._metrics_of(dict(zip(keys, totals)), *self._norm)
+
+    def _metrics_of(self, sums: dict[str, float], units: float, nll_tokens: float) -> dict[str, float]:
+        """The logged metrics from a step's (or the eval set's) sums: means over its pairs, ``nll_loss``
+        over its NLL tokens."""
+        out = {k: sums[k] / units for k in self.METRIC_SUMS if k in sums}
+        if "nll" in sums:
+            out["nll_loss"] = sums["nll"] / max(nll_tokens, 1)
+        return out
 
     # ------------------------------------------------------------------ eval
     @torch.no_grad()
@@ -269,21 +284,20 @@ class PreferenceTrainer(Trainer):
         """Loss and reward metrics on --eval-data (the policy in eval mode, no dropout)."""
         self.model.eval()
         sums: dict[str, float] = {}
-        pairs = nll_tokens = 0
+        units = nll_tokens = 0
         bs = self.config.batch_size
         for i in range(0, len(self.eval_units), bs):
             batch = self._collate(self.eval_units[i:i + bs])
-            pairs += batch["input_ids"].shape[0] // 2
+            units += self._units_in(batch)
             nll_tokens += self._nll_tokens(batch)
             for k, v in self._pair_terms(self.model, batch).items():
                 sums[k] = sums.get(k, 0.0) + float(v)
-        record = {"split": "eval", "step": self.step, "loss": float(self._combine(sums, pairs, max(nll_tokens, 1)))}
-        record.update({k: sums[k] / pairs for k in _PER_PAIR if k in sums})
-        if "nll" in sums:
-            record["nll_loss"] = sums["nll"] / max(nll_tokens, 1)
+        record = {"split": "eval", "step": self.step, "loss": float(self._combine(sums, units, max(nll_tokens, 1)))}
+        record.update(self._metrics_of(sums, units, nll_tokens))
         self.metrics.log(record)
-        self.metrics.write(f"step {self.step}: eval loss {record['loss']:.4f}, reward accuracy "
-                           f"{record['rewards/accuracies']:.3f}, margin {record['rewards/margins']:.4f}")
+        shown = ", ".join(f"{k.split('/')[-1]} {record[k]:.4f}" for k in ("rewards/accuracies", "rewards/margins", "kl")
+                          if k in record)
+        self.metrics.write(f"step {self.step}: eval loss {record['loss']:.4f}" + (f", reward {shown}" if shown else ""))
         return record
 
 

@@ -129,9 +129,8 @@ def unpaired_error(where: str) -> UsageError:
     return UsageError(
         f'{where}: these rows are unpaired preference data ("prompt", "completion" and a true/false "label", '
         "TRL's KTO format): supervised fine-tuning on them would also teach the completions labelled false. "
-        "qlora has no KTO training (--method dpo, orpo, cpo and simpo need pairs of a chosen and a rejected answer "
-        "to the same prompt). For supervised fine-tuning on the desirable completions only, keep the rows whose label is true "
-        'and remove the "label" field.')
+        "Train them with --method kto. For supervised fine-tuning on the desirable completions only, keep the rows "
+        'whose label is true and remove the "label" field.')
 
 
 def normalize(records: list[Record], fmt: str = "auto", fields: FieldMap | str | None = None) -> list[Example]:
