@@ -103,6 +103,9 @@ def test_preference_keys_of_trl_and_llama_factory(tmp_path):
         assert (cfg.method, cfg.loss_type, cfg.beta, cfg.label_smoothing) == (method, loss_type, 0.25,
                                                                                0.1 if smoothing else 0.0), loss
     assert load_config(_yaml(tmp_path, base + "stage: sft\n"), {}).method == "sft"
+    kto = load_config(_yaml(tmp_path, base + "stage: kto\nper_device_train_batch_size: 4\nkto_chosen_weight: 1.5\n"
+                                             "kto_rejected_weight: 0.5\n"), {})
+    assert (kto.method, kto.desirable_weight, kto.undesirable_weight) == ("kto", 1.5, 0.5)
     assert load_config(_yaml(tmp_path, base + "stage: dpo\n"), {}).preference_losses() == [("sigmoid", 1.0)]
     assert load_config(_yaml(tmp_path, base + "method: simpo\n"), {}).nll_weight == 0  # SimPO: no NLL term
 

@@ -451,7 +451,8 @@ ALIASES = {
     "bnb_4bit_use_double_quant": "double_quant", "overwrite_output_dir": "overwrite", "sample_packing": "packing",
     "optimizer": "optim", "chat_template": "template", "val_size": "eval_split", "val_set_size": "eval_split",
     "loraplus_lr_ratio": "lora_plus_ratio", "neftune_noise_alpha": "neftune_alpha",
-    "pref_beta": "beta", "dpo_label_smoothing": "label_smoothing",
+    "pref_beta": "beta", "dpo_label_smoothing": "label_smoothing", "kto_chosen_weight": "desirable_weight",
+    "kto_rejected_weight": "undesirable_weight",
 }
 # Boolean keys that map onto one of ours: key -> (our key, {their value: our value, None = no change}).
 VALUE_ALIASES = {
@@ -524,10 +525,10 @@ def _llama_factory(loaded: dict, lines: dict[str, int], path: Path) -> dict:
                          "over its own tokens, then over the pairs. qlora's --rpo-alpha (dpo; TRL's RPO) and "
                          "--cpo-alpha (cpo, simpo) average the NLL over all chosen tokens of the batch, which weighs "
                          "answers of different lengths differently; set rpo_alpha or cpo_alpha to train with that term.")
-    if stage is not None and stage not in ("sft", "dpo"):
-        raise UsageError(f"{where['stage']}: stage {stage!r} has no qlora counterpart; qlora trains stage sft and "
-                         "stage dpo (pref_loss sigmoid, hinge, ipo or simpo) as method sft / dpo / simpo, and "
-                         "method orpo or cpo.")
+    if stage is not None and stage not in ("sft", "dpo", "kto"):
+        raise UsageError(f"{where['stage']}: stage {stage!r} has no qlora counterpart; qlora trains stage sft, kto "
+                         "and stage dpo (pref_loss sigmoid, hinge, ipo or simpo) as method sft / kto / dpo / simpo, "
+                         "and method orpo or cpo.")
     method = stage
     if loss is not None:
         if stage not in (None, "dpo"):
