@@ -403,3 +403,23 @@ def test_cli_kto_on_unpaired_conversations_and_on_pairs(tmp_path, tiny_model_dir
                       "--method", "kto", "--batch-size", "2"], capsys)
     assert code == 2 and f'{bad} line 1: field "label" must be true or false' in err
     assert not (tmp_path / "x").exists()
+
+
+def test_kto_refuses_a_reference_it_cannot_keep(tmp_path, tiny_model_dir, capsys):
+    data = _write(tmp_path / "d.jsonl", ROWS)
+    code, err = _run(["train", "--model", str(tiny_model_dir), "--data", str(data), "--output", str(tmp_path / "o"),
+                      "--method", "kto", "--batch-size", "2", "--add-special-tokens", "<|new|>"], capsys)
+    assert code == 2 and "KTO's KL term pairs the examples of each micro-batch anew" in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_kto_from_an_sft_adapter_uses_it_as_the_reference(tmp_path, tiny_model_dir):
+    """As for DPO: with --adapter the reference is the starting adapter, so the first step's rewards are 0."""
+    sft_data = _write(tmp_path / "sft.jsonl", [{"prompt": p, "completion": c} for p, c, _ in PAIRS])
+    sft = tmp_path / "sft"
+    Trainer(_config(tiny_model_dir, sft_data, sft, method="sft", rank=4, dropout=0.0, max_steps=6)).run()
+    kto = tmp_path / "kto"
+    Trainer(_config(tiny_model_dir, _write(tmp_path / "p.jsonl", ROWS), kto, method="kto", adapter=str(sft),
+                    max_steps=2)).run()
+    first = _train_records(kto)[0]
+    assert abs(first["rewards/chosen"]) < 1e-5 and abs(first["rewards/rejected"]) < 1e-5 and first["kl"] < 1e-5

@@ -1,8 +1,9 @@
-"""The losses of preference tuning: DPO and its variants, CPO / SimPO, and ORPO (odds ratio).
+"""The losses of preference tuning: DPO and its variants, CPO / SimPO, ORPO (odds ratio) and KTO.
 
 All score an answer by the log-probability the policy gives its tokens,
 ``log p(y | x) = sum_t log p(y_t | x, y_<t)`` over the answer's tokens only,
-computed for the chosen and rejected rows of one batch in one forward pass.
+computed for the chosen and rejected rows of one batch in one forward pass
+(KTO: for each example's one completion).
 
 DPO (Rafailov et al. 2023), with ``r(y) = beta * (log p(y|x) - log p_ref(y|x))``
 and label smoothing ``eps`` (conservative DPO: the probability that a pair's
@@ -15,8 +16,9 @@ and ``odds(y) = p / (1 - p)`` of ``p = exp(a)``::
 
     loss = NLL(chosen) - lambda * log sigmoid(log odds(y_w) - log odds(y_l))
 
-DPO's other loss types (:func:`dpo_losses`) and CPO / SimPO (:func:`cpo_losses`, no reference
-model) are TRL 1.16's. All follow TRL 1.16 (``DPOTrainer``, ``CPOTrainer`` and ``ORPOTrainer``)
+DPO's other loss types (:func:`dpo_losses`), CPO / SimPO (:func:`cpo_losses`, no reference
+model) and KTO (:func:`kto_losses`, single completions) are TRL 1.16's. All follow TRL 1.16
+(``DPOTrainer``, ``CPOTrainer``, ``ORPOTrainer`` and ``KTOTrainer``)
 to 1e-5 in fp32 (tests/test_preference_vs_trl.py, tests/test_preference_losses_vs_trl.py), including
 ORPO's NLL over the whole chosen sequence, prompt included, as in the ORPO
 paper's code (CPO's and RPO's NLL covers the chosen answer's tokens only), and the

@@ -53,6 +53,11 @@ REFERENCE_DIR = "reference"
 REFERENCE_ADAPTER = "reference"  # with --adapter: the frozen starting adapter
 REFERENCE_FILE = "logps.safetensors"
 REFERENCE_METHODS = ("dpo", "kto")  # the methods with a reference model
+_FROZEN_REFERENCE = {  # what to do when the reference cannot be the model with some weights switched off
+    "dpo": "add --precompute-ref to take the reference log-probs before training changes them",
+    "kto": "KTO's KL term pairs the examples of each micro-batch anew, so its reference log-probs cannot be "
+           "precomputed: train without these weights, or use --method dpo with --precompute-ref",
+}
 
 
 class PreferenceTrainer(Trainer):
@@ -66,12 +71,11 @@ class PreferenceTrainer(Trainer):
         cfg = self.config
         if cfg.method in REFERENCE_METHODS and cfg.add_special_tokens.strip() and not cfg.precompute_ref:
             raise UsageError("--add-special-tokens trains the embeddings and output head in place, so switching the "
-                             "adapters off no longer gives the reference model; add --precompute-ref to take the "
-                             "reference log-probs before training changes them")
+                             "adapters off no longer gives the reference model; " + _FROZEN_REFERENCE[cfg.method])
         super().setup()
 
     def _load_model(self) -> None:
-        """With --adapter, DPO's reference is the adapter training starts from (an SFT run), as TRL's
+        """With --adapter, the reference (DPO, KTO) is the adapter training starts from (an SFT run), as TRL's
         ``ref_adapter_name`` makes it: a frozen second copy, switched on for the reference pass."""
         super()._load_model()
         cfg = self.config
@@ -80,13 +84,13 @@ class PreferenceTrainer(Trainer):
         start = adapter_configs(self.model)["default"]
         if start.modules_to_save or start.bias != "none" or start.trainable_tokens:
             raise UsageError(f"--adapter {cfg.adapter} trains weights of the model itself (modules_to_save, biases or "
-                             "token rows), which a frozen copy of the adapter cannot keep as they were; add "
-                             "--precompute-ref to take the reference log-probs before training changes them")
+                             "token rows), which a frozen copy of the adapter cannot keep as they were; "
+                             + _FROZEN_REFERENCE[cfg.method])
         load_adapter(self.model, cfg.adapter, adapter_name=REFERENCE_ADAPTER)
 
     @contextlib.contextmanager
     def _reference_model(self) -> Iterator[None]:
-        """The model as DPO's reference: the starting adapter (--adapter), else the base with adapters off."""
+        """The model as DPO's or KTO's reference: the starting adapter (--adapter), else the base with adapters off."""
         if REFERENCE_ADAPTER in adapter_configs(self.model):
             set_adapter(self.model, REFERENCE_ADAPTER)
             try:
