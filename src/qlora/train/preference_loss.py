@@ -19,7 +19,7 @@ and ``odds(y) = p / (1 - p)`` of ``p = exp(a)``::
 DPO's other loss types (:func:`dpo_losses`), CPO / SimPO (:func:`cpo_losses`, no reference
 model) and KTO (:func:`kto_losses`, single completions) are TRL 1.16's. All follow TRL 1.16
 (``DPOTrainer``, ``CPOTrainer``, ``ORPOTrainer`` and ``KTOTrainer``)
-to 1e-5 in fp32 (tests/test_preference_vs_trl.py, tests/test_preference_losses_vs_trl.py), including
+to 1e-5 in fp32 (tests/test_preference_vs_trl.py), including
 ORPO's NLL over the whole chosen sequence, prompt included, as in the ORPO
 paper's code (CPO's and RPO's NLL covers the chosen answer's tokens only), and the
 reward metrics (DPO: ``r``; CPO, SimPO: ``beta`` times the policy's log-probs; ORPO: ``lambda * a``).
