@@ -69,7 +69,7 @@ class TrainConfig:
                               "pairs {prompt, chosen, rejected}: dpo (against a reference model), orpo, cpo or simpo "
                               "(reference-free; TRL's CPOTrainer, simpo = its loss simpo without NLL), or kto on "
                               "unpaired rows {prompt, completion, label: true/false} (or pairs, unpaired)", METHODS)
-    beta: float = _opt(0.1, "dpo: strength of the pull towards the reference (beta of its loss; IPO's tau); "
+    beta: float = _opt(0.1, "dpo, kto: strength of the pull towards the reference (beta of the loss; IPO's tau); "
                             "cpo, simpo: temperature beta of the loss; orpo: weight lambda of the odds-ratio term",
                        range=POSITIVE)
     label_smoothing: float = _opt(0.0, "dpo (sigmoid, robust, aot, aot_unpaired), cpo (sigmoid), simpo: probability "
