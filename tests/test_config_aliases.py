@@ -97,7 +97,7 @@ def test_preference_keys_of_trl_and_llama_factory(tmp_path):
     assert (cpo.preference_losses(), cpo.nll_weight, cpo.simpo_gamma) == ([("simpo", 1.0)], 0.3, 0.7)
     for loss, method, loss_type in (("sigmoid", "dpo", "sigmoid"), ("ipo", "dpo", "ipo"), ("hinge", "dpo", "hinge"),
                                     ("simpo", "simpo", "")):
-        smoothing = "dpo_label_smoothing: 0.1\n" if loss in ("sigmoid", "simpo") else ""
+        smoothing = "dpo_label_smoothing: 0.1\n" if loss == "sigmoid" else ""
         cfg = load_config(_yaml(tmp_path, base + f"stage: dpo\npref_loss: {loss}\npref_beta: 0.25\npref_ftx: 0\n"
                                 + smoothing), {})
         assert (cfg.method, cfg.loss_type, cfg.beta, cfg.label_smoothing) == (method, loss_type, 0.25,
@@ -115,6 +115,7 @@ def test_preference_keys_of_trl_and_llama_factory(tmp_path):
     ("stage: dpo\npref_loss: kto_pair\n", "run.yaml line 5: pref_loss 'kto_pair' has no qlora counterpart"),
     ("stage: dpo\npref_ftx: 0.5\n", "run.yaml line 5: pref_ftx is LLaMA-Factory's SFT term"),
     ("stage: ppo\n", "run.yaml line 4: stage 'ppo' has no qlora counterpart"),
+    ("stage: dpo\npref_loss: simpo\ndpo_label_smoothing: 0.1\n", "simpo loss ignores dpo_label_smoothing"),
     ("stage: sft\npref_loss: sigmoid\n", "run.yaml line 5: pref_loss applies to stage dpo"),
     ("method: orpo\nstage: dpo\n", "method and LLaMA-Factory's stage both set the method"),
     ("method: dpo\nloss_type: simpo\n", "--loss-type 'simpo' is not a DPO loss"),

@@ -540,6 +540,10 @@ def _llama_factory(loaded: dict, lines: dict[str, int], path: Path) -> dict:
         if loss not in _PREF_LOSSES:
             raise UsageError(f"{where['pref_loss']}: pref_loss {loss!r} has no qlora counterpart; qlora maps "
                              f"{', '.join(_PREF_LOSSES)} (TRL removed kto_pair: KTO learns from unpaired data).")
+        if loss == "simpo" and loaded.get("dpo_label_smoothing"):
+            raise UsageError(f"{where['pref_loss']}: LLaMA-Factory's simpo loss ignores dpo_label_smoothing, which "
+                             "qlora's (TRL's) SimPO would apply; drop dpo_label_smoothing, or write method: simpo and "
+                             "label_smoothing to train with it.")
         method, loss_type = _PREF_LOSSES[loss]
         if loss_type:
             if "loss_type" in out:
