@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from qlora.cli.main import main
@@ -155,10 +157,10 @@ def test_a_llama_factory_qlora_example_loads_as_it_trains_there(tmp_path, capsys
     (("quantization_bit: 4", "quantization_bit: 8"), r"line 4: quantization_bit 8: qlora stores the base model in 4 bits"),
     (("quantization_method: bnb", "quantization_method: hqq"), r"line 5: quantization_method 'hqq'"),
     (("finetuning_type: lora", "finetuning_type: full"), r"line 10: finetuning_type 'full': qlora trains LoRA"),
-    (("stage: sft", "stage: ppo"), r"line 8: stage ppo: qlora does not train reward models or PPO"),
+    (("stage: sft", "stage: ppo"), r"line 8: stage 'ppo' has no qlora counterpart"),
     (("resume_from_checkpoint: null", "resume_from_checkpoint: saves/x/checkpoint-500"),
      r"resume_from_checkpoint 'saves/x/checkpoint-500'.*set resume: true"),
-    (("stage: sft", "stage: sft\nmethod: orpo"), r"method and stage both set method"),
+    (("stage: sft", "stage: sft\nmethod: orpo"), r"method and LLaMA-Factory's stage both set the method"),
 ])
 def test_llama_factory_values_without_an_equivalent_are_refused_by_line(tmp_path, capsys, edit, message):
     path = _yaml(tmp_path, _LLAMA_FACTORY.replace(*edit))
@@ -173,3 +175,63 @@ def test_llama_factory_packing_prompt_and_strategy_keys(tmp_path, capsys):
                                                        "eval_strategy: steps\nval_size: 0.1\neval_steps: 50\n"), {})
     assert (cfg.train_on, cfg.packing, cfg.eval_split, cfg.eval_steps) == ("all", True, 0.1, 50)
     assert "eval_strategy" in capsys.readouterr().err
+
+
+def test_preference_keys_of_trl_and_llama_factory(tmp_path):
+    """TRL's keys are ours; LLaMA-Factory's stage/pref_loss map where the loss is the same, else are refused."""
+    base = "model: m\ndata: d\noutput: o\n"
+    trl = load_config(_yaml(tmp_path, base + "method: dpo\nloss_type: [sigmoid, sft]\nloss_weights: [1.0, 0.5]\n"
+                                              "beta: 0.2\n"), {})
+    assert trl.preference_losses() == [("sigmoid", 1.0), ("sft", 0.5)] and trl.nll_weight == 0.5
+    cpo = load_config(_yaml(tmp_path, base + "method: cpo\nloss_type: simpo\ncpo_alpha: 0.3\nsimpo_gamma: 0.7\n"), {})
+    assert (cpo.preference_losses(), cpo.nll_weight, cpo.simpo_gamma) == ([("simpo", 1.0)], 0.3, 0.7)
+    for loss, method, loss_type in (("sigmoid", "dpo", "sigmoid"), ("ipo", "dpo", "ipo"), ("hinge", "dpo", "hinge"),
+                                    ("simpo", "simpo", "")):
+        smoothing = "dpo_label_smoothing: 0.1\n" if loss == "sigmoid" else ""
+        cfg = load_config(_yaml(tmp_path, base + f"stage: dpo\npref_loss: {loss}\npref_beta: 0.25\npref_ftx: 0\n"
+                                + smoothing), {})
+        assert (cfg.method, cfg.loss_type, cfg.beta, cfg.label_smoothing) == (method, loss_type, 0.25,
+                                                                               0.1 if smoothing else 0.0), loss
+    assert load_config(_yaml(tmp_path, base + "stage: sft\n"), {}).method == "sft"
+    kto = load_config(_yaml(tmp_path, base + "stage: kto\nper_device_train_batch_size: 4\nkto_chosen_weight: 1.5\n"
+                                             "kto_rejected_weight: 0.5\n"), {})
+    assert (kto.method, kto.desirable_weight, kto.undesirable_weight) == ("kto", 1.5, 0.5)
+    assert load_config(_yaml(tmp_path, base + "stage: dpo\n"), {}).preference_losses() == [("sigmoid", 1.0)]
+    assert load_config(_yaml(tmp_path, base + "method: simpo\n"), {}).nll_weight == 0  # SimPO: no NLL term
+
+
+@pytest.mark.parametrize("text, message", [
+    ("stage: dpo\npref_loss: orpo\n", "run.yaml line 5: LLaMA-Factory's orpo adds each chosen answer's NLL"),
+    ("stage: dpo\npref_loss: kto_pair\n", "run.yaml line 5: pref_loss 'kto_pair' has no qlora counterpart"),
+    ("stage: dpo\npref_ftx: 0.5\n", "run.yaml line 5: pref_ftx is LLaMA-Factory's SFT term"),
+    ("stage: ppo\n", "run.yaml line 4: stage 'ppo' has no qlora counterpart"),
+    ("stage: dpo\npref_loss: simpo\ndpo_label_smoothing: 0.1\n", "simpo loss ignores dpo_label_smoothing"),
+    ("stage: sft\npref_loss: sigmoid\n", "run.yaml line 5: pref_loss applies to stage dpo"),
+    ("method: orpo\nstage: dpo\n", "method and LLaMA-Factory's stage both set the method"),
+    ("method: dpo\nloss_type: simpo\n", "--loss-type 'simpo' is not a DPO loss"),
+    ("method: dpo\nloss_type: kto_pair\n", "TRL removed kto_pair"),
+    ("method: dpo\nloss_type: [sigmoid, sft]\nloss_weights: [1]\n", "--loss-weights has 1 weights for 2 loss type"),
+    ("method: dpo\nloss_type: [sigmoid, ipo]\nloss_weights: [1, x]\n", "--loss-weights must be non-negative numbers"),
+    ("method: dpo\nloss_type: hinge\nlabel_smoothing: 0.1\n", "--label-smoothing does not apply to the DPO loss hinge"),
+    ("method: dpo\nloss_type: exo_pair\n", "exo_pair needs --label-smoothing > 0"),
+    ("method: dpo\nloss_type: sft\nrpo_alpha: 1\n", "--rpo-alpha adds the sft loss type"),
+    ("method: dpo\ndiscopop_tau: 0.1\n", "--discopop-tau applies to --loss-type discopop"),
+    ("method: cpo\nloss_type: robust\n", "--loss-type 'robust' is not a loss of --method cpo"),
+    ("method: cpo\nloss_type: ipo\nlabel_smoothing: 0.1\n", "--loss-type ipo has none"),
+    ("method: cpo\nsimpo_gamma: 1\n", "--simpo-gamma is SimPO's target margin"),
+    ("method: simpo\nloss_type: hinge\n", "--loss-type applies to --method dpo, cpo, kto; this run is --method simpo"),
+    ("method: orpo\nloss_type: sigmoid\n", "--loss-type applies to --method dpo, cpo, kto; this run is --method orpo"),
+    ("loss_type: ipo\n", "--loss-type applies to --method dpo, cpo, kto; this run is --method sft"),
+    ("rpo_alpha: 1\n", "--rpo-alpha applies to --method dpo; this run is --method sft"),
+    ("method: dpo\ncpo_alpha: 1\n", "--cpo-alpha applies to --method cpo, simpo; this run is --method dpo"),
+    ("method: simpo\nprecompute_ref: true\n", "--precompute-ref applies to --method dpo; this run is --method simpo"),
+    ("method: cpo\ncpo_alpha: -1\n", "--cpo-alpha must be at least 0"),
+    ("method: kto\n", "--method kto estimates its KL term from the other examples of a micro-batch"),
+    ("method: kto\nbatch_size: 2\nloss_type: sigmoid\n", "--loss-type 'sigmoid' is not a loss of --method kto"),
+    ("method: kto\nbatch_size: 2\nprecompute_ref: true\n", "--precompute-ref applies to --method dpo; this run is"),
+    ("method: dpo\ndesirable_weight: 2\n", "--desirable-weight applies to --method kto; this run is --method dpo"),
+    ("method: kto\nbatch_size: 2\nundesirable_weight: 0\n", "--undesirable-weight must be positive"),
+])
+def test_preference_options_refused_by_name(tmp_path, text, message):
+    with pytest.raises(UsageError, match=re.escape(message)):
+        load_config(_yaml(tmp_path, "model: m\ndata: d\noutput: o\n" + text), {})

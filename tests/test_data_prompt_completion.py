@@ -128,3 +128,42 @@ def test_preference_rows_stay_dpo_data_and_are_refused_for_sft():
         normalize([Record(row, "p.jsonl line 1")])
     sft = normalize([Record(row, "p.jsonl line 1")], fields="completion=chosen")[0]
     assert (sft.prompt, sft.text) == ("Capital of France?", "Paris.")
+
+
+KTO_ROWS = [
+    {"prompt": "Capital of France?", "completion": " Paris.", "label": True},
+    {"prompt": "Capital of France?", "completion": " Lyon.", "label": False},
+]
+KTO_CHAT = {"prompt": [{"role": "user", "content": "Capital of France?"}],
+            "completion": [{"role": "assistant", "content": "Lyon."}], "label": False}
+
+
+@pytest.mark.parametrize("rows", [KTO_ROWS, [KTO_CHAT], [{**KTO_ROWS[1], "label": "FALSE"}]],
+                         ids=["plain", "conversational", "csv-cell"])
+def test_unpaired_preference_rows_are_never_sft_data(rows):
+    """TRL's KTO rows (prompt, completion, true/false label) would train the label=false completions as SFT."""
+    records = [Record(r, f"k.jsonl line {i + 1}") for i, r in enumerate(rows)]
+    with pytest.raises(UsageError, match=r'k\.jsonl line 1: these rows are unpaired preference data.*--method kto.*'
+                                         'label is true'):
+        normalize(records)
+    with pytest.raises(UsageError, match=r"k\.jsonl line \d: these rows are unpaired preference data"):
+        normalize(records, "prompt-completion")  # an explicit format does not train them either
+    with pytest.raises(UsageError, match=r"k\.jsonl line 1: these rows are unpaired preference data"):
+        normalize_preferences(records)  # not pairs: DPO says what they are, not "chosen is missing"
+    # a label that is not true/false (a class name) is just another column of prompt-completion data
+    assert normalize([Record({**KTO_ROWS[0], "label": "geography"}, "x")])[0].text == " Paris."
+
+
+def test_sft_run_on_unpaired_preference_file_exits_2_and_writes_nothing(tmp_path, tiny_model_dir, capsys):
+    from qlora.cli.main import main
+
+    data = tmp_path / "kto.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in KTO_ROWS))
+    out = tmp_path / "run"
+    for argv in (["train", "--model", str(tiny_model_dir), "--data", str(data), "--output", str(out),
+                  "--max-steps", "1", "--no-progress"],
+                 ["eval", "--model", str(tiny_model_dir), "--data", str(data)]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert f"{data} line 1: these rows are unpaired preference data" in err and "Traceback" not in err
+    assert not out.exists()

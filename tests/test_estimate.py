@@ -132,7 +132,7 @@ def test_preference_methods_double_the_sequences_and_count_the_dpo_reference(cap
     doubled = dict(estimate(config, TrainingOptions(seq_len=1024, batch_size=4)).rows)
     counts = count_parameters(config)
     act, logits = "activations (checkpointing on)", "logits + loss (fp32)"
-    for method in ("dpo", "orpo"):
+    for method in ("dpo", "orpo", "cpo", "simpo"):
         pairs = estimate(config, TrainingOptions(seq_len=1024, batch_size=2, method=method))
         rows = dict(pairs.rows)
         assert rows[act] == doubled[act] and rows[logits] == doubled[logits]  # 2 pairs = 4 sequences
@@ -149,6 +149,13 @@ def test_preference_methods_double_the_sequences_and_count_the_dpo_reference(cap
     assert main(["estimate", "--model", "llama-3-8b", "--method", "dpo", "--batch-size", "2"]) == 0
     out = capsys.readouterr().out
     assert "batch 2 pairs (DPO)" in out and "DPO reference model" in out and "4 sequences" in out
+    assert main(["estimate", "--model", "llama-3-8b", "--method", "simpo", "--batch-size", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "batch 2 pairs (SIMPO)" in out and "DPO reference model" not in out and "4 sequences" in out
+    kto = dict(estimate(config, TrainingOptions(seq_len=1024, batch_size=2, method="kto")).rows)
+    assert kto[act] == sft[act] and kto["KTO reference model"]["QLoRA"] == 0  # one sequence an example
+    assert main(["estimate", "--model", "llama-3-8b", "--method", "kto", "--batch-size", "2"]) == 0
+    assert "batch 2 examples (KTO)" in capsys.readouterr().out
 
 
 def test_optimizer_bytes():

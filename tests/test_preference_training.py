@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from qlora.cli.main import main
+from qlora.errors import UsageError
 from qlora.train.config import load_config
 from qlora.train.data import load_records, resolve_chat_template
 from qlora.train.data.preference import normalize_preferences, preference_collate, tokenize_pairs
@@ -228,7 +229,7 @@ def test_bad_preference_input_exits_2_with_file_and_line(tmp_path, tiny_model_di
         (["--data", str(bad_message)], f'{bad_message} line 1, field "prompt", message 0'),
         (["--data", str(bad_json)], f"{bad_json} line 2: malformed JSON"),
         (["--data", str(no_prompt)], f'{no_prompt} line 1: field "prompt" is missing'),
-        (["--data", str(missing), "--method", "orpo", "--label-smoothing", "0.1"], "apply to --method dpo"),
+        (["--data", str(missing), "--method", "orpo", "--label-smoothing", "0.1"], "--label-smoothing applies to --method dpo"),
         (["--data", str(missing), "--packing"], "--packing applies to --method sft"),
         (["--data", str(missing), "--label-smoothing", "0.5"], "--label-smoothing must be in [0, 0.5); got 0.5"),
         (["--data", str(missing), "--beta", "0"], "--beta must be positive; got 0"),
@@ -324,3 +325,101 @@ def test_train_from_an_adapter_continues_it_and_refuses_its_own_settings(tmp_pat
                  "--adapter", str(first), "--rank", "8"]) == 2
     err = capsys.readouterr().err
     assert f"--adapter {first} brings its own --rank (rank 4," in err and "drop it" in err
+
+
+@pytest.mark.parametrize("flags", [["--method", "dpo", "--loss-type", "ipo"],
+                                   ["--method", "dpo", "--loss-type", "robust,sft", "--loss-weights", "1,0.2",
+                                    "--label-smoothing", "0.1"],
+                                   ["--method", "dpo", "--rpo-alpha", "0.5"],
+                                   ["--method", "cpo"], ["--method", "simpo", "--beta", "2"]],
+                         ids=["dpo-ipo", "dpo-robust-sft", "rpo", "cpo", "simpo"])
+def test_cli_preference_losses_train_and_record_their_options(tmp_path, tiny_model_dir, flags, capsys):
+    """Each loss trains from the command line: the loss goes down, and --resume holds the loss options."""
+    data = _write(tmp_path / "d.jsonl", ROWS)
+    out = tmp_path / "o"
+    argv = ["train", "--model", str(tiny_model_dir), "--data", str(data), "--output", str(out), "--optim", "adamw",
+            "--lr", "1e-2", "--no-progress", "--max-steps", "8", "--batch-size", "6", "--dropout", "0",
+            "--seq-len", "64", "--save-steps", "8", *flags]
+    assert main(argv) == 0
+    records = _train_records(out)
+    assert records[-1]["loss"] < records[0]["loss"], [r["loss"] for r in records]
+    assert records[-1]["rewards/margins"] > records[0]["rewards/margins"]
+    assert ("nll_loss" in records[0]) == ("--rpo-alpha" in flags or "robust,sft" in flags or "cpo" in flags)
+    saved = json.loads(next((out / "checkpoints").glob("step-*/run_config.json")).read_text())
+    assert saved["method"] == flags[1] and saved["loss_type"] == (flags[3] if flags[2:3] == ["--loss-type"] else "")
+    capsys.readouterr()
+    code, err = _run(argv + ["--beta", "0.3", "--resume"], capsys)  # another beta: not this run
+    assert code == 2 and "beta: " in err
+
+
+def test_resume_of_a_dpo_checkpoint_from_before_loss_types(tmp_path, tiny_model_dir):
+    """A checkpoint whose run_config.json predates --loss-type & co. resumes with their defaults."""
+    data = _write(tmp_path / "d.jsonl", ROWS)
+    kw = dict(max_steps=4, save_steps=2)
+    _stop_after(_config(tiny_model_dir, data, tmp_path / "o", **kw), 2)
+    path = next((tmp_path / "o" / "checkpoints").glob("step-*/run_config.json"))
+    saved = json.loads(path.read_text())
+    for key in ("loss_type", "loss_weights", "rpo_alpha", "discopop_tau", "cpo_alpha", "simpo_gamma"):
+        del saved[key]
+    path.write_text(json.dumps(saved))
+    resumed = Trainer(_config(tiny_model_dir, data, tmp_path / "o", resume=True, **kw))
+    resumed.run()
+    assert resumed.step == 4 and [r["step"] for r in _train_records(tmp_path / "o")] == [1, 2, 3, 4]
+    with pytest.raises(UsageError, match="loss_type: '' -> 'ipo'"):
+        Trainer(_config(tiny_model_dir, data, tmp_path / "o", resume=True, loss_type="ipo", **kw)).setup()
+
+
+def test_cli_kto_on_unpaired_conversations_and_on_pairs(tmp_path, tiny_model_dir, capsys):
+    """KTO from the command line: conversational unpaired rows train (loss down, desirable rewards up,
+    undesirable down), eval reports TRL's KTO metrics; pairs are unpaired into a true and a false row."""
+    from qlora.train.data import Record
+    from qlora.train.data.unpaired import normalize_unpaired
+
+    rows = []
+    for p, c, r in PAIRS:
+        prompt = [{"role": "user", "content": p}]
+        rows += [{"prompt": prompt, "completion": [{"role": "assistant", "content": c}], "label": True},
+                 {"prompt": prompt, "completion": [{"role": "assistant", "content": r}], "label": False}]
+    data = _write(tmp_path / "kto.jsonl", rows)
+    out = tmp_path / "o"
+    argv = ["train", "--model", str(tiny_model_dir), "--data", str(data), "--eval-data", str(data), "--output",
+            str(out), "--method", "kto", "--optim", "adamw", "--lr", "1e-2", "--no-progress", "--max-steps", "8",
+            "--batch-size", "4", "--dropout", "0", "--seq-len", "64", "--undesirable-weight", "1.2"]
+    assert main(argv) == 0
+    records = _train_records(out)
+    assert records[-1]["loss"] < records[0]["loss"], [r["loss"] for r in records]
+    assert all("kl" in r for r in records)
+    evals = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    final = [r for r in evals if r["split"] == "eval"][-1]
+    assert final["rewards/chosen"] > 0 > final["rewards/rejected"] and final["rewards/margins"] > 0
+    config = (out / "config.yaml").read_text()
+    assert "method: kto" in config and "undesirable_weight: 1.2" in config
+
+    pairs = normalize_unpaired([Record(ROWS[0], "p.jsonl line 1")])
+    assert [(e.prompt, e.completion, e.desirable) for e in pairs] == [
+        (PAIRS[0][0], PAIRS[0][1], True), (PAIRS[0][0], PAIRS[0][2], False)]
+    bad = _write(tmp_path / "bad.jsonl", [{"prompt": "p", "completion": "c", "label": "maybe"}])
+    code, err = _run(["train", "--model", str(tiny_model_dir), "--data", str(bad), "--output", str(tmp_path / "x"),
+                      "--method", "kto", "--batch-size", "2"], capsys)
+    assert code == 2 and f'{bad} line 1: field "label" must be true or false' in err
+    assert not (tmp_path / "x").exists()
+
+
+def test_kto_refuses_a_reference_it_cannot_keep(tmp_path, tiny_model_dir, capsys):
+    data = _write(tmp_path / "d.jsonl", ROWS)
+    code, err = _run(["train", "--model", str(tiny_model_dir), "--data", str(data), "--output", str(tmp_path / "o"),
+                      "--method", "kto", "--batch-size", "2", "--add-special-tokens", "<|new|>"], capsys)
+    assert code == 2 and "KTO's KL term pairs the examples of each micro-batch anew" in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_kto_from_an_sft_adapter_uses_it_as_the_reference(tmp_path, tiny_model_dir):
+    """As for DPO: with --adapter the reference is the starting adapter, so the first step's rewards are 0."""
+    sft_data = _write(tmp_path / "sft.jsonl", [{"prompt": p, "completion": c} for p, c, _ in PAIRS])
+    sft = tmp_path / "sft"
+    Trainer(_config(tiny_model_dir, sft_data, sft, method="sft", rank=4, dropout=0.0, max_steps=6)).run()
+    kto = tmp_path / "kto"
+    Trainer(_config(tiny_model_dir, _write(tmp_path / "p.jsonl", ROWS), kto, method="kto", adapter=str(sft),
+                    max_steps=2)).run()
+    first = _train_records(kto)[0]
+    assert abs(first["rewards/chosen"]) < 1e-5 and abs(first["rewards/rejected"]) < 1e-5 and first["kl"] < 1e-5

@@ -1,4 +1,5 @@
-"""DPO and ORPO against TRL 1.16 (test-only oracle): losses, gradients and reward metrics.
+"""DPO (every loss type, RPO, weighted loss lists), CPO / SimPO and ORPO against TRL 1.16 (test-only oracle):
+losses, gradients and reward metrics.
 
 qlora trains a 4-bit (NF4) tiny Llama with LoRA or DoRA adapters; TRL gets the
 same model as a plain transformers model whose linear weights are the
@@ -6,7 +7,7 @@ dequantized NF4 weights, wrapped by PEFT from the same ``LoraConfig``, and the
 adapter values are copied over (B made non-zero, so every gradient is
 informative). The two then see the same pairs: TRL's own tokenization of
 string rows is compared token for token with qlora's, and the batch goes
-through ``DPOTrainer.compute_loss`` / ``ORPOTrainer.compute_loss`` on one
+through ``DPOTrainer`` / ``CPOTrainer`` / ``ORPOTrainer.compute_loss`` on one
 side and qlora's training step on the other, in fp32.
 """
 
@@ -112,17 +113,15 @@ CASES = {"lora": dict(), "dora": dict(dora=True), "label-smoothing": dict(label_
          "implicit-text-prompt": dict(rows=HH_ROWS)}
 
 
-@pytest.mark.parametrize("case", sorted(CASES))
-def test_dpo_equals_trl_dpotrainer(tmp_path, tiny_model_dir, case):
+def _dpo_vs_trl(tmp_path, model_dir, rows=ROWS, dora=False, beta=0.3, trl_args=None, **ours):
+    """One DPO step of qlora (options ``ours``) against TRL's DPOTrainer (DPOConfig ``trl_args``)."""
     from trl import DPOConfig, DPOTrainer
 
-    kw = CASES[case]
-    dora, rows, smoothing = kw.get("dora", False), kw.get("rows", ROWS), kw.get("label_smoothing", 0.0)
-    trainer = _qlora(tmp_path, tiny_model_dir, "dpo", dora=dora, rows=rows, label_smoothing=smoothing, beta=0.3)
-    hf = _hf_twin(trainer, tiny_model_dir)
-    args = DPOConfig(output_dir=str(tmp_path / "trl"), beta=0.3, per_device_train_batch_size=len(rows),
+    trainer = _qlora(tmp_path, model_dir, "dpo", dora=dora, rows=rows, beta=beta, **ours)
+    hf = _hf_twin(trainer, model_dir)
+    args = DPOConfig(output_dir=str(tmp_path / "trl"), beta=beta, per_device_train_batch_size=len(rows),
                      max_length=64, report_to=[], use_cpu=True, bf16=False, fp16=False, disable_dropout=True,
-                     loss_type=["aot_unpaired"] if smoothing else ["sigmoid"], label_smoothing=smoothing)
+                     **(trl_args or {}))
     config = peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=TARGETS, use_dora=dora,
                              task_type="CAUSAL_LM")
     with warnings.catch_warnings():
@@ -144,14 +143,100 @@ def test_dpo_equals_trl_dpotrainer(tmp_path, tiny_model_dir, case):
     their_loss.backward()
     loss, grads, metrics = _qlora_step(trainer)
 
-    torch.testing.assert_close(loss, their_loss.detach(), rtol=RTOL, atol=0)
-    assert float(loss) > 0
+    torch.testing.assert_close(loss, their_loss.detach(), rtol=RTOL, atol=1e-7)
+    assert float(loss) != 0
     _assert_grads_equal(grads, params)
     theirs = oracle._metrics["train"]
     for key in ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
                 "logps/rejected"):
         assert metrics[key] == pytest.approx(theirs[key][-1], rel=RTOL, abs=1e-6), key
     assert metrics["rewards/margins"] != 0
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_dpo_equals_trl_dpotrainer(tmp_path, tiny_model_dir, case):
+    kw = dict(CASES[case])
+    smoothing = kw.get("label_smoothing", 0.0)
+    _dpo_vs_trl(tmp_path, tiny_model_dir, trl_args=dict(loss_type=["aot_unpaired"] if smoothing else ["sigmoid"],
+                                                        label_smoothing=smoothing), **kw)
+
+
+# TRL 1.16's other DPO loss types, each with the label smoothing / tau it reads (--loss-type NAME on our side).
+LOSSES = {"hinge": {}, "ipo": {}, "robust": dict(label_smoothing=0.2), "exo_pair": dict(label_smoothing=1e-3),
+          "nca_pair": {}, "bco_pair": {}, "sppo_hard": {}, "aot": dict(label_smoothing=0.1),
+          "aot_unpaired": dict(label_smoothing=0.1), "apo_zero": {}, "apo_down": {},
+          "discopop": dict(discopop_tau=0.5), "sigmoid_norm": {}}
+
+
+@pytest.mark.parametrize("loss_type", sorted(LOSSES))
+def test_dpo_loss_types_equal_trl(tmp_path, tiny_model_dir, loss_type):
+    kw = LOSSES[loss_type]
+    _dpo_vs_trl(tmp_path, tiny_model_dir, loss_type=loss_type, trl_args=dict(loss_type=[loss_type], **kw), **kw)
+
+
+@pytest.mark.parametrize("ours", [dict(rpo_alpha=0.5), dict(loss_type="sigmoid,sft", loss_weights="1,0.5"),
+                                  dict(loss_type="ipo,sft,hinge", loss_weights="0.8,0.5,0.3")],
+                         ids=["rpo-alpha", "loss-list", "three-losses"])
+def test_dpo_rpo_and_weighted_losses_equal_trl(tmp_path, tiny_model_dir, ours):
+    """RPO (TRL's former rpo_alpha, now its loss type sft) and TRL's weighted list of loss types (MPO)."""
+    names = ours.get("loss_type", "sigmoid").split(",") + (["sft"] if "rpo_alpha" in ours else [])
+    weights = [float(w) for w in ours.get("loss_weights", "1").split(",")] + [ours.get("rpo_alpha")] * ("rpo_alpha" in ours)
+    _dpo_vs_trl(tmp_path, tiny_model_dir, trl_args=dict(loss_type=names, loss_weights=weights), **ours)
+
+
+def _cpo_vs_trl(tmp_path, model_dir, method, trl_args, **ours):
+    """One step of qlora's --method cpo/simpo against TRL's experimental CPOTrainer."""
+    from trl.experimental.cpo import CPOConfig, CPOTrainer
+
+    trainer = _qlora(tmp_path, model_dir, method, beta=0.3, **ours)
+    hf = _hf_twin(trainer, model_dir)
+    args = CPOConfig(output_dir=str(tmp_path / "trl"), beta=0.3, per_device_train_batch_size=len(ROWS),
+                     max_length=64, report_to=[], use_cpu=True, bf16=False, fp16=False, disable_dropout=True,
+                     remove_unused_columns=False, **trl_args)
+    config = peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=TARGETS, task_type="CAUSAL_LM")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        oracle = CPOTrainer(model=hf, args=args, train_dataset=datasets.Dataset.from_list(ROWS),
+                            processing_class=trainer.tokenizer, peft_config=config)
+    params = _copy_adapters(trainer, oracle.model)
+    tokenized = oracle.train_dataset
+    for pair in trainer.train_units:  # TRL's CPO tokenization of the strings is qlora's
+        row = tokenized[pair.index]
+        assert row["chosen_input_ids"] == pair.prompt_ids + pair.chosen_ids
+        assert row["rejected_input_ids"] == pair.prompt_ids + pair.rejected_ids
+
+    inputs = oracle.data_collator([tokenized[p.index] for p in trainer.train_units])
+    oracle.model.train()
+    their_loss = oracle.compute_loss(oracle.model, inputs)
+    their_loss.backward()
+    loss, grads, metrics = _qlora_step(trainer)
+
+    torch.testing.assert_close(loss, their_loss.detach(), rtol=RTOL, atol=1e-7)
+    _assert_grads_equal(grads, params)
+    theirs = oracle._stored_metrics["train"]
+    keys = ["rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
+            "logps/rejected"] + (["nll_loss"] if "nll_loss" in metrics else [])
+    for key in keys:
+        assert metrics[key] == pytest.approx(theirs[key][-1], rel=RTOL, abs=1e-6), key
+    return metrics
+
+
+CPO_CASES = {
+    "cpo-sigmoid": ("cpo", dict(), dict()),
+    "cpo-sigmoid-smoothed": ("cpo", dict(label_smoothing=0.1, cpo_alpha=0.5), dict(label_smoothing=0.1, cpo_alpha=0.5)),
+    "cpo-hinge": ("cpo", dict(loss_type="hinge"), dict(loss_type="hinge")),
+    "cpo-ipo": ("cpo", dict(loss_type="ipo"), dict(loss_type="ipo")),
+    "cpo-simpo": ("cpo", dict(loss_type="simpo", simpo_gamma=0.8), dict(loss_type="simpo", simpo_gamma=0.8)),
+    "simpo": ("simpo", dict(simpo_gamma=0.8), dict(loss_type="simpo", simpo_gamma=0.8, cpo_alpha=0.0)),
+    "cpo-simpo-alpha": ("simpo", dict(cpo_alpha=0.3), dict(loss_type="simpo", cpo_alpha=0.3)),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CPO_CASES))
+def test_cpo_and_simpo_equal_trl_cpotrainer(tmp_path, tiny_model_dir, case):
+    method, ours, theirs = CPO_CASES[case]
+    metrics = _cpo_vs_trl(tmp_path, tiny_model_dir, method, theirs, **ours)
+    assert ("nll_loss" in metrics) == (method == "cpo" or bool(ours.get("cpo_alpha")))
 
 
 def test_orpo_equals_trl_orpotrainer(tmp_path, tiny_model_dir):
@@ -188,3 +273,62 @@ def test_orpo_equals_trl_orpotrainer(tmp_path, tiny_model_dir):
     for key in ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
                 "logps/rejected", "nll_loss", "log_odds_ratio", "log_odds_chosen"):
         assert metrics[key] == pytest.approx(theirs[key][-1], rel=RTOL, abs=1e-6), key
+
+
+KTO_ROWS = [
+    {"prompt": "What is two plus two?", "completion": " four", "label": True},
+    {"prompt": "Say hello.", "completion": " no", "label": False},
+    {"prompt": "What does the fox do?", "completion": " The quick brown fox jumps.", "label": True},
+    {"prompt": "What is two plus two?", "completion": " five, I think", "label": False},
+]
+
+
+@pytest.mark.parametrize("case", ["kto", "kto-weighted", "apo_zero_unpaired"])
+def test_kto_equals_trl_ktotrainer(tmp_path, tiny_model_dir, case):
+    """KTO: the reference is the base with the adapters off, the KL term is estimated from the batch's
+    prompts paired with the previous example's completion (no gradient), desirable/undesirable weights."""
+    from trl import KTOConfig, KTOTrainer
+
+    ours = {"kto": {}, "kto-weighted": dict(desirable_weight=1.5, undesirable_weight=0.7),
+            "apo_zero_unpaired": dict(loss_type="apo_zero_unpaired")}[case]
+    data = tmp_path / "kto.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in KTO_ROWS))
+    config = load_config(None, dict(model=str(tiny_model_dir), data=str(data), output=str(tmp_path / "q"), method="kto",
+                                    rank=4, alpha=8, dropout=0.0, target_modules=",".join(TARGETS), beta=0.3,
+                                    batch_size=len(KTO_ROWS), seq_len=64, optim="adamw", max_steps=1, progress=False,
+                                    precision="fp32", **ours))
+    trainer = Trainer(config)
+    trainer.setup()
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, p in trainer.model.named_parameters():
+            if p.requires_grad and "lora_B" in name:
+                p.add_(torch.randn_like(p) * 0.05)
+    hf = _hf_twin(trainer, tiny_model_dir)
+    args = KTOConfig(output_dir=str(tmp_path / "trl"), beta=0.3, per_device_train_batch_size=len(KTO_ROWS),
+                     max_length=64, report_to=[], use_cpu=True, bf16=False, fp16=False, disable_dropout=True,
+                     train_sampling_strategy="sequential", **ours)
+    lora = peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=TARGETS, task_type="CAUSAL_LM")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        oracle = KTOTrainer(model=hf, args=args, train_dataset=datasets.Dataset.from_list(KTO_ROWS),
+                            processing_class=trainer.tokenizer, peft_config=lora)
+    params = _copy_adapters(trainer, oracle.model)
+    tokenized = oracle.train_dataset
+    for unit in trainer.train_units:  # TRL's KTO tokenization of the strings is qlora's
+        row = tokenized[unit.index]
+        assert (row["prompt_ids"], row["completion_ids"]) == (unit.prompt_ids, unit.completion_ids)
+        assert row["label"] == unit.desirable
+
+    inputs = oracle.data_collator([tokenized[u.index] for u in trainer.train_units])
+    oracle.model.train()
+    their_loss = oracle.compute_loss(oracle.model, inputs)
+    their_loss.backward()
+    loss, grads, metrics = _qlora_step(trainer)
+
+    torch.testing.assert_close(loss, their_loss.detach(), rtol=RTOL, atol=1e-7)
+    _assert_grads_equal(grads, params)
+    theirs = oracle._metrics["train"]
+    for key in ("rewards/chosen", "rewards/rejected", "rewards/margins", "logps/chosen", "logps/rejected", "kl"):
+        assert metrics[key] == pytest.approx(theirs[key][-1], rel=RTOL, abs=1e-6), key
+    assert (metrics["kl"] > 0) == (case != "apo_zero_unpaired")  # the KL term is live where it is used

@@ -35,7 +35,7 @@ from .quantize import fp32_linear_names, is_plain_linear, kept_dense_names, kept
 
 GIB = 1024**3
 QUANT_TYPES = ("nf4", "fp4", "none")
-METHODS = ("sft", "dpo", "orpo")
+METHODS = ("sft", "dpo", "orpo", "cpo", "simpo", "kto")
 COLUMNS = ("full fine-tuning", "16-bit LoRA", "QLoRA")
 
 # Known shapes: the config.json fields that decide the parameter count.
@@ -77,13 +77,13 @@ class TrainingOptions:
     gradient_checkpointing: bool = True
     optim: str = "paged_adamw_32bit"
     chunked_ce: bool = False  # qlora train's chunked loss (the CLI passes train's default, on)
-    method: str = "sft"  # dpo / orpo: each example is a pair, two sequences through the model
+    method: str = "sft"  # dpo, orpo, cpo, simpo: each example is a pair, two sequences through the model; kto: one
     precompute_ref: bool = False  # dpo: reference log-probs computed before training
 
     @property
     def sequences(self) -> int:
         """Sequences per micro-batch: a preference pair puts its chosen and rejected answers side by side."""
-        return self.batch_size * (1 if self.method == "sft" else 2)
+        return self.batch_size * (1 if self.method in ("sft", "kto") else 2)
 
     def __post_init__(self) -> None:
         if self.quant not in QUANT_TYPES:
@@ -393,7 +393,7 @@ class Estimate:
 def estimate(config, opts: TrainingOptions) -> Estimate:
     """The memory table for ``config`` trained with ``opts``.
 
-    DPO and ORPO run ``2 x batch`` sequences (chosen and rejected of each pair)
+    DPO, ORPO, CPO and SimPO run ``2 x batch`` sequences (chosen and rejected of each pair)
     through one forward pass, so activations and logits double. DPO's
     reference pass runs without gradient before the policy pass and keeps only
     two numbers a pair, so it adds no row for LoRA and QLoRA (the reference is
@@ -436,9 +436,9 @@ def estimate(config, opts: TrainingOptions) -> Estimate:
                                                        q: activation_bytes(config, opts, per_layer)}))
     loss_label = "logits + loss (fp32, chunked)" if opts.chunked_ce else "logits + loss (fp32)"
     rows.append((loss_label, {c: logits_bytes(config, opts) for c in COLUMNS}))
-    if pairs.method == "dpo":
-        rows.append(("DPO reference model", {full: 0 if pairs.precompute_ref else 2 * counts.total_params,
-                                             lora: 0, q: 0}))
+    if pairs.method in ("dpo", "kto"):
+        rows.append((f"{pairs.method.upper()} reference model",
+                     {full: 0 if pairs.precompute_ref else 2 * counts.total_params, lora: 0, q: 0}))
     rows = [(label, {c: v for c, v in values.items() if c in columns}) for label, values in rows]
     other_dq = sum(quantized_bytes(lin.numel, opts.blocksize, not opts.double_quant)[1] for lin in counts.linears)
     notes = [
@@ -457,12 +457,16 @@ def estimate(config, opts: TrainingOptions) -> Estimate:
     other_ce = logits_bytes(config, replace(opts, chunked_ce=not opts.chunked_ce))
     notes.append(f"loss {'without' if opts.chunked_ce else 'with'} the chunked cross-entropy (--"
                  f"{'no-' if opts.chunked_ce else ''}chunked-ce): {other_ce / GIB:.2f} GiB")
-    if pairs.method != "sft":
+    if pairs.method == "kto":
+        notes.append(f"KTO: {opts.batch_size} examples of {opts.seq_len} tokens per micro-batch with gradient; its KL "
+                     "term's mismatched pairs and the reference run in no-grad passes before it")
+    elif pairs.method != "sft":
         notes.append(f"{pairs.method.upper()}: {pairs.batch_size} pair(s) = {opts.batch_size} sequences of "
                      f"{opts.seq_len} tokens per micro-batch (chosen and rejected in one pass)")
-    if pairs.method == "dpo":
-        ref = 6 * opts.batch_size * opts.seq_len * _shape(config)["vocab"]
-        notes.append("DPO reference: the same base with the adapter off (LoRA, QLoRA: no second model); "
+    if pairs.method in ("dpo", "kto"):  # KTO's reference pass also scores the KL term's B mismatched pairs
+        ref = 6 * opts.batch_size * (2 if pairs.method == "kto" else 1) * opts.seq_len * _shape(config)["vocab"]
+        notes.append(f"{pairs.method.upper()} reference: the same base with the adapter off (LoRA, QLoRA: no second "
+                     "model); "
                      + ("precomputed once before training" if pairs.precompute_ref else
                         f"its no-grad pass in each step peaks at {ref / GIB:.2f} GiB of logits, before the "
                         "policy pass and freed after it, so below the training peak"))

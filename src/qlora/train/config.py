@@ -31,7 +31,19 @@ from qlora.optim import (
 QUANTS = ("nf4", "fp4", "none")
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 INITS = ("kaiming", "gaussian", "loftq")
-METHODS = ("sft", "dpo", "orpo")
+METHODS = ("sft", "dpo", "orpo", "cpo", "simpo", "kto")
+# TRL 1.16's DPOTrainer loss types ("sft": the NLL of the chosen answers, RPO) and those that read --label-smoothing.
+DPO_LOSSES = ("sigmoid", "hinge", "ipo", "robust", "exo_pair", "nca_pair", "bco_pair", "sppo_hard", "aot",
+              "aot_unpaired", "apo_zero", "apo_down", "discopop", "sigmoid_norm", "sft")
+DPO_SMOOTHED = ("sigmoid", "robust", "exo_pair", "aot", "aot_unpaired", "sft")
+CPO_LOSSES = ("sigmoid", "hinge", "ipo", "simpo")  # TRL 1.16's CPOTrainer; simpo is --method simpo's
+KTO_LOSSES = ("kto", "apo_zero_unpaired")  # TRL 1.16's KTOTrainer
+# Preference options and the methods they apply to (any other method refuses them by name).
+_METHOD_OPTIONS = {
+    "label_smoothing": ("dpo", "cpo", "simpo"), "precompute_ref": ("dpo",), "loss_type": ("dpo", "cpo", "kto"),
+    "loss_weights": ("dpo",), "rpo_alpha": ("dpo",), "discopop_tau": ("dpo",), "cpo_alpha": ("cpo", "simpo"),
+    "simpo_gamma": ("cpo", "simpo"), "desirable_weight": ("kto",), "undesirable_weight": ("kto",),
+}
 
 # Fields whose change makes a checkpoint incompatible with a resumed run.
 _RUN_DEFINING = (
@@ -58,12 +70,34 @@ class TrainConfig:
     """All options of a training run (YAML key == flag name with ``-`` for ``_``)."""
 
     model: str | None = _opt(None, "base model: a local transformers folder or a hub id")
-    method: str = _opt("sft", "training objective: sft (next-token loss on --data examples), or dpo / orpo on "
-                              "preference pairs {prompt, chosen, rejected}", METHODS)
-    beta: float = _opt(0.1, "dpo: strength of the pull towards the reference (beta of the sigmoid loss); "
-                            "orpo: weight lambda of the odds-ratio term", range=POSITIVE)
-    label_smoothing: float = _opt(0.0, "dpo: probability that a preference label is wrong (conservative DPO)",
+    method: str = _opt("sft", "training objective: sft (next-token loss on --data examples), or, on preference "
+                              "pairs {prompt, chosen, rejected}: dpo (against a reference model), orpo, cpo or simpo "
+                              "(reference-free; TRL's CPOTrainer, simpo = its loss simpo without NLL), or kto on "
+                              "unpaired rows {prompt, completion, label: true/false} (or pairs, unpaired)", METHODS)
+    beta: float = _opt(0.1, "dpo, kto: strength of the pull towards the reference (beta of the loss; IPO's tau); "
+                            "cpo, simpo: temperature beta of the loss; orpo: weight lambda of the odds-ratio term",
+                       range=POSITIVE)
+    label_smoothing: float = _opt(0.0, "dpo (sigmoid, robust, aot, aot_unpaired), cpo (sigmoid), simpo: probability "
+                                       "that a preference label is wrong (conservative DPO); dpo exo_pair: its epsilon",
                                   range=Range(0, 0.5, high_open=True))
+    loss_type: str = _opt("", "dpo: TRL's loss_type: sigmoid (default), hinge, ipo, robust, exo_pair, nca_pair, "
+                              "bco_pair, sppo_hard, aot, aot_unpaired, apo_zero, apo_down, discopop, sigmoid_norm or "
+                              "sft (NLL of the chosen answers); several as a,b (a YAML list) are added, weighted by "
+                              "--loss-weights; cpo: sigmoid (default), hinge, ipo or simpo; kto: kto (default) or "
+                              "apo_zero_unpaired")
+    loss_weights: str = _opt("", "dpo: weights of the --loss-type list, as 1,0.5 (a YAML list; default: 1 each)")
+    rpo_alpha: float = _opt(0.0, "dpo: RPO: add this times the NLL of the chosen answers (the mean over their "
+                                 "tokens; TRL's rpo_alpha, its loss type sft)", range=NON_NEGATIVE)
+    discopop_tau: float = _opt(0.05, "dpo --loss-type discopop: temperature tau of its log-ratio modulation",
+                               range=POSITIVE)
+    cpo_alpha: float | None = _opt(None, "cpo, simpo: weight of the NLL of the chosen answers (TRL's cpo_alpha; "
+                                         "default: 1 for cpo, 0 for simpo; > 0 with simpo is CPO-SimPO)",
+                                   range=NON_NEGATIVE)
+    simpo_gamma: float = _opt(0.5, "simpo (cpo --loss-type simpo): target reward margin gamma", range=NON_NEGATIVE)
+    desirable_weight: float = _opt(1.0, "kto: weight of the losses of desirable (label true) completions",
+                                   range=POSITIVE)
+    undesirable_weight: float = _opt(1.0, "kto: weight of the losses of undesirable (label false) completions",
+                                     range=POSITIVE)
     precompute_ref: bool = _opt(False, "dpo: compute the reference log-probs once before training (stored in "
                                        "--output, reused on --resume) instead of in every step")
     data: str | None = _opt(None, "training data: a .jsonl/.json/.csv/.tsv/.parquet/.arrow/.txt file (text ones "
@@ -199,7 +233,7 @@ class TrainConfig:
         """
         values = {k: getattr(self, k) for k in _RUN_DEFINING}
         if self.method != "sft":  # absent for SFT, so checkpoints from before preference methods still resume
-            values.update({k: getattr(self, k) for k in ("method", "beta", "label_smoothing", "precompute_ref")})
+            values.update({k: getattr(self, k) for k in ("method", "beta", *_METHOD_OPTIONS)})
         if self.lr_scheduler == PLATEAU:  # its rates follow the eval losses
             values.update({k: getattr(self, k) for k in ("eval_data", "eval_data_split", "eval_steps")})
         values["global_batch"] = values.pop("batch_size") * values.pop("grad_accum") * world_size
@@ -291,14 +325,37 @@ class TrainConfig:
                              "new adapter without --adapter.")
 
     def _validate_method(self) -> None:
-        """Options that belong to one training method only."""
+        """Options that belong to some training methods only, and the loss types of each."""
+        defaults = {f.name: f.default for f in fields(self)}
+        for name, methods in _METHOD_OPTIONS.items():
+            if getattr(self, name) != defaults[name] and self.method not in methods and not (
+                    name == "loss_type" and self.method == "simpo" and self.loss_type == "simpo"):
+                raise UsageError(f"--{_flag(name)} applies to --method {', '.join(methods)}; this run is "
+                                 f"--method {self.method}")
         if self.method == "sft":
-            for name in ("label_smoothing", "precompute_ref"):
-                if getattr(self, name):
-                    raise UsageError(f"--{_flag(name)} applies to --method dpo; this run is --method sft")
             return
-        if self.method == "orpo" and (self.label_smoothing or self.precompute_ref):
-            raise UsageError("--label-smoothing and --precompute-ref apply to --method dpo; ORPO has no reference model")
+        if self.method == "dpo":
+            self._validate_dpo_losses()
+        elif self.method == "cpo":
+            loss = self.loss_type or "sigmoid"
+            if loss not in CPO_LOSSES:
+                raise UsageError(f"--loss-type {loss!r} is not a loss of --method cpo (TRL's CPOTrainer): choose one "
+                                 f"of {', '.join(CPO_LOSSES)}{'; for DPO losses use --method dpo' * (loss in DPO_LOSSES)}")
+        elif self.method == "kto":
+            loss = self.loss_type or "kto"
+            if loss not in KTO_LOSSES:
+                raise UsageError(f"--loss-type {loss!r} is not a loss of --method kto (TRL's KTOTrainer): choose one "
+                                 f"of {', '.join(KTO_LOSSES)}")
+            if loss == "kto" and self.batch_size < 2:
+                raise UsageError("--method kto estimates its KL term from the other examples of a micro-batch (each "
+                                 "prompt with another completion): give --batch-size 2 or more (TRL requires it too)")
+        if self.method in ("cpo", "simpo"):
+            loss = self.preference_losses()[0][0]
+            if self.label_smoothing and loss in ("hinge", "ipo"):
+                raise UsageError(f"--label-smoothing applies to the sigmoid and simpo losses; --loss-type {loss} has none")
+            if self.simpo_gamma != defaults["simpo_gamma"] and loss != "simpo":
+                raise UsageError("--simpo-gamma is SimPO's target margin: it applies to --method simpo (or --method "
+                                 "cpo --loss-type simpo)")
         if self.packing:
             raise UsageError(f"--packing applies to --method sft; --method {self.method} batches each pair's chosen "
                              "and rejected answers side by side")
@@ -308,7 +365,67 @@ class TrainConfig:
         for name, default in (("format", "auto"), ("data_fields", "")):
             if getattr(self, name) != default:
                 raise UsageError(f"--{_flag(name)} applies to --method sft; --method {self.method} reads preference "
-                                 'rows {"prompt", "chosen", "rejected"}')
+                                 'rows {"prompt", "chosen", "rejected"}' + ' or {"prompt", "completion", "label"}' *
+                                 (self.method == "kto"))
+
+    def _validate_dpo_losses(self) -> None:
+        names = [n for n, _ in self.preference_losses()]
+        for name in names:
+            if name in DPO_LOSSES:
+                continue
+            hint = {"simpo": "; SimPO is reference-free: --method simpo", "orpo": "; ORPO is --method orpo",
+                    "kto_pair": "; TRL removed kto_pair (KTO learns from unpaired data)",
+                    "aot_pair": "; TRL 1.16 calls it aot_unpaired"}.get(name, "")
+            raise UsageError(f"--loss-type {name!r} is not a DPO loss: choose among {', '.join(DPO_LOSSES)}{hint}")
+        if self.rpo_alpha and names.count("sft") > 1:
+            raise UsageError("--rpo-alpha adds the sft loss type; this run lists sft in --loss-type already: give one")
+        if self.loss_weights:
+            weights = self.loss_weights.split(",")
+            listed = len(self.loss_type.split(",")) if self.loss_type else 1
+            if len(weights) != listed:
+                raise UsageError(f"--loss-weights has {len(weights)} weights for {listed} loss type(s) of --loss-type "
+                                 f"{self.loss_type or 'sigmoid'}: give one weight for each")
+        smoothless = [n for n in names if n not in DPO_SMOOTHED]
+        if self.label_smoothing and smoothless:
+            raise UsageError(f"--label-smoothing does not apply to the DPO loss {', '.join(smoothless)}; it applies to "
+                             f"{', '.join(DPO_SMOOTHED[:-1])}")
+        if "exo_pair" in names and not self.label_smoothing:
+            raise UsageError("--loss-type exo_pair needs --label-smoothing > 0 (its epsilon; the EXO paper uses 1e-3)")
+        if self.discopop_tau != 0.05 and "discopop" not in names:
+            raise UsageError("--discopop-tau applies to --loss-type discopop")
+
+    def preference_losses(self) -> list[tuple[str, float]]:
+        """The (loss type, weight) terms of a preference run; --rpo-alpha is DPO's ``sft`` term.
+
+        Raises:
+            UsageError: a --loss-weights item that is not a non-negative number.
+        """
+        if self.method == "simpo":
+            return [("simpo", 1.0)]
+        if self.method in ("cpo", "kto"):
+            return [(self.loss_type or {"cpo": "sigmoid", "kto": "kto"}[self.method], 1.0)]
+        if self.method != "dpo":
+            return []
+        names = [n.strip() for n in (self.loss_type or "sigmoid").split(",")]
+        weights = [1.0] * len(names)
+        if self.loss_weights:
+            try:
+                weights = [float(w) for w in self.loss_weights.split(",")]
+            except ValueError:
+                weights = []
+            if any(not 0 <= w < float("inf") for w in weights) or not weights:
+                raise UsageError(f"--loss-weights must be non-negative numbers, as 1,0.5; got {self.loss_weights!r}")
+        terms = list(zip(names, weights))
+        return terms + [("sft", self.rpo_alpha)] if self.rpo_alpha else terms
+
+    @property
+    def nll_weight(self) -> float:
+        """Weight of the chosen answers' NLL in a preference loss: ORPO's 1, CPO's cpo_alpha, DPO's sft terms."""
+        if self.method == "orpo":
+            return 1.0
+        if self.method in ("cpo", "simpo"):
+            return self.cpo_alpha if self.cpo_alpha is not None else float(self.method == "cpo")
+        return sum(w for n, w in self.preference_losses() if n == "sft")
 
 
 def _flag(name: str) -> str:
@@ -392,7 +509,7 @@ def _coerce(name: str, value: Any, kind: type, source: str) -> Any:
 
 
 _JSON_FIELDS = ("lr_scheduler_kwargs",)
-_TYPES = {"str | None": str, "str": str, "int": int, "float": float, "bool": bool}
+_TYPES = {"str | None": str, "str": str, "int": int, "float": float, "float | None": float, "bool": bool}
 
 
 def field_type(f: dataclasses.Field) -> type:
@@ -415,6 +532,8 @@ ALIASES = {
     "optimizer": "optim", "chat_template": "template", "val_size": "eval_split", "val_set_size": "eval_split",
     "loraplus_lr_ratio": "lora_plus_ratio", "neftune_noise_alpha": "neftune_alpha",
     "quantization_type": "quant", "double_quantization": "double_quant", "eval_dataset": "eval_data",
+    "pref_beta": "beta", "dpo_label_smoothing": "label_smoothing", "kto_chosen_weight": "desirable_weight",
+    "kto_rejected_weight": "undesirable_weight",
 }
 # Boolean keys that map onto one of ours: key -> (our key, {their value: our value, None = no change}).
 VALUE_ALIASES = {
@@ -469,6 +588,62 @@ def _read_yaml(path: Path) -> tuple[dict, dict[str, int]]:
                              f"{lines[key]}); keep one.")
         lines[key] = key_node.start_mark.line + 1
     return loaded, lines
+
+
+# LLaMA-Factory's pref_loss values that are one of qlora's losses: (method, loss_type).
+_PREF_LOSSES = {"sigmoid": ("dpo", "sigmoid"), "hinge": ("dpo", "hinge"), "ipo": ("dpo", "ipo"), "simpo": ("simpo", "")}
+
+
+def _llama_factory(loaded: dict, lines: dict[str, int], path: Path) -> dict:
+    """LLaMA-Factory's ``stage``, ``pref_loss`` and ``pref_ftx`` as qlora's method and loss type (stage pt: SFT on
+    raw texts); what has no identical counterpart is refused by name rather than trained differently. Its other
+    keys are translated by :mod:`qlora.train.foreign_keys`."""
+    keys = {"stage", "pref_loss", "pref_ftx"} & set(loaded)
+    if not keys:
+        return loaded
+    out = {k: v for k, v in loaded.items() if k not in keys}
+    where = {k: f"{path} line {lines.get(k, '?')}" for k in keys}
+    ftx, stage, loss = loaded.get("pref_ftx"), loaded.get("stage"), loaded.get("pref_loss")
+    if ftx not in (None, 0, 0.0):
+        raise UsageError(f"{where['pref_ftx']}: pref_ftx is LLaMA-Factory's SFT term: each chosen answer's NLL averaged "
+                         "over its own tokens, then over the pairs. qlora's --rpo-alpha (dpo; TRL's RPO) and "
+                         "--cpo-alpha (cpo, simpo) average the NLL over all chosen tokens of the batch, which weighs "
+                         "answers of different lengths differently; set rpo_alpha or cpo_alpha to train with that term.")
+    if stage is not None and stage not in ("sft", "dpo", "kto", "pt"):
+        raise UsageError(f"{where['stage']}: stage {stage!r} has no qlora counterpart; qlora trains stage sft, pt, kto "
+                         "and stage dpo (pref_loss sigmoid, hinge, ipo or simpo) as method sft / kto / dpo / simpo, "
+                         "and method orpo or cpo.")
+    method = stage
+    if stage == "pt":  # pre-training: every token of raw texts
+        method = "sft"
+        out.setdefault("format", "text")
+    if loss is not None:
+        if stage not in (None, "dpo"):
+            raise UsageError(f"{where['pref_loss']}: pref_loss applies to stage dpo; this config is stage {stage}.")
+        if loss == "orpo":
+            raise UsageError(f"{where['pref_loss']}: LLaMA-Factory's orpo adds each chosen answer's NLL averaged over "
+                             "its own tokens; qlora's --method orpo is the ORPO paper's and TRL's (NLL over all chosen "
+                             "tokens, prompt included). Write method: orpo (and drop stage, pref_loss) to train that.")
+        if loss not in _PREF_LOSSES:
+            raise UsageError(f"{where['pref_loss']}: pref_loss {loss!r} has no qlora counterpart; qlora maps "
+                             f"{', '.join(_PREF_LOSSES)} (TRL removed kto_pair: KTO learns from unpaired data).")
+        if loss == "simpo" and loaded.get("dpo_label_smoothing"):
+            raise UsageError(f"{where['pref_loss']}: LLaMA-Factory's simpo loss ignores dpo_label_smoothing, which "
+                             "qlora's (TRL's) SimPO would apply; drop dpo_label_smoothing, or write method: simpo and "
+                             "label_smoothing to train with it.")
+        method, loss_type = _PREF_LOSSES[loss]
+        if loss_type:
+            if "loss_type" in out:
+                raise UsageError(f"{where['pref_loss']}: loss_type and pref_loss both set the loss; keep one.")
+            out["loss_type"] = loss_type
+            lines.setdefault("loss_type", lines.get("pref_loss", 0))
+    if method is not None:
+        if "method" in out:
+            raise UsageError(f"{path} line {lines.get('method', '?')}: method and LLaMA-Factory's "
+                             f"{' and '.join(sorted(keys & {'stage', 'pref_loss'}))} both set the method; keep one.")
+        out["method"] = method
+        lines.setdefault("method", lines.get("pref_loss", lines.get("stage", 0)))
+    return out
 
 
 def _adapter_base(values: dict[str, Any]) -> None:
@@ -530,6 +705,7 @@ def load_config(yaml_path: str | Path | None, overrides: dict[str, Any]) -> Trai
         if not path.is_file():
             raise UsageError(f"config file {yaml_path!r} does not exist; check the path of the YAML file.")
         loaded, lines = _read_yaml(path)
+        loaded = _llama_factory(loaded, lines, path)
         given_as: dict[str, str] = {}
         passed_over = []
         for key, value in loaded.items():

@@ -4,8 +4,9 @@ Users bring their LLaMA-Factory, transformers ``TrainingArguments``, TRL and axo
 configs. Keys that only rename one of ours are plain aliases
 (:data:`qlora.train.config.ALIASES`); this module handles the rest:
 
-- keys whose *values* differ: LLaMA-Factory's ``quantization_bit: 4``, ``stage: sft``,
-  ``finetuning_type: lora``, ``lora_target: all``, its template names;
+- keys whose *values* differ: LLaMA-Factory's ``quantization_bit: 4``, ``finetuning_type: lora``,
+  ``lora_target: all``, its template names (its ``stage`` and ``pref_loss``, which decide the
+  method together, are read by :func:`qlora.train.config.load_config`);
 - settings of the other tool's runtime that do not change what a run computes
   (worker counts, caches, timeouts, report sinks): passed over, and the run says which;
 - values qlora has no equivalent for (8-bit quantization, full fine-tuning, PPO):
@@ -56,15 +57,6 @@ def _finetuning_type(value: Any, where: str) -> Translation:
                      "frozen base; for full or frozen-layer fine-tuning use another tool.")
 
 
-def _stage(value: Any, where: str) -> Translation:
-    if value == "pt":  # pre-training: every token of raw texts
-        return [("format", "text")], ""
-    if value in ("rm", "ppo"):
-        raise UsageError(f"{where}: stage {value}: qlora does not train reward models or PPO; its training "
-                         "methods are given by method (sft, dpo, orpo, ...).")
-    return [("method", value)], ""  # sft, dpo, kto: the method option checks what qlora has
-
-
 def _lora_target(value: Any, where: str) -> Translation:
     return [("target_modules", "all-linear" if value == "all" else value)], ""
 
@@ -92,7 +84,7 @@ def _resume(value: Any, where: str) -> Translation:
 
 TRANSLATED: dict[str, Callable[[Any, str], Translation]] = {
     "quantization_bit": _quantization_bit, "quantization_method": _quantization_method,
-    "finetuning_type": _finetuning_type, "stage": _stage, "lora_target": _lora_target, "template": _template,
+    "finetuning_type": _finetuning_type, "lora_target": _lora_target, "template": _template,
     "resume_from_checkpoint": _resume,
 }
 

@@ -1,8 +1,9 @@
-"""The losses of preference tuning: DPO (sigmoid) and ORPO (odds ratio).
+"""The losses of preference tuning: DPO and its variants, CPO / SimPO, ORPO (odds ratio) and KTO.
 
-Both score an answer by the log-probability the policy gives its tokens,
+All score an answer by the log-probability the policy gives its tokens,
 ``log p(y | x) = sum_t log p(y_t | x, y_<t)`` over the answer's tokens only,
-computed for the chosen and rejected rows of one batch in one forward pass.
+computed for the chosen and rejected rows of one batch in one forward pass
+(KTO: for each example's one completion).
 
 DPO (Rafailov et al. 2023), with ``r(y) = beta * (log p(y|x) - log p_ref(y|x))``
 and label smoothing ``eps`` (conservative DPO: the probability that a pair's
@@ -15,10 +16,13 @@ and ``odds(y) = p / (1 - p)`` of ``p = exp(a)``::
 
     loss = NLL(chosen) - lambda * log sigmoid(log odds(y_w) - log odds(y_l))
 
-Both follow TRL 1.16 (``DPOTrainer`` with ``loss_type="sigmoid"``, and
-``ORPOTrainer``) to 1e-5 in fp32 (tests/test_preference_vs_trl.py), including
+DPO's other loss types (:func:`dpo_losses`), CPO / SimPO (:func:`cpo_losses`, no reference
+model) and KTO (:func:`kto_losses`, single completions) are TRL 1.16's. All follow TRL 1.16
+(``DPOTrainer``, ``CPOTrainer``, ``ORPOTrainer`` and ``KTOTrainer``)
+to 1e-5 in fp32 (tests/test_preference_vs_trl.py), including
 ORPO's NLL over the whole chosen sequence, prompt included, as in the ORPO
-paper's code, and the reward metrics (DPO: ``r``; ORPO: ``lambda * a``).
+paper's code (CPO's and RPO's NLL covers the chosen answer's tokens only), and the
+reward metrics (DPO: ``r``; CPO, SimPO: ``beta`` times the policy's log-probs; ORPO: ``lambda * a``).
 TRL 1.16 dropped label smoothing from its sigmoid loss; ours is the
 conservative-DPO form that earlier TRL and LLaMA-Factory use.
 """
@@ -64,20 +68,91 @@ def label_logps(model: nn.Module, batch: dict[str, torch.Tensor], label_sets: li
     return out
 
 
-def dpo_loss(chosen_logps: torch.Tensor, rejected_logps: torch.Tensor, ref_chosen_logps: torch.Tensor,
-             ref_rejected_logps: torch.Tensor, beta: float, label_smoothing: float = 0.0):
-    """Per-pair DPO losses and the implicit rewards ``beta * (log p - log p_ref)`` (detached).
+def _conservative(logits: torch.Tensor, eps: float) -> torch.Tensor:
+    """``-(1 - eps) log sigmoid(x) - eps log sigmoid(-x)``: the sigmoid loss when a label is wrong with probability eps."""
+    losses = -(1 - eps) * F.logsigmoid(logits)
+    return losses - eps * F.logsigmoid(-logits) if eps else losses
 
-    Returns:
-        ``(losses, chosen_rewards, rejected_rewards)``, each ``[pairs]`` float32.
+
+def dpo_losses(loss_type: str, logps: tuple[torch.Tensor, torch.Tensor], ref_logps: tuple[torch.Tensor, torch.Tensor],
+               lengths: tuple[torch.Tensor, torch.Tensor], beta: float, label_smoothing: float = 0.0,
+               discopop_tau: float = 0.05) -> torch.Tensor:
+    """Per-pair losses ``[pairs]`` (float32) of one of TRL 1.16's DPO loss types.
+
+    With ``c = log p(y_w) - log p_ref(y_w)`` and ``r = log p(y_l) - log p_ref(y_l)`` (sums over the answer's
+    tokens), ``x = beta * (c - r)`` and ``eps`` = ``label_smoothing``:
+
+    - sigmoid: ``-(1 - eps) log s(x) - eps log s(-x)`` (conservative DPO; TRL 1.16 has no eps here);
+    - hinge (SLiC): ``relu(1 - x)``; ipo: ``(c / |y_w| - r / |y_l| - 1 / (2 beta))^2`` (per-token);
+    - robust: ``(-(1 - eps) log s(x) + eps log s(-x)) / (1 - 2 eps)``;
+    - exo_pair: ``KL([s(x), s(-x)] || [1 - eps, eps])`` (needs eps > 0);
+    - nca_pair: ``-log s(beta c) - log s(-beta c) / 2 - log s(-beta r) / 2``; bco_pair: ``-log s(beta c) - log s(-beta r)``;
+    - sppo_hard: ``(c - 1 / (2 beta))^2 + (r + 1 / (2 beta))^2``;
+    - aot / aot_unpaired: the sigmoid loss over the batch's sorted ``log p(y_w) - log p(y_l)`` minus the sorted
+      reference ones / sorted ``c`` minus sorted ``r`` (so a pair's loss depends on the micro-batch);
+    - apo_zero: ``1 - s(beta c) + s(beta r)``; apo_down: ``s(beta c) + 1 - s(x)``;
+    - discopop: ``(1 - m) (-log s(x)) + m exp(-x)`` with ``m = s(x / tau)``;
+    - sigmoid_norm: ``-log s(beta (c / |y_w| - r / |y_l|))``.
+
+    ``s`` is the logistic sigmoid, ``|y|`` an answer's token count (``lengths``).
     """
-    chosen_ratio = chosen_logps.float() - ref_chosen_logps.float()
-    rejected_ratio = rejected_logps.float() - ref_rejected_logps.float()
-    margin = beta * (chosen_ratio - rejected_ratio)
-    losses = -(1 - label_smoothing) * F.logsigmoid(margin)
-    if label_smoothing:
-        losses = losses - label_smoothing * F.logsigmoid(-margin)
-    return losses, beta * chosen_ratio.detach(), beta * rejected_ratio.detach()
+    chosen, rejected = (t.float() for t in logps)
+    ref_chosen, ref_rejected = (t.float() for t in ref_logps)
+    c, r = chosen - ref_chosen, rejected - ref_rejected
+    x = beta * (c - r)
+    eps = label_smoothing
+    if loss_type == "sigmoid":
+        return _conservative(x, eps)
+    if loss_type == "hinge":
+        return torch.relu(1 - x)
+    if loss_type in ("ipo", "sigmoid_norm"):
+        n_chosen, n_rejected = (n.float().clamp(min=1) for n in lengths)
+        per_token = c / n_chosen - r / n_rejected
+        return (per_token - 1 / (2 * beta)) ** 2 if loss_type == "ipo" else -F.logsigmoid(beta * per_token)
+    if loss_type == "robust":
+        return (-(1 - eps) * F.logsigmoid(x) + eps * F.logsigmoid(-x)) / (1 - 2 * eps)
+    if loss_type == "exo_pair":
+        return (torch.sigmoid(x) * (F.logsigmoid(x) - math.log1p(-eps))
+                + torch.sigmoid(-x) * (F.logsigmoid(-x) - math.log(eps)))
+    if loss_type == "nca_pair":
+        return -F.logsigmoid(beta * c) - 0.5 * F.logsigmoid(-beta * c) - 0.5 * F.logsigmoid(-beta * r)
+    if loss_type == "bco_pair":
+        return -F.logsigmoid(beta * c) - F.logsigmoid(-beta * r)
+    if loss_type == "sppo_hard":
+        return (c - 0.5 / beta) ** 2 + (r + 0.5 / beta) ** 2
+    if loss_type == "aot":
+        delta = torch.sort(chosen - rejected).values - torch.sort(ref_chosen - ref_rejected).values
+        return _conservative(beta * delta, eps)
+    if loss_type == "aot_unpaired":
+        return _conservative(beta * (torch.sort(c).values - torch.sort(r).values), eps)
+    if loss_type == "apo_zero":
+        return 1 - torch.sigmoid(beta * c) + torch.sigmoid(beta * r)
+    if loss_type == "apo_down":
+        return torch.sigmoid(beta * c) + 1 - torch.sigmoid(x)
+    if loss_type == "discopop":
+        mix = torch.sigmoid(x / discopop_tau)
+        return -F.logsigmoid(x) * (1 - mix) + torch.exp(-x) * mix
+    raise ValueError(f"unknown DPO loss type {loss_type!r}")
+
+
+def cpo_losses(loss_type: str, chosen_logps: torch.Tensor, rejected_logps: torch.Tensor, beta: float,
+               label_smoothing: float = 0.0, simpo_gamma: float = 0.5) -> torch.Tensor:
+    """Per-pair losses ``[pairs]`` of TRL 1.16's CPOTrainer (reference-free), from the policy's answer log-probs
+    (sums for sigmoid and hinge, per-token means for ipo and simpo), ``d = log p(y_w) - log p(y_l)``:
+
+    - sigmoid (CPO): ``-(1 - eps) log s(beta d) - eps log s(-beta d)``; hinge: ``relu(1 - beta d)``;
+    - ipo: ``(d - 1 / (2 beta))^2``; simpo: the sigmoid loss of ``d - gamma / beta`` (SimPO's target margin).
+    """
+    d = chosen_logps.float() - rejected_logps.float()
+    if loss_type == "sigmoid":
+        return _conservative(beta * d, label_smoothing)
+    if loss_type == "simpo":
+        return _conservative(beta * (d - simpo_gamma / beta), label_smoothing)
+    if loss_type == "hinge":
+        return torch.relu(1 - beta * d)
+    if loss_type == "ipo":
+        return (d - 1 / (2 * beta)) ** 2
+    raise ValueError(f"unknown CPO loss type {loss_type!r}")
 
 
 def log1mexp(x: torch.Tensor) -> torch.Tensor:
@@ -94,3 +169,21 @@ def orpo_odds_ratio(chosen_mean_logps: torch.Tensor, rejected_mean_logps: torch.
     chosen, rejected = chosen_mean_logps.float(), rejected_mean_logps.float()
     log_odds = (chosen - rejected) - (log1mexp(chosen) - log1mexp(rejected))
     return F.logsigmoid(log_odds), log_odds
+
+
+def kto_losses(loss_type: str, logps: torch.Tensor, ref_logps: torch.Tensor, desirable: torch.Tensor,
+               kl: torch.Tensor, beta: float, desirable_weight: float = 1.0, undesirable_weight: float = 1.0):
+    """Per-example losses ``[B]`` of TRL 1.16's KTOTrainer and the rewards ``beta * r`` (detached).
+
+    ``r = log p(y|x) - log p_ref(y|x)``; ``kl`` is the batch's (detached) KL estimate ``z``:
+    kto: ``w_d (1 - s(beta (r - z)))`` for a desirable completion, ``w_u (1 - s(beta (z - r)))`` for an
+    undesirable one; apo_zero_unpaired: ``w_d (1 - s(beta r))`` and ``w_u s(beta r)``.
+    """
+    r = logps.float() - ref_logps.float()
+    if loss_type == "kto":
+        chosen, rejected = 1 - torch.sigmoid(beta * (r - kl)), 1 - torch.sigmoid(beta * (kl - r))
+    elif loss_type == "apo_zero_unpaired":
+        chosen, rejected = 1 - torch.sigmoid(beta * r), torch.sigmoid(beta * r)
+    else:
+        raise ValueError(f"unknown KTO loss type {loss_type!r}")
+    return torch.where(desirable, desirable_weight * chosen, undesirable_weight * rejected), beta * r.detach()

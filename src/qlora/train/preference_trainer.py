@@ -1,16 +1,18 @@
-"""Preference tuning on a 4-bit base: ``qlora train --method dpo|orpo``.
+"""Preference tuning on a 4-bit base: ``qlora train --method dpo|orpo|cpo|simpo``.
 
 :class:`PreferenceTrainer` is the QLoRA training loop of
 :class:`qlora.train.trainer.Trainer` (accumulation, clipping, checkpoints,
-resume, DDP/FSDP, metrics) with preference pairs as data and DPO or ORPO
-(:mod:`qlora.train.preference_loss`) as the loss. What differs:
+resume, DDP/FSDP, metrics) with preference pairs as data and DPO (any of TRL's
+loss types), CPO / SimPO or ORPO (:mod:`qlora.train.preference_loss`) as the
+loss. What differs:
 
 - Each micro-batch of ``B`` pairs is one forward pass over ``2B`` rows, the
   chosen answers then the rejected ones.
 - The step loss is normalized over the whole optimizer step (all micro-batches,
-  all ranks), as for SFT: the DPO loss and ORPO's odds-ratio term are means over
-  the step's pairs, ORPO's NLL term a mean over the step's chosen tokens. With
-  one micro-batch this is exactly TRL's loss.
+  all ranks), as for SFT: the pair losses (DPO's, CPO's, ORPO's odds-ratio term)
+  are means over the step's pairs, the NLL term (ORPO; CPO's cpo_alpha; DPO's
+  rpo_alpha / sft loss type) a mean over the step's chosen tokens. With one
+  micro-batch this is exactly TRL's loss.
 - DPO's reference model is the same 4-bit base with the adapters switched off
   (:func:`qlora.model.inject.adapters_disabled`), or, with ``--adapter``, the
   adapter training starts from (a frozen copy), run without gradient and in
@@ -21,7 +23,7 @@ resume, DDP/FSDP, metrics) with preference pairs as data and DPO or ORPO
   resumed run reuses them.
 - Metrics (TRL's names): ``rewards/chosen``, ``rewards/rejected``,
   ``rewards/accuracies``, ``rewards/margins``, ``logps/chosen``,
-  ``logps/rejected`` and, for ORPO, ``nll_loss``, ``log_odds_ratio``,
+  ``logps/rejected``, ``nll_loss`` with an NLL term and, for ORPO, ``log_odds_ratio``,
   ``log_odds_chosen``: means over the step's pairs, in metrics.jsonl,
   TensorBoard, the progress bar and the plot.
 """
@@ -44,44 +46,51 @@ from qlora.model.multi_adapter import set_adapter
 from qlora.train.data import IGNORE_INDEX, pad_token_id
 from qlora.train.data.preference import PreferenceExample, TokenizedPair, normalize_preferences, preference_collate, tokenize_pairs
 from qlora.train.data.selection import read_sources
-from qlora.train.preference_loss import dpo_loss, label_logps, orpo_odds_ratio
+from qlora.train.preference_loss import cpo_losses, dpo_losses, label_logps, orpo_odds_ratio
 from qlora.train.trainer import Trainer
 
 REFERENCE_DIR = "reference"
 REFERENCE_ADAPTER = "reference"  # with --adapter: the frozen starting adapter
 REFERENCE_FILE = "logps.safetensors"
-_PER_PAIR = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
-             "logps/rejected", "log_odds_ratio", "log_odds_chosen")
+REFERENCE_METHODS = ("dpo", "kto")  # the methods with a reference model
+_FROZEN_REFERENCE = {  # what to do when the reference cannot be the model with some weights switched off
+    "dpo": "add --precompute-ref to take the reference log-probs before training changes them",
+    "kto": "KTO's KL term pairs the examples of each micro-batch anew, so its reference log-probs cannot be "
+           "precomputed: train without these weights, or use --method dpo with --precompute-ref",
+}
 
 
 class PreferenceTrainer(Trainer):
-    """One DPO or ORPO run; ``Trainer(config)`` returns this for ``config.method`` dpo or orpo."""
+    """One preference run; ``Trainer(config)`` returns this for dpo, orpo, cpo and simpo."""
+
+    # per-pair metrics summed over a step's batches, logged as means over its pairs
+    METRIC_SUMS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
+                   "logps/rejected", "log_odds_ratio", "log_odds_chosen")
 
     def setup(self) -> None:
         cfg = self.config
-        if cfg.method == "dpo" and cfg.add_special_tokens.strip() and not cfg.precompute_ref:
+        if cfg.method in REFERENCE_METHODS and cfg.add_special_tokens.strip() and not cfg.precompute_ref:
             raise UsageError("--add-special-tokens trains the embeddings and output head in place, so switching the "
-                             "adapters off no longer gives the reference model; add --precompute-ref to take the "
-                             "reference log-probs before training changes them")
+                             "adapters off no longer gives the reference model; " + _FROZEN_REFERENCE[cfg.method])
         super().setup()
 
     def _load_model(self) -> None:
-        """With --adapter, DPO's reference is the adapter training starts from (an SFT run), as TRL's
+        """With --adapter, the reference (DPO, KTO) is the adapter training starts from (an SFT run), as TRL's
         ``ref_adapter_name`` makes it: a frozen second copy, switched on for the reference pass."""
         super()._load_model()
         cfg = self.config
-        if cfg.method != "dpo" or not cfg.adapter or cfg.precompute_ref:
+        if cfg.method not in REFERENCE_METHODS or not cfg.adapter or cfg.precompute_ref:
             return
         start = adapter_configs(self.model)["default"]
         if start.modules_to_save or start.bias != "none" or start.trainable_tokens:
             raise UsageError(f"--adapter {cfg.adapter} trains weights of the model itself (modules_to_save, biases or "
-                             "token rows), which a frozen copy of the adapter cannot keep as they were; add "
-                             "--precompute-ref to take the reference log-probs before training changes them")
+                             "token rows), which a frozen copy of the adapter cannot keep as they were; "
+                             + _FROZEN_REFERENCE[cfg.method])
         load_adapter(self.model, cfg.adapter, adapter_name=REFERENCE_ADAPTER)
 
     @contextlib.contextmanager
     def _reference_model(self) -> Iterator[None]:
-        """The model as DPO's reference: the starting adapter (--adapter), else the base with adapters off."""
+        """The model as DPO's or KTO's reference: the starting adapter (--adapter), else the base with adapters off."""
         if REFERENCE_ADAPTER in adapter_configs(self.model):
             set_adapter(self.model, REFERENCE_ADAPTER)
             try:
@@ -178,28 +187,50 @@ class PreferenceTrainer(Trainer):
             self.model.train(was_training)
 
     # ------------------------------------------------------------------ loss
+    def _nll_labels(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Labels of the NLL term: the chosen rows only; their answer tokens (DPO's sft/RPO, CPO), or
+        their whole sequence, prompt included (ORPO, as the ORPO paper's code and TRL)."""
+        n = batch["input_ids"].shape[0] // 2
+        if self.config.method == "orpo":
+            labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, IGNORE_INDEX)
+        else:
+            labels = batch["labels"].clone()
+        labels[n:] = IGNORE_INDEX
+        return labels
+
     def _pair_terms(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Per-pair loss terms and metrics of one batch (sums; see :meth:`_combine`)."""
         cfg = self.config
         n = batch["input_ids"].shape[0] // 2
         labels = batch["labels"]
+        label_sets = [labels, self._nll_labels(batch)] if cfg.nll_weight else [labels]
+        ref = self._reference_logps(batch) if cfg.method == "dpo" else None
+        with self._autocast():
+            logps, *nll = label_logps(model, batch, label_sets, self.chunked_ce)
+        lengths = (labels[:, 1:] != IGNORE_INDEX).sum(-1)
+        terms = {"nll": -nll[0][:n].sum()} if nll else {}
         if cfg.method == "dpo":
-            ref = self._reference_logps(batch)
-            with self._autocast():
-                logps = label_logps(model, batch, [labels], self.chunked_ce)[0]
-            losses, chosen_r, rejected_r = dpo_loss(logps[:n], logps[n:], ref[:n], ref[n:], cfg.beta,
-                                                    cfg.label_smoothing)
-            terms = {"pair_loss": losses.sum()}
+            pair = logps.new_zeros(n, dtype=torch.float32)
+            for loss_type, weight in cfg.preference_losses():
+                if loss_type != "sft":  # the NLL term, weighted in _combine
+                    pair = pair + weight * dpo_losses(loss_type, (logps[:n], logps[n:]), (ref[:n], ref[n:]),
+                                                      (lengths[:n], lengths[n:]), cfg.beta, cfg.label_smoothing,
+                                                      cfg.discopop_tau)
+            chosen_r, rejected_r = cfg.beta * (logps[:n] - ref[:n]).detach(), cfg.beta * (logps[n:] - ref[n:]).detach()
+            terms["pair_loss"] = pair.sum()
+        elif cfg.method in ("cpo", "simpo"):
+            loss_type = cfg.preference_losses()[0][0]
+            if loss_type in ("ipo", "simpo"):  # per-token mean log-probs, as TRL's CPOTrainer
+                logps = logps / lengths
+            pair = cpo_losses(loss_type, logps[:n], logps[n:], cfg.beta, cfg.label_smoothing, cfg.simpo_gamma)
+            chosen_r, rejected_r = cfg.beta * logps[:n].detach(), cfg.beta * logps[n:].detach()
+            terms["pair_loss"] = pair.sum()
         else:
-            nll_labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, IGNORE_INDEX)
-            nll_labels[n:] = IGNORE_INDEX  # the NLL term is over the chosen sequences only
-            with self._autocast():
-                logps, nll = label_logps(model, batch, [labels, nll_labels], self.chunked_ce)
-            logps = logps / (labels[:, 1:] != IGNORE_INDEX).sum(-1)  # ORPO: per-token mean log-probs
+            logps = logps / lengths  # ORPO: per-token mean log-probs
             ratio, log_odds = orpo_odds_ratio(logps[:n], logps[n:])
             chosen_r, rejected_r = cfg.beta * logps[:n].detach(), cfg.beta * logps[n:].detach()
-            terms = {"nll": -nll[:n].sum(), "pair_loss": -cfg.beta * ratio.sum(),
-                     "log_odds_ratio": ratio.detach().sum(), "log_odds_chosen": log_odds.detach().sum()}
+            terms.update({"pair_loss": -cfg.beta * ratio.sum(), "log_odds_ratio": ratio.detach().sum(),
+                          "log_odds_chosen": log_odds.detach().sum()})
         terms.update({
             "rewards/chosen": chosen_r.sum(), "rewards/rejected": rejected_r.sum(),
             "rewards/accuracies": (chosen_r > rejected_r).float().sum(),
@@ -208,35 +239,48 @@ class PreferenceTrainer(Trainer):
         })
         return terms
 
-    @staticmethod
-    def _combine(terms: dict[str, Any], pairs: float, nll_tokens: float) -> Any:
-        """The loss: pair terms averaged over ``pairs``, ORPO's NLL over ``nll_tokens``."""
+    def _combine(self, terms: dict[str, Any], pairs: float, nll_tokens: float) -> Any:
+        """The loss: pair terms averaged over ``pairs``, plus the weighted NLL averaged over ``nll_tokens``."""
         loss = terms["pair_loss"] / pairs
-        return loss + terms["nll"] / nll_tokens if "nll" in terms else loss
+        return loss + self.config.nll_weight * terms["nll"] / nll_tokens if "nll" in terms else loss
+
+    @staticmethod
+    def _units_in(batch: dict[str, torch.Tensor]) -> int:
+        """Pairs in ``batch`` (its chosen rows, then its rejected ones)."""
+        return batch["input_ids"].shape[0] // 2
+
+    def _nll_tokens(self, batch: dict[str, torch.Tensor]) -> int:
+        return int((self._nll_labels(batch)[:, 1:] != IGNORE_INDEX).sum())
 
     def _step_normalizer(self, batches: list[dict[str, torch.Tensor]]) -> tuple[float, float]:
-        """(pairs, chosen tokens of ORPO's NLL) of the whole step, over all ranks."""
+        """(pairs, tokens of the NLL term) of the whole step, over all ranks."""
         counts = torch.zeros(2, dtype=torch.float64, device=self.device)
         for b in batches:
-            n = b["input_ids"].shape[0] // 2
-            counts[0] += n
-            counts[1] += int(b["attention_mask"][:n, 1:].sum())
+            counts[0] += self._units_in(b)
+            counts[1] += self._nll_tokens(b)
         self._norm = tuple(self.dist.all_reduce_sum(counts).tolist())
         return self._norm
 
     def _micro_loss(self, batch: dict[str, torch.Tensor], norm: tuple[float, float]):
         terms = self._pair_terms(self.forward_model, batch)
-        sums = {k: float(v) for k, v in terms.items() if k in _PER_PAIR}
+        sums = {k: float(v) for k, v in terms.items() if k in self.METRIC_SUMS}
         if "nll" in terms:
-            sums["nll_loss"] = float(terms["nll"].detach())
+            sums["nll"] = float(terms["nll"].detach())
         return self._combine(terms, *norm), sums
 
     def _step_metrics(self, sums: dict[str, float]) -> dict[str, float]:
         keys = sorted(sums)  # the same order on every rank
         totals = self.dist.all_reduce_sum(torch.tensor([sums[k] for k in keys], dtype=torch.float64,
                                                        device=self.device)).tolist()
-        pairs, nll_tokens = self._norm
-        return {k: v / (nll_tokens if k == "nll_loss" else pairs) for k, v in zip(keys, totals)}
+        return self._metrics_of(dict(zip(keys, totals)), *self._norm)
+
+    def _metrics_of(self, sums: dict[str, float], units: float, nll_tokens: float) -> dict[str, float]:
+        """The logged metrics from a step's (or the eval set's) sums: means over its pairs, ``nll_loss``
+        over its NLL tokens."""
+        out = {k: sums[k] / units for k in self.METRIC_SUMS if k in sums}
+        if "nll" in sums:
+            out["nll_loss"] = sums["nll"] / max(nll_tokens, 1)
+        return out
 
     # ------------------------------------------------------------------ eval
     @torch.no_grad()
@@ -244,22 +288,20 @@ class PreferenceTrainer(Trainer):
         """Loss and reward metrics on --eval-data (the policy in eval mode, no dropout)."""
         self.model.eval()
         sums: dict[str, float] = {}
-        pairs = nll_tokens = 0
+        units = nll_tokens = 0
         bs = self.config.batch_size
         for i in range(0, len(self.eval_units), bs):
             batch = self._collate(self.eval_units[i:i + bs])
-            n = batch["input_ids"].shape[0] // 2
-            pairs += n
-            nll_tokens += int(batch["attention_mask"][:n, 1:].sum())
+            units += self._units_in(batch)
+            nll_tokens += self._nll_tokens(batch)
             for k, v in self._pair_terms(self.model, batch).items():
                 sums[k] = sums.get(k, 0.0) + float(v)
-        record = {"split": "eval", "step": self.step, "loss": float(self._combine(sums, pairs, max(nll_tokens, 1)))}
-        record.update({k: sums[k] / pairs for k in _PER_PAIR if k in sums})
-        if "nll" in sums:
-            record["nll_loss"] = sums["nll"] / max(nll_tokens, 1)
+        record = {"split": "eval", "step": self.step, "loss": float(self._combine(sums, units, max(nll_tokens, 1)))}
+        record.update(self._metrics_of(sums, units, nll_tokens))
         self.metrics.log(record)
-        self.metrics.write(f"step {self.step}: eval loss {record['loss']:.4f}, reward accuracy "
-                           f"{record['rewards/accuracies']:.3f}, margin {record['rewards/margins']:.4f}")
+        shown = ", ".join(f"{k.split('/')[-1]} {record[k]:.4f}" for k in ("rewards/accuracies", "rewards/margins", "kl")
+                          if k in record)
+        self.metrics.write(f"step {self.step}: eval loss {record['loss']:.4f}" + (f", reward {shown}" if shown else ""))
         return record
 
 

@@ -165,7 +165,11 @@ class Trainer:
 
     def __new__(cls, config: TrainConfig) -> "Trainer":
         """``Trainer(config)`` is the trainer of ``config.method``: preference methods have their own."""
-        if cls is Trainer and config.method != "sft":
+        if cls is Trainer and config.method == "kto":
+            from qlora.train.kto_trainer import KTOTrainer
+
+            cls = KTOTrainer
+        elif cls is Trainer and config.method != "sft":
             from qlora.train.preference_trainer import PreferenceTrainer
 
             cls = PreferenceTrainer

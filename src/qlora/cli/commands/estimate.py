@@ -80,7 +80,7 @@ def run(args: argparse.Namespace) -> int:
         method=args.method, precompute_ref=args.precompute_ref,
     )
     config = load_config(model)
-    unit = "" if opts.method == "sft" else f" pairs ({opts.method.upper()})"
+    unit = {"sft": "", "kto": " examples (KTO)"}.get(opts.method, f" pairs ({opts.method.upper()})")
     print(f"{model}: seq {opts.seq_len} x batch {opts.batch_size}{unit}, {opts.quant}"
           f"{' + double quant' if opts.double_quant and opts.quant != 'none' else ''}, block {opts.blocksize}, "
           f"LoRA r={opts.rank}, checkpointing {'on' if opts.gradient_checkpointing else 'off'}, {opts.optim}"

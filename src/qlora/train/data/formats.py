@@ -61,11 +61,23 @@ class Example:
     reasoning: tuple[str, str] | None = None
 
 
+def unpaired_label(fields: dict[str, Any]) -> bool | None:
+    """The true/false ``label`` of an unpaired preference row (TRL's KTO data: ``prompt``, ``completion``,
+    ``label``), or None when the row has no such label. CSV/TSV cells ``true``/``false`` count too."""
+    label = fields.get("label")
+    if isinstance(label, str) and label.strip().lower() in ("true", "false"):
+        return label.strip().lower() == "true"
+    return label if isinstance(label, bool) else None
+
+
 def row_format(fields: dict[str, Any]) -> str | None:
-    """The format a row's fields look like (``"preference"`` for DPO pairs), or None."""
+    """The format a row's fields look like (``"preference"`` for DPO pairs, ``"unpaired-preference"``
+    for KTO rows), or None."""
     keys = set(fields)
     if "chosen" in keys and "rejected" in keys:
         return "preference"
+    if "prompt" in keys and "completion" in keys and unpaired_label(fields) is not None:
+        return "unpaired-preference"
     if "messages" in keys:
         return "chat"
     if "conversations" in keys:
@@ -83,7 +95,8 @@ def detect_format(record: Record | list[Record]) -> str:
     """The format of a dataset: the most common one among its first rows (ties: the first seen).
 
     Raises:
-        UsageError: preference pairs (they train with --method dpo/orpo), or no row matches a format.
+        UsageError: preference pairs (they train with --method dpo/orpo), unpaired preference rows with a
+            true/false label (--method kto), or no row matches a format.
     """
     records = [record] if isinstance(record, Record) else record[:DETECT_ROWS]
     shapes = [row_format(r.fields) for r in records]
@@ -102,10 +115,22 @@ def detect_format(record: Record | list[Record]) -> str:
     if fmt == "preference":
         raise UsageError(
             f'{records[0].where}: these rows are preference pairs ("prompt", "chosen", "rejected"): train them with '
-            "--method dpo or --method orpo. For supervised fine-tuning on the preferred answers, map them: "
+            "--method dpo, orpo, cpo or simpo. For supervised fine-tuning on the preferred answers, map them: "
             "--data-fields completion=chosen (the prompt-completion format; \"rejected\" is then ignored)."
         )
+    if fmt == "unpaired-preference":
+        raise unpaired_error(records[shapes.index(fmt)].where)
     return fmt
+
+
+def unpaired_error(where: str) -> UsageError:
+    """Rows with a true/false ``label`` beside prompt/completion are never SFT data: the completions
+    labelled false are answers the model must NOT learn to write."""
+    return UsageError(
+        f'{where}: these rows are unpaired preference data ("prompt", "completion" and a true/false "label", '
+        "TRL's KTO format): supervised fine-tuning on them would also teach the completions labelled false. "
+        "Train them with --method kto. For supervised fine-tuning on the desirable completions only, keep the rows "
+        'whose label is true and remove the "label" field.')
 
 
 def normalize(records: list[Record], fmt: str = "auto", fields: FieldMap | str | None = None) -> list[Example]:
@@ -184,6 +209,8 @@ def _conversation(fields: dict[str, Any], key: str, where: str, names: FieldMap,
 
 
 def _prompt_completion(fields: dict[str, Any], where: str, names: FieldMap) -> Example:
+    if unpaired_label(fields) is not None:  # also with --format prompt-completion: never train label=false rows
+        raise unpaired_error(where)
     prompt, completion = fields.get("prompt"), fields.get("completion")
     for key, value in (("prompt", prompt), ("completion", completion)):
         if value is None:

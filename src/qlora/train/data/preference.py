@@ -36,7 +36,7 @@ import torch
 
 from qlora.errors import UsageError
 from qlora.model.chat_format import ChatFormat
-from qlora.train.data.formats import Example, normalize
+from qlora.train.data.formats import Example, normalize, unpaired_error, unpaired_label
 from qlora.train.data.sources import Record
 from qlora.train.data.tokenize import IGNORE_INDEX, DataReport, for_template, tokenize_example
 
@@ -74,13 +74,13 @@ class TokenizedPair:
     ref_logps: tuple[float, float] | None = None
 
 
-def _messages(value: Any, where: str, key: str) -> Messages:
+def message_tuple(value: Any, where: str, key: str) -> Messages:
     """Validate a message list with the chat format's own checks."""
     example = normalize([Record({"messages": value}, f'{where}, field "{key}"')], "chat")[0]
     return example.messages
 
 
-def _common_prefix(a: Sequence, b: Sequence) -> int:
+def common_prefix(a: Sequence, b: Sequence) -> int:
     n = 0
     while n < min(len(a), len(b)) and a[n] == b[n]:
         n += 1
@@ -101,6 +101,8 @@ def normalize_preferences(records: list[Record]) -> list[PreferenceExample]:
 
 def _normalize_row(fields: dict[str, Any], where: str) -> PreferenceExample:
     need = '(preference rows need "prompt", "chosen" and "rejected": strings or message lists)'
+    if "chosen" not in fields and unpaired_label(fields) is not None:
+        raise unpaired_error(where)
     for key in ("chosen", "rejected"):
         value = fields.get(key)
         if value is None:
@@ -117,10 +119,10 @@ def _normalize_row(fields: dict[str, Any], where: str) -> PreferenceExample:
         return PreferenceExample(prompt, chosen, rejected, where)
     answers = []
     for key, value in (("chosen", chosen), ("rejected", rejected)):
-        answers.append(_messages(value, where, key) if isinstance(value, list)
+        answers.append(message_tuple(value, where, key) if isinstance(value, list)
                        else ({"role": "assistant", "content": value},))
     chosen_m, rejected_m = answers
-    shared = _common_prefix(chosen_m, rejected_m)
+    shared = common_prefix(chosen_m, rejected_m)
     if not isinstance(prompt, list) and chosen_m[0]["role"] != "assistant":  # implicit prompt
         if shared == 0 or shared == len(chosen_m) or shared == len(rejected_m):
             raise UsageError(f'{where}: "chosen" and "rejected" are whole conversations, so their shared leading '
@@ -129,7 +131,7 @@ def _normalize_row(fields: dict[str, Any], where: str) -> PreferenceExample:
     if prompt is None:
         raise UsageError(f'{where}: field "prompt" is missing {need}.')
     if isinstance(prompt, list):
-        prompt_m = _messages(prompt, where, "prompt")
+        prompt_m = message_tuple(prompt, where, "prompt")
     else:
         prompt_m = ({"role": "user", "content": prompt},)
     return PreferenceExample(prompt_m, chosen_m, rejected_m, where)
@@ -139,7 +141,7 @@ def _implicit_text_prompt(chosen: str, rejected: str, where: str, need: str) -> 
     """Whole texts without a prompt (Anthropic HH's ``"\\n\\nHuman: ... \\n\\nAssistant: ..."``): their
     shared start is the prompt, as TRL's ``extract_prompt`` cuts it (a space before the first
     differing character goes with the answers)."""
-    shared = _common_prefix(chosen, rejected)
+    shared = common_prefix(chosen, rejected)
     if shared and shared < min(len(chosen), len(rejected)) and chosen[shared - 1] == " ":
         shared -= 1
     if shared == 0 or shared in (len(chosen), len(rejected)):
@@ -149,9 +151,10 @@ def _implicit_text_prompt(chosen: str, rejected: str, where: str, need: str) -> 
     return PreferenceExample(chosen[:shared], chosen[shared:], rejected[shared:], where)
 
 
-def _prompt_ids(example: PreferenceExample, tokenizer, fmt: ChatFormat) -> list[int]:
+def prompt_ids(example: PreferenceExample, tokenizer, fmt: ChatFormat) -> list[int]:
     """The prompt's ids: as the chat format renders it for generation (it decides BOS), or plain text with the
-    tokenizer's own BOS setting (as :func:`tokenize_example` reads text)."""
+    tokenizer's own BOS setting (as :func:`tokenize_example` reads text). ``example``: anything with
+    ``prompt``, ``where`` and ``conversational`` (KTO's examples too)."""
     if example.conversational:
         prompt = for_template(example.prompt, fmt.template, tokenizer, example.where, fmt.origin)
         return list(fmt.render(tokenizer, prompt, add_generation_prompt=True, where=example.where,
@@ -159,7 +162,7 @@ def _prompt_ids(example: PreferenceExample, tokenizer, fmt: ChatFormat) -> list[
     return list(tokenizer(example.prompt)["input_ids"])
 
 
-def _full_ids(example: PreferenceExample, answer, tokenizer, fmt: ChatFormat,
+def full_ids(example: PreferenceExample, answer, tokenizer, fmt: ChatFormat,
               stop_ids: Iterable[int] | None) -> list[int]:
     if example.conversational:
         whole = Example(tuple(example.prompt) + tuple(answer), None, example.where)
@@ -176,10 +179,10 @@ def tokenize_pair(example: PreferenceExample, tokenizer, chat_template: str | Ch
     when none of them ends it.
     """
     fmt = chat_template if isinstance(chat_template, ChatFormat) else ChatFormat(chat_template)
-    prompt = _prompt_ids(example, tokenizer, fmt)
-    chosen = _full_ids(example, example.chosen, tokenizer, fmt, stop_ids)
-    rejected = _full_ids(example, example.rejected, tokenizer, fmt, stop_ids)
-    n = min(_common_prefix(prompt, chosen), _common_prefix(prompt, rejected))
+    prompt = prompt_ids(example, tokenizer, fmt)
+    chosen = full_ids(example, example.chosen, tokenizer, fmt, stop_ids)
+    rejected = full_ids(example, example.rejected, tokenizer, fmt, stop_ids)
+    n = min(common_prefix(prompt, chosen), common_prefix(prompt, rejected))
     prompt, chosen, rejected = chosen[:n], chosen[n:], rejected[n:]
     truncated = False
     if seq_len is not None:

@@ -1,0 +1,162 @@
+"""Unpaired preference data for KTO: normalize, tokenize and batch.
+
+A row holds a prompt, one completion and a true/false ``label`` (desirable or
+not), TRL's "unpaired preference" type: ``prompt`` and ``completion`` both
+strings, or message lists (a string prompt is one user message, a string
+completion one assistant message). Preference pairs are unpaired as TRL's
+``unpair_preference_dataset`` does: a pair gives its chosen answer labelled true
+and its rejected one labelled false.
+
+Tokens follow the rules of preference pairs (:mod:`qlora.train.data.preference`,
+which follow SFT's): the completion starts where ``prompt + completion`` stops
+agreeing with the prompt alone, as TRL's KTOTrainer cuts it.
+
+KTO's KL term compares the policy and the reference on mismatched pairs: each
+micro-batch of ``B`` examples also carries ``B`` rows that pair each prompt with
+the previous example's completion (``(x_1, y_B), (x_2, y_1), ..., (x_B, y_B-1)``),
+the rotation TRL applies within each batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable, Sequence
+
+import torch
+
+from qlora.errors import UsageError
+from qlora.model.chat_format import ChatFormat
+from qlora.train.data.formats import unpaired_label
+from qlora.train.data.preference import (Messages, PreferenceExample, common_prefix, full_ids, message_tuple,
+                                         normalize_preferences, prompt_ids)
+from qlora.train.data.sources import Record
+from qlora.train.data.tokenize import IGNORE_INDEX, DataReport
+
+
+@dataclass(frozen=True)
+class UnpairedExample:
+    """One completion and whether it is desirable: prompt and completion both strings, or both message tuples."""
+
+    prompt: str | Messages
+    completion: str | Messages
+    desirable: bool
+    where: str
+
+    @property
+    def conversational(self) -> bool:
+        return not isinstance(self.prompt, str)
+
+
+@dataclass(frozen=True)
+class TokenizedUnpaired:
+    """Token ids of one example: its prompt, then its completion's own tokens."""
+
+    prompt_ids: list[int]
+    completion_ids: list[int]
+    desirable: bool
+    index: int
+    truncated: bool = False
+
+
+def normalize_unpaired(records: list[Record]) -> list[UnpairedExample]:
+    """Unpaired rows (and preference pairs, unpaired) to :class:`UnpairedExample`.
+
+    Raises:
+        UsageError: naming the file and line of a row with a missing or malformed field.
+    """
+    if not records:
+        raise UsageError("the KTO dataset is empty; it needs at least one row.")
+    out: list[UnpairedExample] = []
+    for r in records:
+        if "chosen" in r.fields and "rejected" in r.fields:
+            pair: PreferenceExample = normalize_preferences([r])[0]
+            out += [UnpairedExample(pair.prompt, pair.chosen, True, r.where),
+                    UnpairedExample(pair.prompt, pair.rejected, False, r.where)]
+        else:
+            out.append(_normalize_row(r.fields, r.where))
+    return out
+
+
+def _normalize_row(fields: dict, where: str) -> UnpairedExample:
+    need = ('(KTO rows need "prompt", "completion" (strings or message lists) and "label" (true: a desirable '
+            'completion, false: an undesirable one), or preference pairs "prompt", "chosen", "rejected")')
+    for key in ("prompt", "completion"):
+        value = fields.get(key)
+        if value is None:
+            raise UsageError(f'{where}: field "{key}" is missing {need}; the fields are {sorted(fields)}.')
+        if not isinstance(value, (str, list)) or (key == "completion" and not value) or (
+                isinstance(value, str) and key == "completion" and not value.strip()):
+            raise UsageError(f'{where}: field "{key}" must be a non-empty string or message list {need}.')
+    label = unpaired_label(fields)
+    if label is None:
+        raise UsageError(f'{where}: field "label" must be true or false {need}; got {fields.get("label")!r}.')
+    prompt, completion = fields["prompt"], fields["completion"]
+    if isinstance(prompt, str) and isinstance(completion, str):
+        return UnpairedExample(prompt, completion, label, where)
+    prompt_m = (message_tuple(prompt, where, "prompt") if isinstance(prompt, list)
+                else ({"role": "user", "content": prompt},))
+    completion_m = (message_tuple(completion, where, "completion") if isinstance(completion, list)
+                    else ({"role": "assistant", "content": completion},))
+    if not any(m["role"] == "assistant" for m in completion_m):
+        raise UsageError(f'{where}: "completion" has no assistant message; it is the answer KTO judges.')
+    return UnpairedExample(prompt_m, completion_m, label, where)
+
+
+def tokenize_unpaired(examples: list[UnpairedExample], tokenizer, chat_template: str | ChatFormat,
+                      seq_len: int | None = None,
+                      stop_ids: Iterable[int] | None = None) -> tuple[list[TokenizedUnpaired], DataReport]:
+    """Tokenize every example (``prompt + completion`` cut to ``seq_len``, its start kept); skip and report
+    those whose completion was truncated away.
+
+    Raises:
+        UsageError: the tokenizer has no EOS, or no example keeps a completion token.
+    """
+    if tokenizer.eos_token_id is None:
+        raise UsageError("the tokenizer has no EOS token; set eos_token so answers can teach the model to stop.")
+    fmt = chat_template if isinstance(chat_template, ChatFormat) else ChatFormat(chat_template)
+    kept, report = [], DataReport(examples=len(examples))
+    for i, example in enumerate(examples):
+        prompt = prompt_ids(example, tokenizer, fmt)
+        full = full_ids(example, example.completion, tokenizer, fmt, stop_ids)
+        n = common_prefix(prompt, full)
+        prompt, completion = full[:n], full[n:]
+        truncated = False
+        if seq_len is not None:
+            room = max(0, seq_len - len(prompt))
+            truncated = len(prompt) > seq_len or len(completion) > room
+            prompt, completion = prompt[:seq_len], completion[:room]
+        report.truncated += truncated
+        if not completion:
+            report.untrainable.append(i)
+            report.untrainable_where.append(example.where)
+        else:
+            kept.append(TokenizedUnpaired(prompt, completion, example.desirable, i, truncated))
+    if not kept:
+        raise UsageError(
+            f"all {len(examples)} KTO examples lose their completions to truncation (first: "
+            f"{', '.join(report.untrainable_where[:5])}): the prompts fill --seq-len ({seq_len}). "
+            "Raise --seq-len or shorten the prompts.")
+    return kept, report
+
+
+def unpaired_collate(units: Sequence[TokenizedUnpaired], pad_id: int, kl_rows: bool,
+                     seq_len: int | None = None) -> dict[str, torch.Tensor]:
+    """The ``B`` examples, right-padded, then (with ``kl_rows``) the ``B`` mismatched pairs of KTO's KL term.
+
+    Returns ``input_ids``, ``attention_mask``, ``labels`` (completion tokens; -100 on prompt and padding),
+    ``[B or 2B, T]``, and ``desirable`` ``[B]`` (bool). A KL row is cut to ``seq_len`` tokens, its start kept.
+    """
+    rows = [(u.prompt_ids, u.completion_ids) for u in units]
+    if kl_rows:
+        rows += [(u.prompt_ids, units[i - 1].completion_ids) for i, u in enumerate(units)]
+    rows = [(p, (p + c)[:seq_len] if seq_len else p + c) for p, c in rows]
+    length = max(len(r) for _, r in rows)
+    input_ids = torch.full((len(rows), length), pad_id, dtype=torch.long)
+    labels = torch.full((len(rows), length), IGNORE_INDEX, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), length), dtype=torch.long)
+    for i, (prompt, row) in enumerate(rows):
+        input_ids[i, :len(row)] = torch.tensor(row)
+        labels[i, len(prompt):len(row)] = torch.tensor(row[len(prompt):], dtype=torch.long)
+        attention_mask[i, :len(row)] = 1
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels,
+            "desirable": torch.tensor([u.desirable for u in units], dtype=torch.bool)}

@@ -1,0 +1,99 @@
+"""KTO on a 4-bit base: ``qlora train --method kto``, TRL 1.16's KTOTrainer.
+
+KTO (Ethayarajh et al. 2024) learns from single completions labelled desirable
+or not (:mod:`qlora.train.data.unpaired`), against a reference model: the base
+with the adapters off, or the starting ``--adapter`` (a frozen copy), as for DPO.
+With ``r = log p(y|x) - log p_ref(y|x)`` (sums over the completion's tokens) and
+the KL estimate ``z = max(0, mean(log p(y'|x) - log p_ref(y'|x)))`` over the
+micro-batch's mismatched pairs ``(x, y')`` (no gradient)::
+
+    desirable:   w_d * (1 - sigmoid(beta * (r - z)))
+    undesirable: w_u * (1 - sigmoid(beta * (z - r)))
+
+and with ``--loss-type apo_zero_unpaired`` (no KL term) ``w_d * (1 - sigmoid(beta r))`` and
+``w_u * sigmoid(beta r)``. The step loss is the mean over the step's examples (TRL's for one
+micro-batch); the KL estimate is per micro-batch (TRL also averages it over the ranks).
+Metrics (TRL's names): ``kl``, and ``rewards/chosen``, ``logps/chosen`` (means over the
+desirable examples), ``rewards/rejected``, ``logps/rejected`` (over the undesirable ones),
+``rewards/margins`` (their difference).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from qlora.train.data import pad_token_id
+from qlora.train.data.selection import read_sources
+from qlora.train.data.unpaired import TokenizedUnpaired, normalize_unpaired, tokenize_unpaired, unpaired_collate
+from qlora.train.preference_loss import kto_losses, label_logps
+from qlora.train.preference_trainer import PreferenceTrainer
+
+_ROWS = ("input_ids", "attention_mask", "labels")
+
+
+class KTOTrainer(PreferenceTrainer):
+    """One KTO run; ``Trainer(config)`` returns this for ``config.method`` kto."""
+
+    METRIC_SUMS = ("rewards/chosen", "rewards/rejected", "logps/chosen", "logps/rejected", "count/chosen",
+                   "count/rejected", "kl")
+
+    @property
+    def _kl_rows(self) -> bool:
+        return self.config.preference_losses()[0][0] == "kto"
+
+    def _read_data(self, source: str, split: str) -> list:
+        cfg = self.config
+        return read_sources(source, split, cfg.data_subset, cfg.max_samples, normalize_unpaired)
+
+    def _tokenize(self, examples: list) -> tuple[list[TokenizedUnpaired], Any]:
+        return tokenize_unpaired(examples, self.tokenizer, self.chat_format, self.config.seq_len,
+                                 stop_ids=self._stop_ids())
+
+    def _collate(self, units: list) -> dict[str, torch.Tensor]:
+        batch = unpaired_collate(units, pad_token_id(self.tokenizer), self._kl_rows, self.config.seq_len)
+        return {k: v.to(self.device) for k, v in batch.items()}
+
+    @staticmethod
+    def _units_in(batch: dict[str, torch.Tensor]) -> int:
+        return batch["desirable"].shape[0]
+
+    def _nll_tokens(self, batch: dict[str, torch.Tensor]) -> int:
+        return 0  # KTO has no NLL term
+
+    def _pair_terms(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Summed per-example losses and metric sums of one batch (see :meth:`_metrics_of`)."""
+        cfg = self.config
+        desirable = batch["desirable"]
+        n = desirable.shape[0]
+        ref = self._reference_logps(batch)  # the examples, then the KL rows
+        main = {k: batch[k][:n] for k in _ROWS}
+        kl = torch.zeros((), device=self.device)
+        if self._kl_rows:
+            with torch.no_grad(), self._autocast():  # the KL estimate carries no gradient, as in TRL
+                kl_logps = label_logps(model, {k: batch[k][n:] for k in _ROWS}, [batch["labels"][n:]],
+                                       self.chunked_ce)[0]
+            kl = (kl_logps.float() - ref[n:].float()).mean().clamp(min=0)
+        with self._autocast():
+            logps = label_logps(model, main, [main["labels"]], self.chunked_ce)[0]
+        losses, rewards = kto_losses(cfg.preference_losses()[0][0], logps, ref[:n], desirable, kl, cfg.beta,
+                                     cfg.desirable_weight, cfg.undesirable_weight)
+        undesirable = ~desirable
+        logps = logps.detach().float()
+        return {"pair_loss": losses.sum(), "kl": kl * n,
+                "rewards/chosen": rewards[desirable].sum(), "rewards/rejected": rewards[undesirable].sum(),
+                "logps/chosen": logps[desirable].sum(), "logps/rejected": logps[undesirable].sum(),
+                "count/chosen": desirable.sum(), "count/rejected": undesirable.sum()}
+
+    def _metrics_of(self, sums: dict[str, float], units: float, nll_tokens: float) -> dict[str, float]:
+        """TRL's KTO metrics: desirable / undesirable means over their own examples, ``kl`` over all."""
+        out = {"kl": sums["kl"] / units}
+        for side in ("chosen", "rejected"):
+            count = sums[f"count/{side}"]
+            if count:
+                out[f"rewards/{side}"] = sums[f"rewards/{side}"] / count
+                out[f"logps/{side}"] = sums[f"logps/{side}"] / count
+        if "rewards/chosen" in out and "rewards/rejected" in out:
+            out["rewards/margins"] = out["rewards/chosen"] - out["rewards/rejected"]
+        return out
