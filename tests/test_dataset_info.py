@@ -117,6 +117,10 @@ def test_kto_entries_are_trl_unpaired_rows(registry):
     assert [r.fields for r in rows] == [{"prompt": [{"role": "system", "content": "You are terse."},
                                                     {"role": "user", "content": "Hi"}],
                                          "completion": [{"role": "assistant", "content": "Hello."}], "label": False}]
+    from qlora.train.data.unpaired import normalize_unpaired
+
+    (example,) = read_sources("kto", "train", None, 0, normalize_unpaired, str(registry))
+    assert example.desirable is False
 
 
 @pytest.mark.parametrize("spec,message", [
