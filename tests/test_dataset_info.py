@@ -123,6 +123,23 @@ def test_kto_entries_are_trl_unpaired_rows(registry):
     assert example.desirable is False
 
 
+def test_entries_without_a_response_column_are_pretraining_texts(registry):
+    """LLaMA-Factory's c4_demo / wiki_demo shape (``columns: {prompt: text}``): stage pt trains on each row's
+    first prompt turn, the text itself."""
+    info = json.loads((registry / "dataset_info.json").read_text())
+    info |= {"web": {"file_name": "web.jsonl", "columns": {"prompt": "text"}},
+             "wiki": {"file_name": "wiki.txt", "columns": {"prompt": "text"}},
+             "dialogue": {"file_name": "qa.jsonl", "columns": {"prompt": "question", "history": "past"}}}
+    (registry / "dataset_info.json").write_text(json.dumps(info))
+    (registry / "web.jsonl").write_text(json.dumps({"text": "First page."}) + "\n" + json.dumps({"text": "Two."}) + "\n")
+    (registry / "wiki.txt").write_text("Anarchism is a philosophy.\nAutism is a condition.\n")
+    got = read_sources("web,wiki,dialogue", "train", None, 0, lambda records: normalize(records, "text"),
+                       str(registry))
+    assert [(e.text, e.messages) for e in got] == [("First page.", None), ("Two.", None),
+                                                    ("Anarchism is a philosophy.", None),
+                                                    ("Autism is a condition.", None), ("Hi", None)]
+
+
 @pytest.mark.parametrize("spec,message", [
     ("alpaca_dmeo", r"neither a file nor a dataset registered in .*dataset_info.json; did you mean alpaca_demo"),
     ("modelscope", r"ms_hub_url is a source qlora does not read"),

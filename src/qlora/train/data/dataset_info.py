@@ -11,7 +11,8 @@ LLaMA-Factory's converters build it:
 
 - alpaca: the ``history`` pairs, then one user turn of ``prompt`` and ``query`` joined
   by a newline (empty ones left out), then the ``response``; ``system`` and ``tools``
-  columns kept;
+  columns kept; an entry without a response column (c4_demo's ``columns: {prompt: text}``)
+  holds pre-training texts: each row is its first prompt turn, as stage pt reads it;
 - sharegpt: speakers mapped by the tags (user, assistant, observation = a tool result,
   function = a tool call), user/observation and assistant/function turns alternating,
   a leading system turn or the ``system`` column as the system message;
@@ -153,6 +154,8 @@ def _alpaca(fields: dict[str, Any], dataset: RegisteredDataset, where: str) -> d
         return _kto(turns, {"role": "assistant", "content": _column(fields, dataset, "response")}, fields, dataset)
     if dataset.ranking:
         return _pair(turns, _column(fields, dataset, "chosen"), _column(fields, dataset, "rejected"), fields, dataset)
+    if dataset.columns.get("response") is None:  # LLaMA-Factory's unsupervised rows: stage pt trains on the
+        return {"text": turns[0]["content"]}      # first prompt turn (its first history turn, if any)
     response = _column(fields, dataset, "response")
     if not isinstance(response, str):
         raise UsageError(f"{where}: the response column {dataset.columns.get('response')!r} must be a string "
