@@ -170,6 +170,46 @@ def test_llama_factory_values_without_an_equivalent_are_refused_by_line(tmp_path
     assert "Traceback" not in capsys.readouterr().err
 
 
+def test_llama_factory_files_take_its_defaults_for_the_keys_they_omit(tmp_path):
+    """A file with a ``stage`` trains as LLaMA-Factory would: its own and transformers' TrainingArguments'
+    defaults (LoRA on 16 bits without quantization_bit, alpha twice the rank, no dropout, clipping at 1.0...)."""
+    lf = "model_name_or_path: m\ndataset: d\noutput_dir: o\nstage: sft\n"
+    cfg = load_config(_yaml(tmp_path, lf + "lora_rank: 4\n"), {})
+    assert (cfg.quant, cfg.rank, cfg.alpha, cfg.dropout, cfg.max_grad_norm) == ("none", 4, 8.0, 0.0, 1.0)
+    assert (cfg.lr, cfg.lr_scheduler, cfg.warmup_ratio, cfg.epochs, cfg.batch_size, cfg.seq_len) == (
+        5e-5, "linear", 0.0, 3.0, 8, 2048)
+    assert (load_config(_yaml(tmp_path, lf), {}).rank, load_config(_yaml(tmp_path, lf), {}).alpha) == (8, 16.0)
+    given = load_config(_yaml(tmp_path, lf + "quantization_bit: 4\nlora_rank: 4\nlora_alpha: 4\nlora_dropout: 0.1\n"
+                                           "max_grad_norm: 0.5\nwarmup_steps: 3\ncutoff_len: 64\n"), {"lr": 1e-3})
+    assert (given.quant, given.rank, given.alpha, given.dropout, given.max_grad_norm, given.warmup_steps,
+            given.seq_len, given.lr) == ("nf4", 4, 4.0, 0.1, 0.5, 3, 64, 1e-3)
+    ours = load_config(_yaml(tmp_path, "model: m\ndata: d\noutput: o\n"), {})  # not LLaMA-Factory's: our defaults
+    own = TrainConfig(model="m", data="d", output="o")
+    assert (ours.quant, ours.alpha, ours.dropout, ours.max_grad_norm) == (own.quant, own.alpha, own.dropout,
+                                                                          own.max_grad_norm)
+
+
+@pytest.mark.parametrize("text, message", [
+    ("image_max_pixels: 262144\n", "run.yaml line 5: image_max_pixels is a setting of LLaMA-Factory's multimodal"),
+    ("freeze_vision_tower: true\n", "run.yaml line 5: freeze_vision_tower is a setting of LLaMA-Factory's multimodal"),
+    ("ray_num_workers: 4\n", "run.yaml line 5: ray_num_workers 4: LLaMA-Factory's Ray launcher"),
+    ("stage: kto\nper_device_train_batch_size: 1\n", "run.yaml line 5: per_device_train_batch_size 1 with stage kto"),
+])
+def test_llama_factory_runtime_gaps_are_refused_by_line(tmp_path, text, message):
+    with pytest.raises(UsageError, match=re.escape(message)):
+        load_config(_yaml(tmp_path, _lf_with(text)), {})
+
+
+def _lf_with(text: str) -> str:
+    head = "model_name_or_path: m\ndataset: d\noutput_dir: o\n"
+    return head + (text if text.startswith("stage:") else "stage: sft\n" + text)
+
+
+def test_deepspeed_is_passed_over(tmp_path, capsys):
+    cfg = load_config(_yaml(tmp_path, _lf_with("deepspeed: examples/deepspeed/ds_z3_config.json\n")), {})
+    assert cfg.method == "sft" and "deepspeed" in capsys.readouterr().err
+
+
 def test_llama_factory_packing_prompt_and_strategy_keys(tmp_path, capsys):
     cfg = load_config(_yaml(tmp_path, _LLAMA_FACTORY + "train_on_prompt: true\nneat_packing: true\n"
                                                        "eval_strategy: steps\nval_size: 0.1\neval_steps: 50\n"), {})

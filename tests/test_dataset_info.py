@@ -34,6 +34,7 @@ _INFO = {
     "hub": {"hf_hub_url": "org/some-dataset"},
     "modelscope": {"ms_hub_url": "org/some-dataset"},
     "pictures": {"file_name": "alpaca.json", "columns": {"prompt": "instruction", "images": "images"}},
+    "hub_folder": {"hf_hub_url": "org/some-dataset", "folder": "python"},
 }
 _ALPACA = [{"instruction": "Add 2 and 3.", "input": "Show the sum.", "output": "5"},
            {"instruction": "Name a colour.", "input": "", "output": "Blue."},
@@ -144,10 +145,16 @@ def test_entries_without_a_response_column_are_pretraining_texts(registry):
     ("alpaca_dmeo", r"neither a file nor a dataset registered in .*dataset_info.json; did you mean alpaca_demo"),
     ("modelscope", r"ms_hub_url is a source qlora does not read"),
     ("pictures", r"images columns: qlora trains on text"),
+    ("hub_folder", r"folder 'python': qlora reads a hub dataset's whole split"),
 ])
 def test_unusable_entries_are_named(registry, spec, message):
     with pytest.raises(UsageError, match=message):
         _sft(spec, registry)
+
+
+def test_a_remote_registry_is_refused(registry):
+    with pytest.raises(UsageError, match=r"--dataset-dir REMOTE:llamafactory/demo_data: LLaMA-Factory's registry on"):
+        read_sources("alpaca_demo", "train", None, 0, lambda records: normalize(records), "REMOTE:llamafactory/demo_data")
 
 
 def test_malformed_rows_are_named_instead_of_skipped(registry):

@@ -593,15 +593,24 @@ def _read_yaml(path: Path) -> tuple[dict, dict[str, int]]:
 # LLaMA-Factory's pref_loss values that are one of qlora's losses: (method, loss_type).
 _PREF_LOSSES = {"sigmoid": ("dpo", "sigmoid"), "hinge": ("dpo", "hinge"), "ipo": ("dpo", "ipo"), "simpo": ("simpo", "")}
 
+# What a LLaMA-Factory run trains with where its file is silent: its own defaults (lora_rank, lora_dropout,
+# cutoff_len; lora_alpha is twice the rank; no quantization without quantization_bit) and those of
+# transformers' TrainingArguments, which it extends.
+_LLAMA_FACTORY_DEFAULTS = {"rank": 8, "dropout": 0.0, "seq_len": 2048, "lr": 5e-5, "lr_scheduler": "linear",
+                           "epochs": 3.0, "batch_size": 8, "max_grad_norm": 1.0}
+
 
 def _llama_factory(loaded: dict, lines: dict[str, int], path: Path) -> dict:
     """LLaMA-Factory's ``stage``, ``pref_loss`` and ``pref_ftx`` as qlora's method and loss type (stage pt: SFT on
-    raw texts); what has no identical counterpart is refused by name rather than trained differently. Its other
+    raw texts); what has no identical counterpart is refused by name rather than trained differently. A file with
+    a ``stage`` is LLaMA-Factory's: the keys it leaves out take LLaMA-Factory's defaults, not qlora's. Its other
     keys are translated by :mod:`qlora.train.foreign_keys`."""
     keys = {"stage", "pref_loss", "pref_ftx"} & set(loaded)
     if not keys:
         return loaded
     out = {k: v for k, v in loaded.items() if k not in keys}
+    if "stage" in loaded:
+        _llama_factory_defaults(out, lines, lines.get("stage", 0))
     where = {k: f"{path} line {lines.get(k, '?')}" for k in keys}
     ftx, stage, loss = loaded.get("pref_ftx"), loaded.get("stage"), loaded.get("pref_loss")
     if ftx not in (None, 0, 0.0):
@@ -613,6 +622,13 @@ def _llama_factory(loaded: dict, lines: dict[str, int], path: Path) -> dict:
         raise UsageError(f"{where['stage']}: stage {stage!r} has no qlora counterpart; qlora trains stage sft, pt, kto "
                          "and stage dpo (pref_loss sigmoid, hinge, ipo or simpo) as method sft / kto / dpo / simpo, "
                          "and method orpo or cpo.")
+    batch_key = next((k for k in out if canonical_name(str(k)) == "batch_size"), None)
+    if stage == "kto" and batch_key and isinstance(out[batch_key], int) and out[batch_key] < 2:
+        raise UsageError(f"{path} line {lines.get(batch_key, '?')}: {batch_key} {out[batch_key]} with stage kto: "
+                         "LLaMA-Factory pairs each prompt with another row's completion for KTO's KL term when it "
+                         "tokenizes the data; qlora, as TRL, takes them from the other examples of a micro-batch, "
+                         "so it needs 2 or more (e.g. 8, with gradient_accumulation_steps divided by 8 to keep "
+                         "the examples per step).")
     method = stage
     if stage == "pt":  # pre-training: every token of raw texts
         method = "sft"
@@ -644,6 +660,24 @@ def _llama_factory(loaded: dict, lines: dict[str, int], path: Path) -> dict:
         out["method"] = method
         lines.setdefault("method", lines.get("pref_loss", lines.get("stage", 0)))
     return out
+
+
+def _llama_factory_defaults(out: dict, lines: dict[str, int], line: int) -> None:
+    """Fill ``out`` with :data:`_LLAMA_FACTORY_DEFAULTS` for the options it does not set (under any name)."""
+    given = {canonical_name(str(k)): k for k in out} | {VALUE_ALIASES[str(k)][0]: k for k in out
+                                                        if str(k) in VALUE_ALIASES}
+    defaults = dict(_LLAMA_FACTORY_DEFAULTS)
+    rank = out.get(given["rank"]) if "rank" in given else defaults["rank"]
+    if isinstance(rank, int) and not isinstance(rank, bool):
+        defaults["alpha"] = 2 * rank
+    if "warmup_steps" not in given:
+        defaults["warmup_ratio"] = 0.0
+    if out.get("quantization_bit") is None:  # LLaMA-Factory quantizes only with quantization_bit: LoRA on 16 bits
+        defaults["quant"] = "none"
+    for name, value in defaults.items():
+        if name not in given:
+            out[name] = value
+            lines.setdefault(name, line)
 
 
 def _adapter_base(values: dict[str, Any]) -> None:

@@ -9,8 +9,8 @@ configs. Keys that only rename one of ours are plain aliases
   method together, are read by :func:`qlora.train.config.load_config`);
 - settings of the other tool's runtime that do not change what a run computes
   (worker counts, caches, timeouts, report sinks): passed over, and the run says which;
-- values qlora has no equivalent for (8-bit quantization, full fine-tuning, PPO):
-  refused by name, instead of training something else than the file asks.
+- values qlora has no equivalent for (8-bit quantization, full fine-tuning, PPO, Ray, multimodal
+  training): refused by name, instead of training something else than the file asks.
 """
 
 from __future__ import annotations
@@ -32,7 +32,13 @@ RUNTIME_ONLY = frozenset({
     "quantization_device_map", "low_cpu_mem_usage", "wandb_project", "wandb_entity", "wandb_run_id",
     "wandb_name", "wandb_watch", "wandb_log_model", "bnb_4bit_quant_storage", "eval_strategy",
     "evaluation_strategy", "save_strategy", "logging_strategy", "enable_liger_kernel", "use_unsloth",
-    "use_unsloth_gc", "print_param_status",
+    "use_unsloth_gc", "print_param_status", "deepspeed",
+})
+# LLaMA-Factory's settings of multimodal models and their media (qlora fine-tunes text-only language models).
+MULTIMODAL = frozenset({
+    "image_max_pixels", "image_min_pixels", "image_do_pan_and_scan", "crop_to_patches", "video_max_pixels",
+    "video_min_pixels", "video_fps", "video_maxlen", "use_audio_in_video", "audio_sampling_rate", "media_dir",
+    "freeze_vision_tower", "freeze_multi_modal_projector", "freeze_language_model",
 })
 
 
@@ -82,10 +88,17 @@ def _resume(value: Any, where: str) -> Translation:
                      "its output folder; set resume: true (and output to that run's folder) instead.")
 
 
+def _ray_num_workers(value: Any, where: str) -> Translation:
+    raise UsageError(f"{where}: ray_num_workers {value!r}: LLaMA-Factory's Ray launcher; qlora runs on several GPUs "
+                     f"under torchrun (torchrun --nproc-per-node {value} -m qlora train ...), where the global batch "
+                     "is, as with Ray, the batch per GPU times the GPUs times gradient_accumulation_steps. Remove "
+                     "the key and launch with torchrun.")
+
+
 TRANSLATED: dict[str, Callable[[Any, str], Translation]] = {
     "quantization_bit": _quantization_bit, "quantization_method": _quantization_method,
     "finetuning_type": _finetuning_type, "lora_target": _lora_target, "template": _template,
-    "resume_from_checkpoint": _resume,
+    "resume_from_checkpoint": _resume, "ray_num_workers": _ray_num_workers,
 }
 
 def translate(key: str, value: Any, where: str) -> Translation | None:
@@ -97,6 +110,10 @@ def translate(key: str, value: Any, where: str) -> Translation | None:
     """
     if key in RUNTIME_ONLY:
         return [], ""
+    if key in MULTIMODAL:
+        raise UsageError(f"{where}: {key} is a setting of LLaMA-Factory's multimodal training (images, videos, "
+                         "audio); qlora fine-tunes text-only language models on text. Remove the multimodal keys "
+                         "and datasets, or use another tool for vision or audio models.")
     if key in TRANSLATED:
         return TRANSLATED[key](value, where)
     return None

@@ -69,9 +69,13 @@ def registered_dataset(name: str, dataset_dir: str | Path) -> RegisteredDataset 
     Raises:
         UsageError: a malformed file or entry, or a plain name the file does not register.
     """
+    if str(dataset_dir).startswith("REMOTE:"):
+        raise UsageError(f"--dataset-dir {dataset_dir}: LLaMA-Factory's registry on the Hugging Face hub; qlora reads "
+                         f"a local one: download that dataset repository (its {INFO_FILE} and data files) and give "
+                         "its folder.")
     info_path = Path(dataset_dir).expanduser() / INFO_FILE
     if Path(name).expanduser().exists() or not info_path.is_file():
-        return None
+        return None  # also LLaMA-Factory's dataset_dir ONLINE: every name is a hub dataset
     try:
         info = json.loads(info_path.read_text(encoding="utf-8-sig"))
     except (OSError, UnicodeDecodeError, ValueError) as exc:
@@ -95,6 +99,9 @@ def _entry(name: str, entry: Any, info_path: Path) -> RegisteredDataset:
         source = str(info_path.parent / str(entry["file_name"]))
     elif "hf_hub_url" in entry:
         source = str(entry["hf_hub_url"])
+        if entry.get("folder"):
+            raise UsageError(f"{where}: folder {entry['folder']!r}: qlora reads a hub dataset's whole split, not one "
+                             "folder of its repository; download that folder and register it with file_name.")
     else:
         other = next((k for k in ("ms_hub_url", "om_hub_url", "script_url", "cloud_file_name") if k in entry), None)
         raise UsageError(f"{where}: " + (f"{other} is a source qlora does not read (ModelScope, Modelers, loading "
