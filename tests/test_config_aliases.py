@@ -205,6 +205,11 @@ def _lf_with(text: str) -> str:
     return head + (text if text.startswith("stage:") else "stage: sft\n" + text)
 
 
+def test_a_kto_batch_of_one_given_on_the_command_line_instead_loads(tmp_path):
+    path = _yaml(tmp_path, _lf_with("stage: kto\nper_device_train_batch_size: 1\n"))
+    assert load_config(path, {"batch_size": 2}).batch_size == 2
+
+
 def test_deepspeed_is_passed_over(tmp_path, capsys):
     cfg = load_config(_yaml(tmp_path, _lf_with("deepspeed: examples/deepspeed/ds_z3_config.json\n")), {})
     assert cfg.method == "sft" and "deepspeed" in capsys.readouterr().err

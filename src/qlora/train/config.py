@@ -600,11 +600,12 @@ _LLAMA_FACTORY_DEFAULTS = {"rank": 8, "dropout": 0.0, "seq_len": 2048, "lr": 5e-
                            "epochs": 3.0, "batch_size": 8, "max_grad_norm": 1.0}
 
 
-def _llama_factory(loaded: dict, lines: dict[str, int], path: Path) -> dict:
+def _llama_factory(loaded: dict, lines: dict[str, int], path: Path,
+                   overridden: frozenset[str] = frozenset()) -> dict:
     """LLaMA-Factory's ``stage``, ``pref_loss`` and ``pref_ftx`` as qlora's method and loss type (stage pt: SFT on
     raw texts); what has no identical counterpart is refused by name rather than trained differently. A file with
     a ``stage`` is LLaMA-Factory's: the keys it leaves out take LLaMA-Factory's defaults, not qlora's. Its other
-    keys are translated by :mod:`qlora.train.foreign_keys`."""
+    keys are translated by :mod:`qlora.train.foreign_keys`; ``overridden``: the options the command line sets."""
     keys = {"stage", "pref_loss", "pref_ftx"} & set(loaded)
     if not keys:
         return loaded
@@ -623,7 +624,8 @@ def _llama_factory(loaded: dict, lines: dict[str, int], path: Path) -> dict:
                          "and stage dpo (pref_loss sigmoid, hinge, ipo or simpo) as method sft / kto / dpo / simpo, "
                          "and method orpo or cpo.")
     batch_key = next((k for k in out if canonical_name(str(k)) == "batch_size"), None)
-    if stage == "kto" and batch_key and isinstance(out[batch_key], int) and out[batch_key] < 2:
+    if (stage == "kto" and batch_key and "batch_size" not in overridden and isinstance(out[batch_key], int)
+            and out[batch_key] < 2):
         raise UsageError(f"{path} line {lines.get(batch_key, '?')}: {batch_key} {out[batch_key]} with stage kto: "
                          "LLaMA-Factory pairs each prompt with another row's completion for KTO's KL term when it "
                          "tokenizes the data; qlora, as TRL, takes them from the other examples of a micro-batch, "
@@ -739,7 +741,7 @@ def load_config(yaml_path: str | Path | None, overrides: dict[str, Any]) -> Trai
         if not path.is_file():
             raise UsageError(f"config file {yaml_path!r} does not exist; check the path of the YAML file.")
         loaded, lines = _read_yaml(path)
-        loaded = _llama_factory(loaded, lines, path)
+        loaded = _llama_factory(loaded, lines, path, frozenset(k.replace("-", "_") for k in overrides))
         given_as: dict[str, str] = {}
         passed_over = []
         for key, value in loaded.items():
