@@ -35,6 +35,10 @@ _INFO = {
     "modelscope": {"ms_hub_url": "org/some-dataset"},
     "pictures": {"file_name": "alpaca.json", "columns": {"prompt": "instruction", "images": "images"}},
     "hub_folder": {"hf_hub_url": "org/some-dataset", "folder": "python"},
+    "five": {"file_name": "alpaca.json", "num_samples": 5},
+    "dpo_tools": {"file_name": "dpo.json", "ranking": True, "formatting": "sharegpt",
+                  "columns": {"messages": "conversations", "chosen": "chosen", "rejected": "rejected",
+                              "tools": "tools"}},
 }
 _ALPACA = [{"instruction": "Add 2 and 3.", "input": "Show the sum.", "output": "5"},
            {"instruction": "Name a colour.", "input": "", "output": "Blue."},
@@ -150,6 +154,22 @@ def test_entries_without_a_response_column_are_pretraining_texts(registry):
 def test_unusable_entries_are_named(registry, spec, message):
     with pytest.raises(UsageError, match=message):
         _sft(spec, registry)
+
+
+def test_num_samples_beyond_the_rows_repeats_them(registry):
+    """LLaMA-Factory's num_samples above the row count up-samples: every row once, then repeats."""
+    got = [e.messages[0]["content"] for e in _sft("five", registry)]
+    assert got == ["Add 2 and 3.\nShow the sum.", "Name a colour.", "Say hi.", "Add 2 and 3.\nShow the sum.",
+                   "Name a colour."]
+
+
+def test_preference_and_kto_rows_are_refused_rather_than_trained_without_their_tools_or_label(registry):
+    (registry / "dpo.json").write_text(json.dumps([_DPO[0] | {"tools": _TOOLS}]))
+    with pytest.raises(UsageError, match=r"dpo.json item 0 \(dpo_tools\): a preference row with tool definitions"):
+        read_sources("dpo_tools", "train", None, 0, normalize_preferences, str(registry))
+    (registry / "chat.jsonl").write_text(json.dumps(_CHAT[0] | {"ok": "false"}) + "\n")
+    with pytest.raises(UsageError, match=r"chat.jsonl line 1 \(kto\): the kto_tag column 'ok' holds 'false'"):
+        read_sources("kto", "train", None, 0, lambda records: records, str(registry))
 
 
 def test_a_remote_registry_is_refused(registry):

@@ -22,7 +22,8 @@ LLaMA-Factory's converters build it:
 Entries' defaults are LLaMA-Factory's: without ``columns`` the alpaca columns are
 ``instruction``/``input``/``output`` and the sharegpt one ``conversations``; a ``columns``
 mapping names every column used. Rows it would skip as malformed are errors here,
-naming the row. ``num_samples`` keeps the first rows (LLaMA-Factory draws them at random).
+naming the row. ``num_samples`` keeps the first rows, or, when it exceeds them, repeats the rows in
+order until it is reached (LLaMA-Factory draws them at random, every row once before any repeat).
 """
 
 from __future__ import annotations
@@ -137,7 +138,8 @@ def read_registered(dataset: RegisteredDataset) -> list[Record]:
     """The dataset's rows, rebuilt as chat, preference or KTO records (see the module docstring)."""
     records = load_records(dataset.source, dataset.split, dataset.subset)
     if dataset.num_samples:
-        records = records[:dataset.num_samples]
+        repeats = -(-dataset.num_samples // len(records))
+        records = (records * repeats)[:dataset.num_samples]
     convert = _alpaca if dataset.formatting == "alpaca" else _sharegpt
     return [Record(convert(r.fields, dataset, f"{r.where} ({dataset.name})"), f"{r.where} ({dataset.name})")
             for r in records]
@@ -158,9 +160,11 @@ def _alpaca(fields: dict[str, Any], dataset: RegisteredDataset, where: str) -> d
     query = [v for v in (_column(fields, dataset, "prompt"), _column(fields, dataset, "query")) if v]
     turns.append({"role": "user", "content": "\n".join(str(v) for v in query)})
     if _column(fields, dataset, "kto_tag") is not None:
-        return _kto(turns, {"role": "assistant", "content": _column(fields, dataset, "response")}, fields, dataset)
+        return _kto(turns, {"role": "assistant", "content": _column(fields, dataset, "response")}, fields, dataset,
+                    where)
     if dataset.ranking:
-        return _pair(turns, _column(fields, dataset, "chosen"), _column(fields, dataset, "rejected"), fields, dataset)
+        return _pair(turns, _column(fields, dataset, "chosen"), _column(fields, dataset, "rejected"), fields, dataset,
+                     where)
     if dataset.columns.get("response") is None:  # LLaMA-Factory's unsupervised rows: stage pt trains on the
         return {"text": turns[0]["content"]}      # first prompt turn (its first history turn, if any)
     response = _column(fields, dataset, "response")
@@ -194,7 +198,7 @@ def _sharegpt(fields: dict[str, Any], dataset: RegisteredDataset, where: str) ->
                                                              if dataset.ranking else "a conversation ends with "
                                                              "the assistant (LLaMA-Factory would skip this row)."))
     if _column(fields, dataset, "kto_tag") is not None:
-        return _kto(_messages(turns[:-1], system), _messages(turns[-1:], None)[0], fields, dataset)
+        return _kto(_messages(turns[:-1], system), _messages(turns[-1:], None)[0], fields, dataset, where)
     if dataset.ranking:
         answers = [_column(fields, dataset, key) for key in ("chosen", "rejected")]
         if not all(isinstance(a, dict) and a.get(tags["role_tag"]) in (tags["assistant_tag"], tags["function_tag"])
@@ -202,7 +206,7 @@ def _sharegpt(fields: dict[str, Any], dataset: RegisteredDataset, where: str) ->
             raise UsageError(f"{where}: chosen and rejected must be assistant messages "
                              f"({tags['role_tag']!r}: {tags['assistant_tag']!r}).")
         return _pair(_messages(turns, system), *(a.get(tags["content_tag"]) for a in answers), fields, dataset,
-                     with_system=False)
+                     where, with_system=False)
     return _with_common({"conversations": turns, "system": system}, fields, dataset)
 
 
@@ -213,19 +217,34 @@ def _messages(turns: list[dict[str, Any]], system: Any) -> list[dict[str, Any]]:
     return out + [{"role": roles[t["from"]], "content": t["value"]} for t in turns]
 
 
+def _no_tools(fields: dict[str, Any], dataset: RegisteredDataset, kind: str, where: str) -> None:
+    """Preference and KTO rows render no tool definitions here: a row with some is refused, not trained without."""
+    if _column(fields, dataset, "tools"):
+        raise UsageError(f"{where}: a {kind} row with tool definitions (column {dataset.columns['tools']!r}); "
+                         f"qlora's {kind} training renders no tools into the prompt. Remove the tools column from "
+                         "the entry's columns to train without them, or train this data with SFT.")
+
+
 def _pair(prompt: list[dict[str, Any]], chosen: Any, rejected: Any, fields: dict[str, Any],
-          dataset: RegisteredDataset, with_system: bool = True) -> dict[str, Any]:
+          dataset: RegisteredDataset, where: str, with_system: bool = True) -> dict[str, Any]:
+    _no_tools(fields, dataset, "preference", where)
     system = _column(fields, dataset, "system") if with_system else None
     head = [{"role": "system", "content": system}] if system else []
     return {"prompt": head + prompt, "chosen": chosen, "rejected": rejected}
 
 
 def _kto(prompt: list[dict[str, Any]], completion: dict[str, Any], fields: dict[str, Any],
-         dataset: RegisteredDataset) -> dict[str, Any]:
+         dataset: RegisteredDataset, where: str) -> dict[str, Any]:
     """TRL's unpaired preference row: ``prompt``, ``completion`` and a boolean ``label``."""
+    _no_tools(fields, dataset, "KTO", where)
+    label = _column(fields, dataset, "kto_tag")
+    if not isinstance(label, bool):
+        raise UsageError(f"{where}: the kto_tag column {dataset.columns['kto_tag']!r} holds {label!r}; "
+                         "LLaMA-Factory reads only true or false there (a row with another value is not a KTO "
+                         "example). Write true or false.")
     system = _column(fields, dataset, "system") if dataset.formatting == "alpaca" else None
     head = [{"role": "system", "content": system}] if system else []
-    return {"prompt": head + prompt, "completion": [completion], "label": bool(_column(fields, dataset, "kto_tag"))}
+    return {"prompt": head + prompt, "completion": [completion], "label": label}
 
 
 def _with_common(row: dict[str, Any], fields: dict[str, Any], dataset: RegisteredDataset) -> dict[str, Any]:
