@@ -137,11 +137,11 @@ def test_entries_without_a_response_column_are_pretraining_texts(registry):
              "dialogue": {"file_name": "qa.jsonl", "columns": {"prompt": "question", "history": "past"}}}
     (registry / "dataset_info.json").write_text(json.dumps(info))
     (registry / "web.jsonl").write_text(json.dumps({"text": "First page."}) + "\n" + json.dumps({"text": "Two."}) + "\n")
-    (registry / "wiki.txt").write_text("Anarchism is a philosophy.\nAutism is a condition.\n")
+    (registry / "wiki.txt").write_text("Anarchism is a philosophy.\nIt is old.\n\nAutism is a condition.\n")  # a row a line
     got = read_sources("web,wiki,dialogue", "train", None, 0, lambda records: normalize(records, "text"),
                        str(registry))
     assert [(e.text, e.messages) for e in got] == [("First page.", None), ("Two.", None),
-                                                    ("Anarchism is a philosophy.", None),
+                                                    ("Anarchism is a philosophy.", None), ("It is old.", None),
                                                     ("Autism is a condition.", None), ("Hi", None)]
 
 

@@ -12,7 +12,8 @@ LLaMA-Factory's converters build it:
 - alpaca: the ``history`` pairs, then one user turn of ``prompt`` and ``query`` joined
   by a newline (empty ones left out), then the ``response``; ``system`` and ``tools``
   columns kept; an entry without a response column (c4_demo's ``columns: {prompt: text}``)
-  holds pre-training texts: each row is its first prompt turn, as stage pt reads it;
+  holds pre-training texts: each row is its first prompt turn, as stage pt reads it (a ``.txt``
+  file's rows are its lines, blank ones left out);
 - sharegpt: speakers mapped by the tags (user, assistant, observation = a tool result,
   function = a tool call), user/observation and assistant/function turns alternating,
   a leading system turn or the ``system`` column as the system message;
@@ -136,7 +137,7 @@ def _entry(name: str, entry: Any, info_path: Path) -> RegisteredDataset:
 
 def read_registered(dataset: RegisteredDataset) -> list[Record]:
     """The dataset's rows, rebuilt as chat, preference or KTO records (see the module docstring)."""
-    records = load_records(dataset.source, dataset.split, dataset.subset)
+    records = load_records(dataset.source, dataset.split, dataset.subset, text_lines=True)
     if dataset.num_samples:
         repeats = -(-dataset.num_samples // len(records))
         records = (records * repeats)[:dataset.num_samples]

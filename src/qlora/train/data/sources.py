@@ -43,7 +43,8 @@ def demo_data_path() -> Path:
     return Path(__file__).resolve().parents[2] / "data" / "demo.jsonl"
 
 
-def load_records(source: str | Path, split: str = "train", subset: str | None = None) -> list[Record]:
+def load_records(source: str | Path, split: str = "train", subset: str | None = None, *,
+                 text_lines: bool = False) -> list[Record]:
     """Read every record of a local file or folder, or of a hub dataset.
 
     Args:
@@ -54,6 +55,8 @@ def load_records(source: str | Path, split: str = "train", subset: str | None = 
             of data files; or a hub dataset name.
         split: the split of a hub dataset, saved ``DatasetDict`` or data folder.
         subset: the configuration (subset) of a hub dataset, if it has several.
+        text_lines: read a ``.txt`` file one record a non-blank line, even where blank lines separate
+            paragraphs (as ``datasets``' text loader, which LLaMA-Factory uses, reads it).
 
     Raises:
         UsageError: unreadable or malformed file, unknown format, unknown
@@ -70,6 +73,8 @@ def load_records(source: str | Path, split: str = "train", subset: str | None = 
                 f"in {', '.join(LOCAL_SUFFIXES)} (text ones also compressed: .gz, .bz2, .xz), a folder written by "
                 "save_to_disk, or a hub dataset name."
             )
+        if text_lines and reader is _read_text:
+            reader = _read_lines
         try:
             records = reader(path)
         except (OSError, EOFError) as exc:  # a damaged compressed file (a bad gzip header, a cut stream)
@@ -185,6 +190,11 @@ def _read_text(path: Path) -> list[Record]:
             records.append(Record({"text": "\n".join(lines[j] for j in block)}, f"{path} line {block[0] + 1}"))
             block = []
     return records
+
+
+def _read_lines(path: Path) -> list[Record]:
+    return [Record({"text": line.rstrip("\n")}, f"{path} line {i + 1}")
+            for i, line in enumerate(_decoded_lines(path)) if line.strip()]
 
 
 def _decoded_lines(path: Path) -> list[str]:
