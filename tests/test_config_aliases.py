@@ -194,6 +194,10 @@ def test_llama_factory_files_take_its_defaults_for_the_keys_they_omit(tmp_path):
     ("freeze_vision_tower: true\n", "run.yaml line 5: freeze_vision_tower is a setting of LLaMA-Factory's multimodal"),
     ("ray_num_workers: 4\n", "run.yaml line 5: ray_num_workers 4: LLaMA-Factory's Ray launcher"),
     ("stage: kto\nper_device_train_batch_size: 1\n", "run.yaml line 5: per_device_train_batch_size 1 with stage kto"),
+    ("do_train: false\n", "run.yaml line 5: do_train false: this LLaMA-Factory file does not train"),
+    ("do_predict: true\n", "run.yaml line 5: do_predict true: LLaMA-Factory's prediction run"),
+    ("adapter_name_or_path: a,b\n", "run.yaml line 5: adapter_name_or_path 'a,b': several adapters"),
+    ("pissa_init: true\npissa_iter: 16\n", "run.yaml line 5: pissa_init true: qlora has no PiSSA"),
 ])
 def test_llama_factory_runtime_gaps_are_refused_by_line(tmp_path, text, message):
     with pytest.raises(UsageError, match=re.escape(message)):
@@ -210,9 +214,17 @@ def test_a_kto_batch_of_one_given_on_the_command_line_instead_loads(tmp_path):
     assert load_config(path, {"batch_size": 2}).batch_size == 2
 
 
-def test_deepspeed_is_passed_over(tmp_path, capsys):
-    cfg = load_config(_yaml(tmp_path, _lf_with("deepspeed: examples/deepspeed/ds_z3_config.json\n")), {})
-    assert cfg.method == "sft" and "deepspeed" in capsys.readouterr().err
+def test_deepspeed_is_passed_over_and_an_adapter_continued(tmp_path, capsys):
+    from qlora.train.foreign_keys import translate
+
+    cfg = load_config(_yaml(tmp_path, _lf_with("deepspeed: examples/deepspeed/ds_z3_config.json\ndo_train: true\n"
+                                               "use_v1_kernels: true\n")), {})
+    assert (cfg.method, cfg.gradient_checkpointing) == ("sft", True)  # LLaMA-Factory's default: on
+    assert translate("adapter_name_or_path", "saves/sft", "run.yaml line 5") == ([("adapter", "saves/sft")], "")
+    err = capsys.readouterr().err
+    assert "deepspeed" in err and "do_train" in err and "use_v1_kernels" in err
+    off = load_config(_yaml(tmp_path, _lf_with("disable_gradient_checkpointing: true\n")), {})
+    assert off.gradient_checkpointing is False
 
 
 def test_llama_factory_packing_prompt_and_strategy_keys(tmp_path, capsys):

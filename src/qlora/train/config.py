@@ -543,6 +543,7 @@ VALUE_ALIASES = {
     "bf16": ("precision", {True: "bf16", False: None}),
     "fp16": ("precision", {True: "fp16", False: None}),
     "lora_target_linear": ("target_modules", {True: "all-linear", False: None}),
+    "disable_gradient_checkpointing": ("gradient_checkpointing", {True: False, False: True}),  # LLaMA-Factory's
 }
 
 
@@ -594,10 +595,10 @@ def _read_yaml(path: Path) -> tuple[dict, dict[str, int]]:
 _PREF_LOSSES = {"sigmoid": ("dpo", "sigmoid"), "hinge": ("dpo", "hinge"), "ipo": ("dpo", "ipo"), "simpo": ("simpo", "")}
 
 # What a LLaMA-Factory run trains with where its file is silent: its own defaults (lora_rank, lora_dropout,
-# cutoff_len; lora_alpha is twice the rank; no quantization without quantization_bit) and those of
-# transformers' TrainingArguments, which it extends.
+# cutoff_len, gradient checkpointing on; lora_alpha is twice the rank; no quantization without
+# quantization_bit) and those of transformers' TrainingArguments, which it extends.
 _LLAMA_FACTORY_DEFAULTS = {"rank": 8, "dropout": 0.0, "seq_len": 2048, "lr": 5e-5, "lr_scheduler": "linear",
-                           "epochs": 3.0, "batch_size": 8, "max_grad_norm": 1.0}
+                           "epochs": 3.0, "batch_size": 8, "max_grad_norm": 1.0, "gradient_checkpointing": True}
 
 
 def _llama_factory(loaded: dict, lines: dict[str, int], path: Path,

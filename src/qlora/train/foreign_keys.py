@@ -24,7 +24,7 @@ Translation = tuple[list[tuple[str, Any]], str]  # our (option, value) pairs, an
 
 # Settings of the other tool's runtime: they change speed, logging or caching, never the result.
 RUNTIME_ONLY = frozenset({
-    "do_train", "do_eval", "overwrite_cache", "preprocessing_num_workers", "dataloader_num_workers",
+    "do_eval", "overwrite_cache", "preprocessing_num_workers", "dataloader_num_workers",
     "dataloader_pin_memory", "dataloader_persistent_workers", "ddp_timeout", "ddp_find_unused_parameters",
     "plot_loss", "report_to", "logging_dir", "run_name", "save_only_model", "trust_remote_code", "flash_attn",
     "disable_tqdm", "use_fast_tokenizer", "tokenized_path", "per_device_eval_batch_size", "eval_batch_size",
@@ -32,7 +32,7 @@ RUNTIME_ONLY = frozenset({
     "quantization_device_map", "low_cpu_mem_usage", "wandb_project", "wandb_entity", "wandb_run_id",
     "wandb_name", "wandb_watch", "wandb_log_model", "bnb_4bit_quant_storage", "eval_strategy",
     "evaluation_strategy", "save_strategy", "logging_strategy", "enable_liger_kernel", "use_unsloth",
-    "use_unsloth_gc", "print_param_status", "deepspeed",
+    "use_unsloth_gc", "print_param_status", "deepspeed", "use_v1_kernels", "pissa_iter", "pissa_convert",
 })
 # LLaMA-Factory's settings of multimodal models and their media (qlora fine-tunes text-only language models).
 MULTIMODAL = frozenset({
@@ -88,6 +88,38 @@ def _resume(value: Any, where: str) -> Translation:
                      "its output folder; set resume: true (and output to that run's folder) instead.")
 
 
+def _do_train(value: Any, where: str) -> Translation:
+    if value is False:
+        raise UsageError(f"{where}: do_train false: this LLaMA-Factory file does not train (it evaluates or "
+                         "predicts); qlora train always trains. Use qlora eval (loss, perplexity) or qlora generate "
+                         "with the adapter instead, or set do_train: true.")
+    return [], ""
+
+
+def _do_predict(value: Any, where: str) -> Translation:
+    if value:
+        raise UsageError(f"{where}: do_predict true: LLaMA-Factory's prediction run (answers generated for "
+                         "eval_dataset, scored with BLEU/ROUGE); qlora train does not predict. Remove the key, and "
+                         "generate with qlora generate --adapter OUTPUT after training.")
+    return [], ""
+
+
+def _adapter_name_or_path(value: Any, where: str) -> Translation:
+    if isinstance(value, str) and "," in value:
+        raise UsageError(f"{where}: adapter_name_or_path {value!r}: several adapters, which LLaMA-Factory merges "
+                         "into the base but the last; qlora continues one adapter. Merge the others first (qlora "
+                         "merge) and give the merged model as model_name_or_path.")
+    return [("adapter", value)], ""
+
+
+def _pissa_init(value: Any, where: str) -> Translation:
+    if value:
+        raise UsageError(f"{where}: pissa_init true: qlora has no PiSSA initialization (init: kaiming, gaussian or "
+                         "loftq); remove the PiSSA keys, or set init: loftq for an initialization that also "
+                         "accounts for the 4-bit base.")
+    return [], ""
+
+
 def _ray_num_workers(value: Any, where: str) -> Translation:
     raise UsageError(f"{where}: ray_num_workers {value!r}: LLaMA-Factory's Ray launcher; qlora runs on several GPUs "
                      f"under torchrun (torchrun --nproc-per-node {value} -m qlora train ...), where the global batch "
@@ -98,7 +130,8 @@ def _ray_num_workers(value: Any, where: str) -> Translation:
 TRANSLATED: dict[str, Callable[[Any, str], Translation]] = {
     "quantization_bit": _quantization_bit, "quantization_method": _quantization_method,
     "finetuning_type": _finetuning_type, "lora_target": _lora_target, "template": _template,
-    "resume_from_checkpoint": _resume, "ray_num_workers": _ray_num_workers,
+    "resume_from_checkpoint": _resume, "ray_num_workers": _ray_num_workers, "do_train": _do_train,
+    "do_predict": _do_predict, "adapter_name_or_path": _adapter_name_or_path, "pissa_init": _pissa_init,
 }
 
 def translate(key: str, value: Any, where: str) -> Translation | None:
