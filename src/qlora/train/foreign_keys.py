@@ -122,9 +122,9 @@ def _pissa_init(value: Any, where: str) -> Translation:
 
 def _ray_num_workers(value: Any, where: str) -> Translation:
     raise UsageError(f"{where}: ray_num_workers {value!r}: LLaMA-Factory's Ray launcher; qlora runs on several GPUs "
-                     f"under torchrun (torchrun --nproc-per-node {value} -m qlora train ...), where the global batch "
-                     "is, as with Ray, the batch per GPU times the GPUs times gradient_accumulation_steps. Remove "
-                     "the key and launch with torchrun.")
+                     f"under torchrun (qlora train --nproc {value} ...), where the global batch is, as with Ray, "
+                     "the batch per GPU times the GPUs times gradient_accumulation_steps. Remove the key and give "
+                     "--nproc instead.")
 
 
 TRANSLATED: dict[str, Callable[[Any, str], Translation]] = {
