@@ -120,6 +120,14 @@ def _pissa_init(value: Any, where: str) -> Translation:
     return [], ""
 
 
+def _mask_history(value: Any, where: str) -> Translation:
+    if value:
+        raise UsageError(f"{where}: mask_history true: LLaMA-Factory then trains on the last answer of each "
+                         "conversation only; qlora trains on every assistant turn (train_on: assistant) or on all "
+                         "tokens (train_on: all). Remove the key, or keep only each conversation's last answer.")
+    return [], ""
+
+
 def _ray_num_workers(value: Any, where: str) -> Translation:
     raise UsageError(f"{where}: ray_num_workers {value!r}: LLaMA-Factory's Ray launcher; qlora runs on several GPUs "
                      f"under torchrun (qlora train --nproc {value} ...), where the global batch is, as with Ray, "
@@ -132,6 +140,7 @@ TRANSLATED: dict[str, Callable[[Any, str], Translation]] = {
     "finetuning_type": _finetuning_type, "lora_target": _lora_target, "template": _template,
     "resume_from_checkpoint": _resume, "ray_num_workers": _ray_num_workers, "do_train": _do_train,
     "do_predict": _do_predict, "adapter_name_or_path": _adapter_name_or_path, "pissa_init": _pissa_init,
+    "mask_history": _mask_history,
 }
 
 def translate(key: str, value: Any, where: str) -> Translation | None:
