@@ -612,7 +612,10 @@ def _llama_factory(loaded: dict, lines: dict[str, int], path: Path,
         return loaded
     out = {k: v for k, v in loaded.items() if k not in keys}
     if "stage" in loaded:
-        _llama_factory_defaults(out, lines, lines.get("stage", 0))
+        applied = _llama_factory_defaults(out, lines, lines.get("stage", 0))
+        if applied:
+            print(f"qlora train: {path} is a LLaMA-Factory file (stage): what it leaves out takes LLaMA-Factory's "
+                  f"defaults: {', '.join(f'{k} {v}' for k, v in applied.items())}", file=sys.stderr)
     where = {k: f"{path} line {lines.get(k, '?')}" for k in keys}
     ftx, stage, loss = loaded.get("pref_ftx"), loaded.get("stage"), loaded.get("pref_loss")
     if ftx not in (None, 0, 0.0):
@@ -665,8 +668,9 @@ def _llama_factory(loaded: dict, lines: dict[str, int], path: Path,
     return out
 
 
-def _llama_factory_defaults(out: dict, lines: dict[str, int], line: int) -> None:
-    """Fill ``out`` with :data:`_LLAMA_FACTORY_DEFAULTS` for the options it does not set (under any name)."""
+def _llama_factory_defaults(out: dict, lines: dict[str, int], line: int) -> dict[str, Any]:
+    """Fill ``out`` with :data:`_LLAMA_FACTORY_DEFAULTS` for the options it does not set (under any name);
+    returns those filled in."""
     given = {canonical_name(str(k)): k for k in out} | {VALUE_ALIASES[str(k)][0]: k for k in out
                                                         if str(k) in VALUE_ALIASES}
     defaults = dict(_LLAMA_FACTORY_DEFAULTS)
@@ -677,10 +681,11 @@ def _llama_factory_defaults(out: dict, lines: dict[str, int], line: int) -> None
         defaults["warmup_ratio"] = 0.0
     if out.get("quantization_bit") is None:  # LLaMA-Factory quantizes only with quantization_bit: LoRA on 16 bits
         defaults["quant"] = "none"
-    for name, value in defaults.items():
-        if name not in given:
-            out[name] = value
-            lines.setdefault(name, line)
+    applied = {name: value for name, value in defaults.items() if name not in given}
+    for name, value in applied.items():
+        out[name] = value
+        lines.setdefault(name, line)
+    return applied
 
 
 def _adapter_base(values: dict[str, Any]) -> None:

@@ -317,7 +317,11 @@ class Trainer:
             quantize_model(self.model, cfg.quant, cfg.blocksize, cfg.double_quant, self.dtype,
                            skip_modules=("lm_head", r".*\.lora_[AB]\..*"))
         if cfg.gradient_checkpointing:
-            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            enable = getattr(self.model, "activation_checkpointing_enable", None)  # transformers >= 5.x's name
+            if enable is not None:
+                enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            else:
+                self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             self.model.enable_input_require_grads()
         self.attn = getattr(self.model.config, "_attn_implementation", "eager") or "eager"
         if cfg.packing:
