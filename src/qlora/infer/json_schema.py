@@ -25,7 +25,9 @@ A schema no finite JSON value satisfies (a ``$ref`` cycle without content, a req
 property that may not appear, ``minItems`` above ``maxItems``, ...) raises
 :class:`SchemaError`: decoding under it could never end. Unsatisfiable optional parts are
 pruned (that key may not be written, that ``anyOf`` branch is never taken), so decoding
-never reaches a prefix that no valid document extends.
+never reaches a prefix that no valid document extends. A schema nested more than
+:data:`MAX_DEPTH` levels (subschemas inside subschemas, or a chain of ``$ref`` s followed
+to its end) raises :class:`SchemaError` too: compiling recurses once a level.
 """
 
 from __future__ import annotations

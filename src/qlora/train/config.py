@@ -498,6 +498,10 @@ def _coerce(name: str, value: Any, kind: type, source: str) -> Any:
     """Convert a YAML or flag value to the field's type, with a clear error."""
     if value is None:
         return None
+    if kind is str and isinstance(value, (list, dict)) and name not in _LIST_FIELDS:
+        shape = "a list" if isinstance(value, list) else "a mapping"
+        raise UsageError(f"{source}: {name} takes one value, got {shape} {value!r}; write it as a single "
+                         f"{name}: VALUE.")
     try:
         if kind is bool:
             if isinstance(value, bool):
@@ -508,10 +512,6 @@ def _coerce(name: str, value: Any, kind: type, source: str) -> Any:
             if text in ("false", "no", "0", "off"):
                 return False
             raise ValueError
-        if kind is str and isinstance(value, (list, dict)) and name not in _LIST_FIELDS:
-            shape = "a list" if isinstance(value, list) else "a mapping"
-            raise UsageError(f"{source}: {name} takes one value, got {shape} {value!r}; write it as a single "
-                             f"{name}: VALUE.")
         if kind is str and isinstance(value, list):  # YAML lists of names or tokens
             return ",".join(str(v) for v in value)
         if kind is str and isinstance(value, dict) and name in _JSON_FIELDS:  # typed values: numbers stay numbers
