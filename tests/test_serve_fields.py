@@ -408,7 +408,9 @@ def test_strict_schemas_asking_more_than_is_enforced_are_refused(served):
         value = json.loads(choice.message.content)
         assert set(value) == {"ok", "level"} and isinstance(value["ok"], bool) and value["level"] in (1, 2, 3)
     for bad, param in ((({"type": "xml"}), "response_format.type"),
-                       ({"type": "json_schema"}, "response_format.json_schema")):
+                       ({"type": "json_schema"}, "response_format.json_schema"),
+                       ({"type": "json_schema", "json_schema": {"name": "x", "schema": schema, "strict": "yes"}},
+                        "response_format.json_schema.strict")):  # a truthy string was read as strict
         with pytest.raises(openai.BadRequestError) as exc:
             client.chat.completions.create(model="a", messages=[{"role": "user", "content": "Hi"}], response_format=bad)
         assert exc.value.param == param

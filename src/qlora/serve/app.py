@@ -132,6 +132,10 @@ def build_app(batcher: ContinuousBatcher, base_id: str, adapters: list[str], api
                 markup = _forced_markup(fmt, template, body) if forced is not None else None
         try:
             prompt = render_chat(tokenizer, messages, chat_format=chat_format, tools=tools)
+        except RecursionError:  # the template writes each nested value by recursing (tojson)
+            raise APIError(400, "The chat template cannot write these messages or tools: they nest too deeply for "
+                                "it (a tool's parameters nested hundreds of levels, say); flatten them",
+                           "tools" if tools else "messages") from None
         except Exception as exc:  # e.g. a template that allows no system turn, or needs alternating roles
             raise APIError(400, f"The model's chat template rejected these messages: {exc}", "messages") from None
         prompt_ids = _encode(model, tokenizer, prompt)
