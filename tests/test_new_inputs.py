@@ -107,6 +107,8 @@ def test_zero_loss_weights_with_an_rpo_term_still_learn():
     ("method: [kto]", "line 4: method takes one value, got a list"),
     ("lr_scheduler: {cosine: 1}", "line 4: lr_scheduler takes one value, got a mapping"),
     ("stage: dpo\npref_loss: [sigmoid]", "line 5: pref_loss takes one loss name, got ['sigmoid']"),
+    ("lr_scheduler: polynomial\nlr_scheduler_kwargs:\n  power: 1\n  power: 2",
+     "line 7: lr_scheduler_kwargs: 'power' is given twice (first on line 6)"),  # YAML keeps the last silently
 ])
 def test_yaml_lists_and_mappings_for_one_value_options_exit_2(line, message, tmp_path, capsys):
     config = tmp_path / "run.yaml"

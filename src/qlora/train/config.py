@@ -603,13 +603,34 @@ def _read_yaml(path: Path) -> tuple[dict, dict[str, int]]:
     if not isinstance(loaded, dict):
         raise UsageError(f"{path}: expected a mapping of option: value, got {type(loaded).__name__}")
     lines: dict[str, int] = {}
-    for key_node, _ in node.value:
+    for key_node, value_node in node.value:
         key = str(key_node.value)
         if key in lines:
             raise UsageError(f"{path} line {key_node.start_mark.line + 1}: {key!r} is given twice (first on line "
                              f"{lines[key]}); keep one.")
         lines[key] = key_node.start_mark.line + 1
+        _refuse_nested_duplicates(value_node, path, key)
     return loaded, lines
+
+
+def _refuse_nested_duplicates(node: Any, path: Path, where: str) -> None:
+    """A key given twice inside a mapping value (lr_scheduler_kwargs: {power: 1, power: 2}): YAML readers
+    keep the last one silently."""
+    import yaml
+
+    if isinstance(node, yaml.SequenceNode):
+        for item in node.value:
+            _refuse_nested_duplicates(item, path, where)
+    if not isinstance(node, yaml.MappingNode):
+        return
+    seen: dict[str, int] = {}
+    for key_node, value_node in node.value:
+        key = str(key_node.value)
+        if key in seen:
+            raise UsageError(f"{path} line {key_node.start_mark.line + 1}: {where}: {key!r} is given twice (first on "
+                             f"line {seen[key]}); keep one.")
+        seen[key] = key_node.start_mark.line + 1
+        _refuse_nested_duplicates(value_node, path, f"{where}.{key}")
 
 
 # LLaMA-Factory's pref_loss values that are one of qlora's losses: (method, loss_type).
