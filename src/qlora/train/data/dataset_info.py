@@ -75,9 +75,9 @@ def registered_dataset(name: str, dataset_dir: str | Path) -> RegisteredDataset 
     is_path = Path(name).expanduser().exists()
     if not info_path.is_file():
         if not is_path and "/" not in name and str(dataset_dir) != DEFAULT_DIR:
+            why = "none in it" if Path(dataset_dir).expanduser().is_dir() else "it is not a folder"
             raise UsageError(f"--data {name!r} is not a file, and --dataset-dir {dataset_dir} holds no {INFO_FILE} "
-                             f"({'it is not a folder' if not Path(dataset_dir).expanduser().is_dir() else 'none in it'})"
-                             "; give the folder of LLaMA-Factory's dataset_info.json, or a data file.")
+                             f"({why}); give the folder of LLaMA-Factory's dataset_info.json, or a data file.")
         return None
     info = _read_info(info_path)
     if is_path:
