@@ -191,7 +191,9 @@ def test_hub_ids_and_files_are_not_looked_up(registry, tmp_path):
     assert registered_dataset("org/other", registry) is None  # a hub id the file does not register
     assert registered_dataset("hub", registry).source == "org/some-dataset"
     assert registered_dataset(str(registry / "alpaca.json"), registry) is None
-    assert registered_dataset("alpaca_demo", tmp_path / "elsewhere") is None
+    assert registered_dataset("org/name", tmp_path / "elsewhere") is None  # a hub id: no registry needed
+    with pytest.raises(UsageError, match="--dataset-dir .*elsewhere holds no dataset_info.json"):
+        registered_dataset("alpaca_demo", tmp_path / "elsewhere")  # a plain name with a registry folder that has none
 
 
 def test_a_llama_factory_run_trains_on_registered_names(registry, tiny_model_dir, tmp_path, capsys, monkeypatch):

@@ -408,10 +408,55 @@ def test_strict_schemas_asking_more_than_is_enforced_are_refused(served):
         value = json.loads(choice.message.content)
         assert set(value) == {"ok", "level"} and isinstance(value["ok"], bool) and value["level"] in (1, 2, 3)
     for bad, param in ((({"type": "xml"}), "response_format.type"),
-                       ({"type": "json_schema"}, "response_format.json_schema")):
+                       ({"type": "json_schema"}, "response_format.json_schema"),
+                       ({"type": "json_schema", "json_schema": {"name": "x", "schema": schema, "strict": "yes"}},
+                        "response_format.json_schema.strict")):  # a truthy string was read as strict
         with pytest.raises(openai.BadRequestError) as exc:
             client.chat.completions.create(model="a", messages=[{"role": "user", "content": "Hi"}], response_format=bad)
         assert exc.value.param == param
+
+
+def _nested(levels: int) -> str:
+    """A response_format schema ``levels`` objects deep, as JSON text (too deep for json.dumps to write)."""
+    schema = '{"type":"object","properties":{"a":' * levels + '{"type":"integer"}' + '},"required":["a"]}' * levels
+    return ('{"model":"a","max_tokens":4,"messages":[{"role":"user","content":"Hi"}],'
+            '"response_format":{"type":"json_schema","json_schema":{"name":"x","schema":' + schema + '}}}')
+
+
+def test_schemas_too_deep_or_too_long_are_400s_and_huge_bounds_do_not_hang(served):
+    """A schema nested past the compiler's limit is a 400 naming it (it was a RecursionError 500), one past
+    the JSON parser's depth an OpenAI-shaped 400 (it was starlette's {"detail"}), a minItems of 10^12 is
+    answered at once (checking it counted to it), and an unknown path is an OpenAI-shaped 404."""
+    import httpx
+
+    from qlora.infer.json_schema import MAX_DEPTH
+
+    server = served[0]
+    with httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {KEY}"}, timeout=30) as http:
+        def post(body: str) -> httpx.Response:
+            return http.post("/v1/chat/completions", content=body, headers={"content-type": "application/json"})
+
+        chain = {f"d{i}": {"$ref": f"#/$defs/d{i + 1}"} for i in range(600)} | {"d600": {"type": "integer"}}
+        refs = json.dumps({"model": "a", "max_tokens": 4, "messages": [{"role": "user", "content": "Hi"}],
+                           "response_format": {"type": "json_schema", "json_schema": {
+                               "name": "x", "schema": {"$defs": chain, "$ref": "#/$defs/d0"}}}})
+        for body in (refs, _nested(300)):  # flat JSON 600 references deep (was a 500); 300 objects deep
+            deep = post(body)
+            assert deep.status_code == 400, deep.text
+            error = deep.json()["error"]
+            assert error["param"] == "response_format.json_schema.schema"
+            assert f"nests more than {MAX_DEPTH} levels deep" in error["message"]
+        assert post(_nested(MAX_DEPTH - 2)).status_code == 200
+        unparsable = post(_nested(5000))
+        assert unparsable.status_code == 400 and unparsable.json()["error"]["code"] == "invalid_json"
+        huge = {"type": "object", "properties": {"a": {"type": "array", "items": {"type": "integer"},
+                                                       "minItems": 10 ** 12}}, "required": ["a"]}
+        reply = http.post("/v1/chat/completions", json={
+            "model": "a", "max_tokens": 8, "messages": [{"role": "user", "content": "Hi"}],
+            "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": huge}}})
+        assert reply.status_code == 200 and reply.json()["choices"][0]["finish_reason"] == "length"
+        missing = http.get("/v1/nothing")
+        assert missing.status_code == 404 and missing.json()["error"]["code"] == "not_found"
 
 
 def test_bad_logprob_requests_are_400(served):

@@ -38,6 +38,14 @@ def served(tool_model_dir):
     batcher.close()
 
 
+def _nested(levels: int) -> dict:
+    """Parameters ``levels`` objects deep: too deep for the template's tojson (it was a 400 naming messages)."""
+    schema: dict = {"type": "integer"}
+    for _ in range(levels):
+        schema = {"type": "object", "properties": {"a": schema}}
+    return schema
+
+
 def _ask(client, messages=(ASK,), **kw):
     return client.chat.completions.create(model="tiny", messages=list(messages), temperature=0, max_tokens=80, **kw)
 
@@ -138,6 +146,9 @@ def test_a_forced_call_is_the_call_the_model_was_trained_to_make(served, choice,
     (dict(tools=TOOLS, messages=[ASK, {"role": "assistant", "content": None, "tool_calls": [
         {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": "{oops"}}]}]),
      "messages.1.tool_calls.0.function.arguments"),
+    (dict(tools=[{"type": "function", "function": TOOLS[0]["function"] | {"strict": "yes"}}]),
+     "tools.0.function.strict"),  # was read as strict (a truthy string)
+    (dict(tools=[{"type": "function", "function": {"name": "f", "parameters": _nested(300)}}]), "tools"),
 ])
 def test_bad_tool_requests_are_400_naming_the_field(served, kw, param):
     _, _, client, _ = served

@@ -25,7 +25,9 @@ A schema no finite JSON value satisfies (a ``$ref`` cycle without content, a req
 property that may not appear, ``minItems`` above ``maxItems``, ...) raises
 :class:`SchemaError`: decoding under it could never end. Unsatisfiable optional parts are
 pruned (that key may not be written, that ``anyOf`` branch is never taken), so decoding
-never reaches a prefix that no valid document extends.
+never reaches a prefix that no valid document extends. A schema nested more than
+:data:`MAX_DEPTH` levels (subschemas inside subschemas, or a chain of ``$ref`` s followed
+to its end) raises :class:`SchemaError` too: compiling recurses once a level.
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ _ENFORCED = frozenset({"type", "enum", "const", "properties", "required", "addit
                        "prefixItems", "additionalItems", "minItems", "maxItems", "minLength", "maxLength", "anyOf",
                        "oneOf", "allOf", "$ref"})
 _BESIDE_ENUM = frozenset({"type", "minLength", "maxLength"})  # what an enum's values are filtered by
+MAX_DEPTH = 128  # schemas nested (or $ref chains followed) deeper are refused: compiling recurses once a level
 
 
 class SchemaError(ValueError):
@@ -84,6 +87,11 @@ class Node:
     def item(self, index: int) -> Node | None:
         """The schema of an array's ``index``-th item (None: no such item may be written)."""
         return self.prefix[index] if index < len(self.prefix) else self.items
+
+    def required_items(self) -> range:
+        """The indices whose item schemas an array of ``min_items`` items must satisfy: the prefix's, then one
+        of ``items`` (all later ones share it), so a huge ``minItems`` is checked without counting to it."""
+        return range(min(self.min_items, len(self.prefix) + 1))
 
     def __repr__(self) -> str:
         return f"Node({self.path or '#'})"
@@ -182,6 +190,7 @@ class _Compiler:
         self.nodes: list[Node] = []
         self.problems: list[str] = []
         self.one_of: list[tuple[Node, str]] = []  # oneOf unions, checked for overlapping alternatives at the end
+        self.depth = 0  # schemas being compiled, one inside the other
 
     def new(self, path: str) -> Node:
         node = Node(path)
@@ -198,6 +207,17 @@ class _Compiler:
             return ANY
         if id(schema) in self.memo:
             return self.memo[id(schema)]
+        if self.depth >= MAX_DEPTH:
+            where = path if len(path) <= 120 else f"{path[:50]} ... {path[-50:]}"
+            raise SchemaError(f"{where or 'the root'}: the schema nests more than {MAX_DEPTH} levels deep (subschemas "
+                              "and $ref chains); flatten it, or reuse a level through a recursive $ref")
+        self.depth += 1
+        try:
+            return self.compile(schema, path)
+        finally:
+            self.depth -= 1
+
+    def compile(self, schema: dict, path: str) -> Node:
         node = self.new(path)
         self.memo[id(schema)] = node
         keywords = {k for k in schema if k not in ANNOTATIONS}
@@ -399,7 +419,7 @@ class _Compiler:
                 if all(ok(n.properties[k]) if k in n.properties else ok(n.extra) for k in n.required):
                     out.add(t)
             elif t == "array":
-                if n.min_items <= n.max_items and all(ok(n.item(i)) for i in range(n.min_items)):
+                if n.min_items <= n.max_items and all(ok(n.item(i)) for i in n.required_items()):
                     out.add(t)
             elif t != "string" or n.min_length <= n.max_length:
                 out.add(t)
@@ -454,7 +474,7 @@ class _Compiler:
             elif t == "array":
                 if node.min_items > node.max_items:
                     return f"{where}: minItems {node.min_items} is above maxItems {node.max_items}"
-                for i in range(node.min_items):
+                for i in node.required_items():
                     item = node.item(i)
                     if item is None:
                         return f"{where}: minItems {node.min_items}, but only {len(node.prefix)} items may be written"

@@ -116,6 +116,8 @@ def tool_definition_problem(tools: Sequence[object]) -> tuple[str, str] | None:
         names.add(name)
         if not isinstance(fn.get("parameters", {}), dict):
             return f"{where}.function.parameters must be a JSON Schema object", f"{where}.function.parameters"
+        if not isinstance(fn.get("strict", False), (bool, type(None))):
+            return f"{where}.function.strict must be true or false, got {fn['strict']!r}", f"{where}.function.strict"
     return None
 
 

@@ -51,6 +51,19 @@ def trained_base(adapter_dir: str | Path) -> dict[str, Any] | None:
     return base
 
 
+def read_json_object(path: Path) -> dict:
+    """An adapter folder's JSON file (a BOM allowed), or a UsageError naming what is wrong with it."""
+    try:
+        value = json.loads(path.read_text(encoding="utf-8-sig"))
+    except UnicodeDecodeError as exc:
+        raise UsageError(f"{path} is not UTF-8 text ({exc.reason} at byte {exc.start}); save it as UTF-8.") from None
+    except json.JSONDecodeError as exc:
+        raise UsageError(f"{path} is not valid JSON (line {exc.lineno}): {exc.msg}.") from None
+    if not isinstance(value, dict):
+        raise UsageError(f"{path} must hold a JSON object, not {type(value).__name__}.")
+    return value
+
+
 def adapter_folder_base(path: str | Path) -> str | None:
     """The base model named by ``path`` when it is an adapter folder (not a model), else None.
 
@@ -61,10 +74,7 @@ def adapter_folder_base(path: str | Path) -> str | None:
     config = folder / "adapter_config.json"
     if not folder.is_dir() or (folder / "config.json").is_file() or not config.is_file():
         return None
-    try:
-        base = json.loads(config.read_text()).get("base_model_name_or_path")
-    except (OSError, ValueError, AttributeError):
-        base = None
+    base = read_json_object(config).get("base_model_name_or_path")
     if not isinstance(base, str) or not base.strip():
         raise UsageError(f"{folder} is a LoRA adapter, not a model, and its adapter_config.json names no base "
                          "model (base_model_name_or_path); pass the base with --model and this folder with "

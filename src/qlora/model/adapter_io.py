@@ -23,7 +23,7 @@ from torch import nn
 from .. import __version__
 from ..atomic import atomic_dir
 from ..errors import UsageError
-from .adapter_base import BASE_KEY, base_quantization
+from .adapter_base import BASE_KEY, base_quantization, read_json_object
 from .adapter_tensors import PEFT_PREFIX, copy_adapter_tensor, lora_key
 from .adalora import AdaLoraConfig
 from .adalora_io import adalora_peft_config, adalora_state_dict, attach_adalora
@@ -180,10 +180,10 @@ def read_adapter_config(adapter_dir: str | Path) -> dict:
     path = Path(adapter_dir) / "adapter_config.json"
     if not path.is_file():
         raise UsageError(f"{adapter_dir} is not an adapter folder: {path.name} is missing.")
-    config = _read_json(path)
+    config = read_json_object(path)
     info = Path(adapter_dir) / QLORA_INFO
     if info.is_file():
-        config = config | _read_json(info)
+        config = config | read_json_object(info)
     if config.get("qlora_format_version", FORMAT_VERSION) > FORMAT_VERSION:
         raise UsageError(f"{path} was written by a newer qlora (format {config['qlora_format_version']}, "
                          f"this one reads up to {FORMAT_VERSION}); upgrade qlora to load it.")
@@ -234,22 +234,15 @@ def _check_values(path: Path, config: dict) -> None:
         if not (value is None or isinstance(value, str)
                 or (isinstance(value, list) and all(isinstance(v, str) for v in value))):
             raise bad(key, "a module name pattern or a list of names")
+        if isinstance(value, str) and value != "all-linear":
+            try:  # PEFT matches a string against whole module paths as a regular expression
+                re.compile(value)
+            except re.error as exc:
+                raise bad(key, f"a valid regular expression (PEFT matches a string against whole module paths; {exc})")
     for key in ("rank_pattern", "alpha_pattern") if config.get("peft_type", "LORA") == "LORA" else ():
         value = config.get(key)  # (AdaLoRA's rank_pattern holds its pruning masks instead)
         if not (value is None or (isinstance(value, dict) and all(number(v) and v > 0 for v in value.values()))):
             raise bad(key, "a mapping of layer name patterns to positive numbers")
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        value = json.loads(path.read_text(encoding="utf-8-sig"))
-    except UnicodeDecodeError as exc:
-        raise UsageError(f"{path} is not UTF-8 text ({exc.reason} at byte {exc.start}); save it as UTF-8.") from None
-    except json.JSONDecodeError as exc:
-        raise UsageError(f"{path} is not valid JSON (line {exc.lineno}): {exc.msg}.") from exc
-    if not isinstance(value, dict):
-        raise UsageError(f"{path} must hold a JSON object, not {type(value).__name__}.")
-    return value
 
 
 def load_adapter(model: nn.Module, adapter_dir: str | Path, adapter_name: str = "default",

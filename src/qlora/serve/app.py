@@ -34,6 +34,7 @@ from typing import Any, AsyncIterator
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.exceptions import HTTPException
 
 from ..infer.batcher import ContinuousBatcher, Event
 from ..infer.batcher import Request as Generation
@@ -86,6 +87,10 @@ def build_app(batcher: ContinuousBatcher, base_id: str, adapters: list[str], api
     async def invalid_body(_: Request, exc: RequestValidationError) -> JSONResponse:
         return JSONResponse(_validation_error(exc).body(), status_code=400)
 
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
+        return JSONResponse(_http_error(request, exc).body(), status_code=exc.status_code, headers=exc.headers)
+
     @app.get("/health")
     async def health() -> dict[str, str]:
         return {"status": "ok"}
@@ -127,6 +132,10 @@ def build_app(batcher: ContinuousBatcher, base_id: str, adapters: list[str], api
                 markup = _forced_markup(fmt, template, body) if forced is not None else None
         try:
             prompt = render_chat(tokenizer, messages, chat_format=chat_format, tools=tools)
+        except RecursionError:  # the template writes each nested value by recursing (tojson)
+            raise APIError(400, "The chat template cannot write these messages or tools: they nest too deeply for "
+                                "it (a tool's parameters nested hundreds of levels, say); flatten them",
+                           "tools" if tools else "messages") from None
         except Exception as exc:  # e.g. a template that allows no system turn, or needs alternating roles
             raise APIError(400, f"The model's chat template rejected these messages: {exc}", "messages") from None
         prompt_ids = _encode(model, tokenizer, prompt)
@@ -230,6 +239,18 @@ def _validation_error(exc: RequestValidationError) -> APIError:
         isinstance(p, int) or not (p in TYPE_TAGS or "[" in p))]
     param = ".".join(loc) or None
     return APIError(400, f"Invalid request body: {param or 'body'}: {first.get('msg', 'invalid')}", param)
+
+
+def _http_error(request: Request, exc: HTTPException) -> APIError:
+    """Starlette's own refusals (a body it cannot parse, an unknown path or method) in OpenAI's error shape."""
+    if exc.status_code == 400 and "parsing the body" in str(exc.detail):  # JSON nested beyond the parser's depth
+        return APIError(400, "The request body could not be parsed as JSON (malformed, or nested too deeply for "
+                             "the parser); send a valid JSON object", code="invalid_json")
+    if exc.status_code == 404:
+        return APIError(404, f"Unknown path {request.url.path}: this server answers /v1/chat/completions, "
+                             "/v1/completions and /v1/models", code="not_found")
+    kind = "invalid_request_error" if exc.status_code < 500 else "server_error"
+    return APIError(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}", kind=kind)
 
 
 def _adapter(ids: dict[str, str | None], model_id: str) -> str | None:

@@ -310,6 +310,9 @@ class ChatCompletionRequest(_Body):
         if not isinstance(spec, dict) or not isinstance(spec.get("name"), str):
             raise APIError(400, "'response_format' json_schema must be {'name': ..., 'schema': {...}, 'strict': ...}",
                            "response_format.json_schema")
+        if not isinstance(spec.get("strict", False), (bool, type(None))):
+            raise APIError(400, f"'response_format.json_schema.strict' must be true or false, got {spec['strict']!r}",
+                           "response_format.json_schema.strict")
         schema = spec.get("schema", {})
         if not isinstance(schema, dict):
             raise APIError(400, "'response_format.json_schema.schema' must be a JSON Schema object",

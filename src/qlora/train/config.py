@@ -416,6 +416,9 @@ class TrainConfig:
             if any(not 0 <= w < float("inf") for w in weights) or not weights:
                 raise UsageError(f"--loss-weights must be non-negative numbers, as 1,0.5; got {self.loss_weights!r}")
         terms = list(zip(names, weights))
+        if not any(w for _, w in terms) and not self.rpo_alpha:
+            raise UsageError(f"--loss-weights {self.loss_weights} weighs every loss type by 0: the loss would be 0 and "
+                             "nothing would be learned; give at least one weight above 0.")
         return terms + [("sft", self.rpo_alpha)] if self.rpo_alpha else terms
 
     @property
@@ -460,7 +463,7 @@ def parse_schedule_kwargs(text: str | None) -> dict[str, Any]:
     text = (text or "").strip()
     if text.startswith("{"):
         try:
-            value = json.loads(text)
+            value = json.loads(text, object_pairs_hook=_unique_keys)
         except json.JSONDecodeError as exc:
             raise UsageError(f"--lr-scheduler-kwargs: {text!r} is not a JSON object ({exc.msg}).") from None
         if not isinstance(value, dict):
@@ -472,6 +475,8 @@ def parse_schedule_kwargs(text: str | None) -> dict[str, Any]:
         if not sep or not key.strip():
             raise UsageError(f"--lr-scheduler-kwargs: {item!r} is not KEY=VALUE; give e.g. min_lr_rate=0.1 or a "
                              'JSON object {"min_lr_rate": 0.1}.')
+        if key.strip() in out:
+            raise UsageError(f"--lr-scheduler-kwargs: {key.strip()} is given twice; give it once.")
         try:
             out[key.strip()] = json.loads(value.strip())
         except json.JSONDecodeError:
@@ -479,10 +484,24 @@ def parse_schedule_kwargs(text: str | None) -> dict[str, Any]:
     return out
 
 
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object of ``--lr-scheduler-kwargs``, refusing a key given twice (JSON readers keep the last)."""
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise UsageError(f"--lr-scheduler-kwargs: {key} is given twice; give it once.")
+        out[key] = value
+    return out
+
+
 def _coerce(name: str, value: Any, kind: type, source: str) -> Any:
     """Convert a YAML or flag value to the field's type, with a clear error."""
     if value is None:
         return None
+    if kind is str and isinstance(value, (list, dict)) and name not in _LIST_FIELDS:
+        shape = "a list" if isinstance(value, list) else "a mapping"
+        raise UsageError(f"{source}: {name} takes one value, got {shape} {value!r}; write it as a single "
+                         f"{name}: VALUE.")
     try:
         if kind is bool:
             if isinstance(value, bool):
@@ -509,6 +528,9 @@ def _coerce(name: str, value: Any, kind: type, source: str) -> Any:
 
 
 _JSON_FIELDS = ("lr_scheduler_kwargs",)
+# Text options that YAML may give as a list (of names, files, tokens, weights) or a mapping (NAME: VALUE).
+_LIST_FIELDS = frozenset({"data", "eval_data", "loss_type", "loss_weights", "target_modules", "target_parameters",
+                          "add_special_tokens", "data_fields", "rank_pattern", "alpha_pattern", "lr_scheduler_kwargs"})
 _TYPES = {"str | None": str, "str": str, "int": int, "float": float, "float | None": float, "bool": bool}
 
 
@@ -582,13 +604,34 @@ def _read_yaml(path: Path) -> tuple[dict, dict[str, int]]:
     if not isinstance(loaded, dict):
         raise UsageError(f"{path}: expected a mapping of option: value, got {type(loaded).__name__}")
     lines: dict[str, int] = {}
-    for key_node, _ in node.value:
+    for key_node, value_node in node.value:
         key = str(key_node.value)
         if key in lines:
             raise UsageError(f"{path} line {key_node.start_mark.line + 1}: {key!r} is given twice (first on line "
                              f"{lines[key]}); keep one.")
         lines[key] = key_node.start_mark.line + 1
+        _refuse_nested_duplicates(value_node, path, key)
     return loaded, lines
+
+
+def _refuse_nested_duplicates(node: Any, path: Path, where: str) -> None:
+    """A key given twice inside a mapping value (lr_scheduler_kwargs: {power: 1, power: 2}): YAML readers
+    keep the last one silently."""
+    import yaml
+
+    if isinstance(node, yaml.SequenceNode):
+        for item in node.value:
+            _refuse_nested_duplicates(item, path, where)
+    if not isinstance(node, yaml.MappingNode):
+        return
+    seen: dict[str, int] = {}
+    for key_node, value_node in node.value:
+        key = str(key_node.value)
+        if key in seen:
+            raise UsageError(f"{path} line {key_node.start_mark.line + 1}: {where}: {key!r} is given twice (first on "
+                             f"line {seen[key]}); keep one.")
+        seen[key] = key_node.start_mark.line + 1
+        _refuse_nested_duplicates(value_node, path, f"{where}.{key}")
 
 
 # LLaMA-Factory's pref_loss values that are one of qlora's losses: (method, loss_type).
@@ -642,6 +685,9 @@ def _llama_factory(loaded: dict, lines: dict[str, int], path: Path,
     if loss is not None:
         if stage not in (None, "dpo"):
             raise UsageError(f"{where['pref_loss']}: pref_loss applies to stage dpo; this config is stage {stage}.")
+        if not isinstance(loss, str):
+            raise UsageError(f"{where['pref_loss']}: pref_loss takes one loss name, got {loss!r}; qlora maps "
+                             f"{', '.join(_PREF_LOSSES)}.")
         if loss == "orpo":
             raise UsageError(f"{where['pref_loss']}: LLaMA-Factory's orpo adds each chosen answer's NLL averaged over "
                              "its own tokens; qlora's --method orpo is the ORPO paper's and TRL's (NLL over all chosen "

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,6 +40,7 @@ from qlora.errors import UsageError
 from qlora.train.data.sources import Record, load_records
 
 INFO_FILE = "dataset_info.json"
+DEFAULT_DIR = "data"  # LLaMA-Factory's default dataset_dir (and --dataset-dir's): a registry there is optional
 _ALPACA_COLUMNS = {"prompt": "instruction", "query": "input", "response": "output", "history": None}
 _COMMON_COLUMNS = ("system", "tools", "chosen", "rejected", "kto_tag")
 _MEDIA_COLUMNS = ("images", "videos", "audios")
@@ -62,6 +64,7 @@ class RegisteredDataset:
     ranking: bool
     columns: dict[str, str | None]
     tags: dict[str, str | None]
+    named: tuple[str, ...] = ()  # the column names its ``columns`` mapping gives (each must exist in the data)
 
 
 def registered_dataset(name: str, dataset_dir: str | Path) -> RegisteredDataset | None:
@@ -76,14 +79,20 @@ def registered_dataset(name: str, dataset_dir: str | Path) -> RegisteredDataset 
                          f"a local one: download that dataset repository (its {INFO_FILE} and data files) and give "
                          "its folder.")
     info_path = Path(dataset_dir).expanduser() / INFO_FILE
-    if Path(name).expanduser().exists() or not info_path.is_file():
+    is_path = Path(name).expanduser().exists()
+    if not info_path.is_file():
+        if not is_path and "/" not in name and str(dataset_dir) not in (DEFAULT_DIR, "ONLINE"):
+            why = "none in it" if Path(dataset_dir).expanduser().is_dir() else "it is not a folder"
+            raise UsageError(f"--data {name!r} is not a file, and --dataset-dir {dataset_dir} holds no {INFO_FILE} "
+                             f"({why}); give the folder of LLaMA-Factory's dataset_info.json, or a data file.")
         return None  # also LLaMA-Factory's dataset_dir ONLINE: every name is a hub dataset
-    try:
-        info = json.loads(info_path.read_text(encoding="utf-8-sig"))
-    except (OSError, UnicodeDecodeError, ValueError) as exc:
-        raise UsageError(f"{info_path}: not a readable JSON file ({exc}); fix it or give --data a file path.") from None
-    if not isinstance(info, dict):
-        raise UsageError(f"{info_path}: expected an object of dataset names, got {type(info).__name__}.")
+    info = _read_info(info_path)
+    if is_path:
+        if name in info:
+            print(f"qlora: --data {name} is a file and also a name registered in {info_path}; reading the file "
+                  "(give another path to the file, e.g. ./NAME, or rename the entry, to silence this).",
+                  file=sys.stderr)
+        return None
     if name not in info:
         if "/" in name:
             return None  # a hub dataset id
@@ -93,14 +102,33 @@ def registered_dataset(name: str, dataset_dir: str | Path) -> RegisteredDataset 
     return _entry(name, info[name], info_path)
 
 
+def _read_info(info_path: Path) -> dict[str, Any]:
+    try:
+        info = json.loads(info_path.read_text(encoding="utf-8-sig"))
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise UsageError(f"{info_path}: not a readable JSON file ({exc}); fix it or give --data a file path.") from None
+    if not isinstance(info, dict):
+        raise UsageError(f"{info_path}: expected an object of dataset names, got {type(info).__name__}.")
+    return info
+
+
 def _entry(name: str, entry: Any, info_path: Path) -> RegisteredDataset:
     where = f"{info_path}, dataset {name!r}"
     if not isinstance(entry, dict):
         raise UsageError(f"{where}: expected an object with file_name or hf_hub_url, got {type(entry).__name__}.")
+    for key in ("file_name", "hf_hub_url", "split", "subset", "formatting"):
+        if key in entry and not (isinstance(entry[key], str) and entry[key].strip()):
+            raise UsageError(f"{where}: {key} must be a non-empty string, got {entry[key]!r}.")
+    for key in ("ranking",):
+        if key in entry and not isinstance(entry[key], bool):
+            raise UsageError(f"{where}: {key} must be true or false, got {entry[key]!r}.")
+    if "tags" in entry and not (isinstance(entry["tags"], dict)
+                                and all(isinstance(v, (str, type(None))) for v in entry["tags"].values())):
+        raise UsageError(f"{where}: tags must map tag names (role_tag, content_tag, user_tag, ...) to strings.")
     if "file_name" in entry:
-        source = str(info_path.parent / str(entry["file_name"]))
+        source = str(info_path.parent / entry["file_name"])
     elif "hf_hub_url" in entry:
-        source = str(entry["hf_hub_url"])
+        source = entry["hf_hub_url"]
         if entry.get("folder"):
             raise UsageError(f"{where}: folder {entry['folder']!r}: qlora reads a hub dataset's whole split, not one "
                              "folder of its repository; download that folder and register it with file_name.")
@@ -131,13 +159,20 @@ def _entry(name: str, entry: Any, info_path: Path) -> RegisteredDataset:
     if num_samples is not None and (not isinstance(num_samples, int) or isinstance(num_samples, bool)
                                     or num_samples < 1):
         raise UsageError(f"{where}: num_samples must be a positive integer, got {num_samples!r}.")
-    return RegisteredDataset(name, source, str(entry.get("split", "train")), entry.get("subset"), num_samples,
-                             formatting, bool(entry.get("ranking", False)), names, tags)
+    named = tuple(v for v in (given or {}).values() if v)
+    return RegisteredDataset(name, source, entry.get("split", "train"), entry.get("subset"), num_samples,
+                             formatting, entry.get("ranking", False), names, tags, named)
 
 
 def read_registered(dataset: RegisteredDataset) -> list[Record]:
     """The dataset's rows, rebuilt as chat, preference or KTO records (see the module docstring)."""
     records = load_records(dataset.source, dataset.split, dataset.subset, text_lines=True)
+    absent = [c for c in dataset.named if not any(c in r.fields for r in records)]
+    if absent and records:
+        present = sorted({k for r in records[:100] for k in r.fields})
+        raise UsageError(f"{dataset.source} ({dataset.name}): no row has the column"
+                         f"{'s' if len(absent) > 1 else ''} {', '.join(map(repr, absent))} that dataset_info.json's "
+                         f"columns name; its columns are {', '.join(present)}. Fix the columns mapping.")
     if dataset.num_samples:
         repeats = -(-dataset.num_samples // len(records))
         records = (records * repeats)[:dataset.num_samples]
