@@ -145,8 +145,8 @@ def _read(folder, normalizer=None):
 def test_a_kto_tag_that_is_not_boolean_is_refused_by_row(tmp_path):
     """The text "false" was read as a desirable label (bool("false") is True)."""
     folder = _registry(tmp_path, {"columns": {"prompt": "instruction", "response": "output", "kto_tag": "ok"}})
-    with pytest.raises(UsageError, match=r"rows.json item 1 \(x\): the kto_tag column 'ok' must be true or false, "
-                                         "got 'false'"):
+    with pytest.raises(UsageError, match=r"rows.json item 1 \(x\): the kto_tag column 'ok' holds 'false'; "
+                                         "LLaMA-Factory reads only true or false there"):
         _read(folder, normalize_unpaired)
     rows = json.loads((folder / "rows.json").read_text())
     (folder / "rows.json").write_text(json.dumps([rows[0], rows[1] | {"ok": False}]))
