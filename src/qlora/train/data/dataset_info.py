@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from qlora.errors import UsageError
-from qlora.train.data.sources import Record, load_records
+from qlora.train.data.declared import DeclaredDataset
 
 INFO_FILE = "dataset_info.json"
 _ALPACA_COLUMNS = {"prompt": "instruction", "query": "input", "response": "output", "history": None}
@@ -47,18 +47,17 @@ _SPEAKERS = {"user_tag": "human", "assistant_tag": "gpt", "observation_tag": "ob
 
 
 @dataclass(frozen=True)
-class RegisteredDataset:
+class RegisteredDataset(DeclaredDataset):
     """One ``dataset_info.json`` entry, with LLaMA-Factory's defaults filled in."""
 
-    name: str
-    source: str  # a local file or folder, or a hub dataset id
-    split: str
-    subset: str | None
-    num_samples: int | None
     formatting: str
     ranking: bool
     columns: dict[str, str | None]
     tags: dict[str, str | None]
+
+    def rebuild(self, fields: dict[str, Any], where: str) -> dict[str, Any]:
+        """The row as LLaMA-Factory's converter builds it (see the module docstring)."""
+        return (_alpaca if self.formatting == "alpaca" else _sharegpt)(fields, self, where)
 
 
 def registered_dataset(name: str, dataset_dir: str | Path) -> RegisteredDataset | None:
@@ -123,16 +122,6 @@ def _entry(name: str, entry: Any, info_path: Path) -> RegisteredDataset:
         raise UsageError(f"{where}: num_samples must be a positive integer, got {num_samples!r}.")
     return RegisteredDataset(name, source, str(entry.get("split", "train")), entry.get("subset"), num_samples,
                              formatting, bool(entry.get("ranking", False)), names, tags)
-
-
-def read_registered(dataset: RegisteredDataset) -> list[Record]:
-    """The dataset's rows, rebuilt as chat, preference or KTO records (see the module docstring)."""
-    records = load_records(dataset.source, dataset.split, dataset.subset)
-    if dataset.num_samples:
-        records = records[:dataset.num_samples]
-    convert = _alpaca if dataset.formatting == "alpaca" else _sharegpt
-    return [Record(convert(r.fields, dataset, f"{r.where} ({dataset.name})"), f"{r.where} ({dataset.name})")
-            for r in records]
 
 
 def _column(fields: dict[str, Any], dataset: RegisteredDataset, key: str) -> Any:
