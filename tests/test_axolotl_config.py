@@ -328,3 +328,14 @@ def test_the_axolotl_llama3_qlora_example_trains(tiny_model_dir, tmp_path, capsy
     saved = (tmp_path / "out" / "config.yaml").read_text()
     assert "quant: nf4" in saved and "alpaca.jsonl" in saved
     assert (tmp_path / "out" / "adapter_model.safetensors").is_file()
+
+
+def test_special_tokens_must_be_the_local_models_own(tiny_model_dir, tmp_path, capsys):
+    own = json.loads((tiny_model_dir / "tokenizer_config.json").read_text())
+    head = f"base_model: {tiny_model_dir}\nadapter: qlora\nload_in_4bit: true\ndatasets: [d.jsonl]\noutput_dir: o\n"
+    load_config(_yaml(tmp_path, head + f"special_tokens:\n  eos_token: {json.dumps(own['eos_token'])}\n"
+                                       "  pad_token: '<|end_of_text|>'\n"), {})
+    path = _yaml(tmp_path, head + "special_tokens:\n  eos_token: '</s>'\n")
+    assert main(["train", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert f"{path} line 6: special_tokens eos_token '</s>': the model's tokenizer has" in err and "Traceback" not in err

@@ -151,8 +151,26 @@ def _special_tokens(value: Any, where: str) -> Translation:
     kept = {k: v for k, v in value.items() if k != "pad_token" and v is not None}
     if not kept:
         return [], ""  # padding never enters the loss
-    return [], (f"{where}: special_tokens {', '.join(kept)}: qlora keeps the tokenizer's own "
-                f"{', '.join(kept)}; axolotl replaces them only where they differ from the model's")
+    return [], (f"{where}: special_tokens {', '.join(kept)}: qlora keeps the tokenizer's own; axolotl replaces "
+                "them only where they differ (checked when the model is a local folder)")
+
+
+def _check_special_tokens(value: Any, model: Any, where: str) -> None:
+    """axolotl's ``special_tokens`` (bos, eos, unk) must be the local model's own: qlora does not replace them."""
+    config = Path(str(model or "")).expanduser() / "tokenizer_config.json"
+    if not isinstance(value, dict) or not config.is_file():
+        return
+    try:
+        own = json.loads(config.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return  # the model load reports an unreadable tokenizer
+    for key, token in value.items():
+        theirs = own.get(key)
+        theirs = theirs.get("content") if isinstance(theirs, dict) else theirs
+        if key != "pad_token" and token is not None and token != theirs:
+            raise UsageError(f"{where}: special_tokens {key} {token!r}: the model's tokenizer has {theirs!r}, and "
+                             "qlora trains with the tokenizer's own special tokens; set "
+                             f"{key} in {config} to change it, or remove the key.")
 
 
 def _dataset_text_field(value: Any, where: str) -> Translation:
@@ -233,6 +251,9 @@ def axolotl_adapter(loaded: dict, lines: dict[str, int], path: Path) -> dict:
         raise UsageError(f"{where['lora_modules_to_save']}: lora_modules_to_save {to_save}: qlora trains the "
                          "embeddings and output head whole when add_special_tokens adds tokens, and no other "
                          "modules; remove the key (or add tokens with add_special_tokens).")
+    if loaded.get("special_tokens"):
+        model = next((loaded[k] for k in ("base_model", "model", "model_name_or_path") if loaded.get(k)), None)
+        _check_special_tokens(loaded["special_tokens"], model, where["special_tokens"])
     if loaded.get("orpo_alpha") is not None and loaded.get("rl") != "orpo":
         raise UsageError(f"{where['orpo_alpha']}: orpo_alpha is ORPO's weight; this config is rl: "
                          f"{loaded.get('rl')}. Remove it, or set rl: orpo.")
