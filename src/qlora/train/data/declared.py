@@ -10,6 +10,7 @@ came from (file and line, then the dataset's name) for error messages.
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,7 +18,7 @@ from qlora.train.data.sources import Record, load_records
 
 
 @dataclass(frozen=True)
-class DeclaredDataset:
+class DeclaredDataset(ABC):
     """Where a declared dataset's rows are; subclasses say how a row is rebuilt (:meth:`rebuild`)."""
 
     name: str
@@ -26,9 +27,9 @@ class DeclaredDataset:
     subset: str | None
     num_samples: int | None
 
+    @abstractmethod
     def rebuild(self, fields: dict[str, Any], where: str) -> dict[str, Any]:
         """One row in the shape of one of qlora's own formats."""
-        raise NotImplementedError
 
 
 def read_declared(dataset: DeclaredDataset) -> list[Record]:
