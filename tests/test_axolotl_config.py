@@ -151,6 +151,16 @@ _CHAT = [{"messages": [{"role": "system", "content": "You are terse."}, {"role":
                        {"role": "assistant", "content": "Bye."}]}]
 
 
+def _alpaca_prompt(row: dict) -> str:
+    """axolotl's alpaca prompt, written out (its AlpacaPrompter, instruct style)."""
+    if row["input"]:
+        return ("Below is an instruction that describes a task, paired with an input that provides further context. "
+                "Write a response that appropriately completes the request.\n\n### Instruction:\n"
+                f"{row['instruction']}\n\n### Input:\n{row['input']}\n\n### Response:\n")
+    return ("Below is an instruction that describes a task. Write a response that appropriately completes the "
+            f"request.\n\n### Instruction:\n{row['instruction']}\n\n### Response:\n")
+
+
 def _write(path, rows):
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
@@ -260,9 +270,17 @@ def test_each_dataset_type_gives_the_examples_of_our_own_format(tmp_path, monkey
     def ours(rows):
         return _examples(str(_write(tmp_path / "ours.jsonl", rows)))
 
-    assert axolotl({"path": "alpaca.jsonl", "type": "alpaca"}) == ours(_ALPACA) == axolotl({"path": "alpaca.jsonl"})
-    custom = {"field_instruction": "q", "field_input": "ctx", "field_output": "a", "field_system": "sys"}
-    assert axolotl({"path": "qa.jsonl", "type": custom}) == ours([r | {"system": "Be brief."} for r in _ALPACA])
+    # axolotl's alpaca prompter: its preamble and sections, the output (and EOS) trained
+    alpaca = ours([{"prompt": _alpaca_prompt(r), "completion": r["output"]} for r in _ALPACA])
+    assert axolotl({"path": "alpaca.jsonl", "type": "alpaca"}) == alpaca
+    assert axolotl({"path": "alpaca.jsonl"}) == ours(_ALPACA)  # no type: read as it is (our alpaca format)
+    assert axolotl({"path": "alpaca.jsonl", "type": "alpaca:chatml"})[1][2] == (
+        "<|im_start|>system\nBelow is an instruction that describes a task. Write a response that appropriately "
+        "completes the request.<|im_end|>\n<|im_start|>user\nName a colour.<|im_end|>\n<|im_start|>assistant\n")
+    custom = {"field_instruction": "q", "field_input": "ctx", "field_output": "a"}  # axolotl's default strings
+    assert axolotl({"path": "qa.jsonl", "type": custom}) == ours(
+        [{"prompt": f"{r['instruction']} {r['input']} " if r["input"] else f"{r['instruction']} ",
+          "completion": r["output"]} for r in _ALPACA])
     assert axolotl({"path": "chat.jsonl", "type": "chat_template"}) == ours(_CHAT)
     assert axolotl({"path": "sharegpt.jsonl", "type": "chat_template", "field_messages": "conversations",
                     "message_property_mappings": {"role": "from", "content": "value"}}) == ours(_CHAT)
@@ -278,11 +296,11 @@ def test_each_dataset_type_gives_the_examples_of_our_own_format(tmp_path, monkey
     assert axolotl({"path": "qa.jsonl", "type": fmt}) == ours(
         [{"prompt": f"Be brief.\n[INST] {r['instruction']} {r['input']} [/INST]" if r["input"] else
           f"Be brief.\n[INST] {r['instruction']} [/INST]", "completion": r["output"]} for r in _ALPACA])
-    assert axolotl({"path": "shards", "ds_type": "json", "data_files": "shards/part.json", "type": "alpaca"}) == ours(
-        _ALPACA[:2])
+    assert axolotl({"path": "shards", "ds_type": "json", "data_files": "shards/part.json", "type": "alpaca"}) == (
+        alpaca[:2])
     # several entries mix, each read with its own type, in order
     assert axolotl({"path": "alpaca.jsonl", "type": "alpaca"}, {"path": "chat.jsonl", "type": "chat_template"}) == (
-        ours(_ALPACA) + ours(_CHAT))
+        alpaca + ours(_CHAT))
 
 
 def test_an_unmapped_role_names_the_row(tmp_path, monkeypatch):

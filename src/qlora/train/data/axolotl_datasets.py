@@ -5,17 +5,20 @@ An axolotl config lists its datasets as mappings: ``path`` (a hub id, a local fi
 ``type`` of its rows. Each row is rebuilt in the shape of one of qlora's own formats, as
 axolotl's prompt strategy reads it:
 
-- ``alpaca`` (or a mapping with ``field_instruction``/``field_input``/``field_output``/``field_system``
-  for other column names): our alpaca format (the chat template renders it, ``template: alpaca``
-  gives the alpaca prompt);
-- a mapping with ``format`` (and ``no_input_format``, ``system_format``): axolotl's own prompt
-  string, filled from the row, then the output as the completion (our prompt-completion format:
-  only the output is trained);
+- ``alpaca`` (and its prompt styles ``alpaca:chat``, ``alpaca:chatml``, ``alpaca:phi``): axolotl's alpaca
+  prompt (its preamble, ``### Instruction:``, ``### Input:``, ``### Response:``) filled from the
+  ``instruction`` and ``input`` columns, and the ``output`` as the completion; a mapping (a custom type:
+  ``field_instruction``, ``field_input``, ``field_output``, ``field_system``, ``system_prompt``,
+  ``system_format``, ``format``, ``no_input_format``) fills its own prompt strings the same way. Both
+  are our prompt-completion rows: only the output (and the EOS after it) is trained, as axolotl does
+  unless ``train_on_inputs``;
 - ``chat_template``: the ``field_messages`` column (default ``messages``) of messages whose keys
   ``message_property_mappings`` names (default ``role``/``content``; older configs:
   ``message_field_role``/``message_field_content``), their roles mapped by ``roles`` (default:
-  user = human/user, assistant = gpt/assistant, system, tool); ``sharegpt`` (deprecated in axolotl)
-  is the same over ``conversations`` with ``from``/``value``;
+  user = human/user, assistant = gpt/assistant, system, tool; other roles are kept as they are),
+  other message keys (``tool_calls``, ``reasoning_content``) as they are, and the ``field_tools``
+  column (default ``tools``); ``sharegpt`` (deprecated in axolotl) is the same over ``conversations``
+  with ``from``/``value``;
 - ``completion``: the ``field`` column (default ``text``) trained whole (our text format).
 
 Without ``type`` the file is read as it is, its format detected as for ``--data``. Options whose
@@ -31,68 +34,87 @@ from typing import Any
 
 from qlora.errors import UsageError
 from qlora.train.data.declared import DeclaredDataset
+from qlora.train.data.formats import ROLES
 
 _DEFAULT_ROLES = {"user": ["human", "user"], "assistant": ["gpt", "assistant"], "system": ["system"],
                   "tool": ["tool"]}
-_OUR_ROLES = ("system", "user", "assistant", "tool")
-_ALPACA_FIELDS = {"instruction": "field_instruction", "input": "field_input", "output": "field_output",
+_CUSTOM_FIELDS = {"instruction": "field_instruction", "input": "field_input", "output": "field_output",
                   "system": "field_system"}
-_CUSTOM_KEYS = {*_ALPACA_FIELDS.values(), "format", "no_input_format", "system_format", "system_prompt"}
+# axolotl's prompt strings: a custom type's defaults, and its alpaca prompter's by prompt style (the preamble
+# with an input, then without one).
+_CUSTOM_DEFAULTS = {"format": "{instruction} {input} ", "no_input_format": "{instruction} ", "system_format": "{system}",
+                    "system_prompt": ""}
+_PREAMBLE = ("Below is an instruction that describes a task, paired with an input that provides further context. "
+             "Write a response that appropriately completes the request.",
+             "Below is an instruction that describes a task. Write a response that appropriately completes the request.")
+_ALPACA_STYLES = {
+    "instruct": ("### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n",
+                 "### Instruction:\n{instruction}\n\n### Response:\n", "{system}\n\n"),
+    "chat": ("USER: {instruction}\n{input}\nASSISTANT:", "USER: {instruction}\nASSISTANT:", "SYSTEM: {system}\n"),
+    "chatml": ("<|im_start|>user\n{instruction}\n{input}<|im_end|>\n<|im_start|>assistant\n",
+               "<|im_start|>user\n{instruction}<|im_end|>\n<|im_start|>assistant\n",
+               "<|im_start|>system\n{system}<|im_end|>\n"),
+    "phi": ("<|user|>\n{instruction}<|end|>{input}<|assistant|>", "<|user|>\n{instruction}<|end|>\n<|assistant|>\n",
+            "<|system|>\n{system}<|end|>\n"),
+}
 _ENTRY_KEYS = {"path", "type", "split", "name", "data_files", "ds_type", "field_messages", "message_property_mappings",
                "message_field_role", "message_field_content", "roles", "roles_to_train", "train_on_eos", "field",
-               "trust_remote_code", *_ALPACA_FIELDS.values()}
+               "field_tools", "trust_remote_code"}
 _DS_TYPES = ("json", "csv", "parquet", "arrow", "text")
-TYPES = ("alpaca", "chat_template", "sharegpt", "completion")
+TYPES = ("alpaca", "alpaca:chat", "alpaca:chatml", "alpaca:phi", "chat_template", "sharegpt", "completion")
 
 
 @dataclass(frozen=True)
 class AxolotlDataset(DeclaredDataset):
     """One ``datasets:`` entry of an axolotl config, with axolotl's defaults filled in."""
 
-    kind: str  # alpaca, prompt (a custom format string), chat, text, or "" (read as it is)
+    kind: str  # prompt (alpaca and custom types), chat, text, or "" (read as it is)
     columns: dict[str, str] = field(default_factory=dict)  # our field -> their column
     message_keys: dict[str, str] = field(default_factory=dict)  # our message key -> theirs
     roles: dict[str, str] = field(default_factory=dict)  # their role -> ours
-    prompt_format: dict[str, str] = field(default_factory=dict)  # format, no_input_format, system_format, system
+    # format, no_input_format, system_format, and the system prompt with and without an input
+    prompt_format: dict[str, str] = field(default_factory=dict)
 
     def rebuild(self, fields: dict[str, Any], where: str) -> dict[str, Any]:
-        if self.kind == "alpaca":
-            row = {ours: fields.get(theirs) for ours, theirs in self.columns.items()}
-            return {k: v for k, v in row.items() if v is not None or k in ("instruction", "output")}
         if self.kind == "prompt":
             return self._prompt_completion(fields, where)
         if self.kind == "chat":
-            return {"messages": self._messages(fields, where)}
+            row = {"messages": self._messages(fields, where)}
+            tools = fields.get(self.columns["tools"])
+            return row | {"tools": tools} if tools else row
         if self.kind == "text":
             return {"text": fields.get(self.columns["text"])}
         return fields
 
     def _prompt_completion(self, fields: dict[str, Any], where: str) -> dict[str, Any]:
+        """axolotl's prompt string filled from the row, and its output as the completion."""
         values = {ours: fields.get(theirs) for ours, theirs in self.columns.items()}
         for key in ("instruction", "output"):
             if not isinstance(values.get(key), str):
                 raise UsageError(f"{where}: column {self.columns[key]!r} must be a string (axolotl's {key}).")
-        pattern = self.prompt_format["format"]
-        if not values.get("input") and "no_input_format" in self.prompt_format:
-            pattern = self.prompt_format["no_input_format"]
-        prompt = pattern.format(instruction=values["instruction"], input=values.get("input") or "")
-        system = values.get("system") or self.prompt_format.get("system_prompt")
-        if system:
-            prompt = self.prompt_format.get("system_format", "{system}").format(system=system) + prompt
-        return {"prompt": prompt, "completion": values["output"]}
+        strings = self.prompt_format
+        text_input = values.get("input") or ""
+        system = values.get("system") or strings["system" if text_input else "system_no_input"]
+        head = strings["system_format"].format(system=system) if system else ""
+        turn = strings["format"] if text_input else strings["no_input_format"]
+        return {"prompt": head + turn.format(instruction=values["instruction"], input=text_input),
+                "completion": values["output"]}
 
     def _messages(self, fields: dict[str, Any], where: str) -> list[dict[str, Any]]:
         raw = fields.get(self.columns["messages"])
         if not isinstance(raw, list) or not all(isinstance(m, dict) for m in raw):
             raise UsageError(f"{where}: column {self.columns['messages']!r} must be a list of messages (objects).")
+        mapped = set(self.message_keys.values())
         out = []
         for k, message in enumerate(raw):
-            speaker = message.get(self.message_keys["role"])
-            if speaker not in self.roles:
-                raise UsageError(f"{where}, message {k}: role {speaker!r} is not mapped by the dataset's roles "
-                                 f"({', '.join(map(repr, self.roles))}); add it under roles: in the config.")
-            out.append({ours: message[theirs] for ours, theirs in self.message_keys.items() if theirs in message}
-                       | {"role": self.roles[speaker]})
+            row = {key: v for key, v in message.items() if key not in mapped}
+            row |= {ours: message[theirs] for ours, theirs in self.message_keys.items() if theirs in message}
+            role = self.roles.get(row.get("role"), row.get("role"))  # axolotl keeps unmapped roles as they are
+            if role not in ROLES:
+                raise UsageError(f"{where}, message {k}: role {row.get('role')!r} is not mapped by the dataset's "
+                                 f"roles ({', '.join(map(repr, self.roles))}); map it to one of {', '.join(ROLES)} "
+                                 "under roles: in the config.")
+            out.append(row | {"role": role})
         return out
 
 
@@ -140,24 +162,26 @@ def _entry(entry: Any, where: str) -> list[AxolotlDataset]:
 
 
 def _kind(entry: dict[str, Any], where: str) -> tuple[str, dict[str, Any]]:
-    """The row kind of an entry and the names it reads."""
+    """The row kind of an entry and the names and strings it reads."""
     kind = entry.get("type")
     if kind is None:
         return "", {}
     if isinstance(kind, dict):
-        unknown = sorted(set(kind) - _CUSTOM_KEYS)
+        unknown = sorted(set(kind) - set(_CUSTOM_FIELDS.values()) - set(_CUSTOM_DEFAULTS))
         if unknown:
-            raise UsageError(f"{where}: type option {', '.join(unknown)}: qlora reads a custom type's "
-                             f"{', '.join(sorted(_CUSTOM_KEYS))}.")
-        columns = {ours: kind.get(key, ours) for ours, key in _ALPACA_FIELDS.items()}
-        if "format" not in kind:
-            return "alpaca", {"columns": columns}
-        texts = {k: kind[k] for k in ("format", "no_input_format", "system_format", "system_prompt") if k in kind}
-        if not all(isinstance(v, str) for v in texts.values()):
+            raise UsageError(f"{where}: type option {', '.join(unknown)}: a custom type reads "
+                             f"{', '.join(sorted({*_CUSTOM_FIELDS.values(), *_CUSTOM_DEFAULTS}))}.")
+        strings = _CUSTOM_DEFAULTS | {k: v for k, v in kind.items() if k in _CUSTOM_DEFAULTS and v is not None}
+        if not all(isinstance(v, str) for v in strings.values()):
             raise UsageError(f"{where}: the type's format strings must be text.")
-        return "prompt", {"columns": columns, "prompt_format": texts}
-    if kind == "alpaca":
-        return "alpaca", {"columns": {ours: entry.get(key, ours) for ours, key in _ALPACA_FIELDS.items()}}
+        system = strings.pop("system_prompt")
+        columns = {ours: str(kind.get(key) or ours) for ours, key in _CUSTOM_FIELDS.items()}
+        return "prompt", {"columns": columns, "prompt_format": strings | {"system": system, "system_no_input": system}}
+    if isinstance(kind, str) and kind.split(":")[0] == "alpaca" and kind.partition(":")[2] in ("", *_ALPACA_STYLES):
+        turn, no_input, system_format = _ALPACA_STYLES[kind.partition(":")[2] or "instruct"]
+        return "prompt", {"columns": {k: k for k in ("instruction", "input", "output")},
+                          "prompt_format": {"format": turn, "no_input_format": no_input, "system_format": system_format,
+                                            "system": _PREAMBLE[0], "system_no_input": _PREAMBLE[1]}}
     if kind == "completion":
         return "text", {"columns": {"text": str(entry.get("field", "text"))}}
     if kind in ("chat_template", "sharegpt"):
@@ -166,14 +190,15 @@ def _kind(entry: dict[str, Any], where: str) -> tuple[str, dict[str, Any]]:
         keys.setdefault("role", entry.get("message_field_role", "from" if legacy else "role"))
         keys.setdefault("content", entry.get("message_field_content", "value" if legacy else "content"))
         roles = entry.get("roles", _DEFAULT_ROLES)
-        if not isinstance(roles, dict) or not set(roles) <= set(_OUR_ROLES):
-            raise UsageError(f"{where}: roles maps {', '.join(_OUR_ROLES)} to lists of the dataset's role names.")
+        if not isinstance(roles, dict):
+            raise UsageError(f"{where}: roles maps a role (user, assistant, system, tool) to a list of the "
+                             "dataset's names for it.")
         theirs = {str(t): ours for ours, names in roles.items() for t in ([names] if isinstance(names, str) else names)}
-        messages = entry.get("field_messages", "conversations" if legacy else "messages")
-        return "chat", {"columns": {"messages": str(messages)}, "message_keys": {k: str(v) for k, v in keys.items()},
-                        "roles": theirs}
-    raise UsageError(f"{where}: type {kind!r}: qlora reads axolotl's types {', '.join(TYPES)} and custom "
-                     "field_instruction/field_input/field_output mappings; convert the data to one of them (or to a "
+        columns = {"messages": str(entry.get("field_messages", "conversations" if legacy else "messages")),
+                   "tools": str(entry.get("field_tools", "tools"))}
+        return "chat", {"columns": columns, "message_keys": {k: str(v) for k, v in keys.items()}, "roles": theirs}
+    raise UsageError(f"{where}: type {kind!r}: qlora reads axolotl's types {', '.join(TYPES)} and custom types "
+                     "(a mapping of field_instruction, format, ...); convert the data to one of them (or to a "
                      "messages, prompt/completion or text file) and drop type.")
 
 
