@@ -214,6 +214,12 @@ def test_axolotl_defaults_apply_where_the_file_is_silent(tmp_path):
     assert cfg.quant == "nf4" and cfg.warmup_ratio == 0.0
     cfg = load_config(_yaml(tmp_path, "base_model: m\ndataset: d.jsonl\noutput_dir: o\n"), {})
     assert cfg.lr_scheduler == "constant" and cfg.max_grad_norm == 0.3  # not axolotl's: qlora's own defaults
+    cfg = load_config(_yaml(tmp_path, "base_model: m\nadapter: qlora\nload_in_4bit: true\ndatasets: [d.jsonl]\n"
+                                      "output_dir: o\nfsdp: [full_shard, auto_wrap]\nfsdp_config: {}\n"), {})
+    assert cfg.fsdp  # axolotl's list of FSDP options: qlora's FSDP2 sharding under torchrun
+    # our own data key takes axolotl-style mappings too
+    cfg = load_config(_yaml(tmp_path, "model: m\noutput: o\ndata:\n  - path: d.jsonl\n    type: alpaca\n"), {})
+    assert json.loads(cfg.data) == [{"path": "d.jsonl", "type": "alpaca"}]
 
 
 @pytest.mark.parametrize("rl, method, loss_type, nll", [
