@@ -18,10 +18,9 @@ configs. Keys that only rename one of ours are plain aliases
 
 from __future__ import annotations
 
-from typing import Any, Callable
-
 import json
 from pathlib import Path
+from typing import Any, Callable
 
 from qlora.errors import UsageError
 from qlora.train.data.axolotl_datasets import axolotl_datasets
