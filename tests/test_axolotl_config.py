@@ -319,7 +319,7 @@ def test_an_unmapped_role_names_the_row(tmp_path, monkeypatch):
 @pytest.mark.parametrize("text, line, message", [
     ("load_in_8bit: true\nadapter: lora\n", 5, "qlora stores the base model in 4 bits"),
     ("adapter: qlora\n", 5, "set load_in_4bit: true"),
-    ("load_in_4bit: true\n", 5, "axolotl's full fine-tuning"),
+    ("load_in_4bit: true\n", 5, "(TRL) is full fine-tuning"),
     ("adapter: qlora\nload_in_4bit: true\ndeepspeed: deepspeed_configs/zero2.json\n", 7, "remove deepspeed"),
     ("adapter: qlora\nload_in_4bit: true\nrl: grpo\n", 7, "rl 'grpo' has no qlora counterpart"),
     ("adapter: qlora\nload_in_4bit: true\ngroup_by_length: true\n", 7, "not grouped by length"),
@@ -363,3 +363,18 @@ def test_special_tokens_must_be_the_local_models_own(tiny_model_dir, tmp_path, c
     assert main(["train", str(path)]) == 2
     err = capsys.readouterr().err
     assert f"{path} line 6: special_tokens eos_token '</s>': the model's tokenizer has" in err and "Traceback" not in err
+
+
+def test_trl_model_config_peft_and_4bit_keys(tmp_path):
+    """TRL's ModelConfig: use_peft with load_in_4bit is QLoRA (NF4, nested quantization only when asked),
+    use_peft alone LoRA on a 16-bit base; its ScriptArguments name the dataset."""
+    head = ("model_name_or_path: m\ndataset_name: org/data\ndataset_config: main\ndataset_train_split: train\n"
+            "output_dir: o\nuse_peft: true\nlora_r: 16\nlora_alpha: 32\n")
+    cfg = load_config(_yaml(tmp_path, head + "load_in_4bit: true\nbnb_4bit_quant_type: nf4\n"), {})
+    assert (cfg.data, cfg.data_subset, cfg.data_split, cfg.quant, cfg.double_quant, cfg.alpha) == (
+        "org/data", "main", "train", "nf4", False, 32.0)
+    cfg = load_config(_yaml(tmp_path, head + "load_in_4bit: true\nuse_bnb_nested_quant: true\n"), {})
+    assert cfg.double_quant
+    assert load_config(_yaml(tmp_path, head), {}).quant == "none"
+    with pytest.raises(UsageError, match=r"run.yaml line 6: use_peft: false is full fine-tuning"):
+        load_config(_yaml(tmp_path, head.replace("use_peft: true", "use_peft: false")), {})

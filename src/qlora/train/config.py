@@ -22,7 +22,7 @@ from qlora.model.chat_format import pinned_datetime
 from qlora.option_range import AT_LEAST_1, NON_NEGATIVE, POSITIVE, Range
 from qlora.quant import BLOCKSIZES
 from qlora.train.data.fields import parse_data_fields
-from qlora.train.foreign_keys import AXOLOTL_DEFAULTS, axolotl_adapter, is_axolotl, translate
+from qlora.train.foreign_keys import AXOLOTL_DEFAULTS, adapter_keys, is_axolotl, translate
 
 from qlora.optim import (
     OPTIMIZER_ALIASES, OPTIMIZERS, PLATEAU, SCHEDULE_ALIASES, SCHEDULES, check_schedule, optimizer_name, schedule_name,
@@ -537,7 +537,8 @@ ALIASES = {
     "pref_beta": "beta", "dpo_label_smoothing": "label_smoothing", "kto_chosen_weight": "desirable_weight",
     "kto_rejected_weight": "undesirable_weight", "rl_beta": "beta", "orpo_alpha": "beta",
     "kto_desirable_weight": "desirable_weight", "kto_undesirable_weight": "undesirable_weight",
-    "lora_model_dir": "adapter",
+    "lora_model_dir": "adapter", "dataset_name": "data", "dataset_config": "data_subset",
+    "dataset_train_split": "data_split", "dataset_test_split": "eval_data_split", "use_bnb_nested_quant": "double_quant",
 }
 # Boolean keys that map onto one of ours: key -> (our key, {their value: our value, None = no change}).
 VALUE_ALIASES = {
@@ -725,7 +726,7 @@ def load_config(yaml_path: str | Path | None, overrides: dict[str, Any]) -> Trai
             raise UsageError(f"config file {yaml_path!r} does not exist; check the path of the YAML file.")
         loaded, lines = _read_yaml(path)
         axolotl = is_axolotl(loaded)
-        loaded = axolotl_adapter(_llama_factory(loaded, lines, path), lines, path)
+        loaded = adapter_keys(_llama_factory(loaded, lines, path), lines, path)
         given_as: dict[str, str] = {}
         passed_over = []
         for key, value in loaded.items():

@@ -8,7 +8,7 @@ configs. Keys that only rename one of ours are plain aliases
   ``lora_target: all``, its template names (its ``stage`` and ``pref_loss``, which decide the
   method together, are read by :func:`qlora.train.config.load_config`); axolotl's ``datasets:``
   list (:mod:`qlora.train.data.axolotl_datasets`), ``rl``, chat template names, and its
-  ``adapter``/``load_in_4bit``/``load_in_8bit``, read together by :func:`axolotl_adapter`;
+  ``adapter``/``load_in_4bit`` (and TRL's ``use_peft``), read together by :func:`adapter_keys`;
   TRL's ``dataset_text_field``;
 - settings of the other tool's runtime that do not change what a run computes
   (worker counts, caches, timeouts, report sinks): passed over, and the run says which;
@@ -49,7 +49,7 @@ RUNTIME_ONLY = frozenset({
     "loss_watchdog_threshold", "loss_watchdog_patience", "fsdp_config", "dataset_processes", "wandb_mode",
     "use_tensorboard", "tokenizer_use_fast", "tokenizer_legacy",
     # TRL's SFTConfig: preprocessing workers, padding-free batches (the same loss without pad tokens)
-    "dataset_num_proc", "padding_free", "pad_token",
+    "dataset_num_proc", "padding_free", "pad_token", "ignore_bias_buffers",
 })
 
 
@@ -211,30 +211,45 @@ def is_axolotl(loaded: dict) -> bool:
     return loaded.get("adapter") in ("lora", "qlora") or isinstance(loaded.get("datasets"), list)
 
 
-def axolotl_adapter(loaded: dict, lines: dict[str, int], path: Path) -> dict:
-    """axolotl's ``adapter`` (qlora, lora), ``load_in_4bit``, ``lora_target_linear`` with ``lora_target_modules``,
-    ``lora_modules_to_save`` and ``orpo_alpha``, read together: ``adapter: qlora`` with ``load_in_4bit: true`` is
-    qlora's NF4 base (bitsandbytes' NF4 with double quantization, as axolotl asks it), ``adapter: lora`` without it
-    a 16-bit base (quant: none); an ``adapter`` that is a folder stays ours (the adapter to train further)."""
+def adapter_keys(loaded: dict, lines: dict[str, int], path: Path) -> dict:
+    """The keys that say what is trained on which base, read together: axolotl's ``adapter`` (qlora, lora) and
+    ``load_in_4bit``, TRL's ``use_peft``, ``load_in_4bit`` and ``use_bnb_nested_quant``; axolotl's
+    ``lora_target_linear`` with ``lora_target_modules``, ``lora_modules_to_save``, ``special_tokens`` and
+    ``orpo_alpha``.
+
+    ``adapter: qlora`` (or ``use_peft``) with ``load_in_4bit: true`` is qlora's NF4 base (bitsandbytes' NF4, as
+    both ask it; TRL's without double quantization unless ``use_bnb_nested_quant``), ``adapter: lora`` (or
+    ``use_peft``) without it a 16-bit base (quant: none); an ``adapter`` that is a folder stays ours (the
+    adapter to train further)."""
     adapter = loaded.get("adapter")
-    axolotl_adapter_key = adapter in ("lora", "qlora")
-    out = {k: v for k, v in loaded.items() if not (k == "adapter" and axolotl_adapter_key) and k != "load_in_4bit"}
+    axolotl_key = adapter in ("lora", "qlora")
+    peft = axolotl_key or loaded.get("use_peft") is True
+    consumed = {"load_in_4bit", "use_peft"} | ({"adapter"} if axolotl_key else set())
+    out = {k: v for k, v in loaded.items() if k not in consumed}
     where = {k: f"{path} line {lines.get(k, '?')}" for k in loaded}
     four = loaded.get("load_in_4bit")
     if four not in (None, True, False):
         raise UsageError(f"{where['load_in_4bit']}: load_in_4bit expects true or false; got {four!r}.")
+    if loaded.get("use_peft") is False:
+        raise UsageError(f"{where['use_peft']}: use_peft: false is full fine-tuning; qlora trains LoRA adapters on a "
+                         "frozen base: set use_peft: true.")
     if adapter == "qlora" and not four:
         raise UsageError(f"{where['adapter']}: adapter: qlora trains on a 4-bit base; set load_in_4bit: true (as "
                          "axolotl requires), or adapter: lora for a 16-bit base.")
-    if four and not axolotl_adapter_key:
-        raise UsageError(f"{where['load_in_4bit']}: load_in_4bit without adapter: qlora (or lora) is axolotl's full "
-                         "fine-tuning; qlora trains LoRA adapters: add adapter: qlora.")
-    if adapter == "lora" and not four:
+    if four and not peft:
+        raise UsageError(f"{where['load_in_4bit']}: load_in_4bit without adapter: qlora (axolotl) or use_peft: true "
+                         "(TRL) is full fine-tuning; qlora trains LoRA adapters: add adapter: qlora or use_peft: true.")
+    base = "adapter" if axolotl_key else "use_peft"
+    if peft and not four:
         if "quant" in out:
-            raise UsageError(f"{where['adapter']}: adapter: lora (16-bit base) and quant both set the base's "
-                             "format; keep one.")
+            raise UsageError(f"{where[base]}: {base} without load_in_4bit (a 16-bit base) and quant both set the "
+                             "base's format; keep one.")
         out["quant"] = "none"
-        lines.setdefault("quant", lines.get("adapter", 0))
+        lines.setdefault("quant", lines.get(base, 0))
+    if four and not axolotl_key and not {"double_quant", "bnb_4bit_use_double_quant", "use_bnb_nested_quant"} & set(
+            loaded):
+        out["double_quant"] = False  # TRL's ModelConfig: use_bnb_nested_quant defaults to false
+        lines.setdefault("double_quant", lines.get("load_in_4bit", 0))
     if loaded.get("lora_target_linear") and loaded.get("lora_target_modules"):
         listed = loaded["lora_target_modules"]
         listed = listed.split(",") if isinstance(listed, str) else list(listed)
