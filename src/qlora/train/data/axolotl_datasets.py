@@ -198,8 +198,9 @@ def _kind(entry: dict[str, Any], where: str) -> tuple[str, dict[str, Any]]:
                    "tools": str(entry.get("field_tools", "tools"))}
         return "chat", {"columns": columns, "message_keys": {k: str(v) for k, v in keys.items()}, "roles": theirs}
     raise UsageError(f"{where}: type {kind!r}: qlora reads axolotl's types {', '.join(TYPES)} and custom types "
-                     "(a mapping of field_instruction, format, ...); convert the data to one of them (or to a "
-                     "messages, prompt/completion or text file) and drop type.")
+                     "(a mapping of field_instruction, format, ...); convert the data to one of them, or to one of "
+                     "qlora's own formats (messages, prompt/completion, text; prompt/chosen/rejected pairs for rl) "
+                     "and drop type.")
 
 
 def declared_entries(spec: str) -> list[Any] | None:
