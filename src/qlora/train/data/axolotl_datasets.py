@@ -60,7 +60,7 @@ _ALPACA_STYLES = {
 _ENTRY_KEYS = {"path", "type", "split", "name", "data_files", "ds_type", "field_messages", "message_property_mappings",
                "message_field_role", "message_field_content", "roles", "roles_to_train", "train_on_eos", "field",
                "field_tools", "trust_remote_code"}
-_DS_TYPES = ("json", "csv", "parquet", "arrow", "text")
+_DS_TYPES = ("json", "csv", "parquet", "arrow")  # not text: datasets reads a row a line, qlora a paragraph
 TYPES = ("alpaca", "alpaca:chat", "alpaca:chatml", "alpaca:phi", "chat_template", "sharegpt", "completion")
 
 
