@@ -160,8 +160,7 @@ def test_a_kto_tag_that_is_not_boolean_is_refused_by_row(tmp_path):
     ({"formatting": "sharegpt", "tags": ["role_tag"]}, "tags must map tag names"),
     ({"formatting": "sharegpt", "tags": {"role_tag": 1}}, "tags must map tag names"),
     ({"columns": {"prompt": "question", "response": "output"}},
-     "no row has the column 'question' that dataset_info.json's columns name; its columns are instruction, ok, "
-     "output"),
+     "no row has the column 'question' that its declaration names; its columns are instruction, ok, output"),
 ])
 def test_damaged_entries_are_refused_by_name(entry, message, tmp_path):
     with pytest.raises(UsageError, match="dataset 'x': " if "columns" not in entry else r"\(x\): ") as exc:

@@ -22,7 +22,7 @@ from qlora.model.chat_format import pinned_datetime
 from qlora.option_range import AT_LEAST_1, NON_NEGATIVE, POSITIVE, Range
 from qlora.quant import BLOCKSIZES
 from qlora.train.data.fields import parse_data_fields
-from qlora.train.foreign_keys import translate
+from qlora.train.foreign_keys import AXOLOTL_DEFAULTS, adapter_keys, is_axolotl, translate
 
 from qlora.optim import (
     OPTIMIZER_ALIASES, OPTIMIZERS, PLATEAU, SCHEDULE_ALIASES, SCHEDULES, check_schedule, optimizer_name, schedule_name,
@@ -512,6 +512,8 @@ def _coerce(name: str, value: Any, kind: type, source: str) -> Any:
             if text in ("false", "no", "0", "off"):
                 return False
             raise ValueError
+        if kind is str and isinstance(value, list) and any(isinstance(v, dict) for v in value):
+            return json.dumps(value)  # data: a list with axolotl-style dataset mappings
         if kind is str and isinstance(value, list):  # YAML lists of names or tokens
             return ",".join(str(v) for v in value)
         if kind is str and isinstance(value, dict) and name in _JSON_FIELDS:  # typed values: numbers stay numbers
@@ -555,17 +557,24 @@ ALIASES = {
     "loraplus_lr_ratio": "lora_plus_ratio", "neftune_noise_alpha": "neftune_alpha",
     "quantization_type": "quant", "double_quantization": "double_quant", "eval_dataset": "eval_data",
     "pref_beta": "beta", "dpo_label_smoothing": "label_smoothing", "kto_chosen_weight": "desirable_weight",
-    "kto_rejected_weight": "undesirable_weight",
+    "kto_rejected_weight": "undesirable_weight", "rl_beta": "beta", "orpo_alpha": "beta",
+    "kto_desirable_weight": "desirable_weight", "kto_undesirable_weight": "undesirable_weight",
+    "lora_model_dir": "adapter", "dataset_name": "data", "dataset_config": "data_subset",
+    "dataset_train_split": "data_split", "dataset_test_split": "eval_data_split", "use_bnb_nested_quant": "double_quant",
 }
 # Boolean keys that map onto one of ours: key -> (our key, {their value: our value, None = no change}).
 VALUE_ALIASES = {
     "train_on_inputs": ("train_on", {True: "all", False: "assistant"}),
     "train_on_prompt": ("train_on", {True: "all", False: "assistant"}),
     "neat_packing": ("packing", {True: True, False: None}),  # LLaMA-Factory's: packed examples kept apart, as ours
-    "bf16": ("precision", {True: "bf16", False: None}),
+    "bf16": ("precision", {True: "bf16", False: None, "auto": None}),  # axolotl's auto: bf16 where the GPU has it
     "fp16": ("precision", {True: "fp16", False: None}),
     "lora_target_linear": ("target_modules", {True: "all-linear", False: None}),
     "disable_gradient_checkpointing": ("gradient_checkpointing", {True: False, False: True}),  # LLaMA-Factory's
+    # TRL's SFTConfig: the loss on the assistant turns / on the completion of prompt-completion rows (qlora's
+    # train_on: assistant trains only the completion of those); off trains every token.
+    "assistant_only_loss": ("train_on", {True: "assistant", False: "all"}),
+    "completion_only_loss": ("train_on", {True: None, False: "all"}),
 }
 
 
@@ -772,6 +781,17 @@ def _cosine_floor(values: dict[str, Any], ratio: Any, where: str) -> None:
     values["lr_scheduler_kwargs"] = json.dumps(kwargs | {"min_lr_rate": ratio})
 
 
+def _axolotl_defaults(values: dict[str, Any], path: Path) -> None:
+    """An axolotl file trains with axolotl's defaults where it is silent, as it would under axolotl."""
+    unset = {k: v for k, v in AXOLOTL_DEFAULTS.items() if k not in values}
+    if "warmup_steps" in values:
+        unset.pop("warmup_ratio", None)
+    if unset:
+        values.update(unset)
+        print(f"qlora train: {path} is an axolotl config: its defaults apply where it is silent "
+              f"({', '.join(f'{k} {v}' for k, v in unset.items())})", file=sys.stderr)
+
+
 def load_config(yaml_path: str | Path | None, overrides: dict[str, Any]) -> TrainConfig:
     """Build a config from an optional YAML file, then ``overrides`` (flags win).
 
@@ -793,10 +813,14 @@ def load_config(yaml_path: str | Path | None, overrides: dict[str, Any]) -> Trai
         if not path.is_file():
             raise UsageError(f"config file {yaml_path!r} does not exist; check the path of the YAML file.")
         loaded, lines = _read_yaml(path)
-        loaded = _llama_factory(loaded, lines, path, frozenset(k.replace("-", "_") for k in overrides))
+        axolotl = is_axolotl(loaded)
+        loaded = adapter_keys(_llama_factory(loaded, lines, path, frozenset(k.replace("-", "_") for k in overrides)),
+                              lines, path)
         given_as: dict[str, str] = {}
         passed_over = []
         for key, value in loaded.items():
+            if value is None:
+                continue  # an empty key keeps the default (axolotl's example files list many)
             where = f"{path} line {lines.get(str(key), '?')}"
             foreign = translate(str(key), value, where)
             if foreign is not None:
@@ -811,8 +835,9 @@ def load_config(yaml_path: str | Path | None, overrides: dict[str, Any]) -> Trai
                     continue  # axolotl's, read below with the schedule it changes
                 if name in VALUE_ALIASES:
                     name, mapping = VALUE_ALIASES[name]
-                    if not isinstance(value, bool):
-                        raise UsageError(f"{where}: {key} expects true or false (it sets qlora's {name}); got {value!r}")
+                    if not (isinstance(value, bool) or isinstance(value, str) and value in mapping):
+                        raise UsageError(f"{where}: {key} expects {' or '.join(map(str, mapping)).lower()} (it "
+                                         f"sets qlora's {name}); got {value!r}")
                     value = mapping[value]
                     if value is None:
                         continue
@@ -827,6 +852,8 @@ def load_config(yaml_path: str | Path | None, overrides: dict[str, Any]) -> Trai
         if passed_over:
             print(f"qlora train: {path}: passing over {', '.join(passed_over)}: settings of another tool that change "
                   "nothing in what qlora computes", file=sys.stderr)
+        if axolotl:
+            _axolotl_defaults(values, path)
         if "cosine_min_lr_ratio" in loaded:
             _cosine_floor(values, loaded["cosine_min_lr_ratio"], f"{path} line {lines['cosine_min_lr_ratio']}")
     for key, value in overrides.items():

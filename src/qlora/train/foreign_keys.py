@@ -6,7 +6,10 @@ configs. Keys that only rename one of ours are plain aliases
 
 - keys whose *values* differ: LLaMA-Factory's ``quantization_bit: 4``, ``finetuning_type: lora``,
   ``lora_target: all``, its template names (its ``stage`` and ``pref_loss``, which decide the
-  method together, are read by :func:`qlora.train.config.load_config`);
+  method together, are read by :func:`qlora.train.config.load_config`); axolotl's ``datasets:``
+  list (:mod:`qlora.train.data.axolotl_datasets`), ``rl``, chat template names, and its
+  ``adapter``/``load_in_4bit`` (and TRL's ``use_peft``), read together by :func:`adapter_keys`;
+  TRL's ``dataset_text_field``;
 - settings of the other tool's runtime that do not change what a run computes
   (worker counts, caches, timeouts, report sinks): passed over, and the run says which;
 - values qlora has no equivalent for (8-bit quantization, full fine-tuning, PPO, Ray, multimodal
@@ -15,9 +18,12 @@ configs. Keys that only rename one of ours are plain aliases
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any, Callable
 
 from qlora.errors import UsageError
+from qlora.train.data.axolotl_datasets import axolotl_datasets
 from qlora.train.data.templates import TEMPLATES
 
 Translation = tuple[list[tuple[str, Any]], str]  # our (option, value) pairs, and a note for the user ("" if none)
@@ -33,6 +39,17 @@ RUNTIME_ONLY = frozenset({
     "wandb_name", "wandb_watch", "wandb_log_model", "bnb_4bit_quant_storage", "eval_strategy",
     "evaluation_strategy", "save_strategy", "logging_strategy", "enable_liger_kernel", "use_unsloth",
     "use_unsloth_gc", "print_param_status", "deepspeed", "use_v1_kernels", "pissa_iter", "pissa_convert",
+    # axolotl: model/tokenizer classes, caches, attention kernels, padding of packed rows (masked out of the
+    # loss), eval/save cadence and tables, logging sinks, hub pushes, loss watchdog
+    "model_type", "tokenizer_type", "strict", "dataset_prepared_path", "pad_to_sequence_len", "eval_sample_packing",
+    "tf32", "flash_attention", "xformers_attention", "sdp_attention", "flash_attn_cross_entropy",
+    "flash_attn_rms_norm", "flash_attn_fuse_qkv", "flash_attn_fuse_mlp", "evals_per_epoch", "saves_per_epoch",
+    "eval_table_size", "eval_table_max_new_tokens", "local_rank", "debug", "is_mistral_derived_model",
+    "is_llama_derived_model", "is_qwen_derived_model", "is_falcon_derived_model", "hub_model_id", "hub_strategy",
+    "loss_watchdog_threshold", "loss_watchdog_patience", "fsdp_config", "dataset_processes", "wandb_mode",
+    "use_tensorboard", "tokenizer_use_fast", "tokenizer_legacy",
+    # TRL's SFTConfig: preprocessing workers, padding-free batches (the same loss without pad tokens)
+    "dataset_num_proc", "padding_free", "pad_token", "ignore_bias_buffers",
 })
 # LLaMA-Factory's settings of multimodal models and their media (qlora fine-tunes text-only language models).
 MULTIMODAL = frozenset({
@@ -67,18 +84,27 @@ def _lora_target(value: Any, where: str) -> Translation:
     return [("target_modules", "all-linear" if value == "all" else value)], ""
 
 
-# LLaMA-Factory's template names with a built-in equivalent; its others name a model family's own format.
-_TEMPLATE_NAMES = {"llama3": "llama-3", "chatml": "chatml", "alpaca": "alpaca"}
+# LLaMA-Factory's and axolotl's template names with a built-in equivalent; their others name a model family's
+# own format. axolotl's tokenizer_default is the model's own template, required.
+_TEMPLATE_NAMES = {"llama3": "llama-3", "chatml": "chatml", "alpaca": "alpaca", "tokenizer_default": "tokenizer"}
 
 
-def _template(value: Any, where: str) -> Translation:
-    if not isinstance(value, str) or value in ("auto", "tokenizer") or value in TEMPLATES:
-        return [("template", value)], ""
-    if value in _TEMPLATE_NAMES:
-        return [("template", _TEMPLATE_NAMES[value])], ""
-    return [("template", "auto")], (f"{where}: template {value!r} is a LLaMA-Factory name; training with the "
-                                    "model's own chat template (template: auto), the format that template writes "
-                                    "for its model family")
+def _template_of(tool: str) -> Callable[[Any, str], Translation]:
+    key = "template" if tool == "LLaMA-Factory" else "chat_template"
+
+    def translate_template(value: Any, where: str) -> Translation:
+        if not isinstance(value, str) or value in ("auto", "tokenizer") or value in TEMPLATES:
+            return [("template", value)], ""
+        if value in _TEMPLATE_NAMES:
+            return [("template", _TEMPLATE_NAMES[value])], ""
+        if value.startswith("tokenizer_default_fallback_") or value == "jinja":
+            raise UsageError(f"{where}: {key} {value!r}: qlora's templates are the model's own (template: "
+                             "tokenizer), auto (the model's own, else chatml or llama-3 by the vocabulary's markers, "
+                             "else alpaca), chatml, llama-3 and alpaca; choose one.")
+        return [("template", "auto")], (f"{where}: {key} {value!r} is a {tool} name; training with the "
+                                        "model's own chat template (template: auto), the format that template "
+                                        "writes for its model family")
+    return translate_template
 
 
 def _resume(value: Any, where: str) -> Translation:
@@ -135,13 +161,171 @@ def _ray_num_workers(value: Any, where: str) -> Translation:
                      "--nproc instead.")
 
 
+def _datasets(option: str) -> Callable[[Any, str], Translation]:
+    def translate_datasets(value: Any, where: str) -> Translation:
+        axolotl_datasets(value, where)  # checked here, so that errors name the config's line
+        return [(option, json.dumps(value))], ""
+    return translate_datasets
+
+
+# axolotl's rl: TRL's trainer it runs, as qlora's (method, loss type). Its simpo is TRL's CPOTrainer with loss
+# simpo and CPOConfig's cpo_alpha (1 unless set): qlora's --method cpo --loss-type simpo.
+_RL = {"dpo": ("dpo", ""), "ipo": ("dpo", "ipo"), "orpo": ("orpo", ""), "kto": ("kto", ""), "simpo": ("cpo", "simpo")}
+
+
+def _rl(value: Any, where: str) -> Translation:
+    if value in (None, False):
+        return [], ""
+    if value not in _RL:
+        raise UsageError(f"{where}: rl {value!r} has no qlora counterpart; qlora trains rl {', '.join(_RL)} "
+                         "(as method dpo, orpo, kto, cpo).")
+    method, loss = _RL[value]
+    return [("method", method)] + ([("loss_type", loss)] if loss else []), ""
+
+
+def _refused(key: str, why: str) -> Callable[[Any, str], Translation]:
+    """A key whose setting qlora has no equivalent for; its off values (false, 0, empty) change nothing."""
+    def refuse(value: Any, where: str) -> Translation:
+        if not value:
+            return [], ""
+        raise UsageError(f"{where}: {key} {value!r}: {why}")
+    return refuse
+
+
+def _fsdp(value: Any, where: str) -> Translation:
+    """Ours is true/false; axolotl's is a list of FSDP options (full_shard, auto_wrap): sharding either way."""
+    return [("fsdp", bool(value) if isinstance(value, list) else value)], ""
+
+
+def _special_tokens(value: Any, where: str) -> Translation:
+    if not isinstance(value, dict):
+        raise UsageError(f"{where}: special_tokens is a mapping such as {{pad_token: ...}}.")
+    kept = {k: v for k, v in value.items() if k != "pad_token" and v is not None}
+    if not kept:
+        return [], ""  # padding never enters the loss
+    return [], (f"{where}: special_tokens {', '.join(kept)}: qlora keeps the tokenizer's own; axolotl replaces "
+                "them only where they differ (checked when the model is a local folder)")
+
+
+def _check_special_tokens(value: Any, model: Any, where: str) -> None:
+    """axolotl's ``special_tokens`` (bos, eos, unk) must be the local model's own: qlora does not replace them."""
+    config = Path(str(model or "")).expanduser() / "tokenizer_config.json"
+    if not isinstance(value, dict) or not config.is_file():
+        return
+    try:
+        own = json.loads(config.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return  # the model load reports an unreadable tokenizer
+    for key, token in value.items():
+        theirs = own.get(key)
+        theirs = theirs.get("content") if isinstance(theirs, dict) else theirs
+        if key != "pad_token" and token is not None and token != theirs:
+            raise UsageError(f"{where}: special_tokens {key} {token!r}: the model's tokenizer has {theirs!r}, and "
+                             "qlora trains with the tokenizer's own special tokens; set "
+                             f"{key} in {config} to change it, or remove the key.")
+
+
+def _dataset_text_field(value: Any, where: str) -> Translation:
+    return ([("data_fields", f"text={value}")] if value not in (None, "text") else []), ""
+
+
 TRANSLATED: dict[str, Callable[[Any, str], Translation]] = {
     "quantization_bit": _quantization_bit, "quantization_method": _quantization_method,
-    "finetuning_type": _finetuning_type, "lora_target": _lora_target, "template": _template,
-    "resume_from_checkpoint": _resume, "ray_num_workers": _ray_num_workers, "do_train": _do_train,
-    "do_predict": _do_predict, "adapter_name_or_path": _adapter_name_or_path, "pissa_init": _pissa_init,
-    "mask_history": _mask_history,
+    "finetuning_type": _finetuning_type, "lora_target": _lora_target, "template": _template_of("LLaMA-Factory"),
+    "chat_template": _template_of("axolotl"), "resume_from_checkpoint": _resume,
+    "datasets": _datasets("data"), "test_datasets": _datasets("eval_data"), "rl": _rl, "fsdp": _fsdp,
+    "special_tokens": _special_tokens, "dataset_text_field": _dataset_text_field,
+    "load_in_8bit": _refused("load_in_8bit", "qlora stores the base model in 4 bits (load_in_4bit: true, adapter: "
+                                             "qlora) or keeps it 16-bit (adapter: lora); set load_in_8bit: false."),
+    "group_by_length": _refused("group_by_length", "qlora draws batches in a seeded random order, not grouped by "
+                                                   "length; set it to false."),
+    "early_stopping_patience": _refused("early_stopping_patience", "qlora trains the steps or epochs it is given; "
+                                                                   "remove the key and choose max_steps or epochs."),
+    "lora_fan_in_fan_out": _refused("lora_fan_in_fan_out", "qlora adapts torch.nn.Linear layers; remove the key."),
+    "tokens": _refused("tokens", "qlora adds tokens as special tokens (add_special_tokens: [...], their embeddings "
+                                 "and the output head trained whole); use that key."),
+    "chat_template_jinja": _refused("chat_template_jinja", "qlora trains with the model's own chat template or a "
+                                                           "built-in one; save the template in the model folder's "
+                                                           "tokenizer_config.json and set chat_template: "
+                                                           "tokenizer_default."),
+    "eos_token": _refused("eos_token", "qlora ends turns with the chat template's own end token; remove the key."),
+    "ray_num_workers": _ray_num_workers, "do_train": _do_train, "do_predict": _do_predict,
+    "adapter_name_or_path": _adapter_name_or_path, "pissa_init": _pissa_init, "mask_history": _mask_history,
 }
+
+# axolotl's defaults where they differ from qlora's (ours follow the QLoRA paper): its schema's cosine schedule,
+# torch's fused AdamW, no LoRA dropout, and transformers' max_grad_norm 1.0 and no warmup.
+AXOLOTL_DEFAULTS = {"lr_scheduler": "cosine", "optim": "adamw", "dropout": 0.0, "max_grad_norm": 1.0,
+                    "warmup_ratio": 0.0}
+
+
+def is_axolotl(loaded: dict) -> bool:
+    """Whether a config file is axolotl's: its ``adapter: lora|qlora`` or its ``datasets:`` list."""
+    return loaded.get("adapter") in ("lora", "qlora") or isinstance(loaded.get("datasets"), list)
+
+
+def adapter_keys(loaded: dict, lines: dict[str, int], path: Path) -> dict:
+    """The keys that say what is trained on which base, read together: axolotl's ``adapter`` (qlora, lora) and
+    ``load_in_4bit``, TRL's ``use_peft``, ``load_in_4bit`` and ``use_bnb_nested_quant``; axolotl's
+    ``lora_target_linear`` with ``lora_target_modules``, ``lora_modules_to_save``, ``special_tokens`` and
+    ``orpo_alpha``.
+
+    ``adapter: qlora`` (or ``use_peft``) with ``load_in_4bit: true`` is qlora's NF4 base (bitsandbytes' NF4, as
+    both ask it; TRL's without double quantization unless ``use_bnb_nested_quant``), ``adapter: lora`` (or
+    ``use_peft``) without it a 16-bit base (quant: none); an ``adapter`` that is a folder stays ours (the
+    adapter to train further)."""
+    adapter = loaded.get("adapter")
+    axolotl_key = adapter in ("lora", "qlora")
+    peft = axolotl_key or loaded.get("use_peft") is True
+    consumed = {"load_in_4bit", "use_peft"} | ({"adapter"} if axolotl_key else set())
+    out = {k: v for k, v in loaded.items() if k not in consumed}
+    where = {k: f"{path} line {lines.get(k, '?')}" for k in loaded}
+    four = loaded.get("load_in_4bit")
+    if four not in (None, True, False):
+        raise UsageError(f"{where['load_in_4bit']}: load_in_4bit expects true or false; got {four!r}.")
+    if loaded.get("use_peft") is False:
+        raise UsageError(f"{where['use_peft']}: use_peft: false is full fine-tuning; qlora trains LoRA adapters on a "
+                         "frozen base: set use_peft: true.")
+    if adapter == "qlora" and not four:
+        raise UsageError(f"{where['adapter']}: adapter: qlora trains on a 4-bit base; set load_in_4bit: true (as "
+                         "axolotl requires), or adapter: lora for a 16-bit base.")
+    if four and not peft:
+        raise UsageError(f"{where['load_in_4bit']}: load_in_4bit without adapter: qlora (axolotl) or use_peft: true "
+                         "(TRL) is full fine-tuning; qlora trains LoRA adapters: add adapter: qlora or use_peft: true.")
+    base = "adapter" if axolotl_key else "use_peft"
+    if peft and not four:
+        if "quant" in out:
+            raise UsageError(f"{where[base]}: {base} without load_in_4bit (a 16-bit base) and quant both set the "
+                             "base's format; keep one.")
+        out["quant"] = "none"
+        lines.setdefault("quant", lines.get(base, 0))
+    if four and not axolotl_key and not {"double_quant", "bnb_4bit_use_double_quant", "use_bnb_nested_quant"} & set(
+            loaded):
+        out["double_quant"] = False  # TRL's ModelConfig: use_bnb_nested_quant defaults to false
+        lines.setdefault("double_quant", lines.get("load_in_4bit", 0))
+    if loaded.get("lora_target_linear") and loaded.get("lora_target_modules"):
+        listed = loaded["lora_target_modules"]
+        listed = listed.split(",") if isinstance(listed, str) else list(listed)
+        outside = [m for m in listed if str(m).strip() in ("lm_head", "embed_tokens")]
+        if outside:
+            raise UsageError(f"{where['lora_target_modules']}: {', '.join(outside)} with lora_target_linear: true: "
+                             "qlora's all-linear leaves the output head and embeddings out, as PEFT's does; list "
+                             "the layers in lora_target_modules without lora_target_linear.")
+        del out["lora_target_modules"]  # every linear layer is adapted already (axolotl takes the union)
+    to_save = [m for m in (loaded.get("lora_modules_to_save") or [])]
+    out.pop("lora_modules_to_save", None)
+    if to_save and not (set(to_save) <= {"embed_tokens", "lm_head"} and loaded.get("add_special_tokens")):
+        raise UsageError(f"{where['lora_modules_to_save']}: lora_modules_to_save {to_save}: qlora trains the "
+                         "embeddings and output head whole when add_special_tokens adds tokens, and no other "
+                         "modules; remove the key (or add tokens with add_special_tokens).")
+    if loaded.get("special_tokens"):
+        model = next((loaded[k] for k in ("base_model", "model", "model_name_or_path") if loaded.get(k)), None)
+        _check_special_tokens(loaded["special_tokens"], model, where["special_tokens"])
+    if loaded.get("orpo_alpha") is not None and loaded.get("rl") != "orpo":
+        raise UsageError(f"{where['orpo_alpha']}: orpo_alpha is ORPO's weight; this config is rl: "
+                         f"{loaded.get('rl')}. Remove it, or set rl: orpo.")
+    return out
+
 
 def translate(key: str, value: Any, where: str) -> Translation | None:
     """Our ``(option, value)`` pairs for another tool's ``key`` (none for a key that changes nothing

@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from qlora.errors import UsageError
-from qlora.train.data.sources import Record, load_records
+from qlora.train.data.declared import DeclaredDataset
 
 INFO_FILE = "dataset_info.json"
 DEFAULT_DIR = "data"  # LLaMA-Factory's default dataset_dir (and --dataset-dir's): a registry there is optional
@@ -52,19 +52,21 @@ _SPEAKERS = {"user_tag": "human", "assistant_tag": "gpt", "observation_tag": "ob
 
 
 @dataclass(frozen=True)
-class RegisteredDataset:
+class RegisteredDataset(DeclaredDataset):
     """One ``dataset_info.json`` entry, with LLaMA-Factory's defaults filled in."""
 
-    name: str
-    source: str  # a local file or folder, or a hub dataset id
-    split: str
-    subset: str | None
-    num_samples: int | None
     formatting: str
     ranking: bool
     columns: dict[str, str | None]
     tags: dict[str, str | None]
     named: tuple[str, ...] = ()  # the column names its ``columns`` mapping gives (each must exist in the data)
+
+    def required_columns(self) -> tuple[str, ...]:
+        return self.named
+
+    def rebuild(self, fields: dict[str, Any], where: str) -> dict[str, Any]:
+        """The row as LLaMA-Factory's converter builds it (see the module docstring)."""
+        return (_alpaca if self.formatting == "alpaca" else _sharegpt)(fields, self, where)
 
 
 def registered_dataset(name: str, dataset_dir: str | Path) -> RegisteredDataset | None:
@@ -162,23 +164,6 @@ def _entry(name: str, entry: Any, info_path: Path) -> RegisteredDataset:
     named = tuple(v for v in (given or {}).values() if v)
     return RegisteredDataset(name, source, entry.get("split", "train"), entry.get("subset"), num_samples,
                              formatting, entry.get("ranking", False), names, tags, named)
-
-
-def read_registered(dataset: RegisteredDataset) -> list[Record]:
-    """The dataset's rows, rebuilt as chat, preference or KTO records (see the module docstring)."""
-    records = load_records(dataset.source, dataset.split, dataset.subset, text_lines=True)
-    absent = [c for c in dataset.named if not any(c in r.fields for r in records)]
-    if absent and records:
-        present = sorted({k for r in records[:100] for k in r.fields})
-        raise UsageError(f"{dataset.source} ({dataset.name}): no row has the column"
-                         f"{'s' if len(absent) > 1 else ''} {', '.join(map(repr, absent))} that dataset_info.json's "
-                         f"columns name; its columns are {', '.join(present)}. Fix the columns mapping.")
-    if dataset.num_samples:
-        repeats = -(-dataset.num_samples // len(records))
-        records = (records * repeats)[:dataset.num_samples]
-    convert = _alpaca if dataset.formatting == "alpaca" else _sharegpt
-    return [Record(convert(r.fields, dataset, f"{r.where} ({dataset.name})"), f"{r.where} ({dataset.name})")
-            for r in records]
 
 
 def _column(fields: dict[str, Any], dataset: RegisteredDataset, key: str) -> Any:

@@ -2,7 +2,8 @@
 
 ``--data a.jsonl,b.parquet`` (a YAML list) mixes datasets, each read and its format detected
 on its own, as LLaMA-Factory's ``dataset: a,b`` does (names registered in its ``dataset_info.json``
-too: :mod:`qlora.train.data.dataset_info`); ``--max-samples N`` keeps the first N
+too: :mod:`qlora.train.data.dataset_info`), or as axolotl's ``datasets:`` list of mappings does
+(:mod:`qlora.train.data.axolotl_datasets`); ``--max-samples N`` keeps the first N
 rows of each (a quick trial run); ``--eval-split`` holds out a share of the training examples
 for eval loss when there is no separate ``--eval-data`` (LLaMA-Factory's ``val_size``), chosen
 by ``--seed`` so a resumed run holds out the same examples.
@@ -15,7 +16,9 @@ from typing import Callable, Sequence, TypeVar
 
 from qlora.errors import UsageError
 from qlora.train.data.collate import shuffled_indices
-from qlora.train.data.dataset_info import read_registered, registered_dataset
+from qlora.train.data.axolotl_datasets import axolotl_datasets, declared_entries
+from qlora.train.data.dataset_info import registered_dataset
+from qlora.train.data.declared import DeclaredDataset, read_declared
 from qlora.train.data.sources import Record, load_records
 
 T = TypeVar("T")
@@ -35,13 +38,20 @@ def data_sources(spec: str) -> list[str]:
 def read_sources(spec: str, split: str, subset: str | None, max_samples: int,
                  normalize: Callable[[list[Record]], list[T]], dataset_dir: str = "data") -> list[T]:
     """Every source of ``spec`` read, cut to ``max_samples`` rows (0: all) and normalized, in order;
-    a name registered in ``<dataset_dir>/dataset_info.json`` is read as LLaMA-Factory declares it."""
+    a name registered in ``<dataset_dir>/dataset_info.json`` is read as LLaMA-Factory declares it, and an
+    axolotl ``datasets:`` list (``spec`` as its JSON text) as axolotl declares it."""
     examples: list[T] = []
-    for source in data_sources(spec):
-        registered = registered_dataset(source, dataset_dir)
-        records = read_registered(registered) if registered else load_records(source, split, subset)
+    for source in _declared_sources(spec, dataset_dir):
+        records = read_declared(source) if isinstance(source, DeclaredDataset) else load_records(source, split, subset)
         examples += normalize(records[:max_samples] if max_samples else records)
     return examples
+
+
+def _declared_sources(spec: str, dataset_dir: str) -> list[str | DeclaredDataset]:
+    entries = declared_entries(spec)
+    if entries is not None:
+        return list(axolotl_datasets(entries, "--data"))
+    return [registered_dataset(source, dataset_dir) or source for source in data_sources(spec)]
 
 
 def hold_out(examples: Sequence[T], amount: float, seed: int) -> tuple[list[T], list[T]]:

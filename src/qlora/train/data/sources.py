@@ -155,6 +155,8 @@ def _read_json(path: Path) -> list[Record]:
         with _open_text(path) as f:
             value = json.loads(f.read())
     except json.JSONDecodeError as e:
+        if e.msg == "Extra data" and e.doc.lstrip().startswith("{"):
+            return _read_jsonl(path)  # JSON Lines named .json, as datasets' json loader (and axolotl) read it
         raise UsageError(f"{path} line {e.lineno}: malformed JSON ({e.msg} at column {e.colno}).") from None
     if isinstance(value, dict) and isinstance(value.get("data"), list):
         value = value["data"]

@@ -1,0 +1,59 @@
+"""Datasets declared in another tool's terms: where the rows are, and how each row is rebuilt.
+
+LLaMA-Factory's ``dataset_info.json`` (:mod:`qlora.train.data.dataset_info`) and axolotl's
+``datasets:`` entries (:mod:`qlora.train.data.axolotl_datasets`) both name a source (a local
+file or folder, or a hub id), its split and subset, and the shape of its rows. Reading is the
+same for both: the rows are loaded, cut to the declared count, and each is rebuilt in the shape
+:mod:`qlora.train.data.formats` and :mod:`qlora.train.data.preference` read, keeping where it
+came from (file and line, then the dataset's name) for error messages.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any
+
+from qlora.errors import UsageError
+from qlora.train.data.sources import Record, load_records
+
+
+@dataclass(frozen=True)
+class DeclaredDataset(ABC):
+    """Where a declared dataset's rows are; subclasses say how a row is rebuilt (:meth:`rebuild`)."""
+
+    name: str
+    source: str  # a local file or folder, or a hub dataset id
+    split: str
+    subset: str | None
+    num_samples: int | None
+
+    def required_columns(self) -> tuple[str, ...]:
+        """Columns the declaration names that some row must have (a typo would otherwise read as empty)."""
+        return ()
+
+    @abstractmethod
+    def rebuild(self, fields: dict[str, Any], where: str) -> dict[str, Any]:
+        """One row in the shape of one of qlora's own formats."""
+
+
+def read_declared(dataset: DeclaredDataset) -> list[Record]:
+    """The dataset's rows, each rebuilt by the dataset's declaration. A text file is a row per line (as
+    ``datasets`` reads it, which both tools use); a declared count above the rows repeats them, as
+    LLaMA-Factory does.
+
+    Raises:
+        UsageError: a declared column that no row has.
+    """
+    records = load_records(dataset.source, dataset.split, dataset.subset, text_lines=True)
+    absent = [c for c in dataset.required_columns() if not any(c in r.fields for r in records)]
+    if absent and records:
+        present = sorted({k for r in records[:100] for k in r.fields})
+        raise UsageError(f"{dataset.source} ({dataset.name}): no row has the column{'s' if len(absent) > 1 else ''} "
+                         f"{', '.join(map(repr, absent))} that its declaration names; its columns are "
+                         f"{', '.join(present)}. Fix the column mapping.")
+    if dataset.num_samples and records:
+        repeats = -(-dataset.num_samples // len(records))
+        records = (records * repeats)[:dataset.num_samples]
+    return [Record(dataset.rebuild(r.fields, f"{r.where} ({dataset.name})"), f"{r.where} ({dataset.name})")
+            for r in records]
