@@ -320,7 +320,6 @@ def test_an_unmapped_role_names_the_row(tmp_path, monkeypatch):
     ("load_in_8bit: true\nadapter: lora\n", 5, "qlora stores the base model in 4 bits"),
     ("adapter: qlora\n", 5, "set load_in_4bit: true"),
     ("load_in_4bit: true\n", 5, "(TRL) is full fine-tuning"),
-    ("adapter: qlora\nload_in_4bit: true\ndeepspeed: deepspeed_configs/zero2.json\n", 7, "remove deepspeed"),
     ("adapter: qlora\nload_in_4bit: true\nrl: grpo\n", 7, "rl 'grpo' has no qlora counterpart"),
     ("adapter: qlora\nload_in_4bit: true\ngroup_by_length: true\n", 7, "not grouped by length"),
     ("adapter: qlora\nload_in_4bit: true\nchat_template: tokenizer_default_fallback_chatml\n", 7, "choose one"),
