@@ -122,36 +122,12 @@ def _do_train(value: Any, where: str) -> Translation:
     return [], ""
 
 
-def _do_predict(value: Any, where: str) -> Translation:
-    if value:
-        raise UsageError(f"{where}: do_predict true: LLaMA-Factory's prediction run (answers generated for "
-                         "eval_dataset, scored with BLEU/ROUGE); qlora train does not predict. Remove the key, and "
-                         "generate with qlora generate --adapter OUTPUT after training.")
-    return [], ""
-
-
 def _adapter_name_or_path(value: Any, where: str) -> Translation:
     if isinstance(value, str) and "," in value:
         raise UsageError(f"{where}: adapter_name_or_path {value!r}: several adapters, which LLaMA-Factory merges "
                          "into the base but the last; qlora continues one adapter. Merge the others first (qlora "
                          "merge) and give the merged model as model_name_or_path.")
     return [("adapter", value)], ""
-
-
-def _pissa_init(value: Any, where: str) -> Translation:
-    if value:
-        raise UsageError(f"{where}: pissa_init true: qlora has no PiSSA initialization (init: kaiming, gaussian or "
-                         "loftq); remove the PiSSA keys, or set init: loftq for an initialization that also "
-                         "accounts for the 4-bit base.")
-    return [], ""
-
-
-def _mask_history(value: Any, where: str) -> Translation:
-    if value:
-        raise UsageError(f"{where}: mask_history true: LLaMA-Factory then trains on the last answer of each "
-                         "conversation only; qlora trains on every assistant turn (train_on: assistant) or on all "
-                         "tokens (train_on: all). Remove the key, or keep only each conversation's last answer.")
-    return [], ""
 
 
 def _ray_num_workers(value: Any, where: str) -> Translation:
@@ -188,7 +164,8 @@ def _refused(key: str, why: str) -> Callable[[Any, str], Translation]:
     def refuse(value: Any, where: str) -> Translation:
         if not value:
             return [], ""
-        raise UsageError(f"{where}: {key} {value!r}: {why}")
+        shown = str(value).lower() if isinstance(value, bool) else repr(value)  # as the YAML file spells it
+        raise UsageError(f"{where}: {key} {shown}: {why}")
     return refuse
 
 
@@ -249,8 +226,17 @@ TRANSLATED: dict[str, Callable[[Any, str], Translation]] = {
                                                            "tokenizer_config.json and set chat_template: "
                                                            "tokenizer_default."),
     "eos_token": _refused("eos_token", "qlora ends turns with the chat template's own end token; remove the key."),
-    "ray_num_workers": _ray_num_workers, "do_train": _do_train, "do_predict": _do_predict,
-    "adapter_name_or_path": _adapter_name_or_path, "pissa_init": _pissa_init, "mask_history": _mask_history,
+    "ray_num_workers": _ray_num_workers, "do_train": _do_train, "adapter_name_or_path": _adapter_name_or_path,
+    "do_predict": _refused("do_predict", "LLaMA-Factory's prediction run (answers generated for eval_dataset, "
+                                         "scored with BLEU/ROUGE); qlora train does not predict. Remove the key, "
+                                         "and generate with qlora generate --adapter OUTPUT after training."),
+    "pissa_init": _refused("pissa_init", "qlora has no PiSSA initialization (init: kaiming, gaussian or loftq); "
+                                         "remove the PiSSA keys, or set init: loftq for an initialization that "
+                                         "also accounts for the 4-bit base."),
+    "mask_history": _refused("mask_history", "LLaMA-Factory then trains on the last answer of each conversation "
+                                             "only; qlora trains on every assistant turn (train_on: assistant) or on "
+                                             "all tokens (train_on: all). Remove the key, or keep only each "
+                                             "conversation's last answer."),
 }
 
 # axolotl's defaults where they differ from qlora's (ours follow the QLoRA paper): its schema's cosine schedule,
