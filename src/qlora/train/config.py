@@ -20,13 +20,12 @@ from typing import Any
 from qlora.errors import UsageError
 from qlora.model.chat_format import pinned_datetime
 from qlora.option_range import AT_LEAST_1, NON_NEGATIVE, POSITIVE, Range
-from qlora.quant import BLOCKSIZES
-from qlora.train.data.fields import parse_data_fields
-from qlora.train.foreign_keys import AXOLOTL_DEFAULTS, adapter_keys, is_axolotl, translate
-
 from qlora.optim import (
     OPTIMIZER_ALIASES, OPTIMIZERS, PLATEAU, SCHEDULE_ALIASES, SCHEDULES, check_schedule, optimizer_name, schedule_name,
 )
+from qlora.quant import BLOCKSIZES
+from qlora.train.data.fields import parse_data_fields
+from qlora.train.foreign_keys import AXOLOTL_DEFAULTS, adapter_keys, is_axolotl, translate
 
 QUANTS = ("nf4", "fp4", "none")
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
@@ -612,35 +611,28 @@ def _read_yaml(path: Path) -> tuple[dict, dict[str, int]]:
         return {}, {}
     if not isinstance(loaded, dict):
         raise UsageError(f"{path}: expected a mapping of option: value, got {type(loaded).__name__}")
-    lines: dict[str, int] = {}
-    for key_node, value_node in node.value:
-        key = str(key_node.value)
-        if key in lines:
-            raise UsageError(f"{path} line {key_node.start_mark.line + 1}: {key!r} is given twice (first on line "
-                             f"{lines[key]}); keep one.")
-        lines[key] = key_node.start_mark.line + 1
-        _refuse_nested_duplicates(value_node, path, key)
-    return loaded, lines
+    return loaded, _key_lines(node, path, "")
 
 
-def _refuse_nested_duplicates(node: Any, path: Path, where: str) -> None:
-    """A key given twice inside a mapping value (lr_scheduler_kwargs: {power: 1, power: 2}): YAML readers
-    keep the last one silently."""
+def _key_lines(node: Any, path: Path, where: str) -> dict[str, int]:
+    """``{key: line}`` of a YAML mapping node, refusing a key given twice in it or in any mapping nested in it
+    (``lr_scheduler_kwargs: {power: 1, power: 2}``): YAML readers keep the last one silently."""
     import yaml
 
     if isinstance(node, yaml.SequenceNode):
         for item in node.value:
-            _refuse_nested_duplicates(item, path, where)
+            _key_lines(item, path, where)
     if not isinstance(node, yaml.MappingNode):
-        return
+        return {}
     seen: dict[str, int] = {}
     for key_node, value_node in node.value:
         key = str(key_node.value)
         if key in seen:
-            raise UsageError(f"{path} line {key_node.start_mark.line + 1}: {where}: {key!r} is given twice (first on "
-                             f"line {seen[key]}); keep one.")
+            raise UsageError(f"{path} line {key_node.start_mark.line + 1}: {where + ': ' if where else ''}{key!r} "
+                             f"is given twice (first on line {seen[key]}); keep one.")
         seen[key] = key_node.start_mark.line + 1
-        _refuse_nested_duplicates(value_node, path, f"{where}.{key}")
+        _key_lines(value_node, path, f"{where}.{key}" if where else key)
+    return seen
 
 
 # LLaMA-Factory's pref_loss values that are one of qlora's losses: (method, loss_type).
