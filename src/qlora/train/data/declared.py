@@ -55,5 +55,5 @@ def read_declared(dataset: DeclaredDataset) -> list[Record]:
     if dataset.num_samples and records:
         repeats = -(-dataset.num_samples // len(records))
         records = (records * repeats)[:dataset.num_samples]
-    return [Record(dataset.rebuild(r.fields, f"{r.where} ({dataset.name})"), f"{r.where} ({dataset.name})")
-            for r in records]
+    wheres = [f"{r.where} ({dataset.name})" for r in records]
+    return [Record(dataset.rebuild(r.fields, where), where) for r, where in zip(records, wheres)]
