@@ -294,3 +294,20 @@ def test_a_broken_chat_template_or_chat_format_is_named(tmp_path, tiny_tokenizer
     (tmp_path / "chat_format.json").write_text('{"template": 5}')
     with pytest.raises(UsageError, match="not a valid chat format file.*template must be a str"):
         ChatFormat.load(tmp_path)
+
+
+def test_on_off_options_take_the_boolean_words_of_transformers_scripts(tmp_path, tiny_model_dir, capsys):
+    """``--packing true`` / ``--progress=False`` (HfArgumentParser's style) set the flag; another word is an
+    error naming the flag, not a missing config file."""
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"text": f"text number {i}"}) + "\n" for i in range(4)))
+    out = tmp_path / "o"
+    assert main(["train", "--model", str(tiny_model_dir), "--data", str(data), "--output", str(out), "--max-steps",
+                 "1", "--packing", "True", "--progress=false", "--gradient-checkpointing", "no", "--rslora"]) == 0
+    config = (out / "config.yaml").read_text()
+    assert "packing: true" in config and "progress: false" in config and "gradient_checkpointing: false" in config
+    assert "rslora: true" in config
+    with pytest.raises(SystemExit) as exit_:
+        main(["train", "--progress=maybe"])
+    assert exit_.value.code == 2
+    assert "--progress is on or off: give --progress or --no-progress" in capsys.readouterr().err

@@ -113,10 +113,15 @@ def test_yaml_mapping_and_string(tmp_path):
         assert parse_data_fields(config.data_fields).columns == {"instruction": "question", "output": "answer"}
 
 
-def test_data_fields_belong_to_sft_and_are_checked_before_eval_loads_a_model(tmp_path, capsys):
+def test_format_belongs_to_sft_and_data_fields_are_checked_before_eval_loads_a_model(tmp_path, capsys):
     code = main(["train", "--model", "m", "--data", "d.jsonl", "--output", str(tmp_path / "o"), "--method", "dpo",
-                 "--data-fields", "prompt=question"])
-    assert code == 2 and "--data-fields applies to --method sft" in capsys.readouterr().err
+                 "--format", "chat"])
+    err = capsys.readouterr().err
+    assert code == 2 and "--format applies to --method sft" in err and "--data-fields" in err
+    code = main(["train", "--model", str(tmp_path / "no-model"), "--data", "d.jsonl", "--output",
+                 str(tmp_path / "o"), "--method", "dpo", "--data-fields", "question=prompt"])
+    err = capsys.readouterr().err
+    assert code == 2 and "--data-fields: unknown name 'question'" in err and "Traceback" not in err
     code = main(["eval", "--model", str(tmp_path / "no-model"), "--data", "d.jsonl", "--data-fields", "q=question"])
     err = capsys.readouterr().err
     assert code == 2 and "--data-fields: unknown name 'q'" in err and "Traceback" not in err

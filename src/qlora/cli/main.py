@@ -59,6 +59,36 @@ def _alias(flag: str) -> str | None:
     return "--" + name.replace("_", "-") if name != flag[2:].replace("-", "_") else None
 
 
+# transformers' HfArgumentParser reads these as booleans (``string_to_bool``), plus on/off
+_TRUE, _FALSE = {"true", "t", "yes", "y", "1", "on"}, {"false", "f", "no", "n", "0", "off"}
+
+
+def _boolean_values(parser: argparse.ArgumentParser, command: str, argv: list[str]) -> list[str]:
+    """``--packing true``, ``--progress=False`` (how transformers' and TRL's scripts take booleans) as
+    ``--packing``, ``--no-progress``: argparse's on/off flags take no value, and the word would otherwise be
+    read as the command's positional argument."""
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[command]
+    flags = {o: a for a in sub._actions if isinstance(a, argparse.BooleanOptionalAction) for o in a.option_strings}
+    out: list[str] = []
+    i = 0
+    while i < len(argv):
+        flag, eq, value = argv[i].partition("=")
+        i += 1
+        if flag not in flags or flag.startswith("--no-"):
+            out.append(argv[i - 1])
+            continue
+        if not eq and i < len(argv) and argv[i].lower() in _TRUE | _FALSE:
+            value, i = argv[i], i + 1
+        elif not eq:
+            out.append(flag)
+            continue
+        if value.lower() not in _TRUE | _FALSE:
+            parser.exit(2, f"qlora {command}: error: {flag} is on or off: give {flag} or --no-{flag[2:]} "
+                           f"(or {flag} true/false), not {value!r}\n")
+        out.append(flag if value.lower() in _TRUE else f"--no-{flag[2:]}")
+    return out
+
+
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     parser = _Parser(prog="qlora", description="Fine-tune large language models on one GPU with QLoRA.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
@@ -76,6 +106,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"qlora: error: unknown command {command!r}; choose from {', '.join(COMMANDS)}", file=sys.stderr)
         return 2
     parser = build_parser(command)
+    if command is not None:
+        argv = _boolean_values(parser, command, argv)
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()

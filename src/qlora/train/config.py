@@ -115,7 +115,8 @@ class TrainConfig:
     format: str = _opt("auto", "data format (auto: detected from the fields of the first rows)",
                        ("auto", "alpaca", "chat", "sharegpt", "prompt-completion", "text"))
     data_fields: str = _opt("", "the dataset's names for our fields, as OURS=THEIRS,...: columns (e.g. "
-                                "instruction=question,output=answer, messages=dialog or reasoning=cot), message keys "
+                                "instruction=question,output=answer, messages=dialog, reasoning=cot, or "
+                                "prompt=question for preference and KTO rows), message keys "
                                 "(role=from,content=value) and role values (user=human,assistant=gpt)")
     template: str = _opt("auto", "chat template: auto = the model's own (if none: chatml or llama-3 when the "
                                  "vocabulary has their markers, else alpaca), tokenizer = the "
@@ -361,11 +362,10 @@ class TrainConfig:
         if self.neftune_alpha:
             raise UsageError(f"--neftune-alpha applies to --method sft (noisy embeddings for instruction tuning); "
                              f"--method {self.method} compares answers under the clean model")
-        for name, default in (("format", "auto"), ("data_fields", "")):
-            if getattr(self, name) != default:
-                raise UsageError(f"--{_flag(name)} applies to --method sft; --method {self.method} reads preference "
-                                 'rows {"prompt", "chosen", "rejected"}' + ' or {"prompt", "completion", "label"}' *
-                                 (self.method == "kto"))
+        if self.format != "auto":
+            raise UsageError(f"--format applies to --method sft; --method {self.method} reads preference rows "
+                             '{"prompt", "chosen", "rejected"}' + ' or {"prompt", "completion", "label"}' *
+                             (self.method == "kto") + " (map other column names with --data-fields)")
 
     def _validate_dpo_losses(self) -> None:
         names = [n for n, _ in self.preference_losses()]

@@ -10,7 +10,8 @@ unambiguous layouts and lets the user say the rest in one option::
     --data-fields messages=dialog,role=speaker,content=text,user=human,assistant=bot
 
 Each item is ``OURS=THEIRS``: a column (alpaca, chat, ShareGPT, prompt-completion and
-text fields, and ``reasoning``: the reasoning trace beside an alpaca or prompt-completion answer),
+text fields, ``reasoning``: the reasoning trace beside an alpaca or prompt-completion answer, and the
+preference and KTO fields ``chosen``, ``rejected``, ``label``),
 a key inside messages (``role``, ``content``), or a role value (``user``,
 ``assistant``, ``tool``, ``developer``; ``system_role`` for the system role's name,
 since ``system`` is the alpaca/ShareGPT system column).
@@ -25,7 +26,7 @@ from qlora.errors import UsageError
 from qlora.train.data.sources import Record
 
 COLUMNS = ("instruction", "input", "output", "system", "history", "messages", "conversations", "prompt",
-           "completion", "text", "tools", "reasoning")
+           "completion", "text", "tools", "reasoning", "chosen", "rejected", "label")
 # Speaker names seen in the wild (ShareGPT, glaive, LLaMA-Factory, OpenAI), mapped to chat roles.
 # ``function_call`` is an assistant turn whose value is the tool call(s) as JSON.
 ROLE_NAMES = {
@@ -94,12 +95,14 @@ class FieldMap:
         return self.roles.get(name) or ROLE_NAMES.get(name)
 
 
-def parse_data_fields(spec: str | dict | None) -> FieldMap:
-    """Parse ``--data-fields`` (``"ours=theirs,..."``, or a YAML mapping).
+def parse_data_fields(spec: str | dict | FieldMap | None) -> FieldMap:
+    """Parse ``--data-fields`` (``"ours=theirs,..."``, or a YAML mapping; a :class:`FieldMap` is returned as is).
 
     Raises:
         UsageError: an item not of the form OURS=THEIRS, an unknown OURS (listing the valid ones), or a repeat.
     """
+    if isinstance(spec, FieldMap):
+        return spec
     if not spec:
         return FieldMap()
     items = list(spec.items()) if isinstance(spec, dict) else [
@@ -127,6 +130,12 @@ def parse_data_fields(spec: str | dict | None) -> FieldMap:
     return FieldMap(columns, keys, roles)
 
 
+def prompt_column(fields: dict[str, Any]) -> str | None:
+    """The row's column whose name suggests a prompt (``question``, ``query``, ...), or None."""
+    lowered = {k.lower(): k for k in fields}
+    return next((lowered[n] for n in _PROMPT_NAMES if n in lowered), None)
+
+
 def suggest_fields(fields: dict[str, Any]) -> str:
     """A sentence suggesting a --data-fields mapping for a row no format matched ('' if none fits)."""
     lowered = {k.lower(): k for k in fields}
@@ -134,7 +143,7 @@ def suggest_fields(fields: dict[str, Any]) -> str:
     if lists:
         return (f"The field {lists[0]!r} holds a list of objects: if it is the conversation, map it with "
                 f"--data-fields messages={lists[0]} (and role=KEY,content=KEY if its entries use other keys). ")
-    prompt = next((lowered[n] for n in _PROMPT_NAMES if n in lowered), None)
+    prompt = prompt_column(fields)
     answer = next((lowered[n] for n in _ANSWER_NAMES if n in lowered and lowered[n] != prompt), None)
     if prompt and answer:
         return (f"If {prompt!r} is the prompt and {answer!r} the answer, map them with --data-fields "

@@ -147,7 +147,7 @@ def normalize(records: list[Record], fmt: str = "auto", fields: FieldMap | str |
     """
     if not records:
         raise UsageError("the dataset is empty; it needs at least one example.")
-    names = fields if isinstance(fields, FieldMap) else parse_data_fields(fields or "")
+    names = parse_data_fields(fields)
     records = [names.rename(r) for r in records]
     how = "given with --format"
     if fmt == "auto":

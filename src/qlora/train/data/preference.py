@@ -12,6 +12,12 @@ A row holds a prompt and two answers to it, ``chosen`` (preferred) and
   ``prompt`` string beside conversations, as in UltraFeedback, repeats the last user
   message and is not used).
 
+A ``system`` column (Intel/orca_dpo_pairs, jondurbin/truthy-dpo) is the system message of the
+pair's prompt: a source that has one (non-empty in any row) is read as conversations, its string
+prompts and answers as user and assistant messages, since plain text has no place for a system
+prompt (TRL's DPOTrainer leaves the column unused). Columns named otherwise are mapped with
+``--data-fields`` (``prompt=question``), message keys and roles too, as for SFT.
+
 Assistant messages may carry reasoning (``reasoning_content``/``reasoning``/``thinking``, or a
 ``<think>`` block in the content): it is placed and kept as for SFT, so each answer's reasoning
 is part of what DPO compares.
@@ -29,13 +35,14 @@ keep their start; a pair left with no answer token is skipped and reported.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Iterable, Sequence
 
 import torch
 
 from qlora.errors import UsageError
 from qlora.model.chat_format import ChatFormat
+from qlora.train.data.fields import FieldMap, parse_data_fields, prompt_column
 from qlora.train.data.formats import Example, normalize, unpaired_error, unpaired_label
 from qlora.train.data.sources import Record
 from qlora.train.data.tokenize import IGNORE_INDEX, DataReport, for_template, tokenize_example
@@ -74,10 +81,40 @@ class TokenizedPair:
     ref_logps: tuple[float, float] | None = None
 
 
-def message_tuple(value: Any, where: str, key: str) -> Messages:
-    """Validate a message list with the chat format's own checks."""
-    example = normalize([Record({"messages": value}, f'{where}, field "{key}"')], "chat")[0]
+def message_tuple(value: Any, where: str, key: str, names: FieldMap = FieldMap()) -> Messages:
+    """Validate a message list with the chat format's own checks (``names``: --data-fields' message keys and
+    role values; its columns were renamed already)."""
+    example = normalize([Record({"messages": value}, f'{where}, field "{key}"')], "chat",
+                        replace(names, columns={}))[0]
     return example.messages
+
+
+def read_as_chat(records: list[Record]) -> bool:
+    """Whether a source's rows are read as conversations: it has a non-empty ``system`` column."""
+    return any(r.fields.get("system") is not None and str(r.fields["system"]).strip() for r in records)
+
+
+def system_turn(fields: dict[str, Any], where: str) -> Messages:
+    """The row's ``system`` column as a message (none when absent or empty)."""
+    system = fields.get("system")
+    if system is None or (isinstance(system, str) and not system.strip()):
+        return ()
+    if not isinstance(system, str):
+        raise UsageError(f'{where}: field "system" must be a string (the system prompt), got {type(system).__name__}.')
+    return ({"role": "system", "content": system},)
+
+
+def with_system(prompt: Messages, fields: dict[str, Any], where: str) -> Messages:
+    """``prompt`` led by the row's system message, unless it holds one itself."""
+    if any(m["role"] == "system" for m in prompt):
+        return prompt
+    return system_turn(fields, where) + tuple(prompt)
+
+
+def missing_prompt_hint(fields: dict[str, Any]) -> str:
+    """A sentence suggesting --data-fields for a row whose prompt is under another name ('' if none is)."""
+    column = prompt_column({k: v for k, v in fields.items() if k != "prompt"})
+    return f" If {column!r} is the prompt, map it with --data-fields prompt={column}." if column else ""
 
 
 def common_prefix(a: Sequence, b: Sequence) -> int:
@@ -87,8 +124,10 @@ def common_prefix(a: Sequence, b: Sequence) -> int:
     return n
 
 
-def normalize_preferences(records: list[Record]) -> list[PreferenceExample]:
-    """Preference rows to :class:`PreferenceExample` (see the module docstring for the shapes).
+def normalize_preferences(records: list[Record], fields: FieldMap | str | dict | None = None) -> list[PreferenceExample]:
+    """Preference rows of one source to :class:`PreferenceExample` (see the module docstring for the shapes).
+
+    ``fields``: ``--data-fields``, the dataset's names for our columns, message keys and roles.
 
     Raises:
         UsageError: naming the file and line of a row with a missing or
@@ -96,10 +135,14 @@ def normalize_preferences(records: list[Record]) -> list[PreferenceExample]:
     """
     if not records:
         raise UsageError("the preference dataset is empty; it needs at least one row.")
-    return [_normalize_row(r.fields, r.where) for r in records]
+    names = parse_data_fields(fields)
+    records = [names.rename(r) for r in records]
+    chat = read_as_chat(records)
+    return [pair_from_row(r.fields, r.where, names, chat) for r in records]
 
 
-def _normalize_row(fields: dict[str, Any], where: str) -> PreferenceExample:
+def pair_from_row(fields: dict[str, Any], where: str, names: FieldMap, chat: bool) -> PreferenceExample:
+    """One renamed row as a pair; ``chat``: its source is read as conversations (:func:`read_as_chat`)."""
     need = '(preference rows need "prompt", "chosen" and "rejected": strings or message lists)'
     if "chosen" not in fields and unpaired_label(fields) is not None:
         raise unpaired_error(where)
@@ -114,12 +157,17 @@ def _normalize_row(fields: dict[str, Any], where: str) -> PreferenceExample:
         raise UsageError(f'{where}: field "prompt" must be a string or a message list {need}.')
     chosen, rejected = fields["chosen"], fields["rejected"]
     if isinstance(chosen, str) and isinstance(rejected, str) and not isinstance(prompt, list):
+        if prompt is None and chat:
+            raise UsageError(f'{where}: field "prompt" is missing; this dataset has a "system" column, so its pairs '
+                             "are conversations, and whole-text answers without a prompt cannot take a system "
+                             f"message.{missing_prompt_hint(fields)}")
         if prompt is None:
-            return _implicit_text_prompt(chosen, rejected, where, need)
-        return PreferenceExample(prompt, chosen, rejected, where)
+            return _implicit_text_prompt(chosen, rejected, where, need, missing_prompt_hint(fields))
+        if not chat:
+            return PreferenceExample(prompt, chosen, rejected, where)
     answers = []
     for key, value in (("chosen", chosen), ("rejected", rejected)):
-        answers.append(message_tuple(value, where, key) if isinstance(value, list)
+        answers.append(message_tuple(value, where, key, names) if isinstance(value, list)
                        else ({"role": "assistant", "content": value},))
     chosen_m, rejected_m = answers
     shared = common_prefix(chosen_m, rejected_m)
@@ -127,17 +175,18 @@ def _normalize_row(fields: dict[str, Any], where: str) -> PreferenceExample:
         if shared == 0 or shared == len(chosen_m) or shared == len(rejected_m):
             raise UsageError(f'{where}: "chosen" and "rejected" are whole conversations, so their shared leading '
                              "messages are the prompt; they must share at least one message and then differ.")
-        return PreferenceExample(chosen_m[:shared], chosen_m[shared:], rejected_m[shared:], where)
+        return PreferenceExample(with_system(chosen_m[:shared], fields, where), chosen_m[shared:],
+                                 rejected_m[shared:], where)
     if prompt is None:
-        raise UsageError(f'{where}: field "prompt" is missing {need}.')
+        raise UsageError(f'{where}: field "prompt" is missing {need}.{missing_prompt_hint(fields)}')
     if isinstance(prompt, list):
-        prompt_m = message_tuple(prompt, where, "prompt")
+        prompt_m = message_tuple(prompt, where, "prompt", names)
     else:
         prompt_m = ({"role": "user", "content": prompt},)
-    return PreferenceExample(prompt_m, chosen_m, rejected_m, where)
+    return PreferenceExample(with_system(prompt_m, fields, where), chosen_m, rejected_m, where)
 
 
-def _implicit_text_prompt(chosen: str, rejected: str, where: str, need: str) -> PreferenceExample:
+def _implicit_text_prompt(chosen: str, rejected: str, where: str, need: str, hint: str) -> PreferenceExample:
     """Whole texts without a prompt (Anthropic HH's ``"\\n\\nHuman: ... \\n\\nAssistant: ..."``): their
     shared start is the prompt, as TRL's ``extract_prompt`` cuts it (a space before the first
     differing character goes with the answers)."""
@@ -147,7 +196,7 @@ def _implicit_text_prompt(chosen: str, rejected: str, where: str, need: str) -> 
     if shared == 0 or shared in (len(chosen), len(rejected)):
         raise UsageError(f'{where}: field "prompt" is missing {need}; "chosen" and "rejected" would then be whole '
                          "texts whose shared start is the prompt, but they "
-                         f"{'share no start' if shared == 0 else 'do not differ after their shared start'}.")
+                         f"{'share no start' if shared == 0 else 'do not differ after their shared start'}.{hint}")
     return PreferenceExample(chosen[:shared], chosen[shared:], rejected[shared:], where)
 
 

@@ -26,9 +26,10 @@ import torch
 
 from qlora.errors import UsageError
 from qlora.model.chat_format import ChatFormat
+from qlora.train.data.fields import FieldMap, parse_data_fields
 from qlora.train.data.formats import unpaired_label
 from qlora.train.data.preference import (Messages, PreferenceExample, common_prefix, full_ids, message_tuple,
-                                         normalize_preferences, prompt_ids)
+                                         missing_prompt_hint, pair_from_row, prompt_ids, read_as_chat, with_system)
 from qlora.train.data.sources import Record
 from qlora.train.data.tokenize import IGNORE_INDEX, DataReport
 
@@ -58,32 +59,37 @@ class TokenizedUnpaired:
     truncated: bool = False
 
 
-def normalize_unpaired(records: list[Record]) -> list[UnpairedExample]:
-    """Unpaired rows (and preference pairs, unpaired) to :class:`UnpairedExample`.
+def normalize_unpaired(records: list[Record], fields: FieldMap | str | dict | None = None) -> list[UnpairedExample]:
+    """Unpaired rows (and preference pairs, unpaired) of one source to :class:`UnpairedExample`; ``fields``,
+    a ``system`` column and message lists are read as for preference pairs (:mod:`.preference`).
 
     Raises:
         UsageError: naming the file and line of a row with a missing or malformed field.
     """
     if not records:
         raise UsageError("the KTO dataset is empty; it needs at least one row.")
+    names = parse_data_fields(fields)
+    records = [names.rename(r) for r in records]
+    chat = read_as_chat(records)
     out: list[UnpairedExample] = []
     for r in records:
         if "chosen" in r.fields and "rejected" in r.fields:
-            pair: PreferenceExample = normalize_preferences([r])[0]
+            pair: PreferenceExample = pair_from_row(r.fields, r.where, names, chat)
             out += [UnpairedExample(pair.prompt, pair.chosen, True, r.where),
                     UnpairedExample(pair.prompt, pair.rejected, False, r.where)]
         else:
-            out.append(_normalize_row(r.fields, r.where))
+            out.append(_normalize_row(r.fields, r.where, names, chat))
     return out
 
 
-def _normalize_row(fields: dict, where: str) -> UnpairedExample:
+def _normalize_row(fields: dict, where: str, names: FieldMap, chat: bool) -> UnpairedExample:
     need = ('(KTO rows need "prompt", "completion" (strings or message lists) and "label" (true: a desirable '
             'completion, false: an undesirable one), or preference pairs "prompt", "chosen", "rejected")')
     for key in ("prompt", "completion"):
         value = fields.get(key)
         if value is None:
-            raise UsageError(f'{where}: field "{key}" is missing {need}; the fields are {sorted(fields)}.')
+            hint = missing_prompt_hint(fields) if key == "prompt" else ""
+            raise UsageError(f'{where}: field "{key}" is missing {need}; the fields are {sorted(fields)}.{hint}')
         if not isinstance(value, (str, list)) or (key == "completion" and not value) or (
                 isinstance(value, str) and key == "completion" and not value.strip()):
             raise UsageError(f'{where}: field "{key}" must be a non-empty string or message list {need}.')
@@ -91,15 +97,15 @@ def _normalize_row(fields: dict, where: str) -> UnpairedExample:
     if label is None:
         raise UsageError(f'{where}: field "label" must be true or false {need}; got {fields.get("label")!r}.')
     prompt, completion = fields["prompt"], fields["completion"]
-    if isinstance(prompt, str) and isinstance(completion, str):
+    if isinstance(prompt, str) and isinstance(completion, str) and not chat:
         return UnpairedExample(prompt, completion, label, where)
-    prompt_m = (message_tuple(prompt, where, "prompt") if isinstance(prompt, list)
+    prompt_m = (message_tuple(prompt, where, "prompt", names) if isinstance(prompt, list)
                 else ({"role": "user", "content": prompt},))
-    completion_m = (message_tuple(completion, where, "completion") if isinstance(completion, list)
+    completion_m = (message_tuple(completion, where, "completion", names) if isinstance(completion, list)
                     else ({"role": "assistant", "content": completion},))
     if not any(m["role"] == "assistant" for m in completion_m):
         raise UsageError(f'{where}: "completion" has no assistant message; it is the answer KTO judges.')
-    return UnpairedExample(prompt_m, completion_m, label, where)
+    return UnpairedExample(with_system(prompt_m, fields, where), completion_m, label, where)
 
 
 def tokenize_unpaired(examples: list[UnpairedExample], tokenizer, chat_template: str | ChatFormat,
