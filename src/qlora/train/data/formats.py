@@ -13,7 +13,9 @@ quirks are handled here and nowhere else:
   assistant turns (LIMA), with content given as
   text parts, tool calls, tool results and a per-row ``tools`` column;
 - TRL's prompt-completion (``prompt``/``completion``: strings, or message lists);
-- plain ``text``.
+- plain ``text``;
+- OpenAssistant's message trees, read as chat: each tree's top-ranked thread
+  (:mod:`qlora.train.data.message_trees`).
 
 Reasoning traces (an assistant message's ``reasoning_content``/``reasoning``/``thinking``, or such a
 column beside an alpaca or prompt-completion answer) are kept under their own name; where they go
@@ -31,6 +33,7 @@ from typing import Any, Callable
 
 from qlora.errors import UsageError
 from qlora.train.data.fields import ROLE_NAMES, FieldMap, parse_data_fields, suggest_fields
+from qlora.train.data.message_trees import is_message_tree, top_threads
 from qlora.train.data.reasoning import REASONING_KEYS, THINK_CLOSE, message_reasoning, split_think
 from qlora.train.data.sources import Record
 
@@ -149,6 +152,8 @@ def normalize(records: list[Record], fmt: str = "auto", fields: FieldMap | str |
         raise UsageError("the dataset is empty; it needs at least one example.")
     names = parse_data_fields(fields)
     records = [names.rename(r) for r in records]
+    if fmt in ("auto", "chat") and is_message_tree(records[0].fields):
+        records = top_threads(records)
     how = "given with --format"
     if fmt == "auto":
         fmt = detect_format(records)
