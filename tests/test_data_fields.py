@@ -59,6 +59,8 @@ def test_common_variants_are_detected_without_options():
      "--data-fields instruction=question,output=answer"),
     ({"dialog": [{"speaker": "a", "text": "b"}]}, "['dialog']", "--data-fields messages=dialog"),
     ({"foo": 1}, "['foo']", "--data-fields OURS=THEIRS"),
+    ({"content": "def f():\n    return 1\n", "lang": "python", "path": "a.py"}, "['content', 'lang', 'path']",
+     "If 'content' holds text to train on whole (as in pre-training), map it with --data-fields text=content"),
 ])
 def test_failed_detection_lists_the_fields_and_how_to_map_them(row, found, hint):
     with pytest.raises(UsageError, match="cannot tell the data format") as info:

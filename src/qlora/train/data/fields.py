@@ -150,4 +150,10 @@ def suggest_fields(fields: dict[str, Any]) -> str:
                 f"instruction={prompt},output={answer} (add input=COLUMN for a context the model must see); "
                 "such names are not mapped automatically because datasets that use them often carry other "
                 "columns the model needs. ")
+    texts = [k for k, v in fields.items() if isinstance(v, str) and v.strip()]
+    if texts:
+        longest = max(texts, key=lambda k: len(fields[k]))
+        return (f"If {longest!r} holds text to train on whole (as in pre-training), map it with --data-fields "
+                f"text={longest}; if the rows hold a prompt and an answer, map them with --data-fields "
+                "instruction=COLUMN,output=COLUMN. ")
     return "Map your fields with --data-fields OURS=THEIRS (e.g. instruction=question,output=answer). "
