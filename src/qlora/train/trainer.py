@@ -52,6 +52,7 @@ from qlora.train.data import (
     tokenize_dataset,
 )
 from qlora.train.data.selection import hold_out, read_sources
+from qlora.train.data.text_blocks import text_blocks
 from qlora.train.loss import chunked_loss_matches, model_inputs, token_loss_sum
 from qlora.train.metrics import MetricsLogger, NullMetrics, gpu_memory_gib
 from qlora.train.neftune import add_neftune
@@ -245,7 +246,8 @@ class Trainer:
         if self.template_fallback:
             self.metrics.write(fallback_note(self.tokenizer))
         self.metrics.write(f"data: {self.report.summary()}; {len(self.train_units)} "
-                           f"{'packed rows' if cfg.packing else 'examples'}, {self.total_steps} steps")
+                           f"{'packed rows' if cfg.packing else 'blocks' if cfg.group_texts else 'examples'}, "
+                           f"{self.total_steps} steps")
 
     def _check_output(self) -> Path | None:
         cfg = self.config
@@ -364,6 +366,8 @@ class Trainer:
 
     def _tokenize(self, examples):
         cfg = self.config
+        if cfg.group_texts:  # LLaMA-Factory's stage pt: blocks cut from the texts' stream
+            return text_blocks(examples, self.tokenizer, cfg.seq_len, cfg.group_texts, cfg.group_shards, cfg.template)
         tokenized, report = tokenize_dataset(examples, self.tokenizer, self.chat_format, cfg.train_on, cfg.seq_len,
                                              stop_ids=self._stop_ids())
         if cfg.packing:
