@@ -186,3 +186,24 @@ def test_llama_factory_pt_settings_it_refuses_are_refused_by_line(tmp_path, text
 def test_group_texts_combinations_are_checked(options, message):
     with pytest.raises(UsageError, match=re.escape(message)):
         TrainConfig(model="m", data="d", output="o", **options).validate()
+
+
+def test_a_llama_factory_pt_run_trains_on_blocks(tiny_model_dir, tmp_path, capsys, monkeypatch):
+    """LLaMA-Factory's pre-training example shape end to end: a c4_demo-style registered dataset, stage pt."""
+    import json
+
+    from qlora.cli.main import main
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "dataset_info.json").write_text(json.dumps({"c4_demo": {"file_name": "c4.jsonl",
+                                                                                 "columns": {"prompt": "text"}}}))
+    (tmp_path / "data" / "c4.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in _TEXTS))
+    (tmp_path / "run.yaml").write_text(_LF_PT.replace("model_name_or_path: m", f"model_name_or_path: {tiny_model_dir}")
+                                       .replace("cutoff_len: 64", "cutoff_len: 8") + "max_steps: 1\n"
+                                       "per_device_train_batch_size: 2\n")
+    assert main(["train", "run.yaml", "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    blocks = re.search(r"data: 23 texts, (\d+) tokens with their EOS, cut into (\d+) blocks of 8 tokens \((\d+) left "
+                       r"over at the ends of groups, not trained\); \2 blocks", out)
+    assert blocks and int(blocks[1]) == 8 * int(blocks[2]) + int(blocks[3]) and int(blocks[3]) < 8 * 16
