@@ -157,10 +157,51 @@ def test_unusable_entries_are_named(registry, spec, message):
 
 
 def test_num_samples_beyond_the_rows_repeats_them(registry):
-    """LLaMA-Factory's num_samples above the row count up-samples: every row once, then repeats."""
+    """LLaMA-Factory's num_samples above the row count up-samples: every row once, then drawn again
+    (with qlora's default seed 42: the permutation 0 1 2, then rows 0 and 2)."""
     got = [e.messages[0]["content"] for e in _sft("five", registry)]
     assert got == ["Add 2 and 3.\nShow the sum.", "Name a colour.", "Say hi.", "Add 2 and 3.\nShow the sum.",
-                   "Name a colour."]
+                   "Say hi."]
+
+
+def _lf_num_samples(seed: int, declared: list[tuple[int, int]]) -> list[list[int]]:
+    """LLaMA-Factory's loader (src/llamafactory/data/loader.py, _load_single_dataset), for each dataset in turn
+    after transformers.set_seed(seed) seeded numpy's global generator."""
+    import numpy as np
+
+    np.random.seed(seed)
+    picked = []
+    for rows, target_num in declared:
+        indexes = np.random.permutation(rows)[:target_num]
+        target_num -= len(indexes)
+        if target_num > 0:
+            indexes = np.concatenate((indexes, np.random.choice(rows, target_num)), axis=0)
+        picked.append(indexes.tolist())
+    return picked
+
+
+def test_num_samples_are_drawn_as_llama_factory_draws_them_with_the_run_seed(registry):
+    """Each dataset's draw continues the same seeded generator, in the order of --data; the same seed reads the
+    same rows (a rerun, a --resume), another seed others."""
+    import numpy as np
+
+    info = json.loads((registry / "dataset_info.json").read_text())
+    info |= {"four": {"file_name": "ten.jsonl", "columns": {"prompt": "text"}, "num_samples": 4},
+             "thirteen": {"file_name": "ten.jsonl", "columns": {"prompt": "text"}, "num_samples": 13}}
+    (registry / "dataset_info.json").write_text(json.dumps(info))
+    (registry / "ten.jsonl").write_text("".join(json.dumps({"text": f"row {i}"}) + "\n" for i in range(10)))
+
+    def rows(seed):
+        got = read_sources("four,thirteen", "train", None, 0, lambda records: normalize(records, "text"),
+                           str(registry), np.random.RandomState(seed))
+        return [int(e.text.split()[1]) for e in got]
+
+    assert rows(3) == [5, 4, 1, 2] + [3, 8, 2, 1, 9, 4, 0, 6, 7, 5, 1, 6, 2]  # numpy 1.x/2.x's MT19937 stream
+    assert rows(3) == [i for picked in _lf_num_samples(3, [(10, 4), (10, 13)]) for i in picked]
+    assert rows(11) == [i for picked in _lf_num_samples(11, [(10, 4), (10, 13)]) for i in picked] != rows(3)
+    got = read_sources("four", "train", None, 2, lambda records: normalize(records, "text"), str(registry),
+                       np.random.RandomState(3))
+    assert [e.text for e in got] == ["row 5", "row 4"]  # max_samples then keeps the first of the drawn rows
 
 
 def test_preference_and_kto_rows_are_refused_rather_than_trained_without_their_tools_or_label(registry):

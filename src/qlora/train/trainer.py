@@ -193,6 +193,9 @@ class Trainer:
         cfg = self.config
         resume_from = self._check_output()
         # Read (and so check) the data before the model: a bad file fails in seconds, not after the load.
+        # LLaMA-Factory's num_samples draws come from one generator seeded with the run's seed, train then eval
+        # datasets, so a rerun or a resume reads the same rows.
+        self.sample_rng = np.random.RandomState(cfg.seed)
         train_examples = self._read_data(cfg.data, cfg.data_split)
         eval_examples = self._read_data(cfg.eval_data, cfg.eval_data_split) if cfg.eval_data else None
         if cfg.eval_split:
@@ -362,7 +365,8 @@ class Trainer:
     def _read_data(self, source: str, split: str):
         cfg = self.config
         return read_sources(source, split, cfg.data_subset, cfg.max_samples,
-                            lambda records: normalize(records, cfg.format, cfg.data_fields), cfg.dataset_dir)
+                            lambda records: normalize(records, cfg.format, cfg.data_fields), cfg.dataset_dir,
+                            self.sample_rng)
 
     def _tokenize(self, examples):
         cfg = self.config

@@ -23,8 +23,8 @@ LLaMA-Factory's converters build it:
 Entries' defaults are LLaMA-Factory's: without ``columns`` the alpaca columns are
 ``instruction``/``input``/``output`` and the sharegpt one ``conversations``; a ``columns``
 mapping names every column used. Rows it would skip as malformed are errors here,
-naming the row. ``num_samples`` keeps the first rows, or, when it exceeds them, repeats the rows in
-order until it is reached (LLaMA-Factory draws them at random, every row once before any repeat).
+naming the row. ``num_samples`` draws the rows as LLaMA-Factory does, from a generator seeded with the
+run's seed (:func:`qlora.train.data.declared.sample_indices`): every row once before any repeat.
 """
 
 from __future__ import annotations
