@@ -198,10 +198,10 @@ class TrainConfig:
                                       "off by default until measured on a GPU; CPU runs keep the PyTorch path)")
     fsdp: bool = _opt(False, "under torchrun: shard the 4-bit base over the ranks with FSDP2 (default: DDP replicas)")
     packing: bool = _opt(False, "pack short examples into --seq-len rows (examples never attend to each other)")
-    group_texts: int = _opt(0, "pre-train on plain texts as LLaMA-Factory's stage pt does: each text + EOS, every N "
-                               "texts concatenated and cut into --seq-len blocks (a group's remainder dropped; texts in "
-                               "a block attend to each other; tokens equal to the pad token get no loss). 0: each text "
-                               "is its own example", range=NON_NEGATIVE)
+    group_texts: int = _opt(0, "pre-train on plain texts as LLaMA-Factory's stage pt does: each text + EOS, every "
+                               "N texts concatenated and cut into --seq-len blocks (a group's remainder dropped; "
+                               "texts in a block attend to each other; tokens equal to the pad token get no loss). "
+                               "0: each text is its own example", range=NON_NEGATIVE)
     group_shards: int = _opt(1, "with --group-texts: split the texts into this many contiguous parts first and group "
                                 "each on its own (LLaMA-Factory's preprocessing_num_workers)", range=AT_LEAST_1)
     precision: str = _opt("auto", "compute dtype: auto = bf16 on CUDA (fp16 without bf16), fp32 on CPU", PRECISIONS)
@@ -752,7 +752,8 @@ def _pretrain_blocks(out: dict, lines: dict[str, int], path: Path) -> None:
         return  # each text on its own
     for key, value in (("preprocessing_batch_size", batch), ("preprocessing_num_workers", workers)):
         if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
-            raise UsageError(f"{path} line {lines.get(key, '?')}: {key} must be a positive whole number, got {value!r}.")
+            raise UsageError(f"{path} line {lines.get(key, '?')}: {key} must be a positive whole number, "
+                             f"got {value!r}.")
     out["group_texts"], out["group_shards"] = batch, workers or 1
     lines.setdefault("group_texts", lines.get("preprocessing_batch_size", lines.get("stage", 0)))
     lines.setdefault("group_shards", lines.get("preprocessing_num_workers", lines.get("stage", 0)))

@@ -15,11 +15,13 @@ rather than on one example per text:
    replaced by BOS (not inserted: the block keeps its length).
 
 Every token is a label except those equal to the pad token (pad, else EOS, as LLaMA-Factory pads
-with EOS when a tokenizer has none; its llama3 and chatml templates first replace the EOS, and
-under llama3 the appended text is <|end_of_text|>: :func:`end_tokens`): transformers' ``DataCollatorForLanguageModeling``, which
-LLaMA-Factory's stage pt uses, gives those no loss, so with pad = EOS the EOS between texts is
-not trained. The texts of a block attend to each other (plain causal attention, positions 0..L-1):
-unlike ``--packing``, nothing keeps them apart, exactly as in LLaMA-Factory.
+with EOS when a tokenizer has none; its llama3 and chatml templates first replace the EOS, and under
+llama3 the appended text is <|end_of_text|>: :func:`end_tokens`): transformers'
+``DataCollatorForLanguageModeling``, which LLaMA-Factory's stage pt uses, gives those no loss, so with
+pad = EOS the EOS between texts is not trained. The texts of a block attend to each other (plain causal
+attention, positions 0..L-1): unlike ``--packing``, nothing keeps them apart, exactly as in
+LLaMA-Factory. qlora's ``--packing`` (:mod:`qlora.train.data.packing`) is not reused: it keeps whole
+examples apart in rows of at most ``--seq-len`` tokens, where these blocks cut texts anywhere.
 """
 
 from __future__ import annotations
