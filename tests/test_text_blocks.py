@@ -207,3 +207,13 @@ def test_a_llama_factory_pt_run_trains_on_blocks(tiny_model_dir, tmp_path, capsy
     blocks = re.search(r"data: 23 texts, (\d+) tokens with their EOS, cut into (\d+) blocks of 8 tokens \((\d+) left "
                        r"over at the ends of groups, not trained\); \2 blocks", out)
     assert blocks and int(blocks[1]) == 8 * int(blocks[2]) + int(blocks[3]) and int(blocks[3]) < 8 * 16
+
+
+def test_a_batch_larger_than_the_blocks_is_refused(tiny_model_dir, tmp_path, capsys):
+    from qlora.cli.main import main
+
+    (tmp_path / "texts.jsonl").write_text("".join('{"text": "%s"}\n' % t for t in _TEXTS))
+    assert main(["train", "--model", str(tiny_model_dir), "--data", str(tmp_path / "texts.jsonl"), "--output",
+                 str(tmp_path / "out"), "--group-texts", "1000", "--seq-len", "64", "--batch-size", "8",
+                 "--max-steps", "1", "--no-progress"]) == 2
+    assert re.search(r"--batch-size 8 is more than the \d blocks of --seq-len 64 tokens", capsys.readouterr().err)

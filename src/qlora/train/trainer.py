@@ -209,6 +209,10 @@ class Trainer:
         self.template_fallback = (cfg.template == "auto" and own_template(self.tokenizer) is None
                                   and any(e.messages is not None for e in train_examples))
         self.train_units, self.report = self._tokenize(train_examples)
+        if cfg.group_texts and cfg.batch_size > len(self.train_units):  # fewer blocks than texts
+            raise UsageError(f"--batch-size {cfg.batch_size} is more than the {len(self.train_units)} blocks of "
+                             f"--seq-len {cfg.seq_len} tokens that the texts of {cfg.data} make; lower --batch-size "
+                             "or --seq-len (cutoff_len).")
         self.eval_units = self._tokenize(eval_examples)[0] if eval_examples else []
         self.dist.barrier()  # every rank has checked --output before rank 0 changes it
         if cfg.overwrite and not cfg.resume and self.out.exists() and self.dist.is_main:
