@@ -701,6 +701,8 @@ def _llama_factory(loaded: dict, lines: dict[str, int], path: Path,
         method = "sft"
         out.setdefault("format", "text")
         _pretrain_blocks(out, lines, path)
+    elif stage == "sft" and (out.get("packing") is True or out.get("neat_packing") is True):
+        _sft_packing(out, path)
     if loss is not None:
         if stage not in (None, "dpo"):
             raise UsageError(f"{where['pref_loss']}: pref_loss applies to stage dpo; this config is stage {stage}.")
@@ -760,6 +762,21 @@ def _pretrain_blocks(out: dict, lines: dict[str, int], path: Path) -> None:
     seq_key = next((k for k in out if canonical_name(str(k)) == "seq_len"), None)
     if packing is True and seq_key is not None and isinstance(out[seq_key], int):
         out[seq_key] -= 1
+
+
+def _sft_packing(out: dict, path: Path) -> None:
+    """LLaMA-Factory's SFT packing: its DataArguments lower ``cutoff_len`` by one when packing is on, so examples
+    are cut, and rows filled, to one token less; qlora's --seq-len is set to that. Its rows are filled by a greedy
+    knapsack over each preprocessing batch where qlora fills them in a shuffled order, which changes which examples
+    share a row but not what each is trained on under neat_packing (examples kept apart, as qlora's --packing).
+    Without neat_packing its packed examples attend to each other; qlora keeps them apart, and says so."""
+    seq_key = next((k for k in out if canonical_name(str(k)) == "seq_len"), None)
+    if seq_key is not None and isinstance(out[seq_key], int):
+        out[seq_key] -= 1
+    if not out.get("neat_packing"):
+        print(f"qlora train: {path}: packing without neat_packing lets LLaMA-Factory's packed examples attend to "
+              "each other; qlora's packing keeps them apart (LLaMA-Factory's neat_packing), so each example trains "
+              "as if alone.", file=sys.stderr)
 
 
 def _llama_factory_defaults(out: dict, lines: dict[str, int], line: int) -> dict[str, Any]:
