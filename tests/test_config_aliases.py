@@ -232,7 +232,19 @@ def test_llama_factory_packing_prompt_and_strategy_keys(tmp_path, capsys):
     cfg = load_config(_yaml(tmp_path, _LLAMA_FACTORY + "train_on_prompt: true\nneat_packing: true\n"
                                                        "eval_strategy: steps\nval_size: 0.1\neval_steps: 50\n"), {})
     assert (cfg.train_on, cfg.packing, cfg.eval_split, cfg.eval_steps) == ("all", True, 0.1, 50)
-    assert "eval_strategy" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "eval_strategy" in err and "attend to each other" not in err
+    assert cfg.seq_len == 2047  # LLaMA-Factory lowers cutoff_len by one when it packs
+
+
+def test_llama_factory_packing_without_neat_packing_is_named_as_kept_apart(tmp_path, capsys):
+    """LLaMA-Factory's packing alone lets packed examples attend to each other; qlora's packing never does."""
+    cfg = load_config(_yaml(tmp_path, _LLAMA_FACTORY + "packing: true\n"), {})
+    assert (cfg.packing, cfg.seq_len) == (True, 2047)
+    assert "packing without neat_packing lets LLaMA-Factory's packed examples attend to each other" in (
+        capsys.readouterr().err)
+    cfg = load_config(_yaml(tmp_path, _LLAMA_FACTORY + "packing: false\n"), {})
+    assert (cfg.packing, cfg.seq_len) == (False, 2048)
 
 
 def test_preference_keys_of_trl_and_llama_factory(tmp_path):

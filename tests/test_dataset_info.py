@@ -157,10 +157,51 @@ def test_unusable_entries_are_named(registry, spec, message):
 
 
 def test_num_samples_beyond_the_rows_repeats_them(registry):
-    """LLaMA-Factory's num_samples above the row count up-samples: every row once, then repeats."""
+    """LLaMA-Factory's num_samples above the row count up-samples: every row once, then drawn again
+    (with qlora's default seed 42: the permutation 0 1 2, then rows 0 and 2)."""
     got = [e.messages[0]["content"] for e in _sft("five", registry)]
     assert got == ["Add 2 and 3.\nShow the sum.", "Name a colour.", "Say hi.", "Add 2 and 3.\nShow the sum.",
-                   "Name a colour."]
+                   "Say hi."]
+
+
+def _lf_num_samples(seed: int, declared: list[tuple[int, int]]) -> list[list[int]]:
+    """LLaMA-Factory's loader (src/llamafactory/data/loader.py, _load_single_dataset), for each dataset in turn
+    after transformers.set_seed(seed) seeded numpy's global generator."""
+    import numpy as np
+
+    np.random.seed(seed)
+    picked = []
+    for rows, target_num in declared:
+        indexes = np.random.permutation(rows)[:target_num]
+        target_num -= len(indexes)
+        if target_num > 0:
+            indexes = np.concatenate((indexes, np.random.choice(rows, target_num)), axis=0)
+        picked.append(indexes.tolist())
+    return picked
+
+
+def test_num_samples_are_drawn_as_llama_factory_draws_them_with_the_run_seed(registry):
+    """Each dataset's draw continues the same seeded generator, in the order of --data; the same seed reads the
+    same rows (a rerun, a --resume), another seed others."""
+    import numpy as np
+
+    info = json.loads((registry / "dataset_info.json").read_text())
+    info |= {"four": {"file_name": "ten.jsonl", "columns": {"prompt": "text"}, "num_samples": 4},
+             "thirteen": {"file_name": "ten.jsonl", "columns": {"prompt": "text"}, "num_samples": 13}}
+    (registry / "dataset_info.json").write_text(json.dumps(info))
+    (registry / "ten.jsonl").write_text("".join(json.dumps({"text": f"row {i}"}) + "\n" for i in range(10)))
+
+    def rows(seed):
+        got = read_sources("four,thirteen", "train", None, 0, lambda records: normalize(records, "text"),
+                           str(registry), np.random.RandomState(seed))
+        return [int(e.text.split()[1]) for e in got]
+
+    assert rows(3) == [5, 4, 1, 2] + [3, 8, 2, 1, 9, 4, 0, 6, 7, 5, 1, 6, 2]  # numpy 1.x/2.x's MT19937 stream
+    assert rows(3) == [i for picked in _lf_num_samples(3, [(10, 4), (10, 13)]) for i in picked]
+    assert rows(11) == [i for picked in _lf_num_samples(11, [(10, 4), (10, 13)]) for i in picked] != rows(3)
+    got = read_sources("four", "train", None, 2, lambda records: normalize(records, "text"), str(registry),
+                       np.random.RandomState(3))
+    assert [e.text for e in got] == ["row 5", "row 4"]  # max_samples then keeps the first of the drawn rows
 
 
 def test_preference_and_kto_rows_are_refused_rather_than_trained_without_their_tools_or_label(registry):
@@ -207,3 +248,65 @@ def test_a_llama_factory_run_trains_on_registered_names(registry, tiny_model_dir
     config.write_text(config.read_text().replace("output_dir: out", "output_dir: out2") + "dataset_dir: nowhere\n")
     assert main(["train", str(config), "--no-progress"]) == 2
     assert "alpaca_demo" in capsys.readouterr().err
+
+
+_OPENAI_TAGS = {"role_tag": "role", "content_tag": "content", "user_tag": "user", "assistant_tag": "assistant",
+                "observation_tag": "tool", "function_tag": "function_call", "system_tag": "system"}
+_CALL = {"id": "c1", "type": "function", "function": {"name": "add", "arguments": "{\"a\": 2, \"b\": 2}"}}
+_OPENAI = [
+    {"messages": [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Hi"},
+                  {"role": "assistant", "content": "Hello."}]},
+    {"messages": [{"role": "user", "content": "What is 2 plus 2, and 2 plus 3?"},
+                  {"role": "assistant", "content": None, "tool_calls": [_CALL, _CALL]},
+                  {"role": "tool", "content": "4", "tool_call_id": "c1"}, {"role": "tool", "content": "5"},
+                  {"role": "assistant", "content": "4 and 5."}], "tools": json.loads(_TOOLS)},
+    {"messages": [{"role": "user", "content": "Think."}, {"role": "assistant", "content": "Done."}],
+     "system": "Reason. detailed thinking on"},
+]
+
+
+def test_openai_entries_are_read_as_llama_factorys_openai_converter_reads_them(registry, tmp_path):
+    """LLaMA-Factory's formatting openai (src/llamafactory/data/converter.py, OpenAIDatasetConverter): tool_calls
+    become one function turn (the JSON list of the calls' "function" objects), consecutive tool results one
+    observation, and the system prompt its "detailed thinking off" convention."""
+    info = json.loads((registry / "dataset_info.json").read_text())
+    info["oai"] = {"file_name": "oai.jsonl", "formatting": "openai", "tags": _OPENAI_TAGS,
+                   "columns": {"messages": "messages", "system": "system", "tools": "tools"}}
+    (registry / "dataset_info.json").write_text(json.dumps(info))
+    (registry / "oai.jsonl").write_text("".join(json.dumps(r) + "\n" for r in _OPENAI))
+    functions = json.dumps([_CALL["function"], _CALL["function"]])
+    expected = _direct([
+        {"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello."}],
+         "system": "You are terse.\ndetailed thinking off"},
+        {"conversations": [{"from": "human", "value": "What is 2 plus 2, and 2 plus 3?"},
+                           {"from": "function_call", "value": functions},
+                           {"from": "observation", "value": "4\n</tool_response>\n<tool_response>\n5"},
+                           {"from": "gpt", "value": "4 and 5."}], "tools": _TOOLS},  # tools: no system added
+        {"conversations": [{"from": "human", "value": "Think."}, {"from": "gpt", "value": "Done."}],
+         "system": "Reason. detailed thinking on"},
+    ], tmp_path)
+    got = _sft("oai", registry)
+    assert _messages(got) == _messages(expected)
+    assert got[1].messages[1]["tool_calls"][1]["function"] == {"name": "add", "arguments": {"a": 2, "b": 2}}
+    assert got[1].messages[2] == {"role": "tool", "content": "4\n</tool_response>\n<tool_response>\n5"}
+    assert got[1].messages[0]["role"] == "user" and got[1].tools == tuple(json.loads(_TOOLS))
+
+    # without a system column or message and without tools: LLaMA-Factory's system prompt is the switch alone
+    (registry / "oai.jsonl").write_text(json.dumps({"messages": _OPENAI[2]["messages"], "system": None,
+                                                    "tools": ""}) + "\n")
+    assert _sft("oai", registry)[0].messages[0] == {"role": "system", "content": "detailed thinking off"}
+    # a row LLaMA-Factory would skip is an error naming it
+    (registry / "oai.jsonl").write_text(json.dumps({"messages": [{"role": "assistant", "content": "x"}], "system": "",
+                                                    "tools": ""}) + "\n")
+    with pytest.raises(UsageError, match=r"oai.jsonl line 1 \(oai\), message 0: speaker 'assistant' where 'user' or "
+                                         r"'tool' must come"):
+        _sft("oai", registry)
+
+
+def test_an_unknown_formatting_is_refused_with_llama_factorys_formats(registry):
+    info = json.loads((registry / "dataset_info.json").read_text()) | {"x": {"file_name": "a.json",
+                                                                            "formatting": "chatml"}}
+    (registry / "dataset_info.json").write_text(json.dumps(info))
+    with pytest.raises(UsageError, match=r"dataset_info.json, dataset 'x': formatting 'chatml'; LLaMA-Factory's "
+                                         r"formats are alpaca, sharegpt and openai\."):
+        _sft("x", registry)

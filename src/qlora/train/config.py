@@ -51,7 +51,8 @@ _RUN_DEFINING = (
     "rslora", "rank_pattern", "alpha_pattern", "lora_bias", "bias", "dora", "init", "loftq_iter", "seq_len", "batch_size", "grad_accum", "lr", "lr_scheduler",
     "lr_scheduler_kwargs", "warmup_ratio", "warmup_steps",
     "epochs", "max_steps", "optim", "max_samples", "eval_split", "lora_plus_ratio", "neftune_alpha",
-    "weight_decay", "adam_beta1", "adam_beta2", "adam_epsilon", "max_grad_norm", "packing", "template", "format",
+    "weight_decay", "adam_beta1", "adam_beta2", "adam_epsilon", "max_grad_norm", "packing", "group_texts",
+    "group_shards", "template", "format",
     "data_fields",
     "system_into_user",
     "train_on", "seed", "precision", "chunked_ce", "add_special_tokens", "adalora", "adalora_init_r", "adalora_target_r",
@@ -198,6 +199,12 @@ class TrainConfig:
                                       "off by default until measured on a GPU; CPU runs keep the PyTorch path)")
     fsdp: bool = _opt(False, "under torchrun: shard the 4-bit base over the ranks with FSDP2 (default: DDP replicas)")
     packing: bool = _opt(False, "pack short examples into --seq-len rows (examples never attend to each other)")
+    group_texts: int = _opt(0, "pre-train on plain texts as LLaMA-Factory's stage pt does: each text + EOS, every "
+                               "N texts concatenated and cut into --seq-len blocks (a group's remainder dropped; "
+                               "texts in a block attend to each other; tokens equal to the pad token get no loss). "
+                               "0: each text is its own example", range=NON_NEGATIVE)
+    group_shards: int = _opt(1, "with --group-texts: split the texts into this many contiguous parts first and group "
+                                "each on its own (LLaMA-Factory's preprocessing_num_workers)", range=AT_LEAST_1)
     precision: str = _opt("auto", "compute dtype: auto = bf16 on CUDA (fp16 without bf16), fp32 on CPU", PRECISIONS)
     seed: int = _opt(42, "random seed (data order, dropout, initialization)", range=Range(0, 2**32 - 1))
     logging_steps: int = _opt(1, "optimizer steps between metric records", range=AT_LEAST_1)
@@ -279,6 +286,13 @@ class TrainConfig:
         if self.init == "loftq" and self.quant == "none":
             raise UsageError("--init loftq picks a 4-bit base; it needs --quant nf4 or fp4")
         self._validate_method()
+        if self.group_texts and self.packing:
+            raise UsageError("--group-texts and --packing both lay several texts in a row; --group-texts cuts their "
+                             "stream into blocks where texts attend to each other (LLaMA-Factory's stage pt), "
+                             "--packing keeps whole examples apart: give one.")
+        if self.group_shards != 1 and not self.group_texts:
+            raise UsageError(f"--group-shards {self.group_shards} splits the texts that --group-texts groups; "
+                             "this run has no --group-texts.")
         if self.eval_split and self.eval_data:
             raise UsageError("--eval-split holds out part of --data for evaluation; this run has --eval-data "
                              f"{self.eval_data} for that: give one of the two.")
@@ -356,6 +370,9 @@ class TrainConfig:
             if self.simpo_gamma != defaults["simpo_gamma"] and loss != "simpo":
                 raise UsageError("--simpo-gamma is SimPO's target margin: it applies to --method simpo (or --method "
                                  "cpo --loss-type simpo)")
+        if self.group_texts:
+            raise UsageError(f"--group-texts applies to --method sft (pre-training on plain texts); --method "
+                             f"{self.method} trains on prompts and answers")
         if self.packing:
             raise UsageError(f"--packing applies to --method sft; --method {self.method} batches each pair's chosen "
                              "and rejected answers side by side")
@@ -683,6 +700,9 @@ def _llama_factory(loaded: dict, lines: dict[str, int], path: Path,
     if stage == "pt":  # pre-training: every token of raw texts
         method = "sft"
         out.setdefault("format", "text")
+        _pretrain_blocks(out, lines, path)
+    elif stage == "sft" and (out.get("packing") is True or out.get("neat_packing") is True):
+        _sft_packing(out, path)
     if loss is not None:
         if stage not in (None, "dpo"):
             raise UsageError(f"{where['pref_loss']}: pref_loss applies to stage dpo; this config is stage {stage}.")
@@ -713,6 +733,50 @@ def _llama_factory(loaded: dict, lines: dict[str, int], path: Path,
         out["method"] = method
         lines.setdefault("method", lines.get("pref_loss", lines.get("stage", 0)))
     return out
+
+
+def _pretrain_blocks(out: dict, lines: dict[str, int], path: Path) -> None:
+    """LLaMA-Factory's stage pt packs by default (its ``packing`` is None, then true for pt): its texts are cut into
+    blocks (:mod:`qlora.train.data.text_blocks`) in groups of ``preprocessing_batch_size`` texts, one set of groups
+    per ``preprocessing_num_workers`` part. A ``packing: true`` written in the file also lowers ``cutoff_len`` by one
+    before that (its DataArguments do it for any explicit packing), so the blocks are one token shorter."""
+    if out.get("neat_packing"):
+        raise UsageError(f"{path} line {lines.get('neat_packing', '?')}: neat_packing with stage pt; LLaMA-Factory "
+                         "refuses it (\"`neat_packing` cannot be set as True except SFT\"): its pre-training blocks "
+                         "let the texts attend to each other. Remove neat_packing.")
+    out.pop("neat_packing", None)
+    packing = out.pop("packing", None)
+    if packing not in (None, True, False):
+        raise UsageError(f"{path} line {lines.get('packing', '?')}: packing must be true or false, got {packing!r}.")
+    batch = out.pop("preprocessing_batch_size", 1000)
+    workers = out.pop("preprocessing_num_workers", None)
+    if packing is False:
+        return  # each text on its own
+    for key, value in (("preprocessing_batch_size", batch), ("preprocessing_num_workers", workers)):
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+            raise UsageError(f"{path} line {lines.get(key, '?')}: {key} must be a positive whole number, "
+                             f"got {value!r}.")
+    out["group_texts"], out["group_shards"] = batch, workers or 1
+    lines.setdefault("group_texts", lines.get("preprocessing_batch_size", lines.get("stage", 0)))
+    lines.setdefault("group_shards", lines.get("preprocessing_num_workers", lines.get("stage", 0)))
+    seq_key = next((k for k in out if canonical_name(str(k)) == "seq_len"), None)
+    if packing is True and seq_key is not None and isinstance(out[seq_key], int):
+        out[seq_key] -= 1
+
+
+def _sft_packing(out: dict, path: Path) -> None:
+    """LLaMA-Factory's SFT packing: its DataArguments lower ``cutoff_len`` by one when packing is on, so examples
+    are cut, and rows filled, to one token less; qlora's --seq-len is set to that. Its rows are filled by a greedy
+    knapsack over each preprocessing batch where qlora fills them in a shuffled order, which changes which examples
+    share a row but not what each is trained on under neat_packing (examples kept apart, as qlora's --packing).
+    Without neat_packing its packed examples attend to each other; qlora keeps them apart, and says so."""
+    seq_key = next((k for k in out if canonical_name(str(k)) == "seq_len"), None)
+    if seq_key is not None and isinstance(out[seq_key], int):
+        out[seq_key] -= 1
+    if not out.get("neat_packing"):
+        print(f"qlora train: {path}: packing without neat_packing lets LLaMA-Factory's packed examples attend to "
+              "each other; qlora's packing keeps them apart (LLaMA-Factory's neat_packing), so each example trains "
+              "as if alone.", file=sys.stderr)
 
 
 def _llama_factory_defaults(out: dict, lines: dict[str, int], line: int) -> dict[str, Any]:

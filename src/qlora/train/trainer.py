@@ -52,6 +52,7 @@ from qlora.train.data import (
     tokenize_dataset,
 )
 from qlora.train.data.selection import hold_out, read_sources
+from qlora.train.data.text_blocks import text_blocks
 from qlora.train.loss import chunked_loss_matches, model_inputs, token_loss_sum
 from qlora.train.metrics import MetricsLogger, NullMetrics, gpu_memory_gib
 from qlora.train.neftune import add_neftune
@@ -192,6 +193,9 @@ class Trainer:
         cfg = self.config
         resume_from = self._check_output()
         # Read (and so check) the data before the model: a bad file fails in seconds, not after the load.
+        # LLaMA-Factory's num_samples draws come from one generator seeded with the run's seed, train then eval
+        # datasets, so a rerun or a resume reads the same rows.
+        self.sample_rng = np.random.RandomState(cfg.seed)
         train_examples = self._read_data(cfg.data, cfg.data_split)
         eval_examples = self._read_data(cfg.eval_data, cfg.eval_data_split) if cfg.eval_data else None
         if cfg.eval_split:
@@ -205,6 +209,10 @@ class Trainer:
         self.template_fallback = (cfg.template == "auto" and own_template(self.tokenizer) is None
                                   and any(e.messages is not None for e in train_examples))
         self.train_units, self.report = self._tokenize(train_examples)
+        if cfg.group_texts and cfg.batch_size > len(self.train_units):  # fewer blocks than texts
+            raise UsageError(f"--batch-size {cfg.batch_size} is more than the {len(self.train_units)} blocks of "
+                             f"--seq-len {cfg.seq_len} tokens that the texts of {cfg.data} make; lower --batch-size "
+                             "or --seq-len (cutoff_len).")
         self.eval_units = self._tokenize(eval_examples)[0] if eval_examples else []
         self.dist.barrier()  # every rank has checked --output before rank 0 changes it
         if cfg.overwrite and not cfg.resume and self.out.exists() and self.dist.is_main:
@@ -245,7 +253,8 @@ class Trainer:
         if self.template_fallback:
             self.metrics.write(fallback_note(self.tokenizer))
         self.metrics.write(f"data: {self.report.summary()}; {len(self.train_units)} "
-                           f"{'packed rows' if cfg.packing else 'examples'}, {self.total_steps} steps")
+                           f"{'packed rows' if cfg.packing else 'blocks' if cfg.group_texts else 'examples'}, "
+                           f"{self.total_steps} steps")
 
     def _check_output(self) -> Path | None:
         cfg = self.config
@@ -360,10 +369,13 @@ class Trainer:
     def _read_data(self, source: str, split: str):
         cfg = self.config
         return read_sources(source, split, cfg.data_subset, cfg.max_samples,
-                            lambda records: normalize(records, cfg.format, cfg.data_fields), cfg.dataset_dir)
+                            lambda records: normalize(records, cfg.format, cfg.data_fields), cfg.dataset_dir,
+                            self.sample_rng)
 
     def _tokenize(self, examples):
         cfg = self.config
+        if cfg.group_texts:  # LLaMA-Factory's stage pt: blocks cut from the texts' stream
+            return text_blocks(examples, self.tokenizer, cfg.seq_len, cfg.group_texts, cfg.group_shards, cfg.template)
         tokenized, report = tokenize_dataset(examples, self.tokenizer, self.chat_format, cfg.train_on, cfg.seq_len,
                                              stop_ids=self._stop_ids())
         if cfg.packing:

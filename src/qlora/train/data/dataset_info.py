@@ -2,7 +2,7 @@
 
 LLaMA-Factory users name their datasets in ``<dataset_dir>/dataset_info.json``: each
 entry says where the rows are (``file_name`` under the folder, or ``hf_hub_url``), their
-``formatting`` (``alpaca`` or ``sharegpt``), whether they are preference pairs
+``formatting`` (``alpaca``, ``sharegpt`` or ``openai``), whether they are preference pairs
 (``ranking``) or KTO rows (a ``kto_tag`` column), and the names of their ``columns``
 and, for sharegpt, of their speaker ``tags``. A name that is not a path and is
 registered there is read here, and each row is rebuilt in the shape
@@ -17,14 +17,17 @@ LLaMA-Factory's converters build it:
 - sharegpt: speakers mapped by the tags (user, assistant, observation = a tool result,
   function = a tool call), user/observation and assistant/function turns alternating,
   a leading system turn or the ``system`` column as the system message;
+- openai: as sharegpt (the same default column and tags), except that an assistant message's
+  ``tool_calls`` are a function turn, consecutive tool results one observation turn, and the system
+  prompt carries LLaMA-Factory's "detailed thinking off" convention (:func:`_openai`);
 - ranking: the prompt turns, with ``chosen`` and ``rejected`` as the two answers;
 - KTO: the prompt turns, the last turn as the completion and the tag as its ``label``.
 
 Entries' defaults are LLaMA-Factory's: without ``columns`` the alpaca columns are
-``instruction``/``input``/``output`` and the sharegpt one ``conversations``; a ``columns``
+``instruction``/``input``/``output`` and the sharegpt (and openai) one ``conversations``; a ``columns``
 mapping names every column used. Rows it would skip as malformed are errors here,
-naming the row. ``num_samples`` keeps the first rows, or, when it exceeds them, repeats the rows in
-order until it is reached (LLaMA-Factory draws them at random, every row once before any repeat).
+naming the row. ``num_samples`` draws the rows as LLaMA-Factory does, from a generator seeded with the
+run's seed (:func:`qlora.train.data.declared.sample_indices`): every row once before any repeat.
 """
 
 from __future__ import annotations
@@ -66,7 +69,7 @@ class RegisteredDataset(DeclaredDataset):
 
     def rebuild(self, fields: dict[str, Any], where: str) -> dict[str, Any]:
         """The row as LLaMA-Factory's converter builds it (see the module docstring)."""
-        return (_alpaca if self.formatting == "alpaca" else _sharegpt)(fields, self, where)
+        return {"alpaca": _alpaca, "sharegpt": _sharegpt, "openai": _openai}[self.formatting](fields, self, where)
 
 
 def registered_dataset(name: str, dataset_dir: str | Path) -> RegisteredDataset | None:
@@ -140,9 +143,9 @@ def _entry(name: str, entry: Any, info_path: Path) -> RegisteredDataset:
                                          "scripts, cloud files); download the data and register it with file_name."
                                          if other else "it names no file_name or hf_hub_url."))
     formatting = entry.get("formatting", "alpaca")
-    if formatting not in ("alpaca", "sharegpt"):
-        raise UsageError(f"{where}: formatting {formatting!r}; qlora reads LLaMA-Factory's alpaca and sharegpt "
-                         "formats (an OpenAI messages file can be given to --data directly).")
+    if formatting not in ("alpaca", "sharegpt", "openai"):
+        raise UsageError(f"{where}: formatting {formatting!r}; LLaMA-Factory's formats are alpaca, sharegpt and "
+                         "openai.")
     given = entry.get("columns")
     if given is not None and not (isinstance(given, dict) and all(isinstance(v, (str, type(None)))
                                                                  for v in given.values())):
@@ -155,7 +158,7 @@ def _entry(name: str, entry: Any, info_path: Path) -> RegisteredDataset:
     if given is not None:  # LLaMA-Factory: with a columns mapping, every column used is named in it
         names = {key: given.get(key) for key in names}
     tags = dict(_TAGS)
-    if formatting == "sharegpt" and isinstance(entry.get("tags"), dict):
+    if formatting != "alpaca" and isinstance(entry.get("tags"), dict):
         tags = {key: entry["tags"].get(key) for key in _TAGS}
     num_samples = entry.get("num_samples")
     if num_samples is not None and (not isinstance(num_samples, int) or isinstance(num_samples, bool)
@@ -197,23 +200,86 @@ def _alpaca(fields: dict[str, Any], dataset: RegisteredDataset, where: str) -> d
 
 def _sharegpt(fields: dict[str, Any], dataset: RegisteredDataset, where: str) -> dict[str, Any]:
     tags = dataset.tags
+    raw = _raw_messages(fields, dataset, where)
+    system = _column(fields, dataset, "system")
+    if tags["system_tag"] and raw and raw[0].get(tags["role_tag"]) == tags["system_tag"]:
+        system, raw = raw[0].get(tags["content_tag"]), raw[1:]
+    turns = [(message.get(tags["role_tag"]), message.get(tags["content_tag"])) for message in raw]
+    return _conversation(_alternating(turns, tags, where), system, fields, dataset, where)
+
+
+def _openai(fields: dict[str, Any], dataset: RegisteredDataset, where: str) -> dict[str, Any]:
+    """LLaMA-Factory's ``OpenAIDatasetConverter``: sharegpt's reading, except that an assistant message's
+    ``tool_calls`` become a function turn (the JSON list of their ``function`` objects), consecutive tool results
+    one observation turn (joined by ``\\n</tool_response>\\n<tool_response>\\n``; results after the last other
+    message are left out, as there), tool definitions given as JSON become their text, and the system prompt
+    gets its "detailed thinking off" convention (see :func:`_openai_system`)."""
+    tags = dataset.tags
+    raw = _raw_messages(fields, dataset, where)
+    system = fields.get(dataset.columns["system"], "") if dataset.columns.get("system") else ""
+    if tags["system_tag"] and raw and raw[0].get(tags["role_tag"]) == tags["system_tag"]:
+        system, raw = raw[0].get(tags["content_tag"]), raw[1:]
+    turns, results = [], []
+    for k, message in enumerate(raw):
+        role, content = message.get(tags["role_tag"]), message.get(tags["content_tag"])
+        if role in (tags["assistant_tag"], tags["function_tag"]) and message.get("tool_calls"):
+            calls = message["tool_calls"]
+            if not (isinstance(calls, list) and all(isinstance(c, dict) and "function" in c for c in calls)):
+                raise UsageError(f"{where}, message {k}: tool_calls must be a list of objects with a \"function\" "
+                                 "(OpenAI's {\"type\": \"function\", \"function\": {\"name\", \"arguments\"}}).")
+            role, content = tags["function_tag"], json.dumps([c["function"] for c in calls], ensure_ascii=False)
+        if role == tags["observation_tag"]:
+            results.append(content)
+            continue
+        if results:
+            turns.append((tags["observation_tag"], "\n</tool_response>\n<tool_response>\n".join(map(str, results))))
+            results = []
+        turns.append((role, content))
+    tools = _column(fields, dataset, "tools") or ""
+    if isinstance(tools, (dict, list)):
+        tools = json.dumps(tools, ensure_ascii=False)
+    return _conversation(_alternating(turns, tags, where), _openai_system(system, tools), fields, dataset, where)
+
+
+def _openai_system(system: Any, tools: str) -> str:
+    """The system prompt LLaMA-Factory's openai converter trains with: "detailed thinking off" (Nemotron's switch)
+    when there is none and no tools, appended on a new line to one that names neither setting when there are no
+    tools, and a newline after it when there are tools."""
+    off = "detailed thinking off"
+    if not system:
+        return "" if tools else off
+    if tools:
+        return f"{system}\n"
+    return system if "detailed thinking on" in system or off in system else f"{system}\n{off}"
+
+
+def _raw_messages(fields: dict[str, Any], dataset: RegisteredDataset, where: str) -> list[dict[str, Any]]:
     raw = _column(fields, dataset, "messages")
     if not isinstance(raw, list) or not all(isinstance(m, dict) for m in raw):
         raise UsageError(f"{where}: the messages column {dataset.columns.get('messages')!r} must be a list of "
                          "objects.")
-    system = _column(fields, dataset, "system")
-    if tags["system_tag"] and raw and raw[0].get(tags["role_tag"]) == tags["system_tag"]:
-        system, raw = raw[0].get(tags["content_tag"]), raw[1:]
+    return raw
+
+
+def _alternating(turns: list[tuple[Any, Any]], tags: dict[str, str | None], where: str) -> list[dict[str, Any]]:
+    """``(speaker tag, content)`` turns as our ShareGPT turns, user/observation and assistant/function
+    alternating as LLaMA-Factory requires."""
     accepted = (("user_tag", "observation_tag"), ("assistant_tag", "function_tag"))
-    turns = []
-    for k, message in enumerate(raw):
-        speaker = message.get(tags["role_tag"])
+    out = []
+    for k, (speaker, content) in enumerate(turns):
         tag = next((t for t in accepted[k % 2] if tags[t] is not None and speaker == tags[t]), None)
         if tag is None:
             expected = " or ".join(repr(tags[t]) for t in accepted[k % 2] if tags[t] is not None)
             raise UsageError(f"{where}, message {k}: speaker {speaker!r} where {expected} must come (turns "
                              "alternate; LLaMA-Factory would skip this row).")
-        turns.append({"from": _SPEAKERS[tag], "value": message.get(tags["content_tag"])})
+        out.append({"from": _SPEAKERS[tag], "value": content})
+    return out
+
+
+def _conversation(turns: list[dict[str, Any]], system: Any, fields: dict[str, Any], dataset: RegisteredDataset,
+                  where: str) -> dict[str, Any]:
+    """A sharegpt or openai row's turns as an SFT conversation, a preference pair or a KTO row."""
+    tags = dataset.tags
     if len(turns) % 2 != (1 if dataset.ranking else 0):
         raise UsageError(f"{where}: {len(turns)} turns; " + ("a preference row's prompt ends with a user turn."
                                                              if dataset.ranking else "a conversation ends with "

@@ -3,7 +3,7 @@
 LLaMA-Factory's ``dataset_info.json`` (:mod:`qlora.train.data.dataset_info`) and axolotl's
 ``datasets:`` entries (:mod:`qlora.train.data.axolotl_datasets`) both name a source (a local
 file or folder, or a hub id), its split and subset, and the shape of its rows. Reading is the
-same for both: the rows are loaded, cut to the declared count, and each is rebuilt in the shape
+same for both: the rows are loaded, drawn to the declared count, and each is rebuilt in the shape
 :mod:`qlora.train.data.formats` and :mod:`qlora.train.data.preference` read, keeping where it
 came from (file and line, then the dataset's name) for error messages.
 """
@@ -14,8 +14,13 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+
 from qlora.errors import UsageError
 from qlora.train.data.sources import Record, load_records
+
+
+DEFAULT_SEED = 42  # qlora's --seed default, for readers without a run's seed (qlora eval)
 
 
 @dataclass(frozen=True)
@@ -37,10 +42,10 @@ class DeclaredDataset(ABC):
         """One row in the shape of one of qlora's own formats."""
 
 
-def read_declared(dataset: DeclaredDataset) -> list[Record]:
+def read_declared(dataset: DeclaredDataset, rng: np.random.RandomState | None = None) -> list[Record]:
     """The dataset's rows, each rebuilt by the dataset's declaration. A text file is a row per line (as
-    ``datasets`` reads it, which both tools use); a declared count above the rows repeats them, as
-    LLaMA-Factory does.
+    ``datasets`` reads it, which both tools use); a declared count is drawn as LLaMA-Factory draws it
+    (:func:`sample_indices`) from ``rng`` (default: one seeded with qlora's default seed, 42).
 
     Raises:
         UsageError: a declared column that no row has.
@@ -53,7 +58,19 @@ def read_declared(dataset: DeclaredDataset) -> list[Record]:
                          f"{', '.join(map(repr, absent))} that its declaration names; its columns are "
                          f"{', '.join(present)}. Fix the column mapping.")
     if dataset.num_samples and records:
-        repeats = -(-dataset.num_samples // len(records))
-        records = (records * repeats)[:dataset.num_samples]
+        rng = rng if rng is not None else np.random.RandomState(DEFAULT_SEED)
+        records = [records[i] for i in sample_indices(len(records), dataset.num_samples, rng)]
     wheres = [f"{r.where} ({dataset.name})" for r in records]
     return [Record(dataset.rebuild(r.fields, where), where) for r, where in zip(records, wheres)]
+
+
+def sample_indices(rows: int, count: int, rng: np.random.RandomState) -> list[int]:
+    """The rows LLaMA-Factory's loader keeps for ``num_samples: count`` (src/llamafactory/data/loader.py): the
+    first ``count`` of a random permutation, so every row once before any repeat, then ``count - rows`` more drawn
+    with replacement. LLaMA-Factory draws from numpy's global generator, which transformers' ``set_seed`` seeds
+    with the run's seed before the data load, each dataset in turn (train ones, then eval ones): ``rng`` is that
+    generator, seeded with the run's ``--seed`` and passed along the datasets in the same order."""
+    indices = rng.permutation(rows)[:count]
+    if count > len(indices):
+        indices = np.concatenate((indices, rng.choice(rows, count - len(indices))), axis=0)
+    return indices.tolist()

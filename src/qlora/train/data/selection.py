@@ -14,11 +14,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable, Sequence, TypeVar
 
+import numpy as np
+
 from qlora.errors import UsageError
 from qlora.train.data.collate import shuffled_indices
 from qlora.train.data.axolotl_datasets import axolotl_datasets, declared_entries
 from qlora.train.data.dataset_info import registered_dataset
-from qlora.train.data.declared import DeclaredDataset, read_declared
+from qlora.train.data.declared import DEFAULT_SEED, DeclaredDataset, read_declared
 from qlora.train.data.sources import Record, load_records
 
 T = TypeVar("T")
@@ -36,13 +38,17 @@ def data_sources(spec: str) -> list[str]:
 
 
 def read_sources(spec: str, split: str, subset: str | None, max_samples: int,
-                 normalize: Callable[[list[Record]], list[T]], dataset_dir: str = "data") -> list[T]:
+                 normalize: Callable[[list[Record]], list[T]], dataset_dir: str = "data",
+                 rng: np.random.RandomState | None = None) -> list[T]:
     """Every source of ``spec`` read, cut to ``max_samples`` rows (0: all) and normalized, in order;
-    a name registered in ``<dataset_dir>/dataset_info.json`` is read as LLaMA-Factory declares it, and an
-    axolotl ``datasets:`` list (``spec`` as its JSON text) as axolotl declares it."""
+    a name registered in ``<dataset_dir>/dataset_info.json`` is read as LLaMA-Factory declares it (its
+    ``num_samples`` drawn from ``rng``: :func:`qlora.train.data.declared.sample_indices`), and an axolotl
+    ``datasets:`` list (``spec`` as its JSON text) as axolotl declares it."""
     examples: list[T] = []
+    rng = rng if rng is not None else np.random.RandomState(DEFAULT_SEED)
     for source in _declared_sources(spec, dataset_dir):
-        records = read_declared(source) if isinstance(source, DeclaredDataset) else load_records(source, split, subset)
+        records = (read_declared(source, rng) if isinstance(source, DeclaredDataset)
+                   else load_records(source, split, subset))
         examples += normalize(records[:max_samples] if max_samples else records)
     return examples
 
