@@ -107,7 +107,8 @@ class PreferenceTrainer(Trainer):
     def _read_data(self, source: str, split: str) -> list[PreferenceExample]:
         cfg = self.config
         return read_sources(source, split, cfg.data_subset, cfg.max_samples,
-                            lambda records: normalize_preferences(records, cfg.data_fields), cfg.dataset_dir, self.sample_rng)
+                            lambda records: normalize_preferences(records, cfg.data_fields), cfg.dataset_dir,
+                            self.sample_rng)
 
     def _tokenize(self, examples: list[PreferenceExample]) -> tuple[list[TokenizedPair], Any]:
         return tokenize_pairs(examples, self.tokenizer, self.chat_format, self.config.seq_len,
