@@ -138,8 +138,8 @@ def _ray_num_workers(value: Any, where: str) -> Translation:
 
 
 def _datasets(option: str) -> Callable[[Any, str], Translation]:
+    """The list as JSON text; :func:`adapter_keys` has checked it, with the method that decides its types."""
     def translate_datasets(value: Any, where: str) -> Translation:
-        axolotl_datasets(value, where)  # checked here, so that errors name the config's line
         return [(option, json.dumps(value))], ""
     return translate_datasets
 
@@ -254,7 +254,7 @@ def adapter_keys(loaded: dict, lines: dict[str, int], path: Path) -> dict:
     """The keys that say what is trained on which base, read together: axolotl's ``adapter`` (qlora, lora) and
     ``load_in_4bit``, TRL's ``use_peft``, ``load_in_4bit`` and ``use_bnb_nested_quant``; axolotl's
     ``lora_target_linear`` with ``lora_target_modules``, ``lora_modules_to_save``, ``special_tokens`` and
-    ``orpo_alpha``.
+    ``orpo_alpha``; its ``datasets`` (and ``test_datasets``) with ``rl``, which decides what their types mean.
 
     ``adapter: qlora`` (or ``use_peft``) with ``load_in_4bit: true`` is qlora's NF4 base (bitsandbytes' NF4, as
     both ask it; TRL's without double quantization unless ``use_bnb_nested_quant``), ``adapter: lora`` (or
@@ -307,6 +307,12 @@ def adapter_keys(loaded: dict, lines: dict[str, int], path: Path) -> dict:
     if loaded.get("special_tokens"):
         model = next((loaded[k] for k in ("base_model", "model", "model_name_or_path") if loaded.get(k)), None)
         _check_special_tokens(loaded["special_tokens"], model, where["special_tokens"])
+    rl = loaded.get("rl")
+    if rl in (None, False) or rl in _RL:  # an rl qlora lacks is refused by name when translated
+        method = _RL[rl][0] if rl else str(loaded.get("method") or "sft")
+        for key in ("datasets", "test_datasets"):
+            if loaded.get(key) is not None:  # checked here, so that errors name the config's line
+                axolotl_datasets(loaded[key], where[key], method)
     if loaded.get("orpo_alpha") is not None and loaded.get("rl") != "orpo":
         raise UsageError(f"{where['orpo_alpha']}: orpo_alpha is ORPO's weight; this config is rl: "
                          f"{loaded.get('rl')}. Remove it, or set rl: orpo.")

@@ -45,7 +45,7 @@ class KTOTrainer(PreferenceTrainer):
 
     def _read_data(self, source: str, split: str) -> list:
         cfg = self.config
-        return read_sources(source, split, cfg.data_subset, cfg.max_samples, normalize_unpaired, cfg.dataset_dir)
+        return read_sources(source, split, cfg.data_subset, cfg.max_samples, normalize_unpaired, cfg.dataset_dir, "kto")
 
     def _tokenize(self, examples: list) -> tuple[list[TokenizedUnpaired], Any]:
         return tokenize_unpaired(examples, self.tokenizer, self.chat_format, self.config.seq_len,

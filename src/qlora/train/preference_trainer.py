@@ -106,7 +106,8 @@ class PreferenceTrainer(Trainer):
     # ------------------------------------------------------------------ data
     def _read_data(self, source: str, split: str) -> list[PreferenceExample]:
         cfg = self.config
-        return read_sources(source, split, cfg.data_subset, cfg.max_samples, normalize_preferences, cfg.dataset_dir)
+        return read_sources(source, split, cfg.data_subset, cfg.max_samples, normalize_preferences, cfg.dataset_dir,
+                            cfg.method)
 
     def _tokenize(self, examples: list[PreferenceExample]) -> tuple[list[TokenizedPair], Any]:
         return tokenize_pairs(examples, self.tokenizer, self.chat_format, self.config.seq_len,

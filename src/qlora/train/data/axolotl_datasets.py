@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from qlora.errors import UsageError
+from qlora.train.data.axolotl_preference import PreferenceStrategy, is_preference_type, preference_strategy
 from qlora.train.data.declared import DeclaredDataset
 from qlora.train.data.formats import ROLES
 
@@ -59,7 +60,7 @@ _ALPACA_STYLES = {
 }
 _ENTRY_KEYS = {"path", "type", "split", "name", "data_files", "ds_type", "field_messages", "message_property_mappings",
                "message_field_role", "message_field_content", "roles", "roles_to_train", "train_on_eos", "field",
-               "field_tools", "trust_remote_code"}
+               "field_tools", "trust_remote_code", "field_chosen", "field_rejected"}
 _DS_TYPES = ("json", "csv", "parquet", "arrow")  # not text: datasets reads a row a line, qlora a paragraph
 TYPES = ("alpaca", "alpaca:chat", "alpaca:chatml", "alpaca:phi", "chat_template", "sharegpt", "completion")
 
@@ -68,12 +69,13 @@ TYPES = ("alpaca", "alpaca:chat", "alpaca:chatml", "alpaca:phi", "chat_template"
 class AxolotlDataset(DeclaredDataset):
     """One ``datasets:`` entry of an axolotl config, with axolotl's defaults filled in."""
 
-    kind: str  # prompt (alpaca and custom types), chat, text, or "" (read as it is)
+    kind: str  # prompt (alpaca and custom types), chat, text, preference, or "" (read as it is)
     columns: dict[str, str] = field(default_factory=dict)  # our field -> their column
     message_keys: dict[str, str] = field(default_factory=dict)  # our message key -> theirs
     roles: dict[str, str] = field(default_factory=dict)  # their role -> ours
     # format, no_input_format, system_format, and the system prompt with and without an input
     prompt_format: dict[str, str] = field(default_factory=dict)
+    strategy: PreferenceStrategy | None = None  # kind preference: axolotl's DPO/ORPO/KTO strategy
 
     def rebuild(self, fields: dict[str, Any], where: str) -> dict[str, Any]:
         if self.kind == "prompt":
@@ -84,6 +86,8 @@ class AxolotlDataset(DeclaredDataset):
             return row | {"tools": tools} if tools else row
         if self.kind == "text":
             return {"text": fields.get(self.columns["text"])}
+        if self.kind == "preference":
+            return self.strategy.row(fields, where)
         return fields
 
     def _prompt_completion(self, fields: dict[str, Any], where: str) -> dict[str, Any]:
@@ -118,8 +122,9 @@ class AxolotlDataset(DeclaredDataset):
         return out
 
 
-def axolotl_datasets(entries: Any, where: str) -> list[AxolotlDataset]:
-    """The datasets of an axolotl ``datasets:`` (or ``test_datasets:``) list.
+def axolotl_datasets(entries: Any, where: str, method: str = "sft") -> list[AxolotlDataset]:
+    """The datasets of an axolotl ``datasets:`` (or ``test_datasets:``) list, their types read as axolotl reads
+    them for the training ``method`` (sft; a preference method: its ``rl:`` strategies).
 
     Raises:
         UsageError: an entry that is not a mapping, lacks ``path``, or asks what qlora does not do,
@@ -129,11 +134,11 @@ def axolotl_datasets(entries: Any, where: str) -> list[AxolotlDataset]:
         raise UsageError(f"{where}: axolotl's datasets is a list of mappings (path, type, ...); got {entries!r}.")
     out = []
     for k, entry in enumerate(entries):
-        out += _entry(entry, f"{where}, datasets item {k + 1}")
+        out += _entry(entry, f"{where}, datasets item {k + 1}", method)
     return out
 
 
-def _entry(entry: Any, where: str) -> list[AxolotlDataset]:
+def _entry(entry: Any, where: str, method: str) -> list[AxolotlDataset]:
     if isinstance(entry, str):
         entry = {"path": entry}
     if not isinstance(entry, dict) or not isinstance(entry.get("path"), str):
@@ -156,7 +161,7 @@ def _entry(entry: Any, where: str) -> list[AxolotlDataset]:
     files = [files] if isinstance(files, str) else files
     if not isinstance(files, list) or not files or not all(isinstance(f, str) for f in files):
         raise UsageError(f"{where}: data_files must be a file or a list of files.")
-    kind, extra = _kind(entry, where)
+    kind, extra = _kind(entry, where) if method == "sft" else _preference_kind(entry, where, method)
     name = entry["path"] if len(files) == 1 else None
     return [AxolotlDataset(name or f"{entry['path']}: {f}", f, split, subset, None, kind, **extra) for f in files]
 
@@ -166,6 +171,10 @@ def _kind(entry: dict[str, Any], where: str) -> tuple[str, dict[str, Any]]:
     kind = entry.get("type")
     if kind is None:
         return "", {}
+    if is_preference_type(kind):
+        raise UsageError(f"{where}: type {kind!r} is one of axolotl's preference strategies (DPO, ORPO, KTO): "
+                         "it builds prompt/chosen/rejected rows for rl: dpo, ipo, orpo, simpo (or prompt/completion/"
+                         "label rows for rl: kto). Set rl (or --method) to train on it, or give an SFT type.")
     if isinstance(kind, dict):
         unknown = sorted(set(kind) - set(_CUSTOM_FIELDS.values()) - set(_CUSTOM_DEFAULTS))
         if unknown:
@@ -201,6 +210,15 @@ def _kind(entry: dict[str, Any], where: str) -> tuple[str, dict[str, Any]]:
                      "(a mapping of field_instruction, format, ...); convert the data to one of them, or to one of "
                      "qlora's own formats (messages, prompt/completion, text; prompt/chosen/rejected pairs for rl) "
                      "and drop type.")
+
+
+def _preference_kind(entry: dict[str, Any], where: str, method: str) -> tuple[str, dict[str, Any]]:
+    """An entry under a preference method: axolotl's strategy of its type; without one (or ``passthrough``)
+    the rows are read as they are."""
+    if entry.get("type") is None:
+        return "", {}
+    strategy = preference_strategy(entry, method, where)
+    return ("preference", {"strategy": strategy}) if strategy else ("", {})
 
 
 def declared_entries(spec: str) -> list[Any] | None:
