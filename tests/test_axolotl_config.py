@@ -377,3 +377,22 @@ def test_trl_model_config_peft_and_4bit_keys(tmp_path):
     assert load_config(_yaml(tmp_path, head), {}).quant == "none"
     with pytest.raises(UsageError, match=r"run.yaml line 6: use_peft: false is full fine-tuning"):
         load_config(_yaml(tmp_path, head.replace("use_peft: true", "use_peft: false")), {})
+
+
+def test_ds_type_text_reads_a_row_a_line_whatever_the_suffix(tmp_path, monkeypatch):
+    """datasets' text loader (axolotl's ds_type: text): each non-blank line a row in the column text, blank lines
+    between paragraphs not joining them as qlora's own .txt reading does."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "corpus.md").write_text("The quick brown fox.\nJumps over.\n\nThe lazy dog.\n")
+    lines = _examples(str(_write(tmp_path / "ours.jsonl", [{"text": "The quick brown fox."}, {"text": "Jumps over."},
+                                                            {"text": "The lazy dog."}])))
+    for entry in ({"path": "notes/corpus.md", "ds_type": "text", "type": "completion"},
+                  {"path": "notes/corpus.md", "ds_type": "text"},
+                  {"path": "notes", "ds_type": "text", "data_files": ["notes/corpus.md"], "type": "completion"}):
+        assert _examples(json.dumps([entry])) == lines, entry
+    (tmp_path / "notes" / "corpus.txt").write_text((tmp_path / "notes" / "corpus.md").read_text())
+    assert _examples(json.dumps([{"path": "notes/corpus.txt", "type": "completion"}])) == lines
+    assert _examples("notes/corpus.txt") != lines  # qlora's own .txt reading: a row a paragraph
+    with pytest.raises(UsageError, match=r"unknown data format '.md'"):
+        _examples(json.dumps([{"path": "notes/corpus.md", "type": "completion"}]))  # no ds_type: by the suffix

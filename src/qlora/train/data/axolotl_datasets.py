@@ -1,8 +1,9 @@
 """axolotl's ``datasets:`` entries: each a source with its own row type and field names.
 
 An axolotl config lists its datasets as mappings: ``path`` (a hub id, a local file or folder;
-``data_files`` with ``ds_type`` for local files under it), ``split``, ``name`` (the subset) and the
-``type`` of its rows. Each row is rebuilt in the shape of one of qlora's own formats, as
+``data_files`` with ``ds_type`` for local files under it; ``ds_type: text`` reads any file as plain text, a
+row a non-blank line in the column ``text``, as ``datasets``' text loader does), ``split``, ``name`` (the
+subset) and the ``type`` of its rows. Each row is rebuilt in the shape of one of qlora's own formats, as
 axolotl's prompt strategy reads it:
 
 - ``alpaca`` (and its prompt styles ``alpaca:chat``, ``alpaca:chatml``, ``alpaca:phi``): axolotl's alpaca
@@ -21,7 +22,9 @@ axolotl's prompt strategy reads it:
   with ``from``/``value``;
 - ``completion``: the ``field`` column (default ``text``) trained whole (our text format).
 
-Without ``type`` the file is read as it is, its format detected as for ``--data``. Options whose
+Under ``rl:`` (a preference method) the types are axolotl's DPO, ORPO and KTO prompt strategies instead
+(:mod:`qlora.train.data.axolotl_preference`). Without ``type`` the file is read as it is, its format detected
+as for ``--data``. Options whose
 effect qlora does not have (other ``roles_to_train``, ``train_on_eos``, per-message training
 flags, a per-dataset chat template) are refused by name.
 """
@@ -61,7 +64,7 @@ _ALPACA_STYLES = {
 _ENTRY_KEYS = {"path", "type", "split", "name", "data_files", "ds_type", "field_messages", "message_property_mappings",
                "message_field_role", "message_field_content", "roles", "roles_to_train", "train_on_eos", "field",
                "field_tools", "trust_remote_code", "field_chosen", "field_rejected"}
-_DS_TYPES = ("json", "csv", "parquet", "arrow")  # not text: datasets reads a row a line, qlora a paragraph
+_DS_TYPES = ("json", "csv", "parquet", "arrow", "text")  # text: a row a line (column text), as datasets reads it
 TYPES = ("alpaca", "alpaca:chat", "alpaca:chatml", "alpaca:phi", "chat_template", "sharegpt", "completion")
 
 
@@ -76,6 +79,10 @@ class AxolotlDataset(DeclaredDataset):
     # format, no_input_format, system_format, and the system prompt with and without an input
     prompt_format: dict[str, str] = field(default_factory=dict)
     strategy: PreferenceStrategy | None = None  # kind preference: axolotl's DPO/ORPO/KTO strategy
+    ds_type: str = ""  # the files' format when given (text: a row a line, whatever the suffix)
+
+    def plain_text(self) -> bool:
+        return self.ds_type == "text"
 
     def rebuild(self, fields: dict[str, Any], where: str) -> dict[str, Any]:
         if self.kind == "prompt":
@@ -163,7 +170,8 @@ def _entry(entry: Any, where: str, method: str) -> list[AxolotlDataset]:
         raise UsageError(f"{where}: data_files must be a file or a list of files.")
     kind, extra = _kind(entry, where) if method == "sft" else _preference_kind(entry, where, method)
     name = entry["path"] if len(files) == 1 else None
-    return [AxolotlDataset(name or f"{entry['path']}: {f}", f, split, subset, None, kind, **extra) for f in files]
+    return [AxolotlDataset(name or f"{entry['path']}: {f}", f, split, subset, None, kind, **extra,
+                           ds_type=str(entry.get("ds_type", ""))) for f in files]
 
 
 def _kind(entry: dict[str, Any], where: str) -> tuple[str, dict[str, Any]]:
