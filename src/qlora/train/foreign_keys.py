@@ -7,8 +7,9 @@ configs. Keys that only rename one of ours are plain aliases
 - keys whose *values* differ: LLaMA-Factory's ``quantization_bit: 4``, ``finetuning_type: lora``,
   ``lora_target: all``, its template names (its ``stage`` and ``pref_loss``, which decide the
   method together, are read by :func:`qlora.train.config.load_config`); axolotl's ``datasets:``
-  list (:mod:`qlora.train.data.axolotl_datasets`), ``rl``, chat template names, and its
-  ``adapter``/``load_in_4bit`` (and TRL's ``use_peft``), read together by :func:`adapter_keys`;
+  list (:mod:`qlora.train.data.axolotl_datasets`, its types read with ``rl``), ``rl``, chat template names,
+  and its ``adapter``/``load_in_4bit`` (and TRL's ``use_peft``), ``saves_per_epoch``/``evals_per_epoch`` (shares
+  of the run's steps), read together by :func:`adapter_keys`;
   TRL's ``dataset_text_field``;
 - settings of the other tool's runtime that do not change what a run computes
   (worker counts, caches, timeouts, report sinks): passed over, and the run says which;
