@@ -44,7 +44,8 @@ RUNTIME_ONLY = frozenset({
     # loss), eval tables, logging sinks, hub pushes, loss watchdog
     "model_type", "tokenizer_type", "strict", "dataset_prepared_path", "pad_to_sequence_len", "eval_sample_packing",
     "tf32", "flash_attention", "xformers_attention", "sdp_attention", "flash_attn_cross_entropy",
-    "flash_attn_rms_norm", "flash_attn_fuse_qkv", "flash_attn_fuse_mlp", "eval_table_size", "eval_table_max_new_tokens", "local_rank", "debug", "is_mistral_derived_model",
+    "flash_attn_rms_norm", "flash_attn_fuse_qkv", "flash_attn_fuse_mlp", "eval_table_size",
+    "eval_table_max_new_tokens", "local_rank", "debug", "is_mistral_derived_model",
     "is_llama_derived_model", "is_qwen_derived_model", "is_falcon_derived_model", "hub_model_id", "hub_strategy",
     "loss_watchdog_threshold", "loss_watchdog_patience", "fsdp_config", "dataset_processes", "wandb_mode",
     "use_tensorboard", "tokenizer_use_fast", "tokenizer_legacy",

@@ -36,7 +36,8 @@ def data_sources(spec: str) -> list[str]:
 
 
 def read_sources(spec: str, split: str, subset: str | None, max_samples: int,
-                 normalize: Callable[[list[Record]], list[T]], dataset_dir: str = "data", method: str = "sft") -> list[T]:
+                 normalize: Callable[[list[Record]], list[T]], dataset_dir: str = "data",
+                 method: str = "sft") -> list[T]:
     """Every source of ``spec`` read, cut to ``max_samples`` rows (0: all) and normalized, in order;
     a name registered in ``<dataset_dir>/dataset_info.json`` is read as LLaMA-Factory declares it, and an
     axolotl ``datasets:`` list (``spec`` as its JSON text) as axolotl declares it for the training ``method``
