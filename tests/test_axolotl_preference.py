@@ -261,3 +261,19 @@ def test_kto_config_types_are_checked_with_its_rl(tmp_path):
 def _write_text(path, text):
     path.write_text(text)
     return path
+
+
+def test_an_axolotl_kto_config_trains_from_the_cli(tmp_path, tiny_model_dir, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    rows = [{"instruction": r["question"], "completion": answer, "label": label}
+            for r in _INTEL for answer, label in ((r["chosen"], True), (r["rejected"], False))]
+    _write(tmp_path / "kto.jsonl", rows)
+    config = tmp_path / "kto.yml"
+    config.write_text(_DPO_CONFIG.format(model=tiny_model_dir, data="./kto.jsonl", output="./out").replace(
+        "rl: dpo", "rl: kto").replace("type: chatml.intel", "type: chatml.argilla").replace(
+        "micro_batch_size: 3", "micro_batch_size: 4"))
+    assert load_config(config, {}).method == "kto"
+    assert main(["train", str(config), "--no-progress"]) == 0
+    records = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in records if r["split"] == "train"]
+    assert len(losses) == 8 and losses[-1] < losses[0], losses
