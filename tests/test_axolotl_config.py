@@ -351,6 +351,29 @@ def test_the_axolotl_llama3_qlora_example_trains(tiny_model_dir, tmp_path, capsy
     saved = (tmp_path / "out" / "config.yaml").read_text()
     assert "quant: nf4" in saved and "alpaca.jsonl" in saved
     assert (tmp_path / "out" / "adapter_model.safetensors").is_file()
+    # saves_per_epoch 1 of num_epochs 4: a checkpoint every quarter of the run, ceil(2 * 0.25) = every step
+    assert sorted(p.name for p in (tmp_path / "out" / "checkpoints").glob("step-*")) == ["step-0000001", "step-0000002"]
+
+
+def test_saves_and_evals_per_epoch_are_shares_of_the_run_as_axolotl_computes_them(tmp_path):
+    """axolotl: save_steps = 1 / (saves_per_epoch * num_epochs) when below 1 (transformers then saves every
+    ceil(total_steps * share) steps); evals_per_epoch likewise, only with val_set_size or test_datasets."""
+    cfg = load_config(_yaml(tmp_path, _LLAMA3.format(model="m", data="d.jsonl", output="o")), {})
+    assert (cfg.save_steps, cfg.eval_steps) == (0.25, 0)  # evals_per_epoch 4, but val_set_size 0: no evals
+    assert (cfg.steps_between("save_steps", 10), cfg.steps_between("save_steps", 4)) == (3, 1)
+    head = "base_model: m\nadapter: lora\ndatasets: [d.jsonl]\noutput_dir: o\n"
+    cfg = load_config(_yaml(tmp_path, head + "num_epochs: 2\nval_set_size: 0.1\nevals_per_epoch: 3\n"
+                                             "saves_per_epoch: 1\n"), {})
+    assert (cfg.eval_steps, cfg.save_steps) == (1 / 6, 0.5)
+    assert cfg.steps_between("eval_steps", 13) == 3  # ceil(13 / 6)
+    cfg = load_config(_yaml(tmp_path, head + "saves_per_epoch: 1\nevals_per_epoch: 1\ntest_datasets: [e.jsonl]\n"),
+                      {})
+    assert (cfg.save_steps, cfg.eval_steps) == (0, 0)  # one per epoch of one epoch: the end of the run
+    assert load_config(_yaml(tmp_path, head + "save_steps: 8\n"), {"eval-steps": "0.5"}).save_steps == 8
+    with pytest.raises(UsageError, match=r"run.yaml line 5: saves_per_epoch and save_steps both set"):
+        load_config(_yaml(tmp_path, head + "saves_per_epoch: 2\nsave_steps: 10\n"), {})
+    with pytest.raises(UsageError, match=r"--save-steps 1.5: give a whole number of steps, or a share"):
+        load_config(_yaml(tmp_path, head), {"save-steps": "1.5"})
 
 
 def test_special_tokens_must_be_the_local_models_own(tiny_model_dir, tmp_path, capsys):
@@ -377,3 +400,22 @@ def test_trl_model_config_peft_and_4bit_keys(tmp_path):
     assert load_config(_yaml(tmp_path, head), {}).quant == "none"
     with pytest.raises(UsageError, match=r"run.yaml line 6: use_peft: false is full fine-tuning"):
         load_config(_yaml(tmp_path, head.replace("use_peft: true", "use_peft: false")), {})
+
+
+def test_ds_type_text_reads_a_row_a_line_whatever_the_suffix(tmp_path, monkeypatch):
+    """datasets' text loader (axolotl's ds_type: text): each non-blank line a row in the column text, blank lines
+    between paragraphs not joining them as qlora's own .txt reading does."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "corpus.md").write_text("The quick brown fox.\nJumps over.\n\nThe lazy dog.\n")
+    lines = _examples(str(_write(tmp_path / "ours.jsonl", [{"text": "The quick brown fox."}, {"text": "Jumps over."},
+                                                            {"text": "The lazy dog."}])))
+    for entry in ({"path": "notes/corpus.md", "ds_type": "text", "type": "completion"},
+                  {"path": "notes/corpus.md", "ds_type": "text"},
+                  {"path": "notes", "ds_type": "text", "data_files": ["notes/corpus.md"], "type": "completion"}):
+        assert _examples(json.dumps([entry])) == lines, entry
+    (tmp_path / "notes" / "corpus.txt").write_text((tmp_path / "notes" / "corpus.md").read_text())
+    assert _examples(json.dumps([{"path": "notes/corpus.txt", "type": "completion"}])) == lines
+    assert _examples("notes/corpus.txt") != lines  # qlora's own .txt reading: a row a paragraph
+    with pytest.raises(UsageError, match=r"unknown data format '.md'"):
+        _examples(json.dumps([{"path": "notes/corpus.md", "type": "completion"}]))  # no ds_type: by the suffix

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import math
 import sys
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -208,9 +209,11 @@ class TrainConfig:
     precision: str = _opt("auto", "compute dtype: auto = bf16 on CUDA (fp16 without bf16), fp32 on CPU", PRECISIONS)
     seed: int = _opt(42, "random seed (data order, dropout, initialization)", range=Range(0, 2**32 - 1))
     logging_steps: int = _opt(1, "optimizer steps between metric records", range=AT_LEAST_1)
-    save_steps: int = _opt(0, "optimizer steps between checkpoints (0: none during training); the last step and "
-                              "a Ctrl-C are always checkpointed, so --resume can finish a run", range=NON_NEGATIVE)
-    eval_steps: int = _opt(0, "optimizer steps between evaluations (0: only at the end)", range=NON_NEGATIVE)
+    save_steps: float = _opt(0, "optimizer steps between checkpoints (0: none during training; below 1: that share "
+                                "of the run's steps, rounded up, as transformers reads it); the last step and a "
+                                "Ctrl-C are always checkpointed, so --resume can finish a run", range=NON_NEGATIVE)
+    eval_steps: float = _opt(0, "optimizer steps between evaluations (0: only at the end; below 1: that share of "
+                                "the run's steps, rounded up, as transformers reads it)", range=NON_NEGATIVE)
     save_total_limit: int = _opt(2, "checkpoints to keep (oldest are deleted)", range=NON_NEGATIVE)
     resume: bool = _opt(False, "continue from the last checkpoint in --output")
     overwrite: bool = _opt(False, "replace an existing --output directory")
@@ -256,6 +259,11 @@ class TrainConfig:
             if not getattr(self, name):
                 raise UsageError(f"--{name.replace('_', '-')} is required (or set `{name}:` in the YAML file)")
         self._validate_schedule()
+        for name in _STEP_SHARES:
+            value = getattr(self, name)
+            if value > 1 and not float(value).is_integer():
+                raise UsageError(f"--{_flag(name)} {value}: give a whole number of steps, or a share of the run's "
+                                 "steps below 1 (e.g. 0.25: every quarter of the run).")
         for f in fields(self):
             choices = f.metadata["choices"]
             if choices and getattr(self, f.name) not in choices:
@@ -337,6 +345,12 @@ class TrainConfig:
                              f"(rank {saved.get('r')}, alpha {saved.get('lora_alpha')}, targets "
                              f"{saved.get('target_modules')}); drop {'it' if len(given) == 1 else 'them'}, or train a "
                              "new adapter without --adapter.")
+
+    def steps_between(self, name: str, total_steps: int) -> int:
+        """``--save-steps``/``--eval-steps`` in optimizer steps (0: none) for a run of ``total_steps``: a value
+        below 1 is a share of them, rounded up (transformers' rule)."""
+        value = getattr(self, name)
+        return math.ceil(total_steps * value) if 0 < value < 1 else int(value)
 
     def _validate_method(self) -> None:
         """Options that belong to some training methods only, and the loss types of each."""
@@ -510,6 +524,10 @@ def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return out
 
 
+# Options counted in steps that also take a share of the run's steps (below 1).
+_STEP_SHARES = ("save_steps", "eval_steps")
+
+
 def _coerce(name: str, value: Any, kind: type, source: str) -> Any:
     """Convert a YAML or flag value to the field's type, with a clear error."""
     if value is None:
@@ -540,6 +558,8 @@ def _coerce(name: str, value: Any, kind: type, source: str) -> Any:
             raise ValueError
         if kind is int and isinstance(value, float) and not value.is_integer():
             raise ValueError
+        if name in _STEP_SHARES and float(value).is_integer():
+            return int(float(value))  # a count of steps stays a count (8, not 8.0, in the saved config)
         return kind(value)
     except (TypeError, ValueError):
         raise UsageError(f"{source}: {name} expects {kind.__name__}, got {value!r}") from None

@@ -7,8 +7,9 @@ configs. Keys that only rename one of ours are plain aliases
 - keys whose *values* differ: LLaMA-Factory's ``quantization_bit: 4``, ``finetuning_type: lora``,
   ``lora_target: all``, its template names (its ``stage`` and ``pref_loss``, which decide the
   method together, are read by :func:`qlora.train.config.load_config`); axolotl's ``datasets:``
-  list (:mod:`qlora.train.data.axolotl_datasets`), ``rl``, chat template names, and its
-  ``adapter``/``load_in_4bit`` (and TRL's ``use_peft``), read together by :func:`adapter_keys`;
+  list (:mod:`qlora.train.data.axolotl_datasets`, its types read with ``rl``), ``rl``, chat template names,
+  and its ``adapter``/``load_in_4bit`` (and TRL's ``use_peft``), ``saves_per_epoch``/``evals_per_epoch`` (shares
+  of the run's steps), read together by :func:`adapter_keys`;
   TRL's ``dataset_text_field``;
 - settings of the other tool's runtime that do not change what a run computes
   (worker counts, caches, timeouts, report sinks): passed over, and the run says which;
@@ -40,11 +41,11 @@ RUNTIME_ONLY = frozenset({
     "evaluation_strategy", "save_strategy", "logging_strategy", "enable_liger_kernel", "use_unsloth",
     "use_unsloth_gc", "print_param_status", "deepspeed", "use_v1_kernels", "pissa_iter", "pissa_convert",
     # axolotl: model/tokenizer classes, caches, attention kernels, padding of packed rows (masked out of the
-    # loss), eval/save cadence and tables, logging sinks, hub pushes, loss watchdog
+    # loss), eval tables, logging sinks, hub pushes, loss watchdog
     "model_type", "tokenizer_type", "strict", "dataset_prepared_path", "pad_to_sequence_len", "eval_sample_packing",
     "tf32", "flash_attention", "xformers_attention", "sdp_attention", "flash_attn_cross_entropy",
-    "flash_attn_rms_norm", "flash_attn_fuse_qkv", "flash_attn_fuse_mlp", "evals_per_epoch", "saves_per_epoch",
-    "eval_table_size", "eval_table_max_new_tokens", "local_rank", "debug", "is_mistral_derived_model",
+    "flash_attn_rms_norm", "flash_attn_fuse_qkv", "flash_attn_fuse_mlp", "eval_table_size",
+    "eval_table_max_new_tokens", "local_rank", "debug", "is_mistral_derived_model",
     "is_llama_derived_model", "is_qwen_derived_model", "is_falcon_derived_model", "hub_model_id", "hub_strategy",
     "loss_watchdog_threshold", "loss_watchdog_patience", "fsdp_config", "dataset_processes", "wandb_mode",
     "use_tensorboard", "tokenizer_use_fast", "tokenizer_legacy",
@@ -138,8 +139,8 @@ def _ray_num_workers(value: Any, where: str) -> Translation:
 
 
 def _datasets(option: str) -> Callable[[Any, str], Translation]:
+    """The list as JSON text; :func:`adapter_keys` has checked it, with the method that decides its types."""
     def translate_datasets(value: Any, where: str) -> Translation:
-        axolotl_datasets(value, where)  # checked here, so that errors name the config's line
         return [(option, json.dumps(value))], ""
     return translate_datasets
 
@@ -254,7 +255,8 @@ def adapter_keys(loaded: dict, lines: dict[str, int], path: Path) -> dict:
     """The keys that say what is trained on which base, read together: axolotl's ``adapter`` (qlora, lora) and
     ``load_in_4bit``, TRL's ``use_peft``, ``load_in_4bit`` and ``use_bnb_nested_quant``; axolotl's
     ``lora_target_linear`` with ``lora_target_modules``, ``lora_modules_to_save``, ``special_tokens`` and
-    ``orpo_alpha``.
+    ``orpo_alpha``; its ``datasets`` (and ``test_datasets``) with ``rl``, which decides what their types mean;
+    its ``saves_per_epoch``/``evals_per_epoch`` with ``num_epochs``, as shares of the run's steps.
 
     ``adapter: qlora`` (or ``use_peft``) with ``load_in_4bit: true`` is qlora's NF4 base (bitsandbytes' NF4, as
     both ask it; TRL's without double quantization unless ``use_bnb_nested_quant``), ``adapter: lora`` (or
@@ -307,10 +309,39 @@ def adapter_keys(loaded: dict, lines: dict[str, int], path: Path) -> dict:
     if loaded.get("special_tokens"):
         model = next((loaded[k] for k in ("base_model", "model", "model_name_or_path") if loaded.get(k)), None)
         _check_special_tokens(loaded["special_tokens"], model, where["special_tokens"])
+    for per_epoch, option in (("saves_per_epoch", "save_steps"), ("evals_per_epoch", "eval_steps")):
+        _per_epoch(loaded, out, lines, where, per_epoch, option)
+    rl = loaded.get("rl")
+    if rl in (None, False) or rl in _RL:  # an rl qlora lacks is refused by name when translated
+        method = _RL[rl][0] if rl else str(loaded.get("method") or "sft")
+        for key in ("datasets", "test_datasets"):
+            if loaded.get(key) is not None:  # checked here, so that errors name the config's line
+                axolotl_datasets(loaded[key], where[key], method)
     if loaded.get("orpo_alpha") is not None and loaded.get("rl") != "orpo":
         raise UsageError(f"{where['orpo_alpha']}: orpo_alpha is ORPO's weight; this config is rl: "
                          f"{loaded.get('rl')}. Remove it, or set rl: orpo.")
     return out
+
+
+def _per_epoch(loaded: dict, out: dict, lines: dict[str, int], where: dict[str, str], key: str, option: str) -> None:
+    """axolotl's ``saves_per_epoch``/``evals_per_epoch`` as it computes them: a share of the run's steps,
+    ``1 / (per_epoch * num_epochs)`` (num_epochs 1 unless set), which transformers rounds up to steps; a share of
+    1 or more is the end of the run only (axolotl's save per epoch is then the last step, which qlora always
+    checkpoints), and evaluations need ``val_set_size`` or ``test_datasets``."""
+    out.pop(key, None)
+    count = loaded.get(key)
+    if not count:
+        return
+    if not isinstance(count, int) or isinstance(count, bool) or count < 0:
+        raise UsageError(f"{where[key]}: {key} expects a whole number; got {count!r}.")
+    if loaded.get(option):
+        raise UsageError(f"{where[key]}: {key} and {option} both set the {option.split('_')[0]} cadence (axolotl "
+                         "refuses them together); keep one.")
+    epochs = loaded.get("num_epochs") or loaded.get("num_train_epochs") or 1
+    share = 1.0 / (count * epochs)
+    if share < 1 and (option == "save_steps" or loaded.get("val_set_size") or loaded.get("test_datasets")):
+        out[option] = share
+        lines.setdefault(option, lines.get(key, 0))
 
 
 def translate(key: str, value: Any, where: str) -> Translation | None:

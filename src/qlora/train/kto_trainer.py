@@ -47,7 +47,7 @@ class KTOTrainer(PreferenceTrainer):
         cfg = self.config
         return read_sources(source, split, cfg.data_subset, cfg.max_samples,
                             lambda records: normalize_unpaired(records, cfg.data_fields), cfg.dataset_dir,
-                            self.sample_rng)
+                            self.sample_rng, "kto")
 
     def _tokenize(self, examples: list) -> tuple[list[TokenizedUnpaired], Any]:
         return tokenize_unpaired(examples, self.tokenizer, self.chat_format, self.config.seq_len,

@@ -108,7 +108,7 @@ class PreferenceTrainer(Trainer):
         cfg = self.config
         return read_sources(source, split, cfg.data_subset, cfg.max_samples,
                             lambda records: normalize_preferences(records, cfg.data_fields), cfg.dataset_dir,
-                            self.sample_rng)
+                            self.sample_rng, cfg.method)
 
     def _tokenize(self, examples: list[PreferenceExample]) -> tuple[list[TokenizedPair], Any]:
         return tokenize_pairs(examples, self.tokenizer, self.chat_format, self.config.seq_len,

@@ -446,6 +446,7 @@ class Trainer:
         Ctrl-C stops at once (the last checkpoint stays intact).
         """
         cfg = self.config
+        eval_every, save_every = (cfg.steps_between(name, self.total_steps) for name in ("eval_steps", "save_steps"))
         self._stop_signal = None
         previous = _install_stop_handlers(self)
         try:
@@ -457,11 +458,11 @@ class Trainer:
                 self.metrics.advance()
                 if self.step % cfg.logging_steps == 0 or self.step == self.total_steps:
                     self.metrics.log(record)
-                if cfg.eval_steps and self.step % cfg.eval_steps == 0 and self.eval_units:
+                if eval_every and self.step % eval_every == 0 and self.eval_units:
                     loss = self.evaluate()["loss"]
                     if self.on_plateau:
                         self.scheduler.step(loss)
-                if cfg.save_steps and self.step % cfg.save_steps == 0:
+                if save_every and self.step % save_every == 0:
                     self.save_checkpoint()
             if self._stop_requested():
                 raise Interrupted(self.step, self.save_checkpoint())
@@ -472,7 +473,7 @@ class Trainer:
         finally:
             for signum, handler in previous.items():
                 signal.signal(signum, handler)
-        if self.eval_units and not (cfg.eval_steps and self.step % cfg.eval_steps == 0):
+        if self.eval_units and not (eval_every and self.step % eval_every == 0):
             self.evaluate()
 
     def _stop_requested(self) -> bool:

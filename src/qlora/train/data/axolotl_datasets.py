@@ -1,8 +1,9 @@
 """axolotl's ``datasets:`` entries: each a source with its own row type and field names.
 
 An axolotl config lists its datasets as mappings: ``path`` (a hub id, a local file or folder;
-``data_files`` with ``ds_type`` for local files under it), ``split``, ``name`` (the subset) and the
-``type`` of its rows. Each row is rebuilt in the shape of one of qlora's own formats, as
+``data_files`` with ``ds_type`` for local files under it; ``ds_type: text`` reads any file as plain text, a
+row a non-blank line in the column ``text``, as ``datasets``' text loader does), ``split``, ``name`` (the
+subset) and the ``type`` of its rows. Each row is rebuilt in the shape of one of qlora's own formats, as
 axolotl's prompt strategy reads it:
 
 - ``alpaca`` (and its prompt styles ``alpaca:chat``, ``alpaca:chatml``, ``alpaca:phi``): axolotl's alpaca
@@ -21,7 +22,9 @@ axolotl's prompt strategy reads it:
   with ``from``/``value``;
 - ``completion``: the ``field`` column (default ``text``) trained whole (our text format).
 
-Without ``type`` the file is read as it is, its format detected as for ``--data``. Options whose
+Under ``rl:`` (a preference method) the types are axolotl's DPO, ORPO and KTO prompt strategies instead
+(:mod:`qlora.train.data.axolotl_preference`). Without ``type`` the file is read as it is, its format detected
+as for ``--data``. Options whose
 effect qlora does not have (other ``roles_to_train``, ``train_on_eos``, per-message training
 flags, a per-dataset chat template) are refused by name.
 """
@@ -33,6 +36,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from qlora.errors import UsageError
+from qlora.train.data.axolotl_preference import PreferenceStrategy, is_preference_type, preference_strategy
 from qlora.train.data.declared import DeclaredDataset
 from qlora.train.data.formats import ROLES
 
@@ -59,8 +63,8 @@ _ALPACA_STYLES = {
 }
 _ENTRY_KEYS = {"path", "type", "split", "name", "data_files", "ds_type", "field_messages", "message_property_mappings",
                "message_field_role", "message_field_content", "roles", "roles_to_train", "train_on_eos", "field",
-               "field_tools", "trust_remote_code"}
-_DS_TYPES = ("json", "csv", "parquet", "arrow")  # not text: datasets reads a row a line, qlora a paragraph
+               "field_tools", "trust_remote_code", "field_chosen", "field_rejected"}
+_DS_TYPES = ("json", "csv", "parquet", "arrow", "text")  # text: a row a line (column text), as datasets reads it
 TYPES = ("alpaca", "alpaca:chat", "alpaca:chatml", "alpaca:phi", "chat_template", "sharegpt", "completion")
 
 
@@ -68,12 +72,17 @@ TYPES = ("alpaca", "alpaca:chat", "alpaca:chatml", "alpaca:phi", "chat_template"
 class AxolotlDataset(DeclaredDataset):
     """One ``datasets:`` entry of an axolotl config, with axolotl's defaults filled in."""
 
-    kind: str  # prompt (alpaca and custom types), chat, text, or "" (read as it is)
+    kind: str  # prompt (alpaca and custom types), chat, text, preference, or "" (read as it is)
     columns: dict[str, str] = field(default_factory=dict)  # our field -> their column
     message_keys: dict[str, str] = field(default_factory=dict)  # our message key -> theirs
     roles: dict[str, str] = field(default_factory=dict)  # their role -> ours
     # format, no_input_format, system_format, and the system prompt with and without an input
     prompt_format: dict[str, str] = field(default_factory=dict)
+    strategy: PreferenceStrategy | None = None  # kind preference: axolotl's DPO/ORPO/KTO strategy
+    ds_type: str = ""  # the files' format when given (text: a row a line, whatever the suffix)
+
+    def plain_text(self) -> bool:
+        return self.ds_type == "text"
 
     def rebuild(self, fields: dict[str, Any], where: str) -> dict[str, Any]:
         if self.kind == "prompt":
@@ -84,6 +93,8 @@ class AxolotlDataset(DeclaredDataset):
             return row | {"tools": tools} if tools else row
         if self.kind == "text":
             return {"text": fields.get(self.columns["text"])}
+        if self.kind == "preference":
+            return self.strategy.row(fields, where)
         return fields
 
     def _prompt_completion(self, fields: dict[str, Any], where: str) -> dict[str, Any]:
@@ -118,8 +129,9 @@ class AxolotlDataset(DeclaredDataset):
         return out
 
 
-def axolotl_datasets(entries: Any, where: str) -> list[AxolotlDataset]:
-    """The datasets of an axolotl ``datasets:`` (or ``test_datasets:``) list.
+def axolotl_datasets(entries: Any, where: str, method: str = "sft") -> list[AxolotlDataset]:
+    """The datasets of an axolotl ``datasets:`` (or ``test_datasets:``) list, their types read as axolotl reads
+    them for the training ``method`` (sft; a preference method: its ``rl:`` strategies).
 
     Raises:
         UsageError: an entry that is not a mapping, lacks ``path``, or asks what qlora does not do,
@@ -129,11 +141,11 @@ def axolotl_datasets(entries: Any, where: str) -> list[AxolotlDataset]:
         raise UsageError(f"{where}: axolotl's datasets is a list of mappings (path, type, ...); got {entries!r}.")
     out = []
     for k, entry in enumerate(entries):
-        out += _entry(entry, f"{where}, datasets item {k + 1}")
+        out += _entry(entry, f"{where}, datasets item {k + 1}", method)
     return out
 
 
-def _entry(entry: Any, where: str) -> list[AxolotlDataset]:
+def _entry(entry: Any, where: str, method: str) -> list[AxolotlDataset]:
     if isinstance(entry, str):
         entry = {"path": entry}
     if not isinstance(entry, dict) or not isinstance(entry.get("path"), str):
@@ -156,9 +168,10 @@ def _entry(entry: Any, where: str) -> list[AxolotlDataset]:
     files = [files] if isinstance(files, str) else files
     if not isinstance(files, list) or not files or not all(isinstance(f, str) for f in files):
         raise UsageError(f"{where}: data_files must be a file or a list of files.")
-    kind, extra = _kind(entry, where)
+    kind, extra = _kind(entry, where) if method == "sft" else _preference_kind(entry, where, method)
     name = entry["path"] if len(files) == 1 else None
-    return [AxolotlDataset(name or f"{entry['path']}: {f}", f, split, subset, None, kind, **extra) for f in files]
+    return [AxolotlDataset(name or f"{entry['path']}: {f}", f, split, subset, None, kind, **extra,
+                           ds_type=str(entry.get("ds_type", ""))) for f in files]
 
 
 def _kind(entry: dict[str, Any], where: str) -> tuple[str, dict[str, Any]]:
@@ -166,6 +179,10 @@ def _kind(entry: dict[str, Any], where: str) -> tuple[str, dict[str, Any]]:
     kind = entry.get("type")
     if kind is None:
         return "", {}
+    if is_preference_type(kind):
+        raise UsageError(f"{where}: type {kind!r} is one of axolotl's preference strategies (DPO, ORPO, KTO): "
+                         "it builds prompt/chosen/rejected rows for rl: dpo, ipo, orpo, simpo (or prompt/completion/"
+                         "label rows for rl: kto). Set rl (or --method) to train on it, or give an SFT type.")
     if isinstance(kind, dict):
         unknown = sorted(set(kind) - set(_CUSTOM_FIELDS.values()) - set(_CUSTOM_DEFAULTS))
         if unknown:
@@ -201,6 +218,15 @@ def _kind(entry: dict[str, Any], where: str) -> tuple[str, dict[str, Any]]:
                      "(a mapping of field_instruction, format, ...); convert the data to one of them, or to one of "
                      "qlora's own formats (messages, prompt/completion, text; prompt/chosen/rejected pairs for rl) "
                      "and drop type.")
+
+
+def _preference_kind(entry: dict[str, Any], where: str, method: str) -> tuple[str, dict[str, Any]]:
+    """An entry under a preference method: axolotl's strategy of its type; without one (or ``passthrough``)
+    the rows are read as they are."""
+    if entry.get("type") is None:
+        return "", {}
+    strategy = preference_strategy(entry, method, where)
+    return ("preference", {"strategy": strategy}) if strategy else ("", {})
 
 
 def declared_entries(spec: str) -> list[Any] | None:

@@ -37,6 +37,10 @@ class DeclaredDataset(ABC):
         """Columns the declaration names that some row must have (a typo would otherwise read as empty)."""
         return ()
 
+    def plain_text(self) -> bool:
+        """Whether the source file is plain text whatever its suffix (a row a line)."""
+        return False
+
     @abstractmethod
     def rebuild(self, fields: dict[str, Any], where: str) -> dict[str, Any]:
         """One row in the shape of one of qlora's own formats."""
@@ -50,7 +54,8 @@ def read_declared(dataset: DeclaredDataset, rng: np.random.RandomState | None = 
     Raises:
         UsageError: a declared column that no row has.
     """
-    records = load_records(dataset.source, dataset.split, dataset.subset, text_lines=True)
+    records = load_records(dataset.source, dataset.split, dataset.subset, text_lines=True,
+                           as_text=dataset.plain_text())
     absent = [c for c in dataset.required_columns() if not any(c in r.fields for r in records)]
     if absent and records:
         present = sorted({k for r in records[:100] for k in r.fields})

@@ -44,7 +44,7 @@ def demo_data_path() -> Path:
 
 
 def load_records(source: str | Path, split: str = "train", subset: str | None = None, *,
-                 text_lines: bool = False) -> list[Record]:
+                 text_lines: bool = False, as_text: bool = False) -> list[Record]:
     """Read every record of a local file or folder, or of a hub dataset.
 
     Args:
@@ -57,6 +57,7 @@ def load_records(source: str | Path, split: str = "train", subset: str | None = 
         subset: the configuration (subset) of a hub dataset, if it has several.
         text_lines: read a ``.txt`` file one record a non-blank line, even where blank lines separate
             paragraphs (as ``datasets``' text loader, which LLaMA-Factory uses, reads it).
+        as_text: read a file as plain text whatever its suffix (axolotl's ``ds_type: text``).
 
     Raises:
         UsageError: unreadable or malformed file, unknown format, unknown
@@ -66,7 +67,7 @@ def load_records(source: str | Path, split: str = "train", subset: str | None = 
     if path.is_file():
         readers = {".jsonl": _read_jsonl, ".json": _read_json, ".csv": _read_csv, ".tsv": _read_tsv,
                    ".parquet": _read_parquet, ".arrow": _read_arrow, ".txt": _read_text}
-        reader = readers.get(_format_suffix(path))
+        reader = _read_text if as_text else readers.get(_format_suffix(path))
         if reader is None:
             raise UsageError(
                 f"{path}: unknown data format {''.join(path.suffixes[-2:]) or '(no suffix)'!r}. Give a file ending "
