@@ -196,7 +196,9 @@ DPO_EXTRAS = {
     "wpo": (dict(wpo=True), dict(use_weighting=True)),
     "wpo-ipo-nca-pair": (dict(wpo=True, loss_type="ipo,nca_pair", loss_weights="1,0.5"),
                       dict(use_weighting=True, loss_type=["ipo", "nca_pair"], loss_weights=[1.0, 0.5])),
-    "wpo-chunked-ce": (dict(wpo=True, chunked_ce=True), dict(use_weighting=True)),
+    "ld-alpha-wpo-full-logits": (dict(ld_alpha=0.3, wpo=True, chunked_ce=False),
+                                 dict(ld_alpha=0.3, use_weighting=True)),
+    "ld-alpha-precomputed-reference": (dict(ld_alpha=0.3, precompute_ref=True), dict(ld_alpha=0.3)),
     "forward-kl": (dict(f_divergence_type="forward_kl"), dict(f_divergence_type="forward_kl")),
     "js-divergence": (dict(f_divergence_type="js_divergence"), dict(f_divergence_type="js_divergence")),
     "alpha-divergence": (dict(f_divergence_type="alpha_divergence", f_alpha_divergence_coef=0.3),
@@ -219,9 +221,11 @@ DPO_EXTRAS = {
 def test_dpo_ld_wpo_f_divergence_equal_trl(tmp_path, tiny_model_dir, case):
     ours, theirs = DPO_EXTRAS[case]
     loss = _dpo_vs_trl(tmp_path, tiny_model_dir, trl_args=theirs, **ours)
-    plain = {k: v for k, v in ours.items() if k in ("loss_type", "loss_weights", "rpo_alpha", "label_smoothing")}
+    plain = {k: v for k, v in ours.items() if k in ("loss_type", "loss_weights", "rpo_alpha", "label_smoothing",
+                                                    "chunked_ce")}
     (tmp_path / "plain").mkdir()
     trainer = _qlora(tmp_path / "plain", tiny_model_dir, "dpo", beta=0.3, **plain)
+    assert trainer.chunked_ce == ours.get("chunked_ce", True)  # the output head's path under test
     assert abs(float(_qlora_step(trainer)[0]) - float(loss)) > 1e-4  # the option changes the loss
 
 

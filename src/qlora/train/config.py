@@ -591,7 +591,7 @@ ALIASES = {
     "quantization_type": "quant", "double_quantization": "double_quant", "eval_dataset": "eval_data",
     "pref_beta": "beta", "dpo_label_smoothing": "label_smoothing", "kto_chosen_weight": "desirable_weight",
     "kto_rejected_weight": "undesirable_weight", "rl_beta": "beta", "orpo_alpha": "beta",
-    "use_weighting": "wpo", "kto_desirable_weight": "desirable_weight", "kto_undesirable_weight": "undesirable_weight",
+    "use_weighting": "wpo", "precompute_ref_log_probs": "precompute_ref", "kto_desirable_weight": "desirable_weight", "kto_undesirable_weight": "undesirable_weight",
     "lora_model_dir": "adapter", "dataset_name": "data", "dataset_config": "data_subset",
     "dataset_train_split": "data_split", "dataset_test_split": "eval_data_split", "use_bnb_nested_quant": "double_quant",
 }
@@ -608,6 +608,8 @@ VALUE_ALIASES = {
     # train_on: assistant trains only the completion of those); off trains every token.
     "assistant_only_loss": ("train_on", {True: "assistant", False: "all"}),
     "completion_only_loss": ("train_on", {True: None, False: "all"}),
+    # TRL's preference configs (on by default there): every dropout of the policy off, the LoRA dropout included
+    "disable_dropout": ("dropout", {True: 0.0, False: None}),
 }
 
 
