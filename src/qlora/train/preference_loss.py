@@ -16,8 +16,10 @@ and ``odds(y) = p / (1 - p)`` of ``p = exp(a)``::
 
     loss = NLL(chosen) - lambda * log sigmoid(log odds(y_w) - log odds(y_l))
 
-DPO's other loss types (:func:`dpo_losses`), CPO / SimPO (:func:`cpo_losses`, no reference
-model) and KTO (:func:`kto_losses`, single completions) are TRL 1.16's. All follow TRL 1.16
+DPO's other loss types (:func:`dpo_losses`, with f-DPO's scores :func:`f_divergence_scores`, LD-DPO's
+answer split :func:`ld_label_sets` and WPO's pair weights :func:`wpo_weights`), CPO / SimPO
+(:func:`cpo_losses`, no reference model, with AlphaPO's :func:`alphapo_rewards`) and KTO
+(:func:`kto_losses`, single completions) are TRL 1.16's. All follow TRL 1.16
 (``DPOTrainer``, ``CPOTrainer``, ``ORPOTrainer`` and ``KTOTrainer``)
 to 1e-5 in fp32 (tests/test_preference_vs_trl.py), including
 ORPO's NLL over the whole chosen sequence, prompt included, as in the ORPO

@@ -3,8 +3,8 @@
 :class:`PreferenceTrainer` is the QLoRA training loop of
 :class:`qlora.train.trainer.Trainer` (accumulation, clipping, checkpoints,
 resume, DDP/FSDP, metrics) with preference pairs as data and DPO (any of TRL's
-loss types), CPO / SimPO or ORPO (:mod:`qlora.train.preference_loss`) as the
-loss. What differs:
+loss types; LD-DPO, WPO, f-DPO), CPO / SimPO (AlphaPO) or ORPO
+(:mod:`qlora.train.preference_loss`) as the loss. What differs:
 
 - Each micro-batch of ``B`` pairs is one forward pass over ``2B`` rows, the
   chosen answers then the rejected ones.
