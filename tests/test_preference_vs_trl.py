@@ -217,6 +217,18 @@ DPO_EXTRAS = {
 }
 
 
+def test_ld_dpo_splits_each_answer_at_the_shorter_answer_of_its_pair():
+    """LD-DPO's label split by hand: two pairs (chosen rows, then rejected), answers of 3 vs 1 and 2 vs 4 tokens."""
+    from qlora.train.preference_loss import ld_label_sets
+
+    x = -100
+    labels = torch.tensor([[x, x, 5, 6, 7, x], [x, 8, 9, x, x, x],  # chosen: 3 tokens, 2 tokens
+                           [x, x, 4, x, x, x], [x, 1, 2, 3, 4, x]])  # rejected: 1 token, 4 tokens
+    shared, tail = ld_label_sets(labels)
+    assert shared.tolist() == [[x, x, 5, x, x, x], [x, 8, 9, x, x, x], [x, x, 4, x, x, x], [x, 1, 2, x, x, x]]
+    assert tail.tolist() == [[x, x, x, 6, 7, x], [x, x, x, x, x, x], [x, x, x, x, x, x], [x, x, x, 3, 4, x]]
+
+
 @pytest.mark.parametrize("case", sorted(DPO_EXTRAS))
 def test_dpo_ld_wpo_f_divergence_equal_trl(tmp_path, tiny_model_dir, case):
     ours, theirs = DPO_EXTRAS[case]

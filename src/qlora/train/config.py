@@ -356,7 +356,8 @@ class TrainConfig:
             loss = self.loss_type or "sigmoid"
             if loss not in CPO_LOSSES:
                 hint = {"alphapo": "; TRL's alphapo is its simpo loss without the NLL term: --method simpo with "
-                                   "--alphapo-alpha A"}.get(loss, "; for DPO losses use --method dpo" * (loss in DPO_LOSSES))
+                                   "--alphapo-alpha A"}.get(loss, "; for DPO losses use --method dpo"
+                                                            * (loss in DPO_LOSSES))
                 raise UsageError(f"--loss-type {loss!r} is not a loss of --method cpo (TRL's CPOTrainer): choose one "
                                  f"of {', '.join(CPO_LOSSES)}{hint}")
         elif self.method == "kto":
@@ -591,7 +592,8 @@ ALIASES = {
     "quantization_type": "quant", "double_quantization": "double_quant", "eval_dataset": "eval_data",
     "pref_beta": "beta", "dpo_label_smoothing": "label_smoothing", "kto_chosen_weight": "desirable_weight",
     "kto_rejected_weight": "undesirable_weight", "rl_beta": "beta", "orpo_alpha": "beta",
-    "use_weighting": "wpo", "precompute_ref_log_probs": "precompute_ref", "kto_desirable_weight": "desirable_weight", "kto_undesirable_weight": "undesirable_weight",
+    "use_weighting": "wpo", "precompute_ref_log_probs": "precompute_ref",
+    "kto_desirable_weight": "desirable_weight", "kto_undesirable_weight": "undesirable_weight",
     "lora_model_dir": "adapter", "dataset_name": "data", "dataset_config": "data_subset",
     "dataset_train_split": "data_split", "dataset_test_split": "eval_data_split", "use_bnb_nested_quant": "double_quant",
 }
