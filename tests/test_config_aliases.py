@@ -247,6 +247,25 @@ def test_llama_factory_packing_without_neat_packing_is_named_as_kept_apart(tmp_p
     assert (cfg.packing, cfg.seq_len) == (False, 2048)
 
 
+def test_dpo_config_keys_of_trl_1_16(tmp_path):
+    """TRL DPOConfig's LD-DPO, WPO and f-DPO keys are qlora's options (use_weighting is --wpo); its keys without
+    effect on the loss are passed over, its disable_dropout turns the LoRA dropout off as TRL does."""
+    base = "model: m\ndata: d\noutput: o\nmethod: dpo\n"
+    cfg = load_config(_yaml(tmp_path, base + "ld_alpha: 0.4\nuse_weighting: true\nf_divergence_type: "
+                                             "alpha_divergence\nf_alpha_divergence_coef: 0.3\ndisable_dropout: true\n"
+                                             "precompute_ref_log_probs: true\nprecompute_ref_batch_size: 8\n"
+                                             "truncation_mode: keep_start\npad_to_multiple_of: 8\n"
+                                             "activation_offloading: false\nsync_ref_model: false\n"
+                                             "ref_model_mixup_alpha: 0.6\nref_model_sync_steps: 512\n"), {})
+    assert (cfg.ld_alpha, cfg.wpo, cfg.f_divergence_type, cfg.f_alpha_divergence_coef, cfg.dropout,
+            cfg.precompute_ref) == (0.4, True, "alpha_divergence", 0.3, 0.0, True)
+    assert load_config(_yaml(tmp_path, base + "disable_dropout: false\nlora_dropout: 0.1\n"), {}).dropout == 0.1
+    plain = load_config(_yaml(tmp_path, base), {})
+    assert (plain.ld_alpha, plain.wpo, plain.f_divergence_type) == (None, False, "reverse_kl")
+    simpo = load_config(_yaml(tmp_path, "model: m\ndata: d\noutput: o\nmethod: simpo\nalphapo_alpha: 0.25\n"), {})
+    assert simpo.alphapo_alpha == 0.25 and simpo.nll_weight == 0
+
+
 def test_preference_keys_of_trl_and_llama_factory(tmp_path):
     """TRL's keys are ours; LLaMA-Factory's stage/pref_loss map where the loss is the same, else are refused."""
     base = "model: m\ndata: d\noutput: o\n"
@@ -301,6 +320,32 @@ def test_preference_keys_of_trl_and_llama_factory(tmp_path):
     ("method: kto\nbatch_size: 2\nprecompute_ref: true\n", "--precompute-ref applies to --method dpo; this run is"),
     ("method: dpo\ndesirable_weight: 2\n", "--desirable-weight applies to --method kto; this run is --method dpo"),
     ("method: kto\nbatch_size: 2\nundesirable_weight: 0\n", "--undesirable-weight must be positive"),
+    ("method: dpo\nld_alpha: 1.5\n", "--ld-alpha must be in [0, 1]; got 1.5"),
+    ("method: dpo\nld_alpha: -0.1\n", "--ld-alpha must be in [0, 1]; got -0.1"),
+    ("method: cpo\nld_alpha: 0.5\n", "--ld-alpha applies to --method dpo; this run is --method cpo"),
+    ("method: orpo\nwpo: true\n", "--wpo applies to --method dpo; this run is --method orpo"),
+    ("method: dpo\nwpo: yes please\n", "wpo expects bool"),
+    ("method: dpo\nwpo: true\nloss_type: aot\n", "the aot and aot_unpaired losses sort the pairs"),
+    ("method: dpo\nuse_weighting: true\nrpo_alpha: 0.5\n", "--wpo weighs the pair losses; with the NLL term"),
+    ("method: dpo\nwpo: true\nloss_type: [sigmoid, sft]\n", "--wpo weighs the pair losses; with the NLL term"),
+    ("method: dpo\nf_divergence_type: kl\n", "--f-divergence-type must be one of reverse_kl, forward_kl, "
+                                            "js_divergence, alpha_divergence; got 'kl'"),
+    ("method: dpo\nf_divergence_type: forward_kl\nloss_type: nca_pair\n",
+     "--f-divergence-type forward_kl applies to the DPO losses of the reward difference"),
+    ("method: dpo\nf_divergence_type: js_divergence\nloss_type: [sigmoid, apo_zero]\n", "apo_zero has no "
+                                                                                          "f-divergence form"),
+    ("method: dpo\nf_alpha_divergence_coef: 0.3\n", "--f-alpha-divergence-coef applies to --f-divergence-type "
+                                                    "alpha_divergence"),
+    ("method: dpo\nf_divergence_type: alpha_divergence\nf_alpha_divergence_coef: .inf\n",
+     "--f-alpha-divergence-coef must be finite; got inf"),
+    ("method: kto\nbatch_size: 2\nf_divergence_type: forward_kl\n", "--f-divergence-type applies to --method dpo"),
+    ("method: dpo\nalphapo_alpha: 0.5\n", "--alphapo-alpha applies to --method cpo, simpo; this run is --method dpo"),
+    ("method: simpo\nalphapo_alpha: .nan\n", "--alphapo-alpha must be finite; got nan"),
+    ("method: cpo\nloss_type: alphapo\n", "TRL's alphapo is its simpo loss without the NLL term: --method simpo "
+                                          "with --alphapo-alpha A"),
+    ("method: dpo\nsync_ref_model: true\n", "run.yaml line 5: sync_ref_model true: TR-DPO's reference"),
+    ("method: dpo\nrouter_aux_loss_coef: 0.001\n", "router_aux_loss_coef 0.001: qlora adds no mixture-of-experts"),
+    ("method: dpo\ntruncation_mode: keep_end\n", "run.yaml line 5: truncation_mode 'keep_end': qlora cuts"),
 ])
 def test_preference_options_refused_by_name(tmp_path, text, message):
     with pytest.raises(UsageError, match=re.escape(message)):

@@ -331,8 +331,11 @@ def test_train_from_an_adapter_continues_it_and_refuses_its_own_settings(tmp_pat
                                    ["--method", "dpo", "--loss-type", "robust,sft", "--loss-weights", "1,0.2",
                                     "--label-smoothing", "0.1"],
                                    ["--method", "dpo", "--rpo-alpha", "0.5"],
-                                   ["--method", "cpo"], ["--method", "simpo", "--beta", "2"]],
-                         ids=["dpo-ipo", "dpo-robust-sft", "rpo", "cpo", "simpo"])
+                                   ["--method", "cpo"], ["--method", "simpo", "--beta", "2"],
+                                   ["--method", "dpo", "--ld-alpha", "0.5", "--wpo", "--f-divergence-type",
+                                    "js_divergence"],
+                                   ["--method", "simpo", "--beta", "2", "--alphapo-alpha", "0.3"]],
+                         ids=["dpo-ipo", "dpo-robust-sft", "rpo", "cpo", "simpo", "ld-wpo-js", "alphapo"])
 def test_cli_preference_losses_train_and_record_their_options(tmp_path, tiny_model_dir, flags, capsys):
     """Each loss trains from the command line: the loss goes down, and --resume holds the loss options."""
     data = _write(tmp_path / "d.jsonl", ROWS)
@@ -350,6 +353,23 @@ def test_cli_preference_losses_train_and_record_their_options(tmp_path, tiny_mod
     capsys.readouterr()
     code, err = _run(argv + ["--beta", "0.3", "--resume"], capsys)  # another beta: not this run
     assert code == 2 and "beta: " in err
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--method", "dpo", "--ld-alpha", "1.5"], "--ld-alpha must be in [0, 1]; got 1.5"),
+    (["--method", "dpo", "--f-divergence-type", "forward_kl", "--loss-type", "bco_pair"],
+     "bco_pair has no f-divergence form"),
+    (["--method", "dpo", "--f-divergence-type", "chi2"], "chi2"),
+    (["--method", "dpo", "--wpo", "--rpo-alpha", "1"], "--wpo weighs the pair losses; with the NLL term"),
+    (["--method", "cpo", "--alphapo-alpha", "inf"], "--alphapo-alpha must be finite; got inf"),
+    (["--method", "sft", "--wpo"], "--wpo applies to --method dpo; this run is --method sft"),
+], ids=["ld-alpha-range", "f-divergence-loss", "f-divergence-name", "wpo-rpo", "alphapo-inf", "wpo-sft"])
+def test_cli_refuses_bad_preference_extras_with_exit_2(tmp_path, tiny_model_dir, capsys, flags, message):
+    data = _write(tmp_path / "d.jsonl", ROWS)
+    code, err = _run(["train", "--model", str(tiny_model_dir), "--data", str(data), "--output", str(tmp_path / "o"),
+                      *flags], capsys)
+    assert code == 2 and message in err and "Traceback" not in err
+    assert not (tmp_path / "o").exists()
 
 
 def test_resume_of_a_dpo_checkpoint_from_before_loss_types(tmp_path, tiny_model_dir):

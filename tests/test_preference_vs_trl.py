@@ -1,4 +1,5 @@
-"""DPO (every loss type, RPO, weighted loss lists), CPO / SimPO and ORPO against TRL 1.16 (test-only oracle):
+"""DPO (every loss type, RPO, weighted loss lists, LD-DPO, WPO, f-DPO), CPO / SimPO (and AlphaPO) and ORPO
+against TRL 1.16 (test-only oracle):
 losses, gradients and reward metrics.
 
 qlora trains a 4-bit (NF4) tiny Llama with LoRA or DoRA adapters; TRL gets the
@@ -151,6 +152,7 @@ def _dpo_vs_trl(tmp_path, model_dir, rows=ROWS, dora=False, beta=0.3, trl_args=N
                 "logps/rejected"):
         assert metrics[key] == pytest.approx(theirs[key][-1], rel=RTOL, abs=1e-6), key
     assert metrics["rewards/margins"] != 0
+    return loss
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
@@ -182,6 +184,61 @@ def test_dpo_rpo_and_weighted_losses_equal_trl(tmp_path, tiny_model_dir, ours):
     names = ours.get("loss_type", "sigmoid").split(",") + (["sft"] if "rpo_alpha" in ours else [])
     weights = [float(w) for w in ours.get("loss_weights", "1").split(",")] + [ours.get("rpo_alpha")] * ("rpo_alpha" in ours)
     _dpo_vs_trl(tmp_path, tiny_model_dir, trl_args=dict(loss_type=names, loss_weights=weights), **ours)
+
+
+# TRL 1.16 DPOConfig's LD-DPO (ld_alpha), WPO (use_weighting) and f-DPO (f_divergence_type), alone and together:
+# (qlora's options, TRL's). ROWS' chosen and rejected answers differ in length, so LD-DPO's tails are live.
+DPO_EXTRAS = {
+    "ld-alpha": (dict(ld_alpha=0.4), dict(ld_alpha=0.4)),
+    "ld-alpha-0-ipo": (dict(ld_alpha=0.0, loss_type="ipo"), dict(ld_alpha=0.0, loss_type=["ipo"])),
+    "ld-alpha-rpo": (dict(ld_alpha=0.6, rpo_alpha=0.5), dict(ld_alpha=0.6, loss_type=["sigmoid", "sft"],
+                                                              loss_weights=[1.0, 0.5])),
+    "wpo": (dict(wpo=True), dict(use_weighting=True)),
+    "wpo-ipo-nca-pair": (dict(wpo=True, loss_type="ipo,nca_pair", loss_weights="1,0.5"),
+                      dict(use_weighting=True, loss_type=["ipo", "nca_pair"], loss_weights=[1.0, 0.5])),
+    "ld-alpha-wpo-full-logits": (dict(ld_alpha=0.3, wpo=True, chunked_ce=False),
+                                 dict(ld_alpha=0.3, use_weighting=True)),
+    "ld-alpha-precomputed-reference": (dict(ld_alpha=0.3, precompute_ref=True), dict(ld_alpha=0.3)),
+    "forward-kl": (dict(f_divergence_type="forward_kl"), dict(f_divergence_type="forward_kl")),
+    "js-divergence": (dict(f_divergence_type="js_divergence"), dict(f_divergence_type="js_divergence")),
+    "alpha-divergence": (dict(f_divergence_type="alpha_divergence", f_alpha_divergence_coef=0.3),
+                         dict(f_divergence_type="alpha_divergence", f_alpha_divergence_coef=0.3)),
+    "alpha-divergence-sigmoid-norm": (
+        dict(f_divergence_type="alpha_divergence", f_alpha_divergence_coef=1.7, loss_type="sigmoid_norm"),
+        dict(f_divergence_type="alpha_divergence", f_alpha_divergence_coef=1.7, loss_type=["sigmoid_norm"])),
+    "js-hinge-ipo-discopop": (dict(f_divergence_type="js_divergence", loss_type="hinge,ipo,discopop"),
+                              dict(f_divergence_type="js_divergence", loss_type=["hinge", "ipo", "discopop"])),
+    "alpha-divergence-robust-rpo": (
+        dict(f_divergence_type="alpha_divergence", loss_type="robust", label_smoothing=0.1, rpo_alpha=0.5),
+        dict(f_divergence_type="alpha_divergence", loss_type=["robust", "sft"], loss_weights=[1.0, 0.5],
+             label_smoothing=0.1)),
+    "all-three": (dict(ld_alpha=0.5, wpo=True, f_divergence_type="forward_kl"),
+                  dict(ld_alpha=0.5, use_weighting=True, f_divergence_type="forward_kl")),
+}
+
+
+def test_ld_dpo_splits_each_answer_at_the_shorter_answer_of_its_pair():
+    """LD-DPO's label split by hand: two pairs (chosen rows, then rejected), answers of 3 vs 1 and 2 vs 4 tokens."""
+    from qlora.train.preference_loss import ld_label_sets
+
+    x = -100
+    labels = torch.tensor([[x, x, 5, 6, 7, x], [x, 8, 9, x, x, x],  # chosen: 3 tokens, 2 tokens
+                           [x, x, 4, x, x, x], [x, 1, 2, 3, 4, x]])  # rejected: 1 token, 4 tokens
+    shared, tail = ld_label_sets(labels)
+    assert shared.tolist() == [[x, x, 5, x, x, x], [x, 8, 9, x, x, x], [x, x, 4, x, x, x], [x, 1, 2, x, x, x]]
+    assert tail.tolist() == [[x, x, x, 6, 7, x], [x, x, x, x, x, x], [x, x, x, x, x, x], [x, x, x, 3, 4, x]]
+
+
+@pytest.mark.parametrize("case", sorted(DPO_EXTRAS))
+def test_dpo_ld_wpo_f_divergence_equal_trl(tmp_path, tiny_model_dir, case):
+    ours, theirs = DPO_EXTRAS[case]
+    loss = _dpo_vs_trl(tmp_path, tiny_model_dir, trl_args=theirs, **ours)
+    plain = {k: v for k, v in ours.items() if k in ("loss_type", "loss_weights", "rpo_alpha", "label_smoothing",
+                                                    "chunked_ce")}
+    (tmp_path / "plain").mkdir()
+    trainer = _qlora(tmp_path / "plain", tiny_model_dir, "dpo", beta=0.3, **plain)
+    assert trainer.chunked_ce == ours.get("chunked_ce", True)  # the output head's path under test
+    assert abs(float(_qlora_step(trainer)[0]) - float(loss)) > 1e-4  # the option changes the loss
 
 
 def _cpo_vs_trl(tmp_path, model_dir, method, trl_args, **ours):
@@ -229,6 +286,12 @@ CPO_CASES = {
     "cpo-simpo": ("cpo", dict(loss_type="simpo", simpo_gamma=0.8), dict(loss_type="simpo", simpo_gamma=0.8)),
     "simpo": ("simpo", dict(simpo_gamma=0.8), dict(loss_type="simpo", simpo_gamma=0.8, cpo_alpha=0.0)),
     "cpo-simpo-alpha": ("simpo", dict(cpo_alpha=0.3), dict(loss_type="simpo", cpo_alpha=0.3)),
+    # AlphaPO: TRL's loss_type alphapo is simpo with cpo_alpha 0, its reward shape CPOConfig's alpha
+    "alphapo": ("simpo", dict(alphapo_alpha=0.25, simpo_gamma=0.8), dict(loss_type="alphapo", simpo_gamma=0.8,
+                                                                          alpha=0.25)),
+    "alphapo-negative": ("simpo", dict(alphapo_alpha=-0.5), dict(loss_type="simpo", cpo_alpha=0.0, alpha=-0.5)),
+    "cpo-sigmoid-alpha": ("cpo", dict(alphapo_alpha=0.02), dict(alpha=0.02)),
+    "cpo-ipo-alpha": ("cpo", dict(loss_type="ipo", alphapo_alpha=0.3), dict(loss_type="ipo", alpha=0.3)),
 }
 
 

@@ -27,6 +27,7 @@ from qlora.optim import (
 from qlora.quant import BLOCKSIZES
 from qlora.train.data.fields import parse_data_fields
 from qlora.train.foreign_keys import AXOLOTL_DEFAULTS, adapter_keys, is_axolotl, translate
+from qlora.train.preference_loss import F_DIVERGENCE_LOSSES, F_DIVERGENCES
 
 QUANTS = ("nf4", "fp4", "none")
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
@@ -43,6 +44,8 @@ _METHOD_OPTIONS = {
     "label_smoothing": ("dpo", "cpo", "simpo"), "precompute_ref": ("dpo",), "loss_type": ("dpo", "cpo", "kto"),
     "loss_weights": ("dpo",), "rpo_alpha": ("dpo",), "discopop_tau": ("dpo",), "cpo_alpha": ("cpo", "simpo"),
     "simpo_gamma": ("cpo", "simpo"), "desirable_weight": ("kto",), "undesirable_weight": ("kto",),
+    "ld_alpha": ("dpo",), "wpo": ("dpo",), "f_divergence_type": ("dpo",), "f_alpha_divergence_coef": ("dpo",),
+    "alphapo_alpha": ("cpo", "simpo"),
 }
 
 # Fields whose change makes a checkpoint incompatible with a resumed run.
@@ -91,6 +94,20 @@ class TrainConfig:
                                  "tokens; TRL's rpo_alpha, its loss type sft)", range=NON_NEGATIVE)
     discopop_tau: float = _opt(0.05, "dpo --loss-type discopop: temperature tau of its log-ratio modulation",
                                range=POSITIVE)
+    ld_alpha: float | None = _opt(None, "dpo: LD-DPO (TRL's ld_alpha): the tokens of an answer past the length of "
+                                        "the shorter answer of its pair count by this weight in its log-probs, "
+                                        "the policy's and the reference's (1: plain DPO; 0: cut off)",
+                                  range=Range(0, 1))
+    wpo: bool = _opt(False, "dpo: WPO (TRL's use_weighting): weigh each pair's loss by the policy's per-token "
+                            "probabilities of its two answers, relative to its own sampling (detached)")
+    f_divergence_type: str = _opt("reverse_kl", "dpo: f-DPO: the divergence to the reference that the loss "
+                                                "regularizes (reverse_kl is DPO's); loss types sigmoid, "
+                                                "sigmoid_norm, hinge, ipo, exo_pair, robust, discopop and sft",
+                                  F_DIVERGENCES)
+    f_alpha_divergence_coef: float = _opt(0.5, "dpo --f-divergence-type alpha_divergence: its alpha (1 is "
+                                               "reverse_kl, 0 forward_kl)", range=Range())
+    alphapo_alpha: float = _opt(0.0, "cpo, simpo: AlphaPO (TRL CPOConfig's alpha): rewards (1 - p^-alpha) / alpha "
+                                     "of the answers' probabilities p instead of log p (0: log p)", range=Range())
     cpo_alpha: float | None = _opt(None, "cpo, simpo: weight of the NLL of the chosen answers (TRL's cpo_alpha; "
                                          "default: 1 for cpo, 0 for simpo; > 0 with simpo is CPO-SimPO)",
                                    range=NON_NEGATIVE)
@@ -367,8 +384,11 @@ class TrainConfig:
         elif self.method == "cpo":
             loss = self.loss_type or "sigmoid"
             if loss not in CPO_LOSSES:
+                hint = {"alphapo": "; TRL's alphapo is its simpo loss without the NLL term: --method simpo with "
+                                   "--alphapo-alpha A"}.get(loss, "; for DPO losses use --method dpo"
+                                                            * (loss in DPO_LOSSES))
                 raise UsageError(f"--loss-type {loss!r} is not a loss of --method cpo (TRL's CPOTrainer): choose one "
-                                 f"of {', '.join(CPO_LOSSES)}{'; for DPO losses use --method dpo' * (loss in DPO_LOSSES)}")
+                                 f"of {', '.join(CPO_LOSSES)}{hint}")
         elif self.method == "kto":
             loss = self.loss_type or "kto"
             if loss not in KTO_LOSSES:
@@ -423,6 +443,21 @@ class TrainConfig:
             raise UsageError("--loss-type exo_pair needs --label-smoothing > 0 (its epsilon; the EXO paper uses 1e-3)")
         if self.discopop_tau != 0.05 and "discopop" not in names:
             raise UsageError("--discopop-tau applies to --loss-type discopop")
+        if self.f_divergence_type != "reverse_kl":
+            other = [n for n in names if n not in F_DIVERGENCE_LOSSES]
+            if other:
+                raise UsageError(f"--f-divergence-type {self.f_divergence_type} applies to the DPO losses of the "
+                                 f"reward difference ({', '.join(F_DIVERGENCE_LOSSES)}); {', '.join(other)} has no "
+                                 "f-divergence form (as in TRL): use reverse_kl with it")
+        if self.f_alpha_divergence_coef != 0.5 and self.f_divergence_type != "alpha_divergence":
+            raise UsageError("--f-alpha-divergence-coef applies to --f-divergence-type alpha_divergence")
+        if self.wpo and {"aot", "aot_unpaired"} & set(names):
+            raise UsageError("--wpo weighs each pair by its own answers; the aot and aot_unpaired losses sort the "
+                             "pairs of a batch, so a pair's loss is no longer its own (TRL refuses them too)")
+        if self.wpo and "sft" in names:
+            raise UsageError("--wpo weighs the pair losses; with the NLL term (--rpo-alpha, loss type sft) TRL 1.16 "
+                             "also weighs that term, but fails doing so (it scales the NLL in place), so there is "
+                             "no reference to match: train --wpo without --rpo-alpha and sft")
 
     def preference_losses(self) -> list[tuple[str, float]]:
         """The (loss type, weight) terms of a preference run; --rpo-alpha is DPO's ``sft`` term.
@@ -594,6 +629,7 @@ ALIASES = {
     "quantization_type": "quant", "double_quantization": "double_quant", "eval_dataset": "eval_data",
     "pref_beta": "beta", "dpo_label_smoothing": "label_smoothing", "kto_chosen_weight": "desirable_weight",
     "kto_rejected_weight": "undesirable_weight", "rl_beta": "beta", "orpo_alpha": "beta",
+    "use_weighting": "wpo", "precompute_ref_log_probs": "precompute_ref",
     "kto_desirable_weight": "desirable_weight", "kto_undesirable_weight": "undesirable_weight",
     "lora_model_dir": "adapter", "dataset_name": "data", "dataset_config": "data_subset",
     "dataset_train_split": "data_split", "dataset_test_split": "eval_data_split", "use_bnb_nested_quant": "double_quant",
@@ -611,6 +647,8 @@ VALUE_ALIASES = {
     # train_on: assistant trains only the completion of those); off trains every token.
     "assistant_only_loss": ("train_on", {True: "assistant", False: "all"}),
     "completion_only_loss": ("train_on", {True: None, False: "all"}),
+    # TRL's preference configs (on by default there): every dropout of the policy off, the LoRA dropout included
+    "disable_dropout": ("dropout", {True: 0.0, False: None}),
 }
 
 

@@ -10,7 +10,7 @@ configs. Keys that only rename one of ours are plain aliases
   list (:mod:`qlora.train.data.axolotl_datasets`, its types read with ``rl``), ``rl``, chat template names,
   and its ``adapter``/``load_in_4bit`` (and TRL's ``use_peft``), ``saves_per_epoch``/``evals_per_epoch`` (shares
   of the run's steps), read together by :func:`adapter_keys`;
-  TRL's ``dataset_text_field``;
+  TRL's ``dataset_text_field`` and ``truncation_mode``;
 - settings of the other tool's runtime that do not change what a run computes
   (worker counts, caches, timeouts, report sinks): passed over, and the run says which;
 - values qlora has no equivalent for (8-bit quantization, full fine-tuning, PPO, Ray, multimodal
@@ -51,6 +51,10 @@ RUNTIME_ONLY = frozenset({
     "use_tensorboard", "tokenizer_use_fast", "tokenizer_legacy",
     # TRL's SFTConfig: preprocessing workers, padding-free batches (the same loss without pad tokens)
     "dataset_num_proc", "padding_free", "pad_token", "ignore_bias_buffers",
+    # TRL's DPOConfig: padding (masked out of the loss), the batch size of the reference pass, activation offloading
+    # (memory, not math), and TR-DPO's settings, inert without its sync_ref_model (refused when on)
+    "pad_to_multiple_of", "precompute_ref_batch_size", "activation_offloading", "ref_model_mixup_alpha",
+    "ref_model_sync_steps",
 })
 # LLaMA-Factory's settings of multimodal models and their media (qlora fine-tunes text-only language models).
 MULTIMODAL = frozenset({
@@ -203,6 +207,13 @@ def _check_special_tokens(value: Any, model: Any, where: str) -> None:
                              f"{key} in {config} to change it, or remove the key.")
 
 
+def _truncation_mode(value: Any, where: str) -> Translation:
+    if value in (None, "keep_start"):
+        return [], ""  # qlora cuts prompt + answer to seq_len keeping their start, as TRL's keep_start
+    raise UsageError(f"{where}: truncation_mode {value!r}: qlora cuts prompt + answer to seq_len keeping their start "
+                     "(TRL's keep_start); set truncation_mode: keep_start or remove the key.")
+
+
 def _dataset_text_field(value: Any, where: str) -> Translation:
     return ([("data_fields", f"text={value}")] if value not in (None, "text") else []), ""
 
@@ -212,7 +223,12 @@ TRANSLATED: dict[str, Callable[[Any, str], Translation]] = {
     "finetuning_type": _finetuning_type, "lora_target": _lora_target, "template": _template_of("LLaMA-Factory"),
     "chat_template": _template_of("axolotl"), "resume_from_checkpoint": _resume,
     "datasets": _datasets("data"), "test_datasets": _datasets("eval_data"), "rl": _rl, "fsdp": _fsdp,
-    "special_tokens": _special_tokens, "dataset_text_field": _dataset_text_field,
+    "special_tokens": _special_tokens, "dataset_text_field": _dataset_text_field, "truncation_mode": _truncation_mode,
+    "sync_ref_model": _refused("sync_ref_model", "TR-DPO's reference that follows the policy: qlora's reference is "
+                                                 "the frozen base (or --adapter's starting adapter), as TRL's with "
+                                                 "PEFT, where TRL refuses sync_ref_model too; set it to false."),
+    "router_aux_loss_coef": _refused("router_aux_loss_coef", "qlora adds no mixture-of-experts router loss to "
+                                                             "the training loss; remove the key (or set it to 0)."),
     "load_in_8bit": _refused("load_in_8bit", "qlora stores the base model in 4 bits (load_in_4bit: true, adapter: "
                                              "qlora) or keeps it 16-bit (adapter: lora); set load_in_8bit: false."),
     "group_by_length": _refused("group_by_length", "qlora draws batches in a seeded random order, not grouped by "

@@ -16,8 +16,10 @@ and ``odds(y) = p / (1 - p)`` of ``p = exp(a)``::
 
     loss = NLL(chosen) - lambda * log sigmoid(log odds(y_w) - log odds(y_l))
 
-DPO's other loss types (:func:`dpo_losses`), CPO / SimPO (:func:`cpo_losses`, no reference
-model) and KTO (:func:`kto_losses`, single completions) are TRL 1.16's. All follow TRL 1.16
+DPO's other loss types (:func:`dpo_losses`, with f-DPO's scores :func:`f_divergence_scores`, LD-DPO's
+answer split :func:`ld_label_sets` and WPO's pair weights :func:`wpo_weights`), CPO / SimPO
+(:func:`cpo_losses`, no reference model, with AlphaPO's :func:`alphapo_rewards`) and KTO
+(:func:`kto_losses`, single completions) are TRL 1.16's. All follow TRL 1.16
 (``DPOTrainer``, ``CPOTrainer``, ``ORPOTrainer`` and ``KTOTrainer``)
 to 1e-5 in fp32 (tests/test_preference_vs_trl.py), including
 ORPO's NLL over the whole chosen sequence, prompt included, as in the ORPO
@@ -35,19 +37,21 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from qlora.nn.chunked_ce import chunked_linear_cross_entropy
+from qlora.nn.chunked_ce import CHUNK_ROWS, chunked_linear_cross_entropy
 from qlora.train.data import IGNORE_INDEX
 from qlora.train.loss import decoder_and_head, model_inputs
 
 
 def label_logps(model: nn.Module, batch: dict[str, torch.Tensor], label_sets: list[torch.Tensor],
-                chunked: bool = False) -> list[torch.Tensor]:
+                chunked: bool = False, wpo_labels: torch.Tensor | None = None) -> list[torch.Tensor]:
     """Per-row sums of ``log p(label_t | tokens_<t)`` for each ``[rows, T]`` label tensor (-100: skipped).
 
     One forward pass serves every label set. With ``chunked`` the output head is
     applied row by row inside :func:`chunked_linear_cross_entropy`, so the float32
     ``[rows, T, vocab]`` log-probabilities never exist; rows with no label are
-    not computed.
+    not computed. With ``wpo_labels`` one more tensor follows, without gradient:
+    per-row sums over those labels of ``log p(label_t) - log sum_v p(v)^2``, the
+    aligned log-probs of WPO's weights (:func:`wpo_weights`).
     """
     inputs = model_inputs(batch)
     shifted = [labels[:, 1:] for labels in label_sets]
@@ -55,17 +59,76 @@ def label_logps(model: nn.Module, batch: dict[str, torch.Tensor], label_sets: li
         decoder, head = decoder_and_head(model)
         hidden = decoder(**inputs, use_cache=False).last_hidden_state[:, :-1]
         zero = hidden.new_zeros((), dtype=torch.float32)
-        return [torch.stack([-chunked_linear_cross_entropy(hidden[r], head.weight, labels[r])
-                             if bool((labels[r] != IGNORE_INDEX).any()) else zero
-                             for r in range(labels.shape[0])]) for labels in shifted]
+        out = [torch.stack([-chunked_linear_cross_entropy(hidden[r], head.weight, labels[r])
+                            if bool((labels[r] != IGNORE_INDEX).any()) else zero
+                            for r in range(labels.shape[0])]) for labels in shifted]
+        if wpo_labels is not None:
+            out.append(_aligned_logps_chunked(hidden.detach(), head.weight.detach(), wpo_labels[:, 1:]))
+        return out
     logits = model(**inputs, use_cache=False).logits[:, :-1].float()
     logprobs = torch.log_softmax(logits, dim=-1)
-    out = []
-    for labels in shifted:
-        keep = labels != IGNORE_INDEX
-        picked = logprobs.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-        out.append((picked * keep).sum(-1))
+    out = [_picked_sum(logprobs, labels) for labels in shifted]
+    if wpo_labels is not None:
+        with torch.no_grad():
+            out.append(_picked_sum(logprobs, wpo_labels[:, 1:], torch.logsumexp(2 * logprobs, dim=-1)))
     return out
+
+
+def _picked_sum(logprobs: torch.Tensor, labels: torch.Tensor, minus: torch.Tensor | None = None) -> torch.Tensor:
+    """``sum_t (logprobs[t, label_t] - minus[t])`` over the labelled positions of each row."""
+    picked = logprobs.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    if minus is not None:
+        picked = picked - minus
+    return (picked * (labels != IGNORE_INDEX)).sum(-1)
+
+
+@torch.no_grad()
+def _aligned_logps_chunked(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+                           chunk: int = CHUNK_ROWS) -> torch.Tensor:
+    """:func:`label_logps`' WPO sums with the head applied ``chunk`` tokens at a time (no ``[T, vocab]`` tensor)."""
+    out = torch.zeros(labels.shape[0], dtype=torch.float32, device=hidden.device)
+    for r in range(labels.shape[0]):
+        for s in range(0, labels.shape[1], chunk):
+            y = labels[r, s:s + chunk]
+            if bool((y != IGNORE_INDEX).any()):
+                logprobs = torch.log_softmax((hidden[r, s:s + chunk] @ weight.to(hidden.dtype).t()).float(), dim=-1)
+                out[r] += _picked_sum(logprobs, y, torch.logsumexp(2 * logprobs, dim=-1))
+    return out
+
+
+def wpo_weights(aligned_logps: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """WPO's pair weights ``[pairs]`` (Zhou et al. 2024, Eq. 2, as TRL 1.16's ``use_weighting``), detached.
+
+    Each answer weighs ``exp(mean_t (log p(y_t) - log sum_v p(v)^2))``, the probability of its tokens relative
+    to the policy's own sampling, averaged over its tokens; a pair weighs its chosen weight times its rejected one.
+
+    Args:
+        aligned_logps: ``[2 * pairs]`` sums from :func:`label_logps` (``wpo_labels``), chosen rows then rejected.
+        lengths: ``[2 * pairs]`` answer token counts.
+    """
+    weights = torch.exp(aligned_logps.detach().float() / lengths.float().clamp(min=1))
+    n = weights.shape[0] // 2
+    return weights[:n] * weights[n:]
+
+
+def ld_label_sets(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """LD-DPO's split of each answer's labels (Liu et al. 2024; TRL's ``ld_alpha``): its first ``m`` tokens and the
+    rest, ``m`` the shorter answer's length in its pair.
+
+    ``log p(y) = shared + alpha * tail`` then counts the verbose tail of the longer answer by ``alpha`` only.
+
+    Args:
+        labels: ``[2 * pairs, T]`` labels, chosen rows then rejected (``-100`` outside the answers).
+    """
+    keep = labels[:, 1:] != IGNORE_INDEX  # the positions label_logps scores
+    position = keep.cumsum(dim=1)
+    lengths = keep.sum(dim=1)
+    n = labels.shape[0] // 2
+    shared = torch.minimum(lengths[:n], lengths[n:]).repeat(2).unsqueeze(1)
+    first = labels[:, :1]
+    in_shared = torch.cat([torch.zeros_like(first, dtype=torch.bool), keep & (position <= shared)], dim=1)
+    in_tail = torch.cat([torch.zeros_like(first, dtype=torch.bool), keep & (position > shared)], dim=1)
+    return labels.masked_fill(~in_shared, IGNORE_INDEX), labels.masked_fill(~in_tail, IGNORE_INDEX)
 
 
 def _conservative(logits: torch.Tensor, eps: float) -> torch.Tensor:
@@ -74,10 +137,37 @@ def _conservative(logits: torch.Tensor, eps: float) -> torch.Tensor:
     return losses - eps * F.logsigmoid(-logits) if eps else losses
 
 
+F_DIVERGENCES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")
+# The DPO losses of a score difference, which f-DPO generalizes (TRL 1.16's list; sft has no scores).
+F_DIVERGENCE_LOSSES = ("sigmoid", "sigmoid_norm", "hinge", "ipo", "exo_pair", "robust", "discopop", "sft")
+
+
+def f_divergence_scores(logratio: torch.Tensor, divergence: str = "reverse_kl", alpha: float = 0.5) -> torch.Tensor:
+    """f-DPO's score ``f'(t)`` of a log-ratio ``log t = log p(y) - log p_ref(y)`` (Wang et al. 2023; TRL 1.16).
+
+    reverse_kl (DPO): ``log t``; forward_kl: ``1 - 1/t``; js_divergence: ``log(2t / (1 + t))``;
+    alpha_divergence: ``(t^(alpha - 1) - 1) / (alpha - 1)`` (``log t`` at alpha = 1; the exponent is clamped at
+    80, as TRL does, so that ``exp`` stays finite).
+    """
+    if divergence == "reverse_kl" or (divergence == "alpha_divergence" and abs(alpha - 1.0) < 1e-6):
+        return logratio
+    if divergence == "forward_kl":
+        return 1 - torch.exp(-logratio)
+    if divergence == "js_divergence":
+        return math.log(2) + F.logsigmoid(logratio)
+    if divergence == "alpha_divergence":
+        return (torch.exp(torch.clamp((alpha - 1.0) * logratio, max=80.0)) - 1.0) / (alpha - 1.0)
+    raise ValueError(f"unknown f-divergence {divergence!r}")
+
+
 def dpo_losses(loss_type: str, logps: tuple[torch.Tensor, torch.Tensor], ref_logps: tuple[torch.Tensor, torch.Tensor],
                lengths: tuple[torch.Tensor, torch.Tensor], beta: float, label_smoothing: float = 0.0,
-               discopop_tau: float = 0.05) -> torch.Tensor:
+               discopop_tau: float = 0.05, f_divergence: str = "reverse_kl", f_alpha: float = 0.5) -> torch.Tensor:
     """Per-pair losses ``[pairs]`` (float32) of one of TRL 1.16's DPO loss types.
+
+    With an f-divergence other than reverse_kl, ``c`` and ``r`` in ``x`` and in ipo's and sigmoid_norm's
+    per-token difference are its scores :func:`f_divergence_scores` of the log-ratios (the losses of
+    :data:`F_DIVERGENCE_LOSSES` only).
 
     With ``c = log p(y_w) - log p_ref(y_w)`` and ``r = log p(y_l) - log p_ref(y_l)`` (sums over the answer's
     tokens), ``x = beta * (c - r)`` and ``eps`` = ``label_smoothing``:
@@ -99,7 +189,10 @@ def dpo_losses(loss_type: str, logps: tuple[torch.Tensor, torch.Tensor], ref_log
     chosen, rejected = (t.float() for t in logps)
     ref_chosen, ref_rejected = (t.float() for t in ref_logps)
     c, r = chosen - ref_chosen, rejected - ref_rejected
-    x = beta * (c - r)
+    score_c, score_r = (f_divergence_scores(t, f_divergence, f_alpha) for t in (c, r))
+    if f_divergence != "reverse_kl" and loss_type not in F_DIVERGENCE_LOSSES:
+        raise ValueError(f"f-divergence {f_divergence!r} does not apply to the DPO loss {loss_type!r}")
+    x = beta * (score_c - score_r)
     eps = label_smoothing
     if loss_type == "sigmoid":
         return _conservative(x, eps)
@@ -107,7 +200,7 @@ def dpo_losses(loss_type: str, logps: tuple[torch.Tensor, torch.Tensor], ref_log
         return torch.relu(1 - x)
     if loss_type in ("ipo", "sigmoid_norm"):
         n_chosen, n_rejected = (n.float().clamp(min=1) for n in lengths)
-        per_token = c / n_chosen - r / n_rejected
+        per_token = score_c / n_chosen - score_r / n_rejected
         return (per_token - 1 / (2 * beta)) ** 2 if loss_type == "ipo" else -F.logsigmoid(beta * per_token)
     if loss_type == "robust":
         return (-(1 - eps) * F.logsigmoid(x) + eps * F.logsigmoid(-x)) / (1 - 2 * eps)
@@ -135,10 +228,19 @@ def dpo_losses(loss_type: str, logps: tuple[torch.Tensor, torch.Tensor], ref_log
     raise ValueError(f"unknown DPO loss type {loss_type!r}")
 
 
+def alphapo_rewards(logps: torch.Tensor, alpha: float) -> torch.Tensor:
+    """AlphaPO's reward shape (Gupta et al. 2025; TRL 1.16 CPOConfig's ``alpha``): ``(1 - p^-alpha) / alpha`` of
+    ``p = exp(logps)``, which is ``logps`` itself at alpha = 0 (its limit)."""
+    if alpha == 0:
+        return logps
+    return (1 - torch.exp(-alpha * logps.float())) / alpha
+
+
 def cpo_losses(loss_type: str, chosen_logps: torch.Tensor, rejected_logps: torch.Tensor, beta: float,
                label_smoothing: float = 0.0, simpo_gamma: float = 0.5) -> torch.Tensor:
     """Per-pair losses ``[pairs]`` of TRL 1.16's CPOTrainer (reference-free), from the policy's answer log-probs
-    (sums for sigmoid and hinge, per-token means for ipo and simpo), ``d = log p(y_w) - log p(y_l)``:
+    (sums for sigmoid and hinge, per-token means for ipo and simpo; with AlphaPO their :func:`alphapo_rewards`),
+    ``d = log p(y_w) - log p(y_l)``:
 
     - sigmoid (CPO): ``-(1 - eps) log s(beta d) - eps log s(-beta d)``; hinge: ``relu(1 - beta d)``;
     - ipo: ``(d - 1 / (2 beta))^2``; simpo: the sigmoid loss of ``d - gamma / beta`` (SimPO's target margin).

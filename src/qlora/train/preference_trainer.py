@@ -3,8 +3,8 @@
 :class:`PreferenceTrainer` is the QLoRA training loop of
 :class:`qlora.train.trainer.Trainer` (accumulation, clipping, checkpoints,
 resume, DDP/FSDP, metrics) with preference pairs as data and DPO (any of TRL's
-loss types), CPO / SimPO or ORPO (:mod:`qlora.train.preference_loss`) as the
-loss. What differs:
+loss types; LD-DPO, WPO, f-DPO), CPO / SimPO (AlphaPO) or ORPO
+(:mod:`qlora.train.preference_loss`) as the loss. What differs:
 
 - Each micro-batch of ``B`` pairs is one forward pass over ``2B`` rows, the
   chosen answers then the rejected ones.
@@ -46,7 +46,9 @@ from qlora.model.multi_adapter import set_adapter
 from qlora.train.data import IGNORE_INDEX, pad_token_id
 from qlora.train.data.preference import PreferenceExample, TokenizedPair, normalize_preferences, preference_collate, tokenize_pairs
 from qlora.train.data.selection import read_sources
-from qlora.train.preference_loss import cpo_losses, dpo_losses, label_logps, orpo_odds_ratio
+from qlora.train.preference_loss import (
+    alphapo_rewards, cpo_losses, dpo_losses, label_logps, ld_label_sets, orpo_odds_ratio, wpo_weights,
+)
 from qlora.train.trainer import Trainer
 
 REFERENCE_DIR = "reference"
@@ -140,10 +142,12 @@ class PreferenceTrainer(Trainer):
             self.eval_units = _with_reference(self.eval_units, stored["eval"])
 
     def _fingerprint(self) -> str:
-        """What the reference log-probs depend on: base model, quantization, precision and the tokens."""
+        """What the reference log-probs depend on: base model, quantization, precision, the tokens and LD-DPO's
+        weight."""
         cfg = self.config
         digest = hashlib.sha256(json.dumps([cfg.model, cfg.adapter, cfg.quant, cfg.double_quant, cfg.blocksize,
-                                            cfg.init, str(self.dtype)]).encode())
+                                            cfg.init, str(self.dtype)] + [cfg.ld_alpha] * (cfg.ld_alpha is not None)
+                                           ).encode())
         for units in (self.train_units, self.eval_units):
             for p in units:
                 digest.update(json.dumps([p.prompt_ids, p.chosen_ids, p.rejected_ids]).encode())
@@ -184,9 +188,20 @@ class PreferenceTrainer(Trainer):
         self.model.eval()
         try:
             with self._reference_model(), self._autocast():
-                return label_logps(self.model, batch, [batch["labels"]], self.chunked_ce)[0]
+                return self._answer_logps(label_logps(self.model, batch, self._answer_labels(batch), self.chunked_ce))
         finally:
             self.model.train(was_training)
+
+    def _answer_labels(self, batch: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+        """The label sets that score the answers: their labels, or with --ld-alpha (DPO) their shared part and
+        their tail (:func:`ld_label_sets`)."""
+        if self.config.method == "dpo" and self.config.ld_alpha is not None:
+            return list(ld_label_sets(batch["labels"]))
+        return [batch["labels"]]
+
+    def _answer_logps(self, sums: list[torch.Tensor]) -> torch.Tensor:
+        """The answers' log-probs from the sums of :meth:`_answer_labels` (LD-DPO: ``shared + alpha * tail``)."""
+        return sums[0] + self.config.ld_alpha * sums[1] if len(sums) == 2 else sums[0]
 
     # ------------------------------------------------------------------ loss
     def _nll_labels(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -205,27 +220,35 @@ class PreferenceTrainer(Trainer):
         cfg = self.config
         n = batch["input_ids"].shape[0] // 2
         labels = batch["labels"]
-        label_sets = [labels, self._nll_labels(batch)] if cfg.nll_weight else [labels]
+        answer_sets = self._answer_labels(batch)
+        label_sets = answer_sets + [self._nll_labels(batch)] * bool(cfg.nll_weight)
+        wpo = cfg.method == "dpo" and cfg.wpo
         ref = self._reference_logps(batch) if cfg.method == "dpo" else None
         with self._autocast():
-            logps, *nll = label_logps(model, batch, label_sets, self.chunked_ce)
+            sums = label_logps(model, batch, label_sets, self.chunked_ce, wpo_labels=labels if wpo else None)
+        logps = self._answer_logps(sums[:len(answer_sets)])
         lengths = (labels[:, 1:] != IGNORE_INDEX).sum(-1)
-        terms = {"nll": -nll[0][:n].sum()} if nll else {}
+        weights = wpo_weights(sums[-1], lengths) if wpo else None  # WPO (TRL's use_weighting): each pair's weight
+        terms = {"nll": -sums[len(answer_sets)][:n].sum()} if cfg.nll_weight else {}
         if cfg.method == "dpo":
             pair = logps.new_zeros(n, dtype=torch.float32)
             for loss_type, weight in cfg.preference_losses():
                 if loss_type != "sft":  # the NLL term, weighted in _combine
                     pair = pair + weight * dpo_losses(loss_type, (logps[:n], logps[n:]), (ref[:n], ref[n:]),
                                                       (lengths[:n], lengths[n:]), cfg.beta, cfg.label_smoothing,
-                                                      cfg.discopop_tau)
+                                                      cfg.discopop_tau, cfg.f_divergence_type,
+                                                      cfg.f_alpha_divergence_coef)
+            if weights is not None:
+                pair = pair * weights
             chosen_r, rejected_r = cfg.beta * (logps[:n] - ref[:n]).detach(), cfg.beta * (logps[n:] - ref[n:]).detach()
             terms["pair_loss"] = pair.sum()
         elif cfg.method in ("cpo", "simpo"):
             loss_type = cfg.preference_losses()[0][0]
             if loss_type in ("ipo", "simpo"):  # per-token mean log-probs, as TRL's CPOTrainer
                 logps = logps / lengths
-            pair = cpo_losses(loss_type, logps[:n], logps[n:], cfg.beta, cfg.label_smoothing, cfg.simpo_gamma)
-            chosen_r, rejected_r = cfg.beta * logps[:n].detach(), cfg.beta * logps[n:].detach()
+            rewards = alphapo_rewards(logps, cfg.alphapo_alpha)
+            pair = cpo_losses(loss_type, rewards[:n], rewards[n:], cfg.beta, cfg.label_smoothing, cfg.simpo_gamma)
+            chosen_r, rejected_r = cfg.beta * rewards[:n].detach(), cfg.beta * rewards[n:].detach()
             terms["pair_loss"] = pair.sum()
         else:
             logps = logps / lengths  # ORPO: per-token mean log-probs
