@@ -241,23 +241,24 @@ def test_dpo_ld_wpo_f_divergence_equal_trl(tmp_path, tiny_model_dir, case):
     assert abs(float(_qlora_step(trainer)[0]) - float(loss)) > 1e-4  # the option changes the loss
 
 
-def _cpo_vs_trl(tmp_path, model_dir, method, trl_args, **ours):
-    """One step of qlora's --method cpo/simpo against TRL's experimental CPOTrainer."""
-    from trl.experimental.cpo import CPOConfig, CPOTrainer
-
-    trainer = _qlora(tmp_path, model_dir, method, beta=0.3, **ours)
+def _reference_free_vs_trl(tmp_path, model_dir, method, classes, beta, trl_args, atol, **ours):
+    """One step of qlora's reference-free ``method`` (cpo, simpo, orpo) against TRL's trainer of it (``classes``:
+    its config and trainer classes): the same tokens, loss and gradients. Returns qlora's metrics, TRL's stored
+    metrics, qlora's trainer and TRL's tokenized rows, for the method's own checks."""
+    config_cls, trainer_cls = classes
+    trainer = _qlora(tmp_path, model_dir, method, beta=beta, **ours)
     hf = _hf_twin(trainer, model_dir)
-    args = CPOConfig(output_dir=str(tmp_path / "trl"), beta=0.3, per_device_train_batch_size=len(ROWS),
-                     max_length=64, report_to=[], use_cpu=True, bf16=False, fp16=False, disable_dropout=True,
-                     remove_unused_columns=False, **trl_args)
+    args = config_cls(output_dir=str(tmp_path / "trl"), beta=beta, per_device_train_batch_size=len(ROWS),
+                      max_length=64, report_to=[], use_cpu=True, bf16=False, fp16=False, disable_dropout=True,
+                      remove_unused_columns=False, **trl_args)
     config = peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=TARGETS, task_type="CAUSAL_LM")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        oracle = CPOTrainer(model=hf, args=args, train_dataset=datasets.Dataset.from_list(ROWS),
-                            processing_class=trainer.tokenizer, peft_config=config)
+        oracle = trainer_cls(model=hf, args=args, train_dataset=datasets.Dataset.from_list(ROWS),
+                             processing_class=trainer.tokenizer, peft_config=config)
     params = _copy_adapters(trainer, oracle.model)
     tokenized = oracle.train_dataset
-    for pair in trainer.train_units:  # TRL's CPO tokenization of the strings is qlora's
+    for pair in trainer.train_units:  # TRL's tokenization of the strings is qlora's
         row = tokenized[pair.index]
         assert row["chosen_input_ids"] == pair.prompt_ids + pair.chosen_ids
         assert row["rejected_input_ids"] == pair.prompt_ids + pair.rejected_ids
@@ -268,9 +269,17 @@ def _cpo_vs_trl(tmp_path, model_dir, method, trl_args, **ours):
     their_loss.backward()
     loss, grads, metrics = _qlora_step(trainer)
 
-    torch.testing.assert_close(loss, their_loss.detach(), rtol=RTOL, atol=1e-7)
+    torch.testing.assert_close(loss, their_loss.detach(), rtol=RTOL, atol=atol)
     _assert_grads_equal(grads, params)
-    theirs = oracle._stored_metrics["train"]
+    return metrics, oracle._stored_metrics["train"], trainer, tokenized
+
+
+def _cpo_vs_trl(tmp_path, model_dir, method, trl_args, **ours):
+    """One step of qlora's --method cpo/simpo against TRL's experimental CPOTrainer."""
+    from trl.experimental.cpo import CPOConfig, CPOTrainer
+
+    metrics, theirs, _, _ = _reference_free_vs_trl(tmp_path, model_dir, method, (CPOConfig, CPOTrainer), 0.3,
+                                                   trl_args, 1e-7, **ours)
     keys = ["rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
             "logps/rejected"] + (["nll_loss"] if "nll_loss" in metrics else [])
     for key in keys:
@@ -305,34 +314,10 @@ def test_cpo_and_simpo_equal_trl_cpotrainer(tmp_path, tiny_model_dir, case):
 def test_orpo_equals_trl_orpotrainer(tmp_path, tiny_model_dir):
     from trl.experimental.orpo import ORPOConfig, ORPOTrainer
 
-    trainer = _qlora(tmp_path, tiny_model_dir, "orpo", beta=0.25)
-    hf = _hf_twin(trainer, tiny_model_dir)
-    args = ORPOConfig(output_dir=str(tmp_path / "trl"), beta=0.25, per_device_train_batch_size=len(ROWS),
-                      max_length=64, report_to=[], use_cpu=True, bf16=False, fp16=False, disable_dropout=True,
-                      remove_unused_columns=False)
-    config = peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=TARGETS, task_type="CAUSAL_LM")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        oracle = ORPOTrainer(model=hf, args=args, train_dataset=datasets.Dataset.from_list(ROWS),
-                             processing_class=trainer.tokenizer, peft_config=config)
-    params = _copy_adapters(trainer, oracle.model)
-
-    tokenized = oracle.train_dataset
-    for pair in trainer.train_units:  # TRL's ORPO tokenization of the strings is qlora's
-        row = tokenized[pair.index]
-        assert row["chosen_input_ids"] == pair.prompt_ids + pair.chosen_ids
-        assert row["rejected_input_ids"] == pair.prompt_ids + pair.rejected_ids
-        assert row["chosen_labels"][:len(pair.prompt_ids)] == [-100] * len(pair.prompt_ids)
-
-    inputs = oracle.data_collator([tokenized[p.index] for p in trainer.train_units])
-    oracle.model.train()
-    their_loss = oracle.compute_loss(oracle.model, inputs)
-    their_loss.backward()
-    loss, grads, metrics = _qlora_step(trainer)
-
-    torch.testing.assert_close(loss, their_loss.detach(), rtol=RTOL, atol=0)
-    _assert_grads_equal(grads, params)
-    theirs = oracle._stored_metrics["train"]
+    metrics, theirs, trainer, tokenized = _reference_free_vs_trl(tmp_path, tiny_model_dir, "orpo",
+                                                                 (ORPOConfig, ORPOTrainer), 0.25, {}, 0)
+    for pair in trainer.train_units:  # the prompt gets no label in the log-probs (the NLL reads the input ids)
+        assert tokenized[pair.index]["chosen_labels"][:len(pair.prompt_ids)] == [-100] * len(pair.prompt_ids)
     for key in ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
                 "logps/rejected", "nll_loss", "log_odds_ratio", "log_odds_chosen"):
         assert metrics[key] == pytest.approx(theirs[key][-1], rel=RTOL, abs=1e-6), key
