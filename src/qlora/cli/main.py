@@ -68,13 +68,14 @@ def _boolean_values(parser: argparse.ArgumentParser, command: str, argv: list[st
     ``--packing``, ``--no-progress``: argparse's on/off flags take no value, and the word would otherwise be
     read as the command's positional argument."""
     sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[command]
-    flags = {o: a for a in sub._actions if isinstance(a, argparse.BooleanOptionalAction) for o in a.option_strings}
+    flags = {o for a in sub._actions if isinstance(a, argparse.BooleanOptionalAction) for o in a.option_strings
+             if not o.startswith("--no-")}
     out: list[str] = []
     i = 0
     while i < len(argv):
         flag, eq, value = argv[i].partition("=")
         i += 1
-        if flag not in flags or flag.startswith("--no-"):
+        if flag not in flags:
             out.append(argv[i - 1])
             continue
         if not eq and i < len(argv) and argv[i].lower() in _TRUE | _FALSE:
