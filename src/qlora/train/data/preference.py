@@ -90,8 +90,8 @@ def message_tuple(value: Any, where: str, key: str, names: FieldMap = FieldMap()
 
 
 def read_as_chat(records: list[Record]) -> bool:
-    """Whether a source's rows are read as conversations: it has a non-empty ``system`` column."""
-    return any(r.fields.get("system") is not None and str(r.fields["system"]).strip() for r in records)
+    """Whether a source's rows are read as conversations: some row has a system prompt (:func:`system_turn`)."""
+    return any(system_turn(r.fields, r.where) for r in records)
 
 
 def system_turn(fields: dict[str, Any], where: str) -> Messages:
