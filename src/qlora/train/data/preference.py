@@ -89,6 +89,14 @@ def message_tuple(value: Any, where: str, key: str, names: FieldMap = FieldMap()
     return example.messages
 
 
+def renamed_source(records: list[Record], fields: FieldMap | str | dict | None) -> tuple[list[Record], FieldMap, bool]:
+    """One source's rows under our column names (``fields``: ``--data-fields``), the parsed map (for the keys and
+    roles inside messages), and whether the source is read as conversations (:func:`read_as_chat`)."""
+    names = parse_data_fields(fields)
+    records = [names.rename(r) for r in records]
+    return records, names, read_as_chat(records)
+
+
 def read_as_chat(records: list[Record]) -> bool:
     """Whether a source's rows are read as conversations: some row has a system prompt (:func:`system_turn`)."""
     return any(system_turn(r.fields, r.where) for r in records)
@@ -124,7 +132,8 @@ def common_prefix(a: Sequence, b: Sequence) -> int:
     return n
 
 
-def normalize_preferences(records: list[Record], fields: FieldMap | str | dict | None = None) -> list[PreferenceExample]:
+def normalize_preferences(records: list[Record],
+                          fields: FieldMap | str | dict | None = None) -> list[PreferenceExample]:
     """Preference rows of one source to :class:`PreferenceExample` (see the module docstring for the shapes).
 
     ``fields``: ``--data-fields``, the dataset's names for our columns, message keys and roles.
@@ -135,9 +144,7 @@ def normalize_preferences(records: list[Record], fields: FieldMap | str | dict |
     """
     if not records:
         raise UsageError("the preference dataset is empty; it needs at least one row.")
-    names = parse_data_fields(fields)
-    records = [names.rename(r) for r in records]
-    chat = read_as_chat(records)
+    records, names, chat = renamed_source(records, fields)
     return [pair_from_row(r.fields, r.where, names, chat) for r in records]
 
 

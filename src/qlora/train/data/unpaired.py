@@ -26,10 +26,10 @@ import torch
 
 from qlora.errors import UsageError
 from qlora.model.chat_format import ChatFormat
-from qlora.train.data.fields import FieldMap, parse_data_fields
+from qlora.train.data.fields import FieldMap
 from qlora.train.data.formats import unpaired_label
 from qlora.train.data.preference import (Messages, PreferenceExample, common_prefix, full_ids, message_tuple,
-                                         missing_prompt_hint, pair_from_row, prompt_ids, read_as_chat, with_system)
+                                         missing_prompt_hint, pair_from_row, prompt_ids, renamed_source, with_system)
 from qlora.train.data.sources import Record
 from qlora.train.data.tokenize import IGNORE_INDEX, DataReport
 
@@ -68,9 +68,7 @@ def normalize_unpaired(records: list[Record], fields: FieldMap | str | dict | No
     """
     if not records:
         raise UsageError("the KTO dataset is empty; it needs at least one row.")
-    names = parse_data_fields(fields)
-    records = [names.rename(r) for r in records]
-    chat = read_as_chat(records)
+    records, names, chat = renamed_source(records, fields)
     out: list[UnpairedExample] = []
     for r in records:
         if "chosen" in r.fields and "rejected" in r.fields:
