@@ -200,10 +200,7 @@ def _alpaca(fields: dict[str, Any], dataset: RegisteredDataset, where: str) -> d
 
 def _sharegpt(fields: dict[str, Any], dataset: RegisteredDataset, where: str) -> dict[str, Any]:
     tags = dataset.tags
-    raw = _raw_messages(fields, dataset, where)
-    system = _column(fields, dataset, "system")
-    if tags["system_tag"] and raw and raw[0].get(tags["role_tag"]) == tags["system_tag"]:
-        system, raw = raw[0].get(tags["content_tag"]), raw[1:]
+    system, raw = _system_and_messages(fields, dataset, where)
     turns = [(message.get(tags["role_tag"]), message.get(tags["content_tag"])) for message in raw]
     return _conversation(_alternating(turns, tags, where), system, fields, dataset, where)
 
@@ -215,10 +212,7 @@ def _openai(fields: dict[str, Any], dataset: RegisteredDataset, where: str) -> d
     message are left out, as there), tool definitions given as JSON become their text, and the system prompt
     gets its "detailed thinking off" convention (see :func:`_openai_system`)."""
     tags = dataset.tags
-    raw = _raw_messages(fields, dataset, where)
-    system = fields.get(dataset.columns["system"], "") if dataset.columns.get("system") else ""
-    if tags["system_tag"] and raw and raw[0].get(tags["role_tag"]) == tags["system_tag"]:
-        system, raw = raw[0].get(tags["content_tag"]), raw[1:]
+    system, raw = _system_and_messages(fields, dataset, where)
     turns, results = [], []
     for k, message in enumerate(raw):
         role, content = message.get(tags["role_tag"]), message.get(tags["content_tag"])
@@ -253,12 +247,18 @@ def _openai_system(system: Any, tools: str) -> str:
     return system if "detailed thinking on" in system or off in system else f"{system}\n{off}"
 
 
-def _raw_messages(fields: dict[str, Any], dataset: RegisteredDataset, where: str) -> list[dict[str, Any]]:
+def _system_and_messages(fields: dict[str, Any], dataset: RegisteredDataset,
+                         where: str) -> tuple[Any, list[dict[str, Any]]]:
+    """A sharegpt or openai row's system prompt (a leading system message, else the system column) and its other
+    messages."""
+    tags = dataset.tags
     raw = _column(fields, dataset, "messages")
     if not isinstance(raw, list) or not all(isinstance(m, dict) for m in raw):
         raise UsageError(f"{where}: the messages column {dataset.columns.get('messages')!r} must be a list of "
                          "objects.")
-    return raw
+    if tags["system_tag"] and raw and raw[0].get(tags["role_tag"]) == tags["system_tag"]:
+        return raw[0].get(tags["content_tag"]), raw[1:]
+    return _column(fields, dataset, "system"), raw
 
 
 def _alternating(turns: list[tuple[Any, Any]], tags: dict[str, str | None], where: str) -> list[dict[str, Any]]:
