@@ -36,7 +36,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from qlora.errors import UsageError
-from qlora.train.data.axolotl_preference import PreferenceStrategy, is_preference_type, preference_strategy
+from qlora.train.data.axolotl_preference import (PreferenceStrategy, is_preference_type, message_mapping,
+                                                 preference_strategy)
 from qlora.train.data.declared import DeclaredDataset
 from qlora.train.data.formats import ROLES
 
@@ -203,17 +204,11 @@ def _kind(entry: dict[str, Any], where: str) -> tuple[str, dict[str, Any]]:
         return "text", {"columns": {"text": str(entry.get("field", "text"))}}
     if kind in ("chat_template", "sharegpt"):
         legacy = kind == "sharegpt"
-        keys = dict(entry.get("message_property_mappings") or {})
-        keys.setdefault("role", entry.get("message_field_role", "from" if legacy else "role"))
-        keys.setdefault("content", entry.get("message_field_content", "value" if legacy else "content"))
-        roles = entry.get("roles", _DEFAULT_ROLES)
-        if not isinstance(roles, dict):
-            raise UsageError(f"{where}: roles maps a role (user, assistant, system, tool) to a list of the "
-                             "dataset's names for it.")
-        theirs = {str(t): ours for ours, names in roles.items() for t in ([names] if isinstance(names, str) else names)}
+        keys, theirs = message_mapping(entry, where, ("from", "value") if legacy else ("role", "content"),
+                                       _DEFAULT_ROLES)
         columns = {"messages": str(entry.get("field_messages", "conversations" if legacy else "messages")),
                    "tools": str(entry.get("field_tools", "tools"))}
-        return "chat", {"columns": columns, "message_keys": {k: str(v) for k, v in keys.items()}, "roles": theirs}
+        return "chat", {"columns": columns, "message_keys": keys, "roles": theirs}
     raise UsageError(f"{where}: type {kind!r}: qlora reads axolotl's types {', '.join(TYPES)} and custom types "
                      "(a mapping of field_instruction, format, ...); convert the data to one of them, or to one of "
                      "qlora's own formats (messages, prompt/completion, text; prompt/chosen/rejected pairs for rl) "

@@ -233,18 +233,30 @@ def preference_strategy(entry: dict[str, Any], method: str, where: str) -> Prefe
     name = f"{kind}.default" if kind in (*_MARKUP, "chat_template") else kind
     if not name.startswith("chat_template"):
         return PreferenceStrategy(name, unpaired)
+    keys, theirs = message_mapping(entry, where, ("role", "content"), _DEFAULT_ROLES)
+    return PreferenceStrategy(name, unpaired, {
+        "field_messages": str(entry.get("field_messages", "messages")), "field_chosen": str(entry.get(
+            "field_chosen", "chosen")), "field_rejected": str(entry.get("field_rejected", "rejected")),
+        "role": keys["role"], "content": keys["content"], "roles": theirs})
+
+
+def message_mapping(entry: dict[str, Any], where: str, default_keys: tuple[str, str],
+                    default_roles: dict[str, list[str]]) -> tuple[dict[str, str], dict[str, str]]:
+    """An entry's message keys (``message_property_mappings``, or the older ``message_field_role`` and
+    ``message_field_content``; else ``default_keys``) and its roles, as {their name: our role}.
+
+    Raises:
+        UsageError: ``roles`` that is not a mapping.
+    """
     keys = dict(entry.get("message_property_mappings") or {})
-    keys.setdefault("role", entry.get("message_field_role") or "role")
-    keys.setdefault("content", entry.get("message_field_content") or "content")
-    roles = entry.get("roles", _DEFAULT_ROLES)
+    keys.setdefault("role", entry.get("message_field_role") or default_keys[0])
+    keys.setdefault("content", entry.get("message_field_content") or default_keys[1])
+    roles = entry.get("roles", default_roles)
     if not isinstance(roles, dict):
         raise UsageError(f"{where}: roles maps a role (user, assistant, system, tool) to a list of the dataset's "
                          "names for it.")
     theirs = {str(t): ours for ours, names in roles.items() for t in ([names] if isinstance(names, str) else names)}
-    return PreferenceStrategy(name, unpaired, {
-        "field_messages": str(entry.get("field_messages", "messages")), "field_chosen": str(entry.get(
-            "field_chosen", "chosen")), "field_rejected": str(entry.get("field_rejected", "rejected")),
-        "role": str(keys["role"]), "content": str(keys["content"]), "roles": theirs})
+    return {k: str(v) for k, v in keys.items()}, theirs
 
 
 def _check_format(text: str, key: str, where: str) -> None:
