@@ -32,6 +32,7 @@ from ..nn import Experts4bit, Linear4bit, expert_weight_names
 from ..quant import NonFiniteError, QuantState
 from .architecture import text_model_from_config
 from .checkpoint_layout import CheckpointLayout
+from .stored_floats import DecodePlan, StoredFloats
 from .quantize import (_skipped, fp32_linear_names, is_conv1d, is_plain_linear, kept_dense_names, kept_in_fp32,
                        replace_modules)
 from .weight_files import LAYOUTS, indexed_files, open_weights, weight_files
@@ -94,6 +95,18 @@ def _read_weight_keys(files: list[Path]) -> dict[Path, list[str]]:
     return keys
 
 
+def _stored_floats(config, model_dir: Path) -> StoredFloats | None:
+    """The FP8 or MXFP4 format the checkpoint's weights are stored in (its ``quantization_config`` is
+    then dropped: the model is built, and later saved, as a plain one), or None."""
+    qc = getattr(config, "quantization_config", None)
+    if qc is None:
+        return None
+    stored = StoredFloats.from_config(qc if isinstance(qc, dict) else qc.to_dict(), str(model_dir / "config.json"))
+    if stored is not None:
+        del config.quantization_config
+    return stored
+
+
 def _prequantized(config, model_dir: Path) -> dict | None:
     """The checkpoint's bitsandbytes 4-bit ``quantization_config``, None for a 16/32-bit one.
 
@@ -115,8 +128,8 @@ def _prequantized(config, model_dir: Path) -> dict | None:
         bits = qc.get("bits") or qc.get("w_bit")
         kind = f"{method!r}" + (f" ({bits}-bit)" if bits else "")
     raise UsageError(f"{model_dir / 'config.json'} describes a {kind} quantized checkpoint; qlora reads 16/32-bit "
-                     "checkpoints and bitsandbytes 4-bit ones (load_in_4bit, NF4 or FP4) only, and would misread "
-                     "these weights. Give it the model's original 16/32-bit checkpoint instead (qlora quantizes it "
+                     "checkpoints, FP8 (quant_method fp8) and MXFP4 (mxfp4) ones, and bitsandbytes 4-bit ones "
+                     "(load_in_4bit, NF4 or FP4) only, and would misread these weights. Give it the model's original 16/32-bit checkpoint instead (qlora quantizes it "
                      "to 4 bits while loading, or once with `qlora quantize`), or a bitsandbytes 4-bit checkpoint "
                      "of it (BitsAndBytesConfig(load_in_4bit=True) then save_pretrained).")
 
@@ -239,6 +252,8 @@ def load_model(
     files = weight_files(model_dir)
     keys = _read_weight_keys(files)  # headers only: a corrupt file fails here, before any tensor is read
     config = read_model_config(model_dir)
+    stored = _stored_floats(config, model_dir)
+    plan = DecodePlan(stored, keys)
     prequant = _prequantized(config, model_dir)
     if prequant is not None:
         quant = prequant.get("bnb_4bit_quant_type", "fp4")  # BitsAndBytesConfig's default
@@ -256,7 +271,7 @@ def load_model(
     fp32 = kept_in_fp32(model, compute_dtype)
     skip = set(skip_modules) | kept_dense_names(model) | fp32_linear_names(model, compute_dtype)
     dense_keys = set(model.state_dict().keys())
-    layout = CheckpointLayout(model, dense_keys, [k for file_keys in keys.values() for k in file_keys])
+    layout = CheckpointLayout(model, dense_keys, plan.keys())
     # A 4-bit checkpoint says itself which layers are packed: its skip list may be spelled for
     # another transformers version, and bitsandbytes may have packed layers qlora keeps dense.
     packed = _packed_layers(keys, layout, dense_keys, model) if prequant is not None else set()
@@ -355,14 +370,14 @@ def load_model(
     for file in files:
         with open_weights(file) as fh:
             current[file] = fh
-            for raw_key in keys[file]:
+            for raw_key, parts in plan.in_file(file):  # a tensor once its last stored part (scale) is here
                 if layout.in_group(raw_key):  # read once its group is complete, then converted
-                    converted = layout.add(raw_key, lambda f=file, r=raw_key: _cast(read(f, r), cast))
+                    converted = layout.add(raw_key, lambda r=raw_key, p=parts: _cast(plan.decode(r, p, read), cast))
                     for key, tensor in converted.items():
                         place(key, tensor, f"{model_dir}: {key}")
                     continue
                 key = _model_key(layout.target(raw_key), expected, model)
-                place(key, read(file, raw_key), f"{file}: tensor {raw_key}")
+                place(key, plan.decode(raw_key, parts, read), f"{file}: tensor {raw_key}")
             current.clear()
     if layout.incomplete():
         raise UsageError(f"{model_dir}: the checkpoint lacks some of the tensors that make "

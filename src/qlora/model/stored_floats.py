@@ -1,0 +1,192 @@
+"""Checkpoints stored in 8- or 4-bit floats, decoded tensor by tensor while loading.
+
+Several models are released mainly in a low-precision float format rather than in 16 bits:
+
+- block-scaled FP8 (transformers' ``quant_method: "fp8"``, FineGrainedFP8): DeepSeek-V3/R1,
+  Qwen3's ``-FP8`` releases, MiniMax-M2 and others. A linear weight is stored as ``weight``
+  (``float8_e4m3fn``) and ``weight_scale_inv``, one float scale per block of the weight
+  (``weight_block_size``, 128 x 128 in these models; a last, partial block has its own scale);
+  ``w = q * scale``. Some checkpoints put MoE experts in the same files as packed FP4 (two ``e2m1``
+  codes a byte) with one scale per 32 values.
+- MXFP4 (``quant_method: "mxfp4"``): OpenAI's gpt-oss stores its MoE experts as ``P_blocks``
+  (two ``e2m1`` codes a byte, low nibble first) and ``P_scales`` (one power-of-two exponent,
+  biased by 127, per 32 values), the weight transposed against the model's ``(E, in, out)``.
+
+qlora decodes each such tensor to float32 as soon as its parts are read (the products of codes and
+scales, exact; the values transformers' ``dequantize`` loading path computes) and then treats it like
+a tensor of a 32-bit checkpoint: a linear weight or an expert stack is quantized to NF4 at once. The model never exists in 16 bits
+as a whole; at most one decoded tensor (or one layer's experts) does.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from ..errors import UsageError
+
+FP8_METHODS = ("fp8",)
+MXFP4_METHODS = ("mxfp4",)
+FP4_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)  # e2m1 codes
+_FP8_SCALE = "_scale_inv"  # FineGrainedFP8: the scale of `X` is `X_scale_inv` (`weight_scale_inv`)
+_FP8_IGNORED = ("activation_scale", "input_scale")  # static activation scales: no role in a dequantized model
+_MX_PAYLOAD, _MX_SCALES = "_blocks", "_scales"
+
+Part = tuple[Path, str]  # (weight file, key in it)
+
+
+@dataclass(frozen=True)
+class StoredFloats:
+    """How a checkpoint's low-precision tensors are stored: its ``quantization_config`` method and FP8 block."""
+
+    method: str
+    block: tuple[int, int] | None = None
+    source: str = "config.json"
+
+    @classmethod
+    def from_config(cls, qc: dict, source: str) -> "StoredFloats | None":
+        """The format a ``quantization_config`` names, or None when it is not one qlora decodes."""
+        method = qc.get("quant_method")
+        if method in MXFP4_METHODS:
+            return cls(method, None, source)
+        if method not in FP8_METHODS:
+            return None
+        block = qc.get("weight_block_size")
+        fmt = qc.get("fmt", "e4m3")
+        if fmt not in ("e4m3", "float8_e4m3fn"):
+            raise UsageError(f"{source}: quantization_config.fmt is {fmt!r}; qlora reads FP8 checkpoints in e4m3 "
+                             "(the format transformers writes and reads).")
+        if block is not None and not (isinstance(block, (list, tuple)) and len(block) == 2
+                                      and all(isinstance(b, int) and b > 0 for b in block)):
+            raise UsageError(f"{source}: quantization_config.weight_block_size must be two positive integers "
+                             f"[rows, columns], got {block!r}.")
+        return cls(method, tuple(block) if block is not None else None, source)
+
+    def decode(self, key: str, parts: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The float32 tensor ``key`` from its stored parts (keyed by their checkpoint names)."""
+        if self.method in MXFP4_METHODS:
+            return _mxfp4(parts[key + _MX_PAYLOAD], parts[key + _MX_SCALES], key)
+        return self._fp8(key, parts[key], parts[key + _FP8_SCALE])
+
+    def _fp8(self, key: str, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        values = _unpack_fp4(q) if q.dtype in (torch.int8, torch.uint8) else q.to(torch.float32)
+        scale = _scale_values(scale)
+        if scale.numel() == 1:
+            return values * scale.reshape(())
+        while scale.dim() < values.dim():
+            scale = scale.unsqueeze(0)
+        if scale.dim() != values.dim() or scale.shape[:-2] != values.shape[:-2]:
+            raise _grid_error(key, values, scale, self.source)
+        (rows, cols), (grid_r, grid_c) = values.shape[-2:], scale.shape[-2:]
+        bm, bn = self.block or (0, 0)
+        if not (self.block and -(-rows // bm) == grid_r and -(-cols // bn) == grid_c):
+            if rows % grid_r or cols % grid_c:  # blocks from the grid itself (packed FP4 experts: 1 x 32)
+                raise _grid_error(key, values, scale, self.source)
+            bm, bn = rows // grid_r, cols // grid_c
+        return values * scale.repeat_interleave(bm, dim=-2)[..., :rows, :].repeat_interleave(bn, dim=-1)[..., :cols]
+
+    def owner(self, key: str) -> str | None:
+        """The model tensor a stored key belongs to (``X_blocks``, ``X_scales``: ``X``), None for one to drop."""
+        if self.method in MXFP4_METHODS:
+            for suffix in (_MX_PAYLOAD, _MX_SCALES):
+                if key.endswith(suffix):
+                    return key[: -len(suffix)]
+            return key
+        if key.rpartition(".")[2] in _FP8_IGNORED:
+            return None
+        return key[: -len(_FP8_SCALE)] if key.endswith(_FP8_SCALE) else key
+
+
+class DecodePlan:
+    """The checkpoint's tensors as the model sees them, each with the stored parts it is decoded from.
+
+    A tensor is handed out when the last of its parts is read (files in order, keys in order), so a
+    scale stored in a later shard than its weight, as sharded checkpoints do, is waited for.
+    """
+
+    def __init__(self, fmt: StoredFloats | None, keys: dict[Path, list[str]]) -> None:
+        self.fmt = fmt
+        parts: dict[str, list[Part]] = {}
+        for file, file_keys in keys.items():
+            for key in file_keys:
+                owner = fmt.owner(key) if fmt else key
+                if owner is not None:
+                    parts.setdefault(owner, []).append((file, key))
+        self._at: dict[Path, list[tuple[str, list[Part]]]] = {file: [] for file in keys}
+        for key, found in parts.items():
+            self._check(key, found)
+            self._at[found[-1][0]].append((key, found))
+
+    def _check(self, key: str, found: list[Part]) -> None:
+        fmt = self.fmt
+        if fmt is None:
+            return
+        names = {k for _, k in found}
+        if fmt.method in MXFP4_METHODS and names & {key + _MX_PAYLOAD, key + _MX_SCALES}:
+            if names != {key + _MX_PAYLOAD, key + _MX_SCALES}:
+                missing = (names ^ {key + _MX_PAYLOAD, key + _MX_SCALES}).pop()
+                raise UsageError(f"{found[0][0]}: the MXFP4 tensor {key} lacks its part {missing}; is the "
+                                 "checkpoint complete?")
+        elif fmt.method in FP8_METHODS and key + _FP8_SCALE in names and key not in names:
+            raise UsageError(f"{found[0][0]}: {key + _FP8_SCALE} has no weight {key} beside it; is the checkpoint "
+                             "complete?")
+
+    def keys(self) -> list[str]:
+        """Every tensor the checkpoint decodes to, in model-facing names (scales folded in)."""
+        return [key for entries in self._at.values() for key, _ in entries]
+
+    def in_file(self, file: Path) -> list[tuple[str, list[Part]]]:
+        """The tensors whose last part is in ``file``: ``(key, parts)``, in the file's order."""
+        return self._at[file]
+
+    def decode(self, key: str, parts: list[Part], read: Callable[[Path, str], torch.Tensor]) -> torch.Tensor:
+        """Read ``key``'s parts with ``read`` and decode them to float32 (a tensor stored whole comes back as
+        read)."""
+        tensors = {name: read(file, name) for file, name in parts}
+        if self.fmt is None or len(tensors) == 1:
+            tensor = tensors[parts[0][1]]
+            if tensor.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
+                why = ("lacks its scale, which is not in any weight file; is the checkpoint complete?"
+                       if self.fmt is not None and self.fmt.method in FP8_METHODS else
+                       "but config.json names no FP8 format (quantization_config with quant_method fp8); the "
+                       "files and config.json do not belong together.")
+                raise UsageError(f"{parts[0][0]}: tensor {key} is stored in FP8 without a scale beside it "
+                                 f"({key}{_FP8_SCALE}) {why}")
+            return tensor
+        return self.fmt.decode(key, tensors)
+
+
+def _scale_values(scale: torch.Tensor) -> torch.Tensor:
+    """Scales as float32: floats as they are; ``uint8``/``float8_e8m0fnu`` exponents (UE8M0) as 2^(e - 127)."""
+    if scale.dtype == torch.uint8:
+        return torch.exp2(scale.to(torch.float32) - 127.0)
+    return scale.to(torch.float32)
+
+
+def _unpack_fp4(packed: torch.Tensor) -> torch.Tensor:
+    """Two ``e2m1`` codes a byte, low nibble first, as float32 values (the last dimension doubles)."""
+    lut = torch.tensor(FP4_VALUES, dtype=torch.float32)
+    codes = packed.view(torch.uint8)
+    pairs = torch.stack((lut[(codes & 0x0F).long()], lut[(codes >> 4).long()]), dim=-1)
+    return pairs.reshape(*packed.shape[:-1], 2 * packed.shape[-1])
+
+
+def _mxfp4(blocks: torch.Tensor, scales: torch.Tensor, key: str) -> torch.Tensor:
+    """gpt-oss's MXFP4: ``blocks`` ``(..., rows, G, 16)`` and ``scales`` ``(..., rows, G)`` to ``(..., rows, 32 G)``,
+    an expert stack transposed to the model's ``(E, in, out)`` as transformers does."""
+    if blocks.dtype != torch.uint8 or scales.dtype != torch.uint8 or blocks.shape[:-1] != scales.shape:
+        raise UsageError(f"MXFP4 tensor {key}: its blocks {tuple(blocks.shape)} ({blocks.dtype}) and scales "
+                         f"{tuple(scales.shape)} ({scales.dtype}) do not fit the format (uint8 blocks of 16 bytes, "
+                         "one uint8 exponent per block); is the checkpoint intact?")
+    values = _unpack_fp4(blocks) * torch.exp2(scales.to(torch.float32) - 127.0).unsqueeze(-1)
+    values = values.reshape(*blocks.shape[:-2], -1)
+    return (values.transpose(-2, -1) if values.dim() == 3 else values).contiguous()
+
+
+def _grid_error(key: str, values: torch.Tensor, scale: torch.Tensor, source: str) -> UsageError:
+    return UsageError(f"FP8 tensor {key}: its scale grid {tuple(scale.shape)} does not tile its shape "
+                      f"{tuple(values.shape)} with the weight_block_size of {source} nor with equal blocks; the "
+                      "scales and weights do not belong together.")
