@@ -86,6 +86,10 @@ class StoredFloats:
             if rows % grid_r or cols % grid_c:  # blocks from the grid itself (packed FP4 experts: 1 x 32)
                 raise _grid_error(key, values, scale, self.source)
             bm, bn = rows // grid_r, cols // grid_c
+        if rows % bm == 0 and cols % bn == 0:  # whole blocks: broadcast, no full-size copy of the scales
+            lead = values.shape[:-2]
+            blocks = values.reshape(*lead, grid_r, bm, grid_c, bn) * scale.reshape(*lead, grid_r, 1, grid_c, 1)
+            return blocks.reshape(values.shape)
         return values * scale.repeat_interleave(bm, dim=-2)[..., :rows, :].repeat_interleave(bn, dim=-1)[..., :cols]
 
     def owner(self, key: str) -> str | None:
