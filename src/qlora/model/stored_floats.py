@@ -143,7 +143,7 @@ class DecodePlan:
         return [key for entries in self._at.values() for key, _ in entries]
 
     def in_file(self, file: Path) -> list[tuple[str, list[Part]]]:
-        """The tensors whose last part is in ``file``: ``(key, parts)``, in the file's order."""
+        """The tensors whose last part is in ``file``, as ``(key, parts)``."""
         return self._at[file]
 
     def decode(self, key: str, parts: list[Part], read: Callable[[Path, str], torch.Tensor]) -> torch.Tensor:
