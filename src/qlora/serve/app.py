@@ -108,10 +108,9 @@ def build_app(batcher: ContinuousBatcher, base_id: str, adapters: list[str], api
 
     tool_templates: dict[str | None, bool] = {}  # adapter -> whether its template renders tools
 
-    @app.post("/v1/chat/completions")
-    async def chat_completions(body: ChatCompletionRequest, request: Request):
-        body.refuse_unsupported()
-        adapter = _adapter(ids, body.model)
+    def chat_choices(body: ChatCompletionRequest, adapter: str | None, prompt_param: str = "messages") -> list[_Choice]:
+        """The batch rows of a chat request (``n`` choices), its tools, forced call and JSON reply set up;
+        ``prompt_param`` names the request's field a too-long or empty prompt came from."""
         chat_format = chat_formats.get(adapter)
         messages = [m.message(i) for i, m in enumerate(body.messages)]
         tools, plan, markup, forced = body.function_tools(), None, None, None
@@ -142,7 +141,7 @@ def build_app(batcher: ContinuousBatcher, base_id: str, adapters: list[str], api
         json_reply = body.json_reply()
         choices = []
         for index in range(body.n):  # each choice is its own row, with its own constraint state and seed
-            generation = _generation(batcher, body, adapter, prompt_ids, chat_stops, "messages", index)
+            generation = _generation(batcher, body, adapter, prompt_ids, chat_stops, prompt_param, index)
             if plan is not None:
                 generation.keep_tokens = markup_token_ids(plan.format, tokenizer)
             if markup is not None:  # a forced call: no stop strings inside it, one call, its end forced
@@ -152,6 +151,12 @@ def build_app(batcher: ContinuousBatcher, base_id: str, adapters: list[str], api
             if json_reply is not None:
                 generation.constraint = JsonReply(tokenizer, json_reply[0], chat_stops, root_object=json_reply[1])
             choices.append(_Choice(index, generation, plan, first=index == 0))
+        return choices
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatCompletionRequest, request: Request):
+        body.refuse_unsupported()
+        choices = chat_choices(body, _adapter(ids, body.model))
         return await _respond(batcher, choices, body, request, chat=True)
 
     @app.post("/v1/completions")
@@ -317,7 +322,8 @@ class _Choice:
             self.last = event
 
 
-async def _respond(batcher: ContinuousBatcher, choices: list[_Choice], body: _Body, request: Request, chat: bool):
+def _submit(batcher: ContinuousBatcher, choices: list[_Choice]) -> asyncio.Queue[tuple[int, Event]]:
+    """Queue the choices' rows on the batcher; their events arrive on the returned queue as (choice, event)."""
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue[tuple[int, Event]] = asyncio.Queue()
     for k, choice in enumerate(choices):
@@ -328,11 +334,15 @@ async def _respond(batcher: ContinuousBatcher, choices: list[_Choice], body: _Bo
     except BaseException:
         _cancel(choices)
         raise
-    reply_id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
-    pieces = TokenPieces.of(batcher.tokenizer)
-    if body.stream:
-        return StreamingResponse(_stream(queue, choices, body, reply_id, chat, pieces),
-                                 media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    return queue
+
+
+async def _gather(queue: asyncio.Queue[tuple[int, Event]], choices: list[_Choice], request: Request) -> bool:
+    """Wait for every choice to finish (False: the client went away first, its rows are dropped).
+
+    Raises:
+        APIError: a choice failed, or the server is shutting down.
+    """
     try:
         left = len(choices)
         while left:
@@ -340,7 +350,7 @@ async def _respond(batcher: ContinuousBatcher, choices: list[_Choice], body: _Bo
                 k, event = await asyncio.wait_for(queue.get(), DISCONNECT_POLL_S)
             except asyncio.TimeoutError:
                 if await request.is_disconnected():
-                    return JSONResponse({}, status_code=499)
+                    return False
                 continue
             choices[k].add(event)
             left -= event.finish_reason is not None
@@ -348,6 +358,22 @@ async def _respond(batcher: ContinuousBatcher, choices: list[_Choice], body: _Bo
         _cancel(choices)  # frees the rows if the request ended early; no-op once finished
     for choice in choices:
         _raise_failure(choice.last)
+    return True
+
+
+def _event_stream(events: AsyncIterator[str]) -> StreamingResponse:
+    return StreamingResponse(events, media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+async def _respond(batcher: ContinuousBatcher, choices: list[_Choice], body: _Body, request: Request, chat: bool):
+    queue = _submit(batcher, choices)
+    reply_id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
+    pieces = TokenPieces.of(batcher.tokenizer)
+    if body.stream:
+        return _event_stream(_stream(queue, choices, body, reply_id, chat, pieces))
+    if not await _gather(queue, choices, request):
+        return JSONResponse({}, status_code=499)
     out = []
     for choice in choices:
         last, text = choice.last, choice.text
