@@ -47,6 +47,7 @@ from ..infer.tool_calls import ToolCall, ToolCallFormat, ToolCallStream, markup_
 from ..model.chat_format import ChatFormat
 from .logprobs import TextOffsets, chat_logprobs, completion_logprobs
 from .protocol import APIError, ChatCompletionRequest, CompletionRequest, _Body
+from .responses import ResponsesRequest, ResponseWriter
 
 TYPE_TAGS = {"str", "int", "float", "bool", "dict", "list", "none"}
 DISCONNECT_POLL_S = 0.5  # how often a non-streaming request checks that its client is still there
@@ -159,6 +160,26 @@ def build_app(batcher: ContinuousBatcher, base_id: str, adapters: list[str], api
         choices = chat_choices(body, _adapter(ids, body.model))
         return await _respond(batcher, choices, body, request, chat=True)
 
+    @app.post("/v1/responses")
+    async def responses(body: ResponsesRequest, request: Request):
+        body.refuse_unsupported()
+        adapter = _adapter(ids, body.model, status=404)
+        chat, origins = body.chat_request()
+        try:
+            chat.refuse_unsupported()
+            (choice,) = chat_choices(chat, adapter, "input")
+        except APIError as exc:
+            raise body.renamed(exc, origins) from None
+        writer = ResponseWriter(body, TokenPieces.of(tokenizer))
+        queue = _submit(batcher, [choice])
+        if body.stream:
+            return _event_stream(_response_events(queue, choice, writer))
+        if not await _gather(queue, [choice], request):
+            return JSONResponse({}, status_code=499)
+        content, calls = choice.tools.parse(choice.text) if choice.tools is not None else (choice.text, [])
+        output = writer.output(content, calls, choice.last.finish_reason, choice.logprobs)
+        return writer.response(writer.status(choice.last.finish_reason, calls), output, _usage([choice]))
+
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):
         body.refuse_unsupported()
@@ -253,14 +274,14 @@ def _http_error(request: Request, exc: HTTPException) -> APIError:
                              "the parser); send a valid JSON object", code="invalid_json")
     if exc.status_code == 404:
         return APIError(404, f"Unknown path {request.url.path}: this server answers /v1/chat/completions, "
-                             "/v1/completions and /v1/models", code="not_found")
+                             "/v1/responses, /v1/completions and /v1/models", code="not_found")
     kind = "invalid_request_error" if exc.status_code < 500 else "server_error"
     return APIError(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}", kind=kind)
 
 
-def _adapter(ids: dict[str, str | None], model_id: str) -> str | None:
+def _adapter(ids: dict[str, str | None], model_id: str, status: int = 400) -> str | None:
     if model_id not in ids:
-        raise APIError(400, f"The model {model_id!r} does not exist; this server has {', '.join(ids)} "
+        raise APIError(status, f"The model {model_id!r} does not exist; this server has {', '.join(ids)} "
                             "(see GET /v1/models).", "model", "model_not_found")
     return ids[model_id]
 
@@ -469,6 +490,66 @@ async def _stream(queue: asyncio.Queue, choices: list[_Choice], body: _Body, rep
         yield "data: [DONE]\n\n"
     finally:
         _cancel(choices)  # the client went away mid-stream: free the rows at the next step
+
+
+async def _response_events(queue: asyncio.Queue, choice: _Choice, writer: ResponseWriter) -> AsyncIterator[str]:
+    """A Responses stream: the reply's message item (opened at its first text) and text deltas, then its
+    function calls (each whole), then ``response.completed`` (or ``response.incomplete``) with the whole response."""
+    splitter = ToolCallStream(choice.tools.format, choice.tools.names) if choice.tools is not None else None
+    at = {"item_id": writer.message_id, "output_index": 0}
+    text, opened, carried, calls = "", False, [], []
+    try:
+        yield writer.event("response.created", response=writer.response("in_progress", []))
+        yield writer.event("response.in_progress", response=writer.response("in_progress", []))
+        while True:
+            _, event = await queue.get()
+            if event.finish_reason in ("error", "cancelled"):
+                error = _failure(event)
+                yield writer.event("error", code=error.code, message=error.message, param=None)
+                yield writer.event("response.failed", response=writer.response(
+                    "failed", [], error={"code": "server_error", "message": error.message}))
+                return
+            choice.add(event)
+            carried += event.logprobs
+            piece = splitter.push(event.text) if splitter is not None else event.text
+            if event.finish_reason is not None and splitter is not None:
+                tail, parsed = splitter.finish()
+                piece, calls = piece + tail, choice.tools.shape(parsed)
+            if piece:
+                if not opened:
+                    opened = True
+                    yield writer.event("response.output_item.added", output_index=0,
+                                       item=writer.message("", "in_progress") | {"content": []})
+                    yield writer.event("response.content_part.added", **at, content_index=0,
+                                       part=writer.text_part("", []))
+                text += piece
+                yield writer.event("response.output_text.delta", **at, content_index=0, delta=piece,
+                                   logprobs=writer.logprobs(carried))
+                carried = []
+            if event.finish_reason is not None:
+                break
+        status = writer.status(choice.last.finish_reason, calls)
+        output = []
+        if opened:
+            message = writer.message(text, status, choice.logprobs)
+            yield writer.event("response.output_text.done", **at, content_index=0, text=text,
+                               logprobs=message["content"][0]["logprobs"])
+            yield writer.event("response.content_part.done", **at, content_index=0, part=message["content"][0])
+            yield writer.event("response.output_item.done", output_index=0, item=message)
+            output.append(message)
+        for call in calls:
+            item, where = writer.call(call), {"output_index": len(output)}
+            yield writer.event("response.output_item.added", **where,
+                               item=item | {"arguments": "", "status": "in_progress"})
+            yield writer.event("response.function_call_arguments.delta", **where, item_id=item["id"],
+                               delta=item["arguments"])
+            yield writer.event("response.function_call_arguments.done", **where, item_id=item["id"],
+                               name=item["name"], arguments=item["arguments"])
+            yield writer.event("response.output_item.done", **where, item=item)
+            output.append(item)
+        yield writer.event(f"response.{status}", response=writer.response(status, output, _usage([choice])))
+    finally:
+        _cancel([choice])  # the client went away mid-stream: free the row at the next step
 
 
 def _sse(payload: dict[str, Any]) -> str:
