@@ -9,6 +9,7 @@ Schema validation of structured replies, and the tool-calling model trained in t
 from __future__ import annotations
 
 import json
+import time
 from typing import Literal
 
 import httpx
@@ -19,7 +20,7 @@ from pydantic import BaseModel
 import qlora
 
 from test_serve import KEY, adapters  # noqa: F401  (the fixture is shared: two saved random adapters)
-from tool_model import ASK, RESULT, TOOLS
+from tool_model import ANSWER, ASK, RESULT, TOOLS
 
 openai = pytest.importorskip("openai")
 pytest.importorskip("fastapi")
@@ -139,14 +140,6 @@ def test_streaming_deltas_equal_the_reply(served):
     assert final.status == "incomplete" and final.incomplete_details.reason == "max_output_tokens"
     assert final.output_text == whole.output_text and final.usage.output_tokens == 12
     assert final.id == events[0].response.id and events[0].response.status == "in_progress"
-    # a reply that ends before the limit completes, and the helper's final response has it
-    chat = _chat(client, "a", [{"role": "user", "content": "Hi"}], max_tokens=300)
-    with client.responses.stream(model="a", input="Hi", max_output_tokens=300, temperature=0) as stream:
-        if chat.choices[0].finish_reason == "stop":
-            final = stream.get_final_response()
-            assert final.status == "completed" and final.output_text == chat.choices[0].message.content
-        else:  # the tiny random model may not stop within 300 tokens: then the stream ends incomplete
-            assert list(stream)[-1].type == "response.incomplete"
     # stream=True without the helper: the raw events, parsed by the client
     raw = list(client.responses.create(model="a", input="Hello", max_output_tokens=12, temperature=0, stream=True))
     assert "".join(e.delta for e in raw if e.type == "response.output_text.delta") == whole.output_text
@@ -206,6 +199,14 @@ def test_function_call_items_render_as_chat_tool_messages(tool_served):
                                     max_output_tokens=40)
     assert reply.usage.input_tokens == chat.usage.prompt_tokens  # the same rendered prompt
     assert reply.output_text == chat.choices[0].message.content  # the trained final answer
+    assert reply.output_text == ANSWER and reply.status == "completed"
+    # streamed: the helper's final response holds the same answer
+    with client.responses.stream(model="tiny", input=[ASK, call, result], tools=FLAT_TOOLS, temperature=0,
+                                 max_output_tokens=40) as stream:
+        deltas = [e.delta for e in stream if e.type == "response.output_text.delta"]
+        final = stream.get_final_response()
+    assert "".join(deltas) == final.output_text == ANSWER and final.status == "completed"
+    assert final.usage.input_tokens == chat.usage.prompt_tokens
     # without the call items the prompt is shorter: they were rendered, not dropped
     shorter = client.responses.create(model="tiny", input=[ASK], tools=FLAT_TOOLS, temperature=0, max_output_tokens=1)
     assert shorter.usage.input_tokens < reply.usage.input_tokens
@@ -292,3 +293,22 @@ def test_errors_have_openai_shape_and_status(served):
                           headers={"Authorization": f"Bearer {KEY}"})
     assert response.status_code == 400 and response.json()["error"]["param"] == "input"
     assert _respond(client, "a", store=True, metadata={"k": "v"}).metadata == {"k": "v"}  # store: nothing is kept
+
+
+def test_disconnect_mid_stream_frees_the_row(served):
+    server, batcher, _ = served
+    before = batcher.load()
+    body = {"model": "tiny", "input": "Hello", "max_output_tokens": 300, "temperature": 0, "stream": True}
+    with httpx.stream("POST", server.url + "/v1/responses", json=body,
+                      headers={"Authorization": f"Bearer {KEY}"}, timeout=30) as response:
+        assert response.status_code == 200
+        lines = (line for line in response.iter_lines() if line.startswith("event: "))
+        while next(lines) != "event: response.output_text.delta":  # decoding has started
+            pass
+    deadline = time.monotonic() + 60
+    while batcher.load()["requests_cancelled"] != before["requests_cancelled"] + 1:
+        assert time.monotonic() < deadline, "the row was not dropped"
+        time.sleep(0.01)
+    after = batcher.load()
+    assert after["running"] == after["waiting"] == 0
+    assert after["tokens_generated"] - before["tokens_generated"] < 300
