@@ -1,8 +1,8 @@
 """The OpenAI-compatible HTTP API of ``qlora serve``, as a FastAPI application.
 
-Routes: ``POST /v1/chat/completions``, ``POST /v1/completions``, ``GET
-/v1/models`` (the base model and each adapter, by id), plus ``GET /health``
-(no key needed) and ``GET /stats`` (the batcher's counters). The request's
+Routes: ``POST /v1/chat/completions``, ``POST /v1/responses``, ``POST
+/v1/completions``, ``GET /v1/models`` (the base model and each adapter, by id), plus
+``GET /health`` (no key needed) and ``GET /stats`` (the batcher's counters). The request's
 ``model`` picks the adapter; every choice of a request (``n`` of them, for each
 prompt of a completions batch) becomes one row of the shared
 :class:`qlora.infer.batcher.ContinuousBatcher`, so concurrent requests for
@@ -15,6 +15,10 @@ calls in the markup that template uses (:mod:`qlora.infer.tool_calls`); calls
 come back as ``message.tool_calls`` with ``finish_reason: "tool_calls"``. A
 stream holds text back from where call markup may begin and sends the calls, whole,
 when the reply ends.
+
+The Responses API is the chat route seen through :mod:`qlora.serve.responses`: a request is
+translated into a chat request and set up by the same ``chat_choices``; only the reply is
+written differently (a ``response`` object, or its typed stream events).
 
 Structured replies (``response_format``) decode each choice under its own
 :class:`qlora.infer.json_reply.JsonReply`; logprobs come with the batcher's events and
