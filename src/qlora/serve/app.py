@@ -519,13 +519,13 @@ async def _response_events(queue: asyncio.Queue, choice: _Choice, writer: Respon
             if event.finish_reason is not None and splitter is not None:
                 tail, parsed = splitter.finish()
                 piece, calls = piece + tail, choice.tools.shape(parsed)
+            if not opened and (piece or (event.finish_reason is not None and not calls)):  # an empty reply too
+                opened = True
+                yield writer.event("response.output_item.added", output_index=0,
+                                   item=writer.message("", "in_progress") | {"content": []})
+                yield writer.event("response.content_part.added", **at, content_index=0,
+                                   part=writer.text_part("", []))
             if piece:
-                if not opened:
-                    opened = True
-                    yield writer.event("response.output_item.added", output_index=0,
-                                       item=writer.message("", "in_progress") | {"content": []})
-                    yield writer.event("response.content_part.added", **at, content_index=0,
-                                       part=writer.text_part("", []))
                 text += piece
                 yield writer.event("response.output_text.delta", **at, content_index=0, delta=piece,
                                    logprobs=writer.logprobs(carried))

@@ -107,7 +107,7 @@ class ResponsesRequest(_Body):
             elif kind == "function_call":
                 call = _history_call(item, where)
                 previous = messages[-1] if messages else None
-                if previous is not None and previous.role == "assistant" and origins[-1] != "instructions":
+                if previous is not None and previous.role == "assistant":
                     previous.tool_calls = [*(previous.tool_calls or ()), call]  # one turn: its text and calls
                 else:
                     messages.append(ChatMessage(role="assistant", content=None, tool_calls=[call]))
