@@ -312,3 +312,24 @@ def test_disconnect_mid_stream_frees_the_row(served):
     after = batcher.load()
     assert after["running"] == after["waiting"] == 0
     assert after["tokens_generated"] - before["tokens_generated"] < 300
+
+
+def test_a_replayed_turn_of_text_and_parallel_calls_is_one_assistant_message():
+    """Output items sent back as input (a message, then two function_calls, then their outputs) are one
+    assistant turn with its text and both calls, then one tool message per output, in order."""
+    from qlora.serve.responses import ResponsesRequest
+
+    calls = [{"type": "function_call", "call_id": f"call_{k}", "name": "get_weather",
+              "arguments": json.dumps({"city": city})} for k, city in enumerate(("Paris", "Rome"))]
+    body = ResponsesRequest(model="tiny", instructions="Be brief.", input=[
+        ASK, {"type": "message", "role": "assistant", "content": [{"type": "output_text", "text": "Checking."}]},
+        *calls, *({"type": "function_call_output", "call_id": c["call_id"], "output": RESULT} for c in calls)])
+    chat, origins = body.chat_request()
+    messages = [m.message(i) for i, m in enumerate(chat.messages)]
+    assert [m.role for m in messages] == ["system", "user", "assistant", "tool", "tool"]
+    assert origins == ["instructions", "input.0", "input.1", "input.4", "input.5"]
+    turn = messages[2]
+    assert turn.content == "Checking."
+    assert [(c["id"], c["function"]["arguments"]) for c in turn.tool_calls] == \
+        [("call_0", {"city": "Paris"}), ("call_1", {"city": "Rome"})]
+    assert [(m.tool_call_id, m.content) for m in messages[3:]] == [("call_0", RESULT), ("call_1", RESULT)]
