@@ -1,8 +1,8 @@
 """The OpenAI-compatible HTTP API of ``qlora serve``, as a FastAPI application.
 
-Routes: ``POST /v1/chat/completions``, ``POST /v1/completions``, ``GET
-/v1/models`` (the base model and each adapter, by id), plus ``GET /health``
-(no key needed) and ``GET /stats`` (the batcher's counters). The request's
+Routes: ``POST /v1/chat/completions``, ``POST /v1/responses``, ``POST
+/v1/completions``, ``GET /v1/models`` (the base model and each adapter, by id), plus
+``GET /health`` (no key needed) and ``GET /stats`` (the batcher's counters). The request's
 ``model`` picks the adapter; every choice of a request (``n`` of them, for each
 prompt of a completions batch) becomes one row of the shared
 :class:`qlora.infer.batcher.ContinuousBatcher`, so concurrent requests for
@@ -15,6 +15,10 @@ calls in the markup that template uses (:mod:`qlora.infer.tool_calls`); calls
 come back as ``message.tool_calls`` with ``finish_reason: "tool_calls"``. A
 stream holds text back from where call markup may begin and sends the calls, whole,
 when the reply ends.
+
+The Responses API is the chat route seen through :mod:`qlora.serve.responses`: a request is
+translated into a chat request and set up by the same ``chat_choices``; only the reply is
+written differently (a ``response`` object, or its typed stream events).
 
 Structured replies (``response_format``) decode each choice under its own
 :class:`qlora.infer.json_reply.JsonReply`; logprobs come with the batcher's events and
@@ -47,6 +51,7 @@ from ..infer.tool_calls import ToolCall, ToolCallFormat, ToolCallStream, markup_
 from ..model.chat_format import ChatFormat
 from .logprobs import TextOffsets, chat_logprobs, completion_logprobs
 from .protocol import APIError, ChatCompletionRequest, CompletionRequest, _Body
+from .responses import ResponsesRequest, ResponseWriter
 
 TYPE_TAGS = {"str", "int", "float", "bool", "dict", "list", "none"}
 DISCONNECT_POLL_S = 0.5  # how often a non-streaming request checks that its client is still there
@@ -108,10 +113,9 @@ def build_app(batcher: ContinuousBatcher, base_id: str, adapters: list[str], api
 
     tool_templates: dict[str | None, bool] = {}  # adapter -> whether its template renders tools
 
-    @app.post("/v1/chat/completions")
-    async def chat_completions(body: ChatCompletionRequest, request: Request):
-        body.refuse_unsupported()
-        adapter = _adapter(ids, body.model)
+    def chat_choices(body: ChatCompletionRequest, adapter: str | None, prompt_param: str = "messages") -> list[_Choice]:
+        """The batch rows of a chat request (``n`` choices), its tools, forced call and JSON reply set up;
+        ``prompt_param`` names the request's field a too-long or empty prompt came from."""
         chat_format = chat_formats.get(adapter)
         messages = [m.message(i) for i, m in enumerate(body.messages)]
         tools, plan, markup, forced = body.function_tools(), None, None, None
@@ -142,7 +146,7 @@ def build_app(batcher: ContinuousBatcher, base_id: str, adapters: list[str], api
         json_reply = body.json_reply()
         choices = []
         for index in range(body.n):  # each choice is its own row, with its own constraint state and seed
-            generation = _generation(batcher, body, adapter, prompt_ids, chat_stops, "messages", index)
+            generation = _generation(batcher, body, adapter, prompt_ids, chat_stops, prompt_param, index)
             if plan is not None:
                 generation.keep_tokens = markup_token_ids(plan.format, tokenizer)
             if markup is not None:  # a forced call: no stop strings inside it, one call, its end forced
@@ -152,7 +156,33 @@ def build_app(batcher: ContinuousBatcher, base_id: str, adapters: list[str], api
             if json_reply is not None:
                 generation.constraint = JsonReply(tokenizer, json_reply[0], chat_stops, root_object=json_reply[1])
             choices.append(_Choice(index, generation, plan, first=index == 0))
+        return choices
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatCompletionRequest, request: Request):
+        body.refuse_unsupported()
+        choices = chat_choices(body, _adapter(ids, body.model))
         return await _respond(batcher, choices, body, request, chat=True)
+
+    @app.post("/v1/responses")
+    async def responses(body: ResponsesRequest, request: Request):
+        body.refuse_unsupported()
+        adapter = _adapter(ids, body.model, status=404)
+        chat, origins = body.chat_request()
+        try:
+            chat.refuse_unsupported()
+            (choice,) = chat_choices(chat, adapter, "input")
+        except APIError as exc:
+            raise body.renamed(exc, origins) from None
+        writer = ResponseWriter(body, TokenPieces.of(tokenizer))
+        queue = _submit(batcher, [choice])
+        if body.stream:
+            return _event_stream(_response_events(queue, choice, writer))
+        if not await _gather(queue, [choice], request):
+            return JSONResponse({}, status_code=499)
+        content, calls = choice.tools.parse(choice.text) if choice.tools is not None else (choice.text, [])
+        output = writer.output(content, calls, choice.last.finish_reason, choice.logprobs)
+        return writer.response(writer.status(choice.last.finish_reason, calls), output, _usage([choice]))
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):
@@ -248,14 +278,14 @@ def _http_error(request: Request, exc: HTTPException) -> APIError:
                              "the parser); send a valid JSON object", code="invalid_json")
     if exc.status_code == 404:
         return APIError(404, f"Unknown path {request.url.path}: this server answers /v1/chat/completions, "
-                             "/v1/completions and /v1/models", code="not_found")
+                             "/v1/responses, /v1/completions and /v1/models", code="not_found")
     kind = "invalid_request_error" if exc.status_code < 500 else "server_error"
     return APIError(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}", kind=kind)
 
 
-def _adapter(ids: dict[str, str | None], model_id: str) -> str | None:
+def _adapter(ids: dict[str, str | None], model_id: str, status: int = 400) -> str | None:
     if model_id not in ids:
-        raise APIError(400, f"The model {model_id!r} does not exist; this server has {', '.join(ids)} "
+        raise APIError(status, f"The model {model_id!r} does not exist; this server has {', '.join(ids)} "
                             "(see GET /v1/models).", "model", "model_not_found")
     return ids[model_id]
 
@@ -317,7 +347,8 @@ class _Choice:
             self.last = event
 
 
-async def _respond(batcher: ContinuousBatcher, choices: list[_Choice], body: _Body, request: Request, chat: bool):
+def _submit(batcher: ContinuousBatcher, choices: list[_Choice]) -> asyncio.Queue[tuple[int, Event]]:
+    """Queue the choices' rows on the batcher; their events arrive on the returned queue as (choice, event)."""
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue[tuple[int, Event]] = asyncio.Queue()
     for k, choice in enumerate(choices):
@@ -328,11 +359,15 @@ async def _respond(batcher: ContinuousBatcher, choices: list[_Choice], body: _Bo
     except BaseException:
         _cancel(choices)
         raise
-    reply_id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
-    pieces = TokenPieces.of(batcher.tokenizer)
-    if body.stream:
-        return StreamingResponse(_stream(queue, choices, body, reply_id, chat, pieces),
-                                 media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    return queue
+
+
+async def _gather(queue: asyncio.Queue[tuple[int, Event]], choices: list[_Choice], request: Request) -> bool:
+    """Wait for every choice to finish (False: the client went away first, its rows are dropped).
+
+    Raises:
+        APIError: a choice failed, or the server is shutting down.
+    """
     try:
         left = len(choices)
         while left:
@@ -340,7 +375,7 @@ async def _respond(batcher: ContinuousBatcher, choices: list[_Choice], body: _Bo
                 k, event = await asyncio.wait_for(queue.get(), DISCONNECT_POLL_S)
             except asyncio.TimeoutError:
                 if await request.is_disconnected():
-                    return JSONResponse({}, status_code=499)
+                    return False
                 continue
             choices[k].add(event)
             left -= event.finish_reason is not None
@@ -348,6 +383,22 @@ async def _respond(batcher: ContinuousBatcher, choices: list[_Choice], body: _Bo
         _cancel(choices)  # frees the rows if the request ended early; no-op once finished
     for choice in choices:
         _raise_failure(choice.last)
+    return True
+
+
+def _event_stream(events: AsyncIterator[str]) -> StreamingResponse:
+    return StreamingResponse(events, media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+async def _respond(batcher: ContinuousBatcher, choices: list[_Choice], body: _Body, request: Request, chat: bool):
+    queue = _submit(batcher, choices)
+    reply_id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
+    pieces = TokenPieces.of(batcher.tokenizer)
+    if body.stream:
+        return _event_stream(_stream(queue, choices, body, reply_id, chat, pieces))
+    if not await _gather(queue, choices, request):
+        return JSONResponse({}, status_code=499)
     out = []
     for choice in choices:
         last, text = choice.last, choice.text
@@ -443,6 +494,66 @@ async def _stream(queue: asyncio.Queue, choices: list[_Choice], body: _Body, rep
         yield "data: [DONE]\n\n"
     finally:
         _cancel(choices)  # the client went away mid-stream: free the rows at the next step
+
+
+async def _response_events(queue: asyncio.Queue, choice: _Choice, writer: ResponseWriter) -> AsyncIterator[str]:
+    """A Responses stream: the reply's message item (opened at its first text) and text deltas, then its
+    function calls (each whole), then ``response.completed`` (or ``response.incomplete``) with the whole response."""
+    splitter = ToolCallStream(choice.tools.format, choice.tools.names) if choice.tools is not None else None
+    at = {"item_id": writer.message_id, "output_index": 0}
+    text, opened, carried, calls = "", False, [], []
+    try:
+        yield writer.event("response.created", response=writer.response("in_progress", []))
+        yield writer.event("response.in_progress", response=writer.response("in_progress", []))
+        while True:
+            _, event = await queue.get()
+            if event.finish_reason in ("error", "cancelled"):
+                error = _failure(event)
+                yield writer.event("error", code=error.code, message=error.message, param=None)
+                yield writer.event("response.failed", response=writer.response(
+                    "failed", [], error={"code": "server_error", "message": error.message}))
+                return
+            choice.add(event)
+            carried += event.logprobs
+            piece = splitter.push(event.text) if splitter is not None else event.text
+            if event.finish_reason is not None and splitter is not None:
+                tail, parsed = splitter.finish()
+                piece, calls = piece + tail, choice.tools.shape(parsed)
+            if not opened and (piece or (event.finish_reason is not None and not calls)):  # an empty reply too
+                opened = True
+                yield writer.event("response.output_item.added", output_index=0,
+                                   item=writer.message("", "in_progress") | {"content": []})
+                yield writer.event("response.content_part.added", **at, content_index=0,
+                                   part=writer.text_part("", []))
+            if piece:
+                text += piece
+                yield writer.event("response.output_text.delta", **at, content_index=0, delta=piece,
+                                   logprobs=writer.logprobs(carried))
+                carried = []
+            if event.finish_reason is not None:
+                break
+        status = writer.status(choice.last.finish_reason, calls)
+        output = []
+        if opened:
+            message = writer.message(text, status, choice.logprobs)
+            yield writer.event("response.output_text.done", **at, content_index=0, text=text,
+                               logprobs=message["content"][0]["logprobs"])
+            yield writer.event("response.content_part.done", **at, content_index=0, part=message["content"][0])
+            yield writer.event("response.output_item.done", output_index=0, item=message)
+            output.append(message)
+        for call in calls:
+            item, where = writer.call(call), {"output_index": len(output)}
+            yield writer.event("response.output_item.added", **where,
+                               item=item | {"arguments": "", "status": "in_progress"})
+            yield writer.event("response.function_call_arguments.delta", **where, item_id=item["id"],
+                               delta=item["arguments"])
+            yield writer.event("response.function_call_arguments.done", **where, item_id=item["id"],
+                               name=item["name"], arguments=item["arguments"])
+            yield writer.event("response.output_item.done", **where, item=item)
+            output.append(item)
+        yield writer.event(f"response.{status}", response=writer.response(status, output, _usage([choice])))
+    finally:
+        _cancel([choice])  # the client went away mid-stream: free the row at the next step
 
 
 def _sse(payload: dict[str, Any]) -> str:

@@ -1,0 +1,292 @@
+"""OpenAI's Responses API (``POST /v1/responses``) as a view of the chat route.
+
+A Responses request is translated into the equivalent chat request
+(:meth:`ResponsesRequest.chat_request`): ``instructions`` becomes the system message, ``input``
+items become chat messages (``function_call`` items an assistant turn's ``tool_calls``,
+``function_call_output`` items tool messages), flat function tools the chat template's
+``{"type": "function", "function": {...}}``, ``tool_choice`` and ``text.format`` the chat
+route's ``tool_choice`` and ``response_format``. The chat route then renders, constrains and
+decodes it; errors it raises are renamed to the Responses fields they came from
+(:meth:`ResponsesRequest.renamed`). :class:`ResponseWriter` writes the reply as a
+``response`` object and as the SSE events the ``openai`` client's stream helper accumulates.
+
+The server keeps no responses: ``previous_response_id``, ``conversation``, ``background``
+and stored ``prompt`` templates are a 400 saying to send the whole input; ``store`` is
+accepted and the response says ``store: false``. Only function tools exist here (built-in
+tools such as web_search run on OpenAI's platform): any other tool type is a 400.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+import uuid
+from typing import Any, Union
+
+from pydantic import Field
+
+from ..infer.logprobs import TokenLogprob, TokenPieces
+from .logprobs import chat_logprobs
+from .protocol import APIError, ChatCompletionRequest, ChatMessage, _Body
+
+TEXT_PARTS = ("input_text", "output_text", "text")
+LOGPROBS = "message.output_text.logprobs"
+STATEFUL = {
+    "previous_response_id": "'previous_response_id' needs the server to keep earlier responses; qlora serve keeps none",
+    "conversation": "'conversation' needs the server to keep conversations; qlora serve keeps none",
+    "background": "'background': true needs the server to keep responses to poll; qlora serve keeps none",
+    "prompt": "'prompt' refers to a prompt template stored on OpenAI's platform; qlora serve has no stored prompts",
+}
+
+
+class ResponsesRequest(_Body):
+    """The body of ``POST /v1/responses`` (sampling extras such as ``seed`` or ``top_k`` as in chat)."""
+
+    input: Union[str, list[dict[str, Any]]]
+    instructions: str | None = None
+    max_output_tokens: int | None = Field(default=None, ge=1)
+    tools: list[Any] | None = None
+    tool_choice: Union[str, dict[str, Any], None] = None
+    parallel_tool_calls: bool = True
+    text: dict[str, Any] | None = None
+    include: list[str] | None = None
+    top_logprobs: int | None = Field(default=None, ge=0, le=20)
+    previous_response_id: str | None = None
+    conversation: Union[str, dict[str, Any], None] = None
+    background: bool = False
+    prompt: dict[str, Any] | None = None
+    store: bool | None = None
+    truncation: str | None = None
+    metadata: dict[str, str] | None = None
+    user: str | None = None
+
+    def refuse_unsupported(self) -> None:
+        """400 for what would need stored state, or fields of the other OpenAI APIs."""
+        for name, why in STATEFUL.items():
+            if getattr(self, name) not in (None, False):
+                raise APIError(400, f"{why}. Send the whole conversation in 'input' instead (earlier messages, "
+                                    "function_call and function_call_output items included).", name)
+        if self.max_tokens is not None:
+            raise APIError(400, "'max_tokens' is a Chat Completions parameter; the Responses API's is "
+                                "'max_output_tokens'", "max_tokens")
+        if self.n != 1:
+            raise APIError(400, "The Responses API returns one reply; 'n' must be 1 (send 'n' to "
+                                "/v1/chat/completions for several choices)", "n")
+        if self.truncation not in (None, "auto", "disabled"):
+            raise APIError(400, f"'truncation' must be 'auto' or 'disabled', got {self.truncation!r}", "truncation")
+
+    def logprobs(self) -> bool:
+        return LOGPROBS in (self.include or ()) or self.top_logprobs is not None
+
+    def chat_request(self) -> tuple[ChatCompletionRequest, list[str]]:
+        """The equivalent chat request, and for each of its messages the Responses field it came from.
+
+        Raises:
+            APIError: an input item, content part, tool, ``tool_choice`` or ``text.format`` of a
+                form the chat route has no equivalent for, naming it.
+        """
+        messages, origins = [], []
+        if self.instructions:
+            messages.append(ChatMessage(role="system", content=self.instructions))
+            origins.append("instructions")
+        items = [{"role": "user", "content": self.input}] if isinstance(self.input, str) else self.input
+        if not items:
+            raise APIError(400, "'input' is empty; send a string or a list of input items", "input")
+        for i, item in enumerate(items):
+            where = f"input.{i}"
+            kind = item.get("type", "message" if "role" in item else None)
+            if kind == "message":
+                role = item.get("role")
+                if role not in ("user", "system", "developer", "assistant"):
+                    raise APIError(400, f"{where} has role {role!r}; a message's role is 'user', 'system', "
+                                        "'developer' or 'assistant' (tool results are function_call_output items)",
+                                   f"{where}.role")
+                messages.append(ChatMessage(role=role, content=_text(item.get("content"), f"{where}.content")))
+                origins.append(where)
+            elif kind == "function_call":
+                call = _history_call(item, where)
+                previous = messages[-1] if messages else None
+                if previous is not None and previous.role == "assistant":
+                    previous.tool_calls = [*(previous.tool_calls or ()), call]  # one turn: its text and calls
+                else:
+                    messages.append(ChatMessage(role="assistant", content=None, tool_calls=[call]))
+                    origins.append(where)
+            elif kind == "function_call_output":
+                call_id = item.get("call_id")
+                if not isinstance(call_id, str) or not call_id:
+                    raise APIError(400, f"{where} (function_call_output) needs 'call_id': the call_id of the "
+                                        "function_call it answers", f"{where}.call_id")
+                output = item.get("output")
+                text = output if isinstance(output, str) else _text(output, f"{where}.output")
+                messages.append(ChatMessage(role="tool", content=text, tool_call_id=call_id))
+                origins.append(where)
+            else:
+                raise APIError(400, f"{where} is an input item of type {kind!r}; qlora serve takes 'message', "
+                                    "'function_call' and 'function_call_output' items (it keeps no stored items to "
+                                    "reference and runs no built-in tools)", f"{where}.type")
+        fields = set(_Body.model_fields) - {"max_tokens", "n", "stream", "stream_options"}
+        chat = ChatCompletionRequest(
+            **self.model_dump(include=fields), messages=messages, max_completion_tokens=self.max_output_tokens,
+            tools=self.chat_tools(), tool_choice=self.chat_tool_choice(), parallel_tool_calls=self.parallel_tool_calls,
+            response_format=self.response_format(), logprobs=self.logprobs(),
+            top_logprobs=self.top_logprobs if self.logprobs() else None)
+        return chat, origins
+
+    def chat_tools(self) -> list[dict[str, Any]] | None:
+        """Flat function tools as the chat template takes them."""
+        if self.tools is None:
+            return None
+        out = []
+        for i, tool in enumerate(self.tools):
+            kind = tool.get("type") if isinstance(tool, dict) else None
+            if kind != "function":
+                raise APIError(400, f"tools.{i} is a {kind!r} tool; qlora serve runs no built-in tools (web_search, "
+                                    "file_search, computer_use, code_interpreter, mcp, ... run on OpenAI's platform): "
+                                    "describe it as a function tool {'type': 'function', 'name': ..., 'parameters': "
+                                    "{...}} and run it yourself", f"tools.{i}.type")
+            if "function" in tool and "name" not in tool:
+                raise APIError(400, f"tools.{i} has the Chat Completions shape; the Responses API's function tool is "
+                                    "flat: {'type': 'function', 'name': ..., 'description': ..., 'parameters': {...}}",
+                               f"tools.{i}.name")
+            out.append({"type": "function", "function": {k: v for k, v in tool.items() if k != "type"}})
+        return out
+
+    def chat_tool_choice(self) -> str | dict[str, Any] | None:
+        choice = self.tool_choice
+        if choice is None or isinstance(choice, str):
+            return choice
+        if choice.get("type") != "function" or not isinstance(choice.get("name"), str):
+            raise APIError(400, f"'tool_choice' must be 'auto', 'none', 'required' or {{'type': 'function', 'name': "
+                                f"...}} (qlora serve runs function tools only), got {choice!r}", "tool_choice")
+        return {"type": "function", "function": {"name": choice["name"]}}
+
+    def response_format(self) -> dict[str, Any] | None:
+        """``text.format`` as the chat route's ``response_format``."""
+        fmt = (self.text or {}).get("format")
+        if fmt is None:
+            return None
+        kind = fmt.get("type") if isinstance(fmt, dict) else None
+        if kind in ("text", "json_object"):
+            return {"type": kind}
+        if kind != "json_schema":
+            raise APIError(400, f"'text.format' type must be 'text', 'json_object' or 'json_schema', got {kind!r}",
+                           "text.format.type")
+        if not isinstance(fmt.get("name"), str):
+            raise APIError(400, "'text.format' json_schema needs a 'name': {'type': 'json_schema', 'name': ..., "
+                                "'schema': {...}, 'strict': ...}", "text.format.name")
+        spec = {k: fmt[k] for k in ("name", "schema", "strict", "description") if k in fmt}
+        return {"type": "json_schema", "json_schema": spec}
+
+    def renamed(self, error: APIError, origins: list[str]) -> APIError:
+        """``error`` from the chat route, naming the Responses fields instead of the chat ones."""
+        def field(name: str) -> str:
+            name = re.sub(r"^messages\.(\d+)(\.content)?.*$",
+                          lambda m: origins[int(m[1])] + (m[2] or "") if int(m[1]) < len(origins) else "input", name)
+            name = re.sub(r"^tools\.(\d+)\.function\b", r"tools.\1", name)
+            name = re.sub(r"^response_format(\.json_schema)?", "text.format", name)
+            return {"messages": "input", "max_completion_tokens": "max_output_tokens"}.get(name, name)
+        message = re.sub(r"messages\[(\d+)\]", lambda m: field(f"messages.{m[1]}"), error.message)
+        message = re.sub(r"\b(tools\.\d+\.function(\.\w+)?|response_format(\.json_schema)?(\.\w+)?)\b",
+                         lambda m: field(m[1]), message)
+        return APIError(error.status, message, field(error.param) if error.param else None, error.code, error.kind)
+
+
+def _text(content: Any, where: str) -> str:
+    """A message's content as text: a string, or text parts (the models served read text only)."""
+    if isinstance(content, str):
+        return content
+    if not isinstance(content, list):
+        raise APIError(400, f"{where} must be a string or a list of content parts", where)
+    for k, part in enumerate(content):
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind not in TEXT_PARTS or not isinstance(part.get("text"), str):
+            raise APIError(400, f"{where}.{k} is a content part of type {kind!r}; the models qlora serve runs read "
+                                "text only: send input_text parts ({'type': 'input_text', 'text': ...})",
+                           f"{where}.{k}")
+    return "".join(part["text"] for part in content)
+
+
+def _history_call(item: dict[str, Any], where: str) -> dict[str, Any]:
+    """A ``function_call`` input item as a chat tool call (its arguments checked as a JSON object)."""
+    for key in ("call_id", "name", "arguments"):
+        if not isinstance(item.get(key), str):
+            raise APIError(400, f"{where} (function_call) needs '{key}' as a string: send the call_id, name and "
+                                "arguments (a JSON object in a string) of the call the model made", f"{where}.{key}")
+    try:
+        args = json.loads(item["arguments"]) if item["arguments"].strip() else {}
+    except json.JSONDecodeError as exc:
+        raise APIError(400, f"{where}.arguments is not valid JSON ({exc.msg} at column {exc.colno}); send the "
+                            "arguments the model gave", f"{where}.arguments") from None
+    if not isinstance(args, dict):
+        raise APIError(400, f"{where}.arguments must be a JSON object", f"{where}.arguments")
+    return {"id": item["call_id"], "type": "function", "function": {"name": item["name"], "arguments": item["arguments"]}}
+
+
+class ResponseWriter:
+    """A reply as OpenAI's ``response`` object and stream events (numbered in order)."""
+
+    def __init__(self, body: ResponsesRequest, pieces: TokenPieces) -> None:
+        self.body, self.pieces = body, pieces
+        self.id, self.message_id = "resp_" + uuid.uuid4().hex, "msg_" + uuid.uuid4().hex
+        self.created_at, self.sequence = int(time.time()), 0
+
+    def event(self, kind: str, **fields: Any) -> str:
+        """One SSE event, ``event:`` line included, with the next sequence number."""
+        payload = {"type": kind, "sequence_number": self.sequence, **fields}
+        self.sequence += 1
+        return f"event: {kind}\ndata: {json.dumps(payload, ensure_ascii=False, separators=(',', ':'))}\n\n"
+
+    def logprobs(self, entries: list[TokenLogprob]) -> list[dict[str, Any]]:
+        return chat_logprobs(self.pieces, entries) if self.body.logprobs() else []
+
+    def message(self, text: str, status: str, logprobs: list[TokenLogprob] | None = None) -> dict[str, Any]:
+        part = self.text_part(text, logprobs or [])
+        return {"type": "message", "id": self.message_id, "role": "assistant", "status": status, "content": [part]}
+
+    def text_part(self, text: str, logprobs: list[TokenLogprob]) -> dict[str, Any]:
+        return {"type": "output_text", "text": text, "annotations": [], "logprobs": self.logprobs(logprobs)}
+
+    @staticmethod
+    def call(call: dict[str, Any], status: str = "completed") -> dict[str, Any]:
+        """A chat tool call as a ``function_call`` output item."""
+        fn = call["function"]
+        return {"type": "function_call", "id": "fc_" + call["id"].removeprefix("call_"), "call_id": call["id"],
+                "name": fn["name"], "arguments": fn["arguments"], "status": status}
+
+    @staticmethod
+    def status(finish_reason: str | None, calls: list[dict[str, Any]]) -> str:
+        """``incomplete`` when the token limit cut a reply that is not a call, else ``completed``."""
+        return "incomplete" if finish_reason == "length" and not calls else "completed"
+
+    def output(self, content: str | None, calls: list[dict[str, Any]], finish_reason: str | None,
+               logprobs: list[TokenLogprob]) -> list[dict[str, Any]]:
+        """The output items: the message (unless the reply only calls), then one item per call."""
+        items = [] if content is None else [self.message(content, self.status(finish_reason, calls), logprobs)]
+        return items + [self.call(c) for c in calls]
+
+    def response(self, status: str, output: list[dict[str, Any]], usage: dict[str, int] | None = None,
+                 error: dict[str, str] | None = None) -> dict[str, Any]:
+        """The ``response`` object, echoing the request's settings."""
+        body = self.body
+        done = int(time.time()) if status == "completed" else None
+        text = {"format": (body.text or {}).get("format") or {"type": "text"}}
+        return {
+            "id": self.id, "object": "response", "created_at": self.created_at, "status": status,
+            "completed_at": done, "error": error,
+            "incomplete_details": {"reason": "max_output_tokens"} if status == "incomplete" else None,
+            "instructions": body.instructions, "max_output_tokens": body.max_output_tokens, "model": body.model,
+            "output": output, "parallel_tool_calls": body.parallel_tool_calls, "previous_response_id": None,
+            "reasoning": None, "store": False, "temperature": body.temperature, "text": text,
+            "tool_choice": body.tool_choice or "auto", "tools": body.tools or [], "top_logprobs": body.top_logprobs,
+            "top_p": body.top_p, "truncation": body.truncation or "disabled", "user": body.user,
+            "metadata": body.metadata or {}, "usage": None if usage is None else _usage(usage),
+        }
+
+
+def _usage(usage: dict[str, int]) -> dict[str, Any]:
+    """Chat usage counts as the Responses API's (no prompt cache here, no reasoning tokens)."""
+    return {"input_tokens": usage["prompt_tokens"], "output_tokens": usage["completion_tokens"],
+            "total_tokens": usage["total_tokens"],
+            "input_tokens_details": {"cached_tokens": 0, "cache_write_tokens": 0},
+            "output_tokens_details": {"reasoning_tokens": 0}}
