@@ -95,4 +95,4 @@ def test_two_ranks_equal_one_process_with_the_global_batch(runs, case):
     a, b = load_file(str(ddp / "adapter_model.safetensors")), load_file(str(single / "adapter_model.safetensors"))
     assert a.keys() == b.keys()
     for key in a:
-        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-4)
