@@ -5,14 +5,20 @@ or not (:mod:`qlora.train.data.unpaired`), against a reference model: the base
 with the adapters off, or the starting ``--adapter`` (a frozen copy), as for DPO.
 With ``r = log p(y|x) - log p_ref(y|x)`` (sums over the completion's tokens) and
 the KL estimate ``z = max(0, mean(log p(y'|x) - log p_ref(y'|x)))`` over the
-micro-batch's mismatched pairs ``(x, y')`` (no gradient)::
+micro-batch's mismatched pairs ``(x, y')`` (no gradient; under several ranks the
+global micro-batch's: its completions rotate across the ranks' shares, and the sum
+and count of the KL rows are all-reduced before the clamp)::
 
     desirable:   w_d * (1 - sigmoid(beta * (r - z)))
     undesirable: w_u * (1 - sigmoid(beta * (z - r)))
 
 and with ``--loss-type apo_zero_unpaired`` (no KL term) ``w_d * (1 - sigmoid(beta r))`` and
 ``w_u * sigmoid(beta r)``. The step loss is the mean over the step's examples (TRL's for one
-micro-batch); the KL estimate is per micro-batch (TRL also averages it over the ranks).
+micro-batch). The KL estimate is per micro-batch, as TRL's: with gradient accumulation each
+micro-batch has its own. Across ranks TRL gathers the ranks' means and clamps their mean; ours is
+the mean over all ranks' KL rows, the same value (every rank has ``--batch-size`` rows), so
+N ranks x batch B equal one process with batch N*B. (TRL's mismatched pairs rotate within each
+device's batch, so a TRL run's pairs depend on the number of devices; ours do not.)
 Metrics (TRL's names): ``kl``, and ``rewards/chosen``, ``logps/chosen`` (means over the
 desirable examples), ``rewards/rejected``, ``logps/rejected`` (over the undesirable ones),
 ``rewards/margins`` (their difference).
