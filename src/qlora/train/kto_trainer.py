@@ -91,7 +91,8 @@ class KTOTrainer(PreferenceTrainer):
             with torch.no_grad(), self._autocast():  # the KL estimate carries no gradient, as in TRL
                 kl_logps = label_logps(model, {k: batch[k][n:] for k in _ROWS}, [batch["labels"][n:]],
                                        self.chunked_ce)[0]
-            sums = torch.stack([(kl_logps.float() - ref[n:].float()).sum(), kl_logps.new_tensor(n, dtype=torch.float32)])
+            diffs = kl_logps.float() - ref[n:].float()
+            sums = torch.stack([diffs.sum(), diffs.new_tensor(n)])  # (sum, count): averaged after the all-reduce
             if across_ranks:
                 self.dist.all_reduce_sum(sums)
             kl = (sums[0] / sums[1]).clamp(min=0)
