@@ -67,6 +67,16 @@ class DistContext:
             dist.all_reduce(values, op=dist.ReduceOp.SUM)
         return values
 
+    def all_gather_cat(self, values: torch.Tensor) -> torch.Tensor:
+        """Every rank's ``values`` (the same shape on all), concatenated in rank order along dim 0; this rank's
+        own part is ``values`` itself, with its gradient, the others' carry none."""
+        if not self.enabled:
+            return values
+        parts = [torch.empty_like(values) for _ in range(self.world_size)]
+        dist.all_gather(parts, values.detach().contiguous())
+        parts[self.rank] = values
+        return torch.cat(parts)
+
     def shutdown(self) -> None:
         """Leave the group only once every rank is done: a rank that tears its
         group down while another still talks to it can abort the process."""

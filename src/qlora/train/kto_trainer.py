@@ -5,14 +5,20 @@ or not (:mod:`qlora.train.data.unpaired`), against a reference model: the base
 with the adapters off, or the starting ``--adapter`` (a frozen copy), as for DPO.
 With ``r = log p(y|x) - log p_ref(y|x)`` (sums over the completion's tokens) and
 the KL estimate ``z = max(0, mean(log p(y'|x) - log p_ref(y'|x)))`` over the
-micro-batch's mismatched pairs ``(x, y')`` (no gradient)::
+micro-batch's mismatched pairs ``(x, y')`` (no gradient; under several ranks the
+global micro-batch's: its completions rotate across the ranks' shares, and the sum
+and count of the KL rows are all-reduced before the clamp)::
 
     desirable:   w_d * (1 - sigmoid(beta * (r - z)))
     undesirable: w_u * (1 - sigmoid(beta * (z - r)))
 
 and with ``--loss-type apo_zero_unpaired`` (no KL term) ``w_d * (1 - sigmoid(beta r))`` and
 ``w_u * sigmoid(beta r)``. The step loss is the mean over the step's examples (TRL's for one
-micro-batch); the KL estimate is per micro-batch (TRL also averages it over the ranks).
+micro-batch). The KL estimate is per micro-batch, as TRL's: with gradient accumulation each
+micro-batch has its own. Across ranks TRL gathers the ranks' means and clamps their mean; ours is
+the mean over all ranks' KL rows, the same value (every rank has ``--batch-size`` rows), so
+N ranks x batch B equal one process with batch N*B. (TRL's mismatched pairs rotate within each
+device's batch, so a TRL run's pairs depend on the number of devices; ours do not.)
 Metrics (TRL's names): ``kl``, and ``rewards/chosen``, ``logps/chosen`` (means over the
 desirable examples), ``rewards/rejected``, ``logps/rejected`` (over the undesirable ones),
 ``rewards/margins`` (their difference).
@@ -53,9 +59,15 @@ class KTOTrainer(PreferenceTrainer):
         return tokenize_unpaired(examples, self.tokenizer, self.chat_format, self.config.seq_len,
                                  stop_ids=self._stop_ids())
 
-    def _collate(self, units: list) -> dict[str, torch.Tensor]:
-        batch = unpaired_collate(units, pad_token_id(self.tokenizer), self._kl_rows, self.config.seq_len)
+    def _collate(self, units: list, kl_completions: list | None = None) -> dict[str, torch.Tensor]:
+        batch = unpaired_collate(units, pad_token_id(self.tokenizer), self._kl_rows, self.config.seq_len,
+                                 kl_completions)
         return {k: v.to(self.device) for k, v in batch.items()}
+
+    def _collate_share(self, units: list, start: int, size: int) -> dict[str, torch.Tensor]:
+        """This rank's share, its KL rows rotated over the whole global micro-batch ``units``."""
+        return self._collate(units[start:start + size],
+                             [units[(start + i - 1) % len(units)] for i in range(size)])
 
     @staticmethod
     def _units_in(batch: dict[str, torch.Tensor]) -> int:
@@ -64,8 +76,11 @@ class KTOTrainer(PreferenceTrainer):
     def _nll_tokens(self, batch: dict[str, torch.Tensor]) -> int:
         return 0  # KTO has no NLL term
 
-    def _pair_terms(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Summed per-example losses and metric sums of one batch (see :meth:`_metrics_of`)."""
+    def _pair_terms(self, model: torch.nn.Module, batch: dict[str, torch.Tensor],
+                    across_ranks: bool = False) -> dict[str, torch.Tensor]:
+        """Summed per-example losses and metric sums of one batch (see :meth:`_metrics_of`); with
+        ``across_ranks`` the batch is this rank's share of a global micro-batch, whose KL estimate is the mean
+        over all ranks' KL rows, taken before the clamp."""
         cfg = self.config
         desirable = batch["desirable"]
         n = desirable.shape[0]
@@ -76,7 +91,11 @@ class KTOTrainer(PreferenceTrainer):
             with torch.no_grad(), self._autocast():  # the KL estimate carries no gradient, as in TRL
                 kl_logps = label_logps(model, {k: batch[k][n:] for k in _ROWS}, [batch["labels"][n:]],
                                        self.chunked_ce)[0]
-            kl = (kl_logps.float() - ref[n:].float()).mean().clamp(min=0)
+            diffs = kl_logps.float() - ref[n:].float()
+            sums = torch.stack([diffs.sum(), diffs.new_tensor(n)])  # (sum, count): averaged after the all-reduce
+            if across_ranks:
+                self.dist.all_reduce_sum(sums)
+            kl = (sums[0] / sums[1]).clamp(min=0)
         with self._autocast():
             logps = label_logps(model, main, [main["labels"]], self.chunked_ce)[0]
         losses, rewards = kto_losses(cfg.preference_losses()[0][0], logps, ref[:n], desirable, kl, cfg.beta,

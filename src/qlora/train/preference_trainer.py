@@ -55,6 +55,7 @@ REFERENCE_DIR = "reference"
 REFERENCE_ADAPTER = "reference"  # with --adapter: the frozen starting adapter
 REFERENCE_FILE = "logps.safetensors"
 REFERENCE_METHODS = ("dpo", "kto")  # the methods with a reference model
+BATCH_COUPLED = ("aot", "aot_unpaired")  # DPO losses of a pair that depend on the other pairs of its micro-batch
 _FROZEN_REFERENCE = {  # what to do when the reference cannot be the model with some weights switched off
     "dpo": "add --precompute-ref to take the reference log-probs before training changes them",
     "kto": "KTO's KL term pairs the examples of each micro-batch anew, so its reference log-probs cannot be "
@@ -215,8 +216,10 @@ class PreferenceTrainer(Trainer):
         labels[n:] = IGNORE_INDEX
         return labels
 
-    def _pair_terms(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Per-pair loss terms and metrics of one batch (sums; see :meth:`_combine`)."""
+    def _pair_terms(self, model: torch.nn.Module, batch: dict[str, torch.Tensor],
+                    across_ranks: bool = False) -> dict[str, torch.Tensor]:
+        """Per-pair loss terms and metrics of one batch (sums; see :meth:`_combine`); with ``across_ranks`` the
+        batch is this rank's share of a global micro-batch (see :meth:`_global_pair_losses`)."""
         cfg = self.config
         n = batch["input_ids"].shape[0] // 2
         labels = batch["labels"]
@@ -231,17 +234,29 @@ class PreferenceTrainer(Trainer):
         weights = wpo_weights(sums[-1], lengths) if wpo else None  # WPO (TRL's use_weighting): each pair's weight
         terms = {"nll": -sums[len(answer_sets)][:n].sum()} if cfg.nll_weight else {}
         if cfg.method == "dpo":
-            pair = logps.new_zeros(n, dtype=torch.float32)
-            for loss_type, weight in cfg.preference_losses():
+            losses = cfg.preference_losses()
+            coupled = across_ranks and self.dist.enabled and any(t in BATCH_COUPLED for t, _ in losses)
+            # a loss that couples the pairs of a micro-batch sees the global one (all ranks' pairs)
+            rows = [logps[:n], logps[n:], ref[:n], ref[n:], lengths[:n], lengths[n:]]
+            if weights is not None:
+                rows.append(weights)
+            if coupled:
+                rows = [self.dist.all_gather_cat(t) for t in rows]
+            pair = rows[0].new_zeros(rows[0].shape[0], dtype=torch.float32)
+            for loss_type, weight in losses:
                 if loss_type != "sft":  # the NLL term, weighted in _combine
-                    pair = pair + weight * dpo_losses(loss_type, (logps[:n], logps[n:]), (ref[:n], ref[n:]),
-                                                      (lengths[:n], lengths[n:]), cfg.beta, cfg.label_smoothing,
+                    pair = pair + weight * dpo_losses(loss_type, (rows[0], rows[1]), (rows[2], rows[3]),
+                                                      (rows[4], rows[5]), cfg.beta, cfg.label_smoothing,
                                                       cfg.discopop_tau, cfg.f_divergence_type,
                                                       cfg.f_alpha_divergence_coef)
             if weights is not None:
-                pair = pair * weights
+                pair = pair * rows[6]
             chosen_r, rejected_r = cfg.beta * (logps[:n] - ref[:n]).detach(), cfg.beta * (logps[n:] - ref[n:]).detach()
-            terms["pair_loss"] = pair.sum()
+            total = pair.sum()
+            # coupled: every rank holds the global sum; its value counts once over the ranks, while each rank's
+            # gradient is the global loss's gradient through its own rows (the others' are detached), and the
+            # ranks' gradients add up to the one-process gradient
+            terms["pair_loss"] = total - total.detach() * (1 - 1 / self.dist.world_size) if coupled else total
         elif cfg.method in ("cpo", "simpo"):
             loss_type = cfg.preference_losses()[0][0]
             if loss_type in ("ipo", "simpo"):  # per-token mean log-probs, as TRL's CPOTrainer
@@ -287,7 +302,7 @@ class PreferenceTrainer(Trainer):
         return self._norm
 
     def _micro_loss(self, batch: dict[str, torch.Tensor], norm: tuple[float, float]):
-        terms = self._pair_terms(self.forward_model, batch)
+        terms = self._pair_terms(self.forward_model, batch, across_ranks=True)
         sums = {k: float(v) for k, v in terms.items() if k in self.METRIC_SUMS}
         if "nll" in terms:
             sums["nll"] = float(terms["nll"].detach())

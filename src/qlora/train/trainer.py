@@ -414,12 +414,16 @@ class Trainer:
         batches = []
         for m in range(step * self.micro_batches_per_step, (step + 1) * self.micro_batches_per_step):
             units = []
-            first = (m * world + rank) * bs  # this rank's slice of global micro-batch m
-            for u in range(first, first + bs):
+            for u in range(m * world * bs, (m + 1) * world * bs):  # global micro-batch m
                 epoch, pos = divmod(u, n)
                 units.append(self.train_units[self._order(epoch)[pos]])
-            batches.append(self._collate(units))
+            batches.append(self._collate_share(units, rank * bs, bs))
         return batches
+
+    def _collate_share(self, units: list, start: int, size: int) -> dict[str, torch.Tensor]:
+        """This rank's ``size`` units from ``start`` of the global micro-batch ``units``, collated (KTO pairs
+        its KL rows over the whole global micro-batch)."""
+        return self._collate(units[start:start + size])
 
     def _order(self, epoch: int) -> list[int]:
         if getattr(self, "_cached_epoch", None) != epoch:

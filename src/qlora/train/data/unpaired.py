@@ -14,7 +14,10 @@ agreeing with the prompt alone, as TRL's KTOTrainer cuts it.
 KTO's KL term compares the policy and the reference on mismatched pairs: each
 micro-batch of ``B`` examples also carries ``B`` rows that pair each prompt with
 the previous example's completion (``(x_1, y_B), (x_2, y_1), ..., (x_B, y_B-1)``),
-the rotation TRL applies within each batch.
+the rotation TRL applies within each batch. Under several ranks the rotation runs
+over the global micro-batch (``B x ranks`` examples, each rank's share taking its
+first completion from the previous rank's share), so that the pairs are those of
+one process with the global batch (TRL rotates within each device's batch instead).
 """
 
 from __future__ import annotations
@@ -144,15 +147,20 @@ def tokenize_unpaired(examples: list[UnpairedExample], tokenizer, chat_template:
 
 
 def unpaired_collate(units: Sequence[TokenizedUnpaired], pad_id: int, kl_rows: bool,
-                     seq_len: int | None = None) -> dict[str, torch.Tensor]:
+                     seq_len: int | None = None,
+                     kl_completions: Sequence[TokenizedUnpaired] | None = None) -> dict[str, torch.Tensor]:
     """The ``B`` examples, right-padded, then (with ``kl_rows``) the ``B`` mismatched pairs of KTO's KL term.
 
     Returns ``input_ids``, ``attention_mask``, ``labels`` (completion tokens; -100 on prompt and padding),
     ``[B or 2B, T]``, and ``desirable`` ``[B]`` (bool). A KL row is cut to ``seq_len`` tokens, its start kept.
+    The ``i``-th KL row pairs ``units[i]``'s prompt with ``kl_completions[i]``'s completion, by default with
+    its predecessor's in ``units`` (cyclically); a rank's share of a global micro-batch passes the
+    predecessors in the global one.
     """
     rows = [(u.prompt_ids, u.completion_ids) for u in units]
     if kl_rows:
-        rows += [(u.prompt_ids, units[i - 1].completion_ids) for i, u in enumerate(units)]
+        others = kl_completions if kl_completions is not None else [units[i - 1] for i in range(len(units))]
+        rows += [(u.prompt_ids, other.completion_ids) for u, other in zip(units, others, strict=True)]
     rows = [(p, (p + c)[:seq_len] if seq_len else p + c) for p, c in rows]
     length = max(len(r) for _, r in rows)
     input_ids = torch.full((len(rows), length), pad_id, dtype=torch.long)

@@ -1,0 +1,97 @@
+"""Multi-process preference training on the CPU (gloo, 2 ranks) equals one process with the same global batch.
+
+Each case trains ``qlora train --nproc 2 --batch-size 2`` and one process with ``--batch-size 4`` (the same global
+micro-batches), both with ``--grad-accum 2``, and compares the per-step losses, gradient norms, reward metrics and
+the final adapter. What couples the rows of a micro-batch must then span the ranks:
+
+- DPO's ``aot`` loss sorts the micro-batch's log-ratios (run here as ``sigmoid,aot``, so the pair-independent
+  sigmoid loss is covered too);
+- KTO's KL estimate ``z = max(0, mean(log p(y'|x) - log p_ref(y'|x)))`` is the mean over the whole global
+  micro-batch's mismatched pairs, taken before the clamp (TRL gathers the ranks' means before clamping), and the
+  mismatched pairs rotate the completions over the global micro-batch. In this run the ranks' own estimates
+  differ in clamp (step 3's first micro-batch: -0.094 on rank 0, 0.371 on rank 1, 0.138 over both), so a
+  per-rank clamp gives other losses (0.4389 instead of 0.4430 at step 3, 0.3487 instead of 0.3237 at step 4).
+
+Dropout is 0 so that every run computes the same function. Tolerances: losses, metrics and gradient norms to
+rtol 1e-5 / atol 1e-6 (float summation order differs between one 4-row and two 2-row batches), adapter weights
+to rtol 1e-4 / atol 1e-4 (after 4 Adam steps at lr 2e-2, whose normalized updates magnify float noise in
+near-zero gradients to a few 1e-5).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+SRC = Path(__file__).resolve().parents[1] / "src"
+STEPS = 4
+PAIRS = [("What is two plus two?", " four", " five"), ("Say hello.", " Hello there!", " Go away."),
+         ("Name a red fruit.", " An apple is red.", " A banana."), ("What colour is the sky?", " Blue.", " Green."),
+         ("Count to three.", " one two three", " three two one"), ("What is a fox?", " A quick animal.", " A car."),
+         ("Hi?", " Hello, how are you today?", " No."), ("Add one and one.", " two", " eleven")]
+KTO = [(p, c, True) for p, c, _ in PAIRS] + [(p, r, False) for p, _, r in PAIRS]
+CASES = {
+    "dpo": ("dpo", ["--loss-type", "sigmoid,aot", "--loss-weights", "1,0.5", "--beta", "0.5"]),
+    "kto": ("kto", ["--beta", "0.5"]),
+    "simpo": ("simpo", []),
+}
+METRICS = ("loss", "grad_norm", "rewards/chosen", "rewards/rejected", "rewards/margins", "logps/chosen",
+           "logps/rejected", "kl", "rewards/accuracies")
+
+
+def _train(model: Path, data: Path, out: Path, method: str, extra: list[str], nproc: int) -> None:
+    argv = [sys.executable, "-m", "qlora", "train", "--model", str(model), "--data", str(data), "--output", str(out),
+            "--method", method, "--optim", "adamw", "--lr", "2e-2", "--max-steps", str(STEPS), "--seq-len", "32",
+            "--dropout", "0", "--grad-accum", "2", "--save-steps", "0", "--no-progress", "--no-chunked-ce",
+            "--batch-size", str(4 // nproc), *extra]
+    if nproc > 1:
+        argv += ["--nproc", str(nproc)]
+    env = {**os.environ, "PYTHONPATH": str(SRC), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def _records(out: Path) -> list[dict]:
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if r["split"] == "train"]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, tiny_model_dir) -> dict[str, tuple[Path, Path]]:
+    root = tmp_path_factory.mktemp("dist-pref")
+    dpo = root / "dpo.jsonl"
+    dpo.write_text("".join(json.dumps({"prompt": p, "chosen": c, "rejected": r}) + "\n" for p, c, r in PAIRS))
+    kto = root / "kto.jsonl"
+    kto.write_text("".join(json.dumps({"prompt": p, "completion": c, "label": d}) + "\n" for p, c, d in KTO))
+    out = {}
+    for name, (method, extra) in CASES.items():
+        data = kto if method == "kto" else dpo
+        out[name] = (root / f"{name}-1", root / f"{name}-2")
+        _train(tiny_model_dir, data, out[name][0], method, extra, 1)
+        _train(tiny_model_dir, data, out[name][1], method, extra, 2)
+    return out
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_two_ranks_equal_one_process_with_the_global_batch(runs, case):
+    single, ddp = runs[case]
+    got, want = _records(ddp), _records(single)
+    assert [r["step"] for r in got] == [r["step"] for r in want] == list(range(1, STEPS + 1))
+    keys = [k for k in METRICS if k in want[0]]
+    assert {"loss", "grad_norm", "rewards/margins"} <= set(keys)
+    assert all(set(keys) <= set(r) for r in got)
+    for key in keys:
+        torch.testing.assert_close(torch.tensor([r[key] for r in got], dtype=torch.float64),
+                                   torch.tensor([r[key] for r in want], dtype=torch.float64),
+                                   rtol=1e-5, atol=1e-6, msg=lambda m, key=key: f"{case} {key}: {m}")
+    a, b = load_file(str(ddp / "adapter_model.safetensors")), load_file(str(single / "adapter_model.safetensors"))
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-4)
