@@ -217,8 +217,9 @@ def test_pack_quantized_moe_experts(tmp_path, tiny_tokenizer):
 
 
 REFUSED = {
-    "nvfp4": ({"format": "nvfp4-pack-quantized"}, r"format = 'nvfp4-pack-quantized'"),
-    "marlin-24": ({"format": "marlin-24"}, r"format = 'marlin-24'"),
+    "nvfp4": ({"format": "nvfp4-pack-quantized", "group_format": "nvfp4-pack-quantized"},
+              r"config_groups.group_0.format = 'nvfp4-pack-quantized'"),
+    "marlin-24": ({"format": "marlin-24", "group_format": None}, r"format = 'marlin-24'"),
     "sparse-24": ({"sparsity_config": {"format": "sparse-24-bitmask", "sparsity_structure": "2:4"}},
                   r"sparsity_config.format = 'sparse-24-bitmask': sparse weights"),
     "activation-only": ({"config_groups": {"group_0": {"targets": ["Linear"], "input_activations": _DYNAMIC_TOKEN}}},
@@ -249,7 +250,10 @@ def test_undecodable_compressed_tensors_variants_are_refused(case, fp8_channel, 
     out = tmp_path / case
     shutil.copytree(fp8_channel, out)
     config = json.loads((out / "config.json").read_text())
-    config["quantization_config"] |= change
+    qc = config["quantization_config"]
+    if "group_format" in change:  # the format each group names (written since compressed-tensors 0.10) or none
+        qc["config_groups"]["group_0"]["format"] = change["group_format"]
+    qc |= {k: v for k, v in change.items() if k != "group_format"}
     (out / "config.json").write_text(json.dumps(config))
     with pytest.raises(UsageError, match=rf"config.json describes a compressed-tensors checkpoint with "
                                          rf"quantization_config {message}.*original 16/32-bit checkpoint"):
