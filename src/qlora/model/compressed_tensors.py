@@ -132,12 +132,11 @@ class CompressedTensors:
         fmt = group.get("format") or top
         if fmt not in UNPACKED_FORMATS + (PACKED_FORMAT,):
             raise _refused(source, f"{field}.format" if group.get("format") else "quantization_config.format", fmt,
-                           "a storage format qlora does not decode (it reads float-quantized, int-quantized, "
-                           "naive-quantized and pack-quantized)")
+                           "a storage format qlora does not decode")
         kind, bits = weights.get("type", "int"), weights.get("num_bits", 8)
         if (kind, bits) != ("float", 8) and not (kind == "int" and bits in (1, 2, 4, 8)):
             raise _refused(source, f"{field}.weights", f"{kind}{bits}", "a weight type qlora does not decode (it "
-                           "reads FP8 e4m3 and 1/2/4/8-bit integers)")
+                           "reads FP8 e4m3 and 1, 2, 4 or 8-bit integers)")
         if kind == "float" and fmt == PACKED_FORMAT:
             raise _refused(source, f"{field}.format", fmt, "packed float weights")
         group_size = weights.get("group_size")
