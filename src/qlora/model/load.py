@@ -32,7 +32,8 @@ from ..nn import Experts4bit, Linear4bit, expert_weight_names
 from ..quant import NonFiniteError, QuantState
 from .architecture import text_model_from_config
 from .checkpoint_layout import CheckpointLayout
-from .stored_floats import DecodePlan, StoredFloats
+from .compressed_tensors import CompressedTensors
+from .stored_floats import DecodePlan, StoredFloats, StoredFormat
 from .quantize import (_skipped, fp32_linear_names, is_conv1d, is_plain_linear, kept_dense_names, kept_in_fp32,
                        replace_modules)
 from .weight_files import LAYOUTS, indexed_files, open_weights, weight_files
@@ -95,13 +96,14 @@ def _read_weight_keys(files: list[Path]) -> dict[Path, list[str]]:
     return keys
 
 
-def _stored_floats(config, model_dir: Path) -> StoredFloats | None:
-    """The FP8 or MXFP4 format the checkpoint's weights are stored in (its ``quantization_config`` is
-    then dropped: the model is built, and later saved, as a plain one), or None."""
+def _stored_floats(config, model_dir: Path) -> StoredFormat | None:
+    """The FP8, MXFP4 or compressed-tensors format the checkpoint's weights are stored in (its
+    ``quantization_config`` is then dropped: the model is built, and later saved, as a plain one), or None."""
     qc = getattr(config, "quantization_config", None)
     if qc is None:
         return None
-    stored = StoredFloats.from_config(qc if isinstance(qc, dict) else qc.to_dict(), str(model_dir / "config.json"))
+    qc, source = (qc if isinstance(qc, dict) else qc.to_dict()), str(model_dir / "config.json")
+    stored = CompressedTensors.from_config(qc, source) or StoredFloats.from_config(qc, source)
     if stored is not None:
         del config.quantization_config
     return stored
@@ -128,8 +130,8 @@ def _prequantized(config, model_dir: Path) -> dict | None:
         bits = qc.get("bits") or qc.get("w_bit")
         kind = f"{method!r}" + (f" ({bits}-bit)" if bits else "")
     raise UsageError(f"{model_dir / 'config.json'} describes a {kind} quantized checkpoint; qlora reads 16/32-bit "
-                     "checkpoints, FP8 (quant_method fp8) and MXFP4 (mxfp4) ones, and bitsandbytes 4-bit ones "
-                     "(load_in_4bit, NF4 or FP4) only, and would misread these weights. Give it the model's original 16/32-bit checkpoint instead (qlora quantizes it "
+                     "checkpoints, FP8 (quant_method fp8), MXFP4 (mxfp4) and compressed-tensors FP8/INT4/INT8 "
+                     "ones, and bitsandbytes 4-bit ones (load_in_4bit, NF4 or FP4) only, and would misread these weights. Give it the model's original 16/32-bit checkpoint instead (qlora quantizes it "
                      "to 4 bits while loading, or once with `qlora quantize`), or a bitsandbytes 4-bit checkpoint "
                      "of it (BitsAndBytesConfig(load_in_4bit=True) then save_pretrained).")
 

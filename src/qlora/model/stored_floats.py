@@ -16,13 +16,16 @@ qlora decodes each such tensor to float32 as soon as its parts are read (the pro
 scales, exact; the values transformers' ``dequantize`` loading path computes) and then treats it like
 a tensor of a 32-bit checkpoint: a linear weight or an expert stack is quantized to NF4 at once. The model never exists in 16 bits
 as a whole; at most one decoded tensor (or one layer's experts) does.
+
+:class:`DecodePlan` gathers any :class:`StoredFormat`'s parts; compressed-tensors checkpoints have theirs
+in ``compressed_tensors.py``.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Protocol
 
 import torch
 
@@ -36,6 +39,22 @@ _FP8_IGNORED = ("activation_scale", "input_scale")  # static activation scales: 
 _MX_PAYLOAD, _MX_SCALES = "_blocks", "_scales"
 
 Part = tuple[Path, str]  # (weight file, key in it)
+
+
+class StoredFormat(Protocol):
+    """How a checkpoint stores its tensors in parts (:class:`StoredFloats`, or compressed-tensors')."""
+
+    def owner(self, key: str) -> str | None:
+        """The model tensor a stored key is a part of; None for a key the model has no use for."""
+
+    def check(self, key: str, names: set[str], file: Path) -> None:
+        """Raise a UsageError when the stored ``names`` are not a whole tensor ``key``."""
+
+    def whole_error(self, key: str, tensor: torch.Tensor) -> str | None:
+        """Why ``tensor``, stored alone, cannot be the model tensor ``key`` (codes without a scale), or None."""
+
+    def decode(self, key: str, parts: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The float32 tensor ``key`` from its stored parts (keyed by their checkpoint names)."""
 
 
 @dataclass(frozen=True)
@@ -73,24 +92,28 @@ class StoredFloats:
 
     def _fp8(self, key: str, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         values = _unpack_fp4(q) if q.dtype in (torch.int8, torch.uint8) else q.to(torch.float32)
-        scale = _scale_values(scale)
-        if scale.numel() == 1:
-            return values * scale.reshape(())
-        while scale.dim() < values.dim():
-            scale = scale.unsqueeze(0)
-        if scale.dim() != values.dim() or scale.shape[:-2] != values.shape[:-2]:
+        full = expand_scale(_scale_values(scale), values.shape, self.block)
+        if full is None:
             raise _grid_error(key, values, scale, self.source)
-        (rows, cols), (grid_r, grid_c) = values.shape[-2:], scale.shape[-2:]
-        bm, bn = self.block or (0, 0)
-        if not (self.block and -(-rows // bm) == grid_r and -(-cols // bn) == grid_c):
-            if rows % grid_r or cols % grid_c:  # blocks from the grid itself (packed FP4 experts: 1 x 32)
-                raise _grid_error(key, values, scale, self.source)
-            bm, bn = rows // grid_r, cols // grid_c
-        if rows % bm == 0 and cols % bn == 0:  # whole blocks: broadcast, no full-size copy of the scales
-            lead = values.shape[:-2]
-            blocks = values.reshape(*lead, grid_r, bm, grid_c, bn) * scale.reshape(*lead, grid_r, 1, grid_c, 1)
-            return blocks.reshape(values.shape)
-        return values * scale.repeat_interleave(bm, dim=-2)[..., :rows, :].repeat_interleave(bn, dim=-1)[..., :cols]
+        return values * full
+
+    def check(self, key: str, names: set[str], file: Path) -> None:
+        """Raise when ``key``'s stored parts are not a whole tensor of the format."""
+        if self.method in MXFP4_METHODS and names & {key + _MX_PAYLOAD, key + _MX_SCALES}:
+            if names != {key + _MX_PAYLOAD, key + _MX_SCALES}:
+                missing = (names ^ {key + _MX_PAYLOAD, key + _MX_SCALES}).pop()
+                raise UsageError(f"{file}: the MXFP4 tensor {key} lacks its part {missing}; is the "
+                                 "checkpoint complete?")
+        elif self.method in FP8_METHODS and key + _FP8_SCALE in names and key not in names:
+            raise UsageError(f"{file}: {key + _FP8_SCALE} has no weight {key} beside it; is the checkpoint "
+                             "complete?")
+
+    def whole_error(self, key: str, tensor: torch.Tensor) -> str | None:
+        """Why a tensor stored with no scale cannot be a model tensor (FP8 codes alone), or None."""
+        if self.method in FP8_METHODS and tensor.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
+            return (f"is stored in FP8 without a scale beside it ({key}{_FP8_SCALE}) lacks its scale, which is not in "
+                    "any weight file; is the checkpoint complete?")
+        return _unscaled_fp8(key, tensor)
 
     def owner(self, key: str) -> str | None:
         """The model tensor a stored key belongs to (``X_blocks``, ``X_scales``: ``X``), None for one to drop."""
@@ -111,7 +134,7 @@ class DecodePlan:
     scale stored in a later shard than its weight, as sharded checkpoints do, is waited for.
     """
 
-    def __init__(self, fmt: StoredFloats | None, keys: dict[Path, list[str]]) -> None:
+    def __init__(self, fmt: StoredFormat | None, keys: dict[Path, list[str]]) -> None:
         self.fmt = fmt
         parts: dict[str, list[Part]] = {}
         for file, file_keys in keys.items():
@@ -121,29 +144,16 @@ class DecodePlan:
                     parts.setdefault(owner, []).append((file, key))
         self._at: dict[Path, list[tuple[str, list[Part]]]] = {file: [] for file in keys}
         for key, found in parts.items():
-            self._check(key, found)
+            if fmt is not None:
+                fmt.check(key, {k for _, k in found}, found[0][0])
             self._at[found[-1][0]].append((key, found))
-
-    def _check(self, key: str, found: list[Part]) -> None:
-        fmt = self.fmt
-        if fmt is None:
-            return
-        names = {k for _, k in found}
-        if fmt.method in MXFP4_METHODS and names & {key + _MX_PAYLOAD, key + _MX_SCALES}:
-            if names != {key + _MX_PAYLOAD, key + _MX_SCALES}:
-                missing = (names ^ {key + _MX_PAYLOAD, key + _MX_SCALES}).pop()
-                raise UsageError(f"{found[0][0]}: the MXFP4 tensor {key} lacks its part {missing}; is the "
-                                 "checkpoint complete?")
-        elif fmt.method in FP8_METHODS and key + _FP8_SCALE in names and key not in names:
-            raise UsageError(f"{found[0][0]}: {key + _FP8_SCALE} has no weight {key} beside it; is the checkpoint "
-                             "complete?")
 
     def keys(self) -> list[str]:
         """Every tensor the checkpoint decodes to, in model-facing names (scales folded in)."""
         return [key for entries in self._at.values() for key, _ in entries]
 
     def in_file(self, file: Path) -> list[tuple[str, list[Part]]]:
-        """The tensors whose last part is in ``file``, as ``(key, parts)``."""
+        """The tensors whose last part is in ``file``: ``(key, parts)``, in the file's order."""
         return self._at[file]
 
     def decode(self, key: str, parts: list[Part], read: Callable[[Path, str], torch.Tensor]) -> torch.Tensor:
@@ -152,15 +162,40 @@ class DecodePlan:
         tensors = {name: read(file, name) for file, name in parts}
         if self.fmt is None or len(tensors) == 1:
             tensor = tensors[parts[0][1]]
-            if tensor.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
-                why = ("lacks its scale, which is not in any weight file; is the checkpoint complete?"
-                       if self.fmt is not None and self.fmt.method in FP8_METHODS else
-                       "but config.json names no FP8 format (quantization_config with quant_method fp8); the "
-                       "files and config.json do not belong together.")
-                raise UsageError(f"{parts[0][0]}: tensor {key} is stored in FP8 without a scale beside it "
-                                 f"({key}{_FP8_SCALE}) {why}")
+            why = self.fmt.whole_error(key, tensor) if self.fmt is not None else _unscaled_fp8(key, tensor)
+            if why:
+                raise UsageError(f"{parts[0][0]}: tensor {key} {why}")
             return tensor
         return self.fmt.decode(key, tensors)
+
+
+def expand_scale(scale: torch.Tensor, shape: torch.Size, block: tuple[int, int] | None) -> torch.Tensor | None:
+    """``scale``, one value per block of the last two dimensions of ``shape``, repeated to ``shape``; None when
+    its grid does not tile ``shape``.
+
+    The block is ``block`` when the grid is ``shape`` divided by it, rounded up (a last, partial block
+    has its own scale); else the grid's own equal division of ``shape`` (packed FP4 experts: 1 x 32).
+    """
+    if scale.numel() == 1:
+        return scale.reshape(())
+    while scale.dim() < len(shape):
+        scale = scale.unsqueeze(0)
+    if scale.dim() != len(shape) or scale.shape[:-2] != shape[:-2]:
+        return None
+    (rows, cols), (grid_r, grid_c) = shape[-2:], scale.shape[-2:]
+    bm, bn = block or (0, 0)
+    if not (block and -(-rows // bm) == grid_r and -(-cols // bn) == grid_c):
+        if rows % grid_r or cols % grid_c:
+            return None
+        bm, bn = rows // grid_r, cols // grid_c
+    return scale.repeat_interleave(bm, dim=-2)[..., :rows, :].repeat_interleave(bn, dim=-1)[..., :cols]
+
+
+def _unscaled_fp8(key: str, tensor: torch.Tensor) -> str | None:
+    if tensor.dtype not in (torch.float8_e4m3fn, torch.float8_e5m2):
+        return None
+    return (f"is stored in FP8 without a scale beside it ({key}{_FP8_SCALE}) but config.json names no FP8 format "
+            "(quantization_config with quant_method fp8); the files and config.json do not belong together.")
 
 
 def _scale_values(scale: torch.Tensor) -> torch.Tensor:
