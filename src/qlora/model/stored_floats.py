@@ -14,8 +14,8 @@ Several models are released mainly in a low-precision float format rather than i
 
 qlora decodes each such tensor to float32 as soon as its parts are read (the products of codes and
 scales, exact; the values transformers' ``dequantize`` loading path computes) and then treats it like
-a tensor of a 32-bit checkpoint: a linear weight or an expert stack is quantized to NF4 at once. The model never exists in 16 bits
-as a whole; at most one decoded tensor (or one layer's experts) does.
+a tensor of a 32-bit checkpoint: a linear weight or an expert stack is quantized to NF4 at once. The
+model never exists in 16 bits as a whole; at most one decoded tensor (or one layer's experts) does.
 
 :class:`DecodePlan` gathers any :class:`StoredFormat`'s parts; compressed-tensors checkpoints have theirs
 in ``compressed_tensors.py``.
