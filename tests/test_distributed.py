@@ -10,10 +10,7 @@ norm (before clipping) pins the gradient scale, which Adam and clipping would hi
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -23,8 +20,8 @@ from safetensors.torch import load_file
 from qlora.nn import Linear4bit
 from qlora.train.config import load_config
 from qlora.train.trainer import Trainer
+from qlora_processes import run_qlora, train_records
 
-SRC = Path(__file__).resolve().parents[1] / "src"
 QA = [("What is two plus two?", "four"), ("Name a red fruit.", "An apple is red."),
       ("Say hello.", "Hello there!"), ("What colour is the sky?", "The sky is blue."),
       ("Count to three.", "one two three"), ("What is a fox?", "A quick brown animal."),
@@ -45,22 +42,16 @@ def _single(opts: dict, **kw) -> None:
 
 
 def _two_ranks(opts: dict, *flags: str) -> None:
-    argv = [sys.executable, "-m", "qlora", "train", "--nproc", "2", *flags]
+    argv = ["train", "--nproc", "2", *flags]
     for key, value in opts.items():
         flag = "--" + key.replace("_", "-")
         argv += [flag] if value is True else [f"--no-{flag[2:]}"] if value is False else [flag, str(value)]
-    env = {**os.environ, "PYTHONPATH": str(SRC), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_qlora(argv)
 
-
-def _records(out: Path) -> list[dict]:
-    lines = (out / "metrics.jsonl").read_text().splitlines()
-    return [r for r in map(json.loads, lines) if r["split"] == "train"]
 
 
 def _assert_same_run(out: Path, ref: Path) -> None:
-    got, want = _records(out), _records(ref)
+    got, want = train_records(out), train_records(ref)
     assert [r["step"] for r in got] == list(range(1, STEPS + 1))
     for key in ("loss", "grad_norm"):
         torch.testing.assert_close(torch.tensor([r[key] for r in got]), torch.tensor([r[key] for r in want]),

@@ -21,16 +21,14 @@ near-zero gradients to a few 1e-5).
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-SRC = Path(__file__).resolve().parents[1] / "src"
+from qlora_processes import run_qlora, train_records
+
 STEPS = 4
 PAIRS = [("What is two plus two?", " four", " five"), ("Say hello.", " Hello there!", " Go away."),
          ("Name a red fruit.", " An apple is red.", " A banana."), ("What colour is the sky?", " Blue.", " Green."),
@@ -47,20 +45,14 @@ METRICS = ("loss", "grad_norm", "rewards/chosen", "rewards/rejected", "rewards/m
 
 
 def _train(model: Path, data: Path, out: Path, method: str, extra: list[str], nproc: int) -> None:
-    argv = [sys.executable, "-m", "qlora", "train", "--model", str(model), "--data", str(data), "--output", str(out),
+    argv = ["train", "--model", str(model), "--data", str(data), "--output", str(out),
             "--method", method, "--optim", "adamw", "--lr", "2e-2", "--max-steps", str(STEPS), "--seq-len", "32",
             "--dropout", "0", "--grad-accum", "2", "--save-steps", "0", "--no-progress", "--no-chunked-ce",
             "--batch-size", str(4 // nproc), *extra]
     if nproc > 1:
         argv += ["--nproc", str(nproc)]
-    env = {**os.environ, "PYTHONPATH": str(SRC), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_qlora(argv)
 
-
-def _records(out: Path) -> list[dict]:
-    lines = (out / "metrics.jsonl").read_text().splitlines()
-    return [r for r in map(json.loads, lines) if r["split"] == "train"]
 
 
 @pytest.fixture(scope="module")
@@ -82,7 +74,7 @@ def runs(tmp_path_factory, tiny_model_dir) -> dict[str, tuple[Path, Path]]:
 @pytest.mark.parametrize("case", list(CASES))
 def test_two_ranks_equal_one_process_with_the_global_batch(runs, case):
     single, ddp = runs[case]
-    got, want = _records(ddp), _records(single)
+    got, want = train_records(ddp), train_records(single)
     assert [r["step"] for r in got] == [r["step"] for r in want] == list(range(1, STEPS + 1))
     keys = [k for k in METRICS if k in want[0]]
     assert {"loss", "grad_norm", "rewards/margins"} <= set(keys)
