@@ -224,8 +224,6 @@ REFUSED = {
                   r"sparsity_config.format = 'sparse-24-bitmask': sparse weights"),
     "activation-only": ({"config_groups": {"group_0": {"targets": ["Linear"], "input_activations": _DYNAMIC_TOKEN}}},
                         r"config_groups.group_0.weights = None: an activation-only scheme"),
-    "kv-cache": ({"kv_cache_scheme": {"num_bits": 8, "type": "float", "strategy": "tensor"}},
-                 r"kv_cache_scheme = 'float': a quantized KV cache"),
     "transforms": ({"transform_config": {"config_groups": {"u": {"type": "hadamard"}}}},
                    r"transform_config = '\(set\)': weights rotated"),
     "int3": ({"config_groups": {"group_0": {"targets": ["Linear"], "format": "pack-quantized", "weights": {
@@ -258,6 +256,21 @@ def test_undecodable_compressed_tensors_variants_are_refused(case, fp8_channel, 
     with pytest.raises(UsageError, match=rf"config.json describes a compressed-tensors checkpoint with "
                                          rf"quantization_config {message}.*original 16/32-bit checkpoint"):
         _load16(out)
+
+
+def test_kv_cache_scales_are_dropped(fp8_channel, tmp_path):
+    """RedHatAI's ``-FP8-KV`` releases add a kv_cache_scheme and per-layer ``k_scale``/``v_scale``: the weights
+    are those of the checkpoint without them (the cache of a dequantized model stays 16-bit)."""
+    out = tmp_path / "kv"
+    shutil.copytree(fp8_channel, out)
+    config = json.loads((out / "config.json").read_text())
+    config["quantization_config"]["kv_cache_scheme"] = {"num_bits": 8, "type": "float", "strategy": "tensor",
+                                                        "dynamic": False, "symmetric": True}
+    (out / "config.json").write_text(json.dumps(config))
+    stored = load_file(out / "model.safetensors")
+    scales = {f"model.layers.{i}.self_attn.{kv}_scale": torch.tensor(0.05) for i in range(2) for kv in "kv"}
+    save_file(stored | scales, out / "model.safetensors", metadata={"format": "pt"})
+    _assert_same(_load16(out), _load16(fp8_channel).state_dict())
 
 
 def test_broken_compressed_tensors_files_are_named(fp8_channel, tmp_path):

@@ -17,11 +17,12 @@ The scale is not inverted: ``w = (q - zero_point) * scale``, the scale per tenso
 output channel (``[out, 1]``), per group of ``group_size`` input columns (``[out, in / group]``) or per
 ``block_structure`` block (a last, partial block has its own). As compressed-tensors' ``dequantize``, the
 product is taken in the scale's dtype, then widened to float32: exactly the values transformers'
-dequantizing load of such a checkpoint holds. Activation scales (``input_scale``...) describe inference
-kernels and play no role in a dequantized model.
+dequantizing load of such a checkpoint holds. Activation scales (``input_scale``...) and a quantized KV
+cache's (``kv_cache_scheme``: ``k_scale``, ``v_scale``) describe inference kernels and play no role in a
+dequantized model, whose cache is 16-bit.
 
 Everything else the format can hold (2:4 sparse storage, NVFP4/MXFP4 packing, weight rotations,
-activation-only or KV-cache schemes, ...) is refused by :meth:`CompressedTensors.from_config` with the
+activation-only schemes, ...) is refused by :meth:`CompressedTensors.from_config` with the
 config field that names it.
 """
 
@@ -42,6 +43,7 @@ PACKED_FORMAT = "pack-quantized"
 _STRATEGIES = ("tensor", "channel", "group", "block")
 _WEIGHT_PARTS = ("weight_scale", "weight_zero_point", "weight_shape")
 _ACTIVATION_PARTS = ("input_scale", "input_zero_point", "output_scale", "output_zero_point")
+_KV_CACHE_PARTS = ("k_scale", "v_scale", "k_zero_point", "v_zero_point")
 _GIVE_ORIGINAL = ("Give it the model's original 16/32-bit checkpoint instead (qlora quantizes it to 4 bits while "
                   "loading, or once with `qlora quantize`).")
 
@@ -85,6 +87,7 @@ class CompressedTensors:
 
     schemes: tuple[WeightScheme, ...]
     source: str = "config.json"
+    kv_cache: bool = False  # a kv_cache_scheme: attention layers carry k_scale/v_scale for a quantized cache
 
     @classmethod
     def from_config(cls, qc: dict, source: str) -> "CompressedTensors | None":
@@ -103,10 +106,6 @@ class CompressedTensors:
         if qc.get("transform_config"):
             raise _refused(source, "transform_config", "(set)", "weights rotated by transforms applied at run time "
                            "(SpinQuant/QuIP Hadamard rotations): the stored weights are not the model's")
-        if qc.get("kv_cache_scheme"):
-            raise _refused(source, "kv_cache_scheme", qc["kv_cache_scheme"].get("type", "(set)") if isinstance(
-                qc["kv_cache_scheme"], dict) else qc["kv_cache_scheme"],
-                "a quantized KV cache, whose scales are model parameters")
         if qc.get("moe_sparsity_config"):
             raise _refused(source, "moe_sparsity_config", "(set)", "MoE experts pruned or replaced")
         status = qc.get("quantization_status", "compressed")
@@ -117,7 +116,7 @@ class CompressedTensors:
         schemes = tuple(cls._scheme(name, group, top, source) for name, group in groups.items())
         if not schemes:
             raise _refused(source, "config_groups", "{}", "no quantization scheme")
-        return cls(schemes, source)
+        return cls(schemes, source, bool(qc.get("kv_cache_scheme")))
 
     @staticmethod
     def _scheme(name: str, group, top: str, source: str) -> WeightScheme:
@@ -164,9 +163,9 @@ class CompressedTensors:
 
     def owner(self, key: str) -> str | None:
         """The model tensor a stored key belongs to (``M.weight_packed``, ``M.weight_scale``: ``M.weight``),
-        None for an activation scale, which the dequantized model has no use for."""
+        None for an activation or KV-cache scale, which the dequantized model (its cache 16-bit) has no use for."""
         module, _, leaf = key.rpartition(".")
-        if leaf in _ACTIVATION_PARTS:
+        if leaf in _ACTIVATION_PARTS or (self.kv_cache and leaf in _KV_CACHE_PARTS):
             return None
         if leaf == "weight_packed" or leaf in _WEIGHT_PARTS:
             return f"{module}.weight" if module else "weight"
