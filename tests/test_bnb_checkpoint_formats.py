@@ -120,8 +120,7 @@ def test_other_quantized_checkpoints_are_refused_with_what_to_do(tmp_path, tiny_
         tmp_path / "int8": "8-bit",
         _with_quantization_config(base, tmp_path / "gptq", {"quant_method": "gptq", "bits": 4}): "'gptq' (4-bit)",
         _with_quantization_config(base, tmp_path / "awq", {"quant_method": "awq", "bits": 4}): "'awq' (4-bit)",
-        _with_quantization_config(base, tmp_path / "fp8", {"quant_method": "fp8", "activation_scheme": "dynamic"}):
-            "'fp8'",
+        _with_quantization_config(base, tmp_path / "hqq", {"quant_method": "hqq", "nbits": 4}): "'hqq'",
     }
     for folder, kind in cases.items():
         with pytest.raises(UsageError) as err:
