@@ -35,7 +35,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import UsageError
-from .stored_floats import expand_scale
+from .stored_floats import FP8_DTYPES, expand_scale
 
 CT_METHODS = ("compressed-tensors",)
 UNPACKED_FORMATS = ("float-quantized", "int-quantized", "naive-quantized")
@@ -185,7 +185,7 @@ class CompressedTensors:
 
     def whole_error(self, key: str, tensor: torch.Tensor) -> str | None:
         """Why a tensor stored with no scale cannot be a model tensor (codes without their scale), or None."""
-        if tensor.dtype in (torch.float8_e4m3fn, torch.float8_e5m2, torch.int8, torch.int32) and \
+        if tensor.dtype in (*FP8_DTYPES, torch.int8, torch.int32) and \
                 key.endswith(("weight", "weight_packed")):
             return (f"is stored as {tensor.dtype} codes without its scale ({key.removesuffix('_packed')}_scale), "
                     "which is not in any weight file; is the checkpoint complete?")
@@ -197,7 +197,7 @@ class CompressedTensors:
         module = base[:-1]
         scheme = self._scheme_of(module, set(parts), key)
         scale = parts[base + "weight_scale"]
-        if not scale.is_floating_point() or scale.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
+        if not scale.is_floating_point() or scale.dtype in FP8_DTYPES:
             raise UsageError(f"compressed-tensors weight {key}: its scale is {scale.dtype}; qlora reads float16, "
                              "bfloat16 and float32 scales. " + _GIVE_ORIGINAL)
         zero = parts.get(base + "weight_zero_point")

@@ -33,9 +33,9 @@ from ..quant import NonFiniteError, QuantState
 from .architecture import text_model_from_config
 from .checkpoint_layout import CheckpointLayout
 from .compressed_tensors import CompressedTensors
-from .stored_floats import DecodePlan, StoredFloats, StoredFormat
 from .quantize import (_skipped, fp32_linear_names, is_conv1d, is_plain_linear, kept_dense_names, kept_in_fp32,
                        replace_modules)
+from .stored_floats import DecodePlan, StoredFloats, StoredFormat
 from .weight_files import LAYOUTS, indexed_files, open_weights, weight_files
 
 log = logging.getLogger("qlora")
@@ -131,7 +131,8 @@ def _prequantized(config, model_dir: Path) -> dict | None:
         kind = f"{method!r}" + (f" ({bits}-bit)" if bits else "")
     raise UsageError(f"{model_dir / 'config.json'} describes a {kind} quantized checkpoint; qlora reads 16/32-bit "
                      "checkpoints, FP8 (quant_method fp8), MXFP4 (mxfp4) and compressed-tensors FP8/INT4/INT8 "
-                     "ones, and bitsandbytes 4-bit ones (load_in_4bit, NF4 or FP4) only, and would misread these weights. Give it the model's original 16/32-bit checkpoint instead (qlora quantizes it "
+                     "ones, and bitsandbytes 4-bit ones (load_in_4bit, NF4 or FP4) only, and would misread these "
+                     "weights. Give it the model's original 16/32-bit checkpoint instead (qlora quantizes it "
                      "to 4 bits while loading, or once with `qlora quantize`), or a bitsandbytes 4-bit checkpoint "
                      "of it (BitsAndBytesConfig(load_in_4bit=True) then save_pretrained).")
 

@@ -48,7 +48,8 @@ def quantized_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 _MOE_REFUSAL = ("is a mixture-of-experts model whose experts are 3-D weights; bitsandbytes and transformers "
                 "quantize only linear layers, so a 4-bit file of its experts would load nowhere but qlora, and a "
                 "file with 16-bit experts would keep ~all of its weights in 16 bits. Skip `qlora quantize`: give "
-                "the model as it is (16-bit, FP8 or MXFP4) to train/generate/eval/serve, which quantize its experts to 4 bits while loading.")
+                "the model as it is (16-bit, FP8 or MXFP4) to train/generate/eval/serve, which quantize its experts "
+                "to 4 bits while loading.")
 
 
 def check_quantizable(model_dir: str | Path) -> None:

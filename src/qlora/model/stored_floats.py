@@ -37,6 +37,7 @@ FP4_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2
 _FP8_SCALE = "_scale_inv"  # FineGrainedFP8: the scale of `X` is `X_scale_inv` (`weight_scale_inv`)
 _FP8_IGNORED = ("activation_scale", "input_scale")  # static activation scales: no role in a dequantized model
 _MX_PAYLOAD, _MX_SCALES = "_blocks", "_scales"
+FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
 
 Part = tuple[Path, str]  # (weight file, key in it)
 
@@ -110,9 +111,9 @@ class StoredFloats:
 
     def whole_error(self, key: str, tensor: torch.Tensor) -> str | None:
         """Why a tensor stored with no scale cannot be a model tensor (FP8 codes alone), or None."""
-        if self.method in FP8_METHODS and tensor.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
-            return (f"is stored in FP8 without a scale beside it ({key}{_FP8_SCALE}) lacks its scale, which is not in "
-                    "any weight file; is the checkpoint complete?")
+        if self.method in FP8_METHODS and tensor.dtype in FP8_DTYPES:
+            return (f"is stored in FP8 without a scale beside it: it lacks its scale {key}{_FP8_SCALE}, which is in "
+                    "no weight file; is the checkpoint complete?")
         return _unscaled_fp8(key, tensor)
 
     def owner(self, key: str) -> str | None:
@@ -153,7 +154,7 @@ class DecodePlan:
         return [key for entries in self._at.values() for key, _ in entries]
 
     def in_file(self, file: Path) -> list[tuple[str, list[Part]]]:
-        """The tensors whose last part is in ``file``: ``(key, parts)``, in the file's order."""
+        """The tensors whose last part is in ``file``, as ``(key, parts)``."""
         return self._at[file]
 
     def decode(self, key: str, parts: list[Part], read: Callable[[Path, str], torch.Tensor]) -> torch.Tensor:
@@ -192,7 +193,7 @@ def expand_scale(scale: torch.Tensor, shape: torch.Size, block: tuple[int, int] 
 
 
 def _unscaled_fp8(key: str, tensor: torch.Tensor) -> str | None:
-    if tensor.dtype not in (torch.float8_e4m3fn, torch.float8_e5m2):
+    if tensor.dtype not in FP8_DTYPES:
         return None
     return (f"is stored in FP8 without a scale beside it ({key}{_FP8_SCALE}) but config.json names no FP8 format "
             "(quantization_config with quant_method fp8); the files and config.json do not belong together.")
@@ -220,7 +221,7 @@ def _mxfp4(blocks: torch.Tensor, scales: torch.Tensor, key: str) -> torch.Tensor
         raise UsageError(f"MXFP4 tensor {key}: its blocks {tuple(blocks.shape)} ({blocks.dtype}) and scales "
                          f"{tuple(scales.shape)} ({scales.dtype}) do not fit the format (uint8 blocks of 16 bytes, "
                          "one uint8 exponent per block); is the checkpoint intact?")
-    values = _unpack_fp4(blocks) * torch.exp2(scales.to(torch.float32) - 127.0).unsqueeze(-1)
+    values = _unpack_fp4(blocks) * _scale_values(scales).unsqueeze(-1)
     values = values.reshape(*blocks.shape[:-2], -1)
     return (values.transpose(-2, -1) if values.dim() == 3 else values).contiguous()
 
