@@ -219,7 +219,7 @@ class PreferenceTrainer(Trainer):
     def _pair_terms(self, model: torch.nn.Module, batch: dict[str, torch.Tensor],
                     across_ranks: bool = False) -> dict[str, torch.Tensor]:
         """Per-pair loss terms and metrics of one batch (sums; see :meth:`_combine`); with ``across_ranks`` the
-        batch is this rank's share of a global micro-batch (see :meth:`_global_pair_losses`)."""
+        batch is this rank's share of a global micro-batch, which DPO losses coupling their pairs see whole."""
         cfg = self.config
         n = batch["input_ids"].shape[0] // 2
         labels = batch["labels"]
@@ -242,15 +242,15 @@ class PreferenceTrainer(Trainer):
                 rows.append(weights)
             if coupled:
                 rows = [self.dist.all_gather_cat(t) for t in rows]
-            pair = rows[0].new_zeros(rows[0].shape[0], dtype=torch.float32)
+            policy, reference, length = tuple(rows[0:2]), tuple(rows[2:4]), tuple(rows[4:6])
+            pair = policy[0].new_zeros(policy[0].shape[0], dtype=torch.float32)
             for loss_type, weight in losses:
                 if loss_type != "sft":  # the NLL term, weighted in _combine
-                    pair = pair + weight * dpo_losses(loss_type, (rows[0], rows[1]), (rows[2], rows[3]),
-                                                      (rows[4], rows[5]), cfg.beta, cfg.label_smoothing,
-                                                      cfg.discopop_tau, cfg.f_divergence_type,
+                    pair = pair + weight * dpo_losses(loss_type, policy, reference, length, cfg.beta,
+                                                      cfg.label_smoothing, cfg.discopop_tau, cfg.f_divergence_type,
                                                       cfg.f_alpha_divergence_coef)
             if weights is not None:
-                pair = pair * rows[6]
+                pair = pair * rows[6]  # the WPO weights, gathered with the rows they weigh
             chosen_r, rejected_r = cfg.beta * (logps[:n] - ref[:n]).detach(), cfg.beta * (logps[n:] - ref[n:]).detach()
             total = pair.sum()
             # coupled: every rank holds the global sum; its value counts once over the ranks, while each rank's
