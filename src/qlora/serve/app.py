@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import asyncio
 import hmac
-import json
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -50,7 +49,7 @@ from ..infer.template import chat_template, render_chat, renders_tools, stop_tok
 from ..infer.tool_calls import ToolCall, ToolCallFormat, ToolCallStream, markup_token_ids, tool_call_format
 from ..model.chat_format import ChatFormat
 from .logprobs import TextOffsets, chat_logprobs, completion_logprobs
-from .protocol import APIError, ChatCompletionRequest, CompletionRequest, _Body
+from .protocol import APIError, ChatCompletionRequest, CompletionRequest, _Body, sse
 from .responses import ResponsesRequest, ResponseWriter
 
 TYPE_TAGS = {"str", "int", "float", "bool", "dict", "list", "none"}
@@ -456,7 +455,7 @@ async def _stream(queue: asyncio.Queue, choices: list[_Choice], body: _Body, rep
             if want_logprobs:
                 logprobs = completion_logprobs(pieces, entries, offsets[k])
             choice = {"index": choices[k].index, "text": text or "", "finish_reason": finish, "logprobs": logprobs}
-        return _sse({"id": reply_id, "object": kind, "created": created, "model": body.model, "choices": [choice]})
+        return sse({"id": reply_id, "object": kind, "created": created, "model": body.model, "choices": [choice]})
 
     try:
         if chat:
@@ -467,7 +466,7 @@ async def _stream(queue: asyncio.Queue, choices: list[_Choice], body: _Body, rep
             k, event = await queue.get()
             choice, splitter = choices[k], splitters[k]
             if event.finish_reason in ("error", "cancelled"):
-                yield _sse(_failure(event).body())
+                yield sse(_failure(event).body())
                 break
             choice.add(event)
             carried[k] += (event.prompt_logprobs or []) + event.logprobs
@@ -489,7 +488,7 @@ async def _stream(queue: asyncio.Queue, choices: list[_Choice], body: _Body, rep
                 yield chunk(k, None, finish)
         else:
             if body.include_usage():
-                yield _sse({"id": reply_id, "object": kind, "created": created, "model": body.model,
+                yield sse({"id": reply_id, "object": kind, "created": created, "model": body.model,
                             "choices": [], "usage": _usage(choices)})
         yield "data: [DONE]\n\n"
     finally:
@@ -554,10 +553,6 @@ async def _response_events(queue: asyncio.Queue, choice: _Choice, writer: Respon
         yield writer.event(f"response.{status}", response=writer.response(status, output, _usage([choice])))
     finally:
         _cancel([choice])  # the client went away mid-stream: free the row at the next step
-
-
-def _sse(payload: dict[str, Any]) -> str:
-    return f"data: {json.dumps(payload, ensure_ascii=False, separators=(',', ':'))}\n\n"
 
 
 def _usage(choices: list[_Choice]) -> dict[str, int]:

@@ -73,6 +73,12 @@ _ENFORCED = ("It enforces, at every depth, type, properties, required, additiona
 MAX_STOP_STRINGS = 32  # OpenAI takes 4; eval harnesses send their task's stops plus EOS, often more
 
 
+def sse(payload: dict[str, Any], event: str | None = None) -> str:
+    """One server-sent event carrying ``payload`` as compact JSON (with an ``event:`` line when named)."""
+    data = f"data: {json.dumps(payload, ensure_ascii=False, separators=(',', ':'))}\n\n"
+    return f"event: {event}\n{data}" if event else data
+
+
 class APIError(Exception):
     """An OpenAI-shaped error: ``{"error": {"message", "type", "param", "code"}}`` with an HTTP status."""
 

@@ -28,7 +28,7 @@ from pydantic import Field
 
 from ..infer.logprobs import TokenLogprob, TokenPieces
 from .logprobs import chat_logprobs
-from .protocol import APIError, ChatCompletionRequest, ChatMessage, _Body
+from .protocol import APIError, ChatCompletionRequest, ChatMessage, _Body, sse
 
 TEXT_PARTS = ("input_text", "output_text", "text")
 LOGPROBS = "message.output_text.logprobs"
@@ -235,7 +235,7 @@ class ResponseWriter:
         """One SSE event, ``event:`` line included, with the next sequence number."""
         payload = {"type": kind, "sequence_number": self.sequence, **fields}
         self.sequence += 1
-        return f"event: {kind}\ndata: {json.dumps(payload, ensure_ascii=False, separators=(',', ':'))}\n\n"
+        return sse(payload, kind)
 
     def logprobs(self, entries: list[TokenLogprob]) -> list[dict[str, Any]]:
         return chat_logprobs(self.pieces, entries) if self.body.logprobs() else []
