@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 
 from qlora.errors import UsageError
 from qlora.model.load import load_model
-from test_stored_floats import _IDS, _assert_same_4bit, _copy_tokenizer, _save_dense
+from test_stored_floats import _IDS, _assert_same_4bit, _copy_tokenizer, _save_dense, assert_same_tensors
 from tiny_moe import save_tiny_moe
 
 transformers = pytest.importorskip("transformers")
@@ -92,10 +92,7 @@ def _load16(path: Path):
 
 
 def _assert_same(ours, theirs: dict[str, torch.Tensor]) -> None:
-    mine = ours.state_dict()
-    assert mine.keys() == theirs.keys()
-    for name, t in mine.items():
-        assert torch.equal(t, theirs[name]), name
+    assert_same_tensors(ours.state_dict(), theirs)
 
 
 # (weights, input activations, format, model dtype): the released kinds of checkpoints

@@ -105,15 +105,18 @@ def _reference(path: Path):
     return transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
 
 
+def assert_same_tensors(mine: dict[str, torch.Tensor], theirs: dict[str, torch.Tensor]) -> None:
+    """The same names, and each tensor bit-identical."""
+    assert mine.keys() == theirs.keys()
+    for name, t in mine.items():
+        assert torch.equal(t, theirs[name]), name
+
+
 def _assert_same_as_transformers(path: Path):
     """qlora's 16-bit load holds exactly transformers' dequantized tensors and gives its logits."""
     ours, _ = load_model(path, quant=None, compute_dtype=torch.float32, device="cpu")
     ref = _reference(path)
-    theirs = ref.state_dict()
-    mine = ours.state_dict()
-    assert mine.keys() == theirs.keys()
-    for name, t in mine.items():
-        assert torch.equal(t, theirs[name]), name
+    assert_same_tensors(ours.state_dict(), ref.state_dict())
     with torch.no_grad():
         assert torch.equal(ours(_IDS).logits, ref(_IDS).logits)
     return ref
@@ -135,10 +138,7 @@ def _save_dense(model, like: Path, out: Path) -> Path:
 def _assert_same_4bit(a: Path, b: Path) -> None:
     qa, _ = load_model(a, quant="nf4", compute_dtype=torch.float32, device="cpu")
     qb, _ = load_model(b, quant="nf4", compute_dtype=torch.float32, device="cpu")
-    sa, sb = qa.state_dict(), qb.state_dict()
-    assert sa.keys() == sb.keys()
-    for name, t in sa.items():
-        assert torch.equal(t, sb[name]), name
+    assert_same_tensors(qa.state_dict(), qb.state_dict())
 
 
 @pytest.fixture(scope="module")
