@@ -284,7 +284,8 @@ def test_errors_have_openai_shape_and_status(served):
     assert exc.value.code == "model_not_found" and exc.value.param == "model"
     with pytest.raises(openai.BadRequestError) as exc:
         _respond(client, "a", previous_response_id="resp_abc")
-    assert "keeps none" in exc.value.body["message"] and "whole conversation" in exc.value.body["message"]
+    assert exc.value.code == "previous_response_not_found" and exc.value.param == "previous_response_id"
+    assert "'resp_abc' not found" in exc.value.body["message"] and "whole conversation" in exc.value.body["message"]
     with pytest.raises(openai.AuthenticationError):
         openai.OpenAI(base_url=server.url + "/v1", api_key="wrong", max_retries=0).responses.create(
             model="a", input="Hello")
@@ -292,7 +293,7 @@ def test_errors_have_openai_shape_and_status(served):
     response = httpx.post(server.url + "/v1/responses", json={"model": "a"},
                           headers={"Authorization": f"Bearer {KEY}"})
     assert response.status_code == 400 and response.json()["error"]["param"] == "input"
-    assert _respond(client, "a", store=True, metadata={"k": "v"}).metadata == {"k": "v"}  # store: nothing is kept
+    assert _respond(client, "a", store=True, metadata={"k": "v"}).metadata == {"k": "v"}
 
 
 def test_disconnect_mid_stream_frees_the_row(served):
@@ -324,7 +325,7 @@ def test_a_replayed_turn_of_text_and_parallel_calls_is_one_assistant_message():
     body = ResponsesRequest(model="tiny", instructions="Be brief.", input=[
         ASK, {"type": "message", "role": "assistant", "content": [{"type": "output_text", "text": "Checking."}]},
         *calls, *({"type": "function_call_output", "call_id": c["call_id"], "output": RESULT} for c in calls)])
-    chat, origins = body.chat_request()
+    chat, origins = body.chat_request(body.conversation_items([]))
     messages = [m.message(i) for i, m in enumerate(chat.messages)]
     assert [m.role for m in messages] == ["system", "user", "assistant", "tool", "tool"]
     assert origins == ["instructions", "input.0", "input.1", "input.4", "input.5"]
@@ -333,3 +334,127 @@ def test_a_replayed_turn_of_text_and_parallel_calls_is_one_assistant_message():
     assert [(c["id"], c["function"]["arguments"]) for c in turn.tool_calls] == \
         [("call_0", {"city": "Paris"}), ("call_1", {"city": "Rome"})]
     assert [(m.tool_call_id, m.content) for m in messages[3:]] == [("call_0", RESULT), ("call_1", RESULT)]
+
+
+def _turns(client, model, *turns, **kw):
+    """Responses chained by previous_response_id, one per user turn."""
+    replies, previous = [], None
+    for text in turns:
+        replies.append(_respond(client, model, input=text, previous_response_id=previous, **kw))
+        previous = replies[-1].id
+    return replies
+
+
+def test_previous_response_id_continues_the_conversation(served):
+    _, _, client = served
+    first, second, third = _turns(client, "a", "Hello", "Tell me more", "And then?")
+    messages = [{"role": "user", "content": "Hello"}, {"role": "assistant", "content": first.output_text},
+                {"role": "user", "content": "Tell me more"}, {"role": "assistant", "content": second.output_text},
+                {"role": "user", "content": "And then?"}]
+    chat = _chat(client, "a", messages)
+    assert third.output_text == chat.choices[0].message.content
+    assert third.usage.input_tokens == chat.usage.prompt_tokens  # the same rendered conversation
+    assert third.previous_response_id == second.id and third.store and first.previous_response_id is None
+    # instructions are not carried over to the continuation; the model is the request's own
+    ruled = _respond(client, "tiny", input="Hello", instructions="Answer in French.")
+    follow = _respond(client, "a", input="Tell me more", previous_response_id=ruled.id)
+    chat = _chat(client, "a", [{"role": "user", "content": "Hello"}, {"role": "assistant", "content": ruled.output_text},
+                               {"role": "user", "content": "Tell me more"}])
+    assert follow.output_text == chat.choices[0].message.content and follow.instructions is None
+    assert follow.usage.input_tokens == chat.usage.prompt_tokens
+    # streamed responses are kept too, and continue the same way
+    with client.responses.stream(model="a", input="Hello", max_output_tokens=MAX_TOKENS, temperature=0) as stream:
+        streamed = list(stream)[-1].response  # response.incomplete: the token limit cut it
+    assert streamed.status == "incomplete" and client.responses.retrieve(streamed.id).output_text == streamed.output_text
+    after = _respond(client, "a", input="Tell me more", previous_response_id=streamed.id)
+    assert after.output_text == _turns(client, "a", "Hello", "Tell me more")[1].output_text
+
+
+def test_kept_responses_are_retrieved_listed_and_deleted(served):
+    _, _, client = served
+    first, second = _turns(client, "a", "Hello", "Tell me more")
+    assert client.responses.retrieve(second.id).model_dump() == second.model_dump()
+    items = client.responses.input_items.list(second.id)  # the model's input: newest first
+    texts = [(item.type, getattr(item, "role", None), item.content[0].text) for item in items.data]
+    assert texts == [("message", "user", "Tell me more"), ("message", "assistant", first.output_text),
+                     ("message", "user", "Hello")]
+    assert items.data[1].id == first.output[0].id and all(item.id for item in items.data)
+    page = client.responses.input_items.list(second.id, order="asc", limit=2)
+    assert [item.content[0].text for item in page.data] == ["Hello", first.output_text] and page.has_more
+    rest = client.responses.input_items.list(second.id, order="asc", limit=2, after=page.data[-1].id)
+    assert [item.content[0].text for item in rest.data] == ["Tell me more"] and not rest.has_more
+    client.responses.delete(first.id)
+    with pytest.raises(openai.NotFoundError) as exc:
+        client.responses.retrieve(first.id)
+    assert first.id in exc.value.body["message"]
+    with pytest.raises(openai.BadRequestError) as exc:
+        _respond(client, "a", input="Again", previous_response_id=first.id)
+    assert exc.value.code == "previous_response_not_found"
+    assert client.responses.retrieve(second.id).id == second.id  # the one that continued it holds its own copy
+    unkept = _respond(client, "a", store=False)
+    assert unkept.store is False
+    with pytest.raises(openai.NotFoundError):
+        client.responses.retrieve(unkept.id)
+
+
+def test_a_function_call_output_continues_the_response_that_called(tool_served):
+    client = tool_served
+    called = client.responses.create(model="tiny", input=[ASK], tools=FLAT_TOOLS, temperature=0, max_output_tokens=80)
+    (call,) = [item for item in called.output if item.type == "function_call"]
+    reply = client.responses.create(model="tiny", previous_response_id=called.id, tools=FLAT_TOOLS, temperature=0,
+                                    max_output_tokens=40, input=[
+                                        {"type": "function_call_output", "call_id": call.call_id, "output": RESULT}])
+    whole = client.responses.create(model="tiny", tools=FLAT_TOOLS, temperature=0, max_output_tokens=40, input=[
+        ASK, {"type": "function_call", "call_id": call.call_id, "name": call.name, "arguments": call.arguments},
+        {"type": "function_call_output", "call_id": call.call_id, "output": RESULT}])
+    assert reply.output_text == whole.output_text == ANSWER
+    assert reply.usage.input_tokens == whole.usage.input_tokens
+
+
+def test_truncation_auto_drops_the_oldest_turns(served):
+    _, batcher, client = served
+    filler = "fox " * 120
+    turns = [{"role": "system", "content": "Be brief."}]
+    for k in range(4):
+        turns += [{"role": "user", "content": f"{k} {filler}"}, {"role": "assistant", "content": f"{k} {filler}"}]
+    turns.append({"role": "user", "content": "Hello"})
+    with pytest.raises(openai.APIStatusError) as exc:
+        _respond(client, "a", input=turns)
+    assert exc.value.status_code == 413 and exc.value.body["param"] == "input"
+    reply = _respond(client, "a", input=turns, truncation="auto")
+    # the oracle: the longest tail of whole turns (the system message kept) that the chat route accepts
+    for start in range(1, len(turns), 2):
+        try:
+            chat = _chat(client, "a", turns[:1] + turns[start:])
+            break
+        except openai.APIStatusError as error:
+            assert error.status_code == 413
+    assert 1 < start < len(turns) - 1
+    assert reply.output_text == chat.choices[0].message.content and reply.truncation == "auto"
+    assert reply.usage.input_tokens == chat.usage.prompt_tokens < batcher.context_length
+    kept = client.responses.input_items.list(reply.id, order="asc", limit=100).data
+    assert [item.content[0].text for item in kept] == [m["content"] for m in turns[:1] + turns[start:]]
+    too_long = [{"role": "user", "content": filler * 5}]  # a single turn cannot be dropped: still a 413
+    with pytest.raises(openai.APIStatusError) as exc:
+        _respond(client, "a", input=too_long, truncation="auto")
+    assert exc.value.status_code == 413
+
+
+def test_the_store_keeps_the_most_recently_used():
+    from qlora.serve.protocol import APIError
+    from qlora.serve.response_store import ResponseStore
+
+    store = ResponseStore(capacity=2)
+    for k in range(3):
+        store.keep({"id": f"resp_{k}", "output": []}, [])
+        if k == 1:
+            store.get("resp_0")  # used: resp_1 is now the least recently used
+    assert len(store) == 2 and store.get("resp_0") and store.get("resp_2")
+    with pytest.raises(APIError) as exc:
+        store.previous("resp_1")
+    assert exc.value.status == 400 and exc.value.param == "previous_response_id" and "last 2" in exc.value.message
+    none = ResponseStore(capacity=0)
+    none.keep({"id": "resp_x", "output": []}, [])
+    with pytest.raises(APIError) as exc:
+        none.get("resp_x")
+    assert exc.value.status == 404 and "--stored-responses 0" in exc.value.message

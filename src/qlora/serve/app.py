@@ -1,6 +1,7 @@
 """The OpenAI-compatible HTTP API of ``qlora serve``, as a FastAPI application.
 
-Routes: ``POST /v1/chat/completions``, ``POST /v1/responses``, ``POST
+Routes: ``POST /v1/chat/completions``, ``POST /v1/responses`` (and ``GET``/``DELETE
+/v1/responses/{id}``, ``GET /v1/responses/{id}/input_items`` for kept responses), ``POST
 /v1/completions``, ``GET /v1/models`` (the base model and each adapter, by id), plus
 ``GET /health`` (no key needed) and ``GET /stats`` (the batcher's counters). The request's
 ``model`` picks the adapter; every choice of a request (``n`` of them, for each
@@ -50,14 +51,16 @@ from ..infer.tool_calls import ToolCall, ToolCallFormat, ToolCallStream, markup_
 from ..model.chat_format import ChatFormat
 from .logprobs import TextOffsets, chat_logprobs, completion_logprobs
 from .protocol import APIError, ChatCompletionRequest, CompletionRequest, _Body, sse
-from .responses import ResponsesRequest, ResponseWriter
+from .response_store import DEFAULT_CAPACITY, ResponseStore, list_page, with_ids
+from .responses import ResponsesRequest, ResponseWriter, drop_oldest_turn
 
 TYPE_TAGS = {"str", "int", "float", "bool", "dict", "list", "none"}
 DISCONNECT_POLL_S = 0.5  # how often a non-streaming request checks that its client is still there
 
 
 def build_app(batcher: ContinuousBatcher, base_id: str, adapters: list[str], api_key: str | None = None,
-              chat_formats: dict[str | None, ChatFormat | None] | None = None) -> FastAPI:
+              chat_formats: dict[str | None, ChatFormat | None] | None = None,
+              stored_responses: int = DEFAULT_CAPACITY) -> FastAPI:
     """The application serving ``batcher``'s model as ``base_id`` and each adapter as its name.
 
     Args:
@@ -67,6 +70,8 @@ def build_app(batcher: ContinuousBatcher, base_id: str, adapters: list[str], api
         api_key: when set, every request but ``GET /health`` needs ``Authorization: Bearer <api_key>``.
         chat_formats: adapter name (``None``: the base) -> the chat format its chat requests are rendered
             with (the one it was trained with); missing or ``None``: the tokenizer's own template.
+        stored_responses: how many Responses API responses are kept in memory for ``previous_response_id``
+            and ``GET /v1/responses/{id}`` (the least recently used dropped first; 0 keeps none).
     """
     chat_formats = chat_formats or {}
     model, tokenizer = batcher.model, batcher.tokenizer
@@ -74,6 +79,7 @@ def build_app(batcher: ContinuousBatcher, base_id: str, adapters: list[str], api
     text_stops = frozenset(default_stop_ids(model, tokenizer))
     ids = {base_id: None, **{name: name for name in adapters}}
     created = int(time.time())
+    store = ResponseStore(stored_responses)
     app = FastAPI(title="qlora serve", docs_url=None, redoc_url=None, openapi_url=None)
     if api_key is not None:
         app.add_middleware(_RequireKey, api_key=api_key)
@@ -163,17 +169,35 @@ def build_app(batcher: ContinuousBatcher, base_id: str, adapters: list[str], api
         choices = chat_choices(body, _adapter(ids, body.model))
         return await _respond(batcher, choices, body, request, chat=True)
 
+    def response_choice(body: ResponsesRequest, adapter: str | None,
+                        items: list[tuple[str, dict[str, Any]]]) -> tuple[_Choice, list[tuple[str, dict[str, Any]]]]:
+        """The batch row of a Responses request and the conversation items it reads (its oldest turns
+        dropped while the prompt is too long, under ``truncation: "auto"``)."""
+        while True:
+            chat, origins = body.chat_request(items)
+            try:
+                chat.refuse_unsupported()
+                (choice,) = chat_choices(chat, adapter, "input")
+                return choice, items
+            except APIError as exc:
+                shorter = drop_oldest_turn(items) if exc.status == 413 and body.truncation == "auto" else None
+                if shorter is None:
+                    raise body.renamed(exc, origins) from None
+                items = shorter
+
     @app.post("/v1/responses")
     async def responses(body: ResponsesRequest, request: Request):
         body.refuse_unsupported()
         adapter = _adapter(ids, body.model, status=404)
-        chat, origins = body.chat_request()
-        try:
-            chat.refuse_unsupported()
-            (choice,) = chat_choices(chat, adapter, "input")
-        except APIError as exc:
-            raise body.renamed(exc, origins) from None
-        writer = ResponseWriter(body, TokenPieces.of(tokenizer))
+        history = store.previous(body.previous_response_id).conversation if body.previous_response_id else []
+        choice, items = response_choice(body, adapter, body.conversation_items(history))
+        input_items = with_ids([item for _, item in items])
+
+        def keep(response: dict[str, Any]) -> None:
+            if body.store is not False and response["status"] in ("completed", "incomplete"):
+                store.keep(response, input_items)
+
+        writer = ResponseWriter(body, TokenPieces.of(tokenizer), keep)
         queue = _submit(batcher, [choice])
         if body.stream:
             return _event_stream(_response_events(queue, choice, writer))
@@ -181,7 +205,21 @@ def build_app(batcher: ContinuousBatcher, base_id: str, adapters: list[str], api
             return JSONResponse({}, status_code=499)
         content, calls = choice.tools.parse(choice.text) if choice.tools is not None else (choice.text, [])
         output = writer.output(content, calls, choice.last.finish_reason, choice.logprobs)
-        return writer.response(writer.status(choice.last.finish_reason, calls), output, _usage([choice]))
+        return writer.final(writer.status(choice.last.finish_reason, calls), output, _usage([choice]))
+
+    @app.get("/v1/responses/{response_id}")
+    async def retrieve_response(response_id: str) -> dict[str, Any]:
+        return store.get(response_id).response
+
+    @app.delete("/v1/responses/{response_id}")
+    async def delete_response(response_id: str) -> dict[str, Any]:
+        store.delete(response_id)
+        return {"id": response_id, "object": "response", "deleted": True}
+
+    @app.get("/v1/responses/{response_id}/input_items")
+    async def response_input_items(response_id: str, order: str = "desc", limit: int = 20,
+                                   after: str | None = None) -> dict[str, Any]:
+        return list_page(store.get(response_id).input_items, order, limit, after)
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):
@@ -550,7 +588,7 @@ async def _response_events(queue: asyncio.Queue, choice: _Choice, writer: Respon
                                name=item["name"], arguments=item["arguments"])
             yield writer.event("response.output_item.done", **where, item=item)
             output.append(item)
-        yield writer.event(f"response.{status}", response=writer.response(status, output, _usage([choice])))
+        yield writer.event(f"response.{status}", response=writer.final(status, output, _usage([choice])))
     finally:
         _cancel([choice])  # the client went away mid-stream: free the row at the next step
 

@@ -10,10 +10,11 @@ decodes it; errors it raises are renamed to the Responses fields they came from
 (:meth:`ResponsesRequest.renamed`). :class:`ResponseWriter` writes the reply as a
 ``response`` object and as the SSE events the ``openai`` client's stream helper accumulates.
 
-The server keeps no responses: ``previous_response_id``, ``conversation``, ``background``
-and stored ``prompt`` templates are a 400 saying to send the whole input; ``store`` is
-accepted and the response says ``store: false``. Only function tools exist here (built-in
-tools such as web_search run on OpenAI's platform): any other tool type is a 400.
+A response is kept (``store``, on by default, in :class:`qlora.serve.response_store.ResponseStore`)
+with its whole conversation, so ``previous_response_id`` continues it; ``truncation: "auto"`` drops
+the oldest turns of a conversation too long for the context. ``conversation``, ``background``
+and stored ``prompt`` templates are a 400 saying to send the whole input. Only function tools
+exist here (built-in tools such as web_search run on OpenAI's platform): any other tool type is a 400.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import json
 import re
 import time
 import uuid
-from typing import Any, Union
+from typing import Any, Callable, Union
 
 from pydantic import Field
 
@@ -33,7 +34,6 @@ from .protocol import APIError, ChatCompletionRequest, ChatMessage, _Body, sse
 TEXT_PARTS = ("input_text", "output_text", "text")
 LOGPROBS = "message.output_text.logprobs"
 STATEFUL = {
-    "previous_response_id": "'previous_response_id' needs the server to keep earlier responses; qlora serve keeps none",
     "conversation": "'conversation' needs the server to keep conversations; qlora serve keeps none",
     "background": "'background': true needs the server to keep responses to poll; qlora serve keeps none",
     "prompt": "'prompt' refers to a prompt template stored on OpenAI's platform; qlora serve has no stored prompts",
@@ -79,8 +79,25 @@ class ResponsesRequest(_Body):
     def logprobs(self) -> bool:
         return LOGPROBS in (self.include or ()) or self.top_logprobs is not None
 
-    def chat_request(self) -> tuple[ChatCompletionRequest, list[str]]:
+    def input_items(self) -> list[dict[str, Any]]:
+        """This request's ``input`` as a list of items (a string is one user message)."""
+        items = [{"role": "user", "content": self.input}] if isinstance(self.input, str) else self.input
+        if not items:
+            raise APIError(400, "'input' is empty; send a string or a list of input items", "input")
+        return items
+
+    def conversation_items(self, history: list[dict[str, Any]]) -> list[tuple[str, dict[str, Any]]]:
+        """``history`` (the items of the response continued) then this request's input, each item with the
+        field it came from."""
+        earlier = [(f"previous_response_id (its item {i})", item) for i, item in enumerate(history)]
+        return earlier + [(f"input.{i}", item) for i, item in enumerate(self.input_items())]
+
+    def chat_request(self, items: list[tuple[str, dict[str, Any]]]) -> tuple[ChatCompletionRequest, list[str]]:
         """The equivalent chat request, and for each of its messages the Responses field it came from.
+
+        Args:
+            items: the conversation's input items (:meth:`conversation_items`, or fewer after truncation),
+                each with the field it came from.
 
         Raises:
             APIError: an input item, content part, tool, ``tool_choice`` or ``text.format`` of a
@@ -90,11 +107,7 @@ class ResponsesRequest(_Body):
         if self.instructions:
             messages.append(ChatMessage(role="system", content=self.instructions))
             origins.append("instructions")
-        items = [{"role": "user", "content": self.input}] if isinstance(self.input, str) else self.input
-        if not items:
-            raise APIError(400, "'input' is empty; send a string or a list of input items", "input")
-        for i, item in enumerate(items):
-            where = f"input.{i}"
+        for where, item in items:
             kind = item.get("type", "message" if "role" in item else None)
             if kind == "message":
                 role = item.get("role")
@@ -123,8 +136,8 @@ class ResponsesRequest(_Body):
                 origins.append(where)
             else:
                 raise APIError(400, f"{where} is an input item of type {kind!r}; qlora serve takes 'message', "
-                                    "'function_call' and 'function_call_output' items (it keeps no stored items to "
-                                    "reference and runs no built-in tools)", f"{where}.type")
+                                    "'function_call' and 'function_call_output' items (it runs no built-in tools; "
+                                    "to continue a response, send its id as 'previous_response_id')", f"{where}.type")
         fields = set(_Body.model_fields) - {"max_tokens", "n", "stream", "stream_options"}
         chat = ChatCompletionRequest(
             **self.model_dump(include=fields), messages=messages, max_completion_tokens=self.max_output_tokens,
@@ -180,16 +193,22 @@ class ResponsesRequest(_Body):
 
     def renamed(self, error: APIError, origins: list[str]) -> APIError:
         """``error`` from the chat route, naming the Responses fields instead of the chat ones."""
+        def origin(m: re.Match) -> str:
+            where = origins[int(m[1])] if int(m[1]) < len(origins) else "input"
+            return where + (m[2] or "") if where.startswith("input.") else where
+
         def field(name: str) -> str:
-            name = re.sub(r"^messages\.(\d+)(\.content)?.*$",
-                          lambda m: origins[int(m[1])] + (m[2] or "") if int(m[1]) < len(origins) else "input", name)
+            name = re.sub(r"^messages\.(\d+)(\.content)?.*$", origin, name)
             name = re.sub(r"^tools\.(\d+)\.function\b", r"tools.\1", name)
             name = re.sub(r"^response_format(\.json_schema)?", "text.format", name)
             return {"messages": "input", "max_completion_tokens": "max_output_tokens"}.get(name, name)
         message = re.sub(r"messages\[(\d+)\]", lambda m: field(f"messages.{m[1]}"), error.message)
         message = re.sub(r"\b(tools\.\d+\.function(\.\w+)?|response_format(\.json_schema)?(\.\w+)?)\b",
                          lambda m: field(m[1]), message)
-        return APIError(error.status, message, field(error.param) if error.param else None, error.code, error.kind)
+        param = field(error.param) if error.param else None
+        if param is not None and param.startswith("previous_response_id"):
+            param = "previous_response_id"  # an item of the conversation continued
+        return APIError(error.status, message, param, error.code, error.kind)
 
 
 def _text(content: Any, where: str) -> str:
@@ -226,8 +245,9 @@ def _history_call(item: dict[str, Any], where: str) -> dict[str, Any]:
 class ResponseWriter:
     """A reply as OpenAI's ``response`` object and stream events (numbered in order)."""
 
-    def __init__(self, body: ResponsesRequest, pieces: TokenPieces) -> None:
-        self.body, self.pieces = body, pieces
+    def __init__(self, body: ResponsesRequest, pieces: TokenPieces,
+                 keep: Callable[[dict[str, Any]], None] | None = None) -> None:
+        self.body, self.pieces, self.keep = body, pieces, keep
         self.id, self.message_id = "resp_" + uuid.uuid4().hex, "msg_" + uuid.uuid4().hex
         self.created_at, self.sequence = int(time.time()), 0
 
@@ -276,12 +296,37 @@ class ResponseWriter:
             "completed_at": done, "error": error,
             "incomplete_details": {"reason": "max_output_tokens"} if status == "incomplete" else None,
             "instructions": body.instructions, "max_output_tokens": body.max_output_tokens, "model": body.model,
-            "output": output, "parallel_tool_calls": body.parallel_tool_calls, "previous_response_id": None,
-            "reasoning": None, "store": False, "temperature": body.temperature, "text": text,
+            "output": output, "parallel_tool_calls": body.parallel_tool_calls, "previous_response_id": body.previous_response_id,
+            "reasoning": None, "store": body.store is not False, "temperature": body.temperature, "text": text,
             "tool_choice": body.tool_choice or "auto", "tools": body.tools or [], "top_logprobs": body.top_logprobs,
             "top_p": body.top_p, "truncation": body.truncation or "disabled", "user": body.user,
             "metadata": body.metadata or {}, "usage": None if usage is None else _usage(usage),
         }
+
+
+    def final(self, status: str, output: list[dict[str, Any]], usage: dict[str, int]) -> dict[str, Any]:
+        """The finished ``response`` object, handed to ``keep`` (the store) first."""
+        response = self.response(status, output, usage)
+        if self.keep is not None:
+            self.keep(response)
+        return response
+
+
+def drop_oldest_turn(items: list[tuple[str, dict[str, Any]]]) -> list[tuple[str, dict[str, Any]]] | None:
+    """``items`` without their oldest turn (``truncation: "auto"``): from the first item that is not a
+    system or developer message up to the next user message, system and developer messages kept;
+    ``None`` when only the last user turn is left."""
+    def instruction(item: dict[str, Any]) -> bool:
+        return item.get("type", "message") == "message" and item.get("role") in ("system", "developer")
+
+    start = next((k for k, (_, item) in enumerate(items) if not instruction(item)), None)
+    if start is None:
+        return None
+    end = next((k for k in range(start + 1, len(items))
+                if items[k][1].get("type", "message") == "message" and items[k][1].get("role") == "user"), None)
+    if end is None:
+        return None
+    return items[:start] + [x for x in items[start:end] if instruction(x[1])] + items[end:]
 
 
 def _usage(usage: dict[str, int]) -> dict[str, Any]:

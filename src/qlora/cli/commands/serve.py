@@ -23,7 +23,7 @@ INSTALL_HINT = "FastAPI and uvicorn are not installed; install them with: pip in
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from ...option_range import Range
-    from ..options import number, positive_int
+    from ..options import non_negative_int, number, positive_int
 
     parser.add_argument("--model", required=True, help="model folder (transformers checkpoint) or hub id")
     parser.add_argument("--adapter", action="append", default=[], metavar="[NAME=]DIR",
@@ -47,6 +47,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="requests decoded together at most; more wait for a free row")
     parser.add_argument("--max-model-len", type=number(int, Range(2)),
                         help="context length (prompt + reply) in tokens (default: the model's)")
+    parser.add_argument("--stored-responses", type=non_negative_int, default=1000, metavar="N",
+                        help="Responses API responses kept in memory for previous_response_id and GET "
+                             "/v1/responses/{id} (the least recently used dropped first; 0 keeps none; default 1000)")
     parser.add_argument("--log-level", choices=("critical", "error", "warning", "info", "debug"), default="info",
                         help="uvicorn's log level (info logs each request)")
 
@@ -111,7 +114,8 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError("the model's config gives no context length; pass --max-model-len")
     formats = chat_formats(args, tokenizer)
     batcher = ContinuousBatcher(model, tokenizer, max_batch_size=args.max_batch_size, context_length=context)
-    app = build_app(batcher.start(), base_id, names, api_key=args.api_key or None, chat_formats=formats)
+    app = build_app(batcher.start(), base_id, names, api_key=args.api_key or None, chat_formats=formats,
+                    stored_responses=args.stored_responses)
     try:
         sock = bind(args.host, args.port)
     except OSError as exc:

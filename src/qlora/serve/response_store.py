@@ -1,0 +1,115 @@
+"""The responses ``qlora serve`` keeps, so a client can continue one (``previous_response_id``),
+read it back (``GET /v1/responses/{id}``), list its input items or delete it.
+
+Kept in memory and bounded: the newest ``capacity`` responses stay, the least recently used
+one is dropped first, and a restart forgets them all. A kept response carries its whole
+conversation as Responses items (the items of the responses it continued, its own input, its
+output), so continuing it is that conversation followed by the new input, as on OpenAI's
+platform. ``instructions`` are not part of it: each request gives its own.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any
+
+from .protocol import APIError
+
+DEFAULT_CAPACITY = 1000
+
+
+@dataclass(frozen=True)
+class StoredResponse:
+    """A kept ``response`` object, the input items the model read for it, and its whole conversation."""
+
+    response: dict[str, Any]
+    input_items: list[dict[str, Any]]
+    conversation: list[dict[str, Any]]
+
+
+class ResponseStore:
+    """The newest ``capacity`` responses by id (least recently used dropped first); ``capacity`` 0 keeps none."""
+
+    def __init__(self, capacity: int = DEFAULT_CAPACITY) -> None:
+        self.capacity = capacity
+        self._kept: OrderedDict[str, StoredResponse] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._kept)
+
+    def keep(self, response: dict[str, Any], input_items: list[dict[str, Any]]) -> None:
+        """Keep ``response``, which the model wrote after reading ``input_items``."""
+        if self.capacity <= 0:
+            return
+        conversation = [*input_items, *response["output"]]
+        self._kept[response["id"]] = StoredResponse(response, input_items, conversation)
+        self._kept.move_to_end(response["id"])
+        while len(self._kept) > self.capacity:
+            self._kept.popitem(last=False)
+
+    def get(self, response_id: str) -> StoredResponse:
+        """The kept response; a 404 naming the id when it is not (or no longer) kept."""
+        found = self._kept.get(response_id)
+        if found is None:
+            raise APIError(404, f"Response with id {response_id!r} not found. {self._why()}", code="not_found")
+        self._kept.move_to_end(response_id)
+        return found
+
+    def previous(self, response_id: str) -> StoredResponse:
+        """The response a request continues (``previous_response_id``); a 400 naming that field if unknown."""
+        try:
+            return self.get(response_id)
+        except APIError:
+            raise APIError(400, f"Previous response with id {response_id!r} not found. {self._why()} Send the "
+                                "whole conversation in 'input' instead.", "previous_response_id",
+                           "previous_response_not_found") from None
+
+    def delete(self, response_id: str) -> None:
+        self.get(response_id)
+        del self._kept[response_id]
+
+    def _why(self) -> str:
+        if self.capacity <= 0:
+            return "This server keeps no responses (started with --stored-responses 0)."
+        return (f"This server keeps the last {self.capacity} stored responses in memory, until it restarts "
+                "(--stored-responses); responses sent with 'store': false are not kept.")
+
+
+def with_ids(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Input items as the API lists them: messages with ``input_text`` parts (``output_text`` for the
+    assistant's) and an ``id`` on each item that lacks one."""
+    out = []
+    for item in items:
+        item = dict(item)
+        if item.get("type", "message") == "message":
+            item["type"] = "message"
+            content = item.get("content")
+            if isinstance(content, str):
+                part = "output_text" if item.get("role") == "assistant" else "input_text"
+                item["content"] = [{"type": part, "text": content}]
+            item.setdefault("status", "completed")
+        prefix = {"message": "msg_", "function_call": "fc_", "function_call_output": "fco_"}.get(item["type"], "item_")
+        item.setdefault("id", prefix + uuid.uuid4().hex)
+        out.append(item)
+    return out
+
+
+def list_page(items: list[dict[str, Any]], order: str, limit: int, after: str | None) -> dict[str, Any]:
+    """One page of ``items`` as OpenAI lists them (``order`` asc or desc, up to ``limit`` after the id
+    ``after``), with ``first_id``, ``last_id`` and ``has_more``."""
+    if order not in ("asc", "desc"):
+        raise APIError(400, f"'order' must be 'asc' or 'desc', got {order!r}", "order")
+    if not 1 <= limit <= 100:
+        raise APIError(400, f"'limit' must lie between 1 and 100, got {limit}", "limit")
+    ordered = items if order == "asc" else items[::-1]
+    start = 0
+    if after is not None:
+        ids = [item["id"] for item in ordered]
+        if after not in ids:
+            raise APIError(400, f"'after' names no item of this response: {after!r}", "after")
+        start = ids.index(after) + 1
+    page = ordered[start:start + limit]
+    return {"object": "list", "data": page, "first_id": page[0]["id"] if page else None,
+            "last_id": page[-1]["id"] if page else None, "has_more": start + limit < len(ordered)}
