@@ -134,3 +134,11 @@ def test_scored_response_pairs_refused_for_dpo_and_sft(tmp_path, tiny_model_dir,
                  str(tmp_path / "run"), "--max-steps", "1", "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert f'{path} line 1: field "chosen" is missing' in err and "Traceback" not in err
+
+
+def test_zstd_compressed_jsonl_says_decompress(tmp_path):
+    path = tmp_path / "train.jsonl.zst"
+    path.write_bytes(b"\x28\xb5\x2f\xfd")  # zstd's magic number: a file as hub repositories store some data
+    with pytest.raises(UsageError, match=r"unknown data format '\.jsonl\.zst'.* It looks compressed \(\.zst\): "
+                                         r"decompress it first, e\.g\. to train\.jsonl\."):
+        load_records(path)
