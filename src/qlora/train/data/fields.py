@@ -19,6 +19,7 @@ since ``system`` is the alpaca/ShareGPT system column).
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -51,8 +52,8 @@ ROLE_VALUES = {"user": "user", "assistant": "assistant", "tool": "tool", "develo
 
 # Names that suggest a prompt or an answer column, for the error that suggests a mapping.
 _PROMPT_NAMES = ("question", "query", "prompt", "input", "problem", "instruction", "human", "user", "request", "q")
-_ANSWER_NAMES = ("answer", "response", "output", "completion", "solution", "target", "assistant", "gpt", "reply",
-                 "chosen", "a")
+_ANSWER_NAMES = ("answer", "answers", "response", "output", "completion", "solution", "target", "assistant", "gpt",
+                 "reply", "chosen", "a")
 
 
 @dataclass(frozen=True)
@@ -139,12 +140,16 @@ def prompt_column(fields: dict[str, Any]) -> str | None:
 def suggest_fields(fields: dict[str, Any]) -> str:
     """A sentence suggesting a --data-fields mapping for a row no format matched ('' if none fits)."""
     lowered = {k.lower(): k for k in fields}
-    lists = [k for k, v in fields.items() if isinstance(v, list) and v and all(isinstance(m, dict) for m in v)]
+    lists = [k for k, v in fields.items() if _message_like(v)]
     if lists:
         return (f"The field {lists[0]!r} holds a list of objects: if it is the conversation, map it with "
                 f"--data-fields messages={lists[0]} (and role=KEY,content=KEY if its entries use other keys). ")
     prompt = prompt_column(fields)
     answer = next((lowered[n] for n in _ANSWER_NAMES if n in lowered and lowered[n] != prompt), None)
+    if prompt and answer and _tool_calls_like(fields[answer]):
+        return (f"If {prompt!r} is the prompt and {answer!r} the tool calls that answer it, map them with "
+                f"--data-fields prompt={prompt},completion={answer}: the calls are then the assistant's tool-call "
+                "turn, and a \"tools\" column is given to the chat template. ")
     if prompt and answer:
         return (f"If {prompt!r} is the prompt and {answer!r} the answer, map them with --data-fields "
                 f"instruction={prompt},output={answer} (add input=COLUMN for a context the model must see); "
@@ -157,3 +162,23 @@ def suggest_fields(fields: dict[str, Any]) -> str:
                 f"text={longest}; if the rows hold a prompt and an answer, map them with --data-fields "
                 "instruction=COLUMN,output=COLUMN. ")
     return "Map your fields with --data-fields OURS=THEIRS (e.g. instruction=question,output=answer). "
+
+
+def _message_like(value: Any) -> bool:
+    """A non-empty list of objects whose values are text (or null; a ``weight`` a number): what a conversation's
+    messages look like, unlike lists of scored annotations."""
+    return isinstance(value, list) and bool(value) and all(
+        isinstance(m, dict) and len(m) >= 2
+        and all(v is None or isinstance(v, str) or (k == "weight" and isinstance(v, (int, float)))
+                for k, v in m.items()) for m in value)
+
+
+def _tool_calls_like(value: Any) -> bool:
+    """A list (or JSON list) of ``{"name", "arguments"}`` objects."""
+    if isinstance(value, str) and value.strip().startswith("["):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError:
+            return False
+    return isinstance(value, list) and bool(value) and all(
+        isinstance(c, dict) and isinstance(c.get("name"), str) and "arguments" in c for c in value)

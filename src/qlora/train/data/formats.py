@@ -8,11 +8,14 @@ quirks are handled here and nowhere else:
 
 - alpaca (``instruction``/``input``/``output``, optional ``system`` and
   LLaMA-Factory's ``history``), and Dolly (``instruction``/``context``/``response``);
-- chat (``messages``) and ShareGPT (``conversations``), whatever their entries'
-  keys (``role``/``content`` or ``from``/``value``), or plain strings alternating user and
-  assistant turns (LIMA), with content given as
+- chat (``messages``, or a ``conversation`` list as lmsys-chat-1m names it) and ShareGPT
+  (``conversations``), whatever their entries' keys (``role``/``content`` or ``from``/``value``),
+  plain strings alternating user and assistant turns (LIMA), or ``{"input", "output"}`` exchanges
+  (a user turn and the assistant's reply each, as LDJnr/Capybara writes them), with content given as
   text parts, tool calls, tool results and a per-row ``tools`` column;
-- TRL's prompt-completion (``prompt``/``completion``: strings, or message lists);
+- TRL's prompt-completion (``prompt``/``completion``: strings, or message lists; a completion that is
+  a list of tool calls ``{"name", "arguments"}``, as in Salesforce/xlam-function-calling-60k, is the
+  assistant's tool-call turn);
 - plain ``text``;
 - OpenAssistant's message trees, read as chat: each tree's top-ranked thread
   (:mod:`qlora.train.data.message_trees`).
@@ -42,6 +45,7 @@ ROLES = ("system", "developer", "user", "assistant", "tool")
 DETECT_ROWS = 32  # rows inspected to detect the format: one atypical first row must not decide it
 
 _TOOL_CALL_SPEAKERS = ("function_call",)
+_EXCHANGE_KEYS = ("input", "output")  # one user turn and the assistant's reply in one entry (LDJnr/Capybara)
 
 
 @dataclass(frozen=True)
@@ -81,7 +85,7 @@ def row_format(fields: dict[str, Any]) -> str | None:
         return "preference"
     if "prompt" in keys and "completion" in keys and unpaired_label(fields) is not None:
         return "unpaired-preference"
-    if "messages" in keys:
+    if "messages" in keys or _listed(fields.get("conversation")):
         return "chat"
     if "conversations" in keys:
         return "sharegpt"
@@ -116,14 +120,29 @@ def detect_format(record: Record | list[Record]) -> str:
         )
     fmt = max(found, key=lambda f: (found[f], -shapes.index(f)))
     if fmt == "preference":
+        first = records[shapes.index(fmt)]
         raise UsageError(
-            f'{records[0].where}: these rows are preference pairs ("prompt", "chosen", "rejected"): train them with '
-            "--method dpo, orpo, cpo or simpo. For supervised fine-tuning on the preferred answers, map them: "
-            "--data-fields completion=chosen (the prompt-completion format; \"rejected\" is then ignored)."
+            f'{first.where}: these rows are preference pairs ("prompt", "chosen", "rejected"): train them with '
+            "--method dpo, orpo, cpo or simpo. For supervised fine-tuning on the preferred answers, "
+            f"{_sft_on_chosen(first.fields)}"
         )
     if fmt == "unpaired-preference":
         raise unpaired_error(records[shapes.index(fmt)].where)
     return fmt
+
+
+def _sft_on_chosen(fields: dict[str, Any]) -> str:
+    """How to train a preference row's chosen answer with SFT, for the row's own shape."""
+    if _listed(fields.get("messages")):
+        return 'train the "messages" column these rows also have: --format chat.'
+    if "prompt" in fields:
+        return ('map them: --data-fields completion=chosen (the prompt-completion format; "rejected" is then '
+                "ignored).")
+    if _listed(fields.get("chosen")):
+        return ('"chosen" holds the whole conversation: --data-fields messages=chosen (its assistant messages are '
+                'trained, "rejected" is ignored).')
+    return ('"chosen" holds the whole text, prompt included: --data-fields text=chosen trains every token of it; to '
+            "train only the answers, write the rows as conversations first.")
 
 
 def unpaired_error(where: str) -> UsageError:
@@ -195,7 +214,15 @@ def _alpaca(fields: dict[str, Any], where: str, names: FieldMap) -> Example:
 
 
 def _chat(fields: dict[str, Any], where: str, names: FieldMap) -> Example:
-    return _conversation(fields, "messages", where, names, "chat")
+    key = "conversation" if "messages" not in fields and _listed(fields.get("conversation")) else "messages"
+    return _conversation(fields, key, where, names, "chat")
+
+
+def _listed(value: Any) -> bool:
+    """Whether a column holds a list (or, from CSV, a JSON list): a ``conversation`` column is a conversation
+    only then."""
+    return isinstance(value, list) or (isinstance(value, str) and value.strip().startswith("[")
+                                       and _json_list(value) is not None)
 
 
 def _sharegpt(fields: dict[str, Any], where: str, names: FieldMap) -> Example:
@@ -206,11 +233,29 @@ def _conversation(fields: dict[str, Any], key: str, where: str, names: FieldMap,
     raw = _list_field(fields, key, where, fmt)
     if all(isinstance(m, str) for m in raw):  # LIMA's turns: plain strings, user first, then alternating
         raw = [{"role": ("user", "assistant")[i % 2], "content": m} for i, m in enumerate(raw)]
+    elif all(_is_exchange(m, names) for m in raw):
+        raw = [{"role": role, "content": m[k]} for m in raw for role, k in zip(("user", "assistant"), _EXCHANGE_KEYS)]
     messages = [_message(m, f"{where}, message {i}", names, fmt) for i, m in enumerate(raw)]
     system = fields.get("system")  # LLaMA-Factory's system column
     if isinstance(system, str) and system.strip() and not any(m["role"] == "system" for m in messages):
         messages.insert(0, {"role": "system", "content": system})
     return Example(tuple(messages), None, where, tools=_tools(fields, where))
+
+
+def _is_exchange(item: Any, names: FieldMap) -> bool:
+    """An ``{"input", "output"}`` entry without a role: a user turn and the assistant's reply."""
+    return (isinstance(item, dict) and all(k in item for k in _EXCHANGE_KEYS)
+            and names.message_keys(item)[0] not in item)
+
+
+def _tool_call_turn(value: Any) -> list[dict[str, Any]] | None:
+    """A completion that is a list of tool calls (``{"name", "arguments"}`` objects, no role) as the assistant
+    message making them, or None."""
+    calls = value if isinstance(value, list) else None
+    if not calls or not all(isinstance(c, dict) and isinstance(c.get("name"), str) and "role" not in c
+                            and ("arguments" in c or "parameters" in c) for c in calls):
+        return None
+    return [{"role": "assistant", "content": None, "tool_calls": calls}]
 
 
 def _prompt_completion(fields: dict[str, Any], where: str, names: FieldMap) -> Example:
@@ -222,7 +267,7 @@ def _prompt_completion(fields: dict[str, Any], where: str, names: FieldMap) -> E
             raise UsageError(f'{where}: field "{key}" is missing (format prompt-completion).')
         if isinstance(value, str) and value.strip().startswith("[") and _json_list(value) is not None:
             fields = {**fields, key: _json_list(value)}
-    prompt, completion = fields["prompt"], fields["completion"]
+    prompt, completion = fields["prompt"], _tool_call_turn(fields["completion"]) or fields["completion"]
     if isinstance(prompt, str) and isinstance(completion, str):
         if not completion.strip():
             raise UsageError(f'{where}: field "completion" must be a non-empty string (format prompt-completion).')

@@ -156,7 +156,10 @@ def pair_from_row(fields: dict[str, Any], where: str, names: FieldMap, chat: boo
     for key in ("chosen", "rejected"):
         value = fields.get(key)
         if value is None:
-            raise UsageError(f'{where}: field "{key}" is missing {need}; the fields are {sorted(fields)}.')
+            raise UsageError(f'{where}: field "{key}" is missing {need}; the fields are {sorted(fields)}. Map '
+                             "answers stored under other names with --data-fields chosen=COLUMN,rejected=COLUMN; "
+                             "answers that are only scored (a rating or preference strength per answer) need "
+                             '"chosen" and "rejected" columns written from those scores first.')
         if not isinstance(value, (str, list)) or not value or (isinstance(value, str) and not value.strip()):
             raise UsageError(f'{where}: field "{key}" must be a non-empty string or message list {need}.')
     prompt = fields.get("prompt")

@@ -72,7 +72,7 @@ def load_records(source: str | Path, split: str = "train", subset: str | None = 
             raise UsageError(
                 f"{path}: unknown data format {''.join(path.suffixes[-2:]) or '(no suffix)'!r}. Give a file ending "
                 f"in {', '.join(LOCAL_SUFFIXES)} (text ones also compressed: .gz, .bz2, .xz), a folder written by "
-                "save_to_disk, or a hub dataset name."
+                f"save_to_disk, or a hub dataset name.{_decompress_hint(path)}"
             )
         if text_lines and reader is _read_text:
             reader = _read_lines
@@ -97,6 +97,13 @@ def load_records(source: str | Path, split: str = "train", subset: str | None = 
     if not records:
         raise UsageError(f"{source}: the dataset is empty; it needs at least one example.")
     return records
+
+
+def _decompress_hint(path: Path) -> str:
+    """For a file compressed in a way Python's standard library cannot read (zstd, lz4, ...): decompress it."""
+    if len(path.suffixes) < 2 or path.suffixes[-2].lower() not in _TEXT_SUFFIXES + (".parquet", ".arrow"):
+        return ""
+    return f" It looks compressed ({path.suffix}): decompress it first, e.g. to {path.with_suffix('').name}."
 
 
 def _format_suffix(path: Path) -> str:

@@ -1,0 +1,144 @@
+"""Schemas of public datasets (mirrored in small local rows with the same columns and types): the tokens trained,
+or the refusal that says which option fits. lmsys/lmsys-chat-1m's ``conversation``, LDJnr/Capybara's
+``{"input", "output"}`` exchanges, Salesforce/xlam-function-calling-60k's JSON-string tool calls, preference
+datasets given to SFT (Anthropic/hh-rlhf, trl-lib and HuggingFaceH4 ultrafeedback_binarized) and HelpSteer2's
+scored response pairs given to DPO."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from qlora.cli.main import main
+from qlora.errors import UsageError
+from qlora.model.chat_format import ChatFormat
+from qlora.train.data import load_records, normalize, tokenize_example
+from qlora.train.data.preference import normalize_preferences
+
+QWEN = (Path(__file__).parent / "data" / "chat_templates" / "qwen2.5.jinja").read_text()
+TOOLS = [{"name": "live_giveaways_by_type", "description": "Retrieve live giveaways.",
+          "parameters": {"type": {"description": "The type of giveaways", "type": "str", "default": "game"}}}]
+CHOSEN = [{"content": "Hi?", "role": "user"}, {"content": "Hello!", "role": "assistant"}]
+REJECTED = [{"content": "Hi?", "role": "user"}, {"content": "Go.", "role": "assistant"}]
+
+
+@pytest.fixture(scope="module")
+def qwen_tokenizer():
+    from qlora.model.tiny import train_tokenizer
+
+    from conftest import _TEXT
+
+    tokenizer = train_tokenizer(_TEXT + [QWEN] * 5, vocab_size=1000)
+    tokenizer.chat_template = QWEN
+    return tokenizer
+
+
+def _jsonl(path: Path, rows) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def _trained(path: Path, tokenizer, fields: str | None = None) -> tuple[list[str], str]:
+    """The trained spans of the first row, decoded, and its whole text."""
+    example = normalize(load_records(path), "auto", fields)[0]
+    tokenized = tokenize_example(example, tokenizer, ChatFormat(QWEN))
+    runs, run = [], []
+    for token, label in zip(tokenized.input_ids, tokenized.labels):
+        if label != -100:
+            run.append(token)
+        elif run:
+            runs, run = runs + [tokenizer.decode(run)], []
+    return runs + ([tokenizer.decode(run)] if run else []), tokenizer.decode(tokenized.input_ids)
+
+
+def test_lmsys_conversation_column_with_extra_columns(tmp_path, qwen_tokenizer):
+    row = {"conversation_id": "33f01939", "model": "vicuna-13b", "turn": 2, "language": "English",
+           "conversation": [{"content": "Hi", "role": "user"}, {"content": "Hello!", "role": "assistant"},
+                            {"content": "Bye", "role": "user"}, {"content": "See you.", "role": "assistant"}],
+           "openai_moderation": [{"categories": {"harassment": False}, "category_scores": {"harassment": 0.01},
+                                  "flagged": False}] * 4, "redacted": False}
+    runs, text = _trained(_jsonl(tmp_path / "lmsys.jsonl", [row]), qwen_tokenizer)
+    assert runs == ["Hello!<|im_end|>", "See you.<|im_end|>"]
+    assert "<|im_start|>user\nBye<|im_end|>" in text and "vicuna" not in text
+
+
+def test_capybara_input_output_exchanges_from_parquet(tmp_path, qwen_tokenizer):
+    rows = [{"source": "Airoboros", "conversation": [{"input": "What is 2+2?", "output": "It is 4."},
+                                                     {"input": "And 3+3?", "output": "It is 6."}]}]
+    path = tmp_path / "capybara.parquet"
+    pq.write_table(pa.Table.from_pylist(rows), path)  # a list of structs, as the hub's parquet holds it
+    runs, text = _trained(path, qwen_tokenizer)
+    assert runs == ["It is 4.<|im_end|>", "It is 6.<|im_end|>"]
+    assert "<|im_start|>user\nAnd 3+3?<|im_end|>\n<|im_start|>assistant\nIt is 6." in text
+
+
+def test_xlam_tool_calls_as_json_strings(tmp_path, qwen_tokenizer):
+    calls = [{"name": "live_giveaways_by_type", "arguments": {"type": "beta"}},
+             {"name": "live_giveaways_by_type", "arguments": {"type": "game"}}]
+    row = {"id": 0, "query": "Where can I find live beta and game giveaways?", "answers": json.dumps(calls),
+           "tools": json.dumps(TOOLS)}
+    path = _jsonl(tmp_path / "xlam.jsonl", [row])
+    with pytest.raises(UsageError, match="--data-fields prompt=query,completion=answers: the calls are"):
+        normalize(load_records(path))
+    runs, text = _trained(path, qwen_tokenizer, "prompt=query,completion=answers")
+    assert runs == ['<tool_call>\n{"name": "live_giveaways_by_type", "arguments": {"type": "beta"}}\n</tool_call>\n'
+                    '<tool_call>\n{"name": "live_giveaways_by_type", "arguments": {"type": "game"}}\n</tool_call>'
+                    "<|im_end|>\n"]
+    assert text.index('"description": "Retrieve live giveaways."') < text.index("<|im_start|>user")  # untrained
+
+
+@pytest.mark.parametrize("row, hint", [
+    ({"chosen": "\n\nHuman: Hi?\n\nAssistant: Hello!", "rejected": "\n\nHuman: Hi?\n\nAssistant: Go."},
+     '"chosen" holds the whole text, prompt included: --data-fields text=chosen trains every token'),
+    ({"chosen": CHOSEN, "rejected": REJECTED, "score_chosen": 8.0, "score_rejected": 2.0},
+     '"chosen" holds the whole conversation: --data-fields messages=chosen'),
+    ({"prompt": "Hi?", "prompt_id": "p0", "chosen": CHOSEN, "rejected": REJECTED, "messages": CHOSEN},
+     'train the "messages" column these rows also have: --format chat.'),
+    ({"system": "", "question": "Hi?", "prompt": "Hi?", "chosen": "Hello!", "rejected": "Go."},
+     "--data-fields completion=chosen"),
+])
+def test_preference_rows_given_to_sft_name_the_mapping_that_fits(tmp_path, row, hint):
+    path = _jsonl(tmp_path / "pairs.jsonl", [row])
+    with pytest.raises(UsageError, match="preference pairs") as error:
+        normalize(load_records(path))
+    assert hint in str(error.value)
+
+
+def test_suggested_mappings_train(tmp_path, qwen_tokenizer):
+    """The mappings the refusals above suggest train the chosen answers only."""
+    path = _jsonl(tmp_path / "uf.jsonl", [{"chosen": CHOSEN, "rejected": REJECTED, "score_chosen": 8.0}])
+    assert _trained(path, qwen_tokenizer, "messages=chosen")[0] == ["Hello!<|im_end|>"]
+    path = _jsonl(tmp_path / "h4.jsonl", [{"prompt": "Hi?", "chosen": CHOSEN, "rejected": REJECTED,
+                                           "messages": CHOSEN}])
+    example = normalize(load_records(path), "chat")[0]
+    assert example.messages == ({"role": "user", "content": "Hi?"}, {"role": "assistant", "content": "Hello!"})
+
+
+def test_scored_response_pairs_refused_for_dpo_and_sft(tmp_path, tiny_model_dir, capsys):
+    row = {"split": "train", "prompt": "What is 2+2?", "response_1": "It is 4.", "response_2": "It is 5.",
+           "preference_strength": -2, "preference_statement": "@Response 1 is better.",
+           "preference_elaboration": "Response 2 is wrong.",
+           "three_most_similar_preferences": [{"statement": "a", "elaboration": "b", "strength": -2}],
+           "all_preferences_unprocessed": [-2, -3, -2]}
+    path = _jsonl(tmp_path / "helpsteer.jsonl", [row])
+    with pytest.raises(UsageError, match='--data-fields chosen=COLUMN,rejected=COLUMN; answers that are only scored'):
+        normalize_preferences(load_records(path))
+    with pytest.raises(UsageError, match="cannot tell the data format") as error:
+        normalize(load_records(path))
+    assert "messages=three_most_similar_preferences" not in str(error.value)  # scored notes are no conversation
+    assert main(["train", "--method", "dpo", "--model", str(tiny_model_dir), "--data", str(path), "--output",
+                 str(tmp_path / "run"), "--max-steps", "1", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert f'{path} line 1: field "chosen" is missing' in err and "Traceback" not in err
+
+
+def test_zstd_compressed_jsonl_says_decompress(tmp_path):
+    path = tmp_path / "train.jsonl.zst"
+    path.write_bytes(b"\x28\xb5\x2f\xfd")  # zstd's magic number: a file as hub repositories store some data
+    with pytest.raises(UsageError, match=r"unknown data format '\.jsonl\.zst'.* It looks compressed \(\.zst\): "
+                                         r"decompress it first, e\.g\. to train\.jsonl\."):
+        load_records(path)
