@@ -13,6 +13,7 @@ choices that keep runs equivalent to one process with the same global batch:
   FSDP2 shards what does not fit: the frozen 4-bit base.
 """
 
+import inspect
 import os
 from dataclasses import dataclass
 
@@ -105,7 +106,10 @@ def wrap_ddp(model: nn.Module, ctx: DistContext) -> nn.Module:
     frozen = [n for n, p in model.named_parameters() if not p.requires_grad] + [n for n, _ in model.named_buffers()]
     DDP._set_params_and_buffers_to_ignore_for_model(model, frozen)
     device_ids = [ctx.local_rank] if torch.cuda.is_available() else None
-    ddp = DDP(model, device_ids=device_ids, broadcast_buffers=False)
+    # no buffer sync in forward (the buffers are ignored above); torch 2.13 renamed the option
+    renamed = "forward_sync_buffers" in inspect.signature(DDP).parameters
+    no_sync = "forward_sync_buffers" if renamed else "broadcast_buffers"
+    ddp = DDP(model, device_ids=device_ids, **{no_sync: False})
     ddp.register_comm_hook(None, _sum_hook)
     return ddp
 

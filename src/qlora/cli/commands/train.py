@@ -65,6 +65,7 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"--nproc must be at least 1; got {args.nproc}")
     if args.nproc > 1 and "WORLD_SIZE" not in os.environ:
         argv = torchrun_argv(args)
+        os.environ.setdefault("OMP_NUM_THREADS", "1")  # torchrun's own default, set here so it prints no banner
         os.execv(argv[0], argv)
     trainer = Trainer(config)
     try:
