@@ -36,6 +36,13 @@ def _bnb_checkpoint(base, out, tokenizer, compute=torch.float32, **bnb_kwargs):
 
 
 def _logits(model) -> torch.Tensor:
+    """The model's logits on IDS. bitsandbytes layers compute by their reference path (dequantize, then
+    matmul in the compute dtype), the one its CUDA backend and CPUs without AVX512-BF16 run: on a CPU
+    with it, bitsandbytes otherwise switches eval-mode layers to a fused kernel that rounds activations and
+    absmax to bf16."""
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
     with torch.no_grad():
         return model(IDS).logits.float()
 
