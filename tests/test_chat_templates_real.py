@@ -1,8 +1,11 @@
-"""Real chat templates of 24 model families (issue 20): ids, BOS/EOS and loss mask, token for token.
+"""Real chat templates of 48 model families (issue 20): ids, BOS/EOS and loss mask, token for token.
 
 Each family's template is the model's own ``chat_template`` (tests/data/chat_templates, origins in
 SOURCES.md), on a local byte-level BPE tokenizer that carries the family's special tokens, BOS/EOS and
-``add_bos_token``. The oracle is ``tokenizer.apply_chat_template(conversation, tokenize=True)``.
+``add_bos_token``. The oracle is ``tokenizer.apply_chat_template(conversation, tokenize=True)``, on the
+conversation as that template takes reasoning: a family whose template reads reasoning apart from the
+answer (``"reasoning"`` in families.json: a message field, or ``thinking`` content chunks) gets a
+``<think>`` block's reasoning there, as its users write it.
 """
 
 from __future__ import annotations
@@ -47,6 +50,21 @@ def visible_forms(content: str) -> set[str]:
 _STRIP = "{% if '</think>' in content %}{% set content = content.split('</think>')[-1] %}{% endif %}"
 
 
+def as_family_takes_reasoning(family: str, messages: list[dict]) -> list[dict]:
+    """The conversation as a user of ``family`` writes it: a ``<think>`` block of an assistant message moved to the
+    field or chunks its template reads reasoning from (families.json ``"reasoning"``), the answer as content."""
+    how = FAMILIES[family].get("reasoning")
+    out = []
+    for m in messages:
+        if how and m["role"] == "assistant" and "</think>" in m["content"]:
+            reasoning, answer = m["content"].split("</think>")
+            reasoning, answer = reasoning.replace("<think>", "").strip(), answer.strip()
+            m = ({**m, "content": [{"type": "thinking", "thinking": reasoning}, {"type": "text", "text": answer}]}
+                 if how == "chunks" else {**m, "content": answer, how: reasoning})
+        out.append(m)
+    return out
+
+
 def reference_ids(tok, messages, template: str) -> list[int]:
     """apply_chat_template's ids; for a template that strips reasoning, with the turns after the last user message
     rendered whole and the earlier ones as the template shows them (their answer)."""
@@ -69,7 +87,7 @@ def test_real_template_ids_bos_eos_and_mask(family, shape):
     fmt = ChatFormat(tok.chat_template, origin=f"{family}.jinja", date=DATE)
     ends = stops(tok, family)
     tokenized = tokenize_example(Example(tuple(messages), None, "d.jsonl line 1"), tok, fmt, stop_ids=ends)
-    reference = reference_ids(tok, messages, fmt.pinned_template())
+    reference = reference_ids(tok, as_family_takes_reasoning(family, messages), fmt.pinned_template())
     ids = tokenized.input_ids
     # ids: exactly apply_chat_template's, plus one EOS only when no stop token follows the final answer
     if ids != reference:
@@ -79,16 +97,21 @@ def test_real_template_ids_bos_eos_and_mask(family, shape):
         tail = tok(tok.decode(reference)[answer_end:], add_special_tokens=False)["input_ids"]
         assert not set(tail) & ends, "an EOS was appended although a stop token ends the answer"
     assert ids.count(tok.bos_token_id) == reference.count(tok.bos_token_id) if tok.bos_token_id is not None else True
-    # mask: one run per assistant message = what the template prints of it + its end marker (a stop token)
+    # mask: one run per assistant message = what the template prints of it + its end marker (markup closing the
+    # answer, such as Command R7B's <|END_RESPONSE|>, then a stop token)
     assistants = [m["content"] for m in messages if m["role"] == "assistant"]
     trained = runs(tokenized)
     assert len(trained) == len(assistants)
     for run, content in zip(trained, assistants):
         assert run[-1] in ends, f"{tok.decode(run)!r} does not end with an end-of-turn token"
         body = run[:-1]
-        while body and body[-1] in ends:
+        while body and (body[-1] in ends or body[-1] in tok.all_special_ids):
             body = body[:-1]
-        if has_generation_markers(fmt.template):  # the template's own {% generation %} span, up to its end marker
+        if FAMILIES[family].get("reasoning") and "</think>" in content:  # the template's reasoning markup, then answer
+            reasoning, answer = (squash(part.replace("<think>", "")) for part in content.split("</think>"))
+            shown = squash(tok.decode(body))
+            assert shown.endswith(answer) and (reasoning in shown or shown == answer), tok.decode(run)
+        elif has_generation_markers(fmt.template):  # the template's own {% generation %} span, up to its end marker
             assert any(form in squash(tok.decode(body)) for form in visible_forms(content)), tok.decode(run)
         else:
             assert squash(tok.decode(body)) in visible_forms(content), tok.decode(run)
@@ -116,11 +139,44 @@ def test_template_without_system_role_names_file_line_message_and_hint(family):
     assert squash(tok.decode(runs(tokenized)[0])).startswith("Four.")
 
 
-@pytest.mark.parametrize("family", [f for f in FAMILIES if "strftime_now" in (DATA / f"{f}.jinja").read_text()])
-def test_date_dependent_templates_render_the_pinned_date(family):
+DATED = [f for f in FAMILIES if "strftime_now" in (DATA / f"{f}.jinja").read_text()]
+
+
+def dated_ids(family: str, date: str) -> list[int]:
     tok = family_tokenizer(family)
-    ids = {date: tokenize_example(Example((U1, A1), None, "x"), tok, ChatFormat(tok.chat_template, date=date)).input_ids
-           for date in ("2026-01-31", "2026-02-01")}
-    assert ids["2026-01-31"] != ids["2026-02-01"]
-    again = tokenize_example(Example((U1, A1), None, "x"), tok, ChatFormat(tok.chat_template, date="2026-01-31"))
-    assert again.input_ids == ids["2026-01-31"]
+    return tokenize_example(Example((U1, A1), None, "x"), tok, ChatFormat(tok.chat_template, date=date)).input_ids
+
+
+@pytest.mark.parametrize("family", DATED)
+def test_date_dependent_templates_render_the_pinned_date(family):
+    """Years far from today's: a template that prints the date prints the pinned one; one that only computes it
+    (Llama 4 without tools) renders the same ids on either date."""
+    tok = family_tokenizer(family)
+    ids = {date: dated_ids(family, date) for date in ("2031-01-31", "2031-02-01")}
+    assert dated_ids(family, "2031-01-31") == ids["2031-01-31"]
+    if "2031" in tok.decode(ids["2031-01-31"]):
+        assert ids["2031-01-31"] != ids["2031-02-01"]
+    else:
+        assert ids["2031-01-31"] == ids["2031-02-01"] and "2031" not in tok.decode(ids["2031-02-01"])
+
+
+def test_most_date_dependent_templates_print_the_pinned_date():
+    """The test above is not vacuous: the pinned year is printed by most date-dependent templates."""
+    printing = [f for f in DATED if "2031" in family_tokenizer(f).decode(dated_ids(f, "2031-01-31"))]
+    assert len(printing) >= len(DATED) - 1 >= 5, printing
+
+
+def test_reasoning_field_goes_to_thinking_chunks_and_is_trained_from_the_template_opening():
+    """Mistral's reasoning template reads ``block['thinking']`` of content chunks, not a message field: a
+    ``reasoning_content`` field is rendered as its ``[THINK]...[/THINK]`` chunk (not dropped), and the trained run
+    starts at ``[THINK]``, which the model writes after ``[/INST]``."""
+    tok = family_tokenizer("ministral-3-reasoning")
+    fmt = ChatFormat(tok.chat_template, origin="ministral-3-reasoning.jinja", date=DATE)
+    answer = {"role": "assistant", "content": "Four.", "reasoning_content": "Two and two."}
+    tokenized = tokenize_example(Example((U1, answer), None, "x"), tok, fmt)
+    chunked = {"role": "assistant", "content": [{"type": "thinking", "thinking": "Two and two."},
+                                                {"type": "text", "text": "Four."}]}
+    assert tokenized.input_ids == reference_ids(tok, [U1, chunked], fmt.pinned_template())
+    (run,) = runs(tokenized)
+    assert tok.convert_ids_to_tokens(run[:1]) == ["[THINK]"] and run[-1] == tok.eos_token_id
+    assert squash(tok.decode(run)) == squash("[THINK]Two and two.[/THINK]Four.</s>")
