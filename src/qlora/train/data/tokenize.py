@@ -224,6 +224,7 @@ def _chat_ids_and_mask(example: Example, tokenizer, fmt: ChatFormat, stops: set[
         marked = fmt.render(tokenizer, messages, where=example.where, tokenize=True, return_dict=True,
                             return_assistant_tokens_mask=True, **extra)
         runs = [_trim_after_stop(ids, run, stops) for run in _runs([bool(m) for m in marked["assistant_masks"]])]
+        _check_marked_calls(text, offsets, runs, messages, fmt, example.where)
         if skipped:
             if len(runs) != len(weights):
                 raise UsageError(f"{example.where}: the chat template ({fmt.origin}) marks {len(runs)} generation "
@@ -546,6 +547,32 @@ def _turn_start(text: str, cursor: int, start: int, generation_prompt: str, open
     return start - len(markup) if markup and text.endswith(markup, cursor, start) else start
 
 
+def _call_names(message: dict) -> list[str]:
+    return [c.get("function", c).get("name", "") for c in message.get("tool_calls") or ()]
+
+
+def _dropped_calls(where: str, k: int, n: int, i: int, message: dict, origin: str) -> UsageError:
+    return UsageError(
+        f"{where}: assistant message {k} of {n} (message {i + 1} of the conversation, calling {_call_names(message)}): "
+        f"the chat template ({origin}) drops these tool calls, or renders them elsewhere than in this turn (or "
+        "differently inside the conversation than as its last turn), so their tokens cannot be located and the model "
+        "would learn to answer this request without calling. Use a template that renders tool calls, or train on the "
+        "whole text with --train-on all.")
+
+
+def _check_marked_calls(text: str, offsets, runs: list[tuple[int, int]], messages: Sequence[dict], fmt: ChatFormat,
+                        where: str) -> None:
+    """Refuse a tool-calling turn whose ``{% generation %}`` block does not hold its calls (SmolLM3's template marks
+    an empty turn for it): trained so, the model would learn to answer a tool request with nothing."""
+    assistants = [i for i, m in enumerate(messages) if m.get("role") == "assistant"]
+    if len(runs) != len(assistants):
+        return
+    for k, (i, (start, end)) in enumerate(zip(assistants, runs), 1):
+        shown = text[offsets[start][0]:offsets[end - 1][1]]
+        if not all(name in shown for name in _call_names(messages[i])):
+            raise _dropped_calls(where, k, len(assistants), i, messages[i], fmt.origin)
+
+
 def _assistant_spans(text: str, messages: Sequence[dict], fmt: ChatFormat, where: str,
                      tool_call_span: Callable[[int, int], tuple[int, int] | None],
                      skipped: set[int] = frozenset(),
@@ -566,13 +593,7 @@ def _assistant_spans(text: str, messages: Sequence[dict], fmt: ChatFormat, where
         if messages[i].get("tool_calls"):
             found = tool_call_span(cursor, i)
             if found is None:
-                names = [c.get("function", c).get("name") for c in messages[i]["tool_calls"]]
-                raise UsageError(
-                    f"{where}: assistant message {k} of {len(assistants)} (message {i + 1} of the conversation, "
-                    f"calling {names}): the chat template ({fmt.origin}) drops these tool calls, or renders them "
-                    "differently inside the conversation than as its last turn, so their tokens cannot be located. "
-                    "Use a template that renders tool calls (or has {% generation %} markers), or train on the whole "
-                    "text with --train-on all.")
+                raise _dropped_calls(where, k, len(assistants), i, messages[i], fmt.origin)
             if k - 1 not in skipped:
                 spans.append(found)
             cursor = found[1]
