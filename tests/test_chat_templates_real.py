@@ -5,7 +5,8 @@ SOURCES.md), on a local byte-level BPE tokenizer that carries the family's speci
 ``add_bos_token``. The oracle is ``tokenizer.apply_chat_template(conversation, tokenize=True)``, on the
 conversation as that template takes reasoning: a family whose template reads reasoning apart from the
 answer (``"reasoning"`` in families.json: a message field, or ``thinking`` content chunks) gets a
-``<think>`` block's reasoning there, as its users write it.
+``<think>`` block's reasoning there, as its users write it. A tool-calling conversation is trained on
+the templates that render its call and refused on the others.
 """
 
 from __future__ import annotations
@@ -180,3 +181,63 @@ def test_reasoning_field_goes_to_thinking_chunks_and_is_trained_from_the_templat
     (run,) = runs(tokenized)
     assert tok.convert_ids_to_tokens(run[:1]) == ["[THINK]"] and run[-1] == tok.eos_token_id
     assert squash(tok.decode(run)) == squash("[THINK]Two and two.[/THINK]Four.</s>")
+
+
+WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "The weather in a city.", "parameters": {
+    "type": "object", "properties": {"city": {"type": "string", "description": "The city."}}, "required": ["city"]}}}
+CALL = [{"role": "user", "content": "Weather in Paris?"},
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "call12345", "type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}]},
+        {"role": "tool", "tool_call_id": "call12345", "name": "get_weather", "content": "Sunny, 21 C"},
+        {"role": "assistant", "content": "It is sunny."}]
+
+
+def oracle_call(tok, template: str) -> list[dict] | None:
+    """CALL as the template renders its call (name and arguments after the user's request), with the call's content
+    "" (transformers drops a None key) and its arguments an object (Hugging Face's convention) or JSON text
+    (DeepSeek's); None when apply_chat_template renders the call in neither."""
+    from jinja2.exceptions import TemplateError
+
+    for arguments in ({"city": "Paris"}, '{"city": "Paris"}'):
+        call = {**CALL[1], "content": "", "tool_calls": [{**CALL[1]["tool_calls"][0], "function": {
+            "name": "get_weather", "arguments": arguments}}]}
+        conversation = [CALL[0], call, *CALL[2:]]
+        try:
+            text = tok.apply_chat_template(conversation, tools=[WEATHER], tokenize=False, chat_template=template)
+        except (TemplateError, TypeError):  # TypeError: a template's tojson of an undefined field
+            continue
+        after = text[text.find("Weather in Paris?") + len("Weather in Paris?"):]
+        if "get_weather" in after and "Paris" in after[after.find("get_weather"):]:
+            return conversation
+    return None
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_tool_calling_turn_is_trained_whole_or_refused(family):
+    """A template that writes the call: apply_chat_template's ids, the call turn (name, arguments, end marker) and the
+    answer trained; one that drops it or fails on it: refused with the file and line (never trained without it)."""
+    from qlora.train.data.formats import normalize
+    from qlora.train.data.sources import Record
+
+    tok = family_tokenizer(family)
+    fmt = ChatFormat(tok.chat_template, origin=f"{family}.jinja", date=DATE)
+    example = normalize([Record({"messages": CALL, "tools": [WEATHER]}, "t.jsonl line 3")])[0]
+    conversation = oracle_call(tok, fmt.pinned_template())
+    if conversation is None:
+        with pytest.raises(UsageError, match="t.jsonl line 3"):
+            tokenize_example(example, tok, fmt, stop_ids=stops(tok, family))
+        return
+    tokenized = tokenize_example(example, tok, fmt, stop_ids=stops(tok, family))
+    reference = list(tok.apply_chat_template(conversation, tools=[WEATHER], tokenize=True, return_dict=True,
+                                             chat_template=fmt.pinned_template())["input_ids"])
+    assert tokenized.input_ids in (reference, reference + [tok.eos_token_id])
+    call, answer = runs(tokenized)
+    assert "get_weather" in tok.decode(call) and "Paris" in tok.decode(call) and call[-1] in stops(tok, family)
+    assert "Weather in Paris?" not in tok.decode(call) and "Sunny" not in tok.decode(call + answer)
+    assert "It is sunny." in tok.decode(answer) and answer[-1] in stops(tok, family)
+
+
+def test_tool_calling_test_is_not_vacuous():
+    """Most families with tool support render the call, so the test above trains it rather than expecting refusal."""
+    rendering = [f for f in FAMILIES if oracle_call(family_tokenizer(f), family_tokenizer(f).chat_template)]
+    assert len(rendering) >= 20 and {"qwen3-coder", "gpt-oss", "llama-3.3", "deepseek-v3"} <= set(rendering)
