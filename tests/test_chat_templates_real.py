@@ -1,8 +1,12 @@
-"""Real chat templates of 24 model families (issue 20): ids, BOS/EOS and loss mask, token for token.
+"""Real chat templates of 48 model families (issue 20): ids, BOS/EOS and loss mask, token for token.
 
 Each family's template is the model's own ``chat_template`` (tests/data/chat_templates, origins in
 SOURCES.md), on a local byte-level BPE tokenizer that carries the family's special tokens, BOS/EOS and
-``add_bos_token``. The oracle is ``tokenizer.apply_chat_template(conversation, tokenize=True)``.
+``add_bos_token``. The oracle is ``tokenizer.apply_chat_template(conversation, tokenize=True)``, on the
+conversation as that template takes reasoning: a family whose template reads reasoning apart from the
+answer (``"reasoning"`` in families.json: a message field, or ``thinking`` content chunks) gets a
+``<think>`` block's reasoning there, as its users write it. A tool-calling conversation is trained on
+the templates that render its call and refused on the others.
 """
 
 from __future__ import annotations
@@ -47,6 +51,21 @@ def visible_forms(content: str) -> set[str]:
 _STRIP = "{% if '</think>' in content %}{% set content = content.split('</think>')[-1] %}{% endif %}"
 
 
+def as_family_takes_reasoning(family: str, messages: list[dict]) -> list[dict]:
+    """The conversation as a user of ``family`` writes it: a ``<think>`` block of an assistant message moved to the
+    field or chunks its template reads reasoning from (families.json ``"reasoning"``), the answer as content."""
+    how = FAMILIES[family].get("reasoning")
+    out = []
+    for m in messages:
+        if how and m["role"] == "assistant" and "</think>" in m["content"]:
+            reasoning, answer = m["content"].split("</think>")
+            reasoning, answer = reasoning.replace("<think>", "").strip(), answer.strip()
+            m = ({**m, "content": [{"type": "thinking", "thinking": reasoning}, {"type": "text", "text": answer}]}
+                 if how == "chunks" else {**m, "content": answer, how: reasoning})
+        out.append(m)
+    return out
+
+
 def reference_ids(tok, messages, template: str) -> list[int]:
     """apply_chat_template's ids; for a template that strips reasoning, with the turns after the last user message
     rendered whole and the earlier ones as the template shows them (their answer)."""
@@ -69,7 +88,7 @@ def test_real_template_ids_bos_eos_and_mask(family, shape):
     fmt = ChatFormat(tok.chat_template, origin=f"{family}.jinja", date=DATE)
     ends = stops(tok, family)
     tokenized = tokenize_example(Example(tuple(messages), None, "d.jsonl line 1"), tok, fmt, stop_ids=ends)
-    reference = reference_ids(tok, messages, fmt.pinned_template())
+    reference = reference_ids(tok, as_family_takes_reasoning(family, messages), fmt.pinned_template())
     ids = tokenized.input_ids
     # ids: exactly apply_chat_template's, plus one EOS only when no stop token follows the final answer
     if ids != reference:
@@ -79,16 +98,21 @@ def test_real_template_ids_bos_eos_and_mask(family, shape):
         tail = tok(tok.decode(reference)[answer_end:], add_special_tokens=False)["input_ids"]
         assert not set(tail) & ends, "an EOS was appended although a stop token ends the answer"
     assert ids.count(tok.bos_token_id) == reference.count(tok.bos_token_id) if tok.bos_token_id is not None else True
-    # mask: one run per assistant message = what the template prints of it + its end marker (a stop token)
+    # mask: one run per assistant message = what the template prints of it + its end marker (markup closing the
+    # answer, such as Command R7B's <|END_RESPONSE|>, then a stop token)
     assistants = [m["content"] for m in messages if m["role"] == "assistant"]
     trained = runs(tokenized)
     assert len(trained) == len(assistants)
     for run, content in zip(trained, assistants):
         assert run[-1] in ends, f"{tok.decode(run)!r} does not end with an end-of-turn token"
         body = run[:-1]
-        while body and body[-1] in ends:
+        while body and (body[-1] in ends or body[-1] in tok.all_special_ids):
             body = body[:-1]
-        if has_generation_markers(fmt.template):  # the template's own {% generation %} span, up to its end marker
+        if FAMILIES[family].get("reasoning") and "</think>" in content:  # the template's reasoning markup, then answer
+            reasoning, answer = (squash(part.replace("<think>", "")) for part in content.split("</think>"))
+            shown = squash(tok.decode(body))
+            assert shown.endswith(answer) and (reasoning in shown or shown == answer), tok.decode(run)
+        elif has_generation_markers(fmt.template):  # the template's own {% generation %} span, up to its end marker
             assert any(form in squash(tok.decode(body)) for form in visible_forms(content)), tok.decode(run)
         else:
             assert squash(tok.decode(body)) in visible_forms(content), tok.decode(run)
@@ -116,11 +140,104 @@ def test_template_without_system_role_names_file_line_message_and_hint(family):
     assert squash(tok.decode(runs(tokenized)[0])).startswith("Four.")
 
 
-@pytest.mark.parametrize("family", [f for f in FAMILIES if "strftime_now" in (DATA / f"{f}.jinja").read_text()])
-def test_date_dependent_templates_render_the_pinned_date(family):
+DATED = [f for f in FAMILIES if "strftime_now" in (DATA / f"{f}.jinja").read_text()]
+
+
+def dated_ids(family: str, date: str) -> list[int]:
     tok = family_tokenizer(family)
-    ids = {date: tokenize_example(Example((U1, A1), None, "x"), tok, ChatFormat(tok.chat_template, date=date)).input_ids
-           for date in ("2026-01-31", "2026-02-01")}
-    assert ids["2026-01-31"] != ids["2026-02-01"]
-    again = tokenize_example(Example((U1, A1), None, "x"), tok, ChatFormat(tok.chat_template, date="2026-01-31"))
-    assert again.input_ids == ids["2026-01-31"]
+    return tokenize_example(Example((U1, A1), None, "x"), tok, ChatFormat(tok.chat_template, date=date)).input_ids
+
+
+@pytest.mark.parametrize("family", DATED)
+def test_date_dependent_templates_render_the_pinned_date(family):
+    """Years far from today's: a template that prints the date prints the pinned one; one that only computes it
+    (Llama 4 without tools) renders the same ids on either date."""
+    tok = family_tokenizer(family)
+    ids = {date: dated_ids(family, date) for date in ("2031-01-31", "2031-02-01")}
+    assert dated_ids(family, "2031-01-31") == ids["2031-01-31"]
+    if "2031" in tok.decode(ids["2031-01-31"]):
+        assert ids["2031-01-31"] != ids["2031-02-01"]
+    else:
+        assert ids["2031-01-31"] == ids["2031-02-01"] and "2031" not in tok.decode(ids["2031-02-01"])
+
+
+def test_most_date_dependent_templates_print_the_pinned_date():
+    """The test above is not vacuous: the pinned year is printed by most date-dependent templates."""
+    printing = [f for f in DATED if "2031" in family_tokenizer(f).decode(dated_ids(f, "2031-01-31"))]
+    assert len(printing) >= len(DATED) - 1 >= 5, printing
+
+
+def test_reasoning_field_goes_to_thinking_chunks_and_is_trained_from_the_template_opening():
+    """Mistral's reasoning template reads ``block['thinking']`` of content chunks, not a message field: a
+    ``reasoning_content`` field is rendered as its ``[THINK]...[/THINK]`` chunk (not dropped), and the trained run
+    starts at ``[THINK]``, which the model writes after ``[/INST]``."""
+    tok = family_tokenizer("ministral-3-reasoning")
+    fmt = ChatFormat(tok.chat_template, origin="ministral-3-reasoning.jinja", date=DATE)
+    answer = {"role": "assistant", "content": "Four.", "reasoning_content": "Two and two."}
+    tokenized = tokenize_example(Example((U1, answer), None, "x"), tok, fmt)
+    chunked = {"role": "assistant", "content": [{"type": "thinking", "thinking": "Two and two."},
+                                                {"type": "text", "text": "Four."}]}
+    assert tokenized.input_ids == reference_ids(tok, [U1, chunked], fmt.pinned_template())
+    (run,) = runs(tokenized)
+    assert tok.convert_ids_to_tokens(run[:1]) == ["[THINK]"] and run[-1] == tok.eos_token_id
+    assert squash(tok.decode(run)) == squash("[THINK]Two and two.[/THINK]Four.</s>")
+
+
+WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "The weather in a city.", "parameters": {
+    "type": "object", "properties": {"city": {"type": "string", "description": "The city."}}, "required": ["city"]}}}
+CALL = [{"role": "user", "content": "Weather in Paris?"},
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "call12345", "type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}]},
+        {"role": "tool", "tool_call_id": "call12345", "name": "get_weather", "content": "Sunny, 21 C"},
+        {"role": "assistant", "content": "It is sunny."}]
+
+
+def oracle_call(tok, template: str) -> list[dict] | None:
+    """CALL as the template renders its call (name and arguments after the user's request), with the call's content
+    "" (transformers drops a None key) and its arguments an object (Hugging Face's convention) or JSON text
+    (DeepSeek's); None when apply_chat_template renders the call in neither."""
+    from jinja2.exceptions import TemplateError
+
+    for arguments in ({"city": "Paris"}, '{"city": "Paris"}'):
+        call = {**CALL[1], "content": "", "tool_calls": [{**CALL[1]["tool_calls"][0], "function": {
+            "name": "get_weather", "arguments": arguments}}]}
+        conversation = [CALL[0], call, *CALL[2:]]
+        try:
+            text = tok.apply_chat_template(conversation, tools=[WEATHER], tokenize=False, chat_template=template)
+        except (TemplateError, TypeError):  # TypeError: a template's tojson of an undefined field
+            continue
+        after = text[text.find("Weather in Paris?") + len("Weather in Paris?"):]
+        if "get_weather" in after and "Paris" in after[after.find("get_weather"):]:
+            return conversation
+    return None
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_tool_calling_turn_is_trained_whole_or_refused(family):
+    """A template that writes the call: apply_chat_template's ids, the call turn (name, arguments, end marker) and the
+    answer trained; one that drops it or fails on it: refused with the file and line (never trained without it)."""
+    from qlora.train.data.formats import normalize
+    from qlora.train.data.sources import Record
+
+    tok = family_tokenizer(family)
+    fmt = ChatFormat(tok.chat_template, origin=f"{family}.jinja", date=DATE)
+    example = normalize([Record({"messages": CALL, "tools": [WEATHER]}, "t.jsonl line 3")])[0]
+    conversation = oracle_call(tok, fmt.pinned_template())
+    if conversation is None:
+        with pytest.raises(UsageError, match="t.jsonl line 3"):
+            tokenize_example(example, tok, fmt, stop_ids=stops(tok, family))
+        return
+    tokenized = tokenize_example(example, tok, fmt, stop_ids=stops(tok, family))
+    reference = list(tok.apply_chat_template(conversation, tools=[WEATHER], tokenize=True, return_dict=True,
+                                             chat_template=fmt.pinned_template())["input_ids"])
+    assert tokenized.input_ids in (reference, reference + [tok.eos_token_id])
+    call, answer = runs(tokenized)
+    assert "get_weather" in tok.decode(call) and "Paris" in tok.decode(call) and call[-1] in stops(tok, family)
+    assert "Weather in Paris?" not in tok.decode(call) and "Sunny" not in tok.decode(call + answer)
+    assert "It is sunny." in tok.decode(answer) and answer[-1] in stops(tok, family)
+
+
+def test_tool_calling_test_is_not_vacuous():
+    """Most families with tool support render the call, so the test above trains it rather than expecting refusal."""
+    rendering = [f for f in FAMILIES if oracle_call(family_tokenizer(f), family_tokenizer(f).chat_template)]
+    assert len(rendering) >= 20 and {"qwen3-coder", "gpt-oss", "llama-3.3", "deepseek-v3"} <= set(rendering)

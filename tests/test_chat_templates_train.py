@@ -33,7 +33,8 @@ def train(model, data_path, out, *extra):
                  "--max-steps", "2", "--no-progress", "--template", "auto", *extra])
 
 
-@pytest.mark.parametrize("family", ["qwen3", "llama-3.2", "phi-3.5", "mistral-v0.3", "deepseek-r1-distill"])
+@pytest.mark.parametrize("family", ["qwen3", "llama-3.2", "phi-3.5", "mistral-v0.3", "deepseek-r1-distill", "olmo-2",
+                                    "phi-4-mini", "command-r7b", "ministral-3-reasoning", "gpt-oss"])
 def test_train_template_auto_end_to_end(family, tmp_path):
     model = model_for(family, tmp_path)
     assert train(model, data(tmp_path), tmp_path / "run") == 0

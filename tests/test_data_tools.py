@@ -109,6 +109,14 @@ def test_a_template_that_drops_tool_calls_is_refused():
     assert all_tokens.num_trainable > 0
 
 
+def test_a_generation_marked_template_that_drops_tool_calls_is_refused():
+    """SmolLM3's template marks a {% generation %} block for a tool-calling turn but writes no call in it: training
+    it would teach the model to answer a tool request with an empty turn."""
+    tok = family_tokenizer("smollm3")
+    with pytest.raises(UsageError, match=r"tools\.jsonl line 1: assistant message 1 of 2 .*drops these tool calls"):
+        tokenize_example(_example(), tok, ChatFormat(tok.chat_template, origin="smollm3.jinja"))
+
+
 def test_developer_role_is_system_where_the_template_has_none():
     tok = family_tokenizer("qwen2.5")
     fmt = ChatFormat(tok.chat_template)

@@ -11,6 +11,9 @@ field under the dataset's own name (the row's reasoning column becomes the answe
   reads), so it formats the reasoning its own way (Qwen3's ``<think>`` block, gpt-oss's analysis
   channel); content holding a ``<think>`` block is split into that field when the template does
   not parse such blocks itself;
+- a template that takes reasoning as a content chunk (Mistral's reasoning models:
+  ``{"type": "thinking", "thinking": ...}`` before the ``{"type": "text"}`` answer, written
+  ``[THINK]...[/THINK]``) gets the content as those two chunks;
 - otherwise, when the template or the vocabulary knows ``<think>``/``</think>``, the reasoning is
   folded into the content as ``<think>\\nreasoning\\n</think>\\n\\nanswer``, the block those
   templates parse (and plain-text rows are written the same way);
@@ -72,9 +75,25 @@ def fold(reasoning: str, answer: str) -> str:
     return f"{THINK_OPEN}\n{reasoning.strip()}\n{THINK_CLOSE}\n\n{answer.lstrip()}"
 
 
+def thinking_chunks(template: str) -> bool:
+    """Whether ``template`` takes reasoning as content chunks of type ``thinking`` (``block['type'] == 'thinking'``)."""
+    return re.search(r"""(?:\[\s*['"]type['"]\s*\]|\.type)\s*==\s*['"]thinking['"]""", template) is not None
+
+
+def chunk_reasoning(message: dict[str, Any]) -> str:
+    """The text of a message's ``thinking`` content chunks ('' when it has none)."""
+    content = message.get("content")
+    if not isinstance(content, list):
+        return ""
+    return "".join(str(p.get("thinking", "")) for p in content if isinstance(p, dict) and p.get("type") == "thinking")
+
+
 def template_reasoning_keys(template: str) -> tuple[str, ...]:
     """The message fields among :data:`REASONING_KEYS` that ``template`` reads (``message.thinking``,
-    ``m['reasoning_content']``, ``message.get('reasoning')``, ``"thinking" in message``)."""
+    ``m['reasoning_content']``, ``message.get('reasoning')``, ``"thinking" in message``); none for a template
+    that takes reasoning as content chunks, whose ``block['thinking']`` is no message field."""
+    if thinking_chunks(template):
+        return ()
     return tuple(k for k in REASONING_KEYS if re.search(
         rf"""\.{k}\b|\[\s*['"]{k}['"]\s*\]|\.get\(\s*['"]{k}['"]|['"]{k}['"]\s+(?:not\s+)?in\s""", template))
 
@@ -101,6 +120,8 @@ def has_reasoning(messages: Sequence[dict] | None, plain: tuple[str, str] | None
 def placement(template: str, tokenizer) -> str:
     """How :func:`place_reasoning` gives reasoning to ``template``, in words for the run log."""
     keys = template_reasoning_keys(template)
+    if thinking_chunks(template):
+        return "given to the chat template as thinking content chunks"
     if keys:
         return f"given to the chat template as {'/'.join(keys)}"
     if knows_think_markers(template, tokenizer):
@@ -126,6 +147,7 @@ def place_reasoning(messages: Sequence[dict], template: str, tokenizer, where: s
         UsageError: a turn has reasoning and the template has no place for it (naming the message and field).
     """
     keys = template_reasoning_keys(template)
+    chunks = thinking_chunks(template)
     parses_think = THINK_CLOSE in template
     out = []
     for i, m in enumerate(messages):
@@ -133,16 +155,26 @@ def place_reasoning(messages: Sequence[dict], template: str, tokenizer, where: s
         bare = {k: v for k, v in m.items() if k not in REASONING_KEYS}
         content = bare.get("content") if isinstance(bare.get("content"), str) else ""
         if found is None:
-            embedded = split_think(content) if keys and not parses_think else None
+            embedded = split_think(content) if (keys or chunks) and not parses_think else None
             if embedded and m.get("role") == "assistant":  # e.g. gpt-oss: its template wants the field
-                bare = {**bare, "content": embedded[1], **{k: embedded[0] for k in keys}}
+                bare = _given(bare, embedded[0], embedded[1], keys, chunks)
             out.append(bare if m.get("role") == "assistant" else m)
             continue
         key, reasoning = found
-        if keys:
+        if chunks:
+            out.append(_given(bare, reasoning, content, keys, chunks))
+        elif keys:
             out.append({**bare, **{k: reasoning for k in keys}})
         elif knows_think_markers(template, tokenizer):
             out.append({**bare, "content": fold(reasoning, content)})
         else:
             raise no_place_error(f"{where}, message {i + 1} of the conversation", key, origin)
     return out
+
+
+def _given(message: dict, reasoning: str, answer: str, keys: tuple[str, ...], chunks: bool) -> dict:
+    """``message`` with ``reasoning`` and ``answer`` as the template takes them: thinking + text chunks, or the
+    answer as content and the reasoning in each field of ``keys``."""
+    if chunks:
+        return {**message, "content": [{"type": "thinking", "thinking": reasoning}, {"type": "text", "text": answer}]}
+    return {**message, "content": answer, **{k: reasoning for k in keys}}

@@ -19,7 +19,8 @@ The rules (issues 11 and 20), each one a silent fine-tune killer elsewhere:
   that merge across a boundary. A message that does not appear at all is refused, saying which;
 - reasoning traces go where the template takes them (:mod:`qlora.train.data.reasoning`); a turn
   with reasoning is trained from the end of the template's generation prompt (so Qwen3's
-  ``<think>``, gpt-oss's analysis channel header are learned) through its answer. Reasoning a
+  ``<think>``, gpt-oss's analysis channel header are learned), or else from the template's own opening
+  of the reasoning (Mistral's ``[THINK]``), through its answer. Reasoning a
   template drops from turns before the last user message (Qwen3, gpt-oss, DeepSeek-R1: the model
   never sees it there at inference) is not trained; reasoning a template drops from the final
   turns too (DeepSeek-R1's templates strip every ``<think>`` block) is put back before the answer, as
@@ -44,8 +45,9 @@ from qlora.errors import UsageError
 from qlora.model import chat_format
 from qlora.model.chat_format import END_OF_TURN_TOKENS, ChatFormat, stop_token_ids
 from qlora.train.data.formats import Example
-from qlora.train.data.reasoning import (THINK_CLOSE, THINK_OPEN, fold, has_reasoning, knows_think_markers,
-                                        no_place_error, place_reasoning, placement, reasoning_of, split_think)
+from qlora.train.data.reasoning import (REASONING_KEYS, THINK_CLOSE, THINK_OPEN, chunk_reasoning, fold, has_reasoning,
+                                        knows_think_markers, no_place_error, place_reasoning, placement, reasoning_of,
+                                        split_think)
 
 IGNORE_INDEX = -100
 TRAIN_ON = ("assistant", "all")
@@ -222,6 +224,7 @@ def _chat_ids_and_mask(example: Example, tokenizer, fmt: ChatFormat, stops: set[
         marked = fmt.render(tokenizer, messages, where=example.where, tokenize=True, return_dict=True,
                             return_assistant_tokens_mask=True, **extra)
         runs = [_trim_after_stop(ids, run, stops) for run in _runs([bool(m) for m in marked["assistant_masks"]])]
+        _check_marked_calls(text, offsets, runs, messages, fmt, example.where)
         if skipped:
             if len(runs) != len(weights):
                 raise UsageError(f"{example.where}: the chat template ({fmt.origin}) marks {len(runs)} generation "
@@ -233,13 +236,15 @@ def _chat_ids_and_mask(example: Example, tokenizer, fmt: ChatFormat, stops: set[
         spans = _assistant_spans(text, messages, fmt, example.where,
                                  lambda cursor, i: _tool_call_span(text, cursor, tokenizer, fmt, messages, i,
                                                                    example.where, extra), skipped,
-                                 lambda i: _generation_prompt(tokenizer, fmt, messages, i, example.where, extra))
+                                 lambda i: _generation_prompt(tokenizer, fmt, messages, i, example.where, extra),
+                                 lambda i: _reasoning_opening(tokenizer, fmt, messages, i, example.where, extra))
         runs = [_tokens_covering(offsets, s, e) for s, e in spans]
         char_ends = [e for _, e in spans]
     mask = [False] * len(ids)
     last_end_has_stop = False
+    markup = _markup_ids(tokenizer)
     for (start, end), char_end in zip(runs, char_ends):
-        end, last_end_has_stop = _with_end_marker(ids, offsets, text, end, char_end, stops)
+        end, last_end_has_stop = _with_end_marker(ids, offsets, text, end, char_end, stops, markup)
         mask[start:end] = [True] * (end - start)
     final_is_assistant = (bool(messages) and messages[-1].get("role") == "assistant" and bool(runs)
                           and example.messages[-1].get("weight", 1) != 0)
@@ -248,10 +253,17 @@ def _chat_ids_and_mask(example: Example, tokenizer, fmt: ChatFormat, stops: set[
     return ids, mask, final_is_assistant and not last_end_has_stop, hidden
 
 
-def _reasoning_text(message: dict) -> str:
-    """An assistant message's reasoning (its field, or its content's ``<think>`` block), stripped; '' if none."""
+def _reasoning_field(message: dict) -> str | None:
+    """An assistant message's reasoning given apart from its answer (a field, or thinking chunks), or None."""
     field = reasoning_of(message)
-    parts = (field[1], "") if field else split_think(_content(message))
+    return field[1] if field else (chunk_reasoning(message) or None)
+
+
+def _reasoning_text(message: dict) -> str:
+    """An assistant message's reasoning (a field, thinking chunks, or its content's ``<think>`` block), stripped;
+    '' if none."""
+    field = _reasoning_field(message)
+    parts = (field, "") if field else split_think(_content(message))
     return parts[0].strip() if parts else ""
 
 
@@ -324,6 +336,21 @@ def _generation_prompt(tokenizer, fmt: ChatFormat, messages: Sequence[dict], i: 
     plain = fmt.render(tokenizer, messages[:i], where=where, **extra)
     prompted = fmt.render(tokenizer, messages[:i], add_generation_prompt=True, where=where, **extra)
     return prompted[len(plain):] if prompted.startswith(plain) else ""
+
+
+def _reasoning_opening(tokenizer, fmt: ChatFormat, messages: Sequence[dict], i: int, where: str, extra: dict) -> str:
+    """The markup the template writes just before assistant message ``i``'s reasoning (Mistral's ``[THINK]``): what
+    rendering messages ``[:i + 1]`` adds before the reasoning where it departs from rendering them with that message's
+    answer alone ('' when the reasoning is not found after that point)."""
+    reasoning = _reasoning_text(messages[i])
+    bare = {k: v for k, v in messages[i].items() if k not in REASONING_KEYS}
+    parts = split_think(_content(bare))
+    bare["content"] = parts[1] if parts else _content(bare)
+    full = fmt.render(tokenizer, messages[:i + 1], where=where, **extra)
+    plain = fmt.render(tokenizer, [*messages[:i], bare], where=where, **extra)
+    n = _common_prefix(full, plain)
+    at = full.find(reasoning, n) if reasoning else -1
+    return full[n:at] if at >= 0 else ""
 
 
 def _template_kwargs(example: Example) -> dict:
@@ -424,15 +451,22 @@ def _tokens_covering(offsets: list[tuple[int, int]], start: int, end: int) -> tu
     return covering[0], covering[-1] + 1
 
 
-def _with_end_marker(ids, offsets, text: str, end: int, char_end: int, stops: set[int]) -> tuple[int, bool]:
+def _markup_ids(tokenizer) -> set[int]:
+    """Ids of the tokenizer's special and added tokens: template markup, never text a message holds."""
+    return set(tokenizer.all_special_ids) | set(getattr(tokenizer, "added_tokens_decoder", {}))
+
+
+def _with_end_marker(ids, offsets, text: str, end: int, char_end: int, stops: set[int],
+                     markup: set[int]) -> tuple[int, bool]:
     """Extend a trained run (tokens up to ``end``, text up to ``char_end``) over its end-of-turn
-    marker: whitespace, then stop tokens.
+    marker: whitespace and markup tokens that close the answer (Command R7B's ``<|END_RESPONSE|>``),
+    then stop tokens; the model writes all of them before it stops.
 
     Returns the new end and whether a stop token ends the turn."""
     if end > 0 and ids[end - 1] in stops:
         return end, True
     j = end
-    while j < len(ids) and ids[j] not in stops and not text[offsets[j][0]:offsets[j][1]].strip():
+    while j < len(ids) and ids[j] not in stops and (ids[j] in markup or not text[offsets[j][0]:offsets[j][1]].strip()):
         j += 1
     if j < len(ids) and ids[j] in stops:
         while j < len(ids) and ids[j] in stops:
@@ -465,14 +499,15 @@ def _find(text: str, needle: str, cursor: int) -> tuple[int, int] | None:
     return None
 
 
-def _find_assistant(text: str, message: dict, cursor: int,
-                    generation_prompt: Callable[[], str] = lambda: "") -> tuple[int, int] | None:
-    """Where an assistant message is rendered: its content whole, or, for a message with reasoning (a field or a
-    ``<think>`` block in the content), its reasoning + answer as the template reformats them, from the end of the
-    generation prompt (the model writes what follows it: ``<think>``, a channel header), or the answer alone when
-    the template drops the reasoning of this turn."""
+def _find_assistant(text: str, message: dict, cursor: int, generation_prompt: Callable[[], str] = lambda: "",
+                    opening: Callable[[], str] = lambda: "") -> tuple[int, int] | None:
+    """Where an assistant message is rendered: its content whole, or, for a message with reasoning (a field,
+    thinking chunks or a ``<think>`` block in the content), its reasoning + answer as the template reformats them,
+    from the end of the generation prompt (the model writes what follows it: ``<think>``, a channel header) or from
+    the template's ``opening`` markup of the reasoning, or the answer alone when the template drops the reasoning of
+    this turn."""
     content = _content(message)
-    field = reasoning_of(message)
+    field = _reasoning_field(message)
     parts = (_reasoning_text(message), content.strip()) if field else split_think(content)
     if parts is None:
         found = _find(text, content, cursor)
@@ -484,7 +519,7 @@ def _find_assistant(text: str, message: dict, cursor: int,
     if think and (first_answer is None or first_answer[0] >= think[0]):  # this turn's reasoning, not a later one's
         after = _find(text, answer, think[1]) if answer else (think[1], think[1])
         if after:
-            return _turn_start(text, cursor, think[0], generation_prompt()), after[1]
+            return _turn_start(text, cursor, think[0], generation_prompt(), opening), after[1]
     if field is None:
         found = _find(text, content, cursor)  # a template that prints the <think> block as plain text
         if found:
@@ -497,27 +532,56 @@ def _find_assistant(text: str, message: dict, cursor: int,
 _EMPTY_THINK = re.compile(r"<think>\s*</think>\s*\Z")
 
 
-def _turn_start(text: str, cursor: int, start: int, generation_prompt: str) -> int:
+def _turn_start(text: str, cursor: int, start: int, generation_prompt: str, opening: Callable[[], str]) -> int:
     """Where the model starts writing a turn whose reasoning starts at ``start``: after the generation prompt
-    (found between ``cursor`` and ``start``), else at the ``<think>`` tag just before it, else at ``start``."""
+    (found between ``cursor`` and ``start``), else at the ``<think>`` tag just before it, else at the template's
+    ``opening()`` markup just before it, else at ``start``."""
     for prompt in dict.fromkeys((generation_prompt, generation_prompt.rstrip())):
         at = text.rfind(prompt, cursor, start) if prompt.strip() else -1
         if at >= 0:
             return at + len(prompt)
-    opening = text.rfind(THINK_OPEN, cursor, start)  # the model writes the opening tag itself
-    if opening >= 0 and not text[opening + len(THINK_OPEN):start].strip():
-        return opening
-    return start
+    tag = text.rfind(THINK_OPEN, cursor, start)  # the model writes the opening tag itself
+    if tag >= 0 and not text[tag + len(THINK_OPEN):start].strip():
+        return tag
+    markup = opening()
+    return start - len(markup) if markup and text.endswith(markup, cursor, start) else start
+
+
+def _call_names(message: dict) -> list[str]:
+    return [c.get("function", c).get("name", "") for c in message.get("tool_calls") or ()]
+
+
+def _dropped_calls(where: str, k: int, n: int, i: int, message: dict, origin: str) -> UsageError:
+    return UsageError(
+        f"{where}: assistant message {k} of {n} (message {i + 1} of the conversation, calling {_call_names(message)}): "
+        f"the chat template ({origin}) drops these tool calls, or renders them elsewhere than in this turn (or "
+        "differently inside the conversation than as its last turn), so their tokens cannot be located and the model "
+        "would learn to answer this request without calling. Use a template that renders tool calls, or train on the "
+        "whole text with --train-on all.")
+
+
+def _check_marked_calls(text: str, offsets, runs: list[tuple[int, int]], messages: Sequence[dict], fmt: ChatFormat,
+                        where: str) -> None:
+    """Refuse a tool-calling turn whose ``{% generation %}`` block does not hold its calls (SmolLM3's template marks
+    an empty turn for it): trained so, the model would learn to answer a tool request with nothing."""
+    assistants = [i for i, m in enumerate(messages) if m.get("role") == "assistant"]
+    if len(runs) != len(assistants):
+        return
+    for k, (i, (start, end)) in enumerate(zip(assistants, runs), 1):
+        shown = text[offsets[start][0]:offsets[end - 1][1]]
+        if not all(name in shown for name in _call_names(messages[i])):
+            raise _dropped_calls(where, k, len(assistants), i, messages[i], fmt.origin)
 
 
 def _assistant_spans(text: str, messages: Sequence[dict], fmt: ChatFormat, where: str,
                      tool_call_span: Callable[[int, int], tuple[int, int] | None],
                      skipped: set[int] = frozenset(),
-                     generation_prompt: Callable[[int], str] = lambda i: "") -> list[tuple[int, int]]:
+                     generation_prompt: Callable[[int], str] = lambda i: "",
+                     reasoning_opening: Callable[[int], str] = lambda i: "") -> list[tuple[int, int]]:
     """Character spans of each assistant message's content in ``text``, in order, but for the assistant
     messages numbered (from 0) in ``skipped``; a message that calls tools spans the whole turn the template
     writes for it (``tool_call_span(cursor, i)``: content and calls); a message with reasoning starts where
-    ``generation_prompt(i)`` (the template's, after messages ``[:i]``) ends."""
+    ``generation_prompt(i)`` (the template's, after messages ``[:i]``) ends, or at ``reasoning_opening(i)``."""
     spans, cursor = [], 0
     assistants = [i for i, m in enumerate(messages) if m.get("role") == "assistant"]
     for k, i in enumerate(assistants, 1):
@@ -529,20 +593,15 @@ def _assistant_spans(text: str, messages: Sequence[dict], fmt: ChatFormat, where
         if messages[i].get("tool_calls"):
             found = tool_call_span(cursor, i)
             if found is None:
-                names = [c.get("function", c).get("name") for c in messages[i]["tool_calls"]]
-                raise UsageError(
-                    f"{where}: assistant message {k} of {len(assistants)} (message {i + 1} of the conversation, "
-                    f"calling {names}): the chat template ({fmt.origin}) drops these tool calls, or renders them "
-                    "differently inside the conversation than as its last turn, so their tokens cannot be located. "
-                    "Use a template that renders tool calls (or has {% generation %} markers), or train on the whole "
-                    "text with --train-on all.")
+                raise _dropped_calls(where, k, len(assistants), i, messages[i], fmt.origin)
             if k - 1 not in skipped:
                 spans.append(found)
             cursor = found[1]
             continue
-        if not content.strip() and not reasoning_of(messages[i]):
+        if not content.strip() and not _reasoning_field(messages[i]):
             continue  # nothing to learn but the end marker, whose place is unknown
-        found = _find_assistant(text, messages[i], cursor, lambda i=i: generation_prompt(i))
+        found = _find_assistant(text, messages[i], cursor, lambda i=i: generation_prompt(i),
+                                lambda i=i: reasoning_opening(i))
         if found is None:
             shown = content.strip()[:60]
             raise UsageError(
