@@ -31,6 +31,7 @@ from ..errors import UsageError
 from ..nn import Experts4bit, Linear4bit, expert_weight_names
 from ..quant import NonFiniteError, QuantState
 from .architecture import text_model_from_config
+from .bnb_int8 import BnbInt8
 from .checkpoint_layout import CheckpointLayout
 from .compressed_tensors import CompressedTensors
 from .quantize import (_skipped, fp32_linear_names, is_conv1d, is_plain_linear, kept_dense_names, kept_in_fp32,
@@ -97,13 +98,14 @@ def _read_weight_keys(files: list[Path]) -> dict[Path, list[str]]:
 
 
 def _stored_floats(config, model_dir: Path) -> StoredFormat | None:
-    """The FP8, MXFP4 or compressed-tensors format the checkpoint's weights are stored in (its
+    """The FP8, MXFP4, compressed-tensors or bitsandbytes 8-bit format the checkpoint's weights are stored in (its
     ``quantization_config`` is then dropped: the model is built, and later saved, as a plain one), or None."""
     qc = getattr(config, "quantization_config", None)
     if qc is None:
         return None
     qc, source = (qc if isinstance(qc, dict) else qc.to_dict()), str(model_dir / "config.json")
-    stored = CompressedTensors.from_config(qc, source) or StoredFloats.from_config(qc, source)
+    stored = (CompressedTensors.from_config(qc, source) or StoredFloats.from_config(qc, source)
+              or BnbInt8.from_config(qc, source))
     if stored is not None:
         del config.quantization_config
     return stored
@@ -380,7 +382,10 @@ def load_model(
                         place(key, tensor, f"{model_dir}: {key}")
                     continue
                 key = _model_key(layout.target(raw_key), expected, model)
-                place(key, plan.decode(raw_key, parts, read), f"{file}: tensor {raw_key}")
+                tensor = plan.decode(raw_key, parts, read)
+                if len(parts) > 1 and getattr(stored, "linear_layout", False) and _is_conv1d_weight(model, key):
+                    tensor = tensor.t()  # decoded as nn.Linear's [out, in]; GPT-2's Conv1D holds [in, out]
+                place(key, tensor, f"{file}: tensor {raw_key}")
             current.clear()
     if layout.incomplete():
         raise UsageError(f"{model_dir}: the checkpoint lacks some of the tensors that make "
@@ -557,6 +562,15 @@ def _packed_layers(keys: dict[Path, list[str]], layout: CheckpointLayout, dense_
             key = _model_key(layout.target(stem + ".weight"), dense_keys, model)
             paths.add(key[: -len(".weight")])
     return paths
+
+
+def _is_conv1d_weight(model: nn.Module, key: str) -> bool:
+    path, _, leaf = key.rpartition(".")
+    try:
+        module = model.get_submodule(path)
+    except AttributeError:  # a key the model has no module for: placed (or refused) as it is
+        return False
+    return leaf == "weight" and (is_conv1d(module) or getattr(module, "from_conv1d", False))
 
 
 def _model_key(raw: str, expected: set[str], model: nn.Module) -> str:
