@@ -19,6 +19,7 @@ stay 16-bit.
 from __future__ import annotations
 
 import importlib.util
+import json
 import logging
 from collections import defaultdict
 from pathlib import Path
@@ -34,6 +35,7 @@ from .architecture import text_model_from_config
 from .bnb_int8 import BnbInt8
 from .checkpoint_layout import CheckpointLayout
 from .compressed_tensors import CompressedTensors
+from .modelopt import ModelOpt
 from .quantize import (_skipped, fp32_linear_names, is_conv1d, is_plain_linear, kept_dense_names, kept_in_fp32,
                        replace_modules)
 from .stored_floats import DecodePlan, StoredFloats, StoredFormat
@@ -98,17 +100,31 @@ def _read_weight_keys(files: list[Path]) -> dict[Path, list[str]]:
 
 
 def _stored_floats(config, model_dir: Path) -> StoredFormat | None:
-    """The FP8, MXFP4, compressed-tensors or bitsandbytes 8-bit format the checkpoint's weights are stored in (its
-    ``quantization_config`` is then dropped: the model is built, and later saved, as a plain one), or None."""
+    """The format the checkpoint's weights are stored in when qlora decodes them while loading (FP8, MXFP4,
+    compressed-tensors, ModelOpt, bitsandbytes 8-bit), or None. Its ``quantization_config`` is then dropped:
+    the model is built, and later saved, as a plain one."""
     qc = getattr(config, "quantization_config", None)
-    if qc is None:
-        return None
-    qc, source = (qc if isinstance(qc, dict) else qc.to_dict()), str(model_dir / "config.json")
+    source = str(model_dir / "config.json")
+    if qc is None:  # ModelOpt releases that name their quantization only in hf_quant_config.json
+        return _modelopt_file(model_dir / "hf_quant_config.json")
+    qc = qc if isinstance(qc, dict) else qc.to_dict()
     stored = (CompressedTensors.from_config(qc, source) or StoredFloats.from_config(qc, source)
-              or BnbInt8.from_config(qc, source))
+              or ModelOpt.from_config(qc, source) or BnbInt8.from_config(qc, source))
     if stored is not None:
         del config.quantization_config
     return stored
+
+
+def _modelopt_file(path: Path) -> ModelOpt | None:
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text())
+        quantization = data["quantization"] if data.get("producer", {}).get("name", "modelopt") == "modelopt" else None
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise UsageError(f"{path} is not ModelOpt's quantization description (a JSON object with \"quantization\"): "
+                         f"{exc}. Download or copy the model again.") from None
+    return ModelOpt.from_config({"quant_method": "modelopt", **quantization}, str(path)) if quantization else None
 
 
 def _prequantized(config, model_dir: Path) -> dict | None:

@@ -92,7 +92,7 @@ class StoredFloats:
         return self._fp8(key, parts[key], parts[key + _FP8_SCALE])
 
     def _fp8(self, key: str, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-        values = _unpack_fp4(q) if q.dtype in (torch.int8, torch.uint8) else q.to(torch.float32)
+        values = unpack_fp4(q) if q.dtype in (torch.int8, torch.uint8) else q.to(torch.float32)
         full = expand_scale(_scale_values(scale), values.shape, self.block)
         if full is None:
             raise _grid_error(key, values, scale, self.source)
@@ -206,7 +206,7 @@ def _scale_values(scale: torch.Tensor) -> torch.Tensor:
     return scale.to(torch.float32)
 
 
-def _unpack_fp4(packed: torch.Tensor) -> torch.Tensor:
+def unpack_fp4(packed: torch.Tensor) -> torch.Tensor:
     """Two ``e2m1`` codes a byte, low nibble first, as float32 values (the last dimension doubles)."""
     lut = torch.tensor(FP4_VALUES, dtype=torch.float32)
     codes = packed.view(torch.uint8)
@@ -221,7 +221,7 @@ def _mxfp4(blocks: torch.Tensor, scales: torch.Tensor, key: str) -> torch.Tensor
         raise UsageError(f"MXFP4 tensor {key}: its blocks {tuple(blocks.shape)} ({blocks.dtype}) and scales "
                          f"{tuple(scales.shape)} ({scales.dtype}) do not fit the format (uint8 blocks of 16 bytes, "
                          "one uint8 exponent per block); is the checkpoint intact?")
-    values = _unpack_fp4(blocks) * _scale_values(scales).unsqueeze(-1)
+    values = unpack_fp4(blocks) * _scale_values(scales).unsqueeze(-1)
     values = values.reshape(*blocks.shape[:-2], -1)
     return (values.transpose(-2, -1) if values.dim() == 3 else values).contiguous()
 
