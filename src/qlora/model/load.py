@@ -35,6 +35,7 @@ from .architecture import text_model_from_config
 from .bnb_int8 import BnbInt8
 from .checkpoint_layout import CheckpointLayout
 from .compressed_tensors import CompressedTensors
+from .gptq_awq import GroupedInt
 from .modelopt import ModelOpt
 from .quantize import (_skipped, fp32_linear_names, is_conv1d, is_plain_linear, kept_dense_names, kept_in_fp32,
                        replace_modules)
@@ -101,7 +102,7 @@ def _read_weight_keys(files: list[Path]) -> dict[Path, list[str]]:
 
 def _stored_floats(config, model_dir: Path) -> StoredFormat | None:
     """The format the checkpoint's weights are stored in when qlora decodes them while loading (FP8, MXFP4,
-    compressed-tensors, ModelOpt, bitsandbytes 8-bit), or None. Its ``quantization_config`` is then dropped:
+    compressed-tensors, ModelOpt, bitsandbytes 8-bit, GPTQ, AWQ), or None. Its ``quantization_config`` is then dropped:
     the model is built, and later saved, as a plain one."""
     qc = getattr(config, "quantization_config", None)
     source = str(model_dir / "config.json")
@@ -109,7 +110,8 @@ def _stored_floats(config, model_dir: Path) -> StoredFormat | None:
         return _modelopt_file(model_dir / "hf_quant_config.json")
     qc = qc if isinstance(qc, dict) else qc.to_dict()
     stored = (CompressedTensors.from_config(qc, source) or StoredFloats.from_config(qc, source)
-              or ModelOpt.from_config(qc, source) or BnbInt8.from_config(qc, source))
+              or ModelOpt.from_config(qc, source) or BnbInt8.from_config(qc, source)
+              or GroupedInt.from_config(qc, source))
     if stored is not None:
         del config.quantization_config
     return stored
@@ -128,11 +130,12 @@ def _modelopt_file(path: Path) -> ModelOpt | None:
 
 
 def _prequantized(config, model_dir: Path) -> dict | None:
-    """The checkpoint's bitsandbytes 4-bit ``quantization_config``, None for a 16/32-bit one.
+    """The checkpoint's bitsandbytes 4-bit ``quantization_config``, None for a 16/32-bit one (or one whose
+    decoded format :func:`_stored_floats` took).
 
     Raises:
-        UsageError: for any other quantization (bitsandbytes 8-bit, GPTQ, AWQ, FP8, ...), whose
-            weights qlora cannot read; the message says what to give it instead.
+        UsageError: for any other quantization (HQQ, EETQ, ...), whose weights qlora cannot read; the
+            message says what to give it instead.
     """
     qc = getattr(config, "quantization_config", None)
     if qc is None:
@@ -142,17 +145,16 @@ def _prequantized(config, model_dir: Path) -> dict | None:
     if method == "bitsandbytes" and qc.get("load_in_4bit", qc.get("_load_in_4bit")):
         return qc
     if method == "bitsandbytes":
-        kind = "bitsandbytes 8-bit (LLM.int8, load_in_8bit)" if qc.get("load_in_8bit", qc.get(
-            "_load_in_8bit")) else "bitsandbytes with neither load_in_4bit nor load_in_8bit set"
+        kind = "bitsandbytes with neither load_in_4bit nor load_in_8bit set"
     else:
         bits = qc.get("bits") or qc.get("w_bit")
         kind = f"{method!r}" + (f" ({bits}-bit)" if bits else "")
     raise UsageError(f"{model_dir / 'config.json'} describes a {kind} quantized checkpoint; qlora reads 16/32-bit "
-                     "checkpoints, FP8 (quant_method fp8), MXFP4 (mxfp4) and compressed-tensors FP8/INT4/INT8 "
-                     "ones, and bitsandbytes 4-bit ones (load_in_4bit, NF4 or FP4) only, and would misread these "
-                     "weights. Give it the model's original 16/32-bit checkpoint instead (qlora quantizes it "
-                     "to 4 bits while loading, or once with `qlora quantize`), or a bitsandbytes 4-bit checkpoint "
-                     "of it (BitsAndBytesConfig(load_in_4bit=True) then save_pretrained).")
+                     "checkpoints and those in FP8 (quant_method fp8), MXFP4, compressed-tensors, ModelOpt "
+                     "(NVFP4, FP8), GPTQ, AWQ and bitsandbytes (4- and 8-bit) formats only, and would misread these "
+                     "weights. Give it the model's original 16/32-bit checkpoint instead (qlora quantizes it to 4 "
+                     "bits while loading, or once with `qlora quantize`), or a bitsandbytes 4-bit checkpoint of it "
+                     "(BitsAndBytesConfig(load_in_4bit=True) then save_pretrained).")
 
 
 def _set_tensor(model: nn.Module, key: str, value: torch.Tensor, source: str) -> None:
@@ -275,6 +277,8 @@ def load_model(
     config = read_model_config(model_dir)
     stored = _stored_floats(config, model_dir)
     plan = DecodePlan(stored, keys)
+    if quant is not None and getattr(stored, "requantized", None):
+        log.warning("qlora: %s", stored.requantized.format(method=stored.method.upper()))
     prequant = _prequantized(config, model_dir)
     if prequant is not None:
         quant = prequant.get("bnb_4bit_quant_type", "fp4")  # BitsAndBytesConfig's default

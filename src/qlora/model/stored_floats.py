@@ -163,7 +163,7 @@ class DecodePlan:
         tensors = {name: read(file, name) for file, name in parts}
         if self.fmt is None or len(tensors) == 1:
             tensor = tensors[parts[0][1]]
-            why = self.fmt.whole_error(key, tensor) if self.fmt is not None else _unscaled_fp8(key, tensor)
+            why = (self.fmt.whole_error(key, tensor) if self.fmt is not None else None) or _unscaled_fp8(key, tensor)
             if why:
                 raise UsageError(f"{parts[0][0]}: tensor {key} {why}")
             return tensor
