@@ -1,4 +1,4 @@
-"""NVFP4 checkpoints load: ModelOpt's (``quant_method: modelopt``, NVIDIA's ``-FP4`` releases) and
+"""NVFP4 checkpoints load: ModelOpt's (``quant_method: modelopt``, NVIDIA's ``-FP4`` releases; its FP8 too) and
 compressed-tensors' ``nvfp4-pack-quantized`` (llm-compressor's ``-NVFP4`` releases).
 
 compressed-tensors files are written by its own NVFP4 compressor, and its ``decompress`` is the oracle.
@@ -201,3 +201,24 @@ def test_compressed_tensors_nvfp4_decodes_as_compressed_tensors_does(tiny_model_
         assert torch.equal(model(_IDS).logits, _load16(dense)(_IDS).logits)
     _assert_same_4bit(path, dense)
     assert_same_tensors(_load16(dense).state_dict(), ours)
+
+
+@pytest.mark.parametrize("per_row", [False, True])
+def test_modelopt_fp8_per_tensor_and_per_row_scales(per_row, tiny_model_dir, tmp_path):
+    """ModelOpt's FP8 (``quant_algo: FP8``): ``float8_e4m3fn`` weights and one float32 ``weight_scale`` per tensor
+    (or per output row); ``w = code * weight_scale``."""
+    tensors, want = {}, {}
+    for key, w in load_file(tiny_model_dir / "model.safetensors").items():
+        if not _quantized(key):
+            tensors[key] = w
+            continue
+        scale = (w.abs().amax(-1, keepdim=True) if per_row else w.abs().amax()) / 448.0
+        codes = (w / scale).to(torch.float8_e4m3fn)
+        module = key[: -len("weight")]
+        tensors |= {key: codes, module + "weight_scale": scale, module + "input_scale": torch.tensor(0.1)}
+        want[key] = codes.float() * scale
+    out = tmp_path / "fp8"
+    out.mkdir()
+    save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
+    _copy_config(tiny_model_dir, out, {"quant_method": "modelopt", "quant_algo": "FP8", "exclude_modules": ["lm_head"]})
+    assert_same_tensors(_load16(out).state_dict(), load_file(tiny_model_dir / "model.safetensors") | want)
