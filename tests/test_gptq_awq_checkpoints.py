@@ -22,6 +22,7 @@ from qlora.model.load import load_model
 from qlora.model.tiny import build_tiny_model
 from test_stored_floats import _IDS, _assert_same_4bit, _copy_config, _save_dense, assert_same_tensors
 
+transformers = pytest.importorskip("transformers")
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # nibble k of a word holds column AWQ_ORDER[k] of its eight
 
 
@@ -211,7 +212,8 @@ def test_broken_layers_are_named(tiny_model_dir, tmp_path):
         _load16(path)
 
 
-def test_train_cli_on_a_gptq_checkpoint(tiny_model_dir, tmp_path):
+def test_train_and_merge_cli_on_a_gptq_checkpoint(tiny_model_dir, tmp_path):
+    """`qlora train` on a GPTQ base saves an adapter; `qlora merge` writes a plain 16-bit checkpoint."""
     from qlora.cli.main import main
 
     path, _ = write_checkpoint(tiny_model_dir, tmp_path / "q", "gptq", act_order=True)
@@ -220,3 +222,8 @@ def test_train_cli_on_a_gptq_checkpoint(tiny_model_dir, tmp_path):
     assert main(["train", "--model", str(path), "--data", str(data), "--output", str(tmp_path / "run"),
                  "--max-steps", "2", "--seq-len", "32", "--progress", "off"]) == 0
     assert (tmp_path / "run" / "adapter_model.safetensors").is_file()
+    assert main(["merge", "--model", str(path), "--adapter", str(tmp_path / "run"),
+                 "--output", str(tmp_path / "merged")]) == 0
+    assert "quantization_config" not in json.loads((tmp_path / "merged" / "config.json").read_text())
+    merged = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+    assert merged.model.layers[0].self_attn.q_proj.weight.dtype == torch.bfloat16
