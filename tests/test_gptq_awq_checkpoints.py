@@ -20,7 +20,8 @@ from safetensors.torch import load_file, save_file
 from qlora.errors import UsageError
 from qlora.model.load import load_model
 from qlora.model.tiny import build_tiny_model
-from test_stored_floats import _IDS, _assert_same_4bit, _copy_config, _save_dense, assert_same_tensors
+from test_stored_floats import _IDS, _V5, _assert_same_4bit, _copy_config, _save_dense, assert_same_tensors
+from tiny_moe import save_tiny_moe
 
 transformers = pytest.importorskip("transformers")
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # nibble k of a word holds column AWQ_ORDER[k] of its eight
@@ -168,6 +169,24 @@ def test_gpt2_conv1d_layers(tmp_path, tiny_tokenizer):
     dense = _save_dense(ours, path, tmp_path / "dense")
     with torch.no_grad():
         assert torch.equal(ours(_IDS).logits, _load16(dense)(_IDS).logits)
+
+
+@pytest.mark.skipif(not _V5, reason="transformers 4.x keeps experts as per-expert linear layers")
+@pytest.mark.parametrize("method", ["gptq", "awq"])
+def test_moe_experts_per_expert_layers(method, tmp_path, tiny_tokenizer):
+    """Qwen3-MoE GPTQ/AWQ files pack every expert's projections as their own layer: decoded, then joined into
+    transformers 5's 3-D experts as the same weights stored in 32 bits are."""
+    dense = save_tiny_moe(tmp_path / "dense", tiny_tokenizer, "qwen3_moe")
+    path, want = write_checkpoint(dense, tmp_path / "q", method)
+    assert any(".experts.3." in k for k in want)
+    decoded = tmp_path / "decoded"
+    decoded.mkdir()
+    save_file(load_file(dense / "model.safetensors") | want, decoded / "model.safetensors", metadata={"format": "pt"})
+    for f in dense.iterdir():
+        if f.name != "model.safetensors":
+            (decoded / f.name).write_bytes(f.read_bytes())
+    assert_same_tensors(_load16(path).state_dict(), _load16(decoded).state_dict())
+    _assert_same_4bit(path, decoded)
 
 
 def test_4bit_load_warns_and_quantizes_the_decoded_weights(tiny_model_dir, tmp_path, caplog):

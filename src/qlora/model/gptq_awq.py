@@ -48,9 +48,13 @@ class GroupedInt:
     zero_offset: int = 0  # added to the stored zero points: 1 in the original GPTQ format
     source: str = "config.json"
     linear_layout = True  # decoded weights are [out, in], also for Conv1D modules
-    requantized = ("the checkpoint's {method} integer weights are decoded to float and quantized to 4 bits again, "
-                   "which adds quantization error to theirs; give the model's original 16/32-bit checkpoint where "
-                   "you have it.")
+
+    @property
+    def requantized(self) -> str:
+        """What a 4-bit load of these weights costs, said once when loading."""
+        return (f"the checkpoint's {self.method.upper()} integer weights are decoded to float and quantized to 4 bits "
+                "again, which adds quantization error to theirs; give the model's original 16/32-bit checkpoint "
+                "where you have it.")
 
     @classmethod
     def from_config(cls, qc: dict, source: str) -> "GroupedInt | None":

@@ -278,7 +278,7 @@ def load_model(
     stored = _stored_floats(config, model_dir)
     plan = DecodePlan(stored, keys)
     if quant is not None and getattr(stored, "requantized", None):
-        log.warning("qlora: %s", stored.requantized.format(method=stored.method.upper()))
+        log.warning("qlora: %s", stored.requantized)
     prequant = _prequantized(config, model_dir)
     if prequant is not None:
         quant = prequant.get("bnb_4bit_quant_type", "fp4")  # BitsAndBytesConfig's default
