@@ -224,3 +224,18 @@ def test_modelopt_fp8_per_tensor_and_per_row_scales(per_row, tiny_model_dir, tmp
     save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
     _copy_config(tiny_model_dir, out, {"quant_method": "modelopt", "quant_algo": "FP8", "exclude_modules": ["lm_head"]})
     assert_same_tensors(_load16(out).state_dict(), load_file(tiny_model_dir / "model.safetensors") | want)
+
+
+def test_modelopt_kv_cache_only_checkpoint_reads_its_16bit_weights(tiny_model_dir, tmp_path):
+    """``quant_algo: null`` with an FP8 KV cache (``-FP8-KV`` style): the weights are 16-bit, the cache scales
+    dropped."""
+    original = load_file(tiny_model_dir / "model.safetensors")
+    scales = {f"model.layers.{i}.self_attn.{p}_proj.{p}_scale": torch.tensor(0.5) for i in range(2) for p in "kv"}
+    out = tmp_path / "kv"
+    out.mkdir()
+    save_file(original | scales, out / "model.safetensors", metadata={"format": "pt"})
+    shutil.copy(tiny_model_dir / "config.json", out / "config.json")
+    _copy_tokenizer(tiny_model_dir, out)
+    (out / "hf_quant_config.json").write_text(json.dumps({"producer": {"name": "modelopt"}, "quantization": {
+        "quant_algo": None, "kv_cache_quant_algo": "FP8"}}))
+    assert_same_tensors(_load16(out).state_dict(), original)

@@ -100,7 +100,7 @@ def _read_weight_keys(files: list[Path]) -> dict[Path, list[str]]:
     return keys
 
 
-def _stored_floats(config, model_dir: Path) -> StoredFormat | None:
+def _stored_format(config, model_dir: Path) -> StoredFormat | None:
     """The format the checkpoint's weights are stored in when qlora decodes them while loading (FP8, MXFP4,
     compressed-tensors, ModelOpt, bitsandbytes 8-bit, GPTQ, AWQ), or None. Its ``quantization_config`` is then dropped:
     the model is built, and later saved, as a plain one."""
@@ -131,7 +131,7 @@ def _modelopt_file(path: Path) -> ModelOpt | None:
 
 def _prequantized(config, model_dir: Path) -> dict | None:
     """The checkpoint's bitsandbytes 4-bit ``quantization_config``, None for a 16/32-bit one (or one whose
-    decoded format :func:`_stored_floats` took).
+    decoded format :func:`_stored_format` took).
 
     Raises:
         UsageError: for any other quantization (HQQ, EETQ, ...), whose weights qlora cannot read; the
@@ -275,7 +275,7 @@ def load_model(
     files = weight_files(model_dir)
     keys = _read_weight_keys(files)  # headers only: a corrupt file fails here, before any tensor is read
     config = read_model_config(model_dir)
-    stored = _stored_floats(config, model_dir)
+    stored = _stored_format(config, model_dir)
     plan = DecodePlan(stored, keys)
     if quant is not None and getattr(stored, "requantized", None):
         log.warning("qlora: %s", stored.requantized)

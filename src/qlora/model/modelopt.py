@@ -52,7 +52,7 @@ def nvfp4_weight(packed: torch.Tensor, block_scale: torch.Tensor, key: str, what
 class ModelOpt:
     """A ModelOpt checkpoint's ``quant_algo`` and whether its attention layers carry KV-cache scales."""
 
-    algo: str
+    algo: str | None
     kv_cache: bool = False
     source: str = "config.json"
 
@@ -67,7 +67,7 @@ class ModelOpt:
         if qc.get("quant_method") not in MODELOPT_METHODS:
             return None
         algo = qc.get("quant_algo")
-        if algo not in ALGOS:
+        if algo is not None and algo not in ALGOS:  # None: 16-bit weights (a quantized KV cache at most)
             raise UsageError(f"{source} describes a ModelOpt checkpoint with quant_algo = {algo!r}; qlora decodes "
                              f"ModelOpt {' and '.join(ALGOS)} weights only ({algo!r} stores weights with AWQ pre-quant "
                              "scales, INT4/INT8 codes or several schemes, which it would misread). Give it the "

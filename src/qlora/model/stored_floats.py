@@ -17,8 +17,8 @@ scales, exact; the values transformers' ``dequantize`` loading path computes) an
 a tensor of a 32-bit checkpoint: a linear weight or an expert stack is quantized to NF4 at once. The
 model never exists in 16 bits as a whole; at most one decoded tensor (or one layer's experts) does.
 
-:class:`DecodePlan` gathers any :class:`StoredFormat`'s parts; compressed-tensors checkpoints have theirs
-in ``compressed_tensors.py``.
+:class:`DecodePlan` gathers any :class:`StoredFormat`'s parts; the other formats have theirs in
+``compressed_tensors.py``, ``modelopt.py``, ``bnb_int8.py`` and ``gptq_awq.py``.
 """
 
 from __future__ import annotations
@@ -43,7 +43,12 @@ Part = tuple[Path, str]  # (weight file, key in it)
 
 
 class StoredFormat(Protocol):
-    """How a checkpoint stores its tensors in parts (:class:`StoredFloats`, or compressed-tensors')."""
+    """How a checkpoint stores its tensors in parts (:class:`StoredFloats`, or another format's).
+
+    A format whose decoded weights are ``nn.Linear``'s ``[out, in]`` even where the model holds GPT-2's
+    ``Conv1D`` ``[in, out]`` says so with a true ``linear_layout`` attribute; one whose 4-bit load adds a
+    second quantization error says what in a ``requantized`` message.
+    """
 
     def owner(self, key: str) -> str | None:
         """The model tensor a stored key is a part of; None for a key the model has no use for."""
