@@ -244,3 +244,17 @@ def test_train_and_merge_cli_on_a_gptq_checkpoint(tiny_model_dir, tmp_path):
     assert "quantization_config" not in json.loads((tmp_path / "merged" / "config.json").read_text())
     merged = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
     assert merged.model.layers[0].self_attn.q_proj.weight.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("method, name, spelled", [
+    ("gptq", "quantize_config.json", {"bits": 4, "group_size": 32, "desc_act": True, "sym": False}),
+    ("awq", "quant_config.json", {"w_bit": 4, "q_group_size": 32, "zero_point": True, "version": "GEMM"}),
+])
+def test_quantizer_side_file_without_a_quantization_config(method, name, spelled, tiny_model_dir, tmp_path):
+    """Older AutoGPTQ / AutoAWQ releases describe the quantization only in their own file beside config.json."""
+    path, want = write_checkpoint(tiny_model_dir, tmp_path / "q", method, act_order=method == "gptq")
+    config = json.loads((path / "config.json").read_text())
+    del config["quantization_config"]
+    (path / "config.json").write_text(json.dumps(config))
+    (path / name).write_text(json.dumps(spelled))
+    assert_same_tensors(_load16(path).state_dict(), load_file(tiny_model_dir / "model.safetensors") | want)

@@ -106,8 +106,8 @@ def _stored_format(config, model_dir: Path) -> StoredFormat | None:
     the model is built, and later saved, as a plain one."""
     qc = getattr(config, "quantization_config", None)
     source = str(model_dir / "config.json")
-    if qc is None:  # ModelOpt releases that name their quantization only in hf_quant_config.json
-        return _modelopt_file(model_dir / "hf_quant_config.json")
+    if qc is None:  # releases that describe their quantization only in the quantizer's own file
+        return _modelopt_file(model_dir / "hf_quant_config.json") or _side_file(model_dir)
     qc = qc if isinstance(qc, dict) else qc.to_dict()
     stored = (CompressedTensors.from_config(qc, source) or StoredFloats.from_config(qc, source)
               or ModelOpt.from_config(qc, source) or BnbInt8.from_config(qc, source)
@@ -127,6 +127,23 @@ def _modelopt_file(path: Path) -> ModelOpt | None:
         raise UsageError(f"{path} is not ModelOpt's quantization description (a JSON object with \"quantization\"): "
                          f"{exc}. Download or copy the model again.") from None
     return ModelOpt.from_config({"quant_method": "modelopt", **quantization}, str(path)) if quantization else None
+
+
+def _side_file(model_dir: Path) -> GroupedInt | None:
+    """AutoGPTQ's ``quantize_config.json`` or AutoAWQ's ``quant_config.json``, for a config.json without them."""
+    for name, method in (("quantize_config.json", "gptq"), ("quant_config.json", "awq")):
+        path = model_dir / name
+        if path.is_file():
+            try:
+                qc = json.loads(path.read_text())
+                qc = {"quant_method": method, **qc} if isinstance(qc, dict) else None
+            except ValueError:
+                qc = None
+            if qc is None:
+                raise UsageError(f"{path} is not a JSON object describing the {method.upper()} quantization; "
+                                 "download or copy the model again.")
+            return GroupedInt.from_config(qc, str(path))
+    return None
 
 
 def _prequantized(config, model_dir: Path) -> dict | None:
