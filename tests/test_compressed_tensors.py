@@ -214,8 +214,10 @@ def test_pack_quantized_moe_experts(tmp_path, tiny_tokenizer):
 
 
 REFUSED = {
-    "nvfp4": ({"format": "nvfp4-pack-quantized", "group_format": "nvfp4-pack-quantized"},
-              r"config_groups.group_0.format = 'nvfp4-pack-quantized'"),
+    "mxfp4": ({"format": "mxfp4-pack-quantized", "group_format": "mxfp4-pack-quantized"},
+              r"config_groups.group_0.format = 'mxfp4-pack-quantized'"),
+    "nvfp4-int-weights": ({"format": "nvfp4-pack-quantized", "group_format": "nvfp4-pack-quantized"},
+                          r"config_groups.group_0.weights = 'float8 group_size None': not the FP4 weights"),
     "marlin-24": ({"format": "marlin-24", "group_format": None}, r"format = 'marlin-24'"),
     "sparse-24": ({"sparsity_config": {"format": "sparse-24-bitmask", "sparsity_structure": "2:4"}},
                   r"sparsity_config.format = 'sparse-24-bitmask': sparse weights"),

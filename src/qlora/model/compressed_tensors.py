@@ -11,7 +11,10 @@ stored in 16 bits. For a targeted module ``M`` the files hold, by the group's ``
   codes and ``M.weight_scale`` (and ``M.weight_zero_point`` for an asymmetric scheme);
 - ``pack-quantized``: ``M.weight_packed``, int32 words holding 32 / num_bits codes each (code ``i`` at
   bit ``num_bits * i``, stored plus ``2^(num_bits - 1)``), ``M.weight_shape`` (the unpacked shape),
-  ``M.weight_scale`` and, asymmetric, ``M.weight_zero_point`` packed the same way along the rows.
+  ``M.weight_scale`` and, asymmetric, ``M.weight_zero_point`` packed the same way along the rows;
+- ``nvfp4-pack-quantized``: ``M.weight_packed``, uint8, two ``e2m1`` codes a byte (low nibble first),
+  ``M.weight_scale`` (``float8_e4m3fn``, one per 16 input columns) and ``M.weight_global_scale``, stored
+  inverted against ModelOpt's ``weight_scale_2``: ``w = code * (weight_scale / weight_global_scale)``.
 
 The scale is not inverted: ``w = (q - zero_point) * scale``, the scale per tensor (one value), per
 output channel (``[out, 1]``), per group of ``group_size`` input columns (``[out, in / group]``) or per
@@ -21,7 +24,7 @@ dequantizing load of such a checkpoint holds. Activation scales (``input_scale``
 cache's (``kv_cache_scheme``: ``k_scale``, ``v_scale``) describe inference kernels and play no role in a
 dequantized model, whose cache is 16-bit.
 
-Everything else the format can hold (2:4 sparse storage, NVFP4/MXFP4 packing, weight rotations,
+Everything else the format can hold (2:4 sparse storage, MXFP4 packing, weight rotations,
 activation-only schemes, ...) is refused by :meth:`CompressedTensors.from_config` with the
 config field that names it.
 """
@@ -35,14 +38,16 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import UsageError
+from .modelopt import nvfp4_weight
 from .stored_floats import FP8_DTYPES, expand_scale
 
 CT_METHODS = ("compressed-tensors",)
 UNPACKED_FORMATS = ("float-quantized", "int-quantized", "naive-quantized")
 PACKED_FORMAT = "pack-quantized"
+NVFP4_FORMAT = "nvfp4-pack-quantized"
 _STRATEGIES = ("tensor", "channel", "group", "block")
-_WEIGHT_PARTS = ("weight_scale", "weight_zero_point", "weight_shape")
-_ACTIVATION_PARTS = ("input_scale", "input_zero_point", "output_scale", "output_zero_point")
+_WEIGHT_PARTS = ("weight_scale", "weight_zero_point", "weight_shape", "weight_global_scale")
+_ACTIVATION_PARTS = ("input_scale", "input_zero_point", "output_scale", "output_zero_point", "input_global_scale")
 _KV_CACHE_PARTS = ("k_scale", "v_scale", "k_zero_point", "v_zero_point")
 _GIVE_ORIGINAL = ("Give it the model's original 16/32-bit checkpoint instead (qlora quantizes it to 4 bits while "
                   "loading, or once with `qlora quantize`).")
@@ -72,7 +77,8 @@ class WeightScheme:
 
     def stores(self, names: set[str], module: str) -> bool:
         """Whether a module stored as ``names`` can be of this scheme's format."""
-        return (module + ".weight_packed" in names) == (self.format == PACKED_FORMAT)
+        packed, nvfp4 = module + ".weight_packed" in names, module + ".weight_global_scale" in names
+        return packed == (self.format in (PACKED_FORMAT, NVFP4_FORMAT)) and nvfp4 == (self.format == NVFP4_FORMAT)
 
     def tile(self, shape: torch.Size) -> tuple[int, int] | None:
         """The (rows, columns) block one scale covers, None when the grid alone says it."""
@@ -129,6 +135,8 @@ class CompressedTensors:
             raise _refused(source, f"{field}.weights", None, "an activation-only scheme (the weights are 16-bit "
                            "but the model was tuned for quantized activations)")
         fmt = group.get("format") or top
+        if fmt == NVFP4_FORMAT:
+            return CompressedTensors._nvfp4_scheme(name, group, weights, field, source)
         if fmt not in UNPACKED_FORMATS + (PACKED_FORMAT,):
             raise _refused(source, f"{field}.format" if group.get("format") else "quantization_config.format", fmt,
                            "a storage format qlora does not decode")
@@ -161,6 +169,17 @@ class CompressedTensors:
         return WeightScheme(name, tuple(group.get("targets") or ()), fmt, bits, kind, strategy, group_size,
                             tuple(block) if block else None)
 
+    @staticmethod
+    def _nvfp4_scheme(name: str, group: dict, weights: dict, field: str, source: str) -> WeightScheme:
+        kind, bits, group_size = weights.get("type"), weights.get("num_bits"), weights.get("group_size")
+        if (kind, bits) != ("float", 4) or not (isinstance(group_size, int) and group_size > 0):
+            raise _refused(source, f"{field}.weights", f"{kind}{bits} group_size {group_size}", "not the FP4 "
+                           "weights in groups that nvfp4-pack-quantized stores")
+        if weights.get("symmetric") is False:
+            raise _refused(source, f"{field}.weights.symmetric", False, "NVFP4 weights with a zero point")
+        return WeightScheme(name, tuple(group.get("targets") or ()), NVFP4_FORMAT, 4, "float", "tensor_group",
+                            group_size, None)
+
     def owner(self, key: str) -> str | None:
         """The model tensor a stored key belongs to (``M.weight_packed``, ``M.weight_scale``: ``M.weight``),
         None for an activation or KV-cache scale, which the dequantized model (its cache 16-bit) has no use for."""
@@ -185,7 +204,7 @@ class CompressedTensors:
 
     def whole_error(self, key: str, tensor: torch.Tensor) -> str | None:
         """Why a tensor stored with no scale cannot be a model tensor (codes without their scale), or None."""
-        if tensor.dtype in (*FP8_DTYPES, torch.int8, torch.int32) and \
+        if tensor.dtype in (*FP8_DTYPES, torch.int8, torch.int32, torch.uint8) and \
                 key.endswith(("weight", "weight_packed")):
             return (f"is stored as {tensor.dtype} codes without its scale ({key.removesuffix('_packed')}_scale), "
                     "which is not in any weight file; is the checkpoint complete?")
@@ -197,6 +216,10 @@ class CompressedTensors:
         module = base[:-1]
         scheme = self._scheme_of(module, set(parts), key)
         scale = parts[base + "weight_scale"]
+        if scheme.format == NVFP4_FORMAT:  # the global scale is stored inverted
+            inverse = parts[base + "weight_global_scale"].to(torch.float32)
+            return nvfp4_weight(parts[base + "weight_packed"], scale.to(torch.float32) / inverse, key,
+                                "compressed-tensors NVFP4")
         if not scale.is_floating_point() or scale.dtype in FP8_DTYPES:
             raise UsageError(f"compressed-tensors weight {key}: its scale is {scale.dtype}; qlora reads float16, "
                              "bfloat16 and float32 scales. " + _GIVE_ORIGINAL)
@@ -256,5 +279,6 @@ def unpack_int32(packed: torch.Tensor, num_bits: int, count: int, key: str) -> t
 def _refused(source: str, field: str, value, what: str) -> UsageError:
     return UsageError(f"{source} describes a compressed-tensors checkpoint with quantization_config "
                       f"{field.removeprefix('quantization_config.')} = {value!r}: {what}. qlora decodes "
-                      "compressed-tensors FP8 (float-quantized) and INT4/INT8 (pack-quantized, int-quantized, "
-                      "naive-quantized) weights only, and would misread these. " + _GIVE_ORIGINAL)
+                      "compressed-tensors FP8 (float-quantized), INT4/INT8 (pack-quantized, int-quantized, "
+                      "naive-quantized) and NVFP4 (nvfp4-pack-quantized) weights only, and would misread these. "
+                      + _GIVE_ORIGINAL)

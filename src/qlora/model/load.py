@@ -19,6 +19,7 @@ stay 16-bit.
 from __future__ import annotations
 
 import importlib.util
+import json
 import logging
 from collections import defaultdict
 from pathlib import Path
@@ -31,8 +32,11 @@ from ..errors import UsageError
 from ..nn import Experts4bit, Linear4bit, expert_weight_names
 from ..quant import NonFiniteError, QuantState
 from .architecture import text_model_from_config
+from .bnb_int8 import BnbInt8
 from .checkpoint_layout import CheckpointLayout
 from .compressed_tensors import CompressedTensors
+from .gptq_awq import GroupedInt
+from .modelopt import ModelOpt
 from .quantize import (_skipped, fp32_linear_names, is_conv1d, is_plain_linear, kept_dense_names, kept_in_fp32,
                        replace_modules)
 from .stored_floats import DecodePlan, StoredFloats, StoredFormat
@@ -96,25 +100,59 @@ def _read_weight_keys(files: list[Path]) -> dict[Path, list[str]]:
     return keys
 
 
-def _stored_floats(config, model_dir: Path) -> StoredFormat | None:
-    """The FP8, MXFP4 or compressed-tensors format the checkpoint's weights are stored in (its
-    ``quantization_config`` is then dropped: the model is built, and later saved, as a plain one), or None."""
+def _stored_format(config, model_dir: Path) -> StoredFormat | None:
+    """The format the checkpoint's weights are stored in when qlora decodes them while loading (FP8, MXFP4,
+    compressed-tensors, ModelOpt, bitsandbytes 8-bit, GPTQ, AWQ), or None. Its ``quantization_config`` is then dropped:
+    the model is built, and later saved, as a plain one."""
     qc = getattr(config, "quantization_config", None)
-    if qc is None:
-        return None
-    qc, source = (qc if isinstance(qc, dict) else qc.to_dict()), str(model_dir / "config.json")
-    stored = CompressedTensors.from_config(qc, source) or StoredFloats.from_config(qc, source)
+    source = str(model_dir / "config.json")
+    if qc is None:  # releases that describe their quantization only in the quantizer's own file
+        return _modelopt_file(model_dir / "hf_quant_config.json") or _side_file(model_dir)
+    qc = qc if isinstance(qc, dict) else qc.to_dict()
+    stored = (CompressedTensors.from_config(qc, source) or StoredFloats.from_config(qc, source)
+              or ModelOpt.from_config(qc, source) or BnbInt8.from_config(qc, source)
+              or GroupedInt.from_config(qc, source))
     if stored is not None:
         del config.quantization_config
     return stored
 
 
+def _modelopt_file(path: Path) -> ModelOpt | None:
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text())
+        quantization = data["quantization"] if data.get("producer", {}).get("name", "modelopt") == "modelopt" else None
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise UsageError(f"{path} is not ModelOpt's quantization description (a JSON object with \"quantization\"): "
+                         f"{exc}. Download or copy the model again.") from None
+    return ModelOpt.from_config({"quant_method": "modelopt", **quantization}, str(path)) if quantization else None
+
+
+def _side_file(model_dir: Path) -> GroupedInt | None:
+    """AutoGPTQ's ``quantize_config.json`` or AutoAWQ's ``quant_config.json``, for a config.json without them."""
+    for name, method in (("quantize_config.json", "gptq"), ("quant_config.json", "awq")):
+        path = model_dir / name
+        if path.is_file():
+            try:
+                qc = json.loads(path.read_text())
+                qc = {"quant_method": method, **qc} if isinstance(qc, dict) else None
+            except ValueError:
+                qc = None
+            if qc is None:
+                raise UsageError(f"{path} is not a JSON object describing the {method.upper()} quantization; "
+                                 "download or copy the model again.")
+            return GroupedInt.from_config(qc, str(path))
+    return None
+
+
 def _prequantized(config, model_dir: Path) -> dict | None:
-    """The checkpoint's bitsandbytes 4-bit ``quantization_config``, None for a 16/32-bit one.
+    """The checkpoint's bitsandbytes 4-bit ``quantization_config``, None for a 16/32-bit one (or one whose
+    decoded format :func:`_stored_format` took).
 
     Raises:
-        UsageError: for any other quantization (bitsandbytes 8-bit, GPTQ, AWQ, FP8, ...), whose
-            weights qlora cannot read; the message says what to give it instead.
+        UsageError: for any other quantization (HQQ, EETQ, ...), whose weights qlora cannot read; the
+            message says what to give it instead.
     """
     qc = getattr(config, "quantization_config", None)
     if qc is None:
@@ -124,17 +162,16 @@ def _prequantized(config, model_dir: Path) -> dict | None:
     if method == "bitsandbytes" and qc.get("load_in_4bit", qc.get("_load_in_4bit")):
         return qc
     if method == "bitsandbytes":
-        kind = "bitsandbytes 8-bit (LLM.int8, load_in_8bit)" if qc.get("load_in_8bit", qc.get(
-            "_load_in_8bit")) else "bitsandbytes with neither load_in_4bit nor load_in_8bit set"
+        kind = "bitsandbytes with neither load_in_4bit nor load_in_8bit set"
     else:
         bits = qc.get("bits") or qc.get("w_bit")
         kind = f"{method!r}" + (f" ({bits}-bit)" if bits else "")
     raise UsageError(f"{model_dir / 'config.json'} describes a {kind} quantized checkpoint; qlora reads 16/32-bit "
-                     "checkpoints, FP8 (quant_method fp8), MXFP4 (mxfp4) and compressed-tensors FP8/INT4/INT8 "
-                     "ones, and bitsandbytes 4-bit ones (load_in_4bit, NF4 or FP4) only, and would misread these "
-                     "weights. Give it the model's original 16/32-bit checkpoint instead (qlora quantizes it "
-                     "to 4 bits while loading, or once with `qlora quantize`), or a bitsandbytes 4-bit checkpoint "
-                     "of it (BitsAndBytesConfig(load_in_4bit=True) then save_pretrained).")
+                     "checkpoints and those in FP8 (quant_method fp8), MXFP4, compressed-tensors, ModelOpt "
+                     "(NVFP4, FP8), GPTQ, AWQ and bitsandbytes (4- and 8-bit) formats only, and would misread these "
+                     "weights. Give it the model's original 16/32-bit checkpoint instead (qlora quantizes it to 4 "
+                     "bits while loading, or once with `qlora quantize`), or a bitsandbytes 4-bit checkpoint of it "
+                     "(BitsAndBytesConfig(load_in_4bit=True) then save_pretrained).")
 
 
 def _set_tensor(model: nn.Module, key: str, value: torch.Tensor, source: str) -> None:
@@ -255,8 +292,10 @@ def load_model(
     files = weight_files(model_dir)
     keys = _read_weight_keys(files)  # headers only: a corrupt file fails here, before any tensor is read
     config = read_model_config(model_dir)
-    stored = _stored_floats(config, model_dir)
+    stored = _stored_format(config, model_dir)
     plan = DecodePlan(stored, keys)
+    if quant is not None and getattr(stored, "requantized", None):
+        log.warning("qlora: %s", stored.requantized)
     prequant = _prequantized(config, model_dir)
     if prequant is not None:
         quant = prequant.get("bnb_4bit_quant_type", "fp4")  # BitsAndBytesConfig's default
@@ -380,7 +419,10 @@ def load_model(
                         place(key, tensor, f"{model_dir}: {key}")
                     continue
                 key = _model_key(layout.target(raw_key), expected, model)
-                place(key, plan.decode(raw_key, parts, read), f"{file}: tensor {raw_key}")
+                tensor = plan.decode(raw_key, parts, read)
+                if len(parts) > 1 and getattr(stored, "linear_layout", False) and _is_conv1d_weight(model, key):
+                    tensor = tensor.t()  # decoded as nn.Linear's [out, in]; GPT-2's Conv1D holds [in, out]
+                place(key, tensor, f"{file}: tensor {raw_key}")
             current.clear()
     if layout.incomplete():
         raise UsageError(f"{model_dir}: the checkpoint lacks some of the tensors that make "
@@ -557,6 +599,15 @@ def _packed_layers(keys: dict[Path, list[str]], layout: CheckpointLayout, dense_
             key = _model_key(layout.target(stem + ".weight"), dense_keys, model)
             paths.add(key[: -len(".weight")])
     return paths
+
+
+def _is_conv1d_weight(model: nn.Module, key: str) -> bool:
+    path, _, leaf = key.rpartition(".")
+    try:
+        module = model.get_submodule(path)
+    except AttributeError:  # a key the model has no module for: placed (or refused) as it is
+        return False
+    return leaf == "weight" and (is_conv1d(module) or getattr(module, "from_conv1d", False))
 
 
 def _model_key(raw: str, expected: set[str], model: nn.Module) -> str:

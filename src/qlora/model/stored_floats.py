@@ -17,8 +17,8 @@ scales, exact; the values transformers' ``dequantize`` loading path computes) an
 a tensor of a 32-bit checkpoint: a linear weight or an expert stack is quantized to NF4 at once. The
 model never exists in 16 bits as a whole; at most one decoded tensor (or one layer's experts) does.
 
-:class:`DecodePlan` gathers any :class:`StoredFormat`'s parts; compressed-tensors checkpoints have theirs
-in ``compressed_tensors.py``.
+:class:`DecodePlan` gathers any :class:`StoredFormat`'s parts; the other formats have theirs in
+``compressed_tensors.py``, ``modelopt.py``, ``bnb_int8.py`` and ``gptq_awq.py``.
 """
 
 from __future__ import annotations
@@ -43,7 +43,12 @@ Part = tuple[Path, str]  # (weight file, key in it)
 
 
 class StoredFormat(Protocol):
-    """How a checkpoint stores its tensors in parts (:class:`StoredFloats`, or compressed-tensors')."""
+    """How a checkpoint stores its tensors in parts (:class:`StoredFloats`, or another format's).
+
+    A format whose decoded weights are ``nn.Linear``'s ``[out, in]`` even where the model holds GPT-2's
+    ``Conv1D`` ``[in, out]`` says so with a true ``linear_layout`` attribute; one whose 4-bit load adds a
+    second quantization error says what in a ``requantized`` message.
+    """
 
     def owner(self, key: str) -> str | None:
         """The model tensor a stored key is a part of; None for a key the model has no use for."""
@@ -92,7 +97,7 @@ class StoredFloats:
         return self._fp8(key, parts[key], parts[key + _FP8_SCALE])
 
     def _fp8(self, key: str, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-        values = _unpack_fp4(q) if q.dtype in (torch.int8, torch.uint8) else q.to(torch.float32)
+        values = unpack_fp4(q) if q.dtype in (torch.int8, torch.uint8) else q.to(torch.float32)
         full = expand_scale(_scale_values(scale), values.shape, self.block)
         if full is None:
             raise _grid_error(key, values, scale, self.source)
@@ -163,7 +168,7 @@ class DecodePlan:
         tensors = {name: read(file, name) for file, name in parts}
         if self.fmt is None or len(tensors) == 1:
             tensor = tensors[parts[0][1]]
-            why = self.fmt.whole_error(key, tensor) if self.fmt is not None else _unscaled_fp8(key, tensor)
+            why = (self.fmt.whole_error(key, tensor) if self.fmt is not None else None) or _unscaled_fp8(key, tensor)
             if why:
                 raise UsageError(f"{parts[0][0]}: tensor {key} {why}")
             return tensor
@@ -206,7 +211,7 @@ def _scale_values(scale: torch.Tensor) -> torch.Tensor:
     return scale.to(torch.float32)
 
 
-def _unpack_fp4(packed: torch.Tensor) -> torch.Tensor:
+def unpack_fp4(packed: torch.Tensor) -> torch.Tensor:
     """Two ``e2m1`` codes a byte, low nibble first, as float32 values (the last dimension doubles)."""
     lut = torch.tensor(FP4_VALUES, dtype=torch.float32)
     codes = packed.view(torch.uint8)
@@ -221,7 +226,7 @@ def _mxfp4(blocks: torch.Tensor, scales: torch.Tensor, key: str) -> torch.Tensor
         raise UsageError(f"MXFP4 tensor {key}: its blocks {tuple(blocks.shape)} ({blocks.dtype}) and scales "
                          f"{tuple(scales.shape)} ({scales.dtype}) do not fit the format (uint8 blocks of 16 bytes, "
                          "one uint8 exponent per block); is the checkpoint intact?")
-    values = _unpack_fp4(blocks) * _scale_values(scales).unsqueeze(-1)
+    values = unpack_fp4(blocks) * _scale_values(scales).unsqueeze(-1)
     values = values.reshape(*blocks.shape[:-2], -1)
     return (values.transpose(-2, -1) if values.dim() == 3 else values).contiguous()
 
