@@ -332,3 +332,74 @@ def test_hybrid_and_unsupported_moe_architectures_are_refused(tmp_path, tiny_tok
     err = capsys.readouterr().err
     assert f"{model_type!r} architecture" in err and "Qwen3-MoE" in err and "Traceback" not in err
     assert not (tmp_path / "out").exists()
+
+
+# Architectures beyond the Llama family, as llama.cpp's loader for each reads them (src/models/<arch>.cpp): the
+# layer-0 tensors it creates and the hyper-parameters its graph reads. What they compute is checked by llama.cpp
+# itself in test_export_llama_cpp.py (test_llama_cpp_runs_more_dense_exports_as_the_merged_model).
+QKV = {"attn_q", "attn_k", "attn_v", "attn_output"}
+GATED = {"ffn_gate", "ffn_up", "ffn_down"}
+LAYOUTS = {  # model type: (config overrides, GGUF architecture, layer-0 tensors, norm eps key, RoPE dims)
+    "phi": ({}, "phi2", {f"{n}.{p}" for n in QKV | {"ffn_up", "ffn_down", "attn_norm"} for p in ("weight", "bias")},
+            "layer_norm_epsilon", 4),
+    "starcoder2": ({}, "starcoder2", {f"{n}.{p}" for n in QKV | {"ffn_up", "ffn_down", "attn_norm", "ffn_norm"}
+                                      for p in ("weight", "bias")}, "layer_norm_epsilon", 8),
+    "stablelm": ({}, "stablelm", {f"{n}.weight" for n in QKV | GATED} | {"attn_norm.weight", "attn_norm.bias",
+                                                                           "ffn_norm.weight", "ffn_norm.bias"},
+                 "layer_norm_epsilon", 2),
+    "cohere": ({}, "command-r", {f"{n}.weight" for n in QKV | GATED | {"attn_norm"}}, "layer_norm_epsilon", 8),
+    "olmo": ({}, "olmo", {f"{n}.weight" for n in QKV | GATED}, "layer_norm_epsilon", 8),
+    "glm4": (dict(head_dim=16), "glm4", {f"{n}.weight" for n in QKV | {
+        "ffn_up", "ffn_down", "attn_norm", "ffn_norm", "post_attention_norm", "post_ffw_norm"}}
+        | {"attn_q.bias", "attn_k.bias", "attn_v.bias"}, "layer_norm_rms_epsilon", 8),
+    "exaone4": (dict(sliding_window=None, layer_types=["full_attention"] * 2), "exaone4",
+                {f"{n}.weight" for n in QKV | GATED | {"attn_q_norm", "attn_k_norm", "post_attention_norm",
+                                                       "post_ffw_norm"}}, "layer_norm_rms_epsilon", 8),
+    "seed_oss": (dict(head_dim=8), "seed_oss",
+                 {f"{n}.weight" for n in QKV | GATED | {"attn_norm", "post_attention_norm"}}
+                 | {"attn_q.bias", "attn_k.bias", "attn_v.bias"}, "layer_norm_rms_epsilon", 8),
+    "arcee": ({}, "arcee", {f"{n}.weight" for n in QKV | {"ffn_up", "ffn_down", "attn_norm", "ffn_norm"}},
+              "layer_norm_rms_epsilon", 8),
+}
+
+
+@pytest.mark.parametrize("model_type", list(LAYOUTS))
+def test_more_architectures_are_laid_out_as_llama_cpp_loads_them(tmp_path, tiny_tokenizer, model_type):
+    overrides, arch, layer0, eps_key, rope_dims = LAYOUTS[model_type]
+    model, tokenizer = _tiny_moe_model(tmp_path, tiny_tokenizer, model_type, **overrides)
+    export_gguf(model, tokenizer, tmp_path / "m.gguf", "f16")
+    reader = gguf.GGUFReader(tmp_path / "m.gguf")
+    field = lambda key: reader.fields[key].contents()  # noqa: E731
+    assert field("general.architecture") == arch
+    assert {t.name[len("blk.0."):] for t in reader.tensors if t.name.startswith("blk.0.")} == layer0
+    assert f"{arch}.{'layer_norm_rms_epsilon' if eps_key == 'layer_norm_epsilon' else 'layer_norm_epsilon'}" \
+        not in reader.fields  # one norm kind, the one the graph reads
+    assert field(f"{arch}.attention.{eps_key}") == pytest.approx(
+        getattr(model.config, "rms_norm_eps", None) or getattr(model.config, "layer_norm_eps", None) or 1e-5)
+    assert field(f"{arch}.rope.dimension_count") == rope_dims
+    shapes = {t.name: tuple(int(d) for d in reversed(t.shape)) for t in reader.tensors}
+    q = model.get_submodule("model.layers.0.self_attn.q_proj")
+    assert shapes["blk.0.attn_q.weight"] == (q.out_features, q.in_features)
+    tied = model.config.tie_word_embeddings
+    assert ("output.weight" in shapes) == (arch in ("phi2", "stablelm") or not tied and arch != "command-r")
+
+
+@pytest.mark.parametrize("model_type,overrides,message", [
+    ("phi", dict(qk_layernorm=True), "qk_layernorm=True"),
+    ("stablelm", dict(qk_layernorm=True), "qk_layernorm=True"),
+    ("starcoder2", dict(use_bias=False), "use_bias=False"),
+    ("starcoder2", dict(hidden_act="gelu"), "'gelu' activation"),  # exact GELU: llama.cpp's is the tanh one
+    ("cohere", dict(use_qk_norm=True), "64 or more layers"),
+    ("cohere", dict(attention_bias=True), "attention_bias=True"),
+    ("olmo", dict(attention_bias=True), "attention_bias=True"),
+    ("seed_oss", dict(head_dim=8, attention_out_bias=True), "attention_out_bias=True"),
+    ("ernie4_5", dict(head_dim=8, use_bias=True), "use_bias=True"),
+    ("exaone4", {}, "sliding-window attention"),  # sliding layers: llama.cpp's exaone4 has them only at 64 layers
+    ("arcee", dict(hidden_act="silu"), "'silu' activation"),
+    ("seed_oss", dict(head_dim=8, partial_rotary_factor=0.5), "rotates whole heads"),
+])
+def test_variants_llama_cpp_does_not_compute_are_refused(tmp_path, tiny_tokenizer, model_type, overrides, message):
+    model, tokenizer = _tiny_moe_model(tmp_path, tiny_tokenizer, model_type, **overrides)
+    with pytest.raises(UsageError, match=message):
+        export_gguf(model, tokenizer, tmp_path / "m.gguf")
+    assert not list(tmp_path.glob("*.gguf*"))

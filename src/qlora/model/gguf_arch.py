@@ -6,7 +6,7 @@ model loaders), restated for the architectures qlora exports:
 - Tensor names come from ``gguf``'s own HF-to-GGUF name table, so they follow
   llama.cpp as the ``gguf`` package is updated.
 - Llama, Mistral, Mixtral (written as llama.cpp's ``llama`` architecture),
-  Granite, Granite MoE and SmolLM3 use interleaved ("normal") RoPE in llama.cpp,
+  Granite, Granite MoE, SmolLM3, OLMo and Arcee use interleaved ("normal") RoPE in llama.cpp,
   HF uses rotate-half: each head's rows of ``q_proj``/``k_proj`` are reordered
   from ``[first halves | second halves]`` to alternating pairs. Qwen2/3 (and
   their MoEs), Gemma 1/2/3, Phi-3, OLMo 2 and OLMoE use NeoX RoPE: no reorder.
@@ -34,6 +34,23 @@ model loaders), restated for the architectures qlora exports:
   (``mlp_only_layers``, ``decoder_sparse_step``), which those graphs do not have.
 - Qwen2-MoE, OLMoE and OLMo 2 need an output matrix even when it is tied to the
   embedding: the embedding is written twice.
+- Phi-2 (``phi``), StarCoder2, StableLM, Command-R (``cohere``), Cohere 2, OLMo
+  (v1) use LayerNorm (with a bias, except Cohere's and OLMo's weightless one):
+  their eps is written as ``layer_norm_epsilon``. Phi-2, Command-R and Cohere 2
+  run attention and MLP in parallel from one norm, as transformers does.
+- Partial rotary (Phi-2, StableLM, GLM-4) writes the rotated width as the RoPE
+  dimension count; architectures whose llama.cpp graph asserts full rotation
+  refuse a partial factor. Command-R/Cohere 2, GLM-4 and ERNIE 4.5 rotate
+  interleaved pairs in transformers too (no reorder); OLMo and Arcee are
+  reordered like Llama (above); the rest are NeoX.
+- Command-R and Cohere 2 multiply the logits by ``logit_scale`` and always use
+  the embedding as output layer; llama.cpp's command-r has Q/K norms exactly
+  when a model has 64 or more layers (Command R+), so ``use_qk_norm`` must agree.
+  Cohere 2 applies RoPE on its sliding layers only, in both.
+- GLM-4's fused ``gate_up_proj`` is written fused (``ffn_up``), gate half first.
+- A config switch a graph does not compute (``ArchSpec.requires``: biases
+  llama.cpp does not load, per-head Q/K LayerNorm, sliding windows) and an
+  activation other than the graph's (``ArchSpec.acts``) are refused.
 - transformers 5 names Granite MoE's router and experts
   ``block_sparse_moe.router``/``.experts``, which gguf's table knows under other
   names: they are respelled before the lookup.
@@ -63,6 +80,15 @@ class ArchSpec:
     output_required: bool = False  # llama.cpp needs ``output.weight`` even when tied to the embedding
     norm_topk: bool | None = None  # MoE: whether llama.cpp renormalizes the top-k routing weights (None: dense)
     rename: tuple[tuple[str, str], ...] = ()  # HF key parts to respell before gguf's name table is consulted
+    layer_norm: bool = False  # LayerNorm (eps as ``layer_norm_epsilon``) rather than RMSNorm
+    partial_rotary: bool = False  # llama.cpp's graph rotates fewer dims than head_dim if told so
+    acts: tuple[str, ...] = ()  # ``hidden_act`` values llama.cpp's graph computes (empty: not checked)
+    requires: tuple[tuple[str, object], ...] = ()  # config fields that must have this value (if present)
+    logit_scale: bool = False  # writes ``config.logit_scale`` (Cohere)
+
+
+SILU = ("silu", "swish")
+GELU_TANH = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")  # llama.cpp's GELU is the tanh approximation
 
 
 SPECS: dict[str, ArchSpec] = {
@@ -84,8 +110,25 @@ SPECS: dict[str, ArchSpec] = {
     "qwen2_moe": ArchSpec("qwen2moe", output_required=True, norm_topk=False),
     "qwen3_moe": ArchSpec("qwen3moe", norm_topk=True),
     "olmoe": ArchSpec("olmoe", output_required=True, norm_topk=False),
+    "phi": ArchSpec("phi2", layer_norm=True, partial_rotary=True, output_required=True, acts=GELU_TANH,
+                    requires=(("qk_layernorm", False),)),
+    "starcoder2": ArchSpec("starcoder2", layer_norm=True, acts=GELU_TANH, requires=(("use_bias", True),)),
+    "stablelm": ArchSpec("stablelm", layer_norm=True, partial_rotary=True, output_required=True, acts=SILU,
+                         requires=(("qk_layernorm", False),)),
+    "cohere": ArchSpec("command-r", layer_norm=True, has_output=False, logit_scale=True, acts=SILU,
+                       requires=(("attention_bias", False),)),
+    "cohere2": ArchSpec("cohere2", layer_norm=True, has_output=False, logit_scale=True, acts=SILU,
+                        requires=(("attention_bias", False),)),
+    "olmo": ArchSpec("olmo", permute_qk=True, layer_norm=True, acts=SILU, requires=(("attention_bias", False),)),
+    "glm4": ArchSpec("glm4", partial_rotary=True, acts=SILU),
+    "ernie4_5": ArchSpec("ernie4_5", acts=SILU, requires=(("use_bias", False),)),
+    "exaone4": ArchSpec("exaone4", acts=SILU),
+    "seed_oss": ArchSpec("seed_oss", acts=SILU, requires=(("attention_out_bias", False),)),
+    "arcee": ArchSpec("arcee", permute_qk=True, acts=("relu2",), requires=(("attention_bias", False),
+                                                                        ("mlp_bias", False))),
 }
-SUPPORTED = ("Llama, Mistral, Qwen2, Qwen3, Gemma, Gemma 2, Gemma 3 (text), Phi-3, OLMo 2, Granite, SmolLM3, "
+SUPPORTED = ("Llama, Mistral, Qwen2, Qwen3, Gemma, Gemma 2, Gemma 3 (text), Phi-2, Phi-3, OLMo, OLMo 2, Granite, "
+             "SmolLM3, StarCoder2, StableLM, Command-R, Cohere 2, GLM-4, ERNIE 4.5, EXAONE 4, Seed-OSS, Arcee "
              "and the mixture-of-experts Mixtral, Qwen2-MoE (Qwen1.5-MoE), Qwen3-MoE, OLMoE and Granite MoE")
 
 
@@ -130,8 +173,13 @@ def write_metadata(writer, config, spec: ArchSpec, n_vocab: int) -> list[tuple[s
     writer.add_head_count_kv(n_kv)
     writer.add_key_length(hd)
     writer.add_value_length(hd)
-    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    if spec.layer_norm:  # OLMo's weightless LayerNorm has a fixed eps and no config field
+        writer.add_layer_norm_eps(next((v for v in (getattr(config, k, None) for k in (
+            "layer_norm_eps", "layer_norm_epsilon", "norm_eps")) if v is not None), 1e-5))
+    else:
+        writer.add_layer_norm_rms_eps(config.rms_norm_eps)
     writer.add_vocab_size(n_vocab)
+    _check_graph_computes(config, spec)
     if spec.norm_topk is not None:
         _write_experts(writer, config, spec)
     if spec.gguf_arch in ("qwen2moe", "olmoe", "olmo2") and (hd * n_head != config.hidden_size or (
@@ -147,6 +195,12 @@ def write_metadata(writer, config, spec: ArchSpec, n_vocab: int) -> list[tuple[s
     extra: list[tuple[str, torch.Tensor]] = []
 
     rotary = hd
+    factor = full.get("partial_rotary_factor", getattr(config, "partial_rotary_factor", None)) or 1.0
+    if spec.partial_rotary:
+        rotary = int(factor * hd)
+    elif factor != 1.0 and spec.gguf_arch != "phi3":
+        raise UsageError(f"this {config.model_type} config rotates {factor:g} of each head (partial_rotary_factor), "
+                         f"but llama.cpp's {spec.gguf_arch} rotates whole heads. Refusing to export.")
     if spec.gguf_arch == "phi3":
         rotary = int(full.get("partial_rotary_factor", getattr(config, "partial_rotary_factor", 1.0))
                      * config.hidden_size) // n_head
@@ -162,10 +216,15 @@ def write_metadata(writer, config, spec: ArchSpec, n_vocab: int) -> list[tuple[s
         writer.add_residual_scale(config.residual_multiplier)
         writer.add_attention_scale(config.attention_multiplier)
         writer.add_logit_scale(config.logits_scaling)
+    if spec.logit_scale:
+        writer.add_logit_scale(config.logit_scale)
+    if getattr(config, "clip_qkv", None):  # OLMo clamps Q, K and V, as llama.cpp's shared attention input does
+        writer.add_clamp_kqv(config.clip_qkv)
     if spec.gguf_arch == "smollm3":
         _check_smollm3_nope_layers(config)
-    if spec.gguf_arch in ("gemma2", "gemma3"):
-        _check_gemma_attention_scale(config, spec, hd)
+    if spec.gguf_arch in ("gemma2", "gemma3", "cohere2"):
+        if spec.gguf_arch != "cohere2":
+            _check_gemma_attention_scale(config, spec, hd)
         if getattr(config, "sliding_window", None):
             writer.add_sliding_window(config.sliding_window)
         layer_types = getattr(config, "layer_types", None)
@@ -176,11 +235,31 @@ def write_metadata(writer, config, spec: ArchSpec, n_vocab: int) -> list[tuple[s
         if getattr(config, "final_logit_softcapping", None):
             writer.add_final_logit_softcapping(config.final_logit_softcapping)
     elif getattr(config, "use_sliding_window", False) or (
-            spec.gguf_arch in ("qwen2", "qwen3", "qwen2moe", "qwen3moe") and _sliding_layers(config)):
+            spec.gguf_arch in ("qwen2", "qwen3", "qwen2moe", "qwen3moe") or spec.acts) and _sliding_layers(config):
         raise UsageError("this model uses sliding-window attention on some layers, which llama.cpp does not run "
                          "for its architecture; the exported model would attend differently. Refusing to export.")
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     return extra
+
+
+def _check_graph_computes(config, spec: ArchSpec) -> None:
+    """Refuse a config whose switches or activation llama.cpp's graph for ``spec`` does not compute."""
+    act = getattr(config, "hidden_act", None)
+    if spec.acts and act not in spec.acts:
+        raise UsageError(f"this {config.model_type} config uses the {act!r} activation, but llama.cpp's "
+                         f"{spec.gguf_arch} computes {spec.acts[0]!r}; the GGUF would compute different outputs. "
+                         f"Refusing to export.")
+    for key, expected in spec.requires:
+        value = getattr(config, key, expected)
+        if value is not None and bool(value) != expected:
+            raise UsageError(f"this {config.model_type} config has {key}={value!r}, which llama.cpp's "
+                             f"{spec.gguf_arch} does not compute (it needs {key}={expected}); the GGUF would not "
+                             f"load or would compute differently. Refusing to export.")
+    qk_norm = bool(getattr(config, "use_qk_norm", False))
+    if spec.gguf_arch == "command-r" and qk_norm != (config.num_hidden_layers >= 64):
+        raise UsageError(f"this Command-R config has use_qk_norm={qk_norm} with "
+                         f"{config.num_hidden_layers} layers, but llama.cpp's command-r has Q/K norms exactly when a "
+                         f"model has 64 or more layers. Refusing to export.")
 
 
 def _write_experts(writer, config, spec: ArchSpec) -> None:
