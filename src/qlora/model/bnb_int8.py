@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from ..errors import UsageError
+from .stored_floats import layer_part_owner
 
 _SCALE, _FORMAT = "SCB", "weight_format"
 _ROW_FORMAT = 0  # bitsandbytes' LINEAR_8BIT_WEIGHTS_FORMAT_MAPPING["row"]
@@ -41,10 +42,7 @@ class BnbInt8:
 
     def owner(self, key: str) -> str | None:
         """``M.SCB`` and ``M.weight_format`` belong to ``M.weight``."""
-        module, _, leaf = key.rpartition(".")
-        if leaf in (_SCALE, _FORMAT):
-            return f"{module}.weight" if module else "weight"
-        return key
+        return layer_part_owner(key, (_SCALE, _FORMAT))
 
     def check(self, key: str, names: set[str], file: Path) -> None:
         """Raise when a weight's codes or row scales are missing."""

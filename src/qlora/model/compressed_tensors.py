@@ -39,7 +39,7 @@ import torch
 
 from ..errors import UsageError
 from .modelopt import nvfp4_weight
-from .stored_floats import FP8_DTYPES, expand_scale
+from .stored_floats import FP8_DTYPES, expand_scale, layer_part_owner
 
 CT_METHODS = ("compressed-tensors",)
 UNPACKED_FORMATS = ("float-quantized", "int-quantized", "naive-quantized")
@@ -183,12 +183,8 @@ class CompressedTensors:
     def owner(self, key: str) -> str | None:
         """The model tensor a stored key belongs to (``M.weight_packed``, ``M.weight_scale``: ``M.weight``),
         None for an activation or KV-cache scale, which the dequantized model (its cache 16-bit) has no use for."""
-        module, _, leaf = key.rpartition(".")
-        if leaf in _ACTIVATION_PARTS or (self.kv_cache and leaf in _KV_CACHE_PARTS):
-            return None
-        if leaf == "weight_packed" or leaf in _WEIGHT_PARTS:
-            return f"{module}.weight" if module else "weight"
-        return key
+        return layer_part_owner(key, ("weight_packed", *_WEIGHT_PARTS),
+                                _ACTIVATION_PARTS + (_KV_CACHE_PARTS if self.kv_cache else ()))
 
     def check(self, key: str, names: set[str], file) -> None:
         """Raise when ``key``'s stored parts are not a whole compressed-tensors weight."""

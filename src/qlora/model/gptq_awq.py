@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 
 from ..errors import UsageError
+from .stored_floats import layer_part_owner
 
 GPTQ_METHODS = ("gptq",)
 AWQ_METHODS = ("awq",)
@@ -100,10 +101,7 @@ class GroupedInt:
 
     def owner(self, key: str) -> str | None:
         """``M.qweight``, ``M.qzeros``, ``M.scales``, ``M.g_idx`` all make ``M.weight``."""
-        module, _, leaf = key.rpartition(".")
-        if leaf in _PARTS:
-            return f"{module}.weight" if module else "weight"
-        return key
+        return layer_part_owner(key, _PARTS)
 
     def check(self, key: str, names: set[str], file: Path) -> None:
         """Raise when a layer's codes, zero points or scales are missing, or it holds a weight besides them."""

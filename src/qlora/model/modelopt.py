@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from ..errors import UsageError
-from .stored_floats import FP8_DTYPES, expand_scale, unpack_fp4
+from .stored_floats import FP8_DTYPES, expand_scale, layer_part_owner, unpack_fp4
 
 MODELOPT_METHODS = ("modelopt",)
 ALGOS = ("NVFP4", "FP8")
@@ -78,12 +78,7 @@ class ModelOpt:
     def owner(self, key: str) -> str | None:
         """``M.weight_scale`` and ``M.weight_scale_2`` belong to ``M.weight``; activation and KV-cache scales to
         nothing."""
-        module, _, leaf = key.rpartition(".")
-        if leaf in _DROPPED or (self.kv_cache and leaf in _KV_SCALES):
-            return None
-        if leaf in _PARTS:
-            return f"{module}.weight" if module else "weight"
-        return key
+        return layer_part_owner(key, _PARTS, _DROPPED + (_KV_SCALES if self.kv_cache else ()))
 
     def check(self, key: str, names: set[str], file: Path) -> None:
         """Raise when a weight's codes or scales are missing."""

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Protocol
+from typing import Callable, Collection, Protocol
 
 import torch
 
@@ -173,6 +173,17 @@ class DecodePlan:
                 raise UsageError(f"{parts[0][0]}: tensor {key} {why}")
             return tensor
         return self.fmt.decode(key, tensors)
+
+
+def layer_part_owner(key: str, parts: Collection[str], dropped: Collection[str] = ()) -> str | None:
+    """The owner of a key stored beside a layer's weight: ``M.weight`` for ``M.<part>``, None for ``M.<dropped>``
+    (a scale the dequantized model has no use for), else ``key`` itself."""
+    module, _, leaf = key.rpartition(".")
+    if leaf in dropped:
+        return None
+    if leaf in parts:
+        return f"{module}.weight" if module else "weight"
+    return key
 
 
 def expand_scale(scale: torch.Tensor, shape: torch.Size, block: tuple[int, int] | None) -> torch.Tensor | None:
