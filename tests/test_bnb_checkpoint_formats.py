@@ -19,6 +19,8 @@ from qlora.errors import UsageError
 from qlora.model.tiny import build_tiny_model
 from qlora.nn import Linear4bit
 
+from bnb_oracle import reference_path
+
 pytest.importorskip("bitsandbytes")
 
 IDS = torch.tensor([[1, 17, 42, 99, 7, 250, 3, 64]])
@@ -36,13 +38,7 @@ def _bnb_checkpoint(base, out, tokenizer, compute=torch.float32, **bnb_kwargs):
 
 
 def _logits(model) -> torch.Tensor:
-    """The model's logits on IDS. bitsandbytes layers compute by their reference path (dequantize, then
-    matmul in the compute dtype), the one its CUDA backend and CPUs without AVX512-BF16 run: on a CPU
-    with it, bitsandbytes otherwise switches eval-mode layers to a fused kernel that rounds activations and
-    absmax to bf16."""
-    for module in model.modules():
-        if hasattr(module, "support_avx512bf16_for_cpu"):
-            module.support_avx512bf16_for_cpu = False
+    reference_path(model)
     with torch.no_grad():
         return model(IDS).logits.float()
 
