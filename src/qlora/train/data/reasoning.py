@@ -118,7 +118,8 @@ def has_reasoning(messages: Sequence[dict] | None, plain: tuple[str, str] | None
 
 
 def placement(template: str, tokenizer) -> str:
-    """How :func:`place_reasoning` gives reasoning to ``template``, in words for the run log."""
+    """How :func:`place_reasoning` gives reasoning to ``template``, in words for the run log (reasoning in a field
+    that a template has no place for is refused before; a ``<think>`` block in the content stays text)."""
     keys = template_reasoning_keys(template)
     if thinking_chunks(template):
         return "given to the chat template as thinking content chunks"
@@ -126,7 +127,7 @@ def placement(template: str, tokenizer) -> str:
         return f"given to the chat template as {'/'.join(keys)}"
     if knows_think_markers(template, tokenizer):
         return "written as <think> blocks"
-    return "no place in this chat template"
+    return "trained as part of the answer text: this chat template has no place of its own for reasoning"
 
 
 def no_place_error(where: str, key: str, origin: str) -> UsageError:
