@@ -39,7 +39,7 @@ import torch
 
 from ..errors import UsageError
 from .modelopt import nvfp4_weight
-from .stored_floats import FP8_DTYPES, expand_scale, layer_part_owner
+from .stored_floats import FP8_DTYPES, GIVE_ORIGINAL, expand_scale, layer_part_owner
 
 CT_METHODS = ("compressed-tensors",)
 UNPACKED_FORMATS = ("float-quantized", "int-quantized", "naive-quantized")
@@ -49,8 +49,6 @@ _STRATEGIES = ("tensor", "channel", "group", "block")
 _WEIGHT_PARTS = ("weight_scale", "weight_zero_point", "weight_shape", "weight_global_scale")
 _ACTIVATION_PARTS = ("input_scale", "input_zero_point", "output_scale", "output_zero_point", "input_global_scale")
 _KV_CACHE_PARTS = ("k_scale", "v_scale", "k_zero_point", "v_zero_point")
-_GIVE_ORIGINAL = ("Give it the model's original 16/32-bit checkpoint instead (qlora quantizes it to 4 bits while "
-                  "loading, or once with `qlora quantize`).")
 
 
 @dataclass(frozen=True)
@@ -218,7 +216,7 @@ class CompressedTensors:
                                 "compressed-tensors NVFP4")
         if not scale.is_floating_point() or scale.dtype in FP8_DTYPES:
             raise UsageError(f"compressed-tensors weight {key}: its scale is {scale.dtype}; qlora reads float16, "
-                             "bfloat16 and float32 scales. " + _GIVE_ORIGINAL)
+                             "bfloat16 and float32 scales. " + GIVE_ORIGINAL)
         zero = parts.get(base + "weight_zero_point")
         if scheme.format == PACKED_FORMAT:
             packed = parts[base + "weight_packed"]
@@ -277,4 +275,4 @@ def _refused(source: str, field: str, value, what: str) -> UsageError:
                       f"{field.removeprefix('quantization_config.')} = {value!r}: {what}. qlora decodes "
                       "compressed-tensors FP8 (float-quantized), INT4/INT8 (pack-quantized, int-quantized, "
                       "naive-quantized) and NVFP4 (nvfp4-pack-quantized) weights only, and would misread these. "
-                      + _GIVE_ORIGINAL)
+                      + GIVE_ORIGINAL)

@@ -29,14 +29,12 @@ from pathlib import Path
 import torch
 
 from ..errors import UsageError
-from .stored_floats import layer_part_owner
+from .stored_floats import GIVE_ORIGINAL, layer_part_owner
 
 GPTQ_METHODS = ("gptq",)
 AWQ_METHODS = ("awq",)
 _PARTS = ("qweight", "qzeros", "scales", "g_idx")
 _AWQ_NIBBLE_OF_COLUMN = (0, 4, 1, 5, 2, 6, 3, 7)  # column j of eight is in nibble [j]
-_GIVE_ORIGINAL = ("Give it the model's original 16/32-bit checkpoint instead (qlora quantizes it to 4 bits while "
-                  "loading, or once with `qlora quantize`).")
 
 
 @dataclass(frozen=True)
@@ -181,4 +179,4 @@ def _unpack_columns(words: torch.Tensor, bits: int, awq: bool) -> torch.Tensor:
 def _refused(source: str, method: str, field: str, value, what: str) -> UsageError:
     return UsageError(f"{source} describes a {method.upper()} checkpoint with quantization_config {field} = "
                       f"{value!r}: {what}. qlora decodes GPTQ 2/4/8-bit (checkpoint_format gptq or gptq_v2) and "
-                      f"AWQ 4-bit GEMM weights only, and would misread these. " + _GIVE_ORIGINAL)
+                      f"AWQ 4-bit GEMM weights only, and would misread these. " + GIVE_ORIGINAL)

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from ..errors import UsageError
-from .stored_floats import FP8_DTYPES, expand_scale, layer_part_owner, unpack_fp4
+from .stored_floats import FP8_DTYPES, GIVE_ORIGINAL, expand_scale, layer_part_owner, unpack_fp4
 
 MODELOPT_METHODS = ("modelopt",)
 ALGOS = ("NVFP4", "FP8")
@@ -70,9 +70,7 @@ class ModelOpt:
         if algo is not None and algo not in ALGOS:  # None: 16-bit weights (a quantized KV cache at most)
             raise UsageError(f"{source} describes a ModelOpt checkpoint with quant_algo = {algo!r}; qlora decodes "
                              f"ModelOpt {' and '.join(ALGOS)} weights only ({algo!r} stores weights with AWQ pre-quant "
-                             "scales, INT4/INT8 codes or several schemes, which it would misread). Give it the "
-                             "model's original 16/32-bit checkpoint instead (qlora quantizes it to 4 bits while "
-                             "loading, or once with `qlora quantize`).")
+                             "scales, INT4/INT8 codes or several schemes, which it would misread). " + GIVE_ORIGINAL)
         return cls(algo, bool(qc.get("kv_cache_quant_algo")), source)
 
     def owner(self, key: str) -> str | None:

@@ -39,6 +39,8 @@ _FP8_IGNORED = ("activation_scale", "input_scale")  # static activation scales: 
 _MX_PAYLOAD, _MX_SCALES = "_blocks", "_scales"
 FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
 
+GIVE_ORIGINAL = ("Give it the model's original 16/32-bit checkpoint instead (qlora quantizes it to 4 bits while "
+                 "loading, or once with `qlora quantize`).")  # the advice when a format's variant is refused
 Part = tuple[Path, str]  # (weight file, key in it)
 
 
