@@ -358,14 +358,16 @@ def test_previous_response_id_continues_the_conversation(served):
     # instructions are not carried over to the continuation; the model is the request's own
     ruled = _respond(client, "tiny", input="Hello", instructions="Answer in French.")
     follow = _respond(client, "a", input="Tell me more", previous_response_id=ruled.id)
-    chat = _chat(client, "a", [{"role": "user", "content": "Hello"}, {"role": "assistant", "content": ruled.output_text},
+    chat = _chat(client, "a", [{"role": "user", "content": "Hello"},
+                               {"role": "assistant", "content": ruled.output_text},
                                {"role": "user", "content": "Tell me more"}])
     assert follow.output_text == chat.choices[0].message.content and follow.instructions is None
     assert follow.usage.input_tokens == chat.usage.prompt_tokens
     # streamed responses are kept too, and continue the same way
     with client.responses.stream(model="a", input="Hello", max_output_tokens=MAX_TOKENS, temperature=0) as stream:
         streamed = list(stream)[-1].response  # response.incomplete: the token limit cut it
-    assert streamed.status == "incomplete" and client.responses.retrieve(streamed.id).output_text == streamed.output_text
+    assert streamed.status == "incomplete"
+    assert client.responses.retrieve(streamed.id).output_text == streamed.output_text
     after = _respond(client, "a", input="Tell me more", previous_response_id=streamed.id)
     assert after.output_text == _turns(client, "a", "Hello", "Tell me more")[1].output_text
 

@@ -239,7 +239,8 @@ def _history_call(item: dict[str, Any], where: str) -> dict[str, Any]:
                             "arguments the model gave", f"{where}.arguments") from None
     if not isinstance(args, dict):
         raise APIError(400, f"{where}.arguments must be a JSON object", f"{where}.arguments")
-    return {"id": item["call_id"], "type": "function", "function": {"name": item["name"], "arguments": item["arguments"]}}
+    function = {"name": item["name"], "arguments": item["arguments"]}
+    return {"id": item["call_id"], "type": "function", "function": function}
 
 
 class ResponseWriter:
@@ -296,8 +297,8 @@ class ResponseWriter:
             "completed_at": done, "error": error,
             "incomplete_details": {"reason": "max_output_tokens"} if status == "incomplete" else None,
             "instructions": body.instructions, "max_output_tokens": body.max_output_tokens, "model": body.model,
-            "output": output, "parallel_tool_calls": body.parallel_tool_calls, "previous_response_id": body.previous_response_id,
-            "reasoning": None, "store": body.store is not False, "temperature": body.temperature, "text": text,
+            "output": output, "parallel_tool_calls": body.parallel_tool_calls,
+            "previous_response_id": body.previous_response_id, "reasoning": None, "store": body.store is not False, "temperature": body.temperature, "text": text,
             "tool_choice": body.tool_choice or "auto", "tools": body.tools or [], "top_logprobs": body.top_logprobs,
             "top_p": body.top_p, "truncation": body.truncation or "disabled", "user": body.user,
             "metadata": body.metadata or {}, "usage": None if usage is None else _usage(usage),
