@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 from qlora.errors import UsageError
 from qlora.model.load import load_model
 from qlora.model.tiny import build_tiny_model
-from test_stored_floats import _IDS, _assert_same_4bit, _save_dense, assert_same_tensors
+from test_stored_floats import _IDS, _assert_same_4bit, _save_dense, assert_same_tensors, with_tensors
 
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("bitsandbytes")
@@ -96,23 +96,18 @@ def test_broken_int8_checkpoints_are_named(tmp_path, tiny_tokenizer):
     path = write_int8(base, tmp_path / "int8", tiny_tokenizer)
     stored = load_file(path / "model.safetensors")
     key = "model.layers.0.self_attn.q_proj.weight"
-
-    def folder(name: str, tensors: dict) -> Path:
-        out = tmp_path / name
-        shutil.copytree(path, out)
-        save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
-        return out
-
-    no_scale = folder("no-scale", {k: v for k, v in stored.items() if not k.endswith("q_proj.SCB")})
+    no_scale = with_tensors(path, tmp_path / "no-scale",
+                            {k: v for k, v in stored.items() if not k.endswith("q_proj.SCB")})
     with pytest.raises(UsageError, match=rf"8-bit weight {key} is stored as .*, which lacks its row scales"):
         _load16(no_scale)
-    codes_only = folder("codes-only", {k: v for k, v in stored.items() if not k.startswith(key[:-6] + "SCB")
-                                       and k != key + "_format"})
+    codes_only = with_tensors(path, tmp_path / "codes-only",
+                              {k: v for k, v in stored.items()
+                               if not k.startswith(key[:-6] + "SCB") and k != key + "_format"})
     with pytest.raises(UsageError, match=rf"tensor {key} is stored as int8 codes without its row scales"):
         _load16(codes_only)
-    orphan = folder("orphan", {k: v for k, v in stored.items() if k != key})
+    orphan = with_tensors(path, tmp_path / "orphan", {k: v for k, v in stored.items() if k != key})
     with pytest.raises(UsageError, match=rf"8-bit weight {key} is stored as .*, which lacks its codes"):
         _load16(orphan)
-    turing = folder("turing", stored | {key + "_format": torch.tensor(2, dtype=torch.uint8)})
+    turing = with_tensors(path, tmp_path / "turing", stored | {key + "_format": torch.tensor(2, dtype=torch.uint8)})
     with pytest.raises(UsageError, match=rf"{key}_format is 2, a GPU tile layout"):
         _load16(turing)

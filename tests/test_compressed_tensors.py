@@ -20,7 +20,8 @@ from safetensors.torch import load_file, save_file
 
 from qlora.errors import UsageError
 from qlora.model.load import load_model
-from test_stored_floats import _IDS, _assert_same_4bit, _copy_tokenizer, _save_dense, assert_same_tensors
+from test_stored_floats import (_IDS, _assert_same_4bit, _copy_tokenizer, _save_dense, assert_same_tensors,
+                                with_tensors)
 from tiny_moe import save_tiny_moe
 
 transformers = pytest.importorskip("transformers")
@@ -275,19 +276,14 @@ def test_kv_cache_scales_are_dropped(fp8_channel, tmp_path):
 def test_broken_compressed_tensors_files_are_named(fp8_channel, tmp_path):
     stored = load_file(fp8_channel / "model.safetensors")
     key = "model.layers.0.self_attn.q_proj.weight"
-
-    def folder(name: str, tensors: dict) -> Path:
-        out = tmp_path / name
-        shutil.copytree(fp8_channel, out)
-        save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
-        return out
-
-    no_scale = folder("no-scale", {k: v for k, v in stored.items() if k != key + "_scale"})
+    no_scale = with_tensors(fp8_channel, tmp_path / "no-scale",
+                            {k: v for k, v in stored.items() if k != key + "_scale"})
     with pytest.raises(UsageError, match=rf"tensor {key} is stored as torch.float8_e4m3fn codes without its scale"):
         _load16(no_scale)
-    orphan = folder("orphan", {k: v for k, v in stored.items() if k != key})
+    orphan = with_tensors(fp8_channel, tmp_path / "orphan", {k: v for k, v in stored.items() if k != key})
     with pytest.raises(UsageError, match=rf"weight {key} is stored as {key}_scale, which lacks its codes"):
         _load16(orphan)
-    grid = folder("grid", stored | {key + "_scale": torch.ones(3, 1, dtype=torch.bfloat16)})
+    grid = with_tensors(fp8_channel, tmp_path / "grid",
+                        stored | {key + "_scale": torch.ones(3, 1, dtype=torch.bfloat16)})
     with pytest.raises(UsageError, match=rf"weight {key}: its scale \(3, 1\) do not tile its shape"):
         _load16(grid)

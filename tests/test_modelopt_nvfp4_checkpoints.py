@@ -21,7 +21,8 @@ from safetensors.torch import load_file, save_file
 
 from qlora.errors import UsageError
 from qlora.model.load import load_model
-from test_stored_floats import _IDS, _assert_same_4bit, _copy_config, _copy_tokenizer, _save_dense, assert_same_tensors
+from test_stored_floats import (_IDS, _assert_same_4bit, _copy_config, _copy_tokenizer, _save_dense,
+                                assert_same_tensors, with_tensors)
 
 pytest.importorskip("compressed_tensors")
 from compressed_tensors.compressors import BaseCompressor  # noqa: E402
@@ -146,11 +147,10 @@ def test_modelopt_nvfp4_4bit_load_and_refused_algorithms(tiny_model_dir, tmp_pat
     (awq / "config.json").write_text(json.dumps(config))
     with pytest.raises(UsageError, match=r"config.json describes a ModelOpt checkpoint with quant_algo = 'W4A8_AWQ'"):
         _load16(awq)
-    broken = tmp_path / "broken"
-    shutil.copytree(path, broken)
     stored = load_file(path / "model.safetensors")
     key = "model.layers.0.mlp.up_proj.weight"
-    save_file({k: v for k, v in stored.items() if k != key[:-6] + "weight_scale_2"}, broken / "model.safetensors")
+    broken = with_tensors(path, tmp_path / "broken",
+                          {k: v for k, v in stored.items() if k != key[:-6] + "weight_scale_2"})
     with pytest.raises(UsageError, match=rf"NVFP4 weight {key} is stored as .*, which lacks {key}_scale_2"):
         _load16(broken)
 

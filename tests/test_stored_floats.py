@@ -10,6 +10,7 @@ codes a byte, low nibble first, and one biased power-of-two exponent per 32 valu
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -99,6 +100,13 @@ def _copy_tokenizer(src: Path, out: Path) -> None:
     for f in src.iterdir():
         if f.name.startswith(("tokenizer", "special_tokens", "chat_template")) or f.name == "generation_config.json":
             (out / f.name).write_bytes(f.read_bytes())
+
+
+def with_tensors(checkpoint: Path, out: Path, tensors: dict[str, torch.Tensor]) -> Path:
+    """A copy of the one-file ``checkpoint`` at ``out`` whose weights are ``tensors`` (a broken variant, say)."""
+    shutil.copytree(checkpoint, out)
+    save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
+    return out
 
 
 def _reference(path: Path):
