@@ -26,7 +26,11 @@ class StoredResponse:
 
     response: dict[str, Any]
     input_items: list[dict[str, Any]]
-    conversation: list[dict[str, Any]]
+
+    @property
+    def conversation(self) -> list[dict[str, Any]]:
+        """What a continuation of this response reads before its own input: the input, then the output."""
+        return [*self.input_items, *self.response["output"]]
 
 
 class ResponseStore:
@@ -43,8 +47,7 @@ class ResponseStore:
         """Keep ``response``, which the model wrote after reading ``input_items``."""
         if self.capacity <= 0:
             return
-        conversation = [*input_items, *response["output"]]
-        self._kept[response["id"]] = StoredResponse(response, input_items, conversation)
+        self._kept[response["id"]] = StoredResponse(response, input_items)
         self._kept.move_to_end(response["id"])
         while len(self._kept) > self.capacity:
             self._kept.popitem(last=False)
