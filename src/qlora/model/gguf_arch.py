@@ -85,6 +85,7 @@ class ArchSpec:
     acts: tuple[str, ...] = ()  # ``hidden_act`` values llama.cpp's graph computes (empty: not checked)
     requires: tuple[tuple[str, object], ...] = ()  # config fields that must have this value (if present)
     logit_scale: bool = False  # writes ``config.logit_scale`` (Cohere)
+    full_attention: bool = False  # llama.cpp's graph has no sliding-window layers: a config with some is refused
 
 
 SILU = ("silu", "swish")
@@ -94,8 +95,8 @@ GELU_TANH = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")  # llama.cpp's GELU i
 SPECS: dict[str, ArchSpec] = {
     "llama": ArchSpec("llama", permute_qk=True),
     "mistral": ArchSpec("llama", permute_qk=True),
-    "qwen2": ArchSpec("qwen2"),
-    "qwen3": ArchSpec("qwen3"),
+    "qwen2": ArchSpec("qwen2", full_attention=True),
+    "qwen3": ArchSpec("qwen3", full_attention=True),
     "gemma2": ArchSpec("gemma2", norm_shift=1.0, has_output=False, softcap_attn=True, swa_27b_layers=46),
     "gemma3_text": ArchSpec("gemma3", norm_shift=1.0, swa_27b_layers=62),
     "phi3": ArchSpec("phi3"),
@@ -107,25 +108,27 @@ SPECS: dict[str, ArchSpec] = {
     "granitemoe": ArchSpec("granitemoe", permute_qk=True, norm_topk=True,
                            rename=((".block_sparse_moe.router.", ".mlp.gate."),
                                    (".block_sparse_moe.experts.", ".mlp.experts."))),
-    "qwen2_moe": ArchSpec("qwen2moe", output_required=True, norm_topk=False),
-    "qwen3_moe": ArchSpec("qwen3moe", norm_topk=True),
+    "qwen2_moe": ArchSpec("qwen2moe", output_required=True, norm_topk=False, full_attention=True),
+    "qwen3_moe": ArchSpec("qwen3moe", norm_topk=True, full_attention=True),
     "olmoe": ArchSpec("olmoe", output_required=True, norm_topk=False),
     "phi": ArchSpec("phi2", layer_norm=True, partial_rotary=True, output_required=True, acts=GELU_TANH,
-                    requires=(("qk_layernorm", False),)),
-    "starcoder2": ArchSpec("starcoder2", layer_norm=True, acts=GELU_TANH, requires=(("use_bias", True),)),
+                    requires=(("qk_layernorm", False),), full_attention=True),
+    "starcoder2": ArchSpec("starcoder2", layer_norm=True, acts=GELU_TANH, requires=(("use_bias", True),),
+                           full_attention=True),
     "stablelm": ArchSpec("stablelm", layer_norm=True, partial_rotary=True, output_required=True, acts=SILU,
-                         requires=(("qk_layernorm", False),)),
+                         requires=(("qk_layernorm", False),), full_attention=True),
     "cohere": ArchSpec("command-r", layer_norm=True, has_output=False, logit_scale=True, acts=SILU,
-                       requires=(("attention_bias", False),)),
+                       requires=(("attention_bias", False),), full_attention=True),
     "cohere2": ArchSpec("cohere2", layer_norm=True, has_output=False, logit_scale=True, acts=SILU,
                         requires=(("attention_bias", False),)),
-    "olmo": ArchSpec("olmo", permute_qk=True, layer_norm=True, acts=SILU, requires=(("attention_bias", False),)),
-    "glm4": ArchSpec("glm4", partial_rotary=True, acts=SILU),
-    "ernie4_5": ArchSpec("ernie4_5", acts=SILU, requires=(("use_bias", False),)),
-    "exaone4": ArchSpec("exaone4", acts=SILU),
-    "seed_oss": ArchSpec("seed_oss", acts=SILU, requires=(("attention_out_bias", False),)),
+    "olmo": ArchSpec("olmo", permute_qk=True, layer_norm=True, acts=SILU, requires=(("attention_bias", False),),
+                     full_attention=True),
+    "glm4": ArchSpec("glm4", partial_rotary=True, acts=SILU, full_attention=True),
+    "ernie4_5": ArchSpec("ernie4_5", acts=SILU, requires=(("use_bias", False),), full_attention=True),
+    "exaone4": ArchSpec("exaone4", acts=SILU, full_attention=True),
+    "seed_oss": ArchSpec("seed_oss", acts=SILU, requires=(("attention_out_bias", False),), full_attention=True),
     "arcee": ArchSpec("arcee", permute_qk=True, acts=("relu2",), requires=(("attention_bias", False),
-                                                                        ("mlp_bias", False))),
+                                                                        ("mlp_bias", False)), full_attention=True),
 }
 SUPPORTED = ("Llama, Mistral, Qwen2, Qwen3, Gemma, Gemma 2, Gemma 3 (text), Phi-2, Phi-3, OLMo, OLMo 2, Granite, "
              "SmolLM3, StarCoder2, StableLM, Command-R, Cohere 2, GLM-4, ERNIE 4.5, EXAONE 4, Seed-OSS, Arcee "
@@ -222,9 +225,9 @@ def write_metadata(writer, config, spec: ArchSpec, n_vocab: int) -> list[tuple[s
         writer.add_clamp_kqv(config.clip_qkv)
     if spec.gguf_arch == "smollm3":
         _check_smollm3_nope_layers(config)
+    if spec.gguf_arch in ("gemma2", "gemma3"):
+        _check_gemma_attention_scale(config, spec, hd)
     if spec.gguf_arch in ("gemma2", "gemma3", "cohere2"):
-        if spec.gguf_arch != "cohere2":
-            _check_gemma_attention_scale(config, spec, hd)
         if getattr(config, "sliding_window", None):
             writer.add_sliding_window(config.sliding_window)
         layer_types = getattr(config, "layer_types", None)
@@ -234,8 +237,7 @@ def write_metadata(writer, config, spec: ArchSpec, n_vocab: int) -> list[tuple[s
             writer.add_attn_logit_softcapping(config.attn_logit_softcapping)
         if getattr(config, "final_logit_softcapping", None):
             writer.add_final_logit_softcapping(config.final_logit_softcapping)
-    elif getattr(config, "use_sliding_window", False) or (
-            spec.gguf_arch in ("qwen2", "qwen3", "qwen2moe", "qwen3moe") or spec.acts) and _sliding_layers(config):
+    elif getattr(config, "use_sliding_window", False) or (spec.full_attention and _sliding_layers(config)):
         raise UsageError("this model uses sliding-window attention on some layers, which llama.cpp does not run "
                          "for its architecture; the exported model would attend differently. Refusing to export.")
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
