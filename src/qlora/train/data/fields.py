@@ -146,7 +146,7 @@ def suggest_fields(fields: dict[str, Any]) -> str:
                 f"--data-fields messages={lists[0]} (and role=KEY,content=KEY if its entries use other keys). ")
     prompt = prompt_column(fields)
     answer = next((lowered[n] for n in _ANSWER_NAMES if n in lowered and lowered[n] != prompt), None)
-    if prompt and answer and _tool_calls_like(fields[answer]):
+    if prompt and answer and tool_calls(fields[answer]) is not None:
         return (f"If {prompt!r} is the prompt and {answer!r} the tool calls that answer it, map them with "
                 f"--data-fields prompt={prompt},completion={answer}: the calls are then the assistant's tool-call "
                 "turn, and a \"tools\" column is given to the chat template. ")
@@ -173,12 +173,16 @@ def _message_like(value: Any) -> bool:
                 for k, v in m.items()) for m in value)
 
 
-def _tool_calls_like(value: Any) -> bool:
-    """A list (or JSON list) of ``{"name", "arguments"}`` objects."""
+def tool_calls(value: Any) -> list[dict[str, Any]] | None:
+    """``value`` as a list of tool calls (``{"name", "arguments"}`` or ``"parameters"`` objects without a role,
+    also as a JSON string), or None: how tool-calling datasets such as xlam store an answer."""
     if isinstance(value, str) and value.strip().startswith("["):
         try:
             value = json.loads(value)
         except json.JSONDecodeError:
-            return False
-    return isinstance(value, list) and bool(value) and all(
-        isinstance(c, dict) and isinstance(c.get("name"), str) and "arguments" in c for c in value)
+            return None
+    if isinstance(value, list) and value and all(
+            isinstance(c, dict) and isinstance(c.get("name"), str) and "role" not in c
+            and ("arguments" in c or "parameters" in c) for c in value):
+        return value
+    return None

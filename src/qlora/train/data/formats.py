@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from qlora.errors import UsageError
-from qlora.train.data.fields import ROLE_NAMES, FieldMap, parse_data_fields, suggest_fields
+from qlora.train.data.fields import ROLE_NAMES, FieldMap, parse_data_fields, suggest_fields, tool_calls
 from qlora.train.data.message_trees import is_message_tree, top_threads
 from qlora.train.data.reasoning import REASONING_KEYS, THINK_CLOSE, message_reasoning, split_think
 from qlora.train.data.sources import Record
@@ -249,13 +249,9 @@ def _is_exchange(item: Any, names: FieldMap) -> bool:
 
 
 def _tool_call_turn(value: Any) -> list[dict[str, Any]] | None:
-    """A completion that is a list of tool calls (``{"name", "arguments"}`` objects, no role) as the assistant
-    message making them, or None."""
-    calls = value if isinstance(value, list) else None
-    if not calls or not all(isinstance(c, dict) and isinstance(c.get("name"), str) and "role" not in c
-                            and ("arguments" in c or "parameters" in c) for c in calls):
-        return None
-    return [{"role": "assistant", "content": None, "tool_calls": calls}]
+    """A completion that is a list of tool calls as the assistant message making them, or None."""
+    calls = tool_calls(value) if isinstance(value, list) else None
+    return [{"role": "assistant", "content": None, "tool_calls": calls}] if calls else None
 
 
 def _prompt_completion(fields: dict[str, Any], where: str, names: FieldMap) -> Example:
