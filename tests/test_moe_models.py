@@ -12,7 +12,8 @@ import torch
 
 from qlora.model.load import load_model
 from qlora.nn import Experts4bit, Linear4bit
-from tiny_moe import CONFIG, tiny_moe_factory
+from bnb_oracle import reference_path
+from tiny_moe import CONFIG, save_tiny_moe, tiny_moe_factory
 
 transformers = pytest.importorskip("transformers")
 pytestmark = pytest.mark.skipif(not hasattr(transformers, "conversion_mapping") and
@@ -128,7 +129,8 @@ def test_estimate_counts_experts_as_4bit_and_routers_as_16bit():
 
 
 def test_cli_train_merge_quantize_on_moe(tmp_path, saved, capsys):
-    """train (2 steps) -> PEFT loads the adapter with qlora's logits -> merge loads in transformers -> quantize refuses."""
+    """train (2 steps, experts adapted too) -> PEFT loads the adapter with qlora's logits -> merge loads in
+    transformers -> quantize of the merged model loads in transformers and qlora."""
     import json
     import math
 
@@ -142,7 +144,8 @@ def test_cli_train_merge_quantize_on_moe(tmp_path, saved, capsys):
                             + "\n" for a in range(8)))
     out = tmp_path / "run"
     assert main(["train", "--model", str(path), "--data", str(data), "--output", str(out), "--seq-len", "48",
-                 "--batch-size", "2", "--lr", "1e-2", "--max-steps", "2", "--no-progress"]) == 0
+                 "--batch-size", "2", "--lr", "1e-2", "--max-steps", "2", "--no-progress",
+                 "--target-parameters", "mlp.experts.gate_up_proj,mlp.experts.down_proj"]) == 0
     losses = [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()
               if json.loads(line).get("split") == "train"]
     assert len(losses) == 2 and all(math.isfinite(x) for x in losses)
@@ -167,8 +170,19 @@ def test_cli_train_merge_quantize_on_moe(tmp_path, saved, capsys):
         torch.testing.assert_close(merged(_IDS).logits, four_bit(_IDS).logits, rtol=1e-4, atol=1e-4)
 
     capsys.readouterr()
-    assert main(["quantize", "--model", str(path), "--output", str(tmp_path / "q4")]) == 2
-    assert "mixture-of-experts" in capsys.readouterr().err and not (tmp_path / "q4").exists()
+    assert main(["quantize", "--model", str(tmp_path / "merged"), "--output", str(tmp_path / "q4"),
+                 "--compute-dtype", "fp32"]) == 0
+    assert "experts" in capsys.readouterr().out
+    again, _ = load_model(tmp_path / "q4", compute_dtype=torch.float32, device="cpu")
+    direct, _ = load_model(tmp_path / "merged", compute_dtype=torch.float32, device="cpu")
+    # (transformers' logits on this folder: test_quantize_writes_moe_as_transformers_and_bitsandbytes_do; these
+    # layers are narrower than a block, which bitsandbytes' CPU dequantize misreads)
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "q4", device_map="cpu")
+    merged_experts = {n: p for n, p in merged.named_parameters() if p.dim() == 3}
+    assert merged_experts and all(torch.equal(p, merged_experts[n])
+                                  for n, p in theirs.named_parameters() if p.dim() == 3)
+    with torch.no_grad():
+        torch.testing.assert_close(again(_IDS).logits, direct(_IDS).logits, rtol=0, atol=0)
 
 
 def test_bitsandbytes_moe_checkpoints(tmp_path, saved):
@@ -243,3 +257,79 @@ def test_quantize_model_in_memory_equals_quantize_on_load(saved, model_type):
     assert not [n for n, p in ref.named_parameters() if p.dim() == 3]
     with torch.no_grad():
         torch.testing.assert_close(ref(_IDS).logits, loaded(_IDS).logits, rtol=0, atol=0)
+
+
+_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+# Every 4-bit layer at least one block (64) wide: bitsandbytes' CPU dequantize misreads narrower rows.
+_WIDE = dict(hidden_size=64, intermediate_size=64, moe_intermediate_size=64, shared_expert_intermediate_size=64,
+             head_dim=16, q_lora_rank=64, kv_lora_rank=64, v_head_dim=16, qk_rope_head_dim=16)
+
+
+@pytest.mark.parametrize("model_type, compute", [("mixtral", "fp32"), ("qwen2_moe", "fp32"), ("qwen3_moe", "bf16"),
+                                                 ("olmoe", "fp32"), ("gpt_oss", "bf16"), ("deepseek_v3", "fp32")])
+def test_quantize_writes_moe_as_transformers_and_bitsandbytes_do(tmp_path, tiny_tokenizer, capsys, model_type,
+                                                                 compute):
+    """`qlora quantize` of an MoE: its linear layers 4-bit, byte for byte qlora's; its experts 16-bit in the
+    compute dtype, per expert as transformers' save_pretrained writes them (transformers + bitsandbytes
+    quantizes nn.Linear only). transformers loads the folder and computes what qlora's model computes with the
+    same layers 4-bit; qlora loads it back with its experts quantized to the codes it gives the original."""
+    bnb = pytest.importorskip("bitsandbytes")
+    from safetensors.torch import load_file
+
+    from qlora.cli.main import main
+    from qlora.errors import UsageError
+    from qlora.model.quantized_io import save_quantized
+
+    fields = transformers.AutoConfig.for_model(model_type)
+    path = save_tiny_moe(tmp_path / "base", tiny_tokenizer, model_type,
+                         **{k: v for k, v in _WIDE.items() if hasattr(fields, k)})
+    dtype, q = _DTYPES[compute], tmp_path / "q"
+    capsys.readouterr()
+    assert main(["quantize", "--model", str(path), "--output", str(q), "--compute-dtype", compute]) == 0
+    out = capsys.readouterr().out
+    assert "experts (" in out and f"stored {compute}" in out
+    ours, _ = load_model(path, compute_dtype=dtype, device="cpu")  # qlora's 4-bit model of the original
+    theirs = reference_path(transformers.AutoModelForCausalLM.from_pretrained(q, device_map="cpu"))
+    four_bit = {n: m for n, m in theirs.named_modules() if isinstance(m, bnb.nn.Linear4bit)}
+    experts = tuple(n + "." for n, m in ours.named_modules() if isinstance(m, Experts4bit))
+    mine = {n: m for n, m in ours.named_modules() if isinstance(m, Linear4bit) and not n.startswith(experts)}
+    assert experts and four_bit.keys() == mine.keys()
+    for name, layer in four_bit.items():
+        weight = bnb.functional.dequantize_4bit(layer.weight.data, layer.weight.quant_state).to(dtype)
+        assert torch.equal(weight, mine[name].dequantize(dtype)), name
+    # the experts are 16-bit there, the original's values in the compute dtype
+    dense, _ = load_model(path, compute_dtype=dtype, device="cpu", quantize_experts=False)
+    stacks = {n: p for n, p in theirs.named_parameters() if p.dim() == 3}
+    assert stacks and all(p.dtype == dtype and torch.equal(p, dense.get_parameter(n)) for n, p in stacks.items())
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(_IDS).logits, dense(_IDS).logits, rtol=0, atol=0)
+    # qlora reads it back to its own 4-bit model of the original
+    again, _ = load_model(q, compute_dtype=dtype, device="cpu")
+    assert sum(isinstance(m, Experts4bit) for m in again.modules()) == sum(
+        isinstance(m, Experts4bit) for m in ours.modules()) > 0
+    for name, module in ours.named_modules():
+        if isinstance(module, Experts4bit):
+            for w in module.weight_names:
+                assert torch.equal(again.get_submodule(name).dequantize(w), module.dequantize(w)), (name, w)
+    with torch.no_grad():
+        torch.testing.assert_close(again(_IDS).logits, ours(_IDS).logits, rtol=0, atol=0)
+    # the file holds what transformers + bitsandbytes writes for this model: the same keys, the same packed bytes,
+    # except for routers qlora keeps 16-bit (Qwen2-MoE's shared_expert_gate, which bitsandbytes packs)
+    config = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                             bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype)
+    direct = transformers.AutoModelForCausalLM.from_pretrained(path, quantization_config=config, device_map="cpu",
+                                                               dtype=dtype)
+    direct.save_pretrained(tmp_path / "direct")
+    written, reference = load_file(q / "model.safetensors"), load_file(tmp_path / "direct" / "model.safetensors")
+    routers = tuple(four_bit.keys() ^ {n for n, m in direct.named_modules() if isinstance(m, bnb.nn.Linear4bit)})
+    assert all(n.endswith("shared_expert_gate") for n in routers)
+    in_router = tuple(r + ".weight." for r in routers)
+    assert [k for k in written if k.startswith(in_router)] == [] and {r + ".weight" for r in routers} <= written.keys()
+    kept = [k for k in reference if not k.startswith(in_router)]
+    assert sorted(written) == sorted(kept)
+    if dtype == torch.float32:  # transformers rounds an fp32 checkpoint to a bf16 load dtype before quantizing
+        dense_routers = tuple(r + "." for r in routers)
+        assert all(torch.equal(written[k], reference[k]) for k in kept if not k.startswith(dense_routers)), model_type
+
+    with pytest.raises(UsageError, match="quantize_experts=False"):  # 4-bit experts would load nowhere else
+        save_quantized(ours, tmp_path / "refused")

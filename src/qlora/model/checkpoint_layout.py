@@ -154,3 +154,17 @@ class CheckpointLayout:
     def incomplete(self) -> list[str]:
         """Targets some of whose source tensors never came (a truncated or foreign checkpoint)."""
         return sorted(self._groups)
+
+
+def to_checkpoint_layout(model, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``state_dict`` (model naming) in the layout transformers' ``save_pretrained`` writes for ``model``:
+    its conversion mapping reverted (3-D experts back to one 2-D weight per expert, renamed modules back
+    to the files' names), through transformers' own ``revert_weight_conversion``; as it is under 4.x."""
+    try:
+        from transformers.core_model_loading import revert_weight_conversion
+    except ImportError:
+        return state_dict
+    try:
+        return revert_weight_conversion(model, state_dict)
+    except Exception as exc:  # an API that changed under us: say so, not a traceback
+        raise _api_error(model, exc) from None

@@ -261,6 +261,7 @@ def load_model(
     skip_modules: Iterable[str] = ("lm_head",),
     attn_implementation: str | None = None,
     progress: bool | None = None,
+    quantize_experts: bool = True,
 ):
     """Load a causal LM (4-bit unless ``quant=None``) and its tokenizer.
 
@@ -276,6 +277,9 @@ def load_model(
             head always is).
         attn_implementation: forwarded to transformers ("eager", "sdpa", ...).
         progress: show a progress bar (default: for checkpoints over 1 GB).
+        quantize_experts: quantize MoE experts stored as 3-D weights (from their ``compute_dtype``
+            values); False keeps them in ``compute_dtype``, as transformers + bitsandbytes does
+            (``qlora quantize`` writes them so).
 
     Returns:
         ``(model, tokenizer)``; every base parameter is frozen.
@@ -329,8 +333,8 @@ def load_model(
         if quant is None:
             return None
         if expert_weight_names(module):  # MoE experts as 3-D weights (transformers v5): bitsandbytes keeps them
-            if _skipped(path, skip):     # 16-bit even in its 4-bit files, so they are quantized here
-                return None
+            if not quantize_experts or _skipped(path, skip):  # 16-bit even in its 4-bit files, so they are
+                return None                                   # quantized here
             return Experts4bit(module, compute_dtype=compute_dtype, quant_type=quant, blocksize=blocksize,
                                double_quant=double_quant, device=device)
         if not (is_plain_linear(module) or is_conv1d(module)):
@@ -359,8 +363,8 @@ def load_model(
         if owner is not None and isinstance(model.get_submodule(owner), Experts4bit):
             experts: Experts4bit = model.get_submodule(owner)
             if leaf in experts.weight_names:
-                try:
-                    experts.set_weight(leaf, tensor.to(device))
+                try:  # from the compute-dtype values, whether the file holds them fused or per expert
+                    experts.set_weight(leaf, tensor.to(device, compute_dtype))
                 except NonFiniteError as exc:
                     raise UsageError(f"{source} (module {owner}): {exc}") from None
                 loaded.add(key)
@@ -454,7 +458,7 @@ def load_model(
     for p in model.parameters():
         p.requires_grad_(False)
     model.eval()
-    if quant is not None:
+    if quant is not None and quantize_experts:  # experts kept dense on purpose: the caller knows
         _warn_dense_bulk(model)
     # Recorded in adapters as base_model_name_or_path: an absolute path for a local folder (a relative
     # one breaks once the adapter is used from another folder), a hub id as given.

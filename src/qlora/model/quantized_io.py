@@ -19,6 +19,7 @@ from ..atomic import atomic_dir
 from ..errors import UsageError
 from ..nn import Experts4bit, Linear4bit, LoraLinear, expert_weight_names
 from .architecture import text_model_from_config
+from .checkpoint_layout import to_checkpoint_layout
 from .quantize import is_plain_linear, kept_dense_names, non_text_names
 
 _SHARD_BYTES = 5 * 1024**3
@@ -45,16 +46,24 @@ def quantized_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-_MOE_REFUSAL = ("is a mixture-of-experts model whose experts are 3-D weights; bitsandbytes and transformers "
-                "quantize only linear layers, so a 4-bit file of its experts would load nowhere but qlora, and a "
-                "file with 16-bit experts would keep ~all of its weights in 16 bits. Skip `qlora quantize`: give "
-                "the model as it is (16-bit, FP8 or MXFP4) to train/generate/eval/serve, which quantize its experts "
-                "to 4 bits while loading.")
+_EXPERTS_4BIT = ("has its mixture-of-experts experts in 4 bits; transformers + bitsandbytes quantizes linear layers "
+                 "only and reads experts (3-D weights) as 16-bit tensors, so no file of 4-bit experts loads there. "
+                 "Load the model with quantize_experts=False (experts kept in the compute dtype, as transformers "
+                 "keeps them) and save that: qlora quantizes those experts identically when it loads the file.")
+
+
+def dense_expert_share(model: nn.Module) -> float:
+    """The fraction of a model's weights that are 16-bit MoE experts (3-D weights), 0 for a dense model."""
+    experts = sum(getattr(m, n).numel() for m in model.modules() for n in expert_weight_names(m)
+                  if not isinstance(m, Experts4bit))
+    total = sum(m.in_features * m.out_features for m in model.modules() if isinstance(m, Linear4bit))
+    total += sum(p.numel() for p in model.parameters())
+    return experts / total if total else 0.0
 
 
 def check_quantizable(model_dir: str | Path) -> None:
     """Refuse, before any weight is read, models whose 4-bit checkpoint transformers could not load:
-    3-D MoE experts, and linear layers of an nn.Linear subclass (Falcon's FalconLinear)."""
+    linear layers of an nn.Linear subclass (Falcon's FalconLinear)."""
     from .load import read_model_config
 
     config = read_model_config(model_dir)
@@ -62,8 +71,6 @@ def check_quantizable(model_dir: str | Path) -> None:
         return  # already 4-bit: re-saving it changes nothing about its experts
     with torch.device("meta"):
         model = text_model_from_config(config, model_dir)
-    if any(expert_weight_names(m) for m in model.modules()):
-        raise UsageError(f"{model_dir} {_MOE_REFUSAL}")
     kept = kept_dense_names(model)
     subclasses = sorted({type(m).__name__ for n, m in model.named_modules()
                          if n not in kept and type(m) is not nn.Linear and is_plain_linear(m)})
@@ -75,15 +82,17 @@ def check_quantizable(model_dir: str | Path) -> None:
 
 
 def save_quantized(model: nn.Module, out_dir: str | Path, tokenizer=None) -> Path:
-    """Write the 4-bit base model (without adapters) in bitsandbytes' checkpoint format.
+    """Write the 4-bit base model (without adapters) in bitsandbytes' checkpoint format, in the
+    layout transformers' ``save_pretrained`` writes (MoE experts as 16-bit per-expert weights).
 
     Raises:
-        UsageError: for MoE models with 3-D experts (see :func:`check_quantizable`).
+        UsageError: for a model whose MoE experts are 4-bit (:class:`Experts4bit`): load it with
+            ``quantize_experts=False``.
     """
     from safetensors.torch import save_file
 
     if any(isinstance(m, Experts4bit) for m in model.modules()):
-        raise UsageError(f"this model {_MOE_REFUSAL}")
+        raise UsageError(f"this model {_EXPERTS_4BIT}")
 
     layers = [m.base_layer if isinstance(m, LoraLinear) else m for m in model.modules()]
     q = [m for m in layers if isinstance(m, Linear4bit)]
@@ -114,7 +123,7 @@ def save_quantized(model: nn.Module, out_dir: str | Path, tokenizer=None) -> Pat
         "llm_int8_skip_modules": skipped, "llm_int8_threshold": 6.0,
         "llm_int8_has_fp16_weight": False, "llm_int8_enable_fp32_cpu_offload": False,
     }
-    sd = quantized_state_dict(model)
+    sd = to_checkpoint_layout(model, quantized_state_dict(model))
     shards: list[dict[str, torch.Tensor]] = [{}]
     size = 0
     for key, value in sd.items():

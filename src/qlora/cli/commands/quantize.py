@@ -1,7 +1,10 @@
 """``qlora quantize``: write a bitsandbytes-format 4-bit checkpoint of a model.
 
 The folder loads in transformers with bitsandbytes installed and in qlora
-without it, and skips quantize-on-load the next time.
+without it, and skips quantize-on-load the next time. MoE experts (3-D weights)
+are written 16-bit, as transformers + bitsandbytes writes them: it quantizes
+linear layers only, so 4-bit experts would load nowhere but qlora. qlora
+quantizes them while loading the folder, to the codes it gives the original.
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from ...model.load import load_model, resolve_model_dir
-    from ...model.quantized_io import check_quantizable, save_quantized
+    from ...model.quantized_io import check_quantizable, dense_expert_share, save_quantized
 
     from ...output_folder import check_output, staged_output
 
@@ -41,11 +44,17 @@ def run(args: argparse.Namespace) -> int:
     model, tokenizer = load_model(args.model, quant=args.quant, double_quant=args.double_quant,
                                   blocksize=args.blocksize, device="cpu",
                                   compute_dtype={"bf16": torch.bfloat16, "fp16": torch.float16,
-                                                 "fp32": torch.float32}[args.compute_dtype])
+                                                 "fp32": torch.float32}[args.compute_dtype],
+                                  quantize_experts=False)
     _check_same_format(args, model)
     with staged_output(args.output, "quantize", replace=True) as stage:
         save_quantized(model, stage, tokenizer)
     print(f"wrote {args.quant} checkpoint of {args.model} to {args.output}")
+    share = dense_expert_share(model)
+    if share:
+        print(f"its mixture-of-experts experts ({share:.0%} of the weights) are stored {args.compute_dtype}, as "
+              "transformers + bitsandbytes stores them (it quantizes linear layers only); qlora quantizes them to "
+              f"{args.quant} when it loads the folder, as it does the original")
     return 0
 
 
