@@ -330,3 +330,32 @@ def test_4bit_layers_tied_across_layers_share_codes_and_adapt_per_layer(tmp_path
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32).eval()
     with torch.no_grad():
         torch.testing.assert_close(merged(x).logits, adapted, rtol=1e-4, atol=1e-4)
+
+
+def test_weight_reads_the_config_rules_out_do_not_keep_layers_dense(tmp_path, tiny_tokenizer):
+    """BLOOM slices ``dense.weight`` and ``dense_4h_to_h.weight`` only ``if self.pretraining_tp > 1 and
+    self.slow_but_exact``. With that branch off (as in BLOOM's own checkpoints) every layer is 4-bit and
+    all-linear adapts what PEFT's does; with it on, those layers stay dense."""
+    from peft import LoraConfig, get_peft_model
+    from qlora.model.inject import add_lora
+    from qlora.model.quantize import kept_dense_names
+
+    for exact in (False, True):
+        config = AutoConfig.for_model("bloom", vocab_size=len(tiny_tokenizer), hidden_size=64, n_layer=2, n_head=4,
+                                      pretraining_tp=2, slow_but_exact=exact)
+        torch.manual_seed(0)
+        AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / str(exact))
+        tiny_tokenizer.save_pretrained(tmp_path / str(exact))
+        model, _ = load_model(tmp_path / str(exact), compute_dtype=torch.float32, device="cpu")
+        sliced = {"transformer.h.0.self_attention.dense", "transformer.h.1.mlp.dense_4h_to_h"}
+        assert (sliced <= kept_dense_names(model)) is exact
+        assert isinstance(model.transformer.h[0].mlp.dense_4h_to_h, Linear4bit) is not exact
+        add_lora(model, r=4, alpha=8, verbose=False)
+        ours = {n.rsplit(".lora_A", 1)[0] for n, _ in model.named_parameters() if ".lora_A" in n}
+        ref = get_peft_model(AutoModelForCausalLM.from_pretrained(tmp_path / str(exact), dtype=torch.float32),
+                             LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+        peft_targets = {n.split("base_model.model.", 1)[1].rsplit(".lora_A", 1)[0]
+                        for n, _ in ref.named_parameters() if ".lora_A" in n}
+        assert (ours == peft_targets) is not exact
+        assert (ours | sliced | {"transformer.h.0.mlp.dense_4h_to_h", "transformer.h.1.self_attention.dense"}
+                == peft_targets)

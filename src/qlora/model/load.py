@@ -469,7 +469,7 @@ def load_model(
 
 def _warn_dense_bulk(model: nn.Module) -> None:
     """Say so when over a quarter of the weights stays 16-bit outside embeddings, head and vision towers
-    (DBRX's, JetMoE's and LongCat-Flash's experts, BLOOM's layers its code slices): the user
+    (DBRX's, JetMoE's and LongCat-Flash's experts, layers the model's code reads as tensors): the user
     would otherwise learn it from an out-of-memory error."""
     from .quantize import non_text_names, output_embedding_names
 

@@ -6,9 +6,12 @@ put in its place. No transformers code is patched.
 
 from __future__ import annotations
 
+import ast
 import functools
 import inspect
+import operator
 import re
+import textwrap
 from typing import Callable, Iterable
 
 import torch
@@ -161,23 +164,109 @@ _WEIGHT_MUTATED = re.compile(r"\b\w+((?:\.\w+)+)\.weight(?:\.data)?\.\w+_\(")
 
 
 @functools.lru_cache(maxsize=None)
-def _children_read_as_tensors(cls: type) -> tuple[frozenset[str], frozenset[str]]:
+def _children_read_as_tensors(cls: type) -> tuple[tuple[str, bool, tuple[tuple[ast.expr, bool], ...]], ...]:
     """What a module class's own methods (not its initializers) do with layer weights
-    besides calling the layers: names of children whose ``.weight`` they hand to other
-    code (a fused Mamba kernel, ``weight @ x``), and dotted path suffixes of descendants
-    whose weight they change in place."""
-    names: set[str] = set()
-    suffixes: set[str] = set()
+    besides calling the layers: ``(name, False, guards)`` for a child whose ``.weight`` they hand
+    to other code (a fused Mamba kernel, ``weight @ x``), ``(suffix, True, guards)`` for a dotted
+    path suffix of descendants whose weight they change in place. ``guards`` are the enclosing
+    ``if`` tests and the truth each must have for the code to run (BLOOM slices its ``dense``
+    weights only ``if self.pretraining_tp > 1 and self.slow_but_exact``)."""
+    found: list[tuple[str, bool, tuple[tuple[ast.expr, bool], ...]]] = []
     for attr, fn in vars(cls).items():
         if not inspect.isfunction(fn) or attr == "__init__" or attr.lstrip("_").startswith("init"):
             continue
         try:
-            source = inspect.getsource(fn)
+            source = textwrap.dedent(inspect.getsource(fn))
         except (OSError, TypeError):
             continue
-        names.update(n for pair in _WEIGHT_READ.findall(source) for n in pair if n)
-        suffixes.update(chain.lstrip(".") for chain in _WEIGHT_MUTATED.findall(source))
-    return frozenset(names), frozenset(suffixes)
+        reads = [(m, False) for m in _WEIGHT_READ.finditer(source)] + [(m, True) for m in _WEIGHT_MUTATED.finditer(source)]
+        if not reads:
+            continue
+        try:
+            tree = ast.parse(source)
+        except SyntaxError:
+            tree = None
+        for match, mutated in reads:
+            line = source.count("\n", 0, match.start()) + 1
+            guards = _guards_at(tree, line) if tree is not None else ()
+            names = [match.group(1).lstrip(".")] if mutated else [n for n in match.groups() if n]
+            found.extend((name, mutated, guards) for name in names)
+    return tuple(found)
+
+
+def _guards_at(tree: ast.AST, line: int) -> tuple[tuple[ast.expr, bool], ...]:
+    """The tests of the ``if`` statements whose body (True) or ``else`` (False) holds ``line``."""
+    guards = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.If):
+            for branch, truth in ((node.body, True), (node.orelse, False)):
+                if branch and branch[0].lineno <= line <= branch[-1].end_lineno:
+                    guards.append((node.test, truth))
+    return tuple(guards)
+
+
+_UNKNOWN = object()
+
+
+def _guard_value(test: ast.expr, module: nn.Module, settings: dict[str, object]) -> object:
+    """The value of an ``if`` test over the module's configuration (``self.config.x``, or ``self.x`` holding the
+    config's value of the same name), or ``_UNKNOWN`` where it reads anything else (state such as
+    ``self.training``, locals, calls): only a test known to be false rules code out."""
+    if isinstance(test, ast.Constant):
+        return test.value
+    if isinstance(test, ast.Attribute) and isinstance(test.value, ast.Name) and test.value.id == "self":
+        value = getattr(module, test.attr, _UNKNOWN)
+        same = test.attr != "training" and test.attr in settings and settings[test.attr] == value
+        return value if same and isinstance(value, (bool, int, float, str, type(None))) else _UNKNOWN
+    if (isinstance(test, ast.Attribute) and isinstance(test.value, ast.Attribute)
+            and test.value.attr == "config" and isinstance(test.value.value, ast.Name) and test.value.value.id == "self"):
+        return settings.get(test.attr, _UNKNOWN)
+    if isinstance(test, ast.UnaryOp) and isinstance(test.op, ast.Not):
+        value = _guard_value(test.operand, module, settings)
+        return _UNKNOWN if value is _UNKNOWN else not value
+    if isinstance(test, ast.BoolOp):
+        values = [_guard_value(v, module, settings) for v in test.values]
+        decisive = False if isinstance(test.op, ast.And) else True
+        if any(v is not _UNKNOWN and bool(v) is decisive for v in values):
+            return decisive
+        return _UNKNOWN if any(v is _UNKNOWN for v in values) else not decisive
+    if isinstance(test, ast.Compare) and len(test.ops) == 1:
+        left, right = _guard_value(test.left, module, settings), _guard_value(test.comparators[0], module, settings)
+        compare = _COMPARE.get(type(test.ops[0]))
+        if compare is None or left is _UNKNOWN or right is _UNKNOWN:
+            return _UNKNOWN
+        try:
+            return compare(left, right)
+        except TypeError:
+            return _UNKNOWN
+    return _UNKNOWN
+
+
+_COMPARE: dict[type, Callable[[object, object], bool]] = {
+    ast.Gt: operator.gt, ast.GtE: operator.ge, ast.Lt: operator.lt, ast.LtE: operator.le,
+    ast.Eq: operator.eq, ast.NotEq: operator.ne, ast.Is: operator.is_, ast.IsNot: operator.is_not}
+
+
+def _config_settings(model: nn.Module) -> dict[str, object]:
+    """The model's configuration values by name (its text config's over the top level's)."""
+    config = getattr(model, "config", None)
+    if config is None:
+        return {}
+    settings = dict(vars(config))
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    if text is not config:
+        settings.update(vars(text))
+    return settings
+
+
+def _may_run(guards: tuple[tuple[ast.expr, bool], ...], module: nn.Module, settings: dict[str, object]) -> bool:
+    """Whether code under ``guards`` may run for this module: False only when a test is known to have the
+    other truth."""
+    for test, truth in guards:
+        value = _guard_value(test, module, settings)
+        if value is not _UNKNOWN and bool(value) is not truth:
+            return False
+    return True
 
 
 def kept_dense_names(model: nn.Module) -> set[str]:
@@ -188,20 +277,24 @@ def kept_dense_names(model: nn.Module) -> set[str]:
     where a packed 4-bit weight or a LoRA wrapper would be read as if it were
     the dense matrix, and layers whose weight it rescales in place (RWKV's
     ``attention.output`` and ``feed_forward.value`` when it switches between
-    training and inference)."""
+    training and inference). Code that this model's configuration rules out
+    (a branch whose test is false for it) does not count."""
     kept = output_embedding_names(model) | router_names(model)
     towers = tuple(t + "." for t in non_text_names(model))
     kept.update(n for n, m in model.named_modules() if n.startswith(towers) and is_linear_like(m))
+    settings = _config_settings(model)
     for path, module in model.named_modules():
-        children, suffixes = _children_read_as_tensors(type(module))
         prefix = f"{path}." if path else ""
-        for child in children:
-            sub = module._modules.get(child)
-            if sub is not None and is_linear_like(sub):
-                kept.add(prefix + child)
-        if suffixes:
-            kept.update(prefix + n for n, sub in module.named_modules()
-                        if n and is_linear_like(sub) and any(n == s or n.endswith("." + s) for s in suffixes))
+        for name, mutated, guards in _children_read_as_tensors(type(module)):
+            if not _may_run(guards, module, settings):
+                continue
+            if not mutated:
+                sub = module._modules.get(name)
+                if sub is not None and is_linear_like(sub):
+                    kept.add(prefix + name)
+            else:
+                kept.update(prefix + n for n, sub in module.named_modules()
+                            if n and is_linear_like(sub) and (n == name or n.endswith("." + name)))
     return kept
 
 
