@@ -32,7 +32,7 @@ from torch import nn
 
 from ..errors import UsageError
 from ..nn import experts_layout
-from .gguf_arch import ArchSpec, arch_spec, tensor_namer, to_llama_cpp, write_metadata
+from .gguf_arch import ArchSpec, arch_spec, llama_cpp_shape, tensor_namer, to_llama_cpp, write_metadata
 from .gguf_vocab import gguf_vocab
 from .merge import merged_tensors, tied_embeddings
 from .quantize import non_text_names, text_decoder_path
@@ -135,6 +135,7 @@ def _plan(model: nn.Module, config, spec: ArchSpec, out_type: str,
         if gguf_name is None:
             unknown.append(key)
             continue
+        shape = llama_cpp_shape(key, tuple(shape), spec)
         if len(shape) == 1 or gguf_name.split(".")[-2] in ROUTERS:
             qtype = Q.F32
         elif matrix_type == Q.Q8_0 and shape[-1] % gguf.GGML_QUANT_SIZES[Q.Q8_0][0]:
