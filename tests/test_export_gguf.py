@@ -364,6 +364,9 @@ LAYOUTS = {  # model type: (config overrides, GGUF architecture, layer-0 tensors
               "layer_norm_rms_epsilon", 8),
     "hunyuan_v1_dense": (dict(head_dim=8), "hunyuan-dense", {f"{n}.weight" for n in QKV | GATED | {
         "attn_norm", "ffn_norm", "attn_q_norm", "attn_k_norm"}}, "layer_norm_rms_epsilon", 8),
+    "apertus": ({}, "apertus", {f"{n}.weight" for n in QKV | {"ffn_up", "ffn_down", "attn_norm", "ffn_norm",
+                                                              "attn_q_norm", "attn_k_norm"}},
+                "layer_norm_rms_epsilon", 8),
 }
 
 
@@ -402,6 +405,7 @@ def test_more_architectures_are_laid_out_as_llama_cpp_loads_them(tmp_path, tiny_
     ("arcee", dict(hidden_act="silu"), "'silu' activation"),
     ("seed_oss", dict(head_dim=8, partial_rotary_factor=0.5), "rotates whole heads"),
     ("hunyuan_v1_dense", dict(head_dim=8, attention_bias=True), "attention_bias=True"),
+    ("apertus", dict(hidden_act="relu"), "'relu' activation"),
     ("hunyuan_v1_dense", dict(head_dim=8, rope_parameters={"rope_type": "dynamic", "rope_theta": 1e4, "factor": 2.0}),
      "'dynamic' RoPE scaling"),  # sequence-length-dependent NTK scaling: llama.cpp has none
 ])
@@ -487,3 +491,15 @@ def test_gpt_style_variants_llama_cpp_does_not_compute_are_refused(tmp_path, tin
     with pytest.raises(UsageError, match=message):
         export_gguf(model, tokenizer, tmp_path / "m.gguf")
     assert not list(tmp_path.glob("*.gguf*"))
+
+
+def test_apertus_xielu_scalars_are_per_layer_metadata(tmp_path, tiny_tokenizer):
+    """llama.cpp reads xIELU's learned scalars as one array per kind (a value per layer), stored as HF stores them."""
+    model, tokenizer = _tiny_moe_model(tmp_path, tiny_tokenizer, "apertus")
+    export_gguf(model, tokenizer, tmp_path / "m.gguf", "f16")
+    reader = gguf.GGUFReader(tmp_path / "m.gguf")
+    for kind in ("alpha_n", "alpha_p", "beta", "eps"):
+        expected = [float(getattr(layer.mlp.act_fn, kind).reshape(-1)[0]) for layer in model.model.layers]
+        assert reader.fields[f"xielu.{kind}"].contents() == pytest.approx(expected, rel=1e-6), kind
+    assert len(set(reader.fields["xielu.alpha_p"].contents())) == 2  # the layers' own values, not one default
+    assert not any("act_fn" in t.name or "xielu" in t.name for t in reader.tensors)

@@ -320,6 +320,10 @@ DENSE = {
     # Q/K RMSNorm after NeoX RoPE; "dynamic" RoPE with a fixed alpha, a larger base
     "hunyuan_v1_dense": dict(head_dim=8, rope_parameters={"rope_type": "dynamic", "rope_theta": 10000.0,
                                                           "alpha": 1000.0, "factor": 1.0}),
+    "apertus": {},  # xIELU with its learned per-layer scalars, Q/K norms before NeoX RoPE, no gate
+    "apertus-llama3": dict(rope_parameters={"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0,
+                                            "original_max_position_embeddings": 16, "low_freq_factor": 1.0,
+                                            "high_freq_factor": 4.0}),  # as released: Llama 3.1 RoPE scaling
 }
 GELU = ("gemma", "phi", "starcoder2", "gpt_neox", "gpt2", "falcon", "bloom")  # llama.cpp's CPU GELU: a 16-bit table
 

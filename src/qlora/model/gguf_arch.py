@@ -62,6 +62,9 @@ model loaders), restated for the architectures qlora exports:
   metadata. GPT-NeoX's ``use_parallel_residual`` is metadata its graph reads; it needs ``output.weight``.
   Hunyuan (dense) normalizes Q and K per head after RoPE, as llama.cpp's hunyuan-dense does; its "dynamic" RoPE
   with a fixed ``alpha`` is a larger base (``theta * alpha ** (d / (d - 2))``), written as the base.
+  Apertus's xIELU activation has four learned scalars per layer (``act_fn.alpha_n``, ``alpha_p``, ``beta``,
+  ``eps``): llama.cpp reads them as per-layer ``xielu_*`` metadata, stored as HF stores them (before the softplus
+  both apply). Its Q/K norms precede NeoX RoPE; Llama 3.1 RoPE scaling is ``rope_freqs`` as for Llama.
   Pythia and Falcon use exact GELU; llama.cpp computes the tanh approximation for them (as its converter writes
   them), which differs by less than 5e-4: accepted, unlike a checkpoint switching another architecture to it.
 - transformers 5 names Granite MoE's router and experts
@@ -105,6 +108,7 @@ class ArchSpec:
     rope: bool = True  # False: learned positions (GPT-2) or ALiBi (BLOOM), no RoPE metadata
     transpose: tuple[str, ...] = ()  # HF key endings stored ``[in, out]`` (GPT-2's Conv1D)
     mha: bool = False  # every query head has its own key/value head (the config has no field for it)
+    layer_scalars: tuple[tuple[str, str], ...] = ()  # (HF key ending, gguf writer's add_<name>): a value per layer
 
 
 SILU = ("silu", "swish")
@@ -162,13 +166,17 @@ SPECS: dict[str, ArchSpec] = {
                        full_attention=True),
     "hunyuan_v1_dense": ArchSpec("hunyuan-dense", acts=SILU, requires=(("attention_bias", False),),
                                  full_attention=True),
+    "apertus": ArchSpec("apertus", output_required=True, acts=("xielu",), full_attention=True,
+                        requires=(("attention_bias", False),),
+                        layer_scalars=tuple((f".mlp.act_fn.{p}", f"xielu_{p}") for p in ("alpha_n", "alpha_p", "beta",
+                                                                                          "eps"))),
     "bloom": ArchSpec("bloom", layer_norm=True, ff_key="", fused_qkv=True, rope=False, mha=True,
                       rename=(("transformer.", ""),),
                       requires=(("apply_residual_connection_post_layernorm", False),), full_attention=True),
 }
 SUPPORTED = ("Llama, Mistral, Qwen2, Qwen3, Gemma, Gemma 2, Gemma 3 (text), Phi-2, Phi-3, OLMo, OLMo 2, Granite, "
              "SmolLM3, StarCoder2, StableLM, Command-R, Cohere 2, GLM-4, ERNIE 4.5, EXAONE 4, Seed-OSS, Arcee, "
-             "GPT-NeoX (Pythia), GPT-2, Falcon, BLOOM, Hunyuan (dense) and the mixture-of-experts Mixtral, Qwen2-MoE (Qwen1.5-MoE), Qwen3-MoE, OLMoE and Granite MoE")
+             "GPT-NeoX (Pythia), GPT-2, Falcon, BLOOM, Hunyuan (dense), Apertus and the mixture-of-experts Mixtral, Qwen2-MoE (Qwen1.5-MoE), Qwen3-MoE, OLMoE and Granite MoE")
 
 
 def arch_spec(config) -> ArchSpec:
@@ -408,7 +416,7 @@ def _rope_scaling(writer, config, spec: ArchSpec, rope: dict, rotary: int) -> li
         if rope.get("attention_factor") is not None:
             writer.add_rope_scaling_yarn_attn_factor(rope["attention_factor"])
         return []
-    if kind == "llama3" and spec.gguf_arch == "llama":
+    if kind == "llama3" and spec.gguf_arch in ("llama", "apertus"):
         return [("rope_freqs.weight", _llama3_rope_factors(rope, rotary))]
     if kind in ("longrope", "su") and spec.gguf_arch == "phi3":
         return _phi3_longrope(writer, config, rope, rotary)
