@@ -171,10 +171,12 @@ def test_cli_export_with_adapter_writes_gguf_and_modelfile(tmp_path, tiny_models
 
 
 def test_unsupported_architecture_is_refused_clearly(tmp_path, tiny_tokenizer, capsys):
-    gpt2 = build_tiny_model(tmp_path / "gpt2", tokenizer=tiny_tokenizer, arch="gpt2")
-    assert main(["export", "--model", str(gpt2), "--output", str(tmp_path / "out")]) == 2
+    from tiny_moe import save_tiny_moe
+
+    gptj = save_tiny_moe(tmp_path / "gptj", tiny_tokenizer, "gptj")
+    assert main(["export", "--model", str(gptj), "--output", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
-    assert "'gpt2' architecture" in err and "Traceback" not in err
+    assert "'gptj' architecture" in err and "Traceback" not in err
     assert not (tmp_path / "out").exists()
 
 
@@ -360,6 +362,11 @@ LAYOUTS = {  # model type: (config overrides, GGUF architecture, layer-0 tensors
                  | {"attn_q.bias", "attn_k.bias", "attn_v.bias"}, "layer_norm_rms_epsilon", 8),
     "arcee": ({}, "arcee", {f"{n}.weight" for n in QKV | {"ffn_up", "ffn_down", "attn_norm", "ffn_norm"}},
               "layer_norm_rms_epsilon", 8),
+    "hunyuan_v1_dense": (dict(head_dim=8), "hunyuan-dense", {f"{n}.weight" for n in QKV | GATED | {
+        "attn_norm", "ffn_norm", "attn_q_norm", "attn_k_norm"}}, "layer_norm_rms_epsilon", 8),
+    "apertus": ({}, "apertus", {f"{n}.weight" for n in QKV | {"ffn_up", "ffn_down", "attn_norm", "ffn_norm",
+                                                              "attn_q_norm", "attn_k_norm"}},
+                "layer_norm_rms_epsilon", 8),
 }
 
 
@@ -397,9 +404,102 @@ def test_more_architectures_are_laid_out_as_llama_cpp_loads_them(tmp_path, tiny_
     ("exaone4", {}, "sliding-window attention"),  # sliding layers: llama.cpp's exaone4 has them only at 64 layers
     ("arcee", dict(hidden_act="silu"), "'silu' activation"),
     ("seed_oss", dict(head_dim=8, partial_rotary_factor=0.5), "rotates whole heads"),
+    ("hunyuan_v1_dense", dict(head_dim=8, attention_bias=True), "attention_bias=True"),
+    ("apertus", dict(hidden_act="relu"), "'relu' activation"),
+    ("hunyuan_v1_dense", dict(head_dim=8, rope_parameters={"rope_type": "dynamic", "rope_theta": 1e4, "factor": 2.0}),
+     "'dynamic' RoPE scaling"),  # sequence-length-dependent NTK scaling: llama.cpp has none
 ])
 def test_variants_llama_cpp_does_not_compute_are_refused(tmp_path, tiny_tokenizer, model_type, overrides, message):
     model, tokenizer = _tiny_moe_model(tmp_path, tiny_tokenizer, model_type, **overrides)
     with pytest.raises(UsageError, match=message):
         export_gguf(model, tokenizer, tmp_path / "m.gguf")
     assert not list(tmp_path.glob("*.gguf*"))
+
+
+# The GPT-style architectures: fused QKV (GPT-2 as Conv1D [in, out]; GPT-NeoX, Falcon and BLOOM grouped per
+# key/value head in HF, all queries, then all keys, then all values in llama.cpp), LayerNorm with biases.
+# transformers' GGUF reader takes back GPT-2, Falcon (7B layout; it always ties the head) and BLOOM; it reads a
+# GPT-2's context length as n_ctx, not the position table's size, so the tiny GPT-2 has the real 1024 positions.
+READABLE = {"gpt2": dict(max_position_embeddings=1024), "falcon": {}, "bloom": {}}
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("model_type", list(READABLE))
+def test_transformers_reads_gpt_style_exports_back_as_the_merged_model(tmp_path, tiny_tokenizer, model_type):
+    from transformers import AutoModelForCausalLM
+
+    model, tokenizer = _tiny_moe_model(tmp_path, tiny_tokenizer, model_type, **READABLE[model_type])
+    qlora.add_lora(model, r=4, alpha=8, dropout=0.0, target_modules="all-linear", verbose=False)
+    randomize_lora_b(model, seed=0)
+    base = qlora.load_model(tmp_path / model_type, compute_dtype=torch.float32, device="cpu")[0](IDS).logits
+    merged = merge(copy.deepcopy(model), dtype=torch.float32)(IDS).logits
+    assert _relative(base, merged) > 20 * TOLERANCE["f16"]  # the adapter matters: a GGUF without it fails
+    export_gguf(model, tokenizer, tmp_path / "m.gguf", "f16")
+    back = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="m.gguf", dtype=torch.float32).eval()
+    assert _relative(back(IDS).logits, merged) < TOLERANCE["f16"]
+
+
+LN = {"attn_norm.weight", "attn_norm.bias", "ffn_norm.weight", "ffn_norm.bias"}
+BIASED_QKV_MLP = {f"{n}.{p}" for n in ("attn_qkv", "attn_output", "ffn_up", "ffn_down") for p in ("weight", "bias")}
+GPT_LAYOUTS = {  # model type: (config overrides, GGUF architecture, layer-0 tensors, extra metadata, head_count_kv)
+    "gpt_neox": (dict(use_parallel_residual=False), "gptneox", LN | BIASED_QKV_MLP,
+                 {"rope.dimension_count": 2, "use_parallel_residual": False, "feed_forward_length": 48}, 4),
+    "gpt2": ({}, "gpt2", LN | BIASED_QKV_MLP, {"feed_forward_length": 128, "context_length": 64}, 4),
+    "falcon": ({}, "falcon", {"attn_norm.weight", "attn_norm.bias", "attn_qkv.weight", "attn_output.weight",
+                              "ffn_up.weight", "ffn_down.weight"}, {"rope.dimension_count": 8}, 1),
+    "falcon-40b": (dict(new_decoder_architecture=True, num_kv_heads=2), "falcon",
+                   {"attn_norm.weight", "attn_norm.bias", "attn_norm_2.weight", "attn_norm_2.bias", "attn_qkv.weight",
+                    "attn_output.weight", "ffn_up.weight", "ffn_down.weight"}, {"rope.dimension_count": 8}, 2),
+    "bloom": ({}, "bloom", LN | BIASED_QKV_MLP, {"feed_forward_length": 128}, 4),
+}
+
+
+@pytest.mark.parametrize("model_type", list(GPT_LAYOUTS))
+def test_gpt_style_architectures_are_laid_out_as_llama_cpp_loads_them(tmp_path, tiny_tokenizer, model_type):
+    overrides, arch, layer0, metadata, n_kv = GPT_LAYOUTS[model_type]
+    model, tokenizer = _tiny_moe_model(tmp_path, tiny_tokenizer, model_type.split("-")[0], **overrides)
+    export_gguf(model, tokenizer, tmp_path / "m.gguf", "f16")
+    reader = gguf.GGUFReader(tmp_path / "m.gguf")
+    field = lambda key: reader.fields[key].contents()  # noqa: E731
+    assert field("general.architecture") == arch
+    assert {t.name[len("blk.0."):] for t in reader.tensors if t.name.startswith("blk.0.")} == layer0
+    for key, value in metadata.items():
+        assert field(f"{arch}.{key}") == value, key
+    assert field(f"{arch}.attention.head_count_kv") == n_kv
+    assert (f"{arch}.rope.dimension_count" in reader.fields) == (arch not in ("gpt2", "bloom"))  # positions, ALiBi
+    shapes = {t.name: tuple(int(d) for d in reversed(t.shape)) for t in reader.tensors}
+    assert shapes["blk.0.attn_qkv.weight"] == ((4 + 2 * n_kv) * 8, 32)  # [out, in], GPT-2's Conv1D transposed
+    assert shapes["blk.0.ffn_up.weight"] == (metadata.get("feed_forward_length", 128), 32)
+    assert ("position_embd.weight" in shapes) == (arch == "gpt2")
+    assert ("token_embd_norm.weight" in shapes) == (arch == "bloom")
+    assert ("output.weight" in shapes) == (arch == "gptneox")  # llama.cpp's gptneox needs one although tied
+
+
+@pytest.mark.parametrize("model_type,overrides,message", [
+    ("gpt_neox", dict(attention_bias=False), "attention_bias=False"),
+    ("gpt_neox", dict(hidden_act="relu"), "'relu' activation"),
+    ("gpt2", dict(scale_attn_by_inverse_layer_idx=True), "scale_attn_by_inverse_layer_idx=True"),
+    ("gpt2", dict(activation_function="relu"), "'relu' activation"),
+    ("falcon", dict(alibi=True), "alibi=True"),
+    ("falcon", dict(bias=True), "bias=True"),
+    ("falcon", dict(parallel_attn=False), "parallel_attn=False"),
+    ("bloom", dict(apply_residual_connection_post_layernorm=True), "apply_residual_connection_post_layernorm=True"),
+])
+def test_gpt_style_variants_llama_cpp_does_not_compute_are_refused(tmp_path, tiny_tokenizer, model_type, overrides,
+                                                                    message):
+    model, tokenizer = _tiny_moe_model(tmp_path, tiny_tokenizer, model_type, **overrides)
+    with pytest.raises(UsageError, match=message):
+        export_gguf(model, tokenizer, tmp_path / "m.gguf")
+    assert not list(tmp_path.glob("*.gguf*"))
+
+
+def test_apertus_xielu_scalars_are_per_layer_metadata(tmp_path, tiny_tokenizer):
+    """llama.cpp reads xIELU's learned scalars as one array per kind (a value per layer), stored as HF stores them."""
+    model, tokenizer = _tiny_moe_model(tmp_path, tiny_tokenizer, "apertus")
+    export_gguf(model, tokenizer, tmp_path / "m.gguf", "f16")
+    reader = gguf.GGUFReader(tmp_path / "m.gguf")
+    for kind in ("alpha_n", "alpha_p", "beta", "eps"):
+        expected = [float(getattr(layer.mlp.act_fn, kind).reshape(-1)[0]) for layer in model.model.layers]
+        assert reader.fields[f"xielu.{kind}"].contents() == pytest.approx(expected, rel=1e-6), kind
+    assert len(set(reader.fields["xielu.alpha_p"].contents())) == 2  # the layers' own values, not one default
+    assert not any("act_fn" in t.name or "xielu" in t.name for t in reader.tensors)

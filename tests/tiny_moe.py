@@ -22,7 +22,7 @@ def save_tiny_moe(out: Path, tokenizer, model_type: str, **overrides) -> Path:
 
     cfg = transformers.AutoConfig.for_model(model_type, vocab_size=len(tokenizer), **CONFIG)
     for key, value in MOE.items():
-        if hasattr(cfg, key):
+        if hasattr(cfg, key) and not isinstance(getattr(type(cfg), key, None), property):  # Falcon's head_dim
             setattr(cfg, key, value)
     if model_type.startswith("deepseek"):  # multi-head latent attention: as many key/value heads as heads
         cfg.num_key_value_heads = cfg.num_attention_heads

@@ -51,6 +51,22 @@ model loaders), restated for the architectures qlora exports:
 - A config switch a graph does not compute (``ArchSpec.requires``: biases
   llama.cpp does not load, per-head Q/K LayerNorm, sliding windows) and an
   activation other than the graph's (``ArchSpec.acts``) are refused.
+- GPT-2, GPT-NeoX (Pythia), Falcon and BLOOM fuse Q, K and V into one matrix, as llama.cpp does, but HF groups
+  its rows per key/value head (GPT-NeoX, BLOOM: each head's q, k, v; Falcon: each group's queries, then its key
+  and value) where llama.cpp reads all queries, all keys, all values: the rows are regrouped. Falcon has one
+  key/value head when ``multi_query`` (7B), ``num_kv_heads`` in the new decoder architecture (40B, whose
+  ``ln_attn``/``ln_mlp`` are llama.cpp's ``attn_norm_2``/``attn_norm``), else one per query head; llama.cpp's
+  falcon loads no biases and always runs attention and MLP in parallel. GPT-2's ``Conv1D`` matrices are stored
+  ``[in, out]`` and written transposed; its learned positions are ``position_embd``. BLOOM's ALiBi slopes are
+  those of llama.cpp's fixed maximum bias 8; its embedding LayerNorm is ``token_embd_norm``. Neither has RoPE
+  metadata. GPT-NeoX's ``use_parallel_residual`` is metadata its graph reads; it needs ``output.weight``.
+  Hunyuan (dense) normalizes Q and K per head after RoPE, as llama.cpp's hunyuan-dense does; its "dynamic" RoPE
+  with a fixed ``alpha`` is a larger base (``theta * alpha ** (d / (d - 2))``), written as the base.
+  Apertus's xIELU activation has four learned scalars per layer (``act_fn.alpha_n``, ``alpha_p``, ``beta``,
+  ``eps``): llama.cpp reads them as per-layer ``xielu_*`` metadata, stored as HF stores them (before the softplus
+  both apply). Its Q/K norms precede NeoX RoPE; Llama 3.1 RoPE scaling is ``rope_freqs`` as for Llama.
+  Pythia and Falcon use exact GELU; llama.cpp computes the tanh approximation for them (as its converter writes
+  them), which differs by less than 5e-4: accepted, unlike a checkpoint switching another architecture to it.
 - transformers 5 names Granite MoE's router and experts
   ``block_sparse_moe.router``/``.experts``, which gguf's table knows under other
   names: they are respelled before the lookup.
@@ -86,10 +102,20 @@ class ArchSpec:
     requires: tuple[tuple[str, object], ...] = ()  # config fields that must have this value (if present)
     logit_scale: bool = False  # writes ``config.logit_scale`` (Cohere)
     full_attention: bool = False  # llama.cpp's graph has no sliding-window layers: a config with some is refused
+    act_key: str = "hidden_act"  # the config field naming the MLP activation
+    ff_key: str = "intermediate_size"  # the config field of the MLP width ("" or a None value: 4 x hidden)
+    fused_qkv: bool = False  # HF's fused QKV is grouped per key/value head; llama.cpp's is all Q, all K, all V
+    rope: bool = True  # False: learned positions (GPT-2) or ALiBi (BLOOM), no RoPE metadata
+    transpose: tuple[str, ...] = ()  # HF key endings stored ``[in, out]`` (GPT-2's Conv1D)
+    mha: bool = False  # every query head has its own key/value head (the config has no field for it)
+    layer_scalars: tuple[tuple[str, str], ...] = ()  # (HF key ending, gguf writer's add_<name>): a value per layer
 
 
 SILU = ("silu", "swish")
 GELU_TANH = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")  # llama.cpp's GELU is the tanh approximation
+# GPT-NeoX (Pythia) and Falcon were trained with exact GELU and llama.cpp runs them with its tanh one, as its own
+# converter writes them: the two differ by less than 5e-4 anywhere (see docs/gguf.md).
+GELU_ANY = GELU_TANH + ("gelu",)
 
 
 SPECS: dict[str, ArchSpec] = {
@@ -129,10 +155,28 @@ SPECS: dict[str, ArchSpec] = {
     "seed_oss": ArchSpec("seed_oss", acts=SILU, requires=(("attention_out_bias", False),), full_attention=True),
     "arcee": ArchSpec("arcee", permute_qk=True, acts=("relu2",), requires=(("attention_bias", False),
                                                                         ("mlp_bias", False)), full_attention=True),
+    "gpt_neox": ArchSpec("gptneox", layer_norm=True, partial_rotary=True, output_required=True, acts=GELU_ANY,
+                         fused_qkv=True, mha=True, requires=(("attention_bias", True),), full_attention=True),
+    "gpt2": ArchSpec("gpt2", layer_norm=True, acts=GELU_TANH, act_key="activation_function", ff_key="n_inner",
+                     rope=False, mha=True, transpose=(".c_attn.weight", ".c_proj.weight", ".c_fc.weight"),
+                     requires=(("scale_attn_weights", True), ("scale_attn_by_inverse_layer_idx", False),
+                               ("add_cross_attention", False)), full_attention=True),
+    "falcon": ArchSpec("falcon", layer_norm=True, acts=GELU_ANY, act_key="activation", ff_key="ffn_hidden_size",
+                       fused_qkv=True, requires=(("alibi", False), ("bias", False), ("parallel_attn", True)),
+                       full_attention=True),
+    "hunyuan_v1_dense": ArchSpec("hunyuan-dense", acts=SILU, requires=(("attention_bias", False),),
+                                 full_attention=True),
+    "apertus": ArchSpec("apertus", output_required=True, acts=("xielu",), full_attention=True,
+                        requires=(("attention_bias", False),),
+                        layer_scalars=tuple((f".mlp.act_fn.{p}", f"xielu_{p}") for p in ("alpha_n", "alpha_p", "beta",
+                                                                                          "eps"))),
+    "bloom": ArchSpec("bloom", layer_norm=True, ff_key="", fused_qkv=True, rope=False, mha=True,
+                      rename=(("transformer.", ""),),
+                      requires=(("apply_residual_connection_post_layernorm", False),), full_attention=True),
 }
 SUPPORTED = ("Llama, Mistral, Qwen2, Qwen3, Gemma, Gemma 2, Gemma 3 (text), Phi-2, Phi-3, OLMo, OLMo 2, Granite, "
-             "SmolLM3, StarCoder2, StableLM, Command-R, Cohere 2, GLM-4, ERNIE 4.5, EXAONE 4, Seed-OSS, Arcee "
-             "and the mixture-of-experts Mixtral, Qwen2-MoE (Qwen1.5-MoE), Qwen3-MoE, OLMoE and Granite MoE")
+             "SmolLM3, StarCoder2, StableLM, Command-R, Cohere 2, GLM-4, ERNIE 4.5, EXAONE 4, Seed-OSS, Arcee, "
+             "GPT-NeoX (Pythia), GPT-2, Falcon, BLOOM, Hunyuan (dense), Apertus and the mixture-of-experts Mixtral, Qwen2-MoE (Qwen1.5-MoE), Qwen3-MoE, OLMoE and Granite MoE")
 
 
 def arch_spec(config) -> ArchSpec:
@@ -147,6 +191,26 @@ def arch_spec(config) -> ArchSpec:
 
 def head_dim(config) -> int:
     return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
+def kv_heads(config, spec: ArchSpec) -> int:
+    """Key/value heads as the model computes them (Falcon: one for multi-query, its groups for the 40B layout)."""
+    if spec.mha:
+        return config.num_attention_heads
+    if spec.gguf_arch == "falcon":
+        if config.new_decoder_architecture:
+            return config.num_kv_heads
+        return 1 if config.multi_query else config.num_attention_heads
+    return getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+
+
+def _context_length(config) -> int:
+    """The trained context; BLOOM's config has none (ALiBi) and was trained on 2048 tokens."""
+    return getattr(config, "max_position_embeddings", None) or getattr(config, "seq_length", None) or 2048
+
+
+def _feed_forward_length(config, spec: ArchSpec) -> int:
+    return (getattr(config, spec.ff_key, None) if spec.ff_key else None) or 4 * config.hidden_size
 
 
 def rope_parameters(config) -> tuple[dict, dict | None]:
@@ -166,12 +230,12 @@ def write_metadata(writer, config, spec: ArchSpec, n_vocab: int) -> list[tuple[s
     """Write the architecture's hyper-parameters; return extra tensors llama.cpp needs (RoPE factors)."""
     import gguf
 
-    n_head, n_kv = config.num_attention_heads, getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    n_head, n_kv = config.num_attention_heads, kv_heads(config, spec)
     hd = head_dim(config)
-    writer.add_context_length(config.max_position_embeddings)
+    writer.add_context_length(_context_length(config))
     writer.add_embedding_length(config.hidden_size)
     writer.add_block_count(config.num_hidden_layers)
-    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_feed_forward_length(_feed_forward_length(config, spec))
     writer.add_head_count(n_head)
     writer.add_head_count_kv(n_kv)
     writer.add_key_length(hd)
@@ -191,8 +255,13 @@ def write_metadata(writer, config, spec: ArchSpec, n_vocab: int) -> list[tuple[s
                          f"{' and as many key/value heads as query heads' if spec.gguf_arch == 'olmoe' else ''}; "
                          f"this config has {n_head} heads of {hd} ({n_kv} key/value heads) for hidden size "
                          f"{config.hidden_size}. Refusing to export.")
+    if spec.gguf_arch == "gptneox":
+        writer.add_parallel_residual(bool(getattr(config, "use_parallel_residual", True)))
+    if not spec.rope:
+        writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+        return []
     full, sliding = rope_parameters(config)
-    writer.add_rope_freq_base(full.get("rope_theta", 10000.0))
+    writer.add_rope_freq_base(_rope_base(full, spec, hd))
     if sliding is not None and "rope_theta" in sliding:
         writer.add_rope_freq_base_swa(sliding["rope_theta"])
     extra: list[tuple[str, torch.Tensor]] = []
@@ -246,7 +315,7 @@ def write_metadata(writer, config, spec: ArchSpec, n_vocab: int) -> list[tuple[s
 
 def _check_graph_computes(config, spec: ArchSpec) -> None:
     """Refuse a config whose switches or activation llama.cpp's graph for ``spec`` does not compute."""
-    act = getattr(config, "hidden_act", None)
+    act = getattr(config, spec.act_key, None)
     if spec.acts and act not in spec.acts:
         raise UsageError(f"this {config.model_type} config uses the {act!r} activation, but llama.cpp's "
                          f"{spec.gguf_arch} computes {spec.acts[0]!r}; the GGUF would compute different outputs. "
@@ -315,11 +384,22 @@ def _check_gemma_attention_scale(config, spec: ArchSpec, hd: int) -> None:
                          f"different attention. Refusing to export.")
 
 
+def _ntk_alpha(rope: dict, spec: ArchSpec) -> bool:
+    """Hunyuan's "dynamic" RoPE with a fixed ``alpha``: a larger base, nothing dynamic about it."""
+    kind = (rope.get("rope_type") or rope.get("type") or "").lower()
+    return spec.gguf_arch == "hunyuan-dense" and kind == "dynamic" and bool(rope.get("alpha"))
+
+
+def _rope_base(rope: dict, spec: ArchSpec, hd: int) -> float:
+    base = rope.get("rope_theta", 10000.0)
+    return base * rope["alpha"] ** (hd / (hd - 2)) if _ntk_alpha(rope, spec) else base
+
+
 def _rope_scaling(writer, config, spec: ArchSpec, rope: dict, rotary: int) -> list[tuple[str, torch.Tensor]]:
     import gguf
 
     kind = (rope.get("rope_type") or rope.get("type") or "default").lower()
-    if kind == "default":
+    if kind == "default" or _ntk_alpha(rope, spec):
         return []
     if kind == "linear":
         writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
@@ -336,7 +416,7 @@ def _rope_scaling(writer, config, spec: ArchSpec, rope: dict, rotary: int) -> li
         if rope.get("attention_factor") is not None:
             writer.add_rope_scaling_yarn_attn_factor(rope["attention_factor"])
         return []
-    if kind == "llama3" and spec.gguf_arch == "llama":
+    if kind == "llama3" and spec.gguf_arch in ("llama", "apertus"):
         return [("rope_freqs.weight", _llama3_rope_factors(rope, rotary))]
     if kind in ("longrope", "su") and spec.gguf_arch == "phi3":
         return _phi3_longrope(writer, config, rope, rotary)
@@ -397,8 +477,17 @@ def tensor_namer(config, spec: ArchSpec) -> Callable[[str], str | None]:
     return name
 
 
+def llama_cpp_shape(key: str, shape: tuple[int, ...], spec: ArchSpec) -> tuple[int, ...]:
+    """The shape :func:`to_llama_cpp` gives the tensor of ``key``."""
+    return tuple(reversed(shape)) if key.endswith(spec.transpose) else tuple(shape)
+
+
 def to_llama_cpp(key: str, tensor: torch.Tensor, config, spec: ArchSpec) -> torch.Tensor:
     """Apply llama.cpp's layout convention to one HF tensor (see module docstring)."""
+    if spec.transpose and key.endswith(spec.transpose):
+        tensor = tensor.t().contiguous()
+    if spec.fused_qkv and key.endswith(("query_key_value.weight", "query_key_value.bias")):
+        tensor = _ungroup_qkv(tensor, config, spec)
     if spec.permute_qk and (key.endswith("self_attn.q_proj.weight") or key.endswith("self_attn.q_proj.bias")
                             or key.endswith("self_attn.k_proj.weight") or key.endswith("self_attn.k_proj.bias")):
         heads = config.num_attention_heads if ".q_proj." in key else (
@@ -408,3 +497,13 @@ def to_llama_cpp(key: str, tensor: torch.Tensor, config, spec: ArchSpec) -> torc
     if spec.norm_shift and key.endswith("norm.weight"):
         tensor = tensor.float() + spec.norm_shift
     return tensor
+
+
+def _ungroup_qkv(tensor: torch.Tensor, config, spec: ArchSpec) -> torch.Tensor:
+    """HF's fused QKV rows, grouped per key/value head (each group: its query heads, then one key and one value
+    head; GPT-NeoX and BLOOM: one query head per group), as llama.cpp's all queries, all keys, all values."""
+    n_kv, hd = kv_heads(config, spec), head_dim(config)
+    rest = tensor.shape[1:]
+    groups = tensor.reshape(n_kv, -1, hd, *rest)
+    q, k, v = groups[:, :-2], groups[:, -2], groups[:, -1]
+    return torch.cat([q.reshape(-1, *rest), k.reshape(-1, *rest), v.reshape(-1, *rest)]).contiguous()

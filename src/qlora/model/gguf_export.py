@@ -32,7 +32,7 @@ from torch import nn
 
 from ..errors import UsageError
 from ..nn import experts_layout
-from .gguf_arch import ArchSpec, arch_spec, tensor_namer, to_llama_cpp, write_metadata
+from .gguf_arch import ArchSpec, arch_spec, llama_cpp_shape, tensor_namer, to_llama_cpp, write_metadata
 from .gguf_vocab import gguf_vocab
 from .merge import merged_tensors, tied_embeddings
 from .quantize import non_text_names, text_decoder_path
@@ -86,7 +86,9 @@ def export_gguf(model: nn.Module, tokenizer, path: str | Path, out_type: str = "
         writer.add_file_type(_file_type(gguf, out_type))
         extra = write_metadata(writer, config, spec, n_vocab)
         _write_vocab(writer, vocab)
-        plan = _plan(model, config, spec, out_type, extra)
+        plan, scalars = _plan(model, config, spec, out_type, extra)
+        for kind, values in scalars.items():
+            getattr(writer, f"add_{kind}")(values)
         for t in plan:
             byte_shape = tuple(gguf.quant_shape_to_byte_shape(t.shape, t.qtype))
             writer.add_tensor_info(t.name, byte_shape, np.dtype(np.uint8), int(np.prod(byte_shape)), raw_dtype=t.qtype)
@@ -110,7 +112,8 @@ def _file_type(gguf, out_type: str) -> int:
 
 
 def _plan(model: nn.Module, config, spec: ArchSpec, out_type: str,
-          extra: list[tuple[str, torch.Tensor]]) -> list[_Planned]:
+          extra: list[tuple[str, torch.Tensor]]) -> tuple[list[_Planned], dict[str, list[float]]]:
+    """The tensors to write, and the per-layer scalars (``spec.layer_scalars``) llama.cpp reads as metadata."""
     import gguf
 
     Q = gguf.GGMLQuantizationType
@@ -123,7 +126,12 @@ def _plan(model: nn.Module, config, spec: ArchSpec, out_type: str,
     tied = tied_embeddings(model)
     plan: list[_Planned] = []
     unknown = []
+    scalars: dict[str, list[float]] = {}
     for key, shape, make in rows:
+        scalar = next((g for end, g in spec.layer_scalars if key.endswith(end)), None)
+        if scalar is not None:  # rows come in layer order
+            scalars.setdefault(scalar, []).append(float(make().float().reshape(-1)[0]))
+            continue
         gguf_name = name_of(key)
         if gguf_name == "output.weight" or (gguf_name is None and key == "lm_head.weight"):
             if tied and not spec.output_required:
@@ -135,6 +143,7 @@ def _plan(model: nn.Module, config, spec: ArchSpec, out_type: str,
         if gguf_name is None:
             unknown.append(key)
             continue
+        shape = llama_cpp_shape(key, tuple(shape), spec)
         if len(shape) == 1 or gguf_name.split(".")[-2] in ROUTERS:
             qtype = Q.F32
         elif matrix_type == Q.Q8_0 and shape[-1] % gguf.GGML_QUANT_SIZES[Q.Q8_0][0]:
@@ -149,7 +158,7 @@ def _plan(model: nn.Module, config, spec: ArchSpec, out_type: str,
                          f"variant qlora does not export.")
     for gguf_name, t in extra:
         plan.append(_Planned(gguf_name, tuple(t.shape), Q.F32, lambda t=t: t))
-    return plan
+    return plan, scalars
 
 
 def _split_gate_up(model: nn.Module, rows: list) -> list:
