@@ -216,8 +216,10 @@ def _guard_value(test: ast.expr, module: nn.Module, settings: dict[str, object])
         return test.value
     if isinstance(test, ast.Attribute) and isinstance(test.value, ast.Name) and test.value.id == "self":
         value = getattr(module, test.attr, _UNKNOWN)
-        same = test.attr != "training" and test.attr in settings and settings[test.attr] == value
-        return value if same and isinstance(value, (bool, int, float, str, type(None))) else _UNKNOWN
+        plain = (bool, int, float, str, type(None))
+        same = (test.attr != "training" and isinstance(value, plain) and isinstance(settings.get(test.attr, _UNKNOWN), plain)
+                and settings[test.attr] == value)
+        return value if same else _UNKNOWN
     if (isinstance(test, ast.Attribute) and isinstance(test.value, ast.Attribute)
             and test.value.attr == "config" and isinstance(test.value.value, ast.Name) and test.value.value.id == "self"):
         return settings.get(test.attr, _UNKNOWN)
