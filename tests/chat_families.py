@@ -33,20 +33,28 @@ CONVERSATIONS = {
 }
 CORPUS = [m["content"] for c in CONVERSATIONS.values() for m in c] * 3 + ["The capital of France is Paris.\n\n"] * 5
 _TOKENIZERS: dict = {}
+# The split rule of OpenAI's o200k encoding (GPT-4o, gpt-oss): tiktoken's o200k_base pat_str, which gpt-oss's
+# tokenizer.json carries as its Split pre-tokenizer before a ByteLevel step without a regex of its own
+O200K = (r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
+         r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
+         r"|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+")
 
 
-def family_tokenizer(name: str):
-    """A local fast tokenizer with the family's special tokens, BOS/EOS settings and real template."""
-    if name in _TOKENIZERS:
-        return _TOKENIZERS[name]
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+def family_tokenizer(name: str, split: str | None = None):
+    """A local fast tokenizer with the family's special tokens, BOS/EOS settings and real template
+    (``split``: a split regex before the byte-level step, as o200k tokenizers have; default GPT-2's)."""
+    if (name, split) in _TOKENIZERS:
+        return _TOKENIZERS[name, split]
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
     info = FAMILIES[name]
     specials = [t for t in dict.fromkeys([info["bos_token"], info["eos_token"], info["pad_token"], "<unk>",
                                           *info["special_tokens"]]) if t]
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False) if split is None else (
+        pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(split), "isolated"),
+                                 pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]))
     tok.decoder = decoders.ByteLevel()
     tok.train_from_iterator(CORPUS, trainers.BpeTrainer(vocab_size=400, special_tokens=specials, show_progress=False,
                                                         initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
@@ -62,7 +70,7 @@ def family_tokenizer(name: str):
                                                               (info["bos_token"], info["eos_token"])])
     fast.add_tokens(info["added_tokens"])
     fast.chat_template = (DATA / f"{name}.jinja").read_text()
-    _TOKENIZERS[name] = fast
+    _TOKENIZERS[name, split] = fast
     return fast
 
 

@@ -324,9 +324,9 @@ def test_configs_llama_cpp_computes_differently_are_refused(tmp_path, tiny_token
     assert not list(tmp_path.glob("*.gguf*"))
 
 
-@pytest.mark.parametrize("model_type", ["qwen3_next", "gpt_oss"])
+@pytest.mark.parametrize("model_type", ["qwen3_next", "deepseek_v3"])
 def test_hybrid_and_unsupported_moe_architectures_are_refused(tmp_path, tiny_tokenizer, model_type, capsys):
-    """Qwen3-Next (linear-attention hybrid) and GPT-OSS (sinks, biased clamped experts) have no export here."""
+    """Qwen3-Next (linear-attention hybrid) and DeepSeek-V3 (multi-head latent attention) have no export here."""
     from tiny_moe import save_tiny_moe
 
     model_dir = save_tiny_moe(tmp_path / model_type, tiny_tokenizer, model_type)
@@ -334,6 +334,85 @@ def test_hybrid_and_unsupported_moe_architectures_are_refused(tmp_path, tiny_tok
     err = capsys.readouterr().err
     assert f"{model_type!r} architecture" in err and "Qwen3-MoE" in err and "Traceback" not in err
     assert not (tmp_path / "out").exists()
+
+
+GPT_OSS = dict(head_dim=16, sliding_window=4)  # heads x head_dim != hidden, as in the released models
+
+
+def _gpt_oss(tmp_path, **overrides):
+    """A tiny 4-bit gpt-oss on an o200k tokenizer with the real harmony template, random LoRA on every linear
+    layer and on the expert weights."""
+    from chat_families import O200K, family_tokenizer
+
+    tokenizer = family_tokenizer("gpt-oss", split=O200K)
+    model, _ = _tiny_moe_model(tmp_path, tokenizer, "gpt_oss", **{**GPT_OSS, **overrides})
+    torch.manual_seed(0)
+    qlora.add_lora(model, r=4, alpha=8, dropout=0.0, target_modules="all-linear",
+                   target_parameters=["gate_up_proj", "down_proj"], verbose=False)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(0.05 * torch.randn(p.shape, generator=g))
+    return model.eval(), tokenizer
+
+
+def test_gpt_oss_is_written_as_llama_cpps_converter_writes_it(tmp_path):
+    """Names, types and values of gpt-oss's tensors as llama.cpp's gpt-oss loader reads them: the fused, transposed
+    ``gate_up_proj`` (``[experts, hidden, 2 ff]``, gate and up rows alternating) split into ``[experts, ff, hidden]``
+    stacks, ``down_proj`` transposed, the expert and router biases and the sinks in f32; YaRN, the sliding window,
+    the o200k pre-tokenizer and the harmony template as metadata. What they compute: test_export_llama_cpp.py."""
+    from chat_families import DATA
+
+    model, tokenizer = _gpt_oss(tmp_path)
+    export_gguf(model, tokenizer, tmp_path / "m.gguf", "f16")
+    reader = gguf.GGUFReader(tmp_path / "m.gguf")
+    field = lambda key: reader.fields[key].contents()  # noqa: E731
+    assert field("general.architecture") == "gpt-oss"
+    assert (field("gpt-oss.expert_count"), field("gpt-oss.expert_used_count")) == (4, 2)
+    assert field("gpt-oss.expert_feed_forward_length") == 48 and field("gpt-oss.attention.sliding_window") == 4
+    assert (field("gpt-oss.rope.scaling.type"), field("gpt-oss.rope.scaling.factor"),
+            field("gpt-oss.rope.scaling.original_context_length"), field("gpt-oss.rope.freq_base")) == (
+        "yarn", 32.0, 4096, 150000.0)  # transformers' gpt-oss defaults, the released models' values
+    assert (field("gpt-oss.rope.dimension_count"), field("gpt-oss.attention.key_length")) == (16, 16)
+    assert field("tokenizer.ggml.pre") == "gpt-4o"
+    assert field("tokenizer.chat_template") == (DATA / "gpt-oss.jinja").read_text()
+
+    tensors = {t.name: t for t in reader.tensors}
+    layer0 = {n[len("blk.0."):] for n in tensors if n.startswith("blk.0.")}
+    assert layer0 == {"attn_norm.weight", "post_attention_norm.weight", "attn_sinks.weight"} | {
+        f"{n}.{p}" for n in ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate_inp", "ffn_gate_exps",
+                             "ffn_up_exps", "ffn_down_exps") for p in ("weight", "bias")}
+    F32 = gguf.GGMLQuantizationType.F32
+    assert {n for n, t in tensors.items() if t.tensor_type == F32} == {
+        n for n in tensors if n.endswith((".bias", "norm.weight", "attn_sinks.weight", "ffn_gate_inp.weight"))}
+
+    merged = {key: make() for key, _, make in merged_tensors(model) if ".layers.1." in key}
+    gate_up = merged["model.layers.1.mlp.experts.gate_up_proj"].transpose(1, 2)  # [experts, 2 ff, hidden]
+    bias = merged["model.layers.1.mlp.experts.gate_up_proj_bias"]
+    value = lambda name: torch.from_numpy(tensors[name].data.astype("float32"))  # noqa: E731
+    for name, rows in (("ffn_gate_exps", slice(0, None, 2)), ("ffn_up_exps", slice(1, None, 2))):
+        torch.testing.assert_close(value(f"blk.1.{name}.weight"), gate_up[:, rows], atol=2e-3, rtol=1e-3)
+        torch.testing.assert_close(value(f"blk.1.{name}.bias"), bias[:, rows])
+    torch.testing.assert_close(value("blk.1.ffn_down_exps.weight"),
+                               merged["model.layers.1.mlp.experts.down_proj"].transpose(1, 2), atol=2e-3, rtol=1e-3)
+    torch.testing.assert_close(value("blk.1.ffn_down_exps.bias"), merged["model.layers.1.mlp.experts.down_proj_bias"])
+    torch.testing.assert_close(value("blk.1.attn_sinks.weight"), merged["model.layers.1.self_attn.sinks"])
+    torch.testing.assert_close(value("blk.1.ffn_gate_inp.bias"), merged["model.layers.1.mlp.router.bias"])
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (dict(swiglu_limit=5.0), "swiglu_limit=5.0"),
+    (dict(swiglu_alpha=1.5), "swiglu_alpha=1.5"),
+    (dict(layer_types=["full_attention", "sliding_attention"]), "sliding window on every even layer"),
+    (dict(sliding_window=None), "sliding window on every even layer"),
+    (dict(attention_bias=False), "attention_bias=False"),
+])
+def test_gpt_oss_variants_llama_cpp_does_not_compute_are_refused(tmp_path, overrides, message):
+    model, tokenizer = _gpt_oss(tmp_path, **overrides)
+    with pytest.raises(UsageError, match=message):
+        export_gguf(model, tokenizer, tmp_path / "m.gguf")
+    assert not list(tmp_path.glob("*.gguf*"))
 
 
 # Architectures beyond the Llama family, as llama.cpp's loader for each reads them (src/models/<arch>.cpp): the

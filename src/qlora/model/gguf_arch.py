@@ -109,6 +109,7 @@ class ArchSpec:
     transpose: tuple[str, ...] = ()  # HF key endings stored ``[in, out]`` (GPT-2's Conv1D)
     mha: bool = False  # every query head has its own key/value head (the config has no field for it)
     layer_scalars: tuple[tuple[str, str], ...] = ()  # (HF key ending, gguf writer's add_<name>): a value per layer
+    gate_up_interleaved: bool = False  # the fused expert ``gate_up_proj`` alternates gate and up rows (gpt-oss)
 
 
 SILU = ("silu", "swish")
@@ -170,13 +171,15 @@ SPECS: dict[str, ArchSpec] = {
                         requires=(("attention_bias", False),),
                         layer_scalars=tuple((f".mlp.act_fn.{p}", f"xielu_{p}") for p in ("alpha_n", "alpha_p", "beta",
                                                                                           "eps"))),
+    "gpt_oss": ArchSpec("gpt-oss", norm_topk=True, output_required=True, gate_up_interleaved=True,
+                        requires=(("attention_bias", True),)),
     "bloom": ArchSpec("bloom", layer_norm=True, ff_key="", fused_qkv=True, rope=False, mha=True,
                       rename=(("transformer.", ""),),
                       requires=(("apply_residual_connection_post_layernorm", False),), full_attention=True),
 }
 SUPPORTED = ("Llama, Mistral, Qwen2, Qwen3, Gemma, Gemma 2, Gemma 3 (text), Phi-2, Phi-3, OLMo, OLMo 2, Granite, "
              "SmolLM3, StarCoder2, StableLM, Command-R, Cohere 2, GLM-4, ERNIE 4.5, EXAONE 4, Seed-OSS, Arcee, "
-             "GPT-NeoX (Pythia), GPT-2, Falcon, BLOOM, Hunyuan (dense), Apertus and the mixture-of-experts Mixtral, Qwen2-MoE (Qwen1.5-MoE), Qwen3-MoE, OLMoE and Granite MoE")
+             "GPT-NeoX (Pythia), GPT-2, Falcon, BLOOM, Hunyuan (dense), Apertus and the mixture-of-experts Mixtral, Qwen2-MoE (Qwen1.5-MoE), Qwen3-MoE, OLMoE, Granite MoE and gpt-oss")
 
 
 def arch_spec(config) -> ArchSpec:
@@ -294,6 +297,9 @@ def write_metadata(writer, config, spec: ArchSpec, n_vocab: int) -> list[tuple[s
         writer.add_clamp_kqv(config.clip_qkv)
     if spec.gguf_arch == "smollm3":
         _check_smollm3_nope_layers(config)
+    if spec.gguf_arch == "gpt-oss":
+        _check_gpt_oss(config)
+        writer.add_sliding_window(config.sliding_window)
     if spec.gguf_arch in ("gemma2", "gemma3"):
         _check_gemma_attention_scale(config, spec, hd)
     if spec.gguf_arch in ("gemma2", "gemma3", "cohere2"):
@@ -338,8 +344,10 @@ def _write_experts(writer, config, spec: ArchSpec) -> None:
     n_expert = getattr(config, "num_local_experts", None) or getattr(config, "num_experts", None)
     writer.add_expert_count(n_expert)
     writer.add_expert_used_count(config.num_experts_per_tok)
-    if getattr(config, "moe_intermediate_size", None):
-        writer.add_expert_feed_forward_length(config.moe_intermediate_size)
+    ff_expert = getattr(config, "moe_intermediate_size", None) or (
+        config.intermediate_size if spec.gguf_arch == "gpt-oss" else None)  # gpt-oss's experts are its MLP
+    if ff_expert:
+        writer.add_expert_feed_forward_length(ff_expert)
     if getattr(config, "shared_expert_intermediate_size", None):
         writer.add_expert_shared_feed_forward_length(config.shared_expert_intermediate_size)
     norm = getattr(config, "norm_topk_prob", spec.norm_topk)  # Mixtral always renormalizes and has no flag
@@ -366,6 +374,28 @@ def _check_smollm3_nope_layers(config) -> None:
         raise UsageError(f"this SmolLM3 config uses RoPE on layers {list(layers)} (no_rope_layers), but llama.cpp's "
                          f"smollm3 skips it on every 4th layer ({expected}); the GGUF would attend differently. "
                          f"Refusing to export.")
+
+
+# gpt-oss's clamped SwiGLU, as llama.cpp's graph hard-codes it: gate * sigmoid(ALPHA * gate) * (up + 1), the gate
+# clamped above at LIMIT and the up projection to [-LIMIT, LIMIT]
+GPT_OSS_SWIGLU = {"swiglu_alpha": 1.702, "swiglu_limit": 7.0}
+
+
+def _check_gpt_oss(config) -> None:
+    """llama.cpp's gpt-oss fixes the SwiGLU constants and runs sliding-window attention on every even layer
+    (0, 2, ...) and full attention on the odd ones; a config that differs would compute differently there."""
+    for key, value in GPT_OSS_SWIGLU.items():
+        if abs(float(getattr(config, key, value)) - value) > 1e-6:  # older transformers hard-codes them too
+            raise UsageError(f"this gpt-oss config has {key}={getattr(config, key)}, but llama.cpp's gpt-oss "
+                             f"computes its SwiGLU with {key}={value}; the GGUF would compute different "
+                             f"outputs. Refusing to export.")
+    layer_types = list(getattr(config, "layer_types", None) or [])
+    expected = ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(config.num_hidden_layers)]
+    if layer_types and layer_types != expected or not getattr(config, "sliding_window", None):
+        raise UsageError(f"this gpt-oss config attends with layer_types={layer_types} and sliding_window="
+                         f"{getattr(config, 'sliding_window', None)}, but llama.cpp's gpt-oss runs a sliding window "
+                         f"on every even layer and full attention on the odd ones ({expected[:4]}...); the GGUF "
+                         f"would attend differently. Refusing to export.")
 
 
 def _sliding_layers(config) -> bool:

@@ -6,8 +6,8 @@ They are streamed: the header and tensor table are written from shapes alone,
 then each tensor is merged, converted and written in turn, so peak memory is
 the 4-bit model plus one dense layer, never a second copy of the model.
 
-Types follow llama.cpp's converter: 1-D tensors (norms, biases), RoPE factor
-tables and MoE routers (``ffn_gate_inp``; Qwen2-MoE's shared-expert gate too)
+Types follow llama.cpp's converter: 1-D tensors (norms), every bias (gpt-oss's
+per-expert ones too), RoPE factor tables and MoE routers (``ffn_gate_inp``; Qwen2-MoE's shared-expert gate too)
 stay float32; matrices are f16, bf16 or q8_0 (q8_0 falls back to f16 for a row
 length that is not a multiple of its 32-value block). ``q8_0`` is
 quantized by ``gguf.quants``, llama.cpp's own Python reference of the format.
@@ -121,7 +121,7 @@ def _plan(model: nn.Module, config, spec: ArchSpec, out_type: str,
     name_of = tensor_namer(config, spec)
     towers = tuple(t + "." for t in non_text_names(model))
     rename = _causal_lm_key(model) if towers else (lambda key: key)
-    rows = [(rename(key), shape, make) for key, shape, make in _split_gate_up(model, merged_tensors(model))
+    rows = [(rename(key), shape, make) for key, shape, make in _expert_tensors(model, merged_tensors(model), spec)
             if not key.startswith(towers)]
     tied = tied_embeddings(model)
     plan: list[_Planned] = []
@@ -144,7 +144,7 @@ def _plan(model: nn.Module, config, spec: ArchSpec, out_type: str,
             unknown.append(key)
             continue
         shape = llama_cpp_shape(key, tuple(shape), spec)
-        if len(shape) == 1 or gguf_name.split(".")[-2] in ROUTERS:
+        if len(shape) == 1 or gguf_name.endswith(".bias") or gguf_name.split(".")[-2] in ROUTERS:
             qtype = Q.F32
         elif matrix_type == Q.Q8_0 and shape[-1] % gguf.GGML_QUANT_SIZES[Q.Q8_0][0]:
             qtype = Q.F16
@@ -161,33 +161,47 @@ def _plan(model: nn.Module, config, spec: ArchSpec, out_type: str,
     return plan, scalars
 
 
-def _split_gate_up(model: nn.Module, rows: list) -> list:
-    """transformers' fused 3-D expert ``gate_up_proj`` as the separate ``gate_proj`` and ``up_proj`` stacks
-    llama.cpp reads (``[experts, ff, hidden]`` each, gate half first, as transformers' forward chunks it).
-    The fused merged tensor is computed once for both halves: one layer's experts, then dropped."""
+def _expert_tensors(model: nn.Module, rows: list, spec: ArchSpec) -> list:
+    """transformers' 3-D expert tensors as the stacks llama.cpp reads, ``[experts, out, in]`` each.
+
+    The fused ``gate_up_proj`` becomes separate ``gate_proj`` and ``up_proj`` stacks: gate half first, as
+    transformers' forward chunks it, or alternating rows (``spec.gate_up_interleaved``: gpt-oss). A transposed
+    layout (``[experts, in, out]``: gpt-oss) is transposed back, ``down_proj`` included. Expert biases
+    (``gate_up_proj_bias``, ``down_proj_bias``) are split the same way and named ``<proj>.bias``. The fused
+    merged tensor is computed once for both halves: one layer's experts, then dropped."""
     out = []
     for key, shape, make in rows:
-        if not key.endswith(".gate_up_proj") or len(shape) != 3:
+        prefix, _, leaf = key.rpartition(".")
+        fused = leaf in ("gate_up_proj", "gate_up_proj_bias")
+        if leaf not in ("gate_up_proj", "down_proj", "gate_up_proj_bias", "down_proj_bias") or (
+                len(shape) != (2 if leaf.endswith("_bias") else 3)):
             out.append((key, shape, make))
             continue
-        experts = model.get_submodule(key.rsplit(".", 1)[0])
+        experts = model.get_submodule(prefix)
         layout = experts_layout(getattr(experts, "base_layer", experts))
-        transposed = bool(layout and layout.is_transposed)
-        n, ff2, hidden = (shape[0], shape[2], shape[1]) if transposed else shape
+        transposed = bool(layout and layout.is_transposed) and not leaf.endswith("_bias")
+        shape = (shape[0], shape[2], shape[1]) if transposed else tuple(shape)
+        proj = leaf.removesuffix("_bias")
+        suffix = ".bias" if leaf.endswith("_bias") else ""
+        if not fused:
+            out.append((f"{prefix}.{proj}{suffix}", shape,
+                        (lambda make=make: make().transpose(1, 2).contiguous()) if transposed else make))
+            continue
         cache: dict[str, torch.Tensor] = {}
 
-        def half(i: int, make=make, cache=cache, transposed=transposed, ff=ff2 // 2) -> torch.Tensor:
-            fused = cache.pop("fused", None) if i else None  # the up half is asked for right after the gate half
-            if fused is None:
-                fused = make()
+        def half(i: int, make=make, cache=cache, transposed=transposed, ff=shape[1] // 2) -> torch.Tensor:
+            whole = cache.pop("fused", None) if i else None  # the up half is asked for right after the gate half
+            if whole is None:
+                whole = make()
                 if i == 0:
-                    cache["fused"] = fused
-            fused = fused.transpose(1, 2) if transposed else fused
-            return fused[:, i * ff:(i + 1) * ff].contiguous()
+                    cache["fused"] = whole
+            whole = whole.transpose(1, 2) if transposed else whole
+            pick = slice(i, None, 2) if spec.gate_up_interleaved else slice(i * ff, (i + 1) * ff)
+            return whole[:, pick].contiguous()
 
-        prefix = key[: -len("gate_up_proj")]
-        out.append((prefix + "gate_proj", (n, ff2 // 2, hidden), lambda half=half: half(0)))
-        out.append((prefix + "up_proj", (n, ff2 // 2, hidden), lambda half=half: half(1)))
+        for i, name in enumerate(("gate_proj", "up_proj")):
+            out.append((f"{prefix}.{name}{suffix}", (shape[0], shape[1] // 2, *shape[2:]),
+                        lambda half=half, i=i: half(i)))
     return out
 
 

@@ -36,6 +36,10 @@ _PRE_BY_REGEX = {
         "llama-bpe",
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+":
         "qwen2",
+    # o200k (GPT-4o, gpt-oss): cased words with an optional contraction, numbers in threes
+    r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
+    r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
+    r"|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+": "gpt-4o",
 }
 
 # gguf.TokenType values (kept numeric so this module imports without gguf)
@@ -126,8 +130,9 @@ def _pre_tokenizer(spec: dict) -> str:
             break
     raise UsageError(
         "GGUF export does not recognize this tokenizer's pre-tokenizer (its split rule in tokenizer.json), so it "
-        "cannot tell llama.cpp how to split text; byte-level BPE with the GPT-2, Llama 3 or Qwen2 rule and "
-        "SentencePiece-style tokenizers are supported. Writing a guess would silently change tokenization.")
+        "cannot tell llama.cpp how to split text; byte-level BPE with the GPT-2, Llama 3, Qwen2 or o200k (GPT-4o, "
+        "gpt-oss) rule and SentencePiece-style tokenizers are supported. Writing a guess would silently change "
+        "tokenization.")
 
 
 def _adds_space_prefix(spec: dict) -> bool:
