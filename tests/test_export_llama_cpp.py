@@ -204,8 +204,17 @@ def test_k_quants_are_llama_cpps_own_and_lose_accuracy_in_order_of_their_bits(tm
 # The configs are the ones llama.cpp's graphs compute: Qwen3-MoE renormalizes its top-k weights (as the released
 # checkpoints do), OLMoE uses as many key/value heads as query heads, the Qwen2-MoE one ties its embedding
 # (llama.cpp's qwen2moe still needs an output matrix), Granite MoE has all four of Granite's multipliers.
+# gpt-oss as released: YaRN over 4096 trained positions, rope_theta 150000; a 4-token window on the even layers
+GPT_OSS_YARN = {"rope_type": "yarn", "factor": 32.0, "beta_fast": 32.0, "beta_slow": 1.0,
+                "original_max_position_embeddings": 4096, "rope_theta": 150000.0}
+# llama.cpp always rounds YaRN's correction range to whole dimensions (transformers' truncate=True); the released
+# configs say truncate=False, which no GGUF can express (see docs/gguf.md), so the exact check rounds as llama.cpp does
+GPT_OSS = dict(head_dim=16, sliding_window=4, max_position_embeddings=131072,
+               rope_parameters={**GPT_OSS_YARN, "truncate": True})
 MOE = {
     "mixtral": {},
+    # sinks, biased experts with alternating gate/up rows, clamped SwiGLU, router bias, sliding window, YaRN
+    "gpt_oss": GPT_OSS,
     "qwen2_moe": dict(tie_word_embeddings=True),
     "qwen3_moe": dict(norm_topk_prob=True, head_dim=16),  # heads x head_dim != hidden, as in Qwen3-30B-A3B
     "olmoe": dict(num_key_value_heads=4),
@@ -243,10 +252,10 @@ def _greedy(model, ids: list[int], n: int) -> tuple[list[int], float]:
     return seq[len(ids):], margin
 
 
-def _llama_cpp(path, f32_cache: bool = True):
+def _llama_cpp(path, f32_cache: bool = True, n_ctx: int = 128):
     # llama.cpp keeps its KV cache in f16 by default; f32 makes an f32 file's logits comparable at 1e-5
     kw = dict(type_k=0, type_v=0) if f32_cache else {}  # 0 = GGML_TYPE_F32
-    return llama_cpp.Llama(model_path=str(path), n_ctx=128, n_threads=2, logits_all=True, verbose=False, **kw)
+    return llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_threads=2, logits_all=True, verbose=False, **kw)
 
 
 def _llama_cpp_greedy(llm, ids: list[int], n: int) -> list[int]:
@@ -365,7 +374,7 @@ def _router_margin(model, ids: list[int]) -> float:
         probs = out[0].float().softmax(-1).sort(-1, descending=True).values
         gaps.append(float((probs[:, module.top_k - 1] - probs[:, module.top_k]).min()))
 
-    handles = [m.register_forward_hook(hook) for n, m in model.named_modules() if n.endswith("mlp.gate")]
+    handles = [m.register_forward_hook(hook) for n, m in model.named_modules() if n.endswith(("mlp.gate", "mlp.router"))]
     with torch.no_grad():
         model(torch.tensor([ids]))
     for h in handles:
@@ -402,6 +411,90 @@ def test_llama_cpp_runs_16_bit_and_q8_0_moe_exports_from_the_cli(tmp_path, tiny_
         llm.eval(ids)
         assert _relative(torch.tensor(llm.scores[: len(ids)]), expected) < tolerance, out_type
         assert _llama_cpp_greedy(llm, ids, n) == tokens[:n], out_type
+
+
+def test_llama_cpp_runs_a_trained_gpt_oss_export_from_the_cli(tmp_path):
+    """``qlora train --target-parameters`` (LoRA on the expert weights) on a tiny gpt-oss with an o200k tokenizer
+    and the real harmony template, then ``qlora export --adapter`` as f32 and f16. llama.cpp renders the embedded
+    template and tokenizes the prompt as transformers does; the f32 file's logits equal the merged model's (f32 KV
+    cache, as for the other MoEs), and the f16 file's with llama.cpp's defaults, on a prompt that passes the
+    routing-margin guard of the Qwen3-MoE test above (longer ones hold near-tied routings that f16 rounding flips:
+    measured, one flipped token on a 58-token prompt of a hidden-64 variant)."""
+    from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+    from chat_families import O200K, family_tokenizer
+    from qlora.train.config import TrainConfig
+    from qlora.train.data import demo_data_path
+    from qlora.train.trainer import Trainer
+    from tiny_moe import save_tiny_moe
+
+    base = save_tiny_moe(tmp_path / "base", family_tokenizer("gpt-oss", split=O200K), "gpt_oss", **GPT_OSS)
+    trainer = Trainer(TrainConfig(model=str(base), data=str(demo_data_path()), output=str(tmp_path / "adapter"),
+                                  overwrite=True, rank=8, alpha=16, dropout=0.0, lr=3e-3, max_steps=30, batch_size=4,
+                                  seq_len=256, optim="adamw", logging_steps=10, progress=False, seed=0,
+                                  target_parameters="mlp.experts.gate_up_proj,mlp.experts.down_proj"))
+    trainer.setup()
+    try:
+        trainer.train()
+        trainer.save_final()
+    finally:
+        trainer.cleanup()
+    for out_type in ("f32", "f16"):
+        assert main(["export", "--model", str(base), "--adapter", str(tmp_path / "adapter"),
+                     "--output", str(tmp_path / out_type), "--type", out_type]) == 0
+    model, tokenizer = qlora.load_model(base, compute_dtype=torch.float32, device="cpu")
+    qlora.load_adapter(model, tmp_path / "adapter")
+    assert any("experts.lora_B" in n for n, _ in model.named_parameters())  # the expert weights were adapted
+    merged = merge(model, dtype=torch.float32)
+
+    for out_type, prompt, tolerance, n in (("f32", MOE_PROMPT, 1e-5, 16), ("f16", "Hello there!", 1e-2, 8)):
+        ids = tokenizer(prompt)["input_ids"]
+        with torch.no_grad():
+            expected = merged(torch.tensor([ids])).logits[0]
+        tokens, margin = _greedy(merged, ids, n)
+        llm = _llama_cpp(tmp_path / out_type / f"model-{out_type}.gguf", f32_cache=out_type == "f32", n_ctx=512)
+        llm.eval(ids)
+        error = _relative(torch.tensor(llm.scores[: len(ids)]), expected)
+        assert error < tolerance, out_type  # measured 1.6e-6 (f32), 1.2e-3 (f16)
+        if out_type == "f16":
+            assert _router_margin(merged, ids) > 0.01 and margin > 0.03
+        assert margin > 2 * error
+        assert _llama_cpp_greedy(llm, ids, n) == tokens, out_type
+
+    messages = [{"role": "user", "content": QUESTION}]
+    prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    template = llm.metadata["tokenizer.chat_template"]
+    eos, bos = (llm._model.token_get_text(i) for i in (llm.token_eos(), llm.token_bos()))
+    assert Jinja2ChatFormatter(template, eos_token=eos, bos_token=bos)(messages=messages).prompt == prompt
+    # the o200k split and harmony's special tokens
+    assert llm.tokenize(prompt.encode(), add_bos=False, special=True) == tokenizer(prompt)["input_ids"]
+
+
+@torch.no_grad()
+def test_llama_cpp_rounds_gpt_oss_yarn_range_to_whole_dimensions(tmp_path, tiny_tokenizer):
+    """The released gpt-oss configs ask for YaRN's correction range unrounded (``truncate: false``, as OpenAI's
+    reference computes it); llama.cpp always rounds it outward to whole dimensions and has no GGUF key to say
+    otherwise. The export is what llama.cpp's converter writes; this pins what llama.cpp then computes: exactly
+    transformers' rounded YaRN, which moves the unrounded model's logits by ~5e-3 of the largest on a 20-token
+    prompt (RoPE is the identity at position 0, so the first token agrees to float precision)."""
+    from qlora.model.gguf_export import export_gguf
+    from tiny_moe import save_tiny_moe
+
+    expected = {}
+    for truncate in (False, True):
+        config = dict(GPT_OSS, rope_parameters={**GPT_OSS_YARN, "truncate": truncate})
+        model_dir = save_tiny_moe(tmp_path / f"m-{truncate}", tiny_tokenizer, "gpt_oss", **config)
+        model, tokenizer = _adapted_moe(model_dir)
+        ids = tokenizer(MOE_PROMPT)["input_ids"]
+        expected[truncate] = merge(model, dtype=torch.float32)(torch.tensor([ids])).logits[0]
+        if not truncate:
+            export_gguf(model, tokenizer, tmp_path / "m.gguf", "f32")
+    llm = _llama_cpp(tmp_path / "m.gguf")
+    llm.eval(ids)
+    got = torch.tensor(llm.scores[: len(ids)])
+    assert _relative(got, expected[True]) < 1e-5
+    assert _relative(got[:1], expected[False][:1]) < 1e-5
+    assert 1e-3 < _relative(got, expected[False]) < 2e-2
 
 
 def _relative(a: torch.Tensor, b: torch.Tensor) -> float:

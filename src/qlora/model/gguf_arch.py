@@ -23,7 +23,7 @@ model loaders), restated for the architectures qlora exports:
   1/sqrt(hidden/heads) for the 27B layer counts); a config whose
   ``query_pre_attn_scalar`` differs would run differently there and is refused.
 - Mixture of experts (Mixtral as ``llama`` with experts, Qwen2-MoE, Qwen3-MoE,
-  OLMoE, Granite MoE): the experts of a layer are three 3-D tensors
+  OLMoE, Granite MoE, gpt-oss): the experts of a layer are three 3-D tensors
   ``ffn_gate_exps``, ``ffn_up_exps`` (each ``[experts, ff, hidden]``) and
   ``ffn_down_exps``; the router is ``ffn_gate_inp``. transformers' fused
   ``gate_up_proj`` is split, gate half first (the order its forward chunks it
@@ -67,6 +67,12 @@ model loaders), restated for the architectures qlora exports:
   both apply). Its Q/K norms precede NeoX RoPE; Llama 3.1 RoPE scaling is ``rope_freqs`` as for Llama.
   Pythia and Falcon use exact GELU; llama.cpp computes the tanh approximation for them (as its converter writes
   them), which differs by less than 5e-4: accepted, unlike a checkpoint switching another architecture to it.
+- gpt-oss: transformers' experts are transposed (``[experts, in, out]``) and the fused ``gate_up_proj``
+  alternates gate and up rows; llama.cpp reads ``[experts, out, in]`` stacks with per-expert biases, a router
+  bias and per-head attention sinks. Its graph hard-codes the clamped SwiGLU constants (alpha 1.702, limit 7),
+  softmax over the top-k router logits, NeoX RoPE and a sliding window on even layers: configs that differ
+  are refused. llama.cpp rounds YaRN's correction range to whole dimensions whatever ``truncate`` says (the
+  released configs say false); as its own converter, the export writes them anyway (see docs/gguf.md).
 - transformers 5 names Granite MoE's router and experts
   ``block_sparse_moe.router``/``.experts``, which gguf's table knows under other
   names: they are respelled before the lookup.
