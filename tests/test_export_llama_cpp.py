@@ -123,6 +123,13 @@ ARCHS = {
     "llama-rope-llama3": dict(rope_parameters={"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0,
                                                "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                                                "original_max_position_embeddings": 64}),
+    # YaRN whose cos/sin scale is not llama.cpp's own 0.1 ln(factor) + 1: given outright, or from mscale ratios
+    "qwen2-yarn-attention-factor": dict(max_position_embeddings=128, rope_parameters={
+        "rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 32,
+        "attention_factor": 1.3}),
+    "qwen2-yarn-mscale": dict(max_position_embeddings=128, rope_parameters={
+        "rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 32,
+        "mscale": 0.5, "mscale_all_dim": 2.0}),
 }
 
 

@@ -431,6 +431,19 @@ def _rope_base(rope: dict, spec: ArchSpec, hd: int) -> float:
     return base * rope["alpha"] ** (hd / (hd - 2)) if _ntk_alpha(rope, spec) else base
 
 
+def _yarn_attention_factor(rope: dict) -> float:
+    """The factor transformers scales YaRN's cos/sin by: ``attention_factor`` when given, else from ``factor``
+    (and ``mscale``/``mscale_all_dim`` where both are set)."""
+    if rope.get("attention_factor") is not None:
+        return float(rope["attention_factor"])
+
+    def magnitude(scale: float, mscale: float = 1.0) -> float:
+        return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
+
+    factor, mscale, all_dim = rope["factor"], rope.get("mscale"), rope.get("mscale_all_dim")
+    return magnitude(factor, mscale) / magnitude(factor, all_dim) if mscale and all_dim else magnitude(factor)
+
+
 def _rope_scaling(writer, config, spec: ArchSpec, rope: dict, rotary: int) -> list[tuple[str, torch.Tensor]]:
     import gguf
 
@@ -449,8 +462,9 @@ def _rope_scaling(writer, config, spec: ArchSpec, rope: dict, rotary: int) -> li
                          ("beta_slow", writer.add_rope_scaling_yarn_beta_slow)):
             if rope.get(key) is not None:
                 add(rope[key])
-        if rope.get("attention_factor") is not None:
-            writer.add_rope_scaling_yarn_attn_factor(rope["attention_factor"])
+        factor = _yarn_attention_factor(rope) / (1.0 + 0.1 * math.log(rope["factor"]))
+        if abs(factor - 1.0) > 1e-7:
+            writer.add_rope_scaling_attn_factors(factor)
         return []
     if kind == "llama3" and spec.gguf_arch in ("llama", "apertus"):
         return [("rope_freqs.weight", _llama3_rope_factors(rope, rotary))]
