@@ -90,3 +90,22 @@ def test_shuffling_is_deterministic_per_seed_and_epoch():
     assert a == shuffled_indices(100, seed=3, epoch=0) and sorted(a) == list(range(100))
     assert a != shuffled_indices(100, seed=3, epoch=1) and a != shuffled_indices(100, seed=4, epoch=0)
     assert a[:5] == [84, 45, 22, 1, 34]  # pinned: numpy's PCG64 stream is stable across platforms and versions
+
+
+def test_a_batch_larger_than_the_packed_rows_is_refused(tiny_model_dir, tmp_path, capsys):
+    """7 short examples pack into fewer rows than --batch-size 4: each micro-batch would hold the same row
+    twice (two epochs in one step under --epochs 1), so the run is refused, as for examples and text blocks."""
+    import json
+
+    from qlora.cli.main import main
+
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"instruction": f"question {i}", "output": f"answer {i}"}) + "\n"
+                            for i in range(7)))
+    argv = ["train", "--model", str(tiny_model_dir), "--data", str(data), "--output", str(tmp_path / "out"),
+            "--packing", "--seq-len", "256", "--epochs", "1", "--no-progress"]
+    assert main(argv + ["--batch-size", "4"]) == 2
+    err = capsys.readouterr().err
+    assert "--batch-size 4 is more than the 1 packed rows (of --seq-len 256 tokens) that --packing makes of the 7 examples" in err, err
+    assert not (tmp_path / "out").exists()
+    assert main(argv + ["--batch-size", "1"]) == 0  # one row a micro-batch: each example once

@@ -209,10 +209,7 @@ class Trainer:
         self.template_fallback = (cfg.template == "auto" and own_template(self.tokenizer) is None
                                   and any(e.messages is not None for e in train_examples))
         self.train_units, self.report = self._tokenize(train_examples)
-        if cfg.group_texts and cfg.batch_size > len(self.train_units):  # fewer blocks than texts
-            raise UsageError(f"--batch-size {cfg.batch_size} is more than the {len(self.train_units)} blocks of "
-                             f"--seq-len {cfg.seq_len} tokens that the texts of {cfg.data} make; lower --batch-size "
-                             "or --seq-len (cutoff_len).")
+        self._check_batch_fits(len(train_examples))
         self.eval_units = self._tokenize(eval_examples)[0] if eval_examples else []
         self.dist.barrier()  # every rank has checked --output before rank 0 changes it
         if cfg.overwrite and not cfg.resume and self.out.exists() and self.dist.is_main:
@@ -255,6 +252,25 @@ class Trainer:
         self.metrics.write(f"data: {self.report.summary()}; {len(self.train_units)} "
                            f"{'packed rows' if cfg.packing else 'blocks' if cfg.group_texts else 'examples'}, "
                            f"{self.total_steps} steps")
+
+    def _check_batch_fits(self, examples: int) -> None:
+        """A global micro-batch (batch x ranks) must not hold a unit twice: there may be fewer units than
+        examples (packed rows, text blocks, examples left with no trained token) and more ranks than one."""
+        cfg, units, world = self.config, len(self.train_units), self.dist.world_size
+        if cfg.batch_size * world <= units:
+            return
+        batch = f"--batch-size {cfg.batch_size}" + (f" x {world} ranks" if world > 1 else "")
+        lower = "lower --batch-size" + (" or --nproc" if world > 1 else "")
+        if cfg.group_texts:
+            raise UsageError(f"{batch} is more than the {units} blocks of --seq-len {cfg.seq_len} tokens that the "
+                             f"texts of {cfg.data} make; {lower} or --seq-len (cutoff_len).")
+        if cfg.packing:
+            raise UsageError(f"{batch} is more than the {units} packed rows (of --seq-len {cfg.seq_len} tokens) "
+                             f"that --packing makes of the {examples} examples of {cfg.data}, so a micro-batch would "
+                             f"hold the same row twice; {lower} or --seq-len, or train without --packing "
+                             "(--grad-accum gives a larger effective batch).")
+        raise UsageError(f"{batch} is more than the {units} examples of {cfg.data} left to train on; {lower} "
+                         "(--grad-accum gives a larger effective batch).")
 
     def _check_output(self) -> Path | None:
         cfg = self.config
