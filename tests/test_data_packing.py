@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from qlora.errors import UsageError
 from qlora.train.data import (
-    IGNORE_INDEX, TEMPLATES, Example, check_packing_supported, count_trainable_tokens, pack_examples, packed_collate,
+    IGNORE_INDEX, TEMPLATES, Example, attention_windows, check_packing_supported, count_trainable_tokens, pack_examples, packed_collate,
     pad_collate, pad_token_id, shuffled_indices, tokenize_dataset,
 )
 
@@ -33,17 +33,48 @@ def per_token_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
 def test_packed_loss_equals_unpacked_per_example(tiny_model_dir, tiny_tokenizer, tokenized, attn):
+    _assert_packed_loss_equals_alone(tiny_model_dir, tiny_tokenizer, tokenized, attn)
+
+
+@pytest.mark.parametrize("arch, config, attn", [
+    ("mistral", {"sliding_window": 8}, "sdpa"),  # every layer sliding, one mask
+    ("gemma3", {"sliding_window": 8, "layer_types": ["sliding_attention", "full_attention"]}, "eager"),  # a mapping
+], ids=["mistral-all-sliding", "gemma3-mixed"])
+def test_packed_loss_equals_unpacked_with_sliding_window_layers(tmp_path, tiny_tokenizer, tokenized, arch, config,
+                                                                attn):
+    """Examples longer than the window: a packed mask without it let sliding layers see the whole example
+    (per-example losses 0.6-1.2 off)."""
+    from qlora.model.tiny import build_tiny_model
+
+    assert max(len(e.input_ids) for e in tokenized) > 2 * config["sliding_window"]
+    model_dir = build_tiny_model(tmp_path / arch, tokenizer=tiny_tokenizer, arch=arch, **config)
+    _assert_packed_loss_equals_alone(model_dir, tiny_tokenizer, tokenized, attn)
+
+
+def test_packing_is_refused_for_layers_that_carry_state_across_examples():
+    from transformers import PretrainedConfig
+
+    assert attention_windows(PretrainedConfig()) == {"full_attention": None}
+    assert attention_windows(PretrainedConfig(sliding_window=16)) == {"sliding_attention": 16}
+    mixed = PretrainedConfig(sliding_window=16, layer_types=["sliding_attention", "full_attention"] * 2)
+    assert attention_windows(mixed) == {"sliding_attention": 16, "full_attention": None}
+    with pytest.raises(UsageError, match="--packing is not supported with this model's linear_attention layers"):
+        attention_windows(PretrainedConfig(layer_types=["linear_attention", "full_attention"]))
+
+
+def _assert_packed_loss_equals_alone(model_dir, tokenizer, tokenized, attn):
+    """Each packed example's summed token loss equals its loss alone; the trained tokens are the same."""
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, attn_implementation=attn, dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation=attn, dtype=torch.float32).eval()
     rows = pack_examples(tokenized, seq_len=96)
     assert len(rows) < len(tokenized) and len({len(r.input_ids) for r in rows}) > 1  # really packed, and padded
-    batch = packed_collate(rows, pad_token_id(tiny_tokenizer), attn, torch.float32)
+    batch = packed_collate(rows, pad_token_id(tokenizer), attn, torch.float32, attention_windows(model.config))
     with torch.no_grad():
         packed = per_token_loss(model(**{k: v for k, v in batch.items() if k != "labels"}).logits, batch["labels"])
         unpacked = {}
         for e in tokenized:
-            single = pad_collate([e], pad_token_id(tiny_tokenizer))
+            single = pad_collate([e], pad_token_id(tokenizer))
             unpacked[e.index] = per_token_loss(model(input_ids=single["input_ids"]).logits, single["labels"]).sum()
     for i, row in enumerate(rows):
         seq = torch.tensor(row.sequence_ids[1:])  # the sequence of each target position

@@ -47,7 +47,7 @@ from qlora.output_folder import check_output, clear_owned, record, staged_output
 from qlora.train.config import TrainConfig, parse_pattern, parse_schedule_kwargs
 from qlora.train.distributed import DistContext, all_reduce_grads, shard_fsdp, wrap_ddp
 from qlora.train.data import (
-    check_packing_supported, count_trainable_tokens, normalize, pack_examples,
+    attention_windows, check_packing_supported, count_trainable_tokens, normalize, pack_examples,
     fallback_note, own_template, packed_collate, pad_collate, pad_token_id, resolve_chat_format, shuffled_indices,
     tokenize_dataset,
 )
@@ -351,6 +351,7 @@ class Trainer:
         self.attn = getattr(self.model.config, "_attn_implementation", "eager") or "eager"
         if cfg.packing:
             check_packing_supported(self.attn)
+            self.attn_windows = attention_windows(self.model.config)
 
     def _add_adalora(self) -> None:
         """AdaLoRA's schedule needs the number of steps, known only once the data is loaded."""
@@ -420,8 +421,12 @@ class Trainer:
 
     def _collate(self, units: list) -> dict[str, torch.Tensor]:
         pad = pad_token_id(self.tokenizer)
-        batch = packed_collate(units, pad, self.attn, self.dtype) if self.config.packing else pad_collate(units, pad)
-        return {k: v.to(self.device) for k, v in batch.items()}
+        if self.config.packing:
+            batch = packed_collate(units, pad, self.attn, self.dtype, self.attn_windows)
+        else:
+            batch = pad_collate(units, pad)
+        return {k: {t: m.to(self.device) for t, m in v.items()} if isinstance(v, dict) else v.to(self.device)
+                for k, v in batch.items()}
 
     def micro_batches(self, step: int) -> list[dict[str, torch.Tensor]]:
         """The micro-batches of optimizer step ``step``: a pure function of (seed, step)."""
