@@ -31,7 +31,8 @@ from qlora.train.data.tokenize import (
 __all__ = [
     "FORMATS", "IGNORE_INDEX", "TEMPLATES", "TRAIN_ON",
     "DataReport", "Example", "FieldMap", "PackedRow", "Record", "TokenizedExample",
-    "attention_windows", "check_packing_supported", "count_trainable_tokens", "demo_data_path", "detect_format", "load_records", "normalize",
+    "attention_windows", "check_packing_supported", "count_trainable_tokens", "demo_data_path", "detect_format",
+    "load_records", "normalize",
     "pack_examples", "packed_attention_mask", "parse_data_fields", "packed_collate", "pad_collate", "pad_token_id",
     "fallback_note", "own_template", "resolve_chat_format", "resolve_chat_template", "shuffled_indices",
     "tokenize_dataset", "tokenize_example",
