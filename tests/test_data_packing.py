@@ -8,8 +8,8 @@ import torch.nn.functional as F
 
 from qlora.errors import UsageError
 from qlora.train.data import (
-    IGNORE_INDEX, TEMPLATES, Example, attention_windows, check_packing_supported, count_trainable_tokens, pack_examples, packed_collate,
-    pad_collate, pad_token_id, shuffled_indices, tokenize_dataset,
+    IGNORE_INDEX, TEMPLATES, Example, attention_windows, check_packing_supported, count_trainable_tokens,
+    pack_examples, packed_collate, pad_collate, pad_token_id, shuffled_indices, tokenize_dataset,
 )
 
 QUESTIONS = ["Hello", "What is two plus two?", "Hi there!", "The quick brown fox jumps over the lazy dog.", "def add(a, b)"]
@@ -137,6 +137,7 @@ def test_a_batch_larger_than_the_packed_rows_is_refused(tiny_model_dir, tmp_path
             "--packing", "--seq-len", "256", "--epochs", "1", "--no-progress"]
     assert main(argv + ["--batch-size", "4"]) == 2
     err = capsys.readouterr().err
-    assert "--batch-size 4 is more than the 1 packed rows (of --seq-len 256 tokens) that --packing makes of the 7 examples" in err, err
+    assert ("--batch-size 4 is more than the 1 packed rows (of --seq-len 256 tokens) that --packing makes of "
+            "the 7 examples") in err, err
     assert not (tmp_path / "out").exists()
     assert main(argv + ["--batch-size", "1"]) == 0  # one row a micro-batch: each example once
