@@ -8,8 +8,8 @@ import torch.nn.functional as F
 
 from qlora.errors import UsageError
 from qlora.train.data import (
-    IGNORE_INDEX, TEMPLATES, Example, check_packing_supported, count_trainable_tokens, pack_examples, packed_collate,
-    pad_collate, pad_token_id, shuffled_indices, tokenize_dataset,
+    IGNORE_INDEX, TEMPLATES, Example, attention_windows, check_packing_supported, count_trainable_tokens,
+    pack_examples, packed_collate, pad_collate, pad_token_id, shuffled_indices, tokenize_dataset,
 )
 
 QUESTIONS = ["Hello", "What is two plus two?", "Hi there!", "The quick brown fox jumps over the lazy dog.", "def add(a, b)"]
@@ -33,17 +33,48 @@ def per_token_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
 def test_packed_loss_equals_unpacked_per_example(tiny_model_dir, tiny_tokenizer, tokenized, attn):
+    _assert_packed_loss_equals_alone(tiny_model_dir, tiny_tokenizer, tokenized, attn)
+
+
+@pytest.mark.parametrize("arch, config, attn", [
+    ("mistral", {"sliding_window": 8}, "sdpa"),  # every layer sliding, one mask
+    ("gemma3", {"sliding_window": 8, "layer_types": ["sliding_attention", "full_attention"]}, "eager"),  # a mapping
+], ids=["mistral-all-sliding", "gemma3-mixed"])
+def test_packed_loss_equals_unpacked_with_sliding_window_layers(tmp_path, tiny_tokenizer, tokenized, arch, config,
+                                                                attn):
+    """Examples longer than the window: a packed mask without it let sliding layers see the whole example
+    (per-example losses 0.6-1.2 off)."""
+    from qlora.model.tiny import build_tiny_model
+
+    assert max(len(e.input_ids) for e in tokenized) > 2 * config["sliding_window"]
+    model_dir = build_tiny_model(tmp_path / arch, tokenizer=tiny_tokenizer, arch=arch, **config)
+    _assert_packed_loss_equals_alone(model_dir, tiny_tokenizer, tokenized, attn)
+
+
+def test_packing_is_refused_for_layers_that_carry_state_across_examples():
+    from transformers import PretrainedConfig
+
+    assert attention_windows(PretrainedConfig()) == {"full_attention": None}
+    assert attention_windows(PretrainedConfig(sliding_window=16)) == {"sliding_attention": 16}
+    mixed = PretrainedConfig(sliding_window=16, layer_types=["sliding_attention", "full_attention"] * 2)
+    assert attention_windows(mixed) == {"sliding_attention": 16, "full_attention": None}
+    with pytest.raises(UsageError, match="--packing is not supported with this model's linear_attention layers"):
+        attention_windows(PretrainedConfig(layer_types=["linear_attention", "full_attention"]))
+
+
+def _assert_packed_loss_equals_alone(model_dir, tokenizer, tokenized, attn):
+    """Each packed example's summed token loss equals its loss alone; the trained tokens are the same."""
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, attn_implementation=attn, dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation=attn, dtype=torch.float32).eval()
     rows = pack_examples(tokenized, seq_len=96)
     assert len(rows) < len(tokenized) and len({len(r.input_ids) for r in rows}) > 1  # really packed, and padded
-    batch = packed_collate(rows, pad_token_id(tiny_tokenizer), attn, torch.float32)
+    batch = packed_collate(rows, pad_token_id(tokenizer), attn, torch.float32, attention_windows(model.config))
     with torch.no_grad():
         packed = per_token_loss(model(**{k: v for k, v in batch.items() if k != "labels"}).logits, batch["labels"])
         unpacked = {}
         for e in tokenized:
-            single = pad_collate([e], pad_token_id(tiny_tokenizer))
+            single = pad_collate([e], pad_token_id(tokenizer))
             unpacked[e.index] = per_token_loss(model(input_ids=single["input_ids"]).logits, single["labels"]).sum()
     for i, row in enumerate(rows):
         seq = torch.tensor(row.sequence_ids[1:])  # the sequence of each target position
@@ -90,3 +121,23 @@ def test_shuffling_is_deterministic_per_seed_and_epoch():
     assert a == shuffled_indices(100, seed=3, epoch=0) and sorted(a) == list(range(100))
     assert a != shuffled_indices(100, seed=3, epoch=1) and a != shuffled_indices(100, seed=4, epoch=0)
     assert a[:5] == [84, 45, 22, 1, 34]  # pinned: numpy's PCG64 stream is stable across platforms and versions
+
+
+def test_a_batch_larger_than_the_packed_rows_is_refused(tiny_model_dir, tmp_path, capsys):
+    """7 short examples pack into fewer rows than --batch-size 4: each micro-batch would hold the same row
+    twice (two epochs in one step under --epochs 1), so the run is refused, as for examples and text blocks."""
+    import json
+
+    from qlora.cli.main import main
+
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"instruction": f"question {i}", "output": f"answer {i}"}) + "\n"
+                            for i in range(7)))
+    argv = ["train", "--model", str(tiny_model_dir), "--data", str(data), "--output", str(tmp_path / "out"),
+            "--packing", "--seq-len", "256", "--epochs", "1", "--no-progress"]
+    assert main(argv + ["--batch-size", "4"]) == 2
+    err = capsys.readouterr().err
+    assert ("--batch-size 4 is more than the 1 packed rows (of --seq-len 256 tokens) that --packing makes of "
+            "the 7 examples") in err, err
+    assert not (tmp_path / "out").exists()
+    assert main(argv + ["--batch-size", "1"]) == 0  # one row a micro-batch: each example once

@@ -10,6 +10,7 @@ norm (before clipping) pins the gradient scale, which Adam and clipping would hi
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -102,6 +103,25 @@ def test_one_process_checkpoint_resumes_in_two_ranks(runs, tiny_model_dir):
     _cut_after_first_checkpoint(runs["single"], out)
     _two_ranks({**_options(tiny_model_dir, runs["data"], out), "resume": True})
     _assert_same_run(out, runs["single"])
+
+
+@pytest.mark.slow
+def test_a_global_micro_batch_larger_than_the_examples_is_refused(tmp_path, tiny_model_dir):
+    """2 ranks x batch 2 of 3 examples: the global micro-batch would hold one example twice, on two ranks."""
+    import subprocess
+    import sys
+
+    from qlora_processes import SRC
+
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"instruction": q, "input": "", "output": a}) + "\n" for q, a in QA[:3]))
+    argv = [sys.executable, "-m", "qlora", "train", "--nproc", "2", "--model", str(tiny_model_dir), "--data",
+            str(data), "--output", str(tmp_path / "out"), "--batch-size", "2", "--max-steps", "1", "--no-progress"]
+    env = {**os.environ, "PYTHONPATH": str(SRC), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode != 0 and "--batch-size 2 x 2 ranks is more than the 3 examples" in proc.stderr, \
+        proc.stderr[-3000:]
+    assert not (tmp_path / "out" / "adapter_model.safetensors").exists()
 
 
 @pytest.mark.parametrize("double_quant", [True, False])

@@ -115,7 +115,7 @@ def test_accumulation_equals_big_batch(tmp_path, tiny_model_dir):
     grads = []
     for bs, accum in ((8, 1), (1, 8)):
         t = Trainer(_config(tiny_model_dir, data, tmp_path / f"g{bs}", batch_size=bs, grad_accum=accum,
-                            dropout=0.0, max_steps=1))
+                            dropout=0.0, max_steps=1, seq_len=128))  # every example keeps its answer
         t.setup()
         with torch.no_grad():  # non-zero B so every LoRA parameter has a gradient
             for p in t.model.parameters():

@@ -47,7 +47,7 @@ from qlora.output_folder import check_output, clear_owned, record, staged_output
 from qlora.train.config import TrainConfig, parse_pattern, parse_schedule_kwargs
 from qlora.train.distributed import DistContext, all_reduce_grads, shard_fsdp, wrap_ddp
 from qlora.train.data import (
-    check_packing_supported, count_trainable_tokens, normalize, pack_examples,
+    attention_windows, check_packing_supported, count_trainable_tokens, normalize, pack_examples,
     fallback_note, own_template, packed_collate, pad_collate, pad_token_id, resolve_chat_format, shuffled_indices,
     tokenize_dataset,
 )
@@ -209,10 +209,7 @@ class Trainer:
         self.template_fallback = (cfg.template == "auto" and own_template(self.tokenizer) is None
                                   and any(e.messages is not None for e in train_examples))
         self.train_units, self.report = self._tokenize(train_examples)
-        if cfg.group_texts and cfg.batch_size > len(self.train_units):  # fewer blocks than texts
-            raise UsageError(f"--batch-size {cfg.batch_size} is more than the {len(self.train_units)} blocks of "
-                             f"--seq-len {cfg.seq_len} tokens that the texts of {cfg.data} make; lower --batch-size "
-                             "or --seq-len (cutoff_len).")
+        self._check_batch_fits(len(train_examples))
         self.eval_units = self._tokenize(eval_examples)[0] if eval_examples else []
         self.dist.barrier()  # every rank has checked --output before rank 0 changes it
         if cfg.overwrite and not cfg.resume and self.out.exists() and self.dist.is_main:
@@ -255,6 +252,25 @@ class Trainer:
         self.metrics.write(f"data: {self.report.summary()}; {len(self.train_units)} "
                            f"{'packed rows' if cfg.packing else 'blocks' if cfg.group_texts else 'examples'}, "
                            f"{self.total_steps} steps")
+
+    def _check_batch_fits(self, examples: int) -> None:
+        """A global micro-batch (batch x ranks) must not hold a unit twice: there may be fewer units than
+        examples (packed rows, text blocks, examples left with no trained token) and more ranks than one."""
+        cfg, units, world = self.config, len(self.train_units), self.dist.world_size
+        if cfg.batch_size * world <= units:
+            return
+        batch = f"--batch-size {cfg.batch_size}" + (f" x {world} ranks" if world > 1 else "")
+        lower = "lower --batch-size" + (" or --nproc" if world > 1 else "")
+        if cfg.group_texts:
+            raise UsageError(f"{batch} is more than the {units} blocks of --seq-len {cfg.seq_len} tokens that the "
+                             f"texts of {cfg.data} make; {lower} or --seq-len (cutoff_len).")
+        if cfg.packing:
+            raise UsageError(f"{batch} is more than the {units} packed rows (of --seq-len {cfg.seq_len} tokens) "
+                             f"that --packing makes of the {examples} examples of {cfg.data}, so a micro-batch would "
+                             f"hold the same row twice; {lower} or --seq-len, or train without --packing "
+                             "(--grad-accum gives a larger effective batch).")
+        raise UsageError(f"{batch} is more than the {units} examples of {cfg.data} left to train on; {lower} "
+                         "(--grad-accum gives a larger effective batch).")
 
     def _check_output(self) -> Path | None:
         cfg = self.config
@@ -335,6 +351,7 @@ class Trainer:
         self.attn = getattr(self.model.config, "_attn_implementation", "eager") or "eager"
         if cfg.packing:
             check_packing_supported(self.attn)
+            self.attn_windows = attention_windows(self.model.config)
 
     def _add_adalora(self) -> None:
         """AdaLoRA's schedule needs the number of steps, known only once the data is loaded."""
@@ -404,8 +421,12 @@ class Trainer:
 
     def _collate(self, units: list) -> dict[str, torch.Tensor]:
         pad = pad_token_id(self.tokenizer)
-        batch = packed_collate(units, pad, self.attn, self.dtype) if self.config.packing else pad_collate(units, pad)
-        return {k: v.to(self.device) for k, v in batch.items()}
+        if self.config.packing:
+            batch = packed_collate(units, pad, self.attn, self.dtype, self.attn_windows)
+        else:
+            batch = pad_collate(units, pad)
+        return {k: {t: m.to(self.device) for t, m in v.items()} if isinstance(v, dict) else v.to(self.device)
+                for k, v in batch.items()}
 
     def micro_batches(self, step: int) -> list[dict[str, torch.Tensor]]:
         """The micro-batches of optimizer step ``step``: a pure function of (seed, step)."""

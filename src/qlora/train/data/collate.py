@@ -13,7 +13,7 @@ The trainer's contract with this module:
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -46,15 +46,18 @@ def pad_collate(examples: Sequence[TokenizedExample], pad_id: int) -> dict[str, 
 
 
 def packed_collate(
-    rows: Sequence[PackedRow], pad_id: int, attn_implementation: str, dtype: torch.dtype = torch.float32
-) -> dict[str, torch.Tensor]:
-    """Batch packed rows: ``input_ids``, ``labels``, restarting ``position_ids`` and, for eager/sdpa, a 4D mask.
+    rows: Sequence[PackedRow], pad_id: int, attn_implementation: str, dtype: torch.dtype = torch.float32,
+    windows: dict[str, int | None] | None = None,
+) -> dict[str, Any]:
+    """Batch packed rows: ``input_ids``, ``labels``, restarting ``position_ids`` and, for eager/sdpa, a 4D mask
+    (a mapping of layer type to mask, transformers' form, where the model mixes full and sliding layers).
 
     Args:
         rows: from :func:`pack_examples`.
         pad_id: the id for padding shorter rows (labels there are -100).
         attn_implementation: the model's ``config._attn_implementation``.
         dtype: the model's compute dtype (the 4D mask must match it).
+        windows: :func:`~qlora.train.data.packing.attention_windows` of the model (default: full attention).
 
     Raises:
         UsageError: an attention implementation that cannot isolate examples.
@@ -75,7 +78,9 @@ def packed_collate(
         sequence_ids[i, :n] = torch.tensor(r.sequence_ids)
     batch = {"input_ids": input_ids, "labels": labels, "position_ids": position_ids}
     if attn_implementation in MASK_ATTENTION:
-        batch["attention_mask"] = packed_attention_mask(sequence_ids, dtype)
+        masks = {kind: packed_attention_mask(sequence_ids, dtype, window)
+                 for kind, window in (windows or {"full_attention": None}).items()}
+        batch["attention_mask"] = masks if len(masks) > 1 else next(iter(masks.values()))
     return batch
 
 

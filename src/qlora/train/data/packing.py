@@ -21,6 +21,12 @@ How the block structure reaches the attention depends on the implementation
   when the attention mask is ``None``.
 
 Any other implementation is refused by :func:`check_packing_supported`.
+A sliding-window layer (Mistral, Gemma 2/3, GPT-OSS, Qwen2 with ``use_sliding_window``) sees
+only the last ``sliding_window`` positions; an explicit mask replaces the one transformers would
+build, so it carries the window too (:func:`attention_windows`), one mask per layer type where
+a model mixes them, as transformers' own mask mapping. Layers that are not attention over the
+example (linear attention, state-space, chunked attention) would carry state or chunks across
+examples: packing is refused there.
 The first token of every example carries no label, so the last token of one
 example is never trained to predict the first of the next.
 """
@@ -35,6 +41,8 @@ from qlora.errors import UsageError
 from qlora.train.data.tokenize import TokenizedExample
 
 MASK_ATTENTION = ("eager", "sdpa")
+# transformers' layer types whose attention a block-diagonal mask (with the layer's window) keeps per example
+WINDOWED_LAYER_TYPES = ("full_attention", "sliding_attention")
 POSITION_ATTENTION = ("flash_attention_2", "flash_attention_3")
 
 
@@ -88,8 +96,27 @@ def pack_examples(examples: list[TokenizedExample], seq_len: int) -> list[Packed
     return rows
 
 
-def packed_attention_mask(sequence_ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Block-diagonal causal mask ``(batch, 1, L, L)``: 0 where attention is allowed, else the dtype's minimum.
+def attention_windows(config) -> dict[str, int | None]:
+    """Each attention layer type of a model (transformers' ``layer_types`` names) and the positions it
+    sees back (None: all): ``config.sliding_window`` for sliding layers, every layer sliding when the
+    config has a window but no ``layer_types`` (Mistral, Phi-3).
+
+    Raises:
+        UsageError: a layer type that a mask cannot keep to its example.
+    """
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    window = getattr(text, "sliding_window", None)
+    types = list(getattr(text, "layer_types", None) or ["sliding_attention" if window else "full_attention"])
+    other = sorted(set(types) - set(WINDOWED_LAYER_TYPES))
+    if other:
+        raise UsageError(f"--packing is not supported with this model's {', '.join(other)} layers: their state or "
+                         "chunks would run from one packed example into the next. Train without --packing.")
+    return {kind: window if kind == "sliding_attention" else None for kind in dict.fromkeys(types)}
+
+
+def packed_attention_mask(sequence_ids: torch.Tensor, dtype: torch.dtype, window: int | None = None) -> torch.Tensor:
+    """Block-diagonal causal mask ``(batch, 1, L, L)``: 0 where attention is allowed, else the dtype's minimum;
+    with ``window``, a query sees only keys less than ``window`` positions back (transformers' sliding window).
 
     This additive form is what transformers' eager attention adds to its
     scores and what SDPA accepts as ``attn_mask``; it must be in the model's
@@ -97,6 +124,8 @@ def packed_attention_mask(sequence_ids: torch.Tensor, dtype: torch.dtype) -> tor
     """
     length = sequence_ids.shape[-1]
     causal = torch.ones(length, length, dtype=torch.bool, device=sequence_ids.device).tril()
+    if window is not None:
+        causal = causal.triu(1 - window)
     same = sequence_ids[:, :, None] == sequence_ids[:, None, :]
     allowed = (same & causal)[:, None]
     mask = torch.zeros(allowed.shape, dtype=dtype, device=sequence_ids.device)

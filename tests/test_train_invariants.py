@@ -1,0 +1,129 @@
+"""Invariants of whole training runs under combinations of options that the other tests leave out.
+
+- resume: a run cut right after a checkpoint and resumed reproduces the uninterrupted run bit for bit
+  (losses, eval losses, final adapter) with packing + NEFTune + eval + a warmup schedule + accumulation,
+  with text blocks over several epochs + gradient checkpointing, and for KTO;
+- determinism: the same seed in another process (another hash seed) gives the same run, another seed does not;
+- accumulation with packing: packed rows 2 x 1 and 1 x 2 give the same run.
+(tests/test_train_loop.py covers resume per optimizer and accumulation of unpacked SFT, test_preference_training.py
+DPO and ORPO resume, tests/test_distributed.py ranks.)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from qlora.train.config import load_config
+from qlora.train.trainer import Trainer, list_checkpoints
+from qlora_processes import SRC, train_records
+
+SFT = [{"instruction": "word " * (1 + 2 * i) + "?", "output": ("x y " * (1 + (5 * i) % 7)).strip()} for i in range(7)]
+TEXTS = [{"text": "The quick brown fox jumps over the lazy dog. " * (1 + i % 3) + f"Number {i}."} for i in range(9)]
+PAIRS = [{"prompt": f"Question {i}: " + "word " * i, "chosen": " good" * (1 + i % 3), "rejected": " bad" * (1 + i % 4)}
+         for i in range(6)]
+
+
+def _write(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def _options(model: Path, data: Path, out: Path, **kw) -> dict:
+    base = dict(model=str(model), data=str(data), output=str(out), optim="adamw", lr=1e-2, max_steps=6,
+                batch_size=2, progress=False, seq_len=64, save_total_limit=0)
+    return base | kw
+
+
+def _run(opts: dict) -> list[float]:
+    return Trainer(load_config(None, opts)).run()
+
+
+def _eval_losses(out: Path) -> list[float]:
+    return [r["loss"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if r["split"] == "eval"]
+
+
+def _assert_same_adapter(a: Path, b: Path) -> None:
+    x, y = load_file(str(a / "adapter_model.safetensors")), load_file(str(b / "adapter_model.safetensors"))
+    assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
+
+
+RESUMED = {
+    "packing-neftune-eval-warmup": ("sft", dict(packing=True, seq_len=128, batch_size=1, grad_accum=2, neftune_alpha=5.0,
+                                                dropout=0.1, eval_split=2, eval_steps=2, save_steps=3,
+                                                lr_scheduler="linear", warmup_ratio=0.3, optim="paged_adamw_8bit")),
+    "text-blocks-epochs-checkpointing": ("texts", dict(group_texts=3, seq_len=16, max_steps=0, epochs=2, save_steps=2,
+                                                      dropout=0.1, gradient_checkpointing=True)),
+    "kto-accumulation": ("pairs", dict(method="kto", dropout=0.1, grad_accum=2, save_steps=2, eval_split=2,
+                                       eval_steps=2)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(RESUMED))
+def test_resume_after_a_checkpoint_reproduces_the_uninterrupted_run(tmp_path, tiny_model_dir, name):
+    kind, kw = RESUMED[name]
+    data = _write(tmp_path / "d.jsonl", {"sft": SFT, "texts": TEXTS, "pairs": PAIRS}[kind])
+    full, part = tmp_path / "full", tmp_path / "part"
+    losses = _run(_options(tiny_model_dir, data, full, **kw))
+    checkpoints = list_checkpoints(full)
+    assert len(losses) >= 6 and len(checkpoints) >= 2
+    shutil.copytree(full, part)  # as if killed right after the first checkpoint, mid-schedule and mid-epoch
+    for later in list_checkpoints(part)[1:]:
+        shutil.rmtree(later)
+    (part / "adapter_model.safetensors").unlink()
+    assert _run(_options(tiny_model_dir, data, part, resume=True, **kw)) == losses
+    assert [r["step"] for r in train_records(part)] == list(range(1, len(losses) + 1))
+    assert _eval_losses(part) == _eval_losses(full)
+    _assert_same_adapter(part, full)
+
+
+def test_the_same_seed_in_another_process_is_the_same_run_and_another_seed_is_not(tmp_path, tiny_model_dir):
+    """Dropout, NEFTune noise, LoRA initialization, data order and packing follow --seed alone: not the
+    process (another hash seed, so other set iteration orders) nor anything else of it."""
+    data = _write(tmp_path / "d.jsonl", SFT)
+    opts = _options(tiny_model_dir, data, tmp_path / "here", dropout=0.1, neftune_alpha=5.0, packing=True,
+                    seq_len=128, batch_size=1, grad_accum=2, max_steps=4)
+    here = _run(opts)
+    other_seed = _run(opts | {"output": str(tmp_path / "seed"), "seed": 43})
+    argv = [sys.executable, "-m", "qlora", "train"]
+    for key, value in (opts | {"output": str(tmp_path / "there")}).items():
+        flag = "--" + key.replace("_", "-")
+        argv += [flag] if value is True else [f"--no-{flag[2:]}"] if value is False else [flag, str(value)]
+    hash_seed = "1" if os.environ.get("PYTHONHASHSEED") == "0" else "0"
+    env = {**os.environ, "PYTHONPATH": str(SRC), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
+           "PYTHONHASHSEED": hash_seed}
+    proc = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert len(here) == 4 and [r["loss"] for r in train_records(tmp_path / "there")] == here
+    _assert_same_adapter(tmp_path / "there", tmp_path / "here")
+    assert all(abs(x - y) > 1e-4 for x, y in zip(here[1:], other_seed[1:]))
+
+
+def test_accumulated_packed_rows_equal_one_batch_of_them(tmp_path, tiny_model_dir):
+    """Packed rows of different lengths (and trained tokens): 2 rows x accumulation 1 == 1 row x accumulation 2,
+    the loss normalized over the step's tokens in both."""
+    data = _write(tmp_path / "d.jsonl", SFT)
+    runs = {}
+    for bs, accum in ((2, 1), (1, 2)):
+        out = tmp_path / f"{bs}x{accum}"
+        runs[bs] = _run(_options(tiny_model_dir, data, out, packing=True, seq_len=96, batch_size=bs, grad_accum=accum,
+                                 dropout=0.0, max_steps=4)), out
+    trainer = Trainer(load_config(None, _options(tiny_model_dir, data, tmp_path / "probe", packing=True, seq_len=96)))
+    trainer.setup()
+    rows = trainer.train_units
+    trainer.cleanup()
+    assert len(rows) < len(SFT) and len({r.labels.count(-100) for r in rows}) > 1  # packed, unequal rows
+    torch.testing.assert_close(torch.tensor(runs[1][0]), torch.tensor(runs[2][0]), rtol=1e-5, atol=1e-6)
+    grad_norms = [[r["grad_norm"] for r in train_records(out)] for _, out in runs.values()]
+    torch.testing.assert_close(torch.tensor(grad_norms[0]), torch.tensor(grad_norms[1]), rtol=1e-5, atol=1e-7)
+    a, b = (load_file(str(out / "adapter_model.safetensors")) for _, out in runs.values())
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5)
