@@ -220,6 +220,8 @@ def test_what_does_not_compose_is_refused(tiny_model_dir):
     qlora.add_lora(dense, r=4, target_modules=["q_proj"])
     with pytest.raises(UsageError, match="first adapter"):
         qlora.add_lora(dense, r=4, target_modules=["q_proj"], init="olora", adapter_name="second")
+    with pytest.raises(UsageError, match="holds the residual W - s B0 A0 of the 'default' adapter"):
+        qlora.add_lora(_ours(tiny_model_dir, "pissa"), r=4, target_modules=["v_proj"], adapter_name="second")
     for kw, message in [(dict(init="pissa", dora=True), "does not combine with --dora"),
                         (dict(init="pissa_niter_-1"), "--init must be one of"),
                         (dict(init="olora", method="dpo"), "does not combine with --method dpo")]:
@@ -264,3 +266,20 @@ def test_llama_factory_pissa_convert_false_is_said_to_save_converted(tmp_path, c
                     "pissa_convert: false\n")
     assert load_config(path, {}).init == "pissa_niter_16"
     assert "line 6: pissa_convert false: qlora writes the PiSSA adapter converted" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("rslora", [False, True])
+def test_converted_adapter_with_rank_and_alpha_patterns_loads_in_peft(tmp_path, tiny_model_dir, rslora):
+    """PEFT refuses this conversion with rsLoRA and patterns; ours scales the patterns' alphas by sqrt 2 then."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model = _ours(tiny_model_dir, "pissa", rslora=rslora, rank_pattern={"v_proj": 2}, alpha_pattern={"down_proj": 4})
+    _train_in_place(model)
+    trained = model(IDS).logits
+    qlora.save_adapter(model, tmp_path / "ours")
+    config = json.loads((tmp_path / "ours" / "adapter_config.json").read_text())
+    assert config["rank_pattern"] == {"v_proj": 4}
+    loaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32),
+                                       tmp_path / "ours")
+    torch.testing.assert_close(loaded(IDS).logits, trained, rtol=1e-4, atol=1e-4)

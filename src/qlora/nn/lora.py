@@ -135,6 +135,10 @@ class LoraLinear(AdapterSlots):
     # --- adapters -----------------------------------------------------------
     def add_adapter(self, name: str, spec: LoraSpec) -> None:
         check_new_adapter(self.specs, name, spec)
+        if self.initial_factors:
+            raise ValueError(f"the base of this layer holds the residual W - s B0 A0 of the "
+                             f"{next(iter(self.initial_factors))!r} adapter (PiSSA/OLoRA), for which another adapter "
+                             "was not made; save that adapter (converted) and load both on the original model")
         if spec.lora_bias and spec.use_dora:
             raise ValueError("lora_bias does not combine with DoRA (PEFT refuses it too)")
         device = next((t.device for t in self.base_layer.buffers()), None) or next(
