@@ -215,7 +215,7 @@ def test_what_does_not_compose_is_refused(tiny_model_dir):
         with pytest.raises(UsageError, match=re.escape(message)):
             qlora.add_lora(copy.deepcopy(dense), **({"r": 4, "target_modules": TARGETS} | kw))
     q4, _ = qlora.load_model(tiny_model_dir, compute_dtype=torch.float32, device="cpu")
-    with pytest.raises(UsageError, match="needs the 16-bit base weights"):
+    with pytest.raises(UsageError, match="needs the 16-bit base weights, and this layer is already 4-bit"):
         qlora.add_lora(q4, r=4, target_modules=TARGETS, init="pissa")
     qlora.add_lora(dense, r=4, target_modules=["q_proj"])
     with pytest.raises(UsageError, match="first adapter"):

@@ -226,9 +226,10 @@ class LoraLinear(AdapterSlots):
                              "adapter is converted to plain LoRA on the original weights, which DoRA's magnitudes "
                              "and a LoRA bias do not survive; drop one of them")
         if isinstance(self.base_layer, Linear4bit):
-            raise ValueError(f"{what} needs the 16-bit base weights (the SVD/QR of a 4-bit weight would be of its "
-                             "rounding errors too); load the model with quant=None, add the adapter, then "
-                             "quantize_model: the residual is what gets quantized")
+            raise ValueError(f"{what} needs the 16-bit base weights, and this layer is already 4-bit (a model "
+                             "saved in 4 bits, or loaded with quant nf4/fp4); start from the 16-bit model: qlora "
+                             "train quantizes the residual itself (QPiSSA), in Python load_model(quant=None), "
+                             "add_lora, then quantize_model")
         w = self.base_weight(torch.float32)
         a, b = residual_factors(w, spec.init, spec.r, spec.scaling)
         self._write_base(w - spec.scaling * b @ a)
