@@ -197,7 +197,8 @@ def test_llama_factory_files_take_its_defaults_for_the_keys_they_omit(tmp_path):
     ("do_train: false\n", "run.yaml line 5: do_train false: this LLaMA-Factory file does not train"),
     ("do_predict: true\n", "run.yaml line 5: do_predict true: LLaMA-Factory's prediction run"),
     ("adapter_name_or_path: a,b\n", "run.yaml line 5: adapter_name_or_path 'a,b': several adapters"),
-    ("pissa_init: true\npissa_iter: 16\n", "run.yaml line 5: pissa_init true: qlora has no PiSSA"),
+    ("pissa_init: true\npissa_iter: -2\n", "run.yaml line 6: pissa_iter expects -1 (the full SVD)"),
+    ("pissa_init: true\ninit: olora\n", "run.yaml line 5: pissa_init and init both set"),
     ("mask_history: true\n", "run.yaml line 5: mask_history true: LLaMA-Factory then trains on the last answer"),
 ])
 def test_llama_factory_runtime_gaps_are_refused_by_line(tmp_path, text, message):

@@ -31,6 +31,7 @@ from .merge import shares_table, untie_config
 from .inject import (AdapterConfig, adapter_configs, add_lora, embedding_lora_layers, expert_modules,
                      experts_lora_layers, lora_layers, target_names, trained_biases)
 from .quantize import non_text_names, text_decoder_path
+from .residual_convert import convert_to_lora, residual_paths
 
 log = logging.getLogger("qlora")
 
@@ -98,12 +99,16 @@ def expert_key_prefixes(path: str, layer, adapter_name: str) -> dict[str, str]:
     return {w: path + ".base_layer" * (len(weights) - 1 - k) for k, w in enumerate(weights)}
 
 
-def save_adapter(model: nn.Module, out_dir: str | Path, adapter_name: str = "default", tokenizer=None) -> Path:
+def save_adapter(model: nn.Module, out_dir: str | Path, adapter_name: str = "default", tokenizer=None,
+                 convert: bool = True) -> Path:
     """Write ``adapter_name`` in PEFT's format, atomically (old content survives a crash).
 
     Modules trained whole (``modules_to_save``, e.g. a resized embedding and
     output head) are saved with it under PEFT's keys; pass ``tokenizer`` to
-    write it alongside, which such an adapter needs to be reloaded.
+    write it alongside, which such an adapter needs to be reloaded. A PiSSA/OLoRA
+    adapter is written converted to rank-2r LoRA on the original weights
+    (:mod:`qlora.model.residual_convert`); ``convert=False`` writes it as trained,
+    valid only on the residual base (PEFT's plain ``save_pretrained``).
     """
     from safetensors.torch import save_file
 
@@ -117,6 +122,8 @@ def save_adapter(model: nn.Module, out_dir: str | Path, adapter_name: str = "def
     config["target_modules"] = _peft_target_modules(model, cfg.target_modules)
     # clone: tied weights (embedding == head) are one tensor, which safetensors refuses to write twice
     tensors = {k: v.cpu().clone() for k, v in adapter_state_dict(model, adapter_name).items()}
+    if convert and residual_paths(model, adapter_name):
+        tensors, config = convert_to_lora(model, adapter_name, tensors, config)
     with atomic_dir(out_dir) as tmp:
         (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
         info = {"qlora_version": __version__, "qlora_format_version": FORMAT_VERSION,

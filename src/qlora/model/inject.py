@@ -16,6 +16,7 @@ from ..errors import UsageError
 from ..nn import (AdaLoraLinear, Experts4bit, ExpertsLora, Linear4bit, LoraEmbedding, LoraLinear, LoraSpec,
                   expert_weight_names)
 from ..nn.experts_lora import expert_shapes
+from ..nn.residual_init import is_residual_init
 from .quantize import is_linear_like, kept_dense_names, matches_any, non_text_names, output_embedding_names
 
 log = logging.getLogger("qlora")
@@ -207,6 +208,25 @@ def _check_patterns(rank_pattern: dict, alpha_pattern: dict, paths: list[str]) -
                 log.warning("qlora: %s key %r matches none of the adapted layers", what, key)
 
 
+def _check_unshared(model: nn.Module, paths: list[str], init: str) -> None:
+    """PiSSA/OLoRA rewrite the base weight in place: refuse embeddings and a weight that
+    another module shares (an output head tied to the embedding would change it too)."""
+    owners: dict[int, list[str]] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        weight = getattr(module, "weight", None)
+        if isinstance(weight, torch.Tensor) and not name.endswith(".base_layer"):
+            owners.setdefault(id(weight), []).append(name)
+    for path in paths:
+        module = model.get_submodule(path)
+        if isinstance(module, (nn.Embedding, LoraEmbedding)):
+            raise UsageError(f"{path} is a token embedding; init {init!r} works on linear layers only (PEFT's "
+                             "PiSSA/OLoRA too). Leave it out of the target modules.")
+        shared = [n for n in owners.get(id(module.weight), []) if n != path and not n.startswith(path + ".")]
+        if shared:
+            raise UsageError(f"{path} shares its weight with {shared[0]} (tied embeddings); init {init!r} would "
+                             "rewrite both. Leave it out of the target modules, or untie the weights first.")
+
+
 def count_parameters(model: nn.Module) -> tuple[int, int]:
     """(trainable, total) parameters, 4-bit weights counted as their element count."""
     from ..nn import Linear4bit
@@ -248,6 +268,12 @@ def add_lora(
             (quant_type, blocksize, double_quant) in ``loftq_iter`` steps; the other
             linear layers stay dense (``quantize_model`` them). The adapter is valid
             only on that base: save it with ``save_quantized`` next to the adapter.
+            ``init="pissa"``, ``"pissa_niter_K"`` or ``"olora"`` (PEFT's, see
+            :mod:`qlora.nn.residual_init`) need dense adapted layers, start the adapter as
+            ``s B0 A0`` of each weight and leave ``W - s B0 A0`` in the base (``quantize_model``
+            it afterwards for QPiSSA); :func:`qlora.save_adapter` then writes the adapter
+            converted to LoRA on the original weights. ``pissa_niter_K`` draws from torch's
+            generator: seed it for a reproducible init.
         use_dora: DoRA (a trained magnitude per output row); composes with rslora.
         target_modules: ``"all-linear"``, a list of names (``["q_proj", "v_proj"]``,
             matched against the end of module paths) or a regex over full paths.
@@ -281,6 +307,13 @@ def add_lora(
         raise UsageError(f"the model already has an adapter named {adapter_name!r}")
     if init == "loftq" and not 1 <= loftq_iter <= 5:
         raise UsageError(f"loftq_iter must be 1 to 5 (each step is an SVD of every adapted layer), got {loftq_iter}")
+    if init not in ("kaiming", "gaussian", "loftq") and not is_residual_init(init):
+        raise UsageError(f"unknown init {init!r}: use kaiming, gaussian, loftq, pissa, pissa_niter_K (K >= 0: "
+                         "randomized SVD with K subspace iterations) or olora (PEFT's init_lora_weights).")
+    if is_residual_init(init) and (use_dora or lora_bias):
+        raise UsageError(f"init {init!r} does not combine with {'DoRA' if use_dora else 'lora_bias'}: its adapter is "
+                         "saved converted to plain LoRA on the original weights (B A - B0 A0), which DoRA's "
+                         "magnitudes and a LoRA bias do not survive. Drop one of them.")
     if bias not in ("none", "all", "lora_only"):
         raise UsageError(f"bias must be 'none', 'all' or 'lora_only' (PEFT's meaning), got {bias!r}.")
     if lora_bias and use_dora:
@@ -301,6 +334,8 @@ def add_lora(
     for p in model.parameters():
         p.requires_grad_(False)
     paths = [] if no_modules else _select(model, target_modules)
+    if is_residual_init(init):
+        _check_unshared(model, paths, init)
     _check_patterns(rank_pattern, alpha_pattern, paths + list(experts))
     fan_in_fan_out = False
     for path in paths:

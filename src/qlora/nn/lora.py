@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from .linear4bit import Linear4bit
+from .residual_init import is_residual_init, residual_factors
 
 
 @dataclass(frozen=True)
@@ -37,6 +38,7 @@ class LoraSpec:
     dropout: float = 0.0
     rslora: bool = False
     init: str = "kaiming"  # "kaiming" (A Kaiming-uniform, B zeros) | "gaussian" (A ~ N(0, 1/r), B zeros) | "loftq"
+    # | "pissa", "pissa_niter_K", "olora" (qlora.nn.residual_init: the base keeps W - s B0 A0)
     dtype: torch.dtype = torch.float32
     use_dora: bool = False
     loftq_iter: int = 1  # alternating quantize/SVD steps of init="loftq"
@@ -121,6 +123,9 @@ class LoraLinear(AdapterSlots):
         self.lora_dropout = nn.ModuleDict()
         self.lora_magnitude_vector = nn.ModuleDict()
         self._dora_scale: dict[str, torch.Tensor] = {}  # m / ||W + s BA|| of merged DoRA adapters, to unmerge
+        # (A0, B0) of adapters whose init moved s B0 A0 out of the base (PiSSA, OLoRA): what a save subtracts
+        # so that the adapter it writes is valid on the original weights
+        self.initial_factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
     @property
     def weight(self) -> torch.Tensor:
@@ -130,6 +135,10 @@ class LoraLinear(AdapterSlots):
     # --- adapters -----------------------------------------------------------
     def add_adapter(self, name: str, spec: LoraSpec) -> None:
         check_new_adapter(self.specs, name, spec)
+        if self.initial_factors:
+            raise ValueError(f"the base of this layer holds the residual W - s B0 A0 of the "
+                             f"{next(iter(self.initial_factors))!r} adapter (PiSSA/OLoRA), for which another adapter "
+                             "was not made; save that adapter (converted) and load both on the original model")
         if spec.lora_bias and spec.use_dora:
             raise ValueError("lora_bias does not combine with DoRA (PEFT refuses it too)")
         device = next((t.device for t in self.base_layer.buffers()), None) or next(
@@ -157,8 +166,12 @@ class LoraLinear(AdapterSlots):
         elif spec.init == "loftq":
             self._loftq_init(name)
             return
+        elif is_residual_init(spec.init):
+            self._residual_init(name)
+            return
         else:
-            raise ValueError(f"unknown LoRA init {spec.init!r}; use 'kaiming', 'gaussian' or 'loftq'")
+            raise ValueError(f"unknown LoRA init {spec.init!r}; use 'kaiming', 'gaussian', 'loftq', 'pissa', "
+                             "'pissa_niter_K' or 'olora'")
         nn.init.zeros_(b)
         if self.lora_B[name].bias is not None:
             nn.init.zeros_(self.lora_B[name].bias)
@@ -198,9 +211,39 @@ class LoraLinear(AdapterSlots):
         self.lora_A[name].weight.copy_(a)
         self.lora_B[name].weight.copy_(b)
 
+    @torch.no_grad()
+    def _residual_init(self, name: str) -> None:
+        """PiSSA/OLoRA (:mod:`qlora.nn.residual_init`): the adapter takes ``s B0 A0`` of the
+        dense weight, the base keeps the rest in its own dtype (quantize it afterwards for QPiSSA)."""
+        spec = self.specs[name]
+        what = spec.init.split("_")[0].replace("pissa", "PiSSA").replace("olora", "OLoRA")
+        if len(self.specs) > 1:
+            raise ValueError(f"{what} moves part of the base weight into the adapter, and the layer's other "
+                             f"adapters were made for the whole weight; use init={spec.init!r} only for a layer's "
+                             "first adapter")
+        if spec.use_dora or spec.lora_bias:
+            raise ValueError(f"{what} does not combine with {'DoRA' if spec.use_dora else 'lora_bias'}: the saved "
+                             "adapter is converted to plain LoRA on the original weights, which DoRA's magnitudes "
+                             "and a LoRA bias do not survive; drop one of them")
+        if isinstance(self.base_layer, Linear4bit):
+            raise ValueError(f"{what} needs the 16-bit base weights, and this layer is already 4-bit (a model "
+                             "saved in 4 bits, or loaded with quant nf4/fp4); start from the 16-bit model: qlora "
+                             "train quantizes the residual itself (QPiSSA), in Python load_model(quant=None), "
+                             "add_lora, then quantize_model")
+        w = self.base_weight(torch.float32)
+        a, b = residual_factors(w, spec.init, spec.r, spec.scaling)
+        self._write_base(w - spec.scaling * b @ a)
+        self.lora_A[name].weight.copy_(a)
+        self.lora_B[name].weight.copy_(b)
+        self.initial_factors[name] = (self.lora_A[name].weight.detach().clone(),
+                                      self.lora_B[name].weight.detach().clone())
+
     def delete_adapter(self, name: str) -> None:
         if name in self.merged:
             raise ValueError(f"unmerge adapter {name!r} before deleting it")
+        if name in self.initial_factors:  # give the base back the part the adapter was made of
+            a0, b0 = self.initial_factors.pop(name)
+            self._write_base(self.base_weight(torch.float32) + self.specs[name].scaling * (b0.float() @ a0.float()))
         for d in (self.lora_A, self.lora_B, self.lora_dropout):
             del d[name]
         if name in self.lora_magnitude_vector:

@@ -47,8 +47,8 @@ class LoraEmbedding(AdapterSlots):
 
     def add_adapter(self, name: str, spec: LoraSpec) -> None:
         check_new_adapter(self.specs, name, spec)
-        if spec.lora_bias or spec.init == "loftq":
-            what = "lora_bias" if spec.lora_bias else "LoftQ"
+        if spec.lora_bias or spec.init in ("loftq", "olora") or spec.init.startswith("pissa"):
+            what = "lora_bias" if spec.lora_bias else f"init={spec.init!r}"
             raise ValueError(f"LoRA on an embedding does not support {what} here; adapt only linear layers with "
                              "it, or train the embedding whole (modules_to_save)")
         w = self.base_layer.weight

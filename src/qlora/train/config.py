@@ -20,6 +20,7 @@ from typing import Any
 
 from qlora.errors import UsageError
 from qlora.model.chat_format import pinned_datetime
+from qlora.nn.residual_init import is_residual_init
 from qlora.option_range import AT_LEAST_1, NON_NEGATIVE, POSITIVE, Range
 from qlora.optim import (
     OPTIMIZER_ALIASES, OPTIMIZERS, PLATEAU, SCHEDULE_ALIASES, SCHEDULES, check_schedule, optimizer_name, schedule_name,
@@ -31,7 +32,7 @@ from qlora.train.preference_loss import F_DIVERGENCE_LOSSES, F_DIVERGENCES
 
 QUANTS = ("nf4", "fp4", "none")
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
-INITS = ("kaiming", "gaussian", "loftq")
+INITS = ("kaiming", "gaussian", "loftq", "pissa", "olora")  # and pissa_niter_K
 METHODS = ("sft", "dpo", "orpo", "cpo", "simpo", "kto")
 # TRL 1.16's DPOTrainer loss types ("sft": the NLL of the chosen answers, RPO) and those that read --label-smoothing.
 DPO_LOSSES = ("sigmoid", "hinge", "ipo", "robust", "exo_pair", "nca_pair", "bco_pair", "sppo_hard", "aot",
@@ -176,8 +177,13 @@ class TrainConfig:
     adalora_tfinal: int = _opt(0, "AdaLoRA final steps trained with the ranks fixed", range=NON_NEGATIVE)
     adalora_delta_t: int = _opt(1, "AdaLoRA steps between rank reallocations", range=AT_LEAST_1)
     dora: bool = _opt(False, "DoRA: train a magnitude per output row besides the LoRA direction (PEFT's use_dora)")
-    init: str = _opt("kaiming", "adapter init; loftq also picks the 4-bit base so base + BA approximates the "
-                                "full-precision weights (the base is then saved with the adapter)", INITS)
+    init: str = _opt("kaiming", "adapter init, PEFT's init_lora_weights: kaiming, gaussian, loftq (also picks the "
+                                "4-bit base so base + BA approximates the full-precision weights; the base is then "
+                                "saved with the adapter), pissa (the adapter starts as the top-r SVD part of each "
+                                "weight, the base keeps the residual, which is what a 4-bit base quantizes: QPiSSA), "
+                                "pissa_niter_K (the same by randomized SVD, K subspace iterations, seeded by --seed) "
+                                "or olora (QR instead of SVD); pissa and olora save the adapter converted to rank-2r "
+                                "LoRA on the original model")
     loftq_iter: int = _opt(1, "alternating quantize/SVD steps of --init loftq (1 to 5)", range=Range(1, 5))
     add_special_tokens: str = _opt("", "comma-separated special tokens to add to the vocabulary; the embeddings "
                                        "and output head are then trained whole and saved with the adapter")
@@ -308,6 +314,19 @@ class TrainConfig:
         if self.adalora and self.resume:
             raise UsageError("--resume is not available with --adalora: a checkpoint keeps only the surviving "
                              "AdaLoRA triplets, so the rank schedule could not continue exactly")
+        if self.init not in INITS and not is_residual_init(self.init):
+            raise UsageError(f"--init must be one of {', '.join(INITS)} or pissa_niter_K (K >= 0: PiSSA by "
+                             f"randomized SVD with K subspace iterations); got {self.init!r}")
+        if is_residual_init(self.init) and (self.dora or self.lora_bias or self.target_parameters):
+            what = "--dora" if self.dora else "--lora-bias" if self.lora_bias else "--target-parameters"
+            raise UsageError(f"--init {self.init} does not combine with {what}: the adapter is saved converted to "
+                             "plain LoRA on the original weights, which DoRA's magnitudes and a LoRA bias do not "
+                             "survive, and PEFT has no PiSSA/OLoRA for expert weights. Drop one of them.")
+        if is_residual_init(self.init) and self.method in ("dpo", "kto"):
+            raise UsageError(f"--init {self.init} does not combine with --method {self.method}: its reference model "
+                             "is the base with the adapter switched off, which after PiSSA/OLoRA is the residual "
+                             "W - s B0 A0, not the original model. Use --init kaiming or gaussian, or a "
+                             "reference-free method (orpo, cpo, simpo).")
         if self.init == "loftq" and self.quant == "none":
             raise UsageError("--init loftq picks a 4-bit base; it needs --quant nf4 or fp4")
         self._validate_method()
@@ -362,6 +381,12 @@ class TrainConfig:
                              f"(rank {saved.get('r')}, alpha {saved.get('lora_alpha')}, targets "
                              f"{saved.get('target_modules')}); drop {'it' if len(given) == 1 else 'them'}, or train a "
                              "new adapter without --adapter.")
+
+    @property
+    def rewrites_base(self) -> bool:
+        """Whether --init changes the base weights (LoftQ, PiSSA, OLoRA): the model then loads 16-bit and is
+        quantized after the adapter is added."""
+        return self.init == "loftq" or is_residual_init(self.init)
 
     def steps_between(self, name: str, total_steps: int) -> int:
         """``--save-steps``/``--eval-steps`` in optimizer steps (0: none) for a run of ``total_steps``: a value

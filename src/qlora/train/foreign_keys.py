@@ -20,6 +20,7 @@ configs. Keys that only rename one of ours are plain aliases
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Any, Callable
 
@@ -39,7 +40,7 @@ RUNTIME_ONLY = frozenset({
     "quantization_device_map", "low_cpu_mem_usage", "wandb_project", "wandb_entity", "wandb_run_id",
     "wandb_name", "wandb_watch", "wandb_log_model", "bnb_4bit_quant_storage", "eval_strategy",
     "evaluation_strategy", "save_strategy", "logging_strategy", "enable_liger_kernel", "use_unsloth",
-    "use_unsloth_gc", "print_param_status", "deepspeed", "use_v1_kernels", "pissa_iter", "pissa_convert",
+    "use_unsloth_gc", "print_param_status", "deepspeed", "use_v1_kernels",
     # axolotl: model/tokenizer classes, caches, attention kernels, padding of packed rows (masked out of the
     # loss), eval tables, logging sinks, hub pushes, loss watchdog
     "model_type", "tokenizer_type", "strict", "dataset_prepared_path", "pad_to_sequence_len", "eval_sample_packing",
@@ -247,9 +248,6 @@ TRANSLATED: dict[str, Callable[[Any, str], Translation]] = {
     "do_predict": _refused("do_predict", "LLaMA-Factory's prediction run (answers generated for eval_dataset, "
                                          "scored with BLEU/ROUGE); qlora train does not predict. Remove the key, "
                                          "and generate with qlora generate --adapter OUTPUT after training."),
-    "pissa_init": _refused("pissa_init", "qlora has no PiSSA initialization (init: kaiming, gaussian or loftq); "
-                                         "remove the PiSSA keys, or set init: loftq for an initialization that "
-                                         "also accounts for the 4-bit base."),
     "mask_history": _refused("mask_history", "LLaMA-Factory then trains on the last answer of each conversation "
                                              "only; qlora trains on every assistant turn (train_on: assistant) or on "
                                              "all tokens (train_on: all). Remove the key, or keep only each "
@@ -327,6 +325,7 @@ def adapter_keys(loaded: dict, lines: dict[str, int], path: Path) -> dict:
         _check_special_tokens(loaded["special_tokens"], model, where["special_tokens"])
     for per_epoch, option in (("saves_per_epoch", "save_steps"), ("evals_per_epoch", "eval_steps")):
         _per_epoch(loaded, out, lines, where, per_epoch, option)
+    _pissa_keys(loaded, out, lines, where)
     rl = loaded.get("rl")
     if rl in (None, False) or rl in _RL:  # an rl qlora lacks is refused by name when translated
         method = _RL[rl][0] if rl else str(loaded.get("method") or "sft")
@@ -337,6 +336,33 @@ def adapter_keys(loaded: dict, lines: dict[str, int], path: Path) -> dict:
         raise UsageError(f"{where['orpo_alpha']}: orpo_alpha is ORPO's weight; this config is rl: "
                          f"{loaded.get('rl')}. Remove it, or set rl: orpo.")
     return out
+
+
+def _pissa_keys(loaded: dict, out: dict, lines: dict[str, int], where: dict[str, str]) -> None:
+    """LLaMA-Factory's ``pissa_init`` with ``pissa_iter`` (its default 16; -1: the full SVD) as ``init``
+    ``pissa_niter_<iter>`` or ``pissa``, as it passes them to PEFT. ``pissa_convert`` asks for the adapter converted
+    to plain LoRA at the end, which qlora always writes (the form that loads on the original model); with
+    ``pissa_convert: false`` it is written converted all the same, and the run says so. A 4-bit base, which
+    LLaMA-Factory sends to its pissa_init.py script, takes the 16-bit SVD and quantizes the residual (QPiSSA)."""
+    for key in ("pissa_init", "pissa_iter", "pissa_convert"):
+        out.pop(key, None)
+    for key in ("pissa_init", "pissa_convert"):
+        if loaded.get(key) not in (None, True, False):
+            raise UsageError(f"{where[key]}: {key} expects true or false; got {loaded[key]!r}.")
+    if not loaded.get("pissa_init"):
+        return
+    steps = loaded.get("pissa_iter", 16)
+    if not isinstance(steps, int) or isinstance(steps, bool) or steps < -1:
+        raise UsageError(f"{where.get('pissa_iter', where['pissa_init'])}: pissa_iter expects -1 (the full SVD) or "
+                         f"the randomized SVD's subspace iterations (0 or more); got {steps!r}.")
+    if "init" in out:
+        raise UsageError(f"{where['pissa_init']}: pissa_init and init both set the adapter's initialization; keep one.")
+    out["init"] = "pissa" if steps == -1 else f"pissa_niter_{steps}"
+    lines.setdefault("init", lines.get("pissa_init", 0))
+    if loaded.get("pissa_convert") is False:
+        print(f"qlora train: {where['pissa_convert']}: pissa_convert false: qlora writes the PiSSA adapter converted "
+              "to rank-2r LoRA on the original model all the same (the adapter as trained is valid only on the "
+              "residual base, which is not saved)", file=sys.stderr)
 
 
 def _per_epoch(loaded: dict, out: dict, lines: dict[str, int], where: dict[str, str], key: str, option: str) -> None:

@@ -304,7 +304,7 @@ class Trainer:
         from qlora.model.load import load_model
 
         cfg = self.config
-        quant = None if cfg.quant == "none" or cfg.init == "loftq" else cfg.quant  # LoftQ quantizes below
+        quant = None if cfg.quant == "none" or cfg.rewrites_base else cfg.quant  # quantized below, after the init
         self.model, self.tokenizer = load_model(cfg.model, quant=quant, double_quant=cfg.double_quant,
                                                 blocksize=cfg.blocksize, compute_dtype=self.dtype, device=self.device)
         apply_cpu_threads(self.model, self.device)  # one thread for small models: see qlora.cpu_threads
@@ -336,7 +336,8 @@ class Trainer:
                      alpha_pattern=parse_pattern("alpha_pattern", cfg.alpha_pattern), lora_bias=cfg.lora_bias,
                      bias=cfg.bias)
         self._targets = targets
-        if cfg.init == "loftq":  # the adapted layers now hold their LoftQ base; quantize the rest as usual
+        if cfg.rewrites_base and cfg.quant != "none":  # quantize what the init left: LoftQ's other layers, or
+            # PiSSA/OLoRA's residuals W - s B0 A0 (QPiSSA) and the other layers
             from qlora.model.quantize import quantize_model
 
             quantize_model(self.model, cfg.quant, cfg.blocksize, cfg.double_quant, self.dtype,
@@ -673,13 +674,16 @@ class Trainer:
 
     def _load_checkpoint(self, path: Path) -> None:
         from qlora.model.adapter_io import adapter_state_dict
+        from qlora.model.residual_convert import first_half
         from safetensors.torch import load_file
 
         saved = load_file(str(path / "adapter" / "adapter_model.safetensors"))
         current = adapter_state_dict(self.model)
         with torch.no_grad():
             for key, tensor in current.items():
-                tensor.copy_(saved[key])
+                # a PiSSA/OLoRA checkpoint holds the converted adapter [A; A0], [B, -B0]; this run's init has
+                # recomputed A0, B0 (and the residual base) from the original weights, so A and B are its first half
+                tensor.copy_(first_half(saved[key], tensor) if self.config.rewrites_base else saved[key])
         state = torch.load(path / STATE_FILE, weights_only=True)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
@@ -696,7 +700,8 @@ class Trainer:
     # ---------------------------------------------------------------- finish
     def save_final(self) -> None:
         """The adapter (PEFT format) and tokenizer at the top of --output; with --init loftq
-        also its 4-bit base in ``loftq-base/`` (``load_model`` it, then ``load_adapter``)."""
+        also its 4-bit base in ``loftq-base/`` (``load_model`` it, then ``load_adapter``); with
+        --init pissa/olora the adapter converted to LoRA on the original model (``save_adapter``)."""
         from qlora.model.adapter_io import save_adapter
 
         if not self.dist.is_main:
