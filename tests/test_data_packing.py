@@ -60,6 +60,14 @@ def test_packing_is_refused_for_layers_that_carry_state_across_examples():
     assert attention_windows(mixed) == {"sliding_attention": 16, "full_attention": None}
     with pytest.raises(UsageError, match="--packing is not supported with this model's linear_attention layers"):
         attention_windows(PretrainedConfig(layer_types=["linear_attention", "full_attention"]))
+    # recurrent models without attention heads (RWKV, xLSTM) and 4.x hybrids naming their Mamba layers otherwise
+    from transformers import AutoConfig
+
+    for config in (AutoConfig.for_model("rwkv"), PretrainedConfig(layers_block_type=["attention", "mamba"])):
+        with pytest.raises(UsageError, match="--packing is not supported"):
+            attention_windows(config)
+    # Nemotron-H's MLP and MoE blocks carry no state: only its attention layers need a mask
+    assert attention_windows(PretrainedConfig(layer_types=["full_attention", "mlp", "moe"])) == {"full_attention": None}
 
 
 def _assert_packed_loss_equals_alone(model_dir, tokenizer, tokenized, attn):

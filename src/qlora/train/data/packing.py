@@ -43,6 +43,7 @@ from qlora.train.data.tokenize import TokenizedExample
 MASK_ATTENTION = ("eager", "sdpa")
 # transformers' layer types whose attention a block-diagonal mask (with the layer's window) keeps per example
 WINDOWED_LAYER_TYPES = ("full_attention", "sliding_attention")
+STATELESS_LAYER_TYPES = ("mlp", "moe")  # Nemotron-H's blocks without attention or state: no mask to give
 POSITION_ATTENTION = ("flash_attention_2", "flash_attention_3")
 
 
@@ -107,7 +108,11 @@ def attention_windows(config) -> dict[str, int | None]:
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     window = getattr(text, "sliding_window", None)
     types = list(getattr(text, "layer_types", None) or ["sliding_attention" if window else "full_attention"])
-    other = sorted(set(types) - set(WINDOWED_LAYER_TYPES))
+    types = [t for t in types if t not in STATELESS_LAYER_TYPES]
+    # a model without attention heads is recurrent (RWKV, xLSTM); transformers 4.x names hybrid layers otherwise
+    other = sorted(set(types) - set(WINDOWED_LAYER_TYPES)
+                   | ({"recurrent"} if getattr(text, "num_attention_heads", 1) is None else set())
+                   | {t for t in getattr(text, "layers_block_type", None) or () if t != "attention"})
     if other:
         raise UsageError(f"--packing is not supported with this model's {', '.join(other)} layers: their state or "
                          "chunks would run from one packed example into the next. Train without --packing.")
