@@ -111,12 +111,20 @@ def attention_windows(config) -> dict[str, int | None]:
     types = [t for t in types if t not in STATELESS_LAYER_TYPES]
     # a model without attention heads is recurrent (RWKV, xLSTM); transformers 4.x names hybrid layers otherwise
     other = sorted(set(types) - set(WINDOWED_LAYER_TYPES)
-                   | ({"recurrent"} if getattr(text, "num_attention_heads", 1) is None else set())
+                   | ({"recurrent"} if text.model_type and not _has_attention_heads(text) else set())
                    | {t for t in getattr(text, "layers_block_type", None) or () if t != "attention"})
     if other:
         raise UsageError(f"--packing is not supported with this model's {', '.join(other)} layers: their state or "
                          "chunks would run from one packed example into the next. Train without --packing.")
     return {kind: window if kind == "sliding_attention" else None for kind in dict.fromkeys(types)}
+
+
+def _has_attention_heads(config) -> bool:
+    """Whether the config gives attention heads (per-layer configs, as Nemotron-NAS's, raise on the global read)."""
+    try:
+        return getattr(config, "num_attention_heads", None) is not None
+    except Exception:  # transformers' per-layer attribute error: heads there are, layer by layer
+        return True
 
 
 def packed_attention_mask(sequence_ids: torch.Tensor, dtype: torch.dtype, window: int | None = None) -> torch.Tensor:
