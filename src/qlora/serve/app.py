@@ -147,7 +147,7 @@ def build_app(batcher: ContinuousBatcher, base_id: str, adapters: list[str], api
                            "tools" if tools else "messages") from None
         except Exception as exc:  # e.g. a template that allows no system turn, or needs alternating roles
             raise APIError(400, f"The model's chat template rejected these messages: {exc}", "messages") from None
-        prompt_ids = _encode(model, tokenizer, prompt)
+        prompt_ids = _encode(model, tokenizer, prompt, chat=True)
         json_reply = body.json_reply()
         choices = []
         for index in range(body.n):  # each choice is its own row, with its own constraint state and seed
@@ -327,8 +327,8 @@ def _adapter(ids: dict[str, str | None], model_id: str, status: int = 400) -> st
     return ids[model_id]
 
 
-def _encode(model, tokenizer, text: str) -> list[int]:
-    return encode_prompt(model, tokenizer, text)[0].tolist()
+def _encode(model, tokenizer, text: str, chat: bool = False) -> list[int]:
+    return encode_prompt(model, tokenizer, text, chat)[0].tolist()
 
 
 def _generation(batcher: ContinuousBatcher, body: _Body, adapter: str | None, prompt_ids: list[int],
