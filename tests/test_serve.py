@@ -221,6 +221,10 @@ def test_errors_have_openai_shape_and_status(served):
     assert response.status_code == 400
     assert set(response.json()["error"]) == {"message", "type", "param", "code"}
     assert response.json()["error"]["code"] == "invalid_json"
+    response = httpx.post(server.url + "/v1/chat/completions", content=b'{"model": "a", "messages": []}',
+                          headers={"Authorization": f"Bearer {KEY}",  # curl -d's default content type
+                                   "Content-Type": "application/x-www-form-urlencoded"})
+    assert response.status_code == 400 and "Content-Type: application/json" in response.json()["error"]["message"]
 
     with pytest.raises(openai.BadRequestError) as exc:
         _chat(client, "no-such-model")
