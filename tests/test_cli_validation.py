@@ -314,3 +314,17 @@ def test_on_off_options_take_the_boolean_words_of_transformers_scripts(tmp_path,
         main(["train", "--progress=maybe"])
     assert exit_.value.code == 2
     assert "--progress is on or off: give --progress or --no-progress" in capsys.readouterr().err
+
+
+def test_plain_switches_take_the_boolean_words_too(tmp_path, tiny_model_dir, capsys):
+    """``--overwrite true`` (merge, quantize, export, demo: a switch without a --no- form) sets it; false leaves
+    it out, so an existing folder is refused as without the switch."""
+    out = tmp_path / "q"
+    assert main(["quantize", "--model", str(tiny_model_dir), "--output", str(out)]) == 0
+    assert main(["quantize", "--model", str(tiny_model_dir), "--output", str(out), "--overwrite", "true"]) == 0
+    code, err = _run(["quantize", "--model", str(tiny_model_dir), "--output", str(out), "--overwrite=no"], capsys)
+    assert code == 2 and "already exists and is not empty; pass --overwrite" in err
+    with pytest.raises(SystemExit) as exit_:
+        main(["merge", "--overwrite=maybe"])
+    assert exit_.value.code == 2
+    assert "--overwrite is on or off: give --overwrite or leave it out" in capsys.readouterr().err
