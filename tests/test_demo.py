@@ -33,3 +33,8 @@ def test_demo_adapter_beats_the_base(capsys, tmp_path):
     assert main(["generate", "--model", str(out / "model"), "--adapter", str(out / "adapter"), "--temperature", "0",
                  "--compute-dtype", "fp32", "--max-new-tokens", "12", "--prompt", question]) == 0
     assert capsys.readouterr().out == shown + "\n"
+    # several adapters in one batch: each row stops at the chat format's end of turn, as one adapter alone
+    assert main(["generate", "--model", str(out / "model"), "--adapter", f"a={out / 'adapter'}", "--adapter",
+                 f"b={out / 'adapter'}", "--temperature", "0", "--compute-dtype", "fp32", "--max-new-tokens", "12",
+                 "--prompt", question]) == 0
+    assert capsys.readouterr().out == f"[a] {shown}\n[b] {shown}\n"
