@@ -85,7 +85,8 @@ def test_every_numeric_option_of_every_command_declares_a_range():
 
 def test_help_shows_choices_ranges_and_defaults(capsys):
     for argv, expected in ((["train", "--help"], ["constant, linear, cosine, cosine_with_restarts, polynomial",
-                                                  "one of nf4, fp4, none", "at least 1; default: 16",
+                                                  "one of nf4, fp4, none; default: nf4", "at least 1; default: 16",
+                                                  "existing --output (only files qlora wrote", "(default: off)",
                                                   "transformers' name for one of them (adamw_torch,",
                                                   "default: paged_adamw_32bit", "in [0, 1)"]),
                            (["generate", "--help"], ["in (0, 1]", "default: 0.9", "default: 0"]),
@@ -95,6 +96,8 @@ def test_help_shows_choices_ranges_and_defaults(capsys):
         out = " ".join(capsys.readouterr().out.split())
         for text in expected:
             assert text in out, (argv, text)
+        for text in ("default: None", "default: )", "default: False", "default: True"):  # no empty defaults
+            assert text not in out, (argv, text)
 
 
 def test_non_utf8_data_names_the_line(tmp_path, tiny_model_dir, capsys):
@@ -311,3 +314,17 @@ def test_on_off_options_take_the_boolean_words_of_transformers_scripts(tmp_path,
         main(["train", "--progress=maybe"])
     assert exit_.value.code == 2
     assert "--progress is on or off: give --progress or --no-progress" in capsys.readouterr().err
+
+
+def test_plain_switches_take_the_boolean_words_too(tmp_path, tiny_model_dir, capsys):
+    """``--overwrite true`` (merge, quantize, export, demo: a switch without a --no- form) sets it; false leaves
+    it out, so an existing folder is refused as without the switch."""
+    out = tmp_path / "q"
+    assert main(["quantize", "--model", str(tiny_model_dir), "--output", str(out)]) == 0
+    assert main(["quantize", "--model", str(tiny_model_dir), "--output", str(out), "--overwrite", "true"]) == 0
+    code, err = _run(["quantize", "--model", str(tiny_model_dir), "--output", str(out), "--overwrite=no"], capsys)
+    assert code == 2 and "already exists and is not empty; pass --overwrite" in err
+    with pytest.raises(SystemExit) as exit_:
+        main(["merge", "--overwrite=maybe"])
+    assert exit_.value.code == 2
+    assert "--overwrite is on or off: give --overwrite or leave it out" in capsys.readouterr().err

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ast
+import json
 import re
 
 from qlora.cli.main import main
@@ -24,4 +26,15 @@ def test_demo_adapter_beats_the_base(capsys, tmp_path):
     assert tuned >= asked - 1, text  # not just a lucky answer: training worked
     first, last = map(float, re.search(r"loss: first step ([\d.]+) -> last step ([\d.]+)", text).groups())
     assert last < first / 5, text
-    assert (out / "adapter_model.safetensors").is_file() or any(out.rglob("adapter_model.safetensors"))
+    # --output keeps what the other commands need: the base and the adapter, both listed as qlora's
+    assert json.loads((out / ".qlora-output.json").read_text())["entries"] == ["adapter", "model"]
+    question = "What is the capital of Peru?"
+    shown = ast.literal_eval(re.findall(rf"Q: {re.escape(question)}\n  A: (.*?)  (?:correct|wrong)", text)[-1])
+    assert main(["generate", "--model", str(out / "model"), "--adapter", str(out / "adapter"), "--temperature", "0",
+                 "--compute-dtype", "fp32", "--max-new-tokens", "12", "--prompt", question]) == 0
+    assert capsys.readouterr().out == shown + "\n"
+    # several adapters in one batch: each row stops at the chat format's end of turn, as one adapter alone
+    assert main(["generate", "--model", str(out / "model"), "--adapter", f"a={out / 'adapter'}", "--adapter",
+                 f"b={out / 'adapter'}", "--temperature", "0", "--compute-dtype", "fp32", "--max-new-tokens", "12",
+                 "--prompt", question]) == 0
+    assert capsys.readouterr().out == f"[a] {shown}\n[b] {shown}\n"

@@ -162,3 +162,21 @@ def test_state_space_models_generate_with_their_own_cache_and_are_served_one_at_
     text = "".join(e.text for e in events)
     assert text == tokenizer.decode(got, skip_special_tokens=True) + tokenizer.decode(got[:5], skip_special_tokens=True)
     assert batcher.load()["max_rows_in_step"] == 1
+
+
+def test_cli_chat_prompt_has_the_ids_training_used(lm, tiny_model_dir, capsys):
+    """A chat-formatted --prompt is tokenized as apply_chat_template(tokenize=True) tokenizes it (and training
+    does): a tokenizer that adds BOS to plain text adds none to a template's rendering without one."""
+    from qlora.cli.main import main
+
+    model, tok = lm
+    conversation = [{"role": "user", "content": "what is two plus two?"}]
+    text = tok.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
+    assert tok.bos_token not in text and tok(text).input_ids[0] == tok.bos_token_id  # the case in question
+    ids = torch.tensor([tok(text, add_special_tokens=False).input_ids])
+    ref = model.generate(ids, do_sample=False, max_new_tokens=16, eos_token_id=tok.eos_token_id,
+                         pad_token_id=tok.pad_token_id)[0, ids.shape[1]:]
+    assert main(["generate", "--model", str(tiny_model_dir), "--quant", "none", "--compute-dtype", "fp32",
+                 "--template", "tokenizer", "--temperature", "0", "--max-new-tokens", "16",
+                 "--prompt", conversation[0]["content"]]) == 0
+    assert capsys.readouterr().out == tok.decode(ref, skip_special_tokens=True) + "\n"

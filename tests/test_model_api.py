@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from torch import nn
 
 import qlora
@@ -232,3 +237,25 @@ def test_unknown_adapter_config_keys_warn_and_load(tmp_path, tiny_model_dir, cap
         qlora.load_adapter(fresh, out)
     assert "from_the_future" in caplog.text
     torch.testing.assert_close(fresh(IDS).logits, model(IDS).logits, rtol=0, atol=0)
+
+
+def test_readme_python_api_runs_after_a_plain_import(tmp_path, tiny_model_dir):
+    """The README's Python API, in a fresh interpreter: ``import qlora`` alone reaches ``qlora.optim.PagedAdamW``
+    (a subpackage not yet imported, so this runs outside pytest's process, where it already is)."""
+    script = f"""
+import qlora
+model, tokenizer = qlora.load_model({str(tiny_model_dir)!r}, quant="nf4")
+qlora.add_lora(model, r=16, alpha=16, target_modules="all-linear")
+optimizer = qlora.optim.PagedAdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+batch = tokenizer("def add(a, b): return a + b", return_tensors="pt")
+model(**batch, labels=batch["input_ids"]).loss.backward()
+optimizer.step()
+qlora.save_adapter(model, {str(tmp_path / "adapter")!r})
+"""
+    src = Path(qlora.__file__).resolve().parents[1]
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": str(src)})
+    assert done.returncode == 0, done.stderr[-2000:]
+    saved = load_file(str(tmp_path / "adapter" / "adapter_model.safetensors"))
+    b = [t for k, t in saved.items() if "lora_B" in k]
+    assert b and any(t.abs().sum() > 0 for t in b)  # B starts at zero: the optimizer step reached the adapter

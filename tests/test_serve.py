@@ -64,11 +64,11 @@ def served(tiny_model_dir, adapters):
     batcher.close()
 
 
-def _generate(capsys, model_dir, adapters, adapter, prompt, max_tokens=MAX_TOKENS) -> str:
+def _generate(capsys, model_dir, adapters, adapter, prompt, max_tokens=MAX_TOKENS, template="auto") -> str:
     """``qlora generate``'s greedy output (stdout minus its final newline)."""
     capsys.readouterr()
     args = ["generate", "--model", str(model_dir), "--compute-dtype", "fp32", "--temperature", "0",
-            "--max-new-tokens", str(max_tokens), "--prompt", prompt]
+            "--max-new-tokens", str(max_tokens), "--prompt", prompt, "--template", template]
     if adapter is not None:
         args += ["--adapter", f"{adapter}={adapters / adapter}"]
     assert main(args) == 0
@@ -94,7 +94,9 @@ def _stream_chat(client, model, messages=HELLO, **kw) -> tuple[str, str, list]:
 def test_chat_equals_qlora_generate(served, capsys, tiny_model_dir, adapters, model_id):
     _, _, client, tokenizer = served
     prompt = render_chat(tokenizer, [Message("user", "Hello")])
-    expected = _generate(capsys, tiny_model_dir, adapters, None if model_id == "tiny" else model_id, prompt)
+    # generate renders --prompt in the same template (the adapters saved none: the tokenizer's)
+    expected = _generate(capsys, tiny_model_dir, adapters, None if model_id == "tiny" else model_id, "Hello",
+                         template="tokenizer")
 
     reply = _chat(client, model_id)
     choice = reply.choices[0]
@@ -102,7 +104,8 @@ def test_chat_equals_qlora_generate(served, capsys, tiny_model_dir, adapters, mo
     assert choice.message.role == "assistant"
     assert choice.finish_reason == "length"  # no early stop: generate (EOS only) decoded the same 10 tokens
     assert reply.model == model_id
-    assert reply.usage.prompt_tokens == len(tokenizer(prompt).input_ids)
+    # apply_chat_template's ids, as training tokenizes: the template decides BOS, the tokenizer adds none
+    assert reply.usage.prompt_tokens == len(tokenizer(prompt, add_special_tokens=False).input_ids)
     assert reply.usage.completion_tokens == MAX_TOKENS
     assert reply.usage.total_tokens == reply.usage.prompt_tokens + MAX_TOKENS
 
@@ -218,6 +221,10 @@ def test_errors_have_openai_shape_and_status(served):
     assert response.status_code == 400
     assert set(response.json()["error"]) == {"message", "type", "param", "code"}
     assert response.json()["error"]["code"] == "invalid_json"
+    response = httpx.post(server.url + "/v1/chat/completions", content=b'{"model": "a", "messages": []}',
+                          headers={"Authorization": f"Bearer {KEY}",  # curl -d's default content type
+                                   "Content-Type": "application/x-www-form-urlencoded"})
+    assert response.status_code == 400 and "Content-Type: application/json" in response.json()["error"]["message"]
 
     with pytest.raises(openai.BadRequestError) as exc:
         _chat(client, "no-such-model")
@@ -342,5 +349,6 @@ def test_each_adapter_chats_in_the_format_it_was_trained_with(tiny_model_dir, ad
     alpaca_prompt = formats["c"].render(tokenizer, HELLO, add_generation_prompt=True)
     assert "### Instruction:\nHello" in alpaca_prompt
     assert reply.usage.prompt_tokens == len(tokenizer(alpaca_prompt, add_special_tokens=False).input_ids)  # BOS by the template
-    assert base.usage.prompt_tokens == len(tokenizer(render_chat(tokenizer, [Message("user", "Hello")])).input_ids)
+    assert base.usage.prompt_tokens == len(tokenizer(render_chat(tokenizer, [Message("user", "Hello")]),
+                                                     add_special_tokens=False).input_ids)
     assert base.usage.prompt_tokens != reply.usage.prompt_tokens

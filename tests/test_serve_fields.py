@@ -63,7 +63,7 @@ def _log_softmax(oracle, ids: list[int]) -> torch.Tensor:
 
 def _chat_prompt_ids(tokenizer, text: str) -> list[int]:
     prompt = render_chat(tokenizer, [Message("user", text)])
-    return encode_prompt(torch.nn.Linear(1, 1), tokenizer, prompt)[0].tolist()
+    return encode_prompt(torch.nn.Linear(1, 1), tokenizer, prompt, chat=True)[0].tolist()
 
 
 def _check_chat_logprobs(content, prompt_ids, token_ids, oracle, top: int) -> None:

@@ -63,7 +63,7 @@ def _chat(client, stream=False, **kw) -> str:
 
 def _chat_ids(tokenizer) -> list[int]:
     prompt = render_chat(tokenizer, [Message("user", "Hello")])
-    return encode_prompt(torch.nn.Linear(1, 1), tokenizer, prompt)[0].tolist()
+    return encode_prompt(torch.nn.Linear(1, 1), tokenizer, prompt, chat=True)[0].tolist()
 
 
 def _reference(oracle, tokenizer, ids: list[int], max_new: int, stops, **generate) -> str:

@@ -64,8 +64,8 @@ def test_the_model_calls_the_tool_it_saw_in_its_prompt(served):
     with_tools = tokenizer.apply_chat_template([ASK], tools=TOOLS, add_generation_prompt=True, tokenize=False)
     without = tokenizer.apply_chat_template([ASK], add_generation_prompt=True, tokenize=False)
     assert '"name": "get_weather"' in with_tools and "get_weather" not in without
-    assert reply.usage.prompt_tokens == len(tokenizer(with_tools).input_ids)  # + BOS, as encode_prompt adds
-    assert reply.usage.prompt_tokens > len(tokenizer(without).input_ids)
+    assert reply.usage.prompt_tokens == len(tokenizer(with_tools, add_special_tokens=False).input_ids)
+    assert reply.usage.prompt_tokens > len(tokenizer(without, add_special_tokens=False).input_ids)
 
 
 def test_streamed_calls_reassemble_to_the_same_calls(served):

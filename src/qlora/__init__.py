@@ -29,9 +29,13 @@ _LAZY = {
     "combine_adapters": "qlora.model.multi_adapter",
     "Chat": "qlora.infer.chat",
 }
+# Subpackages reachable as attributes after a plain ``import qlora`` (``qlora.optim.PagedAdamW``), also lazily.
+_SUBPACKAGES = ("infer", "model", "nn", "optim", "quant", "serve", "train")
 
 
 def __getattr__(name: str) -> Any:
+    if name in _SUBPACKAGES:
+        return importlib.import_module(f"qlora.{name}")
     module = _LAZY.get(name)
     if module is None:
         raise AttributeError(f"module 'qlora' has no attribute {name!r}")

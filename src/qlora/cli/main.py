@@ -67,10 +67,12 @@ _TRUE, _FALSE = {"true", "t", "yes", "y", "1", "on"}, {"false", "f", "no", "n", 
 def _boolean_values(parser: argparse.ArgumentParser, command: str, argv: list[str]) -> list[str]:
     """``--packing true``, ``--progress=False`` (how transformers' and TRL's scripts take booleans) as
     ``--packing``, ``--no-progress``: argparse's on/off flags take no value, and the word would otherwise be
-    read as the command's positional argument."""
+    read as the command's positional argument. A plain switch (``--overwrite``) given false is left out."""
     sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[command]
-    flags = {o for a in sub._actions if isinstance(a, argparse.BooleanOptionalAction) for o in a.option_strings
-             if not o.startswith("--no-")}
+    flags = {o: f"--no-{o[2:]}" for a in sub._actions if isinstance(a, argparse.BooleanOptionalAction)
+             for o in a.option_strings if not o.startswith("--no-")}
+    flags.update({o: None for a in sub._actions if isinstance(a, argparse._StoreTrueAction) for o in a.option_strings
+                  if o.startswith("--")})
     out: list[str] = []
     i = 0
     while i < len(argv):
@@ -84,10 +86,12 @@ def _boolean_values(parser: argparse.ArgumentParser, command: str, argv: list[st
         elif not eq:
             out.append(flag)
             continue
+        off = flags[flag]
         if value.lower() not in _TRUE | _FALSE:
-            parser.exit(2, f"qlora {command}: error: {flag} is on or off: give {flag} or --no-{flag[2:]} "
-                           f"(or {flag} true/false), not {value!r}\n")
-        out.append(flag if value.lower() in _TRUE else f"--no-{flag[2:]}")
+            parser.exit(2, f"qlora {command}: error: {flag} is on or off: give {flag} or "
+                           f"{off or 'leave it out'} (or {flag} true/false), not {value!r}\n")
+        if value.lower() in _TRUE or off:
+            out.append(flag if value.lower() in _TRUE else off)
     return out
 
 

@@ -71,7 +71,7 @@ class HelpFormatter(argparse.HelpFormatter):
         if allowed is not None and allowed.text not in text and allowed.text != "finite":
             extra.append(allowed.text)
         default = action.default
-        if "default" in text or default is None or default == argparse.SUPPRESS or action.required:
+        if "default" in text or default in (None, "") or default == argparse.SUPPRESS or action.required:
             pass
         elif isinstance(action, argparse.BooleanOptionalAction):
             extra.append(f"default: {'on' if default else 'off'}")

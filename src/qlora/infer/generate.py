@@ -177,12 +177,17 @@ def _cache_of(out, seen: int) -> dict:
     return {name: getattr(out, name)} if name else {}
 
 
-def encode_prompt(model, tokenizer, prompt: str) -> torch.Tensor:
-    """``(1, length)`` prompt ids on the model's device."""
+def encode_prompt(model, tokenizer, prompt: str, chat: bool = False) -> torch.Tensor:
+    """``(1, length)`` prompt ids on the model's device.
+
+    A ``chat`` prompt (text rendered by a chat template) gets no special tokens from the tokenizer: its ids are
+    ``apply_chat_template(tokenize=True)``'s, the ids training used, whose template decides BOS. Raw text gets
+    the tokenizer's own (a BOS where it adds one), as ``tokenizer(prompt)`` gives them to ``generate``.
+    """
     device = next(model.parameters()).device
-    # A template that writes BOS itself (Llama 3) must not get a second one from the tokenizer.
+    # Raw text that starts with the BOS text must not get a second one from the tokenizer.
     has_bos = bool(tokenizer.bos_token) and prompt.startswith(tokenizer.bos_token)
-    return tokenizer(prompt, return_tensors="pt", add_special_tokens=not has_bos).input_ids.to(device)
+    return tokenizer(prompt, return_tensors="pt", add_special_tokens=not (chat or has_bos)).input_ids.to(device)
 
 
 def default_stop_ids(model, tokenizer) -> set[int]:
@@ -196,8 +201,9 @@ def default_stop_ids(model, tokenizer) -> set[int]:
 
 def stream_text(model, tokenizer, prompt: str, options: SamplingOptions | None = None,
                 stop_ids: Iterable[int] | None = None, keep: frozenset[int] = frozenset(),
-                stop_strings: Sequence[str] = ()) -> Iterator[str]:
-    """Yield the continuation of ``prompt`` as text pieces, as soon as they decode.
+                stop_strings: Sequence[str] = (), chat: bool = False) -> Iterator[str]:
+    """Yield the continuation of ``prompt`` (``chat``: rendered by a chat template, see :func:`encode_prompt`)
+    as text pieces, as soon as they decode.
 
     The pieces join to exactly ``tokenizer.decode(tokens, skip_special_tokens=True)``
     (see :class:`qlora.infer.text_stream.TextStream`), but for the special tokens in ``keep``.
@@ -205,7 +211,7 @@ def stream_text(model, tokenizer, prompt: str, options: SamplingOptions | None =
     """
     from .text_stream import TextStream
 
-    input_ids = encode_prompt(model, tokenizer, prompt)
+    input_ids = encode_prompt(model, tokenizer, prompt, chat)
     if stop_ids is None:
         stop_ids = default_stop_ids(model, tokenizer)
     text = TextStream(tokenizer, stop_strings, keep=keep)
@@ -223,8 +229,9 @@ def stream_text(model, tokenizer, prompt: str, options: SamplingOptions | None =
 @torch.no_grad()
 def generate_per_adapter(model, tokenizer, prompt: str, adapters: list[str | None],
                          options: SamplingOptions | None = None,
-                         stop_ids: Iterable[int] | None = None, stop_strings: Sequence[str] = ()) -> list[str]:
-    """Continue ``prompt`` once per adapter in ONE batch: row ``i`` runs adapter
+                         stop_ids: Iterable[int] | None = None, stop_strings: Sequence[str] = (),
+                         chat: bool = False) -> list[str]:
+    """Continue ``prompt`` (``chat``: as :func:`stream_text`) once per adapter in ONE batch: row ``i`` runs adapter
     ``adapters[i]`` (``None``: the base alone) and the 4-bit base is read once
     per step for all rows. Each row samples with its own generator seeded like a
     single run, so every row equals what that adapter produces alone (stop strings included).
@@ -236,7 +243,7 @@ def generate_per_adapter(model, tokenizer, prompt: str, adapters: list[str | Non
     if stop_ids is None:
         stop_ids = default_stop_ids(model, tokenizer)
     stop = set(stop_ids)
-    prompt_ids = encode_prompt(model, tokenizer, prompt)
+    prompt_ids = encode_prompt(model, tokenizer, prompt, chat)
     device = prompt_ids.device
     rows = len(adapters)
     generators = [torch.Generator(device=device).manual_seed(options.seed)

@@ -62,7 +62,7 @@ class ModelLLM:
         prompt = render_chat(self.tokenizer, messages, chat_format=self.chat_format, tools=tools)
         keep = markup_token_ids(self.tool_format(), self.tokenizer) if tools else frozenset()
         return stream_text(self.model, self.tokenizer, prompt, replace(self.options, **options), self.stop_ids,
-                           keep=keep)
+                           keep=keep, chat=True)
 
     def complete(self, prompt: str, **options: Any) -> str:
         """The reply to ``prompt`` sent as one user message, stripped of surrounding space."""

@@ -242,7 +242,7 @@ def add_lora(
     r: int = 16,
     alpha: float = 16.0,
     dropout: float = 0.05,
-    target_modules: str | list[str] = "all-linear",
+    target_modules: str | list[str] | None = "all-linear",
     rslora: bool = False,
     adapter_name: str = "default",
     init: str = "kaiming",
@@ -276,7 +276,8 @@ def add_lora(
             generator: seed it for a reproducible init.
         use_dora: DoRA (a trained magnitude per output row); composes with rslora.
         target_modules: ``"all-linear"``, a list of names (``["q_proj", "v_proj"]``,
-            matched against the end of module paths) or a regex over full paths.
+            matched against the end of module paths) or a regex over full paths; ``None`` (or ``[]``) with
+            ``target_parameters``: the MoE experts only.
         adapter_name: adapters of several names can live on one model.
         modules_to_save: other modules trained whole and saved with the adapter
             (PEFT's meaning, e.g. ``["embed_tokens", "lm_head"]``); by default

@@ -94,8 +94,8 @@ def build_app(batcher: ContinuousBatcher, base_id: str, adapters: list[str], api
         return JSONResponse(error.body(), status_code=500)
 
     @app.exception_handler(RequestValidationError)
-    async def invalid_body(_: Request, exc: RequestValidationError) -> JSONResponse:
-        return JSONResponse(_validation_error(exc).body(), status_code=400)
+    async def invalid_body(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return JSONResponse(_validation_error(exc, request.headers.get("content-type", "")).body(), status_code=400)
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
@@ -147,7 +147,7 @@ def build_app(batcher: ContinuousBatcher, base_id: str, adapters: list[str], api
                            "tools" if tools else "messages") from None
         except Exception as exc:  # e.g. a template that allows no system turn, or needs alternating roles
             raise APIError(400, f"The model's chat template rejected these messages: {exc}", "messages") from None
-        prompt_ids = _encode(model, tokenizer, prompt)
+        prompt_ids = _encode(model, tokenizer, prompt, chat=True)
         json_reply = body.json_reply()
         choices = []
         for index in range(body.n):  # each choice is its own row, with its own constraint state and seed
@@ -296,8 +296,13 @@ class _RequireKey:
         await self.app(scope, receive, send)
 
 
-def _validation_error(exc: RequestValidationError) -> APIError:
+def _validation_error(exc: RequestValidationError, content_type: str = "") -> APIError:
     first = exc.errors()[0] if exc.errors() else {}
+    if tuple(first.get("loc", ())) == ("body",) and content_type and "json" not in content_type.lower():
+        # FastAPI reads a body as JSON only when it says so (curl -d sends application/x-www-form-urlencoded)
+        return APIError(400, f"The request body was sent as {content_type.split(';')[0]}; send it as JSON with "
+                             "'Content-Type: application/json' (curl: -H 'Content-Type: application/json').",
+                        code="invalid_content_type")
     if first.get("type") == "json_invalid":
         reason = first.get("ctx", {}).get("error", first.get("msg"))
         return APIError(400, f"The request body is not valid JSON: {reason}", code="invalid_json")
@@ -327,8 +332,8 @@ def _adapter(ids: dict[str, str | None], model_id: str, status: int = 400) -> st
     return ids[model_id]
 
 
-def _encode(model, tokenizer, text: str) -> list[int]:
-    return encode_prompt(model, tokenizer, text)[0].tolist()
+def _encode(model, tokenizer, text: str, chat: bool = False) -> list[int]:
+    return encode_prompt(model, tokenizer, text, chat)[0].tolist()
 
 
 def _generation(batcher: ContinuousBatcher, body: _Body, adapter: str | None, prompt_ids: list[int],

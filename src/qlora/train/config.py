@@ -120,7 +120,7 @@ class TrainConfig:
     precompute_ref: bool = _opt(False, "dpo: compute the reference log-probs once before training (stored in "
                                        "--output, reused on --resume) instead of in every step")
     data: str | None = _opt(None, "training data: a .jsonl/.json/.csv/.tsv/.parquet/.arrow/.txt file (text ones "
-                                  "also .gz), a save_to_disk folder, or a hub dataset name; several as a,b (a YAML "
+                                  "also .gz, .bz2, .xz), a save_to_disk folder, or a hub dataset name; several as a,b (a YAML "
                                   "list), mixed; or names registered in --dataset-dir's dataset_info.json")
     dataset_dir: str = _opt("data", "folder of a LLaMA-Factory dataset_info.json, whose registered names --data and "
                                     "--eval-data may give")
@@ -239,9 +239,10 @@ class TrainConfig:
                                 "Ctrl-C are always checkpointed, so --resume can finish a run", range=NON_NEGATIVE)
     eval_steps: float = _opt(0, "optimizer steps between evaluations (0: only at the end; below 1: that share of "
                                 "the run's steps, rounded up, as transformers reads it)", range=NON_NEGATIVE)
-    save_total_limit: int = _opt(2, "checkpoints to keep (oldest are deleted)", range=NON_NEGATIVE)
+    save_total_limit: int = _opt(2, "checkpoints to keep (oldest are deleted; 0: all)", range=NON_NEGATIVE)
     resume: bool = _opt(False, "continue from the last checkpoint in --output")
-    overwrite: bool = _opt(False, "replace an existing --output directory")
+    overwrite: bool = _opt(False, "replace qlora's earlier results in an existing --output (only files qlora "
+                                  "wrote; anything else there is kept)")
     progress: bool = _opt(True, "show a live progress bar")
 
     def __post_init__(self) -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -35,7 +36,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
     parser.add_argument("--steps", type=positive_int, default=300, help="optimizer steps")
     parser.add_argument("--lr", type=positive_float, default=3e-3, help="peak learning rate")
-    parser.add_argument("--output", default=None, help="keep the run here (default: a temporary folder)")
+    parser.add_argument("--output", default=None,
+                        help="keep the base model (OUTPUT/model) and the trained adapter (OUTPUT/adapter) here, for "
+                             "the other commands (default: a temporary folder, removed at the end)")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace qlora's earlier results in an existing --output (only files qlora wrote)")
 
@@ -48,18 +51,19 @@ def run(args: argparse.Namespace) -> int:
     from ...model.tiny import build_tiny_model, train_tokenizer
     from ...train.config import TrainConfig
     from ...train.data import demo_data_path
-    from ...output_folder import check_output
+    from ...output_folder import check_output, clear_owned, record
     from ...train.trainer import Trainer
 
     if args.output:  # before building anything: never clear a folder the user did not give up
-        check_output(args.output, overwrite=args.overwrite)
+        check_output(args.output, overwrite=args.overwrite, writes=("model", "adapter"))
     random.seed(0)
     np.random.seed(0)
     torch.manual_seed(0)
     records = [json.loads(line) for line in demo_data_path().read_text().splitlines() if line.strip()]
     texts = [f"{r['instruction']} {r['output']}" for r in records]
     with tempfile.TemporaryDirectory(prefix="qlora-demo-") as tmp:
-        out = Path(args.output) if args.output else Path(tmp) / "run"
+        kept = Path(args.output) if args.output else None
+        model_dir, out = (kept / "model", kept / "adapter") if kept else (Path(tmp) / "model", Path(tmp) / "run")
         print(f"1/4 building a small random Llama model and a tokenizer from {len(records)} demo examples "
               "(capitals of 12 countries, each asked 4 ways)")
         tokenizer = train_tokenizer(texts * 4, vocab_size=512)
@@ -67,8 +71,14 @@ def run(args: argparse.Namespace) -> int:
         # weights it could not give any token a confident logit, so no adapter could lower the loss far.
         build_tiny_model(Path(tmp) / "model", tokenizer=tokenizer, arch="llama", hidden=128, layers=2, heads=4,
                          kv_heads=2, intermediate=256, seed=0, initializer_range=0.1)
-        config = TrainConfig(model=str(Path(tmp) / "model"), data=str(demo_data_path()), output=str(out),
-                             overwrite=args.overwrite or not args.output, rank=32, alpha=64, dropout=0.0, lr=args.lr, lr_scheduler="cosine",
+        if kept:  # the base moves in whole, before the adapter's config records its path
+            if kept.is_dir():
+                clear_owned(kept)
+            kept.mkdir(parents=True, exist_ok=True)
+            shutil.move(Path(tmp) / "model", model_dir)
+            record(kept, "model", "adapter", command="demo")  # both now: a rerun's --overwrite clears a broken run
+        config = TrainConfig(model=str(model_dir), data=str(demo_data_path()), output=str(out),
+                             overwrite=True, rank=32, alpha=64, dropout=0.0, lr=args.lr, lr_scheduler="cosine",
                              warmup_steps=5, max_steps=args.steps, batch_size=8, optim="adamw", max_grad_norm=1.0,
                              seq_len=64, logging_steps=max(1, args.steps // 10), progress=False, seed=0)
         trainer = Trainer(config)
@@ -101,6 +111,9 @@ def run(args: argparse.Namespace) -> int:
               f"({before_all}/{len(every)} over all training questions)")
         print(f"QLoRA adapter:                 {after}/{len(QUESTIONS)} answers correct "
               f"({after_all}/{len(every)} over all training questions)")
+    if kept:
+        print(f"kept in {kept}: try qlora generate --model {model_dir} --adapter {out} --temperature 0 "
+              f"--prompt '{QUESTIONS[-1][0]}'")
     return 0
 
 

@@ -150,15 +150,17 @@ def run(args: argparse.Namespace) -> int:
     model, tokenizer = load_model_from_args(args)
     fmt = chat_format_from_args(args, tokenizer, "generate")
     prompt = args.prompt if fmt is None else render_chat(tokenizer, [Message("user", args.prompt)], chat_format=fmt)
+    stops = default_stop_ids(model, tokenizer) if fmt is None else stop_token_ids(model, tokenizer)
     if len(args.adapter) > 1 and not args.adapter_weights:
         # One batch, one row per adapter: the base is read once per step for all of them.
         names = list(adapter_names(args))
-        for name, text in zip(names, generate_per_adapter(model, tokenizer, prompt, names, options,
-                                                                         stop_strings=args.stop)):
+        replies = generate_per_adapter(model, tokenizer, prompt, names, options, stops, stop_strings=args.stop,
+                                       chat=fmt is not None)
+        for name, text in zip(names, replies):
             sys.stdout.write(f"[{name}] {text}\n")
         return 0
-    stops = default_stop_ids(model, tokenizer) if fmt is None else stop_token_ids(model, tokenizer)
-    for piece in stream_text(model, tokenizer, prompt, options, stops, stop_strings=args.stop):
+    for piece in stream_text(model, tokenizer, prompt, options, stops, stop_strings=args.stop,
+                             chat=fmt is not None):
         sys.stdout.write(piece)
         sys.stdout.flush()
     sys.stdout.write("\n")

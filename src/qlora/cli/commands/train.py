@@ -25,8 +25,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="processes on this machine, launched by torchrun (data parallel; add --fsdp to shard)")
     for f in fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
-        allowed = f.metadata["range"]
-        help_text = f"{f.metadata['help']} ({allowed.text + '; ' if allowed else ''}default: {f.default})"
+        help_text = f.metadata["help"] + _allowed_and_default(f)
         if field_type(f) is bool:
             parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction,
                                 default=argparse.SUPPRESS, help=help_text)
@@ -34,6 +33,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             # --optim and --lr-scheduler have no fixed choices: TrainConfig takes other tools' names for them too.
             parser.add_argument(flag, dest=f.name, default=argparse.SUPPRESS, metavar=f.name.upper(),
                                 choices=f.metadata["choices"], help=help_text)
+
+
+def _allowed_and_default(f) -> str:
+    """`` (in [0, 1); default: 0.03)``: the field's range or choices and its default, the way the other commands'
+    help lines show them (no ``default: None`` or empty default, on/off switches as on/off)."""
+    extra = []
+    if f.metadata["range"] and f.metadata["range"].text != "finite":
+        extra.append(f.metadata["range"].text)
+    if f.metadata["choices"]:
+        extra.append("one of " + ", ".join(f.metadata["choices"]))
+    if isinstance(f.default, bool):
+        extra.append(f"default: {'on' if f.default else 'off'}")
+    elif f.default not in (None, ""):
+        extra.append(f"default: {f.default}")
+    return f" ({'; '.join(extra)})" if extra else ""
 
 
 def rank_argv(args: argparse.Namespace) -> list[str]:
