@@ -21,7 +21,7 @@ from qlora.model.gguf_vocab import gguf_vocab
 from qlora.model.merge import merge, merged_tensors
 from qlora.model.tiny import build_tiny_model
 
-from random_adapters import randomize_lora_b
+from random_adapters import add_random_moe_lora, randomize_lora_b
 
 gguf = pytest.importorskip("gguf")
 
@@ -346,14 +346,7 @@ def _gpt_oss(tmp_path, **overrides):
 
     tokenizer = family_tokenizer("gpt-oss", split=O200K)
     model, _ = _tiny_moe_model(tmp_path, tokenizer, "gpt_oss", **{**GPT_OSS, **overrides})
-    torch.manual_seed(0)
-    qlora.add_lora(model, r=4, alpha=8, dropout=0.0, target_modules="all-linear",
-                   target_parameters=["gate_up_proj", "down_proj"], verbose=False)
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.copy_(0.05 * torch.randn(p.shape, generator=g))
+    add_random_moe_lora(model)
     return model.eval(), tokenizer
 
 

@@ -24,6 +24,7 @@ from qlora.cli.main import main
 from qlora.infer.generate import SamplingOptions, encode_prompt, stream_tokens
 from qlora.model.merge import merge
 from qlora.model.tiny import build_tiny_model, train_tokenizer
+from random_adapters import add_random_moe_lora
 
 llama_cpp = pytest.importorskip("llama_cpp")
 pytestmark = pytest.mark.slow
@@ -235,14 +236,7 @@ MOE_PROMPT = "The quick brown fox jumps over the lazy dog. Question: what is two
 def _adapted_moe(model_dir, quant: str | None = "nf4"):
     """A tiny MoE (4-bit by default) with random non-zero LoRA on its linear layers and its expert weights."""
     model, tokenizer = qlora.load_model(model_dir, quant=quant, compute_dtype=torch.float32, device="cpu")
-    torch.manual_seed(0)
-    qlora.add_lora(model, r=4, alpha=8, dropout=0.0, target_modules="all-linear",
-                   target_parameters=["gate_up_proj", "down_proj"], verbose=False)
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.copy_(0.05 * torch.randn(p.shape, generator=g))
+    add_random_moe_lora(model)
     return model.eval(), tokenizer
 
 
