@@ -141,6 +141,8 @@ class LoraLinear(AdapterSlots):
                              "was not made; save that adapter (converted) and load both on the original model")
         if spec.lora_bias and spec.use_dora:
             raise ValueError("lora_bias does not combine with DoRA (PEFT refuses it too)")
+        if is_residual_init(spec.init):
+            self._check_residual_init(spec)
         device = next((t.device for t in self.base_layer.buffers()), None) or next(
             (t.device for t in self.base_layer.parameters()), None)
         a = nn.Linear(self.in_features, spec.r, bias=False, device=device, dtype=spec.dtype)
@@ -211,13 +213,10 @@ class LoraLinear(AdapterSlots):
         self.lora_A[name].weight.copy_(a)
         self.lora_B[name].weight.copy_(b)
 
-    @torch.no_grad()
-    def _residual_init(self, name: str) -> None:
-        """PiSSA/OLoRA (:mod:`qlora.nn.residual_init`): the adapter takes ``s B0 A0`` of the
-        dense weight, the base keeps the rest in its own dtype (quantize it afterwards for QPiSSA)."""
-        spec = self.specs[name]
+    def _check_residual_init(self, spec: LoraSpec) -> None:
+        """Refuse a PiSSA/OLoRA adapter this layer cannot take, before any of it is made."""
         what = spec.init.split("_")[0].replace("pissa", "PiSSA").replace("olora", "OLoRA")
-        if len(self.specs) > 1:
+        if self.specs:
             raise ValueError(f"{what} moves part of the base weight into the adapter, and the layer's other "
                              f"adapters were made for the whole weight; use init={spec.init!r} only for a layer's "
                              "first adapter")
@@ -230,6 +229,12 @@ class LoraLinear(AdapterSlots):
                              "saved in 4 bits, or loaded with quant nf4/fp4); start from the 16-bit model: qlora "
                              "train quantizes the residual itself (QPiSSA), in Python load_model(quant=None), "
                              "add_lora, then quantize_model")
+
+    @torch.no_grad()
+    def _residual_init(self, name: str) -> None:
+        """PiSSA/OLoRA (:mod:`qlora.nn.residual_init`): the adapter takes ``s B0 A0`` of the
+        dense weight, the base keeps the rest in its own dtype (quantize it afterwards for QPiSSA)."""
+        spec = self.specs[name]
         w = self.base_weight(torch.float32)
         a, b = residual_factors(w, spec.init, spec.r, spec.scaling)
         self._write_base(w - spec.scaling * b @ a)
