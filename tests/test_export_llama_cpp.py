@@ -48,13 +48,7 @@ def exported(tmp_path_factory):
                          rank=32, alpha=64, dropout=0.0, lr=3e-3, lr_scheduler="cosine", warmup_steps=5,
                          max_steps=200, batch_size=8, optim="adamw", max_grad_norm=1.0, seq_len=64,
                          logging_steps=50, progress=False, seed=0)
-    trainer = Trainer(config)
-    trainer.setup()
-    try:
-        trainer.train()
-        trainer.save_final()
-    finally:
-        trainer.cleanup()
+    Trainer(config).run()
     files = {}
     for out_type in ("f16", "q8_0"):
         assert main(["export", "--model", str(base), "--adapter", str(root / "adapter"),
@@ -430,16 +424,10 @@ def test_llama_cpp_runs_a_trained_gpt_oss_export_from_the_cli(tmp_path):
     from tiny_moe import save_tiny_moe
 
     base = save_tiny_moe(tmp_path / "base", family_tokenizer("gpt-oss", split=O200K), "gpt_oss", **GPT_OSS)
-    trainer = Trainer(TrainConfig(model=str(base), data=str(demo_data_path()), output=str(tmp_path / "adapter"),
-                                  overwrite=True, rank=8, alpha=16, dropout=0.0, lr=3e-3, max_steps=30, batch_size=4,
-                                  seq_len=256, optim="adamw", logging_steps=10, progress=False, seed=0,
-                                  target_parameters="mlp.experts.gate_up_proj,mlp.experts.down_proj"))
-    trainer.setup()
-    try:
-        trainer.train()
-        trainer.save_final()
-    finally:
-        trainer.cleanup()
+    Trainer(TrainConfig(model=str(base), data=str(demo_data_path()), output=str(tmp_path / "adapter"),
+                        overwrite=True, rank=8, alpha=16, dropout=0.0, lr=3e-3, max_steps=30, batch_size=4,
+                        seq_len=256, optim="adamw", logging_steps=10, progress=False, seed=0,
+                        target_parameters="mlp.experts.gate_up_proj,mlp.experts.down_proj")).run()
     for out_type in ("f32", "f16"):
         assert main(["export", "--model", str(base), "--adapter", str(tmp_path / "adapter"),
                      "--output", str(tmp_path / out_type), "--type", out_type]) == 0
