@@ -17,7 +17,8 @@ from ..nn import (AdaLoraLinear, Experts4bit, ExpertsLora, Linear4bit, LoraEmbed
                   expert_weight_names)
 from ..nn.experts_lora import expert_shapes
 from ..nn.residual_init import is_residual_init
-from .quantize import is_linear_like, kept_dense_names, matches_any, non_text_names, output_embedding_names
+from .quantize import (is_linear_like, kept_dense_names, matches_any, non_text_names, output_embedding_names,
+                       weight_count)
 
 log = logging.getLogger("qlora")
 
@@ -229,12 +230,8 @@ def _check_unshared(model: nn.Module, paths: list[str], init: str) -> None:
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:
     """(trainable, total) parameters, 4-bit weights counted as their element count."""
-    from ..nn import Linear4bit
-
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
-    total += sum(m.in_features * m.out_features for m in model.modules() if isinstance(m, Linear4bit))
-    return trainable, total
+    return trainable, weight_count(model)
 
 
 def add_lora(

@@ -38,7 +38,7 @@ from .compressed_tensors import CompressedTensors
 from .gptq_awq import GroupedInt
 from .modelopt import ModelOpt
 from .quantize import (_skipped, fp32_linear_names, is_conv1d, is_plain_linear, kept_dense_names, kept_in_fp32,
-                       replace_modules)
+                       non_text_names, output_embedding_names, replace_modules, weight_count)
 from .stored_floats import DecodePlan, StoredFloats, StoredFormat
 from .weight_files import LAYOUTS, indexed_files, open_weights, weight_files
 
@@ -471,12 +471,9 @@ def _warn_dense_bulk(model: nn.Module) -> None:
     """Say so when over a quarter of the weights stays 16-bit outside embeddings, head and vision towers
     (DBRX's, JetMoE's and LongCat-Flash's experts, layers the model's code reads as tensors): the user
     would otherwise learn it from an out-of-memory error."""
-    from .quantize import non_text_names, output_embedding_names
-
     skip = tuple(n + "." for n in non_text_names(model) | output_embedding_names(model))
     skip += tuple(n + "." for n, m in model.named_modules() if isinstance(m, (nn.Embedding, Linear4bit, Experts4bit)))
-    total = sum(m.in_features * m.out_features for m in model.modules() if isinstance(m, Linear4bit))
-    total += sum(p.numel() for p in model.parameters())
+    total = weight_count(model)
     dense: dict[str, int] = defaultdict(int)
     for name, p in model.named_parameters():
         if p.dim() >= 2 and p.is_floating_point() and not name.startswith(skip):

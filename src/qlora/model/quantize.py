@@ -51,6 +51,12 @@ def _computes_linear(cls: type) -> bool:
         return False
 
 
+def weight_count(model: nn.Module) -> int:
+    """The model's parameter count, a 4-bit layer's weight counted as its elements (its codes are a buffer)."""
+    return (sum(p.numel() for p in model.parameters())
+            + sum(m.in_features * m.out_features for m in model.modules() if isinstance(m, Linear4bit)))
+
+
 def is_linear_like(module: nn.Module) -> bool:
     return is_plain_linear(module) or isinstance(module, Linear4bit) or is_conv1d(module)
 

@@ -20,7 +20,7 @@ from ..errors import UsageError
 from ..nn import Experts4bit, Linear4bit, LoraLinear, expert_weight_names
 from .architecture import text_model_from_config
 from .checkpoint_layout import to_checkpoint_layout
-from .quantize import is_plain_linear, kept_dense_names, non_text_names
+from .quantize import is_plain_linear, kept_dense_names, non_text_names, weight_count
 
 _SHARD_BYTES = 5 * 1024**3
 
@@ -56,8 +56,7 @@ def dense_expert_share(model: nn.Module) -> float:
     """The fraction of a model's weights that are 16-bit MoE experts (3-D weights), 0 for a dense model."""
     experts = sum(getattr(m, n).numel() for m in model.modules() for n in expert_weight_names(m)
                   if not isinstance(m, Experts4bit))
-    total = sum(m.in_features * m.out_features for m in model.modules() if isinstance(m, Linear4bit))
-    total += sum(p.numel() for p in model.parameters())
+    total = weight_count(model)
     return experts / total if total else 0.0
 
 
