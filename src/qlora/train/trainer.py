@@ -675,6 +675,7 @@ class Trainer:
     def _load_checkpoint(self, path: Path) -> None:
         from qlora.model.adapter_io import adapter_state_dict
         from qlora.model.residual_convert import first_half
+        from qlora.nn.residual_init import is_residual_init
         from safetensors.torch import load_file
 
         saved = load_file(str(path / "adapter" / "adapter_model.safetensors"))
@@ -683,7 +684,7 @@ class Trainer:
             for key, tensor in current.items():
                 # a PiSSA/OLoRA checkpoint holds the converted adapter [A; A0], [B, -B0]; this run's init has
                 # recomputed A0, B0 (and the residual base) from the original weights, so A and B are its first half
-                tensor.copy_(first_half(saved[key], tensor) if self.config.rewrites_base else saved[key])
+                tensor.copy_(first_half(saved[key], tensor) if is_residual_init(self.config.init) else saved[key])
         state = torch.load(path / STATE_FILE, weights_only=True)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
