@@ -110,6 +110,8 @@ def test_merge_and_quantize_outputs_are_guarded_and_replace_only_their_files(tmp
     assert main([*merge, "--output", str(out)]) == 0
     assert "model.safetensors" in owned_entries(out)
     assert stat.S_IMODE(out.stat().st_mode) == 0o777 & ~_umask()  # normal permissions, not 0700
+    # and files as `open` makes them: safetensors alone writes 0600, unreadable to a serving account
+    assert {stat.S_IMODE(p.stat().st_mode) for p in out.iterdir()} == {0o666 & ~_umask()}
     (out / "README.md").write_text("my model card")
     assert main([*merge, "--output", str(out)]) == 2
     assert main([*merge, "--output", str(out), "--overwrite"]) == 0
@@ -255,6 +257,9 @@ def test_manifest_lists_only_qlora_entries(tmp_path, tiny_model_dir):
     assert set(manifest["entries"]) <= set(os.listdir(tmp_path / "run")) | {"events", "loss.png", "loftq-base"}
     for folder in (tmp_path / "run", tmp_path / "run" / "checkpoints" / "step-0000002"):
         assert stat.S_IMODE(folder.stat().st_mode) == 0o777 & ~_umask()
+        files = [p for p in folder.rglob("*") if p.is_file()]
+        assert any(p.suffix == ".safetensors" for p in files)
+        assert {stat.S_IMODE(p.stat().st_mode) for p in files} == {0o666 & ~_umask()}, folder
 
 
 def test_chat_save_never_replaces_a_file(tmp_path):

@@ -20,6 +20,7 @@ from typing import Iterator
 
 
 def _fsync_tree(root: Path) -> None:
+    give_default_modes(root)
     for path in sorted(root.rglob("*")):
         if path.is_file():
             with open(path, "rb") as fh:
@@ -31,11 +32,25 @@ def _fsync_tree(root: Path) -> None:
         os.close(fd)
 
 
-def default_dir_mode() -> int:
-    """The mode ``mkdir`` gives a new folder under the current umask (0755 under umask 022)."""
+def _umask() -> int:
     umask = os.umask(0)
     os.umask(umask)
-    return 0o777 & ~umask
+    return umask
+
+
+def default_dir_mode() -> int:
+    """The mode ``mkdir`` gives a new folder under the current umask (0755 under umask 022)."""
+    return 0o777 & ~_umask()
+
+
+def give_default_modes(root: Path) -> None:
+    """Give every file under ``root`` the mode ``open`` gives a new file under the umask (0644 under 022):
+    safetensors 0.8 writes its files 0600, which would keep other users (a serving account, a shared
+    group) from reading a model or adapter the same command wrote readable elsewhere."""
+    mode = 0o666 & ~_umask()
+    for path in root.rglob("*"):
+        if path.is_file() and not path.is_symlink() and path.stat().st_mode & 0o777 != mode:
+            path.chmod(mode)
 
 
 def temp_dir_beside(target: Path, tag: str = "tmp") -> Path:

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Iterable, Iterator, Mapping
 
 from . import __version__
-from .atomic import as_os_error, temp_dir_beside
+from .atomic import as_os_error, give_default_modes, temp_dir_beside
 from .errors import UsageError
 
 MANIFEST = ".qlora-output.json"
@@ -173,6 +173,8 @@ def staged_output(output: str | Path, command: str, replace: bool) -> Iterator[P
             if converted is exc:
                 raise
             raise converted from exc
+        if stage.is_dir():
+            give_default_modes(stage)
         new = _entries(stage)
         if not output.exists() or (output.is_dir() and not any(output.iterdir())):
             if output.exists():
