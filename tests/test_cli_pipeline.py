@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 
 import torch
 
@@ -34,6 +35,7 @@ def _train(model_dir, data, out, *extra):
 
 def test_train_eval_merge_quantize(tmp_path, tiny_model_dir, capsys):
     from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
 
     data = _data(tmp_path / "d.jsonl")
     assert _train(tiny_model_dir, data, tmp_path / "run", "--max-steps", "30", "--quant", "nf4") == 0
@@ -45,8 +47,15 @@ def test_train_eval_merge_quantize(tmp_path, tiny_model_dir, capsys):
 
     assert eval_loss("--adapter", str(tmp_path / "run")) < 0.9 * eval_loss()
 
-    assert main(["merge", "--model", str(tiny_model_dir), "--adapter", str(tmp_path / "run"),
-                 "--output", str(tmp_path / "merged"), "--dtype", "float32"]) == 0
+    with warnings.catch_warnings():  # huggingface_hub's own bars stay off (conftest's env var) and it says so
+        warnings.simplefilter("ignore")
+        hf_logging.enable_progress_bar()  # transformers' bars as a user has them
+        try:
+            assert main(["merge", "--model", str(tiny_model_dir), "--adapter", str(tmp_path / "run"),
+                         "--output", str(tmp_path / "merged"), "--dtype", "float32"]) == 0
+        finally:
+            hf_logging.disable_progress_bar()
+    assert "Writing model shards" not in capsys.readouterr().err  # transformers' bar: only over 1 GB, as loading's
     model, _ = qlora.load_model(tiny_model_dir, compute_dtype=torch.float32, device="cpu")
     qlora.load_adapter(model, tmp_path / "run")
     plain = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32)

@@ -8,8 +8,9 @@ model's outputs (the base it was trained on is the dequantized one).
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 from torch import nn
@@ -243,6 +244,22 @@ def _merge_experts(module: ExpertsLora, into: str, dtype: torch.dtype | None) ->
     return dense
 
 
+@contextlib.contextmanager
+def _shard_bar(shown: bool) -> Iterator[None]:
+    """transformers' "Writing model shards" bar only where loading shows one (checkpoints over 1 GB): for a
+    small model it is one line of noise in every log."""
+    from transformers.utils import logging as hf_logging
+
+    was = hf_logging.is_progress_bar_enabled()
+    if not shown:
+        hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was:
+            hf_logging.enable_progress_bar()
+
+
 def save_merged(model: nn.Module, out_dir: str | Path, tokenizer=None) -> Path:
     """Write a merged (dense) model as a standard transformers safetensors checkpoint."""
     if any(isinstance(m, (Linear4bit, Experts4bit, ExpertsLora, LoraLinear, LoraEmbedding, AdaLoraLinear))
@@ -251,7 +268,7 @@ def save_merged(model: nn.Module, out_dir: str | Path, tokenizer=None) -> Path:
     config = model.config
     if hasattr(config, "quantization_config"):
         del config.quantization_config
-    with atomic_dir(out_dir) as tmp:
+    with atomic_dir(out_dir) as tmp, _shard_bar(sum(t.nbytes for t in model.state_dict().values()) >= 1 << 30):
         model.save_pretrained(tmp, safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
