@@ -22,6 +22,9 @@ HELP = "memory needed to fine-tune a model: full, 16-bit LoRA and QLoRA side by 
 _TRAIN_OPTIONS = ("quant", "double_quant", "blocksize", "rank", "target_modules", "target_parameters", "seq_len",
                   "batch_size",
                   "gradient_checkpointing", "optim", "chunked_ce", "method", "precompute_ref")
+# train's help for these speaks of train's other options; what they mean for the estimate instead
+_ESTIMATE_HELP = {"precompute_ref": "dpo: count the reference log-probs as computed once before training, "
+                                    "without a reference forward pass in each step"}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -40,7 +43,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     for name in _TRAIN_OPTIONS:
         f = by_name[name]
         flag = "--" + name.replace("_", "-")
-        help_text = f.metadata["help"]
+        help_text = _ESTIMATE_HELP.get(name, f.metadata["help"])
         if field_type(f) is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=help_text)
         elif name == "blocksize":
