@@ -14,6 +14,7 @@ import sys
 from typing import Sequence
 
 from ..errors import UsageError, describe_os_error
+from .launch import report_error
 from .options import HelpFormatter
 
 # command name -> (module, one-line help)
@@ -124,19 +125,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         resolve_base(args, args.command)
         return int(module.run(args) or 0)
     except UsageError as exc:
-        print(f"qlora {args.command}: error: {exc}", file=sys.stderr)
+        report_error(f"qlora {args.command}: error: {exc}")
         return exc.exit_code
     except OSError as exc:  # the environment, not the input: a full disk, a read-only folder
-        print(f"qlora {args.command}: error: {describe_os_error(exc)}", file=sys.stderr)
+        report_error(f"qlora {args.command}: error: {describe_os_error(exc)}")
         return 1
     except (MemoryError, RuntimeError) as exc:
         if not _out_of_memory(exc):
             raise
         detail = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
-        print(f"qlora {args.command}: error: out of memory ({detail}). Lower the sizes "
-              "asked for (--batch-size, --seq-len, --rank, --max-batch-size, --numel), use a smaller model, or "
-              "free memory; files already completed were left as they were, nothing half-written was kept.",
-              file=sys.stderr)
+        report_error(f"qlora {args.command}: error: out of memory ({detail}). Lower the sizes asked for "
+                     "(--batch-size, --seq-len, --rank, --max-batch-size, --numel), use a smaller model, or free "
+                     "memory; files already completed were left as they were, nothing half-written was kept.")
         return 1
     except KeyboardInterrupt:
         print("qlora: interrupted", file=sys.stderr)

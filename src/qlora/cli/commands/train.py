@@ -3,14 +3,13 @@
 The flags are generated from :class:`qlora.train.config.TrainConfig`, so every
 YAML key has a flag of the same name and the same help text; flags given on the
 command line win over the file. ``--nproc N`` re-runs the same command under
-``torchrun --nproc-per-node N`` (one process per GPU; gloo on the CPU).
+torchrun's launcher (:mod:`qlora.cli.launch`; one process per GPU, gloo on the CPU).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import sys
 from dataclasses import fields
 
 NAME = "train"
@@ -51,10 +50,9 @@ def _allowed_and_default(f) -> str:
     return f" ({'; '.join(extra)})" if extra else ""
 
 
-def torchrun_argv(args: argparse.Namespace) -> list[str]:
-    """The ``torchrun`` command line that runs this same training in ``args.nproc`` processes."""
-    argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.nproc}",
-            "-m", "qlora", "train"]
+def rank_argv(args: argparse.Namespace) -> list[str]:
+    """The ``qlora train`` arguments that run this same training in each of ``args.nproc`` processes."""
+    argv = ["train"]
     if args.config_file:
         argv.append(args.config_file)
     for key, value in vars(args).items():
@@ -78,14 +76,15 @@ def run(args: argparse.Namespace) -> int:
     if args.nproc < 1:
         raise UsageError(f"--nproc must be at least 1; got {args.nproc}")
     if args.nproc > 1 and "WORLD_SIZE" not in os.environ:
-        argv = torchrun_argv(args)
-        os.environ.setdefault("OMP_NUM_THREADS", "1")  # torchrun's own default, set here so it prints no banner
-        os.execv(argv[0], argv)
+        from ..launch import launch
+
+        return launch(args.nproc, rank_argv(args), "train")
     trainer = Trainer(config)
     try:
         losses = trainer.run()
     except Interrupted as exc:
-        print(f"qlora train: {exc}")
+        if trainer.dist.is_main:  # every rank stopped at the same step
+            print(f"qlora train: {exc}")
         return 130
     if losses and trainer.dist.is_main:
         print(f"trained {trainer.step} steps: loss {losses[0]:.4f} -> {losses[-1]:.4f}; adapter in {config.output}")

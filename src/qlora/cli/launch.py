@@ -1,0 +1,65 @@
+"""``--nproc N``: run the same ``qlora`` command in N processes with torchrun's own launcher, in this process.
+
+torchrun's command line ends a run whose rank failed with the launcher's traceback and a failure report, after
+each rank has printed the same error. Run here instead, every rank leaves its one-paragraph error in a folder
+the launcher reads (:func:`report_error`), and the command prints each distinct one once and exits with the
+failing rank's status: 2 for bad input, as a one-process run does.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+_ERRORS = "QLORA_RANK_ERRORS"  # the folder ranks write their error messages to
+
+
+def launch(nproc: int, argv: list[str], command: str) -> int:
+    """Run ``python -m qlora *argv`` in ``nproc`` local processes; the command's exit status."""
+    from torch.distributed import run as torchrun
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+
+    for name in [*logging.root.manager.loggerDict, "torch.distributed.elastic"]:  # its reports, said below instead
+        if name.startswith("torch.distributed.elastic"):
+            logging.getLogger(name).setLevel(logging.CRITICAL)
+    os.environ.setdefault("OMP_NUM_THREADS", "1")  # torchrun's own default, set here so it prints no banner
+    with tempfile.TemporaryDirectory(prefix="qlora-ranks-") as errors:
+        os.environ[_ERRORS] = errors
+        try:
+            torchrun.run(torchrun.parse_args(["--standalone", f"--nproc-per-node={nproc}", "-m", "qlora", *argv]))
+        except ChildFailedError as exc:
+            return _report(exc, Path(errors), command)
+        except SignalException as exc:  # Ctrl-C or a kill reached the launcher: the ranks were stopped with it
+            print(f"qlora {command}: interrupted ({exc.sigval.name})", file=sys.stderr)
+            return 128 + int(exc.sigval)
+        finally:
+            os.environ.pop(_ERRORS, None)
+    return 0
+
+
+def _report(exc, errors: Path, command: str) -> int:
+    rank, failure = exc.get_first_failure()
+    said = sorted(errors.glob("rank-*.txt"), key=lambda p: int(p.stem.split("-")[1]))
+    messages = list(dict.fromkeys(p.read_text() for p in said))  # each distinct message once, in rank order
+    for message in messages:
+        print(message, end="", file=sys.stderr)
+    code = failure.exitcode
+    if not messages and code != 130:  # 130: the ranks were interrupted and said so
+        print(f"qlora {command}: error: rank {rank} of the run stopped with "
+              f"{'signal ' + str(-code) if code < 0 else 'exit status ' + str(code)}; its output is above.",
+              file=sys.stderr)
+    return code if code > 0 else 1
+
+
+def report_error(message: str) -> None:
+    """Print a command's error, or under :func:`launch` leave it for the launcher to print once."""
+    folder = os.environ.get(_ERRORS)
+    rank = os.environ.get("RANK")
+    if folder and rank is not None and Path(folder).is_dir():
+        (Path(folder) / f"rank-{rank}.txt").write_text(message + "\n")
+    else:
+        print(message, file=sys.stderr)
