@@ -223,6 +223,15 @@ MOE = {
     "granitemoe": dict(embedding_multiplier=2.0, residual_multiplier=0.5, attention_multiplier=0.2,
                        logits_scaling=4.0),
     "mixtral-16bit": {},  # adapters on transformers' own (not quantized) experts module
+    # multi-head latent attention with kv_b split into k_b/v_b, a leading dense layer, shared experts. V2-Lite as
+    # released: no query compression, softmax routing scaled without renormalizing, YaRN with mscale = mscale_all_dim
+    "deepseek_v2": dict(q_lora_rank=None, routed_scaling_factor=2.0, max_position_embeddings=128,
+                        rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
+                                         "original_max_position_embeddings": 32, "mscale": 0.707,
+                                         "mscale_all_dim": 0.707}),
+    # V3: sigmoid scores with a selection bias (random, see _biased_routing), top-1 of 2 groups, renormalized
+    "deepseek_v3": dict(n_group=2, topk_group=1),
+    "deepseek_v3-rotate-half": dict(rope_interleave=False),  # RoPE rows reordered to llama.cpp's pairs
 }
 MOE_PROMPT = "The quick brown fox jumps over the lazy dog. Question: what is two plus two?"
 
@@ -271,6 +280,7 @@ def test_llama_cpp_runs_moe_exports_as_the_merged_model(tmp_path, tiny_tokenizer
 
     quant = None if model_type.endswith("-16bit") else "nf4"
     model_dir = save_tiny_moe(tmp_path / "m", tiny_tokenizer, model_type.split("-")[0], **MOE[model_type])
+    _biased_routing(model_dir)
     model, tokenizer = _adapted_moe(model_dir, quant)
     export_gguf(model, tokenizer, tmp_path / "m.gguf", "f32")
     ids = tokenizer(MOE_PROMPT)["input_ids"]
@@ -288,6 +298,21 @@ def test_llama_cpp_runs_moe_exports_as_the_merged_model(tmp_path, tiny_tokenizer
     tokens, margin = _greedy(merged, ids, 16)
     assert margin > 2 * error  # no near-tie that this much error could flip: equal tokens are a real check
     assert _llama_cpp_greedy(llm, ids, 16) == tokens
+
+
+def _biased_routing(model_dir) -> None:
+    """DeepSeek-V3's expert selection bias (a buffer, so zero in a fresh model) set to random values that change
+    which experts are picked."""
+    from safetensors.torch import load_file, save_file
+
+    path = model_dir / "model.safetensors"
+    state = load_file(path)
+    g = torch.Generator().manual_seed(0)
+    biases = [k for k in state if k.endswith("e_score_correction_bias")]
+    for key in biases:
+        state[key] = 0.3 * torch.randn(state[key].shape, generator=g)
+    if biases:
+        save_file(state, path, metadata={"format": "pt"})
 
 
 # Dense architectures written by the same path, each in a config that exercises what llama.cpp must be told:

@@ -73,6 +73,7 @@ model loaders), restated for the architectures qlora exports:
   softmax over the top-k router logits, NeoX RoPE and a sliding window on even layers: configs that differ
   are refused. llama.cpp rounds YaRN's correction range to whole dimensions whatever ``truncate`` says (the
   released configs say false); as its own converter, the export writes them anyway (see docs/gguf.md).
+- DeepSeek-V2/V3 (multi-head latent attention, llama.cpp's ``deepseek2``): :mod:`qlora.model.gguf_deepseek`.
 - transformers 5 names Granite MoE's router and experts
   ``block_sparse_moe.router``/``.experts``, which gguf's table knows under other
   names: they are respelled before the lookup.
@@ -87,6 +88,7 @@ from typing import Callable
 import torch
 
 from ..errors import UsageError
+from . import gguf_deepseek
 
 
 @dataclass(frozen=True)
@@ -116,6 +118,7 @@ class ArchSpec:
     mha: bool = False  # every query head has its own key/value head (the config has no field for it)
     layer_scalars: tuple[tuple[str, str], ...] = ()  # (HF key ending, gguf writer's add_<name>): a value per layer
     gate_up_interleaved: bool = False  # the fused expert ``gate_up_proj`` alternates gate and up rows (gpt-oss)
+    mla: bool = False  # DeepSeek's multi-head latent attention and routing (:mod:`qlora.model.gguf_deepseek`)
 
 
 SILU = ("silu", "swish")
@@ -179,13 +182,16 @@ SPECS: dict[str, ArchSpec] = {
                                                                                           "eps"))),
     "gpt_oss": ArchSpec("gpt-oss", norm_topk=True, output_required=True, gate_up_interleaved=True,
                         requires=(("attention_bias", True),)),
+    "deepseek_v2": ArchSpec("deepseek2", mla=True, acts=SILU, full_attention=True),
+    "deepseek_v3": ArchSpec("deepseek2", mla=True, acts=SILU, full_attention=True, rename=gguf_deepseek.RENAME),
     "bloom": ArchSpec("bloom", layer_norm=True, ff_key="", fused_qkv=True, rope=False, mha=True,
                       rename=(("transformer.", ""),),
                       requires=(("apply_residual_connection_post_layernorm", False),), full_attention=True),
 }
 SUPPORTED = ("Llama, Mistral, Qwen2, Qwen3, Gemma, Gemma 2, Gemma 3 (text), Phi-2, Phi-3, OLMo, OLMo 2, Granite, "
              "SmolLM3, StarCoder2, StableLM, Command-R, Cohere 2, GLM-4, ERNIE 4.5, EXAONE 4, Seed-OSS, Arcee, "
-             "GPT-NeoX (Pythia), GPT-2, Falcon, BLOOM, Hunyuan (dense), Apertus and the mixture-of-experts Mixtral, Qwen2-MoE (Qwen1.5-MoE), Qwen3-MoE, OLMoE, Granite MoE and gpt-oss")
+             "GPT-NeoX (Pythia), GPT-2, Falcon, BLOOM, Hunyuan (dense), Apertus and the mixture-of-experts Mixtral, Qwen2-MoE (Qwen1.5-MoE), Qwen3-MoE, OLMoE, Granite MoE, "
+             "gpt-oss, DeepSeek-V2 and DeepSeek-V3")
 
 
 def arch_spec(config) -> ArchSpec:
@@ -246,9 +252,12 @@ def write_metadata(writer, config, spec: ArchSpec, n_vocab: int) -> list[tuple[s
     writer.add_block_count(config.num_hidden_layers)
     writer.add_feed_forward_length(_feed_forward_length(config, spec))
     writer.add_head_count(n_head)
-    writer.add_head_count_kv(n_kv)
-    writer.add_key_length(hd)
-    writer.add_value_length(hd)
+    if spec.mla:
+        hd = gguf_deepseek.write_attention(writer, config)  # the RoPE width; MLA's sizes are its own
+    else:
+        writer.add_head_count_kv(n_kv)
+        writer.add_key_length(hd)
+        writer.add_value_length(hd)
     if spec.layer_norm:  # OLMo's weightless LayerNorm has a fixed eps and no config field
         writer.add_layer_norm_eps(next((v for v in (getattr(config, k, None) for k in (
             "layer_norm_eps", "layer_norm_epsilon", "norm_eps")) if v is not None), 1e-5))
@@ -258,6 +267,8 @@ def write_metadata(writer, config, spec: ArchSpec, n_vocab: int) -> list[tuple[s
     _check_graph_computes(config, spec)
     if spec.norm_topk is not None:
         _write_experts(writer, config, spec)
+    if spec.mla:
+        gguf_deepseek.write_experts(writer, config)
     if spec.gguf_arch in ("qwen2moe", "olmoe", "olmo2") and (hd * n_head != config.hidden_size or (
             spec.gguf_arch == "olmoe" and n_kv != n_head)):  # llama.cpp sizes these by the hidden width
         raise UsageError(f"llama.cpp's {spec.gguf_arch} needs query heads spanning the hidden size"
@@ -462,6 +473,11 @@ def _rope_scaling(writer, config, spec: ArchSpec, rope: dict, rotary: int) -> li
                          ("beta_slow", writer.add_rope_scaling_yarn_beta_slow)):
             if rope.get(key) is not None:
                 add(rope[key])
+        if spec.mla:  # llama.cpp's deepseek2 reads mscale_all_dim (times 0.1, as its converter writes it)
+            gguf_deepseek.check_yarn(config, rope, _yarn_attention_factor(rope))
+            if rope.get("mscale_all_dim"):
+                writer.add_rope_scaling_yarn_log_mul(0.1 * rope["mscale_all_dim"])
+            return []
         factor = _yarn_attention_factor(rope) / (1.0 + 0.1 * math.log(rope["factor"]))
         if abs(factor - 1.0) > 1e-7:
             writer.add_rope_scaling_attn_factors(factor)
@@ -546,6 +562,8 @@ def to_llama_cpp(key: str, tensor: torch.Tensor, config, spec: ArchSpec) -> torc
         tensor = tensor.reshape(heads, 2, tensor.shape[0] // heads // 2, *rest).transpose(1, 2).reshape(-1, *rest)
     if spec.norm_shift and key.endswith("norm.weight"):
         tensor = tensor.float() + spec.norm_shift
+    if spec.mla:
+        tensor = gguf_deepseek.to_interleaved_rope(key, tensor, config)
     return tensor
 
 

@@ -33,6 +33,7 @@ from torch import nn
 from ..errors import UsageError
 from ..nn import experts_layout
 from .gguf_arch import ArchSpec, arch_spec, llama_cpp_shape, tensor_namer, to_llama_cpp, write_metadata
+from .gguf_deepseek import split_kv_b
 from .gguf_vocab import gguf_vocab
 from .merge import merged_tensors, tied_embeddings
 from .quantize import non_text_names, text_decoder_path
@@ -123,6 +124,8 @@ def _plan(model: nn.Module, config, spec: ArchSpec, out_type: str,
     rename = _causal_lm_key(model) if towers else (lambda key: key)
     rows = [(rename(key), shape, make) for key, shape, make in _expert_tensors(model, merged_tensors(model), spec)
             if not key.startswith(towers)]
+    if spec.mla:
+        rows = split_kv_b(rows, config)
     tied = tied_embeddings(model)
     plan: list[_Planned] = []
     unknown = []
