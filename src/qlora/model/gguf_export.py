@@ -78,7 +78,7 @@ def export_gguf(model: nn.Module, tokenizer, path: str | Path, out_type: str = "
     spec = arch_spec(config)
     path = Path(path)
     n_vocab = model.get_input_embeddings().weight.shape[0]  # added tokens may have grown it past the config
-    vocab = gguf_vocab(tokenizer, n_vocab)
+    vocab = gguf_vocab(tokenizer, n_vocab, getattr(getattr(model, "generation_config", None), "eos_token_id", None))
 
     partial = path.with_name(path.name + ".partial")  # a failed export leaves no half-written file
     writer = gguf.GGUFWriter(partial, spec.gguf_arch)
@@ -244,6 +244,8 @@ def _write_vocab(writer, vocab) -> None:
         add = getattr(writer, f"add_{kind}_token_id", None)
         if add is not None:
             add(tid)
+    if vocab.eos_ids:
+        writer.add_array("tokenizer.ggml.eos_token_ids", vocab.eos_ids)
     writer.add_add_bos_token(vocab.add_bos)
     writer.add_add_eos_token(vocab.add_eos)
     if vocab.add_space_prefix is not None:
