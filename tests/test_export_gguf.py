@@ -12,6 +12,7 @@ import json
 
 import pytest
 import torch
+from transformers.models.mpt.configuration_mpt import MptAttentionConfig
 
 import qlora
 from qlora.cli.main import main
@@ -170,13 +171,14 @@ def test_cli_export_with_adapter_writes_gguf_and_modelfile(tmp_path, tiny_models
     assert sorted(p.name for p in tiny_models["llama"].iterdir()) == model_files
 
 
-def test_unsupported_architecture_is_refused_clearly(tmp_path, tiny_tokenizer, capsys):
+def test_an_architecture_llama_cpp_cannot_run_is_refused_saying_so(tmp_path, tiny_tokenizer, capsys):
+    """GPT-J: llama.cpp names the architecture but has no implementation (its loader refuses the file)."""
     from tiny_moe import save_tiny_moe
 
     gptj = save_tiny_moe(tmp_path / "gptj", tiny_tokenizer, "gptj")
     assert main(["export", "--model", str(gptj), "--output", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
-    assert "'gptj' architecture" in err and "Traceback" not in err
+    assert "GPT-J ('gptj')" in err and "has no implementation" in err and "Traceback" not in err
     assert not (tmp_path / "out").exists()
 
 
@@ -331,6 +333,10 @@ def test_moe_experts_are_written_in_llama_cpps_layout(tmp_path, tiny_tokenizer):
         "rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 32,
         "mscale": 1.0, "mscale_all_dim": 0.5}), "assumes mscale equals mscale_all_dim"),
     ("deepseek_v3", dict(attention_bias=True), "attention_bias=True"),
+    # llama.cpp's mpt scales attention by 1/sqrt(head_dim); Ministral runs as llama, without sliding windows
+    ("mpt", dict(attn_config=MptAttentionConfig(softmax_scale=0.1)), "softmax_scale=0.1"),
+    ("ministral", dict(sliding_window=16, layer_types=["sliding_attention", "full_attention"]),
+     "16-token sliding window"),
 ])
 def test_configs_llama_cpp_computes_differently_are_refused(tmp_path, tiny_tokenizer, model_type, overrides,
                                                                  message):

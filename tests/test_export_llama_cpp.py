@@ -18,6 +18,7 @@ import json
 
 import pytest
 import torch
+from transformers.models.mpt.configuration_mpt import MptAttentionConfig
 
 import qlora
 from qlora.cli.main import main
@@ -346,6 +347,10 @@ DENSE = {
     "falcon-40b": dict(new_decoder_architecture=True, num_kv_heads=2),  # grouped QKV, separate attention norm
     "falcon-rw": dict(multi_query=False, tie_word_embeddings=False),  # per-head QKV, untied head
     "bloom": {},  # ALiBi, embedding LayerNorm, per-head QKV
+    # ALiBi slopes of 12 heads (not a power of two: the interleaved second series), Q/K/V clamped, tied head
+    "mpt": dict(hidden_size=48, num_attention_heads=12, attn_config=MptAttentionConfig(clip_qkv=0.5)),
+    # Ministral run as llama: its sliding window spans the whole 64-token context, so full attention is the same
+    "ministral": dict(sliding_window=64, layer_types=["sliding_attention", "full_attention"]),
     # Q/K RMSNorm after NeoX RoPE; "dynamic" RoPE with a fixed alpha, a larger base
     "hunyuan_v1_dense": dict(head_dim=8, rope_parameters={"rope_type": "dynamic", "rope_theta": 10000.0,
                                                           "alpha": 1000.0, "factor": 1.0}),
@@ -354,7 +359,7 @@ DENSE = {
                                             "original_max_position_embeddings": 16, "low_freq_factor": 1.0,
                                             "high_freq_factor": 4.0}),  # as released: Llama 3.1 RoPE scaling
 }
-GELU = ("gemma", "phi", "starcoder2", "gpt_neox", "gpt2", "falcon", "bloom")  # llama.cpp's CPU GELU: a 16-bit table
+GELU = ("gemma", "phi", "starcoder2", "gpt_neox", "gpt2", "falcon", "bloom", "mpt")  # llama.cpp's CPU GELU: a 16-bit table
 
 
 @torch.no_grad()
@@ -376,8 +381,8 @@ def test_llama_cpp_runs_more_dense_exports_as_the_merged_model(tmp_path, tiny_to
 
     llm = _llama_cpp(tmp_path / "m.gguf")
     llm.eval(ids)
-    # llama.cpp's CPU GELU (Gemma, Phi-2, StarCoder2, the GPT-style) reads a 16-bit table: up to 8e-4 measured (Pythia's
-    # and Falcon's exact GELU, run as llama.cpp's tanh one, within that); the others agree to ~1e-6
+    # llama.cpp's CPU GELU (Gemma, Phi-2, StarCoder2, the GPT-style, MPT) reads a 16-bit table: up to 8e-4 measured
+    # (Pythia's, Falcon's and MPT's exact GELU, run as llama.cpp's tanh one, within that); the others agree to ~1e-6
     error = _relative(torch.tensor(llm.scores[: len(ids)]), expected)
     assert error < (2e-3 if model_type.split("-")[0] in GELU else 1e-5)
     tokens, margin = _greedy(merged, ids, 16)

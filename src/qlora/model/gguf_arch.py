@@ -73,6 +73,10 @@ model loaders), restated for the architectures qlora exports:
   softmax over the top-k router logits, NeoX RoPE and a sliding window on even layers: configs that differ
   are refused. llama.cpp rounds YaRN's correction range to whole dimensions whatever ``truncate`` says (the
   released configs say false); as its own converter, the export writes them anyway (see docs/gguf.md).
+- MPT: ALiBi with the maximum bias 8 transformers' port always uses (llama.cpp reads it as metadata and its slopes
+  then equal transformers' for any head count), ``clip_qkv`` as ``clamp_kqv``, the fused ``Wqkv`` already all Q,
+  all K, all V. Ministral runs as ``llama``: full attention, the same as its sliding windows only where no window
+  is shorter than the context. GPT-J has a llama.cpp name but no implementation: refused as such.
 - DeepSeek-V2/V3 (multi-head latent attention, llama.cpp's ``deepseek2``): :mod:`qlora.model.gguf_deepseek`.
 - transformers 5 names Granite MoE's router and experts
   ``block_sparse_moe.router``/``.experts``, which gguf's table knows under other
@@ -182,21 +186,34 @@ SPECS: dict[str, ArchSpec] = {
                                                                                           "eps"))),
     "gpt_oss": ArchSpec("gpt-oss", norm_topk=True, output_required=True, gate_up_interleaved=True,
                         requires=(("attention_bias", True),)),
+    "mpt": ArchSpec("mpt", layer_norm=True, ff_key="", rope=False, mha=True, full_attention=True),
+    # Ministral (8B): Mistral whose layers may each have a sliding window; llama.cpp runs it as ``llama`` (full
+    # attention), the same model exactly when no window is shorter than the trained context (checked)
+    "ministral": ArchSpec("llama", permute_qk=True, acts=SILU),
     "deepseek_v2": ArchSpec("deepseek2", mla=True, acts=SILU, full_attention=True),
     "deepseek_v3": ArchSpec("deepseek2", mla=True, acts=SILU, full_attention=True, rename=gguf_deepseek.RENAME),
     "bloom": ArchSpec("bloom", layer_norm=True, ff_key="", fused_qkv=True, rope=False, mha=True,
                       rename=(("transformer.", ""),),
                       requires=(("apply_residual_connection_post_layernorm", False),), full_attention=True),
 }
-SUPPORTED = ("Llama, Mistral, Qwen2, Qwen3, Gemma, Gemma 2, Gemma 3 (text), Phi-2, Phi-3, OLMo, OLMo 2, Granite, "
+# Architectures llama.cpp has a name for but cannot load: a GGUF of them would not run there.
+NOT_IN_LLAMA_CPP = {"gptj": "GPT-J"}
+
+SUPPORTED = ("Llama, Mistral, Ministral, Qwen2, Qwen3, Gemma, Gemma 2, Gemma 3 (text), Phi-2, Phi-3, OLMo, OLMo 2, Granite, "
              "SmolLM3, StarCoder2, StableLM, Command-R, Cohere 2, GLM-4, ERNIE 4.5, EXAONE 4, Seed-OSS, Arcee, "
-             "GPT-NeoX (Pythia), GPT-2, Falcon, BLOOM, Hunyuan (dense), Apertus and the mixture-of-experts Mixtral, Qwen2-MoE (Qwen1.5-MoE), Qwen3-MoE, OLMoE, Granite MoE, "
+             "GPT-NeoX (Pythia), GPT-2, Falcon, BLOOM, MPT, Hunyuan (dense), Apertus and the mixture-of-experts Mixtral, Qwen2-MoE (Qwen1.5-MoE), Qwen3-MoE, OLMoE, Granite MoE, "
              "gpt-oss, DeepSeek-V2 and DeepSeek-V3")
 
 
 def arch_spec(config) -> ArchSpec:
     """The spec of ``config.model_type``; a clear refusal for anything else."""
     model_type = getattr(config, "model_type", None)
+    if model_type in NOT_IN_LLAMA_CPP:
+        name = NOT_IN_LLAMA_CPP[model_type]
+        raise UsageError(f"GGUF export does not write {name} ({model_type!r}) models: llama.cpp lists the "
+                         f"architecture but has no implementation of it (its model loader refuses such a file, and "
+                         f"its converter has no {name} class), so no GGUF of it runs in llama.cpp or Ollama. Use "
+                         f"the merged checkpoint (qlora merge) with transformers, or qlora generate/serve.")
     if model_type not in SPECS:
         raise UsageError(f"GGUF export does not support the {model_type!r} architecture; it writes {SUPPORTED} models "
                          f"(with their llama.cpp conventions checked). For others use llama.cpp's "
@@ -221,7 +238,8 @@ def kv_heads(config, spec: ArchSpec) -> int:
 
 def _context_length(config) -> int:
     """The trained context; BLOOM's config has none (ALiBi) and was trained on 2048 tokens."""
-    return getattr(config, "max_position_embeddings", None) or getattr(config, "seq_length", None) or 2048
+    return (getattr(config, "max_position_embeddings", None) or getattr(config, "seq_length", None)
+            or getattr(config, "max_seq_len", None) or 2048)
 
 
 def _feed_forward_length(config, spec: ArchSpec) -> int:
@@ -277,6 +295,10 @@ def write_metadata(writer, config, spec: ArchSpec, n_vocab: int) -> list[tuple[s
                          f"{config.hidden_size}. Refusing to export.")
     if spec.gguf_arch == "gptneox":
         writer.add_parallel_residual(bool(getattr(config, "use_parallel_residual", True)))
+    if spec.gguf_arch == "mpt":
+        _write_mpt_attention(writer, config, hd)
+    if config.model_type == "ministral":
+        _check_ministral_windows(config)
     if not spec.rope:
         writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
         return []
@@ -380,6 +402,41 @@ def _write_experts(writer, config, spec: ArchSpec) -> None:
         raise UsageError(f"this {config.model_type} model has dense MLP layers ({dense[:8]}) between its expert "
                          f"layers (mlp_only_layers / decoder_sparse_step), which llama.cpp's {spec.gguf_arch} "
                          f"does not run. Refusing to export.")
+
+
+# transformers' MPT builds its ALiBi slopes with maximum bias 8 whatever ``alibi_bias_max`` says
+MPT_ALIBI_BIAS = 8.0
+
+
+def _write_mpt_attention(writer, config, hd: int) -> None:
+    """MPT's ALiBi bias and ``clip_qkv`` as llama.cpp's mpt reads them; refuse attention it computes otherwise
+    (transformers' MPT scales by ``softmax_scale``, llama.cpp by 1/sqrt(head_dim); llama.cpp's slopes follow the
+    written maximum bias, transformers' the fixed 8, so a config meaning another one is ambiguous)."""
+    attn = config.attn_config
+    differs = [f"{key}={getattr(attn, key)!r}" for key, ok in (
+        ("alibi", attn.alibi), ("alibi_bias_max", attn.alibi_bias_max == MPT_ALIBI_BIAS),
+        ("softmax_scale", attn.softmax_scale is None or abs(attn.softmax_scale - hd ** -0.5) < 1e-9),
+        ("qk_ln", not attn.qk_ln), ("prefix_lm", not attn.prefix_lm),
+        ("attn_type", attn.attn_type == "multihead_attention")) if not ok]
+    if differs:
+        raise UsageError(f"this MPT config's attn_config has {', '.join(differs)}, which llama.cpp's mpt (ALiBi with "
+                         f"maximum bias 8, attention scaled by 1/sqrt(head_dim), one key/value head per query head, "
+                         f"causal) and transformers' MPT do not both compute. Refusing to export.")
+    writer.add_max_alibi_bias(MPT_ALIBI_BIAS)
+    if attn.clip_qkv:
+        writer.add_clamp_kqv(attn.clip_qkv)
+
+
+def _check_ministral_windows(config) -> None:
+    """llama.cpp runs Ministral as ``llama``, attending to the whole context on every layer; a sliding-window
+    layer computes the same only if its window covers the trained context."""
+    window = getattr(config, "sliding_window", None)
+    context = _context_length(config)
+    if _sliding_layers(config) and window is not None and window < context:
+        raise UsageError(f"this Ministral config attends through a {window}-token sliding window on some layers "
+                         f"(layer_types), shorter than its {context}-token context; llama.cpp runs Ministral as "
+                         f"llama with full attention on every layer (its converter has no Ministral class), so the "
+                         f"GGUF would attend differently past {window} tokens. Refusing to export.")
 
 
 def _check_smollm3_nope_layers(config) -> None:
