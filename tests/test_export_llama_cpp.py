@@ -359,7 +359,8 @@ DENSE = {
                                             "original_max_position_embeddings": 16, "low_freq_factor": 1.0,
                                             "high_freq_factor": 4.0}),  # as released: Llama 3.1 RoPE scaling
 }
-GELU = ("gemma", "phi", "starcoder2", "gpt_neox", "gpt2", "falcon", "bloom", "mpt")  # llama.cpp's CPU GELU: a 16-bit table
+# llama.cpp's CPU GELU: a 16-bit table
+GELU = ("gemma", "phi", "starcoder2", "gpt_neox", "gpt2", "falcon", "bloom", "mpt")
 
 
 @torch.no_grad()
