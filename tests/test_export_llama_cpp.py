@@ -109,6 +109,29 @@ def test_llama_cpp_chat_completion_answers_as_qlora_does(exported):
     assert "Paris" in text  # the trained adapter is in the file
 
 
+def test_bos_where_qlora_generate_puts_one_chat_and_raw(exported):
+    """The tiny tokenizer adds BOS and its ChatML template writes none. ``qlora generate`` gives a chat prompt the
+    template's ids alone (as training tokenized the conversations) and raw text the tokenizer's BOS. The GGUF
+    keeps the tokenizer's ``add_bos_token``: llama.cpp's raw completion starts with BOS, and llama-cpp-python's
+    chat path, which adds none to a rendered template, gives exactly the chat ids. (llama.cpp's own server and CLI
+    and Ollama add BOS to chat prompts too when the file says so: see docs/gguf.md.)"""
+    base, _, files = exported
+    model, tokenizer = qlora.load_model(base, quant=None, device="cpu")
+    messages = [{"role": "user", "content": QUESTION}]
+    prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    chat = encode_prompt(model, tokenizer, prompt, chat=True)[0].tolist()
+    raw = encode_prompt(model, tokenizer, QUESTION)[0].tolist()
+    assert raw[0] == tokenizer.bos_token_id != chat[0]
+
+    llm = llama_cpp.Llama(model_path=str(files["f16"]), n_ctx=256, n_threads=2, verbose=False, seed=0)
+    assert llm.metadata["tokenizer.ggml.add_bos_token"] == "true"
+    llm.create_chat_completion(messages, temperature=0.0, max_tokens=1)
+    assert llm.input_ids[: len(chat)].tolist() == chat
+    llm.reset()
+    llm.create_completion(QUESTION, temperature=0.0, max_tokens=1)
+    assert llm.input_ids[: len(raw)].tolist() == raw
+
+
 # Every exported architecture, run by llama.cpp: its logits for a prompt equal the merged model's. This checks
 # the conventions transformers' reader would undo for us (RoPE layout, Gemma norms, fused Phi-3 projections,
 # soft-capping, sliding-window pattern) against the real consumer.
