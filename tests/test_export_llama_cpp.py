@@ -415,17 +415,17 @@ def test_llama_cpp_runs_more_dense_exports_as_the_merged_model(tmp_path, tiny_to
 
 
 def test_generation_config_end_of_reply_ids_end_generation_in_llama_cpp_and_ollama(tmp_path, tiny_tokenizer):
-    """A Hunyuan whose generation_config.json lists three ids that end a reply (qlora generate stops on each):
-    llama.cpp has only EOS, EOT and EOM to say so, and ends generation on all three (the two besides EOS as EOT
-    and EOM, as llama.cpp's converter writes Hunyuan's); Ollama's list holds them all. Plain word tokens, so
-    llama.cpp's own name-based end-of-turn detection plays no part."""
+    """A Hunyuan whose generation_config.json lists four ids that end a reply (qlora generate stops on each):
+    llama.cpp ends generation on EOS, EOT, EOM and tokens it knows by name (``<|im_end|>``), so the two plain
+    word tokens become EOT and EOM (as llama.cpp's converter writes Hunyuan's) and llama.cpp stops on all four;
+    Ollama's list holds them all."""
     from qlora.infer.generate import default_stop_ids
     from tiny_moe import save_tiny_moe
 
     gguf = pytest.importorskip("gguf")
     model_dir = save_tiny_moe(tmp_path / "m", tiny_tokenizer, "hunyuan_v1_dense", head_dim=8)
     words = [tiny_tokenizer.convert_tokens_to_ids(t) for t in ("Ġfox", "Ġdog", "Ġfour")]
-    ends = [tiny_tokenizer.eos_token_id, *words[:2]]
+    ends = [tiny_tokenizer.eos_token_id, tiny_tokenizer.convert_tokens_to_ids("<|im_end|>"), *words[:2]]
     config = json.loads((model_dir / "generation_config.json").read_text())
     (model_dir / "generation_config.json").write_text(json.dumps({**config, "eos_token_id": ends}))
     assert main(["export", "--model", str(model_dir), "--output", str(tmp_path / "out"), "--type", "f32"]) == 0
@@ -435,7 +435,9 @@ def test_generation_config_end_of_reply_ids_end_generation_in_llama_cpp_and_olla
     assert set(ends) <= default_stop_ids(model, tokenizer) and words[2] not in default_stop_ids(model, tokenizer)
     llm = llama_cpp.Llama(model_path=str(path), n_ctx=64, n_threads=2, verbose=False)
     vocab = llama_cpp.llama_model_get_vocab(llm._model.model)
-    assert [llama_cpp.llama_vocab_is_eog(vocab, i) for i in [*ends, words[2]]] == [True, True, True, False]
+    assert [llama_cpp.llama_vocab_is_eog(vocab, i) for i in [*ends, words[2]]] == [True, True, True, True, False]
+    assert (llm.metadata["tokenizer.ggml.eot_token_id"], llm.metadata["tokenizer.ggml.eom_token_id"]) == (
+        str(words[0]), str(words[1]))
     assert list(gguf.GGUFReader(path).fields["tokenizer.ggml.eos_token_ids"].contents()) == ends
 
 

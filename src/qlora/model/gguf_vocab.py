@@ -16,10 +16,10 @@ llama.cpp runs two tokenizer families, and its reader needs to be told which:
 Special token ids, whether BOS/EOS are added, and the chat template come from
 the tokenizer itself (``gguf.SpecialVocab``, llama.cpp's own reader, plus a
 check of what encoding actually adds). ``generation_config.json`` may list more
-ids that end a reply (Llama 3 Instruct, Hunyuan); llama.cpp stops on EOS, EOT and
-EOM, so the first two of them other than EOS become EOT and EOM (as llama.cpp's
-converter writes Hunyuan's), and all of them go to ``tokenizer.ggml.eos_token_ids``,
-the list Ollama stops on.
+ids that end a reply (Llama 3 Instruct, Hunyuan). llama.cpp stops on EOS, EOT, EOM
+and on tokens it knows by name (``<|eot_id|>``, ``<|im_end|>``, ...); the first two
+of the others become EOT and EOM (as llama.cpp's converter writes Hunyuan's), and
+all of them go to ``tokenizer.ggml.eos_token_ids``, the list Ollama stops on.
 """
 
 from __future__ import annotations
@@ -45,6 +45,11 @@ _PRE_BY_REGEX = {
     r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
     r"|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+": "gpt-4o",
 }
+
+# Token texts llama.cpp ends generation on by name whatever the file says (llama-vocab.cpp, its EOG list)
+LLAMA_CPP_END_NAMES = frozenset({"<|eot_id|>", "<|im_end|>", "<|end|>", "<|return|>", "<|call|>", "<end_of_turn>",
+                                 "<|endoftext|>", "<|eom_id|>", "<EOT>", "_<EOT>", "<|end_of_text|>",
+                                 "<end_of_utterance>"})
 
 # gguf.TokenType values (kept numeric so this module imports without gguf)
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
@@ -127,12 +132,13 @@ def gguf_vocab(tokenizer, n_vocab: int, generation_eos: int | list[int] | None =
 
 
 def _end_of_reply(vocab: GGUFVocab, generation_eos: int | list[int] | None, n_vocab: int) -> None:
-    """Carry generation_config's end-of-reply ids: the first two besides EOS as EOT and EOM where the tokenizer
-    names none, the whole list for Ollama."""
+    """Carry generation_config's end-of-reply ids: the first two llama.cpp would not stop on as EOT and EOM where
+    the tokenizer names none, the whole list for Ollama."""
     ids = [generation_eos] if isinstance(generation_eos, int) else list(generation_eos or [])
     ids = list(dict.fromkeys(int(i) for i in ids if 0 <= int(i) < n_vocab))
     eos = vocab.special_ids.get("eos")
-    extra = [i for i in ids if i not in {vocab.special_ids.get(k) for k in ("eos", "eot", "eom")}]
+    known = {vocab.special_ids.get(k) for k in ("eos", "eot", "eom")}
+    extra = [i for i in ids if i not in known and vocab.tokens[i] not in LLAMA_CPP_END_NAMES]
     for kind in ("eot", "eom"):
         if kind not in vocab.special_ids and extra:
             vocab.special_ids[kind] = extra.pop(0)
