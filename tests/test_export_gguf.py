@@ -12,6 +12,7 @@ import json
 
 import pytest
 import torch
+from transformers.models.mpt.configuration_mpt import MptAttentionConfig
 
 import qlora
 from qlora.cli.main import main
@@ -170,13 +171,14 @@ def test_cli_export_with_adapter_writes_gguf_and_modelfile(tmp_path, tiny_models
     assert sorted(p.name for p in tiny_models["llama"].iterdir()) == model_files
 
 
-def test_unsupported_architecture_is_refused_clearly(tmp_path, tiny_tokenizer, capsys):
+def test_an_architecture_llama_cpp_cannot_run_is_refused_saying_so(tmp_path, tiny_tokenizer, capsys):
+    """GPT-J: llama.cpp names the architecture but has no implementation (its loader refuses the file)."""
     from tiny_moe import save_tiny_moe
 
     gptj = save_tiny_moe(tmp_path / "gptj", tiny_tokenizer, "gptj")
     assert main(["export", "--model", str(gptj), "--output", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
-    assert "'gptj' architecture" in err and "Traceback" not in err
+    assert "GPT-J ('gptj')" in err and "has no implementation" in err and "Traceback" not in err
     assert not (tmp_path / "out").exists()
 
 
@@ -324,6 +326,17 @@ def test_moe_experts_are_written_in_llama_cpps_layout(tmp_path, tiny_tokenizer):
     ("falcon", dict(bias=True), "bias=True"),
     ("falcon", dict(parallel_attn=False), "parallel_attn=False"),
     ("bloom", dict(apply_residual_connection_post_layernorm=True), "apply_residual_connection_post_layernorm=True"),
+    # DeepSeek: V2's group routing scores groups by their best expert, llama.cpp by their two best; llama.cpp
+    # assumes YaRN's mscale equals mscale_all_dim; it loads no attention biases
+    ("deepseek_v2", dict(topk_method="group_limited_greedy", n_group=2, topk_group=1), "group_limited_greedy"),
+    ("deepseek_v3", dict(max_position_embeddings=128, rope_parameters={
+        "rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 32,
+        "mscale": 1.0, "mscale_all_dim": 0.5}), "assumes mscale equals mscale_all_dim"),
+    ("deepseek_v3", dict(attention_bias=True), "attention_bias=True"),
+    # llama.cpp's mpt scales attention by 1/sqrt(head_dim); Ministral runs as llama, without sliding windows
+    ("mpt", dict(attn_config=MptAttentionConfig(softmax_scale=0.1)), "softmax_scale=0.1"),
+    ("ministral", dict(sliding_window=16, layer_types=["sliding_attention", "full_attention"]),
+     "16-token sliding window"),
 ])
 def test_configs_llama_cpp_computes_differently_are_refused(tmp_path, tiny_tokenizer, model_type, overrides,
                                                                  message):
@@ -333,16 +346,51 @@ def test_configs_llama_cpp_computes_differently_are_refused(tmp_path, tiny_token
     assert not list(tmp_path.glob("*.gguf*"))
 
 
-@pytest.mark.parametrize("model_type", ["qwen3_next", "deepseek_v3"])
-def test_hybrid_and_unsupported_moe_architectures_are_refused(tmp_path, tiny_tokenizer, model_type, capsys):
-    """Qwen3-Next (linear-attention hybrid) and DeepSeek-V3 (multi-head latent attention) have no export here."""
+def test_hybrid_architectures_are_refused(tmp_path, tiny_tokenizer, capsys):
+    """Qwen3-Next (linear-attention hybrid) has no export here."""
     from tiny_moe import save_tiny_moe
 
+    model_type = "qwen3_next"
     model_dir = save_tiny_moe(tmp_path / model_type, tiny_tokenizer, model_type)
     assert main(["export", "--model", str(model_dir), "--output", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
     assert f"{model_type!r} architecture" in err and "Qwen3-MoE" in err and "Traceback" not in err
     assert not (tmp_path / "out").exists()
+
+
+def test_deepseek_is_written_as_llama_cpps_converter_writes_it(tmp_path, tiny_tokenizer):
+    """DeepSeek-V3's multi-head latent attention as llama.cpp's deepseek2 loader reads it: one latent key/value head
+    (the compressed width plus the RoPE key), ``kv_b_proj`` split per head into ``attn_k_b`` (transposed) and
+    ``attn_v_b``, a dense leading layer, shared experts, the routing metadata and the selection bias in f32. What
+    they compute: test_export_llama_cpp.py."""
+    model, tokenizer = _tiny_moe_model(tmp_path, tiny_tokenizer, "deepseek_v3", n_group=2, topk_group=1)
+    add_random_moe_lora(model)
+    export_gguf(model, tokenizer, tmp_path / "m.gguf", "f32")
+    reader = gguf.GGUFReader(tmp_path / "m.gguf")
+    field = lambda key: reader.fields[f"deepseek2.{key}"].contents()  # noqa: E731
+    assert (field("attention.head_count_kv"), field("attention.key_length"), field("attention.value_length"),
+            field("attention.key_length_mla"), field("attention.value_length_mla")) == (1, 16 + 8, 16, 16, 8)
+    assert (field("attention.q_lora_rank"), field("attention.kv_lora_rank"), field("rope.dimension_count")) == (
+        16, 16, 8)
+    assert (field("leading_dense_block_count"), field("expert_shared_count"), field("expert_group_count"),
+            field("expert_group_used_count"), field("expert_weights_norm")) == (1, 1, 2, 1, True)
+    assert field("expert_gating_func") == gguf.ExpertGatingFuncType.SIGMOID
+    assert field("expert_weights_scale") == pytest.approx(model.config.routed_scaling_factor)
+
+    tensors = {t.name: t for t in reader.tensors}
+    assert "blk.0.ffn_gate.weight" in tensors and "blk.0.ffn_gate_exps.weight" not in tensors  # the dense layer
+    assert {n[len("blk.1."):] for n in tensors if n.startswith("blk.1.")} == {
+        "attn_norm.weight", "attn_q_a.weight", "attn_q_a_norm.weight", "attn_q_b.weight", "attn_kv_a_mqa.weight",
+        "attn_kv_a_norm.weight", "attn_k_b.weight", "attn_v_b.weight", "attn_output.weight", "ffn_norm.weight",
+        "ffn_gate_inp.weight", "exp_probs_b.bias", "ffn_gate_exps.weight", "ffn_up_exps.weight",
+        "ffn_down_exps.weight", "ffn_gate_shexp.weight", "ffn_up_shexp.weight", "ffn_down_shexp.weight"}
+    kv_b = {key: make() for key, _, make in merged_tensors(model)}["model.layers.1.self_attn.kv_b_proj.weight"]
+    per_head = kv_b.reshape(4, 16, 16)  # [heads, nope 8 + v 8, kv_lora_rank]
+    value = lambda name: torch.from_numpy(tensors[name].data.copy())  # noqa: E731
+    torch.testing.assert_close(value("blk.1.attn_k_b.weight"), per_head[:, :8].transpose(1, 2))
+    torch.testing.assert_close(value("blk.1.attn_v_b.weight"), per_head[:, 8:])
+    assert float((kv_b - model.get_submodule("model.layers.1.self_attn.kv_b_proj").base_layer.dequantize()).abs()
+                 .max()) > 1e-3  # the adapter is folded in
 
 
 GPT_OSS = dict(head_dim=16, sliding_window=4)  # heads x head_dim != hidden, as in the released models

@@ -18,6 +18,7 @@ import json
 
 import pytest
 import torch
+from transformers.models.mpt.configuration_mpt import MptAttentionConfig
 
 import qlora
 from qlora.cli.main import main
@@ -106,6 +107,29 @@ def test_llama_cpp_chat_completion_answers_as_qlora_does(exported):
     text = reply["choices"][0]["message"]["content"]
     assert text.strip() == tokenizer.decode(expected[:stop], skip_special_tokens=True).strip()
     assert "Paris" in text  # the trained adapter is in the file
+
+
+def test_bos_where_qlora_generate_puts_one_chat_and_raw(exported):
+    """The tiny tokenizer adds BOS and its ChatML template writes none. ``qlora generate`` gives a chat prompt the
+    template's ids alone (as training tokenized the conversations) and raw text the tokenizer's BOS. The GGUF
+    keeps the tokenizer's ``add_bos_token``: llama.cpp's raw completion starts with BOS, and llama-cpp-python's
+    chat path, which adds none to a rendered template, gives exactly the chat ids. (llama.cpp's own server and CLI
+    and Ollama add BOS to chat prompts too when the file says so: see docs/gguf.md.)"""
+    base, _, files = exported
+    model, tokenizer = qlora.load_model(base, quant=None, device="cpu")
+    messages = [{"role": "user", "content": QUESTION}]
+    prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    chat = encode_prompt(model, tokenizer, prompt, chat=True)[0].tolist()
+    raw = encode_prompt(model, tokenizer, QUESTION)[0].tolist()
+    assert raw[0] == tokenizer.bos_token_id != chat[0]
+
+    llm = llama_cpp.Llama(model_path=str(files["f16"]), n_ctx=256, n_threads=2, verbose=False, seed=0)
+    assert llm.metadata["tokenizer.ggml.add_bos_token"] == "true"
+    llm.create_chat_completion(messages, temperature=0.0, max_tokens=1)
+    assert llm.input_ids[: len(chat)].tolist() == chat
+    llm.reset()
+    llm.create_completion(QUESTION, temperature=0.0, max_tokens=1)
+    assert llm.input_ids[: len(raw)].tolist() == raw
 
 
 # Every exported architecture, run by llama.cpp: its logits for a prompt equal the merged model's. This checks
@@ -223,6 +247,15 @@ MOE = {
     "granitemoe": dict(embedding_multiplier=2.0, residual_multiplier=0.5, attention_multiplier=0.2,
                        logits_scaling=4.0),
     "mixtral-16bit": {},  # adapters on transformers' own (not quantized) experts module
+    # multi-head latent attention with kv_b split into k_b/v_b, a leading dense layer, shared experts. V2-Lite as
+    # released: no query compression, softmax routing scaled without renormalizing, YaRN with mscale = mscale_all_dim
+    "deepseek_v2": dict(q_lora_rank=None, routed_scaling_factor=2.0, max_position_embeddings=128,
+                        rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
+                                         "original_max_position_embeddings": 32, "mscale": 0.707,
+                                         "mscale_all_dim": 0.707}),
+    # V3: sigmoid scores with a selection bias (random, see _biased_routing), top-1 of 2 groups, renormalized
+    "deepseek_v3": dict(n_group=2, topk_group=1),
+    "deepseek_v3-rotate-half": dict(rope_interleave=False),  # RoPE rows reordered to llama.cpp's pairs
 }
 MOE_PROMPT = "The quick brown fox jumps over the lazy dog. Question: what is two plus two?"
 
@@ -271,6 +304,7 @@ def test_llama_cpp_runs_moe_exports_as_the_merged_model(tmp_path, tiny_tokenizer
 
     quant = None if model_type.endswith("-16bit") else "nf4"
     model_dir = save_tiny_moe(tmp_path / "m", tiny_tokenizer, model_type.split("-")[0], **MOE[model_type])
+    _biased_routing(model_dir)
     model, tokenizer = _adapted_moe(model_dir, quant)
     export_gguf(model, tokenizer, tmp_path / "m.gguf", "f32")
     ids = tokenizer(MOE_PROMPT)["input_ids"]
@@ -288,6 +322,21 @@ def test_llama_cpp_runs_moe_exports_as_the_merged_model(tmp_path, tiny_tokenizer
     tokens, margin = _greedy(merged, ids, 16)
     assert margin > 2 * error  # no near-tie that this much error could flip: equal tokens are a real check
     assert _llama_cpp_greedy(llm, ids, 16) == tokens
+
+
+def _biased_routing(model_dir) -> None:
+    """DeepSeek-V3's expert selection bias (a buffer, so zero in a fresh model) set to random values that change
+    which experts are picked."""
+    from safetensors.torch import load_file, save_file
+
+    path = model_dir / "model.safetensors"
+    state = load_file(path)
+    g = torch.Generator().manual_seed(0)
+    biases = [k for k in state if k.endswith("e_score_correction_bias")]
+    for key in biases:
+        state[key] = 0.3 * torch.randn(state[key].shape, generator=g)
+    if biases:
+        save_file(state, path, metadata={"format": "pt"})
 
 
 # Dense architectures written by the same path, each in a config that exercises what llama.cpp must be told:
@@ -321,6 +370,10 @@ DENSE = {
     "falcon-40b": dict(new_decoder_architecture=True, num_kv_heads=2),  # grouped QKV, separate attention norm
     "falcon-rw": dict(multi_query=False, tie_word_embeddings=False),  # per-head QKV, untied head
     "bloom": {},  # ALiBi, embedding LayerNorm, per-head QKV
+    # ALiBi slopes of 12 heads (not a power of two: the interleaved second series), Q/K/V clamped, tied head
+    "mpt": dict(hidden_size=48, num_attention_heads=12, attn_config=MptAttentionConfig(clip_qkv=0.5)),
+    # Ministral run as llama: its sliding window spans the whole 64-token context, so full attention is the same
+    "ministral": dict(sliding_window=64, layer_types=["sliding_attention", "full_attention"]),
     # Q/K RMSNorm after NeoX RoPE; "dynamic" RoPE with a fixed alpha, a larger base
     "hunyuan_v1_dense": dict(head_dim=8, rope_parameters={"rope_type": "dynamic", "rope_theta": 10000.0,
                                                           "alpha": 1000.0, "factor": 1.0}),
@@ -329,7 +382,8 @@ DENSE = {
                                             "original_max_position_embeddings": 16, "low_freq_factor": 1.0,
                                             "high_freq_factor": 4.0}),  # as released: Llama 3.1 RoPE scaling
 }
-GELU = ("gemma", "phi", "starcoder2", "gpt_neox", "gpt2", "falcon", "bloom")  # llama.cpp's CPU GELU: a 16-bit table
+# llama.cpp's CPU GELU: a 16-bit table
+GELU = ("gemma", "phi", "starcoder2", "gpt_neox", "gpt2", "falcon", "bloom", "mpt")
 
 
 @torch.no_grad()
@@ -351,13 +405,40 @@ def test_llama_cpp_runs_more_dense_exports_as_the_merged_model(tmp_path, tiny_to
 
     llm = _llama_cpp(tmp_path / "m.gguf")
     llm.eval(ids)
-    # llama.cpp's CPU GELU (Gemma, Phi-2, StarCoder2, the GPT-style) reads a 16-bit table: up to 8e-4 measured (Pythia's
-    # and Falcon's exact GELU, run as llama.cpp's tanh one, within that); the others agree to ~1e-6
+    # llama.cpp's CPU GELU (Gemma, Phi-2, StarCoder2, the GPT-style, MPT) reads a 16-bit table: up to 8e-4 measured
+    # (Pythia's, Falcon's and MPT's exact GELU, run as llama.cpp's tanh one, within that); the others agree to ~1e-6
     error = _relative(torch.tensor(llm.scores[: len(ids)]), expected)
     assert error < (2e-3 if model_type.split("-")[0] in GELU else 1e-5)
     tokens, margin = _greedy(merged, ids, 16)
     assert margin > 2 * error  # no near-tie that this much error could flip: equal tokens are a real check
     assert _llama_cpp_greedy(llm, ids, 16) == tokens
+
+
+def test_generation_config_end_of_reply_ids_end_generation_in_llama_cpp_and_ollama(tmp_path, tiny_tokenizer):
+    """A Hunyuan whose generation_config.json lists four ids that end a reply (qlora generate stops on each):
+    llama.cpp ends generation on EOS, EOT, EOM and tokens it knows by name (``<|im_end|>``), so the two plain
+    word tokens become EOT and EOM (as llama.cpp's converter writes Hunyuan's) and llama.cpp stops on all four;
+    Ollama's list holds them all."""
+    from qlora.infer.generate import default_stop_ids
+    from tiny_moe import save_tiny_moe
+
+    gguf = pytest.importorskip("gguf")
+    model_dir = save_tiny_moe(tmp_path / "m", tiny_tokenizer, "hunyuan_v1_dense", head_dim=8)
+    words = [tiny_tokenizer.convert_tokens_to_ids(t) for t in ("Ġfox", "Ġdog", "Ġfour")]
+    ends = [tiny_tokenizer.eos_token_id, tiny_tokenizer.convert_tokens_to_ids("<|im_end|>"), *words[:2]]
+    config = json.loads((model_dir / "generation_config.json").read_text())
+    (model_dir / "generation_config.json").write_text(json.dumps({**config, "eos_token_id": ends}))
+    assert main(["export", "--model", str(model_dir), "--output", str(tmp_path / "out"), "--type", "f32"]) == 0
+    path = tmp_path / "out" / "model-f32.gguf"
+
+    model, tokenizer = qlora.load_model(model_dir, quant=None, device="cpu")
+    assert set(ends) <= default_stop_ids(model, tokenizer) and words[2] not in default_stop_ids(model, tokenizer)
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=64, n_threads=2, verbose=False)
+    vocab = llama_cpp.llama_model_get_vocab(llm._model.model)
+    assert [llama_cpp.llama_vocab_is_eog(vocab, i) for i in [*ends, words[2]]] == [True, True, True, True, False]
+    assert (llm.metadata["tokenizer.ggml.eot_token_id"], llm.metadata["tokenizer.ggml.eom_token_id"]) == (
+        str(words[0]), str(words[1]))
+    assert list(gguf.GGUFReader(path).fields["tokenizer.ggml.eos_token_ids"].contents()) == ends
 
 
 def _router_margin(model, ids: list[int]) -> float:

@@ -73,6 +73,11 @@ model loaders), restated for the architectures qlora exports:
   softmax over the top-k router logits, NeoX RoPE and a sliding window on even layers: configs that differ
   are refused. llama.cpp rounds YaRN's correction range to whole dimensions whatever ``truncate`` says (the
   released configs say false); as its own converter, the export writes them anyway (see docs/gguf.md).
+- MPT: ALiBi with the maximum bias 8 transformers' port always uses (llama.cpp reads it as metadata and its slopes
+  then equal transformers' for any head count), ``clip_qkv`` as ``clamp_kqv``, the fused ``Wqkv`` already all Q,
+  all K, all V. Ministral runs as ``llama``: full attention, the same as its sliding windows only where no window
+  is shorter than the context. GPT-J has a llama.cpp name but no implementation: refused as such.
+- DeepSeek-V2/V3 (multi-head latent attention, llama.cpp's ``deepseek2``): :mod:`qlora.model.gguf_deepseek`.
 - transformers 5 names Granite MoE's router and experts
   ``block_sparse_moe.router``/``.experts``, which gguf's table knows under other
   names: they are respelled before the lookup.
@@ -87,6 +92,7 @@ from typing import Callable
 import torch
 
 from ..errors import UsageError
+from . import gguf_deepseek
 
 
 @dataclass(frozen=True)
@@ -116,6 +122,7 @@ class ArchSpec:
     mha: bool = False  # every query head has its own key/value head (the config has no field for it)
     layer_scalars: tuple[tuple[str, str], ...] = ()  # (HF key ending, gguf writer's add_<name>): a value per layer
     gate_up_interleaved: bool = False  # the fused expert ``gate_up_proj`` alternates gate and up rows (gpt-oss)
+    mla: bool = False  # DeepSeek's multi-head latent attention and routing (:mod:`qlora.model.gguf_deepseek`)
 
 
 SILU = ("silu", "swish")
@@ -179,18 +186,34 @@ SPECS: dict[str, ArchSpec] = {
                                                                                           "eps"))),
     "gpt_oss": ArchSpec("gpt-oss", norm_topk=True, output_required=True, gate_up_interleaved=True,
                         requires=(("attention_bias", True),)),
+    "mpt": ArchSpec("mpt", layer_norm=True, ff_key="", rope=False, mha=True, full_attention=True),
+    # Ministral (8B): Mistral whose layers may each have a sliding window; llama.cpp runs it as ``llama`` (full
+    # attention), the same model exactly when no window is shorter than the trained context (checked)
+    "ministral": ArchSpec("llama", permute_qk=True, acts=SILU),
+    "deepseek_v2": ArchSpec("deepseek2", mla=True, acts=SILU, full_attention=True),
+    "deepseek_v3": ArchSpec("deepseek2", mla=True, acts=SILU, full_attention=True, rename=gguf_deepseek.RENAME),
     "bloom": ArchSpec("bloom", layer_norm=True, ff_key="", fused_qkv=True, rope=False, mha=True,
                       rename=(("transformer.", ""),),
                       requires=(("apply_residual_connection_post_layernorm", False),), full_attention=True),
 }
-SUPPORTED = ("Llama, Mistral, Qwen2, Qwen3, Gemma, Gemma 2, Gemma 3 (text), Phi-2, Phi-3, OLMo, OLMo 2, Granite, "
-             "SmolLM3, StarCoder2, StableLM, Command-R, Cohere 2, GLM-4, ERNIE 4.5, EXAONE 4, Seed-OSS, Arcee, "
-             "GPT-NeoX (Pythia), GPT-2, Falcon, BLOOM, Hunyuan (dense), Apertus and the mixture-of-experts Mixtral, Qwen2-MoE (Qwen1.5-MoE), Qwen3-MoE, OLMoE, Granite MoE and gpt-oss")
+# Architectures llama.cpp has a name for but cannot load: a GGUF of them would not run there.
+NOT_IN_LLAMA_CPP = {"gptj": "GPT-J"}
+
+SUPPORTED = ("Llama, Mistral, Ministral, Qwen2, Qwen3, Gemma, Gemma 2, Gemma 3 (text), Phi-2, Phi-3, OLMo, OLMo 2, "
+             "Granite, SmolLM3, StarCoder2, StableLM, Command-R, Cohere 2, GLM-4, ERNIE 4.5, EXAONE 4, Seed-OSS, Arcee, "
+             "GPT-NeoX (Pythia), GPT-2, Falcon, BLOOM, MPT, Hunyuan (dense), Apertus and the mixture-of-experts "
+             "Mixtral, Qwen2-MoE (Qwen1.5-MoE), Qwen3-MoE, OLMoE, Granite MoE, gpt-oss, DeepSeek-V2 and DeepSeek-V3")
 
 
 def arch_spec(config) -> ArchSpec:
     """The spec of ``config.model_type``; a clear refusal for anything else."""
     model_type = getattr(config, "model_type", None)
+    if model_type in NOT_IN_LLAMA_CPP:
+        name = NOT_IN_LLAMA_CPP[model_type]
+        raise UsageError(f"GGUF export does not write {name} ({model_type!r}) models: llama.cpp lists the "
+                         f"architecture but has no implementation of it (its model loader refuses such a file, and "
+                         f"its converter has no {name} class), so no GGUF of it runs in llama.cpp or Ollama. Use "
+                         f"the merged checkpoint (qlora merge) with transformers, or qlora generate/serve.")
     if model_type not in SPECS:
         raise UsageError(f"GGUF export does not support the {model_type!r} architecture; it writes {SUPPORTED} models "
                          f"(with their llama.cpp conventions checked). For others use llama.cpp's "
@@ -215,7 +238,8 @@ def kv_heads(config, spec: ArchSpec) -> int:
 
 def _context_length(config) -> int:
     """The trained context; BLOOM's config has none (ALiBi) and was trained on 2048 tokens."""
-    return getattr(config, "max_position_embeddings", None) or getattr(config, "seq_length", None) or 2048
+    return (getattr(config, "max_position_embeddings", None) or getattr(config, "seq_length", None)
+            or getattr(config, "max_seq_len", None) or 2048)
 
 
 def _feed_forward_length(config, spec: ArchSpec) -> int:
@@ -246,9 +270,12 @@ def write_metadata(writer, config, spec: ArchSpec, n_vocab: int) -> list[tuple[s
     writer.add_block_count(config.num_hidden_layers)
     writer.add_feed_forward_length(_feed_forward_length(config, spec))
     writer.add_head_count(n_head)
-    writer.add_head_count_kv(n_kv)
-    writer.add_key_length(hd)
-    writer.add_value_length(hd)
+    if spec.mla:
+        hd = gguf_deepseek.write_attention(writer, config)  # the RoPE width; MLA's sizes are its own
+    else:
+        writer.add_head_count_kv(n_kv)
+        writer.add_key_length(hd)
+        writer.add_value_length(hd)
     if spec.layer_norm:  # OLMo's weightless LayerNorm has a fixed eps and no config field
         writer.add_layer_norm_eps(next((v for v in (getattr(config, k, None) for k in (
             "layer_norm_eps", "layer_norm_epsilon", "norm_eps")) if v is not None), 1e-5))
@@ -258,6 +285,8 @@ def write_metadata(writer, config, spec: ArchSpec, n_vocab: int) -> list[tuple[s
     _check_graph_computes(config, spec)
     if spec.norm_topk is not None:
         _write_experts(writer, config, spec)
+    if spec.mla:
+        gguf_deepseek.write_experts(writer, config)
     if spec.gguf_arch in ("qwen2moe", "olmoe", "olmo2") and (hd * n_head != config.hidden_size or (
             spec.gguf_arch == "olmoe" and n_kv != n_head)):  # llama.cpp sizes these by the hidden width
         raise UsageError(f"llama.cpp's {spec.gguf_arch} needs query heads spanning the hidden size"
@@ -266,6 +295,10 @@ def write_metadata(writer, config, spec: ArchSpec, n_vocab: int) -> list[tuple[s
                          f"{config.hidden_size}. Refusing to export.")
     if spec.gguf_arch == "gptneox":
         writer.add_parallel_residual(bool(getattr(config, "use_parallel_residual", True)))
+    if spec.gguf_arch == "mpt":
+        _write_mpt_attention(writer, config, hd)
+    if config.model_type == "ministral":
+        _check_ministral_windows(config)
     if not spec.rope:
         writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
         return []
@@ -371,6 +404,41 @@ def _write_experts(writer, config, spec: ArchSpec) -> None:
                          f"does not run. Refusing to export.")
 
 
+# transformers' MPT builds its ALiBi slopes with maximum bias 8 whatever ``alibi_bias_max`` says
+MPT_ALIBI_BIAS = 8.0
+
+
+def _write_mpt_attention(writer, config, hd: int) -> None:
+    """MPT's ALiBi bias and ``clip_qkv`` as llama.cpp's mpt reads them; refuse attention it computes otherwise
+    (transformers' MPT scales by ``softmax_scale``, llama.cpp by 1/sqrt(head_dim); llama.cpp's slopes follow the
+    written maximum bias, transformers' the fixed 8, so a config meaning another one is ambiguous)."""
+    attn = config.attn_config
+    differs = [f"{key}={getattr(attn, key)!r}" for key, ok in (
+        ("alibi", attn.alibi), ("alibi_bias_max", attn.alibi_bias_max == MPT_ALIBI_BIAS),
+        ("softmax_scale", attn.softmax_scale is None or abs(attn.softmax_scale - hd ** -0.5) < 1e-9),
+        ("qk_ln", not attn.qk_ln), ("prefix_lm", not attn.prefix_lm),
+        ("attn_type", attn.attn_type == "multihead_attention")) if not ok]
+    if differs:
+        raise UsageError(f"this MPT config's attn_config has {', '.join(differs)}, which llama.cpp's mpt (ALiBi with "
+                         f"maximum bias 8, attention scaled by 1/sqrt(head_dim), one key/value head per query head, "
+                         f"causal) and transformers' MPT do not both compute. Refusing to export.")
+    writer.add_max_alibi_bias(MPT_ALIBI_BIAS)
+    if attn.clip_qkv:
+        writer.add_clamp_kqv(attn.clip_qkv)
+
+
+def _check_ministral_windows(config) -> None:
+    """llama.cpp runs Ministral as ``llama``, attending to the whole context on every layer; a sliding-window
+    layer computes the same only if its window covers the trained context."""
+    window = getattr(config, "sliding_window", None)
+    context = _context_length(config)
+    if _sliding_layers(config) and window is not None and window < context:
+        raise UsageError(f"this Ministral config attends through a {window}-token sliding window on some layers "
+                         f"(layer_types), shorter than its {context}-token context; llama.cpp runs Ministral as "
+                         f"llama with full attention on every layer (its converter has no Ministral class), so the "
+                         f"GGUF would attend differently past {window} tokens. Refusing to export.")
+
+
 def _check_smollm3_nope_layers(config) -> None:
     """llama.cpp's smollm3 skips RoPE on every 4th layer (a fixed step, no GGUF key); SmolLM3's config lists the
     layers that use it (``no_rope_layers``, 1 = RoPE). Any other pattern would attend differently there."""
@@ -462,6 +530,11 @@ def _rope_scaling(writer, config, spec: ArchSpec, rope: dict, rotary: int) -> li
                          ("beta_slow", writer.add_rope_scaling_yarn_beta_slow)):
             if rope.get(key) is not None:
                 add(rope[key])
+        if spec.mla:  # llama.cpp's deepseek2 reads mscale_all_dim (times 0.1, as its converter writes it)
+            gguf_deepseek.check_yarn(config, rope, _yarn_attention_factor(rope))
+            if rope.get("mscale_all_dim"):
+                writer.add_rope_scaling_yarn_log_mul(0.1 * rope["mscale_all_dim"])
+            return []
         factor = _yarn_attention_factor(rope) / (1.0 + 0.1 * math.log(rope["factor"]))
         if abs(factor - 1.0) > 1e-7:
             writer.add_rope_scaling_attn_factors(factor)
@@ -546,6 +619,8 @@ def to_llama_cpp(key: str, tensor: torch.Tensor, config, spec: ArchSpec) -> torc
         tensor = tensor.reshape(heads, 2, tensor.shape[0] // heads // 2, *rest).transpose(1, 2).reshape(-1, *rest)
     if spec.norm_shift and key.endswith("norm.weight"):
         tensor = tensor.float() + spec.norm_shift
+    if spec.mla:
+        tensor = gguf_deepseek.to_interleaved_rope(key, tensor, config)
     return tensor
 
 

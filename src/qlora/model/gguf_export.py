@@ -33,6 +33,7 @@ from torch import nn
 from ..errors import UsageError
 from ..nn import experts_layout
 from .gguf_arch import ArchSpec, arch_spec, llama_cpp_shape, tensor_namer, to_llama_cpp, write_metadata
+from .gguf_deepseek import split_kv_b
 from .gguf_vocab import gguf_vocab
 from .merge import merged_tensors, tied_embeddings
 from .quantize import non_text_names, text_decoder_path
@@ -77,7 +78,7 @@ def export_gguf(model: nn.Module, tokenizer, path: str | Path, out_type: str = "
     spec = arch_spec(config)
     path = Path(path)
     n_vocab = model.get_input_embeddings().weight.shape[0]  # added tokens may have grown it past the config
-    vocab = gguf_vocab(tokenizer, n_vocab)
+    vocab = gguf_vocab(tokenizer, n_vocab, getattr(getattr(model, "generation_config", None), "eos_token_id", None))
 
     partial = path.with_name(path.name + ".partial")  # a failed export leaves no half-written file
     writer = gguf.GGUFWriter(partial, spec.gguf_arch)
@@ -123,6 +124,8 @@ def _plan(model: nn.Module, config, spec: ArchSpec, out_type: str,
     rename = _causal_lm_key(model) if towers else (lambda key: key)
     rows = [(rename(key), shape, make) for key, shape, make in _expert_tensors(model, merged_tensors(model), spec)
             if not key.startswith(towers)]
+    if spec.mla:
+        rows = split_kv_b(rows, config)
     tied = tied_embeddings(model)
     plan: list[_Planned] = []
     unknown = []
@@ -241,6 +244,8 @@ def _write_vocab(writer, vocab) -> None:
         add = getattr(writer, f"add_{kind}_token_id", None)
         if add is not None:
             add(tid)
+    if vocab.eos_ids:
+        writer.add_array("tokenizer.ggml.eos_token_ids", vocab.eos_ids)
     writer.add_add_bos_token(vocab.add_bos)
     writer.add_add_eos_token(vocab.add_eos)
     if vocab.add_space_prefix is not None:

@@ -15,7 +15,11 @@ llama.cpp runs two tokenizer families, and its reader needs to be told which:
 
 Special token ids, whether BOS/EOS are added, and the chat template come from
 the tokenizer itself (``gguf.SpecialVocab``, llama.cpp's own reader, plus a
-check of what encoding actually adds).
+check of what encoding actually adds). ``generation_config.json`` may list more
+ids that end a reply (Llama 3 Instruct, Hunyuan). llama.cpp stops on EOS, EOT, EOM
+and on tokens it knows by name (``<|eot_id|>``, ``<|im_end|>``, ...); the first two
+of the others become EOT and EOM (as llama.cpp's converter writes Hunyuan's), and
+all of them go to ``tokenizer.ggml.eos_token_ids``, the list Ollama stops on.
 """
 
 from __future__ import annotations
@@ -42,6 +46,11 @@ _PRE_BY_REGEX = {
     r"|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+": "gpt-4o",
 }
 
+# Token texts llama.cpp ends generation on by name whatever the file says (llama-vocab.cpp, its EOG list)
+LLAMA_CPP_END_NAMES = frozenset({"<|eot_id|>", "<|im_end|>", "<|end|>", "<|return|>", "<|call|>", "<end_of_turn>",
+                                 "<|endoftext|>", "<|eom_id|>", "<EOT>", "_<EOT>", "<|end_of_text|>",
+                                 "<end_of_utterance>"})
+
 # gguf.TokenType values (kept numeric so this module imports without gguf)
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
 
@@ -61,14 +70,16 @@ class GGUFVocab:
     add_eos: bool = False
     add_space_prefix: bool | None = None
     chat_template: str | None = None
+    eos_ids: list[int] = field(default_factory=list)  # generation_config's ids that end a reply (Ollama's list)
 
 
-def gguf_vocab(tokenizer, n_vocab: int) -> GGUFVocab:
+def gguf_vocab(tokenizer, n_vocab: int, generation_eos: int | list[int] | None = None) -> GGUFVocab:
     """Read ``tokenizer`` (a transformers fast tokenizer) into GGUF fields.
 
     Args:
         n_vocab: rows of the model's embedding; ids the tokenizer lacks become
             unused ``[PAD<id>]`` tokens, as llama.cpp's converter writes them.
+        generation_eos: ``generation_config.eos_token_id`` (one id or a list).
     """
     if not getattr(tokenizer, "is_fast", False):
         raise UsageError("GGUF export needs the model's fast tokenizer (tokenizer.json); this model has only a "
@@ -116,7 +127,23 @@ def gguf_vocab(tokenizer, n_vocab: int) -> GGUFVocab:
     else:
         vocab.merges = merges
     _special(tokenizer, vocab, n_vocab)
+    _end_of_reply(vocab, generation_eos, n_vocab)
     return vocab
+
+
+def _end_of_reply(vocab: GGUFVocab, generation_eos: int | list[int] | None, n_vocab: int) -> None:
+    """Carry generation_config's end-of-reply ids: the first two llama.cpp would not stop on as EOT and EOM where
+    the tokenizer names none, the whole list for Ollama."""
+    ids = [generation_eos] if isinstance(generation_eos, int) else list(generation_eos or [])
+    ids = list(dict.fromkeys(int(i) for i in ids if 0 <= int(i) < n_vocab))
+    eos = vocab.special_ids.get("eos")
+    known = {vocab.special_ids.get(k) for k in ("eos", "eot", "eom")}
+    extra = [i for i in ids if i not in known and vocab.tokens[i] not in LLAMA_CPP_END_NAMES]
+    for kind in ("eot", "eom"):
+        if kind not in vocab.special_ids and extra:
+            vocab.special_ids[kind] = extra.pop(0)
+    if len(ids) > 1 or (ids and ids[0] != eos):
+        vocab.eos_ids = ids
 
 
 def _pre_tokenizer(spec: dict) -> str:
