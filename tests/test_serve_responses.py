@@ -251,7 +251,6 @@ def test_a_forced_call_streams_and_returns_a_function_call_item(tool_served, cho
      "input.0.content.0"),
     (dict(input=[{"role": "user", "content": [{"type": "input_file", "file_id": "file-1"}]}]), "input.0.content.0"),
     (dict(previous_response_id="resp_123"), "previous_response_id"),
-    (dict(conversation="conv_1"), "conversation"),
     (dict(tools=[{"type": "web_search"}]), "tools.0.type"),
     (dict(tools=TOOLS), "tools.0.name"),  # the Chat Completions shape
     (dict(tools=[{"type": "function", "name": "bad name", "parameters": {"type": "object"}}]), "tools.0.name"),
