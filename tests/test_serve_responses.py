@@ -251,7 +251,6 @@ def test_a_forced_call_streams_and_returns_a_function_call_item(tool_served, cho
      "input.0.content.0"),
     (dict(input=[{"role": "user", "content": [{"type": "input_file", "file_id": "file-1"}]}]), "input.0.content.0"),
     (dict(previous_response_id="resp_123"), "previous_response_id"),
-    (dict(conversation="conv_1"), "conversation"),
     (dict(tools=[{"type": "web_search"}]), "tools.0.type"),
     (dict(tools=TOOLS), "tools.0.name"),  # the Chat Completions shape
     (dict(tools=[{"type": "function", "name": "bad name", "parameters": {"type": "object"}}]), "tools.0.name"),
@@ -448,7 +447,7 @@ def test_the_store_keeps_the_most_recently_used():
 
     store = ResponseStore(capacity=2)
     for k in range(3):
-        store.keep({"id": f"resp_{k}", "output": []}, [])
+        store.keep({"id": f"resp_{k}", "status": "completed", "output": []}, [])
         if k == 1:
             store.get("resp_0")  # used: resp_1 is now the least recently used
     assert len(store) == 2 and store.get("resp_0") and store.get("resp_2")
@@ -456,7 +455,7 @@ def test_the_store_keeps_the_most_recently_used():
         store.previous("resp_1")
     assert exc.value.status == 400 and exc.value.param == "previous_response_id" and "last 2" in exc.value.message
     none = ResponseStore(capacity=0)
-    none.keep({"id": "resp_x", "output": []}, [])
+    none.keep({"id": "resp_x", "status": "completed", "output": []}, [])
     with pytest.raises(APIError) as exc:
         none.get("resp_x")
     assert exc.value.status == 404 and "--stored-responses 0" in exc.value.message

@@ -1,8 +1,9 @@
 """The OpenAI-compatible HTTP API of ``qlora serve``, as a FastAPI application.
 
 Routes: ``POST /v1/chat/completions``, ``POST /v1/responses`` (and ``GET``/``DELETE
-/v1/responses/{id}``, ``GET /v1/responses/{id}/input_items`` for kept responses), ``POST
-/v1/completions``, ``GET /v1/models`` (the base model and each adapter, by id), plus
+/v1/responses/{id}``, ``GET /v1/responses/{id}/input_items`` for kept responses, ``POST
+/v1/responses/{id}/cancel`` for background ones), the Conversations API (``/v1/conversations``,
+its ``items``), ``POST /v1/completions``, ``GET /v1/models`` (the base model and each adapter, by id), plus
 ``GET /health`` (no key needed) and ``GET /stats`` (the batcher's counters). The request's
 ``model`` picks the adapter; every choice of a request (``n`` of them, for each
 prompt of a completions batch) becomes one row of the shared
@@ -49,10 +50,12 @@ from ..infer.logprobs import TokenLogprob, TokenPieces
 from ..infer.template import chat_template, render_chat, renders_tools, stop_token_ids
 from ..infer.tool_calls import ToolCall, ToolCallFormat, ToolCallStream, markup_token_ids, tool_call_format
 from ..model.chat_format import ChatFormat
+from . import conversations as conv
+from .background import BackgroundRun
 from .logprobs import TextOffsets, chat_logprobs, completion_logprobs
 from .protocol import APIError, ChatCompletionRequest, CompletionRequest, _Body, sse
-from .response_store import DEFAULT_CAPACITY, ResponseStore, list_page, with_ids
-from .responses import ResponsesRequest, ResponseWriter, drop_oldest_turn
+from .response_store import DEFAULT_CAPACITY, RUNNING, ResponseStore, list_page, with_ids
+from .responses import FINISHED, ResponsesRequest, ResponseWriter, drop_oldest_turn
 
 TYPE_TAGS = {"str", "int", "float", "bool", "dict", "list", "none"}
 DISCONNECT_POLL_S = 0.5  # how often a non-streaming request checks that its client is still there
@@ -60,7 +63,7 @@ DISCONNECT_POLL_S = 0.5  # how often a non-streaming request checks that its cli
 
 def build_app(batcher: ContinuousBatcher, base_id: str, adapters: list[str], api_key: str | None = None,
               chat_formats: dict[str | None, ChatFormat | None] | None = None,
-              stored_responses: int = DEFAULT_CAPACITY) -> FastAPI:
+              stored_responses: int = DEFAULT_CAPACITY, stored_conversations: int = conv.DEFAULT_CAPACITY) -> FastAPI:
     """The application serving ``batcher``'s model as ``base_id`` and each adapter as its name.
 
     Args:
@@ -71,7 +74,10 @@ def build_app(batcher: ContinuousBatcher, base_id: str, adapters: list[str], api
         chat_formats: adapter name (``None``: the base) -> the chat format its chat requests are rendered
             with (the one it was trained with); missing or ``None``: the tokenizer's own template.
         stored_responses: how many Responses API responses are kept in memory for ``previous_response_id``
-            and ``GET /v1/responses/{id}`` (the least recently used dropped first; 0 keeps none).
+            and ``GET /v1/responses/{id}`` (the least recently used dropped first, never a background one
+            still running; 0 keeps none).
+        stored_conversations: how many conversations (``/v1/conversations``) are kept in memory (the least
+            recently used dropped first; 0 keeps none).
     """
     chat_formats = chat_formats or {}
     model, tokenizer = batcher.model, batcher.tokenizer
@@ -80,6 +86,7 @@ def build_app(batcher: ContinuousBatcher, base_id: str, adapters: list[str], api
     ids = {base_id: None, **{name: name for name in adapters}}
     created = int(time.time())
     store = ResponseStore(stored_responses)
+    conversations = conv.ConversationStore(stored_conversations)
     app = FastAPI(title="qlora serve", docs_url=None, redoc_url=None, openapi_url=None)
     if api_key is not None:
         app.add_middleware(_RequireKey, api_key=api_key)
@@ -188,27 +195,70 @@ def build_app(batcher: ContinuousBatcher, base_id: str, adapters: list[str], api
     @app.post("/v1/responses")
     async def responses(body: ResponsesRequest, request: Request):
         body.refuse_unsupported()
+        if body.background and store.capacity <= 0:
+            raise APIError(400, "Background mode keeps the response to poll, and this server keeps none (started with "
+                                "--stored-responses 0); send the request without 'background'.", "background")
         adapter = _adapter(ids, body.model, status=404)
-        history = store.previous(body.previous_response_id).conversation if body.previous_response_id else []
-        choice, items = response_choice(body, adapter, body.conversation_items(history))
+        conversation = body.conversation_id()
+        if conversation is not None:
+            history = conversations.get(conversation, "conversation").items
+        else:
+            history = store.previous(body.previous_response_id).conversation if body.previous_response_id else []
+        own = with_ids(body.input_items())
+        choice, items = response_choice(body, adapter, body.conversation_items(history, own))
         input_items = with_ids([item for _, item in items])
+        run: BackgroundRun | None = None
 
         def keep(response: dict[str, Any]) -> None:
-            if body.store is not False and response["status"] in ("completed", "incomplete"):
-                store.keep(response, input_items)
+            finished = response["status"] in FINISHED
+            if body.background or (body.store is not False and finished):
+                store.keep(response, input_items, run)
+            if conversation is not None and finished:
+                conversations.extend(conversation, own + response["output"])
 
         writer = ResponseWriter(body, TokenPieces.of(tokenizer), keep)
         queue = _submit(batcher, [choice])
+        if body.background:
+            def ending(status: str, message: str | None) -> str:
+                error = None if message is None else {"code": "server_error", "message": message}
+                return writer.event("response.failed", response=writer.state(status, [], error=error))
+
+            run = BackgroundRun(ending, keep_events=body.stream)
+            queued = writer.state("queued", [])
+            run.start(_response_events(queue, choice, writer, background=True))
+            return _event_stream(run.replay()) if body.stream else queued
         if body.stream:
             return _event_stream(_response_events(queue, choice, writer))
         if not await _gather(queue, [choice], request):
             return JSONResponse({}, status_code=499)
         content, calls = choice.tools.parse(choice.text) if choice.tools is not None else (choice.text, [])
         output = writer.output(content, calls, choice.last.finish_reason, choice.logprobs)
-        return writer.final(writer.status(choice.last.finish_reason, calls), output, _usage([choice]))
+        return writer.state(writer.status(choice.last.finish_reason, calls), output, _usage([choice]))
 
     @app.get("/v1/responses/{response_id}")
-    async def retrieve_response(response_id: str) -> dict[str, Any]:
+    async def retrieve_response(response_id: str, stream: bool = False, starting_after: int = -1):
+        kept = store.get(response_id)
+        if not stream:
+            return kept.response
+        if kept.run is None:
+            raise APIError(400, "This response cannot be streamed because it was not created with background=true; "
+                                "GET it without 'stream'.", "stream")
+        if not kept.run.keep_events:
+            raise APIError(400, "This response cannot be streamed because it was not created with stream=true; "
+                                "GET it without 'stream'.", "stream")
+        return _event_stream(kept.run.replay(starting_after))
+
+    @app.post("/v1/responses/{response_id}/cancel")
+    async def cancel_response(response_id: str) -> dict[str, Any]:
+        kept = store.get(response_id)
+        status = kept.response["status"]
+        if kept.run is None:
+            raise APIError(400, "Cannot cancel a synchronous response: only responses created with 'background': true "
+                                "can be cancelled (a client stops any other by closing its connection).")
+        if status in RUNNING:
+            await kept.run.cancel()
+        elif status != "cancelled":
+            raise APIError(400, f"Cannot cancel a{'n' if status[0] in 'aeiou' else ''} {status} response.")
         return store.get(response_id).response
 
     @app.delete("/v1/responses/{response_id}")
@@ -220,6 +270,46 @@ def build_app(batcher: ContinuousBatcher, base_id: str, adapters: list[str], api
     async def response_input_items(response_id: str, order: str = "desc", limit: int = 20,
                                    after: str | None = None) -> dict[str, Any]:
         return list_page(store.get(response_id).input_items, order, limit, after)
+
+    @app.post("/v1/conversations")
+    async def create_conversation(body: conv.CreateBody) -> dict[str, Any]:
+        return conversations.create(body.items or [], body.metadata).object()
+
+    @app.get("/v1/conversations/{conversation_id}")
+    async def retrieve_conversation(conversation_id: str) -> dict[str, Any]:
+        return conversations.get(conversation_id).object()
+
+    @app.post("/v1/conversations/{conversation_id}")
+    async def update_conversation(conversation_id: str, body: conv.UpdateBody) -> dict[str, Any]:
+        found = conversations.get(conversation_id)
+        found.metadata = conv.check_metadata(body.metadata)
+        return found.object()
+
+    @app.delete("/v1/conversations/{conversation_id}")
+    async def delete_conversation(conversation_id: str) -> dict[str, Any]:
+        conversations.delete(conversation_id)
+        return {"id": conversation_id, "object": "conversation.deleted", "deleted": True}
+
+    @app.get("/v1/conversations/{conversation_id}/items")
+    async def conversation_items(conversation_id: str, order: str = "desc", limit: int = 20,
+                                 after: str | None = None) -> dict[str, Any]:
+        return list_page(conversations.get(conversation_id).items, order, limit, after)
+
+    @app.post("/v1/conversations/{conversation_id}/items")
+    async def add_conversation_items(conversation_id: str, body: conv.ItemsBody) -> dict[str, Any]:
+        added = conversations.add(conversation_id, body.items)
+        return {"object": "list", "data": added, "first_id": added[0]["id"] if added else None,
+                "last_id": added[-1]["id"] if added else None, "has_more": False}
+
+    @app.get("/v1/conversations/{conversation_id}/items/{item_id}")
+    async def conversation_item(conversation_id: str, item_id: str) -> dict[str, Any]:
+        return conversations.get(conversation_id).item(item_id)
+
+    @app.delete("/v1/conversations/{conversation_id}/items/{item_id}")
+    async def delete_conversation_item(conversation_id: str, item_id: str) -> dict[str, Any]:
+        found = conversations.get(conversation_id)
+        found.items.remove(found.item(item_id))
+        return found.object()
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):
@@ -320,7 +410,7 @@ def _http_error(request: Request, exc: HTTPException) -> APIError:
                              "the parser); send a valid JSON object", code="invalid_json")
     if exc.status_code == 404:
         return APIError(404, f"Unknown path {request.url.path}: this server answers /v1/chat/completions, "
-                             "/v1/responses, /v1/completions and /v1/models", code="not_found")
+                             "/v1/responses, /v1/conversations, /v1/completions and /v1/models", code="not_found")
     kind = "invalid_request_error" if exc.status_code < 500 else "server_error"
     return APIError(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}", kind=kind)
 
@@ -538,21 +628,33 @@ async def _stream(queue: asyncio.Queue, choices: list[_Choice], body: _Body, rep
         _cancel(choices)  # the client went away mid-stream: free the rows at the next step
 
 
-async def _response_events(queue: asyncio.Queue, choice: _Choice, writer: ResponseWriter) -> AsyncIterator[str]:
+async def _response_events(queue: asyncio.Queue, choice: _Choice, writer: ResponseWriter,
+                           background: bool = False) -> AsyncIterator[str]:
     """A Responses stream: the reply's message item (opened at its first text) and text deltas, then its
-    function calls (each whole), then ``response.completed`` (or ``response.incomplete``) with the whole response."""
+    function calls (each whole), then ``response.completed`` (or ``response.incomplete``) with the whole response.
+
+    A background response is ``queued`` (``response.created``, ``response.queued``) until its row's first
+    token comes, then ``in_progress``; each state is handed to the writer's ``keep``."""
     splitter = ToolCallStream(choice.tools.format, choice.tools.names) if choice.tools is not None else None
     at = {"item_id": writer.message_id, "output_index": 0}
     text, opened, carried, calls = "", False, [], []
     try:
-        yield writer.event("response.created", response=writer.response("in_progress", []))
-        yield writer.event("response.in_progress", response=writer.response("in_progress", []))
+        if background:
+            yield writer.event("response.created", response=writer.state("queued", []))
+            yield writer.event("response.queued", response=writer.state("queued", []))
+        else:
+            yield writer.event("response.created", response=writer.state("in_progress", []))
+            yield writer.event("response.in_progress", response=writer.state("in_progress", []))
+        started = not background
         while True:
             _, event = await queue.get()
+            if not started:
+                started = True
+                yield writer.event("response.in_progress", response=writer.state("in_progress", []))
             if event.finish_reason in ("error", "cancelled"):
                 error = _failure(event)
                 yield writer.event("error", code=error.code, message=error.message, param=None)
-                yield writer.event("response.failed", response=writer.response(
+                yield writer.event("response.failed", response=writer.state(
                     "failed", [], error={"code": "server_error", "message": error.message}))
                 return
             choice.add(event)
@@ -593,7 +695,7 @@ async def _response_events(queue: asyncio.Queue, choice: _Choice, writer: Respon
                                name=item["name"], arguments=item["arguments"])
             yield writer.event("response.output_item.done", **where, item=item)
             output.append(item)
-        yield writer.event(f"response.{status}", response=writer.final(status, output, _usage([choice])))
+        yield writer.event(f"response.{status}", response=writer.state(status, output, _usage([choice])))
     finally:
         _cancel([choice])  # the client went away mid-stream: free the row at the next step
 

@@ -2,7 +2,10 @@
 read it back (``GET /v1/responses/{id}``), list its input items or delete it.
 
 Kept in memory and bounded: the newest ``capacity`` responses stay, the least recently used
-one is dropped first, and a restart forgets them all. A kept response carries its whole
+one is dropped first, and a restart forgets them all. A background response still queued or in
+progress is never dropped (its client polls it, and its run updates it): it counts toward the
+bound once finished, so the store holds at most ``capacity`` finished responses plus the
+background ones still running, which the batcher's rows bound in practice. A kept response carries its whole
 conversation as Responses items (the items of the responses it continued, its own input, its
 output), so continuing it is that conversation followed by the new input, as on OpenAI's
 platform. ``instructions`` are not part of it: each request gives its own.
@@ -13,19 +16,26 @@ from __future__ import annotations
 import uuid
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Optional
 
 from .protocol import APIError
 
 DEFAULT_CAPACITY = 1000
+RUNNING = ("queued", "in_progress")
 
 
-@dataclass(frozen=True)
+@dataclass
 class StoredResponse:
-    """A kept ``response`` object, the input items the model read for it, and its whole conversation."""
+    """A kept ``response`` object (its latest state), the input items the model read for it, and for a
+    background response its run (:class:`qlora.serve.background.BackgroundRun`: its task and stream events)."""
 
     response: dict[str, Any]
     input_items: list[dict[str, Any]]
+    run: Optional[Any] = None
+
+    @property
+    def running(self) -> bool:
+        return self.response["status"] in RUNNING
 
     @property
     def conversation(self) -> list[dict[str, Any]]:
@@ -43,14 +53,16 @@ class ResponseStore:
     def __len__(self) -> int:
         return len(self._kept)
 
-    def keep(self, response: dict[str, Any], input_items: list[dict[str, Any]]) -> None:
-        """Keep ``response``, which the model wrote after reading ``input_items``."""
+    def keep(self, response: dict[str, Any], input_items: list[dict[str, Any]], run: Any = None) -> None:
+        """Keep ``response`` (or its new state: the same id), which the model wrote after reading ``input_items``."""
         if self.capacity <= 0:
             return
-        self._kept[response["id"]] = StoredResponse(response, input_items)
+        kept = self._kept.get(response["id"])
+        self._kept[response["id"]] = StoredResponse(response, input_items, run if kept is None else kept.run)
         self._kept.move_to_end(response["id"])
-        while len(self._kept) > self.capacity:
-            self._kept.popitem(last=False)
+        finished = [rid for rid, entry in self._kept.items() if not entry.running]
+        for rid in finished[:max(0, len(finished) - self.capacity)]:  # the least recently used first
+            del self._kept[rid]
 
     def get(self, response_id: str) -> StoredResponse:
         """The kept response; a 404 naming the id when it is not (or no longer) kept."""
@@ -63,14 +75,22 @@ class ResponseStore:
     def previous(self, response_id: str) -> StoredResponse:
         """The response a request continues (``previous_response_id``); a 400 naming that field if unknown."""
         try:
-            return self.get(response_id)
+            found = self.get(response_id)
         except APIError:
             raise APIError(400, f"Previous response with id {response_id!r} not found. {self._why()} Send the "
                                 "whole conversation in 'input' instead.", "previous_response_id",
                            "previous_response_not_found") from None
+        if found.running:
+            raise APIError(400, f"Previous response with id {response_id!r} is still {found.response['status']} (a "
+                                "background response); poll GET /v1/responses/{id} until it has finished, then "
+                                "continue it.", "previous_response_id")
+        return found
 
     def delete(self, response_id: str) -> None:
-        self.get(response_id)
+        """Forget a finished response (a running background one must be cancelled first: a 400)."""
+        if self.get(response_id).running:
+            raise APIError(400, f"Cannot delete an in-flight response: {response_id!r} is still running in the "
+                                "background; cancel it (POST /v1/responses/{id}/cancel) or wait for it to finish.")
         del self._kept[response_id]
 
     def _why(self) -> str:
@@ -111,7 +131,7 @@ def list_page(items: list[dict[str, Any]], order: str, limit: int, after: str | 
     if after is not None:
         ids = [item["id"] for item in ordered]
         if after not in ids:
-            raise APIError(400, f"'after' names no item of this response: {after!r}", "after")
+            raise APIError(400, f"'after' names no item of this list: {after!r}", "after")
         start = ids.index(after) + 1
     page = ordered[start:start + limit]
     return {"object": "list", "data": page, "first_id": page[0]["id"] if page else None,

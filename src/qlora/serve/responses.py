@@ -11,10 +11,13 @@ decodes it; errors it raises are renamed to the Responses fields they came from
 ``response`` object and as the SSE events the ``openai`` client's stream helper accumulates.
 
 A response is kept (``store``, on by default, in :class:`qlora.serve.response_store.ResponseStore`)
-with its whole conversation, so ``previous_response_id`` continues it; ``truncation: "auto"`` drops
-the oldest turns of a conversation too long for the context. ``conversation``, ``background``
-and stored ``prompt`` templates are a 400 saying to send the whole input. Only function tools
-exist here (built-in tools such as web_search run on OpenAI's platform): any other tool type is a 400.
+with its whole conversation, so ``previous_response_id`` continues it; ``conversation`` names a
+kept conversation (:mod:`qlora.serve.conversations`) whose items come before the input instead (the
+two exclude each other, as on OpenAI's platform); ``truncation: "auto"`` drops the oldest turns of a
+conversation too long for the context. ``background: true`` (which needs ``store``) runs the request
+as :mod:`qlora.serve.background` describes. Stored ``prompt`` templates are a 400 saying to send the
+whole input. Only function tools exist here (built-in tools such as web_search run on OpenAI's
+platform): any other tool type is a 400.
 """
 
 from __future__ import annotations
@@ -33,11 +36,7 @@ from .protocol import APIError, ChatCompletionRequest, ChatMessage, _Body, sse
 
 TEXT_PARTS = ("input_text", "output_text", "text")
 LOGPROBS = "message.output_text.logprobs"
-STATEFUL = {
-    "conversation": "'conversation' needs the server to keep conversations; qlora serve keeps none",
-    "background": "'background': true needs the server to keep responses to poll; qlora serve keeps none",
-    "prompt": "'prompt' refers to a prompt template stored on OpenAI's platform; qlora serve has no stored prompts",
-}
+FINISHED = ("completed", "incomplete")  # the states whose output continues a conversation
 
 
 class ResponsesRequest(_Body):
@@ -62,11 +61,20 @@ class ResponsesRequest(_Body):
     user: str | None = None
 
     def refuse_unsupported(self) -> None:
-        """400 for what would need stored state, or fields of the other OpenAI APIs."""
-        for name, why in STATEFUL.items():
-            if getattr(self, name) not in (None, False):
-                raise APIError(400, f"{why}. Send the whole conversation in 'input' instead (earlier messages, "
-                                    "function_call and function_call_output items included).", name)
+        """400 for stored prompts, combinations OpenAI refuses, or fields of the other OpenAI APIs."""
+        if self.prompt is not None:
+            raise APIError(400, "'prompt' refers to a prompt template stored on OpenAI's platform; qlora serve has no "
+                                "stored prompts. Send the whole conversation in 'input' instead (earlier messages, "
+                                "function_call and function_call_output items included).", "prompt")
+        if self.background and self.store is False:
+            raise APIError(400, "Background mode requires 'store': true: a background response is kept so that it "
+                                "can be polled (GET /v1/responses/{id}) and cancelled. Leave 'store' out or set it "
+                                "to true.", "background", "unsupported_parameter")
+        if self.conversation is not None and self.previous_response_id is not None:
+            raise APIError(400, "Mutually exclusive parameters: send either 'previous_response_id' or 'conversation', "
+                                "not both (a conversation already holds the earlier turns).", "conversation",
+                           "mutually_exclusive_parameters")
+        self.conversation_id()
         if self.max_tokens is not None:
             raise APIError(400, "'max_tokens' is a Chat Completions parameter; the Responses API's is "
                                 "'max_output_tokens'", "max_tokens")
@@ -75,6 +83,16 @@ class ResponsesRequest(_Body):
                                 "/v1/chat/completions for several choices)", "n")
         if self.truncation not in (None, "auto", "disabled"):
             raise APIError(400, f"'truncation' must be 'auto' or 'disabled', got {self.truncation!r}", "truncation")
+
+    def conversation_id(self) -> str | None:
+        """The id ``conversation`` names (it is an id, or ``{"id": ...}``)."""
+        conversation = self.conversation
+        if isinstance(conversation, dict):
+            conversation = conversation.get("id")
+        if self.conversation is not None and not (isinstance(conversation, str) and conversation):
+            raise APIError(400, "'conversation' must be a conversation id ('conv_...') or {'id': 'conv_...'}",
+                           "conversation")
+        return conversation
 
     def logprobs(self) -> bool:
         return LOGPROBS in (self.include or ()) or self.top_logprobs is not None
@@ -86,11 +104,15 @@ class ResponsesRequest(_Body):
             raise APIError(400, "'input' is empty; send a string or a list of input items", "input")
         return items
 
-    def conversation_items(self, history: list[dict[str, Any]]) -> list[tuple[str, dict[str, Any]]]:
-        """``history`` (the items of the response continued) then this request's input, each item with the
+    def conversation_items(self, history: list[dict[str, Any]], own: list[dict[str, Any]] | None = None
+                           ) -> list[tuple[str, dict[str, Any]]]:
+        """``history`` (the items of the response continued, or of the conversation named) then this
+        request's input (``own``: its input items, as :meth:`input_items` or with ids), each item with the
         field it came from."""
-        earlier = [(f"previous_response_id (its item {i})", item) for i, item in enumerate(history)]
-        return earlier + [(f"input.{i}", item) for i, item in enumerate(self.input_items())]
+        source = "conversation" if self.conversation is not None else "previous_response_id"
+        earlier = [(f"{source} (its item {i})", item) for i, item in enumerate(history)]
+        own = self.input_items() if own is None else own
+        return earlier + [(f"input.{i}", item) for i, item in enumerate(own)]
 
     def chat_request(self, items: list[tuple[str, dict[str, Any]]]) -> tuple[ChatCompletionRequest, list[str]]:
         """The equivalent chat request, and for each of its messages the Responses field it came from.
@@ -206,8 +228,9 @@ class ResponsesRequest(_Body):
         message = re.sub(r"\b(tools\.\d+\.function(\.\w+)?|response_format(\.json_schema)?(\.\w+)?)\b",
                          lambda m: field(m[1]), message)
         param = field(error.param) if error.param else None
-        if param is not None and param.startswith("previous_response_id"):
-            param = "previous_response_id"  # an item of the conversation continued
+        for source in ("previous_response_id", "conversation"):
+            if param is not None and param.startswith(source):
+                param = source  # an item of the conversation continued
         return APIError(error.status, message, param, error.code, error.kind)
 
 
@@ -292,22 +315,26 @@ class ResponseWriter:
         body = self.body
         done = int(time.time()) if status == "completed" else None
         text = {"format": (body.text or {}).get("format") or {"type": "text"}}
+        conversation = body.conversation_id()
         return {
             "id": self.id, "object": "response", "created_at": self.created_at, "status": status,
             "completed_at": done, "error": error,
             "incomplete_details": {"reason": "max_output_tokens"} if status == "incomplete" else None,
             "instructions": body.instructions, "max_output_tokens": body.max_output_tokens, "model": body.model,
             "output": output, "parallel_tool_calls": body.parallel_tool_calls,
-            "previous_response_id": body.previous_response_id, "reasoning": None, "store": body.store is not False, "temperature": body.temperature, "text": text,
+            "previous_response_id": body.previous_response_id, "reasoning": None, "store": body.store is not False,
+            "background": body.background, "conversation": None if conversation is None else {"id": conversation},
+            "temperature": body.temperature, "text": text,
             "tool_choice": body.tool_choice or "auto", "tools": body.tools or [], "top_logprobs": body.top_logprobs,
             "top_p": body.top_p, "truncation": body.truncation or "disabled", "user": body.user,
             "metadata": body.metadata or {}, "usage": None if usage is None else _usage(usage),
         }
 
-
-    def final(self, status: str, output: list[dict[str, Any]], usage: dict[str, int]) -> dict[str, Any]:
-        """The finished ``response`` object, handed to ``keep`` (the store) first."""
-        response = self.response(status, output, usage)
+    def state(self, status: str, output: list[dict[str, Any]], usage: dict[str, int] | None = None,
+              error: dict[str, str] | None = None) -> dict[str, Any]:
+        """The ``response`` object in a state it passes through (created, in progress, finished), handed
+        to ``keep`` (the store, which keeps what it is asked to) first."""
+        response = self.response(status, output, usage, error)
         if self.keep is not None:
             self.keep(response)
         return response

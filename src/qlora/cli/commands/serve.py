@@ -49,7 +49,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="context length (prompt + reply) in tokens (default: the model's)")
     parser.add_argument("--stored-responses", type=non_negative_int, default=1000, metavar="N",
                         help="Responses API responses kept in memory for previous_response_id and GET "
-                             "/v1/responses/{id} (the least recently used dropped first; 0 keeps none; default 1000)")
+                             "/v1/responses/{id} (the least recently used dropped first, never a background response "
+                             "still running; 0 keeps none; default 1000)")
+    parser.add_argument("--stored-conversations", type=non_negative_int, default=1000, metavar="N",
+                        help="conversations (/v1/conversations, the Responses API's 'conversation') kept in memory, "
+                             "until the server restarts (the least recently used dropped first; 0 keeps none; "
+                             "default 1000)")
     parser.add_argument("--log-level", choices=("critical", "error", "warning", "info", "debug"), default="info",
                         help="uvicorn's log level (info logs each request)")
 
@@ -115,7 +120,7 @@ def run(args: argparse.Namespace) -> int:
     formats = chat_formats(args, tokenizer)
     batcher = ContinuousBatcher(model, tokenizer, max_batch_size=args.max_batch_size, context_length=context)
     app = build_app(batcher.start(), base_id, names, api_key=args.api_key or None, chat_formats=formats,
-                    stored_responses=args.stored_responses)
+                    stored_responses=args.stored_responses, stored_conversations=args.stored_conversations)
     try:
         sock = bind(args.host, args.port)
     except OSError as exc:

@@ -1,0 +1,89 @@
+"""A Responses API request run in the background (``background: true``).
+
+The request's stream of events (:func:`qlora.serve.app._response_events`, the one a streaming
+request reads) is drained by a task of the server's event loop, so the generation goes on when
+the client that created it hangs up; every event updates the kept response (through the writer's
+``keep``), which ``GET /v1/responses/{id}`` reads. When the request also asked for ``stream``, the
+events are kept in order too: event ``k`` has ``sequence_number`` ``k``, so a client that lost its
+stream resumes it with ``GET /v1/responses/{id}?stream=true&starting_after=k``.
+
+:meth:`BackgroundRun.cancel` stops the task; the stream's own cleanup frees the batch row at the
+batcher's next step, and the run ends with the event ``ending`` writes (``response.failed`` carrying
+the response in status ``cancelled``, as OpenAI's stream ends a cancelled response).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from typing import AsyncIterator, Callable
+
+
+class BackgroundRun:
+    """The task decoding one background response, and its stream events when they are kept.
+
+    Args:
+        ending: ``ending(status, message)`` writes the last event of a run that did not end on its
+            own (``cancelled``, or ``failed`` with the error's message) and records that state.
+        keep_events: keep every event for replay (the request asked for ``stream``).
+    """
+
+    def __init__(self, ending: Callable[[str, str | None], str], keep_events: bool) -> None:
+        self.ending, self.keep_events = ending, keep_events
+        self.events: list[str] = []
+        self.finished = False
+        self.task: asyncio.Task | None = None
+        self._changed, self._done, self._stopping = asyncio.Event(), asyncio.Event(), False
+
+    def start(self, events: AsyncIterator[str]) -> None:
+        self.task = asyncio.get_running_loop().create_task(self._drain(events))
+
+    async def _drain(self, events: AsyncIterator[str]) -> None:
+        try:
+            async for event in events:
+                self._add(event)
+        except asyncio.CancelledError:
+            raise  # cancel() writes the last event
+        except Exception as exc:  # a bug, not bad input: the response fails rather than stays in progress
+            self._add(self.ending("failed", f"Internal error: {type(exc).__name__}: {exc}"))
+        self._finish()
+
+    async def cancel(self) -> None:
+        """Stop the run (its batch row is freed at the batcher's next step); returns once it has ended."""
+        if self.finished or self._stopping:
+            await self._done.wait()
+            return
+        self._stopping = True
+        assert self.task is not None
+        self.task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self.task
+        if not self.finished:  # it may have ended on its own meanwhile
+            self._add(self.ending("cancelled", None))
+            self._finish()
+
+    async def replay(self, after: int = -1) -> AsyncIterator[str]:
+        """The kept events with a sequence number above ``after``, then each new one until the run ends."""
+        k = max(after + 1, 0)
+        while True:
+            changed = self._changed
+            while k < len(self.events):
+                yield self.events[k]
+                k += 1
+            if self.finished:
+                return
+            await changed.wait()
+
+    def _add(self, event: str) -> None:
+        if self.keep_events:
+            self.events.append(event)
+        self._notify()
+
+    def _finish(self) -> None:
+        self.finished = True
+        self._done.set()
+        self._notify()
+
+    def _notify(self) -> None:
+        self._changed.set()
+        self._changed = asyncio.Event()
