@@ -31,7 +31,9 @@ STEPS = 6
 
 
 def _options(model: Path, data: Path, out: Path) -> dict:
+    # 5 eval examples at batch 2 are 3 batches: rank 1 evaluates one and repeats it unrecorded in the last round
     return dict(model=str(model), data=str(data), output=str(out), optim="adamw", lr=1e-2, max_steps=STEPS,
+                eval_data=str(data.with_name("eval.jsonl")), eval_steps=3,
                 seq_len=64, dropout=0.0, save_steps=3, save_total_limit=0, progress=False, batch_size=2,
                 # ranks > 1 use the plain loss; the one-process reference must take the same path
                 chunked_ce=False)
@@ -75,6 +77,8 @@ def runs(tmp_path_factory, tiny_model_dir) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("dist")
     data = root / "d.jsonl"
     data.write_text("".join(json.dumps({"instruction": q, "input": "", "output": a}) + "\n" for q, a in QA))
+    (root / "eval.jsonl").write_text("".join(json.dumps({"instruction": a, "input": "", "output": q}) + "\n"
+                                             for q, a in QA[:5]))
     outs = {name: root / name for name in ("single", "ddp", "fsdp")}
     _single(_options(tiny_model_dir, data, outs["single"]))
     _two_ranks(_options(tiny_model_dir, data, outs["ddp"]))
@@ -89,6 +93,21 @@ def test_ddp_two_ranks_equal_one_process(runs):
 
 def test_fsdp_two_ranks_equal_ddp(runs):
     _assert_same_run(runs["fsdp"], runs["ddp"])
+
+
+def test_ranks_share_the_evaluation_and_report_one_process_loss(runs):
+    """Each rank evaluates every other eval batch (FSDP: every rank runs as many forwards); the summed loss is
+    the one process's."""
+    def evals(out: Path) -> list[dict]:
+        return [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if r["split"] == "eval"]
+
+    want = evals(runs["single"])
+    assert [r["step"] for r in want] == [3, 6]
+    for run in ("ddp", "fsdp"):
+        got = evals(runs[run])
+        assert [r["step"] for r in got] == [3, 6]
+        torch.testing.assert_close(torch.tensor([r["loss"] for r in got]), torch.tensor([r["loss"] for r in want]),
+                                   rtol=1e-5, atol=1e-6)
 
 
 def test_two_rank_checkpoint_resumes_in_one_process(runs, tiny_model_dir):
@@ -139,3 +158,19 @@ def test_shardable_linear4bit_keeps_bytes_and_layout(double_quant, storage):
     after = layer.state_dict()
     assert after.keys() == before.keys()
     assert all(torch.equal(after[k], before[k]) for k in before)
+
+
+@pytest.mark.parametrize("units,world,want", [
+    (5, 2, {0: [([0, 1], True), ([4], True)], 1: [([2, 3], True), ([0, 1], False)]}),  # 3 batches of 2
+    (4, 2, {0: [([0, 1], True)], 1: [([2, 3], True)]}),
+    (2, 3, {0: [([0, 1], True)], 1: [([0, 1], False)], 2: [([0, 1], False)]}),  # fewer batches than ranks
+])
+def test_eval_batches_are_one_process_batches_dealt_round_robin(units, world, want):
+    from types import SimpleNamespace
+
+    from qlora.train.distributed import DistContext
+
+    for rank, batches in want.items():
+        trainer = SimpleNamespace(config=SimpleNamespace(batch_size=2), dist=DistContext(rank, world),
+                                  eval_units=list(range(units)), _collate=lambda u: u)
+        assert list(Trainer._eval_batches(trainer)) == batches

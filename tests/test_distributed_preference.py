@@ -38,7 +38,9 @@ KTO = [(p, c, True) for p, c, _ in PAIRS] + [(p, r, False) for p, _, r in PAIRS]
 CASES = {
     "dpo": ("dpo", ["--loss-type", "sigmoid,aot", "--loss-weights", "1,0.5", "--beta", "0.5"]),
     "kto": ("kto", ["--beta", "0.5"]),
-    "simpo": ("simpo", []),
+    # SimPO's eval sums are per pair, so one process's batches of 4 and the ranks' shares of batches of 2 add up
+    # alike: 5 pairs are 3 eval batches of 2, rank 1's second round a repeat left out
+    "simpo": ("simpo", ["--eval-data", "EVAL", "--eval-steps", "2"]),
 }
 METRICS = ("loss", "grad_norm", "rewards/chosen", "rewards/rejected", "rewards/margins", "logps/chosen",
            "logps/rejected", "kl", "rewards/accuracies")
@@ -63,8 +65,11 @@ def runs(tmp_path_factory, tiny_model_dir) -> dict[str, tuple[Path, Path]]:
     kto = root / "kto.jsonl"
     kto.write_text("".join(json.dumps({"prompt": p, "completion": c, "label": d}) + "\n" for p, c, d in KTO))
     out = {}
+    evals = root / "eval.jsonl"
+    evals.write_text("".join(json.dumps({"prompt": p, "chosen": r, "rejected": c}) + "\n" for p, c, r in PAIRS[:5]))
     for name, (method, extra) in CASES.items():
         data = kto if method == "kto" else dpo
+        extra = [str(evals) if a == "EVAL" else a for a in extra]
         out[name] = (root / f"{name}-1", root / f"{name}-2")
         _train(tiny_model_dir, data, out[name][0], method, extra, 1)
         _train(tiny_model_dir, data, out[name][1], method, extra, 2)
@@ -87,3 +92,16 @@ def test_two_ranks_equal_one_process_with_the_global_batch(runs, case):
     assert a.keys() == b.keys()
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-4)
+
+
+def test_ranks_share_the_evaluation_of_pairs(runs):
+    single, ddp = runs["simpo"]
+
+    def evals(out: Path) -> list[dict]:
+        return [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if r["split"] == "eval"]
+
+    got, want = evals(ddp), evals(single)
+    assert [r["step"] for r in got] == [r["step"] for r in want] == [2, 4]
+    for key in ("loss", "rewards/margins", "rewards/accuracies", "logps/chosen"):
+        torch.testing.assert_close(torch.tensor([r[key] for r in got], dtype=torch.float64),
+                                   torch.tensor([r[key] for r in want], dtype=torch.float64), rtol=1e-5, atol=1e-6)

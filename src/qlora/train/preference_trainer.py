@@ -327,15 +327,17 @@ class PreferenceTrainer(Trainer):
     def evaluate(self) -> dict[str, Any]:
         """Loss and reward metrics on --eval-data (the policy in eval mode, no dropout)."""
         self.model.eval()
-        sums: dict[str, float] = {}
-        units = nll_tokens = 0
-        bs = self.config.batch_size
-        for i in range(0, len(self.eval_units), bs):
-            batch = self._collate(self.eval_units[i:i + bs])
-            units += self._units_in(batch)
-            nll_tokens += self._nll_tokens(batch)
-            for k, v in self._pair_terms(self.model, batch).items():
-                sums[k] = sums.get(k, 0.0) + float(v)
+        totals: dict[str, float] = {}
+        for batch, mine in self._eval_batches():
+            terms = {k: float(v) for k, v in self._pair_terms(self.model, batch).items()}
+            terms.update(units=self._units_in(batch), nll_tokens=self._nll_tokens(batch))
+            for k, v in terms.items():
+                totals[k] = totals.get(k, 0.0) + (v if mine else 0.0)
+        keys = sorted(totals)  # the same on every rank: the method's terms
+        summed = self.dist.all_reduce_sum(torch.tensor([totals[k] for k in keys], dtype=torch.float64,
+                                                       device=self.device)).tolist()
+        sums = dict(zip(keys, summed))
+        units, nll_tokens = sums.pop("units"), sums.pop("nll_tokens")
         record = {"split": "eval", "step": self.step, "loss": float(self._combine(sums, units, max(nll_tokens, 1)))}
         record.update(self._metrics_of(sums, units, nll_tokens))
         self.metrics.log(record)

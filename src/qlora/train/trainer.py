@@ -32,7 +32,7 @@ import time
 from contextlib import nullcontext
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import torch
@@ -625,17 +625,30 @@ class Trainer:
         raise UsageError(f"non-finite {what} at step {self.step + 1}{where}{kept}. "
                          "Lower --lr, check the data, or use --precision fp32.")
 
+    def _eval_batches(self) -> Iterator[tuple[dict[str, torch.Tensor], bool]]:
+        """This rank's share of the eval batches, as ``(batch, mine)``: the batches are those of one process
+        (``--batch-size`` units each, in order), batch ``i`` evaluated on rank ``i mod ranks``. A rank short of
+        a batch in the last round repeats its first with ``mine`` false, to be computed and left out: under
+        FSDP every forward gathers the shards with all ranks, so every rank runs as many."""
+        bs, world = self.config.batch_size, self.dist.world_size
+        starts = list(range(0, len(self.eval_units), bs))
+        mine = starts[self.dist.rank::world]
+        for round_ in range(math.ceil(len(starts) / world)):
+            start = mine[round_] if round_ < len(mine) else starts[0]
+            yield self._collate(self.eval_units[start:start + bs]), round_ < len(mine)
+
     @torch.no_grad()
     def evaluate(self) -> dict[str, Any]:
-        """Loss (per trainable token) and perplexity on --eval-data."""
+        """Loss (per trainable token) and perplexity on --eval-data, each rank evaluating its share."""
         self.model.eval()
-        loss_sum, tokens = 0.0, 0
-        bs = self.config.batch_size
-        for i in range(0, len(self.eval_units), bs):
-            batch = self._collate(self.eval_units[i:i + bs])
+        totals = torch.zeros(2, dtype=torch.float64, device=self.device)  # loss sum, trainable tokens
+        for batch, mine in self._eval_batches():
             with self._autocast():
-                loss_sum += token_loss_sum(self.model, batch, self.chunked_ce).item()
-            tokens += count_trainable_tokens(batch)
+                loss_sum = token_loss_sum(self.model, batch, self.chunked_ce)
+            if mine:
+                totals += torch.stack([loss_sum.double(), loss_sum.new_tensor(count_trainable_tokens(batch),
+                                                                              dtype=torch.float64)])
+        loss_sum, tokens = self.dist.all_reduce_sum(totals).tolist()
         loss = loss_sum / max(tokens, 1)
         record = {"split": "eval", "step": self.step, "loss": loss, "perplexity": math.exp(min(loss, 50.0))}
         self.metrics.log(record)
