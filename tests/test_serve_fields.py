@@ -381,8 +381,8 @@ def test_nested_pydantic_models_parse_replies_that_follow_them_at_every_depth(se
 def test_strict_schemas_asking_more_than_is_enforced_are_refused(served):
     _, _, client, _ = served
     strict = {"type": "json_schema", "json_schema": {"name": "x", "strict": True, "schema": {
-        "type": "object", "properties": {"tags": {"type": "array", "items": {"type": "string", "pattern": "^a"}},
-                                         "name": {"type": "string", "format": "email"}},
+        "type": "object", "properties": {"tags": {"type": "array", "items": {"type": "string", "pattern": "^a(?=b)"}},
+                                         "name": {"type": "string", "format": "uri"}},
         "required": ["tags", "name"], "additionalProperties": False}}}
     with pytest.raises(openai.BadRequestError) as exc:
         client.chat.completions.create(model="a", messages=[{"role": "user", "content": "Hi"}], response_format=strict)
@@ -393,10 +393,11 @@ def test_strict_schemas_asking_more_than_is_enforced_are_refused(served):
     with pytest.raises(openai.BadRequestError, match="reference cycle") as exc:
         client.chat.completions.create(model="a", messages=[{"role": "user", "content": "Hi"}], response_format=endless)
     assert exc.value.param == "response_format.json_schema.schema"
-    # not strict: best effort, still valid JSON with the enforced part (keys, required, enum); 'minimum' is not
-    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}, "level": {"enum": [1, 2, 3], "minimum": 2}},
+    # not strict: best effort, still valid JSON with the enforced part (keys, required, enum); 'not' is not
+    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}, "level": {"enum": [1, 2, 3],
+                                                                                    "not": {"const": 2}}},
               "required": ["ok", "level"], "additionalProperties": False}
-    with pytest.raises(openai.BadRequestError, match="properties.level.minimum"):
+    with pytest.raises(openai.BadRequestError, match="properties.level.not"):
         client.chat.completions.create(model="a", messages=[{"role": "user", "content": "Hi"}], response_format={
             "type": "json_schema", "json_schema": {"name": "x", "schema": schema, "strict": True}})
     loose = {"type": "json_schema", "json_schema": {"name": "x", "schema": schema}}
