@@ -417,6 +417,27 @@ def test_strict_schemas_asking_more_than_is_enforced_are_refused(served):
         assert exc.value.param == param
 
 
+# Strict with a pattern, a format and integer bounds: each value bounded, so a random model's reply ends.
+TAGGED = {"type": "object", "properties": {
+    "code": {"type": "string", "pattern": "^[A-Z]{2}-[0-9]{3}$"},
+    "count": {"type": "integer", "minimum": -5, "exclusiveMaximum": 250},
+    "day": {"type": "string", "format": "date"},
+    "tags": {"type": "array", "items": {"type": "string", "pattern": "^(?:x|yz?)$"}, "maxItems": 3}},
+    "required": ["code", "count", "day", "tags"], "additionalProperties": False}
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_strict_patterns_formats_and_integer_bounds_are_kept(served, seed):
+    jsonschema = pytest.importorskip("jsonschema")
+    _, _, client, _ = served
+    fmt = {"type": "json_schema", "json_schema": {"name": "tagged", "schema": TAGGED, "strict": True}}
+    choice = client.chat.completions.create(model="a", messages=[{"role": "user", "content": "Hello"}],
+                                            max_tokens=400, temperature=1.0, seed=seed, response_format=fmt).choices[0]
+    assert choice.finish_reason == "stop", choice.message.content
+    value = json.loads(choice.message.content)
+    jsonschema.validate(value, TAGGED, format_checker=jsonschema.Draft202012Validator.FORMAT_CHECKER)
+
+
 def _nested(levels: int) -> str:
     """A response_format schema ``levels`` objects deep, as JSON text (too deep for json.dumps to write)."""
     schema = '{"type":"object","properties":{"a":' * levels + '{"type":"integer"}' + '},"required":["a"]}' * levels

@@ -366,8 +366,9 @@ def _pattern_step(stack, sub: tuple, node: Node, ch: str):
     if escape == 0:
         if ch == '"':
             return _ended(stack) if not high and regex.accepts(states) else None
-        if ch == "\\":
-            return stack, _PSTRING, (-1, 0, high, states), 0, node
+        if ch == "\\":  # any character may be escaped: some must continue the match
+            return (stack, _PSTRING, (-1, 0, high, states), 0, node) if _units_ok(regex, states, high, 0, 0xFFFF) \
+                else None
         if ch < " " or high or "\ud800" <= ch <= "\udfff":
             return None
         return _pattern_char(stack, node, states, ord(ch))
@@ -375,7 +376,8 @@ def _pattern_step(stack, sub: tuple, node: Node, ch: str):
         if ch not in _ESCAPES or (high and ch != "u"):
             return None
         if ch == "u":
-            return stack, _PSTRING, (4, 0, high, states), 0, node
+            return (stack, _PSTRING, (4, 0, high, states), 0, node) if _units_ok(regex, states, high, 0, 0xFFFF) \
+                else None
         return _pattern_char(stack, node, states, ord(_ESCAPES[ch]))
     if ch not in _HEX:
         return None
