@@ -303,7 +303,7 @@ class _Compiler:
         node.min_items, node.max_items = self.bounds(schema, "minItems", "maxItems", path)
         node.range, bad = NumberRange.from_schema(schema, "integer" in kinds)
         self.problems += [_join(path, k) for k in bad]
-        node.pattern = self.pattern(schema, path)
+        node.pattern = self.pattern(schema, path) if "string" in kinds else None  # both apply to strings only
         props = schema.get("properties", {})
         if not isinstance(props, dict):
             self.problems.append(_join(path, "properties"))

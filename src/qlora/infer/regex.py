@@ -23,6 +23,7 @@ from __future__ import annotations
 from bisect import bisect_right
 
 MAX_STATES = 20_000  # NFA states a pattern may expand to (a quantifier copies its operand)
+MAX_NESTING = 64  # groups inside groups (parsing and building recurse once a level)
 _TOP = 0x10FFFF
 _SURROGATES = (0xD800, 0xDFFF)
 
@@ -74,7 +75,7 @@ class _Parser:
     ("bol",), ("eol",)."""
 
     def __init__(self, source: str) -> None:
-        self.s, self.i = source, 0
+        self.s, self.i, self.depth = source, 0, 0
 
     def fail(self, what: str, at: int | None = None) -> PatternError:
         return PatternError(f"{what} at offset {self.i if at is None else at} of {self.s!r}")
@@ -158,7 +159,11 @@ class _Parser:
                 else:
                     raise self.fail("a lookaround or group flag", self.i - 1)
                 self.i += 1
+            self.depth += 1
+            if self.depth > MAX_NESTING:
+                raise self.fail(f"groups nested more than {MAX_NESTING} deep")
             inner = self.alternation()
+            self.depth -= 1
             if self.peek() != ")":
                 raise self.fail("an unclosed group")
             self.i += 1
