@@ -130,8 +130,8 @@ class _Parser:
         body = self.s[j:end]
         low, comma, high = body.partition(",")
         if not low.isdigit() or not low.isascii():
-            if comma and not low and high.isdigit():
-                raise self.fail("'{,n}' (a literal in ECMA-262, a quantifier in Python)")
+            if comma and not low and (not high or high.isdigit()):
+                raise self.fail("'{,n}' or '{,}' (a literal in ECMA-262, a quantifier in Python)")
             return None
         if high and (not high.isdigit() or not high.isascii()):
             return None
