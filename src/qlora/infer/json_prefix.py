@@ -19,7 +19,10 @@ schema of the value being read. Alternatives that stay undecided while container
 at most :data:`MAX_THREADS` are kept, the first in schema order, which keeps every
 accepted prefix valid and completable and only drops readings of such pathological
 schemas. Runs of insignificant whitespace are capped (:data:`MAX_WHITESPACE`), so a model
-cannot loop on spaces forever.
+cannot loop on spaces forever. A string under a ``pattern`` or ``format`` carries the
+state set of its compiled automaton (:mod:`qlora.infer.regex`), stepped by each decoded
+character, and a bounded number its text (:mod:`qlora.infer.number_range`), so each
+character is checked against every completion the value still has.
 
 Every prefix accepted can be completed into a valid document (the compiler prunes what no
 finite value satisfies), so decoding under it never reaches a dead end.
