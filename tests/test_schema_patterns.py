@@ -130,6 +130,7 @@ def test_patterns_outside_the_subset_are_named_not_guessed():
         assert len(problems) == 1 and problems[0].startswith("pattern ("), problems
     assert Regex("a{,").matches("xa{,") and Regex("x{y}").matches("x{y}")  # braces that are no quantifier
     assert compile_schema({"type": "integer", "format": "int32", "pattern": "(?=x)"}).unenforced == ()  # strings only
+    assert compile_schema({"type": "string", "minimum": "x"}).unenforced == ()  # numbers only
 
 
 def test_patterns_no_string_matches_make_the_string_unsatisfiable():

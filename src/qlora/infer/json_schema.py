@@ -301,9 +301,10 @@ class _Compiler:
         node.types = frozenset(kinds)
         node.min_length, node.max_length = self.bounds(schema, "minLength", "maxLength", path)
         node.min_items, node.max_items = self.bounds(schema, "minItems", "maxItems", path)
-        node.range, bad = NumberRange.from_schema(schema, "integer" in kinds)
-        self.problems += [_join(path, k) for k in bad]
-        node.pattern = self.pattern(schema, path) if "string" in kinds else None  # both apply to strings only
+        if kinds & {"number", "integer"}:  # the numeric keywords apply to numbers only, pattern and format to strings
+            node.range, bad = NumberRange.from_schema(schema, "integer" in kinds)
+            self.problems += [_join(path, k) for k in bad]
+        node.pattern = self.pattern(schema, path) if "string" in kinds else None
         props = schema.get("properties", {})
         if not isinstance(props, dict):
             self.problems.append(_join(path, "properties"))
