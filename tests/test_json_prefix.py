@@ -166,7 +166,13 @@ def test_an_any_of_of_bare_types_is_a_type_union():
                                                                         "format": "email"}},
                                        "n": {"$ref": "#/$defs/N"}},
       "$defs": {"N": {"type": "number", "minimum": 1, "multipleOf": 2}, "Unused": {"uniqueItems": True}}},
-     ["properties.a.items.pattern", "properties.a.items.format", "$defs.N.minimum", "$defs.N.multipleOf"]),
+     ["properties.a.items.format (beside pattern)"]),
+    ({"type": "string", "format": "uri"}, ["format ('uri' is not a format enforced)"]),
+    ({"type": "string", "pattern": "a(?=b)"}, ["pattern (a lookaround or group flag at offset 1 of 'a(?=b)')"]),
+    ({"type": "string", "pattern": "(a)\\1"}, ["pattern (the escape \\1 (a backreference, boundary or property, or one "
+                                            "the dialects read differently) at offset 3 of '(a)\\\\1')"]),
+    ({"type": "string", "format": "date", "maxLength": 10}, ["format (beside minLength/maxLength)"]),
+    ({"type": "integer", "minimum": "1", "multipleOf": 0}, ["minimum", "multipleOf"]),
     ({"oneOf": [{"type": "string"}, {"type": "string", "maxLength": 3}]},
      ["oneOf (its alternatives overlap: enforced as anyOf)"]),
     ({"oneOf": [{"type": "string"}, {"type": "integer"}, {"const": None}]}, []),
@@ -174,7 +180,8 @@ def test_an_any_of_of_bare_types_is_a_type_union():
     ({"allOf": [{"type": "string"}, {"maxLength": 2}], "not": {"const": ""}}, ["not", "allOf"]),
     ({"allOf": [{"$ref": "#/definitions/A"}], "definitions": {"A": {"type": "integer"}}}, []),
     ({"$ref": "https://example.com/s.json"}, ["$ref (only local references, '#...', are resolved)"]),
-    ({"enum": ["a", 1], "minimum": 0}, ["minimum", "enum (beside minimum)"]),
+    ({"enum": ["a", 1], "minimum": 0}, []),
+    ({"enum": ["a", 1], "uniqueItems": True}, ["uniqueItems", "enum (beside uniqueItems)"]),
 ])
 def test_unenforced_keywords_names_each_part_a_reply_could_break(schema, missing):
     assert unenforced_keywords(schema) == missing

@@ -381,8 +381,8 @@ def test_nested_pydantic_models_parse_replies_that_follow_them_at_every_depth(se
 def test_strict_schemas_asking_more_than_is_enforced_are_refused(served):
     _, _, client, _ = served
     strict = {"type": "json_schema", "json_schema": {"name": "x", "strict": True, "schema": {
-        "type": "object", "properties": {"tags": {"type": "array", "items": {"type": "string", "pattern": "^a"}},
-                                         "name": {"type": "string", "format": "email"}},
+        "type": "object", "properties": {"tags": {"type": "array", "items": {"type": "string", "pattern": "^a(?=b)"}},
+                                         "name": {"type": "string", "format": "uri"}},
         "required": ["tags", "name"], "additionalProperties": False}}}
     with pytest.raises(openai.BadRequestError) as exc:
         client.chat.completions.create(model="a", messages=[{"role": "user", "content": "Hi"}], response_format=strict)
@@ -393,10 +393,11 @@ def test_strict_schemas_asking_more_than_is_enforced_are_refused(served):
     with pytest.raises(openai.BadRequestError, match="reference cycle") as exc:
         client.chat.completions.create(model="a", messages=[{"role": "user", "content": "Hi"}], response_format=endless)
     assert exc.value.param == "response_format.json_schema.schema"
-    # not strict: best effort, still valid JSON with the enforced part (keys, required, enum); 'minimum' is not
-    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}, "level": {"enum": [1, 2, 3], "minimum": 2}},
+    # not strict: best effort, still valid JSON with the enforced part (keys, required, enum); 'not' is not
+    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}, "level": {"enum": [1, 2, 3],
+                                                                                    "not": {"const": 2}}},
               "required": ["ok", "level"], "additionalProperties": False}
-    with pytest.raises(openai.BadRequestError, match="properties.level.minimum"):
+    with pytest.raises(openai.BadRequestError, match="properties.level.not"):
         client.chat.completions.create(model="a", messages=[{"role": "user", "content": "Hi"}], response_format={
             "type": "json_schema", "json_schema": {"name": "x", "schema": schema, "strict": True}})
     loose = {"type": "json_schema", "json_schema": {"name": "x", "schema": schema}}
@@ -414,6 +415,27 @@ def test_strict_schemas_asking_more_than_is_enforced_are_refused(served):
         with pytest.raises(openai.BadRequestError) as exc:
             client.chat.completions.create(model="a", messages=[{"role": "user", "content": "Hi"}], response_format=bad)
         assert exc.value.param == param
+
+
+# Strict with a pattern, a format and integer bounds: each value bounded, so a random model's reply ends.
+TAGGED = {"type": "object", "properties": {
+    "code": {"type": "string", "pattern": "^[A-Z]{2}-[0-9]{3}$"},
+    "count": {"type": "integer", "minimum": -5, "exclusiveMaximum": 250},
+    "day": {"type": "string", "format": "date"},
+    "tags": {"type": "array", "items": {"type": "string", "pattern": "^(?:x|yz?)$"}, "maxItems": 3}},
+    "required": ["code", "count", "day", "tags"], "additionalProperties": False}
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_strict_patterns_formats_and_integer_bounds_are_kept(served, seed):
+    jsonschema = pytest.importorskip("jsonschema")
+    _, _, client, _ = served
+    fmt = {"type": "json_schema", "json_schema": {"name": "tagged", "schema": TAGGED, "strict": True}}
+    choice = client.chat.completions.create(model="a", messages=[{"role": "user", "content": "Hello"}],
+                                            max_tokens=400, temperature=1.0, seed=seed, response_format=fmt).choices[0]
+    assert choice.finish_reason == "stop", choice.message.content
+    value = json.loads(choice.message.content)
+    jsonschema.validate(value, TAGGED, format_checker=jsonschema.Draft202012Validator.FORMAT_CHECKER)
 
 
 def _nested(levels: int) -> str:

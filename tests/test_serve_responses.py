@@ -258,7 +258,7 @@ def test_a_forced_call_streams_and_returns_a_function_call_item(tool_served, cho
     (dict(tool_choice={"type": "web_search_preview"}, tools=FLAT_TOOLS), "tool_choice"),
     (dict(text={"format": {"type": "xml"}}), "text.format.type"),
     (dict(text={"format": {"type": "json_schema", "name": "x", "strict": True,
-                           "schema": {"type": "string", "pattern": "a+"}}}), "text.format.schema"),
+                           "schema": {"type": "string", "pattern": "a(?=b)"}}}), "text.format.schema"),
     (dict(input=[{"type": "function_call", "call_id": "c", "name": "f", "arguments": "{oops"}]), "input.0.arguments"),
     (dict(input=[{"type": "function_call_output", "output": "1"}]), "input.0.call_id"),
     (dict(input=[{"type": "item_reference", "id": "msg_1"}]), "input.0.type"),

@@ -19,7 +19,10 @@ schema of the value being read. Alternatives that stay undecided while container
 at most :data:`MAX_THREADS` are kept, the first in schema order, which keeps every
 accepted prefix valid and completable and only drops readings of such pathological
 schemas. Runs of insignificant whitespace are capped (:data:`MAX_WHITESPACE`), so a model
-cannot loop on spaces forever.
+cannot loop on spaces forever. A string under a ``pattern`` or ``format`` carries the
+state set of its compiled automaton (:mod:`qlora.infer.regex`), stepped by each decoded
+character, and a bounded number its text (:mod:`qlora.infer.number_range`), so each
+character is checked against every completion the value still has.
 
 Every prefix accepted can be completed into a valid document (the compiler prunes what no
 finite value satisfies), so decoding under it never reaches a dead end.
@@ -41,7 +44,7 @@ _LITERAL_TYPES = {"t": "boolean", "f": "boolean", "n": "null"}
 
 # modes
 (_VALUE, _OBJ_FIRST, _OBJ_KEY, _KEY, _COLON, _STRING, _CSTRING, _NUMBER, _LITERAL, _ENUM, _AFTER, _ARR_FIRST,
- _DONE) = range(13)
+ _DONE, _PSTRING, _RNUMBER) = range(15)
 # number states (sub of _NUMBER): which characters may come next
 _MINUS, _ZERO, _INT, _DOT, _FRAC, _EXP, _EXP_SIGN, _EXP_DIGITS = range(8)
 _NUMBER_ENDS = (_ZERO, _INT, _FRAC, _EXP_DIGITS)
@@ -49,6 +52,8 @@ _NUMBER_ENDS = (_ZERO, _INT, _FRAC, _EXP_DIGITS)
 # far of a \u escape; whether the last character was a high surrogate; length in code points; text or None)
 _STR_KEY = (0, 0, False, 0, "")
 _STR_VALUE = (0, 0, False, 0, None)
+# a string under a pattern: (escape as above; its code so far; a high surrogate waiting for its pair, or 0; the
+# pattern's state set). A bounded number: (number state, its text so far).
 _DONE_THREAD = (None, _DONE, None, 0, None)
 
 
@@ -70,10 +75,11 @@ class JsonPrefix:
     @property
     def complete(self) -> bool:
         """Whether the text read so far is a whole valid document (a root number may still grow)."""
-        for stack, mode, sub, _, _ in self.threads:
+        for stack, mode, sub, _, node in self.threads:
             if mode == _DONE:
                 return True
-            if stack is None and ((mode == _NUMBER and sub[0] in _NUMBER_ENDS) or (mode == _ENUM and sub[0] in sub[1])):
+            if stack is None and ((mode == _NUMBER and sub[0] in _NUMBER_ENDS) or (mode == _ENUM and sub[0] in sub[1])
+                                  or (mode == _RNUMBER and sub[0] in _NUMBER_ENDS and node.range.holds(sub[1]))):
                 return True
         return False
 
@@ -129,6 +135,8 @@ def _step(thread, ch: str):
         return None if ch not in _HEX else (stack, _STRING, sub - 1, 0, None)
     if mode == _KEY or mode == _CSTRING:
         return _string_step(stack, mode, sub, node, ch)
+    if mode == _PSTRING:
+        return _pattern_step(stack, sub, node, ch)
     if mode == _NUMBER:
         state, integer = sub
         nxt = _number_step(state, ch, integer)
@@ -137,6 +145,14 @@ def _step(thread, ch: str):
         if state not in _NUMBER_ENDS or stack is None:
             return None
         return _after(stack, ch)  # the number ended: ch is what follows it
+    if mode == _RNUMBER:
+        state, text = sub
+        nxt = _number_step(state, ch, "integer" in node.types, exponent=False)
+        if nxt is not None:
+            return (stack, _RNUMBER, (nxt, text + ch), 0, node) if node.range.viable(text + ch) else None
+        if state not in _NUMBER_ENDS or stack is None or not node.range.holds(text):
+            return None
+        return _after(stack, ch)
     if mode == _LITERAL:
         if ch != sub[0]:
             return None
@@ -222,6 +238,8 @@ def _start_leaf(stack, leaf: Node, ch: str):
             return stack, _CSTRING, _STR_KEY, 0, leaf
         if "string" not in types:
             return None
+        if leaf.pattern is not None:
+            return stack, _PSTRING, (0, 0, 0, leaf.pattern.start), 0, leaf
         if leaf.min_length or leaf.max_length != float("inf"):
             return stack, _CSTRING, _STR_VALUE, 0, leaf
         return stack, _STRING, 0, 0, None
@@ -232,6 +250,9 @@ def _start_leaf(stack, leaf: Node, ch: str):
     if ch == "-" or ch in _DIGITS:
         if "number" not in types and "integer" not in types:
             return None
+        if leaf.range is not None:
+            return (stack, _RNUMBER, (_MINUS if ch == "-" else _ZERO if ch == "0" else _INT, ch), 0, leaf) \
+                if leaf.range.viable(ch) else None
         return stack, _NUMBER, (_MINUS if ch == "-" else _ZERO if ch == "0" else _INT, "integer" in types), 0, None
     if ch in _LITERALS and _LITERAL_TYPES[ch] in types:
         return stack, _LITERAL, _LITERALS[ch], 0, None
@@ -339,8 +360,65 @@ def _add(stack, mode: int, node: Node | None, high: bool, length: int, text: str
     return stack, mode, (0, 0, high, length, text), 0, node
 
 
-def _number_step(state: int, ch: str, integer: bool) -> int | None:
-    """The number state after ``ch``, or None when ``ch`` cannot continue the number."""
+def _pattern_step(stack, sub: tuple, node: Node, ch: str):
+    """A string under a pattern after ``ch``: its decoded characters step the pattern's automaton, and a ``\\u``
+    escape's digits are checked as they come (a surrogate pair is one character; a lone surrogate, which no
+    well-formed string holds, is not written)."""
+    escape, code, high, states = sub
+    regex = node.pattern
+    if escape == 0:
+        if ch == '"':
+            return _ended(stack) if not high and regex.accepts(states) else None
+        if ch == "\\":  # any character may be escaped: some must continue the match
+            return (stack, _PSTRING, (-1, 0, high, states), 0, node) if _units_ok(regex, states, high, 0, 0xFFFF) \
+                else None
+        if ch < " " or high or "\ud800" <= ch <= "\udfff":
+            return None
+        return _pattern_char(stack, node, states, ord(ch))
+    if escape == -1:
+        if ch not in _ESCAPES or (high and ch != "u"):
+            return None
+        if ch == "u":
+            return (stack, _PSTRING, (4, 0, high, states), 0, node) if _units_ok(regex, states, high, 0, 0xFFFF) \
+                else None
+        return _pattern_char(stack, node, states, ord(_ESCAPES[ch]))
+    if ch not in _HEX:
+        return None
+    code = code * 16 + int(ch, 16)
+    shift = 4 * (escape - 1)
+    if not _units_ok(regex, states, high, code << shift, ((code + 1) << shift) - 1):
+        return None
+    if escape > 1:
+        return stack, _PSTRING, (escape - 1, code, high, states), 0, node
+    if high:
+        return _pattern_char(stack, node, states, 0x10000 + ((high - 0xD800) << 10) + code - 0xDC00)
+    if 0xD800 <= code <= 0xDBFF:
+        return stack, _PSTRING, (0, 0, code, states), 0, node
+    return _pattern_char(stack, node, states, code)
+
+
+def _units_ok(regex, states, high: int, low: int, top: int) -> bool:
+    """Whether some UTF-16 unit in ``low..top`` (the values a \\u escape's digits so far allow) continues a
+    matching string: after a high surrogate only its low half, else a character of its own or a pair's high half."""
+    if high:
+        a, b = max(low, 0xDC00), min(top, 0xDFFF)
+        base = 0x10000 + ((high - 0xD800) << 10) - 0xDC00
+        return a <= b and regex.any_in(states, base + a, base + b)
+    spans = [(max(low, a), min(top, b)) for a, b in ((0, 0xD7FF), (0xE000, 0xFFFF))]
+    a, b = max(low, 0xD800), min(top, 0xDBFF)
+    if a <= b:
+        spans.append((0x10000 + ((a - 0xD800) << 10), 0x10000 + ((b - 0xD800) << 10) + 0x3FF))
+    return any(a <= b and regex.any_in(states, a, b) for a, b in spans)
+
+
+def _pattern_char(stack, node: Node, states, code: int):
+    states = node.pattern.step(states, code)
+    return (stack, _PSTRING, (0, 0, 0, states), 0, node) if states else None
+
+
+def _number_step(state: int, ch: str, integer: bool, exponent: bool = True) -> int | None:
+    """The number state after ``ch``, or None when ``ch`` cannot continue the number (``integer``: no fraction
+    and no exponent; not ``exponent``: none)."""
     digit = ch in _DIGITS
     if state == _MINUS:
         return (_ZERO if ch == "0" else _INT) if digit else None
@@ -349,11 +427,11 @@ def _number_step(state: int, ch: str, integer: bool) -> int | None:
             return _INT
         if integer:
             return None
-        return _DOT if ch == "." else _EXP if ch in "eE" else None
+        return _DOT if ch == "." else _EXP if ch in "eE" and exponent else None
     if state in (_DOT, _FRAC):
         if digit:
             return _FRAC
-        return _EXP if state == _FRAC and ch in "eE" else None
+        return _EXP if state == _FRAC and ch in "eE" and exponent else None
     if state == _EXP:
         return _EXP_DIGITS if digit else _EXP_SIGN if ch in "+-" else None
     return _EXP_DIGITS if digit else None  # _EXP_SIGN, _EXP_DIGITS

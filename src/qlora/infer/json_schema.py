@@ -8,18 +8,24 @@ asking for them is refused instead of silently broken.
 Enforced at any depth (the subset OpenAI's Structured Outputs documents, and a little more):
 ``type`` (a name or a list), ``properties``, ``required``, ``additionalProperties`` (false,
 true, absent or a schema), ``items`` (a schema, or draft-7's list with ``additionalItems``),
-``prefixItems``, ``minItems``/``maxItems``, ``minLength``/``maxLength``, ``enum``/``const``
-(beside ``type`` and the length bounds), ``anyOf``, ``oneOf`` whose alternatives cannot
-both hold (different types, different constant values, or objects told apart by a required
-property such as pydantic's discriminator), ``allOf`` of one schema, and ``$ref`` to any
-local JSON pointer (``#``, ``#/$defs/X``, ``#/definitions/X``), recursion included.
+``prefixItems``, ``minItems``/``maxItems``, ``minLength``/``maxLength``, ``pattern``
+(:mod:`~qlora.infer.regex`'s subset of ECMA-262), ``format`` (:mod:`~qlora.infer.string_formats`:
+date, time, date-time, duration, uuid, ipv4, ipv6, hostname, email), ``minimum``/``maximum``,
+``exclusiveMinimum``/``exclusiveMaximum`` and ``multipleOf`` (:mod:`~qlora.infer.number_range`),
+``enum``/``const`` (values filtered by the keywords beside them), ``anyOf``, ``oneOf`` whose
+alternatives cannot both hold (different types, different constant values, or objects told
+apart by a required property such as pydantic's discriminator), ``allOf`` of one schema, and
+``$ref`` to any local JSON pointer (``#``, ``#/$defs/X``, ``#/definitions/X``), recursion included.
 Annotations (``title``, ``description``, ``default``, ``examples``, ...) change nothing.
 
-Everything else (``pattern``, ``format``, ``minimum``/``maximum``, ``multipleOf``,
-``uniqueItems``, ``not``, ``if``, ``minProperties``, ...) is unenforced: named by path and
-otherwise ignored. Two exactness notes: an ``integer`` is written without fraction or
-exponent, and an ``enum``/``const`` number as ``json.dumps`` writes it (or ``1.0`` for ``1``);
-every valid value can still be written, in that form.
+Everything else (``uniqueItems``, ``not``, ``if``, ``minProperties``, a pattern outside the
+subset, another format, a pattern beside a format or beside the length bounds, ...) is
+unenforced: named by path and otherwise ignored. Exactness notes: an ``integer`` is written
+without fraction or exponent, a bounded number without exponent (under ``multipleOf`` with
+only zeros past the multiple's fraction digits), an ``enum``/``const`` number as
+``json.dumps`` writes it (or ``1.0`` for ``1``), and a string under a pattern or format
+without lone surrogates (which no Unicode string holds); every valid value can still be
+written, in that form.
 
 A schema no finite JSON value satisfies (a ``$ref`` cycle without content, a required
 property that may not appear, ``minItems`` above ``maxItems``, ...) raises
@@ -38,14 +44,19 @@ import math
 from dataclasses import dataclass
 from typing import Any, Mapping
 
+from .number_range import KEYWORDS as NUMBER_KEYWORDS
+from .number_range import NumberRange
+from .regex import PatternError, Regex
+from .string_formats import format_regex
+
 TYPES = ("string", "number", "integer", "boolean", "null", "object", "array")
 ANNOTATIONS = frozenset({"title", "description", "default", "examples", "$comment", "deprecated", "readOnly",
                          "writeOnly", "$schema", "$id", "$anchor", "contentEncoding", "contentMediaType",
                          "discriminator", "$defs", "definitions"})  # change no valid value (definitions: by $ref)
 _ENFORCED = frozenset({"type", "enum", "const", "properties", "required", "additionalProperties", "items",
                        "prefixItems", "additionalItems", "minItems", "maxItems", "minLength", "maxLength", "anyOf",
-                       "oneOf", "allOf", "$ref"})
-_BESIDE_ENUM = frozenset({"type", "minLength", "maxLength"})  # what an enum's values are filtered by
+                       "oneOf", "allOf", "$ref", "pattern", "format", *NUMBER_KEYWORDS})
+_BESIDE_ENUM = frozenset({"type", "minLength", "maxLength", "pattern", "format", *NUMBER_KEYWORDS})  # filter enums
 MAX_DEPTH = 128  # schemas nested (or $ref chains followed) deeper are refused: compiling recurses once a level
 
 
@@ -61,12 +72,14 @@ class Node:
     and the JSON text of numbers, booleans and null); object rules ``properties``, ``required``,
     ``extra`` (the additionalProperties schema, None: no other key) and ``keys`` (the declared
     keys that may be written); array rules ``prefix``, ``items`` (None: no more items),
-    ``min_items``, ``max_items``; string bounds ``min_length``, ``max_length`` (code points).
+    ``min_items``, ``max_items``; string bounds ``min_length``, ``max_length`` (code points) and
+    ``pattern`` (a ``pattern`` or ``format``, never beside the length bounds); ``range`` the numbers allowed.
     ``leaves``: the leaves a value of a union may follow (a leaf: itself), satisfiable ones only.
     """
 
     __slots__ = ("alts", "leaves", "types", "strings", "literals", "properties", "required", "extra", "keys",
-                 "prefix", "items", "min_items", "max_items", "min_length", "max_length", "path")
+                 "prefix", "items", "min_items", "max_items", "min_length", "max_length", "pattern", "range",
+                 "path")
 
     def __init__(self, path: str) -> None:
         self.alts: tuple[Node, ...] | None = None
@@ -82,6 +95,8 @@ class Node:
         self.items: Node | None = None
         self.min_items, self.max_items = 0, math.inf
         self.min_length, self.max_length = 0, math.inf
+        self.pattern: Regex | None = None
+        self.range: NumberRange | None = None
         self.path = path
 
     def item(self, index: int) -> Node | None:
@@ -286,6 +301,10 @@ class _Compiler:
         node.types = frozenset(kinds)
         node.min_length, node.max_length = self.bounds(schema, "minLength", "maxLength", path)
         node.min_items, node.max_items = self.bounds(schema, "minItems", "maxItems", path)
+        if kinds & {"number", "integer"}:  # the numeric keywords apply to numbers only, pattern and format to strings
+            node.range, bad = NumberRange.from_schema(schema, "integer" in kinds)
+            self.problems += [_join(path, k) for k in bad]
+        node.pattern = self.pattern(schema, path) if "string" in kinds else None
         props = schema.get("properties", {})
         if not isinstance(props, dict):
             self.problems.append(_join(path, "properties"))
@@ -306,6 +325,29 @@ class _Compiler:
         node.items = None if items is False else self.node(items, _join(path, "items"))
         if "const" in schema or "enum" in schema:
             self.values(node, schema, path)
+
+    def pattern(self, schema: Mapping[str, Any], path: str) -> Regex | None:
+        """The compiled ``pattern`` or ``format`` of a string schema (None: none, or one not enforced)."""
+        found = []
+        if "pattern" in schema:
+            try:
+                if not isinstance(schema["pattern"], str):
+                    raise PatternError("not a string")
+                found.append(("pattern", Regex(schema["pattern"])))
+            except PatternError as exc:
+                self.problems.append(f"{_join(path, 'pattern')} ({exc})")
+        if "format" in schema:
+            regex = format_regex(schema["format"]) if isinstance(schema["format"], str) else None
+            if regex is None:
+                self.problems.append(f"{_join(path, 'format')} ({schema['format']!r} is not a format enforced)")
+            else:
+                found.append(("format", regex))
+        if len(found) == 2:
+            self.problems.append(_join(path, "format") + " (beside pattern)")
+        if found and ("minLength" in schema or "maxLength" in schema):
+            self.problems.append(_join(path, found[0][0]) + " (beside minLength/maxLength)")
+            return None
+        return found[0][1] if found else None
 
     def bounds(self, schema: Mapping[str, Any], low: str, high: str, path: str) -> tuple[int, float]:
         out = []
@@ -334,7 +376,10 @@ class _Compiler:
             kind = _json_type(value)
             if kind not in node.types and not (kind == "integer" and "number" in node.types):
                 continue
-            if kind == "string" and not node.min_length <= len(value) <= node.max_length:
+            if kind == "string" and not (node.min_length <= len(value) <= node.max_length and
+                                         (node.pattern is None or node.pattern.matches(value))):
+                continue
+            if kind in ("integer", "number") and node.range is not None and not node.range.holds(json.dumps(value)):
                 continue
             kept.append(value)
         scalars = self.new(path)
@@ -421,7 +466,10 @@ class _Compiler:
             elif t == "array":
                 if n.min_items <= n.max_items and all(ok(n.item(i)) for i in n.required_items()):
                     out.add(t)
-            elif t != "string" or n.min_length <= n.max_length:
+            elif t == "string":
+                if n.min_length <= n.max_length and (n.pattern is None or n.pattern.start):
+                    out.add(t)
+            elif t not in ("number", "integer") or n.range is None or not n.range.empty:
                 out.add(t)
         if n.strings or n.literals:
             out.add("values")
@@ -481,7 +529,11 @@ class _Compiler:
                     if not ok(item):
                         return self.why(item, ok, seen)
             elif t == "string":
+                if node.pattern is not None and not node.pattern.start:
+                    return f"{where}: its pattern or format {node.pattern.source!r} matches no string"
                 return f"{where}: minLength {node.min_length} is above maxLength {node.max_length}"
+            elif t in ("number", "integer"):
+                return f"{where}: its minimum/maximum/exclusive*/multipleOf allow no {t}"
         return f"{where} has no finite value"
 
 

@@ -67,9 +67,10 @@ from ..infer.tool_calls import tool_definition_problem
 
 
 _ENFORCED = ("It enforces, at every depth, type, properties, required, additionalProperties, items, prefixItems, "
-             "minItems, maxItems, minLength, maxLength, enum, const, anyOf, oneOf of exclusive alternatives, "
-             "allOf of one schema and local $ref (recursion included); pattern, format, numeric bounds and the "
-             "rest are not.")
+             "minItems, maxItems, minLength, maxLength, pattern (ECMA-262 without lookaround or backreferences), "
+             "format (date, time, date-time, duration, uuid, ipv4, ipv6, hostname, email), minimum, maximum, "
+             "exclusiveMinimum, exclusiveMaximum, multipleOf, enum, const, anyOf, oneOf of exclusive alternatives, "
+             "allOf of one schema and local $ref (recursion included); uniqueItems, not and the rest are not.")
 MAX_STOP_STRINGS = 32  # OpenAI takes 4; eval harnesses send their task's stops plus EOS, often more
 
 
