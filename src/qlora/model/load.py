@@ -443,6 +443,7 @@ def load_model(
             raise UsageError(f"{model_dir}: the 4-bit layer {owner} cannot be read: {exc}. The checkpoint is "
                              "incomplete or was not written by transformers + bitsandbytes; copy or download it "
                              "again, or load its 16-bit original.") from None
+    _tie_towards_stored(model, quantized, loaded)
     model.tie_weights()
     _share_tied_4bit(model, quantized, loaded)
     _load_generation_config(model, model_dir)
@@ -484,6 +485,20 @@ def _warn_dense_bulk(model: nn.Module) -> None:
                     "not quantize, or layers whose weight the model's own code reads or changes directly. The "
                     "4-bit saving is that much smaller; `qlora estimate` shows the memory this takes.",
                     100 * sum(dense.values()) / total, kinds)
+
+
+def _tie_towards_stored(model: nn.Module, quantized: set[str], loaded: set[str]) -> None:
+    """A file may store a tied tensor under the tie's target name only (XLM-RoBERTa's
+    ``lm_head.decoder.weight``, which its model registers first); ``from_pretrained`` then ties towards
+    the stored name. Give the source those values, so ``tie_weights`` (target := source) keeps them.
+    4-bit layers are :func:`_share_tied_4bit`'s."""
+    expand = getattr(model, "get_expanded_tied_weights_keys", None)  # transformers 5
+    if expand is None:
+        return
+    for target, source in expand(all_submodels=True).items():
+        if target in loaded and source not in loaded and source.rpartition(".")[0] not in quantized:
+            _set_tensor(model, source, model.get_parameter_or_buffer(target).detach(), target)
+            loaded.add(source)
 
 
 def _share_tied_4bit(model: nn.Module, quantized: set[str], loaded: set[str]) -> None:

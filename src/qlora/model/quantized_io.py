@@ -30,14 +30,25 @@ def _dtype_name(dtype: torch.dtype) -> str:
 
 
 def quantized_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Base-model tensors (adapters left out), tied duplicates dropped."""
+    """Base-model tensors (adapters left out), tied duplicates dropped.
+
+    A tied tensor (lm_head tied to embed_tokens) is stored once, under the name transformers'
+    ``save_pretrained`` keeps: the tie's source, whichever module registers first (XLM-RoBERTa's
+    head comes before its embeddings)."""
     sd = model.state_dict()
-    seen: set[int] = set()
+    expand = getattr(model, "get_expanded_tied_weights_keys", None)  # transformers 5: {target: source}
+    targets = set(expand(all_submodels=True)) if expand is not None else set()
+    kept: dict[int, str] = {}
     tied: set[str] = set()
     for key, param in model.named_parameters(remove_duplicate=False):
-        if id(param) in seen:
-            tied.add(key)  # e.g. lm_head tied to embed_tokens: stored once
-        seen.add(id(param))
+        first = kept.setdefault(id(param), key)
+        if first == key:
+            continue
+        if first in targets and key not in targets:
+            tied.add(first)
+            kept[id(param)] = key
+        else:
+            tied.add(key)
     out: dict[str, torch.Tensor] = {}
     for key, value in sd.items():
         if ".lora_" in key or key in tied:
