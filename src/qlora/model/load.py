@@ -607,12 +607,14 @@ def _cast(tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
 
 def _packed_layers(keys: dict[Path, list[str]], layout: CheckpointLayout, dense_keys: set[str],
                    model: nn.Module) -> set[str]:
-    """Model paths of the layers a bitsandbytes 4-bit checkpoint stores packed (those with a quant state)."""
+    """Model paths of the layers a bitsandbytes 4-bit checkpoint stores packed (those with a quant state).
+    Read in the model's naming: a renamed layer's file keys may lack ``.weight`` (Inkling 2 stores
+    ``sconv.weight_proj.absmax`` for the model's ``sconv.weight_proj.weight.absmax``)."""
     paths = set()
     for raw in (k for file_keys in keys.values() for k in file_keys):
-        stem, sep, rest = raw.partition(".weight.")
+        stem, sep, rest = layout.target(raw).partition(".weight.")
         if sep and rest.startswith(("quant_state.", "absmax", "quant_map")):
-            key = _model_key(layout.target(stem + ".weight"), dense_keys, model)
+            key = _model_key(stem + ".weight", dense_keys, model)
             paths.add(key[: -len(".weight")])
     return paths
 
