@@ -554,9 +554,12 @@ def read_model_config(model_dir: str | Path):
         raise UsageError(f"{path} could not be read as a transformers config "
                          f"({' '.join(str(exc).split())[:300] or type(exc).__name__}).") from None
     text = config.get_text_config()
+    per_layer = getattr(text, "per_layer_attributes", None) or ()  # reading these globally raises (dots3's heads)
     for key in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size"):
-        value = getattr(text, key, None)
-        if isinstance(value, int) and value <= 0:
+        values = [getattr(layer, key, None) for layer in text.per_layer_config] if key in per_layer else [
+            getattr(text, key, None)]
+        value = next((v for v in values if isinstance(v, int) and v <= 0), None)
+        if value is not None:
             raise UsageError(f"{path}: {key} must be a positive integer, got {value}; the file is damaged or "
                              "edited by hand.")
     return config
