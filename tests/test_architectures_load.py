@@ -359,3 +359,75 @@ def test_weight_reads_the_config_rules_out_do_not_keep_layers_dense(tmp_path, ti
         assert (ours == peft_targets) is not exact
         assert (ours | sliced | {"transformer.h.0.mlp.dense_4h_to_h", "transformer.h.1.self_attention.dense"}
                 == peft_targets)
+
+
+def test_a_tied_head_registered_before_its_embedding_is_stored_and_read_under_either_name(tmp_path, tiny_tokenizer):
+    """XLM-RoBERTa's causal LM registers ``lm_head`` before ``roberta``, so the tied tensor's first
+    name is the tie's target, ``lm_head.decoder.weight``. qlora's 4-bit checkpoint stores it as
+    transformers does, under the embedding's name; and a file that stores it under the head's name
+    loads as transformers loads it (which ties towards whichever name the file holds)."""
+    from safetensors.torch import load_file, save_file
+
+    from qlora.model.quantized_io import save_quantized
+
+    config = AutoConfig.for_model(
+        "xlm-roberta", vocab_size=len(tiny_tokenizer), hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+        intermediate_size=128, max_position_embeddings=256, is_decoder=True,
+        bos_token_id=tiny_tokenizer.bos_token_id, eos_token_id=tiny_tokenizer.eos_token_id,
+        pad_token_id=tiny_tokenizer.pad_token_id)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "base")
+    tiny_tokenizer.save_pretrained(tmp_path / "base")
+    x = torch.randint(3, 200, (2, 12))
+
+    model, tok = load_model(tmp_path / "base", compute_dtype=torch.float32, device="cpu")
+    save_quantized(model, tmp_path / "q4", tok)
+    stored = load_file(tmp_path / "q4" / "model.safetensors")
+    assert "roberta.embeddings.word_embeddings.weight" in stored and "lm_head.decoder.weight" not in stored
+    reloaded, _ = load_model(tmp_path / "q4", compute_dtype=torch.float32, device="cpu")
+    with torch.no_grad():
+        assert torch.equal(reloaded(x).logits, model(x).logits)
+
+    tensors = load_file(tmp_path / "base" / "model.safetensors")
+    tensors["lm_head.decoder.weight"] = tensors.pop("roberta.embeddings.word_embeddings.weight")
+    save_file(tensors, tmp_path / "base" / "model.safetensors", metadata={"format": "pt"})
+    ref = _loads_as_transformers(tmp_path / "base")
+    assert ref.lm_head.decoder.weight is ref.roberta.embeddings.word_embeddings.weight
+
+
+def test_a_4bit_layer_whose_file_name_lacks_weight_is_read_packed(tmp_path, tiny_tokenizer):
+    """Inkling 2 stores its short-conv ``weight_proj`` layer under the module's name (``sconv.weight_proj``,
+    renamed to ``sconv.weight_proj.weight`` on load), so its 4-bit quant state is ``sconv.weight_proj.absmax``,
+    with no ``.weight.`` in the file's key. qlora's 4-bit checkpoint of it loads back packed, with the
+    logits of the 16-bit original loaded in 4 bits, and transformers + bitsandbytes reads the same model
+    from it (experts 16-bit, as it keeps them)."""
+    pytest.importorskip("bitsandbytes")
+    from safetensors import safe_open
+
+    from qlora.model.quantized_io import save_quantized
+
+    config = AutoConfig.for_model(
+        "inkling2_text", vocab_size=len(tiny_tokenizer), hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, n_routed_experts=4, num_experts_per_tok=2,
+        layer_types=["hybrid_sliding", "hybrid"], max_position_embeddings=256,
+        bos_token_id=tiny_tokenizer.bos_token_id, eos_token_id=tiny_tokenizer.eos_token_id,
+        pad_token_id=tiny_tokenizer.pad_token_id)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "base")
+    tiny_tokenizer.save_pretrained(tmp_path / "base")
+    model, tok = load_model(tmp_path / "base", compute_dtype=torch.float32, device="cpu", quantize_experts=False)
+    save_quantized(model, tmp_path / "q4", tok)
+    with safe_open(tmp_path / "q4" / "model.safetensors", "pt") as f:
+        assert any(k.endswith("sconv.weight_proj.absmax") for k in f.keys())
+
+    reloaded, _ = load_model(tmp_path / "q4", compute_dtype=torch.float32, device="cpu")
+    proj = [m for n, m in reloaded.named_modules() if n.endswith("sconv.weight_proj")]
+    assert proj and all(isinstance(m, Linear4bit) for m in proj)
+    direct, _ = load_model(tmp_path / "base", compute_dtype=torch.float32, device="cpu")  # experts 4-bit too
+    x = torch.randint(3, 200, (1, 10))
+    with torch.no_grad():
+        assert torch.equal(reloaded(x).logits, direct(x).logits)
+    theirs = reference_path(AutoModelForCausalLM.from_pretrained(tmp_path / "q4", device_map="cpu",
+                                                                 dtype=torch.float32))
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(x).logits.float(), model(x).logits, rtol=1e-4, atol=1e-4)

@@ -321,3 +321,22 @@ def test_quantize_refuses_linear_subclasses_transformers_keeps_dense(tmp_path, t
     assert main(["quantize", "--model", str(tmp_path / "base"), "--output", str(tmp_path / "q")]) == 2
     err = capsys.readouterr().err
     assert "FalconLinear" in err and "Traceback" not in err and not (tmp_path / "q").exists()
+
+
+def test_quantize_refuses_layers_the_checkpoint_stores_fused(tmp_path, tiny_tokenizer, capsys):
+    """HRM's checkpoint stores ``gqkv_proj`` and ``gate_up_proj`` whole, and transformers splits them into
+    separate linear layers when it loads the model. 4-bit codes of the split layers cannot be joined back
+    into the fused tensor's, so no 4-bit file of them loads (transformers + bitsandbytes fails on one):
+    `qlora quantize` says so instead of writing it, and the 16-bit model loads in 4 bits as the message says."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model("hrm_text", vocab_size=len(tiny_tokenizer), hidden_size=64, num_hidden_layers=2,
+                                  num_attention_heads=4, num_key_value_heads=2, intermediate_size=128, head_dim=16)
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "base")
+    tiny_tokenizer.save_pretrained(tmp_path / "base")
+    assert main(["quantize", "--model", str(tmp_path / "base"), "--output", str(tmp_path / "q")]) == 2
+    err = capsys.readouterr().err
+    assert "fused" in err and "self_attn.q_proj.weight" in err and "Traceback" not in err
+    assert not (tmp_path / "q").exists()
+    model, _ = qlora.load_model(tmp_path / "base", compute_dtype=torch.float32, device="cpu")
+    assert isinstance(model.model.L_module.layers[0].self_attn.q_proj, Linear4bit)

@@ -259,6 +259,20 @@ def test_layers_of_different_widths_are_estimated_at_the_widest():
     assert activation_bytes(narrowest, opts, 0) < got == activation_bytes(widest, opts, 0)
 
 
+
+def test_a_config_whose_head_counts_differ_per_layer_is_read(tmp_path, capsys):
+    """dots3's config holds num_attention_heads per layer (reading the global value raises, and the
+    config check at load read it): its folder is read and estimated, as Gemma 4's per-layer head_dim is."""
+    from transformers import AutoConfig
+
+    from qlora.cli.main import main
+
+    config = AutoConfig.for_model("dots3_note_text")
+    assert "num_attention_heads" in config.per_layer_attributes  # the case this test is about
+    config.save_pretrained(tmp_path)
+    assert main(["estimate", "--model", str(tmp_path)]) == 0
+    assert "QLoRA" in capsys.readouterr().out
+
 _MOE_SIZES = dict(head_dim=16, moe_intermediate_size=32, num_local_experts=4, n_routed_experts=4, num_experts_per_tok=2,
                   q_lora_rank=32, kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16,
                   first_k_dense_replace=1, n_group=1, topk_group=1)

@@ -168,3 +168,19 @@ def to_checkpoint_layout(model, state_dict: dict[str, torch.Tensor]) -> dict[str
         return revert_weight_conversion(model, state_dict)
     except Exception as exc:  # an API that changed under us: say so, not a traceback
         raise _api_error(model, exc) from None
+
+
+def converted_on_save(model, keys: list[str]) -> list[str]:
+    """The ``keys`` (model naming) that transformers' ``save_pretrained`` writes through a converter of the
+    model's conversion mapping (several layers fused into one stored tensor, as HRM's ``gqkv_proj``), not
+    only renamed: the stored tensor is not the layer's own. ``[]`` under 4.x (no mapping)."""
+    mapping = _load_mapping(model)
+    if not mapping:
+        return []
+    try:
+        from transformers.core_model_loading import WeightConverter, apply_converters
+
+        converters = [c.reverse_transform() for c in reversed(mapping) if isinstance(c, WeightConverter)]
+        return [k for k in keys if apply_converters(k, converters)[1] is not None]
+    except Exception as exc:  # an API that changed under us: say so, not a traceback
+        raise _api_error(model, exc) from None

@@ -443,6 +443,7 @@ def load_model(
             raise UsageError(f"{model_dir}: the 4-bit layer {owner} cannot be read: {exc}. The checkpoint is "
                              "incomplete or was not written by transformers + bitsandbytes; copy or download it "
                              "again, or load its 16-bit original.") from None
+    _tie_towards_stored(model, quantized, loaded)
     model.tie_weights()
     _share_tied_4bit(model, quantized, loaded)
     _load_generation_config(model, model_dir)
@@ -484,6 +485,20 @@ def _warn_dense_bulk(model: nn.Module) -> None:
                     "not quantize, or layers whose weight the model's own code reads or changes directly. The "
                     "4-bit saving is that much smaller; `qlora estimate` shows the memory this takes.",
                     100 * sum(dense.values()) / total, kinds)
+
+
+def _tie_towards_stored(model: nn.Module, quantized: set[str], loaded: set[str]) -> None:
+    """A file may store a tied tensor under the tie's target name only (XLM-RoBERTa's
+    ``lm_head.decoder.weight``, which its model registers first); ``from_pretrained`` then ties towards
+    the stored name. Give the source those values, so ``tie_weights`` (target := source) keeps them.
+    4-bit layers are :func:`_share_tied_4bit`'s."""
+    expand = getattr(model, "get_expanded_tied_weights_keys", None)  # transformers 5
+    if expand is None:
+        return
+    for target, source in expand(all_submodels=True).items():
+        if target in loaded and source not in loaded and source.rpartition(".")[0] not in quantized:
+            _set_tensor(model, source, model.get_parameter_or_buffer(target).detach(), target)
+            loaded.add(source)
 
 
 def _share_tied_4bit(model: nn.Module, quantized: set[str], loaded: set[str]) -> None:
@@ -539,9 +554,12 @@ def read_model_config(model_dir: str | Path):
         raise UsageError(f"{path} could not be read as a transformers config "
                          f"({' '.join(str(exc).split())[:300] or type(exc).__name__}).") from None
     text = config.get_text_config()
+    per_layer = getattr(text, "per_layer_attributes", None) or ()  # reading these globally raises (dots3's heads)
     for key in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size"):
-        value = getattr(text, key, None)
-        if isinstance(value, int) and value <= 0:
+        values = [getattr(layer, key, None) for layer in text.per_layer_config] if key in per_layer else [
+            getattr(text, key, None)]
+        value = next((v for v in values if isinstance(v, int) and v <= 0), None)
+        if value is not None:
             raise UsageError(f"{path}: {key} must be a positive integer, got {value}; the file is damaged or "
                              "edited by hand.")
     return config
@@ -592,12 +610,14 @@ def _cast(tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
 
 def _packed_layers(keys: dict[Path, list[str]], layout: CheckpointLayout, dense_keys: set[str],
                    model: nn.Module) -> set[str]:
-    """Model paths of the layers a bitsandbytes 4-bit checkpoint stores packed (those with a quant state)."""
+    """Model paths of the layers a bitsandbytes 4-bit checkpoint stores packed (those with a quant state).
+    Read in the model's naming: a renamed layer's file keys may lack ``.weight`` (Inkling 2 stores
+    ``sconv.weight_proj.absmax`` for the model's ``sconv.weight_proj.weight.absmax``)."""
     paths = set()
     for raw in (k for file_keys in keys.values() for k in file_keys):
-        stem, sep, rest = raw.partition(".weight.")
+        stem, sep, rest = layout.target(raw).partition(".weight.")
         if sep and rest.startswith(("quant_state.", "absmax", "quant_map")):
-            key = _model_key(layout.target(stem + ".weight"), dense_keys, model)
+            key = _model_key(stem + ".weight", dense_keys, model)
             paths.add(key[: -len(".weight")])
     return paths
 

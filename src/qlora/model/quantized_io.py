@@ -19,7 +19,7 @@ from ..atomic import atomic_dir
 from ..errors import UsageError
 from ..nn import Experts4bit, Linear4bit, LoraLinear, expert_weight_names
 from .architecture import text_model_from_config
-from .checkpoint_layout import to_checkpoint_layout
+from .checkpoint_layout import converted_on_save, to_checkpoint_layout
 from .quantize import is_plain_linear, kept_dense_names, non_text_names, weight_count
 
 _SHARD_BYTES = 5 * 1024**3
@@ -30,14 +30,25 @@ def _dtype_name(dtype: torch.dtype) -> str:
 
 
 def quantized_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Base-model tensors (adapters left out), tied duplicates dropped."""
+    """Base-model tensors (adapters left out), tied duplicates dropped.
+
+    A tied tensor (lm_head tied to embed_tokens) is stored once, under the name transformers'
+    ``save_pretrained`` keeps: the tie's source, whichever module registers first (XLM-RoBERTa's
+    head comes before its embeddings)."""
     sd = model.state_dict()
-    seen: set[int] = set()
+    expand = getattr(model, "get_expanded_tied_weights_keys", None)  # transformers 5: {target: source}
+    targets = set(expand(all_submodels=True)) if expand is not None else set()
+    kept: dict[int, str] = {}
     tied: set[str] = set()
     for key, param in model.named_parameters(remove_duplicate=False):
-        if id(param) in seen:
-            tied.add(key)  # e.g. lm_head tied to embed_tokens: stored once
-        seen.add(id(param))
+        first = kept.setdefault(id(param), key)
+        if first == key:
+            continue
+        if first in targets and key not in targets:
+            tied.add(first)
+            kept[id(param)] = key
+        else:
+            tied.add(key)
     out: dict[str, torch.Tensor] = {}
     for key, value in sd.items():
         if ".lora_" in key or key in tied:
@@ -62,7 +73,9 @@ def dense_expert_share(model: nn.Module) -> float:
 
 def check_quantizable(model_dir: str | Path) -> None:
     """Refuse, before any weight is read, models whose 4-bit checkpoint transformers could not load:
-    linear layers of an nn.Linear subclass (Falcon's FalconLinear)."""
+    linear layers of an nn.Linear subclass (Falcon's FalconLinear), or layers the checkpoint stores
+    fused into one tensor that loading splits (HRM's ``gqkv_proj``): packed 4-bit codes of the split
+    layers cannot be joined back into the fused tensor's codes."""
     from .load import read_model_config
 
     config = read_model_config(model_dir)
@@ -78,6 +91,14 @@ def check_quantizable(model_dir: str | Path) -> None:
                          "transformers + bitsandbytes quantizes exact nn.Linear layers only and keeps these 16-bit, "
                          "so it could not load a 4-bit file of them. Skip `qlora quantize`: give the 16-bit model to "
                          "train/generate/eval/serve, which quantize these layers to 4 bits while loading.")
+    fused = converted_on_save(model, [f"{n}.weight" for n, m in model.named_modules()
+                                      if n not in kept and is_plain_linear(m)])
+    if fused:
+        raise UsageError(f"{model_dir} stores some linear layers fused into one tensor that transformers splits "
+                         f"when it loads the model (e.g. {fused[0]}); a 4-bit file of the split layers could not "
+                         "be fused back, so neither transformers + bitsandbytes nor qlora could load it. Skip "
+                         "`qlora quantize`: give the 16-bit model to train/generate/eval/serve, which quantize "
+                         "these layers to 4 bits while loading.")
 
 
 def save_quantized(model: nn.Module, out_dir: str | Path, tokenizer=None) -> Path:
