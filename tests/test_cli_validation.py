@@ -328,3 +328,34 @@ def test_plain_switches_take_the_boolean_words_too(tmp_path, tiny_model_dir, cap
         main(["merge", "--overwrite=maybe"])
     assert exit_.value.code == 2
     assert "--overwrite is on or off: give --overwrite or leave it out" in capsys.readouterr().err
+
+
+def test_a_models_own_input_check_exits_2_naming_it(tmp_path, tiny_tokenizer, capsys):
+    """transformers' Reformer trains only on sequences exactly as long as its axial position shape: its own
+    ValueError ends the command with exit 2 and that message, not a traceback. A ValueError of qlora's own code
+    still ends in a traceback (a bug)."""
+    from transformers import ReformerConfig, ReformerModelWithLMHead
+
+    config = ReformerConfig(vocab_size=len(tiny_tokenizer), hidden_size=32, num_attention_heads=2,
+                            attention_head_size=16, feed_forward_size=64, attn_layers=["local", "local"],
+                            axial_pos_shape=[8, 8], axial_pos_embds_dim=[16, 16], max_position_embeddings=64,
+                            is_decoder=True, pad_token_id=tiny_tokenizer.pad_token_id,
+                            eos_token_id=tiny_tokenizer.eos_token_id)
+    ReformerModelWithLMHead(config).save_pretrained(tmp_path / "reformer")
+    tiny_tokenizer.save_pretrained(tmp_path / "reformer")
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"text": "The quick brown fox jumps over the lazy dog."}\n' * 2)
+    argv = ["train", "--model", str(tmp_path / "reformer"), "--data", str(data), "--output", str(tmp_path / "out"),
+            "--max-steps", "1", "--no-progress"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "models/reformer/modeling_reformer.py" in err and "axial_pos_shape" in err, err
+
+
+def test_a_value_error_of_qlora_itself_is_not_blamed_on_the_model():
+    from qlora.cli.main import _model_code_that_raised
+
+    try:
+        int("x")
+    except ValueError as exc:
+        assert _model_code_that_raised(exc) is None

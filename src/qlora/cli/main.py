@@ -11,6 +11,7 @@ import argparse
 import difflib
 import importlib
 import sys
+from pathlib import Path
 from typing import Sequence
 
 from ..errors import UsageError, describe_os_error
@@ -141,6 +142,29 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("qlora: interrupted", file=sys.stderr)
         return 130
+    except ValueError as exc:
+        model_file = _model_code_that_raised(exc)
+        if model_file is None:
+            raise
+        detail = " ".join(str(exc).split())[:600] or type(exc).__name__
+        report_error(f"qlora {args.command}: error: the model's own code refused the input (transformers' {model_file}): "
+                     f"{detail} This is a limit of how transformers implements this architecture, not of qlora; "
+                     "change the option it points to (--seq-len, --batch-size, --packing, ...) or use another model.")
+        return 2
+
+
+def _model_code_that_raised(exc: BaseException) -> str | None:
+    """``models/<arch>/<file>.py`` when ``exc`` was raised by a transformers model's own code (its checks of the
+    input, such as Reformer's sequence length that must equal its axial position shape), else ``None``."""
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    if tb is None:
+        return None
+    parts = Path(tb.tb_frame.f_code.co_filename).parts
+    if len(parts) >= 4 and parts[-4:-2] == ("transformers", "models"):
+        return "/".join(parts[-3:])
+    return None
 
 
 def _out_of_memory(exc: BaseException) -> bool:
