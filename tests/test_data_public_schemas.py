@@ -142,3 +142,26 @@ def test_zstd_compressed_jsonl_says_decompress(tmp_path):
     with pytest.raises(UsageError, match=r"unknown data format '\.jsonl\.zst'.* It looks compressed \(\.zst\): "
                                          r"decompress it first, e\.g\. to train\.jsonl\."):
         load_records(path)
+
+
+def test_wikitext_blank_lines_are_skipped_not_refused(tmp_path, qwen_tokenizer):
+    """Salesforce/wikitext (wikitext-2-raw-v1) serves a corpus line a row, a third of them empty strings."""
+    from qlora.train.data.text_blocks import text_blocks
+    from qlora.train.data.tokenize import tokenize_dataset
+
+    rows = [{"text": ""}, {"text": " = Valkyria Chronicles III = \n"}, {"text": ""},
+            {"text": " Senjō no Valkyria 3 : Unrecorded Chronicles is a tactical role @-@ playing video game . \n"}]
+    path = tmp_path / "wikitext.parquet"
+    pq.write_table(pa.Table.from_pylist(rows), path)
+    examples = normalize(load_records(path))
+    tokenized, report = tokenize_dataset(examples, qwen_tokenizer, ChatFormat(QWEN))
+    assert [qwen_tokenizer.decode(t.input_ids) for t in tokenized] == ["<|bos|>" + r["text"] + "<|eos|>" for r in rows[1::2]]
+    assert report.untrainable_where == [f"{path} row 0", f"{path} row 2"]
+    assert "2 skipped with no trainable tokens" in report.summary()
+    # --group-texts keeps LLaMA-Factory's stream: every text, an empty one too, followed by its EOS
+    blocks, block_report = text_blocks(examples, qwen_tokenizer, 4, 1000)
+    assert block_report.tokens == sum(len(qwen_tokenizer(r["text"] + "<|eos|>", add_special_tokens=False)["input_ids"]) for r in rows)
+    blank = tmp_path / "blank.parquet"
+    pq.write_table(pa.Table.from_pylist(rows[::2]), blank)
+    with pytest.raises(UsageError, match=rf"all 2 texts of the data are empty \(first: {blank} row 0"):
+        tokenize_dataset(normalize(load_records(blank)), qwen_tokenizer, ChatFormat(QWEN))

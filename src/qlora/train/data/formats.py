@@ -290,7 +290,15 @@ def _prompt_completion(fields: dict[str, Any], where: str, names: FieldMap) -> E
 
 
 def _text(fields: dict[str, Any], where: str, names: FieldMap) -> Example:
+    value = fields.get("text")
+    if isinstance(value, str) and not value.strip():  # a corpus's blank line (wikitext): skipped when tokenized
+        return Example(None, "", where)
     return Example(None, _text_field(fields, "text", where, "text"), where)
+
+
+def blank_text(example: Example) -> bool:
+    """A plain text with nothing in it (a blank line of a corpus such as wikitext): nothing to learn."""
+    return example.messages is None and example.prompt is None and not (example.text or "").strip()
 
 
 _CONVERTERS = {"alpaca": _alpaca, "chat": _chat, "sharegpt": _sharegpt, "prompt-completion": _prompt_completion,
