@@ -165,3 +165,49 @@ def test_wikitext_blank_lines_are_skipped_not_refused(tmp_path, qwen_tokenizer):
     pq.write_table(pa.Table.from_pylist(rows[::2]), blank)
     with pytest.raises(UsageError, match=rf"all 2 texts of the data are empty \(first: {blank} row 0"):
         tokenize_dataset(normalize(load_records(blank)), qwen_tokenizer, ChatFormat(QWEN))
+
+
+def test_openorca_refusal_maps_its_system_prompt_too(tmp_path, qwen_tokenizer):
+    """Open-Orca/OpenOrca: id, system_prompt (often empty), question, response."""
+    rows = [{"id": "niv.242684", "system_prompt": "", "question": "Classify: is 7 prime?", "response": "Yes"},
+            {"id": "flan.564327", "system_prompt": "You are a helpful assistant.", "question": "Say hi.",
+             "response": "Hi."}]
+    path = tmp_path / "openorca.parquet"
+    pq.write_table(pa.Table.from_pylist(rows), path)
+    with pytest.raises(UsageError, match="--data-fields instruction=question,output=response,system=system_prompt "):
+        normalize(load_records(path))
+    example = normalize(load_records(path), "auto", "instruction=question,output=response,system=system_prompt")[1]
+    assert example.messages[0] == {"role": "system", "content": "You are a helpful assistant."}
+
+
+def test_nemotron_message_list_input_and_string_output(tmp_path, qwen_tokenizer):
+    """nvidia/Llama-Nemotron-Post-Training-Dataset: ``input`` the conversation so far, ``output`` the reply (with its
+    ``<think>`` block), ``system_prompt`` the reasoning switch, ``reasoning`` a mode flag."""
+    row = {"input": [{"role": "user", "content": "Solve 2+2."}], "output": "<think>\n2+2=4\n</think>\n\n4",
+           "category": "math", "license": "cc-by-4.0", "reasoning": "on", "generator": "DeepSeek-R1",
+           "used_in_training": "Ultra, Nano", "version": "v1", "system_prompt": "detailed thinking on"}
+    path = tmp_path / "nemotron.parquet"
+    pq.write_table(pa.Table.from_pylist([row]), path)
+    with pytest.raises(UsageError, match="map them with --data-fields prompt=input,completion=output,"
+                                         "system=system_prompt\\. "):
+        normalize(load_records(path))
+    runs, text = _trained(path, qwen_tokenizer, "prompt=input,completion=output,system=system_prompt")
+    assert runs == ["<think>\n2+2=4\n</think>\n\n4<|im_end|>\n"]
+    assert text.startswith("<|im_start|>system\ndetailed thinking on<|im_end|>\n<|im_start|>user\nSolve 2+2.")
+
+
+def test_prompt_completion_strings_with_a_system_column_are_conversations(tmp_path, qwen_tokenizer):
+    """A system prompt has no place in plain text: a source with a non-empty ``system`` column is rendered by the
+    chat template, every row of it (an empty system prompt too), as preference pairs with one are."""
+    path = _jsonl(tmp_path / "pc.jsonl", [{"system": "Be brief.", "prompt": "Hi?", "completion": "Hello."},
+                                          {"system": "", "prompt": "Bye?", "completion": "See you."}])
+    examples = normalize(load_records(path))
+    assert [e.messages for e in examples] == [
+        ({"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi?"},
+         {"role": "assistant", "content": "Hello."}),
+        ({"role": "user", "content": "Bye?"}, {"role": "assistant", "content": "See you."})]
+    assert [e.prompt_turns for e in examples] == [2, 1]
+    runs, text = _trained(path, qwen_tokenizer)
+    assert runs == ["Hello.<|im_end|>\n"] and text.startswith("<|im_start|>system\nBe brief.<|im_end|>\n")
+    plain = _jsonl(tmp_path / "plain.jsonl", [{"system": "", "prompt": "Hi?", "completion": " Hello."}])
+    assert normalize(load_records(plain))[0].text == " Hello."  # no system prompt anywhere: plain text, as TRL
