@@ -211,3 +211,27 @@ def test_prompt_completion_strings_with_a_system_column_are_conversations(tmp_pa
     assert runs == ["Hello.<|im_end|>\n"] and text.startswith("<|im_start|>system\nBe brief.<|im_end|>\n")
     plain = _jsonl(tmp_path / "plain.jsonl", [{"system": "", "prompt": "Hi?", "completion": " Hello."}])
     assert normalize(load_records(plain))[0].text == " Hello."  # no system prompt anywhere: plain text, as TRL
+
+
+@pytest.mark.parametrize("tie, pair", [
+    ({"chosen": "\n\nHuman: Hi\n\nAssistant: Hello", "rejected": "\n\nHuman: Hi\n\nAssistant: Hello"},  # Anthropic HH
+     {"chosen": "\n\nHuman: Q\n\nAssistant: A", "rejected": "\n\nHuman: Q\n\nAssistant: B"}),
+    ({"source": "x", "chosen": CHOSEN, "rejected": CHOSEN},  # argilla/Capybara-Preferences
+     {"source": "y", "chosen": CHOSEN, "rejected": REJECTED}),
+])
+def test_pairs_with_the_same_two_answers_are_skipped_and_reported(tmp_path, qwen_tokenizer, tie, pair):
+    """A pair whose chosen and rejected answers are the same teaches no preference; it no longer refuses the dataset."""
+    from qlora.train.data.preference import tokenize_pairs
+    from qlora.train.data.unpaired import normalize_unpaired, tokenize_unpaired
+
+    path = tmp_path / "pairs.parquet"
+    pq.write_table(pa.Table.from_pylist([tie, pair]), path)
+    pairs, report = tokenize_pairs(normalize_preferences(load_records(path)), qwen_tokenizer, ChatFormat(QWEN))
+    assert [p.index for p in pairs] == [1] and report.identical == [f"{path} row 0"]
+    assert f"1 skipped whose chosen and rejected answers are the same (first: {path} row 0)" in report.summary()
+    units, report = tokenize_unpaired(normalize_unpaired(load_records(path)), qwen_tokenizer, ChatFormat(QWEN))
+    assert [(u.index, u.desirable) for u in units] == [(2, True), (3, False)] and len(report.identical) == 2
+    only_ties = tmp_path / "ties.parquet"
+    pq.write_table(pa.Table.from_pylist([tie]), only_ties)
+    with pytest.raises(UsageError, match="all 1 preference pairs have the same chosen and rejected answer"):
+        tokenize_pairs(normalize_preferences(load_records(only_ties)), qwen_tokenizer, ChatFormat(QWEN))

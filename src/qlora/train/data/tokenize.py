@@ -82,6 +82,7 @@ class DataReport:
     reasoning: int = 0  # examples with reasoning traces
     reasoning_placement: str = ""
     reasoning_hidden: int = 0  # assistant turns whose reasoning the template does not show
+    identical: list[str] = field(default_factory=list)  # preference rows whose two answers are the same: no signal
 
     def summary(self) -> str:
         """One line for the user: counts, and the first untrainable examples."""
@@ -98,6 +99,9 @@ class DataReport:
                 f", {len(self.untrainable)} skipped with no trainable tokens "
                 f"(first: {', '.join(self.untrainable_where[:_SHOWN])})"
             )
+        if self.identical:
+            text += (f", {len(self.identical)} skipped whose chosen and rejected answers are the same (first: "
+                     f"{', '.join(self.identical[:_SHOWN])})")
         return text
 
 
