@@ -235,3 +235,24 @@ def test_pairs_with_the_same_two_answers_are_skipped_and_reported(tmp_path, qwen
     pq.write_table(pa.Table.from_pylist([tie]), only_ties)
     with pytest.raises(UsageError, match="all 1 preference pairs have the same chosen and rejected answer"):
         tokenize_pairs(normalize_preferences(load_records(only_ties)), qwen_tokenizer, ChatFormat(QWEN))
+
+
+@pytest.mark.parametrize("row, mapping", [
+    # openbmb/UltraInteract_pair: the question is the "trajectory" conversation; both answers start "Step 1:"
+    ({"task": "Math_CoT", "dataset": "mathqa", "trajectory": [{"from": "user", "value": "Solve 2+2."}],
+      "chosen": "Step 1: add. 4", "rejected": "Step 1: guess. 5", "id": "a1", "parent_id": "p1"}, "prompt=trajectory"),
+    # Intel/orca_dpo_pairs rows with an empty system prompt, answers that start alike
+    ({"system": "", "question": "Add 2 and 2.", "chosen": "The answer is 4.", "rejected": "The answer is 5."},
+     "prompt=question"),
+])
+def test_shared_start_of_answers_is_no_prompt_when_the_row_holds_one(tmp_path, row, mapping):
+    path = tmp_path / "pairs.parquet"
+    pq.write_table(pa.Table.from_pylist([row]), path)
+    with pytest.raises(UsageError, match=f"this row has another column for the prompt.*--data-fields {mapping}\\."):
+        normalize_preferences(load_records(path))
+    (pair,) = normalize_preferences(load_records(path), mapping)
+    if "trajectory" in row:  # a message-list prompt makes the pair a conversation
+        assert pair.prompt == ({"role": "user", "content": "Solve 2+2."},)
+        assert pair.chosen == ({"role": "assistant", "content": "Step 1: add. 4"},)
+    else:
+        assert (pair.prompt, pair.chosen, pair.rejected) == ("Add 2 and 2.", "The answer is 4.", "The answer is 5.")

@@ -141,7 +141,7 @@ def suggest_fields(fields: dict[str, Any]) -> str:
     """A sentence suggesting a --data-fields mapping for a row no format matched ('' if none fits)."""
     lowered = {k.lower(): k for k in fields}
     system = system_column(fields)
-    lists = [k for k, v in fields.items() if _message_like(v)]
+    lists = [k for k, v in fields.items() if message_like(v)]
     answers = [lowered[n] for n in _ANSWER_NAMES if n in lowered and lowered[n] not in lists
                and isinstance(fields[lowered[n]], str)]
     if lists and answers:  # the conversation so far, and the reply to it (nvidia's Nemotron post-training data)
@@ -178,7 +178,7 @@ def system_column(fields: dict[str, Any]) -> str:
     return f",system={column}" if column else ""
 
 
-def _message_like(value: Any) -> bool:
+def message_like(value: Any) -> bool:
     """A non-empty list of objects whose values are text (or null; a ``weight`` a number): what a conversation's
     messages look like, unlike lists of scored annotations."""
     return isinstance(value, list) and bool(value) and all(

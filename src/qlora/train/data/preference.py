@@ -43,7 +43,7 @@ import torch
 
 from qlora.errors import UsageError
 from qlora.model.chat_format import ChatFormat
-from qlora.train.data.fields import FieldMap, parse_data_fields, prompt_column
+from qlora.train.data.fields import FieldMap, message_like, parse_data_fields, prompt_column
 from qlora.train.data.formats import Example, normalize, unpaired_error, unpaired_label
 from qlora.train.data.sources import Record
 from qlora.train.data.tokenize import IGNORE_INDEX, DataReport, for_template, tokenize_example
@@ -123,7 +123,11 @@ def with_system(prompt: Messages, fields: dict[str, Any], where: str) -> Message
 def missing_prompt_hint(fields: dict[str, Any]) -> str:
     """A sentence suggesting --data-fields for a row whose prompt is under another name ('' if none is)."""
     column = prompt_column({k: v for k, v in fields.items() if k != "prompt"})
-    return f" If {column!r} is the prompt, map it with --data-fields prompt={column}." if column else ""
+    if column:
+        return f" If {column!r} is the prompt, map it with --data-fields prompt={column}."
+    listed = next((k for k, v in fields.items() if k not in ("chosen", "rejected") and message_like(v)), None)
+    return (f" If {listed!r} holds the conversation before the answers, map it with --data-fields prompt={listed}."
+            if listed else "")
 
 
 def common_prefix(a: Sequence, b: Sequence) -> int:
@@ -202,7 +206,12 @@ def pair_from_row(fields: dict[str, Any], where: str, names: FieldMap, chat: boo
 def _implicit_text_prompt(chosen: str, rejected: str, where: str, need: str, hint: str) -> PreferenceExample:
     """Whole texts without a prompt (Anthropic HH's ``"\\n\\nHuman: ... \\n\\nAssistant: ..."``): their
     shared start is the prompt, as TRL's ``extract_prompt`` cuts it (a space before the first
-    differing character goes with the answers)."""
+    differing character goes with the answers), unless the row has a column that looks like the prompt
+    (``hint``, from :func:`missing_prompt_hint`)."""
+    if hint:  # the shared start of two answers ("Step 1:") must not stand in for a prompt the row holds elsewhere
+        raise UsageError(f'{where}: field "prompt" is missing {need}. Without it "chosen" and "rejected" are whole '
+                         "texts whose shared start is the prompt (as in Anthropic HH), but this row has another "
+                         f"column for the prompt.{hint}")
     if chosen == rejected:  # a tie (Anthropic HH has some), skipped when tokenized
         return PreferenceExample("", chosen, rejected, where)
     shared = common_prefix(chosen, rejected)
