@@ -75,6 +75,6 @@ def test_hh_texts_without_prompt_split_at_their_shared_start():
     row = {"chosen": "\n\nHuman: Hi\n\nAssistant: Hello!", "rejected": "\n\nHuman: Hi\n\nAssistant: Go away."}
     (pair,) = normalize_preferences([Record(row, "hh.jsonl line 1")])
     assert (pair.prompt, pair.chosen, pair.rejected) == ("\n\nHuman: Hi\n\nAssistant:", " Hello!", " Go away.")
-    for chosen, rejected, what in (("abc", "xyz", "share no start"), ("same text", "same text", "do not differ")):
+    for chosen, rejected, what in (("abc", "xyz", "share no start"), ("same text", "same text, longer", "do not differ")):
         with pytest.raises(UsageError, match=f'hh.jsonl line 2: field "prompt" is missing.*{what}'):
             normalize_preferences([Record({"chosen": chosen, "rejected": rejected}, "hh.jsonl line 2")])

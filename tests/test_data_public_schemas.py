@@ -142,3 +142,117 @@ def test_zstd_compressed_jsonl_says_decompress(tmp_path):
     with pytest.raises(UsageError, match=r"unknown data format '\.jsonl\.zst'.* It looks compressed \(\.zst\): "
                                          r"decompress it first, e\.g\. to train\.jsonl\."):
         load_records(path)
+
+
+def test_wikitext_blank_lines_are_skipped_not_refused(tmp_path, qwen_tokenizer):
+    """Salesforce/wikitext (wikitext-2-raw-v1) serves a corpus line a row, a third of them empty strings."""
+    from qlora.train.data.text_blocks import text_blocks
+    from qlora.train.data.tokenize import tokenize_dataset
+
+    rows = [{"text": ""}, {"text": " = Valkyria Chronicles III = \n"}, {"text": ""},
+            {"text": " Senjō no Valkyria 3 : Unrecorded Chronicles is a tactical role @-@ playing video game . \n"}]
+    path = tmp_path / "wikitext.parquet"
+    pq.write_table(pa.Table.from_pylist(rows), path)
+    examples = normalize(load_records(path))
+    tokenized, report = tokenize_dataset(examples, qwen_tokenizer, ChatFormat(QWEN))
+    assert [qwen_tokenizer.decode(t.input_ids) for t in tokenized] == ["<|bos|>" + r["text"] + "<|eos|>" for r in rows[1::2]]
+    assert report.untrainable_where == [f"{path} row 0", f"{path} row 2"]
+    assert "2 skipped with no trainable tokens" in report.summary()
+    # --group-texts keeps LLaMA-Factory's stream: every text, an empty one too, followed by its EOS
+    blocks, block_report = text_blocks(examples, qwen_tokenizer, 4, 1000)
+    assert block_report.tokens == sum(len(qwen_tokenizer(r["text"] + "<|eos|>", add_special_tokens=False)["input_ids"]) for r in rows)
+    blank = tmp_path / "blank.parquet"
+    pq.write_table(pa.Table.from_pylist(rows[::2]), blank)
+    with pytest.raises(UsageError, match=rf"all 2 texts of the data are empty \(first: {blank} row 0"):
+        tokenize_dataset(normalize(load_records(blank)), qwen_tokenizer, ChatFormat(QWEN))
+
+
+def test_openorca_refusal_maps_its_system_prompt_too(tmp_path, qwen_tokenizer):
+    """Open-Orca/OpenOrca: id, system_prompt (often empty), question, response."""
+    rows = [{"id": "niv.242684", "system_prompt": "", "question": "Classify: is 7 prime?", "response": "Yes"},
+            {"id": "flan.564327", "system_prompt": "You are a helpful assistant.", "question": "Say hi.",
+             "response": "Hi."}]
+    path = tmp_path / "openorca.parquet"
+    pq.write_table(pa.Table.from_pylist(rows), path)
+    with pytest.raises(UsageError, match="--data-fields instruction=question,output=response,system=system_prompt "):
+        normalize(load_records(path))
+    example = normalize(load_records(path), "auto", "instruction=question,output=response,system=system_prompt")[1]
+    assert example.messages[0] == {"role": "system", "content": "You are a helpful assistant."}
+
+
+def test_nemotron_message_list_input_and_string_output(tmp_path, qwen_tokenizer):
+    """nvidia/Llama-Nemotron-Post-Training-Dataset: ``input`` the conversation so far, ``output`` the reply (with its
+    ``<think>`` block), ``system_prompt`` the reasoning switch, ``reasoning`` a mode flag."""
+    row = {"input": [{"role": "user", "content": "Solve 2+2."}], "output": "<think>\n2+2=4\n</think>\n\n4",
+           "category": "math", "license": "cc-by-4.0", "reasoning": "on", "generator": "DeepSeek-R1",
+           "used_in_training": "Ultra, Nano", "version": "v1", "system_prompt": "detailed thinking on"}
+    path = tmp_path / "nemotron.parquet"
+    pq.write_table(pa.Table.from_pylist([row]), path)
+    with pytest.raises(UsageError, match="map them with --data-fields prompt=input,completion=output,"
+                                         "system=system_prompt\\. "):
+        normalize(load_records(path))
+    runs, text = _trained(path, qwen_tokenizer, "prompt=input,completion=output,system=system_prompt")
+    assert runs == ["<think>\n2+2=4\n</think>\n\n4<|im_end|>\n"]
+    assert text.startswith("<|im_start|>system\ndetailed thinking on<|im_end|>\n<|im_start|>user\nSolve 2+2.")
+
+
+def test_prompt_completion_strings_with_a_system_column_are_conversations(tmp_path, qwen_tokenizer):
+    """A system prompt has no place in plain text: a source with a non-empty ``system`` column is rendered by the
+    chat template, every row of it (an empty system prompt too), as preference pairs with one are."""
+    path = _jsonl(tmp_path / "pc.jsonl", [{"system": "Be brief.", "prompt": "Hi?", "completion": "Hello."},
+                                          {"system": "", "prompt": "Bye?", "completion": "See you."}])
+    examples = normalize(load_records(path))
+    assert [e.messages for e in examples] == [
+        ({"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi?"},
+         {"role": "assistant", "content": "Hello."}),
+        ({"role": "user", "content": "Bye?"}, {"role": "assistant", "content": "See you."})]
+    assert [e.prompt_turns for e in examples] == [2, 1]
+    runs, text = _trained(path, qwen_tokenizer)
+    assert runs == ["Hello.<|im_end|>\n"] and text.startswith("<|im_start|>system\nBe brief.<|im_end|>\n")
+    plain = _jsonl(tmp_path / "plain.jsonl", [{"system": "", "prompt": "Hi?", "completion": " Hello."}])
+    assert normalize(load_records(plain))[0].text == " Hello."  # no system prompt anywhere: plain text, as TRL
+
+
+@pytest.mark.parametrize("tie, pair", [
+    ({"chosen": "\n\nHuman: Hi\n\nAssistant: Hello", "rejected": "\n\nHuman: Hi\n\nAssistant: Hello"},  # Anthropic HH
+     {"chosen": "\n\nHuman: Q\n\nAssistant: A", "rejected": "\n\nHuman: Q\n\nAssistant: B"}),
+    ({"source": "x", "chosen": CHOSEN, "rejected": CHOSEN},  # argilla/Capybara-Preferences
+     {"source": "y", "chosen": CHOSEN, "rejected": REJECTED}),
+])
+def test_pairs_with_the_same_two_answers_are_skipped_and_reported(tmp_path, qwen_tokenizer, tie, pair):
+    """A pair whose chosen and rejected answers are the same teaches no preference; it no longer refuses the dataset."""
+    from qlora.train.data.preference import tokenize_pairs
+    from qlora.train.data.unpaired import normalize_unpaired, tokenize_unpaired
+
+    path = tmp_path / "pairs.parquet"
+    pq.write_table(pa.Table.from_pylist([tie, pair]), path)
+    pairs, report = tokenize_pairs(normalize_preferences(load_records(path)), qwen_tokenizer, ChatFormat(QWEN))
+    assert [p.index for p in pairs] == [1] and report.identical == [f"{path} row 0"]
+    assert f"1 skipped whose chosen and rejected answers are the same (first: {path} row 0)" in report.summary()
+    units, report = tokenize_unpaired(normalize_unpaired(load_records(path)), qwen_tokenizer, ChatFormat(QWEN))
+    assert [(u.index, u.desirable) for u in units] == [(2, True), (3, False)] and len(report.identical) == 2
+    only_ties = tmp_path / "ties.parquet"
+    pq.write_table(pa.Table.from_pylist([tie]), only_ties)
+    with pytest.raises(UsageError, match="all 1 preference pairs have the same chosen and rejected answer"):
+        tokenize_pairs(normalize_preferences(load_records(only_ties)), qwen_tokenizer, ChatFormat(QWEN))
+
+
+@pytest.mark.parametrize("row, mapping", [
+    # openbmb/UltraInteract_pair: the question is the "trajectory" conversation; both answers start "Step 1:"
+    ({"task": "Math_CoT", "dataset": "mathqa", "trajectory": [{"from": "user", "value": "Solve 2+2."}],
+      "chosen": "Step 1: add. 4", "rejected": "Step 1: guess. 5", "id": "a1", "parent_id": "p1"}, "prompt=trajectory"),
+    # Intel/orca_dpo_pairs rows with an empty system prompt, answers that start alike
+    ({"system": "", "question": "Add 2 and 2.", "chosen": "The answer is 4.", "rejected": "The answer is 5."},
+     "prompt=question"),
+])
+def test_shared_start_of_answers_is_no_prompt_when_the_row_holds_one(tmp_path, row, mapping):
+    path = tmp_path / "pairs.parquet"
+    pq.write_table(pa.Table.from_pylist([row]), path)
+    with pytest.raises(UsageError, match=f"this row has another column for the prompt.*--data-fields {mapping}\\."):
+        normalize_preferences(load_records(path))
+    (pair,) = normalize_preferences(load_records(path), mapping)
+    if "trajectory" in row:  # a message-list prompt makes the pair a conversation
+        assert pair.prompt == ({"role": "user", "content": "Solve 2+2."},)
+        assert pair.chosen == ({"role": "assistant", "content": "Step 1: add. 4"},)
+    else:
+        assert (pair.prompt, pair.chosen, pair.rejected) == ("Add 2 and 2.", "The answer is 4.", "The answer is 5.")

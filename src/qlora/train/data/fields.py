@@ -140,7 +140,13 @@ def prompt_column(fields: dict[str, Any]) -> str | None:
 def suggest_fields(fields: dict[str, Any]) -> str:
     """A sentence suggesting a --data-fields mapping for a row no format matched ('' if none fits)."""
     lowered = {k.lower(): k for k in fields}
-    lists = [k for k, v in fields.items() if _message_like(v)]
+    system = system_column(fields)
+    lists = [k for k, v in fields.items() if message_like(v)]
+    answers = [lowered[n] for n in _ANSWER_NAMES if n in lowered and lowered[n] not in lists
+               and isinstance(fields[lowered[n]], str)]
+    if lists and answers:  # the conversation so far, and the reply to it (nvidia's Nemotron post-training data)
+        return (f"If {lists[0]!r} holds the conversation so far and {answers[0]!r} the reply to train, map them with "
+                f"--data-fields prompt={lists[0]},completion={answers[0]}{system}. ")
     if lists:
         return (f"The field {lists[0]!r} holds a list of objects: if it is the conversation, map it with "
                 f"--data-fields messages={lists[0]} (and role=KEY,content=KEY if its entries use other keys). ")
@@ -152,7 +158,7 @@ def suggest_fields(fields: dict[str, Any]) -> str:
                 "turn, and a \"tools\" column is given to the chat template. ")
     if prompt and answer:
         return (f"If {prompt!r} is the prompt and {answer!r} the answer, map them with --data-fields "
-                f"instruction={prompt},output={answer} (add input=COLUMN for a context the model must see); "
+                f"instruction={prompt},output={answer}{system} (add input=COLUMN for a context the model must see); "
                 "such names are not mapped automatically because datasets that use them often carry other "
                 "columns the model needs. ")
     texts = [k for k, v in fields.items() if isinstance(v, str) and v.strip()]
@@ -164,7 +170,15 @@ def suggest_fields(fields: dict[str, Any]) -> str:
     return "Map your fields with --data-fields OURS=THEIRS (e.g. instruction=question,output=answer). "
 
 
-def _message_like(value: Any) -> bool:
+def system_column(fields: dict[str, Any]) -> str:
+    """``,system=COLUMN`` for a row's system-prompt column under another name (``system_prompt``, as Open-Orca
+    writes it), to append to a suggested mapping ('' if none)."""
+    column = next((k for k in fields if k != "system" and "system" in k.lower()
+                   and (fields[k] is None or isinstance(fields[k], str))), None)
+    return f",system={column}" if column else ""
+
+
+def message_like(value: Any) -> bool:
     """A non-empty list of objects whose values are text (or null; a ``weight`` a number): what a conversation's
     messages look like, unlike lists of scored annotations."""
     return isinstance(value, list) and bool(value) and all(

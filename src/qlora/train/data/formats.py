@@ -32,6 +32,7 @@ from __future__ import annotations
 import json
 from collections import Counter
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, Callable
 
 from qlora.errors import UsageError
@@ -180,6 +181,8 @@ def normalize(records: list[Record], fmt: str = "auto", fields: FieldMap | str |
     if fmt not in FORMATS:
         raise UsageError(f"unknown data format {fmt!r}; choose auto or one of {', '.join(FORMATS)}.")
     convert: Callable[[dict[str, Any], str, FieldMap], Example] = _CONVERTERS[fmt]
+    if fmt == "prompt-completion" and any(_system_prompt(r.fields) for r in records):
+        convert = partial(_prompt_completion, chat=True)  # plain text has no place for a system prompt
     examples = []
     for r in records:
         try:
@@ -254,7 +257,15 @@ def _tool_call_turn(value: Any) -> list[dict[str, Any]] | None:
     return [{"role": "assistant", "content": None, "tool_calls": calls}] if calls else None
 
 
-def _prompt_completion(fields: dict[str, Any], where: str, names: FieldMap) -> Example:
+def _system_prompt(fields: dict[str, Any]) -> str | None:
+    """The row's non-empty ``system`` column, or None."""
+    system = fields.get("system")
+    return system if isinstance(system, str) and system.strip() else None
+
+
+def _prompt_completion(fields: dict[str, Any], where: str, names: FieldMap, chat: bool = False) -> Example:
+    """A prompt-completion row; ``chat``: its source has a ``system`` column, so string prompts and completions
+    are read as a user and an assistant message, and the system prompt leads the prompt."""
     if unpaired_label(fields) is not None:  # also with --format prompt-completion: never train label=false rows
         raise unpaired_error(where)
     prompt, completion = fields.get("prompt"), fields.get("completion")
@@ -264,7 +275,7 @@ def _prompt_completion(fields: dict[str, Any], where: str, names: FieldMap) -> E
         if isinstance(value, str) and value.strip().startswith("[") and _json_list(value) is not None:
             fields = {**fields, key: _json_list(value)}
     prompt, completion = fields["prompt"], _tool_call_turn(fields["completion"]) or fields["completion"]
-    if isinstance(prompt, str) and isinstance(completion, str):
+    if isinstance(prompt, str) and isinstance(completion, str) and not chat:
         if not completion.strip():
             raise UsageError(f'{where}: field "completion" must be a non-empty string (format prompt-completion).')
         if THINK_CLOSE in completion and message_reasoning(fields, where):
@@ -281,6 +292,9 @@ def _prompt_completion(fields: dict[str, Any], where: str, names: FieldMap) -> E
             raise UsageError(f'{where}: field "{key}" must be a string or a non-empty list of messages '
                              "(format prompt-completion).")
     prompt_m, completion_m = turns
+    system = _system_prompt(fields)
+    if system is not None and not any(m["role"] in ("system", "developer") for m in prompt_m):
+        prompt_m.insert(0, {"role": "system", "content": system})
     if not any(m["role"] == "assistant" for m in completion_m):
         raise UsageError(f'{where}: "completion" has no assistant message; it is what the model learns to write.')
     last = max(k for k, m in enumerate(completion_m) if m["role"] == "assistant")
@@ -290,7 +304,15 @@ def _prompt_completion(fields: dict[str, Any], where: str, names: FieldMap) -> E
 
 
 def _text(fields: dict[str, Any], where: str, names: FieldMap) -> Example:
+    value = fields.get("text")
+    if isinstance(value, str) and not value.strip():  # a corpus's blank line (wikitext): skipped when tokenized
+        return Example(None, "", where)
     return Example(None, _text_field(fields, "text", where, "text"), where)
+
+
+def blank_text(example: Example) -> bool:
+    """A plain text with nothing in it (a blank line of a corpus such as wikitext): nothing to learn."""
+    return example.messages is None and example.prompt is None and not (example.text or "").strip()
 
 
 _CONVERTERS = {"alpaca": _alpaca, "chat": _chat, "sharegpt": _sharegpt, "prompt-completion": _prompt_completion,

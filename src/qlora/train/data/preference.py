@@ -30,7 +30,8 @@ so a DPO run continues an SFT run on the same token conventions. The prompt is
 tokenized once per pair; each answer starts where ``prompt + answer`` stops
 agreeing with the prompt alone (usually right after it; earlier when a BPE
 merge crosses the boundary), as TRL does. Sequences longer than ``--seq-len``
-keep their start; a pair left with no answer token is skipped and reported.
+keep their start; a pair left with no answer token is skipped and reported, and so is a pair whose two
+answers are the same (datasets hold a few such ties; TRL trains them, on a DPO loss with no gradient).
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ import torch
 
 from qlora.errors import UsageError
 from qlora.model.chat_format import ChatFormat
-from qlora.train.data.fields import FieldMap, parse_data_fields, prompt_column
+from qlora.train.data.fields import FieldMap, message_like, parse_data_fields, prompt_column
 from qlora.train.data.formats import Example, normalize, unpaired_error, unpaired_label
 from qlora.train.data.sources import Record
 from qlora.train.data.tokenize import IGNORE_INDEX, DataReport, for_template, tokenize_example
@@ -122,7 +123,11 @@ def with_system(prompt: Messages, fields: dict[str, Any], where: str) -> Message
 def missing_prompt_hint(fields: dict[str, Any]) -> str:
     """A sentence suggesting --data-fields for a row whose prompt is under another name ('' if none is)."""
     column = prompt_column({k: v for k, v in fields.items() if k != "prompt"})
-    return f" If {column!r} is the prompt, map it with --data-fields prompt={column}." if column else ""
+    if column:
+        return f" If {column!r} is the prompt, map it with --data-fields prompt={column}."
+    listed = next((k for k, v in fields.items() if k not in ("chosen", "rejected") and message_like(v)), None)
+    return (f" If {listed!r} holds the conversation before the answers, map it with --data-fields prompt={listed}."
+            if listed else "")
 
 
 def common_prefix(a: Sequence, b: Sequence) -> int:
@@ -182,6 +187,8 @@ def pair_from_row(fields: dict[str, Any], where: str, names: FieldMap, chat: boo
     chosen_m, rejected_m = answers
     shared = common_prefix(chosen_m, rejected_m)
     if not isinstance(prompt, list) and chosen_m[0]["role"] != "assistant":  # implicit prompt
+        if chosen_m == rejected_m and len(chosen_m) > 1:  # a tie, skipped when tokenized; cut as TRL cuts it
+            return PreferenceExample(with_system(chosen_m[:-1], fields, where), chosen_m[-1:], rejected_m[-1:], where)
         if shared == 0 or shared == len(chosen_m) or shared == len(rejected_m):
             raise UsageError(f'{where}: "chosen" and "rejected" are whole conversations, so their shared leading '
                              "messages are the prompt; they must share at least one message and then differ.")
@@ -199,7 +206,14 @@ def pair_from_row(fields: dict[str, Any], where: str, names: FieldMap, chat: boo
 def _implicit_text_prompt(chosen: str, rejected: str, where: str, need: str, hint: str) -> PreferenceExample:
     """Whole texts without a prompt (Anthropic HH's ``"\\n\\nHuman: ... \\n\\nAssistant: ..."``): their
     shared start is the prompt, as TRL's ``extract_prompt`` cuts it (a space before the first
-    differing character goes with the answers)."""
+    differing character goes with the answers), unless the row has a column that looks like the prompt
+    (``hint``, from :func:`missing_prompt_hint`)."""
+    if hint:  # the shared start of two answers ("Step 1:") must not stand in for a prompt the row holds elsewhere
+        raise UsageError(f'{where}: field "prompt" is missing {need}. Without it "chosen" and "rejected" are whole '
+                         "texts whose shared start is the prompt (as in Anthropic HH), but this row has another "
+                         f"column for the prompt.{hint}")
+    if chosen == rejected:  # a tie (Anthropic HH has some), skipped when tokenized
+        return PreferenceExample("", chosen, rejected, where)
     shared = common_prefix(chosen, rejected)
     if shared and shared < min(len(chosen), len(rejected)) and chosen[shared - 1] == " ":
         shared -= 1
@@ -263,6 +277,9 @@ def tokenize_pairs(examples: list[PreferenceExample], tokenizer, chat_template: 
         raise UsageError("the tokenizer has no EOS token; set eos_token so answers can teach the model to stop.")
     kept, report = [], DataReport(examples=len(examples))
     for i, example in enumerate(examples):
+        if example.chosen == example.rejected:  # no preference to learn
+            report.identical.append(example.where)
+            continue
         pair = tokenize_pair(example, tokenizer, chat_template, seq_len, index=i, stop_ids=stop_ids)
         report.truncated += pair.truncated
         if not pair.chosen_ids or not pair.rejected_ids:
@@ -270,6 +287,9 @@ def tokenize_pairs(examples: list[PreferenceExample], tokenizer, chat_template: 
             report.untrainable_where.append(example.where)
         else:
             kept.append(pair)
+    if not kept and len(report.identical) == len(examples):
+        raise UsageError(f"all {len(examples)} preference pairs have the same chosen and rejected answer (first: "
+                         f"{', '.join(report.identical[:5])}): there is no preference to learn.")
     if not kept:
         raise UsageError(
             f"all {len(examples)} preference pairs lose their answers to truncation (first: "

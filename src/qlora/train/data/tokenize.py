@@ -44,7 +44,7 @@ from typing import Callable, Iterable, Sequence
 from qlora.errors import UsageError
 from qlora.model import chat_format
 from qlora.model.chat_format import END_OF_TURN_TOKENS, ChatFormat, stop_token_ids
-from qlora.train.data.formats import Example
+from qlora.train.data.formats import Example, blank_text
 from qlora.train.data.reasoning import (REASONING_KEYS, THINK_CLOSE, THINK_OPEN, chunk_reasoning, fold, has_reasoning,
                                         knows_think_markers, no_place_error, place_reasoning, placement, reasoning_of,
                                         split_think)
@@ -82,6 +82,7 @@ class DataReport:
     reasoning: int = 0  # examples with reasoning traces
     reasoning_placement: str = ""
     reasoning_hidden: int = 0  # assistant turns whose reasoning the template does not show
+    identical: list[str] = field(default_factory=list)  # preference rows whose two answers are the same: no signal
 
     def summary(self) -> str:
         """One line for the user: counts, and the first untrainable examples."""
@@ -98,6 +99,9 @@ class DataReport:
                 f", {len(self.untrainable)} skipped with no trainable tokens "
                 f"(first: {', '.join(self.untrainable_where[:_SHOWN])})"
             )
+        if self.identical:
+            text += (f", {len(self.identical)} skipped whose chosen and rejected answers are the same (first: "
+                     f"{', '.join(self.identical[:_SHOWN])})")
         return text
 
 
@@ -136,6 +140,8 @@ def tokenize_example(
     fmt = chat_template if isinstance(chat_template, ChatFormat) else ChatFormat(chat_template)
     stops = set(stop_ids) if stop_ids is not None else stop_token_ids(tokenizer)
     hidden = 0
+    if blank_text(example):  # nothing to learn; TRL would train an EOS after nothing
+        return TokenizedExample([], [], index)
     if example.messages is None:
         # the tokenizer's own BOS setting, as for a raw prompt
         ids = list(tokenizer(_raw_text(example, fmt, tokenizer))["input_ids"])
@@ -192,6 +198,9 @@ def tokenize_dataset(
     if report.reasoning:
         template = chat_template.template if isinstance(chat_template, ChatFormat) else chat_template
         report.reasoning_placement = placement(template, tokenizer)
+    if not kept and all(blank_text(e) for e in examples):
+        raise UsageError(f"all {len(examples)} texts of the data are empty (first: "
+                         f"{', '.join(report.untrainable_where[:_SHOWN])}); give texts to train on.")
     if not kept:
         raise UsageError(
             f"all {len(examples)} examples have no trainable tokens after tokenization "

@@ -45,6 +45,7 @@ class UnpairedExample:
     completion: str | Messages
     desirable: bool
     where: str
+    tie: bool = False  # unpaired from a pair whose two answers are the same: skipped when tokenized
 
     @property
     def conversational(self) -> bool:
@@ -76,8 +77,9 @@ def normalize_unpaired(records: list[Record], fields: FieldMap | str | dict | No
     for r in records:
         if "chosen" in r.fields and "rejected" in r.fields:
             pair: PreferenceExample = pair_from_row(r.fields, r.where, names, chat)
-            out += [UnpairedExample(pair.prompt, pair.chosen, True, r.where),
-                    UnpairedExample(pair.prompt, pair.rejected, False, r.where)]
+            tie = pair.chosen == pair.rejected  # the same answer labelled desirable and not
+            out += [UnpairedExample(pair.prompt, pair.chosen, True, r.where, tie),
+                    UnpairedExample(pair.prompt, pair.rejected, False, r.where, tie)]
         else:
             out.append(_normalize_row(r.fields, r.where, names, chat))
     return out
@@ -123,6 +125,9 @@ def tokenize_unpaired(examples: list[UnpairedExample], tokenizer, chat_template:
     fmt = chat_template if isinstance(chat_template, ChatFormat) else ChatFormat(chat_template)
     kept, report = [], DataReport(examples=len(examples))
     for i, example in enumerate(examples):
+        if example.tie:
+            report.identical.append(example.where)
+            continue
         prompt = prompt_ids(example, tokenizer, fmt)
         full = full_ids(example, example.completion, tokenizer, fmt, stop_ids)
         n = common_prefix(prompt, full)
@@ -138,6 +143,9 @@ def tokenize_unpaired(examples: list[UnpairedExample], tokenizer, chat_template:
             report.untrainable_where.append(example.where)
         else:
             kept.append(TokenizedUnpaired(prompt, completion, example.desirable, i, truncated))
+    if not kept and len(report.identical) == len(examples):
+        raise UsageError(f"all {len(examples)} KTO examples come from preference pairs whose chosen and rejected "
+                         f"answer are the same (first: {', '.join(report.identical[:5])}): nothing to learn.")
     if not kept:
         raise UsageError(
             f"all {len(examples)} KTO examples lose their completions to truncation (first: "
