@@ -120,7 +120,7 @@ def test_a_rank_without_units_in_an_epochs_short_step_runs_a_stand_in(tmp_path, 
 
 @pytest.mark.slow
 def test_a_global_micro_batch_larger_than_the_examples_is_refused(tmp_path, tiny_model_dir):
-    """2 ranks x batch 2 of 3 examples: the global micro-batch would hold one example twice, on two ranks."""
+    """2 ranks x batch 2 of 3 examples: every step would be the 3 examples in one micro-batch, rank 1 short."""
     import subprocess
     import sys
 

@@ -289,8 +289,8 @@ class Trainer:
                              f"texts of {cfg.data} make; {lower} or --seq-len (cutoff_len).")
         if cfg.packing:
             raise UsageError(f"{batch} is more than the {units} packed rows (of --seq-len {cfg.seq_len} tokens) "
-                             f"that --packing makes of the {examples} examples of {cfg.data}; {lower} or --seq-len, or train without --packing "
-                             "(--grad-accum gives a larger effective batch).")
+                             f"that --packing makes of the {examples} examples of {cfg.data}; {lower} or --seq-len, "
+                             "or train without --packing (--grad-accum gives a larger effective batch).")
         raise UsageError(f"{batch} is more than the {units} examples of {cfg.data} left to train on; {lower} "
                          "(--grad-accum gives a larger effective batch).")
 
