@@ -132,8 +132,8 @@ def test_shuffling_is_deterministic_per_seed_and_epoch():
 
 
 def test_a_batch_larger_than_the_packed_rows_is_refused(tiny_model_dir, tmp_path, capsys):
-    """7 short examples pack into fewer rows than --batch-size 4: each micro-batch would hold the same row
-    twice (two epochs in one step under --epochs 1), so the run is refused, as for examples and text blocks."""
+    """7 short examples pack into fewer rows than --batch-size 4: every step would be the whole data in one short
+    micro-batch, the run of a smaller --batch-size, so it is refused, as for examples and text blocks."""
     import json
 
     from qlora.cli.main import main

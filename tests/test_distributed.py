@@ -2,7 +2,9 @@
 
 One reference run (1 process, batch 2 x accumulation 2) is compared with
 ``qlora train --nproc 2`` (batch 2 per rank) under DDP and under FSDP2 (with
-gradient checkpointing), and checkpoints cross world sizes in both directions.
+gradient checkpointing), and checkpoints cross world sizes in both directions. Epochs end with a short step:
+7 examples make steps of 4 and 3 (the ranks' shares of the short one: 2 and 1), and in a 5-example run
+(steps of 4 and 1) rank 1 has no unit in the short step and runs a stand-in that counts nothing.
 Dropout is 0 so that every run computes the same function; the logged gradient
 norm (before clipping) pins the gradient scale, which Adam and clipping would hide.
 """
@@ -124,9 +126,20 @@ def test_one_process_checkpoint_resumes_in_two_ranks(runs, tiny_model_dir):
     _assert_same_run(out, runs["single"])
 
 
+def test_a_rank_without_units_in_an_epochs_short_step_runs_a_stand_in(tmp_path, tiny_model_dir):
+    """5 examples, 3 epochs: 2 steps an epoch (4 examples, then 1: rank 0 trains it, rank 1 a stand-in), 6 in all
+    (a stream of epochs would have made ceil(15 / 4) = 4), equal to one process."""
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"instruction": q, "input": "", "output": a}) + "\n" for q, a in QA[:5]))
+    ref, out = tmp_path / "single", tmp_path / "ddp"
+    _single({**_options(tiny_model_dir, data, ref), "max_steps": 0, "epochs": 3})
+    _two_ranks({**_options(tiny_model_dir, data, out), "max_steps": 0, "epochs": 3})
+    _assert_same_run(out, ref)
+
+
 @pytest.mark.slow
 def test_a_global_micro_batch_larger_than_the_examples_is_refused(tmp_path, tiny_model_dir):
-    """2 ranks x batch 2 of 3 examples: the global micro-batch would hold one example twice, on two ranks."""
+    """2 ranks x batch 2 of 3 examples: every step would be the 3 examples in one micro-batch, rank 1 short."""
     import subprocess
     import sys
 

@@ -12,6 +12,11 @@ the final adapter. What couples the rows of a micro-batch must then span the ran
   differ in clamp (step 3's first micro-batch: -0.094 on rank 0, 0.371 on rank 1, 0.138 over both), so a
   per-rank clamp gives other losses (0.4389 instead of 0.4430 at step 3, 0.3487 instead of 0.3237 at step 4).
 
+Epochs end with a short step: DPO and SimPO train 9 pairs (steps of 8 pairs, then 1) and ``kto-short`` 17
+examples (8, 8, then 1), so in that last global micro-batch rank 1 has no unit and runs a stand-in that counts
+nothing, while rank 0 trains the one unit: ``aot``'s gather then spans shares of unequal length, and KTO's KL
+estimate is rank 0's row alone.
+
 Dropout is 0 so that every run computes the same function. Tolerances: losses, metrics and gradient norms to
 rtol 1e-5 / atol 1e-6 (float summation order differs between one 4-row and two 2-row batches), adapter weights
 to rtol 1e-4 / atol 1e-4 (after 4 Adam steps at lr 2e-2, whose normalized updates magnify float noise in
@@ -35,12 +40,14 @@ PAIRS = [("What is two plus two?", " four", " five"), ("Say hello.", " Hello the
          ("Count to three.", " one two three", " three two one"), ("What is a fox?", " A quick animal.", " A car."),
          ("Hi?", " Hello, how are you today?", " No."), ("Add one and one.", " two", " eleven")]
 KTO = [(p, c, True) for p, c, _ in PAIRS] + [(p, r, False) for p, _, r in PAIRS]
-CASES = {
-    "dpo": ("dpo", ["--loss-type", "sigmoid,aot", "--loss-weights", "1,0.5", "--beta", "0.5"]),
-    "kto": ("kto", ["--beta", "0.5"]),
+ODD_PAIRS = PAIRS + [("Name a colour.", " Red.", " Seven.")]
+CASES = {  # name: method, flags, data
+    "dpo": ("dpo", ["--loss-type", "sigmoid,aot", "--loss-weights", "1,0.5", "--beta", "0.5"], "odd-pairs"),
+    "kto": ("kto", ["--beta", "0.5"], "kto"),
+    "kto-short": ("kto", ["--beta", "0.5"], "kto-odd"),
     # SimPO's eval sums are per pair, so one process's batches of 4 and the ranks' shares of batches of 2 add up
     # alike: 5 pairs are 3 eval batches of 2, rank 1's second round a repeat left out
-    "simpo": ("simpo", ["--eval-data", "EVAL", "--eval-steps", "2"]),
+    "simpo": ("simpo", ["--eval-data", "EVAL", "--eval-steps", "2"], "odd-pairs"),
 }
 METRICS = ("loss", "grad_norm", "rewards/chosen", "rewards/rejected", "rewards/margins", "logps/chosen",
            "logps/rejected", "kl", "rewards/accuracies")
@@ -60,15 +67,16 @@ def _train(model: Path, data: Path, out: Path, method: str, extra: list[str], np
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, tiny_model_dir) -> dict[str, tuple[Path, Path]]:
     root = tmp_path_factory.mktemp("dist-pref")
-    dpo = root / "dpo.jsonl"
-    dpo.write_text("".join(json.dumps({"prompt": p, "chosen": c, "rejected": r}) + "\n" for p, c, r in PAIRS))
-    kto = root / "kto.jsonl"
-    kto.write_text("".join(json.dumps({"prompt": p, "completion": c, "label": d}) + "\n" for p, c, d in KTO))
+    files = {"odd-pairs": [{"prompt": p, "chosen": c, "rejected": r} for p, c, r in ODD_PAIRS],
+             "kto": [{"prompt": p, "completion": c, "label": d} for p, c, d in KTO],
+             "kto-odd": [{"prompt": p, "completion": c, "label": d} for p, c, d in KTO + [(*ODD_PAIRS[-1][:2], True)]]}
+    for name, rows in files.items():
+        (root / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     out = {}
     evals = root / "eval.jsonl"
     evals.write_text("".join(json.dumps({"prompt": p, "chosen": r, "rejected": c}) + "\n" for p, c, r in PAIRS[:5]))
-    for name, (method, extra) in CASES.items():
-        data = kto if method == "kto" else dpo
+    for name, (method, extra, data_name) in CASES.items():
+        data = root / f"{data_name}.jsonl"
         extra = [str(evals) if a == "EVAL" else a for a in extra]
         out[name] = (root / f"{name}-1", root / f"{name}-2")
         _train(tiny_model_dir, data, out[name][0], method, extra, 1)
@@ -83,10 +91,11 @@ def test_two_ranks_equal_one_process_with_the_global_batch(runs, case):
     assert [r["step"] for r in got] == [r["step"] for r in want] == list(range(1, STEPS + 1))
     keys = [k for k in METRICS if k in want[0]]
     assert {"loss", "grad_norm", "rewards/margins"} <= set(keys)
-    assert all(set(keys) <= set(r) for r in got)
+    # a step of desirable examples alone (kto-short's last) has no rejected means, in both runs
+    assert [set(METRICS) & set(r) for r in got] == [set(METRICS) & set(r) for r in want]
     for key in keys:
-        torch.testing.assert_close(torch.tensor([r[key] for r in got], dtype=torch.float64),
-                                   torch.tensor([r[key] for r in want], dtype=torch.float64),
+        torch.testing.assert_close(torch.tensor([r[key] for r in got if key in r], dtype=torch.float64),
+                                   torch.tensor([r[key] for r in want if key in r], dtype=torch.float64),
                                    rtol=1e-5, atol=1e-6, msg=lambda m, key=key: f"{case} {key}: {m}")
     a, b = load_file(str(ddp / "adapter_model.safetensors")), load_file(str(single / "adapter_model.safetensors"))
     assert a.keys() == b.keys()

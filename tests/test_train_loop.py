@@ -191,7 +191,7 @@ def test_resume_of_a_checkpoint_older_than_an_option_uses_its_default(tmp_path, 
         run_config = ckpt / "run_config.json"
         saved = json.loads(run_config.read_text())
         for key in ("data_fields", "system_into_user", "lr_scheduler_kwargs", "adam_beta1", "adam_beta2",
-                    "adam_epsilon"):
+                    "adam_epsilon", "epoch_steps"):
             del saved[key]
         run_config.write_text(json.dumps(saved))
     code, err = _run(argv + ["--resume", "--data-fields", "output=answer"], capsys)
@@ -202,6 +202,7 @@ def test_resume_of_a_checkpoint_older_than_an_option_uses_its_default(tmp_path, 
         code, err = _run(argv + ["--resume", "--lr-scheduler", "constant_with_warmup"], capsys)  # = constant
     assert code == 0, err
     assert any("written by an older qlora, whose warmup" in r.getMessage() for r in caplog.records)
+    assert any("whose steps ran on across epochs' ends" in r.getMessage() for r in caplog.records)
 
 
 def test_subprocess_unknown_flag(tmp_path):

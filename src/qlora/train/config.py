@@ -205,10 +205,11 @@ class TrainConfig:
     warmup_ratio: float = _opt(0.03, "warmup as a fraction of all steps, rounded up as transformers does (ignored if "
                                      "--warmup-steps > 0)", range=Range(0, 1, high_open=True))
     warmup_steps: int = _opt(0, "warmup steps", range=NON_NEGATIVE)
-    epochs: float = _opt(1.0, ("passes over the data, fractions too: ceil(epochs x units / (batch x accum x ranks)) steps, each "
-                              "full: a step across an epoch's end takes the next (reshuffled) epoch's first units "
-                              "(ignored if --max-steps > 0)"), range=NON_NEGATIVE)
-    max_steps: int = _opt(0, "optimizer steps to run (0: from --epochs)", range=NON_NEGATIVE)
+    epochs: float = _opt(1.0, ("passes over the data, fractions too, as transformers counts them: ceil(units / "
+                              "(batch x accum x ranks)) steps an epoch, its last one taking what is left, and "
+                              "ceil(epochs x that) steps in all (ignored if --max-steps > 0)"), range=NON_NEGATIVE)
+    max_steps: int = _opt(0, "optimizer steps to run (0: from --epochs), on into further epochs counted as --epochs "
+                              "counts them", range=NON_NEGATIVE)
     optim: str = _opt("paged_adamw_32bit", f"optimizer: {', '.join(OPTIMIZERS)}, or transformers' name for one of "
                                            f"them ({', '.join(OPTIMIZER_ALIASES)})")
     weight_decay: float = _opt(0.0, "AdamW weight decay", range=NON_NEGATIVE)

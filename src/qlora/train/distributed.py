@@ -69,12 +69,19 @@ class DistContext:
         return values
 
     def all_gather_cat(self, values: torch.Tensor) -> torch.Tensor:
-        """Every rank's ``values`` (the same shape on all), concatenated in rank order along dim 0; this rank's
-        own part is ``values`` itself, with its gradient, the others' carry none."""
+        """Every rank's ``values`` (the same shape on all but dim 0, whose length may differ: a short micro-batch
+        gives ranks fewer rows, or none), concatenated in rank order along dim 0; this rank's own part is
+        ``values`` itself, with its gradient, the others' carry none."""
         if not self.enabled:
             return values
-        parts = [torch.empty_like(values) for _ in range(self.world_size)]
-        dist.all_gather(parts, values.detach().contiguous())
+        lengths = [torch.zeros(1, dtype=torch.long, device=values.device) for _ in range(self.world_size)]
+        dist.all_gather(lengths, torch.tensor([values.shape[0]], device=values.device))
+        longest = max(int(n) for n in lengths)
+        padded = values.detach().new_zeros((longest, *values.shape[1:]))
+        padded[:values.shape[0]] = values.detach()
+        parts = [torch.empty_like(padded) for _ in range(self.world_size)]
+        dist.all_gather(parts, padded)
+        parts = [part[:int(n)] for part, n in zip(parts, lengths)]
         parts[self.rank] = values
         return torch.cat(parts)
 

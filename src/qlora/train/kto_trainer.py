@@ -16,9 +16,11 @@ and with ``--loss-type apo_zero_unpaired`` (no KL term) ``w_d * (1 - sigmoid(bet
 ``w_u * sigmoid(beta r)``. The step loss is the mean over the step's examples (TRL's for one
 micro-batch). The KL estimate is per micro-batch, as TRL's: with gradient accumulation each
 micro-batch has its own. Across ranks TRL gathers the ranks' means and clamps their mean; ours is
-the mean over all ranks' KL rows, the same value (every rank has ``--batch-size`` rows), so
-N ranks x batch B equal one process with batch N*B. (TRL's mismatched pairs rotate within each
-device's batch, so a TRL run's pairs depend on the number of devices; ours do not.)
+the mean over all ranks' KL rows, the same value while every rank has ``--batch-size`` rows, and
+in the short micro-batch that ends an epoch still that of one process, so N ranks x batch B equal
+one process with batch N*B. (TRL's mismatched pairs rotate within each device's batch, so a TRL
+run's pairs depend on the number of devices; ours do not. A micro-batch of one example pairs its
+completion with its own prompt, in both.)
 Metrics (TRL's names): ``kl``, and ``rewards/chosen``, ``logps/chosen`` (means over the
 desirable examples), ``rewards/rejected``, ``logps/rejected`` (over the undesirable ones),
 ``rewards/margins`` (their difference).
@@ -65,13 +67,17 @@ class KTOTrainer(PreferenceTrainer):
         return {k: v.to(self.device) for k, v in batch.items()}
 
     def _collate_share(self, units: list, start: int, size: int) -> dict[str, torch.Tensor]:
-        """This rank's share, its KL rows rotated over the whole global micro-batch ``units``."""
-        return self._collate(units[start:start + size],
-                             [units[(start + i - 1) % len(units)] for i in range(size)])
+        """This rank's share, its KL rows rotated over the whole global micro-batch ``units`` (a stand-in where a
+        short micro-batch leaves it none)."""
+        share = units[start:start + size]
+        if not share:
+            return self._stand_in(units)
+        return self._collate(share, [units[(start + i - 1) % len(units)] for i in range(len(share))])
 
     @staticmethod
     def _units_in(batch: dict[str, torch.Tensor]) -> int:
-        return batch["desirable"].shape[0]
+        """Examples in ``batch``; none in a stand-in."""
+        return 0 if "stand_in" in batch else batch["desirable"].shape[0]
 
     def _nll_tokens(self, batch: dict[str, torch.Tensor]) -> int:
         return 0  # KTO has no NLL term
@@ -82,8 +88,9 @@ class KTOTrainer(PreferenceTrainer):
         ``across_ranks`` the batch is this rank's share of a global micro-batch, whose KL estimate is the mean
         over all ranks' KL rows, taken before the clamp."""
         cfg = self.config
-        desirable = batch["desirable"]
-        n = desirable.shape[0]
+        n = batch["desirable"].shape[0]
+        live = self._units_in(batch)  # n, none in a stand-in
+        desirable = batch["desirable"][:live]
         ref = self._reference_logps(batch)  # the examples, then the KL rows
         main = {k: batch[k][:n] for k in _ROWS}
         kl = torch.zeros((), device=self.device)
@@ -91,18 +98,20 @@ class KTOTrainer(PreferenceTrainer):
             with torch.no_grad(), self._autocast():  # the KL estimate carries no gradient, as in TRL
                 kl_logps = label_logps(model, {k: batch[k][n:] for k in _ROWS}, [batch["labels"][n:]],
                                        self.chunked_ce)[0]
-            diffs = kl_logps.float() - ref[n:].float()
-            sums = torch.stack([diffs.sum(), diffs.new_tensor(n)])  # (sum, count): averaged after the all-reduce
+            diffs = (kl_logps.float() - ref[n:].float())[:live]
+            sums = torch.stack([diffs.sum(), diffs.new_tensor(live)])  # (sum, count): averaged after the all-reduce
             if across_ranks:
                 self.dist.all_reduce_sum(sums)
             kl = (sums[0] / sums[1]).clamp(min=0)
         with self._autocast():
-            logps = label_logps(model, main, [main["labels"]], self.chunked_ce)[0]
-        losses, rewards = kto_losses(cfg.preference_losses()[0][0], logps, ref[:n], desirable, kl, cfg.beta,
-                                     cfg.desirable_weight, cfg.undesirable_weight)
+            all_logps = label_logps(model, main, [main["labels"]], self.chunked_ce)[0]
+        losses, rewards = kto_losses(cfg.preference_losses()[0][0], all_logps[:live], ref[:live], desirable, kl,
+                                     cfg.beta, cfg.desirable_weight, cfg.undesirable_weight)
+        # a stand-in: a loss of exactly 0 that still reaches every adapter (DDP's hooks, FSDP)
+        loss = losses.sum() if live else 0 * all_logps.sum()
         undesirable = ~desirable
-        logps = logps.detach().float()
-        return {"pair_loss": losses.sum(), "kl": kl * n,
+        logps = all_logps[:live].detach().float()
+        return {"pair_loss": loss, "kl": kl * live,
                 "rewards/chosen": rewards[desirable].sum(), "rewards/rejected": rewards[undesirable].sum(),
                 "logps/chosen": logps[desirable].sum(), "logps/rejected": logps[undesirable].sum(),
                 "count/chosen": desirable.sum(), "count/rejected": undesirable.sum()}

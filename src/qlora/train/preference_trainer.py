@@ -121,6 +121,11 @@ class PreferenceTrainer(Trainer):
         batch = preference_collate(units, pad_token_id(self.tokenizer))
         return {k: v.to(self.device) for k, v in batch.items()}
 
+    def _stand_in(self, units: list) -> dict[str, torch.Tensor]:
+        """The first unit, counted as no pair (:meth:`_units_in`) and no NLL token: its labels stay, so that its
+        per-token terms (CPO, ORPO) stay finite, but none of its rows enters the loss or the metrics."""
+        return {**self._collate_share(units, 0, 1), "stand_in": True}
+
     # ------------------------------------------------------------- reference
     def _prepare_method(self) -> None:
         """With --precompute-ref: reuse the stored reference log-probs of this run, or compute and store them."""
@@ -213,7 +218,7 @@ class PreferenceTrainer(Trainer):
             labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, IGNORE_INDEX)
         else:
             labels = batch["labels"].clone()
-        labels[n:] = IGNORE_INDEX
+        labels[0 if "stand_in" in batch else n:] = IGNORE_INDEX
         return labels
 
     def _pair_terms(self, model: torch.nn.Module, batch: dict[str, torch.Tensor],
@@ -222,6 +227,8 @@ class PreferenceTrainer(Trainer):
         batch is this rank's share of a global micro-batch, which DPO losses coupling their pairs see whole."""
         cfg = self.config
         n = batch["input_ids"].shape[0] // 2
+        live = self._units_in(batch)  # n, none in a stand-in
+        c, r = slice(0, live), slice(n, n + live)  # the rows that count: chosen, rejected
         labels = batch["labels"]
         answer_sets = self._answer_labels(batch)
         label_sets = answer_sets + [self._nll_labels(batch)] * bool(cfg.nll_weight)
@@ -237,9 +244,9 @@ class PreferenceTrainer(Trainer):
             losses = cfg.preference_losses()
             coupled = across_ranks and self.dist.enabled and any(t in BATCH_COUPLED for t, _ in losses)
             # a loss that couples the pairs of a micro-batch sees the global one (all ranks' pairs)
-            rows = [logps[:n], logps[n:], ref[:n], ref[n:], lengths[:n], lengths[n:]]
+            rows = [logps[c], logps[r], ref[c], ref[r], lengths[c], lengths[r]]
             if weights is not None:
-                rows.append(weights)
+                rows.append(weights[c])
             if coupled:
                 rows = [self.dist.all_gather_cat(t) for t in rows]
             policy, reference, length = tuple(rows[0:2]), tuple(rows[2:4]), tuple(rows[4:6])
@@ -251,7 +258,7 @@ class PreferenceTrainer(Trainer):
                                                       cfg.f_alpha_divergence_coef)
             if weights is not None:
                 pair = pair * rows[6]  # the WPO weights, gathered with the rows they weigh
-            chosen_r, rejected_r = cfg.beta * (logps[:n] - ref[:n]).detach(), cfg.beta * (logps[n:] - ref[n:]).detach()
+            chosen_r, rejected_r = cfg.beta * (logps[c] - ref[c]).detach(), cfg.beta * (logps[r] - ref[r]).detach()
             total = pair.sum()
             # coupled: every rank holds the global sum; its value counts once over the ranks, while each rank's
             # gradient is the global loss's gradient through its own rows (the others' are detached), and the
@@ -262,21 +269,23 @@ class PreferenceTrainer(Trainer):
             if loss_type in ("ipo", "simpo"):  # per-token mean log-probs, as TRL's CPOTrainer
                 logps = logps / lengths
             rewards = alphapo_rewards(logps, cfg.alphapo_alpha)
-            pair = cpo_losses(loss_type, rewards[:n], rewards[n:], cfg.beta, cfg.label_smoothing, cfg.simpo_gamma)
-            chosen_r, rejected_r = cfg.beta * rewards[:n].detach(), cfg.beta * rewards[n:].detach()
+            pair = cpo_losses(loss_type, rewards[c], rewards[r], cfg.beta, cfg.label_smoothing, cfg.simpo_gamma)
+            chosen_r, rejected_r = cfg.beta * rewards[c].detach(), cfg.beta * rewards[r].detach()
             terms["pair_loss"] = pair.sum()
         else:
             logps = logps / lengths  # ORPO: per-token mean log-probs
-            ratio, log_odds = orpo_odds_ratio(logps[:n], logps[n:])
-            chosen_r, rejected_r = cfg.beta * logps[:n].detach(), cfg.beta * logps[n:].detach()
+            ratio, log_odds = orpo_odds_ratio(logps[c], logps[r])
+            chosen_r, rejected_r = cfg.beta * logps[c].detach(), cfg.beta * logps[r].detach()
             terms.update({"pair_loss": -cfg.beta * ratio.sum(), "log_odds_ratio": ratio.detach().sum(),
                           "log_odds_chosen": log_odds.detach().sum()})
         terms.update({
             "rewards/chosen": chosen_r.sum(), "rewards/rejected": rejected_r.sum(),
             "rewards/accuracies": (chosen_r > rejected_r).float().sum(),
             "rewards/margins": (chosen_r - rejected_r).sum(),
-            "logps/chosen": logps[:n].detach().float().sum(), "logps/rejected": logps[n:].detach().float().sum(),
+            "logps/chosen": logps[c].detach().float().sum(), "logps/rejected": logps[r].detach().float().sum(),
         })
+        if not live:  # a stand-in: a loss of exactly 0 that still reaches every adapter (DDP's hooks, FSDP)
+            terms["pair_loss"] = terms["pair_loss"] + 0 * sums[0].sum()
         return terms
 
     def _combine(self, terms: dict[str, Any], pairs: float, nll_tokens: float) -> Any:
@@ -286,8 +295,8 @@ class PreferenceTrainer(Trainer):
 
     @staticmethod
     def _units_in(batch: dict[str, torch.Tensor]) -> int:
-        """Pairs in ``batch`` (its chosen rows, then its rejected ones)."""
-        return batch["input_ids"].shape[0] // 2
+        """Pairs in ``batch`` (its chosen rows, then its rejected ones); none in a stand-in."""
+        return 0 if "stand_in" in batch else batch["input_ids"].shape[0] // 2
 
     def _nll_tokens(self, batch: dict[str, torch.Tensor]) -> int:
         return int((self._nll_labels(batch)[:, 1:] != IGNORE_INDEX).sum())

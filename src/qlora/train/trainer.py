@@ -7,9 +7,16 @@ checkpoint) -> save the final adapter -> cleanup. Choices that matter:
 - The loss of one optimizer step is ``sum of token losses / trainable tokens``
   over *all* its micro-batches, so ``batch 4 x accum 1 == batch 1 x accum 4``
   with variable-length examples.
-- The data stream is a pure function of (seed, step): micro-batch ``m`` takes
-  units ``m*B .. m*B+B-1`` of an endless sequence of epochs, each shuffled by
-  :func:`shuffled_indices`. A checkpoint therefore only needs the step.
+- Steps are epoch-aligned, as in transformers' Trainer: an epoch of ``N`` units
+  has ``ceil(N / (B x GA x ranks))`` steps, the last one short (fewer, or a
+  short last, micro-batch), and a run ``ceil(epochs x steps per epoch)`` (see
+  :func:`steps_per_epoch`). No step crosses an epoch's end, so an epoch trains
+  each unit exactly once.
+- The data stream is a pure function of (seed, step): step ``s`` is step ``k``
+  of epoch ``e`` (``divmod(s, steps per epoch)``) and takes units
+  ``k*G .. min((k+1)*G, N) - 1`` (``G = B x GA x ranks``) of epoch ``e``'s
+  order (:func:`shuffled_indices`), cut into global micro-batches of
+  ``B x ranks`` units. A checkpoint therefore only needs the step.
 - A checkpoint holds the adapter, optimizer, scheduler, RNG states (torch,
   CUDA, python, numpy) and the step, written atomically; resuming reproduces
   the losses of an uninterrupted run bit for bit on the CPU.
@@ -17,6 +24,8 @@ checkpoint) -> save the final adapter -> cleanup. Choices that matter:
   are split over the ranks, rank ``r`` taking its ``B`` units of every global
   micro-batch, and the token count is all-reduced; the global batch, the
   losses and the checkpoints are those of one process with ``B x ranks``.
+  A rank left without a unit by a short micro-batch runs a stand-in that
+  counts nothing (:meth:`Trainer._stand_in`): every rank joins every collective.
 """
 
 from __future__ import annotations
@@ -47,7 +56,7 @@ from qlora.output_folder import check_output, clear_owned, record, staged_output
 from qlora.train.config import TrainConfig, parse_pattern, parse_schedule_kwargs
 from qlora.train.distributed import DistContext, all_reduce_grads, shard_fsdp, wrap_ddp
 from qlora.train.data import (
-    attention_windows, check_packing_supported, count_trainable_tokens, normalize, pack_examples,
+    IGNORE_INDEX, attention_windows, check_packing_supported, count_trainable_tokens, normalize, pack_examples,
     fallback_note, own_template, packed_collate, pad_collate, pad_token_id, resolve_chat_format, shuffled_indices,
     tokenize_dataset,
 )
@@ -102,6 +111,18 @@ def _make_scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer,
         return make_scheduler(cfg.lr_scheduler, optimizer, warmup, total, kwargs)
     except ValueError as exc:
         raise UsageError(f"--lr-scheduler-kwargs: {exc}.") from None
+
+
+def steps_per_epoch(units: int, global_batch: int) -> int:
+    """Optimizer steps of one epoch: transformers' ``ceil(ceil(units / micro-batch) / accumulation)``, which is
+    ``ceil(units / (batch x accumulation x ranks))``, the last step taking what is left of the epoch."""
+    return max(1, math.ceil(units / global_batch))
+
+
+def total_steps(units: int, global_batch: int, epochs: float, max_steps: int = 0) -> int:
+    """The run's optimizer steps: ``max_steps`` if set, else transformers' ``ceil(epochs x steps per epoch)``
+    (fractional epochs too)."""
+    return max_steps or max(1, math.ceil(epochs * steps_per_epoch(units, global_batch)))
 
 
 def compute_dtype_for(precision: str, device: torch.device) -> torch.dtype:
@@ -200,7 +221,7 @@ class Trainer:
         eval_examples = self._read_data(cfg.eval_data, cfg.eval_data_split) if cfg.eval_data else None
         if cfg.eval_split:
             train_examples, eval_examples = hold_out(train_examples, cfg.eval_split, cfg.seed)
-        if cfg.batch_size > len(train_examples):  # a micro-batch would hold the same example several times
+        if cfg.batch_size > len(train_examples):  # every step would be the whole data in one short micro-batch
             raise UsageError(f"--batch-size {cfg.batch_size} is more than the {len(train_examples)} examples of "
                              f"{cfg.data}; lower --batch-size (--grad-accum gives a larger effective batch).")
         self._load_model()
@@ -214,9 +235,9 @@ class Trainer:
         self.dist.barrier()  # every rank has checked --output before rank 0 changes it
         if cfg.overwrite and not cfg.resume and self.out.exists() and self.dist.is_main:
             clear_owned(self.out)  # only now: every input has been checked; only qlora's own files go
-        self.micro_batches_per_step = cfg.grad_accum
-        units_per_step = cfg.batch_size * cfg.grad_accum * self.dist.world_size
-        self.total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * len(self.train_units) / units_per_step))
+        self.global_batch = cfg.batch_size * cfg.grad_accum * self.dist.world_size
+        self.steps_per_epoch = steps_per_epoch(len(self.train_units), self.global_batch)
+        self.total_steps = total_steps(len(self.train_units), self.global_batch, cfg.epochs, cfg.max_steps)
         if cfg.adalora:
             self._add_adalora()
         if cfg.fused_kernels:  # shares every parameter and adapter, so it may follow their creation
@@ -254,8 +275,10 @@ class Trainer:
                            f"{self.total_steps} steps")
 
     def _check_batch_fits(self, examples: int) -> None:
-        """A global micro-batch (batch x ranks) must not hold a unit twice: there may be fewer units than
-        examples (packed rows, text blocks, examples left with no trained token) and more ranks than one."""
+        """A global micro-batch (batch x ranks) larger than the units is refused: every step would be the whole
+        data in one short micro-batch, some ranks running stand-ins only, the same run as with a smaller
+        --batch-size at more cost. There may be fewer units than examples (packed rows, text blocks, examples
+        left with no trained token) and more ranks than one."""
         cfg, units, world = self.config, len(self.train_units), self.dist.world_size
         if cfg.batch_size * world <= units:
             return
@@ -266,9 +289,8 @@ class Trainer:
                              f"texts of {cfg.data} make; {lower} or --seq-len (cutoff_len).")
         if cfg.packing:
             raise UsageError(f"{batch} is more than the {units} packed rows (of --seq-len {cfg.seq_len} tokens) "
-                             f"that --packing makes of the {examples} examples of {cfg.data}, so a micro-batch would "
-                             f"hold the same row twice; {lower} or --seq-len, or train without --packing "
-                             "(--grad-accum gives a larger effective batch).")
+                             f"that --packing makes of the {examples} examples of {cfg.data}; {lower} or --seq-len, "
+                             "or train without --packing (--grad-accum gives a larger effective batch).")
         raise UsageError(f"{batch} is more than the {units} examples of {cfg.data} left to train on; {lower} "
                          "(--grad-accum gives a larger effective batch).")
 
@@ -292,6 +314,12 @@ class Trainer:
                     "qlora: %s was written by an older qlora, whose warmup rose as (step+1)/(warmup+1) over "
                     "int(ratio x steps) steps; the run continues on transformers' schedule (step/warmup over "
                     "ceil(ratio x steps) steps), so its learning rates can differ slightly from before.",
+                    checkpoints[-1])
+            if "epoch_steps" not in saved:  # written when steps took a fixed number of units from a stream of epochs
+                logging.getLogger("qlora").warning(
+                    "qlora: %s was written by an older qlora, whose steps ran on across epochs' ends; the run "
+                    "continues with epoch-aligned steps (each epoch ends with a short step), so the steps after it "
+                    "see other examples, and --epochs can give another number of steps, than before.",
                     checkpoints[-1])
             return checkpoints[-1]
         check_output(self.out, overwrite=cfg.overwrite, writes=RUN_ENTRIES + _TOKENIZER_FILES,
@@ -429,23 +457,38 @@ class Trainer:
         return {k: {t: m.to(self.device) for t, m in v.items()} if isinstance(v, dict) else v.to(self.device)
                 for k, v in batch.items()}
 
+    def step_units(self, step: int) -> list[int]:
+        """Indices of the units of optimizer step ``step``, all ranks': a slice of its epoch's order."""
+        epoch, k = divmod(step, self.steps_per_epoch)
+        n, size = len(self.train_units), self.global_batch
+        return self._order(epoch)[k * size:min((k + 1) * size, n)]
+
     def micro_batches(self, step: int) -> list[dict[str, torch.Tensor]]:
-        """The micro-batches of optimizer step ``step``: a pure function of (seed, step)."""
-        n, bs = len(self.train_units), self.config.batch_size
-        world, rank = self.dist.world_size, self.dist.rank
+        """This rank's micro-batches of optimizer step ``step``: a pure function of (seed, step). The step's
+        units are cut into global micro-batches of ``batch x ranks`` (the last one short at an epoch's end)."""
+        bs, world, rank = self.config.batch_size, self.dist.world_size, self.dist.rank
+        indices = self.step_units(step)
         batches = []
-        for m in range(step * self.micro_batches_per_step, (step + 1) * self.micro_batches_per_step):
-            units = []
-            for u in range(m * world * bs, (m + 1) * world * bs):  # global micro-batch m
-                epoch, pos = divmod(u, n)
-                units.append(self.train_units[self._order(epoch)[pos]])
+        for m in range(0, len(indices), bs * world):
+            units = [self.train_units[i] for i in indices[m:m + bs * world]]  # global micro-batch
             batches.append(self._collate_share(units, rank * bs, bs))
         return batches
 
     def _collate_share(self, units: list, start: int, size: int) -> dict[str, torch.Tensor]:
-        """This rank's ``size`` units from ``start`` of the global micro-batch ``units``, collated (KTO pairs
-        its KL rows over the whole global micro-batch)."""
-        return self._collate(units[start:start + size])
+        """This rank's units ``start .. start+size-1`` of the global micro-batch ``units``, collated (KTO pairs
+        its KL rows over the whole global micro-batch); a stand-in where a short micro-batch leaves it none."""
+        share = units[start:start + size]
+        return self._collate(share) if share else self._stand_in(units)
+
+    def _stand_in(self, units: list) -> dict[str, torch.Tensor]:
+        """A rank's micro-batch when a short global micro-batch leaves it no unit. DDP and FSDP need every rank
+        in every forward and backward, so it runs the first unit with every label masked: no trainable token,
+        a loss of exactly 0 and zero gradients (the token count is all-reduced, so the step's scale is that of
+        the real units)."""
+        batch = self._collate_share(units, 0, 1)
+        batch["labels"] = torch.full_like(batch["labels"], IGNORE_INDEX)
+        batch["stand_in"] = True
+        return batch
 
     def _order(self, epoch: int) -> list[int]:
         if getattr(self, "_cached_epoch", None) != epoch:
@@ -556,8 +599,8 @@ class Trainer:
             self.adapter_hooks.after_step(self.step)
         if not self.on_plateau:
             self.scheduler.step()
-        sums = torch.tensor([total, sum(b["input_ids"].numel() for b in batches)], dtype=torch.float64,
-                            device=self.device)
+        tokens = sum(b["input_ids"].numel() for b in batches if "stand_in" not in b)
+        sums = torch.tensor([total, tokens], dtype=torch.float64, device=self.device)
         total, n_tokens = self.dist.all_reduce_sum(sums).tolist()
         self.losses.append(total)
         elapsed = time.perf_counter() - start
@@ -675,7 +718,8 @@ class Trainer:
                      "scaler": self.scaler.state_dict() if self.scaler else None}
             with open(tmp / STATE_FILE, "wb") as fh:  # a file object: a full disk raises OSError, not RuntimeError
                 torch.save(state, fh)
-            run_config = {**self.config.run_defining(self.dist.world_size), "template_date": self.config.template_date}
+            run_config = {**self.config.run_defining(self.dist.world_size), "template_date": self.config.template_date,
+                          "epoch_steps": True}
             (tmp / "run_config.json").write_text(json.dumps(run_config, indent=1))
             self.chat_format.save(tmp / "adapter")
         limit = self.config.save_total_limit
