@@ -272,7 +272,7 @@ class Trainer:
             self.metrics.write(fallback_note(self.tokenizer))
         self.metrics.write(f"data: {self.report.summary()}; {len(self.train_units)} "
                            f"{'packed rows' if cfg.packing else 'blocks' if cfg.group_texts else 'examples'}, "
-                           f"{self.total_steps} steps")
+                           f"{self.total_steps} step{'' if self.total_steps == 1 else 's'}")
 
     def _check_batch_fits(self, examples: int) -> None:
         """A global micro-batch (batch x ranks) larger than the units is refused: every step would be the whole

@@ -87,5 +87,6 @@ def run(args: argparse.Namespace) -> int:
             print(f"qlora train: {exc}")
         return 130
     if losses and trainer.dist.is_main:
-        print(f"trained {trainer.step} steps: loss {losses[0]:.4f} -> {losses[-1]:.4f}; adapter in {config.output}")
+        steps = f"{trainer.step} step{'' if trainer.step == 1 else 's'}"
+        print(f"trained {steps}: loss {losses[0]:.4f} -> {losses[-1]:.4f}; adapter in {config.output}")
     return 0
