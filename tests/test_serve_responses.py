@@ -305,13 +305,7 @@ def test_disconnect_mid_stream_frees_the_row(served):
         lines = (line for line in response.iter_lines() if line.startswith("event: "))
         while next(lines) != "event: response.output_text.delta":  # decoding has started
             pass
-    deadline = time.monotonic() + 60
-    while batcher.load()["requests_cancelled"] != before["requests_cancelled"] + 1:
-        assert time.monotonic() < deadline, "the row was not dropped"
-        time.sleep(0.01)
-    after = batcher.load()
-    assert after["running"] == after["waiting"] == 0
-    assert after["tokens_generated"] - before["tokens_generated"] < 300
+    assert_row_dropped(batcher, before)
 
 
 def test_a_replayed_turn_of_text_and_parallel_calls_is_one_assistant_message():
@@ -459,3 +453,15 @@ def test_the_store_keeps_the_most_recently_used():
     with pytest.raises(APIError) as exc:
         none.get("resp_x")
     assert exc.value.status == 404 and "--stored-responses 0" in exc.value.message
+
+
+def assert_row_dropped(batcher, before: dict) -> None:
+    """The one request counted since ``before`` was cancelled within a minute, its row freed early (under 300
+    tokens decoded), and nothing is left running or waiting."""
+    deadline = time.monotonic() + 60
+    while batcher.load()["requests_cancelled"] != before["requests_cancelled"] + 1:
+        assert time.monotonic() < deadline, "the row was not dropped"
+        time.sleep(0.01)
+    after = batcher.load()
+    assert after["running"] == after["waiting"] == 0
+    assert after["tokens_generated"] - before["tokens_generated"] < 300
