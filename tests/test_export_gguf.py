@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 
 import pytest
 import torch
@@ -614,3 +615,20 @@ def test_apertus_xielu_scalars_are_per_layer_metadata(tmp_path, tiny_tokenizer):
         assert reader.fields[f"xielu.{kind}"].contents() == pytest.approx(expected, rel=1e-6), kind
     assert len(set(reader.fields["xielu.alpha_p"].contents())) == 2  # the layers' own values, not one default
     assert not any("act_fn" in t.name or "xielu" in t.name for t in reader.tensors)
+
+
+def test_a_mistral_sliding_window_shorter_than_the_context_is_warned_about(tmp_path, tiny_tokenizer, caplog):
+    """llama.cpp runs Mistral as llama with full attention: the same as Mistral 7B v0.1's 4096-token window only
+    up to the window, which the export says (and exports, as llama.cpp's converter does)."""
+    windowed = build_tiny_model(tmp_path / "w", tokenizer=tiny_tokenizer, arch="mistral", sliding_window=32)
+    full = build_tiny_model(tmp_path / "f", tokenizer=tiny_tokenizer, arch="mistral", sliding_window=None)
+    for name, model_dir in (("w", windowed), ("f", full)):
+        model, tokenizer = qlora.load_model(model_dir, compute_dtype=torch.float32, device="cpu")
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="qlora"):
+            export_gguf(model, tokenizer, tmp_path / f"{name}.gguf", "f16")
+        warned = [r.getMessage() for r in caplog.records if "sliding window" in r.getMessage()]
+        assert (tmp_path / f"{name}.gguf").exists()
+        assert bool(warned) == (name == "w"), warned
+        if warned:
+            assert "32-token sliding window" in warned[0] and "up to 32 tokens" in warned[0]

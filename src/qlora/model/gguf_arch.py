@@ -85,6 +85,7 @@ model loaders), restated for the architectures qlora exports:
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 from typing import Callable
@@ -93,6 +94,8 @@ import torch
 
 from ..errors import UsageError
 from . import gguf_deepseek
+
+log = logging.getLogger("qlora")
 
 
 @dataclass(frozen=True)
@@ -299,6 +302,11 @@ def write_metadata(writer, config, spec: ArchSpec, n_vocab: int) -> list[tuple[s
         _write_mpt_attention(writer, config, hd)
     if config.model_type == "ministral":
         _check_ministral_windows(config)
+    elif spec.gguf_arch == "llama" and 0 < (getattr(config, "sliding_window", None) or 0) < _context_length(config):
+        log.warning("this %s config attends through a %d-token sliding window; llama.cpp runs it as llama with full "
+                    "attention (as its own converter writes it), so the GGUF answers the same up to %d tokens of "
+                    "context and differently past that.", config.model_type, config.sliding_window,
+                    config.sliding_window)
     if not spec.rope:
         writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
         return []
