@@ -5,7 +5,8 @@ drive the model's cache themselves; ``model.generate(do_sample=False)`` on the s
 the oracle. One tiny model per way a cache differs from Llama's: sliding windows crossed within
 the prompt (window 4), logit softcapping, attention sinks, learned absolute positions and ALiBi,
 mixture-of-experts routing, multi-head latent attention (MLA), recurrent state (Mamba, RWKV) and
-hybrid attention/recurrent caches (LFM2, Bamba, RecurrentGemma, whose forward does not return its cache).
+hybrid attention/recurrent caches (LFM2, Bamba, RecurrentGemma, whose forward does not return its cache), and a
+model whose ``prepare_inputs_for_generation`` feeds it the whole sequence after a cache (CPM-Ant).
 Requests of different lengths are submitted together, so the
 batcher joins rows of different lengths (or, for a cache it cannot re-batch, says so at start and
 decodes them one at a time).
@@ -47,6 +48,9 @@ ARCHS = {
     "lfm2": (dict(layer_types=["conv", "full_attention"]), False),
     "recurrent_gemma": (dict(block_types=["recurrent", "attention"], lru_width=64, attention_window_size=4), False),
     "bamba": (dict(attn_layer_indices=[1], mamba_n_heads=4, mamba_d_head=32, mamba_d_state=8), False),
+    # its forward takes the whole sequence at every step and cuts the cached part off itself
+    "cpmant": (dict(dim_ff=128, dim_head=16, prompt_length=8, position_bias_num_buckets=32,
+                    position_bias_max_distance=64), False),
 }
 
 

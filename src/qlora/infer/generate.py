@@ -1,7 +1,8 @@
 """Streamed text generation with a KV cache.
 
 A small explicit loop instead of ``model.generate``: each step runs the model on
-the newest token only (the cache holds the past), picks the next token, and
+the newest token only (the cache holds the past; the whole sequence for a model whose
+``prepare_inputs_for_generation`` asks for it), picks the next token, and
 yields it at once, so a chat shows words as they are made. Greedy decoding
 (temperature 0) gives exactly the tokens of ``model.generate(do_sample=False)``, with
 ``repetition_penalty`` too.
@@ -19,7 +20,7 @@ from dataclasses import dataclass, field, fields
 from typing import Iterable, Iterator, Sequence
 
 import torch
-from transformers import DynamicCache
+from transformers import DynamicCache, GenerationMixin
 
 from ..errors import UsageError
 from ..option_range import AT_LEAST_1, NON_NEGATIVE, POSITIVE, Range
@@ -123,38 +124,74 @@ def stream_tokens(model, input_ids: torch.Tensor, options: SamplingOptions | Non
         generator = torch.Generator(device=device).manual_seed(options.seed)
     model.eval()
     penalties = Penalties.of(options, input_ids[0])
-    ids, cache, seen = input_ids, {}, 0
+    ids, cache = input_ids, {}
     for _ in range(options.max_new_tokens):
-        out, cache = forward_cached(model, ids, cache, seen)
-        seen += ids.shape[1]
+        out, cache = forward_cached(model, ids, cache, ids.shape[1] - 1 if cache else 0)
         token = next_token(out.logits[0, -1], options, generator, penalties)
         if penalties is not None:
             penalties.add(token)
         yield token
         if token in stop:
             return
-        ids = torch.tensor([[token]], device=device)
+        ids = torch.cat([ids, torch.tensor([[token]], device=device)], 1)
 
 
 def forward_cached(model, ids: torch.Tensor, cache: dict, seen: int):
-    """Run ``ids`` after the ``seen`` tokens that ``cache`` (keywords from the previous call, ``{}`` at first)
-    holds; returns the model's output and the cache keywords for the next call.
+    """Run the tokens of ``ids`` (the whole sequence so far, ``(rows, length)``) after the first ``seen``, which
+    ``cache`` (keywords from the previous call, ``{}`` at first) holds; returns the model's output and the cache
+    keywords for the next call.
 
-    As transformers' ``generate``: positions are passed to a forward that takes them (Bamba counts from 0
-    again at every call when they are left out), and a model that fills a cache it is given without
-    returning it (RecurrentGemma) gets a ``DynamicCache`` for its config, kept from call to call.
+    As transformers' ``generate``: the model is given the new tokens only, or the whole sequence where its
+    ``prepare_inputs_for_generation`` gives that (CPM-Ant's forward cuts the cached part off itself); positions
+    are passed to a forward that takes them (Bamba counts from 0 again at every call when they are left out),
+    and a model that fills a cache it is given without returning it (RecurrentGemma) gets a ``DynamicCache``
+    for its config, kept from call to call.
     """
     params = _forward_params(getattr(model.forward, "__func__", model.forward))
+    length = ids.shape[1]
+    if seen and not reads_whole_sequence(model, ids, cache, seen):
+        ids = ids[:, seen:]
     positions = {}
     if "position_ids" in params:
-        positions = {"position_ids": torch.arange(seen, seen + ids.shape[1], device=ids.device)[None]
+        positions = {"position_ids": torch.arange(length - ids.shape[1], length, device=ids.device)[None]
                      .expand(ids.shape[0], -1)}
     out = model(input_ids=ids, use_cache=True, **cache, **positions)
-    returned = _cache_of(out, seen + ids.shape[1])
+    returned = _cache_of(out, length)
     if returned or cache or "past_key_values" not in params:
         return out, returned or cache
     cache = {"past_key_values": DynamicCache(config=model.config)}  # the prefill again, into a cache we keep
     return model(input_ids=ids, use_cache=True, **cache, **positions), cache
+
+
+def reads_whole_sequence(model, ids: torch.Tensor, cache: dict, seen: int) -> bool:
+    """Whether ``model`` takes the whole sequence ``ids`` at a step after ``cache`` (holding the first ``seen``
+    tokens), not only the new tokens: asked of its own ``prepare_inputs_for_generation`` (what ``generate``
+    feeds it) with that real cache, once per model class."""
+    kind = type(model)
+    if kind not in _WHOLE:
+        _WHOLE[kind] = _probe_whole_sequence(model, ids, cache, seen)
+    return _WHOLE[kind]
+
+
+_WHOLE: dict[type, bool] = {}
+
+
+def _probe_whole_sequence(model, ids: torch.Tensor, cache: dict, seen: int) -> bool:
+    prepare = getattr(model, "prepare_inputs_for_generation", None)
+    if prepare is None:
+        return False
+    new = ids.shape[1] - seen
+    step = ({"next_sequence_length": new} if "next_sequence_length" in _forward_params(_BASE_PREPARE)
+            else {"cache_position": torch.arange(seen, ids.shape[1], device=ids.device)})  # transformers 4.x
+    try:
+        inputs = prepare(ids, use_cache=True, **cache, **step)
+    except Exception:  # noqa: BLE001 - a model whose preparation wants more than ids and a cache: the usual
+        return False
+    fed = inputs.get("input_ids") if isinstance(inputs, dict) else None
+    return isinstance(fed, torch.Tensor) and fed.shape[-1] == ids.shape[1] > new
+
+
+_BASE_PREPARE = GenerationMixin.prepare_inputs_for_generation
 
 
 @functools.lru_cache(maxsize=None)
@@ -253,11 +290,10 @@ def generate_per_adapter(model, tokenizer, prompt: str, adapters: list[str | Non
     pieces: list[list[str]] = [[] for _ in adapters]
     done = [False] * rows
     model.eval()
-    ids, cache, seen = prompt_ids.repeat(rows, 1), {}, 0
+    ids, cache = prompt_ids.repeat(rows, 1), {}
     with adapter_rows(model, adapters):
         for _ in range(options.max_new_tokens):
-            out, cache = forward_cached(model, ids, cache, seen)
-            seen += ids.shape[1]
+            out, cache = forward_cached(model, ids, cache, ids.shape[1] - 1 if cache else 0)
             step = []
             for r in range(rows):
                 token = texts[r].tokens[-1] if done[r] else next_token(out.logits[r, -1], options,
@@ -270,5 +306,5 @@ def generate_per_adapter(model, tokenizer, prompt: str, adapters: list[str | Non
                 step.append(token)
             if all(done):
                 break
-            ids = torch.tensor(step, device=device)[:, None]
+            ids = torch.cat([ids, torch.tensor(step, device=device)[:, None]], 1)
     return ["".join(p) + text.flush() for p, text in zip(pieces, texts)]
