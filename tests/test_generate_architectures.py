@@ -128,3 +128,29 @@ def test_stream_and_batcher_give_transformers_greedy_tokens(arch, built):
     batched = ARCHS[arch][1]
     assert (batcher.unbatchable is None) == batched, batcher.unbatchable
     assert batcher.load()["max_rows_in_step"] == (3 if batched else 1)
+
+
+@pytest.mark.parametrize("arch, overrides", [
+    ("xlm", dict(emb_dim=64, n_layers=2, n_heads=4)),  # appends a mask token to the ids
+    ("xlnet", dict(d_model=64, n_layer=2, n_head=4, d_inner=128)),  # appends a dummy token, permutation masks
+])
+def test_a_model_whose_generate_feeds_other_ids_is_refused_before_decoding(arch, overrides, tmp_path, tiny_tokenizer,
+                                                                          capsys):
+    from qlora.cli.main import main
+    from qlora.errors import UsageError
+    from qlora.infer.generate import decode_problem
+
+    config = AutoConfig.for_model(arch, vocab_size=len(tiny_tokenizer), pad_token_id=tiny_tokenizer.pad_token_id,
+                                  **overrides)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path)
+    tiny_tokenizer.save_pretrained(tmp_path)
+    model, _ = load_model(tmp_path, quant=None, compute_dtype=torch.float32, device="cpu")
+    assert "prepare_inputs_for_generation feeds the forward other token ids" in decode_problem(model)
+    with pytest.raises(UsageError, match="qlora cannot decode"):
+        next(stream_tokens(model, torch.tensor([[5, 6, 7]]), SamplingOptions(max_new_tokens=3, temperature=0)))
+    code = main(["generate", "--model", str(tmp_path), "--quant", "none", "--compute-dtype", "fp32", "--template",
+                 "none", "--prompt", "Hello", "--max-new-tokens", "3", "--temperature", "0"])
+    out = capsys.readouterr()
+    assert code == 2 and "qlora cannot decode this model" in out.err and "Traceback" not in out.err
+    assert out.out == ""  # nothing decoded

@@ -40,7 +40,7 @@ import torch
 
 from ..model.multi_adapter import adapter_rows
 from .batch_cache import add_row, attention_mask, cache_length, cache_problem, keep_rows, new_cache
-from .generate import SamplingOptions, forward_cached, next_token, reads_whole_sequence
+from .generate import SamplingOptions, forward_cached, next_token, step_inputs
 from .logprobs import TokenLogprob, chosen_logprob, prompt_logprobs
 from .penalties import Penalties
 from .text_stream import TextStream
@@ -162,11 +162,12 @@ class ContinuousBatcher:
         prompts = [[(7 * i + 3) % vocab for i in range(n)] for n in (11, 4)]
         try:
             with adapter_rows(self.model, [None]):
-                _, cache = forward_cached(self.model, torch.tensor([prompts[1]], device=self.device), {}, 0)
-            if cache and reads_whole_sequence(self.model, torch.tensor([prompts[1] * 2], device=self.device), cache,
-                                              len(prompts[1])):
-                return "it reads the whole sequence at every step (its prepare_inputs_for_generation), not only " \
-                       "the new tokens after a cache"
+                kind = step_inputs(self.model)
+            if kind == "whole":
+                return "it reads the whole sequence at every step (its prepare_inputs_for_generation), not only the " \
+                       "new tokens after a cache"
+            if kind != "new":
+                return kind
             caches, alone = [], []
             for p in prompts:
                 cache = new_cache()

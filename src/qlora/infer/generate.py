@@ -26,6 +26,8 @@ from ..errors import UsageError
 from ..option_range import AT_LEAST_1, NON_NEGATIVE, POSITIVE, Range
 from .penalties import Penalties
 
+# Where a forward returns its cache, by model family, as transformers' generate looks for it.
+CACHE_NAMES = ("past_key_values", "cache_params", "state")  # default; Mamba in transformers 4.x; RWKV
 PENALTY_RANGE = Range(-2, 2)  # OpenAI's presence_penalty / frequency_penalty
 BIAS_RANGE = Range(-100, 100)  # OpenAI's logit_bias values
 
@@ -117,6 +119,9 @@ def stream_tokens(model, input_ids: torch.Tensor, options: SamplingOptions | Non
         stop_ids: token ids that end generation (EOS, end of turn).
     """
     options = options or SamplingOptions()
+    problem = decode_problem(model)
+    if problem:
+        raise UsageError(f"qlora cannot decode {type(model).__name__}: {problem}")
     stop = set(stop_ids)
     device = input_ids.device
     generator = None
@@ -166,29 +171,81 @@ def forward_cached(model, ids: torch.Tensor, cache: dict, seen: int):
 def reads_whole_sequence(model, ids: torch.Tensor, cache: dict, seen: int) -> bool:
     """Whether ``model`` takes the whole sequence ``ids`` at a step after ``cache`` (holding the first ``seen``
     tokens), not only the new tokens: asked of its own ``prepare_inputs_for_generation`` (what ``generate``
-    feeds it) with that real cache, once per model class."""
+    feeds it) with that real cache, once per model class.
+
+    Raises:
+        UsageError: it feeds the forward something else (see :func:`decode_problem`).
+    """
+    kind = _step_kind(model, ids, cache, seen)
+    if kind not in ("new", "whole"):
+        raise UsageError(f"qlora cannot decode {type(model).__name__}: {kind}")
+    return kind == "whole"
+
+
+def decode_problem(model) -> str | None:
+    """Why qlora's decoding loops cannot give ``model.generate``'s tokens, or None (see :func:`step_inputs`)."""
+    kind = step_inputs(model)
+    return None if kind in ("new", "whole") else kind
+
+
+def step_inputs(model) -> str:
+    """What ``model`` takes at a step after its cache, as its ``prepare_inputs_for_generation`` feeds it in
+    ``generate``: ``"new"`` (the new tokens), ``"whole"`` (the whole sequence: CPM-Ant's forward cuts the cached
+    part off itself), or why qlora cannot decode it (XLM appends a mask token to the ids, XLNet a dummy token
+    with permutation masks: the commands refuse such a model before decoding, not decode wrong text).
+    Asked once per model class, with one small forward."""
+    if type(model) not in _KINDS:
+        vocab = model.get_input_embeddings().num_embeddings
+        device = next(model.parameters()).device
+        ids = torch.tensor([[(7 * i + 3) % vocab for i in range(5)]], device=device)
+        with torch.inference_mode():
+            _, cache = forward_cached(model, ids[:, :4], {}, 0)
+        _step_kind(model, ids, cache, 4 if cache else 0)
+    return _KINDS[type(model)]
+
+
+_KINDS: dict[type, str] = {}  # model class -> "new", "whole" or why neither
+# What qlora's loops pass to a forward (or leave to its defaults), as prepare_inputs_for_generation names them.
+_OWN_INPUTS = frozenset({"input_ids", "attention_mask", "position_ids", "cache_position", "use_cache", "return_dict",
+                         "logits_to_keep", "num_logits_to_keep", "inputs_embeds", *CACHE_NAMES})
+
+
+def _step_kind(model, ids: torch.Tensor, cache: dict, seen: int) -> str:
     kind = type(model)
-    if kind not in _WHOLE:
-        _WHOLE[kind] = _probe_whole_sequence(model, ids, cache, seen)
-    return _WHOLE[kind]
+    if kind not in _KINDS:
+        _KINDS[kind] = _probe_step(model, ids, cache, seen)
+    return _KINDS[kind]
 
 
-_WHOLE: dict[type, bool] = {}
-
-
-def _probe_whole_sequence(model, ids: torch.Tensor, cache: dict, seen: int) -> bool:
+def _probe_step(model, ids: torch.Tensor, cache: dict, seen: int) -> str:
+    """``prepare_inputs_for_generation``'s inputs for the step that runs ``ids`` after ``cache``: "new" (the
+    tokens after the ``seen`` cached ones), "whole" (CPM-Ant's forward cuts the cached part off itself), or why
+    they are neither."""
     prepare = getattr(model, "prepare_inputs_for_generation", None)
     if prepare is None:
-        return False
+        return "new"
     new = ids.shape[1] - seen
     step = ({"next_sequence_length": new} if "next_sequence_length" in _forward_params(_BASE_PREPARE)
             else {"cache_position": torch.arange(seen, ids.shape[1], device=ids.device)})  # transformers 4.x
     try:
-        inputs = prepare(ids, use_cache=True, **cache, **step)
-    except Exception:  # noqa: BLE001 - a model whose preparation wants more than ids and a cache: the usual
-        return False
+        inputs = prepare(ids, use_cache=True, attention_mask=torch.ones_like(ids), **cache, **step)
+    except Exception:  # noqa: BLE001 - a preparation that wants more than ids and a cache: the usual inputs
+        return "new"
     fed = inputs.get("input_ids") if isinstance(inputs, dict) else None
-    return isinstance(fed, torch.Tensor) and fed.shape[-1] == ids.shape[1] > new
+    if not isinstance(fed, torch.Tensor):
+        return "new"
+    extra = sorted(k for k, v in inputs.items() if isinstance(v, torch.Tensor) and k not in _OWN_INPUTS)
+    if fed.shape != ids[:, -fed.shape[-1]:].shape or not torch.equal(fed, ids[:, -fed.shape[-1]:]):
+        return ("its prepare_inputs_for_generation feeds the forward other token ids than the text so far "
+                f"({fed.shape[-1]} ids for {ids.shape[1]} tokens), which qlora's decoding does not reproduce")
+    if extra:
+        return (f"its prepare_inputs_for_generation also feeds the forward {', '.join(extra)}, which qlora's "
+                "decoding does not make")
+    if fed.shape[-1] == new:
+        return "new"
+    return "whole" if fed.shape[-1] == ids.shape[1] else (
+        f"its prepare_inputs_for_generation feeds the forward the last {fed.shape[-1]} of {ids.shape[1]} tokens "
+        f"after a cache of {seen}, which qlora's decoding does not reproduce")
 
 
 _BASE_PREPARE = GenerationMixin.prepare_inputs_for_generation
@@ -200,8 +257,6 @@ def _forward_params(forward) -> frozenset[str]:
     return frozenset(inspect.signature(forward).parameters)
 
 
-# Where a forward returns its cache, by model family, as transformers' generate looks for it.
-CACHE_NAMES = ("past_key_values", "cache_params", "state")  # default; Mamba in transformers 4.x; RWKV
 
 
 def _cache_of(out, seen: int) -> dict:
