@@ -5,8 +5,9 @@ drive the model's cache themselves; ``model.generate(do_sample=False)`` on the s
 the oracle. One tiny model per way a cache differs from Llama's: sliding windows crossed within
 the prompt (window 4), logit softcapping, attention sinks, learned absolute positions and ALiBi,
 mixture-of-experts routing, multi-head latent attention (MLA), recurrent state (Mamba, RWKV) and
-hybrid attention/recurrent caches (LFM2, Bamba, RecurrentGemma, whose forward does not return its cache), and a
-model whose ``prepare_inputs_for_generation`` feeds it the whole sequence after a cache (CPM-Ant).
+hybrid attention/recurrent caches (LFM2, Bamba, RecurrentGemma, whose forward does not return its cache), a model
+whose cache is no cache ``generate`` passes back (Reformer) and one whose ``prepare_inputs_for_generation`` feeds it
+the whole sequence after a cache (CPM-Ant).
 Requests of different lengths are submitted together, so the
 batcher joins rows of different lengths (or, for a cache it cannot re-batch, says so at start and
 decodes them one at a time).
@@ -48,6 +49,9 @@ ARCHS = {
     "lfm2": (dict(layer_types=["conv", "full_attention"]), False),
     "recurrent_gemma": (dict(block_types=["recurrent", "attention"], lru_width=64, attention_window_size=4), False),
     "bamba": (dict(attn_layer_indices=[1], mamba_n_heads=4, mamba_d_head=32, mamba_d_state=8), False),
+    # returns its cache as past_buckets_states, which generate does not pass back: the whole sequence every step
+    "reformer": (dict(is_decoder=True, axial_pos_shape=[16, 16], axial_pos_embds_dim=[32, 32], attention_head_size=16,
+                      feed_forward_size=128, attn_layers=["local", "lsh"]), False),
     # its forward takes the whole sequence at every step and cuts the cached part off itself
     "cpmant": (dict(dim_ff=128, dim_head=16, prompt_length=8, position_bias_num_buckets=32,
                     position_bias_max_distance=64), False),

@@ -149,12 +149,13 @@ def forward_cached(model, ids: torch.Tensor, cache: dict, seen: int):
     As transformers' ``generate``: the model is given the new tokens only, or the whole sequence where its
     ``prepare_inputs_for_generation`` gives that (CPM-Ant's forward cuts the cached part off itself); positions
     are passed to a forward that takes them (Bamba counts from 0 again at every call when they are left out),
-    and a model that fills a cache it is given without returning it (RecurrentGemma) gets a ``DynamicCache``
-    for its config, kept from call to call.
+    a model that fills a cache it is given without returning it (RecurrentGemma) gets a ``DynamicCache``
+    for its config, kept from call to call, and one that keeps no cache qlora can pass back (Reformer's
+    ``past_buckets_states``) runs the whole sequence at every call, as ``generate`` runs it.
     """
     params = _forward_params(getattr(model.forward, "__func__", model.forward))
     length = ids.shape[1]
-    if seen and not reads_whole_sequence(model, ids, cache, seen):
+    if cache and seen and not reads_whole_sequence(model, ids, cache, seen):  # no cache: the whole sequence again
         ids = ids[:, seen:]
     positions = {}
     if "position_ids" in params:
