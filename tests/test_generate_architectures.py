@@ -5,7 +5,9 @@ drive the model's cache themselves; ``model.generate(do_sample=False)`` on the s
 the oracle. One tiny model per way a cache differs from Llama's: sliding windows crossed within
 the prompt (window 4), logit softcapping, attention sinks, learned absolute positions and ALiBi,
 mixture-of-experts routing, multi-head latent attention (MLA), recurrent state (Mamba, RWKV) and
-hybrid attention/recurrent caches (LFM2, Bamba, RecurrentGemma, whose forward does not return its cache).
+hybrid attention/recurrent caches (LFM2, Bamba, RecurrentGemma, whose forward does not return its cache), a model
+whose cache is no cache ``generate`` passes back (Reformer) and one whose ``prepare_inputs_for_generation`` feeds it
+the whole sequence after a cache (CPM-Ant).
 Requests of different lengths are submitted together, so the
 batcher joins rows of different lengths (or, for a cache it cannot re-batch, says so at start and
 decodes them one at a time).
@@ -47,6 +49,12 @@ ARCHS = {
     "lfm2": (dict(layer_types=["conv", "full_attention"]), False),
     "recurrent_gemma": (dict(block_types=["recurrent", "attention"], lru_width=64, attention_window_size=4), False),
     "bamba": (dict(attn_layer_indices=[1], mamba_n_heads=4, mamba_d_head=32, mamba_d_state=8), False),
+    # returns its cache as past_buckets_states, which generate does not pass back: the whole sequence every step
+    "reformer": (dict(is_decoder=True, axial_pos_shape=[16, 16], axial_pos_embds_dim=[32, 32], attention_head_size=16,
+                      feed_forward_size=128, attn_layers=["local", "lsh"]), False),
+    # its forward takes the whole sequence at every step and cuts the cached part off itself
+    "cpmant": (dict(dim_ff=128, dim_head=16, prompt_length=8, position_bias_num_buckets=32,
+                    position_bias_max_distance=64), False),
 }
 
 
@@ -124,3 +132,29 @@ def test_stream_and_batcher_give_transformers_greedy_tokens(arch, built):
     batched = ARCHS[arch][1]
     assert (batcher.unbatchable is None) == batched, batcher.unbatchable
     assert batcher.load()["max_rows_in_step"] == (3 if batched else 1)
+
+
+@pytest.mark.parametrize("arch, overrides", [
+    ("xlm", dict(emb_dim=64, n_layers=2, n_heads=4)),  # appends a mask token to the ids
+    ("xlnet", dict(d_model=64, n_layer=2, n_head=4, d_inner=128)),  # appends a dummy token, permutation masks
+])
+def test_a_model_whose_generate_feeds_other_ids_is_refused_before_decoding(arch, overrides, tmp_path, tiny_tokenizer,
+                                                                          capsys):
+    from qlora.cli.main import main
+    from qlora.errors import UsageError
+    from qlora.infer.generate import decode_problem
+
+    config = AutoConfig.for_model(arch, vocab_size=len(tiny_tokenizer), pad_token_id=tiny_tokenizer.pad_token_id,
+                                  **overrides)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path)
+    tiny_tokenizer.save_pretrained(tmp_path)
+    model, _ = load_model(tmp_path, quant=None, compute_dtype=torch.float32, device="cpu")
+    assert "prepare_inputs_for_generation feeds the forward other token ids" in decode_problem(model)
+    with pytest.raises(UsageError, match="qlora cannot decode"):
+        next(stream_tokens(model, torch.tensor([[5, 6, 7]]), SamplingOptions(max_new_tokens=3, temperature=0)))
+    code = main(["generate", "--model", str(tmp_path), "--quant", "none", "--compute-dtype", "fp32", "--template",
+                 "none", "--prompt", "Hello", "--max-new-tokens", "3", "--temperature", "0"])
+    out = capsys.readouterr()
+    assert code == 2 and "qlora cannot decode this model" in out.err and "Traceback" not in out.err
+    assert out.out == ""  # nothing decoded

@@ -40,7 +40,7 @@ import torch
 
 from ..model.multi_adapter import adapter_rows
 from .batch_cache import add_row, attention_mask, cache_length, cache_problem, keep_rows, new_cache
-from .generate import SamplingOptions, forward_cached, next_token
+from .generate import SamplingOptions, forward_cached, next_token, step_inputs
 from .logprobs import TokenLogprob, chosen_logprob, prompt_logprobs
 from .penalties import Penalties
 from .text_stream import TextStream
@@ -161,6 +161,13 @@ class ContinuousBatcher:
         vocab = self.model.get_input_embeddings().num_embeddings
         prompts = [[(7 * i + 3) % vocab for i in range(n)] for n in (11, 4)]
         try:
+            with adapter_rows(self.model, [None]):
+                kind = step_inputs(self.model)
+            if kind == "whole":
+                return "it reads the whole sequence at every step (its prepare_inputs_for_generation), not only the " \
+                       "new tokens after a cache"
+            if kind != "new":
+                return kind
             caches, alone = [], []
             for p in prompts:
                 cache = new_cache()
@@ -332,7 +339,7 @@ class ContinuousBatcher:
         adapters = [r.request.adapter for r in rows]
         with adapter_rows(self.model, adapters):
             if self.unbatchable:  # one row, decoded as stream_tokens decodes it
-                ids = torch.tensor([[rows[0].text.tokens[-1]]], device=self.device)
+                ids = torch.tensor([rows[0].request.prompt_ids + rows[0].text.tokens], device=self.device)
                 out, self._cache = forward_cached(self.model, ids, self._cache, lengths[0])
             else:
                 out = self._batch_step([r.text.tokens[-1] for r in rows], lengths, self._cache)

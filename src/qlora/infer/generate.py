@@ -1,7 +1,8 @@
 """Streamed text generation with a KV cache.
 
 A small explicit loop instead of ``model.generate``: each step runs the model on
-the newest token only (the cache holds the past), picks the next token, and
+the newest token only (the cache holds the past; the whole sequence for a model whose
+``prepare_inputs_for_generation`` asks for it), picks the next token, and
 yields it at once, so a chat shows words as they are made. Greedy decoding
 (temperature 0) gives exactly the tokens of ``model.generate(do_sample=False)``, with
 ``repetition_penalty`` too.
@@ -19,12 +20,14 @@ from dataclasses import dataclass, field, fields
 from typing import Iterable, Iterator, Sequence
 
 import torch
-from transformers import DynamicCache
+from transformers import DynamicCache, GenerationMixin
 
 from ..errors import UsageError
 from ..option_range import AT_LEAST_1, NON_NEGATIVE, POSITIVE, Range
 from .penalties import Penalties
 
+# Where a forward returns its cache, by model family, as transformers' generate looks for it.
+CACHE_NAMES = ("past_key_values", "cache_params", "state")  # default; Mamba in transformers 4.x; RWKV
 PENALTY_RANGE = Range(-2, 2)  # OpenAI's presence_penalty / frequency_penalty
 BIAS_RANGE = Range(-100, 100)  # OpenAI's logit_bias values
 
@@ -116,6 +119,9 @@ def stream_tokens(model, input_ids: torch.Tensor, options: SamplingOptions | Non
         stop_ids: token ids that end generation (EOS, end of turn).
     """
     options = options or SamplingOptions()
+    problem = decode_problem(model)
+    if problem:
+        raise UsageError(f"qlora cannot decode {type(model).__name__}: {problem}")
     stop = set(stop_ids)
     device = input_ids.device
     generator = None
@@ -123,38 +129,127 @@ def stream_tokens(model, input_ids: torch.Tensor, options: SamplingOptions | Non
         generator = torch.Generator(device=device).manual_seed(options.seed)
     model.eval()
     penalties = Penalties.of(options, input_ids[0])
-    ids, cache, seen = input_ids, {}, 0
+    ids, cache = input_ids, {}
     for _ in range(options.max_new_tokens):
-        out, cache = forward_cached(model, ids, cache, seen)
-        seen += ids.shape[1]
+        out, cache = forward_cached(model, ids, cache, ids.shape[1] - 1 if cache else 0)
         token = next_token(out.logits[0, -1], options, generator, penalties)
         if penalties is not None:
             penalties.add(token)
         yield token
         if token in stop:
             return
-        ids = torch.tensor([[token]], device=device)
+        ids = torch.cat([ids, torch.tensor([[token]], device=device)], 1)
 
 
 def forward_cached(model, ids: torch.Tensor, cache: dict, seen: int):
-    """Run ``ids`` after the ``seen`` tokens that ``cache`` (keywords from the previous call, ``{}`` at first)
-    holds; returns the model's output and the cache keywords for the next call.
+    """Run the tokens of ``ids`` (the whole sequence so far, ``(rows, length)``) after the first ``seen``, which
+    ``cache`` (keywords from the previous call, ``{}`` at first) holds; returns the model's output and the cache
+    keywords for the next call.
 
-    As transformers' ``generate``: positions are passed to a forward that takes them (Bamba counts from 0
-    again at every call when they are left out), and a model that fills a cache it is given without
-    returning it (RecurrentGemma) gets a ``DynamicCache`` for its config, kept from call to call.
+    As transformers' ``generate``: the model is given the new tokens only, or the whole sequence where its
+    ``prepare_inputs_for_generation`` gives that (CPM-Ant's forward cuts the cached part off itself); positions
+    are passed to a forward that takes them (Bamba counts from 0 again at every call when they are left out),
+    a model that fills a cache it is given without returning it (RecurrentGemma) gets a ``DynamicCache``
+    for its config, kept from call to call, and one that keeps no cache qlora can pass back (Reformer's
+    ``past_buckets_states``) runs the whole sequence at every call, as ``generate`` runs it.
     """
     params = _forward_params(getattr(model.forward, "__func__", model.forward))
+    length = ids.shape[1]
+    if cache and seen and not reads_whole_sequence(model, ids, cache, seen):  # no cache: the whole sequence again
+        ids = ids[:, seen:]
     positions = {}
     if "position_ids" in params:
-        positions = {"position_ids": torch.arange(seen, seen + ids.shape[1], device=ids.device)[None]
+        positions = {"position_ids": torch.arange(length - ids.shape[1], length, device=ids.device)[None]
                      .expand(ids.shape[0], -1)}
     out = model(input_ids=ids, use_cache=True, **cache, **positions)
-    returned = _cache_of(out, seen + ids.shape[1])
+    returned = _cache_of(out, length)
     if returned or cache or "past_key_values" not in params:
         return out, returned or cache
     cache = {"past_key_values": DynamicCache(config=model.config)}  # the prefill again, into a cache we keep
     return model(input_ids=ids, use_cache=True, **cache, **positions), cache
+
+
+def reads_whole_sequence(model, ids: torch.Tensor, cache: dict, seen: int) -> bool:
+    """Whether ``model`` takes the whole sequence ``ids`` at a step after ``cache`` (holding the first ``seen``
+    tokens), not only the new tokens: asked of its own ``prepare_inputs_for_generation`` (what ``generate``
+    feeds it) with that real cache, once per model class.
+
+    Raises:
+        UsageError: it feeds the forward something else (see :func:`decode_problem`).
+    """
+    kind = _step_kind(model, ids, cache, seen)
+    if kind not in ("new", "whole"):
+        raise UsageError(f"qlora cannot decode {type(model).__name__}: {kind}")
+    return kind == "whole"
+
+
+def decode_problem(model) -> str | None:
+    """Why qlora's decoding loops cannot give ``model.generate``'s tokens, or None (see :func:`step_inputs`)."""
+    kind = step_inputs(model)
+    return None if kind in ("new", "whole") else kind
+
+
+def step_inputs(model) -> str:
+    """What ``model`` takes at a step after its cache, as its ``prepare_inputs_for_generation`` feeds it in
+    ``generate``: ``"new"`` (the new tokens), ``"whole"`` (the whole sequence: CPM-Ant's forward cuts the cached
+    part off itself), or why qlora cannot decode it (XLM appends a mask token to the ids, XLNet a dummy token
+    with permutation masks: the commands refuse such a model before decoding, not decode wrong text).
+    Asked once per model class, with one small forward."""
+    if type(model) not in _KINDS:
+        vocab = model.get_input_embeddings().num_embeddings
+        device = next(model.parameters()).device
+        ids = torch.tensor([[(7 * i + 3) % vocab for i in range(5)]], device=device)
+        with torch.inference_mode():
+            _, cache = forward_cached(model, ids[:, :4], {}, 0)
+        _step_kind(model, ids, cache, 4 if cache else 0)
+    return _KINDS[type(model)]
+
+
+_KINDS: dict[type, str] = {}  # model class -> "new", "whole" or why neither
+# What qlora's loops pass to a forward (or leave to its defaults), as prepare_inputs_for_generation names them.
+_OWN_INPUTS = frozenset({"input_ids", "attention_mask", "position_ids", "cache_position", "use_cache", "return_dict",
+                         "logits_to_keep", "num_logits_to_keep", "inputs_embeds", *CACHE_NAMES})
+
+
+def _step_kind(model, ids: torch.Tensor, cache: dict, seen: int) -> str:
+    kind = type(model)
+    if kind not in _KINDS:
+        _KINDS[kind] = _probe_step(model, ids, cache, seen)
+    return _KINDS[kind]
+
+
+def _probe_step(model, ids: torch.Tensor, cache: dict, seen: int) -> str:
+    """``prepare_inputs_for_generation``'s inputs for the step that runs ``ids`` after ``cache``: "new" (the
+    tokens after the ``seen`` cached ones), "whole" (CPM-Ant's forward cuts the cached part off itself), or why
+    they are neither."""
+    prepare = getattr(model, "prepare_inputs_for_generation", None)
+    if prepare is None:
+        return "new"
+    new = ids.shape[1] - seen
+    step = ({"next_sequence_length": new} if "next_sequence_length" in _forward_params(_BASE_PREPARE)
+            else {"cache_position": torch.arange(seen, ids.shape[1], device=ids.device)})  # transformers 4.x
+    try:
+        inputs = prepare(ids, use_cache=True, attention_mask=torch.ones_like(ids), **cache, **step)
+    except Exception:  # noqa: BLE001 - a preparation that wants more than ids and a cache: the usual inputs
+        return "new"
+    fed = inputs.get("input_ids") if isinstance(inputs, dict) else None
+    if not isinstance(fed, torch.Tensor):
+        return "new"
+    extra = sorted(k for k, v in inputs.items() if isinstance(v, torch.Tensor) and k not in _OWN_INPUTS)
+    if fed.shape != ids[:, -fed.shape[-1]:].shape or not torch.equal(fed, ids[:, -fed.shape[-1]:]):
+        return ("its prepare_inputs_for_generation feeds the forward other token ids than the text so far "
+                f"({fed.shape[-1]} ids for {ids.shape[1]} tokens), which qlora's decoding does not reproduce")
+    if extra:
+        return (f"its prepare_inputs_for_generation also feeds the forward {', '.join(extra)}, which qlora's "
+                "decoding does not make")
+    if fed.shape[-1] == new:
+        return "new"
+    return "whole" if fed.shape[-1] == ids.shape[1] else (
+        f"its prepare_inputs_for_generation feeds the forward the last {fed.shape[-1]} of {ids.shape[1]} tokens "
+        f"after a cache of {seen}, which qlora's decoding does not reproduce")
+
+
+_BASE_PREPARE = GenerationMixin.prepare_inputs_for_generation
 
 
 @functools.lru_cache(maxsize=None)
@@ -163,8 +258,6 @@ def _forward_params(forward) -> frozenset[str]:
     return frozenset(inspect.signature(forward).parameters)
 
 
-# Where a forward returns its cache, by model family, as transformers' generate looks for it.
-CACHE_NAMES = ("past_key_values", "cache_params", "state")  # default; Mamba in transformers 4.x; RWKV
 
 
 def _cache_of(out, seen: int) -> dict:
@@ -253,11 +346,10 @@ def generate_per_adapter(model, tokenizer, prompt: str, adapters: list[str | Non
     pieces: list[list[str]] = [[] for _ in adapters]
     done = [False] * rows
     model.eval()
-    ids, cache, seen = prompt_ids.repeat(rows, 1), {}, 0
+    ids, cache = prompt_ids.repeat(rows, 1), {}
     with adapter_rows(model, adapters):
         for _ in range(options.max_new_tokens):
-            out, cache = forward_cached(model, ids, cache, seen)
-            seen += ids.shape[1]
+            out, cache = forward_cached(model, ids, cache, ids.shape[1] - 1 if cache else 0)
             step = []
             for r in range(rows):
                 token = texts[r].tokens[-1] if done[r] else next_token(out.logits[r, -1], options,
@@ -270,5 +362,5 @@ def generate_per_adapter(model, tokenizer, prompt: str, adapters: list[str | Non
                 step.append(token)
             if all(done):
                 break
-            ids = torch.tensor(step, device=device)[:, None]
+            ids = torch.cat([ids, torch.tensor(step, device=device)[:, None]], 1)
     return ["".join(p) + text.flush() for p, text in zip(pieces, texts)]

@@ -59,6 +59,7 @@ def load_model_from_args(args: argparse.Namespace):
     import torch
 
     from ...cpu_threads import apply_cpu_threads
+    from ...infer.generate import decode_problem
     from ...model.adapter_io import adapter_tokenizer, load_adapter
     from ...model.load import load_model
     from ...model.multi_adapter import set_adapters
@@ -68,6 +69,10 @@ def load_model_from_args(args: argparse.Namespace):
     names = adapter_names(args)  # options are checked before the (slow) model load
     weights = _weights(args) if getattr(args, "adapter_weights", None) is not None else None  # generate/chat only
     model, tokenizer = load_model(args.model, **load_kwargs(args), compute_dtype=dtype)
+    problem = decode_problem(model)
+    if problem:
+        raise UsageError(f"--model {args.model}: qlora cannot decode this model ({type(model).__name__}): {problem}. "
+                         "Use transformers' own generate for it; training, merging and quantizing it work as usual.")
     apply_cpu_threads(model, next(model.parameters()).device)
     tokenizer = adapter_tokenizer(list(names.values()), tokenizer)
     for token, _ in getattr(args, "logit_bias", ()):  # generate/chat only
