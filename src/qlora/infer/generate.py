@@ -258,8 +258,6 @@ def _forward_params(forward) -> frozenset[str]:
     return frozenset(inspect.signature(forward).parameters)
 
 
-
-
 def _cache_of(out, seen: int) -> dict:
     """The model's cache as the keywords its forward takes back after ``seen`` tokens: ``past_key_values``,
     Mamba's ``cache_params`` with the next position (transformers 4.x requires it) or RWKV's ``state``,
