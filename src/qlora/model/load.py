@@ -22,6 +22,7 @@ import importlib.util
 import json
 import logging
 from collections import defaultdict
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Iterable
 
@@ -196,12 +197,18 @@ def _empty_model():
     transformers 5 initializes non-persistent buffers (rotary frequencies, embedding scales,
     causal masks) in guarded initializers, so everything is built on ``meta`` and those buffers
     are computed later; transformers 4.x computes them only in ``__init__``, so there buffers are
-    built for real (they are small) with its own ``init_empty_weights``, as its ``from_pretrained`` does."""
+    built for real (they are small) with its own ``init_empty_weights``, and its random initializers are
+    skipped with its own ``no_init_weights``, as its ``from_pretrained`` does (some of them assign computed
+    tensors to ``meta`` parameters, which fails: Bamba's ``A_log``)."""
     if _TRANSFORMERS_V5:
         return torch.device("meta")
     from transformers.integrations.accelerate import init_empty_weights
+    from transformers.modeling_utils import no_init_weights
 
-    return init_empty_weights(include_buffers=False)
+    stack = ExitStack()
+    stack.enter_context(init_empty_weights(include_buffers=False))
+    stack.enter_context(no_init_weights())
+    return stack
 
 
 def _materialize_buffers(model: nn.Module, device: torch.device) -> None:
@@ -558,9 +565,12 @@ def read_model_config(model_dir: str | Path):
     for key in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size"):
         values = [getattr(layer, key, None) for layer in text.per_layer_config] if key in per_layer else [
             getattr(text, key, None)]
-        value = next((v for v in values if isinstance(v, int) and v <= 0), None)
+        values = [x for v in values for x in (v if isinstance(v, (list, tuple)) else [v])]  # Gemma 3n: per layer
+        # transformers 5 types these fields itself; 4.x takes any value and fails deep inside a model's __init__
+        value = next((v for v in values if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v <= 0)),
+                     None)
         if value is not None:
-            raise UsageError(f"{path}: {key} must be a positive integer, got {value}; the file is damaged or "
+            raise UsageError(f"{path}: {key} must be a positive integer, got {value!r}; the file is damaged or "
                              "edited by hand.")
     return config
 
