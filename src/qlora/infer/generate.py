@@ -142,18 +142,23 @@ def forward_cached(model, ids: torch.Tensor, cache: dict, seen: int):
 
     As transformers' ``generate``: positions are passed to a forward that takes them (Bamba counts from 0
     again at every call when they are left out), and a model that fills a cache it is given without
-    returning it (RecurrentGemma) gets a ``DynamicCache`` for its config, kept from call to call.
+    returning it (RecurrentGemma) gets the cache its own ``prepare_inputs_for_generation`` makes (transformers
+    4.x's Bamba: its hybrid cache class), else a ``DynamicCache`` for its config, kept from call to call.
     """
     params = _forward_params(getattr(model.forward, "__func__", model.forward))
     positions = {}
+    steps = torch.arange(seen, seen + ids.shape[1], device=ids.device)
     if "position_ids" in params:
-        positions = {"position_ids": torch.arange(seen, seen + ids.shape[1], device=ids.device)[None]
-                     .expand(ids.shape[0], -1)}
+        positions = {"position_ids": steps[None].expand(ids.shape[0], -1)}
+    if "cache_position" in params and seen and "cache_position" not in cache:  # as generate: a hybrid cache whose
+        # first layer holds no keys (transformers 4.x's Bamba) cannot count the tokens seen
+        positions["cache_position"] = steps
     out = model(input_ids=ids, use_cache=True, **cache, **positions)
     returned = _cache_of(out, seen + ids.shape[1])
     if returned or cache or "past_key_values" not in params:
         return out, returned or cache
-    cache = {"past_key_values": DynamicCache(config=model.config)}  # the prefill again, into a cache we keep
+    own = model.prepare_inputs_for_generation(ids, use_cache=True, cache_position=steps).get("past_key_values")
+    cache = {"past_key_values": own if own is not None else DynamicCache(config=model.config)}  # the prefill again
     return model(input_ids=ids, use_cache=True, **cache, **positions), cache
 
 
