@@ -9,8 +9,9 @@
 # and schedules, sampling, added tokens, LoRA/DoRA/PiSSA/LoftQ, PEFT adapter round trips, bitsandbytes, GPTQ and
 # FP8 checkpoints, vision-language models, multi-LoRA and pickle checkpoints (every file here passes on 4.57).
 # Measured 2026-11-24 on the shared 2-core machine: 142 s in all (installs 53 s from a warm pip cache; 138 s were
-# measured from a cold one before tensorboard was added; tests 81 s: 681 passed, 16 skipped); scripts/test.sh runs it after the whole suite, which is
-# developed against transformers 5.
+# measured from a cold one before tensorboard was added; tests 81 s: 681 passed, 16 skipped); with
+# TRANSFORMERS_SPEC='transformers==4.56.*' 171 s, 682 passed. scripts/test.sh runs it after the whole suite,
+# which is developed against transformers 5.
 set -euo pipefail
 repo="$(cd "$(dirname "$0")/.." && pwd)"
 spec="${TRANSFORMERS_SPEC:-transformers==4.57.*}"
