@@ -391,6 +391,10 @@ def test_a_tied_head_registered_before_its_embedding_is_stored_and_read_under_ei
     tensors = load_file(tmp_path / "base" / "model.safetensors")
     tensors["lm_head.decoder.weight"] = tensors.pop("roberta.embeddings.word_embeddings.weight")
     save_file(tensors, tmp_path / "base" / "model.safetensors", metadata={"format": "pt"})
+    theirs = AutoModelForCausalLM.from_pretrained(tmp_path / "base", dtype=torch.float32)
+    if any(p.is_meta for p in theirs.parameters()):  # transformers 4.x ties towards the embedding's name only
+        pytest.skip(f"transformers {__import__('transformers').__version__} leaves this file's tied weights "
+                    "unloaded itself")
     ref = _loads_as_transformers(tmp_path / "base")
     assert ref.lm_head.decoder.weight is ref.roberta.embeddings.word_embeddings.weight
 

@@ -23,6 +23,7 @@ from bnb_oracle import reference_path
 
 pytest.importorskip("bitsandbytes")
 
+_V5 = __import__("importlib").util.find_spec("transformers.conversion_mapping") is not None
 IDS = torch.tensor([[1, 17, 42, 99, 7, 250, 3, 64]])
 
 
@@ -37,6 +38,8 @@ def _bnb_checkpoint(base, out, tokenizer, compute=torch.float32, **bnb_kwargs):
     return model
 
 
+# Oracle loads pass dtype="auto" (the config's dtype, transformers 5's default): transformers 4.x + bitsandbytes
+# would load in float16 otherwise.
 def _logits(model) -> torch.Tensor:
     reference_path(model)
     with torch.no_grad():
@@ -98,7 +101,7 @@ def test_checkpoint_with_quantized_head_round_trips_through_transformers(tmp_pat
     assert isinstance(ours.lm_head, Linear4bit)
     torch.testing.assert_close(_logits(ours), _logits(theirs), rtol=0, atol=0)
     qlora.save_quantized(ours, tmp_path / "resaved", tokenizer=tok)
-    again = AutoModelForCausalLM.from_pretrained(tmp_path / "resaved", device_map="cpu")
+    again = AutoModelForCausalLM.from_pretrained(tmp_path / "resaved", device_map="cpu", dtype="auto")
     assert type(again.lm_head).__name__ == "Linear4bit"
     torch.testing.assert_close(_logits(again), _logits(theirs), rtol=0, atol=0)
 
@@ -153,7 +156,7 @@ def test_quantize_command_options_load_in_transformers(tmp_path, tiny_tokenizer,
     qc = json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]
     assert (qc["bnb_4bit_quant_type"], qc["bnb_4bit_use_double_quant"], qc["bnb_4bit_compute_dtype"]) == (
         quant_type, double_quant, str(dtype).removeprefix("torch."))
-    theirs = AutoModelForCausalLM.from_pretrained(tmp_path / "q", device_map="cpu")
+    theirs = AutoModelForCausalLM.from_pretrained(tmp_path / "q", device_map="cpu", dtype="auto")
     ours, _ = qlora.load_model(base, quant=quant_type, double_quant=double_quant, blocksize=blocksize,
                                compute_dtype=dtype, device="cpu")
     torch.testing.assert_close(_logits(theirs), _logits(ours), rtol=0, atol=0)
@@ -182,7 +185,7 @@ def test_quantize_refuses_a_4bit_checkpoint_in_another_format_and_resaves_its_ow
                  "--no-double-quant", "--compute-dtype", "fp32"]) == 0
     from transformers import AutoModelForCausalLM
 
-    again = AutoModelForCausalLM.from_pretrained(tmp_path / "same", device_map="cpu")
+    again = AutoModelForCausalLM.from_pretrained(tmp_path / "same", device_map="cpu", dtype="auto")
     torch.testing.assert_close(_logits(again), _logits(theirs), rtol=0, atol=0)
 
 
@@ -218,9 +221,15 @@ def test_adapter_on_a_bnb_checkpoint_loads_in_peft_on_transformers_bnb(tmp_path,
     qlora.add_lora(ours, r=4, alpha=8, dropout=0.0)
     randomize_lora_b(ours, seed=0)
     qlora.save_adapter(ours, tmp_path / "adapter")
-    theirs = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tmp_path / "q", device_map="cpu"),
+    theirs = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tmp_path / "q", device_map="cpu",
+                                                                            dtype="auto"),
                                        tmp_path / "adapter")
-    expected = _logits(theirs)
+    try:
+        expected = _logits(theirs)
+    except RuntimeError as exc:  # transformers 4.x runs a reloaded bfloat16-storage file of its own with a wrong shape
+        if _V5:
+            raise
+        pytest.skip(f"transformers {__import__('transformers').__version__} cannot run its own reloaded file: {exc}")
     with theirs.disable_adapter():
         assert (expected - _logits(theirs)).abs().max() > 1e-3  # the adapter changes the output
     torch.testing.assert_close(_logits(ours), expected, rtol=1e-5, atol=1e-5)
@@ -236,12 +245,15 @@ def test_format_is_read_from_each_layers_quant_state(tmp_path, tiny_tokenizer):
     config = json.loads((tmp_path / "q" / "config.json").read_text())
     del config["quantization_config"]["bnb_4bit_quant_type"], config["quantization_config"]["bnb_4bit_use_double_quant"]
     (tmp_path / "q" / "config.json").write_text(json.dumps(config))
-    theirs = AutoModelForCausalLM.from_pretrained(tmp_path / "q", device_map="cpu")
+    try:
+        theirs = AutoModelForCausalLM.from_pretrained(tmp_path / "q", device_map="cpu", dtype="auto")
+    except ValueError as exc:  # transformers 4.x takes the format from config.json, so fails on its own file
+        pytest.skip(f"transformers {__import__('transformers').__version__} cannot load this file itself: {exc}")
     ours, tok = qlora.load_model(tmp_path / "q", compute_dtype=torch.float32, device="cpu")
     assert {(m.quant_type, m.double_quant) for m in ours.modules() if isinstance(m, Linear4bit)} == {("nf4", True)}
     torch.testing.assert_close(_logits(ours), _logits(theirs), rtol=0, atol=0)
     qlora.save_quantized(ours, tmp_path / "resaved", tokenizer=tok)
-    again = AutoModelForCausalLM.from_pretrained(tmp_path / "resaved", device_map="cpu")
+    again = AutoModelForCausalLM.from_pretrained(tmp_path / "resaved", device_map="cpu", dtype="auto")
     torch.testing.assert_close(_logits(again), _logits(theirs), rtol=0, atol=0)
 
 
@@ -296,8 +308,10 @@ def test_train_generate_merge_from_a_bf16_storage_checkpoint(tmp_path, tiny_toke
 
 
 def test_falcon_checkpoint_transformers_wrote_loads_as_transformers_loads_it(tmp_path, tiny_tokenizer):
-    """transformers + bitsandbytes packs exact nn.Linear layers only: its 4-bit Falcon file keeps every
-    FalconLinear 16-bit, and qlora loads that file as transformers does, not quantizing them itself."""
+    """transformers 5 + bitsandbytes packs exact nn.Linear layers only: its 4-bit Falcon file keeps every
+    FalconLinear 16-bit (4.x packs them too), and qlora loads that file as transformers does: 4-bit exactly
+    where transformers holds bitsandbytes layers, not quantizing the others itself."""
+    import bitsandbytes as bnb
     from transformers import AutoModelForCausalLM, FalconConfig
 
     config = FalconConfig(vocab_size=len(tiny_tokenizer), hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
@@ -306,7 +320,8 @@ def test_falcon_checkpoint_transformers_wrote_loads_as_transformers_loads_it(tmp
     AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "base")
     theirs = _bnb_checkpoint(tmp_path / "base", tmp_path / "q", tiny_tokenizer, bnb_4bit_quant_type="nf4")
     ours, _ = qlora.load_model(tmp_path / "q", compute_dtype=torch.float32, device="cpu")
-    assert not any(isinstance(m, Linear4bit) for m in ours.modules())
+    assert {n for n, m in ours.named_modules() if isinstance(m, Linear4bit)} == {
+        n for n, m in theirs.named_modules() if isinstance(m, bnb.nn.Linear4bit)}
     torch.testing.assert_close(_logits(ours), _logits(theirs), rtol=0, atol=0)
 
 
@@ -328,8 +343,10 @@ def test_quantize_refuses_layers_the_checkpoint_stores_fused(tmp_path, tiny_toke
     separate linear layers when it loads the model. 4-bit codes of the split layers cannot be joined back
     into the fused tensor's, so no 4-bit file of them loads (transformers + bitsandbytes fails on one):
     `qlora quantize` says so instead of writing it, and the 16-bit model loads in 4 bits as the message says."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import CONFIG_MAPPING, AutoConfig, AutoModelForCausalLM
 
+    if "hrm_text" not in CONFIG_MAPPING:
+        pytest.skip("this transformers has no 'hrm_text' model (added in transformers 5)")
     config = AutoConfig.for_model("hrm_text", vocab_size=len(tiny_tokenizer), hidden_size=64, num_hidden_layers=2,
                                   num_attention_heads=4, num_key_value_heads=2, intermediate_size=128, head_dim=16)
     AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "base")

@@ -184,7 +184,8 @@ def test_cli_reads_configs_that_save_pretrained_encodes(tmp_path, capsys):
 
     FalconH1Config(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                    intermediate_size=128, vocab_size=256).save_pretrained(tmp_path)
-    assert "Infinity" in (tmp_path / "config.json").read_text()
+    if "Infinity" not in (tmp_path / "config.json").read_text():
+        pytest.skip("this transformers (4.x) writes Falcon-H1's config without an encoded infinity")
     assert main(["estimate", str(tmp_path)]) == 0
     assert "QLoRA" in capsys.readouterr().out
 
@@ -242,11 +243,19 @@ def test_cli_defaults_are_train_defaults_and_the_model_is_positional(capsys):
     assert main(["estimate"]) == 2
 
 
+def _needs_model_type(model_type: str) -> None:
+    from transformers import CONFIG_MAPPING
+
+    if model_type not in CONFIG_MAPPING:
+        pytest.skip(f"this transformers has no {model_type!r} model (added in transformers 5)")
+
+
 def test_layers_of_different_widths_are_estimated_at_the_widest():
     """Gemma 4's config holds head_dim per layer (reading the global value raises); the activation
     estimate takes the widest layer, so it is no smaller than for a model of only such layers."""
     from transformers import AutoConfig
 
+    _needs_model_type("gemma4_text")
     kw = dict(vocab_size=512, hidden_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
               intermediate_size=128)
     mixed = AutoConfig.for_model("gemma4_text", **kw)
@@ -267,6 +276,7 @@ def test_a_config_whose_head_counts_differ_per_layer_is_read(tmp_path, capsys):
 
     from qlora.cli.main import main
 
+    _needs_model_type("dots3_note_text")
     config = AutoConfig.for_model("dots3_note_text")
     assert "num_attention_heads" in config.per_layer_attributes  # the case this test is about
     config.save_pretrained(tmp_path)

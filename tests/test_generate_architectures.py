@@ -26,6 +26,7 @@ from qlora.infer.generate import SamplingOptions, stream_tokens
 from qlora.model.load import load_model
 
 # initializer_range 0.5: a random model at the usual 0.02 repeats its last token, whatever its cache holds
+_V5 = __import__("importlib").util.find_spec("transformers.conversion_mapping") is not None
 SMALL = dict(initializer_range=0.5, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
              intermediate_size=128, max_position_embeddings=256)
 # model type -> (config overrides, batched: whether the batcher can re-batch its cache)
@@ -121,6 +122,8 @@ def test_stream_and_batcher_give_transformers_greedy_tokens(arch, built):
         ref = model.generate(p, attention_mask=torch.ones_like(p), max_new_tokens=n, do_sample=False,
                              pad_token_id=tokenizer.pad_token_id, eos_token_id=stop)[0, p.shape[1]:].tolist()
         expected.append(ref[:ref.index(stop) + 1] if stop in ref else ref)
+    if len(set(expected[0])) <= 2 and not _V5:  # the random weights transformers 4.x draws for the config
+        pytest.skip(f"transformers 4.x's random {arch} model repeats or ends at once, which would hide a wrong cache")
     assert len(set(expected[0])) > 2, expected  # a degenerate model would hide a wrong cache
 
     alone = [list(stream_tokens(model, p, SamplingOptions(max_new_tokens=n, temperature=0), {stop}))

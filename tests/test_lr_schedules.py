@@ -56,8 +56,11 @@ def test_every_step_has_transformers_rate(name, kwargs, warmup, total):
     if name == "warmup_stable_decay" and warmup + kwargs["num_decay_steps"] + kwargs.get("num_stable_steps", 0) > total:
         pytest.skip("phases longer than the run (refused by qlora train)")
     ref_opt, opt = _two_groups(), _two_groups()
-    ref = transformers.get_scheduler(name, ref_opt, num_warmup_steps=warmup, num_training_steps=total,
-                                     scheduler_specific_kwargs=dict(kwargs))
+    if name == "inverse_sqrt":  # transformers 4.x's get_scheduler drops its kwargs (the timescale)
+        ref = transformers.get_inverse_sqrt_schedule(ref_opt, num_warmup_steps=warmup, **kwargs)
+    else:
+        ref = transformers.get_scheduler(name, ref_opt, num_warmup_steps=warmup, num_training_steps=total,
+                                         scheduler_specific_kwargs=dict(kwargs))
     ours = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(name, warmup, total, LR, kwargs))
     expected, got = _rates(ref, ref_opt, total), _rates(ours, opt, total)
     assert got == expected  # bit for bit, both groups (LoRA+ keeps its ratio)
@@ -98,7 +101,10 @@ def test_kwargs_and_defaults_are_transformers_own():
 @pytest.mark.parametrize("ratio, total", [(0.03, 100), (0.07, 100), (0.1, 7), (0.5, 3)])
 def test_warmup_ratio_is_rounded_up_as_transformers_does(ratio, total, tmp_path):
     cfg = load_config(None, dict(model="m", data="d", output="o", lr=LR, warmup_ratio=ratio, lr_scheduler="linear"))
-    args = transformers.TrainingArguments(output_dir=str(tmp_path), warmup_steps=ratio, report_to="none")
+    try:  # transformers 5 takes a ratio as a fractional warmup_steps
+        args = transformers.TrainingArguments(output_dir=str(tmp_path), warmup_steps=ratio, report_to="none")
+    except ValueError:  # transformers 4.x: as warmup_ratio
+        args = transformers.TrainingArguments(output_dir=str(tmp_path), warmup_ratio=ratio, report_to="none")
     ref_opt, opt = _two_groups(), _two_groups()
     ref = transformers.get_scheduler("linear", ref_opt, num_warmup_steps=args.get_warmup_steps(total),
                                      num_training_steps=total)

@@ -110,7 +110,12 @@ def with_tensors(checkpoint: Path, out: Path, tensors: dict[str, torch.Tensor]) 
 
 
 def _reference(path: Path):
-    return transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    try:
+        return transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    except RuntimeError as exc:  # transformers 4.x dequantizes FP8 on a GPU only: no oracle here
+        if "GPU" not in str(exc) or _V5:
+            raise
+        pytest.skip(f"transformers {transformers.__version__} loads FP8 checkpoints on a GPU only ({exc})")
 
 
 def assert_same_tensors(mine: dict[str, torch.Tensor], theirs: dict[str, torch.Tensor]) -> None:
@@ -222,7 +227,7 @@ def test_stored_floats_train_and_merge_to_a_plain_checkpoint(fp8_llama, tmp_path
     assert main(["merge", "--model", str(fp8_llama), "--adapter", str(tmp_path / "run"),
                  "--output", str(tmp_path / "merged")]) == 0
     assert "quantization_config" not in json.loads((tmp_path / "merged" / "config.json").read_text())
-    merged = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+    merged = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype="auto")  # 4.x: float32
     assert merged.model.layers[0].self_attn.q_proj.weight.dtype == torch.bfloat16
 
 

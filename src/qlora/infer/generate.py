@@ -149,23 +149,30 @@ def forward_cached(model, ids: torch.Tensor, cache: dict, seen: int):
     As transformers' ``generate``: the model is given the new tokens only, or the whole sequence where its
     ``prepare_inputs_for_generation`` gives that (CPM-Ant's forward cuts the cached part off itself); positions
     are passed to a forward that takes them (Bamba counts from 0 again at every call when they are left out),
-    a model that fills a cache it is given without returning it (RecurrentGemma) gets a ``DynamicCache``
-    for its config, kept from call to call, and one that keeps no cache qlora can pass back (Reformer's
-    ``past_buckets_states``) runs the whole sequence at every call, as ``generate`` runs it.
+    and the new tokens' cache positions after the prefill (a hybrid cache whose first layer holds no keys,
+    transformers 4.x's Bamba, cannot count the tokens seen); a model that fills a cache it is given without
+    returning it (RecurrentGemma) gets the cache its own ``prepare_inputs_for_generation`` makes (4.x's Bamba:
+    its hybrid cache class), else a ``DynamicCache`` for its config, kept from call to call; and one that keeps
+    no cache qlora can pass back (Reformer's ``past_buckets_states``) runs the whole sequence at every call, as
+    ``generate`` runs it.
     """
     params = _forward_params(getattr(model.forward, "__func__", model.forward))
     length = ids.shape[1]
     if cache and seen and not reads_whole_sequence(model, ids, cache, seen):  # no cache: the whole sequence again
         ids = ids[:, seen:]
     positions = {}
+    steps = torch.arange(seen, length, device=ids.device)  # the cache positions of the tokens not yet cached
     if "position_ids" in params:
         positions = {"position_ids": torch.arange(length - ids.shape[1], length, device=ids.device)[None]
                      .expand(ids.shape[0], -1)}
+    if "cache_position" in params and seen and "cache_position" not in cache:
+        positions["cache_position"] = steps
     out = model(input_ids=ids, use_cache=True, **cache, **positions)
     returned = _cache_of(out, length)
     if returned or cache or "past_key_values" not in params:
         return out, returned or cache
-    cache = {"past_key_values": DynamicCache(config=model.config)}  # the prefill again, into a cache we keep
+    own = model.prepare_inputs_for_generation(ids, use_cache=True, cache_position=steps).get("past_key_values")
+    cache = {"past_key_values": own if own is not None else DynamicCache(config=model.config)}  # the prefill again
     return model(input_ids=ids, use_cache=True, **cache, **positions), cache
 
 

@@ -14,12 +14,15 @@ transformers' own objects (``get_model_conversion_mapping``,
 tables. Converted targets are built one at a time: the source tensors of one
 target (e.g. every expert's ``w1``/``w3`` of one layer) are read only once all
 of them have been seen, converted, handed to the caller (which quantizes them)
-and dropped. transformers 4.x has no conversion mapping: its checkpoints load
-as they are.
+and dropped. transformers 4.x has no conversion mapping; its vision-language
+models rename by the class's ``_checkpoint_conversion_mapping`` instead (regular
+expressions, the first that matches applies, on load and reversed on save),
+which is applied here the same way.
 """
 
 from __future__ import annotations
 
+import re
 from copy import deepcopy
 from dataclasses import dataclass, field
 from typing import Callable
@@ -63,6 +66,28 @@ def _api_error(model, exc: Exception) -> UsageError:
                       "save_pretrained).")
 
 
+def _legacy_renames(model) -> dict[str, str]:
+    """transformers 4.x's ``_checkpoint_conversion_mapping`` of ``model`` (file-name regex -> model name), ``{}``
+    where it has none; under transformers 5 the conversion mapping replaces it."""
+    renames = getattr(model, "_checkpoint_conversion_mapping", None)
+    return dict(renames) if isinstance(renames, dict) and _load_mapping_module() is None else {}
+
+
+def _load_mapping_module():
+    import importlib.util
+
+    return importlib.util.find_spec("transformers.conversion_mapping")
+
+
+def _renamed(key: str, renames: dict[str, str]) -> str:
+    """``key`` under the first of ``renames`` (pattern -> replacement) that matches it, as transformers 4.x renames."""
+    for pattern, replacement in renames.items():
+        new, n = re.subn(pattern, replacement, key)
+        if n:
+            return new
+    return key
+
+
 class CheckpointLayout:
     """Routes each checkpoint key to its model key, or to a converted group.
 
@@ -81,6 +106,10 @@ class CheckpointLayout:
         self._size: dict[str, int] = {}
         self._converted: set[str] = set()  # keys a converter matched, whether or not they make a model tensor
         if not mapping:
+            for raw in checkpoint_keys:
+                target = _renamed(raw, _legacy_renames(model))
+                if target != raw:
+                    self._targets[raw] = target
             return
         try:
             from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
@@ -159,11 +188,13 @@ class CheckpointLayout:
 def to_checkpoint_layout(model, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """``state_dict`` (model naming) in the layout transformers' ``save_pretrained`` writes for ``model``:
     its conversion mapping reverted (3-D experts back to one 2-D weight per expert, renamed modules back
-    to the files' names), through transformers' own ``revert_weight_conversion``; as it is under 4.x."""
+    to the files' names), through transformers' own ``revert_weight_conversion``; under 4.x its
+    ``_checkpoint_conversion_mapping`` reversed."""
     try:
         from transformers.core_model_loading import revert_weight_conversion
-    except ImportError:
-        return state_dict
+    except ImportError:  # 4.x: its vision-language models' renames reversed, as its save_pretrained does
+        reverse = {new: re.sub(r"\(.*\)", "", old.lstrip("^")) for old, new in _legacy_renames(model).items()}
+        return {_renamed(k, reverse): v for k, v in state_dict.items()} if reverse else state_dict
     try:
         return revert_weight_conversion(model, state_dict)
     except Exception as exc:  # an API that changed under us: say so, not a traceback

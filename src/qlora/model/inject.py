@@ -129,6 +129,13 @@ def expert_modules(model: nn.Module) -> dict[str, nn.Module]:
     return out
 
 
+def _has_experts_modules() -> bool:
+    """Whether transformers defines MoE experts modules (v5's ``transformers.integrations.moe``)."""
+    import importlib.util
+
+    return importlib.util.find_spec("transformers.integrations.moe") is not None
+
+
 def _select_parameters(model: nn.Module, targets: list[str]) -> dict[str, list[str]]:
     """``{experts path: [weight names]}`` matched by PEFT's ``target_parameters`` rule (a target equals
     ``<module path>.<parameter>`` or its end), weights in the module's registration order."""
@@ -148,7 +155,10 @@ def _select_parameters(model: nn.Module, targets: list[str]) -> dict[str, list[s
                  if any(matches_any(k, [t]) for k in others)}
         exist = (f"Its expert weights are named: {', '.join(sorted({k.rsplit('.', 1)[-1] for k in keys}))} "
                  f"(e.g. {', '.join(sorted(keys)[:2])})." if keys else "This model has no 3-D expert weights "
-                 "(transformers' MoE experts modules); adapt its linear layers with target_modules.")
+                 "(transformers' MoE experts modules); adapt its linear layers with target_modules."
+                 + ("" if _has_experts_modules() else " LoRA on expert weights needs transformers 5, whose MoE "
+                    "models hold their experts in such modules; this transformers (4.x) keeps them as per-expert "
+                    "linear layers (adapted through target_modules) or in layouts qlora does not adapt."))
         detail = "; ".join(f"{t!r} names {wrong[t]}, which is not an expert weight (linear layers are adapted "
                            "through target_modules; routers are never adapted)" for t in wrong)
         raise UsageError(f"target parameters {', '.join(map(repr, unmatched))} match no expert weight of this model"

@@ -22,6 +22,7 @@ import importlib.util
 import json
 import logging
 from collections import defaultdict
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Iterable
 
@@ -196,12 +197,18 @@ def _empty_model():
     transformers 5 initializes non-persistent buffers (rotary frequencies, embedding scales,
     causal masks) in guarded initializers, so everything is built on ``meta`` and those buffers
     are computed later; transformers 4.x computes them only in ``__init__``, so there buffers are
-    built for real (they are small) with its own ``init_empty_weights``, as its ``from_pretrained`` does."""
+    built for real (they are small) with its own ``init_empty_weights``, and its random initializers are
+    skipped with its own ``no_init_weights``, as its ``from_pretrained`` does (some of them assign computed
+    tensors to ``meta`` parameters, which fails: Bamba's ``A_log``)."""
     if _TRANSFORMERS_V5:
         return torch.device("meta")
     from transformers.integrations.accelerate import init_empty_weights
+    from transformers.modeling_utils import no_init_weights
 
-    return init_empty_weights(include_buffers=False)
+    stack = ExitStack()
+    stack.enter_context(init_empty_weights(include_buffers=False))
+    stack.enter_context(no_init_weights())
+    return stack
 
 
 def _materialize_buffers(model: nn.Module, device: torch.device) -> None:
@@ -487,15 +494,27 @@ def _warn_dense_bulk(model: nn.Module) -> None:
                     100 * sum(dense.values()) / total, kinds)
 
 
+def _tied_keys(model: nn.Module) -> dict[str, str]:
+    """``{target: source}`` of the tensors ``tie_weights`` ties: transformers 5 lists them all; 4.x ties the
+    output embedding to the input one where the config ties word embeddings."""
+    expand = getattr(model, "get_expanded_tied_weights_keys", None)  # transformers 5
+    if expand is not None:
+        return expand(all_submodels=True)
+    if not getattr(model.config.get_text_config(), "tie_word_embeddings", False):
+        return {}
+    head, embed = model.get_output_embeddings(), model.get_input_embeddings()
+    names = {id(m): n for n, m in model.named_modules(remove_duplicate=False)}
+    if head is None or embed is None or head is embed or id(head) not in names or id(embed) not in names:
+        return {}
+    return {f"{names[id(head)]}.weight": f"{names[id(embed)]}.weight"}
+
+
 def _tie_towards_stored(model: nn.Module, quantized: set[str], loaded: set[str]) -> None:
     """A file may store a tied tensor under the tie's target name only (XLM-RoBERTa's
     ``lm_head.decoder.weight``, which its model registers first); ``from_pretrained`` then ties towards
     the stored name. Give the source those values, so ``tie_weights`` (target := source) keeps them.
     4-bit layers are :func:`_share_tied_4bit`'s."""
-    expand = getattr(model, "get_expanded_tied_weights_keys", None)  # transformers 5
-    if expand is None:
-        return
-    for target, source in expand(all_submodels=True).items():
+    for target, source in _tied_keys(model).items():
         if target in loaded and source not in loaded and source.rpartition(".")[0] not in quantized:
             _set_tensor(model, source, model.get_parameter_or_buffer(target).detach(), target)
             loaded.add(source)
@@ -506,10 +525,7 @@ def _share_tied_4bit(model: nn.Module, quantized: set[str], loaded: set[str]) ->
     transformer block, stored once) that layer's codes and constants. ``tie_weights`` ties parameters
     by name, and a 4-bit weight is several tensors; the layers stay separate modules, as in
     transformers, so each gets its own adapter as PEFT gives it."""
-    expand = getattr(model, "get_expanded_tied_weights_keys", None)  # transformers 5
-    if expand is None:
-        return
-    for target, source in expand(all_submodels=True).items():
+    for target, source in _tied_keys(model).items():
         into, _, leaf = target.rpartition(".")
         owner = source.rpartition(".")[0]
         if leaf != "weight" or into not in quantized or owner not in quantized:
@@ -558,9 +574,12 @@ def read_model_config(model_dir: str | Path):
     for key in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size"):
         values = [getattr(layer, key, None) for layer in text.per_layer_config] if key in per_layer else [
             getattr(text, key, None)]
-        value = next((v for v in values if isinstance(v, int) and v <= 0), None)
+        values = [x for v in values for x in (v if isinstance(v, (list, tuple)) else [v])]  # Gemma 3n: per layer
+        # transformers 5 types these fields itself; 4.x takes any value and fails deep inside a model's __init__
+        value = next((v for v in values if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v <= 0)),
+                     None)
         if value is not None:
-            raise UsageError(f"{path}: {key} must be a positive integer, got {value}; the file is damaged or "
+            raise UsageError(f"{path}: {key} must be a positive integer, got {value!r}; the file is damaged or "
                              "edited by hand.")
     return config
 

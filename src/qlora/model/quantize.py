@@ -135,12 +135,18 @@ def kept_in_fp32(model: nn.Module, dtype: torch.dtype) -> re.Pattern | None:
     """Tensors the model's class keeps in fp32 whatever the load dtype, as transformers' ``from_pretrained``
     does: ``_keep_in_fp32_modules_strict`` under bf16 and fp16 (DeepSeek-V3's ``e_score_correction_bias``,
     whose bf16 rounding would change which experts are chosen), ``_keep_in_fp32_modules`` under fp16
-    (gpt-oss's norms). Names are transformers' globs, searched in each tensor's key."""
+    (gpt-oss's norms). Names are transformers' globs, searched in each tensor's key; transformers 4.x (no
+    ``_get_dtype_plan``) matches them as whole dotted parts instead (its Ernie 4.5 lists ``gate``, which must
+    not match the experts' ``gate_proj``)."""
     names = set(getattr(model, "_keep_in_fp32_modules_strict", None) or ()) if dtype in (
         torch.float16, torch.bfloat16) else set()
     if dtype == torch.float16:
         names |= set(getattr(model, "_keep_in_fp32_modules", None) or ())
-    return re.compile("|".join(n.replace("*", ".*") for n in sorted(names))) if names else None
+    if not names:
+        return None
+    if not hasattr(model, "_get_dtype_plan"):
+        return re.compile("|".join(rf"((^|\.){n}($|\.))" for n in sorted(names)))
+    return re.compile("|".join(n.replace("*", ".*") for n in sorted(names)))
 
 
 def fp32_linear_names(model: nn.Module, dtype: torch.dtype) -> set[str]:

@@ -123,14 +123,39 @@ def train_sentencepiece_tokenizer(texts: Iterable[str], vocab_size: int = 512, f
         learned = sorted(spec["vocab"], key=spec["vocab"].get)
         vocab = {t: i for i, t in enumerate(dict.fromkeys(specials + byte_tokens + learned))}
         merges = [tuple(m) if not isinstance(m, str) else tuple(m.split(" ", 1)) for m in spec["merges"]]
-        if family == "llama":
-            fast = LlamaTokenizer(vocab=vocab, merges=merges, add_bos_token=True, add_eos_token=False)
-        else:
-            fast = GemmaTokenizer(vocab=vocab, merges=merges, add_bos_token=True, add_eos_token=False)
+        kind = LlamaTokenizer if family == "llama" else GemmaTokenizer
+        if issubclass(kind, PreTrainedTokenizerFast):  # transformers 5: the class builds its pipeline from BPE
+            fast = kind(vocab=vocab, merges=merges, add_bos_token=True, add_eos_token=False)
+        else:  # transformers 4.x: that class is the slow SentencePiece one; its fast twin wraps the same pipeline
+            fast = _spm_fast(family, vocab, merges)
+        if family == "gemma":
             fast.add_special_tokens({"additional_special_tokens": ["<start_of_turn>", "<end_of_turn>"]})
     if chat_template is not None:
         fast.chat_template = chat_template
     return fast
+
+
+def _spm_fast(family: str, vocab: dict[str, int], merges: list[tuple[str, str]]):
+    """The fast Llama or Gemma tokenizer for ``vocab`` and ``merges`` with the pipeline transformers 5's own
+    classes build (BPE with byte fallback; Llama: a ``▁`` prepended to the first word, stripped when decoding;
+    Gemma: spaces as ``▁``, kept), for a transformers (4.x) whose class of that name needs sentencepiece."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
+    from transformers import GemmaTokenizerFast, LlamaTokenizerFast
+
+    llama = family == "llama"
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token=None if llama else "<unk>", fuse_unk=True,
+                               byte_fallback=True))
+    steps = [decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()]
+    if llama:
+        tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first", split=False)
+        tok.decoder = decoders.Sequence([*steps, decoders.Strip(" ", 1, 0)])
+        return LlamaTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                                  add_bos_token=True, add_eos_token=False)
+    tok.normalizer = normalizers.Replace(" ", "\u2581")
+    tok.pre_tokenizer = pre_tokenizers.Split(" ", behavior="merged_with_previous")
+    tok.decoder = decoders.Sequence(steps)
+    return GemmaTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", unk_token="<unk>",
+                              pad_token="<pad>", mask_token="<mask>", add_bos_token=True, add_eos_token=False)
 
 
 def tiny_config(arch: str, vocab_size: int, hidden: int = 64, layers: int = 2, heads: int = 4,
