@@ -112,6 +112,9 @@ def _batched(model, tokenizer, requests: list[tuple[list[int], int]], stop: int)
 
 @pytest.mark.parametrize("arch", list(ARCHS))
 def test_stream_and_batcher_give_transformers_greedy_tokens(arch, built):
+    if arch == "cpmant" and not _V5:
+        pytest.skip("transformers 4.x's own generate fails for CPM-Ant: its forward needs the whole ids at every "
+                    "step, which only 5.x's prepare_inputs_for_generation passes")
     model, tokenizer = built(arch)
     stop = tokenizer.eos_token_id
     g = torch.Generator().manual_seed(1)
