@@ -43,7 +43,6 @@ def _approx_rcp() -> bool:
 
 if triton is not None:
     _FLT_MIN = tl.constexpr(1.1754943508222875e-38)  # smallest normal float32
-    _NAN = tl.constexpr(float("nan"))
 
     @triton.jit
     def _rcp(x, APPROX: tl.constexpr):
@@ -63,9 +62,12 @@ if triton is not None:
         blk = tl.program_id(0).to(tl.int64) * BLOCKS + tl.arange(0, BLOCKS)
         idx = blk[:, None] * BLOCKSIZE + tl.arange(0, BLOCKSIZE)[None, :]
         x = _flush(tl.load(x_ptr + idx, mask=idx < n, other=0.0).to(tl.float32))
-        # x - x is 0 for every finite x and NaN for NaN and +-inf.
-        nonfinite = tl.max(((x - x) != 0).to(tl.int32), axis=1) > 0
-        absmax = tl.where(nonfinite, _NAN, tl.max(tl.abs(x), axis=1))
+        # x - x is 0 for every finite x and NaN for NaN and +-inf, so a row's sum of it is its NaN absmax. (A NaN
+        # global constant would not do: Triton compares globals with ==, and NaN never equals itself, so it would
+        # refuse to launch the compiled kernel, "Global variable _NAN has changed".)
+        zero_or_nan = x - x
+        nonfinite = tl.max((zero_or_nan != 0).to(tl.int32), axis=1) > 0
+        absmax = tl.where(nonfinite, tl.sum(zero_or_nan, axis=1), tl.max(tl.abs(x), axis=1))
         scaled = _flush(x * _rcp(absmax, APPROX)[:, None])
         return blk, scaled, absmax
 
