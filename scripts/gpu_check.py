@@ -51,9 +51,9 @@ def check_train(out: Path) -> int:
         print(f"train loss: first {k} steps {first:.4f}, last {k} steps {last:.4f} ({len(losses)} records)")
         if not last < 0.9 * first:
             problems.append(f"loss did not fall by 10%: {first:.4f} -> {last:.4f}")
-    for name in ("adapter_config.json", "adapter_model.safetensors"):
-        if not (out / "adapter" / name).is_file():
-            problems.append(f"missing {out / 'adapter' / name}")
+    for name in ("adapter_config.json", "adapter_model.safetensors"):  # the final adapter: the run folder itself
+        if not (out / name).is_file():
+            problems.append(f"missing {out / name}")
     for p in problems:
         print("FAIL:", p)
     return 1 if problems else 0
@@ -102,9 +102,8 @@ def stub_train(out: Path, rising: bool) -> int:
         for step in range(1, 31):
             loss = 3.0 + 0.05 * step if rising else 6.0 / (1 + 0.1 * step)
             f.write(json.dumps({"split": "train", "step": step, "loss": loss}) + "\n")
-    (out / "adapter").mkdir(exist_ok=True)
-    (out / "adapter" / "adapter_config.json").write_text("{}")
-    (out / "adapter" / "adapter_model.safetensors").write_bytes(b"")
+    (out / "adapter_config.json").write_text("{}")
+    (out / "adapter_model.safetensors").write_bytes(b"")
     return 0
 
 
