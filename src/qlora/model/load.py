@@ -39,7 +39,7 @@ from .compressed_tensors import CompressedTensors
 from .gptq_awq import GroupedInt
 from .modelopt import ModelOpt
 from .quantize import (_skipped, fp32_linear_names, is_conv1d, is_plain_linear, kept_dense_names, kept_in_fp32,
-                       non_text_names, output_embedding_names, replace_modules, weight_count)
+                       non_text_names, output_embedding_names, replace_modules, tied_keys, weight_count)
 from .stored_floats import DecodePlan, StoredFloats, StoredFormat
 from .weight_files import LAYOUTS, indexed_files, open_weights, weight_files
 
@@ -494,27 +494,12 @@ def _warn_dense_bulk(model: nn.Module) -> None:
                     100 * sum(dense.values()) / total, kinds)
 
 
-def _tied_keys(model: nn.Module) -> dict[str, str]:
-    """``{target: source}`` of the tensors ``tie_weights`` ties: transformers 5 lists them all; 4.x ties the
-    output embedding to the input one where the config ties word embeddings."""
-    expand = getattr(model, "get_expanded_tied_weights_keys", None)  # transformers 5
-    if expand is not None:
-        return expand(all_submodels=True)
-    if not getattr(model.config.get_text_config(), "tie_word_embeddings", False):
-        return {}
-    head, embed = model.get_output_embeddings(), model.get_input_embeddings()
-    names = {id(m): n for n, m in model.named_modules(remove_duplicate=False)}
-    if head is None or embed is None or head is embed or id(head) not in names or id(embed) not in names:
-        return {}
-    return {f"{names[id(head)]}.weight": f"{names[id(embed)]}.weight"}
-
-
 def _tie_towards_stored(model: nn.Module, quantized: set[str], loaded: set[str]) -> None:
     """A file may store a tied tensor under the tie's target name only (XLM-RoBERTa's
     ``lm_head.decoder.weight``, which its model registers first); ``from_pretrained`` then ties towards
     the stored name. Give the source those values, so ``tie_weights`` (target := source) keeps them.
     4-bit layers are :func:`_share_tied_4bit`'s."""
-    for target, source in _tied_keys(model).items():
+    for target, source in tied_keys(model).items():
         if target in loaded and source not in loaded and source.rpartition(".")[0] not in quantized:
             _set_tensor(model, source, model.get_parameter_or_buffer(target).detach(), target)
             loaded.add(source)
@@ -525,7 +510,7 @@ def _share_tied_4bit(model: nn.Module, quantized: set[str], loaded: set[str]) ->
     transformer block, stored once) that layer's codes and constants. ``tie_weights`` ties parameters
     by name, and a 4-bit weight is several tensors; the layers stay separate modules, as in
     transformers, so each gets its own adapter as PEFT gives it."""
-    for target, source in _tied_keys(model).items():
+    for target, source in tied_keys(model).items():
         into, _, leaf = target.rpartition(".")
         owner = source.rpartition(".")[0]
         if leaf != "weight" or into not in quantized or owner not in quantized:

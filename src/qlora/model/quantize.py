@@ -51,6 +51,21 @@ def _computes_linear(cls: type) -> bool:
         return False
 
 
+def tied_keys(model: nn.Module) -> dict[str, str]:
+    """``{target: source}`` of the tensors ``tie_weights`` ties: transformers 5 lists them all; 4.x ties the
+    output embedding to the input one where the config ties word embeddings."""
+    expand = getattr(model, "get_expanded_tied_weights_keys", None)  # transformers 5
+    if expand is not None:
+        return expand(all_submodels=True)
+    if not getattr(model.config.get_text_config(), "tie_word_embeddings", False):
+        return {}
+    head, embed = model.get_output_embeddings(), model.get_input_embeddings()
+    names = {id(m): n for n, m in model.named_modules(remove_duplicate=False)}
+    if head is None or embed is None or head is embed or id(head) not in names or id(embed) not in names:
+        return {}
+    return {f"{names[id(head)]}.weight": f"{names[id(embed)]}.weight"}
+
+
 def weight_count(model: nn.Module) -> int:
     """The model's parameter count, a 4-bit layer's weight counted as its elements (its codes are a buffer)."""
     return (sum(p.numel() for p in model.parameters())

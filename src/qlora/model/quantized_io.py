@@ -20,7 +20,7 @@ from ..errors import UsageError
 from ..nn import Experts4bit, Linear4bit, LoraLinear, expert_weight_names
 from .architecture import text_model_from_config
 from .checkpoint_layout import converted_on_save, to_checkpoint_layout
-from .quantize import is_plain_linear, kept_dense_names, non_text_names, weight_count
+from .quantize import is_plain_linear, kept_dense_names, non_text_names, tied_keys, weight_count
 
 _SHARD_BYTES = 5 * 1024**3
 
@@ -36,8 +36,7 @@ def quantized_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     ``save_pretrained`` keeps: the tie's source, whichever module registers first (XLM-RoBERTa's
     head comes before its embeddings)."""
     sd = model.state_dict()
-    expand = getattr(model, "get_expanded_tied_weights_keys", None)  # transformers 5: {target: source}
-    targets = set(expand(all_submodels=True)) if expand is not None else set()
+    targets = set(tied_keys(model))
     kept: dict[int, str] = {}
     tied: set[str] = set()
     for key, param in model.named_parameters(remove_duplicate=False):
