@@ -119,9 +119,7 @@ def stream_tokens(model, input_ids: torch.Tensor, options: SamplingOptions | Non
         stop_ids: token ids that end generation (EOS, end of turn).
     """
     options = options or SamplingOptions()
-    problem = decode_problem(model)
-    if problem:
-        raise UsageError(f"qlora cannot decode {type(model).__name__}: {problem}")
+    _decodable(model, step_inputs(model))  # refused before the first token, not at the second
     stop = set(stop_ids)
     device = input_ids.device
     generator = None
@@ -184,10 +182,14 @@ def reads_whole_sequence(model, ids: torch.Tensor, cache: dict, seen: int) -> bo
     Raises:
         UsageError: it feeds the forward something else (see :func:`decode_problem`).
     """
-    kind = _step_kind(model, ids, cache, seen)
+    return _decodable(model, _step_kind(model, ids, cache, seen)) == "whole"
+
+
+def _decodable(model, kind: str) -> str:
+    """``kind`` (see :func:`step_inputs`) when qlora's loops can decode such a model; else a UsageError saying why."""
     if kind not in ("new", "whole"):
         raise UsageError(f"qlora cannot decode {type(model).__name__}: {kind}")
-    return kind == "whole"
+    return kind
 
 
 def decode_problem(model) -> str | None:
