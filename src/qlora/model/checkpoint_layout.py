@@ -106,8 +106,9 @@ class CheckpointLayout:
         self._size: dict[str, int] = {}
         self._converted: set[str] = set()  # keys a converter matched, whether or not they make a model tensor
         if not mapping:
+            renames = _legacy_renames(model)
             for raw in checkpoint_keys:
-                target = _renamed(raw, _legacy_renames(model))
+                target = _renamed(raw, renames)
                 if target != raw:
                     self._targets[raw] = target
             return
