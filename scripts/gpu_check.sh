@@ -88,7 +88,11 @@ cuda_tests() {
     $PY -m pytest -q -p no:cacheprovider -m cuda --collect-only tests >"$WORK/collected.txt" || return 1
     $PY scripts/gpu_check.py collect-summary "$WORK/collected.txt"
   else
-    $PY -m pytest -q -p no:cacheprovider -m cuda -rfE --continue-on-collection-errors --junitxml="$OUT/cuda_tests.xml" tests
+    # One process took over 330 s for them; with pytest-xdist (on the device's image) eight workers share the GPU.
+    local workers=()
+    $PY -c "import xdist" 2>/dev/null && workers=(-n "${GPU_CHECK_WORKERS:-8}")
+    $PY -m pytest -q -p no:cacheprovider -m cuda -rfE --tb=short --continue-on-collection-errors "${workers[@]}" \
+      --junitxml="$OUT/cuda_tests.xml" tests
     local rc=$?
     $PY scripts/gpu_check.py test-summary "$OUT/cuda_tests.xml" || rc=1
     return $rc
