@@ -193,3 +193,56 @@ def test_eval_batches_are_one_process_batches_dealt_round_robin(units, world, wa
         trainer = SimpleNamespace(config=SimpleNamespace(batch_size=2), dist=DistContext(rank, world),
                                   eval_units=list(range(units)), _collate=lambda u: u)
         assert list(Trainer._eval_batches(trainer)) == batches
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(stat.parent.name))
+    return found
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads the process table in /proc (Linux)")
+def test_ranks_stop_and_save_when_the_launcher_is_killed(tmp_path, tiny_model_dir):
+    """SIGKILL gives the launcher no chance to stop its ranks: they must stop by themselves, with a checkpoint."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from qlora_processes import SRC
+
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"instruction": q, "input": "", "output": a}) + "\n" for q, a in QA))
+    out = tmp_path / "out"
+    argv = [sys.executable, "-m", "qlora", "train", "--nproc", "2", "--model", str(tiny_model_dir), "--data",
+            str(data), "--output", str(out), "--batch-size", "1", "--max-steps", "100000", "--seq-len", "32",
+            "--save-steps", "0", "--logging-steps", "1", "--no-progress"]
+    env = {**os.environ, "PYTHONPATH": str(SRC), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    with open(tmp_path / "log", "w") as log:
+        launcher = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 240
+        while not ((out / "metrics.jsonl").exists() and train_records(out)):  # the ranks are training
+            assert launcher.poll() is None and time.monotonic() < deadline, (tmp_path / "log").read_text()[-3000:]
+            time.sleep(0.5)
+        ranks = _children(launcher.pid)
+        assert len(ranks) == 2, ranks
+        launcher.kill()
+        launcher.wait()
+        deadline = time.monotonic() + 120
+        while any(Path(f"/proc/{pid}").exists() and "Z" not in Path(f"/proc/{pid}/stat").read_text().split()[2]
+                  for pid in ranks):
+            assert time.monotonic() < deadline, "the ranks trained on after their launcher was killed"
+            time.sleep(0.5)
+    finally:
+        os.killpg(launcher.pid, signal.SIGKILL) if launcher.poll() is None else None
+        for pid in _children(launcher.pid):
+            os.kill(pid, signal.SIGKILL)
+    assert list((out / "checkpoints").glob("step-*")), (tmp_path / "log").read_text()[-3000:]

@@ -4,17 +4,22 @@ A rank of a multi-process run leaves without the interpreter's teardown, once it
 work is saved and its output flushed: at exit, a thread that c10d left behind is
 sometimes destroyed while still joinable, and the rank dies of SIGABRT ("terminate
 called without an active exception") after a complete run, which the launcher then
-reports as the run's failure (seen about once in 20 two-rank runs on a busy CPU).
+reports as the run's failure (seen about once in 20 two-rank runs on a busy CPU). A rank also follows its launcher
+(:func:`qlora.cli.launch.follow_launcher`): when that dies, the rank stops with a checkpoint.
 """
 
 import logging
 import os
 import sys
 
+from qlora.cli.launch import follow_launcher
 from qlora.cli.main import main
 
+rank_of_many = int(os.environ.get("WORLD_SIZE", "1")) > 1
+if rank_of_many:
+    follow_launcher()
 status = main()
-if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+if rank_of_many:
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()

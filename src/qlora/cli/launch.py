@@ -15,6 +15,7 @@ import tempfile
 from pathlib import Path
 
 _ERRORS = "QLORA_RANK_ERRORS"  # the folder ranks write their error messages to
+_LAUNCHER = "QLORA_LAUNCHER_PID"  # the process whose end stops the ranks (:func:`follow_launcher`)
 
 
 def launch(nproc: int, argv: list[str], command: str) -> int:
@@ -29,6 +30,7 @@ def launch(nproc: int, argv: list[str], command: str) -> int:
     os.environ.setdefault("OMP_NUM_THREADS", "1")  # torchrun's own default, set here so it prints no banner
     with tempfile.TemporaryDirectory(prefix="qlora-ranks-") as errors:
         os.environ[_ERRORS] = errors
+        os.environ[_LAUNCHER] = str(os.getpid())
         try:
             torchrun.run(torchrun.parse_args(["--standalone", f"--nproc-per-node={nproc}", "-m", "qlora", *argv]))
         except ChildFailedError as exc:
@@ -38,7 +40,31 @@ def launch(nproc: int, argv: list[str], command: str) -> int:
             return 128 + int(exc.sigval)
         finally:
             os.environ.pop(_ERRORS, None)
+            os.environ.pop(_LAUNCHER, None)
     return 0
+
+
+def follow_launcher() -> None:
+    """In a rank: be sent SIGTERM when the launcher dies, whatever kills it.
+
+    Ctrl-C or SIGTERM reach the launcher, which stops its ranks; SIGKILL gives it no
+    chance, and its ranks trained on with nobody to report to. SIGTERM lets a training
+    rank stop with the others at the next step and save a checkpoint, as when the user
+    sends it. Linux only (``prctl``); elsewhere nothing changes.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    import signal
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, int(signal.SIGTERM), 0, 0, 0)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    launcher = os.environ.get(_LAUNCHER)
+    if launcher and os.getppid() != int(launcher):  # the launcher died before prctl above
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def _report(exc, errors: Path, command: str) -> int:
