@@ -5,6 +5,9 @@ a model-level initializer (Falcon-H1's muP vector)."""
 
 from __future__ import annotations
 
+import inspect
+import logging
+
 import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
@@ -435,3 +438,38 @@ def test_a_4bit_layer_whose_file_name_lacks_weight_is_read_packed(tmp_path, tiny
                                                                  dtype=torch.float32))
     with torch.no_grad():
         torch.testing.assert_close(theirs(x).logits.float(), model(x).logits, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("is_decoder", [False, True])
+def test_an_encoder_family_loaded_as_a_causal_lm_without_is_decoder_is_named(tmp_path, tiny_tokenizer, caplog,
+                                                                              is_decoder):
+    """BERT-family causal-LM heads attend to later tokens unless the config says is_decoder: the load says so
+    (and the model does see the future: the first position's logits change with the last token)."""
+    if "is_decoder" not in inspect.signature(type(AutoConfig.for_model("bert")).__init__).parameters:
+        pytest.skip("transformers 4.x gives every config is_decoder; qlora cannot tell an encoder family from it")
+    config = AutoConfig.for_model(
+        "bert", vocab_size=len(tiny_tokenizer), hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+        intermediate_size=128, max_position_embeddings=256, is_decoder=is_decoder,
+        pad_token_id=tiny_tokenizer.pad_token_id)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path)
+    tiny_tokenizer.save_pretrained(tmp_path)
+    with caplog.at_level(logging.WARNING):
+        model, _ = load_model(tmp_path, quant=None, compute_dtype=torch.float32, device="cpu")
+    named = [r.getMessage() for r in caplog.records if "is_decoder" in r.getMessage()]
+    x = torch.randint(3, 200, (1, 8))
+    y = x.clone()
+    y[0, -1] = (x[0, -1] + 1) % 200 + 3
+    with torch.no_grad():
+        sees_future = not torch.equal(model(x).logits[0, 0], model(y).logits[0, 0])
+    assert sees_future is not is_decoder
+    assert bool(named) is sees_future, named
+    if named:
+        assert str(tmp_path) in named[0] and "bert" in named[0]
+
+
+def test_decoder_only_configs_are_not_named_as_attending_both_ways():
+    from qlora.model.load import attends_to_later_tokens
+
+    assert not attends_to_later_tokens(AutoConfig.for_model("llama"))
+    assert not attends_to_later_tokens(AutoConfig.for_model("t5"))  # encoder-decoder: not loaded as a causal LM

@@ -19,6 +19,7 @@ stay 16-bit.
 from __future__ import annotations
 
 import importlib.util
+import inspect
 import json
 import logging
 from collections import defaultdict
@@ -303,6 +304,11 @@ def load_model(
     files = weight_files(model_dir)
     keys = _read_weight_keys(files)  # headers only: a corrupt file fails here, before any tensor is read
     config = read_model_config(model_dir)
+    if attends_to_later_tokens(config):
+        log.warning("qlora: %s/config.json says is_decoder: false, so this %s model attends to later tokens: "
+                    "trained as a causal LM it learns to copy the next token, and it decodes unlike its training. "
+                    "Set \"is_decoder\": true in config.json to make it a causal LM (transformers' own advice "
+                    "for its causal-LM head).", model_dir, config.model_type)
     stored = _stored_format(config, model_dir)
     plan = DecodePlan(stored, keys)
     if quant is not None and getattr(stored, "requantized", None):
@@ -533,6 +539,15 @@ def _load_generation_config(model: nn.Module, model_dir: Path) -> None:
         model.generation_config = GenerationConfig.from_pretrained(model_dir)
     except (OSError, ValueError) as exc:
         raise UsageError(f"{model_dir / 'generation_config.json'} could not be read ({exc}); fix or remove it.") from None
+
+
+def attends_to_later_tokens(config) -> bool:
+    """An encoder family (BERT, RoBERTa, ELECTRA...) whose config leaves ``is_decoder`` false: its
+    causal-LM head then attends both ways. (transformers 5 gives ``is_decoder`` only to the configs
+    that read it; under 4.x every config has one and this says False.)"""
+    text = config.get_text_config()
+    return (getattr(text, "is_decoder", None) is False and not getattr(config, "is_encoder_decoder", False)
+            and "is_decoder" in inspect.signature(type(text).__init__).parameters)
 
 
 def read_model_config(model_dir: str | Path):
