@@ -438,6 +438,35 @@ def test_strict_patterns_formats_and_integer_bounds_are_kept(served, seed):
     jsonschema.validate(value, TAGGED, format_checker=jsonschema.Draft202012Validator.FORMAT_CHECKER)
 
 
+# Rules meeting on one value, strict: a pattern beside a format and a maxLength, a length-bounded email, draft 4's
+# boolean exclusive bounds, and a oneOf whose string alternatives no string satisfies both of.
+COMBINED = {"type": "object", "properties": {
+    "day": {"type": "string", "format": "date", "pattern": "^20[0-9]{2}-0[1-9]", "maxLength": 10},
+    "mail": {"type": "string", "format": "email", "minLength": 6, "maxLength": 12},
+    "score": {"type": "number", "minimum": 0, "exclusiveMinimum": True, "maximum": 1, "exclusiveMaximum": True},
+    "ref": {"oneOf": [{"type": "string", "pattern": "^id-[0-9]{1,3}$"}, {"type": "string", "format": "uuid"},
+                      {"type": "integer", "minimum": 0, "maximum": 99}]}},
+    "required": ["day", "mail", "score", "ref"], "additionalProperties": False}
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_strict_rules_meeting_on_one_value_are_kept_together(served, seed):
+    jsonschema = pytest.importorskip("jsonschema")
+    _, _, client, _ = served
+    fmt = {"type": "json_schema", "json_schema": {"name": "combined", "schema": COMBINED, "strict": True}}
+    choice = client.chat.completions.create(model="a", messages=[{"role": "user", "content": "Hello"}],
+                                            max_tokens=400, temperature=1.0, seed=seed, response_format=fmt).choices[0]
+    assert choice.finish_reason == "stop", choice.message.content
+    value = json.loads(choice.message.content)
+    jsonschema.Draft4Validator(COMBINED, format_checker=jsonschema.Draft4Validator.FORMAT_CHECKER).validate(value)
+    assert 0 < value["score"] < 1 and 6 <= len(value["mail"]) <= 12
+    overlapping = {**COMBINED, "properties": {**COMBINED["properties"], "ref": {"oneOf": [
+        {"type": "string", "maxLength": 5}, {"type": "string", "pattern": "^id"}]}}}
+    with pytest.raises(openai.BadRequestError, match=r"properties\.ref\.oneOf \(alternatives 0 and 1 may both hold"):
+        client.chat.completions.create(model="a", messages=[{"role": "user", "content": "Hi"}], response_format={
+            "type": "json_schema", "json_schema": {"name": "x", "schema": overlapping, "strict": True}})
+
+
 def _nested(levels: int) -> str:
     """A response_format schema ``levels`` objects deep, as JSON text (too deep for json.dumps to write)."""
     schema = '{"type":"object","properties":{"a":' * levels + '{"type":"integer"}' + '},"required":["a"]}' * levels

@@ -12,15 +12,17 @@ true, absent or a schema), ``items`` (a schema, or draft-7's list with ``additio
 (:mod:`~qlora.infer.regex`'s subset of ECMA-262), ``format`` (:mod:`~qlora.infer.string_formats`:
 date, time, date-time, duration, uuid, ipv4, ipv6, hostname, email), ``minimum``/``maximum``,
 ``exclusiveMinimum``/``exclusiveMaximum`` and ``multipleOf`` (:mod:`~qlora.infer.number_range`),
+``pattern``, ``format`` and the length bounds together (:mod:`~qlora.infer.string_rule`),
 ``enum``/``const`` (values filtered by the keywords beside them), ``anyOf``, ``oneOf`` whose
-alternatives cannot both hold (different types, different constant values, or objects told
-apart by a required property such as pydantic's discriminator), ``allOf`` of one schema, and
+alternatives cannot both hold (different types, different constant values, strings no string
+satisfies both rules of, numbers whose bounds do not meet, or objects told apart by a required
+property such as pydantic's discriminator), ``allOf`` of one schema, and
 ``$ref`` to any local JSON pointer (``#``, ``#/$defs/X``, ``#/definitions/X``), recursion included.
 Annotations (``title``, ``description``, ``default``, ``examples``, ...) change nothing.
 
 Everything else (``uniqueItems``, ``not``, ``if``, ``minProperties``, a pattern outside the
-subset, another format, a pattern beside a format or beside the length bounds, ...) is
-unenforced: named by path and otherwise ignored. Exactness notes: an ``integer`` is written
+subset, another format, a ``oneOf`` whose alternatives may both hold, which OpenAI's strict mode
+refuses whole, ...) is unenforced: named by path and otherwise ignored. Exactness notes: an ``integer`` is written
 without fraction or exponent, a bounded number without exponent (under ``multipleOf`` with
 only zeros past the multiple's fraction digits), an ``enum``/``const`` number as
 ``json.dumps`` writes it (or ``1.0`` for ``1``), and a string under a pattern or format
@@ -42,12 +44,14 @@ import copy
 import json
 import math
 from dataclasses import dataclass
+from fractions import Fraction
 from typing import Any, Mapping
 
 from .number_range import KEYWORDS as NUMBER_KEYWORDS
 from .number_range import NumberRange
 from .regex import PatternError, Regex
 from .string_formats import format_regex
+from .string_rule import StringRule
 
 TYPES = ("string", "number", "integer", "boolean", "null", "object", "array")
 ANNOTATIONS = frozenset({"title", "description", "default", "examples", "$comment", "deprecated", "readOnly",
@@ -73,7 +77,9 @@ class Node:
     ``extra`` (the additionalProperties schema, None: no other key) and ``keys`` (the declared
     keys that may be written); array rules ``prefix``, ``items`` (None: no more items),
     ``min_items``, ``max_items``; string bounds ``min_length``, ``max_length`` (code points) and
-    ``pattern`` (a ``pattern`` or ``format``, never beside the length bounds); ``range`` the numbers allowed.
+    ``pattern`` (a ``pattern`` or ``format``; where several rules meet, a
+    :class:`~qlora.infer.string_rule.StringRule` checking them and the length bounds together); ``range`` the
+    numbers allowed.
     ``leaves``: the leaves a value of a union may follow (a leaf: itself), satisfiable ones only.
     """
 
@@ -95,7 +101,7 @@ class Node:
         self.items: Node | None = None
         self.min_items, self.max_items = 0, math.inf
         self.min_length, self.max_length = 0, math.inf
-        self.pattern: Regex | None = None
+        self.pattern: Regex | StringRule | None = None
         self.range: NumberRange | None = None
         self.path = path
 
@@ -304,7 +310,8 @@ class _Compiler:
         if kinds & {"number", "integer"}:  # the numeric keywords apply to numbers only, pattern and format to strings
             node.range, bad = NumberRange.from_schema(schema, "integer" in kinds)
             self.problems += [_join(path, k) for k in bad]
-        node.pattern = self.pattern(schema, path) if "string" in kinds else None
+        node.pattern = self.pattern(schema, path, node.min_length, node.max_length) if "string" in kinds else \
+            None
         props = schema.get("properties", {})
         if not isinstance(props, dict):
             self.problems.append(_join(path, "properties"))
@@ -326,14 +333,15 @@ class _Compiler:
         if "const" in schema or "enum" in schema:
             self.values(node, schema, path)
 
-    def pattern(self, schema: Mapping[str, Any], path: str) -> Regex | None:
-        """The compiled ``pattern`` or ``format`` of a string schema (None: none, or one not enforced)."""
+    def pattern(self, schema: Mapping[str, Any], path: str, low: int, high: float) -> Regex | StringRule | None:
+        """The automaton of a string schema's ``pattern`` and ``format`` (None: none, or none enforced), the length
+        bounds ``low``..``high`` folded in when there is one (so that all are checked together)."""
         found = []
         if "pattern" in schema:
             try:
                 if not isinstance(schema["pattern"], str):
                     raise PatternError("not a string")
-                found.append(("pattern", Regex(schema["pattern"])))
+                found.append((f"pattern {schema['pattern']!r}", Regex(schema["pattern"])))
             except PatternError as exc:
                 self.problems.append(f"{_join(path, 'pattern')} ({exc})")
         if "format" in schema:
@@ -341,13 +349,20 @@ class _Compiler:
             if regex is None:
                 self.problems.append(f"{_join(path, 'format')} ({schema['format']!r} is not a format enforced)")
             else:
-                found.append(("format", regex))
-        if len(found) == 2:
-            self.problems.append(_join(path, "format") + " (beside pattern)")
-        if found and ("minLength" in schema or "maxLength" in schema):
-            self.problems.append(_join(path, found[0][0]) + " (beside minLength/maxLength)")
+                found.append((f"format {schema['format']!r}", regex))
+        lengths = ([f"minLength {low}"] if low else []) + ([f"maxLength {high}"] if high != math.inf else [])
+        if len(found) == 1 and not lengths:
+            return found[0][1]
+        if not found:
             return None
-        return found[0][1] if found else None
+        words = [w for w, _ in found] + lengths
+        source = words[0] if len(words) == 1 else ", ".join(words[:-1]) + " and " + words[-1]
+        try:
+            return StringRule([r for _, r in found], low, high, source)
+        except PatternError as exc:
+            self.problems.append(f"{_join(path, 'pattern' if 'pattern' in schema else 'format')} ({exc}; left "
+                                 "unenforced)")
+            return None
 
     def bounds(self, schema: Mapping[str, Any], low: str, high: str, path: str) -> tuple[int, float]:
         out = []
@@ -451,9 +466,15 @@ class _Compiler:
                 items = min(items, len(n.prefix))
             n.max_items = items
         for node, where in self.one_of:
-            alts = [a for a in node.alts if any(id(leaf) in sat for leaf in closure.get(id(a), (a,)))]
-            if any(not _disjoint(a, b, 3) for i, a in enumerate(alts) for b in alts[i + 1:]):
-                self.problems.append(where + " (its alternatives overlap: enforced as anyOf)")
+            alts = [(i, a) for i, a in enumerate(node.alts)
+                    if any(id(leaf) in sat for leaf in closure.get(id(a), (a,)))]
+            pair = next(((i, j) for k, (i, a) in enumerate(alts) for j, b in alts[k + 1:] if not _disjoint(a, b, 3)),
+                        None)
+            if pair is not None:
+                self.problems.append(f"{where} (alternatives {pair[0]} and {pair[1]} may both hold, so 'exactly one' "
+                                     "cannot be enforced: it would be decoded as anyOf; write anyOf if both may "
+                                     "hold, or tell them apart by type, const/enum values or a required property "
+                                     "whose values differ)")
         return None
 
     def kinds(self, n: Node, ok) -> set[str]:
@@ -529,6 +550,8 @@ class _Compiler:
                     if not ok(item):
                         return self.why(item, ok, seen)
             elif t == "string":
+                if isinstance(node.pattern, StringRule) and not node.pattern.start:
+                    return f"{where}: no string satisfies its {node.pattern.source} at once"
                 if node.pattern is not None and not node.pattern.start:
                     return f"{where}: its pattern or format {node.pattern.source!r} matches no string"
                 return f"{where}: minLength {node.min_length} is above maxLength {node.max_length}"
@@ -565,12 +588,55 @@ def _disjoint(a: Node, b: Node, depth: int) -> bool:
                 if vx is not None and vy is not None:
                     if vx & vy:
                         return False
-                    continue
-                if kind != "object" or depth == 0:
+                elif kind in ("string", "number"):
+                    allowed = _string_allowed if kind == "string" else _number_allowed
+                    if vx is not None or vy is not None:  # some values against a whole kind's rules
+                        values, other = (vx, y) if vx is not None else (vy, x)
+                        if any(allowed(other, v) for v in values):
+                            return False
+                    elif not (_strings_apart if kind == "string" else _numbers_apart)(x, y):
+                        return False
+                elif kind != "object" or depth == 0:
                     return False
-                told_apart = any(k in x.properties and k in y.properties and
-                                 _disjoint(x.properties[k], y.properties[k], depth - 1)
-                                 for k in x.required & y.required)
-                if not told_apart:
+                elif not any(k in x.properties and k in y.properties and
+                             _disjoint(x.properties[k], y.properties[k], depth - 1) for k in x.required & y.required):
                     return False
     return True
+
+
+def _string_allowed(leaf: Node, value: str) -> bool:
+    return leaf.min_length <= len(value) <= leaf.max_length and (leaf.pattern is None or leaf.pattern.matches(value))
+
+
+def _number_allowed(leaf: Node, value: str) -> bool:
+    if "number" not in leaf.types and Fraction(value).denominator != 1:
+        return False
+    return leaf.range is None or leaf.range.holds(value)
+
+
+def _strings_apart(x: Node, y: Node) -> bool:
+    """Whether no string satisfies both leaves' string rules (their length bounds and patterns together)."""
+    low, high = max(x.min_length, y.min_length), min(x.max_length, y.max_length)
+    if low > high:
+        return True
+    regexes = [r for leaf in (x, y) for r in (leaf.pattern.regexes if isinstance(leaf.pattern, StringRule) else
+                                              [leaf.pattern] if leaf.pattern is not None else [])]
+    if not regexes:
+        return False
+    try:
+        return StringRule(regexes, low, high, "oneOf alternatives").start is None
+    except PatternError:
+        return False
+
+
+def _numbers_apart(x: Node, y: Node) -> bool:
+    """Whether the leaves' numeric bounds leave no number between them (``multipleOf`` not considered)."""
+    if x.range is None or y.range is None:
+        return False
+    ranges = (x.range, y.range)
+    lows = [(r.low, r.low_open) for r in ranges if r.low is not None]
+    highs = [(r.high, r.high_open) for r in ranges if r.high is not None]
+    if not lows or not highs:
+        return False
+    low, high = max(lows, key=lambda b: (b[0], b[1])), min(highs, key=lambda b: (b[0], not b[1]))
+    return low[0] > high[0] or (low[0] == high[0] and (low[1] or high[1]))

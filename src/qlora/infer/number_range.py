@@ -1,5 +1,8 @@
 """Numeric bounds (``minimum``, ``maximum``, ``exclusive*``, ``multipleOf``) checked on a number's prefix.
 
+``exclusiveMinimum``/``exclusiveMaximum`` are numbers (draft 6 on) or, as in draft 4, booleans
+that make ``minimum``/``maximum`` exclusive (``true`` without that bound is malformed).
+
 A prefix of a JSON number is allowed iff some way of finishing it lands on an allowed
 value: ``12`` may become 12, 120..129, 1200..1299, ... (or, not an integer, anything in
 [12, 13), [120, 130), ...), ``-0.5`` anything in (-0.6, -0.5], and so on; so decoding never
@@ -45,17 +48,24 @@ class NumberRange:
     def from_schema(cls, schema: Mapping[str, Any], integer: bool) -> tuple["NumberRange | None", list[str]]:
         """The range ``schema`` asks of numbers (``integer``: of integers only), None if it asks nothing, and
         the keywords it gives malformed values (left out)."""
-        bad, found = [], {}
+        bad, found, draft4 = [], {}, {}
         for key in KEYWORDS:
             if key in schema:
+                if key.startswith("exclusive") and isinstance(schema[key], bool):  # draft 4: makes its bound open
+                    draft4[key] = schema[key]
+                    continue
                 value = _number(schema[key])
                 if value is None or (key == "multipleOf" and value <= 0):
                     bad.append(key)
                 else:
                     found[key] = value
+        for key, bound in (("exclusiveMinimum", "minimum"), ("exclusiveMaximum", "maximum")):
+            if draft4.get(key) and bound not in found:
+                bad.append(f"{key} (true, as draft 4 writes it, needs {bound} beside it)")
         if not found:
             return None, bad
-        low, low_open, high, high_open = found.get("minimum"), False, found.get("maximum"), False
+        low, low_open = found.get("minimum"), bool(draft4.get("exclusiveMinimum"))
+        high, high_open = found.get("maximum"), bool(draft4.get("exclusiveMaximum"))
         if "exclusiveMinimum" in found and (low is None or found["exclusiveMinimum"] >= low):
             low, low_open = found["exclusiveMinimum"], True
         if "exclusiveMaximum" in found and (high is None or found["exclusiveMaximum"] <= high):

@@ -36,8 +36,8 @@ subset OpenAI's Structured Outputs documents (``type`` and type lists, ``propert
 ``minLength``/``maxLength``, ``enum``/``const``, ``anyOf``, ``$ref`` into ``$defs`` or
 ``definitions`` or ``#``, recursion included), plus ``oneOf`` whose alternatives exclude each
 other and ``allOf`` of one schema; :mod:`qlora.infer.json_schema` has the details. With
-``strict: true`` a schema asking for what cannot be enforced exactly (``pattern``,
-``format``, ``minimum``/``maximum``, ``multipleOf``, ``uniqueItems``, ``not``, ...) is a 400
+``strict: true`` a schema asking for what cannot be enforced exactly (``uniqueItems``,
+``not``, another ``format``, a ``oneOf`` whose alternatives may both hold, ...) is a 400
 naming each such keyword by path, since the promise could not be kept; without it those
 keywords are ignored (the rest still holds). A schema no finite value satisfies (a
 ``$ref`` cycle without content, a required property that may not appear, ...) is a 400.
@@ -69,8 +69,9 @@ from ..infer.tool_calls import tool_definition_problem
 _ENFORCED = ("It enforces, at every depth, type, properties, required, additionalProperties, items, prefixItems, "
              "minItems, maxItems, minLength, maxLength, pattern (ECMA-262 without lookaround or backreferences), "
              "format (date, time, date-time, duration, uuid, ipv4, ipv6, hostname, email), minimum, maximum, "
-             "exclusiveMinimum, exclusiveMaximum, multipleOf, enum, const, anyOf, oneOf of exclusive alternatives, "
-             "allOf of one schema and local $ref (recursion included); uniqueItems, not and the rest are not.")
+             "exclusiveMinimum, exclusiveMaximum (draft 4's booleans too), multipleOf, enum, const, anyOf, oneOf of "
+             "exclusive alternatives, allOf of one schema and local $ref (recursion included), pattern, format and "
+             "the length bounds together; uniqueItems, not and the rest are not.")
 MAX_STOP_STRINGS = 32  # OpenAI takes 4; eval harnesses send their task's stops plus EOS, often more
 
 
