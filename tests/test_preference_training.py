@@ -234,7 +234,6 @@ def test_bad_preference_input_exits_2_with_file_and_line(tmp_path, tiny_model_di
         (["--data", str(missing), "--label-smoothing", "0.5"], "--label-smoothing must be in [0, 0.5); got 0.5"),
         (["--data", str(missing), "--beta", "0"], "--beta must be positive; got 0"),
         (["--data", str(missing), "--method", "sft", "--precompute-ref"], "applies to --method dpo"),
-        (["--data", str(_write(tmp_path / "ok.jsonl", ROWS)), "--add-special-tokens", "<|new|>"], "--precompute-ref"),
     ]
     for i, (extra, message) in enumerate(cases):
         code, err = _run(base + ["--output", str(tmp_path / f"o{i}")] + extra, capsys)
@@ -425,12 +424,39 @@ def test_cli_kto_on_unpaired_conversations_and_on_pairs(tmp_path, tiny_model_dir
     assert not (tmp_path / "x").exists()
 
 
-def test_kto_refuses_a_reference_it_cannot_keep(tmp_path, tiny_model_dir, capsys):
-    data = _write(tmp_path / "d.jsonl", ROWS)
-    code, err = _run(["train", "--model", str(tiny_model_dir), "--data", str(data), "--output", str(tmp_path / "o"),
-                      "--method", "kto", "--batch-size", "2", "--add-special-tokens", "<|new|>"], capsys)
-    assert code == 2 and "KTO's KL term pairs the examples of each micro-batch anew" in err
-    assert not (tmp_path / "o").exists()
+@pytest.mark.parametrize("kw", [
+    dict(init="pissa"), dict(init="olora", method="kto"), dict(init="loftq"), dict(bias="all"),
+    dict(add_special_tokens="<|new|>"), dict(add_special_tokens="<|new|>", method="kto"),
+], ids=["pissa", "olora-kto", "loftq", "bias-all", "new-tokens", "new-tokens-kto"])
+def test_reference_is_the_starting_policy_throughout(tmp_path, tiny_model_dir, kw):
+    """When the start is not the base with the adapters off (an init that rewrites the base, weights trained
+    in place), the reference is still the policy as training started: the first step's rewards are 0, and
+    after training the reference log-probs are the starting policy's, while the policy's have moved."""
+    from qlora.train.preference_loss import label_logps
+
+    trainer = Trainer(_config(tiny_model_dir, _write(tmp_path / "p.jsonl", ROWS), tmp_path / "o", dropout=0.0,
+                              max_steps=3, **kw))
+    trainer.setup()
+    batch = trainer._collate(trainer.train_units[:2])
+    if trainer.config.method == "kto":
+        batch = {k: v for k, v in batch.items()}
+
+    def policy_logps():
+        trainer.model.eval()
+        with torch.no_grad():
+            return label_logps(trainer.model, batch, [batch["labels"]], False)[0]
+
+    start = policy_logps()
+    trainer.model.train()
+    trainer.train()
+    trainer.cleanup()
+    first = _train_records(tmp_path / "o")[0]
+    assert abs(first["rewards/chosen"]) < 1e-5 and abs(first["rewards/rejected"]) < 1e-5, first
+    trainer.model.eval()
+    with trainer._reference_model(), torch.no_grad():
+        reference = label_logps(trainer.model, batch, [batch["labels"]], False)[0]
+    torch.testing.assert_close(reference, start, rtol=0, atol=0)
+    assert not torch.allclose(policy_logps(), start, atol=1e-3)
 
 
 def test_kto_from_an_sft_adapter_uses_it_as_the_reference(tmp_path, tiny_model_dir):

@@ -326,11 +326,6 @@ class TrainConfig:
             raise UsageError(f"--init {self.init} does not combine with {what}: the adapter is saved converted to "
                              "plain LoRA on the original weights, which DoRA's magnitudes and a LoRA bias do not "
                              "survive, and PEFT has no PiSSA/OLoRA for expert weights. Drop one of them.")
-        if is_residual_init(self.init) and self.method in ("dpo", "kto"):
-            raise UsageError(f"--init {self.init} does not combine with --method {self.method}: its reference model "
-                             "is the base with the adapter switched off, which after PiSSA/OLoRA is the residual "
-                             "W - s B0 A0, not the original model. Use --init kaiming or gaussian, or a "
-                             "reference-free method (orpo, cpo, simpo).")
         if self.init == "loftq" and self.quant == "none":
             raise UsageError("--init loftq picks a 4-bit base; it needs --quant nf4 or fp4")
         self._validate_method()

@@ -13,11 +13,12 @@ loss types; LD-DPO, WPO, f-DPO), CPO / SimPO (AlphaPO) or ORPO
   are means over the step's pairs, the NLL term (ORPO; CPO's cpo_alpha; DPO's
   rpo_alpha / sft loss type) a mean over the step's chosen tokens. With one
   micro-batch this is exactly TRL's loss.
-- DPO's reference model is the same 4-bit base with the adapters switched off
-  (:func:`qlora.model.inject.adapters_disabled`), or, with ``--adapter``, the
-  adapter training starts from (a frozen copy), run without gradient and in
-  eval mode (no dropout) right before the policy pass; no second model is
-  loaded. With ``--precompute-ref`` the reference log-probs of every pair are
+- DPO's reference model is the policy training starts from: the same 4-bit base
+  with the adapters switched off (:func:`qlora.model.inject.adapters_disabled`),
+  or, when the start is not the base (``--adapter``, LoftQ/PiSSA/OLoRA, weights
+  trained in place), the start's trainable tensors swapped in; run without
+  gradient and in eval mode (no dropout) right before the policy pass; no second
+  model is loaded. With ``--precompute-ref`` the reference log-probs of every pair are
   computed once before training, split over the ranks, and stored in
   ``--output/reference/`` with a fingerprint of the model and data, so that a
   resumed run reuses them.
@@ -39,10 +40,7 @@ from typing import Any, Iterator
 import torch
 
 from qlora.atomic import atomic_dir
-from qlora.errors import UsageError
-from qlora.model.adapter_io import load_adapter
 from qlora.model.inject import adapter_configs, adapters_disabled
-from qlora.model.multi_adapter import set_adapter
 from qlora.train.data import IGNORE_INDEX, pad_token_id
 from qlora.train.data.preference import PreferenceExample, TokenizedPair, normalize_preferences, preference_collate, tokenize_pairs
 from qlora.train.data.selection import read_sources
@@ -52,15 +50,9 @@ from qlora.train.preference_loss import (
 from qlora.train.trainer import Trainer
 
 REFERENCE_DIR = "reference"
-REFERENCE_ADAPTER = "reference"  # with --adapter: the frozen starting adapter
 REFERENCE_FILE = "logps.safetensors"
 REFERENCE_METHODS = ("dpo", "kto")  # the methods with a reference model
 BATCH_COUPLED = ("aot", "aot_unpaired")  # DPO losses of a pair that depend on the other pairs of its micro-batch
-_FROZEN_REFERENCE = {  # what to do when the reference cannot be the model with some weights switched off
-    "dpo": "add --precompute-ref to take the reference log-probs before training changes them",
-    "kto": "KTO's KL term pairs the examples of each micro-batch anew, so its reference log-probs cannot be "
-           "precomputed: train without these weights, or use --method dpo with --precompute-ref",
-}
 
 
 class PreferenceTrainer(Trainer):
@@ -70,41 +62,43 @@ class PreferenceTrainer(Trainer):
     METRIC_SUMS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
                    "logps/rejected", "log_odds_ratio", "log_odds_chosen")
 
-    def setup(self) -> None:
-        cfg = self.config
-        if cfg.method in REFERENCE_METHODS and cfg.add_special_tokens.strip() and not cfg.precompute_ref:
-            raise UsageError("--add-special-tokens trains the embeddings and output head in place, so switching the "
-                             "adapters off no longer gives the reference model; " + _FROZEN_REFERENCE[cfg.method])
-        super().setup()
-
     def _load_model(self) -> None:
-        """With --adapter, the reference (DPO, KTO) is the adapter training starts from (an SFT run), as TRL's
-        ``ref_adapter_name`` makes it: a frozen second copy, switched on for the reference pass."""
+        """DPO's and KTO's reference is the policy training starts from. That is the base with the adapters off,
+        unless the start differs from it: an adapter given with --adapter (an SFT run: TRL's ``ref_adapter_name``),
+        an init that rewrites the base (LoftQ; PiSSA/OLoRA leave the residual W - s B0 A0), or weights of the
+        model trained in place (new tokens' embeddings and output head, biases). Then the trainable tensors
+        are copied as they start (before --resume restores later ones) and swapped in for the reference pass."""
         super()._load_model()
         cfg = self.config
-        if cfg.method not in REFERENCE_METHODS or not cfg.adapter or cfg.precompute_ref:
-            return
-        start = adapter_configs(self.model)["default"]
-        if start.modules_to_save or start.bias != "none" or start.trainable_tokens:
-            raise UsageError(f"--adapter {cfg.adapter} trains weights of the model itself (modules_to_save, biases or "
-                             "token rows), which a frozen copy of the adapter cannot keep as they were; "
-                             + _FROZEN_REFERENCE[cfg.method])
-        load_adapter(self.model, cfg.adapter, adapter_name=REFERENCE_ADAPTER)
+        start = adapter_configs(self.model).get("default")
+        in_place = start is not None and bool(start.modules_to_save or start.bias != "none" or start.trainable_tokens)
+        self._start_is_base = not (cfg.adapter or cfg.rewrites_base or in_place)
+        self._start: list[tuple[torch.nn.Parameter, torch.Tensor]] = []
+        if cfg.method in REFERENCE_METHODS and not cfg.precompute_ref and not self._start_is_base:
+            self._start = [(p, p.detach().clone()) for p in self.model.parameters() if p.requires_grad]
 
     @contextlib.contextmanager
     def _reference_model(self) -> Iterator[None]:
-        """The model as DPO's or KTO's reference: the starting adapter (--adapter), else the base with adapters off."""
-        if REFERENCE_ADAPTER in adapter_configs(self.model):
-            set_adapter(self.model, REFERENCE_ADAPTER)
+        """The model as DPO's or KTO's reference: the starting policy (see :meth:`_load_model`)."""
+        if self._start:
+            self._swap_start()
             try:
                 yield
             finally:
-                set_adapter(self.model, "default")
-        elif self.config.adapter:  # --precompute-ref: computed before training, from the adapter as loaded
-            yield
-        else:
+                self._swap_start()
+        elif self._start_is_base:
             with adapters_disabled(self.model):
                 yield
+        else:  # --precompute-ref: the log-probs are taken before training moves the model from its start
+            yield
+
+    @torch.no_grad()
+    def _swap_start(self) -> None:
+        """Exchange the trainable tensors with their starting values, one tensor's copy at a time."""
+        for param, start in self._start:
+            now = param.detach().clone()
+            param.copy_(start)
+            start.copy_(now)
 
     # ------------------------------------------------------------------ data
     def _read_data(self, source: str, split: str) -> list[PreferenceExample]:
