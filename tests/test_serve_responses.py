@@ -186,6 +186,40 @@ def test_logprobs_are_the_chat_routes(served):
     assert _respond(client, "a", max_output_tokens=5).output[0].content[0].logprobs == []
 
 
+def test_include_adds_logprobs_to_reads_and_unknown_values_are_400(served):
+    server, _, client = served
+    logprobs = ["message.output_text.logprobs"]
+    kept = _respond(client, "a", max_output_tokens=5, include=logprobs)
+    assert len(kept.output[0].content[0].logprobs) == 5
+    # a read shows them when its own include asks (the openai client sends include[]=..., curl may send include=...)
+    assert client.responses.retrieve(kept.id, include=logprobs).model_dump() == kept.model_dump()
+    assert client.responses.retrieve(kept.id).output[0].content[0].logprobs == []
+    raw = httpx.get(f"{server.url}/v1/responses/{kept.id}", params={"include": logprobs[0]},
+                    headers={"Authorization": f"Bearer {KEY}"}).json()
+    assert raw["output"][0]["content"][0]["logprobs"] == kept.model_dump()["output"][0]["content"][0]["logprobs"]
+    follow = _respond(client, "a", input="Tell me more", previous_response_id=kept.id)
+    listed = client.responses.input_items.list(follow.id, include=logprobs).data
+    assert [i.content[0].logprobs for i in listed if i.role == "assistant"] == [kept.output[0].content[0].logprobs]
+    listed = client.responses.input_items.list(follow.id).data
+    assert [i.content[0].logprobs for i in listed if i.role == "assistant"] == [[]]
+    # a value OpenAI knows for items qlora never makes adds nothing; one it does not know is a 400, on each route
+    assert _respond(client, "a", include=["reasoning.encrypted_content"]).output_text == _respond(client, "a").output_text
+    conversation = client.conversations.create(items=[{"role": "user", "content": "Hi"}])
+    (item,) = client.conversations.items.list(conversation.id).data
+    bad = ["message.output_text.logprobs", "message.output_text.nonsense"]
+    for call in (lambda: _respond(client, "a", include=bad), lambda: client.responses.retrieve(kept.id, include=bad),
+                 lambda: client.responses.input_items.list(follow.id, include=bad),
+                 lambda: client.conversations.items.list(conversation.id, include=bad),
+                 lambda: client.conversations.items.retrieve(item.id, conversation_id=conversation.id, include=bad),
+                 lambda: client.conversations.items.create(conversation.id, items=[{"role": "user", "content": "x"}],
+                                                           include=bad)):
+        with pytest.raises(openai.BadRequestError) as exc:
+            call()
+        assert exc.value.param == "include" and exc.value.code == "invalid_value"
+        assert "'message.output_text.nonsense'" in exc.value.body["message"]
+    assert len(client.conversations.items.list(conversation.id).data) == 1  # the refused add added nothing
+
+
 def test_function_call_items_render_as_chat_tool_messages(tool_served):
     client = tool_served
     call = {"type": "function_call", "call_id": "call_1", "name": "get_weather", "arguments": '{"city": "Paris"}'}
