@@ -220,6 +220,35 @@ def test_include_adds_logprobs_to_reads_and_unknown_values_are_400(served):
     assert len(client.conversations.items.list(conversation.id).data) == 1  # the refused add added nothing
 
 
+def test_a_failing_stream_sends_error_then_response_failed(tiny_model_dir):
+    """The batcher closing mid-reply fails the rows it was decoding; a stream then ends as OpenAI's does,
+    with an ``error`` event and ``response.failed`` (the response, status failed, with its error)."""
+    from qlora.infer.batcher import ContinuousBatcher
+    from qlora.serve.app import build_app
+    from qlora.serve.server import BackgroundServer
+
+    model, tokenizer = qlora.load_model(tiny_model_dir, compute_dtype=torch.float32, device="cpu")
+    batcher = ContinuousBatcher(model.eval(), tokenizer, max_batch_size=4, context_length=512).start()
+    with BackgroundServer(build_app(batcher, "tiny", [])) as server:
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0, timeout=60)
+        polled = _respond(client, max_output_tokens=400, background=True)
+        events = []
+        with client.responses.stream(model="tiny", input="Hello", max_output_tokens=400, temperature=0) as stream:
+            for event in stream:
+                events.append(event)
+                if [e.type for e in events].count("response.output_text.delta") == 1:
+                    batcher.close()  # at the first token: the row's next event is its failure
+        failed = client.responses.retrieve(polled.id)
+    kinds = [e.type for e in events]
+    assert kinds[:2] == ["response.created", "response.in_progress"] and kinds[-2:] == ["error", "response.failed"]
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+    assert events[-2].code == "server_shutdown" and "shutting down" in events[-2].message
+    response = events[-1].response
+    assert response.status == "failed" and response.error.code == "server_error" and response.usage is None
+    assert response.error.message == events[-2].message and response.id == events[0].response.id
+    assert failed.status == "failed" and failed.error.code == "server_error" and failed.background
+
+
 def test_function_call_items_render_as_chat_tool_messages(tool_served):
     client = tool_served
     call = {"type": "function_call", "call_id": "call_1", "name": "get_weather", "arguments": '{"city": "Paris"}'}
