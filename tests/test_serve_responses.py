@@ -203,7 +203,8 @@ def test_include_adds_logprobs_to_reads_and_unknown_values_are_400(served):
     listed = client.responses.input_items.list(follow.id).data
     assert [i.content[0].logprobs for i in listed if i.role == "assistant"] == [[]]
     # a value OpenAI knows for items qlora never makes adds nothing; one it does not know is a 400, on each route
-    assert _respond(client, "a", include=["reasoning.encrypted_content"]).output_text == _respond(client, "a").output_text
+    plain = _respond(client, "a").output_text
+    assert _respond(client, "a", include=["reasoning.encrypted_content"]).output_text == plain
     conversation = client.conversations.create(items=[{"role": "user", "content": "Hi"}])
     (item,) = client.conversations.items.list(conversation.id).data
     bad = ["message.output_text.logprobs", "message.output_text.nonsense"]

@@ -17,8 +17,8 @@ two exclude each other, as on OpenAI's platform); ``truncation: "auto"`` drops t
 conversation too long for the context. ``background: true`` (which needs ``store``) runs the request
 as :mod:`qlora.serve.background` describes. ``include`` takes OpenAI's values (only
 ``message.output_text.logprobs`` adds anything here); the reads of kept items (a response, its input
-items, a conversation's items) show logprobs only when their own ``include`` asks, as OpenAI's do. Stored ``prompt`` templates are a 400 saying to send the
-whole input. Only function tools exist here (built-in tools such as web_search run on OpenAI's
+items, a conversation's items) show logprobs only when their own ``include`` asks, as OpenAI's do.
+Stored ``prompt`` templates are a 400 saying to send the whole input. Only function tools exist here (built-in tools such as web_search run on OpenAI's
 platform): any other tool type is a 400.
 """
 
