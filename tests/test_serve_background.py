@@ -124,3 +124,35 @@ def test_a_running_background_response_is_never_dropped_from_the_store():
     assert len(store) == 2 and store.get("resp_bg").response["status"] == "completed"
     with pytest.raises(APIError):
         store.get("resp_1")
+
+
+def test_a_running_background_response_shows_the_text_streamed_so_far(served):
+    _, batcher, client = served
+    logprobs = ["message.output_text.logprobs"]
+    for _ in range(5):  # a client that lags far behind its stream may see the reply end before the pause: again
+        stream = client.responses.create(model="tiny", input="Hello", max_output_tokens=400, temperature=0,
+                                         background=True, stream=True, include=logprobs)
+        events, seen = iter(stream), []
+        while sum(e.type == "response.output_text.delta" for e in seen) < 3:
+            seen.append(next(events))
+        response_id = seen[0].response.id
+        with batcher.paused():  # no decode step meanwhile: the response holds still
+            partial = client.responses.retrieve(response_id, include=logprobs)
+            bare = client.responses.retrieve(response_id)
+        seen += list(events)
+        if partial.status != "incomplete":
+            break
+    final = seen[-1].response
+    assert final.status == "incomplete" and final.usage.output_tokens == 400
+    deltas = [e.delta for e in seen if e.type == "response.output_text.delta"]
+    assert partial.status == bare.status == "in_progress" and partial.usage is None and partial.completed_at is None
+    (item,) = partial.output
+    assert item.type == "message" and item.status == "in_progress" and item.id == final.output[0].id
+    # the text of the deltas sent so far (three at least), a strict prefix of the final text
+    assert partial.output_text in {"".join(deltas[:j]) for j in range(3, len(deltas))}
+    assert final.output_text.startswith(partial.output_text) and partial.output_text != final.output_text
+    assert bare.output_text == partial.output_text and bare.output[0].content[0].logprobs == []
+    # its logprobs are the final response's first ones, one per token of the text so far
+    got, want = item.content[0].logprobs, final.output[0].content[0].logprobs
+    assert 3 <= len(got) < len(want) and [g.model_dump() for g in got] == [w.model_dump() for w in want[:len(got)]]
+    assert client.responses.retrieve(response_id, include=logprobs).model_dump() == final.model_dump()

@@ -186,6 +186,70 @@ def test_logprobs_are_the_chat_routes(served):
     assert _respond(client, "a", max_output_tokens=5).output[0].content[0].logprobs == []
 
 
+def test_include_adds_logprobs_to_reads_and_unknown_values_are_400(served):
+    server, _, client = served
+    logprobs = ["message.output_text.logprobs"]
+    kept = _respond(client, "a", max_output_tokens=5, include=logprobs)
+    assert len(kept.output[0].content[0].logprobs) == 5
+    # a read shows them when its own include asks (the openai client sends include[]=..., curl may send include=...)
+    assert client.responses.retrieve(kept.id, include=logprobs).model_dump() == kept.model_dump()
+    assert client.responses.retrieve(kept.id).output[0].content[0].logprobs == []
+    raw = httpx.get(f"{server.url}/v1/responses/{kept.id}", params={"include": logprobs[0]},
+                    headers={"Authorization": f"Bearer {KEY}"}).json()
+    assert raw["output"][0]["content"][0]["logprobs"] == kept.model_dump()["output"][0]["content"][0]["logprobs"]
+    follow = _respond(client, "a", input="Tell me more", previous_response_id=kept.id)
+    listed = client.responses.input_items.list(follow.id, include=logprobs).data
+    assert [i.content[0].logprobs for i in listed if i.role == "assistant"] == [kept.output[0].content[0].logprobs]
+    listed = client.responses.input_items.list(follow.id).data
+    assert [i.content[0].logprobs for i in listed if i.role == "assistant"] == [[]]
+    # a value OpenAI knows for items qlora never makes adds nothing; one it does not know is a 400, on each route
+    plain = _respond(client, "a").output_text
+    assert _respond(client, "a", include=["reasoning.encrypted_content"]).output_text == plain
+    conversation = client.conversations.create(items=[{"role": "user", "content": "Hi"}])
+    (item,) = client.conversations.items.list(conversation.id).data
+    bad = ["message.output_text.logprobs", "message.output_text.nonsense"]
+    for call in (lambda: _respond(client, "a", include=bad), lambda: client.responses.retrieve(kept.id, include=bad),
+                 lambda: client.responses.input_items.list(follow.id, include=bad),
+                 lambda: client.conversations.items.list(conversation.id, include=bad),
+                 lambda: client.conversations.items.retrieve(item.id, conversation_id=conversation.id, include=bad),
+                 lambda: client.conversations.items.create(conversation.id, items=[{"role": "user", "content": "x"}],
+                                                           include=bad)):
+        with pytest.raises(openai.BadRequestError) as exc:
+            call()
+        assert exc.value.param == "include" and exc.value.code == "invalid_value"
+        assert "'message.output_text.nonsense'" in exc.value.body["message"]
+    assert len(client.conversations.items.list(conversation.id).data) == 1  # the refused add added nothing
+
+
+def test_a_failing_stream_sends_error_then_response_failed(tiny_model_dir):
+    """The batcher closing mid-reply fails the rows it was decoding; a stream then ends as OpenAI's does,
+    with an ``error`` event and ``response.failed`` (the response, status failed, with its error)."""
+    from qlora.infer.batcher import ContinuousBatcher
+    from qlora.serve.app import build_app
+    from qlora.serve.server import BackgroundServer
+
+    model, tokenizer = qlora.load_model(tiny_model_dir, compute_dtype=torch.float32, device="cpu")
+    batcher = ContinuousBatcher(model.eval(), tokenizer, max_batch_size=4, context_length=512).start()
+    with BackgroundServer(build_app(batcher, "tiny", [])) as server:
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0, timeout=60)
+        polled = _respond(client, max_output_tokens=400, background=True)
+        events = []
+        with client.responses.stream(model="tiny", input="Hello", max_output_tokens=400, temperature=0) as stream:
+            for event in stream:
+                events.append(event)
+                if [e.type for e in events].count("response.output_text.delta") == 1:
+                    batcher.close()  # at the first token: the row's next event is its failure
+        failed = client.responses.retrieve(polled.id)
+    kinds = [e.type for e in events]
+    assert kinds[:2] == ["response.created", "response.in_progress"] and kinds[-2:] == ["error", "response.failed"]
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+    assert events[-2].code == "server_shutdown" and "shutting down" in events[-2].message
+    response = events[-1].response
+    assert response.status == "failed" and response.error.code == "server_error" and response.usage is None
+    assert response.error.message == events[-2].message and response.id == events[0].response.id
+    assert failed.status == "failed" and failed.error.code == "server_error" and failed.background
+
+
 def test_function_call_items_render_as_chat_tool_messages(tool_served):
     client = tool_served
     call = {"type": "function_call", "call_id": "call_1", "name": "get_weather", "arguments": '{"city": "Paris"}'}

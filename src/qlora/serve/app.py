@@ -55,7 +55,7 @@ from .background import BackgroundRun
 from .logprobs import TextOffsets, chat_logprobs, completion_logprobs
 from .protocol import APIError, ChatCompletionRequest, CompletionRequest, _Body, sse
 from .response_store import DEFAULT_CAPACITY, RUNNING, ResponseStore, list_page, with_ids
-from .responses import FINISHED, ResponsesRequest, ResponseWriter, drop_oldest_turn
+from .responses import FINISHED, ResponsesRequest, ResponseWriter, checked_include, drop_oldest_turn, shown
 
 TYPE_TAGS = {"str", "int", "float", "bool", "dict", "list", "none"}
 DISCONNECT_POLL_S = 0.5  # how often a non-streaming request checks that its client is still there
@@ -236,10 +236,11 @@ def build_app(batcher: ContinuousBatcher, base_id: str, adapters: list[str], api
         return writer.state(writer.status(choice.last.finish_reason, calls), output, _usage([choice]))
 
     @app.get("/v1/responses/{response_id}")
-    async def retrieve_response(response_id: str, stream: bool = False, starting_after: int = -1):
+    async def retrieve_response(request: Request, response_id: str, stream: bool = False, starting_after: int = -1):
+        include = _include(request)
         kept = store.get(response_id)
         if not stream:
-            return kept.response
+            return kept.response | {"output": shown(kept.response["output"], include)}
         if kept.run is None:
             raise APIError(400, "This response cannot be streamed because it was not created with background=true; "
                                 "GET it without 'stream'.", "stream")
@@ -267,9 +268,10 @@ def build_app(batcher: ContinuousBatcher, base_id: str, adapters: list[str], api
         return {"id": response_id, "object": "response", "deleted": True}
 
     @app.get("/v1/responses/{response_id}/input_items")
-    async def response_input_items(response_id: str, order: str = "desc", limit: int = 20,
+    async def response_input_items(request: Request, response_id: str, order: str = "desc", limit: int = 20,
                                    after: str | None = None) -> dict[str, Any]:
-        return list_page(store.get(response_id).input_items, order, limit, after)
+        include = _include(request)
+        return list_page(shown(store.get(response_id).input_items, include), order, limit, after)
 
     @app.post("/v1/conversations")
     async def create_conversation(body: conv.CreateBody) -> dict[str, Any]:
@@ -291,19 +293,22 @@ def build_app(batcher: ContinuousBatcher, base_id: str, adapters: list[str], api
         return {"id": conversation_id, "object": "conversation.deleted", "deleted": True}
 
     @app.get("/v1/conversations/{conversation_id}/items")
-    async def conversation_items(conversation_id: str, order: str = "desc", limit: int = 20,
+    async def conversation_items(request: Request, conversation_id: str, order: str = "desc", limit: int = 20,
                                  after: str | None = None) -> dict[str, Any]:
-        return list_page(conversations.get(conversation_id).items, order, limit, after)
+        include = _include(request)
+        return list_page(shown(conversations.get(conversation_id).items, include), order, limit, after)
 
     @app.post("/v1/conversations/{conversation_id}/items")
-    async def add_conversation_items(conversation_id: str, body: conv.ItemsBody) -> dict[str, Any]:
-        added = conversations.add(conversation_id, body.items)
+    async def add_conversation_items(request: Request, conversation_id: str, body: conv.ItemsBody) -> dict[str, Any]:
+        include = _include(request)
+        added = shown(conversations.add(conversation_id, body.items), include)
         return {"object": "list", "data": added, "first_id": added[0]["id"] if added else None,
                 "last_id": added[-1]["id"] if added else None, "has_more": False}
 
     @app.get("/v1/conversations/{conversation_id}/items/{item_id}")
-    async def conversation_item(conversation_id: str, item_id: str) -> dict[str, Any]:
-        return conversations.get(conversation_id).item(item_id)
+    async def conversation_item(request: Request, conversation_id: str, item_id: str) -> dict[str, Any]:
+        include = _include(request)
+        return shown([conversations.get(conversation_id).item(item_id)], include)[0]
 
     @app.delete("/v1/conversations/{conversation_id}/items/{item_id}")
     async def delete_conversation_item(conversation_id: str, item_id: str) -> dict[str, Any]:
@@ -413,6 +418,13 @@ def _http_error(request: Request, exc: HTTPException) -> APIError:
                              "/v1/responses, /v1/conversations, /v1/completions and /v1/models", code="not_found")
     kind = "invalid_request_error" if exc.status_code < 500 else "server_error"
     return APIError(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}", kind=kind)
+
+
+def _include(request: Request) -> set[str]:
+    """The ``include`` query parameter of a read (``include[]=...``, as the ``openai`` client sends it, or
+    ``include=...``), checked."""
+    query = request.query_params
+    return checked_include(query.getlist("include[]") + query.getlist("include"))
 
 
 def _adapter(ids: dict[str, str | None], model_id: str, status: int = 400) -> str | None:
@@ -634,10 +646,11 @@ async def _response_events(queue: asyncio.Queue, choice: _Choice, writer: Respon
     function calls (each whole), then ``response.completed`` (or ``response.incomplete``) with the whole response.
 
     A background response is ``queued`` (``response.created``, ``response.queued``) until its row's first
-    token comes, then ``in_progress``; each state is handed to the writer's ``keep``."""
+    token comes, then ``in_progress``, its message item (``in_progress`` too) holding the text streamed so
+    far, as a retrieve shows it meanwhile; each state is handed to the writer's ``keep``."""
     splitter = ToolCallStream(choice.tools.format, choice.tools.names) if choice.tools is not None else None
     at = {"item_id": writer.message_id, "output_index": 0}
-    text, opened, carried, calls = "", False, [], []
+    text, opened, carried, calls, sent_logprobs = "", False, [], [], []
     try:
         if background:
             yield writer.event("response.created", response=writer.state("queued", []))
@@ -666,20 +679,22 @@ async def _response_events(queue: asyncio.Queue, choice: _Choice, writer: Respon
             if not opened and (piece or (event.finish_reason is not None and not calls)):  # an empty reply too
                 opened = True
                 yield writer.event("response.output_item.added", output_index=0,
-                                   item=writer.message("", "in_progress") | {"content": []})
+                                   item=writer.message("", "in_progress", []) | {"content": []})
                 yield writer.event("response.content_part.added", **at, content_index=0,
                                    part=writer.text_part("", []))
             if piece:
-                text += piece
+                text, logprobs, carried = text + piece, writer.logprobs(carried), []
+                sent_logprobs += logprobs
+                if background:  # kept before the client hears of it: a retrieve then shows this text at least
+                    writer.state("in_progress", [writer.message(text, "in_progress", list(sent_logprobs))])
                 yield writer.event("response.output_text.delta", **at, content_index=0, delta=piece,
-                                   logprobs=writer.logprobs(carried))
-                carried = []
+                                   logprobs=logprobs)
             if event.finish_reason is not None:
                 break
         status = writer.status(choice.last.finish_reason, calls)
         output = []
         if opened:
-            message = writer.message(text, status, choice.logprobs)
+            message = writer.message(text, status, writer.logprobs(choice.logprobs))
             yield writer.event("response.output_text.done", **at, content_index=0, text=text,
                                logprobs=message["content"][0]["logprobs"])
             yield writer.event("response.content_part.done", **at, content_index=0, part=message["content"][0])

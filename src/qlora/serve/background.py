@@ -3,7 +3,8 @@
 The request's stream of events (:func:`qlora.serve.app._response_events`, the one a streaming
 request reads) is drained by a task of the server's event loop, so the generation goes on when
 the client that created it hangs up; every event updates the kept response (through the writer's
-``keep``), which ``GET /v1/responses/{id}`` reads. When the request also asked for ``stream``, the
+``keep``: while it is ``in_progress``, its message item holds the text streamed so far), which
+``GET /v1/responses/{id}`` reads. When the request also asked for ``stream``, the
 events are kept in order too: event ``k`` has ``sequence_number`` ``k``, so a client that lost its
 stream resumes it with ``GET /v1/responses/{id}?stream=true&starting_after=k``.
 

@@ -60,6 +60,8 @@ class ResponseStore:
         kept = self._kept.get(response["id"])
         self._kept[response["id"]] = StoredResponse(response, input_items, run if kept is None else kept.run)
         self._kept.move_to_end(response["id"])
+        if response["status"] in RUNNING:  # only finished ones count toward the bound
+            return
         finished = [rid for rid, entry in self._kept.items() if not entry.running]
         for rid in finished[:max(0, len(finished) - self.capacity)]:  # the least recently used first
             del self._kept[rid]

@@ -15,8 +15,10 @@ with its whole conversation, so ``previous_response_id`` continues it; ``convers
 kept conversation (:mod:`qlora.serve.conversations`) whose items come before the input instead (the
 two exclude each other, as on OpenAI's platform); ``truncation: "auto"`` drops the oldest turns of a
 conversation too long for the context. ``background: true`` (which needs ``store``) runs the request
-as :mod:`qlora.serve.background` describes. Stored ``prompt`` templates are a 400 saying to send the
-whole input. Only function tools exist here (built-in tools such as web_search run on OpenAI's
+as :mod:`qlora.serve.background` describes. ``include`` takes OpenAI's values (only
+``message.output_text.logprobs`` adds anything here); the reads of kept items (a response, its input
+items, a conversation's items) show logprobs only when their own ``include`` asks, as OpenAI's do.
+Stored ``prompt`` templates are a 400 saying to send the whole input. Only function tools exist here (built-in tools such as web_search run on OpenAI's
 platform): any other tool type is a 400.
 """
 
@@ -36,6 +38,11 @@ from .protocol import APIError, ChatCompletionRequest, ChatMessage, _Body, sse
 
 TEXT_PARTS = ("input_text", "output_text", "text")
 LOGPROBS = "message.output_text.logprobs"
+# the values OpenAI's ``include`` takes; only LOGPROBS adds anything here (the others name items of built-in
+# tools, image inputs or reasoning, which qlora never makes, so there is nothing of theirs to add)
+INCLUDABLE = ("code_interpreter_call.outputs", "computer_call_output.output.image_url", "file_search_call.results",
+              "message.input_image.image_url", LOGPROBS, "reasoning.encrypted_content",
+              "web_search_call.action.sources", "web_search_call.results")
 FINISHED = ("completed", "incomplete")  # the states whose output continues a conversation
 
 
@@ -81,6 +88,7 @@ class ResponsesRequest(_Body):
         if self.n != 1:
             raise APIError(400, "The Responses API returns one reply; 'n' must be 1 (send 'n' to "
                                 "/v1/chat/completions for several choices)", "n")
+        checked_include(self.include or [])
         if self.truncation not in (None, "auto", "disabled"):
             raise APIError(400, f"'truncation' must be 'auto' or 'disabled', got {self.truncation!r}", "truncation")
 
@@ -234,6 +242,32 @@ class ResponsesRequest(_Body):
         return APIError(error.status, message, param, error.code, error.kind)
 
 
+def checked_include(include: list[str]) -> set[str]:
+    """``include`` (of a request body, or the ``include[]`` query parameter of a read) as a set; a 400 in
+    OpenAI's words for a value it does not know."""
+    for value in include:
+        if value not in INCLUDABLE:
+            supported = ", ".join(repr(v) for v in INCLUDABLE)
+            raise APIError(400, f"Invalid value for 'include': {value!r}. Supported values are: {supported}.",
+                           "include", "invalid_value")
+    return set(include)
+
+
+def shown(items: list[dict[str, Any]], include: set[str]) -> list[dict[str, Any]]:
+    """Output or input items as a read returns them: their ``output_text`` parts' ``logprobs`` only when
+    ``include`` asks for them (``[]`` otherwise, as a response created without them has)."""
+    if LOGPROBS in include:
+        return items
+    out = []
+    for item in items:
+        content = item.get("content")
+        if isinstance(content, list) and any(isinstance(p, dict) and p.get("logprobs") for p in content):
+            item = item | {"content": [p | {"logprobs": []} if isinstance(p, dict) and p.get("logprobs") else p
+                                       for p in content]}
+        out.append(item)
+    return out
+
+
 def _text(content: Any, where: str) -> str:
     """A message's content as text: a string, or text parts (the models served read text only)."""
     if isinstance(content, str):
@@ -284,12 +318,14 @@ class ResponseWriter:
     def logprobs(self, entries: list[TokenLogprob]) -> list[dict[str, Any]]:
         return chat_logprobs(self.pieces, entries) if self.body.logprobs() else []
 
-    def message(self, text: str, status: str, logprobs: list[TokenLogprob] | None = None) -> dict[str, Any]:
-        part = self.text_part(text, logprobs or [])
+    def message(self, text: str, status: str, logprobs: list[dict[str, Any]]) -> dict[str, Any]:
+        """The reply's message item; ``logprobs`` in the API's shape (:meth:`logprobs`)."""
+        part = self.text_part(text, logprobs)
         return {"type": "message", "id": self.message_id, "role": "assistant", "status": status, "content": [part]}
 
-    def text_part(self, text: str, logprobs: list[TokenLogprob]) -> dict[str, Any]:
-        return {"type": "output_text", "text": text, "annotations": [], "logprobs": self.logprobs(logprobs)}
+    @staticmethod
+    def text_part(text: str, logprobs: list[dict[str, Any]]) -> dict[str, Any]:
+        return {"type": "output_text", "text": text, "annotations": [], "logprobs": logprobs}
 
     @staticmethod
     def call(call: dict[str, Any], status: str = "completed") -> dict[str, Any]:
@@ -306,7 +342,8 @@ class ResponseWriter:
     def output(self, content: str | None, calls: list[dict[str, Any]], finish_reason: str | None,
                logprobs: list[TokenLogprob]) -> list[dict[str, Any]]:
         """The output items: the message (unless the reply only calls), then one item per call."""
-        items = [] if content is None else [self.message(content, self.status(finish_reason, calls), logprobs)]
+        status = self.status(finish_reason, calls)
+        items = [] if content is None else [self.message(content, status, self.logprobs(logprobs))]
         return items + [self.call(c) for c in calls]
 
     def response(self, status: str, output: list[dict[str, Any]], usage: dict[str, int] | None = None,
