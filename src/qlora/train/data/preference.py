@@ -87,6 +87,8 @@ def message_tuple(value: Any, where: str, key: str, names: FieldMap = FieldMap()
     role values; its columns were renamed already)."""
     example = normalize([Record({"messages": value}, f'{where}, field "{key}"')], "chat",
                         replace(names, columns={}))[0]
+    if not example.messages:
+        raise UsageError(f'{where}: field "{key}" must be a non-empty message list.')
     return example.messages
 
 
