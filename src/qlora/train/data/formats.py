@@ -12,7 +12,8 @@ quirks are handled here and nowhere else:
   (``conversations``), whatever their entries' keys (``role``/``content`` or ``from``/``value``),
   plain strings alternating user and assistant turns (LIMA), or ``{"input", "output"}`` exchanges
   (a user turn and the assistant's reply each, as LDJnr/Capybara writes them), with content given as
-  text parts, tool calls, tool results and a per-row ``tools`` column;
+  text parts, tool calls, tool results and a per-row ``tools`` column; glaive-function-calling's ``system`` and
+  ``chat`` transcript strings (:mod:`qlora.train.data.glaive`);
 - TRL's prompt-completion (``prompt``/``completion``: strings, or message lists; a completion that is
   a list of tool calls ``{"name", "arguments"}``, as in Salesforce/xlam-function-calling-60k, is the
   assistant's tool-call turn);
@@ -37,6 +38,7 @@ from typing import Any, Callable
 
 from qlora.errors import UsageError
 from qlora.train.data.fields import ROLE_NAMES, FieldMap, parse_data_fields, suggest_fields, tool_calls
+from qlora.train.data.glaive import is_transcript, transcript
 from qlora.train.data.message_trees import is_message_tree, top_threads
 from qlora.train.data.reasoning import REASONING_KEYS, THINK_CLOSE, message_reasoning, split_think
 from qlora.train.data.sources import Record
@@ -89,7 +91,7 @@ def row_format(fields: dict[str, Any]) -> str | None:
         return "preference"
     if "prompt" in keys and "completion" in keys and unpaired_label(fields) is not None:
         return "unpaired-preference"
-    if "messages" in keys or _listed(fields.get("conversation")):
+    if "messages" in keys or _listed(fields.get("conversation")) or is_transcript(fields):
         return "chat"
     if "conversations" in keys:
         return "sharegpt"
@@ -220,6 +222,10 @@ def _alpaca(fields: dict[str, Any], where: str, names: FieldMap) -> Example:
 
 
 def _chat(fields: dict[str, Any], where: str, names: FieldMap) -> Example:
+    if is_transcript(fields) or ("messages" not in fields and isinstance(fields.get("chat"), str)):
+        messages, tools = transcript(fields, where) if fields["chat"].strip() else ([], [])  # glaive-function-calling
+        return Example(tuple(_message(m, f"{where}, message {i}", FieldMap(), "glaive") for i, m in enumerate(messages)),
+                       None, where, tools=tuple(tools) or None)
     key = "conversation" if "messages" not in fields and _listed(fields.get("conversation")) else "messages"
     return _conversation(fields, key, where, names, "chat")
 
