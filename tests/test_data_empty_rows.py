@@ -148,3 +148,50 @@ def test_cli_train_skips_empty_answers_and_refuses_all_empty(tmp_path, tiny_mode
     err = capsys.readouterr().err
     assert f"all 1 rows of the data have nothing to train: 1 with an empty answer (first: {empty} line 1)" in err
     assert "Traceback" not in err
+
+
+@pytest.mark.parametrize("empty", [
+    {"prompt": "Q?", "chosen": "Yes.", "rejected": ""},
+    {"prompt": "Q?", "chosen": None, "rejected": "No."},  # a parquet null
+    {"chosen": "\n\nHuman: Q?\n\nAssistant: Yes.", "rejected": ""},  # Anthropic HH's whole texts
+    {"prompt": [USER], "chosen": [ASSISTANT], "rejected": [{"role": "assistant", "content": " "}]},
+])
+def test_preference_pairs_with_an_empty_answer_are_skipped(tmp_path, qwen_tokenizer, empty):
+    from qlora.train.data.preference import normalize_preferences, tokenize_pairs
+    from qlora.train.data.unpaired import normalize_unpaired, tokenize_unpaired
+
+    good = {"prompt": "Q?", "chosen": "Yes.", "rejected": "No."}
+    path = _write(tmp_path / "pairs.jsonl", [good, empty])
+    pairs, report = tokenize_pairs(normalize_preferences(load_records(path)), qwen_tokenizer, ChatFormat(QWEN))
+    assert [p.index for p in pairs] == [0] and report.empty == {"an empty answer": [f"{path} line 2"]}
+    # KTO reads a pair as two examples: the half with an answer stays where the pair has a prompt to give it
+    units, report = tokenize_unpaired(normalize_unpaired(load_records(path)), qwen_tokenizer, ChatFormat(QWEN))
+    kept = [0, 1, 2] if isinstance(empty.get("prompt"), (str, list)) and empty["chosen"] else [0, 1]
+    assert [u.index for u in units] == kept
+    assert len(report.empty["an empty answer"]) == 4 - len(kept)
+    with pytest.raises(UsageError, match=rf"^all 1 preference pairs of the data have nothing to train: 1 with an "
+                                         rf"empty answer \(first: {tmp_path / 'one.jsonl'} line 1\)"):
+        tokenize_pairs(normalize_preferences(load_records(_write(tmp_path / "one.jsonl", [empty]))), qwen_tokenizer,
+                       ChatFormat(QWEN))
+
+
+def test_kto_rows_with_an_empty_completion_are_skipped(tmp_path, qwen_tokenizer):
+    from qlora.train.data.unpaired import normalize_unpaired, tokenize_unpaired
+
+    rows = [{"prompt": "Q?", "completion": "Yes.", "label": True}, {"prompt": "Q?", "completion": "", "label": False},
+            {"prompt": [USER], "completion": [{"role": "assistant", "content": ""}], "label": True}]
+    path = _write(tmp_path / "kto.jsonl", rows)
+    units, report = tokenize_unpaired(normalize_unpaired(load_records(path)), qwen_tokenizer, ChatFormat(QWEN))
+    assert [u.index for u in units] == [0]
+    assert report.empty == {"an empty answer": [f"{path} line 2", f"{path} line 3"]}
+    bad = _write(tmp_path / "bad.jsonl", [{"prompt": "Q?", "completion": "", "label": "maybe"}])
+    with pytest.raises(UsageError, match=rf'^{bad} line 1: field "label" must be true or false'):
+        normalize_unpaired(load_records(bad))
+
+
+def test_cli_dpo_skips_a_pair_with_an_empty_answer(tmp_path, tiny_model_dir, capsys):
+    rows = [{"prompt": f"Double {a}.", "chosen": f"{2 * a}.", "rejected": f"{a}."} for a in range(3)]
+    path = _write(tmp_path / "pairs.jsonl", rows + [{"prompt": "Double 9.", "chosen": "18.", "rejected": ""}])
+    assert main(["train", "--method", "dpo", "--model", str(tiny_model_dir), "--data", str(path), "--output",
+                 str(tmp_path / "run"), "--seq-len", "128", "--max-steps", "1", "--no-progress"]) == 0
+    assert f"1 skipped with an empty answer (first: {path} line 4)" in "".join(capsys.readouterr())

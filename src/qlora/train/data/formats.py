@@ -34,7 +34,7 @@ import json
 from collections import Counter
 from dataclasses import dataclass, replace
 from functools import partial
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 from qlora.errors import UsageError
 from qlora.train.data.fields import ROLE_NAMES, FieldMap, parse_data_fields, suggest_fields, tool_calls
@@ -334,25 +334,30 @@ def _no_entries(value: Any) -> bool:
 
 
 def _marked_empty(example: Example) -> Example:
-    """``example`` with its ``skip`` reason when an answer it would train is empty (an assistant turn with no
-    text, tool call or reasoning; a plain completion with nothing in it). Training it would teach the model to
-    stop at once: such rows (real datasets such as alpaca-cleaned hold a few) are skipped and counted."""
+    """``example`` with its ``skip`` reason when an answer it would train is empty (:func:`empty_answer`; a plain
+    completion with nothing in it). Training it would teach the model to stop at once: such rows (real datasets
+    such as alpaca-cleaned hold a few) are skipped and counted."""
     if example.skip is not None:
         return example
     if example.messages is not None:
         if not example.messages:
             return replace(example, skip=NO_MESSAGES)
         trained = [m for m in example.messages[example.prompt_turns or 0:]
-                   if m.get("role") == "assistant" and m.get("weight", 1) != 0]
-        return replace(example, skip=EMPTY_ANSWER) if any(_empty_turn(m) for m in trained) else example
+                   if m.get("role") == "assistant" and m.get("weight", 1) != 0]  # none: no trainable tokens, counted
+        return replace(example, skip=EMPTY_ANSWER) if trained and empty_answer(trained) else example
     if example.prompt is not None and not (example.text or "").strip() and example.reasoning is None:
         return replace(example, skip=EMPTY_ANSWER)
     return example
 
 
-def _empty_turn(message: dict[str, Any]) -> bool:
-    return not message.get("tool_calls") and not any(
-        isinstance(message.get(key), str) and message[key].strip() for key in ("content", *REASONING_KEYS))
+def empty_answer(answer: str | Sequence[dict[str, Any]]) -> bool:
+    """Whether an answer has nothing to train: a blank text, or messages with an assistant turn that has no text,
+    tool call or reasoning (or with no assistant turn at all)."""
+    if isinstance(answer, str):
+        return not answer.strip()
+    turns = [m for m in answer if m.get("role") == "assistant"]
+    return not turns or any(not m.get("tool_calls") and not any(
+        isinstance(m.get(key), str) and m[key].strip() for key in ("content", *REASONING_KEYS)) for m in turns)
 
 
 def blank_text(example: Example) -> bool:

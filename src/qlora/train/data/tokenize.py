@@ -111,11 +111,12 @@ class DataReport:
         """Count a row skipped for ``reason`` (e.g. ``"an empty answer"``)."""
         self.empty.setdefault(reason, []).append(where)
 
-    def nothing_to_train(self, rows: int) -> UsageError:
-        """The refusal when every one of ``rows`` rows was skipped as empty."""
+    def nothing_to_train(self, rows: int, what: str = "rows") -> UsageError:
+        """The refusal when every one of ``rows`` rows was skipped (as empty, or as a tie)."""
+        skipped = {**self.empty, "the same chosen and rejected answer": self.identical} if self.identical else self.empty
         counts = "; ".join(f"{len(where)} with {reason} (first: {', '.join(where[:_SHOWN])})"
-                           for reason, where in self.empty.items())
-        return UsageError(f"all {rows} rows of the data have nothing to train: {counts}. Such rows are skipped; give "
+                           for reason, where in skipped.items())
+        return UsageError(f"all {rows} {what} of the data have nothing to train: {counts}. Such rows are skipped; give "
                           "rows with answers (check --format and --data-fields if the answers are in another column).")
 
 
