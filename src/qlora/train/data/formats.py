@@ -222,7 +222,7 @@ def _alpaca(fields: dict[str, Any], where: str, names: FieldMap) -> Example:
 
 
 def _chat(fields: dict[str, Any], where: str, names: FieldMap) -> Example:
-    if is_transcript(fields) or ("messages" not in fields and isinstance(fields.get("chat"), str)):
+    if "messages" not in fields and not _listed(fields.get("conversation")) and isinstance(fields.get("chat"), str):
         messages, tools = transcript(fields, where) if fields["chat"].strip() else ([], [])  # glaive-function-calling
         return Example(tuple(_message(m, f"{where}, message {i}", FieldMap(), "glaive") for i, m in enumerate(messages)),
                        None, where, tools=tuple(tools) or None)
