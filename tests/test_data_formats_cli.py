@@ -70,11 +70,11 @@ def test_tool_calling_conversations(tmp_path, capsys):
 
 
 def test_bad_rows_exit_2_with_file_and_line(tmp_path, tiny_model_dir, capsys):
-    rows = [{"prompt": "p", "completion": "c"}] * 2 + [{"prompt": "p", "completion": ""}]
+    rows = [{"prompt": "p", "completion": "c"}] * 2 + [{"prompt": "p", "completion": {"text": "c"}}]
     data = _jsonl(tmp_path / "bad.jsonl", rows)
     assert _train(tiny_model_dir, data, tmp_path / "run") == 2
     err = capsys.readouterr().err
-    assert f"{data} line 3: field \"completion\" must be a non-empty string" in err and "Traceback" not in err
+    assert f"{data} line 3: field \"completion\" must be a string or a non-empty list" in err and "Traceback" not in err
     image = _jsonl(tmp_path / "image.jsonl", [{"messages": [
         {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "cat.png"}}]},
         {"role": "assistant", "content": "A cat."}]}])

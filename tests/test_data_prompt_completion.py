@@ -111,7 +111,7 @@ def test_detection_and_mixed_shapes():
 
 
 @pytest.mark.parametrize("row, message", [
-    ({"prompt": "p", "completion": "  "}, r'd\.jsonl line 3: field "completion" must be a non-empty string'),
+    ({"prompt": None, "completion": "c"}, r'd\.jsonl line 3: field "prompt" is missing'),  # "" is skipped
     ({"prompt": "p", "completion": 7}, r'd\.jsonl line 3: field "completion" must be a string or a non-empty list'),
     ({"prompt": [{"role": "user", "content": "p"}], "completion": [{"role": "user", "content": "q"}]},
      r'd\.jsonl line 3: "completion" has no assistant message'),

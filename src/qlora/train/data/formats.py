@@ -12,7 +12,8 @@ quirks are handled here and nowhere else:
   (``conversations``), whatever their entries' keys (``role``/``content`` or ``from``/``value``),
   plain strings alternating user and assistant turns (LIMA), or ``{"input", "output"}`` exchanges
   (a user turn and the assistant's reply each, as LDJnr/Capybara writes them), with content given as
-  text parts, tool calls, tool results and a per-row ``tools`` column;
+  text parts, tool calls, tool results and a per-row ``tools`` column; glaive-function-calling's ``system`` and
+  ``chat`` transcript strings (:mod:`qlora.train.data.glaive`);
 - TRL's prompt-completion (``prompt``/``completion``: strings, or message lists; a completion that is
   a list of tool calls ``{"name", "arguments"}``, as in Salesforce/xlam-function-calling-60k, is the
   assistant's tool-call turn);
@@ -31,12 +32,13 @@ from __future__ import annotations
 
 import json
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 from qlora.errors import UsageError
 from qlora.train.data.fields import ROLE_NAMES, FieldMap, parse_data_fields, suggest_fields, tool_calls
+from qlora.train.data.glaive import is_transcript, transcript
 from qlora.train.data.message_trees import is_message_tree, top_threads
 from qlora.train.data.reasoning import REASONING_KEYS, THINK_CLOSE, message_reasoning, split_think
 from qlora.train.data.sources import Record
@@ -58,6 +60,8 @@ class Example:
     ``prompt_turns`` the number of leading ``messages`` that form the prompt of a conversational one.
     ``tools`` are the tool definitions the chat template renders (``apply_chat_template(tools=...)``).
     ``reasoning`` is ``(column, text)``: the reasoning trace of a plain prompt-completion row's completion.
+    ``skip`` says why the row holds nothing to train (``"an empty answer"``, ``"no messages"``): such rows are
+    skipped and counted when tokenized, as blank texts are, rather than refusing a dataset for a few of them.
     """
 
     messages: tuple[dict[str, Any], ...] | None
@@ -67,6 +71,7 @@ class Example:
     prompt_turns: int | None = None
     tools: tuple[dict[str, Any], ...] | None = None
     reasoning: tuple[str, str] | None = None
+    skip: str | None = None
 
 
 def unpaired_label(fields: dict[str, Any]) -> bool | None:
@@ -86,7 +91,7 @@ def row_format(fields: dict[str, Any]) -> str | None:
         return "preference"
     if "prompt" in keys and "completion" in keys and unpaired_label(fields) is not None:
         return "unpaired-preference"
-    if "messages" in keys or _listed(fields.get("conversation")):
+    if "messages" in keys or _listed(fields.get("conversation")) or is_transcript(fields):
         return "chat"
     if "conversations" in keys:
         return "sharegpt"
@@ -186,7 +191,7 @@ def normalize(records: list[Record], fmt: str = "auto", fields: FieldMap | str |
     examples = []
     for r in records:
         try:
-            examples.append(convert(r.fields, r.where, names))
+            examples.append(_marked_empty(convert(r.fields, r.where, names)))
         except UsageError as exc:
             own = row_format(r.fields)
             if own is None or own == fmt:
@@ -199,11 +204,9 @@ def normalize(records: list[Record], fmt: str = "auto", fields: FieldMap | str |
 def _alpaca(fields: dict[str, Any], where: str, names: FieldMap) -> Example:
     out_key = "output" if fields.get("output") is not None or "response" not in fields else "response"
     in_key = "input" if fields.get("input") is not None or "context" not in fields else "context"
-    instruction = _text_field(fields, "instruction", where, "alpaca")
-    output = _text_field(fields, out_key, where, "alpaca")
-    extra = fields.get(in_key) or ""
-    if not isinstance(extra, str):
-        raise UsageError(f'{where}: field "{in_key}" must be a string in the alpaca format.')
+    instruction = _cell_text(fields, "instruction", where, "alpaca")
+    output = _cell_text(fields, out_key, where, "alpaca")
+    extra = _cell_text(fields, in_key, where, "alpaca") if in_key in fields else ""
     messages: list[dict[str, Any]] = []
     if fields.get("system"):
         messages.append({"role": "system", "content": _text_field(fields, "system", where, "alpaca")})
@@ -211,12 +214,18 @@ def _alpaca(fields: dict[str, Any], where: str, names: FieldMap) -> Example:
         if not (isinstance(turn, (list, tuple)) and len(turn) == 2 and all(isinstance(t, str) for t in turn)):
             raise UsageError(f'{where}: "history" item {k} must be a pair of strings [instruction, response].')
         messages += [{"role": "user", "content": turn[0]}, {"role": "assistant", "content": turn[1]}]
-    messages.append({"role": "user", "content": f"{instruction}\n\n{extra}" if extra else instruction})
+    prompt = "\n\n".join(part for part in (instruction, extra) if part.strip())  # Dolly has rows with "" for either
+    messages.append({"role": "user", "content": prompt})
     messages.append(_with_reasoning({"role": "assistant", "content": output}, fields, where))
-    return Example(tuple(messages), None, where, tools=_tools(fields, where))
+    return Example(tuple(messages), None, where, tools=_tools(fields, where),
+                   skip=None if prompt else EMPTY_INSTRUCTION)
 
 
 def _chat(fields: dict[str, Any], where: str, names: FieldMap) -> Example:
+    if "messages" not in fields and not _listed(fields.get("conversation")) and isinstance(fields.get("chat"), str):
+        messages, tools = transcript(fields, where) if fields["chat"].strip() else ([], [])  # glaive-function-calling
+        return Example(tuple(_message(m, f"{where}, message {i}", FieldMap(), "glaive") for i, m in enumerate(messages)),
+                       None, where, tools=tuple(tools) or None)
     key = "conversation" if "messages" not in fields and _listed(fields.get("conversation")) else "messages"
     return _conversation(fields, key, where, names, "chat")
 
@@ -233,6 +242,8 @@ def _sharegpt(fields: dict[str, Any], where: str, names: FieldMap) -> Example:
 
 
 def _conversation(fields: dict[str, Any], key: str, where: str, names: FieldMap, fmt: str) -> Example:
+    if key in fields and _no_entries(fields[key]):  # a conversation with no turns: nothing to train, skipped
+        return Example((), None, where, skip=NO_MESSAGES)
     raw = _list_field(fields, key, where, fmt)
     if all(isinstance(m, str) for m in raw):  # LIMA's turns: plain strings, user first, then alternating
         raw = [{"role": ("user", "assistant")[i % 2], "content": m} for i, m in enumerate(raw)]
@@ -270,14 +281,14 @@ def _prompt_completion(fields: dict[str, Any], where: str, names: FieldMap, chat
         raise unpaired_error(where)
     prompt, completion = fields.get("prompt"), fields.get("completion")
     for key, value in (("prompt", prompt), ("completion", completion)):
-        if value is None:
+        if value is None and not (key == "completion" and key in fields):  # a null completion: an empty answer
             raise UsageError(f'{where}: field "{key}" is missing (format prompt-completion).')
         if isinstance(value, str) and value.strip().startswith("[") and _json_list(value) is not None:
             fields = {**fields, key: _json_list(value)}
+    if _no_entries(fields["completion"]) and not message_reasoning(fields, where):
+        return Example(None, "", where, prompt=prompt if isinstance(prompt, str) else "", skip=EMPTY_ANSWER)
     prompt, completion = fields["prompt"], _tool_call_turn(fields["completion"]) or fields["completion"]
     if isinstance(prompt, str) and isinstance(completion, str) and not chat:
-        if not completion.strip():
-            raise UsageError(f'{where}: field "completion" must be a non-empty string (format prompt-completion).')
         if THINK_CLOSE in completion and message_reasoning(fields, where):
             raise _twice_error(where, message_reasoning(fields, where)[0], '"completion"')
         return Example(None, completion, where, prompt=prompt, reasoning=message_reasoning(fields, where))
@@ -308,6 +319,45 @@ def _text(fields: dict[str, Any], where: str, names: FieldMap) -> Example:
     if isinstance(value, str) and not value.strip():  # a corpus's blank line (wikitext): skipped when tokenized
         return Example(None, "", where)
     return Example(None, _text_field(fields, "text", where, "text"), where)
+
+
+EMPTY_ANSWER = "an empty answer"
+EMPTY_INSTRUCTION = "an empty instruction"
+NO_MESSAGES = "no messages"
+
+
+def _no_entries(value: Any) -> bool:
+    """A null, blank or empty-list cell: a row with nothing there (CSV writes an empty list as ``[]``)."""
+    if isinstance(value, str):
+        return not value.strip() or value.strip() == "[]"
+    return value is None or value == []
+
+
+def _marked_empty(example: Example) -> Example:
+    """``example`` with its ``skip`` reason when an answer it would train is empty (:func:`empty_answer`; a plain
+    completion with nothing in it). Training it would teach the model to stop at once: such rows (real datasets
+    such as alpaca-cleaned hold a few) are skipped and counted."""
+    if example.skip is not None:
+        return example
+    if example.messages is not None:
+        if not example.messages:
+            return replace(example, skip=NO_MESSAGES)
+        trained = [m for m in example.messages[example.prompt_turns or 0:]
+                   if m.get("role") == "assistant" and m.get("weight", 1) != 0]  # none: no trainable tokens, counted
+        return replace(example, skip=EMPTY_ANSWER) if trained and empty_answer(trained) else example
+    if example.prompt is not None and not (example.text or "").strip() and example.reasoning is None:
+        return replace(example, skip=EMPTY_ANSWER)
+    return example
+
+
+def empty_answer(answer: str | Sequence[dict[str, Any]]) -> bool:
+    """Whether an answer has nothing to train: a blank text, or messages with an assistant turn that has no text,
+    tool call or reasoning (or with no assistant turn at all)."""
+    if isinstance(answer, str):
+        return not answer.strip()
+    turns = [m for m in answer if m.get("role") == "assistant"]
+    return not turns or any(not m.get("tool_calls") and not any(
+        isinstance(m.get(key), str) and m[key].strip() for key in ("content", *REASONING_KEYS)) for m in turns)
 
 
 def blank_text(example: Example) -> bool:
@@ -463,6 +513,21 @@ def _json_list(value: str) -> list | None:
     except json.JSONDecodeError:
         return None
     return parsed if isinstance(parsed, list) and all(isinstance(m, dict) for m in parsed) else None
+
+
+def _cell_text(fields: dict[str, Any], key: str, where: str, fmt: str) -> str:
+    """A text column that may be empty in some rows: null is ``""`` (a parquet or CSV gap), a number its
+    decimal text (a numeric answer column); a missing column or another type is refused."""
+    if key not in fields:
+        raise UsageError(f'{where}: field "{key}" is missing (format {fmt}).')
+    value = fields[key]
+    if value is None or (isinstance(value, float) and value != value):  # null, or NaN as pandas writes a gap
+        return ""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)
+    if not isinstance(value, str):
+        raise UsageError(f'{where}: field "{key}" must be a string, got {type(value).__name__} (format {fmt}).')
+    return value
 
 
 def _text_field(fields: dict[str, Any], key: str, where: str, fmt: str) -> str:

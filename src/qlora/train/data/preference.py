@@ -31,7 +31,8 @@ tokenized once per pair; each answer starts where ``prompt + answer`` stops
 agreeing with the prompt alone (usually right after it; earlier when a BPE
 merge crosses the boundary), as TRL does. Sequences longer than ``--seq-len``
 keep their start; a pair left with no answer token is skipped and reported, and so is a pair whose two
-answers are the same (datasets hold a few such ties; TRL trains them, on a DPO loss with no gradient).
+answers are the same (datasets hold a few such ties; TRL trains them, on a DPO loss with no gradient), or
+one of whose answers is empty or null (as SFT rows with an empty answer are).
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ import torch
 from qlora.errors import UsageError
 from qlora.model.chat_format import ChatFormat
 from qlora.train.data.fields import FieldMap, message_like, parse_data_fields, prompt_column
-from qlora.train.data.formats import Example, normalize, unpaired_error, unpaired_label
+from qlora.train.data.formats import EMPTY_ANSWER, Example, empty_answer, normalize, unpaired_error, unpaired_label
 from qlora.train.data.sources import Record
 from qlora.train.data.tokenize import IGNORE_INDEX, DataReport, for_template, tokenize_example
 
@@ -60,6 +61,7 @@ class PreferenceExample:
     chosen: str | Messages
     rejected: str | Messages
     where: str
+    skip: str | None = None  # why the pair is skipped when tokenized ("an empty answer")
 
     @property
     def conversational(self) -> bool:
@@ -87,6 +89,8 @@ def message_tuple(value: Any, where: str, key: str, names: FieldMap = FieldMap()
     role values; its columns were renamed already)."""
     example = normalize([Record({"messages": value}, f'{where}, field "{key}"')], "chat",
                         replace(names, columns={}))[0]
+    if not example.messages:
+        raise UsageError(f'{where}: field "{key}" must be a non-empty message list.')
     return example.messages
 
 
@@ -154,7 +158,20 @@ def normalize_preferences(records: list[Record],
 
 
 def pair_from_row(fields: dict[str, Any], where: str, names: FieldMap, chat: bool) -> PreferenceExample:
-    """One renamed row as a pair; ``chat``: its source is read as conversations (:func:`read_as_chat`)."""
+    """One renamed row as a pair; ``chat``: its source is read as conversations (:func:`read_as_chat`). A pair with
+    an empty (or null) answer is marked to be skipped, as SFT rows with an empty answer are."""
+    if any(fields.get(key) is None and key in fields or fields.get(key) == [] for key in ("chosen", "rejected")):
+        return PreferenceExample("", "", "", where, skip=EMPTY_ANSWER)
+    if all(isinstance(fields.get(key), str) for key in ("chosen", "rejected")) and not isinstance(
+            fields.get("prompt"), (str, list)) and any(not fields[key].strip() for key in ("chosen", "rejected")):
+        return PreferenceExample("", fields["chosen"], fields["rejected"], where, skip=EMPTY_ANSWER)  # no prompt to cut
+    pair = _pair_from_row(fields, where, names, chat)
+    if empty_answer(pair.chosen) or empty_answer(pair.rejected):
+        return replace(pair, skip=EMPTY_ANSWER)
+    return pair
+
+
+def _pair_from_row(fields: dict[str, Any], where: str, names: FieldMap, chat: bool) -> PreferenceExample:
     need = '(preference rows need "prompt", "chosen" and "rejected": strings or message lists)'
     if "chosen" not in fields and unpaired_label(fields) is not None:
         raise unpaired_error(where)
@@ -165,8 +182,8 @@ def pair_from_row(fields: dict[str, Any], where: str, names: FieldMap, chat: boo
                              "answers stored under other names with --data-fields chosen=COLUMN,rejected=COLUMN; "
                              "answers that are only scored (a rating or preference strength per answer) need "
                              '"chosen" and "rejected" columns written from those scores first.')
-        if not isinstance(value, (str, list)) or not value or (isinstance(value, str) and not value.strip()):
-            raise UsageError(f'{where}: field "{key}" must be a non-empty string or message list {need}.')
+        if not isinstance(value, (str, list)):
+            raise UsageError(f'{where}: field "{key}" must be a string or a message list {need}.')
     prompt = fields.get("prompt")
     if prompt is not None and not isinstance(prompt, (str, list)):
         raise UsageError(f'{where}: field "prompt" must be a string or a message list {need}.')
@@ -277,6 +294,9 @@ def tokenize_pairs(examples: list[PreferenceExample], tokenizer, chat_template: 
         raise UsageError("the tokenizer has no EOS token; set eos_token so answers can teach the model to stop.")
     kept, report = [], DataReport(examples=len(examples))
     for i, example in enumerate(examples):
+        if example.skip:
+            report.skip(example.skip, example.where)
+            continue
         if example.chosen == example.rejected:  # no preference to learn
             report.identical.append(example.where)
             continue
@@ -287,6 +307,8 @@ def tokenize_pairs(examples: list[PreferenceExample], tokenizer, chat_template: 
             report.untrainable_where.append(example.where)
         else:
             kept.append(pair)
+    if not kept and report.empty and len(report.identical) + sum(map(len, report.empty.values())) == len(examples):
+        raise report.nothing_to_train(len(examples), "preference pairs")
     if not kept and len(report.identical) == len(examples):
         raise UsageError(f"all {len(examples)} preference pairs have the same chosen and rejected answer (first: "
                          f"{', '.join(report.identical[:5])}): there is no preference to learn.")

@@ -83,6 +83,7 @@ class DataReport:
     reasoning_placement: str = ""
     reasoning_hidden: int = 0  # assistant turns whose reasoning the template does not show
     identical: list[str] = field(default_factory=list)  # preference rows whose two answers are the same: no signal
+    empty: dict[str, list[str]] = field(default_factory=dict)  # why a row holds nothing to train -> where they are
 
     def summary(self) -> str:
         """One line for the user: counts, and the first untrainable examples."""
@@ -102,7 +103,21 @@ class DataReport:
         if self.identical:
             text += (f", {len(self.identical)} skipped whose chosen and rejected answers are the same (first: "
                      f"{', '.join(self.identical[:_SHOWN])})")
+        for reason, where in self.empty.items():
+            text += f", {len(where)} skipped with {reason} (first: {', '.join(where[:_SHOWN])})"
         return text
+
+    def skip(self, reason: str, where: str) -> None:
+        """Count a row skipped for ``reason`` (e.g. ``"an empty answer"``)."""
+        self.empty.setdefault(reason, []).append(where)
+
+    def nothing_to_train(self, rows: int, what: str = "rows") -> UsageError:
+        """The refusal when every one of ``rows`` rows was skipped (as empty, or as a tie)."""
+        skipped = {**self.empty, "the same chosen and rejected answer": self.identical} if self.identical else self.empty
+        counts = "; ".join(f"{len(where)} with {reason} (first: {', '.join(where[:_SHOWN])})"
+                           for reason, where in skipped.items())
+        return UsageError(f"all {rows} {what} of the data have nothing to train: {counts}. Such rows are skipped; give "
+                          "rows with answers (check --format and --data-fields if the answers are in another column).")
 
 
 def tokenize_example(
@@ -140,7 +155,7 @@ def tokenize_example(
     fmt = chat_template if isinstance(chat_template, ChatFormat) else ChatFormat(chat_template)
     stops = set(stop_ids) if stop_ids is not None else stop_token_ids(tokenizer)
     hidden = 0
-    if blank_text(example):  # nothing to learn; TRL would train an EOS after nothing
+    if blank_text(example) or example.skip:  # nothing to learn; TRL would train an EOS after nothing
         return TokenizedExample([], [], index)
     if example.messages is None:
         # the tokenizer's own BOS setting, as for a raw prompt
@@ -186,6 +201,9 @@ def tokenize_dataset(
     stops = set(stop_ids) if stop_ids is not None else stop_token_ids(tokenizer)
     kept, report = [], DataReport(examples=len(examples))
     for i, example in enumerate(examples):
+        if example.skip:
+            report.skip(example.skip, example.where)
+            continue
         tokenized = tokenize_example(example, tokenizer, chat_template, train_on, seq_len, index=i, stop_ids=stops)
         report.truncated += tokenized.truncated
         report.reasoning += has_reasoning(example.messages, example.reasoning)
@@ -198,6 +216,11 @@ def tokenize_dataset(
     if report.reasoning:
         template = chat_template.template if isinstance(chat_template, ChatFormat) else chat_template
         report.reasoning_placement = placement(template, tokenizer)
+    if not kept and report.empty and all(blank_text(e) or e.skip for e in examples):
+        for e in examples:
+            if blank_text(e):
+                report.skip("an empty text", e.where)
+        raise report.nothing_to_train(len(examples))
     if not kept and all(blank_text(e) for e in examples):
         raise UsageError(f"all {len(examples)} texts of the data are empty (first: "
                          f"{', '.join(report.untrainable_where[:_SHOWN])}); give texts to train on.")

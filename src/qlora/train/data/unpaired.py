@@ -30,7 +30,7 @@ import torch
 from qlora.errors import UsageError
 from qlora.model.chat_format import ChatFormat
 from qlora.train.data.fields import FieldMap
-from qlora.train.data.formats import unpaired_label
+from qlora.train.data.formats import EMPTY_ANSWER, empty_answer, unpaired_label
 from qlora.train.data.preference import (Messages, PreferenceExample, common_prefix, full_ids, message_tuple,
                                          missing_prompt_hint, pair_from_row, prompt_ids, renamed_source, with_system)
 from qlora.train.data.sources import Record
@@ -46,6 +46,7 @@ class UnpairedExample:
     desirable: bool
     where: str
     tie: bool = False  # unpaired from a pair whose two answers are the same: skipped when tokenized
+    skip: str | None = None  # why it is skipped when tokenized ("an empty answer")
 
     @property
     def conversational(self) -> bool:
@@ -77,9 +78,10 @@ def normalize_unpaired(records: list[Record], fields: FieldMap | str | dict | No
     for r in records:
         if "chosen" in r.fields and "rejected" in r.fields:
             pair: PreferenceExample = pair_from_row(r.fields, r.where, names, chat)
-            tie = pair.chosen == pair.rejected  # the same answer labelled desirable and not
-            out += [UnpairedExample(pair.prompt, pair.chosen, True, r.where, tie),
-                    UnpairedExample(pair.prompt, pair.rejected, False, r.where, tie)]
+            tie = pair.chosen == pair.rejected and not pair.skip  # the same answer labelled desirable and not
+            out += [UnpairedExample(pair.prompt, answer, desirable, r.where, tie,  # a half with an answer stays
+                                    pair.skip if pair.skip and (not pair.prompt or empty_answer(answer)) else None)
+                    for answer, desirable in ((pair.chosen, True), (pair.rejected, False))]
         else:
             out.append(_normalize_row(r.fields, r.where, names, chat))
     return out
@@ -88,15 +90,17 @@ def normalize_unpaired(records: list[Record], fields: FieldMap | str | dict | No
 def _normalize_row(fields: dict, where: str, names: FieldMap, chat: bool) -> UnpairedExample:
     need = ('(KTO rows need "prompt", "completion" (strings or message lists) and "label" (true: a desirable '
             'completion, false: an undesirable one), or preference pairs "prompt", "chosen", "rejected")')
+    completion, label = fields.get("completion"), unpaired_label(fields)
+    if "completion" in fields and label is not None and (
+            completion is None or completion == [] or (isinstance(completion, str) and not completion.strip())):
+        return UnpairedExample("", "", label, where, skip=EMPTY_ANSWER)
     for key in ("prompt", "completion"):
         value = fields.get(key)
         if value is None:
             hint = missing_prompt_hint(fields) if key == "prompt" else ""
             raise UsageError(f'{where}: field "{key}" is missing {need}; the fields are {sorted(fields)}.{hint}')
-        if not isinstance(value, (str, list)) or (key == "completion" and not value) or (
-                isinstance(value, str) and key == "completion" and not value.strip()):
-            raise UsageError(f'{where}: field "{key}" must be a non-empty string or message list {need}.')
-    label = unpaired_label(fields)
+        if not isinstance(value, (str, list)):
+            raise UsageError(f'{where}: field "{key}" must be a string or a message list {need}.')
     if label is None:
         raise UsageError(f'{where}: field "label" must be true or false {need}; got {fields.get("label")!r}.')
     prompt, completion = fields["prompt"], fields["completion"]
@@ -108,7 +112,8 @@ def _normalize_row(fields: dict, where: str, names: FieldMap, chat: bool) -> Unp
                     else ({"role": "assistant", "content": completion},))
     if not any(m["role"] == "assistant" for m in completion_m):
         raise UsageError(f'{where}: "completion" has no assistant message; it is the answer KTO judges.')
-    return UnpairedExample(with_system(prompt_m, fields, where), completion_m, label, where)
+    return UnpairedExample(with_system(prompt_m, fields, where), completion_m, label, where,
+                           skip=EMPTY_ANSWER if empty_answer(completion_m) else None)
 
 
 def tokenize_unpaired(examples: list[UnpairedExample], tokenizer, chat_template: str | ChatFormat,
@@ -125,6 +130,9 @@ def tokenize_unpaired(examples: list[UnpairedExample], tokenizer, chat_template:
     fmt = chat_template if isinstance(chat_template, ChatFormat) else ChatFormat(chat_template)
     kept, report = [], DataReport(examples=len(examples))
     for i, example in enumerate(examples):
+        if example.skip:
+            report.skip(example.skip, example.where)
+            continue
         if example.tie:
             report.identical.append(example.where)
             continue
@@ -143,6 +151,8 @@ def tokenize_unpaired(examples: list[UnpairedExample], tokenizer, chat_template:
             report.untrainable_where.append(example.where)
         else:
             kept.append(TokenizedUnpaired(prompt, completion, example.desirable, i, truncated))
+    if not kept and report.empty and len(report.identical) + sum(map(len, report.empty.values())) == len(examples):
+        raise report.nothing_to_train(len(examples), "KTO examples")
     if not kept and len(report.identical) == len(examples):
         raise UsageError(f"all {len(examples)} KTO examples come from preference pairs whose chosen and rejected "
                          f"answer are the same (first: {', '.join(report.identical[:5])}): nothing to learn.")

@@ -1,0 +1,197 @@
+"""Rows with nothing to train, as real datasets hold a few among thousands (alpaca-cleaned and Dolly rows with an
+empty answer, parquet nulls, conversations with no turns): skipped and counted in the run log, like blank texts;
+a dataset of nothing else is refused naming its rows. Malformed rows are still refused with their file and line.
+
+Oracle: the examples kept tokenize exactly as the same good rows do in a file without the empty ones."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from qlora.cli.main import main
+from qlora.errors import UsageError
+from qlora.model.chat_format import ChatFormat
+from qlora.train.data import load_records, normalize, tokenize_dataset
+
+QWEN = (Path(__file__).parent / "data" / "chat_templates" / "qwen2.5.jinja").read_text()
+USER, ASSISTANT = {"role": "user", "content": "Hi?"}, {"role": "assistant", "content": "Hello."}
+
+
+@pytest.fixture(scope="module")
+def qwen_tokenizer():
+    from qlora.model.tiny import train_tokenizer
+
+    from conftest import _TEXT
+
+    tokenizer = train_tokenizer(_TEXT + [QWEN] * 5, vocab_size=1000)
+    tokenizer.chat_template = QWEN
+    return tokenizer
+
+
+def _write(path: Path, rows) -> Path:
+    if path.suffix == ".parquet":
+        pq.write_table(pa.Table.from_pylist(rows), path)
+    else:
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+# (good row, empty row, skip reason): each empty row as a public dataset holds it
+CASES = {
+    "alpaca-cleaned": ({"instruction": "Say hi.", "input": "", "output": "Hi."},
+                       {"instruction": "Give an example.", "input": "", "output": ""}, "an empty answer"),
+    "alpaca-blank": ({"instruction": "Say hi.", "input": "", "output": "Hi."},
+                     {"instruction": "Say it.", "input": "", "output": "  \n"}, "an empty answer"),
+    "dolly": ({"instruction": "Name a fruit.", "context": "", "response": "Apple.", "category": "open_qa"},
+              {"instruction": "Summarize.", "context": "A text.", "response": "", "category": "summarization"},
+              "an empty answer"),
+    "prompt-completion": ({"prompt": "2+2=", "completion": " 4"}, {"prompt": "3+3=", "completion": ""},
+                          "an empty answer"),
+    "prompt-completion-null": ({"prompt": "2+2=", "completion": " 4"}, {"prompt": "3+3=", "completion": None},
+                               "an empty answer"),
+    "prompt-completion-chat": ({"prompt": [USER], "completion": [ASSISTANT]},
+                               {"prompt": [USER], "completion": [{"role": "assistant", "content": ""}]},
+                               "an empty answer"),
+    "messages-last-turn": ({"messages": [USER, ASSISTANT]},
+                           {"messages": [USER, ASSISTANT, USER, {"role": "assistant", "content": ""}]},
+                           "an empty answer"),
+    "sharegpt-last-turn": ({"conversations": [{"from": "human", "value": "Hi?"}, {"from": "gpt", "value": "Hello."}]},
+                           {"conversations": [{"from": "human", "value": "Hi?"}, {"from": "gpt", "value": ""}]},
+                           "an empty answer"),
+    "messages-no-turns": ({"messages": [USER, ASSISTANT]}, {"messages": []}, "no messages"),
+    "sharegpt-no-turns": ({"conversations": [{"from": "human", "value": "Hi?"}, {"from": "gpt", "value": "Hello."}]},
+                          {"conversations": []}, "no messages"),
+}
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_an_empty_row_is_skipped_and_counted(tmp_path, qwen_tokenizer, name):
+    good, empty, reason = CASES[name]
+    path = _write(tmp_path / "data.jsonl", [good, empty, good])
+    tokenized, report = tokenize_dataset(normalize(load_records(path)), qwen_tokenizer, ChatFormat(QWEN))
+    alone, _ = tokenize_dataset(normalize(load_records(_write(tmp_path / "good.jsonl", [good]))), qwen_tokenizer,
+                                ChatFormat(QWEN))
+    assert [t.index for t in tokenized] == [0, 2]
+    assert [(t.input_ids, t.labels) for t in tokenized] == [(alone[0].input_ids, alone[0].labels)] * 2
+    assert report.empty == {reason: [f"{path} line 2"]}
+    assert f"1 skipped with {reason} (first: {path} line 2)" in report.summary()
+
+
+def test_parquet_nulls_and_numbers_in_alpaca_columns(tmp_path, qwen_tokenizer):
+    """Typed parquet sources: a null answer is an empty one, a null input none, a numeric answer its text, and an
+    empty instruction leaves the task to the input."""
+    numbers = _write(tmp_path / "numbers.parquet", [{"instruction": "What is 2+2?", "input": None, "output": 4},
+                                                    {"instruction": "What is 6+6?", "input": None, "output": 12},
+                                                    {"instruction": "Say nothing.", "input": None, "output": None}])
+    examples = normalize(load_records(numbers))
+    assert [e.messages for e in examples[:2]] == [
+        ({"role": "user", "content": "What is 2+2?"}, {"role": "assistant", "content": "4"}),
+        ({"role": "user", "content": "What is 6+6?"}, {"role": "assistant", "content": "12"})]
+    _, report = tokenize_dataset(examples, qwen_tokenizer, ChatFormat(QWEN))
+    assert report.empty == {"an empty answer": [f"{numbers} row 2"]}
+    texts = _write(tmp_path / "texts.parquet", [{"instruction": "", "input": "Translate: chat", "output": "cat"}])
+    assert normalize(load_records(texts))[0].messages[0] == {"role": "user", "content": "Translate: chat"}
+
+
+def test_an_answer_with_a_tool_call_or_reasoning_is_not_empty(tmp_path):
+    call = {"role": "assistant", "content": "", "tool_calls": [{"function": {"name": "f", "arguments": "{}"}}]}
+    thinking = {"role": "assistant", "content": "", "reasoning_content": "Nothing to add."}
+    path = _write(tmp_path / "data.jsonl", [{"messages": [USER, call]}, {"messages": [USER, thinking]},
+                                            {"messages": [USER, {**ASSISTANT, "content": ""}, USER, ASSISTANT]},
+                                            {"messages": [USER, {**ASSISTANT, "content": "", "weight": 0}, USER,
+                                                          ASSISTANT]}])
+    # an empty turn anywhere would be trained as an immediate end of turn; one with weight 0 is not trained
+    assert [e.skip for e in normalize(load_records(path))] == [None, None, "an empty answer", None]
+
+
+def test_a_dataset_of_empty_rows_is_refused_naming_them(tmp_path, qwen_tokenizer):
+    path = _write(tmp_path / "data.jsonl", [{"instruction": "A?", "output": ""}, {"instruction": "B?", "output": ""},
+                                            {"instruction": "", "input": "", "output": "C."}])
+    with pytest.raises(UsageError) as error:
+        tokenize_dataset(normalize(load_records(path)), qwen_tokenizer, ChatFormat(QWEN))
+    assert str(error.value).startswith(
+        f"all 3 rows of the data have nothing to train: 2 with an empty answer (first: {path} line 1, {path} line 2); "
+        f"1 with an empty instruction (first: {path} line 3).")
+
+
+@pytest.mark.parametrize("row, error", [
+    ({"messages": [{"role": "narrator", "content": "Hi"}]}, r"line 1, message 0: unknown role 'narrator'"),
+    ({"messages": "hello"}, r'line 1: field "messages" must be a non-empty list'),
+    ({"messages": [{"role": "user", "content": 5}]}, r'line 1, message 0: "content" must be a string'),
+    ({"conversations": [{"from": "human"}]}, r'line 1, message 0: each entry needs string fields "from" and "value"'),
+    ({"instruction": "A?", "output": ["A."]}, r'line 1: field "output" must be a string, got list'),
+    ({"instruction": "A?", "output": True}, r'line 1: field "output" must be a string, got bool'),
+    ({"prompt": "A?", "completion": {"text": "B"}}, r'line 1: field "completion" must be a string or a non-empty'),
+])
+def test_malformed_rows_are_still_refused_with_file_and_line(tmp_path, row, error):
+    path = _write(tmp_path / "data.jsonl", [row])
+    with pytest.raises(UsageError, match=rf"^{path} {error}"):
+        normalize(load_records(path))
+
+
+def test_cli_train_skips_empty_answers_and_refuses_all_empty(tmp_path, tiny_model_dir, capsys):
+    rows = [{"instruction": f"Double {a}.", "input": "", "output": f"{2 * a}."} for a in range(4)]
+    path = _write(tmp_path / "alpaca.jsonl", rows[:2] + [{"instruction": "Nothing.", "input": "", "output": ""}] + rows[2:])
+    args = ["train", "--model", str(tiny_model_dir), "--output", str(tmp_path / "run"), "--seq-len", "128",
+            "--max-steps", "1", "--no-progress"]
+    assert main([*args, "--data", str(path)]) == 0
+    log = "".join(capsys.readouterr())
+    assert f"data: 5 examples, 0 truncated to --seq-len, 1 skipped with an empty answer (first: {path} line 3); " \
+           "4 examples" in log
+    empty = _write(tmp_path / "empty.jsonl", [{"instruction": "Nothing.", "input": "", "output": ""}])
+    assert main([*args[:4], str(tmp_path / "run2"), *args[5:], "--data", str(empty)]) == 2
+    err = capsys.readouterr().err
+    assert f"all 1 rows of the data have nothing to train: 1 with an empty answer (first: {empty} line 1)" in err
+    assert "Traceback" not in err
+
+
+@pytest.mark.parametrize("empty", [
+    {"prompt": "Q?", "chosen": "Yes.", "rejected": ""},
+    {"prompt": "Q?", "chosen": None, "rejected": "No."},  # a parquet null
+    {"chosen": "\n\nHuman: Q?\n\nAssistant: Yes.", "rejected": ""},  # Anthropic HH's whole texts
+    {"prompt": [USER], "chosen": [ASSISTANT], "rejected": [{"role": "assistant", "content": " "}]},
+])
+def test_preference_pairs_with_an_empty_answer_are_skipped(tmp_path, qwen_tokenizer, empty):
+    from qlora.train.data.preference import normalize_preferences, tokenize_pairs
+    from qlora.train.data.unpaired import normalize_unpaired, tokenize_unpaired
+
+    good = {"prompt": "Q?", "chosen": "Yes.", "rejected": "No."}
+    path = _write(tmp_path / "pairs.jsonl", [good, empty])
+    pairs, report = tokenize_pairs(normalize_preferences(load_records(path)), qwen_tokenizer, ChatFormat(QWEN))
+    assert [p.index for p in pairs] == [0] and report.empty == {"an empty answer": [f"{path} line 2"]}
+    # KTO reads a pair as two examples: the half with an answer stays where the pair has a prompt to give it
+    units, report = tokenize_unpaired(normalize_unpaired(load_records(path)), qwen_tokenizer, ChatFormat(QWEN))
+    kept = [0, 1, 2] if isinstance(empty.get("prompt"), (str, list)) and empty["chosen"] else [0, 1]
+    assert [u.index for u in units] == kept
+    assert len(report.empty["an empty answer"]) == 4 - len(kept)
+    with pytest.raises(UsageError, match=rf"^all 1 preference pairs of the data have nothing to train: 1 with an "
+                                         rf"empty answer \(first: {tmp_path / 'one.jsonl'} line 1\)"):
+        tokenize_pairs(normalize_preferences(load_records(_write(tmp_path / "one.jsonl", [empty]))), qwen_tokenizer,
+                       ChatFormat(QWEN))
+
+
+def test_kto_rows_with_an_empty_completion_are_skipped(tmp_path, qwen_tokenizer):
+    from qlora.train.data.unpaired import normalize_unpaired, tokenize_unpaired
+
+    rows = [{"prompt": "Q?", "completion": "Yes.", "label": True}, {"prompt": "Q?", "completion": "", "label": False},
+            {"prompt": [USER], "completion": [{"role": "assistant", "content": ""}], "label": True}]
+    path = _write(tmp_path / "kto.jsonl", rows)
+    units, report = tokenize_unpaired(normalize_unpaired(load_records(path)), qwen_tokenizer, ChatFormat(QWEN))
+    assert [u.index for u in units] == [0]
+    assert report.empty == {"an empty answer": [f"{path} line 2", f"{path} line 3"]}
+    bad = _write(tmp_path / "bad.jsonl", [{"prompt": "Q?", "completion": "", "label": "maybe"}])
+    with pytest.raises(UsageError, match=rf'^{bad} line 1: field "label" must be true or false'):
+        normalize_unpaired(load_records(bad))
+
+
+def test_cli_dpo_skips_a_pair_with_an_empty_answer(tmp_path, tiny_model_dir, capsys):
+    rows = [{"prompt": f"Double {a}.", "chosen": f"{2 * a}.", "rejected": f"{a}."} for a in range(3)]
+    path = _write(tmp_path / "pairs.jsonl", rows + [{"prompt": "Double 9.", "chosen": "18.", "rejected": ""}])
+    assert main(["train", "--method", "dpo", "--model", str(tiny_model_dir), "--data", str(path), "--output",
+                 str(tmp_path / "run"), "--seq-len", "128", "--max-steps", "1", "--no-progress"]) == 0
+    assert f"1 skipped with an empty answer (first: {path} line 4)" in "".join(capsys.readouterr())
