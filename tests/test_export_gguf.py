@@ -342,6 +342,7 @@ def test_moe_experts_are_written_in_llama_cpps_layout(tmp_path, tiny_tokenizer):
         "rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 32,
         "mscale": 1.0, "mscale_all_dim": 0.5}), "assumes mscale equals mscale_all_dim"),
     ("deepseek_v3", dict(attention_bias=True), "attention_bias=True"),
+    ("deepseek_v2", dict(n_shared_experts=0), "no shared experts"),  # llama.cpp's loader requires them
     # llama.cpp's mpt scales attention by 1/sqrt(head_dim); Ministral runs as llama, without sliding windows
     ("mpt", dict(attn_config=MptAttentionConfig(softmax_scale=0.1)), "softmax_scale=0.1"),
     ("ministral", dict(sliding_window=16, layer_types=["sliding_attention", "full_attention"]),

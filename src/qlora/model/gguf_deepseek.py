@@ -57,11 +57,15 @@ def write_experts(writer, config) -> None:
     if not n_expert:
         raise UsageError(f"this {config.model_type} config has no routed experts (n_routed_experts), which "
                          f"llama.cpp's deepseek2 needs. Refusing to export.")
+    if not getattr(config, "n_shared_experts", None):  # V2 builds its MoE layers without them then
+        raise UsageError(f"this {config.model_type} config has no shared experts (n_shared_experts is "
+                         f"{getattr(config, 'n_shared_experts', None)}), and llama.cpp's deepseek2 requires them in "
+                         f"every MoE layer: it would not load the GGUF. Refusing to export.")
     writer.add_leading_dense_block_count(config.first_k_dense_replace or 0)
     writer.add_expert_count(n_expert)
     writer.add_expert_used_count(config.num_experts_per_tok)
     writer.add_expert_feed_forward_length(config.moe_intermediate_size)
-    writer.add_expert_shared_count(config.n_shared_experts or 0)
+    writer.add_expert_shared_count(config.n_shared_experts)
     writer.add_expert_weights_scale(float(config.routed_scaling_factor or 1.0))
     writer.add_expert_weights_norm(bool(v3 and config.norm_topk_prob))  # V2's router never renormalizes
     writer.add_expert_gating_func(gguf.ExpertGatingFuncType.SIGMOID if v3 else gguf.ExpertGatingFuncType.SOFTMAX)
