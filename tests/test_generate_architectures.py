@@ -7,7 +7,8 @@ the prompt (window 4), logit softcapping, attention sinks, learned absolute posi
 mixture-of-experts routing, multi-head latent attention (MLA), recurrent state (Mamba, RWKV) and
 hybrid attention/recurrent caches (LFM2, Bamba, RecurrentGemma, whose forward does not return its cache), a model
 whose cache is no cache ``generate`` passes back (Reformer) and one whose ``prepare_inputs_for_generation`` feeds it
-the whole sequence after a cache (CPM-Ant).
+the whole sequence after a cache (CPM-Ant); sparse-attention indexers (DeepSeek-V3.2), a hybrid of Mamba,
+expert, attention and MLP blocks (Nemotron-H), convolution and experts (LFM2-MoE) and clipped fused QKV (DBRX).
 Requests of different lengths are submitted together, so the
 batcher joins rows of different lengths (or, for a cache it cannot re-batch, says so at start and
 decodes them one at a time).
@@ -20,6 +21,7 @@ import threading
 import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
+from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
 
 from qlora.infer.batcher import ContinuousBatcher, Event, Request
 from qlora.infer.generate import SamplingOptions, stream_tokens
@@ -56,17 +58,37 @@ ARCHS = {
     # its forward takes the whole sequence at every step and cuts the cached part off itself
     "cpmant": (dict(dim_ff=128, dim_head=16, prompt_length=8, position_bias_num_buckets=32,
                     position_bias_max_distance=64), False),
+    # DeepSeek sparse attention: an indexer keeps the top 4 keys of the 12-token prompt
+    "deepseek_v32": (dict(num_key_value_heads=4, n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                          q_lora_rank=32, kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16,
+                          head_dim=8,
+                          first_k_dense_replace=1, n_group=1, topk_group=1, index_topk=4, index_head_dim=16,
+                          index_n_heads=2), False),
+    # Mamba, mixture-of-experts, attention and MLP blocks, one each
+    "nemotron_h": (dict(num_hidden_layers=4, layers_block_type=["linear_attention", "moe", "full_attention", "mlp"],
+                        mamba_num_heads=4, mamba_head_dim=16, ssm_state_size=8, n_groups=1, chunk_size=8,
+                        head_dim=16, n_routed_experts=4, moe_intermediate_size=32,
+                        moe_shared_expert_intermediate_size=32), False),
+    "lfm2_moe": (dict(layer_types=["conv", "full_attention"], num_experts=4, num_experts_per_tok=2,
+                      moe_intermediate_size=32, num_dense_layers=1), False),
+    # fused Wqkv clipped to +-8 and fused experts; a fresh config lacks the rope_theta and clip_qkv its attention reads
+    "dbrx": (dict(d_model=64, n_heads=4, n_layers=2, max_seq_len=256, attn_config=dict(
+        kv_n_heads=2, rope_theta=10000.0, clip_qkv=8.0), ffn_config=dict(hidden_size=64, ffn_hidden_size=64,
+                                                                         moe_num_experts=4, moe_top_k=2)), True),
 }
 
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory, tiny_tokenizer):
     def build(arch: str):
+        if arch not in CONFIG_MAPPING_NAMES:
+            pytest.skip(f"this transformers has no {arch!r} models")
         d = tmp_path_factory.mktemp(arch)
+        small = {k: v for k, v in SMALL.items() if hasattr(AutoConfig.for_model(arch), k)}
         config = AutoConfig.for_model(
             arch, vocab_size=len(tiny_tokenizer), bos_token_id=tiny_tokenizer.bos_token_id,
             eos_token_id=tiny_tokenizer.eos_token_id, pad_token_id=tiny_tokenizer.pad_token_id,
-            **{k: v for k, v in SMALL.items() if hasattr(AutoConfig.for_model(arch), k)}, **ARCHS[arch][0])
+            **{**small, **ARCHS[arch][0]})
         torch.manual_seed(0)
         AutoModelForCausalLM.from_config(config).save_pretrained(d)
         tiny_tokenizer.save_pretrained(d)
@@ -164,3 +186,51 @@ def test_a_model_whose_generate_feeds_other_ids_is_refused_before_decoding(arch,
     out = capsys.readouterr()
     assert code == 2 and "qlora cannot decode this model" in out.err and "Traceback" not in out.err
     assert out.out == ""  # nothing decoded
+
+
+def test_a_model_whose_cached_forward_fails_in_transformers_is_refused_before_decoding(tmp_path, tiny_tokenizer,
+                                                                                      capsys):
+    """transformers 5's BLT builds its cache from a config without num_hidden_layers: its own generate fails
+    unless given use_cache=False, so qlora's decoding refuses it with that reason, not a traceback."""
+    from qlora.cli.main import main
+    from qlora.errors import UsageError
+    from qlora.infer.generate import decode_problem
+
+    if "blt" not in CONFIG_MAPPING_NAMES:
+        pytest.skip("this transformers has no BLT models")
+    v = len(tiny_tokenizer)
+    part = dict(vocab_size=v, hidden_size=32, num_hidden_layers=1, intermediate_size=64, num_attention_heads=4,
+                num_key_value_heads=4, sliding_window=16, max_position_embeddings=256)
+    config = AutoConfig.for_model(
+        "blt", vocab_size=v, max_position_embeddings=256, patch_size=4, encoder_hash_byte_group_size=[3, 4],
+        encoder_hash_byte_group_vocab=64, pad_token_id=tiny_tokenizer.pad_token_id,
+        patcher_config=dict(part, head_dim=8), encoder_config=dict(part, hidden_size_global=64),
+        decoder_config=dict(part, hidden_size_global=64, head_dim=8),
+        global_config=dict(hidden_size=64, num_hidden_layers=1, intermediate_size=128, num_attention_heads=4,
+                           num_key_value_heads=4, head_dim=16, max_position_embeddings=256))
+    torch.manual_seed(0)
+    ref = AutoModelForCausalLM.from_config(config).eval()
+    ref.save_pretrained(tmp_path)
+    tiny_tokenizer.save_pretrained(tmp_path)
+    prompt = torch.tensor([[5, 6, 7, 8]])
+    if not isinstance(_raised(lambda: ref.generate(prompt, max_new_tokens=2, do_sample=False)), AttributeError):
+        pytest.skip("this transformers' BLT generates with a cache: nothing to refuse")
+    ref.generate(prompt, max_new_tokens=2, do_sample=False, use_cache=False)  # without a cache it runs
+
+    model, _ = load_model(tmp_path, quant=None, compute_dtype=torch.float32, device="cpu")
+    assert "its forward fails when asked to keep a cache (AttributeError" in decode_problem(model)
+    with pytest.raises(UsageError, match="qlora cannot decode"):
+        next(stream_tokens(model, prompt, SamplingOptions(max_new_tokens=3, temperature=0)))
+    code = main(["generate", "--model", str(tmp_path), "--quant", "none", "--compute-dtype", "fp32", "--template",
+                 "none", "--prompt", "Hello", "--max-new-tokens", "3", "--temperature", "0"])
+    out = capsys.readouterr()
+    assert code == 2 and "qlora cannot decode this model (BltForCausalLM)" in out.err and "Traceback" not in out.err
+    assert out.out == ""
+
+
+def _raised(call) -> BaseException | None:
+    try:
+        call()
+    except Exception as exc:  # noqa: BLE001 - the test asks which error transformers itself raises
+        return exc
+    return None

@@ -209,9 +209,26 @@ def step_inputs(model) -> str:
         device = next(model.parameters()).device
         ids = torch.tensor([[(7 * i + 3) % vocab for i in range(5)]], device=device)
         with torch.inference_mode():
-            _, cache = forward_cached(model, ids[:, :4], {}, 0)
+            try:
+                _, cache = forward_cached(model, ids[:, :4], {}, 0)
+            except Exception as exc:  # noqa: BLE001 - re-raised unless the same forward runs without a cache
+                _KINDS[type(model)] = _cache_failure(model, ids, exc)
+                return _KINDS[type(model)]
         _step_kind(model, ids, cache, 4 if cache else 0)
     return _KINDS[type(model)]
+
+
+def _cache_failure(model, ids: torch.Tensor, exc: Exception) -> str:
+    """Why qlora cannot decode a model whose forward raised ``exc`` when asked to keep a cache, if the same
+    forward runs without one (transformers 5's BLT builds its cache from a config without
+    ``num_hidden_layers``; its own ``generate`` fails the same way); else ``exc`` itself, a real failure."""
+    try:
+        model(input_ids=ids[:, :4], use_cache=False)
+    except Exception:  # noqa: BLE001 - the model fails without a cache too: the first error is the one to show
+        raise exc from None
+    said = " ".join(str(exc).split())[:200]
+    return (f"its forward fails when asked to keep a cache ({type(exc).__name__}: {said}), as transformers' own "
+            "generate does unless given use_cache=False, though it runs without one")
 
 
 _KINDS: dict[type, str] = {}  # model class -> "new", "whole" or why neither

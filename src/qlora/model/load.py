@@ -569,7 +569,14 @@ def read_model_config(model_dir: str | Path):
     except (OSError, ValueError, TypeError, StrictDataclassError) as exc:
         raise UsageError(f"{path} could not be read as a transformers config "
                          f"({' '.join(str(exc).split())[:300] or type(exc).__name__}).") from None
-    text = config.get_text_config()
+    try:
+        text = config.get_text_config()
+    except ValueError:  # transformers finds several text sub-configs and cannot say which one is the LM
+        parts = [n for n in ("text_encoder", "decoder", "generator", "text_config") if getattr(config, n, None)]
+        raise UsageError(f"{path}: the {config.model_type!r} model combines several models with text configs "
+                         f"({', '.join(parts)}), e.g. MusicGen's text encoder conditioning a "
+                         "decoder of audio codes, so it is no single language model of text; qlora fine-tunes "
+                         "decoder language models such as Llama, Qwen, Mistral, Gemma and Phi.") from None
     per_layer = getattr(text, "per_layer_attributes", None) or ()  # reading these globally raises (dots3's heads)
     for key in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size"):
         values = [getattr(layer, key, None) for layer in text.per_layer_config] if key in per_layer else [

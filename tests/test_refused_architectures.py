@@ -1,0 +1,79 @@
+"""Model types transformers lists as causal LMs that qlora cannot fine-tune: each command exits 2 with a
+one-paragraph reason, not a traceback.
+
+MusicGen's config joins a T5 text encoder, an EnCodec audio codec and a decoder of audio codes (transformers
+maps it to a causal LM class that cannot be built from it); a Gemma 4 assistant is a speculative-decoding
+draft whose layers all reuse the target model's keys and values, which transformers 5 cannot build alone.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+
+from qlora.cli.main import main
+
+
+def _commands(model, tmp_path) -> list[list[str]]:
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"instruction": f"What is {a}?", "output": f"{a}."}) + "\n" for a in range(4)))
+    return [["train", "--model", str(model), "--data", str(data), "--output", str(tmp_path / "run"), "--max-steps",
+             "1", "--no-progress"],
+            ["eval", "--model", str(model), "--data", str(data)],
+            ["quantize", "--model", str(model), "--output", str(tmp_path / "q4")],
+            ["generate", "--model", str(model), "--prompt", "Hi", "--max-new-tokens", "2", "--temperature", "0"]]
+
+
+@pytest.mark.parametrize("kind", ["musicgen", "musicgen_melody"])
+def test_a_text_conditioned_audio_model_is_refused(kind, tmp_path, tiny_tokenizer, capsys):
+    if kind not in CONFIG_MAPPING_NAMES:
+        pytest.skip(f"this transformers has no {kind!r} models")
+    from transformers import AutoModelForTextToWaveform
+
+    t5 = dict(model_type="t5", vocab_size=len(tiny_tokenizer), d_model=32, d_kv=8, d_ff=64, num_layers=1, num_heads=2)
+    codec = dict(model_type="encodec", hidden_size=16, num_filters=4, codebook_size=64, upsampling_ratios=[2, 2],
+                 num_residual_layers=1, codebook_dim=16)
+    decoder = dict(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=4, ffn_dim=64,
+                   num_codebooks=2, max_position_embeddings=64)
+    config = AutoConfig.for_model(kind, text_encoder=t5, audio_encoder=codec, decoder=decoder)
+    with pytest.raises(AttributeError):  # transformers' causal LM class for the type wants the decoder's config
+        AutoModelForCausalLM.from_config(config)
+    torch.manual_seed(0)
+    AutoModelForTextToWaveform.from_config(config).save_pretrained(tmp_path / "m")
+    tiny_tokenizer.save_pretrained(tmp_path / "m")
+    for argv in _commands(tmp_path / "m", tmp_path):
+        code = main(argv)
+        err = capsys.readouterr().err
+        assert code == 2, argv
+        assert f"the {kind!r} model combines several models with text configs (text_encoder, decoder)" in err
+        assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("kind, text_kind", [("gemma4_assistant", "gemma4_text"),
+                                             ("gemma4_unified_assistant", "gemma4_unified_text")])
+def test_a_draft_model_transformers_cannot_build_is_refused(kind, text_kind, tmp_path, tiny_tokenizer, capsys):
+    if kind not in CONFIG_MAPPING_NAMES:
+        pytest.skip(f"this transformers has no {kind!r} models")
+    from safetensors.torch import save_file
+
+    text = AutoConfig.for_model(
+        text_kind, vocab_size=len(tiny_tokenizer), hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, intermediate_size=128, head_dim=16, global_head_dim=16, hidden_size_per_layer_input=0,
+        vocab_size_per_layer_input=0, enable_moe_block=False, use_double_wide_mlp=False, sliding_window=8,
+        layer_types=["sliding_attention", "full_attention"])
+    config = AutoConfig.for_model(kind, text_config=text.to_dict(), backbone_hidden_size=64)
+    with pytest.raises(ValueError, match="layer types producing a cache"):  # transformers' own build fails
+        AutoModelForCausalLM.from_config(config)
+    config.save_pretrained(tmp_path / "m")
+    tiny_tokenizer.save_pretrained(tmp_path / "m")
+    save_file({"lm_head.weight": torch.zeros(len(tiny_tokenizer), 64)}, tmp_path / "m" / "model.safetensors")
+    for argv in _commands(tmp_path / "m", tmp_path):
+        code = main(argv)
+        err = capsys.readouterr().err
+        assert code == 2, argv
+        assert f"transformers could not build the {kind!r} model (" in err, err
+        assert "Traceback" not in err and len(err.strip().splitlines()) == 1
