@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -27,6 +28,19 @@ def tiny_tokenizer():
     from qlora.model.tiny import train_tokenizer
 
     return train_tokenizer(_TEXT, vocab_size=400)
+
+
+QWEN_TEMPLATE = (Path(__file__).parent / "data" / "chat_templates" / "qwen2.5.jinja").read_text()
+
+
+@pytest.fixture(scope="session")
+def qwen_tokenizer():
+    """A tokenizer trained with Qwen 2.5's real chat template (data in chat format)."""
+    from qlora.model.tiny import train_tokenizer
+
+    tokenizer = train_tokenizer(_TEXT + [QWEN_TEMPLATE] * 5, vocab_size=1000)
+    tokenizer.chat_template = QWEN_TEMPLATE
+    return tokenizer
 
 
 @pytest.fixture(scope="session")

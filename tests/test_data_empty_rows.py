@@ -18,19 +18,8 @@ from qlora.errors import UsageError
 from qlora.model.chat_format import ChatFormat
 from qlora.train.data import load_records, normalize, tokenize_dataset
 
-QWEN = (Path(__file__).parent / "data" / "chat_templates" / "qwen2.5.jinja").read_text()
+from conftest import QWEN_TEMPLATE as QWEN
 USER, ASSISTANT = {"role": "user", "content": "Hi?"}, {"role": "assistant", "content": "Hello."}
-
-
-@pytest.fixture(scope="module")
-def qwen_tokenizer():
-    from qlora.model.tiny import train_tokenizer
-
-    from conftest import _TEXT
-
-    tokenizer = train_tokenizer(_TEXT + [QWEN] * 5, vocab_size=1000)
-    tokenizer.chat_template = QWEN
-    return tokenizer
 
 
 def _write(path: Path, rows) -> Path:

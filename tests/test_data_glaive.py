@@ -56,17 +56,6 @@ OPENAI = {"messages": [
     "tools": [{"type": "function", "function": NEWS}, {"type": "function", "function": AGE}]}
 
 
-@pytest.fixture(scope="module")
-def qwen_tokenizer():
-    from qlora.model.tiny import train_tokenizer
-
-    from conftest import _TEXT
-
-    tokenizer = train_tokenizer(_TEXT + [QWEN.read_text()] * 5, vocab_size=1000)
-    tokenizer.chat_template = QWEN.read_text()
-    return tokenizer
-
-
 def _jsonl(path: Path, rows) -> Path:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path

@@ -19,22 +19,11 @@ from qlora.model.chat_format import ChatFormat
 from qlora.train.data import load_records, normalize, tokenize_example
 from qlora.train.data.preference import normalize_preferences
 
-QWEN = (Path(__file__).parent / "data" / "chat_templates" / "qwen2.5.jinja").read_text()
+from conftest import QWEN_TEMPLATE as QWEN
 TOOLS = [{"name": "live_giveaways_by_type", "description": "Retrieve live giveaways.",
           "parameters": {"type": {"description": "The type of giveaways", "type": "str", "default": "game"}}}]
 CHOSEN = [{"content": "Hi?", "role": "user"}, {"content": "Hello!", "role": "assistant"}]
 REJECTED = [{"content": "Hi?", "role": "user"}, {"content": "Go.", "role": "assistant"}]
-
-
-@pytest.fixture(scope="module")
-def qwen_tokenizer():
-    from qlora.model.tiny import train_tokenizer
-
-    from conftest import _TEXT
-
-    tokenizer = train_tokenizer(_TEXT + [QWEN] * 5, vocab_size=1000)
-    tokenizer.chat_template = QWEN
-    return tokenizer
 
 
 def _jsonl(path: Path, rows) -> Path:
