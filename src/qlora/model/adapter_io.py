@@ -197,11 +197,6 @@ def read_adapter_config(adapter_dir: str | Path) -> dict:
     if config.get("peft_type", "LORA") not in ("LORA", "ADALORA"):
         raise UsageError(f"{path}: adapter type {config.get('peft_type')} is not a LoRA adapter.")
     init = config.get("init_lora_weights")
-    if isinstance(init, str) and init.startswith(("pissa", "olora", "corda")):
-        log.warning("%s: a %s adapter was made on a residual base (PEFT subtracted its initial BA from the weights); "
-                    "on the original model it is only right if PEFT converted it when saving "
-                    "(save_pretrained(path_initial_model_for_weight_conversion=...)), which would have set "
-                    "init_lora_weights to true.", path, init.split("_")[0].upper())
     if init == "loftq":
         log.warning("%s: a LoftQ adapter is only valid on the 4-bit base it was made with "
                     "(qlora.save_quantized wrote it next to the adapter, or PEFT's LoftQ base).", path)
@@ -303,8 +298,10 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path, adapter_name: str = 
         attach_adalora(model, config, paths, save_paths, tensors, adapter_name, trainable, str(adapter_dir))
         _load_whole(model, whole, trainable, adapter_dir)
         return model
+    init = _residual_init(adapter_dir, config, model, paths)
     add_lora(model, r=int(config["r"]), alpha=float(config["lora_alpha"]), dropout=float(config.get("lora_dropout") or 0.0),
              target_modules="|".join(map(re.escape, paths)) if paths else None, rslora=bool(config.get("use_rslora")),
+             init=init,
              adapter_name=adapter_name, verbose=False, modules_to_save=save_paths, use_dora=bool(config.get("use_dora")),
              target_parameters=target_parameters, rank_pattern=config.get("rank_pattern") or None,
              alpha_pattern=config.get("alpha_pattern") or None, lora_bias=bool(config.get("lora_bias")),
@@ -344,6 +341,32 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path, adapter_name: str = 
                             trainable)
     _load_whole(model, whole, trainable, adapter_dir)
     return model
+
+
+def _residual_init(adapter_dir: Path, config: dict, model: nn.Module, paths: list[str]) -> str:
+    """The init to give the layers before the adapter's tensors are loaded: ``"kaiming"`` (overwritten),
+    or PiSSA/OLoRA redone. Such an adapter saved unconverted (``init_lora_weights`` still ``"pissa"`` or
+    ``"olora"``) holds the trained ``A, B`` for the residual base ``W - s B0 A0``; PEFT redoes the split of
+    the original weights when it loads it, which gives the trained model back, and so does qlora. Inits
+    whose split cannot be redone exactly (randomized SVD, calibration data, gradients) are refused."""
+    init = config.get("init_lora_weights")
+    if not isinstance(init, str) or not (init.startswith(("pissa", "corda")) or init in ("olora", "lora_ga")):
+        return "kaiming"
+    convert = ("Save it converted with PEFT (save_pretrained(..., path_initial_model_for_weight_conversion=<its "
+               "initial adapter>), which writes plain LoRA for the original weights), or merge it with PEFT where it "
+               "was trained (merge_and_unload) and give qlora the merged model.")
+    why = {"pissa": None, "olora": None, "corda": "its split came from calibration data (CorDA), which the adapter "
+           "does not hold", "lora_ga": "its split came from gradients on training data (LoRA-GA), which the adapter "
+           "does not hold"}.get(init, "its split came from a randomized SVD whose random start was not saved")
+    head = (f"{adapter_dir}: init_lora_weights is {init!r} and the adapter was saved unconverted: it holds the "
+            "trained A, B for the residual base W - s B0 A0, which must be rebuilt from the original weights")
+    if why:
+        raise UsageError(f"{head}, and {why}, so it cannot be rebuilt exactly. {convert}")
+    layers = [getattr(m, "base_layer", m) for m in map(model.get_submodule, paths)]
+    if any(not (isinstance(w := getattr(m, "weight", None), torch.Tensor) and w.is_floating_point()) for m in layers):
+        raise UsageError(f"{head} (as PEFT does when it loads it), and this base is quantized. Load the base in "
+                         f"16 bits (--quant none; load_model(quant=None)), or: {convert}")
+    return init
 
 
 _LORA_TENSORS = ("A.weight", "B.weight", "B.bias", "magnitude_vector", "magnitude_vector.weight", "embedding_A",
