@@ -186,6 +186,11 @@ def read_adapter_config(adapter_dir: str | Path) -> dict:
     """PEFT's adapter config with qlora's fields (from ``qlora_adapter.json``, or inline in old adapters)."""
     path = Path(adapter_dir) / "adapter_config.json"
     if not path.is_file():
+        named = sorted(p.parent.name for p in Path(adapter_dir).glob("*/adapter_config.json"))
+        if named:  # PEFT's save_pretrained of a model with named adapters writes each in a subfolder
+            raise UsageError(f"{adapter_dir} holds several adapters, in its subfolders {', '.join(named)} (PEFT's "
+                             "folder of named adapters), and none of its own: give one of them, e.g. "
+                             f"{Path(adapter_dir) / named[0]} (several --adapter options load several).")
         raise UsageError(f"{adapter_dir} is not an adapter folder: {path.name} is missing.")
     config = read_json_object(path)
     info = Path(adapter_dir) / QLORA_INFO
@@ -525,13 +530,25 @@ def _load_whole(model: nn.Module, whole: dict[str, torch.Tensor], trainable: boo
 
 
 def _grow_vocabulary(model: nn.Module, whole: dict[str, torch.Tensor]) -> None:
-    """Resize the model's embeddings when the adapter saved a larger vocabulary (added tokens)."""
+    """Resize the model's embeddings when the adapter saved a larger vocabulary (added tokens).
+
+    A table the adapter does not hold (PEFT's ``save_embedding_layers`` saves only the adapted or saved
+    ones: LoRA on the embedding leaves an untied head out) gets for its new rows the old rows' mean, as
+    transformers' ``resize_token_embeddings`` gives them by default (up to its noise of 1e-9 the spread),
+    which is what the adapter's user resized the model with before loading it into PEFT.
+    """
     from .tokens import embedding_module_names
 
     embed = model.get_input_embeddings()
+    old = embed.weight.shape[0]
     rows = max((v.shape[0] for k, v in whole.items()
                 if k.rpartition(".")[0] in embedding_module_names(model) and v.dim() == 2), default=0)
-    if rows > embed.weight.shape[0]:
-        log.info("qlora: the adapter has %d added tokens; resizing the embeddings to %d", rows - embed.weight.shape[0], rows)
-        model.resize_token_embeddings(rows, mean_resizing=False)
-
+    if rows <= old:
+        return
+    log.info("qlora: the adapter has %d added tokens; resizing the embeddings to %d", rows - old, rows)
+    model.resize_token_embeddings(rows, mean_resizing=False)
+    head = model.get_output_embeddings()
+    with torch.no_grad():
+        for table in (embed.weight, getattr(head, "weight", None), getattr(head, "bias", None)):
+            if isinstance(table, torch.Tensor) and table.is_floating_point() and table.shape[0] == rows:
+                table[old:] = table[:old].float().mean(0).to(table.dtype)
