@@ -38,8 +38,8 @@ def _peft(model_dir, init, seed=0, **kw):
 
     ref = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     torch.manual_seed(seed)
-    return get_peft_model(ref, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=TARGETS,
-                                          init_lora_weights=init, **kw))
+    return get_peft_model(ref, LoraConfig(**dict(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=TARGETS,
+                                                 init_lora_weights=init) | kw))
 
 
 def _params(model, prefix=""):
@@ -320,12 +320,17 @@ def test_unconverted_peft_adapter_is_split_again_as_peft_loads_it(tmp_path, tiny
     assert "--quant none" in err and "path_initial_model_for_weight_conversion" in err and "Traceback" not in err
 
 
-@pytest.mark.parametrize("init, why", [("pissa_niter_4", "randomized SVD"), ("corda", "calibration data"),
-                                       ("lora_ga", "gradients")])
-def test_unconverted_adapter_whose_split_cannot_be_redone_is_refused(tmp_path, tiny_model_dir, init, why):
-    peft_model = _peft(tiny_model_dir, "pissa_niter_4")
+@pytest.mark.parametrize("changes, why", [
+    ({"init_lora_weights": "pissa_niter_4"}, "randomized SVD.* cannot be rebuilt exactly"),
+    ({"init_lora_weights": "corda"}, "calibration data.* cannot be rebuilt exactly"),
+    ({"init_lora_weights": "lora_ga"}, "gradients.* cannot be rebuilt exactly"),
+    ({"use_dora": True}, "linear layers only, not with DoRA"),
+    ({"target_modules": ["q_proj", "embed_tokens"]}, "not with LoRA on the embedding model.embed_tokens")])
+def test_unconverted_adapter_whose_split_cannot_be_redone_is_refused(tmp_path, tiny_model_dir, changes, why):
+    peft_model = _peft(tiny_model_dir, "pissa", target_modules=changes.get("target_modules", TARGETS))
     peft_model.save_pretrained(tmp_path / "raw")
     path = tmp_path / "raw" / "adapter_config.json"
-    path.write_text(json.dumps(json.loads(path.read_text()) | {"init_lora_weights": init}))
-    with pytest.raises(UsageError, match=rf"raw: init_lora_weights is '{init}' .*{why}.* cannot be rebuilt exactly"):
+    path.write_text(json.dumps(json.loads(path.read_text()) | changes))
+    with pytest.raises(UsageError, match=rf"raw: init_lora_weights is '.*' and the adapter was saved unconverted.*{why}"
+                                         r".*path_initial_model_for_weight_conversion"):
         qlora.load_adapter(_dense(tiny_model_dir), tmp_path / "raw")

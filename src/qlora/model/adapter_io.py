@@ -368,6 +368,12 @@ def _residual_init(adapter_dir: Path, config: dict, model: nn.Module, paths: lis
     if why:
         raise UsageError(f"{head}, and {why}, so it cannot be rebuilt exactly. {convert}")
     layers = [getattr(m, "base_layer", m) for m in map(model.get_submodule, paths)]
+    embedding = next((p for p, m in zip(paths, layers) if isinstance(m, nn.Embedding)), None)
+    other = ("DoRA" if config.get("use_dora") else "lora_bias" if config.get("lora_bias")
+             else f"LoRA on the embedding {embedding}" if embedding else None)
+    if other:
+        raise UsageError(f"{head}; qlora redoes that split for plain LoRA on linear layers only, not with {other}. "
+                         f"{convert}")
     if any(not (isinstance(w := getattr(m, "weight", None), torch.Tensor) and w.is_floating_point()) for m in layers):
         raise UsageError(f"{head} (as PEFT does when it loads it), and this base is quantized. Load the base in "
                          f"16 bits (--quant none; load_model(quant=None)), or: {convert}")
