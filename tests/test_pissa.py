@@ -38,8 +38,8 @@ def _peft(model_dir, init, seed=0, **kw):
 
     ref = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     torch.manual_seed(seed)
-    return get_peft_model(ref, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=TARGETS,
-                                          init_lora_weights=init, **kw))
+    return get_peft_model(ref, LoraConfig(**dict(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=TARGETS,
+                                                 init_lora_weights=init) | kw))
 
 
 def _params(model, prefix=""):
@@ -282,3 +282,55 @@ def test_converted_adapter_with_rank_and_alpha_patterns_loads_in_peft(tmp_path, 
     loaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32),
                                        tmp_path / "ours")
     torch.testing.assert_close(loaded(IDS).logits, trained, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("init", ["pissa", "olora"])
+def test_unconverted_peft_adapter_is_split_again_as_peft_loads_it(tmp_path, tiny_model_dir, init, capsys):
+    """PEFT's plain save_pretrained keeps init_lora_weights 'pissa'/'olora' and the trained A, B for the
+    residual base; PEFT loading it splits the original weights again, which gives the trained model back.
+    qlora does the same (before, it loaded A, B onto the whole weights: logits off by 0.18); the split is
+    of the 16-bit weights, so a quantized base is refused, as are the splits that cannot be redone."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from qlora.cli.main import main
+
+    peft_model = _peft(tiny_model_dir, init)
+    _train_in_place(peft_model)
+    peft_model.save_pretrained(tmp_path / "raw")
+    trained = peft_model(IDS).logits
+    original = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    torch.testing.assert_close(PeftModel.from_pretrained(original, tmp_path / "raw")(IDS).logits, trained)
+    model = qlora.load_adapter(_dense(tiny_model_dir), tmp_path / "raw")
+    torch.testing.assert_close(model(IDS).logits, trained, rtol=1e-5, atol=1e-5)
+    qlora.save_adapter(model, tmp_path / "converted")  # written back converted: PEFT needs no split for it
+    assert json.loads((tmp_path / "converted" / "adapter_config.json").read_text())["init_lora_weights"] is True
+    again = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    torch.testing.assert_close(PeftModel.from_pretrained(again, tmp_path / "converted")(IDS).logits, trained,
+                               rtol=1e-5, atol=1e-5)
+    assert main(["merge", "--model", str(tiny_model_dir), "--adapter", str(tmp_path / "raw"), "--output",
+                 str(tmp_path / "merged"), "--quant", "none", "--dtype", "float32"]) == 0
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32)
+    torch.testing.assert_close(merged(IDS).logits, trained, rtol=1e-5, atol=1e-5)
+
+    capsys.readouterr()  # a 4-bit base (generate's default for a PEFT adapter) no longer has the 16-bit weights
+    assert main(["generate", "--model", str(tiny_model_dir), "--adapter", str(tmp_path / "raw"), "--prompt", "x"]) == 2
+    err = capsys.readouterr().err
+    assert f"{tmp_path / 'raw'}: init_lora_weights is {init!r} and the adapter was saved unconverted" in err
+    assert "--quant none" in err and "path_initial_model_for_weight_conversion" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("changes, why", [
+    ({"init_lora_weights": "pissa_niter_4"}, "randomized SVD.* cannot be rebuilt exactly"),
+    ({"init_lora_weights": "corda"}, "calibration data.* cannot be rebuilt exactly"),
+    ({"init_lora_weights": "lora_ga"}, "gradients.* cannot be rebuilt exactly"),
+    ({"use_dora": True}, "linear layers only, not with DoRA"),
+    ({"target_modules": ["q_proj", "embed_tokens"]}, "not with LoRA on the embedding model.embed_tokens")])
+def test_unconverted_adapter_whose_split_cannot_be_redone_is_refused(tmp_path, tiny_model_dir, changes, why):
+    peft_model = _peft(tiny_model_dir, "pissa", target_modules=changes.get("target_modules", TARGETS))
+    peft_model.save_pretrained(tmp_path / "raw")
+    path = tmp_path / "raw" / "adapter_config.json"
+    path.write_text(json.dumps(json.loads(path.read_text()) | changes))
+    with pytest.raises(UsageError, match=rf"raw: init_lora_weights is '.*' and the adapter was saved unconverted.*{why}"
+                                         r".*path_initial_model_for_weight_conversion"):
+        qlora.load_adapter(_dense(tiny_model_dir), tmp_path / "raw")

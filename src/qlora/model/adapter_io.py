@@ -186,6 +186,11 @@ def read_adapter_config(adapter_dir: str | Path) -> dict:
     """PEFT's adapter config with qlora's fields (from ``qlora_adapter.json``, or inline in old adapters)."""
     path = Path(adapter_dir) / "adapter_config.json"
     if not path.is_file():
+        named = sorted(p.parent.name for p in Path(adapter_dir).glob("*/adapter_config.json"))
+        if named:  # PEFT's save_pretrained of a model with named adapters writes each in a subfolder
+            raise UsageError(f"{adapter_dir} holds several adapters, in its subfolders {', '.join(named)} (PEFT's "
+                             "folder of named adapters), and none of its own: give one of them, e.g. "
+                             f"{Path(adapter_dir) / named[0]} (several --adapter options load several).")
         raise UsageError(f"{adapter_dir} is not an adapter folder: {path.name} is missing.")
     config = read_json_object(path)
     info = Path(adapter_dir) / QLORA_INFO
@@ -197,11 +202,6 @@ def read_adapter_config(adapter_dir: str | Path) -> dict:
     if config.get("peft_type", "LORA") not in ("LORA", "ADALORA"):
         raise UsageError(f"{path}: adapter type {config.get('peft_type')} is not a LoRA adapter.")
     init = config.get("init_lora_weights")
-    if isinstance(init, str) and init.startswith(("pissa", "olora", "corda")):
-        log.warning("%s: a %s adapter was made on a residual base (PEFT subtracted its initial BA from the weights); "
-                    "on the original model it is only right if PEFT converted it when saving "
-                    "(save_pretrained(path_initial_model_for_weight_conversion=...)), which would have set "
-                    "init_lora_weights to true.", path, init.split("_")[0].upper())
     if init == "loftq":
         log.warning("%s: a LoftQ adapter is only valid on the 4-bit base it was made with "
                     "(qlora.save_quantized wrote it next to the adapter, or PEFT's LoftQ base).", path)
@@ -303,8 +303,10 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path, adapter_name: str = 
         attach_adalora(model, config, paths, save_paths, tensors, adapter_name, trainable, str(adapter_dir))
         _load_whole(model, whole, trainable, adapter_dir)
         return model
+    init = _residual_init(adapter_dir, config, model, paths)
     add_lora(model, r=int(config["r"]), alpha=float(config["lora_alpha"]), dropout=float(config.get("lora_dropout") or 0.0),
              target_modules="|".join(map(re.escape, paths)) if paths else None, rslora=bool(config.get("use_rslora")),
+             init=init,
              adapter_name=adapter_name, verbose=False, modules_to_save=save_paths, use_dora=bool(config.get("use_dora")),
              target_parameters=target_parameters, rank_pattern=config.get("rank_pattern") or None,
              alpha_pattern=config.get("alpha_pattern") or None, lora_bias=bool(config.get("lora_bias")),
@@ -344,6 +346,38 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path, adapter_name: str = 
                             trainable)
     _load_whole(model, whole, trainable, adapter_dir)
     return model
+
+
+def _residual_init(adapter_dir: Path, config: dict, model: nn.Module, paths: list[str]) -> str:
+    """The init to give the layers before the adapter's tensors are loaded: ``"kaiming"`` (overwritten),
+    or PiSSA/OLoRA redone. Such an adapter saved unconverted (``init_lora_weights`` still ``"pissa"`` or
+    ``"olora"``) holds the trained ``A, B`` for the residual base ``W - s B0 A0``; PEFT redoes the split of
+    the original weights when it loads it, which gives the trained model back, and so does qlora. Inits
+    whose split cannot be redone exactly (randomized SVD, calibration data, gradients) are refused."""
+    init = config.get("init_lora_weights")
+    if not isinstance(init, str) or not (init.startswith(("pissa", "corda")) or init in ("olora", "lora_ga")):
+        return "kaiming"
+    convert = ("Save it converted with PEFT (save_pretrained(..., path_initial_model_for_weight_conversion=<its "
+               "initial adapter>), which writes plain LoRA for the original weights), or merge it with PEFT where it "
+               "was trained (merge_and_unload) and give qlora the merged model.")
+    why = {"pissa": None, "olora": None, "corda": "its split came from calibration data (CorDA), which the adapter "
+           "does not hold", "lora_ga": "its split came from gradients on training data (LoRA-GA), which the adapter "
+           "does not hold"}.get(init, "its split came from a randomized SVD whose random start was not saved")
+    head = (f"{adapter_dir}: init_lora_weights is {init!r} and the adapter was saved unconverted: it holds the "
+            "trained A, B for the residual base W - s B0 A0, which must be rebuilt from the original weights")
+    if why:
+        raise UsageError(f"{head}, and {why}, so it cannot be rebuilt exactly. {convert}")
+    layers = [getattr(m, "base_layer", m) for m in map(model.get_submodule, paths)]
+    embedding = next((p for p, m in zip(paths, layers) if isinstance(m, nn.Embedding)), None)
+    other = ("DoRA" if config.get("use_dora") else "lora_bias" if config.get("lora_bias")
+             else f"LoRA on the embedding {embedding}" if embedding else None)
+    if other:
+        raise UsageError(f"{head}; qlora redoes that split for plain LoRA on linear layers only, not with {other}. "
+                         f"{convert}")
+    if any(not (isinstance(w := getattr(m, "weight", None), torch.Tensor) and w.is_floating_point()) for m in layers):
+        raise UsageError(f"{head} (as PEFT does when it loads it), and this base is quantized. Load the base in "
+                         f"16 bits (--quant none; load_model(quant=None)), or: {convert}")
+    return init
 
 
 _LORA_TENSORS = ("A.weight", "B.weight", "B.bias", "magnitude_vector", "magnitude_vector.weight", "embedding_A",
@@ -502,13 +536,25 @@ def _load_whole(model: nn.Module, whole: dict[str, torch.Tensor], trainable: boo
 
 
 def _grow_vocabulary(model: nn.Module, whole: dict[str, torch.Tensor]) -> None:
-    """Resize the model's embeddings when the adapter saved a larger vocabulary (added tokens)."""
+    """Resize the model's embeddings when the adapter saved a larger vocabulary (added tokens).
+
+    A table the adapter does not hold (PEFT's ``save_embedding_layers`` saves only the adapted or saved
+    ones: LoRA on the embedding leaves an untied head out) gets for its new rows the old rows' mean, as
+    transformers' ``resize_token_embeddings`` gives them by default (up to its noise of 1e-9 the spread),
+    which is what the adapter's user resized the model with before loading it into PEFT.
+    """
     from .tokens import embedding_module_names
 
     embed = model.get_input_embeddings()
+    old = embed.weight.shape[0]
     rows = max((v.shape[0] for k, v in whole.items()
                 if k.rpartition(".")[0] in embedding_module_names(model) and v.dim() == 2), default=0)
-    if rows > embed.weight.shape[0]:
-        log.info("qlora: the adapter has %d added tokens; resizing the embeddings to %d", rows - embed.weight.shape[0], rows)
-        model.resize_token_embeddings(rows, mean_resizing=False)
-
+    if rows <= old:
+        return
+    log.info("qlora: the adapter has %d added tokens; resizing the embeddings to %d", rows - old, rows)
+    model.resize_token_embeddings(rows, mean_resizing=False)
+    head = model.get_output_embeddings()
+    with torch.no_grad():
+        for table in (embed.weight, getattr(head, "weight", None), getattr(head, "bias", None)):
+            if isinstance(table, torch.Tensor) and table.is_floating_point() and table.shape[0] == rows:
+                table[old:] = table[:old].float().mean(0).to(table.dtype)
