@@ -153,3 +153,25 @@ def test_a_hub_model_without_safetensors_brings_its_pickled_weights(tmp_path, mo
     snapshot = _fake_hub(tmp_path, monkeypatch, repo)
     assert resolve_model_dir("org/model") == snapshot
     assert _fetched(snapshot) == sorted(set(repo) - {"consolidated.00.pth"})
+
+
+def test_estimate_checks_a_cached_hub_config_as_a_local_one(tmp_path, monkeypatch, capsys):
+    """A hub id read from the cache goes through the same checks as a local config.json: MusicGen (a text
+    encoder conditioning a decoder of audio codes) exits 2 with the reason, not a traceback."""
+    from transformers import AutoConfig
+
+    from qlora.cli.main import main
+
+    cache = tmp_path / "hub"
+    snapshot = cache / "models--org--music" / "snapshots" / ("0" * 40)
+    snapshot.mkdir(parents=True)
+    (cache / "models--org--music" / "refs").mkdir()
+    (cache / "models--org--music" / "refs" / "main").write_text("0" * 40)
+    AutoConfig.for_model("musicgen").save_pretrained(snapshot)
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))  # read at import, from the env
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert main(["estimate", "--model", "org/music"]) == 2
+    err = capsys.readouterr().err
+    assert "org/music" in err and "several models with text configs" in err and "Traceback" not in err

@@ -148,7 +148,7 @@ def load_config(model: str):
     """
     from transformers import AutoConfig
 
-    from .load import read_model_config
+    from .load import check_model_config, read_model_config
 
     key = model.lower()
     if key in KNOWN_SHAPES:
@@ -174,7 +174,7 @@ def load_config(model: str):
 
         cache_only = hub.cache_only()  # no minute of retries against a hub that is not there
         try:
-            return AutoConfig.from_pretrained(model, local_files_only=cache_only)
+            config = AutoConfig.from_pretrained(model, local_files_only=cache_only)
         except (OSError, ValueError) as exc:
             if cache_only:
                 raise hub.unreachable_error(model, "model config", f"a local path or a known shape "
@@ -182,6 +182,7 @@ def load_config(model: str):
             raise UsageError(f"{model!r} is not a local path and its config could not be fetched from the hub "
                              f"({exc.__class__.__name__}); pass a local path or a known shape "
                              f"({', '.join(KNOWN_SHAPES)}).") from exc
+        return check_model_config(config, model)
     raise UsageError(f"unknown model {model!r}: not a local path, hub id or known shape; "
                      f"known shapes are {', '.join(KNOWN_SHAPES)}.")
 

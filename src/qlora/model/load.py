@@ -569,6 +569,15 @@ def read_model_config(model_dir: str | Path):
     except (OSError, ValueError, TypeError, StrictDataclassError) as exc:
         raise UsageError(f"{path} could not be read as a transformers config "
                          f"({' '.join(str(exc).split())[:300] or type(exc).__name__}).") from None
+    return check_model_config(config, path)
+
+
+def check_model_config(config, path: str | Path):
+    """``config``, once it is one language model with sizes that are positive integers (``path`` names it).
+
+    Raises:
+        UsageError: a config of several text models (MusicGen), or a size that is not a positive integer.
+    """
     try:
         text = config.get_text_config()
     except ValueError:  # transformers finds several text sub-configs and cannot say which one is the LM
