@@ -80,4 +80,4 @@ def test_bad_rows_exit_2_with_file_and_line(tmp_path, tiny_model_dir, capsys):
         {"role": "assistant", "content": "A cat."}]}])
     assert main(["eval", "--model", str(tiny_model_dir), "--data", str(image)]) == 2
     err = capsys.readouterr().err
-    assert f"{image} line 1, message 0: content part 0 is of type 'image_url'" in err and "Traceback" not in err
+    assert f"{image} line 1: image 'cat.png' not found" in err and "Traceback" not in err

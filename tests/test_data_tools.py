@@ -132,8 +132,9 @@ def test_developer_role_is_system_where_the_template_has_none():
 
 @pytest.mark.parametrize("message, error", [
     ({"role": "user", "content": [{"type": "text", "text": "Look:"}, {"type": "image_url", "image_url": {"url": "x"}}]},
-     r"tools\.jsonl line 1, message 0: content part 1 is of type 'image_url'; qlora trains text-only models"),
-    ({"role": "user", "content": [{"type": "input_audio", "input_audio": {}}]}, "content part 0 is of type 'input_audio'"),
+     r"tools\.jsonl line 1: image 'x' not found"),
+    ({"role": "user", "content": [{"type": "input_audio", "input_audio": {}}]},
+     "content part 0 is of type 'input_audio'; qlora trains on text and images"),
     ({"role": "user", "content": None}, r'message 0: the user message has no "content"'),
     ({"role": "assistant", "content": None, "tool_calls": [{"function": {"name": "f", "arguments": "{oops"}}]},
      r"message 0: the arguments of tool call 0 is not valid JSON"),

@@ -60,6 +60,7 @@ from qlora.train.data import (
     fallback_note, own_template, packed_collate, pad_collate, pad_token_id, resolve_chat_format, shuffled_indices,
     tokenize_dataset,
 )
+from qlora.train.data.image_examples import tokenize_image_example
 from qlora.train.data.selection import hold_out, read_sources
 from qlora.train.data.text_blocks import text_blocks
 from qlora.train.loss import chunked_loss_matches, model_inputs, token_loss_sum
@@ -415,19 +416,41 @@ class Trainer:
     def _read_data(self, source: str, split: str):
         cfg = self.config
         return read_sources(source, split, cfg.data_subset, cfg.max_samples,
-                            lambda records: normalize(records, cfg.format, cfg.data_fields), cfg.dataset_dir,
+                            lambda records: normalize(records, cfg.format, cfg.data_fields, cfg.dataset_dir),
+                            cfg.dataset_dir,
                             self.sample_rng)
 
     def _tokenize(self, examples):
         cfg = self.config
+        with_images = self._image_tokenizer(examples)
         if cfg.group_texts:  # LLaMA-Factory's stage pt: blocks cut from the texts' stream
             return text_blocks(examples, self.tokenizer, cfg.seq_len, cfg.group_texts, cfg.group_shards, cfg.template)
         tokenized, report = tokenize_dataset(examples, self.tokenizer, self.chat_format, cfg.train_on, cfg.seq_len,
-                                             stop_ids=self._stop_ids())
+                                             stop_ids=self._stop_ids(), with_images=with_images)
         if cfg.packing:
             order = shuffled_indices(len(tokenized), cfg.seed, 0)
             return pack_examples([tokenized[i] for i in order], cfg.seq_len), report
         return tokenized, report
+
+    def _image_tokenizer(self, examples):
+        """What tokenizes rows with images (the model's processor), or None when no row has any."""
+        first = next((e for e in examples if e.images), None)
+        if first is None:
+            return None
+        cfg = self.config
+        if cfg.method != "sft":
+            raise UsageError(f"{first.where}: this row holds images; qlora trains on images with --method sft only.")
+        if cfg.packing or cfg.group_texts:
+            option = "--packing" if cfg.packing else "--group-texts"
+            raise UsageError(f"{first.where}: this row holds images; {option} is for text (packed rows would need "
+                             "each row's image tensors kept apart). Train rows with images without it.")
+        if getattr(self, "processor", None) is None:
+            from qlora.model.image_processor import load_image_processor
+
+            self.processor = load_image_processor(cfg.model, self.model, self.tokenizer, first.where)
+        stops = self._stop_ids()
+        return lambda example, index: tokenize_image_example(example, self.processor, self.chat_format, cfg.train_on,
+                                                             cfg.seq_len, index, stops)
 
     def _stop_ids(self) -> set[int]:
         """Ids that end an assistant turn: the tokenizer's end markers and the model's generation EOS ids."""
@@ -454,7 +477,8 @@ class Trainer:
             batch = packed_collate(units, pad, self.attn, self.dtype, self.attn_windows)
         else:
             batch = pad_collate(units, pad)
-        return {k: {t: m.to(self.device) for t, m in v.items()} if isinstance(v, dict) else v.to(self.device)
+        return {k: {t: m.to(self.device) for t, m in v.items()} if isinstance(v, dict)
+                else v.to(self.device, self.dtype) if k.startswith("pixel_values") else v.to(self.device)
                 for k, v in batch.items()}
 
     def step_units(self, step: int) -> list[int]:

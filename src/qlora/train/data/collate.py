@@ -18,6 +18,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from qlora.train.data.image_examples import image_batch
 from qlora.train.data.packing import MASK_ATTENTION, PackedRow, check_packing_supported, packed_attention_mask
 from qlora.train.data.tokenize import IGNORE_INDEX, TokenizedExample
 
@@ -32,7 +33,8 @@ def pad_token_id(tokenizer) -> int:
 
 
 def pad_collate(examples: Sequence[TokenizedExample], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad to the longest example: ``input_ids``, ``labels`` (-100 on pads), 2D ``attention_mask``."""
+    """Right-pad to the longest example: ``input_ids``, ``labels`` (-100 on pads), 2D ``attention_mask``, and
+    the image tensors of rows with images (:func:`~qlora.train.data.image_examples.image_batch`)."""
     length = max(len(e.input_ids) for e in examples)
     input_ids = torch.full((len(examples), length), pad_id, dtype=torch.long)
     labels = torch.full((len(examples), length), IGNORE_INDEX, dtype=torch.long)
@@ -42,7 +44,10 @@ def pad_collate(examples: Sequence[TokenizedExample], pad_id: int) -> dict[str, 
         input_ids[row, :n] = torch.tensor(e.input_ids)
         labels[row, :n] = torch.tensor(e.labels)
         attention_mask[row, :n] = 1
-    return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
+    batch = {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
+    if any(e.media for e in examples):
+        batch |= image_batch(list(examples), length)
+    return batch
 
 
 def packed_collate(

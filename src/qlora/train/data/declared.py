@@ -66,7 +66,7 @@ def read_declared(dataset: DeclaredDataset, rng: np.random.RandomState | None = 
         rng = rng if rng is not None else np.random.RandomState(DEFAULT_SEED)
         records = [records[i] for i in sample_indices(len(records), dataset.num_samples, rng)]
     wheres = [f"{r.where} ({dataset.name})" for r in records]
-    return [Record(dataset.rebuild(r.fields, where), where) for r, where in zip(records, wheres)]
+    return [Record(dataset.rebuild(r.fields, where), where, r.folder) for r, where in zip(records, wheres)]
 
 
 def sample_indices(rows: int, count: int, rng: np.random.RandomState) -> list[int]:

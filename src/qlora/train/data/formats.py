@@ -39,6 +39,7 @@ from typing import Any, Callable, Sequence
 from qlora.errors import UsageError
 from qlora.train.data.fields import ROLE_NAMES, FieldMap, parse_data_fields, suggest_fields, tool_calls
 from qlora.train.data.glaive import is_transcript, transcript
+from qlora.train.data.images import IMAGE_PART_TYPES, ImageRef, attach_images
 from qlora.train.data.message_trees import is_message_tree, top_threads
 from qlora.train.data.reasoning import REASONING_KEYS, THINK_CLOSE, message_reasoning, split_think
 from qlora.train.data.sources import Record
@@ -60,6 +61,8 @@ class Example:
     ``prompt_turns`` the number of leading ``messages`` that form the prompt of a conversational one.
     ``tools`` are the tool definitions the chat template renders (``apply_chat_template(tools=...)``).
     ``reasoning`` is ``(column, text)``: the reasoning trace of a plain prompt-completion row's completion.
+    ``images`` are the row's images in the order its messages' ``{"type": "image"}`` parts place them
+    (:mod:`qlora.train.data.images`).
     ``skip`` says why the row holds nothing to train (``"an empty answer"``, ``"no messages"``): such rows are
     skipped and counted when tokenized, as blank texts are, rather than refusing a dataset for a few of them.
     """
@@ -72,6 +75,7 @@ class Example:
     tools: tuple[dict[str, Any], ...] | None = None
     reasoning: tuple[str, str] | None = None
     skip: str | None = None
+    images: tuple[ImageRef, ...] = ()
 
 
 def unpaired_label(fields: dict[str, Any]) -> bool | None:
@@ -161,13 +165,15 @@ def unpaired_error(where: str) -> UsageError:
         'whose label is true and remove the "label" field.')
 
 
-def normalize(records: list[Record], fmt: str = "auto", fields: FieldMap | str | None = None) -> list[Example]:
+def normalize(records: list[Record], fmt: str = "auto", fields: FieldMap | str | None = None,
+              dataset_dir: str | None = None) -> list[Example]:
     """Normalize records of one format (``"auto"``: detected from the first rows).
 
     Args:
         records: the rows, as read by :func:`~qlora.train.data.sources.load_records`.
         fmt: ``"auto"`` or one of :data:`FORMATS`.
         fields: ``--data-fields``: the dataset's names for our fields, keys and roles.
+        dataset_dir: ``--dataset-dir``, where image paths not found beside the data file are looked for.
 
     Raises:
         UsageError: unknown format, a malformed --data-fields, or a record missing a field the format needs
@@ -191,7 +197,9 @@ def normalize(records: list[Record], fmt: str = "auto", fields: FieldMap | str |
     examples = []
     for r in records:
         try:
-            examples.append(_marked_empty(convert(r.fields, r.where, names)))
+            example = convert(r.fields, r.where, names)
+            folders = [f for f in (r.folder, dataset_dir) if f]
+            examples.append(_marked_empty(attach_images(example, r.fields, folders)))
         except UsageError as exc:
             own = row_format(r.fields)
             if own is None or own == fmt:
@@ -431,8 +439,10 @@ def _twice_error(where: str, key: str, holder: str) -> UsageError:
                       "the content, is what reasoning templates such as Qwen3 and gpt-oss take).")
 
 
-def _content(content: Any, where: str, role: str, key: str, fmt: str, has_calls: bool) -> str | None:
-    """A message's text: a string, text parts joined (OpenAI / HF multimodal style), a tool's JSON result."""
+def _content(content: Any, where: str, role: str, key: str, fmt: str,
+             has_calls: bool) -> str | list[dict[str, Any]] | None:
+    """A message's text: a string, text parts joined (OpenAI / HF multimodal style), a tool's JSON result; with
+    image parts, the parts (text ones normalized), for :func:`~qlora.train.data.images.attach_images`."""
     if isinstance(content, str):
         return content
     if content is None:
@@ -441,18 +451,22 @@ def _content(content: Any, where: str, role: str, key: str, fmt: str, has_calls:
         raise UsageError(f'{where}: the {role} message has no "{key}" (format {fmt}); only an assistant message '
                          'with "tool_calls" may have none.')
     if isinstance(content, list):
-        texts = []
+        parts: list[dict[str, Any]] = []
         for k, part in enumerate(content):
             kind = part.get("type", "text") if isinstance(part, dict) else type(part).__name__
             if isinstance(part, dict) and kind == "text" and isinstance(part.get("text"), str):
-                texts.append(part["text"])
+                parts.append({"type": "text", "text": part["text"]})
             elif isinstance(part, str):
-                texts.append(part)
+                parts.append({"type": "text", "text": part})
+            elif isinstance(part, dict) and kind in IMAGE_PART_TYPES:
+                parts.append(part)  # resolved with the row's images (qlora.train.data.images)
             else:
-                raise UsageError(f"{where}: content part {k} is of type {kind!r}; qlora trains text-only models, so "
-                                 'only text parts ({"type": "text", "text": ...}) are accepted. Remove the '
-                                 f"{kind} parts or the row.")
-        return "\n".join(texts)
+                raise UsageError(f"{where}: content part {k} is of type {kind!r}; qlora trains on text and images, "
+                                 'so only text parts ({"type": "text", "text": ...}) and image parts ({"type": '
+                                 f'"image", "image": "path"}}) are accepted. Remove the {kind} parts or the row.')
+        if any(p["type"] != "text" for p in parts):
+            return parts
+        return "\n".join(p["text"] for p in parts)
     if isinstance(content, (dict, int, float)) and not isinstance(content, bool) and role == "tool":
         return json.dumps(content, ensure_ascii=False)
     raise UsageError(f'{where}: "{key}" must be a string or a list of text parts, got {type(content).__name__} '

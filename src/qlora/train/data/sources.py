@@ -18,7 +18,7 @@ import gzip
 import io
 import json
 import lzma
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -36,6 +36,7 @@ class Record:
 
     fields: dict[str, Any]
     where: str
+    folder: str | None = None  # the local data file's folder: where the row's relative image paths start
 
 
 def demo_data_path() -> Path:
@@ -96,6 +97,9 @@ def load_records(source: str | Path, split: str = "train", subset: str | None = 
         records = _read_hub(str(source), split, subset)
     if not records:
         raise UsageError(f"{source}: the dataset is empty; it needs at least one example.")
+    if path.exists():
+        folder = str(path if path.is_dir() else path.parent)
+        records = [replace(r, folder=folder) for r in records]
     return records
 
 

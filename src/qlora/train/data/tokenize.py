@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 from qlora.errors import UsageError
 from qlora.model import chat_format
@@ -57,13 +57,16 @@ _SHOWN = 5
 @dataclass(frozen=True)
 class TokenizedExample:
     """Token ids and labels (``IGNORE_INDEX`` where no loss) of dataset item ``index``; ``reasoning_hidden``
-    counts its assistant turns whose reasoning the chat template does not show (so it is not trained)."""
+    counts its assistant turns whose reasoning the chat template does not show (so it is not trained); ``media``
+    holds a row with images' other model inputs, one entry per tensor the processor returns
+    (:mod:`qlora.train.data.image_examples`)."""
 
     input_ids: list[int]
     labels: list[int]
     index: int
     truncated: bool = False
     reasoning_hidden: int = 0
+    media: dict[str, Any] = field(default_factory=dict)  # the processor's image tensors (pixel_values, ...)
 
     @property
     def num_trainable(self) -> int:
@@ -157,6 +160,9 @@ def tokenize_example(
     hidden = 0
     if blank_text(example) or example.skip:  # nothing to learn; TRL would train an EOS after nothing
         return TokenizedExample([], [], index)
+    if example.images:
+        raise UsageError(f"{example.where}: this row holds images; they train with --method sft on a "
+                         "vision-language model (one with a vision tower and an image processor).")
     if example.messages is None:
         # the tokenizer's own BOS setting, as for a raw prompt
         ids = list(tokenizer(_raw_text(example, fmt, tokenizer))["input_ids"])
@@ -191,8 +197,12 @@ def tokenize_dataset(
     train_on: str = "assistant",
     seq_len: int | None = None,
     stop_ids: Iterable[int] | None = None,
+    with_images: Callable[[Example, int], TokenizedExample | str] | None = None,
 ) -> tuple[list[TokenizedExample], DataReport]:
     """Tokenize every example; drop and report those left with no trainable token.
+
+    ``with_images(example, index)`` tokenizes a row with images (the model's processor:
+    :func:`~qlora.train.data.image_examples.tokenize_image_example`), or says why the row is skipped.
 
     Raises:
         UsageError: every example is left with no trainable token (e.g. all
@@ -204,7 +214,14 @@ def tokenize_dataset(
         if example.skip:
             report.skip(example.skip, example.where)
             continue
-        tokenized = tokenize_example(example, tokenizer, chat_template, train_on, seq_len, index=i, stop_ids=stops)
+        if example.images and with_images is not None:
+            tokenized = with_images(example, i)
+            if isinstance(tokenized, str):
+                report.skip(tokenized, example.where)
+                continue
+        else:
+            tokenized = tokenize_example(example, tokenizer, chat_template, train_on, seq_len, index=i,
+                                         stop_ids=stops)
         report.truncated += tokenized.truncated
         report.reasoning += has_reasoning(example.messages, example.reasoning)
         report.reasoning_hidden += tokenized.reasoning_hidden
@@ -232,6 +249,14 @@ def tokenize_dataset(
             "--seq-len or shorten the prompts."
         )
     return kept, report
+
+
+def rendered_text(example: Example, tokenizer, fmt: ChatFormat) -> str:
+    """The text of a conversation whose tokens :func:`tokenize_example` gives (before an EOS it appends): the
+    chat template's rendering, with the final turns' reasoning put back where the template drops it."""
+    messages = fmt.messages(for_template(example.messages, fmt.template, tokenizer, example.where, fmt.origin))
+    rendered = fmt.render(tokenizer, messages, where=example.where, **_template_kwargs(example))
+    return restore_final_reasoning(rendered, messages)
 
 
 def has_generation_markers(template: str) -> bool:

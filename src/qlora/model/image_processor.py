@@ -1,0 +1,60 @@
+"""The processor that turns a vision-language model's images into its inputs, for training on images.
+
+qlora uses the model folder's own processor (``AutoProcessor``): it knows how many tokens each image takes
+and what tensors the model's forward wants, so training sees what inference with transformers sees. Models
+whose forward needs per-batch structure beyond image tensors and token ids are refused by type.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from torch import nn
+
+from qlora.errors import UsageError
+from qlora.model.quantize import non_text_names
+
+# Model types whose images reach the language model other than as tokens in its sequence.
+REFUSED_TYPES = {
+    "mllama": "Llama 3.2 Vision attends to images through cross-attention layers, whose masks (cross_attention_mask) "
+              "qlora does not build",
+}
+
+
+def load_image_processor(model_dir: str | Path, model: nn.Module, tokenizer, where: str):
+    """The model folder's processor, with the run's ``tokenizer``.
+
+    Args:
+        model_dir: the model folder or hub name (``--model``).
+        model: the loaded model, to check it has a vision tower.
+        tokenizer: the run's tokenizer (with any tokens the run or its adapter added).
+        where: the first row with images, named in errors.
+
+    Raises:
+        UsageError: a model without a vision tower, a refused model type, or a folder with no processor
+            transformers can build.
+    """
+    config = model.config
+    kind = getattr(config, "model_type", "?")
+    if getattr(config, "vision_config", None) is None or not non_text_names(model):
+        raise UsageError(f"{where}: this row holds images, but {model_dir} ({kind}) has no vision tower, so it cannot "
+                         "see them. Train a vision-language model (Qwen2-VL, Gemma 3, LLaVA, SmolVLM, ...) or "
+                         "remove the images.")
+    if kind in REFUSED_TYPES:
+        raise UsageError(f"{where}: training on images is not supported for {kind} models: {REFUSED_TYPES[kind]}. "
+                         "Train it on text only, or use a model whose images are tokens of its sequence "
+                         "(Qwen2-VL, Gemma 3, LLaVA, Idefics3/SmolVLM).")
+    from transformers import AutoProcessor
+
+    try:
+        processor = AutoProcessor.from_pretrained(model_dir)
+    except Exception as exc:  # transformers raises many types for a folder it cannot build a processor from
+        raise UsageError(f"{where}: rows with images need the model's processor, which transformers cannot build "
+                         f"from {model_dir} ({type(exc).__name__}: {str(exc).splitlines()[0][:300]}). The folder needs "
+                         "the hub's processor files (processor_config.json / preprocessor_config.json); some "
+                         "processors need torchvision installed.") from None
+    if not hasattr(processor, "image_processor") or not hasattr(processor, "tokenizer"):
+        raise UsageError(f"{where}: {model_dir}'s processor ({type(processor).__name__}) has no image processor "
+                         "and tokenizer, so it cannot turn images into the model's inputs.")
+    processor.tokenizer = tokenizer
+    return processor

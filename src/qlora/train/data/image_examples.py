@@ -1,0 +1,130 @@
+"""Rows with images to the processor's token ids, the same loss mask as text, and the image tensors.
+
+A vision-language model's processor turns each image placeholder of the chat template's text (Qwen2-VL's
+``<|image_pad|>``, Gemma 3's ``<start_of_image>``, LLaVA's ``<image>``) into the many tokens the image
+takes, and computes the image tensors (``pixel_values``, ``image_grid_thw``, ``token_type_ids``,
+``image_sizes``, ...). The loss mask comes from the text path unchanged (:func:`tokenize_example`: one
+rendering, assistant turns located in it): the processor's ids are the text path's ids with the placeholders
+expanded, so aligning the two sequences carries every label over; tokens the processor inserts are image
+tokens and are never trained. A placeholder inside a trained turn, or ids that do not align, are refused.
+
+Truncation never cuts an image: a row whose image tokens do not all fit ``--seq-len`` is skipped and counted;
+one whose images fit is cut after them like any text.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from difflib import SequenceMatcher
+from typing import Any, Iterable
+
+import torch
+
+from qlora.errors import UsageError
+from qlora.model.chat_format import ChatFormat
+from qlora.train.data.formats import Example
+from qlora.train.data.images import as_parts
+from qlora.train.data.tokenize import IGNORE_INDEX, TokenizedExample, rendered_text, tokenize_example
+
+IMAGES_TOO_LONG = "images that do not fit --seq-len"
+_TEXT_KEYS = ("input_ids", "attention_mask")
+
+
+def token_aligned(key: str) -> bool:
+    """Whether the processor's tensor ``key`` has one entry per token (Gemma 3's ``token_type_ids``, Qwen's
+    ``mm_token_type_ids``): it is truncated and padded with the ids; other tensors are per image."""
+    return key.endswith("token_type_ids")
+
+
+def tokenize_image_example(
+    example: Example,
+    processor,
+    chat_template: ChatFormat,
+    train_on: str = "assistant",
+    seq_len: int | None = None,
+    index: int = 0,
+    stop_ids: Iterable[int] | None = None,
+) -> TokenizedExample | str:
+    """The ids, labels and image tensors of a conversation with images, or :data:`IMAGES_TOO_LONG` when its
+    image tokens do not fit ``seq_len``.
+
+    Args:
+        example: a normalized conversation with ``images``.
+        processor: the model's ``AutoProcessor`` (its ``tokenizer`` the run's tokenizer).
+        chat_template, train_on, stop_ids: as for :func:`~qlora.train.data.tokenize.tokenize_example`.
+        seq_len: keep at most this many tokens, never cutting an image.
+        index: the example's position in the dataset.
+
+    Raises:
+        UsageError: an image placeholder inside a trained turn, or a processor whose ids are not the chat
+            template's with the placeholders expanded.
+    """
+    tokenizer = processor.tokenizer
+    text_example = replace(example, messages=tuple(as_parts(example.messages)), images=())
+    text = tokenize_example(text_example, tokenizer, chat_template, train_on, None, index, stop_ids)
+    rendered = rendered_text(text_example, tokenizer, chat_template)
+    eos = len(text.input_ids) - len(tokenizer(rendered, add_special_tokens=False)["input_ids"])
+    if eos:  # the text path appended an EOS the rendering lacks: the processor gets it too
+        rendered += tokenizer.eos_token
+    images = [ref.load() for ref in example.images]
+    encoded = processor(text=[rendered], images=images, add_special_tokens=False, return_tensors="pt")
+    ids = encoded["input_ids"][0].tolist()
+    labels, image_end = _aligned_labels(text.input_ids, text.labels, ids, example.where)
+    media = {k: v for k, v in encoded.items() if k not in _TEXT_KEYS and isinstance(v, torch.Tensor)}
+    truncated = seq_len is not None and len(ids) > seq_len
+    if truncated:
+        if image_end > seq_len:
+            return IMAGES_TOO_LONG
+        ids, labels = ids[:seq_len], labels[:seq_len]
+        media = {k: v[:, :seq_len] if token_aligned(k) else v for k, v in media.items()}
+    return TokenizedExample(ids, labels, index, truncated, text.reasoning_hidden, media)
+
+
+def _aligned_labels(text_ids: list[int], text_labels: list[int], ids: list[int],
+                    where: str) -> tuple[list[int], int]:
+    """Labels for the processor's ``ids`` from the text path's, and where the last image's tokens end."""
+    labels = [IGNORE_INDEX] * len(ids)
+    image_end = 0
+    matcher = SequenceMatcher(None, text_ids, ids, autojunk=False)
+    for op, a0, a1, b0, b1 in matcher.get_opcodes():
+        if op == "equal":
+            labels[b0:b1] = text_labels[a0:a1]
+            continue
+        if any(label != IGNORE_INDEX for label in text_labels[a0:a1]) or (
+                op == "insert" and 0 < a0 < len(text_labels) and text_labels[a0 - 1] != IGNORE_INDEX
+                and text_labels[a0] != IGNORE_INDEX):
+            raise UsageError(f"{where}: the processor's tokens differ from the chat template's inside a trained "
+                             "turn (an image placeholder written in an assistant answer?), so the answer's tokens "
+                             "cannot be located. Remove image markers (such as <image>) from the answers.")
+        image_end = max(image_end, b1)
+    labels[0] = IGNORE_INDEX
+    return labels, image_end
+
+
+def image_batch(examples: list[TokenizedExample], length: int) -> dict[str, torch.Tensor]:
+    """The micro-batch's image tensors: per-token ones right-padded with 0 to ``length`` and stacked (zeros for
+    a row without images), per-image ones concatenated in row order (Qwen2-VL's patches and grids, LLaVA's and
+    Gemma 3's images), zero-padded where a dimension differs (LLaVA-NeXT's crops, Idefics3's images a row, whose
+    models skip all-zero padding)."""
+    keys = list(dict.fromkeys(k for e in examples for k in e.media))
+    batch: dict[str, Any] = {}
+    for key in keys:
+        if token_aligned(key):
+            rows = torch.zeros((len(examples), length), dtype=next(e.media[key] for e in examples
+                                                                     if key in e.media).dtype)
+            for r, e in enumerate(examples):
+                if key in e.media:
+                    rows[r, :e.media[key].shape[-1]] = e.media[key][0]
+            batch[key] = rows
+            continue
+        tensors = [e.media[key] for e in examples if key in e.media]
+        shape = [max(t.shape[d] for t in tensors) for d in range(tensors[0].dim())]
+        padded = []
+        for t in tensors:
+            if list(t.shape[1:]) != shape[1:]:
+                full = t.new_zeros([t.shape[0], *shape[1:]])
+                full[tuple(slice(0, n) for n in t.shape)] = t
+                t = full
+            padded.append(t)
+        batch[key] = torch.cat(padded)
+    return batch

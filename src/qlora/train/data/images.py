@@ -1,0 +1,228 @@
+"""Images in conversations: where users write them, and reading them.
+
+A row's images come in the shapes users have:
+
+- message parts, OpenAI / Hugging Face style: ``{"type": "image", "image": SRC}``, ``{"type": "image",
+  "path" | "url": SRC}``, ``{"type": "image_url", "image_url": {"url": SRC}}`` (or the URL as a string);
+- a bare ``{"type": "image"}`` part whose image is the next one of the row's ``images`` column (TRL's vision
+  datasets, e.g. HuggingFaceH4/llava-instruct-mix-vsft);
+- LLaMA-Factory's ``<image>`` placeholders in a text, filled in order from the row's ``images`` column
+  (ShareGPT and alpaca rows; a text with images but no placeholder gets them before its text, as
+  LLaMA-Factory's plugins put them).
+
+SRC is a local file (a path relative to the data file's folder, then to ``--dataset-dir``, or absolute), a
+``data:`` URI, or what ``datasets`` stores for an ``Image`` column (``{"bytes", "path"}``, a PIL image).
+Nothing is downloaded. Every image is checked when the data are read (a missing or unreadable file fails
+before the model loads) and decoded again when the row is tokenized, so decoded images are never all held.
+
+A message holding images gets a content of parts, ``{"type": "image"}`` where each image was and
+``{"type": "text", "text": ...}`` around them, which is what chat templates of vision-language models render
+as their image placeholders.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+from qlora.errors import UsageError
+
+IMAGE_PART_TYPES = ("image", "image_url")
+PLACEHOLDER = "<image>"  # LLaMA-Factory's
+IMAGES_COLUMN = "images"
+_SOURCE_KEYS = ("image", "path", "url")
+
+
+@dataclass(frozen=True)
+class ImageRef:
+    """One image of a row: a resolved file path, a ``data:`` URI, or raw bytes; ``shown`` is how the data
+    wrote it (for messages), ``where`` the row (file and line)."""
+
+    source: str | bytes
+    shown: str
+    where: str
+
+    def load(self):
+        """The image as an RGB ``PIL.Image``.
+
+        Raises:
+            UsageError: the file is missing or is not an image PIL can read (naming the row and the image).
+        """
+        try:
+            from PIL import Image, UnidentifiedImageError
+        except ImportError:
+            raise UsageError(f"{self.where}: rows with images need Pillow: pip install pillow.") from None
+        try:
+            if isinstance(self.source, bytes):
+                stream = io.BytesIO(self.source)
+            elif self.source.startswith("data:"):
+                stream = io.BytesIO(_data_uri_bytes(self.source, self.where, self.shown))
+            else:
+                stream = self.source
+            with Image.open(stream) as image:
+                return image.convert("RGB")
+        except (OSError, UnidentifiedImageError, ValueError) as exc:
+            reason = "file not found" if isinstance(exc, FileNotFoundError) else f"{type(exc).__name__}: {exc}"
+            raise UsageError(f"{self.where}: image {self.shown!r} cannot be read ({reason}). Give a PNG, JPEG or other "
+                             "image file Pillow reads, as a path relative to the data file's folder (or "
+                             "--dataset-dir), an absolute path or a data: URI; or remove the row.") from None
+
+
+def attach_images(example, fields: dict[str, Any], folders: Sequence[str | Path]):
+    """``example`` (a :class:`~qlora.train.data.formats.Example`) with its images: message parts and
+    ``<image>`` placeholders filled from the row's ``images`` column, each image resolved and checked.
+
+    Args:
+        example: the normalized row, its image parts still as written.
+        fields: the row's fields (for the ``images`` column).
+        folders: where relative paths are looked for, in order (the data file's folder, ``--dataset-dir``).
+
+    Raises:
+        UsageError: an image part without an image and no ``images`` left for it, more or fewer ``<image>``
+            placeholders than images, images in an assistant turn, a URL, a missing or unreadable image.
+    """
+    column = fields.get(IMAGES_COLUMN)
+    column = [] if column is None else column if isinstance(column, list) else [column]
+    has_parts = example.messages is not None and any(_image_parts(m.get("content")) for m in example.messages)
+    if not column and not has_parts:
+        return example
+    where = example.where
+    if example.messages is None:
+        raise UsageError(f'{where}: an "{IMAGES_COLUMN}" column beside a plain text; images go with conversations '
+                         "(messages, conversations, or alpaca instruction/output rows).")
+    pending: Iterator[Any] = iter(enumerate(column))
+    refs: list[ImageRef] = []
+    messages = []
+    placeholders = not has_parts and column
+    for i, message in enumerate(example.messages):
+        content = message.get("content")
+        if placeholders and isinstance(content, str) and PLACEHOLDER in content:
+            content = _split_placeholders(content)
+        if not _image_parts(content):
+            messages.append(message)
+            continue
+        if message.get("role") != "user" and message.get("role") != "system":
+            raise UsageError(f"{where}, message {i}: images in a {message.get('role')} turn; qlora trains the model "
+                             "to write text about images given in user turns. Move the image to the user turn.")
+        parts = []
+        for part in content:
+            if isinstance(part, dict) and part.get("type") in IMAGE_PART_TYPES:
+                source = _part_source(part)
+                if source is None:
+                    k, source = next(pending, (None, None))
+                    if k is None:
+                        raise UsageError(f'{where}, message {i}: more images in the messages than in the '
+                                         f'"{IMAGES_COLUMN}" column ({len(column)}); give each image part its image '
+                                         '({"type": "image", "image": "path"}) or list them all in the column.')
+                refs.append(_resolve(source, where, folders))
+                parts.append({"type": "image"})
+            else:
+                parts.append(part)
+        messages.append({**message, "content": parts})
+    left = sum(1 for _ in pending)
+    if left and placeholders and not refs:  # LLaMA-Factory: images without placeholders go before the user text
+        first = next(k for k, m in enumerate(messages) if m.get("role") == "user")
+        text = messages[first]["content"]
+        start = len(refs)
+        refs += [_resolve(source, where, folders) for source in column[start:]]
+        parts = [{"type": "image"} for _ in column[start:]]
+        messages[first] = {**messages[first], "content": parts + (text if isinstance(text, list)
+                                                                    else [{"type": "text", "text": text}])}
+    elif left:
+        raise UsageError(f'{where}: the "{IMAGES_COLUMN}" column has {len(column)} images but the messages place '
+                         f"{len(column) - left}; give one image part or {PLACEHOLDER} placeholder per image.")
+    return replace(example, messages=tuple(messages), images=tuple(refs))
+
+
+def as_parts(messages: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Messages with every text content as a list of one text part: vision-language chat templates (SmolVLM,
+    LLaVA) read each content as parts, as TRL gives them."""
+    out = []
+    for m in messages:
+        content = m.get("content")
+        out.append({**m, "content": [{"type": "text", "text": content}]} if isinstance(content, str) else m)
+    return out
+
+
+def _image_parts(content: Any) -> bool:
+    return isinstance(content, list) and any(isinstance(p, dict) and p.get("type") in IMAGE_PART_TYPES
+                                             for p in content)
+
+
+def _split_placeholders(text: str) -> list[dict[str, Any]]:
+    parts: list[dict[str, Any]] = []
+    for k, piece in enumerate(text.split(PLACEHOLDER)):
+        if k:
+            parts.append({"type": "image"})
+        if piece:
+            parts.append({"type": "text", "text": piece})
+    return parts
+
+
+def _part_source(part: dict[str, Any]) -> Any:
+    if part.get("type") == "image_url":
+        value = part.get("image_url")
+        return value.get("url") if isinstance(value, dict) else value
+    return next((part[k] for k in _SOURCE_KEYS if part.get(k) is not None), None)
+
+
+def _resolve(source: Any, where: str, folders: Sequence[str | Path]) -> ImageRef:
+    """An :class:`ImageRef` for what the data wrote, its file found and its header checked."""
+    if type(source).__module__.startswith("PIL."):
+        buffer = io.BytesIO()
+        source.save(buffer, format="PNG")
+        return ImageRef(buffer.getvalue(), "<PIL image>", where)
+    if isinstance(source, dict):  # a datasets Image cell: {"bytes": ..., "path": ...}
+        if source.get("bytes"):
+            return _checked(ImageRef(bytes(source["bytes"]), str(source.get("path") or "<image bytes>"), where))
+        source = source.get("path")
+    if not isinstance(source, str) or not source.strip():
+        raise UsageError(f"{where}: an image must be a path, a data: URI or an image column's bytes, got "
+                         f"{type(source).__name__}.")
+    if source.startswith("data:"):
+        _data_uri_bytes(source, where, source[:40] + "...")
+        return _checked(ImageRef(source, source[:40] + "...", where))
+    if source.startswith(("http://", "https://")):
+        raise UsageError(f"{where}: image {source!r} is a URL; qlora reads local files only. Download the images "
+                         "and give their paths (relative to the data file's folder or --dataset-dir).")
+    path = Path(source.removeprefix("file://")).expanduser()
+    candidates = [] if path.is_absolute() else [Path(folder) / path for folder in folders]
+    found = next((c for c in candidates if c.is_file()), path)
+    if not found.is_file():
+        looked = ", ".join(str(f) for f in folders)
+        raise UsageError(f"{where}: image {source!r} not found" + (f" (looked in {looked})" if looked and not
+                         path.is_absolute() else "") + ". Give paths relative to the data file's folder (or "
+                         "--dataset-dir), or absolute ones.")
+    return _checked(ImageRef(str(found), source, where))
+
+
+def _checked(ref: ImageRef) -> ImageRef:
+    """``ref`` once Pillow recognizes it as an image (its header only: decoding waits for tokenization)."""
+    try:
+        from PIL import Image
+    except ImportError:
+        raise UsageError(f"{ref.where}: rows with images need Pillow: pip install pillow.") from None
+    source = ref.source
+    stream = io.BytesIO(source) if isinstance(source, bytes) else io.BytesIO(
+        _data_uri_bytes(source, ref.where, ref.shown)) if source.startswith("data:") else source
+    try:
+        with Image.open(stream) as image:
+            image.verify()
+    except Exception as exc:  # PIL raises many types for a damaged file
+        raise UsageError(f"{ref.where}: image {ref.shown!r} is not an image Pillow can read ({type(exc).__name__}: "
+                         f"{exc}). Replace the file or remove the row.") from None
+    return ref
+
+
+def _data_uri_bytes(uri: str, where: str, shown: str) -> bytes:
+    header, _, data = uri.partition(",")
+    if not header.endswith(";base64"):
+        raise UsageError(f"{where}: image {shown!r}: only base64 data: URIs (data:image/png;base64,...) are read.")
+    try:
+        return base64.b64decode(data, validate=True)
+    except (binascii.Error, ValueError):
+        raise UsageError(f"{where}: image {shown!r}: the data: URI is not valid base64.") from None

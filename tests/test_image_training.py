@@ -1,0 +1,212 @@
+"""Supervised fine-tuning on images: conversations whose user turns hold images, through each family's processor.
+
+Oracles: transformers' own forward on the processor's output, with the assistant answer (through its
+end-of-turn token) as the only labels, gives qlora's first-step loss; PEFT loads the saved adapter on the base
+model and gives qlora's logits on an image+text input.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import AutoModelForImageTextToText, AutoProcessor
+
+from qlora.cli.main import main
+from qlora.errors import UsageError
+from qlora.train.config import load_config
+from qlora.train.trainer import Trainer
+from image_models import KINDS, build_image_model, write_png
+
+QUESTION, ANSWERS = "what is in the picture?", ("a red square", "two green circles")
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("image-models")
+    return {kind: build_image_model(root / kind, kind) for kind in KINDS}
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """Two rows: an image part naming its file, and a bare part filled from the "images" column (TRL's vision
+    datasets); images of different sizes, so batches pad and concatenate unlike tensors."""
+    root = tmp_path_factory.mktemp("image-data")
+    (root / "img").mkdir()
+    write_png(root / "img" / "a.png", 40, 30, 0)
+    write_png(root / "img" / "b.png", 70, 60, 1)
+    rows = [{"messages": [{"role": "user", "content": [{"type": "image", "image": "img/a.png"},
+                                                       {"type": "text", "text": QUESTION}]},
+                          {"role": "assistant", "content": ANSWERS[0]}]},
+            {"messages": [{"role": "user", "content": [{"type": "text", "text": QUESTION}, {"type": "image"}]},
+                          {"role": "assistant", "content": [{"type": "text", "text": ANSWERS[1]}]}],
+             "images": ["img/b.png"]}]
+    path = root / "chat.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def _trainer(model, data, out, **kw):
+    cfg = dict(model=str(model), data=str(data), output=str(out), optim="adamw", lr=1e-2, max_steps=3, batch_size=2,
+               progress=False, seq_len=512, quant="none", precision="fp32", dropout=0.0, warmup_ratio=0.0)
+    trainer = Trainer(load_config(None, {**cfg, **kw}))
+    trainer.setup()
+    return trainer
+
+
+def _oracle_rows(model_dir, data):
+    """Each row as transformers sees it: the processor's inputs of the rendered conversation, and labels that
+    are the ids from where they part from the prompt's (rendered with the generation prompt; TRL's
+    completion mask), less a whitespace token the template writes before the answer (SmolVLM's "Assistant: "
+    after a generation prompt "Assistant:"), through the first EOS."""
+    from PIL import Image
+
+    processor = AutoProcessor.from_pretrained(model_dir)
+    eos = processor.tokenizer.eos_token_id
+    out = []
+    for k, image in enumerate(("a.png", "b.png")):
+        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": QUESTION}]},
+                    {"role": "assistant", "content": [{"type": "text", "text": ANSWERS[k]}]}]
+        if k == 1:
+            messages[0]["content"].reverse()
+        images = [Image.open(data.parent / "img" / image).convert("RGB")]
+        full = processor.apply_chat_template(messages, tokenize=False)
+        prompt = processor.apply_chat_template(messages[:1], tokenize=False, add_generation_prompt=True)
+        inputs = processor(text=[full], images=images, add_special_tokens=False, return_tensors="pt")
+        ids = inputs["input_ids"][0].tolist()
+        prompt_ids = processor(text=[prompt], images=images, add_special_tokens=False)["input_ids"][0]
+        start = next((i for i, (a, b) in enumerate(zip(prompt_ids, ids)) if a != b), len(prompt_ids))  # as TRL
+        while not processor.tokenizer.decode(ids[start]).strip():  # the template's space before the answer
+            start += 1
+        end = ids.index(eos, start) + 1
+        labels = torch.full((1, len(ids)), -100)
+        labels[0, start:end] = inputs["input_ids"][0, start:end]
+        out.append((inputs, labels))
+    return out
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_first_step_loss_is_transformers_loss_and_adapter_loads_in_peft(kind, models, data, tmp_path):
+    from peft import PeftModel
+
+    rows = _oracle_rows(models[kind], data)
+    trainer = _trainer(models[kind], data, tmp_path / "run")
+    by_index = {u.index: u for u in trainer.train_units}
+    for k, (inputs, labels) in enumerate(rows):
+        assert by_index[k].input_ids == inputs["input_ids"][0].tolist()
+        assert by_index[k].labels == labels[0].tolist()
+    ref = AutoModelForImageTextToText.from_pretrained(models[kind], dtype=torch.float32).train()
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for inputs, labels in rows:
+            logits = ref(**inputs).logits[0, :-1]
+            total += F.cross_entropy(logits, labels[0, 1:], ignore_index=-100, reduction="sum").item()
+            count += int((labels[0, 1:] != -100).sum())
+    trainer.train()
+    assert trainer.losses[0] == pytest.approx(total / count, rel=1e-5, abs=1e-6)
+    assert trainer.losses[-1] < trainer.losses[0]
+    trainer.save_final()
+
+    inputs = rows[1][0]
+    trainer.model.eval()
+    with torch.no_grad():
+        ours = trainer.model(**inputs).logits
+        peft = PeftModel.from_pretrained(AutoModelForImageTextToText.from_pretrained(models[kind],
+                                                                                     dtype=torch.float32),
+                                         tmp_path / "run").eval()
+        theirs = peft(**inputs).logits
+        base = ref.eval()(**inputs).logits
+    assert not torch.allclose(theirs, base, atol=1e-4)  # the adapter changed the model
+    assert torch.allclose(ours, theirs, atol=1e-5)
+
+
+def test_four_bit_training_on_images(models, data, tmp_path):
+    trainer = _trainer(models["gemma3"], data, tmp_path / "run", quant="nf4", max_steps=4)
+    trainer.train()
+    assert all(torch.isfinite(torch.tensor(trainer.losses))) and trainer.losses[-1] < trainer.losses[0]
+
+
+def test_llama_factory_sharegpt_with_image_placeholders(models, data, tmp_path):
+    """LLaMA-Factory's rows: <image> placeholders in the text, paths in an "images" column, taken in order."""
+    rows = [{"conversations": [{"from": "human", "value": f"<image>{QUESTION}"}, {"from": "gpt", "value": a}],
+             "images": [f"img/{name}"]} for a, name in zip(ANSWERS, ("a.png", "b.png"))]
+    path = data.parent / "sharegpt.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    trainer = _trainer(models["llava"], path, tmp_path / "run")
+    oracle = _oracle_rows(models["llava"], data)
+    assert trainer.train_units[0].input_ids == oracle[0][0]["input_ids"][0].tolist()
+    assert trainer.train_units[0].labels == oracle[0][1][0].tolist()
+
+
+def _jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def _train(model, data, out, *extra):
+    return main(["train", "--model", str(model), "--data", str(data), "--output", str(out), "--quant", "none",
+                 "--max-steps", "2", "--batch-size", "1", "--no-progress", *extra])
+
+
+def test_cli_trains_on_png_files_and_names_a_bad_image(models, data, tmp_path, capsys):
+    assert _train(models["idefics3"], data, tmp_path / "ok") == 0
+    assert (tmp_path / "ok" / "adapter_model.safetensors").exists()
+    rows = [json.loads(line) for line in data.read_text().splitlines()]
+    rows[1]["images"] = ["img/missing.png"]
+    bad = _jsonl(data.parent / "bad.jsonl", rows)
+    assert _train(models["idefics3"], bad, tmp_path / "bad") == 2
+    err = capsys.readouterr().err
+    assert f"{bad} line 2: image 'img/missing.png' not found" in err and "Traceback" not in err
+    (data.parent / "img" / "broken.png").write_bytes(b"not a png")
+    rows[1]["images"] = ["img/broken.png"]
+    _jsonl(bad, rows)
+    assert _train(models["idefics3"], bad, tmp_path / "bad") == 2
+    err = capsys.readouterr().err
+    assert f"{bad} line 2: image 'img/broken.png' is not an image" in err and "Traceback" not in err
+
+
+def test_data_uri_and_absolute_paths(models, data, tmp_path):
+    import base64
+
+    uri = "data:image/png;base64," + base64.b64encode((data.parent / "img" / "a.png").read_bytes()).decode()
+    rows = [{"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": src}},
+                                                       {"type": "text", "text": QUESTION}]},
+                          {"role": "assistant", "content": ANSWERS[0]}]}
+            for src in (uri, str(data.parent / "img" / "a.png"))]
+    trainer = _trainer(models["gemma3"], _jsonl(tmp_path / "uri.jsonl", rows), tmp_path / "run", batch_size=1)
+    first, second = trainer.train_units
+    assert first.input_ids == second.input_ids and torch.equal(first.media["pixel_values"],
+                                                               second.media["pixel_values"])
+
+
+def test_refusals(models, data, tiny_model_dir, tmp_path):
+    with pytest.raises(UsageError, match=r"chat\.jsonl line 1: this row holds images, but .* has no vision tower"):
+        _trainer(tiny_model_dir, data, tmp_path / "text")
+    with pytest.raises(UsageError, match=r"line 1: this row holds images; --packing is for text"):
+        _trainer(models["gemma3"], data, tmp_path / "packed", packing=True)
+    rows = [{"messages": [{"role": "user", "content": [{"type": "image", "url": "https://example.com/a.png"}]},
+                          {"role": "assistant", "content": "x"}]}]
+    with pytest.raises(UsageError, match=r"url\.jsonl line 1: image 'https://example.com/a.png' is a URL"):
+        _trainer(models["gemma3"], _jsonl(tmp_path / "url.jsonl", rows), tmp_path / "url", batch_size=1)
+    rows = [{"conversations": [{"from": "human", "value": "<image><image>hi"}, {"from": "gpt", "value": "x"}],
+             "images": ["img/a.png"]}]
+    with pytest.raises(UsageError, match="more images in the messages than in the \"images\" column"):
+        _trainer(models["gemma3"], _jsonl(data.parent / "two.jsonl", rows), tmp_path / "two", batch_size=1)
+
+
+def test_rows_whose_images_do_not_fit_seq_len_are_skipped_and_counted(models, data, tmp_path):
+    """A row is cut after its image like any text, but one whose image tokens would be cut is skipped and
+    counted (its image placed after a long question)."""
+    rows = [{"messages": [{"role": "user", "content": [{"type": "image", "image": str(data.parent / "img" / "a.png")},
+                                                       {"type": "text", "text": text}]},
+                          {"role": "assistant", "content": ANSWERS[0]}]} for text in (QUESTION, QUESTION * 6)]
+    rows[1]["messages"][0]["content"].reverse()
+    path = _jsonl(tmp_path / "long.jsonl", rows)
+    whole = _trainer(models["gemma3"], path, tmp_path / "whole", batch_size=1).train_units[0]
+    trainer = _trainer(models["gemma3"], path, tmp_path / "cut", batch_size=1, seq_len=len(whole.input_ids) - 1)
+    (unit,) = trainer.train_units
+    assert unit.index == 0 and unit.truncated and unit.input_ids == whole.input_ids[:-1]
+    assert unit.media["token_type_ids"].shape[-1] == len(whole.input_ids) - 1
+    assert f"1 skipped with images that do not fit --seq-len (first: {path} line 2)" in trainer.report.summary()
