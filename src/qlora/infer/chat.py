@@ -60,10 +60,12 @@ class Chat:
         self._turn: list[Message] = []  # the current turn's prompt: memory, user text, calls and results so far
         self._steps: list[Message] = []  # the current turn's calls and results, for the memory
         self._input = ""
+        self._images: tuple[Any, ...] = ()  # the current turn's user images
         self._said = ""  # text of the last reply before its calls
 
-    def prompt_messages(self, text: str) -> list[Message]:
-        """The messages the model sees for the user's ``text``, memory included."""
+    def prompt_messages(self, text: str, images: Sequence[Any] = ()) -> list[Message]:
+        """The messages the model sees for the user's ``text`` (with ``images``: ImageRefs, for a
+        vision-language model given ``self.llm.processor``), memory included."""
         variables = dict(self.memory.load_memory_variables({"input": text}))
         history = variables.pop(self.memory.memory_key)
         context: list[str] = []
@@ -78,17 +80,18 @@ class Chat:
         if known:
             context.append("What you know:\n" + "\n".join(f"- {name}: {summary}" for name, summary in known.items()))
         system = "\n\n".join(part for part in [self.system, *context] if part)
-        return ([Message("system", system)] if system else []) + turns + [Message("user", text)]
+        return ([Message("system", system)] if system else []) + turns + [Message("user", text, images=tuple(images))]
 
-    def send(self, text: str) -> Iterator[str]:
-        """Stream the reply to ``text``; the memory records the exchange once the reply is complete
-        (with tools: once a reply calls no more tools).
+    def send(self, text: str, images: Sequence[Any] = ()) -> Iterator[str]:
+        """Stream the reply to ``text`` (and ``images``, see :meth:`prompt_messages`); the memory records the
+        exchange once the reply is complete (with tools: once a reply calls no more tools).
 
         Raises:
             StoreLocked, StoreReadOnly: (a stored session) the exchange could not be saved;
                 the reply was already streamed.
         """
-        self._input, self._turn, self._steps = text, self.prompt_messages(text), []
+        self._input, self._turn, self._steps = text, self.prompt_messages(text, images), []
+        self._images = tuple(images)
         yield from self._reply()
 
     def send_tool_results(self, results: Sequence[str]) -> Iterator[str]:
@@ -124,4 +127,5 @@ class Chat:
             self.pending_calls = [(self.tool_format.new_id(), call) for call in calls]
             return
         self.last_reply = "".join(pieces).strip()
-        self.memory.save_context({"input": self._input}, {"output": self.last_reply}, steps=self._steps)
+        self.memory.save_context({"input": self._input}, {"output": self.last_reply}, steps=self._steps,
+                                 images=self._images)

@@ -109,7 +109,7 @@ def sampling_probs(logits: torch.Tensor, options: SamplingOptions) -> torch.Tens
 
 @torch.inference_mode()
 def stream_tokens(model, input_ids: torch.Tensor, options: SamplingOptions | None = None,
-                  stop_ids: Iterable[int] = ()) -> Iterator[int]:
+                  stop_ids: Iterable[int] = (), media: dict | None = None) -> Iterator[int]:
     """Yield new token ids one by one; a stop id is yielded and then ends the stream.
 
     Args:
@@ -117,6 +117,8 @@ def stream_tokens(model, input_ids: torch.Tensor, options: SamplingOptions | Non
         input_ids: the prompt, shape ``(1, length)``.
         options: sampling options (defaults: :class:`SamplingOptions`).
         stop_ids: token ids that end generation (EOS, end of turn).
+        media: a vision-language model's image tensors for the prompt (:mod:`qlora.infer.images`), given to
+            the prefill only.
     """
     options = options or SamplingOptions()
     _decodable(model, step_inputs(model))  # refused before the first token, not at the second
@@ -129,7 +131,8 @@ def stream_tokens(model, input_ids: torch.Tensor, options: SamplingOptions | Non
     penalties = Penalties.of(options, input_ids[0])
     ids, cache = input_ids, {}
     for _ in range(options.max_new_tokens):
-        out, cache = forward_cached(model, ids, cache, ids.shape[1] - 1 if cache else 0)
+        out, cache = forward_cached(model, ids, cache, ids.shape[1] - 1 if cache else 0,
+                                    None if media is None else {} if cache else media)
         token = next_token(out.logits[0, -1], options, generator, penalties)
         if penalties is not None:
             penalties.add(token)
@@ -139,7 +142,7 @@ def stream_tokens(model, input_ids: torch.Tensor, options: SamplingOptions | Non
         ids = torch.cat([ids, torch.tensor([[token]], device=device)], 1)
 
 
-def forward_cached(model, ids: torch.Tensor, cache: dict, seen: int):
+def forward_cached(model, ids: torch.Tensor, cache: dict, seen: int, media: dict | None = None):
     """Run the tokens of ``ids`` (the whole sequence so far, ``(rows, length)``) after the first ``seen``, which
     ``cache`` (keywords from the previous call, ``{}`` at first) holds; returns the model's output and the cache
     keywords for the next call.
@@ -153,6 +156,10 @@ def forward_cached(model, ids: torch.Tensor, cache: dict, seen: int):
     its hybrid cache class), else a ``DynamicCache`` for its config, kept from call to call; and one that keeps
     no cache qlora can pass back (Reformer's ``past_buckets_states``) runs the whole sequence at every call, as
     ``generate`` runs it.
+
+    ``media`` (a prompt with images): the image tensors of the prefill, ``{}`` at the steps after it. Positions
+    are then left to the model, which counts them from its cache as ``generate`` does (Qwen2-VL adds the rope
+    deltas of its images' positions, kept from the prefill).
     """
     params = _forward_params(getattr(model.forward, "__func__", model.forward))
     length = ids.shape[1]
@@ -160,18 +167,18 @@ def forward_cached(model, ids: torch.Tensor, cache: dict, seen: int):
         ids = ids[:, seen:]
     positions = {}
     steps = torch.arange(seen, length, device=ids.device)  # the cache positions of the tokens not yet cached
-    if "position_ids" in params:
+    if "position_ids" in params and media is None:
         positions = {"position_ids": torch.arange(length - ids.shape[1], length, device=ids.device)[None]
                      .expand(ids.shape[0], -1)}
-    if "cache_position" in params and seen and "cache_position" not in cache:
+    if "cache_position" in params and seen and "cache_position" not in cache and media is None:
         positions["cache_position"] = steps
-    out = model(input_ids=ids, use_cache=True, **cache, **positions)
+    out = model(input_ids=ids, use_cache=True, **cache, **positions, **(media or {}))
     returned = _cache_of(out, length)
     if returned or cache or "past_key_values" not in params:
         return out, returned or cache
     own = model.prepare_inputs_for_generation(ids, use_cache=True, cache_position=steps).get("past_key_values")
     cache = {"past_key_values": own if own is not None else DynamicCache(config=model.config)}  # the prefill again
-    return model(input_ids=ids, use_cache=True, **cache, **positions), cache
+    return model(input_ids=ids, use_cache=True, **cache, **positions, **(media or {})), cache
 
 
 def reads_whole_sequence(model, ids: torch.Tensor, cache: dict, seen: int) -> bool:
@@ -318,9 +325,13 @@ def default_stop_ids(model, tokenizer) -> set[int]:
 
 def stream_text(model, tokenizer, prompt: str, options: SamplingOptions | None = None,
                 stop_ids: Iterable[int] | None = None, keep: frozenset[int] = frozenset(),
-                stop_strings: Sequence[str] = (), chat: bool = False) -> Iterator[str]:
+                stop_strings: Sequence[str] = (), chat: bool = False, images: Sequence = (),
+                processor=None) -> Iterator[str]:
     """Yield the continuation of ``prompt`` (``chat``: rendered by a chat template, see :func:`encode_prompt`)
     as text pieces, as soon as they decode.
+
+    ``images`` (ImageRefs, placed by the rendered prompt's image placeholders) go through ``processor``, the
+    model's (:func:`qlora.infer.images.encode_with_images`).
 
     The pieces join to exactly ``tokenizer.decode(tokens, skip_special_tokens=True)``
     (see :class:`qlora.infer.text_stream.TextStream`), but for the special tokens in ``keep``.
@@ -328,11 +339,11 @@ def stream_text(model, tokenizer, prompt: str, options: SamplingOptions | None =
     """
     from .text_stream import TextStream
 
-    input_ids = encode_prompt(model, tokenizer, prompt, chat)
+    input_ids, media = _encoded(model, tokenizer, prompt, chat, images, processor)
     if stop_ids is None:
         stop_ids = default_stop_ids(model, tokenizer)
     text = TextStream(tokenizer, stop_strings, keep=keep)
-    for token in stream_tokens(model, input_ids, options, stop_ids):
+    for token in stream_tokens(model, input_ids, options, stop_ids, media):
         piece = text.push(token)
         if piece:
             yield piece
@@ -347,8 +358,8 @@ def stream_text(model, tokenizer, prompt: str, options: SamplingOptions | None =
 def generate_per_adapter(model, tokenizer, prompt: str, adapters: list[str | None],
                          options: SamplingOptions | None = None,
                          stop_ids: Iterable[int] | None = None, stop_strings: Sequence[str] = (),
-                         chat: bool = False) -> list[str]:
-    """Continue ``prompt`` (``chat``: as :func:`stream_text`) once per adapter in ONE batch: row ``i`` runs adapter
+                         chat: bool = False, images: Sequence = (), processor=None) -> list[str]:
+    """Continue ``prompt`` (``chat``, ``images``: as :func:`stream_text`) once per adapter in ONE batch: row ``i`` runs adapter
     ``adapters[i]`` (``None``: the base alone) and the 4-bit base is read once
     per step for all rows. Each row samples with its own generator seeded like a
     single run, so every row equals what that adapter produces alone (stop strings included).
@@ -360,9 +371,13 @@ def generate_per_adapter(model, tokenizer, prompt: str, adapters: list[str | Non
     if stop_ids is None:
         stop_ids = default_stop_ids(model, tokenizer)
     stop = set(stop_ids)
-    prompt_ids = encode_prompt(model, tokenizer, prompt, chat)
+    prompt_ids, media = _encoded(model, tokenizer, prompt, chat, images, processor)
     device = prompt_ids.device
     rows = len(adapters)
+    if media is not None:
+        from .images import media_rows
+
+        media = media_rows(media, rows, prompt_ids.shape[1])
     generators = [torch.Generator(device=device).manual_seed(options.seed)
                   if options.seed is not None and options.temperature > 0 else None for _ in adapters]
     penalties = [Penalties.of(options, prompt_ids[0]) for _ in adapters]
@@ -373,7 +388,8 @@ def generate_per_adapter(model, tokenizer, prompt: str, adapters: list[str | Non
     ids, cache = prompt_ids.repeat(rows, 1), {}
     with adapter_rows(model, adapters):
         for _ in range(options.max_new_tokens):
-            out, cache = forward_cached(model, ids, cache, ids.shape[1] - 1 if cache else 0)
+            out, cache = forward_cached(model, ids, cache, ids.shape[1] - 1 if cache else 0,
+                                        None if media is None else {} if cache else media)
             step = []
             for r in range(rows):
                 token = texts[r].tokens[-1] if done[r] else next_token(out.logits[r, -1], options,
@@ -388,3 +404,12 @@ def generate_per_adapter(model, tokenizer, prompt: str, adapters: list[str | Non
                 break
             ids = torch.cat([ids, torch.tensor(step, device=device)[:, None]], 1)
     return ["".join(p) + text.flush() for p, text in zip(pieces, texts)]
+
+
+def _encoded(model, tokenizer, prompt: str, chat: bool, images: Sequence, processor) -> tuple[torch.Tensor, dict | None]:
+    """The prompt's ids, and its image tensors (None without images)."""
+    if not images:
+        return encode_prompt(model, tokenizer, prompt, chat), None
+    from .images import encode_with_images
+
+    return encode_with_images(processor, model, prompt, images)

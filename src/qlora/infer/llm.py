@@ -33,12 +33,15 @@ class ModelLLM:
         model: a transformers causal LM.
         tokenizer: its tokenizer.
         chat_format: the format to prompt in (a fine-tune's saved one); default: the tokenizer's template.
+        processor: the model's processor (:func:`qlora.infer.images.image_processor`), for messages with images.
         **defaults: :class:`SamplingOptions` fields used unless a call overrides them.
     """
 
-    def __init__(self, model, tokenizer, chat_format: ChatFormat | None = None, **defaults: Any) -> None:
+    def __init__(self, model, tokenizer, chat_format: ChatFormat | None = None, processor=None,
+                 **defaults: Any) -> None:
         self.model = model
         self.tokenizer = tokenizer
+        self.processor = processor
         self.chat_format = chat_format
         self.options = SamplingOptions(**defaults)
         self.stop_ids = stop_token_ids(model, tokenizer)
@@ -61,8 +64,11 @@ class ModelLLM:
         """Stream the assistant's reply to ``messages``; with ``tools``, call markup is decoded too."""
         prompt = render_chat(self.tokenizer, messages, chat_format=self.chat_format, tools=tools)
         keep = markup_token_ids(self.tool_format(), self.tokenizer) if tools else frozenset()
+        images = [ref for m in messages for ref in m.images]
+        if images and self.processor is None:
+            raise UsageError("these messages hold images, but no image processor was given for the model.")
         return stream_text(self.model, self.tokenizer, prompt, replace(self.options, **options), self.stop_ids,
-                           keep=keep, chat=True)
+                           keep=keep, chat=True, images=images, processor=self.processor)
 
     def complete(self, prompt: str, **options: Any) -> str:
         """The reply to ``prompt`` sent as one user message, stripped of surrounding space."""

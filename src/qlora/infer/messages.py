@@ -1,6 +1,7 @@
 """Chat messages and the plain-text transcript form that memory prompts use.
 
-A message is a role (``system``, ``user``, ``assistant``, ``tool``) and its text;
+A message is a role (``system``, ``user``, ``assistant``, ``tool``) and its text (a user message's images
+with it, for vision-language models);
 an assistant message may call tools and a tool message answers one call (the
 OpenAI function-calling shapes, which chat templates render). LangChain
 prompts show a conversation as ``Human: ...`` / ``AI: ...`` lines; the same
@@ -13,7 +14,10 @@ import json
 from dataclasses import dataclass
 from typing import Any, Iterable
 
+from qlora.errors import UsageError
+
 ROLES = ("system", "user", "assistant", "tool")
+IMAGE_PLACEHOLDER = "<image>"  # where a message's image goes in its text (LLaMA-Factory's, as training reads it)
 
 
 @dataclass(frozen=True)
@@ -29,14 +33,28 @@ class Message:
     content: str
     tool_calls: tuple[dict[str, Any], ...] = ()
     tool_call_id: str | None = None
+    images: tuple[Any, ...] = ()  # ImageRefs (a user message's), at the <image> placeholders of the text or before it
 
     def __post_init__(self) -> None:
         if self.role not in ROLES:
             raise ValueError(f"unknown message role {self.role!r}; choose from {', '.join(ROLES)}")
+        marks = self.content.count(IMAGE_PLACEHOLDER) if self.images else 0
+        if marks and marks != len(self.images):
+            raise UsageError(f"the text has {marks} {IMAGE_PLACEHOLDER} placeholders for {len(self.images)} images; "
+                             f"write one {IMAGE_PLACEHOLDER} where each image goes, or none (the images then go "
+                             "before the text).")
 
     def as_dict(self) -> dict[str, Any]:
-        """The message as chat templates receive it (only the keys it has)."""
+        """The message as chat templates receive it (only the keys it has); one with images has a content of
+        parts, ``{"type": "image"}`` where each image goes (what templates of vision-language models render)."""
         out: dict[str, Any] = {"role": self.role, "content": self.content}
+        if self.images:
+            from qlora.train.data.images import split_placeholders
+
+            text = self.content
+            if IMAGE_PLACEHOLDER not in text:
+                text = IMAGE_PLACEHOLDER * len(self.images) + text
+            out["content"] = split_placeholders(text)
         if self.tool_calls:
             out["tool_calls"] = [dict(call) for call in self.tool_calls]
         if self.tool_call_id is not None:

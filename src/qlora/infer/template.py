@@ -58,6 +58,10 @@ def render_chat(tokenizer, messages: Sequence[Message], add_generation_prompt: b
         from jinja2.exceptions import TemplateSyntaxError
 
         dicts = for_template([m.as_dict() for m in msgs], template)
+        if any(m.images for m in msgs):  # every content as parts, as training renders rows with images
+            from qlora.train.data.images import as_parts
+
+            dicts = as_parts(dicts)
         if chat_format is not None:
             return chat_format.render(tokenizer, dicts, add_generation_prompt=add_generation_prompt, **extra)
         try:
@@ -76,7 +80,7 @@ def render_chat(tokenizer, messages: Sequence[Message], add_generation_prompt: b
         return apply(messages)
     except (TemplateError, UsageError):  # a saved ChatFormat reports template errors as UsageError
         system, user = messages[0], messages[1]
-        return apply([Message("user", f"{system.content}\n\n{user.content}"), *messages[2:]])
+        return apply([Message("user", f"{system.content}\n\n{user.content}", images=user.images), *messages[2:]])
 
 
 _PROBE_TOOL = {"type": "function", "function": {

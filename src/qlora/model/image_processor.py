@@ -21,14 +21,16 @@ REFUSED_TYPES = {
 }
 
 
-def load_image_processor(model_dir: str | Path, model: nn.Module, tokenizer, where: str):
+def load_image_processor(model_dir: str | Path, model: nn.Module, tokenizer, where: str,
+                         subject: str = "this row holds images"):
     """The model folder's processor, with the run's ``tokenizer``.
 
     Args:
         model_dir: the model folder or hub name (``--model``).
         model: the loaded model, to check it has a vision tower.
         tokenizer: the run's tokenizer (with any tokens the run or its adapter added).
-        where: the first row with images, named in errors.
+        where: the first row (or option) with images, named in errors.
+        subject: what holds the images, for errors ("this row holds images").
 
     Raises:
         UsageError: a model without a vision tower, a refused model type, or a folder with no processor
@@ -37,18 +39,24 @@ def load_image_processor(model_dir: str | Path, model: nn.Module, tokenizer, whe
     config = model.config
     kind = getattr(config, "model_type", "?")
     if getattr(config, "vision_config", None) is None or not non_text_names(model):
-        raise UsageError(f"{where}: this row holds images, but {model_dir} ({kind}) has no vision tower, so it cannot "
+        raise UsageError(f"{where}: {subject}, but {model_dir} ({kind}) has no vision tower, so it cannot "
                          "see them. Train a vision-language model (Qwen2-VL, Gemma 3, LLaVA, SmolVLM, ...) or "
                          "remove the images.")
     if kind in REFUSED_TYPES:
-        raise UsageError(f"{where}: training on images is not supported for {kind} models: {REFUSED_TYPES[kind]}. "
-                         "Train it on text only, or use a model whose images are tokens of its sequence "
+        raise UsageError(f"{where}: images are not supported for {kind} models: {REFUSED_TYPES[kind]}. "
+                         "Use it with text only, or use a model whose images are tokens of its sequence "
                          "(Qwen2-VL, Gemma 3, LLaVA, Idefics3/SmolVLM).")
     from transformers import AutoProcessor
 
     try:
         processor = AutoProcessor.from_pretrained(model_dir)
     except Exception as exc:  # transformers raises many types for a folder it cannot build a processor from
+        missing = getattr(exc, "name", None) if isinstance(exc, ImportError) else None
+        if missing or "torchvision" in str(exc).lower():
+            package = "torchvision" if "torchvision" in str(exc).lower() else missing
+            raise UsageError(f"{where}: the processor of {kind} models ({model_dir}) needs {package}, which is not "
+                             f"installed, so images cannot be turned into its inputs: pip install {package}, or use "
+                             "the model with text only.") from None
         raise UsageError(f"{where}: rows with images need the model's processor, which transformers cannot build "
                          f"from {model_dir} ({type(exc).__name__}: {str(exc).splitlines()[0][:300]}). The folder needs "
                          "the hub's processor files (processor_config.json / preprocessor_config.json); some "

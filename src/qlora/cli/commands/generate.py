@@ -137,6 +137,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "adapter's training format), or continued as raw text with --template none or an "
                              "adapter saved without a format; '-' reads it from standard input (a long or "
                              "multi-line prompt: qlora generate ... --prompt - < prompt.txt)")
+    parser.add_argument("--image", action="append", default=[], metavar="PATH",
+                        help="an image for a vision-language model (a file or a data: URI; repeat for several): the "
+                             "images go at the <image> placeholders of --prompt, one each, else before its text, and "
+                             "the prompt is sent as a user message in the chat format")
     parser.add_argument("--stop", action="append", default=[], metavar="TEXT",
                         help="end the continuation before this text (repeat for several), as the 'stop' of "
                              "qlora serve and OpenAI's API")
@@ -144,29 +148,50 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ...infer.generate import default_stop_ids, generate_per_adapter, stream_text
-    from ...infer.messages import Message
     from ...infer.template import render_chat, stop_token_ids
 
     options = sampling_options(args)  # checked before the (slow) model load
     if args.prompt == "-":
         args.prompt = sys.stdin.read()
-    if not args.prompt.strip():
+    if not args.prompt.strip() and not args.image:
         raise UsageError("--prompt is empty; give the text to continue (or '-' with the text on standard input).")
+    user = _user_message(args)  # images checked before the (slow) model load
     model, tokenizer = load_model_from_args(args)
     fmt = chat_format_from_args(args, tokenizer, "generate")
-    prompt = args.prompt if fmt is None else render_chat(tokenizer, [Message("user", args.prompt)], chat_format=fmt)
-    stops = default_stop_ids(model, tokenizer) if fmt is None else stop_token_ids(model, tokenizer)
+    processor = None
+    if user.images:
+        from ...infer.images import image_processor
+
+        processor = image_processor(model, tokenizer, args.model, f"--image {args.image[0]}")
+    chat = fmt is not None or bool(user.images)  # images go into a user turn of the model's own template
+    prompt = render_chat(tokenizer, [user], chat_format=fmt) if chat else args.prompt
+    stops = stop_token_ids(model, tokenizer) if chat else default_stop_ids(model, tokenizer)
+    media = dict(images=user.images, processor=processor)
     if len(args.adapter) > 1 and not args.adapter_weights:
         # One batch, one row per adapter: the base is read once per step for all of them.
         names = list(adapter_names(args))
         replies = generate_per_adapter(model, tokenizer, prompt, names, options, stops, stop_strings=args.stop,
-                                       chat=fmt is not None)
+                                       chat=chat, **media)
         for name, text in zip(names, replies):
             sys.stdout.write(f"[{name}] {text}\n")
         return 0
-    for piece in stream_text(model, tokenizer, prompt, options, stops, stop_strings=args.stop,
-                             chat=fmt is not None):
+    for piece in stream_text(model, tokenizer, prompt, options, stops, stop_strings=args.stop, chat=chat, **media):
         sys.stdout.write(piece)
         sys.stdout.flush()
     sys.stdout.write("\n")
     return 0
+
+
+def _user_message(args: argparse.Namespace):
+    """--prompt as a user message, with the --image files (each resolved and checked)."""
+    from ...infer.messages import Message
+    from ...train.data.images import resolve_image
+
+    images = tuple(resolve_image(source, "--image") for source in args.image)
+    if images and args.template == "none":
+        raise UsageError("--image with --template none: images go into a user turn of a chat template; use "
+                         "--template auto (the adapter's format, else the model's own) or tokenizer.")
+    try:
+        return Message("user", args.prompt, images=images)
+    except UsageError as exc:
+        raise UsageError(f"--prompt: {exc}") from None

@@ -119,13 +119,15 @@ class BaseMemory:
         """The user's text in ``inputs``."""
         return self._pick({k: v for k, v in inputs.items() if k != self.memory_key}, self.input_key, "input")
 
-    def save_context(self, inputs: dict[str, Any], outputs: dict[str, Any], steps: Sequence[Message] = ()) -> None:
+    def save_context(self, inputs: dict[str, Any], outputs: dict[str, Any], steps: Sequence[Message] = (),
+                     images: Sequence[Any] = ()) -> None:
         """Record one exchange (one transaction), then derive from it (see :meth:`catch_up`).
 
         ``steps``: the assistant's tool calls and the tool results between the user's message and the
         final reply, kept in order so the next turns see how the answer was reached.
+        ``images``: the user message's images (kept with it in memory; a stored session keeps its text only).
         """
-        user = Message("user", self.input_text(inputs))
+        user = Message("user", self.input_text(inputs), images=tuple(images))
         reply = Message("assistant", self._pick(outputs, self.output_key, "output"))
         self.session.add_messages([user, *steps, reply])
         self.catch_up()

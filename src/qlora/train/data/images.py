@@ -101,7 +101,7 @@ def attach_images(example, fields: dict[str, Any], folders: Sequence[str | Path]
     for i, message in enumerate(example.messages):
         content = message.get("content")
         if placeholders and isinstance(content, str) and PLACEHOLDER in content:
-            content = _split_placeholders(content)
+            content = split_placeholders(content)
         if not _image_parts(content):
             messages.append(message)
             continue
@@ -118,7 +118,7 @@ def attach_images(example, fields: dict[str, Any], folders: Sequence[str | Path]
                         raise UsageError(f'{where}, message {i}: more images in the messages than in the '
                                          f'"{IMAGES_COLUMN}" column ({len(column)}); give each image part its image '
                                          '({"type": "image", "image": "path"}) or list them all in the column.')
-                refs.append(_resolve(source, where, folders))
+                refs.append(resolve_image(source, where, folders))
                 parts.append({"type": "image"})
             else:
                 parts.append(part)
@@ -128,7 +128,7 @@ def attach_images(example, fields: dict[str, Any], folders: Sequence[str | Path]
         first = next(k for k, m in enumerate(messages) if m.get("role") == "user")
         text = messages[first]["content"]
         start = len(refs)
-        refs += [_resolve(source, where, folders) for source in column[start:]]
+        refs += [resolve_image(source, where, folders) for source in column[start:]]
         parts = [{"type": "image"} for _ in column[start:]]
         messages[first] = {**messages[first], "content": parts + (text if isinstance(text, list)
                                                                     else [{"type": "text", "text": text}])}
@@ -153,7 +153,8 @@ def _image_parts(content: Any) -> bool:
                                              for p in content)
 
 
-def _split_placeholders(text: str) -> list[dict[str, Any]]:
+def split_placeholders(text: str) -> list[dict[str, Any]]:
+    """``text`` as content parts: ``{"type": "image"}`` at each ``<image>``, text parts around them."""
     parts: list[dict[str, Any]] = []
     for k, piece in enumerate(text.split(PLACEHOLDER)):
         if k:
@@ -170,8 +171,13 @@ def _part_source(part: dict[str, Any]) -> Any:
     return next((part[k] for k in _SOURCE_KEYS if part.get(k) is not None), None)
 
 
-def _resolve(source: Any, where: str, folders: Sequence[str | Path]) -> ImageRef:
-    """An :class:`ImageRef` for what the data wrote, its file found and its header checked."""
+def resolve_image(source: Any, where: str, folders: Sequence[str | Path] = ()) -> ImageRef:
+    """An :class:`ImageRef` for what the data (or a command's ``--image``) wrote, its file found and its header
+    checked; a relative path is looked for in ``folders``, in order (none: the working directory).
+
+    Raises:
+        UsageError: a URL, a missing file, or one Pillow does not recognize as an image.
+    """
     if type(source).__module__.startswith("PIL."):
         buffer = io.BytesIO()
         source.save(buffer, format="PNG")
@@ -194,9 +200,10 @@ def _resolve(source: Any, where: str, folders: Sequence[str | Path]) -> ImageRef
     found = next((c for c in candidates if c.is_file()), path)
     if not found.is_file():
         looked = ", ".join(str(f) for f in folders)
+        hint = ("Give paths relative to the data file's folder (or --dataset-dir), or absolute ones." if folders
+                else "Give an existing image file (relative to the working directory, or absolute) or a data: URI.")
         raise UsageError(f"{where}: image {source!r} not found" + (f" (looked in {looked})" if looked and not
-                         path.is_absolute() else "") + ". Give paths relative to the data file's folder (or "
-                         "--dataset-dir), or absolute ones.")
+                         path.is_absolute() else "") + f". {hint}")
     return _checked(ImageRef(str(found), source, where))
 
 

@@ -1,0 +1,69 @@
+"""Images in prompts of vision-language models: ``qlora generate --image``, ``/image`` in ``qlora chat``, image
+parts sent to ``qlora serve``.
+
+A prompt with images is rendered as training renders rows with images (every content as parts, an image part
+where each image goes), then the model folder's processor expands each image placeholder into the image's
+tokens and computes the image tensors (``pixel_values``, Gemma 3's ``token_type_ids``, LLaVA-NeXT's
+``image_sizes``, ...). Those go into the prefill only, as transformers' ``generate`` passes them
+(``prepare_inputs_for_generation`` drops them after the first forward); the steps after it run on the cache.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from qlora.errors import UsageError
+from qlora.train.data.images import ImageRef
+
+_TEXT_KEYS = ("input_ids", "attention_mask")
+
+
+def image_processor(model, tokenizer, model_dir: str | Path, where: str):
+    """The processor that turns images into ``model``'s inputs (the model folder's own ``AutoProcessor``).
+
+    Raises:
+        UsageError: ``model`` has no vision tower (naming ``model_dir``), its type is refused, or its processor
+            cannot be built (a package it needs, such as torchvision, is missing).
+    """
+    from qlora.model.image_processor import load_image_processor
+
+    return load_image_processor(model_dir, model, tokenizer, where, subject="images were given")
+
+
+def encode_with_images(processor, model, prompt: str, images: Sequence[ImageRef]) -> tuple[torch.Tensor, dict]:
+    """``(ids, media)``: the ``(1, length)`` token ids of the rendered ``prompt`` with each image placeholder
+    expanded, and the image tensors for the prefill, on the model's device (floating ones in its compute dtype).
+
+    Raises:
+        UsageError: an image that cannot be read, or a prompt whose image placeholders the processor cannot
+            match with the images (more images than places for them).
+    """
+    loaded = [ref.load() for ref in images]
+    try:
+        encoded = processor(text=[prompt], images=loaded, add_special_tokens=False, return_tensors="pt")
+    except ValueError as exc:  # the processor counts the image tokens of the text against the images
+        said = " ".join(str(exc).split())[:300]
+        raise UsageError(f"the model's processor cannot place {len(images)} image(s) in this prompt ({said}). Give "
+                         "one image per place for it: one <image> placeholder per image in the text, or none.") \
+            from None
+    embeddings = model.get_input_embeddings().weight
+    device, dtype = embeddings.device, embeddings.dtype
+    media = {k: v.to(device, dtype) if v.is_floating_point() else v.to(device)
+             for k, v in encoded.items() if k not in _TEXT_KEYS and isinstance(v, torch.Tensor)}
+    return encoded["input_ids"].to(device), media
+
+
+def media_rows(media: dict, rows: int, length: int) -> dict:
+    """``media`` of one prompt for ``rows`` copies of it: per-token tensors (Gemma 3's ``token_type_ids``)
+    right-padded with 0 to ``length`` (tokens after the prompt are text), every tensor repeated per row."""
+    from qlora.train.data.image_examples import token_aligned
+
+    out = {}
+    for key, value in media.items():
+        if token_aligned(key) and value.shape[-1] < length:
+            value = torch.cat([value, value.new_zeros((*value.shape[:-1], length - value.shape[-1]))], -1)
+        out[key] = value if rows == 1 else torch.cat([value] * rows)
+    return out

@@ -1,0 +1,150 @@
+"""Generation from images: ``qlora generate --image`` and ``/image`` in ``qlora chat`` with an adapter trained on
+images.
+
+Oracle: transformers' own ``model.generate(**processor(...), do_sample=False)`` on the 16-bit base with the
+adapter merged by PEFT, the prompt rendered by the processor's chat template; its greedy tokens up to the first
+end-of-turn token, decoded, are what the CLI prints.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForImageTextToText, AutoProcessor
+
+from qlora.cli.main import main
+from image_models import KINDS, build_image_model, write_png
+
+QUESTION = "what is in the picture?"
+NEW = 10
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """kind -> (base folder, adapter folder trained on images)."""
+    root = tmp_path_factory.mktemp("image-gen")
+    (root / "img").mkdir()
+    write_png(root / "img" / "a.png", 40, 30, 0)
+    write_png(root / "img" / "b.png", 50, 60, 1)
+    rows = [{"messages": [{"role": "user", "content": [{"type": "image", "image": f"img/{name}"},
+                                                       {"type": "text", "text": QUESTION}]},
+                          {"role": "assistant", "content": answer}]}
+            for name, answer in (("a.png", "a red square"), ("b.png", "two green circles"))]
+    data = root / "chat.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = {}
+    for kind in KINDS:
+        model = build_image_model(root / kind, kind)
+        assert main(["train", "--model", str(model), "--data", str(data), "--output", str(root / f"{kind}-run"),
+                     "--quant", "none", "--precision", "fp32", "--max-steps", "3", "--batch-size", "2", "--lr",
+                     "1e-2", "--no-progress"]) == 0
+        out[kind] = (model, root / f"{kind}-run")
+    return out, root / "img"
+
+
+def _oracle(model_dir, adapter, images, content, whole=False):
+    """transformers' greedy reply text (up to the first end-of-turn token) on the merged model; ``whole``: its
+    NEW token ids, not stopped by any token."""
+    from peft import PeftModel
+    from PIL import Image
+
+    processor = AutoProcessor.from_pretrained(model_dir)
+    base = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=torch.float32)
+    model = PeftModel.from_pretrained(base, adapter).merge_and_unload().eval()
+    text = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True,
+                                         tokenize=False)
+    inputs = processor(text=[text], images=[Image.open(p).convert("RGB") for p in images], add_special_tokens=False,
+                       return_tensors="pt")
+    if whole:
+        model.generation_config.eos_token_id = None
+    tokens = model.generate(**inputs, do_sample=False, max_new_tokens=NEW)[0, inputs["input_ids"].shape[1]:].tolist()
+    if whole:
+        return tokens
+    tok = processor.tokenizer
+    stops = {tok.eos_token_id} | {tok.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<end_of_turn>",
+                                                                          "<end_of_utterance>") if t in tok.get_vocab()}
+    end = next((i for i, t in enumerate(tokens) if t in stops), len(tokens))
+    return tok.decode(tokens[:end], skip_special_tokens=True)
+
+
+def _generate(model, adapter, *extra):
+    return main(["generate", "--model", str(model), "--adapter", str(adapter), "--quant", "none", "--compute-dtype",
+                 "fp32", "--temperature", "0", "--max-new-tokens", str(NEW), *extra])
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_generate_with_an_image_gives_transformers_greedy_tokens(kind, trained, capsys):
+    models, img = trained
+    model, adapter = models[kind]
+    capsys.readouterr()
+    assert _generate(model, adapter, "--prompt", QUESTION, "--image", str(img / "a.png")) == 0
+    ours = capsys.readouterr().out
+    content = [{"type": "image"}, {"type": "text", "text": QUESTION}]
+    assert ours == _oracle(model, adapter, [img / "a.png"], content) + "\n"
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_decoding_loop_tokens_past_the_end_of_turn_equal_transformers(kind, trained):
+    """The image tensors go into the prefill only; every later step runs on the cache, as generate's."""
+    from qlora.infer.generate import SamplingOptions, stream_tokens
+    from qlora.infer.images import encode_with_images, image_processor
+    from qlora.infer.messages import Message
+    from qlora.infer.template import render_chat
+    from qlora.model.adapter_io import load_adapter
+    from qlora.model.load import load_model
+    from qlora.train.data.images import resolve_image
+
+    models, img = trained
+    model_dir, adapter = models[kind]
+    model, tokenizer = load_model(model_dir, quant=None, compute_dtype=torch.float32)
+    load_adapter(model, adapter)
+    user = Message("user", QUESTION, images=(resolve_image(str(img / "b.png"), "test"),))
+    ids, media = encode_with_images(image_processor(model, tokenizer, model_dir, "test"), model,
+                                    render_chat(tokenizer, [user]), user.images)
+    ours = list(stream_tokens(model.eval(), ids, SamplingOptions(max_new_tokens=NEW, temperature=0), (), media))
+    content = [{"type": "image"}, {"type": "text", "text": QUESTION}]
+    assert ours == _oracle(model_dir, adapter, [img / "b.png"], content, whole=True)
+
+
+def test_placeholders_place_two_images_and_data_uris_read(trained, capsys):
+    models, img = trained
+    model, adapter = models["gemma3"]
+    uri = "data:image/png;base64," + base64.b64encode((img / "b.png").read_bytes()).decode()
+    capsys.readouterr()
+    assert _generate(model, adapter, "--prompt", "first <image> then <image> compare", "--image",
+                     str(img / "a.png"), "--image", uri) == 0
+    content = [{"type": "text", "text": "first "}, {"type": "image"}, {"type": "text", "text": " then "},
+               {"type": "image"}, {"type": "text", "text": " compare"}]
+    assert capsys.readouterr().out == _oracle(model, adapter, [img / "a.png", img / "b.png"], content) + "\n"
+
+
+def test_four_bit_base_with_an_image(trained, capsys):
+    models, img = trained
+    model, adapter = models["llava"]
+    assert main(["generate", "--model", str(model), "--adapter", str(adapter), "--quant", "nf4", "--temperature",
+                 "0", "--max-new-tokens", "4", "--prompt", QUESTION, "--image", str(img / "a.png")]) == 0
+    assert "Traceback" not in capsys.readouterr().err
+
+
+def test_bad_images_exit_2_with_one_paragraph(trained, tiny_model_dir, tmp_path, capsys):
+    models, img = trained
+    model, adapter = models["idefics3"]
+    (tmp_path / "broken.png").write_bytes(b"not a png")
+    cases = [(["--image", str(tmp_path / "missing.png")], "--image: image '"),
+             (["--image", str(tmp_path / "broken.png")], "is not an image Pillow can read"),
+             (["--image", str(img / "a.png"), "--image", str(img / "b.png"), "--prompt", "one <image> only"],
+              "--prompt: the text has 1 <image> placeholders for 2 images"),
+             (["--image", str(img / "a.png"), "--template", "none"], "--image with --template none")]
+    for extra, said in cases:
+        args = ["--prompt", QUESTION, *extra] if "--prompt" not in extra else extra
+        assert _generate(model, adapter, *args) == 2
+        err = capsys.readouterr().err
+        assert said in err and "Traceback" not in err, err
+    assert main(["generate", "--model", str(tiny_model_dir), "--quant", "none", "--prompt", QUESTION, "--image",
+                 str(img / "a.png")]) == 2
+    err = capsys.readouterr().err
+    assert f"--image {img / 'a.png'}: images were given, but {tiny_model_dir}" in err and "no vision tower" in err
+    assert "Traceback" not in err
