@@ -148,3 +148,22 @@ def test_bad_images_exit_2_with_one_paragraph(trained, tiny_model_dir, tmp_path,
     err = capsys.readouterr().err
     assert f"--image {img / 'a.png'}: images were given, but {tiny_model_dir}" in err and "no vision tower" in err
     assert "Traceback" not in err
+
+
+def test_chat_image_command_attaches_to_the_next_message(trained, monkeypatch, capsys):
+    import io
+
+    models, img = trained
+    model, adapter = models["gemma3"]
+    lines = [f"/image {img / 'missing.png'}", f"/image {img / 'a.png'}", QUESTION, "and the colours?", "/exit"]
+    monkeypatch.setattr("sys.stdin", io.StringIO("".join(line + "\n" for line in lines)))
+    capsys.readouterr()
+    assert main(["chat", "--model", str(model), "--adapter", str(adapter), "--quant", "none", "--compute-dtype",
+                 "fp32", "--temperature", "0", "--max-new-tokens", str(NEW)]) == 0
+    out = capsys.readouterr().out
+    assert "(/image: image '" in out and "not found" in out  # a bad image is said; the chat goes on
+    assert "(image 1 attached to your next message" in out
+    replies = [line.split("assistant> ", 1)[1] for line in out.splitlines() if "assistant> " in line]
+    content = [{"type": "image"}, {"type": "text", "text": QUESTION}]
+    assert replies[0] == _oracle(model, adapter, [img / "a.png"], content)
+    assert len(replies) == 2

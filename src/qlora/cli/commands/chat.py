@@ -7,7 +7,8 @@ caught up on resume if the program was killed before it was written. A
 read-only database still opens (``/history`` works; turns are not saved); a
 database locked by another program is waited for ``--db-timeout`` seconds, then
 the turn is reported unsaved and the chat goes on.
-Slash commands: /reset, /history, /memory, /save [FILE], /exit.
+Slash commands: /reset, /history, /memory, /save [FILE], /image PATH, /exit. ``/image`` attaches an image
+(a file or a data: URI) to the next message, for a vision-language model.
 With ``--tools FILE`` the model sees those function definitions; each call it makes
 is shown and its result asked for (you play the tool), then the model goes on.
 """
@@ -27,7 +28,7 @@ NAME = "chat"
 HELP = "multi-turn chat with a model, with conversation memory persisted in SQLite"
 
 MEMORY_KINDS = ("buffer", "window", "token", "summary", "summary-buffer", "entity", "kg", "vector")
-SLASH_HELP = "commands: /reset /history /memory /save [FILE] /exit"
+SLASH_HELP = "commands: /reset /history /memory /save [FILE] /image PATH /exit"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -152,8 +153,8 @@ def _save(chat, args: argparse.Namespace, target: str) -> str:
     return f"(saved the transcript to {path})"
 
 
-def _command(chat, args: argparse.Namespace, line: str) -> bool:
-    """Run a slash command; False means exit."""
+def _command(chat, args: argparse.Namespace, line: str, images: list) -> bool:
+    """Run a slash command (``/image`` adds to ``images``, those of the next message); False means exit."""
     name, _, rest = line.partition(" ")
     if name in ("/exit", "/quit"):
         return False
@@ -168,9 +169,29 @@ def _command(chat, args: argparse.Namespace, line: str) -> bool:
         print(chat.memory.contents())
     elif name == "/save":
         print(_save(chat, args, rest.strip()))
+    elif name == "/image":
+        print(_attach(chat, args, rest.strip(), images))
     else:
         print(f"(unknown command {name}; {SLASH_HELP})")
     return True
+
+
+def _attach(chat, args: argparse.Namespace, source: str, images: list) -> str:
+    """Attach the image ``source`` to the next message; the line shown (a bad image is said, not fatal)."""
+    from ...errors import UsageError
+    from ...infer.images import image_processor
+    from ...train.data.images import resolve_image
+
+    if not source:
+        return "(give an image: /image PATH, a file or a data: URI)"
+    try:
+        ref = resolve_image(source, "/image")
+        if chat.llm.processor is None:
+            chat.llm.processor = image_processor(chat.llm.model, chat.llm.tokenizer, args.model, "/image")
+    except UsageError as exc:
+        return f"({exc})"
+    images.append(ref)
+    return f"(image {len(images)} attached to your next message: {ref.shown})"
 
 
 def _store_problem(exc: Exception, answered: bool) -> str:
@@ -240,8 +261,10 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _loop(chat, args: argparse.Namespace) -> None:
+    from ...errors import UsageError
     from ...infer.store import StoreLocked, StoreReadOnly
 
+    images: list = []  # attached with /image, sent with the next message
     while True:
         try:
             line = input("you> ").strip()
@@ -252,14 +275,15 @@ def _loop(chat, args: argparse.Namespace) -> None:
             continue
         if line.startswith("/"):
             try:
-                if not _command(chat, args, line):
+                if not _command(chat, args, line, images):
                     return
             except (StoreLocked, StoreReadOnly) as exc:
                 print(f"({line.split()[0]} not done: {exc})", file=sys.stderr)
             continue
         sys.stdout.write("assistant> ")
         try:
-            _show(chat.send(line))
+            _show(chat.send(line, images))
+            images.clear()
             while chat.pending_calls:
                 results = _tool_results(chat)
                 if results is None:
@@ -270,6 +294,10 @@ def _loop(chat, args: argparse.Namespace) -> None:
             sys.stdout.write("\n")
             sys.stdout.flush()
             print(_store_problem(exc, chat.last_reply is not None), file=sys.stderr)
+        except UsageError as exc:  # images the processor cannot place in the prompt: the chat goes on
+            images.clear()
+            sys.stdout.write("\n")
+            print(f"({exc} The images were dropped; attach them again.)", file=sys.stderr)
 
 
 def _show(pieces) -> None:
