@@ -41,6 +41,7 @@ import torch
 from ..model.multi_adapter import adapter_rows
 from .batch_cache import add_row, attention_mask, cache_length, cache_problem, keep_rows, new_cache
 from .generate import SamplingOptions, forward_cached, next_token, step_inputs
+from .images import media_rows
 from .logprobs import TokenLogprob, chosen_logprob, prompt_logprobs
 from .penalties import Penalties
 from .text_stream import TextStream
@@ -96,6 +97,7 @@ class Request:
     logprobs: int | None = None  # None: no logprobs; k: each reply token's logprob with the k most likely
     prompt_logprobs: bool = False  # also the prompt tokens' (with ``logprobs`` alternatives each)
     generate: bool = True  # False: prefill only (score the prompt), no reply token
+    media: dict | None = None  # a vision-language model's image tensors for the prompt, given to its prefill only
     cancelled: bool = field(default=False, init=False)
 
     def cancel(self) -> None:
@@ -277,13 +279,14 @@ class ContinuousBatcher:
             request.emit(Event("", "length", len(request.prompt_ids)))
             return
         ids = torch.tensor([request.prompt_ids + prefix], device=self.device)
+        media = None if request.media is None else media_rows(request.media, 1, ids.shape[1])
         try:
             with adapter_rows(self.model, [request.adapter]):
                 if self.unbatchable:  # the model's own cache, as a single run (stream_tokens) keeps it
-                    out, cache = forward_cached(self.model, ids, {}, 0)
-                else:
+                    out, cache = forward_cached(self.model, ids, {}, 0, media)
+                else:  # with images: positions left to the model, as stream_tokens' prefill leaves them
                     cache = new_cache()
-                    out = self.model(input_ids=ids, past_key_values=cache, use_cache=True)
+                    out = self.model(input_ids=ids, past_key_values=cache, use_cache=True, **(media or {}))
             problem = None if self.unbatchable else cache_problem(cache, out)
             if problem:
                 raise RuntimeError(f"this request's cache cannot join the batch: {problem}")
@@ -340,7 +343,8 @@ class ContinuousBatcher:
         with adapter_rows(self.model, adapters):
             if self.unbatchable:  # one row, decoded as stream_tokens decodes it
                 ids = torch.tensor([rows[0].request.prompt_ids + rows[0].text.tokens], device=self.device)
-                out, self._cache = forward_cached(self.model, ids, self._cache, lengths[0])
+                out, self._cache = forward_cached(self.model, ids, self._cache, lengths[0],
+                                                  None if rows[0].request.media is None else {})
             else:
                 out = self._batch_step([r.text.tokens[-1] for r in rows], lengths, self._cache)
         self._count_step(adapters)

@@ -63,7 +63,8 @@ DISCONNECT_POLL_S = 0.5  # how often a non-streaming request checks that its cli
 
 def build_app(batcher: ContinuousBatcher, base_id: str, adapters: list[str], api_key: str | None = None,
               chat_formats: dict[str | None, ChatFormat | None] | None = None,
-              stored_responses: int = DEFAULT_CAPACITY, stored_conversations: int = conv.DEFAULT_CAPACITY) -> FastAPI:
+              stored_responses: int = DEFAULT_CAPACITY, stored_conversations: int = conv.DEFAULT_CAPACITY,
+              model_dir: str | None = None) -> FastAPI:
     """The application serving ``batcher``'s model as ``base_id`` and each adapter as its name.
 
     Args:
@@ -78,6 +79,8 @@ def build_app(batcher: ContinuousBatcher, base_id: str, adapters: list[str], api
             still running; 0 keeps none).
         stored_conversations: how many conversations (``/v1/conversations``) are kept in memory (the least
             recently used dropped first; 0 keeps none).
+        model_dir: the model folder, whose processor turns images sent in chat messages into the model's inputs
+            (default: ``base_id``).
     """
     chat_formats = chat_formats or {}
     model, tokenizer = batcher.model, batcher.tokenizer
@@ -124,12 +127,44 @@ def build_app(batcher: ContinuousBatcher, base_id: str, adapters: list[str], api
         return {"object": "list", "data": data}
 
     tool_templates: dict[str | None, bool] = {}  # adapter -> whether its template renders tools
+    processors: list = []  # the model's image processor, once a request sends images
+
+    def image_processor_for(model_id: str):
+        """The model's image processor (loaded once), or a 400 naming ``model_id`` that cannot take images."""
+        from ..errors import UsageError
+        from ..infer.images import image_processor
+
+        if not batcher.unbatchable and any(hasattr(m, "rope_deltas") for m in model.modules()):
+            raise APIError(400, f"The model {model_id!r} ({model.config.model_type}) positions image tokens with rope "
+                                "deltas kept from the prefill, which the continuous batcher's steps do not carry; "
+                                "images are not served for it: use qlora generate --image or qlora chat", "messages")
+        try:
+            if not processors:
+                processors.append(image_processor(model, tokenizer, model_dir or getattr(model, "name_or_path", base_id),
+                                                  "messages"))
+        except UsageError as exc:
+            raise APIError(400, f"The model {model_id!r} cannot take these images: {exc}", "messages") from None
+        return processors[0]
+
+    def image_prompt(model_id: str, prompt: str, images: list) -> tuple[list[int], dict]:
+        """The prompt's ids with its images' tokens, and the image tensors for its prefill."""
+        from ..errors import UsageError
+        from ..infer.images import encode_with_images
+
+        try:
+            ids, media = encode_with_images(image_processor_for(model_id), model, prompt, images)
+        except UsageError as exc:
+            raise APIError(400, f"The model {model_id!r} cannot take these images: {exc}", "messages") from None
+        return ids[0].tolist(), media
 
     def chat_choices(body: ChatCompletionRequest, adapter: str | None, prompt_param: str = "messages") -> list[_Choice]:
         """The batch rows of a chat request (``n`` choices), its tools, forced call and JSON reply set up;
         ``prompt_param`` names the request's field a too-long or empty prompt came from."""
         chat_format = chat_formats.get(adapter)
         messages = [m.message(i) for i, m in enumerate(body.messages)]
+        images = [ref for m in messages for ref in m.images]
+        if images:
+            image_processor_for(body.model)  # a text-only model is named before its template sees image parts
         tools, plan, markup, forced = body.function_tools(), None, None, None
         if tools:
             if adapter not in tool_templates:
@@ -154,11 +189,16 @@ def build_app(batcher: ContinuousBatcher, base_id: str, adapters: list[str], api
                            "tools" if tools else "messages") from None
         except Exception as exc:  # e.g. a template that allows no system turn, or needs alternating roles
             raise APIError(400, f"The model's chat template rejected these messages: {exc}", "messages") from None
-        prompt_ids = _encode(model, tokenizer, prompt, chat=True)
+        media = None
+        if images:
+            prompt_ids, media = image_prompt(body.model, prompt, images)
+        else:
+            prompt_ids = _encode(model, tokenizer, prompt, chat=True)
         json_reply = body.json_reply()
         choices = []
         for index in range(body.n):  # each choice is its own row, with its own constraint state and seed
             generation = _generation(batcher, body, adapter, prompt_ids, chat_stops, prompt_param, index)
+            generation.media = media
             if plan is not None:
                 generation.keep_tokens = markup_token_ids(plan.format, tokenizer)
             if markup is not None:  # a forced call: no stop strings inside it, one call, its end forced

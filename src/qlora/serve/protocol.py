@@ -62,7 +62,8 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from ..infer.forced_call import tool_arguments
 from ..infer.json_schema import Node, SchemaError, compile_schema, unenforced_keywords
-from ..infer.messages import Message
+from ..errors import UsageError
+from ..infer.messages import IMAGE_PLACEHOLDER, Message
 from ..infer.tool_calls import tool_definition_problem
 
 
@@ -168,18 +169,50 @@ class ChatMessage(BaseModel):
                                 "answers (from the assistant message's tool_calls)", f"{where}.tool_call_id")
         calls = tuple(_history_call(call, f"{where}.tool_calls.{k}") for k, call in enumerate(self.tool_calls or ()))
         role = "system" if self.role == "developer" else self.role
-        return Message(role, self.text(index), calls, self.tool_call_id if self.role == "tool" else None)
+        text, images = self.text(index)
+        if images and role != "user":
+            raise APIError(400, f"{where} is a {self.role} message with images; images go in user messages",
+                           f"{where}.content")
+        try:
+            return Message(role, text, calls, self.tool_call_id if self.role == "tool" else None, images=images)
+        except UsageError as exc:  # more or fewer <image> written in its text than images
+            raise APIError(400, f"{where}: {exc}", f"{where}.content") from None
 
-    def text(self, index: int) -> str:
-        """The message's text; content parts must all be text (the models served read text only)."""
+    def text(self, index: int) -> tuple[str, tuple]:
+        """The message's text and its images (``image_url`` parts holding data: URIs, at ``<image>`` marks in
+        the text); other parts are refused."""
         if not isinstance(self.content, list):
-            return self.content or ""
-        for part in self.content:
-            if part.get("type") != "text" or not isinstance(part.get("text"), str):
+            return self.content or "", ()
+        pieces, images = [], []
+        for k, part in enumerate(self.content):
+            where = f"messages.{index}.content.{k}"
+            if part.get("type") == "image_url":
+                value = part.get("image_url")
+                url = value.get("url") if isinstance(value, dict) else value
+                images.append(_data_image(url, where))
+                pieces.append(IMAGE_PLACEHOLDER)
+            elif part.get("type") != "text" or not isinstance(part.get("text"), str):
                 raise APIError(400, f"messages[{index}] has a content part of type {part.get('type')!r}; only "
-                                    "text parts ({'type': 'text', 'text': ...}) are supported",
+                                    "text parts ({'type': 'text', 'text': ...}) and image_url parts are supported",
                                f"messages.{index}.content")
-        return "".join(part["text"] for part in self.content)
+            else:
+                pieces.append(part["text"])
+        return "".join(pieces), tuple(images)
+
+
+def _data_image(url: Any, where: str):
+    """The image of an ``image_url`` part: a base64 ``data:`` URI, checked; URLs are refused (nothing is fetched)."""
+    from ..train.data.images import resolve_image
+
+    if not isinstance(url, str) or not url.startswith("data:"):
+        shown = url[:60] if isinstance(url, str) else type(url).__name__
+        raise APIError(400, f"{where}: image {shown!r}: only data: URIs are read (data:image/png;base64,...); qlora "
+                            "serve fetches no URLs. Send the image's bytes base64-encoded in a data: URI.",
+                       f"{where}.image_url.url")
+    try:
+        return resolve_image(url, where)
+    except UsageError as exc:
+        raise APIError(400, str(exc), f"{where}.image_url.url") from None
 
 
 def _history_call(call: Any, where: str) -> dict[str, Any]:

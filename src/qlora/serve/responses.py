@@ -268,19 +268,30 @@ def shown(items: list[dict[str, Any]], include: set[str]) -> list[dict[str, Any]
     return out
 
 
-def _text(content: Any, where: str) -> str:
-    """A message's content as text: a string, or text parts (the models served read text only)."""
+def _text(content: Any, where: str) -> str | list[dict[str, Any]]:
+    """A message's content as the chat route takes it: a string, text parts joined, or, with ``input_image``
+    parts (their ``image_url`` a data: URI), a list of chat text and ``image_url`` parts."""
     if isinstance(content, str):
         return content
     if not isinstance(content, list):
         raise APIError(400, f"{where} must be a string or a list of content parts", where)
+    parts = []
     for k, part in enumerate(content):
         kind = part.get("type") if isinstance(part, dict) else None
-        if kind not in TEXT_PARTS or not isinstance(part.get("text"), str):
-            raise APIError(400, f"{where}.{k} is a content part of type {kind!r}; the models qlora serve runs read "
-                                "text only: send input_text parts ({'type': 'input_text', 'text': ...})",
-                           f"{where}.{k}")
-    return "".join(part["text"] for part in content)
+        if kind == "input_image":
+            url = part.get("image_url")
+            if not isinstance(url, str):
+                raise APIError(400, f"{where}.{k} is an input_image without an image_url; send the image as a data: "
+                                    "URI in 'image_url' (file_id is not read)", f"{where}.{k}")
+            parts.append({"type": "image_url", "image_url": {"url": url}})
+        elif kind not in TEXT_PARTS or not isinstance(part.get("text"), str):
+            raise APIError(400, f"{where}.{k} is a content part of type {kind!r}; send input_text parts ({{'type': "
+                                "'input_text', 'text': ...}) and input_image parts", f"{where}.{k}")
+        else:
+            parts.append({"type": "text", "text": part["text"]})
+    if any(p["type"] == "image_url" for p in parts):
+        return parts
+    return "".join(p["text"] for p in parts)
 
 
 def _history_call(item: dict[str, Any], where: str) -> dict[str, Any]:

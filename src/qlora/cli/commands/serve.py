@@ -120,7 +120,8 @@ def run(args: argparse.Namespace) -> int:
     formats = chat_formats(args, tokenizer)
     batcher = ContinuousBatcher(model, tokenizer, max_batch_size=args.max_batch_size, context_length=context)
     app = build_app(batcher.start(), base_id, names, api_key=args.api_key or None, chat_formats=formats,
-                    stored_responses=args.stored_responses, stored_conversations=args.stored_conversations)
+                    stored_responses=args.stored_responses, stored_conversations=args.stored_conversations,
+                    model_dir=args.model)
     try:
         sock = bind(args.host, args.port)
     except OSError as exc:
