@@ -242,7 +242,7 @@ def test_errors_have_openai_shape_and_status(served):
     assert exc.value.param == "temperature"
     with pytest.raises(openai.BadRequestError) as exc:
         _chat(client, "a", messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}])
-    assert exc.value.param == "messages.0.content"
+    assert exc.value.param == "messages.0.content.0.image_url.url"  # only data: URIs are read
     # the server still answers after all of these
     assert _chat(client, "a").choices[0].finish_reason == "length"
 

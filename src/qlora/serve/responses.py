@@ -283,6 +283,9 @@ def _text(content: Any, where: str) -> str | list[dict[str, Any]]:
             if not isinstance(url, str):
                 raise APIError(400, f"{where}.{k} is an input_image without an image_url; send the image as a data: "
                                     "URI in 'image_url' (file_id is not read)", f"{where}.{k}")
+            if not url.startswith("data:"):
+                raise APIError(400, f"{where}.{k}: image {url[:60]!r}: only data: URIs are read "
+                                    "(data:image/png;base64,...); qlora serve fetches no URLs", f"{where}.{k}")
             parts.append({"type": "image_url", "image_url": {"url": url}})
         elif kind not in TEXT_PARTS or not isinstance(part.get("text"), str):
             raise APIError(400, f"{where}.{k} is a content part of type {kind!r}; send input_text parts ({{'type': "
