@@ -94,9 +94,10 @@ class WeightHook(Protocol):
     """Work done on linear weights as they are read (:class:`qlora.model.streamed_init.StreamedInit`: the
     LoftQ/PiSSA/OLoRA init of each adapted layer), so that it never needs the whole 16-bit model."""
 
-    def prepare(self, model: nn.Module) -> set[str]:
+    def prepare(self, model: nn.Module, device: torch.device) -> set[str]:
         """Called with the model skeleton (nothing read yet; the layers to quantize already empty
-        :class:`~qlora.nn.Linear4bit` modules): the paths of the 4-bit layers whose weights go through the hook."""
+        :class:`~qlora.nn.Linear4bit` modules) and the device it loads on: the paths of the 4-bit layers
+        whose weights go through the hook."""
 
     def __call__(self, path: str, weight: torch.Tensor) -> torch.Tensor:
         """Layer ``path``'s ``[out, in]`` weight as a 16-bit load holds it (compute dtype, on the device);
@@ -379,7 +380,7 @@ def load_model(
         return layer
 
     quantized = set(replace_modules(model, make))
-    hooked = weight_hook.prepare(model) if weight_hook is not None and prequant is None else set()
+    hooked = weight_hook.prepare(model, device) if weight_hook is not None and prequant is None else set()
     expected = set(model.state_dict().keys())
     pending_qstate: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)
     loaded: set[str] = set()

@@ -55,9 +55,10 @@ class StreamedInit:
         self._specs: dict[str, LoraSpec] = {}
         self._formats: dict[str, tuple[str, int, bool, torch.dtype]] = {}  # the 4-bit layers' (LoftQ's Q)
         self._states: dict[str, torch.Tensor] = {}  # generator state before each layer's adapter, in add_lora order
-        self._device = torch.device("cpu")
+        self._shapes: dict[str, tuple[int, int]] = {}  # (in, out) of the layers with such a state
+        self._device = torch.device("cpu")  # the model's, whose generator the inits draw from
 
-    def prepare(self, model: nn.Module) -> set[str]:
+    def prepare(self, model: nn.Module, device: torch.device) -> set[str]:
         """Choose the adapted layers on the model skeleton, as ``add_lora`` will (its refusals come now,
         before anything is read), and replay the draws of their inits; the 4-bit ones are streamed."""
         paths = _select(model, self.target_modules)
@@ -66,13 +67,14 @@ class StreamedInit:
         layers = {p: model.get_submodule(p) for p in paths}
         self._formats = {p: (m.quant_type, m.blocksize, m.double_quant, m.compute_dtype)
                          for p, m in layers.items() if isinstance(m, Linear4bit)}
-        self._device = next((t.device for m in layers.values() for t in m.buffers()), self._device)
+        self._device = device
         if self.spec.init.startswith("pissa_niter_"):
             with self._forked():
                 torch.manual_seed(self.seed)
                 for path, module in layers.items():  # what add_lora draws for each layer, in its order
                     self._states[path] = self._state()
                     in_f, out_f, _ = _dense_shape(module)
+                    self._shapes[path] = (in_f, out_f)
                     factor_layers(in_f, out_f, self._specs[path], self._device)
                     draw_like_svd_lowrank(out_f, in_f, self._specs[path].r, self._device)
         return set(self._formats)
@@ -83,8 +85,7 @@ class StreamedInit:
         spec = self._specs[path]
         w = weight.to(torch.float32)
         try:
-            with self.draws(path):
-                factor_layers(w.shape[1], w.shape[0], spec, w.device)  # the adapter's own draws come first
+            with self.draws(path, after_adapter=True):
                 if spec.init == "loftq":
                     quant_type, blocksize, double_quant, compute_dtype = self._formats[path]
                     q = Linear4bit(w.shape[1], w.shape[0], bias=False, compute_dtype=compute_dtype,
@@ -113,9 +114,10 @@ class StreamedInit:
         return self.factors.pop(path, None)
 
     @contextlib.contextmanager
-    def draws(self, path: str) -> Iterator[None]:
-        """Run with the generator state layer ``path``'s adapter starts from in ``add_lora``'s order (no change
-        for inits that draw nothing); the generator is restored afterwards."""
+    def draws(self, path: str, after_adapter: bool = False) -> Iterator[None]:
+        """Run with the generator state layer ``path``'s adapter starts from in ``add_lora``'s order, or
+        (``after_adapter``) its init, once the adapter's layers made their draws; no change for inits that
+        draw nothing. The generator is restored afterwards."""
         if path not in self._states:
             yield
             return
@@ -124,6 +126,9 @@ class StreamedInit:
                 torch.set_rng_state(self._states[path])
             else:
                 torch.get_device_module(self._device.type).set_rng_state(self._states[path], self._device)
+            if after_adapter:
+                in_f, out_f = self._shapes[path]
+                factor_layers(in_f, out_f, self._specs[path], self._device)
             yield
 
     def _state(self) -> torch.Tensor:
