@@ -206,7 +206,9 @@ class LoraLinear(AdapterSlots):
         base = self.base_layer
         if isinstance(base, Linear4bit):
             raise ValueError("LoftQ needs the full-precision base weights; load the model with quant=None, "
-                             "add_lora(init='loftq') quantizes the adapted layers itself")
+                             "add_lora(init='loftq') quantizes the adapted layers itself (or, without the 16-bit "
+                             "model in memory, load_model(weight_hook=StreamedInit('loftq', ...)) then "
+                             "add_lora(initial=...): qlora.model.streamed_init)")
         quant_type, blocksize, double_quant = spec.loftq_quant
         quantized = Linear4bit.from_linear(base, quant_type, blocksize, double_quant, base.weight.dtype,
                                            transposed=self.fan_in_fan_out)
@@ -237,7 +239,8 @@ class LoraLinear(AdapterSlots):
             raise ValueError(f"{what} needs the 16-bit base weights, and this layer is already 4-bit (a model "
                              "saved in 4 bits, or loaded with quant nf4/fp4); start from the 16-bit model: qlora "
                              "train quantizes the residual itself (QPiSSA), in Python load_model(quant=None), "
-                             "add_lora, then quantize_model")
+                             "add_lora, then quantize_model, or load_model(weight_hook=StreamedInit(...)) then "
+                             "add_lora(initial=...) (qlora.model.streamed_init)")
 
     @torch.no_grad()
     def _residual_init(self, name: str) -> None:
