@@ -10,7 +10,7 @@ import torch
 
 import qlora
 from qlora.errors import UsageError
-from qlora.model.inject import lora_layers
+from qlora.model.inject import adapter_configs, lora_layers
 from qlora.model.quantize import quantize_model
 from qlora.model.streamed_init import StreamedInit
 from qlora.nn import Linear4bit
@@ -52,6 +52,7 @@ def _assert_identical(ours, theirs, only=None):
     def chosen(name):
         return only is None or any(f".{t}." in f"{name}." for t in only)
 
+    assert adapter_configs(ours) == adapter_configs(theirs)  # what save_adapter writes (fan_in_fan_out, patterns...)
     a, b = ours.state_dict(), theirs.state_dict()
     assert a.keys() == b.keys()
     for key in filter(chosen, a):
@@ -143,3 +144,16 @@ def test_training_run_starts_from_the_whole_model_init(tmp_path, bf16_model_dir)
         _assert_identical(trainer.model, theirs)
     finally:
         trainer.cleanup()
+
+
+@pytest.mark.parametrize("init", ["pissa_niter_1", "loftq"])
+def test_gpt2_conv1d_layers(tmp_path, tiny_tokenizer, init):
+    """GPT-2 stores its linear layers transposed (Conv1D): streamed, the init sees them as [out, in] too."""
+    from qlora.model.tiny import build_tiny_model
+
+    model_dir = build_tiny_model(tmp_path / "gpt2", tokenizer=tiny_tokenizer, arch="gpt2", dtype=torch.bfloat16)
+    kw = dict(target_modules=["c_attn", "c_proj"])
+    ours, theirs = _streamed(model_dir, init, **kw), _whole(model_dir, init, **kw)
+    _assert_identical(ours, theirs)
+    layer = lora_layers(ours)["transformer.h.0.attn.c_attn"]
+    assert layer.base_layer.from_conv1d and layer.lora_A["default"].weight.shape[1] == layer.in_features
