@@ -157,3 +157,21 @@ def test_gpt2_conv1d_layers(tmp_path, tiny_tokenizer, init):
     _assert_identical(ours, theirs)
     layer = lora_layers(ours)["transformer.h.0.attn.c_attn"]
     assert layer.base_layer.from_conv1d and layer.lora_A["default"].weight.shape[1] == layer.in_features
+
+
+def test_moe_experts_and_routers_are_left_to_the_load(tmp_path, tiny_tokenizer):
+    """all-linear on a MoE model: attention is adapted (the same as on the whole model), the experts are quantized
+    as they are read and the router stays 16-bit, neither adapted."""
+    from tiny_moe import save_tiny_moe
+
+    from qlora.nn import Experts4bit
+
+    model_dir = save_tiny_moe(tmp_path / "moe", tiny_tokenizer, "qwen3_moe")
+    ours, theirs = _streamed(model_dir, "pissa_niter_2"), _whole(model_dir, "pissa_niter_2")
+    _assert_identical(ours, theirs, only=["self_attn"])
+    paths = set(lora_layers(ours))
+    assert paths == set(lora_layers(theirs)) and all(".self_attn." in p for p in paths) and len(paths) == 8
+    mlp = ours.get_submodule("model.layers.0.mlp")
+    assert isinstance(mlp.experts, Experts4bit) and type(mlp.gate).__name__ != "LoraLinear"
+    with pytest.raises(UsageError, match="target_parameters"):
+        _streamed(model_dir, "pissa", target_parameters=["mlp.experts.gate_up_proj"])
