@@ -369,9 +369,12 @@ def add_lora(
             setattr(parent, child, module)
         layer_spec = _layer_spec(spec, path, rank_pattern, alpha_pattern)
         start = initial.start(path, layer_spec) if initial is not None else None
-        try:  # an init computed here draws as it would in this order (pissa_niter_K), however it was streamed
-            with initial.draws(path) if initial is not None and start is None else contextlib.nullcontext():
+        try:
+            if start is not None:  # a linear layer whose base the streamed init already rewrote
                 module.add_adapter(adapter_name, layer_spec, start)
+            else:  # an init computed here draws as it would in this order (pissa_niter_K), however it was streamed
+                with initial.draws(path) if initial is not None else contextlib.nullcontext():
+                    module.add_adapter(adapter_name, layer_spec)
         except ValueError as exc:
             raise UsageError(f"{path}: {exc}") from exc
         fan_in_fan_out |= getattr(module, "fan_in_fan_out", False) or getattr(module.base_layer, "from_conv1d", False)
