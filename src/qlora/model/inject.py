@@ -7,7 +7,7 @@ import dataclasses
 import logging
 import re
 from dataclasses import dataclass, field
-from typing import Iterable, Iterator
+from typing import TYPE_CHECKING, Iterable, Iterator
 
 import torch
 from torch import nn
@@ -19,6 +19,9 @@ from ..nn.experts_lora import expert_shapes
 from ..nn.residual_init import is_residual_init
 from .quantize import (is_linear_like, kept_dense_names, matches_any, non_text_names, output_embedding_names,
                        weight_count)
+
+if TYPE_CHECKING:
+    from .streamed_init import StreamedInit
 
 log = logging.getLogger("qlora")
 
@@ -203,7 +206,7 @@ def _layer_spec(spec: LoraSpec, path: str, rank_pattern: dict, alpha_pattern: di
                                alpha=float(alpha_pattern[alpha_key]) if alpha_key is not None else spec.alpha)
 
 
-def _check_patterns(rank_pattern: dict, alpha_pattern: dict, paths: list[str]) -> None:
+def _check_patterns(rank_pattern: dict, alpha_pattern: dict, paths: list[str], warn: bool = True) -> None:
     for what, patterns in (("rank_pattern", rank_pattern), ("alpha_pattern", alpha_pattern)):
         for key, value in patterns.items():
             try:
@@ -215,7 +218,7 @@ def _check_patterns(rank_pattern: dict, alpha_pattern: dict, paths: list[str]) -
             if not valid:
                 raise UsageError(f"{what}[{key!r}] must be a positive {'integer' if what == 'rank_pattern' else 'number'}"
                                  f", got {value!r}.")
-            if not any(pattern_key([key], p) for p in paths):
+            if warn and not any(pattern_key([key], p) for p in paths):
                 log.warning("qlora: %s key %r matches none of the adapted layers", what, key)
 
 
@@ -236,6 +239,15 @@ def _check_unshared(model: nn.Module, paths: list[str], init: str) -> None:
         if shared:
             raise UsageError(f"{path} shares its weight with {shared[0]} (tied embeddings); init {init!r} would "
                              "rewrite both. Leave it out of the target modules, or untie the weights first.")
+
+
+def check_init(init: str, loftq_iter: int) -> None:
+    """Refuse an unknown init, or LoftQ steps out of range."""
+    if init == "loftq" and not 1 <= loftq_iter <= 5:
+        raise UsageError(f"loftq_iter must be 1 to 5 (each step is an SVD of every adapted layer), got {loftq_iter}")
+    if init not in ("kaiming", "gaussian", "loftq") and not is_residual_init(init):
+        raise UsageError(f"unknown init {init!r}: use kaiming, gaussian, loftq, pissa, pissa_niter_K (K >= 0: "
+                         "randomized SVD with K subspace iterations) or olora (PEFT's init_lora_weights).")
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:
@@ -264,6 +276,7 @@ def add_lora(
     alpha_pattern: dict[str, float] | None = None,
     lora_bias: bool = False,
     bias: str = "none",
+    initial: StreamedInit | None = None,
 ) -> nn.Module:
     """Attach a LoRA adapter to the matching linear layers; freeze everything else.
 
@@ -303,6 +316,11 @@ def add_lora(
         bias: PEFT's ``bias``: ``"none"``, ``"all"`` (every bias of the model is trained) or
             ``"lora_only"`` (the adapted layers' own biases); trained in place and saved with
             the adapter, so adapters of one model share them, as ``modules_to_save``.
+        initial: the LoftQ/PiSSA/OLoRA init computed layer by layer while the model was loaded 4-bit
+            (``load_model(weight_hook=initial)``, :mod:`qlora.model.streamed_init`): the adapted layers
+            start from its factors, their bases already holding Q or the residual: bit for bit those of
+            ``add_lora(init=...)`` on the dense model and ``quantize_model``, without the whole 16-bit
+            model in memory. Give ``torch.manual_seed`` the seed it was given, and the same options.
 
     Returns:
         The same model, modified in place.
@@ -313,11 +331,7 @@ def add_lora(
     configs = adapter_configs(model)
     if adapter_name in configs:
         raise UsageError(f"the model already has an adapter named {adapter_name!r}")
-    if init == "loftq" and not 1 <= loftq_iter <= 5:
-        raise UsageError(f"loftq_iter must be 1 to 5 (each step is an SVD of every adapted layer), got {loftq_iter}")
-    if init not in ("kaiming", "gaussian", "loftq") and not is_residual_init(init):
-        raise UsageError(f"unknown init {init!r}: use kaiming, gaussian, loftq, pissa, pissa_niter_K (K >= 0: "
-                         "randomized SVD with K subspace iterations) or olora (PEFT's init_lora_weights).")
+    check_init(init, loftq_iter)
     if is_residual_init(init) and (use_dora or lora_bias):
         raise UsageError(f"init {init!r} does not combine with {'DoRA' if use_dora else 'lora_bias'}: its adapter is "
                          "saved converted to plain LoRA on the original weights (B A - B0 A0), which DoRA's "
@@ -353,12 +367,21 @@ def add_lora(
             parent = model.get_submodule(parent_path) if parent_path else model
             module = LoraEmbedding(module) if isinstance(module, nn.Embedding) else LoraLinear(module)
             setattr(parent, child, module)
+        layer_spec = _layer_spec(spec, path, rank_pattern, alpha_pattern)
+        start = initial.start(path, layer_spec) if initial is not None else None
         try:
-            module.add_adapter(adapter_name, _layer_spec(spec, path, rank_pattern, alpha_pattern))
+            if start is not None:  # a linear layer whose base the streamed init already rewrote
+                module.add_adapter(adapter_name, layer_spec, start)
+            else:  # an init computed here draws as it would in this order (pissa_niter_K), however it was streamed
+                with initial.draws(path) if initial is not None else contextlib.nullcontext():
+                    module.add_adapter(adapter_name, layer_spec)
         except ValueError as exc:
             raise UsageError(f"{path}: {exc}") from exc
         fan_in_fan_out |= getattr(module, "fan_in_fan_out", False) or getattr(module.base_layer, "from_conv1d", False)
         module.train(model.training)  # new dropout modules follow the model's train/eval mode
+    if initial is not None and initial.factors:
+        raise UsageError(f"the init streamed while loading was computed for {', '.join(sorted(initial.factors)[:3])}, "
+                         "which this adapter does not target; give add_lora the target_modules given to StreamedInit.")
     for path, weights in experts.items():
         module = model.get_submodule(path)
         if not isinstance(module, ExpertsLora):

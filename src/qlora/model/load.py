@@ -25,7 +25,7 @@ import logging
 from collections import defaultdict
 from contextlib import ExitStack
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Protocol
 
 import torch
 from torch import nn
@@ -88,6 +88,20 @@ def resolve_model_dir(name_or_path: str | Path) -> Path:
         raise UsageError(f"{name_or_path} is not a local folder and could not be fetched from the model hub "
                          f"({type(exc).__name__}: {exc}). Check the name, log in with `hf auth login` for gated "
                          "models, or download it elsewhere and pass the folder.") from None
+
+
+class WeightHook(Protocol):
+    """Work done on linear weights as they are read (:class:`qlora.model.streamed_init.StreamedInit`: the
+    LoftQ/PiSSA/OLoRA init of each adapted layer), so that it never needs the whole 16-bit model."""
+
+    def prepare(self, model: nn.Module, device: torch.device) -> set[str]:
+        """Called with the model skeleton (nothing read yet; the layers to quantize already empty
+        :class:`~qlora.nn.Linear4bit` modules) and the device it loads on: the paths of the 4-bit layers
+        whose weights go through the hook."""
+
+    def __call__(self, path: str, weight: torch.Tensor) -> torch.Tensor:
+        """Layer ``path``'s ``[out, in]`` weight as a 16-bit load holds it (compute dtype, on the device);
+        what it returns is quantized in its place."""
 
 
 def _read_weight_keys(files: list[Path]) -> dict[Path, list[str]]:
@@ -270,6 +284,7 @@ def load_model(
     attn_implementation: str | None = None,
     progress: bool | None = None,
     quantize_experts: bool = True,
+    weight_hook: WeightHook | None = None,
 ):
     """Load a causal LM (4-bit unless ``quant=None``) and its tokenizer.
 
@@ -288,6 +303,8 @@ def load_model(
         quantize_experts: quantize MoE experts stored as 3-D weights (from their ``compute_dtype``
             values); False keeps them in ``compute_dtype``, as transformers + bitsandbytes does
             (``qlora quantize`` writes them so).
+        weight_hook: transforms the weights of the 4-bit layers it names before they are quantized, one at a
+            time as they are read (a checkpoint stored 4-bit is not passed to it).
 
     Returns:
         ``(model, tokenizer)``; every base parameter is frozen.
@@ -363,6 +380,7 @@ def load_model(
         return layer
 
     quantized = set(replace_modules(model, make))
+    hooked = weight_hook.prepare(model, device) if weight_hook is not None and prequant is None else set()
     expected = set(model.state_dict().keys())
     pending_qstate: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)
     loaded: set[str] = set()
@@ -389,8 +407,11 @@ def load_model(
                 pending_qstate[owner][key[len(owner) + 1:]] = tensor
             else:
                 w = tensor.to(device)
+                w = w.t() if layer.from_conv1d else w
+                if owner in hooked:
+                    w = weight_hook(owner, w.to(compute_dtype))
                 try:
-                    layer.set_weight(w.t() if layer.from_conv1d else w)
+                    layer.set_weight(w)
                 except NonFiniteError as exc:
                     raise UsageError(f"{source} (module {owner}): {exc}") from None
             loaded.add(owner + ".weight")

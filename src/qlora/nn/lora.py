@@ -26,7 +26,8 @@ import torch
 from torch import nn
 
 from .linear4bit import Linear4bit
-from .residual_init import is_residual_init, residual_factors
+from .loftq import loftq_factors
+from .residual_init import is_residual_init, residual_split
 
 
 @dataclass(frozen=True)
@@ -58,6 +59,15 @@ def _dense_shape(base: nn.Module) -> tuple[int, int, bool]:
         in_f, out_f = base.weight.shape
         return in_f, out_f, True
     raise TypeError(f"LoRA can wrap nn.Linear, Linear4bit or Conv1D, not {type(base).__name__}")
+
+
+def factor_layers(in_features: int, out_features: int, spec: LoraSpec,
+                  device: torch.device | None) -> tuple[nn.Linear, nn.Linear]:
+    """An adapter's ``lora_A`` and ``lora_B``. Their construction draws from torch's generator (``nn.Linear``'s
+    own init, overwritten by the adapter's), so every init after it depends on these draws, as in PEFT."""
+    a = nn.Linear(in_features, spec.r, bias=False, device=device, dtype=spec.dtype)
+    b = nn.Linear(spec.r, out_features, bias=spec.lora_bias, device=device, dtype=spec.dtype)
+    return a, b
 
 
 class Magnitude(nn.Module):
@@ -133,7 +143,10 @@ class LoraLinear(AdapterSlots):
         return self.base_layer.weight
 
     # --- adapters -----------------------------------------------------------
-    def add_adapter(self, name: str, spec: LoraSpec) -> None:
+    def add_adapter(self, name: str, spec: LoraSpec, start: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
+        """Add adapter ``name``. ``start``: the ``(A0, B0)`` its LoftQ/PiSSA/OLoRA init already computed
+        while the model was loaded (:class:`qlora.model.streamed_init.StreamedInit`), the base holding
+        what that init leaves there; without it the init is computed here from the dense base."""
         check_new_adapter(self.specs, name, spec)
         if self.initial_factors:
             raise ValueError(f"the base of this layer holds the residual W - s B0 A0 of the "
@@ -141,16 +154,21 @@ class LoraLinear(AdapterSlots):
                              "was not made; save that adapter (converted) and load both on the original model")
         if spec.lora_bias and spec.use_dora:
             raise ValueError("lora_bias does not combine with DoRA (PEFT refuses it too)")
+        if start is not None and spec.init != "loftq" and not is_residual_init(spec.init):
+            raise ValueError(f"init {spec.init!r} starts from no computed factors (only LoftQ, PiSSA and OLoRA do)")
         if is_residual_init(spec.init):
-            self._check_residual_init(spec)
+            self._check_residual_init(spec, base_done=start is not None)
+        elif start is not None:
+            self._check_first_loftq(name)
         device = next((t.device for t in self.base_layer.buffers()), None) or next(
             (t.device for t in self.base_layer.parameters()), None)
-        a = nn.Linear(self.in_features, spec.r, bias=False, device=device, dtype=spec.dtype)
-        b = nn.Linear(spec.r, self.out_features, bias=spec.lora_bias, device=device, dtype=spec.dtype)
-        self.lora_A[name], self.lora_B[name] = a, b
+        self.lora_A[name], self.lora_B[name] = factor_layers(self.in_features, self.out_features, spec, device)
         self.lora_dropout[name] = nn.Dropout(spec.dropout) if spec.dropout > 0 else nn.Identity()
         self.specs[name] = spec
-        self.reset_adapter(name)
+        if start is None:
+            self.reset_adapter(name)
+        else:
+            self._start_from(name, start)
         if spec.use_dora:
             norm = self._weight_norm(name).to(spec.dtype)
             self.lora_magnitude_vector[name] = Magnitude(norm)
@@ -180,41 +198,34 @@ class LoraLinear(AdapterSlots):
 
     @torch.no_grad()
     def _loftq_init(self, name: str) -> None:
-        """LoftQ (Li et al. 2023): choose the 4-bit base Q and A, B together so that
-        ``dequant(Q) + s BA`` approximates the full-precision W, instead of leaving
-        the whole quantization error to training.
-
-        Alternates ``Q = quant(W - s BA)`` and ``s BA = SVD_r(W - dequant(Q))``.
-        The base must still be dense here; it is replaced by a :class:`Linear4bit`
-        holding Q (``spec.loftq_quant``, compute dtype = the dense weight's), so the
-        adapter is only valid on this base, not on a plain quantization of W.
-        """
+        """LoftQ (:mod:`qlora.nn.loftq`) of the dense base, which is replaced by a :class:`Linear4bit`
+        holding Q (``spec.loftq_quant``, compute dtype = the dense weight's), so the adapter is only valid
+        on this base, not on a plain quantization of W."""
         spec = self.specs[name]
-        if len(self.specs) > 1:
-            raise ValueError("LoftQ replaces the base weight, which the layer's other adapters were made for; "
-                             "use init='loftq' only for a layer's first adapter")
+        self._check_first_loftq(name)
         base = self.base_layer
         if isinstance(base, Linear4bit):
             raise ValueError("LoftQ needs the full-precision base weights; load the model with quant=None, "
-                             "add_lora(init='loftq') quantizes the adapted layers itself")
+                             "add_lora(init='loftq') quantizes the adapted layers itself (or, without the 16-bit "
+                             "model in memory, load_model(weight_hook=StreamedInit('loftq', ...)) then "
+                             "add_lora(initial=...): qlora.model.streamed_init)")
         quant_type, blocksize, double_quant = spec.loftq_quant
         quantized = Linear4bit.from_linear(base, quant_type, blocksize, double_quant, base.weight.dtype,
                                            transposed=self.fan_in_fan_out)
         quantized.from_conv1d = self.fan_in_fan_out
-        w = self.base_weight(torch.float32)
-        residual = w
-        for _ in range(spec.loftq_iter):
-            quantized.set_weight(residual)
-            u, sigma, vh = torch.linalg.svd(w - quantized.dequantize(torch.float32), full_matrices=False)
-            root = sigma[: spec.r].sqrt() / math.sqrt(spec.scaling)
-            b, a = u[:, : spec.r] * root, root[:, None] * vh[: spec.r]
-            residual = w - spec.scaling * (b @ a)
+        a, b, _ = loftq_factors(self.base_weight(torch.float32), quantized, spec.r, spec.scaling, spec.loftq_iter)
         self.base_layer, self.fan_in_fan_out = quantized.requires_grad_(False), False
         self.lora_A[name].weight.copy_(a)
         self.lora_B[name].weight.copy_(b)
 
-    def _check_residual_init(self, spec: LoraSpec) -> None:
-        """Refuse a PiSSA/OLoRA adapter this layer cannot take, before any of it is made."""
+    def _check_first_loftq(self, name: str) -> None:
+        if set(self.specs) - {name}:
+            raise ValueError("LoftQ replaces the base weight, which the layer's other adapters were made for; "
+                             "use init='loftq' only for a layer's first adapter")
+
+    def _check_residual_init(self, spec: LoraSpec, base_done: bool = False) -> None:
+        """Refuse a PiSSA/OLoRA adapter this layer cannot take, before any of it is made (``base_done``: the
+        base already holds the residual, 4-bit or not)."""
         what = spec.init.split("_")[0].replace("pissa", "PiSSA").replace("olora", "OLoRA")
         if self.specs:
             raise ValueError(f"{what} moves part of the base weight into the adapter, and the layer's other "
@@ -224,24 +235,32 @@ class LoraLinear(AdapterSlots):
             raise ValueError(f"{what} does not combine with {'DoRA' if spec.use_dora else 'lora_bias'}: the saved "
                              "adapter is converted to plain LoRA on the original weights, which DoRA's magnitudes "
                              "and a LoRA bias do not survive; drop one of them")
-        if isinstance(self.base_layer, Linear4bit):
+        if isinstance(self.base_layer, Linear4bit) and not base_done:
             raise ValueError(f"{what} needs the 16-bit base weights, and this layer is already 4-bit (a model "
                              "saved in 4 bits, or loaded with quant nf4/fp4); start from the 16-bit model: qlora "
                              "train quantizes the residual itself (QPiSSA), in Python load_model(quant=None), "
-                             "add_lora, then quantize_model")
+                             "add_lora, then quantize_model, or load_model(weight_hook=StreamedInit(...)) then "
+                             "add_lora(initial=...) (qlora.model.streamed_init)")
 
     @torch.no_grad()
     def _residual_init(self, name: str) -> None:
         """PiSSA/OLoRA (:mod:`qlora.nn.residual_init`): the adapter takes ``s B0 A0`` of the
         dense weight, the base keeps the rest in its own dtype (quantize it afterwards for QPiSSA)."""
         spec = self.specs[name]
-        w = self.base_weight(torch.float32)
-        a, b = residual_factors(w, spec.init, spec.r, spec.scaling)
-        self._write_base(w - spec.scaling * b @ a)
+        a, b, residual = residual_split(self.base_weight(torch.float32), spec.init, spec.r, spec.scaling)
+        self._write_base(residual)
+        self._start_from(name, (a, b))
+
+    @torch.no_grad()
+    def _start_from(self, name: str, factors: tuple[torch.Tensor, torch.Tensor]) -> None:
+        """Give adapter ``name`` the factors ``(A0, B0)`` of its init, the base already holding what the
+        init leaves there (LoftQ's Q, PiSSA/OLoRA's residual, which a save subtracts them from)."""
+        a, b = factors
         self.lora_A[name].weight.copy_(a)
         self.lora_B[name].weight.copy_(b)
-        self.initial_factors[name] = (self.lora_A[name].weight.detach().clone(),
-                                      self.lora_B[name].weight.detach().clone())
+        if is_residual_init(self.specs[name].init):
+            self.initial_factors[name] = (self.lora_A[name].weight.detach().clone(),
+                                          self.lora_B[name].weight.detach().clone())
 
     def delete_adapter(self, name: str) -> None:
         if name in self.merged:

@@ -54,3 +54,18 @@ def residual_factors(w: torch.Tensor, init: str, r: int, scaling: float) -> tupl
         raise ValueError(f"unknown residual init {init!r}; use 'pissa', 'pissa_niter_K' or 'olora'")
     root = torch.diag(torch.sqrt(sigma / scaling))
     return root @ vh, u @ root
+
+
+@torch.no_grad()
+def residual_split(w: torch.Tensor, init: str, r: int,
+                   scaling: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(A0, B0, W - s B0 A0)`` of the float32 ``[out, in]`` weight ``w`` (see :func:`residual_factors`)."""
+    a, b = residual_factors(w, init, r, scaling)
+    return a, b, w - scaling * b @ a
+
+
+def draw_like_svd_lowrank(out_features: int, in_features: int, r: int, device: torch.device) -> None:
+    """Advance torch's generator on ``device`` as ``pissa_niter_K``'s ``torch.svd_lowrank`` of an
+    ``[out, in]`` float32 weight does: one normal ``[min(out, in), r]`` draw, its random start. This lets
+    a caller that computes the layers' inits in another order give each the state it has in layer order."""
+    torch.randn(min(out_features, in_features), r, dtype=torch.float32, device=device)

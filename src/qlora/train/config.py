@@ -383,8 +383,8 @@ class TrainConfig:
 
     @property
     def rewrites_base(self) -> bool:
-        """Whether --init changes the base weights (LoftQ, PiSSA, OLoRA): the model then loads 16-bit and is
-        quantized after the adapter is added."""
+        """Whether --init changes the base weights (LoftQ, PiSSA, OLoRA): on a 4-bit base it is computed layer
+        by layer while the model loads (:mod:`qlora.model.streamed_init`)."""
         return self.init == "loftq" or is_residual_init(self.init)
 
     def steps_between(self, name: str, total_steps: int) -> int:

@@ -331,17 +331,9 @@ class Trainer:
     def _load_model(self) -> None:
         from qlora.model.inject import add_lora
         from qlora.model.load import load_model
+        from qlora.model.streamed_init import StreamedInit
 
         cfg = self.config
-        quant = None if cfg.quant == "none" or cfg.rewrites_base else cfg.quant  # quantized below, after the init
-        self.model, self.tokenizer = load_model(cfg.model, quant=quant, double_quant=cfg.double_quant,
-                                                blocksize=cfg.blocksize, compute_dtype=self.dtype, device=self.device)
-        apply_cpu_threads(self.model, self.device)  # one thread for small models: see qlora.cpu_threads
-        tokens = [t.strip() for t in cfg.add_special_tokens.split(",") if t.strip()]
-        if tokens:
-            from qlora.model.tokens import add_special_tokens
-
-            add_special_tokens(self.model, self.tokenizer, tokens)
         targets = cfg.target_modules
         if targets.strip().lower() in ("none", ""):
             targets = []
@@ -351,6 +343,22 @@ class Trainer:
         if parameters and cfg.adalora:
             raise UsageError("--target-parameters works with LoRA, not --adalora (PEFT's AdaLoRA has no expert "
                              "weights either).")
+        rank_pattern = parse_pattern("rank_pattern", cfg.rank_pattern)
+        alpha_pattern = parse_pattern("alpha_pattern", cfg.alpha_pattern)
+        # LoftQ/PiSSA/OLoRA on a 4-bit base: computed layer by layer as the 16-bit weights are read, never
+        # the whole 16-bit model in memory (a 16-bit run keeps it anyway: add_lora computes them there)
+        streamed = StreamedInit(cfg.init, r=cfg.rank, alpha=cfg.alpha, target_modules=targets, rslora=cfg.rslora,
+                                rank_pattern=rank_pattern, alpha_pattern=alpha_pattern, loftq_iter=cfg.loftq_iter,
+                                seed=cfg.seed) if cfg.rewrites_base and cfg.quant != "none" else None
+        self.model, self.tokenizer = load_model(cfg.model, quant=None if cfg.quant == "none" else cfg.quant,
+                                                double_quant=cfg.double_quant, blocksize=cfg.blocksize,
+                                                compute_dtype=self.dtype, device=self.device, weight_hook=streamed)
+        apply_cpu_threads(self.model, self.device)  # one thread for small models: see qlora.cpu_threads
+        tokens = [t.strip() for t in cfg.add_special_tokens.split(",") if t.strip()]
+        if tokens:
+            from qlora.model.tokens import add_special_tokens
+
+            add_special_tokens(self.model, self.tokenizer, tokens)
         torch.manual_seed(cfg.seed)
         if cfg.adapter:
             from qlora.model.adapter_io import adapter_tokenizer, load_adapter
@@ -361,16 +369,9 @@ class Trainer:
             add_lora(self.model, r=cfg.rank, alpha=cfg.alpha, dropout=cfg.dropout, target_modules=targets,
                      rslora=cfg.rslora, verbose=False, use_dora=cfg.dora, init=cfg.init, loftq_iter=cfg.loftq_iter,
                      loftq_quant=(cfg.quant, cfg.blocksize, cfg.double_quant), target_parameters=parameters,
-                     rank_pattern=parse_pattern("rank_pattern", cfg.rank_pattern),
-                     alpha_pattern=parse_pattern("alpha_pattern", cfg.alpha_pattern), lora_bias=cfg.lora_bias,
-                     bias=cfg.bias)
+                     rank_pattern=rank_pattern, alpha_pattern=alpha_pattern, lora_bias=cfg.lora_bias, bias=cfg.bias,
+                     initial=streamed)
         self._targets = targets
-        if cfg.rewrites_base and cfg.quant != "none":  # quantize what the init left: LoftQ's other layers, or
-            # PiSSA/OLoRA's residuals W - s B0 A0 (QPiSSA) and the other layers
-            from qlora.model.quantize import quantize_model
-
-            quantize_model(self.model, cfg.quant, cfg.blocksize, cfg.double_quant, self.dtype,
-                           skip_modules=("lm_head", r".*\.lora_[AB]\..*"))
         if cfg.gradient_checkpointing:
             enable = getattr(self.model, "activation_checkpointing_enable", None)  # transformers >= 5.x's name
             if enable is not None:
