@@ -18,7 +18,7 @@ from torch import nn
 
 from ..errors import UsageError
 from ..nn import AdaLoraLinear
-from .inject import _modules_to_save, _select, adapter_configs, count_parameters
+from .inject import _modules_to_save, adapter_configs, count_parameters, target_paths
 from .rank_allocator import AdaLoraSchedule, RankAllocator
 
 log = logging.getLogger("qlora")
@@ -94,7 +94,7 @@ def add_adalora(
         raise UsageError(f"orth_reg_weight must not be negative; got {orth_reg_weight}")
     for p in model.parameters():
         p.requires_grad_(False)
-    paths = _select(model, target_modules)
+    paths = target_paths(model, target_modules)
     fan_in_fan_out = False
     for path in paths:
         parent_path, _, child = path.rpartition(".")

@@ -77,7 +77,7 @@ def adapters_disabled(model: nn.Module) -> Iterator[None]:
             m.disabled = prev
 
 
-def _select(model: nn.Module, target_modules: str | list[str]) -> list[str]:
+def target_paths(model: nn.Module, target_modules: str | list[str]) -> list[str]:
     head = output_embedding_names(model)
     # An Experts4bit's per-expert layers are its storage, not linear layers PEFT knows (it names 3-D weights).
     experts = tuple(n + "." for n, m in model.named_modules() if isinstance(m, Experts4bit))
@@ -198,7 +198,7 @@ def pattern_key(patterns: Iterable[str], path: str) -> str | None:
     return next((k for k in patterns if re.match(rf"(.*\.)?({k})$", path)), None)
 
 
-def _layer_spec(spec: LoraSpec, path: str, rank_pattern: dict, alpha_pattern: dict) -> LoraSpec:
+def layer_spec(spec: LoraSpec, path: str, rank_pattern: dict, alpha_pattern: dict) -> LoraSpec:
     r_key, alpha_key = pattern_key(rank_pattern, path), pattern_key(alpha_pattern, path)
     if r_key is None and alpha_key is None:
         return spec
@@ -206,7 +206,7 @@ def _layer_spec(spec: LoraSpec, path: str, rank_pattern: dict, alpha_pattern: di
                                alpha=float(alpha_pattern[alpha_key]) if alpha_key is not None else spec.alpha)
 
 
-def _check_patterns(rank_pattern: dict, alpha_pattern: dict, paths: list[str], warn: bool = True) -> None:
+def check_patterns(rank_pattern: dict, alpha_pattern: dict, paths: list[str], warn: bool = True) -> None:
     for what, patterns in (("rank_pattern", rank_pattern), ("alpha_pattern", alpha_pattern)):
         for key, value in patterns.items():
             try:
@@ -355,10 +355,10 @@ def add_lora(
     experts = _select_parameters(model, target_parameters) if target_parameters else {}
     for p in model.parameters():
         p.requires_grad_(False)
-    paths = [] if no_modules else _select(model, target_modules)
+    paths = [] if no_modules else target_paths(model, target_modules)
     if is_residual_init(init):
         _check_unshared(model, paths, init)
-    _check_patterns(rank_pattern, alpha_pattern, paths + list(experts))
+    check_patterns(rank_pattern, alpha_pattern, paths + list(experts))
     fan_in_fan_out = False
     for path in paths:
         module = model.get_submodule(path)
@@ -367,14 +367,14 @@ def add_lora(
             parent = model.get_submodule(parent_path) if parent_path else model
             module = LoraEmbedding(module) if isinstance(module, nn.Embedding) else LoraLinear(module)
             setattr(parent, child, module)
-        layer_spec = _layer_spec(spec, path, rank_pattern, alpha_pattern)
-        start = initial.start(path, layer_spec) if initial is not None else None
+        own = layer_spec(spec, path, rank_pattern, alpha_pattern)
+        start = initial.start(path, own) if initial is not None else None
         try:
             if start is not None:  # a linear layer whose base the streamed init already rewrote
-                module.add_adapter(adapter_name, layer_spec, start)
+                module.add_adapter(adapter_name, own, start)
             else:  # an init computed here draws as it would in this order (pissa_niter_K), however it was streamed
                 with initial.draws(path) if initial is not None else contextlib.nullcontext():
-                    module.add_adapter(adapter_name, layer_spec)
+                    module.add_adapter(adapter_name, own)
         except ValueError as exc:
             raise UsageError(f"{path}: {exc}") from exc
         fan_in_fan_out |= getattr(module, "fan_in_fan_out", False) or getattr(module.base_layer, "from_conv1d", False)
@@ -388,7 +388,7 @@ def add_lora(
             parent_path, _, child = path.rpartition(".")
             module = ExpertsLora(module)
             setattr(model.get_submodule(parent_path) if parent_path else model, child, module)
-        module.add_adapter(adapter_name, _layer_spec(spec, path, rank_pattern, alpha_pattern), weights)
+        module.add_adapter(adapter_name, layer_spec(spec, path, rank_pattern, alpha_pattern), weights)
     for layer in experts_lora_layers(model).values():
         for p in list(layer.lora_A.parameters()) + list(layer.lora_B.parameters()):
             p.requires_grad_(True)

@@ -26,10 +26,10 @@ from torch import nn
 
 from ..errors import UsageError
 from ..nn import Linear4bit, LoraSpec
-from ..nn.lora import _dense_shape, factor_layers
+from ..nn.lora import dense_shape, factor_layers
 from ..nn.loftq import loftq_factors
 from ..nn.residual_init import draw_like_svd_lowrank, is_residual_init, residual_split
-from .inject import _check_patterns, _layer_spec, _select, check_init
+from .inject import check_init, check_patterns, layer_spec, target_paths
 
 
 class StreamedInit:
@@ -61,9 +61,9 @@ class StreamedInit:
     def prepare(self, model: nn.Module, device: torch.device) -> set[str]:
         """Choose the adapted layers on the model skeleton, as ``add_lora`` will (its refusals come now,
         before anything is read), and replay the draws of their inits; the 4-bit ones are streamed."""
-        paths = _select(model, self.target_modules)
-        _check_patterns(self.rank_pattern, self.alpha_pattern, paths, warn=False)  # add_lora warns
-        self._specs = {p: _layer_spec(self.spec, p, self.rank_pattern, self.alpha_pattern) for p in paths}
+        paths = target_paths(model, self.target_modules)
+        check_patterns(self.rank_pattern, self.alpha_pattern, paths, warn=False)  # add_lora warns
+        self._specs = {p: layer_spec(self.spec, p, self.rank_pattern, self.alpha_pattern) for p in paths}
         layers = {p: model.get_submodule(p) for p in paths}
         self._formats = {p: (m.quant_type, m.blocksize, m.double_quant, m.compute_dtype)
                          for p, m in layers.items() if isinstance(m, Linear4bit)}
@@ -73,7 +73,7 @@ class StreamedInit:
                 torch.manual_seed(self.seed)
                 for path, module in layers.items():  # what add_lora draws for each layer, in its order
                     self._states[path] = self._state()
-                    in_f, out_f, _ = _dense_shape(module)
+                    in_f, out_f, _ = dense_shape(module)
                     self._shapes[path] = (in_f, out_f)
                     factor_layers(in_f, out_f, self._specs[path], self._device)
                     draw_like_svd_lowrank(out_f, in_f, self._specs[path].r, self._device)

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from .linear4bit import Linear4bit
-from .lora import _dense_shape
+from .lora import dense_shape
 
 
 class AdaLoraLinear(nn.Module):
@@ -28,7 +28,7 @@ class AdaLoraLinear(nn.Module):
         super().__init__()
         if r <= 0:
             raise ValueError(f"AdaLoRA initial rank must be positive, got {r}")
-        self.in_features, self.out_features, self.fan_in_fan_out = _dense_shape(base_layer)
+        self.in_features, self.out_features, self.fan_in_fan_out = dense_shape(base_layer)
         self.base_layer = base_layer
         for p in base_layer.parameters():
             p.requires_grad_(False)

@@ -51,7 +51,7 @@ class LoraSpec:
         return self.alpha / (math.sqrt(self.r) if self.rslora else self.r)
 
 
-def _dense_shape(base: nn.Module) -> tuple[int, int, bool]:
+def dense_shape(base: nn.Module) -> tuple[int, int, bool]:
     """(in_features, out_features, fan_in_fan_out) of a linear-like base."""
     if isinstance(base, (nn.Linear, Linear4bit)):
         return base.in_features, base.out_features, False
@@ -124,7 +124,7 @@ class LoraLinear(AdapterSlots):
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__()
-        self.in_features, self.out_features, self.fan_in_fan_out = _dense_shape(base_layer)
+        self.in_features, self.out_features, self.fan_in_fan_out = dense_shape(base_layer)
         self.base_layer = base_layer
         for p in base_layer.parameters():
             p.requires_grad_(False)
