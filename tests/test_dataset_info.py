@@ -33,7 +33,7 @@ _INFO = {
                      "system_tag": "system"}},
     "hub": {"hf_hub_url": "org/some-dataset"},
     "modelscope": {"ms_hub_url": "org/some-dataset"},
-    "pictures": {"file_name": "alpaca.json", "columns": {"prompt": "instruction", "images": "images"}},
+    "clips": {"file_name": "alpaca.json", "columns": {"prompt": "instruction", "videos": "videos"}},
     "hub_folder": {"hf_hub_url": "org/some-dataset", "folder": "python"},
     "five": {"file_name": "alpaca.json", "num_samples": 5},
     "dpo_tools": {"file_name": "dpo.json", "ranking": True, "formatting": "sharegpt",
@@ -148,7 +148,7 @@ def test_entries_without_a_response_column_are_pretraining_texts(registry):
 @pytest.mark.parametrize("spec,message", [
     ("alpaca_dmeo", r"neither a file nor a dataset registered in .*dataset_info.json; did you mean alpaca_demo"),
     ("modelscope", r"ms_hub_url is a source qlora does not read"),
-    ("pictures", r"images columns: qlora trains on text"),
+    ("clips", r"videos columns: qlora trains on text and images, not video"),
     ("hub_folder", r"folder 'python': qlora reads a hub dataset's whole split"),
 ])
 def test_unusable_entries_are_named(registry, spec, message):

@@ -140,6 +140,23 @@ def test_llama_factory_sharegpt_with_image_placeholders(models, data, tmp_path):
     assert trainer.train_units[0].labels == oracle[0][1][0].tolist()
 
 
+def test_llama_factory_registry_with_an_images_column(models, data, tmp_path):
+    """A dataset_info.json entry mapping its images column (LLaMA-Factory's ``columns: {images: ...}``): the
+    paths, relative to the dataset folder, fill the <image> placeholders as a plain file's "images" column does."""
+    registry = data.parent
+    texts = (f"<image>{QUESTION}", f"{QUESTION}<image>")  # where the fixture's two rows hold their image
+    rows = [{"talk": [{"from": "human", "value": text}, {"from": "gpt", "value": a}], "pics": [f"img/{name}"]}
+            for text, a, name in zip(texts, ANSWERS, ("a.png", "b.png"))]
+    _jsonl(registry / "registered.jsonl", rows)
+    (registry / "dataset_info.json").write_text(json.dumps({"mine": {
+        "file_name": "registered.jsonl", "formatting": "sharegpt",
+        "columns": {"messages": "talk", "images": "pics"}}}))
+    trainer = _trainer(models["llava"], "mine", tmp_path / "run", dataset_dir=str(registry))
+    oracle = _oracle_rows(models["llava"], data)
+    assert [u.input_ids for u in trainer.train_units] == [o[0]["input_ids"][0].tolist() for o in oracle]
+    assert [u.labels for u in trainer.train_units] == [o[1][0].tolist() for o in oracle]
+
+
 def _jsonl(path, rows):
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path

@@ -41,12 +41,13 @@ from typing import Any
 
 from qlora.errors import UsageError
 from qlora.train.data.declared import DeclaredDataset
+from qlora.train.data.images import IMAGES_COLUMN
 
 INFO_FILE = "dataset_info.json"
 DEFAULT_DIR = "data"  # LLaMA-Factory's default dataset_dir (and --dataset-dir's): a registry there is optional
 _ALPACA_COLUMNS = {"prompt": "instruction", "query": "input", "response": "output", "history": None}
 _COMMON_COLUMNS = ("system", "tools", "chosen", "rejected", "kto_tag")
-_MEDIA_COLUMNS = ("images", "videos", "audios")
+_MEDIA_COLUMNS = ("videos", "audios")  # images are read (qlora.train.data.images); these are not
 _TAGS = {"role_tag": "from", "content_tag": "value", "user_tag": "human", "assistant_tag": "gpt",
          "observation_tag": "observation", "function_tag": "function_call", "system_tag": "system"}
 # Our ShareGPT speakers for LLaMA-Factory's roles (what formats.py reads as user, assistant, tool result, tool call).
@@ -69,7 +70,11 @@ class RegisteredDataset(DeclaredDataset):
 
     def rebuild(self, fields: dict[str, Any], where: str) -> dict[str, Any]:
         """The row as LLaMA-Factory's converter builds it (see the module docstring)."""
-        return {"alpaca": _alpaca, "sharegpt": _sharegpt, "openai": _openai}[self.formatting](fields, self, where)
+        row = {"alpaca": _alpaca, "sharegpt": _sharegpt, "openai": _openai}[self.formatting](fields, self, where)
+        images = _column(fields, self, "images")
+        if images is not None and "text" not in row:  # read where the row's <image> placeholders are
+            row[IMAGES_COLUMN] = images
+        return row
 
 
 def registered_dataset(name: str, dataset_dir: str | Path) -> RegisteredDataset | None:
@@ -152,9 +157,10 @@ def _entry(name: str, entry: Any, info_path: Path) -> RegisteredDataset:
         raise UsageError(f"{where}: columns must map names to column names.")
     media = [c for c in _MEDIA_COLUMNS if (given or {}).get(c)]
     if media:
-        raise UsageError(f"{where}: {', '.join(media)} columns: qlora trains on text; give a text-only dataset.")
+        raise UsageError(f"{where}: {', '.join(media)} columns: qlora trains on text and images, not video or "
+                         "audio; give a dataset without them.")
     names = (dict(_ALPACA_COLUMNS) if formatting == "alpaca" else {"messages": "conversations"})
-    names |= dict.fromkeys(_COMMON_COLUMNS)
+    names |= dict.fromkeys(_COMMON_COLUMNS) | {IMAGES_COLUMN: None}
     if given is not None:  # LLaMA-Factory: with a columns mapping, every column used is named in it
         names = {key: given.get(key) for key in names}
     tags = dict(_TAGS)
