@@ -7,6 +7,7 @@ model and gives qlora's logits on an image+text input.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 
 import pytest
@@ -194,6 +195,15 @@ def test_refusals(models, data, tiny_model_dir, tmp_path):
              "images": ["img/a.png"]}]
     with pytest.raises(UsageError, match="more images in the messages than in the \"images\" column"):
         _trainer(models["gemma3"], _jsonl(data.parent / "two.jsonl", rows), tmp_path / "two", batch_size=1)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("torchvision") is not None, reason="Mistral 3's processor builds")
+def test_a_processor_that_needs_torchvision_is_named(data, tmp_path, capsys):
+    model = build_image_model(tmp_path / "mistral3", "mistral3")
+    assert _train(model, data, tmp_path / "run") == 2
+    err = capsys.readouterr().err
+    assert (f"{data} line 1: the processor of mistral3 models ({model}) needs torchvision, which is not installed"
+            in err and "pip install torchvision" in err and "Traceback" not in err), err
 
 
 def test_rows_whose_images_do_not_fit_seq_len_are_skipped_and_counted(models, data, tmp_path):
