@@ -220,3 +220,35 @@ def test_rows_whose_images_do_not_fit_seq_len_are_skipped_and_counted(models, da
     assert unit.index == 0 and unit.truncated and unit.input_ids == whole.input_ids[:-1]
     assert unit.media["token_type_ids"].shape[-1] == len(whole.input_ids) - 1
     assert f"1 skipped with images that do not fit --seq-len (first: {path} line 2)" in trainer.report.summary()
+
+
+@pytest.mark.parametrize("kind", ["gemma3", "llava_next"])
+def test_eval_on_rows_with_images_is_transformers_loss(kind, models, data, capsys):
+    """``qlora eval`` tokenizes rows with images as training does: its loss and token count are transformers'
+    forward on the processor's inputs with the answers as labels (Gemma 3's token_type_ids, LLaVA-NeXT's
+    image_sizes and crops of two sizes in one batch)."""
+    ref = AutoModelForImageTextToText.from_pretrained(models[kind], dtype=torch.float32).eval()
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for inputs, labels in _oracle_rows(models[kind], data):
+            logits = ref(**inputs).logits[0, :-1]
+            total += F.cross_entropy(logits, labels[0, 1:], ignore_index=-100, reduction="sum").item()
+            count += int((labels[0, 1:] != -100).sum())
+    capsys.readouterr()
+    assert main(["eval", "--model", str(models[kind]), "--data", str(data), "--quant", "none", "--batch-size",
+                 "2"]) == 0
+    out = capsys.readouterr().out
+    loss, tokens = out.split("loss ")[1].split()[0], out.split("(")[-1].split()[0]
+    assert float(loss) == pytest.approx(total / count, abs=1e-4) and int(tokens) == count
+
+
+def test_the_runs_eval_data_with_images_is_transformers_loss(models, data, tmp_path):
+    ref = AutoModelForImageTextToText.from_pretrained(models["idefics3"], dtype=torch.float32).eval()
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for inputs, labels in _oracle_rows(models["idefics3"], data):
+            logits = ref(**inputs).logits[0, :-1]
+            total += F.cross_entropy(logits, labels[0, 1:], ignore_index=-100, reduction="sum").item()
+            count += int((labels[0, 1:] != -100).sum())
+    trainer = _trainer(models["idefics3"], data, tmp_path / "run", eval_data=str(data), max_steps=1)
+    assert trainer.evaluate()["loss"] == pytest.approx(total / count, rel=1e-5)
