@@ -5,9 +5,10 @@ and turn tokens added (EOS is the family's end-of-turn token), a chat template t
 family's placeholder, and a processor (PIL image processor with small sizes) that ``AutoProcessor`` loads.
 Gemma 3's template is the real one (tests/data/chat_templates); Qwen2-VL's and SmolVLM's are written after
 the hub's (Qwen/Qwen2-VL-7B-Instruct, HuggingFaceTB/SmolVLM-Instruct); LLaVA's is a plain role-prefixed one.
-Aya Vision's is LLaVA's too. Qwen2-VL's processor (its video processor) and Mistral 3's (PixtralProcessor) need
-torchvision, so ``KINDS`` lists them only when it is installed; without it, Mistral 3's folder holds the hub's
-processor files (``processor_config.json`` naming PixtralProcessor), which ``AutoProcessor`` refuses.
+Aya Vision's is LLaVA's too; PaliGemma (refused for images by type) has none. Qwen2-VL's processor (its video
+processor) and Mistral 3's (PixtralProcessor) need torchvision, so ``KINDS`` lists them only when it is installed;
+without it, Mistral 3's folder holds the hub's processor files (``processor_config.json`` naming
+PixtralProcessor), which ``AutoProcessor`` refuses.
 """
 
 from __future__ import annotations
@@ -112,6 +113,15 @@ def _family(kind: str):
         return tok, proc, dict(model_type="cohere2"), dict(
             vision_config=dict(_VISION, model_type="siglip_vision_model", image_size=28, patch_size=14),
             downsample_factor=2, image_token_index=tok.convert_tokens_to_ids("<|IMG_PATCH|>"))
+    if kind == "paligemma":
+        from transformers import PaliGemmaProcessor, SiglipImageProcessorPil
+
+        tok = _tokenizer(["<image>"], "<|im_end|>", {"image_token": "<image>"})
+        proc = PaliGemmaProcessor(SiglipImageProcessorPil(size={"height": 28, "width": 28}), tok)
+        return tok, proc, dict(model_type="gemma"), dict(
+            vision_config=dict(_VISION, model_type="siglip_vision_model", image_size=28, patch_size=14,
+                               projection_dim=64),
+            projection_dim=64, image_token_index=tok.convert_tokens_to_ids("<image>"))
     if kind == "mistral3":
         from transformers import PixtralImageProcessorPil
 
