@@ -5,12 +5,16 @@ and turn tokens added (EOS is the family's end-of-turn token), a chat template t
 family's placeholder, and a processor (PIL image processor with small sizes) that ``AutoProcessor`` loads.
 Gemma 3's template is the real one (tests/data/chat_templates); Qwen2-VL's and SmolVLM's are written after
 the hub's (Qwen/Qwen2-VL-7B-Instruct, HuggingFaceTB/SmolVLM-Instruct); LLaVA's is a plain role-prefixed one.
-Qwen2-VL's processor needs torchvision (its video processor), so ``KINDS`` lists it only when installed.
+Aya Vision's is LLaVA's too; PaliGemma (refused for images by type) has none. Qwen2-VL's processor (its video
+processor) and Mistral 3's (PixtralProcessor) need torchvision, so ``KINDS`` lists them only when it is installed;
+without it, Mistral 3's folder holds the hub's processor files (``processor_config.json`` naming
+PixtralProcessor), which ``AutoProcessor`` refuses.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import json
 from pathlib import Path
 
 import torch
@@ -40,8 +44,8 @@ LLAVA_TEMPLATE = (
     "{% if add_generation_prompt %}ASSISTANT: {% endif %}")
 GEMMA3_TEMPLATE = (Path(__file__).parent / "data" / "chat_templates" / "gemma-3.jinja").read_text()
 
-KINDS = ("gemma3", "llava", "llava_next", "idefics3") + (
-    ("qwen2_vl",) if importlib.util.find_spec("torchvision") else ())
+KINDS = ("gemma3", "llava", "llava_next", "idefics3", "aya_vision") + (
+    ("qwen2_vl", "mistral3") if importlib.util.find_spec("torchvision") else ())
 
 
 def _tokenizer(added: list[str], eos: str, named: dict[str, str] | None = None):
@@ -50,10 +54,11 @@ def _tokenizer(added: list[str], eos: str, named: dict[str, str] | None = None):
     from qlora.model.tiny import train_tokenizer
 
     base = train_tokenizer(_TEXTS, vocab_size=300, chat_template=False)
-    specials = [t for t in dict.fromkeys(["<|im_start|>", "<|im_end|>", *added])]
-    return PreTrainedTokenizerFast(tokenizer_object=base._tokenizer, bos_token="<|bos|>", eos_token=eos,
-                                   pad_token="<|pad|>", unk_token="<|unk|>", additional_special_tokens=specials,
-                                   extra_special_tokens=named or {})
+    tok = PreTrainedTokenizerFast(tokenizer_object=base._tokenizer, bos_token="<|bos|>", eos_token=eos,
+                                  pad_token="<|pad|>", unk_token="<|unk|>", extra_special_tokens=named or {})
+    # added here, not as a constructor argument: transformers 5 leaves additional_special_tokens out of the vocab
+    tok.add_special_tokens({"additional_special_tokens": list(dict.fromkeys(["<|im_start|>", "<|im_end|>", *added]))})
+    return tok
 
 
 def _family(kind: str):
@@ -97,6 +102,35 @@ def _family(kind: str):
         return tok, proc, dict(model_type="llama"), dict(
             vision_config=dict(_VISION, model_type="idefics3_vision", image_size=28, patch_size=14), scale_factor=2,
             image_token_id=tok.convert_tokens_to_ids("<image>"))
+    if kind == "aya_vision":
+        from transformers import AyaVisionProcessor, GotOcr2ImageProcessorPil
+
+        names = ["<|START_OF_IMG|>", "<|END_OF_IMG|>", "<|IMG_LINE_BREAK|>", "<|IMG_PATCH|>"]
+        tok = _tokenizer(["<image>", *names], "<|im_end|>", {"image_token": "<image>"})
+        tiles = GotOcr2ImageProcessorPil(size={"height": 28, "width": 28}, crop_to_patches=True, max_patches=3)
+        proc = AyaVisionProcessor(tiles, tok, patch_size=14, img_size=28, downsample_factor=2,
+                                  chat_template=LLAVA_TEMPLATE)
+        return tok, proc, dict(model_type="cohere2"), dict(
+            vision_config=dict(_VISION, model_type="siglip_vision_model", image_size=28, patch_size=14),
+            downsample_factor=2, image_token_index=tok.convert_tokens_to_ids("<|IMG_PATCH|>"))
+    if kind == "paligemma":
+        from transformers import PaliGemmaProcessor, SiglipImageProcessorPil
+
+        tok = _tokenizer(["<image>"], "<|im_end|>", {"image_token": "<image>"})
+        proc = PaliGemmaProcessor(SiglipImageProcessorPil(size={"height": 28, "width": 28}), tok)
+        return tok, proc, dict(model_type="gemma"), dict(
+            vision_config=dict(_VISION, model_type="siglip_vision_model", image_size=28, patch_size=14,
+                               projection_dim=64),
+            projection_dim=64, image_token_index=tok.convert_tokens_to_ids("<image>"))
+    if kind == "mistral3":
+        from transformers import PixtralImageProcessorPil
+
+        tok = _tokenizer(["[IMG]", "[IMG_BREAK]", "[IMG_END]"], "<|im_end|>")
+        images = PixtralImageProcessorPil(size={"longest_edge": 56}, patch_size=14)
+        proc = _pixtral_processor(images, tok)
+        return tok, proc or images, dict(model_type="mistral"), dict(
+            vision_config=dict(_VISION, model_type="pixtral", image_size=56, patch_size=14, head_dim=16),
+            spatial_merge_size=2, image_token_index=tok.convert_tokens_to_ids("[IMG]"))
     if kind == "qwen2_vl":
         from transformers import Qwen2VLImageProcessor, Qwen2VLProcessor, Qwen2VLVideoProcessor
 
@@ -114,6 +148,16 @@ def _family(kind: str):
     raise ValueError(kind)
 
 
+def _pixtral_processor(images, tok):
+    """Mistral 3's processor, or None where it cannot be built (it needs torchvision)."""
+    if not importlib.util.find_spec("torchvision"):
+        return None
+    from transformers import PixtralProcessor
+
+    return PixtralProcessor(images, tok, patch_size=14, spatial_merge_size=2, chat_template=LLAVA_TEMPLATE.replace(
+        "<image>\n", "[IMG]"))
+
+
 def build_image_model(out_dir: str | Path, kind: str, seed: int = 0) -> Path:
     """Save a random ``kind`` vision-language model with its tokenizer and processor."""
     from transformers import AutoConfig, AutoModelForImageTextToText
@@ -127,6 +171,10 @@ def build_image_model(out_dir: str | Path, kind: str, seed: int = 0) -> Path:
     out = Path(out_dir)
     model.save_pretrained(out)
     proc.save_pretrained(out)
+    if not hasattr(proc, "tokenizer"):  # a processor that needs torchvision: the hub folder's files, as written
+        tok.save_pretrained(out)
+        (out / "processor_config.json").write_text(json.dumps({"processor_class": "PixtralProcessor", "patch_size": 14,
+                                                                "spatial_merge_size": 2}))
     return out
 
 

@@ -7,6 +7,7 @@ model and gives qlora's logits on an image+text input.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 
 import pytest
@@ -213,6 +214,24 @@ def test_refusals(models, data, tiny_model_dir, tmp_path):
         _trainer(models["gemma3"], _jsonl(data.parent / "two.jsonl", rows), tmp_path / "two", batch_size=1)
 
 
+@pytest.mark.skipif(importlib.util.find_spec("torchvision") is not None, reason="Mistral 3's processor builds")
+def test_a_processor_that_needs_torchvision_is_named(data, tmp_path, capsys):
+    model = build_image_model(tmp_path / "mistral3", "mistral3")
+    assert _train(model, data, tmp_path / "run") == 2
+    err = capsys.readouterr().err
+    assert (f"{data} line 1: the processor of mistral3 models ({model}) needs torchvision, which is not installed"
+            in err and "pip install torchvision" in err and "Traceback" not in err), err
+
+
+def test_paligemma_is_refused_by_type(data, tmp_path):
+    """PaliGemma's processor builds, but its prefix-LM mask comes from a separate suffix: a whole conversation
+    would train answers that see their own later tokens."""
+    model = build_image_model(tmp_path / "paligemma", "paligemma")
+    with pytest.raises(UsageError, match=r"chat\.jsonl line 1: images are not supported for paligemma models: "
+                                         "PaliGemma reads its prompt bidirectionally"):
+        _trainer(model, data, tmp_path / "run")
+
+
 def test_rows_whose_images_do_not_fit_seq_len_are_skipped_and_counted(models, data, tmp_path):
     """A row is cut after its image like any text, but one whose image tokens would be cut is skipped and
     counted (its image placed after a long question)."""
@@ -227,3 +246,56 @@ def test_rows_whose_images_do_not_fit_seq_len_are_skipped_and_counted(models, da
     assert unit.index == 0 and unit.truncated and unit.input_ids == whole.input_ids[:-1]
     assert unit.media["token_type_ids"].shape[-1] == len(whole.input_ids) - 1
     assert f"1 skipped with images that do not fit --seq-len (first: {path} line 2)" in trainer.report.summary()
+
+
+@pytest.mark.parametrize("kind", ["gemma3", "llava_next"])
+def test_eval_on_rows_with_images_is_transformers_loss(kind, models, data, capsys):
+    """``qlora eval`` tokenizes rows with images as training does: its loss and token count are transformers'
+    forward on the processor's inputs with the answers as labels (Gemma 3's token_type_ids, LLaVA-NeXT's
+    image_sizes and crops of two sizes in one batch)."""
+    ref = AutoModelForImageTextToText.from_pretrained(models[kind], dtype=torch.float32).eval()
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for inputs, labels in _oracle_rows(models[kind], data):
+            logits = ref(**inputs).logits[0, :-1]
+            total += F.cross_entropy(logits, labels[0, 1:], ignore_index=-100, reduction="sum").item()
+            count += int((labels[0, 1:] != -100).sum())
+    capsys.readouterr()
+    assert main(["eval", "--model", str(models[kind]), "--data", str(data), "--quant", "none", "--batch-size",
+                 "2"]) == 0
+    out = capsys.readouterr().out
+    loss, tokens = out.split("loss ")[1].split()[0], out.split("(")[-1].split()[0]
+    assert float(loss) == pytest.approx(total / count, abs=1e-4) and int(tokens) == count
+
+
+def test_the_runs_eval_data_with_images_is_transformers_loss(models, data, tmp_path):
+    ref = AutoModelForImageTextToText.from_pretrained(models["idefics3"], dtype=torch.float32).eval()
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for inputs, labels in _oracle_rows(models["idefics3"], data):
+            logits = ref(**inputs).logits[0, :-1]
+            total += F.cross_entropy(logits, labels[0, 1:], ignore_index=-100, reduction="sum").item()
+            count += int((labels[0, 1:] != -100).sum())
+    trainer = _trainer(models["idefics3"], data, tmp_path / "run", eval_data=str(data), max_steps=1)
+    assert trainer.evaluate()["loss"] == pytest.approx(total / count, rel=1e-5)
+
+
+def test_preference_rows_with_images_are_refused_not_trained_on_their_text(models, data, tmp_path, capsys):
+    """openbmb/RLAIF-V-Dataset's shape (an "image" column, "question" mapped to the prompt) and TRL's vision
+    preference rows (image parts in the prompt, an "images" column) would train on text alone: refused."""
+    image = str(data.parent / "img" / "a.png")
+    prompt = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": QUESTION}]}]
+    cases = [("dpo", {"image": image, "question": QUESTION, "chosen": ANSWERS[0], "rejected": ANSWERS[1]},
+              ["--data-fields", "prompt=question"], 'an "image" column'),
+             ("orpo", {"images": [image], "prompt": prompt, "chosen": ANSWERS[0], "rejected": ANSWERS[1]}, [],
+              'an "images" column'),
+             ("dpo", {"prompt": [{"role": "user", "content": [{"type": "image", "image": image}]}],
+                      "chosen": ANSWERS[0], "rejected": ANSWERS[1]}, [], 'image parts in "prompt"'),
+             ("kto", {"prompt": prompt, "completion": ANSWERS[0], "label": True, "images": [image]},
+              ["--batch-size", "2"], "this KTO row holds images")]
+    for k, (method, row, extra, said) in enumerate(cases):
+        path = _jsonl(tmp_path / f"pairs{k}.jsonl", [row, row])
+        assert _train(models["llava"], path, tmp_path / f"run{k}", "--method", method, *extra) == 2
+        err = capsys.readouterr().err
+        assert f"{path} line 1: this " in err and said in err and "with --method sft only" in err, err
+        assert "Traceback" not in err and not (tmp_path / f"run{k}" / "adapter_model.safetensors").exists()

@@ -18,6 +18,9 @@ from qlora.model.quantize import non_text_names
 REFUSED_TYPES = {
     "mllama": "Llama 3.2 Vision attends to images through cross-attention layers, whose masks (cross_attention_mask) "
               "qlora does not build",
+    "paligemma": "PaliGemma reads its prompt bidirectionally and only the answer causally, marked by token_type_ids "
+                 "its processor builds from a separate suffix; a conversation given whole would let the answer "
+                 "attend to its own later tokens",
 }
 
 

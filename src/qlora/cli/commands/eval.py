@@ -70,17 +70,32 @@ def run(args: argparse.Namespace) -> int:
     if (saved is None and args.template == "auto" and own_template(tokenizer) is None
             and any(e.messages is not None for e in examples)):
         print(fallback_note(tokenizer), file=sys.stderr)
-    tokenized, report = tokenize_dataset(examples, tokenizer, fmt, args.train_on, args.seq_len,
-                                         stop_ids=stop_token_ids(model, tokenizer))
+    stops = stop_token_ids(model, tokenizer)
+    tokenized, report = tokenize_dataset(examples, tokenizer, fmt, args.train_on, args.seq_len, stop_ids=stops,
+                                         with_images=_image_tokenizer(args, examples, model, tokenizer, fmt, stops))
     model.eval()
+    dtype = model.get_input_embeddings().weight.dtype  # image tensors go in as the 16-bit vision tower takes them
     loss_sum, tokens = 0.0, 0
     with torch.no_grad():
         for i in range(0, len(tokenized), args.batch_size):
-            batch = {k: v.to(device) for k, v in pad_collate(tokenized[i:i + args.batch_size],
-                                                              pad_token_id(tokenizer)).items()}
+            batch = {k: v.to(device, dtype) if v.is_floating_point() else v.to(device)
+                     for k, v in pad_collate(tokenized[i:i + args.batch_size], pad_token_id(tokenizer)).items()}
             loss_sum += token_loss_sum(model, batch).item()
             tokens += count_trainable_tokens(batch)
     loss = loss_sum / tokens
     print(f"{args.data}: {report.summary()}")
     print(f"loss {loss:.4f}  perplexity {math.exp(min(loss, 50.0)):.3f}  ({tokens} tokens)")
     return 0
+
+
+def _image_tokenizer(args: argparse.Namespace, examples, model, tokenizer, fmt, stops):
+    """What tokenizes rows with images as training does (the model folder's processor), or None without any."""
+    first = next((e for e in examples if e.images), None)
+    if first is None:
+        return None
+    from ...model.image_processor import load_image_processor
+    from ...train.data.image_examples import tokenize_image_example
+
+    processor = load_image_processor(args.model, model, tokenizer, first.where)
+    return lambda example, index: tokenize_image_example(example, processor, fmt, args.train_on, args.seq_len, index,
+                                                         stops)

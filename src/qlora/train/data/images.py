@@ -138,6 +138,25 @@ def attach_images(example, fields: dict[str, Any], folders: Sequence[str | Path]
     return replace(example, messages=tuple(messages), images=tuple(refs))
 
 
+def refuse_images(fields: dict[str, Any], where: str, kind: str, instead: str) -> None:
+    """Stop at a ``kind`` row (preference pairs, KTO rows) holding images, which those methods read as text only:
+    an ``images`` or ``image`` column (TRL's vision preference data, openbmb/RLAIF-V-Dataset) or image parts in
+    one of its message lists. Silently training on the text would teach answers about images the model never saw.
+    ``instead``: the SFT training that would use the images.
+
+    Raises:
+        UsageError: naming the row and where its images are.
+    """
+    found = next((f'an "{c}" column' for c in (IMAGES_COLUMN, "image") if fields.get(c) not in (None, [], "")), None)
+    found = found or next((f'image parts in "{key}"' for key, value in fields.items() if isinstance(value, list)
+                           and any(isinstance(m, dict) and any(_image_parts(v) for v in m.values()) for m in value)),
+                          None)
+    if found:
+        raise UsageError(f"{where}: this {kind} row holds images ({found}); qlora trains on images with --method sft "
+                         "only, and training the pair on its text alone would teach answers about images the model "
+                         f"does not see. {instead}, or remove the images.")
+
+
 def as_parts(messages: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     """Messages with every text content as a list of one text part: vision-language chat templates (SmolVLM,
     LLaVA) read each content as parts, as TRL gives them."""

@@ -46,6 +46,7 @@ from qlora.errors import UsageError
 from qlora.model.chat_format import ChatFormat
 from qlora.train.data.fields import FieldMap, message_like, parse_data_fields, prompt_column
 from qlora.train.data.formats import EMPTY_ANSWER, Example, empty_answer, normalize, unpaired_error, unpaired_label
+from qlora.train.data.images import refuse_images
 from qlora.train.data.sources import Record
 from qlora.train.data.tokenize import IGNORE_INDEX, DataReport, for_template, tokenize_example
 
@@ -159,7 +160,12 @@ def normalize_preferences(records: list[Record],
 
 def pair_from_row(fields: dict[str, Any], where: str, names: FieldMap, chat: bool) -> PreferenceExample:
     """One renamed row as a pair; ``chat``: its source is read as conversations (:func:`read_as_chat`). A pair with
-    an empty (or null) answer is marked to be skipped, as SFT rows with an empty answer are."""
+    an empty (or null) answer is marked to be skipped, as SFT rows with an empty answer are.
+
+    Raises:
+        UsageError: a malformed row, or one holding images (:func:`~qlora.train.data.images.refuse_images`).
+    """
+    refuse_images(fields, where, "preference", "Train SFT on the chosen answers (--data-fields completion=chosen)")
     if any(fields.get(key) is None and key in fields or fields.get(key) == [] for key in ("chosen", "rejected")):
         return PreferenceExample("", "", "", where, skip=EMPTY_ANSWER)
     if all(isinstance(fields.get(key), str) for key in ("chosen", "rejected")) and not isinstance(

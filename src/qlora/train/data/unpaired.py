@@ -31,6 +31,7 @@ from qlora.errors import UsageError
 from qlora.model.chat_format import ChatFormat
 from qlora.train.data.fields import FieldMap
 from qlora.train.data.formats import EMPTY_ANSWER, empty_answer, unpaired_label
+from qlora.train.data.images import refuse_images
 from qlora.train.data.preference import (Messages, PreferenceExample, common_prefix, full_ids, message_tuple,
                                          missing_prompt_hint, pair_from_row, prompt_ids, renamed_source, with_system)
 from qlora.train.data.sources import Record
@@ -90,6 +91,7 @@ def normalize_unpaired(records: list[Record], fields: FieldMap | str | dict | No
 def _normalize_row(fields: dict, where: str, names: FieldMap, chat: bool) -> UnpairedExample:
     need = ('(KTO rows need "prompt", "completion" (strings or message lists) and "label" (true: a desirable '
             'completion, false: an undesirable one), or preference pairs "prompt", "chosen", "rejected")')
+    refuse_images(fields, where, "KTO", "Train SFT on the rows labelled true")
     completion, label = fields.get("completion"), unpaired_label(fields)
     if "completion" in fields and label is not None and (
             completion is None or completion == [] or (isinstance(completion, str) and not completion.strip())):
