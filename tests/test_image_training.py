@@ -141,6 +141,18 @@ def test_llama_factory_sharegpt_with_image_placeholders(models, data, tmp_path):
     assert trainer.train_units[0].labels == oracle[0][1][0].tolist()
 
 
+def test_a_single_image_column_is_the_rows_image(models, data, tmp_path):
+    """Vision datasets often store one image a row in an "image" column: it is read as that row's image (it was
+    ignored, and the row trained on its text alone)."""
+    texts = (f"<image>{QUESTION}", f"{QUESTION}<image>")  # where the fixture's two rows hold their image
+    rows = [{"conversations": [{"from": "human", "value": text}, {"from": "gpt", "value": a}], "image": f"img/{name}"}
+            for text, a, name in zip(texts, ANSWERS, ("a.png", "b.png"))]
+    trainer = _trainer(models["llava"], _jsonl(data.parent / "single.jsonl", rows), tmp_path / "run")
+    oracle = _oracle_rows(models["llava"], data)
+    assert [u.input_ids for u in trainer.train_units] == [o[0]["input_ids"][0].tolist() for o in oracle]
+    assert [u.labels for u in trainer.train_units] == [o[1][0].tolist() for o in oracle]
+
+
 def test_llama_factory_registry_with_an_images_column(models, data, tmp_path):
     """A dataset_info.json entry mapping its images column (LLaMA-Factory's ``columns: {images: ...}``): the
     paths, relative to the dataset folder, fill the <image> placeholders as a plain file's "images" column does."""

@@ -34,6 +34,7 @@ from qlora.errors import UsageError
 IMAGE_PART_TYPES = ("image", "image_url")
 PLACEHOLDER = "<image>"  # LLaMA-Factory's
 IMAGES_COLUMN = "images"
+IMAGE_COLUMN = "image"  # a single image a row
 _SOURCE_KEYS = ("image", "path", "url")
 
 
@@ -78,7 +79,7 @@ def attach_images(example, fields: dict[str, Any], folders: Sequence[str | Path]
 
     Args:
         example: the normalized row, its image parts still as written.
-        fields: the row's fields (for the ``images`` column).
+        fields: the row's fields (for the ``images`` column, or a single ``image``).
         folders: where relative paths are looked for, in order (the data file's folder, ``--dataset-dir``).
 
     Raises:
@@ -86,6 +87,8 @@ def attach_images(example, fields: dict[str, Any], folders: Sequence[str | Path]
             placeholders than images, images in an assistant turn, a URL, a missing or unreadable image.
     """
     column = fields.get(IMAGES_COLUMN)
+    if column is None:  # one image a row, as many vision datasets store it (an Image column named "image")
+        column = fields.get(IMAGE_COLUMN)
     column = [] if column is None else column if isinstance(column, list) else [column]
     has_parts = example.messages is not None and any(_image_parts(m.get("content")) for m in example.messages)
     if not column and not has_parts:
@@ -147,7 +150,7 @@ def refuse_images(fields: dict[str, Any], where: str, kind: str, instead: str) -
     Raises:
         UsageError: naming the row and where its images are.
     """
-    found = next((f'an "{c}" column' for c in (IMAGES_COLUMN, "image") if fields.get(c) not in (None, [], "")), None)
+    found = next((f'an "{c}" column' for c in (IMAGES_COLUMN, IMAGE_COLUMN) if fields.get(c) not in (None, [], "")), None)
     found = found or next((f'image parts in "{key}"' for key, value in fields.items() if isinstance(value, list)
                            and any(isinstance(m, dict) and any(_image_parts(v) for v in m.values()) for m in value)),
                           None)
