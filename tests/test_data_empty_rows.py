@@ -184,3 +184,14 @@ def test_cli_dpo_skips_a_pair_with_an_empty_answer(tmp_path, tiny_model_dir, cap
     assert main(["train", "--method", "dpo", "--model", str(tiny_model_dir), "--data", str(path), "--output",
                  str(tmp_path / "run"), "--seq-len", "128", "--max-steps", "1", "--no-progress"]) == 0
     assert f"1 skipped with an empty answer (first: {path} line 4)" in "".join(capsys.readouterr())
+
+
+def test_images_beside_a_conversation_without_a_user_turn_are_refused(tmp_path):
+    from image_models import write_png
+
+    write_png(tmp_path / "a.png", 8, 8, 0)
+    path = _write(tmp_path / "data.jsonl", [{"conversations": [{"from": "system", "value": "Describe."},
+                                                               {"from": "gpt", "value": "A red square."}],
+                                             "images": ["a.png"]}])
+    with pytest.raises(UsageError, match=rf"^{path} line 1: .*no user turn"):
+        normalize(load_records(path))
