@@ -186,6 +186,18 @@ def test_cli_dpo_skips_a_pair_with_an_empty_answer(tmp_path, tiny_model_dir, cap
     assert f"1 skipped with an empty answer (first: {path} line 4)" in "".join(capsys.readouterr())
 
 
+def test_an_image_row_without_instruction_is_trained_not_skipped(tmp_path):
+    """A captioning row (LLaMA-Factory alpaca: an image, no instruction) has a prompt: its image."""
+    from image_models import write_png
+
+    write_png(tmp_path / "a.png", 8, 8, 0)
+    path = _write(tmp_path / "data.jsonl", [{"instruction": "", "input": "", "output": "A red square.",
+                                             "images": ["a.png"]}])
+    (example,) = normalize(load_records(path))
+    assert example.skip is None and len(example.images) == 1
+    assert example.messages[0]["content"][0] == {"type": "image"}
+
+
 def test_images_beside_a_conversation_without_a_user_turn_are_refused(tmp_path):
     from image_models import write_png
 
