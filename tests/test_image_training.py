@@ -227,3 +227,22 @@ def test_rows_whose_images_do_not_fit_seq_len_are_skipped_and_counted(models, da
     assert unit.index == 0 and unit.truncated and unit.input_ids == whole.input_ids[:-1]
     assert unit.media["token_type_ids"].shape[-1] == len(whole.input_ids) - 1
     assert f"1 skipped with images that do not fit --seq-len (first: {path} line 2)" in trainer.report.summary()
+
+
+def test_a_processor_failure_without_a_message_is_still_one_paragraph(tmp_path, monkeypatch):
+    """Some exceptions carry no text (a bare assert in a processor's code): the refusal names the type."""
+    import transformers
+
+    from qlora.model.image_processor import load_image_processor
+    from qlora.model.load import load_model
+
+    folder = build_image_model(tmp_path / "g", "gemma3")
+    model, tokenizer = load_model(folder, quant=None)
+
+    def fail(*args, **kwargs):
+        raise AssertionError()
+
+    monkeypatch.setattr(transformers.AutoProcessor, "from_pretrained", fail)
+    with pytest.raises(UsageError, match=r"^row 1: rows with images need the model's processor, which transformers "
+                                         r"cannot build from .* \(AssertionError\)"):
+        load_image_processor(folder, model, tokenizer, "row 1")
