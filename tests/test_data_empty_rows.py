@@ -184,3 +184,41 @@ def test_cli_dpo_skips_a_pair_with_an_empty_answer(tmp_path, tiny_model_dir, cap
     assert main(["train", "--method", "dpo", "--model", str(tiny_model_dir), "--data", str(path), "--output",
                  str(tmp_path / "run"), "--seq-len", "128", "--max-steps", "1", "--no-progress"]) == 0
     assert f"1 skipped with an empty answer (first: {path} line 4)" in "".join(capsys.readouterr())
+
+
+def test_an_image_row_without_instruction_is_trained_not_skipped(tmp_path):
+    """A captioning row (LLaMA-Factory alpaca: an image, no instruction) has a prompt: its image."""
+    from image_models import write_png
+
+    write_png(tmp_path / "a.png", 8, 8, 0)
+    path = _write(tmp_path / "data.jsonl", [{"instruction": "", "input": "", "output": "A red square.",
+                                             "images": ["a.png"]}])
+    (example,) = normalize(load_records(path))
+    assert example.skip is None and len(example.images) == 1
+    assert example.messages[0]["content"][0] == {"type": "image"}
+
+
+def test_images_beside_a_conversation_without_a_user_turn_are_refused(tmp_path):
+    from image_models import write_png
+
+    write_png(tmp_path / "a.png", 8, 8, 0)
+    path = _write(tmp_path / "data.jsonl", [{"conversations": [{"from": "system", "value": "Describe."},
+                                                               {"from": "gpt", "value": "A red square."}],
+                                             "images": ["a.png"]}])
+    with pytest.raises(UsageError, match=rf"^{path} line 1: .*no user turn"):
+        normalize(load_records(path))
+
+
+def test_a_dataset_whose_image_rows_are_all_skipped_is_refused_naming_them(tmp_path, qwen_tokenizer):
+    """Rows skipped while tokenized (images that do not fit --seq-len) are named, as rows skipped when read are."""
+    from image_models import write_png
+
+    write_png(tmp_path / "a.png", 8, 8, 0)
+    rows = [{"messages": [{"role": "user", "content": [{"type": "image", "image": "a.png"}]}, ASSISTANT]}] * 2
+    path = _write(tmp_path / "data.jsonl", rows + [{"messages": [USER, {**ASSISTANT, "content": ""}]}])
+    examples = normalize(load_records(path))
+    with pytest.raises(UsageError) as error:
+        tokenize_dataset(examples, qwen_tokenizer, ChatFormat(QWEN), with_images=lambda e, i: "images too long")
+    assert str(error.value).startswith(
+        f"all 3 rows of the data have nothing to train: 2 with images too long (first: {path} line 1, {path} line 2); "
+        f"1 with an empty answer (first: {path} line 3).")

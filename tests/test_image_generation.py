@@ -167,3 +167,27 @@ def test_chat_image_command_attaches_to_the_next_message(trained, monkeypatch, c
     content = [{"type": "image"}, {"type": "text", "text": QUESTION}]
     assert replies[0] == _oracle(model, adapter, [img / "a.png"], content)
     assert len(replies) == 2
+
+
+def test_chat_images_go_with_one_message_even_when_its_turn_is_not_saved(tmp_path, monkeypatch, capsys):
+    """The images attached with /image are sent with the next message only, also when the store then fails."""
+    import io
+    from types import SimpleNamespace
+
+    from qlora.cli.commands import chat as chat_command
+    from qlora.infer.store import StoreLocked
+
+    sent = []
+
+    def send(text, images=()):
+        sent.append((text, [ref.shown for ref in images]))
+        yield "ok"
+        raise StoreLocked("locked")
+
+    chat = SimpleNamespace(llm=SimpleNamespace(processor=object()), send=send, pending_calls=[], last_reply="ok")
+    write_png(tmp_path / "a.png", 8, 8, 0)
+    lines = [f"/image {tmp_path / 'a.png'}", "what is it?", "and now?", "/exit"]
+    monkeypatch.setattr("sys.stdin", io.StringIO("".join(line + "\n" for line in lines)))
+    chat_command._loop(chat, SimpleNamespace(model="m"))
+    assert sent == [("what is it?", [str(tmp_path / "a.png")]), ("and now?", [])]
+    assert capsys.readouterr().err.count("turn not saved") == 2

@@ -311,3 +311,22 @@ def test_preference_rows_with_images_are_refused_not_trained_on_their_text(model
         err = capsys.readouterr().err
         assert f"{path} line 1: this " in err and said in err and "with --method sft only" in err, err
         assert "Traceback" not in err and not (tmp_path / f"run{k}" / "adapter_model.safetensors").exists()
+
+
+def test_a_processor_failure_without_a_message_is_still_one_paragraph(tmp_path, monkeypatch):
+    """Some exceptions carry no text (a bare assert in a processor's code): the refusal names the type."""
+    import transformers
+
+    from qlora.model.image_processor import load_image_processor
+    from qlora.model.load import load_model
+
+    folder = build_image_model(tmp_path / "g", "gemma3")
+    model, tokenizer = load_model(folder, quant=None)
+
+    def fail(*args, **kwargs):
+        raise AssertionError()
+
+    monkeypatch.setattr(transformers.AutoProcessor, "from_pretrained", fail)
+    with pytest.raises(UsageError, match=r"^row 1: rows with images need the model's processor, which transformers "
+                                         r"cannot build from .* \(AssertionError\)"):
+        load_image_processor(folder, model, tokenizer, "row 1")

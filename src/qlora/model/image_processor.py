@@ -60,8 +60,9 @@ def load_image_processor(model_dir: str | Path, model: nn.Module, tokenizer, whe
             raise UsageError(f"{where}: the processor of {kind} models ({model_dir}) needs {package}, which is not "
                              f"installed, so images cannot be turned into its inputs: pip install {package}, or use "
                              "the model with text only.") from None
+        said = f": {' '.join(str(exc).split())[:300]}" if str(exc).strip() else ""
         raise UsageError(f"{where}: rows with images need the model's processor, which transformers cannot build "
-                         f"from {model_dir} ({type(exc).__name__}: {str(exc).splitlines()[0][:300]}). The folder needs "
+                         f"from {model_dir} ({type(exc).__name__}{said}). The folder needs "
                          "the hub's processor files (processor_config.json / preprocessor_config.json); some "
                          "processors need torchvision installed.") from None
     if not hasattr(processor, "image_processor") or not hasattr(processor, "tokenizer"):

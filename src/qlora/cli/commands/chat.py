@@ -281,9 +281,9 @@ def _loop(chat, args: argparse.Namespace) -> None:
                 print(f"({line.split()[0]} not done: {exc})", file=sys.stderr)
             continue
         sys.stdout.write("assistant> ")
+        attached, images[:] = tuple(images), []  # sent with this message only, whatever happens to its turn
         try:
-            _show(chat.send(line, images))
-            images.clear()
+            _show(chat.send(line, attached))
             while chat.pending_calls:
                 results = _tool_results(chat)
                 if results is None:
@@ -295,7 +295,6 @@ def _loop(chat, args: argparse.Namespace) -> None:
             sys.stdout.flush()
             print(_store_problem(exc, chat.last_reply is not None), file=sys.stderr)
         except UsageError as exc:  # images the processor cannot place in the prompt: the chat goes on
-            images.clear()
             sys.stdout.write("\n")
             print(f"({exc} The images were dropped; attach them again.)", file=sys.stderr)
 

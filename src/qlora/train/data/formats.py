@@ -344,7 +344,10 @@ def _no_entries(value: Any) -> bool:
 def _marked_empty(example: Example) -> Example:
     """``example`` with its ``skip`` reason when an answer it would train is empty (:func:`empty_answer`; a plain
     completion with nothing in it). Training it would teach the model to stop at once: such rows (real datasets
-    such as alpaca-cleaned hold a few) are skipped and counted."""
+    such as alpaca-cleaned hold a few) are skipped and counted. A row whose only prompt is its images (an alpaca
+    captioning row with no instruction) is not empty: the images are the instruction."""
+    if example.skip == EMPTY_INSTRUCTION and example.images:
+        example = replace(example, skip=None)
     if example.skip is not None:
         return example
     if example.messages is not None:

@@ -128,7 +128,11 @@ def attach_images(example, fields: dict[str, Any], folders: Sequence[str | Path]
         messages.append({**message, "content": parts})
     left = sum(1 for _ in pending)
     if left and placeholders and not refs:  # LLaMA-Factory: images without placeholders go before the user text
-        first = next(k for k, m in enumerate(messages) if m.get("role") == "user")
+        first = next((k for k, m in enumerate(messages) if m.get("role") == "user"), None)
+        if first is None:
+            raise UsageError(f'{where}: the "{IMAGES_COLUMN}" column has {len(column)} images but the conversation has '
+                             "no user turn to put them in (images go with user turns); add the user turn that shows "
+                             f"them, with a {PLACEHOLDER} placeholder per image.")
         text = messages[first]["content"]
         start = len(refs)
         refs += [resolve_image(source, where, folders) for source in column[start:]]

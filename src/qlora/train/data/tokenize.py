@@ -233,10 +233,9 @@ def tokenize_dataset(
     if report.reasoning:
         template = chat_template.template if isinstance(chat_template, ChatFormat) else chat_template
         report.reasoning_placement = placement(template, tokenizer)
-    if not kept and report.empty and all(blank_text(e) or e.skip for e in examples):
-        for e in examples:
-            if blank_text(e):
-                report.skip("an empty text", e.where)
+    if not kept and report.empty and all(blank_text(examples[i]) for i in report.untrainable):  # all skipped
+        for i in report.untrainable:
+            report.skip("an empty text", examples[i].where)
         raise report.nothing_to_train(len(examples))
     if not kept and all(blank_text(e) for e in examples):
         raise UsageError(f"all {len(examples)} texts of the data are empty (first: "
