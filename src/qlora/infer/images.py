@@ -16,9 +16,8 @@ from typing import Sequence
 import torch
 
 from qlora.errors import UsageError
+from qlora.model.image_processor import image_tensors
 from qlora.train.data.images import ImageRef
-
-_TEXT_KEYS = ("input_ids", "attention_mask")
 
 
 def image_processor(model, tokenizer, model_dir: str | Path, where: str):
@@ -51,8 +50,7 @@ def encode_with_images(processor, model, prompt: str, images: Sequence[ImageRef]
             from None
     embeddings = model.get_input_embeddings().weight
     device, dtype = embeddings.device, embeddings.dtype
-    media = {k: v.to(device, dtype) if v.is_floating_point() else v.to(device)
-             for k, v in encoded.items() if k not in _TEXT_KEYS and isinstance(v, torch.Tensor)}
+    media = {k: v.to(device, dtype) if v.is_floating_point() else v.to(device) for k, v in image_tensors(encoded).items()}
     return encoded["input_ids"].to(device), media
 
 

@@ -15,9 +15,9 @@ from dataclasses import dataclass
 from typing import Any, Iterable
 
 from qlora.errors import UsageError
+from qlora.train.data.images import PLACEHOLDER as IMAGE_PLACEHOLDER  # LLaMA-Factory's, as training reads it
 
 ROLES = ("system", "user", "assistant", "tool")
-IMAGE_PLACEHOLDER = "<image>"  # where a message's image goes in its text (LLaMA-Factory's, as training reads it)
 
 
 @dataclass(frozen=True)

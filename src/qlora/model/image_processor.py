@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
 from torch import nn
 
 from qlora.errors import UsageError
@@ -70,3 +71,9 @@ def load_image_processor(model_dir: str | Path, model: nn.Module, tokenizer, whe
                          "and tokenizer, so it cannot turn images into the model's inputs.")
     processor.tokenizer = tokenizer
     return processor
+
+
+def image_tensors(encoded) -> dict[str, torch.Tensor]:
+    """The processor output's tensors for the model besides the text's ids and mask (``pixel_values``,
+    ``image_grid_thw``, ``token_type_ids``, ``image_sizes``, ...)."""
+    return {k: v for k, v in encoded.items() if k not in ("input_ids", "attention_mask") and isinstance(v, torch.Tensor)}

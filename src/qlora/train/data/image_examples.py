@@ -22,12 +22,12 @@ import torch
 
 from qlora.errors import UsageError
 from qlora.model.chat_format import ChatFormat
+from qlora.model.image_processor import image_tensors
 from qlora.train.data.formats import Example
 from qlora.train.data.images import as_parts
 from qlora.train.data.tokenize import IGNORE_INDEX, TokenizedExample, rendered_text, tokenize_example
 
 IMAGES_TOO_LONG = "images that do not fit --seq-len"
-_TEXT_KEYS = ("input_ids", "attention_mask")
 
 
 def token_aligned(key: str) -> bool:
@@ -64,13 +64,13 @@ def tokenize_image_example(
     text = tokenize_example(text_example, tokenizer, chat_template, train_on, None, index, stop_ids)
     rendered = rendered_text(text_example, tokenizer, chat_template)
     eos = len(text.input_ids) - len(tokenizer(rendered, add_special_tokens=False)["input_ids"])
-    if eos:  # the text path appended an EOS the rendering lacks: the processor gets it too
+    if eos > 0:  # the text path appended an EOS the rendering lacks: the processor gets it too
         rendered += tokenizer.eos_token
     images = [ref.load() for ref in example.images]
     encoded = processor(text=[rendered], images=images, add_special_tokens=False, return_tensors="pt")
     ids = encoded["input_ids"][0].tolist()
     labels, image_end = _aligned_labels(text.input_ids, text.labels, ids, example.where)
-    media = {k: v for k, v in encoded.items() if k not in _TEXT_KEYS and isinstance(v, torch.Tensor)}
+    media = image_tensors(encoded)
     truncated = seq_len is not None and len(ids) > seq_len
     if truncated:
         if image_end > seq_len:
