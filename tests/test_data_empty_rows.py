@@ -155,7 +155,8 @@ def test_preference_pairs_with_an_empty_answer_are_skipped(tmp_path, qwen_tokeni
     assert [p.index for p in pairs] == [0] and report.empty == {"an empty answer": [f"{path} line 2"]}
     # KTO reads a pair as two examples: the half with an answer stays where the pair has a prompt to give it
     units, report = tokenize_unpaired(normalize_unpaired(load_records(path)), qwen_tokenizer, ChatFormat(QWEN))
-    kept = [0, 1, 2] if isinstance(empty.get("prompt"), (str, list)) and empty["chosen"] else [0, 1]
+    # units 2 and 3 are the second pair's chosen and rejected halves: the one with an answer stays
+    kept = [0, 1] + ([2 if empty["chosen"] else 3] if isinstance(empty.get("prompt"), (str, list)) else [])
     assert [u.index for u in units] == kept
     assert len(report.empty["an empty answer"]) == 4 - len(kept)
     with pytest.raises(UsageError, match=rf"^all 1 preference pairs of the data have nothing to train: 1 with an "

@@ -166,8 +166,10 @@ def pair_from_row(fields: dict[str, Any], where: str, names: FieldMap, chat: boo
         UsageError: a malformed row, or one holding images (:func:`~qlora.train.data.images.refuse_images`).
     """
     refuse_images(fields, where, "preference", "Train SFT on the chosen answers (--data-fields completion=chosen)")
-    if any(fields.get(key) is None and key in fields or fields.get(key) == [] for key in ("chosen", "rejected")):
-        return PreferenceExample("", "", "", where, skip=EMPTY_ANSWER)
+    # a null (parquet) or empty-list answer is an empty one: the pair keeps its prompt, so KTO, which reads each
+    # half as an example, still trains the half that has an answer
+    fields = {**fields, **{key: "" for key in ("chosen", "rejected")
+                           if key in fields and (fields[key] is None or fields[key] == [])}}
     if all(isinstance(fields.get(key), str) for key in ("chosen", "rejected")) and not isinstance(
             fields.get("prompt"), (str, list)) and any(not fields[key].strip() for key in ("chosen", "rejected")):
         return PreferenceExample("", fields["chosen"], fields["rejected"], where, skip=EMPTY_ANSWER)  # no prompt to cut
