@@ -327,6 +327,24 @@ def test_a_processor_failure_without_a_message_is_still_one_paragraph(tmp_path, 
         raise AssertionError()
 
     monkeypatch.setattr(transformers.AutoProcessor, "from_pretrained", fail)
-    with pytest.raises(UsageError, match=r"^row 1: rows with images need the model's processor, which transformers "
+    with pytest.raises(UsageError, match=r"^row 1: images need the model's processor, which transformers "
                                          r"cannot build from .* \(AssertionError\)"):
+        load_image_processor(folder, model, tokenizer, "row 1")
+
+
+def test_a_missing_package_is_named_by_what_pip_installs(tmp_path, monkeypatch):
+    """An ImportError names the module (PIL); the refusal says the distribution to install (pillow)."""
+    import transformers
+
+    from qlora.model.image_processor import load_image_processor
+    from qlora.model.load import load_model
+
+    folder = build_image_model(tmp_path / "g", "gemma3")
+    model, tokenizer = load_model(folder, quant=None)
+
+    def fail(*args, **kwargs):
+        raise ImportError("No module named 'PIL'", name="PIL")
+
+    monkeypatch.setattr(transformers.AutoProcessor, "from_pretrained", fail)
+    with pytest.raises(UsageError, match=r"needs pillow, which is not installed.*pip install pillow"):
         load_image_processor(folder, model, tokenizer, "row 1")

@@ -25,6 +25,9 @@ REFUSED_TYPES = {
 }
 
 
+_DISTRIBUTIONS = {"PIL": "pillow", "cv2": "opencv-python", "sklearn": "scikit-learn"}  # import name -> pip name
+
+
 def load_image_processor(model_dir: str | Path, model: nn.Module, tokenizer, where: str,
                          subject: str = "this row holds images"):
     """The model folder's processor, with the run's ``tokenizer``.
@@ -57,12 +60,12 @@ def load_image_processor(model_dir: str | Path, model: nn.Module, tokenizer, whe
     except Exception as exc:  # transformers raises many types for a folder it cannot build a processor from
         missing = getattr(exc, "name", None) if isinstance(exc, ImportError) else None
         if missing or "torchvision" in str(exc).lower():
-            package = "torchvision" if "torchvision" in str(exc).lower() else missing
+            package = "torchvision" if "torchvision" in str(exc).lower() else _DISTRIBUTIONS.get(missing, missing)
             raise UsageError(f"{where}: the processor of {kind} models ({model_dir}) needs {package}, which is not "
                              f"installed, so images cannot be turned into its inputs: pip install {package}, or use "
                              "the model with text only.") from None
         said = f": {' '.join(str(exc).split())[:300]}" if str(exc).strip() else ""
-        raise UsageError(f"{where}: rows with images need the model's processor, which transformers cannot build "
+        raise UsageError(f"{where}: images need the model's processor, which transformers cannot build "
                          f"from {model_dir} ({type(exc).__name__}{said}). The folder needs "
                          "the hub's processor files (processor_config.json / preprocessor_config.json); some "
                          "processors need torchvision installed.") from None
