@@ -18,6 +18,11 @@ prompts and answers as user and assistant messages, since plain text has no plac
 prompt (TRL's DPOTrainer leaves the column unused). Columns named otherwise are mapped with
 ``--data-fields`` (``prompt=question``), message keys and roles too, as for SFT.
 
+A row with images (an ``images`` column with image parts in the prompt, as TRL's vision preference data; one
+``image`` a row beside a string prompt, as openbmb/RLAIF-V-Dataset) is a conversation whose prompt holds them,
+placed as SFT places a row's (:mod:`qlora.train.data.images`); its prompt goes through the model's processor once
+and both answers' rows get its image tensors.
+
 Assistant messages may carry reasoning (``reasoning_content``/``reasoning``/``thinking``, or a
 ``<think>`` block in the content): it is placed and kept as for SFT, so each answer's reasoning
 is part of what DPO compares.
