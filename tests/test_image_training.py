@@ -292,27 +292,6 @@ def test_the_runs_eval_data_with_images_is_transformers_loss(models, data, tmp_p
     assert trainer.evaluate()["loss"] == pytest.approx(total / count, rel=1e-5)
 
 
-def test_preference_rows_with_images_are_refused_not_trained_on_their_text(models, data, tmp_path, capsys):
-    """openbmb/RLAIF-V-Dataset's shape (an "image" column, "question" mapped to the prompt) and TRL's vision
-    preference rows (image parts in the prompt, an "images" column) would train on text alone: refused."""
-    image = str(data.parent / "img" / "a.png")
-    prompt = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": QUESTION}]}]
-    cases = [("dpo", {"image": image, "question": QUESTION, "chosen": ANSWERS[0], "rejected": ANSWERS[1]},
-              ["--data-fields", "prompt=question"], 'an "image" column'),
-             ("orpo", {"images": [image], "prompt": prompt, "chosen": ANSWERS[0], "rejected": ANSWERS[1]}, [],
-              'an "images" column'),
-             ("dpo", {"prompt": [{"role": "user", "content": [{"type": "image", "image": image}]}],
-                      "chosen": ANSWERS[0], "rejected": ANSWERS[1]}, [], 'image parts in "prompt"'),
-             ("kto", {"prompt": prompt, "completion": ANSWERS[0], "label": True, "images": [image]},
-              ["--batch-size", "2"], "this KTO row holds images")]
-    for k, (method, row, extra, said) in enumerate(cases):
-        path = _jsonl(tmp_path / f"pairs{k}.jsonl", [row, row])
-        assert _train(models["llava"], path, tmp_path / f"run{k}", "--method", method, *extra) == 2
-        err = capsys.readouterr().err
-        assert f"{path} line 1: this " in err and said in err and "with --method sft only" in err, err
-        assert "Traceback" not in err and not (tmp_path / f"run{k}" / "adapter_model.safetensors").exists()
-
-
 def test_a_processor_failure_without_a_message_is_still_one_paragraph(tmp_path, monkeypatch):
     """Some exceptions carry no text (a bare assert in a processor's code): the refusal names the type."""
     import transformers

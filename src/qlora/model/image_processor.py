@@ -80,3 +80,12 @@ def image_tensors(encoded) -> dict[str, torch.Tensor]:
     """The processor output's tensors for the model besides the text's ids and mask (``pixel_values``,
     ``image_grid_thw``, ``token_type_ids``, ``image_sizes``, ...)."""
     return {k: v for k, v in encoded.items() if k not in ("input_ids", "attention_mask") and isinstance(v, torch.Tensor)}
+
+
+def image_token_id(processor) -> int | None:
+    """The id the model replaces by image features (LLaVA's ``<image>``, Gemma 3's ``<image_soft_token>``), if
+    the processor names it."""
+    token = getattr(processor, "image_token_id", None)
+    if token is None and getattr(processor, "image_token", None):
+        token = processor.tokenizer.convert_tokens_to_ids(processor.image_token)
+    return token

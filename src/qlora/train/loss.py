@@ -20,7 +20,7 @@ from qlora.train.data import IGNORE_INDEX
 
 
 # Batch entries that are not keyword arguments of the model's forward.
-NON_MODEL_KEYS = ("labels", "ref_logps", "desirable", "stand_in")
+NON_MODEL_KEYS = ("labels", "ref_logps", "desirable", "stand_in", "image_tokens")
 
 
 def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

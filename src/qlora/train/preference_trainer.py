@@ -104,12 +104,15 @@ class PreferenceTrainer(Trainer):
     def _read_data(self, source: str, split: str) -> list[PreferenceExample]:
         cfg = self.config
         return read_sources(source, split, cfg.data_subset, cfg.max_samples,
-                            lambda records: normalize_preferences(records, cfg.data_fields), cfg.dataset_dir,
+                            lambda records: normalize_preferences(records, cfg.data_fields, cfg.dataset_dir),
+                            cfg.dataset_dir,
                             self.sample_rng, cfg.method)
 
     def _tokenize(self, examples: list[PreferenceExample]) -> tuple[list[TokenizedPair], Any]:
+        first = next((e for e in examples if e.images), None)
+        processor = self._image_processor(first.where) if first else None
         return tokenize_pairs(examples, self.tokenizer, self.chat_format, self.config.seq_len,
-                              stop_ids=self._stop_ids())
+                              stop_ids=self._stop_ids(), processor=processor)
 
     def _collate(self, units: list) -> dict[str, torch.Tensor]:
         batch = preference_collate(units, pad_token_id(self.tokenizer))
@@ -151,6 +154,8 @@ class PreferenceTrainer(Trainer):
         for units in (self.train_units, self.eval_units):
             for p in units:
                 digest.update(json.dumps([p.prompt_ids, p.chosen_ids, p.rejected_ids]).encode())
+                for key, tensor in sorted(p.media.items()):  # the images (the ids show only their sizes)
+                    digest.update(key.encode() + tensor.contiguous().view(-1).view(torch.uint8).numpy().tobytes())
         return digest.hexdigest()
 
     def _read_reference(self, fingerprint: str) -> dict[str, torch.Tensor] | None:
@@ -208,8 +213,10 @@ class PreferenceTrainer(Trainer):
         """Labels of the NLL term: the chosen rows only; their answer tokens (DPO's sft/RPO, CPO), or
         their whole sequence, prompt included (ORPO, as the ORPO paper's code and TRL)."""
         n = batch["input_ids"].shape[0] // 2
-        if self.config.method == "orpo":
+        if self.config.method == "orpo":  # not the tokens standing for images, which are never trained
             labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, IGNORE_INDEX)
+            if "image_tokens" in batch:
+                labels = labels.masked_fill(batch["image_tokens"], IGNORE_INDEX)
         else:
             labels = batch["labels"].clone()
         labels[0 if "stand_in" in batch else n:] = IGNORE_INDEX

@@ -445,13 +445,18 @@ class Trainer:
             option = "--packing" if cfg.packing else "--group-texts"
             raise UsageError(f"{first.where}: this row holds images; {option} is for text (packed rows would need "
                              "each row's image tensors kept apart). Train rows with images without it.")
+        processor = self._image_processor(first.where)
+        stops = self._stop_ids()
+        return lambda example, index: tokenize_image_example(example, processor, self.chat_format, cfg.train_on,
+                                                             cfg.seq_len, index, stops)
+
+    def _image_processor(self, where: str):
+        """The model's processor (loaded once), for the rows with images; ``where``: the first such row."""
         if getattr(self, "processor", None) is None:
             from qlora.model.image_processor import load_image_processor
 
-            self.processor = load_image_processor(cfg.model, self.model, self.tokenizer, first.where)
-        stops = self._stop_ids()
-        return lambda example, index: tokenize_image_example(example, self.processor, self.chat_format, cfg.train_on,
-                                                             cfg.seq_len, index, stops)
+            self.processor = load_image_processor(self.config.model, self.model, self.tokenizer, where)
+        return self.processor
 
     def _stop_ids(self) -> set[int]:
         """Ids that end an assistant turn: the tokenizer's end markers and the model's generation EOS ids."""

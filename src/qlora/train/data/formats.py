@@ -166,7 +166,7 @@ def unpaired_error(where: str) -> UsageError:
 
 
 def normalize(records: list[Record], fmt: str = "auto", fields: FieldMap | str | None = None,
-              dataset_dir: str | None = None) -> list[Example]:
+              dataset_dir: str | None = None, images: bool = True) -> list[Example]:
     """Normalize records of one format (``"auto"``: detected from the first rows).
 
     Args:
@@ -174,6 +174,8 @@ def normalize(records: list[Record], fmt: str = "auto", fields: FieldMap | str |
         fmt: ``"auto"`` or one of :data:`FORMATS`.
         fields: ``--data-fields``: the dataset's names for our fields, keys and roles.
         dataset_dir: ``--dataset-dir``, where image paths not found beside the data file are looked for.
+        images: place and check the rows' images (False: image parts stay as written, for a caller that places
+            them, as a preference pair's prompt does).
 
     Raises:
         UsageError: unknown format, a malformed --data-fields, or a record missing a field the format needs
@@ -199,7 +201,7 @@ def normalize(records: list[Record], fmt: str = "auto", fields: FieldMap | str |
         try:
             example = convert(r.fields, r.where, names)
             folders = [f for f in (r.folder, dataset_dir) if f]
-            examples.append(_marked_empty(attach_images(example, r.fields, folders)))
+            examples.append(_marked_empty(attach_images(example, r.fields, folders) if images else example))
         except UsageError as exc:
             own = row_format(r.fields)
             if own is None or own == fmt:

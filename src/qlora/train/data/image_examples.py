@@ -16,16 +16,16 @@ from __future__ import annotations
 
 from dataclasses import replace
 from difflib import SequenceMatcher
-from typing import Any, Iterable
+from typing import Any, Iterable, Sequence
 
 import torch
 
 from qlora.errors import UsageError
 from qlora.model.chat_format import ChatFormat
-from qlora.model.image_processor import image_tensors
+from qlora.model.image_processor import image_tensors, image_token_id
 from qlora.train.data.formats import Example
 from qlora.train.data.images import as_parts
-from qlora.train.data.tokenize import IGNORE_INDEX, TokenizedExample, rendered_text, tokenize_example
+from qlora.train.data.tokenize import IGNORE_INDEX, TokenizedExample, for_template, rendered_text, tokenize_example
 
 IMAGES_TOO_LONG = "images that do not fit --seq-len"
 
@@ -101,8 +101,55 @@ def _aligned_labels(text_ids: list[int], text_labels: list[int], ids: list[int],
     return labels, image_end
 
 
-def image_batch(examples: list[TokenizedExample], length: int) -> dict[str, torch.Tensor]:
-    """The micro-batch's image tensors: per-token ones right-padded with 0 to ``length`` and stacked (zeros for
+def expanded_prompt(prompt: Example, keep: int, processor, chat_template: ChatFormat,
+                    seq_len: int | None = None) -> tuple[list[int], dict[str, Any], tuple[tuple[int, int], ...]] | str:
+    """A preference prompt with images through the processor, once for both answers: the ids of its first
+    ``keep`` text-path tokens (where the answers start) with the placeholders expanded, its image tensors, and
+    the spans of those ids that stand for the images (those the processor put in, and the model's image token
+    wherever it is); or :data:`IMAGES_TOO_LONG` when the image tokens do not fit ``seq_len``.
+
+    Args:
+        prompt: the prompt's messages (image parts as ``{"type": "image"}``) with ``images``.
+        keep: how many of the text path's prompt ids (its generation-prompt rendering) the pair keeps.
+        processor, chat_template: as for :func:`tokenize_image_example`.
+
+    Raises:
+        UsageError: a processor whose ids are not the chat template's with the placeholders expanded.
+    """
+    tokenizer = processor.tokenizer
+    messages = for_template(as_parts(prompt.messages), chat_template.template, tokenizer, prompt.where,
+                            chat_template.origin)
+    rendered = chat_template.render(tokenizer, messages, add_generation_prompt=True, where=prompt.where)
+    text_ids = tokenizer(rendered, add_special_tokens=False)["input_ids"]
+    encoded = processor(text=[rendered], images=[ref.load() for ref in prompt.images], add_special_tokens=False,
+                        return_tensors="pt")
+    ids = encoded["input_ids"][0].tolist()
+    cut, spans = None, []
+    for op, a0, a1, b0, b1 in SequenceMatcher(None, text_ids, ids, autojunk=False).get_opcodes():
+        if op == "equal":
+            if cut is None and a0 <= keep <= a1:
+                cut = b0 + keep - a0
+        else:
+            spans.append((b0, b1))
+    if cut is None and keep == len(text_ids):
+        cut = len(ids)
+    if cut is None or any(b1 > cut for _, b1 in spans):
+        raise UsageError(f"{prompt.where}: the processor's tokens of the prompt are not the chat template's with the "
+                         "image placeholders expanded, so where the answers start cannot be located. Check that the "
+                         "model folder's processor and chat template belong together.")
+    token = image_token_id(processor)
+    spans += [(i, i + 1) for i, t in enumerate(ids[:cut]) if t == token]
+    media = image_tensors(encoded)
+    end = max((b1 for _, b1 in spans), default=0)
+    if seq_len is not None and end > seq_len:
+        return IMAGES_TOO_LONG
+    media = {k: v[:, :cut] if token_aligned(k) else v for k, v in media.items()}
+    return ids[:cut], media, tuple(spans)
+
+
+def image_batch(examples: Sequence[Any], length: int) -> dict[str, torch.Tensor]:
+    """The micro-batch's image tensors (``examples``: rows with ``media``, :class:`TokenizedExample` or a
+    preference pair's row): per-token ones right-padded with 0 to ``length`` and stacked (zeros for
     a row without images), per-image ones concatenated in row order (Qwen2-VL's patches and grids, LLaVA's and
     Gemma 3's images), zero-padded where a dimension differs (LLaVA-NeXT's crops, Idefics3's images a row, whose
     models skip all-zero padding)."""

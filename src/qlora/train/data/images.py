@@ -145,23 +145,34 @@ def attach_images(example, fields: dict[str, Any], folders: Sequence[str | Path]
     return replace(example, messages=tuple(messages), images=tuple(refs))
 
 
+def images_in(fields: dict[str, Any]) -> str | None:
+    """Where a preference or KTO row holds images, in words (``'an "images" column'``, ``'image parts in
+    "prompt"'``), or None: an ``images`` or ``image`` column (TRL's vision preference data,
+    openbmb/RLAIF-V-Dataset) or image parts in one of its message lists."""
+    found = next((f'an "{c}" column' for c in (IMAGES_COLUMN, IMAGE_COLUMN) if fields.get(c) not in (None, [], "")), None)
+    return found or next((f'image parts in "{key}"' for key, value in fields.items() if isinstance(value, list)
+                          and any(isinstance(m, dict) and any(_image_parts(v) for v in m.values()) for m in value)),
+                         None)
+
+
 def refuse_images(fields: dict[str, Any], where: str, kind: str, instead: str) -> None:
-    """Stop at a ``kind`` row (preference pairs, KTO rows) holding images, which those methods read as text only:
-    an ``images`` or ``image`` column (TRL's vision preference data, openbmb/RLAIF-V-Dataset) or image parts in
-    one of its message lists. Silently training on the text would teach answers about images the model never saw.
-    ``instead``: the SFT training that would use the images.
+    """Stop at a ``kind`` row (KTO's) holding images (:func:`images_in`), which that method reads as text only:
+    silently training on the text would teach answers about images the model never saw. ``instead``: the
+    training that would use the images.
 
     Raises:
         UsageError: naming the row and where its images are.
     """
-    found = next((f'an "{c}" column' for c in (IMAGES_COLUMN, IMAGE_COLUMN) if fields.get(c) not in (None, [], "")), None)
-    found = found or next((f'image parts in "{key}"' for key, value in fields.items() if isinstance(value, list)
-                           and any(isinstance(m, dict) and any(_image_parts(v) for v in m.values()) for m in value)),
-                          None)
+    found = images_in(fields)
     if found:
-        raise UsageError(f"{where}: this {kind} row holds images ({found}); qlora trains on images with --method sft "
-                         "only, and training the pair on its text alone would teach answers about images the model "
-                         f"does not see. {instead}, or remove the images.")
+        raise UsageError(f"{where}: this {kind} row holds images ({found}); qlora trains on images with --method "
+                         "sft, dpo, orpo, cpo and simpo, and training the row on its text alone would teach answers "
+                         f"about images the model does not see. {instead}, or remove the images.")
+
+
+def has_image_parts(messages: Sequence[dict[str, Any]]) -> bool:
+    """Whether any of ``messages`` holds an image part."""
+    return any(_image_parts(m.get("content")) for m in messages)
 
 
 def as_parts(messages: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:

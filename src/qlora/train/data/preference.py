@@ -18,6 +18,11 @@ prompts and answers as user and assistant messages, since plain text has no plac
 prompt (TRL's DPOTrainer leaves the column unused). Columns named otherwise are mapped with
 ``--data-fields`` (``prompt=question``), message keys and roles too, as for SFT.
 
+A row with images (an ``images`` column with image parts in the prompt, as TRL's vision preference data; one
+``image`` a row beside a string prompt, as openbmb/RLAIF-V-Dataset) is a conversation whose prompt holds them,
+placed as SFT places a row's (:mod:`qlora.train.data.images`); its prompt goes through the model's processor once
+and both answers' rows get its image tensors.
+
 Assistant messages may carry reasoning (``reasoning_content``/``reasoning``/``thinking``, or a
 ``<think>`` block in the content): it is placed and kept as for SFT, so each answer's reasoning
 is part of what DPO compares.
@@ -37,16 +42,18 @@ one of whose answers is empty or null (as SFT rows with an empty answer are).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any, Iterable, Sequence
 
 import torch
 
 from qlora.errors import UsageError
 from qlora.model.chat_format import ChatFormat
+from qlora.model.image_processor import image_token_id
 from qlora.train.data.fields import FieldMap, message_like, parse_data_fields, prompt_column
 from qlora.train.data.formats import EMPTY_ANSWER, Example, empty_answer, normalize, unpaired_error, unpaired_label
-from qlora.train.data.images import refuse_images
+from qlora.train.data.image_examples import expanded_prompt, image_batch
+from qlora.train.data.images import ImageRef, as_parts, attach_images, has_image_parts, images_in
 from qlora.train.data.sources import Record
 from qlora.train.data.tokenize import IGNORE_INDEX, DataReport, for_template, tokenize_example
 
@@ -63,6 +70,7 @@ class PreferenceExample:
     rejected: str | Messages
     where: str
     skip: str | None = None  # why the pair is skipped when tokenized ("an empty answer")
+    images: tuple[ImageRef, ...] = ()  # the prompt's, in the order its image parts place them
 
     @property
     def conversational(self) -> bool:
@@ -83,13 +91,15 @@ class TokenizedPair:
     index: int
     truncated: bool = False
     ref_logps: tuple[float, float] | None = None
+    media: dict[str, torch.Tensor] = field(default_factory=dict)  # the prompt's image tensors, for both rows
+    image_tokens: tuple[tuple[int, int], ...] = ()  # spans of prompt_ids standing for the images
 
 
 def message_tuple(value: Any, where: str, key: str, names: FieldMap = FieldMap()) -> Messages:
     """Validate a message list with the chat format's own checks (``names``: --data-fields' message keys and
     role values; its columns were renamed already)."""
     example = normalize([Record({"messages": value}, f'{where}, field "{key}"')], "chat",
-                        replace(names, columns={}))[0]
+                        replace(names, columns={}), images=False)[0]  # placed in the prompt (with_images)
     if not example.messages:
         raise UsageError(f'{where}: field "{key}" must be a non-empty message list.')
     return example.messages
@@ -142,11 +152,12 @@ def common_prefix(a: Sequence, b: Sequence) -> int:
     return n
 
 
-def normalize_preferences(records: list[Record],
-                          fields: FieldMap | str | dict | None = None) -> list[PreferenceExample]:
+def normalize_preferences(records: list[Record], fields: FieldMap | str | dict | None = None,
+                          dataset_dir: str | None = None) -> list[PreferenceExample]:
     """Preference rows of one source to :class:`PreferenceExample` (see the module docstring for the shapes).
 
-    ``fields``: ``--data-fields``, the dataset's names for our columns, message keys and roles.
+    ``fields``: ``--data-fields``, the dataset's names for our columns, message keys and roles;
+    ``dataset_dir``: where image paths not found beside the data file are looked for.
 
     Raises:
         UsageError: naming the file and line of a row with a missing or
@@ -155,17 +166,25 @@ def normalize_preferences(records: list[Record],
     if not records:
         raise UsageError("the preference dataset is empty; it needs at least one row.")
     records, names, chat = renamed_source(records, fields)
-    return [pair_from_row(r.fields, r.where, names, chat) for r in records]
+    return [pair_from_row(r.fields, r.where, names, chat, [f for f in (r.folder, dataset_dir) if f])
+            for r in records]
 
 
-def pair_from_row(fields: dict[str, Any], where: str, names: FieldMap, chat: bool) -> PreferenceExample:
+def pair_from_row(fields: dict[str, Any], where: str, names: FieldMap, chat: bool,
+                  folders: Sequence[str] = ()) -> PreferenceExample:
     """One renamed row as a pair; ``chat``: its source is read as conversations (:func:`read_as_chat`). A pair with
-    an empty (or null) answer is marked to be skipped, as SFT rows with an empty answer are.
+    an empty (or null) answer is marked to be skipped, as SFT rows with an empty answer are. A row with images is
+    a conversation whose prompt holds them (:func:`with_images`); ``folders``: where their relative paths start.
 
     Raises:
-        UsageError: a malformed row, or one holding images (:func:`~qlora.train.data.images.refuse_images`).
+        UsageError: a malformed row, or images outside the prompt's user turns or not readable.
     """
-    refuse_images(fields, where, "preference", "Train SFT on the chosen answers (--data-fields completion=chosen)")
+    if images_in(fields):
+        return with_images(_answered_pair(fields, where, names, True), fields, where, folders)
+    return _answered_pair(fields, where, names, chat)
+
+
+def _answered_pair(fields: dict[str, Any], where: str, names: FieldMap, chat: bool) -> PreferenceExample:
     # a null (parquet) or empty-list answer is an empty one: the pair keeps its prompt, so KTO, which reads each
     # half as an example, still trains the half that has an answer
     fields = {**fields, **{key: "" for key in ("chosen", "rejected")
@@ -177,6 +196,26 @@ def pair_from_row(fields: dict[str, Any], where: str, names: FieldMap, chat: boo
     if empty_answer(pair.chosen) or empty_answer(pair.rejected):
         return replace(pair, skip=EMPTY_ANSWER)
     return pair
+
+
+def with_images(pair: PreferenceExample, fields: dict[str, Any], where: str,
+                folders: Sequence[str]) -> PreferenceExample:
+    """``pair`` (read as a conversation) with the row's images placed in its prompt as SFT places a row's
+    (:func:`~qlora.train.data.images.attach_images`: image parts, ``<image>`` placeholders, else before the first
+    user text) and each image resolved and checked; both answers see them (TRL's vision DPO, RLAIF-V).
+
+    Raises:
+        UsageError: an image in an answer, or as :func:`~qlora.train.data.images.attach_images`.
+    """
+    for key in ("chosen", "rejected"):
+        if not isinstance(getattr(pair, key), str) and has_image_parts(getattr(pair, key)):
+            raise UsageError(f'{where}: "{key}" holds images; the answers are text about the images of the prompt. '
+                             "Move the images to the prompt's user turn.")
+    if pair.skip:
+        return pair
+    shown = Example(tuple(pair.prompt), None, where)
+    placed = attach_images(shown, fields, folders)
+    return replace(pair, prompt=placed.messages, images=placed.images)
 
 
 def _pair_from_row(fields: dict[str, Any], where: str, names: FieldMap, chat: bool) -> PreferenceExample:
@@ -198,9 +237,9 @@ def _pair_from_row(fields: dict[str, Any], where: str, names: FieldMap, chat: bo
     chosen, rejected = fields["chosen"], fields["rejected"]
     if isinstance(chosen, str) and isinstance(rejected, str) and not isinstance(prompt, list):
         if prompt is None and chat:
-            raise UsageError(f'{where}: field "prompt" is missing; this dataset has a "system" column, so its pairs '
-                             "are conversations, and whole-text answers without a prompt cannot take a system "
-                             f"message.{missing_prompt_hint(fields)}")
+            raise UsageError(f'{where}: field "prompt" is missing; this row is a conversation (its dataset has a '
+                             '"system" column, or the row has images), and whole-text answers without a prompt '
+                             f"cannot take a system message or images.{missing_prompt_hint(fields)}")
         if prompt is None:
             return _implicit_text_prompt(chosen, rejected, where, need, missing_prompt_hint(fields))
         if not chat:
@@ -270,30 +309,55 @@ def full_ids(example: PreferenceExample, answer, tokenizer, fmt: ChatFormat,
 
 
 def tokenize_pair(example: PreferenceExample, tokenizer, chat_template: str | ChatFormat, seq_len: int | None = None,
-                  index: int = 0, stop_ids: Iterable[int] | None = None) -> TokenizedPair:
+                  index: int = 0, stop_ids: Iterable[int] | None = None, processor=None) -> TokenizedPair | str:
     """Token ids of one pair; ``prompt + answer`` is cut to ``seq_len`` tokens (its start kept).
 
     ``stop_ids`` are the end-of-turn ids (as for :func:`tokenize_example`): an EOS follows an answer only
-    when none of them ends it.
+    when none of them ends it. A pair with images goes through ``processor`` (the model's): its prompt once,
+    placeholders expanded (:func:`~qlora.train.data.image_examples.expanded_prompt`), the answers as text; it is
+    :data:`~qlora.train.data.image_examples.IMAGES_TOO_LONG` when its image tokens do not fit ``seq_len``.
+
+    Raises:
+        UsageError: an answer holding the processor's image token, or as ``expanded_prompt``.
     """
     fmt = chat_template if isinstance(chat_template, ChatFormat) else ChatFormat(chat_template)
+    if example.images:  # vision-language chat templates read each content as parts (as_parts), as for SFT
+        example = replace(example, **{k: tuple(as_parts(getattr(example, k))) for k in FIELDS})
     prompt = prompt_ids(example, tokenizer, fmt)
     chosen = full_ids(example, example.chosen, tokenizer, fmt, stop_ids)
     rejected = full_ids(example, example.rejected, tokenizer, fmt, stop_ids)
     n = min(common_prefix(prompt, chosen), common_prefix(prompt, rejected))
     prompt, chosen, rejected = chosen[:n], chosen[n:], rejected[n:]
+    media, spans = {}, ()
+    if example.images:
+        expanded = expanded_prompt(Example(example.prompt, None, example.where, images=example.images), n, processor,
+                                   fmt, seq_len)
+        if isinstance(expanded, str):
+            return expanded
+        prompt, media, spans = expanded
+        _refuse_image_tokens(chosen + rejected, processor, example.where)
     truncated = False
     if seq_len is not None:
         room = max(0, seq_len - len(prompt))
         truncated = len(prompt) > seq_len or len(chosen) > room or len(rejected) > room
         prompt, chosen, rejected = prompt[:seq_len], chosen[:room], rejected[:room]
-    return TokenizedPair(prompt, chosen, rejected, index, truncated)
+    return TokenizedPair(prompt, chosen, rejected, index, truncated, media=media, image_tokens=spans)
+
+
+def _refuse_image_tokens(ids: list[int], processor, where: str) -> None:
+    """An answer must not hold the token the model replaces by image features: it would have no image."""
+    token = image_token_id(processor)
+    if token is not None and token in ids:
+        raise UsageError(f"{where}: an answer holds the model's image token "
+                         f"({processor.tokenizer.convert_ids_to_tokens(token)!r}), which stands for an image the "
+                         "answers do not have. Remove image markers (such as <image>) from the answers.")
 
 
 def tokenize_pairs(examples: list[PreferenceExample], tokenizer, chat_template: str | ChatFormat,
-                   seq_len: int | None = None,
-                   stop_ids: Iterable[int] | None = None) -> tuple[list[TokenizedPair], DataReport]:
-    """Tokenize every pair; skip and report those whose answers were truncated away.
+                   seq_len: int | None = None, stop_ids: Iterable[int] | None = None,
+                   processor=None) -> tuple[list[TokenizedPair], DataReport]:
+    """Tokenize every pair (those with images through ``processor``); skip and report those whose answers were
+    truncated away, or whose images do not fit ``seq_len``.
 
     Raises:
         UsageError: no pair keeps an answer token (the prompts fill ``seq_len``).
@@ -308,7 +372,11 @@ def tokenize_pairs(examples: list[PreferenceExample], tokenizer, chat_template: 
         if example.chosen == example.rejected:  # no preference to learn
             report.identical.append(example.where)
             continue
-        pair = tokenize_pair(example, tokenizer, chat_template, seq_len, index=i, stop_ids=stop_ids)
+        pair = tokenize_pair(example, tokenizer, chat_template, seq_len, index=i, stop_ids=stop_ids,
+                             processor=processor)
+        if isinstance(pair, str):
+            report.skip(pair, example.where)
+            continue
         report.truncated += pair.truncated
         if not pair.chosen_ids or not pair.rejected_ids:
             report.untrainable.append(i)
@@ -332,8 +400,11 @@ def preference_collate(pairs: Sequence[TokenizedPair], pad_id: int) -> dict[str,
     """Chosen rows, then rejected rows, right-padded: one forward pass for both answers.
 
     Returns ``input_ids`` and ``attention_mask`` ``[2B, T]``, ``labels`` (the
-    answer tokens; -100 on prompt and padding) and, when every pair has them,
-    ``ref_logps`` ``[2B]`` (float64) in the same row order.
+    answer tokens; -100 on prompt and padding), when every pair has them,
+    ``ref_logps`` ``[2B]`` (float64) in the same row order, and with images each
+    pair's image tensors for both its rows
+    (:func:`~qlora.train.data.image_examples.image_batch`) and ``image_tokens``
+    ``[2B, T]``, true on the tokens the processor put in for them.
     """
     rows = [p.prompt_ids + p.chosen_ids for p in pairs] + [p.prompt_ids + p.rejected_ids for p in pairs]
     prompt_lens = [len(p.prompt_ids) for p in pairs] * 2
@@ -349,4 +420,11 @@ def preference_collate(pairs: Sequence[TokenizedPair], pad_id: int) -> dict[str,
     if all(p.ref_logps is not None for p in pairs):
         batch["ref_logps"] = torch.tensor([p.ref_logps[0] for p in pairs] + [p.ref_logps[1] for p in pairs],
                                           dtype=torch.float64)
+    if any(p.media for p in pairs):
+        batch |= image_batch(list(pairs) * 2, length)
+        image_tokens = torch.zeros((len(rows), length), dtype=torch.bool)
+        for i, p in enumerate(list(pairs) * 2):
+            for start, end in p.image_tokens:
+                image_tokens[i, start:end] = True
+        batch["image_tokens"] = image_tokens
     return batch

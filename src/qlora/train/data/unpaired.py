@@ -78,6 +78,7 @@ def normalize_unpaired(records: list[Record], fields: FieldMap | str | dict | No
     out: list[UnpairedExample] = []
     for r in records:
         if "chosen" in r.fields and "rejected" in r.fields:
+            refuse_images(r.fields, r.where, "KTO", "Train DPO on the pairs (--method dpo)")
             pair: PreferenceExample = pair_from_row(r.fields, r.where, names, chat)
             tie = pair.chosen == pair.rejected and not pair.skip  # the same answer labelled desirable and not
             out += [UnpairedExample(pair.prompt, answer, desirable, r.where, tie,  # a half with an answer stays

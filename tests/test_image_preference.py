@@ -1,0 +1,250 @@
+"""Preference training on images (DPO, ORPO, CPO, SimPO): the prompt's images processed once per pair, both
+answers' rows given them, the reference pass too.
+
+Oracle: TRL 1.16's DPOTrainer (test-only) with the model's processor, on a plain transformers model wrapped by
+PEFT with qlora's adapter values (B made non-zero): its loss, reward metrics and gradients equal qlora's first
+step. For Gemma 3 and Idefics3 TRL's own vision collator gives the batch, so the ids and image tensors are
+checked too; LLaVA's template ends its generation prompt with a space that the tiny tokenizer merges into the
+answer's first word, where TRL (which tokenizes the answer apart) and qlora (which cuts ``prompt + answer`` where
+it leaves the prompt, as TRL's text path does) part, so there TRL's loss is taken on qlora's batch.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import pytest
+import torch
+
+from qlora.cli.main import main
+from qlora.train.config import load_config
+from qlora.train.trainer import Trainer
+from image_models import build_image_model, write_png
+
+trl = pytest.importorskip("trl")
+peft = pytest.importorskip("peft")
+datasets = pytest.importorskip("datasets")
+
+QUESTION = "what is in the picture?"
+RTOL = 1e-5
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("vlm")
+    return {kind: build_image_model(root / kind, kind) for kind in ("gemma3", "idefics3", "llava")}
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pairs")
+    (root / "img").mkdir()
+    write_png(root / "img" / "a.png", 40, 30, 0)
+    write_png(root / "img" / "b.png", 70, 60, 1)
+    return root
+
+
+def _trl_rows():
+    """TRL's vision preference shape: an "images" column and bare image parts in a conversational prompt."""
+    return [{"images": ["img/a.png"],
+             "prompt": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": QUESTION}]}],
+             "chosen": [{"role": "assistant", "content": "a red square"}],
+             "rejected": [{"role": "assistant", "content": "two green circles"}]},
+            {"images": ["img/b.png"],
+             "prompt": [{"role": "user", "content": [{"type": "text", "text": "describe it"}, {"type": "image"}]}],
+             "chosen": [{"role": "assistant", "content": "two green circles"}],
+             "rejected": [{"role": "assistant", "content": "the cat sat on the mat"}]}]
+
+
+def _rlaif_rows():
+    """openbmb/RLAIF-V-Dataset's shape: one "image" a row, the prompt under "question", string answers."""
+    return [{"image": "img/a.png", "question": QUESTION, "chosen": "a red square", "rejected": "two green circles"},
+            {"image": "img/b.png", "question": "describe it", "chosen": "two green circles",
+             "rejected": "the cat sat on the mat"}]
+
+
+def _jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def _config(model, data, out, **kw):
+    cfg = dict(model=str(model), data=str(data), output=str(out), method="dpo", optim="adamw", lr=1e-2, max_steps=3,
+               batch_size=2, progress=False, seq_len=512, quant="none", precision="fp32", dropout=0.0,
+               warmup_ratio=0.0, beta=0.3)
+    return load_config(None, {**cfg, **kw})
+
+
+def _trainer(model, data, out, **kw):
+    trainer = Trainer(_config(model, data, out, **kw))
+    trainer.setup()
+    return trainer
+
+
+@pytest.mark.parametrize("kind", ["gemma3", "idefics3", "llava"])
+def test_first_dpo_step_equals_trl_dpotrainer_on_images(kind, models, folder, tmp_path):
+    from PIL import Image
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+    from trl import DPOConfig, DPOTrainer
+
+    rows = _trl_rows()
+    trainer = _trainer(models[kind], _jsonl(folder / f"trl-{kind}.jsonl", rows), tmp_path / "q", max_steps=1)
+    torch.manual_seed(0)
+    with torch.no_grad():  # non-zero B, so the policy is not the reference
+        for name, p in trainer.model.named_parameters():
+            if p.requires_grad and "lora_B" in name:
+                p.add_(torch.randn_like(p) * 0.05)
+    adapted = sorted({n.split(".lora_A")[0] for n, _ in trainer.model.named_parameters() if ".lora_A" in n})
+    config = peft.LoraConfig(r=trainer.config.rank, lora_alpha=trainer.config.alpha, lora_dropout=0.0,
+                             target_modules=adapted)
+    dataset = datasets.Dataset.from_list([{**r, "images": [Image.open(folder / i).convert("RGB") for i in r["images"]]}
+                                          for r in rows])
+    args = DPOConfig(output_dir=str(tmp_path / "trl"), beta=0.3, per_device_train_batch_size=2, max_length=None,
+                     report_to=[], use_cpu=True, bf16=False, fp16=False, disable_dropout=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        oracle = DPOTrainer(model=AutoModelForImageTextToText.from_pretrained(models[kind], dtype=torch.float32),
+                            args=args, train_dataset=dataset,
+                            processing_class=AutoProcessor.from_pretrained(models[kind]),
+                            peft_config=config)
+    theirs = dict(oracle.model.named_parameters())
+    ours = {n: p for n, p in trainer.model.named_parameters() if p.requires_grad}
+    with torch.no_grad():
+        for name, p in ours.items():
+            theirs["base_model.model." + name].copy_(p)
+
+    batch = trainer._collate(trainer.train_units)
+    assert batch["input_ids"].shape[0] == 4 and batch["pixel_values"].shape[0] == 4  # each pair's image, twice
+    assert torch.equal(batch["pixel_values"][0], batch["pixel_values"][2])
+    inputs = oracle.data_collator([dataset[i] for i in range(len(rows))])
+    if kind == "llava":  # the answers' first tokens differ (see the module docstring): TRL's loss on our batch
+        assert not torch.equal(inputs["input_ids"][inputs["attention_mask"].bool()],
+                               batch["input_ids"][batch["attention_mask"].bool()])
+        inputs = {**{k: v for k, v in batch.items() if k not in ("labels", "image_tokens")},
+                  "completion_mask": (batch["labels"] != -100).long()}
+    else:  # TRL's collator (left-flushed as ours): the same ids, answer masks and image tensors
+        mask = inputs["attention_mask"].bool()
+        for row in range(4):
+            n = int(mask[row].sum())
+            assert inputs["input_ids"][row, :n].tolist() == batch["input_ids"][row, :n].tolist()
+            assert inputs["completion_mask"][row, 1:n].tolist() == (batch["labels"][row, 1:n] != -100).long().tolist()
+        for key in ("pixel_values", "token_type_ids", "pixel_attention_mask"):
+            if key in inputs:
+                torch.testing.assert_close(inputs[key][:, :batch[key].shape[1]].to(batch[key].dtype), batch[key])
+    oracle.model.train()
+    their_loss = oracle.compute_loss(oracle.model, inputs)
+    their_loss.backward()
+
+    trainer.model.zero_grad(set_to_none=True)
+    norm = trainer._step_normalizer([batch])
+    loss, sums = trainer._micro_loss(batch, norm)
+    loss.backward()
+    metrics = trainer._step_metrics(sums)
+    torch.testing.assert_close(loss.detach(), their_loss.detach(), rtol=RTOL, atol=1e-7)
+    assert abs(float(loss) - 0.6931472) > 1e-3  # the adapters matter
+    logged = oracle._metrics["train"]
+    for key in ("rewards/chosen", "rewards/rejected", "rewards/margins", "logps/chosen", "logps/rejected"):
+        assert metrics[key] == pytest.approx(logged[key][-1], rel=RTOL, abs=1e-6), key
+    for name, p in ours.items():
+        other = theirs["base_model.model." + name].grad
+        scale = float(other.abs().max())
+        assert scale > 0, name
+        torch.testing.assert_close(p.grad, other, rtol=RTOL, atol=RTOL * scale, msg=name)
+
+
+def test_rlaif_v_rows_are_trl_rows(models, folder, tmp_path):
+    """The "image" column with "question" mapped to the prompt: the prompt is a user turn with the image before
+    its text (as TRL's RLAIF-V example writes it), so the pairs are those of the conversational rows."""
+    rows = _trl_rows()
+    rows[1]["prompt"][0]["content"].reverse()
+    conversational = _trainer(models["gemma3"], _jsonl(folder / "conv.jsonl", rows), tmp_path / "c").train_units
+    rlaif = _trainer(models["gemma3"], _jsonl(folder / "rlaif.jsonl", _rlaif_rows()), tmp_path / "r",
+                     data_fields="prompt=question").train_units
+    for a, b in zip(conversational, rlaif):
+        assert (a.prompt_ids, a.chosen_ids, a.rejected_ids) == (b.prompt_ids, b.chosen_ids, b.rejected_ids)
+        assert torch.equal(a.media["pixel_values"], b.media["pixel_values"])
+
+
+@pytest.mark.parametrize("method", ["dpo", "dpo-precompute-ref", "orpo", "cpo", "simpo"])
+def test_each_method_trains_on_images(method, models, folder, tmp_path):
+    precompute = method == "dpo-precompute-ref"
+    trainer = _trainer(models["idefics3"], _jsonl(folder / "rlaif.jsonl", _rlaif_rows()), tmp_path / method,
+                       method=method.split("-")[0], data_fields="prompt=question", max_steps=4,
+                       precompute_ref=precompute)
+    trainer.train()
+    assert trainer.losses[-1] < trainer.losses[0]
+    if precompute:  # the stored reference log-probs are the base's on the images, as the live reference pass
+        live = _trainer(models["idefics3"], folder / "rlaif.jsonl", tmp_path / "live", data_fields="prompt=question")
+        torch.testing.assert_close(trainer._collate(trainer.train_units)["ref_logps"],
+                                   live._reference_logps(live._collate(live.train_units)).double(),
+                                   rtol=1e-5, atol=1e-5)
+    if method == "orpo":  # its NLL covers the prompt's text but not the tokens standing for the image
+        batch = trainer._collate(trainer.train_units)
+        labels = trainer._nll_labels(batch)
+        image_id = trainer.processor.image_token_id
+        assert (batch["input_ids"][:2] == image_id).any() and not (labels == image_id).any()
+        assert (labels[:2, :5] != -100).any()
+
+
+def test_4bit_run_and_resume_reproduce_losses(models, folder, tmp_path):
+    data = _jsonl(folder / "rlaif.jsonl", _rlaif_rows())
+    kw = dict(quant="nf4", precision="bf16", data_fields="prompt=question", max_steps=4, save_steps=2, batch_size=1,
+              dropout=0.1)
+    losses = Trainer(_config(models["gemma3"], data, tmp_path / "full", **kw)).run()
+    assert len(losses) == 4 and all(torch.isfinite(torch.tensor(losses)))
+    part = _trainer(models["gemma3"], data, tmp_path / "part", **kw)
+    assert part.model.model.language_model.layers[0].self_attn.q_proj.base_layer.weight.dtype == torch.uint8  # NF4
+    part.total_steps = 2
+    part.train()
+    part.cleanup()
+    assert Trainer(_config(models["gemma3"], data, tmp_path / "part", resume=True, **kw)).run() == losses
+
+
+def test_seq_len_skips_a_pair_whose_image_does_not_fit(models, folder, tmp_path):
+    """A pair is cut after its prompt's image like any text; one whose image tokens would be cut is skipped and
+    counted (its image after a long question)."""
+    rows = _trl_rows()
+    rows[1]["prompt"][0]["content"][0]["text"] = QUESTION * 8
+    data = _jsonl(folder / "long.jsonl", rows)
+    whole = _trainer(models["gemma3"], data, tmp_path / "w").train_units
+    trainer = _trainer(models["gemma3"], data, tmp_path / "s", seq_len=len(whole[0].prompt_ids) + 4, batch_size=1)
+    (unit,) = trainer.train_units
+    assert unit.index == 0 and unit.truncated and unit.chosen_ids == whole[0].chosen_ids[:4]
+    assert unit.media["token_type_ids"].shape[-1] == len(unit.prompt_ids)
+    assert f"1 skipped with images that do not fit --seq-len (first: {data} line 2)" in trainer.report.summary()
+
+
+def _train(model, data, out, *extra):
+    return main(["train", "--model", str(model), "--data", str(data), "--output", str(out), "--quant", "none",
+                 "--max-steps", "2", "--batch-size", "2", "--no-progress", *extra])
+
+
+def test_cli_trains_and_names_bad_images(models, folder, tmp_path, capsys):
+    data = _jsonl(folder / "rlaif.jsonl", _rlaif_rows())
+    assert _train(models["llava"], data, tmp_path / "ok", "--method", "dpo", "--data-fields", "prompt=question") == 0
+    assert (tmp_path / "ok" / "adapter_model.safetensors").exists()
+    (folder / "img" / "bad.png").write_bytes(b"not a png")
+    rlaif, trl_row = _rlaif_rows(), _trl_rows()
+    cases = [([{**rlaif[0], "image": "img/missing.png"}, rlaif[1]], "image 'img/missing.png' not found"),
+             ([{**rlaif[0], "image": "img/bad.png"}, rlaif[1]], "image 'img/bad.png' is not an image Pillow can read"),
+             ([{**rlaif[0], "chosen": "a <image> here"}, rlaif[1]], "an answer holds the model's image token"),
+             ([{**trl_row[0], "chosen": [{"role": "assistant", "content": [{"type": "image"}]}]}, trl_row[1]],
+              '"chosen" holds images')]
+    for k, (rows, said) in enumerate(cases):
+        path = _jsonl(folder / f"bad{k}.jsonl", rows)
+        fields = ["--data-fields", "prompt=question"] if "question" in rows[0] else []
+        assert _train(models["llava"], path, tmp_path / f"bad{k}", "--method", "dpo", *fields) == 2
+        err = capsys.readouterr().err
+        assert f"{path} line 1" in err and said in err and "Traceback" not in err, err
+        assert len(err.strip().splitlines()) == 1, err  # one paragraph
+
+
+def test_kto_rows_with_images_are_still_refused(models, folder, tmp_path, capsys):
+    """KTO reads its rows as text: rows with images (its own, or preference pairs it unpairs) stop."""
+    row = {"prompt": _trl_rows()[0]["prompt"], "completion": "a red square", "label": True, "images": ["img/a.png"]}
+    for k, rows in enumerate(([row, row], _trl_rows())):
+        path = _jsonl(folder / f"kto{k}.jsonl", rows)
+        assert _train(models["llava"], path, tmp_path / f"kto{k}", "--method", "kto") == 2
+        err = capsys.readouterr().err
+        assert f"{path} line 1: this KTO row holds images" in err and "Traceback" not in err, err
