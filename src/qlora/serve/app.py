@@ -30,9 +30,11 @@ are written in OpenAI's chat or completions shape (see :mod:`qlora.serve.protoco
 from __future__ import annotations
 
 import asyncio
+import functools
 import hmac
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator
 
@@ -126,6 +128,16 @@ def build_app(batcher: ContinuousBatcher, base_id: str, adapters: list[str], api
                 for mid, adapter in ids.items()]
         return {"object": "list", "data": data}
 
+    # Setting a request up is CPU work (rendering, tokenizing, images decoded and run through the processor, its
+    # first load, the retries of truncation "auto"): it runs on this one thread, not the event loop, so streams go on
+    # meanwhile. One thread keeps set-ups one at a time, as they were on the loop: the lazily built processor and
+    # tool-template answers below and the per-tokenizer tables need no locks, and the batcher sees only submit().
+    setup = ThreadPoolExecutor(max_workers=1, thread_name_prefix="qlora-serve-setup")
+
+    async def off_loop(fn, *args):
+        """``fn(*args)`` on the set-up thread; its exceptions (APIErrors included) raised here."""
+        return await asyncio.get_running_loop().run_in_executor(setup, functools.partial(fn, *args))
+
     tool_templates: dict[str | None, bool] = {}  # adapter -> whether its template renders tools
     processors: list = []  # the model's image processor, once a request sends images
 
@@ -213,7 +225,7 @@ def build_app(batcher: ContinuousBatcher, base_id: str, adapters: list[str], api
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request):
         body.refuse_unsupported()
-        choices = chat_choices(body, _adapter(ids, body.model))
+        choices = await off_loop(chat_choices, body, _adapter(ids, body.model))
         return await _respond(batcher, choices, body, request, chat=True)
 
     def response_choice(body: ResponsesRequest, adapter: str | None,
@@ -245,7 +257,7 @@ def build_app(batcher: ContinuousBatcher, base_id: str, adapters: list[str], api
         else:
             history = store.previous(body.previous_response_id).conversation if body.previous_response_id else []
         own = with_ids(body.input_items())
-        choice, items = response_choice(body, adapter, body.conversation_items(history, own))
+        choice, items = await off_loop(response_choice, body, adapter, body.conversation_items(history, own))
         input_items = with_ids([item for _, item in items])
         run: BackgroundRun | None = None
 
@@ -356,10 +368,8 @@ def build_app(batcher: ContinuousBatcher, base_id: str, adapters: list[str], api
         found.items.remove(found.item(item_id))
         return found.object()
 
-    @app.post("/v1/completions")
-    async def completions(body: CompletionRequest, request: Request):
-        body.refuse_unsupported()
-        adapter = _adapter(ids, body.model)
+    def completion_choices(body: CompletionRequest, adapter: str | None) -> list[_Choice]:
+        """The batch rows of a completions request: ``n`` choices for each of its prompts."""
         choices = []
         for number, prompt in enumerate(body.prompts()):
             if isinstance(prompt, str):
@@ -374,6 +384,12 @@ def build_app(batcher: ContinuousBatcher, base_id: str, adapters: list[str], api
                 generation = _generation(batcher, body, adapter, prompt_ids, text_stops, "prompt", index)
                 generation.prompt_logprobs = body.echo and body.logprobs is not None
                 choices.append(_Choice(number * body.n + index, generation, echo=echo, first=index == 0))
+        return choices
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest, request: Request):
+        body.refuse_unsupported()
+        choices = await off_loop(completion_choices, body, _adapter(ids, body.model))
         return await _respond(batcher, choices, body, request, chat=False)
 
     return app
