@@ -57,7 +57,8 @@ from .background import BackgroundRun
 from .logprobs import TextOffsets, chat_logprobs, completion_logprobs
 from .protocol import APIError, ChatCompletionRequest, CompletionRequest, _Body, sse
 from .response_store import DEFAULT_CAPACITY, RUNNING, ResponseStore, list_page, with_ids
-from .responses import FINISHED, ResponsesRequest, ResponseWriter, checked_include, drop_oldest_turn, shown
+from .responses import (FINISHED, ResponsesRequest, ResponseWriter, StreamedMessage, checked_include,
+                        drop_oldest_turn, shown)
 
 TYPE_TAGS = {"str", "int", "float", "bool", "dict", "list", "none"}
 DISCONNECT_POLL_S = 0.5  # how often a non-streaming request checks that its client is still there
@@ -277,7 +278,7 @@ def build_app(batcher: ContinuousBatcher, base_id: str, adapters: list[str], api
 
             run = BackgroundRun(ending, keep_events=body.stream)
             queued = writer.state("queued", [])
-            run.start(_response_events(queue, choice, writer, background=True))
+            run.start(_response_events(queue, choice, writer, run))
             return _event_stream(run.replay()) if body.stream else queued
         if body.stream:
             return _event_stream(_response_events(queue, choice, writer))
@@ -292,7 +293,8 @@ def build_app(batcher: ContinuousBatcher, base_id: str, adapters: list[str], api
         include = _include(request)
         kept = store.get(response_id)
         if not stream:
-            return kept.response | {"output": shown(kept.response["output"], include)}
+            response = kept.current()
+            return response | {"output": shown(response["output"], include)}
         if kept.run is None:
             raise APIError(400, "This response cannot be streamed because it was not created with background=true; "
                                 "GET it without 'stream'.", "stream")
@@ -697,16 +699,18 @@ async def _stream(queue: asyncio.Queue, choices: list[_Choice], body: _Body, rep
 
 
 async def _response_events(queue: asyncio.Queue, choice: _Choice, writer: ResponseWriter,
-                           background: bool = False) -> AsyncIterator[str]:
+                           run: BackgroundRun | None = None) -> AsyncIterator[str]:
     """A Responses stream: the reply's message item (opened at its first text) and text deltas, then its
     function calls (each whole), then ``response.completed`` (or ``response.incomplete``) with the whole response.
 
-    A background response is ``queued`` (``response.created``, ``response.queued``) until its row's first
-    token comes, then ``in_progress``, its message item (``in_progress`` too) holding the text streamed so
-    far, as a retrieve shows it meanwhile; each state is handed to the writer's ``keep``."""
+    A background response (``run`` given) is ``queued`` (``response.created``, ``response.queued``) until its
+    row's first token comes, then ``in_progress``; each state is handed to the writer's ``keep``. Meanwhile its
+    message item (``in_progress`` too) is ``run.streaming``, which each delta is appended to (nothing re-saved or
+    copied): a retrieve shows the text streamed so far (:meth:`StoredResponse.current`)."""
     splitter = ToolCallStream(choice.tools.format, choice.tools.names) if choice.tools is not None else None
     at = {"item_id": writer.message_id, "output_index": 0}
-    text, opened, carried, calls, sent_logprobs = "", False, [], [], []
+    background = run is not None
+    pieces, opened, carried, calls = [], False, [], []
     try:
         if background:
             yield writer.event("response.created", response=writer.state("queued", []))
@@ -739,16 +743,18 @@ async def _response_events(queue: asyncio.Queue, choice: _Choice, writer: Respon
                 yield writer.event("response.content_part.added", **at, content_index=0,
                                    part=writer.text_part("", []))
             if piece:
-                text, logprobs, carried = text + piece, writer.logprobs(carried), []
-                sent_logprobs += logprobs
-                if background:  # kept before the client hears of it: a retrieve then shows this text at least
-                    writer.state("in_progress", [writer.message(text, "in_progress", list(sent_logprobs))])
+                logprobs, carried = writer.logprobs(carried), []
+                pieces.append(piece)
+                if run is not None:  # kept before the client hears of it: a retrieve then shows this text at least
+                    if run.streaming is None:
+                        run.streaming = StreamedMessage(writer)
+                    run.streaming.add(piece, logprobs)
                 yield writer.event("response.output_text.delta", **at, content_index=0, delta=piece,
                                    logprobs=logprobs)
             if event.finish_reason is not None:
                 break
         status = writer.status(choice.last.finish_reason, calls)
-        output = []
+        output, text = [], "".join(pieces)
         if opened:
             message = writer.message(text, status, writer.logprobs(choice.logprobs))
             yield writer.event("response.output_text.done", **at, content_index=0, text=text,
