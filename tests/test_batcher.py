@@ -61,3 +61,45 @@ def test_batched_greedy_equals_alone(tmp_path, tiny_tokenizer, arch):
         assert evs[-1].prompt_tokens == len(prompts[i])
     stats = batcher.load()
     assert stats["max_rows_in_step"] == 2 and stats["requests_completed"] == 4
+
+
+@pytest.mark.parametrize("kind", ["gemma3", "llava_next"])
+def test_image_tensors_are_freed_after_the_prefill(tmp_path, kind):
+    """A prompt's image tensors serve its prefill alone: by the reply's last token nothing holds them any more,
+    and the reply is still ``stream_tokens``' with them (which gives them to the prefill only)."""
+    import weakref
+
+    from image_models import build_image_model, write_png
+    from qlora.infer.images import encode_with_images, image_processor
+    from qlora.infer.messages import Message
+    from qlora.infer.template import render_chat
+    from qlora.train.data.images import resolve_image
+
+    folder = build_image_model(tmp_path / kind, kind)
+    model, tokenizer = qlora.load_model(folder, compute_dtype=torch.float32, device="cpu")
+    user = Message("user", "what is in the picture?", images=(resolve_image(str(write_png(tmp_path / "a.png", 40, 30,
+                                                                                          0)), "test"),))
+    ids, media = encode_with_images(image_processor(model, tokenizer, folder, "test"), model,
+                                    render_chat(tokenizer, [user]), user.images)
+    new = 8
+    alone = list(stream_tokens(model.eval(), ids, SamplingOptions(max_new_tokens=new, temperature=0), (), media))
+    pixels = weakref.ref(media["pixel_values"])
+    finished, texts, seen = threading.Event(), [], {}
+
+    def emit(event: Event) -> None:  # on the decode thread; the last event comes from a step after the prefill
+        texts.append(event.text)
+        if event.finish_reason is not None:
+            seen["held"], seen["last"] = pixels() is not None, event
+            finished.set()
+
+    request = Request(ids[0].tolist(), None, SamplingOptions(max_new_tokens=new, temperature=0), emit, media=media)
+    del media
+    batcher = ContinuousBatcher(model, tokenizer, context_length=512).start()
+    try:
+        batcher.submit(request)
+        assert finished.wait(120)
+    finally:
+        batcher.close()
+    assert seen["last"].finish_reason == "length" and seen["last"].completion_tokens == new
+    assert "".join(texts) == tokenizer.decode(alone, skip_special_tokens=True)
+    assert not seen["held"] and request.media is None

@@ -191,3 +191,41 @@ def test_chat_images_go_with_one_message_even_when_its_turn_is_not_saved(tmp_pat
     chat_command._loop(chat, SimpleNamespace(model="m"))
     assert sent == [("what is it?", [str(tmp_path / "a.png")]), ("and now?", [])]
     assert capsys.readouterr().err.count("turn not saved") == 2
+
+
+class _Failing:
+    """A processor failing on every call with ``error`` (as a processor does on input it cannot take)."""
+
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+
+    def __call__(self, *args, **kwargs):
+        raise self.error
+
+
+@pytest.mark.parametrize("error", [IndexError("index 3 is out of bounds for axis 0 with size 3"),
+                                   RuntimeError("cannot reshape tensor of 0 elements"), ZeroDivisionError()])
+def test_a_processor_failing_on_the_input_exits_2_naming_its_error(error, tmp_path, monkeypatch, capsys):
+    import qlora.infer.images as images
+
+    folder = build_image_model(tmp_path / "g", "gemma3")
+    monkeypatch.setattr(images, "image_processor", lambda *args: _Failing(error))
+    capsys.readouterr()
+    assert main(["generate", "--model", str(folder), "--quant", "none", "--max-new-tokens", "2", "--prompt", QUESTION,
+                 "--image", str(write_png(tmp_path / "a.png", 40, 30, 0))]) == 2
+    err = capsys.readouterr().err
+    said = f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
+    assert f"the model's processor (_Failing) cannot take 1 image(s) with this prompt ({said})" in err, err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_a_wrong_call_of_the_processor_is_not_reported_as_bad_input(tmp_path, monkeypatch):
+    """A TypeError (a wrong call, a processor that does not match transformers) is a bug: it propagates."""
+    import qlora.infer.images as images
+
+    folder = build_image_model(tmp_path / "g", "gemma3")
+    error = TypeError("__call__() got an unexpected keyword argument 'add_special_tokens'")
+    monkeypatch.setattr(images, "image_processor", lambda *args: _Failing(error))
+    with pytest.raises(TypeError, match="unexpected keyword argument"):
+        main(["generate", "--model", str(folder), "--quant", "none", "--max-new-tokens", "2", "--prompt", QUESTION,
+              "--image", str(write_png(tmp_path / "a.png", 40, 30, 0))])

@@ -114,3 +114,93 @@ def test_images_to_a_text_only_model_are_a_400_naming_it(setup, tiny_model_dir):
         message = err.value.body["message"]
         assert "The model 'base' cannot take these images" in message and "has no vision tower" in message
     batcher.close()
+
+
+class _Gated:
+    """The model's processor (``processor``, set when the server loads it), held at each call until ``release`` is
+    set (``entered`` says a call is held), then raising ``error`` if one is set."""
+
+    def __init__(self) -> None:
+        self.processor, self.error = None, None
+        self.entered, self.release, self.waited_out = threading.Event(), threading.Event(), False
+
+    def __call__(self, *args, **kwargs):
+        self.entered.set()
+        if not self.release.wait(30):
+            self.waited_out = True  # nobody released it: the test's stream did not finish meanwhile
+        if self.error is not None:
+            raise self.error
+        return self.processor(*args, **kwargs)
+
+
+@pytest.fixture
+def gated(tmp_path, monkeypatch):
+    """A server for an untrained Gemma 3 whose processor is held by a :class:`_Gated`, that gate, and an image."""
+    import qlora.infer.images as images
+
+    folder, gate, real = build_image_model(tmp_path / "g", "gemma3"), _Gated(), images.image_processor
+
+    def gated_processor(*args):
+        gate.processor = real(*args)
+        return gate
+
+    monkeypatch.setattr(images, "image_processor", gated_processor)
+    batcher, server = _serve(folder)
+    with server:
+        yield batcher, server, gate, write_png(tmp_path / "a.png", 40, 30, 0)
+    batcher.close()
+
+
+def test_streams_go_on_while_a_request_s_images_are_processed(gated):
+    """Setting a request up (its images through the processor) runs off the event loop: a stream decoded
+    meanwhile is written to its client to the end while the processor is still held."""
+    batcher, server, gate, image = gated
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0, timeout=60)
+    content = [{"type": "image_url", "image_url": {"url": _uri(image)}}, {"type": "text", "text": QUESTION}]
+    replies = {}
+
+    def image_request():
+        replies["image"] = client.chat.completions.create(model="base", messages=[{"role": "user", "content": content}],
+                                                          max_tokens=NEW, temperature=0).choices[0].message.content
+
+    with batcher.paused():  # the stream's tokens all come after the image request is held in its processor
+        stream = iter(client.chat.completions.create(model="base", messages=[{"role": "user", "content": "hello"}],
+                                                     max_tokens=NEW, temperature=0, stream=True))
+        assert next(stream).choices[0].delta.role == "assistant"
+        other = threading.Thread(target=image_request)
+        other.start()
+        assert gate.entered.wait(60)
+    chunks = list(stream)
+    finished_while_held = not gate.waited_out
+    gate.release.set()
+    other.join()
+    assert finished_while_held and chunks[-1].choices[0].finish_reason in ("stop", "length")
+    alone = client.chat.completions.create(model="base", messages=[{"role": "user", "content": "hello"}],
+                                           max_tokens=NEW, temperature=0).choices[0].message.content
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == alone
+    again = client.chat.completions.create(model="base", messages=[{"role": "user", "content": content}],
+                                           max_tokens=NEW, temperature=0).choices[0].message.content
+    assert replies["image"] == again and not gate.waited_out
+
+
+def test_a_processor_failing_on_the_input_is_a_400_naming_its_error(gated):
+    _, server, gate, image = gated
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0, timeout=60)
+    messages = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": _uri(image)}},
+                                             {"type": "text", "text": QUESTION}]}]
+    gate.release.set()
+    assert client.chat.completions.create(model="base", messages=messages, max_tokens=2).choices[0].finish_reason
+    gate.error = IndexError("index 3 is out of bounds for axis 0 with size 3")
+    with pytest.raises(openai.BadRequestError) as err:
+        client.chat.completions.create(model="base", messages=messages, max_tokens=2)
+    assert err.value.body["param"] == "messages" and err.value.body["message"].startswith(
+        "The model 'base' cannot take these images: the model's processor (_Gated) cannot take 1 image(s) with this "
+        "prompt (IndexError: index 3 is out of bounds for axis 0 with size 3).")
+    with pytest.raises(openai.BadRequestError) as err:
+        client.responses.create(model="base", input=[{"role": "user", "content": [
+            {"type": "input_image", "image_url": _uri(image)}, {"type": "input_text", "text": QUESTION}]}])
+    assert err.value.body["param"] == "input" and "(IndexError: index 3 is out" in err.value.body["message"]
+    gate.error = TypeError("__call__() got an unexpected keyword argument 'add_special_tokens'")
+    with pytest.raises(openai.InternalServerError) as err:  # a wrong call is a bug, not the client's input
+        client.chat.completions.create(model="base", messages=messages, max_tokens=2)
+    assert "TypeError: __call__() got an unexpected keyword argument" in err.value.body["message"]

@@ -97,7 +97,7 @@ class Request:
     logprobs: int | None = None  # None: no logprobs; k: each reply token's logprob with the k most likely
     prompt_logprobs: bool = False  # also the prompt tokens' (with ``logprobs`` alternatives each)
     generate: bool = True  # False: prefill only (score the prompt), no reply token
-    media: dict | None = None  # a vision-language model's image tensors for the prompt, given to its prefill only
+    media: dict | None = None  # a vision-language model's image tensors for the prompt: its prefill's, dropped after it
     cancelled: bool = field(default=False, init=False)
 
     def cancel(self) -> None:
@@ -117,6 +117,7 @@ class _Row:
         seed = request.options.seed if request.options.seed is not None else random.getrandbits(63)
         self.generator = torch.Generator(device=device).manual_seed(seed)  # as a single run seeds it
         self.penalties = Penalties.of(request.options, request.prompt_ids)
+        self.images = request.media is not None  # the prompt had images (their tensors are dropped after its prefill)
 
 
 class ContinuousBatcher:
@@ -273,13 +274,14 @@ class ContinuousBatcher:
         """Prefill ``request`` alone (with the reply's forced first tokens, if any), emit its first
         token, and add it to the batch."""
         row = _Row(request, self.tokenizer, self.device)
+        images, request.media = request.media, None  # for the prefill alone: a long reply does not hold them
         prefix = request.constraint.prefix_ids if request.constraint is not None else []
         prefix = prefix[:request.options.max_new_tokens] if request.generate else []
         if prefix and len(request.prompt_ids) + len(prefix) >= self.context_length:
             request.emit(Event("", "length", len(request.prompt_ids)))
             return
         ids = torch.tensor([request.prompt_ids + prefix], device=self.device)
-        media = None if request.media is None else media_rows(request.media, 1, ids.shape[1])
+        media = None if images is None else media_rows(images, 1, ids.shape[1])
         try:
             with adapter_rows(self.model, [request.adapter]):
                 if self.unbatchable:  # the model's own cache, as a single run (stream_tokens) keeps it
@@ -344,7 +346,7 @@ class ContinuousBatcher:
             if self.unbatchable:  # one row, decoded as stream_tokens decodes it
                 ids = torch.tensor([rows[0].request.prompt_ids + rows[0].text.tokens], device=self.device)
                 out, self._cache = forward_cached(self.model, ids, self._cache, lengths[0],
-                                                  None if rows[0].request.media is None else {})
+                                                  {} if rows[0].images else None)
             else:
                 out = self._batch_step([r.text.tokens[-1] for r in rows], lengths, self._cache)
         self._count_step(adapters)

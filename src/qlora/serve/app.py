@@ -30,9 +30,11 @@ are written in OpenAI's chat or completions shape (see :mod:`qlora.serve.protoco
 from __future__ import annotations
 
 import asyncio
+import functools
 import hmac
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator
 
@@ -55,7 +57,8 @@ from .background import BackgroundRun
 from .logprobs import TextOffsets, chat_logprobs, completion_logprobs
 from .protocol import APIError, ChatCompletionRequest, CompletionRequest, _Body, sse
 from .response_store import DEFAULT_CAPACITY, RUNNING, ResponseStore, list_page, with_ids
-from .responses import FINISHED, ResponsesRequest, ResponseWriter, checked_include, drop_oldest_turn, shown
+from .responses import (FINISHED, ResponsesRequest, ResponseWriter, StreamedMessage, checked_include,
+                        drop_oldest_turn, shown)
 
 TYPE_TAGS = {"str", "int", "float", "bool", "dict", "list", "none"}
 DISCONNECT_POLL_S = 0.5  # how often a non-streaming request checks that its client is still there
@@ -125,6 +128,16 @@ def build_app(batcher: ContinuousBatcher, base_id: str, adapters: list[str], api
                  "root": base_id, "parent": None if adapter is None else base_id}
                 for mid, adapter in ids.items()]
         return {"object": "list", "data": data}
+
+    # Setting a request up is CPU work (rendering, tokenizing, images decoded and run through the processor, its
+    # first load, the retries of truncation "auto"): it runs on this one thread, not the event loop, so streams go on
+    # meanwhile. One thread keeps set-ups one at a time, as they were on the loop: the lazily built processor and
+    # tool-template answers below and the per-tokenizer tables need no locks, and the batcher sees only submit().
+    setup = ThreadPoolExecutor(max_workers=1, thread_name_prefix="qlora-serve-setup")
+
+    async def off_loop(fn, *args):
+        """``fn(*args)`` on the set-up thread; its exceptions (APIErrors included) raised here."""
+        return await asyncio.get_running_loop().run_in_executor(setup, functools.partial(fn, *args))
 
     tool_templates: dict[str | None, bool] = {}  # adapter -> whether its template renders tools
     processors: list = []  # the model's image processor, once a request sends images
@@ -213,7 +226,7 @@ def build_app(batcher: ContinuousBatcher, base_id: str, adapters: list[str], api
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request):
         body.refuse_unsupported()
-        choices = chat_choices(body, _adapter(ids, body.model))
+        choices = await off_loop(chat_choices, body, _adapter(ids, body.model))
         return await _respond(batcher, choices, body, request, chat=True)
 
     def response_choice(body: ResponsesRequest, adapter: str | None,
@@ -245,7 +258,7 @@ def build_app(batcher: ContinuousBatcher, base_id: str, adapters: list[str], api
         else:
             history = store.previous(body.previous_response_id).conversation if body.previous_response_id else []
         own = with_ids(body.input_items())
-        choice, items = response_choice(body, adapter, body.conversation_items(history, own))
+        choice, items = await off_loop(response_choice, body, adapter, body.conversation_items(history, own))
         input_items = with_ids([item for _, item in items])
         run: BackgroundRun | None = None
 
@@ -265,7 +278,7 @@ def build_app(batcher: ContinuousBatcher, base_id: str, adapters: list[str], api
 
             run = BackgroundRun(ending, keep_events=body.stream)
             queued = writer.state("queued", [])
-            run.start(_response_events(queue, choice, writer, background=True))
+            run.start(_response_events(queue, choice, writer, run))
             return _event_stream(run.replay()) if body.stream else queued
         if body.stream:
             return _event_stream(_response_events(queue, choice, writer))
@@ -280,7 +293,8 @@ def build_app(batcher: ContinuousBatcher, base_id: str, adapters: list[str], api
         include = _include(request)
         kept = store.get(response_id)
         if not stream:
-            return kept.response | {"output": shown(kept.response["output"], include)}
+            response = kept.current()
+            return response | {"output": shown(response["output"], include)}
         if kept.run is None:
             raise APIError(400, "This response cannot be streamed because it was not created with background=true; "
                                 "GET it without 'stream'.", "stream")
@@ -356,10 +370,8 @@ def build_app(batcher: ContinuousBatcher, base_id: str, adapters: list[str], api
         found.items.remove(found.item(item_id))
         return found.object()
 
-    @app.post("/v1/completions")
-    async def completions(body: CompletionRequest, request: Request):
-        body.refuse_unsupported()
-        adapter = _adapter(ids, body.model)
+    def completion_choices(body: CompletionRequest, adapter: str | None) -> list[_Choice]:
+        """The batch rows of a completions request: ``n`` choices for each of its prompts."""
         choices = []
         for number, prompt in enumerate(body.prompts()):
             if isinstance(prompt, str):
@@ -374,6 +386,12 @@ def build_app(batcher: ContinuousBatcher, base_id: str, adapters: list[str], api
                 generation = _generation(batcher, body, adapter, prompt_ids, text_stops, "prompt", index)
                 generation.prompt_logprobs = body.echo and body.logprobs is not None
                 choices.append(_Choice(number * body.n + index, generation, echo=echo, first=index == 0))
+        return choices
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest, request: Request):
+        body.refuse_unsupported()
+        choices = await off_loop(completion_choices, body, _adapter(ids, body.model))
         return await _respond(batcher, choices, body, request, chat=False)
 
     return app
@@ -681,16 +699,18 @@ async def _stream(queue: asyncio.Queue, choices: list[_Choice], body: _Body, rep
 
 
 async def _response_events(queue: asyncio.Queue, choice: _Choice, writer: ResponseWriter,
-                           background: bool = False) -> AsyncIterator[str]:
+                           run: BackgroundRun | None = None) -> AsyncIterator[str]:
     """A Responses stream: the reply's message item (opened at its first text) and text deltas, then its
     function calls (each whole), then ``response.completed`` (or ``response.incomplete``) with the whole response.
 
-    A background response is ``queued`` (``response.created``, ``response.queued``) until its row's first
-    token comes, then ``in_progress``, its message item (``in_progress`` too) holding the text streamed so
-    far, as a retrieve shows it meanwhile; each state is handed to the writer's ``keep``."""
+    A background response (``run`` given) is ``queued`` (``response.created``, ``response.queued``) until its
+    row's first token comes, then ``in_progress``; each state is handed to the writer's ``keep``. Meanwhile its
+    message item (``in_progress`` too) is ``run.streaming``, which each delta is appended to (nothing re-saved or
+    copied): a retrieve shows the text streamed so far (:meth:`StoredResponse.current`)."""
     splitter = ToolCallStream(choice.tools.format, choice.tools.names) if choice.tools is not None else None
     at = {"item_id": writer.message_id, "output_index": 0}
-    text, opened, carried, calls, sent_logprobs = "", False, [], [], []
+    background = run is not None
+    pieces, opened, carried, calls = [], False, [], []
     try:
         if background:
             yield writer.event("response.created", response=writer.state("queued", []))
@@ -723,16 +743,18 @@ async def _response_events(queue: asyncio.Queue, choice: _Choice, writer: Respon
                 yield writer.event("response.content_part.added", **at, content_index=0,
                                    part=writer.text_part("", []))
             if piece:
-                text, logprobs, carried = text + piece, writer.logprobs(carried), []
-                sent_logprobs += logprobs
-                if background:  # kept before the client hears of it: a retrieve then shows this text at least
-                    writer.state("in_progress", [writer.message(text, "in_progress", list(sent_logprobs))])
+                logprobs, carried = writer.logprobs(carried), []
+                pieces.append(piece)
+                if run is not None:  # kept before the client hears of it: a retrieve then shows this text at least
+                    if run.streaming is None:
+                        run.streaming = StreamedMessage(writer)
+                    run.streaming.add(piece, logprobs)
                 yield writer.event("response.output_text.delta", **at, content_index=0, delta=piece,
                                    logprobs=logprobs)
             if event.finish_reason is not None:
                 break
         status = writer.status(choice.last.finish_reason, calls)
-        output = []
+        output, text = [], "".join(pieces)
         if opened:
             message = writer.message(text, status, writer.logprobs(choice.logprobs))
             yield writer.event("response.output_text.done", **at, content_index=0, text=text,

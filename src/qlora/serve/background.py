@@ -3,8 +3,8 @@
 The request's stream of events (:func:`qlora.serve.app._response_events`, the one a streaming
 request reads) is drained by a task of the server's event loop, so the generation goes on when
 the client that created it hangs up; every event updates the kept response (through the writer's
-``keep``: while it is ``in_progress``, its message item holds the text streamed so far), which
-``GET /v1/responses/{id}`` reads. When the request also asked for ``stream``, the
+``keep``; while it is ``in_progress``, its message item is :attr:`BackgroundRun.streaming`, appended to at
+each text delta, so ``GET /v1/responses/{id}`` shows the text streamed so far). When the request also asked for ``stream``, the
 events are kept in order too: event ``k`` has ``sequence_number`` ``k``, so a client that lost its
 stream resumes it with ``GET /v1/responses/{id}?stream=true&starting_after=k``.
 
@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from typing import AsyncIterator, Callable
+from typing import Any, AsyncIterator, Callable
 
 
 class BackgroundRun:
@@ -33,6 +33,7 @@ class BackgroundRun:
         self.ending, self.keep_events = ending, keep_events
         self.events: list[str] = []
         self.finished = False
+        self.streaming: Any = None  # the message item being streamed (a responses.StreamedMessage), until the end
         self.task: asyncio.Task | None = None
         self._changed, self._done, self._stopping = asyncio.Event(), asyncio.Event(), False
 
@@ -81,7 +82,7 @@ class BackgroundRun:
         self._notify()
 
     def _finish(self) -> None:
-        self.finished = True
+        self.finished, self.streaming = True, None  # the kept response holds the whole message now
         self._done.set()
         self._notify()
 

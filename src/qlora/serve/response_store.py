@@ -37,6 +37,14 @@ class StoredResponse:
     def running(self) -> bool:
         return self.response["status"] in RUNNING
 
+    def current(self) -> dict[str, Any]:
+        """The response as a read shows it now: a background one in progress with the message its run is
+        streaming, as it stands (the run appends to it at each delta rather than keeping a new state)."""
+        streaming = None if self.run is None else self.run.streaming
+        if streaming is None or self.response["status"] != "in_progress":
+            return self.response
+        return self.response | {"output": [streaming.item()]}
+
     @property
     def conversation(self) -> list[dict[str, Any]]:
         """What a continuation of this response reads before its own input: the input, then the output."""

@@ -391,6 +391,26 @@ class ResponseWriter:
         return response
 
 
+class StreamedMessage:
+    """The message item of a background response while its text streams: each delta is appended (what came
+    before is neither copied nor saved again), and the item is built when a read asks for it."""
+
+    def __init__(self, writer: ResponseWriter) -> None:
+        self.writer = writer
+        self.pieces: list[str] = []
+        self.logprobs: list[dict[str, Any]] = []
+
+    def add(self, piece: str, logprobs: list[dict[str, Any]]) -> None:
+        self.pieces.append(piece)
+        self.logprobs += logprobs
+
+    def item(self) -> dict[str, Any]:
+        """The message as it stands (``in_progress``)."""
+        text = "".join(self.pieces)
+        self.pieces[:] = [text]  # the next read joins only what came since
+        return self.writer.message(text, "in_progress", list(self.logprobs))
+
+
 def drop_oldest_turn(items: list[tuple[str, dict[str, Any]]]) -> list[tuple[str, dict[str, Any]]] | None:
     """``items`` without their oldest turn (``truncation: "auto"``): from the first item that is not a
     system or developer message up to the next user message, system and developer messages kept;
