@@ -215,7 +215,7 @@ def test_a_processor_failing_on_the_input_exits_2_naming_its_error(error, tmp_pa
                  "--image", str(write_png(tmp_path / "a.png", 40, 30, 0))]) == 2
     err = capsys.readouterr().err
     said = f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
-    assert f"the model's processor (_Failing) cannot take 1 image(s) with this prompt ({said})" in err, err
+    assert f"the model's processor (_Failing) cannot take 1 image(s) with this text ({said})" in err, err
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1
 
 

@@ -327,3 +327,23 @@ def test_a_missing_package_is_named_by_what_pip_installs(tmp_path, monkeypatch):
     monkeypatch.setattr(transformers.AutoProcessor, "from_pretrained", fail)
     with pytest.raises(UsageError, match=r"needs pillow, which is not installed.*pip install pillow"):
         load_image_processor(folder, model, tokenizer, "row 1")
+
+
+def test_a_processor_failing_on_a_training_row_names_the_row(models, data, tmp_path, monkeypatch):
+    """A processor that cannot take a row's image (one it cannot resize, say) stops the run naming the row and
+    the processor's error, as generate and serve name it; a wrong call (TypeError) stays a bug."""
+    from qlora.model import image_processor
+
+    real = image_processor.process
+
+    def failing(processor, text, images, where=""):
+        class Refusing:
+            def __call__(self, **kwargs):
+                raise IndexError("index 3 is out of bounds")
+
+        return real(Refusing(), text, images, where)
+
+    monkeypatch.setattr("qlora.train.data.image_examples.process", failing)
+    with pytest.raises(UsageError, match=rf"^{data} line 1: the model's processor \(Refusing\) cannot take 1 "
+                                         r"image\(s\) with this text \(IndexError: index 3 is out of bounds\)"):
+        _trainer(models["llava"], data, tmp_path / "run")

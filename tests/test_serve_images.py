@@ -195,7 +195,7 @@ def test_a_processor_failing_on_the_input_is_a_400_naming_its_error(gated):
         client.chat.completions.create(model="base", messages=messages, max_tokens=2)
     assert err.value.body["param"] == "messages" and err.value.body["message"].startswith(
         "The model 'base' cannot take these images: the model's processor (_Gated) cannot take 1 image(s) with this "
-        "prompt (IndexError: index 3 is out of bounds for axis 0 with size 3).")
+        "text (IndexError: index 3 is out of bounds for axis 0 with size 3).")
     with pytest.raises(openai.BadRequestError) as err:
         client.responses.create(model="base", input=[{"role": "user", "content": [
             {"type": "input_image", "image_url": _uri(image)}, {"type": "input_text", "text": QUESTION}]}])

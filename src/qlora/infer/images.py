@@ -15,14 +15,9 @@ from typing import Sequence
 
 import torch
 
-from qlora.errors import UsageError
-from qlora.model.image_processor import image_tensors
+from qlora.model.image_processor import image_tensors, process
 from qlora.train.data.images import ImageRef
 
-# Errors of the processor's call that mean a wrong call (qlora's arguments) or a processor that does not match the
-# installed transformers, not input it cannot take: no other image or prompt fixes them, so they are not reported
-# as the user's input but propagate as the bugs they are. Any other type is the processor refusing the input.
-NOT_INPUT_ERRORS = (TypeError, AttributeError, NameError, ImportError)
 
 
 def image_processor(model, tokenizer, model_dir: str | Path, where: str):
@@ -45,19 +40,9 @@ def encode_with_images(processor, model, prompt: str, images: Sequence[ImageRef]
         UsageError: an image that cannot be read, or a prompt with images the processor refuses or fails on
             (more images than places for them, an image it cannot resize, ...), naming its error.
         TypeError, AttributeError, NameError, ImportError: from the processor's call, unchanged (see
-            :data:`NOT_INPUT_ERRORS`).
+            :data:`~qlora.model.image_processor.NOT_INPUT_ERRORS`).
     """
-    loaded = [ref.load() for ref in images]
-    try:
-        encoded = processor(text=[prompt], images=loaded, add_special_tokens=False, return_tensors="pt")
-    except NOT_INPUT_ERRORS:
-        raise
-    except Exception as exc:  # noqa: BLE001 - a processor raises many types for input it cannot take
-        said = " ".join(str(exc).split())[:300]
-        error = f"{type(exc).__name__}: {said}" if said else type(exc).__name__
-        raise UsageError(f"the model's processor ({type(processor).__name__}) cannot take {len(images)} image(s) with "
-                         f"this prompt ({error}). Give one image per place for it (one <image> placeholder per image "
-                         "in the text, or none) and pictures it can resize (not a few pixels wide or tall).") from None
+    encoded = process(processor, prompt, [ref.load() for ref in images])
     embeddings = model.get_input_embeddings().weight
     device, dtype = embeddings.device, embeddings.dtype
     media = {k: v.to(device, dtype) if v.is_floating_point() else v.to(device) for k, v in image_tensors(encoded).items()}

@@ -89,3 +89,31 @@ def image_token_id(processor) -> int | None:
     if token is None and getattr(processor, "image_token", None):
         token = processor.tokenizer.convert_tokens_to_ids(processor.image_token)
     return token
+
+
+# Errors of the processor's call that mean a wrong call (qlora's arguments) or a processor that does not match the
+# installed transformers, not input it cannot take: no other image or prompt fixes them, so they are not reported
+# as the user's input but propagate as the bugs they are. Any other type is the processor refusing the input.
+NOT_INPUT_ERRORS = (TypeError, AttributeError, NameError, ImportError)
+
+
+def process(processor, text: str, images: list, where: str = ""):
+    """``processor``'s tensors (``return_tensors="pt"``) for one ``text`` with its ``images`` (PIL images).
+
+    Raises:
+        UsageError: the processor refuses or fails on the input (more images than places for them, an image it
+            cannot resize, ...), naming its error and ``where`` (a row, or nothing).
+        TypeError, AttributeError, NameError, ImportError: from the processor's call, unchanged (see
+            :data:`NOT_INPUT_ERRORS`).
+    """
+    try:
+        return processor(text=[text], images=images, add_special_tokens=False, return_tensors="pt")
+    except NOT_INPUT_ERRORS:
+        raise
+    except Exception as exc:  # noqa: BLE001 - a processor raises many types for input it cannot take
+        said = " ".join(str(exc).split())[:300]
+        error = f"{type(exc).__name__}: {said}" if said else type(exc).__name__
+        raise UsageError(f"{where + ': ' if where else ''}the model's processor ({type(processor).__name__}) cannot "
+                         f"take {len(images)} image(s) with this text ({error}). Give one image per place for it "
+                         "(one <image> placeholder per image in the text, or none) and pictures it can resize (not "
+                         "a few pixels wide or tall).") from None
