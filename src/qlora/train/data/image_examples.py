@@ -46,7 +46,9 @@ def tokenize_image_example(
     stop_ids: Iterable[int] | None = None,
 ) -> TokenizedExample | str:
     """The ids, labels and image tensors of a conversation with images, or :data:`IMAGES_TOO_LONG` when its
-    image tokens do not fit ``seq_len``.
+    image tokens do not fit ``seq_len``. A conversation without images (beside rows with images) is the text
+    path's, its contents given as parts as TRL's vision collator gives every row: vision-language templates
+    (LLaVA's) render only content parts, so a string content would vanish.
 
     Args:
         example: a normalized conversation with ``images``.
@@ -61,6 +63,8 @@ def tokenize_image_example(
     """
     tokenizer = processor.tokenizer
     text_example = replace(example, messages=tuple(as_parts(example.messages)), images=())
+    if not example.images:  # a text-only row among rows with images (LLaVA's mix, ScienceQA's rows without one)
+        return tokenize_example(text_example, tokenizer, chat_template, train_on, seq_len, index, stop_ids)
     text = tokenize_example(text_example, tokenizer, chat_template, train_on, None, index, stop_ids)
     rendered = rendered_text(text_example, tokenizer, chat_template)
     eos = len(text.input_ids) - len(tokenizer(rendered, add_special_tokens=False)["input_ids"])

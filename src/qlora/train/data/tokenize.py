@@ -202,7 +202,9 @@ def tokenize_dataset(
     """Tokenize every example; drop and report those left with no trainable token.
 
     ``with_images(example, index)`` tokenizes a row with images (the model's processor:
-    :func:`~qlora.train.data.image_examples.tokenize_image_example`), or says why the row is skipped.
+    :func:`~qlora.train.data.image_examples.tokenize_image_example`), or says why the row is skipped; when
+    given (the data hold images), it also tokenizes the conversations without images, whose contents a
+    vision-language template reads as parts as in the rows with images.
 
     Raises:
         UsageError: every example is left with no trainable token (e.g. all
@@ -214,7 +216,7 @@ def tokenize_dataset(
         if example.skip:
             report.skip(example.skip, example.where)
             continue
-        if example.images and with_images is not None:
+        if with_images is not None and (example.images or example.messages is not None):
             tokenized = with_images(example, i)
             if isinstance(tokenized, str):
                 report.skip(tokenized, example.where)

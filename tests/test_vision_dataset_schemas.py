@@ -1,0 +1,119 @@
+"""Public vision SFT datasets as they are stored: each replica keeps the real columns and value types (from the
+datasets' cards and viewers: LLaVA's JSON lists, parquet Image cells of ``{"bytes", "path"}``, nullable images,
+answer lists) and trains on a tiny LLaVA.
+
+Oracle: transformers' processor on the conversation as TRL's vision collator gives it (contents as parts, an
+image part where the row puts its image) gives the ids; the trained spans are the assistant answers, each through
+its end of turn.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from transformers import AutoProcessor
+
+from qlora.cli.main import main
+from qlora.errors import UsageError
+from qlora.train.config import load_config
+from qlora.train.trainer import Trainer
+from image_models import build_image_model, write_png
+
+IMAGE_CELL = pa.struct([("bytes", pa.binary()), ("path", pa.string())])  # datasets' Image feature in parquet
+
+
+@pytest.fixture(scope="module")
+def llava(tmp_path_factory):
+    return build_image_model(tmp_path_factory.mktemp("llava") / "llava", "llava")
+
+
+def _cell(tmp_path, seed, width=40, height=30):
+    return {"bytes": write_png(tmp_path / f"cell{seed}.png", width, height, seed).read_bytes(), "path": None}
+
+
+def _setup(model, data, out, **kw):
+    cfg = dict(model=str(model), data=str(data), output=str(out), max_steps=1, batch_size=1, progress=False,
+               seq_len=1024, quant="none", precision="fp32", **kw)
+    trainer = Trainer(load_config(None, cfg))
+    trainer.setup()
+    return trainer
+
+
+def _check(model, trainer, conversations):
+    """Each unit against the processor: ``conversations`` are (messages as parts, PIL images, answers)."""
+    processor = AutoProcessor.from_pretrained(model)
+    tok = processor.tokenizer
+    assert len(trainer.train_units) == len(conversations)
+    for unit, (messages, images, answers) in zip(trainer.train_units, conversations):
+        text = processor.apply_chat_template(messages, tokenize=False)
+        ids = processor(text=[text], images=images or None, add_special_tokens=False)["input_ids"][0]
+        assert unit.input_ids == list(ids)
+        assert (unit.media is not None and "pixel_values" in unit.media) == bool(images)
+        spans, run = [], []
+        for token, label in zip(unit.input_ids, unit.labels):
+            if label != -100:
+                run.append(token)
+            elif run:
+                spans, run = spans + [tok.decode(run).strip()], []
+        spans += [tok.decode(run).strip()] if run else []
+        assert spans == [a + tok.eos_token for a in answers]
+
+
+def _user(*parts):
+    return {"role": "user", "content": [{"type": "image"} if p is None else {"type": "text", "text": p}
+                                        for p in parts]}
+
+
+def _assistant(text):
+    return {"role": "assistant", "content": [{"type": "text", "text": text}]}
+
+
+def _png(path):
+    from PIL import Image
+
+    return Image.open(path).convert("RGB")
+
+
+def test_llava_instruct_json_with_text_only_rows(llava, tmp_path, capsys):
+    """liuhaotian/LLaVA-Instruct-150K (llava_v1_5_mix665k.json): one JSON list, an "image" file name and
+    "<image>\\n" in the first human turn; its ShareGPT text rows have no "image" (LLaVA-Pretrain and ShareGPT4V:
+    "\\n<image>" after the text). The text rows trained on nothing the template renders (LLaVA's template reads
+    only content parts) and were refused; they train as text beside the rows with images, in one batch too."""
+    (tmp_path / "coco").mkdir()
+    a = write_png(tmp_path / "coco" / "000000033471.jpg", 40, 30, 0)
+    b = write_png(tmp_path / "coco" / "000000052846.jpg", 60, 50, 1)
+    rows = [{"id": "000000033471", "image": "coco/000000033471.jpg", "conversations": [
+                {"from": "human", "value": "<image>\nWhat colors is the bus?"}, {"from": "gpt", "value": "White and red."},
+                {"from": "human", "value": "What is on its back?"}, {"from": "gpt", "value": "An advertisement."}]},
+            {"id": "i6IyJda_0", "model": "", "conversations": [
+                {"from": "human", "value": "How to tell a segment is good?"}, {"from": "gpt", "value": "Check three things."}]},
+            {"id": "004539375", "image": "coco/000000052846.jpg", "conversations": [
+                {"from": "human", "value": "Summarize the photo.\n<image>"}, {"from": "gpt", "value": "A grey painting."}]}]
+    data = tmp_path / "llava_v1_5_mix665k.json"
+    data.write_text(json.dumps(rows))
+    _check(llava, _setup(llava, data, tmp_path / "run"), [
+        ([_user(None, "\nWhat colors is the bus?"), _assistant("White and red."), _user("What is on its back?"),
+          _assistant("An advertisement.")], [_png(a)], ["White and red.", "An advertisement."]),
+        ([_user("How to tell a segment is good?"), _assistant("Check three things.")], [], ["Check three things."]),
+        ([_user("Summarize the photo.\n", None), _assistant("A grey painting.")], [_png(b)], ["A grey painting."])])
+    assert main(["train", "--model", str(llava), "--data", str(data), "--output", str(tmp_path / "cli"), "--quant",
+                 "none", "--max-steps", "1", "--batch-size", "3", "--no-progress"]) == 0, capsys.readouterr().err
+
+
+def test_scienceqa_null_image_is_a_text_only_row(llava, tmp_path):
+    """derek-thomas/ScienceQA: "image" is null in its text-only questions; mapped with
+    --data-fields instruction=question,output=solution, such a row trains as text beside the rows with images."""
+    table = pa.table({"image": pa.array([_cell(tmp_path, 9), None], IMAGE_CELL),
+                      "question": ["Which state is farthest north?", "Which word is on the page?"],
+                      "choices": [["West Virginia", "Arizona"], ["badge", "bright"]], "answer": pa.array([0, 1], pa.int8()),
+                      "hint": ["", "Guide words: bag - brave"], "solution": ["West Virginia.", "Badge."]})
+    pq.write_table(table, tmp_path / "scienceqa.parquet")
+    trainer = _setup(llava, tmp_path / "scienceqa.parquet", tmp_path / "run",
+                     data_fields="instruction=question,output=solution")
+    _check(llava, trainer, [
+        ([_user(None, "Which state is farthest north?"), _assistant("West Virginia.")], [_png(tmp_path / "cell9.png")],
+         ["West Virginia."]),
+        ([_user("Which word is on the page?"), _assistant("Badge.")], [], ["Badge."])])
