@@ -103,6 +103,27 @@ def test_llava_instruct_json_with_text_only_rows(llava, tmp_path, capsys):
                  "none", "--max-steps", "1", "--batch-size", "3", "--no-progress"]) == 0, capsys.readouterr().err
 
 
+def test_the_cauldron_texts_exchanges(llava, tmp_path):
+    """HuggingFaceM4/the_cauldron (and FineVision): parquet, an "images" list of Image cells and a "texts" list of
+    {"user", "assistant", "source"} exchanges, no placeholder: the images go before the first user text. It was
+    refused ("cannot tell the data format from the fields ['images', 'texts']")."""
+    exchange = pa.struct([("user", pa.string()), ("assistant", pa.string()), ("source", pa.string())])
+    cells = [[_cell(tmp_path, 2)], [_cell(tmp_path, 3, 60, 50), _cell(tmp_path, 4)]]
+    table = pa.table({
+        "images": pa.array(cells, pa.list_(IMAGE_CELL)),
+        "texts": pa.array([[{"user": "What is shown?", "assistant": "A red square.", "source": "VQAv2"},
+                            {"user": "What color?", "assistant": "Red.", "source": "VQAv2"}],
+                           [{"user": "Compare the two images.", "assistant": "The first is larger.", "source": "NLVR2"}]],
+                          pa.list_(exchange))})
+    pq.write_table(table, tmp_path / "the_cauldron.parquet")
+    pngs = [_png(tmp_path / f"cell{k}.png") for k in (2, 3, 4)]
+    _check(llava, _setup(llava, tmp_path / "the_cauldron.parquet", tmp_path / "run"), [
+        ([_user(None, "What is shown?"), _assistant("A red square."), _user("What color?"), _assistant("Red.")],
+         pngs[:1], ["A red square.", "Red."]),
+        ([_user(None, None, "Compare the two images."), _assistant("The first is larger.")], pngs[1:],
+         ["The first is larger."])])
+
+
 def test_scienceqa_null_image_is_a_text_only_row(llava, tmp_path):
     """derek-thomas/ScienceQA: "image" is null in its text-only questions; mapped with
     --data-fields instruction=question,output=solution, such a row trains as text beside the rows with images."""

@@ -10,8 +10,9 @@ quirks are handled here and nowhere else:
   LLaMA-Factory's ``history``), and Dolly (``instruction``/``context``/``response``);
 - chat (``messages``, or a ``conversation`` list as lmsys-chat-1m names it) and ShareGPT
   (``conversations``), whatever their entries' keys (``role``/``content`` or ``from``/``value``),
-  plain strings alternating user and assistant turns (LIMA), or ``{"input", "output"}`` exchanges
-  (a user turn and the assistant's reply each, as LDJnr/Capybara writes them), with content given as
+  plain strings alternating user and assistant turns (LIMA), or ``{"input", "output"}`` or
+  ``{"user", "assistant"}`` exchanges (a user turn and the assistant's reply each, as LDJnr/Capybara and
+  HuggingFaceM4/the_cauldron's ``texts`` column write them), with content given as
   text parts, tool calls, tool results and a per-row ``tools`` column; glaive-function-calling's ``system`` and
   ``chat`` transcript strings (:mod:`qlora.train.data.glaive`);
 - TRL's prompt-completion (``prompt``/``completion``: strings, or message lists; a completion that is
@@ -49,7 +50,9 @@ ROLES = ("system", "developer", "user", "assistant", "tool")
 DETECT_ROWS = 32  # rows inspected to detect the format: one atypical first row must not decide it
 
 _TOOL_CALL_SPEAKERS = ("function_call",)
-_EXCHANGE_KEYS = ("input", "output")  # one user turn and the assistant's reply in one entry (LDJnr/Capybara)
+# One user turn and the assistant's reply in one entry: LDJnr/Capybara's, the_cauldron's (and FineVision's).
+_EXCHANGE_KEYS = (("input", "output"), ("user", "assistant"))
+EXCHANGES_COLUMN = "texts"  # the_cauldron's conversation: {"user", "assistant", "source"} exchanges
 
 
 @dataclass(frozen=True)
@@ -95,7 +98,8 @@ def row_format(fields: dict[str, Any]) -> str | None:
         return "preference"
     if "prompt" in keys and "completion" in keys and unpaired_label(fields) is not None:
         return "unpaired-preference"
-    if "messages" in keys or _listed(fields.get("conversation")) or is_transcript(fields):
+    if ("messages" in keys or _listed(fields.get("conversation")) or is_transcript(fields)
+            or _exchanges(fields.get(EXCHANGES_COLUMN))):
         return "chat"
     if "conversations" in keys:
         return "sharegpt"
@@ -236,8 +240,19 @@ def _chat(fields: dict[str, Any], where: str, names: FieldMap) -> Example:
         messages, tools = transcript(fields, where) if fields["chat"].strip() else ([], [])  # glaive-function-calling
         return Example(tuple(_message(m, f"{where}, message {i}", FieldMap(), "glaive") for i, m in enumerate(messages)),
                        None, where, tools=tuple(tools) or None)
-    key = "conversation" if "messages" not in fields and _listed(fields.get("conversation")) else "messages"
+    key = "messages"
+    if "messages" not in fields and _listed(fields.get("conversation")):
+        key = "conversation"
+    elif "messages" not in fields and _exchanges(fields.get(EXCHANGES_COLUMN)):
+        key = EXCHANGES_COLUMN
     return _conversation(fields, key, where, names, "chat")
+
+
+def _exchanges(value: Any) -> bool:
+    """Whether a ``texts`` column is a conversation: a non-empty list of ``{"user", "assistant"}`` exchanges
+    (the_cauldron's; other ``texts`` columns, such as lists of strings, are not guessed at)."""
+    return isinstance(value, list) and bool(value) and all(
+        isinstance(m, dict) and "user" in m and "assistant" in m for m in value)
 
 
 def _listed(value: Any) -> bool:
@@ -258,7 +273,8 @@ def _conversation(fields: dict[str, Any], key: str, where: str, names: FieldMap,
     if all(isinstance(m, str) for m in raw):  # LIMA's turns: plain strings, user first, then alternating
         raw = [{"role": ("user", "assistant")[i % 2], "content": m} for i, m in enumerate(raw)]
     elif all(_is_exchange(m, names) for m in raw):
-        raw = [{"role": role, "content": m[k]} for m in raw for role, k in zip(("user", "assistant"), _EXCHANGE_KEYS)]
+        raw = [{"role": role, "content": m[k]} for m in raw
+               for role, k in zip(("user", "assistant"), _exchange_keys(m))]
     messages = [_message(m, f"{where}, message {i}", names, fmt) for i, m in enumerate(raw)]
     system = fields.get("system")  # LLaMA-Factory's system column
     if isinstance(system, str) and system.strip() and not any(m["role"] == "system" for m in messages):
@@ -267,9 +283,14 @@ def _conversation(fields: dict[str, Any], key: str, where: str, names: FieldMap,
 
 
 def _is_exchange(item: Any, names: FieldMap) -> bool:
-    """An ``{"input", "output"}`` entry without a role: a user turn and the assistant's reply."""
-    return (isinstance(item, dict) and all(k in item for k in _EXCHANGE_KEYS)
+    """An ``{"input", "output"}`` or ``{"user", "assistant"}`` entry without a role: a user turn and the
+    assistant's reply."""
+    return (isinstance(item, dict) and _exchange_keys(item) is not None
             and names.message_keys(item)[0] not in item)
+
+
+def _exchange_keys(item: dict[str, Any]) -> tuple[str, str] | None:
+    return next((keys for keys in _EXCHANGE_KEYS if all(k in item for k in keys)), None)
 
 
 def _tool_call_turn(value: Any) -> list[dict[str, Any]] | None:
