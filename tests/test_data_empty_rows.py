@@ -113,7 +113,7 @@ def test_a_dataset_of_empty_rows_is_refused_naming_them(tmp_path, qwen_tokenizer
     ({"messages": "hello"}, r'line 1: field "messages" must be a non-empty list'),
     ({"messages": [{"role": "user", "content": 5}]}, r'line 1, message 0: "content" must be a string'),
     ({"conversations": [{"from": "human"}]}, r'line 1, message 0: each entry needs string fields "from" and "value"'),
-    ({"instruction": "A?", "output": ["A."]}, r'line 1: field "output" must be a string, got list'),
+    ({"instruction": "A?", "output": [{"text": "A."}]}, r'line 1: field "output" must be a string, got list'),
     ({"instruction": "A?", "output": True}, r'line 1: field "output" must be a string, got bool'),
     ({"prompt": "A?", "completion": {"text": "B"}}, r'line 1: field "completion" must be a string or a non-empty'),
 ])

@@ -124,6 +124,24 @@ def test_the_cauldron_texts_exchanges(llava, tmp_path):
          ["The first is larger."])])
 
 
+def test_chartqa_answer_lists(llava, tmp_path):
+    """HuggingFaceM4/ChartQA: "image", "query", "label" (a list holding the answer); with
+    --data-fields instruction=query,output=label a one-answer list trains its answer (it was refused: 'field
+    "output" must be a string, got list'). DocVQA's "answers" with several spellings are refused by name."""
+    table = pa.table({"image": pa.array([_cell(tmp_path, 7)], IMAGE_CELL), "query": ["How many bars?"],
+                      "label": [["14"]], "human_or_machine": [0]})
+    pq.write_table(table, tmp_path / "chartqa.parquet")
+    trainer = _setup(llava, tmp_path / "chartqa.parquet", tmp_path / "run", data_fields="instruction=query,output=label")
+    _check(llava, trainer, [([_user(None, "How many bars?"), _assistant("14")], [_png(tmp_path / "cell7.png")],
+                             ["14"])])
+    table = pa.table({"questionId": ["338"], "question": ["Who is the contact?"],
+                      "image": pa.array([_cell(tmp_path, 8)], IMAGE_CELL), "answers": [["P. Carter", "p. carter"]]})
+    pq.write_table(table, tmp_path / "docvqa.parquet")
+    with pytest.raises(UsageError, match=r"docvqa\.parquet row 0: field \"output\" holds 2 texts \('P\. Carter', "
+                                         r"'p\. carter'\); a row trains one\..*--data-fields output=COLUMN"):
+        _setup(llava, tmp_path / "docvqa.parquet", tmp_path / "doc", data_fields="instruction=question,output=answers")
+
+
 def test_scienceqa_null_image_is_a_text_only_row(llava, tmp_path):
     """derek-thomas/ScienceQA: "image" is null in its text-only questions; mapped with
     --data-fields instruction=question,output=solution, such a row trains as text beside the rows with images."""

@@ -557,10 +557,19 @@ def _json_list(value: str) -> list | None:
 
 def _cell_text(fields: dict[str, Any], key: str, where: str, fmt: str) -> str:
     """A text column that may be empty in some rows: null is ``""`` (a parquet or CSV gap), a number its
-    decimal text (a numeric answer column); a missing column or another type is refused."""
+    decimal text (a numeric answer column), a list of one string that string (visual QA's answer lists, as
+    HuggingFaceM4/ChartQA's ``label``); a missing column, a list of several answers or another type is
+    refused."""
     if key not in fields:
         raise UsageError(f'{where}: field "{key}" is missing (format {fmt}).')
     value = fields[key]
+    if isinstance(value, list) and value and all(isinstance(v, str) for v in value):
+        if len(value) > 1:  # DocVQA's spellings of one answer, VQA's annotators': which to train is the user's call
+            raise UsageError(f'{where}: field "{key}" holds {len(value)} texts ({", ".join(map(repr, value[:3]))}'
+                             f'{", ..." if len(value) > 3 else ""}); a row trains one. Write the one to train (say '
+                             f'the first) into a column of its own and map it with --data-fields {key}=COLUMN, or '
+                             f'map a column holding one answer (format {fmt}).')
+        value = value[0]
     if value is None or (isinstance(value, float) and value != value):  # null, or NaN as pandas writes a gap
         return ""
     if isinstance(value, (int, float)) and not isinstance(value, bool):
