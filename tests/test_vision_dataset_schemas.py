@@ -124,6 +124,21 @@ def test_the_cauldron_texts_exchanges(llava, tmp_path):
          ["The first is larger."])])
 
 
+def test_llava_instruct_mix_vsft_parquet(llava, tmp_path):
+    """HuggingFaceH4/llava-instruct-mix-vsft: parquet "messages" whose parts are one struct ({"index", "text",
+    "type"}, the unused fields null) and an "images" list of Image cells, the bare image parts filled in order."""
+    part = pa.struct([("index", pa.int64()), ("text", pa.string()), ("type", pa.string())])
+    message = pa.struct([("content", pa.list_(part)), ("role", pa.string())])
+    messages = [[{"content": [{"index": None, "text": "What is in the picture?\n", "type": "text"},
+                              {"index": 0, "text": None, "type": "image"}], "role": "user"},
+                 {"content": [{"index": None, "text": "A red square.", "type": "text"}], "role": "assistant"}]]
+    pq.write_table(pa.table({"messages": pa.array(messages, pa.list_(message)),
+                             "images": pa.array([[_cell(tmp_path, 5)]], pa.list_(IMAGE_CELL))}), tmp_path / "mix.parquet")
+    _check(llava, _setup(llava, tmp_path / "mix.parquet", tmp_path / "run"), [
+        ([_user("What is in the picture?\n", None), _assistant("A red square.")], [_png(tmp_path / "cell5.png")],
+         ["A red square."])])
+
+
 def test_chartqa_answer_lists(llava, tmp_path):
     """HuggingFaceM4/ChartQA: "image", "query", "label" (a list holding the answer); with
     --data-fields instruction=query,output=label a one-answer list trains its answer (it was refused: 'field
@@ -156,3 +171,13 @@ def test_scienceqa_null_image_is_a_text_only_row(llava, tmp_path):
         ([_user(None, "Which state is farthest north?"), _assistant("West Virginia.")], [_png(tmp_path / "cell9.png")],
          ["West Virginia."]),
         ([_user("Which word is on the page?"), _assistant("Badge.")], [], ["Badge."])])
+
+
+def test_image_to_text_rows_are_told_the_mapping(llava, tmp_path):
+    """unsloth/LaTeX_OCR ("image", "text"): no request to answer; the refusal names the "image" column (it said
+    "images") and the mapping that trains it."""
+    pq.write_table(pa.table({"image": pa.array([_cell(tmp_path, 12)], IMAGE_CELL), "text": ["x ^ { 2 }"]}),
+                   tmp_path / "latex.parquet")
+    with pytest.raises(UsageError, match=r'latex\.parquet row 0: an "image" column beside a plain text .*'
+                                         r"--data-fields instruction=THAT_COLUMN,output=TEXT_COLUMN"):
+        _setup(llava, tmp_path / "latex.parquet", tmp_path / "run")

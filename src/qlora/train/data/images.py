@@ -86,17 +86,19 @@ def attach_images(example, fields: dict[str, Any], folders: Sequence[str | Path]
         UsageError: an image part without an image and no ``images`` left for it, more or fewer ``<image>``
             placeholders than images, images in an assistant turn, a URL, a missing or unreadable image.
     """
-    column = fields.get(IMAGES_COLUMN)
-    if column is None:  # one image a row, as many vision datasets store it (an Image column named "image")
-        column = fields.get(IMAGE_COLUMN)
+    name = IMAGES_COLUMN if fields.get(IMAGES_COLUMN) is not None else IMAGE_COLUMN
+    column = fields.get(name)  # "image": one image a row, as many vision datasets store it (an Image column)
     column = [] if column is None else column if isinstance(column, list) else [column]
     has_parts = example.messages is not None and any(_image_parts(m.get("content")) for m in example.messages)
     if not column and not has_parts:
         return example
     where = example.where
     if example.messages is None:
-        raise UsageError(f'{where}: an "{IMAGES_COLUMN}" column beside a plain text; images go with conversations '
-                         "(messages, conversations, or alpaca instruction/output rows).")
+        raise UsageError(f'{where}: an "{name}" column beside a plain text (a text row has no user turn to show an '
+                         "image in); images go with conversations (messages, conversations, or alpaca instruction/"
+                         "output rows). For image-to-text rows (a caption, an OCR transcript), add a column holding "
+                         "the request (such as \"Write the LaTeX for this image.\") and map --data-fields "
+                         "instruction=THAT_COLUMN,output=TEXT_COLUMN.")
     pending: Iterator[Any] = iter(enumerate(column))
     refs: list[ImageRef] = []
     messages = []
