@@ -30,13 +30,14 @@ are written in OpenAI's chat or completions shape (see :mod:`qlora.serve.protoco
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import hmac
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Iterator
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -144,30 +145,25 @@ def build_app(batcher: ContinuousBatcher, base_id: str, adapters: list[str], api
 
     def image_processor_for(model_id: str):
         """The model's image processor (loaded once), or a 400 naming ``model_id`` that cannot take images."""
-        from ..errors import UsageError
         from ..infer.images import image_processor
 
         if not batcher.unbatchable and any(hasattr(m, "rope_deltas") for m in model.modules()):
             raise APIError(400, f"The model {model_id!r} ({model.config.model_type}) positions image tokens with rope "
                                 "deltas kept from the prefill, which the continuous batcher's steps do not carry; "
                                 "images are not served for it: use qlora generate --image or qlora chat", "messages")
-        try:
+        with _images_refused(model_id):
             if not processors:
                 processors.append(image_processor(model, tokenizer, model_dir or getattr(model, "name_or_path", base_id),
                                                   "messages"))
-        except UsageError as exc:
-            raise APIError(400, f"The model {model_id!r} cannot take these images: {exc}", "messages") from None
         return processors[0]
 
     def image_prompt(model_id: str, prompt: str, images: list) -> tuple[list[int], dict]:
         """The prompt's ids with its images' tokens, and the image tensors for its prefill."""
-        from ..errors import UsageError
         from ..infer.images import encode_with_images
 
-        try:
-            ids, media = encode_with_images(image_processor_for(model_id), model, prompt, images)
-        except UsageError as exc:
-            raise APIError(400, f"The model {model_id!r} cannot take these images: {exc}", "messages") from None
+        processor = image_processor_for(model_id)
+        with _images_refused(model_id):
+            ids, media = encode_with_images(processor, model, prompt, images)
         return ids[0].tolist(), media
 
     def chat_choices(body: ChatCompletionRequest, adapter: str | None, prompt_param: str = "messages") -> list[_Choice]:
@@ -397,6 +393,18 @@ def build_app(batcher: ContinuousBatcher, base_id: str, adapters: list[str], api
     return app
 
 
+@contextlib.contextmanager
+def _images_refused(model_id: str) -> Iterator[None]:
+    """A :class:`~qlora.errors.UsageError` of the images' processing (a model without a vision tower, an image
+    that cannot be read, a processor refusing the prompt) as the 400 naming ``model_id``."""
+    from ..errors import UsageError
+
+    try:
+        yield
+    except UsageError as exc:
+        raise APIError(400, f"The model {model_id!r} cannot take these images: {exc}", "messages") from None
+
+
 def _forced_markup(fmt: ToolCallFormat, template: str, body: ChatCompletionRequest) -> CallMarkup:
     try:
         return call_markup(fmt.name, template)
@@ -538,12 +546,19 @@ class _Choice:
     tools: _ToolPlan | None = None
     echo: str = ""  # completions with echo: the prompt text, put before the reply
     first: bool = True  # the first choice of its prompt (its prompt is counted in usage)
-    text: str = ""
+    pieces: list[str] = field(default_factory=list)  # the events' texts, joined once when read (linear in the reply)
     logprobs: list[TokenLogprob] = field(default_factory=list)
     last: Event | None = None
 
+    @property
+    def text(self) -> str:
+        """The reply so far."""
+        if len(self.pieces) > 1:
+            self.pieces[:] = ["".join(self.pieces)]
+        return self.pieces[0] if self.pieces else ""
+
     def add(self, event: Event) -> None:
-        self.text += event.text
+        self.pieces.append(event.text)
         self.logprobs += (event.prompt_logprobs or []) + event.logprobs
         if event.finish_reason is not None:
             self.last = event
