@@ -204,3 +204,39 @@ def test_a_processor_failing_on_the_input_is_a_400_naming_its_error(gated):
     with pytest.raises(openai.InternalServerError) as err:  # a wrong call is a bug, not the client's input
         client.chat.completions.create(model="base", messages=messages, max_tokens=2)
     assert "TypeError: __call__() got an unexpected keyword argument" in err.value.body["message"]
+
+
+def _setup_threads() -> set[threading.Thread]:
+    return {t for t in threading.enumerate() if t.name.startswith("qlora-serve-setup")}
+
+
+def test_shutdown_ends_the_setup_thread_without_waiting_for_a_request_held_in_setup(gated):
+    """The thread setting requests up is shut down with the server: a shutdown while a request is held in its
+    processor does not wait for it, and the thread ends once that request's setup returns."""
+    import time
+
+    _, server, gate, image = gated
+    before = _setup_threads()
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0, timeout=60)
+    content = [{"type": "image_url", "image_url": {"url": _uri(image)}}, {"type": "text", "text": QUESTION}]
+    outcome = {}
+
+    def image_request():
+        try:
+            client.chat.completions.create(model="base", messages=[{"role": "user", "content": content}], max_tokens=2)
+        except openai.APIError as exc:  # the server went away while the request was held
+            outcome["error"] = exc
+
+    held = threading.Thread(target=image_request)
+    held.start()
+    assert gate.entered.wait(60)
+    (ours,) = _setup_threads() - before
+    start = time.monotonic()
+    server.__exit__(None, None, None)
+    stopped = time.monotonic() - start
+    assert not server.thread.is_alive() and stopped < 20, f"shutdown took {stopped:.1f} s"
+    assert ours.is_alive()  # still in the held processor call
+    gate.release.set()
+    held.join(60)
+    ours.join(30)
+    assert not ours.is_alive() and "error" in outcome

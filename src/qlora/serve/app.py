@@ -94,7 +94,20 @@ def build_app(batcher: ContinuousBatcher, base_id: str, adapters: list[str], api
     created = int(time.time())
     store = ResponseStore(stored_responses)
     conversations = conv.ConversationStore(stored_conversations)
-    app = FastAPI(title="qlora serve", docs_url=None, redoc_url=None, openapi_url=None)
+    # Setting a request up is CPU work (rendering, tokenizing, images decoded and run through the processor, its
+    # first load, the retries of truncation "auto"): it runs on this one thread, not the event loop, so streams go on
+    # meanwhile. One thread keeps set-ups one at a time, as they were on the loop: the lazily built processor and
+    # tool-template answers below and the per-tokenizer tables need no locks, and the batcher sees only submit().
+    setup = ThreadPoolExecutor(max_workers=1, thread_name_prefix="qlora-serve-setup")
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        yield
+        # Not waiting: a set-up still running (an image in a slow processor) would hold the shutdown; the thread
+        # ends once it returns, and set-ups not started yet are dropped (their requests are gone with the server).
+        setup.shutdown(wait=False, cancel_futures=True)
+
+    app = FastAPI(title="qlora serve", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
     if api_key is not None:
         app.add_middleware(_RequireKey, api_key=api_key)
 
@@ -129,12 +142,6 @@ def build_app(batcher: ContinuousBatcher, base_id: str, adapters: list[str], api
                  "root": base_id, "parent": None if adapter is None else base_id}
                 for mid, adapter in ids.items()]
         return {"object": "list", "data": data}
-
-    # Setting a request up is CPU work (rendering, tokenizing, images decoded and run through the processor, its
-    # first load, the retries of truncation "auto"): it runs on this one thread, not the event loop, so streams go on
-    # meanwhile. One thread keeps set-ups one at a time, as they were on the loop: the lazily built processor and
-    # tool-template answers below and the per-tokenizer tables need no locks, and the batcher sees only submit().
-    setup = ThreadPoolExecutor(max_workers=1, thread_name_prefix="qlora-serve-setup")
 
     async def off_loop(fn, *args):
         """``fn(*args)`` on the set-up thread; its exceptions (APIErrors included) raised here."""
