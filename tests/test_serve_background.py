@@ -66,7 +66,7 @@ def test_cancel_stops_a_running_background_response_and_frees_its_row(served):
         client.responses.delete(running.id)
     assert "in-flight" in exc.value.body["message"]
     cancelled = client.responses.cancel(started.id)
-    assert cancelled.status == "cancelled" and cancelled.output == [] and cancelled.id == started.id
+    assert cancelled.status == "cancelled" and cancelled.id == started.id and cancelled.usage is None
     assert_row_dropped(batcher, before)
     assert client.responses.retrieve(started.id).status == "cancelled"
     assert client.responses.cancel(started.id).status == "cancelled"  # cancelling again changes nothing
@@ -156,3 +156,86 @@ def test_a_running_background_response_shows_the_text_streamed_so_far(served):
     got, want = item.content[0].logprobs, final.output[0].content[0].logprobs
     assert 3 <= len(got) < len(want) and [g.model_dump() for g in got] == [w.model_dump() for w in want[:len(got)]]
     assert client.responses.retrieve(response_id, include=logprobs).model_dump() == final.model_dump()
+
+
+LOGPROBS = ["message.output_text.logprobs"]
+
+
+def _cut(response, whole, seen: str = "") -> None:
+    """``response`` (cancelled or failed) keeps the text generated so far: one message item, ``incomplete``, whose
+    text (and logprobs, one per token) begin the reply that went to the end, and begin with ``seen``."""
+    (item,) = response.output
+    assert item.type == "message" and item.status == "incomplete" and item.role == "assistant"
+    text, full = item.content[0].text, whole.output[0].content[0]
+    assert text and text.startswith(seen) and full.text.startswith(text) and text != full.text
+    got, want = item.content[0].logprobs, full.logprobs
+    assert 0 < len(got) < len(want) and [g.model_dump() for g in got] == [w.model_dump() for w in want[:len(got)]]
+
+
+def test_a_cancelled_background_response_keeps_its_output_so_far(served):
+    """OpenAI's cancelled response keeps what the model generated before the cancel: polled or streamed, the
+    cancel's answer, a later retrieve and the stream's last event show the same partial message."""
+    _, _, client = served
+    whole = _respond(client, "tiny", max_output_tokens=300, include=LOGPROBS)
+    started = _respond(client, "tiny", max_output_tokens=300, background=True, include=LOGPROBS)
+    partial = _until(client, started.id, lambda r: r.status != "in_progress" or len(r.output_text) > 0,
+                     ).output_text  # noqa: E124
+    cancelled = client.responses.cancel(started.id)
+    _cut(cancelled, whole, partial)
+    assert client.responses.retrieve(started.id, include=LOGPROBS).model_dump() == cancelled.model_dump()
+    assert client.responses.cancel(started.id).model_dump() == cancelled.model_dump()
+
+    stream = client.responses.create(model="tiny", input="Hello", max_output_tokens=300, temperature=0,
+                                     background=True, stream=True, include=LOGPROBS)
+    events, seen = iter(stream), []
+    while sum(e.type == "response.output_text.delta" for e in seen) < 3:
+        seen.append(next(events))
+    response_id = seen[0].response.id
+    cancelled = client.responses.cancel(response_id)
+    seen += list(events)
+    assert seen[-1].type == "response.failed" and seen[-1].response.status == "cancelled"
+    streamed = "".join(e.delta for e in seen if e.type == "response.output_text.delta")
+    assert seen[-1].response.model_dump() == cancelled.model_dump()
+    assert cancelled.output_text == streamed
+    _cut(cancelled, whole)
+    replayed = list(client.responses.retrieve(response_id, stream=True))
+    assert [e.model_dump() for e in replayed] == [e.model_dump() for e in seen]
+
+
+@pytest.fixture
+def fault(monkeypatch):
+    """An internal error (a bug) at the fourth piece of text a Responses stream writes."""
+    from qlora.serve.responses import ResponseWriter
+
+    real, calls = ResponseWriter.logprobs, []
+
+    def failing(self, entries):
+        calls.append(1)
+        if len(calls) == 4:
+            raise RuntimeError("injected fault")
+        return real(self, entries)
+
+    monkeypatch.setattr(ResponseWriter, "logprobs", failing)
+    return calls
+
+
+@pytest.mark.parametrize("background", [True, False])
+def test_an_internal_error_ends_the_stream_with_error_then_failed_keeping_the_output(served, fault, background):
+    """A bug while a response streams ends its stream as OpenAI's failures do: an ``error`` event, then
+    ``response.failed`` whose response carries the error and the text streamed before it; a background
+    response reads back the same."""
+    _, batcher, client = served
+    before = batcher.load()
+    events = list(client.responses.create(model="tiny", input="Hello", max_output_tokens=300, temperature=0,
+                                          background=background, stream=True))
+    kinds = [e.type for e in events]
+    assert kinds[-2:] == ["error", "response.failed"] and [e.sequence_number for e in events] == list(range(len(events)))
+    error, failed = events[-2], events[-1].response
+    assert error.code == "server_error" and error.message == "Internal error: RuntimeError: injected fault"
+    assert failed.status == "failed" and failed.error.code == "server_error" and failed.error.message == error.message
+    deltas = [e.delta for e in events if e.type == "response.output_text.delta"]
+    (item,) = failed.output
+    assert len(deltas) == 3 and item.status == "incomplete" and item.content[0].text == "".join(deltas)
+    assert_row_dropped(batcher, before)
+    if background:
+        assert client.responses.retrieve(failed.id).model_dump() == failed.model_dump()

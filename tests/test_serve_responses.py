@@ -250,6 +250,9 @@ def test_a_failing_stream_sends_error_then_response_failed(tiny_model_dir):
     response = events[-1].response
     assert response.status == "failed" and response.error.code == "server_error" and response.usage is None
     assert response.error.message == events[-2].message and response.id == events[0].response.id
+    (item,) = response.output  # what was streamed before the failure is kept
+    assert item.status == "incomplete" and item.content[0].text == "".join(
+        e.delta for e in events if e.type == "response.output_text.delta")
     assert failed.status == "failed" and failed.error.code == "server_error" and failed.background
 
 

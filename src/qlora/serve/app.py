@@ -33,6 +33,7 @@ import asyncio
 import contextlib
 import functools
 import hmac
+import logging
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -59,8 +60,9 @@ from .logprobs import TextOffsets, chat_logprobs, completion_logprobs
 from .protocol import APIError, ChatCompletionRequest, CompletionRequest, _Body, sse
 from .response_store import DEFAULT_CAPACITY, RUNNING, ResponseStore, list_page, with_ids
 from .responses import (FINISHED, ResponsesRequest, ResponseWriter, StreamedMessage, checked_include,
-                        drop_oldest_turn, shown)
+                        drop_oldest_turn, partial_output, shown)
 
+log = logging.getLogger("qlora")
 TYPE_TAGS = {"str", "int", "float", "bool", "dict", "list", "none"}
 DISCONNECT_POLL_S = 0.5  # how often a non-streaming request checks that its client is still there
 
@@ -275,11 +277,11 @@ def build_app(batcher: ContinuousBatcher, base_id: str, adapters: list[str], api
         writer = ResponseWriter(body, TokenPieces.of(tokenizer), keep)
         queue = _submit(batcher, [choice])
         if body.background:
-            def ending(status: str, message: str | None) -> str:
-                error = None if message is None else {"code": "server_error", "message": message}
-                return writer.event("response.failed", response=writer.state(status, [], error=error))
+            def cancelled() -> str:  # the response keeps what was generated before the cancel
+                return writer.event("response.failed",
+                                    response=writer.state("cancelled", partial_output(run.streaming)))
 
-            run = BackgroundRun(ending, keep_events=body.stream)
+            run = BackgroundRun(cancelled, keep_events=body.stream)
             queued = writer.state("queued", [])
             run.start(_response_events(queue, choice, writer, run))
             return _event_stream(run.replay()) if body.stream else queued
@@ -728,11 +730,15 @@ async def _response_events(queue: asyncio.Queue, choice: _Choice, writer: Respon
     A background response (``run`` given) is ``queued`` (``response.created``, ``response.queued``) until its
     row's first token comes, then ``in_progress``; each state is handed to the writer's ``keep``. Meanwhile its
     message item (``in_progress`` too) is ``run.streaming``, which each delta is appended to (nothing re-saved or
-    copied): a retrieve shows the text streamed so far (:meth:`StoredResponse.current`)."""
+    copied): a retrieve shows the text streamed so far (:meth:`StoredResponse.current`).
+
+    A failure (the row's, or an internal error: a bug) ends the stream with ``error`` and ``response.failed``, the
+    response keeping the message streamed so far (:func:`~qlora.serve.responses.partial_output`)."""
     splitter = ToolCallStream(choice.tools.format, choice.tools.names) if choice.tools is not None else None
     at = {"item_id": writer.message_id, "output_index": 0}
     background = run is not None
-    pieces, opened, carried, calls = [], False, [], []
+    streamed: StreamedMessage | None = None  # the message's text and logprobs as streamed, from its first piece
+    opened, carried, calls = False, [], []
     try:
         if background:
             yield writer.event("response.created", response=writer.state("queued", []))
@@ -748,9 +754,8 @@ async def _response_events(queue: asyncio.Queue, choice: _Choice, writer: Respon
                 yield writer.event("response.in_progress", response=writer.state("in_progress", []))
             if event.finish_reason in ("error", "cancelled"):
                 error = _failure(event)
-                yield writer.event("error", code=error.code, message=error.message, param=None)
-                yield writer.event("response.failed", response=writer.state(
-                    "failed", [], error={"code": "server_error", "message": error.message}))
+                for ending in writer.failure(error.message, error.code, partial_output(streamed)):
+                    yield ending
                 return
             choice.add(event)
             carried += event.logprobs
@@ -766,17 +771,17 @@ async def _response_events(queue: asyncio.Queue, choice: _Choice, writer: Respon
                                    part=writer.text_part("", []))
             if piece:
                 logprobs, carried = writer.logprobs(carried), []
-                pieces.append(piece)
-                if run is not None:  # kept before the client hears of it: a retrieve then shows this text at least
-                    if run.streaming is None:
-                        run.streaming = StreamedMessage(writer)
-                    run.streaming.add(piece, logprobs)
+                if streamed is None:
+                    streamed = StreamedMessage(writer)
+                    if run is not None:
+                        run.streaming = streamed
+                streamed.add(piece, logprobs)  # kept before the client hears of it: a read shows this text at least
                 yield writer.event("response.output_text.delta", **at, content_index=0, delta=piece,
                                    logprobs=logprobs)
             if event.finish_reason is not None:
                 break
         status = writer.status(choice.last.finish_reason, calls)
-        output, text = [], "".join(pieces)
+        output, text = [], "" if streamed is None else streamed.text()
         if opened:
             message = writer.message(text, status, writer.logprobs(choice.logprobs))
             yield writer.event("response.output_text.done", **at, content_index=0, text=text,
@@ -795,6 +800,11 @@ async def _response_events(queue: asyncio.Queue, choice: _Choice, writer: Respon
             yield writer.event("response.output_item.done", **where, item=item)
             output.append(item)
         yield writer.event(f"response.{status}", response=writer.state(status, output, _usage([choice])))
+    except Exception as exc:  # a bug, not bad input: the response fails (as OpenAI's do) rather than breaks off
+        log.exception("Responses stream %s failed", writer.id)
+        for ending in writer.failure(f"Internal error: {type(exc).__name__}: {exc}", "server_error",
+                                     partial_output(streamed)):
+            yield ending
     finally:
         _cancel([choice])  # the client went away mid-stream: free the row at the next step
 

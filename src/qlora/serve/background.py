@@ -9,8 +9,9 @@ events are kept in order too: event ``k`` has ``sequence_number`` ``k``, so a cl
 stream resumes it with ``GET /v1/responses/{id}?stream=true&starting_after=k``.
 
 :meth:`BackgroundRun.cancel` stops the task; the stream's own cleanup frees the batch row at the
-batcher's next step, and the run ends with the event ``ending`` writes (``response.failed`` carrying
-the response in status ``cancelled``, as OpenAI's stream ends a cancelled response).
+batcher's next step, and the run ends with the event ``cancelled`` writes (``response.failed`` carrying
+the response in status ``cancelled``, its output what was generated before the cancel). A run that fails
+ends its own stream (``error``, then ``response.failed``), so every run ends on a final state.
 """
 
 from __future__ import annotations
@@ -24,13 +25,12 @@ class BackgroundRun:
     """The task decoding one background response, and its stream events when they are kept.
 
     Args:
-        ending: ``ending(status, message)`` writes the last event of a run that did not end on its
-            own (``cancelled``, or ``failed`` with the error's message) and records that state.
+        cancelled: writes the last event of a cancelled run and records that state.
         keep_events: keep every event for replay (the request asked for ``stream``).
     """
 
-    def __init__(self, ending: Callable[[str, str | None], str], keep_events: bool) -> None:
-        self.ending, self.keep_events = ending, keep_events
+    def __init__(self, cancelled: Callable[[], str], keep_events: bool) -> None:
+        self.cancelled, self.keep_events = cancelled, keep_events
         self.events: list[str] = []
         self.finished = False
         self.streaming: Any = None  # the message item being streamed (a responses.StreamedMessage), until the end
@@ -41,13 +41,8 @@ class BackgroundRun:
         self.task = asyncio.get_running_loop().create_task(self._drain(events))
 
     async def _drain(self, events: AsyncIterator[str]) -> None:
-        try:
-            async for event in events:
-                self._add(event)
-        except asyncio.CancelledError:
-            raise  # cancel() writes the last event
-        except Exception as exc:  # a bug, not bad input: the response fails rather than stays in progress
-            self._add(self.ending("failed", f"Internal error: {type(exc).__name__}: {exc}"))
+        async for event in events:  # cancelled: cancel() writes the last event
+            self._add(event)
         self._finish()
 
     async def cancel(self) -> None:
@@ -61,7 +56,7 @@ class BackgroundRun:
         with contextlib.suppress(asyncio.CancelledError):
             await self.task
         if not self.finished:  # it may have ended on its own meanwhile
-            self._add(self.ending("cancelled", None))
+            self._add(self.cancelled())
             self._finish()
 
     async def replay(self, after: int = -1) -> AsyncIterator[str]:

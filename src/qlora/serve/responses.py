@@ -381,6 +381,14 @@ class ResponseWriter:
             "metadata": body.metadata or {}, "usage": None if usage is None else _usage(usage),
         }
 
+    def failure(self, message: str, code: str, output: list[dict[str, Any]]) -> list[str]:
+        """The events ending a stream that failed, as OpenAI's do: ``error`` (``code`` says what happened), then
+        ``response.failed`` with the response in status ``failed`` (its ``error`` a ``server_error``) keeping
+        ``output``, what was generated before the failure (:func:`partial_output`)."""
+        return [self.event("error", code=code, message=message, param=None),
+                self.event("response.failed", response=self.state(
+                    "failed", output, error={"code": "server_error", "message": message}))]
+
     def state(self, status: str, output: list[dict[str, Any]], usage: dict[str, int] | None = None,
               error: dict[str, str] | None = None) -> dict[str, Any]:
         """The ``response`` object in a state it passes through (created, in progress, finished), handed
@@ -404,11 +412,21 @@ class StreamedMessage:
         self.pieces.append(piece)
         self.logprobs += logprobs
 
-    def item(self) -> dict[str, Any]:
-        """The message as it stands (``in_progress``)."""
-        text = "".join(self.pieces)
-        self.pieces[:] = [text]  # the next read joins only what came since
-        return self.writer.message(text, "in_progress", list(self.logprobs))
+    def text(self) -> str:
+        """The text streamed so far."""
+        if len(self.pieces) > 1:
+            self.pieces[:] = ["".join(self.pieces)]  # the next read joins only what came since
+        return self.pieces[0] if self.pieces else ""
+
+    def item(self, status: str = "in_progress") -> dict[str, Any]:
+        """The message as it stands (``in_progress`` while it streams; ``incomplete`` once cut)."""
+        return self.writer.message(self.text(), status, list(self.logprobs))
+
+
+def partial_output(streamed: StreamedMessage | None) -> list[dict[str, Any]]:
+    """The output of a response cut before its end (cancelled, or failed): the message streamed so far, as
+    OpenAI's cancelled and failed responses keep what the model had generated, its status ``incomplete``."""
+    return [] if streamed is None else [streamed.item("incomplete")]
 
 
 def drop_oldest_turn(items: list[tuple[str, dict[str, Any]]]) -> list[tuple[str, dict[str, Any]]] | None:
