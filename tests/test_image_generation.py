@@ -229,3 +229,52 @@ def test_a_wrong_call_of_the_processor_is_not_reported_as_bad_input(tmp_path, mo
     with pytest.raises(TypeError, match="unexpected keyword argument"):
         main(["generate", "--model", str(folder), "--quant", "none", "--max-new-tokens", "2", "--prompt", QUESTION,
               "--image", str(write_png(tmp_path / "a.png", 40, 30, 0))])
+
+
+def _chat_lines(monkeypatch, capsys, model, lines, *extra):
+    """``qlora chat`` on ``model`` reading ``lines``: (exit code, its replies, stdout, stderr)."""
+    import io
+
+    monkeypatch.setattr("sys.stdin", io.StringIO("".join(line + "\n" for line in lines)))
+    capsys.readouterr()
+    code = main(["chat", "--model", str(model), "--quant", "none", "--compute-dtype", "fp32", "--temperature", "0",
+                 "--max-new-tokens", str(NEW), *extra])
+    out, err = capsys.readouterr()
+    return code, [line.split("assistant> ", 1)[1] for line in out.splitlines() if "assistant> " in line], out, err
+
+
+def test_a_resumed_session_sends_its_images_again_wherever_the_file_went(tmp_path, monkeypatch, capsys,
+                                                                         tiny_model_dir):
+    """A stored session keeps the images of its turns (their bytes): resumed, the model is shown them again,
+    so its next reply is the one the unbroken chat gives, though the image file was deleted meanwhile. A stored
+    image that no longer reads is said and left out; a text-only model cannot resume the session (exit 2)."""
+    import sqlite3
+
+    model = build_image_model(tmp_path / "g", "gemma3")
+    image = write_png(tmp_path / "a.png", 40, 30, 0)
+    later = "and the colours?"
+    code, unbroken, _, _ = _chat_lines(monkeypatch, capsys, model, [f"/image {image}", QUESTION, later, "/exit"])
+    assert code == 0 and len(unbroken) == 2
+    db = tmp_path / "chats.sqlite"
+    session = ["--session", "s", "--db", str(db)]
+    code, first, _, _ = _chat_lines(monkeypatch, capsys, model, [f"/image {image}", QUESTION, "/exit"], *session)
+    assert code == 0 and first == unbroken[:1]
+    image.unlink()
+    code, resumed, out, err = _chat_lines(monkeypatch, capsys, model, [later, "/exit"], *session)
+    assert code == 0 and resumed == unbroken[1:] and "resumed session 's': 2 messages" in out, err
+    # without its image the reply differs: the image is what made it equal
+    code, text_only, _, _ = _chat_lines(monkeypatch, capsys, model, [QUESTION, later, "/exit"])
+    assert text_only[1] != unbroken[1]
+
+    code, _, _, err = _chat_lines(monkeypatch, capsys, tiny_model_dir, ["/exit"], *session)
+    assert code == 2 and f"--session s: the session holds images, but {tiny_model_dir}" in err
+    assert "no vision tower" in err and "Traceback" not in err
+
+    conn = sqlite3.connect(db)
+    conn.execute("UPDATE messages SET images = json_set(images, '$[0].data', 'data:image/png;base64,AAAA')")
+    conn.commit()
+    conn.close()
+    code, _, out, err = _chat_lines(monkeypatch, capsys, model, ["/exit"], *session)
+    assert code == 0 and "Traceback" not in err
+    assert f"message 1 (image 1): image {str(image)!r} is not an image Pillow can read" in err
+    assert "It is left out of the conversation." in err

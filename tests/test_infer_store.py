@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import sqlite3
 import subprocess
@@ -442,8 +443,68 @@ def test_schema_2_file_is_upgraded_and_keeps_tool_turns(tmp_path):
     session.add_messages(turn)
     store.close()
     reopened = ChatStore(path)
-    assert reopened.conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 3
+    assert reopened.conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 4
     again = reopened.session("s", "buffer")
     assert again.messages()[2:] == turn
     assert [m for _, m in again.newest()][:4] == turn[::-1]
     reopened.close()
+
+
+def _pixels(ref):
+    import numpy as np
+
+    return np.asarray(ref.load())
+
+
+def test_a_user_message_s_images_are_stored_as_data_and_come_back_after_the_file_moved(tmp_path):
+    """A session keeps each image of a message (``/image`` in ``qlora chat``) as its bytes, so a resumed
+    session sends the model the same image, wherever the file went since."""
+    pytest.importorskip("PIL")
+    from image_models import write_png
+    from qlora.train.data.images import resolve_image
+
+    first, second = write_png(tmp_path / "a.png", 12, 9, 0), write_png(tmp_path / "b.png", 7, 5, 1)
+    refs = (resolve_image(str(first), "/image"), resolve_image(str(second), "/image"))
+    sent = [Message("user", "compare <image> with <image>", images=refs), Message("assistant", "both red")]
+    want = [_pixels(ref) for ref in refs]
+    store = ChatStore(tmp_path / "chats.sqlite")
+    store.session("s", "buffer").add_messages(sent)
+    store.close()
+    first.rename(tmp_path / "moved.png")
+    second.unlink()
+    reopened = ChatStore(tmp_path / "chats.sqlite")
+    session = reopened.session("s", "buffer")
+    user, reply = session.messages()
+    assert user.content == sent[0].content and reply == sent[1] and session.unreadable == []
+    assert [ref.shown for ref in user.images] == [str(first), str(second)]
+    assert all((_pixels(got) == pixels).all() for got, pixels in zip(user.images, want))
+    assert user.as_dict() == sent[0].as_dict()
+    reopened.close()
+
+
+def test_an_unreadable_stored_image_is_left_out_and_said(tmp_path):
+    """An image whose stored data no longer decodes (a damaged file) is left out of its message, which keeps its
+    readable images before its text, and said once; the session still reads."""
+    pytest.importorskip("PIL")
+    from image_models import write_png
+    from qlora.train.data.images import resolve_image
+
+    good = write_png(tmp_path / "a.png", 12, 9, 0)
+    refs = (resolve_image(str(good), "/image"), resolve_image(str(good), "/image"))
+    path = tmp_path / "chats.sqlite"
+    store = ChatStore(path)
+    store.session("s", "buffer").add_messages([Message("user", "compare <image> with <image>", images=refs),
+                                               Message("assistant", "same")])
+    (stored,) = store.conn.execute("SELECT images FROM messages WHERE role = 'user'").fetchone()
+    images = json.loads(stored)
+    images[1]["data"] = "data:image/png;base64,bm90IGFuIGltYWdl"  # "not an image"
+    store.conn.execute("UPDATE messages SET images = ? WHERE role = 'user'", (json.dumps(images),))
+    store.close()
+    session = ChatStore(path).session("s", "buffer")
+    user, _ = session.messages()
+    assert user.content == "compare  with " and [ref.shown for ref in user.images] == [str(good)]
+    (said,) = session.unreadable
+    assert said.startswith(f"{path}, message 1 (image 2): image {str(good)!r} is not an image Pillow can read (")
+    assert said.endswith("It is left out of the conversation.")
+    session.messages()
+    assert len(session.unreadable) == 1  # said once

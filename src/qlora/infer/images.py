@@ -20,8 +20,9 @@ from qlora.train.data.images import ImageRef
 
 
 
-def image_processor(model, tokenizer, model_dir: str | Path, where: str):
-    """The processor that turns images into ``model``'s inputs (the model folder's own ``AutoProcessor``).
+def image_processor(model, tokenizer, model_dir: str | Path, where: str, subject: str = "images were given"):
+    """The processor that turns images into ``model``'s inputs (the model folder's own ``AutoProcessor``);
+    ``where`` and ``subject`` (what holds the images) open its errors.
 
     Raises:
         UsageError: ``model`` has no vision tower (naming ``model_dir``), its type is refused, or its processor
@@ -29,7 +30,7 @@ def image_processor(model, tokenizer, model_dir: str | Path, where: str):
     """
     from qlora.model.image_processor import load_image_processor
 
-    return load_image_processor(model_dir, model, tokenizer, where, subject="images were given")
+    return load_image_processor(model_dir, model, tokenizer, where, subject=subject)
 
 
 def encode_with_images(processor, model, prompt: str, images: Sequence[ImageRef]) -> tuple[torch.Tensor, dict]:

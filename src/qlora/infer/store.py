@@ -1,7 +1,9 @@
 """SQLite persistence of conversations: many named sessions in one file.
 
 Each session keeps its messages (an assistant's tool calls and the call a tool
-result answers included), running summary, entity descriptions, triples
+result answers included, and a user message's images as ``data:`` URIs of their
+bytes, so a resumed session shows the model the same images wherever their files
+went since), running summary, entity descriptions, triples
 and embedded documents, so ``qlora chat --session NAME --db FILE`` continues a
 conversation after the program exits. The file is in WAL mode (readers never
 block the writer), every write is one ``BEGIN IMMEDIATE`` transaction, and a
@@ -33,7 +35,7 @@ from .memory.session import DERIVED, Entry, Triple, replace_triples
 from .messages import Message
 
 APPLICATION_ID = 0x514C4F52  # "QLOR"
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 BUSY_TIMEOUT_S = 10.0
 
 _TABLES = """
@@ -74,6 +76,11 @@ INSERT INTO progress SELECT s.id, k.kind, (SELECT max(id) FROM messages WHERE se
 _MIGRATE_2_TO_3 = """
 ALTER TABLE messages ADD COLUMN tool_calls TEXT;
 ALTER TABLE messages ADD COLUMN tool_call_id TEXT;
+"""
+
+# Version 4: a user message's images, a JSON list of {"data": data: URI, "shown": how the user named it}.
+_MIGRATE_3_TO_4 = """
+ALTER TABLE messages ADD COLUMN images TEXT;
 """
 
 _SESSION_TABLES = ("messages", "summaries", "entities", "triples", "vectors", "progress")
@@ -169,7 +176,7 @@ class ChatStore:
                 raise StoreReadOnly(f"cannot create a chat database in {self.path}: it is read-only")
             with self.transaction():
                 if self._header() == (0, 0, 0):  # still empty: no other process created it meanwhile
-                    for statement in _statements(_TABLES + _PROGRESS + _MIGRATE_2_TO_3):
+                    for statement in _statements(_TABLES + _PROGRESS + _MIGRATE_2_TO_3 + _MIGRATE_3_TO_4):
                         self.conn.execute(statement)
                     self.conn.execute(f"PRAGMA application_id = {APPLICATION_ID}")
                     self.conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
@@ -200,7 +207,8 @@ class ChatStore:
                                 "upgraded once, but it is read-only; make it writable and run qlora chat once")
         with self.transaction():
             found = self.conn.execute("PRAGMA user_version").fetchone()[0]
-            steps = {1: _PROGRESS + _MIGRATE_1_TO_2 + _MIGRATE_2_TO_3, 2: _MIGRATE_2_TO_3}.get(found)
+            steps = {1: _PROGRESS + _MIGRATE_1_TO_2 + _MIGRATE_2_TO_3 + _MIGRATE_3_TO_4,
+                     2: _MIGRATE_2_TO_3 + _MIGRATE_3_TO_4, 3: _MIGRATE_3_TO_4}.get(found)
             if steps is not None:  # else another process upgraded it meanwhile
                 for statement in _statements(steps):
                     self.conn.execute(statement)
@@ -274,12 +282,19 @@ class ChatStore:
         self.conn.close()
 
 
-_MESSAGE = "id, role, content, tool_calls, tool_call_id"
+_MESSAGE = "id, role, content, tool_calls, tool_call_id, images"
 
 
-def _entry(row: tuple) -> Entry:
-    message_id, role, content, calls, call_id = row
-    return message_id, Message(role, content, tuple(json.loads(calls)) if calls else (), call_id)
+def _stored_images(images: Sequence) -> str | None:
+    """A message's images (ImageRefs) as the ``images`` column keeps them: each one's bytes, whatever its file does
+    later.
+
+    Raises:
+        UsageError: an image that cannot be read any more (its file gone since it was attached).
+    """
+    if not images:
+        return None
+    return json.dumps([{"data": ref.data_uri(), "shown": ref.shown} for ref in images])
 
 
 class StoredSession:
@@ -287,11 +302,40 @@ class StoredSession:
 
     Every derived write checks the session's ``progress`` cursor in its own
     transaction, so two processes catching up on one session derive each exchange once.
+
+    A stored image that no longer reads (a damaged file) is left out of its message, whose ``<image>``
+    placeholders then go (its other images come before its text), and said once in :attr:`unreadable`.
     """
 
     def __init__(self, store: ChatStore, session_id: int) -> None:
         self.store = store
         self.id = session_id
+        self.unreadable: list[str] = []  # a line for each stored image left out, in the order they were read
+        self._images: dict[int, tuple] = {}  # message id -> its images, checked once
+
+    def _entry(self, row: tuple) -> Entry:
+        message_id, role, content, calls, call_id, images = row
+        refs: tuple = ()
+        if images:
+            refs = self._images.get(message_id) or self._read_images(message_id, images)
+            if len(refs) < len(json.loads(images)):
+                from .messages import IMAGE_PLACEHOLDER
+
+                content = content.replace(IMAGE_PLACEHOLDER, "")
+        return message_id, Message(role, content, tuple(json.loads(calls)) if calls else (), call_id, images=refs)
+
+    def _read_images(self, message_id: int, images: str) -> tuple:
+        from ..train.data.images import ImageRef, checked_image
+
+        refs = []
+        for k, image in enumerate(json.loads(images)):
+            where = f"{self.store.path}, message {message_id} (image {k + 1})"
+            try:
+                refs.append(checked_image(ImageRef(image["data"], image["shown"], where), advice=""))
+            except UsageError as exc:
+                self.unreadable.append(f"{str(exc).strip()} It is left out of the conversation.")
+        self._images[message_id] = tuple(refs)
+        return self._images[message_id]
 
     def _rows(self, sql: str, *params) -> list[tuple]:
         return self.store.read(sql, (self.id, *params)).fetchall()
@@ -301,21 +345,21 @@ class StoredSession:
 
     def entries(self, after: int = 0) -> list[Entry]:
         rows = self._rows(f"SELECT {_MESSAGE} FROM messages WHERE session_id = ? AND id > ? ORDER BY id", after)
-        return [_entry(row) for row in rows]
+        return [self._entry(row) for row in rows]
 
     def newest(self) -> Iterator[Entry]:
         """Newest first, read lazily: the caller's early stop ends the scan (cost ∝ what is read)."""
         cursor = self.store.read(f"SELECT {_MESSAGE} FROM messages WHERE session_id = ? ORDER BY id DESC", (self.id,))
-        return (_entry(row) for row in cursor)
+        return (self._entry(row) for row in cursor)
 
     def add_messages(self, messages: Sequence[Message]) -> int:
         now = time.time()
+        rows = [(self.id, m.role, m.content, now,
+                 json.dumps(list(m.tool_calls), ensure_ascii=False) if m.tool_calls else None,
+                 m.tool_call_id, _stored_images(m.images)) for m in messages]
         with self.store.transaction() as conn:
-            conn.executemany("INSERT INTO messages (session_id, role, content, created, tool_calls, tool_call_id) "
-                             "VALUES (?, ?, ?, ?, ?, ?)",
-                             [(self.id, m.role, m.content, now,
-                               json.dumps(list(m.tool_calls), ensure_ascii=False) if m.tool_calls else None,
-                               m.tool_call_id) for m in messages])
+            conn.executemany("INSERT INTO messages (session_id, role, content, created, tool_calls, tool_call_id, "
+                             "images) VALUES (?, ?, ?, ?, ?, ?, ?)", rows)
             return conn.execute("SELECT max(id) FROM messages WHERE session_id = ?", (self.id,)).fetchone()[0]
 
     def progress(self, kind: str) -> int:

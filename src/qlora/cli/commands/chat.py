@@ -8,7 +8,9 @@ read-only database still opens (``/history`` works; turns are not saved); a
 database locked by another program is waited for ``--db-timeout`` seconds, then
 the turn is reported unsaved and the chat goes on.
 Slash commands: /reset, /history, /memory, /save [FILE], /image PATH, /exit. ``/image`` attaches an image
-(a file or a data: URI) to the next message, for a vision-language model.
+(a file or a data: URI) to the next message, for a vision-language model; the image's bytes are read then, and a
+session stores them (as a data: URI), so a resumed session shows the model its images again, wherever their files
+went. A stored image that no longer reads is said and left out.
 With ``--tools FILE`` the model sees those function definitions; each call it makes
 is shown and its result asked for (you play the tool), then the model goes on.
 """
@@ -186,6 +188,7 @@ def _attach(chat, args: argparse.Namespace, source: str, images: list) -> str:
         return "(give an image: /image PATH, a file or a data: URI)"
     try:
         ref = resolve_image(source, "/image")
+        ref = dataclasses.replace(ref, source=ref.data_uri())  # its bytes now: sent and stored, whatever the file does
         if chat.llm.processor is None:
             chat.llm.processor = image_processor(chat.llm.model, chat.llm.tokenizer, args.model, "/image")
     except UsageError as exc:
@@ -245,9 +248,16 @@ def run(args: argparse.Namespace) -> int:
         print(f"qlora chat ({args.memory} memory). {SLASH_HELP}")
         if store is not None and store.read_only:
             print(f"({args.db} is read-only: the session can be read, new turns will not be saved)", file=sys.stderr)
-        resumed = len(session.messages())
+        resumed = session.messages()
         if resumed:
-            print(f"(resumed session {args.session!r}: {resumed} messages)")
+            print(f"(resumed session {args.session!r}: {len(resumed)} messages)")
+            for line in getattr(session, "unreadable", []):
+                print(f"({line})", file=sys.stderr)
+            if any(m.images for m in resumed):  # shown to the model again with their turns
+                from ...infer.images import image_processor
+
+                chat.llm.processor = image_processor(model, tokenizer, args.model, f"--session {args.session}",
+                                                     subject="the session holds images")
             if store is None or not store.read_only:
                 try:
                     chat.memory.catch_up()  # what a killed run saved but did not derive yet

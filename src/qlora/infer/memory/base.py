@@ -125,7 +125,7 @@ class BaseMemory:
 
         ``steps``: the assistant's tool calls and the tool results between the user's message and the
         final reply, kept in order so the next turns see how the answer was reached.
-        ``images``: the user message's images (kept with it in memory; a stored session keeps its text only).
+        ``images``: the user message's images (kept with it; a stored session keeps their bytes).
         """
         user = Message("user", self.input_text(inputs), images=tuple(images))
         reply = Message("assistant", self._pick(outputs, self.output_key, "output"))

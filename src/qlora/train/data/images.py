@@ -72,6 +72,26 @@ class ImageRef:
                              "image file Pillow reads, as a path relative to the data file's folder (or "
                              "--dataset-dir), an absolute path or a data: URI; or remove the row.") from None
 
+    def data_uri(self) -> str:
+        """The image as a base64 ``data:`` URI of its bytes as given (what outlasts a file moved or deleted later),
+        its MIME type the one Pillow names for them.
+
+        Raises:
+            UsageError: the file cannot be read any more, or Pillow does not read it.
+        """
+        if isinstance(self.source, str) and self.source.startswith("data:"):
+            return self.source
+        try:
+            data = self.source if isinstance(self.source, bytes) else Path(self.source).read_bytes()
+        except OSError as exc:
+            raise UsageError(f"{self.where}: image {self.shown!r} cannot be read ({exc.strerror}).") from None
+        checked_image(ImageRef(data, self.shown, self.where))
+        from PIL import Image
+
+        with Image.open(io.BytesIO(data)) as image:
+            mime = image.get_format_mimetype() or "application/octet-stream"
+        return f"data:{mime};base64,{base64.b64encode(data).decode()}"
+
 
 def attach_images(example, fields: dict[str, Any], folders: Sequence[str | Path]):
     """``example`` (a :class:`~qlora.train.data.formats.Example`) with its images: message parts and
@@ -223,14 +243,14 @@ def resolve_image(source: Any, where: str, folders: Sequence[str | Path] = ()) -
         return ImageRef(buffer.getvalue(), "<PIL image>", where)
     if isinstance(source, dict):  # a datasets Image cell: {"bytes": ..., "path": ...}
         if source.get("bytes"):
-            return _checked(ImageRef(bytes(source["bytes"]), str(source.get("path") or "<image bytes>"), where))
+            return checked_image(ImageRef(bytes(source["bytes"]), str(source.get("path") or "<image bytes>"), where))
         source = source.get("path")
     if not isinstance(source, str) or not source.strip():
         raise UsageError(f"{where}: an image must be a path, a data: URI or an image column's bytes, got "
                          f"{type(source).__name__}.")
     if source.startswith("data:"):
         _data_uri_bytes(source, where, source[:40] + "...")
-        return _checked(ImageRef(source, source[:40] + "...", where))
+        return checked_image(ImageRef(source, source[:40] + "...", where))
     if source.startswith(("http://", "https://")):
         raise UsageError(f"{where}: image {source!r} is a URL; qlora reads local files only. Download the images "
                          "and give their paths (relative to the data file's folder or --dataset-dir).")
@@ -243,11 +263,15 @@ def resolve_image(source: Any, where: str, folders: Sequence[str | Path] = ()) -
                 else "Give an existing image file (relative to the working directory, or absolute) or a data: URI.")
         raise UsageError(f"{where}: image {source!r} not found" + (f" (looked in {looked})" if looked and not
                          path.is_absolute() else "") + f". {hint}")
-    return _checked(ImageRef(str(found), source, where))
+    return checked_image(ImageRef(str(found), source, where))
 
 
-def _checked(ref: ImageRef) -> ImageRef:
-    """``ref`` once Pillow recognizes it as an image (its header only: decoding waits for tokenization)."""
+def checked_image(ref: ImageRef, advice: str = "Replace the file or remove the row.") -> ImageRef:
+    """``ref`` once Pillow recognizes it as an image (its header only: decoding waits for tokenization).
+
+    Raises:
+        UsageError: Pillow is missing, or does not read it (naming ``ref.where`` and the image, then ``advice``).
+    """
     try:
         from PIL import Image
     except ImportError:
@@ -260,7 +284,7 @@ def _checked(ref: ImageRef) -> ImageRef:
             image.verify()
     except Exception as exc:  # PIL raises many types for a damaged file
         raise UsageError(f"{ref.where}: image {ref.shown!r} is not an image Pillow can read ({type(exc).__name__}: "
-                         f"{exc}). Replace the file or remove the row.") from None
+                         f"{exc}). {advice}") from None
     return ref
 
 
