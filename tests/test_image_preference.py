@@ -82,14 +82,19 @@ def _trainer(model, data, out, **kw):
     return trainer
 
 
-@pytest.mark.parametrize("kind", ["gemma3", "idefics3", "llava"])
-def test_first_dpo_step_equals_trl_dpotrainer_on_images(kind, models, folder, tmp_path):
+# DPO's aot and aot_unpaired (TRL 1.16's name for aot_pair) losses sort the micro-batch's pairs: both pairs, each
+# with its own image, enter one loss
+@pytest.mark.parametrize("kind, loss", [("gemma3", "sigmoid"), ("idefics3", "sigmoid"), ("llava", "sigmoid"),
+                                        ("gemma3", "aot"), ("idefics3", "aot_unpaired")])
+def test_first_dpo_step_equals_trl_dpotrainer_on_images(kind, loss, models, folder, tmp_path):
     from PIL import Image
     from transformers import AutoModelForImageTextToText, AutoProcessor
     from trl import DPOConfig, DPOTrainer
 
     rows = _trl_rows()
-    trainer = _trainer(models[kind], _jsonl(folder / f"trl-{kind}.jsonl", rows), tmp_path / "q", max_steps=1)
+    smoothing = 0.0 if loss == "sigmoid" else 0.1
+    trainer = _trainer(models[kind], _jsonl(folder / f"trl-{kind}.jsonl", rows), tmp_path / "q", max_steps=1,
+                       loss_type=loss, label_smoothing=smoothing)
     torch.manual_seed(0)
     with torch.no_grad():  # non-zero B, so the policy is not the reference
         for name, p in trainer.model.named_parameters():
@@ -101,7 +106,8 @@ def test_first_dpo_step_equals_trl_dpotrainer_on_images(kind, models, folder, tm
     dataset = datasets.Dataset.from_list([{**r, "images": [Image.open(folder / i).convert("RGB") for i in r["images"]]}
                                           for r in rows])
     args = DPOConfig(output_dir=str(tmp_path / "trl"), beta=0.3, per_device_train_batch_size=2, max_length=None,
-                     report_to=[], use_cpu=True, bf16=False, fp16=False, disable_dropout=True)
+                     report_to=[], use_cpu=True, bf16=False, fp16=False, disable_dropout=True, loss_type=[loss],
+                     label_smoothing=smoothing)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         oracle = DPOTrainer(model=AutoModelForImageTextToText.from_pretrained(models[kind], dtype=torch.float32),
