@@ -223,3 +223,35 @@ def test_a_dataset_whose_image_rows_are_all_skipped_is_refused_naming_them(tmp_p
     assert str(error.value).startswith(
         f"all 3 rows of the data have nothing to train: 2 with images too long (first: {path} line 1, {path} line 2); "
         f"1 with an empty answer (first: {path} line 3).")
+
+
+def test_eval_rows_that_are_all_skipped_are_refused_as_nothing_to_evaluate(tmp_path, tiny_model_dir, capsys):
+    """Held-out rows with nothing in them name the eval data (--eval-split's share of --data, or --eval-data) and
+    say there is nothing to evaluate, not that there is nothing to train."""
+    from qlora.train.data.selection import hold_out
+
+    rows = [{"instruction": f"Double {a}.", "input": "", "output": f"{2 * a}."} for a in range(6)]
+    _, held = hold_out(list(range(6)), 2, 7)  # the rows --eval-split 2 --seed 7 holds out
+    data = _write(tmp_path / "alpaca.jsonl", [{**r, "output": ""} if i in held else r for i, r in enumerate(rows)])
+    args = ["train", "--model", str(tiny_model_dir), "--seq-len", "128", "--max-steps", "1", "--no-progress",
+            "--seed", "7", "--data", str(data)]
+    assert main([*args, "--output", str(tmp_path / "a"), "--eval-split", "2"]) == 2
+    err = capsys.readouterr().err
+    lines = ", ".join(f"{data} line {i + 1}" for i in sorted(held))
+    assert (f"--eval-split 2: all 2 rows it holds out of --data {data} have nothing to evaluate: 2 with an empty "
+            f"answer (first: {lines})") in err, err
+    assert "nothing to train" not in err and "Traceback" not in err and "--eval-data" in err
+    empty = _write(tmp_path / "eval.jsonl", [{"instruction": "Nothing.", "input": "", "output": ""}])
+    assert main([*args, "--output", str(tmp_path / "b"), "--eval-data", str(empty)]) == 2
+    err = capsys.readouterr().err
+    assert (f"--eval-data {empty}: all 1 rows of it have nothing to evaluate: 1 with an empty answer "
+            f"(first: {empty} line 1)") in err, err
+    assert "nothing to train" not in err and "Traceback" not in err
+    pairs = _write(tmp_path / "pairs.jsonl", [{"prompt": "Q?", "chosen": "Yes.", "rejected": "No."}] * 2)
+    empty_pairs = _write(tmp_path / "eval_pairs.jsonl", [{"prompt": "Q?", "chosen": "", "rejected": ""}])
+    for method in ("dpo", "kto"):
+        assert main(["train", "--method", method, "--model", str(tiny_model_dir), "--seq-len", "128", "--max-steps",
+                     "1", "--batch-size", "2", "--no-progress", "--data", str(pairs), "--eval-data", str(empty_pairs), "--output",
+                     str(tmp_path / method)]) == 2
+        err = capsys.readouterr().err
+        assert f"--eval-data {empty_pairs}: all " in err and "have nothing to evaluate" in err, err

@@ -95,7 +95,8 @@ def test_glaive_empty_answers_are_skipped_and_bad_calls_refused(tmp_path, qwen_t
     with pytest.raises(UsageError, match=rf"^{path} line 2, turn 1: the <functioncall> is not a JSON object nor "):
         normalize(load_records(path))
     broken = {"system": SYSTEM.replace('"name": "calculate_age"', "name: calculate_age"), "chat": CHAT}
-    with pytest.raises(UsageError, match=rf"^{tmp_path / 'broken.jsonl'} line 1: the function definitions after "):
+    with pytest.raises(UsageError, match=rf"^{tmp_path / 'broken.jsonl'} line 1: the function definitions in the system "
+                                         "prompt are not JSON objects"):
         normalize(load_records(_jsonl(tmp_path / "broken.jsonl", [broken])))
 
 
@@ -115,3 +116,39 @@ def test_cli_trains_glaive_rows(tmp_path, capsys):
     assert main(["train", "--model", str(model), "--data", str(data), "--output", str(tmp_path / "run"),
                  "--seq-len", "512", "--max-steps", "1", "--no-progress"]) == 0
     assert "data: 2 examples, 0 truncated to --seq-len; 2 examples" in "".join(capsys.readouterr())
+
+
+# glaiveai/glaive-function-calling (v1): one "sample" column holding the whole transcript, the system prompt first,
+# in the layout its dataset card gives ("SYSTEM: ... you can use the functions if needed-" and the definitions, then
+# "USER:", "ASSISTANT:", "<functioncall> {json function call}", "FUNCTION RESPONSE:" turns).
+V1_SYSTEM = ("SYSTEM: You are an helpful assistant who has access to the following functions to help the user, you can "
+             "use the functions if needed-\n" + json.dumps(NEWS, indent=2) + "\n" + json.dumps(AGE, indent=2) + "\n")
+
+
+def test_glaive_v1_sample_rows_read_as_v2_rows(tmp_path, qwen_tokenizer):
+    """A v1 row is the v2 row of the same conversation: the same messages and tools (the system prompt's
+    definitions), so it trains the same tokens; a row with no functions has a system prompt only."""
+    multiline = CHAT.replace("'{\"country\": \"United States\"}'", "'{\n  \"country\": \"United States\"\n}'")
+    assert multiline != CHAT  # a call's quoted arguments over several lines, as the v1 model card writes them
+    v1 = [{"sample": V1_SYSTEM + "\n\n" + multiline}, {"sample": NO_FUNCTIONS["system"] + NO_FUNCTIONS["chat"]},
+          {"sample": "USER: Hi\n\n\nASSISTANT: Hello! How can I help? <|endoftext|>"}]
+    v2 = [{"system": V1_SYSTEM, "chat": CHAT}, NO_FUNCTIONS, {"system": "", "chat": v1[2]["sample"]}]
+    read_v1 = normalize(load_records(_jsonl(tmp_path / "v1.jsonl", v1)))
+    read_v2 = normalize(load_records(_jsonl(tmp_path / "v2.jsonl", v2)))
+    for a, b in zip(read_v1, read_v2, strict=True):
+        assert (a.messages, a.tools) == (b.messages, b.tools)
+    calls, plain, bare = read_v1
+    assert calls.messages[0] == {"role": "system", "content": "You are an helpful assistant who has access to the "
+                                 "following functions to help the user, you can use the functions if needed."}
+    assert list(calls.messages[1:]) == OPENAI["messages"][1:] and calls.tools == tuple(OPENAI["tools"])
+    assert plain.messages[0]["role"] == "system" and plain.tools is None and bare.messages[0]["role"] == "user"
+    fmt = ChatFormat(QWEN.read_text())
+    assert tokenize_example(calls, qwen_tokenizer, fmt).input_ids == list(qwen_tokenizer.apply_chat_template(
+        [calls.messages[0]] + OPENAI["messages"][1:], tools=OPENAI["tools"], tokenize=True,
+        return_dict=True)["input_ids"])
+    empty = _jsonl(tmp_path / "empty.jsonl", [v1[1], {"sample": ""}])
+    _, report = tokenize_dataset(normalize(load_records(empty)), qwen_tokenizer, fmt)
+    assert report.empty == {"no messages": [f"{empty} line 2"]}
+    broken = _jsonl(tmp_path / "broken.jsonl", [{"sample": "The assistant said hello.\n\nUSER: Hi"}])
+    with pytest.raises(UsageError, match=rf'^{broken} line 1: the "sample" transcript must start with "SYSTEM:"'):
+        normalize(load_records(broken), "chat")

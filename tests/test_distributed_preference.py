@@ -45,6 +45,9 @@ CASES = {  # name: method, flags, data
     "dpo": ("dpo", ["--loss-type", "sigmoid,aot", "--loss-weights", "1,0.5", "--beta", "0.5"], "odd-pairs"),
     "kto": ("kto", ["--beta", "0.5"], "kto"),
     "kto-short": ("kto", ["--beta", "0.5"], "kto-odd"),
+    # the reference swaps the trainable tensors (new tokens' embeddings and head among them) with their start,
+    # here under FSDP2 on the ranks (FSDP: --fsdp there only), for both the examples and the KL rows
+    "kto-new-tokens-fsdp": ("kto", ["--beta", "0.5", "--add-special-tokens", "<|new|>", "FSDP"], "kto"),
     # SimPO's eval sums are per pair, so one process's batches of 4 and the ranks' shares of batches of 2 add up
     # alike: 5 pairs are 3 eval batches of 2, rank 1's second round a repeat left out
     "simpo": ("simpo", ["--eval-data", "EVAL", "--eval-steps", "2"], "odd-pairs"),
@@ -57,7 +60,9 @@ def _train(model: Path, data: Path, out: Path, method: str, extra: list[str], np
     argv = ["train", "--model", str(model), "--data", str(data), "--output", str(out),
             "--method", method, "--optim", "adamw", "--lr", "2e-2", "--max-steps", str(STEPS), "--seq-len", "32",
             "--dropout", "0", "--grad-accum", "2", "--save-steps", "0", "--no-progress", "--no-chunked-ce",
-            "--batch-size", str(4 // nproc), *extra]
+            "--batch-size", str(4 // nproc), *[a for a in extra if a != "FSDP"]]
+    if "FSDP" in extra and nproc > 1:
+        argv.append("--fsdp")
     if nproc > 1:
         argv += ["--nproc", str(nproc)]
     run_qlora(argv)

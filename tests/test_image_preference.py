@@ -82,14 +82,19 @@ def _trainer(model, data, out, **kw):
     return trainer
 
 
-@pytest.mark.parametrize("kind", ["gemma3", "idefics3", "llava"])
-def test_first_dpo_step_equals_trl_dpotrainer_on_images(kind, models, folder, tmp_path):
+# DPO's aot and aot_unpaired (TRL 1.16's name for aot_pair) losses sort the micro-batch's pairs: both pairs, each
+# with its own image, enter one loss
+@pytest.mark.parametrize("kind, loss", [("gemma3", "sigmoid"), ("idefics3", "sigmoid"), ("llava", "sigmoid"),
+                                        ("gemma3", "aot"), ("idefics3", "aot_unpaired")])
+def test_first_dpo_step_equals_trl_dpotrainer_on_images(kind, loss, models, folder, tmp_path):
     from PIL import Image
     from transformers import AutoModelForImageTextToText, AutoProcessor
     from trl import DPOConfig, DPOTrainer
 
     rows = _trl_rows()
-    trainer = _trainer(models[kind], _jsonl(folder / f"trl-{kind}.jsonl", rows), tmp_path / "q", max_steps=1)
+    smoothing = 0.0 if loss == "sigmoid" else 0.1
+    trainer = _trainer(models[kind], _jsonl(folder / f"trl-{kind}.jsonl", rows), tmp_path / "q", max_steps=1,
+                       loss_type=loss, label_smoothing=smoothing)
     torch.manual_seed(0)
     with torch.no_grad():  # non-zero B, so the policy is not the reference
         for name, p in trainer.model.named_parameters():
@@ -101,7 +106,8 @@ def test_first_dpo_step_equals_trl_dpotrainer_on_images(kind, models, folder, tm
     dataset = datasets.Dataset.from_list([{**r, "images": [Image.open(folder / i).convert("RGB") for i in r["images"]]}
                                           for r in rows])
     args = DPOConfig(output_dir=str(tmp_path / "trl"), beta=0.3, per_device_train_batch_size=2, max_length=None,
-                     report_to=[], use_cpu=True, bf16=False, fp16=False, disable_dropout=True)
+                     report_to=[], use_cpu=True, bf16=False, fp16=False, disable_dropout=True, loss_type=[loss],
+                     label_smoothing=smoothing)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         oracle = DPOTrainer(model=AutoModelForImageTextToText.from_pretrained(models[kind], dtype=torch.float32),
@@ -240,11 +246,79 @@ def test_cli_trains_and_names_bad_images(models, folder, tmp_path, capsys):
         assert len(err.strip().splitlines()) == 1, err  # one paragraph
 
 
-def test_kto_rows_with_images_are_still_refused(models, folder, tmp_path, capsys):
-    """KTO reads its rows as text: rows with images (its own, or preference pairs it unpairs) stop."""
-    row = {"prompt": _trl_rows()[0]["prompt"], "completion": "a red square", "label": True, "images": ["img/a.png"]}
-    for k, rows in enumerate(([row, row], _trl_rows())):
-        path = _jsonl(folder / f"kto{k}.jsonl", rows)
-        assert _train(models["llava"], path, tmp_path / f"kto{k}", "--method", "kto") == 2
-        err = capsys.readouterr().err
-        assert f"{path} line 1: this KTO row holds images" in err and "Traceback" not in err, err
+def _kto_rows():
+    """TRL's unpaired shape with images: each pair's answers as a desirable and an undesirable completion."""
+    return [{"images": r["images"], "prompt": r["prompt"], "completion": r[side], "label": side == "chosen"}
+            for r in _trl_rows() for side in ("chosen", "rejected")]
+
+
+def test_kto_trains_on_images_and_its_kl_rows_keep_their_prompts_images(models, folder, tmp_path):
+    """KTO on rows with images: each example's prompt through the processor once, its image tensors given to its
+    row and to its KL row (its prompt with the previous example's completion), the reference pass too. As on text:
+    the reference is the starting policy (first step: rewards and KL 0), and the loss falls."""
+    from qlora.train.data import IGNORE_INDEX
+    from qlora.train.data.image_examples import image_batch
+    from qlora.train.data.unpaired import kl_halves
+    from qlora.train.preference_loss import label_logps
+
+    data = _jsonl(folder / "kto.jsonl", _kto_rows())
+    trainer = _trainer(models["idefics3"], data, tmp_path / "kto", method="kto", batch_size=4, max_steps=5)
+    units = trainer.train_units
+    assert [u.desirable for u in units] == [True, False, True, False] and all(u.media for u in units)
+    batch = trainer._collate(units)
+    n = len(units)
+    images = batch["pixel_values"]
+    assert images.shape[0] == 2 * n and torch.equal(images[:n], images[n:])  # each KL row: its prompt's image
+    assert not torch.equal(images[0], images[2])
+    main, kl = kl_halves(batch)
+    assert torch.equal(kl["pixel_values"], images[n:]) and torch.equal(kl["input_ids"], batch["input_ids"][n:])
+    trainer.model.eval()
+    with torch.no_grad():
+        kl_logps = label_logps(trainer.model, kl, [kl["labels"]])[0]
+        for k, unit in enumerate(units):  # oracle: the KL row built alone from its prompt and the other's completion
+            for owner, expected in ((k, True), ((k + 2) % n, False)):  # its prompt's image, not the other pair's
+                ids = unit.prompt_ids + units[k - 1].completion_ids
+                row = {"input_ids": torch.tensor([ids]), "attention_mask": torch.ones(1, len(ids), dtype=torch.long),
+                       "labels": torch.tensor([[IGNORE_INDEX] * len(unit.prompt_ids) + units[k - 1].completion_ids]),
+                       **image_batch([units[owner]], len(ids))}
+                alone = label_logps(trainer.model, row, [row["labels"]])[0]
+                assert torch.allclose(alone, kl_logps[k:k + 1], rtol=1e-5, atol=1e-5) is expected, (k, owner)
+        # the main rows see their images too: the same rows with dimmed images score otherwise
+        dimmed = {**main, "pixel_values": main["pixel_values"] * 0.5}
+        assert not torch.allclose(label_logps(trainer.model, dimmed, [main["labels"]])[0],
+                                  label_logps(trainer.model, main, [main["labels"]])[0], atol=1e-4)
+    trainer.model.train()
+    trainer.train()
+    trainer.cleanup()
+    records = [json.loads(line) for line in (tmp_path / "kto" / "metrics.jsonl").read_text().splitlines()]
+    records = [r for r in records if r["split"] == "train"]
+    first = records[0]
+    assert abs(first["rewards/chosen"]) < 1e-5 and abs(first["rewards/rejected"]) < 1e-5 and first["kl"] < 1e-5
+    assert trainer.losses[-1] < trainer.losses[0], trainer.losses
+    assert records[-1]["rewards/margins"] > 0
+
+
+def test_kto_unpairs_preference_pairs_with_images(models, folder, tmp_path):
+    """Preference pairs with images trained by KTO: each half keeps the pair's images (the RLAIF-V shape too)."""
+    pairs = _trainer(models["gemma3"], _jsonl(folder / "rlaif.jsonl", _rlaif_rows()), tmp_path / "dpo",
+                     data_fields="prompt=question").train_units
+    kto = _trainer(models["gemma3"], folder / "rlaif.jsonl", tmp_path / "kto", method="kto", batch_size=2,
+                   data_fields="prompt=question").train_units
+    assert len(kto) == 2 * len(pairs)
+    for pair, chosen, rejected in zip(pairs, kto[0::2], kto[1::2]):
+        assert chosen.prompt_ids == rejected.prompt_ids == pair.prompt_ids
+        assert (chosen.completion_ids, rejected.completion_ids) == (pair.chosen_ids, pair.rejected_ids)
+        for key, tensor in pair.media.items():
+            assert torch.equal(chosen.media[key], tensor) and torch.equal(rejected.media[key], tensor)
+
+
+def test_cli_trains_kto_on_images(models, folder, tmp_path, capsys):
+    path = _jsonl(folder / "kto-cli.jsonl", _kto_rows())
+    assert _train(models["llava"], path, tmp_path / "kto", "--method", "kto") == 0
+    assert (tmp_path / "kto" / "adapter_model.safetensors").exists()
+    bad = _kto_rows()
+    bad[0]["completion"] = [{"role": "assistant", "content": [{"type": "image"}]}]
+    path = _jsonl(folder / "kto-bad.jsonl", bad)
+    assert _train(models["llava"], path, tmp_path / "bad", "--method", "kto") == 2
+    err = capsys.readouterr().err
+    assert f'{path} line 1: "completion" holds images' in err and "Traceback" not in err, err

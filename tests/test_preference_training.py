@@ -459,6 +459,50 @@ def test_reference_is_the_starting_policy_throughout(tmp_path, tiny_model_dir, k
     assert not torch.allclose(policy_logps(), start, atol=1e-3)
 
 
+@pytest.mark.parametrize("method", ["dpo", "kto"])
+def test_reference_swap_copies_nothing_and_trains_as_copying_did(tmp_path, tiny_model_dir, method):
+    """The reference pass swaps the starting tensors in by pointing each trainable parameter (the same object: the
+    optimizer's state is keyed by it) at the other's storage; nothing is copied, the embeddings of --add-special-tokens
+    included. Oracle: the former swap, which copied every tensor there and back, trains the same losses bit for bit
+    (fixed seed, dropout on)."""
+    from qlora.train.kto_trainer import KTOTrainer
+    from qlora.train.preference_trainer import PreferenceTrainer
+
+    data = _write(tmp_path / "p.jsonl", ROWS)
+    kw = dict(add_special_tokens="<|new|>", method=method, dropout=0.1, max_steps=4, seed=3)
+    trainer = Trainer(_config(tiny_model_dir, data, tmp_path / "o", **kw))
+    trainer.setup()
+    params = [p for p, _ in trainer._start]
+    assert any(p.shape[0] == len(trainer.tokenizer) for p in params)  # the embeddings are among the swapped tensors
+    before = [(p.data_ptr(), s.data_ptr()) for p, s in trainer._start]
+    trainer._swap_start()
+    assert all(p is q for p, (q, _) in zip(params, trainer._start))
+    assert [(p.data_ptr(), s.data_ptr()) for p, s in trainer._start] == [(s, p) for p, s in before]
+    trainer._swap_start()
+    assert [(p.data_ptr(), s.data_ptr()) for p, s in trainer._start] == before
+    trainer.cleanup()
+
+    class Copying(KTOTrainer if method == "kto" else PreferenceTrainer):
+        @torch.no_grad()
+        def _swap_start(self):  # the former swap: each tensor copied through a temporary
+            for param, start in self._start:
+                now = param.detach().clone()
+                param.copy_(start)
+                start.copy_(now)
+
+    # the new token's embedding row starts from transformers' mean resizing, which draws from the global generator
+    torch.manual_seed(0)
+    swapped = Trainer(_config(tiny_model_dir, data, tmp_path / "a", **kw))
+    losses = swapped.run()
+    assert set(swapped.optimizer.state) == {p for p in swapped.model.parameters() if p.requires_grad}
+    torch.manual_seed(0)
+    copied = Copying(_config(tiny_model_dir, data, tmp_path / "b", **kw)).run()
+    assert len(losses) == 4 and losses == copied
+    timed = ("tokens_per_s", "gpu_mem_gib")
+    assert [{k: v for k, v in r.items() if k not in timed} for r in _train_records(tmp_path / "a")] == [
+        {k: v for k, v in r.items() if k not in timed} for r in _train_records(tmp_path / "b")]  # rewards, KL too
+
+
 def test_kto_from_an_sft_adapter_uses_it_as_the_reference(tmp_path, tiny_model_dir):
     """As for DPO: with --adapter the reference is the starting adapter, so the first step's rewards are 0."""
     sft_data = _write(tmp_path / "sft.jsonl", [{"prompt": p, "completion": c} for p, c, _ in PAIRS])

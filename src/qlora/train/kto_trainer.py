@@ -21,6 +21,8 @@ in the short micro-batch that ends an epoch still that of one process, so N rank
 one process with batch N*B. (TRL's mismatched pairs rotate within each device's batch, so a TRL
 run's pairs depend on the number of devices; ours do not. A micro-batch of one example pairs its
 completion with its own prompt, in both.)
+Rows with images (:mod:`qlora.train.data.unpaired`) give each example's row and its KL row the image tensors of
+that row's prompt; the reference pass sees them too.
 Metrics (TRL's names): ``kl``, and ``rewards/chosen``, ``logps/chosen`` (means over the
 desirable examples), ``rewards/rejected``, ``logps/rejected`` (over the undesirable ones),
 ``rewards/margins`` (their difference).
@@ -34,11 +36,10 @@ import torch
 
 from qlora.train.data import pad_token_id
 from qlora.train.data.selection import read_sources
-from qlora.train.data.unpaired import TokenizedUnpaired, normalize_unpaired, tokenize_unpaired, unpaired_collate
+from qlora.train.data.unpaired import (TokenizedUnpaired, kl_halves, normalize_unpaired, tokenize_unpaired,
+                                       unpaired_collate)
 from qlora.train.preference_loss import kto_losses, label_logps
 from qlora.train.preference_trainer import PreferenceTrainer
-
-_ROWS = ("input_ids", "attention_mask", "labels")
 
 
 class KTOTrainer(PreferenceTrainer):
@@ -54,12 +55,14 @@ class KTOTrainer(PreferenceTrainer):
     def _read_data(self, source: str, split: str) -> list:
         cfg = self.config
         return read_sources(source, split, cfg.data_subset, cfg.max_samples,
-                            lambda records: normalize_unpaired(records, cfg.data_fields), cfg.dataset_dir,
-                            self.sample_rng, "kto")
+                            lambda records: normalize_unpaired(records, cfg.data_fields, cfg.dataset_dir),
+                            cfg.dataset_dir, self.sample_rng, "kto")
 
     def _tokenize(self, examples: list) -> tuple[list[TokenizedUnpaired], Any]:
+        first = next((e for e in examples if e.images), None)
+        processor = self._image_processor(first.where) if first else None
         return tokenize_unpaired(examples, self.tokenizer, self.chat_format, self.config.seq_len,
-                                 stop_ids=self._stop_ids())
+                                 stop_ids=self._stop_ids(), processor=processor)
 
     def _collate(self, units: list, kl_completions: list | None = None) -> dict[str, torch.Tensor]:
         batch = unpaired_collate(units, pad_token_id(self.tokenizer), self._kl_rows, self.config.seq_len,
@@ -92,12 +95,11 @@ class KTOTrainer(PreferenceTrainer):
         live = self._units_in(batch)  # n, none in a stand-in
         desirable = batch["desirable"][:live]
         ref = self._reference_logps(batch)  # the examples, then the KL rows
-        main = {k: batch[k][:n] for k in _ROWS}
+        main, kl_batch = kl_halves(batch) if self._kl_rows else (batch, None)  # each row with its prompt's images
         kl = torch.zeros((), device=self.device)
-        if self._kl_rows:
+        if kl_batch is not None:
             with torch.no_grad(), self._autocast():  # the KL estimate carries no gradient, as in TRL
-                kl_logps = label_logps(model, {k: batch[k][n:] for k in _ROWS}, [batch["labels"][n:]],
-                                       self.chunked_ce)[0]
+                kl_logps = label_logps(model, kl_batch, [kl_batch["labels"]], self.chunked_ce)[0]
             diffs = (kl_logps.float() - ref[n:].float())[:live]
             sums = torch.stack([diffs.sum(), diffs.new_tensor(live)])  # (sum, count): averaged after the all-reduce
             if across_ranks:

@@ -67,7 +67,8 @@ class PreferenceTrainer(Trainer):
         unless the start differs from it: an adapter given with --adapter (an SFT run: TRL's ``ref_adapter_name``),
         an init that rewrites the base (LoftQ; PiSSA/OLoRA leave the residual W - s B0 A0), or weights of the
         model trained in place (new tokens' embeddings and output head, biases). Then the trainable tensors
-        are copied as they start (before --resume restores later ones) and swapped in for the reference pass."""
+        are copied once as they start (before --resume restores later ones) and swapped in for the reference pass
+        (:meth:`_swap_start`, which copies nothing)."""
         super()._load_model()
         cfg = self.config
         start = adapter_configs(self.model).get("default")
@@ -94,11 +95,16 @@ class PreferenceTrainer(Trainer):
 
     @torch.no_grad()
     def _swap_start(self) -> None:
-        """Exchange the trainable tensors with their starting values, one tensor's copy at a time."""
-        for param, start in self._start:
-            now = param.detach().clone()
-            param.copy_(start)
-            start.copy_(now)
+        """Exchange the trainable tensors with their starting values without copying any: each parameter is
+        pointed at the other tensor (``param.data``), and its own tensor kept in its place. The parameters stay the
+        same objects, so the optimizer's state (keyed by them), gradients and DDP's hooks are untouched, and the
+        second swap restores the very storage the optimizer updates. Under FSDP2 too: the trainable parameters are
+        FSDP-ignored, whole plain tensors on every rank (:func:`qlora.train.distributed.shard_fsdp`); only the frozen
+        base is sharded into DTensors, whose local shards FSDP's gather buffers alias, and none of them is swapped."""
+        for k, (param, start) in enumerate(self._start):
+            now = param.data
+            param.data = start
+            self._start[k] = (param, now)
 
     # ------------------------------------------------------------------ data
     def _read_data(self, source: str, split: str) -> list[PreferenceExample]:

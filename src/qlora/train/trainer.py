@@ -63,6 +63,7 @@ from qlora.train.data import (
 from qlora.train.data.image_examples import tokenize_image_example
 from qlora.train.data.selection import hold_out, read_sources
 from qlora.train.data.text_blocks import text_blocks
+from qlora.train.data.tokenize import NothingToTrain
 from qlora.train.loss import chunked_loss_matches, model_inputs, token_loss_sum
 from qlora.train.metrics import MetricsLogger, NullMetrics, gpu_memory_gib
 from qlora.train.neftune import add_neftune
@@ -232,7 +233,7 @@ class Trainer:
                                   and any(e.messages is not None for e in train_examples))
         self.train_units, self.report = self._tokenize(train_examples)
         self._check_batch_fits(len(train_examples))
-        self.eval_units = self._tokenize(eval_examples)[0] if eval_examples else []
+        self.eval_units = self._tokenize_eval(eval_examples) if eval_examples else []
         self.dist.barrier()  # every rank has checked --output before rank 0 changes it
         if cfg.overwrite and not cfg.resume and self.out.exists() and self.dist.is_main:
             clear_owned(self.out)  # only now: every input has been checked; only qlora's own files go
@@ -432,6 +433,22 @@ class Trainer:
             order = shuffled_indices(len(tokenized), cfg.seed, 0)
             return pack_examples([tokenized[i] for i in order], cfg.seq_len), report
         return tokenized, report
+
+    def _tokenize_eval(self, examples) -> list:
+        """The held-out units; held-out rows that are all skipped are refused naming them as eval data."""
+        cfg = self.config
+        try:
+            return self._tokenize(examples)[0]
+        except NothingToTrain as exc:
+            if cfg.eval_data:
+                source, fix = (f"--eval-data {cfg.eval_data}: all {exc.rows} {exc.what} of it",
+                               f"give --eval-data {exc.what} with answers (check --format and --data-fields if the "
+                               "answers are in another column), or leave --eval-data out")
+            else:
+                source, fix = (f"--eval-split {cfg.eval_split:g}: all {exc.rows} {exc.what} it holds out of --data "
+                               f"{cfg.data}", "give held-out data with answers as --eval-data instead, or a larger "
+                               "--eval-split (or none) to draw other rows")
+            raise UsageError(f"{source} have nothing to evaluate: {exc.counts}. Such rows are skipped; {fix}.") from None
 
     def _image_tokenizer(self, examples):
         """What tokenizes rows with images (the model's processor), or None when no row has any."""

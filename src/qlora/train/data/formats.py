@@ -13,8 +13,8 @@ quirks are handled here and nowhere else:
   plain strings alternating user and assistant turns (LIMA), or ``{"input", "output"}`` or
   ``{"user", "assistant"}`` exchanges (a user turn and the assistant's reply each, as LDJnr/Capybara and
   HuggingFaceM4/the_cauldron's ``texts`` column write them), with content given as
-  text parts, tool calls, tool results and a per-row ``tools`` column; glaive-function-calling's ``system`` and
-  ``chat`` transcript strings (:mod:`qlora.train.data.glaive`);
+  text parts, tool calls, tool results and a per-row ``tools`` column; glaive-function-calling's transcript
+  strings (v2's ``system`` and ``chat``, v1's ``sample``: :mod:`qlora.train.data.glaive`);
 - TRL's prompt-completion (``prompt``/``completion``: strings, or message lists; a completion that is
   a list of tool calls ``{"name", "arguments"}``, as in Salesforce/xlam-function-calling-60k, is the
   assistant's tool-call turn);
@@ -39,7 +39,7 @@ from typing import Any, Callable, Sequence
 
 from qlora.errors import UsageError
 from qlora.train.data.fields import ROLE_NAMES, FieldMap, parse_data_fields, suggest_fields, tool_calls
-from qlora.train.data.glaive import is_transcript, transcript
+from qlora.train.data.glaive import is_transcript, transcript, transcript_column
 from qlora.train.data.images import IMAGE_PART_TYPES, ImageRef, attach_images
 from qlora.train.data.message_trees import is_message_tree, top_threads
 from qlora.train.data.reasoning import REASONING_KEYS, THINK_CLOSE, message_reasoning, split_think
@@ -236,8 +236,9 @@ def _alpaca(fields: dict[str, Any], where: str, names: FieldMap) -> Example:
 
 
 def _chat(fields: dict[str, Any], where: str, names: FieldMap) -> Example:
-    if "messages" not in fields and not _listed(fields.get("conversation")) and isinstance(fields.get("chat"), str):
-        messages, tools = transcript(fields, where) if fields["chat"].strip() else ([], [])  # glaive-function-calling
+    column = transcript_column(fields)
+    if column and not _listed(fields.get("conversation")) and not _exchanges(fields.get(EXCHANGES_COLUMN)):
+        messages, tools = transcript(fields, where) if fields[column].strip() else ([], [])  # glaive-function-calling
         return Example(tuple(_message(m, f"{where}, message {i}", FieldMap(), "glaive") for i, m in enumerate(messages)),
                        None, where, tools=tuple(tools) or None)
     key = "messages"

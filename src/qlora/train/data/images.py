@@ -177,21 +177,6 @@ def images_in(fields: dict[str, Any]) -> str | None:
                          None)
 
 
-def refuse_images(fields: dict[str, Any], where: str, kind: str, instead: str) -> None:
-    """Stop at a ``kind`` row (KTO's) holding images (:func:`images_in`), which that method reads as text only:
-    silently training on the text would teach answers about images the model never saw. ``instead``: the
-    training that would use the images.
-
-    Raises:
-        UsageError: naming the row and where its images are.
-    """
-    found = images_in(fields)
-    if found:
-        raise UsageError(f"{where}: this {kind} row holds images ({found}); qlora trains on images with --method "
-                         "sft, dpo, orpo, cpo and simpo, and training the row on its text alone would teach answers "
-                         f"about images the model does not see. {instead}, or remove the images.")
-
-
 def has_image_parts(messages: Sequence[dict[str, Any]]) -> bool:
     """Whether any of ``messages`` holds an image part."""
     return any(_image_parts(m.get("content")) for m in messages)

@@ -207,15 +207,33 @@ def with_images(pair: PreferenceExample, fields: dict[str, Any], where: str,
     Raises:
         UsageError: an image in an answer, or as :func:`~qlora.train.data.images.attach_images`.
     """
-    for key in ("chosen", "rejected"):
-        if not isinstance(getattr(pair, key), str) and has_image_parts(getattr(pair, key)):
+    if pair.skip:
+        refuse_answer_images({"chosen": pair.chosen, "rejected": pair.rejected}, where)
+        return pair
+    prompt, images = prompt_with_images(pair.prompt, {"chosen": pair.chosen, "rejected": pair.rejected}, fields,
+                                        where, folders)
+    return replace(pair, prompt=prompt, images=images)
+
+
+def prompt_with_images(prompt: Messages, answers: dict[str, Any], fields: dict[str, Any], where: str,
+                       folders: Sequence[str]) -> tuple[Messages, tuple[ImageRef, ...]]:
+    """A conversational ``prompt`` with the row's images placed in it, and the images (resolved and checked);
+    ``answers`` (by column name) must hold none: they are text about the prompt's images (DPO's, KTO's).
+
+    Raises:
+        UsageError: an image in an answer, or as :func:`~qlora.train.data.images.attach_images`.
+    """
+    refuse_answer_images(answers, where)
+    placed = attach_images(Example(tuple(prompt), None, where), fields, folders)
+    return placed.messages, placed.images
+
+
+def refuse_answer_images(answers: dict[str, Any], where: str) -> None:
+    """Stop at an answer (by column name) holding image parts: the images belong to the prompt."""
+    for key, answer in answers.items():
+        if not isinstance(answer, str) and has_image_parts(answer):
             raise UsageError(f'{where}: "{key}" holds images; the answers are text about the images of the prompt. '
                              "Move the images to the prompt's user turn.")
-    if pair.skip:
-        return pair
-    shown = Example(tuple(pair.prompt), None, where)
-    placed = attach_images(shown, fields, folders)
-    return replace(pair, prompt=placed.messages, images=placed.images)
 
 
 def _pair_from_row(fields: dict[str, Any], where: str, names: FieldMap, chat: bool) -> PreferenceExample:
@@ -335,7 +353,7 @@ def tokenize_pair(example: PreferenceExample, tokenizer, chat_template: str | Ch
         if isinstance(expanded, str):
             return expanded
         prompt, media, spans = expanded
-        _refuse_image_tokens(chosen + rejected, processor, example.where)
+        refuse_image_tokens(chosen + rejected, processor, example.where)
     truncated = False
     if seq_len is not None:
         room = max(0, seq_len - len(prompt))
@@ -344,7 +362,7 @@ def tokenize_pair(example: PreferenceExample, tokenizer, chat_template: str | Ch
     return TokenizedPair(prompt, chosen, rejected, index, truncated, media=media, image_tokens=spans)
 
 
-def _refuse_image_tokens(ids: list[int], processor, where: str) -> None:
+def refuse_image_tokens(ids: list[int], processor, where: str) -> None:
     """An answer must not hold the token the model replaces by image features: it would have no image."""
     token = image_token_id(processor)
     if token is not None and token in ids:

@@ -114,13 +114,23 @@ class DataReport:
         """Count a row skipped for ``reason`` (e.g. ``"an empty answer"``)."""
         self.empty.setdefault(reason, []).append(where)
 
-    def nothing_to_train(self, rows: int, what: str = "rows") -> UsageError:
+    def nothing_to_train(self, rows: int, what: str = "rows") -> "NothingToTrain":
         """The refusal when every one of ``rows`` rows was skipped (as empty, or as a tie)."""
         skipped = {**self.empty, "the same chosen and rejected answer": self.identical} if self.identical else self.empty
         counts = "; ".join(f"{len(where)} with {reason} (first: {', '.join(where[:_SHOWN])})"
                            for reason, where in skipped.items())
-        return UsageError(f"all {rows} {what} of the data have nothing to train: {counts}. Such rows are skipped; give "
-                          "rows with answers (check --format and --data-fields if the answers are in another column).")
+        return NothingToTrain(rows, what, counts)
+
+
+class NothingToTrain(UsageError):
+    """Every row of a dataset was skipped; ``rows``, ``what`` (``"rows"``, ``"preference pairs"``) and ``counts``
+    (why, where) let held-out data say so in its own words (nothing to evaluate)."""
+
+    def __init__(self, rows: int, what: str, counts: str) -> None:
+        self.rows, self.what, self.counts = rows, what, counts
+        super().__init__(f"all {rows} {what} of the data have nothing to train: {counts}. Such rows are skipped; give "
+                         f"{what} with answers (check --format and --data-fields if the answers are in another "
+                         "column).")
 
 
 def tokenize_example(

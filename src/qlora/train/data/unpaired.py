@@ -9,7 +9,10 @@ and its rejected one labelled false.
 
 Tokens follow the rules of preference pairs (:mod:`qlora.train.data.preference`,
 which follow SFT's): the completion starts where ``prompt + completion`` stops
-agreeing with the prompt alone, as TRL's KTOTrainer cuts it.
+agreeing with the prompt alone, as TRL's KTOTrainer cuts it. A row with images is
+read as a preference pair with images is (a conversation whose prompt holds them:
+an ``images`` column or one ``image`` a row; both halves of a pair keep its images),
+and its prompt goes through the model's processor once.
 
 KTO's KL term compares the policy and the reference on mismatched pairs: each
 micro-batch of ``B`` examples also carries ``B`` rows that pair each prompt with
@@ -18,11 +21,13 @@ the rotation TRL applies within each batch. Under several ranks the rotation run
 over the global micro-batch (``B x ranks`` examples, each rank's share taking its
 first completion from the previous rank's share), so that the pairs are those of
 one process with the global batch (TRL rotates within each device's batch instead).
+A KL row's images are its prompt's: the images travel with the prompts, not the
+completions.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Iterable, Sequence
 
 import torch
@@ -30,12 +35,16 @@ import torch
 from qlora.errors import UsageError
 from qlora.model.chat_format import ChatFormat
 from qlora.train.data.fields import FieldMap
-from qlora.train.data.formats import EMPTY_ANSWER, empty_answer, unpaired_label
-from qlora.train.data.images import refuse_images
+from qlora.train.data.formats import EMPTY_ANSWER, Example, empty_answer, unpaired_label
+from qlora.train.data.image_examples import expanded_prompt, image_batch, token_aligned
+from qlora.train.data.images import ImageRef, as_parts, images_in
 from qlora.train.data.preference import (Messages, PreferenceExample, common_prefix, full_ids, message_tuple,
-                                         missing_prompt_hint, pair_from_row, prompt_ids, renamed_source, with_system)
+                                         missing_prompt_hint, pair_from_row, prompt_ids, prompt_with_images,
+                                         refuse_answer_images, refuse_image_tokens, renamed_source, with_system)
 from qlora.train.data.sources import Record
 from qlora.train.data.tokenize import IGNORE_INDEX, DataReport
+
+_ROW_KEYS = ("input_ids", "attention_mask", "labels")
 
 
 @dataclass(frozen=True)
@@ -48,6 +57,7 @@ class UnpairedExample:
     where: str
     tie: bool = False  # unpaired from a pair whose two answers are the same: skipped when tokenized
     skip: str | None = None  # why it is skipped when tokenized ("an empty answer")
+    images: tuple[ImageRef, ...] = ()  # the prompt's, in the order its image parts place them
 
     @property
     def conversational(self) -> bool:
@@ -63,11 +73,14 @@ class TokenizedUnpaired:
     desirable: bool
     index: int
     truncated: bool = False
+    media: dict[str, torch.Tensor] = field(default_factory=dict)  # the prompt's image tensors
 
 
-def normalize_unpaired(records: list[Record], fields: FieldMap | str | dict | None = None) -> list[UnpairedExample]:
+def normalize_unpaired(records: list[Record], fields: FieldMap | str | dict | None = None,
+                       dataset_dir: str | None = None) -> list[UnpairedExample]:
     """Unpaired rows (and preference pairs, unpaired) of one source to :class:`UnpairedExample`; ``fields``,
-    a ``system`` column and message lists are read as for preference pairs (:mod:`.preference`).
+    a ``system`` column, message lists and images are read as for preference pairs (:mod:`.preference`);
+    ``dataset_dir``: where image paths not found beside the data file are looked for.
 
     Raises:
         UsageError: naming the file and line of a row with a missing or malformed field.
@@ -77,13 +90,23 @@ def normalize_unpaired(records: list[Record], fields: FieldMap | str | dict | No
     records, names, chat = renamed_source(records, fields)
     out: list[UnpairedExample] = []
     for r in records:
+        folders = [f for f in (r.folder, dataset_dir) if f]
         if "chosen" in r.fields and "rejected" in r.fields:
-            refuse_images(r.fields, r.where, "KTO", "Train DPO on the pairs (--method dpo)")
-            pair: PreferenceExample = pair_from_row(r.fields, r.where, names, chat)
+            pair: PreferenceExample = pair_from_row(r.fields, r.where, names, chat, folders)
             tie = pair.chosen == pair.rejected and not pair.skip  # the same answer labelled desirable and not
             out += [UnpairedExample(pair.prompt, answer, desirable, r.where, tie,  # a half with an answer stays
-                                    pair.skip if pair.skip and (not pair.prompt or empty_answer(answer)) else None)
+                                    pair.skip if pair.skip and (not pair.prompt or empty_answer(answer)) else None,
+                                    pair.images)
                     for answer, desirable in ((pair.chosen, True), (pair.rejected, False))]
+        elif images_in(r.fields):  # a conversation whose prompt holds the images
+            example = _normalize_row(r.fields, r.where, names, True)
+            if example.skip:
+                refuse_answer_images({"completion": example.completion}, r.where)
+                out.append(example)
+                continue
+            prompt, images = prompt_with_images(example.prompt, {"completion": example.completion}, r.fields,
+                                                r.where, folders)
+            out.append(replace(example, prompt=prompt, images=images))
         else:
             out.append(_normalize_row(r.fields, r.where, names, chat))
     return out
@@ -92,7 +115,6 @@ def normalize_unpaired(records: list[Record], fields: FieldMap | str | dict | No
 def _normalize_row(fields: dict, where: str, names: FieldMap, chat: bool) -> UnpairedExample:
     need = ('(KTO rows need "prompt", "completion" (strings or message lists) and "label" (true: a desirable '
             'completion, false: an undesirable one), or preference pairs "prompt", "chosen", "rejected")')
-    refuse_images(fields, where, "KTO", "Train SFT on the rows labelled true")
     completion, label = fields.get("completion"), unpaired_label(fields)
     if "completion" in fields and label is not None and (
             completion is None or completion == [] or (isinstance(completion, str) and not completion.strip())):
@@ -120,10 +142,11 @@ def _normalize_row(fields: dict, where: str, names: FieldMap, chat: bool) -> Unp
 
 
 def tokenize_unpaired(examples: list[UnpairedExample], tokenizer, chat_template: str | ChatFormat,
-                      seq_len: int | None = None,
-                      stop_ids: Iterable[int] | None = None) -> tuple[list[TokenizedUnpaired], DataReport]:
-    """Tokenize every example (``prompt + completion`` cut to ``seq_len``, its start kept); skip and report
-    those whose completion was truncated away.
+                      seq_len: int | None = None, stop_ids: Iterable[int] | None = None,
+                      processor=None) -> tuple[list[TokenizedUnpaired], DataReport]:
+    """Tokenize every example (``prompt + completion`` cut to ``seq_len``, its start kept; one with images
+    through ``processor``, its prompt's placeholders expanded as a preference pair's); skip and report those whose
+    completion was truncated away, or whose images do not fit ``seq_len``.
 
     Raises:
         UsageError: the tokenizer has no EOS, or no example keeps a completion token.
@@ -139,10 +162,22 @@ def tokenize_unpaired(examples: list[UnpairedExample], tokenizer, chat_template:
         if example.tie:
             report.identical.append(example.where)
             continue
+        if example.images:  # vision-language chat templates read each content as parts, as for SFT
+            example = replace(example, prompt=tuple(as_parts(example.prompt)),
+                              completion=tuple(as_parts(example.completion)))
         prompt = prompt_ids(example, tokenizer, fmt)
         full = full_ids(example, example.completion, tokenizer, fmt, stop_ids)
         n = common_prefix(prompt, full)
         prompt, completion = full[:n], full[n:]
+        media = {}
+        if example.images:
+            expanded = expanded_prompt(Example(example.prompt, None, example.where, images=example.images), n,
+                                       processor, fmt, seq_len)
+            if isinstance(expanded, str):
+                report.skip(expanded, example.where)
+                continue
+            prompt, media, _ = expanded
+            refuse_image_tokens(completion, processor, example.where)
         truncated = False
         if seq_len is not None:
             room = max(0, seq_len - len(prompt))
@@ -153,7 +188,7 @@ def tokenize_unpaired(examples: list[UnpairedExample], tokenizer, chat_template:
             report.untrainable.append(i)
             report.untrainable_where.append(example.where)
         else:
-            kept.append(TokenizedUnpaired(prompt, completion, example.desirable, i, truncated))
+            kept.append(TokenizedUnpaired(prompt, completion, example.desirable, i, truncated, media))
     if not kept and report.empty and len(report.identical) + sum(map(len, report.empty.values())) == len(examples):
         raise report.nothing_to_train(len(examples), "KTO examples")
     if not kept and len(report.identical) == len(examples):
@@ -173,9 +208,10 @@ def unpaired_collate(units: Sequence[TokenizedUnpaired], pad_id: int, kl_rows: b
     """The ``B`` examples, right-padded, then (with ``kl_rows``) the ``B`` mismatched pairs of KTO's KL term.
 
     Returns ``input_ids``, ``attention_mask``, ``labels`` (completion tokens; -100 on prompt and padding),
-    ``[B or 2B, T]``, and ``desirable`` ``[B]`` (bool). A KL row is cut to ``seq_len`` tokens, its start kept.
-    The ``i``-th KL row pairs ``units[i]``'s prompt with ``kl_completions[i]``'s completion, by default with
-    its predecessor's in ``units`` (cyclically); a rank's share of a global micro-batch passes the
+    ``[B or 2B, T]``, ``desirable`` ``[B]`` (bool) and, with images, each row's prompt's image tensors
+    (:func:`~qlora.train.data.image_examples.image_batch`). A KL row is cut to ``seq_len`` tokens, its start kept.
+    The ``i``-th KL row pairs ``units[i]``'s prompt (and its images) with ``kl_completions[i]``'s completion, by
+    default with its predecessor's in ``units`` (cyclically); a rank's share of a global micro-batch passes the
     predecessors in the global one.
     """
     rows = [(u.prompt_ids, u.completion_ids) for u in units]
@@ -191,5 +227,23 @@ def unpaired_collate(units: Sequence[TokenizedUnpaired], pad_id: int, kl_rows: b
         input_ids[i, :len(row)] = torch.tensor(row)
         labels[i, len(prompt):len(row)] = torch.tensor(row[len(prompt):], dtype=torch.long)
         attention_mask[i, :len(row)] = 1
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels,
-            "desirable": torch.tensor([u.desirable for u in units], dtype=torch.bool)}
+    batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels,
+             "desirable": torch.tensor([u.desirable for u in units], dtype=torch.bool)}
+    if any(u.media for u in units):  # the rows' prompts: the examples', then the same again for the KL rows
+        batch |= image_batch(list(units) * (len(rows) // len(units)), length)
+    return batch
+
+
+def kl_halves(batch: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """The model inputs and labels of a :func:`unpaired_collate` batch with KL rows, as two batches: the
+    examples' rows and the KL rows. Per-row tensors are cut after the ``B`` examples; per-image ones (pixel values,
+    image sizes and grids, concatenated in row order) in half, since the KL rows hold the examples' prompts and
+    so their images, in the same order."""
+    n = batch["desirable"].shape[0]
+    main, kl = {}, {}
+    for key, value in batch.items():
+        if key in ("desirable", "stand_in"):
+            continue
+        cut = n if key in _ROW_KEYS or token_aligned(key) else value.shape[0] // 2
+        main[key], kl[key] = value[:cut], value[cut:]
+    return main, kl
