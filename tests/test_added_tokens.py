@@ -144,3 +144,25 @@ def test_commands_use_the_tokenizer_saved_with_the_adapter(trained, tiny_model_d
                                       "--prompt", "x", "--compute-dtype", "fp32"])
     _, loaded = load_model_from_args(args)
     assert loaded.convert_tokens_to_ids(NEW) == tok.convert_tokens_to_ids(NEW)
+
+
+def test_the_seed_draws_the_new_tokens_rows_whatever_ran_before(tmp_path, tiny_model_dir):
+    """Resized rows are drawn around the old rows' mean (transformers' mean_resizing): --seed decides the draw,
+    so a run (or the reference start of a resumed DPO run) gets the same rows in a process that drew before."""
+    from qlora.train.config import load_config
+    from qlora.train.trainer import Trainer
+
+    data = tmp_path / "d.jsonl"
+    data.write_text(json.dumps({"text": f"call {NEW[0]} tool {NEW[1]} done"}) + "\n")
+
+    def new_rows(seed: int, drawn_before: int) -> torch.Tensor:
+        torch.rand(drawn_before)
+        cfg = load_config(None, dict(model=str(tiny_model_dir), data=str(data), output=str(tmp_path / "o"),
+                                     seq_len=32, progress=False, add_special_tokens=NEW, seed=seed))
+        trainer = Trainer(cfg)
+        trainer._load_model()
+        return trainer.model.get_input_embeddings().weight[-2:].detach().clone()
+
+    first = new_rows(0, 1)
+    assert torch.equal(new_rows(0, 1000), first)
+    assert not torch.equal(new_rows(1, 1), first)

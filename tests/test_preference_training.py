@@ -51,8 +51,9 @@ def _stop_after(config, steps: int) -> None:
     trainer.cleanup()
 
 
-@pytest.mark.parametrize("method,extra", [("dpo", {}), ("dpo", {"precompute_ref": True}), ("orpo", {})],
-                         ids=["dpo", "dpo-precomputed-ref", "orpo"])
+@pytest.mark.parametrize("method,extra", [("dpo", {}), ("dpo", {"precompute_ref": True}), ("orpo", {}),
+                                          ("dpo", {"add_special_tokens": "<|think|>"})],
+                         ids=["dpo", "dpo-precomputed-ref", "orpo", "dpo-new-token"])
 def test_resume_reproduces_uninterrupted_losses(tmp_path, tiny_model_dir, method, extra):
     data = _write(tmp_path / "d.jsonl", ROWS)
     kw = dict(method=method, max_steps=8, save_steps=4, dropout=0.1, lr_scheduler="cosine", warmup_steps=2,

@@ -359,6 +359,7 @@ class Trainer:
         if tokens:
             from qlora.model.tokens import add_special_tokens
 
+            torch.manual_seed(cfg.seed)  # the new rows are drawn (mean_resizing): by --seed, not by what ran before
             add_special_tokens(self.model, self.tokenizer, tokens)
         torch.manual_seed(cfg.seed)
         if cfg.adapter:
