@@ -5,10 +5,12 @@ and turn tokens added (EOS is the family's end-of-turn token), a chat template t
 family's placeholder, and a processor (PIL image processor with small sizes) that ``AutoProcessor`` loads.
 Gemma 3's template is the real one (tests/data/chat_templates); Qwen2-VL's and SmolVLM's are written after
 the hub's (Qwen/Qwen2-VL-7B-Instruct, HuggingFaceTB/SmolVLM-Instruct); LLaVA's is a plain role-prefixed one.
-Aya Vision's is LLaVA's too; PaliGemma (refused for images by type) has none. Qwen2-VL's processor (its video
-processor) and Mistral 3's (PixtralProcessor) need torchvision, so ``KINDS`` lists them only when it is installed;
-without it, Mistral 3's folder holds the hub's processor files (``processor_config.json`` naming
-PixtralProcessor), which ``AutoProcessor`` refuses.
+Aya Vision's is LLaVA's too; PaliGemma (refused for images by type) has none. Families whose processor takes a
+video processor (Qwen2-VL, Qwen2.5-VL, Qwen3-VL, SmolVLM2, InternVL, LLaVA-OneVision) and Mistral 3 (whose
+PixtralProcessor needs torchvision) get the hub's files written as the hub has them (the image processor's
+``preprocessor_config.json`` with the hub's class name, ``processor_config.json`` naming the processor class and
+its settings, the tokenizer and ``chat_template.jinja``): their processors cannot be built without torchvision.
+``KINDS`` lists Mistral 3 only when torchvision is installed. Image processors are the PIL ones (4.x's slow ones).
 """
 
 from __future__ import annotations
@@ -16,8 +18,10 @@ from __future__ import annotations
 import importlib.util
 import json
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
+import transformers
 
 _TEXTS = ["what is in the picture? a red square on a blue field", "the cat sat on the mat and looked at it",
           "describe the image: two green circles", "user assistant system model"] * 10
@@ -44,8 +48,26 @@ LLAVA_TEMPLATE = (
     "{% if add_generation_prompt %}ASSISTANT: {% endif %}")
 GEMMA3_TEMPLATE = (Path(__file__).parent / "data" / "chat_templates" / "gemma-3.jinja").read_text()
 
-KINDS = ("gemma3", "llava", "llava_next", "idefics3", "aya_vision") + (
-    ("qwen2_vl", "mistral3") if importlib.util.find_spec("torchvision") else ())
+INTERNVL_TEMPLATE = LLAVA_TEMPLATE.replace("<image>", "<IMG_CONTEXT>")  # the hub's -hf templates write <IMG_CONTEXT>
+
+# Families whose processor takes a video processor: built without torchvision by qlora for images alone.
+VIDEO_KINDS = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "smolvlm", "internvl", "llava_onevision")
+KINDS = ("gemma3", "llava", "llava_next", "idefics3", "aya_vision", *VIDEO_KINDS) + (
+    ("mistral3",) if importlib.util.find_spec("torchvision") else ())
+
+
+class HubFiles(NamedTuple):
+    """A processor as the hub's files hold it, for processors that cannot be built here."""
+    processor_class: str
+    image_processor: object
+    image_processor_type: str  # the class the hub's preprocessor_config.json names
+    settings: dict
+    chat_template: str
+
+
+def _pil(name: str, **kwargs):
+    """transformers' PIL image processor ``name`` (``...Pil`` in 5, the slow class in 4.x)."""
+    return (getattr(transformers, f"{name}Pil", None) or getattr(transformers, name))(**kwargs)
 
 
 def _tokenizer(added: list[str], eos: str, named: dict[str, str] | None = None):
@@ -64,11 +86,11 @@ def _tokenizer(added: list[str], eos: str, named: dict[str, str] | None = None):
 def _family(kind: str):
     """(tokenizer, processor, text config, other config arguments) of a tiny ``kind`` model."""
     if kind == "gemma3":
-        from transformers import Gemma3ImageProcessorPil, Gemma3Processor
+        from transformers import Gemma3Processor
 
         names = {"boi_token": "<start_of_image>", "eoi_token": "<end_of_image>", "image_token": "<image_soft_token>"}
         tok = _tokenizer(["<start_of_turn>", "<end_of_turn>", *names.values()], "<end_of_turn>", names)
-        proc = Gemma3Processor(Gemma3ImageProcessorPil(size={"height": 56, "width": 56}), tok,
+        proc = Gemma3Processor(_pil("Gemma3ImageProcessor", size={"height": 56, "width": 56}), tok,
                                chat_template=GEMMA3_TEMPLATE, image_seq_length=4)
         ids = {k: tok.convert_tokens_to_ids(v) for k, v in names.items()}
         return tok, proc, dict(model_type="gemma3_text", query_pre_attn_scalar=16), dict(
@@ -76,7 +98,7 @@ def _family(kind: str):
             mm_tokens_per_image=4, image_token_index=ids["image_token"], boi_token_index=ids["boi_token"],
             eoi_token_index=ids["eoi_token"])
     if kind in ("llava", "llava_next"):
-        from transformers import CLIPImageProcessorPil, LlavaNextImageProcessorPil, LlavaNextProcessor, LlavaProcessor
+        from transformers import LlavaNextProcessor, LlavaProcessor
 
         tok = _tokenizer(["<image>"], "<|im_end|>", {"image_token": "<image>"})
         sizes = dict(size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28})
@@ -86,76 +108,124 @@ def _family(kind: str):
         common = dict(chat_template=LLAVA_TEMPLATE, patch_size=14, vision_feature_select_strategy="default",
                       num_additional_image_tokens=1)
         if kind == "llava":
-            proc = LlavaProcessor(CLIPImageProcessorPil(**sizes), tok, **common)
+            proc = LlavaProcessor(_pil("CLIPImageProcessor", **sizes), tok, **common)
         else:
             pins = [[28, 28], [28, 56], [56, 28]]
-            proc = LlavaNextProcessor(LlavaNextImageProcessorPil(**sizes, image_grid_pinpoints=pins), tok, **common)
+            proc = LlavaNextProcessor(_pil("LlavaNextImageProcessor", **sizes, image_grid_pinpoints=pins), tok,
+                                      **common)
             spec["image_grid_pinpoints"] = pins
         return tok, proc, dict(model_type="llama"), spec
     if kind == "idefics3":
-        from transformers import Idefics3ImageProcessorPil, Idefics3Processor
+        from transformers import Idefics3Processor
 
         tok = _tokenizer(["<fake_token_around_image>", "<image>", "<global-img>", "<end_of_utterance>"],
                          "<end_of_utterance>")
-        images = Idefics3ImageProcessorPil(size={"longest_edge": 56}, max_image_size={"longest_edge": 28})
+        images = _pil("Idefics3ImageProcessor", size={"longest_edge": 56}, max_image_size={"longest_edge": 28})
         proc = Idefics3Processor(images, tok, chat_template=SMOLVLM_TEMPLATE, image_seq_len=1)
         return tok, proc, dict(model_type="llama"), dict(
             vision_config=dict(_VISION, model_type="idefics3_vision", image_size=28, patch_size=14), scale_factor=2,
             image_token_id=tok.convert_tokens_to_ids("<image>"))
     if kind == "aya_vision":
-        from transformers import AyaVisionProcessor, GotOcr2ImageProcessorPil
+        from transformers import AyaVisionProcessor
 
         names = ["<|START_OF_IMG|>", "<|END_OF_IMG|>", "<|IMG_LINE_BREAK|>", "<|IMG_PATCH|>"]
         tok = _tokenizer(["<image>", *names], "<|im_end|>", {"image_token": "<image>"})
-        tiles = GotOcr2ImageProcessorPil(size={"height": 28, "width": 28}, crop_to_patches=True, max_patches=3)
+        tiles = _pil("GotOcr2ImageProcessor", size={"height": 28, "width": 28}, crop_to_patches=True, max_patches=3)
         proc = AyaVisionProcessor(tiles, tok, patch_size=14, img_size=28, downsample_factor=2,
                                   chat_template=LLAVA_TEMPLATE)
         return tok, proc, dict(model_type="cohere2"), dict(
             vision_config=dict(_VISION, model_type="siglip_vision_model", image_size=28, patch_size=14),
             downsample_factor=2, image_token_index=tok.convert_tokens_to_ids("<|IMG_PATCH|>"))
     if kind == "paligemma":
-        from transformers import PaliGemmaProcessor, SiglipImageProcessorPil
+        from transformers import PaliGemmaProcessor
 
         tok = _tokenizer(["<image>"], "<|im_end|>", {"image_token": "<image>"})
-        proc = PaliGemmaProcessor(SiglipImageProcessorPil(size={"height": 28, "width": 28}), tok)
+        proc = PaliGemmaProcessor(_pil("SiglipImageProcessor", size={"height": 28, "width": 28}), tok)
         return tok, proc, dict(model_type="gemma"), dict(
             vision_config=dict(_VISION, model_type="siglip_vision_model", image_size=28, patch_size=14,
                                projection_dim=64),
             projection_dim=64, image_token_index=tok.convert_tokens_to_ids("<image>"))
     if kind == "mistral3":
-        from transformers import PixtralImageProcessorPil
-
         tok = _tokenizer(["[IMG]", "[IMG_BREAK]", "[IMG_END]"], "<|im_end|>")
-        images = PixtralImageProcessorPil(size={"longest_edge": 56}, patch_size=14)
-        proc = _pixtral_processor(images, tok)
-        return tok, proc or images, dict(model_type="mistral"), dict(
+        images = _pil("PixtralImageProcessor", size={"longest_edge": 56}, patch_size=14)
+        proc = HubFiles("PixtralProcessor", images, "PixtralImageProcessor", dict(patch_size=14, spatial_merge_size=2),
+                        LLAVA_TEMPLATE.replace("<image>\n", "[IMG]"))
+        return tok, proc, dict(model_type="mistral"), dict(
             vision_config=dict(_VISION, model_type="pixtral", image_size=56, patch_size=14, head_dim=16),
             spatial_merge_size=2, image_token_index=tok.convert_tokens_to_ids("[IMG]"))
-    if kind == "qwen2_vl":
-        from transformers import Qwen2VLImageProcessor, Qwen2VLProcessor, Qwen2VLVideoProcessor
-
+    if kind in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl"):
         tok = _tokenizer(["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"], "<|im_end|>")
-        size = dict(min_pixels=28 * 28 * 4, max_pixels=56 * 56 * 4)
-        proc = Qwen2VLProcessor(Qwen2VLImageProcessor(**size), tok, Qwen2VLVideoProcessor(),
-                                chat_template=QWEN2_VL_TEMPLATE)
+        patch = 16 if kind == "qwen3_vl" else 14
+        size = dict(min_pixels=(2 * patch) ** 2 * 4, max_pixels=(4 * patch) ** 2 * 4, patch_size=patch)
+        hub_type = "Qwen2VLImageProcessorFast" if kind == "qwen3_vl" else "Qwen2VLImageProcessor"
+        processor = {"qwen2_vl": "Qwen2VLProcessor", "qwen2_5_vl": "Qwen2_5_VLProcessor"}.get(kind, "Qwen3VLProcessor")
+        proc = HubFiles(processor, _pil("Qwen2VLImageProcessor", **size), hub_type, {}, QWEN2_VL_TEMPLATE)
         ids = {t: tok.convert_tokens_to_ids(t) for t in ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>")}
-        text = dict(model_type="qwen2_vl_text", rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]})
-        return tok, proc, text, dict(
-            vision_config=dict(depth=1, embed_dim=32, hidden_size=64, mlp_ratio=2, num_heads=2, patch_size=14,
-                               spatial_merge_size=2, temporal_patch_size=2),
-            image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
-            vision_start_token_id=ids["<|vision_start|>"])
+        rope = {"type": "mrope", "mrope_section": [2, 3, 3]}
+        vision = dict(depth=1, hidden_size=32, num_heads=2, patch_size=patch, spatial_merge_size=2,
+                      temporal_patch_size=2)
+        if kind == "qwen2_vl":
+            vision.update(embed_dim=32, hidden_size=64, mlp_ratio=2)
+        elif kind == "qwen2_5_vl":
+            vision.update(intermediate_size=64, out_hidden_size=64, window_size=56, fullatt_block_indexes=[0])
+        else:
+            vision.update(intermediate_size=64, out_hidden_size=64, num_position_embeddings=16,
+                          deepstack_visual_indexes=[0])
+            rope = {"rope_type": "default", "mrope_section": [2, 3, 3], "mrope_interleaved": True}
+        text = dict(model_type=f"{kind}_text", rope_scaling=rope)
+        return tok, proc, text, dict(vision_config=vision, image_token_id=ids["<|image_pad|>"],
+                                     video_token_id=ids["<|video_pad|>"], vision_start_token_id=ids["<|vision_start|>"])
+    if kind == "smolvlm":
+        tok = _tokenizer(["<fake_token_around_image>", "<image>", "<global-img>", "<end_of_utterance>"],
+                         "<end_of_utterance>")
+        images = _pil("SmolVLMImageProcessor", size={"longest_edge": 56}, max_image_size={"longest_edge": 28})
+        proc = HubFiles("SmolVLMProcessor", images, "SmolVLMImageProcessor", dict(image_seq_len=1), SMOLVLM_TEMPLATE)
+        return tok, proc, dict(model_type="llama"), dict(
+            vision_config=dict(_VISION, model_type="smolvlm_vision", image_size=28, patch_size=14), scale_factor=2,
+            image_token_id=tok.convert_tokens_to_ids("<image>"))
+    if kind == "internvl":
+        names = {"start_image_token": "<img>", "end_image_token": "</img>", "context_image_token": "<IMG_CONTEXT>",
+                 "video_token": "<video>"}
+        tok = _tokenizer(list(names.values()), "<|im_end|>", names)
+        tiles = _pil("GotOcr2ImageProcessor", size={"height": 28, "width": 28}, crop_to_patches=True, max_patches=3)
+        proc = HubFiles("InternVLProcessor", tiles, "GotOcr2ImageProcessorFast", dict(image_seq_length=1),
+                        INTERNVL_TEMPLATE)
+        return tok, proc, dict(model_type="qwen2"), dict(
+            vision_config=dict(_VISION, model_type="internvl_vision", image_size=[28, 28], patch_size=[14, 14]),
+            downsample_ratio=0.5, image_token_id=tok.convert_tokens_to_ids("<IMG_CONTEXT>"))
+    if kind == "llava_onevision":
+        names = {"image_token": "<image>", "video_token": "<video>"}
+        tok = _tokenizer(list(names.values()), "<|im_end|>", names)
+        pins = [[28, 28], [28, 56], [56, 28]]
+        images = _pil("LlavaOnevisionImageProcessor", size={"height": 28, "width": 28}, image_grid_pinpoints=pins)
+        proc = HubFiles("LlavaOnevisionProcessor", images, "LlavaOnevisionImageProcessor",
+                        dict(num_image_tokens=4, vision_feature_select_strategy="full",
+                             vision_aspect_ratio="anyres_max_9"), LLAVA_TEMPLATE)
+        return tok, proc, dict(model_type="qwen2"), dict(
+            vision_config=dict(_VISION, model_type="siglip_vision_model", image_size=28, patch_size=14),
+            image_grid_pinpoints=pins, vision_feature_select_strategy="full", vision_feature_layer=-1,
+            image_token_index=tok.convert_tokens_to_ids("<image>"),
+            video_token_index=tok.convert_tokens_to_ids("<video>"))
     raise ValueError(kind)
 
 
-def _pixtral_processor(images, tok):
-    """Mistral 3's processor, or None where it cannot be built (it needs torchvision)."""
-    if not importlib.util.find_spec("torchvision"):
-        return None
-    from transformers import PixtralProcessor
-
-    return PixtralProcessor(images, tok, patch_size=14, spatial_merge_size=2, chat_template=LLAVA_TEMPLATE.replace(
-        "<image>\n", "[IMG]"))
+def _write_hub_files(out: Path, files: HubFiles, tok, video_processor: str | None = None) -> None:
+    """The processor's files as the hub's folders hold them; with a ``video_processor`` class, the sub-processors'
+    settings inside ``processor_config.json``, as transformers 5's ``save_pretrained`` writes them."""
+    tok.save_pretrained(out)
+    files.image_processor.save_pretrained(out)
+    path = out / "preprocessor_config.json"
+    config = json.loads(path.read_text())
+    config.update(image_processor_type=files.image_processor_type, processor_class=files.processor_class)
+    processor = {"processor_class": files.processor_class, **files.settings}
+    if video_processor:
+        path.unlink()
+        processor["image_processor"] = {k: v for k, v in config.items() if k != "processor_class"}
+        processor["video_processor"] = {"video_processor_type": video_processor, "merge_size": 2}
+    else:
+        path.write_text(json.dumps(config, indent=2))
+    (out / "processor_config.json").write_text(json.dumps(processor, indent=2))
+    (out / "chat_template.jinja").write_text(files.chat_template)
 
 
 def build_image_model(out_dir: str | Path, kind: str, seed: int = 0) -> Path:
@@ -170,11 +240,10 @@ def build_image_model(out_dir: str | Path, kind: str, seed: int = 0) -> Path:
     model = AutoModelForImageTextToText.from_config(config)
     out = Path(out_dir)
     model.save_pretrained(out)
-    proc.save_pretrained(out)
-    if not hasattr(proc, "tokenizer"):  # a processor that needs torchvision: the hub folder's files, as written
-        tok.save_pretrained(out)
-        (out / "processor_config.json").write_text(json.dumps({"processor_class": "PixtralProcessor", "patch_size": 14,
-                                                                "spatial_merge_size": 2}))
+    if isinstance(proc, HubFiles):
+        _write_hub_files(out, proc, tok, "Qwen3VLVideoProcessor" if kind == "qwen3_vl" else None)
+    else:
+        proc.save_pretrained(out)
     return out
 
 
@@ -186,3 +255,27 @@ def write_png(path: Path, width: int, height: int, seed: int) -> Path:
     pixels = (np.random.RandomState(seed).rand(height, width, 3) * 255).astype("uint8")
     Image.fromarray(pixels).save(path)
     return path
+
+
+def oracle_processor(model_dir: str | Path):
+    """transformers' processor for the folder: ``AutoProcessor``'s, or, where that needs torchvision (a video
+    processor), the family's class with the PIL image processor and no video processor, as qlora builds it
+    (test_image_only_processor.py checks its outputs against the image processor's and the family's rules)."""
+    from transformers import AutoConfig, AutoProcessor, AutoTokenizer
+
+    try:
+        return AutoProcessor.from_pretrained(model_dir)
+    except (ImportError, ValueError) as exc:
+        if "torchvision" not in str(exc).lower():
+            raise
+    from qlora.model.image_only_processor import image_only_processor
+
+    return image_only_processor(model_dir, AutoConfig.from_pretrained(model_dir).model_type,
+                                AutoTokenizer.from_pretrained(model_dir))
+
+
+def render(processor, messages: list, **kwargs) -> str:
+    """The folder's chat template on ``messages`` (``processor.apply_chat_template``'s text; SmolVLM's reads its
+    video processor, which an image-only processor lacks)."""
+    return processor.tokenizer.apply_chat_template(messages, chat_template=processor.chat_template, tokenize=False,
+                                                   **kwargs)

@@ -13,10 +13,10 @@ import json
 
 import pytest
 import torch
-from transformers import AutoModelForImageTextToText, AutoProcessor
+from transformers import AutoModelForImageTextToText
 
 from qlora.cli.main import main
-from image_models import KINDS, build_image_model, write_png
+from image_models import KINDS, build_image_model, oracle_processor, render, write_png
 
 QUESTION = "what is in the picture?"
 NEW = 10
@@ -51,11 +51,10 @@ def _oracle(model_dir, adapter, images, content, whole=False):
     from peft import PeftModel
     from PIL import Image
 
-    processor = AutoProcessor.from_pretrained(model_dir)
+    processor = oracle_processor(model_dir)
     base = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=torch.float32)
     model = PeftModel.from_pretrained(base, adapter).merge_and_unload().eval()
-    text = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True,
-                                         tokenize=False)
+    text = render(processor, [{"role": "user", "content": content}], add_generation_prompt=True)
     inputs = processor(text=[text], images=[Image.open(p).convert("RGB") for p in images], add_special_tokens=False,
                        return_tensors="pt")
     if whole:

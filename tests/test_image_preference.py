@@ -20,7 +20,7 @@ import torch
 from qlora.cli.main import main
 from qlora.train.config import load_config
 from qlora.train.trainer import Trainer
-from image_models import build_image_model, write_png
+from image_models import build_image_model, oracle_processor, write_png
 
 trl = pytest.importorskip("trl")
 peft = pytest.importorskip("peft")
@@ -33,7 +33,7 @@ RTOL = 1e-5
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
     root = tmp_path_factory.mktemp("vlm")
-    return {kind: build_image_model(root / kind, kind) for kind in ("gemma3", "idefics3", "llava")}
+    return {kind: build_image_model(root / kind, kind) for kind in ("gemma3", "idefics3", "llava", "qwen2_vl")}
 
 
 @pytest.fixture(scope="module")
@@ -85,10 +85,11 @@ def _trainer(model, data, out, **kw):
 # DPO's aot and aot_unpaired (TRL 1.16's name for aot_pair) losses sort the micro-batch's pairs: both pairs, each
 # with its own image, enter one loss
 @pytest.mark.parametrize("kind, loss", [("gemma3", "sigmoid"), ("idefics3", "sigmoid"), ("llava", "sigmoid"),
+                                        ("qwen2_vl", "sigmoid"),  # Qwen2-VL's: for images alone
                                         ("gemma3", "aot"), ("idefics3", "aot_unpaired")])
 def test_first_dpo_step_equals_trl_dpotrainer_on_images(kind, loss, models, folder, tmp_path):
     from PIL import Image
-    from transformers import AutoModelForImageTextToText, AutoProcessor
+    from transformers import AutoModelForImageTextToText
     from trl import DPOConfig, DPOTrainer
 
     rows = _trl_rows()
@@ -112,7 +113,7 @@ def test_first_dpo_step_equals_trl_dpotrainer_on_images(kind, loss, models, fold
         warnings.simplefilter("ignore")
         oracle = DPOTrainer(model=AutoModelForImageTextToText.from_pretrained(models[kind], dtype=torch.float32),
                             args=args, train_dataset=dataset,
-                            processing_class=AutoProcessor.from_pretrained(models[kind]),
+                            processing_class=oracle_processor(models[kind]),
                             peft_config=config)
     theirs = dict(oracle.model.named_parameters())
     ours = {n: p for n, p in trainer.model.named_parameters() if p.requires_grad}
@@ -121,8 +122,9 @@ def test_first_dpo_step_equals_trl_dpotrainer_on_images(kind, loss, models, fold
             theirs["base_model.model." + name].copy_(p)
 
     batch = trainer._collate(trainer.train_units)
-    assert batch["input_ids"].shape[0] == 4 and batch["pixel_values"].shape[0] == 4  # each pair's image, twice
-    assert torch.equal(batch["pixel_values"][0], batch["pixel_values"][2])
+    per_image = batch.get("image_grid_thw", batch["pixel_values"])  # Qwen2-VL's pixel_values are patches
+    assert batch["input_ids"].shape[0] == 4 and per_image.shape[0] == 4  # each pair's image, twice
+    assert torch.equal(per_image[0], per_image[2])
     inputs = oracle.data_collator([dataset[i] for i in range(len(rows))])
     if kind == "llava":  # the answers' first tokens differ (see the module docstring): TRL's loss on our batch
         assert not torch.equal(inputs["input_ids"][inputs["attention_mask"].bool()],
@@ -135,7 +137,7 @@ def test_first_dpo_step_equals_trl_dpotrainer_on_images(kind, loss, models, fold
             n = int(mask[row].sum())
             assert inputs["input_ids"][row, :n].tolist() == batch["input_ids"][row, :n].tolist()
             assert inputs["completion_mask"][row, 1:n].tolist() == (batch["labels"][row, 1:n] != -100).long().tolist()
-        for key in ("pixel_values", "token_type_ids", "pixel_attention_mask"):
+        for key in ("pixel_values", "token_type_ids", "pixel_attention_mask", "image_grid_thw"):
             if key in inputs:
                 torch.testing.assert_close(inputs[key][:, :batch[key].shape[1]].to(batch[key].dtype), batch[key])
     oracle.model.train()

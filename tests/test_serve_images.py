@@ -33,7 +33,7 @@ def setup(tmp_path_factory):
     data = root / "chat.jsonl"
     data.write_text(json.dumps(rows[0]) + "\n")
     out = {}
-    for kind in ("gemma3", "llava_next"):
+    for kind in ("gemma3", "llava_next", "internvl"):
         model = build_image_model(root / kind, kind)
         assert main(["train", "--model", str(model), "--data", str(data), "--output", str(root / f"{kind}-run"),
                      "--quant", "none", "--max-steps", "2", "--batch-size", "1", "--lr", "1e-2", "--no-progress"]) == 0
@@ -57,7 +57,7 @@ def _uri(path) -> str:
     return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode()
 
 
-@pytest.mark.parametrize("kind", ["gemma3", "llava_next"])
+@pytest.mark.parametrize("kind", ["gemma3", "llava_next", "internvl"])  # InternVL: a processor for images alone
 def test_served_image_replies_equal_generate(kind, setup, capsys):
     models, image = setup
     model_dir, adapter = models[kind]

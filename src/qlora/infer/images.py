@@ -26,7 +26,7 @@ def image_processor(model, tokenizer, model_dir: str | Path, where: str, subject
 
     Raises:
         UsageError: ``model`` has no vision tower (naming ``model_dir``), its type is refused, or its processor
-            cannot be built (a package it needs, such as torchvision, is missing).
+            cannot be built (a package it needs is missing: torchvision for Llama 4, ...).
     """
     from qlora.model.image_processor import load_image_processor
 

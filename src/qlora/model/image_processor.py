@@ -1,8 +1,10 @@
 """The processor that turns a vision-language model's images into its inputs, for training on images.
 
 qlora uses the model folder's own processor (``AutoProcessor``): it knows how many tokens each image takes
-and what tensors the model's forward wants, so training sees what inference with transformers sees. Models
-whose forward needs per-batch structure beyond image tensors and token ids are refused by type.
+and what tensors the model's forward wants, so training sees what inference with transformers sees. Where
+``AutoProcessor`` fails for want of torchvision (a video processor), the family's processor for images alone is
+built instead (:mod:`qlora.model.image_only_processor`). Models whose forward needs per-batch structure beyond
+image tensors and token ids are refused by type.
 """
 
 from __future__ import annotations
@@ -30,7 +32,8 @@ _DISTRIBUTIONS = {"PIL": "pillow", "cv2": "opencv-python", "sklearn": "scikit-le
 
 def load_image_processor(model_dir: str | Path, model: nn.Module, tokenizer, where: str,
                          subject: str = "this row holds images"):
-    """The model folder's processor, with the run's ``tokenizer``.
+    """The model folder's processor (for images alone where ``AutoProcessor`` needs torchvision), with the run's
+    ``tokenizer``.
 
     Args:
         model_dir: the model folder or hub name (``--model``).
@@ -41,7 +44,7 @@ def load_image_processor(model_dir: str | Path, model: nn.Module, tokenizer, whe
 
     Raises:
         UsageError: a model without a vision tower, a refused model type, or a folder with no processor
-            transformers can build.
+            transformers can build (naming the package it needs).
     """
     config = model.config
     kind = getattr(config, "model_type", "?")
@@ -58,22 +61,43 @@ def load_image_processor(model_dir: str | Path, model: nn.Module, tokenizer, whe
     try:
         processor = AutoProcessor.from_pretrained(model_dir)
     except Exception as exc:  # transformers raises many types for a folder it cannot build a processor from
-        missing = getattr(exc, "name", None) if isinstance(exc, ImportError) else None
-        if missing or "torchvision" in str(exc).lower():
-            package = "torchvision" if "torchvision" in str(exc).lower() else _DISTRIBUTIONS.get(missing, missing)
-            raise UsageError(f"{where}: the processor of {kind} models ({model_dir}) needs {package}, which is not "
-                             f"installed, so images cannot be turned into its inputs: pip install {package}, or use "
-                             "the model with text only.") from None
-        said = f": {' '.join(str(exc).split())[:300]}" if str(exc).strip() else ""
-        raise UsageError(f"{where}: images need the model's processor, which transformers cannot build "
-                         f"from {model_dir} ({type(exc).__name__}{said}). The folder needs "
-                         "the hub's processor files (processor_config.json / preprocessor_config.json); some "
-                         "processors need torchvision installed.") from None
+        processor = _without_auto_processor(model_dir, kind, tokenizer, exc, where)
     if not hasattr(processor, "image_processor") or not hasattr(processor, "tokenizer"):
         raise UsageError(f"{where}: {model_dir}'s processor ({type(processor).__name__}) has no image processor "
                          "and tokenizer, so it cannot turn images into the model's inputs.")
     processor.tokenizer = tokenizer
     return processor
+
+
+def _without_auto_processor(model_dir, kind: str, tokenizer, exc: Exception, where: str):
+    """The processor for images alone when ``AutoProcessor`` failed with ``exc`` for want of torchvision (see
+    :mod:`qlora.model.image_only_processor`), else the error naming what is missing."""
+    missing = getattr(exc, "name", None) if isinstance(exc, ImportError) else None
+    if "torchvision" in str(exc).lower():
+        from qlora.model.image_only_processor import NeedsTorchvision, image_only_processor
+
+        try:
+            return image_only_processor(model_dir, kind, tokenizer)
+        except NeedsTorchvision as again:
+            raise UsageError(f"{where}: the processor of {kind} models ({model_dir}) needs torchvision, which is not "
+                             f"installed, so images cannot be turned into its inputs ({again}): pip install "
+                             "torchvision, or use the model with text only.") from None
+        except Exception as again:  # noqa: BLE001 - transformers raises many types building a processor
+            said = " ".join(str(again).split())[:300]
+            raise UsageError(f"{where}: transformers cannot build the processor of {kind} models ({model_dir}) "
+                             "without torchvision, which is not installed, and the processor for images alone "
+                             f"that qlora builds then fails ({type(again).__name__}: {said}). Install what it "
+                             "names, or torchvision, or use the model with text only.") from None
+    if missing:
+        package = _DISTRIBUTIONS.get(missing, missing)
+        raise UsageError(f"{where}: the processor of {kind} models ({model_dir}) needs {package}, which is not "
+                         f"installed, so images cannot be turned into its inputs: pip install {package}, or use "
+                         "the model with text only.") from None
+    said = f": {' '.join(str(exc).split())[:300]}" if str(exc).strip() else ""
+    raise UsageError(f"{where}: images need the model's processor, which transformers cannot build "
+                     f"from {model_dir} ({type(exc).__name__}{said}). The folder needs "
+                     "the hub's processor files (processor_config.json / preprocessor_config.json); some "
+                     "processors need torchvision installed.") from None
 
 
 def image_tensors(encoded) -> dict[str, torch.Tensor]:
