@@ -28,6 +28,7 @@ from qlora.optim import (
 from qlora.quant import BLOCKSIZES
 from qlora.train.data.fields import parse_data_fields
 from qlora.train.foreign_keys import AXOLOTL_DEFAULTS, adapter_keys, is_axolotl, translate
+from qlora.train.torchtune_config import is_torchtune, torchtune_options
 from qlora.train.preference_loss import F_DIVERGENCE_LOSSES, F_DIVERGENCES
 
 QUANTS = ("nf4", "fp4", "none")
@@ -951,6 +952,8 @@ def load_config(yaml_path: str | Path | None, overrides: dict[str, Any]) -> Trai
         if not path.is_file():
             raise UsageError(f"config file {yaml_path!r} does not exist; check the path of the YAML file.")
         loaded, lines = _read_yaml(path)
+        if is_torchtune(loaded):
+            loaded = torchtune_options(loaded, lines, path, frozenset(k.replace("-", "_") for k in overrides))
         axolotl = is_axolotl(loaded)
         loaded = adapter_keys(_llama_factory(loaded, lines, path, frozenset(k.replace("-", "_") for k in overrides)),
                               lines, path)

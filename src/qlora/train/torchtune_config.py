@@ -1,0 +1,327 @@
+"""torchtune's LoRA/QLoRA recipe configs (``tune run lora_finetune_single_device --config ...``) as qlora's options.
+
+A file is torchtune's when its ``model`` is a ``{_component_: torchtune.models...}`` mapping. Its components
+are read as torchtune's builders and recipes read them, with their defaults where the file is silent:
+
+- ``model``: a ``lora_*`` builder is LoRA on a 16-bit base, ``qlora_*`` on an NF4 one; ``lora_rank`` (8),
+  ``lora_alpha`` (16), ``lora_dropout`` (0), ``use_dora``; ``lora_attn_modules`` (q_proj, k_proj, v_proj,
+  output_proj), ``apply_lora_to_mlp`` (w1, w2, w3) and ``apply_lora_to_output`` named as the checkpoint's
+  transformers modules (o_proj, gate_proj, down_proj, up_proj, lm_head);
+- ``checkpointer``: a ``FullModelHFCheckpointer``'s ``checkpoint_dir`` is the model, its tokenizer qlora's;
+- ``dataset``: :mod:`qlora.train.data.torchtune_datasets`, written as torchtune's Llama 3 tokenizer writes it
+  (the other tokenizers' formats are refused unless ``--template`` picks the model's chat template instead);
+  ``tokenizer.max_seq_len`` (none: the model's context) truncates as torchtune does, its last kept token an
+  untrained EOS: qlora's ``seq_len`` one less;
+- ``optimizer`` (torch's AdamW: lr 1e-3, weight_decay 0.01; bitsandbytes' paged AdamW), ``lr_scheduler``
+  (``get_cosine_schedule_with_warmup``: transformers' cosine; none: a constant rate), ``clip_grad_norm`` (none:
+  no clipping), ``loss`` (cross-entropy, chunked or not), ``batch_size``, ``gradient_accumulation_steps``,
+  ``epochs``, ``max_steps_per_epoch``, ``enable_activation_checkpointing``, ``dtype``, ``seed``, ``output_dir``;
+- logging, profiling, compile, device and checkpoint-format keys are passed over, and said;
+- what trains otherwise (full fine-tuning, DPO, QAT, knowledge distillation, vision models, packing in
+  dataset order, a prompt template, other tokenizers' formats) is refused by file and line.
+
+``${key}`` interpolations (OmegaConf's) are resolved against the file's own keys first.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from pathlib import Path
+from typing import Any
+
+from qlora.errors import UsageError
+from qlora.train.data.torchtune_datasets import BUILDERS, HUB_SOURCES
+
+_TARGETS = {"q_proj": "q_proj", "k_proj": "k_proj", "v_proj": "v_proj", "output_proj": "o_proj"}
+_MLP = ("gate_proj", "down_proj", "up_proj")  # torchtune's w1, w2, w3
+_OPTIMIZERS = {"torch.optim.AdamW": "adamw", "bitsandbytes.optim.PagedAdamW": "paged_adamw_32bit",
+               "bitsandbytes.optim.PagedAdamW32bit": "paged_adamw_32bit",
+               "bitsandbytes.optim.PagedAdamW8bit": "paged_adamw_8bit", "bitsandbytes.optim.AdamW8bit": "adamw_8bit"}
+_COSINE = "torchtune.training.lr_schedulers.get_cosine_schedule_with_warmup"
+_LOSSES = ("torchtune.modules.loss.CEWithChunkedOutputLoss", "torchtune.modules.loss.LinearCrossEntropyLoss",
+           "torch.nn.CrossEntropyLoss")
+_DTYPES = {"bf16": "bf16", "fp32": "fp32"}
+# Keys of the recipes' runtime: logging, profiling, kernels, devices, checkpoint files.
+RUNTIME = frozenset({"metric_logger", "log_every_n_steps", "log_peak_memory_stats", "log_level", "profiler",
+                     "device", "compile", "enable_activation_offloading", "low_cpu_ram", "save_adapter_weights_only",
+                     "enable_async_checkpointing", "cudnn_deterministic_mode", "custom_sharded_layers",
+                     "fsdp_cpu_offload", "fsdp_reshard_after_forward", "tensor_parallel_dim",
+                     "tensor_parallel_plan", "data_parallel_shard_dim", "data_parallel_replicate_dim",
+                     "collate_fn", "save_every_n_steps", "batch_size_val", "run_val_every_n_steps", "dataset_val",
+                     "optimizer_in_bwd", "ac_mode", "ac_option"})
+_HANDLED = {"model", "checkpointer", "tokenizer", "dataset", "optimizer", "lr_scheduler", "loss", "batch_size",
+            "epochs", "max_steps_per_epoch", "gradient_accumulation_steps", "clip_grad_norm", "seed", "shuffle",
+            "dtype", "output_dir", "enable_activation_checkpointing", "resume_from_checkpoint"}
+_REFUSED = {"teacher_model": "knowledge distillation (a teacher's logits in the loss)",
+            "teacher_checkpointer": "knowledge distillation (a teacher's logits in the loss)",
+            "kd_loss": "knowledge distillation (a teacher's logits in the loss)", "kd_ratio": "knowledge distillation",
+            "quantizer": "quantization-aware training (fake-quantized weights)", "ref_checkpointer": "DPO",
+            "reward_model": "PPO"}
+
+
+def is_torchtune(loaded: dict) -> bool:
+    """Whether a config file is torchtune's: its ``model`` names a torchtune builder."""
+    model = loaded.get("model")
+    return isinstance(model, dict) and str(model.get("_component_", "")).startswith("torchtune.models.")
+
+
+def torchtune_options(loaded: dict, lines: dict[str, int], path: Path, overridden: frozenset[str]) -> dict:
+    """qlora's options for a torchtune recipe config (``overridden``: the options the command line sets).
+
+    Raises:
+        UsageError: what qlora would train otherwise, naming the file, line and what to do.
+    """
+    cfg = _resolve(loaded, loaded, path)
+    where = {k: f"{path} line {lines.get(k, '?')}" for k in cfg}
+    for key, why in _REFUSED.items():
+        if key in cfg:
+            raise UsageError(f"{where[key]}: {key}: this torchtune recipe trains with {why}; qlora trains LoRA on "
+                             "the plain next-token loss. Use a lora_finetune config, or torchtune for this recipe.")
+    unknown = sorted(set(cfg) - _HANDLED - RUNTIME)
+    if unknown:
+        raise UsageError(f"{where[unknown[0]]}: {', '.join(unknown)}: not a key of torchtune's LoRA fine-tuning "
+                         "recipes that qlora reads; remove it, or train this recipe with torchtune.")
+    out: dict[str, Any] = {}
+    out |= _model(cfg["model"], where["model"])
+    out["model"] = _checkpoint_dir(cfg.get("checkpointer"), where.get("checkpointer", str(path)))
+    template = "template" in overridden
+    render = _render(cfg.get("tokenizer"), where.get("tokenizer", str(path)), template)
+    out |= _dataset(cfg.get("dataset"), where.get("dataset", str(path)), render, out["model"])
+    out["seq_len"] = _seq_len(cfg.get("tokenizer") or {}, out["model"], render)
+    out |= _optimizer(cfg.get("optimizer"), where.get("optimizer", str(path)))
+    out |= _schedule(cfg.get("lr_scheduler"), where.get("lr_scheduler", str(path)))
+    _loss(cfg.get("loss"), where.get("loss", str(path)))
+    out |= _training(cfg, where)
+    passed = sorted(set(cfg) & RUNTIME)
+    print(f"qlora train: {path} is a torchtune recipe config: read as lora_finetune reads it, torchtune's defaults "
+          "where it is silent; its last partial batch of an epoch is trained (torchtune drops it); "
+          f"passing over {', '.join(passed) or 'nothing'} (its runtime: logging, kernels, devices)", file=sys.stderr)
+    for key in out:
+        lines.setdefault(key, lines.get("model", 0))
+    return out
+
+
+def _resolve(value: Any, root: dict, path: Path) -> Any:
+    """OmegaConf's ``${a.b}`` interpolations, against the file's keys."""
+    if isinstance(value, dict):
+        return {k: _resolve(v, root, path) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_resolve(v, root, path) for v in value]
+    if not isinstance(value, str) or "${" not in value:
+        return value
+
+    def lookup(match: re.Match) -> str:
+        node: Any = root
+        for part in match.group(1).split("."):
+            if not isinstance(node, dict) or part not in node:
+                raise UsageError(f"{path}: ${{{match.group(1)}}} names no key of the file; give the value instead.")
+            node = node[part]
+        return str(_resolve(node, root, path))
+    return re.sub(r"\$\{([^}:]+)\}", lookup, value)
+
+
+def _component(value: Any, where: str, what: str) -> tuple[str, dict]:
+    if not isinstance(value, dict) or not isinstance(value.get("_component_"), str):
+        raise UsageError(f"{where}: {what} is a mapping with a _component_ (as torchtune's config.instantiate reads).")
+    return value["_component_"], {k: v for k, v in value.items() if k != "_component_"}
+
+
+def _model(value: Any, where: str) -> dict[str, Any]:
+    name, args = _component(value, where, "model")
+    family, _, builder = name.removeprefix("torchtune.models.").rpartition(".")
+    if "vision" in family or builder.startswith(("qlora_llama3_2_vision", "lora_llama3_2_vision")):
+        raise UsageError(f"{where}: {name}: a vision model; qlora's torchtune reading covers text models. Train it "
+                         "with qlora's own options (model, data with images) or with torchtune.")
+    if not builder.startswith(("lora_", "qlora_")):
+        raise UsageError(f"{where}: {name} is full fine-tuning (its builders with LoRA are lora_* and qlora_*); qlora "
+                         "trains LoRA adapters on a frozen base.")
+    if family == "phi3":
+        raise UsageError(f"{where}: {name}: torchtune splits Phi-3's fused qkv_proj and gate_up_proj into separate "
+                         "layers, each with its own LoRA; qlora adapts the checkpoint's fused layers, a different "
+                         "adapter. Train it with qlora's own options (target_modules: qkv_proj,o_proj,gate_up_proj,"
+                         "down_proj) or with torchtune.")
+    known = {"lora_attn_modules", "apply_lora_to_mlp", "apply_lora_to_output", "lora_rank", "lora_alpha",
+             "lora_dropout", "use_dora", "quantize_base"}
+    if set(args) - known:
+        raise UsageError(f"{where}: {', '.join(sorted(set(args) - known))}: not a LoRA builder argument qlora reads "
+                         f"({', '.join(sorted(known))}).")
+    attn = args.get("lora_attn_modules")
+    if not isinstance(attn, list) or not attn or not set(attn) <= set(_TARGETS):
+        raise UsageError(f"{where}: lora_attn_modules is a list of {', '.join(_TARGETS)}; got {attn!r}.")
+    targets = [_TARGETS[m] for m in attn] + (list(_MLP) if args.get("apply_lora_to_mlp", False) else [])
+    if args.get("apply_lora_to_output", False):
+        targets.append("lm_head")
+    quantized = args.get("quantize_base", builder.startswith("qlora_"))
+    return {"rank": args.get("lora_rank", 8), "alpha": args.get("lora_alpha", 16),
+            "dropout": args.get("lora_dropout", 0.0), "dora": args.get("use_dora", False),
+            "target_modules": ",".join(targets), "quant": "nf4" if quantized else "none"}
+
+
+def _checkpoint_dir(value: Any, where: str) -> str:
+    name, args = _component(value, where, "checkpointer")
+    if name.rpartition(".")[2] != "FullModelHFCheckpointer":
+        raise UsageError(f"{where}: {name}: qlora loads transformers checkpoint folders (torchtune's "
+                         "FullModelHFCheckpointer); convert the checkpoint to one and use that checkpointer.")
+    if args.get("adapter_checkpoint") or args.get("recipe_checkpoint"):
+        raise UsageError(f"{where}: adapter_checkpoint/recipe_checkpoint continue a torchtune run; qlora resumes its "
+                         "own runs (resume: true) and continues a PEFT adapter (adapter: FOLDER). Remove them.")
+    folder = Path(str(args.get("checkpoint_dir", "")))  # its checkpoint_files are the folder's weights
+    return str(folder)
+
+
+def _render(value: Any, where: str, template: bool) -> str:
+    name, args = _component(value, where, "tokenizer")
+    if args.get("prompt_template") is not None:
+        raise UsageError(f"{where}: prompt_template {args['prompt_template']!r}: qlora writes the turns in torchtune's "
+                         "format without one, or in the model's own chat template (--template); remove it.")
+    if template:
+        return "messages"
+    if name.rpartition(".")[2] != "llama3_tokenizer":
+        raise UsageError(f"{where}: {name}: qlora writes examples as torchtune's llama3_tokenizer does; other "
+                         "tokenizers' formats differ. Give --template tokenizer (or auto) to train with the "
+                         "model's own chat template instead.")
+    return "llama3"
+
+
+def _dataset(value: Any, where: str, render: str, model: str) -> dict[str, Any]:
+    if isinstance(value, list):
+        if len(value) != 1:
+            raise UsageError(f"{where}: several datasets (torchtune's ConcatDataset); qlora reads one per torchtune "
+                             "config. Give one, or list the files in qlora's own data option.")
+        value = value[0]
+    name, args = _component(value, where, "dataset")
+    builder = name.rpartition(".")[2]
+    if builder not in BUILDERS:
+        raise UsageError(f"{where}: {name}: qlora reads torchtune's {', '.join(BUILDERS)}; give one of them (e.g. "
+                         "chat_dataset over the same source), or qlora's own data option.")
+    if args.pop("packed", False):
+        raise UsageError(f"{where}: packed: true packs the examples in dataset order before shuffling; qlora packs "
+                         "them in its shuffled order (packing: true), which changes the batches. Set packed: false.")
+    args.pop("split_across_pack", None)
+    source = args.pop("source", HUB_SOURCES.get(builder))
+    files, split = args.pop("data_files", None), str(args.pop("split", "train"))
+    if source is None:
+        raise UsageError(f"{where}: {builder} needs a source (a hub dataset, or json/parquet/csv with data_files).")
+    if source in ("json", "csv", "parquet", "text", "arrow"):
+        files = [files] if isinstance(files, str) else files
+        if not isinstance(files, list) or len(files) != 1:
+            raise UsageError(f"{where}: source {source} reads data_files: give one file.")
+        source, split = str(files[0]), "train"
+    spec: dict[str, Any] = {"name": f"{builder} {source}", "source": source, "split": split, "subset": None,
+                            "num_samples": None, "builder": builder, "render": render}
+    if builder == "text_completion_dataset":
+        spec["columns"] = {"text": str(args.pop("column", "text"))}
+        spec["add_eos"] = bool(args.pop("add_eos", True))
+        _text_eos(spec["add_eos"], model, where)
+    else:
+        columns = args.pop("column_map", None) or {}
+        if builder == "chat_dataset":
+            style = args.pop("conversation_style", None)
+            if style not in ("openai", "sharegpt"):
+                raise UsageError(f"{where}: conversation_style {style!r}: torchtune's chat_dataset reads openai or "
+                                 "sharegpt.")
+            spec["style"] = style
+            columns = {"conversations": str(args.pop("conversation_column", "conversations"))}
+        spec["columns"] = {str(k): str(v) for k, v in columns.items()}
+        spec["train_on_input"] = bool(args.pop("train_on_input", builder.startswith("alpaca")))
+        spec["system_prompt"] = args.pop("new_system_prompt", None)
+    if args:
+        raise UsageError(f"{where}: {', '.join(sorted(args))}: not an argument of {builder} that qlora reads "
+                         "(filter_fn and load_dataset options are not); remove it.")
+    return {"data": json.dumps([{"torchtune": spec}]), "train_on": "assistant", "format": "auto"}
+
+
+def _text_eos(add_eos: bool, model: str, where: str) -> None:
+    """torchtune ends a text with its tokenizer's EOS (Llama 3's <|end_of_text|>); qlora with the checkpoint's."""
+    config = Path(model) / "tokenizer_config.json"
+    eos = json.loads(config.read_text(encoding="utf-8")).get("eos_token") if config.is_file() else None
+    eos = eos.get("content") if isinstance(eos, dict) else eos
+    if not add_eos or (eos is not None and eos != "<|end_of_text|>"):
+        raise UsageError(f"{where}: text_completion_dataset ends each text with "
+                         f"{'no EOS' if not add_eos else 'torchtune Llama 3 tokenizer EOS <|end_of_text|>'}; qlora "
+                         f"ends it with the checkpoint tokenizer's EOS ({eos}), trained. Use a checkpoint whose "
+                         "eos_token is <|end_of_text|> (a base model) with add_eos: true, or train with qlora's own "
+                         "data option.")
+
+
+def _seq_len(tokenizer: dict, model: str, render: str) -> int:
+    """torchtune truncates to max_seq_len with an untrained EOS last (none: no limit, the model's context)."""
+    limit = tokenizer.get("max_seq_len")
+    if limit is None:
+        config = Path(model) / "config.json"
+        context = json.loads(config.read_text(encoding="utf-8")).get("max_position_embeddings") if config.is_file() \
+            else None
+        return int(context or 131072)
+    return int(limit) - 1 if render == "llama3" else int(limit)
+
+
+def _optimizer(value: Any, where: str) -> dict[str, Any]:
+    name, args = _component(value, where, "optimizer")
+    if name not in _OPTIMIZERS:
+        raise UsageError(f"{where}: {name}: qlora's optimizers are {', '.join(_OPTIMIZERS)}; pick one.")
+    args.pop("fused", None)  # a kernel choice
+    out = {"optim": _OPTIMIZERS[name], "lr": float(args.pop("lr", 1e-3)),
+           "weight_decay": float(args.pop("weight_decay", 0.01))}
+    betas = args.pop("betas", None)
+    if betas is not None:
+        out["adam_beta1"], out["adam_beta2"] = (float(b) for b in betas)
+    if "eps" in args:
+        out["adam_epsilon"] = float(args.pop("eps"))
+    if args:
+        raise UsageError(f"{where}: {', '.join(sorted(args))}: not an AdamW argument qlora has (lr, betas, eps, "
+                         "weight_decay, fused); remove it.")
+    return out
+
+
+def _schedule(value: Any, where: str) -> dict[str, Any]:
+    if value is None:  # the recipe's rate stays constant without one
+        return {"lr_scheduler": "constant", "warmup_steps": 0, "warmup_ratio": 0.0}
+    name, args = _component(value, where, "lr_scheduler")
+    if name != _COSINE:
+        raise UsageError(f"{where}: {name}: qlora runs torchtune's get_cosine_schedule_with_warmup (transformers' "
+                         "cosine); use it, or qlora's own lr_scheduler.")
+    out = {"lr_scheduler": "cosine", "warmup_steps": int(args.pop("num_warmup_steps")), "warmup_ratio": 0.0}
+    cycles = args.pop("num_cycles", 0.5)
+    if cycles != 0.5:
+        out["lr_scheduler_kwargs"] = {"num_cycles": cycles}
+    if args:
+        raise UsageError(f"{where}: {', '.join(sorted(args))}: the recipe sets it (num_training_steps) or qlora has "
+                         "no such option; remove it.")
+    return out
+
+
+def _loss(value: Any, where: str) -> None:
+    name, _ = _component(value, where, "loss")
+    if name not in _LOSSES:
+        raise UsageError(f"{where}: {name}: qlora trains the next-token cross-entropy ({', '.join(_LOSSES)}, the "
+                         "same loss computed in chunks or not); preference losses (DPO) and others are torchtune's "
+                         "own recipes. Use one of those losses.")
+
+
+def _training(cfg: dict, where: dict[str, str]) -> dict[str, Any]:
+    if cfg.get("shuffle", True) is not True:
+        raise UsageError(f"{where['shuffle']}: shuffle false: qlora draws each epoch in a seeded random order; set "
+                         "shuffle: true.")
+    if cfg.get("resume_from_checkpoint"):
+        raise UsageError(f"{where['resume_from_checkpoint']}: resume_from_checkpoint true continues a torchtune run; "
+                         "qlora resumes its own from its output folder (resume: true). Set it to false.")
+    dtype = cfg.get("dtype", "bf16")
+    if dtype not in _DTYPES:
+        raise UsageError(f"{where.get('dtype')}: dtype {dtype!r}: torchtune's LoRA recipes train in bf16 or fp32.")
+    out: dict[str, Any] = {"batch_size": cfg.get("batch_size"), "grad_accum": cfg.get("gradient_accumulation_steps", 1),
+                           "epochs": cfg.get("epochs"), "precision": _DTYPES[dtype],
+                           "max_grad_norm": float(cfg.get("clip_grad_norm") or 0.0),
+                           "gradient_checkpointing": bool(cfg.get("enable_activation_checkpointing", False)),
+                           "output": cfg.get("output_dir")}
+    if cfg.get("seed") is not None:
+        out["seed"] = cfg["seed"]
+    per_epoch = cfg.get("max_steps_per_epoch")
+    if per_epoch is not None:
+        if cfg.get("epochs", 1) != 1:
+            raise UsageError(f"{where['max_steps_per_epoch']}: max_steps_per_epoch with epochs {cfg['epochs']}: "
+                             "torchtune cuts each epoch short and starts the next over the data; qlora's max_steps "
+                             "runs on through the data. Set epochs: 1, or max_steps_per_epoch: null.")
+        out["max_steps"] = int(per_epoch)
+    return {k: v for k, v in out.items() if v is not None}
