@@ -106,12 +106,86 @@ def test_llama3_1_qlora_config_trains(tmp_path):
                                                         "up_proj"])
 
 
-def test_qwen2_5_lora_needs_a_template_then_loads(tmp_path):
+def _enc(tok, text: str, plain: bool) -> list[int]:
+    return tok(text, add_special_tokens=False, split_special_tokens=plain).input_ids if text else []
+
+
+def _one(tok, name: str) -> list[int]:
+    return tok.convert_tokens_to_ids([name])
+
+
+def _alpaca_prompt(row) -> str:
+    return ("Below is an instruction that describes a task, paired with an input that provides further context. "
+            "Write a response that appropriately completes the request.\n\n### Instruction:\n"
+            f"{row['instruction']}\n\n### Input:\n{row['input']}\n\n### Response:\n") if row["input"] else (
+        "Below is an instruction that describes a task. Write a response that appropriately completes the "
+        f"request.\n\n### Instruction:\n{row['instruction']}\n\n### Response:\n")
+
+
+def _qwen(tok, row, limited: bool):
+    """Qwen2Tokenizer.tokenize_messages: no BOS, <|im_start|>ROLE\n + content as given, <|im_end|>\n after all but a
+    final assistant message, then the EOS <|im_end|> trained as that message; truncate() marks it untrained when
+    max_seq_len is set (so it is left out: a last untrained token changes no loss)."""
+    user = _one(tok, "<|im_start|>") + _enc(tok, "user\n", False) + _enc(tok, _alpaca_prompt(row), False) + \
+        _one(tok, "<|im_end|>") + _enc(tok, "\n", False)
+    answer = _one(tok, "<|im_start|>") + _enc(tok, "assistant\n", False) + _enc(tok, row["output"], False)
+    answer += [] if limited else _one(tok, "<|im_end|>")
+    return user + answer, [True] * len(user) + [True] * len(answer)  # alpaca_cleaned trains on input
+
+
+def _sentencepiece(tok, row, bos: str, eos: str, inst: bool):
+    """tokenize_messages_no_special_tokens: BOS, each text part encoded alone and right-stripped of spaces (Mistral's
+    and Llama 2's [INST] template: "[INST] ", prompt, " [/INST] "; the answer then follows a part ending in a space,
+    so it keeps its leading space; Gemma: no template, the answer continues the turn: encoded after "\n", whose ids
+    are dropped), EOS after the answer; alpaca trains on input."""
+    parts = ["[INST] ", _alpaca_prompt(row), " [/INST] "] if inst else [_alpaca_prompt(row)]
+    ids = _one(tok, bos) + [t for p in parts for t in _enc(tok, p.rstrip(" "), True)]
+    answer = row["output"].rstrip(" ")
+    ids += _enc(tok, answer, True) if inst else _enc(tok, "\n" + answer, True)[len(_enc(tok, "\n", True)):]
+    return ids + _one(tok, eos), [True] * (len(ids) + 1)
+
+
+@pytest.mark.parametrize("name, family, oracle", [
+    ("qwen2_5_0.5B_lora_single_device.yaml", "qwen2.5", lambda tok, row: _qwen(tok, row, False)),
+    ("mistral_7B_qlora_single_device.yaml", "mistral-v0.3", lambda tok, row: _sentencepiece(tok, row, "<s>", "</s>",
+                                                                                             True)),
+    ("llama2_7B_qlora_single_device.yaml", "llama-2", lambda tok, row: _sentencepiece(tok, row, "<s>", "</s>", True)),
+    ("gemma2_2B_qlora_single_device.yaml", "gemma-2", lambda tok, row: _sentencepiece(tok, row, "<bos>", "<eos>",
+                                                                                       False)),
+])
+def test_shipped_configs_of_other_tokenizers_train_torchtunes_tokens(tmp_path, name, family, oracle):
+    """Each family's shipped config trains as shipped, its rows the ids and labels torchtune's tokenizer gives."""
+    from chat_families import family_tokenizer
+
+    tok = family_tokenizer(family)
+    model = model_for(family, tmp_path)
+    config = load_config(_config(tmp_path, name, model, _rows(tmp_path)), {})
+    assert config.template == "auto" and config.seq_len == json.loads((Path(model) / "config.json").read_text())[
+        "max_position_embeddings"]
+    examples = read_sources(config.data, "train", None, 0, normalize)
+    for row, example in zip(ROWS, examples):
+        got = tokenize_example(example, tok, "", train_on=config.train_on)
+        ids, mask = oracle(tok, row)
+        assert got.input_ids == ids
+        assert got.labels == [IGNORE_INDEX] + [t if m else IGNORE_INDEX for t, m in zip(ids[1:], mask[1:])]
+
+
+def test_qwen_max_seq_len_leaves_the_final_eos_untrained(tmp_path):
+    from chat_families import family_tokenizer
+
+    tok = family_tokenizer("qwen2.5")
     model = model_for("qwen2.5", tmp_path)
-    path = _config(tmp_path, "qwen2_5_0.5B_lora_single_device.yaml", model, _rows(tmp_path))
-    with pytest.raises(UsageError, match=r"line \d+: torchtune.models.qwen2_5.qwen2_5_tokenizer.*--template"):
-        load_config(path, {})
-    config = load_config(path, {"template": "tokenizer"})
+    config = load_config(_config(tmp_path, "qwen2_5_0.5B_lora_single_device.yaml", model, _rows(tmp_path),
+                                 lambda t: t.replace("max_seq_len: null", "max_seq_len: 40")), {})
+    assert config.seq_len == 39  # torchtune's last kept token: an untrained EOS
+    example = read_sources(config.data, "train", None, 0, normalize)[1]
+    assert tokenize_example(example, tok, "").input_ids == _qwen(tok, ROWS[1], True)[0]
+
+
+def test_qwen2_5_with_a_template_trains_the_models_chat_template(tmp_path):
+    model = model_for("qwen2.5", tmp_path)
+    config = load_config(_config(tmp_path, "qwen2_5_0.5B_lora_single_device.yaml", model, _rows(tmp_path)),
+                         {"template": "tokenizer"})
     assert (config.quant, config.rank, config.alpha, config.template) == ("none", 32, 64.0, "tokenizer")
     assert config.target_modules == "q_proj,v_proj,o_proj,gate_proj,down_proj,up_proj"
     examples = read_sources(config.data, "train", None, 0, normalize)
@@ -125,8 +199,13 @@ def test_qwen2_5_lora_needs_a_template_then_loads(tmp_path):
     ("llama3_1_8B_qlora_single_device.yaml", lambda t: t.replace("packed: False", "packed: True"), "packed: true"),
     ("llama3_1_8B_qlora_single_device.yaml", lambda t: t.replace("qlora_llama3_1_8b", "llama3_1_8b"),
      "full fine-tuning"),
-    ("llama3_1_8B_qlora_single_device.yaml", lambda t: t.replace("epochs: 1", "epochs: 2").replace(
-        "max_steps_per_epoch: null", "max_steps_per_epoch: 5"), "max_steps_per_epoch with epochs 2"),
+    ("mistral_7B_qlora_single_device.yaml", lambda t: t.replace("max_seq_len: null", "max_seq_len: 64"),
+     "max_seq_len 64 with mistral_tokenizer"),
+    ("llama3_1_8B_qlora_single_device.yaml", lambda t: t.replace("  packed: False", "  packed: False\n  source: "
+                                                                 "json\n  data_files: x.json\n  split: train[:95%]",
+                                                                 1), "split 'train\\[:95%\\]'.*hub dataset"),
+    ("llama3_1_8B_qlora_single_device.yaml", lambda t: t.replace("${output_dir}", "${nowhere.dir}"),
+     "nowhere.dir"),
     ("llama3_1_8B_qlora_single_device.yaml", lambda t: t + "teacher_model:\n  _component_: x\n",
      "knowledge distillation"),
     ("llama3_1_8B_qlora_single_device.yaml", lambda t: t.replace("LinearCrossEntropyLoss", "DPOLoss"), "DPOLoss"),
@@ -181,4 +260,129 @@ epochs: 1
         1e-3, 0.01, "constant", 0, 0.0)
     assert (config.max_grad_norm, config.seq_len, config.output) == (0.0, 63, f"{tmp_path}/o")
     examples = read_sources(config.data, "train", None, 0, normalize)
-    assert examples[0].prompt.startswith("<|start_header_id|>user<|end_header_id|>\n\nAdd 0 and 0.<|eot_id|>")
+    assert "".join(p.text for p in examples[0].pieces).startswith(
+        "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\nAdd 0 and 0.<|eot_id|>")
+
+
+def _chat_config(tmp_path, model, rows, dataset: str, tokenizer: str = "llama3.llama3_tokenizer") -> Path:
+    data = tmp_path / "chat.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    path = tmp_path / "chat.yaml"
+    path.write_text(f"""output_dir: {tmp_path}/o
+model:
+  _component_: torchtune.models.llama3_2.lora_llama3_2_1b
+  lora_attn_modules: [q_proj, v_proj]
+tokenizer:
+  _component_: torchtune.models.{tokenizer}
+  path: {model}/original/tokenizer.model
+checkpointer:
+  _component_: torchtune.training.FullModelHFCheckpointer
+  checkpoint_dir: {model}
+dataset:
+  _component_: torchtune.datasets.{dataset}
+  source: json
+  data_files: {data}
+optimizer:
+  _component_: torch.optim.AdamW
+loss:
+  _component_: torchtune.modules.loss.CEWithChunkedOutputLoss
+batch_size: 1
+epochs: 1
+seed: 7
+""")
+    return path
+
+
+def _llama3_turn(tok, role: str, content: str) -> list[int]:
+    return (_one(tok, "<|start_header_id|>") + _enc(tok, role, True) + _one(tok, "<|end_header_id|>")
+            + _enc(tok, "\n\n", True) + _enc(tok, content.strip(), True) + _one(tok, "<|eot_id|>"))
+
+
+TURNS = [("system", "Be brief. "), ("user", " Hi there\n"), ("assistant", "Hello! "), ("user", "Add 2 and 2."),
+         ("assistant", " 4\n")]
+
+
+@pytest.mark.parametrize("dataset, row", [
+    ("chat_dataset\n  conversation_style: openai\n  conversation_column: messages",
+     {"messages": [{"role": r, "content": c} for r, c in TURNS]}),
+    ("chat_dataset\n  conversation_style: sharegpt",
+     {"conversations": [{"from": {"user": "human", "assistant": "gpt"}.get(r, r), "value": c} for r, c in TURNS]}),
+])
+def test_chat_datasets_train_every_assistant_turn_as_torchtune(tmp_path, dataset, row):
+    """Oracle: Llama3Tokenizer over the conversation, the user and system turns masked, each assistant turn (its
+    header and <|eot_id|> too) trained, several of them in one row."""
+    from chat_families import family_tokenizer
+
+    tok = family_tokenizer("llama-3.1", LLAMA3_SPLIT)
+    model = model_for("llama-3.1", tmp_path)
+    config = load_config(_chat_config(tmp_path, model, [row], dataset), {})
+    example = read_sources(config.data, "train", None, 0, normalize)[0]
+    got = tokenize_example(example, tok, "", train_on=config.train_on)
+    ids, labels = [tok.bos_token_id], [IGNORE_INDEX]
+    for role, content in TURNS:
+        turn = _llama3_turn(tok, role, content)
+        ids += turn
+        labels += turn if role == "assistant" else [IGNORE_INDEX] * len(turn)
+    assert (got.input_ids, got.labels) == (ids, labels)
+
+
+def test_base_llama3_checkpoint_leaves_the_end_of_text_untrained(tmp_path):
+    """A base checkpoint's EOS is <|end_of_text|>: torchtune appends it untrained; qlora adds no trained EOS."""
+    from chat_families import family_tokenizer
+
+    tok = family_tokenizer("llama-3.1", LLAMA3_SPLIT)
+    tok.eos_token = "<|end_of_text|>"
+    model = model_for("llama-3.1", tmp_path)
+    rows = [{"input": "Hi", "output": "Hello"}]
+    config = load_config(_chat_config(tmp_path, model, rows, "instruct_dataset"), {})
+    got = tokenize_example(read_sources(config.data, "train", None, 0, normalize)[0], tok, "")
+    assert got.input_ids == [tok.bos_token_id] + _llama3_turn(tok, "user", "Hi") + _llama3_turn(tok, "assistant",
+                                                                                                "Hello")
+    assert got.labels[-1] == _one(tok, "<|eot_id|>")[0]
+
+
+@pytest.mark.parametrize("family, tokenizer, bos, eos", [
+    ("llama-3.1", "llama3.llama3_tokenizer", "<|begin_of_text|>", "<|end_of_text|>"),
+    ("qwen2.5", "qwen2_5.qwen2_5_tokenizer", None, "<|im_end|>"),
+])
+def test_text_completion_is_the_tokenizers_encode(tmp_path, family, tokenizer, bos, eos):
+    """TextCompletionDataset: encode(text, add_bos=True, add_eos=True), every token a label."""
+    from chat_families import family_tokenizer
+
+    tok = family_tokenizer(family)
+    model = model_for(family, tmp_path)
+    config = load_config(_chat_config(tmp_path, model, [{"text": "The capital of France is Paris.\n\n"}],
+                                      "text_completion_dataset", tokenizer), {})
+    got = tokenize_example(read_sources(config.data, "train", None, 0, normalize)[0], tok, "")
+    ids = (_one(tok, bos) if bos else []) + _enc(tok, "The capital of France is Paris.\n\n", True) + _one(tok, eos)
+    assert got.input_ids == ids and got.labels == [IGNORE_INDEX] + ids[1:]
+
+
+def test_mistral_template_refuses_a_system_prompt(tmp_path):
+    model = model_for("mistral-v0.3", tmp_path)
+    path = _config(tmp_path, "mistral_7B_qlora_single_device.yaml", model, _rows(tmp_path),
+                   lambda t: t.replace("  packed: False", "  packed: False\n  new_system_prompt: Be brief.", 1))
+    with pytest.raises(UsageError, match="MistralChatTemplate"):
+        read_sources(load_config(path, {}).data, "train", None, 0, normalize)
+
+
+def test_seed_null_is_said(tmp_path, capsys):
+    model = model_for("llama-3.1", tmp_path)
+    load_config(_config(tmp_path, "llama3_1_8B_qlora_single_device.yaml", model, _rows(tmp_path)), {})
+    assert "seed: null draws a random seed in torchtune, qlora takes its default --seed 42" in capsys.readouterr().err
+
+
+def test_max_steps_per_epoch_stops_at_the_epochs_end(tmp_path):
+    """8 rows, batch 2: 4 steps an epoch; max_steps_per_epoch 100 stops there (torchtune's epoch ends), 3 cuts each
+    of 2 epochs to 3 steps."""
+    from qlora.train.trainer import total_steps
+
+    model = model_for("llama-3.1", tmp_path)
+    for epochs, cap, steps in ((1, 100, 4), (2, 3, 6)):
+        config = load_config(_config(tmp_path, "llama3_1_8B_qlora_single_device.yaml", model, _rows(tmp_path),
+                                     lambda t: t.replace("max_steps_per_epoch: null", f"max_steps_per_epoch: {cap}")
+                                     .replace("epochs: 1", f"epochs: {epochs}")
+                                     .replace("gradient_accumulation_steps: 8", "gradient_accumulation_steps: 1")), {})
+        assert (config.max_steps, config.max_steps_per_epoch, config.epochs) == (0, cap, epochs)
+        assert total_steps(8, config.batch_size * config.grad_accum, config.epochs, config.max_steps,
+                           config.max_steps_per_epoch) == steps

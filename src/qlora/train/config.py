@@ -56,7 +56,7 @@ _RUN_DEFINING = (
     "target_parameters",
     "rslora", "rank_pattern", "alpha_pattern", "lora_bias", "bias", "dora", "init", "loftq_iter", "seq_len", "batch_size", "grad_accum", "lr", "lr_scheduler",
     "lr_scheduler_kwargs", "warmup_ratio", "warmup_steps",
-    "epochs", "max_steps", "optim", "max_samples", "eval_split", "lora_plus_ratio", "neftune_alpha",
+    "epochs", "max_steps", "max_steps_per_epoch", "optim", "max_samples", "eval_split", "lora_plus_ratio", "neftune_alpha",
     "weight_decay", "adam_beta1", "adam_beta2", "adam_epsilon", "max_grad_norm", "packing", "group_texts",
     "group_shards", "template", "format",
     "data_fields",
@@ -211,6 +211,9 @@ class TrainConfig:
                               "ceil(epochs x that) steps in all (ignored if --max-steps > 0)"), range=NON_NEGATIVE)
     max_steps: int = _opt(0, "optimizer steps to run (0: from --epochs), on into further epochs counted as --epochs "
                               "counts them", range=NON_NEGATIVE)
+    max_steps_per_epoch: int = _opt(0, "optimizer steps of an epoch at most (0: all): each epoch stops after them, "
+                                       "the next starting over its own order of the data (torchtune's "
+                                       "max_steps_per_epoch)", range=NON_NEGATIVE)
     optim: str = _opt("paged_adamw_32bit", f"optimizer: {', '.join(OPTIMIZERS)}, or transformers' name for one of "
                                            f"them ({', '.join(OPTIMIZER_ALIASES)})")
     weight_decay: float = _opt(0.0, "AdamW weight decay", range=NON_NEGATIVE)

@@ -8,17 +8,16 @@ are read as torchtune's builders and recipes read them, with their defaults wher
   output_proj), ``apply_lora_to_mlp`` (w1, w2, w3) and ``apply_lora_to_output`` named as the checkpoint's
   transformers modules (o_proj, gate_proj, down_proj, up_proj, lm_head);
 - ``checkpointer``: a ``FullModelHFCheckpointer``'s ``checkpoint_dir`` is the model, its tokenizer qlora's;
-- ``dataset``: :mod:`qlora.train.data.torchtune_datasets`, written as torchtune's Llama 3 tokenizer writes it
-  (the other tokenizers' formats are refused unless ``--template`` picks the model's chat template instead);
-  ``tokenizer.max_seq_len`` (none: the model's context) truncates as torchtune does, its last kept token an
-  untrained EOS: qlora's ``seq_len`` one less;
+- ``dataset``: :mod:`qlora.train.data.torchtune_datasets`, written as the config's tokenizer writes it
+  (:mod:`qlora.train.data.torchtune_tokenizers`, its prompt template included), or in the model's chat template
+  with ``--template``; ``tokenizer.max_seq_len`` (none: the model's context) truncates as torchtune does;
 - ``optimizer`` (torch's AdamW: lr 1e-3, weight_decay 0.01; bitsandbytes' paged AdamW), ``lr_scheduler``
   (``get_cosine_schedule_with_warmup``: transformers' cosine; none: a constant rate), ``clip_grad_norm`` (none:
   no clipping), ``loss`` (cross-entropy, chunked or not), ``batch_size``, ``gradient_accumulation_steps``,
-  ``epochs``, ``max_steps_per_epoch``, ``enable_activation_checkpointing``, ``dtype``, ``seed``, ``output_dir``;
+  ``epochs``, ``max_steps_per_epoch`` (qlora's own), ``enable_activation_checkpointing``, ``dtype``, ``seed``, ``output_dir``;
 - logging, profiling, compile, device and checkpoint-format keys are passed over, and said;
 - what trains otherwise (full fine-tuning, DPO, QAT, knowledge distillation, vision models, packing in
-  dataset order, a prompt template, other tokenizers' formats) is refused by file and line.
+  dataset order, other tokenizers and prompt templates) is refused by file and line.
 
 ``${key}`` interpolations (OmegaConf's) are resolved against the file's own keys first.
 """
@@ -32,7 +31,9 @@ from pathlib import Path
 from typing import Any
 
 from qlora.errors import UsageError
+from qlora.train.data.declared import DEFAULT_SEED
 from qlora.train.data.torchtune_datasets import BUILDERS, HUB_SOURCES
+from qlora.train.data.torchtune_tokenizers import DEFAULT_TEMPLATES, FAMILIES, TEMPLATES
 
 _TARGETS = {"q_proj": "q_proj", "k_proj": "k_proj", "v_proj": "v_proj", "output_proj": "o_proj"}
 _MLP = ("gate_proj", "down_proj", "up_proj")  # torchtune's w1, w2, w3
@@ -73,8 +74,8 @@ def torchtune_options(loaded: dict, lines: dict[str, int], path: Path, overridde
     Raises:
         UsageError: what qlora would train otherwise, naming the file, line and what to do.
     """
-    cfg = _resolve(loaded, loaded, path)
-    where = {k: f"{path} line {lines.get(k, '?')}" for k in cfg}
+    where = {k: f"{path} line {lines.get(k, '?')}" for k in loaded}
+    cfg = {k: _resolve(v, loaded, where[k]) for k, v in loaded.items()}
     for key, why in _REFUSED.items():
         if key in cfg:
             raise UsageError(f"{where[key]}: {key}: this torchtune recipe trains with {why}; qlora trains LoRA on "
@@ -87,28 +88,34 @@ def torchtune_options(loaded: dict, lines: dict[str, int], path: Path, overridde
     out |= _model(cfg["model"], where["model"])
     out["model"] = _checkpoint_dir(cfg.get("checkpointer"), where.get("checkpointer", str(path)))
     template = "template" in overridden
-    render = _render(cfg.get("tokenizer"), where.get("tokenizer", str(path)), template)
-    out |= _dataset(cfg.get("dataset"), where.get("dataset", str(path)), render, out["model"])
-    out["seq_len"] = _seq_len(cfg.get("tokenizer") or {}, out["model"], render)
+    render, prompt_template = _render(cfg.get("tokenizer"), where.get("tokenizer", str(path)), template)
+    limit = (cfg.get("tokenizer") or {}).get("max_seq_len")
+    out |= _dataset(cfg.get("dataset"), where.get("dataset", str(path)), render,
+                    {"prompt_template": prompt_template, "limited": limit is not None})
+    out["seq_len"] = _seq_len(limit, out["model"], render, out["data"], where.get("tokenizer", str(path)))
     out |= _optimizer(cfg.get("optimizer"), where.get("optimizer", str(path)))
     out |= _schedule(cfg.get("lr_scheduler"), where.get("lr_scheduler", str(path)))
     _loss(cfg.get("loss"), where.get("loss", str(path)))
     out |= _training(cfg, where)
     passed = sorted(set(cfg) & RUNTIME)
+    seed = "" if cfg.get("seed") is not None or "seed" in overridden else (
+        "; seed: null draws a random seed in torchtune, qlora takes its default --seed "
+        f"{DEFAULT_SEED} (give seed: N to choose)")
     print(f"qlora train: {path} is a torchtune recipe config: read as lora_finetune reads it, torchtune's defaults "
-          "where it is silent; its last partial batch of an epoch is trained (torchtune drops it); "
-          f"passing over {', '.join(passed) or 'nothing'} (its runtime: logging, kernels, devices)", file=sys.stderr)
+          "where it is silent; its last partial batch of an epoch is trained (torchtune drops it)"
+          f"{seed}; passing over {', '.join(passed) or 'nothing'} (its runtime: logging, kernels, devices)",
+          file=sys.stderr)
     for key in out:
         lines.setdefault(key, lines.get("model", 0))
     return out
 
 
-def _resolve(value: Any, root: dict, path: Path) -> Any:
+def _resolve(value: Any, root: dict, where: str) -> Any:
     """OmegaConf's ``${a.b}`` interpolations, against the file's keys."""
     if isinstance(value, dict):
-        return {k: _resolve(v, root, path) for k, v in value.items()}
+        return {k: _resolve(v, root, where) for k, v in value.items()}
     if isinstance(value, list):
-        return [_resolve(v, root, path) for v in value]
+        return [_resolve(v, root, where) for v in value]
     if not isinstance(value, str) or "${" not in value:
         return value
 
@@ -116,9 +123,9 @@ def _resolve(value: Any, root: dict, path: Path) -> Any:
         node: Any = root
         for part in match.group(1).split("."):
             if not isinstance(node, dict) or part not in node:
-                raise UsageError(f"{path}: ${{{match.group(1)}}} names no key of the file; give the value instead.")
+                raise UsageError(f"{where}: ${{{match.group(1)}}} names no key of the file; give the value instead.")
             node = node[part]
-        return str(_resolve(node, root, path))
+        return str(_resolve(node, root, where))
     return re.sub(r"\$\{([^}:]+)\}", lookup, value)
 
 
@@ -171,21 +178,28 @@ def _checkpoint_dir(value: Any, where: str) -> str:
     return str(folder)
 
 
-def _render(value: Any, where: str, template: bool) -> str:
+def _render(value: Any, where: str, template: bool) -> tuple[str, str | None]:
+    """``(render, prompt template)``: the tokenizer builder whose format the rows are written in (or ``messages``:
+    the model's chat template, ``--template``), and its prompt template (the builder's default unless given)."""
     name, args = _component(value, where, "tokenizer")
-    if args.get("prompt_template") is not None:
-        raise UsageError(f"{where}: prompt_template {args['prompt_template']!r}: qlora writes the turns in torchtune's "
-                         "format without one, or in the model's own chat template (--template); remove it.")
     if template:
-        return "messages"
-    if name.rpartition(".")[2] != "llama3_tokenizer":
-        raise UsageError(f"{where}: {name}: qlora writes examples as torchtune's llama3_tokenizer does; other "
-                         "tokenizers' formats differ. Give --template tokenizer (or auto) to train with the "
-                         "model's own chat template instead.")
-    return "llama3"
+        return "messages", None
+    builder = name.rpartition(".")[2]
+    if builder not in FAMILIES:
+        raise UsageError(f"{where}: {name}: qlora writes examples as torchtune's {', '.join(FAMILIES)} do; this "
+                         "tokenizer's format is not one of them. Give --template tokenizer (or auto) to train with "
+                         "the model's own chat template instead.")
+    chosen = args.get("prompt_template", DEFAULT_TEMPLATES.get(builder))
+    if chosen is None or chosen in DEFAULT_TEMPLATES.values():
+        return builder, chosen
+    if chosen in TEMPLATES:
+        return builder, TEMPLATES[chosen]
+    raise UsageError(f"{where}: prompt_template {chosen!r}: qlora writes torchtune's "
+                     f"{', '.join(TEMPLATES)} (or none); remove it, or give --template to train with the model's own "
+                     "chat template.")
 
 
-def _dataset(value: Any, where: str, render: str, model: str) -> dict[str, Any]:
+def _dataset(value: Any, where: str, render: str, tokenizer: dict[str, Any]) -> dict[str, Any]:
     if isinstance(value, list):
         if len(value) != 1:
             raise UsageError(f"{where}: several datasets (torchtune's ConcatDataset); qlora reads one per torchtune "
@@ -208,13 +222,19 @@ def _dataset(value: Any, where: str, render: str, model: str) -> dict[str, Any]:
         files = [files] if isinstance(files, str) else files
         if not isinstance(files, list) or len(files) != 1:
             raise UsageError(f"{where}: source {source} reads data_files: give one file.")
-        source, split = str(files[0]), "train"
+        if split != "train":
+            raise UsageError(f"{where}: split {split!r}: a data_files file is read whole as its train split; a "
+                             "slice such as train[:95%] picks rows of a hub dataset. Cut the file to those rows, or "
+                             "remove split.")
+        source = str(files[0])
     spec: dict[str, Any] = {"name": f"{builder} {source}", "source": source, "split": split, "subset": None,
-                            "num_samples": None, "builder": builder, "render": render}
+                            "num_samples": None, "builder": builder, "render": render, **tokenizer}
     if builder == "text_completion_dataset":
         spec["columns"] = {"text": str(args.pop("column", "text"))}
         spec["add_eos"] = bool(args.pop("add_eos", True))
-        _text_eos(spec["add_eos"], model, where)
+        if render == "messages" and not spec["add_eos"]:
+            raise UsageError(f"{where}: add_eos: false with --template: qlora ends a text with the checkpoint's "
+                             "EOS; leave --template out to write the texts as torchtune's tokenizer does.")
     else:
         columns = args.pop("column_map", None) or {}
         if builder == "chat_dataset":
@@ -233,28 +253,24 @@ def _dataset(value: Any, where: str, render: str, model: str) -> dict[str, Any]:
     return {"data": json.dumps([{"torchtune": spec}]), "train_on": "assistant", "format": "auto"}
 
 
-def _text_eos(add_eos: bool, model: str, where: str) -> None:
-    """torchtune ends a text with its tokenizer's EOS (Llama 3's <|end_of_text|>); qlora with the checkpoint's."""
-    config = Path(model) / "tokenizer_config.json"
-    eos = json.loads(config.read_text(encoding="utf-8")).get("eos_token") if config.is_file() else None
-    eos = eos.get("content") if isinstance(eos, dict) else eos
-    if not add_eos or (eos is not None and eos != "<|end_of_text|>"):
-        raise UsageError(f"{where}: text_completion_dataset ends each text with "
-                         f"{'no EOS' if not add_eos else 'torchtune Llama 3 tokenizer EOS <|end_of_text|>'}; qlora "
-                         f"ends it with the checkpoint tokenizer's EOS ({eos}), trained. Use a checkpoint whose "
-                         "eos_token is <|end_of_text|> (a base model) with add_eos: true, or train with qlora's own "
-                         "data option.")
-
-
-def _seq_len(tokenizer: dict, model: str, render: str) -> int:
-    """torchtune truncates to max_seq_len with an untrained EOS last (none: no limit, the model's context)."""
-    limit = tokenizer.get("max_seq_len")
+def _seq_len(limit: Any, model: str, render: str, data: str, where: str) -> int:
+    """qlora's seq_len for torchtune's ``max_seq_len`` (none: no limit, the model's context). torchtune cuts a
+    conversation to ``max_seq_len`` tokens, its last one an untrained EOS (Llama 3, Qwen: qlora keeps one token
+    less), and a text (``text_completion_dataset``) to one token less."""
     if limit is None:
         config = Path(model) / "config.json"
         context = json.loads(config.read_text(encoding="utf-8")).get("max_position_embeddings") if config.is_file() \
             else None
         return int(context or 131072)
-    return int(limit) - 1 if render == "llama3" else int(limit)
+    if render == "messages":
+        return int(limit)
+    if json.loads(data)[0]["torchtune"]["builder"] == "text_completion_dataset" or FAMILIES[render] != \
+            "sentencepiece":
+        return int(limit) - 1
+    raise UsageError(f"{where}: max_seq_len {limit} with {render}: torchtune ends a cut conversation with an EOS "
+                     "trained as the message it cuts; qlora's cut ends without one. Set max_seq_len: null (as "
+                     "torchtune's configs for this tokenizer do), or give --template to use the model's chat "
+                     "template.")
 
 
 def _optimizer(value: Any, where: str) -> dict[str, Any]:
@@ -317,11 +333,5 @@ def _training(cfg: dict, where: dict[str, str]) -> dict[str, Any]:
                            "output": cfg.get("output_dir")}
     if cfg.get("seed") is not None:
         out["seed"] = cfg["seed"]
-    per_epoch = cfg.get("max_steps_per_epoch")
-    if per_epoch is not None:
-        if cfg.get("epochs", 1) != 1:
-            raise UsageError(f"{where['max_steps_per_epoch']}: max_steps_per_epoch with epochs {cfg['epochs']}: "
-                             "torchtune cuts each epoch short and starts the next over the data; qlora's max_steps "
-                             "runs on through the data. Set epochs: 1, or max_steps_per_epoch: null.")
-        out["max_steps"] = int(per_epoch)
+    out["max_steps_per_epoch"] = cfg.get("max_steps_per_epoch") or 0
     return {k: v for k, v in out.items() if v is not None}

@@ -115,16 +115,18 @@ def _make_scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer,
         raise UsageError(f"--lr-scheduler-kwargs: {exc}.") from None
 
 
-def steps_per_epoch(units: int, global_batch: int) -> int:
+def steps_per_epoch(units: int, global_batch: int, cap: int = 0) -> int:
     """Optimizer steps of one epoch: transformers' ``ceil(ceil(units / micro-batch) / accumulation)``, which is
-    ``ceil(units / (batch x accumulation x ranks))``, the last step taking what is left of the epoch."""
-    return max(1, math.ceil(units / global_batch))
+    ``ceil(units / (batch x accumulation x ranks))``, the last step taking what is left of the epoch; at most
+    ``cap`` (``--max-steps-per-epoch``; 0: no cap)."""
+    steps = max(1, math.ceil(units / global_batch))
+    return min(steps, cap) if cap else steps
 
 
-def total_steps(units: int, global_batch: int, epochs: float, max_steps: int = 0) -> int:
+def total_steps(units: int, global_batch: int, epochs: float, max_steps: int = 0, cap: int = 0) -> int:
     """The run's optimizer steps: ``max_steps`` if set, else transformers' ``ceil(epochs x steps per epoch)``
-    (fractional epochs too)."""
-    return max_steps or max(1, math.ceil(epochs * steps_per_epoch(units, global_batch)))
+    (fractional epochs too; ``cap``: the steps of an epoch at most)."""
+    return max_steps or max(1, math.ceil(epochs * steps_per_epoch(units, global_batch, cap)))
 
 
 def compute_dtype_for(precision: str, device: torch.device) -> torch.dtype:
@@ -238,8 +240,9 @@ class Trainer:
         if cfg.overwrite and not cfg.resume and self.out.exists() and self.dist.is_main:
             clear_owned(self.out)  # only now: every input has been checked; only qlora's own files go
         self.global_batch = cfg.batch_size * cfg.grad_accum * self.dist.world_size
-        self.steps_per_epoch = steps_per_epoch(len(self.train_units), self.global_batch)
-        self.total_steps = total_steps(len(self.train_units), self.global_batch, cfg.epochs, cfg.max_steps)
+        self.steps_per_epoch = steps_per_epoch(len(self.train_units), self.global_batch, cfg.max_steps_per_epoch)
+        self.total_steps = total_steps(len(self.train_units), self.global_batch, cfg.epochs, cfg.max_steps,
+                                       cfg.max_steps_per_epoch)
         if cfg.adalora:
             self._add_adalora()
         if cfg.fused_kernels:  # shares every parameter and adapter, so it may follow their creation

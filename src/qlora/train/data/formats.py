@@ -42,6 +42,7 @@ from qlora.train.data.fields import ROLE_NAMES, FieldMap, parse_data_fields, sug
 from qlora.train.data.glaive import is_transcript, transcript, transcript_column
 from qlora.train.data.images import IMAGE_PART_TYPES, ImageRef, attach_images
 from qlora.train.data.message_trees import is_message_tree, top_threads
+from qlora.train.data.pieces import Piece
 from qlora.train.data.reasoning import REASONING_KEYS, THINK_CLOSE, message_reasoning, split_think
 from qlora.train.data.sources import Record
 
@@ -79,6 +80,7 @@ class Example:
     reasoning: tuple[str, str] | None = None
     skip: str | None = None
     images: tuple[ImageRef, ...] = ()
+    pieces: tuple[Piece, ...] | None = None  # a row written piece by piece (:mod:`qlora.train.data.pieces`)
 
 
 def unpaired_label(fields: dict[str, Any]) -> bool | None:
@@ -94,6 +96,8 @@ def row_format(fields: dict[str, Any]) -> str | None:
     """The format a row's fields look like (``"preference"`` for DPO pairs, ``"unpaired-preference"``
     for KTO rows), or None."""
     keys = set(fields)
+    if _pieces_row(fields):
+        return "pieces"
     if "chosen" in keys and "rejected" in keys:
         return "preference"
     if "prompt" in keys and "completion" in keys and unpaired_label(fields) is not None:
@@ -195,7 +199,7 @@ def normalize(records: list[Record], fmt: str = "auto", fields: FieldMap | str |
     if fmt == "auto":
         fmt = detect_format(records)
         how = f"detected from the first {min(len(records), DETECT_ROWS)} rows"
-    if fmt not in FORMATS:
+    if fmt not in FORMATS and not (fmt == "pieces" and how.startswith("detected")):
         raise UsageError(f"unknown data format {fmt!r}; choose auto or one of {', '.join(FORMATS)}.")
     convert: Callable[[dict[str, Any], str, FieldMap], Example] = _CONVERTERS[fmt]
     if fmt == "prompt-completion" and any(_system_prompt(r.fields) for r in records):
@@ -397,11 +401,24 @@ def empty_answer(answer: str | Sequence[dict[str, Any]]) -> bool:
 
 def blank_text(example: Example) -> bool:
     """A plain text with nothing in it (a blank line of a corpus such as wikitext): nothing to learn."""
-    return example.messages is None and example.prompt is None and not (example.text or "").strip()
+    return (example.messages is None and example.prompt is None and example.pieces is None
+            and not (example.text or "").strip())
+
+
+def _pieces_row(fields: dict[str, Any]) -> bool:
+    """A row another tool's reader wrote as pieces (never a file's row: its pieces are objects)."""
+    pieces = fields.get("pieces")
+    return isinstance(pieces, tuple) and bool(pieces) and all(isinstance(p, Piece) for p in pieces)
+
+
+def _pieces(fields: dict[str, Any], where: str, names: FieldMap) -> Example:
+    if not _pieces_row(fields):
+        raise UsageError(f"{where}: this row is not in the pieces shape of the other rows.")
+    return Example(None, None, where, pieces=fields["pieces"])
 
 
 _CONVERTERS = {"alpaca": _alpaca, "chat": _chat, "sharegpt": _sharegpt, "prompt-completion": _prompt_completion,
-               "text": _text}
+               "text": _text, "pieces": _pieces}
 
 
 def _message(item: Any, where: str, names: FieldMap, fmt: str) -> dict[str, Any]:

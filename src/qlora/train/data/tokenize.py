@@ -45,6 +45,7 @@ from qlora.errors import UsageError
 from qlora.model import chat_format
 from qlora.model.chat_format import END_OF_TURN_TOKENS, ChatFormat, stop_token_ids
 from qlora.train.data.formats import Example, blank_text
+from qlora.train.data.pieces import piece_ids
 from qlora.train.data.reasoning import (REASONING_KEYS, THINK_CLOSE, THINK_OPEN, chunk_reasoning, fold, has_reasoning,
                                         knows_think_markers, no_place_error, place_reasoning, placement, reasoning_of,
                                         split_think)
@@ -173,7 +174,12 @@ def tokenize_example(
     if example.images:
         raise UsageError(f"{example.where}: this row holds images; they train with --method sft on a "
                          "vision-language model (one with a vision tower and an image processor).")
-    if example.messages is None:
+    if example.pieces is not None:  # written piece by piece, its BOS and EOS among them
+        ids, mask = piece_ids(example.pieces, tokenizer, example.where)
+        if train_on == "all":
+            mask = [True] * len(ids)
+        needs_eos = False
+    elif example.messages is None:
         # the tokenizer's own BOS setting, as for a raw prompt
         ids = list(tokenizer(_raw_text(example, fmt, tokenizer))["input_ids"])
         mask = [True] * len(ids)

@@ -7,13 +7,11 @@ Each builder turns a row into messages as torchtune's message transforms do: ``a
 ``conversation_style`` (openai: role/content; sharegpt: from/value with human/gpt); ``new_system_prompt``
 replaces any system message. ``text_completion_dataset`` is a plain text trained whole.
 
-The messages are then written one of two ways (``render``):
+The rows are then written one of two ways (``render``):
 
-- ``llama3``: as torchtune's Llama 3 tokenizer writes them, so a run trains the tokens it trains: each message
-  ``<|start_header_id|>ROLE<|end_header_id|>\\n\\n`` + its stripped content + ``<|eot_id|>``, the header of a
-  trained turn trained with it, system turns never. That is a plain prompt-completion row (the untrained
-  messages, then the trained ones); a row whose trained turns are not one final run (several assistant turns
-  with the user turns masked) has no such form and is refused, saying what to do;
+- a torchtune tokenizer builder's name (``llama3_tokenizer``, ``qwen2_5_tokenizer``, ``mistral_tokenizer``, ...):
+  as that tokenizer writes them (:mod:`qlora.train.data.torchtune_tokenizers`), its prompt template included, so a
+  run trains the tokens torchtune trains;
 - ``messages``: qlora's chat rows, written by the model's chat template (the run's ``--template``).
 """
 
@@ -24,6 +22,7 @@ from typing import Any
 
 from qlora.errors import UsageError
 from qlora.train.data.declared import DeclaredDataset
+from qlora.train.data.torchtune_tokenizers import conversation_pieces, text_pieces
 
 BUILDERS = ("alpaca_dataset", "alpaca_cleaned_dataset", "instruct_dataset", "chat_dataset", "text_completion_dataset")
 HUB_SOURCES = {"alpaca_dataset": "tatsu-lab/alpaca", "alpaca_cleaned_dataset": "yahma/alpaca-cleaned"}
@@ -34,6 +33,10 @@ _ALPACA = ("Below is an instruction that describes a task, paired with an input 
            "Below is an instruction that describes a task. Write a response that appropriately completes the request."
            "\n\n### Instruction:\n{instruction}\n\n### Response:\n")
 _SHAREGPT_ROLES = {"system": "system", "human": "user", "gpt": "assistant"}
+# the columns each builder reads, by torchtune's names for them (column_map renames them)
+_COLUMNS = {"alpaca_dataset": ("instruction", "output"), "alpaca_cleaned_dataset": ("instruction", "output"),
+            "instruct_dataset": ("input", "output"), "chat_dataset": ("conversations",),
+            "text_completion_dataset": ("text",)}
 
 
 @dataclass(frozen=True)
@@ -45,25 +48,25 @@ class TorchtuneDataset(DeclaredDataset):
     style: str = ""  # chat_dataset's conversation_style
     train_on_input: bool = False
     system_prompt: str | None = None  # new_system_prompt
-    render: str = "llama3"  # llama3: as torchtune's Llama 3 tokenizer; messages: qlora's chat rows
+    render: str = "llama3_tokenizer"  # a torchtune tokenizer builder, or messages: qlora's chat rows
+    prompt_template: str | None = None  # the tokenizer's: mistral, llama2 or none
+    limited: bool = False  # the tokenizer has a max_seq_len
     add_eos: bool = True  # text_completion_dataset
 
     def required_columns(self) -> tuple[str, ...]:
-        wanted = {"alpaca": ("instruction", "output"), "instruct": ("input", "output"), "chat": ("conversations",),
-                  "text_completion": ("text",)}[self.builder.removesuffix("_dataset").replace("alpaca_cleaned",
-                                                                                               "alpaca")]
-        return tuple(self.columns.get(c, c) for c in wanted)
+        return tuple(self.columns.get(c, c) for c in _COLUMNS[self.builder])
 
     def rebuild(self, fields: dict[str, Any], where: str) -> dict[str, Any]:
         if self.builder == "text_completion_dataset":
             text = fields.get(self.columns.get("text", "text"))
             if not isinstance(text, str):
                 raise UsageError(f"{where}: column {self.columns.get('text', 'text')!r} must be a string.")
-            return {"text": text}
+            return {"text": text} if self.render == "messages" else {
+                "pieces": text_pieces(self.render, text, self.add_eos)}
         messages = self._messages(fields, where)
         if self.render == "messages":
             return {"messages": [{"role": role, "content": content} for role, content, _ in messages]}
-        return _llama3_row(messages, where)
+        return {"pieces": conversation_pieces(self.render, self.prompt_template, messages, self.limited, where)}
 
     def _messages(self, fields: dict[str, Any], where: str) -> list[tuple[str, str, bool]]:
         """``(role, content, trained)`` of the row's messages, as torchtune's transform and masking set them."""
@@ -99,23 +102,6 @@ class TorchtuneDataset(DeclaredDataset):
                                  f"{self.style} conversations hold system, user and assistant turns "
                                  f"({', '.join(_SHAREGPT_ROLES) if self.style == 'sharegpt' else 'role'}).")
         return turns
-
-
-def _llama3_row(messages: list[tuple[str, str, bool]], where: str) -> dict[str, Any]:
-    """The messages as torchtune's Llama 3 tokenizer writes them: an untrained prompt, then a trained completion
-    (its BOS is the checkpoint tokenizer's own; its final EOS is masked there, the ``<|eot_id|>`` before it ends
-    the text here)."""
-    parts = [(f"<|start_header_id|>{role}<|end_header_id|>\n\n{content.strip()}<|eot_id|>", trained)
-             for role, content, trained in messages]
-    first = next((k for k, (_, trained) in enumerate(parts) if trained), len(parts))
-    if first == len(parts):
-        return {"text": "", "prompt": ""}  # nothing trained: skipped as an empty row
-    if not all(trained for _, trained in parts[first:]):
-        raise UsageError(f"{where}: torchtune trains this conversation's assistant turns each (with their headers) "
-                         "and masks the user turns between them; qlora trains one final run of a row's tokens in "
-                         "torchtune's format. Set the dataset's train_on_input: true, or give --template tokenizer "
-                         "to train every assistant turn in the model's own chat template.")
-    return {"prompt": "".join(p for p, _ in parts[:first]), "completion": "".join(p for p, _ in parts[first:])}
 
 
 def torchtune_dataset(spec: dict[str, Any]) -> TorchtuneDataset:

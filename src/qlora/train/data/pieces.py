@@ -1,0 +1,52 @@
+"""Rows written as pieces, each tokenized on its own: how tools that encode a conversation message by message
+(torchtune's model tokenizers) get their token ids. One tokenization of the joined text differs from theirs where a
+piece's first tokens depend on what precedes it (SentencePiece's leading space on each piece, byte-level merges
+across a boundary), so such rows keep their pieces until the tokenizer is known.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from qlora.errors import UsageError
+
+
+@dataclass(frozen=True)
+class Piece:
+    """A run of a row's tokens, trained or not."""
+
+    text: str
+    trained: bool
+    token: bool = False  # ``text`` names one token of the vocabulary (a special token written by its name)
+    after: str = ""  # encoded after this text, whose own ids are dropped (a continuation without a leading space)
+    specials: bool = True  # special tokens written in ``text`` are read as such (False: as plain text)
+
+
+def piece_ids(pieces: tuple[Piece, ...], tokenizer, where: str) -> tuple[list[int], list[bool]]:
+    """``(ids, trained)`` of the pieces, each encoded alone without the tokenizer's own BOS/EOS.
+
+    Raises:
+        UsageError: a token the vocabulary does not have.
+    """
+    ids: list[int] = []
+    mask: list[bool] = []
+    for piece in pieces:
+        if piece.token:
+            token_id = tokenizer.convert_tokens_to_ids(piece.text)
+            if token_id is None or (token_id == tokenizer.unk_token_id and piece.text != tokenizer.unk_token):
+                raise UsageError(f"{where}: the tokenizer has no token {piece.text!r}, which this row's format "
+                                 "writes; use a checkpoint of the model family the config names.")
+            got = [token_id]
+        else:
+            got = _encode(tokenizer, piece.after + piece.text, piece.specials)
+            if piece.after:
+                got = got[len(_encode(tokenizer, piece.after, piece.specials)):]
+        ids += got
+        mask += [piece.trained] * len(got)
+    return ids, mask
+
+
+def _encode(tokenizer, text: str, specials: bool) -> list[int]:
+    if not text:
+        return []
+    return list(tokenizer(text, add_special_tokens=False, split_special_tokens=not specials)["input_ids"])
