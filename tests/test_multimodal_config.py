@@ -207,3 +207,29 @@ def test_without_media_dir_a_path_beside_neither_is_not_found(qwen, tmp_path, ca
     assert main([*args, "--output", str(tmp_path / "o1")]) == 2
     assert "image 'a.png' not found" in capsys.readouterr().err
     assert main([*args, "--output", str(tmp_path / "o2"), "--media-dir", str(tmp_path / "media")]) == 0
+
+
+@pytest.mark.parametrize("method", ["dpo", "kto"])
+def test_preference_training_sees_the_bounded_images(qwen, tmp_path, method):
+    """Pairs (and KTO's unpaired rows) with images: their image tensors are the processor's on the bounded image."""
+    from qlora.train.trainer import Trainer
+
+    write_png(tmp_path / "a.png", 90, 80, 0)
+    rows = [{"images": ["a.png"], "prompt": [{"role": "user", "content": [{"type": "image"},
+                                                                          {"type": "text", "text": "what is it?"}]}],
+             "chosen": [{"role": "assistant", "content": "a red square"}],
+             "rejected": [{"role": "assistant", "content": "two green circles"}]}] * 2
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    high = 2000
+    trainer = Trainer(load_config(None, dict(model=str(qwen), data=str(data), output=str(tmp_path / "run"),
+                                             method=method, quant="none", precision="fp32", max_steps=1,
+                                             batch_size=2, progress=False, image_max_pixels=high)))
+    trainer.setup()
+    processor = oracle_processor(qwen)
+    expected = processor.image_processor(images=[_lf_image(tmp_path / "a.png", high, 0)], return_tensors="pt")
+    unbounded = processor.image_processor(images=[_lf_image(tmp_path / "a.png", 2**62, 0)], return_tensors="pt")
+    assert not torch.equal(expected["image_grid_thw"], unbounded["image_grid_thw"])
+    for unit in trainer.train_units:
+        assert torch.equal(unit.media["pixel_values"], expected["pixel_values"])
+        assert torch.equal(unit.media["image_grid_thw"], expected["image_grid_thw"])
