@@ -67,6 +67,7 @@ VIDEO_AUDIO = frozenset({
     "video_max_pixels", "video_min_pixels", "video_fps", "video_maxlen", "use_audio_in_video", "audio_sampling_rate",
 })
 
+
 def _quantization_bit(value: Any, where: str) -> Translation:
     if value is None or value == 4:
         return [], ""  # qlora's base is 4-bit unless quant: none
