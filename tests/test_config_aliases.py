@@ -190,8 +190,6 @@ def test_llama_factory_files_take_its_defaults_for_the_keys_they_omit(tmp_path):
 
 
 @pytest.mark.parametrize("text, message", [
-    ("image_max_pixels: 262144\n", "run.yaml line 5: image_max_pixels is a setting of LLaMA-Factory's multimodal"),
-    ("freeze_vision_tower: true\n", "run.yaml line 5: freeze_vision_tower is a setting of LLaMA-Factory's multimodal"),
     ("ray_num_workers: 4\n", "run.yaml line 5: ray_num_workers 4: LLaMA-Factory's Ray launcher"),
     ("stage: kto\nper_device_train_batch_size: 1\n", "run.yaml line 5: per_device_train_batch_size 1 with stage kto"),
     ("do_train: false\n", "run.yaml line 5: do_train false: this LLaMA-Factory file does not train"),

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from qlora.errors import UsageError
+from qlora.model.image_pixels import PixelBounds
 from qlora.model.quantize import non_text_names
 
 # Model types whose images reach the language model other than as tokens in its sequence.
@@ -30,10 +31,14 @@ REFUSED_TYPES = {
 _DISTRIBUTIONS = {"PIL": "pillow", "cv2": "opencv-python", "sklearn": "scikit-learn"}  # import name -> pip name
 
 
+# The attribute that carries a run's pixel bounds with its processor, as LLaMA-Factory's patch_processor does.
+_BOUNDS = "qlora_pixel_bounds"
+
+
 def load_image_processor(model_dir: str | Path, model: nn.Module, tokenizer, where: str,
-                         subject: str = "this row holds images"):
+                         subject: str = "this row holds images", bounds: PixelBounds = PixelBounds()):
     """The model folder's processor (for images alone where ``AutoProcessor`` needs torchvision), with the run's
-    ``tokenizer``.
+    ``tokenizer`` and the pixel ``bounds`` its images are scaled into first (:func:`pixel_bounds`).
 
     Args:
         model_dir: the model folder or hub name (``--model``).
@@ -66,7 +71,13 @@ def load_image_processor(model_dir: str | Path, model: nn.Module, tokenizer, whe
         raise UsageError(f"{where}: {model_dir}'s processor ({type(processor).__name__}) has no image processor "
                          "and tokenizer, so it cannot turn images into the model's inputs.")
     processor.tokenizer = tokenizer
+    setattr(processor, _BOUNDS, bounds)
     return processor
+
+
+def pixel_bounds(processor) -> PixelBounds:
+    """The pixel bounds images are scaled into before ``processor`` sees them (none unless the run set them)."""
+    return getattr(processor, _BOUNDS, None) or PixelBounds()
 
 
 def _without_auto_processor(model_dir, kind: str, tokenizer, exc: Exception, where: str):

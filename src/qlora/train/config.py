@@ -52,7 +52,7 @@ _METHOD_OPTIONS = {
 
 # Fields whose change makes a checkpoint incompatible with a resumed run.
 _RUN_DEFINING = (
-    "model", "adapter", "data", "dataset_dir", "data_split", "data_subset", "quant", "double_quant", "blocksize", "rank", "alpha", "dropout", "target_modules",
+    "model", "adapter", "data", "dataset_dir", "media_dir", "image_max_pixels", "image_min_pixels", "data_split", "data_subset", "quant", "double_quant", "blocksize", "rank", "alpha", "dropout", "target_modules",
     "target_parameters",
     "rslora", "rank_pattern", "alpha_pattern", "lora_bias", "bias", "dora", "init", "loftq_iter", "seq_len", "batch_size", "grad_accum", "lr", "lr_scheduler",
     "lr_scheduler_kwargs", "warmup_ratio", "warmup_steps",
@@ -125,6 +125,13 @@ class TrainConfig:
                                   "list), mixed; or names registered in --dataset-dir's dataset_info.json")
     dataset_dir: str = _opt("data", "folder of a LLaMA-Factory dataset_info.json, whose registered names --data and "
                                     "--eval-data may give")
+    media_dir: str = _opt("", "folder that relative image paths of the data are looked for in when they are not "
+                              "beside the data file (LLaMA-Factory's media_dir; empty: --dataset-dir)")
+    image_max_pixels: int = _opt(0, "scale each image with more pixels than this down to about this many, keeping "
+                                    "its aspect ratio, before the model's processor sees it, as LLaMA-Factory's "
+                                    "image_max_pixels does (0: no bound)", range=NON_NEGATIVE)
+    image_min_pixels: int = _opt(0, "scale each image with fewer pixels than this up to about this many, as "
+                                    "LLaMA-Factory's image_min_pixels (0: no bound)", range=NON_NEGATIVE)
     data_split: str = _opt("train", "split of --data to train on (hub datasets, DatasetDict folders)")
     data_subset: str | None = _opt(None, "subset (configuration) of a hub dataset that has several")
     max_samples: int = _opt(0, "use only the first N rows of each --data source (0: all)", range=NON_NEGATIVE)
@@ -340,6 +347,9 @@ class TrainConfig:
         if self.group_shards != 1 and not self.group_texts:
             raise UsageError(f"--group-shards {self.group_shards} splits the texts that --group-texts groups; "
                              "this run has no --group-texts.")
+        if self.image_max_pixels and self.image_max_pixels < self.image_min_pixels:
+            raise UsageError(f"--image-max-pixels ({self.image_max_pixels}) is below --image-min-pixels "
+                             f"({self.image_min_pixels}); give a maximum at least the minimum, or 0 for none.")
         if self.eval_split and self.eval_data:
             raise UsageError("--eval-split holds out part of --data for evaluation; this run has --eval-data "
                              f"{self.eval_data} for that: give one of the two.")
@@ -384,6 +394,12 @@ class TrainConfig:
                              f"(rank {saved.get('r')}, alpha {saved.get('lora_alpha')}, targets "
                              f"{saved.get('target_modules')}); drop {'it' if len(given) == 1 else 'them'}, or train a "
                              "new adapter without --adapter.")
+
+    @property
+    def media_folder(self) -> str:
+        """Where relative image paths not beside their data file are looked for (LLaMA-Factory's media_dir, which
+        defaults to its dataset_dir)."""
+        return self.media_dir or self.dataset_dir
 
     @property
     def rewrites_base(self) -> bool:
@@ -745,7 +761,8 @@ _PREF_LOSSES = {"sigmoid": ("dpo", "sigmoid"), "hinge": ("dpo", "hinge"), "ipo":
 # cutoff_len, gradient checkpointing on; lora_alpha is twice the rank; no quantization without
 # quantization_bit) and those of transformers' TrainingArguments, which it extends.
 _LLAMA_FACTORY_DEFAULTS = {"rank": 8, "dropout": 0.0, "seq_len": 2048, "lr": 5e-5, "lr_scheduler": "linear",
-                           "epochs": 3.0, "batch_size": 8, "max_grad_norm": 1.0, "gradient_checkpointing": True}
+                           "epochs": 3.0, "batch_size": 8, "max_grad_norm": 1.0, "gradient_checkpointing": True,
+                           "image_max_pixels": 768 * 768, "image_min_pixels": 32 * 32}
 
 
 def _llama_factory(loaded: dict, lines: dict[str, int], path: Path,

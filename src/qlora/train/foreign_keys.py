@@ -13,8 +13,11 @@ configs. Keys that only rename one of ours are plain aliases
   TRL's ``dataset_text_field`` and ``truncation_mode``;
 - settings of the other tool's runtime that do not change what a run computes
   (worker counts, caches, timeouts, report sinks): passed over, and the run says which;
-- values qlora has no equivalent for (8-bit quantization, full fine-tuning, PPO, Ray, multimodal
-  training): refused by name, instead of training something else than the file asks.
+- values qlora has no equivalent for (8-bit quantization, full fine-tuning, PPO, Ray, a trained vision tower or
+  projector, image crops or resizes other than LLaMA-Factory's pixel bounds): refused by name, instead of
+  training something else than the file asks. LLaMA-Factory's ``image_max_pixels``/``image_min_pixels`` are our
+  options of the same names; its ``media_dir`` is ours; its video and audio settings are passed over (rows with
+  videos or audios are refused when the data are read).
 """
 
 from __future__ import annotations
@@ -50,6 +53,7 @@ RUNTIME_ONLY = frozenset({
     "is_llama_derived_model", "is_qwen_derived_model", "is_falcon_derived_model", "hub_model_id", "hub_strategy",
     "loss_watchdog_threshold", "loss_watchdog_patience", "fsdp_config", "dataset_processes", "wandb_mode",
     "use_tensorboard", "tokenizer_use_fast", "tokenizer_legacy",
+    "skip_prepare_dataset",  # its vision examples' switch off its dataset preparation cache
     # TRL's SFTConfig: preprocessing workers, padding-free batches (the same loss without pad tokens)
     "dataset_num_proc", "padding_free", "pad_token", "ignore_bias_buffers",
     # TRL's DPOConfig: padding (masked out of the loss), the batch size of the reference pass, activation offloading
@@ -57,11 +61,10 @@ RUNTIME_ONLY = frozenset({
     "pad_to_multiple_of", "precompute_ref_batch_size", "activation_offloading", "ref_model_mixup_alpha",
     "ref_model_sync_steps",
 })
-# LLaMA-Factory's settings of multimodal models and their media (qlora fine-tunes text-only language models).
-MULTIMODAL = frozenset({
-    "image_max_pixels", "image_min_pixels", "image_do_pan_and_scan", "crop_to_patches", "video_max_pixels",
-    "video_min_pixels", "video_fps", "video_maxlen", "use_audio_in_video", "audio_sampling_rate", "media_dir",
-    "freeze_vision_tower", "freeze_multi_modal_projector", "freeze_language_model",
+# LLaMA-Factory's settings of videos and audio: they apply to rows with videos or audios, which qlora refuses when
+# it reads the data (its vision examples set them beside images all the same).
+VIDEO_AUDIO = frozenset({
+    "video_max_pixels", "video_min_pixels", "video_fps", "video_maxlen", "use_audio_in_video", "audio_sampling_rate",
 })
 
 
@@ -175,6 +178,23 @@ def _refused(key: str, why: str) -> Callable[[Any, str], Translation]:
     return refuse
 
 
+def _frozen(key: str, ours: bool, why: str) -> Callable[[Any, str], Translation]:
+    """LLaMA-Factory's freeze switch of a part of a vision-language model: ``ours`` is what qlora does."""
+    def translate_frozen(value: Any, where: str) -> Translation:
+        if value is ours:
+            return [], ""
+        shown = str(value).lower() if isinstance(value, bool) else repr(value)
+        raise UsageError(f"{where}: {key} {shown}: {why}")
+    return translate_frozen
+
+
+def _processor_type(value: Any, where: str) -> Translation:
+    if value in (None, "AutoProcessor"):
+        return [], ""  # qlora uses the model folder's own processor, as AutoProcessor builds it
+    raise UsageError(f"{where}: processor_type {value!r}: qlora uses the model folder's own processor "
+                     "(AutoProcessor); set processor_type: AutoProcessor or remove the key.")
+
+
 def _fsdp(value: Any, where: str) -> Translation:
     """Ours is true/false; axolotl's is a list of FSDP options (full_shard, auto_wrap): sharding either way."""
     return [("fsdp", bool(value) if isinstance(value, list) else value)], ""
@@ -248,6 +268,28 @@ TRANSLATED: dict[str, Callable[[Any, str], Translation]] = {
     "do_predict": _refused("do_predict", "LLaMA-Factory's prediction run (answers generated for eval_dataset, "
                                          "scored with BLEU/ROUGE); qlora train does not predict. Remove the key, "
                                          "and generate with qlora generate --adapter OUTPUT after training."),
+    "freeze_vision_tower": _frozen("freeze_vision_tower", True, "qlora keeps the vision tower frozen (16-bit, "
+                                                                 "no LoRA on it), as LLaMA-Factory's default; set "
+                                                                 "it to true or remove it."),
+    "freeze_multi_modal_projector": _frozen("freeze_multi_modal_projector", True, "qlora keeps the multimodal "
+                                                                                   "projector frozen (16-bit, no "
+                                                                                   "LoRA on it); set it to true or "
+                                                                                   "remove it."),
+    "freeze_language_model": _frozen("freeze_language_model", False, "qlora trains LoRA adapters on the language "
+                                                                      "model (the vision tower and projector stay "
+                                                                      "frozen); set it to false or remove it."),
+    "image_do_pan_and_scan": _refused("image_do_pan_and_scan", "Gemma 3's pan and scan (extra crops of each image), "
+                                                               "which qlora does not ask of the processor; set it "
+                                                               "to false or remove it."),
+    "crop_to_patches": _refused("crop_to_patches", "InternVL's tiling of each image into crops, which qlora does not "
+                                                   "ask of the processor; set it to false or remove it."),
+    "image_size": _refused("image_size", "axolotl resizes every image to that size (a number: a padded square) "
+                                         "before the processor; qlora gives the processor each image as stored, or "
+                                         "bounded by image_max_pixels/image_min_pixels (LLaMA-Factory's). Remove "
+                                         "the key, or bound the pixels instead."),
+    "image_resize_algorithm": _refused("image_resize_algorithm", "axolotl's filter for its image_size resize, "
+                                                                 "which qlora does not do; remove the key."),
+    "processor_type": _processor_type,
     "mask_history": _refused("mask_history", "LLaMA-Factory then trains on the last answer of each conversation "
                                              "only; qlora trains on every assistant turn (train_on: assistant) or on "
                                              "all tokens (train_on: all). Remove the key, or keep only each "
@@ -395,10 +437,8 @@ def translate(key: str, value: Any, where: str) -> Translation | None:
     """
     if key in RUNTIME_ONLY:
         return [], ""
-    if key in MULTIMODAL:
-        raise UsageError(f"{where}: {key} is a setting of LLaMA-Factory's multimodal training (images, videos, "
-                         "audio); qlora fine-tunes text-only language models on text. Remove the multimodal keys "
-                         "and datasets, or use another tool for vision or audio models.")
+    if key in VIDEO_AUDIO:
+        return [], ""
     if key in TRANSLATED:
         return TRANSLATED[key](value, where)
     return None

@@ -55,7 +55,7 @@ class KTOTrainer(PreferenceTrainer):
     def _read_data(self, source: str, split: str) -> list:
         cfg = self.config
         return read_sources(source, split, cfg.data_subset, cfg.max_samples,
-                            lambda records: normalize_unpaired(records, cfg.data_fields, cfg.dataset_dir),
+                            lambda records: normalize_unpaired(records, cfg.data_fields, cfg.media_folder),
                             cfg.dataset_dir, self.sample_rng, "kto")
 
     def _tokenize(self, examples: list) -> tuple[list[TokenizedUnpaired], Any]:

@@ -110,7 +110,7 @@ class PreferenceTrainer(Trainer):
     def _read_data(self, source: str, split: str) -> list[PreferenceExample]:
         cfg = self.config
         return read_sources(source, split, cfg.data_subset, cfg.max_samples,
-                            lambda records: normalize_preferences(records, cfg.data_fields, cfg.dataset_dir),
+                            lambda records: normalize_preferences(records, cfg.data_fields, cfg.media_folder),
                             cfg.dataset_dir,
                             self.sample_rng, cfg.method)
 

@@ -422,7 +422,7 @@ class Trainer:
     def _read_data(self, source: str, split: str):
         cfg = self.config
         return read_sources(source, split, cfg.data_subset, cfg.max_samples,
-                            lambda records: normalize(records, cfg.format, cfg.data_fields, cfg.dataset_dir),
+                            lambda records: normalize(records, cfg.format, cfg.data_fields, cfg.media_folder),
                             cfg.dataset_dir,
                             self.sample_rng)
 
@@ -474,9 +474,11 @@ class Trainer:
     def _image_processor(self, where: str):
         """The model's processor (loaded once), for the rows with images; ``where``: the first such row."""
         if getattr(self, "processor", None) is None:
+            from qlora.model.image_pixels import PixelBounds
             from qlora.model.image_processor import load_image_processor
 
-            self.processor = load_image_processor(self.config.model, self.model, self.tokenizer, where)
+            bounds = PixelBounds(self.config.image_max_pixels, self.config.image_min_pixels)
+            self.processor = load_image_processor(self.config.model, self.model, self.tokenizer, where, bounds=bounds)
         return self.processor
 
     def _stop_ids(self) -> set[int]:

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 from qlora.errors import UsageError
+from qlora.model.image_pixels import PixelBounds, bounded
 
 IMAGE_PART_TYPES = ("image", "image_url")
 PLACEHOLDER = "<image>"  # LLaMA-Factory's
@@ -47,8 +48,8 @@ class ImageRef:
     shown: str
     where: str
 
-    def load(self):
-        """The image as an RGB ``PIL.Image``.
+    def load(self, bounds: PixelBounds = PixelBounds()):
+        """The image as an RGB ``PIL.Image``, scaled into ``bounds`` first (:mod:`qlora.model.image_pixels`).
 
         Raises:
             UsageError: the file is missing or is not an image PIL can read (naming the row and the image).
@@ -65,7 +66,7 @@ class ImageRef:
             else:
                 stream = self.source
             with Image.open(stream) as image:
-                return image.convert("RGB")
+                return bounded(image, bounds).convert("RGB")
         except (OSError, UnidentifiedImageError, ValueError) as exc:
             reason = "file not found" if isinstance(exc, FileNotFoundError) else f"{type(exc).__name__}: {exc}"
             raise UsageError(f"{self.where}: image {self.shown!r} cannot be read ({reason}). Give a PNG, JPEG or other "
