@@ -359,3 +359,11 @@ def test_a_value_error_of_qlora_itself_is_not_blamed_on_the_model():
         int("x")
     except ValueError as exc:
         assert _model_code_that_raised(exc) is None
+
+
+@pytest.mark.parametrize("short, dtype", [("bf16", "bfloat16"), ("fp16", "float16"), ("fp32", "float32"),
+                                          ("float32", "float32")])
+def test_merge_dtype_takes_the_short_names_the_other_commands_use(short, dtype):
+    args = build_parser("merge").parse_args(["merge", "--model", "m", "--adapter", "a", "--output", "o",
+                                             "--dtype", short])
+    assert args.dtype == dtype
