@@ -11,9 +11,11 @@ import sys
 import time
 import warnings
 
+import pytest
 import torch
 
 import qlora
+from qlora.errors import UsageError
 from qlora.train.trainer import list_checkpoints
 from qlora.cli.main import main
 from qlora.output_folder import MANIFEST
@@ -73,7 +75,7 @@ def test_train_eval_merge_quantize(tmp_path, tiny_model_dir, capsys):
     assert main(["quantize", "--model", str(tiny_model_dir), "--output", str(tmp_path / "q4")]) == 2
 
 
-def test_sigint_saves_a_checkpoint_and_exits_cleanly(tmp_path, tiny_model_dir):
+def test_sigint_saves_a_checkpoint_and_exits_cleanly(tmp_path, tiny_model_dir, capfd):
     data = _data(tmp_path / "d.jsonl")
     out = tmp_path / "run"
     src = os.path.dirname(os.path.dirname(qlora.__file__))
@@ -96,6 +98,24 @@ def test_sigint_saves_a_checkpoint_and_exits_cleanly(tmp_path, tiny_model_dir):
     assert stopped_at >= 3
     assert (checkpoints[0] / "adapter" / "adapter_model.safetensors").is_file()
     assert [p.name for p in out.iterdir() if p.name.startswith(".")] == [MANIFEST]  # no half-written temporary folder
+    # The stopped run as --adapter: the message says how to finish it or which checkpoint to give.
+    assert main(["generate", "--model", str(tiny_model_dir), "--adapter", str(out), "--prompt", "x"]) == 2
+    message = capfd.readouterr().err
+    assert "--resume" in message and str(checkpoints[0] / "adapter") in message and "Traceback" not in message
+    assert main(["generate", "--model", str(tiny_model_dir), "--adapter", str(checkpoints[0]), "--prompt", "x"]) == 2
+    assert f"give {checkpoints[0] / 'adapter'}" in capfd.readouterr().err
+
+
+def test_an_adapter_folder_without_its_adapter_names_the_newest_checkpoint(tmp_path):
+    from qlora.model.adapter_io import read_adapter_config
+
+    for step in ("step-0000009", "step-0000012", "step-0000100"):
+        (tmp_path / "run" / "checkpoints" / step / "adapter").mkdir(parents=True)
+        (tmp_path / "run" / "checkpoints" / step / "adapter" / "adapter_config.json").write_text("{}")
+    with pytest.raises(UsageError, match=r"without its final adapter.*--resume.*step-0000100/adapter\.$"):
+        read_adapter_config(tmp_path / "run")
+    with pytest.raises(UsageError, match=r"holds its adapter in the subfolder adapter: give .*step-0000012/adapter"):
+        read_adapter_config(tmp_path / "run" / "checkpoints" / "step-0000012")
 
 
 def _losses(out):
