@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import re
@@ -17,7 +18,9 @@ import torch
 import qlora
 from qlora.errors import UsageError
 from qlora.train.trainer import list_checkpoints
+from qlora.cli.commands.serve import chat_formats
 from qlora.cli.main import main
+from qlora.model.chat_format import ChatFormat
 from qlora.output_folder import MANIFEST
 
 QA = [(f"What is {a} plus {b}?", f"{a + b}.") for a in range(6) for b in range(5)]
@@ -62,6 +65,21 @@ def test_train_eval_merge_quantize(tmp_path, tiny_model_dir, capsys):
     qlora.load_adapter(model, tmp_path / "run")
     plain = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32)
     torch.testing.assert_close(plain(IDS).logits, model(IDS).logits, rtol=1e-4, atol=1e-4)
+
+    # The merged model is prompted in the adapter's chat format, as the adapter is (not as raw text).
+    def generate(*model_args):
+        assert main(["generate", *model_args, "--compute-dtype", "fp32", "--temperature", "0", "--max-new-tokens",
+                     "12", "--prompt", QA[4][0]]) == 0
+        return capsys.readouterr().out
+
+    with_adapter = generate("--model", str(tiny_model_dir), "--adapter", str(tmp_path / "run"))
+    assert generate("--model", str(tmp_path / "merged"), "--quant", "none") == with_adapter
+    assert generate("--model", str(tmp_path / "merged"), "--quant", "none", "--template", "none") != with_adapter
+    trained = ChatFormat.load(tmp_path / "run")
+    assert trained is not None and chat_formats(argparse.Namespace(model=str(tmp_path / "merged"), adapter=[],
+                                                                   template="auto"), None) == {None: trained}
+    assert main(["quantize", "--model", str(tmp_path / "merged"), "--output", str(tmp_path / "merged-q4")]) == 0
+    assert ChatFormat.load(tmp_path / "merged-q4") == trained
 
     assert main(["quantize", "--model", str(tiny_model_dir), "--output", str(tmp_path / "q4")]) == 0
     reloaded, _ = qlora.load_model(tmp_path / "q4", compute_dtype=torch.float32, device="cpu")

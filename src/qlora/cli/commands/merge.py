@@ -39,6 +39,7 @@ def run(args: argparse.Namespace) -> int:
 
     from ...model.adapter_io import adapter_tokenizer, load_adapter
     from ...model.load import load_model
+    from ...model.chat_format import ChatFormat
     from ...model.merge import merge, save_merged
 
     from ...output_folder import check_output, staged_output
@@ -55,7 +56,12 @@ def run(args: argparse.Namespace) -> int:
     load_adapter(model, args.adapter)
     merge(model, into="dequantized", dtype=dtype)
     model.to(dtype)
+    trained = ChatFormat.load(args.adapter)
+    if trained is not None:
+        tokenizer.chat_template = trained.template  # other tools loading the merged folder see the same format
     with staged_output(args.output, "merge", replace=True) as stage:
         save_merged(model, stage, tokenizer)
+        if trained is not None:  # qlora generate/chat/eval/serve prompt the merged model as the adapter
+            trained.save(stage)
     print(f"merged {args.adapter} into {args.model} ({args.dtype}): {args.output}")
     return 0
