@@ -367,3 +367,11 @@ def test_merge_dtype_takes_the_short_names_the_other_commands_use(short, dtype):
     args = build_parser("merge").parse_args(["merge", "--model", "m", "--adapter", "a", "--output", "o",
                                              "--dtype", short])
     assert args.dtype == dtype
+
+
+@pytest.mark.parametrize("name", ["rows.jsonl", "rows.csv", "rows.parquet", "rows.jsonl.gz"])
+def test_a_data_file_given_as_the_config_file_says_to_pass_it_as_data(name, tmp_path, capsys):
+    path = tmp_path / name
+    path.write_text('{"instruction": "a", "output": "b"}\n')
+    code, err = _run(["train", str(path), "--model", "m", "--output", str(tmp_path / "o")], capsys)
+    assert code == 2 and f"give the data with --data {path}" in err, err
