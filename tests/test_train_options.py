@@ -68,6 +68,17 @@ def test_eval_split_holds_out_examples_by_seed_and_evaluates_them(tmp_path, tiny
     split.cleanup()
     records = [json.loads(line) for line in (tmp_path / "split" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if r["split"] == "eval"] == [2]
+    assert "; 2 examples held out for eval" in capsys.readouterr().out  # the run log says how many
+
+
+def test_a_resumed_run_says_where_it_resumes_without_a_progress_bar(tmp_path, tiny_model_dir, two_files, capsys):
+    alpaca, _ = two_files
+    first = _trainer(tiny_model_dir, alpaca, tmp_path / "run", save_steps=1)
+    first.train()
+    first.cleanup()
+    assert "resuming" not in capsys.readouterr().out
+    _trainer(tiny_model_dir, alpaca, tmp_path / "run", save_steps=1, resume=True).cleanup()
+    assert f"resuming from {tmp_path / 'run' / 'checkpoints' / 'step-0000002'} at step 2" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("amount,message", [(1.5, "a whole number"), (7, "holds out 7 of the 7"),
