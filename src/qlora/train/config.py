@@ -130,8 +130,9 @@ class TrainConfig:
     max_samples: int = _opt(0, "use only the first N rows of each --data source (0: all)", range=NON_NEGATIVE)
     eval_data: str | None = _opt(None, "held-out data for eval loss and perplexity (same kinds as --data)")
     eval_data_split: str = _opt("test", "split of --eval-data (hub datasets, DatasetDict folders)")
-    eval_split: float = _opt(0.0, "without --eval-data: hold out this share of --data (0 < x < 1) or this many "
-                                  "examples (x >= 1) for eval loss, drawn with --seed (0: none)", range=NON_NEGATIVE)
+    eval_split: float = _opt(0.0, "without --eval-data: hold out this share of --data (0 < x < 1, rounded up, as "
+                                  "LLaMA-Factory's val_size) or this many examples (x >= 1) for eval loss, drawn with "
+                                  "--seed (0: none)", range=NON_NEGATIVE)
     output: str | None = _opt(None, "output directory (adapter, checkpoints, metrics, plots)")
     format: str = _opt("auto", "data format (auto: detected from the fields of the first rows)",
                        ("auto", "alpaca", "chat", "sharegpt", "prompt-completion", "text"))
