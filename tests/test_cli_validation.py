@@ -380,3 +380,9 @@ def test_a_data_file_given_as_the_config_file_says_to_pass_it_as_data(name, tmp_
 def test_chat_db_without_a_session_is_refused_before_the_model_loads(tmp_path, capsys):
     code, err = _run(["chat", "--model", str(tmp_path / "no-model"), "--db", str(tmp_path / "c.sqlite")], capsys)
     assert code == 2 and "add --session NAME" in err and not (tmp_path / "c.sqlite").exists(), err
+
+
+@pytest.mark.parametrize("command", [["generate", "--prompt", "x"], ["serve"], ["chat"]])
+def test_an_adapter_name_without_a_folder_is_named(command, tmp_path, capsys):
+    code, err = _run([command[0], "--model", str(tmp_path), "--adapter", "sql=", *command[1:]], capsys)
+    assert code == 2 and "--adapter sql=: no folder after the name" in err, err
