@@ -83,7 +83,7 @@ def test_generate_and_chat_use_the_saved_format_by_default(tmp_path, tiny_model_
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
 
     def args(template="auto"):
-        return argparse.Namespace(template=template, adapter=[str(tmp_path / "run")])
+        return argparse.Namespace(model=str(tiny_model_dir), template=template, adapter=[str(tmp_path / "run")])
 
     fmt = chat_format_from_args(args(), tok, "generate")
     assert fmt.name == "alpaca"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import re
@@ -11,11 +12,15 @@ import sys
 import time
 import warnings
 
+import pytest
 import torch
 
 import qlora
+from qlora.errors import UsageError
 from qlora.train.trainer import list_checkpoints
+from qlora.cli.commands.serve import chat_formats
 from qlora.cli.main import main
+from qlora.model.chat_format import ChatFormat
 from qlora.output_folder import MANIFEST
 
 QA = [(f"What is {a} plus {b}?", f"{a + b}.") for a in range(6) for b in range(5)]
@@ -61,6 +66,21 @@ def test_train_eval_merge_quantize(tmp_path, tiny_model_dir, capsys):
     plain = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32)
     torch.testing.assert_close(plain(IDS).logits, model(IDS).logits, rtol=1e-4, atol=1e-4)
 
+    # The merged model is prompted in the adapter's chat format, as the adapter is (not as raw text).
+    def generate(*model_args):
+        assert main(["generate", *model_args, "--compute-dtype", "fp32", "--temperature", "0", "--max-new-tokens",
+                     "12", "--prompt", QA[4][0]]) == 0
+        return capsys.readouterr().out
+
+    with_adapter = generate("--model", str(tiny_model_dir), "--adapter", str(tmp_path / "run"))
+    assert generate("--model", str(tmp_path / "merged"), "--quant", "none") == with_adapter
+    assert generate("--model", str(tmp_path / "merged"), "--quant", "none", "--template", "none") != with_adapter
+    trained = ChatFormat.load(tmp_path / "run")
+    assert trained is not None and chat_formats(argparse.Namespace(model=str(tmp_path / "merged"), adapter=[],
+                                                                   template="auto"), None) == {None: trained}
+    assert main(["quantize", "--model", str(tmp_path / "merged"), "--output", str(tmp_path / "merged-q4")]) == 0
+    assert ChatFormat.load(tmp_path / "merged-q4") == trained
+
     assert main(["quantize", "--model", str(tiny_model_dir), "--output", str(tmp_path / "q4")]) == 0
     reloaded, _ = qlora.load_model(tmp_path / "q4", compute_dtype=torch.float32, device="cpu")
     direct, _ = qlora.load_model(tiny_model_dir, compute_dtype=torch.float32, device="cpu")
@@ -73,7 +93,7 @@ def test_train_eval_merge_quantize(tmp_path, tiny_model_dir, capsys):
     assert main(["quantize", "--model", str(tiny_model_dir), "--output", str(tmp_path / "q4")]) == 2
 
 
-def test_sigint_saves_a_checkpoint_and_exits_cleanly(tmp_path, tiny_model_dir):
+def test_sigint_saves_a_checkpoint_and_exits_cleanly(tmp_path, tiny_model_dir, capfd):
     data = _data(tmp_path / "d.jsonl")
     out = tmp_path / "run"
     src = os.path.dirname(os.path.dirname(qlora.__file__))
@@ -96,6 +116,24 @@ def test_sigint_saves_a_checkpoint_and_exits_cleanly(tmp_path, tiny_model_dir):
     assert stopped_at >= 3
     assert (checkpoints[0] / "adapter" / "adapter_model.safetensors").is_file()
     assert [p.name for p in out.iterdir() if p.name.startswith(".")] == [MANIFEST]  # no half-written temporary folder
+    # The stopped run as --adapter: the message says how to finish it or which checkpoint to give.
+    assert main(["generate", "--model", str(tiny_model_dir), "--adapter", str(out), "--prompt", "x"]) == 2
+    message = capfd.readouterr().err
+    assert "--resume" in message and str(checkpoints[0] / "adapter") in message and "Traceback" not in message
+    assert main(["generate", "--model", str(tiny_model_dir), "--adapter", str(checkpoints[0]), "--prompt", "x"]) == 2
+    assert f"give {checkpoints[0] / 'adapter'}" in capfd.readouterr().err
+
+
+def test_an_adapter_folder_without_its_adapter_names_the_newest_checkpoint(tmp_path):
+    from qlora.model.adapter_io import read_adapter_config
+
+    for step in ("step-0000009", "step-0000012", "step-0000100"):
+        (tmp_path / "run" / "checkpoints" / step / "adapter").mkdir(parents=True)
+        (tmp_path / "run" / "checkpoints" / step / "adapter" / "adapter_config.json").write_text("{}")
+    with pytest.raises(UsageError, match=r"without its final adapter.*--resume.*step-0000100/adapter\.$"):
+        read_adapter_config(tmp_path / "run")
+    with pytest.raises(UsageError, match=r"holds its adapter in the subfolder adapter: give .*step-0000012/adapter"):
+        read_adapter_config(tmp_path / "run" / "checkpoints" / "step-0000012")
 
 
 def _losses(out):

@@ -359,3 +359,30 @@ def test_a_value_error_of_qlora_itself_is_not_blamed_on_the_model():
         int("x")
     except ValueError as exc:
         assert _model_code_that_raised(exc) is None
+
+
+@pytest.mark.parametrize("short, dtype", [("bf16", "bfloat16"), ("fp16", "float16"), ("fp32", "float32"),
+                                          ("float32", "float32")])
+def test_merge_dtype_takes_the_short_names_the_other_commands_use(short, dtype):
+    args = build_parser("merge").parse_args(["merge", "--model", "m", "--adapter", "a", "--output", "o",
+                                             "--dtype", short])
+    assert args.dtype == dtype
+
+
+@pytest.mark.parametrize("name", ["rows.jsonl", "rows.csv", "rows.parquet", "rows.jsonl.gz"])
+def test_a_data_file_given_as_the_config_file_says_to_pass_it_as_data(name, tmp_path, capsys):
+    path = tmp_path / name
+    path.write_text('{"instruction": "a", "output": "b"}\n')
+    code, err = _run(["train", str(path), "--model", "m", "--output", str(tmp_path / "o")], capsys)
+    assert code == 2 and f"give the data with --data {path}" in err, err
+
+
+def test_chat_db_without_a_session_is_refused_before_the_model_loads(tmp_path, capsys):
+    code, err = _run(["chat", "--model", str(tmp_path / "no-model"), "--db", str(tmp_path / "c.sqlite")], capsys)
+    assert code == 2 and "add --session NAME" in err and not (tmp_path / "c.sqlite").exists(), err
+
+
+@pytest.mark.parametrize("command", [["generate", "--prompt", "x"], ["serve"], ["chat"]])
+def test_an_adapter_name_without_a_folder_is_named(command, tmp_path, capsys):
+    code, err = _run([command[0], "--model", str(tmp_path), "--adapter", "sql=", *command[1:]], capsys)
+    assert code == 2 and "--adapter sql=: no folder after the name" in err, err

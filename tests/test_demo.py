@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import ast
 import json
+import os
 import re
+import stat
 
 from qlora.cli.main import main
 
@@ -28,6 +30,10 @@ def test_demo_adapter_beats_the_base(capsys, tmp_path):
     assert last < first / 5, text
     # --output keeps what the other commands need: the base and the adapter, both listed as qlora's
     assert json.loads((out / ".qlora-output.json").read_text())["entries"] == ["adapter", "model"]
+    umask = os.umask(0)
+    os.umask(umask)
+    modes = {p.relative_to(out): stat.S_IMODE(p.stat().st_mode) for p in out.rglob("*") if p.is_file()}
+    assert set(modes.values()) == {0o666 & ~umask}, modes  # safetensors alone writes 0600, unreadable to others
     question = "What is the capital of Peru?"
     shown = ast.literal_eval(re.findall(rf"Q: {re.escape(question)}\n  A: (.*?)  (?:correct|wrong)", text)[-1])
     assert main(["generate", "--model", str(out / "model"), "--adapter", str(out / "adapter"), "--temperature", "0",

@@ -335,7 +335,8 @@ def test_each_adapter_chats_in_the_format_it_was_trained_with(tiny_model_dir, ad
 
     model, tokenizer = qlora.load_model(tiny_model_dir, compute_dtype=torch.float32, device="cpu")
     qlora.load_adapter(model, alpaca_dir, adapter_name="c")
-    formats = chat_formats(argparse.Namespace(template="auto", adapter=[f"c={alpaca_dir}"]), tokenizer)
+    formats = chat_formats(argparse.Namespace(model=str(tiny_model_dir), template="auto", adapter=[f"c={alpaca_dir}"]),
+                           tokenizer)
     assert formats["c"].name == "alpaca" and None not in formats
     batcher = ContinuousBatcher(model.eval(), tokenizer, max_batch_size=4, context_length=512).start()
     try:

@@ -55,12 +55,12 @@ def test_several_sources_mix_each_in_its_own_format_and_max_samples_caps_each(tm
 def test_eval_split_holds_out_examples_by_seed_and_evaluates_them(tmp_path, tiny_model_dir, two_files, capsys):
     alpaca, _ = two_files
     whole = _trainer(tiny_model_dir, alpaca, tmp_path / "whole")
-    split = _trainer(tiny_model_dir, alpaca, tmp_path / "split", eval_split=0.3)  # round(0.3 x 7) = 2
+    split = _trainer(tiny_model_dir, alpaca, tmp_path / "split", eval_split=0.2)  # ceil(0.2 x 7) = 2
     ids = [u.input_ids for u in whole.train_units]
     train, held = [u.input_ids for u in split.train_units], [u.input_ids for u in split.eval_units]
     assert len(held) == 2 and len(train) == 5 and sorted(train + held) == sorted(ids)
     assert train == [i for i in ids if i not in held]  # the data's order is kept
-    again = _trainer(tiny_model_dir, alpaca, tmp_path / "again", eval_split=0.3)
+    again = _trainer(tiny_model_dir, alpaca, tmp_path / "again", eval_split=0.2)
     assert [u.input_ids for u in again.eval_units] == held
     other_seed = _trainer(tiny_model_dir, alpaca, tmp_path / "seed", eval_split=2, seed=7)
     assert len(other_seed.eval_units) == 2
@@ -68,10 +68,30 @@ def test_eval_split_holds_out_examples_by_seed_and_evaluates_them(tmp_path, tiny
     split.cleanup()
     records = [json.loads(line) for line in (tmp_path / "split" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if r["split"] == "eval"] == [2]
+    assert "; 2 examples held out for eval" in capsys.readouterr().out  # the run log says how many
+
+
+@pytest.mark.parametrize("n, share", [(7, 0.3), (32, 0.2), (10, 0.7), (1000, 0.05), (3, 0.1)])
+def test_eval_split_holds_out_as_many_as_llama_factory_val_size(n, share):
+    import datasets
+
+    theirs = datasets.Dataset.from_dict({"i": list(range(n))}).train_test_split(test_size=share, seed=0)
+    train, held = hold_out(list(range(n)), share, seed=0)
+    assert (len(train), len(held)) == (len(theirs["train"]), len(theirs["test"]))
+
+
+def test_a_resumed_run_says_where_it_resumes_without_a_progress_bar(tmp_path, tiny_model_dir, two_files, capsys):
+    alpaca, _ = two_files
+    first = _trainer(tiny_model_dir, alpaca, tmp_path / "run", save_steps=1)
+    first.train()
+    first.cleanup()
+    assert "resuming" not in capsys.readouterr().out
+    _trainer(tiny_model_dir, alpaca, tmp_path / "run", save_steps=1, resume=True).cleanup()
+    assert f"resuming from {tmp_path / 'run' / 'checkpoints' / 'step-0000002'} at step 2" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("amount,message", [(1.5, "a whole number"), (7, "holds out 7 of the 7"),
-                                            (0.01, "holds out 0 of the 7")])
+                                            (0.99, "holds out 7 of the 7")])
 def test_eval_split_that_leaves_a_side_empty_is_refused(amount, message):
     with pytest.raises(UsageError, match=message):
         hold_out(list(range(7)), amount, seed=0)

@@ -33,6 +33,8 @@ def adapter_names(args: argparse.Namespace) -> dict[str, str]:
     names: dict[str, str] = {}
     for item in args.adapter:
         name, _, path = item.rpartition("=")
+        if not path:
+            raise UsageError(f"--adapter {item}: no folder after the name; give --adapter NAME=DIR or --adapter DIR")
         name = name or Path(path).resolve().name
         if name in names:
             raise UsageError(f"two adapters are named {name!r}; name them with --adapter NAME=DIR")

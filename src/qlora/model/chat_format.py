@@ -2,7 +2,8 @@
 
 Training and inference must render conversations identically, so the format a
 run trained with is saved next to its adapter (``chat_format.json``) and
-``qlora generate`` / ``qlora chat`` render with it by default. A format is:
+``qlora generate`` / ``qlora chat`` render with it by default (``qlora merge``
+copies it into the merged model's folder, which they read as well). A format is:
 
 - the Jinja ``chat_template`` (the model's own or a built-in one) and where it
   came from, for error messages;
@@ -116,6 +117,12 @@ class ChatFormat:
         """A copy with ``date`` pinned (checked: YYYY-MM-DD)."""
         pinned_datetime(date)
         return replace(self, date=date)
+
+
+def merged_format(model: str | Path) -> ChatFormat | None:
+    """The format saved in a local model folder: ``qlora merge`` copies the adapter's there, so a merged
+    fine-tune is prompted as the adapter was; ``None`` for other models and hub ids."""
+    return ChatFormat.load(model) if Path(model).is_dir() else None
 
 
 def today() -> str:

@@ -27,6 +27,7 @@ from qlora.optim import (
 )
 from qlora.quant import BLOCKSIZES
 from qlora.train.data.fields import parse_data_fields
+from qlora.train.data.sources import LOCAL_SUFFIXES
 from qlora.train.foreign_keys import AXOLOTL_DEFAULTS, adapter_keys, is_axolotl, translate
 from qlora.train.torchtune_config import is_torchtune, torchtune_options
 from qlora.train.preference_loss import F_DIVERGENCE_LOSSES, F_DIVERGENCES
@@ -137,8 +138,9 @@ class TrainConfig:
     max_samples: int = _opt(0, "use only the first N rows of each --data source (0: all)", range=NON_NEGATIVE)
     eval_data: str | None = _opt(None, "held-out data for eval loss and perplexity (same kinds as --data)")
     eval_data_split: str = _opt("test", "split of --eval-data (hub datasets, DatasetDict folders)")
-    eval_split: float = _opt(0.0, "without --eval-data: hold out this share of --data (0 < x < 1) or this many "
-                                  "examples (x >= 1) for eval loss, drawn with --seed (0: none)", range=NON_NEGATIVE)
+    eval_split: float = _opt(0.0, "without --eval-data: hold out this share of --data (0 < x < 1, rounded up, as "
+                                  "LLaMA-Factory's val_size) or this many examples (x >= 1) for eval loss, drawn with "
+                                  "--seed (0: none)", range=NON_NEGATIVE)
     output: str | None = _opt(None, "output directory (adapter, checkpoints, metrics, plots)")
     format: str = _opt("auto", "data format (auto: detected from the fields of the first rows)",
                        ("auto", "alpaca", "chat", "sharegpt", "prompt-completion", "text"))
@@ -969,6 +971,10 @@ def load_config(yaml_path: str | Path | None, overrides: dict[str, Any]) -> Trai
         if path.is_dir():
             raise UsageError(f"config file {yaml_path} is a folder; give the YAML file of options (qlora train "
                              "CONFIG.yaml).")
+        data_suffix = next((x for x in (suffix.lower() for suffix in path.suffixes[-2:]) if x in LOCAL_SUFFIXES), None)
+        if data_suffix not in (None, ".json"):  # a JSON file may be options (LLaMA-Factory reads those too)
+            raise UsageError(f"config file {yaml_path} is a {data_suffix} data file, not a YAML file of options: "
+                             f"give the data with --data {yaml_path} (qlora train --model M --data FILE --output DIR).")
         if not path.is_file():
             raise UsageError(f"config file {yaml_path!r} does not exist; check the path of the YAML file.")
         loaded, lines = _read_yaml(path)

@@ -277,7 +277,10 @@ class Trainer:
             self.metrics.write(fallback_note(self.tokenizer))
         self.metrics.write(f"data: {self.report.summary()}; {len(self.train_units)} "
                            f"{'packed rows' if cfg.packing else 'blocks' if cfg.group_texts else 'examples'}, "
-                           f"{self.total_steps} step{'' if self.total_steps == 1 else 's'}")
+                           f"{self.total_steps} step{'' if self.total_steps == 1 else 's'}"
+                           + (f"; {len(eval_examples)} examples held out for eval" if cfg.eval_split else ""))
+        if resume_from is not None:  # said also without a progress bar, whose start would show it
+            self.metrics.write(f"resuming from {resume_from} at step {self.step}")
 
     def _check_batch_fits(self, examples: int) -> None:
         """A global micro-batch (batch x ranks) larger than the units is refused: every step would be the whole

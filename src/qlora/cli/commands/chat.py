@@ -60,7 +60,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "\"function\": {\"name\", \"description\", \"parameters\"}}) shown to the model "
                              "through its chat template; you type the result of each call it makes")
     parser.add_argument("--session", help="session name: store the chat in --db and resume it later")
-    parser.add_argument("--db", default="chats.sqlite", help="SQLite file of sessions (with --session)")
+    parser.add_argument("--db", help="SQLite file of sessions (with --session; default: chats.sqlite)")
     parser.add_argument("--db-timeout", type=non_negative_float, default=10.0,
                         help="seconds to wait for a database locked by another program before reporting the turn "
                              "unsaved")
@@ -230,6 +230,7 @@ def _open_session(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
+    from ...errors import UsageError
     from ...infer.chat import Chat
     from ...infer.store import StoreLocked, StoreReadOnly
 
@@ -237,6 +238,10 @@ def run(args: argparse.Namespace) -> int:
         from ...infer.embedder import resolve_sentence_transformer
 
         resolve_sentence_transformer(args.embedder)  # fail before the chat model loads
+    if args.db is not None and not args.session:  # the chat would be lost: --db alone stores nothing
+        raise UsageError(f"--db {args.db} stores chats under a session name: add --session NAME to save this "
+                         "chat there and resume it later (or leave out --db for a chat that is not saved).")
+    args.db = args.db or "chats.sqlite"
     options = sampling_options(args)  # checked before the (slow) model load
     tools = load_tools(args.tools)
     store, session = _open_session(args)

@@ -47,6 +47,7 @@ def run(args: argparse.Namespace) -> int:
     import numpy as np
     import torch
 
+    from ...atomic import give_default_modes
     from ...model.inject import adapters_disabled
     from ...model.tiny import build_tiny_model, train_tokenizer
     from ...train.config import TrainConfig
@@ -76,6 +77,7 @@ def run(args: argparse.Namespace) -> int:
                 clear_owned(kept)
             kept.mkdir(parents=True, exist_ok=True)
             shutil.move(Path(tmp) / "model", model_dir)
+            give_default_modes(model_dir)  # safetensors writes 0600; the kept model is for other accounts too
             record(kept, "model", "adapter", command="demo")  # both now: a rerun's --overwrite clears a broken run
         config = TrainConfig(model=str(model_dir), data=str(demo_data_path()), output=str(out),
                              overwrite=True, rank=32, alpha=64, dropout=0.0, lr=args.lr, lr_scheduler="cosine",

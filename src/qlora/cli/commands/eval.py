@@ -52,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
     from ...train.data import (count_trainable_tokens, fallback_note, normalize, own_template,
                                pad_collate, pad_token_id, resolve_chat_format, tokenize_dataset)
     from ...infer.template import stop_token_ids
-    from ...model.chat_format import ChatFormat
+    from ...model.chat_format import ChatFormat, merged_format
     from ...train.trainer import compute_dtype_for, token_loss_sum
 
     fields = parse_data_fields(args.data_fields)  # checked before the model loads
@@ -65,7 +65,9 @@ def run(args: argparse.Namespace) -> int:
         load_adapter(model, args.adapter)
     examples = read_sources(args.data, args.data_split, args.data_subset, 0,
                             lambda records: normalize(records, args.format, fields), args.dataset_dir)
-    saved = ChatFormat.load(args.adapter) if args.adapter and args.template == "auto" else None
+    saved = None
+    if args.template == "auto":
+        saved = ChatFormat.load(args.adapter) if args.adapter else merged_format(args.model)
     fmt = saved or resolve_chat_format(tokenizer, args.template)
     if (saved is None and args.template == "auto" and own_template(tokenizer) is None
             and any(e.messages is not None for e in examples)):

@@ -89,10 +89,10 @@ def load_model_from_args(args: argparse.Namespace):
 def chat_format_from_args(args: argparse.Namespace, tokenizer, command: str):
     """The :class:`ChatFormat` to prompt with, or ``None`` for raw text (generate) / the tokenizer's own (chat).
 
-    ``--template auto`` takes the format saved with the first --adapter; an adapter trained before
-    formats were saved falls back as before (raw prompt for generate, the tokenizer's template for chat).
+    ``--template auto`` takes the format saved with the first --adapter, else the one ``qlora merge`` saved in
+    the model folder; an adapter trained before formats were saved falls back as before (raw prompt for generate, the tokenizer's template for chat).
     """
-    from ...model.chat_format import ChatFormat
+    from ...model.chat_format import ChatFormat, merged_format
     from ...train.data import fallback_note, own_template, resolve_chat_format
 
     if args.template == "none":
@@ -107,6 +107,9 @@ def chat_format_from_args(args: argparse.Namespace, tokenizer, command: str):
                 print("note: the adapters were trained with different chat formats; prompting in the first one's "
                       f"({saved[0].origin})", file=sys.stderr)
             return saved[0]
+        merged = merged_format(args.model)
+        if merged is not None:
+            return merged
         if command == "chat" and own_template(tokenizer) is None:
             print(fallback_note(tokenizer), file=sys.stderr)
             return resolve_chat_format(tokenizer, "auto")

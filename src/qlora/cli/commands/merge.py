@@ -13,6 +13,11 @@ NAME = "merge"
 HELP = "fold an adapter into its base: a standard 16-bit HF checkpoint"
 
 _DTYPES = ("bfloat16", "float16", "float32")
+_SHORT = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}  # the names --compute-dtype and train use
+
+
+def _dtype(name: str) -> str:
+    return _SHORT.get(name, name)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -23,7 +28,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quant", default=None, choices=("nf4", "fp4", "none"),
                         help="the base data type used in training; none = merge into 16-bit weights (default: the "
                              "format the adapter was trained on, else nf4)")
-    parser.add_argument("--dtype", default="bfloat16", choices=_DTYPES, help="dtype of the merged weights")
+    parser.add_argument("--dtype", default="bfloat16", type=_dtype, choices=_DTYPES,
+                        help="dtype of the merged weights (bf16, fp16, fp32 also accepted)")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace qlora's earlier results in an existing --output (only files qlora wrote)")
 
@@ -33,6 +39,7 @@ def run(args: argparse.Namespace) -> int:
 
     from ...model.adapter_io import adapter_tokenizer, load_adapter
     from ...model.load import load_model
+    from ...model.chat_format import ChatFormat
     from ...model.merge import merge, save_merged
 
     from ...output_folder import check_output, staged_output
@@ -49,7 +56,12 @@ def run(args: argparse.Namespace) -> int:
     load_adapter(model, args.adapter)
     merge(model, into="dequantized", dtype=dtype)
     model.to(dtype)
+    trained = ChatFormat.load(args.adapter)
+    if trained is not None:
+        tokenizer.chat_template = trained.template  # other tools loading the merged folder see the same format
     with staged_output(args.output, "merge", replace=True) as stage:
         save_merged(model, stage, tokenizer)
+        if trained is not None:  # qlora generate/chat/eval/serve prompt the merged model as the adapter
+            trained.save(stage)
     print(f"merged {args.adapter} into {args.model} ({args.dtype}): {args.output}")
     return 0

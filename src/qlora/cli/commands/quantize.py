@@ -34,6 +34,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
+    from ...model.chat_format import merged_format
     from ...model.load import load_model, resolve_model_dir
     from ...model.quantized_io import check_quantizable, dense_expert_share, save_quantized
 
@@ -47,8 +48,11 @@ def run(args: argparse.Namespace) -> int:
                                                  "fp32": torch.float32}[args.compute_dtype],
                                   quantize_experts=False)
     _check_same_format(args, model)
+    trained = merged_format(args.model)
     with staged_output(args.output, "quantize", replace=True) as stage:
         save_quantized(model, stage, tokenizer)
+        if trained is not None:  # a merged fine-tune keeps the chat format it was trained in
+            trained.save(stage)
     print(f"wrote {args.quant} checkpoint of {args.model} to {args.output}")
     share = dense_expert_share(model)
     if share:

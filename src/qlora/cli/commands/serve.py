@@ -72,9 +72,10 @@ def chat_formats(args: argparse.Namespace, tokenizer) -> dict:
     """Adapter name (``None``: the base) -> the ChatFormat its chat requests are rendered with.
 
     With ``--template auto`` each adapter prompts in the format it was trained with (a model
-    trained on Alpaca text answers Alpaca prompts); the base and older adapters use the model's own.
+    trained on Alpaca text answers Alpaca prompts), and the base the one ``qlora merge`` saved with it;
+    other bases and older adapters use the model's own.
     """
-    from ...model.chat_format import ChatFormat
+    from ...model.chat_format import ChatFormat, merged_format
     from ...train.data import fallback_note, own_template, resolve_chat_format
     from ..base_model import adapter_names
 
@@ -82,6 +83,9 @@ def chat_formats(args: argparse.Namespace, tokenizer) -> dict:
         fixed = resolve_chat_format(tokenizer, args.template)
         return {None: fixed, **{name: fixed for name in adapter_names(args)}}
     formats = {name: ChatFormat.load(path) for name, path in adapter_names(args).items()}
+    merged = merged_format(args.model)
+    if merged is not None:
+        formats = {None: merged, **formats}
     if own_template(tokenizer) is None and (not formats or None in formats.values()):
         print(fallback_note(tokenizer), file=sys.stderr)  # the base and older adapters need a format too
         fallback = resolve_chat_format(tokenizer, "auto")

@@ -11,6 +11,7 @@ by ``--seed`` so a resumed run holds out the same examples.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Callable, Sequence, TypeVar
 
@@ -66,7 +67,8 @@ def _declared_sources(spec: str, dataset_dir: str, method: str) -> list[str | De
 
 def hold_out(examples: Sequence[T], amount: float, seed: int) -> tuple[list[T], list[T]]:
     """``(train, held_out)``: ``amount`` as a share (0 < amount < 1) or a count (>= 1) of ``examples``,
-    drawn with ``seed``; both keep the data's order.
+    drawn with ``seed``; both keep the data's order. A share holds out ``ceil(amount * n)`` examples, the count
+    ``datasets``' ``train_test_split`` gives LLaMA-Factory's ``val_size`` and axolotl's ``val_set_size``.
 
     Raises:
         UsageError: a count that is not whole, or a split leaving either side empty.
@@ -74,7 +76,7 @@ def hold_out(examples: Sequence[T], amount: float, seed: int) -> tuple[list[T], 
     n = len(examples)
     if amount >= 1 and not float(amount).is_integer():
         raise UsageError(f"--eval-split {amount}: give a share below 1 (e.g. 0.05) or a whole number of examples.")
-    k = int(amount) if amount >= 1 else round(amount * n)
+    k = int(amount) if amount >= 1 else math.ceil(amount * n)
     if not 1 <= k < n:
         raise UsageError(f"--eval-split {amount} holds out {k} of the {n} examples of --data; both the training "
                          "and the held-out part need at least one. Give a share or a count in between, or a "
