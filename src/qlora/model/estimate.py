@@ -306,18 +306,21 @@ def optimizer_bytes(tensor_numels: list[int], optim: str) -> int:
 
 
 def _widest(config, name: str):
-    """``config.<name>``; for a config whose layers differ (Gemma 4's per-layer ``head_dim``), the
-    largest layer's value: the estimate stays an upper bound."""
+    """``config.<name>``; for a config whose layers differ (Gemma 4's per-layer ``head_dim``, Gemma 3n's list of
+    ``intermediate_size``), the largest layer's value: the estimate stays an upper bound."""
     if name in (getattr(config, "per_layer_attributes", None) or ()):
         values = [v for layer in config.per_layer_config if (v := getattr(layer, name, None)) is not None]
         return max(values) if values else None
-    return getattr(config, name, None)
+    value = getattr(config, name, None)
+    return max(value) if isinstance(value, (list, tuple)) and value else value
 
 
 def _shape(config) -> dict[str, int]:
+    """Widths of the Llama block model; an attention-free model (Mamba, RWKV, xLSTM: no attention heads)
+    counts its mixer as one head of the hidden width, with queries, keys and values each that wide."""
     text = config.get_text_config()
     hidden = _widest(text, "hidden_size")
-    heads = _widest(text, "num_attention_heads")
+    heads = _widest(text, "num_attention_heads") or 1
     head_dim = _widest(text, "head_dim") or hidden // heads
     return dict(
         hidden=hidden,
