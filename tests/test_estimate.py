@@ -316,10 +316,11 @@ _MOE_SIZES = dict(head_dim=16, moe_intermediate_size=32, num_local_experts=4, n_
                   first_k_dense_replace=1, n_group=1, topk_group=1)
 
 
-@pytest.mark.parametrize("model_type", ["minimax", "deepseek_v3", "gpt_bigcode", "qwen2"])
+@pytest.mark.parametrize("model_type", ["minimax", "deepseek_v3", "gpt_bigcode", "qwen2", "roberta"])
 def test_resident_rows_equal_the_loaded_model_bytes(tmp_path, tiny_tokenizer, model_type):
     """Weights, constants, 16-bit tensors (fp32 where the class keeps them: DeepSeek-V3's expert bias)
-    and buffers (MiniMax's decay tables, GPT-BigCode's causal mask) are what load_model holds."""
+    and buffers (MiniMax's decay tables, GPT-BigCode's causal mask) are what load_model holds; RoBERTa's
+    ``lm_head.dense`` is 16-bit under the skipped ``lm_head`` (it was counted 4-bit)."""
     from transformers import AutoConfig
 
     import qlora

@@ -31,7 +31,7 @@ from ..optim import optimizer_name  # the names qlora train --optim takes, alias
 from ..quant import BLOCKSIZES
 from ..quant.double_quant import NESTED_BLOCKSIZE
 from .architecture import text_model_from_config
-from .quantize import fp32_linear_names, is_plain_linear, kept_dense_names, kept_in_fp32, matches_any
+from .quantize import _skipped, fp32_linear_names, is_plain_linear, kept_dense_names, kept_in_fp32, matches_any
 
 GIB = 1024**3
 QUANT_TYPES = ("nf4", "fp4", "none")
@@ -198,10 +198,12 @@ def count_parameters(config) -> ModelCounts:
 
     with torch.device("meta"):
         model = text_model_from_config(config, getattr(config, "name_or_path", "") or config.model_type)
-    dense = kept_dense_names(model) | fp32_linear_names(model, torch.bfloat16)  # head, routers...: as load_model
+    # head, routers...: as load_model, whose default skip_modules ("lm_head") keeps all under it dense (RoBERTa's
+    # lm_head.dense too)
+    dense = kept_dense_names(model) | fp32_linear_names(model, torch.bfloat16) | {"lm_head"}
     quantized: dict[int, tuple[LinearShape, ...]] = {}
     for name, module in model.named_modules():
-        if name in dense:
+        if _skipped(name, dense):
             continue
         if is_plain_linear(module):
             quantized[id(module.weight)] = (LinearShape(name, module.out_features, module.in_features),)
