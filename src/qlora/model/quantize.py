@@ -146,13 +146,17 @@ def non_text_names(model: nn.Module) -> set[str]:
     return names | _towers_inside(model, path)
 
 
+_MEDIA = ("vision", "visual", "image", "audio", "speech", "video")  # in the names of media sub-configs
+
+
 def _towers_inside(model: nn.Module, decoder: str) -> set[str]:
-    """Towers that sit inside the text decoder's module (GIT's ``git.image_encoder``, beside its text
-    layers): the outermost modules built from a vision or audio sub-config of the model's config."""
+    """Towers that sit inside the text decoder's module (GIT's ``git.image_encoder``, Phi-4-multimodal's
+    image and audio embedders, beside their text layers): the outermost modules built from a vision or audio
+    sub-config of the model's config (not BLT's encoder, decoder and global configs: all text)."""
     config = model.config
     text = config.get_text_config()
     others = [c for k in config.sub_configs if (c := getattr(config, k, None)) is not None and c is not text
-              and c is not config]
+              and c is not config and any(w in k for w in _MEDIA)]
     if not others:
         return set()
     found: set[str] = set()
