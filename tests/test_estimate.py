@@ -283,15 +283,44 @@ def test_a_config_whose_head_counts_differ_per_layer_is_read(tmp_path, capsys):
     assert main(["estimate", "--model", str(tmp_path)]) == 0
     assert "QLoRA" in capsys.readouterr().out
 
+@pytest.mark.parametrize("model_type, fields", [
+    ("mamba", dict(hidden_size=64, intermediate_size=128, state_size=8)),  # no attention heads
+    ("rwkv", dict(hidden_size=64, attention_hidden_size=64, intermediate_size=128)),
+    ("xlstm", dict(hidden_size=64, num_heads=4, qk_dim_factor=1.0)),
+    ("gemma3n_text", dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                          intermediate_size=[128, 256], layer_types=["sliding_attention", "full_attention"],
+                          num_kv_shared_layers=0, activation_sparsity_pattern=[0.0, 0.0])),  # one MLP width a layer
+])
+def test_attention_free_and_per_layer_width_configs_are_estimated(model_type, fields, tmp_path, capsys):
+    """Mamba, RWKV and xLSTM configs have no num_attention_heads and Gemma 3n's intermediate_size is a list
+    (one a layer): ``qlora estimate`` read them as ``None // int`` and ``int + list`` (a traceback); the
+    activation row grows with the widest layer, and a mixer counts like one hidden-wide attention head."""
+    from transformers import AutoConfig
+
+    _needs_model_type(model_type)
+    config = AutoConfig.for_model(model_type, vocab_size=512, num_hidden_layers=2, **fields)
+    config.save_pretrained(tmp_path)
+    assert main(["estimate", "--model", str(tmp_path)]) == 0
+    assert "QLoRA" in capsys.readouterr().out
+    opts = TrainingOptions(seq_len=64, gradient_checkpointing=False)
+    got = activation_bytes(config, opts, lora_per_layer=0)
+    assert got > 0
+    if model_type == "gemma3n_text":
+        narrow = AutoConfig.for_model(model_type, vocab_size=512, num_hidden_layers=2,
+                                      **{**fields, "intermediate_size": [128, 128]})
+        assert activation_bytes(narrow, opts, lora_per_layer=0) < got
+
+
 _MOE_SIZES = dict(head_dim=16, moe_intermediate_size=32, num_local_experts=4, n_routed_experts=4, num_experts_per_tok=2,
                   q_lora_rank=32, kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16,
                   first_k_dense_replace=1, n_group=1, topk_group=1)
 
 
-@pytest.mark.parametrize("model_type", ["minimax", "deepseek_v3", "gpt_bigcode", "qwen2"])
+@pytest.mark.parametrize("model_type", ["minimax", "deepseek_v3", "gpt_bigcode", "qwen2", "roberta"])
 def test_resident_rows_equal_the_loaded_model_bytes(tmp_path, tiny_tokenizer, model_type):
     """Weights, constants, 16-bit tensors (fp32 where the class keeps them: DeepSeek-V3's expert bias)
-    and buffers (MiniMax's decay tables, GPT-BigCode's causal mask) are what load_model holds."""
+    and buffers (MiniMax's decay tables, GPT-BigCode's causal mask) are what load_model holds; RoBERTa's
+    ``lm_head.dense`` is 16-bit under the skipped ``lm_head`` (it was counted 4-bit)."""
     from transformers import AutoConfig
 
     import qlora

@@ -195,6 +195,7 @@ def test_a_model_whose_cached_forward_fails_in_transformers_is_refused_before_de
     from qlora.cli.main import main
     from qlora.errors import UsageError
     from qlora.infer.generate import decode_problem
+    from qlora.model.quantize import non_text_names
 
     if "blt" not in CONFIG_MAPPING_NAMES:
         pytest.skip("this transformers has no BLT models")
@@ -218,6 +219,7 @@ def test_a_model_whose_cached_forward_fails_in_transformers_is_refused_before_de
     ref.generate(prompt, max_new_tokens=2, do_sample=False, use_cache=False)  # without a cache it runs
 
     model, _ = load_model(tmp_path, quant=None, compute_dtype=torch.float32, device="cpu")
+    assert not non_text_names(model)  # its patcher, encoder, decoder and global configs are all text
     assert "its forward fails when asked to keep a cache (AttributeError" in decode_problem(model)
     with pytest.raises(UsageError, match="qlora cannot decode"):
         next(stream_tokens(model, prompt, SamplingOptions(max_new_tokens=3, temperature=0)))

@@ -333,3 +333,34 @@ def test_quantize_writes_moe_as_transformers_and_bitsandbytes_do(tmp_path, tiny_
 
     with pytest.raises(UsageError, match="quantize_experts=False"):  # 4-bit experts would load nowhere else
         save_quantized(ours, tmp_path / "refused")
+
+
+def test_a_conversion_that_reads_the_built_shape_loads_4bit_experts(tmp_path, tiny_tokenizer):
+    """Qwen3-VL-MoE's conversion transposes a stored expert weight only when its shape differs from the
+    model's parameter (``Transpose(check_dims=True)`` reads the model): with the experts already 4-bit, that
+    parameter was gone and every load was refused ("`down_proj` is not an nn.Parameter"). The 4-bit model is
+    transformers' model on the dequantized weights."""
+    from transformers import AutoConfig, AutoModelForImageTextToText
+
+    from qlora.model.merge import merged_tensors
+
+    if "qwen3_vl_moe" not in transformers.models.auto.configuration_auto.CONFIG_MAPPING_NAMES:
+        pytest.skip("this transformers has no Qwen3-VL-MoE models")
+    v = len(tiny_tokenizer)
+    text = dict(vocab_size=v + 8, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                head_dim=16, intermediate_size=128, moe_intermediate_size=32, num_experts=4, num_experts_per_tok=2,
+                max_position_embeddings=256, pad_token_id=tiny_tokenizer.pad_token_id)
+    vision = dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
+                  deepstack_visual_indexes=[0], num_position_embeddings=16)
+    config = AutoConfig.for_model("qwen3_vl_moe", text_config=text, vision_config=vision, image_token_id=v,
+                                  video_token_id=v + 1, vision_start_token_id=v + 2, vision_end_token_id=v + 3)
+    torch.manual_seed(0)
+    AutoModelForImageTextToText.from_config(config).save_pretrained(tmp_path)
+    tiny_tokenizer.save_pretrained(tmp_path)
+    ours, _ = load_model(tmp_path, quant="nf4", compute_dtype=torch.float32, device="cpu")
+    assert any(isinstance(m, Experts4bit) for m in ours.modules())
+    ref = AutoModelForImageTextToText.from_pretrained(tmp_path, dtype=torch.float32).eval()
+    ref.load_state_dict({k: make() for k, _, make in merged_tensors(ours)})
+    ours.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(ours(_IDS).logits, ref(_IDS).logits, rtol=1e-5, atol=1e-5)

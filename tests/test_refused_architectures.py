@@ -77,3 +77,41 @@ def test_a_draft_model_transformers_cannot_build_is_refused(kind, text_kind, tmp
         assert code == 2, argv
         assert f"transformers could not build the {kind!r} model (" in err, err
         assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+_VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=28,
+               patch_size=14)
+_QFORMER = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                encoder_hidden_size=32)
+
+
+@pytest.mark.parametrize("kind, text, extra", [
+    ("blip", dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2), {}),
+    ("blip-2", dict(model_type="opt", hidden_size=32, ffn_dim=64, num_hidden_layers=1, num_attention_heads=2,
+                    word_embed_proj_dim=32), dict(qformer_config=_QFORMER, num_query_tokens=2)),
+    ("instructblip", dict(model_type="llama", hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                          num_attention_heads=2), dict(qformer_config=_QFORMER, num_query_tokens=2)),
+])
+def test_a_model_whose_forward_requires_images_is_refused(kind, text, extra, tmp_path, tiny_tokenizer, capsys):
+    """BLIP, BLIP-2 and InstructBLIP are image-text-to-text models whose forward requires pixel_values (and
+    InstructBLIP's qformer_input_ids): every command said TypeError with a traceback; it names what the forward
+    requires. (transformers' own forward on the token ids alone fails the same way.)"""
+    from transformers import AutoModelForImageTextToText
+
+    if kind not in CONFIG_MAPPING_NAMES:
+        pytest.skip(f"this transformers has no {kind!r} models")
+    config = AutoConfig.for_model(kind, text_config=dict(text, vocab_size=len(tiny_tokenizer) + 8),
+                                  vision_config=_VISION, **extra)
+    torch.manual_seed(0)
+    model = AutoModelForImageTextToText.from_config(config)
+    with pytest.raises(TypeError, match="pixel_values"):
+        model(input_ids=torch.tensor([[5, 6, 7]]))
+    model.save_pretrained(tmp_path / "m")
+    tiny_tokenizer.save_pretrained(tmp_path / "m")
+    for argv in _commands(tmp_path / "m", tmp_path):
+        code = main(argv)
+        err = capsys.readouterr().err
+        assert code == 2, argv
+        assert f"the {kind!r} model ({type(model).__name__}) cannot run on text alone: its forward requires " \
+               "pixel_values" in err, err
+        assert "Traceback" not in err and len(err.strip().splitlines()) == 1

@@ -219,3 +219,54 @@ def test_layers_only_images_reach_keep_zero_adapters(vlms, tmp_path):
     self_attn = [v for k, v in tensors.items() if ".self_attn." in k and "lora_B" in k]
     assert cross and all(not v.any() for v in cross)
     assert self_attn and all(v.any() for v in self_attn)
+
+
+def test_a_vision_tower_inside_the_text_model_stays_16bit_and_unadapted(tmp_path, tiny_tokenizer):
+    """GIT's image encoder is a child of its text model (``git.image_encoder`` beside ``git.encoder``), not a
+    sibling: it was quantized and adapted by all-linear (adapters text never reaches). It is found as the
+    module built from the vision sub-config: 16-bit and equal to transformers', and out of LoRA. The
+    adapter names its projection's ``visual_projection.0`` by full path (PEFT would read ``0`` as every
+    ``layers.0`` too and fail), and PEFT reads it as qlora runs it."""
+    from peft import PeftModel
+    from transformers import AutoConfig
+
+    config = AutoConfig.for_model(
+        "git", vocab_size=len(tiny_tokenizer), hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+        intermediate_size=128, max_position_embeddings=256, pad_token_id=tiny_tokenizer.pad_token_id,
+        bos_token_id=tiny_tokenizer.bos_token_id, eos_token_id=tiny_tokenizer.eos_token_id,
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                           image_size=28, patch_size=14))
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "git")
+    tiny_tokenizer.save_pretrained(tmp_path / "git")
+    ref = AutoModelForCausalLM.from_pretrained(tmp_path / "git", dtype=torch.float32).eval()
+    model, _ = load_model(tmp_path / "git", compute_dtype=torch.float32, device="cpu")
+    assert "git.image_encoder" in non_text_names(model)
+    tower = {n: m for n, m in model.named_modules() if n.startswith("git.image_encoder.")}
+    linears = [n for n, m in tower.items() if isinstance(m, (nn.Linear, Linear4bit))]
+    assert linears and all(type(tower[n]) is nn.Linear for n in linears)
+    state = ref.state_dict()
+    assert all(torch.equal(tower[n].weight, state[n + ".weight"]) for n in linears)
+    assert isinstance(model.git.encoder.layer[0].attention.self.query, Linear4bit)
+
+    add_lora(model, r=4, alpha=8, dropout=0.0, verbose=False)
+    adapted = [n for n, m in model.named_modules() if isinstance(m, LoraLinear)]
+    assert adapted and not any(n.startswith("git.image_encoder.") for n in adapted)
+    model.train()
+    ids = IDS.clamp(max=len(tiny_tokenizer) - 1)
+    logits = model(ids).logits  # GIT's own loss needs images (transformers slices off image positions)
+    nn.functional.cross_entropy(logits[0, :-1], ids[0, 1:]).backward()
+    assert all(m.lora_B["default"].weight.grad is not None for n, m in model.named_modules() if n in adapted
+               and not n.startswith("git.visual_projection."))  # the projection reads image features only
+    randomize_lora_b(model, seed=0)
+    save_adapter(model, tmp_path / "adapter")
+    dense, _ = load_model(tmp_path / "git", quant=None, compute_dtype=torch.float32, device="cpu")
+    load_adapter(dense, tmp_path / "adapter")
+    with torch.no_grad():
+        ours = dense.eval()(ids).logits
+        theirs = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tmp_path / "git", dtype=torch.float32),
+                                           str(tmp_path / "adapter")).eval()
+        assert {n.split("base_model.model.", 1)[1].rsplit(".lora_A", 1)[0] for n, _ in theirs.named_parameters()
+                if ".lora_A" in n} == set(adapted)
+        assert (ours - ref(ids).logits).abs().max() > 1e-3  # the adapter matters
+        torch.testing.assert_close(theirs(ids).logits, ours, rtol=1e-4, atol=1e-4)

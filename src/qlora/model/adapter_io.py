@@ -30,7 +30,7 @@ from .adalora_io import adalora_peft_config, adalora_state_dict, attach_adalora
 from .merge import shares_table, untie_config
 from .inject import (AdapterConfig, adapter_configs, add_lora, embedding_lora_layers, expert_modules,
                      experts_lora_layers, lora_layers, target_names, trained_biases)
-from .quantize import non_text_names, text_decoder_path
+from .quantize import matches_any, non_text_names, text_decoder_path
 from .residual_convert import convert_to_lora, residual_paths
 
 log = logging.getLogger("qlora")
@@ -137,10 +137,22 @@ def save_adapter(model: nn.Module, out_dir: str | Path, adapter_name: str = "def
 
 def _peft_target_modules(model: nn.Module, names: list[str]) -> list[str] | str:
     """The adapted layers' names, as PEFT writes them; for a vision-language model a regex
-    scoped to its language model, or PEFT would also adapt the vision layers of those names."""
-    if not names or not non_text_names(model):
+    scoped to its language model, or PEFT would also adapt the vision layers of those names.
+    Where PEFT would read those names as other modules too (GIT's ``visual_projection.0``: ``0``
+    also names every ``layers.0``, which PEFT cannot adapt), the adapted layers' full paths."""
+    if not names:
         return names
-    return rf"{re.escape(text_decoder_path(model))}\..*\.(?:{'|'.join(map(re.escape, names))})"
+    target = names if not non_text_names(model) else (
+        rf"{re.escape(text_decoder_path(model))}\..*\.(?:{'|'.join(map(re.escape, names))})")
+    wrapped = {p for p, m in model.named_modules() if hasattr(m, "base_layer")}  # adapter layers
+    paths = [p for p in (p for p, _ in model.named_modules()) if not any(p.startswith(w + ".") for w in wrapped)]
+    if isinstance(target, str):
+        matched = {p for p in paths if re.fullmatch(target, p)}
+    else:
+        matched = {p for p in paths if matches_any(p, target)}
+    if matched <= wrapped:
+        return target
+    return f"(?:{'|'.join(re.escape(p) for p in sorted(matched & wrapped))})"
 
 
 def _token_indices_config(tokens: dict[str, list[int]]) -> dict[str, list[int]]:

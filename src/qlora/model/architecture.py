@@ -9,6 +9,7 @@ their language model on text, as a transformers + PEFT user would.
 
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 
 from torch import nn
@@ -42,3 +43,24 @@ def text_model_from_config(config, source: str | Path, **kwargs) -> nn.Module:
     raise UsageError(f"{source}: model type {config.model_type!r} is not a text-generating model "
                      "(transformers lists it neither as a causal LM nor as an image-text-to-text model); qlora "
                      "fine-tunes decoder language models such as Llama, Qwen, Mistral, Gemma and Phi.")
+
+
+def check_runs_on_text(model: nn.Module, source: str | Path) -> None:
+    """Refuse a model whose ``forward`` cannot run on token ids alone.
+
+    BLIP, BLIP-2 and InstructBLIP caption an image: their forward requires ``pixel_values`` (and InstructBLIP's
+    ``qformer_input_ids``), as PI0 requires a robot ``state``. qlora trains, evaluates and decodes from token
+    ids (images only where the model also runs without them), so each command would end in a ``TypeError``.
+
+    Raises:
+        UsageError: naming the inputs the forward requires.
+    """
+    params = list(inspect.signature(type(model).forward).parameters.values())[1:]
+    required = [p.name for p in params if p.default is inspect.Parameter.empty
+                and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD) and p.name != "input_ids"]
+    if required:
+        raise UsageError(f"{source}: the {model.config.model_type!r} model ({type(model).__name__}) cannot run "
+                         f"on text alone: its forward requires {', '.join(required)} beside the token ids. qlora "
+                         "fine-tunes and runs language models on token ids (images only where the model also runs "
+                         "without them); use a model that generates text from text, or transformers' own "
+                         "training code for this one.")

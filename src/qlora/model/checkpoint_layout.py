@@ -138,6 +138,8 @@ class CheckpointLayout:
             raise
         except Exception as exc:
             raise _api_error(model, exc) from None
+        params = dict(model.named_parameters())
+        self._shapes = {t: params[t].shape for t in self._groups if t in params}
 
     @property
     def converts(self) -> bool:
@@ -176,7 +178,7 @@ class CheckpointLayout:
             # Natural order (expert 2 before expert 10): the stacking follows the order of arrival.
             for raw in sorted(group.readers, key=dot_natural_key):
                 converter.add_tensor(key, raw, group.pattern_of[raw], group.readers[raw])
-            out = converter.convert(key, model=self.model, config=self.model.config)
+            out = converter.convert(key, model=_AsBuilt(self.model, self._shapes), config=self.model.config)
         except Exception as exc:
             raise _api_error(self.model, exc) from None
         return {name: (value[0] if isinstance(value, list) else value) for name, value in out.items()}
@@ -184,6 +186,24 @@ class CheckpointLayout:
     def incomplete(self) -> list[str]:
         """Targets some of whose source tensors never came (a truncated or foreign checkpoint)."""
         return sorted(self._groups)
+
+
+class _AsBuilt:
+    """``model`` as transformers built it, for converters that read a target parameter's shape (Qwen3-VL-MoE's
+    ``Transpose(check_dims=True)`` transposes only a tensor not already in that shape): its 3-D expert weights
+    may since have become :class:`~qlora.nn.Experts4bit` layers, so their shapes are the ones recorded at build."""
+
+    def __init__(self, model, shapes: dict[str, torch.Size]) -> None:
+        self._model = model
+        self._shapes = shapes
+
+    def get_parameter(self, name: str) -> torch.Tensor:
+        if name in self._shapes:
+            return torch.empty(self._shapes[name], device="meta")
+        return self._model.get_parameter(name)
+
+    def __getattr__(self, name: str):
+        return getattr(self._model, name)
 
 
 def to_checkpoint_layout(model, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

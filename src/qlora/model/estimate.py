@@ -31,7 +31,7 @@ from ..optim import optimizer_name  # the names qlora train --optim takes, alias
 from ..quant import BLOCKSIZES
 from ..quant.double_quant import NESTED_BLOCKSIZE
 from .architecture import text_model_from_config
-from .quantize import fp32_linear_names, is_plain_linear, kept_dense_names, kept_in_fp32, matches_any
+from .quantize import _skipped, fp32_linear_names, is_plain_linear, kept_dense_names, kept_in_fp32, matches_any
 
 GIB = 1024**3
 QUANT_TYPES = ("nf4", "fp4", "none")
@@ -198,10 +198,12 @@ def count_parameters(config) -> ModelCounts:
 
     with torch.device("meta"):
         model = text_model_from_config(config, getattr(config, "name_or_path", "") or config.model_type)
-    dense = kept_dense_names(model) | fp32_linear_names(model, torch.bfloat16)  # head, routers...: as load_model
+    # head, routers...: as load_model, whose default skip_modules ("lm_head") keeps all under it dense (RoBERTa's
+    # lm_head.dense too)
+    dense = kept_dense_names(model) | fp32_linear_names(model, torch.bfloat16) | {"lm_head"}
     quantized: dict[int, tuple[LinearShape, ...]] = {}
     for name, module in model.named_modules():
-        if name in dense:
+        if _skipped(name, dense):
             continue
         if is_plain_linear(module):
             quantized[id(module.weight)] = (LinearShape(name, module.out_features, module.in_features),)
@@ -306,18 +308,21 @@ def optimizer_bytes(tensor_numels: list[int], optim: str) -> int:
 
 
 def _widest(config, name: str):
-    """``config.<name>``; for a config whose layers differ (Gemma 4's per-layer ``head_dim``), the
-    largest layer's value: the estimate stays an upper bound."""
+    """``config.<name>``; for a config whose layers differ (Gemma 4's per-layer ``head_dim``, Gemma 3n's list of
+    ``intermediate_size``), the largest layer's value: the estimate stays an upper bound."""
     if name in (getattr(config, "per_layer_attributes", None) or ()):
         values = [v for layer in config.per_layer_config if (v := getattr(layer, name, None)) is not None]
         return max(values) if values else None
-    return getattr(config, name, None)
+    value = getattr(config, name, None)
+    return max(value) if isinstance(value, (list, tuple)) and value else value
 
 
 def _shape(config) -> dict[str, int]:
+    """Widths of the Llama block model; an attention-free model (Mamba, RWKV, xLSTM: no attention heads)
+    counts its mixer as one head of the hidden width, with queries, keys and values each that wide."""
     text = config.get_text_config()
     hidden = _widest(text, "hidden_size")
-    heads = _widest(text, "num_attention_heads")
+    heads = _widest(text, "num_attention_heads") or 1
     head_dim = _widest(text, "head_dim") or hidden // heads
     return dict(
         hidden=hidden,

@@ -33,7 +33,7 @@ from torch import nn
 from ..errors import UsageError
 from ..nn import Experts4bit, Linear4bit, expert_weight_names
 from ..quant import NonFiniteError, QuantState
-from .architecture import text_model_from_config
+from .architecture import check_runs_on_text, text_model_from_config
 from .bnb_int8 import BnbInt8
 from .checkpoint_layout import CheckpointLayout
 from .compressed_tensors import CompressedTensors
@@ -343,6 +343,7 @@ def load_model(
     kwargs = {"attn_implementation": attn_implementation} if attn_implementation else {}
     with _empty_model():
         model = text_model_from_config(config, model_dir, dtype=compute_dtype, **kwargs)
+    check_runs_on_text(model, model_dir)
 
     fp32 = kept_in_fp32(model, compute_dtype)
     skip = set(skip_modules) | kept_dense_names(model) | fp32_linear_names(model, compute_dtype)

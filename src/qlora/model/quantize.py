@@ -143,7 +143,29 @@ def non_text_names(model: nn.Module) -> set[str]:
     for part in path.split("."):
         names.update(prefix + child for child in parent._modules if child != part and prefix + child not in head)
         parent, prefix = parent._modules[part], f"{prefix}{part}."
-    return names
+    return names | _towers_inside(model, path)
+
+
+_MEDIA = ("vision", "visual", "image", "audio", "speech", "video")  # in the names of media sub-configs
+
+
+def _towers_inside(model: nn.Module, decoder: str) -> set[str]:
+    """Towers that sit inside the text decoder's module (GIT's ``git.image_encoder``, Phi-4-multimodal's
+    image and audio embedders, beside their text layers): the outermost modules built from a vision or audio
+    sub-config of the model's config (not BLT's encoder, decoder and global configs: all text)."""
+    config = model.config
+    text = config.get_text_config()
+    others = [c for k in config.sub_configs if (c := getattr(config, k, None)) is not None and c is not text
+              and c is not config and any(w in k for w in _MEDIA)]
+    if not others:
+        return set()
+    found: set[str] = set()
+    for name, module in model.named_modules():
+        if not name.startswith(decoder + ".") or any(name.startswith(f + ".") for f in found):
+            continue
+        if any(getattr(module, "config", None) is c for c in others):
+            found.add(name)
+    return found
 
 
 def kept_in_fp32(model: nn.Module, dtype: torch.dtype) -> re.Pattern | None:
