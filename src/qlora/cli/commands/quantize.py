@@ -36,6 +36,7 @@ def run(args: argparse.Namespace) -> int:
 
     from ...model.chat_format import merged_format
     from ...model.load import load_model, resolve_model_dir
+    from ...model.processor_files import copy_processor_files
     from ...model.quantized_io import check_quantizable, dense_expert_share, save_quantized
 
     from ...output_folder import check_output, staged_output
@@ -51,6 +52,7 @@ def run(args: argparse.Namespace) -> int:
     trained = merged_format(args.model)
     with staged_output(args.output, "quantize", replace=True) as stage:
         save_quantized(model, stage, tokenizer)
+        copy_processor_files(resolve_model_dir(args.model), stage)  # a vision-language model takes images still
         if trained is not None:  # a merged fine-tune keeps the chat format it was trained in
             trained.save(stage)
     print(f"wrote {args.quant} checkpoint of {args.model} to {args.output}")
