@@ -208,7 +208,7 @@ def test_a_processor_failing_on_the_input_exits_2_naming_its_error(error, tmp_pa
     import qlora.infer.images as images
 
     folder = build_image_model(tmp_path / "g", "gemma3")
-    monkeypatch.setattr(images, "image_processor", lambda *args: _Failing(error))
+    monkeypatch.setattr(images, "image_processor", lambda *args, **kwargs: _Failing(error))
     capsys.readouterr()
     assert main(["generate", "--model", str(folder), "--quant", "none", "--max-new-tokens", "2", "--prompt", QUESTION,
                  "--image", str(write_png(tmp_path / "a.png", 40, 30, 0))]) == 2
@@ -224,7 +224,7 @@ def test_a_wrong_call_of_the_processor_is_not_reported_as_bad_input(tmp_path, mo
 
     folder = build_image_model(tmp_path / "g", "gemma3")
     error = TypeError("__call__() got an unexpected keyword argument 'add_special_tokens'")
-    monkeypatch.setattr(images, "image_processor", lambda *args: _Failing(error))
+    monkeypatch.setattr(images, "image_processor", lambda *args, **kwargs: _Failing(error))
     with pytest.raises(TypeError, match="unexpected keyword argument"):
         main(["generate", "--model", str(folder), "--quant", "none", "--max-new-tokens", "2", "--prompt", QUESTION,
               "--image", str(write_png(tmp_path / "a.png", 40, 30, 0))])

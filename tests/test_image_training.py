@@ -339,12 +339,12 @@ def test_a_processor_failing_on_a_training_row_names_the_row(models, data, tmp_p
 
     real = image_processor.process
 
-    def failing(processor, text, images, where=""):
+    def failing(processor, text, images, where="", names=()):
         class Refusing:
             def __call__(self, **kwargs):
                 raise IndexError("index 3 is out of bounds")
 
-        return real(Refusing(), text, images, where)
+        return real(Refusing(), text, images, where, names)
 
     monkeypatch.setattr("qlora.train.data.image_examples.process", failing)
     with pytest.raises(UsageError, match=rf"^{data} line 1: the model's processor \(Refusing\) cannot take 1 "

@@ -15,14 +15,16 @@ from typing import Sequence
 
 import torch
 
-from qlora.model.image_processor import image_tensors, process
+from qlora.model.image_pixels import PixelBounds
+from qlora.model.image_processor import image_tensors, pixel_bounds, process
 from qlora.train.data.images import ImageRef
 
 
-
-def image_processor(model, tokenizer, model_dir: str | Path, where: str, subject: str = "images were given"):
-    """The processor that turns images into ``model``'s inputs (the model folder's own ``AutoProcessor``);
-    ``where`` and ``subject`` (what holds the images) open its errors.
+def image_processor(model, tokenizer, model_dir: str | Path, where: str, subject: str = "images were given",
+                    bounds: PixelBounds = PixelBounds()):
+    """The processor that turns images into ``model``'s inputs (the model folder's own ``AutoProcessor``), each
+    image scaled into ``bounds`` first (the run's, :func:`pixel_bounds_of`); ``where`` and ``subject`` (what holds
+    the images) open its errors.
 
     Raises:
         UsageError: ``model`` has no vision tower (naming ``model_dir``), its type is refused, or its processor
@@ -30,12 +32,23 @@ def image_processor(model, tokenizer, model_dir: str | Path, where: str, subject
     """
     from qlora.model.image_processor import load_image_processor
 
-    return load_image_processor(model_dir, model, tokenizer, where, subject=subject)
+    return load_image_processor(model_dir, model, tokenizer, where, subject=subject, bounds=bounds)
 
 
-def encode_with_images(processor, model, prompt: str, images: Sequence[ImageRef]) -> tuple[torch.Tensor, dict]:
+def pixel_bounds_of(adapter: str | Path | None, model_dir: str | Path, max_pixels: int | None = None,
+                    min_pixels: int | None = None) -> PixelBounds:
+    """The pixel bounds images are shown to a model with: those saved with ``adapter`` (none for an adapter saved
+    without them), else, with no adapter, those ``qlora merge`` saved in the folder ``model_dir``; each bound given
+    (``--image-max-pixels``/``--image-min-pixels``, 0: none) replaces the saved one."""
+    saved = PixelBounds.load(adapter if adapter is not None else model_dir if Path(model_dir).is_dir() else None)
+    return saved.overridden(max_pixels, min_pixels)
+
+
+def encode_with_images(processor, model, prompt: str, images: Sequence[ImageRef],
+                       bounds: PixelBounds | None = None) -> tuple[torch.Tensor, dict]:
     """``(ids, media)``: the ``(1, length)`` token ids of the rendered ``prompt`` with each image placeholder
     expanded, and the image tensors for the prefill, on the model's device (floating ones in its compute dtype).
+    Each image is scaled into ``bounds`` first (default: the processor's, :func:`image_processor`).
 
     Raises:
         UsageError: an image that cannot be read, or a prompt with images the processor refuses or fails on
@@ -43,7 +56,8 @@ def encode_with_images(processor, model, prompt: str, images: Sequence[ImageRef]
         TypeError, AttributeError, NameError, ImportError: from the processor's call, unchanged (see
             :data:`~qlora.model.image_processor.NOT_INPUT_ERRORS`).
     """
-    encoded = process(processor, prompt, [ref.load() for ref in images])
+    bounds = pixel_bounds(processor) if bounds is None else bounds
+    encoded = process(processor, prompt, [ref.load(bounds) for ref in images], names=[ref.shown for ref in images])
     embeddings = model.get_input_embeddings().weight
     device, dtype = embeddings.device, embeddings.dtype
     media = {k: v.to(device, dtype) if v.is_floating_point() else v.to(device) for k, v in image_tensors(encoded).items()}

@@ -10,6 +10,7 @@ image tensors and token ids are refused by type.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Sequence
 
 import torch
 from torch import nn
@@ -132,12 +133,13 @@ def image_token_id(processor) -> int | None:
 NOT_INPUT_ERRORS = (TypeError, AttributeError, NameError, ImportError)
 
 
-def process(processor, text: str, images: list, where: str = ""):
-    """``processor``'s tensors (``return_tensors="pt"``) for one ``text`` with its ``images`` (PIL images).
+def process(processor, text: str, images: list, where: str = "", names: Sequence[str] = ()):
+    """``processor``'s tensors (``return_tensors="pt"``) for one ``text`` with its ``images`` (PIL images, named
+    ``names`` in errors).
 
     Raises:
         UsageError: the processor refuses or fails on the input (more images than places for them, an image it
-            cannot resize, ...), naming its error and ``where`` (a row, or nothing).
+            cannot resize, ...), naming its error, ``where`` (a row, or nothing) and the image it fails on alone.
         TypeError, AttributeError, NameError, ImportError: from the processor's call, unchanged (see
             :data:`NOT_INPUT_ERRORS`).
     """
@@ -146,9 +148,35 @@ def process(processor, text: str, images: list, where: str = ""):
     except NOT_INPUT_ERRORS:
         raise
     except Exception as exc:  # noqa: BLE001 - a processor raises many types for input it cannot take
-        said = " ".join(str(exc).split())[:300]
-        error = f"{type(exc).__name__}: {said}" if said else type(exc).__name__
+        failing = _refused_image(processor, images)
+        if failing is not None:
+            index, error = failing
+            name = repr(names[index]) if index < len(names) else str(index + 1)
+            size = images[index].size
+            hint = (" (LLaMA-Factory's Qwen2-VL plugin cuts such images to a ratio of 180 first; so do a run with "
+                    "--image-resize qwen2-vl and its adapter)" if "aspect ratio" in error else "")
+            raise UsageError(f"{where + ': ' if where else ''}image {name} ({size[0]}x{size[1]} pixels as given to "
+                             f"the processor) cannot be taken by the model's image processor "
+                             f"({type(processor.image_processor).__name__}, {error}){hint}. Crop or pad the image "
+                             "to a shape the processor takes, or leave it out.") from None
         raise UsageError(f"{where + ': ' if where else ''}the model's processor ({type(processor).__name__}) cannot "
-                         f"take {len(images)} image(s) with this text ({error}). Give one image per place for it "
+                         f"take {len(images)} image(s) with this text ({_said(exc)}). Give one image per place for it "
                          "(one <image> placeholder per image in the text, or none) and pictures it can resize (not "
                          "a few pixels wide or tall).") from None
+
+
+def _refused_image(processor, images: list) -> tuple[int, str] | None:
+    """The first of ``images`` that ``processor``'s image processor fails on alone, with its error."""
+    for index, image in enumerate(images):
+        try:
+            processor.image_processor(images=[image], return_tensors="pt")
+        except NOT_INPUT_ERRORS:
+            return None
+        except Exception as exc:  # noqa: BLE001 - as in process
+            return index, _said(exc)
+    return None
+
+
+def _said(exc: Exception) -> str:
+    said = " ".join(str(exc).split())[:300]
+    return f"{type(exc).__name__}: {said}" if said else type(exc).__name__

@@ -54,6 +54,7 @@ from ..infer.logprobs import TokenLogprob, TokenPieces
 from ..infer.template import chat_template, render_chat, renders_tools, stop_token_ids
 from ..infer.tool_calls import ToolCall, ToolCallFormat, ToolCallStream, markup_token_ids, tool_call_format
 from ..model.chat_format import ChatFormat
+from ..model.image_pixels import PixelBounds
 from . import conversations as conv
 from .background import BackgroundRun
 from .logprobs import TextOffsets, chat_logprobs, completion_logprobs
@@ -70,7 +71,7 @@ DISCONNECT_POLL_S = 0.5  # how often a non-streaming request checks that its cli
 def build_app(batcher: ContinuousBatcher, base_id: str, adapters: list[str], api_key: str | None = None,
               chat_formats: dict[str | None, ChatFormat | None] | None = None,
               stored_responses: int = DEFAULT_CAPACITY, stored_conversations: int = conv.DEFAULT_CAPACITY,
-              model_dir: str | None = None) -> FastAPI:
+              model_dir: str | None = None, pixel_bounds: dict[str | None, PixelBounds] | None = None) -> FastAPI:
     """The application serving ``batcher``'s model as ``base_id`` and each adapter as its name.
 
     Args:
@@ -87,8 +88,11 @@ def build_app(batcher: ContinuousBatcher, base_id: str, adapters: list[str], api
             recently used dropped first; 0 keeps none).
         model_dir: the model folder, whose processor turns images sent in chat messages into the model's inputs
             (default: ``base_id``).
+        pixel_bounds: adapter name (``None``: the base) -> the bounds its requests' images are scaled into before
+            the processor (the ones it was trained with); missing: none.
     """
     chat_formats = chat_formats or {}
+    pixel_bounds = pixel_bounds or {}
     model, tokenizer = batcher.model, batcher.tokenizer
     chat_stops = frozenset(stop_token_ids(model, tokenizer))
     text_stops = frozenset(default_stop_ids(model, tokenizer))
@@ -166,13 +170,15 @@ def build_app(batcher: ContinuousBatcher, base_id: str, adapters: list[str], api
                                                   "messages"))
         return processors[0]
 
-    def image_prompt(model_id: str, prompt: str, images: list) -> tuple[list[int], dict]:
-        """The prompt's ids with its images' tokens, and the image tensors for its prefill."""
+    def image_prompt(model_id: str, adapter: str | None, prompt: str, images: list) -> tuple[list[int], dict]:
+        """The prompt's ids with its images' tokens (each image scaled into ``adapter``'s pixel bounds), and the
+        image tensors for its prefill."""
         from ..infer.images import encode_with_images
 
         processor = image_processor_for(model_id)
         with _images_refused(model_id):
-            ids, media = encode_with_images(processor, model, prompt, images)
+            ids, media = encode_with_images(processor, model, prompt, images,
+                                            pixel_bounds.get(adapter, PixelBounds()))
         return ids[0].tolist(), media
 
     def chat_choices(body: ChatCompletionRequest, adapter: str | None, prompt_param: str = "messages") -> list[_Choice]:
@@ -209,7 +215,7 @@ def build_app(batcher: ContinuousBatcher, base_id: str, adapters: list[str], api
             raise APIError(400, f"The model's chat template rejected these messages: {exc}", "messages") from None
         media = None
         if images:
-            prompt_ids, media = image_prompt(body.model, prompt, images)
+            prompt_ids, media = image_prompt(body.model, adapter, prompt, images)
         else:
             prompt_ids = _encode(model, tokenizer, prompt, chat=True)
         json_reply = body.json_reply()

@@ -20,6 +20,7 @@ from typing import Any
 
 from qlora.errors import UsageError
 from qlora.model.chat_format import pinned_datetime
+from qlora.model.image_pixels import RESIZE_RULES, PixelBounds
 from qlora.nn.residual_init import is_residual_init
 from qlora.option_range import AT_LEAST_1, NON_NEGATIVE, POSITIVE, Range
 from qlora.optim import (
@@ -53,7 +54,7 @@ _METHOD_OPTIONS = {
 
 # Fields whose change makes a checkpoint incompatible with a resumed run.
 _RUN_DEFINING = (
-    "model", "adapter", "data", "dataset_dir", "media_dir", "image_max_pixels", "image_min_pixels", "data_split", "data_subset", "quant", "double_quant", "blocksize", "rank", "alpha", "dropout", "target_modules",
+    "model", "adapter", "data", "dataset_dir", "media_dir", "image_max_pixels", "image_min_pixels", "image_resize", "data_split", "data_subset", "quant", "double_quant", "blocksize", "rank", "alpha", "dropout", "target_modules",
     "target_parameters",
     "rslora", "rank_pattern", "alpha_pattern", "lora_bias", "bias", "dora", "init", "loftq_iter", "seq_len", "batch_size", "grad_accum", "lr", "lr_scheduler",
     "lr_scheduler_kwargs", "warmup_ratio", "warmup_steps",
@@ -133,6 +134,10 @@ class TrainConfig:
                                     "image_max_pixels does (0: no bound)", range=NON_NEGATIVE)
     image_min_pixels: int = _opt(0, "scale each image with fewer pixels than this up to about this many, as "
                                     "LLaMA-Factory's image_min_pixels (0: no bound)", range=NON_NEGATIVE)
+    image_resize: str = _opt("none", "resize rules after the pixel bounds: qwen2-vl = LLaMA-Factory's Qwen2-VL "
+                                     "plugin's (a side under 28 px raised to 28, an aspect ratio over 200 cut to "
+                                     "180), set by a LLaMA-Factory file whose template uses that plugin; saved with "
+                                     "the adapter as the bounds are", choices=RESIZE_RULES)
     data_split: str = _opt("train", "split of --data to train on (hub datasets, DatasetDict folders)")
     data_subset: str | None = _opt(None, "subset (configuration) of a hub dataset that has several")
     max_samples: int = _opt(0, "use only the first N rows of each --data source (0: all)", range=NON_NEGATIVE)
@@ -402,6 +407,11 @@ class TrainConfig:
         """Where relative image paths not beside their data file are looked for (LLaMA-Factory's media_dir, which
         defaults to its dataset_dir)."""
         return self.media_dir or self.dataset_dir
+
+    @property
+    def pixel_bounds(self) -> PixelBounds:
+        """The pixel bounds and resize rules of this run's images (saved with its adapter)."""
+        return PixelBounds(self.image_max_pixels, self.image_min_pixels, self.image_resize)
 
     @property
     def rewrites_base(self) -> bool:

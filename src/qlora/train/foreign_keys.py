@@ -96,6 +96,12 @@ def _lora_target(value: Any, where: str) -> Translation:
 # LLaMA-Factory's and axolotl's template names with a built-in equivalent; their others name a model family's
 # own format. axolotl's tokenizer_default is the model's own template, required.
 _TEMPLATE_NAMES = {"llama3": "llama-3", "chatml": "chatml", "alpaca": "alpaca", "tokenizer_default": "tokenizer"}
+# LLaMA-Factory's templates whose multimodal plugin is its Qwen2-VL one (or a subclass: Qwen3-VL's, GLM-4V's,
+# Qwen-Omni's), which resizes every image after the pixel bounds (qlora's image_resize: qwen2-vl).
+_QWEN2_VL_PLUGIN_TEMPLATES = frozenset({
+    "qwen2_vl", "qwen3_vl", "qwen3_vl_nothink", "qwen3_5", "qwen3_5_nothink", "qwen3_6", "glm4v", "glm4_5v",
+    "glm_ocr", "keye_vl", "mimo_vl", "dots_ocr", "qwen2_omni", "qwen3_omni", "qwen3_omni_nothink",
+})
 
 
 def _template_of(tool: str) -> Callable[[Any, str], Translation]:
@@ -110,9 +116,13 @@ def _template_of(tool: str) -> Callable[[Any, str], Translation]:
             raise UsageError(f"{where}: {key} {value!r}: qlora's templates are the model's own (template: "
                              "tokenizer), auto (the model's own, else chatml or llama-3 by the vocabulary's markers, "
                              "else alpaca), chatml, llama-3 and alpaca; choose one.")
-        return [("template", "auto")], (f"{where}: {key} {value!r} is a {tool} name; training with the "
-                                        "model's own chat template (template: auto), the format that template "
-                                        "writes for its model family")
+        qwen2_vl = tool == "LLaMA-Factory" and value in _QWEN2_VL_PLUGIN_TEMPLATES
+        resize = [("image_resize", "qwen2-vl")] if qwen2_vl else []
+        return [("template", "auto"), *resize], (f"{where}: {key} {value!r} is a {tool} name; training with the "
+                                                 "model's own chat template (template: auto), the format that "
+                                                 "template writes for its model family"
+                                                 + (", and its images resized as LLaMA-Factory's Qwen2-VL plugin "
+                                                    "resizes them (image_resize: qwen2-vl)" if resize else ""))
     return translate_template
 
 

@@ -477,11 +477,10 @@ class Trainer:
     def _image_processor(self, where: str):
         """The model's processor (loaded once), for the rows with images; ``where``: the first such row."""
         if getattr(self, "processor", None) is None:
-            from qlora.model.image_pixels import PixelBounds
             from qlora.model.image_processor import load_image_processor
 
-            bounds = PixelBounds(self.config.image_max_pixels, self.config.image_min_pixels)
-            self.processor = load_image_processor(self.config.model, self.model, self.tokenizer, where, bounds=bounds)
+            self.processor = load_image_processor(self.config.model, self.model, self.tokenizer, where,
+                                                  bounds=self.config.pixel_bounds)
         return self.processor
 
     def _stop_ids(self) -> set[int]:
@@ -778,6 +777,7 @@ class Trainer:
                           "epoch_steps": True}
             (tmp / "run_config.json").write_text(json.dumps(run_config, indent=1))
             self.chat_format.save(tmp / "adapter")
+            self.config.pixel_bounds.save(tmp / "adapter")
         limit = self.config.save_total_limit
         if limit:
             for old in list_checkpoints(self.out)[:-limit]:
@@ -827,6 +827,7 @@ class Trainer:
         with staged_output(self.out, "train", replace=False) as stage:
             save_adapter(self.model, stage)
             self.chat_format.save(stage)  # generate and chat render as training did
+            self.config.pixel_bounds.save(stage)  # and show the model its images as training did
             self.tokenizer.chat_template = self.chat_format.template  # other tools loading --output see the same format
             self.tokenizer.save_pretrained(stage)
             if self.config.init == "loftq":  # the adapter is only valid on its LoftQ base: ship the base with it

@@ -24,7 +24,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .generate import add_model_arguments, chat_format_from_args, load_model_from_args, sampling_options
+from .generate import (add_model_arguments, chat_format_from_args, load_model_from_args, pixel_bounds_from_args,
+                       sampling_options)
 
 NAME = "chat"
 HELP = "multi-turn chat with a model, with conversation memory persisted in SQLite"
@@ -190,7 +191,8 @@ def _attach(chat, args: argparse.Namespace, source: str, images: list) -> str:
         ref = resolve_image(source, "/image")
         ref = dataclasses.replace(ref, source=ref.data_uri())  # its bytes now: sent and stored, whatever the file does
         if chat.llm.processor is None:
-            chat.llm.processor = image_processor(chat.llm.model, chat.llm.tokenizer, args.model, "/image")
+            chat.llm.processor = image_processor(chat.llm.model, chat.llm.tokenizer, args.model, "/image",
+                                                 bounds=pixel_bounds_from_args(args))
     except UsageError as exc:
         return f"({exc})"
     images.append(ref)
@@ -262,7 +264,8 @@ def run(args: argparse.Namespace) -> int:
                 from ...infer.images import image_processor
 
                 chat.llm.processor = image_processor(model, tokenizer, args.model, f"--session {args.session}",
-                                                     subject="the session holds images")
+                                                     subject="the session holds images",
+                                                     bounds=pixel_bounds_from_args(args))
             if store is None or not store.read_only:
                 try:
                     chat.memory.catch_up()  # what a killed run saved but did not derive yet

@@ -16,6 +16,7 @@ HELP = "loss and perplexity of a model (+ adapter) on a dataset"
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from ...option_range import Range
+    from ..image_pixels import add_pixel_arguments
     from ..options import number, positive_int
 
     parser.add_argument("--model", required=True, help="base model folder or hub id")
@@ -38,6 +39,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="base data type (default: the format the adapter was trained on, else nf4)")
     parser.add_argument("--seq-len", type=number(int, Range(2)), default=512, help="truncate examples to this many tokens")
     parser.add_argument("--batch-size", type=positive_int, default=4, help="examples per forward pass")
+    add_pixel_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -45,6 +47,7 @@ def run(args: argparse.Namespace) -> int:
 
     from ...cpu_threads import apply_cpu_threads
     from ..base_model import load_kwargs
+    from ..image_pixels import pixel_bounds_for
     from ...model.adapter_io import adapter_tokenizer, load_adapter
     from ...model.load import load_model
     from ...train.data.fields import parse_data_fields
@@ -56,6 +59,7 @@ def run(args: argparse.Namespace) -> int:
     from ...train.trainer import compute_dtype_for, token_loss_sum
 
     fields = parse_data_fields(args.data_fields)  # checked before the model loads
+    bounds = pixel_bounds_for(args, args.adapter)  # images shown as training showed them (saved with the adapter)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = compute_dtype_for("auto", device)
     model, tokenizer = load_model(args.model, **load_kwargs(args), compute_dtype=dtype, device=device)
@@ -74,7 +78,8 @@ def run(args: argparse.Namespace) -> int:
         print(fallback_note(tokenizer), file=sys.stderr)
     stops = stop_token_ids(model, tokenizer)
     tokenized, report = tokenize_dataset(examples, tokenizer, fmt, args.train_on, args.seq_len, stop_ids=stops,
-                                         with_images=_image_tokenizer(args, examples, model, tokenizer, fmt, stops))
+                                         with_images=_image_tokenizer(args, examples, model, tokenizer, fmt, stops,
+                                                                      bounds))
     model.eval()
     dtype = model.get_input_embeddings().weight.dtype  # image tensors go in as the 16-bit vision tower takes them
     loss_sum, tokens = 0.0, 0
@@ -90,14 +95,15 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _image_tokenizer(args: argparse.Namespace, examples, model, tokenizer, fmt, stops):
-    """What tokenizes rows with images as training does (the model folder's processor), or None without any."""
+def _image_tokenizer(args: argparse.Namespace, examples, model, tokenizer, fmt, stops, bounds):
+    """What tokenizes rows with images as training does (the model folder's processor, each image scaled into
+    ``bounds``), or None without any."""
     first = next((e for e in examples if e.images), None)
     if first is None:
         return None
     from ...model.image_processor import load_image_processor
     from ...train.data.image_examples import tokenize_image_example
 
-    processor = load_image_processor(args.model, model, tokenizer, first.where)
+    processor = load_image_processor(args.model, model, tokenizer, first.where, bounds=bounds)
     return lambda example, index: tokenize_image_example(example, processor, fmt, args.train_on, args.seq_len, index,
                                                          stops)

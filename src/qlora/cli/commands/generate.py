@@ -20,6 +20,7 @@ HELP = "stream a model's continuation of a prompt, with sampling options"
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     """--model, --adapter, --quant and the sampling options of ``SamplingOptions``."""
     from ...infer.generate import BIAS_RANGE, cli_fields
+    from ..image_pixels import add_pixel_arguments
     from ..options import id_value, number
 
     parser.add_argument("--model", required=True, help="model folder (transformers checkpoint) or hub id")
@@ -45,6 +46,7 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--logit-bias", action="append", default=[], type=id_value(BIAS_RANGE), metavar="ID=BIAS",
                         help="add BIAS (in [-100, 100]) to the logit of token ID before sampling (OpenAI's logit_bias: "
                              "100 all but forces the token, -100 bans it); repeat for several tokens")
+    add_pixel_arguments(parser)
 
 
 def sampling_options(args: argparse.Namespace):
@@ -117,6 +119,19 @@ def chat_format_from_args(args: argparse.Namespace, tokenizer, command: str):
     return resolve_chat_format(tokenizer, args.template)
 
 
+def pixel_bounds_from_args(args: argparse.Namespace):
+    """The pixel bounds of the images given: the first --adapter's (saved with it), else those ``qlora merge``
+    saved in the model folder, with --image-max-pixels/--image-min-pixels replacing them."""
+    from ..image_pixels import pixel_bounds_for
+
+    adapters = list(adapter_names(args).values())
+    bounds = [pixel_bounds_for(args, path) for path in adapters] or [pixel_bounds_for(args, None)]
+    if any(b != bounds[0] for b in bounds[1:]):
+        print("note: the adapters were trained with different image pixel bounds; showing the images as the first "
+              f"one's ({adapters[0]}) were", file=sys.stderr)
+    return bounds[0]
+
+
 def _weights(args: argparse.Namespace) -> list[float]:
     import math
 
@@ -159,13 +174,14 @@ def run(args: argparse.Namespace) -> int:
     if not args.prompt.strip() and not args.image:
         raise UsageError("--prompt is empty; give the text to continue (or '-' with the text on standard input).")
     user = _user_message(args)  # images checked before the (slow) model load
+    bounds = pixel_bounds_from_args(args) if user.images else None
     model, tokenizer = load_model_from_args(args)
     fmt = chat_format_from_args(args, tokenizer, "generate")
     processor = None
     if user.images:
         from ...infer.images import image_processor
 
-        processor = image_processor(model, tokenizer, args.model, f"--image {args.image[0]}")
+        processor = image_processor(model, tokenizer, args.model, f"--image {args.image[0]}", bounds=bounds)
     chat = fmt is not None or bool(user.images)  # images go into a user turn of the model's own template
     prompt = render_chat(tokenizer, [user], chat_format=fmt) if chat else args.prompt
     stops = stop_token_ids(model, tokenizer) if chat else default_stop_ids(model, tokenizer)

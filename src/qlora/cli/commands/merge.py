@@ -38,9 +38,11 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from ...model.adapter_io import adapter_tokenizer, load_adapter
-    from ...model.load import load_model
+    from ...model.load import load_model, resolve_model_dir
     from ...model.chat_format import ChatFormat
+    from ...model.image_pixels import PixelBounds
     from ...model.merge import merge, save_merged
+    from ...model.processor_files import copy_processor_files
 
     from ...output_folder import check_output, staged_output
     from ...errors import UsageError
@@ -50,6 +52,7 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError("qlora merge needs --adapter DIR (or --model DIR of the adapter, whose adapter_config.json "
                          "names the base model).")
     check_output(args.output, overwrite=args.overwrite, inputs={"--model": args.model, "--adapter": args.adapter})
+    bounds = PixelBounds.load(args.adapter)  # checked before the (slow) model load
     dtype = getattr(torch, args.dtype)
     model, tokenizer = load_model(args.model, **load_kwargs(args), compute_dtype=dtype, device="cpu")
     tokenizer = adapter_tokenizer(args.adapter, tokenizer)
@@ -61,7 +64,9 @@ def run(args: argparse.Namespace) -> int:
         tokenizer.chat_template = trained.template  # other tools loading the merged folder see the same format
     with staged_output(args.output, "merge", replace=True) as stage:
         save_merged(model, stage, tokenizer)
+        copy_processor_files(resolve_model_dir(args.model), stage)  # a vision-language model takes images still
         if trained is not None:  # qlora generate/chat/eval/serve prompt the merged model as the adapter
             trained.save(stage)
+        bounds.save(stage)  # and show it images as the adapter's run did
     print(f"merged {args.adapter} into {args.model} ({args.dtype}): {args.output}")
     return 0

@@ -23,6 +23,7 @@ INSTALL_HINT = "FastAPI and uvicorn are not installed; install them with: pip in
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from ...option_range import Range
+    from ..image_pixels import add_pixel_arguments
     from ..options import non_negative_int, number, positive_int
 
     parser.add_argument("--model", required=True, help="model folder (transformers checkpoint) or hub id")
@@ -55,6 +56,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="conversations (/v1/conversations, the Responses API's 'conversation') kept in memory, "
                              "until the server restarts (the least recently used dropped first; 0 keeps none; "
                              "default 1000)")
+    add_pixel_arguments(parser)
     parser.add_argument("--log-level", choices=("critical", "error", "warning", "info", "debug"), default="info",
                         help="uvicorn's log level (info logs each request)")
 
@@ -93,6 +95,17 @@ def chat_formats(args: argparse.Namespace, tokenizer) -> dict:
     return formats
 
 
+def pixel_bounds(args: argparse.Namespace) -> dict:
+    """Adapter name (``None``: the base) -> the pixel bounds of the images its requests send: each adapter's own
+    (saved with it), the base's those ``qlora merge`` saved in the model folder (none elsewhere), with
+    --image-max-pixels/--image-min-pixels replacing them."""
+    from ..base_model import adapter_names
+    from ..image_pixels import pixel_bounds_for
+
+    return {None: pixel_bounds_for(args, None),
+            **{name: pixel_bounds_for(args, path) for name, path in adapter_names(args).items()}}
+
+
 def run(args: argparse.Namespace) -> int:
     if importlib.util.find_spec("fastapi") is None or importlib.util.find_spec("uvicorn") is None:
         raise UsageError(INSTALL_HINT)
@@ -112,6 +125,7 @@ def run(args: argparse.Namespace) -> int:
     if base_id in names:
         raise UsageError(f"the adapter name {base_id!r} is also the base model's id; rename the adapter "
                          "(--adapter NAME=DIR) or the base (--served-model-name)")
+    bounds = pixel_bounds(args)  # checked before the (slow) model load
     model, tokenizer = load_model_from_args(args)
     context = model_context_length(model, tokenizer)
     if args.max_model_len is not None:
@@ -125,7 +139,7 @@ def run(args: argparse.Namespace) -> int:
     batcher = ContinuousBatcher(model, tokenizer, max_batch_size=args.max_batch_size, context_length=context)
     app = build_app(batcher.start(), base_id, names, api_key=args.api_key or None, chat_formats=formats,
                     stored_responses=args.stored_responses, stored_conversations=args.stored_conversations,
-                    model_dir=args.model)
+                    model_dir=args.model, pixel_bounds=bounds)
     try:
         sock = bind(args.host, args.port)
     except OSError as exc:

@@ -70,7 +70,8 @@ def tokenize_image_example(
     eos = len(text.input_ids) - len(tokenizer(rendered, add_special_tokens=False)["input_ids"])
     if eos > 0:  # the text path appended an EOS the rendering lacks: the processor gets it too
         rendered += tokenizer.eos_token
-    encoded = process(processor, rendered, [ref.load(pixel_bounds(processor)) for ref in example.images], example.where)
+    encoded = process(processor, rendered, [ref.load(pixel_bounds(processor)) for ref in example.images], example.where,
+                      [ref.shown for ref in example.images])
     ids = encoded["input_ids"][0].tolist()
     labels, image_end = _aligned_labels(text.input_ids, text.labels, ids, example.where)
     media = image_tensors(encoded)
@@ -124,7 +125,8 @@ def expanded_prompt(prompt: Example, keep: int, processor, chat_template: ChatFo
                             chat_template.origin)
     rendered = chat_template.render(tokenizer, messages, add_generation_prompt=True, where=prompt.where)
     text_ids = tokenizer(rendered, add_special_tokens=False)["input_ids"]
-    encoded = process(processor, rendered, [ref.load(pixel_bounds(processor)) for ref in prompt.images], prompt.where)
+    encoded = process(processor, rendered, [ref.load(pixel_bounds(processor)) for ref in prompt.images], prompt.where,
+                      [ref.shown for ref in prompt.images])
     ids = encoded["input_ids"][0].tolist()
     cut, spans = None, []
     for op, a0, a1, b0, b1 in SequenceMatcher(None, text_ids, ids, autojunk=False).get_opcodes():
