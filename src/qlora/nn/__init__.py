@@ -8,6 +8,5 @@ from .linear4bit import Linear4bit
 from .lora import LoraLinear, LoraSpec
 from .lora_embedding import LoraEmbedding
 
-__all__ = ["AdaLoraLinear", "Experts4bit", "ExpertsLayout", "ExpertsLora", "Linear4bit", "LoraEmbedding", "LoraLinear", "LoraSpec", "expert_matrix",
-           "expert_weight", "expert_weight_names",
-           "experts_layout"]
+__all__ = ["AdaLoraLinear", "Experts4bit", "ExpertsLayout", "ExpertsLora", "Linear4bit", "LoraEmbedding", "LoraLinear",
+           "LoraSpec", "expert_matrix", "expert_weight", "expert_weight_names", "experts_layout"]
