@@ -61,18 +61,18 @@ def test_peak_rss_growth_below_half_the_16bit_model_plus_one_shard(tmp_path, tin
 
 
 def test_a_model_whose_bulk_stays_16bit_says_so(tmp_path, tiny_tokenizer, tiny_model_dir, caplog):
-    """JetMoE's experts are a layout qlora does not quantize: the load warns instead of leaving the user
-    to find out from an out-of-memory error; a model quantized as usual loads without the warning."""
+    """RWKV's code rescales its attention.output and feed_forward.value weights in place, so they stay 16-bit:
+    the load warns instead of leaving the user to find out from an out-of-memory error; a model quantized as
+    usual loads without the warning."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    config = AutoConfig.for_model("jetmoe", vocab_size=len(tiny_tokenizer), hidden_size=64, num_hidden_layers=2,
-                                  num_key_value_heads=2, kv_channels=16, intermediate_size=128, num_local_experts=4,
-                                  num_experts_per_tok=2)
+    config = AutoConfig.for_model("rwkv", vocab_size=len(tiny_tokenizer), hidden_size=64, num_hidden_layers=2,
+                                  attention_hidden_size=64, intermediate_size=256, context_length=64)
     AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path)
     tiny_tokenizer.save_pretrained(tmp_path)
     with caplog.at_level("WARNING", logger="qlora"):
         qlora.load_model(tmp_path, compute_dtype=torch.float32, device="cpu")
-    assert "of this model's weights stay 16-bit (in JetMoeParallelExperts" in caplog.text
+    assert "of this model's weights stay 16-bit (in Linear, RwkvSelfAttention, RwkvFeedForward" in caplog.text
     caplog.clear()
     with caplog.at_level("WARNING", logger="qlora"):
         qlora.load_model(tiny_model_dir, compute_dtype=torch.float32, device="cpu")

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from ..errors import UsageError
-from ..nn import experts_layout
+from ..nn import expert_matrix, expert_weight, experts_layout
 from ..nn.chunked_ce import CHUNK_ROWS
 from ..optim import optimizer_name  # the names qlora train --optim takes, aliases included
 from ..quant import BLOCKSIZES
@@ -210,11 +210,14 @@ def count_parameters(config) -> ModelCounts:
         elif isinstance(module, Conv1D):  # weight stored (in, out)
             quantized[id(module.weight)] = (LinearShape(name, module.weight.shape[1], module.weight.shape[0]),)
         layout = experts_layout(module)
-        for w in layout.names if layout else ():  # 3-D experts: each expert one 4-bit matrix (Experts4bit)
-            p = module._parameters[w]
-            out_f, in_f = (p.shape[2], p.shape[1]) if layout.is_transposed else (p.shape[1], p.shape[2])
+        # experts: each one 4-bit matrix (Experts4bit), slices the forward never reads not stored
+        count = min(expert_matrix(layout, expert_weight(module, w))[0] for w in layout.names) if layout else 0
+        for w in layout.names if layout else ():
+            p = expert_weight(module, w)
+            _, rows, cols = expert_matrix(layout, p)
+            out_f, in_f = (cols, rows) if layout.applied_transposed(w) else (rows, cols)
             quantized[id(p)] = tuple(LinearShape(f"{name}.{w}.{e}", out_f, in_f, adaptable=False)
-                                     for e in range(p.shape[0]))
+                                     for e in range(count))
     linears = tuple(lin for _, p in model.named_parameters() if id(p) in quantized for lin in quantized[id(p)])
     others = tuple(p.numel() for _, p in model.named_parameters() if id(p) not in quantized)
     fp32 = kept_in_fp32(model, torch.bfloat16)

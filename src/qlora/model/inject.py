@@ -14,7 +14,7 @@ from torch import nn
 
 from ..errors import UsageError
 from ..nn import (AdaLoraLinear, Experts4bit, ExpertsLora, Linear4bit, LoraEmbedding, LoraLinear, LoraSpec,
-                  expert_weight_names)
+                  expert_weight_names, experts_layout)
 from ..nn.experts_lora import expert_shapes
 from ..nn.residual_init import is_residual_init
 from .quantize import (is_linear_like, kept_dense_names, matches_any, non_text_names, output_embedding_names,
@@ -143,7 +143,17 @@ def _select_parameters(model: nn.Module, targets: list[str]) -> dict[str, list[s
     """``{experts path: [weight names]}`` matched by PEFT's ``target_parameters`` rule (a target equals
     ``<module path>.<parameter>`` or its end), weights in the module's registration order."""
     experts = expert_modules(model)
-    keys = {f"{path}.{w}": (path, w) for path, m in experts.items()
+    own = {path for path, m in experts.items() if not experts_layout(m).standard}
+    for path in own:
+        hit = [w for w in experts_layout(experts[path]).names if matches_any(f"{path}.{w}", targets)]
+        if hit:
+            kind = type(getattr(experts[path], "_source", experts[path])).__name__
+            raise UsageError(f"target parameters name {path}.{hit[0]}, an expert weight of {kind}, whose experts "
+                             "have a layout of their own (DBRX's 2-D stacks, JetMoE's parallel experts, "
+                             "LongCat-Flash's zero experts); LoRA on expert weights (target_parameters) covers "
+                             "transformers' standard experts modules (3-D weights, one slice per routed expert) only. "
+                             "Adapt the model's linear layers (attention, shared experts) with target_modules instead.")
+    keys = {f"{path}.{w}": (path, w) for path, m in experts.items() if path not in own
             for w in (m.shapes if isinstance(m, ExpertsLora) else expert_shapes(m))}
     chosen: dict[str, list[str]] = {}
     for key, (path, w) in keys.items():

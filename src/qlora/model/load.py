@@ -381,6 +381,7 @@ def load_model(
         return layer
 
     quantized = set(replace_modules(model, make))
+    experts_paths = {p for p in quantized if isinstance(model.get_submodule(p), Experts4bit)}
     hooked = weight_hook.prepare(model, device) if weight_hook is not None and prequant is None else set()
     expected = set(model.state_dict().keys())
     pending_qstate: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)
@@ -392,7 +393,12 @@ def load_model(
         """Put one checkpoint tensor (already in model naming and layout) into the model."""
         module_path, _, leaf = key.rpartition(".")
         owner = next((p for p in (module_path, key.rsplit(".weight.", 1)[0]) if p in quantized), None)
-        if owner is not None and isinstance(model.get_submodule(owner), Experts4bit):
+        # an Experts4bit's weight may sit deeper in it (DBRX's experts.mlp.w1)
+        parts = key.split(".")
+        in_experts = next((p for p in (".".join(parts[:i]) for i in range(len(parts) - 1, 0, -1))
+                           if p in experts_paths), None)
+        if in_experts is not None:
+            owner, leaf = in_experts, key[len(in_experts) + 1:]
             experts: Experts4bit = model.get_submodule(owner)
             if leaf in experts.weight_names:
                 try:  # from the compute-dtype values, whether the file holds them fused or per expert
@@ -505,7 +511,7 @@ def load_model(
 
 def _warn_dense_bulk(model: nn.Module) -> None:
     """Say so when over a quarter of the weights stays 16-bit outside embeddings, head and vision towers
-    (DBRX's, JetMoE's and LongCat-Flash's experts, layers the model's code reads as tensors): the user
+    (experts in a layout qlora does not know, layers the model's code reads as tensors: RWKV's): the user
     would otherwise learn it from an out-of-memory error."""
     skip = tuple(n + "." for n in non_text_names(model) | output_embedding_names(model))
     skip += tuple(n + "." for n, m in model.named_modules() if isinstance(m, (nn.Embedding, Linear4bit, Experts4bit)))

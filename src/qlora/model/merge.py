@@ -130,13 +130,11 @@ def merged_tensors(model: nn.Module) -> list[tuple[str, tuple[int, ...], Callabl
                 if name not in module.shapes:
                     rows.append((prefix + name, tuple(t.shape), lambda t=t: t.detach()))
             continue
-        if isinstance(module, Experts4bit):  # transformers' 3-D layout, dequantized
+        if isinstance(module, Experts4bit):  # transformers' layout, dequantized
             folded.append(path)
             for name in module.weight_names:
-                layers = getattr(module, name)
-                shape = (len(layers), layers[0].in_features, layers[0].out_features) if module.is_transposed else (
-                    len(layers), layers[0].out_features, layers[0].in_features)
-                rows.append((prefix + name, shape, lambda m=module, n=name: m.dequantize(n, torch.float32)))
+                rows.append((prefix + name, module.shapes[name],
+                             lambda m=module, n=name: m.dequantize(n, torch.float32)))
             for name, t in module.named_parameters():  # biases, post-expert norm
                 rows.append((prefix + name, tuple(t.shape), lambda t=t: t.detach()))
             continue

@@ -17,7 +17,7 @@ from typing import Callable, Iterable
 import torch
 from torch import nn
 
-from ..nn import Experts4bit, Linear4bit, expert_weight_names
+from ..nn import Experts4bit, Linear4bit, expert_matrix, expert_weight, expert_weight_names, experts_layout
 from ..quant import NonFiniteError
 
 
@@ -83,11 +83,17 @@ def router_names(model: nn.Module) -> set[str]:
     not LoRA targets: quantizing or adapting them changes which experts a token reaches."""
     names = set()
     for path, module in model.named_modules():
-        experts = module._modules.get("experts")
-        if experts is None:
-            continue
-        count = _expert_count(experts)
         prefix = f"{path}." if path else ""
+        grouped = [n for n, c in module.named_children() if getattr(experts_layout(c), "grouped", False)]
+        if grouped:  # JetMoE: parallel experts gated by the module holding them, its router beside them
+            count = _expert_count(module.get_submodule(grouped[0]))
+            names.update(f"{prefix}{n}" for n, m in module.named_modules() if n and not n.startswith(tuple(grouped))
+                         and _is_linear_or_wrapped(m) and getattr(m, "out_features", None) == count)
+            continue
+        experts = module._modules.get("experts")
+        if experts is None or any(getattr(experts_layout(c), "grouped", False) for c in experts.children()):
+            continue  # (JetMoE's mixture of attention heads, named experts, holds its own router)
+        count = _expert_count(experts)
         for child_name, child in module.named_children():
             if child_name == "experts":
                 continue
@@ -105,16 +111,18 @@ def _is_linear_or_wrapped(m: nn.Module) -> bool:
 
 
 def _expert_count(experts: nn.Module) -> int | None:
-    """How many experts an experts module holds (its ``num_experts``, list length or 3-D weight's first dim)."""
+    """How many experts an experts module's router chooses from (its ``num_experts``, list length, or the experts
+    its layout computes plus its identity experts)."""
+    if isinstance(experts, Experts4bit):
+        return experts.num_experts + experts.layout.identity_experts
     n = getattr(experts, "num_experts", None)
     if isinstance(n, int):
         return n
     if isinstance(experts, nn.ModuleList):
         return len(experts)
-    names = getattr(experts, "weight_names", None) or expert_weight_names(experts)
-    if names:
-        w = getattr(experts, names[0])
-        return len(w) if isinstance(w, nn.ModuleList) else int(w.shape[0])
+    layout = experts_layout(experts)
+    if layout is not None:
+        return min(expert_matrix(layout, expert_weight(experts, n))[0] for n in layout.names) + layout.identity_experts
     return None
 
 
@@ -409,7 +417,7 @@ def quantize_model(
 def _experts_4bit(path: str, experts: nn.Module, quant_type: str, blocksize: int, double_quant: bool,
                   compute_dtype: torch.dtype) -> Experts4bit:
     """An experts module's 4-bit replacement holding its weights (its 16-bit 3-D weights are released)."""
-    weights = {n: experts._parameters[n].detach() for n in expert_weight_names(experts)}
+    weights = {n: expert_weight(experts, n).detach() for n in expert_weight_names(experts)}
     biases = {n: b.detach() for n in weights if (b := experts._parameters.get(n + "_bias")) is not None}
     layer = Experts4bit(experts, compute_dtype, quant_type, blocksize, double_quant,
                         device=next(iter(weights.values())).device)

@@ -17,7 +17,7 @@ from torch import nn
 
 from ..atomic import atomic_dir
 from ..errors import UsageError
-from ..nn import Experts4bit, Linear4bit, LoraLinear, expert_weight_names
+from ..nn import Experts4bit, Linear4bit, LoraLinear, expert_weight, expert_weight_names
 from .architecture import text_model_from_config
 from .checkpoint_layout import converted_on_save, to_checkpoint_layout
 from .quantize import is_plain_linear, kept_dense_names, non_text_names, tied_keys, weight_count
@@ -63,8 +63,8 @@ _EXPERTS_4BIT = ("has its mixture-of-experts experts in 4 bits; transformers + b
 
 
 def dense_expert_share(model: nn.Module) -> float:
-    """The fraction of a model's weights that are 16-bit MoE experts (3-D weights), 0 for a dense model."""
-    experts = sum(getattr(m, n).numel() for m in model.modules() for n in expert_weight_names(m)
+    """The fraction of a model's weights that are 16-bit MoE experts, 0 for a dense model."""
+    experts = sum(expert_weight(m, n).numel() for m in model.modules() for n in expert_weight_names(m)
                   if not isinstance(m, Experts4bit))
     total = weight_count(model)
     return experts / total if total else 0.0

@@ -60,9 +60,10 @@ class ExpertsLora(nn.Module):
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__()
+        layout = experts_layout(base_layer)
+        if layout is None or not layout.standard:
+            raise ValueError(f"{type(base_layer).__name__} is not a standard experts module with 3-D weights")
         self.shapes = expert_shapes(base_layer)
-        if not self.shapes:
-            raise ValueError(f"{type(base_layer).__name__} is not an experts module with 3-D weights")
         self.base_layer = base_layer
         for p in base_layer.parameters():
             p.requires_grad_(False)
