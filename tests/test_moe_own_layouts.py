@@ -143,6 +143,15 @@ def test_expert_lora_on_these_layouts_is_refused_clearly(saved):
         qlora.add_lora(model, r=4, dropout=0.0, target_modules=None, target_parameters=["experts.mlp.w1"])
 
 
+def test_estimate_refuses_expert_lora_on_these_layouts_as_training_does(saved):
+    from qlora.errors import UsageError
+    from qlora.model.estimate import TrainingOptions, estimate, load_config
+
+    config = load_config(str(saved("dbrx")))
+    with pytest.raises(UsageError, match="w1, an expert weight in a layout of its own.*--target-modules"):
+        estimate(config, TrainingOptions(target_parameters=("experts.mlp.w1",)))
+
+
 @pytest.mark.parametrize("model_type", _TYPES)
 def test_bitsandbytes_checkpoints_load_with_4bit_experts(tmp_path, saved, model_type):
     """transformers + bitsandbytes keeps these experts 16-bit in its 4-bit files: qlora loads them with 4-bit

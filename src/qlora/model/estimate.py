@@ -111,6 +111,7 @@ class LinearShape:
     out_features: int
     in_features: int
     adaptable: bool = True  # False for one expert of a 3-D experts weight: quantized, not a LoRA target
+    own_layout: bool = False  # an expert of a layout of its own (DBRX, JetMoE, LongCat-Flash): no expert LoRA
 
     @property
     def numel(self) -> int:
@@ -216,8 +217,8 @@ def count_parameters(config) -> ModelCounts:
             p = expert_weight(module, w)
             _, rows, cols = expert_matrix(layout, p)
             out_f, in_f = (cols, rows) if layout.applied_transposed(w) else (rows, cols)
-            quantized[id(p)] = tuple(LinearShape(f"{name}.{w}.{e}", out_f, in_f, adaptable=False)
-                                     for e in range(count))
+            quantized[id(p)] = tuple(LinearShape(f"{name}.{w}.{e}", out_f, in_f, adaptable=False,
+                                                 own_layout=not layout.standard) for e in range(count))
     linears = tuple(lin for _, p in model.named_parameters() if id(p) in quantized for lin in quantized[id(p)])
     others = tuple(p.numel() for _, p in model.named_parameters() if id(p) not in quantized)
     fp32 = kept_in_fp32(model, torch.bfloat16)
@@ -292,7 +293,14 @@ def select_expert_targets(counts: ModelCounts, target_parameters: tuple[str, ...
         names = sorted({w.rsplit(".", 1)[-1] for w in weights})
         raise UsageError(f"--target-parameters {', '.join(missing)} match no expert weight of this model; "
                          + (f"its expert weights are {', '.join(names)}." if names else "it has no 3-D experts."))
-    return {w: lins for w, lins in weights.items() if target_parameters and matches_any(w, target_parameters)}
+    chosen = {w: lins for w, lins in weights.items() if target_parameters and matches_any(w, target_parameters)}
+    own = [w for w, lins in chosen.items() if lins[0].own_layout]
+    if own:
+        raise UsageError(f"--target-parameters names {own[0]}, an expert weight in a layout of its own (DBRX's 2-D "
+                         "stacks, JetMoE's parallel experts, LongCat-Flash's zero experts), which training refuses: "
+                         "LoRA on expert weights covers transformers' standard 3-D experts only. Estimate with "
+                         "--target-modules (attention, shared experts) instead.")
+    return chosen
 
 
 def optimizer_bytes(tensor_numels: list[int], optim: str) -> int:
