@@ -23,7 +23,8 @@ INSTALL_HINT = "FastAPI and uvicorn are not installed; install them with: pip in
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from ...option_range import Range
-    from ..options import non_negative_int, number, positive_int
+    from ...template_names import TRAIN_TEMPLATE_NAMES
+    from ..options import non_negative_int, number, positive_int, template_option
 
     parser.add_argument("--model", required=True, help="model folder (transformers checkpoint) or hub id")
     parser.add_argument("--adapter", action="append", default=[], metavar="[NAME=]DIR",
@@ -34,7 +35,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "(default: the format the adapter was trained on, else nf4)")
     parser.add_argument("--compute-dtype", choices=("bf16", "fp16", "fp32"), default="bf16",
                         help="dtype of the matmuls and unquantized weights")
-    parser.add_argument("--template", choices=("auto", "tokenizer", "chatml", "llama-3", "alpaca"), default="auto",
+    parser.add_argument("--template", choices=TRAIN_TEMPLATE_NAMES, type=template_option(), default="auto",
                         help="chat format of /v1/chat/completions: auto = each adapter's own (its chat_format.json, "
                              "the format it was trained with), else the model's own template; or one format for all")
     parser.add_argument("--host", default="127.0.0.1",
