@@ -88,11 +88,11 @@ class TrainConfig:
     label_smoothing: float = _opt(0.0, "dpo (sigmoid, robust, aot, aot_unpaired), cpo (sigmoid), simpo: probability "
                                        "that a preference label is wrong (conservative DPO); dpo exo_pair: its epsilon",
                                   range=Range(0, 0.5, high_open=True))
-    loss_type: str = _opt("", "dpo: TRL's loss_type: sigmoid (default), hinge, ipo, robust, exo_pair, nca_pair, "
-                              "bco_pair, sppo_hard, aot, aot_unpaired, apo_zero, apo_down, discopop, sigmoid_norm or "
-                              "sft (NLL of the chosen answers); several as a,b (a YAML list) are added, weighted by "
-                              "--loss-weights; cpo: sigmoid (default), hinge, ipo or simpo; kto: kto (default) or "
-                              "apo_zero_unpaired")
+    loss_type: str = _opt("", "dpo: TRL's loss_type (default: sigmoid): sigmoid, hinge, ipo, robust, exo_pair, "
+                              "nca_pair, bco_pair, sppo_hard, aot, aot_unpaired, apo_zero, apo_down, discopop, "
+                              "sigmoid_norm or sft (NLL of the chosen answers); several as a,b (a YAML list) are added, "
+                              "weighted by --loss-weights; cpo (default: sigmoid): sigmoid, hinge, ipo or simpo; kto "
+                              "(default: kto): kto or apo_zero_unpaired")
     loss_weights: str = _opt("", "dpo: weights of the --loss-type list, as 1,0.5 (a YAML list; default: 1 each)")
     rpo_alpha: float = _opt(0.0, "dpo: RPO: add this times the NLL of the chosen answers (the mean over their "
                                  "tokens; TRL's rpo_alpha, its loss type sft)", range=NON_NEGATIVE)

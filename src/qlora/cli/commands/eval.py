@@ -23,7 +23,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--adapter", default=None, help="a PEFT-format adapter folder (e.g. a qlora train output)")
     parser.add_argument("--data", required=True, help="evaluation data: a .jsonl/.json/.csv/.tsv/.parquet/.arrow/.txt file "
                         "(text ones also .gz, .bz2, .xz), a save_to_disk folder, or a hub dataset name; several as a,b")
-    parser.add_argument("--data-split", default="test", help="split of a hub dataset or DatasetDict folder (default test)")
+    parser.add_argument("--data-split", default="test", help="split of a hub dataset or DatasetDict folder")
     parser.add_argument("--data-subset", default=None, help="subset (configuration) of a hub dataset")
     parser.add_argument("--dataset-dir", default="data",
                         help="folder of a LLaMA-Factory dataset_info.json, whose registered names --data may give")

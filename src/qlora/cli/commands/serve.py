@@ -39,7 +39,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="chat format of /v1/chat/completions: auto = each adapter's own (its chat_format.json, "
                              "the format it was trained with), else the model's own template; or one format for all")
     parser.add_argument("--host", default="127.0.0.1",
-                        help="address to listen on (default: loopback only; 0.0.0.0 exposes the server)")
+                        help="address to listen on: 127.0.0.1 is this machine only, 0.0.0.0 exposes the server")
     parser.add_argument("--port", type=number(int, Range(0, 65535)), default=8000, help="TCP port (0: any free port)")
     parser.add_argument("--api-key", default=None,
                         help="require 'Authorization: Bearer KEY' on every request (default: $QLORA_API_KEY)")
@@ -51,11 +51,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--stored-responses", type=non_negative_int, default=1000, metavar="N",
                         help="Responses API responses kept in memory for previous_response_id and GET "
                              "/v1/responses/{id} (the least recently used dropped first, never a background response "
-                             "still running; 0 keeps none; default 1000)")
+                             "still running; 0 keeps none)")
     parser.add_argument("--stored-conversations", type=non_negative_int, default=1000, metavar="N",
                         help="conversations (/v1/conversations, the Responses API's 'conversation') kept in memory, "
-                             "until the server restarts (the least recently used dropped first; 0 keeps none; "
-                             "default 1000)")
+                             "until the server restarts (the least recently used dropped first; 0 keeps none)")
     parser.add_argument("--log-level", choices=("critical", "error", "warning", "info", "debug"), default="info",
                         help="uvicorn's log level (info logs each request)")
 
