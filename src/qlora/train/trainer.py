@@ -597,9 +597,9 @@ class Trainer:
                     raise Interrupted(self.step, self.save_checkpoint())
                 record = self.train_step()
                 self.step += 1
-                self.metrics.advance()
                 if self.step % cfg.logging_steps == 0 or self.step == self.total_steps:
                     self.metrics.log(record)
+                self.metrics.advance()  # after the record, so a progress line shows this step's loss
                 if eval_every and self.step % eval_every == 0 and self.eval_units:
                     loss = self.evaluate()["loss"]
                     if self.on_plateau:
