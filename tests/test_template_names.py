@@ -51,6 +51,17 @@ def test_none_is_raw_text_and_refused_where_a_chat_format_is_needed():
         template_name("qwen")  # nothing close: no guess
 
 
+def test_the_python_api_takes_them_too(tiny_tokenizer):
+    from qlora.errors import UsageError
+    from qlora.train.data import resolve_chat_format
+    from qlora.train.data.templates import resolve_chat_template
+
+    assert resolve_chat_template(tiny_tokenizer, "Llama3") == TEMPLATES["llama-3"]
+    assert resolve_chat_format(tiny_tokenizer, "chat_ml").name == "chatml"
+    with pytest.raises(UsageError, match="unknown chat template 'chatlm'.*did you mean chatml"):
+        resolve_chat_template(tiny_tokenizer, "chatlm")
+
+
 def test_yaml_and_python_configs_take_the_spellings_too(tmp_path, capsys):
     config = tmp_path / "run.yaml"
     config.write_text("model: m\ndata: d.jsonl\noutput: out\ntemplate: Llama3\n")
