@@ -16,11 +16,13 @@ from typing import Any, Callable, TextIO
 
 def progress_bar(total: int, *, initial: int = 0, unit: str = "it", unit_scale: bool = False, desc: str = "",
                  enabled: bool = True, file: TextIO | None = None) -> Any:
-    """A tqdm bar on ``file`` (stderr) when it is a terminal or progress is off, else a :class:`LineProgress`."""
+    """A tqdm bar on ``file`` (stderr) when it is a terminal, in a notebook (tqdm's widget) or when progress is
+    off, else a :class:`LineProgress`."""
     from tqdm.auto import tqdm
 
     file = sys.stderr if file is None else file
-    if not enabled or file.isatty():
+    notebook = any(c.__name__ == "tqdm_notebook" for c in tqdm.__mro__)  # tqdm.auto found a Jupyter kernel
+    if not enabled or notebook or file.isatty():
         return tqdm(total=total, initial=initial, unit=unit, unit_scale=unit_scale, desc=desc or None,
                     disable=not enabled, dynamic_ncols=True, file=file)
     return LineProgress(total, initial=initial, unit=unit, unit_scale=unit_scale, desc=desc, file=file)
