@@ -44,7 +44,7 @@ def test_an_unknown_name_is_refused_with_the_choices_and_the_closest(command, ca
 
 def test_none_is_raw_text_and_refused_where_a_chat_format_is_needed():
     assert template_name("None", TEMPLATE_NAMES) == "none"
-    with pytest.raises(ValueError, match="choose from auto, tokenizer, chatml, llama-3, alpaca .none: raw text"):
+    with pytest.raises(ValueError, match="choose from auto, tokenizer, chatml, llama-3, alpaca .none, raw text without a template, is for generate only"):
         template_name("none")
     with pytest.raises(ValueError, match="unknown chat template 'qwen'; choose from auto, tokenizer, chatml, "
                                          "llama-3, alpaca$"):

@@ -46,5 +46,5 @@ def template_name(text: str, choices: Sequence[str] = TRAIN_TEMPLATE_NAMES) -> s
     close = difflib.get_close_matches(_key(str(text)), list(known), n=1, cutoff=0.5)
     hint = f" (did you mean {known[close[0]]}?)" if close else ""
     if name is not None:  # none, where a chat format is needed
-        hint = f" ({name}: raw text, is for generate only)"
+        hint = f" ({name}, raw text without a template, is for generate only)"
     raise ValueError(f"unknown chat template {text!r}; choose from {', '.join(choices)}{hint}")

@@ -121,6 +121,7 @@ class KnownFields(BaseModel):
             close = difflib.get_close_matches(name, sorted(self.known_fields()), n=1, cutoff=0.6)
             shown.append(f"{name} (did you mean {close[0]!r}?)" if close else name)
         plural = "s" if len(unknown) > 1 else ""
+        # not a ValueError: pydantic lets it through, and the app answers it as the 400 it is
         raise APIError(400, f"Unrecognized request argument{plural} supplied: {', '.join(shown)}", unknown[0])
 
 
