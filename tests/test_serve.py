@@ -247,6 +247,61 @@ def test_errors_have_openai_shape_and_status(served):
     assert _chat(client, "a").choices[0].finish_reason == "length"
 
 
+def test_unknown_body_fields_are_400_naming_the_closest_known(served):
+    """As OpenAI answers "Unrecognized request argument supplied": a typo is not silently ignored."""
+    server, _, client, _ = served
+    cases = [(lambda **kw: _chat(client, "a", **kw), {"temprature": 0}, "temperature"),
+             (lambda **kw: client.completions.create(model="a", prompt="Hi", max_tokens=2, **kw),
+              {"max_token": 3}, "max_tokens"),
+             (lambda **kw: client.responses.create(model="a", input="Hi", max_output_tokens=2, **kw),
+              {"max_output_token": 3}, "max_output_tokens"),
+             (lambda **kw: client.chat.completions.create(model="a", messages=HELLO, max_tokens=2, stream=True, **kw),
+              {"repetition_penalthy": 1.1}, "repetition_penalty"),
+             (lambda **kw: client.conversations.create(items=[], **kw), {"metdata": {}}, "metadata")]
+    for call, extra, closest in cases:
+        with pytest.raises(openai.BadRequestError) as exc:
+            call(extra_body=extra)
+        (typo,) = extra
+        assert exc.value.param == typo
+        assert exc.value.body["message"] == (f"Unrecognized request argument supplied: {typo} "
+                                             f"(did you mean '{closest}'?)")
+    response = httpx.post(server.url + "/v1/chat/completions", headers={"Authorization": f"Bearer {KEY}"},
+                          json={"model": "a", "messages": HELLO, "colour": None, "zzzz": 1})
+    assert response.status_code == 400 and response.json()["error"]["param"] == "colour"
+    assert response.json()["error"]["message"] == "Unrecognized request arguments supplied: colour, zzzz"
+
+
+def test_every_field_the_openai_client_sends_is_accepted(served):
+    """The client's own parameters of each route (its TypedDicts) and vLLM's sampling extras are taken;
+    those that would change the reply in a way qlora does not implement are 400s naming them."""
+    from openai.types import completion_create_params
+    from openai.types.chat import completion_create_params as chat_params
+    from openai.types.responses import response_create_params
+
+    from qlora.serve.protocol import ChatCompletionRequest, CompletionRequest
+    from qlora.serve.responses import ResponsesRequest
+
+    for params, request in ((chat_params.CompletionCreateParamsBase, ChatCompletionRequest),
+                            (completion_create_params.CompletionCreateParamsBase, CompletionRequest),
+                            (response_create_params.ResponseCreateParamsBase, ResponsesRequest)):
+        assert set(params.__annotations__) - request.known_fields() == set(), request
+    _, _, client, _ = served
+    sent = dict(user="u", metadata={"k": "v"}, store=False, service_tier="auto", safety_identifier="s",
+                prompt_cache_key="p", reasoning_effort="low", modalities=["text"],
+                extra_body={"top_k": 5, "min_p": 0.1, "repetition_penalty": 1.1})
+    assert _chat(client, "a", **sent).choices[0].finish_reason == "length"
+    assert client.completions.create(model="a", prompt="Hi", max_tokens=2, user="u",
+                                      extra_body={"top_k": 5}).choices[0].text is not None
+    assert client.responses.create(model="a", input="Hi", max_output_tokens=2, user="u", service_tier="auto",
+                                   prompt_cache_key="p", safety_identifier="s").status == "incomplete"
+    for kw, param in ((dict(modalities=["text", "audio"], audio={"voice": "alloy", "format": "wav"}), "modalities"),
+                      (dict(audio={"voice": "alloy", "format": "wav"}), "audio"),
+                      (dict(web_search_options={}), "web_search_options")):
+        with pytest.raises(openai.BadRequestError) as exc:
+            _chat(client, "a", **kw)
+        assert exc.value.param == param
+
+
 def test_serve_without_fastapi_says_what_to_install(monkeypatch, capsys, tiny_model_dir):
     monkeypatch.setitem(sys.modules, "fastapi", None)  # as if not installed: find_spec gives None
     assert main(["serve", "--model", str(tiny_model_dir)]) == 2

@@ -177,6 +177,28 @@ def test_resume_with_different_config_is_refused(tmp_path, tiny_model_dir, capsy
     assert sorted(p.name for p in out.rglob("*")) == before
 
 
+def test_resume_refusing_a_longer_run_says_how_to_train_further(tmp_path, tiny_model_dir, capsys):
+    """--resume finishes the run as planned; asked for more epochs or steps, the refusal names the command that
+    continues the run's adapter into a new folder, and that command trains."""
+    import re
+    import shlex
+
+    data = _write(tmp_path / "d.jsonl", FORMATS["alpaca"])
+    out = tmp_path / "o"
+    argv = ["train", "--model", str(tiny_model_dir), "--data", str(data), "--output", str(out), "--optim", "adamw",
+            "--max-steps", "2", "--save-steps", "1", "--no-progress"]
+    assert main(argv) == 0
+    for longer in (["--max-steps", "4"], ["--max-steps", "0", "--epochs", "3"]):
+        code, err = _run(argv + ["--resume"] + longer, capsys)
+        assert code == 2 and "different config" in err, err
+        suggested = re.search(r"qlora train (--adapter \S+ --output \S+)", err)
+        assert suggested, err
+        flags = shlex.split(suggested.group(1))
+        assert flags[1] == str(out) and not (tmp_path / flags[3]).exists()
+    assert main(argv[:5] + flags + ["--optim", "adamw", "--max-steps", "2", "--no-progress"]) == 0
+    assert (tmp_path / flags[3] / "adapter_model.safetensors").is_file()
+
+
 def test_resume_of_a_checkpoint_older_than_an_option_uses_its_default(tmp_path, tiny_model_dir, capsys, caplog):
     """Options added to qlora after a checkpoint was written are absent from its run_config.json:
     the run used their default, so resuming with the default is no config change; another value is."""

@@ -10,9 +10,10 @@ every option in ``--help``.
 from __future__ import annotations
 
 import argparse
-from typing import Callable
+from typing import Callable, Sequence
 
 from ..option_range import AT_LEAST_1, NON_NEGATIVE, POSITIVE, Range
+from ..template_names import TRAIN_TEMPLATE_NAMES, template_name
 
 
 def number(kind: type = int, allowed: Range = Range()) -> Callable[[str], float]:
@@ -50,6 +51,19 @@ def id_value(allowed: Range) -> Callable[[str], tuple[int, float]]:
 
     parse.__name__ = "ID=VALUE"
     parse.allowed = allowed
+    return parse
+
+
+def template_option(choices: Sequence[str] = TRAIN_TEMPLATE_NAMES) -> Callable[[str], str]:
+    """An argparse type: a chat format's name in any spelling of :mod:`qlora.template_names`, as qlora's name."""
+
+    def parse(text: str) -> str:
+        try:
+            return template_name(text, choices)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    parse.__name__ = "template"
     return parse
 
 

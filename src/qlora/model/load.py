@@ -715,6 +715,6 @@ class _NoBar:
 def _progress(total_bytes: int, enabled: bool | None):
     if enabled is False or (enabled is None and total_bytes < 1 << 30):
         return _NoBar()
-    from tqdm.auto import tqdm
+    from qlora.progress import progress_bar
 
-    return tqdm(total=total_bytes, unit="B", unit_scale=True, desc="loading (quantize-on-load)")
+    return progress_bar(total_bytes, unit="B", unit_scale=True, desc="loading (quantize-on-load)")

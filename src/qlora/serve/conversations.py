@@ -18,9 +18,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict
-
-from .protocol import APIError
+from .protocol import APIError, KnownFields
 from .response_store import with_ids
 from .responses import ResponsesRequest
 
@@ -29,25 +27,22 @@ MAX_ADDED_ITEMS = 20  # OpenAI's limit on the items one request adds
 MAX_METADATA = 16
 
 
-class CreateBody(BaseModel):
+class CreateBody(KnownFields):
     """The body of ``POST /v1/conversations``."""
 
-    model_config = ConfigDict(extra="ignore")
     items: list[dict[str, Any]] | None = None
     metadata: dict[str, Any] | None = None
 
 
-class UpdateBody(BaseModel):
+class UpdateBody(KnownFields):
     """The body of ``POST /v1/conversations/{id}``: the new metadata (all of it)."""
 
-    model_config = ConfigDict(extra="ignore")
     metadata: dict[str, Any] | None
 
 
-class ItemsBody(BaseModel):
+class ItemsBody(KnownFields):
     """The body of ``POST /v1/conversations/{id}/items``."""
 
-    model_config = ConfigDict(extra="ignore")
     items: list[dict[str, Any]]
 
 

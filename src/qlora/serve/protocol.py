@@ -1,9 +1,15 @@
 """The OpenAI request bodies ``qlora serve`` accepts, and its error shape.
 
-Fields follow the OpenAI API reference. Unknown fields are ignored (clients
-send extras such as ``user``); known fields that would change the answer in a
-way qlora does not implement (``suffix``, ``best_of`` > 1) are refused with a 400
-naming the field, rather than silently ignored.
+Fields follow the OpenAI API reference. A field unknown to the route is a 400 naming
+it and the closest known one, as OpenAI answers ("Unrecognized request argument
+supplied"), so a typo (``temprature``) is not silently ignored. Known are qlora's
+own fields, vLLM's sampling extras it implements (``top_k``, ``min_p``,
+``repetition_penalty``) and every field the OpenAI API defines for the route:
+those that change nothing here (``user``, ``metadata``, ``store``, ``service_tier``,
+prompt-cache keys, reasoning hints, ...) are accepted without effect (each class's
+``OPENAI_UNUSED``); those that would change the answer in a way qlora does not
+implement (``suffix``, ``best_of`` > 1, audio output, web search) are refused with a
+400 naming the field.
 
 Sampling: ``temperature``, ``top_p``, ``presence_penalty`` and ``frequency_penalty`` (in [-2, 2],
 over the tokens the choice generated), ``logit_bias`` (token id as a string -> bias in [-100, 100];
@@ -55,8 +61,9 @@ cannot be forced gets a 400.
 
 from __future__ import annotations
 
+import difflib
 import json
-from typing import Any, Literal, Union
+from typing import Any, ClassVar, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -94,14 +101,39 @@ class APIError(Exception):
         return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
 
 
-class _Body(BaseModel):
-    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
+class KnownFields(BaseModel):
+    """A request body whose unknown fields are a 400 naming them (checked once the known ones are valid)."""
 
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False)
+    OPENAI_UNUSED: ClassVar[tuple[str, ...]] = ()  # the OpenAI API's fields of the route that change nothing here
+
+    @classmethod
+    def known_fields(cls) -> set[str]:
+        return set(cls.model_fields) | set(cls.OPENAI_UNUSED)
+
+    @model_validator(mode="after")
+    def _refuse_unknown(self) -> "KnownFields":
+        unknown = [name for name in self.model_extra or () if name not in self.OPENAI_UNUSED]
+        if not unknown:
+            return self
+        shown = []
+        for name in unknown:
+            close = difflib.get_close_matches(name, sorted(self.known_fields()), n=1, cutoff=0.6)
+            shown.append(f"{name} (did you mean {close[0]!r}?)" if close else name)
+        plural = "s" if len(unknown) > 1 else ""
+        # not a ValueError: pydantic lets it through, and the app answers it as the 400 it is
+        raise APIError(400, f"Unrecognized request argument{plural} supplied: {', '.join(shown)}", unknown[0])
+
+
+class _Body(KnownFields):
     @model_validator(mode="before")
     @classmethod
     def _null_is_default(cls, data: Any) -> Any:
-        """OpenAI clients send ``null`` for options left unset: take the default."""
-        return {k: v for k, v in data.items() if v is not None} if isinstance(data, dict) else data
+        """OpenAI clients send ``null`` for options left unset: take the default (an unknown field stays, to be
+        refused)."""
+        if not isinstance(data, dict):
+            return data
+        return {k: v for k, v in data.items() if v is not None or k not in cls.model_fields}
 
     model: str
     max_tokens: int | None = Field(default=None, ge=1)
@@ -238,6 +270,10 @@ def _history_call(call: Any, where: str) -> dict[str, Any]:
 
 
 class ChatCompletionRequest(_Body):
+    OPENAI_UNUSED = ("metadata", "moderation", "prediction", "prompt_cache_key", "prompt_cache_options",
+                     "prompt_cache_retention", "reasoning_effort", "safety_identifier", "service_tier", "store", "user",
+                     "verbosity")
+
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
     logprobs: bool = False
@@ -248,6 +284,9 @@ class ChatCompletionRequest(_Body):
     functions: list[Any] | None = None  # OpenAI's deprecated form of tools: refused, not silently ignored
     function_call: Union[str, dict[str, Any], None] = None
     response_format: dict[str, Any] | None = None
+    modalities: list[str] | None = None  # OpenAI's audio output: refused, as are its web search tool's options
+    audio: dict[str, Any] | None = None
+    web_search_options: dict[str, Any] | None = None
 
     def function_tools(self) -> list[dict[str, Any]]:
         """The request's tools, checked: function tools with a valid name and a JSON-schema object."""
@@ -313,6 +352,14 @@ class ChatCompletionRequest(_Body):
         """400 for options that would change the answer in ways not implemented."""
         if self.top_logprobs is not None and not self.logprobs:
             raise APIError(400, "'top_logprobs' needs 'logprobs': true", "top_logprobs")
+        if set(self.modalities or ()) - {"text"}:
+            raise APIError(400, f"'modalities' {self.modalities}: qlora serve answers in text only; send ['text'] or "
+                                "leave 'modalities' out", "modalities")
+        if self.audio is not None:
+            raise APIError(400, "'audio' sets the voice of an audio reply; qlora serve answers in text only", "audio")
+        if self.web_search_options is not None:
+            raise APIError(400, "'web_search_options' configures OpenAI's web search; qlora serve searches nothing "
+                                "(give the model function tools instead)", "web_search_options")
         for legacy, now in (("functions", "tools"), ("function_call", "tool_choice")):
             if getattr(self, legacy) is not None:
                 raise APIError(400, f"'{legacy}' is OpenAI's deprecated form of '{now}'; send '{now}' instead "
@@ -375,6 +422,8 @@ class ChatCompletionRequest(_Body):
 
 
 class CompletionRequest(_Body):
+    OPENAI_UNUSED = ("user",)
+
     prompt: Union[str, list[str], list[int], list[list[int]]]
     max_tokens: int | None = Field(default=16, ge=0)  # the OpenAI default; 0: score the prompt (with echo)
     echo: bool = False

@@ -49,6 +49,10 @@ FINISHED = ("completed", "incomplete")  # the states whose output continues a co
 class ResponsesRequest(_Body):
     """The body of ``POST /v1/responses`` (sampling extras such as ``seed`` or ``top_k`` as in chat)."""
 
+    OPENAI_UNUSED = ("access_programs", "background_options", "context_management", "image", "max_tool_calls",
+                     "moderation", "prompt_cache_key", "prompt_cache_options", "prompt_cache_retention", "reasoning",
+                     "safety_identifier", "service_tier")  # max_tool_calls and image: of built-in tools
+
     input: Union[str, list[dict[str, Any]]]
     instructions: str | None = None
     max_output_tokens: int | None = Field(default=None, ge=1)

@@ -27,6 +27,7 @@ from qlora.optim import (
     OPTIMIZER_ALIASES, OPTIMIZERS, PLATEAU, SCHEDULE_ALIASES, SCHEDULES, check_schedule, optimizer_name, schedule_name,
 )
 from qlora.quant import BLOCKSIZES
+from qlora.template_names import TRAIN_TEMPLATE_NAMES, template_name
 from qlora.train.data.fields import parse_data_fields
 from qlora.train.data.sources import LOCAL_SUFFIXES
 from qlora.train.foreign_keys import AXOLOTL_DEFAULTS, adapter_keys, is_axolotl, translate
@@ -88,11 +89,11 @@ class TrainConfig:
     label_smoothing: float = _opt(0.0, "dpo (sigmoid, robust, aot, aot_unpaired), cpo (sigmoid), simpo: probability "
                                        "that a preference label is wrong (conservative DPO); dpo exo_pair: its epsilon",
                                   range=Range(0, 0.5, high_open=True))
-    loss_type: str = _opt("", "dpo: TRL's loss_type: sigmoid (default), hinge, ipo, robust, exo_pair, nca_pair, "
-                              "bco_pair, sppo_hard, aot, aot_unpaired, apo_zero, apo_down, discopop, sigmoid_norm or "
-                              "sft (NLL of the chosen answers); several as a,b (a YAML list) are added, weighted by "
-                              "--loss-weights; cpo: sigmoid (default), hinge, ipo or simpo; kto: kto (default) or "
-                              "apo_zero_unpaired")
+    loss_type: str = _opt("", "dpo: TRL's loss_type (default: sigmoid): sigmoid, hinge, ipo, robust, exo_pair, "
+                              "nca_pair, bco_pair, sppo_hard, aot, aot_unpaired, apo_zero, apo_down, discopop, "
+                              "sigmoid_norm or sft (NLL of the chosen answers); several as a,b (a YAML list) are added, "
+                              "weighted by --loss-weights; cpo (default: sigmoid): sigmoid, hinge, ipo or simpo; kto "
+                              "(default: kto): kto or apo_zero_unpaired")
     loss_weights: str = _opt("", "dpo: weights of the --loss-type list, as 1,0.5 (a YAML list; default: 1 each)")
     rpo_alpha: float = _opt(0.0, "dpo: RPO: add this times the NLL of the chosen answers (the mean over their "
                                  "tokens; TRL's rpo_alpha, its loss type sft)", range=NON_NEGATIVE)
@@ -156,7 +157,7 @@ class TrainConfig:
     template: str = _opt("auto", "chat template: auto = the model's own (if none: chatml or llama-3 when the "
                                  "vocabulary has their markers, else alpaca), tokenizer = the "
                                  "model's own (required), or a built-in one; saved with the adapter",
-                         ("auto", "tokenizer", "chatml", "llama-3", "alpaca"))
+                         TRAIN_TEMPLATE_NAMES)
     system_into_user: bool = _opt(False, "fold a system message into the first user turn (for chat templates without "
                                          "a system role, e.g. Gemma 2, Mixtral); saved with the adapter")
     template_date: str = _opt("", "date (YYYY-MM-DD) that date-dependent chat templates (strftime_now) see; empty: the "
@@ -265,9 +266,13 @@ class TrainConfig:
     progress: bool = _opt(True, "show a live progress bar")
 
     def __post_init__(self) -> None:
-        """Other tools' names for our optimizers and schedules become ours, and the schedule's kwargs one
-        canonical JSON text, so a checkpoint compares equal however they were spelled."""
+        """Other tools' names for our optimizers, schedules and templates become ours, and the schedule's kwargs
+        one canonical JSON text, so a checkpoint compares equal however they were spelled."""
         self.optim = OPTIMIZER_ALIASES.get(self.optim, self.optim)
+        try:
+            self.template = template_name(self.template)
+        except ValueError:
+            pass  # validate() says what is wrong
         self.lr_scheduler = SCHEDULE_ALIASES.get(self.lr_scheduler, self.lr_scheduler)
         try:
             kwargs = parse_schedule_kwargs(self.lr_scheduler_kwargs)
@@ -304,6 +309,10 @@ class TrainConfig:
             if not getattr(self, name):
                 raise UsageError(f"--{name.replace('_', '-')} is required (or set `{name}:` in the YAML file)")
         self._validate_schedule()
+        try:
+            template_name(self.template)
+        except ValueError as exc:
+            raise UsageError(f"--template: {exc}") from None
         for name in _STEP_SHARES:
             value = getattr(self, name)
             if value > 1 and not float(value).is_integer():

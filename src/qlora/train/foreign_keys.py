@@ -29,7 +29,7 @@ from typing import Any, Callable
 
 from qlora.errors import UsageError
 from qlora.train.data.axolotl_datasets import axolotl_datasets
-from qlora.train.data.templates import TEMPLATES
+from qlora.template_names import template_name
 
 Translation = tuple[list[tuple[str, Any]], str]  # our (option, value) pairs, and a note for the user ("" if none)
 
@@ -93,9 +93,6 @@ def _lora_target(value: Any, where: str) -> Translation:
     return [("target_modules", "all-linear" if value == "all" else value)], ""
 
 
-# LLaMA-Factory's and axolotl's template names with a built-in equivalent; their others name a model family's
-# own format. axolotl's tokenizer_default is the model's own template, required.
-_TEMPLATE_NAMES = {"llama3": "llama-3", "chatml": "chatml", "alpaca": "alpaca", "tokenizer_default": "tokenizer"}
 # LLaMA-Factory's templates whose multimodal plugin is its Qwen2-VL one (or a subclass: Qwen3-VL's, GLM-4V's,
 # Qwen-Omni's), which resizes every image after the pixel bounds (qlora's image_resize: qwen2-vl).
 _QWEN2_VL_PLUGIN_TEMPLATES = frozenset({
@@ -108,10 +105,14 @@ def _template_of(tool: str) -> Callable[[Any, str], Translation]:
     key = "template" if tool == "LLaMA-Factory" else "chat_template"
 
     def translate_template(value: Any, where: str) -> Translation:
-        if not isinstance(value, str) or value in ("auto", "tokenizer") or value in TEMPLATES:
+        """A name with a built-in equivalent (qlora.template_names: llama3, tokenizer_default, ...) is taken;
+        the tool's other names are a model family's own format."""
+        if not isinstance(value, str):
             return [("template", value)], ""
-        if value in _TEMPLATE_NAMES:
-            return [("template", _TEMPLATE_NAMES[value])], ""
+        try:
+            return [("template", template_name(value))], ""
+        except ValueError:
+            pass
         if value.startswith("tokenizer_default_fallback_") or value == "jinja":
             raise UsageError(f"{where}: {key} {value!r}: qlora's templates are the model's own (template: "
                              "tokenizer), auto (the model's own, else chatml or llama-3 by the vocabulary's markers, "

@@ -1,4 +1,5 @@
-"""What a run reports: metrics.jsonl, TensorBoard events, a loss plot, a progress bar.
+"""What a run reports: metrics.jsonl, TensorBoard events, a loss plot, a progress bar
+(plain progress lines when stderr is not a terminal: :mod:`qlora.progress`).
 
 metrics.jsonl is the record of truth (one JSON object a line, ``"split"`` =
 train or eval); TensorBoard and the PNG are views of it. On resume the lines
@@ -17,6 +18,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from qlora.progress import progress_bar
 
 
 def gpu_memory_gib() -> float:
@@ -42,9 +45,7 @@ class MetricsLogger:
         self.records = _read_until(self.path, start_step)
         self.path.write_text("".join(json.dumps(r) + "\n" for r in self.records))
         self._file = open(self.path, "a")
-        from tqdm.auto import tqdm
-
-        self._bar = tqdm(total=total_steps, initial=start_step, disable=not progress, unit="step", dynamic_ncols=True)
+        self._bar = progress_bar(total_steps, initial=start_step, unit="step", enabled=progress)
         self._tb = _tensorboard(out_dir / "events", self.write)
 
     def log(self, record: dict[str, Any]) -> None:

@@ -36,10 +36,12 @@ import logging
 import math
 import random
 import shutil
+import shlex
 import signal
 import time
 from contextlib import nullcontext
 from dataclasses import replace
+from itertools import count
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -77,6 +79,20 @@ RUN_ENTRIES = (CHECKPOINTS, "config.yaml", "metrics.jsonl", "events", "loss.png"
 # Names save_pretrained may give tokenizer files: a user's file of such a name is refused up front.
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
                     "tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json", "vocab.txt")
+
+
+def _train_further(out: Path, checkpoint: Path, differ: list[str]) -> str:
+    """For a resume asked to run longer: the command that continues the run's adapter into a new folder."""
+    if not {"epochs", "max_steps", "max_steps_per_epoch"} & set(differ):
+        return ""
+    adapter = out if (out / "adapter_config.json").is_file() else checkpoint / "adapter"
+    new = next(p for p in (out.with_name(f"{out.name}-continued" + (f"-{n}" if n > 1 else "")) for n in count(1))
+               if not p.exists())
+    return (f". --resume finishes a run as it was planned (its learning-rate schedule spans its steps), so it does "
+            f"not run longer; to train further, continue its adapter in a new run: qlora train --adapter "
+            f"{shlex.quote(str(adapter))} --output {shlex.quote(str(new))} with the model, data and the steps or "
+            "epochs to add (the adapter brings its rank, targets and chat format; the optimizer state and the "
+            "schedule start afresh)")
 
 
 class Interrupted(Exception):
@@ -316,7 +332,8 @@ class Trainer:
             if differ:
                 shown = ", ".join(f"{k}: {saved.get(k)!r} -> {current[k]!r}" for k in differ)
                 raise UsageError(f"--resume: the checkpoint in {self.out} was made with a different config ({shown}); "
-                                 "resume with the original options or train into a new --output")
+                                 "resume with the original options or train into a new --output"
+                                 + _train_further(self.out, checkpoints[-1], differ))
             if "lr_scheduler_kwargs" not in saved:  # written before the schedules followed transformers
                 logging.getLogger("qlora").warning(
                     "qlora: %s was written by an older qlora, whose warmup rose as (step+1)/(warmup+1) over "
@@ -579,9 +596,9 @@ class Trainer:
                     raise Interrupted(self.step, self.save_checkpoint())
                 record = self.train_step()
                 self.step += 1
-                self.metrics.advance()
                 if self.step % cfg.logging_steps == 0 or self.step == self.total_steps:
                     self.metrics.log(record)
+                self.metrics.advance()  # after the record, so a progress line shows this step's loss
                 if eval_every and self.step % eval_every == 0 and self.eval_units:
                     loss = self.evaluate()["loss"]
                     if self.on_plateau:

@@ -16,14 +16,15 @@ HELP = "loss and perplexity of a model (+ adapter) on a dataset"
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from ...option_range import Range
+    from ...template_names import TRAIN_TEMPLATE_NAMES
     from ..image_pixels import add_pixel_arguments
-    from ..options import number, positive_int
+    from ..options import number, positive_int, template_option
 
     parser.add_argument("--model", required=True, help="base model folder or hub id")
     parser.add_argument("--adapter", default=None, help="a PEFT-format adapter folder (e.g. a qlora train output)")
     parser.add_argument("--data", required=True, help="evaluation data: a .jsonl/.json/.csv/.tsv/.parquet/.arrow/.txt file "
                         "(text ones also .gz, .bz2, .xz), a save_to_disk folder, or a hub dataset name; several as a,b")
-    parser.add_argument("--data-split", default="test", help="split of a hub dataset or DatasetDict folder (default test)")
+    parser.add_argument("--data-split", default="test", help="split of a hub dataset or DatasetDict folder")
     parser.add_argument("--data-subset", default=None, help="subset (configuration) of a hub dataset")
     parser.add_argument("--dataset-dir", default="data",
                         help="folder of a LLaMA-Factory dataset_info.json, whose registered names --data may give")
@@ -31,7 +32,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "prompt-completion", "text"), help="data format")
     parser.add_argument("--data-fields", default="", help="the dataset's names for our fields, as OURS=THEIRS,... "
                         "(e.g. instruction=question,output=answer; see qlora train --help)")
-    parser.add_argument("--template", default="auto", choices=("auto", "tokenizer", "chatml", "llama-3", "alpaca"),
+    parser.add_argument("--template", default="auto", choices=TRAIN_TEMPLATE_NAMES, type=template_option(),
                         help="chat format: auto = the one --adapter was trained with (chat_format.json), else the "
                              "model's own, else the built-in one its vocabulary supports (as train)")
     parser.add_argument("--train-on", default="assistant", choices=("assistant", "all"), help="tokens that count")

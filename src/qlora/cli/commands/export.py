@@ -25,7 +25,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="the base model folder (the one the adapter was trained on)")
     parser.add_argument("--adapter", help="PEFT-format adapter folder to fold in (omit to export the model as is)")
     parser.add_argument("--output", required=True, help="folder to write: model-<type>.gguf and Modelfile")
-    parser.add_argument("--format", default="gguf", choices=("gguf",), help="output format (default gguf)")
+    parser.add_argument("--format", default="gguf", choices=("gguf",), help="output format")
     parser.add_argument("--type", default="f16", choices=("f16", "bf16", "q8_0", "f32", *LLAMA_CPP_TYPES),
                         help="tensor type of the weight matrices (norms stay f32). k-quants (q4_k_m, q5_k_m, "
                              "q6_k, ...) and q4_0/q5_0 are made by llama.cpp's own quantizer from an f16 file "

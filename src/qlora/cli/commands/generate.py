@@ -13,15 +13,15 @@ from ...errors import UsageError
 from ..base_model import adapter_names
 
 NAME = "generate"
-TEMPLATE_CHOICES = ("auto", "tokenizer", "none", "chatml", "llama-3", "alpaca")
 HELP = "stream a model's continuation of a prompt, with sampling options"
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     """--model, --adapter, --quant and the sampling options of ``SamplingOptions``."""
     from ...infer.generate import BIAS_RANGE, cli_fields
+    from ...template_names import TEMPLATE_NAMES
     from ..image_pixels import add_pixel_arguments
-    from ..options import id_value, number
+    from ..options import id_value, number, template_option
 
     parser.add_argument("--model", required=True, help="model folder (transformers checkpoint) or hub id")
     parser.add_argument("--adapter", action="append", default=[], metavar="[NAME=]DIR",
@@ -30,7 +30,7 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
                              "per adapter and chat uses the first")
     parser.add_argument("--adapter-weights", metavar="W1,W2,...",
                         help="combine the adapters linearly with these weights (one per --adapter)")
-    parser.add_argument("--template", choices=TEMPLATE_CHOICES, default="auto",
+    parser.add_argument("--template", choices=TEMPLATE_NAMES, type=template_option(TEMPLATE_NAMES), default="auto",
                         help="chat format of the prompt: auto = the one the adapter was trained with (its "
                              "chat_format.json: template, date, system handling), else the model's own for chat and "
                              "the raw --prompt for generate; tokenizer = the model's own; none = raw text (generate)")

@@ -18,7 +18,7 @@ MAX_NUMEL = 1 << 27  # ~4 GB of round-trip tensors; the error statistics settle 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--numel", type=number(int, Range(2, MAX_NUMEL)), default=1 << 20,
                         help="weights drawn per distribution (the round trips hold about 30 bytes a weight)")
-    parser.add_argument("--blocksize", type=int, default=64, choices=BLOCKSIZES, help="absmax block size (default 64)")
+    parser.add_argument("--blocksize", type=int, default=64, choices=BLOCKSIZES, help="absmax block size")
     parser.add_argument("--seed", type=non_negative_int, default=0, help="random seed of the weights")
 
 

@@ -20,13 +20,13 @@ HELP = "write a bitsandbytes-format 4-bit checkpoint"
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="a 16/32-bit model folder or hub id")
     parser.add_argument("--output", required=True, help="folder for the 4-bit checkpoint")
-    parser.add_argument("--quant", default="nf4", choices=("nf4", "fp4"), help="4-bit data type (default nf4)")
+    parser.add_argument("--quant", default="nf4", choices=("nf4", "fp4"), help="4-bit data type")
     parser.add_argument("--double-quant", action=argparse.BooleanOptionalAction, default=True,
-                        help="quantize the block constants to 8 bits (default on)")
+                        help="quantize the block constants to 8 bits")
     parser.add_argument("--blocksize", type=int, default=64, choices=BLOCKSIZES, help="weights per absmax block")
     parser.add_argument("--compute-dtype", choices=("bf16", "fp16", "fp32"), default="bf16",
                         help="dtype of the unquantized tensors (embeddings, norms, output head) and the "
-                             "bnb_4bit_compute_dtype recorded for the 4-bit layers (default bf16)")
+                             "bnb_4bit_compute_dtype recorded for the 4-bit layers")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace qlora's earlier results in an existing --output (only files qlora wrote)")
 

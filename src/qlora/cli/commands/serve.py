@@ -23,8 +23,9 @@ INSTALL_HINT = "FastAPI and uvicorn are not installed; install them with: pip in
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from ...option_range import Range
+    from ...template_names import TRAIN_TEMPLATE_NAMES
     from ..image_pixels import add_pixel_arguments
-    from ..options import non_negative_int, number, positive_int
+    from ..options import non_negative_int, number, positive_int, template_option
 
     parser.add_argument("--model", required=True, help="model folder (transformers checkpoint) or hub id")
     parser.add_argument("--adapter", action="append", default=[], metavar="[NAME=]DIR",
@@ -35,11 +36,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "(default: the format the adapter was trained on, else nf4)")
     parser.add_argument("--compute-dtype", choices=("bf16", "fp16", "fp32"), default="bf16",
                         help="dtype of the matmuls and unquantized weights")
-    parser.add_argument("--template", choices=("auto", "tokenizer", "chatml", "llama-3", "alpaca"), default="auto",
+    parser.add_argument("--template", choices=TRAIN_TEMPLATE_NAMES, type=template_option(), default="auto",
                         help="chat format of /v1/chat/completions: auto = each adapter's own (its chat_format.json, "
                              "the format it was trained with), else the model's own template; or one format for all")
     parser.add_argument("--host", default="127.0.0.1",
-                        help="address to listen on (default: loopback only; 0.0.0.0 exposes the server)")
+                        help="address to listen on: 127.0.0.1 is this machine only, 0.0.0.0 exposes the server")
     parser.add_argument("--port", type=number(int, Range(0, 65535)), default=8000, help="TCP port (0: any free port)")
     parser.add_argument("--api-key", default=None,
                         help="require 'Authorization: Bearer KEY' on every request (default: $QLORA_API_KEY)")
@@ -51,11 +52,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--stored-responses", type=non_negative_int, default=1000, metavar="N",
                         help="Responses API responses kept in memory for previous_response_id and GET "
                              "/v1/responses/{id} (the least recently used dropped first, never a background response "
-                             "still running; 0 keeps none; default 1000)")
+                             "still running; 0 keeps none)")
     parser.add_argument("--stored-conversations", type=non_negative_int, default=1000, metavar="N",
                         help="conversations (/v1/conversations, the Responses API's 'conversation') kept in memory, "
-                             "until the server restarts (the least recently used dropped first; 0 keeps none; "
-                             "default 1000)")
+                             "until the server restarts (the least recently used dropped first; 0 keeps none)")
     add_pixel_arguments(parser)
     parser.add_argument("--log-level", choices=("critical", "error", "warning", "info", "debug"), default="info",
                         help="uvicorn's log level (info logs each request)")

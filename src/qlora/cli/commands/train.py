@@ -18,7 +18,7 @@ HELP = "QLoRA-fine-tune a model on a dataset (YAML config and/or flags)"
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from ...train.config import TrainConfig, field_type
-    from ..options import positive_int
+    from ..options import positive_int, template_option
 
     parser.add_argument("config_file", nargs="?", metavar="CONFIG.yaml", help="options as a YAML mapping")
     parser.add_argument("--nproc", type=positive_int, default=1, metavar="N",
@@ -32,7 +32,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         else:
             # --optim and --lr-scheduler have no fixed choices: TrainConfig takes other tools' names for them too.
             parser.add_argument(flag, dest=f.name, default=argparse.SUPPRESS, metavar=f.name.upper(),
-                                choices=f.metadata["choices"], help=help_text)
+                                choices=f.metadata["choices"], help=help_text,
+                                type=template_option() if f.name == "template" else None)
 
 
 def _allowed_and_default(f) -> str:

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from qlora.errors import UsageError
 from qlora.model.chat_format import ChatFormat
+from qlora.template_names import template_name
 
 _BOS = "{% if bos_token %}{{ bos_token }}{% endif %}"
 
@@ -97,11 +98,15 @@ def resolve_chat_template(tokenizer, name: str = "auto") -> str:
         tokenizer: a transformers tokenizer.
         name: ``"auto"`` (the tokenizer's own template, else :func:`fallback_template_name`'s),
             ``"tokenizer"`` (the tokenizer's own, required), or a built-in name
-            (``chatml``, ``llama-3``, ``alpaca``).
+            (``chatml``, ``llama-3``, ``alpaca``), in any spelling of :mod:`qlora.template_names`.
 
     Raises:
         UsageError: unknown name, or ``"tokenizer"`` with a tokenizer that has none.
     """
+    try:
+        name = template_name(name)
+    except ValueError as exc:
+        raise UsageError(f"--template: {exc}") from None
     own = own_template(tokenizer)
     if name == "auto":
         return own or TEMPLATES[fallback_template_name(tokenizer)]
@@ -112,8 +117,6 @@ def resolve_chat_template(tokenizer, name: str = "auto") -> str:
                 f"choose a built-in template ({', '.join(TEMPLATES)})."
             )
         return own
-    if name not in TEMPLATES:
-        raise UsageError(f"unknown chat template {name!r}; choose auto, tokenizer, or one of {', '.join(TEMPLATES)}.")
     return TEMPLATES[name]
 
 
