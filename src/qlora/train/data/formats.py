@@ -38,7 +38,8 @@ from functools import partial
 from typing import Any, Callable, Sequence
 
 from qlora.errors import UsageError
-from qlora.train.data.fields import ROLE_NAMES, FieldMap, parse_data_fields, suggest_fields, tool_calls
+from qlora.train.data.fields import (ROLE_NAMES, FieldMap, parse_data_fields, prompt_only, prompt_only_error,
+                                     suggest_fields, tool_calls)
 from qlora.train.data.glaive import is_transcript, transcript, transcript_column
 from qlora.train.data.images import IMAGE_PART_TYPES, ImageRef, attach_images
 from qlora.train.data.message_trees import is_message_tree, top_threads
@@ -128,6 +129,8 @@ def detect_format(record: Record | list[Record]) -> str:
     found = Counter(f for f in shapes if f is not None)
     if not found:
         first = records[0]
+        if prompt_only(first.fields):
+            raise prompt_only_error(first.where)
         keys = sorted(first.fields)
         raise UsageError(
             f"{first.where}: cannot tell the data format from the fields {keys}"
