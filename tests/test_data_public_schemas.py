@@ -311,3 +311,30 @@ def test_prompt_only_rows_are_refused_for_every_method(tmp_path):
                                            "better_response_id": 1, "safer_response_id": 0}])
     with pytest.raises(UsageError, match="answers that are only scored"):
         normalize_preferences(load_records(pku))
+
+
+def test_hyphenated_function_speakers_are_tool_call_and_result_turns(tmp_path, qwen_tokenizer):
+    """Locutusque/function-calling-chatml: ShareGPT speakers ``function-call`` (the call as JSON) and
+    ``function-response``, beside ``system_message`` and ``function_description`` columns."""
+    row = {"system_message": "You have access to get_time.", "function_description": '{"name": "get_time"}',
+           "conversations": [{"from": "system", "value": "You have access to get_time."},
+                             {"from": "human", "value": "What time is it?"},
+                             {"from": "function-call", "value": '{"name": "get_time", "arguments": "{}"}'},
+                             {"from": "function-response", "value": '{"time": "12:00"}'},
+                             {"from": "gpt", "value": "It is noon."}]}
+    path = tmp_path / "fc.parquet"
+    pq.write_table(pa.Table.from_pylist([row]), path)
+    runs, text = _trained(path, qwen_tokenizer)
+    assert runs == ['<tool_call>\n{"name": "get_time", "arguments": {}}\n</tool_call><|im_end|>',
+                    "It is noon.<|im_end|>"]
+    assert '<tool_response>\n{"time": "12:00"}\n</tool_response>' in text
+
+
+def test_stepwise_supervision_rows_are_named_as_such(tmp_path):
+    """trl-lib/math_shepherd: ``prompt``, ``completions`` (reasoning steps) and ``labels`` (one bool a step)."""
+    path = tmp_path / "shepherd.parquet"
+    pq.write_table(pa.Table.from_pylist([{"prompt": "2+2?", "completions": ["Step 1: 2+2=4.", "Step 2: 4."],
+                                          "labels": [True, True]}]), path)
+    with pytest.raises(UsageError, match="stepwise-supervision data .* process reward models") as error:
+        normalize(load_records(path))
+    assert "messages=completions" not in str(error.value)

@@ -44,9 +44,16 @@ ROLE_NAMES = {
     "tool": "tool",
     "observation": "tool",
     "function": "tool",
+    "function_response": "tool",
     "ipython": "tool",
 }
 MESSAGE_KEYS = ("role", "content")
+
+
+def speaker_name(speaker: str) -> str:
+    """A speaker as :data:`ROLE_NAMES` spells it: lowercase, ``-`` as ``_`` (Locutusque/function-calling-chatml
+    writes ``function-call`` and ``function-response``)."""
+    return speaker.lower().replace("-", "_")
 ROLE_VALUES = {"user": "user", "assistant": "assistant", "tool": "tool", "developer": "developer",
                "system_role": "system"}
 
@@ -99,7 +106,7 @@ class FieldMap:
     def role(self, speaker: str) -> str | None:
         """Our role for a role value of the dataset (mapped first, then the known names), or None."""
         name = speaker.lower()
-        return self.roles.get(name) or ROLE_NAMES.get(name)
+        return self.roles.get(name) or ROLE_NAMES.get(speaker_name(speaker))
 
 
 def parse_data_fields(spec: str | dict | FieldMap | None) -> FieldMap:
@@ -186,6 +193,9 @@ def suggest_fields(fields: dict[str, Any]) -> str:
     if lists:
         return (f"The field {lists[0]!r} holds a list of objects: if it is the conversation, map it with "
                 f"--data-fields messages={lists[0]} (and role=KEY,content=KEY if its entries use other keys). ")
+    if _listed_texts(fields.get("completions")) and isinstance(fields.get("labels"), list):
+        return ('These rows look like TRL\'s stepwise-supervision data ("prompt", "completions" steps and their '
+                '"labels"), which trains process reward models; qlora does not train those. ')
     turns = next((k for k, v in fields.items() if isinstance(v, list) and len(v) >= 2
                   and all(isinstance(t, str) for t in v)), None)
     if turns:  # stingning/ultrachat's "data": the turns as plain strings, user first
@@ -217,6 +227,10 @@ def suggest_fields(fields: dict[str, Any]) -> str:
                 f"text={longest}; if the rows hold a prompt and an answer, map them with --data-fields "
                 "instruction=COLUMN,output=COLUMN. ")
     return "Map your fields with --data-fields OURS=THEIRS (e.g. instruction=question,output=answer). "
+
+
+def _listed_texts(value: Any) -> bool:
+    return isinstance(value, list) and bool(value) and all(isinstance(t, str) for t in value)
 
 
 def system_column(fields: dict[str, Any]) -> str:
