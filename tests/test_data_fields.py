@@ -56,7 +56,7 @@ def test_common_variants_are_detected_without_options():
 
 @pytest.mark.parametrize("row, found, hint", [
     ({"question": "q", "answer": "a", "context": "c"}, "['answer', 'context', 'question']",
-     "--data-fields instruction=question,output=answer"),
+     "--data-fields instruction=question,input=context,output=answer;"),
     ({"dialog": [{"speaker": "a", "text": "b"}]}, "['dialog']", "--data-fields messages=dialog"),
     ({"foo": 1}, "['foo']", "--data-fields OURS=THEIRS"),
     ({"content": "def f():\n    return 1\n", "lang": "python", "path": "a.py"}, "['content', 'lang', 'path']",

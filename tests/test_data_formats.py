@@ -45,7 +45,7 @@ def test_format_override_and_unknown():
     with pytest.raises(UsageError, match="unknown data format 'yaml'"):
         normalize([record], fmt="yaml")
     with pytest.raises(UsageError, match=r"d\.jsonl line 4: cannot tell the data format"):
-        detect_format(Record({"prompt": "p"}, "d.jsonl line 4"))
+        detect_format(Record({"query": "p"}, "d.jsonl line 4"))
 
 
 @pytest.mark.parametrize("fields, message", [

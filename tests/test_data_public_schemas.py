@@ -7,6 +7,7 @@ scored response pairs given to DPO."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pyarrow as pa
@@ -18,6 +19,7 @@ from qlora.errors import UsageError
 from qlora.model.chat_format import ChatFormat
 from qlora.train.data import load_records, normalize, tokenize_example
 from qlora.train.data.preference import normalize_preferences
+from qlora.train.data.unpaired import normalize_unpaired
 
 from conftest import QWEN_TEMPLATE as QWEN
 TOOLS = [{"name": "live_giveaways_by_type", "description": "Retrieve live giveaways.",
@@ -245,3 +247,94 @@ def test_shared_start_of_answers_is_no_prompt_when_the_row_holds_one(tmp_path, r
         assert pair.chosen == ({"role": "assistant", "content": "Step 1: add. 4"},)
     else:
         assert (pair.prompt, pair.chosen, pair.rejected) == ("Add 2 and 2.", "The answer is 4.", "The answer is 5.")
+
+
+def test_tinystories_txt_documents_are_the_texts_between_endoftext(tmp_path, qwen_tokenizer):
+    """roneneldan/TinyStories' TinyStoriesV2-GPT4-*.txt: stories separated by ``<|endoftext|>`` lines, their
+    paragraphs by single newlines (so no blank line in the file): a story is one text, the separator none."""
+    path = tmp_path / "TinyStoriesV2-GPT4-valid.txt"
+    path.write_text("Spot. Spot saw the shiny car.\nSpot said, \"Wow, Kitty!\"\n<|endoftext|>\n"
+                    "Once upon a time, there was a big cat.\n\nThe cat slept.\n<|endoftext|>\n\n<|endoftext|>\n"
+                    "Tim had a red ball.<|endoftext|>Lily liked to paint.\n")
+    records = load_records(path)
+    assert [r.fields["text"] for r in records] == [
+        "Spot. Spot saw the shiny car.\nSpot said, \"Wow, Kitty!\"",
+        "Once upon a time, there was a big cat.\n\nThe cat slept.", "Tim had a red ball.", "Lily liked to paint."]
+    assert [r.where.rsplit(" ", 1)[1] for r in records] == ["1", "4", "10", "10"]
+    examples = normalize(records)
+    tokenized = tokenize_example(examples[1], qwen_tokenizer, ChatFormat(QWEN))
+    text = qwen_tokenizer.decode(tokenized.input_ids)
+    assert text.removeprefix(qwen_tokenizer.bos_token) == (
+        "Once upon a time, there was a big cat.\n\nThe cat slept." + qwen_tokenizer.eos_token)
+
+
+@pytest.mark.parametrize("row, answer", [
+    ({"problem": "Find x if 2x=4.", "generated_solution": "Divide by 2: x = \\boxed{2}.", "expected_answer": "2",
+      "problem_source": "augmented_math"}, "Divide by 2: x = \\boxed{2}."),  # nvidia/OpenMathInstruct-2
+    ({"problem": "What is 3*3?", "deepseek_reasoning": "Three threes are nine.", "deepseek_solution": "9",
+      "ground_truth_solution": "9", "domain": "math", "source": "numina_math", "test_cases": None,
+      "starter_code": None}, "9"),  # open-thoughts/OpenThoughts-114k, config metadata
+    ({"inputs": "Translate hello to German.", "targets": "Hallo.", "language": "English", "language_code": "eng",
+      "annotation_type": "original-annotations", "user_id": "u1"}, "Hallo."),  # CohereForAI/aya_dataset
+    ({"answer": "SELECT COUNT(*) FROM head WHERE age > 56", "question": "How many heads are older than 56?",
+      "context": "CREATE TABLE head (age INTEGER)"}, "SELECT COUNT(*) FROM head WHERE age > 56"),  # b-mc2/sql-create-context
+    ({"id": "a1", "input": "Given n, print 2n.", "output": "<think>\nDouble it.\n</think>\n\nprint(2*int(input()))",
+      "source": "codeforces", "license": "cc-by-4.0", "dataset": "code_contests", "split": "train", "difficulty": "2",
+      "solution": "print(2*int(input()))"}, "<think>\nDouble it.\n</think>\n\nprint(2*int(input()))"),  # nvidia/OpenCodeReasoning
+    ({"id": "0", "data": ["How can I learn Python?", "Practice daily.", "Thanks!", "You're welcome."]},
+     "You're welcome."),  # stingning/ultrachat: the turns as plain strings
+])
+def test_refusals_suggest_a_mapping_that_trains_the_answer(tmp_path, row, answer):
+    path = tmp_path / "rows.parquet"
+    pq.write_table(pa.Table.from_pylist([row]), path)
+    with pytest.raises(UsageError, match="cannot tell the data format") as error:
+        normalize(load_records(path))
+    mapping = re.search(r"--data-fields (\S+?)[;.]? ", str(error.value)).group(1)
+    assert "text=" not in mapping and "output=output" not in mapping
+    example = normalize(load_records(path), "auto", mapping)[0]
+    assert example.messages[-1]["role"] == "assistant" and example.messages[-1]["content"] == answer
+    assert row.get("context", "") in example.messages[-2]["content"]  # the table's schema, for the SQL answer
+    if "deepseek_reasoning" in row:
+        assert example.messages[-1]["reasoning"] == "Three threes are nine."
+
+
+def test_prompt_only_rows_are_refused_for_every_method(tmp_path):
+    """trl-lib/ultrafeedback-prompt: a ``prompt`` message list and nothing else, data for online methods (GRPO);
+    PKU-Alignment/PKU-SafeRLHF's prompts come with scored responses, which are no prompt-only rows."""
+    path = tmp_path / "prompts.parquet"
+    pq.write_table(pa.Table.from_pylist([{"prompt": [{"content": "Write a poem.", "role": "user"}]}]), path)
+    for read in (normalize, normalize_preferences, normalize_unpaired):
+        with pytest.raises(UsageError, match=r'prompts\.parquet row 0: these rows hold only a "prompt" .* online methods'):
+            read(load_records(path))
+    pku = _jsonl(tmp_path / "pku.jsonl", [{"prompt": "How do I pick a lock?", "response_0": "I can't help.",
+                                           "response_1": "Use a wrench.", "prompt_source": "Alpaca3-70B",
+                                           "better_response_id": 1, "safer_response_id": 0}])
+    with pytest.raises(UsageError, match="answers that are only scored"):
+        normalize_preferences(load_records(pku))
+
+
+def test_hyphenated_function_speakers_are_tool_call_and_result_turns(tmp_path, qwen_tokenizer):
+    """Locutusque/function-calling-chatml: ShareGPT speakers ``function-call`` (the call as JSON) and
+    ``function-response``, beside ``system_message`` and ``function_description`` columns."""
+    row = {"system_message": "You have access to get_time.", "function_description": '{"name": "get_time"}',
+           "conversations": [{"from": "system", "value": "You have access to get_time."},
+                             {"from": "human", "value": "What time is it?"},
+                             {"from": "function-call", "value": '{"name": "get_time", "arguments": "{}"}'},
+                             {"from": "function-response", "value": '{"time": "12:00"}'},
+                             {"from": "gpt", "value": "It is noon."}]}
+    path = tmp_path / "fc.parquet"
+    pq.write_table(pa.Table.from_pylist([row]), path)
+    runs, text = _trained(path, qwen_tokenizer)
+    assert runs == ['<tool_call>\n{"name": "get_time", "arguments": {}}\n</tool_call><|im_end|>',
+                    "It is noon.<|im_end|>"]
+    assert '<tool_response>\n{"time": "12:00"}\n</tool_response>' in text
+
+
+def test_stepwise_supervision_rows_are_named_as_such(tmp_path):
+    """trl-lib/math_shepherd: ``prompt``, ``completions`` (reasoning steps) and ``labels`` (one bool a step)."""
+    path = tmp_path / "shepherd.parquet"
+    pq.write_table(pa.Table.from_pylist([{"prompt": "2+2?", "completions": ["Step 1: 2+2=4.", "Step 2: 4."],
+                                          "labels": [True, True]}]), path)
+    with pytest.raises(UsageError, match="stepwise-supervision data .* process reward models") as error:
+        normalize(load_records(path))
+    assert "messages=completions" not in str(error.value)

@@ -44,16 +44,29 @@ ROLE_NAMES = {
     "tool": "tool",
     "observation": "tool",
     "function": "tool",
+    "function_response": "tool",
     "ipython": "tool",
 }
 MESSAGE_KEYS = ("role", "content")
+
+
+def speaker_name(speaker: str) -> str:
+    """A speaker as :data:`ROLE_NAMES` spells it: lowercase, ``-`` as ``_`` (Locutusque/function-calling-chatml
+    writes ``function-call`` and ``function-response``)."""
+    return speaker.lower().replace("-", "_")
 ROLE_VALUES = {"user": "user", "assistant": "assistant", "tool": "tool", "developer": "developer",
                "system_role": "system"}
 
 # Names that suggest a prompt or an answer column, for the error that suggests a mapping.
-_PROMPT_NAMES = ("question", "query", "prompt", "input", "problem", "instruction", "human", "user", "request", "q")
-_ANSWER_NAMES = ("answer", "answers", "response", "output", "completion", "solution", "target", "assistant", "gpt",
-                 "reply", "chosen", "a")
+_PROMPT_NAMES = ("question", "query", "prompt", "input", "inputs", "problem", "instruction", "human", "user", "request",
+                 "q")
+_ANSWER_NAMES = ("answer", "answers", "response", "output", "completion", "solution", "target", "targets", "assistant",
+                 "gpt", "reply", "chosen", "a")
+# Words in a column name that say it holds an answer (``response_0``, ``chosen_response``, ``completions``).
+_ANSWER_WORDS = ("answer", "response", "output", "completion", "solution", "target", "reply", "chosen", "rejected",
+                 "assistant", "messages", "conversation", "text")
+# Columns holding a context the prompt refers to (a passage, a table's schema), for the suggested input=COLUMN.
+_CONTEXT_NAMES = ("context", "input", "passage", "document")
 
 
 @dataclass(frozen=True)
@@ -93,7 +106,7 @@ class FieldMap:
     def role(self, speaker: str) -> str | None:
         """Our role for a role value of the dataset (mapped first, then the known names), or None."""
         name = speaker.lower()
-        return self.roles.get(name) or ROLE_NAMES.get(name)
+        return self.roles.get(name) or ROLE_NAMES.get(speaker_name(speaker))
 
 
 def parse_data_fields(spec: str | dict | FieldMap | None) -> FieldMap:
@@ -133,34 +146,80 @@ def parse_data_fields(spec: str | dict | FieldMap | None) -> FieldMap:
 
 def prompt_column(fields: dict[str, Any]) -> str | None:
     """The row's column whose name suggests a prompt (``question``, ``query``, ...), or None."""
-    lowered = {k.lower(): k for k in fields}
-    return next((lowered[n] for n in _PROMPT_NAMES if n in lowered), None)
+    return _named_column(fields, _PROMPT_NAMES)
+
+
+def _named_column(fields: dict[str, Any], names: tuple[str, ...], skip: tuple[str | None, ...] = ()) -> str | None:
+    """The row's column named one of ``names`` (in their order), else the first whose last ``_`` part is one of
+    them (``generated_solution``, ``deepseek_solution``), or None."""
+    lowered = {k.lower(): k for k in fields if k not in skip}
+    exact = next((lowered[n] for n in names if n in lowered), None)
+    return exact or next((k for k in fields if k not in skip and k.lower().rsplit("_", 1)[-1] in names
+                          and "_" in k), None)
+
+
+def _reasoning_column(fields: dict[str, Any]) -> str | None:
+    """A text column whose name says it holds a reasoning trace (``deepseek_reasoning``,
+    ``deepseek_thinking_trajectory``), not a mode flag such as Nemotron's ``"reasoning": "on"``."""
+    return next((k for k, v in fields.items() if any(w in k.lower() for w in ("reasoning", "thinking"))
+                 and isinstance(v, str) and v.strip().lower() not in ("", "on", "off")), None)
+
+
+def prompt_only(fields: dict[str, Any]) -> bool:
+    """A row holding a prompt and nothing that could answer it (no other column named like an answer, such as
+    PKU-SafeRLHF's ``response_0``, and no other message list): TRL's prompt-only data, for online methods."""
+    others = [k for k in fields if k != "prompt"]
+    return isinstance(fields.get("prompt"), (str, list)) and not any(
+        any(n in k.lower() for n in _ANSWER_WORDS) or message_like(fields[k]) for k in others)
+
+
+def prompt_only_error(where: str) -> UsageError:
+    return UsageError(
+        f'{where}: these rows hold only a "prompt" (TRL\'s prompt-only format): such data is for online methods '
+        "(GRPO, online DPO, PPO), which generate the answers while training. qlora trains on written answers "
+        '(--method sft, dpo, orpo, cpo, simpo, kto): write them into the rows first (a "completion" column for SFT, '
+        '"chosen" and "rejected" for preference pairs, "completion" and a true/false "label" for KTO).')
 
 
 def suggest_fields(fields: dict[str, Any]) -> str:
     """A sentence suggesting a --data-fields mapping for a row no format matched ('' if none fits)."""
-    lowered = {k.lower(): k for k in fields}
     system = system_column(fields)
     lists = [k for k, v in fields.items() if message_like(v)]
-    answers = [lowered[n] for n in _ANSWER_NAMES if n in lowered and lowered[n] not in lists
-               and isinstance(fields[lowered[n]], str)]
+    answers = [k for k in (_named_column({k: v for k, v in fields.items() if k not in lists and isinstance(v, str)},
+                                         _ANSWER_NAMES),) if k]
     if lists and answers:  # the conversation so far, and the reply to it (nvidia's Nemotron post-training data)
         return (f"If {lists[0]!r} holds the conversation so far and {answers[0]!r} the reply to train, map them with "
                 f"--data-fields prompt={lists[0]},completion={answers[0]}{system}. ")
     if lists:
         return (f"The field {lists[0]!r} holds a list of objects: if it is the conversation, map it with "
                 f"--data-fields messages={lists[0]} (and role=KEY,content=KEY if its entries use other keys). ")
+    if _listed_texts(fields.get("completions")) and isinstance(fields.get("labels"), list):
+        return ('These rows look like TRL\'s stepwise-supervision data ("prompt", "completions" steps and their '
+                '"labels"), which trains process reward models; qlora does not train those. ')
+    turns = next((k for k, v in fields.items() if isinstance(v, list) and len(v) >= 2
+                  and all(isinstance(t, str) for t in v)), None)
+    if turns:  # stingning/ultrachat's "data": the turns as plain strings, user first
+        return (f"The field {turns!r} holds a list of texts: if they are a conversation's turns (user first, then "
+                f"alternating with the assistant), map it with --data-fields messages={turns}. ")
     prompt = prompt_column(fields)
-    answer = next((lowered[n] for n in _ANSWER_NAMES if n in lowered and lowered[n] != prompt), None)
+    answer = _named_column(fields, _ANSWER_NAMES, skip=(prompt,))
     if prompt and answer and tool_calls(fields[answer]) is not None:
         return (f"If {prompt!r} is the prompt and {answer!r} the tool calls that answer it, map them with "
                 f"--data-fields prompt={prompt},completion={answer}: the calls are then the assistant's tool-call "
                 "turn, and a \"tools\" column is given to the chat template. ")
     if prompt and answer:
-        return (f"If {prompt!r} is the prompt and {answer!r} the answer, map them with --data-fields "
-                f"instruction={prompt},output={answer}{system} (add input=COLUMN for a context the model must see); "
-                "such names are not mapped automatically because datasets that use them often carry other "
-                "columns the model needs. ")
+        context = _named_column(fields, _CONTEXT_NAMES, skip=(prompt, answer))
+        reasoning = _reasoning_column({k: v for k, v in fields.items() if k not in (prompt, answer)})
+        mapping = [f"{ours}={theirs}" for ours, theirs in (("instruction", prompt), ("input", context),
+                                                          ("output", answer), ("reasoning", reasoning))
+                   if theirs and ours != theirs]
+        roles = [f"{prompt!r} is the prompt", f"{context!r} its context" if context else "",
+                 f"{answer!r} the answer", f"{reasoning!r} its reasoning" if reasoning else ""]
+        roles = [r for r in roles if r]
+        said = ", ".join(roles[:-1]) + " and " + roles[-1]
+        hint = "" if context or prompt.lower() == "input" else " (add input=COLUMN for a context the model must see)"
+        return (f"If {said}, map them with --data-fields {','.join(mapping)}{system}{hint}; such names are not "
+                "mapped automatically because datasets that use them often carry other columns the model needs. ")
     texts = [k for k, v in fields.items() if isinstance(v, str) and v.strip()]
     if texts:
         longest = max(texts, key=lambda k: len(fields[k]))
@@ -168,6 +227,10 @@ def suggest_fields(fields: dict[str, Any]) -> str:
                 f"text={longest}; if the rows hold a prompt and an answer, map them with --data-fields "
                 "instruction=COLUMN,output=COLUMN. ")
     return "Map your fields with --data-fields OURS=THEIRS (e.g. instruction=question,output=answer). "
+
+
+def _listed_texts(value: Any) -> bool:
+    return isinstance(value, list) and bool(value) and all(isinstance(t, str) for t in value)
 
 
 def system_column(fields: dict[str, Any]) -> str:

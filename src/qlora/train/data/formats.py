@@ -38,7 +38,8 @@ from functools import partial
 from typing import Any, Callable, Sequence
 
 from qlora.errors import UsageError
-from qlora.train.data.fields import ROLE_NAMES, FieldMap, parse_data_fields, suggest_fields, tool_calls
+from qlora.train.data.fields import (ROLE_NAMES, FieldMap, parse_data_fields, prompt_only, prompt_only_error,
+                                     speaker_name, suggest_fields, tool_calls)
 from qlora.train.data.glaive import is_transcript, transcript, transcript_column
 from qlora.train.data.images import IMAGE_PART_TYPES, ImageRef, attach_images
 from qlora.train.data.message_trees import is_message_tree, top_threads
@@ -128,6 +129,8 @@ def detect_format(record: Record | list[Record]) -> str:
     found = Counter(f for f in shapes if f is not None)
     if not found:
         first = records[0]
+        if prompt_only(first.fields):
+            raise prompt_only_error(first.where)
         keys = sorted(first.fields)
         raise UsageError(
             f"{first.where}: cannot tell the data format from the fields {keys}"
@@ -429,7 +432,7 @@ def _message(item: Any, where: str, names: FieldMap, fmt: str) -> dict[str, Any]
     role_key, content_key = names.message_keys(item)
     speaker = item.get(role_key)
     if not isinstance(speaker, str) or (content_key not in item and "tool_calls" not in item
-                                        and speaker.lower() not in _TOOL_CALL_SPEAKERS):
+                                        and speaker_name(speaker) not in _TOOL_CALL_SPEAKERS):
         raise UsageError(f'{where}: each entry needs string fields "{role_key}" and "{content_key}" (format {fmt}); '
                          f"this one has {sorted(item)}. Map other names with --data-fields role=KEY,content=KEY.")
     role = names.role(speaker)
@@ -440,7 +443,7 @@ def _message(item: Any, where: str, names: FieldMap, fmt: str) -> dict[str, Any]
                          f"--data-fields assistant={speaker} (roles: {', '.join(ROLES)}).")
     message: dict[str, Any] = {"role": role}
     content = item.get(content_key)
-    if speaker.lower() in _TOOL_CALL_SPEAKERS and role == "assistant":  # glaive / LLaMA-Factory tool-call turn
+    if speaker_name(speaker) in _TOOL_CALL_SPEAKERS and role == "assistant":  # glaive / LLaMA-Factory tool-call turn
         message["content"] = None
         message["tool_calls"] = _tool_calls(_parsed_json(content, where, "the function_call value"), where)
         return message

@@ -50,7 +50,8 @@ import torch
 from qlora.errors import UsageError
 from qlora.model.chat_format import ChatFormat
 from qlora.model.image_processor import image_token_id
-from qlora.train.data.fields import FieldMap, message_like, parse_data_fields, prompt_column
+from qlora.train.data.fields import (FieldMap, message_like, parse_data_fields, prompt_column, prompt_only,
+                                     prompt_only_error)
 from qlora.train.data.formats import EMPTY_ANSWER, Example, empty_answer, normalize, unpaired_error, unpaired_label
 from qlora.train.data.image_examples import expanded_prompt, image_batch
 from qlora.train.data.images import ImageRef, as_parts, attach_images, has_image_parts, images_in
@@ -240,6 +241,8 @@ def _pair_from_row(fields: dict[str, Any], where: str, names: FieldMap, chat: bo
     need = '(preference rows need "prompt", "chosen" and "rejected": strings or message lists)'
     if "chosen" not in fields and unpaired_label(fields) is not None:
         raise unpaired_error(where)
+    if prompt_only(fields):
+        raise prompt_only_error(where)
     for key in ("chosen", "rejected"):
         value = fields.get(key)
         if value is None:

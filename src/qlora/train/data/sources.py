@@ -28,6 +28,9 @@ LOCAL_SUFFIXES = (".jsonl", ".json", ".csv", ".tsv", ".parquet", ".arrow", ".txt
 # Compressed text files (data.jsonl.gz, data.csv.xz) are read through these, as datasets reads them.
 _COMPRESSED = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}
 _TEXT_SUFFIXES = (".jsonl", ".json", ".csv", ".tsv", ".txt")
+# GPT-2's end-of-text token, written between the documents of plain-text corpora (TinyStoriesV2's .txt files,
+# OpenWebText dumps): such a file's records are its documents, not its lines.
+DOCUMENT_SEPARATOR = "<|endoftext|>"
 
 
 @dataclass(frozen=True)
@@ -50,8 +53,8 @@ def load_records(source: str | Path, split: str = "train", subset: str | None = 
 
     Args:
         source: a ``.jsonl``, ``.json`` (a list or ``{"data": [...]}``), ``.csv``, ``.tsv``,
-            ``.parquet``, ``.arrow`` or ``.txt`` file (plain text: one record a paragraph, or a
-            line when the file has no blank line), the text ones also compressed (``.gz``,
+            ``.parquet``, ``.arrow`` or ``.txt`` file (plain text: one record a document where
+            ``<|endoftext|>`` separates them, else a paragraph, or a line when the file has no blank line), the text ones also compressed (``.gz``,
             ``.bz2``, ``.xz``); a folder written by ``datasets``' ``save_to_disk``, or a folder
             of data files; or a hub dataset name.
         split: the split of a hub dataset, saved ``DatasetDict`` or data folder.
@@ -189,8 +192,12 @@ def _read_tsv(path: Path) -> list[Record]:
 
 
 def _read_text(path: Path) -> list[Record]:
-    """Plain text: one record a paragraph (blank-line separated), or one a line if no line inside is blank."""
-    lines = [line.rstrip("\n") for line in _decoded_lines(path)]
+    """Plain text: one record a document where ``<|endoftext|>`` separates them, else one a paragraph (blank-line
+    separated), or one a line if no line inside is blank."""
+    decoded = _decoded_lines(path)
+    if any(DOCUMENT_SEPARATOR in line for line in decoded):
+        return _documents("".join(decoded), path)
+    lines = [line.rstrip("\n") for line in decoded]
     filled = [i for i, line in enumerate(lines) if line.strip()]
     if not filled:
         return []
@@ -203,6 +210,19 @@ def _read_text(path: Path) -> list[Record]:
         elif block:
             records.append(Record({"text": "\n".join(lines[j] for j in block)}, f"{path} line {block[0] + 1}"))
             block = []
+    return records
+
+
+def _documents(text: str, path: Path) -> list[Record]:
+    """The documents between ``<|endoftext|>`` separators, each whole (its paragraphs, lines and blank lines kept):
+    a separator's place is the end of a text, which the text format trains as the model's EOS."""
+    records, offset = [], 0
+    for doc in text.split(DOCUMENT_SEPARATOR):
+        lead = len(doc) - len(doc.lstrip("\n"))
+        if doc.strip():
+            line = text.count("\n", 0, offset + lead) + 1
+            records.append(Record({"text": doc[lead:].rstrip()}, f"{path} line {line}"))
+        offset += len(doc) + len(DOCUMENT_SEPARATOR)
     return records
 
 

@@ -34,7 +34,7 @@ import torch
 
 from qlora.errors import UsageError
 from qlora.model.chat_format import ChatFormat
-from qlora.train.data.fields import FieldMap
+from qlora.train.data.fields import FieldMap, prompt_only, prompt_only_error
 from qlora.train.data.formats import EMPTY_ANSWER, Example, empty_answer, unpaired_label
 from qlora.train.data.image_examples import expanded_prompt, image_batch, token_aligned
 from qlora.train.data.images import ImageRef, as_parts, images_in
@@ -119,6 +119,8 @@ def _normalize_row(fields: dict, where: str, names: FieldMap, chat: bool) -> Unp
     if "completion" in fields and label is not None and (
             completion is None or completion == [] or (isinstance(completion, str) and not completion.strip())):
         return UnpairedExample("", "", label, where, skip=EMPTY_ANSWER)
+    if prompt_only(fields):
+        raise prompt_only_error(where)
     for key in ("prompt", "completion"):
         value = fields.get(key)
         if value is None:
