@@ -157,9 +157,10 @@ def forward_cached(model, ids: torch.Tensor, cache: dict, seen: int, media: dict
     no cache qlora can pass back (Reformer's ``past_buckets_states``) runs the whole sequence at every call, as
     ``generate`` runs it.
 
-    ``media`` (a prompt with images): the image tensors of the prefill, ``{}`` at the steps after it. Positions
-    are then left to the model, which counts them from its cache as ``generate`` does (Qwen2-VL adds the rope
-    deltas of its images' positions, kept from the prefill).
+    ``media`` (a prompt with images): the image tensors of the prefill, ``{}`` at the steps after it. Position ids
+    are then left to the model, which computes them as ``generate`` lets it (Qwen2-VL adds the rope deltas of its
+    images' positions, kept from the prefill, to the cache positions, which transformers 4.x's Qwen2-VL family
+    needs given: without them it counts each step from 0).
     """
     params = _forward_params(getattr(model.forward, "__func__", model.forward))
     length = ids.shape[1]
@@ -170,7 +171,7 @@ def forward_cached(model, ids: torch.Tensor, cache: dict, seen: int, media: dict
     if "position_ids" in params and media is None:
         positions = {"position_ids": torch.arange(length - ids.shape[1], length, device=ids.device)[None]
                      .expand(ids.shape[0], -1)}
-    if "cache_position" in params and seen and "cache_position" not in cache and media is None:
+    if "cache_position" in params and seen and "cache_position" not in cache:
         positions["cache_position"] = steps
     out = model(input_ids=ids, use_cache=True, **cache, **positions, **(media or {}))
     returned = _cache_of(out, length)
