@@ -11,7 +11,8 @@ PixtralProcessor needs torchvision) get the hub's files written as the hub has t
 ``preprocessor_config.json`` with the hub's class name, ``processor_config.json`` naming the processor class and
 its settings, the tokenizer and ``chat_template.jinja``): their processors cannot be built without torchvision.
 Tokenizers are generic fast ones, or the family's fast class where transformers 4.x's processor insists on it.
-``KINDS`` leaves out families whose processor class itself needs torchvision here (``NEEDS_TORCHVISION``).
+``KINDS`` leaves out families whose processor class itself needs torchvision here (``NEEDS_TORCHVISION``) and
+those this transformers lacks (``MISSING``: ``kind_params`` skips them).
 Image processors are the PIL ones (4.x's slow ones).
 """
 
@@ -21,8 +22,10 @@ import json
 from pathlib import Path
 from typing import NamedTuple
 
+import pytest
 import torch
 import transformers
+from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
 
 _TEXTS = ["what is in the picture? a red square on a blue field", "the cat sat on the mat and looked at it",
           "describe the image: two green circles", "user assistant system model"] * 10
@@ -68,15 +71,24 @@ def _importable(name: str) -> bool:
         return False
 
 
+# Families this transformers lacks (4.56 has no Qwen3-VL): their tests skip, saying so.
+MISSING = tuple(k for k in PROCESSORS if k not in CONFIG_MAPPING_NAMES)
 # Processor classes that need torchvision to import at all (transformers 5's PixtralProcessor, 4.x's
 # SmolVLMProcessor, whose module imports its video processor's): without torchvision, their families are refused
 # for images, naming it.
-NEEDS_TORCHVISION = tuple(k for k, name in PROCESSORS.items() if not _importable(name))
+NEEDS_TORCHVISION = tuple(k for k, name in PROCESSORS.items() if k not in MISSING and not _importable(name))
 # Families whose processor takes a video processor: built without torchvision by qlora for images alone.
-VIDEO_KINDS = tuple(k for k in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "smolvlm", "internvl", "llava_onevision")
-                    if k not in NEEDS_TORCHVISION)
-KINDS = tuple(k for k in ("gemma3", "llava", "llava_next", "idefics3", "aya_vision", *VIDEO_KINDS, "mistral3")
-              if k not in NEEDS_TORCHVISION)
+VIDEO_FAMILIES = tuple(k for k in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "smolvlm", "internvl", "llava_onevision")
+                       if k not in NEEDS_TORCHVISION)
+FAMILIES = tuple(k for k in ("gemma3", "llava", "llava_next", "idefics3", "aya_vision", *VIDEO_FAMILIES, "mistral3")
+                 if k not in NEEDS_TORCHVISION)
+KINDS = tuple(k for k in FAMILIES if k not in MISSING)  # the families built here
+
+
+def kind_params(kinds) -> list:
+    """``kinds`` as test parameters, those this transformers lacks skipped with the reason."""
+    return [pytest.param(k, marks=pytest.mark.skipif(k in MISSING, reason=f"transformers {transformers.__version__} "
+                                                     f"has no {k} models")) for k in kinds]
 
 
 class HubFiles(NamedTuple):
