@@ -7,11 +7,13 @@
 # tests/test_moe_models.py skips itself on 4.x (experts are nn.Linear there, loaded by the plain path).
 # Also data formats and sources, tokenization, the train loop and preference training, estimate, train options
 # and schedules, sampling, added tokens, LoRA/DoRA/PiSSA/LoftQ, PEFT adapter round trips, bitsandbytes, GPTQ and
-# FP8 checkpoints, vision-language models, multi-LoRA and pickle checkpoints (every file here passes on 4.57).
-# Measured 2026-11-24 on the shared 2-core machine: 142 s in all (installs 53 s from a warm pip cache; 138 s were
-# measured from a cold one before tensorboard was added; tests 81 s: 681 passed, 16 skipped); with
-# TRANSFORMERS_SPEC='transformers==4.56.*' 171 s, 682 passed. scripts/test.sh runs it after the whole suite,
-# which is developed against transformers 5.
+# FP8 checkpoints, vision-language models, multi-LoRA and pickle checkpoints, and training, eval, preference
+# training, generation and serving on images for every family 4.x has (every file here passes on 4.57).
+# Measured 2026-11-24 on the shared 2-core machine at a load average of 4-5: 303 s in all (installs 87 s from a
+# warm pip cache; tests 208 s: 798 passed, 16 skipped; the five image files 25 s of CPU, about 60 s of that wall
+# time); with TRANSFORMERS_SPEC='transformers==4.56.*' 382 s, 798 passed, 21 skipped (4.56 has no Qwen3-VL).
+# Before the image files (and trl, fastapi, uvicorn, openai, httpx, num2words) were added, on a quieter machine:
+# 142 s, tests 81 s. scripts/test.sh runs it after the whole suite, which is developed against transformers 5.
 set -euo pipefail
 repo="$(cd "$(dirname "$0")/.." && pwd)"
 spec="${TRANSFORMERS_SPEC:-transformers==4.57.*}"
@@ -26,7 +28,8 @@ pip=("$work/venv/bin/python" -m pip install -q)
 "${pip[@]}" "torch==2.13.0" 2>"$work/pip.err" || { cat "$work/pip.err"; exit 1; }
 # Named versions, not `-e .[test]`: resolving every extra against an old transformers backtracks for minutes.
 "${pip[@]}" "$spec" "peft>=0.13" "bitsandbytes>=0.50" "pytest>=8" "pexpect>=4.8" "safetensors>=0.4" "pyyaml>=6" \
-    "tqdm>=4.60" "numpy>=1.24" "datasets>=2.19" "matplotlib>=3.7" "tensorboard>=2.14" 2>"$work/pip.err" || { cat "$work/pip.err"; exit 1; }
+    "tqdm>=4.60" "numpy>=1.24" "datasets>=2.19" "matplotlib>=3.7" "tensorboard>=2.14" "trl>=1.0" "fastapi>=0.110" \
+    "uvicorn>=0.29" "openai>=1.40" "httpx>=0.27" "num2words>=0.5" 2>"$work/pip.err" || { cat "$work/pip.err"; exit 1; }
 "${pip[@]}" --no-deps -e "$repo" 2>"$work/pip.err" || { cat "$work/pip.err"; exit 1; }
 echo "  installed ($((SECONDS - start)) s): $("$work/venv/bin/python" -c 'import transformers; print("transformers", transformers.__version__)')"
 
@@ -46,5 +49,7 @@ PYTHONPATH="$repo/src" "$work/venv/bin/python" -m pytest -q -p no:cacheprovider 
     tests/test_train_loop.py tests/test_preference_training.py tests/test_peft_adapter_options.py \
     tests/test_adapter_base.py tests/test_loftq.py tests/test_pissa.py tests/test_chat_templates_train.py \
     tests/test_data_formats_cli.py tests/test_gptq_awq_checkpoints.py tests/test_stored_floats.py tests/test_optim_api.py \
+    tests/test_image_training.py tests/test_image_generation.py tests/test_image_preference.py \
+    tests/test_serve_images.py tests/test_image_only_processor.py \
     -k "not falcon_h1"  # transformers 4.57's own Falcon-H1 forward allocates 16 GiB on this tiny config
 echo "compat check passed ($((SECONDS - start)) s)"

@@ -10,18 +10,22 @@ video processor (Qwen2-VL, Qwen2.5-VL, Qwen3-VL, SmolVLM2, InternVL, LLaVA-OneVi
 PixtralProcessor needs torchvision) get the hub's files written as the hub has them (the image processor's
 ``preprocessor_config.json`` with the hub's class name, ``processor_config.json`` naming the processor class and
 its settings, the tokenizer and ``chat_template.jinja``): their processors cannot be built without torchvision.
-``KINDS`` lists Mistral 3 only when torchvision is installed. Image processors are the PIL ones (4.x's slow ones).
+Tokenizers are generic fast ones, or the family's fast class where transformers 4.x's processor insists on it.
+``KINDS`` leaves out families whose processor class itself needs torchvision here (``NEEDS_TORCHVISION``) and
+those this transformers lacks (``MISSING``: ``kind_params`` skips them).
+Image processors are the PIL ones (4.x's slow ones).
 """
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 from typing import NamedTuple
 
+import pytest
 import torch
 import transformers
+from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
 
 _TEXTS = ["what is in the picture? a red square on a blue field", "the cat sat on the mat and looked at it",
           "describe the image: two green circles", "user assistant system model"] * 10
@@ -50,10 +54,41 @@ GEMMA3_TEMPLATE = (Path(__file__).parent / "data" / "chat_templates" / "gemma-3.
 
 INTERNVL_TEMPLATE = LLAVA_TEMPLATE.replace("<image>", "<IMG_CONTEXT>")  # the hub's -hf templates write <IMG_CONTEXT>
 
+# Each family's processor class.
+PROCESSORS = {"gemma3": "Gemma3Processor", "llava": "LlavaProcessor", "llava_next": "LlavaNextProcessor",
+              "idefics3": "Idefics3Processor", "aya_vision": "AyaVisionProcessor", "paligemma": "PaliGemmaProcessor",
+              "mistral3": "PixtralProcessor", "qwen2_vl": "Qwen2VLProcessor", "qwen2_5_vl": "Qwen2_5_VLProcessor",
+              "qwen3_vl": "Qwen3VLProcessor", "smolvlm": "SmolVLMProcessor", "internvl": "InternVLProcessor",
+              "llava_onevision": "LlavaOnevisionProcessor"}
+
+
+def _importable(name: str) -> bool:
+    """Whether transformers' class ``name`` is usable here (some processors' modules import torchvision: 4.x fails
+    to import them, 5 gives a placeholder class that raises on any public attribute)."""
+    try:
+        return callable(getattr(transformers, name).from_pretrained)
+    except ImportError:
+        return False
+
+
+# Families this transformers lacks (4.56 has no Qwen3-VL): their tests skip, saying so.
+MISSING = tuple(k for k in PROCESSORS if k not in CONFIG_MAPPING_NAMES)
+# Processor classes that need torchvision to import at all (transformers 5's PixtralProcessor, 4.x's
+# SmolVLMProcessor, whose module imports its video processor's): without torchvision, their families are refused
+# for images, naming it.
+NEEDS_TORCHVISION = tuple(k for k, name in PROCESSORS.items() if k not in MISSING and not _importable(name))
 # Families whose processor takes a video processor: built without torchvision by qlora for images alone.
-VIDEO_KINDS = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "smolvlm", "internvl", "llava_onevision")
-KINDS = ("gemma3", "llava", "llava_next", "idefics3", "aya_vision", *VIDEO_KINDS) + (
-    ("mistral3",) if importlib.util.find_spec("torchvision") else ())
+VIDEO_FAMILIES = tuple(k for k in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "smolvlm", "internvl", "llava_onevision")
+                       if k not in NEEDS_TORCHVISION)
+FAMILIES = tuple(k for k in ("gemma3", "llava", "llava_next", "idefics3", "aya_vision", *VIDEO_FAMILIES, "mistral3")
+                 if k not in NEEDS_TORCHVISION)
+KINDS = tuple(k for k in FAMILIES if k not in MISSING)  # the families built here
+
+
+def kind_params(kinds) -> list:
+    """``kinds`` as test parameters, those this transformers lacks skipped with the reason."""
+    return [pytest.param(k, marks=pytest.mark.skipif(k in MISSING, reason=f"transformers {transformers.__version__} "
+                                                     f"has no {k} models")) for k in kinds]
 
 
 class HubFiles(NamedTuple):
@@ -70,17 +105,27 @@ def _pil(name: str, **kwargs):
     return (getattr(transformers, f"{name}Pil", None) or getattr(transformers, name))(**kwargs)
 
 
-def _tokenizer(added: list[str], eos: str, named: dict[str, str] | None = None):
-    from transformers import PreTrainedTokenizerFast
-
+def _tokenizer(kind: str, added: list[str], eos: str, named: dict[str, str] | None = None):
+    """The locally trained tokenizer with ``added`` special tokens, of a class ``kind``'s processor accepts: a generic
+    fast tokenizer, or the family's fast class over the same tokenizer where the processor takes only its family's
+    classes (transformers 4.x's Qwen2-VL and PaliGemma processors)."""
     from qlora.model.tiny import train_tokenizer
 
     base = train_tokenizer(_TEXTS, vocab_size=300, chat_template=False)
-    tok = PreTrainedTokenizerFast(tokenizer_object=base._tokenizer, bos_token="<|bos|>", eos_token=eos,
-                                  pad_token="<|pad|>", unk_token="<|unk|>", extra_special_tokens=named or {})
+    # ids and mask only, as the hub's tokenizers of these families give (4.x's generic class adds token_type_ids)
+    tok = _tokenizer_class(PROCESSORS[kind])(tokenizer_object=base._tokenizer, bos_token="<|bos|>", eos_token=eos,
+                                             pad_token="<|pad|>", unk_token="<|unk|>", extra_special_tokens=named or {},
+                                             model_input_names=["input_ids", "attention_mask"])
     # added here, not as a constructor argument: transformers 5 leaves additional_special_tokens out of the vocab
     tok.add_special_tokens({"additional_special_tokens": list(dict.fromkeys(["<|im_start|>", "<|im_end|>", *added]))})
     return tok
+
+
+def _tokenizer_class(processor: str) -> type:
+    """``PreTrainedTokenizerFast``, or the fast class among those ``processor`` insists on (4.x's tuple of names)."""
+    accepted = getattr(getattr(transformers, processor), "tokenizer_class", None) if _importable(processor) else None
+    fast = next((n for n in accepted if n.endswith("Fast")), None) if isinstance(accepted, tuple) else None
+    return getattr(transformers, fast) if fast else transformers.PreTrainedTokenizerFast
 
 
 def _family(kind: str):
@@ -89,7 +134,7 @@ def _family(kind: str):
         from transformers import Gemma3Processor
 
         names = {"boi_token": "<start_of_image>", "eoi_token": "<end_of_image>", "image_token": "<image_soft_token>"}
-        tok = _tokenizer(["<start_of_turn>", "<end_of_turn>", *names.values()], "<end_of_turn>", names)
+        tok = _tokenizer(kind, ["<start_of_turn>", "<end_of_turn>", *names.values()], "<end_of_turn>", names)
         proc = Gemma3Processor(_pil("Gemma3ImageProcessor", size={"height": 56, "width": 56}), tok,
                                chat_template=GEMMA3_TEMPLATE, image_seq_length=4)
         ids = {k: tok.convert_tokens_to_ids(v) for k, v in names.items()}
@@ -100,7 +145,7 @@ def _family(kind: str):
     if kind in ("llava", "llava_next"):
         from transformers import LlavaNextProcessor, LlavaProcessor
 
-        tok = _tokenizer(["<image>"], "<|im_end|>", {"image_token": "<image>"})
+        tok = _tokenizer(kind, ["<image>"], "<|im_end|>", {"image_token": "<image>"})
         sizes = dict(size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28})
         spec = dict(vision_config=dict(_VISION, model_type="clip_vision_model", image_size=28, patch_size=14,
                                        projection_dim=32), image_token_index=tok.convert_tokens_to_ids("<image>"),
@@ -118,7 +163,7 @@ def _family(kind: str):
     if kind == "idefics3":
         from transformers import Idefics3Processor
 
-        tok = _tokenizer(["<fake_token_around_image>", "<image>", "<global-img>", "<end_of_utterance>"],
+        tok = _tokenizer(kind, ["<fake_token_around_image>", "<image>", "<global-img>", "<end_of_utterance>"],
                          "<end_of_utterance>")
         images = _pil("Idefics3ImageProcessor", size={"longest_edge": 56}, max_image_size={"longest_edge": 28})
         proc = Idefics3Processor(images, tok, chat_template=SMOLVLM_TEMPLATE, image_seq_len=1)
@@ -129,7 +174,7 @@ def _family(kind: str):
         from transformers import AyaVisionProcessor
 
         names = ["<|START_OF_IMG|>", "<|END_OF_IMG|>", "<|IMG_LINE_BREAK|>", "<|IMG_PATCH|>"]
-        tok = _tokenizer(["<image>", *names], "<|im_end|>", {"image_token": "<image>"})
+        tok = _tokenizer(kind, ["<image>", *names], "<|im_end|>", {"image_token": "<image>"})
         tiles = _pil("GotOcr2ImageProcessor", size={"height": 28, "width": 28}, crop_to_patches=True, max_patches=3)
         proc = AyaVisionProcessor(tiles, tok, patch_size=14, img_size=28, downsample_factor=2,
                                   chat_template=LLAVA_TEMPLATE)
@@ -139,27 +184,28 @@ def _family(kind: str):
     if kind == "paligemma":
         from transformers import PaliGemmaProcessor
 
-        tok = _tokenizer(["<image>"], "<|im_end|>", {"image_token": "<image>"})
-        proc = PaliGemmaProcessor(_pil("SiglipImageProcessor", size={"height": 28, "width": 28}), tok)
+        tok = _tokenizer(kind, ["<image>"], "<|im_end|>", {"image_token": "<image>"})
+        images = _pil("SiglipImageProcessor", size={"height": 28, "width": 28}, image_seq_length=4)  # 4.x reads it
+        proc = PaliGemmaProcessor(images, tok)
         return tok, proc, dict(model_type="gemma"), dict(
             vision_config=dict(_VISION, model_type="siglip_vision_model", image_size=28, patch_size=14,
                                projection_dim=64),
             projection_dim=64, image_token_index=tok.convert_tokens_to_ids("<image>"))
     if kind == "mistral3":
-        tok = _tokenizer(["[IMG]", "[IMG_BREAK]", "[IMG_END]"], "<|im_end|>")
+        tok = _tokenizer(kind, ["[IMG]", "[IMG_BREAK]", "[IMG_END]"], "<|im_end|>")
         images = _pil("PixtralImageProcessor", size={"longest_edge": 56}, patch_size=14)
-        proc = HubFiles("PixtralProcessor", images, "PixtralImageProcessor", dict(patch_size=14, spatial_merge_size=2),
+        proc = HubFiles(PROCESSORS[kind], images, "PixtralImageProcessor", dict(patch_size=14, spatial_merge_size=2),
                         LLAVA_TEMPLATE.replace("<image>\n", "[IMG]"))
         return tok, proc, dict(model_type="mistral"), dict(
             vision_config=dict(_VISION, model_type="pixtral", image_size=56, patch_size=14, head_dim=16),
             spatial_merge_size=2, image_token_index=tok.convert_tokens_to_ids("[IMG]"))
     if kind in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl"):
-        tok = _tokenizer(["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"], "<|im_end|>")
+        tok = _tokenizer(kind, ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"],
+                         "<|im_end|>")
         patch = 16 if kind == "qwen3_vl" else 14
         size = dict(min_pixels=(2 * patch) ** 2 * 4, max_pixels=(4 * patch) ** 2 * 4, patch_size=patch)
         hub_type = "Qwen2VLImageProcessorFast" if kind == "qwen3_vl" else "Qwen2VLImageProcessor"
-        processor = {"qwen2_vl": "Qwen2VLProcessor", "qwen2_5_vl": "Qwen2_5_VLProcessor"}.get(kind, "Qwen3VLProcessor")
-        proc = HubFiles(processor, _pil("Qwen2VLImageProcessor", **size), hub_type, {}, QWEN2_VL_TEMPLATE)
+        proc = HubFiles(PROCESSORS[kind], _pil("Qwen2VLImageProcessor", **size), hub_type, {}, QWEN2_VL_TEMPLATE)
         ids = {t: tok.convert_tokens_to_ids(t) for t in ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>")}
         rope = {"type": "mrope", "mrope_section": [2, 3, 3]}
         vision = dict(depth=1, hidden_size=32, num_heads=2, patch_size=patch, spatial_merge_size=2,
@@ -176,29 +222,29 @@ def _family(kind: str):
         return tok, proc, text, dict(vision_config=vision, image_token_id=ids["<|image_pad|>"],
                                      video_token_id=ids["<|video_pad|>"], vision_start_token_id=ids["<|vision_start|>"])
     if kind == "smolvlm":
-        tok = _tokenizer(["<fake_token_around_image>", "<image>", "<global-img>", "<end_of_utterance>"],
+        tok = _tokenizer(kind, ["<fake_token_around_image>", "<image>", "<global-img>", "<end_of_utterance>"],
                          "<end_of_utterance>")
         images = _pil("SmolVLMImageProcessor", size={"longest_edge": 56}, max_image_size={"longest_edge": 28})
-        proc = HubFiles("SmolVLMProcessor", images, "SmolVLMImageProcessor", dict(image_seq_len=1), SMOLVLM_TEMPLATE)
+        proc = HubFiles(PROCESSORS[kind], images, "SmolVLMImageProcessor", dict(image_seq_len=1), SMOLVLM_TEMPLATE)
         return tok, proc, dict(model_type="llama"), dict(
             vision_config=dict(_VISION, model_type="smolvlm_vision", image_size=28, patch_size=14), scale_factor=2,
             image_token_id=tok.convert_tokens_to_ids("<image>"))
     if kind == "internvl":
         names = {"start_image_token": "<img>", "end_image_token": "</img>", "context_image_token": "<IMG_CONTEXT>",
                  "video_token": "<video>"}
-        tok = _tokenizer(list(names.values()), "<|im_end|>", names)
+        tok = _tokenizer(kind, list(names.values()), "<|im_end|>", names)
         tiles = _pil("GotOcr2ImageProcessor", size={"height": 28, "width": 28}, crop_to_patches=True, max_patches=3)
-        proc = HubFiles("InternVLProcessor", tiles, "GotOcr2ImageProcessorFast", dict(image_seq_length=1),
+        proc = HubFiles(PROCESSORS[kind], tiles, "GotOcr2ImageProcessorFast", dict(image_seq_length=1),
                         INTERNVL_TEMPLATE)
         return tok, proc, dict(model_type="qwen2"), dict(
             vision_config=dict(_VISION, model_type="internvl_vision", image_size=[28, 28], patch_size=[14, 14]),
             downsample_ratio=0.5, image_token_id=tok.convert_tokens_to_ids("<IMG_CONTEXT>"))
     if kind == "llava_onevision":
         names = {"image_token": "<image>", "video_token": "<video>"}
-        tok = _tokenizer(list(names.values()), "<|im_end|>", names)
+        tok = _tokenizer(kind, list(names.values()), "<|im_end|>", names)
         pins = [[28, 28], [28, 56], [56, 28]]
         images = _pil("LlavaOnevisionImageProcessor", size={"height": 28, "width": 28}, image_grid_pinpoints=pins)
-        proc = HubFiles("LlavaOnevisionProcessor", images, "LlavaOnevisionImageProcessor",
+        proc = HubFiles(PROCESSORS[kind], images, "LlavaOnevisionImageProcessor",
                         dict(num_image_tokens=4, vision_feature_select_strategy="full",
                              vision_aspect_ratio="anyres_max_9"), LLAVA_TEMPLATE)
         return tok, proc, dict(model_type="qwen2"), dict(

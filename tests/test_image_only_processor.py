@@ -21,16 +21,11 @@ from transformers import AutoModelForImageTextToText, AutoProcessor, AutoTokeniz
 from qlora.cli.main import main
 from qlora.model.image_only_processor import NeedsTorchvision, image_only_processor
 from qlora.model.image_processor import load_image_processor
-from image_models import VIDEO_KINDS, _family, build_image_model, write_png
+from image_models import VIDEO_FAMILIES, _family, build_image_model, kind_params, write_png
 from qlora_processes import train_records
 
 no_torchvision = pytest.mark.skipif(importlib.util.find_spec("torchvision") is not None,
                                     reason="AutoProcessor builds these processors")
-transformers_4 = int(transformers.__version__.split(".")[0]) < 5
-# On transformers 4.x, Qwen2-VL's processors take only Qwen2 tokenizers (the tiny folders' is a generic one), and
-# qlora finds no vision tower in 4.x's SmolVLM.
-KINDS = [pytest.param(kind, marks=pytest.mark.skipif(transformers_4 and (kind.startswith("qwen") or kind == "smolvlm"),
-                                                     reason="see above")) for kind in VIDEO_KINDS]
 PLACEHOLDER = {"internvl": "<IMG_CONTEXT>", "llava_onevision": "<image>", "smolvlm": "<image>"}
 
 
@@ -57,7 +52,7 @@ def built(tmp_path_factory):
 
 
 @no_torchvision
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", kind_params(VIDEO_FAMILIES))
 def test_autoprocessor_needs_torchvision_and_qlora_builds_the_familys_class(kind, built):
     folder, processor = built(kind)
     with pytest.raises((ImportError, ValueError), match="(?i)torchvision"):
@@ -69,7 +64,7 @@ def test_autoprocessor_needs_torchvision_and_qlora_builds_the_familys_class(kind
     assert processor.chat_template == (folder / "chat_template.jinja").read_text()
 
 
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", kind_params(VIDEO_FAMILIES))
 def test_outputs_are_the_image_processors_and_the_familys_token_counts(kind, built, images):
     folder, processor = built(kind)
     settings = json.loads((folder / "processor_config.json").read_text())
@@ -100,7 +95,7 @@ def test_outputs_are_the_image_processors_and_the_familys_token_counts(kind, bui
         assert ids[:len(before)] == before and ids[-len(after):] == after
 
 
-@pytest.mark.parametrize("kind", [k for k in KINDS if k.values[0] in ("qwen2_5_vl", "llava_onevision")])
+@pytest.mark.parametrize("kind", kind_params(k for k in VIDEO_FAMILIES if k in ("qwen2_5_vl", "llava_onevision")))
 def test_cli_trains_in_4_bits_and_generates_with_images(kind, built, tmp_path, capsys):
     folder = built(kind)[0]
     write_png(tmp_path / "a.png", 40, 30, 0)

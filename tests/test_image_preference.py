@@ -152,8 +152,11 @@ def test_first_dpo_step_equals_trl_dpotrainer_on_images(kind, loss, models, fold
     torch.testing.assert_close(loss.detach(), their_loss.detach(), rtol=RTOL, atol=1e-7)
     assert abs(float(loss) - 0.6931472) > 1e-3  # the adapters matter
     logged = oracle._metrics["train"]
+    # A reward is beta times a difference of fp32 sums of log-probabilities: apart by a unit in the sums' last place
+    # where the oracle sums in another order (TRL's fused head on transformers 4.x), so a few of those are allowed.
+    last_place = torch.finfo(torch.float32).eps * max(abs(metrics["logps/chosen"]), abs(metrics["logps/rejected"]))
     for key in ("rewards/chosen", "rewards/rejected", "rewards/margins", "logps/chosen", "logps/rejected"):
-        assert metrics[key] == pytest.approx(logged[key][-1], rel=RTOL, abs=1e-6), key
+        assert metrics[key] == pytest.approx(logged[key][-1], rel=RTOL, abs=max(1e-6, 4 * args.beta * last_place)), key
     for name, p in ours.items():
         other = theirs["base_model.model." + name].grad
         scale = float(other.abs().max())

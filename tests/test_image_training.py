@@ -7,7 +7,6 @@ model and gives qlora's logits on an image+text input.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 
 import pytest
@@ -20,7 +19,8 @@ from qlora.cli.main import main
 from qlora.errors import UsageError
 from qlora.train.config import load_config
 from qlora.train.trainer import Trainer
-from image_models import KINDS, build_image_model, oracle_processor, render, write_png
+from image_models import (FAMILIES, KINDS, NEEDS_TORCHVISION, PROCESSORS, build_image_model, kind_params,
+                          oracle_processor, render, write_png)
 
 QUESTION, ANSWERS = "what is in the picture?", ("a red square", "two green circles")
 
@@ -89,7 +89,7 @@ def _oracle_rows(model_dir, data):
     return out
 
 
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", kind_params(FAMILIES))
 def test_first_step_loss_is_transformers_loss_and_adapter_loads_in_peft(kind, models, data, tmp_path):
     from peft import PeftModel
 
@@ -227,16 +227,16 @@ def test_refusals(models, data, tiny_model_dir, tmp_path):
         _trainer(models["gemma3"], _jsonl(data.parent / "two.jsonl", rows), tmp_path / "two", batch_size=1)
 
 
-@pytest.mark.skipif(importlib.util.find_spec("torchvision") is not None
-                    or int(transformers.__version__.split(".")[0]) < 5,
-                    reason="Mistral 3's processor builds (4.x's PixtralProcessor needs no torchvision)")
-def test_a_processor_that_needs_torchvision_is_named(data, tmp_path, capsys):
-    """transformers 5's PixtralProcessor needs torchvision itself, so not even a processor for images alone builds."""
-    model = build_image_model(tmp_path / "mistral3", "mistral3")
+@pytest.mark.parametrize("kind", NEEDS_TORCHVISION or [pytest.param("-", marks=pytest.mark.skip(
+    reason="every family's processor class builds here (torchvision is installed, or none needs it)"))])
+def test_a_processor_that_needs_torchvision_is_named(kind, data, tmp_path, capsys):
+    """A processor class that needs torchvision itself (transformers 5's PixtralProcessor, 4.x's SmolVLMProcessor,
+    whose module imports its video processor's): not even a processor for images alone builds."""
+    model = build_image_model(tmp_path / kind, kind)
     assert _train(model, data, tmp_path / "run") == 2
     err = capsys.readouterr().err
-    assert (f"{data} line 1: the processor of mistral3 models ({model}) needs torchvision, which is not installed, "
-            "so images cannot be turned into its inputs (transformers' PixtralProcessor itself needs it): pip "
+    assert (f"{data} line 1: the processor of {kind} models ({model}) needs torchvision, which is not installed, "
+            f"so images cannot be turned into its inputs (transformers' {PROCESSORS[kind]} itself needs it): pip "
             "install torchvision" in " ".join(err.split()) and "Traceback" not in err), err
 
 

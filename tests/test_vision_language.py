@@ -159,6 +159,41 @@ def _check_outputs(src, adapter, tmp_path, capsys):
     assert torch.allclose(back.eval()(IDS).logits, adapted, atol=1e-4)
 
 
+_TEXT = dict(hidden_size=64, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2, intermediate_size=128,
+             vocab_size=300)
+_VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=28,
+               patch_size=14)
+
+
+@pytest.mark.parametrize("kind, config, text, towers", [
+    ("idefics2", dict(text_config=dict(_TEXT, model_type="mistral"), vision_config=_VISION,
+                      perceiver_config=dict(hidden_size=64, resampler_n_latents=4, resampler_depth=1,
+                                            resampler_n_heads=2, resampler_head_dim=8, num_key_value_heads=1)),
+     "text_model", {"vision_model", "connector"}),
+    ("idefics3", dict(text_config=dict(_TEXT, model_type="llama"), vision_config=_VISION), "text_model",
+     {"vision_model", "connector"}),
+    ("smolvlm", dict(text_config=dict(_TEXT, model_type="llama"), vision_config=_VISION), "text_model",
+     {"vision_model", "connector"}),
+    ("deepseek_vl", dict(text_config=dict(_TEXT, model_type="llama"),
+                         vision_config=dict(_VISION, model_type="siglip_vision_model")), "language_model",
+     {"vision_model", "aligner"})])
+def test_the_text_decoder_beside_the_towers_is_found(kind, config, text, towers):
+    """Bodies holding the text decoder beside the vision tower with no ``get_decoder`` of their own: transformers
+    4.x's returns the whole body, and qlora still finds the text model in it (the towers kept 16-bit and out of
+    LoRA's reach, images accepted)."""
+    from transformers import AutoConfig
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+
+    from qlora.model.quantize import text_decoder_path
+
+    if kind not in CONFIG_MAPPING_NAMES:
+        pytest.skip(f"this transformers has no {kind} models")
+    model = AutoModelForImageTextToText.from_config(AutoConfig.for_model(kind, **config))
+    assert model.get_submodule(f"model.{text}").get_input_embeddings() is model.get_input_embeddings()
+    assert text_decoder_path(model) == f"model.{text}"
+    assert non_text_names(model) == {f"model.{t}" for t in towers}
+
+
 def test_estimate_counts_the_towers_as_16_bit(vlms):
     from transformers import AutoConfig
 

@@ -157,12 +157,13 @@ def forward_cached(model, ids: torch.Tensor, cache: dict, seen: int, media: dict
     no cache qlora can pass back (Reformer's ``past_buckets_states``) runs the whole sequence at every call, as
     ``generate`` runs it.
 
-    ``media`` (a prompt with images): the image tensors of the prefill, ``{}`` at the steps after it. Positions
-    are then left to the model, which counts them from its cache as ``generate`` does (Qwen2-VL adds the rope
-    deltas of its images' positions, kept from the prefill).
+    ``media`` (a prompt with images): the image tensors of the prefill, ``{}`` at the steps after it. The prefill's
+    position ids are left to the model; the steps after it get those of its ``prepare_inputs_for_generation``, as
+    ``generate`` gives them (Qwen2-VL adds the rope deltas of its images' positions, kept from the prefill), and
+    their cache positions (without which transformers 4.x's Qwen2-VL family counts each step from 0).
     """
     params = _forward_params(getattr(model.forward, "__func__", model.forward))
-    length = ids.shape[1]
+    length, whole = ids.shape[1], ids
     if cache and seen and not reads_whole_sequence(model, ids, cache, seen):  # no cache: the whole sequence again
         ids = ids[:, seen:]
     positions = {}
@@ -170,7 +171,9 @@ def forward_cached(model, ids: torch.Tensor, cache: dict, seen: int, media: dict
     if "position_ids" in params and media is None:
         positions = {"position_ids": torch.arange(length - ids.shape[1], length, device=ids.device)[None]
                      .expand(ids.shape[0], -1)}
-    if "cache_position" in params and seen and "cache_position" not in cache and media is None:
+    elif "position_ids" in params and seen and cache:  # a step after a prefill with images
+        positions = _generation_positions(model, whole, cache, steps)
+    if "cache_position" in params and seen and "cache_position" not in cache:
         positions["cache_position"] = steps
     out = model(input_ids=ids, use_cache=True, **cache, **positions, **(media or {}))
     returned = _cache_of(out, length)
@@ -179,6 +182,17 @@ def forward_cached(model, ids: torch.Tensor, cache: dict, seen: int, media: dict
     own = model.prepare_inputs_for_generation(ids, use_cache=True, cache_position=steps).get("past_key_values")
     cache = {"past_key_values": own if own is not None else DynamicCache(config=model.config)}  # the prefill again
     return model(input_ids=ids, use_cache=True, **cache, **positions, **(media or {})), cache
+
+
+def _generation_positions(model, ids: torch.Tensor, cache: dict, steps: torch.Tensor) -> dict:
+    """The position ids ``model.prepare_inputs_for_generation`` gives the tokens at cache positions ``steps`` of
+    ``ids`` (the whole sequence, nothing padded) after a prefill with images, as ``generate`` passes them: the
+    Qwen2-VL family adds there the rope deltas of the prompt's images (transformers 4.56's Qwen2.5-VL forward fails
+    computing them itself); ``{}`` where it gives none (the forward counts from the cache positions)."""
+    prepared = model.prepare_inputs_for_generation(ids, attention_mask=torch.ones_like(ids), cache_position=steps,
+                                                   use_cache=True, **cache)
+    position_ids = prepared.get("position_ids")
+    return {} if position_ids is None else {"position_ids": position_ids}
 
 
 def reads_whole_sequence(model, ids: torch.Tensor, cache: dict, seen: int) -> bool:

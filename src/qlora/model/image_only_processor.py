@@ -22,6 +22,17 @@ class NeedsTorchvision(ValueError):
     """The processor cannot be built without torchvision even for images alone; the message says why."""
 
 
+def for_want_of_torchvision(exc: BaseException) -> bool:
+    """Whether ``exc`` or an error it was raised from says torchvision is missing (transformers 4.x wraps the
+    import error of a processor module that imports torchvision, SmolVLM's, in one naming only the class)."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if "torchvision" in str(seen).lower() or getattr(seen, "name", None) == "torchvision":
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
 def image_only_processor(model_dir: str | Path, model_type: str, tokenizer):
     """``model_type``'s processor from ``model_dir`` with ``tokenizer`` and no video processor.
 
@@ -43,7 +54,12 @@ def image_only_processor(model_dir: str | Path, model_type: str, tokenizer):
 
     settings = dict(ProcessorMixin.get_processor_dict(str(model_dir))[0])
     name = settings.pop("processor_class", None) or PROCESSOR_MAPPING_NAMES.get(model_type)
-    base = getattr(transformers, name, None) if isinstance(name, str) else None
+    try:
+        base = getattr(transformers, name, None) if isinstance(name, str) else None
+    except ImportError as exc:  # 4.x: the class's module imports torchvision (SmolVLM's)
+        if not for_want_of_torchvision(exc):
+            raise
+        raise NeedsTorchvision(f"transformers' {name} itself needs it") from None
     if not isinstance(base, type):
         raise NeedsTorchvision(f"transformers has no processor class for {model_type} models")
     try:

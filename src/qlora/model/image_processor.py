@@ -84,10 +84,10 @@ def pixel_bounds(processor) -> PixelBounds:
 def _without_auto_processor(model_dir, kind: str, tokenizer, exc: Exception, where: str):
     """The processor for images alone when ``AutoProcessor`` failed with ``exc`` for want of torchvision (see
     :mod:`qlora.model.image_only_processor`), else the error naming what is missing."""
-    missing = getattr(exc, "name", None) if isinstance(exc, ImportError) else None
-    if "torchvision" in str(exc).lower():
-        from qlora.model.image_only_processor import NeedsTorchvision, image_only_processor
+    from qlora.model.image_only_processor import NeedsTorchvision, for_want_of_torchvision, image_only_processor
 
+    missing = getattr(exc, "name", None) if isinstance(exc, ImportError) else None
+    if for_want_of_torchvision(exc):
         try:
             return image_only_processor(model_dir, kind, tokenizer)
         except NeedsTorchvision as again:

@@ -134,7 +134,24 @@ def text_decoder_path(model: nn.Module) -> str:
         decoder = get() if callable(get) else None
     except (AttributeError, NotImplementedError):
         return ""
-    return next((n for n, m in model.named_modules() if m is decoder), "") if decoder is not None else ""
+    if decoder is None:
+        return ""
+    decoder = _text_part(decoder, model)
+    return next((n for n, m in model.named_modules() if m is decoder), "")
+
+
+def _text_part(decoder: nn.Module, model: nn.Module) -> nn.Module:
+    """The text decoder inside ``decoder`` where that is still the multimodal body (its config has vision or audio
+    sub-configs): transformers 4.x's ``get_decoder`` returns the whole body of Idefics2/3, SmolVLM and DeepSeek-VL,
+    whose text decoder is the sub-model holding the input embeddings (transformers 5 returns that one itself)."""
+    while any(k != "text_config" for k in getattr(getattr(decoder, "config", None), "sub_configs", None) or {}):
+        embeddings = model.get_input_embeddings()
+        child = next((c for c in decoder.children() if hasattr(c, "config") and c is not embeddings
+                      and any(m is embeddings for m in c.modules())), None)
+        if child is None:
+            break
+        decoder = child
+    return decoder
 
 
 def non_text_names(model: nn.Module) -> set[str]:
