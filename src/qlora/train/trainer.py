@@ -669,7 +669,8 @@ class Trainer:
         return {"split": "train", "step": self.step + 1, "loss": total, **self._step_metrics(stats), "lr": lr,
                 "grad_norm": grad_norm, "tokens_per_s": n_tokens / max(elapsed, 1e-9), "gpu_mem_gib": gpu_memory_gib()}
 
-    def _loss_reaching_adapters(self, batch: dict[str, torch.Tensor], norm: Any) -> tuple[torch.Tensor, dict[str, float]]:
+    def _loss_reaching_adapters(self, batch: dict[str, torch.Tensor],
+                                norm: Any) -> tuple[torch.Tensor, dict[str, float]]:
         """:meth:`_micro_loss`, checked once per process: a loss without a graph (no adapter can get a gradient)
         is computed again with the input embeddings' output requiring grad, the RNG rewound so that dropout draws
         what a run with it from the start draws.
