@@ -8,7 +8,7 @@ forward pass, and drops the rows that finished or whose client went away. Each
 row carries its own adapter (:func:`qlora.model.multi_adapter.adapter_rows`: the
 4-bit base is read once per step for all rows, whichever adapters they use), its
 sampling options and seeded generator, its penalties (:class:`qlora.infer.penalties.Penalties`:
-its own token counts and logit bias), its stop tokens and stop strings. Greedy
+its own token counts and logit bias, the model's token rules), its stop tokens and stop strings. Greedy
 rows produce the tokens of :func:`qlora.infer.generate.stream_tokens`. A model whose cache cannot be
 re-batched (recurrent state: Mamba, hybrid models) or whose padded batch does not reproduce
 each request alone is found at start and served one request at a time (``unbatchable`` says why). A row may carry
@@ -43,6 +43,7 @@ from .batch_cache import add_row, attention_mask, cache_length, cache_problem, k
 from .generate import SamplingOptions, forward_cached, next_token, step_inputs
 from .images import media_rows
 from .logprobs import TokenLogprob, chosen_logprob, prompt_logprobs
+from .model_rules import ModelRules
 from .penalties import Penalties
 from .text_stream import TextStream
 
@@ -108,7 +109,7 @@ class Request:
 class _Row:
     """A running request: its tokens so far and how many of them the cache holds."""
 
-    def __init__(self, request: Request, tokenizer, device: torch.device) -> None:
+    def __init__(self, request: Request, tokenizer, device: torch.device, rules: ModelRules | None) -> None:
         self.request = request
         self.text = TextStream(tokenizer, request.stop_strings, request.keep_tokens)
         self.length = len(request.prompt_ids)  # entries of this row in the cache
@@ -116,7 +117,7 @@ class _Row:
         self.prompt_logprobs: list[TokenLogprob] | None = None
         seed = request.options.seed if request.options.seed is not None else random.getrandbits(63)
         self.generator = torch.Generator(device=device).manual_seed(seed)  # as a single run seeds it
-        self.penalties = Penalties.of(request.options, request.prompt_ids)
+        self.penalties = Penalties.of(request.options, request.prompt_ids, rules)
         self.images = request.media is not None  # the prompt had images (their tensors are dropped after its prefill)
 
 
@@ -138,6 +139,7 @@ class ContinuousBatcher:
         self.max_batch_size = max_batch_size
         self.context_length = context_length
         self.device = next(model.parameters()).device
+        self.rules = ModelRules.of(model)  # the token rules of its generation config, for every row
         self._waiting: deque[Request] = deque()
         self._rows: list[_Row] = []
         self._cache = None
@@ -273,7 +275,7 @@ class ContinuousBatcher:
     def _admit(self, request: Request) -> None:
         """Prefill ``request`` alone (with the reply's forced first tokens, if any), emit its first
         token, and add it to the batch."""
-        row = _Row(request, self.tokenizer, self.device)
+        row = _Row(request, self.tokenizer, self.device, self.rules)
         images, request.media = request.media, None  # for the prefill alone: a long reply does not hold them
         prefix = request.constraint.prefix_ids if request.constraint is not None else []
         prefix = prefix[:request.options.max_new_tokens] if request.generate else []

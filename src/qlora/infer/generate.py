@@ -5,7 +5,8 @@ the newest token only (the cache holds the past; the whole sequence for a model 
 ``prepare_inputs_for_generation`` asks for it), picks the next token, and
 yields it at once, so a chat shows words as they are made. Greedy decoding
 (temperature 0) gives exactly the tokens of ``model.generate(do_sample=False)``, with
-``repetition_penalty`` too.
+``repetition_penalty`` too, and with the token rules of the model's generation config
+(:mod:`qlora.infer.model_rules`: forced EOS at the length limit, suppressed tokens...).
 
 The next token is chosen as transformers' ``generate`` chooses it: logit bias and penalties on
 the raw logits (:mod:`qlora.infer.penalties`), then temperature, top-k, top-p and min-p, in the
@@ -24,6 +25,7 @@ from transformers import DynamicCache, GenerationMixin
 
 from ..errors import UsageError
 from ..option_range import AT_LEAST_1, NON_NEGATIVE, POSITIVE, Range
+from .model_rules import ModelRules
 from .penalties import Penalties
 
 # Where a forward returns its cache, by model family, as transformers' generate looks for it.
@@ -48,9 +50,10 @@ class SamplingOptions:
     min_p: float = field(default=0.0, metadata={
         "help": "drop tokens less likely than min_p times the most likely one (after temperature); 0 = off",
         "range": Range(0, 1)})
-    repetition_penalty: float = field(default=1.0, metadata={
+    repetition_penalty: float | None = field(default=None, metadata={
         "help": "penalize tokens already in the prompt or the reply: a logit above 0 is divided by this, one below "
-                "0 multiplied (transformers' repetition_penalty); 1 = off, above 1 repeats less",
+                "0 multiplied (transformers' repetition_penalty); 1 = off, above 1 repeats less; default: the "
+                "model's generation_config value, else off",
         "range": POSITIVE})
     presence_penalty: float = field(default=0.0, metadata={
         "help": "subtract this from the logit of every token already in the reply (OpenAI's); 0 = off",
@@ -128,7 +131,7 @@ def stream_tokens(model, input_ids: torch.Tensor, options: SamplingOptions | Non
     if options.seed is not None and options.temperature > 0:
         generator = torch.Generator(device=device).manual_seed(options.seed)
     model.eval()
-    penalties = Penalties.of(options, input_ids[0])
+    penalties = Penalties.of(options, input_ids[0], ModelRules.of(model))
     ids, cache = input_ids, {}
     for _ in range(options.max_new_tokens):
         out, cache = forward_cached(model, ids, cache, ids.shape[1] - 1 if cache else 0,
@@ -394,7 +397,8 @@ def generate_per_adapter(model, tokenizer, prompt: str, adapters: list[str | Non
         media = media_rows(media, rows, prompt_ids.shape[1])
     generators = [torch.Generator(device=device).manual_seed(options.seed)
                   if options.seed is not None and options.temperature > 0 else None for _ in adapters]
-    penalties = [Penalties.of(options, prompt_ids[0]) for _ in adapters]
+    rules = ModelRules.of(model)
+    penalties = [Penalties.of(options, prompt_ids[0], rules) for _ in adapters]
     texts = [TextStream(tokenizer, stop_strings) for _ in adapters]
     pieces: list[list[str]] = [[] for _ in adapters]
     done = [False] * rows

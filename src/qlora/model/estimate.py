@@ -32,6 +32,7 @@ from ..quant import BLOCKSIZES
 from ..quant.double_quant import NESTED_BLOCKSIZE
 from .architecture import text_model_from_config
 from .quantize import _skipped, fp32_linear_names, is_plain_linear, kept_dense_names, kept_in_fp32, matches_any
+from .target_hints import unmatched_hint, weight_modules
 
 GIB = 1024**3
 QUANT_TYPES = ("nf4", "fp4", "none")
@@ -127,6 +128,8 @@ class ModelCounts:
     num_layers: int
     fp32_params: int = 0  # of the other parameters, those the model class keeps in fp32 under bf16
     buffer_bytes: int = 0  # buffers at bf16 load: causal masks, rotary and decay tables
+    # modules holding weights that are no LoRA target, path -> kind (:func:`qlora.model.target_hints.weight_modules`)
+    other_modules: dict[str, str] = field(default_factory=dict)
 
     @property
     def quantized_params(self) -> int:
@@ -203,6 +206,7 @@ def count_parameters(config) -> ModelCounts:
     # lm_head.dense too)
     dense = kept_dense_names(model) | fp32_linear_names(model, torch.bfloat16) | {"lm_head"}
     quantized: dict[int, tuple[LinearShape, ...]] = {}
+    notes = {name: "(kept in 16-bit, an output head or a router: the estimate puts no adapter on it)" for name in dense}
     for name, module in model.named_modules():
         if _skipped(name, dense):
             continue
@@ -219,6 +223,7 @@ def count_parameters(config) -> ModelCounts:
             out_f, in_f = (cols, rows) if layout.applied_transposed(w) else (rows, cols)
             quantized[id(p)] = tuple(LinearShape(f"{name}.{w}.{e}", out_f, in_f, adaptable=False,
                                                  own_layout=not layout.standard) for e in range(count))
+            notes[name] = "(3-D expert weights: adapt them with --target-parameters)"
     linears = tuple(lin for _, p in model.named_parameters() if id(p) in quantized for lin in quantized[id(p)])
     others = tuple(p.numel() for _, p in model.named_parameters() if id(p) not in quantized)
     fp32 = kept_in_fp32(model, torch.bfloat16)
@@ -232,8 +237,10 @@ def count_parameters(config) -> ModelCounts:
     buffer_bytes = sum(b.numel() * (2 if b.is_floating_point() and id(b) in persistent and not (
         fp32 is not None and fp32.search(n)) else b.element_size()) for n, b in buffers)
     text = config.get_text_config()
+    adaptable = [lin.name for lin in linears if lin.adaptable]
     return ModelCounts(linears=linears, other_tensors=others, num_layers=text.num_hidden_layers,
-                       fp32_params=fp32_params, buffer_bytes=buffer_bytes)
+                       fp32_params=fp32_params, buffer_bytes=buffer_bytes,
+                       other_modules=weight_modules(model, adaptable, notes))
 
 
 def quantized_bytes(numel: int, blocksize: int, double_quant: bool) -> tuple[int, int]:
@@ -265,15 +272,17 @@ def select_targets(counts: ModelCounts, target_modules: tuple[str, ...] | str | 
     if isinstance(target_modules, str):
         chosen = [lin for lin in adaptable if re.fullmatch(target_modules, lin.name)]
         if not chosen:
-            raise UsageError(f"the target modules pattern {target_modules!r} matches no linear layer of this model")
+            raise UsageError(f"the target modules pattern {target_modules!r} matches no linear layer of this model. "
+                             + unmatched_hint(target_modules, [lin.name.rsplit(".", 1)[-1] for lin in adaptable],
+                                              counts.other_modules))
         return chosen
     if not target_modules:
         return []
     leaves = {lin.name.rsplit(".", 1)[-1] for lin in adaptable}
     missing = [t for t in target_modules if t not in leaves]
     if missing:
-        raise UsageError(f"--target-modules {', '.join(missing)} match no linear layer of this model; "
-                         f"its linear layers are {', '.join(sorted(leaves))}.")
+        raise UsageError(f"--target-modules {', '.join(missing)} match no linear layer of this model. "
+                         + unmatched_hint(missing, sorted(leaves), counts.other_modules))
     return [lin for lin in adaptable if lin.name.rsplit(".", 1)[-1] in target_modules]
 
 

@@ -19,6 +19,7 @@ from ..nn.experts_lora import expert_shapes
 from ..nn.residual_init import is_residual_init
 from .quantize import (is_linear_like, kept_dense_names, matches_any, non_text_names, output_embedding_names,
                        weight_count)
+from .target_hints import unmatched_hint, weight_modules
 
 if TYPE_CHECKING:
     from .streamed_init import StreamedInit
@@ -103,15 +104,26 @@ def target_paths(model: nn.Module, target_modules: str | list[str]) -> list[str]
             import difflib
 
             leaf_names = sorted({n.rsplit(".", 1)[-1] for n in candidates})
-            hints = [f"{t!r} (did you mean {', '.join(close)}?)" if (close := difflib.get_close_matches(
-                t, leaf_names, n=2, cutoff=0.6)) else repr(t) for t in unmatched]
-            raise UsageError(f"target modules {', '.join(hints)} match no linear layer of this model. Its linear "
-                             f"layers are named: {', '.join(leaf_names)} (or use 'all-linear').")
+            others = _other_modules(model, candidates, experts, towers)
+            named = {t for t in unmatched if any(matches_any(p, [t]) for p in others)}  # no typo: the hint says why
+            hints = [f"{t!r} (did you mean {', '.join(close)}?)" if t not in named and (
+                close := difflib.get_close_matches(t, leaf_names, n=2, cutoff=0.6)) else repr(t) for t in unmatched]
+            raise UsageError(f"target modules {', '.join(hints)} match no linear layer of this model. "
+                             + unmatched_hint(unmatched, leaf_names, others))
     if not chosen:
         leaf_names = sorted({n.rsplit(".", 1)[-1] for n in candidates})
-        raise UsageError(f"target modules {target_modules!r} match no linear layer of this model. Its linear "
-                         f"layers are named: {', '.join(leaf_names)} (or use 'all-linear').")
+        others = _other_modules(model, candidates, experts, towers)
+        raise UsageError(f"target modules {target_modules!r} match no linear layer of this model. "
+                         + unmatched_hint(target_modules, leaf_names, others))
     return chosen
+
+
+def _other_modules(model: nn.Module, candidates: list[str], experts: tuple[str, ...],
+                   towers: tuple[str, ...]) -> dict[str, str]:
+    """:func:`weight_modules` of the model beside ``candidates``, noting the experts' storage and the towers."""
+    notes = {p: "(storage of 3-D expert weights: adapt those with target_parameters)" for p in experts}
+    notes.update({p: "(in a vision or audio tower, which text training never reaches)" for p in towers})
+    return weight_modules(model, candidates, notes)
 
 
 def target_names(target_modules: list[str] | str | None, paths: list[str]) -> list[str]:

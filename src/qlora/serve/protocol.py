@@ -15,7 +15,8 @@ Sampling: ``temperature``, ``top_p``, ``presence_penalty`` and ``frequency_penal
 over the tokens the choice generated), ``logit_bias`` (token id as a string -> bias in [-100, 100];
 an id outside the tokenizer's vocabulary is a 400 naming it), and vLLM's extra body fields
 ``top_k`` (0 or -1: off), ``min_p`` and ``repetition_penalty`` (over prompt and reply, as
-transformers). Penalties and bias apply to greedy decoding too; see :mod:`qlora.infer.penalties`.
+transformers; left out: the model's generation_config value). Penalties and bias apply to greedy decoding
+too; see :mod:`qlora.infer.penalties`.
 An out-of-range value is a 400 naming the parameter.
 
 ``n``: that many choices, each its own batch row sampled with its own generator; with
@@ -149,7 +150,7 @@ class _Body(KnownFields):
     logit_bias: dict[str, float] | None = None
     top_k: int = Field(default=0, ge=-1)  # vLLM's extra sampling fields (the openai client's extra_body)
     min_p: float = Field(default=0.0, ge=0.0, le=1.0)
-    repetition_penalty: float = Field(default=1.0, gt=0.0)
+    repetition_penalty: float | None = Field(default=None, gt=0.0)  # None: the model's generation_config value
 
     def stop_strings(self) -> tuple[str, ...]:
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])

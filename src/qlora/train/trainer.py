@@ -227,6 +227,8 @@ class Trainer:
         self.losses: list[float] = []
         self.adapter_hooks = None  # adapter-specific work around each step (AdaLoRA: penalty, rank allocation)
         self._saved_step: int | None = None  # step of the newest checkpoint (the same on every rank)
+        self._input_grads = False  # the input embeddings' output requires grad (see _loss_reaching_adapters)
+        self._graph_checked = False  # the first loss of this process was checked for a graph that reaches adapters
 
     # ----------------------------------------------------------------- setup
     def setup(self) -> None:
@@ -399,10 +401,14 @@ class Trainer:
         self._targets = targets
         if cfg.gradient_checkpointing:
             enable = getattr(self.model, "activation_checkpointing_enable", None)  # transformers >= 5.x's name
+            if not getattr(self.model, "supports_gradient_checkpointing", True):
+                raise UsageError(f"--gradient-checkpointing: {type(self.model).__name__} does not support it "
+                                 "(transformers has no checkpointing for this architecture); train without it.")
             if enable is not None:
                 enable(activation_checkpointing_kwargs={"use_reentrant": False})
             else:
                 self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            self._input_grads = True
             self.model.enable_input_require_grads()
         self.attn = getattr(self.model.config, "_attn_implementation", "eager") or "eager"
         if cfg.packing:
@@ -640,7 +646,7 @@ class Trainer:
         total, stats = 0.0, {}
         for i, batch in enumerate(batches):
             with self._no_sync(last=i == len(batches) - 1):
-                loss, sums = self._micro_loss(batch, norm)
+                loss, sums = self._loss_reaching_adapters(batch, norm)
                 if not torch.isfinite(loss):
                     self._stop_nonfinite("loss", batch)
                 (self.scaler.scale(loss) if self.scaler else loss).backward()
@@ -678,6 +684,35 @@ class Trainer:
         elapsed = time.perf_counter() - start
         return {"split": "train", "step": self.step + 1, "loss": total, **self._step_metrics(stats), "lr": lr,
                 "grad_norm": grad_norm, "tokens_per_s": n_tokens / max(elapsed, 1e-9), "gpu_mem_gib": gpu_memory_gib()}
+
+    def _loss_reaching_adapters(self, batch: dict[str, torch.Tensor],
+                                norm: Any) -> tuple[torch.Tensor, dict[str, float]]:
+        """:meth:`_micro_loss`, checked once per process: a loss without a graph (no adapter can get a gradient)
+        is computed again with the input embeddings' output requiring grad, the RNG rewound so that dropout draws
+        what a run with it from the start draws.
+
+        Layers that run inside an autograd Function of their own (Reformer's reversible layers, which recompute
+        their activations in the backward) put into the graph only the inputs they are given, not the weights they
+        use: on a frozen embedding nothing requires grad and the adapters inside get none. Most models need no
+        input gradients (the adapters' own weights start the graph); enabling them always would add a backward pass
+        through the first layer, and break a model that scales its embeddings in place (CTRL).
+        """
+        if self._graph_checked:
+            return self._micro_loss(batch, norm)
+        rng = _rng_state()
+        loss, sums = self._micro_loss(batch, norm)
+        self._graph_checked = True
+        if loss.requires_grad or self._input_grads:
+            return loss, sums
+        self._input_grads = True
+        self.model.enable_input_require_grads()
+        _set_rng_state(rng)
+        loss, sums = self._micro_loss(batch, norm)
+        if not loss.requires_grad:
+            raise UsageError(f"the loss of {type(self.model).__name__} does not depend on any trainable parameter, "
+                             "even with gradients from its inputs: no adapter can learn. Check --target-modules "
+                             "(the adapted layers must be on the path to the loss).")
+        return loss, sums
 
     def _step_normalizer(self, batches: list[dict[str, torch.Tensor]]) -> Any:
         """What each micro-batch's loss is divided by: the trainable tokens of the whole step, all ranks."""
