@@ -144,6 +144,11 @@ def test_template_variables_documents_and_prompt_ending_with_a_saved_chat_format
         assert reply.choices[0].message.content == new
         echoed = _chat(client, start, max_tokens=8, extra_body={**body, "echo": True}).choices[0].message
         assert (echoed.role, echoed.content) == ("assistant", "The quick brown" + new)
+        stream = client.chat.completions.create(model="tiny", messages=start, max_tokens=8, temperature=0, stream=True,
+                                                extra_body={**body, "echo": True})
+        chunks = [c for c in stream if c.choices]
+        assert chunks[0].choices[0].delta.role == "assistant"
+        assert "".join(c.choices[0].delta.content or "" for c in chunks) == echoed.content
         _refused(lambda: _chat(client, start, extra_body={"continue_final_message": True}), "continue_final_message")
     batcher.close()
 
@@ -274,7 +279,11 @@ def test_guided_choice_regex_and_json(served, field):
         assert _json_ok(reply.message.content) and reply.finish_reason == "stop"
         fmt = {"type": "json_schema", "json_schema": {"name": "s", "schema": SCHEMA, "strict": True}}
         assert _chat(client, **kw, response_format=fmt).choices[0].message.content == reply.message.content
-    assert _json_ok(_chat(client, max_tokens=200, extra_body=body("json", json.dumps(SCHEMA))).choices[0].message.content)
+    as_text = _chat(client, max_tokens=200, extra_body=body("json", json.dumps(SCHEMA)))  # a schema sent as JSON text
+    assert _json_ok(as_text.choices[0].message.content)
+    streamed = _streamed(client, prompt=PROMPT, max_tokens=40, extra_body=body("choice", choices))
+    assert streamed == _complete(client, PROMPT, max_tokens=40, extra_body=body("choice", choices)).choices[0].text
+    assert streamed in choices
 
 
 def test_guided_refusals(served):

@@ -20,7 +20,8 @@ from qlora.errors import UsageError
 from .messages import Message
 
 
-def chatml(messages: Sequence[Message], add_generation_prompt: bool = True, continue_final_message: bool = False) -> str:
+def chatml(messages: Sequence[Message], add_generation_prompt: bool = True,
+           continue_final_message: bool = False) -> str:
     """ChatML text for ``messages``: the fallback when a tokenizer has no template (``continue_final_message``:
     the last message left open, as transformers leaves it)."""
     text = "".join(f"<|im_start|>{m.role}\n{m.content}<|im_end|>\n" for m in messages)

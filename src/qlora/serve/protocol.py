@@ -254,9 +254,9 @@ class ChatMessage(BaseModel):
 
 
 # apply_chat_template's parameters that are not template variables (messages and tools have their own fields)
-_RENDER_PARAMETERS = frozenset({"conversation", "messages", "tools", "chat_template", "tokenize", "padding", "truncation",
-                                "max_length", "return_tensors", "return_dict", "return_assistant_tokens_mask",
-                                "tokenizer_kwargs", "sanitize_control_tokens"})
+_RENDER_PARAMETERS = frozenset({"conversation", "messages", "tools", "chat_template", "tokenize", "padding",
+                                "truncation", "max_length", "return_tensors", "return_dict",
+                                "return_assistant_tokens_mask", "tokenizer_kwargs", "sanitize_control_tokens"})
 
 
 def _data_image(url: Any, where: str):
