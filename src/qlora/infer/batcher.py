@@ -99,6 +99,10 @@ class Request:
     prompt_logprobs: bool = False  # also the prompt tokens' (with ``logprobs`` alternatives each)
     generate: bool = True  # False: prefill only (score the prompt), no reply token
     media: dict | None = None  # a vision-language model's image tensors for the prompt: its prefill's, dropped after it
+    min_tokens: int = 0  # vLLM's: the stop tokens are masked (and stop strings not looked for) until this many
+    skip_special_tokens: bool = True  # vLLM's decoding options (see :class:`~qlora.infer.text_stream.TextStream`)
+    include_stop: bool = False
+    spaces_between_special_tokens: bool = True
     cancelled: bool = field(default=False, init=False)
 
     def cancel(self) -> None:
@@ -111,7 +115,8 @@ class _Row:
 
     def __init__(self, request: Request, tokenizer, device: torch.device, rules: ModelRules | None) -> None:
         self.request = request
-        self.text = TextStream(tokenizer, request.stop_strings, request.keep_tokens)
+        self.text = TextStream(tokenizer, request.stop_strings, request.keep_tokens, request.skip_special_tokens,
+                               request.include_stop, request.min_tokens, request.spaces_between_special_tokens)
         self.length = len(request.prompt_ids)  # entries of this row in the cache
         self.pending: list[TokenLogprob] = []  # logprobs not yet sent (their text is held back)
         self.prompt_logprobs: list[TokenLogprob] | None = None
@@ -325,6 +330,9 @@ class ContinuousBatcher:
     @staticmethod
     def _choose(row: _Row, logits: torch.Tensor) -> int | None:
         request = row.request
+        if len(row.text.tokens) < request.min_tokens and request.stop_ids:  # no end before min_tokens (vLLM's)
+            logits = logits.clone()
+            logits[[t for t in request.stop_ids if t < logits.numel()]] = float("-inf")
         if request.constraint is not None:
             if row.penalties is not None:
                 logits = row.penalties(logits)
@@ -358,7 +366,7 @@ class ContinuousBatcher:
         for i, row in enumerate(rows):
             row.length += 1
             plain_greedy = row.request.constraint is None and row.request.options.temperature <= 0 \
-                and row.penalties is None
+                and row.penalties is None and len(row.text.tokens) >= row.request.min_tokens
             token = greedy[i] if plain_greedy else self._choose(row, last[i])
             if not self._advance(row, token, last[i]):
                 keep.append(i)
@@ -376,10 +384,11 @@ class ContinuousBatcher:
             row.penalties.add(token)
         if request.logprobs is not None and token not in request.stop_ids:
             row.pending.append(chosen_logprob(logits, token, request.logprobs))
-        piece = row.text.push(token)
+        stop_token = token in request.stop_ids
+        piece = row.text.end(token) if stop_token else row.text.push(token)
         generated = len(row.text.tokens)
         reason = None
-        if token in request.stop_ids or row.text.stopped:
+        if stop_token or row.text.stopped:
             reason = "stop"
         elif generated >= request.options.max_new_tokens or row.length + 1 >= self.context_length:
             reason = "length"

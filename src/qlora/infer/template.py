@@ -20,9 +20,13 @@ from qlora.errors import UsageError
 from .messages import Message
 
 
-def chatml(messages: Sequence[Message], add_generation_prompt: bool = True) -> str:
-    """ChatML text for ``messages``: the fallback when a tokenizer has no template."""
+def chatml(messages: Sequence[Message], add_generation_prompt: bool = True,
+           continue_final_message: bool = False) -> str:
+    """ChatML text for ``messages``: the fallback when a tokenizer has no template (``continue_final_message``:
+    the last message left open, as transformers leaves it)."""
     text = "".join(f"<|im_start|>{m.role}\n{m.content}<|im_end|>\n" for m in messages)
+    if continue_final_message:
+        return text[:-len("<|im_end|>\n")]
     return text + ("<|im_start|>assistant\n" if add_generation_prompt else "")
 
 
@@ -41,18 +45,25 @@ def chat_template(tokenizer, chat_format: ChatFormat | None = None, tools: bool 
 
 
 def render_chat(tokenizer, messages: Sequence[Message], add_generation_prompt: bool = True,
-                chat_format: ChatFormat | None = None, tools: Sequence[dict[str, Any]] | None = None) -> str:
+                chat_format: ChatFormat | None = None, tools: Sequence[dict[str, Any]] | None = None,
+                template_kwargs: dict[str, Any] | None = None) -> str:
     """Prompt text for ``messages`` in the model's chat format, ready for generation.
 
     ``chat_format`` (the one a fine-tune saved) wins over the tokenizer's own template.
     Templates without a system role (Gemma's, Mistral's first) raise on one; the
     system text then goes before the first user message, separated by a blank line.
-    ``tools`` (OpenAI function definitions) are passed to the template as ``tools``.
+    ``tools`` (OpenAI function definitions) are passed to the template as ``tools``;
+    ``template_kwargs`` go to ``apply_chat_template`` as its keyword arguments (template variables
+    such as Qwen3's ``enable_thinking``, or ``continue_final_message``, ``documents``, and
+    ``add_generation_prompt``, which overrides the argument).
     """
     template = chat_template(tokenizer, chat_format, tools=bool(tools))
+    extra = dict(template_kwargs or {})
+    add_generation_prompt = extra.pop("add_generation_prompt", add_generation_prompt)
     if template is None:
-        return chatml(messages, add_generation_prompt)
-    extra = {"tools": [dict(t) for t in tools]} if tools else {}
+        return chatml(messages, add_generation_prompt, bool(extra.get("continue_final_message")))
+    if tools:
+        extra["tools"] = [dict(t) for t in tools]
 
     def apply(msgs: Sequence[Message]) -> str:
         from jinja2.exceptions import TemplateSyntaxError

@@ -15,6 +15,11 @@ ends, so text from a trailing run of byte tokens is held back until the run ends
 
 Special tokens are dropped from the text, except those named in ``keep``: tool-call
 markup such as Mistral's ``[TOOL_CALLS]`` is a special token, and a parser must see it.
+vLLM's decoding options are honoured as it defines them: ``skip_special_tokens=False`` shows
+every special token; ``include_stop`` (``include_stop_str_in_output``) keeps a matched stop
+string, and the stop token that ended the reply, in the text (:meth:`TextStream.end` leaves
+that token's text out otherwise); with ``min_tokens``, stop strings are only looked for in text
+that tokens after the first ``min_tokens`` added (nothing is held back before).
 """
 
 from __future__ import annotations
@@ -44,13 +49,21 @@ def byte_token_ids(tokenizer) -> frozenset[int]:
 class TextStream:
     """Turn one reply's token ids into text pieces, honouring stop strings."""
 
-    def __init__(self, tokenizer, stop_strings: Sequence[str] = (), keep: frozenset[int] = frozenset()) -> None:
+    def __init__(self, tokenizer, stop_strings: Sequence[str] = (), keep: frozenset[int] = frozenset(),
+                 skip_special_tokens: bool = True, include_stop: bool = False, min_tokens: int = 0,
+                 spaces_between_special_tokens: bool = True) -> None:
         self.tokenizer = tokenizer
         self.stop_strings = tuple(s for s in stop_strings if s)
         self.byte_ids = byte_token_ids(tokenizer)
-        self.keep = keep
-        self.hidden = frozenset(tokenizer.all_special_ids) - keep if keep else frozenset()
+        self.keep = keep if skip_special_tokens else frozenset()
+        self.skip_special = skip_special_tokens
+        self.hidden = frozenset(tokenizer.all_special_ids) - keep if self.keep else frozenset()
+        # slow tokenizers only (fast ones, and vLLM's fast path, ignore it): passed when not the default
+        self.decode_options = {} if spaces_between_special_tokens else {"spaces_between_special_tokens": False}
+        self.include_stop = include_stop
+        self.min_tokens = min_tokens
         self.tokens: list[int] = []
+        self.visible: int | None = None  # tokens whose text is shown (None: all; the stop token that ended it: not)
         self.shown = 0  # characters of the decoded text already released
         self.stopped = False  # a stop string matched; nothing more will be released
 
@@ -67,6 +80,16 @@ class TextStream:
         if text.endswith("\ufffd"):
             return ""
         return self._release(text[:len(text) - self._held_back(text)])
+
+    def end(self, token: int) -> str:
+        """The stop token that ended the reply: counted, its text shown only with ``include_stop`` (as
+        vLLM), then the rest of the reply (:meth:`flush`)."""
+        if self.include_stop:
+            return self.push(token) + self.flush()
+        if not self.stopped:
+            self.visible = len(self.tokens)
+        self.tokens.append(token)
+        return self.flush()
 
     def flush(self) -> str:
         """The rest of the reply, at its end (held-back text included, up to a stop string in it)."""
@@ -85,9 +108,11 @@ class TextStream:
         return end
 
     def _text(self, end: int) -> str:
+        tokens = self.tokens[:end if self.visible is None else min(end, self.visible)]
         if not self.keep:
-            return self.tokenizer.decode(self.tokens[:end], skip_special_tokens=True)
-        return self.tokenizer.decode([t for t in self.tokens[:end] if t not in self.hidden], skip_special_tokens=False)
+            return self.tokenizer.decode(tokens, skip_special_tokens=self.skip_special, **self.decode_options)
+        return self.tokenizer.decode([t for t in tokens if t not in self.hidden], skip_special_tokens=False,
+                                     **self.decode_options)
 
     def _release(self, text: str) -> str:
         piece = text[self.shown:]
@@ -95,13 +120,19 @@ class TextStream:
         return piece
 
     def _stop_at(self, text: str) -> int | None:
-        """Index of the earliest stop string in the unreleased text, if any."""
-        hits = [i for s in self.stop_strings
+        """Where the text ends at the earliest stop string in the unreleased text (before it, or after it
+        with ``include_stop``), if any; none within the first ``min_tokens`` tokens."""
+        if len(self.tokens) <= self.min_tokens:
+            return None
+        hits = [(i, i + len(s) if self.include_stop else i) for s in self.stop_strings
                 if (i := text.find(s, max(0, self.shown - len(s) + 1))) >= 0]
-        return min(hits) if hits else None
+        return min(hits)[1] if hits else None
 
     def _held_back(self, text: str) -> int:
-        """Length of the longest suffix of ``text`` that begins some stop string."""
+        """Length of the longest suffix of ``text`` that begins some stop string (none before ``min_tokens``
+        tokens: no stop string is looked for there)."""
+        if len(self.tokens) < self.min_tokens:
+            return 0
         longest = 0
         for s in self.stop_strings:
             for n in range(min(len(s) - 1, len(text)), longest, -1):

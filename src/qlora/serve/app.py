@@ -51,6 +51,7 @@ from ..infer.forced_call import CallMarkup, ForcedCall, ForcedCallUnsupported, c
 from ..infer.generate import SamplingOptions, default_stop_ids, encode_prompt
 from ..infer.json_reply import JsonReply
 from ..infer.logprobs import TokenLogprob, TokenPieces
+from ..infer.regex_reply import RegexReply
 from ..infer.template import chat_template, render_chat, renders_tools, stop_token_ids
 from ..infer.tool_calls import ToolCall, ToolCallFormat, ToolCallStream, markup_token_ids, tool_call_format
 from ..model.chat_format import ChatFormat
@@ -62,6 +63,7 @@ from .protocol import APIError, ChatCompletionRequest, CompletionRequest, _Body,
 from .response_store import DEFAULT_CAPACITY, RUNNING, ResponseStore, list_page, with_ids
 from .responses import (FINISHED, ResponsesRequest, ResponseWriter, StreamedMessage, checked_include,
                         drop_oldest_turn, partial_output, shown)
+from .vllm_extras import Guide, check_extras, stop_ids as request_stop_ids, truncated
 
 log = logging.getLogger("qlora")
 TYPE_TAGS = {"str", "int", "float", "bool", "dict", "list", "none"}
@@ -185,10 +187,15 @@ def build_app(batcher: ContinuousBatcher, base_id: str, adapters: list[str], api
         """The batch rows of a chat request (``n`` choices), its tools, forced call and JSON reply set up;
         ``prompt_param`` names the request's field a too-long or empty prompt came from."""
         chat_format = chat_formats.get(adapter)
+        guide = check_extras(body, batcher.context_length)
+        template_options = body.template_options()
         messages = [m.message(i) for i, m in enumerate(body.messages)]
         images = [ref for m in messages for ref in m.images]
         if images:
             image_processor_for(body.model)  # a text-only model is named before its template sees image parts
+            if body.truncate_prompt_tokens is not None:
+                raise APIError(400, "'truncate_prompt_tokens' would cut the image tokens of the prompt from the "
+                                    "images they stand for; send the request without it", "truncate_prompt_tokens")
         tools, plan, markup, forced = body.function_tools(), None, None, None
         if tools:
             if adapter not in tool_templates:
@@ -205,8 +212,19 @@ def build_app(batcher: ContinuousBatcher, base_id: str, adapters: list[str], api
                 plan = _ToolPlan(fmt, tuple(t["function"]["name"] for t in tools),
                                  body.parallel_tool_calls and forced is None)
                 markup = _forced_markup(fmt, template, body) if forced is not None else None
+        if template_options["documents"] is not None and "documents" not in (
+                chat_template(tokenizer, chat_format, tools=bool(tools)) or ""):
+            raise APIError(400, f"The chat template of {body.model!r} has no place for 'documents' (it never reads "
+                                "them), so the model would not see them; put their text in the messages instead",
+                           "documents")
+        json_reply = body.json_reply()
+        if guide is not None and (json_reply is not None or plan is not None):
+            raise APIError(400, f"'{guide.param}' cannot be combined with 'response_format' or with 'tools' the model "
+                                "may call (one constraint per reply)", guide.param)
+        _refuse_unending(body, guide is not None or json_reply is not None or markup is not None)
         try:
-            prompt = render_chat(tokenizer, messages, chat_format=chat_format, tools=tools)
+            prompt = render_chat(tokenizer, messages, chat_format=chat_format, tools=tools,
+                                 template_kwargs=template_options)
         except RecursionError:  # the template writes each nested value by recursing (tojson)
             raise APIError(400, "The chat template cannot write these messages or tools: they nest too deeply for "
                                 "it (a tool's parameters nested hundreds of levels, say); flatten them",
@@ -218,7 +236,9 @@ def build_app(batcher: ContinuousBatcher, base_id: str, adapters: list[str], api
             prompt_ids, media = image_prompt(body.model, adapter, prompt, images)
         else:
             prompt_ids = _encode(model, tokenizer, prompt, chat=True)
-        json_reply = body.json_reply()
+        role = body.reply_role()
+        last = body.messages[-1]
+        echo = last.text(len(body.messages) - 1)[0] if body.echo and last.role == role else ""
         choices = []
         for index in range(body.n):  # each choice is its own row, with its own constraint state and seed
             generation = _generation(batcher, body, adapter, prompt_ids, chat_stops, prompt_param, index)
@@ -231,7 +251,9 @@ def build_app(batcher: ContinuousBatcher, base_id: str, adapters: list[str], api
                                                    chat_stops)
             if json_reply is not None:
                 generation.constraint = JsonReply(tokenizer, json_reply[0], chat_stops, root_object=json_reply[1])
-            choices.append(_Choice(index, generation, plan, first=index == 0))
+            if guide is not None:
+                generation.constraint = _guided(guide, tokenizer, chat_stops)
+            choices.append(_Choice(index, generation, plan, echo=echo, first=index == 0, role=role))
         return choices
 
     @app.post("/v1/chat/completions")
@@ -383,6 +405,8 @@ def build_app(batcher: ContinuousBatcher, base_id: str, adapters: list[str], api
 
     def completion_choices(body: CompletionRequest, adapter: str | None) -> list[_Choice]:
         """The batch rows of a completions request: ``n`` choices for each of its prompts."""
+        guide = check_extras(body, batcher.context_length)
+        _refuse_unending(body, guide is not None)
         choices = []
         for number, prompt in enumerate(body.prompts()):
             if isinstance(prompt, str):
@@ -396,6 +420,8 @@ def build_app(batcher: ContinuousBatcher, base_id: str, adapters: list[str], api
             for index in range(body.n):
                 generation = _generation(batcher, body, adapter, prompt_ids, text_stops, "prompt", index)
                 generation.prompt_logprobs = body.echo and body.logprobs is not None
+                if guide is not None:
+                    generation.constraint = _guided(guide, tokenizer, text_stops)
                 choices.append(_Choice(number * body.n + index, generation, echo=echo, first=index == 0))
         return choices
 
@@ -522,6 +548,7 @@ def _encode(model, tokenizer, text: str, chat: bool = False) -> list[int]:
 def _generation(batcher: ContinuousBatcher, body: _Body, adapter: str | None, prompt_ids: list[int],
                 stop_ids: frozenset[int], prompt_param: str, index: int = 0) -> Generation:
     """The batch row of choice ``index`` (its own seed, see :func:`_choice_seed`)."""
+    prompt_ids = truncated(body, prompt_ids, batcher.context_length)
     room = batcher.context_length - len(prompt_ids)
     if room <= 0:
         raise APIError(413, f"The prompt is {len(prompt_ids)} tokens long; this model's context holds "
@@ -535,8 +562,28 @@ def _generation(batcher: ContinuousBatcher, body: _Body, adapter: str | None, pr
                               min_p=body.min_p, repetition_penalty=body.repetition_penalty,
                               presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty,
                               logit_bias=body.token_bias(len(batcher.tokenizer)), seed=_choice_seed(body.seed, index))
-    return Generation(prompt_ids, adapter, options, emit=lambda event: None, stop_ids=stop_ids,
-                      stop_strings=body.stop_strings(), logprobs=body.logprob_count(), generate=limit != 0)
+    return Generation(prompt_ids, adapter, options, emit=lambda event: None,
+                      stop_ids=request_stop_ids(body, stop_ids, len(batcher.tokenizer)),
+                      stop_strings=body.stop_strings(), logprobs=body.logprob_count(), generate=limit != 0,
+                      min_tokens=body.min_tokens, skip_special_tokens=body.skip_special_tokens,
+                      include_stop=body.include_stop_str_in_output,
+                      spaces_between_special_tokens=body.spaces_between_special_tokens)
+
+
+def _guided(guide: Guide, tokenizer, stops: frozenset[int]):
+    """A choice's constraint for vLLM's guided decoding (its own state)."""
+    if guide.regex is not None:
+        return RegexReply(tokenizer, guide.regex, stops)
+    return JsonReply(tokenizer, guide.schema, stops, root_object=guide.root_object)
+
+
+def _refuse_unending(body: _Body, constrained: bool) -> None:
+    """400 for ``min_tokens`` or ``ignore_eos`` with a constrained reply, which ends where its constraint does."""
+    for param in ("min_tokens", "ignore_eos"):
+        if constrained and getattr(body, param):
+            raise APIError(400, f"'{param}' cannot be combined with a constrained reply (guided decoding, a JSON "
+                                "response_format or a forced tool call): the constraint ends the reply once it is "
+                                "complete", param)
 
 
 def _choice_seed(seed: int | None, index: int) -> int | None:
@@ -559,7 +606,8 @@ class _Choice:
     index: int
     generation: Generation
     tools: _ToolPlan | None = None
-    echo: str = ""  # completions with echo: the prompt text, put before the reply
+    echo: str = ""  # with echo: the prompt text (chat: the last message's), put before the reply
+    role: str = "assistant"  # a chat reply's role
     first: bool = True  # the first choice of its prompt (its prompt is counted in usage)
     pieces: list[str] = field(default_factory=list)  # the events' texts, joined once when read (linear in the reply)
     logprobs: list[TokenLogprob] = field(default_factory=list)
@@ -625,7 +673,7 @@ def _event_stream(events: AsyncIterator[str]) -> StreamingResponse:
 
 async def _respond(batcher: ContinuousBatcher, choices: list[_Choice], body: _Body, request: Request, chat: bool):
     queue = _submit(batcher, choices)
-    reply_id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
+    reply_id = ("chatcmpl-" if chat else "cmpl-") + (body.request_id or uuid.uuid4().hex)  # vLLM's request_id
     pieces = TokenPieces.of(batcher.tokenizer)
     if body.stream:
         return _event_stream(_stream(queue, choices, body, reply_id, chat, pieces))
@@ -643,10 +691,10 @@ async def _respond(batcher: ContinuousBatcher, choices: list[_Choice], body: _Bo
             if body.logprob_count() is not None:
                 entry["logprobs"] = {"content": chat_logprobs(pieces, choice.logprobs), "refusal": None}
             if choice.tools is not None and (parsed := choice.tools.parse(text))[1]:
-                entry["message"] = {"role": "assistant", "content": parsed[0], "tool_calls": parsed[1]}
+                entry["message"] = {"role": choice.role, "content": parsed[0], "tool_calls": parsed[1]}
                 entry["finish_reason"] = "tool_calls"
             else:
-                entry["message"] = {"role": "assistant", "content": text}
+                entry["message"] = {"role": choice.role, "content": choice.echo + text}
         out.append(entry)
     return {"id": reply_id, "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
             "model": body.model, "choices": out, "usage": _usage(choices)}
@@ -678,7 +726,7 @@ async def _stream(queue: asyncio.Queue, choices: list[_Choice], body: _Body, rep
         entries, carried[k] = carried[k], []
         logprobs = None
         if chat:
-            delta = ({"role": "assistant", "content": ""} if first else {}) | ({"content": text} if text else {})
+            delta = ({"role": choices[k].role, "content": ""} if first else {}) | ({"content": text} if text else {})
             if calls:
                 delta["tool_calls"] = calls
             if want_logprobs and not first:

@@ -3,13 +3,17 @@
 Fields follow the OpenAI API reference. A field unknown to the route is a 400 naming
 it and the closest known one, as OpenAI answers ("Unrecognized request argument
 supplied"), so a typo (``temprature``) is not silently ignored. Known are qlora's
-own fields, vLLM's sampling extras it implements (``top_k``, ``min_p``,
-``repetition_penalty``) and every field the OpenAI API defines for the route:
+own fields, vLLM's extras (``top_k``, ``min_p``, ``repetition_penalty`` and those of
+:mod:`qlora.serve.vllm_extras`) and every field the OpenAI API defines for the route:
 those that change nothing here (``user``, ``metadata``, ``store``, ``service_tier``,
 prompt-cache keys, reasoning hints, ...) are accepted without effect (each class's
 ``OPENAI_UNUSED``); those that would change the answer in a way qlora does not
 implement (``suffix``, ``best_of`` > 1, audio output, web search) are refused with a
 400 naming the field.
+
+vLLM's other extra fields (``min_tokens``, ``ignore_eos``, ``stop_token_ids``, guided decoding,
+``chat_template_kwargs``, ...) are served as vLLM defines them, or refused: see
+:mod:`qlora.serve.vllm_extras`.
 
 Sampling: ``temperature``, ``top_p``, ``presence_penalty`` and ``frequency_penalty`` (in [-2, 2],
 over the tokens the choice generated), ``logit_bias`` (token id as a string -> bias in [-100, 100];
@@ -151,6 +155,23 @@ class _Body(KnownFields):
     top_k: int = Field(default=0, ge=-1)  # vLLM's extra sampling fields (the openai client's extra_body)
     min_p: float = Field(default=0.0, ge=0.0, le=1.0)
     repetition_penalty: float | None = Field(default=None, gt=0.0)  # None: the model's generation_config value
+    # vLLM's other extra fields, served as it defines them (qlora.serve.vllm_extras)
+    min_tokens: int = Field(default=0, ge=0)
+    ignore_eos: bool = False
+    stop_token_ids: list[int] | None = None
+    skip_special_tokens: bool = True
+    include_stop_str_in_output: bool = False
+    spaces_between_special_tokens: bool = True
+    truncate_prompt_tokens: int | None = Field(default=None, ge=-1)
+    guided_json: Union[str, dict[str, Any], None] = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None  # refused: no grammar engine
+    structured_outputs: dict[str, Any] | None = None
+    request_id: str | None = None
+    priority: int = 0  # one first-come queue: 0 only, as vLLM's default scheduler
+    use_beam_search: bool = False  # refused when true
+    length_penalty: float = 1.0  # beam search's only: changes nothing here
 
     def stop_strings(self) -> tuple[str, ...]:
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
@@ -233,6 +254,12 @@ class ChatMessage(BaseModel):
         return "".join(pieces), tuple(images)
 
 
+# apply_chat_template's parameters that are not template variables (messages and tools have their own fields)
+_RENDER_PARAMETERS = frozenset({"conversation", "messages", "tools", "chat_template", "tokenize", "padding",
+                                "truncation", "max_length", "return_tensors", "return_dict",
+                                "return_assistant_tokens_mask", "tokenizer_kwargs", "sanitize_control_tokens"})
+
+
 def _data_image(url: Any, where: str):
     """The image of an ``image_url`` part: a base64 ``data:`` URI, checked; URLs are refused (nothing is fetched)."""
     from ..train.data.images import resolve_image
@@ -288,6 +315,42 @@ class ChatCompletionRequest(_Body):
     modalities: list[str] | None = None  # OpenAI's audio output: refused, as are its web search tool's options
     audio: dict[str, Any] | None = None
     web_search_options: dict[str, Any] | None = None
+    # vLLM's chat-template fields (the template's own variables, and how the prompt ends)
+    chat_template_kwargs: dict[str, Any] | None = None
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    documents: list[dict[str, Any]] | None = None
+    echo: bool = False
+
+    def template_options(self) -> dict[str, Any]:
+        """What the chat template is rendered with beyond messages and tools: ``chat_template_kwargs`` as
+        ``apply_chat_template(**kwargs)`` takes them (its own parameters ``add_generation_prompt``,
+        ``continue_final_message`` and ``documents`` there override the top-level fields, as in vLLM).
+
+        Raises:
+            APIError: a key naming another of ``apply_chat_template``'s parameters, or both
+                ``add_generation_prompt`` and ``continue_final_message``.
+        """
+        kwargs = dict(self.chat_template_kwargs or {})
+        for key in kwargs:
+            if key in _RENDER_PARAMETERS:
+                raise APIError(400, f"'chat_template_kwargs' key {key!r} is a parameter of the rendering, not a "
+                                    "template variable; send 'tools' and 'messages' as top-level fields, and leave "
+                                    "the others out", f"chat_template_kwargs.{key}")
+        options = {"add_generation_prompt": self.add_generation_prompt,
+                   "continue_final_message": self.continue_final_message, "documents": self.documents, **kwargs}
+        if options["add_generation_prompt"] and options["continue_final_message"]:
+            raise APIError(400, "'continue_final_message' continues the last message, 'add_generation_prompt' starts "
+                                "a new one: send 'add_generation_prompt': false with it", "continue_final_message")
+        if options["continue_final_message"] and self.messages[-1].role == "tool":
+            raise APIError(400, "'continue_final_message' continues the last message, which is a tool result",
+                           "continue_final_message")
+        return options
+
+    def reply_role(self) -> str:
+        """The reply's role: the assistant's, or with ``add_generation_prompt: false`` the last message's
+        (vLLM's; ``echo`` repeats the last message when it has this role)."""
+        return "assistant" if self.template_options()["add_generation_prompt"] else self.messages[-1].role
 
     def function_tools(self) -> list[dict[str, Any]]:
         """The request's tools, checked: function tools with a valid name and a JSON-schema object."""

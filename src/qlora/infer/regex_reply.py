@@ -1,0 +1,69 @@
+"""Replies that match a regular expression as a whole, or are one of given strings.
+
+vLLM's ``guided_regex`` / ``guided_choice`` (``structured_outputs`` ``regex`` / ``choice``)
+are served with the automata of :mod:`qlora.infer.regex` and the candidate scan of
+:func:`qlora.infer.constrained.choose_token`: only tokens keeping the reply a prefix of
+some full match may be chosen, an end-of-turn token only once the reply is a full match,
+and once nothing may follow, the best-scored end-of-turn token ends it. The pattern
+dialect is the one JSON Schema ``pattern`` s are enforced in (Python's ``re`` and
+ECMA-262 agree on it); anything outside it raises :class:`~qlora.infer.regex.PatternError`.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from .constrained import TokenTexts, choose_token
+from .generate import SamplingOptions
+from .regex import Regex
+
+_TOP = 0x10FFFF
+
+
+def choice_pattern(choices: Sequence[str]) -> str:
+    """A pattern matching exactly the strings of ``choices`` (each character literal)."""
+    return "|".join("".join(c if c.isascii() and c.isalnum() else "\\" + c for c in choice) for choice in choices)
+
+
+class RegexReply:
+    """The per-request constraint of a reply matching ``regex`` whole (see the module docstring).
+
+    Args:
+        tokenizer: the served tokenizer.
+        regex: the compiled pattern, anchored (``Regex(source, anchored=True)``).
+        stop_ids: end-of-turn tokens; one ends the reply once it is a full match.
+    """
+
+    prefix_ids: list[int] = []
+
+    def __init__(self, tokenizer, regex: Regex, stop_ids: frozenset[int]) -> None:
+        self.texts = TokenTexts.of(tokenizer)
+        self.regex = regex
+        self.stop_ids = frozenset(stop_ids)
+        self.states = regex.start
+
+    def choose(self, logits: torch.Tensor, options: SamplingOptions, generator: torch.Generator | None) -> int | None:
+        """The next token of the reply (None: no token of the vocabulary continues it)."""
+        if not self.regex.any_in(self.states, 0, _TOP):  # a full match nothing may extend: the turn ends
+            stops = [t for t in self.stop_ids if t < logits.numel()]
+            return max(stops, key=lambda t: float(logits[t])) if stops else None
+        token = choose_token(logits, options, generator, self._accepts)
+        if token is not None and token not in self.stop_ids:
+            self.states = self._feed(self.texts.text(token) or "")
+        return token
+
+    def _feed(self, text: str) -> frozenset[int]:
+        states = self.states
+        for ch in text:
+            states = self.regex.step(states, ord(ch))
+            if not states:
+                break
+        return states
+
+    def _accepts(self, token: int) -> bool:
+        if token in self.stop_ids:
+            return self.regex.accepts(self.states)
+        text = self.texts.text(token)
+        return bool(text) and bool(self._feed(text))

@@ -1,0 +1,162 @@
+"""vLLM's extra request fields (the ``openai`` client's ``extra_body``), as vLLM defines them.
+
+Clients written for vLLM or SGLang send these beside OpenAI's fields; those qlora can honour
+exactly are served with their vLLM meaning, the rest refused with a 400 saying why (never
+silently ignored). Sampling and decoding (all routes): ``min_tokens`` (the stop tokens cannot
+be chosen, and stop strings are not looked for, until that many tokens were generated),
+``ignore_eos`` (EOS and end-of-turn tokens do not end the reply), ``stop_token_ids`` (more
+tokens that end it), ``skip_special_tokens``, ``include_stop_str_in_output`` (the stop string
+or stop token stays in the text), ``spaces_between_special_tokens`` (slow tokenizers only, as
+in transformers and vLLM), ``truncate_prompt_tokens`` (only the prompt's last k tokens; -1: the
+context length). Constrained decoding: ``guided_json``, ``guided_regex``, ``guided_choice`` and
+``structured_outputs`` (``json``, ``regex``, ``choice``, ``json_object``), on qlora's JSON Schema
+and regex automata; a schema or pattern asking for what they do not enforce is a 400, since the
+promise could not be kept. ``request_id`` names the reply (``chatcmpl-<request_id>``), as in
+vLLM. Accepted without effect: ``priority`` 0 (one first-come queue, vLLM's default scheduler,
+which refuses other priorities as this does) and ``length_penalty`` (beam search only). Refused:
+``use_beam_search``, grammars (``guided_grammar``, ``structured_outputs.grammar`` and
+``structural_tag``: no grammar engine), and the JSON whitespace options.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from ..infer.json_schema import Node, SchemaError, compile_schema
+from ..infer.regex import PatternError, Regex
+from ..infer.regex_reply import choice_pattern
+from .protocol import APIError, _Body
+
+_STRUCTURED_KINDS = ("json", "regex", "choice", "json_object")
+_STRUCTURED_OFF = ("disable_any_whitespace", "disable_additional_properties", "whitespace_pattern")  # must be unset
+_GRAMMARS = ("grammar", "structural_tag")
+
+
+@dataclass(frozen=True)
+class Guide:
+    """A guided reply: a JSON value (``schema``, None: any; ``root_object``), or a match of ``regex``."""
+
+    param: str
+    schema: Node | None = None
+    root_object: bool = False
+    regex: Regex | None = None
+
+
+def check_extras(body: _Body, context_length: int) -> Guide | None:
+    """The guided decoding the request asks for (:func:`guide`), once its vLLM extras are checked: a 400
+    for those qlora cannot honour, or values vLLM itself refuses."""
+    if body.use_beam_search:
+        raise APIError(400, "'use_beam_search': qlora serve has no beam search (each choice is sampled or greedy); "
+                            "send 'use_beam_search': false or leave it out", "use_beam_search")
+    if body.priority != 0:
+        raise APIError(400, f"'priority' {body.priority}: qlora serve schedules requests first come, first served "
+                            "(as vLLM's default scheduler, which refuses priorities too); send 'priority': 0 or "
+                            "leave it out", "priority")
+    if body.guided_grammar is not None:
+        raise APIError(400, "'guided_grammar': qlora serve has no grammar engine; it constrains replies to a JSON "
+                            "schema ('guided_json', response_format) or a regular expression ('guided_regex')",
+                       "guided_grammar")
+    limit = body.token_limit()
+    if body.min_tokens and limit is not None and body.min_tokens > limit:
+        raise APIError(400, f"'min_tokens' ({body.min_tokens}) must be at most the token limit ({limit})",
+                       "min_tokens")
+    if body.truncate_prompt_tokens is not None:
+        if body.truncate_prompt_tokens == 0 or body.truncate_prompt_tokens > context_length:
+            raise APIError(400, f"'truncate_prompt_tokens' must be -1 (the context length) or 1 to the context length "
+                                f"({context_length}), got {body.truncate_prompt_tokens}", "truncate_prompt_tokens")
+    return guide(body)
+
+
+def stop_ids(body: _Body, defaults: frozenset[int], vocab_size: int) -> frozenset[int]:
+    """The tokens that end the reply: EOS and end-of-turn (unless ``ignore_eos``) and ``stop_token_ids``."""
+    for k, token in enumerate(body.stop_token_ids or ()):
+        if not 0 <= token < vocab_size:
+            raise APIError(400, f"'stop_token_ids' {token} is not a token id of this model's vocabulary (0 to "
+                                f"{vocab_size - 1})", f"stop_token_ids.{k}")
+    return (frozenset() if body.ignore_eos else defaults) | frozenset(body.stop_token_ids or ())
+
+
+def truncated(body: _Body, prompt_ids: list[int], context_length: int) -> list[int]:
+    """The prompt's last ``truncate_prompt_tokens`` tokens (-1: the context length), or all of them."""
+    keep = body.truncate_prompt_tokens
+    if keep is None:
+        return prompt_ids
+    keep = context_length if keep == -1 else keep
+    return prompt_ids[-keep:]
+
+
+def guide(body: _Body) -> Guide | None:
+    """The constraint the guided fields ask for (at most one kind), or None.
+
+    Raises:
+        APIError: several kinds, a schema or pattern that cannot be followed exactly, an unknown or
+            unsupported ``structured_outputs`` key.
+    """
+    asked: list[tuple[str, str, Any]] = []  # (param, kind, value)
+    for kind in ("json", "regex", "choice"):
+        value = getattr(body, f"guided_{kind}")
+        if value is not None:
+            asked.append((f"guided_{kind}", kind, value))
+    if body.structured_outputs is not None:
+        asked += _structured(body.structured_outputs)
+    if not asked:
+        return None
+    if len(asked) > 1:
+        raise APIError(400, f"Only one kind of guided decoding per request; got {', '.join(a[0] for a in asked)}",
+                       asked[1][0])
+    param, kind, value = asked[0]
+    if kind == "json_object":
+        return Guide(param, None, True) if value else None
+    if kind == "json":
+        return Guide(param, _schema(param, value))
+    if kind == "choice":
+        if not isinstance(value, list) or not value or not all(isinstance(c, str) for c in value):
+            raise APIError(400, f"'{param}' must be a non-empty list of strings", param)
+        value = choice_pattern(value)
+    elif not isinstance(value, str):
+        raise APIError(400, f"'{param}' must be a regular expression (a string)", param)
+    try:
+        return Guide(param, regex=Regex(value, anchored=True))
+    except PatternError as exc:
+        raise APIError(400, f"'{param}' cannot be enforced: {exc}. Patterns are enforced in the subset Python's re "
+                            "and ECMA-262 agree on (no lookaround, backreferences, \\b or \\p{...})", param) from None
+
+
+def _structured(spec: Any) -> list[tuple[str, str, Any]]:
+    if not isinstance(spec, dict):
+        raise APIError(400, "'structured_outputs' must be an object such as {'json': {...}}, {'regex': ...} or "
+                            "{'choice': [...]}", "structured_outputs")
+    for key, value in spec.items():
+        param = f"structured_outputs.{key}"
+        if key in _GRAMMARS and value is not None:
+            raise APIError(400, f"'{param}': qlora serve has no grammar engine; it constrains replies to a JSON "
+                                "schema ('json') or a regular expression ('regex', 'choice')", param)
+        if key in _STRUCTURED_OFF and value:
+            raise APIError(400, f"'{param}' is not supported: the JSON constraint allows the whitespace and "
+                                "properties the schema does; leave it out", param)
+        if key not in _STRUCTURED_KINDS + _STRUCTURED_OFF + _GRAMMARS + ("disable_fallback", "_backend"):
+            raise APIError(400, f"Unrecognized request argument supplied: {param}", param)
+    return [(f"structured_outputs.{k}", k, spec[k]) for k in _STRUCTURED_KINDS
+            if spec.get(k) is not None and spec.get(k) is not False]
+
+
+def _schema(param: str, value: Any) -> Node:
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as exc:
+            raise APIError(400, f"'{param}' is not valid JSON ({exc.msg} at column {exc.colno})", param) from None
+    if not isinstance(value, dict):
+        raise APIError(400, f"'{param}' must be a JSON Schema object", param)
+    try:
+        compiled = compile_schema(value)
+    except SchemaError as exc:
+        raise APIError(400, f"'{param}' cannot be followed: {exc}; fix the schema", param) from None
+    if compiled.unenforced:
+        raise APIError(400, f"'{param}' asks for what qlora serve cannot enforce: {', '.join(compiled.unenforced)}. "
+                            "Guided decoding promises a reply valid under the whole schema; send it as "
+                            "response_format json_schema with 'strict': false to have those parts unchecked",
+                       param)
+    return compiled.root
