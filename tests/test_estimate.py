@@ -370,3 +370,25 @@ def test_an_adapter_folder_is_estimated_as_continuing_it(tmp_path, tiny_model_di
     (adapter / "adapter_config.json").write_text(json.dumps(config | {"r": "four"}))
     assert main(["estimate", str(adapter)]) == 2
     assert "adapter_config.json: r must be a positive integer" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("targets", [("q_proj", "lm_head"), r"(?:.*\.q_proj|lm_head)"], ids=["names", "pattern"])
+def test_a_named_16bit_head_is_adapted_as_training_adapts_it(tiny_model_dir, targets):
+    """all-linear leaves lm_head out (PEFT's rule), but naming it puts LoRA on the 16-bit head in training, so
+    the estimate counts that adapter too (it refused the name)."""
+    import qlora
+    from qlora.model.estimate import TrainingOptions, estimate, load_config
+    from qlora.model.load import load_model
+
+    model, _ = load_model(tiny_model_dir, compute_dtype=torch.float32)
+    qlora.add_lora(model, r=4, target_modules=list(targets) if isinstance(targets, tuple) else targets)
+    trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert any("lm_head.lora_A" in n for n, _ in model.named_parameters())
+    est = estimate(load_config(str(tiny_model_dir)), TrainingOptions(rank=4, target_modules=targets))
+    assert dict(est.rows)["LoRA adapters (fp32)"]["QLoRA"] == 4 * trained
+    everything = estimate(load_config(str(tiny_model_dir)), TrainingOptions(rank=4, target_modules=None))
+    model, _ = load_model(tiny_model_dir, compute_dtype=torch.float32)
+    qlora.add_lora(model, r=4, target_modules="all-linear")
+    assert not any("lm_head.lora" in n for n, _ in model.named_parameters())
+    assert dict(everything.rows)["LoRA adapters (fp32)"]["QLoRA"] == 4 * sum(
+        p.numel() for p in model.parameters() if p.requires_grad)

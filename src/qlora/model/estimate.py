@@ -130,6 +130,9 @@ class ModelCounts:
     buffer_bytes: int = 0  # buffers at bf16 load: causal masks, rotary and decay tables
     # modules holding weights that are no LoRA target, path -> kind (:func:`qlora.model.target_hints.weight_modules`)
     other_modules: dict[str, str] = field(default_factory=dict)
+    # linears kept 16-bit (output head, routers; counted in other_tensors): LoRA targets when named, as in training,
+    # never by all-linear
+    dense_linears: tuple[LinearShape, ...] = ()
 
     @property
     def quantized_params(self) -> int:
@@ -206,9 +209,12 @@ def count_parameters(config) -> ModelCounts:
     # lm_head.dense too)
     dense = kept_dense_names(model) | fp32_linear_names(model, torch.bfloat16) | {"lm_head"}
     quantized: dict[int, tuple[LinearShape, ...]] = {}
-    notes = {name: "(kept in 16-bit, an output head or a router: the estimate puts no adapter on it)" for name in dense}
+    notes = {name: "(kept in 16-bit, an output head or a router)" for name in dense}
+    kept: dict[int, LinearShape] = {}
     for name, module in model.named_modules():
         if _skipped(name, dense):
+            if is_plain_linear(module):
+                kept.setdefault(id(module.weight), LinearShape(name, module.out_features, module.in_features))
             continue
         if is_plain_linear(module):
             quantized[id(module.weight)] = (LinearShape(name, module.out_features, module.in_features),)
@@ -237,10 +243,10 @@ def count_parameters(config) -> ModelCounts:
     buffer_bytes = sum(b.numel() * (2 if b.is_floating_point() and id(b) in persistent and not (
         fp32 is not None and fp32.search(n)) else b.element_size()) for n, b in buffers)
     text = config.get_text_config()
-    adaptable = [lin.name for lin in linears if lin.adaptable]
+    adaptable = [lin.name for lin in linears if lin.adaptable] + [lin.name for lin in kept.values()]
     return ModelCounts(linears=linears, other_tensors=others, num_layers=text.num_hidden_layers,
                        fp32_params=fp32_params, buffer_bytes=buffer_bytes,
-                       other_modules=weight_modules(model, adaptable, notes))
+                       other_modules=weight_modules(model, adaptable, notes), dense_linears=tuple(kept.values()))
 
 
 def quantized_bytes(numel: int, blocksize: int, double_quant: bool) -> tuple[int, int]:
@@ -261,7 +267,8 @@ def quantized_bytes(numel: int, blocksize: int, double_quant: bool) -> tuple[int
 
 def select_targets(counts: ModelCounts, target_modules: tuple[str, ...] | str | None) -> list[LinearShape]:
     """Linears that get LoRA adapters; names match the last part of a module name, a string
-    (PEFT's regex form) the whole module path.
+    (PEFT's regex form) the whole module path. All-linear (``None``) leaves the 16-bit head and routers out; a
+    name or pattern adapts them, as training does.
 
     Raises:
         UsageError: a requested name matches no linear layer.
@@ -269,6 +276,7 @@ def select_targets(counts: ModelCounts, target_modules: tuple[str, ...] | str | 
     adaptable = [lin for lin in counts.linears if lin.adaptable]
     if target_modules is None:
         return adaptable
+    adaptable += counts.dense_linears
     if isinstance(target_modules, str):
         chosen = [lin for lin in adaptable if re.fullmatch(target_modules, lin.name)]
         if not chosen:
