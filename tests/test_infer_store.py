@@ -508,3 +508,28 @@ def test_an_unreadable_stored_image_is_left_out_and_said(tmp_path):
     assert said.endswith("It is left out of the conversation.")
     session.messages()
     assert len(session.unreadable) == 1  # said once
+
+
+def test_a_message_whose_every_stored_image_is_unreadable_is_said_once(tmp_path):
+    """A message left with no readable image is checked once too: reading the session again (the memory reads it
+    at every turn) neither decodes its images again nor repeats the line."""
+    pytest.importorskip("PIL")
+    from image_models import write_png
+    from qlora.train.data.images import resolve_image
+
+    ref = resolve_image(str(write_png(tmp_path / "a.png", 12, 9, 0)), "/image")
+    path = tmp_path / "chats.sqlite"
+    store = ChatStore(path)
+    store.session("s", "buffer").add_messages([Message("user", "what is <image>", images=(ref,)),
+                                               Message("assistant", "red")])
+    (stored,) = store.conn.execute("SELECT images FROM messages WHERE role = 'user'").fetchone()
+    images = json.loads(stored)
+    images[0]["data"] = "data:image/png;base64,bm90IGFuIGltYWdl"  # "not an image"
+    store.conn.execute("UPDATE messages SET images = ? WHERE role = 'user'", (json.dumps(images),))
+    store.close()
+    session = ChatStore(path).session("s", "buffer")
+    user, _ = session.messages()
+    assert user.content == "what is " and user.images == ()
+    session.messages()
+    list(session.newest())
+    assert len(session.unreadable) == 1
