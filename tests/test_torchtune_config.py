@@ -226,6 +226,9 @@ def test_qwen2_5_with_a_template_trains_the_models_chat_template(tmp_path):
      "clip_grad_norm 'some'"),
     ("llama3_1_8B_qlora_single_device.yaml", lambda t: t.replace("  packed: False", "  packed: False\n  column_map: "
                                                                  "[output]", 1), "column_map"),
+    ("llama3_1_8B_qlora_single_device.yaml", lambda t: "\n".join(line for line in t.split("\n")
+                                                                 if not line.startswith("  checkpoint_dir:")),
+     "checkpoint_dir"),  # it read as the working folder, '.'
 ])
 def test_what_trains_otherwise_is_refused_by_line(tmp_path, name, edit, match):
     model = model_for("llama-3.1", tmp_path)

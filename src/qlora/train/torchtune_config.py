@@ -192,7 +192,10 @@ def _checkpoint_dir(value: Any, where: str) -> str:
     if args.get("adapter_checkpoint") or args.get("recipe_checkpoint"):
         raise UsageError(f"{where}: adapter_checkpoint/recipe_checkpoint continue a torchtune run; qlora resumes its "
                          "own runs (resume: true) and continues a PEFT adapter (adapter: FOLDER). Remove them.")
-    folder = Path(str(args.get("checkpoint_dir", "")))  # its checkpoint_files are the folder's weights
+    if not isinstance(args.get("checkpoint_dir"), str) or not args["checkpoint_dir"].strip():
+        raise UsageError(f"{where}: the checkpointer needs checkpoint_dir, the transformers checkpoint folder to "
+                         "train (torchtune requires it too); give it.")
+    folder = Path(args["checkpoint_dir"])  # its checkpoint_files are the folder's weights
     return str(folder)
 
 
