@@ -482,25 +482,30 @@ def test_a_user_message_s_images_are_stored_as_data_and_come_back_after_the_file
     reopened.close()
 
 
-def test_an_unreadable_stored_image_is_left_out_and_said(tmp_path):
-    """An image whose stored data no longer decodes (a damaged file) is left out of its message, which keeps its
-    readable images before its text, and said once; the session still reads."""
+def _session_with_a_damaged_image(tmp_path, text: str, count: int, damaged: int):
+    """``(session, path, image file)``: a stored user message of ``count`` images (one file), the ``damaged``-th
+    (from 0) of them no longer decoding (a damaged file), read back in a new store."""
     pytest.importorskip("PIL")
     from image_models import write_png
     from qlora.train.data.images import resolve_image
 
     good = write_png(tmp_path / "a.png", 12, 9, 0)
-    refs = (resolve_image(str(good), "/image"), resolve_image(str(good), "/image"))
+    refs = tuple(resolve_image(str(good), "/image") for _ in range(count))
     path = tmp_path / "chats.sqlite"
     store = ChatStore(path)
-    store.session("s", "buffer").add_messages([Message("user", "compare <image> with <image>", images=refs),
-                                               Message("assistant", "same")])
+    store.session("s", "buffer").add_messages([Message("user", text, images=refs), Message("assistant", "same")])
     (stored,) = store.conn.execute("SELECT images FROM messages WHERE role = 'user'").fetchone()
     images = json.loads(stored)
-    images[1]["data"] = "data:image/png;base64,bm90IGFuIGltYWdl"  # "not an image"
+    images[damaged]["data"] = "data:image/png;base64,bm90IGFuIGltYWdl"  # "not an image"
     store.conn.execute("UPDATE messages SET images = ? WHERE role = 'user'", (json.dumps(images),))
     store.close()
-    session = ChatStore(path).session("s", "buffer")
+    return ChatStore(path).session("s", "buffer"), path, good
+
+
+def test_an_unreadable_stored_image_is_left_out_and_said(tmp_path):
+    """An image whose stored data no longer decodes (a damaged file) is left out of its message, which keeps its
+    readable images before its text, and said once; the session still reads."""
+    session, path, good = _session_with_a_damaged_image(tmp_path, "compare <image> with <image>", 2, 1)
     user, _ = session.messages()
     assert user.content == "compare  with " and [ref.shown for ref in user.images] == [str(good)]
     (said,) = session.unreadable
@@ -508,3 +513,14 @@ def test_an_unreadable_stored_image_is_left_out_and_said(tmp_path):
     assert said.endswith("It is left out of the conversation.")
     session.messages()
     assert len(session.unreadable) == 1  # said once
+
+
+def test_a_message_whose_every_stored_image_is_unreadable_is_said_once(tmp_path):
+    """A message left with no readable image is checked once too: reading the session again (the memory reads it
+    at every turn) neither decodes its images again nor repeats the line."""
+    session, _, _ = _session_with_a_damaged_image(tmp_path, "what is <image>", 1, 0)
+    user, _ = session.messages()
+    assert user.content == "what is " and user.images == ()
+    session.messages()
+    list(session.newest())
+    assert len(session.unreadable) == 1

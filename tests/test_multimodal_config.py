@@ -207,6 +207,13 @@ def test_without_media_dir_a_path_beside_neither_is_not_found(qwen, tmp_path, ca
     assert main([*args, "--output", str(tmp_path / "o1")]) == 2
     assert "image 'a.png' not found" in capsys.readouterr().err
     assert main([*args, "--output", str(tmp_path / "o2"), "--media-dir", str(tmp_path / "media")]) == 0
+    evaluate = ["eval", "--model", str(qwen), "--adapter", str(tmp_path / "o2"), "--data", str(data), "--quant",
+                "none"]
+    capsys.readouterr()
+    assert main(evaluate) == 2  # eval looks where train looks: --media-dir, else --dataset-dir
+    assert "image 'a.png' not found" in capsys.readouterr().err
+    assert main([*evaluate, "--media-dir", str(tmp_path / "media")]) == 0
+    assert main([*evaluate, "--dataset-dir", str(tmp_path / "media")]) == 0
 
 
 @pytest.mark.parametrize("method", ["dpo", "kto"])

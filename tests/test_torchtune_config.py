@@ -214,6 +214,21 @@ def test_qwen2_5_with_a_template_trains_the_models_chat_template(tmp_path):
                                                                  "FullModelMetaCheckpointer"), "transformers"),
     ("llama3_1_8B_qlora_single_device.yaml", lambda t: t.replace("resume_from_checkpoint: False",
                                                                  "resume_from_checkpoint: True"), "resume"),
+    # malformed values are said by line too (they were tracebacks: KeyError, ValueError, AttributeError)
+    ("llama3_1_8B_qlora_single_device.yaml", lambda t: t.replace("  num_warmup_steps: 100\n", ""),
+     "num_warmup_steps"),
+    ("llama3_1_8B_qlora_single_device.yaml", lambda t: t.replace("lr: 3e-4", "lr: fast"), "lr 'fast'"),
+    ("llama3_1_8B_qlora_single_device.yaml", lambda t: t.replace("weight_decay: 0.01", "weight_decay: 0.01\n  "
+                                                                 "betas: [0.9]"), "betas"),
+    ("llama3_1_8B_qlora_single_device.yaml", lambda t: t.replace("max_seq_len: null", "max_seq_len: long"),
+     "max_seq_len 'long'"),
+    ("llama3_1_8B_qlora_single_device.yaml", lambda t: t.replace("clip_grad_norm: null", "clip_grad_norm: some"),
+     "clip_grad_norm 'some'"),
+    ("llama3_1_8B_qlora_single_device.yaml", lambda t: t.replace("  packed: False", "  packed: False\n  column_map: "
+                                                                 "[output]", 1), "column_map"),
+    ("llama3_1_8B_qlora_single_device.yaml", lambda t: "\n".join(line for line in t.split("\n")
+                                                                 if not line.startswith("  checkpoint_dir:")),
+     "checkpoint_dir"),  # it read as the working folder, '.'
 ])
 def test_what_trains_otherwise_is_refused_by_line(tmp_path, name, edit, match):
     model = model_for("llama-3.1", tmp_path)

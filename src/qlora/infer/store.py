@@ -317,7 +317,7 @@ class StoredSession:
         message_id, role, content, calls, call_id, images = row
         refs: tuple = ()
         if images:
-            refs = self._images.get(message_id) or self._read_images(message_id, images)
+            refs = self._images[message_id] if message_id in self._images else self._read_images(message_id, images)
             if len(refs) < len(json.loads(images)):
                 from .messages import IMAGE_PLACEHOLDER
 

@@ -129,6 +129,24 @@ def _resolve(value: Any, root: dict, where: str) -> Any:
     return re.sub(r"\$\{([^}:]+)\}", lookup, value)
 
 
+def _number(value: Any, kind: type, where: str, what: str) -> Any:
+    """``value`` as a float or a whole int (YAML reads ``3e-4`` as a string, as torchtune's own float() takes it).
+
+    Raises:
+        UsageError: not such a number, naming ``where`` and ``what`` (the key).
+    """
+    try:
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+            raise ValueError
+        number = float(value)
+        if kind is int and not number.is_integer():
+            raise ValueError
+        return int(number) if kind is int else number
+    except ValueError:
+        raise UsageError(f"{where}: {what} {value!r} is not {'a whole number' if kind is int else 'a number'}; "
+                         "give one.") from None
+
+
 def _component(value: Any, where: str, what: str) -> tuple[str, dict]:
     if not isinstance(value, dict) or not isinstance(value.get("_component_"), str):
         raise UsageError(f"{where}: {what} is a mapping with a _component_ (as torchtune's config.instantiate reads).")
@@ -174,7 +192,10 @@ def _checkpoint_dir(value: Any, where: str) -> str:
     if args.get("adapter_checkpoint") or args.get("recipe_checkpoint"):
         raise UsageError(f"{where}: adapter_checkpoint/recipe_checkpoint continue a torchtune run; qlora resumes its "
                          "own runs (resume: true) and continues a PEFT adapter (adapter: FOLDER). Remove them.")
-    folder = Path(str(args.get("checkpoint_dir", "")))  # its checkpoint_files are the folder's weights
+    if not isinstance(args.get("checkpoint_dir"), str) or not args["checkpoint_dir"].strip():
+        raise UsageError(f"{where}: the checkpointer needs checkpoint_dir, the transformers checkpoint folder to "
+                         "train (torchtune requires it too); give it.")
+    folder = Path(args["checkpoint_dir"])  # its checkpoint_files are the folder's weights
     return str(folder)
 
 
@@ -237,6 +258,9 @@ def _dataset(value: Any, where: str, render: str, tokenizer: dict[str, Any]) -> 
                              "EOS; leave --template out to write the texts as torchtune's tokenizer does.")
     else:
         columns = args.pop("column_map", None) or {}
+        if not isinstance(columns, dict):
+            raise UsageError(f"{where}: column_map {columns!r}: a mapping of torchtune's column names to the "
+                             "dataset's, as {input: question, output: answer}.")
         if builder == "chat_dataset":
             style = args.pop("conversation_style", None)
             if style not in ("openai", "sharegpt"):
@@ -262,11 +286,12 @@ def _seq_len(limit: Any, model: str, render: str, data: str, where: str) -> int:
         context = json.loads(config.read_text(encoding="utf-8")).get("max_position_embeddings") if config.is_file() \
             else None
         return int(context or 131072)
+    limit = _number(limit, int, where, "max_seq_len")
     if render == "messages":
-        return int(limit)
+        return limit
     if json.loads(data)[0]["torchtune"]["builder"] == "text_completion_dataset" or FAMILIES[render] != \
             "sentencepiece":
-        return int(limit) - 1
+        return limit - 1
     raise UsageError(f"{where}: max_seq_len {limit} with {render}: torchtune ends a cut conversation with an EOS "
                      "trained as the message it cuts; qlora's cut ends without one. Set max_seq_len: null (as "
                      "torchtune's configs for this tokenizer do), or give --template to use the model's chat "
@@ -278,13 +303,15 @@ def _optimizer(value: Any, where: str) -> dict[str, Any]:
     if name not in _OPTIMIZERS:
         raise UsageError(f"{where}: {name}: qlora's optimizers are {', '.join(_OPTIMIZERS)}; pick one.")
     args.pop("fused", None)  # a kernel choice
-    out = {"optim": _OPTIMIZERS[name], "lr": float(args.pop("lr", 1e-3)),
-           "weight_decay": float(args.pop("weight_decay", 0.01))}
+    out = {"optim": _OPTIMIZERS[name], "lr": _number(args.pop("lr", 1e-3), float, where, "lr"),
+           "weight_decay": _number(args.pop("weight_decay", 0.01), float, where, "weight_decay")}
     betas = args.pop("betas", None)
     if betas is not None:
-        out["adam_beta1"], out["adam_beta2"] = (float(b) for b in betas)
+        if not isinstance(betas, list) or len(betas) != 2:
+            raise UsageError(f"{where}: betas {betas!r}: AdamW's betas are two numbers, as [0.9, 0.999].")
+        out["adam_beta1"], out["adam_beta2"] = (_number(b, float, where, "betas") for b in betas)
     if "eps" in args:
-        out["adam_epsilon"] = float(args.pop("eps"))
+        out["adam_epsilon"] = _number(args.pop("eps"), float, where, "eps")
     if args:
         raise UsageError(f"{where}: {', '.join(sorted(args))}: not an AdamW argument qlora has (lr, betas, eps, "
                          "weight_decay, fused); remove it.")
@@ -298,7 +325,11 @@ def _schedule(value: Any, where: str) -> dict[str, Any]:
     if name != _COSINE:
         raise UsageError(f"{where}: {name}: qlora runs torchtune's get_cosine_schedule_with_warmup (transformers' "
                          "cosine); use it, or qlora's own lr_scheduler.")
-    out = {"lr_scheduler": "cosine", "warmup_steps": int(args.pop("num_warmup_steps")), "warmup_ratio": 0.0}
+    if "num_warmup_steps" not in args:
+        raise UsageError(f"{where}: {name} needs num_warmup_steps (torchtune's builder requires it); give it, 0 for "
+                         "none.")
+    out = {"lr_scheduler": "cosine", "warmup_steps": _number(args.pop("num_warmup_steps"), int, where,
+                                                             "num_warmup_steps"), "warmup_ratio": 0.0}
     cycles = args.pop("num_cycles", 0.5)
     if cycles != 0.5:
         out["lr_scheduler_kwargs"] = {"num_cycles": cycles}
@@ -328,7 +359,8 @@ def _training(cfg: dict, where: dict[str, str]) -> dict[str, Any]:
         raise UsageError(f"{where.get('dtype')}: dtype {dtype!r}: torchtune's LoRA recipes train in bf16 or fp32.")
     out: dict[str, Any] = {"batch_size": cfg.get("batch_size"), "grad_accum": cfg.get("gradient_accumulation_steps", 1),
                            "epochs": cfg.get("epochs"), "precision": _DTYPES[dtype],
-                           "max_grad_norm": float(cfg.get("clip_grad_norm") or 0.0),
+                           "max_grad_norm": _number(cfg.get("clip_grad_norm") or 0.0, float,
+                                                    where.get("clip_grad_norm", ""), "clip_grad_norm"),
                            "gradient_checkpointing": bool(cfg.get("enable_activation_checkpointing", False)),
                            "output": cfg.get("output_dir")}
     if cfg.get("seed") is not None:
