@@ -119,6 +119,26 @@ def test_a_run_without_bounds_saves_no_file(qwen_run, tmp_path):
     assert not (tmp_path / "plain" / "image_pixels.json").exists()
 
 
+def test_a_text_only_run_with_bounds_saves_none_and_resumes_a_checkpoint_from_before_bounds(
+        qwen_run, tmp_path, caplog):
+    """Bounds (a LLaMA-Factory file's defaults) bound nothing in a run without images: no file beside its adapter;
+    its checkpoint written before qlora had bounds resumes, saying what changes if the run had images."""
+    _, model, _, _ = qwen_run
+    data = tmp_path / "text.jsonl"
+    data.write_text("".join(json.dumps({"instruction": f"say {i}", "output": f"{i}"}) + "\n" for i in range(4)))
+    out = tmp_path / "text"
+    _train(model, data, out, "--image-max-pixels", "589824", "--save-steps", "1")
+    assert not list(out.rglob("image_pixels.json"))
+    first, last = sorted((out / "checkpoints").iterdir())
+    config = first / "run_config.json"
+    old = {k: v for k, v in json.loads(config.read_text()).items() if not k.startswith("image_")}
+    config.write_text(json.dumps(old))
+    shutil.rmtree(last)
+    caplog.set_level("WARNING", logger="qlora")
+    _train(model, data, out, "--image-max-pixels", "589824", "--save-steps", "1", "--resume")
+    assert "written before qlora bounded images (image_max_pixels 589824)" in caplog.text
+
+
 def test_generate_shows_the_image_bounded_as_training_did(qwen_run, seen, capsys):
     root, model, run, image = qwen_run
     assert _generate(model, "--adapter", str(run), "--image", str(image)) == 0

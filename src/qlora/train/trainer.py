@@ -76,6 +76,8 @@ STATE_FILE = "trainer_state.pt"
 # all recorded in the folder's manifest so --overwrite removes them and nothing else.
 RUN_ENTRIES = (CHECKPOINTS, "config.yaml", "metrics.jsonl", "events", "loss.png",
                "adapter_config.json", "adapter_model.safetensors", "qlora_adapter.json", "loftq-base")
+# Options a checkpoint from before qlora bounded images lacks: resumed unbounded-before, bounded-after (a warning).
+_PIXEL_KEYS = ("image_max_pixels", "image_min_pixels", "image_resize")
 # Names save_pretrained may give tokenizer files: a user's file of such a name is refused up front.
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
                     "tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json", "vocab.txt")
@@ -328,14 +330,22 @@ class Trainer:
                 raise UsageError(f"--resume: {self.out} has no checkpoint to resume from")
             saved = json.loads((checkpoints[-1] / "run_config.json").read_text())
             current = self.config.run_defining(self.dist.world_size)
-            # A key the checkpoint lacks was added to qlora after it was written: that run used the default.
+            # A key the checkpoint lacks was added to qlora after it was written: that run used the default. The
+            # pixel bounds are the exception: LLaMA-Factory files set them where silent, and they touch only images.
             defaults = {f.name: f.default for f in dataclasses.fields(cfg)}
-            differ = [k for k, v in current.items() if (saved[k] if k in saved else defaults.get(k)) != v]
+            unbounded = [k for k in _PIXEL_KEYS if k not in saved and current[k] != defaults[k]]
+            differ = [k for k, v in current.items()
+                      if k not in unbounded and (saved[k] if k in saved else defaults.get(k)) != v]
             if differ:
                 shown = ", ".join(f"{k}: {saved.get(k)!r} -> {current[k]!r}" for k in differ)
                 raise UsageError(f"--resume: the checkpoint in {self.out} was made with a different config ({shown}); "
                                  "resume with the original options or train into a new --output"
                                  + _train_further(self.out, checkpoints[-1], differ))
+            if unbounded:
+                logging.getLogger("qlora").warning(
+                    "qlora: %s was written before qlora bounded images (%s); if this run trains on images, the "
+                    "steps after it see them bounded where the steps before saw them as stored.", checkpoints[-1],
+                    ", ".join(f"{k} {current[k]}" for k in unbounded))
             if "lr_scheduler_kwargs" not in saved:  # written before the schedules followed transformers
                 logging.getLogger("qlora").warning(
                     "qlora: %s was written by an older qlora, whose warmup rose as (step+1)/(warmup+1) over "
@@ -505,6 +515,12 @@ class Trainer:
             self.processor = load_image_processor(self.config.model, self.model, self.tokenizer, where,
                                                   bounds=self.config.pixel_bounds)
         return self.processor
+
+    def _save_pixel_bounds(self, folder: Path) -> None:
+        """The run's image bounds beside its adapter, for a run that read images (a text-only run's bounds, such as
+        a LLaMA-Factory file's defaults, bound nothing)."""
+        if getattr(self, "processor", None) is not None:
+            self.config.pixel_bounds.save(folder)
 
     def _stop_ids(self) -> set[int]:
         """Ids that end an assistant turn: the tokenizer's end markers and the model's generation EOS ids."""
@@ -829,7 +845,7 @@ class Trainer:
                           "epoch_steps": True}
             (tmp / "run_config.json").write_text(json.dumps(run_config, indent=1))
             self.chat_format.save(tmp / "adapter")
-            self.config.pixel_bounds.save(tmp / "adapter")
+            self._save_pixel_bounds(tmp / "adapter")
         limit = self.config.save_total_limit
         if limit:
             for old in list_checkpoints(self.out)[:-limit]:
@@ -879,7 +895,7 @@ class Trainer:
         with staged_output(self.out, "train", replace=False) as stage:
             save_adapter(self.model, stage)
             self.chat_format.save(stage)  # generate and chat render as training did
-            self.config.pixel_bounds.save(stage)  # and show the model its images as training did
+            self._save_pixel_bounds(stage)  # and show the model its images as training did
             self.tokenizer.chat_template = self.chat_format.template  # other tools loading --output see the same format
             self.tokenizer.save_pretrained(stage)
             if self.config.init == "loftq":  # the adapter is only valid on its LoftQ base: ship the base with it
