@@ -644,3 +644,69 @@ def test_a_mistral_sliding_window_shorter_than_the_context_is_warned_about(tmp_p
         assert bool(warned) == (name == "w"), warned
         if warned:
             assert "32-token sliding window" in warned[0] and "up to 32 tokens" in warned[0]
+
+
+def _tiny_dbrx(tmp_path, tiny_tokenizer, **ffn):
+    """A tiny 4-bit DBRX (experts as 2-D ``(experts * ff, hidden)`` stacks), ``ffn`` overriding its ffn_config."""
+    from tiny_own_layouts import save_tiny
+
+    model_dir = save_tiny(tmp_path / "dbrx", tiny_tokenizer, "dbrx")
+    if ffn:
+        config = json.loads((model_dir / "config.json").read_text())
+        config["ffn_config"].update(ffn)
+        (model_dir / "config.json").write_text(json.dumps(config))
+    return qlora.load_model(model_dir, compute_dtype=torch.float32, device="cpu")
+
+
+def test_dbrx_experts_are_written_as_llama_cpps_converter_writes_them(tmp_path, tiny_tokenizer):
+    """DBRX as llama.cpp's converter writes it: ``w1``/``v1`` viewed ``[experts, ff, hidden]`` (gate, up), ``w2``
+    viewed so and transposed (down), the fused Wqkv, bias-free LayerNorms, the router in f32, clip_qkv, an output
+    matrix. What these compute: test_export_llama_cpp.py (test_llama_cpp_runs_dbrx_exports_from_the_cli)."""
+    model, tokenizer = _tiny_dbrx(tmp_path, tiny_tokenizer)
+    export_gguf(model, tokenizer, tmp_path / "m.gguf", "f16")
+    reader = gguf.GGUFReader(tmp_path / "m.gguf")
+    field = lambda key: reader.fields[f"dbrx.{key}"].contents()  # noqa: E731
+    assert reader.fields["general.architecture"].contents() == "dbrx"
+    assert (field("expert_count"), field("expert_used_count"), field("feed_forward_length")) == (4, 2, 64)
+    assert (field("attention.head_count_kv"), field("attention.clamp_kqv"), field("rope.dimension_count")) == (
+        2, 8.0, 16)
+    assert field("attention.layer_norm_epsilon") == pytest.approx(1e-5)
+    tensors = {t.name: t for t in reader.tensors}
+    assert {n[len("blk.1."):] for n in tensors if n.startswith("blk.1.")} == {
+        "attn_norm.weight", "attn_qkv.weight", "attn_output.weight", "attn_output_norm.weight",
+        "ffn_gate_inp.weight", "ffn_gate_exps.weight", "ffn_up_exps.weight", "ffn_down_exps.weight"}
+    assert "output.weight" in tensors
+    assert tensors["blk.1.ffn_gate_inp.weight"].tensor_type == gguf.GGMLQuantizationType.F32
+    merged = {key: make() for key, _, make in merged_tensors(model) if ".blocks.1.ffn.experts." in key}
+    value = lambda name: torch.from_numpy(tensors[name].data.astype("float32"))  # noqa: E731
+    stem = "transformer.blocks.1.ffn.experts.mlp."
+    for name, weight in (("ffn_gate_exps", "w1"), ("ffn_up_exps", "v1")):
+        torch.testing.assert_close(value(f"blk.1.{name}.weight"), merged[stem + weight].reshape(4, 64, 64),
+                                   atol=2e-3, rtol=1e-3)
+    torch.testing.assert_close(value("blk.1.ffn_down_exps.weight"),
+                               merged[stem + "w2"].reshape(4, 64, 64).transpose(1, 2), atol=2e-3, rtol=1e-3)
+
+
+@pytest.mark.parametrize("ffn,message", [
+    (dict(moe_normalize_expert_weights=2.0), "by their 2.0-norm"),  # llama.cpp's dbrx divides by the sum
+    (dict(moe_normalize_expert_weights=None), "moe_normalize_expert_weights=None"),
+    (dict(ffn_act_fn={"name": "gelu"}), "'gelu' activation"),
+])
+def test_dbrx_routing_llama_cpp_computes_differently_is_refused(tmp_path, tiny_tokenizer, ffn, message):
+    model, tokenizer = _tiny_dbrx(tmp_path, tiny_tokenizer, **ffn)
+    with pytest.raises(UsageError, match=message):
+        export_gguf(model, tokenizer, tmp_path / "m.gguf")
+    assert not list(tmp_path.glob("*.gguf*"))
+
+
+@pytest.mark.parametrize("model_type", ["jetmoe", "longcat_flash"])
+def test_4bit_expert_models_llama_cpp_has_no_converter_for_are_refused(tmp_path, tiny_tokenizer, capsys, model_type):
+    """JetMoE and LongCat-Flash load, train and merge with 4-bit experts, but llama.cpp has neither a converter
+    class nor a graph for them: the export says so instead of writing a file nothing runs."""
+    from tiny_own_layouts import save_tiny
+
+    model_dir = save_tiny(tmp_path / model_type, tiny_tokenizer, model_type)
+    assert main(["export", "--model", str(model_dir), "--output", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert f"{model_type!r} architecture" in err and "DBRX" in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists()

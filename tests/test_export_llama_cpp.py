@@ -489,6 +489,41 @@ def test_llama_cpp_runs_16_bit_and_q8_0_moe_exports_from_the_cli(tmp_path, tiny_
         assert _llama_cpp_greedy(llm, ids, n) == tokens[:n], out_type
 
 
+@torch.no_grad()
+def test_llama_cpp_runs_dbrx_exports_from_the_cli(tmp_path, tiny_tokenizer):
+    """DBRX, its experts stored as 2-D ``(experts * ff, hidden)`` stacks in 4 bits (qlora's own layout for them),
+    with LoRA on its fused ``Wqkv`` and ``out_proj``: ``qlora export --adapter`` as f32, f16 and q8_0. llama.cpp
+    reads ``w1``/``v1`` as ``[experts, ff, hidden]`` and ``w2`` transposed; a wrong view mixes experts' rows and
+    fails by far. Tolerances as for the Qwen3-MoE CLI test above (f16/q8_0 activations in llama.cpp)."""
+    from random_adapters import randomize_lora_b
+    from tiny_own_layouts import save_tiny
+
+    model_dir = save_tiny(tmp_path / "m", tiny_tokenizer, "dbrx")
+    model, tokenizer = qlora.load_model(model_dir, compute_dtype=torch.float32, device="cpu")
+    torch.manual_seed(0)
+    qlora.add_lora(model, r=4, alpha=8, dropout=0.0, target_modules="all-linear", verbose=False)
+    randomize_lora_b(model, seed=0)
+    qlora.save_adapter(model, tmp_path / "adapter")
+    ids = tokenizer(MOE_PROMPT)["input_ids"]
+    base = qlora.load_model(model_dir, compute_dtype=torch.float32, device="cpu")[0](torch.tensor([ids])).logits[0]
+    merged = merge(model.eval(), dtype=torch.float32)
+    expected = merged(torch.tensor([ids])).logits[0]
+    assert _relative(base, expected) > 0.05  # the adapter matters: a file without it fails by far
+    tokens, margin = _greedy(merged, ids, 8)
+
+    for out_type, tolerance, n in (("f32", 1e-5, 8), ("f16", 1e-2, 8), ("q8_0", 1e-1, 4)):
+        assert main(["export", "--model", str(model_dir), "--adapter", str(tmp_path / "adapter"),
+                     "--output", str(tmp_path / out_type), "--type", out_type]) == 0
+        llm = _llama_cpp(tmp_path / out_type / f"model-{out_type}.gguf", f32_cache=out_type == "f32")
+        assert llm.metadata["general.architecture"] == "dbrx" and llm.metadata["dbrx.expert_count"] == "4"
+        llm.eval(ids)
+        error = _relative(torch.tensor(llm.scores[: len(ids)]), expected)
+        assert error < tolerance, (out_type, error)  # measured 3.5e-6, 6.8e-3, 9.8e-2
+        assert out_type != "f32" or margin > 2 * error
+        if margin > 2 * error:  # no near-tie this much error could flip: equal tokens are a real check
+            assert _llama_cpp_greedy(llm, ids, n) == tokens[:n], out_type
+
+
 def test_llama_cpp_runs_a_trained_gpt_oss_export_from_the_cli(tmp_path):
     """``qlora train --target-parameters`` (LoRA on the expert weights) on a tiny gpt-oss with an o200k tokenizer
     and the real harmony template, then ``qlora export --adapter`` as f32 and f16. llama.cpp renders the embedded

@@ -77,6 +77,12 @@ model loaders), restated for the architectures qlora exports:
   then equal transformers' for any head count), ``clip_qkv`` as ``clamp_kqv``, the fused ``Wqkv`` already all Q,
   all K, all V. Ministral runs as ``llama``: full attention, the same as its sliding windows only where no window
   is shorter than the context. GPT-J has a llama.cpp name but no implementation: refused as such.
+- DBRX: its experts are 2-D ``(experts * ff, hidden)`` stacks; ``w1``/``v1`` are viewed ``[experts, ff, hidden]``
+  (gate, up) and ``w2`` (applied as ``x @ w2_e``) viewed so and transposed to ``[experts, hidden, ff]`` (down), as
+  llama.cpp's converter does. Its router renormalizes the top-k softmax weights by their
+  ``moe_normalize_expert_weights``-norm; llama.cpp's dbrx divides by their sum, the same for p = 1 (the released
+  configs) only. ``clip_qkv`` is ``clamp_kqv`` (0 for none: llama.cpp's loader requires the key). LayerNorm eps
+  is the fixed 1e-5 of transformers' DBRX.
 - DeepSeek-V2/V3 (multi-head latent attention, llama.cpp's ``deepseek2``): :mod:`qlora.model.gguf_deepseek`.
 - transformers 5 names Granite MoE's router and experts
   ``block_sparse_moe.router``/``.experts``, which gguf's table knows under other
@@ -117,8 +123,12 @@ class ArchSpec:
     requires: tuple[tuple[str, object], ...] = ()  # config fields that must have this value (if present)
     logit_scale: bool = False  # writes ``config.logit_scale`` (Cohere)
     full_attention: bool = False  # llama.cpp's graph has no sliding-window layers: a config with some is refused
-    act_key: str = "hidden_act"  # the config field naming the MLP activation
+    act_key: str = "hidden_act"  # the config field naming the MLP activation (a dotted path: within sub-configs)
     ff_key: str = "intermediate_size"  # the config field of the MLP width ("" or a None value: 4 x hidden)
+    clip_key: str = "clip_qkv"  # the config field clamping Q, K and V (``clamp_kqv``)
+    experts_key: str = ""  # the config field of the expert count ("": ``num_local_experts`` or ``num_experts``)
+    top_k_key: str = "num_experts_per_tok"  # the config field of the experts used per token
+    norm_topk_key: str = "norm_topk_prob"  # the config field renormalizing the top-k routing weights
     fused_qkv: bool = False  # HF's fused QKV is grouped per key/value head; llama.cpp's is all Q, all K, all V
     rope: bool = True  # False: learned positions (GPT-2) or ALiBi (BLOOM), no RoPE metadata
     transpose: tuple[str, ...] = ()  # HF key endings stored ``[in, out]`` (GPT-2's Conv1D)
@@ -195,6 +205,11 @@ SPECS: dict[str, ArchSpec] = {
     "ministral": ArchSpec("llama", permute_qk=True, acts=SILU),
     "deepseek_v2": ArchSpec("deepseek2", mla=True, acts=SILU, full_attention=True),
     "deepseek_v3": ArchSpec("deepseek2", mla=True, acts=SILU, full_attention=True, rename=gguf_deepseek.RENAME),
+    # DBRX: LayerNorm without biases, fused Wqkv already all Q, all K, all V, NeoX RoPE, experts as 2-D stacks
+    "dbrx": ArchSpec("dbrx", layer_norm=True, output_required=True, norm_topk=True, full_attention=True,
+                     acts=SILU, act_key="ffn_config.ffn_act_fn.name", ff_key="ffn_config.ffn_hidden_size",
+                     clip_key="attn_config.clip_qkv", experts_key="ffn_config.moe_num_experts",
+                     top_k_key="ffn_config.moe_top_k", norm_topk_key="ffn_config.moe_normalize_expert_weights"),
     "bloom": ArchSpec("bloom", layer_norm=True, ff_key="", fused_qkv=True, rope=False, mha=True,
                       rename=(("transformer.", ""),),
                       requires=(("apply_residual_connection_post_layernorm", False),), full_attention=True),
@@ -205,7 +220,7 @@ NOT_IN_LLAMA_CPP = {"gptj": "GPT-J"}
 SUPPORTED = ("Llama, Mistral, Ministral, Qwen2, Qwen3, Gemma, Gemma 2, Gemma 3 (text), Phi-2, Phi-3, OLMo, OLMo 2, "
              "Granite, SmolLM3, StarCoder2, StableLM, Command-R, Cohere 2, GLM-4, ERNIE 4.5, EXAONE 4, Seed-OSS, Arcee, "
              "GPT-NeoX (Pythia), GPT-2, Falcon, BLOOM, MPT, Hunyuan (dense), Apertus and the mixture-of-experts "
-             "Mixtral, Qwen2-MoE (Qwen1.5-MoE), Qwen3-MoE, OLMoE, Granite MoE, gpt-oss, DeepSeek-V2 and DeepSeek-V3")
+             "Mixtral, DBRX, Qwen2-MoE (Qwen1.5-MoE), Qwen3-MoE, OLMoE, Granite MoE, gpt-oss, DeepSeek-V2 and DeepSeek-V3")
 
 
 def arch_spec(config) -> ArchSpec:
@@ -246,7 +261,18 @@ def _context_length(config) -> int:
 
 
 def _feed_forward_length(config, spec: ArchSpec) -> int:
-    return (getattr(config, spec.ff_key, None) if spec.ff_key else None) or 4 * config.hidden_size
+    return (config_value(config, spec.ff_key) if spec.ff_key else None) or 4 * config.hidden_size
+
+
+def config_value(config, path: str, default=None):
+    """A config field by dotted path through sub-configs and dicts (DBRX's ``ffn_config.ffn_act_fn.name``);
+    ``default`` where the path does not exist (a field set to None is None)."""
+    value = config
+    for part in path.split("."):
+        if value is None or not (part in value if isinstance(value, dict) else hasattr(value, part)):
+            return default
+        value = value[part] if isinstance(value, dict) else getattr(value, part)
+    return value
 
 
 def rope_parameters(config) -> tuple[dict, dict | None]:
@@ -340,8 +366,9 @@ def write_metadata(writer, config, spec: ArchSpec, n_vocab: int) -> list[tuple[s
         writer.add_logit_scale(config.logits_scaling)
     if spec.logit_scale:
         writer.add_logit_scale(config.logit_scale)
-    if getattr(config, "clip_qkv", None):  # OLMo clamps Q, K and V, as llama.cpp's shared attention input does
-        writer.add_clamp_kqv(config.clip_qkv)
+    clip = config_value(config, spec.clip_key)
+    if clip or spec.gguf_arch == "dbrx":  # OLMo, DBRX clamp Q, K and V, as llama.cpp's shared attention input does
+        writer.add_clamp_kqv(float(clip or 0.0))  # 0: no clamp (llama.cpp's dbrx requires the key)
     if spec.gguf_arch == "smollm3":
         _check_smollm3_nope_layers(config)
     if spec.gguf_arch == "gpt-oss":
@@ -368,7 +395,7 @@ def write_metadata(writer, config, spec: ArchSpec, n_vocab: int) -> list[tuple[s
 
 def _check_graph_computes(config, spec: ArchSpec) -> None:
     """Refuse a config whose switches or activation llama.cpp's graph for ``spec`` does not compute."""
-    act = getattr(config, spec.act_key, None)
+    act = config_value(config, spec.act_key)
     if spec.acts and act not in spec.acts:
         raise UsageError(f"this {config.model_type} config uses the {act!r} activation, but llama.cpp's "
                          f"{spec.gguf_arch} computes {spec.acts[0]!r}; the GGUF would compute different outputs. "
@@ -388,21 +415,26 @@ def _check_graph_computes(config, spec: ArchSpec) -> None:
 
 def _write_experts(writer, config, spec: ArchSpec) -> None:
     """Expert counts and sizes; refuse routing llama.cpp's graph for ``spec`` does not compute."""
-    n_expert = getattr(config, "num_local_experts", None) or getattr(config, "num_experts", None)
+    n_expert = (config_value(config, spec.experts_key) if spec.experts_key else
+                getattr(config, "num_local_experts", None) or getattr(config, "num_experts", None))
     writer.add_expert_count(n_expert)
-    writer.add_expert_used_count(config.num_experts_per_tok)
+    writer.add_expert_used_count(config_value(config, spec.top_k_key))
     ff_expert = getattr(config, "moe_intermediate_size", None) or (
         config.intermediate_size if spec.gguf_arch == "gpt-oss" else None)  # gpt-oss's experts are its MLP
     if ff_expert:
         writer.add_expert_feed_forward_length(ff_expert)
     if getattr(config, "shared_expert_intermediate_size", None):
         writer.add_expert_shared_feed_forward_length(config.shared_expert_intermediate_size)
-    norm = getattr(config, "norm_topk_prob", spec.norm_topk)  # Mixtral always renormalizes and has no flag
+    norm = config_value(config, spec.norm_topk_key, spec.norm_topk)  # Mixtral always renormalizes, has no flag
+    if norm is not None and not isinstance(norm, bool) and norm != 1:  # DBRX's p-norm; llama.cpp's is the sum
+        raise UsageError(f"this {config.model_type} config renormalizes the top-k routing weights by their "
+                         f"{norm}-norm ({spec.norm_topk_key}), but llama.cpp's {spec.gguf_arch} divides them by their "
+                         f"sum (the 1-norm); the GGUF would mix experts differently. Refusing to export.")
     if bool(norm) != spec.norm_topk:
         rule = "always renormalizes" if spec.norm_topk else "never renormalizes"
-        raise UsageError(f"this {config.model_type} config has norm_topk_prob={norm}, but llama.cpp's "
-                         f"{spec.gguf_arch} {rule} the top-k routing weights; the GGUF would mix experts "
-                         f"differently. Refusing to export.")
+        raise UsageError(f"this {config.model_type} config has {spec.norm_topk_key.rpartition('.')[2]}={norm}, "
+                         f"but llama.cpp's {spec.gguf_arch} {rule} the top-k routing weights; the GGUF would mix "
+                         f"experts differently. Refusing to export.")
     step = getattr(config, "decoder_sparse_step", 1) or 1
     dense = [i for i in range(config.num_hidden_layers)
              if i in (getattr(config, "mlp_only_layers", None) or []) or (i + 1) % step]

@@ -171,9 +171,18 @@ def _expert_tensors(model: nn.Module, rows: list, spec: ArchSpec) -> list:
     transformers' forward chunks it, or alternating rows (``spec.gate_up_interleaved``: gpt-oss). A transposed
     layout (``[experts, in, out]``: gpt-oss) is transposed back, ``down_proj`` included. Expert biases
     (``gate_up_proj_bias``, ``down_proj_bias``) are split the same way and named ``<proj>.bias``. The fused
-    merged tensor is computed once for both halves: one layer's experts, then dropped."""
+    merged tensor is computed once for both halves: one layer's experts, then dropped.
+    2-D stacks (DBRX's ``(experts * ff, hidden)``) are viewed ``[experts, ff, hidden]``, a weight applied as
+    ``x @ W_e`` (DBRX's ``w2``) transposed to ``[experts, hidden, ff]``."""
+    stacked = _stacked_experts(model)
     out = []
     for key, shape, make in rows:
+        if key in stacked:
+            rows_per_expert, transposed = stacked[key]
+            experts, cols = shape[0] // rows_per_expert, shape[1]
+            view = (experts, cols, rows_per_expert) if transposed else (experts, rows_per_expert, cols)
+            out.append((key, view, lambda make=make, e=experts, t=transposed: _expert_stack(make(), e, t)))
+            continue
         prefix, _, leaf = key.rpartition(".")
         fused = leaf in ("gate_up_proj", "gate_up_proj_bias")
         if leaf not in ("gate_up_proj", "down_proj", "gate_up_proj_bias", "down_proj_bias") or (
@@ -206,6 +215,22 @@ def _expert_tensors(model: nn.Module, rows: list, spec: ArchSpec) -> list:
             out.append((f"{prefix}.{name}{suffix}", (shape[0], shape[1] // 2, *shape[2:]),
                         lambda half=half, i=i: half(i)))
     return out
+
+
+def _stacked_experts(model: nn.Module) -> dict[str, tuple[int, bool]]:
+    """State-dict key -> (rows per expert, applied as ``x @ W_e``) of each expert weight stored as a 2-D stack."""
+    found = {}
+    for name, module in model.named_modules():
+        layout = experts_layout(getattr(module, "base_layer", module))
+        if layout is not None and layout.rows:
+            for weight in layout.names:
+                found[f"{name}.{weight}"] = (layout.rows, layout.applied_transposed(weight))
+    return found
+
+
+def _expert_stack(tensor: torch.Tensor, experts: int, transposed: bool) -> torch.Tensor:
+    stack = tensor.reshape(experts, -1, tensor.shape[-1])
+    return stack.transpose(1, 2).contiguous() if transposed else stack
 
 
 def _causal_lm_key(model: nn.Module) -> Callable[[str], str]:
