@@ -196,3 +196,12 @@ def test_a_template_that_cannot_render_tools_is_refused(served):
     error = response.json()["error"]
     assert error["param"] == "tools" and "does not render tools" in error["message"] and "chatml.jinja" in error["message"]
     assert plain.status_code == 200  # without tools the model is served as before
+
+
+@pytest.mark.parametrize("extra", [{"bad_words": ["Paris"]}, {"allowed_token_ids": [5, 6]}])
+def test_masked_tokens_are_refused_with_a_forced_call(served, extra):
+    """vLLM's allowed_token_ids and bad_words could not hold back a forced call's fixed markup tokens."""
+    _, _, client, _ = served
+    with pytest.raises(openai.BadRequestError) as err:
+        _ask(client, tools=TOOLS, tool_choice="required", extra_body=extra)
+    assert err.value.body["param"] == next(iter(extra)) and "forced tool call" in err.value.body["message"]

@@ -14,10 +14,13 @@ re-batched (recurrent state: Mamba, hybrid models) or whose padded batch does no
 each request alone is found at start and served one request at a time (``unbatchable`` says why). A row may carry
 a :class:`Constraint` (a forced tool call, a JSON reply): its reply's fixed first tokens are prefilled
 with its prompt and its tokens are chosen by the constraint; the batch's other rows
-still take one argmax for all, so their tokens are what they would be alone.
+still take one argmax for all, so their tokens are what they would be alone. A row may carry a
+:class:`~qlora.infer.token_filter.TokenFilter` (vLLM's ``allowed_token_ids`` and ``bad_words``): its
+masked tokens are never chosen, by sampling or by a constraint (a constraint's fixed first tokens are
+not filtered); when every token is masked the row fails.
 
 A row may ask for log-probabilities (:mod:`qlora.infer.logprobs`): of each token it
-chooses, from that row's logits of the step, and of its prompt's tokens, from the
+chooses, from that row's logits of the step, and of its prompt's tokens (with their ranks), from the
 logits of its prefill (which covers every prompt position anyway); a row that only
 scores its prompt (``generate=False``) leaves after its prefill.
 
@@ -46,6 +49,7 @@ from .logprobs import TokenLogprob, chosen_logprob, prompt_logprobs
 from .model_rules import ModelRules
 from .penalties import Penalties
 from .text_stream import TextStream
+from .token_filter import TokenFilter
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +100,8 @@ class Request:
     keep_tokens: frozenset[int] = frozenset()  # special tokens kept in the text (tool-call markup)
     constraint: Constraint | None = None  # only this row's tokens are restricted; others decode as usual
     logprobs: int | None = None  # None: no logprobs; k: each reply token's logprob with the k most likely
-    prompt_logprobs: bool = False  # also the prompt tokens' (with ``logprobs`` alternatives each)
+    prompt_logprobs: int | None = None  # k: also the prompt tokens' entries, with k alternatives each
+    token_filter: TokenFilter | None = None  # tokens this row may not choose (vLLM's allowed_token_ids, bad_words)
     generate: bool = True  # False: prefill only (score the prompt), no reply token
     media: dict | None = None  # a vision-language model's image tensors for the prompt: its prefill's, dropped after it
     min_tokens: int = 0  # vLLM's: the stop tokens are masked (and stop strings not looked for) until this many
@@ -303,8 +308,8 @@ class ContinuousBatcher:
             request.emit(Event("", "error", len(request.prompt_ids), error=f"{type(exc).__name__}: {exc}"))
             return
         logits, prompt = out.logits[0], len(request.prompt_ids)
-        if request.prompt_logprobs:
-            row.prompt_logprobs = prompt_logprobs(logits, request.prompt_ids, request.logprobs or 0)
+        if request.prompt_logprobs is not None:
+            row.prompt_logprobs = prompt_logprobs(logits, request.prompt_ids, request.prompt_logprobs)
         if not request.generate:
             self._emit(row, "", "length")
             self.stats["requests_completed"] += 1
@@ -329,15 +334,24 @@ class ContinuousBatcher:
 
     @staticmethod
     def _choose(row: _Row, logits: torch.Tensor) -> int | None:
-        request = row.request
-        if len(row.text.tokens) < request.min_tokens and request.stop_ids:  # no end before min_tokens (vLLM's)
+        """The row's next token (None: every token is masked, or none continues its constraint)."""
+        request, reply = row.request, row.text.tokens
+        if request.token_filter is not None:  # vLLM's allowed tokens and bad words, first in its sampler
+            logits = request.token_filter(logits, reply)
+        if len(reply) < request.min_tokens and request.stop_ids:  # no end before min_tokens (vLLM's)
             logits = logits.clone()
             logits[[t for t in request.stop_ids if t < logits.numel()]] = float("-inf")
         if request.constraint is not None:
             if row.penalties is not None:
                 logits = row.penalties(logits)
-            return request.constraint.choose(logits, request.options, row.generator)
-        return next_token(logits, request.options, row.generator, row.penalties)
+            token = request.constraint.choose(logits, request.options, row.generator)
+        elif request.token_filter is not None and not torch.isfinite(logits).any():
+            return None  # nothing left to sample from
+        else:
+            token = next_token(logits, request.options, row.generator, row.penalties)
+        if token is not None and request.token_filter is not None and not request.token_filter.allows(token, reply):
+            return None  # a masked token comes first only when no allowed one may follow (a constraint's scan)
+        return token
 
     def _batch_step(self, last: list[int], lengths: list[int], cache):
         """The forward of one decode step: each row's ``last`` token after the ``lengths[i]`` tokens its
@@ -366,7 +380,8 @@ class ContinuousBatcher:
         for i, row in enumerate(rows):
             row.length += 1
             plain_greedy = row.request.constraint is None and row.request.options.temperature <= 0 \
-                and row.penalties is None and len(row.text.tokens) >= row.request.min_tokens
+                and row.penalties is None and row.request.token_filter is None \
+                and len(row.text.tokens) >= row.request.min_tokens
             token = greedy[i] if plain_greedy else self._choose(row, last[i])
             if not self._advance(row, token, last[i]):
                 keep.append(i)
@@ -375,8 +390,10 @@ class ContinuousBatcher:
     def _advance(self, row: _Row, token: int | None, logits: torch.Tensor) -> bool:
         """Record ``token`` (chosen from ``logits``) for ``row`` and emit its text; True when the row is finished."""
         request = row.request
-        if token is None:  # a constraint that no token of the vocabulary satisfies
-            self._emit(row, row.text.flush(), "error", "no token of the vocabulary continues the constrained reply")
+        if token is None:  # a constraint or token filter that no token of the vocabulary satisfies
+            what = "the constrained reply" if request.constraint is not None else "the reply"
+            masked = " (allowed_token_ids and bad_words mask the others)" if request.token_filter is not None else ""
+            self._emit(row, row.text.flush(), "error", f"no token of the vocabulary continues {what}{masked}")
             self.stats["requests_completed"] += 1
             return True
         self.stats["tokens_generated"] += 1

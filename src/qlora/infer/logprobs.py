@@ -27,11 +27,13 @@ from .text_stream import byte_token_ids
 @dataclass(frozen=True)
 class TokenLogprob:
     """One token with its log-probability (None: a prompt's first token, which nothing predicts)
-    and the ``top`` most likely tokens at its position, best first, as ``(id, logprob)``."""
+    and the ``top`` most likely tokens at its position, best first, as ``(id, logprob)``; a prompt
+    token's ``rank``: how many tokens of the vocabulary are at least as likely (1: the most likely)."""
 
     token: int
     logprob: float | None
     top: tuple[tuple[int, float], ...] = ()
+    rank: int | None = None
 
 
 def chosen_logprob(logits: torch.Tensor, token: int, top: int) -> TokenLogprob:
@@ -42,15 +44,17 @@ def chosen_logprob(logits: torch.Tensor, token: int, top: int) -> TokenLogprob:
 
 def prompt_logprobs(logits: torch.Tensor, ids: list[int], top: int) -> list[TokenLogprob]:
     """Entries for each of ``ids`` from the ``(len(ids), vocab)`` logits of a forward over them
-    (row ``i`` predicts token ``i + 1``); the first token's logprob is None."""
+    (row ``i`` predicts token ``i + 1``), with their ranks; the first token's logprob is None."""
     logprobs = logits[:len(ids) - 1].float().log_softmax(-1)
     targets = torch.tensor(ids[1:], dtype=torch.long, device=logprobs.device)
-    chosen = logprobs.gather(-1, targets[:, None])[:, 0].tolist()
-    tops = [()] * len(chosen)
+    chosen = logprobs.gather(-1, targets[:, None])
+    ranks = (logprobs >= chosen).sum(-1).tolist()  # vLLM's rank: ties count as ahead
+    tops = [()] * len(ranks)
     if top:
         values, indices = torch.topk(logprobs, min(top, logprobs.shape[-1]), dim=-1)
         tops = [tuple(zip(i, v)) for i, v in zip(indices.tolist(), values.tolist())]
-    return [TokenLogprob(ids[0], None)] + [TokenLogprob(t, p, k) for t, p, k in zip(ids[1:], chosen, tops)]
+    return [TokenLogprob(ids[0], None)] + [TokenLogprob(t, p, k, r) for t, p, k, r in
+                                           zip(ids[1:], chosen[:, 0].tolist(), tops, ranks)]
 
 
 def _top(logprobs: torch.Tensor, k: int) -> tuple[tuple[int, float], ...]:

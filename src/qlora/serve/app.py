@@ -37,7 +37,7 @@ import logging
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, AsyncIterator, Iterator
 
 from fastapi import FastAPI, Request
@@ -58,12 +58,12 @@ from ..model.chat_format import ChatFormat
 from ..model.image_pixels import PixelBounds
 from . import conversations as conv
 from .background import BackgroundRun
-from .logprobs import TextOffsets, chat_logprobs, completion_logprobs
+from .logprobs import TextOffsets, chat_logprobs, completion_logprobs, prompt_logprob_maps
 from .protocol import APIError, ChatCompletionRequest, CompletionRequest, _Body, sse
 from .response_store import DEFAULT_CAPACITY, RUNNING, ResponseStore, list_page, with_ids
 from .responses import (FINISHED, ResponsesRequest, ResponseWriter, StreamedMessage, checked_include,
                         drop_oldest_turn, partial_output, shown)
-from .vllm_extras import Guide, check_extras, stop_ids as request_stop_ids, truncated
+from .vllm_extras import Guide, check_extras, stop_ids as request_stop_ids, token_filter, truncated
 
 log = logging.getLogger("qlora")
 TYPE_TAGS = {"str", "int", "float", "bool", "dict", "list", "none"}
@@ -73,7 +73,8 @@ DISCONNECT_POLL_S = 0.5  # how often a non-streaming request checks that its cli
 def build_app(batcher: ContinuousBatcher, base_id: str, adapters: list[str], api_key: str | None = None,
               chat_formats: dict[str | None, ChatFormat | None] | None = None,
               stored_responses: int = DEFAULT_CAPACITY, stored_conversations: int = conv.DEFAULT_CAPACITY,
-              model_dir: str | None = None, pixel_bounds: dict[str | None, PixelBounds] | None = None) -> FastAPI:
+              model_dir: str | None = None, pixel_bounds: dict[str | None, PixelBounds] | None = None,
+              trust_request_chat_template: bool = False) -> FastAPI:
     """The application serving ``batcher``'s model as ``base_id`` and each adapter as its name.
 
     Args:
@@ -92,6 +93,8 @@ def build_app(batcher: ContinuousBatcher, base_id: str, adapters: list[str], api
             (default: ``base_id``).
         pixel_bounds: adapter name (``None``: the base) -> the bounds its requests' images are scaled into before
             the processor (the ones it was trained with); missing: none.
+        trust_request_chat_template: render a chat request's own ``chat_template`` (vLLM's
+            ``--trust-request-chat-template``); otherwise such a request is a 400.
     """
     chat_formats = chat_formats or {}
     pixel_bounds = pixel_bounds or {}
@@ -183,11 +186,33 @@ def build_app(batcher: ContinuousBatcher, base_id: str, adapters: list[str], api
                                             pixel_bounds.get(adapter, PixelBounds()))
         return ids[0].tolist(), media
 
+    def request_format(body: ChatCompletionRequest) -> ChatFormat | None:
+        """The request's own ``chat_template`` as the format it is rendered with (None: it sent none).
+
+        Raises:
+            APIError: the server does not trust request templates, or the template is not valid Jinja.
+        """
+        if body.chat_template is None:
+            return None
+        if not trust_request_chat_template:
+            raise APIError(400, "'chat_template': this server renders only the model's chat template (and each "
+                                "adapter's). Start qlora serve with --trust-request-chat-template to accept templates "
+                                "sent with requests (as vLLM asks), or leave 'chat_template' out", "chat_template")
+        from jinja2 import Environment, TemplateSyntaxError
+
+        try:
+            Environment().parse(body.chat_template)
+        except TemplateSyntaxError as exc:
+            raise APIError(400, f"'chat_template' is not valid Jinja: {exc.message} (line {exc.lineno}); fix the "
+                                "template", "chat_template") from None
+        return ChatFormat(body.chat_template, "the request's chat_template")
+
     def chat_choices(body: ChatCompletionRequest, adapter: str | None, prompt_param: str = "messages") -> list[_Choice]:
         """The batch rows of a chat request (``n`` choices), its tools, forced call and JSON reply set up;
         ``prompt_param`` names the request's field a too-long or empty prompt came from."""
-        chat_format = chat_formats.get(adapter)
+        chat_format = request_format(body) or chat_formats.get(adapter)
         guide = check_extras(body, batcher.context_length)
+        masked = token_filter(body, tokenizer)
         template_options = body.template_options()
         messages = [m.message(i) for i, m in enumerate(body.messages)]
         images = [ref for m in messages for ref in m.images]
@@ -196,11 +221,19 @@ def build_app(batcher: ContinuousBatcher, base_id: str, adapters: list[str], api
             if body.truncate_prompt_tokens is not None:
                 raise APIError(400, "'truncate_prompt_tokens' would cut the image tokens of the prompt from the "
                                     "images they stand for; send the request without it", "truncate_prompt_tokens")
+            if body.add_special_tokens:
+                raise APIError(400, "'add_special_tokens' cannot be served with images: the model's processor "
+                                    "tokenizes a prompt with images; send the request without it",
+                               "add_special_tokens")
         tools, plan, markup, forced = body.function_tools(), None, None, None
         if tools:
-            if adapter not in tool_templates:
-                tool_templates[adapter] = renders_tools(tokenizer, chat_format)
-            if not tool_templates[adapter]:
+            if body.chat_template is not None:  # the request's own template, asked each time
+                shows_tools = renders_tools(tokenizer, chat_format)
+            else:
+                if adapter not in tool_templates:
+                    tool_templates[adapter] = renders_tools(tokenizer, chat_format)
+                shows_tools = tool_templates[adapter]
+            if not shows_tools:
                 origin = chat_format.origin if chat_format is not None else "the tokenizer's chat_template"
                 raise APIError(400, f"The chat template of {body.model!r} ({origin}) does not render tools, so the "
                                     "model would never see them: 'tools' cannot be served for it. Serve a model whose "
@@ -222,6 +255,11 @@ def build_app(batcher: ContinuousBatcher, base_id: str, adapters: list[str], api
             raise APIError(400, f"'{guide.param}' cannot be combined with 'response_format' or with 'tools' the model "
                                 "may call (one constraint per reply)", guide.param)
         _refuse_unending(body, guide is not None or json_reply is not None or markup is not None)
+        if masked is not None and markup is not None:
+            param = "allowed_token_ids" if body.allowed_token_ids is not None else "bad_words"
+            raise APIError(400, f"'{param}' cannot be combined with a forced tool call ('tool_choice' "
+                                f"{body.tool_choice!r}): its call markup is written by fixed tokens, which the mask "
+                                "could not hold back; send 'tool_choice': 'auto', or the request without it", param)
         try:
             prompt = render_chat(tokenizer, messages, chat_format=chat_format, tools=tools,
                                  template_kwargs=template_options)
@@ -230,12 +268,16 @@ def build_app(batcher: ContinuousBatcher, base_id: str, adapters: list[str], api
                                 "it (a tool's parameters nested hundreds of levels, say); flatten them",
                            "tools" if tools else "messages") from None
         except Exception as exc:  # e.g. a template that allows no system turn, or needs alternating roles
+            if body.chat_template is not None:
+                raise APIError(400, f"The request's 'chat_template' failed on these messages: {exc}",
+                               "chat_template") from None
             raise APIError(400, f"The model's chat template rejected these messages: {exc}", "messages") from None
         media = None
         if images:
             prompt_ids, media = image_prompt(body.model, adapter, prompt, images)
         else:
-            prompt_ids = _encode(model, tokenizer, prompt, chat=True)
+            prompt_ids = tokenizer(prompt, add_special_tokens=body.add_special_tokens).input_ids  # vLLM's default:
+            # none, the template writes them (apply_chat_template(tokenize=True)'s ids)
         role = body.reply_role()
         last = body.messages[-1]
         echo = last.text(len(body.messages) - 1)[0] if body.echo and last.role == role else ""
@@ -243,6 +285,8 @@ def build_app(batcher: ContinuousBatcher, base_id: str, adapters: list[str], api
         for index in range(body.n):  # each choice is its own row, with its own constraint state and seed
             generation = _generation(batcher, body, adapter, prompt_ids, chat_stops, prompt_param, index)
             generation.media = media
+            generation.prompt_logprobs = body.prompt_logprobs
+            generation.token_filter = masked
             if plan is not None:
                 generation.keep_tokens = markup_token_ids(plan.format, tokenizer)
             if markup is not None:  # a forced call: no stop strings inside it, one call, its end forced
@@ -406,10 +450,15 @@ def build_app(batcher: ContinuousBatcher, base_id: str, adapters: list[str], api
     def completion_choices(body: CompletionRequest, adapter: str | None) -> list[_Choice]:
         """The batch rows of a completions request: ``n`` choices for each of its prompts."""
         guide = check_extras(body, batcher.context_length)
+        masked = token_filter(body, tokenizer)
         _refuse_unending(body, guide is not None)
+        echo_logprobs = body.logprobs if body.echo else None  # the echoed prompt's entries, with its alternatives
+        scored = [k for k in (echo_logprobs, body.prompt_logprobs) if k is not None]
         choices = []
         for number, prompt in enumerate(body.prompts()):
-            if isinstance(prompt, str):
+            if isinstance(prompt, str) and not body.add_special_tokens:
+                prompt_ids = tokenizer(prompt, add_special_tokens=False).input_ids
+            elif isinstance(prompt, str):
                 prompt_ids = _encode(model, tokenizer, prompt)
             elif all(0 <= t < len(tokenizer) for t in prompt):
                 prompt_ids = list(prompt)
@@ -419,10 +468,12 @@ def build_app(batcher: ContinuousBatcher, base_id: str, adapters: list[str], api
                 tokenizer.decode(prompt_ids, skip_special_tokens=True)
             for index in range(body.n):
                 generation = _generation(batcher, body, adapter, prompt_ids, text_stops, "prompt", index)
-                generation.prompt_logprobs = body.echo and body.logprobs is not None
+                generation.prompt_logprobs = max(scored) if scored else None
+                generation.token_filter = masked
                 if guide is not None:
                     generation.constraint = _guided(guide, tokenizer, text_stops)
-                choices.append(_Choice(number * body.n + index, generation, echo=echo, first=index == 0))
+                choices.append(_Choice(number * body.n + index, generation, echo=echo, first=index == 0,
+                                       echo_logprobs=echo_logprobs))
         return choices
 
     @app.post("/v1/completions")
@@ -541,8 +592,8 @@ def _adapter(ids: dict[str, str | None], model_id: str, status: int = 400) -> st
     return ids[model_id]
 
 
-def _encode(model, tokenizer, text: str, chat: bool = False) -> list[int]:
-    return encode_prompt(model, tokenizer, text, chat)[0].tolist()
+def _encode(model, tokenizer, text: str) -> list[int]:
+    return encode_prompt(model, tokenizer, text)[0].tolist()
 
 
 def _generation(batcher: ContinuousBatcher, body: _Body, adapter: str | None, prompt_ids: list[int],
@@ -609,8 +660,10 @@ class _Choice:
     echo: str = ""  # with echo: the prompt text (chat: the last message's), put before the reply
     role: str = "assistant"  # a chat reply's role
     first: bool = True  # the first choice of its prompt (its prompt is counted in usage)
+    echo_logprobs: int | None = None  # completions' echo with logprobs: the prompt's entries lead, with k alternatives
     pieces: list[str] = field(default_factory=list)  # the events' texts, joined once when read (linear in the reply)
     logprobs: list[TokenLogprob] = field(default_factory=list)
+    prompt_logprobs: list[TokenLogprob] | None = None  # the prompt's entries, when the row scored its prompt
     last: Event | None = None
 
     @property
@@ -620,11 +673,18 @@ class _Choice:
             self.pieces[:] = ["".join(self.pieces)]
         return self.pieces[0] if self.pieces else ""
 
-    def add(self, event: Event) -> None:
+    def add(self, event: Event) -> list[TokenLogprob]:
+        """Take ``event`` in; the logprob entries it adds to the reply's (the echoed prompt's first)."""
         self.pieces.append(event.text)
-        self.logprobs += (event.prompt_logprobs or []) + event.logprobs
+        added = event.logprobs
+        if event.prompt_logprobs is not None:
+            self.prompt_logprobs = event.prompt_logprobs
+            if self.echo_logprobs is not None:
+                added = [replace(e, top=e.top[:self.echo_logprobs]) for e in event.prompt_logprobs] + added
+        self.logprobs += added
         if event.finish_reason is not None:
             self.last = event
+        return added
 
 
 def _submit(batcher: ContinuousBatcher, choices: list[_Choice]) -> asyncio.Queue[tuple[int, Event]]:
@@ -679,25 +739,30 @@ async def _respond(batcher: ContinuousBatcher, choices: list[_Choice], body: _Bo
         return _event_stream(_stream(queue, choices, body, reply_id, chat, pieces))
     if not await _gather(queue, choices, request):
         return JSONResponse({}, status_code=499)
-    out = []
+    out, as_ids = [], bool(body.return_tokens_as_token_ids)
     for choice in choices:
         last, text = choice.last, choice.text
         entry: dict[str, Any] = {"index": choice.index, "finish_reason": last.finish_reason, "logprobs": None}
         if not chat:
             entry["text"] = choice.echo + text
             if body.logprob_count() is not None:
-                entry["logprobs"] = completion_logprobs(pieces, choice.logprobs, TextOffsets(pieces))
+                entry["logprobs"] = completion_logprobs(pieces, choice.logprobs, TextOffsets(pieces), as_ids)
+            if body.prompt_logprobs is not None:  # vLLM's, in each choice
+                entry["prompt_logprobs"] = prompt_logprob_maps(pieces, choice.prompt_logprobs, body.prompt_logprobs)
         else:
             if body.logprob_count() is not None:
-                entry["logprobs"] = {"content": chat_logprobs(pieces, choice.logprobs), "refusal": None}
+                entry["logprobs"] = {"content": chat_logprobs(pieces, choice.logprobs, as_ids), "refusal": None}
             if choice.tools is not None and (parsed := choice.tools.parse(text))[1]:
                 entry["message"] = {"role": choice.role, "content": parsed[0], "tool_calls": parsed[1]}
                 entry["finish_reason"] = "tool_calls"
             else:
                 entry["message"] = {"role": choice.role, "content": choice.echo + text}
         out.append(entry)
-    return {"id": reply_id, "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
-            "model": body.model, "choices": out, "usage": _usage(choices)}
+    reply = {"id": reply_id, "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
+             "model": body.model, "choices": out, "usage": _usage(choices)}
+    if chat and body.prompt_logprobs is not None:  # vLLM's, beside the choices (every choice has this prompt)
+        reply["prompt_logprobs"] = prompt_logprob_maps(pieces, choices[0].prompt_logprobs, body.prompt_logprobs)
+    return reply
 
 
 def _emitter(loop: asyncio.AbstractEventLoop, queue: asyncio.Queue, k: int, generation: Generation):
@@ -720,7 +785,7 @@ async def _stream(queue: asyncio.Queue, choices: list[_Choice], body: _Body, rep
     splitters = [ToolCallStream(c.tools.format, c.tools.names) if c.tools is not None else None for c in choices]
     offsets = [TextOffsets(pieces) for _ in choices]
     carried: list[list[TokenLogprob]] = [[] for _ in choices]  # logprobs whose text a splitter still holds
-    want_logprobs = body.logprob_count() is not None
+    want_logprobs, as_ids = body.logprob_count() is not None, bool(body.return_tokens_as_token_ids)
 
     def chunk(k: int, text: str | None, finish: str | None, first: bool = False, calls: list | None = None) -> str:
         entries, carried[k] = carried[k], []
@@ -730,11 +795,11 @@ async def _stream(queue: asyncio.Queue, choices: list[_Choice], body: _Body, rep
             if calls:
                 delta["tool_calls"] = calls
             if want_logprobs and not first:
-                logprobs = {"content": chat_logprobs(pieces, entries), "refusal": None}
+                logprobs = {"content": chat_logprobs(pieces, entries, as_ids), "refusal": None}
             choice = {"index": choices[k].index, "delta": delta, "finish_reason": finish, "logprobs": logprobs}
         else:
             if want_logprobs:
-                logprobs = completion_logprobs(pieces, entries, offsets[k])
+                logprobs = completion_logprobs(pieces, entries, offsets[k], as_ids)
             choice = {"index": choices[k].index, "text": text or "", "finish_reason": finish, "logprobs": logprobs}
         return sse({"id": reply_id, "object": kind, "created": created, "model": body.model, "choices": [choice]})
 
@@ -749,8 +814,7 @@ async def _stream(queue: asyncio.Queue, choices: list[_Choice], body: _Body, rep
             if event.finish_reason in ("error", "cancelled"):
                 yield sse(_failure(event).body())
                 break
-            choice.add(event)
-            carried[k] += (event.prompt_logprobs or []) + event.logprobs
+            carried[k] += choice.add(event)
             text = splitter.push(event.text) if splitter is not None else event.text
             if not started[k]:
                 text, started[k] = choice.echo + text, True

@@ -168,6 +168,10 @@ class _Body(KnownFields):
     guided_choice: list[str] | None = None
     guided_grammar: str | None = None  # refused: no grammar engine
     structured_outputs: dict[str, Any] | None = None
+    bad_words: list[str] | None = None
+    allowed_token_ids: list[int] | None = None
+    prompt_logprobs: int | None = Field(default=None, ge=-1)  # chat and completions only (not Responses)
+    return_tokens_as_token_ids: bool | None = None  # chat and completions only (not Responses)
     request_id: str | None = None
     priority: int = 0  # one first-come queue: 0 only, as vLLM's default scheduler
     use_beam_search: bool = False  # refused when true
@@ -321,6 +325,8 @@ class ChatCompletionRequest(_Body):
     continue_final_message: bool = False
     documents: list[dict[str, Any]] | None = None
     echo: bool = False
+    chat_template: str | None = None  # served only with --trust-request-chat-template, as in vLLM
+    add_special_tokens: bool = False  # the tokenizer's BOS etc. on top of what the template writes
 
     def template_options(self) -> dict[str, Any]:
         """What the chat template is rendered with beyond messages and tools: ``chat_template_kwargs`` as
@@ -333,6 +339,9 @@ class ChatCompletionRequest(_Body):
         """
         kwargs = dict(self.chat_template_kwargs or {})
         for key in kwargs:
+            if key == "chat_template":
+                raise APIError(400, "'chat_template_kwargs' key 'chat_template': send the template as the "
+                                    "top-level 'chat_template' field instead", "chat_template_kwargs.chat_template")
             if key in _RENDER_PARAMETERS:
                 raise APIError(400, f"'chat_template_kwargs' key {key!r} is a parameter of the rendering, not a "
                                     "template variable; send 'tools' and 'messages' as top-level fields, and leave "
@@ -494,6 +503,7 @@ class CompletionRequest(_Body):
     logprobs: int | None = Field(default=None, ge=0, le=20)
     best_of: int | None = None
     suffix: str | None = None
+    add_special_tokens: bool = True  # vLLM's: False tokenizes a text prompt without BOS etc.
 
     def refuse_unsupported(self) -> None:
         """400 for options that would change the answer in ways not implemented."""

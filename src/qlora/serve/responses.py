@@ -93,6 +93,10 @@ class ResponsesRequest(_Body):
             raise APIError(400, "The Responses API returns one reply; 'n' must be 1 (send 'n' to "
                                 "/v1/chat/completions for several choices)", "n")
         checked_include(self.include or [])
+        for name in ("prompt_logprobs", "return_tokens_as_token_ids"):
+            if getattr(self, name) is not None:
+                raise APIError(400, f"'{name}' is one of vLLM's chat and completions fields; a Responses reply has no "
+                                    "place for it (nor has vLLM's). Send the request to /v1/chat/completions", name)
         if self.truncation not in (None, "auto", "disabled"):
             raise APIError(400, f"'truncation' must be 'auto' or 'disabled', got {self.truncation!r}", "truncation")
 

@@ -11,9 +11,14 @@ in transformers and vLLM), ``truncate_prompt_tokens`` (only the prompt's last k 
 context length). Constrained decoding: ``guided_json``, ``guided_regex``, ``guided_choice`` and
 ``structured_outputs`` (``json``, ``regex``, ``choice``, ``json_object``), on qlora's JSON Schema
 and regex automata; a schema or pattern asking for what they do not enforce is a 400, since the
-promise could not be kept. ``request_id`` names the reply (``chatcmpl-<request_id>``), as in
-vLLM. Accepted without effect: ``priority`` 0 (one first-come queue, vLLM's default scheduler,
-which refuses other priorities as this does) and ``length_penalty`` (beam search only). Refused:
+promise could not be kept. Masked tokens (all routes, :mod:`qlora.infer.token_filter`):
+``allowed_token_ids`` and ``bad_words``, with guided decoding too, not with a forced tool call (its
+markup is written by fixed tokens). Chat and completions only: ``prompt_logprobs`` (0 to 20
+alternatives; not streamed, as vLLM refuses) and ``return_tokens_as_token_ids``; ``add_special_tokens``
+and, for chat, ``chat_template`` (used instead of the model's or the adapter's, only when the server
+trusts request templates, as vLLM's ``--trust-request-chat-template``). ``request_id`` names the
+reply (``chatcmpl-<request_id>``), as in vLLM. Accepted without effect: ``priority`` 0 (one
+first-come queue, vLLM's default scheduler, which refuses other priorities as this does) and ``length_penalty`` (beam search only). Refused:
 ``use_beam_search``, grammars (``guided_grammar``, ``structured_outputs.grammar`` and
 ``structural_tag``: no grammar engine), and the JSON whitespace options.
 """
@@ -27,11 +32,13 @@ from typing import Any
 from ..infer.json_schema import Node, SchemaError, compile_schema
 from ..infer.regex import PatternError, Regex
 from ..infer.regex_reply import choice_pattern
+from ..infer.token_filter import TokenFilter, bad_word_ids
 from .protocol import APIError, _Body
 
 _STRUCTURED_KINDS = ("json", "regex", "choice", "json_object")
 _STRUCTURED_OFF = ("disable_any_whitespace", "disable_additional_properties", "whitespace_pattern")  # must be unset
 _GRAMMARS = ("grammar", "structural_tag")
+MAX_PROMPT_LOGPROBS = 20  # vLLM's default --max-logprobs
 
 
 @dataclass(frozen=True)
@@ -66,7 +73,40 @@ def check_extras(body: _Body, context_length: int) -> Guide | None:
         if body.truncate_prompt_tokens == 0 or body.truncate_prompt_tokens > context_length:
             raise APIError(400, f"'truncate_prompt_tokens' must be -1 (the context length) or 1 to the context length "
                                 f"({context_length}), got {body.truncate_prompt_tokens}", "truncate_prompt_tokens")
+    wanted = body.prompt_logprobs
+    if wanted is not None and not 0 <= wanted <= MAX_PROMPT_LOGPROBS:
+        raise APIError(400, f"'prompt_logprobs' {wanted}: qlora serve gives 0 to {MAX_PROMPT_LOGPROBS} alternatives "
+                            "per prompt token (vLLM's default --max-logprobs; -1, the whole vocabulary, is refused "
+                            "there too)", "prompt_logprobs")
+    if wanted and body.stream:
+        raise APIError(400, "'prompt_logprobs' are not available when 'stream' is true (as in vLLM); send the "
+                            "request without 'stream'", "prompt_logprobs")
     return guide(body)
+
+
+def token_filter(body: _Body, tokenizer) -> TokenFilter | None:
+    """The tokens ``allowed_token_ids`` and ``bad_words`` mask, or None.
+
+    Raises:
+        APIError: an empty ``allowed_token_ids`` or an id outside the vocabulary; an empty bad word, one
+            that tokenizes to nothing, or too many.
+    """
+    allowed = body.allowed_token_ids
+    if allowed is not None:
+        if not allowed:
+            raise APIError(400, "'allowed_token_ids' is empty: no token could be chosen; send at least one token id "
+                                "or leave it out", "allowed_token_ids")
+        for k, token in enumerate(allowed):
+            if not 0 <= token < len(tokenizer):
+                raise APIError(400, f"'allowed_token_ids' {token} is not a token id of this model's vocabulary (0 to "
+                                    f"{len(tokenizer) - 1})", f"allowed_token_ids.{k}")
+    try:
+        banned = bad_word_ids(tokenizer, body.bad_words or ())
+    except ValueError as exc:
+        raise APIError(400, f"'bad_words': {exc}", "bad_words") from None
+    if allowed is None and not banned:
+        return None
+    return TokenFilter(allowed, banned)
 
 
 def stop_ids(body: _Body, defaults: frozenset[int], vocab_size: int) -> frozenset[int]:

@@ -56,6 +56,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--stored-conversations", type=non_negative_int, default=1000, metavar="N",
                         help="conversations (/v1/conversations, the Responses API's 'conversation') kept in memory, "
                              "until the server restarts (the least recently used dropped first; 0 keeps none)")
+    parser.add_argument("--trust-request-chat-template", action="store_true",
+                        help="render a chat request's own 'chat_template' (a Jinja template, in transformers' "
+                             "sandbox) instead of the model's, as vLLM's option of this name; off: such a request "
+                             "is refused")
     add_pixel_arguments(parser)
     parser.add_argument("--log-level", choices=("critical", "error", "warning", "info", "debug"), default="info",
                         help="uvicorn's log level (info logs each request)")
@@ -139,7 +143,8 @@ def run(args: argparse.Namespace) -> int:
     batcher = ContinuousBatcher(model, tokenizer, max_batch_size=args.max_batch_size, context_length=context)
     app = build_app(batcher.start(), base_id, names, api_key=args.api_key or None, chat_formats=formats,
                     stored_responses=args.stored_responses, stored_conversations=args.stored_conversations,
-                    model_dir=args.model, pixel_bounds=bounds)
+                    model_dir=args.model, pixel_bounds=bounds,
+                    trust_request_chat_template=args.trust_request_chat_template)
     try:
         sock = bind(args.host, args.port)
     except OSError as exc:
