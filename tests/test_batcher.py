@@ -7,7 +7,9 @@ greedy tokens must still be exactly those of ``stream_tokens`` run alone.
 
 from __future__ import annotations
 
+import logging
 import threading
+import time
 
 import pytest
 import torch
@@ -103,3 +105,64 @@ def test_image_tensors_are_freed_after_the_prefill(tmp_path, kind):
     assert seen["last"].finish_reason == "length" and seen["last"].completion_tokens == new
     assert "".join(texts) == tokenizer.decode(alone, skip_special_tokens=True)
     assert not seen["held"] and request.media is None
+
+
+class _FailingConstraint:
+    """A constraint whose ``choose`` raises after ``good`` tokens: a fault of one row only."""
+
+    prefix_ids: list[int] = []
+
+    def __init__(self, good: int) -> None:
+        self.good = good
+
+    def choose(self, logits: torch.Tensor, options: SamplingOptions, generator: torch.Generator) -> int:
+        if self.good == 0:
+            raise RuntimeError("injected fault")
+        self.good -= 1
+        return int(logits.argmax())
+
+
+def test_a_failing_row_ends_alone_and_the_batch_goes_on(tiny_model_dir, caplog):
+    """A row's own fault (here its constraint's), at its prefill or at a later step, ends that row with
+    ``finish_reason="error"``, logged with its traceback; the rows decoded beside it are as they are alone."""
+    model, tokenizer = qlora.load_model(tiny_model_dir, compute_dtype=torch.float32, device="cpu")
+    ids = tokenizer(PROMPTS[0]).input_ids
+    alone = tokenizer.decode(list(stream_tokens(model, torch.tensor([ids]), SamplingOptions(max_new_tokens=12,
+                                                                                           temperature=0))),
+                             skip_special_tokens=True)
+    events: list[list[Event]] = [[], [], []]
+    done = threading.Semaphore(0)
+
+    def emitter(i):
+        def emit(event: Event) -> None:
+            events[i].append(event)
+            if event.finish_reason:
+                done.release()
+        return emit
+
+    options = SamplingOptions(max_new_tokens=12, temperature=0)
+    requests = [Request(ids, None, options, emitter(0)),
+                Request(ids, None, options, emitter(1), constraint=_FailingConstraint(0)),  # at its prefill
+                Request(ids, None, options, emitter(2), constraint=_FailingConstraint(4))]  # at its fifth token
+    batcher = ContinuousBatcher(model.eval(), tokenizer, max_batch_size=4, context_length=512).start()
+    try:
+        with caplog.at_level(logging.ERROR, logger="qlora"), batcher.paused():
+            for r in requests:
+                batcher.submit(r)
+        for _ in requests:
+            assert done.acquire(timeout=60)
+        deadline = time.monotonic() + 10
+        while (stats := batcher.load())["running"] and time.monotonic() < deadline:  # the step's end drops them
+            time.sleep(0.01)
+    finally:
+        batcher.close()
+    sound, at_prefill, later = events
+    assert "".join(e.text for e in sound) == alone and sound[-1].finish_reason == "length"
+    assert sound[-1].completion_tokens == 12
+    for failed, tokens in ((at_prefill, 0), (later, 4)):
+        assert failed[-1].finish_reason == "error" and failed[-1].error == "RuntimeError: injected fault"
+        assert failed[-1].completion_tokens == tokens
+    assert alone.startswith("".join(e.text for e in later))  # its four tokens were the greedy ones
+    records = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(records) == 2 and all(r.exc_info is not None for r in records)
+    assert stats["running"] == stats["waiting"] == 0 and stats["max_rows_in_step"] == 2

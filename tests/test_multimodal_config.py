@@ -216,6 +216,40 @@ def test_without_media_dir_a_path_beside_neither_is_not_found(qwen, tmp_path, ca
     assert main([*evaluate, "--dataset-dir", str(tmp_path / "media")]) == 0
 
 
+def test_eval_finds_images_as_training_does(qwen, tmp_path, capsys):
+    """``qlora eval`` looks for a relative image path beside the data file, then in ``--media-dir`` (by default
+    ``--dataset-dir``), as training does: its loss is that of the same rows with the image's absolute path."""
+    media, registry = tmp_path / "media", tmp_path / "registry"
+    for folder, color in ((media, 0), (registry, 1), (tmp_path / "data", 2)):
+        folder.mkdir()
+        write_png(folder / ("beside.png" if folder.name == "data" else "a.png"), 40, 30, color)
+
+    def loss(image: str) -> list[str]:
+        """The eval command on one row showing ``image``."""
+        row = {"messages": [{"role": "user", "content": [{"type": "image", "image": image},
+                                                         {"type": "text", "text": "what is in the picture?"}]},
+                            {"role": "assistant", "content": "a red square"}]}
+        data = tmp_path / "data" / "rows.jsonl"
+        data.write_text(json.dumps(row) + "\n")
+        return ["eval", "--model", str(qwen), "--data", str(data), "--quant", "none", "--seq-len", "2048"]
+
+    def printed(args: list[str]) -> str:
+        capsys.readouterr()
+        assert main(args) == 0
+        return capsys.readouterr().out.splitlines()[-1]
+
+    assert printed([*loss("a.png"), "--media-dir", str(media)]) == printed(loss(str(media / "a.png")))
+    assert printed([*loss("a.png"), "--dataset-dir", str(registry)]) == printed(loss(str(registry / "a.png")))
+    assert printed(loss(str(media / "a.png"))) != printed(loss(str(registry / "a.png")))  # the images differ
+    # beside the data file first, then the media folder
+    (media / "beside.png").write_bytes((media / "a.png").read_bytes())
+    beside = printed([*loss("beside.png"), "--media-dir", str(media)])
+    assert beside == printed(loss(str(tmp_path / "data" / "beside.png"))) != printed(loss(str(media / "beside.png")))
+    assert main(loss("a.png")) == 2  # beside neither: named
+    err = capsys.readouterr().err
+    assert "image 'a.png' not found" in err and "--media-dir" in err
+
+
 @pytest.mark.parametrize("method", ["dpo", "kto"])
 def test_preference_training_sees_the_bounded_images(qwen, tmp_path, method):
     """Pairs (and KTO's unpaired rows) with images: their image tensors are the processor's on the bounded image."""

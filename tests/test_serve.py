@@ -188,22 +188,45 @@ def test_twenty_concurrent_streaming_clients_complete(served):
         assert text == results[i][0]
 
 
-def test_disconnect_mid_stream_frees_the_row(served):
+@pytest.mark.parametrize("route", ["chat/completions", "completions"])
+def test_disconnect_mid_stream_frees_the_row(served, route):
     server, batcher, client, _ = served
-    assert _chat(client, "tiny", max_tokens=300).choices[0].finish_reason == "length"  # would run 300 steps
+    body = {"model": "tiny", "max_tokens": 300, "temperature": 0}
+    body |= {"messages": HELLO} if route == "chat/completions" else {"prompt": "Hello"}
+    alone = httpx.post(f"{server.url}/v1/{route}", json=body, headers={"Authorization": f"Bearer {KEY}"}, timeout=60)
+    assert alone.json()["choices"][0]["finish_reason"] == "length"  # would run 300 steps
     before = batcher.load()
-    body = {"model": "tiny", "messages": HELLO, "max_tokens": 300, "temperature": 0, "stream": True}
-    with httpx.stream("POST", server.url + "/v1/chat/completions", json=body,
+    with httpx.stream("POST", f"{server.url}/v1/{route}", json=body | {"stream": True},
                       headers={"Authorization": f"Bearer {KEY}"}, timeout=30) as response:
         assert response.status_code == 200
         lines = (line for line in response.iter_lines() if line)
-        assert '"role":"assistant"' in next(lines)
-        assert '"content":' in next(lines)  # decoding has started
+        if route == "chat/completions":
+            assert '"role":"assistant"' in next(lines)
+        assert ('"content":' if route == "chat/completions" else '"text":"') in next(lines)  # decoding has started
     _wait(lambda: batcher.load()["requests_cancelled"] == before["requests_cancelled"] + 1)
     after = batcher.load()
     assert after["running"] == after["waiting"] == 0
     assert after["requests_completed"] == before["requests_completed"]
     assert after["tokens_generated"] - before["tokens_generated"] < 300
+
+
+@pytest.mark.parametrize("route", ["chat/completions", "completions"])
+def test_disconnect_while_waiting_for_a_slot_never_takes_one(served, route):
+    """A stream whose client leaves before its row was admitted (the batch was busy) is dropped from the
+    queue: it decodes no token."""
+    server, batcher, _, _ = served
+    body = {"model": "tiny", "max_tokens": 300, "temperature": 0, "stream": True}
+    body |= {"messages": HELLO} if route == "chat/completions" else {"prompt": "Hello"}
+    before = batcher.load()
+    with batcher.paused():
+        with httpx.stream("POST", f"{server.url}/v1/{route}", json=body,
+                          headers={"Authorization": f"Bearer {KEY}"}, timeout=30) as response:
+            assert response.status_code == 200
+            _wait(lambda: batcher.load()["waiting"] == 1)
+        _wait(lambda: batcher._waiting[0].cancelled)  # the disconnect reached it while the loop is held
+    _wait(lambda: batcher.load()["requests_cancelled"] == before["requests_cancelled"] + 1)
+    after = batcher.load()
+    assert after["running"] == after["waiting"] == 0 and after["tokens_generated"] == before["tokens_generated"]
 
 
 def test_errors_have_openai_shape_and_status(served):

@@ -19,7 +19,7 @@ from pydantic import BaseModel
 
 import qlora
 
-from test_serve import KEY, adapters  # noqa: F401  (the fixture is shared: two saved random adapters)
+from test_serve import KEY, _wait, adapters  # noqa: F401  (the fixture is shared: two saved random adapters)
 from tool_model import ANSWER, ASK, RESULT, TOOLS
 
 openai = pytest.importorskip("openai")
@@ -376,6 +376,20 @@ def test_disconnect_mid_stream_frees_the_row(served):
         while next(lines) != "event: response.output_text.delta":  # decoding has started
             pass
     assert_row_dropped(batcher, before)
+
+
+def test_disconnect_while_waiting_for_a_slot_never_takes_one(served):
+    server, batcher, _ = served
+    before = batcher.load()
+    body = {"model": "tiny", "input": "Hello", "max_output_tokens": 300, "temperature": 0, "stream": True}
+    with batcher.paused():
+        with httpx.stream("POST", server.url + "/v1/responses", json=body,
+                          headers={"Authorization": f"Bearer {KEY}"}, timeout=30) as response:
+            assert response.status_code == 200
+            _wait(lambda: batcher.load()["waiting"] == 1)
+        _wait(lambda: batcher._waiting[0].cancelled)  # the disconnect reached it while the loop is held
+    assert_row_dropped(batcher, before)
+    assert batcher.load()["tokens_generated"] == before["tokens_generated"]
 
 
 def test_a_replayed_turn_of_text_and_parallel_calls_is_one_assistant_message():

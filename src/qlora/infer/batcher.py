@@ -19,6 +19,9 @@ still take one argmax for all, so their tokens are what they would be alone. A r
 masked tokens are never chosen, by sampling or by a constraint (a constraint's fixed first tokens are
 not filtered); when every token is masked the row fails.
 
+A failure of one row's own work (its prefill, its constraint, its text) ends that row alone with
+``finish_reason="error"``, logged with its traceback; a failed decode forward ends every row of the batch.
+
 A row may ask for log-probabilities (:mod:`qlora.infer.logprobs`): of each token it
 chooses, from that row's logits of the step, and of its prompt's tokens (with their ranks), from the
 logits of its prefill (which covers every prompt position anyway); a row that only
@@ -284,7 +287,13 @@ class ContinuousBatcher:
 
     def _admit(self, request: Request) -> None:
         """Prefill ``request`` alone (with the reply's forced first tokens, if any), emit its first
-        token, and add it to the batch."""
+        token, and add it to the batch; a failure on the way (its prefill, its constraint) ends it alone."""
+        try:
+            self._prefill(request)
+        except Exception as exc:  # noqa: BLE001 - this request's own fault: the batch goes on without it
+            self._fail(request, exc, 0)
+
+    def _prefill(self, request: Request) -> None:
         row = _Row(request, self.tokenizer, self.device, self.rules)
         images, request.media = request.media, None  # for the prefill alone: a long reply does not hold them
         prefix = request.constraint.prefix_ids if request.constraint is not None else []
@@ -294,19 +303,15 @@ class ContinuousBatcher:
             return
         ids = torch.tensor([request.prompt_ids + prefix], device=self.device)
         media = None if images is None else media_rows(images, 1, ids.shape[1])
-        try:
-            with adapter_rows(self.model, [request.adapter]):
-                if self.unbatchable:  # the model's own cache, as a single run (stream_tokens) keeps it
-                    out, cache = forward_cached(self.model, ids, {}, 0, media)
-                else:  # with images: positions left to the model, as stream_tokens' prefill leaves them
-                    cache = new_cache()
-                    out = self.model(input_ids=ids, past_key_values=cache, use_cache=True, **(media or {}))
-            problem = None if self.unbatchable else cache_problem(cache, out)
-            if problem:
-                raise RuntimeError(f"this request's cache cannot join the batch: {problem}")
-        except Exception as exc:
-            request.emit(Event("", "error", len(request.prompt_ids), error=f"{type(exc).__name__}: {exc}"))
-            return
+        with adapter_rows(self.model, [request.adapter]):
+            if self.unbatchable:  # the model's own cache, as a single run (stream_tokens) keeps it
+                out, cache = forward_cached(self.model, ids, {}, 0, media)
+            else:  # with images: positions left to the model, as stream_tokens' prefill leaves them
+                cache = new_cache()
+                out = self.model(input_ids=ids, past_key_values=cache, use_cache=True, **(media or {}))
+        problem = None if self.unbatchable else cache_problem(cache, out)
+        if problem:
+            raise RuntimeError(f"this request's cache cannot join the batch: {problem}")
         logits, prompt = out.logits[0], len(request.prompt_ids)
         if request.prompt_logprobs is not None:
             row.prompt_logprobs = prompt_logprobs(logits, request.prompt_ids, request.prompt_logprobs)
@@ -382,8 +387,12 @@ class ContinuousBatcher:
             plain_greedy = row.request.constraint is None and row.request.options.temperature <= 0 \
                 and row.penalties is None and row.request.token_filter is None \
                 and len(row.text.tokens) >= row.request.min_tokens
-            token = greedy[i] if plain_greedy else self._choose(row, last[i])
-            if not self._advance(row, token, last[i]):
+            try:
+                finished = self._advance(row, greedy[i] if plain_greedy else self._choose(row, last[i]), last[i])
+            except Exception as exc:  # noqa: BLE001 - this row's own fault (its constraint, its text): it alone ends
+                self._fail(row.request, exc, len(row.text.tokens))
+                finished = True
+            if not finished:
                 keep.append(i)
         self._retain(keep)
 
@@ -424,6 +433,13 @@ class ContinuousBatcher:
                       row.prompt_logprobs)
         row.pending, row.prompt_logprobs = [], None
         request.emit(event)
+
+    @staticmethod
+    def _fail(request: Request, exc: Exception, completion_tokens: int) -> None:
+        """End ``request`` alone with ``finish_reason="error"``, its exception logged with the traceback."""
+        log.error("request failed (%d prompt tokens); the batch goes on without it", len(request.prompt_ids),
+                  exc_info=exc)
+        request.emit(Event("", "error", len(request.prompt_ids), completion_tokens, f"{type(exc).__name__}: {exc}"))
 
     def _retain(self, keep: list[int]) -> None:
         if len(keep) != len(self._rows):

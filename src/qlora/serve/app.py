@@ -9,8 +9,10 @@ its ``items``), ``POST /v1/completions``, ``GET /v1/models`` (the base model and
 prompt of a completions batch) becomes one row of the shared
 :class:`qlora.infer.batcher.ContinuousBatcher`, so concurrent requests for
 different adapters are decoded in the same batch. Errors are OpenAI-shaped JSON
-(:class:`qlora.serve.protocol.APIError`); a streaming client that disconnects
-has its row dropped at the next step.
+(:class:`qlora.serve.protocol.APIError`), an internal one a 500 logged with its traceback; a chat or
+completions stream failing midway sends its error object as a data line, then ``[DONE]`` (as OpenAI's and
+vLLM's do: the ``openai`` client raises it); a streaming client that disconnects has its row dropped at the
+next step.
 
 Function calling: ``tools`` go to the chat template, and the reply is parsed for
 calls in the markup that template uses (:mod:`qlora.infer.tool_calls`); calls
@@ -119,17 +121,13 @@ def build_app(batcher: ContinuousBatcher, base_id: str, adapters: list[str], api
         setup.shutdown(wait=False, cancel_futures=True)
 
     app = FastAPI(title="qlora serve", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
+    app.add_middleware(_InternalErrors)
     if api_key is not None:
         app.add_middleware(_RequireKey, api_key=api_key)
 
     @app.exception_handler(APIError)
     async def api_error(_: Request, exc: APIError) -> JSONResponse:
         return JSONResponse(exc.body(), status_code=exc.status)
-
-    @app.exception_handler(Exception)
-    async def internal_error(_: Request, exc: Exception) -> JSONResponse:  # logged by the server too
-        error = APIError(500, f"Internal error: {type(exc).__name__}: {exc}", kind="server_error")
-        return JSONResponse(error.body(), status_code=500)
 
     @app.exception_handler(RequestValidationError)
     async def invalid_body(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -549,6 +547,38 @@ class _RequireKey:
         await self.app(scope, receive, send)
 
 
+class _InternalErrors:
+    """ASGI middleware: an exception escaping a route (a bug, not bad input) is logged once with its traceback
+    and answered with a 500 in OpenAI's error shape.
+
+    Starlette's handler for ``Exception`` re-raises after answering, and uvicorn then closes the connection
+    under the client's keep-alive: its next request on it would fail. One raised after the response started
+    (nothing can be sent in its place) is left to the server.
+    """
+
+    def __init__(self, app) -> None:
+        self.app = app
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def sending(message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, sending)
+        except Exception as exc:
+            if started:
+                raise
+            log.exception("%s %s failed", scope["method"], scope["path"])
+            await JSONResponse(_internal(exc).body(), status_code=500)(scope, receive, send)
+
+
 def _validation_error(exc: RequestValidationError, content_type: str = "") -> APIError:
     first = exc.errors()[0] if exc.errors() else {}
     if tuple(first.get("loc", ())) == ("body",) and content_type and "json" not in content_type.lower():
@@ -836,6 +866,10 @@ async def _stream(queue: asyncio.Queue, choices: list[_Choice], body: _Body, rep
                 yield sse({"id": reply_id, "object": kind, "created": created, "model": body.model,
                             "choices": [], "usage": _usage(choices)})
         yield "data: [DONE]\n\n"
+    except Exception as exc:  # a bug, not bad input: the stream ends with an error object, as OpenAI's and vLLM's do
+        log.exception("%s stream %s failed", "Chat completions" if chat else "Completions", reply_id)
+        yield sse(_internal(exc).body())
+        yield "data: [DONE]\n\n"
     finally:
         _cancel(choices)  # the client went away mid-stream: free the rows at the next step
 
@@ -920,8 +954,7 @@ async def _response_events(queue: asyncio.Queue, choice: _Choice, writer: Respon
         yield writer.event(f"response.{status}", response=writer.state(status, output, _usage([choice])))
     except Exception as exc:  # a bug, not bad input: the response fails (as OpenAI's do) rather than breaks off
         log.exception("Responses stream %s failed", writer.id)
-        for ending in writer.failure(f"Internal error: {type(exc).__name__}: {exc}", "server_error",
-                                     partial_output(streamed)):
+        for ending in writer.failure(_internal(exc).message, "server_error", partial_output(streamed)):
             yield ending
     finally:
         _cancel([choice])  # the client went away mid-stream: free the row at the next step
@@ -932,6 +965,11 @@ def _usage(choices: list[_Choice]) -> dict[str, int]:
     prompt = sum(c.last.prompt_tokens for c in choices if c.first and c.last is not None)
     completion = sum(c.last.completion_tokens for c in choices if c.last is not None)
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+def _internal(exc: Exception) -> APIError:
+    """A bug's error as a client reads it: a 500 ``server_error`` naming the exception."""
+    return APIError(500, f"Internal error: {type(exc).__name__}: {exc}", kind="server_error")
 
 
 def _failure(event: Event) -> APIError:

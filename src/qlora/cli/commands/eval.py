@@ -28,9 +28,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data-subset", default=None, help="subset (configuration) of a hub dataset")
     parser.add_argument("--dataset-dir", default="data",
                         help="folder of a LLaMA-Factory dataset_info.json, whose registered names --data may give")
-    parser.add_argument("--media-dir", default="",
-                        help="folder that relative image paths of the data are looked for in when they are not beside "
-                             "the data file, as in train (default: --dataset-dir)")
+    parser.add_argument("--media-dir", default="", help="folder that relative image paths of the data are looked for "
+                        "in when they are not beside the data file, as in qlora train (LLaMA-Factory's media_dir; "
+                        "default: --dataset-dir)")
     parser.add_argument("--format", default="auto", choices=("auto", "alpaca", "chat", "sharegpt",
                         "prompt-completion", "text"), help="data format")
     parser.add_argument("--data-fields", default="", help="the dataset's names for our fields, as OURS=THEIRS,... "
@@ -71,7 +71,7 @@ def run(args: argparse.Namespace) -> int:
     if args.adapter:
         tokenizer = adapter_tokenizer(args.adapter, tokenizer)
         load_adapter(model, args.adapter)
-    examples = read_sources(args.data, args.data_split, args.data_subset, 0,
+    examples = read_sources(args.data, args.data_split, args.data_subset, 0,  # relative image paths found as in train
                             lambda records: normalize(records, args.format, fields, args.media_dir or args.dataset_dir),
                             args.dataset_dir)
     saved = None

@@ -10,8 +10,9 @@ A row's images come in the shapes users have:
   (ShareGPT and alpaca rows; a text with images but no placeholder gets them before its text, as
   LLaMA-Factory's plugins put them).
 
-SRC is a local file (a path relative to the data file's folder, then to ``--dataset-dir``, or absolute), a
-``data:`` URI, or what ``datasets`` stores for an ``Image`` column (``{"bytes", "path"}``, a PIL image).
+SRC is a local file (a path relative to the data file's folder, then to ``--media-dir``, by default
+``--dataset-dir``, or absolute), a ``data:`` URI, or what ``datasets`` stores for an ``Image`` column
+(``{"bytes", "path"}``, a PIL image).
 Nothing is downloaded. Every image is checked when the data are read (a missing or unreadable file fails
 before the model loads) and decoded again when the row is tokenized, so decoded images are never all held.
 
@@ -101,7 +102,7 @@ def attach_images(example, fields: dict[str, Any], folders: Sequence[str | Path]
     Args:
         example: the normalized row, its image parts still as written.
         fields: the row's fields (for the ``images`` column, or a single ``image``).
-        folders: where relative paths are looked for, in order (the data file's folder, ``--dataset-dir``).
+        folders: where relative paths are looked for, in order (the data file's folder, ``--media-dir``).
 
     Raises:
         UsageError: an image part without an image and no ``images`` left for it, more or fewer ``<image>``
@@ -239,14 +240,15 @@ def resolve_image(source: Any, where: str, folders: Sequence[str | Path] = ()) -
         return checked_image(ImageRef(source, source[:40] + "...", where))
     if source.startswith(("http://", "https://")):
         raise UsageError(f"{where}: image {source!r} is a URL; qlora reads local files only. Download the images "
-                         "and give their paths (relative to the data file's folder or --dataset-dir).")
+                         "and give their paths (relative to the data file's folder or --media-dir).")
     path = Path(source.removeprefix("file://")).expanduser()
     candidates = [] if path.is_absolute() else [Path(folder) / path for folder in folders]
     found = next((c for c in candidates if c.is_file()), path)
     if not found.is_file():
         looked = ", ".join(str(f) for f in folders)
-        hint = ("Give paths relative to the data file's folder (or --dataset-dir), or absolute ones." if folders
-                else "Give an existing image file (relative to the working directory, or absolute) or a data: URI.")
+        hint = ("Give paths relative to the data file's folder (or --media-dir, by default --dataset-dir), or "
+                "absolute ones." if folders else
+                "Give an existing image file (relative to the working directory, or absolute) or a data: URI.")
         raise UsageError(f"{where}: image {source!r} not found" + (f" (looked in {looked})" if looked and not
                          path.is_absolute() else "") + f". {hint}")
     return checked_image(ImageRef(str(found), source, where))
