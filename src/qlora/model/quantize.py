@@ -142,9 +142,9 @@ def text_decoder_path(model: nn.Module) -> str:
 
 def _text_part(decoder: nn.Module, model: nn.Module) -> nn.Module:
     """The text decoder inside ``decoder`` where that is still the multimodal body (its config has vision or audio
-    sub-configs): transformers 4.x's ``get_decoder`` returns the whole body of Idefics2/3, SmolVLM and DeepSeek-VL,
+    sub-configs; BLT's text-only patcher/encoder/decoder/global configs are not): transformers 4.x's ``get_decoder`` returns the whole body of Idefics2/3, SmolVLM and DeepSeek-VL,
     whose text decoder is the sub-model holding the input embeddings (transformers 5 returns that one itself)."""
-    while any(k != "text_config" for k in getattr(getattr(decoder, "config", None), "sub_configs", None) or {}):
+    while any(w in k for k in getattr(getattr(decoder, "config", None), "sub_configs", None) or {} for w in _MEDIA):
         embeddings = model.get_input_embeddings()
         child = next((c for c in decoder.children() if hasattr(c, "config") and c is not embeddings
                       and any(m is embeddings for m in c.modules())), None)
