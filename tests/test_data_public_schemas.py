@@ -304,8 +304,10 @@ def test_prompt_only_rows_are_refused_for_every_method(tmp_path):
     path = tmp_path / "prompts.parquet"
     pq.write_table(pa.Table.from_pylist([{"prompt": [{"content": "Write a poem.", "role": "user"}]}]), path)
     for read in (normalize, normalize_preferences, normalize_unpaired):
-        with pytest.raises(UsageError, match=r'prompts\.parquet row 0: these rows hold only a "prompt" .* online methods'):
+        with pytest.raises(UsageError, match=r'prompts\.parquet row 0: these rows hold only a "prompt" .* online methods'
+                           ) as error:
             read(load_records(path))
+        assert "--format" not in str(error.value)  # no format reads them: the refusal says what they are for
     pku = _jsonl(tmp_path / "pku.jsonl", [{"prompt": "How do I pick a lock?", "response_0": "I can't help.",
                                            "response_1": "Use a wrench.", "prompt_source": "Alpaca3-70B",
                                            "better_response_id": 1, "safer_response_id": 0}])
@@ -335,6 +337,58 @@ def test_stepwise_supervision_rows_are_named_as_such(tmp_path):
     path = tmp_path / "shepherd.parquet"
     pq.write_table(pa.Table.from_pylist([{"prompt": "2+2?", "completions": ["Step 1: 2+2=4.", "Step 2: 4."],
                                           "labels": [True, True]}]), path)
-    with pytest.raises(UsageError, match="stepwise-supervision data .* process reward models") as error:
-        normalize(load_records(path))
-    assert "messages=completions" not in str(error.value)
+    for read in (normalize, normalize_preferences, normalize_unpaired):
+        with pytest.raises(UsageError, match=r"shepherd\.parquet row 0: these rows are TRL's stepwise-supervision "
+                                             r"data .* process reward models") as error:
+            read(load_records(path))
+        assert "messages=completions" not in str(error.value) and "--format" not in str(error.value)
+        assert "COLUMN" not in str(error.value)
+
+
+ARGILLA_UF = {"source": "evol_instruct", "instruction": "Say hi.", "chosen_response": "Hi!", "chosen_rating": 5,
+              "chosen_avg_rating": 5.0, "chosen_model": "gpt-4", "rejected_response": "Go.", "rejected_rating": 2,
+              "rejected_avg_rating": 2.0, "rejected_model": "llama-2-7b-chat"}
+ORCA_PAIRS = {"system": "You are helpful.", "input": "Say hi.", "chosen": "Hi!", "rejected": "Go.",
+              "generations": ["Hi!", "Go."], "order": ["gpt4", "gpt35"], "labelling_model": "gpt-4-1106-preview",
+              "labelling_prompt": [{"content": "You are a judge.", "role": "system"}, {"content": "Rate.", "role": "user"}],
+              "raw_labelling_response": "9 4", "rating": [9.0, 4.0], "rationale": "The first greets.",
+              "status": "unchanged", "original_chosen": "Hi!", "original_rejected": "Go.", "chosen_score": 9.0,
+              "in_gsm8k_train": False}
+
+
+def test_preference_refusals_name_the_exact_columns_and_the_mapping_trains_the_pair(tmp_path, qwen_tokenizer):
+    """argilla/ultrafeedback-binarized-preferences (``instruction``, ``chosen_response``, ``rejected_response``
+    beside their ratings and models) and argilla/distilabel-intel-orca-dpo-pairs (``system``, ``input``,
+    ``chosen``, ``rejected``): each refusal names the columns, and the mapping it names reads the right pair."""
+    argilla = _jsonl(tmp_path / "argilla.jsonl", [ARGILLA_UF])
+    mapping = "prompt=instruction,chosen=chosen_response,rejected=rejected_response"
+    for read in (normalize_preferences, normalize_unpaired):
+        with pytest.raises(UsageError, match=f"--data-fields {mapping}[.;]") as error:
+            read(load_records(argilla))
+        assert "COLUMN" not in str(error.value)
+    with pytest.raises(UsageError, match="cannot tell the data format") as error:  # given to SFT: both ways named
+        normalize(load_records(argilla))
+    assert f"--method dpo, orpo, cpo, simpo or kto). If 'instruction' is the prompt, 'chosen_response' the chosen answer " \
+           f"and 'rejected_response' the rejected answer, map them with --data-fields {mapping}." in str(error.value)
+    assert _trained(argilla, qwen_tokenizer, "output=chosen_response")[0] == ["Hi!<|im_end|>"]
+    pair = normalize_preferences(load_records(argilla), mapping)[0]
+    assert (pair.prompt, pair.chosen, pair.rejected) == ("Say hi.", "Hi!", "Go.")
+    assert [(e.prompt, e.completion, e.desirable) for e in normalize_unpaired(load_records(argilla), mapping)] == [
+        ("Say hi.", "Hi!", True), ("Say hi.", "Go.", False)]
+
+    orca = _jsonl(tmp_path / "orca.jsonl", [ORCA_PAIRS])
+    for read in (normalize_preferences, normalize_unpaired):
+        with pytest.raises(UsageError, match="--data-fields prompt=input[.;]"):
+            read(load_records(orca))
+    system_user = ({"role": "system", "content": "You are helpful."}, {"role": "user", "content": "Say hi."})
+    pair = normalize_preferences(load_records(orca), "prompt=input")[0]
+    assert (pair.prompt, pair.chosen, pair.rejected) == (
+        system_user, ({"role": "assistant", "content": "Hi!"},), ({"role": "assistant", "content": "Go."},))
+    with pytest.raises(UsageError, match="preference pairs") as error:  # given to SFT: the answer is not the text
+        normalize(load_records(orca))
+    said = str(error.value)
+    assert "text=chosen" not in said and "--method dpo, orpo, cpo or simpo (with --data-fields prompt=input)" in said
+    sft = re.search(r"--data-fields (instruction=input,output=chosen)\b", said).group(1)
+    example = normalize(load_records(orca), "auto", sft)[0]
+    assert example.messages == (*system_user, {"role": "assistant", "content": "Hi!"})
+    assert _trained(orca, qwen_tokenizer, sft)[0] == ["Hi!<|im_end|>"]

@@ -181,6 +181,63 @@ def prompt_only_error(where: str) -> UsageError:
         '"chosen" and "rejected" for preference pairs, "completion" and a true/false "label" for KTO).')
 
 
+def stepwise(fields: dict[str, Any]) -> bool:
+    """A row of TRL's stepwise-supervision data: ``completions`` (reasoning steps) and a ``labels`` list."""
+    return _listed_texts(fields.get("completions")) and isinstance(fields.get("labels"), list)
+
+
+def unsupported_rows(fields: dict[str, Any], where: str) -> UsageError | None:
+    """The refusal of a row whose data trains something qlora does not (an online method's prompts, a process
+    reward model's steps), or None. It says what the data is for, so no format or mapping is suggested."""
+    if prompt_only(fields):
+        return prompt_only_error(where)
+    if stepwise(fields):
+        return UsageError(
+            f'{where}: these rows are TRL\'s stepwise-supervision data ("prompt", "completions" steps and their '
+            '"labels"), which trains process reward models; qlora does not train those.')
+    return None
+
+
+def named_prompt(fields: dict[str, Any]) -> str | None:
+    """The one column named as a prompt exactly (``instruction``, ``input``, ``question``, ...; a text or a
+    message list) of a row without ``prompt``, or None: several such names (``instruction`` and ``input``) leave
+    the prompt to the user."""
+    if "prompt" in fields:
+        return None
+    named = [k for k, v in fields.items() if k.lower() in _PROMPT_NAMES and (isinstance(v, str) or message_like(v))]
+    return named[0] if len(named) == 1 else None
+
+
+def _answer_column(fields: dict[str, Any], side: str) -> str | None:
+    """The one text or message-list column named for the ``side`` answer (``chosen_response``), or None; beside
+    ``chosen_model`` the answer is the one whose name also says answer."""
+    named = [k for k, v in fields.items() if k != side and side in k.lower() and (isinstance(v, str) or message_like(v))]
+    answers = [k for k in named if any(w in k.lower() for w in _ANSWER_WORDS if w not in ("chosen", "rejected"))]
+    picked = answers or named
+    return picked[0] if len(picked) == 1 else None
+
+
+def pair_hint(fields: dict[str, Any]) -> str:
+    """A sentence naming the --data-fields mapping of a preference row whose prompt, chosen and rejected answers
+    are under other names the names make clear (argilla's ``instruction``, ``chosen_response``,
+    ``rejected_response``), or '' when an answer's column is not clear."""
+    said, mapping = [], []
+    prompt = named_prompt(fields)
+    if prompt:
+        said.append(f"{prompt!r} is the prompt")
+        mapping.append(f"prompt={prompt}")
+    answers = {side: side if side in fields else _answer_column(fields, side) for side in ("chosen", "rejected")}
+    if not all(answers.values()):
+        return ""
+    moved = [side for side, column in answers.items() if column != side]
+    said += [f"{answers[side]!r} the {side} answer" for side in moved]
+    mapping += [f"{side}={answers[side]}" for side in moved]
+    if not mapping:
+        return ""
+    roles = ", ".join(said[:-1]) + " and " + said[-1] if len(said) > 1 else said[0]
+    return f" If {roles}, map them with --data-fields {','.join(mapping)}."
+
+
 def suggest_fields(fields: dict[str, Any]) -> str:
     """A sentence suggesting a --data-fields mapping for a row no format matched ('' if none fits)."""
     system = system_column(fields)
@@ -193,9 +250,6 @@ def suggest_fields(fields: dict[str, Any]) -> str:
     if lists:
         return (f"The field {lists[0]!r} holds a list of objects: if it is the conversation, map it with "
                 f"--data-fields messages={lists[0]} (and role=KEY,content=KEY if its entries use other keys). ")
-    if _listed_texts(fields.get("completions")) and isinstance(fields.get("labels"), list):
-        return ('These rows look like TRL\'s stepwise-supervision data ("prompt", "completions" steps and their '
-                '"labels"), which trains process reward models; qlora does not train those. ')
     turns = next((k for k, v in fields.items() if isinstance(v, list) and len(v) >= 2
                   and all(isinstance(t, str) for t in v)), None)
     if turns:  # stingning/ultrachat's "data": the turns as plain strings, user first

@@ -38,8 +38,8 @@ from functools import partial
 from typing import Any, Callable, Sequence
 
 from qlora.errors import UsageError
-from qlora.train.data.fields import (ROLE_NAMES, FieldMap, parse_data_fields, prompt_only, prompt_only_error,
-                                     speaker_name, suggest_fields, tool_calls)
+from qlora.train.data.fields import (ROLE_NAMES, FieldMap, named_prompt, pair_hint, parse_data_fields,
+                                     speaker_name, suggest_fields, tool_calls, unsupported_rows)
 from qlora.train.data.glaive import is_transcript, transcript, transcript_column
 from qlora.train.data.images import IMAGE_PART_TYPES, ImageRef, attach_images
 from qlora.train.data.message_trees import is_message_tree, top_threads
@@ -129,36 +129,52 @@ def detect_format(record: Record | list[Record]) -> str:
     found = Counter(f for f in shapes if f is not None)
     if not found:
         first = records[0]
-        if prompt_only(first.fields):
-            raise prompt_only_error(first.where)
+        unsupported = unsupported_rows(first.fields, first.where)
+        if unsupported:
+            raise unsupported
         keys = sorted(first.fields)
         raise UsageError(
             f"{first.where}: cannot tell the data format from the fields {keys}"
             f"{f' (nor from the first {len(records)} rows)' if len(records) > 1 else ''}. Expected "
             '"instruction"/"output" (alpaca; Dolly\'s "instruction"/"context"/"response"), "messages" (chat), '
             '"conversations" (ShareGPT), "prompt"/"completion" (TRL prompt-completion) or "text". '
-            f"{suggest_fields(first.fields)}Or pass --format explicitly."
+            f"{suggest_fields(first.fields)}{_as_pairs(first.fields)}Or pass --format explicitly."
         )
     fmt = max(found, key=lambda f: (found[f], -shapes.index(f)))
     if fmt == "preference":
         first = records[shapes.index(fmt)]
+        prompt = named_prompt(first.fields) if isinstance(first.fields["chosen"], str) else None
+        mapped = f" (with --data-fields prompt={prompt})" if prompt else ""
         raise UsageError(
             f'{first.where}: these rows are preference pairs ("prompt", "chosen", "rejected"): train them with '
-            "--method dpo, orpo, cpo or simpo. For supervised fine-tuning on the preferred answers, "
-            f"{_sft_on_chosen(first.fields)}"
+            f"--method dpo, orpo, cpo or simpo{mapped}. For supervised fine-tuning on the preferred answers, "
+            f"{_sft_on_chosen(first.fields, prompt)}"
         )
     if fmt == "unpaired-preference":
         raise unpaired_error(records[shapes.index(fmt)].where)
     return fmt
 
 
-def _sft_on_chosen(fields: dict[str, Any]) -> str:
-    """How to train a preference row's chosen answer with SFT, for the row's own shape."""
+def _as_pairs(fields: dict[str, Any]) -> str:
+    """The mapping that reads a row as a preference pair, for rows whose columns name their answers
+    (``chosen_response``, ``rejected_response``) ('' for others)."""
+    hint = pair_hint(fields)
+    return f"These rows also look like preference pairs (--method dpo, orpo, cpo, simpo or kto).{hint} " if hint else ""
+
+
+def _sft_on_chosen(fields: dict[str, Any], prompt: str | None) -> str:
+    """How to train a preference row's chosen answer with SFT, for the row's own shape (``prompt``: the column
+    holding the prompt of text answers under another name, as argilla/distilabel-intel-orca-dpo-pairs'
+    ``input``)."""
     if _listed(fields.get("messages")):
         return 'train the "messages" column these rows also have: --format chat.'
     if "prompt" in fields:
         return ('map them: --data-fields completion=chosen (the prompt-completion format; "rejected" is then '
                 "ignored).")
+    if prompt:
+        mapping = ",".join(m for m in (f"instruction={prompt}", "output=chosen") if m != "instruction=instruction")
+        return (f"{prompt!r} holds the prompt and \"chosen\" its answer: map them with --data-fields {mapping} "
+                '(the alpaca format; "rejected" is then ignored).')
     if _listed(fields.get("chosen")):
         return ('"chosen" holds the whole conversation: --data-fields messages=chosen (its assistant messages are '
                 'trained, "rejected" is ignored).')

@@ -50,8 +50,8 @@ import torch
 from qlora.errors import UsageError
 from qlora.model.chat_format import ChatFormat
 from qlora.model.image_processor import image_token_id
-from qlora.train.data.fields import (FieldMap, message_like, parse_data_fields, prompt_column, prompt_only,
-                                     prompt_only_error)
+from qlora.train.data.fields import (FieldMap, message_like, pair_hint, parse_data_fields, prompt_column,
+                                     unsupported_rows)
 from qlora.train.data.formats import EMPTY_ANSWER, Example, empty_answer, normalize, unpaired_error, unpaired_label
 from qlora.train.data.image_examples import expanded_prompt, image_batch
 from qlora.train.data.images import ImageRef, as_parts, attach_images, has_image_parts, images_in
@@ -241,15 +241,17 @@ def _pair_from_row(fields: dict[str, Any], where: str, names: FieldMap, chat: bo
     need = '(preference rows need "prompt", "chosen" and "rejected": strings or message lists)'
     if "chosen" not in fields and unpaired_label(fields) is not None:
         raise unpaired_error(where)
-    if prompt_only(fields):
-        raise prompt_only_error(where)
+    unsupported = unsupported_rows(fields, where)
+    if unsupported:
+        raise unsupported
     for key in ("chosen", "rejected"):
         value = fields.get(key)
         if value is None:
-            raise UsageError(f'{where}: field "{key}" is missing {need}; the fields are {sorted(fields)}. Map '
-                             "answers stored under other names with --data-fields chosen=COLUMN,rejected=COLUMN; "
-                             "answers that are only scored (a rating or preference strength per answer) need "
-                             '"chosen" and "rejected" columns written from those scores first.')
+            hint = pair_hint(fields) or (
+                " Map answers stored under other names with --data-fields chosen=COLUMN,rejected=COLUMN; answers "
+                "that are only scored (a rating or preference strength per answer) need \"chosen\" and "
+                "\"rejected\" columns written from those scores first.")
+            raise UsageError(f'{where}: field "{key}" is missing {need}; the fields are {sorted(fields)}.{hint}')
         if not isinstance(value, (str, list)):
             raise UsageError(f'{where}: field "{key}" must be a string or a message list {need}.')
     prompt = fields.get("prompt")

@@ -34,7 +34,7 @@ import torch
 
 from qlora.errors import UsageError
 from qlora.model.chat_format import ChatFormat
-from qlora.train.data.fields import FieldMap, prompt_only, prompt_only_error
+from qlora.train.data.fields import FieldMap, pair_hint, unsupported_rows
 from qlora.train.data.formats import EMPTY_ANSWER, Example, empty_answer, unpaired_label
 from qlora.train.data.image_examples import expanded_prompt, image_batch, token_aligned
 from qlora.train.data.images import ImageRef, as_parts, images_in
@@ -119,12 +119,14 @@ def _normalize_row(fields: dict, where: str, names: FieldMap, chat: bool) -> Unp
     if "completion" in fields and label is not None and (
             completion is None or completion == [] or (isinstance(completion, str) and not completion.strip())):
         return UnpairedExample("", "", label, where, skip=EMPTY_ANSWER)
-    if prompt_only(fields):
-        raise prompt_only_error(where)
+    unsupported = unsupported_rows(fields, where)
+    if unsupported:
+        raise unsupported
     for key in ("prompt", "completion"):
         value = fields.get(key)
-        if value is None:
-            hint = missing_prompt_hint(fields) if key == "prompt" else ""
+        if value is None:  # answers under other names are read as pairs, unpaired
+            hint = ("" if "completion" in fields else pair_hint(fields)) or (
+                missing_prompt_hint(fields) if key == "prompt" else "")
             raise UsageError(f'{where}: field "{key}" is missing {need}; the fields are {sorted(fields)}.{hint}')
         if not isinstance(value, (str, list)):
             raise UsageError(f'{where}: field "{key}" must be a string or a message list {need}.')
