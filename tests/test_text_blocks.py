@@ -20,6 +20,7 @@ from qlora.model.tiny import train_sentencepiece_tokenizer, train_tokenizer
 from qlora.train.config import TrainConfig, load_config
 from qlora.train.data.formats import Example
 from qlora.train.data.text_blocks import group_bounds, text_blocks
+from qlora.train.data.torchtune_tokenizers import text_pieces
 
 _WORDS = "the cat sat on a mat while dogs ran over green hills and birds sang in tall trees".split()
 _TEXTS = [" ".join(_WORDS[(3 * i) % len(_WORDS):][: 1 + (5 * i) % 9] or _WORDS[:2]) for i in range(23)]
@@ -131,6 +132,11 @@ def test_rows_that_are_not_plain_texts_and_too_little_text_are_refused(bpe_token
                                          r"conversation row"):
         text_blocks(_examples(["a"]) + [Example(({"role": "user", "content": "hi"},), None, "data.jsonl line 2")],
                     bpe_tokenizer, 4, 1000)
+    text = Example(None, None, "data.jsonl line 3", pieces=text_pieces("llama3_tokenizer", "a cat", add_eos=True))
+    with pytest.raises(UsageError, match=r"data.jsonl line 3: --group-texts trains on plain texts, and this row is a "
+                                         r"torchtune dataset's row written piece by piece") as error:
+        text_blocks(_examples(["a"]) + [text], bpe_tokenizer, 4, 1000)
+    assert "conversation" not in str(error.value)
     with pytest.raises(UsageError, match=r"the 2 texts of the data make no block of --seq-len 500 tokens \(\d+ tokens "
                                          r"with their EOS, \d+ in the longest group\); lower --seq-len"):
         _ours(bpe_tokenizer, _TEXTS[:2], 500)

@@ -108,6 +108,11 @@ def text_blocks(examples: Sequence[Example], tokenizer, block_size: int, group: 
     """
     eos_text, pad = end_tokens(tokenizer, template)
     for example in examples:
+        if example.pieces is not None:  # torchtune's text_completion_dataset included: torchtune groups no texts
+            raise UsageError(f"{example.where}: --group-texts trains on plain texts, and this row is a torchtune "
+                             "dataset's row written piece by piece (each text with its BOS and EOS, tokenized as "
+                             "torchtune's tokenizer does), which torchtune never groups; train it without "
+                             "--group-texts.")
         if example.text is None or example.prompt is not None:
             raise UsageError(f"{example.where}: --group-texts trains on plain texts, and this row is a "
                              f"{'prompt-completion' if example.text is not None else 'conversation'} row; give "
