@@ -749,7 +749,8 @@ class Trainer:
         matrix a non-zero one; A's is zero while B is still zero). Catches the silent
         failure where checkpointing on a frozen base cuts the graph and the run
         'trains' without changing anything: no adapter is reached. Some adapters
-        without a gradient is a warning: the batch may just not reach them."""
+        without a gradient is a warning: the batch may just not reach them (or the model's own autograd
+        Function hides them)."""
         dead = [n for n, p in self.model.named_parameters() if p.requires_grad
                 and (p.grad is None or (self._zero_at_init(n) and not bool(p.grad.abs().sum() > 0)))]
         trained = sum(1 for p in self.model.parameters() if p.requires_grad)
@@ -767,11 +768,15 @@ class Trainer:
                             "reach); their adapters stay zero.", len(layers), layers[0])
             else:
                 # Layers a batch may not reach: DeepSeek-V4's compressors on sequences shorter than their
-                # block, experts no token was routed to. They train once a batch reaches them.
+                # block, experts no token was routed to; they train once a batch reaches them. Or layers run
+                # inside the model's own autograd Function (Reformer's reversible layers), which the graph
+                # of the loss does not reach at all.
                 log.warning("qlora: %d adapted layers got no gradient in the first step (e.g. %s): this batch "
                             "does not reach them (a compressor of long sequences, an expert no token chose, a "
-                            "gate still at zero); they train once a batch does. If they never should, leave them "
-                            "out with --target-modules.", len(layers), layers[0])
+                            "gate still at zero), or the model computes them in a way the loss's graph does not "
+                            "see (its own autograd Function, as Reformer's reversible layers); in the first case "
+                            "they train once a batch does, in the second never. If they should not train, leave "
+                            "them out with --target-modules.", len(layers), layers[0])
             return
         if dead:
             raise UsageError(f"no gradient reached {len(dead)} adapter parameters in the first step (e.g. "
