@@ -304,8 +304,8 @@ def test_prompt_only_rows_are_refused_for_every_method(tmp_path):
     path = tmp_path / "prompts.parquet"
     pq.write_table(pa.Table.from_pylist([{"prompt": [{"content": "Write a poem.", "role": "user"}]}]), path)
     for read in (normalize, normalize_preferences, normalize_unpaired):
-        with pytest.raises(UsageError, match=r'prompts\.parquet row 0: these rows hold only a "prompt" .* online methods'
-                           ) as error:
+        with pytest.raises(UsageError, match=r'prompts\.parquet row 0: these rows hold only a "prompt" .* '
+                                             r'online methods') as error:
             read(load_records(path))
         assert "--format" not in str(error.value)  # no format reads them: the refusal says what they are for
     pku = _jsonl(tmp_path / "pku.jsonl", [{"prompt": "How do I pick a lock?", "response_0": "I can't help.",
@@ -350,7 +350,8 @@ ARGILLA_UF = {"source": "evol_instruct", "instruction": "Say hi.", "chosen_respo
               "rejected_avg_rating": 2.0, "rejected_model": "llama-2-7b-chat"}
 ORCA_PAIRS = {"system": "You are helpful.", "input": "Say hi.", "chosen": "Hi!", "rejected": "Go.",
               "generations": ["Hi!", "Go."], "order": ["gpt4", "gpt35"], "labelling_model": "gpt-4-1106-preview",
-              "labelling_prompt": [{"content": "You are a judge.", "role": "system"}, {"content": "Rate.", "role": "user"}],
+              "labelling_prompt": [{"content": "You are a judge.", "role": "system"},
+                                   {"content": "Rate.", "role": "user"}],
               "raw_labelling_response": "9 4", "rating": [9.0, 4.0], "rationale": "The first greets.",
               "status": "unchanged", "original_chosen": "Hi!", "original_rejected": "Go.", "chosen_score": 9.0,
               "in_gsm8k_train": False}
@@ -368,8 +369,9 @@ def test_preference_refusals_name_the_exact_columns_and_the_mapping_trains_the_p
         assert "COLUMN" not in str(error.value)
     with pytest.raises(UsageError, match="cannot tell the data format") as error:  # given to SFT: both ways named
         normalize(load_records(argilla))
-    assert f"--method dpo, orpo, cpo, simpo or kto). If 'instruction' is the prompt, 'chosen_response' the chosen answer " \
-           f"and 'rejected_response' the rejected answer, map them with --data-fields {mapping}." in str(error.value)
+    assert ("--method dpo, orpo, cpo, simpo or kto). If 'instruction' is the prompt, 'chosen_response' the chosen "
+            f"answer and 'rejected_response' the rejected answer, map them with --data-fields {mapping}."
+            ) in str(error.value)
     assert _trained(argilla, qwen_tokenizer, "output=chosen_response")[0] == ["Hi!<|im_end|>"]
     pair = normalize_preferences(load_records(argilla), mapping)[0]
     assert (pair.prompt, pair.chosen, pair.rejected) == ("Say hi.", "Hi!", "Go.")

@@ -211,7 +211,8 @@ def named_prompt(fields: dict[str, Any]) -> str | None:
 def _answer_column(fields: dict[str, Any], side: str) -> str | None:
     """The one text or message-list column named for the ``side`` answer (``chosen_response``), or None; beside
     ``chosen_model`` the answer is the one whose name also says answer."""
-    named = [k for k, v in fields.items() if k != side and side in k.lower() and (isinstance(v, str) or message_like(v))]
+    named = [k for k, v in fields.items()
+             if k != side and side in k.lower() and (isinstance(v, str) or message_like(v))]
     answers = [k for k in named if any(w in k.lower() for w in _ANSWER_WORDS if w not in ("chosen", "rejected"))]
     picked = answers or named
     return picked[0] if len(picked) == 1 else None
