@@ -96,8 +96,9 @@ def built(tmp_path_factory, tiny_tokenizer):
     return build
 
 
-def _batched(model, tokenizer, requests: list[tuple[list[int], int]], stop: int) -> tuple[list[list[int]], ContinuousBatcher]:
-    """Each request's tokens when all are submitted together to one batcher."""
+def _batched(model, tokenizer, requests: list[tuple[list[int], int]],
+             stop: int | frozenset[int]) -> tuple[list[list[int]], ContinuousBatcher]:
+    """Each request's tokens (prompt ids, new tokens) when all are submitted together to one batcher."""
     done = threading.Semaphore(0)
     tokens: list[list[int]] = [[] for _ in requests]
     errors: list[str | None] = [None] * len(requests)
@@ -110,7 +111,8 @@ def _batched(model, tokenizer, requests: list[tuple[list[int], int]], stop: int)
         return emit
 
     batcher = ContinuousBatcher(model, tokenizer, max_batch_size=len(requests), context_length=256)
-    reqs = [Request(ids, None, SamplingOptions(max_new_tokens=n, temperature=0), emitter(i), stop_ids=frozenset({stop}))
+    stops = frozenset({stop}) if isinstance(stop, int) else stop
+    reqs = [Request(ids, None, SamplingOptions(max_new_tokens=n, temperature=0), emitter(i), stop_ids=stops)
             for i, (ids, n) in enumerate(requests)]
     advance = batcher._advance
 

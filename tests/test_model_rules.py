@@ -12,16 +12,16 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import threading
 
 import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from qlora.infer.batcher import ContinuousBatcher, Event, Request
 from qlora.infer.generate import SamplingOptions, encode_prompt, generate_per_adapter, stream_tokens
 from qlora.model.load import load_model
 from qlora.model.tiny import build_tiny_model
+
+from test_generate_architectures import _batched
 
 SEQ2SEQ_DECODER = dict(d_model=64, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
                        decoder_attention_heads=4, encoder_ffn_dim=128, decoder_ffn_dim=128, max_position_embeddings=256,
@@ -56,41 +56,6 @@ def _end(model, tokens: list[int]) -> int:
     return next((i + 1 for i, t in enumerate(tokens) if t in _eos(model)), len(tokens))
 
 
-def _batched(model, tokenizer, prompts: list[list[int]], new: int) -> list[list[int]]:
-    """Each prompt's tokens when all are submitted together to one batcher (as ``qlora serve`` decodes)."""
-    done = threading.Semaphore(0)
-    tokens: list[list[int]] = [[] for _ in prompts]
-    errors: list[str] = []
-
-    def emit(event: Event) -> None:
-        if event.error:
-            errors.append(event.error)
-        if event.finish_reason:
-            done.release()
-
-    batcher = ContinuousBatcher(model, tokenizer, max_batch_size=len(prompts), context_length=256)
-    reqs = [Request(p, None, SamplingOptions(max_new_tokens=new, temperature=0), emit, stop_ids=frozenset(_eos(model)))
-            for p in prompts]
-    advance = batcher._advance
-
-    def record(row, token, logits):  # the tokens themselves, not their text (tiny vocabularies merge pieces)
-        tokens[reqs.index(row.request)].append(token)
-        return advance(row, token, logits)
-
-    batcher._advance = record
-    batcher.start()
-    try:
-        with batcher.paused():
-            for r in reqs:
-                batcher.submit(r)
-        for _ in reqs:
-            assert done.acquire(timeout=60)
-    finally:
-        batcher.close()
-    assert not errors, errors
-    return tokens
-
-
 def _check_loops(model, tokenizer, texts: list[str], new: int) -> list[list[int]]:
     """generate's tokens for each prompt text, after asserting that qlora's loops give the same."""
     prompts = [encode_prompt(model, tokenizer, t) for t in texts]
@@ -99,7 +64,7 @@ def _check_loops(model, tokenizer, texts: list[str], new: int) -> list[list[int]
     assert [list(stream_tokens(model, p, options, _eos(model))) for p in prompts] == expected
     assert [generate_per_adapter(model, tokenizer, t, [None, None], options, _eos(model)) for t in texts] == \
         [[tokenizer.decode(e, skip_special_tokens=True)] * 2 for e in expected]
-    assert _batched(model, tokenizer, [p[0].tolist() for p in prompts], new) == expected
+    assert _batched(model, tokenizer, [(p[0].tolist(), new) for p in prompts], frozenset(_eos(model)))[0] == expected
     return expected
 
 
