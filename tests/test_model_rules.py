@@ -18,6 +18,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from qlora.infer.generate import SamplingOptions, encode_prompt, generate_per_adapter, stream_tokens
+from qlora.infer.token_filter import TokenFilter
 from qlora.model.load import load_model
 from qlora.model.tiny import build_tiny_model
 
@@ -139,3 +140,36 @@ def test_a_repetition_penalty_option_replaces_the_models(llama):
         given = list(stream_tokens(model, prompt, SamplingOptions(max_new_tokens=12, temperature=0,
                                                                   repetition_penalty=1.0)))
     assert given == list(stream_tokens(model, prompt, SamplingOptions(max_new_tokens=12, temperature=0)))
+
+
+def test_a_requests_token_filter_outranks_a_forced_eos_it_masks(llama):
+    """vLLM's ``allowed_token_ids`` without EOS on a model whose config forces EOS at the limit: the reply runs to
+    the limit with allowed tokens only (as generate's with ``prefix_allowed_tokens_fn`` and no forced EOS), rather
+    than failing at its last token because the forced EOS is masked."""
+    model, tokenizer = llama
+    prompt = encode_prompt(model, tokenizer, PROMPTS[0])
+    eos = tokenizer.eos_token_id
+    allowed = [t for t in range(len(tokenizer)) if t != eos]
+    out = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=8, do_sample=False,
+                         prefix_allowed_tokens_fn=lambda *_: allowed)
+    expected = out[0, prompt.shape[1]:].tolist()
+    done, events, tokens = threading.Event(), [], []
+
+    def emit(event: Event) -> None:
+        events.append(event)
+        if event.finish_reason:
+            done.set()
+
+    with _generation_config(model, forced_eos_token_id=eos):
+        batcher = ContinuousBatcher(model, tokenizer, max_batch_size=1, context_length=256)
+        advance = batcher._advance
+        batcher._advance = lambda row, token, logits: tokens.append(token) or advance(row, token, logits)
+        batcher.start()
+        try:
+            batcher.submit(Request(prompt[0].tolist(), None, SamplingOptions(max_new_tokens=8, temperature=0), emit,
+                                   stop_ids=frozenset({eos}), token_filter=TokenFilter(allowed)))
+            assert done.wait(60)
+        finally:
+            batcher.close()
+    assert (events[-1].finish_reason, events[-1].error) == ("length", None)
+    assert tokens == expected

@@ -16,8 +16,8 @@ a :class:`Constraint` (a forced tool call, a JSON reply): its reply's fixed firs
 with its prompt and its tokens are chosen by the constraint; the batch's other rows
 still take one argmax for all, so their tokens are what they would be alone. A row may carry a
 :class:`~qlora.infer.token_filter.TokenFilter` (vLLM's ``allowed_token_ids`` and ``bad_words``): its
-masked tokens are never chosen, by sampling or by a constraint (a constraint's fixed first tokens are
-not filtered); when every token is masked the row fails.
+masked tokens are never chosen, by sampling, by a constraint (a constraint's fixed first tokens are
+not filtered) or by the model's forced BOS/EOS (then not forced); when every token is masked the row fails.
 
 A failure of one row's own work (its prefill, its constraint, its text) ends that row alone with
 ``finish_reason="error"``, logged with its traceback; a failed decode forward ends every row of the batch.
@@ -131,6 +131,8 @@ class _Row:
         seed = request.options.seed if request.options.seed is not None else random.getrandbits(63)
         self.generator = torch.Generator(device=device).manual_seed(seed)  # as a single run seeds it
         self.penalties = Penalties.of(request.options, request.prompt_ids, rules)
+        if self.penalties is not None and request.token_filter is not None:  # a forced EOS it masks is not forced
+            self.penalties.allows = lambda token: request.token_filter.allows(token, self.text.tokens)
         self.images = request.media is not None  # the prompt had images (their tensors are dropped after its prefill)
 
 

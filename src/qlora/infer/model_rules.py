@@ -16,7 +16,7 @@ prompt" is the whole prompt, and the length limit is the reply's ``max_new_token
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 
@@ -67,13 +67,17 @@ class ModelRules:
         return None if rules == cls(eos=eos) else rules
 
     def apply(self, logits: torch.Tensor, sequence: Sequence[int], prompt_length: int,
-              max_new_tokens: int, prompt_ngrams: dict | None = None, ngrams: dict | None = None) -> torch.Tensor:
+              max_new_tokens: int, prompt_ngrams: dict | None = None, ngrams: dict | None = None,
+              allows: Callable[[int], bool] | None = None) -> torch.Tensor:
         """``logits`` (1-D fp32) for the token after ``sequence`` (the prompt's ``prompt_length`` tokens and the
         reply so far), changed as ``generate``'s processors change them, in their order.
 
         Args:
             prompt_ngrams: :func:`ngram_table` of the prompt (for ``prompt_no_repeat_ngram``).
             ngrams: :func:`ngram_table` of ``sequence`` so far (for ``no_repeat_ngram``).
+            allows: the request's own mask (vLLM's ``allowed_token_ids``, ``bad_words``): a forced token it
+                masks is not forced (none left: that rule is skipped), so the reply goes on with the tokens it
+                allows rather than ending on one it masked.
         """
         length, vocab = len(sequence), logits.numel()
         banned: set[int] = set()
@@ -90,9 +94,9 @@ class ModelRules:
         if length < self.min_length or length - prompt_length < self.min_new_tokens:
             logits = _masked(logits, self.eos)
         if self.forced_bos is not None and length == 1:
-            logits = _forced(logits, (self.forced_bos,))
+            logits = _forced(logits, (self.forced_bos,), allows)
         if self.forced_eos and length - prompt_length == max_new_tokens - 1:
-            logits = _forced(logits, self.forced_eos)
+            logits = _forced(logits, self.forced_eos, allows)
         if self.length_decay is not None and length > self.length_decay[0] + prompt_length:
             eos = torch.tensor([t for t in self.eos if t < vocab], dtype=torch.long, device=logits.device)
             scores = logits[eos]
@@ -132,8 +136,12 @@ def _masked(logits: torch.Tensor, ids) -> torch.Tensor:
     return logits.index_fill(0, torch.tensor(ids, dtype=torch.long, device=logits.device), float("-inf"))
 
 
-def _forced(logits: torch.Tensor, ids: tuple[int, ...]) -> torch.Tensor:
-    """-inf everywhere but ``ids``, which get 0: one of them must come next."""
+def _forced(logits: torch.Tensor, ids: tuple[int, ...], allows: Callable[[int], bool] | None = None) -> torch.Tensor:
+    """-inf everywhere but ``ids`` (those ``allows`` allows; none: ``logits`` as they are), which get 0: one of
+    them must come next."""
+    ids = tuple(t for t in ids if 0 <= t < logits.numel() and (allows is None or allows(t)))
+    if not ids and allows is not None:
+        return logits
     forced = torch.full_like(logits, float("-inf"))
-    forced[[t for t in ids if 0 <= t < logits.numel()]] = 0.0
+    forced[list(ids)] = 0.0
     return forced

@@ -24,7 +24,7 @@ the vocabulary.
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 
@@ -53,6 +53,7 @@ class Penalties:
         self.counts: torch.Tensor | None = None  # float (vocab,): times in the reply
         self.bias: torch.Tensor | None = None
         self.rules = rules
+        self.allows: Callable[[int], bool] | None = None  # the request's own mask, which forced tokens yield to
         self.max_new_tokens = int(options.max_new_tokens)
         self.sequence: list[int] = self.prompt.tolist()  # prompt and reply: what the model's rules look at
         self.ngrams = ngram_table(self.sequence, rules.no_repeat_ngram) if rules and rules.no_repeat_ngram else None
@@ -101,7 +102,7 @@ class Penalties:
             logits = logits - self.presence * (self.counts > 0).float()
         if self.rules is not None:
             logits = self.rules.apply(logits, self.sequence, self.prompt.numel(), self.max_new_tokens,
-                                      self.prompt_ngrams, self.ngrams)
+                                      self.prompt_ngrams, self.ngrams, self.allows)
         return logits
 
     def _start(self, vocab: int, device: torch.device) -> None:
