@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import threading
 
 import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
+from qlora.infer.batcher import ContinuousBatcher, Event, Request
 from qlora.infer.generate import SamplingOptions, encode_prompt, generate_per_adapter, stream_tokens
 from qlora.infer.token_filter import TokenFilter
 from qlora.model.load import load_model
