@@ -256,6 +256,14 @@ MOE = {
     # V3: sigmoid scores with a selection bias (random, see _biased_routing), top-1 of 2 groups, renormalized
     "deepseek_v3": dict(n_group=2, topk_group=1),
     "deepseek_v3-rotate-half": dict(rope_interleave=False),  # RoPE rows reordered to llama.cpp's pairs
+    # V3's routing (selection bias, top-1 of 2 groups, scaled) with GQA: Q/K/V biases, per-head Q/K norms, partial
+    # NeoX RoPE, a leading dense layer, a shared expert
+    "glm4_moe": dict(use_qk_norm=True, attention_bias=True, n_group=2, topk_group=1, routed_scaling_factor=2.0),
+    # softmax routing with a selection bias, renormalized; two shared experts; a leading dense layer
+    "ernie4_5_moe": dict(head_dim=8),
+    # Granite MoE's multipliers plus a shared expert whose fused input_linear llama.cpp reads as gate and up
+    "granitemoeshared": dict(shared_intermediate_size=32, embedding_multiplier=2.0, residual_multiplier=0.5,
+                             attention_multiplier=0.2, logits_scaling=4.0),
 }
 MOE_PROMPT = "The quick brown fox jumps over the lazy dog. Question: what is two plus two?"
 
@@ -377,13 +385,15 @@ DENSE = {
     # Q/K RMSNorm after NeoX RoPE; "dynamic" RoPE with a fixed alpha, a larger base
     "hunyuan_v1_dense": dict(head_dim=8, rope_parameters={"rope_type": "dynamic", "rope_theta": 10000.0,
                                                           "alpha": 1000.0, "factor": 1.0}),
+    "gpt_bigcode": dict(tie_word_embeddings=False),  # multi-query fused QKV, learned positions, GELU (StarCoder 1)
+    "nemotron": {},  # LayerNorm1p (w + 1, with biases), ReLU² without gate, NeoX RoPE on half of each head
     "apertus": {},  # xIELU with its learned per-layer scalars, Q/K norms before NeoX RoPE, no gate
     "apertus-llama3": dict(rope_parameters={"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0,
                                             "original_max_position_embeddings": 16, "low_freq_factor": 1.0,
                                             "high_freq_factor": 4.0}),  # as released: Llama 3.1 RoPE scaling
 }
 # llama.cpp's CPU GELU: a 16-bit table
-GELU = ("gemma", "phi", "starcoder2", "gpt_neox", "gpt2", "falcon", "bloom", "mpt")
+GELU = ("gemma", "phi", "starcoder2", "gpt_neox", "gpt2", "falcon", "bloom", "mpt", "gpt_bigcode")
 
 
 @torch.no_grad()

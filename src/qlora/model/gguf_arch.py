@@ -84,6 +84,16 @@ model loaders), restated for the architectures qlora exports:
   configs) only. ``clip_qkv`` is ``clamp_kqv`` (0 for none: llama.cpp's loader requires the key). LayerNorm eps
   is the fixed 1e-5 of transformers' DBRX.
 - DeepSeek-V2/V3 (multi-head latent attention, llama.cpp's ``deepseek2``): :mod:`qlora.model.gguf_deepseek`.
+  GLM-4.5 (``glm4moe``) routes as V3 does (sigmoid scores, selection bias, groups, shared experts, leading dense
+  layers) and is written by the same code, with ordinary GQA attention and partial NeoX RoPE.
+- ERNIE 4.5 MoE: softmax routing with a selection bias (``moe_statics``), renormalized as llama.cpp always does;
+  its expert layers (``moe_layer_start_index``, ``moe_layer_interval``) are metadata, but llama.cpp has no last
+  expert layer (``moe_layer_end_index`` before the last layer is refused). Granite MoE with shared experts is
+  llama.cpp's ``granitemoe``; its fused shared ``input_linear`` (gate rows, then up) is written as two matrices
+  (``ArchSpec.split_rows``).
+- StarCoder 1 (``gpt_bigcode``, llama.cpp's ``starcoder``): multi-query fused ``c_attn`` already all queries, the
+  key, the value (the per-head layout without ``multi_query`` is refused), learned positions. Nemotron's
+  LayerNorm1p scales by ``1 + w`` (written ``w + 1``, as Gemma's norms), with a bias.
 - transformers 5 names Granite MoE's router and experts
   ``block_sparse_moe.router``/``.experts``, which gguf's table knows under other
   names: they are respelled before the lookup.
@@ -136,6 +146,9 @@ class ArchSpec:
     layer_scalars: tuple[tuple[str, str], ...] = ()  # (HF key ending, gguf writer's add_<name>): a value per layer
     gate_up_interleaved: bool = False  # the fused expert ``gate_up_proj`` alternates gate and up rows (gpt-oss)
     mla: bool = False  # DeepSeek's multi-head latent attention and routing (:mod:`qlora.model.gguf_deepseek`)
+    deepseek_moe: bool = False  # DeepSeek's routing, shared experts and leading dense layers without its attention
+    # (HF key ending of a fused matrix, the key endings of its equal row chunks in order): written apart
+    split_rows: tuple[tuple[str, tuple[str, ...]], ...] = ()
 
 
 SILU = ("silu", "swish")
@@ -205,11 +218,34 @@ SPECS: dict[str, ArchSpec] = {
     "ministral": ArchSpec("llama", permute_qk=True, acts=SILU),
     "deepseek_v2": ArchSpec("deepseek2", mla=True, acts=SILU, full_attention=True),
     "deepseek_v3": ArchSpec("deepseek2", mla=True, acts=SILU, full_attention=True, rename=gguf_deepseek.RENAME),
+    # ERNIE 4.5 MoE: softmax routing, top-k chosen by probability plus a selection bias, renormalized; shared experts
+    "ernie4_5_moe": ArchSpec("ernie4_5-moe", norm_topk=True, acts=SILU, requires=(("use_bias", False),),
+                             full_attention=True, rename=((".mlp.gate.moe_statics.e_score_correction_bias",
+                                                           ".mlp.moe_statics.e_score_correction.bias"),)),
+    # GLM-4.5/4.6: DeepSeek-V3's routing with GQA attention (Q/K/V biases, optional per-head Q/K norms), partial
+    # NeoX RoPE; its multi-token-prediction layers are not in transformers' model, so not in the file either
+    "glm4_moe": ArchSpec("glm4moe", deepseek_moe=True, partial_rotary=True, acts=SILU, full_attention=True,
+                         rename=gguf_deepseek.RENAME),
     # DBRX: LayerNorm without biases, fused Wqkv already all Q, all K, all V, NeoX RoPE, experts as 2-D stacks
     "dbrx": ArchSpec("dbrx", layer_norm=True, output_required=True, norm_topk=True, full_attention=True,
                      acts=SILU, act_key="ffn_config.ffn_act_fn.name", ff_key="ffn_config.ffn_hidden_size",
                      clip_key="attn_config.clip_qkv", experts_key="ffn_config.moe_num_experts",
                      top_k_key="ffn_config.moe_top_k", norm_topk_key="ffn_config.moe_normalize_expert_weights"),
+    # Granite MoE with a shared expert whose fused ``input_linear`` (gate rows, then up) llama.cpp reads as two
+    "granitemoeshared": ArchSpec("granitemoe", permute_qk=True, norm_topk=True, acts=SILU,
+                                 rename=((".block_sparse_moe.router.", ".mlp.gate."),
+                                         (".block_sparse_moe.experts.", ".mlp.experts."),
+                                         (".shared_mlp.output_linear.", ".mlp.shared_expert.down_proj.")),
+                                 split_rows=((".shared_mlp.input_linear.weight", (".mlp.shared_expert.gate_proj.weight",
+                                                                                  ".mlp.shared_expert.up_proj.weight")),)),
+    # StarCoder 1 / SantaCoder: multi-query fused ``c_attn`` (all queries, the key, the value), learned positions
+    "gpt_bigcode": ArchSpec("starcoder", layer_norm=True, acts=GELU_TANH, act_key="activation_function",
+                            ff_key="n_inner", rope=False, full_attention=True,
+                            requires=(("multi_query", True), ("scale_attn_weights", True),
+                                      ("add_cross_attention", False))),
+    # Nemotron: LayerNorm1p (scales by ``1 + w``, with a bias), ReLU² MLP without gate, partial NeoX RoPE
+    "nemotron": ArchSpec("nemotron", layer_norm=True, norm_shift=1.0, partial_rotary=True, acts=("relu2",),
+                         requires=(("attention_bias", False), ("mlp_bias", False)), full_attention=True),
     "bloom": ArchSpec("bloom", layer_norm=True, ff_key="", fused_qkv=True, rope=False, mha=True,
                       rename=(("transformer.", ""),),
                       requires=(("apply_residual_connection_post_layernorm", False),), full_attention=True),
@@ -219,8 +255,9 @@ NOT_IN_LLAMA_CPP = {"gptj": "GPT-J"}
 
 SUPPORTED = ("Llama, Mistral, Ministral, Qwen2, Qwen3, Gemma, Gemma 2, Gemma 3 (text), Phi-2, Phi-3, OLMo, OLMo 2, "
              "Granite, SmolLM3, StarCoder2, StableLM, Command-R, Cohere 2, GLM-4, ERNIE 4.5, EXAONE 4, Seed-OSS, Arcee, "
-             "GPT-NeoX (Pythia), GPT-2, Falcon, BLOOM, MPT, Hunyuan (dense), Apertus and the mixture-of-experts "
-             "Mixtral, DBRX, Qwen2-MoE (Qwen1.5-MoE), Qwen3-MoE, OLMoE, Granite MoE, gpt-oss, DeepSeek-V2 and DeepSeek-V3")
+             "GPT-NeoX (Pythia), GPT-2, StarCoder 1 (gpt_bigcode), Falcon, BLOOM, MPT, Hunyuan (dense), Apertus, "
+             "Nemotron and the mixture-of-experts Mixtral, DBRX, Qwen2-MoE (Qwen1.5-MoE), Qwen3-MoE, OLMoE, Granite "
+             "MoE (and with shared experts), gpt-oss, DeepSeek-V2, DeepSeek-V3, GLM-4.5 (glm4_moe) and ERNIE 4.5 MoE")
 
 
 def arch_spec(config) -> ArchSpec:
@@ -244,12 +281,12 @@ def head_dim(config) -> int:
 
 
 def kv_heads(config, spec: ArchSpec) -> int:
-    """Key/value heads as the model computes them (Falcon: one for multi-query, its groups for the 40B layout)."""
+    """Key/value heads as the model computes them (Falcon, StarCoder: one for multi-query; Falcon 40B: its groups)."""
     if spec.mha:
         return config.num_attention_heads
-    if spec.gguf_arch == "falcon":
-        if config.new_decoder_architecture:
-            return config.num_kv_heads
+    if spec.gguf_arch == "falcon" and config.new_decoder_architecture:
+        return config.num_kv_heads
+    if spec.gguf_arch in ("falcon", "starcoder"):  # what the attention computes, whatever num_key_value_heads says
         return 1 if config.multi_query else config.num_attention_heads
     return getattr(config, "num_key_value_heads", None) or config.num_attention_heads
 
@@ -314,8 +351,8 @@ def write_metadata(writer, config, spec: ArchSpec, n_vocab: int) -> list[tuple[s
     _check_graph_computes(config, spec)
     if spec.norm_topk is not None:
         _write_experts(writer, config, spec)
-    if spec.mla:
-        gguf_deepseek.write_experts(writer, config)
+    if spec.mla or spec.deepseek_moe:
+        gguf_deepseek.write_experts(writer, config, spec.gguf_arch)
     if spec.gguf_arch in ("qwen2moe", "olmoe", "olmo2") and (hd * n_head != config.hidden_size or (
             spec.gguf_arch == "olmoe" and n_kv != n_head)):  # llama.cpp sizes these by the hidden width
         raise UsageError(f"llama.cpp's {spec.gguf_arch} needs query heads spanning the hidden size"
@@ -423,8 +460,9 @@ def _write_experts(writer, config, spec: ArchSpec) -> None:
         config.intermediate_size if spec.gguf_arch == "gpt-oss" else None)  # gpt-oss's experts are its MLP
     if ff_expert:
         writer.add_expert_feed_forward_length(ff_expert)
-    if getattr(config, "shared_expert_intermediate_size", None):
-        writer.add_expert_shared_feed_forward_length(config.shared_expert_intermediate_size)
+    shared = getattr(config, "shared_expert_intermediate_size", None) or getattr(config, "shared_intermediate_size", None)
+    if shared:  # Qwen2-MoE's, Granite MoE (shared)'s
+        writer.add_expert_shared_feed_forward_length(shared)
     norm = config_value(config, spec.norm_topk_key, spec.norm_topk)  # Mixtral always renormalizes, has no flag
     if norm is not None and not isinstance(norm, bool) and norm != 1:  # DBRX's p-norm; llama.cpp's is the sum
         raise UsageError(f"this {config.model_type} config renormalizes the top-k routing weights by their "
@@ -435,6 +473,8 @@ def _write_experts(writer, config, spec: ArchSpec) -> None:
         raise UsageError(f"this {config.model_type} config has {spec.norm_topk_key.rpartition('.')[2]}={norm}, "
                          f"but llama.cpp's {spec.gguf_arch} {rule} the top-k routing weights; the GGUF would mix "
                          f"experts differently. Refusing to export.")
+    if spec.gguf_arch == "ernie4_5-moe":
+        _write_ernie_moe_layers(writer, config)
     step = getattr(config, "decoder_sparse_step", 1) or 1
     dense = [i for i in range(config.num_hidden_layers)
              if i in (getattr(config, "mlp_only_layers", None) or []) or (i + 1) % step]
@@ -442,6 +482,24 @@ def _write_experts(writer, config, spec: ArchSpec) -> None:
         raise UsageError(f"this {config.model_type} model has dense MLP layers ({dense[:8]}) between its expert "
                          f"layers (mlp_only_layers / decoder_sparse_step), which llama.cpp's {spec.gguf_arch} "
                          f"does not run. Refusing to export.")
+
+
+def _write_ernie_moe_layers(writer, config) -> None:
+    """ERNIE 4.5's expert layers (every ``moe_layer_interval``-th from ``moe_layer_start_index`` to
+    ``moe_layer_end_index``) and shared experts as llama.cpp's ernie4_5-moe reads them: it has no last expert
+    layer, so one before the last layer is refused."""
+    start, step, end = config.moe_layer_start_index, config.moe_layer_interval, config.moe_layer_end_index
+    layers = config.num_hidden_layers
+    if end < max(i for i in range(layers) if (i + 1) % step == 0):
+        raise UsageError(f"this ERNIE 4.5 MoE config ends its expert layers at layer {end} (moe_layer_end_index) "
+                         f"of {layers}, but llama.cpp's ernie4_5-moe runs experts on every "
+                         f"{step}th layer from {start} to the last; the GGUF would compute differently. "
+                         f"Refusing to export.")
+    writer.add_leading_dense_block_count(start)
+    writer.add_interleave_moe_layer_step(step)
+    if config.moe_num_shared_experts:
+        writer.add_expert_shared_count(config.moe_num_shared_experts)
+        writer.add_expert_shared_feed_forward_length(config.moe_intermediate_size * config.moe_num_shared_experts)
 
 
 # transformers' MPT builds its ALiBi slopes with maximum bias 8 whatever ``alibi_bias_max`` says
