@@ -558,6 +558,8 @@ def test_more_architectures_are_laid_out_as_llama_cpp_loads_them(tmp_path, tiny_
     # llama.cpp's ernie4_5-moe runs experts up to the last layer; GLM-4.5's glm4moe needs shared experts
     ("ernie4_5_moe", dict(head_dim=8, moe_layer_end_index=0), "moe_layer_end_index"),
     ("glm4_moe", dict(n_shared_experts=0), "no shared experts"),
+    ("hunyuan_v1_moe", dict(head_dim=8, attention_bias=True), "attention_bias=True"),
+    ("hunyuan_v1_moe", dict(head_dim=8, moe_topk=[2, 1]), r"\[2, 1\] experts per layer"),
 ])
 def test_variants_llama_cpp_does_not_compute_are_refused(tmp_path, tiny_tokenizer, model_type, overrides, message):
     model, tokenizer = _tiny_moe_model(tmp_path, tiny_tokenizer, model_type, **overrides)
@@ -640,6 +642,9 @@ MOE_LAYOUTS = {  # model type: (config overrides, GGUF architecture, layer-1 MoE
                      EXPERTS | SHARED | {"exp_probs_b.bias", "ffn_norm.weight"},
                      {"leading_dense_block_count": 1, "interleave_moe_layer_step": 1, "expert_shared_count": 2,
                       "expert_shared_feed_forward_length": 64}),
+    "hunyuan_v1_moe": (dict(head_dim=8, moe_topk=[2, 2]), "hunyuan-moe",  # as released: a count per layer
+                       EXPERTS | SHARED | {"attn_q_norm.weight", "attn_k_norm.weight", "ffn_norm.weight"},
+                       {"expert_feed_forward_length": 48, "expert_shared_feed_forward_length": 48}),
     "granitemoeshared": (dict(shared_intermediate_size=16), "granitemoe", EXPERTS | SHARED | {"ffn_norm.weight"},
                          {"expert_shared_feed_forward_length": 16}),
 }

@@ -261,6 +261,9 @@ MOE = {
     "glm4_moe": dict(use_qk_norm=True, attention_bias=True, n_group=2, topk_group=1, routed_scaling_factor=2.0),
     # softmax routing with a selection bias, renormalized; two shared experts; a leading dense layer
     "ernie4_5_moe": dict(head_dim=8),
+    # dense Hunyuan's attention (Q/K norms after RoPE, "dynamic" RoPE with a fixed alpha), a shared MLP
+    "hunyuan_v1_moe": dict(head_dim=8, rope_parameters={"rope_type": "dynamic", "rope_theta": 10000.0, "alpha": 1000.0,
+                                                        "factor": 1.0}),
     # Granite MoE's multipliers plus a shared expert whose fused input_linear llama.cpp reads as gate and up
     "granitemoeshared": dict(shared_intermediate_size=32, embedding_multiplier=2.0, residual_multiplier=0.5,
                              attention_multiplier=0.2, logits_scaling=4.0),

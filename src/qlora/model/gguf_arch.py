@@ -90,7 +90,8 @@ model loaders), restated for the architectures qlora exports:
   its expert layers (``moe_layer_start_index``, ``moe_layer_interval``) are metadata, but llama.cpp has no last
   expert layer (``moe_layer_end_index`` before the last layer is refused). Granite MoE with shared experts is
   llama.cpp's ``granitemoe``; its fused shared ``input_linear`` (gate rows, then up) is written as two matrices
-  (``ArchSpec.split_rows``).
+  (``ArchSpec.split_rows``). Hunyuan MoE's experts and shared MLP are ``intermediate_size`` wide; its attention and
+  RoPE are dense Hunyuan's.
 - StarCoder 1 (``gpt_bigcode``, llama.cpp's ``starcoder``): multi-query fused ``c_attn`` already all queries, the
   key, the value (the per-head layout without ``multi_query`` is refused), learned positions. Nemotron's
   LayerNorm1p scales by ``1 + w`` (written ``w + 1``, as Gemma's norms), with a bias.
@@ -218,6 +219,9 @@ SPECS: dict[str, ArchSpec] = {
     "ministral": ArchSpec("llama", permute_qk=True, acts=SILU),
     "deepseek_v2": ArchSpec("deepseek2", mla=True, acts=SILU, full_attention=True),
     "deepseek_v3": ArchSpec("deepseek2", mla=True, acts=SILU, full_attention=True, rename=gguf_deepseek.RENAME),
+    # Hunyuan-A13B: Hunyuan's attention (Q/K norms after RoPE), softmax routing renormalized, a shared MLP
+    "hunyuan_v1_moe": ArchSpec("hunyuan-moe", norm_topk=True, acts=SILU, requires=(("attention_bias", False),),
+                               full_attention=True),
     # ERNIE 4.5 MoE: softmax routing, top-k chosen by probability plus a selection bias, renormalized; shared experts
     "ernie4_5_moe": ArchSpec("ernie4_5-moe", norm_topk=True, acts=SILU, requires=(("use_bias", False),),
                              full_attention=True, rename=((".mlp.gate.moe_statics.e_score_correction_bias",
@@ -257,7 +261,8 @@ SUPPORTED = ("Llama, Mistral, Ministral, Qwen2, Qwen3, Gemma, Gemma 2, Gemma 3 (
              "Granite, SmolLM3, StarCoder2, StableLM, Command-R, Cohere 2, GLM-4, ERNIE 4.5, EXAONE 4, Seed-OSS, Arcee, "
              "GPT-NeoX (Pythia), GPT-2, StarCoder 1 (gpt_bigcode), Falcon, BLOOM, MPT, Hunyuan (dense), Apertus, "
              "Nemotron and the mixture-of-experts Mixtral, DBRX, Qwen2-MoE (Qwen1.5-MoE), Qwen3-MoE, OLMoE, Granite "
-             "MoE (and with shared experts), gpt-oss, DeepSeek-V2, DeepSeek-V3, GLM-4.5 (glm4_moe) and ERNIE 4.5 MoE")
+             "MoE (and with shared experts), gpt-oss, DeepSeek-V2, DeepSeek-V3, GLM-4.5 (glm4_moe), ERNIE 4.5 MoE and "
+             "Hunyuan MoE")
 
 
 def arch_spec(config) -> ArchSpec:
@@ -455,13 +460,21 @@ def _write_experts(writer, config, spec: ArchSpec) -> None:
     n_expert = (config_value(config, spec.experts_key) if spec.experts_key else
                 getattr(config, "num_local_experts", None) or getattr(config, "num_experts", None))
     writer.add_expert_count(n_expert)
-    writer.add_expert_used_count(config_value(config, spec.top_k_key))
+    top_k = config_value(config, spec.top_k_key)
+    if isinstance(top_k, (list, tuple)):  # Hunyuan's per-layer list (moe_topk)
+        if len(set(top_k)) != 1:
+            raise UsageError(f"this {config.model_type} config routes each token to {list(top_k)} experts per layer "
+                             f"({spec.top_k_key}), but llama.cpp's {spec.gguf_arch} uses one count for every layer. "
+                             f"Refusing to export.")
+        top_k = top_k[0]
+    writer.add_expert_used_count(top_k)
     ff_expert = getattr(config, "moe_intermediate_size", None) or (
-        config.intermediate_size if spec.gguf_arch == "gpt-oss" else None)  # gpt-oss's experts are its MLP
+        config.intermediate_size if spec.gguf_arch in ("gpt-oss", "hunyuan-moe") else None)  # experts are the MLP
     if ff_expert:
         writer.add_expert_feed_forward_length(ff_expert)
-    shared = getattr(config, "shared_expert_intermediate_size", None) or getattr(config, "shared_intermediate_size", None)
-    if shared:  # Qwen2-MoE's, Granite MoE (shared)'s
+    shared = (getattr(config, "shared_expert_intermediate_size", None) or getattr(config, "shared_intermediate_size", None)
+              or (config.intermediate_size if spec.gguf_arch == "hunyuan-moe" else None))  # Hunyuan's is its MLP
+    if shared:
         writer.add_expert_shared_feed_forward_length(shared)
     norm = config_value(config, spec.norm_topk_key, spec.norm_topk)  # Mixtral always renormalizes, has no flag
     if norm is not None and not isinstance(norm, bool) and norm != 1:  # DBRX's p-norm; llama.cpp's is the sum
@@ -490,7 +503,7 @@ def _write_ernie_moe_layers(writer, config) -> None:
     layer, so one before the last layer is refused."""
     start, step, end = config.moe_layer_start_index, config.moe_layer_interval, config.moe_layer_end_index
     layers = config.num_hidden_layers
-    if end < max(i for i in range(layers) if (i + 1) % step == 0):
+    if end < max((i for i in range(layers) if (i + 1) % step == 0), default=0):
         raise UsageError(f"this ERNIE 4.5 MoE config ends its expert layers at layer {end} (moe_layer_end_index) "
                          f"of {layers}, but llama.cpp's ernie4_5-moe runs experts on every "
                          f"{step}th layer from {start} to the last; the GGUF would compute differently. "
@@ -589,7 +602,7 @@ def _check_gemma_attention_scale(config, spec: ArchSpec, hd: int) -> None:
 def _ntk_alpha(rope: dict, spec: ArchSpec) -> bool:
     """Hunyuan's "dynamic" RoPE with a fixed ``alpha``: a larger base, nothing dynamic about it."""
     kind = (rope.get("rope_type") or rope.get("type") or "").lower()
-    return spec.gguf_arch == "hunyuan-dense" and kind == "dynamic" and bool(rope.get("alpha"))
+    return spec.gguf_arch in ("hunyuan-dense", "hunyuan-moe") and kind == "dynamic" and bool(rope.get("alpha"))
 
 
 def _rope_base(rope: dict, spec: ArchSpec, hd: int) -> float:
