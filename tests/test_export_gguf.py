@@ -535,6 +535,10 @@ def test_more_architectures_are_laid_out_as_llama_cpp_loads_them(tmp_path, tiny_
     assert ("output.weight" in shapes) == (arch in ("phi2", "stablelm") or not tied and arch != "command-r")
 
 
+LLAMA4 = dict(attention_chunk_size=8192, num_hidden_layers=4, no_rope_layers=[1, 1, 1, 0], interleave_moe_layer_step=2,
+              moe_layers=[1, 3], layer_types=["chunked_attention"] * 3 + ["full_attention"])  # as released, 4 layers
+
+
 @pytest.mark.parametrize("model_type,overrides,message", [
     ("phi", dict(qk_layernorm=True), "qk_layernorm=True"),
     ("stablelm", dict(qk_layernorm=True), "qk_layernorm=True"),
@@ -559,6 +563,9 @@ def test_more_architectures_are_laid_out_as_llama_cpp_loads_them(tmp_path, tiny_
     ("ernie4_5_moe", dict(head_dim=8, moe_layer_end_index=0), "moe_layer_end_index"),
     ("glm4_moe", dict(n_shared_experts=0), "no shared experts"),
     ("hunyuan_v1_moe", dict(head_dim=8, attention_bias=True), "attention_bias=True"),
+    # llama.cpp's llama4 fixes the chunk size, and has Q/K norms unless there are 128 experts
+    ("llama4_text", dict(LLAMA4, attention_chunk_size=16), "attention_chunk_size=16"),
+    ("llama4_text", dict(LLAMA4, use_qk_norm=False), "use_qk_norm=False"),
     ("hunyuan_v1_moe", dict(head_dim=8, moe_topk=[2, 1]), r"\[2, 1\] experts per layer"),
 ])
 def test_variants_llama_cpp_does_not_compute_are_refused(tmp_path, tiny_tokenizer, model_type, overrides, message):
@@ -645,6 +652,8 @@ MOE_LAYOUTS = {  # model type: (config overrides, GGUF architecture, layer-1 MoE
     "hunyuan_v1_moe": (dict(head_dim=8, moe_topk=[2, 2]), "hunyuan-moe",  # as released: a count per layer
                        EXPERTS | SHARED | {"attn_q_norm.weight", "attn_k_norm.weight", "ffn_norm.weight"},
                        {"expert_feed_forward_length": 48, "expert_shared_feed_forward_length": 48}),
+    "llama4_text": (LLAMA4, "llama4", EXPERTS | SHARED,  # layer 0 is dense (intermediate_size_mlp)
+                    {"interleave_moe_layer_step": 2, "expert_feed_forward_length": 48, "feed_forward_length": 48}),
     "granitemoeshared": (dict(shared_intermediate_size=16), "granitemoe", EXPERTS | SHARED | {"ffn_norm.weight"},
                          {"expert_shared_feed_forward_length": 16}),
 }
@@ -665,7 +674,8 @@ def test_moes_with_shared_experts_are_laid_out_as_llama_cpp_loads_them(tmp_path,
     shapes = {t.name: tuple(int(d) for d in reversed(t.shape)) for t in reader.tensors}
     ff = getattr(model.config, "moe_intermediate_size", None) or model.config.intermediate_size  # Granite: the latter
     assert shapes["blk.1.ffn_gate_exps.weight"] == shapes["blk.1.ffn_up_exps.weight"] == (4, ff, 32)
-    shared = metadata.get("expert_shared_feed_forward_length", 32)
+    shared = metadata.get("expert_shared_feed_forward_length", 48 if arch == "llama4" else 32)  # Llama 4's: its experts'
+    assert "blk.0.ffn_gate.weight" in shapes or arch != "llama4"
     assert shapes["blk.1.ffn_gate_shexp.weight"] == shapes["blk.1.ffn_up_shexp.weight"] == (shared, 32)
     assert shapes["blk.1.ffn_down_shexp.weight"] == (32, shared)
 

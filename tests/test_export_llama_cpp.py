@@ -264,6 +264,15 @@ MOE = {
     # dense Hunyuan's attention (Q/K norms after RoPE, "dynamic" RoPE with a fixed alpha), a shared MLP
     "hunyuan_v1_moe": dict(head_dim=8, rope_parameters={"rope_type": "dynamic", "rope_theta": 10000.0, "alpha": 1000.0,
                                                         "factor": 1.0}),
+    # experts on every 2nd layer (dense ones intermediate_size_mlp wide), sigmoid-scaled expert inputs, a shared
+    # expert, L2 Q/K norms, a RoPE-less 4th layer with temperature tuning, Llama 3.1 RoPE scaling. (llama.cpp's
+    # llama4 fails an assertion on a model without a full-attention layer, so 4 layers, as every real one has.)
+    "llama4_text": dict(attention_chunk_size=8192, num_hidden_layers=4, no_rope_layers=[1, 1, 1, 0],
+                        interleave_moe_layer_step=2, moe_layers=[1, 3],
+                        layer_types=["chunked_attention"] * 3 + ["full_attention"],
+                        rope_parameters={"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0,
+                                         "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                         "original_max_position_embeddings": 16}),
     # Granite MoE's multipliers plus a shared expert whose fused input_linear llama.cpp reads as gate and up
     "granitemoeshared": dict(shared_intermediate_size=32, embedding_multiplier=2.0, residual_multiplier=0.5,
                              attention_multiplier=0.2, logits_scaling=4.0),

@@ -92,6 +92,11 @@ model loaders), restated for the architectures qlora exports:
   llama.cpp's ``granitemoe``; its fused shared ``input_linear`` (gate rows, then up) is written as two matrices
   (``ArchSpec.split_rows``). Hunyuan MoE's experts and shared MLP are ``intermediate_size`` wide; its attention and
   RoPE are dense Hunyuan's.
+- Llama 4 (text; of the vision-language model its language model): experts every ``interleave_moe_layer_step``-th
+  layer (``intermediate_size`` wide, dense layers ``intermediate_size_mlp``), each expert's input scaled by the
+  sigmoid of its top-k router logit, a shared expert; RoPE on interleaved pairs in both (no reorder), Llama 3.1
+  scaling as ``rope_freqs``. llama.cpp's llama4 hard-codes 8192-token chunks, the RoPE-less layers' temperature
+  tuning, a RoPE-less full-attention layer every 4th, and Q/K norms unless 128 experts: other configs are refused.
 - StarCoder 1 (``gpt_bigcode``, llama.cpp's ``starcoder``): multi-query fused ``c_attn`` already all queries, the
   key, the value (the per-head layout without ``multi_query`` is refused), learned positions. Nemotron's
   LayerNorm1p scales by ``1 + w`` (written ``w + 1``, as Gemma's norms), with a bias.
@@ -222,6 +227,10 @@ SPECS: dict[str, ArchSpec] = {
     # Hunyuan-A13B: Hunyuan's attention (Q/K norms after RoPE), softmax routing renormalized, a shared MLP
     "hunyuan_v1_moe": ArchSpec("hunyuan-moe", norm_topk=True, acts=SILU, requires=(("attention_bias", False),),
                                full_attention=True),
+    # Llama 4 (text): sigmoid of the top-k router logits (not renormalized) scaling each expert's input, a shared
+    # expert, interleaved pair RoPE (as llama.cpp's), weightless Q/K L2 norms, RoPE-less every 4th layer
+    "llama4_text": ArchSpec("llama4", norm_topk=False, acts=SILU, ff_key="intermediate_size_mlp",
+                            requires=(("attention_bias", False),)),
     # ERNIE 4.5 MoE: softmax routing, top-k chosen by probability plus a selection bias, renormalized; shared experts
     "ernie4_5_moe": ArchSpec("ernie4_5-moe", norm_topk=True, acts=SILU, requires=(("use_bias", False),),
                              full_attention=True, rename=((".mlp.gate.moe_statics.e_score_correction_bias",
@@ -261,8 +270,8 @@ SUPPORTED = ("Llama, Mistral, Ministral, Qwen2, Qwen3, Gemma, Gemma 2, Gemma 3 (
              "Granite, SmolLM3, StarCoder2, StableLM, Command-R, Cohere 2, GLM-4, ERNIE 4.5, EXAONE 4, Seed-OSS, Arcee, "
              "GPT-NeoX (Pythia), GPT-2, StarCoder 1 (gpt_bigcode), Falcon, BLOOM, MPT, Hunyuan (dense), Apertus, "
              "Nemotron and the mixture-of-experts Mixtral, DBRX, Qwen2-MoE (Qwen1.5-MoE), Qwen3-MoE, OLMoE, Granite "
-             "MoE (and with shared experts), gpt-oss, DeepSeek-V2, DeepSeek-V3, GLM-4.5 (glm4_moe), ERNIE 4.5 MoE and "
-             "Hunyuan MoE")
+             "MoE (and with shared experts), gpt-oss, DeepSeek-V2, DeepSeek-V3, GLM-4.5 (glm4_moe), ERNIE 4.5 MoE, "
+             "Hunyuan MoE and Llama 4 (text)")
 
 
 def arch_spec(config) -> ArchSpec:
@@ -469,7 +478,7 @@ def _write_experts(writer, config, spec: ArchSpec) -> None:
         top_k = top_k[0]
     writer.add_expert_used_count(top_k)
     ff_expert = getattr(config, "moe_intermediate_size", None) or (
-        config.intermediate_size if spec.gguf_arch in ("gpt-oss", "hunyuan-moe") else None)  # experts are the MLP
+        config.intermediate_size if spec.gguf_arch in ("gpt-oss", "hunyuan-moe", "llama4") else None)
     if ff_expert:
         writer.add_expert_feed_forward_length(ff_expert)
     shared = (getattr(config, "shared_expert_intermediate_size", None) or getattr(config, "shared_intermediate_size", None)
@@ -488,6 +497,8 @@ def _write_experts(writer, config, spec: ArchSpec) -> None:
                          f"experts differently. Refusing to export.")
     if spec.gguf_arch == "ernie4_5-moe":
         _write_ernie_moe_layers(writer, config)
+    if spec.gguf_arch == "llama4":
+        _write_llama4_layers(writer, config)
     step = getattr(config, "decoder_sparse_step", 1) or 1
     dense = [i for i in range(config.num_hidden_layers)
              if i in (getattr(config, "mlp_only_layers", None) or []) or (i + 1) % step]
@@ -495,6 +506,30 @@ def _write_experts(writer, config, spec: ArchSpec) -> None:
         raise UsageError(f"this {config.model_type} model has dense MLP layers ({dense[:8]}) between its expert "
                          f"layers (mlp_only_layers / decoder_sparse_step), which llama.cpp's {spec.gguf_arch} "
                          f"does not run. Refusing to export.")
+
+
+# llama.cpp's llama4 hard-codes these (src/models/llama4.cpp): 8192-token attention chunks, the temperature tuning of
+# its RoPE-less layers, and RoPE-less, full-attention layers every 4th
+LLAMA4_FIXED = {"attention_chunk_size": 8192, "floor_scale": 8192, "attn_scale": 0.1, "attn_temperature_tuning": True}
+
+
+def _write_llama4_layers(writer, config) -> None:
+    """Llama 4's expert layers (every ``interleave_moe_layer_step``-th); refuse attention llama.cpp's
+    llama4 computes otherwise: the constants above, another RoPE-less or chunked layer pattern, Q/K norms other than
+    on every model but the 128-expert one (llama.cpp decides by the expert count)."""
+    layers, step = config.num_hidden_layers, config.interleave_moe_layer_step
+    rope = [int((i + 1) % 4 != 0) for i in range(layers)]
+    expected = {**LLAMA4_FIXED, "moe_layers": [i for i in range(layers) if (i + 1) % step == 0], "no_rope_layers": rope,
+                "layer_types": ["chunked_attention" if r else "full_attention" for r in rope],
+                "use_qk_norm": config.num_local_experts != 128}
+    differs = [f"{key}={getattr(config, key)!r}" for key, value in expected.items()
+               if getattr(config, key, None) not in (None, value)]
+    if differs:
+        raise UsageError(f"this Llama 4 config has {', '.join(differs)}, which llama.cpp's llama4 does not compute (it "
+                         f"fixes {LLAMA4_FIXED}, experts on every interleave_moe_layer_step-th layer, RoPE-less "
+                         f"full-attention layers every 4th, Q/K norms unless there are 128 experts); the GGUF would "
+                         f"compute differently. Refusing to export.")
+    writer.add_interleave_moe_layer_step(step)
 
 
 def _write_ernie_moe_layers(writer, config) -> None:
@@ -650,7 +685,7 @@ def _rope_scaling(writer, config, spec: ArchSpec, rope: dict, rotary: int) -> li
         if abs(factor - 1.0) > 1e-7:
             writer.add_rope_scaling_attn_factors(factor)
         return []
-    if kind == "llama3" and spec.gguf_arch in ("llama", "apertus"):
+    if kind in ("llama3", "llama4") and spec.gguf_arch in ("llama", "apertus", "llama4"):
         return [("rope_freqs.weight", _llama3_rope_factors(rope, rotary))]
     if kind in ("longrope", "su") and spec.gguf_arch == "phi3":
         return _phi3_longrope(writer, config, rope, rotary)
