@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import math
 
 import pytest
 import torch
@@ -566,6 +567,9 @@ LLAMA4 = dict(attention_chunk_size=8192, num_hidden_layers=4, no_rope_layers=[1,
     # llama.cpp's llama4 fixes the chunk size, and has Q/K norms unless there are 128 experts
     ("llama4_text", dict(LLAMA4, attention_chunk_size=16), "attention_chunk_size=16"),
     ("llama4_text", dict(LLAMA4, use_qk_norm=False), "use_qk_norm=False"),
+    # llama.cpp's minicpm3 hard-codes MiniCPM's scales and compressed queries
+    ("minicpm3", dict(num_key_value_heads=4, scale_emb=10), "scale_emb=10"),
+    ("minicpm3", dict(num_key_value_heads=4, q_lora_rank=None), "q_lora_rank=None"),
     ("hunyuan_v1_moe", dict(head_dim=8, moe_topk=[2, 1]), r"\[2, 1\] experts per layer"),
 ])
 def test_variants_llama_cpp_does_not_compute_are_refused(tmp_path, tiny_tokenizer, model_type, overrides, message):
@@ -678,6 +682,29 @@ def test_moes_with_shared_experts_are_laid_out_as_llama_cpp_loads_them(tmp_path,
     assert "blk.0.ffn_gate.weight" in shapes or arch != "llama4"
     assert shapes["blk.1.ffn_gate_shexp.weight"] == shapes["blk.1.ffn_up_shexp.weight"] == (shared, 32)
     assert shapes["blk.1.ffn_down_shexp.weight"] == (32, shared)
+
+
+def test_minicpm3_latent_attention_is_laid_out_as_llama_cpp_loads_it(tmp_path, tiny_tokenizer):
+    """MiniCPM3's compressed queries and keys/values as llama.cpp's minicpm3 reads them: decompressed sizes per head
+    (keys nope + rope wide, values v_head_dim), the ranks, RoPE over the RoPE part only; LongRoPE's tables."""
+    rope = {"rope_type": "longrope", "rope_theta": 10000.0, "long_factor": [1.0, 2.0, 3.0, 4.0],
+            "short_factor": [1.0, 1.0, 1.5, 2.0], "original_max_position_embeddings": 16}
+    model, tokenizer = _tiny_moe_model(tmp_path, tiny_tokenizer, "minicpm3", num_key_value_heads=4, qk_nope_head_dim=16,
+                                       v_head_dim=12, max_position_embeddings=64, rope_parameters=rope)
+    export_gguf(model, tokenizer, tmp_path / "m.gguf", "f16")
+    reader = gguf.GGUFReader(tmp_path / "m.gguf")
+    field = lambda key: reader.fields[key].contents()  # noqa: E731
+    assert field("general.architecture") == "minicpm3"
+    assert (field("minicpm3.attention.key_length"), field("minicpm3.attention.value_length")) == (24, 12)
+    assert (field("minicpm3.attention.q_lora_rank"), field("minicpm3.attention.kv_lora_rank")) == (16, 16)
+    assert (field("minicpm3.attention.head_count_kv"), field("minicpm3.rope.dimension_count")) == (4, 8)
+    assert field("minicpm3.rope.scaling.original_context_length") == 16
+    assert field("minicpm3.rope.scaling.attn_factor") == pytest.approx((1 + math.log(4) / math.log(16)) ** 0.5)
+    shapes = {t.name: tuple(int(d) for d in reversed(t.shape)) for t in reader.tensors}
+    assert shapes["blk.0.attn_q_a.weight"] == (16, 32) and shapes["blk.0.attn_q_b.weight"] == (4 * 24, 16)
+    assert shapes["blk.0.attn_kv_a_mqa.weight"] == (16 + 8, 32) and shapes["blk.0.attn_kv_b.weight"] == (4 * 28, 16)
+    assert {"blk.0.attn_q_a_norm.weight", "blk.0.attn_kv_a_norm.weight"} <= set(shapes)
+    assert shapes["rope_factors_long.weight"] == shapes["rope_factors_short.weight"] == (4,)
 
 
 def test_apertus_xielu_scalars_are_per_layer_metadata(tmp_path, tiny_tokenizer):

@@ -399,6 +399,11 @@ DENSE = {
                                                           "alpha": 1000.0, "factor": 1.0}),
     "gpt_bigcode": dict(tie_word_embeddings=False),  # multi-query fused QKV, learned positions, GELU (StarCoder 1)
     "nemotron": {},  # LayerNorm1p (w + 1, with biases), ReLU² without gate, NeoX RoPE on half of each head
+    # latent attention run decompressed, MiniCPM's fixed scales; LongRoPE past its 16-token original context: the
+    # long factors and attention factor in both (transformers by the prompt's length, llama.cpp by the context's)
+    "minicpm3": dict(num_key_value_heads=4, max_position_embeddings=128, rope_parameters={
+        "rope_type": "longrope", "rope_theta": 10000.0, "long_factor": [1.0, 1.5, 2.0, 4.0],
+        "short_factor": [1.0, 1.2, 1.5, 3.0], "original_max_position_embeddings": 16}),
     "apertus": {},  # xIELU with its learned per-layer scalars, Q/K norms before NeoX RoPE, no gate
     "apertus-llama3": dict(rope_parameters={"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0,
                                             "original_max_position_embeddings": 16, "low_freq_factor": 1.0,

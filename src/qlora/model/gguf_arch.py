@@ -92,6 +92,10 @@ model loaders), restated for the architectures qlora exports:
   llama.cpp's ``granitemoe``; its fused shared ``input_linear`` (gate rows, then up) is written as two matrices
   (``ArchSpec.split_rows``). Hunyuan MoE's experts and shared MLP are ``intermediate_size`` wide; its attention and
   RoPE are dense Hunyuan's.
+- MiniCPM3: DeepSeek-V2-style latent attention, which llama.cpp's minicpm3 runs decompressed (``kv_b_proj`` whole, a
+  key and a value per head), NeoX RoPE on the RoPE part; it hard-codes MiniCPM's embedding, residual and logit scales
+  (other values refused). LongRoPE as Phi-3's, with the original context written: llama.cpp takes the long factors
+  for a context longer than it, transformers for a longer prompt.
 - Llama 4 (text; of the vision-language model its language model): experts every ``interleave_moe_layer_step``-th
   layer (``intermediate_size`` wide, dense layers ``intermediate_size_mlp``), each expert's input scaled by the
   sigmoid of its top-k router logit, a shared expert; RoPE on interleaved pairs in both (no reorder), Llama 3.1
@@ -231,6 +235,8 @@ SPECS: dict[str, ArchSpec] = {
     # expert, interleaved pair RoPE (as llama.cpp's), weightless Q/K L2 norms, RoPE-less every 4th layer
     "llama4_text": ArchSpec("llama4", norm_topk=False, acts=SILU, ff_key="intermediate_size_mlp",
                             requires=(("attention_bias", False),)),
+    # MiniCPM3: DeepSeek-V2-style latent attention run decompressed, NeoX RoPE on its RoPE part, MiniCPM's scales
+    "minicpm3": ArchSpec("minicpm3", acts=SILU, full_attention=True, requires=(("attention_bias", False),)),
     # ERNIE 4.5 MoE: softmax routing, top-k chosen by probability plus a selection bias, renormalized; shared experts
     "ernie4_5_moe": ArchSpec("ernie4_5-moe", norm_topk=True, acts=SILU, requires=(("use_bias", False),),
                              full_attention=True, rename=((".mlp.gate.moe_statics.e_score_correction_bias",
@@ -269,7 +275,7 @@ NOT_IN_LLAMA_CPP = {"gptj": "GPT-J"}
 SUPPORTED = ("Llama, Mistral, Ministral, Qwen2, Qwen3, Gemma, Gemma 2, Gemma 3 (text), Phi-2, Phi-3, OLMo, OLMo 2, "
              "Granite, SmolLM3, StarCoder2, StableLM, Command-R, Cohere 2, GLM-4, ERNIE 4.5, EXAONE 4, Seed-OSS, Arcee, "
              "GPT-NeoX (Pythia), GPT-2, StarCoder 1 (gpt_bigcode), Falcon, BLOOM, MPT, Hunyuan (dense), Apertus, "
-             "Nemotron and the mixture-of-experts Mixtral, DBRX, Qwen2-MoE (Qwen1.5-MoE), Qwen3-MoE, OLMoE, Granite "
+             "Nemotron, MiniCPM3 and the mixture-of-experts Mixtral, DBRX, Qwen2-MoE (Qwen1.5-MoE), Qwen3-MoE, OLMoE, Granite "
              "MoE (and with shared experts), gpt-oss, DeepSeek-V2, DeepSeek-V3, GLM-4.5 (glm4_moe), ERNIE 4.5 MoE, "
              "Hunyuan MoE and Llama 4 (text)")
 
@@ -352,6 +358,8 @@ def write_metadata(writer, config, spec: ArchSpec, n_vocab: int) -> list[tuple[s
     writer.add_head_count(n_head)
     if spec.mla:
         hd = gguf_deepseek.write_attention(writer, config)  # the RoPE width; MLA's sizes are its own
+    elif spec.gguf_arch == "minicpm3":
+        hd = _write_minicpm3_attention(writer, config)
     else:
         writer.add_head_count_kv(n_kv)
         writer.add_key_length(hd)
@@ -506,6 +514,30 @@ def _write_experts(writer, config, spec: ArchSpec) -> None:
         raise UsageError(f"this {config.model_type} model has dense MLP layers ({dense[:8]}) between its expert "
                          f"layers (mlp_only_layers / decoder_sparse_step), which llama.cpp's {spec.gguf_arch} "
                          f"does not run. Refusing to export.")
+
+
+# llama.cpp's minicpm3 hard-codes MiniCPM's embedding, residual and logit scales (src/models/minicpm3.cpp)
+MINICPM3_FIXED = {"scale_emb": 12, "scale_depth": 1.4, "dim_model_base": 256}
+
+
+def _write_minicpm3_attention(writer, config) -> int:
+    """MiniCPM3's latent attention sizes as llama.cpp's minicpm3 reads them (decompressed: a key and a value per
+    head); returns the RoPE width. Refuse scales llama.cpp hard-codes otherwise, and no query compression (its loader
+    requires ``q_lora_rank``)."""
+    differs = [f"{key}={getattr(config, key)!r}" for key, value in MINICPM3_FIXED.items()
+               if abs(float(getattr(config, key)) - value) > 1e-9]
+    if not config.q_lora_rank:
+        differs.append(f"q_lora_rank={config.q_lora_rank!r}")
+    if differs:
+        raise UsageError(f"this MiniCPM3 config has {', '.join(differs)}, but llama.cpp's minicpm3 hard-codes "
+                         f"{MINICPM3_FIXED} and compressed queries; the GGUF would compute differently. Refusing to "
+                         f"export.")
+    writer.add_head_count_kv(config.num_attention_heads)
+    writer.add_key_length(config.qk_nope_head_dim + config.qk_rope_head_dim)
+    writer.add_value_length(config.v_head_dim)
+    writer.add_q_lora_rank(config.q_lora_rank)
+    writer.add_kv_lora_rank(config.kv_lora_rank)
+    return config.qk_rope_head_dim
 
 
 # llama.cpp's llama4 hard-codes these (src/models/llama4.cpp): 8192-token attention chunks, the temperature tuning of
@@ -687,8 +719,8 @@ def _rope_scaling(writer, config, spec: ArchSpec, rope: dict, rotary: int) -> li
         return []
     if kind in ("llama3", "llama4") and spec.gguf_arch in ("llama", "apertus", "llama4"):
         return [("rope_freqs.weight", _llama3_rope_factors(rope, rotary))]
-    if kind in ("longrope", "su") and spec.gguf_arch == "phi3":
-        return _phi3_longrope(writer, config, rope, rotary)
+    if kind in ("longrope", "su") and spec.gguf_arch in ("phi3", "minicpm3"):
+        return _longrope(writer, config, rope, rotary, spec)
     raise UsageError(f"GGUF export does not write {kind!r} RoPE scaling for {config.model_type} models; "
                      f"the exported model would use different positions. Refusing to export.")
 
@@ -713,18 +745,23 @@ def _llama3_rope_factors(rope: dict, dim: int) -> torch.Tensor:
     return torch.tensor(out, dtype=torch.float32)
 
 
-def _phi3_longrope(writer, config, rope: dict, rotary: int) -> list[tuple[str, torch.Tensor]]:
+def _longrope(writer, config, rope: dict, rotary: int, spec: ArchSpec) -> list[tuple[str, torch.Tensor]]:
+    """LongRoPE (Phi-3, MiniCPM3): its two factor tables and attention factor. transformers switches to the long
+    factors past ``original_max_position_embeddings`` tokens, llama.cpp for a context longer than the original
+    context it reads (written for MiniCPM3 too; Phi-3's is written with its other RoPE metadata)."""
     import gguf
 
     long, short = rope.get("long_factor"), rope.get("short_factor")
     if not long or not short or len(long) != rotary // 2 or len(short) != rotary // 2:
-        raise UsageError(f"Phi-3 LongRoPE needs long_factor and short_factor of {rotary // 2} values each in "
-                         f"the config's RoPE parameters.")
+        raise UsageError(f"{config.model_type} LongRoPE needs long_factor and short_factor of {rotary // 2} values "
+                         f"each in the config's RoPE parameters.")
     original = rope.get("original_max_position_embeddings",
                         getattr(config, "original_max_position_embeddings", config.max_position_embeddings))
     scale = config.max_position_embeddings / original
     writer.add_rope_scaling_type(gguf.RopeScalingType.LONGROPE)
     writer.add_rope_scaling_attn_factors(math.sqrt(1 + math.log(scale) / math.log(original)) if scale > 1 else 1.0)
+    if spec.gguf_arch != "phi3":
+        writer.add_rope_scaling_orig_ctx_len(original)
     return [("rope_factors_long.weight", torch.tensor(long, dtype=torch.float32)),
             ("rope_factors_short.weight", torch.tensor(short, dtype=torch.float32))]
 
