@@ -255,8 +255,9 @@ SPECS: dict[str, ArchSpec] = {
                                  rename=((".block_sparse_moe.router.", ".mlp.gate."),
                                          (".block_sparse_moe.experts.", ".mlp.experts."),
                                          (".shared_mlp.output_linear.", ".mlp.shared_expert.down_proj.")),
-                                 split_rows=((".shared_mlp.input_linear.weight", (".mlp.shared_expert.gate_proj.weight",
-                                                                                  ".mlp.shared_expert.up_proj.weight")),)),
+                                 split_rows=((".shared_mlp.input_linear.weight",
+                                              (".mlp.shared_expert.gate_proj.weight",
+                                               ".mlp.shared_expert.up_proj.weight")),)),
     # StarCoder 1 / SantaCoder: multi-query fused ``c_attn`` (all queries, the key, the value), learned positions
     "gpt_bigcode": ArchSpec("starcoder", layer_norm=True, acts=GELU_TANH, act_key="activation_function",
                             ff_key="n_inner", rope=False, full_attention=True,
@@ -273,11 +274,11 @@ SPECS: dict[str, ArchSpec] = {
 NOT_IN_LLAMA_CPP = {"gptj": "GPT-J"}
 
 SUPPORTED = ("Llama, Mistral, Ministral, Qwen2, Qwen3, Gemma, Gemma 2, Gemma 3 (text), Phi-2, Phi-3, OLMo, OLMo 2, "
-             "Granite, SmolLM3, StarCoder2, StableLM, Command-R, Cohere 2, GLM-4, ERNIE 4.5, EXAONE 4, Seed-OSS, Arcee, "
-             "GPT-NeoX (Pythia), GPT-2, StarCoder 1 (gpt_bigcode), Falcon, BLOOM, MPT, Hunyuan (dense), Apertus, "
-             "Nemotron, MiniCPM3 and the mixture-of-experts Mixtral, DBRX, Qwen2-MoE (Qwen1.5-MoE), Qwen3-MoE, OLMoE, Granite "
-             "MoE (and with shared experts), gpt-oss, DeepSeek-V2, DeepSeek-V3, GLM-4.5 (glm4_moe), ERNIE 4.5 MoE, "
-             "Hunyuan MoE and Llama 4 (text)")
+             "Granite, SmolLM3, StarCoder2, StableLM, Command-R, Cohere 2, GLM-4, ERNIE 4.5, EXAONE 4, Seed-OSS, "
+             "Arcee, GPT-NeoX (Pythia), GPT-2, StarCoder 1 (gpt_bigcode), Falcon, BLOOM, MPT, Hunyuan (dense), "
+             "Apertus, Nemotron, MiniCPM3 and the mixture-of-experts Mixtral, DBRX, Qwen2-MoE (Qwen1.5-MoE), "
+             "Qwen3-MoE, OLMoE, Granite MoE (and with shared experts), gpt-oss, DeepSeek-V2, DeepSeek-V3, "
+             "GLM-4.5 (glm4_moe), ERNIE 4.5 MoE, Hunyuan MoE and Llama 4 (text)")
 
 
 def arch_spec(config) -> ArchSpec:
@@ -489,7 +490,8 @@ def _write_experts(writer, config, spec: ArchSpec) -> None:
         config.intermediate_size if spec.gguf_arch in ("gpt-oss", "hunyuan-moe", "llama4") else None)
     if ff_expert:
         writer.add_expert_feed_forward_length(ff_expert)
-    shared = (getattr(config, "shared_expert_intermediate_size", None) or getattr(config, "shared_intermediate_size", None)
+    shared = (getattr(config, "shared_expert_intermediate_size", None)  # Qwen2-MoE
+              or getattr(config, "shared_intermediate_size", None)  # Granite MoE (shared)
               or (config.intermediate_size if spec.gguf_arch == "hunyuan-moe" else None))  # Hunyuan's is its MLP
     if shared:
         writer.add_expert_shared_feed_forward_length(shared)
