@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import math
 
 import pytest
 import torch
@@ -506,6 +507,8 @@ LAYOUTS = {  # model type: (config overrides, GGUF architecture, layer-0 tensors
               "layer_norm_rms_epsilon", 8),
     "hunyuan_v1_dense": (dict(head_dim=8), "hunyuan-dense", {f"{n}.weight" for n in QKV | GATED | {
         "attn_norm", "ffn_norm", "attn_q_norm", "attn_k_norm"}}, "layer_norm_rms_epsilon", 8),
+    "nemotron": ({}, "nemotron", {f"{n}.weight" for n in QKV | {"ffn_up", "ffn_down"}}
+                 | {f"{n}.{p}" for n in ("attn_norm", "ffn_norm") for p in ("weight", "bias")}, "layer_norm_epsilon", 4),
     "apertus": ({}, "apertus", {f"{n}.weight" for n in QKV | {"ffn_up", "ffn_down", "attn_norm", "ffn_norm",
                                                               "attn_q_norm", "attn_k_norm"}},
                 "layer_norm_rms_epsilon", 8),
@@ -533,6 +536,10 @@ def test_more_architectures_are_laid_out_as_llama_cpp_loads_them(tmp_path, tiny_
     assert ("output.weight" in shapes) == (arch in ("phi2", "stablelm") or not tied and arch != "command-r")
 
 
+LLAMA4 = dict(attention_chunk_size=8192, num_hidden_layers=4, no_rope_layers=[1, 1, 1, 0], interleave_moe_layer_step=2,
+              moe_layers=[1, 3], layer_types=["chunked_attention"] * 3 + ["full_attention"])  # as released, 4 layers
+
+
 @pytest.mark.parametrize("model_type,overrides,message", [
     ("phi", dict(qk_layernorm=True), "qk_layernorm=True"),
     ("stablelm", dict(qk_layernorm=True), "qk_layernorm=True"),
@@ -550,6 +557,20 @@ def test_more_architectures_are_laid_out_as_llama_cpp_loads_them(tmp_path, tiny_
     ("apertus", dict(hidden_act="relu"), "'relu' activation"),
     ("hunyuan_v1_dense", dict(head_dim=8, rope_parameters={"rope_type": "dynamic", "rope_theta": 1e4, "factor": 2.0}),
      "'dynamic' RoPE scaling"),  # sequence-length-dependent NTK scaling: llama.cpp has none
+    ("gpt_bigcode", dict(multi_query=False), "multi_query=False"),  # per-head fused QKV: not StarCoder 1's
+    ("nemotron", dict(attention_bias=True), "attention_bias=True"),
+    ("nemotron", dict(hidden_act="silu"), "'silu' activation"),
+    # llama.cpp's ernie4_5-moe runs experts up to the last layer; GLM-4.5's glm4moe needs shared experts
+    ("ernie4_5_moe", dict(head_dim=8, moe_layer_end_index=0), "moe_layer_end_index"),
+    ("glm4_moe", dict(n_shared_experts=0), "no shared experts"),
+    ("hunyuan_v1_moe", dict(head_dim=8, attention_bias=True), "attention_bias=True"),
+    # llama.cpp's llama4 fixes the chunk size, and has Q/K norms unless there are 128 experts
+    ("llama4_text", dict(LLAMA4, attention_chunk_size=16), "attention_chunk_size=16"),
+    ("llama4_text", dict(LLAMA4, use_qk_norm=False), "use_qk_norm=False"),
+    # llama.cpp's minicpm3 hard-codes MiniCPM's scales and compressed queries
+    ("minicpm3", dict(num_key_value_heads=4, scale_emb=10), "scale_emb=10"),
+    ("minicpm3", dict(num_key_value_heads=4, q_lora_rank=None), "q_lora_rank=None"),
+    ("hunyuan_v1_moe", dict(head_dim=8, moe_topk=[2, 1]), r"\[2, 1\] experts per layer"),
 ])
 def test_variants_llama_cpp_does_not_compute_are_refused(tmp_path, tiny_tokenizer, model_type, overrides, message):
     model, tokenizer = _tiny_moe_model(tmp_path, tiny_tokenizer, model_type, **overrides)
@@ -593,6 +614,7 @@ GPT_LAYOUTS = {  # model type: (config overrides, GGUF architecture, layer-0 ten
                    {"attn_norm.weight", "attn_norm.bias", "attn_norm_2.weight", "attn_norm_2.bias", "attn_qkv.weight",
                     "attn_output.weight", "ffn_up.weight", "ffn_down.weight"}, {"rope.dimension_count": 8}, 2),
     "bloom": ({}, "bloom", LN | BIASED_QKV_MLP, {"feed_forward_length": 128}, 4),
+    "gpt_bigcode": ({}, "starcoder", LN | BIASED_QKV_MLP, {"feed_forward_length": 128, "context_length": 64}, 1),
 }
 
 
@@ -608,13 +630,81 @@ def test_gpt_style_architectures_are_laid_out_as_llama_cpp_loads_them(tmp_path, 
     for key, value in metadata.items():
         assert field(f"{arch}.{key}") == value, key
     assert field(f"{arch}.attention.head_count_kv") == n_kv
-    assert (f"{arch}.rope.dimension_count" in reader.fields) == (arch not in ("gpt2", "bloom"))  # positions, ALiBi
+    assert (f"{arch}.rope.dimension_count" in reader.fields) == (arch not in ("gpt2", "starcoder", "bloom"))
     shapes = {t.name: tuple(int(d) for d in reversed(t.shape)) for t in reader.tensors}
     assert shapes["blk.0.attn_qkv.weight"] == ((4 + 2 * n_kv) * 8, 32)  # [out, in], GPT-2's Conv1D transposed
     assert shapes["blk.0.ffn_up.weight"] == (metadata.get("feed_forward_length", 128), 32)
-    assert ("position_embd.weight" in shapes) == (arch == "gpt2")
+    assert ("position_embd.weight" in shapes) == (arch in ("gpt2", "starcoder"))  # learned positions
     assert ("token_embd_norm.weight" in shapes) == (arch == "bloom")
     assert ("output.weight" in shapes) == (arch == "gptneox")  # llama.cpp's gptneox needs one although tied
+
+
+# MoEs with shared experts and leading dense layers, as llama.cpp's loader for each reads them: the expert layer's
+# tensors and the sizes it is built from (what they compute: test_export_llama_cpp.py).
+EXPERTS = {f"ffn_{n}_exps.weight" for n in ("gate", "up", "down")} | {"ffn_gate_inp.weight"}
+SHARED = {f"ffn_{n}_shexp.weight" for n in ("gate", "up", "down")}
+MOE_LAYOUTS = {  # model type: (config overrides, GGUF architecture, layer-1 MoE tensors, metadata)
+    "glm4_moe": (dict(use_qk_norm=True, attention_bias=True), "glm4moe",
+                 EXPERTS | SHARED | {"exp_probs_b.bias", "attn_q_norm.weight", "attn_k_norm.weight", "attn_q.bias",
+                                     "attn_k.bias", "attn_v.bias", "post_attention_norm.weight"},
+                 {"leading_dense_block_count": 1, "expert_shared_count": 1, "expert_gating_func": 2,
+                  "expert_weights_norm": True, "rope.dimension_count": 4}),
+    "ernie4_5_moe": (dict(head_dim=8, moe_num_shared_experts=2), "ernie4_5-moe",
+                     EXPERTS | SHARED | {"exp_probs_b.bias", "ffn_norm.weight"},
+                     {"leading_dense_block_count": 1, "interleave_moe_layer_step": 1, "expert_shared_count": 2,
+                      "expert_shared_feed_forward_length": 64}),
+    "hunyuan_v1_moe": (dict(head_dim=8, moe_topk=[2, 2]), "hunyuan-moe",  # as released: a count per layer
+                       EXPERTS | SHARED | {"attn_q_norm.weight", "attn_k_norm.weight", "ffn_norm.weight"},
+                       {"expert_feed_forward_length": 48, "expert_shared_feed_forward_length": 48}),
+    "llama4_text": (LLAMA4, "llama4", EXPERTS | SHARED,  # layer 0 is dense (intermediate_size_mlp)
+                    {"interleave_moe_layer_step": 2, "expert_feed_forward_length": 48, "feed_forward_length": 48}),
+    "granitemoeshared": (dict(shared_intermediate_size=16), "granitemoe", EXPERTS | SHARED | {"ffn_norm.weight"},
+                         {"expert_shared_feed_forward_length": 16}),
+}
+
+
+@pytest.mark.parametrize("model_type", list(MOE_LAYOUTS))
+def test_moes_with_shared_experts_are_laid_out_as_llama_cpp_loads_them(tmp_path, tiny_tokenizer, model_type):
+    overrides, arch, layer1, metadata = MOE_LAYOUTS[model_type]
+    model, tokenizer = _tiny_moe_model(tmp_path, tiny_tokenizer, model_type, **overrides)
+    export_gguf(model, tokenizer, tmp_path / "m.gguf", "f16")
+    reader = gguf.GGUFReader(tmp_path / "m.gguf")
+    field = lambda key: reader.fields[key].contents()  # noqa: E731
+    assert field("general.architecture") == arch
+    assert (field(f"{arch}.expert_count"), field(f"{arch}.expert_used_count")) == (4, 2)
+    for key, value in metadata.items():
+        assert field(f"{arch}.{key}") == value, key
+    assert layer1 - {t.name[len("blk.1."):] for t in reader.tensors if t.name.startswith("blk.1.")} == set()
+    shapes = {t.name: tuple(int(d) for d in reversed(t.shape)) for t in reader.tensors}
+    ff = getattr(model.config, "moe_intermediate_size", None) or model.config.intermediate_size  # Granite: the latter
+    assert shapes["blk.1.ffn_gate_exps.weight"] == shapes["blk.1.ffn_up_exps.weight"] == (4, ff, 32)
+    shared = metadata.get("expert_shared_feed_forward_length", 48 if arch == "llama4" else 32)  # Llama 4's: its experts'
+    assert "blk.0.ffn_gate.weight" in shapes or arch != "llama4"
+    assert shapes["blk.1.ffn_gate_shexp.weight"] == shapes["blk.1.ffn_up_shexp.weight"] == (shared, 32)
+    assert shapes["blk.1.ffn_down_shexp.weight"] == (32, shared)
+
+
+def test_minicpm3_latent_attention_is_laid_out_as_llama_cpp_loads_it(tmp_path, tiny_tokenizer):
+    """MiniCPM3's compressed queries and keys/values as llama.cpp's minicpm3 reads them: decompressed sizes per head
+    (keys nope + rope wide, values v_head_dim), the ranks, RoPE over the RoPE part only; LongRoPE's tables."""
+    rope = {"rope_type": "longrope", "rope_theta": 10000.0, "long_factor": [1.0, 2.0, 3.0, 4.0],
+            "short_factor": [1.0, 1.0, 1.5, 2.0], "original_max_position_embeddings": 16}
+    model, tokenizer = _tiny_moe_model(tmp_path, tiny_tokenizer, "minicpm3", num_key_value_heads=4, qk_nope_head_dim=16,
+                                       v_head_dim=12, max_position_embeddings=64, rope_parameters=rope)
+    export_gguf(model, tokenizer, tmp_path / "m.gguf", "f16")
+    reader = gguf.GGUFReader(tmp_path / "m.gguf")
+    field = lambda key: reader.fields[key].contents()  # noqa: E731
+    assert field("general.architecture") == "minicpm3"
+    assert (field("minicpm3.attention.key_length"), field("minicpm3.attention.value_length")) == (24, 12)
+    assert (field("minicpm3.attention.q_lora_rank"), field("minicpm3.attention.kv_lora_rank")) == (16, 16)
+    assert (field("minicpm3.attention.head_count_kv"), field("minicpm3.rope.dimension_count")) == (4, 8)
+    assert field("minicpm3.rope.scaling.original_context_length") == 16
+    assert field("minicpm3.rope.scaling.attn_factor") == pytest.approx((1 + math.log(4) / math.log(16)) ** 0.5)
+    shapes = {t.name: tuple(int(d) for d in reversed(t.shape)) for t in reader.tensors}
+    assert shapes["blk.0.attn_q_a.weight"] == (16, 32) and shapes["blk.0.attn_q_b.weight"] == (4 * 24, 16)
+    assert shapes["blk.0.attn_kv_a_mqa.weight"] == (16 + 8, 32) and shapes["blk.0.attn_kv_b.weight"] == (4 * 28, 16)
+    assert {"blk.0.attn_q_a_norm.weight", "blk.0.attn_kv_a_norm.weight"} <= set(shapes)
+    assert shapes["rope_factors_long.weight"] == shapes["rope_factors_short.weight"] == (4,)
 
 
 def test_apertus_xielu_scalars_are_per_layer_metadata(tmp_path, tiny_tokenizer):

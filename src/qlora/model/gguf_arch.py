@@ -84,6 +84,26 @@ model loaders), restated for the architectures qlora exports:
   configs) only. ``clip_qkv`` is ``clamp_kqv`` (0 for none: llama.cpp's loader requires the key). LayerNorm eps
   is the fixed 1e-5 of transformers' DBRX.
 - DeepSeek-V2/V3 (multi-head latent attention, llama.cpp's ``deepseek2``): :mod:`qlora.model.gguf_deepseek`.
+  GLM-4.5 (``glm4moe``) routes as V3 does (sigmoid scores, selection bias, groups, shared experts, leading dense
+  layers) and is written by the same code, with ordinary GQA attention and partial NeoX RoPE.
+- ERNIE 4.5 MoE: softmax routing with a selection bias (``moe_statics``), renormalized as llama.cpp always does;
+  its expert layers (``moe_layer_start_index``, ``moe_layer_interval``) are metadata, but llama.cpp has no last
+  expert layer (``moe_layer_end_index`` before the last layer is refused). Granite MoE with shared experts is
+  llama.cpp's ``granitemoe``; its fused shared ``input_linear`` (gate rows, then up) is written as two matrices
+  (``ArchSpec.split_rows``). Hunyuan MoE's experts and shared MLP are ``intermediate_size`` wide; its attention and
+  RoPE are dense Hunyuan's.
+- MiniCPM3: DeepSeek-V2-style latent attention, which llama.cpp's minicpm3 runs decompressed (``kv_b_proj`` whole, a
+  key and a value per head), NeoX RoPE on the RoPE part; it hard-codes MiniCPM's embedding, residual and logit scales
+  (other values refused). LongRoPE as Phi-3's, with the original context written: llama.cpp takes the long factors
+  for a context longer than it, transformers for a longer prompt.
+- Llama 4 (text; of the vision-language model its language model): experts every ``interleave_moe_layer_step``-th
+  layer (``intermediate_size`` wide, dense layers ``intermediate_size_mlp``), each expert's input scaled by the
+  sigmoid of its top-k router logit, a shared expert; RoPE on interleaved pairs in both (no reorder), Llama 3.1
+  scaling as ``rope_freqs``. llama.cpp's llama4 hard-codes 8192-token chunks, the RoPE-less layers' temperature
+  tuning, a RoPE-less full-attention layer every 4th, and Q/K norms unless 128 experts: other configs are refused.
+- StarCoder 1 (``gpt_bigcode``, llama.cpp's ``starcoder``): multi-query fused ``c_attn`` already all queries, the
+  key, the value (the per-head layout without ``multi_query`` is refused), learned positions. Nemotron's
+  LayerNorm1p scales by ``1 + w`` (written ``w + 1``, as Gemma's norms), with a bias.
 - transformers 5 names Granite MoE's router and experts
   ``block_sparse_moe.router``/``.experts``, which gguf's table knows under other
   names: they are respelled before the lookup.
@@ -136,6 +156,9 @@ class ArchSpec:
     layer_scalars: tuple[tuple[str, str], ...] = ()  # (HF key ending, gguf writer's add_<name>): a value per layer
     gate_up_interleaved: bool = False  # the fused expert ``gate_up_proj`` alternates gate and up rows (gpt-oss)
     mla: bool = False  # DeepSeek's multi-head latent attention and routing (:mod:`qlora.model.gguf_deepseek`)
+    deepseek_moe: bool = False  # DeepSeek's routing, shared experts and leading dense layers without its attention
+    # (HF key ending of a fused matrix, the key endings of its equal row chunks in order): written apart
+    split_rows: tuple[tuple[str, tuple[str, ...]], ...] = ()
 
 
 SILU = ("silu", "swish")
@@ -205,11 +228,44 @@ SPECS: dict[str, ArchSpec] = {
     "ministral": ArchSpec("llama", permute_qk=True, acts=SILU),
     "deepseek_v2": ArchSpec("deepseek2", mla=True, acts=SILU, full_attention=True),
     "deepseek_v3": ArchSpec("deepseek2", mla=True, acts=SILU, full_attention=True, rename=gguf_deepseek.RENAME),
+    # Hunyuan-A13B: Hunyuan's attention (Q/K norms after RoPE), softmax routing renormalized, a shared MLP
+    "hunyuan_v1_moe": ArchSpec("hunyuan-moe", norm_topk=True, acts=SILU, requires=(("attention_bias", False),),
+                               full_attention=True),
+    # Llama 4 (text): sigmoid of the top-k router logits (not renormalized) scaling each expert's input, a shared
+    # expert, interleaved pair RoPE (as llama.cpp's), weightless Q/K L2 norms, RoPE-less every 4th layer
+    "llama4_text": ArchSpec("llama4", norm_topk=False, acts=SILU, ff_key="intermediate_size_mlp",
+                            requires=(("attention_bias", False),)),
+    # MiniCPM3: DeepSeek-V2-style latent attention run decompressed, NeoX RoPE on its RoPE part, MiniCPM's scales
+    "minicpm3": ArchSpec("minicpm3", acts=SILU, full_attention=True, requires=(("attention_bias", False),)),
+    # ERNIE 4.5 MoE: softmax routing, top-k chosen by probability plus a selection bias, renormalized; shared experts
+    "ernie4_5_moe": ArchSpec("ernie4_5-moe", norm_topk=True, acts=SILU, requires=(("use_bias", False),),
+                             full_attention=True, rename=((".mlp.gate.moe_statics.e_score_correction_bias",
+                                                           ".mlp.moe_statics.e_score_correction.bias"),)),
+    # GLM-4.5/4.6: DeepSeek-V3's routing with GQA attention (Q/K/V biases, optional per-head Q/K norms), partial
+    # NeoX RoPE; its multi-token-prediction layers are not in transformers' model, so not in the file either
+    "glm4_moe": ArchSpec("glm4moe", deepseek_moe=True, partial_rotary=True, acts=SILU, full_attention=True,
+                         rename=gguf_deepseek.RENAME),
     # DBRX: LayerNorm without biases, fused Wqkv already all Q, all K, all V, NeoX RoPE, experts as 2-D stacks
     "dbrx": ArchSpec("dbrx", layer_norm=True, output_required=True, norm_topk=True, full_attention=True,
                      acts=SILU, act_key="ffn_config.ffn_act_fn.name", ff_key="ffn_config.ffn_hidden_size",
                      clip_key="attn_config.clip_qkv", experts_key="ffn_config.moe_num_experts",
                      top_k_key="ffn_config.moe_top_k", norm_topk_key="ffn_config.moe_normalize_expert_weights"),
+    # Granite MoE with a shared expert whose fused ``input_linear`` (gate rows, then up) llama.cpp reads as two
+    "granitemoeshared": ArchSpec("granitemoe", permute_qk=True, norm_topk=True, acts=SILU,
+                                 rename=((".block_sparse_moe.router.", ".mlp.gate."),
+                                         (".block_sparse_moe.experts.", ".mlp.experts."),
+                                         (".shared_mlp.output_linear.", ".mlp.shared_expert.down_proj.")),
+                                 split_rows=((".shared_mlp.input_linear.weight",
+                                              (".mlp.shared_expert.gate_proj.weight",
+                                               ".mlp.shared_expert.up_proj.weight")),)),
+    # StarCoder 1 / SantaCoder: multi-query fused ``c_attn`` (all queries, the key, the value), learned positions
+    "gpt_bigcode": ArchSpec("starcoder", layer_norm=True, acts=GELU_TANH, act_key="activation_function",
+                            ff_key="n_inner", rope=False, full_attention=True,
+                            requires=(("multi_query", True), ("scale_attn_weights", True),
+                                      ("add_cross_attention", False))),
+    # Nemotron: LayerNorm1p (scales by ``1 + w``, with a bias), ReLU² MLP without gate, partial NeoX RoPE
+    "nemotron": ArchSpec("nemotron", layer_norm=True, norm_shift=1.0, partial_rotary=True, acts=("relu2",),
+                         requires=(("attention_bias", False), ("mlp_bias", False)), full_attention=True),
     "bloom": ArchSpec("bloom", layer_norm=True, ff_key="", fused_qkv=True, rope=False, mha=True,
                       rename=(("transformer.", ""),),
                       requires=(("apply_residual_connection_post_layernorm", False),), full_attention=True),
@@ -218,9 +274,11 @@ SPECS: dict[str, ArchSpec] = {
 NOT_IN_LLAMA_CPP = {"gptj": "GPT-J"}
 
 SUPPORTED = ("Llama, Mistral, Ministral, Qwen2, Qwen3, Gemma, Gemma 2, Gemma 3 (text), Phi-2, Phi-3, OLMo, OLMo 2, "
-             "Granite, SmolLM3, StarCoder2, StableLM, Command-R, Cohere 2, GLM-4, ERNIE 4.5, EXAONE 4, Seed-OSS, Arcee, "
-             "GPT-NeoX (Pythia), GPT-2, Falcon, BLOOM, MPT, Hunyuan (dense), Apertus and the mixture-of-experts "
-             "Mixtral, DBRX, Qwen2-MoE (Qwen1.5-MoE), Qwen3-MoE, OLMoE, Granite MoE, gpt-oss, DeepSeek-V2 and DeepSeek-V3")
+             "Granite, SmolLM3, StarCoder2, StableLM, Command-R, Cohere 2, GLM-4, ERNIE 4.5, EXAONE 4, Seed-OSS, "
+             "Arcee, GPT-NeoX (Pythia), GPT-2, StarCoder 1 (gpt_bigcode), Falcon, BLOOM, MPT, Hunyuan (dense), "
+             "Apertus, Nemotron, MiniCPM3 and the mixture-of-experts Mixtral, DBRX, Qwen2-MoE (Qwen1.5-MoE), "
+             "Qwen3-MoE, OLMoE, Granite MoE (and with shared experts), gpt-oss, DeepSeek-V2, DeepSeek-V3, "
+             "GLM-4.5 (glm4_moe), ERNIE 4.5 MoE, Hunyuan MoE and Llama 4 (text)")
 
 
 def arch_spec(config) -> ArchSpec:
@@ -244,12 +302,12 @@ def head_dim(config) -> int:
 
 
 def kv_heads(config, spec: ArchSpec) -> int:
-    """Key/value heads as the model computes them (Falcon: one for multi-query, its groups for the 40B layout)."""
+    """Key/value heads as the model computes them (Falcon, StarCoder: one for multi-query; Falcon 40B: its groups)."""
     if spec.mha:
         return config.num_attention_heads
-    if spec.gguf_arch == "falcon":
-        if config.new_decoder_architecture:
-            return config.num_kv_heads
+    if spec.gguf_arch == "falcon" and config.new_decoder_architecture:
+        return config.num_kv_heads
+    if spec.gguf_arch in ("falcon", "starcoder"):  # what the attention computes, whatever num_key_value_heads says
         return 1 if config.multi_query else config.num_attention_heads
     return getattr(config, "num_key_value_heads", None) or config.num_attention_heads
 
@@ -301,6 +359,8 @@ def write_metadata(writer, config, spec: ArchSpec, n_vocab: int) -> list[tuple[s
     writer.add_head_count(n_head)
     if spec.mla:
         hd = gguf_deepseek.write_attention(writer, config)  # the RoPE width; MLA's sizes are its own
+    elif spec.gguf_arch == "minicpm3":
+        hd = _write_minicpm3_attention(writer, config)
     else:
         writer.add_head_count_kv(n_kv)
         writer.add_key_length(hd)
@@ -314,8 +374,8 @@ def write_metadata(writer, config, spec: ArchSpec, n_vocab: int) -> list[tuple[s
     _check_graph_computes(config, spec)
     if spec.norm_topk is not None:
         _write_experts(writer, config, spec)
-    if spec.mla:
-        gguf_deepseek.write_experts(writer, config)
+    if spec.mla or spec.deepseek_moe:
+        gguf_deepseek.write_experts(writer, config, spec.gguf_arch)
     if spec.gguf_arch in ("qwen2moe", "olmoe", "olmo2") and (hd * n_head != config.hidden_size or (
             spec.gguf_arch == "olmoe" and n_kv != n_head)):  # llama.cpp sizes these by the hidden width
         raise UsageError(f"llama.cpp's {spec.gguf_arch} needs query heads spanning the hidden size"
@@ -418,13 +478,23 @@ def _write_experts(writer, config, spec: ArchSpec) -> None:
     n_expert = (config_value(config, spec.experts_key) if spec.experts_key else
                 getattr(config, "num_local_experts", None) or getattr(config, "num_experts", None))
     writer.add_expert_count(n_expert)
-    writer.add_expert_used_count(config_value(config, spec.top_k_key))
+    top_k = config_value(config, spec.top_k_key)
+    if isinstance(top_k, (list, tuple)):  # Hunyuan's per-layer list (moe_topk)
+        if len(set(top_k)) != 1:
+            raise UsageError(f"this {config.model_type} config routes each token to {list(top_k)} experts per layer "
+                             f"({spec.top_k_key}), but llama.cpp's {spec.gguf_arch} uses one count for every layer. "
+                             f"Refusing to export.")
+        top_k = top_k[0]
+    writer.add_expert_used_count(top_k)
     ff_expert = getattr(config, "moe_intermediate_size", None) or (
-        config.intermediate_size if spec.gguf_arch == "gpt-oss" else None)  # gpt-oss's experts are its MLP
+        config.intermediate_size if spec.gguf_arch in ("gpt-oss", "hunyuan-moe", "llama4") else None)
     if ff_expert:
         writer.add_expert_feed_forward_length(ff_expert)
-    if getattr(config, "shared_expert_intermediate_size", None):
-        writer.add_expert_shared_feed_forward_length(config.shared_expert_intermediate_size)
+    shared = (getattr(config, "shared_expert_intermediate_size", None)  # Qwen2-MoE
+              or getattr(config, "shared_intermediate_size", None)  # Granite MoE (shared)
+              or (config.intermediate_size if spec.gguf_arch == "hunyuan-moe" else None))  # Hunyuan's is its MLP
+    if shared:
+        writer.add_expert_shared_feed_forward_length(shared)
     norm = config_value(config, spec.norm_topk_key, spec.norm_topk)  # Mixtral always renormalizes, has no flag
     if norm is not None and not isinstance(norm, bool) and norm != 1:  # DBRX's p-norm; llama.cpp's is the sum
         raise UsageError(f"this {config.model_type} config renormalizes the top-k routing weights by their "
@@ -435,6 +505,10 @@ def _write_experts(writer, config, spec: ArchSpec) -> None:
         raise UsageError(f"this {config.model_type} config has {spec.norm_topk_key.rpartition('.')[2]}={norm}, "
                          f"but llama.cpp's {spec.gguf_arch} {rule} the top-k routing weights; the GGUF would mix "
                          f"experts differently. Refusing to export.")
+    if spec.gguf_arch == "ernie4_5-moe":
+        _write_ernie_moe_layers(writer, config)
+    if spec.gguf_arch == "llama4":
+        _write_llama4_layers(writer, config)
     step = getattr(config, "decoder_sparse_step", 1) or 1
     dense = [i for i in range(config.num_hidden_layers)
              if i in (getattr(config, "mlp_only_layers", None) or []) or (i + 1) % step]
@@ -442,6 +516,72 @@ def _write_experts(writer, config, spec: ArchSpec) -> None:
         raise UsageError(f"this {config.model_type} model has dense MLP layers ({dense[:8]}) between its expert "
                          f"layers (mlp_only_layers / decoder_sparse_step), which llama.cpp's {spec.gguf_arch} "
                          f"does not run. Refusing to export.")
+
+
+# llama.cpp's minicpm3 hard-codes MiniCPM's embedding, residual and logit scales (src/models/minicpm3.cpp)
+MINICPM3_FIXED = {"scale_emb": 12, "scale_depth": 1.4, "dim_model_base": 256}
+
+
+def _write_minicpm3_attention(writer, config) -> int:
+    """MiniCPM3's latent attention sizes as llama.cpp's minicpm3 reads them (decompressed: a key and a value per
+    head); returns the RoPE width. Refuse scales llama.cpp hard-codes otherwise, and no query compression (its loader
+    requires ``q_lora_rank``)."""
+    differs = [f"{key}={getattr(config, key)!r}" for key, value in MINICPM3_FIXED.items()
+               if abs(float(getattr(config, key)) - value) > 1e-9]
+    if not config.q_lora_rank:
+        differs.append(f"q_lora_rank={config.q_lora_rank!r}")
+    if differs:
+        raise UsageError(f"this MiniCPM3 config has {', '.join(differs)}, but llama.cpp's minicpm3 hard-codes "
+                         f"{MINICPM3_FIXED} and compressed queries; the GGUF would compute differently. Refusing to "
+                         f"export.")
+    writer.add_head_count_kv(config.num_attention_heads)
+    writer.add_key_length(config.qk_nope_head_dim + config.qk_rope_head_dim)
+    writer.add_value_length(config.v_head_dim)
+    writer.add_q_lora_rank(config.q_lora_rank)
+    writer.add_kv_lora_rank(config.kv_lora_rank)
+    return config.qk_rope_head_dim
+
+
+# llama.cpp's llama4 hard-codes these (src/models/llama4.cpp): 8192-token attention chunks, the temperature tuning of
+# its RoPE-less layers, and RoPE-less, full-attention layers every 4th
+LLAMA4_FIXED = {"attention_chunk_size": 8192, "floor_scale": 8192, "attn_scale": 0.1, "attn_temperature_tuning": True}
+
+
+def _write_llama4_layers(writer, config) -> None:
+    """Llama 4's expert layers (every ``interleave_moe_layer_step``-th); refuse attention llama.cpp's
+    llama4 computes otherwise: the constants above, another RoPE-less or chunked layer pattern, Q/K norms other than
+    on every model but the 128-expert one (llama.cpp decides by the expert count)."""
+    layers, step = config.num_hidden_layers, config.interleave_moe_layer_step
+    rope = [int((i + 1) % 4 != 0) for i in range(layers)]
+    expected = {**LLAMA4_FIXED, "moe_layers": [i for i in range(layers) if (i + 1) % step == 0], "no_rope_layers": rope,
+                "layer_types": ["chunked_attention" if r else "full_attention" for r in rope],
+                "use_qk_norm": config.num_local_experts != 128}
+    differs = [f"{key}={getattr(config, key)!r}" for key, value in expected.items()
+               if getattr(config, key, None) not in (None, value)]
+    if differs:
+        raise UsageError(f"this Llama 4 config has {', '.join(differs)}, which llama.cpp's llama4 does not compute (it "
+                         f"fixes {LLAMA4_FIXED}, experts on every interleave_moe_layer_step-th layer, RoPE-less "
+                         f"full-attention layers every 4th, Q/K norms unless there are 128 experts); the GGUF would "
+                         f"compute differently. Refusing to export.")
+    writer.add_interleave_moe_layer_step(step)
+
+
+def _write_ernie_moe_layers(writer, config) -> None:
+    """ERNIE 4.5's expert layers (every ``moe_layer_interval``-th from ``moe_layer_start_index`` to
+    ``moe_layer_end_index``) and shared experts as llama.cpp's ernie4_5-moe reads them: it has no last expert
+    layer, so one before the last layer is refused."""
+    start, step, end = config.moe_layer_start_index, config.moe_layer_interval, config.moe_layer_end_index
+    layers = config.num_hidden_layers
+    if end < max((i for i in range(layers) if (i + 1) % step == 0), default=0):
+        raise UsageError(f"this ERNIE 4.5 MoE config ends its expert layers at layer {end} (moe_layer_end_index) "
+                         f"of {layers}, but llama.cpp's ernie4_5-moe runs experts on every "
+                         f"{step}th layer from {start} to the last; the GGUF would compute differently. "
+                         f"Refusing to export.")
+    writer.add_leading_dense_block_count(start)
+    writer.add_interleave_moe_layer_step(step)
+    if config.moe_num_shared_experts:
+        writer.add_expert_shared_count(config.moe_num_shared_experts)
+        writer.add_expert_shared_feed_forward_length(config.moe_intermediate_size * config.moe_num_shared_experts)
 
 
 # transformers' MPT builds its ALiBi slopes with maximum bias 8 whatever ``alibi_bias_max`` says
@@ -531,7 +671,7 @@ def _check_gemma_attention_scale(config, spec: ArchSpec, hd: int) -> None:
 def _ntk_alpha(rope: dict, spec: ArchSpec) -> bool:
     """Hunyuan's "dynamic" RoPE with a fixed ``alpha``: a larger base, nothing dynamic about it."""
     kind = (rope.get("rope_type") or rope.get("type") or "").lower()
-    return spec.gguf_arch == "hunyuan-dense" and kind == "dynamic" and bool(rope.get("alpha"))
+    return spec.gguf_arch in ("hunyuan-dense", "hunyuan-moe") and kind == "dynamic" and bool(rope.get("alpha"))
 
 
 def _rope_base(rope: dict, spec: ArchSpec, hd: int) -> float:
@@ -579,10 +719,10 @@ def _rope_scaling(writer, config, spec: ArchSpec, rope: dict, rotary: int) -> li
         if abs(factor - 1.0) > 1e-7:
             writer.add_rope_scaling_attn_factors(factor)
         return []
-    if kind == "llama3" and spec.gguf_arch in ("llama", "apertus"):
+    if kind in ("llama3", "llama4") and spec.gguf_arch in ("llama", "apertus", "llama4"):
         return [("rope_freqs.weight", _llama3_rope_factors(rope, rotary))]
-    if kind in ("longrope", "su") and spec.gguf_arch == "phi3":
-        return _phi3_longrope(writer, config, rope, rotary)
+    if kind in ("longrope", "su") and spec.gguf_arch in ("phi3", "minicpm3"):
+        return _longrope(writer, config, rope, rotary, spec)
     raise UsageError(f"GGUF export does not write {kind!r} RoPE scaling for {config.model_type} models; "
                      f"the exported model would use different positions. Refusing to export.")
 
@@ -607,18 +747,23 @@ def _llama3_rope_factors(rope: dict, dim: int) -> torch.Tensor:
     return torch.tensor(out, dtype=torch.float32)
 
 
-def _phi3_longrope(writer, config, rope: dict, rotary: int) -> list[tuple[str, torch.Tensor]]:
+def _longrope(writer, config, rope: dict, rotary: int, spec: ArchSpec) -> list[tuple[str, torch.Tensor]]:
+    """LongRoPE (Phi-3, MiniCPM3): its two factor tables and attention factor. transformers switches to the long
+    factors past ``original_max_position_embeddings`` tokens, llama.cpp for a context longer than the original
+    context it reads (written for MiniCPM3 too; Phi-3's is written with its other RoPE metadata)."""
     import gguf
 
     long, short = rope.get("long_factor"), rope.get("short_factor")
     if not long or not short or len(long) != rotary // 2 or len(short) != rotary // 2:
-        raise UsageError(f"Phi-3 LongRoPE needs long_factor and short_factor of {rotary // 2} values each in "
-                         f"the config's RoPE parameters.")
+        raise UsageError(f"{config.model_type} LongRoPE needs long_factor and short_factor of {rotary // 2} values "
+                         f"each in the config's RoPE parameters.")
     original = rope.get("original_max_position_embeddings",
                         getattr(config, "original_max_position_embeddings", config.max_position_embeddings))
     scale = config.max_position_embeddings / original
     writer.add_rope_scaling_type(gguf.RopeScalingType.LONGROPE)
     writer.add_rope_scaling_attn_factors(math.sqrt(1 + math.log(scale) / math.log(original)) if scale > 1 else 1.0)
+    if spec.gguf_arch != "phi3":
+        writer.add_rope_scaling_orig_ctx_len(original)
     return [("rope_factors_long.weight", torch.tensor(long, dtype=torch.float32)),
             ("rope_factors_short.weight", torch.tensor(short, dtype=torch.float32))]
 

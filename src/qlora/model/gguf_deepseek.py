@@ -48,18 +48,19 @@ def write_attention(writer, config) -> int:
     return rope
 
 
-def write_experts(writer, config) -> None:
-    """Experts, shared experts, leading dense layers and routing; refuse routing llama.cpp computes otherwise."""
+def write_experts(writer, config, arch: str = "deepseek2") -> None:
+    """Experts, shared experts, leading dense layers and routing, for llama.cpp's ``arch`` (deepseek2, or GLM-4.5's
+    glm4moe, which routes as V3 does); refuse routing llama.cpp computes otherwise."""
     import gguf
 
-    v3 = config.model_type == "deepseek_v3"
+    v3 = config.model_type != "deepseek_v2"  # sigmoid scores with a selection bias (V3, GLM-4.5)
     n_expert = getattr(config, "n_routed_experts", None)
     if not n_expert:
         raise UsageError(f"this {config.model_type} config has no routed experts (n_routed_experts), which "
-                         f"llama.cpp's deepseek2 needs. Refusing to export.")
+                         f"llama.cpp's {arch} needs. Refusing to export.")
     if not getattr(config, "n_shared_experts", None):  # V2 builds its MoE layers without them then
         raise UsageError(f"this {config.model_type} config has no shared experts (n_shared_experts is "
-                         f"{getattr(config, 'n_shared_experts', None)}), and llama.cpp's deepseek2 requires them in "
+                         f"{getattr(config, 'n_shared_experts', None)}), and llama.cpp's {arch} requires them in "
                          f"every MoE layer: it would not load the GGUF. Refusing to export.")
     writer.add_leading_dense_block_count(config.first_k_dense_replace or 0)
     writer.add_expert_count(n_expert)
@@ -73,7 +74,7 @@ def write_experts(writer, config) -> None:
     limited = groups > 1 and used < groups and (v3 or config.topk_method == "group_limited_greedy")
     if limited and not v3:
         raise UsageError(f"this DeepSeek-V2 config routes with group_limited_greedy ({used} of {groups} groups), "
-                         f"which picks groups by their best expert; llama.cpp's deepseek2 picks them by the sum of "
+                         f"which picks groups by their best expert; llama.cpp's {arch} picks them by the sum of "
                          f"their two best, so the GGUF would route differently. Refusing to export.")
     if limited:
         writer.add_expert_group_count(groups)

@@ -126,6 +126,8 @@ def _plan(model: nn.Module, config, spec: ArchSpec, out_type: str,
             if not key.startswith(towers)]
     if spec.mla:
         rows = split_kv_b(rows, config)
+    if spec.split_rows:
+        rows = _split_rows(rows, spec)
     tied = tied_embeddings(model)
     plan: list[_Planned] = []
     unknown = []
@@ -214,6 +216,21 @@ def _expert_tensors(model: nn.Module, rows: list, spec: ArchSpec) -> list:
         for i, name in enumerate(("gate_proj", "up_proj")):
             out.append((f"{prefix}.{name}{suffix}", (shape[0], shape[1] // 2, *shape[2:]),
                         lambda half=half, i=i: half(i)))
+    return out
+
+
+def _split_rows(rows: list, spec: ArchSpec) -> list:
+    """Fused matrices (``spec.split_rows``) as their equal row chunks, each under its own key."""
+    out = []
+    for key, shape, make in rows:
+        end, parts = next(((e, p) for e, p in spec.split_rows if key.endswith(e)), ("", ()))
+        if not parts:
+            out.append((key, shape, make))
+            continue
+        stem, n = key.removesuffix(end), len(parts)
+        for i, part in enumerate(parts):
+            out.append((stem + part, (shape[0] // n, *shape[1:]),
+                        lambda make=make, i=i, n=n: make().chunk(n, dim=0)[i].contiguous()))
     return out
 
 
