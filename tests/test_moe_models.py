@@ -215,19 +215,24 @@ def test_bitsandbytes_moe_checkpoints(tmp_path, saved):
         load_model(out, compute_dtype=torch.float32, device="cpu")
 
 
-@pytest.mark.parametrize("model_type", ["gpt_oss", "deepseek_v3", "granitemoe", "llama4_text"])
-def test_merged_moe_loads_in_transformers_with_the_4bit_logits(tmp_path, saved, model_type):
+def assert_merged_reloads_with_the_4bit_logits(path, out) -> None:
+    """The 4-bit model at ``path`` merged and saved to ``out``: transformers reloads it with qlora's logits, and
+    no 4-bit layer or experts module is left."""
     import qlora
 
-    ours, tokenizer = load_model(saved(model_type), compute_dtype=torch.float32, device="cpu")
+    ours, tokenizer = load_model(path, compute_dtype=torch.float32, device="cpu")
     with torch.no_grad():
         before = ours(_IDS).logits
     qlora.merge(ours, dtype=torch.float32)
     assert not any(isinstance(m, (Experts4bit, Linear4bit)) for m in ours.modules())
-    qlora.save_merged(ours, tmp_path / "merged", tokenizer)
-    plain = _reference(tmp_path / "merged")
+    qlora.save_merged(ours, out, tokenizer)
     with torch.no_grad():
-        torch.testing.assert_close(plain(_IDS).logits, before, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(_reference(out)(_IDS).logits, before, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("model_type", ["gpt_oss", "deepseek_v3", "granitemoe", "llama4_text"])
+def test_merged_moe_loads_in_transformers_with_the_4bit_logits(tmp_path, saved, model_type):
+    assert_merged_reloads_with_the_4bit_logits(saved(model_type), tmp_path / "merged")
 
 
 def test_experts_split_across_shards(tmp_path, saved):

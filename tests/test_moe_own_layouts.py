@@ -15,6 +15,7 @@ import torch
 
 from qlora.model.load import load_model
 from qlora.nn import Experts4bit, Linear4bit
+from test_moe_models import assert_merged_reloads_with_the_4bit_logits
 from tiny_own_layouts import save_tiny
 
 transformers = pytest.importorskip("transformers")
@@ -72,16 +73,7 @@ def test_4bit_experts_equal_transformers_on_the_dequantized_weights(saved, model
 
 @pytest.mark.parametrize("model_type", _TYPES)
 def test_merged_model_loads_in_transformers_with_the_4bit_logits(tmp_path, saved, model_type):
-    import qlora
-
-    ours, tokenizer = load_model(saved(model_type), compute_dtype=torch.float32, device="cpu")
-    with torch.no_grad():
-        before = ours(_IDS).logits
-    qlora.merge(ours, dtype=torch.float32)
-    assert not any(isinstance(m, (Experts4bit, Linear4bit)) for m in ours.modules())
-    qlora.save_merged(ours, tmp_path / "merged", tokenizer)
-    with torch.no_grad():
-        torch.testing.assert_close(_reference(tmp_path / "merged")(_IDS).logits, before, rtol=1e-5, atol=1e-5)
+    assert_merged_reloads_with_the_4bit_logits(saved(model_type), tmp_path / "merged")
 
 
 @pytest.mark.parametrize("model_type", _TYPES)
