@@ -166,3 +166,4 @@ def test_a_failing_row_ends_alone_and_the_batch_goes_on(tiny_model_dir, caplog):
     records = [r for r in caplog.records if r.levelno >= logging.ERROR]
     assert len(records) == 2 and all(r.exc_info is not None for r in records)
     assert stats["running"] == stats["waiting"] == 0 and stats["max_rows_in_step"] == 2
+    assert (stats["requests_failed"], stats["requests_completed"]) == (2, 1)  # /stats counts the failures apart

@@ -167,7 +167,7 @@ class ContinuousBatcher:
             log.warning("continuous batching is off for this model: %s; requests are decoded one at a time",
                         self.unbatchable)
         self.stats = {"steps": 0, "max_rows_in_step": 0, "mixed_adapter_steps": 0, "max_adapters_in_step": 0,
-                      "requests_completed": 0, "requests_cancelled": 0, "tokens_generated": 0}
+                      "requests_completed": 0, "requests_cancelled": 0, "requests_failed": 0, "tokens_generated": 0}
 
     @torch.inference_mode()
     def _batching_problem(self) -> str | None:
@@ -405,7 +405,7 @@ class ContinuousBatcher:
             what = "the constrained reply" if request.constraint is not None else "the reply"
             masked = " (allowed_token_ids and bad_words mask the others)" if request.token_filter is not None else ""
             self._emit(row, row.text.flush(), "error", f"no token of the vocabulary continues {what}{masked}")
-            self.stats["requests_completed"] += 1
+            self.stats["requests_failed"] += 1
             return True
         self.stats["tokens_generated"] += 1
         if row.penalties is not None:
@@ -436,9 +436,9 @@ class ContinuousBatcher:
         row.pending, row.prompt_logprobs = [], None
         request.emit(event)
 
-    @staticmethod
-    def _fail(request: Request, exc: Exception, completion_tokens: int) -> None:
+    def _fail(self, request: Request, exc: Exception, completion_tokens: int) -> None:
         """End ``request`` alone with ``finish_reason="error"``, its exception logged with the traceback."""
+        self.stats["requests_failed"] += 1
         log.error("request failed (%d prompt tokens); the batch goes on without it", len(request.prompt_ids),
                   exc_info=exc)
         request.emit(Event("", "error", len(request.prompt_ids), completion_tokens, f"{type(exc).__name__}: {exc}"))
@@ -469,5 +469,6 @@ class ContinuousBatcher:
 
     def _fail_all(self, message: str) -> None:
         for row in self._rows:
+            self.stats["requests_failed"] += 1
             row.request.emit(Event("", "error", len(row.request.prompt_ids), len(row.text.tokens), message))
         self._rows, self._cache = [], None
