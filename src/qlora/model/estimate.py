@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from ..errors import UsageError
-from ..nn import expert_matrix, expert_weight, experts_layout
+from ..nn import computed_experts, expert_matrix, expert_weight, experts_layout
 from ..nn.chunked_ce import CHUNK_ROWS
 from ..optim import optimizer_name  # the names qlora train --optim takes, aliases included
 from ..quant import BLOCKSIZES
@@ -222,7 +222,7 @@ def count_parameters(config) -> ModelCounts:
             quantized[id(module.weight)] = (LinearShape(name, module.weight.shape[1], module.weight.shape[0]),)
         layout = experts_layout(module)
         # experts: each one 4-bit matrix (Experts4bit), slices the forward never reads not stored
-        count = min(expert_matrix(layout, expert_weight(module, w))[0] for w in layout.names) if layout else 0
+        count = computed_experts(layout, module) if layout else 0
         for w in layout.names if layout else ():
             p = expert_weight(module, w)
             _, rows, cols = expert_matrix(layout, p)

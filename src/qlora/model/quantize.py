@@ -17,7 +17,7 @@ from typing import Callable, Iterable
 import torch
 from torch import nn
 
-from ..nn import Experts4bit, Linear4bit, expert_matrix, expert_weight, expert_weight_names, experts_layout
+from ..nn import Experts4bit, Linear4bit, computed_experts, expert_weight, expert_weight_names, experts_layout
 from ..quant import NonFiniteError
 
 
@@ -122,7 +122,7 @@ def _expert_count(experts: nn.Module) -> int | None:
         return len(experts)
     layout = experts_layout(experts)
     if layout is not None:
-        return min(expert_matrix(layout, expert_weight(experts, n))[0] for n in layout.names) + layout.identity_experts
+        return computed_experts(layout, experts) + layout.identity_experts
     return None
 
 

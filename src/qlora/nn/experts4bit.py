@@ -86,10 +86,16 @@ class ExpertsLayout:
         return not (self.grouped or self.gate or self.rows or self.transposed or self.identity_experts)
 
 
+def _owner(module: nn.Module, path: str) -> tuple[nn.Module, str]:
+    """The module holding the parameter at ``path`` (DBRX's ``mlp.w1``: ``mlp``), and the parameter's name there."""
+    owner, _, leaf = path.rpartition(".")
+    return (module.get_submodule(owner) if owner else module), leaf
+
+
 def expert_weight(module: nn.Module, path: str) -> torch.Tensor | None:
     """The expert weight at ``path`` (DBRX's ``mlp.w1``) of a transformers experts module."""
-    owner, _, leaf = path.rpartition(".")
-    return (module.get_submodule(owner) if owner else module)._parameters.get(leaf)
+    owner, leaf = _owner(module, path)
+    return owner._parameters.get(leaf)
 
 
 def _dbrx(module: nn.Module) -> ExpertsLayout | None:
@@ -172,6 +178,12 @@ def expert_matrix(layout: ExpertsLayout, weight: torch.Tensor) -> tuple[int, int
     if layout.rows:
         shape = (shape[0] // layout.rows, layout.rows, shape[1])
     return shape
+
+
+def computed_experts(layout: ExpertsLayout, experts: nn.Module) -> int:
+    """How many experts a transformers experts module's forward computes: the fewest slices any of its expert
+    weights holds (LongCat-Flash's ``gate_up_proj`` also has a slice for each zero expert, never read)."""
+    return min(expert_matrix(layout, expert_weight(experts, n))[0] for n in layout.names)
 
 
 def routing_arg_names(experts: nn.Module) -> list[str]:
@@ -285,8 +297,7 @@ class Experts4bit(nn.Module):
         self.weight_names = names = layout.names
         self.is_transposed = layout.is_transposed
         self.shapes = {n: tuple(expert_weight(experts, n).shape) for n in names}  # as transformers stores them
-        # the experts the forward computes (LongCat-Flash's gate_up_proj also has a slice per zero expert)
-        self.num_experts = min(expert_matrix(layout, expert_weight(experts, n))[0] for n in names)
+        self.num_experts = computed_experts(layout, experts)
         for name in names:
             _, rows, cols = expert_matrix(layout, expert_weight(experts, name))
             out_f, in_f = (cols, rows) if layout.applied_transposed(name) else (rows, cols)
@@ -305,7 +316,7 @@ class Experts4bit(nn.Module):
             if bias is not None:  # (E, out): small, stays dense and frozen
                 self.register_parameter(name + "_bias", nn.Parameter(
                     torch.empty(bias.shape, dtype=compute_dtype, device=bias.device), requires_grad=False))
-            source_owner = experts.get_submodule(owner) if owner else experts
+            source_owner, leaf = _owner(experts, name)
             source_owner._parameters[leaf] = None  # the 16-bit (meta) copy is not kept
         for child_name, child in experts.named_children():  # act_fn, post_expert_norm: shared, loaded here
             if child_name not in self._modules:  # (DBRX's mlp holds the weights: its activation is read from _source)
@@ -348,9 +359,8 @@ class Experts4bit(nn.Module):
         source = self._source
         for name in self.weight_names:
             weight = self.dequantize(name, dtype)
-            owner, _, leaf = name.rpartition(".")
-            (source.get_submodule(owner) if owner else source)._parameters[leaf] = nn.Parameter(
-                weight, requires_grad=False)
+            owner, leaf = _owner(source, name)
+            owner._parameters[leaf] = nn.Parameter(weight, requires_grad=False)
             bias = getattr(self, name + "_bias", None)
             if bias is not None:
                 source._parameters[name + "_bias"] = nn.Parameter(bias.detach().to(weight.dtype), requires_grad=False)
