@@ -31,7 +31,7 @@ from ..optim import optimizer_name  # the names qlora train --optim takes, alias
 from ..quant import BLOCKSIZES
 from ..quant.double_quant import NESTED_BLOCKSIZE
 from .architecture import text_model_from_config
-from .quantize import _skipped, fp32_linear_names, is_plain_linear, kept_dense_names, kept_in_fp32, matches_any
+from .quantize import fp32_linear_names, is_plain_linear, is_skipped, kept_dense_names, kept_in_fp32, matches_any
 from .target_hints import unmatched_hint, weight_modules
 
 GIB = 1024**3
@@ -212,7 +212,7 @@ def count_parameters(config) -> ModelCounts:
     notes = {name: "(kept in 16-bit, an output head or a router)" for name in dense}
     kept: dict[int, LinearShape] = {}
     for name, module in model.named_modules():
-        if _skipped(name, dense):
+        if is_skipped(name, dense):
             if is_plain_linear(module):
                 kept.setdefault(id(module.weight), LinearShape(name, module.out_features, module.in_features))
             continue

@@ -39,7 +39,7 @@ from .checkpoint_layout import CheckpointLayout
 from .compressed_tensors import CompressedTensors
 from .gptq_awq import GroupedInt
 from .modelopt import ModelOpt
-from .quantize import (_skipped, fp32_linear_names, is_conv1d, is_plain_linear, kept_dense_names, kept_in_fp32,
+from .quantize import (fp32_linear_names, is_conv1d, is_plain_linear, is_skipped, kept_dense_names, kept_in_fp32,
                        non_text_names, output_embedding_names, replace_modules, tied_keys, weight_count)
 from .stored_floats import DecodePlan, StoredFloats, StoredFormat
 from .weight_files import LAYOUTS, indexed_files, open_weights, weight_files
@@ -364,7 +364,7 @@ def load_model(
         if quant is None:
             return None
         if expert_weight_names(module):  # MoE experts as 3-D weights (transformers v5): bitsandbytes keeps them
-            if not quantize_experts or _skipped(path, skip):  # 16-bit even in its 4-bit files, so they are
+            if not quantize_experts or is_skipped(path, skip):  # 16-bit even in its 4-bit files, so they are
                 return None                                   # quantized here
             return Experts4bit(module, compute_dtype=compute_dtype, quant_type=quant, blocksize=blocksize,
                                double_quant=double_quant, device=device)
@@ -372,7 +372,7 @@ def load_model(
             return None
         if as_transformers and not (type(module) is nn.Linear or is_conv1d(module)):
             return None
-        if path not in packed if prequant is not None else _skipped(path, skip):
+        if path not in packed if prequant is not None else is_skipped(path, skip):
             return None
         in_f, out_f = (module.weight.shape if is_conv1d(module) else (module.in_features, module.out_features))
         layer = Linear4bit(in_f, out_f, bias=module.bias is not None, compute_dtype=compute_dtype,

@@ -142,8 +142,9 @@ def text_decoder_path(model: nn.Module) -> str:
 
 def _text_part(decoder: nn.Module, model: nn.Module) -> nn.Module:
     """The text decoder inside ``decoder`` where that is still the multimodal body (its config has vision or audio
-    sub-configs; BLT's text-only patcher/encoder/decoder/global configs are not): transformers 4.x's ``get_decoder`` returns the whole body of Idefics2/3, SmolVLM and DeepSeek-VL,
-    whose text decoder is the sub-model holding the input embeddings (transformers 5 returns that one itself)."""
+    sub-configs; BLT's text-only patcher/encoder/decoder/global configs are not): transformers 4.x's
+    ``get_decoder`` returns the whole body of Idefics2/3, SmolVLM and DeepSeek-VL, whose text decoder is the
+    sub-model holding the input embeddings (transformers 5 returns that one itself)."""
     while any(w in k for k in getattr(getattr(decoder, "config", None), "sub_configs", None) or {} for w in _MEDIA):
         embeddings = model.get_input_embeddings()
         child = next((c for c in decoder.children() if hasattr(c, "config") and c is not embeddings
@@ -416,9 +417,9 @@ def quantize_model(
     skip = set(skip_modules) | kept_dense_names(model)
 
     def make(path: str, module: nn.Module) -> nn.Module | None:
-        if expert_weight_names(module) and not _skipped(path, skip):
+        if expert_weight_names(module) and not is_skipped(path, skip):
             return _experts_4bit(path, module, quant_type, blocksize, double_quant, compute_dtype)
-        if not (is_plain_linear(module) or is_conv1d(module)) or _skipped(path, skip):
+        if not (is_plain_linear(module) or is_conv1d(module)) or is_skipped(path, skip):
             return None
         try:
             layer = Linear4bit.from_linear(module, quant_type, blocksize, double_quant, compute_dtype,
@@ -448,7 +449,7 @@ def _experts_4bit(path: str, experts: nn.Module, quant_type: str, blocksize: int
     return layer
 
 
-def _skipped(path: str, skip: Iterable[str]) -> bool:
+def is_skipped(path: str, skip: Iterable[str]) -> bool:
     """``path`` is named by a skip entry: as its suffix, as a regex, or as an enclosing
     module (``model.vision_tower``), the ways transformers reads ``llm_int8_skip_modules``."""
     return any(matches_any(path, [s]) or re.fullmatch(s, path) or path.startswith(s + ".") for s in skip)
