@@ -115,10 +115,13 @@ class PreferenceTrainer(Trainer):
                             self.sample_rng, cfg.method)
 
     def _tokenize(self, examples: list[PreferenceExample]) -> tuple[list[TokenizedPair], Any]:
-        first = next((e for e in examples if e.images), None)
-        processor = self._image_processor(first.where) if first else None
         return tokenize_pairs(examples, self.tokenizer, self.chat_format, self.config.seq_len,
-                              stop_ids=self._stop_ids(), processor=processor)
+                              stop_ids=self._stop_ids(), processor=self._processor_for(examples))
+
+    def _processor_for(self, examples: list) -> Any:
+        """The model's processor when some of ``examples`` hold images (loaded at the first), else None."""
+        first = next((e for e in examples if e.images), None)
+        return self._image_processor(first.where) if first else None
 
     def _collate(self, units: list) -> dict[str, torch.Tensor]:
         batch = preference_collate(units, pad_token_id(self.tokenizer))
