@@ -40,7 +40,7 @@ def pixel_bounds_of(adapter: str | Path | None, model_dir: str | Path, max_pixel
     """The pixel bounds images are shown to a model with: those saved with ``adapter`` (none for an adapter saved
     without them), else, with no adapter, those ``qlora merge`` saved in the folder ``model_dir``; each bound given
     (``--image-max-pixels``/``--image-min-pixels``, 0: none) replaces the saved one."""
-    saved = PixelBounds.load(adapter if adapter is not None else model_dir if Path(model_dir).is_dir() else None)
+    saved = PixelBounds.load(adapter if adapter is not None else model_dir)  # a hub id holds no file: none
     return saved.overridden(max_pixels, min_pixels)
 
 

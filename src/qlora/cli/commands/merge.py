@@ -42,7 +42,7 @@ def run(args: argparse.Namespace) -> int:
     from ...model.chat_format import ChatFormat
     from ...model.image_pixels import PixelBounds
     from ...model.merge import merge, save_merged
-    from ...model.processor_files import copy_processor_files
+    from ...model.inference_files import carry_inference_files
 
     from ...output_folder import check_output, staged_output
     from ...errors import UsageError
@@ -64,9 +64,8 @@ def run(args: argparse.Namespace) -> int:
         tokenizer.chat_template = trained.template  # other tools loading the merged folder see the same format
     with staged_output(args.output, "merge", replace=True) as stage:
         save_merged(model, stage, tokenizer)
-        copy_processor_files(resolve_model_dir(args.model), stage)  # a vision-language model takes images still
-        if trained is not None:  # qlora generate/chat/eval/serve prompt the merged model as the adapter
-            trained.save(stage)
-        bounds.save(stage)  # and show it images as the adapter's run did
+        # a vision-language model takes images still; qlora generate/chat/eval/serve prompt the merged model and
+        # show it images as the adapter's run did
+        carry_inference_files(resolve_model_dir(args.model), stage, trained, bounds)
     print(f"merged {args.adapter} into {args.model} ({args.dtype}): {args.output}")
     return 0

@@ -32,14 +32,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     import torch
 
     from ...model.chat_format import merged_format
     from ...model.image_pixels import PixelBounds
+    from ...model.inference_files import carry_inference_files
     from ...model.load import load_model, resolve_model_dir
-    from ...model.processor_files import copy_processor_files
     from ...model.quantized_io import check_quantizable, dense_expert_share, save_quantized
 
     from ...output_folder import check_output, staged_output
@@ -52,14 +50,10 @@ def run(args: argparse.Namespace) -> int:
                                                  "fp32": torch.float32}[args.compute_dtype],
                                   quantize_experts=False)
     _check_same_format(args, model)
-    trained = merged_format(args.model)
-    bounds = PixelBounds.load(args.model if Path(args.model).is_dir() else None)
+    trained, bounds = merged_format(args.model), PixelBounds.load(args.model)  # a merged fine-tune's, else none
     with staged_output(args.output, "quantize", replace=True) as stage:
         save_quantized(model, stage, tokenizer)
-        copy_processor_files(resolve_model_dir(args.model), stage)  # a vision-language model takes images still
-        if trained is not None:  # a merged fine-tune keeps the chat format it was trained in
-            trained.save(stage)
-        bounds.save(stage)  # and the pixel bounds its images were shown with
+        carry_inference_files(resolve_model_dir(args.model), stage, trained, bounds)  # takes images still
     print(f"wrote {args.quant} checkpoint of {args.model} to {args.output}")
     share = dense_expert_share(model)
     if share:

@@ -1,0 +1,32 @@
+"""What a folder qlora writes from a fine-tune (a merged or a quantized model) carries beside its weights, so that
+inference shows it its prompts and images as the run did.
+
+``save_pretrained`` of the model and its tokenizer leaves out the processor's own files (the image processor's
+settings, the processor's class and arguments), without which ``AutoProcessor`` cannot load the written folder:
+a merged or quantized vision-language model could no longer take images. They are copied as the base holds them.
+The chat format the run trained with (``chat_format.json``) and its image pixel bounds (``image_pixels.json``) go
+in too: qlora's generate, chat, eval and serve read them from a model folder as from an adapter.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from .chat_format import ChatFormat
+from .image_pixels import PixelBounds
+
+PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json", "video_preprocessor_config.json")
+
+
+def carry_inference_files(model_dir: str | Path, out: str | Path, chat_format: ChatFormat | None,
+                          bounds: PixelBounds) -> None:
+    """Copy :data:`PROCESSOR_FILES` that the base folder ``model_dir`` has and ``out`` lacks, and save
+    ``chat_format`` (unless None) and ``bounds`` into ``out``."""
+    for name in PROCESSOR_FILES:
+        source, target = Path(model_dir, name), Path(out, name)
+        if source.is_file() and not target.exists():
+            shutil.copyfile(source, target)
+    if chat_format is not None:
+        chat_format.save(out)
+    bounds.save(out)
