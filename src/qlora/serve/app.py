@@ -276,7 +276,7 @@ def build_app(batcher: ContinuousBatcher, base_id: str, adapters: list[str], api
         else:
             prompt_ids = tokenizer(prompt, add_special_tokens=body.add_special_tokens).input_ids  # vLLM's default:
             # none, the template writes them (apply_chat_template(tokenize=True)'s ids)
-        role = body.reply_role()
+        role = body.reply_role(template_options)
         last = body.messages[-1]
         echo = last.text(len(body.messages) - 1)[0] if body.echo and last.role == role else ""
         choices = []

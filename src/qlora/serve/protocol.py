@@ -356,10 +356,11 @@ class ChatCompletionRequest(_Body):
                            "continue_final_message")
         return options
 
-    def reply_role(self) -> str:
-        """The reply's role: the assistant's, or with ``add_generation_prompt: false`` the last message's
-        (vLLM's; ``echo`` repeats the last message when it has this role)."""
-        return "assistant" if self.template_options()["add_generation_prompt"] else self.messages[-1].role
+    def reply_role(self, options: dict[str, Any]) -> str:
+        """The reply's role under the request's :meth:`template_options`: the assistant's, or with
+        ``add_generation_prompt: false`` the last message's (vLLM's; ``echo`` repeats the last message when it has
+        this role)."""
+        return "assistant" if options["add_generation_prompt"] else self.messages[-1].role
 
     def function_tools(self) -> list[dict[str, Any]]:
         """The request's tools, checked: function tools with a valid name and a JSON-schema object."""
