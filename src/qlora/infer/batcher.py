@@ -49,7 +49,7 @@ from .batch_cache import add_row, attention_mask, cache_length, cache_problem, k
 from .generate import SamplingOptions, forward_cached, next_token, step_inputs
 from .images import media_rows
 from .logprobs import TokenLogprob, chosen_logprob, prompt_logprobs
-from .model_rules import ModelRules
+from .model_rules import ModelRules, masked
 from .penalties import Penalties
 from .text_stream import TextStream
 from .token_filter import TokenFilter
@@ -345,9 +345,8 @@ class ContinuousBatcher:
         request, reply = row.request, row.text.tokens
         if request.token_filter is not None:  # vLLM's allowed tokens and bad words, first in its sampler
             logits = request.token_filter(logits, reply)
-        if len(reply) < request.min_tokens and request.stop_ids:  # no end before min_tokens (vLLM's)
-            logits = logits.clone()
-            logits[[t for t in request.stop_ids if t < logits.numel()]] = float("-inf")
+        if len(reply) < request.min_tokens:  # no end before min_tokens (vLLM's)
+            logits = masked(logits, request.stop_ids)
         if request.constraint is not None:
             if row.penalties is not None:
                 logits = row.penalties(logits)

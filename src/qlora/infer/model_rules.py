@@ -90,9 +90,9 @@ class ModelRules:
             before = word[:-1]
             if len(before) <= length and tuple(sequence[length - len(before):]) == before:
                 banned.add(word[-1])
-        logits = _masked(logits, banned)
+        logits = masked(logits, banned)
         if length < self.min_length or length - prompt_length < self.min_new_tokens:
-            logits = _masked(logits, self.eos)
+            logits = masked(logits, self.eos)
         if self.forced_bos is not None and length == 1:
             logits = _forced(logits, (self.forced_bos,), allows)
         if self.forced_eos and length - prompt_length == max_new_tokens - 1:
@@ -103,10 +103,10 @@ class ModelRules:
             step = length - self.length_decay[0] - prompt_length
             penalty = (scores.abs() * (self.length_decay[1] ** step - 1)).masked_fill(~scores.isfinite(), 0.0)
             logits = logits.index_add(0, eos, penalty)
-        logits = _masked(logits, self.suppress)
+        logits = masked(logits, self.suppress)
         begin = prompt_length + (1 if prompt_length == 1 and self.forced_bos is not None else 0)
         if length == begin:
-            logits = _masked(logits, self.begin_suppress)
+            logits = masked(logits, self.begin_suppress)
         return logits
 
 
@@ -128,7 +128,7 @@ def _ids(value) -> tuple[int, ...]:
     return (int(value),) if isinstance(value, int) else tuple(int(t) for t in value)
 
 
-def _masked(logits: torch.Tensor, ids) -> torch.Tensor:
+def masked(logits: torch.Tensor, ids) -> torch.Tensor:
     """``logits`` with the ids (those inside the vocabulary) set to -inf."""
     ids = [t for t in ids if 0 <= t < logits.numel()]
     if not ids:

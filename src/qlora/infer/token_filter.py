@@ -17,6 +17,8 @@ from typing import Sequence
 
 import torch
 
+from .model_rules import masked
+
 MAX_BAD_WORDS = 128  # token sequences per request, as vLLM's sampler takes at most
 
 
@@ -67,11 +69,7 @@ class TokenFilter:
         """A copy of the 1-D ``logits`` with the tokens masked after ``reply`` at -inf."""
         if self._mask is None or self._mask.numel() != logits.numel() or self._mask.device != logits.device:
             self._mask = self._fixed_mask(logits.numel(), logits.device)
-        logits = logits.masked_fill(self._mask, float("-inf"))
-        late = [t for t in self.banned(reply) if t < logits.numel()]
-        if late:
-            logits[late] = float("-inf")
-        return logits
+        return masked(logits.masked_fill(self._mask, float("-inf")), self.banned(reply))
 
     def _fixed_mask(self, vocab: int, device: torch.device) -> torch.Tensor:
         if self.allowed is None:
