@@ -95,19 +95,17 @@ def _without_auto_processor(model_dir, kind: str, tokenizer, exc: Exception, whe
                              f"installed, so images cannot be turned into its inputs ({again}): pip install "
                              "torchvision, or use the model with text only.") from None
         except Exception as again:  # noqa: BLE001 - transformers raises many types building a processor
-            said = " ".join(str(again).split())[:300]
             raise UsageError(f"{where}: transformers cannot build the processor of {kind} models ({model_dir}) "
                              "without torchvision, which is not installed, and the processor for images alone "
-                             f"that qlora builds then fails ({type(again).__name__}: {said}). Install what it "
+                             f"that qlora builds then fails ({_said(again)}). Install what it "
                              "names, or torchvision, or use the model with text only.") from None
     if missing:
         package = _DISTRIBUTIONS.get(missing, missing)
         raise UsageError(f"{where}: the processor of {kind} models ({model_dir}) needs {package}, which is not "
                          f"installed, so images cannot be turned into its inputs: pip install {package}, or use "
                          "the model with text only.") from None
-    said = f": {' '.join(str(exc).split())[:300]}" if str(exc).strip() else ""
     raise UsageError(f"{where}: images need the model's processor, which transformers cannot build "
-                     f"from {model_dir} ({type(exc).__name__}{said}). The folder needs "
+                     f"from {model_dir} ({_said(exc)}). The folder needs "
                      "the hub's processor files (processor_config.json / preprocessor_config.json); some "
                      "processors need torchvision installed.") from None
 
