@@ -173,14 +173,14 @@ def pretrain(corpus, scale: Scale, out_dir: Path, device: torch.device, dtype: t
 def quantize_int4(model: nn.Module, double_quant: bool, compute_dtype: torch.dtype, blocksize: int = 64) -> int:
     """Swap every decoder linear for a ``Linear4bit`` holding symmetric INT4 codes
     (the baseline ``quantize_4bit`` refuses); returns how many were swapped."""
-    from qlora.model.quantize import _skipped, output_embedding_names, replace_modules
+    from qlora.model.quantize import is_skipped, output_embedding_names, replace_modules
     from qlora.nn import Linear4bit
     from qlora.quant.fourbit import _quantize
 
     skip = {"lm_head"} | output_embedding_names(model)
 
     def make(path: str, module: nn.Module) -> nn.Module | None:
-        if not isinstance(module, nn.Linear) or _skipped(path, skip):
+        if not isinstance(module, nn.Linear) or is_skipped(path, skip):
             return None
         layer = Linear4bit(module.in_features, module.out_features, bias=module.bias is not None,
                            compute_dtype=compute_dtype, quant_type="int4", blocksize=blocksize,
