@@ -5,6 +5,7 @@ train otherwise is refused by file and line."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -170,6 +171,75 @@ def test_shipped_configs_of_other_tokenizers_train_torchtunes_tokens(tmp_path, n
         assert got.labels == [IGNORE_INDEX] + [t if m else IGNORE_INDEX for t, m in zip(ids[1:], mask[1:])]
 
 
+def _truncate(ids: list[int], mask: list[bool], limit: int, eos: int, last_trained: bool):
+    """torchtune's documented truncate(): the first max_seq_len tokens, the last one replaced by the EOS unless it
+    is one; the mask likewise, its last flag the masked flag of the message tokenize_messages stopped at (the one
+    the cut falls in, else the last)."""
+    cut = len(ids) > limit
+    ids, mask = ids[:limit], mask[:limit]
+    ids[-1] = eos
+    mask[-1] = mask[-1] if cut else last_trained
+    return ids, mask
+
+
+@pytest.mark.parametrize("name, family, bos, eos, inst", [
+    ("mistral_7B_qlora_single_device.yaml", "mistral-v0.3", "<s>", "</s>", True),
+    ("llama2_7B_qlora_single_device.yaml", "llama-2", "<s>", "</s>", True),
+    ("gemma2_2B_qlora_single_device.yaml", "gemma-2", "<bos>", "<eos>", False),
+])
+@pytest.mark.parametrize("limit", [7, 2048])
+def test_sentencepiece_max_seq_len_cuts_as_torchtune(tmp_path, name, family, bos, eos, inst, limit):
+    """max_seq_len on the SentencePiece tokenizers: each row is cut to it, its last token made the EOS and trained
+    as the message cut (alpaca trains the prompt too); a row that fits is unchanged (it ends with the EOS)."""
+    from chat_families import family_tokenizer
+
+    tok = family_tokenizer(family)
+    model = model_for(family, tmp_path)
+    config = load_config(_config(tmp_path, name, model, _rows(tmp_path), lambda t: re.sub(
+        r"_tokenizer\n", f"_tokenizer\n  max_seq_len: {limit}\n", t.replace("  max_seq_len: null\n", ""), count=1)), {})
+    assert config.seq_len == limit
+    cuts = 0
+    for row, example in zip(ROWS, read_sources(config.data, "train", None, 0, normalize)):
+        got = tokenize_example(example, tok, "", train_on=config.train_on, seq_len=config.seq_len)
+        whole, mask = _sentencepiece(tok, row, bos, eos, inst)
+        ids, mask = _truncate(whole, mask, limit, _one(tok, eos)[0], True)
+        cuts += len(whole) > limit
+        assert got.input_ids == ids and got.labels == [IGNORE_INDEX] + ids[1:]
+        assert got.input_ids[-1] == _one(tok, eos)[0]
+    assert cuts == (len(ROWS) if limit < 100 else 0)
+
+
+def test_sentencepiece_cut_keeps_the_cut_messages_mask(tmp_path):
+    """A chat row cut inside its user turn ends with an untrained EOS; one ending with a user turn gets its last
+    token replaced by the EOS though nothing is cut (torchtune's truncate runs whenever max_seq_len is set)."""
+    from chat_families import family_tokenizer
+
+    tok = family_tokenizer("llama-2")
+    model = model_for("llama-2", tmp_path)
+    turns = [("user", "Tell me a long story about a cat and a dog."), ("assistant", "Once upon a time."),
+             ("user", "More.")]
+    row = {"messages": [{"role": r, "content": c} for r, c in turns]}
+    eos, bos = _one(tok, "</s>")[0], _one(tok, "<s>")[0]
+    # Llama2ChatTemplate: "[INST] " + content + " [/INST] " around user turns; BOS before each turn, EOS after answers
+    whole, mask = [], []
+    for role, content in turns:
+        parts = ["[INST] ", content, " [/INST] "] if role == "user" else [content]
+        ids = ([bos] if role == "user" else []) + [t for p in parts for t in _enc(tok, p.rstrip(" "), True)] + (
+            [eos] if role == "assistant" else [])
+        whole, mask = whole + ids, mask + [role == "assistant"] * len(ids)
+    for limit in (5, 200):
+        path = _chat_config(tmp_path, model, [row], "chat_dataset\n  conversation_style: openai\n"
+                            "  conversation_column: messages", "llama2.llama2_tokenizer")
+        path.write_text(path.read_text().replace("  path: ", f"  max_seq_len: {limit}\n  path: ", 1))
+        config = load_config(path, {})
+        got = tokenize_example(read_sources(config.data, "train", None, 0, normalize)[0], tok, "",
+                               train_on=config.train_on, seq_len=config.seq_len)
+        ids, flags = _truncate(whole, mask, limit, eos, False)
+        assert got.input_ids == ids and got.input_ids[-1] == eos
+        assert got.labels == [IGNORE_INDEX] + [t if m else IGNORE_INDEX for t, m in zip(ids[1:], flags[1:])]
+        assert len(ids) == min(limit, len(whole)) and (limit < len(whole)) == (limit == 5)
+
+
 def test_qwen_max_seq_len_leaves_the_final_eos_untrained(tmp_path):
     from chat_families import family_tokenizer
 
@@ -199,8 +269,8 @@ def test_qwen2_5_with_a_template_trains_the_models_chat_template(tmp_path):
     ("llama3_1_8B_qlora_single_device.yaml", lambda t: t.replace("packed: False", "packed: True"), "packed: true"),
     ("llama3_1_8B_qlora_single_device.yaml", lambda t: t.replace("qlora_llama3_1_8b", "llama3_1_8b"),
      "full fine-tuning"),
-    ("mistral_7B_qlora_single_device.yaml", lambda t: t.replace("max_seq_len: null", "max_seq_len: 64"),
-     "max_seq_len 64 with mistral_tokenizer"),
+    ("mistral_7B_qlora_single_device.yaml", lambda t: t.replace("max_seq_len: null", "max_seq_len: 64\n  "
+                                                                "truncation_type: left"), "truncation_type 'left'"),
     ("llama3_1_8B_qlora_single_device.yaml", lambda t: t.replace("  packed: False", "  packed: False\n  source: "
                                                                  "json\n  data_files: x.json\n  split: train[:95%]",
                                                                  1), "split 'train\\[:95%\\]'.*hub dataset"),

@@ -162,7 +162,7 @@ class PreferenceTrainer(Trainer):
                                            ).encode())
         for units in (self.train_units, self.eval_units):
             for p in units:
-                digest.update(json.dumps([p.prompt_ids, p.chosen_ids, p.rejected_ids]).encode())
+                digest.update(json.dumps([p.prompt_ids, p.chosen_ids, p.rejected_ids, p.trained]).encode())
                 for key, tensor in sorted(p.media.items()):  # the images (the ids show only their sizes)
                     digest.update(key.encode() + tensor.contiguous().view(-1).view(torch.uint8).numpy().tobytes())
         return digest.hexdigest()

@@ -16,7 +16,10 @@ are read as torchtune's builders and recipes read them, with their defaults wher
   no clipping), ``loss`` (cross-entropy, chunked or not), ``batch_size``, ``gradient_accumulation_steps``,
   ``epochs``, ``max_steps_per_epoch`` (qlora's own), ``enable_activation_checkpointing``, ``dtype``, ``seed``, ``output_dir``;
 - logging, profiling, compile, device and checkpoint-format keys are passed over, and said;
-- what trains otherwise (full fine-tuning, DPO, QAT, knowledge distillation, vision models, packing in
+- lora_dpo's configs: ``loss`` ``DPOLoss`` (``beta``, ``label_smoothing``) or ``RSOLoss`` (``gamma``: the hinge
+  loss) is ``--method dpo``, its reference the base with the adapter off, as lora_dpo's; the preference datasets
+  of :mod:`qlora.train.data.torchtune_datasets`;
+- what trains otherwise (full fine-tuning, full-weight DPO, QAT, knowledge distillation, vision models, packing in
   dataset order, other tokenizers and prompt templates) is refused by file and line.
 
 ``${key}`` interpolations (OmegaConf's) are resolved against the file's own keys first.
@@ -32,7 +35,7 @@ from typing import Any
 
 from qlora.errors import UsageError
 from qlora.train.data.declared import DEFAULT_SEED
-from qlora.train.data.torchtune_datasets import BUILDERS, HUB_SOURCES
+from qlora.train.data.torchtune_datasets import BUILDERS, HUB_SOURCES, PREFERENCE_BUILDERS
 from qlora.train.data.torchtune_tokenizers import DEFAULT_TEMPLATES, FAMILIES, TEMPLATES
 
 _TARGETS = {"q_proj": "q_proj", "k_proj": "k_proj", "v_proj": "v_proj", "output_proj": "o_proj"}
@@ -43,7 +46,11 @@ _OPTIMIZERS = {"torch.optim.AdamW": "adamw", "bitsandbytes.optim.PagedAdamW": "p
 _COSINE = "torchtune.training.lr_schedulers.get_cosine_schedule_with_warmup"
 _LOSSES = ("torchtune.modules.loss.CEWithChunkedOutputLoss", "torchtune.modules.loss.LinearCrossEntropyLoss",
            "torch.nn.CrossEntropyLoss")
+# lora_dpo's losses (torchtune.rlhf.loss): qlora's DPO loss type and the argument that is its beta
+_PREFERENCE_LOSSES = {"torchtune.rlhf.loss.DPOLoss": ("sigmoid", "beta"), "torchtune.rlhf.loss.RSOLoss": ("hinge",
+                                                                                                        "gamma")}
 _DTYPES = {"bf16": "bf16", "fp32": "fp32"}
+_STACK_EXCHANGE_DIR = "data/rl"
 # Keys of the recipes' runtime: logging, profiling, kernels, devices, checkpoint files.
 RUNTIME = frozenset({"metric_logger", "log_every_n_steps", "log_peak_memory_stats", "log_level", "profiler",
                      "device", "compile", "enable_activation_offloading", "low_cpu_ram", "save_adapter_weights_only",
@@ -58,7 +65,9 @@ _HANDLED = {"model", "checkpointer", "tokenizer", "dataset", "optimizer", "lr_sc
 _REFUSED = {"teacher_model": "knowledge distillation (a teacher's logits in the loss)",
             "teacher_checkpointer": "knowledge distillation (a teacher's logits in the loss)",
             "kd_loss": "knowledge distillation (a teacher's logits in the loss)", "kd_ratio": "knowledge distillation",
-            "quantizer": "quantization-aware training (fake-quantized weights)", "ref_checkpointer": "DPO",
+            "quantizer": "quantization-aware training (fake-quantized weights)",
+            "ref_checkpointer": "full-weight DPO against a separate reference checkpoint (qlora's DPO trains LoRA, its "
+                                "reference the base with the adapter off, as lora_dpo's)",
             "reward_model": "PPO"}
 
 
@@ -79,7 +88,8 @@ def torchtune_options(loaded: dict, lines: dict[str, int], path: Path, overridde
     for key, why in _REFUSED.items():
         if key in cfg:
             raise UsageError(f"{where[key]}: {key}: this torchtune recipe trains with {why}; qlora trains LoRA on "
-                             "the plain next-token loss. Use a lora_finetune config, or torchtune for this recipe.")
+                             "the next-token loss or DPO's. Use a lora_finetune or lora_dpo config, or torchtune for "
+                             "this recipe.")
     unknown = sorted(set(cfg) - _HANDLED - RUNTIME)
     if unknown:
         raise UsageError(f"{where[unknown[0]]}: {', '.join(unknown)}: not a key of torchtune's LoRA fine-tuning "
@@ -88,20 +98,21 @@ def torchtune_options(loaded: dict, lines: dict[str, int], path: Path, overridde
     out |= _model(cfg["model"], where["model"])
     out["model"] = _checkpoint_dir(cfg.get("checkpointer"), where.get("checkpointer", str(path)))
     template = "template" in overridden
-    render, prompt_template = _render(cfg.get("tokenizer"), where.get("tokenizer", str(path)), template)
-    limit = (cfg.get("tokenizer") or {}).get("max_seq_len")
+    render, prompt_template, limit = _render(cfg.get("tokenizer"), where.get("tokenizer", str(path)), template)
     out |= _dataset(cfg.get("dataset"), where.get("dataset", str(path)), render,
-                    {"prompt_template": prompt_template, "limited": limit is not None})
-    out["seq_len"] = _seq_len(limit, out["model"], render, out["data"], where.get("tokenizer", str(path)))
+                    {"prompt_template": prompt_template, "max_seq_len": limit})
+    out["seq_len"] = _seq_len(limit, out["model"], render, out["data"])
     out |= _optimizer(cfg.get("optimizer"), where.get("optimizer", str(path)))
     out |= _schedule(cfg.get("lr_scheduler"), where.get("lr_scheduler", str(path)))
-    _loss(cfg.get("loss"), where.get("loss", str(path)))
+    preference = json.loads(out["data"])[0]["torchtune"]["builder"] in PREFERENCE_BUILDERS
+    out |= _loss(cfg.get("loss"), where.get("loss", str(path)), preference)
     out |= _training(cfg, where)
     passed = sorted(set(cfg) & RUNTIME)
     seed = "" if cfg.get("seed") is not None or "seed" in overridden else (
         "; seed: null draws a random seed in torchtune, qlora takes its default --seed "
         f"{DEFAULT_SEED} (give seed: N to choose)")
-    print(f"qlora train: {path} is a torchtune recipe config: read as lora_finetune reads it, torchtune's defaults "
+    recipe = "lora_dpo" if preference else "lora_finetune"
+    print(f"qlora train: {path} is a torchtune recipe config: read as {recipe} reads it, torchtune's defaults "
           "where it is silent; its last partial batch of an epoch is trained (torchtune drops it)"
           f"{seed}; passing over {', '.join(passed) or 'nothing'} (its runtime: logging, kernels, devices)",
           file=sys.stderr)
@@ -199,12 +210,22 @@ def _checkpoint_dir(value: Any, where: str) -> str:
     return str(folder)
 
 
-def _render(value: Any, where: str, template: bool) -> tuple[str, str | None]:
-    """``(render, prompt template)``: the tokenizer builder whose format the rows are written in (or ``messages``:
-    the model's chat template, ``--template``), and its prompt template (the builder's default unless given)."""
+def _render(value: Any, where: str, template: bool) -> tuple[str, str | None, int | None]:
+    """``(render, prompt template, max_seq_len)``: the tokenizer builder whose format the rows are written in (or
+    ``messages``: the model's chat template, ``--template``), its prompt template (the builder's default unless
+    given) and its ``max_seq_len`` (none: no cut).
+
+    Raises:
+        UsageError: a tokenizer or template qlora does not write, ``truncation_type: left``, a malformed number.
+    """
     name, args = _component(value, where, "tokenizer")
+    limit = args.get("max_seq_len")
+    limit = None if limit is None else _number(limit, int, where, "max_seq_len")
+    if args.get("truncation_type", "right") != "right":
+        raise UsageError(f"{where}: truncation_type {args['truncation_type']!r}: qlora cuts a long example at its "
+                         "end, as torchtune's default right truncation does; set truncation_type: right.")
     if template:
-        return "messages", None
+        return "messages", None, limit
     builder = name.rpartition(".")[2]
     if builder not in FAMILIES:
         raise UsageError(f"{where}: {name}: qlora writes examples as torchtune's {', '.join(FAMILIES)} do; this "
@@ -212,9 +233,9 @@ def _render(value: Any, where: str, template: bool) -> tuple[str, str | None]:
                          "the model's own chat template instead.")
     chosen = args.get("prompt_template", DEFAULT_TEMPLATES.get(builder))
     if chosen is None or chosen in DEFAULT_TEMPLATES.values():
-        return builder, chosen
+        return builder, chosen, limit
     if chosen in TEMPLATES:
-        return builder, TEMPLATES[chosen]
+        return builder, TEMPLATES[chosen], limit
     raise UsageError(f"{where}: prompt_template {chosen!r}: qlora writes torchtune's "
                      f"{', '.join(TEMPLATES)} (or none); remove it, or give --template to train with the model's own "
                      "chat template.")
@@ -247,7 +268,12 @@ def _dataset(value: Any, where: str, render: str, tokenizer: dict[str, Any]) -> 
             raise UsageError(f"{where}: split {split!r}: a data_files file is read whole as its train split; a "
                              "slice such as train[:95%] picks rows of a hub dataset. Cut the file to those rows, or "
                              "remove split.")
-        source = str(files[0])
+        # stack_exchange_paired_dataset loads with data_dir data/rl, under which load_dataset finds relative files
+        source = str(Path(_STACK_EXCHANGE_DIR if builder == "stack_exchange_paired_dataset" else "") / str(files[0]))
+    elif builder == "stack_exchange_paired_dataset":
+        raise UsageError(f"{where}: source {source}: stack_exchange_paired_dataset reads a hub dataset's "
+                         f"{_STACK_EXCHANGE_DIR} folder (load_dataset's data_dir), which qlora's hub reader does not "
+                         "select; download those files and give source: json (or parquet) with data_files.")
     spec: dict[str, Any] = {"name": f"{builder} {source}", "source": source, "split": split, "subset": None,
                             "num_samples": None, "builder": builder, "render": render, **tokenizer}
     if builder == "text_completion_dataset":
@@ -268,34 +294,37 @@ def _dataset(value: Any, where: str, render: str, tokenizer: dict[str, Any]) -> 
                                  "sharegpt.")
             spec["style"] = style
             columns = {"conversations": str(args.pop("conversation_column", "conversations"))}
+        if builder == "preference_dataset":
+            spec["style"] = "openai"  # its ChosenRejectedToMessages reads role/content messages
+        if builder == "stack_exchange_paired_dataset":  # its default map, replaced whole by a given one
+            columns = columns or {"prompt": "question", "chosen": "response_j", "rejected": "response_k"}
+        elif builder == "preference_dataset" and columns and not {"chosen", "rejected"} <= set(columns):
+            raise UsageError(f"{where}: column_map {columns!r}: preference_dataset's map names both chosen and "
+                             "rejected (torchtune requires them); add the missing one.")
         spec["columns"] = {str(k): str(v) for k, v in columns.items()}
         spec["train_on_input"] = bool(args.pop("train_on_input", builder.startswith("alpaca")))
-        spec["system_prompt"] = args.pop("new_system_prompt", None)
+        if builder != "stack_exchange_paired_dataset":
+            spec["system_prompt"] = args.pop("new_system_prompt", None)
     if args:
         raise UsageError(f"{where}: {', '.join(sorted(args))}: not an argument of {builder} that qlora reads "
                          "(filter_fn and load_dataset options are not); remove it.")
     return {"data": json.dumps([{"torchtune": spec}]), "train_on": "assistant", "format": "auto"}
 
 
-def _seq_len(limit: Any, model: str, render: str, data: str, where: str) -> int:
+def _seq_len(limit: int | None, model: str, render: str, data: str) -> int:
     """qlora's seq_len for torchtune's ``max_seq_len`` (none: no limit, the model's context). torchtune cuts a
-    conversation to ``max_seq_len`` tokens, its last one an untrained EOS (Llama 3, Qwen: qlora keeps one token
-    less), and a text (``text_completion_dataset``) to one token less."""
+    conversation to ``max_seq_len`` tokens, its last one an EOS: untrained for Llama 3 and Qwen (qlora keeps one
+    token less), trained as the message it cuts for the SentencePiece tokenizers (their rows are cut already,
+    :mod:`qlora.train.data.torchtune_tokenizers`); and a text (``text_completion_dataset``) to one token less."""
     if limit is None:
         config = Path(model) / "config.json"
         context = json.loads(config.read_text(encoding="utf-8")).get("max_position_embeddings") if config.is_file() \
             else None
         return int(context or 131072)
-    limit = _number(limit, int, where, "max_seq_len")
-    if render == "messages":
+    if render == "messages" or (json.loads(data)[0]["torchtune"]["builder"] != "text_completion_dataset"
+                                and FAMILIES[render] == "sentencepiece"):
         return limit
-    if json.loads(data)[0]["torchtune"]["builder"] == "text_completion_dataset" or FAMILIES[render] != \
-            "sentencepiece":
-        return limit - 1
-    raise UsageError(f"{where}: max_seq_len {limit} with {render}: torchtune ends a cut conversation with an EOS "
-                     "trained as the message it cuts; qlora's cut ends without one. Set max_seq_len: null (as "
-                     "torchtune's configs for this tokenizer do), or give --template to use the model's chat "
-                     "template.")
+    return limit - 1
 
 
 def _optimizer(value: Any, where: str) -> dict[str, Any]:
@@ -339,12 +368,30 @@ def _schedule(value: Any, where: str) -> dict[str, Any]:
     return out
 
 
-def _loss(value: Any, where: str) -> None:
-    name, _ = _component(value, where, "loss")
+def _loss(value: Any, where: str, preference: bool) -> dict[str, Any]:
+    """qlora's method and loss options for the recipe's ``loss`` (``preference``: its dataset is preference pairs,
+    lora_dpo's)."""
+    name, args = _component(value, where, "loss")
+    if name in _PREFERENCE_LOSSES:
+        if not preference:
+            raise UsageError(f"{where}: {name} is lora_dpo's loss, but the dataset is not preference pairs; give "
+                             f"one of {', '.join(PREFERENCE_BUILDERS)}, or a cross-entropy loss.")
+        loss_type, strength = _PREFERENCE_LOSSES[name]
+        out = {"method": "dpo", "loss_type": loss_type,
+               "beta": _number(args.pop(strength, 0.1), float, where, strength)}
+        if name.endswith("DPOLoss"):
+            out["label_smoothing"] = _number(args.pop("label_smoothing", 0.0), float, where, "label_smoothing")
+        if args:
+            raise UsageError(f"{where}: {', '.join(sorted(args))}: not an argument of {name}; remove it.")
+        return out
     if name not in _LOSSES:
         raise UsageError(f"{where}: {name}: qlora trains the next-token cross-entropy ({', '.join(_LOSSES)}, the "
-                         "same loss computed in chunks or not); preference losses (DPO) and others are torchtune's "
-                         "own recipes. Use one of those losses.")
+                         f"same loss computed in chunks or not) and lora_dpo's {', '.join(_PREFERENCE_LOSSES)}; "
+                         "other losses are torchtune's own recipes. Use one of those.")
+    if preference:
+        raise UsageError(f"{where}: {name} with a preference dataset: lora_dpo trains pairs with "
+                         f"{', '.join(_PREFERENCE_LOSSES)}; give one of them.")
+    return {}
 
 
 def _training(cfg: dict, where: dict[str, str]) -> dict[str, Any]:

@@ -20,10 +20,16 @@ class Piece:
     token: bool = False  # ``text`` names one token of the vocabulary (a special token written by its name)
     after: str = ""  # encoded after this text, whose own ids are dropped (a continuation without a leading space)
     specials: bool = True  # special tokens written in ``text`` are read as such (False: as plain text)
+    limit: int | None = None  # this token ends the row as torchtune's truncate() does (see piece_ids)
 
 
 def piece_ids(pieces: tuple[Piece, ...], tokenizer, where: str) -> tuple[list[int], list[bool]]:
     """``(ids, trained)`` of the pieces, each encoded alone without the tokenizer's own BOS/EOS.
+
+    A last token piece with a ``limit`` is torchtune's ``truncate(ids, limit, eos)``, not a token of its own: the
+    first ``limit`` ids are kept and the last made this token unless it is one already; that last id is trained
+    as the piece says (the last message's flag), or, when ids were cut, as the token it replaces (the message the
+    cut falls in, which is the one torchtune's loop stopped at).
 
     Raises:
         UsageError: a token the vocabulary does not have.
@@ -31,6 +37,8 @@ def piece_ids(pieces: tuple[Piece, ...], tokenizer, where: str) -> tuple[list[in
     ids: list[int] = []
     mask: list[bool] = []
     for piece in pieces:
+        if piece.limit is not None:
+            return _truncated(ids, mask, piece, tokenizer, where)
         if piece.token:
             token_id = tokenizer.convert_tokens_to_ids(piece.text)
             if token_id is None or (token_id == tokenizer.unk_token_id and piece.text != tokenizer.unk_token):
@@ -43,6 +51,15 @@ def piece_ids(pieces: tuple[Piece, ...], tokenizer, where: str) -> tuple[list[in
                 got = got[len(_encode(tokenizer, piece.after, piece.specials)):]
         ids += got
         mask += [piece.trained] * len(got)
+    return ids, mask
+
+
+def _truncated(ids: list[int], mask: list[bool], end: Piece, tokenizer, where: str) -> tuple[list[int], list[bool]]:
+    cut = len(ids) > end.limit
+    ids, mask = ids[:end.limit], mask[:end.limit]
+    if ids:
+        ids[-1] = piece_ids((Piece(end.text, end.trained, token=True),), tokenizer, where)[0][0]
+        mask[-1] = mask[-1] if cut else end.trained
     return ids, mask
 
 

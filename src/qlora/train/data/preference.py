@@ -27,6 +27,9 @@ Assistant messages may carry reasoning (``reasoning_content``/``reasoning``/``th
 ``<think>`` block in the content): it is placed and kept as for SFT, so each answer's reasoning
 is part of what DPO compares.
 
+A pair another tool's reader wrote as pieces (torchtune's preference datasets) holds two whole conversations,
+each tokenized as that tool does; its prompt is their shared start and each answer keeps the tool's label mask.
+
 Tokens follow the SFT rules of :func:`qlora.train.data.tokenize_example`
 (conversations rendered with the run's chat format, which decides BOS and end
 markers, an EOS only after an answer nothing else ends; plain text with the
@@ -55,6 +58,7 @@ from qlora.train.data.fields import (FieldMap, message_like, pair_hint, parse_da
 from qlora.train.data.formats import EMPTY_ANSWER, Example, empty_answer, normalize, unpaired_error, unpaired_label
 from qlora.train.data.image_examples import expanded_prompt, image_batch
 from qlora.train.data.images import ImageRef, as_parts, attach_images, has_image_parts, images_in
+from qlora.train.data.pieces import Piece, piece_ids
 from qlora.train.data.sources import Record
 from qlora.train.data.tokenize import IGNORE_INDEX, DataReport, for_template, tokenize_example
 
@@ -72,6 +76,7 @@ class PreferenceExample:
     where: str
     skip: str | None = None  # why the pair is skipped when tokenized ("an empty answer")
     images: tuple[ImageRef, ...] = ()  # the prompt's, in the order its image parts place them
+    pieces: bool = False  # chosen and rejected are whole conversations written as pieces (torchtune's), no prompt
 
     @property
     def conversational(self) -> bool:
@@ -94,6 +99,7 @@ class TokenizedPair:
     ref_logps: tuple[float, float] | None = None
     media: dict[str, torch.Tensor] = field(default_factory=dict)  # the prompt's image tensors, for both rows
     image_tokens: tuple[tuple[int, int], ...] = ()  # spans of prompt_ids standing for the images
+    trained: tuple[tuple[bool, ...], tuple[bool, ...]] | None = None  # chosen's, rejected's labels (None: all)
 
 
 def message_tuple(value: Any, where: str, key: str, names: FieldMap = FieldMap()) -> Messages:
@@ -180,9 +186,16 @@ def pair_from_row(fields: dict[str, Any], where: str, names: FieldMap, chat: boo
     Raises:
         UsageError: a malformed row, or images outside the prompt's user turns or not readable.
     """
+    if all(_written(fields.get(key)) for key in ("chosen", "rejected")):
+        return PreferenceExample("", fields["chosen"], fields["rejected"], where, pieces=True)
     if images_in(fields):
         return with_images(_answered_pair(fields, where, names, True), fields, where, folders)
     return _answered_pair(fields, where, names, chat)
+
+
+def _written(value: Any) -> bool:
+    """A conversation another tool's reader wrote as pieces (never a file's: its pieces are objects)."""
+    return isinstance(value, tuple) and bool(value) and all(isinstance(p, Piece) for p in value)
 
 
 def _answered_pair(fields: dict[str, Any], where: str, names: FieldMap, chat: bool) -> PreferenceExample:
@@ -343,6 +356,8 @@ def tokenize_pair(example: PreferenceExample, tokenizer, chat_template: str | Ch
     Raises:
         UsageError: an answer holding the processor's image token, or as ``expanded_prompt``.
     """
+    if example.pieces:
+        return _written_pair(example, tokenizer, seq_len, index)
     fmt = chat_template if isinstance(chat_template, ChatFormat) else ChatFormat(chat_template)
     if example.images:  # vision-language chat templates read each content as parts (as_parts), as for SFT
         example = replace(example, **{k: tuple(as_parts(getattr(example, k))) for k in FIELDS})
@@ -359,12 +374,30 @@ def tokenize_pair(example: PreferenceExample, tokenizer, chat_template: str | Ch
             return expanded
         prompt, media, spans = expanded
         refuse_image_tokens(chosen + rejected, processor, example.where)
-    truncated = False
-    if seq_len is not None:
-        room = max(0, seq_len - len(prompt))
-        truncated = len(prompt) > seq_len or len(chosen) > room or len(rejected) > room
-        prompt, chosen, rejected = prompt[:seq_len], chosen[:room], rejected[:room]
+    prompt, chosen, rejected, truncated = _cut(prompt, chosen, rejected, seq_len)
     return TokenizedPair(prompt, chosen, rejected, index, truncated, media=media, image_tokens=spans)
+
+
+def _cut(prompt: list, chosen: list, rejected: list, seq_len: int | None) -> tuple[list, list, list, bool]:
+    """``prompt + answer`` cut to ``seq_len`` (its start kept), and whether anything was cut."""
+    if seq_len is None:
+        return prompt, chosen, rejected, False
+    room = max(0, seq_len - len(prompt))
+    truncated = len(prompt) > seq_len or len(chosen) > room or len(rejected) > room
+    return prompt[:seq_len], chosen[:room], rejected[:room], truncated
+
+
+def _written_pair(example: PreferenceExample, tokenizer, seq_len: int | None, index: int) -> TokenizedPair:
+    """A pair of conversations written as pieces, each tokenized whole as torchtune's PreferenceDataset does; the
+    prompt is their shared start and each answer keeps the trained flags of its tokens. Trained tokens of the
+    shared start (``train_on_input``) are left out: they add the same log-prob to both answers, so DPO's margins,
+    and its loss, are the same without them."""
+    (chosen, chosen_mask), (rejected, rejected_mask) = (piece_ids(p, tokenizer, example.where)
+                                                        for p in (example.chosen, example.rejected))
+    n = common_prefix(chosen, rejected)
+    prompt, chosen, rejected, truncated = _cut(chosen[:n], chosen[n:], rejected[n:], seq_len)
+    trained = (tuple(chosen_mask[n:n + len(chosen)]), tuple(rejected_mask[n:n + len(rejected)]))
+    return TokenizedPair(prompt, chosen, rejected, index, truncated, trained=trained)
 
 
 def refuse_image_tokens(ids: list[int], processor, where: str) -> None:
@@ -439,6 +472,10 @@ def preference_collate(pairs: Sequence[TokenizedPair], pad_id: int) -> dict[str,
         input_ids[i, :len(row)] = torch.tensor(row)
         labels[i, start:len(row)] = torch.tensor(row[start:])
         attention_mask[i, :len(row)] = 1
+    for i, p in enumerate(pairs):  # answers written with untrained tokens (torchtune's masks)
+        for row, flags in ((i, p.trained[0]), (i + len(pairs), p.trained[1])) if p.trained else ():
+            untrained = [prompt_lens[row] + k for k, flag in enumerate(flags) if not flag]
+            labels[row, untrained] = IGNORE_INDEX
     batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
     if all(p.ref_logps is not None for p in pairs):
         batch["ref_logps"] = torch.tensor([p.ref_logps[0] for p in pairs] + [p.ref_logps[1] for p in pairs],

@@ -12,8 +12,10 @@ False (a message's masked flag covers its header, content and end tokens alike):
 - SentencePiece tokenizers (``mistral_tokenizer``, ``llama2_tokenizer``, ``gemma_tokenizer``:
   ``tokenize_messages_no_special_tokens``): BOS before each turn's first message, EOS after each assistant
   message, both with that message's mask; each text part encoded alone with its trailing spaces removed, and
-  without its leading space when it continues a turn whose previous part did not end with a space. Their prompt
-  templates wrap the parts: Mistral's ``[INST] `` ... `` [/INST] `` (no system messages), Llama 2's with
+  without its leading space when it continues a turn whose previous part did not end with a space; with a
+  ``max_seq_len`` the ids are cut to it and the last one made the EOS (``truncate``), trained as the message cut
+  (or, uncut, as the last message), so a conversation that does not end with an answer ends with an EOS too.
+  Their prompt templates wrap the parts: Mistral's ``[INST] `` ... `` [/INST] `` (no system messages), Llama 2's with
   ``<<SYS>>\\n`` ... ``\\n<</SYS>>\\n\\n`` before each user message's content.
 """
 
@@ -40,10 +42,10 @@ _WRAP = {"mistral": {"user": ("[INST] ", " [/INST] "), "assistant": ("", "")},
 Message = tuple[str, str, bool]  # role, content, trained
 
 
-def conversation_pieces(builder: str, template: str | None, messages: list[Message], limited: bool,
+def conversation_pieces(builder: str, template: str | None, messages: list[Message], limit: int | None,
                         where: str) -> tuple[Piece, ...]:
-    """The pieces of a conversation as ``builder``'s ``tokenize_messages`` writes it (``limited``: a
-    ``max_seq_len`` is set).
+    """The pieces of a conversation as ``builder``'s ``tokenize_messages`` writes it (``limit``: the tokenizer's
+    ``max_seq_len``; Llama 3's and Qwen's cut is the run's seq_len, :func:`qlora.train.torchtune_config`).
 
     Raises:
         UsageError: a system message under Mistral's template, which torchtune refuses.
@@ -63,8 +65,10 @@ def conversation_pieces(builder: str, template: str | None, messages: list[Messa
             pieces += [Piece("<|im_start|>", trained, token=True), Piece(f"{role}\n", trained), Piece(content, trained)]
             if role != "assistant" or k != len(messages) - 1:
                 pieces += [Piece("<|im_end|>", trained, token=True), Piece("\n", trained)]
-        return tuple(pieces + ([] if limited else [Piece(eos, messages[-1][2], token=True)]))
-    return _sentencepiece(_templated(template, messages, where), bos, eos)
+        return tuple(pieces + ([] if limit is not None else [Piece(eos, messages[-1][2], token=True)]))
+    templated = _templated(template, messages, where)
+    return _sentencepiece(templated, bos, eos) + ((Piece(eos, templated[-1][2], token=True, limit=limit),)
+                                                  if limit is not None and templated else ())
 
 
 def text_pieces(builder: str, text: str, add_eos: bool) -> tuple[Piece, ...]:
