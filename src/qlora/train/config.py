@@ -13,6 +13,7 @@ import dataclasses
 import difflib
 import json
 import math
+import re
 import sys
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -698,6 +699,7 @@ ALIASES = {
     "kto_desirable_weight": "desirable_weight", "kto_undesirable_weight": "undesirable_weight",
     "lora_model_dir": "adapter", "dataset_name": "data", "dataset_config": "data_subset",
     "dataset_train_split": "data_split", "dataset_test_split": "eval_data_split", "use_bnb_nested_quant": "double_quant",
+    "peft_use_rslora": "rslora", "peft_use_dora": "dora",
 }
 # Boolean keys that map onto one of ours: key -> (our key, {their value: our value, None = no change}).
 VALUE_ALIASES = {
@@ -985,6 +987,7 @@ def load_config(yaml_path: str | Path | None, overrides: dict[str, Any]) -> Trai
     """
     by_name = {f.name: f for f in fields(TrainConfig)}
     values: dict[str, Any] = {}
+    origin: dict[str, str] = {}  # option -> the file, line and key that set it
     if yaml_path is not None:
         path = Path(yaml_path)
         if path.is_dir():
@@ -1034,6 +1037,7 @@ def load_config(yaml_path: str | Path | None, overrides: dict[str, Any]) -> Trai
                 if name in given_as:
                     raise UsageError(f"{where}: {key} and {given_as[name]} both set {name}; keep one.")
                 given_as[name] = str(key)
+                origin[name] = f"{where} ({key})"
                 values[name] = _coerce(name, value, field_type(by_name[name]), where)
         if passed_over:
             print(f"qlora train: {path}: passing over {', '.join(passed_over)}: settings of another tool that change "
@@ -1047,9 +1051,20 @@ def load_config(yaml_path: str | Path | None, overrides: dict[str, Any]) -> Trai
         if name not in by_name:
             raise _unknown(key, [_flag(n) for n in by_name], "command line")
         values[name] = _coerce(name, value, field_type(by_name[name]), "command line")
+        origin.pop(name, None)
     if values.get("target_parameters") and "dropout" not in values:
         values["dropout"] = 0.0  # PEFT's expert LoRA has no dropout, so an adapter with it has none anywhere
     _adapter_base(values)
     config = TrainConfig(**values)
-    config.validate()
+    try:
+        config.validate()
+    except UsageError as exc:
+        raise _at_line(exc, origin) from None
     return config
+
+
+def _at_line(exc: UsageError, origin: dict[str, str]) -> UsageError:
+    """A check of ``--option`` that the YAML file set, named by its file, line and key."""
+    match = re.match(r"--([a-z0-9-]+)", str(exc))
+    name = match.group(1).replace("-", "_") if match else ""
+    return UsageError(f"{origin[name]}: {exc}") if name in origin else exc

@@ -60,7 +60,16 @@ RUNTIME_ONLY = frozenset({
     # (memory, not math), and TR-DPO's settings, inert without its sync_ref_model (refused when on)
     "pad_to_multiple_of", "precompute_ref_batch_size", "activation_offloading", "ref_model_mixup_alpha",
     "ref_model_sync_steps",
+    # axolotl's kernels of the same maths: reentrant or not checkpointing, its LoRA autograd functions, Liger's
+    # fused layers and losses, MoE expert kernels; SwanLab logging
+    "gradient_checkpointing_kwargs", "lora_mlp_kernel", "lora_qkv_kernel", "lora_o_kernel", "liger_rms_norm",
+    "liger_glu_activation", "liger_layer_norm", "liger_rope", "liger_cross_entropy", "liger_fused_linear_cross_entropy",
+    "use_kernels", "use_scattermoe", "use_sonicmoe", "use_swanlab",
+    # LLaMA-Factory: reentrant gradient checkpointing
+    "use_reentrant_gc",
 })
+# Prefixes of logging sinks' settings (axolotl's swanlab_project, mlflow_tracking_uri, comet_workspace, ...).
+RUNTIME_PREFIXES = ("wandb_", "swanlab_", "mlflow_", "comet_")
 # LLaMA-Factory's settings of videos and audio: they apply to rows with videos or audios, which qlora refuses when
 # it reads the data (its vision examples set them beside images all the same).
 VIDEO_AUDIO = frozenset({
@@ -190,7 +199,8 @@ def _refused(key: str, why: str) -> Callable[[Any, str], Translation]:
 
 
 def _frozen(key: str, ours: bool, why: str) -> Callable[[Any, str], Translation]:
-    """LLaMA-Factory's freeze switch of a part of a vision-language model: ``ours`` is what qlora does."""
+    """A switch whose one value is what qlora does (``ours``), as LLaMA-Factory's freeze switches of a part of a
+    vision-language model."""
     def translate_frozen(value: Any, where: str) -> Translation:
         if value is ours:
             return [], ""
@@ -250,7 +260,61 @@ def _dataset_text_field(value: Any, where: str) -> Translation:
     return ([("data_fields", f"text={value}")] if value not in (None, "text") else []), ""
 
 
+# Attention backends that compute softmax(QK^T/sqrt(d))V exactly, as qlora's; axolotl's sage and fp8 quantize Q and K.
+_EXACT_ATTENTION = frozenset({"eager", "sdpa", "flash_attention_2", "flash_attention_3", "flex_attention", "xformers"})
+
+
+def _attn_implementation(value: Any, where: str) -> Translation:
+    if value is None or value in _EXACT_ATTENTION:
+        return [], ""
+    raise UsageError(f"{where}: attn_implementation {value!r}: qlora computes attention exactly (as eager, sdpa and "
+                     "flash attention do); a quantized or hub-kernel attention computes something else. Remove the "
+                     "key, or set it to sdpa.")
+
+
+# axolotl's plugins that change speed, memory or logging, not the loss: Cut Cross-Entropy (the same cross-entropy
+# without materialized logits), Liger's and the hub's kernels (read with their own liger_*/use_* keys), SwanLab.
+_RUNTIME_PLUGINS = frozenset({
+    "axolotl.integrations.cut_cross_entropy.CutCrossEntropyPlugin", "axolotl.integrations.liger.LigerPlugin",
+    "axolotl.integrations.kernels.KernelsPlugin", "axolotl.integrations.swanlab.SwanLabPlugin",
+})
+
+
+def _plugins(value: Any, where: str) -> Translation:
+    listed = value if isinstance(value, list) else [value]
+    other = [str(p) for p in listed if p not in _RUNTIME_PLUGINS]
+    if other:
+        raise UsageError(f"{where}: plugins {', '.join(other)}: an axolotl plugin qlora has no counterpart for (it "
+                         "passes over the kernel and logging ones: CutCrossEntropyPlugin, LigerPlugin, KernelsPlugin, "
+                         "SwanLabPlugin); remove it from the list.")
+    return [], ""
+
+
+def _other_command(key: str, what: str) -> Callable[[Any, str], Translation]:
+    """A key of a LLaMA-Factory file that is not a training run: which qlora command does that instead."""
+    def refuse(value: Any, where: str) -> Translation:
+        raise UsageError(f"{where}: {key}: {what}")
+    return refuse
+
+
+_LLAMA_FACTORY_V1 = ("this is a LLaMA-Factory v1 file (model_class, peft_config, train_dataset), which qlora does "
+                     "not read; write its settings as LLaMA-Factory's training files do (model_name_or_path, stage: "
+                     "sft, finetuning_type: lora, lora_rank, lora_target: all, dataset, template, ...; see its "
+                     "examples/train_lora), or give them as qlora train flags.")
+
 TRANSLATED: dict[str, Callable[[Any, str], Translation]] = {
+    "attn_implementation": _attn_implementation, "plugins": _plugins,
+    "quantize_moe_experts": _frozen("quantize_moe_experts", True, "axolotl then keeps the 3-D expert weights of a "
+                                                                   "4-bit base in 16 bits; qlora quantizes them with "
+                                                                   "the base. Set it to true or remove it."),
+    "export_dir": _other_command("export_dir", "a LLaMA-Factory export (merge) file, not a training run; fold the "
+                                               "adapter into its base with qlora merge --model BASE --adapter "
+                                               "ADAPTER --output DIR (qlora export for GGUF)."),
+    "infer_backend": _other_command("infer_backend", "a LLaMA-Factory inference file, not a training run; talk to the "
+                                                     "model with qlora chat --model BASE --adapter ADAPTER (qlora "
+                                                     "serve for an OpenAI API)."),
+    "model_class": _other_command("model_class", _LLAMA_FACTORY_V1),
+    "peft_config": _other_command("peft_config", _LLAMA_FACTORY_V1),
     "quantization_bit": _quantization_bit, "quantization_method": _quantization_method,
     "finetuning_type": _finetuning_type, "lora_target": _lora_target, "template": _template_of("LLaMA-Factory"),
     "chat_template": _template_of("axolotl"), "resume_from_checkpoint": _resume,
@@ -439,6 +503,11 @@ def _per_epoch(loaded: dict, out: dict, lines: dict[str, int], where: dict[str, 
         lines.setdefault(option, lines.get(key, 0))
 
 
+def changes_nothing(key: str) -> bool:
+    """Whether ``key`` is a setting of the other tool's runtime (or of videos and audio)."""
+    return key in RUNTIME_ONLY or key in VIDEO_AUDIO or key.startswith(RUNTIME_PREFIXES)
+
+
 def translate(key: str, value: Any, where: str) -> Translation | None:
     """Our ``(option, value)`` pairs for another tool's ``key`` (none for a key that changes nothing
     here) and a note for the user, or None for a key this module does not handle.
@@ -446,10 +515,8 @@ def translate(key: str, value: Any, where: str) -> Translation | None:
     Raises:
         UsageError: a value qlora has no equivalent for.
     """
-    if key in RUNTIME_ONLY:
-        return [], ""
-    if key in VIDEO_AUDIO:
-        return [], ""
     if key in TRANSLATED:
         return TRANSLATED[key](value, where)
+    if changes_nothing(key):
+        return [], ""
     return None
