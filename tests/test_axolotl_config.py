@@ -222,6 +222,30 @@ def test_axolotl_defaults_apply_where_the_file_is_silent(tmp_path):
     assert json.loads(cfg.data) == [{"path": "d.jsonl", "type": "alpaca"}]
 
 
+@pytest.mark.parametrize("keys, micro, accum", [
+    ("micro_batch_size: 2\nbatch_size: 8\n", 2, 4),
+    ("batch_size: 6\n", 1, 6),  # micro_batch_size 1 when silent
+    ("micro_batch_size: 4\nbatch_size: 10\n", 4, 2),  # floored, as axolotl's batch_size // micro_batch_size
+])
+def test_axolotl_batch_size_is_the_steps_batch_that_sets_the_accumulation(tmp_path, keys, micro, accum):
+    cfg = load_config(_yaml(tmp_path, "base_model: m\nadapter: lora\ndatasets: [d.jsonl]\noutput_dir: o\n" + keys),
+                      {})
+    assert (cfg.batch_size, cfg.grad_accum) == (micro, accum)
+    cfg = load_config(_yaml(tmp_path, "model: m\ndata: d.jsonl\noutput: o\nbatch_size: 8\n"), {})
+    assert (cfg.batch_size, cfg.grad_accum) == (8, 1)  # qlora's own batch_size is the micro-batch
+
+
+@pytest.mark.parametrize("keys, message", [
+    ("batch_size: 8\ngradient_accumulation_steps: 2\n", "axolotl refuses both"),
+    ("micro_batch_size: 4\nbatch_size: 2\n", "at least micro_batch_size"),
+])
+def test_axolotl_batch_size_that_axolotl_refuses_is_refused_by_line(tmp_path, capsys, keys, message):
+    path = _yaml(tmp_path, "base_model: m\nadapter: lora\ndatasets: [d.jsonl]\noutput_dir: o\n" + keys)
+    assert main(["train", str(path), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert f"{path} line " in err and "batch_size" in err and message in err and "Traceback" not in err, err
+
+
 @pytest.mark.parametrize("rl, method, loss_type, nll", [
     ("dpo", "dpo", "", 0.0), ("ipo", "dpo", "ipo", 0.0), ("orpo", "orpo", "", 1.0), ("kto", "kto", "", 0.0),
     # axolotl's simpo: TRL's CPOTrainer with loss simpo and CPOConfig's cpo_alpha 1

@@ -442,6 +442,8 @@ def adapter_keys(loaded: dict, lines: dict[str, int], path: Path) -> dict:
         _check_special_tokens(loaded["special_tokens"], model, where["special_tokens"])
     for per_epoch, option in (("saves_per_epoch", "save_steps"), ("evals_per_epoch", "eval_steps")):
         _per_epoch(loaded, out, lines, where, per_epoch, option)
+    if is_axolotl(loaded) and loaded.get("batch_size") is not None:
+        _total_batch(loaded, out, lines, where)
     _pissa_keys(loaded, out, lines, where)
     rl = loaded.get("rl")
     if rl in (None, False) or rl in _RL:  # an rl qlora lacks is refused by name when translated
@@ -453,6 +455,28 @@ def adapter_keys(loaded: dict, lines: dict[str, int], path: Path) -> dict:
         raise UsageError(f"{where['orpo_alpha']}: orpo_alpha is ORPO's weight; this config is rl: "
                          f"{loaded.get('rl')}. Remove it, or set rl: orpo.")
     return out
+
+
+def _total_batch(loaded: dict, out: dict, lines: dict[str, int], where: dict[str, str]) -> None:
+    """axolotl's ``batch_size`` is the batch of one optimizer step on each GPU, not qlora's micro-batch: it sets
+    the accumulation as axolotl derives it, ``batch_size // micro_batch_size`` (``micro_batch_size`` 1 when
+    silent), and axolotl refuses it beside ``gradient_accumulation_steps``."""
+    total, micro = loaded["batch_size"], loaded.get("micro_batch_size") or 1
+    if loaded.get("gradient_accumulation_steps"):
+        raise UsageError(f"{where['batch_size']}: batch_size with gradient_accumulation_steps: in an axolotl config "
+                         "batch_size is micro_batch_size x gradient_accumulation_steps, and axolotl refuses both; "
+                         "keep one.")
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in (total, micro)) or total < micro:
+        raise UsageError(f"{where['batch_size']}: batch_size {total!r}: in an axolotl config it is the batch of one "
+                         f"optimizer step (micro_batch_size {micro!r} x gradient_accumulation_steps), a whole number "
+                         "at least micro_batch_size.")
+    del out["batch_size"]
+    out["gradient_accumulation_steps"] = total // micro
+    lines.setdefault("gradient_accumulation_steps", lines.get("batch_size", 0))
+    if total % micro:
+        print(f"qlora train: {where['batch_size']}: batch_size {total} is not a multiple of micro_batch_size {micro}: "
+              f"accumulating {total // micro} micro-batches ({total // micro * micro} examples a step), as axolotl "
+              "does.", file=sys.stderr)
 
 
 def _pissa_keys(loaded: dict, out: dict, lines: dict[str, int], where: dict[str, str]) -> None:
