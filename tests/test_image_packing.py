@@ -1,8 +1,9 @@
 """Packing rows with images (--packing): each packed example, images and all, is the example alone.
 
 Oracle: transformers' forward of each example alone (the model computing its own positions, Qwen2-VL's 3-D
-rotary ones included, from the unpacked batch) with a PEFT LoRA on it; the packed batch's per-example losses and
-its summed loss's LoRA gradients must be those, on eager and sdpa attention.
+rotary ones included, and its own mask, Gemma 3's images read both ways included, from the unpacked batch) with
+a PEFT LoRA on it; the packed batch's logits at each example's tokens, per-example losses and its summed loss's
+LoRA gradients must be those, on eager and sdpa attention.
 """
 
 from __future__ import annotations
@@ -17,12 +18,11 @@ from transformers import AutoModelForImageTextToText
 from qlora.errors import UsageError
 from qlora.train.config import load_config
 from qlora.train.data import IGNORE_INDEX, attention_windows, pack_examples, packed_collate, pad_collate
-from qlora.train.data.image_packing import multimodal_positions
+from qlora.train.data.image_packing import check_image_packing, image_blocks_key, multimodal_positions
 from qlora.train.trainer import Trainer
 from image_models import KINDS, build_image_model, kind_params, write_png
 
 QUESTION = "what is in the picture?"
-PACKED = tuple(k for k in KINDS if k != "gemma3")  # Gemma 3 is refused (test_refused_where_images_attend_both_ways)
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +73,7 @@ def _lora(model_dir, attn):
 
 
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
-@pytest.mark.parametrize("kind", kind_params(PACKED))
+@pytest.mark.parametrize("kind", kind_params(KINDS))
 def test_packed_images_are_each_example_alone(kind, attn, data, tmp_path):
     model_dir = build_image_model(tmp_path / kind, kind)
     units = _trainer(model_dir, data, tmp_path / "run").train_units
@@ -82,18 +82,22 @@ def test_packed_images_are_each_example_alone(kind, attn, data, tmp_path):
     assert [r.indices for r in rows] == [(0, 1, 2), (3, 4)]  # two rows with images, one image row with text
     model = _lora(model_dir, attn)
     batch = packed_collate(rows, 0, attn, torch.float32, attention_windows(model.config),
-                           multimodal_positions(model))
-    packed = _per_token_loss(model(**{k: v for k, v in batch.items() if k != "labels"}).logits, batch["labels"])
+                           multimodal_positions(model), image_blocks_key(model))
+    logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
+    packed = _per_token_loss(logits, batch["labels"])
     packed.sum().backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
     model.zero_grad()
     alone = {}
     for u in units:
         single = pad_collate([u], 0)
-        loss = _per_token_loss(model(**{k: v for k, v in single.items() if k != "labels"}).logits,
-                               single["labels"]).sum()
+        own = model(**{k: v for k, v in single.items() if k != "labels"}).logits
+        loss = _per_token_loss(own, single["labels"]).sum()
         loss.backward()
         alone[u.index] = loss.detach()
+        i, k = next((i, r.indices.index(u.index)) for i, r in enumerate(rows) if u.index in r.indices)
+        start, end = rows[i].spans[k]  # every position's logits, image tokens' too (Gemma 3's see each other)
+        torch.testing.assert_close(logits[i, start:end].detach(), own[0].detach(), atol=1e-4, rtol=0)
     for i, row in enumerate(rows):
         seq = torch.tensor(row.sequence_ids[1:])
         for k, index in enumerate(row.indices):
@@ -126,16 +130,21 @@ def test_llama_factory_neat_packing_trains_image_rows_as_the_examples(kind, data
     assert packed.losses[-1] < packed.losses[0]
 
 
-def test_refused_where_images_attend_both_ways_and_with_group_texts(data, tmp_path):
-    """Gemma 3's image tokens see each other both ways, through a mask its forward builds from token types,
-    which the packed mask would replace; --group-texts would cut images apart."""
-    model_dir = build_image_model(tmp_path / "gemma3", "gemma3")
+def test_refused_where_the_model_masks_images_itself_and_with_group_texts(data, tmp_path):
+    """PaliGemma's forward builds its mask from token types (a prefix read both ways); Gemma 3's image blocks need
+    an explicit mask, which flash attention cannot take; --group-texts would cut images apart."""
+    paligemma = build_image_model(tmp_path / "paligemma", "paligemma")
     with pytest.raises(UsageError, match=r"rows\.jsonl line 1: this row holds images, and --packing is not "
-                                         "supported for gemma3 models: their image tokens attend to each other "
-                                         "both ways"):
-        _trainer(model_dir, data, tmp_path / "packed", packing=True)
+                                         "supported for paligemma models: the model builds its attention mask "
+                                         "itself from the processor's token types"):
+        _trainer(paligemma, data, tmp_path / "packed", packing=True)
+    gemma3 = build_image_model(tmp_path / "gemma3", "gemma3")
+    model = AutoModelForImageTextToText.from_pretrained(gemma3, attn_implementation="flex_attention")
+    with pytest.raises(UsageError, match="not supported for gemma3 models with attention implementation "
+                                         "'flex_attention': each image's tokens attend to each other both ways"):
+        check_image_packing(model, "row 1")
     with pytest.raises(UsageError, match=r"rows\.jsonl line 1: this row holds images; --group-texts cuts a stream"):
-        _trainer(model_dir, data, tmp_path / "blocks", group_texts=8, format="auto")
+        _trainer(gemma3, data, tmp_path / "blocks", group_texts=8, format="auto")
 
 
 def test_image_rows_are_packed_whole_and_rows_too_long_are_skipped(data, tmp_path):

@@ -63,7 +63,7 @@ from qlora.train.data import (
     tokenize_dataset,
 )
 from qlora.train.data.image_examples import tokenize_image_example
-from qlora.train.data.image_packing import check_image_packing, multimodal_positions
+from qlora.train.data.image_packing import check_image_packing, image_blocks_key, multimodal_positions
 from qlora.train.data.selection import hold_out, read_sources
 from qlora.train.data.text_blocks import text_blocks
 from qlora.train.data.tokenize import NothingToTrain
@@ -425,7 +425,7 @@ class Trainer:
         if cfg.packing:
             check_packing_supported(self.attn)
             self.attn_windows = attention_windows(self.model.config)
-            self.positions = multimodal_positions(self.model)
+            self.positions, self.image_blocks = multimodal_positions(self.model), image_blocks_key(self.model)
 
     def _add_adalora(self) -> None:
         """AdaLoRA's schedule needs the number of steps, known only once the data is loaded."""
@@ -548,7 +548,8 @@ class Trainer:
     def _collate(self, units: list) -> dict[str, torch.Tensor]:
         pad = pad_token_id(self.tokenizer)
         if self.config.packing:
-            batch = packed_collate(units, pad, self.attn, self.dtype, self.attn_windows, self.positions)
+            batch = packed_collate(units, pad, self.attn, self.dtype, self.attn_windows, self.positions,
+                                   self.image_blocks)
         else:
             batch = pad_collate(units, pad)
         return {k: {t: m.to(self.device) for t, m in v.items()} if isinstance(v, dict)

@@ -11,9 +11,11 @@ the language model, and next-fit packing never splits an example, so its image t
   not its token count. The model's own ``get_rope_index`` computes them for each example alone; the rows are
   laid side by side under a leading row of restarting text positions, the ``(4, batch, length)`` form that
   transformers (4.57 and 5.x) reads as rotary positions plus sequence boundaries (flash attention's packing);
-- refused: models whose forward builds its own mask from token types (Gemma 3, Gemma 3n, ShieldGemma 2: image
-  tokens attend to each other both ways) or reads some tokens bidirectionally by config; the packed mask (each
-  example causal and alone) would replace theirs.
+- Gemma 3 lets each image's tokens see each other both ways, blocks its forward finds in the processor's
+  ``token_type_ids`` (runs of 1) and ORs into the causal mask; an explicit mask replaces the model's, so the
+  packed one carries those blocks (:func:`image_blocks`), each kept inside its example. Flash attention takes no
+  mask: refused there. Refused too: other models whose forward takes token types (their meaning in the mask is
+  not known here) or reads tokens bidirectionally by config (Gemma 4's ``use_bidirectional_attention``).
 """
 
 from __future__ import annotations
@@ -25,22 +27,54 @@ import torch
 from transformers import PreTrainedModel
 
 from qlora.errors import UsageError
+from qlora.train.data.packing import MASK_ATTENTION
+
+
+# Model types whose forward lets each image's tokens attend to each other both ways, and the per-token tensor
+# whose runs of 1 are those images (transformers' get_block_sequence_ids_for_mask / token_type_ids_mask_function).
+IMAGE_BLOCKS = {"gemma3": "token_type_ids"}
 
 
 def check_image_packing(model: torch.nn.Module, where: str) -> None:
-    """Refuse packing rows with images for a model whose attention over images is not causal.
+    """Refuse packing rows with images where the packed mask cannot be the model's own.
 
     Raises:
-        UsageError: the model builds a mask of its own from token types, or reads tokens bidirectionally.
+        UsageError: the model builds a mask of its own from token types qlora does not know, reads tokens
+            bidirectionally by config, or needs image blocks under an attention that takes no mask.
     """
-    owner = next(m for m in model.modules() if isinstance(m, PreTrainedModel))
-    text = owner.config.get_text_config()
-    if "token_type_ids" in inspect.signature(type(owner).forward).parameters or getattr(
-            text, "use_bidirectional_attention", None):
-        raise UsageError(f"{where}: this row holds images, and --packing is not supported for "
-                         f"{owner.config.model_type} models: their image tokens attend to each other both ways, "
-                         "through a mask the model builds itself (from the processor's token types), which the "
-                         "packed rows' mask, each example causal and alone, would replace. Train without --packing.")
+    owner = _pretrained(model)
+    kind = owner.config.model_type
+    attn = getattr(owner.config, "_attn_implementation", None) or "eager"
+    head = f"{where}: this row holds images, and --packing is not supported for {kind} models"
+    if kind in IMAGE_BLOCKS and attn not in MASK_ATTENTION:
+        raise UsageError(f"{head} with attention implementation {attn!r}: each image's tokens attend to each other "
+                         "both ways, which only an explicit mask carries. Use eager or sdpa attention, or train "
+                         "without --packing.")
+    if kind not in IMAGE_BLOCKS and ("token_type_ids" in inspect.signature(type(owner).forward).parameters or getattr(
+            owner.config.get_text_config(), "use_bidirectional_attention", None)):
+        raise UsageError(f"{head}: the model builds its attention mask itself from the processor's token types or "
+                         "reads some tokens both ways, which the packed rows' mask (each example causal and alone) "
+                         "would replace. Train without --packing.")
+
+
+def image_blocks_key(model: torch.nn.Module) -> str | None:
+    """The per-token tensor whose runs of 1 mark images the model reads both ways (:data:`IMAGE_BLOCKS`)."""
+    return IMAGE_BLOCKS.get(_pretrained(model).config.model_type)
+
+
+def image_blocks(token_types: torch.Tensor, sequence_ids: torch.Tensor) -> torch.Tensor:
+    """``(batch, length)`` ids of the image blocks in packed rows (-1 outside any): each run of 1 in
+    ``token_types`` within one example is one block."""
+    image = token_types == 1
+    before = torch.nn.functional.pad(image, (1, 0))[:, :-1]
+    same = torch.nn.functional.pad(sequence_ids, (1, 0), value=-2)[:, :-1] == sequence_ids
+    starts = image & ~(before & same)
+    return torch.where(image, starts.long().cumsum(-1) - 1, -1)
+
+
+def _pretrained(model: torch.nn.Module) -> PreTrainedModel:
+    """The transformers model inside ``model`` (a PEFT wrapper's base), else ``model`` itself."""
+    return next((m for m in model.modules() if isinstance(m, PreTrainedModel)), model)
 
 
 def multimodal_positions(model: torch.nn.Module) -> Callable[[list[int], dict[str, Any]], torch.Tensor] | None:

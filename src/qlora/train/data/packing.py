@@ -139,18 +139,24 @@ def _has_attention_heads(config) -> bool:
         return True
 
 
-def packed_attention_mask(sequence_ids: torch.Tensor, dtype: torch.dtype, window: int | None = None) -> torch.Tensor:
+def packed_attention_mask(sequence_ids: torch.Tensor, dtype: torch.dtype, window: int | None = None,
+                          blocks: torch.Tensor | None = None) -> torch.Tensor:
     """Block-diagonal causal mask ``(batch, 1, L, L)``: 0 where attention is allowed, else the dtype's minimum;
-    with ``window``, a query sees only keys less than ``window`` positions back (transformers' sliding window).
+    with ``window``, a query sees only keys less than ``window`` positions back (transformers' sliding window);
+    tokens of one of ``blocks`` (ids, -1 outside any) also see each other's later tokens (Gemma 3's images,
+    :func:`~qlora.train.data.image_packing.image_blocks`), within the window as transformers 5 keeps them.
 
     This additive form is what transformers' eager attention adds to its
     scores and what SDPA accepts as ``attn_mask``; it must be in the model's
     compute dtype. Every token sees at least itself, so no row is all masked.
     """
     length = sequence_ids.shape[-1]
-    causal = torch.ones(length, length, dtype=torch.bool, device=sequence_ids.device).tril()
+    ones = torch.ones(length, length, dtype=torch.bool, device=sequence_ids.device)
+    causal = ones.tril()[None]
+    if blocks is not None:
+        causal = causal | ((blocks[:, :, None] == blocks[:, None, :]) & (blocks[:, :, None] >= 0))
     if window is not None:
-        causal = causal.triu(1 - window)
+        causal = causal & ones.triu(1 - window)
     same = sequence_ids[:, :, None] == sequence_ids[:, None, :]
     allowed = (same & causal)[:, None]
     mask = torch.zeros(allowed.shape, dtype=dtype, device=sequence_ids.device)
