@@ -215,8 +215,6 @@ def test_data_uri_and_absolute_paths(models, data, tmp_path):
 def test_refusals(models, data, tiny_model_dir, tmp_path):
     with pytest.raises(UsageError, match=r"chat\.jsonl line 1: this row holds images, but .* has no vision tower"):
         _trainer(tiny_model_dir, data, tmp_path / "text")
-    with pytest.raises(UsageError, match=r"line 1: this row holds images; --packing is for text"):
-        _trainer(models["gemma3"], data, tmp_path / "packed", packing=True)
     rows = [{"messages": [{"role": "user", "content": [{"type": "image", "url": "https://example.com/a.png"}]},
                           {"role": "assistant", "content": "x"}]}]
     with pytest.raises(UsageError, match=r"url\.jsonl line 1: image 'https://example.com/a.png' is a URL"):

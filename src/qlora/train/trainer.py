@@ -63,6 +63,7 @@ from qlora.train.data import (
     tokenize_dataset,
 )
 from qlora.train.data.image_examples import tokenize_image_example
+from qlora.train.data.image_packing import check_image_packing, image_blocks_key, multimodal_positions
 from qlora.train.data.selection import hold_out, read_sources
 from qlora.train.data.text_blocks import text_blocks
 from qlora.train.data.tokenize import NothingToTrain
@@ -424,6 +425,7 @@ class Trainer:
         if cfg.packing:
             check_packing_supported(self.attn)
             self.attn_windows = attention_windows(self.model.config)
+            self.positions, self.image_blocks = multimodal_positions(self.model), image_blocks_key(self.model)
 
     def _add_adalora(self) -> None:
         """AdaLoRA's schedule needs the number of steps, known only once the data is loaded."""
@@ -498,10 +500,12 @@ class Trainer:
         cfg = self.config
         if cfg.method != "sft":
             raise UsageError(f"{first.where}: this row holds images; qlora trains on images with --method sft only.")
-        if cfg.packing or cfg.group_texts:
-            option = "--packing" if cfg.packing else "--group-texts"
-            raise UsageError(f"{first.where}: this row holds images; {option} is for text (packed rows would need "
-                             "each row's image tensors kept apart). Train rows with images without it.")
+        if cfg.group_texts:
+            raise UsageError(f"{first.where}: this row holds images; --group-texts cuts a stream of plain texts "
+                             "into blocks, which would cut images apart. Use --packing, which keeps each example "
+                             "(and its images) whole, or train without either.")
+        if cfg.packing:
+            check_image_packing(self.model, first.where)
         processor = self._image_processor(first.where)
         stops = self._stop_ids()
         return lambda example, index: tokenize_image_example(example, processor, self.chat_format, cfg.train_on,
@@ -544,7 +548,8 @@ class Trainer:
     def _collate(self, units: list) -> dict[str, torch.Tensor]:
         pad = pad_token_id(self.tokenizer)
         if self.config.packing:
-            batch = packed_collate(units, pad, self.attn, self.dtype, self.attn_windows)
+            batch = packed_collate(units, pad, self.attn, self.dtype, self.attn_windows, self.positions,
+                                   self.image_blocks)
         else:
             batch = pad_collate(units, pad)
         return {k: {t: m.to(self.device) for t, m in v.items()} if isinstance(v, dict)

@@ -13,12 +13,13 @@ The trainer's contract with this module:
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
 
-from qlora.train.data.image_examples import image_batch
+from qlora.train.data.image_examples import image_batch, segment_image_batch
+from qlora.train.data.image_packing import image_blocks
 from qlora.train.data.packing import MASK_ATTENTION, PackedRow, check_packing_supported, packed_attention_mask
 from qlora.train.data.tokenize import IGNORE_INDEX, TokenizedExample
 
@@ -53,9 +54,11 @@ def pad_collate(examples: Sequence[TokenizedExample], pad_id: int) -> dict[str, 
 def packed_collate(
     rows: Sequence[PackedRow], pad_id: int, attn_implementation: str, dtype: torch.dtype = torch.float32,
     windows: dict[str, int | None] | None = None,
+    positions: Callable[[list[int], dict[str, Any]], torch.Tensor] | None = None, blocks_key: str | None = None,
 ) -> dict[str, Any]:
     """Batch packed rows: ``input_ids``, ``labels``, restarting ``position_ids`` and, for eager/sdpa, a 4D mask
-    (a mapping of layer type to mask, transformers' form, where the model mixes full and sliding layers).
+    (a mapping of layer type to mask, transformers' form, where the model mixes full and sliding layers), and the
+    image tensors of the examples with images (:mod:`~qlora.train.data.image_packing`).
 
     Args:
         rows: from :func:`pack_examples`.
@@ -63,6 +66,11 @@ def packed_collate(
         attn_implementation: the model's ``config._attn_implementation``.
         dtype: the model's compute dtype (the 4D mask must match it).
         windows: :func:`~qlora.train.data.packing.attention_windows` of the model (default: full attention).
+        positions: :func:`~qlora.train.data.image_packing.multimodal_positions` of the model, for 3-D rotary
+            positions of each example: ``position_ids`` is then ``(4, batch, length)``, the restarting text
+            positions above them.
+        blocks_key: :func:`~qlora.train.data.image_packing.image_blocks_key` of the model: the per-token tensor
+            marking images whose tokens see each other both ways (Gemma 3's ``token_type_ids``).
 
     Raises:
         UsageError: an attention implementation that cannot isolate examples.
@@ -81,12 +89,26 @@ def packed_collate(
         position_ids[i, :n] = torch.tensor(r.position_ids)
         position_ids[i, n:] = torch.arange(length - n)  # padding: one more "sequence" of its own
         sequence_ids[i, :n] = torch.tensor(r.sequence_ids)
+    if positions is not None:
+        position_ids = torch.cat([position_ids[None], _multimodal_positions(rows, position_ids, positions)])
     batch = {"input_ids": input_ids, "labels": labels, "position_ids": position_ids}
+    if any(media for r in rows for media in r.media):
+        batch |= segment_image_batch([list(zip(r.media, (s for s, _ in r.spans))) for r in rows], length)
     if attn_implementation in MASK_ATTENTION:
-        masks = {kind: packed_attention_mask(sequence_ids, dtype, window)
+        blocks = image_blocks(batch[blocks_key], sequence_ids) if blocks_key in batch else None
+        masks = {kind: packed_attention_mask(sequence_ids, dtype, window, blocks)
                  for kind, window in (windows or {"full_attention": None}).items()}
         batch["attention_mask"] = masks if len(masks) > 1 else next(iter(masks.values()))
     return batch
+
+
+def _multimodal_positions(rows: Sequence[PackedRow], text: torch.Tensor, positions: Callable) -> torch.Tensor:
+    """``(3, batch, length)`` rotary positions: each example's own, the text positions (three times) on padding."""
+    out = text[None].repeat(3, 1, 1)
+    for i, r in enumerate(rows):
+        for (start, end), media in zip(r.spans, r.media):
+            out[:, i, start:end] = positions(r.input_ids[start:end], media)
+    return out
 
 
 def shuffled_indices(n: int, seed: int, epoch: int = 0) -> list[int]:

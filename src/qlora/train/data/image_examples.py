@@ -157,18 +157,26 @@ def image_batch(examples: Sequence[Any], length: int) -> dict[str, torch.Tensor]
     a row without images), per-image ones concatenated in row order (Qwen2-VL's patches and grids, LLaVA's and
     Gemma 3's images), zero-padded where a dimension differs (LLaVA-NeXT's crops, Idefics3's images a row, whose
     models skip all-zero padding)."""
-    keys = list(dict.fromkeys(k for e in examples for k in e.media))
+    return segment_image_batch([[(e.media, 0)] for e in examples], length)
+
+
+def segment_image_batch(rows: Sequence[Sequence[tuple[dict[str, Any], int]]], length: int) -> dict[str, torch.Tensor]:
+    """:func:`image_batch` of rows that each hold segments ``(media, start)``: a packed row's examples, each one's
+    per-token tensors placed from its ``start`` token, the per-image tensors of all segments concatenated in
+    row, then segment order (the order of their image tokens, in which the model places image features)."""
+    keys = list(dict.fromkeys(k for row in rows for media, _ in row for k in media))
     batch: dict[str, Any] = {}
     for key in keys:
         if token_aligned(key):
-            rows = torch.zeros((len(examples), length), dtype=next(e.media[key] for e in examples
-                                                                     if key in e.media).dtype)
-            for r, e in enumerate(examples):
-                if key in e.media:
-                    rows[r, :e.media[key].shape[-1]] = e.media[key][0]
-            batch[key] = rows
+            found = [media[key] for row in rows for media, _ in row if key in media]
+            out = torch.zeros((len(rows), length), dtype=found[0].dtype)
+            for r, row in enumerate(rows):
+                for media, start in row:
+                    if key in media:
+                        out[r, start:start + media[key].shape[-1]] = media[key][0]
+            batch[key] = out
             continue
-        tensors = [e.media[key] for e in examples if key in e.media]
+        tensors = [media[key] for row in rows for media, _ in row if key in media]
         shape = [max(t.shape[d] for t in tensors) for d in range(tensors[0].dim())]
         padded = []
         for t in tensors:

@@ -29,11 +29,14 @@ example (linear attention, state-space, chunked attention) would carry state or 
 examples: packing is refused there.
 The first token of every example carries no label, so the last token of one
 example is never trained to predict the first of the next.
+Examples are whole in a row (next-fit, never split), so an example's image tokens stay with it; its image
+tensors ride along (:mod:`qlora.train.data.image_packing`).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -49,13 +52,22 @@ POSITION_ATTENTION = ("flash_attention_2", "flash_attention_3")
 
 @dataclass(frozen=True)
 class PackedRow:
-    """Examples laid end to end; ``sequence_ids[t]`` says which one token t belongs to."""
+    """Examples laid end to end; ``sequence_ids[t]`` says which one token t belongs to, ``media`` holds each
+    example's image tensors (empty for a text example)."""
 
     input_ids: list[int]
     labels: list[int]
     position_ids: list[int]
     sequence_ids: list[int]
     indices: tuple[int, ...]
+    media: tuple[dict[str, Any], ...] = ()
+
+    @property
+    def spans(self) -> list[tuple[int, int]]:
+        """Where each example lies in the row: (start, end) token offsets, in order."""
+        ends = [t + 1 for t in range(len(self.sequence_ids))
+                if t + 1 == len(self.sequence_ids) or self.sequence_ids[t + 1] != self.sequence_ids[t]]
+        return list(zip([0, *ends[:-1]], ends))
 
 
 def check_packing_supported(attn_implementation: str) -> None:
@@ -127,18 +139,24 @@ def _has_attention_heads(config) -> bool:
         return True
 
 
-def packed_attention_mask(sequence_ids: torch.Tensor, dtype: torch.dtype, window: int | None = None) -> torch.Tensor:
+def packed_attention_mask(sequence_ids: torch.Tensor, dtype: torch.dtype, window: int | None = None,
+                          blocks: torch.Tensor | None = None) -> torch.Tensor:
     """Block-diagonal causal mask ``(batch, 1, L, L)``: 0 where attention is allowed, else the dtype's minimum;
-    with ``window``, a query sees only keys less than ``window`` positions back (transformers' sliding window).
+    with ``window``, a query sees only keys less than ``window`` positions back (transformers' sliding window);
+    tokens of one of ``blocks`` (ids, -1 outside any) also see each other's later tokens (Gemma 3's images,
+    :func:`~qlora.train.data.image_packing.image_blocks`), within the window as transformers 5 keeps them.
 
     This additive form is what transformers' eager attention adds to its
     scores and what SDPA accepts as ``attn_mask``; it must be in the model's
     compute dtype. Every token sees at least itself, so no row is all masked.
     """
     length = sequence_ids.shape[-1]
-    causal = torch.ones(length, length, dtype=torch.bool, device=sequence_ids.device).tril()
+    ones = torch.ones(length, length, dtype=torch.bool, device=sequence_ids.device)
+    causal = ones.tril()[None]
+    if blocks is not None:
+        causal = causal | ((blocks[:, :, None] == blocks[:, None, :]) & (blocks[:, :, None] >= 0))
     if window is not None:
-        causal = causal.triu(1 - window)
+        causal = causal & ones.triu(1 - window)
     same = sequence_ids[:, :, None] == sequence_ids[:, None, :]
     allowed = (same & causal)[:, None]
     mask = torch.zeros(allowed.shape, dtype=dtype, device=sequence_ids.device)
@@ -153,4 +171,5 @@ def _row(examples: list[TokenizedExample]) -> PackedRow:
         labels += example.labels
         positions += range(n)
         sequences += [k] * n
-    return PackedRow(ids, labels, positions, sequences, tuple(e.index for e in examples))
+    return PackedRow(ids, labels, positions, sequences, tuple(e.index for e in examples),
+                     tuple(e.media for e in examples))
