@@ -147,30 +147,35 @@ def _gguf_tensors(path) -> dict[str, torch.Tensor]:
     return {t.name: torch.from_numpy(t.data.copy()).float() for t in gguf.GGUFReader(path).tensors}
 
 
-@pytest.mark.parametrize("model_type", ["llama", "phi3", "gemma2", *LAYOUTS])
+@pytest.mark.parametrize("model_type", ["llama", "llama-head", "phi3", "gemma2", *LAYOUTS])
 def test_base_plus_adapter_is_the_merged_export_tensor_for_tensor(tmp_path, tiny_tokenizer, model_type):
     """Without llama.cpp: in the files' own layout, base + alpha / r * lora_b @ lora_a is the merged export of the
     same 32-bit base (whose layout the merged export's tests check), for every adapted tensor, and nothing else
     differs."""
     from tiny_moe import save_tiny_moe
 
-    if model_type in ARCHS:
+    lora = dict(r=4, lora_alpha=12, rank_pattern={"o_proj": 2})
+    if model_type == "llama-head":  # an untied output layer adapted too: output.weight
+        model_dir = build_tiny_model(tmp_path / "m", tokenizer=tiny_tokenizer, tie_word_embeddings=False)
+        lora["target_modules"] = ["q_proj", "v_proj", "o_proj", "lm_head"]
+    elif model_type in ARCHS:
         model_dir = build_tiny_model(tmp_path / "m", tokenizer=tiny_tokenizer, arch=model_type, **ARCHS[model_type])
     else:
         model_dir = save_tiny_moe(tmp_path / "m", tiny_tokenizer, model_type.split("-")[0], **LAYOUTS[model_type])
-    _peft_adapter(model_dir, tmp_path / "adapter", r=4, lora_alpha=12, rank_pattern={"o_proj": 2})
+    _peft_adapter(model_dir, tmp_path / "adapter", **lora)
     assert _export(model_dir, tmp_path / "adapter", tmp_path / "lora", "--type", "f32") == 0
     for out, adapter in (("base", []), ("merged", ["--adapter", str(tmp_path / "adapter")])):
         assert main(["export", "--model", str(model_dir), *adapter, "--quant", "none", "--output", str(tmp_path / out),
                      "--type", "f32"]) == 0
     base, merged = (_gguf_tensors(tmp_path / out / "model-f32.gguf") for out in ("base", "merged"))
-    lora = _gguf_tensors(tmp_path / "lora" / "adapter-f32.gguf")
+    pairs = _gguf_tensors(tmp_path / "lora" / "adapter-f32.gguf")
     alpha = gguf.GGUFReader(tmp_path / "lora" / "adapter-f32.gguf").get_field("adapter.lora.alpha").contents()
-    adapted = {name.removesuffix(".lora_a") for name in lora if name.endswith(".lora_a")}
-    assert adapted and set(lora) == {f"{n}.lora_{ab}" for n in adapted for ab in "ab"}
+    adapted = {name.removesuffix(".lora_a") for name in pairs if name.endswith(".lora_a")}
+    assert adapted and set(pairs) == {f"{n}.lora_{ab}" for n in adapted for ab in "ab"}
+    assert ("output.weight" in adapted) == (model_type == "llama-head")
     for name, weight in base.items():
         if name in adapted:
-            a, b = lora[name + ".lora_a"], lora[name + ".lora_b"]
+            a, b = pairs[name + ".lora_a"], pairs[name + ".lora_b"]
             weight = weight + alpha / a.shape[0] * b @ a
         torch.testing.assert_close(weight, merged[name], rtol=0, atol=1e-5, msg=name)
 
@@ -280,6 +285,7 @@ def test_a_base_gguf_of_another_model_is_refused(tmp_path, tiny_tokenizer, capsy
     (dict(modules_to_save=["lm_head"]), "modules_to_save"),
     (dict(target_modules=["q_proj", "embed_tokens"]), "LoRA on an embedding"),
     (dict(bias="all"), "training biases"),
+    (dict(trainable_token_indices=[3, 4]), "trained token rows"),
 ])
 def test_what_a_gguf_adapter_cannot_express_is_refused(tmp_path, tiny_tokenizer, capsys, lora, message):
     model_dir = build_tiny_model(tmp_path / "m", tokenizer=tiny_tokenizer, arch="llama")
@@ -289,6 +295,29 @@ def test_what_a_gguf_adapter_cannot_express_is_refused(tmp_path, tiny_tokenizer,
     assert message in err and "qlora export --format gguf (merged)" in err
     assert "Traceback" not in err
     assert not (tmp_path / "out").exists()
+
+
+def test_a_grown_vocabulary_is_refused(tmp_path, tiny_tokenizer, capsys):
+    from transformers import AutoModelForCausalLM
+
+    model_dir = build_tiny_model(tmp_path / "m", tokenizer=tiny_tokenizer, tie_word_embeddings=False)
+    base = AutoModelForCausalLM.from_pretrained(model_dir)
+    base.resize_token_embeddings(len(tiny_tokenizer) + 8)
+    peft.get_peft_model(base, peft.LoraConfig(target_modules=["q_proj", "lm_head"])).save_pretrained(
+        tmp_path / "adapter", save_embedding_layers=True)
+    assert _export(model_dir, tmp_path / "adapter", tmp_path / "out") == 2
+    assert f"to {len(tiny_tokenizer) + 8} rows (added tokens)" in capsys.readouterr().err
+
+
+def test_adalora_is_refused(tmp_path, tiny_tokenizer, capsys):
+    from transformers import AutoModelForCausalLM
+
+    model_dir = build_tiny_model(tmp_path / "m", tokenizer=tiny_tokenizer, arch="llama")
+    base = AutoModelForCausalLM.from_pretrained(model_dir)
+    peft.get_peft_model(base, peft.AdaLoraConfig(target_modules=["q_proj"], init_r=4, target_r=2,
+                                                 total_step=10)).save_pretrained(tmp_path / "adapter")
+    assert _export(model_dir, tmp_path / "adapter", tmp_path / "out") == 2
+    assert "an AdaLoRA adapter" in capsys.readouterr().err
 
 
 def test_lm_head_lora_on_a_tied_gemma_is_refused(tmp_path, tiny_tokenizer, capsys):

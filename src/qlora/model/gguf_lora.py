@@ -96,8 +96,15 @@ def adapter_matrices(config, adapter: dict, tensors: dict[str, torch.Tensor],
     rescaled where a tensor's own scaling is not ``alpha / r`` (see the module docstring)."""
     spec = arch_spec(config)
     name_of = tensor_namer(config, spec)
-    whole = sorted(k for k in tensors if ".lora_" not in k or not k.startswith(PEFT_PREFIX))
-    skip = set(whole)
+    # PEFT saves an adapted embedding's or head's table beside its pair (``.base_layer.``): the base's own, unless
+    # training grew the vocabulary, which the base GGUF cannot follow
+    tables = {k: v for k, v in tensors.items() if ".base_layer." in k and ".lora_" not in k}
+    grown = [k for k, v in tables.items() if v.shape[0] != config.vocab_size]
+    if grown:
+        raise UsageError(f"{source} resized {grown[0]} to {tables[grown[0]].shape[0]} rows (added tokens); the base "
+                         f"GGUF has {config.vocab_size}, and an adapter cannot add rows. {MERGED}.")
+    whole = sorted(k for k in tensors if k not in tables and (".lora_" not in k or not k.startswith(PEFT_PREFIX)))
+    skip = set(whole) | set(tables)
     pairs: dict[str, dict[str, torch.Tensor]] = {}
     for key, value in tensors.items():
         if key in skip:
