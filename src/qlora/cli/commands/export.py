@@ -3,7 +3,7 @@
 The adapter is folded into the dequantized 4-bit base exactly as ``qlora merge``
 does (the weights it was trained against), streamed into a GGUF file with the
 tokenizer and chat template embedded, and an Ollama ``Modelfile`` is written
-next to it.
+next to it. ``--format gguf-lora`` writes the adapter alone instead (:mod:`.export_lora`).
 """
 
 from __future__ import annotations
@@ -24,8 +24,14 @@ _DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="the base model folder (the one the adapter was trained on)")
     parser.add_argument("--adapter", help="PEFT-format adapter folder to fold in (omit to export the model as is)")
-    parser.add_argument("--output", required=True, help="folder to write: model-<type>.gguf and Modelfile")
-    parser.add_argument("--format", default="gguf", choices=("gguf",), help="output format")
+    parser.add_argument("--output", required=True,
+                        help="folder to write: model-<type>.gguf (gguf-lora: adapter-<type>.gguf) and Modelfile")
+    parser.add_argument("--format", default="gguf", choices=("gguf", "gguf-lora"),
+                        help="gguf: the model with the adapter folded in; gguf-lora: the adapter alone as a GGUF "
+                             "LoRA adapter (llama.cpp --lora, Ollama ADAPTER) for a base GGUF of --model; "
+                             "types f16, bf16, q8_0, f32")
+    parser.add_argument("--base-gguf", help="gguf-lora: the GGUF of --model, written as the Modelfile's FROM "
+                                            "and checked to fit the adapter (default: a placeholder to edit)")
     parser.add_argument("--type", default="f16", choices=("f16", "bf16", "q8_0", "f32", *LLAMA_CPP_TYPES),
                         help="tensor type of the weight matrices (norms stay f32). k-quants (q4_k_m, q5_k_m, "
                              "q6_k, ...) and q4_0/q5_0 are made by llama.cpp's own quantizer from an f16 file "
@@ -44,6 +50,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ...model.gguf_quantize import quantize_gguf, require_llama_cpp
+
+    if args.format == "gguf-lora":
+        from .export_lora import run_lora
+        return run_lora(args)
+    if args.base_gguf:
+        raise UsageError("--base-gguf applies to --format gguf-lora (an adapter for a base GGUF).")
 
     if args.type in LLAMA_CPP_TYPES:
         require_llama_cpp()  # before seconds of imports and minutes of loading and merging, not after
