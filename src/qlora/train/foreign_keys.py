@@ -265,7 +265,7 @@ _EXACT_ATTENTION = frozenset({"eager", "sdpa", "flash_attention_2", "flash_atten
 
 
 def _attn_implementation(value: Any, where: str) -> Translation:
-    if value is None or value in _EXACT_ATTENTION:
+    if value is None or isinstance(value, str) and value in _EXACT_ATTENTION:
         return [], ""
     raise UsageError(f"{where}: attn_implementation {value!r}: qlora computes attention exactly (as eager, sdpa and "
                      "flash attention do); a quantized or hub-kernel attention computes something else. Remove the "
@@ -282,7 +282,7 @@ _RUNTIME_PLUGINS = frozenset({
 
 def _plugins(value: Any, where: str) -> Translation:
     listed = value if isinstance(value, list) else [value]
-    other = [str(p) for p in listed if p not in _RUNTIME_PLUGINS]
+    other = [str(p) for p in listed if not (isinstance(p, str) and p in _RUNTIME_PLUGINS)]
     if other:
         raise UsageError(f"{where}: plugins {', '.join(other)}: an axolotl plugin qlora has no counterpart for (it "
                          "passes over the kernel and logging ones: CutCrossEntropyPlugin, LigerPlugin, KernelsPlugin, "
