@@ -91,6 +91,8 @@ def test_llama_factory_files_that_are_no_training_run_are_refused_at_their_line(
     ("attn_implementation: sage\n", "attn_implementation 'sage': qlora computes attention exactly"),
     ("attn_implementation: kernels-community/vllm-flash-attn3\n", "set it to sdpa"),
     ("plugins:\n  - axolotl.integrations.kd.KDPlugin\n", "plugins axolotl.integrations.kd.KDPlugin: an axolotl"),
+    ("attn_implementation: [sdpa]\n", "attn_implementation ['sdpa']"),  # not a name: refused, not a crash
+    ("plugins:\n  - {name: x}\n", "plugins {'name': 'x'}: an axolotl"),
 ])
 def test_axolotl_keys_that_change_the_maths_are_refused_by_line(tmp_path, capsys, text, says):
     path = tmp_path / "run.yaml"

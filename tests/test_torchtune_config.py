@@ -308,6 +308,24 @@ def test_what_trains_otherwise_is_refused_by_line(tmp_path, name, edit, match):
     assert f"{path} line " in str(info.value)
 
 
+@pytest.mark.parametrize("edit, key, flag", [
+    (lambda t: t.replace("  lr: 3e-4", "  lr: -1"), "optimizer:", "--lr"),
+    (lambda t: t.replace("  num_warmup_steps: 100", "  num_warmup_steps: -5"), "lr_scheduler:", "--warmup-steps"),
+    (lambda t: t.replace("  max_seq_len: null", "  max_seq_len: 1"), "tokenizer:", "--seq-len"),
+    (lambda t: t.replace("gradient_accumulation_steps: 8", "gradient_accumulation_steps: 0"),
+     "gradient_accumulation_steps:", "--grad-accum"),
+])
+def test_a_value_checked_after_reading_names_the_key_it_came_from(tmp_path, edit, key, flag):
+    """A torchtune value that qlora's own checks refuse names the line of the key it was read from (not the
+    model's)."""
+    path = _config(tmp_path, "llama3_1_8B_qlora_single_device.yaml", model_for("llama-3.1", tmp_path),
+                   _rows(tmp_path), edit)
+    line = next(n for n, text in enumerate(path.read_text().splitlines(), 1) if text.startswith(key))
+    with pytest.raises(UsageError, match=re.escape(flag)) as info:
+        load_config(path, {})
+    assert str(info.value).startswith(f"{path} line {line} ")
+
+
 def test_defaults_where_the_file_is_silent(tmp_path):
     """The builders' lora_rank 8, alpha 16, dropout 0, no MLP; torch AdamW's lr 1e-3 and weight decay 0.01; no
     schedule: a constant rate; no clip_grad_norm: none; max_seq_len: one less (torchtune's last kept token is an

@@ -225,3 +225,19 @@ def test_what_lora_dpo_would_train_otherwise_is_refused_by_line(tmp_path, edit, 
     with pytest.raises(UsageError, match=match) as info:
         load_config(path, {})
     assert f"{path} line " in str(info.value)
+
+
+def test_kto_over_torchtunes_written_pairs_is_refused_by_row(tmp_path):
+    """--method kto reads each answer apart from its prompt; torchtune's pairs are whole conversations written by
+    its tokenizer (no prompt of their own), so KTO is refused naming the row (it crashed on them), and trains them
+    once --template writes them as chat messages."""
+    path = _config(tmp_path, "llama2_7B_lora_dpo_single_device.yaml", model_for("llama-2", tmp_path),
+                   lambda t: t.replace("batch_size: 4", "batch_size: 2"))
+    options = {"precision": "fp32", "method": "kto", "loss_type": "", "beta": 0.1}
+    trainer = Trainer(load_config(path, options))
+    with pytest.raises(UsageError, match=r"pairs\.jsonl line 1 .*--method kto.*--template") as info:
+        trainer.setup()
+    assert "--method dpo" in str(info.value)
+    trainer = Trainer(load_config(path, options | {"template": "tokenizer"}))
+    trainer.setup()
+    assert len(trainer.train_units) == 2 * len(PAIRS)

@@ -40,8 +40,7 @@ RUNTIME_ONLY = frozenset({
     "plot_loss", "report_to", "logging_dir", "run_name", "save_only_model", "trust_remote_code", "flash_attn",
     "disable_tqdm", "use_fast_tokenizer", "tokenized_path", "per_device_eval_batch_size", "eval_batch_size",
     "include_num_input_tokens_seen", "remove_unused_columns", "logging_first_step", "save_safetensors",
-    "quantization_device_map", "low_cpu_mem_usage", "wandb_project", "wandb_entity", "wandb_run_id",
-    "wandb_name", "wandb_watch", "wandb_log_model", "bnb_4bit_quant_storage", "eval_strategy",
+    "quantization_device_map", "low_cpu_mem_usage", "bnb_4bit_quant_storage", "eval_strategy",
     "evaluation_strategy", "save_strategy", "logging_strategy", "enable_liger_kernel", "use_unsloth",
     "use_unsloth_gc", "print_param_status", "deepspeed", "use_v1_kernels",
     # axolotl: model/tokenizer classes, caches, attention kernels, padding of packed rows (masked out of the
@@ -51,7 +50,7 @@ RUNTIME_ONLY = frozenset({
     "flash_attn_rms_norm", "flash_attn_fuse_qkv", "flash_attn_fuse_mlp", "eval_table_size",
     "eval_table_max_new_tokens", "local_rank", "debug", "is_mistral_derived_model",
     "is_llama_derived_model", "is_qwen_derived_model", "is_falcon_derived_model", "hub_model_id", "hub_strategy",
-    "loss_watchdog_threshold", "loss_watchdog_patience", "fsdp_config", "dataset_processes", "wandb_mode",
+    "loss_watchdog_threshold", "loss_watchdog_patience", "fsdp_config", "dataset_processes",
     "use_tensorboard", "tokenizer_use_fast", "tokenizer_legacy",
     "skip_prepare_dataset",  # its vision examples' switch off its dataset preparation cache
     # TRL's SFTConfig: preprocessing workers, padding-free batches (the same loss without pad tokens)
@@ -68,7 +67,7 @@ RUNTIME_ONLY = frozenset({
     # LLaMA-Factory: reentrant gradient checkpointing
     "use_reentrant_gc",
 })
-# Prefixes of logging sinks' settings (axolotl's swanlab_project, mlflow_tracking_uri, comet_workspace, ...).
+# Prefixes of logging sinks' settings (wandb_project, axolotl's swanlab_project, mlflow_tracking_uri, ...).
 RUNTIME_PREFIXES = ("wandb_", "swanlab_", "mlflow_", "comet_")
 # LLaMA-Factory's settings of videos and audio: they apply to rows with videos or audios, which qlora refuses when
 # it reads the data (its vision examples set them beside images all the same).
@@ -265,7 +264,7 @@ _EXACT_ATTENTION = frozenset({"eager", "sdpa", "flash_attention_2", "flash_atten
 
 
 def _attn_implementation(value: Any, where: str) -> Translation:
-    if value is None or value in _EXACT_ATTENTION:
+    if value is None or isinstance(value, str) and value in _EXACT_ATTENTION:
         return [], ""
     raise UsageError(f"{where}: attn_implementation {value!r}: qlora computes attention exactly (as eager, sdpa and "
                      "flash attention do); a quantized or hub-kernel attention computes something else. Remove the "
@@ -282,7 +281,7 @@ _RUNTIME_PLUGINS = frozenset({
 
 def _plugins(value: Any, where: str) -> Translation:
     listed = value if isinstance(value, list) else [value]
-    other = [str(p) for p in listed if p not in _RUNTIME_PLUGINS]
+    other = [str(p) for p in listed if not (isinstance(p, str) and p in _RUNTIME_PLUGINS)]
     if other:
         raise UsageError(f"{where}: plugins {', '.join(other)}: an axolotl plugin qlora has no counterpart for (it "
                          "passes over the kernel and logging ones: CutCrossEntropyPlugin, LigerPlugin, KernelsPlugin, "

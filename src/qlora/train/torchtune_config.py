@@ -95,18 +95,26 @@ def torchtune_options(loaded: dict, lines: dict[str, int], path: Path, overridde
         raise UsageError(f"{where[unknown[0]]}: {', '.join(unknown)}: not a key of torchtune's LoRA fine-tuning "
                          "recipes that qlora reads; remove it, or train this recipe with torchtune.")
     out: dict[str, Any] = {}
-    out |= _model(cfg["model"], where["model"])
-    out["model"] = _checkpoint_dir(cfg.get("checkpointer"), where.get("checkpointer", str(path)))
+    read_from: dict[str, str] = {}  # qlora's option -> the file's key it is read from (whose line names it)
+
+    def read(key: str, options: dict[str, Any]) -> None:
+        out.update(options)
+        read_from.update(dict.fromkeys(options, key))
+
+    read("model", _model(cfg["model"], where["model"]))
+    read("checkpointer", {"model": _checkpoint_dir(cfg.get("checkpointer"), where.get("checkpointer", str(path)))})
     template = "template" in overridden
     render, prompt_template, limit = _render(cfg.get("tokenizer"), where.get("tokenizer", str(path)), template)
-    out |= _dataset(cfg.get("dataset"), where.get("dataset", str(path)), render,
-                    {"prompt_template": prompt_template, "max_seq_len": limit})
-    out["seq_len"] = _seq_len(limit, out["model"], render, out["data"])
-    out |= _optimizer(cfg.get("optimizer"), where.get("optimizer", str(path)))
-    out |= _schedule(cfg.get("lr_scheduler"), where.get("lr_scheduler", str(path)))
+    read("dataset", _dataset(cfg.get("dataset"), where.get("dataset", str(path)), render,
+                             {"prompt_template": prompt_template, "max_seq_len": limit}))
+    read("tokenizer", {"seq_len": _seq_len(limit, out["model"], render, out["data"])})
+    read("optimizer", _optimizer(cfg.get("optimizer"), where.get("optimizer", str(path))))
+    read("lr_scheduler", _schedule(cfg.get("lr_scheduler"), where.get("lr_scheduler", str(path))))
     preference = json.loads(out["data"])[0]["torchtune"]["builder"] in PREFERENCE_BUILDERS
-    out |= _loss(cfg.get("loss"), where.get("loss", str(path)), preference)
-    out |= _training(cfg, where)
+    read("loss", _loss(cfg.get("loss"), where.get("loss", str(path)), preference))
+    training = _training(cfg, where)
+    out |= training
+    read_from |= {option: _TRAINING_KEYS.get(option, option) for option in training}
     passed = sorted(set(cfg) & RUNTIME)
     seed = "" if cfg.get("seed") is not None or "seed" in overridden else (
         "; seed: null draws a random seed in torchtune, qlora takes its default --seed "
@@ -116,8 +124,9 @@ def torchtune_options(loaded: dict, lines: dict[str, int], path: Path, overridde
           "where it is silent; its last partial batch of an epoch is trained (torchtune drops it)"
           f"{seed}; passing over {', '.join(passed) or 'nothing'} (its runtime: logging, kernels, devices)",
           file=sys.stderr)
-    for key in out:
-        lines.setdefault(key, lines.get("model", 0))
+    model_line = lines.get("model", 0)
+    for key in out:  # a value qlora checks later is named by the line it was read from (the model's: a default)
+        lines[key] = lines.get(read_from[key], model_line)
     return out
 
 
@@ -392,6 +401,11 @@ def _loss(value: Any, where: str, preference: bool) -> dict[str, Any]:
         raise UsageError(f"{where}: {name} with a preference dataset: lora_dpo trains pairs with "
                          f"{', '.join(_PREFERENCE_LOSSES)}; give one of them.")
     return {}
+
+
+# qlora's options that _training reads from a top-level key of another name
+_TRAINING_KEYS = {"grad_accum": "gradient_accumulation_steps", "precision": "dtype", "max_grad_norm": "clip_grad_norm",
+                  "gradient_checkpointing": "enable_activation_checkpointing", "output": "output_dir"}
 
 
 def _training(cfg: dict, where: dict[str, str]) -> dict[str, Any]:

@@ -43,7 +43,7 @@ from qlora.train.data.fields import (ROLE_NAMES, FieldMap, named_prompt, pair_hi
 from qlora.train.data.glaive import is_transcript, transcript, transcript_column
 from qlora.train.data.images import IMAGE_PART_TYPES, ImageRef, attach_images
 from qlora.train.data.message_trees import is_message_tree, top_threads
-from qlora.train.data.pieces import Piece
+from qlora.train.data.pieces import Piece, is_written
 from qlora.train.data.reasoning import REASONING_KEYS, THINK_CLOSE, message_reasoning, split_think
 from qlora.train.data.sources import Record
 
@@ -97,7 +97,7 @@ def row_format(fields: dict[str, Any]) -> str | None:
     """The format a row's fields look like (``"preference"`` for DPO pairs, ``"unpaired-preference"``
     for KTO rows), or None."""
     keys = set(fields)
-    if _pieces_row(fields):
+    if is_written(fields.get("pieces")):
         return "pieces"
     if "chosen" in keys and "rejected" in keys:
         return "preference"
@@ -424,14 +424,8 @@ def blank_text(example: Example) -> bool:
             and not (example.text or "").strip())
 
 
-def _pieces_row(fields: dict[str, Any]) -> bool:
-    """A row another tool's reader wrote as pieces (never a file's row: its pieces are objects)."""
-    pieces = fields.get("pieces")
-    return isinstance(pieces, tuple) and bool(pieces) and all(isinstance(p, Piece) for p in pieces)
-
-
 def _pieces(fields: dict[str, Any], where: str, names: FieldMap) -> Example:
-    if not _pieces_row(fields):
+    if not is_written(fields.get("pieces")):
         raise UsageError(f"{where}: this row is not in the pieces shape of the other rows.")
     return Example(None, None, where, pieces=fields["pieces"])
 

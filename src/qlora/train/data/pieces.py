@@ -23,6 +23,11 @@ class Piece:
     limit: int | None = None  # this token ends the row as torchtune's truncate() does (see piece_ids)
 
 
+def is_written(value) -> bool:
+    """Whether ``value`` is a text another tool's reader wrote as pieces (never a file's: its pieces are objects)."""
+    return isinstance(value, tuple) and bool(value) and all(isinstance(p, Piece) for p in value)
+
+
 def piece_ids(pieces: tuple[Piece, ...], tokenizer, where: str) -> tuple[list[int], list[bool]]:
     """``(ids, trained)`` of the pieces, each encoded alone without the tokenizer's own BOS/EOS.
 

@@ -58,7 +58,7 @@ from qlora.train.data.fields import (FieldMap, message_like, pair_hint, parse_da
 from qlora.train.data.formats import EMPTY_ANSWER, Example, empty_answer, normalize, unpaired_error, unpaired_label
 from qlora.train.data.image_examples import expanded_prompt, image_batch
 from qlora.train.data.images import ImageRef, as_parts, attach_images, has_image_parts, images_in
-from qlora.train.data.pieces import Piece, piece_ids
+from qlora.train.data.pieces import is_written, piece_ids
 from qlora.train.data.sources import Record
 from qlora.train.data.tokenize import IGNORE_INDEX, DataReport, for_template, tokenize_example
 
@@ -186,16 +186,11 @@ def pair_from_row(fields: dict[str, Any], where: str, names: FieldMap, chat: boo
     Raises:
         UsageError: a malformed row, or images outside the prompt's user turns or not readable.
     """
-    if all(_written(fields.get(key)) for key in ("chosen", "rejected")):
+    if all(is_written(fields.get(key)) for key in ("chosen", "rejected")):
         return PreferenceExample("", fields["chosen"], fields["rejected"], where, pieces=True)
     if images_in(fields):
         return with_images(_answered_pair(fields, where, names, True), fields, where, folders)
     return _answered_pair(fields, where, names, chat)
-
-
-def _written(value: Any) -> bool:
-    """A conversation another tool's reader wrote as pieces (never a file's: its pieces are objects)."""
-    return isinstance(value, tuple) and bool(value) and all(isinstance(p, Piece) for p in value)
 
 
 def _answered_pair(fields: dict[str, Any], where: str, names: FieldMap, chat: bool) -> PreferenceExample:

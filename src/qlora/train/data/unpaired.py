@@ -93,6 +93,11 @@ def normalize_unpaired(records: list[Record], fields: FieldMap | str | dict | No
         folders = [f for f in (r.folder, dataset_dir) if f]
         if "chosen" in r.fields and "rejected" in r.fields:
             pair: PreferenceExample = pair_from_row(r.fields, r.where, names, chat, folders)
+            if pair.pieces:
+                raise UsageError(f"{r.where}: this pair is two whole conversations as torchtune's tokenizer writes "
+                                 "them (its preference datasets), with no prompt apart from the answers that --method "
+                                 "kto could pair each answer with. Train it with --method dpo, or give --template to "
+                                 "write the rows with the model's chat template.")
             tie = pair.chosen == pair.rejected and not pair.skip  # the same answer labelled desirable and not
             out += [UnpairedExample(pair.prompt, answer, desirable, r.where, tie,  # a half with an answer stays
                                     pair.skip if pair.skip and (not pair.prompt or empty_answer(answer)) else None,
