@@ -87,6 +87,17 @@ def test_llama_factory_files_that_are_no_training_run_are_refused_at_their_line(
     assert f"{path} line {_line(name, key)}: {key}: " in err and says in err and "Traceback" not in err, err
 
 
+def test_a_llama_factory_training_file_passes_over_the_settings_of_its_later_export_and_inference(tmp_path, capsys):
+    path = tmp_path / "run.yaml"
+    path.write_text("model_name_or_path: m\nstage: sft\ndo_train: true\nfinetuning_type: lora\ndataset: d.jsonl\n"
+                    "output_dir: o\ninfer_backend: huggingface\nexport_dir: merged\nexport_size: 5\n"
+                    "vllm_maxlen: 4096\n")
+    cfg = load_config(path, {})
+    assert (cfg.model, cfg.method, cfg.output) == ("m", "sft", "o")
+    err = capsys.readouterr().err
+    assert "passing over infer_backend, export_dir, export_size, vllm_maxlen: LLaMA-Factory's export" in err, err
+
+
 @pytest.mark.parametrize("text, says", [
     ("attn_implementation: sage\n", "attn_implementation 'sage': qlora computes attention exactly"),
     ("attn_implementation: kernels-community/vllm-flash-attn3\n", "set it to sdpa"),

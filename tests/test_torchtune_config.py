@@ -206,6 +206,7 @@ def test_sentencepiece_max_seq_len_cuts_as_torchtune(tmp_path, name, family, bos
         cuts += len(whole) > limit
         assert got.input_ids == ids and got.labels == [IGNORE_INDEX] + ids[1:]
         assert got.input_ids[-1] == _one(tok, eos)[0]
+        assert got.truncated == (len(whole) > limit)  # the data report counts the cut rows
     assert cuts == (len(ROWS) if limit < 100 else 0)
 
 

@@ -788,6 +788,11 @@ _LLAMA_FACTORY_DEFAULTS = {"rank": 8, "dropout": 0.0, "seq_len": 2048, "lr": 5e-
                            "image_max_pixels": 768 * 768, "image_min_pixels": 32 * 32}
 
 
+# LLaMA-Factory's export (merge, quantize) and inference arguments: a training file (one with a stage) may carry
+# them for the later run; a file without a stage is that run, refused by foreign_keys naming qlora's command for it.
+_LLAMA_FACTORY_AFTER = ("export_", "infer_", "vllm_", "sglang_")
+
+
 def _llama_factory(loaded: dict, lines: dict[str, int], path: Path,
                    overridden: frozenset[str] = frozenset()) -> dict:
     """LLaMA-Factory's ``stage``, ``pref_loss`` and ``pref_ftx`` as qlora's method and loss type (stage pt: SFT on
@@ -799,6 +804,11 @@ def _llama_factory(loaded: dict, lines: dict[str, int], path: Path,
         return loaded
     out = {k: v for k, v in loaded.items() if k not in keys}
     if "stage" in loaded:
+        unused = [k for k in out if str(k).startswith(_LLAMA_FACTORY_AFTER)]
+        if unused:  # a training file that also holds the settings of its export or inference run
+            print(f"qlora train: {path}: passing over {', '.join(map(str, unused))}: LLaMA-Factory's export and "
+                  "inference settings, which its training does not read", file=sys.stderr)
+            out = {k: v for k, v in out.items() if k not in unused}
         applied = _llama_factory_defaults(out, lines, lines.get("stage", 0))
         if applied:
             print(f"qlora train: {path} is a LLaMA-Factory file (stage): what it leaves out takes LLaMA-Factory's "

@@ -28,8 +28,9 @@ def is_written(value) -> bool:
     return isinstance(value, tuple) and bool(value) and all(isinstance(p, Piece) for p in value)
 
 
-def piece_ids(pieces: tuple[Piece, ...], tokenizer, where: str) -> tuple[list[int], list[bool]]:
-    """``(ids, trained)`` of the pieces, each encoded alone without the tokenizer's own BOS/EOS.
+def piece_ids(pieces: tuple[Piece, ...], tokenizer, where: str) -> tuple[list[int], list[bool], bool]:
+    """``(ids, trained, cut)`` of the pieces, each encoded alone without the tokenizer's own BOS/EOS; ``cut``: a
+    ``limit`` dropped ids (the data report counts the row as truncated).
 
     A last token piece with a ``limit`` is torchtune's ``truncate(ids, limit, eos)``, not a token of its own: the
     first ``limit`` ids are kept and the last made this token unless it is one already; that last id is trained
@@ -56,16 +57,17 @@ def piece_ids(pieces: tuple[Piece, ...], tokenizer, where: str) -> tuple[list[in
                 got = got[len(_encode(tokenizer, piece.after, piece.specials)):]
         ids += got
         mask += [piece.trained] * len(got)
-    return ids, mask
+    return ids, mask, False
 
 
-def _truncated(ids: list[int], mask: list[bool], end: Piece, tokenizer, where: str) -> tuple[list[int], list[bool]]:
+def _truncated(ids: list[int], mask: list[bool], end: Piece, tokenizer,
+               where: str) -> tuple[list[int], list[bool], bool]:
     cut = len(ids) > end.limit
     ids, mask = ids[:end.limit], mask[:end.limit]
     if ids:
         ids[-1] = piece_ids((Piece(end.text, end.trained, token=True),), tokenizer, where)[0][0]
         mask[-1] = mask[-1] if cut else end.trained
-    return ids, mask
+    return ids, mask, cut
 
 
 def _encode(tokenizer, text: str, specials: bool) -> list[int]:

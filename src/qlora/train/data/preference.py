@@ -387,10 +387,11 @@ def _written_pair(example: PreferenceExample, tokenizer, seq_len: int | None, in
     prompt is their shared start and each answer keeps the trained flags of its tokens. Trained tokens of the
     shared start (``train_on_input``) are left out: they add the same log-prob to both answers, so DPO's margins,
     and its loss, are the same without them."""
-    (chosen, chosen_mask), (rejected, rejected_mask) = (piece_ids(p, tokenizer, example.where)
-                                                        for p in (example.chosen, example.rejected))
+    (chosen, chosen_mask, chosen_cut), (rejected, rejected_mask, rejected_cut) = (
+        piece_ids(p, tokenizer, example.where) for p in (example.chosen, example.rejected))
     n = common_prefix(chosen, rejected)
     prompt, chosen, rejected, truncated = _cut(chosen[:n], chosen[n:], rejected[n:], seq_len)
+    truncated = truncated or chosen_cut or rejected_cut
     trained = (tuple(chosen_mask[n:n + len(chosen)]), tuple(rejected_mask[n:n + len(rejected)]))
     return TokenizedPair(prompt, chosen, rejected, index, truncated, trained=trained)
 

@@ -168,14 +168,14 @@ def tokenize_example(
                          "(the one generation_config.json's eos_token_id names).")
     fmt = chat_template if isinstance(chat_template, ChatFormat) else ChatFormat(chat_template)
     stops = set(stop_ids) if stop_ids is not None else stop_token_ids(tokenizer)
-    hidden = 0
+    hidden, cut = 0, False  # cut: a limit of the row's own pieces dropped ids (torchtune's max_seq_len)
     if blank_text(example) or example.skip:  # nothing to learn; TRL would train an EOS after nothing
         return TokenizedExample([], [], index)
     if example.images:
         raise UsageError(f"{example.where}: this row holds images; they train with --method sft on a "
                          "vision-language model (one with a vision tower and an image processor).")
     if example.pieces is not None:  # written piece by piece, its BOS and EOS among them
-        ids, mask = piece_ids(example.pieces, tokenizer, example.where)
+        ids, mask, cut = piece_ids(example.pieces, tokenizer, example.where)
         if train_on == "all":
             mask = [True] * len(ids)
         needs_eos = False
@@ -203,7 +203,7 @@ def tokenize_example(
     if truncated:
         ids, mask = ids[:seq_len], mask[:seq_len]
     labels = [t if m else IGNORE_INDEX for t, m in zip(ids, mask)]
-    return TokenizedExample(ids, labels, index, truncated, hidden)
+    return TokenizedExample(ids, labels, index, truncated or cut, hidden)
 
 
 def tokenize_dataset(
