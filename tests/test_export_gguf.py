@@ -566,6 +566,7 @@ LLAMA4 = dict(attention_chunk_size=8192, num_hidden_layers=4, no_rope_layers=[1,
     ("hunyuan_v1_moe", dict(head_dim=8, attention_bias=True), "attention_bias=True"),
     # llama.cpp's llama4 fixes the chunk size, and has Q/K norms unless there are 128 experts
     ("llama4_text", dict(LLAMA4, attention_chunk_size=16), "attention_chunk_size=16"),
+    ("llama4_text", dict(LLAMA4, attention_chunk_size=None), "attention_chunk_size=None"),  # no chunks at all
     ("llama4_text", dict(LLAMA4, use_qk_norm=False), "use_qk_norm=False"),
     # llama.cpp's minicpm3 hard-codes MiniCPM's scales and compressed queries
     ("minicpm3", dict(num_key_value_heads=4, scale_emb=10), "scale_emb=10"),

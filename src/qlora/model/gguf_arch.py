@@ -556,8 +556,10 @@ def _write_llama4_layers(writer, config) -> None:
     expected = {**LLAMA4_FIXED, "moe_layers": [i for i in range(layers) if (i + 1) % step == 0], "no_rope_layers": rope,
                 "layer_types": ["chunked_attention" if r else "full_attention" for r in rope],
                 "use_qk_norm": config.num_local_experts != 128}
+    # a key the config lacks takes llama.cpp's value; a null chunk size is a setting (no chunks), not a lack
     differs = [f"{key}={getattr(config, key)!r}" for key, value in expected.items()
-               if getattr(config, key, None) not in (None, value)]
+               if getattr(config, key, None) not in (None, value)
+               or key == "attention_chunk_size" and getattr(config, key, value) is None]
     if differs:
         raise UsageError(f"this Llama 4 config has {', '.join(differs)}, which llama.cpp's llama4 does not compute (it "
                          f"fixes {LLAMA4_FIXED}, experts on every interleave_moe_layer_step-th layer, RoPE-less "
