@@ -65,7 +65,7 @@ from .protocol import APIError, ChatCompletionRequest, CompletionRequest, _Body,
 from .response_store import DEFAULT_CAPACITY, RUNNING, ResponseStore, list_page, with_ids
 from .responses import (FINISHED, ResponsesRequest, ResponseWriter, StreamedMessage, checked_include,
                         drop_oldest_turn, partial_output, shown)
-from .vllm_extras import Guide, check_extras, stop_ids as request_stop_ids, token_filter, truncated
+from .vllm_extras import Guide, check_extras, refuse_dead_start, stop_ids as request_stop_ids, token_filter, truncated
 
 log = logging.getLogger("qlora")
 TYPE_TAGS = {"str", "int", "float", "bool", "dict", "list", "none"}
@@ -295,6 +295,7 @@ def build_app(batcher: ContinuousBatcher, base_id: str, adapters: list[str], api
                 generation.constraint = JsonReply(tokenizer, json_reply[0], chat_stops, root_object=json_reply[1])
             if guide is not None:
                 generation.constraint = _guided(guide, tokenizer, chat_stops)
+            refuse_dead_start(generation.constraint, masked, guide.param if guide is not None else "response_format")
             choices.append(_Choice(index, generation, plan, echo=echo, first=index == 0, role=role))
         return choices
 
@@ -470,6 +471,7 @@ def build_app(batcher: ContinuousBatcher, base_id: str, adapters: list[str], api
                 generation.token_filter = masked
                 if guide is not None:
                     generation.constraint = _guided(guide, tokenizer, text_stops)
+                    refuse_dead_start(generation.constraint, masked, guide.param)
                 choices.append(_Choice(number * body.n + index, generation, echo=echo, first=index == 0,
                                        echo_logprobs=echo_logprobs))
         return choices
