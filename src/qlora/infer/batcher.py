@@ -17,9 +17,10 @@ with its prompt and its tokens are chosen by the constraint; the batch's other r
 still take one argmax for all, so their tokens are what they would be alone. A row may carry a
 :class:`~qlora.infer.token_filter.TokenFilter` (vLLM's ``allowed_token_ids`` and ``bad_words``): its
 masked tokens are never chosen, by sampling, by a constraint (a constraint's fixed first tokens are
-not filtered) or by the model's forced BOS/EOS (then not forced); when every token is masked the row ends: with
-``"stop"`` where its constraint's reply is whole (the constraint ends it, as an end-of-turn token the mask left out
-would), else with ``"length"`` (cut where nothing may follow, as a token limit would cut it).
+not filtered) or by the model's forced BOS/EOS (then not forced). When no token may follow (every token masked,
+or none of the vocabulary continues the constraint) the row ends: with ``"stop"`` where its constraint's reply is
+whole (the constraint ends it, as an end-of-turn token the mask left out would), else with ``"length"`` (cut where
+nothing may follow, as a token limit would cut it).
 
 A failure of one row's own work (its prefill, its constraint, its text) ends that row alone with
 ``finish_reason="error"``, logged with its traceback; a failed decode forward ends every row of the batch.
@@ -407,14 +408,9 @@ class ContinuousBatcher:
         """Record ``token`` (chosen from ``logits``) for ``row`` and emit its text; True when the row is finished."""
         request = row.request
         if token is None:  # a constraint or token filter that no token of the vocabulary satisfies
-            if request.constraint is not None and request.constraint.complete:
-                reason = "stop"  # the constraint's whole reply, its end-of-turn token masked or absent
-            elif request.token_filter is not None:
-                reason = "length"  # the request's own mask leaves nothing to write: the reply is cut here
-            else:
-                self._emit(row, row.text.flush(), "error", "no token of the vocabulary continues the constrained reply")
-                self.stats["requests_failed"] += 1
-                return True
+            # The constraint's whole reply, its end-of-turn token masked or absent, ends; one nothing may continue
+            # (the mask, or a character the vocabulary writes only with byte tokens) is cut here.
+            reason = "stop" if request.constraint is not None and request.constraint.complete else "length"
             self._emit(row, row.text.flush(), reason)
             self.stats["requests_completed"] += 1
             return True

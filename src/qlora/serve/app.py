@@ -295,7 +295,9 @@ def build_app(batcher: ContinuousBatcher, base_id: str, adapters: list[str], api
                 generation.constraint = JsonReply(tokenizer, json_reply[0], chat_stops, root_object=json_reply[1])
             if guide is not None:
                 generation.constraint = _guided(guide, tokenizer, chat_stops)
-            refuse_dead_start(generation.constraint, masked, guide.param if guide is not None else "response_format")
+            if index == 0:  # the same start for every choice
+                what = guide.param if guide is not None else "response_format" if json_reply is not None else "tool_choice"
+                refuse_dead_start(generation.constraint, masked, what, len(tokenizer))
             choices.append(_Choice(index, generation, plan, echo=echo, first=index == 0, role=role))
         return choices
 
@@ -471,7 +473,8 @@ def build_app(batcher: ContinuousBatcher, base_id: str, adapters: list[str], api
                 generation.token_filter = masked
                 if guide is not None:
                     generation.constraint = _guided(guide, tokenizer, text_stops)
-                    refuse_dead_start(generation.constraint, masked, guide.param)
+                    if number == index == 0:
+                        refuse_dead_start(generation.constraint, masked, guide.param, len(tokenizer))
                 choices.append(_Choice(number * body.n + index, generation, echo=echo, first=index == 0,
                                        echo_logprobs=echo_logprobs))
         return choices
