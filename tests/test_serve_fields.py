@@ -546,3 +546,24 @@ def test_a_lone_surrogate_is_a_400_naming_its_field(served):
         assert key.status_code == 400 and key.json()["error"]["param"] == "metadata", key.text
         pair = http.post("/v1/chat/completions", content=bodies["/v1/chat/completions"][0] % '"\\ud83d\\ude00"')
         assert pair.status_code == 200, pair.text
+
+
+def test_stream_options_go_with_a_stream_only(served):
+    """vLLM's rule: stream_options without stream: true is a 400 naming it (it was silently dropped), and
+    include_usage is a boolean; with a stream, include_usage adds the usage chunk."""
+    _, _, client, _ = served
+    hello = [{"role": "user", "content": "Hi"}]
+    with pytest.raises(openai.BadRequestError) as exc:
+        client.chat.completions.create(model="a", messages=hello, max_tokens=2, stream_options={"include_usage": True})
+    assert exc.value.param == "stream_options"
+    with pytest.raises(openai.BadRequestError) as exc:
+        client.completions.create(model="a", prompt="Hi", max_tokens=2, stream_options={"include_usage": True})
+    assert exc.value.param == "stream_options"
+    with pytest.raises(openai.BadRequestError) as exc:
+        client.chat.completions.create(model="a", messages=hello, max_tokens=2, stream=True,
+                                       stream_options={"include_usage": "yes"})
+    assert exc.value.param == "stream_options.include_usage"
+    chunks = list(client.chat.completions.create(model="a", messages=hello, max_tokens=2, stream=True,
+                                                 stream_options={"include_usage": True}))
+    assert chunks[-1].usage.completion_tokens == 2 and not chunks[-1].choices
+    assert client.chat.completions.create(model="a", messages=hello, max_tokens=2, stream_options=None).usage

@@ -216,6 +216,18 @@ class _Body(KnownFields):
     use_beam_search: bool = False  # refused when true
     length_penalty: float = 1.0  # beam search's only: changes nothing here
 
+    @model_validator(mode="after")
+    def _stream_options_need_stream(self) -> "_Body":
+        """``stream_options`` shape a stream only: sent without one it is a 400 (vLLM's answer), not dropped."""
+        if self.stream_options and not self.stream:
+            raise APIError(400, "'stream_options' is only allowed when 'stream' is true; send 'stream': true, or "
+                                "the request without 'stream_options'", "stream_options")
+        usage = (self.stream_options or {}).get("include_usage")
+        if usage is not None and not isinstance(usage, bool):
+            raise APIError(400, f"'stream_options.include_usage' must be true or false, got {usage!r}",
+                           "stream_options.include_usage")
+        return self
+
     def stop_strings(self) -> tuple[str, ...]:
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         if len(stop) > MAX_STOP_STRINGS:
