@@ -145,12 +145,18 @@ def build_app(batcher: ContinuousBatcher, base_id: str, adapters: list[str], api
     async def stats() -> dict[str, int]:
         return batcher.load()
 
+    def model_card(mid: str) -> dict[str, Any]:
+        return {"id": mid, "object": "model", "created": created, "owned_by": "qlora", "root": base_id,
+                "parent": None if ids[mid] is None else base_id}
+
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
-        data = [{"id": mid, "object": "model", "created": created, "owned_by": "qlora",
-                 "root": base_id, "parent": None if adapter is None else base_id}
-                for mid, adapter in ids.items()]
-        return {"object": "list", "data": data}
+        return {"object": "list", "data": [model_card(mid) for mid in ids]}
+
+    @app.get("/v1/models/{model_id:path}")  # client.models.retrieve; an id may hold "/" (--served-model-name org/x)
+    async def retrieve_model(model_id: str) -> dict[str, Any]:
+        _adapter(ids, model_id, 404)
+        return model_card(model_id)
 
     async def off_loop(fn, *args):
         """``fn(*args)`` on the set-up thread; its exceptions (APIErrors included) raised here."""
