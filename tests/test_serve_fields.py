@@ -529,10 +529,11 @@ def test_a_lone_surrogate_is_a_400_naming_its_field(served):
     server = served[0]
     half = '"a\\ud83d b"'
     bodies = {
-        "/v1/chat/completions": ('{"model":"a","max_tokens":2,"messages":[{"role":"user","content":%s}]}', "messages.0.content"),
+        "/v1/chat/completions": ('{"model":"a","max_tokens":2,"messages":[{"role":"user","content":%s}]}',
+                                 "messages.0.content"),
         "/v1/completions": ('{"model":"a","max_tokens":2,"prompt":["x",%s]}', "prompt.1"),
-        "/v1/responses": ('{"model":"a","max_output_tokens":2,"input":[{"role":"user","content":[{"type":"input_text","text":%s}]}]}',
-                          "input.0.content.0.text"),
+        "/v1/responses": ('{"model":"a","max_output_tokens":2,"input":[{"role":"user","content":'
+                          '[{"type":"input_text","text":%s}]}]}', "input.0.content.0.text"),
         "/v1/conversations": ('{"metadata":{"k":%s}}', "metadata.k"),
     }
     with httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {KEY}",

@@ -180,7 +180,8 @@ def test_a_mask_without_the_end_of_turn_ends_a_guided_reply_where_its_constraint
     assert "".join(c.delta.content or "" for c in chunks) == "yes" and chunks[-1].finish_reason == "stop"
     done = _complete(client, PROMPT, extra_body=guided).choices[0]
     assert (done.text, done.finish_reason) == ("yes", "stop")
-    schema = {"type": "object", "properties": {"a": {"type": "boolean"}}, "required": ["a"], "additionalProperties": False}
+    schema = {"type": "object", "properties": {"a": {"type": "boolean"}}, "required": ["a"],
+              "additionalProperties": False}
     json_ids = sorted(set(tok.encode('{"a": true}', add_special_tokens=False)) - stops)
     reply = _chat(client, max_tokens=40, response_format={"type": "json_schema", "json_schema": {
         "name": "a", "schema": schema, "strict": True}}, extra_body={"allowed_token_ids": json_ids}).choices[0]

@@ -302,7 +302,8 @@ def build_app(batcher: ContinuousBatcher, base_id: str, adapters: list[str], api
             if guide is not None:
                 generation.constraint = _guided(guide, tokenizer, chat_stops)
             if index == 0:  # the same start for every choice
-                what = guide.param if guide is not None else "response_format" if json_reply is not None else "tool_choice"
+                what = guide.param if guide is not None else \
+                    "response_format" if json_reply is not None else "tool_choice"
                 refuse_dead_start(generation.constraint, masked, what, len(tokenizer))
             choices.append(_Choice(index, generation, plan, echo=echo, first=index == 0, role=role))
         return choices
