@@ -115,7 +115,13 @@ class _FailingConstraint:
     def __init__(self, good: int) -> None:
         self.good = good
 
-    def choose(self, logits: torch.Tensor, options: SamplingOptions, generator: torch.Generator) -> int:
+    complete = False
+
+    def accepts(self, token: int) -> bool:
+        return True
+
+    def choose(self, logits: torch.Tensor, options: SamplingOptions, generator: torch.Generator,
+               allows=None) -> int:
         if self.good == 0:
             raise RuntimeError("injected fault")
         self.good -= 1

@@ -131,7 +131,13 @@ def test_completions_equal_qlora_generate(served, capsys, tiny_model_dir, adapte
 
 def test_models_lists_base_and_adapters(served):
     _, _, client, _ = served
-    assert [m.id for m in client.models.list()] == ["tiny", "a", "b"]
+    listed = list(client.models.list())
+    assert [m.id for m in listed] == ["tiny", "a", "b"]
+    for card in listed:  # client.models.retrieve (GET /v1/models/{id}) answers each as the list does
+        assert client.models.retrieve(card.id) == card
+    with pytest.raises(openai.NotFoundError) as exc:
+        client.models.retrieve("no/such-model")
+    assert exc.value.body["code"] == "model_not_found" and exc.value.body["param"] == "model"
 
 
 def test_stop_strings_cut_the_reply(served):

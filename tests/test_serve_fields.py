@@ -519,3 +519,52 @@ def test_bad_logprob_requests_are_400(served):
     with pytest.raises(openai.BadRequestError) as exc:
         client.completions.create(model="a", prompt="Hi", logprobs=21)
     assert exc.value.param == "logprobs"
+
+
+def test_a_lone_surrogate_is_a_400_naming_its_field(served):
+    """JSON may escape half a UTF-16 pair, which is no character (no tokenizer takes it: it was a 500): a 400 naming
+    the field on every route, while the whole pair is the character it spells."""
+    import httpx
+
+    server = served[0]
+    half = '"a\\ud83d b"'
+    bodies = {
+        "/v1/chat/completions": ('{"model":"a","max_tokens":2,"messages":[{"role":"user","content":%s}]}',
+                                 "messages.0.content"),
+        "/v1/completions": ('{"model":"a","max_tokens":2,"prompt":["x",%s]}', "prompt.1"),
+        "/v1/responses": ('{"model":"a","max_output_tokens":2,"input":[{"role":"user","content":'
+                          '[{"type":"input_text","text":%s}]}]}', "input.0.content.0.text"),
+        "/v1/conversations": ('{"metadata":{"k":%s}}', "metadata.k"),
+    }
+    with httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {KEY}",
+                                                    "content-type": "application/json"}, timeout=30) as http:
+        for route, (body, param) in bodies.items():
+            reply = http.post(route, content=body % half)
+            assert reply.status_code == 400 and reply.json()["error"]["param"] == param, reply.text
+            assert "lone UTF-16 surrogate" in reply.json()["error"]["message"]
+        key = http.post("/v1/chat/completions", content='{"model":"a","max_tokens":2,"stream":true,"messages":[{"role":'
+                                                        '"user","content":"x"}],"metadata":{%s:"v"}}' % half)
+        assert key.status_code == 400 and key.json()["error"]["param"] == "metadata", key.text
+        pair = http.post("/v1/chat/completions", content=bodies["/v1/chat/completions"][0] % '"\\ud83d\\ude00"')
+        assert pair.status_code == 200, pair.text
+
+
+def test_stream_options_go_with_a_stream_only(served):
+    """vLLM's rule: stream_options without stream: true is a 400 naming it (it was silently dropped), and
+    include_usage is a boolean; with a stream, include_usage adds the usage chunk."""
+    _, _, client, _ = served
+    hello = [{"role": "user", "content": "Hi"}]
+    with pytest.raises(openai.BadRequestError) as exc:
+        client.chat.completions.create(model="a", messages=hello, max_tokens=2, stream_options={"include_usage": True})
+    assert exc.value.param == "stream_options"
+    with pytest.raises(openai.BadRequestError) as exc:
+        client.completions.create(model="a", prompt="Hi", max_tokens=2, stream_options={"include_usage": True})
+    assert exc.value.param == "stream_options"
+    with pytest.raises(openai.BadRequestError) as exc:
+        client.chat.completions.create(model="a", messages=hello, max_tokens=2, stream=True,
+                                       stream_options={"include_usage": "yes"})
+    assert exc.value.param == "stream_options.include_usage"
+    chunks = list(client.chat.completions.create(model="a", messages=hello, max_tokens=2, stream=True,
+                                                 stream_options={"include_usage": True}))
+    assert chunks[-1].usage.completion_tokens == 2 and not chunks[-1].choices
+    assert client.chat.completions.create(model="a", messages=hello, max_tokens=2, stream_options=None).usage

@@ -11,6 +11,8 @@ request's template.
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -161,6 +163,46 @@ def test_masks_hold_under_guided_decoding(served):
         reply = _chat(client, temperature=1.0 if seed else 0, seed=seed,
                       extra_body={"guided_choice": ["yes", "no"], "allowed_token_ids": only_no})
         assert reply.choices[0].message.content == "no"
+
+
+def test_a_mask_without_the_end_of_turn_ends_a_guided_reply_where_its_constraint_does(served):
+    """vLLM's allowed_token_ids leave EOS out: a guided reply made whole by the allowed tokens ends there ("stop",
+    the constraint's end), one they cannot finish is cut ("length"), and ids that cannot begin it are a 400."""
+    batcher, client, tok, _ = served
+    stops = set(stop_token_ids(batcher.model, tok))
+    yes = tok.encode("yes", add_special_tokens=False)
+    assert not stops & set(yes)
+    guided = {"guided_choice": ["yes", "no"], "allowed_token_ids": yes}
+    for seed in (None, 3):
+        reply = _chat(client, temperature=1.0 if seed else 0, seed=seed, extra_body=guided).choices[0]
+        assert (reply.message.content, reply.finish_reason) == ("yes", "stop")
+    chunks = [c.choices[0] for c in _chat(client, stream=True, extra_body=guided) if c.choices]
+    assert "".join(c.delta.content or "" for c in chunks) == "yes" and chunks[-1].finish_reason == "stop"
+    done = _complete(client, PROMPT, extra_body=guided).choices[0]
+    assert (done.text, done.finish_reason) == ("yes", "stop")
+    schema = {"type": "object", "properties": {"a": {"type": "boolean"}}, "required": ["a"],
+              "additionalProperties": False}
+    json_ids = sorted(set(tok.encode('{"a": true}', add_special_tokens=False)) - stops)
+    reply = _chat(client, max_tokens=40, response_format={"type": "json_schema", "json_schema": {
+        "name": "a", "schema": schema, "strict": True}}, extra_body={"allowed_token_ids": json_ids}).choices[0]
+    assert reply.finish_reason == "stop" and json.loads(reply.message.content) == {"a": True}
+    lazy = tok.encode("lazy", add_special_tokens=False)  # none of them writes the space that " dog" starts with
+    assert not any(tok.decode([t]).startswith(" ") for t in lazy)
+    cut = _chat(client, extra_body={"guided_choice": ["lazy dog"], "allowed_token_ids": lazy}).choices[0]
+    assert (cut.message.content, cut.finish_reason) == ("lazy", "length")
+    dog = tok.encode("dog", add_special_tokens=False)  # no token of "dog" starts "yes" or "no"
+    for body in (guided | {"allowed_token_ids": dog}, {"guided_regex": "y+", "allowed_token_ids": dog}):
+        message = _refused(lambda: _chat(client, extra_body=body), "allowed_token_ids")
+        assert next(k for k in body if k.startswith("guided")) in message
+        _refused(lambda: _complete(client, PROMPT, extra_body=body), "allowed_token_ids")
+        _refused(lambda: _chat(client, stream=True, extra_body=body), "allowed_token_ids")
+    _refused(lambda: _chat(client, response_format={"type": "json_object"}, extra_body={"allowed_token_ids": dog}),
+             "allowed_token_ids")
+    first = tok.decode(yes[:1])  # a bad word masking the only allowed token that begins "yes"
+    assert tok.encode(first, add_special_tokens=False) == yes[:1] and yes[0] not in yes[1:]
+    assert "bad_words" in _refused(lambda: _chat(client, extra_body={**guided, "bad_words": [first]}),
+                                   "allowed_token_ids")
+    _refused(lambda: _chat(client, extra_body={"allowed_token_ids": yes[:1], "bad_words": [first]}), "bad_words")
 
 
 def test_prompt_logprobs_equal_log_softmax_of_the_forward(served):

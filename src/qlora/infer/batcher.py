@@ -17,7 +17,10 @@ with its prompt and its tokens are chosen by the constraint; the batch's other r
 still take one argmax for all, so their tokens are what they would be alone. A row may carry a
 :class:`~qlora.infer.token_filter.TokenFilter` (vLLM's ``allowed_token_ids`` and ``bad_words``): its
 masked tokens are never chosen, by sampling, by a constraint (a constraint's fixed first tokens are
-not filtered) or by the model's forced BOS/EOS (then not forced); when every token is masked the row fails.
+not filtered) or by the model's forced BOS/EOS (then not forced). When no token may follow (every token masked,
+or none of the vocabulary continues the constraint) the row ends: with ``"stop"`` where its constraint's reply is
+whole (the constraint ends it, as an end-of-turn token the mask left out would), else with ``"length"`` (cut where
+nothing may follow, as a token limit would cut it).
 
 A failure of one row's own work (its prefill, its constraint, its text) ends that row alone with
 ``finish_reason="error"``, logged with its traceback; a failed decode forward ends every row of the batch.
@@ -81,13 +84,20 @@ class Constraint(Protocol):
     """Decoding restricted per request (e.g. :class:`~qlora.infer.forced_call.ForcedCall`).
 
     ``prefix_ids``: tokens the reply starts with, prefilled with the prompt. ``choose``: the next
-    token from the row's logits, logit bias and penalties already applied (None: nothing may follow,
-    the request fails); called once per step.
+    token from the row's logits, logit bias and penalties already applied, among those ``allows``
+    allows (the row's token filter; None: nothing may follow); called once per step. ``complete``:
+    whether the reply so far is whole (it may end here). ``accepts``: whether a token may come next.
     """
 
     prefix_ids: list[int]
 
-    def choose(self, logits: torch.Tensor, options: SamplingOptions, generator: torch.Generator) -> int | None: ...
+    @property
+    def complete(self) -> bool: ...
+
+    def accepts(self, token: int) -> bool: ...
+
+    def choose(self, logits: torch.Tensor, options: SamplingOptions, generator: torch.Generator,
+               allows: Callable[[int], bool] | None = None) -> int | None: ...
 
 
 @dataclass
@@ -350,14 +360,11 @@ class ContinuousBatcher:
         if request.constraint is not None:
             if row.penalties is not None:
                 logits = row.penalties(logits)
-            token = request.constraint.choose(logits, request.options, row.generator)
-        elif request.token_filter is not None and not torch.isfinite(logits).any():
+            allows = None if request.token_filter is None else lambda t: request.token_filter.allows(t, reply)
+            return request.constraint.choose(logits, request.options, row.generator, allows)
+        if request.token_filter is not None and not torch.isfinite(logits).any():
             return None  # nothing left to sample from
-        else:
-            token = next_token(logits, request.options, row.generator, row.penalties)
-        if token is not None and request.token_filter is not None and not request.token_filter.allows(token, reply):
-            return None  # a masked token comes first only when no allowed one may follow (a constraint's scan)
-        return token
+        return next_token(logits, request.options, row.generator, row.penalties)
 
     def _batch_step(self, last: list[int], lengths: list[int], cache):
         """The forward of one decode step: each row's ``last`` token after the ``lengths[i]`` tokens its
@@ -401,10 +408,11 @@ class ContinuousBatcher:
         """Record ``token`` (chosen from ``logits``) for ``row`` and emit its text; True when the row is finished."""
         request = row.request
         if token is None:  # a constraint or token filter that no token of the vocabulary satisfies
-            what = "the constrained reply" if request.constraint is not None else "the reply"
-            masked = " (allowed_token_ids and bad_words mask the others)" if request.token_filter is not None else ""
-            self._emit(row, row.text.flush(), "error", f"no token of the vocabulary continues {what}{masked}")
-            self.stats["requests_failed"] += 1
+            # The constraint's whole reply, its end-of-turn token masked or absent, ends; one nothing may continue
+            # (the mask, or a character the vocabulary writes only with byte tokens) is cut here.
+            reason = "stop" if request.constraint is not None and request.constraint.complete else "length"
+            self._emit(row, row.text.flush(), reason)
+            self.stats["requests_completed"] += 1
             return True
         self.stats["tokens_generated"] += 1
         if row.penalties is not None:

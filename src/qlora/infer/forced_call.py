@@ -24,7 +24,7 @@ reply never holds parallel calls.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import torch
 
@@ -202,17 +202,28 @@ class ForcedCall:
             self.matcher = self.matcher.feed(spelled)  # type: ignore[assignment]
         self._spelled: dict[str, list[int]] = {}
 
-    def choose(self, logits: torch.Tensor, options: SamplingOptions, generator: torch.Generator | None) -> int | None:
-        """The next token of the call (None: no token of the vocabulary continues it)."""
+    @property
+    def complete(self) -> bool:
+        """Whether the whole call is written (the reply may end here)."""
+        return self.matcher.done
+
+    def choose(self, logits: torch.Tensor, options: SamplingOptions, generator: torch.Generator | None,
+               allows: Callable[[int], bool] | None = None) -> int | None:
+        """The next token of the call among those ``allows`` allows (None: no token of the vocabulary continues it)."""
         if self.matcher.done:
-            stops = [t for t in self.stop_ids if t < logits.numel()]
+            stops = [t for t in self.stop_ids if t < logits.numel() and (allows is None or allows(t))]
             return max(stops, key=lambda t: float(logits[t])) if stops else None
-        token = choose_token(logits, options, generator, self._accepts, self._preferred())
+        token = choose_token(logits, options, generator,
+                             self.accepts if allows is None else lambda t: allows(t) and self.accepts(t),
+                             self._preferred())
         if token is not None:
             self.matcher = self.matcher.feed(self.texts.text(token, self.keep))  # type: ignore[arg-type]
         return token
 
-    def _accepts(self, token: int) -> bool:
+    def accepts(self, token: int) -> bool:
+        """Whether ``token`` may come next."""
+        if token in self.stop_ids:
+            return self.matcher.done
         text = self.texts.text(token, self.keep)
         return bool(text) and self.matcher.feed(text) is not None
 

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import torch
 
+from typing import Callable
+
 from .constrained import TokenTexts, choose_token
 from .generate import SamplingOptions
 from .json_prefix import JsonPrefix
@@ -39,17 +41,25 @@ class JsonReply:
         self.stop_ids = frozenset(stop_ids)
         self.state = JsonPrefix.start(schema, root_object)
 
-    def choose(self, logits: torch.Tensor, options: SamplingOptions, generator: torch.Generator | None) -> int | None:
-        """The next token of the reply (None: no token of the vocabulary continues it)."""
-        stops = [t for t in self.stop_ids if t < logits.numel()]
+    @property
+    def complete(self) -> bool:
+        """Whether the reply so far is a whole valid value (it may end here)."""
+        return self.state.complete
+
+    def choose(self, logits: torch.Tensor, options: SamplingOptions, generator: torch.Generator | None,
+               allows: Callable[[int], bool] | None = None) -> int | None:
+        """The next token of the reply among those ``allows`` allows (None: no token of the vocabulary continues it)."""
         if self.state.closed:
+            stops = [t for t in self.stop_ids if t < logits.numel() and (allows is None or allows(t))]
             return max(stops, key=lambda t: float(logits[t])) if stops else None
-        token = choose_token(logits, options, generator, self._accepts)
+        token = choose_token(logits, options, generator,
+                             self.accepts if allows is None else lambda t: allows(t) and self.accepts(t))
         if token is not None and token not in self.stop_ids:
             self.state = self.state.feed(self.texts.text(token))  # type: ignore[assignment]
         return token
 
-    def _accepts(self, token: int) -> bool:
+    def accepts(self, token: int) -> bool:
+        """Whether ``token`` may come next."""
         if token in self.stop_ids:  # a root number may end here or go on
             return self.state.complete
         text = self.texts.text(token)

@@ -11,7 +11,7 @@ ECMA-262 agree on it); anything outside it raises :class:`~qlora.infer.regex.Pat
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 
@@ -44,12 +44,19 @@ class RegexReply:
         self.stop_ids = frozenset(stop_ids)
         self.states = regex.start
 
-    def choose(self, logits: torch.Tensor, options: SamplingOptions, generator: torch.Generator | None) -> int | None:
-        """The next token of the reply (None: no token of the vocabulary continues it)."""
+    @property
+    def complete(self) -> bool:
+        """Whether the reply so far is a full match (it may end here)."""
+        return self.regex.accepts(self.states)
+
+    def choose(self, logits: torch.Tensor, options: SamplingOptions, generator: torch.Generator | None,
+               allows: Callable[[int], bool] | None = None) -> int | None:
+        """The next token of the reply among those ``allows`` allows (None: no token of the vocabulary continues it)."""
         if not self.regex.any_in(self.states, 0, _TOP):  # a full match nothing may extend: the turn ends
-            stops = [t for t in self.stop_ids if t < logits.numel()]
+            stops = [t for t in self.stop_ids if t < logits.numel() and (allows is None or allows(t))]
             return max(stops, key=lambda t: float(logits[t])) if stops else None
-        token = choose_token(logits, options, generator, self._accepts)
+        token = choose_token(logits, options, generator,
+                             self.accepts if allows is None else lambda t: allows(t) and self.accepts(t))
         if token is not None and token not in self.stop_ids:
             self.states = self._feed(self.texts.text(token) or "")
         return token
@@ -62,7 +69,8 @@ class RegexReply:
                 break
         return states
 
-    def _accepts(self, token: int) -> bool:
+    def accepts(self, token: int) -> bool:
+        """Whether ``token`` may come next."""
         if token in self.stop_ids:
             return self.regex.accepts(self.states)
         text = self.texts.text(token)

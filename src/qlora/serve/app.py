@@ -65,7 +65,7 @@ from .protocol import APIError, ChatCompletionRequest, CompletionRequest, _Body,
 from .response_store import DEFAULT_CAPACITY, RUNNING, ResponseStore, list_page, with_ids
 from .responses import (FINISHED, ResponsesRequest, ResponseWriter, StreamedMessage, checked_include,
                         drop_oldest_turn, partial_output, shown)
-from .vllm_extras import Guide, check_extras, stop_ids as request_stop_ids, token_filter, truncated
+from .vllm_extras import Guide, check_extras, refuse_dead_start, stop_ids as request_stop_ids, token_filter, truncated
 
 log = logging.getLogger("qlora")
 TYPE_TAGS = {"str", "int", "float", "bool", "dict", "list", "none"}
@@ -145,12 +145,18 @@ def build_app(batcher: ContinuousBatcher, base_id: str, adapters: list[str], api
     async def stats() -> dict[str, int]:
         return batcher.load()
 
+    def model_card(mid: str) -> dict[str, Any]:
+        return {"id": mid, "object": "model", "created": created, "owned_by": "qlora", "root": base_id,
+                "parent": None if ids[mid] is None else base_id}
+
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
-        data = [{"id": mid, "object": "model", "created": created, "owned_by": "qlora",
-                 "root": base_id, "parent": None if adapter is None else base_id}
-                for mid, adapter in ids.items()]
-        return {"object": "list", "data": data}
+        return {"object": "list", "data": [model_card(mid) for mid in ids]}
+
+    @app.get("/v1/models/{model_id:path}")  # client.models.retrieve; an id may hold "/" (--served-model-name org/x)
+    async def retrieve_model(model_id: str) -> dict[str, Any]:
+        _adapter(ids, model_id, 404)
+        return model_card(model_id)
 
     async def off_loop(fn, *args):
         """``fn(*args)`` on the set-up thread; its exceptions (APIErrors included) raised here."""
@@ -295,6 +301,10 @@ def build_app(batcher: ContinuousBatcher, base_id: str, adapters: list[str], api
                 generation.constraint = JsonReply(tokenizer, json_reply[0], chat_stops, root_object=json_reply[1])
             if guide is not None:
                 generation.constraint = _guided(guide, tokenizer, chat_stops)
+            if index == 0:  # the same start for every choice
+                what = guide.param if guide is not None else \
+                    "response_format" if json_reply is not None else "tool_choice"
+                refuse_dead_start(generation.constraint, masked, what, len(tokenizer))
             choices.append(_Choice(index, generation, plan, echo=echo, first=index == 0, role=role))
         return choices
 
@@ -470,6 +480,8 @@ def build_app(batcher: ContinuousBatcher, base_id: str, adapters: list[str], api
                 generation.token_filter = masked
                 if guide is not None:
                     generation.constraint = _guided(guide, tokenizer, text_stops)
+                    if number == index == 0:
+                        refuse_dead_start(generation.constraint, masked, guide.param, len(tokenizer))
                 choices.append(_Choice(number * body.n + index, generation, echo=echo, first=index == 0,
                                        echo_logprobs=echo_logprobs))
         return choices

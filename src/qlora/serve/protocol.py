@@ -68,6 +68,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import re
 from typing import Any, ClassVar, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -106,6 +107,30 @@ class APIError(Exception):
         return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
 
 
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _lone_surrogate(value: Any) -> tuple[str, bool] | None:
+    """Where ``value`` first holds a lone surrogate: the dotted path of the string, or of the object one of whose keys
+    holds it (then True: the key itself cannot be written back in an answer); None if nowhere. Read without
+    recursion: a body may nest deeper than Python recurses."""
+    stack = [("", value)]
+    while stack:
+        path, item = stack.pop()
+        if isinstance(item, str):
+            if _SURROGATE.search(item):
+                return path, False
+            continue
+        pairs = item.items() if isinstance(item, dict) else enumerate(item) if isinstance(item, list) else ()
+        inner = []
+        for key, sub in pairs:
+            if isinstance(key, str) and _SURROGATE.search(key):
+                return path, True
+            inner.append((f"{path}.{key}" if path else str(key), sub))
+        stack.extend(reversed(inner))
+    return None
+
+
 class KnownFields(BaseModel):
     """A request body whose unknown fields are a 400 naming them (checked once the known ones are valid)."""
 
@@ -115,6 +140,20 @@ class KnownFields(BaseModel):
     @classmethod
     def known_fields(cls) -> set[str]:
         return set(cls.model_fields) | set(cls.OPENAI_UNUSED)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _refuse_lone_surrogates(cls, data: Any) -> Any:
+        """JSON may escape half of a UTF-16 pair (``"\\ud83d"``), which no UTF-8 text holds, so no tokenizer takes it:
+        a 400 naming the field, not the tokenizer's 500."""
+        found = _lone_surrogate(data)
+        if found is not None:
+            path, key = found
+            where = (f"A key of '{path}'" if path else "A key of the body") if key else f"'{path}'"
+            raise APIError(400, f"{where} holds a lone UTF-16 surrogate (an escape such as \\ud83d without its other "
+                                "half), which is not a character: send the whole pair, or the character as UTF-8",
+                           path or None)
+        return data
 
     @model_validator(mode="after")
     def _refuse_unknown(self) -> "KnownFields":
@@ -176,6 +215,18 @@ class _Body(KnownFields):
     priority: int = 0  # one first-come queue: 0 only, as vLLM's default scheduler
     use_beam_search: bool = False  # refused when true
     length_penalty: float = 1.0  # beam search's only: changes nothing here
+
+    @model_validator(mode="after")
+    def _stream_options_need_stream(self) -> "_Body":
+        """``stream_options`` shape a stream only: sent without one it is a 400 (vLLM's answer), not dropped."""
+        if self.stream_options and not self.stream:
+            raise APIError(400, "'stream_options' is only allowed when 'stream' is true; send 'stream': true, or "
+                                "the request without 'stream_options'", "stream_options")
+        usage = (self.stream_options or {}).get("include_usage")
+        if usage is not None and not isinstance(usage, bool):
+            raise APIError(400, f"'stream_options.include_usage' must be true or false, got {usage!r}",
+                           "stream_options.include_usage")
+        return self
 
     def stop_strings(self) -> tuple[str, ...]:
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])

@@ -29,6 +29,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+from ..infer.batcher import Constraint
 from ..infer.json_schema import Node, SchemaError, compile_schema
 from ..infer.regex import PatternError, Regex
 from ..infer.regex_reply import choice_pattern
@@ -106,7 +107,33 @@ def token_filter(body: _Body, tokenizer) -> TokenFilter | None:
         raise APIError(400, f"'bad_words': {exc}", "bad_words") from None
     if allowed is None and not banned:
         return None
-    return TokenFilter(allowed, banned)
+    mask = TokenFilter(allowed, banned)
+    if mask.allowed is not None and mask.allowed <= mask.always:
+        raise APIError(400, "'bad_words' mask every token 'allowed_token_ids' allow: no token could be chosen; "
+                            "allow another token or leave one of the two out", "bad_words")
+    return mask
+
+
+def refuse_dead_start(constraint: Constraint | None, masked: TokenFilter | None, what: str, vocab_size: int) -> None:
+    """A 400 when no token may begin ``constraint``'s reply (``what`` names the request field asking for it): none
+    of ``allowed_token_ids`` (less those ``bad_words`` mask), or none of the vocabulary, whose tokens a constraint
+    takes only when they write whole characters (a character spelled only by byte tokens cannot be written). Known
+    before decoding, so not a reply cut at its first token; where this shows later, the reply ends there (the
+    batcher's ``"stop"`` when it is whole, else ``"length"``)."""
+    if constraint is None or constraint.complete:
+        return
+    tokens = range(vocab_size) if masked is None or masked.allowed is None else masked.allowed
+    if any((masked is None or masked.allows(t, ())) and constraint.accepts(t) for t in tokens):
+        return
+    if masked is not None and masked.allowed is not None:
+        banned = " not masked by 'bad_words'" if masked.always or masked.after else ""
+        raise APIError(400, f"'allowed_token_ids' hold no token{banned} that can begin the reply '{what}' asks for, "
+                            "so no reply could be written: allow a token it may start with, or send the request "
+                            "without one of the two", "allowed_token_ids")
+    raise APIError(400, f"No token of this model's vocabulary can begin the reply '{what}' asks for: its first "
+                        "character is written only in pieces (byte tokens), which constrained decoding does not "
+                        "choose" + (", or 'bad_words' mask the tokens that would" if masked is not None else "")
+                   + "; ask for text that starts with characters the vocabulary holds", what)
 
 
 def stop_ids(body: _Body, defaults: frozenset[int], vocab_size: int) -> frozenset[int]:
