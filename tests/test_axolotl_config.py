@@ -276,7 +276,7 @@ learning_rate: 2.0e-5
                                                                                  2e-5)
     assert "dataset_num_proc" in capsys.readouterr().err
     cfg = load_config(_yaml(tmp_path, "model: m\ndata: d\noutput: o\nassistant_only_loss: false\n"), {})
-    assert cfg.train_on == "all"  # TRL trains every token of a conversation unless told otherwise
+    assert cfg.train_on == "completion"  # TRL: every token of a conversation, the completion of prompt-completion rows
 
 
 def test_each_dataset_type_gives_the_examples_of_our_own_format(tmp_path, monkeypatch):
@@ -416,7 +416,7 @@ def test_trl_model_config_peft_and_4bit_keys(tmp_path):
     """TRL's ModelConfig: use_peft with load_in_4bit is QLoRA (NF4, nested quantization only when asked),
     use_peft alone LoRA on a 16-bit base; its ScriptArguments name the dataset."""
     head = ("model_name_or_path: m\ndataset_name: org/data\ndataset_config: main\ndataset_train_split: train\n"
-            "output_dir: o\nuse_peft: true\nlora_r: 16\nlora_alpha: 32\n")
+            "output_dir: o\nuse_peft: true\nlora_r: 16\nlora_alpha: 32\nlora_target_modules: [q_proj, v_proj]\n")
     cfg = load_config(_yaml(tmp_path, head + "load_in_4bit: true\nbnb_4bit_quant_type: nf4\n"), {})
     assert (cfg.data, cfg.data_subset, cfg.data_split, cfg.quant, cfg.double_quant, cfg.alpha) == (
         "org/data", "main", "train", "nf4", False, 32.0)

@@ -33,6 +33,7 @@ from qlora.train.data.fields import parse_data_fields
 from qlora.train.data.sources import LOCAL_SUFFIXES
 from qlora.train.foreign_keys import AXOLOTL_DEFAULTS, adapter_keys, is_axolotl, translate
 from qlora.train.torchtune_config import is_torchtune, torchtune_options
+from qlora.train.trl_config import is_trl, loss_keys, preference_keys, trl_defaults, trl_options
 from qlora.train.preference_loss import F_DIVERGENCE_LOSSES, F_DIVERGENCES
 
 QUANTS = ("nf4", "fp4", "none")
@@ -163,7 +164,9 @@ class TrainConfig:
                                          "a system role, e.g. Gemma 2, Mixtral); saved with the adapter")
     template_date: str = _opt("", "date (YYYY-MM-DD) that date-dependent chat templates (strftime_now) see; empty: the "
                                   "run's start date, recorded in config.yaml and reused on --resume")
-    train_on: str = _opt("assistant", "tokens that count in the loss", ("assistant", "all"))
+    train_on: str = _opt("assistant", "tokens that count in the loss: the assistant turns (and the completion of "
+                                      "prompt-completion rows), all, or completion (TRL's SFT default: all but "
+                                      "the prompt of prompt-completion rows)", ("assistant", "all", "completion"))
     quant: str = _opt("nf4", "4-bit data type of the frozen base ('none' = 16-bit LoRA)", QUANTS)
     double_quant: bool = _opt(True, "quantize the block constants to 8 bits")
     blocksize: int = _opt(64, "weights per absmax block: 32, 64, 128, 256, 512, 1024, 2048 or 4096")
@@ -710,10 +713,6 @@ VALUE_ALIASES = {
     "fp16": ("precision", {True: "fp16", False: None}),
     "lora_target_linear": ("target_modules", {True: "all-linear", False: None}),
     "disable_gradient_checkpointing": ("gradient_checkpointing", {True: False, False: True}),  # LLaMA-Factory's
-    # TRL's SFTConfig: the loss on the assistant turns / on the completion of prompt-completion rows (qlora's
-    # train_on: assistant trains only the completion of those); off trains every token.
-    "assistant_only_loss": ("train_on", {True: "assistant", False: "all"}),
-    "completion_only_loss": ("train_on", {True: None, False: "all"}),
     # TRL's preference configs (on by default there): every dropout of the policy off, the LoRA dropout included
     "disable_dropout": ("dropout", {True: 0.0, False: None}),
 }
@@ -1013,6 +1012,10 @@ def load_config(yaml_path: str | Path | None, overrides: dict[str, Any]) -> Trai
         if is_torchtune(loaded):
             loaded = torchtune_options(loaded, lines, path, frozenset(k.replace("-", "_") for k in overrides))
         axolotl = is_axolotl(loaded)
+        trl = not axolotl and "stage" not in loaded and is_trl(loaded)
+        if trl:
+            loaded = trl_options(loaded, lines, path)
+        loaded = loss_keys(loaded, lines, path)
         loaded = adapter_keys(_llama_factory(loaded, lines, path, frozenset(k.replace("-", "_") for k in overrides)),
                               lines, path)
         given_as: dict[str, str] = {}
@@ -1062,6 +1065,13 @@ def load_config(yaml_path: str | Path | None, overrides: dict[str, Any]) -> Trai
             raise _unknown(key, [_flag(n) for n in by_name], "command line")
         values[name] = _coerce(name, value, field_type(by_name[name]), "command line")
         origin.pop(name, None)
+    if yaml_path is not None and trl:
+        asked = preference_keys(loaded)
+        if asked and values.get("method", "sft") == "sft":
+            raise UsageError(f"{path} line {lines.get(asked[0], '?')}: {', '.join(asked)}: keys of TRL's preference "
+                             "trainers (trl dpo, the handbook's dpo.py or orpo.py run this file); say which: "
+                             "method: dpo (or orpo, cpo, kto) in the file, or qlora train --method dpo.")
+        trl_defaults(values, path, {str(k) for k in loaded}, {k.replace('-', '_') for k in overrides})
     if values.get("target_parameters") and "dropout" not in values:
         values["dropout"] = 0.0  # PEFT's expert LoRA has no dropout, so an adapter with it has none anywhere
     _adapter_base(values)

@@ -66,9 +66,12 @@ RUNTIME_ONLY = frozenset({
     "use_kernels", "use_scattermoe", "use_sonicmoe", "use_swanlab",
     # LLaMA-Factory: reentrant gradient checkpointing
     "use_reentrant_gc",
+    # TrainingArguments (TRL's and alignment-handbook's files): log verbosity, Liger's kernels, the upload of the
+    # result to the hub (qlora writes it to output_dir; hub_* settings are passed over by their prefix)
+    "log_level", "log_level_replica", "use_liger_kernel", "push_to_hub", "use_flash_attention_2",
 })
-# Prefixes of logging sinks' settings (wandb_project, axolotl's swanlab_project, mlflow_tracking_uri, ...).
-RUNTIME_PREFIXES = ("wandb_", "swanlab_", "mlflow_", "comet_")
+# Prefixes of logging sinks' settings (wandb_project, axolotl's swanlab_project, mlflow_tracking_uri, hub_model_id, ...).
+RUNTIME_PREFIXES = ("wandb_", "swanlab_", "mlflow_", "comet_", "hub_")
 # LLaMA-Factory's settings of videos and audio: they apply to rows with videos or audios, which qlora refuses when
 # it reads the data (its vision examples set them beside images all the same).
 VIDEO_AUDIO = frozenset({
@@ -255,6 +258,27 @@ def _truncation_mode(value: Any, where: str) -> Translation:
                      "(TRL's keep_start); set truncation_mode: keep_start or remove the key.")
 
 
+def _packing_strategy(value: Any, where: str) -> Translation:
+    if value in (None, "bfd", "ffd"):
+        return [], ""  # TRL's best-fit (ffd before 0.20) packing: whole examples, overflow cut, kept apart as ours
+    raise UsageError(f"{where}: packing_strategy {value!r}: qlora packs whole examples, cut to max_length and kept "
+                     "apart (TRL's bfd); bfd_split and wrapped split examples across rows. Set bfd or remove the key.")
+
+
+def _dataset_kwargs(value: Any, where: str) -> Translation:
+    """TRL's ``dataset_kwargs``: ``add_special_tokens: false`` (the chat template writes BOS and EOS, as qlora
+    writes chat rows) and ``append_concat_token: false`` (no EOS between packed rows' texts; qlora's packed
+    examples each end as written) are what qlora does; other settings are refused by name."""
+    if not isinstance(value, dict):
+        raise UsageError(f"{where}: dataset_kwargs is a mapping (add_special_tokens, append_concat_token).")
+    other = {k: v for k, v in value.items() if not (k in ("add_special_tokens", "append_concat_token") and v is False)}
+    if other:
+        raise UsageError(f"{where}: dataset_kwargs {other}: qlora writes chat rows with the template's own special "
+                         "tokens and no extra ones (add_special_tokens: false, append_concat_token: false); remove "
+                         "the others.")
+    return [], ""
+
+
 def _dataset_text_field(value: Any, where: str) -> Translation:
     return ([("data_fields", f"text={value}")] if value not in (None, "text") else []), ""
 
@@ -319,6 +343,7 @@ TRANSLATED: dict[str, Callable[[Any, str], Translation]] = {
     "chat_template": _template_of("axolotl"), "resume_from_checkpoint": _resume,
     "datasets": _datasets("data"), "test_datasets": _datasets("eval_data"), "rl": _rl, "fsdp": _fsdp,
     "special_tokens": _special_tokens, "dataset_text_field": _dataset_text_field, "truncation_mode": _truncation_mode,
+    "packing_strategy": _packing_strategy, "dataset_kwargs": _dataset_kwargs,
     "sync_ref_model": _refused("sync_ref_model", "TR-DPO's reference that follows the policy: qlora's reference is "
                                                  "the frozen base (or --adapter's starting adapter), as TRL's with "
                                                  "PEFT, where TRL refuses sync_ref_model too; set it to false."),

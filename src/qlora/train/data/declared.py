@@ -41,6 +41,11 @@ class DeclaredDataset(ABC):
         """Whether the source file is plain text whatever its suffix (a row a line)."""
         return False
 
+    def drawn(self, rows: int, rng: np.random.RandomState) -> list[int] | None:
+        """The rows kept of ``rows`` read, in order (None: all): a declared count drawn as LLaMA-Factory draws it
+        (:func:`sample_indices`)."""
+        return sample_indices(rows, self.num_samples, rng) if self.num_samples else None
+
     @abstractmethod
     def rebuild(self, fields: dict[str, Any], where: str) -> dict[str, Any]:
         """One row in the shape of one of qlora's own formats."""
@@ -62,9 +67,10 @@ def read_declared(dataset: DeclaredDataset, rng: np.random.RandomState | None = 
         raise UsageError(f"{dataset.source} ({dataset.name}): no row has the column{'s' if len(absent) > 1 else ''} "
                          f"{', '.join(map(repr, absent))} that its declaration names; its columns are "
                          f"{', '.join(present)}. Fix the column mapping.")
-    if dataset.num_samples and records:
-        rng = rng if rng is not None else np.random.RandomState(DEFAULT_SEED)
-        records = [records[i] for i in sample_indices(len(records), dataset.num_samples, rng)]
+    rng = rng if rng is not None else np.random.RandomState(DEFAULT_SEED)
+    kept = dataset.drawn(len(records), rng) if records else None
+    if kept is not None:
+        records = [records[i] for i in kept]
     wheres = [f"{r.where} ({dataset.name})" for r in records]
     return [Record(dataset.rebuild(r.fields, where), where, r.folder) for r, where in zip(records, wheres)]
 

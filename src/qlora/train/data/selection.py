@@ -22,6 +22,7 @@ from qlora.train.data.collate import shuffled_indices
 from qlora.train.data.axolotl_datasets import axolotl_datasets, declared_entries
 from qlora.train.data.dataset_info import registered_dataset
 from qlora.train.data.declared import DEFAULT_SEED, DeclaredDataset, read_declared
+from qlora.train.data.handbook_datasets import handbook_dataset
 from qlora.train.data.sources import Record, load_records
 from qlora.train.data.torchtune_datasets import torchtune_dataset
 
@@ -60,6 +61,8 @@ def _declared_sources(spec: str, dataset_dir: str, method: str) -> list[str | De
     entries = declared_entries(spec)
     if entries is not None and all(isinstance(e, dict) and set(e) == {"torchtune"} for e in entries):
         return [torchtune_dataset(e["torchtune"]) for e in entries]  # a torchtune config's dataset
+    if entries is not None and all(isinstance(e, dict) and set(e) == {"handbook"} for e in entries):
+        return [handbook_dataset(e["handbook"]) for e in entries]  # an alignment-handbook mixture
     if entries is not None:
         return list(axolotl_datasets(entries, "--data", method))
     return [registered_dataset(source, dataset_dir) or source for source in data_sources(spec)]

@@ -51,7 +51,7 @@ from qlora.train.data.reasoning import (REASONING_KEYS, THINK_CLOSE, THINK_OPEN,
                                         split_think)
 
 IGNORE_INDEX = -100
-TRAIN_ON = ("assistant", "all")
+TRAIN_ON = ("assistant", "all", "completion")
 _SHOWN = 5
 
 
@@ -149,7 +149,8 @@ def tokenize_example(
         example: a normalized example (messages or text).
         tokenizer: a fast transformers tokenizer; it must define an EOS token.
         chat_template: a :class:`ChatFormat` (see :func:`resolve_chat_format`) or a bare Jinja template.
-        train_on: ``"assistant"`` (assistant messages + their end markers) or ``"all"`` tokens.
+        train_on: ``"assistant"`` (assistant messages + their end markers), ``"all"`` tokens, or
+            ``"completion"`` (TRL's SFT default: all tokens but the prompt of prompt-completion rows).
             Plain-text examples train on all tokens either way.
         seq_len: keep at most this many tokens. A truncated example keeps its
             first ``seq_len`` tokens and gets no EOS: its answer did not end there.
@@ -193,7 +194,7 @@ def tokenize_example(
             mask = [True] * len(ids)
     else:
         ids, mask, needs_eos, hidden = _chat_ids_and_mask(example, tokenizer, fmt, stops)
-        if train_on == "all":
+        if train_on in ("all", "completion"):
             mask = [True] * len(ids)
     if needs_eos:
         ids, mask = ids + [tokenizer.eos_token_id], mask + [True]
