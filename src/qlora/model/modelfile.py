@@ -152,10 +152,11 @@ def stop_tokens(fmt: ChatFormat | None, tokenizer) -> list[str]:
     return stops
 
 
-def modelfile_text(gguf_file: str, tokenizer, add_bos: bool) -> tuple[str, list[str]]:
-    """``(Modelfile text, notes)`` for ``gguf_file`` (a path relative to the Modelfile)."""
+def modelfile_text(gguf_file: str, tokenizer, add_bos: bool, projector: str | None = None) -> tuple[str, list[str]]:
+    """``(Modelfile text, notes)`` for ``gguf_file`` (a path relative to the Modelfile); a vision model's
+    ``projector`` file is a second ``FROM``, which Ollama stores as the model's projector."""
     fmt = chat_format(tokenizer)
-    lines = [f"FROM ./{gguf_file}", ""]
+    lines = [f"FROM ./{gguf_file}", *([f"FROM ./{projector}"] if projector else []), ""]
     notes: list[str] = []
     if fmt is None:
         notes.append("no TEMPLATE written: the model's chat template has no verified per-message form "
@@ -178,8 +179,9 @@ def _quote(text: str) -> str:
     return text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
 
 
-def write_modelfile(directory: str | Path, gguf_file: str, tokenizer, add_bos: bool) -> list[str]:
+def write_modelfile(directory: str | Path, gguf_file: str, tokenizer, add_bos: bool,
+                    projector: str | None = None) -> list[str]:
     """Write ``directory/Modelfile``; return the notes on what was not translated."""
-    text, notes = modelfile_text(gguf_file, tokenizer, add_bos)
+    text, notes = modelfile_text(gguf_file, tokenizer, add_bos, projector)
     (Path(directory) / "Modelfile").write_text(text, encoding="utf-8")
     return notes
