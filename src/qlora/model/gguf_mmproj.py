@@ -78,16 +78,17 @@ def mmproj_refusal(model: nn.Module) -> str | None:
     return _REFUSED.get(model.config.model_type, _GENERIC)
 
 
-def mmproj_name(out_type: str) -> str:
-    """The projector file's name for the language model's ``--type``: f32 stays f32, anything else is f16
-    (llama.cpp's projectors are float; a quantized text model pairs with an f16 projector)."""
-    return f"mmproj-{'f32' if out_type == 'f32' else 'f16'}.gguf"
+def mmproj_type(out_type: str) -> str:
+    """The projector's matrix type for the language model's ``--type``: f32 stays f32, anything else is f16
+    (llama.cpp's projectors are float; a quantized language model pairs with an f16 projector)."""
+    return "f32" if out_type == "f32" else "f16"
 
 
-def export_mmproj(model: nn.Module, model_dir: str | Path, path: str | Path, name: str | None = None) -> Path:
+def export_mmproj(model: nn.Module, model_dir: str | Path, path: str | Path, out_type: str = "f16",
+                  name: str | None = None) -> Path:
     """Write ``model``'s vision tower and projector (adapters folded in) as llama.cpp's ``mmproj`` GGUF.
 
-    The matrices' type is read off the file name (:func:`mmproj_name`); embeddings, norms and biases are f32.
+    ``out_type`` (``f32`` or ``f16``) is the matrices' type; embeddings, norms and biases are f32.
     ``model_dir`` holds the image processor settings (mean, std, size) llama.cpp preprocesses with.
 
     Raises:
@@ -104,8 +105,9 @@ def export_mmproj(model: nn.Module, model_dir: str | Path, path: str | Path, nam
         raise UsageError(f"no llama.cpp projector for a {config.model_type} model: {refusal or 'no vision tower'}")
     spec = _PROJECTORS[config.model_type]
     vision, text = config.vision_config, config.get_text_config()
+    if out_type not in TYPES:
+        raise UsageError(f"unknown projector type {out_type!r}; choose from {', '.join(TYPES)}")
     path = Path(path)
-    out_type = "f32" if path.stem.endswith("f32") else "f16"
     processor = _image_processor_settings(Path(model_dir))
     _check_activation(vision)
 

@@ -51,7 +51,7 @@ def run(args: argparse.Namespace) -> int:
     from ...model.adapter_io import adapter_tokenizer, load_adapter
     from ...model.chat_format import ChatFormat
     from ...model.gguf_export import export_gguf, require_gguf
-    from ...model.gguf_mmproj import export_mmproj, is_vision_language, mmproj_name, mmproj_refusal
+    from ...model.gguf_mmproj import export_mmproj, is_vision_language, mmproj_refusal, mmproj_type
     from ...model.gguf_vocab import gguf_vocab
     from ...model.load import load_model, resolve_model_dir
     from ...model.modelfile import write_modelfile
@@ -84,7 +84,8 @@ def run(args: argparse.Namespace) -> int:
             path = export_gguf(model, tokenizer, tmp / gguf_name, args.type, name=name)
         projector = None
         if is_vision_language(model) and refusal is None:
-            projector = export_mmproj(model, resolve_model_dir(args.model), tmp / mmproj_name(args.type), name=name).name
+            kind = mmproj_type(args.type)
+            projector = export_mmproj(model, resolve_model_dir(args.model), tmp / f"mmproj-{kind}.gguf", kind, name).name
         notes = write_modelfile(tmp, gguf_name, tokenizer, gguf_vocab(tokenizer, model.get_input_embeddings().weight.shape[0]).add_bos,
                                 projector)
         size = path.stat().st_size
