@@ -9,8 +9,8 @@ Written: Gemma 3 (``gemma3``: a SigLIP tower, its patches average-pooled, Gemma'
 checked against llama.cpp's own encoder. Other VLMs are refused by name (:func:`mmproj_refusal`) rather than
 written in a layout llama.cpp might misread.
 
-The tensors are the merged model's (:func:`qlora.model.merge.merged_tensors`): an adapter that reached the
-projector or the tower (LoRA targets, ``modules_to_save``) is folded in as in the language model.
+The tensors are the merged model's (:func:`qlora.model.merge.merged_tensors`): a projector an adapter trained
+whole (``modules_to_save``) is the one written, as adapters are folded into the language model.
 """
 
 from __future__ import annotations
@@ -89,7 +89,7 @@ def export_mmproj(model: nn.Module, model_dir: str | Path, path: str | Path, out
     """Write ``model``'s vision tower and projector (adapters folded in) as llama.cpp's ``mmproj`` GGUF.
 
     ``out_type`` (``f32`` or ``f16``) is the matrices' type; embeddings, norms and biases are f32.
-    ``model_dir`` holds the image processor settings (mean, std, size) llama.cpp preprocesses with.
+    ``model_dir`` holds the image processor's mean and std, which llama.cpp normalizes pixels with.
 
     Raises:
         UsageError: a family without a projector layout here, or settings llama.cpp cannot represent.
