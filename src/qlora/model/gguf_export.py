@@ -16,7 +16,7 @@ f16 file by llama.cpp's own quantizer (:mod:`qlora.model.gguf_quantize`).
 
 Of a vision-language model (Gemma 3, Mistral 3, LLaVA) the file holds the
 language model, as llama.cpp's converter writes it; the vision tower goes to
-a separate projector file (``mmproj``) that qlora does not write.
+a separate projector file (``mmproj``, :mod:`qlora.model.gguf_mmproj`).
 """
 
 from __future__ import annotations

@@ -152,11 +152,14 @@ def stop_tokens(fmt: ChatFormat | None, tokenizer) -> list[str]:
     return stops
 
 
-def modelfile_text(gguf_file: str, tokenizer, add_bos: bool, adapter: str | None = None) -> tuple[str, list[str]]:
+def modelfile_text(gguf_file: str, tokenizer, add_bos: bool, adapter: str | None = None,
+                   projector: str | None = None) -> tuple[str, list[str]]:
     """``(Modelfile text, notes)`` for ``gguf_file`` (a path relative to the Modelfile); with ``adapter`` (a GGUF
-    LoRA adapter beside the Modelfile) ``gguf_file`` is the base model's GGUF, written as given."""
+    LoRA adapter beside the Modelfile) ``gguf_file`` is the base model's GGUF, written as given; a vision model's
+    ``projector`` file is a second ``FROM``, which Ollama stores as the model's projector."""
     fmt = chat_format(tokenizer)
-    lines = [f"FROM {gguf_file}", f"ADAPTER ./{adapter}", ""] if adapter else [f"FROM ./{gguf_file}", ""]
+    lines = ([f"FROM {gguf_file}", f"ADAPTER ./{adapter}", ""] if adapter
+             else [f"FROM ./{gguf_file}", *([f"FROM ./{projector}"] if projector else []), ""])
     notes: list[str] = []
     if fmt is None:
         notes.append("no TEMPLATE written: the model's chat template has no verified per-message form "
@@ -180,8 +183,8 @@ def _quote(text: str) -> str:
 
 
 def write_modelfile(directory: str | Path, gguf_file: str, tokenizer, add_bos: bool,
-                    adapter: str | None = None) -> list[str]:
+                    adapter: str | None = None, projector: str | None = None) -> list[str]:
     """Write ``directory/Modelfile``; return the notes on what was not translated."""
-    text, notes = modelfile_text(gguf_file, tokenizer, add_bos, adapter)
+    text, notes = modelfile_text(gguf_file, tokenizer, add_bos, adapter, projector)
     (Path(directory) / "Modelfile").write_text(text, encoding="utf-8")
     return notes

@@ -63,6 +63,7 @@ def run(args: argparse.Namespace) -> int:
     from ...model.adapter_io import adapter_tokenizer, load_adapter
     from ...model.chat_format import ChatFormat
     from ...model.gguf_export import export_gguf, require_gguf
+    from ...model.gguf_mmproj import export_mmproj, is_vision_language, mmproj_refusal, mmproj_type
     from ...model.gguf_vocab import gguf_vocab
     from ...model.load import load_model, resolve_model_dir
     from ...model.modelfile import write_modelfile
@@ -83,6 +84,7 @@ def run(args: argparse.Namespace) -> int:
         if trained is not None:
             tokenizer.chat_template = trained.template
     gguf_name = f"model-{args.type}.gguf"
+    refusal = mmproj_refusal(model)  # a vision-language model gets its image projector file beside, or a note why not
     with staged_output(out, "export", replace=True) as tmp:
         tmp.mkdir(parents=True)
         name = args.name or out.resolve().name
@@ -92,14 +94,23 @@ def run(args: argparse.Namespace) -> int:
             f16.unlink()  # the staging folder holds only what the output keeps
         else:
             path = export_gguf(model, tokenizer, tmp / gguf_name, args.type, name=name)
-        notes = write_modelfile(tmp, gguf_name, tokenizer, gguf_vocab(tokenizer, model.get_input_embeddings().weight.shape[0]).add_bos)
+        projector = None
+        if is_vision_language(model) and refusal is None:
+            kind = mmproj_type(args.type)
+            projector = export_mmproj(model, resolve_model_dir(args.model), tmp / f"mmproj-{kind}.gguf", kind, name).name
+        add_bos = gguf_vocab(tokenizer, model.get_input_embeddings().weight.shape[0]).add_bos
+        notes = write_modelfile(tmp, gguf_name, tokenizer, add_bos, projector=projector)
         size = path.stat().st_size
     for note in notes:
         print(f"qlora export: note: Modelfile: {note}", file=sys.stderr)
+    if refusal is not None:
+        print(f"qlora export: note: the language model only, no image projector (mmproj): {refusal}", file=sys.stderr)
     what = (f"{args.model} + {args.adapter} (folded into the dequantized {args.quant} base)" if args.adapter
             else args.model)
     print(f"exported {what} as GGUF {args.type} ({size / 2**20:.1f} MiB): {out / gguf_name}")
-    print(f"  llama.cpp: llama-cli -m {out / gguf_name}    Ollama: ollama create NAME -f {out / 'Modelfile'}")
+    mmproj = f" --mmproj {out / projector}" if projector else ""
+    cli = "llama-mtmd-cli" if projector else "llama-cli"
+    print(f"  llama.cpp: {cli} -m {out / gguf_name}{mmproj}    Ollama: ollama create NAME -f {out / 'Modelfile'}")
     return 0
 
 

@@ -1,0 +1,313 @@
+"""`qlora export` of a vision-language model: the projector file (mmproj) as llama.cpp's own encoder runs it.
+
+The oracle is transformers' vision tower + projector on the processor's pixels of the same image. llama.cpp's CPU
+encoder computes two steps in half precision whatever the file's type (measured on llama-cpp-python 0.3.36: its
+patch convolution rounds the pixels and the patch weights to f16; its GELU reads an f16 table of the f16-rounded
+input): the oracle rounds exactly there, and the rest agrees to float32 rounding. The image has the tower's size,
+so neither preprocessing resizes it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from image_models import build_image_model
+from qlora.cli.main import main
+
+llama_cpp = pytest.importorskip("llama_cpp")
+mtmd = pytest.importorskip("llama_cpp.mtmd_cpp")
+pytest.importorskip("gguf")
+
+
+VISION = ("vision_tower", "multi_modal_projector")  # the tower's and projector's attribute names
+# family -> (image side llama.cpp and transformers keep as is, image tokens, tolerance relative to the largest value)
+CASES = {"gemma3": (56, 4, 1e-5)}
+
+
+class _F16TableGelu(nn.Module):
+    """ggml's CPU GELU: the tanh GELU of the input rounded to f16, read back from an f16 table."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.gelu(x.half().float(), approximate="tanh").half().float()
+
+
+def _random_vision_weights(model_dir) -> None:
+    """Random vision tower and projector weights (Gemma 3 initializes its projection to zeros)."""
+    from transformers import AutoModelForImageTextToText
+
+    model = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=torch.float32)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if any(f".{v}." in f".{name}" for v in VISION):
+                norm = p.ndim == 1 and "norm" in name and name.endswith("weight")
+                p.copy_(torch.randn(p.shape, generator=g) * (0.2 if p.ndim > 1 else 0.5) + (1.0 if norm else 0.0))
+    model.save_pretrained(model_dir)
+
+
+@contextlib.contextmanager
+def _mtmd(text_gguf, mmproj):
+    """(llama-cpp-python model, mtmd context) for the exported pair."""
+    # type_k/type_v 0: an f32 KV cache (llama.cpp's default is f16), so an f32 file's logits compare at float precision
+    llm = llama_cpp.Llama(model_path=str(text_gguf), n_ctx=256, n_threads=2, verbose=False, type_k=0, type_v=0,
+                          flash_attn=False)
+    params = mtmd.mtmd_context_params_default()
+    params.use_gpu, params.n_threads, params.warmup, params.flash_attn_type = False, 2, False, 0
+    ctx = mtmd.mtmd_init_from_file(str(mmproj).encode(), llm._model.model, params)
+    assert ctx, "llama.cpp refused the projector file"
+    try:
+        yield llm, ctx
+    finally:
+        mtmd.mtmd_free(ctx)
+        llm.close()
+
+
+def _chunks(ctx, prompt: str, rgb: np.ndarray):
+    """mtmd's chunks of ``prompt`` (its marker where the image goes) with ``rgb`` (H, W, 3 uint8)."""
+    h, w, _ = rgb.shape
+    bitmap = mtmd.mtmd_bitmap_init(w, h, (ctypes.c_ubyte * rgb.size).from_buffer_copy(rgb.tobytes()))
+    text = mtmd.mtmd_input_text(prompt.encode(), len(prompt.encode()), False, True)
+    chunks = mtmd.mtmd_input_chunks_init()
+    assert mtmd.mtmd_tokenize(ctx, chunks, ctypes.byref(text), (ctypes.c_void_p * 1)(bitmap), 1) == 0
+    mtmd.mtmd_bitmap_free(bitmap)
+    return chunks, [mtmd.mtmd_input_chunks_get(chunks, i) for i in range(mtmd.mtmd_input_chunks_size(chunks))]
+
+
+def _is_image(chunk) -> bool:
+    return mtmd.mtmd_input_chunk_get_type(chunk) == mtmd.MTMD_INPUT_CHUNK_TYPE_IMAGE
+
+
+def _mtmd_image_embeddings(text_gguf, mmproj, rgb: np.ndarray, n_embd: int) -> np.ndarray:
+    """The embeddings llama.cpp's mtmd computes for ``rgb`` with the projector file."""
+    with _mtmd(text_gguf, mmproj) as (_, ctx):
+        chunks, parts = _chunks(ctx, f"look: {mtmd.mtmd_default_marker().decode()} ok", rgb)
+        images = [c for c in parts if _is_image(c)]
+        assert len(images) == 1
+        assert mtmd.mtmd_encode_chunk(ctx, images[0]) == 0
+        n = mtmd.mtmd_input_chunk_get_n_tokens(images[0])
+        out = np.ctypeslib.as_array(mtmd.mtmd_get_output_embd(ctx), shape=(n * n_embd,)).reshape(n, n_embd).copy()
+        mtmd.mtmd_input_chunks_free(chunks)
+        return out
+
+
+def _rounded_model(model_dir):
+    """transformers' model, its vision part computing as llama.cpp's encoder does: f16 patch weights, GELU from an
+    f16 table (pixels are rounded by the caller)."""
+    from transformers import AutoModelForImageTextToText
+
+    model = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=torch.float32).eval()
+    for name, module in list(model.named_modules()):
+        if not any(f".{v}." in f".{name}." for v in VISION):
+            continue
+        if name.endswith("patch_embedding"):
+            module.weight.data = module.weight.data.half().float()
+        for child_name, child in module.named_children():
+            if "gelu" in type(child).__name__.lower():
+                setattr(module, child_name, _F16TableGelu())
+    return model
+
+
+def _oracle(model_dir, rgb: np.ndarray) -> np.ndarray:
+    """transformers' image features for ``rgb``, rounded where llama.cpp's encoder rounds."""
+    from PIL import Image
+
+    from image_models import oracle_processor
+
+    model = _rounded_model(model_dir)
+    inputs = oracle_processor(model_dir).image_processor(images=[Image.fromarray(rgb)], return_tensors="pt")
+    with torch.no_grad():
+        features = model.model.get_image_features(pixel_values=inputs["pixel_values"].half().float())
+    features = getattr(features, "pooler_output", features)
+    return features.reshape(-1, model.config.get_text_config().hidden_size).numpy()
+
+
+@contextlib.contextmanager
+def _image_features(model, features: torch.Tensor):
+    """``model`` computing with ``features`` as its image embeddings, in the structure its own method returns."""
+    own = model.model.get_image_features
+
+    def swapped(*args, **kwargs):
+        out = own(*args, **kwargs)
+        held = getattr(out, "pooler_output", out)
+        new = features.reshape(held.shape).to(held.dtype)
+        if hasattr(out, "pooler_output"):
+            out.pooler_output = new
+            return out
+        return new
+
+    model.model.get_image_features = swapped
+    try:
+        yield
+    finally:
+        del model.model.get_image_features
+
+
+def _image(kind: str, seed: int) -> np.ndarray:
+    side = CASES[kind][0]
+    return (np.random.RandomState(seed).rand(side, side, 3) * 255).astype(np.uint8)
+
+
+@pytest.mark.parametrize("kind", list(CASES))
+def test_mmproj_encodes_images_as_transformers_does(tmp_path, capsys, kind):
+    model_dir = build_image_model(tmp_path / kind, kind)
+    _random_vision_weights(model_dir)
+    out = tmp_path / "out"
+    assert main(["export", "--model", str(model_dir), "--output", str(out), "--type", "f32", "--quant", "none"]) == 0
+    assert "--mmproj" in capsys.readouterr().out
+    modelfile = (out / "Modelfile").read_text()
+    assert "FROM ./model-f32.gguf\nFROM ./mmproj-f32.gguf\n" in modelfile
+
+    _, tokens, tolerance = CASES[kind]
+    rgb = _image(kind, 0)
+    expected = _oracle(model_dir, rgb)
+    got = _mtmd_image_embeddings(out / "model-f32.gguf", out / "mmproj-f32.gguf", rgb, expected.shape[1])
+    assert got.shape == expected.shape == (tokens, 64)
+    error = np.abs(got - expected).max() / np.abs(expected).max()
+    assert error < tolerance, error  # measured 3.8e-7
+
+
+def test_gemma3_f16_mmproj_pairs_with_a_quantized_language_model(tmp_path):
+    """Any --type but f32 writes the projector in f16 (norms, embeddings and biases f32), which llama.cpp loads."""
+    import gguf
+
+    model_dir = build_image_model(tmp_path / "gemma3", "gemma3")
+    _random_vision_weights(model_dir)
+    out = tmp_path / "out"
+    assert main(["export", "--model", str(model_dir), "--output", str(out), "--type", "q8_0", "--quant", "none"]) == 0
+    reader = gguf.GGUFReader(out / "mmproj-f16.gguf")
+    types = {t.name: t.tensor_type.name for t in reader.tensors}
+    assert types["v.blk.0.attn_q.weight"] == types["mm.input_projection.weight"] == "F16"
+    assert {types[n] for n in ("v.patch_embd.weight", "v.position_embd.weight", "v.blk.0.ln1.weight",
+                               "v.blk.0.attn_q.bias", "mm.soft_emb_norm.weight")} == {"F32"}
+    assert not any(name.startswith(("token_embd", "blk.")) for name in types)  # the language model is not in it
+    rgb = _image("gemma3", 1)
+    expected = _oracle(model_dir, rgb)
+    got = _mtmd_image_embeddings(out / "model-q8_0.gguf", out / "mmproj-f16.gguf", rgb, expected.shape[1])
+    assert np.abs(got - expected).max() / np.abs(expected).max() < 5e-3  # f16 weights: measured 5.1e-4
+
+
+def test_vlm_without_a_checked_projector_exports_its_language_model_and_says_why(tmp_path, capsys):
+    model_dir = build_image_model(tmp_path / "llava", "llava")
+    out = tmp_path / "out"
+    assert main(["export", "--model", str(model_dir), "--output", str(out), "--type", "f16", "--quant", "none"]) == 0
+    assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == ["Modelfile", "model-f16.gguf"]
+    err = capsys.readouterr().err
+    assert "no image projector (mmproj)" in err and "LLaVA" in err
+    assert (out / "Modelfile").read_text().count("FROM ") == 1
+
+
+def test_a_projector_trained_whole_reaches_the_mmproj(tmp_path):
+    """An adapter's projector trained whole (``modules_to_save``) is the one llama.cpp's encoder runs, as PEFT's
+    merged model has it. (qlora puts no LoRA on the vision tower: text training never reaches it.)"""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForImageTextToText
+
+    model_dir = build_image_model(tmp_path / "gemma3", "gemma3")
+    _random_vision_weights(model_dir)
+    base = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=torch.float32)
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=r".*language_model.*\.q_proj",
+                        modules_to_save=["multi_modal_projector"])
+    peft_model = get_peft_model(base, config)
+    g = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name or "modules_to_save" in name:
+                p.add_(torch.randn(p.shape, generator=g) * 0.2)
+    peft_model.save_pretrained(tmp_path / "adapter")
+    merged_dir = tmp_path / "merged"
+    peft_model.merge_and_unload().save_pretrained(merged_dir)
+    for name in ("processor_config.json", "preprocessor_config.json", "tokenizer.json", "tokenizer_config.json",
+                 "chat_template.jinja"):
+        if (model_dir / name).is_file():
+            (merged_dir / name).write_bytes((model_dir / name).read_bytes())
+
+    out = tmp_path / "out"
+    assert main(["export", "--model", str(model_dir), "--adapter", str(tmp_path / "adapter"), "--output", str(out),
+                 "--type", "f32", "--quant", "none"]) == 0
+    rgb = _image("gemma3", 2)
+    expected, unadapted = _oracle(merged_dir, rgb), _oracle(model_dir, rgb)
+    got = _mtmd_image_embeddings(out / "model-f32.gguf", out / "mmproj-f32.gguf", rgb, expected.shape[1])
+    scale = np.abs(expected).max()
+    assert np.abs(expected - unadapted).max() / scale > 1e-2  # the adapter changes the embeddings
+    assert np.abs(got - expected).max() / scale < 1e-5
+
+
+# family -> (the template's text for an image, what llama.cpp's prompt has there). mtmd writes the family's image
+# start and end tokens around its marker itself (Gemma 3's processor also adds blank lines around them).
+IMAGE_SPANS = {"gemma3": ("<start_of_image>", "\n\n{marker}\n\n")}
+
+
+@pytest.mark.parametrize("kind", list(CASES))
+def test_llama_cpp_greedy_tokens_with_an_image_equal_transformers_generate(tmp_path, kind):
+    """The exported pair in llama.cpp (prompt tokens, image embeddings in place, Gemma 3's bidirectional attention
+    over the image) generates transformers' greedy tokens."""
+    from PIL import Image
+
+    from image_models import oracle_processor, render
+
+    model_dir = build_image_model(tmp_path / kind, kind)
+    _random_vision_weights(model_dir)
+    out = tmp_path / "out"
+    assert main(["export", "--model", str(model_dir), "--output", str(out), "--type", "f32", "--quant", "none"]) == 0
+
+    processor = oracle_processor(model_dir)
+    text = render(processor, [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "what?"}]}],
+                  add_generation_prompt=True)
+    rgb = _image(kind, 3)
+    inputs = processor(text=[text], images=[Image.fromarray(rgb)], add_special_tokens=False, return_tensors="pt")
+    inputs["pixel_values"] = inputs["pixel_values"].half().float()
+    model = _rounded_model(model_dir)
+    model.generation_config.eos_token_id = None
+    ids = inputs["input_ids"][0].tolist()
+    expected = model.generate(**inputs, do_sample=False, max_new_tokens=12)[0, len(ids):].tolist()
+    image_id = getattr(model.config, "image_token_id", None) or model.config.image_token_index
+    assert ids.count(image_id) == CASES[kind][1]
+
+    with _mtmd(out / "model-f32.gguf", out / "mmproj-f32.gguf") as (llm, ctx):
+        span, replacement = IMAGE_SPANS[kind]
+        assert text.count(span) == 1
+        prompt = text.replace(span, replacement.format(marker=mtmd.mtmd_default_marker().decode()))
+        chunks, parts = _chunks(ctx, prompt, rgb)
+        image = next(c for c in parts if _is_image(c))
+        assert mtmd.mtmd_encode_chunk(ctx, image) == 0
+        n_embd = model.config.get_text_config().hidden_size
+        embedded = np.ctypeslib.as_array(mtmd.mtmd_get_output_embd(ctx), shape=(CASES[kind][1] * n_embd,)).copy()
+        seen = []
+        for c in parts:
+            if _is_image(c):
+                seen += [image_id] * mtmd.mtmd_input_chunk_get_n_tokens(c)
+            else:
+                n = ctypes.c_size_t()
+                tokens = mtmd.mtmd_input_chunk_get_tokens_text(c, ctypes.byref(n))
+                seen += [tokens[i] for i in range(n.value)]
+        assert seen == ids  # the same prompt, token for token
+        lctx, n_past = llm._ctx.ctx, llama_cpp.llama_pos(0)
+        assert mtmd.mtmd_helper_eval_chunks(ctx, lctx, chunks, 0, 0, 64, True, ctypes.byref(n_past)) == 0
+        mtmd.mtmd_input_chunks_free(chunks)
+        batch = llama_cpp.llama_batch_init(1, 0, 1)
+        got, pos = [], n_past.value  # text after an image continues at mtmd's position
+        try:
+            for _ in range(len(expected)):
+                logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(lctx, -1), shape=(llm.n_vocab(),))
+                if not got:
+                    last = logits[: model.config.get_text_config().vocab_size].copy()
+                got.append(int(logits.argmax()))
+                batch.n_tokens, batch.token[0], batch.pos[0] = 1, got[-1], pos
+                batch.n_seq_id[0], batch.seq_id[0][0], batch.logits[0] = 1, 0, True
+                assert llama_cpp.llama_decode(lctx, batch) == 0
+                pos += 1
+        finally:
+            llama_cpp.llama_batch_free(batch)
+    assert got == expected
+    # the prompt's last logits, transformers given the image embeddings llama.cpp computed: the image in place, its
+    # attention and the text model agree (to llama.cpp's f16 GELU table in Gemma's text MLP)
+    with torch.no_grad(), _image_features(model, torch.from_numpy(embedded)):
+        first = model(**inputs).logits[0, -1].numpy()
+    error = np.abs(last - first).max() / np.abs(first).max()
+    assert error < 2e-3, error  # measured 3.8e-4
