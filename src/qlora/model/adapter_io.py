@@ -273,6 +273,24 @@ def _check_values(path: Path, config: dict) -> None:
             raise bad(key, "a mapping of layer name patterns to positive numbers")
 
 
+def read_adapter_weights(adapter_dir: Path) -> dict[str, torch.Tensor]:
+    """The tensors of ``adapter_dir/adapter_model.safetensors``, PEFT's key names as saved.
+
+    Raises:
+        UsageError: the file is missing or not a readable safetensors file.
+    """
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    weights = adapter_dir / "adapter_model.safetensors"
+    if not weights.is_file():
+        raise UsageError(f"{adapter_dir} has no adapter_model.safetensors (qlora reads safetensors only).")
+    try:
+        return load_file(str(weights))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise UsageError(f"{weights} is corrupted or not a safetensors file ({exc}).") from exc
+
+
 def load_adapter(model: nn.Module, adapter_dir: str | Path, adapter_name: str = "default",
                  trainable: bool = False) -> nn.Module:
     """Load a PEFT-format LoRA adapter (ours or PEFT's) onto ``model``.
@@ -281,18 +299,9 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path, adapter_name: str = 
         UsageError: missing or corrupt files, or an adapter made for another base
             (a layer it names is missing, or a tensor shape differs).
     """
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
     adapter_dir = Path(adapter_dir)
     config = read_adapter_config(adapter_dir)
-    weights = adapter_dir / "adapter_model.safetensors"
-    if not weights.is_file():
-        raise UsageError(f"{adapter_dir} has no adapter_model.safetensors (qlora reads safetensors only).")
-    try:
-        tensors = load_file(str(weights))
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise UsageError(f"{weights} is corrupted or not a safetensors file ({exc}).") from exc
+    tensors = read_adapter_weights(adapter_dir)
     token_rows = _token_rows(model, config, {k: tensors.pop(k) for k in [k for k in tensors if ".token_adapter." in k]},
                              adapter_dir)
     target_parameters = [t for t in config.get("target_parameters") or [] if t]

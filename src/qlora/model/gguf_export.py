@@ -97,7 +97,7 @@ def export_gguf(model: nn.Module, tokenizer, path: str | Path, out_type: str = "
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
         for t in plan:
-            writer.write_tensor_data(_encode(gguf, t.make(), t.qtype))
+            writer.write_tensor_data(encode_tensor(gguf, t.make(), t.qtype))
         writer.close()
         os.replace(partial, path)
     except BaseException:
@@ -258,7 +258,7 @@ def _causal_lm_key(model: nn.Module) -> Callable[[str], str]:
     return lambda key: inner + key[len(path) + 1:] if key.startswith(path + ".") else key
 
 
-def _encode(gguf, tensor: torch.Tensor, qtype) -> np.ndarray:
+def encode_tensor(gguf, tensor: torch.Tensor, qtype) -> np.ndarray:
     """The tensor's bytes in ``qtype`` as a uint8 array."""
     Q = gguf.GGMLQuantizationType
     t = tensor.detach().to("cpu")

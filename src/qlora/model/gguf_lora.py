@@ -27,10 +27,10 @@ from pathlib import Path
 import torch
 
 from ..errors import UsageError
-from .adapter_io import read_adapter_config
+from .adapter_io import read_adapter_config, read_adapter_weights
 from .adapter_tensors import PEFT_PREFIX, lora_key
 from .gguf_arch import arch_spec, tensor_namer, to_llama_cpp
-from .gguf_export import _encode, require_gguf
+from .gguf_export import encode_tensor, require_gguf
 
 TYPES = ("f32", "f16", "bf16", "q8_0")
 MERGED = "export the merged model instead: qlora export --format gguf (merged)"
@@ -59,7 +59,7 @@ def export_gguf_lora(config, adapter_dir: str | Path, path: str | Path, out_type
     spec = arch_spec(config)
     adapter = read_adapter_config(adapter_dir)
     _refuse_variants(adapter, adapter_dir)
-    alpha, tensors = adapter_matrices(config, adapter, _load(adapter_dir), adapter_dir)
+    alpha, tensors = adapter_matrices(config, adapter, read_adapter_weights(adapter_dir), adapter_dir)
     Q = gguf.GGMLQuantizationType
     qtype = {"f32": Q.F32, "f16": Q.F16, "bf16": Q.BF16, "q8_0": Q.Q8_0}[out_type]
     block = gguf.GGML_QUANT_SIZES[Q.Q8_0][0]
@@ -76,7 +76,7 @@ def export_gguf_lora(config, adapter_dir: str | Path, path: str | Path, out_type
                               "q8_0": ft.MOSTLY_Q8_0}[out_type])
         for tensor_name, t in tensors:
             own = Q.F16 if qtype == Q.Q8_0 and t.shape[-1] % block else qtype
-            writer.add_tensor(tensor_name, _encode(gguf, t, own),
+            writer.add_tensor(tensor_name, encode_tensor(gguf, t, own),
                               raw_shape=gguf.quant_shape_to_byte_shape(tuple(t.shape), own), raw_dtype=own)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
@@ -195,16 +195,3 @@ def _refuse_variants(adapter: dict, source: Path) -> None:
         raise UsageError(f"{source} is {what}, which llama.cpp's GGUF LoRA adapters (alpha / r * B A added to the "
                          f"base's matrices) cannot express. {MERGED}.")
 
-
-def _load(adapter_dir: Path) -> dict[str, torch.Tensor]:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    weights = adapter_dir / "adapter_model.safetensors"
-    if not weights.is_file():
-        raise UsageError(f"{adapter_dir} has no adapter_model.safetensors (qlora reads safetensors only).")
-    try:
-        tensors = load_file(str(weights))
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise UsageError(f"{weights} is corrupted or not a safetensors file ({exc}).") from exc
-    return tensors
