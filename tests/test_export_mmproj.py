@@ -311,3 +311,17 @@ def test_llama_cpp_greedy_tokens_with_an_image_equal_transformers_generate(tmp_p
         first = model(**inputs).logits[0, -1].numpy()
     error = np.abs(last - first).max() / np.abs(first).max()
     assert error < 2e-3, error  # measured 3.8e-4
+
+
+def test_unreadable_image_processor_settings_are_refused_naming_the_file(tmp_path, capsys):
+    """The mean and std llama.cpp normalizes pixels with come from the model folder: a file there that is not
+    JSON is an error naming it, with nothing written."""
+    model_dir = build_image_model(tmp_path / "gemma3", "gemma3")
+    settings = next(model_dir / n for n in ("preprocessor_config.json", "processor_config.json")
+                    if (model_dir / n).is_file())
+    settings.write_text('{"image_mean": [0.5, 0.5, 0.5],')
+    out = tmp_path / "out"
+    assert main(["export", "--model", str(model_dir), "--output", str(out), "--type", "f16", "--quant", "none"]) == 2
+    err = capsys.readouterr().err
+    assert str(settings) in err and "not valid JSON" in err and "Traceback" not in err
+    assert not out.exists()

@@ -15,17 +15,16 @@ whole (``modules_to_save``) is the one written, as adapters are folded into the 
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 from torch import nn
 
 from ..errors import UsageError
+from .adapter_base import read_json_object
 from .merge import merged_tensors
 from .quantize import non_text_names
 
@@ -46,14 +45,9 @@ _PROJECTORS = {
                           "mm_soft_emb_norm.weight": "mm.soft_emb_norm.weight"}),
 }
 
-# VLM families qlora trains on images but writes no projector for, and why.
+# VLM families whose language model qlora exports but whose projector it does not write, and why (Qwen2-VL's
+# family is refused whole: its M-RoPE language model is not written).
 _REFUSED = {
-    "qwen2_vl": "Qwen2-VL's language model needs llama.cpp's M-RoPE (qwen2vl architecture with rope sections), "
-                "which qlora's GGUF export does not write",
-    "qwen2_5_vl": "Qwen2.5-VL's language model needs llama.cpp's M-RoPE (qwen2vl architecture with rope sections), "
-                  "which qlora's GGUF export does not write",
-    "qwen3_vl": "Qwen3-VL's language model needs llama.cpp's interleaved M-RoPE and deepstack inputs, which qlora's "
-                "GGUF export does not write",
     "idefics3": "Idefics3's projector (idefics3 in llama.cpp) splits images into tiles plus a global view its own "
                 "way; qlora has not checked its file against llama.cpp's encoder",
     "smolvlm": "SmolVLM's projector (idefics3 in llama.cpp) splits images into tiles plus a global view its own "
@@ -96,7 +90,7 @@ def export_mmproj(model: nn.Module, model_dir: str | Path, path: str | Path, out
     """
     import gguf
 
-    from .gguf_export import require_gguf
+    from .gguf_export import encode_tensor, require_gguf
 
     require_gguf()
     config = model.config
@@ -153,11 +147,10 @@ def export_mmproj(model: nn.Module, model_dir: str | Path, path: str | Path, out
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
         for gguf_name, _, make, qtype in typed:
-            t = make().detach().to("cpu", torch.float32)
+            t = make().float()
             if gguf_name == "mm.soft_emb_norm.weight":
                 t = t + 1  # Gemma's RMS norm scales by 1 + w; llama.cpp's multiplies by the stored weight
-            data = t.numpy() if qtype == Q.F32 else t.to(torch.float16).numpy()
-            writer.write_tensor_data(np.ascontiguousarray(data))
+            writer.write_tensor_data(encode_tensor(gguf, t, qtype))
         writer.close()
         os.replace(partial, path)
     except BaseException:
@@ -238,7 +231,7 @@ def _image_processor_settings(model_dir: Path) -> dict:
     for name, part in (("preprocessor_config.json", None), ("processor_config.json", "image_processor")):
         file = model_dir / name
         if file.is_file():
-            data = json.loads(file.read_text())
+            data = read_json_object(file)
             settings.update(data.get(part, {}) if part else data)
     if "image_mean" not in settings or "image_std" not in settings:
         raise UsageError(f"{model_dir} has no image processor settings (image_mean, image_std in "
