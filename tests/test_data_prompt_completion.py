@@ -167,3 +167,27 @@ def test_sft_run_on_unpaired_preference_file_exits_2_and_writes_nothing(tmp_path
         err = capsys.readouterr().err
         assert f"{data} line 1: these rows are unpaired preference data" in err and "Traceback" not in err
     assert not out.exists()
+
+
+def test_eval_counts_the_tokens_trl_trains_under_train_on_completion(tmp_path, tiny_model_dir, capsys):
+    """``qlora eval --train-on completion`` (what a TRL SFT file trains by default) counts the tokens TRL's
+    SFTTrainer trains: a conversation's every token, a prompt-completion row's completion; the other choices
+    count otherwise on these rows."""
+    from qlora.cli.main import main
+    from qlora.model.load import load_tokenizer
+
+    tokenizer = load_tokenizer(str(tiny_model_dir))
+    chat = {"messages": [{"role": "user", "content": "Hello"}, {"role": "assistant", "content": "Hi there!"}]}
+    plain = ROWS["plain"]
+    paths = []
+    for name, row in (("chat", chat), ("plain", plain)):
+        paths.append(tmp_path / f"{name}.jsonl")
+        paths[-1].write_text(json.dumps(row) + "\n")
+    expected = sum(sum(label != IGNORE_INDEX for label in _trl(tokenizer, [row])[0]["labels"][1:])
+                   for row in (chat, plain))
+    counts = {}
+    for train_on in ("completion", "assistant", "all"):
+        assert main(["eval", "--model", str(tiny_model_dir), "--data", ",".join(map(str, paths)), "--quant",
+                     "none", "--train-on", train_on]) == 0
+        counts[train_on] = int(capsys.readouterr().out.split("(")[-1].split()[0])
+    assert counts["completion"] == expected and expected not in (counts["assistant"], counts["all"])

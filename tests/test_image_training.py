@@ -124,6 +124,22 @@ def test_first_step_loss_is_transformers_loss_and_adapter_loads_in_peft(kind, mo
     assert torch.allclose(ours, theirs, atol=1e-5)
 
 
+@pytest.mark.parametrize("kind", kind_params(("gemma3", "llava", "idefics3", "qwen2_vl")))
+@pytest.mark.parametrize("train_on", ["all", "completion"])
+def test_a_conversation_trained_whole_trains_its_image_tokens(kind, train_on, models, data, tmp_path):
+    """train_on all (and completion, TRL's SFT default, for conversations) trains every token of a row with images,
+    the processor's image tokens included, as TRL's vision collator labels every token but padding (the text
+    path's labels had no place for the expanded image tokens, and every row was refused as holding an image
+    placeholder inside a trained turn)."""
+    rows = _oracle_rows(models[kind], data)
+    trainer = _trainer(models[kind], data, tmp_path / "run", train_on=train_on)
+    by_index = {u.index: u for u in trainer.train_units}
+    for k, (inputs, _) in enumerate(rows):
+        ids = inputs["input_ids"][0].tolist()
+        assert by_index[k].input_ids == ids
+        assert by_index[k].labels == [-100] + ids[1:]
+
+
 def test_four_bit_training_on_images(models, data, tmp_path):
     trainer = _trainer(models["gemma3"], data, tmp_path / "run", quant="nf4", max_steps=4)
     trainer.train()

@@ -31,7 +31,7 @@ from qlora.quant import BLOCKSIZES
 from qlora.template_names import TRAIN_TEMPLATE_NAMES, template_name
 from qlora.train.data.fields import parse_data_fields
 from qlora.train.data.sources import LOCAL_SUFFIXES
-from qlora.train.foreign_keys import AXOLOTL_DEFAULTS, adapter_keys, is_axolotl, translate
+from qlora.train.foreign_keys import AXOLOTL_DEFAULTS, adapter_keys, is_axolotl, silent_defaults, translate
 from qlora.train.torchtune_config import is_torchtune, torchtune_options
 from qlora.train.trl_config import is_trl, loss_keys, preference_keys, trl_defaults, trl_options
 from qlora.train.preference_loss import F_DIVERGENCE_LOSSES, F_DIVERGENCES
@@ -972,17 +972,6 @@ def _cosine_floor(values: dict[str, Any], ratio: Any, where: str) -> None:
     values["lr_scheduler_kwargs"] = json.dumps(kwargs | {"min_lr_rate": ratio})
 
 
-def _axolotl_defaults(values: dict[str, Any], path: Path) -> None:
-    """An axolotl file trains with axolotl's defaults where it is silent, as it would under axolotl."""
-    unset = {k: v for k, v in AXOLOTL_DEFAULTS.items() if k not in values}
-    if "warmup_steps" in values:
-        unset.pop("warmup_ratio", None)
-    if unset:
-        values.update(unset)
-        print(f"qlora train: {path} is an axolotl config: its defaults apply where it is silent "
-              f"({', '.join(f'{k} {v}' for k, v in unset.items())})", file=sys.stderr)
-
-
 def load_config(yaml_path: str | Path | None, overrides: dict[str, Any]) -> TrainConfig:
     """Build a config from an optional YAML file, then ``overrides`` (flags win).
 
@@ -1056,7 +1045,7 @@ def load_config(yaml_path: str | Path | None, overrides: dict[str, Any]) -> Trai
             print(f"qlora train: {path}: passing over {', '.join(passed_over)}: settings of another tool that change "
                   "nothing in what qlora computes", file=sys.stderr)
         if axolotl:
-            _axolotl_defaults(values, path)
+            silent_defaults(values, AXOLOTL_DEFAULTS, path, "an axolotl")
         if "cosine_min_lr_ratio" in loaded:
             _cosine_floor(values, loaded["cosine_min_lr_ratio"], f"{path} line {lines['cosine_min_lr_ratio']}")
     for key, value in overrides.items():

@@ -401,6 +401,19 @@ AXOLOTL_DEFAULTS = {"lr_scheduler": "cosine", "optim": "adamw", "dropout": 0.0, 
                     "warmup_ratio": 0.0}
 
 
+def silent_defaults(values: dict[str, Any], defaults: dict[str, Any], path: Path, tool: str) -> None:
+    """``defaults`` (another tool's, where they differ from qlora's) for the options ``values`` leaves unset, as
+    that tool would train the file (``tool``, with its article, names it in the note); an explicit warmup_steps
+    keeps its own warmup."""
+    unset = {k: v for k, v in defaults.items() if k not in values}
+    if "warmup_steps" in values:
+        unset.pop("warmup_ratio", None)
+    if unset:
+        values.update(unset)
+        print(f"qlora train: {path} is {tool} config: its defaults apply where it is silent "
+              f"({', '.join(f'{k} {v}' for k, v in unset.items())})", file=sys.stderr)
+
+
 def is_axolotl(loaded: dict) -> bool:
     """Whether a config file is axolotl's: its ``adapter: lora|qlora`` or its ``datasets:`` list."""
     return loaded.get("adapter") in ("lora", "qlora") or isinstance(loaded.get("datasets"), list)

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from qlora.errors import UsageError
+from qlora.train.foreign_keys import silent_defaults
 
 # Keys only TRL's ModelConfig and ScriptArguments (and the handbook's extension of them) have.
 _TRL_KEYS = frozenset({"use_peft", "dataset_name", "dataset_config", "dataset_train_split", "dataset_test_split",
@@ -127,13 +128,7 @@ def trl_defaults(values: dict[str, Any], path: Path, file_keys: set[str], flags:
     A preference trainer's ``disable_dropout`` (true unless the file says otherwise) zeroes every dropout of the
     PEFT model, ``lora_dropout`` included, unless ``--dropout`` is given as a flag."""
     method = "sft" if values.get("method", "sft") == "sft" else "preference"
-    unset = {k: v for k, v in (TRL_DEFAULTS | _METHOD_DEFAULTS[method]).items() if k not in values}
-    if "warmup_steps" in values:
-        unset.pop("warmup_ratio", None)
-    if unset:
-        values.update(unset)
-        print(f"qlora train: {path} is a TRL config: its defaults apply where it is silent "
-              f"({', '.join(f'{k} {v}' for k, v in unset.items())})", file=sys.stderr)
+    silent_defaults(values, TRL_DEFAULTS | _METHOD_DEFAULTS[method], path, "a TRL")
     if method == "preference" and "disable_dropout" not in file_keys and "dropout" not in flags and values.get(
             "dropout") != 0.0:
         values["dropout"] = 0.0  # TRL's disable_dropout runs after the LoRA layers are in place

@@ -86,15 +86,20 @@ def tokenize_image_example(
 
 def _aligned_labels(text_ids: list[int], text_labels: list[int], ids: list[int],
                     where: str) -> tuple[list[int], int]:
-    """Labels for the processor's ``ids`` from the text path's, and where the last image's tokens end."""
+    """Labels for the processor's ``ids`` from the text path's, and where the last image's tokens end. A row the
+    text path trains whole (train_on all, or completion for a conversation) trains its image tokens too, as TRL's
+    vision collator labels every token but padding."""
     labels = [IGNORE_INDEX] * len(ids)
     image_end = 0
+    whole = all(label != IGNORE_INDEX for label in text_labels[1:])
     matcher = SequenceMatcher(None, text_ids, ids, autojunk=False)
     for op, a0, a1, b0, b1 in matcher.get_opcodes():
         if op == "equal":
             labels[b0:b1] = text_labels[a0:a1]
             continue
-        if any(label != IGNORE_INDEX for label in text_labels[a0:a1]) or (
+        if whole:
+            labels[b0:b1] = ids[b0:b1]  # an image's tokens, inside a row trained whole
+        elif any(label != IGNORE_INDEX for label in text_labels[a0:a1]) or (
                 op == "insert" and 0 < a0 < len(text_labels) and text_labels[a0 - 1] != IGNORE_INDEX
                 and text_labels[a0] != IGNORE_INDEX):
             raise UsageError(f"{where}: the processor's tokens differ from the chat template's inside a trained "
