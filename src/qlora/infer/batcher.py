@@ -360,7 +360,7 @@ class ContinuousBatcher:
         if request.constraint is not None:
             if row.penalties is not None:
                 logits = row.penalties(logits)
-            allows = None if request.token_filter is None else lambda t: request.token_filter.allows(t, reply)
+            allows = None if request.token_filter is None else request.token_filter.allower(reply)
             return request.constraint.choose(logits, request.options, row.generator, allows)
         if request.token_filter is not None and not torch.isfinite(logits).any():
             return None  # nothing left to sample from

@@ -13,7 +13,7 @@ so greedy decoding is changed by them too and logprobs (of the raw logits) are n
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 
@@ -62,8 +62,13 @@ class TokenFilter:
 
     def allows(self, token: int, reply: Sequence[int]) -> bool:
         """Whether ``token`` may follow ``reply``."""
-        return (self.allowed is None or token in self.allowed) and token not in self.always \
-            and token not in self.banned(reply)
+        return self.allower(reply)(token)
+
+    def allower(self, reply: Sequence[int]) -> Callable[[int], bool]:
+        """:meth:`allows` after ``reply`` for many tokens (a constraint's scan): the bad words' bans found once."""
+        banned = self.banned(reply)
+        return lambda token: (self.allowed is None or token in self.allowed) and token not in self.always \
+            and token not in banned
 
     def __call__(self, logits: torch.Tensor, reply: Sequence[int]) -> torch.Tensor:
         """A copy of the 1-D ``logits`` with the tokens masked after ``reply`` at -inf."""
