@@ -161,7 +161,10 @@ def test_trl_defaults_where_a_file_is_silent_are_trls_own(tmp_path):
     assert dpo.disable_dropout
     cfg = load_config(path, {"method": "dpo", "dropout": "0.1"})
     assert cfg.dropout == 0.1  # a flag wins over TRL's disable_dropout
-    path.write_text(path.read_text() + "disable_dropout: false\nlora_dropout: 0.1\nmax_steps: -1\n")
+    text = path.read_text()
+    path.write_text(text + "disable_dropout: true\nlora_dropout: 0.1\n")
+    assert load_config(path, {"method": "dpo"}).dropout == 0.0  # TRL zeroes lora_dropout under disable_dropout
+    path.write_text(text + "disable_dropout: false\nlora_dropout: 0.1\nmax_steps: -1\n")
     assert (load_config(path, {"method": "dpo"}).dropout, load_config(path, {}).max_steps) == (0.1, 0)
 
 

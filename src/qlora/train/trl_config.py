@@ -72,6 +72,10 @@ def trl_options(loaded: dict, lines: dict[str, int], path: Path) -> dict:
         raise UsageError(f"{where['lora_task_type']}: lora_task_type {task!r}: qlora trains causal language models "
                          "(CAUSAL_LM); remove the key.")
     _dtype(loaded, out, where)
+    if loaded.get("disable_dropout") is True and loaded.get("lora_dropout") not in (None, 0, 0.0):
+        del out["lora_dropout"]  # TRL zeroes every dropout after the LoRA layers are built, lora_dropout's too
+        print(f"qlora train: {where['lora_dropout']}: lora_dropout {loaded['lora_dropout']} is 0 under "
+              "disable_dropout: true, as TRL runs it", file=sys.stderr)
     _chat_template(loaded, out, where)
     if loaded.get("eos_token") is not None and loaded["eos_token"] == _own(loaded, "eos_token"):
         del out["eos_token"]  # the tokenizer's own: SFTConfig's eos_token changes nothing then
