@@ -70,7 +70,7 @@ RUNTIME_ONLY = frozenset({
     # result to the hub (qlora writes it to output_dir; hub_* settings are passed over by their prefix)
     "log_level", "log_level_replica", "use_liger_kernel", "push_to_hub", "use_flash_attention_2",
 })
-# Prefixes of logging sinks' settings (wandb_project, axolotl's swanlab_project, mlflow_tracking_uri, hub_model_id, ...).
+# Prefixes of logging sinks' and hub uploads' settings (wandb_project, axolotl's swanlab_project, hub_model_id, ...).
 RUNTIME_PREFIXES = ("wandb_", "swanlab_", "mlflow_", "comet_", "hub_")
 # LLaMA-Factory's settings of videos and audio: they apply to rows with videos or audios, which qlora refuses when
 # it reads the data (its vision examples set them beside images all the same).

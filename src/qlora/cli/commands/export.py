@@ -97,7 +97,8 @@ def run(args: argparse.Namespace) -> int:
         projector = None
         if is_vision_language(model) and refusal is None:
             kind = mmproj_type(args.type)
-            projector = export_mmproj(model, resolve_model_dir(args.model), tmp / f"mmproj-{kind}.gguf", kind, name).name
+            projector = export_mmproj(model, resolve_model_dir(args.model), tmp / f"mmproj-{kind}.gguf", kind,
+                                      name).name
         add_bos = gguf_vocab(tokenizer, model.get_input_embeddings().weight.shape[0]).add_bos
         notes = write_modelfile(tmp, gguf_name, tokenizer, add_bos, projector=projector)
         size = path.stat().st_size
