@@ -39,7 +39,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="chat format: auto = the one --adapter was trained with (chat_format.json), else the "
                              "model's own, else the built-in one its vocabulary supports (as train)")
     parser.add_argument("--train-on", default="assistant", choices=("assistant", "all", "completion"),
-                        help="tokens that count, as qlora train's --train-on (completion: a TRL SFT file's default)")
+                        help="tokens that count, as qlora train's --train-on (completion: all but the prompts of "
+                             "prompt-completion rows, as TRL's SFT trains)")
     parser.add_argument("--quant", default=None, choices=("nf4", "fp4", "none"),
                         help="base data type (default: the format the adapter was trained on, else nf4)")
     parser.add_argument("--seq-len", type=number(int, Range(2)), default=512, help="truncate examples to this many tokens")
