@@ -96,13 +96,22 @@ def test_the_zephyr_sft_qlora_recipe_trains_as_the_handbook_runs_it(zephyr, tmp_
         assert key not in out.err or re.search(rf"passing over [^\n]*{key}", out.err), key
 
 
-def test_a_chat_template_unlike_the_models_own_is_refused_at_its_line(tmp_path, capsys):
+def test_a_chat_template_unlike_the_models_own_trains_with_it(tmp_path, capsys):
+    """The recipe's inline chat_template on a model with another template of its own: trained with the recipe's, as
+    the handbook sets it on the tokenizer, and saved with the adapter (tests/test_custom_template.py: the same
+    tokens and mask as that template installed as the model's own)."""
+    import yaml
+
+    from qlora.model.chat_format import ChatFormat
+
     model = model_for("llama-3", tmp_path)
-    path = _local(SFT, tmp_path, str(model), "./ultrachat")
-    assert main(["train", str(path), "--no-progress"]) == 2
-    err = capsys.readouterr().err
-    assert f"{path} line {_line(SFT, 'chat_template')}: chat_template is a Jinja template" in err, err
-    assert "chat_template.jinja" in err and "Traceback" not in err
+    data = _splits(tmp_path / "ultrachat", _chat, ("train_sft", "test_sft"))
+    path = _local(SFT, tmp_path, str(model), data)
+    assert main(["train", str(path), "--max-steps", "1", "--seq-len", "128", "--batch-size", "2", "--no-progress"]) == 0
+    inline = yaml.safe_load((EXAMPLES / SFT).read_text())["chat_template"]
+    assert inline != (model / "chat_template.jinja").read_text()
+    assert load_config(tmp_path / "out" / "config.yaml", {}).template == inline
+    assert ChatFormat.load(tmp_path / "out").template == inline
 
 
 def test_the_zephyr_dpo_qlora_recipe(zephyr, tmp_path, capsys):

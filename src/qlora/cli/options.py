@@ -13,6 +13,7 @@ import argparse
 from typing import Callable, Sequence
 
 from ..option_range import AT_LEAST_1, NON_NEGATIVE, POSITIVE, Range
+from ..template_file import is_custom
 from ..template_names import TRAIN_TEMPLATE_NAMES, template_name
 
 
@@ -54,10 +55,13 @@ def id_value(allowed: Range) -> Callable[[str], tuple[int, float]]:
     return parse
 
 
-def template_option(choices: Sequence[str] = TRAIN_TEMPLATE_NAMES) -> Callable[[str], str]:
-    """An argparse type: a chat format's name in any spelling of :mod:`qlora.template_names`, as qlora's name."""
+def template_option(choices: Sequence[str] = TRAIN_TEMPLATE_NAMES, own: bool = False) -> Callable[[str], str]:
+    """An argparse type: a chat format's name in any spelling of :mod:`qlora.template_names`, as qlora's name;
+    with ``own``, also the user's own template (a path, :mod:`qlora.template_file`), checked where it is read."""
 
     def parse(text: str) -> str:
+        if own and is_custom(text):
+            return text
         try:
             return template_name(text, choices)
         except ValueError as exc:

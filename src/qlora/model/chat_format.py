@@ -167,6 +167,9 @@ def template_error(exc: Exception, fmt: ChatFormat, messages: Sequence[dict], wh
         hint = ("The template requires its own order of roles (e.g. user and assistant alternating, starting with "
                 "user): merge consecutive messages of the same role in the data"
                 + ("" if fmt.system_into_user or "system" not in roles else ", or try --system-into-user") + ".")
+    elif fmt.name == "custom":
+        hint = ("Check this conversation against what the template expects (roles, content types), and fix the "
+                "template or the data.")
     else:
         hint = ("Check this conversation against what the template expects (roles, content types); the template "
                 "is the model's own format, so fix the data rather than the template.")

@@ -28,10 +28,12 @@ from qlora.optim import (
     OPTIMIZER_ALIASES, OPTIMIZERS, PLATEAU, SCHEDULE_ALIASES, SCHEDULES, check_schedule, optimizer_name, schedule_name,
 )
 from qlora.quant import BLOCKSIZES
-from qlora.template_names import TRAIN_TEMPLATE_NAMES, template_name
+from qlora.template_file import is_custom, is_inline, read_template, template_digest
+from qlora.template_names import template_name
 from qlora.train.data.fields import parse_data_fields
 from qlora.train.data.sources import LOCAL_SUFFIXES
-from qlora.train.foreign_keys import AXOLOTL_DEFAULTS, adapter_keys, is_axolotl, silent_defaults, translate
+from qlora.train.foreign_keys import (AXOLOTL_DEFAULTS, adapter_keys, is_axolotl, jinja_template_keys, silent_defaults,
+                                      translate)
 from qlora.train.torchtune_config import is_torchtune, torchtune_options
 from qlora.train.trl_config import is_trl, loss_keys, preference_keys, trl_defaults, trl_options
 from qlora.train.preference_loss import F_DIVERGENCE_LOSSES, F_DIVERGENCES
@@ -158,8 +160,8 @@ class TrainConfig:
                                 "(role=from,content=value) and role values (user=human,assistant=gpt)")
     template: str = _opt("auto", "chat template: auto = the model's own (if none: chatml or llama-3 when the "
                                  "vocabulary has their markers, else alpaca), tokenizer = the "
-                                 "model's own (required), or a built-in one; saved with the adapter",
-                         TRAIN_TEMPLATE_NAMES)
+                                 "model's own (required), a built-in one (chatml, llama-3, alpaca), or your own: "
+                                 "a Jinja file (.jinja) or a tokenizer folder; saved with the adapter")
     system_into_user: bool = _opt(False, "fold a system message into the first user turn (for chat templates without "
                                          "a system role, e.g. Gemma 2, Mixtral); saved with the adapter")
     template_date: str = _opt("", "date (YYYY-MM-DD) that date-dependent chat templates (strftime_now) see; empty: the "
@@ -273,8 +275,9 @@ class TrainConfig:
         """Other tools' names for our optimizers, schedules and templates become ours, and the schedule's kwargs
         one canonical JSON text, so a checkpoint compares equal however they were spelled."""
         self.optim = OPTIMIZER_ALIASES.get(self.optim, self.optim)
+        self._digests: dict[str, str] = {}  # a template file's text digest, by path (see run_defining)
         try:
-            self.template = template_name(self.template)
+            self.template = self.template if is_custom(self.template) else template_name(self.template)
         except ValueError:
             pass  # validate() says what is wrong
         self.lr_scheduler = SCHEDULE_ALIASES.get(self.lr_scheduler, self.lr_scheduler)
@@ -301,6 +304,10 @@ class TrainConfig:
         if self.lr_scheduler == PLATEAU:  # its rates follow the eval losses
             values.update({k: getattr(self, k) for k in ("eval_data", "eval_data_split", "eval_steps")})
         values["global_batch"] = values.pop("batch_size") * values.pop("grad_accum") * world_size
+        if is_custom(self.template) and not is_inline(self.template):  # the file may change under the same path
+            if self.template not in self._digests:  # read once: the checkpoints of a run record the text it read
+                self._digests[self.template] = template_digest(self.template)
+            values["template_sha256"] = self._digests[self.template]
         return values
 
     def validate(self) -> None:
@@ -314,9 +321,9 @@ class TrainConfig:
                 raise UsageError(f"--{name.replace('_', '-')} is required (or set `{name}:` in the YAML file)")
         self._validate_schedule()
         try:
-            template_name(self.template)
+            read_template(self.template) if is_custom(self.template) else template_name(self.template)
         except ValueError as exc:
-            raise UsageError(f"--template: {exc}") from None
+            raise UsageError(f"--template: {exc}; or give your own chat template as a .jinja file") from None
         for name in _STEP_SHARES:
             value = getattr(self, name)
             if value > 1 and not float(value).is_integer():
@@ -1004,7 +1011,7 @@ def load_config(yaml_path: str | Path | None, overrides: dict[str, Any]) -> Trai
         trl = not axolotl and "stage" not in loaded and is_trl(loaded)
         if trl:
             loaded = trl_options(loaded, lines, path)
-        loaded = loss_keys(loaded, lines, path)
+        loaded = jinja_template_keys(loss_keys(loaded, lines, path), lines, path)
         loaded = adapter_keys(_llama_factory(loaded, lines, path, frozenset(k.replace("-", "_") for k in overrides)),
                               lines, path)
         given_as: dict[str, str] = {}

@@ -29,6 +29,7 @@ from typing import Any, Callable
 
 from qlora.errors import UsageError
 from qlora.train.data.axolotl_datasets import axolotl_datasets
+from qlora.template_file import is_custom, own_value
 from qlora.template_names import template_name
 
 Translation = tuple[list[tuple[str, Any]], str]  # our (option, value) pairs, and a note for the user ("" if none)
@@ -118,16 +119,19 @@ def _template_of(tool: str) -> Callable[[Any, str], Translation]:
     def translate_template(value: Any, where: str) -> Translation:
         """A name with a built-in equivalent (qlora.template_names: llama3, tokenizer_default, ...) is taken;
         the tool's other names are a model family's own format."""
-        if not isinstance(value, str):
+        if not isinstance(value, str) or is_custom(value):  # the user's own template: qlora.template_file
             return [("template", value)], ""
         try:
             return [("template", template_name(value))], ""
         except ValueError:
             pass
-        if value.startswith("tokenizer_default_fallback_") or value == "jinja":
+        if value == "jinja":
+            raise UsageError(f"{where}: {key} jinja takes its template from chat_template_jinja (the template's text "
+                             "or a .jinja file), which this file lacks; add it, or name a template.")
+        if value.startswith("tokenizer_default_fallback_"):
             raise UsageError(f"{where}: {key} {value!r}: qlora's templates are the model's own (template: "
                              "tokenizer), auto (the model's own, else chatml or llama-3 by the vocabulary's markers, "
-                             "else alpaca), chatml, llama-3 and alpaca; choose one.")
+                             "else alpaca), chatml, llama-3 and alpaca, or your own .jinja file; choose one.")
         qwen2_vl = tool == "LLaMA-Factory" and value in _QWEN2_VL_PLUGIN_TEMPLATES
         resize = [("image_resize", "qwen2-vl")] if qwen2_vl else []
         return [("template", "auto"), *resize], (f"{where}: {key} {value!r} is a {tool} name; training with the "
@@ -341,6 +345,8 @@ TRANSLATED: dict[str, Callable[[Any, str], Translation]] = {
     "quantization_bit": _quantization_bit, "quantization_method": _quantization_method,
     "finetuning_type": _finetuning_type, "lora_target": _lora_target, "template": _template_of("LLaMA-Factory"),
     "chat_template": _template_of("axolotl"), "resume_from_checkpoint": _resume,
+    "chat_template_path": lambda value, where: ([("template", own_value(value) if isinstance(value, str) else value)],
+                                                ""),  # TRL's SFTConfig: a .jinja file, or a tokenizer folder
     "datasets": _datasets("data"), "test_datasets": _datasets("eval_data"), "rl": _rl, "fsdp": _fsdp,
     "special_tokens": _special_tokens, "dataset_text_field": _dataset_text_field, "truncation_mode": _truncation_mode,
     "packing_strategy": _packing_strategy, "dataset_kwargs": _dataset_kwargs,
@@ -358,10 +364,6 @@ TRANSLATED: dict[str, Callable[[Any, str], Translation]] = {
     "lora_fan_in_fan_out": _refused("lora_fan_in_fan_out", "qlora adapts torch.nn.Linear layers; remove the key."),
     "tokens": _refused("tokens", "qlora adds tokens as special tokens (add_special_tokens: [...], their embeddings "
                                  "and the output head trained whole); use that key."),
-    "chat_template_jinja": _refused("chat_template_jinja", "qlora trains with the model's own chat template or a "
-                                                           "built-in one; save the template in the model folder's "
-                                                           "tokenizer_config.json and set chat_template: "
-                                                           "tokenizer_default."),
     "eos_token": _refused("eos_token", "qlora ends turns with the chat template's own end token; remove the key."),
     "ray_num_workers": _ray_num_workers, "do_train": _do_train, "adapter_name_or_path": _adapter_name_or_path,
     "do_predict": _refused("do_predict", "LLaMA-Factory's prediction run (answers generated for eval_dataset, "
@@ -417,6 +419,26 @@ def silent_defaults(values: dict[str, Any], defaults: dict[str, Any], path: Path
 def is_axolotl(loaded: dict) -> bool:
     """Whether a config file is axolotl's: its ``adapter: lora|qlora`` or its ``datasets:`` list."""
     return loaded.get("adapter") in ("lora", "qlora") or isinstance(loaded.get("datasets"), list)
+
+
+def jinja_template_keys(loaded: dict, lines: dict[str, int], path: Path) -> dict:
+    """axolotl's ``chat_template: jinja`` with ``chat_template_jinja`` (the template's text, or a file of it) read
+    together as the template to train with; ``chat_template`` may be left out, as it says nothing more then."""
+    jinja = loaded.get("chat_template_jinja")
+    if jinja is None:
+        return loaded
+    where = f"{path} line {lines.get('chat_template_jinja', '?')}"
+    if not isinstance(jinja, str) or not jinja.strip():
+        raise UsageError(f"{where}: chat_template_jinja is a Jinja chat template's text or the path of a .jinja "
+                         f"file; got {jinja!r}.")
+    chosen = loaded.get("chat_template")
+    if chosen not in (None, "jinja"):
+        raise UsageError(f"{where}: chat_template_jinja with chat_template {chosen!r}: axolotl uses "
+                         "chat_template_jinja only with chat_template: jinja; keep one.")
+    out = {k: v for k, v in loaded.items() if k not in ("chat_template", "chat_template_jinja")}
+    out["chat_template"] = own_value(jinja)
+    lines["chat_template"] = lines.get("chat_template_jinja", 0)
+    return out
 
 
 def adapter_keys(loaded: dict, lines: dict[str, int], path: Path) -> dict:

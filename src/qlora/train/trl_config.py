@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from qlora.errors import UsageError
+from qlora.template_file import is_inline
 from qlora.train.foreign_keys import silent_defaults
 
 # Keys only TRL's ModelConfig and ScriptArguments (and the handbook's extension of them) have.
@@ -47,8 +48,8 @@ def trl_options(loaded: dict, lines: dict[str, int], path: Path) -> dict:
     others are aliases or :mod:`qlora.train.foreign_keys`'); what qlora cannot do as they do is refused by line.
 
     Raises:
-        UsageError: full fine-tuning, a model revision, a dtype unlike the precision keys, a handbook chat template
-            unlike the model's own, or a mixture qlora cannot read as the handbook does.
+        UsageError: full fine-tuning, a model revision, a dtype unlike the precision keys, a chat template folder
+            whose end token is not the model's, or a mixture qlora cannot read as the handbook does.
     """
     where = {k: f"{path} line {lines.get(k, '?')}" for k in loaded}
     out = dict(loaded)
@@ -163,19 +164,37 @@ def _dtype(loaded: dict, out: dict, where: dict[str, str]) -> None:
 
 
 def _chat_template(loaded: dict, out: dict, where: dict[str, str]) -> None:
-    """The handbook's ``chat_template`` is a Jinja template set on the tokenizer: the local model's own is
-    ``template: tokenizer``; qlora trains with no other."""
+    """The handbook's ``chat_template`` (a Jinja template set on the tokenizer) and SFTConfig's
+    ``chat_template_path`` (a ``.jinja`` file set on the tokenizer, or a tokenizer folder whose template TRL clones)
+    are the template to train with (:mod:`qlora.template_file`); the local model's own is ``template: tokenizer``."""
     text = loaded.get("chat_template")
-    if not isinstance(text, str) or not ("{%" in text or "{{" in text):
+    inline = isinstance(text, str) and is_inline(text)
+    file = loaded.get("chat_template_path")
+    if file is not None:
+        if inline:
+            raise UsageError(f"{where['chat_template_path']}: chat_template_path and chat_template both set the chat "
+                             "template; keep one.")
+        if not isinstance(file, str) or not file:
+            raise UsageError(f"{where['chat_template_path']}: chat_template_path is a .jinja file or a tokenizer "
+                             f"folder; got {file!r}.")
+        _cloned_eos(loaded, file, where['chat_template_path'])
+    elif inline:
+        out["chat_template"] = "tokenizer" if _own(loaded, "chat_template") == text else text
+
+
+def _cloned_eos(loaded: dict, file: str, at: str) -> None:
+    """TRL clones a tokenizer folder's template together with its end token (``clone_chat_template`` makes it the
+    model's EOS, adding it to the vocabulary); qlora takes the template alone, which renders the same only when the
+    folder's end token is the model's own."""
+    folder = Path(file).expanduser()
+    if not folder.is_dir():
         return
-    own = _own(loaded, "chat_template")
-    if own != text:
-        raise UsageError(f"{where['chat_template']}: chat_template is a Jinja template that the handbook sets on the "
-                         "tokenizer; qlora trains with the model's own template (or a built-in one), and this is not "
-                         "the local model folder's. Save it as the folder's chat_template.jinja and remove the key "
-                         "(qlora then trains with it as the model's own), or remove the key to train with the "
-                         "model's own.")
-    out["chat_template"] = "tokenizer"
+    theirs, ours = _own({"model_name_or_path": folder}, "eos_token"), _own(loaded, "eos_token")
+    if theirs is not None and ours is not None and theirs != ours:
+        raise UsageError(f"{at}: chat_template_path {file} is a tokenizer folder whose end token {theirs!r} is not "
+                         f"the model's ({ours!r}); TRL then makes it the model's end token and adds it to the "
+                         "vocabulary, which qlora does not. Give its chat_template.jinja file instead (TRL sets a "
+                         "file's template alone), with add_special_tokens for the tokens the template needs.")
 
 
 def _own(loaded: dict, key: str) -> Any:

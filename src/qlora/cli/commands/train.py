@@ -33,7 +33,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             # --optim and --lr-scheduler have no fixed choices: TrainConfig takes other tools' names for them too.
             parser.add_argument(flag, dest=f.name, default=argparse.SUPPRESS, metavar=f.name.upper(),
                                 choices=f.metadata["choices"], help=help_text,
-                                type=template_option() if f.name == "template" else None)
+                                type=template_option(own=True) if f.name == "template" else None)
 
 
 def _allowed_and_default(f) -> str:

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from qlora.errors import UsageError
 from qlora.model.chat_format import ChatFormat
+from qlora.template_file import is_custom, read_template
 from qlora.template_names import template_name
 
 _BOS = "{% if bos_token %}{{ bos_token }}{% endif %}"
@@ -98,11 +99,14 @@ def resolve_chat_template(tokenizer, name: str = "auto") -> str:
         tokenizer: a transformers tokenizer.
         name: ``"auto"`` (the tokenizer's own template, else :func:`fallback_template_name`'s),
             ``"tokenizer"`` (the tokenizer's own, required), or a built-in name
-            (``chatml``, ``llama-3``, ``alpaca``), in any spelling of :mod:`qlora.template_names`.
+            (``chatml``, ``llama-3``, ``alpaca``), in any spelling of :mod:`qlora.template_names`; or the
+            user's own template (:mod:`qlora.template_file`: a Jinja file, a tokenizer folder, Jinja text).
 
     Raises:
-        UsageError: unknown name, or ``"tokenizer"`` with a tokenizer that has none.
+        UsageError: unknown name, ``"tokenizer"`` with a tokenizer that has none, or an unreadable template file.
     """
+    if is_custom(name):
+        return read_template(name)[0]
     try:
         name = template_name(name)
     except ValueError as exc:
@@ -125,8 +129,14 @@ def resolve_chat_format(tokenizer, name: str = "auto", date: str = "", system_in
     the pinned date and the system-message handling.
 
     Raises:
-        UsageError: as :func:`resolve_chat_template`, or a malformed date.
+        UsageError: as :func:`resolve_chat_template`, a user's template that is not valid Jinja, or a malformed
+            date.
     """
+    if is_custom(name):
+        template, origin = read_template(name)
+        fmt = ChatFormat(template=template, origin=origin, name="custom", system_into_user=system_into_user)
+        _check_syntax(tokenizer, fmt)
+        return fmt.with_date(date) if date else fmt
     template = resolve_chat_template(tokenizer, name)
     own = own_template(tokenizer)
     if own and template == own:
@@ -140,3 +150,20 @@ def resolve_chat_format(tokenizer, name: str = "auto", date: str = "", system_in
         origin = f"built-in template {used!r}"
     fmt = ChatFormat(template=template, origin=origin, name=used, system_into_user=system_into_user)
     return fmt.with_date(date) if date else fmt
+
+
+_PROBE = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
+
+
+def _check_syntax(tokenizer, fmt: ChatFormat) -> None:
+    """Refuse a user's template that is not valid Jinja (in transformers' dialect) before any data is read; an error
+    raised by rendering depends on the conversation and is reported with the row that raises it."""
+    from jinja2.exceptions import TemplateSyntaxError
+
+    try:
+        tokenizer.apply_chat_template(_PROBE, chat_template=fmt.pinned_template(), tokenize=False)
+    except TemplateSyntaxError as exc:
+        raise UsageError(f"--template: {fmt.origin}, line {exc.lineno}: not a valid Jinja chat template "
+                         f"({exc.message}); fix the template (transformers renders it with Jinja2).") from None
+    except Exception:  # noqa: BLE001 - the template's own checks (roles, system messages): reported per row
+        pass
