@@ -279,6 +279,15 @@ def _dataset_kwargs(value: Any, where: str) -> Translation:
     return [], ""
 
 
+def _sample_packing_sequentially(value: Any, where: str) -> Translation:
+    """axolotl's next-fit packing in its sampler's order (its default bins by first-fit decreasing): qlora packs
+    next-fit in its order always (shuffled, or the data's under curriculum_sampling), each example kept apart either
+    way; only which examples share a row differs (axolotl repacks each epoch, qlora packs once and shuffles rows)."""
+    if not isinstance(value, bool):
+        raise UsageError(f"{where}: sample_packing_sequentially expects true or false; got {value!r}.")
+    return [], ""
+
+
 def _dataset_text_field(value: Any, where: str) -> Translation:
     return ([("data_fields", f"text={value}")] if value not in (None, "text") else []), ""
 
@@ -344,6 +353,7 @@ TRANSLATED: dict[str, Callable[[Any, str], Translation]] = {
     "datasets": _datasets("data"), "test_datasets": _datasets("eval_data"), "rl": _rl, "fsdp": _fsdp,
     "special_tokens": _special_tokens, "dataset_text_field": _dataset_text_field, "truncation_mode": _truncation_mode,
     "packing_strategy": _packing_strategy, "dataset_kwargs": _dataset_kwargs,
+    "sample_packing_sequentially": _sample_packing_sequentially,
     "sync_ref_model": _refused("sync_ref_model", "TR-DPO's reference that follows the policy: qlora's reference is "
                                                  "the frozen base (or --adapter's starting adapter), as TRL's with "
                                                  "PEFT, where TRL refuses sync_ref_model too; set it to false."),
@@ -488,10 +498,56 @@ def adapter_keys(loaded: dict, lines: dict[str, int], path: Path) -> dict:
         for key in ("datasets", "test_datasets"):
             if loaded.get(key) is not None:  # checked here, so that errors name the config's line
                 axolotl_datasets(loaded[key], where[key], method)
+    _bfloat16(loaded, out, lines, where)
+    if is_axolotl(loaded) and four and loaded.get("quantize_moe_experts") is None:
+        _moe_experts_note(loaded, path)
     if loaded.get("orpo_alpha") is not None and loaded.get("rl") != "orpo":
         raise UsageError(f"{where['orpo_alpha']}: orpo_alpha is ORPO's weight; this config is rl: "
                          f"{loaded.get('rl')}. Remove it, or set rl: orpo.")
     return out
+
+
+def _bfloat16(loaded: dict, out: dict, lines: dict[str, int], where: dict[str, str]) -> None:
+    """axolotl's ``bfloat16: true`` (its schema: bf16 without AMP) sets what ``bf16: true`` sets, whatever ``bf16``
+    says: the model's dtype (``bf16 or bfloat16``) and TrainingArguments' ``bf16 = cfg.bf16 or cfg.bfloat16``;
+    qlora's precision bf16."""
+    value = out.pop("bfloat16", None)
+    if value not in (None, True, False):
+        raise UsageError(f"{where['bfloat16']}: bfloat16 expects true or false; got {value!r}.")
+    if value and out.get("bf16") is not True:
+        out["bf16"] = True
+        lines["bf16"] = lines.get("bfloat16", 0)
+
+
+# Keys of a transformers config (or its text_config) that count a mixture of experts' experts.
+_EXPERT_COUNTS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")
+
+
+def _moe_experts_note(loaded: dict, path: Path) -> None:
+    """A 4-bit axolotl config silent on ``quantize_moe_experts`` (its default false) keeps a mixture of experts'
+    3-D expert weights in 16 bits, as bitsandbytes quantizes linear layers only; qlora quantizes them with the
+    base: most of such a model's weights, so its memory is the 4-bit base the file asks for, and the base's
+    experts are NF4-rounded as axolotl's quantize_moe_experts: true rounds them. Said for a model whose config
+    (a local folder, or the hub cache's copy) counts experts."""
+    model = next((loaded[k] for k in ("base_model", "model", "model_name_or_path") if loaded.get(k)), None)
+    if not isinstance(model, str):
+        return
+    config = Path(model).expanduser() / "config.json"
+    try:
+        if not config.is_file() and not Path(model).expanduser().exists():
+            from huggingface_hub import try_to_load_from_cache
+
+            cached = try_to_load_from_cache(model, "config.json")  # no download: the cache's copy, if any
+            config = Path(cached) if isinstance(cached, str) else config
+        read = json.loads(config.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return  # the model load reports an unreadable config
+    parts = [read, read.get("text_config") or {}] if isinstance(read, dict) else []
+    if any(isinstance(p, dict) and isinstance(p.get(k), int) and p[k] > 1 for p in parts for k in _EXPERT_COUNTS):
+        print(f"qlora train: {path}: quantize_moe_experts is not set, and axolotl then keeps this mixture of "
+              "experts' expert weights in 16 bits; qlora quantizes them with the 4-bit base (as "
+              "quantize_moe_experts: true), so the experts are NF4-rounded and take a quarter of the memory. "
+              "For 16-bit experts train on a 16-bit base (adapter: lora without load_in_4bit).", file=sys.stderr)
 
 
 def _total_batch(loaded: dict, out: dict, lines: dict[str, int], where: dict[str, str]) -> None:

@@ -62,6 +62,7 @@ from qlora.train.data import (
     fallback_note, own_template, packed_collate, pad_collate, pad_token_id, resolve_chat_format, shuffled_indices,
     tokenize_dataset,
 )
+from qlora.train.data.dedupe import drop_duplicates
 from qlora.train.data.image_examples import tokenize_image_example
 from qlora.train.data.image_packing import check_image_packing, image_blocks_key, multimodal_positions
 from qlora.train.data.selection import hold_out, read_sources
@@ -254,8 +255,12 @@ class Trainer:
         # a model without a chat template: say which built-in format chat data are rendered in
         self.template_fallback = (cfg.template == "auto" and own_template(self.tokenizer) is None
                                   and any(e.messages is not None for e in train_examples))
+        self.seen_rows: set[tuple] = set()  # --dedupe: the examples kept so far
+        self.duplicates = 0
         self.train_units, self.report = self._tokenize(train_examples)
         self._check_batch_fits(len(train_examples))
+        if not cfg.eval_split:  # held-out --eval-data is deduplicated on its own, as axolotl's test_datasets
+            self.seen_rows = set()
         self.eval_units = self._tokenize_eval(eval_examples) if eval_examples else []
         self.dist.barrier()  # every rank has checked --output before rank 0 changes it
         if cfg.overwrite and not cfg.resume and self.out.exists() and self.dist.is_main:
@@ -299,7 +304,8 @@ class Trainer:
         self.metrics.write(f"data: {self.report.summary()}; {len(self.train_units)} "
                            f"{'packed rows' if cfg.packing else 'blocks' if cfg.group_texts else 'examples'}, "
                            f"{self.total_steps} step{'' if self.total_steps == 1 else 's'}"
-                           + (f"; {len(eval_examples)} examples held out for eval" if cfg.eval_split else ""))
+                           + (f"; {len(eval_examples)} examples held out for eval" if cfg.eval_split else "")
+                           + (f"; {self.duplicates} duplicate examples dropped (--dedupe)" if cfg.dedupe else ""))
         if resume_from is not None:  # said also without a progress bar, whose start would show it
             self.metrics.write(f"resuming from {resume_from} at step {self.step}")
 
@@ -471,8 +477,12 @@ class Trainer:
             return text_blocks(examples, self.tokenizer, cfg.seq_len, cfg.group_texts, cfg.group_shards, cfg.template)
         tokenized, report = tokenize_dataset(examples, self.tokenizer, self.chat_format, cfg.train_on, cfg.seq_len,
                                              stop_ids=self._stop_ids(), with_images=with_images)
+        if cfg.dedupe:
+            count = len(tokenized)
+            tokenized = drop_duplicates(tokenized, self.seen_rows)
+            self.duplicates += count - len(tokenized)
         if cfg.packing:
-            order = shuffled_indices(len(tokenized), cfg.seed, 0)
+            order = shuffled_indices(len(tokenized), cfg.seed, 0) if cfg.shuffle else range(len(tokenized))
             return pack_examples([tokenized[i] for i in order], cfg.seq_len), report
         return tokenized, report
 
@@ -527,9 +537,18 @@ class Trainer:
             self.config.pixel_bounds.save(folder)
 
     def _stop_ids(self) -> set[int]:
-        """Ids that end an assistant turn: the tokenizer's end markers and the model's generation EOS ids."""
+        """Ids that end an assistant turn: the tokenizer's end markers, the model's generation EOS ids and
+        --eot-tokens (each one token, as axolotl requires of its eot_tokens)."""
         generation_eos = getattr(getattr(self.model, "generation_config", None), "eos_token_id", None)
-        return stop_token_ids(self.tokenizer, generation_eos)
+        ids = stop_token_ids(self.tokenizer, generation_eos)
+        for token in filter(None, (t.strip() for t in self.config.eot_tokens.split(","))):
+            encoded = self.tokenizer.encode(token, add_special_tokens=False)
+            if len(encoded) != 1:
+                raise UsageError(f"--eot-tokens {token!r} is {len(encoded)} tokens of the model's vocabulary, not "
+                                 "one; list the token the chat template ends a turn with (see the model's "
+                                 "tokenizer_config.json), or add it with --add-special-tokens.")
+            ids.add(encoded[0])
+        return ids
 
     def _chat_format(self, resume_from: Path | None) -> ChatFormat:
         """The run's chat format; its date is pinned now (or taken from the checkpoint on --resume) and
@@ -590,6 +609,8 @@ class Trainer:
         return batch
 
     def _order(self, epoch: int) -> list[int]:
+        if not self.config.shuffle:
+            return list(range(len(self.train_units)))
         if getattr(self, "_cached_epoch", None) != epoch:
             self._cached_epoch, self._cached_order = epoch, shuffled_indices(len(self.train_units), self.config.seed, epoch)
         return self._cached_order
