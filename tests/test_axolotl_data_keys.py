@@ -166,13 +166,33 @@ def test_dedupe_keeps_the_rows_axolotl_keeps(tiny_model_dir, tmp_path):
     assert not train & set(held) and len(held) == len(set(held)) and len(train) + len(held) == 7
 
 
-def test_dedupe_from_an_axolotl_file_and_its_refusal_under_rl(tmp_path, capsys):
+_PAIRS = [{"prompt": f"Pick {i}.", "chosen": f"Yes {i}.", "rejected": f"No {i}."} for i in range(4)]
+
+
+@pytest.mark.parametrize("method", ["dpo", "kto"])
+def test_dedupe_of_preference_rows_keeps_the_rows_axolotl_keeps(tiny_model_dir, tmp_path, method):
+    """axolotl's rl.py: the rows its strategy built hashed as text (sha256 of str(row)), the first kept, and the
+    eval rows checked against the training rows; a row equal in prompt and chosen but not rejected is kept."""
+    rows = _PAIRS + [_PAIRS[1], _PAIRS[3] | {"rejected": "No."}, _PAIRS[1]]
+    if method == "kto":  # KTO's rows: prompt, completion, label
+        rows = [{"prompt": r["prompt"], "completion": r[k], "label": k == "chosen"} for r in rows
+                for k in ("chosen", "rejected")]
+    seen: set[str] = set()
+    expected = [i for i, r in enumerate(rows) if (h := hashlib.sha256(str(r).encode()).hexdigest()) not in seen
+                and not seen.add(h)]
+    data = _write(tmp_path / "p.jsonl", rows)
+    eval_data = _write(tmp_path / "e.jsonl", [rows[0], rows[-1] | {"prompt": "Other."}, rows[0]])
+    trainer = _trainer(tiny_model_dir, data, tmp_path, method=method, dedupe=True, eval_data=str(eval_data),
+                       lr=1e-5, batch_size=2)
+    assert sorted(u.index for u in trainer.train_units) == expected and len(expected) < len(rows)
+    assert [u.index for u in trainer.eval_units] == [1]  # row 0 is a training row; its repeat too
+
+
+def test_dedupe_from_an_axolotl_file_and_its_refusal_with_text_blocks(tmp_path, capsys):
     cfg = load_config(_yaml(tmp_path, _HEAD + "datasets: [d.jsonl]\ndataset_exact_deduplication: true\n"), {})
     assert cfg.dedupe is True
-    path = _yaml(tmp_path, _HEAD + "datasets: [d.jsonl]\nrl: dpo\ndataset_exact_deduplication: true\n")
-    assert main(["train", str(path), "--no-progress"]) == 2
-    err = capsys.readouterr().err
-    assert f"{path} line 6 (dataset_exact_deduplication): --dedupe compares tokenized SFT examples" in err, err
+    with pytest.raises(UsageError, match="--dedupe compares tokenized examples; --group-texts"):
+        load_config(None, {"model": "m", "data": "d.jsonl", "output": "o", "dedupe": True, "group_texts": 4})
 
 
 def test_curriculum_sampling_trains_in_the_datas_order(tiny_model_dir, tmp_path):

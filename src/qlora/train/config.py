@@ -256,8 +256,9 @@ class TrainConfig:
     packing: bool = _opt(False, "pack short examples into --seq-len rows (examples never attend to each other)")
     shuffle: bool = _opt(True, "draw the examples (or packed rows) in a seeded random order each epoch; false: in "
                                "the data's order, packed in that order (axolotl's curriculum_sampling)")
-    dedupe: bool = _opt(False, "drop examples whose tokens and labels repeat an earlier one's, as axolotl's "
-                               "dataset_exact_deduplication (held-out examples also those of the training data)")
+    dedupe: bool = _opt(False, "drop examples (pairs) whose tokens and labels repeat an earlier one's, as axolotl's "
+                               "dataset_exact_deduplication; held-out ones also those of the training data, but "
+                               "SFT's --eval-data (axolotl's test_datasets), deduplicated on its own")
     group_texts: int = _opt(0, "pre-train on plain texts as LLaMA-Factory's stage pt does: each text + EOS, every "
                                "N texts concatenated and cut into --seq-len blocks (a group's remainder dropped; "
                                "texts in a block attend to each other; tokens equal to the pad token get no loss). "
@@ -373,10 +374,9 @@ class TrainConfig:
             raise UsageError("--group-texts and --packing both lay several texts in a row; --group-texts cuts their "
                              "stream into blocks where texts attend to each other (LLaMA-Factory's stage pt), "
                              "--packing keeps whole examples apart: give one.")
-        if self.dedupe and (self.group_texts or self.method != "sft"):
-            what = "--group-texts blocks" if self.group_texts else f"--method {self.method} rows"
-            raise UsageError(f"--dedupe compares tokenized SFT examples; {what} are not. Remove the duplicate rows "
-                             "from the data instead, and drop --dedupe (dataset_exact_deduplication).")
+        if self.dedupe and self.group_texts:
+            raise UsageError("--dedupe compares tokenized examples; --group-texts cuts blocks from the texts' stream "
+                             "instead. Remove the duplicate texts from the data, and drop --dedupe.")
         if self.group_shards != 1 and not self.group_texts:
             raise UsageError(f"--group-shards {self.group_shards} splits the texts that --group-texts groups; "
                              "this run has no --group-texts.")

@@ -259,7 +259,7 @@ class Trainer:
         self.duplicates = 0
         self.train_units, self.report = self._tokenize(train_examples)
         self._check_batch_fits(len(train_examples))
-        if not cfg.eval_split:  # held-out --eval-data is deduplicated on its own, as axolotl's test_datasets
+        if not cfg.eval_split and cfg.method == "sft":  # axolotl's SFT test_datasets are deduplicated on their own
             self.seen_rows = set()
         self.eval_units = self._tokenize_eval(eval_examples) if eval_examples else []
         self.dist.barrier()  # every rank has checked --output before rank 0 changes it
@@ -477,14 +477,19 @@ class Trainer:
             return text_blocks(examples, self.tokenizer, cfg.seq_len, cfg.group_texts, cfg.group_shards, cfg.template)
         tokenized, report = tokenize_dataset(examples, self.tokenizer, self.chat_format, cfg.train_on, cfg.seq_len,
                                              stop_ids=self._stop_ids(), with_images=with_images)
-        if cfg.dedupe:
-            count = len(tokenized)
-            tokenized = drop_duplicates(tokenized, self.seen_rows)
-            self.duplicates += count - len(tokenized)
+        tokenized = self._deduped(tokenized)
         if cfg.packing:
             order = shuffled_indices(len(tokenized), cfg.seed, 0) if cfg.shuffle else range(len(tokenized))
             return pack_examples([tokenized[i] for i in order], cfg.seq_len), report
         return tokenized, report
+
+    def _deduped(self, units: list) -> list:
+        """``units`` without repeats of the examples kept so far, under --dedupe."""
+        if not self.config.dedupe:
+            return units
+        kept = drop_duplicates(units, self.seen_rows)
+        self.duplicates += len(units) - len(kept)
+        return kept
 
     def _tokenize_eval(self, examples) -> list:
         """The held-out units; held-out rows that are all skipped are refused naming them as eval data."""
