@@ -6,6 +6,7 @@ does what axolotl does, or is refused at its line."""
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 
 import pytest
@@ -244,19 +245,51 @@ def test_bfloat16_conflicts_are_refused_by_line(tmp_path, capsys, keys, says):
     assert f"{path} line 5" in err and says in err and "Traceback" not in err, err
 
 
-@pytest.mark.parametrize("config, keys, noted", [
-    ({"num_local_experts": 8}, "", True),
-    ({"text_config": {"num_experts": 64}}, "", True),
-    ({"num_local_experts": 8}, "quantize_moe_experts: true\n", False),
-    ({"num_hidden_layers": 2}, "", False),
+@pytest.mark.parametrize("keys, quantized", [
+    ("", False),  # axolotl's default: bitsandbytes quantizes the linear layers only
+    ("quantize_moe_experts: true\n", True),
+    ("quantize_moe_experts: false\n", False),
 ])
-def test_a_silent_quantize_moe_experts_on_a_moe_model_says_qlora_quantizes_its_experts(tmp_path, capsys, config,
-                                                                                        keys, noted):
-    model = tmp_path / "moe"
-    model.mkdir()
-    (model / "config.json").write_text(json.dumps(config))
-    load_config(_yaml(tmp_path, f"base_model: {model}\noutput_dir: o\nadapter: qlora\nload_in_4bit: true\n"
-                                "datasets: [d.jsonl]\n" + keys), {})
-    err = capsys.readouterr().err
-    assert ("quantize_moe_experts is not set, and axolotl then keeps this mixture of experts' expert weights in 16 "
-            "bits; qlora quantizes them" in err) is noted, err
+def test_quantize_moe_experts_is_axolotls_even_where_silent(tmp_path, keys, quantized):
+    cfg = load_config(_yaml(tmp_path, "base_model: m\noutput_dir: o\nadapter: qlora\nload_in_4bit: true\n"
+                                      "datasets: [d.jsonl]\n" + keys), {})
+    assert (cfg.quant, cfg.quantize_experts) == ("nf4", quantized)
+    assert load_config(_yaml(tmp_path, _HEAD + "datasets: [d.jsonl]\n"), {}).quantize_experts  # 16-bit base: moot
+
+
+def test_a_4bit_moe_keeps_its_experts_16bit_without_quantize_experts(tmp_path_factory, tiny_tokenizer, tmp_path,
+                                                                    capsys):
+    """Experts kept in the compute dtype as transformers + bitsandbytes loads them (the model's own experts
+    module, its weights unchanged) while the linear layers are 4-bit; the run trains and says so."""
+    import torch
+
+    from qlora.nn import Experts4bit, Linear4bit
+    from tiny_moe import tiny_moe_factory
+
+    transformers = pytest.importorskip("transformers")
+    if importlib.util.find_spec("transformers.conversion_mapping") is None:
+        pytest.skip("transformers 4.x keeps qwen3_moe's experts as per-expert linear layers")
+    model = tiny_moe_factory(tmp_path_factory, tiny_tokenizer)("qwen3_moe")
+    data = _write(tmp_path / "d.jsonl", [{"prompt": f"Add {i} and 2.", "completion": f"{i + 2}."} for i in range(4)])
+    dense = _trainer(model, data, tmp_path, quantize_experts=False, max_steps=2, lr=1e-2, batch_size=2,
+                     target_parameters="mlp.experts.gate_up_proj,mlp.experts.down_proj", dropout=0.0)
+    experts = [m for n, m in dense.model.named_modules() if n.endswith("mlp.experts")]
+    assert experts and not any(isinstance(m, Experts4bit) for m in dense.model.modules())
+    assert any(isinstance(m, Linear4bit) for m in dense.model.modules())
+    reference = transformers.AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32)
+    own = reference.model.layers[0].mlp.experts.gate_up_proj
+    loaded = next(p for n, p in dense.model.named_parameters() if n.endswith("layers.0.mlp.experts.base_layer."
+                                                                           "gate_up_proj") or
+                  n.endswith("layers.0.mlp.experts.gate_up_proj"))
+    torch.testing.assert_close(loaded.detach().float(), own.detach(), rtol=0, atol=0)
+    assert not loaded.requires_grad
+    assert dense.dense_experts == len(experts) == 2
+    assert "--quantize-experts false: 2 MoE experts modules keep their 3-D weights in float32" in (
+        capsys.readouterr().out)
+    dense.train()
+    dense.save_final()
+    dense.cleanup()
+    assert (tmp_path / "out" / "adapter_model.safetensors").is_file() and len(dense.losses) == 2
+    quantized = _trainer(model, data, tmp_path, overwrite=True, target_parameters="mlp.experts.down_proj",
+                         dropout=0.0)
+    assert quantized.dense_experts == 0 and sum(isinstance(m, Experts4bit) for m in quantized.model.modules()) == 2

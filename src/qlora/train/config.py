@@ -57,7 +57,7 @@ _METHOD_OPTIONS = {
 
 # Fields whose change makes a checkpoint incompatible with a resumed run.
 _RUN_DEFINING = (
-    "model", "adapter", "data", "dataset_dir", "media_dir", "image_max_pixels", "image_min_pixels", "image_resize", "data_split", "data_subset", "quant", "double_quant", "blocksize", "rank", "alpha", "dropout", "target_modules",
+    "model", "adapter", "data", "dataset_dir", "media_dir", "image_max_pixels", "image_min_pixels", "image_resize", "data_split", "data_subset", "quant", "double_quant", "blocksize", "quantize_experts", "rank", "alpha", "dropout", "target_modules",
     "target_parameters",
     "rslora", "rank_pattern", "alpha_pattern", "lora_bias", "bias", "dora", "init", "loftq_iter", "seq_len", "batch_size", "grad_accum", "lr", "lr_scheduler",
     "lr_scheduler_kwargs", "warmup_ratio", "warmup_steps",
@@ -172,6 +172,9 @@ class TrainConfig:
     quant: str = _opt("nf4", "4-bit data type of the frozen base ('none' = 16-bit LoRA)", QUANTS)
     double_quant: bool = _opt(True, "quantize the block constants to 8 bits")
     blocksize: int = _opt(64, "weights per absmax block: 32, 64, 128, 256, 512, 1024, 2048 or 4096")
+    quantize_experts: bool = _opt(True, "with a 4-bit base, quantize MoE experts stored as 3-D weights too; false "
+                                        "keeps them in the compute dtype, as bitsandbytes under transformers "
+                                        "(axolotl without quantize_moe_experts)")
     adapter: str | None = _opt(None, "start from this adapter (PEFT format, e.g. an SFT run's output): it is trained "
                                      "further with its own rank, alpha, targets and options, and its chat format; "
                                      "with --method dpo it is also the reference model")
@@ -717,6 +720,7 @@ ALIASES = {
     "lora_model_dir": "adapter", "dataset_name": "data", "dataset_config": "data_subset",
     "dataset_train_split": "data_split", "dataset_test_split": "eval_data_split", "use_bnb_nested_quant": "double_quant",
     "peft_use_rslora": "rslora", "peft_use_dora": "dora", "dataset_exact_deduplication": "dedupe",
+    "quantize_moe_experts": "quantize_experts",
 }
 # Boolean keys that map onto one of ours: key -> (our key, {their value: our value, None = no change}).
 VALUE_ALIASES = {

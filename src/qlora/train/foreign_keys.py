@@ -336,9 +336,6 @@ _LLAMA_FACTORY_V1 = ("this is a LLaMA-Factory v1 file (model_class, peft_config,
 
 TRANSLATED: dict[str, Callable[[Any, str], Translation]] = {
     "attn_implementation": _attn_implementation, "plugins": _plugins,
-    "quantize_moe_experts": _frozen("quantize_moe_experts", True, "axolotl then keeps the 3-D expert weights of a "
-                                                                   "4-bit base in 16 bits; qlora quantizes them with "
-                                                                   "the base. Set it to true or remove it."),
     "export_dir": _other_command("export_dir", "a LLaMA-Factory export (merge) file, not a training run; fold the "
                                                "adapter into its base with qlora merge --model BASE --adapter "
                                                "ADAPTER --output DIR (qlora export for GGUF)."),
@@ -439,7 +436,9 @@ def adapter_keys(loaded: dict, lines: dict[str, int], path: Path) -> dict:
     ``adapter: qlora`` (or ``use_peft``) with ``load_in_4bit: true`` is qlora's NF4 base (bitsandbytes' NF4, as
     both ask it; TRL's without double quantization unless ``use_bnb_nested_quant``), ``adapter: lora`` (or
     ``use_peft``) without it a 16-bit base (quant: none); an ``adapter`` that is a folder stays ours (the
-    adapter to train further)."""
+    adapter to train further). An axolotl 4-bit base silent on ``quantize_moe_experts`` keeps a MoE's 3-D expert
+    weights 16-bit, as axolotl does (its default false: bitsandbytes quantizes linear layers only): the base it
+    trains on, at the memory it takes there."""
     adapter = loaded.get("adapter")
     axolotl_key = adapter in ("lora", "qlora")
     peft = axolotl_key or loaded.get("use_peft") is True
@@ -499,8 +498,9 @@ def adapter_keys(loaded: dict, lines: dict[str, int], path: Path) -> dict:
             if loaded.get(key) is not None:  # checked here, so that errors name the config's line
                 axolotl_datasets(loaded[key], where[key], method)
     _bfloat16(loaded, out, lines, where)
-    if is_axolotl(loaded) and four and loaded.get("quantize_moe_experts") is None:
-        _moe_experts_note(loaded, path)
+    if is_axolotl(loaded) and four and loaded.get("quantize_moe_experts") is None and "quantize_experts" not in out:
+        out["quantize_experts"] = False  # axolotl's default: bitsandbytes quantizes linear layers only
+        lines.setdefault("quantize_experts", lines.get("load_in_4bit", 0))
     if loaded.get("orpo_alpha") is not None and loaded.get("rl") != "orpo":
         raise UsageError(f"{where['orpo_alpha']}: orpo_alpha is ORPO's weight; this config is rl: "
                          f"{loaded.get('rl')}. Remove it, or set rl: orpo.")
@@ -517,37 +517,6 @@ def _bfloat16(loaded: dict, out: dict, lines: dict[str, int], where: dict[str, s
     if value and out.get("bf16") is not True:
         out["bf16"] = True
         lines["bf16"] = lines.get("bfloat16", 0)
-
-
-# Keys of a transformers config (or its text_config) that count a mixture of experts' experts.
-_EXPERT_COUNTS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")
-
-
-def _moe_experts_note(loaded: dict, path: Path) -> None:
-    """A 4-bit axolotl config silent on ``quantize_moe_experts`` (its default false) keeps a mixture of experts'
-    3-D expert weights in 16 bits, as bitsandbytes quantizes linear layers only; qlora quantizes them with the
-    base: most of such a model's weights, so its memory is the 4-bit base the file asks for, and the base's
-    experts are NF4-rounded as axolotl's quantize_moe_experts: true rounds them. Said for a model whose config
-    (a local folder, or the hub cache's copy) counts experts."""
-    model = next((loaded[k] for k in ("base_model", "model", "model_name_or_path") if loaded.get(k)), None)
-    if not isinstance(model, str):
-        return
-    config = Path(model).expanduser() / "config.json"
-    try:
-        if not config.is_file() and not Path(model).expanduser().exists():
-            from huggingface_hub import try_to_load_from_cache
-
-            cached = try_to_load_from_cache(model, "config.json")  # no download: the cache's copy, if any
-            config = Path(cached) if isinstance(cached, str) else config
-        read = json.loads(config.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError):
-        return  # the model load reports an unreadable config
-    parts = [read, read.get("text_config") or {}] if isinstance(read, dict) else []
-    if any(isinstance(p, dict) and isinstance(p.get(k), int) and p[k] > 1 for p in parts for k in _EXPERT_COUNTS):
-        print(f"qlora train: {path}: quantize_moe_experts is not set, and axolotl then keeps this mixture of "
-              "experts' expert weights in 16 bits; qlora quantizes them with the 4-bit base (as "
-              "quantize_moe_experts: true), so the experts are NF4-rounded and take a quarter of the memory. "
-              "For 16-bit experts train on a 16-bit base (adapter: lora without load_in_4bit).", file=sys.stderr)
 
 
 def _total_batch(loaded: dict, out: dict, lines: dict[str, int], where: dict[str, str]) -> None:

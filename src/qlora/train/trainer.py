@@ -53,6 +53,7 @@ from qlora.cpu_threads import apply_cpu_threads
 from qlora.errors import UsageError
 from qlora.model.chat_format import ChatFormat, stop_token_ids, today
 from qlora.model.quantize import non_text_names
+from qlora.nn import Experts4bit, expert_weight_names
 from qlora.optim import create_optimizer, lora_plus_param_groups, make_scheduler
 from qlora.output_folder import check_output, clear_owned, record, staged_output
 from qlora.train.config import TrainConfig, parse_pattern, parse_schedule_kwargs
@@ -301,6 +302,11 @@ class Trainer:
         self.metrics = MetricsLogger(self.out, self.total_steps, self.step, cfg.progress)
         if self.template_fallback:
             self.metrics.write(fallback_note(self.tokenizer))
+        if self.dense_experts:
+            self.metrics.write(f"--quantize-experts false: {self.dense_experts} MoE experts modules keep their 3-D "
+                               f"weights in {str(self.dtype).removeprefix('torch.')} on the 4-bit base, as bitsandbytes "
+                               "under transformers (and axolotl without quantize_moe_experts) keeps them; true "
+                               "quantizes them too, about a quarter of their memory")
         self.metrics.write(f"data: {self.report.summary()}; {len(self.train_units)} "
                            f"{'packed rows' if cfg.packing else 'blocks' if cfg.group_texts else 'examples'}, "
                            f"{self.total_steps} step{'' if self.total_steps == 1 else 's'}"
@@ -395,7 +401,10 @@ class Trainer:
                                 seed=cfg.seed) if cfg.rewrites_base and cfg.quant != "none" else None
         self.model, self.tokenizer = load_model(cfg.model, quant=None if cfg.quant == "none" else cfg.quant,
                                                 double_quant=cfg.double_quant, blocksize=cfg.blocksize,
-                                                compute_dtype=self.dtype, device=self.device, weight_hook=streamed)
+                                                compute_dtype=self.dtype, device=self.device, weight_hook=streamed,
+                                                quantize_experts=cfg.quantize_experts)
+        self.dense_experts = 0 if cfg.quant == "none" else sum(
+            1 for m in self.model.modules() if expert_weight_names(m) and not isinstance(m, Experts4bit))
         apply_cpu_threads(self.model, self.device)  # one thread for small models: see qlora.cpu_threads
         tokens = [t.strip() for t in cfg.add_special_tokens.split(",") if t.strip()]
         if tokens:
