@@ -57,7 +57,8 @@ _METHOD_OPTIONS = {
 
 # Fields whose change makes a checkpoint incompatible with a resumed run.
 _RUN_DEFINING = (
-    "model", "adapter", "data", "dataset_dir", "media_dir", "image_max_pixels", "image_min_pixels", "image_resize", "data_split", "data_subset", "quant", "double_quant", "blocksize", "quantize_experts", "rank", "alpha", "dropout", "target_modules",
+    "model", "adapter", "data", "dataset_dir", "media_dir", "image_max_pixels", "image_min_pixels", "image_resize", "data_split", "data_subset", "quant", "double_quant", "blocksize", "rank", "alpha", "dropout", "target_modules",
+    "quantize_experts",
     "target_parameters",
     "rslora", "rank_pattern", "alpha_pattern", "lora_bias", "bias", "dora", "init", "loftq_iter", "seq_len", "batch_size", "grad_accum", "lr", "lr_scheduler",
     "lr_scheduler_kwargs", "warmup_ratio", "warmup_steps",

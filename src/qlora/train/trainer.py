@@ -303,10 +303,11 @@ class Trainer:
         if self.template_fallback:
             self.metrics.write(fallback_note(self.tokenizer))
         if self.dense_experts:
+            dtype = str(self.dtype).removeprefix("torch.")
             self.metrics.write(f"--quantize-experts false: {self.dense_experts} MoE experts modules keep their 3-D "
-                               f"weights in {str(self.dtype).removeprefix('torch.')} on the 4-bit base, as bitsandbytes "
-                               "under transformers (and axolotl without quantize_moe_experts) keeps them; true "
-                               "quantizes them too, about a quarter of their memory")
+                               f"weights in {dtype} on the 4-bit base, as bitsandbytes under transformers (and "
+                               "axolotl without quantize_moe_experts) keeps them; true quantizes them too, about a "
+                               "quarter of their memory")
         self.metrics.write(f"data: {self.report.summary()}; {len(self.train_units)} "
                            f"{'packed rows' if cfg.packing else 'blocks' if cfg.group_texts else 'examples'}, "
                            f"{self.total_steps} step{'' if self.total_steps == 1 else 's'}"
