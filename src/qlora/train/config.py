@@ -60,15 +60,18 @@ _METHOD_OPTIONS = {
 # Fields whose change makes a checkpoint incompatible with a resumed run.
 _RUN_DEFINING = (
     "model", "adapter", "data", "dataset_dir", "media_dir", "image_max_pixels", "image_min_pixels", "image_resize", "data_split", "data_subset", "quant", "double_quant", "blocksize", "rank", "alpha", "dropout", "target_modules",
+    "quantize_experts",
     "target_parameters",
     "rslora", "rank_pattern", "alpha_pattern", "lora_bias", "bias", "dora", "init", "loftq_iter", "seq_len", "batch_size", "grad_accum", "lr", "lr_scheduler",
     "lr_scheduler_kwargs", "warmup_ratio", "warmup_steps",
     "epochs", "max_steps", "max_steps_per_epoch", "optim", "max_samples", "eval_split", "lora_plus_ratio", "neftune_alpha",
-    "weight_decay", "adam_beta1", "adam_beta2", "adam_epsilon", "max_grad_norm", "packing", "group_texts",
+    "weight_decay", "adam_beta1", "adam_beta2", "adam_epsilon", "max_grad_norm", "packing", "shuffle", "dedupe",
+    "group_texts",
     "group_shards", "template", "format",
     "data_fields",
     "system_into_user",
-    "train_on", "seed", "precision", "chunked_ce", "add_special_tokens", "adalora", "adalora_init_r", "adalora_target_r",
+    "train_on", "seed", "precision", "chunked_ce", "add_special_tokens", "eot_tokens",
+    "adalora", "adalora_init_r", "adalora_target_r",
     "adalora_tinit", "adalora_tfinal", "adalora_delta_t",
 )
 
@@ -172,6 +175,9 @@ class TrainConfig:
     quant: str = _opt("nf4", "4-bit data type of the frozen base ('none' = 16-bit LoRA)", QUANTS)
     double_quant: bool = _opt(True, "quantize the block constants to 8 bits")
     blocksize: int = _opt(64, "weights per absmax block: 32, 64, 128, 256, 512, 1024, 2048 or 4096")
+    quantize_experts: bool = _opt(True, "with a 4-bit base, quantize MoE experts stored as 3-D weights too; false "
+                                        "keeps them in the compute dtype, as bitsandbytes under transformers "
+                                        "(axolotl without quantize_moe_experts)")
     adapter: str | None = _opt(None, "start from this adapter (PEFT format, e.g. an SFT run's output): it is trained "
                                      "further with its own rank, alpha, targets and options, and its chat format; "
                                      "with --method dpo it is also the reference model")
@@ -209,6 +215,9 @@ class TrainConfig:
     loftq_iter: int = _opt(1, "alternating quantize/SVD steps of --init loftq (1 to 5)", range=Range(1, 5))
     add_special_tokens: str = _opt("", "comma-separated special tokens to add to the vocabulary; the embeddings "
                                        "and output head are then trained whole and saved with the adapter")
+    eot_tokens: str = _opt("", "comma-separated tokens that end a turn besides the tokenizer's own end markers "
+                               "(axolotl's eot_tokens): trained after each trained turn, where the template writes "
+                               "them")
     seq_len: int = _opt(512, "maximum tokens per example (longer ones are truncated)", range=Range(2))
     batch_size: int = _opt(1, "examples per micro-batch", range=AT_LEAST_1)
     grad_accum: int = _opt(1, "micro-batches per optimizer step", range=AT_LEAST_1)
@@ -251,6 +260,11 @@ class TrainConfig:
                                       "off by default until measured on a GPU; CPU runs keep the PyTorch path)")
     fsdp: bool = _opt(False, "under torchrun: shard the 4-bit base over the ranks with FSDP2 (default: DDP replicas)")
     packing: bool = _opt(False, "pack short examples into --seq-len rows (examples never attend to each other)")
+    shuffle: bool = _opt(True, "draw the examples (or packed rows) in a seeded random order each epoch; false: in "
+                               "the data's order, packed in that order (axolotl's curriculum_sampling)")
+    dedupe: bool = _opt(False, "drop examples (pairs) whose tokens and labels repeat an earlier one's, as axolotl's "
+                               "dataset_exact_deduplication; held-out ones also those of the training data, but "
+                               "SFT's --eval-data (axolotl's test_datasets), deduplicated on its own")
     group_texts: int = _opt(0, "pre-train on plain texts as LLaMA-Factory's stage pt does: each text + EOS, every "
                                "N texts concatenated and cut into --seq-len blocks (a group's remainder dropped; "
                                "texts in a block attend to each other; tokens equal to the pad token get no loss). "
@@ -371,6 +385,9 @@ class TrainConfig:
             raise UsageError("--group-texts and --packing both lay several texts in a row; --group-texts cuts their "
                              "stream into blocks where texts attend to each other (LLaMA-Factory's stage pt), "
                              "--packing keeps whole examples apart: give one.")
+        if self.dedupe and self.group_texts:
+            raise UsageError("--dedupe compares tokenized examples; --group-texts cuts blocks from the texts' stream "
+                             "instead. Remove the duplicate texts from the data, and drop --dedupe.")
         if self.group_shards != 1 and not self.group_texts:
             raise UsageError(f"--group-shards {self.group_shards} splits the texts that --group-texts groups; "
                              "this run has no --group-texts.")
@@ -679,7 +696,8 @@ def _coerce(name: str, value: Any, kind: type, source: str) -> Any:
 _JSON_FIELDS = ("lr_scheduler_kwargs",)
 # Text options that YAML may give as a list (of names, files, tokens, weights) or a mapping (NAME: VALUE).
 _LIST_FIELDS = frozenset({"data", "eval_data", "loss_type", "loss_weights", "target_modules", "target_parameters",
-                          "add_special_tokens", "data_fields", "rank_pattern", "alpha_pattern", "lr_scheduler_kwargs"})
+                          "add_special_tokens", "eot_tokens", "data_fields", "rank_pattern", "alpha_pattern",
+                          "lr_scheduler_kwargs"})
 _TYPES = {"str | None": str, "str": str, "int": int, "float": float, "float | None": float, "bool": bool}
 
 
@@ -709,7 +727,8 @@ ALIASES = {
     "kto_desirable_weight": "desirable_weight", "kto_undesirable_weight": "undesirable_weight",
     "lora_model_dir": "adapter", "dataset_name": "data", "dataset_config": "data_subset",
     "dataset_train_split": "data_split", "dataset_test_split": "eval_data_split", "use_bnb_nested_quant": "double_quant",
-    "peft_use_rslora": "rslora", "peft_use_dora": "dora",
+    "peft_use_rslora": "rslora", "peft_use_dora": "dora", "dataset_exact_deduplication": "dedupe",
+    "quantize_moe_experts": "quantize_experts",
 }
 # Boolean keys that map onto one of ours: key -> (our key, {their value: our value, None = no change}).
 VALUE_ALIASES = {
@@ -718,6 +737,7 @@ VALUE_ALIASES = {
     "neat_packing": ("packing", {True: True, False: None}),  # LLaMA-Factory's: packed examples kept apart, as ours
     "bf16": ("precision", {True: "bf16", False: None, "auto": None}),  # axolotl's auto: bf16 where the GPU has it
     "fp16": ("precision", {True: "fp16", False: None}),
+    "curriculum_sampling": ("shuffle", {True: False, False: None}),  # axolotl's: its sampler in the data's order
     "lora_target_linear": ("target_modules", {True: "all-linear", False: None}),
     "disable_gradient_checkpointing": ("gradient_checkpointing", {True: False, False: True}),  # LLaMA-Factory's
     # TRL's preference configs (on by default there): every dropout of the policy off, the LoRA dropout included

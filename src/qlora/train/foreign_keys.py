@@ -283,6 +283,15 @@ def _dataset_kwargs(value: Any, where: str) -> Translation:
     return [], ""
 
 
+def _sample_packing_sequentially(value: Any, where: str) -> Translation:
+    """axolotl's next-fit packing in its sampler's order (its default bins by first-fit decreasing): qlora packs
+    next-fit in its order always (shuffled, or the data's under curriculum_sampling), each example kept apart either
+    way; only which examples share a row differs (axolotl repacks each epoch, qlora packs once and shuffles rows)."""
+    if not isinstance(value, bool):
+        raise UsageError(f"{where}: sample_packing_sequentially expects true or false; got {value!r}.")
+    return [], ""
+
+
 def _dataset_text_field(value: Any, where: str) -> Translation:
     return ([("data_fields", f"text={value}")] if value not in (None, "text") else []), ""
 
@@ -331,9 +340,6 @@ _LLAMA_FACTORY_V1 = ("this is a LLaMA-Factory v1 file (model_class, peft_config,
 
 TRANSLATED: dict[str, Callable[[Any, str], Translation]] = {
     "attn_implementation": _attn_implementation, "plugins": _plugins,
-    "quantize_moe_experts": _frozen("quantize_moe_experts", True, "axolotl then keeps the 3-D expert weights of a "
-                                                                   "4-bit base in 16 bits; qlora quantizes them with "
-                                                                   "the base. Set it to true or remove it."),
     "export_dir": _other_command("export_dir", "a LLaMA-Factory export (merge) file, not a training run; fold the "
                                                "adapter into its base with qlora merge --model BASE --adapter "
                                                "ADAPTER --output DIR (qlora export for GGUF)."),
@@ -350,6 +356,7 @@ TRANSLATED: dict[str, Callable[[Any, str], Translation]] = {
     "datasets": _datasets("data"), "test_datasets": _datasets("eval_data"), "rl": _rl, "fsdp": _fsdp,
     "special_tokens": _special_tokens, "dataset_text_field": _dataset_text_field, "truncation_mode": _truncation_mode,
     "packing_strategy": _packing_strategy, "dataset_kwargs": _dataset_kwargs,
+    "sample_packing_sequentially": _sample_packing_sequentially,
     "sync_ref_model": _refused("sync_ref_model", "TR-DPO's reference that follows the policy: qlora's reference is "
                                                  "the frozen base (or --adapter's starting adapter), as TRL's with "
                                                  "PEFT, where TRL refuses sync_ref_model too; set it to false."),
@@ -451,7 +458,9 @@ def adapter_keys(loaded: dict, lines: dict[str, int], path: Path) -> dict:
     ``adapter: qlora`` (or ``use_peft``) with ``load_in_4bit: true`` is qlora's NF4 base (bitsandbytes' NF4, as
     both ask it; TRL's without double quantization unless ``use_bnb_nested_quant``), ``adapter: lora`` (or
     ``use_peft``) without it a 16-bit base (quant: none); an ``adapter`` that is a folder stays ours (the
-    adapter to train further)."""
+    adapter to train further). An axolotl 4-bit base silent on ``quantize_moe_experts`` keeps a MoE's 3-D expert
+    weights 16-bit, as axolotl does (its default false: bitsandbytes quantizes linear layers only): the base it
+    trains on, at the memory it takes there."""
     adapter = loaded.get("adapter")
     axolotl_key = adapter in ("lora", "qlora")
     peft = axolotl_key or loaded.get("use_peft") is True
@@ -510,10 +519,26 @@ def adapter_keys(loaded: dict, lines: dict[str, int], path: Path) -> dict:
         for key in ("datasets", "test_datasets"):
             if loaded.get(key) is not None:  # checked here, so that errors name the config's line
                 axolotl_datasets(loaded[key], where[key], method)
+    _bfloat16(loaded, out, lines, where)
+    if is_axolotl(loaded) and four and loaded.get("quantize_moe_experts") is None and "quantize_experts" not in out:
+        out["quantize_experts"] = False  # axolotl's default: bitsandbytes quantizes linear layers only
+        lines.setdefault("quantize_experts", lines.get("load_in_4bit", 0))
     if loaded.get("orpo_alpha") is not None and loaded.get("rl") != "orpo":
         raise UsageError(f"{where['orpo_alpha']}: orpo_alpha is ORPO's weight; this config is rl: "
                          f"{loaded.get('rl')}. Remove it, or set rl: orpo.")
     return out
+
+
+def _bfloat16(loaded: dict, out: dict, lines: dict[str, int], where: dict[str, str]) -> None:
+    """axolotl's ``bfloat16: true`` (its schema: bf16 without AMP) sets what ``bf16: true`` sets, whatever ``bf16``
+    says: the model's dtype (``bf16 or bfloat16``) and TrainingArguments' ``bf16 = cfg.bf16 or cfg.bfloat16``;
+    qlora's precision bf16."""
+    value = out.pop("bfloat16", None)
+    if value not in (None, True, False):
+        raise UsageError(f"{where['bfloat16']}: bfloat16 expects true or false; got {value!r}.")
+    if value and out.get("bf16") is not True:
+        out["bf16"] = True
+        lines["bf16"] = lines.get("bfloat16", 0)
 
 
 def _total_batch(loaded: dict, out: dict, lines: dict[str, int], where: dict[str, str]) -> None:

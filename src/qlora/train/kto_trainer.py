@@ -59,8 +59,9 @@ class KTOTrainer(PreferenceTrainer):
                             cfg.dataset_dir, self.sample_rng, "kto")
 
     def _tokenize(self, examples: list) -> tuple[list[TokenizedUnpaired], Any]:
-        return tokenize_unpaired(examples, self.tokenizer, self.chat_format, self.config.seq_len,
-                                 stop_ids=self._stop_ids(), processor=self._processor_for(examples))
+        units, report = tokenize_unpaired(examples, self.tokenizer, self.chat_format, self.config.seq_len,
+                                          stop_ids=self._stop_ids(), processor=self._processor_for(examples))
+        return self._deduped(units), report
 
     def _collate(self, units: list, kl_completions: list | None = None) -> dict[str, torch.Tensor]:
         batch = unpaired_collate(units, pad_token_id(self.tokenizer), self._kl_rows, self.config.seq_len,

@@ -115,8 +115,9 @@ class PreferenceTrainer(Trainer):
                             self.sample_rng, cfg.method)
 
     def _tokenize(self, examples: list[PreferenceExample]) -> tuple[list[TokenizedPair], Any]:
-        return tokenize_pairs(examples, self.tokenizer, self.chat_format, self.config.seq_len,
-                              stop_ids=self._stop_ids(), processor=self._processor_for(examples))
+        pairs, report = tokenize_pairs(examples, self.tokenizer, self.chat_format, self.config.seq_len,
+                                       stop_ids=self._stop_ids(), processor=self._processor_for(examples))
+        return self._deduped(pairs), report
 
     def _processor_for(self, examples: list) -> Any:
         """The model's processor when some of ``examples`` hold images (loaded at the first), else None."""

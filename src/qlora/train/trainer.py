@@ -53,6 +53,7 @@ from qlora.cpu_threads import apply_cpu_threads
 from qlora.errors import UsageError
 from qlora.model.chat_format import ChatFormat, stop_token_ids, today
 from qlora.model.quantize import non_text_names
+from qlora.nn import Experts4bit, expert_weight_names
 from qlora.optim import create_optimizer, lora_plus_param_groups, make_scheduler
 from qlora.output_folder import check_output, clear_owned, record, staged_output
 from qlora.train.config import TrainConfig, parse_pattern, parse_schedule_kwargs
@@ -62,6 +63,7 @@ from qlora.train.data import (
     fallback_note, own_template, packed_collate, pad_collate, pad_token_id, resolve_chat_format, shuffled_indices,
     tokenize_dataset,
 )
+from qlora.train.data.dedupe import drop_duplicates
 from qlora.train.data.image_examples import tokenize_image_example
 from qlora.train.data.image_packing import check_image_packing, image_blocks_key, multimodal_positions
 from qlora.train.data.selection import hold_out, read_sources
@@ -254,8 +256,12 @@ class Trainer:
         # a model without a chat template: say which built-in format chat data are rendered in
         self.template_fallback = (cfg.template == "auto" and own_template(self.tokenizer) is None
                                   and any(e.messages is not None for e in train_examples))
+        self.seen_rows: set[tuple] = set()  # --dedupe: the examples kept so far
+        self.duplicates = 0
         self.train_units, self.report = self._tokenize(train_examples)
         self._check_batch_fits(len(train_examples))
+        if not cfg.eval_split and cfg.method == "sft":  # axolotl's SFT test_datasets are deduplicated on their own
+            self.seen_rows = set()
         self.eval_units = self._tokenize_eval(eval_examples) if eval_examples else []
         self.dist.barrier()  # every rank has checked --output before rank 0 changes it
         if cfg.overwrite and not cfg.resume and self.out.exists() and self.dist.is_main:
@@ -296,10 +302,17 @@ class Trainer:
         self.metrics = MetricsLogger(self.out, self.total_steps, self.step, cfg.progress)
         if self.template_fallback:
             self.metrics.write(fallback_note(self.tokenizer))
+        if self.dense_experts:
+            dtype = str(self.dtype).removeprefix("torch.")
+            self.metrics.write(f"--quantize-experts false: {self.dense_experts} MoE experts modules keep their 3-D "
+                               f"weights in {dtype} on the 4-bit base, as bitsandbytes under transformers (and "
+                               "axolotl without quantize_moe_experts) keeps them; true quantizes them too, about a "
+                               "quarter of their memory")
         self.metrics.write(f"data: {self.report.summary()}; {len(self.train_units)} "
                            f"{'packed rows' if cfg.packing else 'blocks' if cfg.group_texts else 'examples'}, "
                            f"{self.total_steps} step{'' if self.total_steps == 1 else 's'}"
-                           + (f"; {len(eval_examples)} examples held out for eval" if cfg.eval_split else ""))
+                           + (f"; {len(eval_examples)} examples held out for eval" if cfg.eval_split else "")
+                           + (f"; {self.duplicates} duplicate examples dropped (--dedupe)" if cfg.dedupe else ""))
         if resume_from is not None:  # said also without a progress bar, whose start would show it
             self.metrics.write(f"resuming from {resume_from} at step {self.step}")
 
@@ -389,7 +402,10 @@ class Trainer:
                                 seed=cfg.seed) if cfg.rewrites_base and cfg.quant != "none" else None
         self.model, self.tokenizer = load_model(cfg.model, quant=None if cfg.quant == "none" else cfg.quant,
                                                 double_quant=cfg.double_quant, blocksize=cfg.blocksize,
-                                                compute_dtype=self.dtype, device=self.device, weight_hook=streamed)
+                                                compute_dtype=self.dtype, device=self.device, weight_hook=streamed,
+                                                quantize_experts=cfg.quantize_experts)
+        self.dense_experts = 0 if cfg.quant == "none" else sum(
+            1 for m in self.model.modules() if expert_weight_names(m) and not isinstance(m, Experts4bit))
         apply_cpu_threads(self.model, self.device)  # one thread for small models: see qlora.cpu_threads
         tokens = [t.strip() for t in cfg.add_special_tokens.split(",") if t.strip()]
         if tokens:
@@ -471,10 +487,19 @@ class Trainer:
             return text_blocks(examples, self.tokenizer, cfg.seq_len, cfg.group_texts, cfg.group_shards, cfg.template)
         tokenized, report = tokenize_dataset(examples, self.tokenizer, self.chat_format, cfg.train_on, cfg.seq_len,
                                              stop_ids=self._stop_ids(), with_images=with_images)
+        tokenized = self._deduped(tokenized)
         if cfg.packing:
-            order = shuffled_indices(len(tokenized), cfg.seed, 0)
+            order = shuffled_indices(len(tokenized), cfg.seed, 0) if cfg.shuffle else range(len(tokenized))
             return pack_examples([tokenized[i] for i in order], cfg.seq_len), report
         return tokenized, report
+
+    def _deduped(self, units: list) -> list:
+        """``units`` without repeats of the examples kept so far, under --dedupe."""
+        if not self.config.dedupe:
+            return units
+        kept = drop_duplicates(units, self.seen_rows)
+        self.duplicates += len(units) - len(kept)
+        return kept
 
     def _tokenize_eval(self, examples) -> list:
         """The held-out units; held-out rows that are all skipped are refused naming them as eval data."""
@@ -527,9 +552,18 @@ class Trainer:
             self.config.pixel_bounds.save(folder)
 
     def _stop_ids(self) -> set[int]:
-        """Ids that end an assistant turn: the tokenizer's end markers and the model's generation EOS ids."""
+        """Ids that end an assistant turn: the tokenizer's end markers, the model's generation EOS ids and
+        --eot-tokens (each one token, as axolotl requires of its eot_tokens)."""
         generation_eos = getattr(getattr(self.model, "generation_config", None), "eos_token_id", None)
-        return stop_token_ids(self.tokenizer, generation_eos)
+        ids = stop_token_ids(self.tokenizer, generation_eos)
+        for token in filter(None, (t.strip() for t in self.config.eot_tokens.split(","))):
+            encoded = self.tokenizer.encode(token, add_special_tokens=False)
+            if len(encoded) != 1:
+                raise UsageError(f"--eot-tokens {token!r} is {len(encoded)} tokens of the model's vocabulary, not "
+                                 "one; list the token the chat template ends a turn with (see the model's "
+                                 "tokenizer_config.json), or add it with --add-special-tokens.")
+            ids.add(encoded[0])
+        return ids
 
     def _chat_format(self, resume_from: Path | None) -> ChatFormat:
         """The run's chat format; its date is pinned now (or taken from the checkpoint on --resume) and
@@ -590,6 +624,8 @@ class Trainer:
         return batch
 
     def _order(self, epoch: int) -> list[int]:
+        if not self.config.shuffle:
+            return list(range(len(self.train_units)))
         if getattr(self, "_cached_epoch", None) != epoch:
             self._cached_epoch, self._cached_order = epoch, shuffled_indices(len(self.train_units), self.config.seed, epoch)
         return self._cached_order

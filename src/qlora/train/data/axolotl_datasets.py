@@ -18,15 +18,15 @@ axolotl's prompt strategy reads it:
   ``message_field_role``/``message_field_content``), their roles mapped by ``roles`` (default:
   user = human/user, assistant = gpt/assistant, system, tool; other roles are kept as they are),
   other message keys (``tool_calls``, ``reasoning_content``) as they are, and the ``field_tools``
-  column (default ``tools``); ``sharegpt`` (deprecated in axolotl) is the same over ``conversations``
-  with ``from``/``value``;
+  column (default ``tools``); ``drop_system_message: true`` leaves out a conversation's first message when
+  it is a system one, as axolotl does before rendering (the template may then write its own default system
+  prompt); ``sharegpt`` (deprecated in axolotl) is the same over ``conversations`` with ``from``/``value``;
 - ``completion``: the ``field`` column (default ``text``) trained whole (our text format).
 
 Under ``rl:`` (a preference method) the types are axolotl's DPO, ORPO and KTO prompt strategies instead
 (:mod:`qlora.train.data.axolotl_preference`). Without ``type`` the file is read as it is, its format detected
-as for ``--data``. Options whose
-effect qlora does not have (other ``roles_to_train``, ``train_on_eos``, per-message training
-flags, a per-dataset chat template) are refused by name.
+as for ``--data``. Options whose effect qlora does not have (other ``roles_to_train``, ``train_on_eos`` or
+``train_on_eot`` other than ``turn``, per-message training flags, a per-dataset chat template) are refused by name.
 """
 
 from __future__ import annotations
@@ -64,7 +64,8 @@ _ALPACA_STYLES = {
 }
 _ENTRY_KEYS = {"path", "type", "split", "name", "data_files", "ds_type", "field_messages", "message_property_mappings",
                "message_field_role", "message_field_content", "roles", "roles_to_train", "train_on_eos", "field",
-               "field_tools", "trust_remote_code", "field_chosen", "field_rejected"}
+               "field_tools", "trust_remote_code", "field_chosen", "field_rejected", "train_on_eot",
+               "drop_system_message"}
 _DS_TYPES = ("json", "csv", "parquet", "arrow", "text")  # text: a row a line (column text), as datasets reads it
 TYPES = ("alpaca", "alpaca:chat", "alpaca:chatml", "alpaca:phi", "chat_template", "sharegpt", "completion")
 
@@ -81,6 +82,7 @@ class AxolotlDataset(DeclaredDataset):
     prompt_format: dict[str, str] = field(default_factory=dict)
     strategy: PreferenceStrategy | None = None  # kind preference: axolotl's DPO/ORPO/KTO strategy
     ds_type: str = ""  # the files' format when given (text: a row a line, whatever the suffix)
+    drop_system: bool = False  # kind chat: a conversation's first message is left out when it is a system one
 
     def plain_text(self) -> bool:
         return self.ds_type == "text"
@@ -127,7 +129,7 @@ class AxolotlDataset(DeclaredDataset):
                                  f"roles ({', '.join(map(repr, self.roles))}); map it to one of {', '.join(ROLES)} "
                                  "under roles: in the config.")
             out.append(row | {"role": role})
-        return out
+        return out[1:] if self.drop_system and out and out[0]["role"] == "system" else out
 
 
 def axolotl_datasets(entries: Any, where: str, method: str = "sft") -> list[AxolotlDataset]:
@@ -159,9 +161,13 @@ def _entry(entry: Any, where: str, method: str) -> list[AxolotlDataset]:
     if entry.get("roles_to_train", ["assistant"]) != ["assistant"]:
         raise UsageError(f"{where}: roles_to_train {entry['roles_to_train']!r}: qlora trains the assistant turns "
                          "(train_on_inputs: true trains every token); remove roles_to_train.")
-    if entry.get("train_on_eos", "turn") != "turn":
-        raise UsageError(f"{where}: train_on_eos {entry['train_on_eos']!r}: qlora trains the end of every trained "
-                         "turn, as train_on_eos: turn; remove the key.")
+    for key in ("train_on_eos", "train_on_eot"):  # axolotl's train_on_eot defaults to train_on_eos (turn)
+        if entry.get(key, "turn") != "turn":
+            raise UsageError(f"{where}: {key} {entry[key]!r}: qlora trains the end of every trained turn (the "
+                             "tokenizer's end markers and the config's eot_tokens), as train_on_eos and "
+                             "train_on_eot: turn; remove the key.")
+    if not isinstance(entry.get("drop_system_message", False), bool):
+        raise UsageError(f"{where}: drop_system_message expects true or false; got {entry['drop_system_message']!r}.")
     if entry.get("ds_type", "json") not in _DS_TYPES:
         raise UsageError(f"{where}: ds_type {entry['ds_type']!r}: qlora reads {', '.join(_DS_TYPES)} files.")
     split, subset = str(entry.get("split", "train")), entry.get("name")
@@ -208,7 +214,8 @@ def _kind(entry: dict[str, Any], where: str) -> tuple[str, dict[str, Any]]:
                                        _DEFAULT_ROLES)
         columns = {"messages": str(entry.get("field_messages", "conversations" if legacy else "messages")),
                    "tools": str(entry.get("field_tools", "tools"))}
-        return "chat", {"columns": columns, "message_keys": keys, "roles": theirs}
+        return "chat", {"columns": columns, "message_keys": keys, "roles": theirs,
+                        "drop_system": entry.get("drop_system_message", False)}
     raise UsageError(f"{where}: type {kind!r}: qlora reads axolotl's types {', '.join(TYPES)} and custom types "
                      "(a mapping of field_instruction, format, ...); convert the data to one of them, or to one of "
                      "qlora's own formats (messages, prompt/completion, text; prompt/chosen/rejected pairs for rl) "
