@@ -336,3 +336,20 @@ def test_request_id_priority_beam_search(served):
     _refused(lambda: _chat(client, extra_body={"use_beam_search": True}), "use_beam_search")
     _refused(lambda: _chat(client, max_tokens=2, extra_body={"min_tokens": 3}), "min_tokens")
     _refused(lambda: _complete(client, PROMPT, extra_body={"stop_token_ids": [len(tok)]}), "stop_token_ids.0")
+
+
+def test_an_invalid_json_schema_is_a_400_naming_its_path_strict_or_not(served):
+    """A schema JSON Schema itself does not allow was ignored where invalid and answered; now a 400 naming the value
+    by path, as OpenAI validates schemas. A valid keyword left unenforced still decodes without strict."""
+    _, client, _, _ = served
+    bad = {"type": "object", "properties": {"a": {"type": "wat"}, "b": {"type": "string", "maxLength": -1}}}
+    for strict in (False, True, None):
+        spec = {"name": "x", "schema": bad} | ({} if strict is None else {"strict": strict})
+        message = _refused(lambda: _chat(client, response_format={"type": "json_schema", "json_schema": spec}),
+                           "response_format.json_schema.schema")
+        assert "properties.a.type: 'wat'" in message and "properties.b.maxLength" in message
+    _refused(lambda: _chat(client, extra_body={"guided_json": {"$ref": "#/$defs/none"}}), "guided_json")
+    loose = {"type": "array", "uniqueItems": True, "maxItems": 2, "items": {"type": "integer"}}
+    reply = _chat(client, max_tokens=40, response_format={"type": "json_schema",
+                                                           "json_schema": {"name": "x", "schema": loose}})
+    assert reply.choices[0].message.content.lstrip().startswith("[")  # answered, under the rest of the schema
