@@ -342,7 +342,7 @@ def test_bad_requests_are_400_naming_the_field(served, kw, param):
     kw = {"model": "a", "input": "Hello", "max_output_tokens": 4} | kw
     with pytest.raises(openai.APIStatusError) as exc:
         client.responses.create(**kw)
-    assert exc.value.status_code == (413 if param == "input" else 400)
+    assert exc.value.status_code == 400
     assert exc.value.body["param"] == param and "\n" not in exc.value.body["message"]
 
 
@@ -499,7 +499,7 @@ def test_truncation_auto_drops_the_oldest_turns(served):
     turns.append({"role": "user", "content": "Hello"})
     with pytest.raises(openai.APIStatusError) as exc:
         _respond(client, "a", input=turns)
-    assert exc.value.status_code == 413 and exc.value.body["param"] == "input"
+    assert exc.value.status_code == 400 and exc.value.body["param"] == "input"
     reply = _respond(client, "a", input=turns, truncation="auto")
     # the oracle: the longest tail of whole turns (the system message kept) that the chat route accepts
     for start in range(1, len(turns), 2):
@@ -507,16 +507,16 @@ def test_truncation_auto_drops_the_oldest_turns(served):
             chat = _chat(client, "a", turns[:1] + turns[start:])
             break
         except openai.APIStatusError as error:
-            assert error.status_code == 413
+            assert error.code == "context_length_exceeded"
     assert 1 < start < len(turns) - 1
     assert reply.output_text == chat.choices[0].message.content and reply.truncation == "auto"
     assert reply.usage.input_tokens == chat.usage.prompt_tokens < batcher.context_length
     kept = client.responses.input_items.list(reply.id, order="asc", limit=100).data
     assert [item.content[0].text for item in kept] == [m["content"] for m in turns[:1] + turns[start:]]
-    too_long = [{"role": "user", "content": filler * 5}]  # a single turn cannot be dropped: still a 413
+    too_long = [{"role": "user", "content": filler * 5}]  # a single turn cannot be dropped: still a 400
     with pytest.raises(openai.APIStatusError) as exc:
         _respond(client, "a", input=too_long, truncation="auto")
-    assert exc.value.status_code == 413
+    assert exc.value.status_code == 400 and exc.value.code == "context_length_exceeded"
 
 
 def test_the_store_keeps_the_most_recently_used():
@@ -549,3 +549,4 @@ def assert_row_dropped(batcher, before: dict) -> None:
     after = batcher.load()
     assert after["running"] == after["waiting"] == 0
     assert after["tokens_generated"] - before["tokens_generated"] < 300
+

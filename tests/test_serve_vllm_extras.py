@@ -353,3 +353,27 @@ def test_an_invalid_json_schema_is_a_400_naming_its_path_strict_or_not(served):
     reply = _chat(client, max_tokens=40, response_format={"type": "json_schema",
                                                            "json_schema": {"name": "x", "schema": loose}})
     assert reply.choices[0].message.content.lstrip().startswith("[")  # answered, under the rest of the schema
+
+
+def test_a_token_limit_beyond_the_context_left_is_a_400_naming_it(served):
+    """A ``max_tokens`` (``max_completion_tokens``, ``max_output_tokens``) above the context the prompt leaves was
+    silently lowered; vLLM and OpenAI answer 400 with the numbers (context, prompt, completion)."""
+    batcher, client, _, _ = served
+    context = batcher.context_length
+    for kw, field in (({"max_tokens": context}, "max_tokens"), ({"max_completion_tokens": context},
+                                                                  "max_completion_tokens")):
+        with pytest.raises(openai.BadRequestError) as err:
+            _chat(client, **{"max_tokens": None, **kw})
+        body = err.value.body
+        assert body["param"] == field and body["code"] == "context_length_exceeded", body
+        used = int(re.search(r"\((\d+) in the messages", body["message"])[1])
+        assert f"maximum context length is {context} tokens" in body["message"]
+        assert f"you requested {used + context} tokens" in body["message"] and f"at most {context - used}" in \
+            body["message"]
+        assert _chat(client, **{"max_tokens": None, field: context - used}).choices[0].finish_reason
+    with pytest.raises(openai.BadRequestError) as err:
+        _complete(client, PROMPT, max_tokens=context)
+    assert err.value.body["param"] == "max_tokens" and "in the prompt" in err.value.body["message"]
+    with pytest.raises(openai.BadRequestError) as err:
+        client.responses.create(model="tiny", input="Hello", max_output_tokens=context)
+    assert err.value.body["param"] == "max_output_tokens" and "'max_output_tokens'" in err.value.body["message"]

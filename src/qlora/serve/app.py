@@ -325,7 +325,8 @@ def build_app(batcher: ContinuousBatcher, base_id: str, adapters: list[str], api
                 (choice,) = chat_choices(chat, adapter, "input")
                 return choice, items
             except APIError as exc:
-                shorter = drop_oldest_turn(items) if exc.status == 413 and body.truncation == "auto" else None
+                retry = exc.code == "context_length_exceeded" and body.truncation == "auto"
+                shorter = drop_oldest_turn(items) if retry else None
                 if shorter is None:
                     raise body.renamed(exc, origins) from None
                 items = shorter
@@ -644,13 +645,20 @@ def _generation(batcher: ContinuousBatcher, body: _Body, adapter: str | None, pr
     prompt_ids = truncated(body, prompt_ids, batcher.context_length)
     room = batcher.context_length - len(prompt_ids)
     if room <= 0:
-        raise APIError(413, f"The prompt is {len(prompt_ids)} tokens long; this model's context holds "
-                            f"{batcher.context_length} tokens (prompt and reply). Shorten the {prompt_param}.",
-                       prompt_param, "context_length_exceeded")
+        raise APIError(400, f"This model's maximum context length is {batcher.context_length} tokens (prompt and "
+                            f"reply). However, the {prompt_param} resulted in {len(prompt_ids)} tokens, which leaves "
+                            f"no room for a reply. Shorten the {prompt_param}.", prompt_param,
+                       "context_length_exceeded")  # vLLM's and OpenAI's 400
     if not prompt_ids:
         raise APIError(400, f"The {prompt_param} is empty", prompt_param)
     limit = body.token_limit()
-    options = SamplingOptions(max_new_tokens=max(1, min(room if limit is None else limit, room)),
+    if limit is not None and limit > room:  # vLLM's and OpenAI's 400, not a reply silently cut shorter
+        field = "max_completion_tokens" if getattr(body, "max_completion_tokens", None) else "max_tokens"
+        raise APIError(400, f"This model's maximum context length is {batcher.context_length} tokens. However, you "
+                            f"requested {len(prompt_ids) + limit} tokens ({len(prompt_ids)} in the {prompt_param}, "
+                            f"{limit} in the completion: '{field}'). Lower '{field}' to at most {room}, or shorten "
+                            f"the {prompt_param}.", field, "context_length_exceeded")
+    options = SamplingOptions(max_new_tokens=max(1, room if limit is None else limit),
                               temperature=body.temperature, top_p=body.top_p, top_k=max(0, body.top_k),
                               min_p=body.min_p, repetition_penalty=body.repetition_penalty,
                               presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty,

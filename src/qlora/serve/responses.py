@@ -241,6 +241,7 @@ class ResponsesRequest(_Body):
             name = re.sub(r"^response_format(\.json_schema)?", "text.format", name)
             return {"messages": "input", "max_completion_tokens": "max_output_tokens"}.get(name, name)
         message = re.sub(r"messages\[(\d+)\]", lambda m: field(f"messages.{m[1]}"), error.message)
+        message = message.replace("'max_completion_tokens'", "'max_output_tokens'")
         message = re.sub(r"\b(tools\.\d+\.function(\.\w+)?|response_format(\.json_schema)?(\.\w+)?)\b",
                          lambda m: field(m[1]), message)
         param = field(error.param) if error.param else None
