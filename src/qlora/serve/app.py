@@ -331,6 +331,25 @@ def build_app(batcher: ContinuousBatcher, base_id: str, adapters: list[str], api
                     raise body.renamed(exc, origins) from None
                 items = shorter
 
+    def referenced(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """``items`` with each ``item_reference`` replaced by the item it names: one a kept response read or wrote,
+        or one of a kept conversation (a 404 naming the id when none is kept)."""
+        out = []
+        for i, item in enumerate(items):
+            if not (isinstance(item, dict) and item.get("type") == "item_reference"):
+                out.append(item)
+                continue
+            item_id = item.get("id")
+            if not isinstance(item_id, str):
+                raise APIError(400, f"input.{i} (item_reference) needs 'id': the id of a stored item", f"input.{i}.id")
+            found = store.item(item_id) or conversations.item(item_id)
+            if found is None:
+                raise APIError(404, f"Item with id {item_id!r} not found (input.{i} refers to it). Only items of "
+                                    "responses this server keeps (sent with 'store': true) and of its conversations "
+                                    "can be referred to; send the item itself instead.", f"input.{i}.id", "not_found")
+            out.append(found)
+        return out
+
     @app.post("/v1/responses")
     async def responses(body: ResponsesRequest, request: Request):
         body.refuse_unsupported()
@@ -343,7 +362,7 @@ def build_app(batcher: ContinuousBatcher, base_id: str, adapters: list[str], api
             history = conversations.get(conversation, "conversation").items
         else:
             history = store.previous(body.previous_response_id).conversation if body.previous_response_id else []
-        own = with_ids(body.input_items())
+        own = with_ids(referenced(body.input_items()))
         choice, items = await off_loop(response_choice, body, adapter, body.conversation_items(history, own))
         input_items = with_ids([item for _, item in items])
         run: BackgroundRun | None = None
