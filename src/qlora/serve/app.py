@@ -698,12 +698,13 @@ def _guided(guide: Guide, tokenizer, stops: frozenset[int]):
 
 
 def _refuse_unending(body: _Body, constrained: bool) -> None:
-    """400 for ``min_tokens`` or ``ignore_eos`` with a constrained reply, which ends where its constraint does."""
-    for param in ("min_tokens", "ignore_eos"):
-        if constrained and getattr(body, param):
-            raise APIError(400, f"'{param}' cannot be combined with a constrained reply (guided decoding, a JSON "
-                                "response_format or a forced tool call): the constraint ends the reply once it is "
-                                "complete", param)
+    """400 for ``ignore_eos`` with a constrained reply, which ends where its constraint does. ``min_tokens`` is
+    served as vLLM serves it there: the stop tokens are masked while the constraint may go on, and a reply its
+    constraint must end (nothing but a stop may follow) ends, even before ``min_tokens``."""
+    if constrained and body.ignore_eos:
+        raise APIError(400, "'ignore_eos' cannot be combined with a constrained reply (guided decoding, a JSON "
+                            "response_format or a forced tool call): the constraint ends the reply once it is "
+                            "complete", "ignore_eos")
 
 
 def _choice_seed(seed: int | None, index: int) -> int | None:
