@@ -5,8 +5,8 @@ A Responses request is translated into the equivalent chat request
 items become chat messages (``function_call`` items an assistant turn's ``tool_calls``,
 ``function_call_output`` items tool messages; ``reasoning`` items, which clients sending ``store: false`` return,
 are accepted and dropped: the chat messages qlora renders carry no earlier reasoning, so the template never sees
-it; ``item_reference`` items are resolved to the stored items they name before this), flat function tools the chat template's
-``{"type": "function", "function": {...}}``, ``tool_choice`` and ``text.format`` the chat
+it; ``item_reference`` items are resolved to the stored items they name before this), flat function tools the
+chat template's ``{"type": "function", "function": {...}}``, ``tool_choice`` and ``text.format`` the chat
 route's ``tool_choice`` and ``response_format``. The chat route then renders, constrains and
 decodes it; errors it raises are renamed to the Responses fields they came from
 (:meth:`ResponsesRequest.renamed`). :class:`ResponseWriter` writes the reply as a
