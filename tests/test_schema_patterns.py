@@ -121,13 +121,17 @@ def test_strings_under_a_pattern_read_escapes_and_surrogate_pairs_as_characters(
 
 
 def test_patterns_outside_the_subset_are_named_not_guessed():
-    for pattern in (r"a(?=b)", r"(?<!a)b", r"(a)\1", r"\bword", r"\p{L}", r"[]a]", r"[^]", r"a{,3}", r"a{,}", r"a**",
-                    r"(a", r"a)", r"[a", r"\ud800", r"[\d-z]", r"[z-a]", r"*a", "a{3,2}", "\\", "(" * 500 + ")" * 500,
-                    "(?:a{100}){300}"):
+    for pattern in (r"a(?=b)", r"(?<!a)b", r"(a)\1", r"\bword", r"\p{L}", r"[]a]", r"[^]", r"a{,3}", r"a{,}",
+                    r"\ud800", r"[\d-z]", "(" * 500 + ")" * 500, "(?:a{100}){300}"):  # valid ECMA-262, not decoded
         with pytest.raises(PatternError):
             Regex(pattern)
         problems = compile_schema({"type": "string", "pattern": pattern}).unenforced
         assert len(problems) == 1 and problems[0].startswith("pattern ("), problems
+    for pattern in (r"a**", r"(a", r"a)", r"[a", r"[z-a]", r"*a", "a{3,2}", "\\"):  # no regular expression at all
+        with pytest.raises(PatternError):
+            Regex(pattern)
+        with pytest.raises(SchemaError, match=r"not a valid JSON Schema: properties\.s\.pattern: .* is not a regular"):
+            compile_schema({"type": "object", "properties": {"s": {"type": "string", "pattern": pattern}}})
     assert Regex("a{,").matches("xa{,") and Regex("x{y}").matches("x{y}")  # braces that are no quantifier
     assert compile_schema({"type": "integer", "format": "int32", "pattern": "(?=x)"}).unenforced == ()  # strings only
     assert compile_schema({"type": "string", "minimum": "x"}).unenforced == ()  # numbers only

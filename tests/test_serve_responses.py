@@ -331,7 +331,8 @@ def test_a_forced_call_streams_and_returns_a_function_call_item(tool_served, cho
                            "schema": {"type": "string", "pattern": "a(?=b)"}}}), "text.format.schema"),
     (dict(input=[{"type": "function_call", "call_id": "c", "name": "f", "arguments": "{oops"}]), "input.0.arguments"),
     (dict(input=[{"type": "function_call_output", "output": "1"}]), "input.0.call_id"),
-    (dict(input=[{"type": "item_reference", "id": "msg_1"}]), "input.0.type"),
+    (dict(input=[{"type": "computer_call_output", "call_id": "c"}]), "input.0.type"),
+    (dict(input=[{"type": "reasoning", "summary": "thought"}]), "input.0.summary"),
     (dict(input=[{"role": "tool", "content": "1"}]), "input.0.role"),
     (dict(input="fox " * 600), "input"),
     (dict(extra_body={"max_tokens": 5}), "max_tokens"),
@@ -342,7 +343,7 @@ def test_bad_requests_are_400_naming_the_field(served, kw, param):
     kw = {"model": "a", "input": "Hello", "max_output_tokens": 4} | kw
     with pytest.raises(openai.APIStatusError) as exc:
         client.responses.create(**kw)
-    assert exc.value.status_code == (413 if param == "input" else 400)
+    assert exc.value.status_code == 400
     assert exc.value.body["param"] == param and "\n" not in exc.value.body["message"]
 
 
@@ -499,7 +500,7 @@ def test_truncation_auto_drops_the_oldest_turns(served):
     turns.append({"role": "user", "content": "Hello"})
     with pytest.raises(openai.APIStatusError) as exc:
         _respond(client, "a", input=turns)
-    assert exc.value.status_code == 413 and exc.value.body["param"] == "input"
+    assert exc.value.status_code == 400 and exc.value.body["param"] == "input"
     reply = _respond(client, "a", input=turns, truncation="auto")
     # the oracle: the longest tail of whole turns (the system message kept) that the chat route accepts
     for start in range(1, len(turns), 2):
@@ -507,16 +508,16 @@ def test_truncation_auto_drops_the_oldest_turns(served):
             chat = _chat(client, "a", turns[:1] + turns[start:])
             break
         except openai.APIStatusError as error:
-            assert error.status_code == 413
+            assert error.code == "context_length_exceeded"
     assert 1 < start < len(turns) - 1
     assert reply.output_text == chat.choices[0].message.content and reply.truncation == "auto"
     assert reply.usage.input_tokens == chat.usage.prompt_tokens < batcher.context_length
     kept = client.responses.input_items.list(reply.id, order="asc", limit=100).data
     assert [item.content[0].text for item in kept] == [m["content"] for m in turns[:1] + turns[start:]]
-    too_long = [{"role": "user", "content": filler * 5}]  # a single turn cannot be dropped: still a 413
+    too_long = [{"role": "user", "content": filler * 5}]  # a single turn cannot be dropped: still a 400
     with pytest.raises(openai.APIStatusError) as exc:
         _respond(client, "a", input=too_long, truncation="auto")
-    assert exc.value.status_code == 413
+    assert exc.value.status_code == 400 and exc.value.code == "context_length_exceeded"
 
 
 def test_the_store_keeps_the_most_recently_used():
@@ -549,3 +550,30 @@ def assert_row_dropped(batcher, before: dict) -> None:
     after = batcher.load()
     assert after["running"] == after["waiting"] == 0
     assert after["tokens_generated"] - before["tokens_generated"] < 300
+
+
+def test_reasoning_items_are_dropped_and_item_references_resolved(served):
+    """Clients sending ``store: false`` (the Agents SDK) return the reasoning items of earlier turns, and may refer
+    to stored items by id (``item_reference``); both were a 400. A reasoning item is accepted and reaches no prompt
+    (the chat messages rendered carry no earlier reasoning): the oracle is the same input without it. A reference
+    reads as the item it names (oracle: that item's text sent in full); an unknown id is a 404 naming it."""
+    _, _, client = served
+    first = _respond(client, "tiny", input="Hello")
+    said = first.output[0]
+    asked = client.responses.input_items.list(first.id).data[0]
+    plain = [{"role": "user", "content": "Hello"}, {"role": "assistant", "content": first.output_text},
+             {"role": "user", "content": "Again"}]
+    oracle = _respond(client, "tiny", input=plain)
+    referred = _respond(client, "tiny", input=[{"type": "item_reference", "id": asked.id},
+                                               {"type": "item_reference", "id": said.id}, plain[2]])
+    reasoning = {"type": "reasoning", "id": "rs_1", "summary": [{"type": "summary_text", "text": "Greet back."}]}
+    thought = _respond(client, "tiny", input=[plain[0], reasoning, *plain[1:]])
+    for reply in (referred, thought):
+        assert reply.output_text == oracle.output_text and reply.usage.input_tokens == oracle.usage.input_tokens
+    kept = client.responses.input_items.list(thought.id, order="asc").data
+    assert [item.type for item in kept] == ["message", "reasoning", "message", "message"] and kept[1].id == "rs_1"
+    kept = client.responses.input_items.list(referred.id, order="asc").data
+    assert [item.id for item in kept[:2]] == [asked.id, said.id]
+    with pytest.raises(openai.NotFoundError) as exc:
+        _respond(client, "tiny", input=[plain[0], {"type": "item_reference", "id": "msg_nowhere"}])
+    assert exc.value.body["param"] == "input.1.id" and "'msg_nowhere'" in exc.value.body["message"]

@@ -297,7 +297,7 @@ def test_guided_refusals(served):
     _refused(lambda: _chat(client, extra_body={"guided_json": {"type": "array", "uniqueItems": True}}), "guided_json")
     _refused(lambda: _chat(client, response_format={"type": "json_object"}, extra_body={"guided_regex": "a"}),
              "guided_regex")
-    _refused(lambda: _chat(client, extra_body={"guided_regex": "a", "min_tokens": 2}), "min_tokens")
+    _refused(lambda: _chat(client, extra_body={"guided_regex": "a", "ignore_eos": True}), "ignore_eos")
 
 
 def test_a_guided_character_the_vocabulary_writes_only_in_byte_tokens(served):
@@ -336,3 +336,74 @@ def test_request_id_priority_beam_search(served):
     _refused(lambda: _chat(client, extra_body={"use_beam_search": True}), "use_beam_search")
     _refused(lambda: _chat(client, max_tokens=2, extra_body={"min_tokens": 3}), "min_tokens")
     _refused(lambda: _complete(client, PROMPT, extra_body={"stop_token_ids": [len(tok)]}), "stop_token_ids.0")
+
+
+def test_an_invalid_json_schema_is_a_400_naming_its_path_strict_or_not(served):
+    """A schema JSON Schema itself does not allow was ignored where invalid and answered; now a 400 naming the value
+    by path, as OpenAI validates schemas. A valid keyword left unenforced still decodes without strict."""
+    _, client, _, _ = served
+    bad = {"type": "object", "properties": {"a": {"type": "wat"}, "b": {"type": "string", "maxLength": -1}}}
+    for strict in (False, True, None):
+        spec = {"name": "x", "schema": bad} | ({} if strict is None else {"strict": strict})
+        message = _refused(lambda: _chat(client, response_format={"type": "json_schema", "json_schema": spec}),
+                           "response_format.json_schema.schema")
+        assert "properties.a.type: 'wat'" in message and "properties.b.maxLength" in message
+    _refused(lambda: _chat(client, extra_body={"guided_json": {"$ref": "#/$defs/none"}}), "guided_json")
+    loose = {"type": "array", "uniqueItems": True, "maxItems": 2, "items": {"type": "integer"}}
+    reply = _chat(client, max_tokens=40, response_format={"type": "json_schema",
+                                                           "json_schema": {"name": "x", "schema": loose}})
+    assert reply.choices[0].message.content.lstrip().startswith("[")  # answered, under the rest of the schema
+
+
+def test_a_token_limit_beyond_the_context_left_is_a_400_naming_it(served):
+    """A ``max_tokens`` (``max_completion_tokens``, ``max_output_tokens``) above the context the prompt leaves was
+    silently lowered; vLLM and OpenAI answer 400 with the numbers (context, prompt, completion)."""
+    batcher, client, _, _ = served
+    context = batcher.context_length
+    for kw, field in (({"max_tokens": context}, "max_tokens"), ({"max_completion_tokens": context},
+                                                                  "max_completion_tokens")):
+        with pytest.raises(openai.BadRequestError) as err:
+            _chat(client, **{"max_tokens": None, **kw})
+        body = err.value.body
+        assert body["param"] == field and body["code"] == "context_length_exceeded", body
+        used = int(re.search(r"\((\d+) in the messages", body["message"])[1])
+        assert f"maximum context length is {context} tokens" in body["message"]
+        assert f"you requested {used + context} tokens" in body["message"] and f"at most {context - used}" in \
+            body["message"]
+        assert _chat(client, **{"max_tokens": None, field: context - used}).choices[0].finish_reason
+    with pytest.raises(openai.BadRequestError) as err:
+        _complete(client, PROMPT, max_tokens=context)
+    assert err.value.body["param"] == "max_tokens" and "in the prompt" in err.value.body["message"]
+    with pytest.raises(openai.BadRequestError) as err:
+        client.responses.create(model="tiny", input="Hello", max_output_tokens=context)
+    assert err.value.body["param"] == "max_output_tokens" and "'max_output_tokens'" in err.value.body["message"]
+
+
+def test_min_tokens_under_a_constraint_as_vllm_serves_it(served):
+    """``min_tokens`` with a constraint was a 400; vLLM masks the stop tokens while the constraint may go on, and lets
+    a reply its constraint must end stop before ``min_tokens``. The end-of-turn token is biased up so that it is
+    chosen as soon as it is allowed: the oracle is then exact (greedy)."""
+    _, client, tok, _ = served
+    bias = {str(tok.eos_token_id): 100}
+    regex = {"guided_regex": "[a-z ]+"}
+    for min_tokens in (0, 5):
+        reply = _complete(client, PROMPT, logit_bias=bias, extra_body=regex | {"min_tokens": min_tokens})
+        text, finish = reply.choices[0].text, reply.choices[0].finish_reason
+        assert finish == "stop" and re.fullmatch("[a-z ]+", text), (text, finish)
+        # a regex that may grow: one token (the least the pattern takes) then the stop, or min_tokens then the stop
+        assert reply.usage.completion_tokens == max(1, min_tokens) + 1
+        if min_tokens:
+            assert text.startswith(short)
+        short = text
+    for body in ({"guided_choice": ["yes"]}, {"guided_json": {"type": "boolean"}}):
+        reply = _chat(client, max_tokens=12, extra_body=body | {"min_tokens": 10})
+        choice = reply.choices[0]
+        assert choice.finish_reason == "stop" and reply.usage.completion_tokens < 10  # the constraint must end
+        assert json.loads(choice.message.content) in (True, False) if "guided_json" in body else \
+            choice.message.content == "yes"
+    spec = {"name": "flag", "schema": {"type": "object", "properties": {"ok": {"type": "boolean"}},
+                                       "required": ["ok"], "additionalProperties": False}}
+    reply = _chat(client, max_tokens=60, response_format={"type": "json_schema", "json_schema": spec},
+                  extra_body={"min_tokens": 60})
+    assert reply.choices[0].finish_reason == "stop" and reply.usage.completion_tokens < 60, reply
+    assert set(json.loads(reply.choices[0].message.content)) == {"ok"}

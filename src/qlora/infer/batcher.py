@@ -355,7 +355,7 @@ class ContinuousBatcher:
         request, reply = row.request, row.text.tokens
         if request.token_filter is not None:  # vLLM's allowed tokens and bad words, first in its sampler
             logits = request.token_filter(logits, reply)
-        if len(reply) < request.min_tokens:  # no end before min_tokens (vLLM's)
+        if len(reply) < request.min_tokens:  # no end before min_tokens (vLLM's; a constraint that must end still does)
             logits = masked(logits, request.stop_ids)
         if request.constraint is not None:
             if row.penalties is not None:

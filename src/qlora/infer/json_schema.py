@@ -29,6 +29,11 @@ only zeros past the multiple's fraction digits), an ``enum``/``const`` number as
 without lone surrogates (which no Unicode string holds); every valid value can still be
 written, in that form.
 
+A schema that is not valid JSON Schema (a ``type`` no JSON type is named, a ``$ref`` to nothing, a
+negative ``maxLength``, ``multipleOf`` 0, a ``pattern`` that is no regular expression, a subschema that
+is neither an object nor a boolean, ...) raises :class:`SchemaError` naming each such value by path,
+strict or not: it is a mistake in the schema, not a keyword left unenforced.
+
 A schema no finite JSON value satisfies (a ``$ref`` cycle without content, a required
 property that may not appear, ``minItems`` above ``maxItems``, ...) raises
 :class:`SchemaError`: decoding under it could never end. Unsatisfiable optional parts are
@@ -43,6 +48,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import re
 from dataclasses import dataclass
 from fractions import Fraction
 from typing import Any, Mapping
@@ -138,10 +144,12 @@ def compile_schema(schema: Any) -> Compiled:
     """Compile a JSON Schema (a dict or a boolean) into rules; see the module docstring.
 
     Raises:
-        SchemaError: no finite JSON value satisfies the schema's enforced part.
+        SchemaError: the schema is not valid JSON Schema, or no finite JSON value satisfies its enforced part.
     """
     compiler = _Compiler(schema)
     root = compiler.node(schema, "")
+    if compiler.invalid:
+        raise SchemaError(f"it is not a valid JSON Schema: {'; '.join(compiler.invalid)}")
     reason = compiler.finish(root)
     if reason is not None:
         raise SchemaError(f"no JSON value satisfies the schema: {reason}")
@@ -210,6 +218,7 @@ class _Compiler:
         self.memo: dict[int, Node] = {}  # id of a schema dict -> its node (so that recursion makes cycles)
         self.nodes: list[Node] = []
         self.problems: list[str] = []
+        self.invalid: list[str] = []  # values JSON Schema itself does not allow, each "path: why"
         self.one_of: list[tuple[Node, str]] = []  # oneOf unions, checked for overlapping alternatives at the end
         self.depth = 0  # schemas being compiled, one inside the other
 
@@ -224,7 +233,7 @@ class _Compiler:
         if schema is False:
             return self.new(path)  # no leaves: nothing satisfies it
         if not isinstance(schema, dict):
-            self.problems.append(path or "schema")
+            self.refuse(path, f"a schema is an object or a boolean, not {schema!r}")
             return ANY
         if id(schema) in self.memo:
             return self.memo[id(schema)]
@@ -255,7 +264,7 @@ class _Compiler:
                 where = _join(path, union)
                 members = schema[union]
                 if not isinstance(members, list) or not members:
-                    self.problems.append(where)
+                    self.refuse(where, "must be a non-empty list of schemas")
                     continue
                 if not alone:
                     self.problems.append(where + " (beside other keywords)")
@@ -266,7 +275,10 @@ class _Compiler:
                 return node
         if "allOf" in schema:
             where = _join(path, "allOf")
-            members = schema["allOf"] if isinstance(schema["allOf"], list) else [None]
+            members = schema["allOf"]
+            if not isinstance(members, list) or not members:
+                self.refuse(where, "must be a non-empty list of schemas")
+                members = []
             kept = [(i, m) for i, m in enumerate(members)
                     if m is not True and not (isinstance(m, dict) and set(m) <= ANNOTATIONS)]
             if alone and len(kept) == 1:
@@ -281,7 +293,10 @@ class _Compiler:
 
     def resolve(self, ref: Any, where: str) -> Node:
         """The node of a local JSON-pointer ``$ref`` (any other: a problem, and any value)."""
-        if not isinstance(ref, str) or not ref.startswith("#"):
+        if not isinstance(ref, str):
+            self.refuse(where, f"a reference is a string (a URI), not {ref!r}")
+            return ANY
+        if not ref.startswith("#"):
             self.problems.append(f"{where} (only local references, '#...', are resolved)")
             return ANY
         target, path = self.root, ""
@@ -292,7 +307,7 @@ class _Compiler:
             elif isinstance(target, list) and part.isdigit() and int(part) < len(target):
                 target = target[int(part)]
             else:
-                self.problems.append(f"{where} ({ref!r} points to nothing)")
+                self.refuse(where, f"{ref!r} points to nothing in the schema")
                 return ANY
             path = _join(path, part)
         return self.node(target, path)
@@ -300,8 +315,9 @@ class _Compiler:
     def leaf(self, node: Node, schema: Mapping[str, Any], path: str) -> None:
         types = schema.get("type", list(TYPES))
         types = [types] if isinstance(types, str) else types
-        if not isinstance(types, list) or any(t not in TYPES for t in types):
-            self.problems.append(_join(path, "type"))
+        if not isinstance(types, list) or not types or any(t not in TYPES for t in types):
+            self.refuse(_join(path, "type"), f"{schema['type']!r} is not a JSON type or a non-empty list of them "
+                                            f"({', '.join(TYPES)})")
             types = list(TYPES)
         kinds = set(types) - ({"integer"} if "number" in types else set())
         node.types = frozenset(kinds)
@@ -309,15 +325,21 @@ class _Compiler:
         node.min_items, node.max_items = self.bounds(schema, "minItems", "maxItems", path)
         if kinds & {"number", "integer"}:  # the numeric keywords apply to numbers only, pattern and format to strings
             node.range, bad = NumberRange.from_schema(schema, "integer" in kinds)
-            self.problems += [_join(path, k) for k in bad]
+            for key in bad:
+                name = key.split(" ")[0]
+                why = key[len(name):].strip(" ()") or (f"{schema[name]!r} is not a number" + (
+                    " above 0" if name == "multipleOf" else ""))
+                self.refuse(_join(path, name), why)
         node.pattern = self.pattern(schema, path, node.min_length, node.max_length) if "string" in kinds else \
             None
         props = schema.get("properties", {})
         if not isinstance(props, dict):
-            self.problems.append(_join(path, "properties"))
+            self.refuse(_join(path, "properties"), "must be an object of schemas by property name")
             props = {}
         node.properties = {k: self.node(v, f"{_join(path, 'properties')}.{k}") for k, v in props.items()}
         required = schema.get("required", [])
+        if not isinstance(required, list) or not all(isinstance(k, str) for k in required):
+            self.refuse(_join(path, "required"), f"must be a list of property names, not {required!r}")
         node.required = frozenset(k for k in required if isinstance(k, str)) if isinstance(required, list) else \
             frozenset()
         extra = schema.get("additionalProperties", True)
@@ -340,13 +362,19 @@ class _Compiler:
         if "pattern" in schema:
             try:
                 if not isinstance(schema["pattern"], str):
-                    raise PatternError("not a string")
-                found.append((f"pattern {schema['pattern']!r}", Regex(schema["pattern"])))
+                    self.refuse(_join(path, "pattern"), f"a pattern is a string, not {schema['pattern']!r}")
+                else:
+                    found.append((f"pattern {schema['pattern']!r}", Regex(schema["pattern"])))
             except PatternError as exc:
-                self.problems.append(f"{_join(path, 'pattern')} ({exc})")
+                if _no_regex(schema["pattern"]):
+                    self.refuse(_join(path, "pattern"), f"{schema['pattern']!r} is not a regular expression ({exc})")
+                else:  # valid, but outside the subset decoded
+                    self.problems.append(f"{_join(path, 'pattern')} ({exc})")
         if "format" in schema:
             regex = format_regex(schema["format"]) if isinstance(schema["format"], str) else None
-            if regex is None:
+            if not isinstance(schema["format"], str):
+                self.refuse(_join(path, "format"), f"a format is a name, not {schema['format']!r}")
+            elif regex is None:
                 self.problems.append(f"{_join(path, 'format')} ({schema['format']!r} is not a format enforced)")
             else:
                 found.append((f"format {schema['format']!r}", regex))
@@ -364,12 +392,17 @@ class _Compiler:
                                  "unenforced)")
             return None
 
+    def refuse(self, path: str, why: str) -> None:
+        self.invalid.append(f"{path or 'the root'}: {why}")
+
     def bounds(self, schema: Mapping[str, Any], low: str, high: str, path: str) -> tuple[int, float]:
         out = []
         for key, default in ((low, 0), (high, math.inf)):
             value = schema.get(key, default)
+            if isinstance(value, float) and value.is_integer():  # 2.0 is the integer 2 in JSON Schema
+                value = int(value)
             if value is not default and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
-                self.problems.append(_join(path, key))
+                self.refuse(_join(path, key), f"must be a non-negative integer, not {value!r}")
                 value = default
             out.append(value)
         return out[0], out[1]
@@ -378,7 +411,7 @@ class _Compiler:
         """Turn ``node`` into a union of its enum/const values (filtered by its type and length bounds)."""
         values = [schema["const"]] if "const" in schema else schema["enum"]
         if not isinstance(values, list):
-            self.problems.append(_join(path, "enum"))
+            self.refuse(_join(path, "enum"), f"must be a list of values, not {values!r}")
             return
         if "const" in schema and isinstance(schema.get("enum"), list):
             values = [v for v in values if any(_same(v, e) for e in schema["enum"])]
@@ -558,6 +591,24 @@ class _Compiler:
             elif t in ("number", "integer"):
                 return f"{where}: its minimum/maximum/exclusive*/multipleOf allow no {t}"
         return f"{where} has no finite value"
+
+
+def _no_regex(pattern: str) -> bool:
+    """Whether ``pattern`` is no regular expression at all: Python's parser refuses it for a reason ECMA-262's
+    refuses it too (an unclosed group, a range out of order, nothing to repeat). Where the dialects differ (escapes
+    Python lacks such as ``\\p{L}``, a class escape as a range's end, ECMA's empty classes ``[]`` and ``[^]``) the
+    pattern is taken as valid, and left unenforced."""
+    try:
+        re.compile(pattern)
+    except re.error as exc:
+        if "bad escape" in str(exc) and "end of pattern" not in str(exc):
+            return False
+        if "bad character range" in str(exc) and re.search(r"\\[dDwWsS]-|-\\[dDwWsS]", pattern):
+            return False
+        return not ("unterminated character set" in str(exc) and ("[]" in pattern or "[^]" in pattern))
+    except (OverflowError, RecursionError):
+        return False
+    return False
 
 
 def _same(a: Any, b: Any) -> bool:

@@ -325,10 +325,30 @@ def build_app(batcher: ContinuousBatcher, base_id: str, adapters: list[str], api
                 (choice,) = chat_choices(chat, adapter, "input")
                 return choice, items
             except APIError as exc:
-                shorter = drop_oldest_turn(items) if exc.status == 413 and body.truncation == "auto" else None
+                retry = exc.code == "context_length_exceeded" and body.truncation == "auto"
+                shorter = drop_oldest_turn(items) if retry else None
                 if shorter is None:
                     raise body.renamed(exc, origins) from None
                 items = shorter
+
+    def referenced(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """``items`` with each ``item_reference`` replaced by the item it names: one a kept response read or wrote,
+        or one of a kept conversation (a 404 naming the id when none is kept)."""
+        out = []
+        for i, item in enumerate(items):
+            if not (isinstance(item, dict) and item.get("type") == "item_reference"):
+                out.append(item)
+                continue
+            item_id = item.get("id")
+            if not isinstance(item_id, str):
+                raise APIError(400, f"input.{i} (item_reference) needs 'id': the id of a stored item", f"input.{i}.id")
+            found = store.item(item_id) or conversations.item(item_id)
+            if found is None:
+                raise APIError(404, f"Item with id {item_id!r} not found (input.{i} refers to it). Only items of "
+                                    "responses this server keeps (sent with 'store': true) and of its conversations "
+                                    "can be referred to; send the item itself instead.", f"input.{i}.id", "not_found")
+            out.append(found)
+        return out
 
     @app.post("/v1/responses")
     async def responses(body: ResponsesRequest, request: Request):
@@ -342,7 +362,7 @@ def build_app(batcher: ContinuousBatcher, base_id: str, adapters: list[str], api
             history = conversations.get(conversation, "conversation").items
         else:
             history = store.previous(body.previous_response_id).conversation if body.previous_response_id else []
-        own = with_ids(body.input_items())
+        own = with_ids(referenced(body.input_items()))
         choice, items = await off_loop(response_choice, body, adapter, body.conversation_items(history, own))
         input_items = with_ids([item for _, item in items])
         run: BackgroundRun | None = None
@@ -644,13 +664,20 @@ def _generation(batcher: ContinuousBatcher, body: _Body, adapter: str | None, pr
     prompt_ids = truncated(body, prompt_ids, batcher.context_length)
     room = batcher.context_length - len(prompt_ids)
     if room <= 0:
-        raise APIError(413, f"The prompt is {len(prompt_ids)} tokens long; this model's context holds "
-                            f"{batcher.context_length} tokens (prompt and reply). Shorten the {prompt_param}.",
-                       prompt_param, "context_length_exceeded")
+        raise APIError(400, f"This model's maximum context length is {batcher.context_length} tokens (prompt and "
+                            f"reply). However, the {prompt_param} resulted in {len(prompt_ids)} tokens, which leaves "
+                            f"no room for a reply. Shorten the {prompt_param}.", prompt_param,
+                       "context_length_exceeded")  # vLLM's and OpenAI's 400
     if not prompt_ids:
         raise APIError(400, f"The {prompt_param} is empty", prompt_param)
     limit = body.token_limit()
-    options = SamplingOptions(max_new_tokens=max(1, min(room if limit is None else limit, room)),
+    if limit is not None and limit > room:  # vLLM's and OpenAI's 400, not a reply silently cut shorter
+        field = "max_completion_tokens" if getattr(body, "max_completion_tokens", None) else "max_tokens"
+        raise APIError(400, f"This model's maximum context length is {batcher.context_length} tokens. However, you "
+                            f"requested {len(prompt_ids) + limit} tokens ({len(prompt_ids)} in the {prompt_param}, "
+                            f"{limit} in the completion: '{field}'). Lower '{field}' to at most {room}, or shorten "
+                            f"the {prompt_param}.", field, "context_length_exceeded")
+    options = SamplingOptions(max_new_tokens=max(1, room if limit is None else limit),
                               temperature=body.temperature, top_p=body.top_p, top_k=max(0, body.top_k),
                               min_p=body.min_p, repetition_penalty=body.repetition_penalty,
                               presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty,
@@ -671,12 +698,13 @@ def _guided(guide: Guide, tokenizer, stops: frozenset[int]):
 
 
 def _refuse_unending(body: _Body, constrained: bool) -> None:
-    """400 for ``min_tokens`` or ``ignore_eos`` with a constrained reply, which ends where its constraint does."""
-    for param in ("min_tokens", "ignore_eos"):
-        if constrained and getattr(body, param):
-            raise APIError(400, f"'{param}' cannot be combined with a constrained reply (guided decoding, a JSON "
-                                "response_format or a forced tool call): the constraint ends the reply once it is "
-                                "complete", param)
+    """400 for ``ignore_eos`` with a constrained reply, which ends where its constraint does. ``min_tokens`` is
+    served as vLLM serves it there: the stop tokens are masked while the constraint may go on, and a reply its
+    constraint must end (nothing but a stop may follow) ends, even before ``min_tokens``."""
+    if constrained and body.ignore_eos:
+        raise APIError(400, "'ignore_eos' cannot be combined with a constrained reply (guided decoding, a JSON "
+                            "response_format or a forced tool call): the constraint ends the reply once it is "
+                            "complete", "ignore_eos")
 
 
 def _choice_seed(seed: int | None, index: int) -> int | None:

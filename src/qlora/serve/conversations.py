@@ -110,6 +110,14 @@ class ConversationStore:
         if found is not None:
             found.items += items
 
+    def item(self, item_id: str) -> dict[str, Any] | None:
+        """The item ``item_id`` of a kept conversation, or None."""
+        for conversation in reversed(self._kept.values()):
+            for item in conversation.items:
+                if item["id"] == item_id:
+                    return item
+        return None
+
     def delete(self, conversation_id: str) -> None:
         self.get(conversation_id)
         del self._kept[conversation_id]

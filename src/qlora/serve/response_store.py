@@ -96,6 +96,14 @@ class ResponseStore:
                                 "continue it.", "previous_response_id")
         return found
 
+    def item(self, item_id: str) -> dict[str, Any] | None:
+        """The item ``item_id`` of a kept response (an input item it read, or one of its output items), or None."""
+        for entry in reversed(self._kept.values()):
+            for item in (*entry.input_items, *entry.response["output"]):
+                if item.get("id") == item_id:
+                    return item
+        return None
+
     def delete(self, response_id: str) -> None:
         """Forget a finished response (a running background one must be cancelled first: a 400)."""
         if self.get(response_id).running:
@@ -123,7 +131,8 @@ def with_ids(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 part = "output_text" if item.get("role") == "assistant" else "input_text"
                 item["content"] = [{"type": part, "text": content}]
             item.setdefault("status", "completed")
-        prefix = {"message": "msg_", "function_call": "fc_", "function_call_output": "fco_"}.get(item["type"], "item_")
+        prefix = {"message": "msg_", "function_call": "fc_", "function_call_output": "fco_",
+                  "reasoning": "rs_"}.get(item["type"], "item_")
         item.setdefault("id", prefix + uuid.uuid4().hex)
         out.append(item)
     return out

@@ -3,8 +3,10 @@
 A Responses request is translated into the equivalent chat request
 (:meth:`ResponsesRequest.chat_request`): ``instructions`` becomes the system message, ``input``
 items become chat messages (``function_call`` items an assistant turn's ``tool_calls``,
-``function_call_output`` items tool messages), flat function tools the chat template's
-``{"type": "function", "function": {...}}``, ``tool_choice`` and ``text.format`` the chat
+``function_call_output`` items tool messages; ``reasoning`` items, which clients sending ``store: false`` return,
+are accepted and dropped: the chat messages qlora renders carry no earlier reasoning, so the template never sees
+it; ``item_reference`` items are resolved to the stored items they name before this), flat function tools the
+chat template's ``{"type": "function", "function": {...}}``, ``tool_choice`` and ``text.format`` the chat
 route's ``tool_choice`` and ``response_format``. The chat route then renders, constrains and
 decodes it; errors it raises are renamed to the Responses fields they came from
 (:meth:`ResponsesRequest.renamed`). :class:`ResponseWriter` writes the reply as a
@@ -172,10 +174,15 @@ class ResponsesRequest(_Body):
                 text = output if isinstance(output, str) else _text(output, f"{where}.output")
                 messages.append(ChatMessage(role="tool", content=text, tool_call_id=call_id))
                 origins.append(where)
+            elif kind == "reasoning":  # an earlier turn's reasoning: no chat message holds it (see above)
+                if not isinstance(item.get("summary", []), list):
+                    raise APIError(400, f"{where} (reasoning) has a 'summary' that is not a list of summary_text "
+                                        "parts; send the reasoning item as the response gave it", f"{where}.summary")
             else:
                 raise APIError(400, f"{where} is an input item of type {kind!r}; qlora serve takes 'message', "
-                                    "'function_call' and 'function_call_output' items (it runs no built-in tools; "
-                                    "to continue a response, send its id as 'previous_response_id')", f"{where}.type")
+                                    "'function_call', 'function_call_output', 'reasoning' and 'item_reference' items "
+                                    "(it runs no built-in tools; to continue a response, send its id as "
+                                    "'previous_response_id')", f"{where}.type")
         fields = set(_Body.model_fields) - {"max_tokens", "n", "stream", "stream_options"}
         chat = ChatCompletionRequest(
             **self.model_dump(include=fields), messages=messages, max_completion_tokens=self.max_output_tokens,
@@ -241,6 +248,7 @@ class ResponsesRequest(_Body):
             name = re.sub(r"^response_format(\.json_schema)?", "text.format", name)
             return {"messages": "input", "max_completion_tokens": "max_output_tokens"}.get(name, name)
         message = re.sub(r"messages\[(\d+)\]", lambda m: field(f"messages.{m[1]}"), error.message)
+        message = message.replace("'max_completion_tokens'", "'max_output_tokens'")
         message = re.sub(r"\b(tools\.\d+\.function(\.\w+)?|response_format(\.json_schema)?(\.\w+)?)\b",
                          lambda m: field(m[1]), message)
         param = field(error.param) if error.param else None
