@@ -415,3 +415,18 @@ def test_unreadable_image_processor_settings_are_refused_naming_the_file(tmp_pat
     err = capsys.readouterr().err
     assert str(settings) in err and "not valid JSON" in err and "Traceback" not in err
     assert not out.exists()
+
+
+def test_mrope_sections_llama_cpp_cannot_read_are_refused(tmp_path, capsys):
+    """llama.cpp's qwen2vl rotates three contiguous sections covering all rotated pairs: other sections are
+    refused before anything is written."""
+    model_dir = build_image_model(tmp_path / "qwen2_vl", "qwen2_vl")
+    file = model_dir / "config.json"
+    config = json.loads(file.read_text())
+    config["text_config"]["rope_parameters"]["mrope_section"] = [2, 3, 2]  # 7 of the 8 pairs of a 16-dim head
+    file.write_text(json.dumps(config))
+    out = tmp_path / "out"
+    assert main(["export", "--model", str(model_dir), "--output", str(out), "--type", "f16", "--quant", "none"]) == 2
+    err = capsys.readouterr().err
+    assert "mrope_section is [2, 3, 2]" in err and "Traceback" not in err
+    assert not out.exists()
