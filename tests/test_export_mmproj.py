@@ -2,15 +2,19 @@
 
 The oracle is transformers' vision tower + projector on the processor's pixels of the same image. llama.cpp's CPU
 encoder computes two steps in half precision whatever the file's type (measured on llama-cpp-python 0.3.36: its
-patch convolution rounds the pixels and the patch weights to f16; its GELU reads an f16 table of the f16-rounded
-input): the oracle rounds exactly there, and the rest agrees to float32 rounding. The image has the tower's size,
-so neither preprocessing resizes it.
+patch convolution rounds the pixels and the patch weights to f16; its GELUs read f16 tables of the f16-rounded
+input), and computes the tanh GELU where Qwen2-VL's merger has the exact one: the oracle does the same there. The
+rest agrees to float32 rounding, but an activation's input that lands on the other side of an f16 rounding
+boundary moves its output by an f16 step, so a tower with larger activations (Qwen2-VL's) agrees to ~1e-4. Images
+have a size each family's preprocessing keeps, so llama.cpp resizes nothing. llama.cpp's qwen2vl language model
+runs its RMS norms without epsilon (its loader reads none; measured): the oracle's text model does the same.
 """
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
+import json
 
 import numpy as np
 import pytest
@@ -25,16 +29,23 @@ mtmd = pytest.importorskip("llama_cpp.mtmd_cpp")
 pytest.importorskip("gguf")
 
 
-VISION = ("vision_tower", "multi_modal_projector")  # the tower's and projector's attribute names
-# family -> (image side llama.cpp and transformers keep as is, image tokens, tolerance relative to the largest value)
-CASES = {"gemma3": (56, 4, 1e-5)}
+VISION = ("vision_tower", "multi_modal_projector", "visual")  # the towers' and projectors' attribute names
+# family -> (image side llama.cpp and transformers keep as is, image tokens, embeddings' tolerance and an image
+# prompt's last logits' relative to the largest value: Gemma's text MLP reads llama.cpp's f16 GELU table)
+CASES = {"gemma3": (56, 4, 1e-5, 2e-3), "qwen2_vl": (112, 16, 1e-3, 1e-5)}
 
 
-class _F16TableGelu(nn.Module):
-    """ggml's CPU GELU: the tanh GELU of the input rounded to f16, read back from an f16 table."""
+class _F16Table(nn.Module):
+    """ggml's CPU GELU or quick GELU: the function of the input rounded to f16, read back from an f16 table."""
+
+    def __init__(self, quick: bool):
+        super().__init__()
+        self.quick = quick
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return nn.functional.gelu(x.half().float(), approximate="tanh").half().float()
+        x = x.half().float()
+        y = x * torch.sigmoid(1.702 * x) if self.quick else nn.functional.gelu(x, approximate="tanh")
+        return y.half().float()
 
 
 def _random_vision_weights(model_dir) -> None:
@@ -46,7 +57,7 @@ def _random_vision_weights(model_dir) -> None:
     with torch.no_grad():
         for name, p in model.named_parameters():
             if any(f".{v}." in f".{name}" for v in VISION):
-                norm = p.ndim == 1 and "norm" in name and name.endswith("weight")
+                norm = p.ndim == 1 and ("norm" in name or "ln_q" in name) and name.endswith("weight")
                 p.copy_(torch.randn(p.shape, generator=g) * (0.2 if p.ndim > 1 else 0.5) + (1.0 if norm else 0.0))
     model.save_pretrained(model_dir)
 
@@ -97,20 +108,41 @@ def _mtmd_image_embeddings(text_gguf, mmproj, rgb: np.ndarray, n_embd: int) -> n
 
 
 def _rounded_model(model_dir):
-    """transformers' model, its vision part computing as llama.cpp's encoder does: f16 patch weights, GELU from an
-    f16 table (pixels are rounded by the caller)."""
+    """transformers' model, its vision part computing as llama.cpp's encoder does: f16 patch weights, activations
+    from f16 tables, the tanh GELU for any GELU (pixels are rounded by the caller)."""
     from transformers import AutoModelForImageTextToText
 
     model = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=torch.float32).eval()
     for name, module in list(model.named_modules()):
         if not any(f".{v}." in f".{name}." for v in VISION):
             continue
-        if name.endswith("patch_embedding"):
+        if name.endswith(("patch_embedding", "patch_embed.proj")):
             module.weight.data = module.weight.data.half().float()
         for child_name, child in module.named_children():
-            if "gelu" in type(child).__name__.lower():
-                setattr(module, child_name, _F16TableGelu())
+            kind = type(child).__name__.lower()
+            if "gelu" in kind:
+                setattr(module, child_name, _F16Table(quick="quick" in kind))
+    if _mrope(model.config):  # llama.cpp's qwen2vl loader reads no RMS norm epsilon: its text model runs 0
+        for module in model.model.language_model.modules():
+            if hasattr(module, "variance_epsilon"):
+                module.variance_epsilon = 0.0
     return model
+
+
+def _mrope(config) -> list | None:
+    """The language model's M-RoPE sections, or None."""
+    return (getattr(config.get_text_config(), "rope_parameters", None) or {}).get("mrope_section")
+
+
+def _small_rope_base(model_dir) -> None:
+    """A RoPE base of 20 for an M-RoPE model: with the tiny model's 16-dim heads and base 1e6 the image tokens' rows
+    and columns barely rotate anything, and wrong sections or positions would go unseen."""
+    file = model_dir / "config.json"
+    config = json.loads(file.read_text())
+    rope = config.get("text_config", {}).get("rope_parameters") or {}
+    if "mrope_section" in rope:
+        rope["rope_theta"] = 20.0
+        file.write_text(json.dumps(config))
 
 
 def _oracle(model_dir, rgb: np.ndarray) -> np.ndarray:
@@ -121,9 +153,12 @@ def _oracle(model_dir, rgb: np.ndarray) -> np.ndarray:
 
     model = _rounded_model(model_dir)
     inputs = oracle_processor(model_dir).image_processor(images=[Image.fromarray(rgb)], return_tensors="pt")
+    inputs = {k: v for k, v in inputs.items() if k in ("pixel_values", "image_grid_thw")}
+    inputs["pixel_values"] = inputs["pixel_values"].half().float()
     with torch.no_grad():
-        features = model.model.get_image_features(pixel_values=inputs["pixel_values"].half().float())
+        features = model.model.get_image_features(**inputs)
     features = getattr(features, "pooler_output", features)
+    features = torch.cat(list(features)) if isinstance(features, (tuple, list)) else features
     return features.reshape(-1, model.config.get_text_config().hidden_size).numpy()
 
 
@@ -135,7 +170,10 @@ def _image_features(model, features: torch.Tensor):
     def swapped(*args, **kwargs):
         out = own(*args, **kwargs)
         held = getattr(out, "pooler_output", out)
-        new = features.reshape(held.shape).to(held.dtype)
+        if isinstance(held, (tuple, list)):
+            new = type(held)(torch.split(features.reshape(-1, held[0].shape[-1]), [len(h) for h in held]))
+        else:
+            new = features.reshape(held.shape).to(held.dtype)
         if hasattr(out, "pooler_output"):
             out.pooler_output = new
             return out
@@ -163,13 +201,13 @@ def test_mmproj_encodes_images_as_transformers_does(tmp_path, capsys, kind):
     modelfile = (out / "Modelfile").read_text()
     assert "FROM ./model-f32.gguf\nFROM ./mmproj-f32.gguf\n" in modelfile
 
-    _, tokens, tolerance = CASES[kind]
+    _, tokens, tolerance, _ = CASES[kind]
     rgb = _image(kind, 0)
     expected = _oracle(model_dir, rgb)
     got = _mtmd_image_embeddings(out / "model-f32.gguf", out / "mmproj-f32.gguf", rgb, expected.shape[1])
     assert got.shape == expected.shape == (tokens, 64)
     error = np.abs(got - expected).max() / np.abs(expected).max()
-    assert error < tolerance, error  # measured 3.8e-7
+    assert error < tolerance, error  # measured 3.8e-7 (Gemma 3), 7.0e-5 (Qwen2-VL)
 
 
 def test_gemma3_f16_mmproj_pairs_with_a_quantized_language_model(tmp_path):
@@ -192,14 +230,59 @@ def test_gemma3_f16_mmproj_pairs_with_a_quantized_language_model(tmp_path):
     assert np.abs(got - expected).max() / np.abs(expected).max() < 5e-3  # f16 weights: measured 5.1e-4
 
 
-def test_vlm_without_a_checked_projector_exports_its_language_model_and_says_why(tmp_path, capsys):
-    model_dir = build_image_model(tmp_path / "llava", "llava")
+@pytest.mark.parametrize("kind, named", [("llava", "LLaVA"), ("qwen2_5_vl", "Qwen2.5-VL")])
+def test_vlm_without_a_checked_projector_exports_its_language_model_and_says_why(tmp_path, capsys, kind, named):
+    model_dir = build_image_model(tmp_path / kind, kind)
     out = tmp_path / "out"
     assert main(["export", "--model", str(model_dir), "--output", str(out), "--type", "f16", "--quant", "none"]) == 0
     assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == ["Modelfile", "model-f16.gguf"]
     err = capsys.readouterr().err
-    assert "no image projector (mmproj)" in err and "LLaVA" in err
+    assert "no image projector (mmproj)" in err and named in err
     assert (out / "Modelfile").read_text().count("FROM ") == 1
+
+
+def test_qwen2_5_vl_language_model_computes_transformers_logits_in_llama_cpp(tmp_path):
+    """Qwen2.5-VL's language model as llama.cpp's qwen2vl (M-RoPE sections; text positions are all equal) on a text
+    prompt: transformers' logits, with the RMS norm epsilon llama.cpp's qwen2vl loader runs (0)."""
+    from transformers import AutoModelForImageTextToText
+
+    model_dir = build_image_model(tmp_path / "qwen2_5_vl", "qwen2_5_vl")
+    out = tmp_path / "out"
+    assert main(["export", "--model", str(model_dir), "--output", str(out), "--type", "f32", "--quant", "none"]) == 0
+    model = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=torch.float32).eval()
+    ids = [1, 17, 42, 99, 7, 123, 55, 8, 200, 31]
+    llm = llama_cpp.Llama(model_path=str(out / "model-f32.gguf"), n_ctx=64, n_threads=2, verbose=False, type_k=0,
+                          type_v=0, logits_all=True)
+    try:
+        llm.eval(ids)
+        got = np.array(llm.scores[len(ids) - 1])[: model.config.get_text_config().vocab_size]
+    finally:
+        llm.close()
+    with torch.no_grad():
+        with_eps = model(input_ids=torch.tensor([ids])).logits[0, -1].numpy()
+        for module in model.model.language_model.modules():
+            if hasattr(module, "variance_epsilon"):
+                module.variance_epsilon = 0.0
+        expected = model(input_ids=torch.tensor([ids])).logits[0, -1].numpy()
+    scale = np.abs(expected).max()
+    assert np.abs(got - expected).max() / scale < 1e-5  # measured 2.0e-7
+    assert np.abs(with_eps - expected).max() / scale > 1e-3  # 1.1e-2: the tiny model's activations feel the epsilon
+
+
+def test_projector_refusals_come_before_the_language_model_is_written(tmp_path, capsys):
+    """A projector llama.cpp would compute differently is refused before the language model is exported: here the
+    language model would be refused too, and the projector's reason is the one shown."""
+    model_dir = build_image_model(tmp_path / "gemma3", "gemma3")
+    file = model_dir / "config.json"
+    config = json.loads(file.read_text())
+    config["vision_config"]["hidden_act"] = "gelu"  # exact GELU: llama.cpp's projector computes the tanh one
+    config["text_config"]["query_pre_attn_scalar"] = 8  # llama.cpp's gemma3 scales by 1/sqrt(head_dim = 16)
+    file.write_text(json.dumps(config))
+    out = tmp_path / "out"
+    assert main(["export", "--model", str(model_dir), "--output", str(out), "--type", "f16", "--quant", "none"]) == 2
+    err = capsys.readouterr().err
+    assert "hidden_act is 'gelu'" in err and "query_pre_attn_scalar" not in err and "Traceback" not in err
+    assert not out.exists()
 
 
 def test_a_projector_trained_whole_reaches_the_mmproj(tmp_path):
@@ -240,19 +323,21 @@ def test_a_projector_trained_whole_reaches_the_mmproj(tmp_path):
 
 # family -> (the template's text for an image, what llama.cpp's prompt has there). mtmd writes the family's image
 # start and end tokens around its marker itself (Gemma 3's processor also adds blank lines around them).
-IMAGE_SPANS = {"gemma3": ("<start_of_image>", "\n\n{marker}\n\n")}
+IMAGE_SPANS = {"gemma3": ("<start_of_image>", "\n\n{marker}\n\n"),
+               "qwen2_vl": ("<|vision_start|><|image_pad|><|vision_end|>", "{marker}")}
 
 
 @pytest.mark.parametrize("kind", list(CASES))
 def test_llama_cpp_greedy_tokens_with_an_image_equal_transformers_generate(tmp_path, kind):
     """The exported pair in llama.cpp (prompt tokens, image embeddings in place, Gemma 3's bidirectional attention
-    over the image) generates transformers' greedy tokens."""
+    over the image, Qwen2-VL's M-RoPE positions) generates transformers' greedy tokens."""
     from PIL import Image
 
     from image_models import oracle_processor, render
 
     model_dir = build_image_model(tmp_path / kind, kind)
     _random_vision_weights(model_dir)
+    _small_rope_base(model_dir)
     out = tmp_path / "out"
     assert main(["export", "--model", str(model_dir), "--output", str(out), "--type", "f32", "--quant", "none"]) == 0
 
@@ -291,7 +376,7 @@ def test_llama_cpp_greedy_tokens_with_an_image_equal_transformers_generate(tmp_p
         assert mtmd.mtmd_helper_eval_chunks(ctx, lctx, chunks, 0, 0, 64, True, ctypes.byref(n_past)) == 0
         mtmd.mtmd_input_chunks_free(chunks)
         batch = llama_cpp.llama_batch_init(1, 0, 1)
-        got, pos = [], n_past.value  # text after an image continues at mtmd's position
+        got, pos = [], n_past.value  # text after an image continues at mtmd's position (M-RoPE: not the token count)
         try:
             for _ in range(len(expected)):
                 logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(lctx, -1), shape=(llm.n_vocab(),))
@@ -306,11 +391,16 @@ def test_llama_cpp_greedy_tokens_with_an_image_equal_transformers_generate(tmp_p
             llama_cpp.llama_batch_free(batch)
     assert got == expected
     # the prompt's last logits, transformers given the image embeddings llama.cpp computed: the image in place, its
-    # attention and the text model agree (to llama.cpp's f16 GELU table in Gemma's text MLP)
+    # attention (Gemma 3's bidirectional), its positions (Qwen2-VL's M-RoPE) and the text model agree
     with torch.no_grad(), _image_features(model, torch.from_numpy(embedded)):
         first = model(**inputs).logits[0, -1].numpy()
-    error = np.abs(last - first).max() / np.abs(first).max()
-    assert error < 2e-3, error  # measured 3.8e-4
+        if _mrope(model.config):  # the image's positions matter here: the text positions would give other logits
+            plain = model(**inputs, position_ids=torch.arange(len(ids))[None]).logits[0, -1].numpy()
+    scale = np.abs(first).max()
+    tolerance = CASES[kind][3]
+    assert np.abs(last - first).max() / scale < tolerance  # measured 3.8e-4 (Gemma 3), 3.0e-7 (Qwen2-VL)
+    if _mrope(model.config):
+        assert np.abs(plain - first).max() / scale > 100 * tolerance  # measured 9.7e-3
 
 
 def test_unreadable_image_processor_settings_are_refused_naming_the_file(tmp_path, capsys):
@@ -324,4 +414,19 @@ def test_unreadable_image_processor_settings_are_refused_naming_the_file(tmp_pat
     assert main(["export", "--model", str(model_dir), "--output", str(out), "--type", "f16", "--quant", "none"]) == 2
     err = capsys.readouterr().err
     assert str(settings) in err and "not valid JSON" in err and "Traceback" not in err
+    assert not out.exists()
+
+
+def test_mrope_sections_llama_cpp_cannot_read_are_refused(tmp_path, capsys):
+    """llama.cpp's qwen2vl rotates three contiguous sections covering all rotated pairs: other sections are
+    refused before anything is written."""
+    model_dir = build_image_model(tmp_path / "qwen2_vl", "qwen2_vl")
+    file = model_dir / "config.json"
+    config = json.loads(file.read_text())
+    config["text_config"]["rope_parameters"]["mrope_section"] = [2, 3, 2]  # 7 of the 8 pairs of a 16-dim head
+    file.write_text(json.dumps(config))
+    out = tmp_path / "out"
+    assert main(["export", "--model", str(model_dir), "--output", str(out), "--type", "f16", "--quant", "none"]) == 2
+    err = capsys.readouterr().err
+    assert "mrope_section is [2, 3, 2]" in err and "Traceback" not in err
     assert not out.exists()

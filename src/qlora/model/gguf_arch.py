@@ -104,6 +104,10 @@ model loaders), restated for the architectures qlora exports:
 - StarCoder 1 (``gpt_bigcode``, llama.cpp's ``starcoder``): multi-query fused ``c_attn`` already all queries, the
   key, the value (the per-head layout without ``multi_query`` is refused), learned positions. Nemotron's
   LayerNorm1p scales by ``1 + w`` (written ``w + 1``, as Gemma's norms), with a bias.
+- Qwen2-VL / Qwen2.5-VL (their language model, llama.cpp's ``qwen2vl``): Qwen2 whose NeoX RoPE rotates three
+  contiguous sections of pairs by an image token's time, row and column (``rope.dimension_sections``; text tokens'
+  three are equal). llama.cpp's qwen2vl loader reads no RMS norm epsilon and runs 0 (measured: transformers with
+  epsilon 0 agrees to float precision); real checkpoints' 1e-6 is far below their activations' mean square.
 - transformers 5 names Granite MoE's router and experts
   ``block_sparse_moe.router``/``.experts``, which gguf's table knows under other
   names: they are respelled before the lookup.
@@ -173,6 +177,10 @@ SPECS: dict[str, ArchSpec] = {
     "mistral": ArchSpec("llama", permute_qk=True),
     "qwen2": ArchSpec("qwen2", full_attention=True),
     "qwen3": ArchSpec("qwen3", full_attention=True),
+    # Qwen2-VL / Qwen2.5-VL's language model: Qwen2 with M-RoPE (rope.dimension_sections). llama.cpp's qwen2vl
+    # loader reads no RMS norm epsilon (it runs 0): real checkpoints' 1e-6 is far below their activations' scale
+    "qwen2_vl_text": ArchSpec("qwen2vl", full_attention=True),
+    "qwen2_5_vl_text": ArchSpec("qwen2vl", full_attention=True),
     "gemma2": ArchSpec("gemma2", norm_shift=1.0, has_output=False, softcap_attn=True, swa_27b_layers=46),
     "gemma3_text": ArchSpec("gemma3", norm_shift=1.0, swa_27b_layers=62),
     "phi3": ArchSpec("phi3"),
@@ -276,7 +284,8 @@ NOT_IN_LLAMA_CPP = {"gptj": "GPT-J"}
 SUPPORTED = ("Llama, Mistral, Ministral, Qwen2, Qwen3, Gemma, Gemma 2, Gemma 3 (text), Phi-2, Phi-3, OLMo, OLMo 2, "
              "Granite, SmolLM3, StarCoder2, StableLM, Command-R, Cohere 2, GLM-4, ERNIE 4.5, EXAONE 4, Seed-OSS, "
              "Arcee, GPT-NeoX (Pythia), GPT-2, StarCoder 1 (gpt_bigcode), Falcon, BLOOM, MPT, Hunyuan (dense), "
-             "Apertus, Nemotron, MiniCPM3 and the mixture-of-experts Mixtral, DBRX, Qwen2-MoE (Qwen1.5-MoE), "
+             "Apertus, Nemotron, MiniCPM3, Qwen2-VL and Qwen2.5-VL (their language model) and the mixture-of-experts "
+             "Mixtral, DBRX, Qwen2-MoE (Qwen1.5-MoE), "
              "Qwen3-MoE, OLMoE, Granite MoE (and with shared experts), gpt-oss, DeepSeek-V2, DeepSeek-V3, "
              "GLM-4.5 (glm4_moe), ERNIE 4.5 MoE, Hunyuan MoE and Llama 4 (text)")
 
@@ -418,6 +427,13 @@ def write_metadata(writer, config, spec: ArchSpec, n_vocab: int) -> list[tuple[s
         writer.add_sliding_window(getattr(config, "sliding_window", None) or 0)
     writer.add_rope_dimension_count(rotary)
     extra += _rope_scaling(writer, config, spec, full, rotary)
+    if spec.gguf_arch == "qwen2vl":  # M-RoPE: time, height, width sections of the rotated pairs (text: all equal)
+        sections = list(full.get("mrope_section") or [])
+        if len(sections) != 3 or sum(sections) != rotary // 2 or full.get("mrope_interleaved"):
+            raise UsageError(f"this {config.model_type} config's mrope_section is {sections or 'missing'}; llama.cpp's "
+                             f"qwen2vl M-RoPE takes three contiguous sections (time, height, width) of the "
+                             f"{rotary // 2} rotated pairs. Refusing to export.")
+        writer.add_rope_dimension_sections([*sections, 0])
 
     if spec.gguf_arch in ("granite", "granitemoe"):  # Granite's multipliers, as llama.cpp's granite graph applies them
         writer.add_embedding_scale(config.embedding_multiplier)

@@ -5,9 +5,11 @@ GGUF holding the vision tower and the projector that maps its features into the 
 space, as ``convert_hf_to_gguf.py --mmproj`` writes it. Its ``clip.projector_type`` picks the graph llama.cpp
 (``libmtmd``) builds; the tensor names, metadata keys and conventions here are those that graph reads.
 
-Written: Gemma 3 (``gemma3``: a SigLIP tower, its patches average-pooled, Gemma's RMS norm, a projection),
-checked against llama.cpp's own encoder. Other VLMs are refused by name (:func:`mmproj_refusal`) rather than
-written in a layout llama.cpp might misread.
+Written: Gemma 3 (``gemma3``: a SigLIP tower, its patches average-pooled, Gemma's RMS norm, a projection) and
+Qwen2-VL (``qwen2vl_merger``: a ViT whose temporal Conv3d llama.cpp reads as two Conv2d weights, 2x2 patches merged
+by an MLP), checked against llama.cpp's own encoder. Other VLMs are refused by name (:func:`mmproj_refusal`) rather
+than written in a layout llama.cpp might misread. :func:`plan_mmproj` makes every check before anything is written
+(:func:`write_mmproj`), so a refused projector leaves no language-model file behind either.
 
 The tensors are the merged model's (:func:`qlora.model.merge.merged_tensors`): a projector an adapter trained
 whole (``modules_to_save``) is the one written, as adapters are folded into the language model.
@@ -19,8 +21,10 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
+import torch
 from torch import nn
 
 from ..errors import UsageError
@@ -35,19 +39,25 @@ TYPES = ("f32", "f16")
 class _Projector:
     clip_type: str  # llama.cpp's clip.projector_type
     tower: tuple[str, ...]  # the vision tower's attribute name, first found wins
-    projector: tuple[str, ...]
+    projector: tuple[str, ...]  # the projector's (it may sit inside the tower: Qwen2-VL's merger)
     tensors: dict[str, str]  # projector key (relative) -> GGUF name
+    tower_names: Callable[[str], list[tuple[str, Callable[[torch.Tensor], torch.Tensor]]] | None]
 
 
 _PROJECTORS = {
     "gemma3": _Projector("gemma3", ("vision_tower",), ("multi_modal_projector",),
                          {"mm_input_projection_weight": "mm.input_projection.weight",
-                          "mm_soft_emb_norm.weight": "mm.soft_emb_norm.weight"}),
+                          "mm_soft_emb_norm.weight": "mm.soft_emb_norm.weight"}, lambda key: _siglip_names(key)),
+    "qwen2_vl": _Projector("qwen2vl_merger", ("visual",), ("merger",),
+                           {"ln_q.weight": "v.post_ln.weight", "ln_q.bias": "v.post_ln.bias",
+                            "mlp.0.weight": "mm.0.weight", "mlp.0.bias": "mm.0.bias",
+                            "mlp.2.weight": "mm.2.weight", "mlp.2.bias": "mm.2.bias"}, lambda key: _qwen2vl_names(key)),
 }
 
-# VLM families whose language model qlora exports but whose projector it does not write, and why (Qwen2-VL's
-# family is refused whole: its M-RoPE language model is not written).
+# VLM families whose language model qlora exports but whose projector it does not write, and why.
 _REFUSED = {
+    "qwen2_5_vl": "Qwen2.5-VL's tower (RMS norms, gated MLP, window attention: llama.cpp's qwen25vl projector) is "
+                  "not checked against llama.cpp's encoder here",
     "idefics3": "Idefics3's projector (idefics3 in llama.cpp) splits images into tiles plus a global view its own "
                 "way; qlora has not checked its file against llama.cpp's encoder",
     "smolvlm": "SmolVLM's projector (idefics3 in llama.cpp) splits images into tiles plus a global view its own "
@@ -57,7 +67,8 @@ _REFUSED = {
     "llava_next": "llama.cpp's converter has no mmproj path for transformers-format LLaVA-NeXT",
     "llava_onevision": "llama.cpp's converter has no mmproj path for transformers-format LLaVA-OneVision",
 }
-_GENERIC = "qlora writes llama.cpp projector files for Gemma 3 only; this family's is not checked against llama.cpp's"
+_GENERIC = ("qlora writes llama.cpp projector files for Gemma 3 and Qwen2-VL only; this family's is not checked "
+            "against llama.cpp's")
 
 
 def is_vision_language(model: nn.Module) -> bool:
@@ -78,9 +89,18 @@ def mmproj_type(out_type: str) -> str:
     return "f32" if out_type == "f32" else "f16"
 
 
-def export_mmproj(model: nn.Module, model_dir: str | Path, path: str | Path, out_type: str = "f16",
-                  name: str | None = None) -> Path:
-    """Write ``model``'s vision tower and projector (adapters folded in) as llama.cpp's ``mmproj`` GGUF.
+@dataclass(frozen=True)
+class MmprojPlan:
+    """A projector file checked and laid out but not written: every refusal happens while planning, so the
+    command stops before it writes the language model's file beside it."""
+
+    out_type: str  # f32 or f16: the matrices' type
+    metadata: list[tuple[str, object]]  # (GGUFWriter add_* method, value), in writing order
+    tensors: list[tuple[str, tuple[int, ...], Callable[[], torch.Tensor], bool]]  # (name, shape, make, f32)
+
+
+def plan_mmproj(model: nn.Module, model_dir: str | Path, out_type: str = "f16") -> MmprojPlan:
+    """Check ``model``'s vision tower and projector (adapters folded in) against llama.cpp's ``mmproj`` layout.
 
     ``out_type`` (``f32`` or ``f16``) is the matrices' type; embeddings, norms and biases are f32.
     ``model_dir`` holds the image processor's mean and std, which llama.cpp normalizes pixels with.
@@ -88,69 +108,70 @@ def export_mmproj(model: nn.Module, model_dir: str | Path, path: str | Path, out
     Raises:
         UsageError: a family without a projector layout here, or settings llama.cpp cannot represent.
     """
-    import gguf
-
-    from .gguf_export import encode_tensor, require_gguf
-
-    require_gguf()
     config = model.config
     refusal = mmproj_refusal(model)
     if refusal is not None or not is_vision_language(model):
         raise UsageError(f"no llama.cpp projector for a {config.model_type} model: {refusal or 'no vision tower'}")
     spec = _PROJECTORS[config.model_type]
-    vision, text = config.vision_config, config.get_text_config()
     if out_type not in TYPES:
         raise UsageError(f"unknown projector type {out_type!r}; choose from {', '.join(TYPES)}")
-    path = Path(path)
     processor = _image_processor_settings(Path(model_dir))
-    _check_activation(vision)
+    metadata = _metadata(spec, config, config.vision_config, config.get_text_config(), processor)
 
-    rows = merged_tensors(model)
     tower, projector = _module_path(model, spec.tower), _module_path(model, spec.projector)
-    plan: list[tuple[str, tuple[int, ...], object]] = []
+    tensors: list[tuple[str, tuple[int, ...], Callable[[], torch.Tensor], bool]] = []
     unknown = []
-    for key, shape, make in rows:
-        if key.startswith(tower + "."):
-            gguf_name = _siglip_name(key[len(tower) + 1:])
-        elif key.startswith(projector + "."):
-            gguf_name = spec.tensors.get(key[len(projector) + 1:], "")
+    for key, shape, make in merged_tensors(model):
+        if key.startswith(projector + "."):
+            gguf_name = spec.tensors.get(key[len(projector) + 1:])
+            parts = [(gguf_name, _same)] if gguf_name else None
+        elif key.startswith(tower + "."):
+            parts = spec.tower_names(key[len(tower) + 1:])
         else:
             continue
-        if gguf_name is None:
-            continue  # SigLIP's pooling head: unused by these models
-        if not gguf_name:
+        if parts is None:
             unknown.append(key)
             continue
-        plan.append((gguf_name, tuple(shape), make))
+        for gguf_name, part in parts:  # none: SigLIP's pooling head, unused by these models
+            if gguf_name == "mm.soft_emb_norm.weight":  # Gemma's RMS norm scales by 1 + w; llama.cpp's by w
+                part = _plus_one
+            # embeddings stay f32 as llama.cpp's converter keeps them (its encoder rounds the patch weights itself)
+            f32 = (out_type == "f32" or len(shape) == 1 or gguf_name.startswith(("v.patch_embd", "v.position_embd"))
+                   or gguf_name.endswith("_norm.weight"))
+            tensors.append((gguf_name, tuple(part(torch.empty(tuple(shape), device="meta")).shape),
+                            lambda make=make, part=part: part(make()), f32))
     if unknown:
         raise UsageError(f"the vision encoder has tensors llama.cpp's {spec.clip_type} projector has no place for: "
                          f"{', '.join(unknown[:5])}. This checkpoint is a variant qlora does not export.")
+    return MmprojPlan(out_type, metadata, tensors)
 
+
+def write_mmproj(plan: MmprojPlan, path: str | Path, name: str | None = None) -> Path:
+    """Write a planned projector file at ``path`` (whole or not at all)."""
+    import gguf
+
+    from .gguf_export import encode_tensor, require_gguf
+
+    require_gguf()
+    path = Path(path)
     Q = gguf.GGMLQuantizationType
     partial = path.with_name(path.name + ".partial")
     writer = gguf.GGUFWriter(partial, "clip")
     try:
         writer.add_type(gguf.GGUFType.MMPROJ)
         writer.add_name(name or path.stem)
-        writer.add_file_type(gguf.LlamaFileType.ALL_F32 if out_type == "f32" else gguf.LlamaFileType.MOSTLY_F16)
-        _write_metadata(writer, spec, config, vision, text, processor)
-        typed = []
-        for gguf_name, shape, make in plan:
-            # embeddings stay f32 as llama.cpp's converter keeps them (its encoder rounds the patch weights itself)
-            f32 = (out_type == "f32" or len(shape) == 1 or gguf_name.startswith(("v.patch_embd", "v.position_embd"))
-                   or gguf_name.endswith("_norm.weight"))
-            typed.append((gguf_name, shape, make, Q.F32 if f32 else Q.F16))
-        for gguf_name, shape, _, qtype in typed:
-            dtype = np.dtype(np.float32 if qtype == Q.F32 else np.float16)
-            writer.add_tensor_info(gguf_name, shape, dtype, int(np.prod(shape)) * dtype.itemsize, raw_dtype=qtype)
+        writer.add_file_type(gguf.LlamaFileType.ALL_F32 if plan.out_type == "f32" else gguf.LlamaFileType.MOSTLY_F16)
+        for method, value in plan.metadata:
+            getattr(writer, method)(value)
+        for gguf_name, shape, _, f32 in plan.tensors:
+            dtype = np.dtype(np.float32 if f32 else np.float16)
+            writer.add_tensor_info(gguf_name, shape, dtype, int(np.prod(shape)) * dtype.itemsize,
+                                   raw_dtype=Q.F32 if f32 else Q.F16)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
-        for gguf_name, _, make, qtype in typed:
-            t = make().float()
-            if gguf_name == "mm.soft_emb_norm.weight":
-                t = t + 1  # Gemma's RMS norm scales by 1 + w; llama.cpp's multiplies by the stored weight
-            writer.write_tensor_data(encode_tensor(gguf, t, qtype))
+        for _, _, make, f32 in plan.tensors:
+            writer.write_tensor_data(encode_tensor(gguf, make().float(), Q.F32 if f32 else Q.F16))
         writer.close()
         os.replace(partial, path)
     except BaseException:
@@ -173,48 +194,89 @@ _SIGLIP_LAYER = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "se
 _LAYER_KEY = re.compile(r"encoder\.layers\.(\d+)\.(.+)\.(weight|bias)")
 
 
-def _siglip_name(key: str) -> str | None:
-    """The GGUF name of a SigLIP tower's tensor (key relative to the tower); None for the unused pooling
-    head, "" for a tensor llama.cpp has no place for."""
+def _siglip_names(key: str) -> list[tuple[str, Callable]] | None:
+    """The GGUF name of a SigLIP tower's tensor (key relative to the tower): [] for the unused pooling head,
+    None for a tensor llama.cpp has no place for."""
     if key.startswith("head."):
-        return None
+        return []
     if key in _SIGLIP:
-        return _SIGLIP[key]
+        return [(_SIGLIP[key], _same)]
     m = _LAYER_KEY.fullmatch(key)
     if m and m.group(2) in _SIGLIP_LAYER:
-        return f"v.blk.{m.group(1)}.{_SIGLIP_LAYER[m.group(2)]}.{m.group(3)}"
-    return ""
+        return [(f"v.blk.{m.group(1)}.{_SIGLIP_LAYER[m.group(2)]}.{m.group(3)}", _same)]
+    return None
 
 
-def _write_metadata(writer, spec: _Projector, config, vision, text, processor: dict) -> None:
-    writer.add_clip_has_vision_encoder(True)
-    writer.add_clip_projector_type(spec.clip_type)
-    writer.add_vision_projection_dim(text.hidden_size)
-    writer.add_vision_image_size(vision.image_size)
-    writer.add_vision_patch_size(vision.patch_size)
-    writer.add_vision_embedding_length(vision.hidden_size)
-    writer.add_vision_feed_forward_length(vision.intermediate_size)
-    writer.add_vision_block_count(vision.num_hidden_layers)
-    writer.add_vision_head_count(vision.num_attention_heads)
-    writer.add_vision_attention_layernorm_eps(vision.layer_norm_eps)
-    writer.add_vision_use_gelu(True)
-    writer.add_vision_image_mean([float(v) for v in processor["image_mean"]])
-    writer.add_vision_image_std([float(v) for v in processor["image_std"]])
+_QWEN2VL_LAYER = {"norm1": "ln1", "norm2": "ln2", "attn.proj": "attn_out", "mlp.fc1": "ffn_up", "mlp.fc2": "ffn_down"}
+_BLOCK_KEY = re.compile(r"blocks\.(\d+)\.(.+)\.(weight|bias)")
+
+
+def _qwen2vl_names(key: str) -> list[tuple[str, Callable]] | None:
+    """Qwen2-VL's tower as llama.cpp's qwen2vl graph reads it: the temporal Conv3d as two Conv2d weights (one per
+    frame of the pair), each block's fused ``qkv`` as its query, key and value thirds."""
+    if key == "patch_embed.proj.weight":
+        return [("v.patch_embd.weight", lambda t: t[:, :, 0].contiguous()),
+                ("v.patch_embd.weight.1", lambda t: t[:, :, 1].contiguous())]
+    m = _BLOCK_KEY.fullmatch(key)
+    if m is None:
+        return None
+    block, part, kind = m.groups()
+    if part == "attn.qkv":
+        return [(f"v.blk.{block}.attn_{x}.{kind}", lambda t, i=i: t.chunk(3, dim=0)[i].contiguous())
+                for i, x in enumerate("qkv")]
+    if part in _QWEN2VL_LAYER:
+        return [(f"v.blk.{block}.{_QWEN2VL_LAYER[part]}.{kind}", _same)]
+    return None
+
+
+def _same(t: torch.Tensor) -> torch.Tensor:
+    return t
+
+
+def _plus_one(t: torch.Tensor) -> torch.Tensor:
+    return t.float() + 1
+
+
+def _metadata(spec: _Projector, config, vision, text, processor: dict) -> list[tuple[str, object]]:
+    """The projector file's metadata as llama.cpp's graph for ``spec`` reads it; refuses settings it would
+    compute differently."""
+    common = [("add_clip_has_vision_encoder", True), ("add_clip_projector_type", spec.clip_type),
+              ("add_vision_projection_dim", text.hidden_size), ("add_vision_patch_size", vision.patch_size),
+              ("add_vision_image_mean", [float(v) for v in processor["image_mean"]]),
+              ("add_vision_image_std", [float(v) for v in processor["image_std"]])]
+    if spec.clip_type == "qwen2vl_merger":
+        _check_activation(vision, ("quick_gelu",), "GELU_QUICK (x * sigmoid(1.702 x))")
+        if vision.temporal_patch_size != 2:
+            raise UsageError(f"Qwen2-VL's temporal_patch_size is {vision.temporal_patch_size}; llama.cpp's qwen2vl "
+                             f"encoder reads two frames' patch weights. Refusing to export.")
+        return common + [
+            ("add_vision_image_size", 560),  # llama.cpp sizes each image itself; this is its converter's value
+            ("add_vision_embedding_length", vision.embed_dim),
+            ("add_vision_feed_forward_length", int(vision.embed_dim * vision.mlp_ratio)),
+            ("add_vision_block_count", vision.depth), ("add_vision_head_count", vision.num_heads),
+            ("add_vision_attention_layernorm_eps", 1e-6),  # transformers' Qwen2-VL tower LayerNorms
+            ("add_vision_spatial_merge_size", vision.spatial_merge_size)]
+    _check_activation(vision, ("gelu_pytorch_tanh", "gelu_new", "gelu_fast"), "the tanh GELU (gelu_pytorch_tanh)")
     # Gemma 3 average-pools square blocks of patches down to mm_tokens_per_image (llama.cpp's default block is 4)
     side = vision.image_size // vision.patch_size
     tokens_side = int(round(config.mm_tokens_per_image ** 0.5))
     if tokens_side ** 2 != config.mm_tokens_per_image or side % tokens_side:
         raise UsageError(f"Gemma 3's mm_tokens_per_image ({config.mm_tokens_per_image}) must be a square whose "
                          f"side divides the {side} patches per side: llama.cpp pools square blocks")
-    writer.add_vision_projector_scale_factor(side // tokens_side)
+    return common + [
+        ("add_vision_image_size", vision.image_size), ("add_vision_embedding_length", vision.hidden_size),
+        ("add_vision_feed_forward_length", vision.intermediate_size),
+        ("add_vision_block_count", vision.num_hidden_layers), ("add_vision_head_count", vision.num_attention_heads),
+        ("add_vision_attention_layernorm_eps", vision.layer_norm_eps), ("add_vision_use_gelu", True),
+        ("add_vision_projector_scale_factor", side // tokens_side)]
 
 
-def _check_activation(vision) -> None:
-    """llama.cpp's ``use_gelu`` is the tanh approximation, SigLIP's default; another activation would differ."""
-    act = getattr(vision, "hidden_act", "gelu_pytorch_tanh")
-    if act not in ("gelu_pytorch_tanh", "gelu_new", "gelu_fast"):
-        raise UsageError(f"the vision tower's hidden_act is {act!r}; llama.cpp's projector graph computes the tanh "
-                         f"GELU (gelu_pytorch_tanh) and would give different image embeddings. Refusing to export.")
+def _check_activation(vision, computed: tuple[str, ...], what: str) -> None:
+    """The tower's activation must be the one llama.cpp's graph computes."""
+    act = getattr(vision, "hidden_act", computed[0])
+    if act not in computed:
+        raise UsageError(f"the vision tower's hidden_act is {act!r}; llama.cpp's projector graph computes {what} and "
+                         f"would give different image embeddings. Refusing to export.")
 
 
 def _module_path(model: nn.Module, names: tuple[str, ...]) -> str:

@@ -63,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
     from ...model.adapter_io import adapter_tokenizer, load_adapter
     from ...model.chat_format import ChatFormat
     from ...model.gguf_export import export_gguf, require_gguf
-    from ...model.gguf_mmproj import export_mmproj, is_vision_language, mmproj_refusal, mmproj_type
+    from ...model.gguf_mmproj import is_vision_language, mmproj_refusal, mmproj_type, plan_mmproj, write_mmproj
     from ...model.gguf_vocab import gguf_vocab
     from ...model.load import load_model, resolve_model_dir
     from ...model.modelfile import write_modelfile
@@ -85,6 +85,10 @@ def run(args: argparse.Namespace) -> int:
             tokenizer.chat_template = trained.template
     gguf_name = f"model-{args.type}.gguf"
     refusal = mmproj_refusal(model)  # a vision-language model gets its image projector file beside, or a note why not
+    kind = mmproj_type(args.type)
+    # the projector's checks run before the language model's minutes of writing, not after
+    plan = plan_mmproj(model, resolve_model_dir(args.model), kind) if is_vision_language(model) and refusal is None \
+        else None
     with staged_output(out, "export", replace=True) as tmp:
         tmp.mkdir(parents=True)
         name = args.name or out.resolve().name
@@ -94,11 +98,7 @@ def run(args: argparse.Namespace) -> int:
             f16.unlink()  # the staging folder holds only what the output keeps
         else:
             path = export_gguf(model, tokenizer, tmp / gguf_name, args.type, name=name)
-        projector = None
-        if is_vision_language(model) and refusal is None:
-            kind = mmproj_type(args.type)
-            projector = export_mmproj(model, resolve_model_dir(args.model), tmp / f"mmproj-{kind}.gguf", kind,
-                                      name).name
+        projector = write_mmproj(plan, tmp / f"mmproj-{kind}.gguf", name).name if plan is not None else None
         add_bos = gguf_vocab(tokenizer, model.get_input_embeddings().weight.shape[0]).add_bos
         notes = write_modelfile(tmp, gguf_name, tokenizer, add_bos, projector=projector)
         size = path.stat().st_size
