@@ -66,7 +66,7 @@ def _numeric_options():
         sub = next(a for a in build_parser(command)._actions if isinstance(a, argparse._SubParsersAction))
         for action in sub.choices[command]._actions:
             if (action.option_strings and action.type is not None and action.type not in (str,)
-                    and action.type.__name__ != "template"):  # train's --template also takes a file: no choices
+                    and action.type.__name__ != "template"):  # --template also takes a file: no choices
                 yield command, action
 
 

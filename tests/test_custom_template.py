@@ -190,3 +190,86 @@ def test_axolotl_jinja_keys_that_disagree_are_refused_by_line(tmp_path, capsys, 
     assert main(["train", str(path), "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err, err
+
+
+def _eval_loss(capsys, *argv) -> float:
+    import re
+
+    capsys.readouterr()
+    assert main(["eval", *argv]) == 0
+    return float(re.search(r"loss (\S+)", capsys.readouterr().out).group(1))
+
+
+def test_eval_with_a_template_file_scores_as_training_with_it_and_as_the_models_own(tmp_path, tiny_model_dir,
+                                                                                      capsys):
+    import shutil
+
+    path, run, data = _file(tmp_path), tmp_path / "run", _data(tmp_path)
+    assert main(["train", "--model", str(tiny_model_dir), "--data", str(data), "--output", str(run), "--max-steps",
+                 "2", "--no-progress", "--template", str(path), "--lr", "0.01"]) == 0
+    common = ["--data", str(data), "--quant", "none", "--seq-len", "256"]
+    with_adapter = ["--model", str(tiny_model_dir), "--adapter", str(run), *common]
+    saved = _eval_loss(capsys, *with_adapter)  # auto: the template saved with the adapter
+    assert _eval_loss(capsys, *with_adapter, "--template", str(path)) == saved
+    assert _eval_loss(capsys, *with_adapter, "--template", "chatml") != saved  # the option is applied
+    installed = tmp_path / "installed"  # the base model with the file as its own template: the same ids and mask
+    shutil.copytree(tiny_model_dir, installed)
+    (installed / "chat_template.jinja").write_text(TEMPLATE)
+    own = _eval_loss(capsys, "--model", str(installed), *common, "--template", "tokenizer")
+    assert _eval_loss(capsys, "--model", str(tiny_model_dir), *common, "--template", str(path)) == own
+    assert _eval_loss(capsys, "--model", str(tiny_model_dir), *common, "--template", TEMPLATE) == own
+
+
+@pytest.mark.parametrize("command", ["generate", "chat", "serve"])
+def test_generate_chat_and_serve_render_with_the_users_template(command, tmp_path, tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    from qlora.cli.commands.generate import chat_format_from_args
+    from qlora.cli.commands.serve import chat_formats
+    from qlora.cli.main import build_parser
+    from qlora.infer.messages import Message
+    from qlora.infer.template import render_chat
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    folder = tmp_path / "tokenizer"
+    folder.mkdir()
+    (folder / "tokenizer_config.json").write_text(json.dumps({"chat_template": TEMPLATE}))
+    adapter = tmp_path / "adapter"  # trained with chatml: --template overrides the saved format
+    adapter.mkdir()
+    resolve_chat_format(tokenizer, "chatml").save(adapter)
+    messages = [Message("system", "Be brief."), Message("user", "Hi")]
+    expected = tokenizer.apply_chat_template([m.as_dict() for m in messages], chat_template=TEMPLATE,
+                                             add_generation_prompt=True, tokenize=False)
+    assert "<|system|>\nBe brief." in expected and expected.endswith("<|assistant|>\n")
+    extra = ["--prompt", "p"] if command == "generate" else []
+    for value in (str(_file(tmp_path)), str(folder), TEMPLATE):
+        for adapters in ([], ["--adapter", f"a={adapter}"]):
+            args = build_parser(command).parse_args([command, "--model", str(tiny_model_dir), "--template", value,
+                                                     *adapters, *extra])
+            if command == "serve":
+                formats = chat_formats(args, tokenizer)
+                assert set(formats) == {None, *(["a"] if adapters else [])}
+            else:
+                formats = {None: chat_format_from_args(args, tokenizer, command)}
+            for fmt in formats.values():
+                assert render_chat(tokenizer, messages, chat_format=fmt) == expected, (value, adapters)
+
+
+REQUIRED = {"eval": ["--data", "d.jsonl"], "generate": ["--prompt", "p"]}
+
+
+@pytest.mark.parametrize("command", ["eval", "generate", "chat", "serve"])
+@pytest.mark.parametrize("text, name, message", [
+    (None, "missing.jinja", "no such file or folder"),
+    ("model: m\ndata: d\n", "config.jinja", "never uses `messages`"),
+])
+def test_every_command_refuses_a_bad_template_file_naming_the_option(tmp_path, capsys, command, text, name,
+                                                                      message):
+    path = tmp_path / name
+    if text is not None:
+        path.write_text(text)
+    with pytest.raises(SystemExit) as exit_:  # refused as the command line is read, before the model loads
+        main([command, "--model", str(tmp_path / "no-model"), *REQUIRED.get(command, []), "--template", str(path)])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and f"--template: {path}: " in err and message in err, err
+    assert "Traceback" not in err, err

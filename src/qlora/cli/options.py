@@ -13,7 +13,8 @@ import argparse
 from typing import Callable, Sequence
 
 from ..option_range import AT_LEAST_1, NON_NEGATIVE, POSITIVE, Range
-from ..template_file import is_custom
+from ..errors import UsageError
+from ..template_file import is_custom, read_template
 from ..template_names import TRAIN_TEMPLATE_NAMES, template_name
 
 
@@ -55,12 +56,20 @@ def id_value(allowed: Range) -> Callable[[str], tuple[int, float]]:
     return parse
 
 
-def template_option(choices: Sequence[str] = TRAIN_TEMPLATE_NAMES, own: bool = False) -> Callable[[str], str]:
+def template_option(choices: Sequence[str] = TRAIN_TEMPLATE_NAMES, own: bool = False,
+                    read: bool = False) -> Callable[[str], str]:
     """An argparse type: a chat format's name in any spelling of :mod:`qlora.template_names`, as qlora's name;
-    with ``own``, also the user's own template (a path, :mod:`qlora.template_file`), checked where it is read."""
+    with ``own``, also the user's own template (a path or Jinja text, :mod:`qlora.template_file`), with ``read``
+    read here so that a missing or non-template file is refused before anything loads (train checks it with the
+    rest of its config, which may name it too)."""
 
     def parse(text: str) -> str:
         if own and is_custom(text):
+            if read:
+                try:
+                    read_template(text)
+                except UsageError as exc:  # argparse names the option itself
+                    raise argparse.ArgumentTypeError(str(exc).removeprefix("--template ")) from None
             return text
         try:
             return template_name(text, choices)
@@ -69,6 +78,15 @@ def template_option(choices: Sequence[str] = TRAIN_TEMPLATE_NAMES, own: bool = F
 
     parse.__name__ = "template"
     return parse
+
+
+def add_template_option(parser: argparse.ArgumentParser, choices: Sequence[str], help: str) -> None:
+    """``--template`` of the commands that prompt or evaluate a model: one of ``choices`` or the user's own
+    template, as ``qlora train --template`` takes it, so a base model can be used under the user's template and
+    an adapter's saved one overridden."""
+    parser.add_argument("--template", default="auto", type=template_option(choices, own=True, read=True),
+                        metavar="TEMPLATE", help=f"{help}. One of {', '.join(choices)}, or your own chat template: "
+                                                 "a Jinja file (.jinja), a tokenizer folder, or inline Jinja text")
 
 
 positive_int = number(int, AT_LEAST_1)

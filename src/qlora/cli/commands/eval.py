@@ -18,7 +18,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     from ...option_range import Range
     from ...template_names import TRAIN_TEMPLATE_NAMES
     from ..image_pixels import add_pixel_arguments
-    from ..options import number, positive_int, template_option
+    from ..options import add_template_option, number, positive_int
 
     parser.add_argument("--model", required=True, help="base model folder or hub id")
     parser.add_argument("--adapter", default=None, help="a PEFT-format adapter folder (e.g. a qlora train output)")
@@ -35,9 +35,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "prompt-completion", "text"), help="data format")
     parser.add_argument("--data-fields", default="", help="the dataset's names for our fields, as OURS=THEIRS,... "
                         "(e.g. instruction=question,output=answer; see qlora train --help)")
-    parser.add_argument("--template", default="auto", choices=TRAIN_TEMPLATE_NAMES, type=template_option(),
-                        help="chat format: auto = the one --adapter was trained with (chat_format.json), else the "
-                             "model's own, else the built-in one its vocabulary supports (as train)")
+    add_template_option(parser, TRAIN_TEMPLATE_NAMES, "chat format and loss mask, as train's: auto = the one "
+                        "--adapter was trained with (chat_format.json), else the model's own, else the built-in one "
+                        "its vocabulary supports")
     parser.add_argument("--train-on", default="assistant", choices=("assistant", "all", "completion"),
                         help="tokens that count, as qlora train's --train-on (completion: all but the prompts of "
                              "prompt-completion rows, as TRL's SFT trains)")

@@ -21,7 +21,7 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     from ...infer.generate import BIAS_RANGE, cli_fields
     from ...template_names import TEMPLATE_NAMES
     from ..image_pixels import add_pixel_arguments
-    from ..options import id_value, number, template_option
+    from ..options import add_template_option, id_value, number
 
     parser.add_argument("--model", required=True, help="model folder (transformers checkpoint) or hub id")
     parser.add_argument("--adapter", action="append", default=[], metavar="[NAME=]DIR",
@@ -30,10 +30,9 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
                              "per adapter and chat uses the first")
     parser.add_argument("--adapter-weights", metavar="W1,W2,...",
                         help="combine the adapters linearly with these weights (one per --adapter)")
-    parser.add_argument("--template", choices=TEMPLATE_NAMES, type=template_option(TEMPLATE_NAMES), default="auto",
-                        help="chat format of the prompt: auto = the one the adapter was trained with (its "
-                             "chat_format.json: template, date, system handling), else the model's own for chat and "
-                             "the raw --prompt for generate; tokenizer = the model's own; none = raw text (generate)")
+    add_template_option(parser, TEMPLATE_NAMES, "chat format of the prompt: auto = the one the adapter was trained "
+                        "with (its chat_format.json: template, date, system handling), else the model's own for chat "
+                        "and the raw --prompt for generate; tokenizer = the model's own; none = raw text (generate)")
     parser.add_argument("--quant", choices=("nf4", "fp4", "none"), default=None,
                         help="4-bit format of the base weights on load, or none for 16/32-bit "
                              "(default: the format the adapter was trained on, else nf4)")
@@ -100,7 +99,7 @@ def chat_format_from_args(args: argparse.Namespace, tokenizer, command: str):
     if args.template == "none":
         if command == "chat":
             raise UsageError("qlora chat --template none: a chat needs a chat template; use auto, tokenizer or "
-                             "a built-in one.")
+                             "a built-in one, or your own Jinja template.")
         return None
     if args.template == "auto":
         saved = [ChatFormat.load(path) for path in adapter_names(args).values()]

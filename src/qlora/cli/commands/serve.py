@@ -25,7 +25,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     from ...option_range import Range
     from ...template_names import TRAIN_TEMPLATE_NAMES
     from ..image_pixels import add_pixel_arguments
-    from ..options import non_negative_int, number, positive_int, template_option
+    from ..options import add_template_option, non_negative_int, number, positive_int
 
     parser.add_argument("--model", required=True, help="model folder (transformers checkpoint) or hub id")
     parser.add_argument("--adapter", action="append", default=[], metavar="[NAME=]DIR",
@@ -36,9 +36,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "(default: the format the adapter was trained on, else nf4)")
     parser.add_argument("--compute-dtype", choices=("bf16", "fp16", "fp32"), default="bf16",
                         help="dtype of the matmuls and unquantized weights")
-    parser.add_argument("--template", choices=TRAIN_TEMPLATE_NAMES, type=template_option(), default="auto",
-                        help="chat format of /v1/chat/completions: auto = each adapter's own (its chat_format.json, "
-                             "the format it was trained with), else the model's own template; or one format for all")
+    add_template_option(parser, TRAIN_TEMPLATE_NAMES, "chat format of /v1/chat/completions: auto = each adapter's "
+                        "own (its chat_format.json, the format it was trained with), else the model's own template; "
+                        "or one format for all")
     parser.add_argument("--host", default="127.0.0.1",
                         help="address to listen on: 127.0.0.1 is this machine only, 0.0.0.0 exposes the server")
     parser.add_argument("--port", type=number(int, Range(0, 65535)), default=8000, help="TCP port (0: any free port)")
