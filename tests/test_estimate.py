@@ -3,6 +3,8 @@ Llama-3-8B figures, and the ``qlora estimate`` command."""
 
 from __future__ import annotations
 
+import importlib.util
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
@@ -316,30 +318,65 @@ _MOE_SIZES = dict(head_dim=16, moe_intermediate_size=32, num_local_experts=4, n_
                   first_k_dense_replace=1, n_group=1, topk_group=1)
 
 
-@pytest.mark.parametrize("model_type", ["minimax", "deepseek_v3", "gpt_bigcode", "qwen2", "roberta"])
-def test_resident_rows_equal_the_loaded_model_bytes(tmp_path, tiny_tokenizer, model_type):
-    """Weights, constants, 16-bit tensors (fp32 where the class keeps them: DeepSeek-V3's expert bias)
-    and buffers (MiniMax's decay tables, GPT-BigCode's causal mask) are what load_model holds; RoBERTa's
-    ``lm_head.dense`` is 16-bit under the skipped ``lm_head`` (it was counted 4-bit)."""
+_RESIDENT = ("linear weights", "quantization constants", "embeddings", "buffers")
+
+
+def _saved_tiny(path, tokenizer, model_type: str):
     from transformers import AutoConfig
 
-    import qlora
-
-    config = AutoConfig.for_model(model_type, vocab_size=len(tiny_tokenizer), hidden_size=64, num_hidden_layers=2,
+    config = AutoConfig.for_model(model_type, vocab_size=len(tokenizer), hidden_size=64, num_hidden_layers=2,
                                   num_attention_heads=4, num_key_value_heads=2, intermediate_size=128,
                                   max_position_embeddings=512)
     for key, value in _MOE_SIZES.items():
         if hasattr(config, key):
             setattr(config, key, value)
-    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path)
-    tiny_tokenizer.save_pretrained(tmp_path)
-    model, _ = qlora.load_model(tmp_path, compute_dtype=torch.bfloat16, device="cpu")
+    AutoModelForCausalLM.from_config(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+
+
+def _held_bytes(model) -> int:
     tensors = {id(t): t for t in [*model.parameters(), *model.buffers()]}.values()
-    actual = sum(t.numel() * t.element_size() for t in tensors)
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+@pytest.mark.parametrize("model_type", ["minimax", "deepseek_v3", "gpt_bigcode", "qwen2", "roberta"])
+def test_resident_rows_equal_the_loaded_model_bytes(tmp_path, tiny_tokenizer, model_type):
+    """Weights, constants, 16-bit tensors (fp32 where the class keeps them: DeepSeek-V3's expert bias)
+    and buffers (MiniMax's decay tables, GPT-BigCode's causal mask) are what load_model holds; RoBERTa's
+    ``lm_head.dense`` is 16-bit under the skipped ``lm_head`` (it was counted 4-bit)."""
+    import qlora
+
+    _saved_tiny(tmp_path, tiny_tokenizer, model_type)
+    model, _ = qlora.load_model(tmp_path, compute_dtype=torch.bfloat16, device="cpu")
     est = estimate(load_config(str(tmp_path)), TrainingOptions())
-    resident = ("linear weights", "quantization constants", "embeddings", "buffers")
-    predicted = sum(values["QLoRA"] for label, values in est.rows if label.startswith(resident))
-    assert predicted == actual
+    predicted = sum(values["QLoRA"] for label, values in est.rows if label.startswith(_RESIDENT))
+    assert predicted == _held_bytes(model)
+
+
+@pytest.mark.parametrize("model_type", ["minimax", "deepseek_v3", "qwen3_moe"])
+def test_16bit_experts_are_estimated_as_the_loaded_model_holds_them(tmp_path, tiny_tokenizer, model_type, capsys):
+    """--no-quantize-experts (axolotl's default) keeps the 3-D expert weights bf16, whole, on the 4-bit base:
+    the resident rows are what load_model(quantize_experts=False) holds, more than with 4-bit experts."""
+    import qlora
+    from qlora.nn import Experts4bit, expert_weight_names
+
+    if importlib.util.find_spec("transformers.conversion_mapping") is None:
+        pytest.skip("transformers 4.x keeps MoE experts as per-expert linear layers")
+    _saved_tiny(tmp_path, tiny_tokenizer, model_type)
+    model, _ = qlora.load_model(tmp_path, compute_dtype=torch.bfloat16, device="cpu", quantize_experts=False)
+    assert any(expert_weight_names(m) for m in model.modules())
+    assert not any(isinstance(m, Experts4bit) for m in model.modules())
+    config = load_config(str(tmp_path))
+    dense = estimate(config, TrainingOptions(quantize_experts=False))
+    predicted = sum(values["QLoRA"] for label, values in dense.rows if label.startswith(_RESIDENT))
+    assert predicted == _held_bytes(model)
+    four = estimate(config, TrainingOptions())
+    assert predicted > sum(values["QLoRA"] for label, values in four.rows if label.startswith(_RESIDENT))
+    for column in ("full fine-tuning", "16-bit LoRA"):  # their experts are bf16 either way
+        assert dense.total(column) == four.total(column)
+    assert main(["estimate", str(tmp_path), "--no-quantize-experts"]) == 0
+    out = capsys.readouterr().out
+    assert "experts bf16" in out and "in 3-D experts kept bf16 (--no-quantize-experts)" in out
 
 
 def test_an_adapter_folder_is_estimated_as_continuing_it(tmp_path, tiny_model_dir, capsys):

@@ -213,18 +213,46 @@ def test_resume_of_a_checkpoint_older_than_an_option_uses_its_default(tmp_path, 
         run_config = ckpt / "run_config.json"
         saved = json.loads(run_config.read_text())
         for key in ("data_fields", "system_into_user", "lr_scheduler_kwargs", "adam_beta1", "adam_beta2",
-                    "adam_epsilon", "epoch_steps"):
+                    "adam_epsilon", "epoch_steps", "quantize_experts"):
             del saved[key]
         run_config.write_text(json.dumps(saved))
     code, err = _run(argv + ["--resume", "--data-fields", "output=answer"], capsys)
-    assert code == 2 and "data_fields: None -> 'output=answer'" in err
+    assert code == 2 and "data_fields: '' (the default then) -> 'output=answer'" in err
     code, err = _run(argv + ["--resume", "--adam-beta2", "0.95"], capsys)
-    assert code == 2 and "adam_beta2: None -> 0.95" in err
+    assert code == 2 and "adam_beta2: 0.999 (the default then) -> 0.95" in err
     with caplog.at_level("WARNING", logger="qlora"):
         code, err = _run(argv + ["--resume", "--lr-scheduler", "constant_with_warmup"], capsys)  # = constant
     assert code == 0, err
     assert any("written by an older qlora, whose warmup" in r.getMessage() for r in caplog.records)
     assert any("whose steps ran on across epochs' ends" in r.getMessage() for r in caplog.records)
+
+
+def test_resume_of_a_checkpoint_older_than_quantize_experts_says_how(tmp_path, tiny_model_dir, capsys):
+    """A checkpoint from before --quantize-experts quantized its experts (the default then); an axolotl 4-bit file
+    silent on quantize_moe_experts now keeps them 16-bit, so its resume is refused, showing the checkpoint's value
+    and how to resume with its 4-bit experts, and resumes so."""
+    from qlora.train.trainer import list_checkpoints
+
+    data = _write(tmp_path / "d.jsonl", FORMATS["alpaca"])
+    out = tmp_path / "o"
+    axolotl = tmp_path / "axolotl.yml"
+    head = (f"base_model: {tiny_model_dir}\nadapter: qlora\nload_in_4bit: true\noutput_dir: {out}\n"
+            f"datasets:\n  - path: {data}\n    type: alpaca\nmax_steps: 2\nsave_steps: 1\n"
+            "optimizer: adamw_torch\nmicro_batch_size: 1\n")
+    axolotl.write_text(head + "quantize_moe_experts: true\n")
+    assert main(["train", str(axolotl), "--no-progress", "--max-steps", "1"]) == 0
+    for ckpt in list_checkpoints(out):  # as qlora wrote it before the option
+        saved = json.loads((ckpt / "run_config.json").read_text())
+        del saved["quantize_experts"]
+        (ckpt / "run_config.json").write_text(json.dumps(saved))
+    axolotl.write_text(head)
+    code, err = _run(["train", str(axolotl), "--resume", "--no-progress", "--max-steps", "1"], capsys)
+    assert code == 2, err
+    assert "different config (quantize_experts: True (the default then) -> False)" in err, err
+    assert "add quantize_moe_experts: true to the config file" in err and "pass --quantize-experts" in err
+    code, err = _run(["train", str(axolotl), "--resume", "--no-progress", "--max-steps", "1", "--quantize-experts"],
+                     capsys)
+    assert code == 0, err
 
 
 def test_subprocess_unknown_flag(tmp_path):

@@ -4,7 +4,8 @@ Counts are exact, not rules of thumb: the model is built on the ``meta``
 device from its transformers config (no memory, no download), and its modules
 are walked, so every architecture transformers knows is counted the same way.
 Decoder ``nn.Linear`` and GPT-2 ``Conv1D`` weights and the 3-D expert weights
-of MoE layers (one 4-bit matrix per expert) are the quantized part; everything
+of MoE layers (one 4-bit matrix per expert; 16-bit with ``quantize_experts``
+off, as bitsandbytes keeps them) are the quantized part; everything
 else (embeddings, norms, biases, MoE routers, ``lm_head``) stays 16-bit, and a
 tied embedding is counted once. The 4-bit bytes are what
 :func:`qlora.quant.quantize_4bit` produces for each weight, tensor for tensor.
@@ -69,6 +70,7 @@ class TrainingOptions:
     quant: str = "nf4"
     double_quant: bool = True
     blocksize: int = 64
+    quantize_experts: bool = True  # False: a 4-bit base keeps its 3-D expert weights 16-bit, whole
     rank: int = 16
     target_modules: tuple[str, ...] | str | None = None  # None: every quantized linear of the decoder; (): none;
     # a string: a regex matching whole module paths (PEFT's form, as a vision-language adapter saves it)
@@ -133,6 +135,7 @@ class ModelCounts:
     # linears kept 16-bit (output head, routers; counted in other_tensors): LoRA targets when named, as in training,
     # never by all-linear
     dense_linears: tuple[LinearShape, ...] = ()
+    expert_params: int = 0  # of the 3-D expert weights as stored, every expert (kept 16-bit: all of them are held)
 
     @property
     def quantized_params(self) -> int:
@@ -211,6 +214,7 @@ def count_parameters(config) -> ModelCounts:
     quantized: dict[int, tuple[LinearShape, ...]] = {}
     notes = {name: "(kept in 16-bit, an output head or a router)" for name in dense}
     kept: dict[int, LinearShape] = {}
+    stored: dict[int, int] = {}  # 3-D expert weight -> its numel
     for name, module in model.named_modules():
         if is_skipped(name, dense):
             if is_plain_linear(module):
@@ -229,6 +233,7 @@ def count_parameters(config) -> ModelCounts:
             out_f, in_f = (cols, rows) if layout.applied_transposed(w) else (rows, cols)
             quantized[id(p)] = tuple(LinearShape(f"{name}.{w}.{e}", out_f, in_f, adaptable=False,
                                                  own_layout=not layout.standard) for e in range(count))
+            stored[id(p)] = p.numel()
             notes[name] = "(3-D expert weights: adapt them with --target-parameters)"
     linears = tuple(lin for _, p in model.named_parameters() if id(p) in quantized for lin in quantized[id(p)])
     others = tuple(p.numel() for _, p in model.named_parameters() if id(p) not in quantized)
@@ -246,7 +251,8 @@ def count_parameters(config) -> ModelCounts:
     adaptable = [lin.name for lin in linears if lin.adaptable] + [lin.name for lin in kept.values()]
     return ModelCounts(linears=linears, other_tensors=others, num_layers=text.num_hidden_layers,
                        fp32_params=fp32_params, buffer_bytes=buffer_bytes,
-                       other_modules=weight_modules(model, adaptable, notes), dense_linears=tuple(kept.values()))
+                       other_modules=weight_modules(model, adaptable, notes), dense_linears=tuple(kept.values()),
+                       expert_params=sum(stored.values()))
 
 
 def quantized_bytes(numel: int, blocksize: int, double_quant: bool) -> tuple[int, int]:
@@ -446,13 +452,17 @@ def estimate(config, opts: TrainingOptions) -> Estimate:
     all_tensors = [lin.numel for lin in counts.linears] + list(counts.other_tensors)
     full, lora, q = COLUMNS
     columns = (full, lora) if opts.quant == "none" else COLUMNS
+    # --no-quantize-experts: the 3-D expert weights stay bf16 whole (the experts the forward skips too)
+    dense_experts = not opts.quantize_experts and counts.expert_params > 0
+    packed = [lin for lin in counts.linears if lin.adaptable or not dense_experts]
     codes = consts = 0
-    for lin in counts.linears:
+    for lin in packed:
         c, k = quantized_bytes(lin.numel, opts.blocksize, opts.double_quant)
         codes, consts = codes + c, consts + k
     rows: list[tuple[str, dict[str, int]]] = [
-        ("linear weights (bf16 / 4-bit codes)", {full: 2 * counts.quantized_params, lora: 2 * counts.quantized_params,
-                                                 q: codes}),
+        (f"linear weights (bf16 / 4-bit codes{', experts bf16' if dense_experts else ''})",
+         {full: 2 * counts.quantized_params, lora: 2 * counts.quantized_params,
+          q: codes + (2 * counts.expert_params if dense_experts else 0)}),
         ("quantization constants", {q: consts}),
         ("embeddings, norms, lm_head, biases (bf16)", {c: 2 * counts.params_16bit + 2 * counts.fp32_params
                                                        for c in COLUMNS}),
@@ -474,15 +484,22 @@ def estimate(config, opts: TrainingOptions) -> Estimate:
         rows.append((f"{pairs.method.upper()} reference model",
                      {full: 0 if pairs.precompute_ref else 2 * counts.total_params, lora: 0, q: 0}))
     rows = [(label, {c: v for c, v in values.items() if c in columns}) for label, values in rows]
-    other_dq = sum(quantized_bytes(lin.numel, opts.blocksize, not opts.double_quant)[1] for lin in counts.linears)
+    other_dq = sum(quantized_bytes(lin.numel, opts.blocksize, not opts.double_quant)[1] for lin in packed)
+    in_experts = counts.quantized_params - sum(lin.numel for lin in packed)
     notes = [
-        f"parameters: {counts.total_params:,} total, {counts.quantized_params:,} in quantized linears, "
+        f"parameters: {counts.total_params:,} total, {counts.quantized_params - in_experts:,} in quantized linears, "
+        f"{f'{in_experts:,} in 3-D experts kept bf16 (--no-quantize-experts), ' if in_experts else ''}"
         f"{counts.params_16bit:,} kept in 16-bit; LoRA r={opts.rank} on {len(targets)} linears"
         f"{f' and {len(experts)} expert weights (one LoRA per expert)' if experts else ''}: {lora_params:,}",
         f"quantization constants {'with' if opts.double_quant else 'without'} double quantization: "
         f"{consts / GIB:.3f} GiB ({'without' if opts.double_quant else 'with'}: {other_dq / GIB:.3f} GiB)",
         "full fine-tuning: bf16 weights and gradients, AdamW states as chosen (no fp32 master copy)",
     ]
+    if counts.expert_params and opts.quant != "none":
+        four = sum(sum(quantized_bytes(lin.numel, opts.blocksize, opts.double_quant))
+                   for lin in counts.linears if not lin.adaptable)
+        notes.append(f"QLoRA's 3-D MoE expert weights: {four / GIB:.2f} GiB 4-bit (--quantize-experts), "
+                     f"{2 * counts.expert_params / GIB:.2f} GiB kept bf16 (--no-quantize-experts, axolotl's default)")
     if opts.optim.startswith("paged"):
         notes.append("paged optimizer states sit in unified memory: they can move to CPU RAM when the GPU fills")
     other_gc = replace(opts, gradient_checkpointing=not opts.gradient_checkpointing)

@@ -100,6 +100,19 @@ def _train_further(out: Path, checkpoint: Path, differ: list[str]) -> str:
             "schedule start afresh)")
 
 
+def _experts_hint(saved: dict, differ: list[str]) -> str:
+    """For a resume refused on ``quantize_experts``: how to load the base as the checkpoint trained on it. A
+    checkpoint older than the option quantized its experts, and an axolotl 4-bit file silent on
+    ``quantize_moe_experts`` now keeps them 16-bit."""
+    if "quantize_experts" not in differ:
+        return ""
+    if saved.get("quantize_experts", True):
+        return (". The checkpoint's base has 4-bit MoE experts: to resume with them, add quantize_moe_experts: true "
+                "to the config file (quantize_experts: true in a qlora one) or pass --quantize-experts")
+    return (". The checkpoint's base keeps its MoE experts 16-bit: to resume with them, set quantize_moe_experts: "
+            "false in the config file (quantize_experts: false in a qlora one) or pass --no-quantize-experts")
+
+
 class Interrupted(Exception):
     """Raised after Ctrl-C / SIGTERM once the checkpoint is safely written."""
 
@@ -351,10 +364,13 @@ class Trainer:
             differ = [k for k, v in current.items()
                       if k not in unbounded and (saved[k] if k in saved else defaults.get(k)) != v]
             if differ:
-                shown = ", ".join(f"{k}: {saved.get(k)!r} -> {current[k]!r}" for k in differ)
+                # a key the checkpoint lacks shows the default its run used, not None
+                was = {k: repr(saved[k]) if k in saved else f"{defaults[k]!r} (the default then)" if k in defaults
+                       else "not recorded" for k in differ}
+                shown = ", ".join(f"{k}: {was[k]} -> {current[k]!r}" for k in differ)
                 raise UsageError(f"--resume: the checkpoint in {self.out} was made with a different config ({shown}); "
                                  "resume with the original options or train into a new --output"
-                                 + _train_further(self.out, checkpoints[-1], differ))
+                                 + _experts_hint(saved, differ) + _train_further(self.out, checkpoints[-1], differ))
             if unbounded:
                 logging.getLogger("qlora").warning(
                     "qlora: %s was written before qlora bounded images (%s); if this run trains on images, the "

@@ -19,7 +19,8 @@ NAME = "estimate"
 HELP = "memory needed to fine-tune a model: full, 16-bit LoRA and QLoRA side by side"
 
 # TrainConfig fields that change memory, shown with train's flag names and defaults.
-_TRAIN_OPTIONS = ("quant", "double_quant", "blocksize", "rank", "target_modules", "target_parameters", "seq_len",
+_TRAIN_OPTIONS = ("quant", "double_quant", "blocksize", "quantize_experts", "rank", "target_modules", "target_parameters",
+                  "seq_len",
                   "batch_size",
                   "gradient_checkpointing", "optim", "chunked_ce", "method", "precompute_ref")
 # train's help for these speaks of train's other options; what they mean for the estimate instead
@@ -77,7 +78,8 @@ def run(args: argparse.Namespace) -> int:
         if not targets:
             raise UsageError("--target-modules is empty; give comma-separated linear layer names such as q_proj,v_proj.")
     opts = TrainingOptions(
-        quant=args.quant, double_quant=args.double_quant, blocksize=args.blocksize, rank=args.rank,
+        quant=args.quant, double_quant=args.double_quant, blocksize=args.blocksize,
+        quantize_experts=args.quantize_experts, rank=args.rank,
         target_modules=targets, target_parameters=parameters, seq_len=args.seq_len, batch_size=args.batch_size,
         gradient_checkpointing=args.gradient_checkpointing, optim=args.optim, chunked_ce=args.chunked_ce,
         method=args.method, precompute_ref=args.precompute_ref,
