@@ -19,10 +19,9 @@ NAME = "estimate"
 HELP = "memory needed to fine-tune a model: full, 16-bit LoRA and QLoRA side by side"
 
 # TrainConfig fields that change memory, shown with train's flag names and defaults.
-_TRAIN_OPTIONS = ("quant", "double_quant", "blocksize", "quantize_experts", "rank", "target_modules", "target_parameters",
-                  "seq_len",
-                  "batch_size",
-                  "gradient_checkpointing", "optim", "chunked_ce", "method", "precompute_ref")
+_TRAIN_OPTIONS = ("quant", "double_quant", "blocksize", "quantize_experts", "rank", "target_modules",
+                  "target_parameters", "seq_len", "batch_size", "gradient_checkpointing", "optim", "chunked_ce",
+                  "method", "precompute_ref")
 # train's help for these speaks of train's other options; what they mean for the estimate instead
 _ESTIMATE_HELP = {"precompute_ref": "dpo: count the reference log-probs as computed once before training, "
                                     "without a reference forward pass in each step"}
