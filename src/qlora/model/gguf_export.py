@@ -22,9 +22,10 @@ a separate projector file (``mmproj``, :mod:`qlora.model.gguf_mmproj`).
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -80,11 +81,9 @@ def export_gguf(model: nn.Module, tokenizer, path: str | Path, out_type: str = "
     n_vocab = model.get_input_embeddings().weight.shape[0]  # added tokens may have grown it past the config
     vocab = gguf_vocab(tokenizer, n_vocab, getattr(getattr(model, "generation_config", None), "eos_token_id", None))
 
-    partial = path.with_name(path.name + ".partial")  # a failed export leaves no half-written file
-    writer = gguf.GGUFWriter(partial, spec.gguf_arch)
-    try:
+    with staged_writer(gguf, path, spec.gguf_arch) as writer:
         writer.add_name(name or path.stem)
-        writer.add_file_type(_file_type(gguf, out_type))
+        writer.add_file_type(file_type(gguf, out_type))
         extra = write_metadata(writer, config, spec, n_vocab)
         _write_vocab(writer, vocab)
         plan, scalars = _plan(model, config, spec, out_type, extra)
@@ -98,16 +97,35 @@ def export_gguf(model: nn.Module, tokenizer, path: str | Path, out_type: str = "
         writer.write_ti_data_to_file()
         for t in plan:
             writer.write_tensor_data(encode_tensor(gguf, t.make(), t.qtype))
+    return path
+
+
+@contextmanager
+def staged_writer(gguf, path: Path, arch: str) -> Iterator:
+    """A ``GGUFWriter`` on ``path.partial``, renamed to ``path`` when the block ends: a failed export leaves no
+    half-written file (the model, adapter and projector writers share it)."""
+    partial = path.with_name(path.name + ".partial")
+    writer = gguf.GGUFWriter(partial, arch)
+    try:
+        yield writer
         writer.close()
         os.replace(partial, path)
     except BaseException:
         writer.close()
         partial.unlink(missing_ok=True)
         raise
-    return path
 
 
-def _file_type(gguf, out_type: str) -> int:
+def matrix_type(gguf, out_type: str, row: int):
+    """The ``GGMLQuantizationType`` of a matrix with rows of ``row`` values in an ``out_type`` file (f32, f16,
+    bf16, q8_0): q8_0's blocks of 32 need whole rows of them, else f16, as llama.cpp's converter falls back."""
+    Q = gguf.GGMLQuantizationType
+    qtype = {"f32": Q.F32, "f16": Q.F16, "bf16": Q.BF16, "q8_0": Q.Q8_0}[out_type]
+    return Q.F16 if qtype == Q.Q8_0 and row % gguf.GGML_QUANT_SIZES[Q.Q8_0][0] else qtype
+
+
+def file_type(gguf, out_type: str) -> int:
+    """``general.file_type`` of a file whose matrices are ``out_type``."""
     ft = gguf.LlamaFileType
     return {"f32": ft.ALL_F32, "f16": ft.MOSTLY_F16, "bf16": ft.MOSTLY_BF16, "q8_0": ft.MOSTLY_Q8_0}[out_type]
 
@@ -117,8 +135,6 @@ def _plan(model: nn.Module, config, spec: ArchSpec, out_type: str,
     """The tensors to write, and the per-layer scalars (``spec.layer_scalars``) llama.cpp reads as metadata."""
     import gguf
 
-    Q = gguf.GGMLQuantizationType
-    matrix_type = {"f32": Q.F32, "f16": Q.F16, "bf16": Q.BF16, "q8_0": Q.Q8_0}[out_type]
     name_of = tensor_namer(config, spec)
     towers = tuple(t + "." for t in non_text_names(model))
     rename = _causal_lm_key(model) if towers else (lambda key: key)
@@ -150,11 +166,9 @@ def _plan(model: nn.Module, config, spec: ArchSpec, out_type: str,
             continue
         shape = llama_cpp_shape(key, tuple(shape), spec)
         if len(shape) == 1 or gguf_name.endswith(".bias") or gguf_name.split(".")[-2] in ROUTERS:
-            qtype = Q.F32
-        elif matrix_type == Q.Q8_0 and shape[-1] % gguf.GGML_QUANT_SIZES[Q.Q8_0][0]:
-            qtype = Q.F16
+            qtype = gguf.GGMLQuantizationType.F32
         else:
-            qtype = matrix_type
+            qtype = matrix_type(gguf, out_type, shape[-1])
         plan.append(_Planned(gguf_name, tuple(shape), qtype,
                              lambda key=key, make=make: to_llama_cpp(key, make(), config, spec)))
     if unknown:
@@ -162,7 +176,7 @@ def _plan(model: nn.Module, config, spec: ArchSpec, out_type: str,
                          f"{', '.join(unknown[:5])}{' ...' if len(unknown) > 5 else ''}. This checkpoint is a "
                          f"variant qlora does not export.")
     for gguf_name, t in extra:
-        plan.append(_Planned(gguf_name, tuple(t.shape), Q.F32, lambda t=t: t))
+        plan.append(_Planned(gguf_name, tuple(t.shape), gguf.GGMLQuantizationType.F32, lambda t=t: t))
     return plan, scalars
 
 

@@ -21,7 +21,6 @@ trained whole (``modules_to_save``, new token rows), LoRA on embeddings and on M
 from __future__ import annotations
 
 import math
-import os
 from pathlib import Path
 
 import torch
@@ -30,7 +29,7 @@ from ..errors import UsageError
 from .adapter_io import read_adapter_config, read_adapter_weights
 from .adapter_tensors import PEFT_PREFIX, lora_key
 from .gguf_arch import arch_spec, tensor_namer, to_llama_cpp
-from .gguf_export import encode_tensor, require_gguf
+from .gguf_export import encode_tensor, file_type, matrix_type, require_gguf, staged_writer
 
 TYPES = ("f32", "f16", "bf16", "q8_0")
 MERGED = "export the merged model instead: qlora export --format gguf (merged)"
@@ -60,33 +59,19 @@ def export_gguf_lora(config, adapter_dir: str | Path, path: str | Path, out_type
     adapter = read_adapter_config(adapter_dir)
     _refuse_variants(adapter, adapter_dir)
     alpha, tensors = adapter_matrices(config, adapter, read_adapter_weights(adapter_dir), adapter_dir)
-    Q = gguf.GGMLQuantizationType
-    qtype = {"f32": Q.F32, "f16": Q.F16, "bf16": Q.BF16, "q8_0": Q.Q8_0}[out_type]
-    block = gguf.GGML_QUANT_SIZES[Q.Q8_0][0]
-
-    partial = path.with_name(path.name + ".partial")  # a failed export leaves no half-written file
-    writer = gguf.GGUFWriter(partial, spec.gguf_arch)
-    try:
+    with staged_writer(gguf, path, spec.gguf_arch) as writer:
         writer.add_type(gguf.GGUFType.ADAPTER)
         writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
         writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, alpha)
         writer.add_name(name or path.stem)
-        ft = gguf.LlamaFileType
-        writer.add_file_type({"f32": ft.ALL_F32, "f16": ft.MOSTLY_F16, "bf16": ft.MOSTLY_BF16,
-                              "q8_0": ft.MOSTLY_Q8_0}[out_type])
+        writer.add_file_type(file_type(gguf, out_type))
         for tensor_name, t in tensors:
-            own = Q.F16 if qtype == Q.Q8_0 and t.shape[-1] % block else qtype
-            writer.add_tensor(tensor_name, encode_tensor(gguf, t, own),
-                              raw_shape=gguf.quant_shape_to_byte_shape(tuple(t.shape), own), raw_dtype=own)
+            qtype = matrix_type(gguf, out_type, t.shape[-1])
+            writer.add_tensor(tensor_name, encode_tensor(gguf, t, qtype),
+                              raw_shape=gguf.quant_shape_to_byte_shape(tuple(t.shape), qtype), raw_dtype=qtype)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
-        writer.close()
-        os.replace(partial, path)
-    except BaseException:
-        writer.close()
-        partial.unlink(missing_ok=True)
-        raise
     return path
 
 

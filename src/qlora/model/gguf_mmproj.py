@@ -17,7 +17,6 @@ whole (``modules_to_save``) is the one written, as adapters are folded into the 
 
 from __future__ import annotations
 
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -150,17 +149,15 @@ def write_mmproj(plan: MmprojPlan, path: str | Path, name: str | None = None) ->
     """Write a planned projector file at ``path`` (whole or not at all)."""
     import gguf
 
-    from .gguf_export import encode_tensor, require_gguf
+    from .gguf_export import encode_tensor, file_type, require_gguf, staged_writer
 
     require_gguf()
     path = Path(path)
     Q = gguf.GGMLQuantizationType
-    partial = path.with_name(path.name + ".partial")
-    writer = gguf.GGUFWriter(partial, "clip")
-    try:
+    with staged_writer(gguf, path, "clip") as writer:
         writer.add_type(gguf.GGUFType.MMPROJ)
         writer.add_name(name or path.stem)
-        writer.add_file_type(gguf.LlamaFileType.ALL_F32 if plan.out_type == "f32" else gguf.LlamaFileType.MOSTLY_F16)
+        writer.add_file_type(file_type(gguf, plan.out_type))  # f16 or f32
         for method, value in plan.metadata:
             getattr(writer, method)(value)
         for gguf_name, shape, _, f32 in plan.tensors:
@@ -172,12 +169,6 @@ def write_mmproj(plan: MmprojPlan, path: str | Path, name: str | None = None) ->
         writer.write_ti_data_to_file()
         for _, _, make, f32 in plan.tensors:
             writer.write_tensor_data(encode_tensor(gguf, make().float(), Q.F32 if f32 else Q.F16))
-        writer.close()
-        os.replace(partial, path)
-    except BaseException:
-        writer.close()
-        partial.unlink(missing_ok=True)
-        raise
     return path
 
 
