@@ -19,19 +19,9 @@ from qlora.train.config import load_config
 from qlora.train.data import IGNORE_INDEX, normalize
 from qlora.train.data.selection import read_sources
 from qlora.train.trainer import Trainer
+from test_axolotl_config import _write, _yaml
 
 _HEAD = "base_model: m\noutput_dir: o\nadapter: lora\n"
-
-
-def _write(path, rows):
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
-
-
-def _yaml(tmp_path, text: str):
-    path = tmp_path / "run.yaml"
-    path.write_text(text)
-    return path
 
 
 def _trainer(model, data, tmp_path, **kw) -> Trainer:

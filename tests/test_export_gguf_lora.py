@@ -11,6 +11,7 @@ import torch
 
 from qlora.cli.main import main
 from qlora.model.tiny import build_tiny_model
+from test_export_llama_cpp import _greedy
 
 gguf = pytest.importorskip("gguf")
 peft = pytest.importorskip("peft")
@@ -39,17 +40,6 @@ def _peft_adapter(model_dir, out, seed: int = 0, **lora):
 def _export(model_dir, adapter, out, *extra) -> int:
     return main(["export", "--format", "gguf-lora", "--model", str(model_dir), "--adapter", str(adapter),
                  "--output", str(out), *extra])
-
-
-@torch.no_grad()
-def _greedy(model, ids: list[int], n: int) -> tuple[list[int], float]:
-    seq, margin = list(ids), float("inf")
-    for _ in range(n):
-        logits = model(torch.tensor([seq])).logits[0, -1]
-        top = logits.topk(2).values
-        margin = min(margin, float((top[0] - top[1]) / logits.abs().max()))
-        seq.append(int(logits.argmax()))
-    return seq[len(ids):], margin
 
 
 def _run_in_llama_cpp(tmp_path, model_dir, adapter_gguf, ids, n: int, f32_cache: bool = True):
