@@ -480,7 +480,8 @@ def _tool_call_span(text: str, cursor: int, tokenizer, fmt: ChatFormat, messages
 
     while 0 < n < len(ids) and plain(n - 1):
         n -= 1
-    turn = upto[offsets[n][0] if n < len(ids) else len(upto):].strip()
+    start = offsets[n][0] if n < len(ids) else len(upto)
+    turn = upto[start:].strip()
     forms = [turn, re.sub(r"^<think>.*?</think>\s*", "", turn, flags=re.S)]
     for form in list(forms):
         bare = form
@@ -488,6 +489,12 @@ def _tool_call_span(text: str, cursor: int, tokenizer, fmt: ChatFormat, messages
             if marker and bare.endswith(marker):
                 bare = bare[:-len(marker)].rstrip()
         forms.append(bare)
+    # A template that writes its generation prompt unasked (Command A's ends every rendering with the chatbot turn's
+    # opening) ends the turn with it too, where the conversation goes on with another turn: the turn without what it
+    # shares with the end of the prompt (its end marker is found again by the caller).
+    tail = len(_common_suffix(before, upto))
+    if tail and upto[:len(upto) - tail].strip() and upto[start:len(upto) - tail].strip():
+        forms.append(upto[start:len(upto) - tail].strip())
     names = [c.get("function", c).get("name", "") for c in messages[i]["tool_calls"]]
     markers = [str(t) for t in tokenizer.all_special_tokens] + [
         str(getattr(t, "content", t)) for t in getattr(tokenizer, "added_tokens_decoder", {}).values()]
@@ -499,6 +506,13 @@ def _tool_call_span(text: str, cursor: int, tokenizer, fmt: ChatFormat, messages
             if found and all(name in text[found[0]:found[1]] for name in names):
                 return found
     return None
+
+
+def _common_suffix(a: str, b: str) -> str:
+    n = 0
+    while n < min(len(a), len(b)) and a[len(a) - 1 - n] == b[len(b) - 1 - n]:
+        n += 1
+    return a[len(a) - n:]
 
 
 def _runs(flags: list[bool]) -> list[tuple[int, int]]:
