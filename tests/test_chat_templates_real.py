@@ -1,4 +1,4 @@
-"""Real chat templates of 69 model families (issue 20): ids, BOS/EOS and loss mask, token for token.
+"""Real chat templates of 71 model families (issue 20): ids, BOS/EOS and loss mask, token for token.
 
 Each family's template is the model's own ``chat_template`` (tests/data/chat_templates, origins in
 SOURCES.md), on a local byte-level BPE tokenizer that carries the family's special tokens, BOS/EOS and
