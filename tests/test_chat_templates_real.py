@@ -291,6 +291,25 @@ def test_tool_calling_turn_is_trained_whole_or_refused(family):
     assert "It is sunny." in tok.decode(answer) and answer[-1] in stops(tok, family)
 
 
+@pytest.mark.parametrize("family,prompt_end,opening", [("minimax-m2", "]~b]ai", "<minimax:tool_call>"),
+                                                       ("gpt-oss", "<|start|>assistant", " to=functions.get_weather")])
+def test_tool_call_turn_starts_after_the_role_header_the_prompt_shares(family, prompt_end, opening):
+    """The call turn is what the model writes after its role header: a word that the generation prompt and the turn
+    share (MiniMax's ``]~b]ai``, whose prompt goes on with ``\n<think>``; gpt-oss's ``assistant``, followed by a
+    channel or a recipient) is prompt, not trained."""
+    from qlora.train.data.formats import normalize
+    from qlora.train.data.sources import Record
+
+    tok = family_tokenizer(family)
+    fmt = ChatFormat(tok.chat_template, origin=f"{family}.jinja", date=DATE)
+    example = normalize([Record({"messages": CALL, "tools": [WEATHER]}, "t.jsonl line 3")])[0]
+    tokenized = tokenize_example(example, tok, fmt, stop_ids=stops(tok, family))
+    call = runs(tokenized)[0]
+    at = next(i for i in range(len(tokenized.input_ids)) if tokenized.labels[i] != IGNORE_INDEX)
+    assert tok.decode(call).startswith(opening), tok.decode(call)
+    assert tok.decode(tokenized.input_ids[:at]).rstrip().endswith(prompt_end)
+
+
 def test_tool_calling_test_is_not_vacuous():
     """Most families with tool support render the call, so the test above trains it rather than expecting refusal."""
     rendering = [f for f in FAMILIES if oracle_call(family_tokenizer(f), family_tokenizer(f).chat_template)]

@@ -499,8 +499,8 @@ def _tool_call_span(text: str, cursor: int, tokenizer, fmt: ChatFormat, messages
     # A generation prompt that opens a block (DeepSeek-V3's "<think>") can share a first character with the turn
     # ("<｜tool▁calls▁begin｜>"): the turn starts after the last special token or whitespace before the split.
     special = set(tokenizer.all_special_ids) | set(getattr(tokenizer, "added_tokens_decoder", {}))
-    def plain(k: int) -> bool:  # neither a special token nor ending in whitespace
-        return ids[k] not in special and not upto[offsets[k][0]:offsets[k][1]][-1:].isspace()
+    def plain(k: int) -> bool:  # neither a special token nor ending in whitespace or before it (MiniMax's "]~b]ai\n")
+        return ids[k] not in special and not upto[offsets[k][0]:offsets[k][1] + 1][-1:].isspace()
 
     while 0 < n < len(ids) and plain(n - 1):
         n -= 1
