@@ -1,4 +1,4 @@
-"""Real chat templates of 48 model families (issue 20): ids, BOS/EOS and loss mask, token for token.
+"""Real chat templates of 71 model families (issue 20): ids, BOS/EOS and loss mask, token for token.
 
 Each family's template is the model's own ``chat_template`` (tests/data/chat_templates, origins in
 SOURCES.md), on a local byte-level BPE tokenizer that carries the family's special tokens, BOS/EOS and
@@ -68,13 +68,43 @@ def as_family_takes_reasoning(family: str, messages: list[dict]) -> list[dict]:
 
 def reference_ids(tok, messages, template: str) -> list[int]:
     """apply_chat_template's ids; for a template that strips reasoning, with the turns after the last user message
-    rendered whole and the earlier ones as the template shows them (their answer)."""
+    rendered whole and the earlier ones as the template shows them (their answer); for one that hides a final
+    answer's reasoning otherwise, the final turn as the model writes it at inference (see hidden_final_reasoning)."""
     if _STRIP in template:
         last_user = max(i for i, m in enumerate(messages) if m["role"] == "user")
         messages = [{**m, "content": m["content"].split("</think>")[-1]} if m["role"] == "assistant" and
                     i < last_user else m for i, m in enumerate(messages)]
         template = template.replace(_STRIP, "")
-    return list(tok.apply_chat_template(messages, tokenize=True, return_dict=True, chat_template=template)["input_ids"])
+    ids = list(tok.apply_chat_template(messages, tokenize=True, return_dict=True, chat_template=template)["input_ids"])
+    written = hidden_final_reasoning(tok, messages, template)
+    return ids if written is None else list(tok(written, add_special_tokens=False)["input_ids"])
+
+
+def hidden_final_reasoning(tok, messages, template: str) -> str | None:
+    """For a conversation ending with a user message and an answer with reasoning that the template's rendering of
+    the whole conversation does not show (DeepSeek-V3.1 strips it, Kimi-K2-Thinking shows it only in an unfinished
+    tool-calling exchange): the text the model sees at inference, the generation prompt of the conversation before
+    that answer (thinking on, for templates with that switch) followed by what the model writes, the reasoning in a
+    <think> block (opened by the prompt or by the model), the answer, and the end the template writes after it."""
+    *before, final = messages
+    if not before or before[-1]["role"] != "user" or final["role"] != "assistant":
+        return None
+    field = final.get("reasoning_content") or final.get("thinking") or final.get("reasoning")
+    if field:
+        reasoning, answer = field, final["content"]
+    elif "</think>" in final["content"]:
+        reasoning, answer = final["content"].split("</think>")
+        reasoning = reasoning.split("<think>")[-1]
+    else:
+        return None
+    rendered = tok.apply_chat_template(messages, tokenize=False, chat_template=template)
+    if reasoning.strip() in rendered:
+        return None
+    end = rendered[rendered.rfind(answer.strip()) + len(answer.strip()):]
+    prompt = tok.apply_chat_template(before, tokenize=False, add_generation_prompt=True, thinking=True,
+                                     chat_template=template)
+    opening = "" if prompt.endswith("<think>") else "<think>"
+    return prompt + opening + reasoning + "</think>" + answer.strip() + end
 
 
 CASES = [(f, c) for f in FAMILIES for c in CONVERSATIONS
@@ -183,6 +213,30 @@ def test_reasoning_field_goes_to_thinking_chunks_and_is_trained_from_the_templat
     assert squash(tok.decode(run)) == squash("[THINK]Two and two.[/THINK]Four.</s>")
 
 
+@pytest.mark.parametrize("family,answer,block", [
+    ("kimi-k2-thinking", {"role": "assistant", "content": "Four.", "reasoning_content": "Two and two."},
+     "<think>Two and two.</think>"),
+    ("kimi-k2-thinking", {"role": "assistant", "content": "<think>Two and two.</think>Four."},
+     "<think>Two and two.</think>"),
+    ("deepseek-v3.1", {"role": "assistant", "content": "<think>Two and two.</think>Four."},
+     "<think>Two and two.</think>"),
+    ("deepseek-v3.1", {"role": "assistant", "content": "Four.", "reasoning_content": "Two and two."},
+     "<think>\nTwo and two.\n</think>\n\n")])  # V3.1 reads no field: the block qlora writes (README, Data)
+def test_final_reasoning_the_template_hides_is_trained_where_the_model_writes_it(family, answer, block):
+    """Kimi-K2-Thinking's template writes ``<think></think>`` before every finished answer (reasoning_content only
+    in a tool-calling exchange under way), DeepSeek-V3.1's ``</think>`` (its non-thinking prompt) with the block
+    stripped: the final answer's reasoning is trained as the model writes it after the generation prompt (V3.1's
+    thinking one ends with ``<think>``), never dropped and never after the template's empty block."""
+    tok = family_tokenizer(family)
+    fmt = ChatFormat(tok.chat_template, origin=f"{family}.jinja", date=DATE)
+    tokenized = tokenize_example(Example((U1, answer), None, "x"), tok, fmt, stop_ids=stops(tok, family))
+    (run,) = runs(tokenized)
+    assert tok.decode(run) == block + "Four." + tok.decode(run[-1:])
+    prompt = tok.apply_chat_template([U1], tokenize=False, add_generation_prompt=True, thinking=True)
+    written = block.removeprefix("<think>") + "Four." if prompt.endswith("<think>") else block + "Four."
+    assert tokenized.input_ids == tok(prompt + written + tok.decode(run[-1:]), add_special_tokens=False)["input_ids"]
+
+
 WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "The weather in a city.", "parameters": {
     "type": "object", "properties": {"city": {"type": "string", "description": "The city."}}, "required": ["city"]}}}
 CALL = [{"role": "user", "content": "Weather in Paris?"},
@@ -235,6 +289,25 @@ def test_tool_calling_turn_is_trained_whole_or_refused(family):
     assert "get_weather" in tok.decode(call) and "Paris" in tok.decode(call) and call[-1] in stops(tok, family)
     assert "Weather in Paris?" not in tok.decode(call) and "Sunny" not in tok.decode(call + answer)
     assert "It is sunny." in tok.decode(answer) and answer[-1] in stops(tok, family)
+
+
+@pytest.mark.parametrize("family,prompt_end,opening", [("minimax-m2", "]~b]ai", "<minimax:tool_call>"),
+                                                       ("gpt-oss", "<|start|>assistant", " to=functions.get_weather")])
+def test_tool_call_turn_starts_after_the_role_header_the_prompt_shares(family, prompt_end, opening):
+    """The call turn is what the model writes after its role header: a word that the generation prompt and the turn
+    share (MiniMax's ``]~b]ai``, whose prompt goes on with ``\n<think>``; gpt-oss's ``assistant``, followed by a
+    channel or a recipient) is prompt, not trained."""
+    from qlora.train.data.formats import normalize
+    from qlora.train.data.sources import Record
+
+    tok = family_tokenizer(family)
+    fmt = ChatFormat(tok.chat_template, origin=f"{family}.jinja", date=DATE)
+    example = normalize([Record({"messages": CALL, "tools": [WEATHER]}, "t.jsonl line 3")])[0]
+    tokenized = tokenize_example(example, tok, fmt, stop_ids=stops(tok, family))
+    call = runs(tokenized)[0]
+    at = next(i for i in range(len(tokenized.input_ids)) if tokenized.labels[i] != IGNORE_INDEX)
+    assert tok.decode(call).startswith(opening), tok.decode(call)
+    assert tok.decode(tokenized.input_ids[:at]).rstrip().endswith(prompt_end)
 
 
 def test_tool_calling_test_is_not_vacuous():

@@ -34,7 +34,8 @@ def train(model, data_path, out, *extra):
 
 
 @pytest.mark.parametrize("family", ["qwen3", "llama-3.2", "phi-3.5", "mistral-v0.3", "deepseek-r1-distill", "olmo-2",
-                                    "phi-4-mini", "command-r7b", "ministral-3-reasoning", "gpt-oss"])
+                                    "phi-4-mini", "command-r7b", "ministral-3-reasoning", "gpt-oss", "kimi-k2-thinking",
+                                    "deepseek-v3.1", "minimax-m2"])
 def test_train_template_auto_end_to_end(family, tmp_path):
     model = model_for(family, tmp_path)
     assert train(model, data(tmp_path), tmp_path / "run") == 0

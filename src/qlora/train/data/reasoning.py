@@ -98,6 +98,13 @@ def template_reasoning_keys(template: str) -> tuple[str, ...]:
         rf"""\.{k}\b|\[\s*['"]{k}['"]\s*\]|\.get\(\s*['"]{k}['"]|['"]{k}['"]\s+(?:not\s+)?in\s""", template))
 
 
+def parses_think_blocks(template: str) -> bool:
+    """Whether ``template`` reads a ``<think>`` block out of the content itself (``'</think>' in content``,
+    ``content.split('</think>')``), rather than only writing the markers (Kimi-K2-Thinking's ``<think></think>``
+    before every answer, its reasoning read from a field)."""
+    return re.search(r"""['"]</think>['"]\s*(?:not\s+)?in\b|\(\s*['"]</think>['"]""", template) is not None
+
+
 def knows_think_markers(template: str, tokenizer) -> bool:
     """Whether the model writes reasoning as a ``<think>`` block: its template parses one, or its vocabulary
     has both markers as tokens."""
@@ -149,7 +156,7 @@ def place_reasoning(messages: Sequence[dict], template: str, tokenizer, where: s
     """
     keys = template_reasoning_keys(template)
     chunks = thinking_chunks(template)
-    parses_think = THINK_CLOSE in template
+    parses_think = parses_think_blocks(template)
     out = []
     for i, m in enumerate(messages):
         found = reasoning_of(m) if m.get("role") == "assistant" else None

@@ -23,9 +23,11 @@ The rules (issues 11 and 20), each one a silent fine-tune killer elsewhere:
   of the reasoning (Mistral's ``[THINK]``), through its answer. Reasoning a
   template drops from turns before the last user message (Qwen3, gpt-oss, DeepSeek-R1: the model
   never sees it there at inference) is not trained; reasoning a template drops from the final
-  turns too (DeepSeek-R1's templates strip every ``<think>`` block) is put back before the answer, as
-  the model writes it after the generation prompt (TRL's ``deepseek_r1_distill_training`` template
-  renders the same), so the ids are ``apply_chat_template``'s plus that block;
+  turns too (DeepSeek-R1's templates strip every ``<think>`` block; Kimi-K2-Thinking's shows a reasoning
+  field only in an unfinished tool-calling exchange) is put back before the answer, in place of any empty
+  block or bare ``</think>`` the template writes there, as the model writes it after the generation prompt
+  (TRL's ``deepseek_r1_distill_training`` template renders the same for DeepSeek-R1), so the ids are
+  ``apply_chat_template``'s with that block;
 - an assistant message that calls tools has no content to search for: its whole turn (markers,
   calls, end of turn) is the text that rendering the conversation up to it adds to the generation
   prompt, located in the full rendering; tool results are never trained;
@@ -379,9 +381,14 @@ def for_template(messages: Sequence[dict], template: str, tokenizer=None, where:
 
 
 def restore_final_reasoning(text: str, messages: Sequence[dict]) -> str:
-    """``text`` with the ``<think>`` block of each assistant turn after the last user message put back before its
-    answer when the template dropped it (DeepSeek-R1's templates strip it from every turn): what the model writes
-    after the generation prompt, so the reasoning is trained."""
+    """``text`` with the reasoning of each assistant turn after the last user message put back before its answer
+    when the template dropped it: what the model writes after the generation prompt, so the reasoning is trained.
+
+    A ``<think>`` block of the content (DeepSeek-R1's templates strip it from every turn) is put back as written; a
+    reasoning field (Kimi-K2-Thinking's template shows it only in a tool-calling exchange still under way) as a
+    ``<think>`` block. Markup the template writes in its place before the answer (an empty ``<think></think>``, or
+    DeepSeek-V3.1's ``</think>`` that closes its non-thinking generation prompt) is replaced by the block, since the
+    model writes the block there."""
     users = [i for i, m in enumerate(messages) if m.get("role") == "user"]
     cursor = 0
     if users:
@@ -390,18 +397,35 @@ def restore_final_reasoning(text: str, messages: Sequence[dict]) -> str:
         cursor = at + len(last) if at >= 0 else 0
     for m in messages[(users[-1] + 1) if users else 0:]:
         content = m.get("content")
-        parts = split_think(content) if m.get("role") == "assistant" and isinstance(content, str) else None
+        if m.get("role") != "assistant" or not isinstance(content, str) or m.get("tool_calls"):
+            continue
+        field = _reasoning_field(m)
+        parts = (field.strip(), content) if field else split_think(content)
         if not parts or not parts[0] or _find(text, parts[0], cursor):
             continue
-        rest = content.rsplit(THINK_CLOSE, 1)[1]
+        rest = content if field else content.rsplit(THINK_CLOSE, 1)[1]
         for shown in dict.fromkeys((rest, rest.lstrip(), rest.strip())):
             at = text.find(shown, cursor) if shown else -1
-            if at >= 0:
+            if at < 0:
+                continue
+            written = _THINK_MARKUP.search(text, cursor, at)
+            if field:
+                if written is None:
+                    break  # no place in this rendering where the model writes reasoning
+                space = written.group(1) or ""
+                block = f"{THINK_OPEN}{space[:len(space) // 2]}{parts[0]}{space[len(space) // 2:]}{THINK_CLOSE}"
+                block += written.group(2)
+            else:
                 block = content[:content.rfind(shown)]
-                text = text[:at] + block + text[at:]
-                cursor = at + len(block) + len(shown)
-                break
+            begin = written.start() if written else at
+            text = text[:begin] + block + text[at:]
+            cursor = begin + len(block) + len(shown)
+            break
     return text
+
+
+# What a template writes before an answer in place of its reasoning: an empty block, or the closing tag alone
+_THINK_MARKUP = re.compile(r"(?:<think>(\s*))?</think>(\s*)\Z")
 
 
 def _generation_prompt(tokenizer, fmt: ChatFormat, messages: Sequence[dict], i: int, where: str, extra: dict) -> str:
@@ -475,12 +499,13 @@ def _tool_call_span(text: str, cursor: int, tokenizer, fmt: ChatFormat, messages
     # A generation prompt that opens a block (DeepSeek-V3's "<think>") can share a first character with the turn
     # ("<｜tool▁calls▁begin｜>"): the turn starts after the last special token or whitespace before the split.
     special = set(tokenizer.all_special_ids) | set(getattr(tokenizer, "added_tokens_decoder", {}))
-    def plain(k: int) -> bool:  # neither a special token nor ending in whitespace
-        return ids[k] not in special and not upto[offsets[k][0]:offsets[k][1]][-1:].isspace()
+    def plain(k: int) -> bool:  # neither a special token nor ending in whitespace or before it (MiniMax's "]~b]ai\n")
+        return ids[k] not in special and not upto[offsets[k][0]:offsets[k][1] + 1][-1:].isspace()
 
     while 0 < n < len(ids) and plain(n - 1):
         n -= 1
-    turn = upto[offsets[n][0] if n < len(ids) else len(upto):].strip()
+    start = offsets[n][0] if n < len(ids) else len(upto)
+    turn = upto[start:].strip()
     forms = [turn, re.sub(r"^<think>.*?</think>\s*", "", turn, flags=re.S)]
     for form in list(forms):
         bare = form
@@ -488,6 +513,12 @@ def _tool_call_span(text: str, cursor: int, tokenizer, fmt: ChatFormat, messages
             if marker and bare.endswith(marker):
                 bare = bare[:-len(marker)].rstrip()
         forms.append(bare)
+    # A template that writes its generation prompt unasked (Command A's ends every rendering with the chatbot turn's
+    # opening) ends the turn with it too, where the conversation goes on with another turn: the turn without what it
+    # shares with the end of the prompt (its end marker is found again by the caller).
+    tail = len(_common_suffix(before, upto))
+    if tail and upto[:len(upto) - tail].strip() and upto[start:len(upto) - tail].strip():
+        forms.append(upto[start:len(upto) - tail].strip())
     names = [c.get("function", c).get("name", "") for c in messages[i]["tool_calls"]]
     markers = [str(t) for t in tokenizer.all_special_tokens] + [
         str(getattr(t, "content", t)) for t in getattr(tokenizer, "added_tokens_decoder", {}).values()]
@@ -499,6 +530,13 @@ def _tool_call_span(text: str, cursor: int, tokenizer, fmt: ChatFormat, messages
             if found and all(name in text[found[0]:found[1]] for name in names):
                 return found
     return None
+
+
+def _common_suffix(a: str, b: str) -> str:
+    n = 0
+    while n < min(len(a), len(b)) and a[len(a) - 1 - n] == b[len(b) - 1 - n]:
+        n += 1
+    return a[len(a) - n:]
 
 
 def _runs(flags: list[bool]) -> list[tuple[int, int]]:
