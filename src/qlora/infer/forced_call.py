@@ -237,7 +237,7 @@ class ForcedCall:
         """Whether ``token`` may come next."""
         if token in self.stop_ids:
             return self.matcher.done
-        if not self.pending:  # the common case first, as cheap as before: a token of whole characters
+        if not self.pending:  # the common case first, without byte arithmetic: a token of whole characters
             text = self.texts.text(token, self.keep)
             if text is not None:
                 return bool(text) and self.matcher.feed(text) is not None

@@ -67,7 +67,7 @@ class JsonReply:
         """Whether ``token`` may come next."""
         if token in self.stop_ids:  # a root number may end here or go on
             return self.complete
-        if not self.pending:  # the common case first, as cheap as before: a token of whole characters
+        if not self.pending:  # the common case first, without byte arithmetic: a token of whole characters
             text = self.texts.text(token)
             if text is not None:
                 return bool(text) and self.state.feed(text) is not None

@@ -79,7 +79,7 @@ class RegexReply:
         """Whether ``token`` may come next."""
         if token in self.stop_ids:
             return self.complete
-        if not self.pending:  # the common case first, as cheap as before: a token of whole characters
+        if not self.pending:  # the common case first, without byte arithmetic: a token of whole characters
             text = self.texts.text(token)
             if text is not None:
                 return bool(text) and self._feed(text) is not None
