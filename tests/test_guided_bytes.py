@@ -141,15 +141,17 @@ def test_choice_and_regex_replies_are_their_strings_written_in_byte_pieces(kind,
 def test_json_strings_enums_and_tool_arguments_in_byte_pieces(kind, request):
     tok = request.getfixturevalue(kind)
     schema = {"type": "object", "properties": {"city": {"enum": ["東京", "Zürich"]},
-                                               "kana": {"type": "string", "pattern": "^[ぁ-ゖ]{2}$"},
-                                               "tag": {"const": "🙂"}, "数": {"type": "integer", "maximum": 9}},
-              "required": ["city", "kana", "tag", "数"], "additionalProperties": False}
+                                               "kana": {"type": "string", "pattern": "^[ぁ-ゖ]+$", "minLength": 2,
+                                                        "maxLength": 2},  # rules combined: StringRule
+                                               "tag": {"const": "🙂"}, "数": {"type": "integer", "maximum": 9},
+                                               "note": {"type": "string", "maxLength": 2}},
+              "required": ["city", "kana", "tag", "数", "note"], "additionalProperties": False}
     root, stops = compile_schema(schema).root, _stops(tok)
     raw = 0
-    for text in _sampled(tok, lambda: JsonReply(tok, root, stops), runs=12, steps=200):
+    for text in _sampled(tok, lambda: JsonReply(tok, root, stops), runs=12, steps=600):
         value = json.loads(text)
         assert value["city"] in ("東京", "Zürich") and re.fullmatch("[ぁ-ゖ]{2}", value["kana"]) \
-            and value["tag"] == "🙂" and value["数"] <= 9 and len(value) == 4, text
+            and value["tag"] == "🙂" and value["数"] <= 9 and len(value["note"]) <= 2 and len(value) == 5, text
         raw += any(ord(c) > 0x7F for c in text)
     assert raw  # not only escapes: characters written raw, in bytes
     markup = call_markup("hermes", "<tool_call>")
@@ -158,7 +160,7 @@ def test_json_strings_enums_and_tool_arguments_in_byte_pieces(kind, request):
         return ForcedCall(tok, markup, [{"type": "function", "function": {"name": "go", "parameters": schema}}],
                           "go", frozenset(), stops)
     raw = 0
-    for text in _sampled(tok, forced, runs=6, steps=300):
+    for text in _sampled(tok, forced, runs=6, steps=600):
         call = json.loads(text.removeprefix("<tool_call>\n").removesuffix("\n</tool_call>"))
         assert call["name"] == "go" and call["arguments"]["tag"] == "🙂" \
             and call["arguments"]["city"] in ("東京", "Zürich"), text
