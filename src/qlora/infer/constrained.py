@@ -164,7 +164,9 @@ class TokenTexts:
                 state = feed(text)
                 return None if state is None else (state, b"")
         data = self.bytes(token, keep)
-        parts = split(pending + data) if data else None
+        if not data or (0x80 <= data[0] <= 0xBF) != bool(pending):  # only a partial character takes a continuation
+            return None
+        parts = split(pending + data)
         if parts is None:
             return None
         text, tail = parts

@@ -237,10 +237,9 @@ class ForcedCall:
         """Whether ``token`` may come next."""
         if token in self.stop_ids:
             return self.matcher.done
-        if not self.pending:  # the common case first, without byte arithmetic: a token of whole characters
-            text = self.texts.text(token, self.keep)
-            if text is not None:
-                return bool(text) and self.matcher.feed(text) is not None
+        text = None if self.pending else self.texts.text(token, self.keep)
+        if text:  # the common case first, without byte arithmetic: a token of whole characters
+            return self.matcher.feed(text) is not None
         return self._advance(token) is not None
 
     def _preferred(self) -> list[int]:

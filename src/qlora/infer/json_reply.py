@@ -67,8 +67,7 @@ class JsonReply:
         """Whether ``token`` may come next."""
         if token in self.stop_ids:  # a root number may end here or go on
             return self.complete
-        if not self.pending:  # the common case first, without byte arithmetic: a token of whole characters
-            text = self.texts.text(token)
-            if text is not None:
-                return bool(text) and self.state.feed(text) is not None
+        text = None if self.pending else self.texts.text(token)
+        if text:  # the common case first, without byte arithmetic: a token of whole characters
+            return self.state.feed(text) is not None
         return self._advance(token) is not None

@@ -79,8 +79,7 @@ class RegexReply:
         """Whether ``token`` may come next."""
         if token in self.stop_ids:
             return self.complete
-        if not self.pending:  # the common case first, without byte arithmetic: a token of whole characters
-            text = self.texts.text(token)
-            if text is not None:
-                return bool(text) and self._feed(text) is not None
+        text = None if self.pending else self.texts.text(token)
+        if text:  # the common case first, without byte arithmetic: a token of whole characters
+            return self._feed(text) is not None
         return self._advance(token) is not None
