@@ -409,7 +409,7 @@ class ContinuousBatcher:
         request = row.request
         if token is None:  # a constraint or token filter that no token of the vocabulary satisfies
             # The constraint's whole reply, its end-of-turn token masked or absent, ends; one nothing may continue
-            # (the mask, or a character the vocabulary writes only with byte tokens) is cut here.
+            # (the mask, or a character no token spells, even in bytes) is cut here.
             reason = "stop" if request.constraint is not None and request.constraint.complete else "length"
             self._emit(row, row.text.flush(), reason)
             self.stats["requests_completed"] += 1

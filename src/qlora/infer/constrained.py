@@ -15,18 +15,25 @@ nucleus is then taken among those first 1024).
 
 A token's text is what it adds to the reply as :class:`~qlora.infer.text_stream.TextStream`
 shows it, taken after an anchor token so that SentencePiece's word-start spaces are kept;
-special tokens outside ``keep`` and tokens that decode to a partial UTF-8 character
-(byte tokens) have none and are never chosen.
+special tokens outside ``keep`` have none and are never chosen. A token holding part of a
+character (a SentencePiece ``<0xNN>`` byte token, a byte-level BPE token cut inside a character)
+has no text of its own but has bytes: :meth:`TokenTexts.advance` reads a token as bytes
+(:mod:`qlora.infer.utf8`), so a constraint takes any character its rule allows, whole or in
+pieces, and a partial character only while the rule allows some character it may become. While
+one is pending, only tokens beginning with a continuation byte can follow, and the others are
+masked (:meth:`TokenTexts.continuations`) before the scan, so the scan stays short.
 """
 
 from __future__ import annotations
 
 import weakref
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Iterator, Sequence, TypeVar
 
 import torch
 
 from .generate import SamplingOptions
+from .text_stream import byte_token_ids
+from .utf8 import span, split
 
 _CHUNKS = (16, 256, 4096)
 _REST_TOLERANCE = 1e-3
@@ -49,19 +56,43 @@ def per_tokenizer(cache: weakref.WeakKeyDictionary, tokenizer, make: Callable):
     return value
 
 
+S = TypeVar("S")
+
+
 class TokenTexts:
-    """The text each token id adds to a reply, decoded on first use and cached (one per tokenizer)."""
+    """The text and bytes each token id adds to a reply, decoded on first use and cached (one per tokenizer)."""
 
     def __init__(self, tokenizer) -> None:
         self.tokenizer = tokenizer
         self.specials = frozenset(tokenizer.all_special_ids)
         self.anchor = tokenizer("a", add_special_tokens=False).input_ids[-1:]
         self.anchor_text = tokenizer.decode(self.anchor)
+        decoder = getattr(getattr(tokenizer, "backend_tokenizer", None), "decoder", None)
+        self.byte_level = "ByteLevel" in repr(decoder)
+        self.byte_ids = byte_token_ids(tokenizer)  # SentencePiece's <0xNN>
+        self._decoded: dict[int, str] = {}
         self._texts: dict[int, str | None] = {}
+        self._bytes: dict[int, bytes | None] = {}
+        self._continuations: dict[tuple[torch.device, int], torch.Tensor] = {}
 
     @classmethod
     def of(cls, tokenizer) -> "TokenTexts":
         return per_tokenizer(_TEXTS, tokenizer, cls)
+
+    def decoded(self, token: int) -> str:
+        """``token`` decoded as it reads inside a text (U+FFFD for the bytes of a partial character)."""
+        try:
+            return self._decoded[token]
+        except KeyError:
+            pass
+        if token in self.specials:
+            text = self.tokenizer.decode([token], skip_special_tokens=False)
+        else:
+            both = self.tokenizer.decode(self.anchor + [token], skip_special_tokens=False)
+            text = both[len(self.anchor_text):] if both.startswith(self.anchor_text) else \
+                self.tokenizer.decode([token], skip_special_tokens=False)
+        self._decoded[token] = text
+        return text
 
     def text(self, token: int, keep: frozenset[int] = frozenset()) -> str | None:
         """What ``token`` adds to the reply; None for a special token not in ``keep`` or a partial character."""
@@ -71,15 +102,101 @@ class TokenTexts:
             return self._texts[token]
         except KeyError:
             pass
-        if token in self.specials:
-            text = self.tokenizer.decode([token], skip_special_tokens=False)
-        else:
-            both = self.tokenizer.decode(self.anchor + [token], skip_special_tokens=False)
-            text = both[len(self.anchor_text):] if both.startswith(self.anchor_text) else \
-                self.tokenizer.decode([token], skip_special_tokens=False)
-        text = None if "\ufffd" in text else text
-        self._texts[token] = text
+        text = self.decoded(token)
+        text = self._texts[token] = None if "\ufffd" in text else text
         return text
+
+    def bytes(self, token: int, keep: frozenset[int] = frozenset()) -> bytes | None:
+        """The UTF-8 bytes ``token`` adds to the reply (whole characters or not); None for a special token not in
+        ``keep``, or a token whose bytes the tokenizer does not show (its decoding is not theirs)."""
+        text = self.text(token, keep)
+        if text is not None:
+            return text.encode()
+        if token in self.specials:
+            return None
+        try:
+            return self._bytes[token]
+        except KeyError:
+            pass
+        raw = self.tokenizer.convert_ids_to_tokens(token)
+        value = None
+        if token in self.byte_ids:
+            value = bytes([int(raw[3:5], 16)])
+        elif self.byte_level and isinstance(raw, str) and all(c in UNICODE_TO_BYTE for c in raw):
+            value = bytes(UNICODE_TO_BYTE[c] for c in raw)
+        if value is not None and value.decode("utf-8", "replace") != self.decoded(token):
+            value = None  # not what decoding shows: the mapping does not hold for this tokenizer
+        self._bytes[token] = value
+        return value
+
+    def continuations(self, vocab: int, device: torch.device) -> torch.Tensor:
+        """A bool mask (``vocab``,) of the tokens whose bytes may begin with a UTF-8 continuation byte (all that
+        may follow a partial character); a superset read from the token strings, without decoding the vocabulary."""
+        key = (torch.device(device), vocab)
+        mask = self._continuations.get(key)
+        if mask is None:
+            ids = [t for t in self.byte_ids if 0x80 <= int(self.tokenizer.convert_ids_to_tokens(t)[3:5], 16) <= 0xBF]
+            if self.byte_level:
+                ids += [i for t, i in self.tokenizer.get_vocab().items()
+                        if t and 0x80 <= UNICODE_TO_BYTE.get(t[0], 0) <= 0xBF]
+            mask = torch.zeros(vocab, dtype=torch.bool)
+            mask[[i for i in ids if i < vocab]] = True
+            mask = self._continuations[key] = mask.to(device)
+        return mask
+
+    def advance(self, token: int, pending: bytes, feed: Callable[[str], S | None],
+                admits: Callable[[S, int, int], bool], keep: frozenset[int] = frozenset()) -> tuple[S, bytes] | None:
+        """A constraint's state after ``token``, read as bytes, and the partial character then pending; None when the
+        token may not come next.
+
+        Args:
+            token: the candidate.
+            pending: the bytes of the partial character before it (``b""``: none).
+            feed: the constraint's state after some whole characters (None: they break its rule).
+            admits: whether, in a state, some code point in ``low..high`` may come next.
+            keep: special tokens whose text counts.
+        """
+        if not pending:
+            text = self.text(token, keep)
+            if text is not None:  # whole characters: no byte arithmetic
+                if not text:
+                    return None
+                state = feed(text)
+                return None if state is None else (state, b"")
+        data = self.bytes(token, keep)
+        if not data or (0x80 <= data[0] <= 0xBF) != bool(pending):  # only a partial character takes a continuation
+            return None
+        parts = split(pending + data)
+        if parts is None:
+            return None
+        text, tail = parts
+        state = feed(text)
+        if state is None or (tail and not admits(state, *span(tail))):  # type: ignore[misc]
+            return None
+        return state, tail
+
+
+def _gpt2_unicode_to_byte() -> dict[str, int]:
+    """GPT-2's byte-level BPE alphabet: the printable character standing for each byte, reversed."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            chars[chr(b)] = b
+        else:
+            chars[chr(256 + extra)] = b
+            extra += 1
+    return chars
+
+
+UNICODE_TO_BYTE = _gpt2_unicode_to_byte()
+
+
+def masked_partial(logits: torch.Tensor, texts: TokenTexts, pending: bytes) -> torch.Tensor:
+    """``logits`` with the tokens that cannot follow ``pending`` (a partial character) at -inf; as is without one."""
+    if not pending:
+        return logits
+    return logits.masked_fill(~texts.continuations(logits.numel(), logits.device), float("-inf"))
 
 
 def literal_ids(tokenizer, text: str, keep: frozenset[int] = frozenset()) -> list[int] | None:

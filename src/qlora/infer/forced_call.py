@@ -28,7 +28,7 @@ from typing import Callable, Mapping, Sequence
 
 import torch
 
-from .constrained import TokenTexts, choose_token, literal_ids
+from .constrained import TokenTexts, choose_token, literal_ids, masked_partial
 from .generate import SamplingOptions
 from .json_prefix import JsonPrefix
 from .json_schema import Node, compile_schema, object_root
@@ -165,6 +165,15 @@ class CallMatcher:
                 return None  # _END: only the end-of-turn token may follow
         return CallMatcher(self.markup, self.choices, stage, pos, literal, args, tail)
 
+    def admits(self, low: int, high: int) -> bool:
+        """Whether some character in ``low..high`` (what a partial UTF-8 character may become) may come next."""
+        if self.stage == _OPEN or self.stage == _CLOSE:
+            return self.pos < len(self.literal) and low <= ord(self.literal[self.pos]) <= high
+        if self.stage == _NAME:
+            n = len(self.literal)
+            return any(len(c) > n and c.startswith(self.literal) and low <= ord(c[n]) <= high for c in self.choices)
+        return self.stage == _ARGS and self.args.admits(low, high)  # type: ignore[union-attr]
+
 
 def tool_arguments(parameters: Mapping | None) -> Node:
     """The compiled schema of a tool's arguments: its ``parameters``, narrowed to objects (none: any object).
@@ -201,6 +210,7 @@ class ForcedCall:
             spelled = "".join(self.texts.text(t, keep) for t in self.prefix_ids)  # type: ignore[misc]
             self.matcher = self.matcher.feed(spelled)  # type: ignore[assignment]
         self._spelled: dict[str, list[int]] = {}
+        self.pending = b""  # a partial character's bytes
 
     @property
     def complete(self) -> bool:
@@ -213,19 +223,24 @@ class ForcedCall:
         if self.matcher.done:
             stops = [t for t in self.stop_ids if t < logits.numel() and (allows is None or allows(t))]
             return max(stops, key=lambda t: float(logits[t])) if stops else None
-        token = choose_token(logits, options, generator,
+        token = choose_token(masked_partial(logits, self.texts, self.pending), options, generator,
                              self.accepts if allows is None else lambda t: allows(t) and self.accepts(t),
-                             self._preferred())
+                             () if self.pending else self._preferred())
         if token is not None:
-            self.matcher = self.matcher.feed(self.texts.text(token, self.keep))  # type: ignore[arg-type]
+            self.matcher, self.pending = self._advance(token)  # type: ignore[misc]
         return token
+
+    def _advance(self, token: int) -> tuple[CallMatcher, bytes] | None:
+        return self.texts.advance(token, self.pending, self.matcher.feed, CallMatcher.admits, self.keep)
 
     def accepts(self, token: int) -> bool:
         """Whether ``token`` may come next."""
         if token in self.stop_ids:
             return self.matcher.done
-        text = self.texts.text(token, self.keep)
-        return bool(text) and self.matcher.feed(text) is not None
+        text = None if self.pending else self.texts.text(token, self.keep)
+        if text:  # the common case first, without byte arithmetic: a token of whole characters
+            return self.matcher.feed(text) is not None
+        return self._advance(token) is not None
 
     def _preferred(self) -> list[int]:
         """Fixed markup is written as the tokenizer spells it (as in training), not as the logits would,

@@ -113,6 +113,31 @@ class JsonPrefix:
             threads = tuple(merged)[:MAX_THREADS]
         return JsonPrefix(threads)
 
+    def admits(self, low: int, high: int) -> bool:
+        """Whether some character in ``low..high`` (non-ASCII: what a partial UTF-8 character may become) may come
+        next, written raw (only inside a string)."""
+        return any(_admits(thread, low, high) for thread in self.threads)
+
+
+def _admits(thread, low: int, high: int) -> bool:
+    """:meth:`JsonPrefix.admits` for one thread: mirrors what :func:`_step` takes of a non-ASCII character."""
+    stack, mode, sub, _, node = thread
+    if mode == _STRING:
+        return sub == 0
+    if mode == _PSTRING:
+        return sub[0] == 0 and not sub[2] and node.pattern.any_in(sub[3], low, high)
+    if mode == _ENUM:
+        typed, options = sub
+        return any(len(o) > len(typed) and o.startswith(typed) and low <= ord(o[len(typed)]) <= high for o in options)
+    if mode != _KEY and mode != _CSTRING or sub[0] != 0:
+        return False
+    _, _, _, length, text = sub
+    if mode == _CSTRING and length + 1 > node.max_length:
+        return False
+    candidates = _candidates(stack, mode, node)
+    return candidates is None or any(len(c) > len(text) and c.startswith(text) and low <= ord(c[len(text)]) <= high
+                                     for c in candidates)
+
 
 def _ended(parent):
     """The thread after a value closed inside ``parent`` (None: the root)."""

@@ -6,8 +6,9 @@ calls use (:mod:`qlora.infer.json_prefix`, :func:`qlora.infer.constrained.choose
 only tokens keeping the reply the prefix of a JSON document valid under the schema's
 enforced part (:mod:`qlora.infer.json_schema` says what is enforced, at every depth),
 may be chosen; once the value is complete the best-scored end-of-turn token ends the
-reply. The reply is whole JSON unless the token limit cuts it first (``finish_reason``
-``"length"``, as OpenAI).
+reply. Tokens are read as bytes (:meth:`~qlora.infer.constrained.TokenTexts.advance`), so a
+string's character may be written raw in byte tokens, as well as escaped. The reply is whole
+JSON unless the token limit cuts it first (``finish_reason`` ``"length"``, as OpenAI).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import torch
 
 from typing import Callable
 
-from .constrained import TokenTexts, choose_token
+from .constrained import TokenTexts, choose_token, masked_partial
 from .generate import SamplingOptions
 from .json_prefix import JsonPrefix
 from .json_schema import Node
@@ -40,11 +41,12 @@ class JsonReply:
         self.texts = TokenTexts.of(tokenizer)
         self.stop_ids = frozenset(stop_ids)
         self.state = JsonPrefix.start(schema, root_object)
+        self.pending = b""  # a partial character's bytes
 
     @property
     def complete(self) -> bool:
         """Whether the reply so far is a whole valid value (it may end here)."""
-        return self.state.complete
+        return not self.pending and self.state.complete
 
     def choose(self, logits: torch.Tensor, options: SamplingOptions, generator: torch.Generator | None,
                allows: Callable[[int], bool] | None = None) -> int | None:
@@ -52,15 +54,20 @@ class JsonReply:
         if self.state.closed:
             stops = [t for t in self.stop_ids if t < logits.numel() and (allows is None or allows(t))]
             return max(stops, key=lambda t: float(logits[t])) if stops else None
-        token = choose_token(logits, options, generator,
+        token = choose_token(masked_partial(logits, self.texts, self.pending), options, generator,
                              self.accepts if allows is None else lambda t: allows(t) and self.accepts(t))
         if token is not None and token not in self.stop_ids:
-            self.state = self.state.feed(self.texts.text(token))  # type: ignore[assignment]
+            self.state, self.pending = self._advance(token)  # type: ignore[misc]
         return token
+
+    def _advance(self, token: int) -> tuple[JsonPrefix, bytes] | None:
+        return self.texts.advance(token, self.pending, self.state.feed, JsonPrefix.admits)
 
     def accepts(self, token: int) -> bool:
         """Whether ``token`` may come next."""
         if token in self.stop_ids:  # a root number may end here or go on
-            return self.state.complete
-        text = self.texts.text(token)
-        return bool(text) and self.state.feed(text) is not None
+            return self.complete
+        text = None if self.pending else self.texts.text(token)
+        if text:  # the common case first, without byte arithmetic: a token of whole characters
+            return self.state.feed(text) is not None
+        return self._advance(token) is not None

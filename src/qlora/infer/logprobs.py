@@ -21,7 +21,6 @@ from dataclasses import dataclass
 import torch
 
 from .constrained import TokenTexts, per_tokenizer
-from .text_stream import byte_token_ids
 
 
 @dataclass(frozen=True)
@@ -74,9 +73,6 @@ class TokenPieces:
         self.tokenizer = tokenizer
         self.texts = TokenTexts.of(tokenizer)
         self.specials = self.texts.specials
-        decoder = getattr(getattr(tokenizer, "backend_tokenizer", None), "decoder", None)
-        self.byte_level = "ByteLevel" in repr(decoder)
-        self.byte_ids = byte_token_ids(tokenizer)  # SentencePiece's <0xNN>
         self._bytes: dict[int, bytes] = {}
 
     @classmethod
@@ -89,15 +85,8 @@ class TokenPieces:
             return self._bytes[token]
         except KeyError:
             pass
-        raw = self.tokenizer.convert_ids_to_tokens(token)
-        text = self.texts.text(token, self.specials)
-        if token in self.byte_ids:
-            value = bytes([int(raw[3:5], 16)])
-        elif text is not None:
-            value = text.encode()
-        elif self.byte_level and isinstance(raw, str) and all(c in _UNICODE_TO_BYTE for c in raw):
-            value = bytes(_UNICODE_TO_BYTE[c] for c in raw)
-        else:
+        value = self.texts.bytes(token, self.specials)
+        if value is None:
             value = self.tokenizer.decode([token], skip_special_tokens=False).encode()
         self._bytes[token] = value
         return value
@@ -109,19 +98,3 @@ class TokenPieces:
             return value.decode()
         except UnicodeDecodeError:
             return "bytes:" + "".join(f"\\x{b:02x}" for b in value)
-
-
-def _gpt2_unicode_to_byte() -> dict[str, int]:
-    """GPT-2's byte-level BPE alphabet: the printable character standing for each byte, reversed."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    chars, extra = {}, 0
-    for b in range(256):
-        if b in printable:
-            chars[chr(b)] = b
-        else:
-            chars[chr(256 + extra)] = b
-            extra += 1
-    return chars
-
-
-_UNICODE_TO_BYTE = _gpt2_unicode_to_byte()

@@ -4,7 +4,9 @@ vLLM's ``guided_regex`` / ``guided_choice`` (``structured_outputs`` ``regex`` / 
 are served with the automata of :mod:`qlora.infer.regex` and the candidate scan of
 :func:`qlora.infer.constrained.choose_token`: only tokens keeping the reply a prefix of
 some full match may be chosen, an end-of-turn token only once the reply is a full match,
-and once nothing may follow, the best-scored end-of-turn token ends it. The pattern
+and once nothing may follow, the best-scored end-of-turn token ends it. Tokens are read as
+bytes (:meth:`~qlora.infer.constrained.TokenTexts.advance`): a character the vocabulary
+spells only in byte tokens, or that a token splits, is written in pieces. The pattern
 dialect is the one JSON Schema ``pattern`` s are enforced in (Python's ``re`` and
 ECMA-262 agree on it); anything outside it raises :class:`~qlora.infer.regex.PatternError`.
 """
@@ -15,7 +17,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from .constrained import TokenTexts, choose_token
+from .constrained import TokenTexts, choose_token, masked_partial
 from .generate import SamplingOptions
 from .regex import Regex
 
@@ -43,35 +45,41 @@ class RegexReply:
         self.regex = regex
         self.stop_ids = frozenset(stop_ids)
         self.states = regex.start
+        self.pending = b""  # a partial character's bytes
 
     @property
     def complete(self) -> bool:
         """Whether the reply so far is a full match (it may end here)."""
-        return self.regex.accepts(self.states)
+        return not self.pending and self.regex.accepts(self.states)
 
     def choose(self, logits: torch.Tensor, options: SamplingOptions, generator: torch.Generator | None,
                allows: Callable[[int], bool] | None = None) -> int | None:
         """The next token of the reply among those ``allows`` allows (None: no token of the vocabulary continues it)."""
-        if not self.regex.any_in(self.states, 0, _TOP):  # a full match nothing may extend: the turn ends
+        if not self.pending and not self.regex.any_in(self.states, 0, _TOP):  # a full match nothing may extend
             stops = [t for t in self.stop_ids if t < logits.numel() and (allows is None or allows(t))]
             return max(stops, key=lambda t: float(logits[t])) if stops else None
-        token = choose_token(logits, options, generator,
+        token = choose_token(masked_partial(logits, self.texts, self.pending), options, generator,
                              self.accepts if allows is None else lambda t: allows(t) and self.accepts(t))
         if token is not None and token not in self.stop_ids:
-            self.states = self._feed(self.texts.text(token) or "")
+            self.states, self.pending = self._advance(token)  # type: ignore[misc]
         return token
 
-    def _feed(self, text: str) -> frozenset[int]:
+    def _feed(self, text: str) -> frozenset[int] | None:
         states = self.states
         for ch in text:
             states = self.regex.step(states, ord(ch))
             if not states:
-                break
+                return None
         return states
+
+    def _advance(self, token: int) -> tuple[frozenset[int], bytes] | None:
+        return self.texts.advance(token, self.pending, self._feed, self.regex.any_in)
 
     def accepts(self, token: int) -> bool:
         """Whether ``token`` may come next."""
         if token in self.stop_ids:
-            return self.regex.accepts(self.states)
-        text = self.texts.text(token)
-        return bool(text) and bool(self._feed(text))
+            return self.complete
+        text = None if self.pending else self.texts.text(token)
+        if text:  # the common case first, without byte arithmetic: a token of whole characters
+            return self._feed(text) is not None
+        return self._advance(token) is not None

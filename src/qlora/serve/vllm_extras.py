@@ -116,10 +116,10 @@ def token_filter(body: _Body, tokenizer) -> TokenFilter | None:
 
 def refuse_dead_start(constraint: Constraint | None, masked: TokenFilter | None, what: str, vocab_size: int) -> None:
     """A 400 when no token may begin ``constraint``'s reply (``what`` names the request field asking for it): none
-    of ``allowed_token_ids`` (less those ``bad_words`` mask), or none of the vocabulary, whose tokens a constraint
-    takes only when they write whole characters (a character spelled only by byte tokens cannot be written). Known
-    before decoding, so not a reply cut at its first token; where this shows later, the reply ends there (the
-    batcher's ``"stop"`` when it is whole, else ``"length"``)."""
+    of ``allowed_token_ids`` (less those ``bad_words`` mask), or none of the vocabulary (no token spells its first
+    character, whole or in bytes: a tokenizer without byte fallback lacking it). Known before decoding, so not a
+    reply cut at its first token; where this shows later, the reply ends there (the batcher's ``"stop"`` when it is
+    whole, else ``"length"``)."""
     if constraint is None or constraint.complete:
         return
     tokens = range(vocab_size) if masked is None or masked.allowed is None else masked.allowed
@@ -130,10 +130,10 @@ def refuse_dead_start(constraint: Constraint | None, masked: TokenFilter | None,
         raise APIError(400, f"'allowed_token_ids' hold no token{banned} that can begin the reply '{what}' asks for, "
                             "so no reply could be written: allow a token it may start with, or send the request "
                             "without one of the two", "allowed_token_ids")
-    raise APIError(400, f"No token of this model's vocabulary can begin the reply '{what}' asks for: its first "
-                        "character is written only in pieces (byte tokens), which constrained decoding does not "
-                        "choose" + (", or 'bad_words' mask the tokens that would" if masked is not None else "")
-                   + "; ask for text that starts with characters the vocabulary holds", what)
+    raise APIError(400, f"No token of this model's vocabulary can begin the reply '{what}' asks for: no token "
+                        "spells its first character, whole or as UTF-8 bytes (the tokenizer has no byte fallback for "
+                        "it)" + (", or 'bad_words' mask the tokens that would" if masked is not None else "")
+                   + "; ask for text that starts with characters the vocabulary can write", what)
 
 
 def stop_ids(body: _Body, defaults: frozenset[int], vocab_size: int) -> frozenset[int]:
