@@ -127,3 +127,27 @@ def test_accumulated_packed_rows_equal_one_batch_of_them(tmp_path, tiny_model_di
     a, b = (load_file(str(out / "adapter_model.safetensors")) for _, out in runs.values())
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5)
+
+
+def _records(out: Path) -> list[dict]:
+    """metrics.jsonl less the wall-clock fields."""
+    rows = map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
+    return [{k: v for k, v in r.items() if k not in ("tokens_per_s", "gpu_mem_gib")} for r in rows]
+
+
+def test_resume_after_the_last_checkpoint_logs_the_final_evaluation_once(tmp_path, tiny_model_dir):
+    """The last step is checkpointed before the final evaluation (not on an --eval-steps step) runs: a run killed
+    after that evaluation, while the adapter is written, or resumed once it finished, evaluates again, and
+    metrics.jsonl still reads as the uninterrupted run, one record per evaluation."""
+    data = _write(tmp_path / "d.jsonl", SFT)
+    kw = dict(eval_split=2, eval_steps=4, dropout=0.1)
+    full, killed = tmp_path / "full", tmp_path / "killed"
+    _run(_options(tiny_model_dir, data, full, **kw))
+    assert [r["step"] for r in _records(full) if r["split"] == "eval"] == [4, 6]
+    expected = _records(full)
+    shutil.copytree(full, killed)
+    (killed / "adapter_model.safetensors").unlink()  # killed while the final adapter was written
+    for out in (killed, full):  # and a finished run resumed
+        _run(_options(tiny_model_dir, data, out, resume=True, **kw))
+        assert _records(out) == expected and (out / "adapter_model.safetensors").is_file()
+    _assert_same_adapter(killed, full)
