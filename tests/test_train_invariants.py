@@ -151,3 +151,23 @@ def test_resume_after_the_last_checkpoint_logs_the_final_evaluation_once(tmp_pat
         _run(_options(tiny_model_dir, data, out, resume=True, **kw))
         assert _records(out) == expected and (out / "adapter_model.safetensors").is_file()
     _assert_same_adapter(killed, full)
+
+
+def test_tensorboard_of_a_resumed_run_shows_each_step_once(tmp_path, tiny_model_dir):
+    """A run killed steps after its checkpoint had logged those steps to TensorBoard too: the resumed run hides
+    them there (as metrics.jsonl drops them), so the loss curve reads as the uninterrupted run's."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    data = _write(tmp_path / "d.jsonl", SFT)
+    full, killed = tmp_path / "full", tmp_path / "killed"
+    kw = dict(save_steps=2, max_steps=5)
+    losses = _run(_options(tiny_model_dir, data, full, **kw))
+    shutil.copytree(full, killed)  # as if killed after step 5 had been logged: steps 3 .. 5 are run again
+    for later in list_checkpoints(killed)[1:]:
+        shutil.rmtree(later)
+    (killed / "adapter_model.safetensors").unlink()
+    assert _run(_options(tiny_model_dir, data, killed, resume=True, **kw)) == losses
+    events = EventAccumulator(str(killed / "events"))
+    events.Reload()
+    shown = [(e.step, e.value) for e in events.Scalars("train/loss")]
+    assert shown == [(step, pytest.approx(loss)) for step, loss in enumerate(losses, 1)]

@@ -49,7 +49,8 @@ class MetricsLogger:
         self.path.write_text("".join(json.dumps(r) + "\n" for r in self.records))
         self._file = open(self.path, "a")
         self._bar = progress_bar(total_steps, initial=start_step, unit="step", enabled=progress)
-        self._tb = _tensorboard(out_dir / "events", self.write)
+        # on resume, TensorBoard hides what earlier event files hold of the steps after the checkpoint
+        self._tb = _tensorboard(out_dir / "events", self.write, purge_step=start_step + 1 if start_step else None)
 
     def log(self, record: dict[str, Any]) -> None:
         """Append one record (must hold ``step`` and ``split``)."""
@@ -97,14 +98,15 @@ def _read_until(path: Path, step: int, kept: int | None) -> list[dict[str, Any]]
     return records[:kept] if kept is not None else [r for r in records if r["step"] <= step]
 
 
-def _tensorboard(log_dir: Path, say) -> Any:
-    """A TensorBoard writer, or None (said once) when tensorboard is not installed."""
+def _tensorboard(log_dir: Path, say, purge_step: int | None) -> Any:
+    """A TensorBoard writer, or None (said once) when tensorboard is not installed. ``purge_step``: events of
+    this step and later that earlier writers logged are hidden (the steps a resumed run runs again)."""
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:
         say("qlora: TensorBoard logging off (pip install tensorboard to get it); metrics.jsonl and loss.png are written")
         return None
-    return SummaryWriter(str(log_dir))
+    return SummaryWriter(str(log_dir), purge_step=purge_step)
 
 
 def plot_losses(records: list[dict[str, Any]], path: Path) -> None:
