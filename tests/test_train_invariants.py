@@ -171,3 +171,26 @@ def test_tensorboard_of_a_resumed_run_shows_each_step_once(tmp_path, tiny_model_
     events.Reload()
     shown = [(e.step, e.value) for e in events.Scalars("train/loss")]
     assert shown == [(step, pytest.approx(loss)) for step, loss in enumerate(losses, 1)]
+
+
+@pytest.mark.parametrize("counted", [True, False], ids=["checkpoint", "checkpoint-without-record-count"])
+def test_resume_after_a_kill_mid_record_reads_the_records_before_it(tmp_path, tiny_model_dir, counted):
+    """A run killed (or out of disk) while writing a metrics.jsonl record leaves its last line cut: --resume
+    drops it with the other records past the checkpoint instead of failing on it (also from a checkpoint
+    written before checkpoints counted the records)."""
+    data = _write(tmp_path / "d.jsonl", SFT)
+    full, killed = tmp_path / "full", tmp_path / "killed"
+    kw = dict(save_steps=2, max_steps=4)
+    losses = _run(_options(tiny_model_dir, data, full, **kw))
+    shutil.copytree(full, killed)
+    shutil.rmtree(list_checkpoints(killed)[-1])
+    (killed / "adapter_model.safetensors").unlink()
+    if not counted:
+        state_file = list_checkpoints(killed)[-1] / "trainer_state.pt"
+        state = torch.load(state_file, weights_only=True)
+        del state["metric_records"]
+        torch.save(state, state_file)
+    with open(killed / "metrics.jsonl", "a") as fh:
+        fh.write('{"split": "train", "step": 5, "lo')
+    assert _run(_options(tiny_model_dir, data, killed, resume=True, **kw)) == losses
+    assert _records(killed) == _records(full)

@@ -91,11 +91,20 @@ class MetricsLogger:
 
 def _read_until(path: Path, step: int, kept: int | None) -> list[dict[str, Any]]:
     """The records a resumed run keeps: the first ``kept``, as the step alone cannot tell the evaluation that
-    follows the last step's checkpoint (run again on resume) from one of that step before it."""
+    follows the last step's checkpoint (run again on resume) from one of that step before it. The records past
+    them are not read: a run killed (or out of disk) mid-write leaves its last line cut."""
     if step == 0 or not path.exists():
         return []
-    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return records[:kept] if kept is not None else [r for r in records if r["step"] <= step]
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    if kept is not None:
+        return [json.loads(line) for line in lines[:kept]]
+    records = []
+    for line in lines:
+        try:
+            records.append(json.loads(line))
+        except ValueError:  # the line a kill cut short, the file's last
+            break
+    return [r for r in records if r["step"] <= step]
 
 
 def _tensorboard(log_dir: Path, say, purge_step: int | None) -> Any:
