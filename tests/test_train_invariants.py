@@ -127,3 +127,70 @@ def test_accumulated_packed_rows_equal_one_batch_of_them(tmp_path, tiny_model_di
     a, b = (load_file(str(out / "adapter_model.safetensors")) for _, out in runs.values())
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5)
+
+
+def _records(out: Path) -> list[dict]:
+    """metrics.jsonl less the wall-clock fields."""
+    rows = map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
+    return [{k: v for k, v in r.items() if k not in ("tokens_per_s", "gpu_mem_gib")} for r in rows]
+
+
+def test_resume_after_the_last_checkpoint_logs_the_final_evaluation_once(tmp_path, tiny_model_dir):
+    """The last step is checkpointed before the final evaluation (not on an --eval-steps step) runs: a run killed
+    after that evaluation, while the adapter is written, or resumed once it finished, evaluates again, and
+    metrics.jsonl still reads as the uninterrupted run, one record per evaluation."""
+    data = _write(tmp_path / "d.jsonl", SFT)
+    kw = dict(eval_split=2, eval_steps=4, dropout=0.1)
+    full, killed = tmp_path / "full", tmp_path / "killed"
+    _run(_options(tiny_model_dir, data, full, **kw))
+    assert [r["step"] for r in _records(full) if r["split"] == "eval"] == [4, 6]
+    expected = _records(full)
+    shutil.copytree(full, killed)
+    (killed / "adapter_model.safetensors").unlink()  # killed while the final adapter was written
+    for out in (killed, full):  # and a finished run resumed
+        _run(_options(tiny_model_dir, data, out, resume=True, **kw))
+        assert _records(out) == expected and (out / "adapter_model.safetensors").is_file()
+    _assert_same_adapter(killed, full)
+
+
+def test_tensorboard_of_a_resumed_run_shows_each_step_once(tmp_path, tiny_model_dir):
+    """A run killed steps after its checkpoint had logged those steps to TensorBoard too: the resumed run hides
+    them there (as metrics.jsonl drops them), so the loss curve reads as the uninterrupted run's."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    data = _write(tmp_path / "d.jsonl", SFT)
+    full, killed = tmp_path / "full", tmp_path / "killed"
+    kw = dict(save_steps=2, max_steps=5)
+    losses = _run(_options(tiny_model_dir, data, full, **kw))
+    shutil.copytree(full, killed)  # as if killed after step 5 had been logged: steps 3 .. 5 are run again
+    for later in list_checkpoints(killed)[1:]:
+        shutil.rmtree(later)
+    (killed / "adapter_model.safetensors").unlink()
+    assert _run(_options(tiny_model_dir, data, killed, resume=True, **kw)) == losses
+    events = EventAccumulator(str(killed / "events"))
+    events.Reload()
+    shown = [(e.step, e.value) for e in events.Scalars("train/loss")]
+    assert shown == [(step, pytest.approx(loss)) for step, loss in enumerate(losses, 1)]
+
+
+@pytest.mark.parametrize("counted", [True, False], ids=["checkpoint", "checkpoint-without-record-count"])
+def test_resume_after_a_kill_mid_record_reads_the_records_before_it(tmp_path, tiny_model_dir, counted):
+    """A run killed (or out of disk) while writing a metrics.jsonl record leaves its last line cut: --resume
+    drops it with the other records past the checkpoint instead of failing on it (also from a checkpoint
+    written before checkpoints counted the records)."""
+    data = _write(tmp_path / "d.jsonl", SFT)
+    full, killed = tmp_path / "full", tmp_path / "killed"
+    kw = dict(save_steps=2, max_steps=4)
+    losses = _run(_options(tiny_model_dir, data, full, **kw))
+    shutil.copytree(full, killed)
+    shutil.rmtree(list_checkpoints(killed)[-1])
+    (killed / "adapter_model.safetensors").unlink()
+    if not counted:
+        state_file = list_checkpoints(killed)[-1] / "trainer_state.pt"
+        state = torch.load(state_file, weights_only=True)
+        del state["metric_records"]
+        torch.save(state, state_file)
+    with open(killed / "metrics.jsonl", "a") as fh:
+        fh.write('{"split": "train", "step": 5, "lo')
+    assert _run(_options(tiny_model_dir, data, killed, resume=True, **kw)) == losses
+    assert _records(killed) == _records(full)

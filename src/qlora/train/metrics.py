@@ -3,7 +3,7 @@
 
 metrics.jsonl is the record of truth (one JSON object a line, ``"split"`` =
 train or eval); TensorBoard and the PNG are views of it. On resume the lines
-after the checkpoint's step are dropped, so the file reads as one run.
+written after the checkpoint are dropped, so the file reads as one run.
 matplotlib is a dependency (a loss plot after every run is worth it);
 TensorBoard is optional (``pip install tensorboard``): without it the run says
 so in one line and writes everything else. Neither view can lose a run: a
@@ -39,14 +39,18 @@ class NullMetrics:
 class MetricsLogger:
     """Writes every record to metrics.jsonl, TensorBoard (when it imports) and the bar."""
 
-    def __init__(self, out_dir: Path, total_steps: int, start_step: int = 0, progress: bool = True) -> None:
+    def __init__(self, out_dir: Path, total_steps: int, start_step: int = 0, progress: bool = True,
+                 kept: int | None = None) -> None:
+        """``kept``: on resume, how many records the run had written when its checkpoint was (None: the records
+        of steps up to ``start_step``, for checkpoints that did not count them)."""
         self.out_dir = out_dir
         self.path = out_dir / "metrics.jsonl"
-        self.records = _read_until(self.path, start_step)
+        self.records = _read_until(self.path, start_step, kept)
         self.path.write_text("".join(json.dumps(r) + "\n" for r in self.records))
         self._file = open(self.path, "a")
         self._bar = progress_bar(total_steps, initial=start_step, unit="step", enabled=progress)
-        self._tb = _tensorboard(out_dir / "events", self.write)
+        # on resume, TensorBoard hides what earlier event files hold of the steps after the checkpoint
+        self._tb = _tensorboard(out_dir / "events", self.write, purge_step=start_step + 1 if start_step else None)
 
     def log(self, record: dict[str, Any]) -> None:
         """Append one record (must hold ``step`` and ``split``)."""
@@ -85,21 +89,33 @@ class MetricsLogger:
                   f"{self.path}.")
 
 
-def _read_until(path: Path, step: int) -> list[dict[str, Any]]:
+def _read_until(path: Path, step: int, kept: int | None) -> list[dict[str, Any]]:
+    """The records a resumed run keeps: the first ``kept``, as the step alone cannot tell the evaluation that
+    follows the last step's checkpoint (run again on resume) from one of that step before it. The records past
+    them are not read: a run killed (or out of disk) mid-write leaves its last line cut."""
     if step == 0 or not path.exists():
         return []
-    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    if kept is not None:
+        return [json.loads(line) for line in lines[:kept]]
+    records = []
+    for line in lines:
+        try:
+            records.append(json.loads(line))
+        except ValueError:  # the line a kill cut short, the file's last
+            break
     return [r for r in records if r["step"] <= step]
 
 
-def _tensorboard(log_dir: Path, say) -> Any:
-    """A TensorBoard writer, or None (said once) when tensorboard is not installed."""
+def _tensorboard(log_dir: Path, say, purge_step: int | None) -> Any:
+    """A TensorBoard writer, or None (said once) when tensorboard is not installed. ``purge_step``: events of
+    this step and later that earlier writers logged are hidden (the steps a resumed run runs again)."""
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:
         say("qlora: TensorBoard logging off (pip install tensorboard to get it); metrics.jsonl and loss.png are written")
         return None
-    return SummaryWriter(str(log_dir))
+    return SummaryWriter(str(log_dir), purge_step=purge_step)
 
 
 def plot_losses(records: list[dict[str, Any]], path: Path) -> None:

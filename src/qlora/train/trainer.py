@@ -245,6 +245,7 @@ class Trainer:
         self.losses: list[float] = []
         self.adapter_hooks = None  # adapter-specific work around each step (AdaLoRA: penalty, rank allocation)
         self._saved_step: int | None = None  # step of the newest checkpoint (the same on every rank)
+        self._saved_records: int | None = None  # metrics.jsonl records written when the resumed checkpoint was
         self._input_grads = False  # the input embeddings' output requires grad (see _loss_reaching_adapters)
         self._graph_checked = False  # the first loss of this process was checked for a graph that reaches adapters
 
@@ -312,7 +313,7 @@ class Trainer:
         self.out.mkdir(parents=True, exist_ok=True)
         record(self.out, *RUN_ENTRIES)
         self._write_config()
-        self.metrics = MetricsLogger(self.out, self.total_steps, self.step, cfg.progress)
+        self.metrics = MetricsLogger(self.out, self.total_steps, self.step, cfg.progress, self._saved_records)
         if self.template_fallback:
             self.metrics.write(fallback_note(self.tokenizer))
         if self.dense_experts:
@@ -900,7 +901,8 @@ class Trainer:
             save_adapter(self.model, tmp / "adapter", tokenizer=self._adapter_tokenizer())
             state = {"step": self.step, "optimizer": self.optimizer.state_dict(),
                      "scheduler": self.scheduler.state_dict(), "rng": _rng_state(), "losses": self.losses,
-                     "scaler": self.scaler.state_dict() if self.scaler else None}
+                     "scaler": self.scaler.state_dict() if self.scaler else None,
+                     "metric_records": len(self.metrics.records)}
             with open(tmp / STATE_FILE, "wb") as fh:  # a file object: a full disk raises OSError, not RuntimeError
                 torch.save(state, fh)
             run_config = {**self.config.run_defining(self.dist.world_size), "template_date": self.config.template_date,
@@ -936,6 +938,7 @@ class Trainer:
         _set_rng_state(state["rng"])
         self.step, self.losses = state["step"], list(state["losses"])
         self._saved_step = self.step
+        self._saved_records = state.get("metric_records")  # absent from checkpoints written before it was counted
 
     def _adapter_tokenizer(self):
         """The tokenizer, when the adapter needs it to be reloaded (added tokens)."""
