@@ -336,6 +336,8 @@ class TrainConfig:
         self._validate_schedule()
         try:
             read_template(self.template) if is_custom(self.template) else template_name(self.template)
+        except UsageError:  # read_template's own message names the option and the file
+            raise
         except ValueError as exc:
             raise UsageError(f"--template: {exc}; or give your own chat template as a .jinja file") from None
         for name in _STEP_SHARES:
