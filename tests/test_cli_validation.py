@@ -60,6 +60,14 @@ def test_out_of_range_options_exit_2_naming_the_option(argv, flag, capsys):
     assert code == 2 and flag in err, err
 
 
+def test_an_option_refused_by_the_parser_is_reported_under_its_command(capsys):
+    """As every later check reports it (``qlora eval: error: ...``), not as the top-level ``qlora``'s."""
+    code, err = _run(["eval", "--model", "m", "--data", "d.jsonl", "--batch-size", "0"], capsys)
+    assert code == 2 and err.splitlines()[-1].startswith("qlora eval: error: argument --batch-size"), err
+    code, err = _run(["generate", "--model", "m", "--prompt", "hi", "--template", "missing.jinja"], capsys)
+    assert code == 2 and err.splitlines()[-1].startswith("qlora generate: error: argument --template"), err
+
+
 def _numeric_options():
     """Every int/float option of every command, with its parser action."""
     for command in COMMANDS:

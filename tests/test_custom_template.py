@@ -121,6 +121,7 @@ def test_a_bad_template_file_is_refused_by_name(tmp_path, tiny_model_dir, capsys
                  str(tmp_path / "run"), "--max-steps", "1", "--no-progress", "--template", str(path)]) == 2
     err = capsys.readouterr().err
     assert f"--template {path}" in err or f"--template: {path}" in err, err
+    assert err.count("--template") == 1 and ".;" not in err, err  # said once, not wrapped in a second message
     assert message in err and "Traceback" not in err, err
 
 

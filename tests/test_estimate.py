@@ -245,6 +245,21 @@ def test_cli_defaults_are_train_defaults_and_the_model_is_positional(capsys):
     assert main(["estimate"]) == 2
 
 
+def test_the_help_borrowed_from_train_names_only_estimate_options():
+    """estimate shows train's help for the options it shares; a flag that help names must be one estimate takes."""
+    import argparse
+    import re
+
+    from qlora.cli.main import build_parser
+
+    sub = next(a for a in build_parser("estimate")._actions if isinstance(a, argparse._SubParsersAction))
+    parser = sub.choices["estimate"]
+    flags = {o for a in parser._actions for o in a.option_strings}
+    for action in parser._actions:
+        named = set(re.findall(r"--[a-z][a-z0-9-]*", action.help or ""))
+        assert named <= flags, (action.option_strings, sorted(named - flags))
+
+
 def _needs_model_type(model_type: str) -> None:
     from transformers import CONFIG_MAPPING
 

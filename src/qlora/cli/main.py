@@ -48,7 +48,7 @@ class _Parser(argparse.ArgumentParser):
                     close = [alias]
                 if close:
                     message += f" (did you mean {', '.join(close)} for {word}?)"
-        self.exit(2, f"qlora: error: {message}\n")
+        self.exit(2, f"{self.prog}: error: {message}\n")
 
 
 def _alias(flag: str) -> str | None:

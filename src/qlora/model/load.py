@@ -290,7 +290,8 @@ def load_model(
 
     Args:
         name_or_path: local model folder, or a hub id when a hub is reachable.
-        quant: ``"nf4"``, ``"fp4"`` or ``None`` (16-bit, for LoRA without quantization).
+        quant: ``"nf4"``, ``"fp4"`` or ``None`` (16-bit, for LoRA without quantization; ``"none"``, the CLI's
+            spelling, is the same).
         double_quant, blocksize: see :func:`qlora.quant.quantize_4bit`. A checkpoint whose config
             has a bitsandbytes 4-bit ``quantization_config`` is loaded in the format it names
             (its packed codes as they are), whatever these say.
@@ -314,6 +315,8 @@ def load_model(
     """
     from safetensors import SafetensorError
 
+    if quant == "none":
+        quant = None
     if quant not in ("nf4", "fp4", None):
         raise UsageError(f"quant must be nf4, fp4 or none, got {quant!r}")
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))

@@ -164,7 +164,8 @@ class TrainConfig:
     template: str = _opt("auto", "chat template: auto = the model's own (if none: chatml or llama-3 when the "
                                  "vocabulary has their markers, else alpaca), tokenizer = the "
                                  "model's own (required), a built-in one (chatml, llama-3, alpaca), or your own: "
-                                 "a Jinja file (.jinja) or a tokenizer folder; saved with the adapter")
+                                 "a Jinja file (.jinja), a tokenizer folder or inline Jinja text; saved with the "
+                                 "adapter")
     system_into_user: bool = _opt(False, "fold a system message into the first user turn (for chat templates without "
                                          "a system role, e.g. Gemma 2, Mixtral); saved with the adapter")
     template_date: str = _opt("", "date (YYYY-MM-DD) that date-dependent chat templates (strftime_now) see; empty: the "
@@ -336,6 +337,8 @@ class TrainConfig:
         self._validate_schedule()
         try:
             read_template(self.template) if is_custom(self.template) else template_name(self.template)
+        except UsageError:  # read_template's own message names the option and the file
+            raise
         except ValueError as exc:
             raise UsageError(f"--template: {exc}; or give your own chat template as a .jinja file") from None
         for name in _STEP_SHARES:

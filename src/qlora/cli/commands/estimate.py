@@ -24,7 +24,11 @@ _TRAIN_OPTIONS = ("quant", "double_quant", "blocksize", "quantize_experts", "ran
                   "method", "precompute_ref")
 # train's help for these speaks of train's other options; what they mean for the estimate instead
 _ESTIMATE_HELP = {"precompute_ref": "dpo: count the reference log-probs as computed once before training, "
-                                    "without a reference forward pass in each step"}
+                                    "without a reference forward pass in each step",
+                  "method": "training objective, as qlora train's --method: sft, or on preference pairs dpo (against "
+                            "a reference model), orpo, cpo or simpo, or kto on unpaired rows",
+                  "target_parameters": "comma-separated 3-D MoE expert weights to adapt, one LoRA per expert (PEFT's "
+                                       "target_parameters), e.g. mlp.experts.gate_up_proj,mlp.experts.down_proj"}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
