@@ -254,12 +254,24 @@ def test_manifest_lists_only_qlora_entries(tmp_path, tiny_model_dir):
     data = _data(tmp_path / "d.jsonl")
     assert _train(tiny_model_dir, data, tmp_path / "run") == 0
     manifest = json.loads((tmp_path / "run" / MANIFEST).read_text())
-    assert set(manifest["entries"]) <= set(os.listdir(tmp_path / "run")) | {"events", "loss.png", "loftq-base"}
+    assert set(manifest["entries"]) <= set(os.listdir(tmp_path / "run")) | {"events", "loss.png"}
     for folder in (tmp_path / "run", tmp_path / "run" / "checkpoints" / "step-0000002"):
         assert stat.S_IMODE(folder.stat().st_mode) == 0o777 & ~_umask()
         files = [p for p in folder.rglob("*") if p.is_file()]
         assert any(p.suffix == ".safetensors" for p in files)
         assert {stat.S_IMODE(p.stat().st_mode) for p in files} == {0o666 & ~_umask()}, folder
+
+
+def test_overwrite_keeps_a_users_folder_named_like_an_entry_the_run_did_not_write(tmp_path, tiny_model_dir):
+    """Only --init loftq writes loftq-base/: a run without it must not claim (and --overwrite delete) the user's."""
+    data = _data(tmp_path / "d.jsonl")
+    assert _train(tiny_model_dir, data, tmp_path / "run") == 0
+    mine = tmp_path / "run" / "loftq-base" / "notes.txt"
+    mine.parent.mkdir()
+    mine.write_text("mine")
+    assert _train(tiny_model_dir, data, tmp_path / "run", "--overwrite") == 0
+    assert mine.read_text() == "mine"
+    assert (tmp_path / "run" / "adapter_model.safetensors").is_file()
 
 
 def test_chat_save_never_replaces_a_file(tmp_path):

@@ -78,7 +78,8 @@ STATE_FILE = "trainer_state.pt"
 # What a run writes at the top of --output besides the final adapter and tokenizer files,
 # all recorded in the folder's manifest so --overwrite removes them and nothing else.
 RUN_ENTRIES = (CHECKPOINTS, "config.yaml", "metrics.jsonl", "events", "loss.png",
-               "adapter_config.json", "adapter_model.safetensors", "qlora_adapter.json", "loftq-base")
+               "adapter_config.json", "adapter_model.safetensors", "qlora_adapter.json")
+LOFTQ_BASE = "loftq-base"  # only --init loftq writes it: a user's folder of that name is not recorded as qlora's
 # Options a checkpoint from before qlora bounded images lacks: resumed unbounded-before, bounded-after (a warning).
 _PIXEL_KEYS = ("image_max_pixels", "image_min_pixels", "image_resize")
 # Names save_pretrained may give tokenizer files: a user's file of such a name is refused up front.
@@ -311,7 +312,7 @@ class Trainer:
             self.metrics = NullMetrics()
             return
         self.out.mkdir(parents=True, exist_ok=True)
-        record(self.out, *RUN_ENTRIES)
+        record(self.out, *self._run_entries())
         self._write_config()
         self.metrics = MetricsLogger(self.out, self.total_steps, self.step, cfg.progress, self._saved_records)
         if self.template_fallback:
@@ -390,7 +391,7 @@ class Trainer:
                     "see other examples, and --epochs can give another number of steps, than before.",
                     checkpoints[-1])
             return checkpoints[-1]
-        check_output(self.out, overwrite=cfg.overwrite, writes=RUN_ENTRIES + _TOKENIZER_FILES,
+        check_output(self.out, overwrite=cfg.overwrite, writes=self._run_entries() + _TOKENIZER_FILES,
                      alternative="--resume to continue its run",
                      inputs={"--model": cfg.model, "--data": cfg.data, "--eval-data": cfg.eval_data})
         return None
@@ -966,7 +967,11 @@ class Trainer:
             if self.config.init == "loftq":  # the adapter is only valid on its LoftQ base: ship the base with it
                 from qlora.model.quantized_io import save_quantized
 
-                save_quantized(self.model, stage / "loftq-base", tokenizer=self.tokenizer)
+                save_quantized(self.model, stage / LOFTQ_BASE, tokenizer=self.tokenizer)
+
+    def _run_entries(self) -> tuple[str, ...]:
+        """The top-level entries this run writes besides the tokenizer files (recorded as qlora's)."""
+        return RUN_ENTRIES + ((LOFTQ_BASE,) if self.config.init == "loftq" else ())
 
     def _write_config(self) -> None:
         import yaml
