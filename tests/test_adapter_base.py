@@ -78,6 +78,20 @@ def test_train_continues_an_adapter_folder_on_its_base_and_format(fp4_adapter, t
     assert json.loads((out / "qlora_adapter.json").read_text())["base_quantization"] == FP4_128
 
 
+def test_train_with_only_an_adapter_takes_the_base_it_names(fp4_adapter, tiny_model_dir, tmp_path, capsys):
+    data = tmp_path / "d.jsonl"
+    data.write_text("\n".join(json.dumps({"instruction": f"say {i}", "output": f"ok {i}"}) for i in range(4)))
+    out = tmp_path / "run"
+    assert main(["train", "--adapter", str(fp4_adapter), "--data", str(data), "--output", str(out), "--max-steps",
+                 "1", "--no-progress"]) == 0
+    assert f"on the base its adapter_config.json names, {tiny_model_dir}" in capsys.readouterr().err
+    import yaml
+
+    config = yaml.safe_load((out / "config.yaml").read_text())
+    assert (config["model"], config["adapter"]) == (str(tiny_model_dir), str(fp4_adapter))
+    assert {k: config[k] for k in FP4_128} == FP4_128
+
+
 def test_an_adapter_folder_that_names_no_base_is_refused(fp4_adapter, tmp_path, capsys):
     bare = tmp_path / "bare"
     bare.mkdir()

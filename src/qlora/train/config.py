@@ -965,8 +965,9 @@ def _llama_factory_defaults(out: dict, lines: dict[str, int], line: int) -> dict
 
 
 def _adapter_base(values: dict[str, Any]) -> None:
-    """The base of a continued adapter: ``model: ADAPTER_FOLDER`` continues that adapter on the base it
-    names (as PEFT reads such a folder), and the 4-bit format it was trained on is the default."""
+    """The base of a continued adapter: ``model: ADAPTER_FOLDER`` (or ``adapter:`` without ``model:``) continues
+    that adapter on the base it names (as PEFT reads such a folder), and the 4-bit format it was trained on is the
+    default."""
     from qlora.model.adapter_base import adapter_folder_base, trained_base
 
     base = adapter_folder_base(values["model"]) if values.get("model") else None
@@ -977,6 +978,12 @@ def _adapter_base(values: dict[str, Any]) -> None:
         print(f"qlora train: {values['model']} is a LoRA adapter: training it further on its base {base}",
               file=sys.stderr)
         values["adapter"], values["model"] = values["model"], base
+    elif not values.get("model") and values.get("adapter"):  # --adapter alone: the base its config names
+        base = adapter_folder_base(values["adapter"])
+        if base is not None:
+            print(f"qlora train: no --model: training {values['adapter']} further on the base its "
+                  f"adapter_config.json names, {base}", file=sys.stderr)
+            values["model"] = base
     trained = trained_base(values["adapter"]) if values.get("adapter") else None
     if trained is None:
         return
