@@ -68,6 +68,22 @@ def test_an_option_refused_by_the_parser_is_reported_under_its_command(capsys):
     assert code == 2 and err.splitlines()[-1].startswith("qlora generate: error: argument --template"), err
 
 
+@pytest.mark.parametrize("command", sorted(COMMANDS))
+def test_a_parser_error_is_two_lines_whatever_the_commands_options(command, capsys):
+    """README: bad input is one line naming the option; a command's usage (train's lists ~200 options) is not
+    printed whole before it, only where to read it."""
+    code, err = _run([command, "--no-such-option-here", "1"], capsys)
+    assert code == 2 and len(err.splitlines()) == 2, err
+    assert ": error: " in err.splitlines()[-1] and err.startswith("usage: qlora"), err
+
+
+def test_a_misspelled_command_is_named_with_the_closest_one(capsys):
+    code, err = _run(["trian", "--model", "m"], capsys)
+    assert code == 2 and "unknown command 'trian' (did you mean train?)" in err
+    code, err = _run(["serve", "--model", "m", "--lr", "1"], capsys)
+    assert code == 2 and "(did you mean --port for --lr?)" in err, err  # each flag once, never --help
+
+
 def _numeric_options():
     """Every int/float option of every command, with its parser action."""
     for command in COMMANDS:

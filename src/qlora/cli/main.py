@@ -35,12 +35,16 @@ COMMANDS: dict[str, tuple[str, str]] = {
 
 
 class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # argparse exits 2 too; keep its usage line, no traceback
-        self.print_usage(sys.stderr)
+    def error(self, message: str) -> None:  # argparse exits 2 too; a usage line, no traceback
+        usage = self.format_usage()
+        if usage.count("\n") > 2:  # a command's whole option list would bury the one line that matters
+            usage = f"usage: {self.prog} [options] ({self.prog} --help lists them)\n"
+        sys.stderr.write(usage)
         if message.startswith("unrecognized arguments:"):
             parsers = [self] + [p for a in self._actions if isinstance(a, argparse._SubParsersAction)
                                 for p in a.choices.values()]
-            known = [o for p in parsers for a in p._actions for o in a.option_strings]
+            known = list(dict.fromkeys(o for p in parsers for a in p._actions for o in a.option_strings
+                                       if o not in ("-h", "--help")))
             for word in message.split(":", 1)[1].split():
                 close = difflib.get_close_matches(word.split("=")[0], known, n=3, cutoff=0.6)
                 alias = _alias(word.split("=")[0])
@@ -110,7 +114,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     command = next((a for a in argv if not a.startswith("-")), None)
     if command is not None and command not in COMMANDS:
-        print(f"qlora: error: unknown command {command!r}; choose from {', '.join(COMMANDS)}", file=sys.stderr)
+        close = difflib.get_close_matches(command, COMMANDS, n=1, cutoff=0.6)
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        print(f"qlora: error: unknown command {command!r}{hint}; choose from {', '.join(COMMANDS)}", file=sys.stderr)
         return 2
     parser = build_parser(command)
     if command is not None:
