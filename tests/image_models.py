@@ -274,11 +274,13 @@ def _write_hub_files(out: Path, files: HubFiles, tok, video_processor: str | Non
     (out / "chat_template.jinja").write_text(files.chat_template)
 
 
-def build_image_model(out_dir: str | Path, kind: str, seed: int = 0) -> Path:
-    """Save a random ``kind`` vision-language model with its tokenizer and processor."""
+def build_image_model(out_dir: str | Path, kind: str, seed: int = 0, vision: dict | None = None) -> Path:
+    """Save a random ``kind`` vision-language model with its tokenizer and processor (``vision``: settings that
+    replace the tiny vision config's)."""
     from transformers import AutoConfig, AutoModelForImageTextToText
 
     tok, proc, text, spec = _family(kind)
+    spec["vision_config"].update(vision or {})
     text = dict(_TEXT, **text, vocab_size=len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
                 pad_token_id=tok.pad_token_id)
     config = AutoConfig.for_model(kind, text_config=text, **spec)

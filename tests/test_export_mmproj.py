@@ -5,8 +5,9 @@ encoder computes two steps in half precision whatever the file's type (measured 
 patch convolution rounds the pixels and the patch weights to f16; its GELUs read f16 tables of the f16-rounded
 input), and computes the tanh GELU where Qwen2-VL's merger has the exact one: the oracle does the same there. The
 rest agrees to float32 rounding, but an activation's input that lands on the other side of an f16 rounding
-boundary moves its output by an f16 step, so a tower with larger activations (Qwen2-VL's) agrees to ~1e-4. Images
-have a size each family's preprocessing keeps, so llama.cpp resizes nothing. llama.cpp's qwen2vl language model
+boundary moves its output by an f16 step, so a tower with larger activations (Qwen2-VL's, Qwen2.5-VL's) agrees to
+~1e-4 (Qwen2.5-VL's SiLU is computed in f32 there: the oracle keeps it). Images have a size each family's
+preprocessing keeps, so llama.cpp resizes nothing. llama.cpp's qwen2vl language model (Qwen2-VL's and Qwen2.5-VL's)
 runs its RMS norms without epsilon (its loader reads none; measured): the oracle's text model does the same.
 """
 
@@ -30,9 +31,26 @@ pytest.importorskip("gguf")
 
 
 VISION = ("vision_tower", "multi_modal_projector", "visual")  # the towers' and projectors' attribute names
-# family -> (image side llama.cpp and transformers keep as is, image tokens, embeddings' tolerance and an image
-# prompt's last logits' relative to the largest value: Gemma's text MLP reads llama.cpp's f16 GELU table)
-CASES = {"gemma3": (56, 4, 1e-5, 2e-3), "qwen2_vl": (112, 16, 1e-3, 1e-5)}
+# family -> (image height and width llama.cpp and transformers keep as is, image tokens, embeddings' tolerance and an
+# image prompt's last logits' relative to the largest value: Gemma's text MLP reads llama.cpp's f16 GELU table)
+CASES = {"gemma3": ((56, 56), 4, 1e-5, 2e-3), "qwen2_vl": ((112, 112), 16, 1e-3, 1e-5),
+         "qwen2_5_vl": ((168, 224), 48, 1e-3, 1e-5)}
+# Qwen2.5-VL as the hub's checkpoints have it (112-pixel windows, every n-th block attending over the whole image),
+# n = 2 so one block of two attends within windows, and a processor keeping images up to 224x224: the test's
+# 168x224 image spans two rows of two windows, the lower ones cut short.
+QWEN25_VISION = dict(depth=2, fullatt_block_indexes=[1], window_size=112)
+
+
+def _build(path, kind: str):
+    """The tiny ``kind`` model the tests export (Qwen2.5-VL's as above)."""
+    if kind != "qwen2_5_vl":
+        return build_image_model(path, kind)
+    model_dir = build_image_model(path, kind, vision=QWEN25_VISION)
+    file = model_dir / "preprocessor_config.json"
+    settings = json.loads(file.read_text())
+    settings["size"]["longest_edge"] = 224 * 224
+    file.write_text(json.dumps(settings))
+    return model_dir
 
 
 class _F16Table(nn.Module):
@@ -187,13 +205,13 @@ def _image_features(model, features: torch.Tensor):
 
 
 def _image(kind: str, seed: int) -> np.ndarray:
-    side = CASES[kind][0]
-    return (np.random.RandomState(seed).rand(side, side, 3) * 255).astype(np.uint8)
+    height, width = CASES[kind][0]
+    return (np.random.RandomState(seed).rand(height, width, 3) * 255).astype(np.uint8)
 
 
 @pytest.mark.parametrize("kind", list(CASES))
 def test_mmproj_encodes_images_as_transformers_does(tmp_path, capsys, kind):
-    model_dir = build_image_model(tmp_path / kind, kind)
+    model_dir = _build(tmp_path / kind, kind)
     _random_vision_weights(model_dir)
     out = tmp_path / "out"
     assert main(["export", "--model", str(model_dir), "--output", str(out), "--type", "f32", "--quant", "none"]) == 0
@@ -207,7 +225,7 @@ def test_mmproj_encodes_images_as_transformers_does(tmp_path, capsys, kind):
     got = _mtmd_image_embeddings(out / "model-f32.gguf", out / "mmproj-f32.gguf", rgb, expected.shape[1])
     assert got.shape == expected.shape == (tokens, 64)
     error = np.abs(got - expected).max() / np.abs(expected).max()
-    assert error < tolerance, error  # measured 3.8e-7 (Gemma 3), 7.0e-5 (Qwen2-VL)
+    assert error < tolerance, error  # measured 3.8e-7 (Gemma 3), 7.0e-5 (Qwen2-VL), 2.4e-5 (Qwen2.5-VL)
 
 
 def test_gemma3_f16_mmproj_pairs_with_a_quantized_language_model(tmp_path):
@@ -230,7 +248,7 @@ def test_gemma3_f16_mmproj_pairs_with_a_quantized_language_model(tmp_path):
     assert np.abs(got - expected).max() / np.abs(expected).max() < 5e-3  # f16 weights: measured 5.1e-4
 
 
-@pytest.mark.parametrize("kind, named", [("llava", "LLaVA"), ("qwen2_5_vl", "Qwen2.5-VL")])
+@pytest.mark.parametrize("kind, named", [("llava", "LLaVA")])
 def test_vlm_without_a_checked_projector_exports_its_language_model_and_says_why(tmp_path, capsys, kind, named):
     model_dir = build_image_model(tmp_path / kind, kind)
     out = tmp_path / "out"
@@ -246,7 +264,7 @@ def test_qwen2_5_vl_language_model_computes_transformers_logits_in_llama_cpp(tmp
     prompt: transformers' logits, with the RMS norm epsilon llama.cpp's qwen2vl loader runs (0)."""
     from transformers import AutoModelForImageTextToText
 
-    model_dir = build_image_model(tmp_path / "qwen2_5_vl", "qwen2_5_vl")
+    model_dir = _build(tmp_path / "qwen2_5_vl", "qwen2_5_vl")
     out = tmp_path / "out"
     assert main(["export", "--model", str(model_dir), "--output", str(out), "--type", "f32", "--quant", "none"]) == 0
     model = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=torch.float32).eval()
@@ -324,18 +342,19 @@ def test_a_projector_trained_whole_reaches_the_mmproj(tmp_path):
 # family -> (the template's text for an image, what llama.cpp's prompt has there). mtmd writes the family's image
 # start and end tokens around its marker itself (Gemma 3's processor also adds blank lines around them).
 IMAGE_SPANS = {"gemma3": ("<start_of_image>", "\n\n{marker}\n\n"),
-               "qwen2_vl": ("<|vision_start|><|image_pad|><|vision_end|>", "{marker}")}
+               "qwen2_vl": ("<|vision_start|><|image_pad|><|vision_end|>", "{marker}"),
+               "qwen2_5_vl": ("<|vision_start|><|image_pad|><|vision_end|>", "{marker}")}
 
 
 @pytest.mark.parametrize("kind", list(CASES))
 def test_llama_cpp_greedy_tokens_with_an_image_equal_transformers_generate(tmp_path, kind):
     """The exported pair in llama.cpp (prompt tokens, image embeddings in place, Gemma 3's bidirectional attention
-    over the image, Qwen2-VL's M-RoPE positions) generates transformers' greedy tokens."""
+    over the image, Qwen2-VL's and Qwen2.5-VL's M-RoPE positions) generates transformers' greedy tokens."""
     from PIL import Image
 
     from image_models import oracle_processor, render
 
-    model_dir = build_image_model(tmp_path / kind, kind)
+    model_dir = _build(tmp_path / kind, kind)
     _random_vision_weights(model_dir)
     _small_rope_base(model_dir)
     out = tmp_path / "out"
@@ -398,9 +417,9 @@ def test_llama_cpp_greedy_tokens_with_an_image_equal_transformers_generate(tmp_p
             plain = model(**inputs, position_ids=torch.arange(len(ids))[None]).logits[0, -1].numpy()
     scale = np.abs(first).max()
     tolerance = CASES[kind][3]
-    assert np.abs(last - first).max() / scale < tolerance  # measured 3.8e-4 (Gemma 3), 3.0e-7 (Qwen2-VL)
+    assert np.abs(last - first).max() / scale < tolerance  # measured 3.8e-4 (Gemma 3), 3.0e-7 (Qwen2-VL), 2.3e-7
     if _mrope(model.config):
-        assert np.abs(plain - first).max() / scale > 100 * tolerance  # measured 9.7e-3
+        assert np.abs(plain - first).max() / scale > 100 * tolerance  # measured 9.7e-3 (Qwen2-VL), 7.4e-3
 
 
 def test_unreadable_image_processor_settings_are_refused_naming_the_file(tmp_path, capsys):
@@ -429,4 +448,21 @@ def test_mrope_sections_llama_cpp_cannot_read_are_refused(tmp_path, capsys):
     assert main(["export", "--model", str(model_dir), "--output", str(out), "--type", "f16", "--quant", "none"]) == 2
     err = capsys.readouterr().err
     assert "mrope_section is [2, 3, 2]" in err and "Traceback" not in err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("change, named", [
+    (dict(window_size=56), "window_size is 56"),  # llama.cpp's windows are 112 pixels whatever the file says
+    (dict(fullatt_block_indexes=[0]), "fullatt_block_indexes is [0]"),  # full, then window: not every n-th block
+    (dict(hidden_act="gelu_pytorch_tanh"), "hidden_act is 'gelu_pytorch_tanh'"),  # llama.cpp's graph runs SiLU
+    (dict(spatial_merge_size=1), "spatial_merge_size is 1"),  # its graph merges 2x2 patches
+])
+def test_qwen2_5_vl_towers_llama_cpp_computes_differently_are_refused(tmp_path, capsys, change, named):
+    """Qwen2.5-VL tower settings llama.cpp's qwen2.5vl encoder hard-codes otherwise are refused, naming the setting,
+    before anything is written."""
+    model_dir = build_image_model(tmp_path / "qwen2_5_vl", "qwen2_5_vl", vision={**QWEN25_VISION, **change})
+    out = tmp_path / "out"
+    assert main(["export", "--model", str(model_dir), "--output", str(out), "--type", "f16", "--quant", "none"]) == 2
+    err = capsys.readouterr().err
+    assert named in err and "Traceback" not in err
     assert not out.exists()

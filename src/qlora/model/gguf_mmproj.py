@@ -5,11 +5,13 @@ GGUF holding the vision tower and the projector that maps its features into the 
 space, as ``convert_hf_to_gguf.py --mmproj`` writes it. Its ``clip.projector_type`` picks the graph llama.cpp
 (``libmtmd``) builds; the tensor names, metadata keys and conventions here are those that graph reads.
 
-Written: Gemma 3 (``gemma3``: a SigLIP tower, its patches average-pooled, Gemma's RMS norm, a projection) and
+Written: Gemma 3 (``gemma3``: a SigLIP tower, its patches average-pooled, Gemma's RMS norm, a projection),
 Qwen2-VL (``qwen2vl_merger``: a ViT whose temporal Conv3d llama.cpp reads as two Conv2d weights, 2x2 patches merged
-by an MLP), checked against llama.cpp's own encoder. Other VLMs are refused by name (:func:`mmproj_refusal`) rather
-than written in a layout llama.cpp might misread. :func:`plan_mmproj` makes every check before anything is written
-(:func:`write_mmproj`), so a refused projector leaves no language-model file behind either.
+by an MLP) and Qwen2.5-VL (``qwen2.5vl_merger``: the same with RMS norms, a gated SiLU MLP and window attention in
+all but every n-th block), checked against llama.cpp's own encoder. Other VLMs are refused by name
+(:func:`mmproj_refusal`) rather than written in a layout llama.cpp might misread. :func:`plan_mmproj` makes every
+check before anything is written (:func:`write_mmproj`), so a refused projector leaves no language-model file behind
+either.
 
 The tensors are the merged model's (:func:`qlora.model.merge.merged_tensors`): a projector an adapter trained
 whole (``modules_to_save``) is the one written, as adapters are folded into the language model.
@@ -50,13 +52,16 @@ _PROJECTORS = {
     "qwen2_vl": _Projector("qwen2vl_merger", ("visual",), ("merger",),
                            {"ln_q.weight": "v.post_ln.weight", "ln_q.bias": "v.post_ln.bias",
                             "mlp.0.weight": "mm.0.weight", "mlp.0.bias": "mm.0.bias",
-                            "mlp.2.weight": "mm.2.weight", "mlp.2.bias": "mm.2.bias"}, lambda key: _qwen2vl_names(key)),
+                            "mlp.2.weight": "mm.2.weight", "mlp.2.bias": "mm.2.bias"}, lambda key: _qwen_vl_names(key)),
+    "qwen2_5_vl": _Projector("qwen2.5vl_merger", ("visual",), ("merger",),
+                             {"ln_q.weight": "v.post_ln.weight",  # an RMS norm: no bias
+                              "mlp.0.weight": "mm.0.weight", "mlp.0.bias": "mm.0.bias",
+                              "mlp.2.weight": "mm.2.weight", "mlp.2.bias": "mm.2.bias"},
+                             lambda key: _qwen_vl_names(key)),
 }
 
 # VLM families whose language model qlora exports but whose projector it does not write, and why.
 _REFUSED = {
-    "qwen2_5_vl": "Qwen2.5-VL's tower (RMS norms, gated MLP, window attention: llama.cpp's qwen25vl projector) is "
-                  "not checked against llama.cpp's encoder here",
     "idefics3": "Idefics3's projector (idefics3 in llama.cpp) splits images into tiles plus a global view its own "
                 "way; qlora has not checked its file against llama.cpp's encoder",
     "smolvlm": "SmolVLM's projector (idefics3 in llama.cpp) splits images into tiles plus a global view its own "
@@ -66,8 +71,8 @@ _REFUSED = {
     "llava_next": "llama.cpp's converter has no mmproj path for transformers-format LLaVA-NeXT",
     "llava_onevision": "llama.cpp's converter has no mmproj path for transformers-format LLaVA-OneVision",
 }
-_GENERIC = ("qlora writes llama.cpp projector files for Gemma 3 and Qwen2-VL only; this family's is not checked "
-            "against llama.cpp's")
+_GENERIC = ("qlora writes llama.cpp projector files for Gemma 3, Qwen2-VL and Qwen2.5-VL only; this family's is "
+            "not checked against llama.cpp's")
 
 
 def is_vision_language(model: nn.Module) -> bool:
@@ -198,13 +203,15 @@ def _siglip_names(key: str) -> list[tuple[str, Callable]] | None:
     return None
 
 
-_QWEN2VL_LAYER = {"norm1": "ln1", "norm2": "ln2", "attn.proj": "attn_out", "mlp.fc1": "ffn_up", "mlp.fc2": "ffn_down"}
+# Qwen2-VL's blocks (fc1/fc2) and Qwen2.5-VL's (a gated MLP) as llama.cpp's qwen2vl graph names them
+_QWEN_VL_LAYER = {"norm1": "ln1", "norm2": "ln2", "attn.proj": "attn_out", "mlp.fc1": "ffn_up", "mlp.fc2": "ffn_down",
+                  "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
 _BLOCK_KEY = re.compile(r"blocks\.(\d+)\.(.+)\.(weight|bias)")
 
 
-def _qwen2vl_names(key: str) -> list[tuple[str, Callable]] | None:
-    """Qwen2-VL's tower as llama.cpp's qwen2vl graph reads it: the temporal Conv3d as two Conv2d weights (one per
-    frame of the pair), each block's fused ``qkv`` as its query, key and value thirds."""
+def _qwen_vl_names(key: str) -> list[tuple[str, Callable]] | None:
+    """Qwen2-VL's and Qwen2.5-VL's towers as llama.cpp's qwen2vl graph reads them: the temporal Conv3d as two Conv2d
+    weights (one per frame of the pair), each block's fused ``qkv`` as its query, key and value thirds."""
     if key == "patch_embed.proj.weight":
         return [("v.patch_embd.weight", lambda t: t[:, :, 0].contiguous()),
                 ("v.patch_embd.weight.1", lambda t: t[:, :, 1].contiguous())]
@@ -215,8 +222,8 @@ def _qwen2vl_names(key: str) -> list[tuple[str, Callable]] | None:
     if part == "attn.qkv":
         return [(f"v.blk.{block}.attn_{x}.{kind}", lambda t, i=i: t.chunk(3, dim=0)[i].contiguous())
                 for i, x in enumerate("qkv")]
-    if part in _QWEN2VL_LAYER:
-        return [(f"v.blk.{block}.{_QWEN2VL_LAYER[part]}.{kind}", _same)]
+    if part in _QWEN_VL_LAYER:
+        return [(f"v.blk.{block}.{_QWEN_VL_LAYER[part]}.{kind}", _same)]
     return None
 
 
@@ -237,16 +244,15 @@ def _metadata(spec: _Projector, config, vision, text, processor: dict) -> list[t
               ("add_vision_image_std", [float(v) for v in processor["image_std"]])]
     if spec.clip_type == "qwen2vl_merger":
         _check_activation(vision, ("quick_gelu",), "GELU_QUICK (x * sigmoid(1.702 x))")
-        if vision.temporal_patch_size != 2:
-            raise UsageError(f"Qwen2-VL's temporal_patch_size is {vision.temporal_patch_size}; llama.cpp's qwen2vl "
-                             f"encoder reads two frames' patch weights. Refusing to export.")
-        return common + [
-            ("add_vision_image_size", 560),  # llama.cpp sizes each image itself; this is its converter's value
+        return common + _qwen_vl_common(vision, config.model_type) + [
             ("add_vision_embedding_length", vision.embed_dim),
-            ("add_vision_feed_forward_length", int(vision.embed_dim * vision.mlp_ratio)),
-            ("add_vision_block_count", vision.depth), ("add_vision_head_count", vision.num_heads),
-            ("add_vision_attention_layernorm_eps", 1e-6),  # transformers' Qwen2-VL tower LayerNorms
-            ("add_vision_spatial_merge_size", vision.spatial_merge_size)]
+            ("add_vision_feed_forward_length", int(vision.embed_dim * vision.mlp_ratio))]
+    if spec.clip_type == "qwen2.5vl_merger":
+        _check_activation(vision, ("silu",), "SiLU")
+        return common + _qwen_vl_common(vision, config.model_type) + [
+            ("add_vision_embedding_length", vision.hidden_size),
+            ("add_vision_feed_forward_length", vision.intermediate_size), ("add_vision_use_silu", True),
+            ("add_vision_n_wa_pattern", _window_pattern(vision))]
     _check_activation(vision, ("gelu_pytorch_tanh", "gelu_new", "gelu_fast"), "the tanh GELU (gelu_pytorch_tanh)")
     # Gemma 3 average-pools square blocks of patches down to mm_tokens_per_image (llama.cpp's default block is 4)
     side = vision.image_size // vision.patch_size
@@ -260,6 +266,44 @@ def _metadata(spec: _Projector, config, vision, text, processor: dict) -> list[t
         ("add_vision_block_count", vision.num_hidden_layers), ("add_vision_head_count", vision.num_attention_heads),
         ("add_vision_attention_layernorm_eps", vision.layer_norm_eps), ("add_vision_use_gelu", True),
         ("add_vision_projector_scale_factor", side // tokens_side)]
+
+
+def _qwen_vl_common(vision, family: str) -> list[tuple[str, object]]:
+    """The settings Qwen2-VL's and Qwen2.5-VL's towers share, refusing those llama.cpp's qwen2vl graph hard-codes
+    otherwise: two frames' patch weights, 2x2 patches merged, vision RoPE base 10000."""
+    theta = (getattr(vision, "rope_parameters", None) or {}).get("rope_theta", 10000.0)
+    for what, value, computed in (("temporal_patch_size", vision.temporal_patch_size, 2),
+                                  ("spatial_merge_size", vision.spatial_merge_size, 2),
+                                  ("rope_parameters.rope_theta", theta, 10000.0)):
+        if value != computed:
+            raise UsageError(f"this {family} model's {what} is {value} (config.json's vision_config); llama.cpp's "
+                             f"encoder for it computes with {computed} and would give different image embeddings. "
+                             f"Refusing to export.")
+    return [("add_vision_image_size", 560),  # llama.cpp sizes each image itself; this is its converter's value
+            ("add_vision_block_count", vision.depth), ("add_vision_head_count", vision.num_heads),
+            ("add_vision_attention_layernorm_eps", 1e-6),  # transformers' towers' norms (LayerNorm, RMS norm)
+            ("add_vision_spatial_merge_size", vision.spatial_merge_size)]
+
+
+# llama.cpp's qwen2.5vl encoder reads no window size: its windows are 112 pixels (Qwen2.5-VL's own value)
+_QWEN25_WINDOW = 112
+
+
+def _window_pattern(vision) -> int:
+    """llama.cpp's ``n_wa_pattern`` for Qwen2.5-VL: block ``i`` attends over the whole image when ``(i + 1) % n`` is
+    0, within its window otherwise; ``fullatt_block_indexes`` must be that set (``depth + 1``: none is full)."""
+    if vision.window_size != _QWEN25_WINDOW:
+        raise UsageError(f"this Qwen2.5-VL model's window_size is {vision.window_size} (config.json's vision_config); "
+                         f"llama.cpp's qwen2.5vl encoder attends within {_QWEN25_WINDOW}-pixel windows (it reads no "
+                         f"size from the file) and would give different image embeddings. Refusing to export.")
+    full = sorted({i for i in vision.fullatt_block_indexes if 0 <= i < vision.depth})  # transformers' blocks
+    n = full[0] + 1 if full else vision.depth + 1
+    if full != [i for i in range(vision.depth) if (i + 1) % n == 0]:
+        raise UsageError(f"this Qwen2.5-VL model's fullatt_block_indexes is {vision.fullatt_block_indexes} (of "
+                         f"{vision.depth} blocks, config.json's vision_config); llama.cpp's qwen2.5vl encoder makes "
+                         f"every n-th block a full-attention one (n_wa_pattern) and cannot express it. Refusing to "
+                         f"export.")
+    return n
 
 
 def _check_activation(vision, computed: tuple[str, ...], what: str) -> None:
