@@ -1,0 +1,41 @@
+"""``qlora estimate`` on released models' config.json files (tests/data/model_configs, origins in SOURCES.md):
+the features tiny configs miss, counted against the model transformers builds from the same config."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM
+
+from qlora.model.estimate import count_parameters
+from qlora.model.load import read_model_config
+from qlora.model.quantize import kept_dense_names
+
+CONFIGS = Path(__file__).parent / "data" / "model_configs"
+
+
+def test_shared_expert_as_wide_as_the_expert_count_is_quantized_not_a_router():
+    """Qwen3-Next-80B-A3B: 512 experts and a shared expert 512 wide. Its gate_proj and up_proj have one output
+    per expert by coincidence; they are an MLP's layers (4-bit, LoRA targets), not routers. The routers are the
+    top-k gate and the one-output shared_expert_gate."""
+    config = read_model_config(CONFIGS / "qwen3-next-80b-a3b.json")
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    dense = kept_dense_names(model)
+    mlp = "model.layers.0.mlp"
+    assert {f"{mlp}.shared_expert.{p}" for p in ("gate_proj", "up_proj", "down_proj")}.isdisjoint(dense)
+    assert f"{mlp}.shared_expert_gate" in dense
+
+    counts = count_parameters(config)
+    assert counts.total_params == sum(p.numel() for p in model.parameters())
+    linears = {lin.name: lin for lin in counts.linears}
+    for p in ("gate_proj", "up_proj", "down_proj"):
+        assert f"{mlp}.shared_expert.{p}" in linears
+    head = model.get_output_embeddings()
+    routers = {id(m.weight) for n, m in model.named_modules() if n.endswith(("shared_expert_gate", "mlp.gate"))}
+    plain = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear) and m is not head
+                and id(m.weight) not in routers)
+    experts = sum(p.numel() for n, p in model.named_parameters() if ".mlp.experts." in n)
+    # every other linear of the decoder (attention, gated delta-net projections, shared experts) + the experts
+    assert counts.quantized_params == plain + experts
