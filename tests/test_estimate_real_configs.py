@@ -3,6 +3,7 @@ the features tiny configs miss, counted against the model transformers builds fr
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -39,3 +40,28 @@ def test_shared_expert_as_wide_as_the_expert_count_is_quantized_not_a_router():
     experts = sum(p.numel() for n, p in model.named_parameters() if ".mlp.experts." in n)
     # every other linear of the decoder (attention, gated delta-net projections, shared experts) + the experts
     assert counts.quantized_params == plain + experts
+
+
+def test_multimodal_config_under_its_text_model_type_is_refused_then_counted_when_restored(tmp_path, capsys):
+    """MLC's copy of Ministral-3-3B-2512's config.json has the text model's type (``ministral3``) at the top,
+    beside the nested text and vision configs: transformers keeps ``text_config`` a dict and the model's
+    __init__ failed with an AttributeError traceback. It is refused by name; with the released top-level type
+    (``mistral3``) it is counted as transformers builds it, the Pixtral tower and projector 16-bit."""
+    from transformers import AutoModelForImageTextToText
+
+    from qlora.cli.main import main
+
+    source = CONFIGS / "ministral-3-3b-2512-mlc.json"
+    assert main(["estimate", str(source)]) == 2
+    assert "takes no text_config" in capsys.readouterr().err
+
+    fixed = json.loads(source.read_text()) | {"model_type": "mistral3"}
+    (tmp_path / "config.json").write_text(json.dumps(fixed))
+    assert main(["estimate", str(tmp_path)]) == 0
+    config = read_model_config(tmp_path)
+    with torch.device("meta"):
+        model = AutoModelForImageTextToText.from_config(config)
+    counts = count_parameters(config)
+    assert counts.total_params == sum(p.numel() for p in model.parameters())
+    text = model.model.language_model
+    assert counts.quantized_params == sum(m.weight.numel() for m in text.modules() if isinstance(m, torch.nn.Linear))

@@ -614,6 +614,14 @@ def check_model_config(config, path: str | Path):
                          f"({', '.join(parts)}), e.g. MusicGen's text encoder conditioning a "
                          "decoder of audio codes, so it is no single language model of text; qlora fine-tunes "
                          "decoder language models such as Llama, Qwen, Mistral, Gemma and Phi.") from None
+    subs = getattr(config, "sub_configs", None) or {}
+    nested = next(((k, v) for k, v in vars(config).items() if isinstance(v, dict) and "model_type" in v
+                   and k not in subs), None)
+    if nested is not None:  # the class would keep it a dict and fail deep inside the model's __init__
+        raise UsageError(f"{path}: model_type {config.model_type!r} takes no {nested[0]}, yet the file nests one (a "
+                         f"{nested[1]['model_type']!r} config): the top-level model_type is not that of the model "
+                         f"the file describes (architectures: {', '.join(config.architectures or []) or 'none'}). "
+                         "Set it back to the multimodal model's own type, as the released config.json has it.")
     per_layer = getattr(text, "per_layer_attributes", None) or ()  # reading these globally raises (dots3's heads)
     for key in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size"):
         values = [getattr(layer, key, None) for layer in text.per_layer_config] if key in per_layer else [
