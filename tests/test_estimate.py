@@ -353,6 +353,38 @@ def test_resident_rows_equal_the_loaded_model_bytes(tmp_path, tiny_tokenizer, mo
     assert predicted == _held_bytes(model)
 
 
+def test_a_bitsandbytes_4bit_checkpoint_is_estimated_in_its_stored_format(tmp_path, tiny_model_dir, tiny_tokenizer,
+                                                                         capsys):
+    """A checkpoint transformers + bitsandbytes saved 4-bit (Unsloth's bnb-4bit releases) is loaded in the format
+    its config.json names, whatever --quant and --double-quant say, and its llm_int8_skip_modules stay 16-bit
+    (Unsloth's dynamic releases skip whole layers): the resident rows are what load_model holds, and the
+    skipped linears are still LoRA targets, as training adapts them. Before, the estimate took the flags' NF4 +
+    double quantization and packed the skipped layers."""
+    import json
+
+    import qlora
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    skip = ["lm_head", "model.layers.0.mlp"]
+    bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="fp4", bnb_4bit_use_double_quant=False,
+                             bnb_4bit_compute_dtype=torch.bfloat16, llm_int8_skip_modules=skip)
+    AutoModelForCausalLM.from_pretrained(tiny_model_dir, quantization_config=bnb, device_map="cpu").save_pretrained(
+        tmp_path)
+    tiny_tokenizer.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["quantization_config"]["llm_int8_skip_modules"] == skip
+    model, _ = qlora.load_model(tmp_path, compute_dtype=torch.bfloat16, device="cpu")
+    est = estimate(load_config(str(tmp_path)), TrainingOptions(quant="fp4", double_quant=False))
+    predicted = sum(values["QLoRA"] for label, values in est.rows if label.startswith(_RESIDENT))
+    assert predicted == _held_bytes(model)
+    plain = count_parameters(load_config(str(tiny_model_dir)))
+    assert len(select_targets(count_parameters(load_config(str(tmp_path))), None)) == len(select_targets(plain, None))
+
+    assert main(["estimate", str(tmp_path), "--quant", "nf4", "--double-quant"]) == 0
+    out = capsys.readouterr().out
+    assert "bitsandbytes 4-bit checkpoint" in out and "model.layers.0.mlp kept 16-bit" in out
+    assert ", fp4, block 64" in out and "without double quantization" in out
+
+
 @pytest.mark.parametrize("model_type", ["minimax", "deepseek_v3", "qwen3_moe"])
 def test_16bit_experts_are_estimated_as_the_loaded_model_holds_them(tmp_path, tiny_tokenizer, model_type, capsys):
     """--no-quantize-experts (axolotl's default) keeps the 3-D expert weights bf16, whole, on the 4-bit base:

@@ -115,6 +115,7 @@ class LinearShape:
     in_features: int
     adaptable: bool = True  # False for one expert of a 3-D experts weight: quantized, not a LoRA target
     own_layout: bool = False  # an expert of a layout of its own (DBRX, JetMoE, LongCat-Flash): no expert LoRA
+    stored_4bit: bool = True  # False: a layer a bitsandbytes 4-bit checkpoint skipped, 16-bit yet a LoRA target
 
     @property
     def numel(self) -> int:
@@ -125,7 +126,7 @@ class LinearShape:
 class ModelCounts:
     """Exact parameter counts of a model, split into quantized and 16-bit parts."""
 
-    linears: tuple[LinearShape, ...]  # decoder linear weights (the quantized part)
+    linears: tuple[LinearShape, ...]  # decoder linear weights (the quantized part, and the LoRA targets)
     other_tensors: tuple[int, ...]  # numel of every other parameter, shared ones once
     num_layers: int
     fp32_params: int = 0  # of the other parameters, those the model class keeps in fp32 under bf16
@@ -139,11 +140,11 @@ class ModelCounts:
 
     @property
     def quantized_params(self) -> int:
-        return sum(lin.numel for lin in self.linears)
+        return sum(lin.numel for lin in self.linears if lin.stored_4bit)
 
     @property
     def params_16bit(self) -> int:
-        return sum(self.other_tensors)
+        return sum(self.other_tensors) + sum(lin.numel for lin in self.linears if not lin.stored_4bit)
 
     @property
     def total_params(self) -> int:
@@ -202,9 +203,14 @@ def count_parameters(config) -> ModelCounts:
 
     ``named_parameters`` yields a tied parameter once. The output embedding
     (``lm_head``) is a Linear but is kept in 16-bit, as transformers and
-    bitsandbytes do, so it counts with the embeddings.
+    bitsandbytes do, so it counts with the embeddings. A bitsandbytes 4-bit
+    checkpoint's ``llm_int8_skip_modules`` (Unsloth's dynamic 4-bit releases list
+    whole layers) stay 16-bit as loading keeps them: their linears are still
+    adapted, their 3-D experts held whole.
     """
     from transformers.pytorch_utils import Conv1D
+
+    from .load import bnb_4bit_config
 
     with torch.device("meta"):
         model = text_model_from_config(config, getattr(config, "name_or_path", "") or config.model_type)
@@ -215,10 +221,16 @@ def count_parameters(config) -> ModelCounts:
     notes = {name: "(kept in 16-bit, an output head or a router)" for name in dense}
     kept: dict[int, LinearShape] = {}
     stored: dict[int, int] = {}  # 3-D expert weight -> its numel
+    unpacked = tuple((bnb_4bit_config(config) or {}).get("llm_int8_skip_modules") or ())
     for name, module in model.named_modules():
         if is_skipped(name, dense):
             if is_plain_linear(module):
                 kept.setdefault(id(module.weight), LinearShape(name, module.out_features, module.in_features))
+            continue
+        if unpacked and is_skipped(name, unpacked):
+            if is_plain_linear(module):
+                quantized[id(module.weight)] = (LinearShape(name, module.out_features, module.in_features,
+                                                            stored_4bit=False),)
             continue
         if is_plain_linear(module):
             quantized[id(module.weight)] = (LinearShape(name, module.out_features, module.in_features),)
@@ -454,7 +466,7 @@ def estimate(config, opts: TrainingOptions) -> Estimate:
     columns = (full, lora) if opts.quant == "none" else COLUMNS
     # --no-quantize-experts: the 3-D expert weights stay bf16 whole (the experts the forward skips too)
     dense_experts = not opts.quantize_experts and counts.expert_params > 0
-    packed = [lin for lin in counts.linears if lin.adaptable or not dense_experts]
+    packed = [lin for lin in counts.linears if (lin.adaptable or not dense_experts) and lin.stored_4bit]
     codes = consts = 0
     for lin in packed:
         c, k = quantized_bytes(lin.numel, opts.blocksize, opts.double_quant)

@@ -162,6 +162,17 @@ def _side_file(model_dir: Path) -> GroupedInt | None:
     return None
 
 
+def bnb_4bit_config(config) -> dict | None:
+    """``config``'s bitsandbytes 4-bit ``quantization_config`` as a dict (its quant type, double quantization and
+    ``llm_int8_skip_modules`` say how the checkpoint is stored), or None."""
+    qc = getattr(config, "quantization_config", None)
+    if qc is None:
+        return None
+    qc = qc if isinstance(qc, dict) else qc.to_dict()
+    method = qc.get("quant_method", "bitsandbytes")  # configs written before transformers named the method
+    return qc if method == "bitsandbytes" and qc.get("load_in_4bit", qc.get("_load_in_4bit")) else None
+
+
 def _prequantized(config, model_dir: Path) -> dict | None:
     """The checkpoint's bitsandbytes 4-bit ``quantization_config``, None for a 16/32-bit one (or one whose
     decoded format :func:`_stored_format` took).
@@ -171,12 +182,10 @@ def _prequantized(config, model_dir: Path) -> dict | None:
             message says what to give it instead.
     """
     qc = getattr(config, "quantization_config", None)
-    if qc is None:
-        return None
+    if qc is None or bnb_4bit_config(config) is not None:
+        return bnb_4bit_config(config)
     qc = qc if isinstance(qc, dict) else qc.to_dict()
-    method = qc.get("quant_method", "bitsandbytes")  # configs written before transformers named the method
-    if method == "bitsandbytes" and qc.get("load_in_4bit", qc.get("_load_in_4bit")):
-        return qc
+    method = qc.get("quant_method", "bitsandbytes")
     if method == "bitsandbytes":
         kind = "bitsandbytes with neither load_in_4bit nor load_in_8bit set"
     else:
