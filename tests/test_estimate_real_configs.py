@@ -65,3 +65,24 @@ def test_multimodal_config_under_its_text_model_type_is_refused_then_counted_whe
     assert counts.total_params == sum(p.numel() for p in model.parameters())
     text = model.model.language_model
     assert counts.quantized_params == sum(m.weight.numel() for m in text.modules() if isinstance(m, torch.nn.Linear))
+
+
+def test_a_projector_that_is_one_linear_layer_stays_16bit_and_is_not_adapted():
+    """Llama 3.2 Vision's multi_modal_projector is a bare nn.Linear (7680 -> 4096) beside the vision tower. Towers
+    were matched by the paths under them only, so this one was quantized and adapted by all-linear like a text
+    layer (the estimate counted its 31.5M weights 4-bit). It stays 16-bit, as the vision tower does."""
+    from transformers import AutoModelForImageTextToText
+
+    from qlora.model.inject import target_paths
+
+    config = read_model_config(CONFIGS / "llama-3.2-11b-vision.json")
+    with torch.device("meta"):
+        model = AutoModelForImageTextToText.from_config(config)
+    assert type(model.model.multi_modal_projector) is torch.nn.Linear
+    assert "model.multi_modal_projector" in kept_dense_names(model)
+    assert "model.multi_modal_projector" not in target_paths(model, "all-linear")
+
+    counts = count_parameters(config)
+    assert counts.total_params == sum(p.numel() for p in model.parameters())
+    text = model.model.language_model
+    assert counts.quantized_params == sum(m.weight.numel() for m in text.modules() if isinstance(m, torch.nn.Linear))

@@ -360,7 +360,8 @@ def kept_dense_names(model: nn.Module) -> set[str]:
     (a branch whose test is false for it) does not count."""
     kept = output_embedding_names(model) | router_names(model)
     towers = tuple(t + "." for t in non_text_names(model))
-    kept.update(n for n, m in model.named_modules() if n.startswith(towers) and is_linear_like(m))
+    # a tower may itself be one linear layer (Llama 3.2 Vision's multi_modal_projector)
+    kept.update(n for n, m in model.named_modules() if f"{n}.".startswith(towers) and is_linear_like(m))
     settings = _config_settings(model)
     for path, module in model.named_modules():
         prefix = f"{path}." if path else ""
