@@ -192,6 +192,24 @@ def test_cli_reads_configs_that_save_pretrained_encodes(tmp_path, capsys):
     assert "QLoRA" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("method", ["hqq", "eetq"])
+def test_a_checkpoint_format_training_refuses_is_refused(tmp_path, method, capsys):
+    """A config.json naming weights qlora cannot read is refused by the estimate as qlora train refuses it
+    (it printed a table for a run that cannot start); FP8 and MXFP4 releases, which loading decodes, are not."""
+    import json
+
+    from transformers import AutoConfig
+
+    AutoConfig.for_model("llama", hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
+                         vocab_size=256).save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    for qc, code in (({"quant_method": method, "nbits": 4}, 2),
+                     ({"quant_method": "fp8", "fmt": "e4m3", "weight_block_size": [128, 128]}, 0)):
+        (tmp_path / "config.json").write_text(json.dumps(config | {"quantization_config": qc}))
+        assert main(["estimate", str(tmp_path)]) == code
+    assert f"describes a '{method}' quantized checkpoint" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--model", "no-such-model"], "unknown model"),
     (["--model", "."], "no config.json"),

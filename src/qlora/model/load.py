@@ -124,13 +124,29 @@ def _stored_format(config, model_dir: Path) -> StoredFormat | None:
     source = str(model_dir / "config.json")
     if qc is None:  # releases that describe their quantization only in the quantizer's own file
         return _modelopt_file(model_dir / "hf_quant_config.json") or _side_file(model_dir)
-    qc = qc if isinstance(qc, dict) else qc.to_dict()
-    stored = (CompressedTensors.from_config(qc, source) or StoredFloats.from_config(qc, source)
-              or ModelOpt.from_config(qc, source) or BnbInt8.from_config(qc, source)
-              or GroupedInt.from_config(qc, source))
+    stored = _decoded_format(qc if isinstance(qc, dict) else qc.to_dict(), source)
     if stored is not None:
         del config.quantization_config
     return stored
+
+
+def _decoded_format(qc: dict, source: str) -> StoredFormat | None:
+    return (CompressedTensors.from_config(qc, source) or StoredFloats.from_config(qc, source)
+            or ModelOpt.from_config(qc, source) or BnbInt8.from_config(qc, source)
+            or GroupedInt.from_config(qc, source))
+
+
+def check_quantization_readable(config, model_dir: Path) -> None:
+    """Refuse, as loading does, a config.json whose ``quantization_config`` names weights qlora cannot read
+    (HQQ, EETQ, ...): ``qlora estimate`` must not size a run that ``qlora train`` refuses.
+
+    Raises:
+        UsageError: naming the format and what to give instead.
+    """
+    qc = getattr(config, "quantization_config", None)
+    if qc is not None and _decoded_format(qc if isinstance(qc, dict) else qc.to_dict(),
+                                          str(model_dir / "config.json")) is None:
+        _prequantized(config, model_dir)
 
 
 def _modelopt_file(path: Path) -> ModelOpt | None:

@@ -60,9 +60,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from dataclasses import replace
+    from pathlib import Path
 
     from ...model.estimate import TrainingOptions, estimate, format_table, load_config
-    from ...model.load import bnb_4bit_config
+    from ...model.load import bnb_4bit_config, check_quantization_readable
 
     if args.model_arg and args.model and args.model_arg != args.model:
         raise UsageError(f"two models given: {args.model_arg} and --model {args.model}; give one")
@@ -87,6 +88,7 @@ def run(args: argparse.Namespace) -> int:
         method=args.method, precompute_ref=args.precompute_ref,
     )
     config = load_config(model)
+    check_quantization_readable(config, Path(model).parent if Path(model).is_file() else Path(model))
     stored = bnb_4bit_config(config)
     if stored is not None:  # loading reads its packed codes as they are, whatever --quant and --double-quant say
         opts = replace(opts, quant=stored.get("bnb_4bit_quant_type", "fp4"), blocksize=64,  # BitsAndBytesConfig's
