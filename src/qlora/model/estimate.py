@@ -370,15 +370,37 @@ def _shape(config) -> dict[str, int]:
     hidden = _widest(text, "hidden_size")
     heads = _widest(text, "num_attention_heads") or 1
     head_dim = _widest(text, "head_dim") or hidden // heads
+    dense = max(_widest(text, "intermediate_size") or _widest(text, "n_inner") or 4 * hidden,
+                _widest(text, "intermediate_size_mlp") or 0)  # Llama 4's dense layers
+    routed, top_k = _moe_width(text)
     return dict(
         hidden=hidden,
         heads=heads,
         q=heads * head_dim,
         kv=(_widest(text, "num_key_value_heads") or heads) * head_dim,
-        inter=_widest(text, "intermediate_size") or _widest(text, "n_inner") or 4 * hidden,
+        inter=max(dense, routed),
+        top_k=top_k,
         layers=text.num_hidden_layers,
         vocab=text.vocab_size,
     )
+
+
+def _first_count(text, names: tuple[str, ...]) -> int:
+    return next((v for n in names if isinstance(v := _widest(text, n), int) and v > 0), 0)
+
+
+def _moe_width(text) -> tuple[int, int]:
+    """``(MLP width a token runs through, top-k)`` of a MoE layer: its top-k experts and shared experts side by
+    side; ``(0, 0)`` for a dense model. Expert widths are ``moe_intermediate_size`` where the config has one
+    (Qwen, DeepSeek), else ``intermediate_size`` (Mixtral, gpt-oss)."""
+    experts = _first_count(text, ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts"))
+    top_k = _first_count(text, ("num_experts_per_tok", "moe_topk", "experts_per_token", "num_experts_per_token"))
+    if not experts or not top_k:
+        return 0, 0
+    expert = _first_count(text, ("moe_intermediate_size", "expert_intermediate_size", "intermediate_size"))
+    shared = _first_count(text, ("shared_expert_intermediate_size", "shared_intermediate_size")) or (
+        _first_count(text, ("n_shared_experts", "num_shared_experts")) * expert)
+    return top_k * expert + shared, top_k
 
 
 def activation_bytes(config, opts: TrainingOptions, lora_per_layer: float) -> int:
@@ -393,7 +415,11 @@ def activation_bytes(config, opts: TrainingOptions, lora_per_layer: float) -> in
           + 2q + 4 heads      attention output and its fp32 logsumexp
           + 2 r n             LoRA A outputs, input of each B
           + 8i                gate, up, silu(gate), silu(gate) * up
+          + 4kh               MoE: each of a token's top-k experts keeps its copy of the input and its output
         T = 2 x 2i            gradient transients of the MLP backward (d gate, d up)
+
+    A MoE layer's i is its top-k experts' widths plus its shared experts' (:func:`_moe_width`), or the dense
+    width where that is wider (the layers differ: the estimate takes the widest).
 
     Without checkpointing: ``tokens * (layers * A + T + 8h)`` (8h: final norm).
     With checkpointing only each layer's input survives the forward, and one
@@ -402,7 +428,7 @@ def activation_bytes(config, opts: TrainingOptions, lora_per_layer: float) -> in
     """
     s = _shape(config)
     per_layer = (16 * s["hidden"] + 2 * (s["q"] + 2 * s["kv"]) + 2 * s["q"] + 4 * s["heads"]
-                 + 2 * opts.rank * lora_per_layer + 8 * s["inter"])
+                 + 2 * opts.rank * lora_per_layer + 8 * s["inter"] + 4 * s["top_k"] * s["hidden"])
     if opts.gradient_checkpointing:
         kept = s["layers"] * 2 * s["hidden"] + per_layer
     else:
