@@ -113,6 +113,46 @@ def test_peak_estimate_near_measured_llama_3_8b_peaks():
         assert abs(total - measured) / measured < 0.10, (seq_len, total)
 
 
+def _saved_bytes_per_token(config, tokens: int) -> float:
+    """Bytes autograd saves for backward in a bf16 forward of ``config``'s model, per token (weights excluded)."""
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16, attn_implementation="sdpa")
+    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved: dict[int, int] = {}
+
+    def keep(t):
+        saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    ids = torch.randint(0, config.vocab_size, (1, tokens))
+    with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
+        model(inputs_embeds=model.get_input_embeddings()(ids).detach().requires_grad_())
+    return sum(n for ptr, n in saved.items() if ptr not in weights) / tokens
+
+
+@pytest.mark.parametrize("model_type, moe", [
+    ("llama", {}),
+    ("mixtral", dict(num_local_experts=8, num_experts_per_tok=2)),  # experts as wide as intermediate_size
+    ("qwen2_moe", dict(num_experts=8, num_experts_per_tok=4, moe_intermediate_size=128,  # their own width,
+                       shared_expert_intermediate_size=256)),  # and a shared expert
+])
+def test_a_layers_activations_match_what_autograd_saves(model_type, moe):
+    """One decoder layer's activations without checkpointing (two layers' minus one layer's, so the head and the
+    loss drop out) against the tensors autograd saves, within 10%. A MoE layer computes each token in its top-k
+    experts: a Mixtral-like layer saved 1.7x what the dense-width model predicted."""
+    from transformers import AutoConfig
+
+    sizes = dict(vocab_size=300, hidden_size=256, num_attention_heads=4, num_key_value_heads=2, intermediate_size=512)
+    opts = TrainingOptions(seq_len=256, gradient_checkpointing=False)
+    measured, predicted = [], []
+    for layers in (1, 2):
+        config = AutoConfig.for_model(model_type, num_hidden_layers=layers, **sizes, **moe)
+        measured.append(_saved_bytes_per_token(config, opts.seq_len))
+        predicted.append(activation_bytes(config, opts, 0) / opts.seq_len)
+    layer, estimated = measured[1] - measured[0], predicted[1] - predicted[0]
+    assert abs(estimated - layer) / layer < 0.10, (layer, estimated)
+
+
 def test_options_change_the_right_rows():
     config = _config("llama", tied=False)
     base = estimate(config, TrainingOptions(seq_len=64))
@@ -190,6 +230,24 @@ def test_cli_reads_configs_that_save_pretrained_encodes(tmp_path, capsys):
         pytest.skip("this transformers (4.x) writes Falcon-H1's config without an encoded infinity")
     assert main(["estimate", str(tmp_path)]) == 0
     assert "QLoRA" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("method", ["hqq", "eetq"])
+def test_a_checkpoint_format_training_refuses_is_refused(tmp_path, method, capsys):
+    """A config.json naming weights qlora cannot read is refused by the estimate as qlora train refuses it
+    (it printed a table for a run that cannot start); FP8 and MXFP4 releases, which loading decodes, are not."""
+    import json
+
+    from transformers import AutoConfig
+
+    AutoConfig.for_model("llama", hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
+                         vocab_size=256).save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    for qc, code in (({"quant_method": method, "nbits": 4}, 2),
+                     ({"quant_method": "fp8", "fmt": "e4m3", "weight_block_size": [128, 128]}, 0)):
+        (tmp_path / "config.json").write_text(json.dumps(config | {"quantization_config": qc}))
+        assert main(["estimate", str(tmp_path)]) == code
+    assert f"describes a '{method}' quantized checkpoint" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -366,6 +424,38 @@ def test_resident_rows_equal_the_loaded_model_bytes(tmp_path, tiny_tokenizer, mo
     est = estimate(load_config(str(tmp_path)), TrainingOptions())
     predicted = sum(values["QLoRA"] for label, values in est.rows if label.startswith(_RESIDENT))
     assert predicted == _held_bytes(model)
+
+
+def test_a_bitsandbytes_4bit_checkpoint_is_estimated_in_its_stored_format(tmp_path, tiny_model_dir, tiny_tokenizer,
+                                                                         capsys):
+    """A checkpoint transformers + bitsandbytes saved 4-bit (Unsloth's bnb-4bit releases) is loaded in the format
+    its config.json names, whatever --quant and --double-quant say, and its llm_int8_skip_modules stay 16-bit
+    (Unsloth's dynamic releases skip whole layers): the resident rows are what load_model holds, and the
+    skipped linears are still LoRA targets, as training adapts them. Before, the estimate took the flags' NF4 +
+    double quantization and packed the skipped layers."""
+    import json
+
+    import qlora
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    skip = ["lm_head", "model.layers.0.mlp"]
+    bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="fp4", bnb_4bit_use_double_quant=False,
+                             bnb_4bit_compute_dtype=torch.bfloat16, llm_int8_skip_modules=skip)
+    AutoModelForCausalLM.from_pretrained(tiny_model_dir, quantization_config=bnb, device_map="cpu").save_pretrained(
+        tmp_path)
+    tiny_tokenizer.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["quantization_config"]["llm_int8_skip_modules"] == skip
+    model, _ = qlora.load_model(tmp_path, compute_dtype=torch.bfloat16, device="cpu")
+    est = estimate(load_config(str(tmp_path)), TrainingOptions(quant="fp4", double_quant=False))
+    predicted = sum(values["QLoRA"] for label, values in est.rows if label.startswith(_RESIDENT))
+    assert predicted == _held_bytes(model)
+    plain = count_parameters(load_config(str(tiny_model_dir)))
+    assert len(select_targets(count_parameters(load_config(str(tmp_path))), None)) == len(select_targets(plain, None))
+
+    assert main(["estimate", str(tmp_path), "--quant", "nf4", "--double-quant"]) == 0
+    out = capsys.readouterr().out
+    assert "bitsandbytes 4-bit checkpoint" in out and "model.layers.0.mlp kept 16-bit" in out
+    assert ", fp4, block 64" in out and "without double quantization" in out
 
 
 @pytest.mark.parametrize("model_type", ["minimax", "deepseek_v3", "qwen3_moe"])

@@ -115,6 +115,7 @@ class LinearShape:
     in_features: int
     adaptable: bool = True  # False for one expert of a 3-D experts weight: quantized, not a LoRA target
     own_layout: bool = False  # an expert of a layout of its own (DBRX, JetMoE, LongCat-Flash): no expert LoRA
+    stored_4bit: bool = True  # False: a layer a bitsandbytes 4-bit checkpoint skipped, 16-bit yet a LoRA target
 
     @property
     def numel(self) -> int:
@@ -125,7 +126,7 @@ class LinearShape:
 class ModelCounts:
     """Exact parameter counts of a model, split into quantized and 16-bit parts."""
 
-    linears: tuple[LinearShape, ...]  # decoder linear weights (the quantized part)
+    linears: tuple[LinearShape, ...]  # decoder linear weights (the quantized part, and the LoRA targets)
     other_tensors: tuple[int, ...]  # numel of every other parameter, shared ones once
     num_layers: int
     fp32_params: int = 0  # of the other parameters, those the model class keeps in fp32 under bf16
@@ -139,11 +140,11 @@ class ModelCounts:
 
     @property
     def quantized_params(self) -> int:
-        return sum(lin.numel for lin in self.linears)
+        return sum(lin.numel for lin in self.linears if lin.stored_4bit)
 
     @property
     def params_16bit(self) -> int:
-        return sum(self.other_tensors)
+        return sum(self.other_tensors) + sum(lin.numel for lin in self.linears if not lin.stored_4bit)
 
     @property
     def total_params(self) -> int:
@@ -202,9 +203,14 @@ def count_parameters(config) -> ModelCounts:
 
     ``named_parameters`` yields a tied parameter once. The output embedding
     (``lm_head``) is a Linear but is kept in 16-bit, as transformers and
-    bitsandbytes do, so it counts with the embeddings.
+    bitsandbytes do, so it counts with the embeddings. A bitsandbytes 4-bit
+    checkpoint's ``llm_int8_skip_modules`` (Unsloth's dynamic 4-bit releases list
+    whole layers) stay 16-bit as loading keeps them: their linears are still
+    adapted, their 3-D experts held whole.
     """
     from transformers.pytorch_utils import Conv1D
+
+    from .load import bnb_4bit_config
 
     with torch.device("meta"):
         model = text_model_from_config(config, getattr(config, "name_or_path", "") or config.model_type)
@@ -215,10 +221,16 @@ def count_parameters(config) -> ModelCounts:
     notes = {name: "(kept in 16-bit, an output head or a router)" for name in dense}
     kept: dict[int, LinearShape] = {}
     stored: dict[int, int] = {}  # 3-D expert weight -> its numel
+    unpacked = tuple((bnb_4bit_config(config) or {}).get("llm_int8_skip_modules") or ())
     for name, module in model.named_modules():
         if is_skipped(name, dense):
             if is_plain_linear(module):
                 kept.setdefault(id(module.weight), LinearShape(name, module.out_features, module.in_features))
+            continue
+        if unpacked and is_skipped(name, unpacked):
+            if is_plain_linear(module):
+                quantized[id(module.weight)] = (LinearShape(name, module.out_features, module.in_features,
+                                                            stored_4bit=False),)
             continue
         if is_plain_linear(module):
             quantized[id(module.weight)] = (LinearShape(name, module.out_features, module.in_features),)
@@ -358,15 +370,37 @@ def _shape(config) -> dict[str, int]:
     hidden = _widest(text, "hidden_size")
     heads = _widest(text, "num_attention_heads") or 1
     head_dim = _widest(text, "head_dim") or hidden // heads
+    dense = max(_widest(text, "intermediate_size") or _widest(text, "n_inner") or 4 * hidden,
+                _widest(text, "intermediate_size_mlp") or 0)  # Llama 4's dense layers
+    routed, top_k = _moe_width(text)
     return dict(
         hidden=hidden,
         heads=heads,
         q=heads * head_dim,
         kv=(_widest(text, "num_key_value_heads") or heads) * head_dim,
-        inter=_widest(text, "intermediate_size") or _widest(text, "n_inner") or 4 * hidden,
+        inter=max(dense, routed),
+        top_k=top_k,
         layers=text.num_hidden_layers,
         vocab=text.vocab_size,
     )
+
+
+def _first_count(text, names: tuple[str, ...]) -> int:
+    return next((v for n in names if isinstance(v := _widest(text, n), int) and v > 0), 0)
+
+
+def _moe_width(text) -> tuple[int, int]:
+    """``(MLP width a token runs through, top-k)`` of a MoE layer: its top-k experts and shared experts side by
+    side; ``(0, 0)`` for a dense model. Expert widths are ``moe_intermediate_size`` where the config has one
+    (Qwen, DeepSeek), else ``intermediate_size`` (Mixtral, gpt-oss)."""
+    experts = _first_count(text, ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts"))
+    top_k = _first_count(text, ("num_experts_per_tok", "moe_topk", "experts_per_token", "num_experts_per_token"))
+    if not experts or not top_k:
+        return 0, 0
+    expert = _first_count(text, ("moe_intermediate_size", "expert_intermediate_size", "intermediate_size"))
+    shared = _first_count(text, ("shared_expert_intermediate_size", "shared_intermediate_size")) or (
+        _first_count(text, ("n_shared_experts", "num_shared_experts")) * expert)
+    return top_k * expert + shared, top_k
 
 
 def activation_bytes(config, opts: TrainingOptions, lora_per_layer: float) -> int:
@@ -381,7 +415,11 @@ def activation_bytes(config, opts: TrainingOptions, lora_per_layer: float) -> in
           + 2q + 4 heads      attention output and its fp32 logsumexp
           + 2 r n             LoRA A outputs, input of each B
           + 8i                gate, up, silu(gate), silu(gate) * up
+          + 4kh               MoE: each of a token's top-k experts keeps its copy of the input and its output
         T = 2 x 2i            gradient transients of the MLP backward (d gate, d up)
+
+    A MoE layer's i is its top-k experts' widths plus its shared experts' (:func:`_moe_width`), or the dense
+    width where that is wider (the layers differ: the estimate takes the widest).
 
     Without checkpointing: ``tokens * (layers * A + T + 8h)`` (8h: final norm).
     With checkpointing only each layer's input survives the forward, and one
@@ -390,7 +428,7 @@ def activation_bytes(config, opts: TrainingOptions, lora_per_layer: float) -> in
     """
     s = _shape(config)
     per_layer = (16 * s["hidden"] + 2 * (s["q"] + 2 * s["kv"]) + 2 * s["q"] + 4 * s["heads"]
-                 + 2 * opts.rank * lora_per_layer + 8 * s["inter"])
+                 + 2 * opts.rank * lora_per_layer + 8 * s["inter"] + 4 * s["top_k"] * s["hidden"])
     if opts.gradient_checkpointing:
         kept = s["layers"] * 2 * s["hidden"] + per_layer
     else:
@@ -454,7 +492,7 @@ def estimate(config, opts: TrainingOptions) -> Estimate:
     columns = (full, lora) if opts.quant == "none" else COLUMNS
     # --no-quantize-experts: the 3-D expert weights stay bf16 whole (the experts the forward skips too)
     dense_experts = not opts.quantize_experts and counts.expert_params > 0
-    packed = [lin for lin in counts.linears if lin.adaptable or not dense_experts]
+    packed = [lin for lin in counts.linears if (lin.adaptable or not dense_experts) and lin.stored_4bit]
     codes = consts = 0
     for lin in packed:
         c, k = quantized_bytes(lin.numel, opts.blocksize, opts.double_quant)

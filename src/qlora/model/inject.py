@@ -85,7 +85,7 @@ def target_paths(model: nn.Module, target_modules: str | list[str]) -> list[str]
     # A vision or audio tower gets no gradient from text: adapting it would only add dead weights.
     towers = tuple(n + "." for n in non_text_names(model))
     layers = [(n, m) for n, m in model.named_modules() if n and not n.endswith(".base_layer")
-              and ".lora_" not in n and not n.startswith(experts + towers)]
+              and ".lora_" not in n and not f"{n}.".startswith(experts + towers)]  # a tower may be one linear
     candidates = [n for n, m in layers if (isinstance(m, LoraLinear) or is_linear_like(m)) and n not in head]
     if target_modules != "all-linear":
         # Named explicitly (as PEFT allows), the output head and token embeddings are adapted too.

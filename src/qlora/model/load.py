@@ -124,13 +124,29 @@ def _stored_format(config, model_dir: Path) -> StoredFormat | None:
     source = str(model_dir / "config.json")
     if qc is None:  # releases that describe their quantization only in the quantizer's own file
         return _modelopt_file(model_dir / "hf_quant_config.json") or _side_file(model_dir)
-    qc = qc if isinstance(qc, dict) else qc.to_dict()
-    stored = (CompressedTensors.from_config(qc, source) or StoredFloats.from_config(qc, source)
-              or ModelOpt.from_config(qc, source) or BnbInt8.from_config(qc, source)
-              or GroupedInt.from_config(qc, source))
+    stored = _decoded_format(qc if isinstance(qc, dict) else qc.to_dict(), source)
     if stored is not None:
         del config.quantization_config
     return stored
+
+
+def _decoded_format(qc: dict, source: str) -> StoredFormat | None:
+    return (CompressedTensors.from_config(qc, source) or StoredFloats.from_config(qc, source)
+            or ModelOpt.from_config(qc, source) or BnbInt8.from_config(qc, source)
+            or GroupedInt.from_config(qc, source))
+
+
+def check_quantization_readable(config, model_dir: Path) -> None:
+    """Refuse, as loading does, a config.json whose ``quantization_config`` names weights qlora cannot read
+    (HQQ, EETQ, ...): ``qlora estimate`` must not size a run that ``qlora train`` refuses.
+
+    Raises:
+        UsageError: naming the format and what to give instead.
+    """
+    qc = getattr(config, "quantization_config", None)
+    if qc is not None and _decoded_format(qc if isinstance(qc, dict) else qc.to_dict(),
+                                          str(model_dir / "config.json")) is None:
+        _prequantized(config, model_dir)
 
 
 def _modelopt_file(path: Path) -> ModelOpt | None:
@@ -162,6 +178,17 @@ def _side_file(model_dir: Path) -> GroupedInt | None:
     return None
 
 
+def bnb_4bit_config(config) -> dict | None:
+    """``config``'s bitsandbytes 4-bit ``quantization_config`` as a dict (its quant type, double quantization and
+    ``llm_int8_skip_modules`` say how the checkpoint is stored), or None."""
+    qc = getattr(config, "quantization_config", None)
+    if qc is None:
+        return None
+    qc = qc if isinstance(qc, dict) else qc.to_dict()
+    method = qc.get("quant_method", "bitsandbytes")  # configs written before transformers named the method
+    return qc if method == "bitsandbytes" and qc.get("load_in_4bit", qc.get("_load_in_4bit")) else None
+
+
 def _prequantized(config, model_dir: Path) -> dict | None:
     """The checkpoint's bitsandbytes 4-bit ``quantization_config``, None for a 16/32-bit one (or one whose
     decoded format :func:`_stored_format` took).
@@ -171,12 +198,10 @@ def _prequantized(config, model_dir: Path) -> dict | None:
             message says what to give it instead.
     """
     qc = getattr(config, "quantization_config", None)
-    if qc is None:
-        return None
+    if qc is None or bnb_4bit_config(config) is not None:
+        return bnb_4bit_config(config)
     qc = qc if isinstance(qc, dict) else qc.to_dict()
-    method = qc.get("quant_method", "bitsandbytes")  # configs written before transformers named the method
-    if method == "bitsandbytes" and qc.get("load_in_4bit", qc.get("_load_in_4bit")):
-        return qc
+    method = qc.get("quant_method", "bitsandbytes")
     if method == "bitsandbytes":
         kind = "bitsandbytes with neither load_in_4bit nor load_in_8bit set"
     else:
@@ -617,6 +642,14 @@ def check_model_config(config, path: str | Path):
                          f"({', '.join(parts)}), e.g. MusicGen's text encoder conditioning a "
                          "decoder of audio codes, so it is no single language model of text; qlora fine-tunes "
                          "decoder language models such as Llama, Qwen, Mistral, Gemma and Phi.") from None
+    subs = getattr(config, "sub_configs", None) or {}
+    nested = next(((k, v) for k, v in vars(config).items() if isinstance(v, dict) and "model_type" in v
+                   and k not in subs), None)
+    if nested is not None:  # the class would keep it a dict and fail deep inside the model's __init__
+        raise UsageError(f"{path}: model_type {config.model_type!r} takes no {nested[0]}, yet the file nests one (a "
+                         f"{nested[1]['model_type']!r} config): the top-level model_type is not that of the model "
+                         f"the file describes (architectures: {', '.join(config.architectures or []) or 'none'}). "
+                         "Set it back to the multimodal model's own type, as the released config.json has it.")
     per_layer = getattr(text, "per_layer_attributes", None) or ()  # reading these globally raises (dots3's heads)
     for key in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size"):
         values = [getattr(layer, key, None) for layer in text.per_layer_config] if key in per_layer else [

@@ -78,8 +78,8 @@ def is_linear_like(module: nn.Module) -> bool:
 
 def router_names(model: nn.Module) -> set[str]:
     """Paths of MoE routers and gates: linear layers beside an ``experts`` module
-    (``mlp.gate``, ``mlp.shared_expert_gate``), or inside a gate module beside it
-    with one output per expert (Hunyuan's ``mlp.gate.wg``). They stay 16-bit and are
+    (``mlp.gate``, ``mlp.shared_expert_gate``), or the one linear layer of a gate module
+    beside it when that has one output per expert (Hunyuan's ``mlp.gate.wg``). They stay 16-bit and are
     not LoRA targets: quantizing or adapting them changes which experts a token reaches."""
     names = set()
     for path, module in model.named_modules():
@@ -100,9 +100,11 @@ def router_names(model: nn.Module) -> set[str]:
             if _is_linear_or_wrapped(child):
                 names.add(prefix + child_name)
                 continue
-            names.update(f"{prefix}{child_name}.{n}" for n, m in child.named_modules()
-                         if n and _is_linear_or_wrapped(m) and count is not None
-                         and getattr(m, "out_features", None) == count)
+            inner = [(n, m) for n, m in child.named_modules() if n and _is_linear_or_wrapped(m)]
+            if len(inner) == 1:  # a gate module holds its one projection; a shared expert is an MLP of several
+                # (Qwen3-Next's is 512 wide for its 512 experts: its gate_proj and up_proj are no routers)
+                names.update(f"{prefix}{child_name}.{n}" for n, m in inner
+                             if count is not None and getattr(m, "out_features", None) == count)
     return names
 
 
@@ -358,7 +360,8 @@ def kept_dense_names(model: nn.Module) -> set[str]:
     (a branch whose test is false for it) does not count."""
     kept = output_embedding_names(model) | router_names(model)
     towers = tuple(t + "." for t in non_text_names(model))
-    kept.update(n for n, m in model.named_modules() if n.startswith(towers) and is_linear_like(m))
+    # a tower may itself be one linear layer (Llama 3.2 Vision's multi_modal_projector)
+    kept.update(n for n, m in model.named_modules() if f"{n}.".startswith(towers) and is_linear_like(m))
     settings = _config_settings(model)
     for path, module in model.named_modules():
         prefix = f"{path}." if path else ""

@@ -63,7 +63,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+    from pathlib import Path
+
     from ...model.estimate import TrainingOptions, estimate, format_table, load_config
+    from ...model.load import bnb_4bit_config, check_quantization_readable
 
     if args.model_arg and args.model and args.model_arg != args.model:
         raise UsageError(f"two models given: {args.model_arg} and --model {args.model}; give one")
@@ -88,6 +92,14 @@ def run(args: argparse.Namespace) -> int:
         method=args.method, precompute_ref=args.precompute_ref,
     )
     config = load_config(model)
+    check_quantization_readable(config, Path(model).parent if Path(model).is_file() else Path(model))
+    stored = bnb_4bit_config(config)
+    if stored is not None:  # loading reads its packed codes as they are, whatever --quant and --double-quant say
+        opts = replace(opts, quant=stored.get("bnb_4bit_quant_type", "fp4"), blocksize=64,  # BitsAndBytesConfig's
+                       double_quant=bool(stored.get("bnb_4bit_use_double_quant", False)))  # defaults; blocks of 64
+        print(f"{model} is a bitsandbytes 4-bit checkpoint: estimated in its stored format"
+              + (f", {', '.join(stored['llm_int8_skip_modules'])} kept 16-bit"
+                 if stored.get("llm_int8_skip_modules") else ""))
     unit = {"sft": "", "kto": " examples (KTO)"}.get(opts.method, f" pairs ({opts.method.upper()})")
     print(f"{model}: seq {opts.seq_len} x batch {opts.batch_size}{unit}, {opts.quant}"
           f"{' + double quant' if opts.double_quant and opts.quant != 'none' else ''}, block {opts.blocksize}, "

@@ -1,0 +1,88 @@
+"""``qlora estimate`` on released models' config.json files (tests/data/model_configs, origins in SOURCES.md):
+the features tiny configs miss, counted against the model transformers builds from the same config."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM
+
+from qlora.model.estimate import count_parameters
+from qlora.model.load import read_model_config
+from qlora.model.quantize import kept_dense_names
+
+CONFIGS = Path(__file__).parent / "data" / "model_configs"
+
+
+def test_shared_expert_as_wide_as_the_expert_count_is_quantized_not_a_router():
+    """Qwen3-Next-80B-A3B: 512 experts and a shared expert 512 wide. Its gate_proj and up_proj have one output
+    per expert by coincidence; they are an MLP's layers (4-bit, LoRA targets), not routers. The routers are the
+    top-k gate and the one-output shared_expert_gate."""
+    config = read_model_config(CONFIGS / "qwen3-next-80b-a3b.json")
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    dense = kept_dense_names(model)
+    mlp = "model.layers.0.mlp"
+    assert {f"{mlp}.shared_expert.{p}" for p in ("gate_proj", "up_proj", "down_proj")}.isdisjoint(dense)
+    assert f"{mlp}.shared_expert_gate" in dense
+
+    counts = count_parameters(config)
+    assert counts.total_params == sum(p.numel() for p in model.parameters())
+    linears = {lin.name: lin for lin in counts.linears}
+    for p in ("gate_proj", "up_proj", "down_proj"):
+        assert f"{mlp}.shared_expert.{p}" in linears
+    head = model.get_output_embeddings()
+    routers = {id(m.weight) for n, m in model.named_modules() if n.endswith(("shared_expert_gate", "mlp.gate"))}
+    plain = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear) and m is not head
+                and id(m.weight) not in routers)
+    experts = sum(p.numel() for n, p in model.named_parameters() if ".mlp.experts." in n)
+    # every other linear of the decoder (attention, gated delta-net projections, shared experts) + the experts
+    assert counts.quantized_params == plain + experts
+
+
+def test_multimodal_config_under_its_text_model_type_is_refused_then_counted_when_restored(tmp_path, capsys):
+    """MLC's copy of Ministral-3-3B-2512's config.json has the text model's type (``ministral3``) at the top,
+    beside the nested text and vision configs: transformers keeps ``text_config`` a dict and the model's
+    __init__ failed with an AttributeError traceback. It is refused by name; with the released top-level type
+    (``mistral3``) it is counted as transformers builds it, the Pixtral tower and projector 16-bit."""
+    from transformers import AutoModelForImageTextToText
+
+    from qlora.cli.main import main
+
+    source = CONFIGS / "ministral-3-3b-2512-mlc.json"
+    assert main(["estimate", str(source)]) == 2
+    assert "takes no text_config" in capsys.readouterr().err
+
+    fixed = json.loads(source.read_text()) | {"model_type": "mistral3"}
+    (tmp_path / "config.json").write_text(json.dumps(fixed))
+    assert main(["estimate", str(tmp_path)]) == 0
+    config = read_model_config(tmp_path)
+    with torch.device("meta"):
+        model = AutoModelForImageTextToText.from_config(config)
+    counts = count_parameters(config)
+    assert counts.total_params == sum(p.numel() for p in model.parameters())
+    text = model.model.language_model
+    assert counts.quantized_params == sum(m.weight.numel() for m in text.modules() if isinstance(m, torch.nn.Linear))
+
+
+def test_a_projector_that_is_one_linear_layer_stays_16bit_and_is_not_adapted():
+    """Llama 3.2 Vision's multi_modal_projector is a bare nn.Linear (7680 -> 4096) beside the vision tower. Towers
+    were matched by the paths under them only, so this one was quantized and adapted by all-linear like a text
+    layer (the estimate counted its 31.5M weights 4-bit). It stays 16-bit, as the vision tower does."""
+    from transformers import AutoModelForImageTextToText
+
+    from qlora.model.inject import target_paths
+
+    config = read_model_config(CONFIGS / "llama-3.2-11b-vision.json")
+    with torch.device("meta"):
+        model = AutoModelForImageTextToText.from_config(config)
+    assert type(model.model.multi_modal_projector) is torch.nn.Linear
+    assert "model.multi_modal_projector" in kept_dense_names(model)
+    assert "model.multi_modal_projector" not in target_paths(model, "all-linear")
+
+    counts = count_parameters(config)
+    assert counts.total_params == sum(p.numel() for p in model.parameters())
+    text = model.model.language_model
+    assert counts.quantized_params == sum(m.weight.numel() for m in text.modules() if isinstance(m, torch.nn.Linear))
