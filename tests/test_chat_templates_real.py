@@ -314,3 +314,47 @@ def test_tool_calling_test_is_not_vacuous():
     """Most families with tool support render the call, so the test above trains it rather than expecting refusal."""
     rendering = [f for f in FAMILIES if oracle_call(family_tokenizer(f), family_tokenizer(f).chat_template)]
     assert len(rendering) >= 20 and {"qwen3-coder", "gpt-oss", "llama-3.3", "deepseek-v3"} <= set(rendering)
+
+
+GUARDIAN = (DATA / "granite-guardian-3.0.jinja").read_text()
+
+
+@pytest.mark.parametrize("conversation", [[U1, A1], [SYSTEM, U1, A1]])
+def test_template_that_quotes_the_answer_inside_the_prompt_is_refused(conversation):
+    """Granite Guardian's template renders the assistant message inside the user turn it judges (and no assistant
+    turn): the model reads that text as prompt, so training it would teach the model to write its own input."""
+    tok = family_tokenizer("granite-3.3")
+    fmt = ChatFormat(GUARDIAN, origin="granite-guardian-3.0.jinja")
+    rendered = tok.apply_chat_template(conversation, tokenize=False, chat_template=GUARDIAN)
+    prompt = tok.apply_chat_template(conversation[:-1], tokenize=False, add_generation_prompt=True,
+                                     chat_template=GUARDIAN)
+    assert A1["content"] in rendered and prompt.endswith("<|start_of_role|>assistant<|end_of_role|>")
+    assert "<|start_of_role|>assistant" not in rendered  # the answer is never the assistant's turn
+    with pytest.raises(UsageError) as err:
+        tokenize_example(Example(tuple(conversation), None, "d.jsonl line 3"), tok, fmt)
+    text = str(err.value)
+    assert text.startswith("d.jsonl line 3: assistant message 1 of 1") and "granite-guardian-3.0.jinja" in text
+    assert "<|start_of_role|>assistant<|end_of_role|>" in text and "--train-on all" in text
+    whole = tokenize_example(Example(tuple(conversation), None, "d.jsonl line 3"), tok, fmt, train_on="all")
+    assert whole.num_trainable == len(whole.input_ids) - 1
+
+
+def test_answers_after_the_generation_prompt_are_not_refused_by_that_check():
+    """The same tokenizer's own Granite 3.3 template opens the assistant turn with its generation prompt."""
+    tok = family_tokenizer("granite-3.3")
+    fmt = ChatFormat(tok.chat_template, origin="granite-3.3.jinja", date=DATE)
+    tokenized = tokenize_example(Example((U1, A1), None, "d.jsonl line 3"), tok, fmt)
+    assert squash(tok.decode(runs(tokenized)[0])) == squash("Four.<|end_of_text|>")
+
+
+def test_a_template_that_drops_the_answer_trains_whole_with_train_on_all_as_the_refusal_says():
+    tok = family_tokenizer("granite-3.3")
+    drop = ("{% for m in messages %}{% if m.role == 'user' %}{{ '<|start_of_role|>user<|end_of_role|>' + m.content + "
+            "'<|end_of_text|>' }}{% endif %}{% endfor %}")
+    fmt, example = ChatFormat(drop, origin="drop.jinja"), Example((U1, A1), None, "d.jsonl line 1")
+    with pytest.raises(UsageError, match="does not appear.*--train-on all"):
+        tokenize_example(example, tok, fmt)
+    whole = tokenize_example(example, tok, fmt, train_on="all")
+    reference = tok.apply_chat_template([U1, A1], chat_template=drop, tokenize=True, return_dict=True)["input_ids"]
+    assert whole.input_ids == list(reference)  # the text ends with a stop token: no EOS added
+    assert whole.num_trainable == len(whole.input_ids) - 1

@@ -136,6 +136,11 @@ class NothingToTrain(UsageError):
                          "column).")
 
 
+class Unlocated(UsageError):
+    """An assistant message's tokens cannot be told apart from the prompt's (the template drops it, or renders it
+    inside the prompt): refused when only assistant tokens train; ``--train-on all`` trains the whole text."""
+
+
 def tokenize_example(
     example: Example,
     tokenizer,
@@ -195,7 +200,12 @@ def tokenize_example(
         if train_on == "all":
             mask = [True] * len(ids)
     else:
-        ids, mask, needs_eos, hidden = _chat_ids_and_mask(example, tokenizer, fmt, stops)
+        try:
+            ids, mask, needs_eos, hidden = _chat_ids_and_mask(example, tokenizer, fmt, stops)
+        except Unlocated:
+            if train_on == "assistant":
+                raise
+            ids, needs_eos = _whole_chat_ids(example, tokenizer, fmt, stops)
         if train_on in ("all", "completion"):
             mask = [True] * len(ids)
     if needs_eos:
@@ -314,7 +324,8 @@ def _chat_ids_and_mask(example: Example, tokenizer, fmt: ChatFormat, stops: set[
                                  lambda cursor, i: _tool_call_span(text, cursor, tokenizer, fmt, messages, i,
                                                                    example.where, extra), skipped,
                                  lambda i: _generation_prompt(tokenizer, fmt, messages, i, example.where, extra),
-                                 lambda i: _reasoning_opening(tokenizer, fmt, messages, i, example.where, extra))
+                                 lambda i: _reasoning_opening(tokenizer, fmt, messages, i, example.where, extra),
+                                 _markup_strings(tokenizer))
         runs = [_tokens_covering(offsets, s, e) for s, e in spans]
         char_ends = [e for _, e in spans]
     mask = [False] * len(ids)
@@ -328,6 +339,22 @@ def _chat_ids_and_mask(example: Example, tokenizer, fmt: ChatFormat, stops: set[
     hidden = sum(1 for m in messages if m.get("role") == "assistant" and _reasoning_text(m)
                  and _reasoning_text(m) not in text)
     return ids, mask, final_is_assistant and not last_end_has_stop, hidden
+
+
+def _whole_chat_ids(example: Example, tokenizer, fmt: ChatFormat, stops: set[int]) -> tuple[list[int], bool]:
+    """``(ids, needs_eos)`` of a conversation whose answers are not located, trained whole: an EOS is added when the
+    conversation ends with an assistant message and no stop token follows where its content is rendered (anywhere in
+    the text when it is not)."""
+    text = rendered_text(example, tokenizer, fmt)
+    encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids = list(encoded["input_ids"])
+    final = example.messages[-1] if example.messages else {}
+    if final.get("role") != "assistant":
+        return ids, False
+    content = _content(final).strip()
+    at = text.rfind(content) if content else -1
+    tail = [t for t, (a, _) in zip(ids, encoded["offset_mapping"]) if a >= max(at, 0)]
+    return ids, not any(t in stops for t in tail)
 
 
 def _reasoning_field(message: dict) -> str | None:
@@ -520,8 +547,7 @@ def _tool_call_span(text: str, cursor: int, tokenizer, fmt: ChatFormat, messages
     if tail and upto[:len(upto) - tail].strip() and upto[start:len(upto) - tail].strip():
         forms.append(upto[start:len(upto) - tail].strip())
     names = [c.get("function", c).get("name", "") for c in messages[i]["tool_calls"]]
-    markers = [str(t) for t in tokenizer.all_special_tokens] + [
-        str(getattr(t, "content", t)) for t in getattr(tokenizer, "added_tokens_decoder", {}).values()]
+    markers = _markup_strings(tokenizer)
     for form in dict.fromkeys(f for f in forms if f):
         for cut in range(len(form)):
             if cut and not (form[cut - 1].isspace() or any(form.endswith(m, 0, cut) for m in markers if m)):
@@ -562,6 +588,12 @@ def _tokens_covering(offsets: list[tuple[int, int]], start: int, end: int) -> tu
     """``[first, last + 1)`` of the tokens overlapping characters ``[start, end)``."""
     covering = [i for i, (a, b) in enumerate(offsets) if a < end and b > start]
     return covering[0], covering[-1] + 1
+
+
+def _markup_strings(tokenizer) -> list[str]:
+    """The text of the tokenizer's special and added tokens."""
+    return [str(t) for t in tokenizer.all_special_tokens] + [
+        str(getattr(t, "content", t)) for t in getattr(tokenizer, "added_tokens_decoder", {}).values()]
 
 
 def _markup_ids(tokenizer) -> set[int]:
@@ -664,8 +696,8 @@ def _call_names(message: dict) -> list[str]:
     return [c.get("function", c).get("name", "") for c in message.get("tool_calls") or ()]
 
 
-def _dropped_calls(where: str, k: int, n: int, i: int, message: dict, origin: str) -> UsageError:
-    return UsageError(
+def _dropped_calls(where: str, k: int, n: int, i: int, message: dict, origin: str) -> Unlocated:
+    return Unlocated(
         f"{where}: assistant message {k} of {n} (message {i + 1} of the conversation, calling {_call_names(message)}): "
         f"the chat template ({origin}) drops these tool calls, or renders them elsewhere than in this turn (or "
         "differently inside the conversation than as its last turn), so their tokens cannot be located and the model "
@@ -690,19 +722,26 @@ def _assistant_spans(text: str, messages: Sequence[dict], fmt: ChatFormat, where
                      tool_call_span: Callable[[int, int], tuple[int, int] | None],
                      skipped: set[int] = frozenset(),
                      generation_prompt: Callable[[int], str] = lambda i: "",
-                     reasoning_opening: Callable[[int], str] = lambda i: "") -> list[tuple[int, int]]:
+                     reasoning_opening: Callable[[int], str] = lambda i: "",
+                     markers: Sequence[str] = ()) -> list[tuple[int, int]]:
     """Character spans of each assistant message's content in ``text``, in order, but for the assistant
     messages numbered (from 0) in ``skipped``; a message that calls tools spans the whole turn the template
     writes for it (``tool_call_span(cursor, i)``: content and calls); a message with reasoning starts where
-    ``generation_prompt(i)`` (the template's, after messages ``[:i]``) ends, or at ``reasoning_opening(i)``."""
+    ``generation_prompt(i)`` (the template's, after messages ``[:i]``) ends, or at ``reasoning_opening(i)``.
+
+    Raises:
+        Unlocated: an assistant message is not rendered, or is rendered inside the prompt: after the message before
+            it but before the generation prompt (``markers``: the tokenizer's markup strings) starts the model's turn.
+    """
     spans, cursor = [], 0
     assistants = [i for i, m in enumerate(messages) if m.get("role") == "assistant"]
     for k, i in enumerate(assistants, 1):
         content = _content(messages[i])
+        prompt_end = None
         if i > 0 and messages[i - 1].get("role") != "assistant":  # skip past the prompt, so text it quotes is not taken
             prompt = _find(text, _content(messages[i - 1]), cursor)
             if prompt:
-                cursor = prompt[1]
+                cursor = prompt_end = prompt[1]
         if messages[i].get("tool_calls"):
             found = tool_call_span(cursor, i)
             if found is None:
@@ -717,14 +756,35 @@ def _assistant_spans(text: str, messages: Sequence[dict], fmt: ChatFormat, where
                                 lambda i=i: reasoning_opening(i))
         if found is None:
             shown = content.strip()[:60]
-            raise UsageError(
+            raise Unlocated(
                 f"{where}: assistant message {k} of {len(assistants)} (message {i + 1} of the conversation, "
                 f"starting {shown!r}) does not appear in the text that the chat template ({fmt.origin}) renders for "
                 "this conversation: the template drops or rewrites it, so its tokens cannot be located and the model "
                 "would never see them in this format. Fix or remove that message in the data (check that it is "
                 "plain text the template prints as is), or train on the whole text with --train-on all."
             )
+        if prompt_end is not None and not _opens_turn(text[prompt_end:found[0]], generation_prompt(i), markers):
+            raise Unlocated(
+                f"{where}: assistant message {k} of {len(assistants)} (message {i + 1} of the conversation, starting "
+                f"{content.strip()[:60]!r}) is rendered by the chat template ({fmt.origin}) inside the prompt: no "
+                f"{generation_prompt(i).strip()!r} (the template's generation prompt, which starts the model's turn) "
+                "comes before it, so the model reads this answer as input and would learn to write text it is only "
+                "ever given (a judge's template, such as Granite Guardian's, quotes the answer it judges). Use a "
+                "template that renders the answer as the assistant's turn, or train on the whole text with "
+                "--train-on all.")
         if k - 1 not in skipped:
             spans.append(found)
         cursor = found[1]
     return spans
+
+
+def _opens_turn(between: str, generation_prompt: str, markers: Sequence[str]) -> bool:
+    """Whether the text ``between`` the prompt and an answer starts the model's turn: it holds the template's
+    generation prompt, its first word, or a markup token of it, since templates write a turn of the conversation
+    otherwise than the prompt that starts one (DeepSeek-R1's prompt also opens ``<think>``, DeepSeek-V3.2's writes
+    ``<think></think>`` where its turns after a tool result hold ``</think>``). A template without a generation
+    prompt cannot tell."""
+    head = generation_prompt.strip()
+    if not head:
+        return True
+    return any(form in between for form in (head, head.split()[0], *(m for m in markers if m and m in head)))
