@@ -358,3 +358,27 @@ def test_a_template_that_drops_the_answer_trains_whole_with_train_on_all_as_the_
     reference = tok.apply_chat_template([U1, A1], chat_template=drop, tokenize=True, return_dict=True)["input_ids"]
     assert whole.input_ids == list(reference)  # the text ends with a stop token: no EOS added
     assert whole.num_trainable == len(whole.input_ids) - 1
+
+
+@pytest.mark.parametrize("family,dropped", [("phi-4-reasoning", True), ("phi-4", False), ("qwen3", False),
+                                            ("llama-3.1", False)])
+def test_run_log_warns_once_when_the_template_ignores_the_rows_system_messages(family, dropped):
+    """Phi-4-reasoning's template writes its own system prompt and drops the one a row gives: the model is trained
+    without it, which the data report says once, naming the template; a template that renders it says nothing."""
+    from qlora.train.data import tokenize_dataset
+
+    tok = family_tokenizer(family)
+    fmt = ChatFormat(tok.chat_template, origin=f"{family}.jinja", date=DATE)
+    shown = SYSTEM["content"] in tok.apply_chat_template([SYSTEM, U1, A1], tokenize=False,
+                                                         chat_template=fmt.pinned_template())
+    assert shown is not dropped  # the oracle: apply_chat_template's own text
+    rows = [Example((SYSTEM, U1, A1), None, f"d.jsonl line {n}") for n in (1, 2)]
+    rows.append(Example((U1, A1), None, "d.jsonl line 3"))
+    summary = tokenize_dataset(rows, tok, fmt, stop_ids=stops(tok, family))[1].summary()
+    warning = "does not render the system message"
+    assert summary.count(warning) == int(dropped)
+    if dropped:
+        assert f"the chat template ({family}.jinja) does not render the system message of 2 rows" in summary
+        assert "(first: d.jsonl line 1, d.jsonl line 2)" in summary and "--system-into-user" in summary
+    bare = tokenize_dataset(rows[2:], tok, fmt, stop_ids=stops(tok, family))[1].summary()
+    assert warning not in bare  # no row gives a system message

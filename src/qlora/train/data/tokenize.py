@@ -60,8 +60,9 @@ _SHOWN = 5
 @dataclass(frozen=True)
 class TokenizedExample:
     """Token ids and labels (``IGNORE_INDEX`` where no loss) of dataset item ``index``; ``reasoning_hidden``
-    counts its assistant turns whose reasoning the chat template does not show (so it is not trained); ``media``
-    holds a row with images' other model inputs, one entry per tensor the processor returns
+    counts its assistant turns whose reasoning the chat template does not show (so it is not trained);
+    ``system_dropped``: the template does not render the row's system message (Phi-4-reasoning's writes its own);
+    ``media`` holds a row with images' other model inputs, one entry per tensor the processor returns
     (:mod:`qlora.train.data.image_examples`)."""
 
     input_ids: list[int]
@@ -70,6 +71,7 @@ class TokenizedExample:
     truncated: bool = False
     reasoning_hidden: int = 0
     media: dict[str, Any] = field(default_factory=dict)  # the processor's image tensors (pixel_values, ...)
+    system_dropped: bool = False
 
     @property
     def num_trainable(self) -> int:
@@ -88,6 +90,8 @@ class DataReport:
     reasoning: int = 0  # examples with reasoning traces
     reasoning_placement: str = ""
     reasoning_hidden: int = 0  # assistant turns whose reasoning the template does not show
+    system_dropped: list[str] = field(default_factory=list)  # rows whose system message the template does not render
+    template_origin: str = "the chat template"
     identical: list[str] = field(default_factory=list)  # preference rows whose two answers are the same: no signal
     empty: dict[str, list[str]] = field(default_factory=dict)  # why a row holds nothing to train -> where they are
 
@@ -101,6 +105,12 @@ class DataReport:
             text += (f"; the chat template does not show the reasoning of {self.reasoning_hidden} assistant {turns} "
                      "(before the last user message), so only their answers are trained: split such "
                      "conversations into one row per turn to train it")
+        if self.system_dropped:
+            rows = "row" if len(self.system_dropped) == 1 else "rows"
+            text += (f"; the chat template ({self.template_origin}) does not render the system message of "
+                     f"{len(self.system_dropped)} {rows} (first: {', '.join(self.system_dropped[:_SHOWN])}): it writes "
+                     "its own or none, so they are trained without it; --system-into-user puts it in the first user "
+                     "turn instead")
         if self.untrainable:
             text += (
                 f", {len(self.untrainable)} skipped with no trainable tokens "
@@ -176,7 +186,7 @@ def tokenize_example(
                          "(the one generation_config.json's eos_token_id names).")
     fmt = chat_template if isinstance(chat_template, ChatFormat) else ChatFormat(chat_template)
     stops = set(stop_ids) if stop_ids is not None else stop_token_ids(tokenizer)
-    hidden, cut = 0, False  # cut: a limit of the row's own pieces dropped ids (torchtune's max_seq_len)
+    hidden, cut, dropped = 0, False, False  # cut: a limit of the row's own pieces dropped ids (torchtune's max_seq_len)
     if blank_text(example) or example.skip:  # nothing to learn; TRL would train an EOS after nothing
         return TokenizedExample([], [], index)
     if example.images:
@@ -201,11 +211,11 @@ def tokenize_example(
             mask = [True] * len(ids)
     else:
         try:
-            ids, mask, needs_eos, hidden = _chat_ids_and_mask(example, tokenizer, fmt, stops)
+            ids, mask, needs_eos, hidden, dropped = _chat_ids_and_mask(example, tokenizer, fmt, stops)
         except Unlocated:
             if train_on == "assistant":
                 raise
-            ids, needs_eos = _whole_chat_ids(example, tokenizer, fmt, stops)
+            ids, needs_eos, dropped = _whole_chat_ids(example, tokenizer, fmt, stops)
         if train_on in ("all", "completion"):
             mask = [True] * len(ids)
     if needs_eos:
@@ -216,7 +226,7 @@ def tokenize_example(
     if truncated:
         ids, mask = ids[:seq_len], mask[:seq_len]
     labels = [t if m else IGNORE_INDEX for t, m in zip(ids, mask)]
-    return TokenizedExample(ids, labels, index, truncated or cut, hidden)
+    return TokenizedExample(ids, labels, index, truncated or cut, hidden, system_dropped=dropped)
 
 
 def tokenize_dataset(
@@ -241,6 +251,8 @@ def tokenize_dataset(
     """
     stops = set(stop_ids) if stop_ids is not None else stop_token_ids(tokenizer)
     kept, report = [], DataReport(examples=len(examples))
+    if isinstance(chat_template, ChatFormat):
+        report.template_origin = chat_template.origin
     for i, example in enumerate(examples):
         if example.skip:
             report.skip(example.skip, example.where)
@@ -256,6 +268,8 @@ def tokenize_dataset(
         report.truncated += tokenized.truncated
         report.reasoning += has_reasoning(example.messages, example.reasoning)
         report.reasoning_hidden += tokenized.reasoning_hidden
+        if tokenized.system_dropped:
+            report.system_dropped.append(example.where)
         if tokenized.num_trainable == 0:
             report.untrainable.append(i)
             report.untrainable_where.append(example.where)
@@ -295,7 +309,8 @@ def has_generation_markers(template: str) -> bool:
 
 
 def _chat_ids_and_mask(example: Example, tokenizer, fmt: ChatFormat, stops: set[int]):
-    """``(ids, mask, needs_eos, reasoning_hidden)`` of a conversation, from one rendering and one tokenization."""
+    """``(ids, mask, needs_eos, reasoning_hidden, system_dropped)`` of a conversation, from one rendering and one
+    tokenization."""
     if not getattr(tokenizer, "is_fast", False):
         raise UsageError("qlora needs a fast (Rust) tokenizer to locate assistant tokens by character offsets; "
                          "save the model's tokenizer with tokenizer.json (transformers converts most slow ones).")
@@ -338,23 +353,29 @@ def _chat_ids_and_mask(example: Example, tokenizer, fmt: ChatFormat, stops: set[
                           and example.messages[-1].get("weight", 1) != 0)
     hidden = sum(1 for m in messages if m.get("role") == "assistant" and _reasoning_text(m)
                  and _reasoning_text(m) not in text)
-    return ids, mask, final_is_assistant and not last_end_has_stop, hidden
+    return ids, mask, final_is_assistant and not last_end_has_stop, hidden, _drops_system(example.messages, text)
 
 
-def _whole_chat_ids(example: Example, tokenizer, fmt: ChatFormat, stops: set[int]) -> tuple[list[int], bool]:
-    """``(ids, needs_eos)`` of a conversation whose answers are not located, trained whole: an EOS is added when the
-    conversation ends with an assistant message and no stop token follows where its content is rendered (anywhere in
-    the text when it is not)."""
+def _whole_chat_ids(example: Example, tokenizer, fmt: ChatFormat, stops: set[int]) -> tuple[list[int], bool, bool]:
+    """``(ids, needs_eos, system_dropped)`` of a conversation whose answers are not located, trained whole: an EOS
+    is added when the conversation ends with an assistant message and no stop token follows where its content is
+    rendered (anywhere in the text when it is not)."""
     text = rendered_text(example, tokenizer, fmt)
     encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     ids = list(encoded["input_ids"])
     final = example.messages[-1] if example.messages else {}
+    dropped = _drops_system(example.messages, text)
     if final.get("role") != "assistant":
-        return ids, False
+        return ids, False, dropped
     content = _content(final).strip()
     at = text.rfind(content) if content else -1
     tail = [t for t, (a, _) in zip(ids, encoded["offset_mapping"]) if a >= max(at, 0)]
-    return ids, not any(t in stops for t in tail)
+    return ids, not any(t in stops for t in tail), dropped
+
+
+def _drops_system(messages: Sequence[dict], text: str) -> bool:
+    """Whether a system message of the row is missing from the template's rendering ``text``."""
+    return any(m.get("role") == "system" and _content(m).strip() not in text for m in messages)
 
 
 def _reasoning_field(message: dict) -> str | None:
