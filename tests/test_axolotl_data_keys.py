@@ -1,6 +1,6 @@
 """axolotl keys that change the data or the run (its utils/data, prompt_strategies/chat_template.py and schemas):
 ``dataset_exact_deduplication``, ``drop_system_message``, ``eot_tokens`` with ``train_on_eot``,
-``curriculum_sampling``, ``sample_packing_sequentially``, ``bfloat16`` and a silent ``quantize_moe_experts``; each
+``curriculum_sampling``, ``sample_packing_sequentially``, ``bfloat16``, ``float16`` and a silent ``quantize_moe_experts``; each
 does what axolotl does, or is refused at its line."""
 
 from __future__ import annotations
@@ -224,8 +224,23 @@ def test_bfloat16_is_bf16(tmp_path, keys, precision):
     assert load_config(_yaml(tmp_path, _HEAD + "datasets: [d.jsonl]\n" + keys), {}).precision == precision
 
 
+@pytest.mark.parametrize("keys, precision", [
+    ("float16: true\nbf16: false\n", "fp16"),  # resolve_dtype: torch_dtype float16 when neither bf16 nor bfloat16
+    ("float16: true\n", "auto"),  # bf16 auto: bf16 where the GPU has it, else float16 (qlora's auto: fp16 there)
+    ("float16: true\nbf16: auto\n", "auto"),
+    ("float16: true\nbf16: true\n", "bf16"),  # cfg.bf16 or cfg.bfloat16 comes first
+    ("float16: true\nbfloat16: true\n", "bf16"),
+    ("float16: true\nfp16: true\n", "fp16"),
+    ("float16: true\nfp16: false\nbf16: false\n", "fp16"),  # cfg.fp16 or cfg.float16
+    ("float16: false\nbf16: false\n", "auto"),
+])
+def test_float16_is_fp16_where_axolotl_loads_the_model_in_float16(tmp_path, keys, precision):
+    assert load_config(_yaml(tmp_path, _HEAD + "datasets: [d.jsonl]\n" + keys), {}).precision == precision
+
+
 @pytest.mark.parametrize("keys, says", [
     ("bfloat16: true\nfp16: true\n", "both set precision"),
+    ("float16: 16\n", "float16 expects true or false"),
     ("bfloat16: yes please\n", "bfloat16 expects true or false"),
 ])
 def test_bfloat16_conflicts_are_refused_by_line(tmp_path, capsys, keys, says):

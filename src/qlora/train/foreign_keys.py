@@ -519,6 +519,7 @@ def adapter_keys(loaded: dict, lines: dict[str, int], path: Path) -> dict:
         for key in ("datasets", "test_datasets"):
             if loaded.get(key) is not None:  # checked here, so that errors name the config's line
                 axolotl_datasets(loaded[key], where[key], method)
+    _float16(loaded, out, lines, where)
     _bfloat16(loaded, out, lines, where)
     if is_axolotl(loaded) and four and loaded.get("quantize_moe_experts") is None and "quantize_experts" not in out:
         out["quantize_experts"] = False  # axolotl's default: bitsandbytes quantizes linear layers only
@@ -539,6 +540,18 @@ def _bfloat16(loaded: dict, out: dict, lines: dict[str, int], where: dict[str, s
     if value and out.get("bf16") is not True:
         out["bf16"] = True
         lines["bf16"] = lines.get("bfloat16", 0)
+
+
+def _float16(loaded: dict, out: dict, lines: dict[str, int], where: dict[str, str]) -> None:
+    """axolotl's ``float16: true`` (its schema: fp16 without AMP) loads the model in float16 where neither ``bf16``
+    nor ``bfloat16`` is on (``resolve_dtype``): qlora's precision fp16 beside ``bf16: false``; beside ``bf16: auto`` (its
+    default) axolotl takes bf16 where the GPU has it and float16 elsewhere, which is qlora's auto."""
+    value = out.pop("float16", None)
+    if value not in (None, True, False):
+        raise UsageError(f"{where['float16']}: float16 expects true or false; got {value!r}.")
+    if value and loaded.get("bf16") is False and not loaded.get("bfloat16") and out.get("fp16") is not True:
+        out["fp16"] = True  # also beside fp16: false (``cfg.fp16 or cfg.float16``)
+        lines["fp16"] = lines.get("float16", 0)
 
 
 def _total_batch(loaded: dict, out: dict, lines: dict[str, int], where: dict[str, str]) -> None:
