@@ -1,7 +1,7 @@
 """axolotl keys that change the data or the run (its utils/data, prompt_strategies/chat_template.py and schemas):
 ``dataset_exact_deduplication``, ``drop_system_message``, ``eot_tokens`` with ``train_on_eot``,
-``curriculum_sampling``, ``sample_packing_sequentially``, ``bfloat16``, ``float16`` and a silent ``quantize_moe_experts``; each
-does what axolotl does, or is refused at its line."""
+``curriculum_sampling``, ``sample_packing_sequentially``, ``bfloat16``, ``float16`` and a silent
+``quantize_moe_experts``; each does what axolotl does, or is refused at its line."""
 
 from __future__ import annotations
 

@@ -297,8 +297,8 @@ def test_axolotl_dataset_chat_template_jinja_is_the_template(tmp_path, keys, top
     ("  - path: d.jsonl\n    type: chat_template\n    chat_template_jinja: '{{ messages }}'\n"
      "  - path: e.jsonl\n    type: chat_template\n", "", "datasets item 2"),  # the tokenizer's template for e.jsonl
     ("  - path: d.jsonl\n    type: chat_template\n    chat_template: jinja\n", "", "datasets item 1"),
-    ("  - path: d.jsonl\n    type: chat_template\n    chat_template: chatml\n    chat_template_jinja: '{{ messages }}'\n",
-     "", "datasets item 1"),
+    ("  - path: d.jsonl\n    type: chat_template\n    chat_template: chatml\n"
+     "    chat_template_jinja: '{{ messages }}'\n", "", "datasets item 1"),
 ])
 def test_axolotl_dataset_templates_qlora_cannot_train_with_are_refused_by_line(tmp_path, capsys, datasets, top,
                                                                                message):

@@ -612,8 +612,8 @@ def _bfloat16(loaded: dict, out: dict, lines: dict[str, int], where: dict[str, s
 
 def _float16(loaded: dict, out: dict, lines: dict[str, int], where: dict[str, str]) -> None:
     """axolotl's ``float16: true`` (its schema: fp16 without AMP) loads the model in float16 where neither ``bf16``
-    nor ``bfloat16`` is on (``resolve_dtype``): qlora's precision fp16 beside ``bf16: false``; beside ``bf16: auto`` (its
-    default) axolotl takes bf16 where the GPU has it and float16 elsewhere, which is qlora's auto."""
+    nor ``bfloat16`` is on (``resolve_dtype``): qlora's precision fp16 beside ``bf16: false``; beside ``bf16: auto``
+    (its default) axolotl takes bf16 where the GPU has it and float16 elsewhere, which is qlora's auto."""
     value = out.pop("float16", None)
     if value not in (None, True, False):
         raise UsageError(f"{where['float16']}: float16 expects true or false; got {value!r}.")
