@@ -298,3 +298,37 @@ def test_a_4bit_moe_keeps_its_experts_16bit_without_quantize_experts(tmp_path_fa
     quantized = _trainer(model, data, tmp_path, overwrite=True, target_parameters="mlp.experts.down_proj",
                          dropout=0.0)
     assert quantized.dense_experts == 0 and sum(isinstance(m, Experts4bit) for m in quantized.model.modules()) == 2
+
+
+@pytest.mark.parametrize("val_set_size, seed, extra", [(0.25, 7, ""), (5, 42, ""), (0.1, 3, ""),
+                                                       (0.25, 7, "curriculum_sampling: true\n")])
+def test_val_set_size_holds_out_the_rows_axolotl_holds_out(tmp_path, val_set_size, seed, extra):
+    """axolotl shuffles its merged data with the seed (not under curriculum_sampling), then holds out its last rows:
+    ``train_test_split(test_size=val_set_size, shuffle=False)``. Oracle: that on a ``datasets.Dataset``."""
+    from datasets import Dataset
+
+    from qlora.train.data.selection import hold_out
+
+    rows = [{"prompt": f"Question {i}?", "completion": f"Answer {i}."} for i in range(23)]
+    cfg = load_config(_yaml(tmp_path, _HEAD + f"datasets: [d.jsonl]\nval_set_size: {val_set_size}\nseed: {seed}\n"
+                            + extra), {})
+    assert cfg.eval_split == val_set_size and cfg.eval_split_order == "axolotl"
+    merged = Dataset.from_list(rows)
+    merged = merged if extra else merged.shuffle(seed=seed)
+    expected = merged.train_test_split(test_size=val_set_size, shuffle=False, seed=seed)
+    train, held = hold_out(rows, cfg.eval_split, cfg.seed, cfg.eval_split_order, cfg.shuffle)
+    assert sorted(map(str, held)) == sorted(map(str, expected["test"])) and len(held) + len(train) == len(rows)
+    assert sorted(map(str, train)) == sorted(map(str, expected["train"]))
+    # qlora's own --eval-split (and LLaMA-Factory's val_size) keeps its seeded draw: the same count
+    assert load_config(None, {"model": "m", "data": "d", "output": "o", "eval_split": 0.25}).eval_split_order == "draw"
+
+
+def test_val_set_size_split_reaches_the_trainer(tiny_model_dir, tmp_path):
+    from datasets import Dataset
+
+    data = _write(tmp_path / "d.jsonl", _ROWS * 2)
+    trainer = _trainer(tiny_model_dir, data, tmp_path, eval_split=0.25, eval_split_order="axolotl", seed=5)
+    expected = Dataset.from_list(_ROWS * 2).shuffle(seed=5).train_test_split(test_size=0.25, shuffle=False)["test"]
+    held = sorted(int(r["completion"].split()[1][:-1]) for r in expected)
+    shown = sorted(int(trainer.tokenizer.decode(u.input_ids).split("Answer ")[1][0]) for u in trainer.eval_units)
+    assert shown == held and len(trainer.eval_units) == 3

@@ -588,6 +588,9 @@ def adapter_keys(loaded: dict, lines: dict[str, int], path: Path) -> dict:
             if loaded.get(key) is not None:  # checked here, so that errors name the config's line
                 axolotl_datasets(loaded[key], where[key], method)
     _float16(loaded, out, lines, where)
+    if is_axolotl(loaded) and loaded.get("val_set_size"):  # its rows: the last of its seeded shuffle
+        out["eval_split_order"] = "axolotl"
+        lines["eval_split_order"] = lines.get("val_set_size", 0)
     _bfloat16(loaded, out, lines, where)
     if is_axolotl(loaded) and four and loaded.get("quantize_moe_experts") is None and "quantize_experts" not in out:
         out["quantize_experts"] = False  # axolotl's default: bitsandbytes quantizes linear layers only
