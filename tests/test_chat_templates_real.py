@@ -382,3 +382,16 @@ def test_run_log_warns_once_when_the_template_ignores_the_rows_system_messages(f
         assert "(first: d.jsonl line 1, d.jsonl line 2)" in summary and "--system-into-user" in summary
     bare = tokenize_dataset(rows[2:], tok, fmt, stop_ids=stops(tok, family))[1].summary()
     assert warning not in bare  # no row gives a system message
+
+
+@pytest.mark.parametrize("family", ["qwen2.5", "llama-3.1", "granite-3.3"])
+def test_an_answer_that_the_turn_header_spells_is_found_after_the_header(family):
+    """A one-letter answer ("a") is also a letter of the assistant header the template writes before it: the
+    answer is the text after the generation prompt, not the header's letter."""
+    tok = family_tokenizer(family)
+    fmt = ChatFormat(tok.chat_template, origin=f"{family}.jinja", date=DATE)
+    conversation = [U1, {"role": "assistant", "content": "a"}]
+    tokenized = tokenize_example(Example(tuple(conversation), None, "d.jsonl line 1"), tok, fmt,
+                                 stop_ids=stops(tok, family))
+    (run,) = runs(tokenized)
+    assert squash(tok.decode(run)).startswith("a<") and "assistant" not in tok.decode(run)

@@ -784,28 +784,37 @@ def _assistant_spans(text: str, messages: Sequence[dict], fmt: ChatFormat, where
                 "would never see them in this format. Fix or remove that message in the data (check that it is "
                 "plain text the template prints as is), or train on the whole text with --train-on all."
             )
-        if prompt_end is not None and not _opens_turn(text[prompt_end:found[0]], generation_prompt(i), markers):
-            raise Unlocated(
-                f"{where}: assistant message {k} of {len(assistants)} (message {i + 1} of the conversation, starting "
-                f"{content.strip()[:60]!r}) is rendered by the chat template ({fmt.origin}) inside the prompt: no "
-                f"{generation_prompt(i).strip()!r} (the template's generation prompt, which starts the model's turn) "
-                "comes before it, so the model reads this answer as input and would learn to write text it is only "
-                "ever given (a judge's template, such as Granite Guardian's, quotes the answer it judges). Use a "
-                "template that renders the answer as the assistant's turn, or train on the whole text with "
-                "--train-on all.")
+        opened = _turn_opening(text, prompt_end, generation_prompt(i), markers) if prompt_end is not None else None
+        if opened is not None and opened[1] > found[0]:  # found in the prompt: the answer is after the turn opens
+            found = _find_assistant(text, messages[i], opened[1], lambda i=i: generation_prompt(i),
+                                    lambda i=i: reasoning_opening(i)) if opened[0] >= 0 else None
+            if found is None:
+                raise Unlocated(
+                    f"{where}: assistant message {k} of {len(assistants)} (message {i + 1} of the conversation, "
+                    f"starting {content.strip()[:60]!r}) is rendered by the chat template ({fmt.origin}) inside the "
+                    f"prompt: no {generation_prompt(i).strip()!r} (the template's generation prompt, which starts the "
+                    "model's turn) comes before it, so the model reads this answer as input and would learn to write "
+                    "text it is only ever given (a judge's template, such as Granite Guardian's, quotes the answer it "
+                    "judges). Use a template that renders the answer as the assistant's turn, or train on the whole "
+                    "text with --train-on all.")
         if k - 1 not in skipped:
             spans.append(found)
         cursor = found[1]
     return spans
 
 
-def _opens_turn(between: str, generation_prompt: str, markers: Sequence[str]) -> bool:
-    """Whether the text ``between`` the prompt and an answer starts the model's turn: it holds the template's
+def _turn_opening(text: str, start: int, generation_prompt: str, markers: Sequence[str]) -> tuple[int, int] | None:
+    """Where the model's turn opens in ``text`` after the prompt ending at ``start``: the first of the template's
     generation prompt, its first word, or a markup token of it, since templates write a turn of the conversation
     otherwise than the prompt that starts one (DeepSeek-R1's prompt also opens ``<think>``, DeepSeek-V3.2's writes
-    ``<think></think>`` where its turns after a tool result hold ``</think>``). A template without a generation
-    prompt cannot tell."""
+    ``<think></think>`` where its turns after a tool result hold ``</think>``), as ``(begin, end)``; ``(-1, past the
+    end of text)`` when it never opens there, None when the template has no generation prompt to tell."""
     head = generation_prompt.strip()
     if not head:
-        return True
-    return any(form in between for form in (head, head.split()[0], *(m for m in markers if m and m in head)))
+        return None
+    found = [(at, -len(form)) for form in {head, head.split()[0], *(m for m in markers if m and m in head)}
+             if (at := text.find(form, start)) >= 0]
+    if not found:
+        return -1, len(text) + 1
+    at, negative = min(found)
+    return at, at - negative
