@@ -16,7 +16,9 @@ The rules (issues 11 and 20), each one a silent fine-tune killer elsewhere:
   it are found through the character offsets of that one tokenization: never by
   rendering or tokenizing pieces separately, which breaks on templates that
   rewrite earlier turns (Qwen3, DeepSeek-R1, Mistral, Phi-3) and on tokenizers
-  that merge across a boundary. A message that does not appear at all is refused, saying which;
+  that merge across a boundary. An answer is searched after the template opens the model's turn (its generation
+  prompt) following the message before it; a message that does not appear there is refused, saying which (a
+  judge's template, Granite Guardian's, quotes the answer inside the prompt); ``--train-on all`` trains it whole;
 - reasoning traces go where the template takes them (:mod:`qlora.train.data.reasoning`); a turn
   with reasoning is trained from the end of the template's generation prompt (so Qwen3's
   ``<think>``, gpt-oss's analysis channel header are learned), or else from the template's own opening
