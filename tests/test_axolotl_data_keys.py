@@ -1,7 +1,7 @@
 """axolotl keys that change the data or the run (its utils/data, prompt_strategies/chat_template.py and schemas):
 ``dataset_exact_deduplication``, ``drop_system_message``, ``eot_tokens`` with ``train_on_eot``,
-``curriculum_sampling``, ``sample_packing_sequentially``, ``bfloat16`` and a silent ``quantize_moe_experts``; each
-does what axolotl does, or is refused at its line."""
+``curriculum_sampling``, ``sample_packing_sequentially``, ``bfloat16``, ``float16`` and a silent
+``quantize_moe_experts``; each does what axolotl does, or is refused at its line."""
 
 from __future__ import annotations
 
@@ -224,8 +224,23 @@ def test_bfloat16_is_bf16(tmp_path, keys, precision):
     assert load_config(_yaml(tmp_path, _HEAD + "datasets: [d.jsonl]\n" + keys), {}).precision == precision
 
 
+@pytest.mark.parametrize("keys, precision", [
+    ("float16: true\nbf16: false\n", "fp16"),  # resolve_dtype: torch_dtype float16 when neither bf16 nor bfloat16
+    ("float16: true\n", "auto"),  # bf16 auto: bf16 where the GPU has it, else float16 (qlora's auto: fp16 there)
+    ("float16: true\nbf16: auto\n", "auto"),
+    ("float16: true\nbf16: true\n", "bf16"),  # cfg.bf16 or cfg.bfloat16 comes first
+    ("float16: true\nbfloat16: true\n", "bf16"),
+    ("float16: true\nfp16: true\n", "fp16"),
+    ("float16: true\nfp16: false\nbf16: false\n", "fp16"),  # cfg.fp16 or cfg.float16
+    ("float16: false\nbf16: false\n", "auto"),
+])
+def test_float16_is_fp16_where_axolotl_loads_the_model_in_float16(tmp_path, keys, precision):
+    assert load_config(_yaml(tmp_path, _HEAD + "datasets: [d.jsonl]\n" + keys), {}).precision == precision
+
+
 @pytest.mark.parametrize("keys, says", [
     ("bfloat16: true\nfp16: true\n", "both set precision"),
+    ("float16: 16\n", "float16 expects true or false"),
     ("bfloat16: yes please\n", "bfloat16 expects true or false"),
 ])
 def test_bfloat16_conflicts_are_refused_by_line(tmp_path, capsys, keys, says):
@@ -283,3 +298,37 @@ def test_a_4bit_moe_keeps_its_experts_16bit_without_quantize_experts(tmp_path_fa
     quantized = _trainer(model, data, tmp_path, overwrite=True, target_parameters="mlp.experts.down_proj",
                          dropout=0.0)
     assert quantized.dense_experts == 0 and sum(isinstance(m, Experts4bit) for m in quantized.model.modules()) == 2
+
+
+@pytest.mark.parametrize("val_set_size, seed, extra", [(0.25, 7, ""), (5, 42, ""), (0.1, 3, ""),
+                                                       (0.25, 7, "curriculum_sampling: true\n")])
+def test_val_set_size_holds_out_the_rows_axolotl_holds_out(tmp_path, val_set_size, seed, extra):
+    """axolotl shuffles its merged data with the seed (not under curriculum_sampling), then holds out its last rows:
+    ``train_test_split(test_size=val_set_size, shuffle=False)``. Oracle: that on a ``datasets.Dataset``."""
+    from datasets import Dataset
+
+    from qlora.train.data.selection import hold_out
+
+    rows = [{"prompt": f"Question {i}?", "completion": f"Answer {i}."} for i in range(23)]
+    cfg = load_config(_yaml(tmp_path, _HEAD + f"datasets: [d.jsonl]\nval_set_size: {val_set_size}\nseed: {seed}\n"
+                            + extra), {})
+    assert cfg.eval_split == val_set_size and cfg.eval_split_order == "axolotl"
+    merged = Dataset.from_list(rows)
+    merged = merged if extra else merged.shuffle(seed=seed)
+    expected = merged.train_test_split(test_size=val_set_size, shuffle=False, seed=seed)
+    train, held = hold_out(rows, cfg.eval_split, cfg.seed, cfg.eval_split_order, cfg.shuffle)
+    assert sorted(map(str, held)) == sorted(map(str, expected["test"])) and len(held) + len(train) == len(rows)
+    assert sorted(map(str, train)) == sorted(map(str, expected["train"]))
+    # qlora's own --eval-split (and LLaMA-Factory's val_size) keeps its seeded draw: the same count
+    assert load_config(None, {"model": "m", "data": "d", "output": "o", "eval_split": 0.25}).eval_split_order == "draw"
+
+
+def test_val_set_size_split_reaches_the_trainer(tiny_model_dir, tmp_path):
+    from datasets import Dataset
+
+    data = _write(tmp_path / "d.jsonl", _ROWS * 2)
+    trainer = _trainer(tiny_model_dir, data, tmp_path, eval_split=0.25, eval_split_order="axolotl", seed=5)
+    expected = Dataset.from_list(_ROWS * 2).shuffle(seed=5).train_test_split(test_size=0.25, shuffle=False)["test"]
+    held = sorted(int(r["completion"].split()[1][:-1]) for r in expected)
+    shown = sorted(int(trainer.tokenizer.decode(u.input_ids).split("Answer ")[1][0]) for u in trainer.eval_units)
+    assert shown == held and len(trainer.eval_units) == 3

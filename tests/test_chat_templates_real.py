@@ -314,3 +314,84 @@ def test_tool_calling_test_is_not_vacuous():
     """Most families with tool support render the call, so the test above trains it rather than expecting refusal."""
     rendering = [f for f in FAMILIES if oracle_call(family_tokenizer(f), family_tokenizer(f).chat_template)]
     assert len(rendering) >= 20 and {"qwen3-coder", "gpt-oss", "llama-3.3", "deepseek-v3"} <= set(rendering)
+
+
+GUARDIAN = (DATA / "granite-guardian-3.0.jinja").read_text()
+
+
+@pytest.mark.parametrize("conversation", [[U1, A1], [SYSTEM, U1, A1]])
+def test_template_that_quotes_the_answer_inside_the_prompt_is_refused(conversation):
+    """Granite Guardian's template renders the assistant message inside the user turn it judges (and no assistant
+    turn): the model reads that text as prompt, so training it would teach the model to write its own input."""
+    tok = family_tokenizer("granite-3.3")
+    fmt = ChatFormat(GUARDIAN, origin="granite-guardian-3.0.jinja")
+    rendered = tok.apply_chat_template(conversation, tokenize=False, chat_template=GUARDIAN)
+    prompt = tok.apply_chat_template(conversation[:-1], tokenize=False, add_generation_prompt=True,
+                                     chat_template=GUARDIAN)
+    assert A1["content"] in rendered and prompt.endswith("<|start_of_role|>assistant<|end_of_role|>")
+    assert "<|start_of_role|>assistant" not in rendered  # the answer is never the assistant's turn
+    with pytest.raises(UsageError) as err:
+        tokenize_example(Example(tuple(conversation), None, "d.jsonl line 3"), tok, fmt)
+    text = str(err.value)
+    assert text.startswith("d.jsonl line 3: assistant message 1 of 1") and "granite-guardian-3.0.jinja" in text
+    assert "<|start_of_role|>assistant<|end_of_role|>" in text and "--train-on all" in text
+    whole = tokenize_example(Example(tuple(conversation), None, "d.jsonl line 3"), tok, fmt, train_on="all")
+    assert whole.num_trainable == len(whole.input_ids) - 1
+
+
+def test_answers_after_the_generation_prompt_are_not_refused_by_that_check():
+    """The same tokenizer's own Granite 3.3 template opens the assistant turn with its generation prompt."""
+    tok = family_tokenizer("granite-3.3")
+    fmt = ChatFormat(tok.chat_template, origin="granite-3.3.jinja", date=DATE)
+    tokenized = tokenize_example(Example((U1, A1), None, "d.jsonl line 3"), tok, fmt)
+    assert squash(tok.decode(runs(tokenized)[0])) == squash("Four.<|end_of_text|>")
+
+
+def test_a_template_that_drops_the_answer_trains_whole_with_train_on_all_as_the_refusal_says():
+    tok = family_tokenizer("granite-3.3")
+    drop = ("{% for m in messages %}{% if m.role == 'user' %}{{ '<|start_of_role|>user<|end_of_role|>' + m.content + "
+            "'<|end_of_text|>' }}{% endif %}{% endfor %}")
+    fmt, example = ChatFormat(drop, origin="drop.jinja"), Example((U1, A1), None, "d.jsonl line 1")
+    with pytest.raises(UsageError, match="does not appear.*--train-on all"):
+        tokenize_example(example, tok, fmt)
+    whole = tokenize_example(example, tok, fmt, train_on="all")
+    reference = tok.apply_chat_template([U1, A1], chat_template=drop, tokenize=True, return_dict=True)["input_ids"]
+    assert whole.input_ids == list(reference)  # the text ends with a stop token: no EOS added
+    assert whole.num_trainable == len(whole.input_ids) - 1
+
+
+@pytest.mark.parametrize("family,dropped", [("phi-4-reasoning", True), ("phi-4", False), ("qwen3", False),
+                                            ("llama-3.1", False)])
+def test_run_log_warns_once_when_the_template_ignores_the_rows_system_messages(family, dropped):
+    """Phi-4-reasoning's template writes its own system prompt and drops the one a row gives: the model is trained
+    without it, which the data report says once, naming the template; a template that renders it says nothing."""
+    from qlora.train.data import tokenize_dataset
+
+    tok = family_tokenizer(family)
+    fmt = ChatFormat(tok.chat_template, origin=f"{family}.jinja", date=DATE)
+    shown = SYSTEM["content"] in tok.apply_chat_template([SYSTEM, U1, A1], tokenize=False,
+                                                         chat_template=fmt.pinned_template())
+    assert shown is not dropped  # the oracle: apply_chat_template's own text
+    rows = [Example((SYSTEM, U1, A1), None, f"d.jsonl line {n}") for n in (1, 2)]
+    rows.append(Example((U1, A1), None, "d.jsonl line 3"))
+    summary = tokenize_dataset(rows, tok, fmt, stop_ids=stops(tok, family))[1].summary()
+    warning = "does not render the system message"
+    assert summary.count(warning) == int(dropped)
+    if dropped:
+        assert f"the chat template ({family}.jinja) does not render the system message of 2 rows" in summary
+        assert "(first: d.jsonl line 1, d.jsonl line 2)" in summary and "--system-into-user" in summary
+    bare = tokenize_dataset(rows[2:], tok, fmt, stop_ids=stops(tok, family))[1].summary()
+    assert warning not in bare  # no row gives a system message
+
+
+@pytest.mark.parametrize("family", ["qwen2.5", "llama-3.1", "granite-3.3"])
+def test_an_answer_that_the_turn_header_spells_is_found_after_the_header(family):
+    """A one-letter answer ("a") is also a letter of the assistant header the template writes before it: the
+    answer is the text after the generation prompt, not the header's letter."""
+    tok = family_tokenizer(family)
+    fmt = ChatFormat(tok.chat_template, origin=f"{family}.jinja", date=DATE)
+    conversation = [U1, {"role": "assistant", "content": "a"}]
+    tokenized = tokenize_example(Example(tuple(conversation), None, "d.jsonl line 1"), tok, fmt,
+                                 stop_ids=stops(tok, family))
+    (run,) = runs(tokenized)
+    assert squash(tok.decode(run)).startswith("a<") and "assistant" not in tok.decode(run)

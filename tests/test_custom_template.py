@@ -274,3 +274,36 @@ def test_every_command_refuses_a_bad_template_file_naming_the_option(tmp_path, c
     err = capsys.readouterr().err
     assert exit_.value.code == 2 and f"--template: {path}: " in err and message in err, err
     assert "Traceback" not in err, err
+
+
+def _axolotl(tmp_path, datasets: str, top: str = "") -> "Path":
+    path = tmp_path / "axolotl.yaml"
+    path.write_text(f"base_model: m\nadapter: qlora\nload_in_4bit: true\noutput_dir: o\n{top}datasets:\n{datasets}")
+    return path
+
+
+@pytest.mark.parametrize("keys", ["chat_template: jinja\n    chat_template_jinja: {value}\n",
+                                  "chat_template_jinja: {value}\n"])  # axolotl's schema: jinja implied
+@pytest.mark.parametrize("top", ["", "chat_template: chatml\n"])  # a dataset's own template wins over the config's
+def test_axolotl_dataset_chat_template_jinja_is_the_template(tmp_path, keys, top):
+    """axolotl's extract_chat_template_args: a dataset's chat_template (with its chat_template_jinja) renders it."""
+    value = json.dumps(TEMPLATE)
+    entry = "  - path: d.jsonl\n    type: chat_template\n    " + keys.format(value=value)
+    assert load_config(_axolotl(tmp_path, entry, top), {}).template == TEMPLATE
+    both = entry + entry.replace("d.jsonl", "e.jsonl")
+    assert load_config(_axolotl(tmp_path, both, top), {}).template == TEMPLATE
+
+
+@pytest.mark.parametrize("datasets, top, message", [
+    ("  - path: d.jsonl\n    type: chat_template\n    chat_template_jinja: '{{ messages }}'\n"
+     "  - path: e.jsonl\n    type: chat_template\n", "", "datasets item 2"),  # the tokenizer's template for e.jsonl
+    ("  - path: d.jsonl\n    type: chat_template\n    chat_template: jinja\n", "", "datasets item 1"),
+    ("  - path: d.jsonl\n    type: chat_template\n    chat_template: chatml\n"
+     "    chat_template_jinja: '{{ messages }}'\n", "", "datasets item 1"),
+])
+def test_axolotl_dataset_templates_qlora_cannot_train_with_are_refused_by_line(tmp_path, capsys, datasets, top,
+                                                                               message):
+    path = _axolotl(tmp_path, datasets, top)
+    assert main(["train", str(path), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert f"{path} line 5, {message}" in err and "chat_template" in err and "Traceback" not in err, err

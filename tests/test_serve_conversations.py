@@ -123,3 +123,28 @@ def test_the_conversation_store_keeps_the_most_recently_used():
     with pytest.raises(APIError) as exc:
         ConversationStore(capacity=0).create([], None)
     assert "--stored-conversations 0" in exc.value.message
+
+
+def test_conversation_items_may_be_item_references_as_responses_input_may(served):
+    """``item_reference`` items resolve to the stored items they name, as in a Responses ``input`` (they were a 400
+    here): on creating a conversation and on adding items. Oracle: the referred items' own text and ids, and a
+    response over the conversation equal to the same turns sent whole; an unknown id is a 404 naming it."""
+    _, _, client = served
+    first = _respond(client, "a", input="Hello")
+    asked, said = client.responses.input_items.list(first.id).data[0], first.output[0]
+    conversation = client.conversations.create(items=[{"type": "item_reference", "id": asked.id}])
+    added = client.conversations.items.create(conversation.id, items=[{"type": "item_reference", "id": said.id}])
+    assert added.data[0].id == said.id and added.data[0].content[0].text == first.output_text
+    items = client.conversations.items.list(conversation.id, order="asc").data
+    assert _texts(items) == [("message", "user", "Hello"), ("message", "assistant", first.output_text)]
+    assert [item.id for item in items] == [asked.id, said.id]
+    reply = _respond(client, "a", input="Tell me more", conversation=conversation.id)
+    whole = _respond(client, "a", input=[{"role": "user", "content": "Hello"},
+                                         {"role": "assistant", "content": first.output_text},
+                                         {"role": "user", "content": "Tell me more"}])
+    assert reply.output_text == whole.output_text and reply.usage.input_tokens == whole.usage.input_tokens
+    for create in (lambda items: client.conversations.create(items=items),
+                   lambda items: client.conversations.items.create(conversation.id, items=items)):
+        with pytest.raises(openai.NotFoundError) as exc:
+            create([{"role": "user", "content": "Hi"}, {"type": "item_reference", "id": "msg_nowhere"}])
+        assert exc.value.body["param"] == "items.1.id" and "'msg_nowhere'" in exc.value.body["message"]

@@ -331,9 +331,9 @@ def build_app(batcher: ContinuousBatcher, base_id: str, adapters: list[str], api
                     raise body.renamed(exc, origins) from None
                 items = shorter
 
-    def referenced(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        """``items`` with each ``item_reference`` replaced by the item it names: one a kept response read or wrote,
-        or one of a kept conversation (a 404 naming the id when none is kept)."""
+    def referenced(items: list[dict[str, Any]], param: str = "input") -> list[dict[str, Any]]:
+        """``items`` (the request's ``param``) with each ``item_reference`` replaced by the item it names: one a kept
+        response read or wrote, or one of a kept conversation (a 404 naming the id when none is kept)."""
         out = []
         for i, item in enumerate(items):
             if not (isinstance(item, dict) and item.get("type") == "item_reference"):
@@ -341,12 +341,13 @@ def build_app(batcher: ContinuousBatcher, base_id: str, adapters: list[str], api
                 continue
             item_id = item.get("id")
             if not isinstance(item_id, str):
-                raise APIError(400, f"input.{i} (item_reference) needs 'id': the id of a stored item", f"input.{i}.id")
+                raise APIError(400, f"{param}.{i} (item_reference) needs 'id': the id of a stored item",
+                               f"{param}.{i}.id")
             found = store.item(item_id) or conversations.item(item_id)
             if found is None:
-                raise APIError(404, f"Item with id {item_id!r} not found (input.{i} refers to it). Only items of "
+                raise APIError(404, f"Item with id {item_id!r} not found ({param}.{i} refers to it). Only items of "
                                     "responses this server keeps (sent with 'store': true) and of its conversations "
-                                    "can be referred to; send the item itself instead.", f"input.{i}.id", "not_found")
+                                    "can be referred to; send the item itself instead.", f"{param}.{i}.id", "not_found")
             out.append(found)
         return out
 
@@ -434,7 +435,7 @@ def build_app(batcher: ContinuousBatcher, base_id: str, adapters: list[str], api
 
     @app.post("/v1/conversations")
     async def create_conversation(body: conv.CreateBody) -> dict[str, Any]:
-        return conversations.create(body.items or [], body.metadata).object()
+        return conversations.create(referenced(body.items or [], "items"), body.metadata).object()
 
     @app.get("/v1/conversations/{conversation_id}")
     async def retrieve_conversation(conversation_id: str) -> dict[str, Any]:
@@ -460,7 +461,8 @@ def build_app(batcher: ContinuousBatcher, base_id: str, adapters: list[str], api
     @app.post("/v1/conversations/{conversation_id}/items")
     async def add_conversation_items(request: Request, conversation_id: str, body: conv.ItemsBody) -> dict[str, Any]:
         include = _include(request)
-        added = shown(conversations.add(conversation_id, body.items), include)
+        conversations.get(conversation_id)  # a 404 for the conversation first
+        added = shown(conversations.add(conversation_id, referenced(body.items, "items")), include)
         return {"object": "list", "data": added, "first_id": added[0]["id"] if added else None,
                 "last_id": added[-1]["id"] if added else None, "has_more": False}
 

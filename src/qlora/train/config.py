@@ -154,6 +154,9 @@ class TrainConfig:
     eval_split: float = _opt(0.0, "without --eval-data: hold out this share of --data (0 < x < 1, rounded up, as "
                                   "LLaMA-Factory's val_size) or this many examples (x >= 1) for eval loss, drawn with "
                                   "--seed (0: none)", range=NON_NEGATIVE)
+    eval_split_order: str = _opt("draw", "which rows --eval-split holds out: draw (a --seed draw) or axolotl (the "
+                                         "last rows of the data shuffled with --seed, unshuffled under --shuffle "
+                                         "false, as axolotl's val_set_size)", ("draw", "axolotl"))
     output: str | None = _opt(None, "output directory (adapter, checkpoints, metrics, plots)")
     format: str = _opt("auto", "data format (auto: detected from the fields of the first rows)",
                        ("auto", "alpaca", "chat", "sharegpt", "prompt-completion", "text"))
@@ -314,6 +317,8 @@ class TrainConfig:
         that keeps it, e.g. 2 ranks x batch 2 -> 1 rank x batch 2 x accum 2.
         """
         values = {k: getattr(self, k) for k in _RUN_DEFINING}
+        if self.eval_split and self.eval_split_order != "draw":  # absent otherwise: older checkpoints resume
+            values["eval_split_order"] = self.eval_split_order
         if self.method != "sft":  # absent for SFT, so checkpoints from before preference methods still resume
             values.update({k: getattr(self, k) for k in ("method", "beta", *_METHOD_OPTIONS)})
         if self.lr_scheduler == PLATEAU:  # its rates follow the eval losses

@@ -430,7 +430,9 @@ def is_axolotl(loaded: dict) -> bool:
 
 def jinja_template_keys(loaded: dict, lines: dict[str, int], path: Path) -> dict:
     """axolotl's ``chat_template: jinja`` with ``chat_template_jinja`` (the template's text, or a file of it) read
-    together as the template to train with; ``chat_template`` may be left out, as it says nothing more then."""
+    together as the template to train with; ``chat_template`` may be left out, as it says nothing more then. A
+    dataset's own (:func:`dataset_template_keys`) is the run's when it is every chat dataset's."""
+    loaded = dataset_template_keys(loaded, lines, path)
     jinja = loaded.get("chat_template_jinja")
     if jinja is None:
         return loaded
@@ -445,6 +447,72 @@ def jinja_template_keys(loaded: dict, lines: dict[str, int], path: Path) -> dict
     out = {k: v for k, v in loaded.items() if k not in ("chat_template", "chat_template_jinja")}
     out["chat_template"] = own_value(jinja)
     lines["chat_template"] = lines.get("chat_template_jinja", 0)
+    return out
+
+
+_TEMPLATE_KEYS = ("chat_template", "chat_template_jinja")
+
+
+def dataset_template_keys(loaded: dict, lines: dict[str, int], path: Path) -> dict:
+    """axolotl's ``chat_template`` and ``chat_template_jinja`` inside ``datasets:`` (and ``test_datasets:``)
+    entries, taken out of them: axolotl renders a dataset with its own template when it names one
+    (``extract_chat_template_args``; ``chat_template_jinja`` alone implies ``chat_template: jinja``), else with the
+    config's. qlora trains with one template, so the entries' is the run's when every chat dataset (``chat_template``
+    and ``sharegpt`` types) renders with the same one.
+
+    Raises:
+        UsageError: chat datasets that axolotl renders with different templates, or an entry's ``chat_template:
+            jinja`` without its text (or its text beside another template name), naming the line and entry.
+    """
+    top = (loaded.get("chat_template"), loaded.get("chat_template_jinja"))
+    top = ("jinja", top[1]) if top[1] and top[0] is None else top
+    chosen: list[tuple[str, tuple]] = []  # (where, (choice, jinja)) of each chat dataset
+    out, own = dict(loaded), False
+    for key in ("datasets", "test_datasets"):
+        entries = loaded.get(key)
+        if not isinstance(entries, list):
+            continue
+        out[key] = []
+        for k, entry in enumerate(entries):
+            where = f"{path} line {lines.get(key, '?')}, {key} item {k + 1}"
+            if not isinstance(entry, dict):
+                out[key].append(entry)
+                continue
+            choice, jinja = entry.get("chat_template"), entry.get("chat_template_jinja")
+            out[key].append({n: v for n, v in entry.items() if n not in _TEMPLATE_KEYS})
+            if jinja is not None and choice in (None, "jinja"):
+                if not isinstance(jinja, str) or not jinja.strip():
+                    raise UsageError(f"{where}: chat_template_jinja is a Jinja chat template's text or the path of a "
+                                     f".jinja file; got {jinja!r}.")
+                choice = "jinja"
+            elif choice == "jinja":
+                raise UsageError(f"{where}: chat_template jinja takes its template from the dataset's "
+                                 "chat_template_jinja (the template's text or a .jinja file); add it.")
+            elif jinja is not None and choice is not None:
+                raise UsageError(f"{where}: chat_template_jinja with chat_template {choice!r}: axolotl uses "
+                                 "chat_template_jinja only with chat_template: jinja; keep one.")
+            kind = str(entry.get("type", ""))
+            if choice is not None:
+                own = True
+                chosen.append((where, (choice, jinja if choice == "jinja" else None)))
+            elif kind.startswith(("chat_template", "sharegpt", "orpo.chat_template")):
+                chosen.append((where, top))
+    if not own:
+        return loaded
+    first = chosen[0][1]
+    for where, template in chosen:
+        if template != first:
+            said = "the config's chat template" if template == top else f"chat_template {template[0]!r}"
+            raise UsageError(f"{where}: this dataset renders with {said} (or the model's when none is given), another "
+                             f"with chat_template {first[0]!r}: qlora trains with one chat template. Give every chat "
+                             "dataset the same one, or set it once at the top level (chat_template, "
+                             "chat_template_jinja).")
+    out = {k: v for k, v in out.items() if k not in _TEMPLATE_KEYS}
+    out["chat_template"] = first[0]
+    lines["chat_template"] = lines.get("datasets", lines.get("test_datasets", 0))
+    if first[1] is not None:
+        out["chat_template_jinja"] = first[1]
+        lines["chat_template_jinja"] = lines["chat_template"]
     return out
 
 
@@ -519,6 +587,10 @@ def adapter_keys(loaded: dict, lines: dict[str, int], path: Path) -> dict:
         for key in ("datasets", "test_datasets"):
             if loaded.get(key) is not None:  # checked here, so that errors name the config's line
                 axolotl_datasets(loaded[key], where[key], method)
+    _float16(loaded, out, lines, where)
+    if is_axolotl(loaded) and loaded.get("val_set_size"):  # its rows: the last of its seeded shuffle
+        out["eval_split_order"] = "axolotl"
+        lines["eval_split_order"] = lines.get("val_set_size", 0)
     _bfloat16(loaded, out, lines, where)
     if is_axolotl(loaded) and four and loaded.get("quantize_moe_experts") is None and "quantize_experts" not in out:
         out["quantize_experts"] = False  # axolotl's default: bitsandbytes quantizes linear layers only
@@ -539,6 +611,18 @@ def _bfloat16(loaded: dict, out: dict, lines: dict[str, int], where: dict[str, s
     if value and out.get("bf16") is not True:
         out["bf16"] = True
         lines["bf16"] = lines.get("bfloat16", 0)
+
+
+def _float16(loaded: dict, out: dict, lines: dict[str, int], where: dict[str, str]) -> None:
+    """axolotl's ``float16: true`` (its schema: fp16 without AMP) loads the model in float16 where neither ``bf16``
+    nor ``bfloat16`` is on (``resolve_dtype``): qlora's precision fp16 beside ``bf16: false``; beside ``bf16: auto``
+    (its default) axolotl takes bf16 where the GPU has it and float16 elsewhere, which is qlora's auto."""
+    value = out.pop("float16", None)
+    if value not in (None, True, False):
+        raise UsageError(f"{where['float16']}: float16 expects true or false; got {value!r}.")
+    if value and loaded.get("bf16") is False and not loaded.get("bfloat16") and out.get("fp16") is not True:
+        out["fp16"] = True  # also beside fp16: false (``cfg.fp16 or cfg.float16``)
+        lines["fp16"] = lines.get("float16", 0)
 
 
 def _total_batch(loaded: dict, out: dict, lines: dict[str, int], where: dict[str, str]) -> None:

@@ -262,7 +262,8 @@ class Trainer:
         train_examples = self._read_data(cfg.data, cfg.data_split)
         eval_examples = self._read_data(cfg.eval_data, cfg.eval_data_split) if cfg.eval_data else None
         if cfg.eval_split:
-            train_examples, eval_examples = hold_out(train_examples, cfg.eval_split, cfg.seed)
+            train_examples, eval_examples = hold_out(train_examples, cfg.eval_split, cfg.seed, cfg.eval_split_order,
+                                                     cfg.shuffle)
         if cfg.batch_size > len(train_examples):  # every step would be the whole data in one short micro-batch
             raise UsageError(f"--batch-size {cfg.batch_size} is more than the {len(train_examples)} examples of "
                              f"{cfg.data}; lower --batch-size (--grad-accum gives a larger effective batch).")

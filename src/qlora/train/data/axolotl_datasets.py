@@ -26,7 +26,8 @@ axolotl's prompt strategy reads it:
 Under ``rl:`` (a preference method) the types are axolotl's DPO, ORPO and KTO prompt strategies instead
 (:mod:`qlora.train.data.axolotl_preference`). Without ``type`` the file is read as it is, its format detected
 as for ``--data``. Options whose effect qlora does not have (other ``roles_to_train``, ``train_on_eos`` or
-``train_on_eot`` other than ``turn``, per-message training flags, a per-dataset chat template) are refused by name.
+``train_on_eot`` other than ``turn``, per-message training flags) are refused by name; an entry's own chat template
+is read with the config's (:func:`qlora.train.foreign_keys.dataset_template_keys`).
 """
 
 from __future__ import annotations

@@ -16,7 +16,8 @@ from typing import Any, TypeVar
 
 Unit = TypeVar("Unit")
 # Fields of a tokenized example that are not what it trains on: its row number, a flag, later reference log-probs.
-_NOT_CONTENT = frozenset({"index", "truncated", "ref_logps", "media", "image_tokens", "reasoning_hidden"})
+_NOT_CONTENT = frozenset({"index", "truncated", "ref_logps", "media", "image_tokens", "reasoning_hidden",
+                          "system_dropped"})
 
 
 def drop_duplicates(units: list[Unit], seen: set[tuple]) -> list[Unit]:

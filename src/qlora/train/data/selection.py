@@ -68,10 +68,14 @@ def _declared_sources(spec: str, dataset_dir: str, method: str) -> list[str | De
     return [registered_dataset(source, dataset_dir) or source for source in data_sources(spec)]
 
 
-def hold_out(examples: Sequence[T], amount: float, seed: int) -> tuple[list[T], list[T]]:
+def hold_out(examples: Sequence[T], amount: float, seed: int, order: str = "draw",
+             shuffled: bool = True) -> tuple[list[T], list[T]]:
     """``(train, held_out)``: ``amount`` as a share (0 < amount < 1) or a count (>= 1) of ``examples``,
     drawn with ``seed``; both keep the data's order. A share holds out ``ceil(amount * n)`` examples, the count
     ``datasets``' ``train_test_split`` gives LLaMA-Factory's ``val_size`` and axolotl's ``val_set_size``.
+    ``order="axolotl"`` holds out the rows axolotl does: the last of the data after ``datasets``' ``shuffle(seed)``
+    (a ``numpy.random.default_rng(seed)`` permutation; none unless ``shuffled``, as under its
+    ``curriculum_sampling``), its ``train_test_split(shuffle=False)``.
 
     Raises:
         UsageError: a count that is not whole, or a split leaving either side empty.
@@ -84,5 +88,8 @@ def hold_out(examples: Sequence[T], amount: float, seed: int) -> tuple[list[T], 
         raise UsageError(f"--eval-split {amount} holds out {k} of the {n} examples of --data; both the training "
                          "and the held-out part need at least one. Give a share or a count in between, or a "
                          "separate --eval-data.")
-    chosen = set(shuffled_indices(n, seed, _HOLD_OUT_STREAM)[:k])
+    if order == "axolotl":
+        chosen = set((np.random.default_rng(seed).permutation(n) if shuffled else np.arange(n))[n - k:].tolist())
+    else:
+        chosen = set(shuffled_indices(n, seed, _HOLD_OUT_STREAM)[:k])
     return ([e for i, e in enumerate(examples) if i not in chosen], [e for i, e in enumerate(examples) if i in chosen])

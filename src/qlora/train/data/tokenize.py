@@ -16,7 +16,9 @@ The rules (issues 11 and 20), each one a silent fine-tune killer elsewhere:
   it are found through the character offsets of that one tokenization: never by
   rendering or tokenizing pieces separately, which breaks on templates that
   rewrite earlier turns (Qwen3, DeepSeek-R1, Mistral, Phi-3) and on tokenizers
-  that merge across a boundary. A message that does not appear at all is refused, saying which;
+  that merge across a boundary. An answer is searched after the template opens the model's turn (its generation
+  prompt) following the message before it; a message that does not appear there is refused, saying which (a
+  judge's template, Granite Guardian's, quotes the answer inside the prompt); ``--train-on all`` trains it whole;
 - reasoning traces go where the template takes them (:mod:`qlora.train.data.reasoning`); a turn
   with reasoning is trained from the end of the template's generation prompt (so Qwen3's
   ``<think>``, gpt-oss's analysis channel header are learned), or else from the template's own opening
@@ -60,8 +62,9 @@ _SHOWN = 5
 @dataclass(frozen=True)
 class TokenizedExample:
     """Token ids and labels (``IGNORE_INDEX`` where no loss) of dataset item ``index``; ``reasoning_hidden``
-    counts its assistant turns whose reasoning the chat template does not show (so it is not trained); ``media``
-    holds a row with images' other model inputs, one entry per tensor the processor returns
+    counts its assistant turns whose reasoning the chat template does not show (so it is not trained);
+    ``system_dropped``: the template does not render the row's system message (Phi-4-reasoning's writes its own);
+    ``media`` holds a row with images' other model inputs, one entry per tensor the processor returns
     (:mod:`qlora.train.data.image_examples`)."""
 
     input_ids: list[int]
@@ -70,6 +73,7 @@ class TokenizedExample:
     truncated: bool = False
     reasoning_hidden: int = 0
     media: dict[str, Any] = field(default_factory=dict)  # the processor's image tensors (pixel_values, ...)
+    system_dropped: bool = False
 
     @property
     def num_trainable(self) -> int:
@@ -88,6 +92,8 @@ class DataReport:
     reasoning: int = 0  # examples with reasoning traces
     reasoning_placement: str = ""
     reasoning_hidden: int = 0  # assistant turns whose reasoning the template does not show
+    system_dropped: list[str] = field(default_factory=list)  # rows whose system message the template does not render
+    template_origin: str = "the chat template"
     identical: list[str] = field(default_factory=list)  # preference rows whose two answers are the same: no signal
     empty: dict[str, list[str]] = field(default_factory=dict)  # why a row holds nothing to train -> where they are
 
@@ -101,6 +107,12 @@ class DataReport:
             text += (f"; the chat template does not show the reasoning of {self.reasoning_hidden} assistant {turns} "
                      "(before the last user message), so only their answers are trained: split such "
                      "conversations into one row per turn to train it")
+        if self.system_dropped:
+            rows = "row" if len(self.system_dropped) == 1 else "rows"
+            text += (f"; the chat template ({self.template_origin}) does not render the system message of "
+                     f"{len(self.system_dropped)} {rows} (first: {', '.join(self.system_dropped[:_SHOWN])}): it writes "
+                     "its own or none, so they are trained without it; --system-into-user puts it in the first user "
+                     "turn instead")
         if self.untrainable:
             text += (
                 f", {len(self.untrainable)} skipped with no trainable tokens "
@@ -134,6 +146,11 @@ class NothingToTrain(UsageError):
         super().__init__(f"all {rows} {what} of the data have nothing to train: {counts}. Such rows are skipped; give "
                          f"{what} with answers (check --format and --data-fields if the answers are in another "
                          "column).")
+
+
+class Unlocated(UsageError):
+    """An assistant message's tokens cannot be told apart from the prompt's (the template drops it, or renders it
+    inside the prompt): refused when only assistant tokens train; ``--train-on all`` trains the whole text."""
 
 
 def tokenize_example(
@@ -171,7 +188,7 @@ def tokenize_example(
                          "(the one generation_config.json's eos_token_id names).")
     fmt = chat_template if isinstance(chat_template, ChatFormat) else ChatFormat(chat_template)
     stops = set(stop_ids) if stop_ids is not None else stop_token_ids(tokenizer)
-    hidden, cut = 0, False  # cut: a limit of the row's own pieces dropped ids (torchtune's max_seq_len)
+    hidden, cut, dropped = 0, False, False  # cut: a limit of the row's own pieces dropped ids (torchtune's max_seq_len)
     if blank_text(example) or example.skip:  # nothing to learn; TRL would train an EOS after nothing
         return TokenizedExample([], [], index)
     if example.images:
@@ -195,7 +212,12 @@ def tokenize_example(
         if train_on == "all":
             mask = [True] * len(ids)
     else:
-        ids, mask, needs_eos, hidden = _chat_ids_and_mask(example, tokenizer, fmt, stops)
+        try:
+            ids, mask, needs_eos, hidden, dropped = _chat_ids_and_mask(example, tokenizer, fmt, stops)
+        except Unlocated:
+            if train_on == "assistant":
+                raise
+            ids, needs_eos, dropped = _whole_chat_ids(example, tokenizer, fmt, stops)
         if train_on in ("all", "completion"):
             mask = [True] * len(ids)
     if needs_eos:
@@ -206,7 +228,7 @@ def tokenize_example(
     if truncated:
         ids, mask = ids[:seq_len], mask[:seq_len]
     labels = [t if m else IGNORE_INDEX for t, m in zip(ids, mask)]
-    return TokenizedExample(ids, labels, index, truncated or cut, hidden)
+    return TokenizedExample(ids, labels, index, truncated or cut, hidden, system_dropped=dropped)
 
 
 def tokenize_dataset(
@@ -231,6 +253,8 @@ def tokenize_dataset(
     """
     stops = set(stop_ids) if stop_ids is not None else stop_token_ids(tokenizer)
     kept, report = [], DataReport(examples=len(examples))
+    if isinstance(chat_template, ChatFormat):
+        report.template_origin = chat_template.origin
     for i, example in enumerate(examples):
         if example.skip:
             report.skip(example.skip, example.where)
@@ -246,6 +270,8 @@ def tokenize_dataset(
         report.truncated += tokenized.truncated
         report.reasoning += has_reasoning(example.messages, example.reasoning)
         report.reasoning_hidden += tokenized.reasoning_hidden
+        if tokenized.system_dropped:
+            report.system_dropped.append(example.where)
         if tokenized.num_trainable == 0:
             report.untrainable.append(i)
             report.untrainable_where.append(example.where)
@@ -285,7 +311,8 @@ def has_generation_markers(template: str) -> bool:
 
 
 def _chat_ids_and_mask(example: Example, tokenizer, fmt: ChatFormat, stops: set[int]):
-    """``(ids, mask, needs_eos, reasoning_hidden)`` of a conversation, from one rendering and one tokenization."""
+    """``(ids, mask, needs_eos, reasoning_hidden, system_dropped)`` of a conversation, from one rendering and one
+    tokenization."""
     if not getattr(tokenizer, "is_fast", False):
         raise UsageError("qlora needs a fast (Rust) tokenizer to locate assistant tokens by character offsets; "
                          "save the model's tokenizer with tokenizer.json (transformers converts most slow ones).")
@@ -314,7 +341,8 @@ def _chat_ids_and_mask(example: Example, tokenizer, fmt: ChatFormat, stops: set[
                                  lambda cursor, i: _tool_call_span(text, cursor, tokenizer, fmt, messages, i,
                                                                    example.where, extra), skipped,
                                  lambda i: _generation_prompt(tokenizer, fmt, messages, i, example.where, extra),
-                                 lambda i: _reasoning_opening(tokenizer, fmt, messages, i, example.where, extra))
+                                 lambda i: _reasoning_opening(tokenizer, fmt, messages, i, example.where, extra),
+                                 _markup_strings(tokenizer))
         runs = [_tokens_covering(offsets, s, e) for s, e in spans]
         char_ends = [e for _, e in spans]
     mask = [False] * len(ids)
@@ -327,7 +355,29 @@ def _chat_ids_and_mask(example: Example, tokenizer, fmt: ChatFormat, stops: set[
                           and example.messages[-1].get("weight", 1) != 0)
     hidden = sum(1 for m in messages if m.get("role") == "assistant" and _reasoning_text(m)
                  and _reasoning_text(m) not in text)
-    return ids, mask, final_is_assistant and not last_end_has_stop, hidden
+    return ids, mask, final_is_assistant and not last_end_has_stop, hidden, _drops_system(example.messages, text)
+
+
+def _whole_chat_ids(example: Example, tokenizer, fmt: ChatFormat, stops: set[int]) -> tuple[list[int], bool, bool]:
+    """``(ids, needs_eos, system_dropped)`` of a conversation whose answers are not located, trained whole: an EOS
+    is added when the conversation ends with an assistant message and no stop token follows where its content is
+    rendered (anywhere in the text when it is not)."""
+    text = rendered_text(example, tokenizer, fmt)
+    encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids = list(encoded["input_ids"])
+    final = example.messages[-1] if example.messages else {}
+    dropped = _drops_system(example.messages, text)
+    if final.get("role") != "assistant":
+        return ids, False, dropped
+    content = _content(final).strip()
+    at = text.rfind(content) if content else -1
+    tail = [t for t, (a, _) in zip(ids, encoded["offset_mapping"]) if a >= max(at, 0)]
+    return ids, not any(t in stops for t in tail), dropped
+
+
+def _drops_system(messages: Sequence[dict], text: str) -> bool:
+    """Whether a system message of the row is missing from the template's rendering ``text``."""
+    return any(m.get("role") == "system" and _content(m).strip() not in text for m in messages)
 
 
 def _reasoning_field(message: dict) -> str | None:
@@ -520,8 +570,7 @@ def _tool_call_span(text: str, cursor: int, tokenizer, fmt: ChatFormat, messages
     if tail and upto[:len(upto) - tail].strip() and upto[start:len(upto) - tail].strip():
         forms.append(upto[start:len(upto) - tail].strip())
     names = [c.get("function", c).get("name", "") for c in messages[i]["tool_calls"]]
-    markers = [str(t) for t in tokenizer.all_special_tokens] + [
-        str(getattr(t, "content", t)) for t in getattr(tokenizer, "added_tokens_decoder", {}).values()]
+    markers = _markup_strings(tokenizer)
     for form in dict.fromkeys(f for f in forms if f):
         for cut in range(len(form)):
             if cut and not (form[cut - 1].isspace() or any(form.endswith(m, 0, cut) for m in markers if m)):
@@ -562,6 +611,12 @@ def _tokens_covering(offsets: list[tuple[int, int]], start: int, end: int) -> tu
     """``[first, last + 1)`` of the tokens overlapping characters ``[start, end)``."""
     covering = [i for i, (a, b) in enumerate(offsets) if a < end and b > start]
     return covering[0], covering[-1] + 1
+
+
+def _markup_strings(tokenizer) -> list[str]:
+    """The text of the tokenizer's special and added tokens."""
+    return [str(t) for t in tokenizer.all_special_tokens] + [
+        str(getattr(t, "content", t)) for t in getattr(tokenizer, "added_tokens_decoder", {}).values()]
 
 
 def _markup_ids(tokenizer) -> set[int]:
@@ -664,8 +719,8 @@ def _call_names(message: dict) -> list[str]:
     return [c.get("function", c).get("name", "") for c in message.get("tool_calls") or ()]
 
 
-def _dropped_calls(where: str, k: int, n: int, i: int, message: dict, origin: str) -> UsageError:
-    return UsageError(
+def _dropped_calls(where: str, k: int, n: int, i: int, message: dict, origin: str) -> Unlocated:
+    return Unlocated(
         f"{where}: assistant message {k} of {n} (message {i + 1} of the conversation, calling {_call_names(message)}): "
         f"the chat template ({origin}) drops these tool calls, or renders them elsewhere than in this turn (or "
         "differently inside the conversation than as its last turn), so their tokens cannot be located and the model "
@@ -690,19 +745,26 @@ def _assistant_spans(text: str, messages: Sequence[dict], fmt: ChatFormat, where
                      tool_call_span: Callable[[int, int], tuple[int, int] | None],
                      skipped: set[int] = frozenset(),
                      generation_prompt: Callable[[int], str] = lambda i: "",
-                     reasoning_opening: Callable[[int], str] = lambda i: "") -> list[tuple[int, int]]:
+                     reasoning_opening: Callable[[int], str] = lambda i: "",
+                     markers: Sequence[str] = ()) -> list[tuple[int, int]]:
     """Character spans of each assistant message's content in ``text``, in order, but for the assistant
     messages numbered (from 0) in ``skipped``; a message that calls tools spans the whole turn the template
     writes for it (``tool_call_span(cursor, i)``: content and calls); a message with reasoning starts where
-    ``generation_prompt(i)`` (the template's, after messages ``[:i]``) ends, or at ``reasoning_opening(i)``."""
+    ``generation_prompt(i)`` (the template's, after messages ``[:i]``) ends, or at ``reasoning_opening(i)``.
+
+    Raises:
+        Unlocated: an assistant message is not rendered, or is rendered inside the prompt: after the message before
+            it but before the generation prompt (``markers``: the tokenizer's markup strings) starts the model's turn.
+    """
     spans, cursor = [], 0
     assistants = [i for i, m in enumerate(messages) if m.get("role") == "assistant"]
     for k, i in enumerate(assistants, 1):
         content = _content(messages[i])
+        prompt_end = None
         if i > 0 and messages[i - 1].get("role") != "assistant":  # skip past the prompt, so text it quotes is not taken
             prompt = _find(text, _content(messages[i - 1]), cursor)
             if prompt:
-                cursor = prompt[1]
+                cursor = prompt_end = prompt[1]
         if messages[i].get("tool_calls"):
             found = tool_call_span(cursor, i)
             if found is None:
@@ -717,14 +779,44 @@ def _assistant_spans(text: str, messages: Sequence[dict], fmt: ChatFormat, where
                                 lambda i=i: reasoning_opening(i))
         if found is None:
             shown = content.strip()[:60]
-            raise UsageError(
+            raise Unlocated(
                 f"{where}: assistant message {k} of {len(assistants)} (message {i + 1} of the conversation, "
                 f"starting {shown!r}) does not appear in the text that the chat template ({fmt.origin}) renders for "
                 "this conversation: the template drops or rewrites it, so its tokens cannot be located and the model "
                 "would never see them in this format. Fix or remove that message in the data (check that it is "
                 "plain text the template prints as is), or train on the whole text with --train-on all."
             )
+        opened = _turn_opening(text, prompt_end, generation_prompt(i), markers) if prompt_end is not None else None
+        if opened is not None and opened[1] > found[0]:  # found in the prompt: the answer is after the turn opens
+            found = _find_assistant(text, messages[i], opened[1], lambda i=i: generation_prompt(i),
+                                    lambda i=i: reasoning_opening(i)) if opened[0] >= 0 else None
+            if found is None:
+                raise Unlocated(
+                    f"{where}: assistant message {k} of {len(assistants)} (message {i + 1} of the conversation, "
+                    f"starting {content.strip()[:60]!r}) is rendered by the chat template ({fmt.origin}) inside the "
+                    f"prompt: no {generation_prompt(i).strip()!r} (the template's generation prompt, which starts the "
+                    "model's turn) comes before it, so the model reads this answer as input and would learn to write "
+                    "text it is only ever given (a judge's template, such as Granite Guardian's, quotes the answer it "
+                    "judges). Use a template that renders the answer as the assistant's turn, or train on the whole "
+                    "text with --train-on all.")
         if k - 1 not in skipped:
             spans.append(found)
         cursor = found[1]
     return spans
+
+
+def _turn_opening(text: str, start: int, generation_prompt: str, markers: Sequence[str]) -> tuple[int, int] | None:
+    """Where the model's turn opens in ``text`` after the prompt ending at ``start``: the first of the template's
+    generation prompt, its first word, or a markup token of it, since templates write a turn of the conversation
+    otherwise than the prompt that starts one (DeepSeek-R1's prompt also opens ``<think>``, DeepSeek-V3.2's writes
+    ``<think></think>`` where its turns after a tool result hold ``</think>``), as ``(begin, end)``; ``(-1, past the
+    end of text)`` when it never opens there, None when the template has no generation prompt to tell."""
+    head = generation_prompt.strip()
+    if not head:
+        return None
+    found = [(at, -len(form)) for form in {head, head.split()[0], *(m for m in markers if m and m in head)}
+             if (at := text.find(form, start)) >= 0]
+    if not found:
+        return -1, len(text) + 1
+    at, negative = min(found)
+    return at, at - negative
