@@ -51,7 +51,8 @@ def _copy_model(model: Path, to: Path) -> Path:
 
 SPELLINGS = {
     "sft": (SFT, dict(max_steps=4, target_modules="q_proj, v_proj", rank_pattern="v_proj=4,", precision="auto",
-                      epochs=1.0, warmup_steps=1, warmup_ratio=0.03, lr_scheduler="linear"),
+                      epochs=1.0, warmup_steps=1, warmup_ratio=0.03, lr_scheduler="linear",
+                      template="../model/chat_template.jinja"),
             dict(target_modules="v_proj,q_proj", rank_pattern="v_proj=4", precision="fp32", epochs=3.0,
                  warmup_ratio=0.5)),
     "dpo": (PAIRS, dict(method="dpo", max_steps=4, loss_type=""), dict(loss_type="sigmoid")),
@@ -61,7 +62,7 @@ SPELLINGS = {
 @pytest.mark.parametrize("name", sorted(SPELLINGS))
 def test_another_spelling_of_the_same_run_resumes_to_its_losses(tmp_path, tiny_model_dir, monkeypatch, name):
     """Paths spelled relative, with ./ or ../ and absolute, target lists in another order or with spaces, a
-    pattern's trailing comma, precision auto and what it resolves to, DPO's default loss type named, --epochs
+    pattern's trailing comma, a template file's path, precision auto and what it resolves to, DPO's default loss type named, --epochs
     while --max-steps sets the length and --warmup-ratio while --warmup-steps sets the warmup: the same run."""
     rows, first, second = SPELLINGS[name]
     work = tmp_path / "work"
@@ -77,6 +78,8 @@ def test_another_spelling_of_the_same_run_resumes_to_its_losses(tmp_path, tiny_m
     _cut_after_first_checkpoint(full, part)
     resumed = base | first | second | dict(model=str(tmp_path / "model"), data="d.jsonl", output=str(part),
                                            resume=True)
+    if "template" in first:
+        resumed["template"] = str(tmp_path / "model" / "chat_template.jinja")
     assert _run(resumed) == losses
 
 

@@ -3,7 +3,7 @@
 A checkpoint's recorded options and this run's are both brought to this form before they are compared, so a
 checkpoint written before a value was normalized compares as it did (its relative paths read from the working
 folder of the resume, as they were then), and another spelling of the same run resumes: a path relative, with
-``./`` or absolute; layer names in another order or with spaces; a pattern's trailing comma; precision ``auto``
+``./`` or absolute (a template file's too); layer names in another order or with spaces; a pattern's trailing comma; precision ``auto``
 and what it resolves to on this device; a preference method's default loss type named.
 """
 
@@ -14,10 +14,12 @@ import os
 from pathlib import Path
 from typing import Any
 
+from qlora.template_file import is_custom, is_inline
 from qlora.train.data.axolotl_datasets import declared_entries
 from qlora.train.data.selection import data_sources
 
-_PATHS = ("model", "adapter", "eval_data")
+_PATHS = ("model", "adapter")
+_DATA = ("data", "eval_data")
 _FOLDERS = ("dataset_dir", "media_dir")
 _DEFAULT_LOSS = {"dpo": "sigmoid", "cpo": "sigmoid", "kto": "kto"}
 # An option that does nothing while another is set: (option, the option that overrides it when above 0).
@@ -34,11 +36,14 @@ def as_used(values: dict[str, Any], auto_precision: str) -> dict[str, Any]:
     for key in _FOLDERS:
         if out.get(key):
             out[key] = os.path.normpath(out[key])
-    if out.get("data") and declared_entries(out["data"]) is None:  # an axolotl/handbook list keeps its JSON text
-        try:
-            out["data"] = ",".join(map(_local, data_sources(out["data"])))
-        except ValueError:
-            pass
+    for key in _DATA:
+        if out.get(key) and declared_entries(out[key]) is None:  # an axolotl/handbook list keeps its JSON text
+            try:
+                out[key] = ",".join(map(_local, data_sources(out[key])))
+            except ValueError:
+                pass
+    if out.get("template") and is_custom(out["template"]) and not is_inline(out["template"]):
+        out["template"] = _local(out["template"])
     if isinstance(out.get("target_modules"), str):
         out["target_modules"] = _targets(out["target_modules"])
     for key in ("rank_pattern", "alpha_pattern"):
