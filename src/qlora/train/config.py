@@ -385,9 +385,6 @@ class TrainConfig:
                              "its ranks itself and has no LoRA bias")
         if self.adalora and self.rslora:
             raise UsageError("--adalora and --rslora do not combine: AdaLoRA scales by alpha / adalora-init-r")
-        if self.adalora and self.resume:
-            raise UsageError("--resume is not available with --adalora: a checkpoint keeps only the surviving "
-                             "AdaLoRA triplets, so the rank schedule could not continue exactly")
         if self.init not in INITS and not is_residual_init(self.init):
             raise UsageError(f"--init must be one of {', '.join(INITS)} or pissa_niter_K (K >= 0: PiSSA by "
                              f"randomized SVD with K subspace iterations); got {self.init!r}")

@@ -940,7 +940,8 @@ class Trainer:
             state = {"step": self.step, "optimizer": self.optimizer.state_dict(),
                      "scheduler": self.scheduler.state_dict(), "rng": _rng_state(), "losses": self.losses,
                      "scaler": self.scaler.state_dict() if self.scaler else None,
-                     "metric_records": len(self.metrics.records)}
+                     "metric_records": len(self.metrics.records),
+                     "adapter_hooks": self.adapter_hooks.state_dict() if self.adapter_hooks else None}
             with open(tmp / STATE_FILE, "wb") as fh:  # a file object: a full disk raises OSError, not RuntimeError
                 torch.save(state, fh)
             run_config = {**self._run_config(), "template_date": self.config.template_date,
@@ -965,10 +966,14 @@ class Trainer:
         current = adapter_state_dict(self.model)
         with torch.no_grad():
             for key, tensor in current.items():
+                if self.adapter_hooks is not None and ".lora_" in key:  # AdaLoRA's triplets: from its state below
+                    continue
                 # a PiSSA/OLoRA checkpoint holds the converted adapter [A; A0], [B, -B0]; this run's init has
                 # recomputed A0, B0 (and the residual base) from the original weights, so A and B are its first half
                 tensor.copy_(first_half(saved[key], tensor) if is_residual_init(self.config.init) else saved[key])
         state = torch.load(path / STATE_FILE, weights_only=True)
+        if self.adapter_hooks is not None:  # AdaLoRA: every triplet, the pruned ones too, and its schedule's state
+            self.adapter_hooks.load_state_dict(state["adapter_hooks"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         if self.scaler and state["scaler"]:
