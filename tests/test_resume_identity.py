@@ -156,3 +156,29 @@ def test_a_checkpoint_from_before_fingerprints_resumes(tmp_path, tiny_model_dir,
     _write(data, SFT[::-1])
     code, err = _cli(argv + ["--resume"], capsys)
     assert code == 0, err
+
+
+def test_a_large_weight_file_is_told_apart_by_sampled_blocks(tmp_path):
+    """Over 64 MiB a model file is fingerprinted from its head and spread blocks: other bytes in its header or over
+    a stretch of its weights (as other weights are everywhere) change the fingerprint; the same bytes do not."""
+    from qlora.train.file_fingerprint import file_fingerprint, model_fingerprints
+
+    size = 80 << 20
+
+    def weights(name: str, at: int = 0, stretch: bytes = b"") -> Path:
+        path = tmp_path / name / "model.safetensors"
+        path.parent.mkdir()
+        with open(path, "wb") as fh:  # sparse: zeros but where written
+            fh.truncate(size)
+            fh.seek(at)
+            fh.write(stretch)
+        return path
+
+    same, again = weights("a"), weights("b")
+    other_header = weights("c", 100, b"\x01" * 8)
+    other_weights = weights("d", 40 << 20, b"\x01" * (8 << 20))
+    prints = [file_fingerprint(p, sample_large=True) for p in (same, again, other_header, other_weights)]
+    assert prints[0] == prints[1] and "sampled_sha256" in prints[0] and prints[0]["size"] == size
+    assert prints[2] != prints[0] and prints[3] != prints[0]
+    assert list(model_fingerprints(str(same.parent)).values()) == [prints[0]]
+    assert file_fingerprint(same)["sha256"] != file_fingerprint(other_weights)["sha256"]

@@ -280,6 +280,8 @@ class Trainer:
         """Check the output folder, then load model, adapter, data, optimizer; resume if asked."""
         cfg = self.config
         resume_from = self._check_output()
+        # Its files fingerprinted now, before they are read: the checkpoints record what this run reads.
+        self.run_config = self._run_config()
         # Read (and so check) the data before the model: a bad file fails in seconds, not after the load.
         # LLaMA-Factory's num_samples draws come from one generator seeded with the run's seed, train then eval
         # datasets, so a rerun or a resume reads the same rows.
@@ -944,7 +946,7 @@ class Trainer:
                      "adapter_hooks": self.adapter_hooks.state_dict() if self.adapter_hooks else None}
             with open(tmp / STATE_FILE, "wb") as fh:  # a file object: a full disk raises OSError, not RuntimeError
                 torch.save(state, fh)
-            run_config = {**self._run_config(), "template_date": self.config.template_date,
+            run_config = {**self.run_config, "template_date": self.config.template_date,
                           "epoch_steps": True}
             (tmp / "run_config.json").write_text(json.dumps(run_config, indent=1))
             self.chat_format.save(tmp / "adapter")
