@@ -68,12 +68,12 @@ from qlora.train.data.image_examples import tokenize_image_example
 from qlora.train.data.image_packing import check_image_packing, image_blocks_key, multimodal_positions
 from qlora.train.data.selection import hold_out, read_sources
 from qlora.train.data.text_blocks import text_blocks
-from qlora.train.file_fingerprint import changed_file
-from qlora.train.run_identity import as_used, ignored
 from qlora.train.data.tokenize import NothingToTrain
+from qlora.train.file_fingerprint import changed_file
 from qlora.train.loss import chunked_loss_matches, model_inputs, token_loss_sum
 from qlora.train.metrics import MetricsLogger, NullMetrics, gpu_memory_gib
 from qlora.train.neftune import add_neftune
+from qlora.train.run_identity import as_used, ignored
 
 CHECKPOINTS = "checkpoints"
 STATE_FILE = "trainer_state.pt"
