@@ -3,8 +3,8 @@
 A checkpoint's recorded options and this run's are both brought to this form before they are compared, so a
 checkpoint written before a value was normalized compares as it did (its relative paths read from the working
 folder of the resume, as they were then), and another spelling of the same run resumes: a path relative, with
-``./`` or absolute (a template file's too); layer names in another order or with spaces; a pattern's trailing comma; precision ``auto``
-and what it resolves to on this device; a preference method's default loss type named.
+``./`` or absolute (a template file's too); layer names in another order or with spaces; a pattern's trailing
+comma; precision ``auto`` and what it resolves to on this device; a preference method's default loss type named.
 """
 
 from __future__ import annotations
