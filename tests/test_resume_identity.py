@@ -182,3 +182,18 @@ def test_a_large_weight_file_is_told_apart_by_sampled_blocks(tmp_path):
     assert prints[2] != prints[0] and prints[3] != prints[0]
     assert list(model_fingerprints(str(same.parent)).values()) == [prints[0]]
     assert file_fingerprint(same)["sha256"] != file_fingerprint(other_weights)["sha256"]
+
+
+def test_a_data_folder_with_other_rows_is_refused_naming_its_file(tmp_path, tiny_model_dir, capsys):
+    """A save_to_disk folder is fingerprinted file by file: rewritten with other rows, its resume names a file."""
+    import datasets
+
+    folder = tmp_path / "ds"
+    datasets.Dataset.from_list(SFT).save_to_disk(str(folder))
+    argv = ["train", "--model", str(tiny_model_dir), "--data", str(folder), "--output", str(tmp_path / "o"),
+            "--optim", "adamw", "--max-steps", "2", "--save-steps", "1", "--no-progress"]
+    assert main(argv) == 0
+    shutil.rmtree(folder)
+    datasets.Dataset.from_list(SFT[::-1]).save_to_disk(str(folder))
+    code, err = _cli(argv + ["--resume"], capsys)
+    assert code == 2 and f"{folder}/" in err and "(--data)" in err and "Traceback" not in err, err
