@@ -385,7 +385,7 @@ def test_resume_of_a_dpo_checkpoint_from_before_loss_types(tmp_path, tiny_model_
     resumed = Trainer(_config(tiny_model_dir, data, tmp_path / "o", resume=True, **kw))
     resumed.run()
     assert resumed.step == 4 and [r["step"] for r in _train_records(tmp_path / "o")] == [1, 2, 3, 4]
-    with pytest.raises(UsageError, match="loss_type: '' -> 'ipo'"):
+    with pytest.raises(UsageError, match="loss_type: 'sigmoid' -> 'ipo'"):
         Trainer(_config(tiny_model_dir, data, tmp_path / "o", resume=True, loss_type="ipo", **kw)).setup()
 
 

@@ -2,7 +2,8 @@
 
 - resume: a run cut right after a checkpoint and resumed reproduces the uninterrupted run bit for bit
   (losses, eval losses, final adapter) with packing + NEFTune + eval + a warmup schedule + accumulation,
-  with text blocks over several epochs + gradient checkpointing, and for KTO;
+  with text blocks over several epochs + gradient checkpointing, for KTO, and for AdaLoRA cut between two rank
+  reallocations (the pruned triplets, importance scores and rank pattern continue);
 - determinism: the same seed in another process (another hash seed) gives the same run, another seed does not;
 - accumulation with packing: packed rows 2 x 1 and 1 x 2 give the same run.
 (tests/test_train_loop.py covers resume per optimizer and accumulation of unpacked SFT, test_preference_training.py
@@ -62,6 +63,8 @@ RESUMED = {
                                                 lr_scheduler="linear", warmup_ratio=0.3, optim="paged_adamw_8bit")),
     "text-blocks-epochs-checkpointing": ("texts", dict(group_texts=3, seq_len=16, max_steps=0, epochs=2, save_steps=2,
                                                       dropout=0.1, gradient_checkpointing=True)),
+    "adalora-pruning": ("sft", dict(adalora=True, adalora_init_r=4, adalora_target_r=2, adalora_tinit=1,
+                                    adalora_tfinal=2, save_steps=3, dropout=0.1)),
     "kto-accumulation": ("pairs", dict(method="kto", dropout=0.1, grad_accum=2, save_steps=2, eval_split=2,
                                        eval_steps=2)),
 }

@@ -153,8 +153,17 @@ class AdaLoraHooks:
                 + ", ".join(f"{path}={r}" for path, r in ranks.items()))
 
     def state_dict(self) -> dict:
-        return self.allocator.state_dict()
+        """What a checkpoint needs to continue the schedule exactly: the scores and pattern, and every triplet,
+        the pruned ones too (the saved adapter keeps only the surviving ones; the pruned ones still learn from the
+        orthogonality penalty and may come back at a later reallocation)."""
+        layers = {f"{path}.{kind}": getattr(layer, kind).detach().clone()
+                  for path, layer in self.allocator.layers.items() for kind in ("A", "B", "E")}
+        return {"allocator": self.allocator.state_dict(), "layers": layers}
 
+    @torch.no_grad()
     def load_state_dict(self, state: dict) -> None:
-        self.allocator.load_state_dict(state)
+        for path, layer in self.allocator.layers.items():
+            for kind in ("A", "B", "E"):
+                getattr(layer, kind).copy_(state["layers"][f"{path}.{kind}"])
+        self.allocator.load_state_dict(state["allocator"])
         self.config.rank_pattern = self.allocator.rank_pattern

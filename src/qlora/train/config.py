@@ -31,7 +31,9 @@ from qlora.quant import BLOCKSIZES
 from qlora.template_file import is_custom, is_inline, read_template, template_digest
 from qlora.template_names import template_name
 from qlora.train.data.fields import parse_data_fields
+from qlora.train.data.selection import source_locations
 from qlora.train.data.sources import LOCAL_SUFFIXES
+from qlora.train.file_fingerprint import Fingerprint, data_fingerprints, model_fingerprints
 from qlora.train.foreign_keys import (AXOLOTL_DEFAULTS, adapter_keys, is_axolotl, jinja_template_keys, silent_defaults,
                                       translate)
 from qlora.train.torchtune_config import is_torchtune, torchtune_options
@@ -294,6 +296,7 @@ class TrainConfig:
         one canonical JSON text, so a checkpoint compares equal however they were spelled."""
         self.optim = OPTIMIZER_ALIASES.get(self.optim, self.optim)
         self._digests: dict[str, str] = {}  # a template file's text digest, by path (see run_defining)
+        self._sources: dict[str, dict[str, Fingerprint]] | None = None  # fingerprints of the files read (idem)
         try:
             self.template = self.template if is_custom(self.template) else template_name(self.template)
         except ValueError:
@@ -328,7 +331,22 @@ class TrainConfig:
             if self.template not in self._digests:  # read once: the checkpoints of a run record the text it read
                 self._digests[self.template] = template_digest(self.template)
             values["template_sha256"] = self._digests[self.template]
+        if self._sources is None:  # read once, as the template's text
+            self._sources = self._source_files("eval_data" in values)
+        values["source_files"] = self._sources
         return values
+
+    def _source_files(self, with_eval: bool) -> dict[str, dict[str, Fingerprint]]:
+        """Fingerprints of the local files the run reads (data, model, starting adapter), by the option naming them
+        (see :mod:`qlora.train.file_fingerprint`)."""
+        files = {"--model": model_fingerprints(self.model) if self.model else {}}
+        if self.adapter:
+            files["--adapter"] = model_fingerprints(self.adapter)
+        for option, spec in (("--data", self.data), ("--eval-data", self.eval_data if with_eval else None)):
+            if spec:
+                files[option] = {k: v for source in source_locations(spec, self.dataset_dir, self.method)
+                                 for k, v in data_fingerprints(source).items()}
+        return files
 
     def validate(self) -> None:
         """Check choices and ranges; missing required options.
@@ -375,9 +393,6 @@ class TrainConfig:
                              "its ranks itself and has no LoRA bias")
         if self.adalora and self.rslora:
             raise UsageError("--adalora and --rslora do not combine: AdaLoRA scales by alpha / adalora-init-r")
-        if self.adalora and self.resume:
-            raise UsageError("--resume is not available with --adalora: a checkpoint keeps only the surviving "
-                             "AdaLoRA triplets, so the rank schedule could not continue exactly")
         if self.init not in INITS and not is_residual_init(self.init):
             raise UsageError(f"--init must be one of {', '.join(INITS)} or pissa_niter_K (K >= 0: PiSSA by "
                              f"randomized SVD with K subspace iterations); got {self.init!r}")

@@ -69,9 +69,11 @@ from qlora.train.data.image_packing import check_image_packing, image_blocks_key
 from qlora.train.data.selection import hold_out, read_sources
 from qlora.train.data.text_blocks import text_blocks
 from qlora.train.data.tokenize import NothingToTrain
+from qlora.train.file_fingerprint import changed_file
 from qlora.train.loss import chunked_loss_matches, model_inputs, token_loss_sum
 from qlora.train.metrics import MetricsLogger, NullMetrics, gpu_memory_gib
 from qlora.train.neftune import add_neftune
+from qlora.train.run_identity import as_used, ignored
 
 CHECKPOINTS = "checkpoints"
 STATE_FILE = "trainer_state.pt"
@@ -87,18 +89,42 @@ _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_m
                     "tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json", "vocab.txt")
 
 
+def _continue_command(out: Path, checkpoint: Path) -> str:
+    """The command that continues the run's adapter (the final one, else the checkpoint's) into a new folder."""
+    adapter = out if (out / "adapter_config.json").is_file() else checkpoint / "adapter"
+    new = next(p for p in (out.with_name(f"{out.name}-continued" + (f"-{n}" if n > 1 else "")) for n in count(1))
+               if not p.exists())
+    return f"qlora train --adapter {shlex.quote(str(adapter))} --output {shlex.quote(str(new))}"
+
+
 def _train_further(out: Path, checkpoint: Path, differ: list[str]) -> str:
     """For a resume asked to run longer: the command that continues the run's adapter into a new folder."""
     if not {"epochs", "max_steps", "max_steps_per_epoch"} & set(differ):
         return ""
-    adapter = out if (out / "adapter_config.json").is_file() else checkpoint / "adapter"
-    new = next(p for p in (out.with_name(f"{out.name}-continued" + (f"-{n}" if n > 1 else "")) for n in count(1))
-               if not p.exists())
     return (f". --resume finishes a run as it was planned (its learning-rate schedule spans its steps), so it does "
-            f"not run longer; to train further, continue its adapter in a new run: qlora train --adapter "
-            f"{shlex.quote(str(adapter))} --output {shlex.quote(str(new))} with the model, data and the steps or "
-            "epochs to add (the adapter brings its rank, targets and chat format; the optimizer state and the "
-            "schedule start afresh)")
+            f"not run longer; to train further, continue its adapter in a new run: {_continue_command(out, checkpoint)}"
+            " with the model, data and the steps or epochs to add (the adapter brings its rank, targets and chat "
+            "format; the optimizer state and the schedule start afresh)")
+
+
+def _changed_files(out: Path, checkpoint: Path, saved: dict, current: dict) -> None:
+    """Refuse a resume whose data, model or starting adapter changed under the same path since the checkpoint (a
+    checkpoint from before fingerprints, or of an option it did not fingerprint, is not compared).
+
+    Raises:
+        UsageError: naming the first changed file and its option.
+    """
+    for option, files in current.items():
+        change = changed_file(saved[option], files) if option in saved else None
+        if change is None:
+            continue
+        name, how = change
+        what = "data" if option.endswith("data") else "weights"
+        raise UsageError(f"--resume: {name} ({option}) {how} since {checkpoint} was written, so the rest of the run "
+                         f"would train on other {what} than its start. Put the file back as it was to resume, or "
+                         f"continue the run's adapter in a new run on the {option} as it is now: "
+                         f"{_continue_command(out, checkpoint)} with the run's other options (a fresh optimizer and "
+                         "schedule).")
 
 
 def _experts_hint(saved: dict, differ: list[str]) -> str:
@@ -255,6 +281,8 @@ class Trainer:
         """Check the output folder, then load model, adapter, data, optimizer; resume if asked."""
         cfg = self.config
         resume_from = self._check_output()
+        # Its files fingerprinted now, before they are read: the checkpoints record what this run reads.
+        self.run_config = self._run_config()
         # Read (and so check) the data before the model: a bad file fails in seconds, not after the load.
         # LLaMA-Factory's num_samples draws come from one generator seeded with the run's seed, train then eval
         # datasets, so a rerun or a resume reads the same rows.
@@ -359,21 +387,23 @@ class Trainer:
             if not checkpoints:
                 raise UsageError(f"--resume: {self.out} has no checkpoint to resume from")
             saved = json.loads((checkpoints[-1] / "run_config.json").read_text())
-            current = self.config.run_defining(self.dist.world_size)
+            current = self._run_config()
             # A key the checkpoint lacks was added to qlora after it was written: that run used the default. The
             # pixel bounds are the exception: LLaMA-Factory files set them where silent, and they touch only images.
             defaults = {f.name: f.default for f in dataclasses.fields(cfg)}
             unbounded = [k for k in _PIXEL_KEYS if k not in saved and current[k] != defaults[k]]
-            differ = [k for k, v in current.items()
-                      if k not in unbounded and (saved[k] if k in saved else defaults.get(k)) != v]
+            recorded = as_used({k: saved[k] if k in saved else defaults.get(k) for k in current}, self._auto_precision)
+            skipped = {*unbounded, *ignored(recorded, current), "source_files"}
+            differ = [k for k, v in current.items() if k not in skipped and recorded[k] != v]
             if differ:
                 # a key the checkpoint lacks shows the default its run used, not None
-                was = {k: repr(saved[k]) if k in saved else f"{defaults[k]!r} (the default then)" if k in defaults
+                was = {k: repr(recorded[k]) if k in saved else f"{recorded[k]!r} (the default then)" if k in defaults
                        else "not recorded" for k in differ}
                 shown = ", ".join(f"{k}: {was[k]} -> {current[k]!r}" for k in differ)
                 raise UsageError(f"--resume: the checkpoint in {self.out} was made with a different config ({shown}); "
                                  "resume with the original options or train into a new --output"
                                  + _experts_hint(saved, differ) + _train_further(self.out, checkpoints[-1], differ))
+            _changed_files(self.out, checkpoints[-1], saved.get("source_files", {}), current["source_files"])
             if unbounded:
                 logging.getLogger("qlora").warning(
                     "qlora: %s was written before qlora bounded images (%s); if this run trains on images, the "
@@ -396,6 +426,16 @@ class Trainer:
                      alternative="--resume to continue its run",
                      inputs={"--model": cfg.model, "--data": cfg.data, "--eval-data": cfg.eval_data})
         return None
+
+    @property
+    def _auto_precision(self) -> str:
+        """What --precision auto resolves to on this device."""
+        dtype = compute_dtype_for("auto", self.device)
+        return {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}[dtype]
+
+    def _run_config(self) -> dict[str, Any]:
+        """The run-defining options as this run uses them, and the fingerprints of the files it reads."""
+        return as_used(self.config.run_defining(self.dist.world_size), self._auto_precision)
 
     def _load_model(self) -> None:
         from qlora.model.inject import add_lora
@@ -904,10 +944,11 @@ class Trainer:
             state = {"step": self.step, "optimizer": self.optimizer.state_dict(),
                      "scheduler": self.scheduler.state_dict(), "rng": _rng_state(), "losses": self.losses,
                      "scaler": self.scaler.state_dict() if self.scaler else None,
-                     "metric_records": len(self.metrics.records)}
+                     "metric_records": len(self.metrics.records),
+                     "adapter_hooks": self.adapter_hooks.state_dict() if self.adapter_hooks else None}
             with open(tmp / STATE_FILE, "wb") as fh:  # a file object: a full disk raises OSError, not RuntimeError
                 torch.save(state, fh)
-            run_config = {**self.config.run_defining(self.dist.world_size), "template_date": self.config.template_date,
+            run_config = {**self.run_config, "template_date": self.config.template_date,
                           "epoch_steps": True}
             (tmp / "run_config.json").write_text(json.dumps(run_config, indent=1))
             self.chat_format.save(tmp / "adapter")
@@ -929,10 +970,14 @@ class Trainer:
         current = adapter_state_dict(self.model)
         with torch.no_grad():
             for key, tensor in current.items():
+                if self.adapter_hooks is not None and ".lora_" in key:  # AdaLoRA's triplets: from its state below
+                    continue
                 # a PiSSA/OLoRA checkpoint holds the converted adapter [A; A0], [B, -B0]; this run's init has
                 # recomputed A0, B0 (and the residual base) from the original weights, so A and B are its first half
                 tensor.copy_(first_half(saved[key], tensor) if is_residual_init(self.config.init) else saved[key])
         state = torch.load(path / STATE_FILE, weights_only=True)
+        if self.adapter_hooks is not None:  # AdaLoRA: every triplet, the pruned ones too, and its schedule's state
+            self.adapter_hooks.load_state_dict(state["adapter_hooks"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         if self.scaler and state["scaler"]:

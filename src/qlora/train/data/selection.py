@@ -57,6 +57,11 @@ def read_sources(spec: str, split: str, subset: str | None, max_samples: int,
     return examples
 
 
+def source_locations(spec: str, dataset_dir: str = "data", method: str = "sft") -> list[str]:
+    """Where each source of ``spec`` is read from: a local file or folder, or a hub dataset id."""
+    return [s.source if isinstance(s, DeclaredDataset) else s for s in _declared_sources(spec, dataset_dir, method)]
+
+
 def _declared_sources(spec: str, dataset_dir: str, method: str) -> list[str | DeclaredDataset]:
     entries = declared_entries(spec)
     if entries is not None and all(isinstance(e, dict) and set(e) == {"torchtune"} for e in entries):

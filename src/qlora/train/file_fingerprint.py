@@ -1,0 +1,85 @@
+"""Fingerprints of the files a run reads, recorded in its checkpoints so ``--resume`` sees a change under the same path.
+
+A data file is hashed whole (size and sha256): the run reads all of it anyway, and a row changed anywhere changes
+the run. A model's weights are too large to hash on every resume (tens of GB), so a weight file over 64 MiB is
+fingerprinted by its size and the sha256 of its first MiB (a safetensors header: names, shapes, dtypes) and 16
+blocks of 64 KiB spread evenly over it: other weights (another fine-tune, another seed, another quantization) differ
+in every block, and reading about 2 MiB per file costs milliseconds whatever the model's size. An edit of a few
+values between the sampled blocks is not seen; that is the price of not reading the whole model twice.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+_WHOLE_UP_TO = 64 << 20  # files up to this size are hashed whole
+_HEAD = 1 << 20
+_BLOCKS, _BLOCK = 16, 64 << 10
+# What transformers, tokenizers and PEFT read from a model or adapter folder (its README, images and licence not).
+_MODEL_SUFFIXES = (".json", ".safetensors", ".bin", ".pt", ".pth", ".model", ".txt", ".jinja", ".tiktoken", ".py",
+                   ".gguf")
+
+Fingerprint = dict[str, int | str]
+
+
+def file_fingerprint(path: Path, sample_large: bool = False) -> Fingerprint:
+    """``{"size", "sha256"}`` of the whole file, or with ``sample_large`` for a file over 64 MiB
+    ``{"size", "sampled_sha256"}`` of its head and 16 spread blocks."""
+    size = path.stat().st_size
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        if not sample_large or size <= _WHOLE_UP_TO:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(block)
+            return {"size": size, "sha256": digest.hexdigest()}
+        digest.update(fh.read(_HEAD))
+        for i in range(_BLOCKS):
+            fh.seek(_HEAD + i * (size - _HEAD - _BLOCK) // (_BLOCKS - 1))
+            digest.update(fh.read(_BLOCK))
+    return {"size": size, "sampled_sha256": digest.hexdigest()}
+
+
+def data_fingerprints(location: str) -> dict[str, Fingerprint]:
+    """Every file of a local data file or folder (``save_to_disk``, a folder of data files), by absolute path;
+    nothing for a hub dataset, which its name, split and subset identify."""
+    path = Path(location).expanduser()
+    if path.is_file():
+        return {str(path.resolve()): file_fingerprint(path)}
+    if not path.is_dir():
+        return {}
+    files = sorted(p for p in path.rglob("*") if p.is_file() and not _hidden(p.relative_to(path)))
+    return {str(p.resolve()): file_fingerprint(p) for p in files}
+
+
+def model_fingerprints(location: str) -> dict[str, Fingerprint]:
+    """The files a local model (or adapter) folder is loaded from, by absolute path, large weights sampled; nothing
+    for a hub id, which names its own revision."""
+    path = Path(location).expanduser()
+    if path.is_file():
+        return {str(path.resolve()): file_fingerprint(path, sample_large=True)}
+    if not path.is_dir():
+        return {}
+    files = sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith(".")
+                   and p.suffix.lower() in _MODEL_SUFFIXES)
+    return {str(p.resolve()): file_fingerprint(p, sample_large=True) for p in files}
+
+
+def changed_file(saved: dict[str, Fingerprint], current: dict[str, Fingerprint]) -> tuple[str, str] | None:
+    """The first file whose fingerprint differs, and how; None when all agree."""
+    for name in sorted(saved.keys() | current.keys()):
+        was, now = saved.get(name), current.get(name)
+        if was == now:
+            continue
+        if now is None:
+            return name, "is gone"
+        if was is None:
+            return name, "is new"
+        if was["size"] != now["size"]:
+            return name, f"has changed (its size was {was['size']} bytes, now {now['size']})"
+        return name, "has changed (the same size, other content)"
+    return None
+
+
+def _hidden(relative: Path) -> bool:
+    return any(part.startswith(".") for part in relative.parts)
