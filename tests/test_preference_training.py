@@ -349,7 +349,8 @@ def test_cli_preference_losses_train_and_record_their_options(tmp_path, tiny_mod
     assert records[-1]["rewards/margins"] > records[0]["rewards/margins"]
     assert ("nll_loss" in records[0]) == ("--rpo-alpha" in flags or "robust,sft" in flags or "cpo" in flags)
     saved = json.loads(next((out / "checkpoints").glob("step-*/run_config.json")).read_text())
-    assert saved["method"] == flags[1] and saved["loss_type"] == (flags[3] if flags[2:3] == ["--loss-type"] else "")
+    trained = flags[3] if flags[2:3] == ["--loss-type"] else {"dpo": "sigmoid", "cpo": "sigmoid"}.get(flags[1], "")
+    assert saved["method"] == flags[1] and saved["loss_type"] == trained  # recorded as the loss that trained
     capsys.readouterr()
     code, err = _run(argv + ["--beta", "0.3", "--resume"], capsys)  # another beta: not this run
     assert code == 2 and "beta: " in err
