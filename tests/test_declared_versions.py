@@ -4,7 +4,8 @@
 release that has it, and how that was established); a change that lowers a bound below an entry fails here.
 Features behind a guard (FSDP2, the GGUF writer) state their own version, checked against the same record.
 Only what can set a minimum is listed: APIs much older than the bound (``torch.compile``, float8 dtypes,
-``torch.load(mmap=)``, all 2.1 or older) are left out.
+``torch.load(mmap=)``, all 2.1 or older) are left out. Every package src/qlora imports is declared, or
+listed in ``UNDECLARED`` with what brings it in.
 """
 
 from __future__ import annotations
@@ -101,3 +102,35 @@ def test_export_refuses_a_gguf_older_than_audited(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert out.returncode == 0, out.stderr
     assert "needs gguf>=0.18; gguf 0.17.1 is installed" in out.stdout
+
+
+# Imported by src/qlora but declared by no requirement of its own: what brings each in, or why it may be absent.
+UNDECLARED = {
+    "PIL": "matplotlib requires pillow",
+    "huggingface_hub": "transformers and datasets require it",
+    "pyarrow": "datasets requires it (its Parquet and Arrow engine)",
+    "starlette": "fastapi requires it",
+    "llama_cpp": "optional: export's k-quants, refused by name without it",
+    "sentence_transformers": "optional: qlora chat --embedder, the chat model's embeddings without it",
+}
+
+
+def test_every_imported_package_is_declared():
+    """A package src/qlora imports is a requirement (core or an extra), or is listed in UNDECLARED with why."""
+    import ast
+    from importlib.metadata import packages_distributions
+
+    imported = set()
+    for path in (ROOT / "src" / "qlora").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                imported |= {alias.name.partition(".")[0] for alias in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                imported.add(node.module.partition(".")[0])
+    third_party = {m for m in imported if m not in sys.stdlib_module_names and m != "qlora"}
+    declared = {canonicalize_name(r.name) for reqs in _requirements().values() for r in reqs}
+    providers = packages_distributions()
+    undeclared = sorted(m for m in third_party - set(UNDECLARED)
+                        if not {canonicalize_name(d) for d in providers.get(m, [m])} & declared)
+    assert not undeclared, f"imported by src/qlora, declared nowhere in pyproject.toml: {undeclared}"
+    assert not set(UNDECLARED) - third_party, "UNDECLARED lists a package src/qlora no longer imports"
