@@ -61,7 +61,7 @@ def _api_error(model, exc: Exception) -> UsageError:
 
     return UsageError(f"cannot map the checkpoint of this {model_type!r} model onto the module layout of transformers "
                       f"{transformers.__version__} ({type(exc).__name__}: {exc}). qlora uses transformers' own "
-                      "checkpoint conversion mapping; install a transformers version qlora supports (>=4.45, <=5.x "
+                      "checkpoint conversion mapping; install a transformers version qlora supports (>=4.56, <=5.x "
                       "as tested), or convert the checkpoint once with transformers (from_pretrained then "
                       "save_pretrained).")
 

@@ -43,13 +43,22 @@ TYPES = ("f32", "f16", "bf16", "q8_0")
 ROUTERS = ("ffn_gate_inp", "ffn_gate_inp_shexp")  # MoE routers stay f32: a rounded router can pick other experts
 
 
+GGUF_VERSION = (0, 18)  # the writer methods (add_sliding_window_pattern, ...) and architectures (gpt-oss, ...) used
+
+
 def require_gguf():
-    """The ``gguf`` package, or a one-line install hint."""
+    """The ``gguf`` package, or a one-line install hint (also for a gguf too old to have what the export writes)."""
+    from importlib.metadata import version
+
     try:
         import gguf
     except ImportError:
         raise UsageError("GGUF export needs the gguf package (llama.cpp's own writer): "
                          "pip install 'qlora[export]'") from None
+    installed = version("gguf")
+    if tuple(int(p) for p in installed.split(".")[:2] if p.isdigit()) < GGUF_VERSION:
+        raise UsageError(f"GGUF export needs gguf>={'.'.join(map(str, GGUF_VERSION))}; gguf {installed} is installed: "
+                         "pip install -U 'qlora[export]'")
     return gguf
 
 

@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from qlora.errors import UsageError
 from qlora.nn import Linear4bit
 
 
@@ -131,6 +132,22 @@ def decoder_layers(model: nn.Module) -> list[nn.Module]:
     return layers
 
 
+FSDP2_TORCH = "2.7"  # fully_shard's ignored_params (torch.distributed.fsdp exports fully_shard since 2.6)
+
+
+def fsdp2_api():
+    """``(fully_shard, MixedPrecisionPolicy)``, or a UsageError naming the torch that has them: --fsdp keeps
+    the LoRA parameters out of the shards with ``ignored_params``, first in torch 2.7."""
+    try:
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    except ImportError:
+        fully_shard = MixedPrecisionPolicy = None
+    if fully_shard is None or "ignored_params" not in inspect.signature(fully_shard).parameters:
+        raise UsageError(f"--fsdp needs torch>={FSDP2_TORCH} (FSDP2's fully_shard with ignored_params); this is "
+                         f"torch {torch.__version__}. Upgrade torch, or train without --fsdp (DDP replicas).")
+    return fully_shard, MixedPrecisionPolicy
+
+
 def shard_fsdp(model: nn.Module, ctx: DistContext, compute_dtype: torch.dtype) -> None:
     """FSDP2 (``fully_shard``) on every decoder layer, then on the root, in place.
 
@@ -142,8 +159,8 @@ def shard_fsdp(model: nn.Module, ctx: DistContext, compute_dtype: torch.dtype) -
     trainable parameters are ignored by FSDP (see the module docstring).
     """
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+    fully_shard, MixedPrecisionPolicy = fsdp2_api()
     for module in model.modules():
         if isinstance(module, Linear4bit):
             module.make_shardable(compute_dtype)

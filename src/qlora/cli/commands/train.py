@@ -77,7 +77,11 @@ def run(args: argparse.Namespace) -> int:
     if args.nproc < 1:
         raise UsageError(f"--nproc must be at least 1; got {args.nproc}")
     if args.nproc > 1 and "WORLD_SIZE" not in os.environ:
+        from ...train.distributed import fsdp2_api
         from ..launch import launch
+
+        if config.fsdp:  # before any rank starts: one message, not one per rank
+            fsdp2_api()
 
         return launch(args.nproc, rank_argv(args), "train")
     trainer = Trainer(config)
