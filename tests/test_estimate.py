@@ -135,6 +135,8 @@ def _saved_bytes_per_token(config, tokens: int) -> float:
     ("mixtral", dict(num_local_experts=8, num_experts_per_tok=2)),  # experts as wide as intermediate_size
     ("qwen2_moe", dict(num_experts=8, num_experts_per_tok=4, moe_intermediate_size=128,  # their own width,
                        shared_expert_intermediate_size=256)),  # and a shared expert
+    ("ernie4_5_moe", dict(moe_num_experts=8, moe_k=4, moe_intermediate_size=256, moe_num_shared_experts=2,
+                          moe_layer_start_index=0)),  # shared experts counted under ERNIE's name
 ])
 def test_a_layers_activations_match_what_autograd_saves(model_type, moe):
     """One decoder layer's activations without checkpointing (two layers' minus one layer's, so the head and the

@@ -406,7 +406,7 @@ def _moe_width(text) -> tuple[int, int]:
         return 0, 0
     expert = _first_count(text, ("moe_intermediate_size", "expert_intermediate_size", "intermediate_size"))
     shared = _first_count(text, ("shared_expert_intermediate_size", "shared_intermediate_size")) or (
-        _first_count(text, ("n_shared_experts", "num_shared_experts")) * expert)
+        _first_count(text, ("n_shared_experts", "num_shared_experts", "moe_num_shared_experts")) * expert)
     return top_k * expert + shared, top_k
 
 
