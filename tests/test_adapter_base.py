@@ -92,6 +92,17 @@ def test_train_with_only_an_adapter_takes_the_base_it_names(fp4_adapter, tiny_mo
     assert {k: config[k] for k in FP4_128} == FP4_128
 
 
+def test_train_with_only_an_adapter_that_is_no_local_folder_says_why_model_is_needed(tmp_path, capsys):
+    """--adapter alone takes its base from the folder's adapter_config.json: where there is no such folder (a hub id,
+    a mistyped path) the error names the --adapter path and why no base was found, not only "--model is required"."""
+    data = tmp_path / "d.jsonl"
+    data.write_text(json.dumps({"text": "hi"}) + "\n")
+    for adapter in (str(tmp_path / "no-such-adapter"), "some-org/some-adapter"):
+        assert main(["train", "--adapter", adapter, "--data", str(data), "--output", str(tmp_path / "run")]) == 2
+        err = capsys.readouterr().err
+        assert "--model is required" in err and f"--adapter {adapter}" in err and "adapter_config.json" in err, err
+
+
 def test_an_adapter_folder_that_names_no_base_is_refused(fp4_adapter, tmp_path, capsys):
     bare = tmp_path / "bare"
     bare.mkdir()

@@ -68,6 +68,18 @@ def test_an_option_refused_by_the_parser_is_reported_under_its_command(capsys):
     assert code == 2 and err.splitlines()[-1].startswith("qlora generate: error: argument --template"), err
 
 
+@pytest.mark.parametrize("argv", [["train", "--modle", "m"], ["serve", "--model", "m", "--lr", "1"],
+                                  ["demo", "--bogus"], ["estimate", "m", "--bogus"]])
+def test_an_unknown_option_is_reported_under_its_command(argv, capsys):
+    """argparse reports unknown options from the top-level parser (``usage: qlora [-h] COMMAND ...``, ``qlora:
+    error:``), which names neither the command nor where its options are listed."""
+    code, err = _run(argv, capsys)
+    usage, message = err.splitlines()
+    command, flag = argv[0], next(a for a in argv[1:] if a in ("--modle", "--lr", "--bogus"))
+    assert code == 2 and message.startswith(f"qlora {command}: error: unrecognized arguments: {flag}"), err
+    assert f"qlora {command} --help" in usage or usage.startswith(f"usage: qlora {command} "), err
+
+
 @pytest.mark.parametrize("command", sorted(COMMANDS))
 def test_a_parser_error_is_two_lines_whatever_the_commands_options(command, capsys):
     """README: bad input is one line naming the option; a command's usage (train's lists ~200 options) is not

@@ -135,6 +135,8 @@ def _saved_bytes_per_token(config, tokens: int) -> float:
     ("mixtral", dict(num_local_experts=8, num_experts_per_tok=2)),  # experts as wide as intermediate_size
     ("qwen2_moe", dict(num_experts=8, num_experts_per_tok=4, moe_intermediate_size=128,  # their own width,
                        shared_expert_intermediate_size=256)),  # and a shared expert
+    ("ernie4_5_moe", dict(moe_num_experts=8, moe_k=4, moe_intermediate_size=256, moe_num_shared_experts=2,
+                          moe_layer_start_index=0)),  # shared experts counted under ERNIE's name
 ])
 def test_a_layers_activations_match_what_autograd_saves(model_type, moe):
     """One decoder layer's activations without checkpointing (two layers' minus one layer's, so the head and the
@@ -151,6 +153,23 @@ def test_a_layers_activations_match_what_autograd_saves(model_type, moe):
         predicted.append(activation_bytes(config, opts, 0) / opts.seq_len)
     layer, estimated = measured[1] - measured[0], predicted[1] - predicted[0]
     assert abs(estimated - layer) / layer < 0.10, (layer, estimated)
+
+
+def test_a_dense_configuration_keeping_expert_settings_counts_no_experts():
+    """Doge's configuration names 16,384 experts, 64 a token, with ``is_moe: false``: its MLP is dense. Its layer
+    was estimated at 16.9x what autograd saves; it may not be above it (Doge's own attention saves more than a
+    Llama block, so only the upper side is asserted)."""
+    from transformers import AutoConfig
+
+    sizes = dict(vocab_size=300, hidden_size=256, num_attention_heads=4, num_key_value_heads=2, intermediate_size=512)
+    opts = TrainingOptions(seq_len=256, gradient_checkpointing=False)
+    measured, predicted = [], []
+    for layers in (1, 2):
+        config = AutoConfig.for_model("doge", num_hidden_layers=layers, **sizes)
+        assert config.is_moe is False and config.num_experts > 1000
+        measured.append(_saved_bytes_per_token(config, opts.seq_len))
+        predicted.append(activation_bytes(config, opts, 0) / opts.seq_len)
+    assert predicted[1] - predicted[0] <= 1.1 * (measured[1] - measured[0]), (measured, predicted)
 
 
 def test_options_change_the_right_rows():

@@ -37,7 +37,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # argparse exits 2 too; a usage line, no traceback
         usage = self.format_usage()
-        if usage.count("\n") > 2:  # a command's whole option list would bury the one line that matters
+        if usage.count("\n") > 1:  # a command's whole option list would bury the one line that matters
             usage = f"usage: {self.prog} [options] ({self.prog} --help lists them)\n"
         sys.stderr.write(usage)
         if message.startswith("unrecognized arguments:"):
@@ -121,7 +121,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser(command)
     if command is not None:
         argv = _boolean_values(parser, command, argv)
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:  # argparse says this from the top-level parser: the command's names it and lists its options
+        sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+        (sub.choices[args.command] if args.command else parser).error(f"unrecognized arguments: {' '.join(unknown)}")
     if args.command is None:
         parser.print_help()
         return 0

@@ -120,15 +120,13 @@ class JsonPrefix:
 
 
 def _admits(thread, low: int, high: int) -> bool:
-    """:meth:`JsonPrefix.admits` for one thread: mirrors what :func:`_step` takes of a non-ASCII character."""
+    """:meth:`JsonPrefix.admits` for one thread: mirrors what :func:`_step` takes of a non-ASCII character (only
+    strings do: an ``_ENUM``'s literals are numbers, booleans and null, as ``json.dumps`` writes them)."""
     stack, mode, sub, _, node = thread
     if mode == _STRING:
         return sub == 0
     if mode == _PSTRING:
         return sub[0] == 0 and not sub[2] and node.pattern.any_in(sub[3], low, high)
-    if mode == _ENUM:
-        typed, options = sub
-        return any(len(o) > len(typed) and o.startswith(typed) and low <= ord(o[len(typed)]) <= high for o in options)
     if mode != _KEY and mode != _CSTRING or sub[0] != 0:
         return False
     _, _, _, length, text = sub

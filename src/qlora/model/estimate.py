@@ -389,17 +389,24 @@ def _first_count(text, names: tuple[str, ...]) -> int:
     return next((v for n in names if isinstance(v := _widest(text, n), int) and v > 0), 0)
 
 
+# a configuration's own switch between its MoE and dense forms (Doge's is_moe, Gemma 4's enable_moe_block):
+# off, the expert settings it keeps are not run
+_MOE_SWITCHES = ("is_moe", "enable_moe_block")
+
+
 def _moe_width(text) -> tuple[int, int]:
     """``(MLP width a token runs through, top-k)`` of a MoE layer: its top-k experts and shared experts side by
     side; ``(0, 0)`` for a dense model. Expert widths are ``moe_intermediate_size`` where the config has one
     (Qwen, DeepSeek), else ``intermediate_size`` (Mixtral, gpt-oss)."""
+    if any(getattr(text, switch, None) is False for switch in _MOE_SWITCHES):
+        return 0, 0
     experts = _first_count(text, ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts"))
     top_k = _first_count(text, ("num_experts_per_tok", "moe_topk", "experts_per_token", "num_experts_per_token"))
     if not experts or not top_k:
         return 0, 0
     expert = _first_count(text, ("moe_intermediate_size", "expert_intermediate_size", "intermediate_size"))
     shared = _first_count(text, ("shared_expert_intermediate_size", "shared_intermediate_size")) or (
-        _first_count(text, ("n_shared_experts", "num_shared_experts")) * expert)
+        _first_count(text, ("n_shared_experts", "num_shared_experts", "moe_num_shared_experts")) * expert)
     return top_k * expert + shared, top_k
 
 

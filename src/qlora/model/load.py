@@ -197,9 +197,9 @@ def _prequantized(config, model_dir: Path) -> dict | None:
         UsageError: for any other quantization (HQQ, EETQ, ...), whose weights qlora cannot read; the
             message says what to give it instead.
     """
-    qc = getattr(config, "quantization_config", None)
-    if qc is None or bnb_4bit_config(config) is not None:
-        return bnb_4bit_config(config)
+    qc, stored = getattr(config, "quantization_config", None), bnb_4bit_config(config)
+    if qc is None or stored is not None:
+        return stored
     qc = qc if isinstance(qc, dict) else qc.to_dict()
     method = qc.get("quant_method", "bitsandbytes")
     if method == "bitsandbytes":

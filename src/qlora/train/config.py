@@ -354,6 +354,10 @@ class TrainConfig:
         Raises:
             UsageError: naming the option and the allowed values.
         """
+        if not self.model and self.adapter:  # the base would have come from the adapter folder's own config
+            raise UsageError(f"--model is required (or set `model:` in the YAML file): --adapter {self.adapter} is not "
+                             "a local adapter folder whose adapter_config.json names its base model; give the base "
+                             "with --model, or --adapter the folder of a saved adapter")
         for name in ("model", "data", "output"):
             if not getattr(self, name):
                 raise UsageError(f"--{name.replace('_', '-')} is required (or set `{name}:` in the YAML file)")

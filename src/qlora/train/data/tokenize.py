@@ -566,7 +566,7 @@ def _tool_call_span(text: str, cursor: int, tokenizer, fmt: ChatFormat, messages
     # A template that writes its generation prompt unasked (Command A's ends every rendering with the chatbot turn's
     # opening) ends the turn with it too, where the conversation goes on with another turn: the turn without what it
     # shares with the end of the prompt (its end marker is found again by the caller).
-    tail = len(_common_suffix(before, upto))
+    tail = _common_suffix(before, upto)
     if tail and upto[:len(upto) - tail].strip() and upto[start:len(upto) - tail].strip():
         forms.append(upto[start:len(upto) - tail].strip())
     names = [c.get("function", c).get("name", "") for c in messages[i]["tool_calls"]]
@@ -581,11 +581,11 @@ def _tool_call_span(text: str, cursor: int, tokenizer, fmt: ChatFormat, messages
     return None
 
 
-def _common_suffix(a: str, b: str) -> str:
+def _common_suffix(a: Sequence, b: Sequence) -> int:
     n = 0
-    while n < min(len(a), len(b)) and a[len(a) - 1 - n] == b[len(b) - 1 - n]:
+    while n < len(a) and n < len(b) and a[len(a) - 1 - n] == b[len(b) - 1 - n]:
         n += 1
-    return a[len(a) - n:]
+    return n
 
 
 def _runs(flags: list[bool]) -> list[tuple[int, int]]:
