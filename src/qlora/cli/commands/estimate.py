@@ -34,7 +34,7 @@ _ESTIMATE_HELP = {"precompute_ref": "dpo: count the reference log-probs as compu
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from dataclasses import fields
 
-    from ...model.estimate import KNOWN_SHAPES
+    from ...model.known_shapes import KNOWN_SHAPES
     from ...option_range import POSITIVE
     from ...quant import BLOCKSIZES
     from ...train.config import TrainConfig, field_type
