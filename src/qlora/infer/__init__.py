@@ -9,7 +9,7 @@ import importlib
 from typing import Any
 
 _LAZY = {
-    "SamplingOptions": "qlora.infer.generate",
+    "SamplingOptions": "qlora.infer.sampling_options",
     "stream_tokens": "qlora.infer.generate",
     "stream_text": "qlora.infer.generate",
     "LLM": "qlora.infer.llm",
