@@ -63,13 +63,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ...model.estimate import TrainingOptions, estimate, format_table, load_config
-
     if args.model_arg and args.model and args.model_arg != args.model:
         raise UsageError(f"two models given: {args.model_arg} and --model {args.model}; give one")
     model = args.model_arg or args.model
     if not model:
         raise UsageError("give the model: qlora estimate MODEL (a folder, a config.json, a hub id or a known shape)")
+    # torch: not imported for the errors above
+    from ...model.estimate import TrainingOptions, estimate, format_table, load_config
+
     model, targets = _adapter_as_model(args, model)
     parameters = tuple(t.strip() for t in args.target_parameters.split(",") if t.strip())
     if targets is not None:
