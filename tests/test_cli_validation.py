@@ -236,21 +236,21 @@ def test_chat_tools_file_not_utf8_exits_2(tmp_path, capsys):
     "[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate memory: you tried to "
     "allocate 256000000000 bytes. Error code 12 (Cannot allocate memory)")])
 def test_out_of_memory_is_one_paragraph_without_traceback(exc, monkeypatch, capsys):
-    import qlora.cli.commands.quant_error as quant_error
+    import qlora.quant.error_report as error_report  # what quant-error's run imports
 
     def fail(*args):
         raise exc
-    monkeypatch.setattr(quant_error, "quant_error_report", fail)
+    monkeypatch.setattr(error_report, "quant_error_report", fail)
     code, err = _run(["quant-error"], capsys)
     assert code == 1 and "out of memory" in err and "--batch-size" in err and len(err.strip().splitlines()) == 1
 
 
 def test_other_runtime_errors_still_propagate(monkeypatch):
-    import qlora.cli.commands.quant_error as quant_error
+    import qlora.quant.error_report as error_report  # what quant-error's run imports
 
     def fail(*args):
         raise RuntimeError("a bug")
-    monkeypatch.setattr(quant_error, "quant_error_report", fail)
+    monkeypatch.setattr(error_report, "quant_error_report", fail)
     with pytest.raises(RuntimeError, match="a bug"):
         main(["quant-error"])
 

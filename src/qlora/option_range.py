@@ -1,7 +1,7 @@
 """The allowed range of a numeric option, declared next to the option.
 
 Config dataclasses (:class:`qlora.train.config.TrainConfig`,
-:class:`qlora.infer.generate.SamplingOptions`) put a :class:`Range` in a
+:class:`qlora.infer.sampling_options.SamplingOptions`) put a :class:`Range` in a
 field's metadata; the same object checks values from YAML, flags and Python
 calls, and describes itself in ``--help``.
 """

@@ -3,13 +3,10 @@
 Names are imported lazily so that using the SQLite store alone does not import torch.
 """
 
-from __future__ import annotations
-
-import importlib
-from typing import Any
+from qlora.lazy_names import lazy_attributes
 
 _LAZY = {
-    "SamplingOptions": "qlora.infer.generate",
+    "SamplingOptions": "qlora.infer.sampling_options",
     "stream_tokens": "qlora.infer.generate",
     "stream_text": "qlora.infer.generate",
     "LLM": "qlora.infer.llm",
@@ -21,12 +18,5 @@ _LAZY = {
     "SentenceTransformerEmbedder": "qlora.infer.embedder",
 }
 
-
-def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'qlora.infer' has no attribute {name!r}")
-    return getattr(importlib.import_module(module), name)
-
-
+__getattr__ = lazy_attributes(__name__, _LAZY)
 __all__ = list(_LAZY)

@@ -15,19 +15,21 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
-
-from torch import nn
+from typing import TYPE_CHECKING, Any
 
 from ..errors import UsageError
-from ..nn import Linear4bit
 from ..quant import BLOCKSIZES
+
+if TYPE_CHECKING:  # torch is imported in base_quantization, so that reading an adapter's files does not
+    from torch import nn
 
 BASE_KEY = "base_quantization"
 
 
 def base_quantization(model: nn.Module) -> dict[str, Any]:
     """The 4-bit format of ``model``'s quantized layers (``{"quant": "none"}`` for a 16-bit model)."""
+    from ..nn import Linear4bit
+
     for module in model.modules():
         if isinstance(module, Linear4bit):  # expert banks hold Linear4bit layers too
             return {"quant": module.quant_type, "blocksize": module.blocksize, "double_quant": module.double_quant}

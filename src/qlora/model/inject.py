@@ -16,7 +16,7 @@ from ..errors import UsageError
 from ..nn import (AdaLoraLinear, Experts4bit, ExpertsLora, Linear4bit, LoraEmbedding, LoraLinear, LoraSpec,
                   expert_weight_names, experts_layout)
 from ..nn.experts_lora import expert_shapes
-from ..nn.residual_init import is_residual_init
+from ..nn.residual_init_names import is_residual_init
 from .quantize import (is_linear_like, kept_dense_names, matches_any, non_text_names, output_embedding_names,
                        weight_count)
 from .target_hints import unmatched_hint, weight_modules

@@ -28,7 +28,8 @@ from ..errors import UsageError
 from ..nn import Linear4bit, LoraSpec
 from ..nn.lora import dense_shape, factor_layers
 from ..nn.loftq import loftq_factors
-from ..nn.residual_init import draw_like_svd_lowrank, is_residual_init, residual_split
+from ..nn.residual_init import draw_like_svd_lowrank, residual_split
+from ..nn.residual_init_names import is_residual_init
 from .inject import check_init, check_patterns, layer_spec, target_paths
 
 

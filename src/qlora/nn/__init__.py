@@ -1,13 +1,23 @@
 """Neural-network modules: the 4-bit linear layer, 4-bit MoE experts, LoRA (on linear layers and
-embeddings) and AdaLoRA adapters."""
+embeddings) and AdaLoRA adapters. Names are imported lazily, so that a light module of this package
+(``residual_init_names``) does not import torch with the others."""
 
-from .adalora import AdaLoraLinear
-from .experts4bit import (Experts4bit, ExpertsLayout, computed_experts, expert_matrix, expert_weight, expert_weight_names,
-                          experts_layout)
-from .experts_lora import ExpertsLora
-from .linear4bit import Linear4bit
-from .lora import LoraLinear, LoraSpec
-from .lora_embedding import LoraEmbedding
+from qlora.lazy_names import lazy_attributes
 
-__all__ = ["AdaLoraLinear", "Experts4bit", "ExpertsLayout", "ExpertsLora", "Linear4bit", "LoraEmbedding", "LoraLinear",
-           "LoraSpec", "computed_experts", "expert_matrix", "expert_weight", "expert_weight_names", "experts_layout"]
+_LAZY = {
+    "AdaLoraLinear": "qlora.nn.adalora",
+    "Experts4bit": "qlora.nn.experts4bit",
+    "ExpertsLayout": "qlora.nn.experts4bit",
+    "ExpertsLora": "qlora.nn.experts_lora",
+    "Linear4bit": "qlora.nn.linear4bit",
+    "LoraEmbedding": "qlora.nn.lora_embedding",
+    "LoraLinear": "qlora.nn.lora",
+    "LoraSpec": "qlora.nn.lora",
+    "computed_experts": "qlora.nn.experts4bit",
+    "expert_matrix": "qlora.nn.experts4bit",
+    "expert_weight": "qlora.nn.experts4bit",
+    "expert_weight_names": "qlora.nn.experts4bit",
+    "experts_layout": "qlora.nn.experts4bit",
+}
+__getattr__ = lazy_attributes(__name__, _LAZY)
+__all__ = list(_LAZY)

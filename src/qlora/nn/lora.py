@@ -27,7 +27,8 @@ from torch import nn
 
 from .linear4bit import Linear4bit
 from .loftq import loftq_factors
-from .residual_init import is_residual_init, residual_split
+from .residual_init import residual_split
+from .residual_init_names import is_residual_init
 
 
 @dataclass(frozen=True)

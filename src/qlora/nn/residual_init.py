@@ -18,16 +18,9 @@ quantized ("QPiSSA"): the largest components stay exact in the adapter, so the
 
 from __future__ import annotations
 
-import re
-
 import torch
 
-_PISSA_NITER = re.compile(r"pissa_niter_(0|[1-9][0-9]*)")
-
-
-def is_residual_init(init: str) -> bool:
-    """Whether ``init`` is one of these (``pissa``, ``pissa_niter_K`` with K >= 0 as PEFT allows, ``olora``)."""
-    return init in ("pissa", "olora") or _PISSA_NITER.fullmatch(init) is not None
+from .residual_init_names import PISSA_NITER
 
 
 @torch.no_grad()
@@ -43,7 +36,7 @@ def residual_factors(w: torch.Tensor, init: str, r: int, scaling: float) -> tupl
     if init == "olora":
         q, upper = torch.linalg.qr(w)
         return upper[:r].contiguous(), q[:, :r].contiguous()
-    niter = _PISSA_NITER.fullmatch(init)
+    niter = PISSA_NITER.fullmatch(init)
     if niter:
         u, sigma, v = torch.svd_lowrank(w, r, niter=int(niter.group(1)))
         vh = v.t()

@@ -1,16 +1,31 @@
 """Paged AdamW with 32-bit or 8-bit states, LoRA+ groups, a by-name factory and
-transformers' learning-rate schedules."""
+transformers' learning-rate schedules. Names are imported lazily, so that the optimizer and
+schedule names (what ``qlora train`` checks its options against) do not import torch."""
 
-from .adamw import AdamW, AdamW8bit, PagedAdamW, PagedAdamW8bit
-from .factory import OPTIMIZER_ALIASES, OPTIMIZERS, create_optimizer, optimizer_name
-from .lora_plus import lora_plus_param_groups
-from .lr_schedules import (
-    PLATEAU, SCHEDULE_ALIASES, SCHEDULES, check_schedule, lr_lambda, make_scheduler, schedule_kwargs, schedule_name,
-)
-from .pager import Pager, PagerStats, device_headroom_bytes
+from qlora.lazy_names import lazy_attributes
 
-__all__ = [
-    "OPTIMIZERS", "OPTIMIZER_ALIASES", "SCHEDULES", "SCHEDULE_ALIASES", "AdamW", "AdamW8bit", "PagedAdamW",
-    "PagedAdamW8bit", "Pager", "PagerStats", "create_optimizer", "device_headroom_bytes", "lora_plus_param_groups",
-    "PLATEAU", "check_schedule", "lr_lambda", "make_scheduler", "optimizer_name", "schedule_kwargs", "schedule_name",
-]
+_LAZY = {
+    "OPTIMIZERS": "qlora.optim.factory",
+    "OPTIMIZER_ALIASES": "qlora.optim.optimizer_names",
+    "OPTIMIZER_NAMES": "qlora.optim.optimizer_names",
+    "SCHEDULES": "qlora.optim.lr_schedules",
+    "SCHEDULE_ALIASES": "qlora.optim.lr_schedules",
+    "AdamW": "qlora.optim.adamw",
+    "AdamW8bit": "qlora.optim.adamw",
+    "PagedAdamW": "qlora.optim.adamw",
+    "PagedAdamW8bit": "qlora.optim.adamw",
+    "Pager": "qlora.optim.pager",
+    "PagerStats": "qlora.optim.pager",
+    "create_optimizer": "qlora.optim.factory",
+    "device_headroom_bytes": "qlora.optim.pager",
+    "lora_plus_param_groups": "qlora.optim.lora_plus",
+    "PLATEAU": "qlora.optim.lr_schedules",
+    "check_schedule": "qlora.optim.lr_schedules",
+    "lr_lambda": "qlora.optim.lr_schedules",
+    "make_scheduler": "qlora.optim.lr_schedules",
+    "optimizer_name": "qlora.optim.optimizer_names",
+    "schedule_kwargs": "qlora.optim.lr_schedules",
+    "schedule_name": "qlora.optim.lr_schedules",
+}
+__getattr__ = lazy_attributes(__name__, _LAZY)
+__all__ = list(_LAZY)

@@ -27,9 +27,10 @@ import inspect
 import math
 from collections.abc import Callable
 from functools import partial
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:  # torch is imported in make_scheduler, so that checking a schedule (train options) does not
+    import torch
 
 LrLambda = Callable[[int], float]
 
@@ -324,6 +325,8 @@ def make_scheduler(name: str, optimizer: torch.optim.Optimizer, warmup: int, tot
     Raises:
         ValueError: as :func:`lr_lambda`.
     """
+    import torch
+
     if schedule_name(name) == PLATEAU:
         return torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, **_plateau_options(kwargs))
     lr = optimizer.defaults["lr"]

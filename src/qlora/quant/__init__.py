@@ -2,14 +2,23 @@
 quantization and the serializable :class:`QuantState`.
 
 Bit-exact with bitsandbytes 0.50 (packed bytes, constants and decoded values).
+Names are imported lazily, so that ``BLOCKSIZES`` alone does not import torch.
 """
 
-from .blockwise import dequantize_blockwise, quantize_blockwise
-from .codebook import code_4bit, dynamic_code
-from .fourbit import BLOCKSIZES, NonFiniteError, dequantize_4bit, quantize_4bit
-from .quant_state import NestedState, QuantState, bits_per_parameter
+from qlora.lazy_names import lazy_attributes
 
-__all__ = [
-    "BLOCKSIZES", "NestedState", "NonFiniteError", "QuantState", "bits_per_parameter", "code_4bit", "dequantize_4bit",
-    "dequantize_blockwise", "dynamic_code", "quantize_4bit", "quantize_blockwise",
-]
+_LAZY = {
+    "BLOCKSIZES": "qlora.quant.blocksizes",
+    "NestedState": "qlora.quant.quant_state",
+    "NonFiniteError": "qlora.quant.fourbit",
+    "QuantState": "qlora.quant.quant_state",
+    "bits_per_parameter": "qlora.quant.quant_state",
+    "code_4bit": "qlora.quant.codebook",
+    "dequantize_4bit": "qlora.quant.fourbit",
+    "dequantize_blockwise": "qlora.quant.blockwise",
+    "dynamic_code": "qlora.quant.codebook",
+    "quantize_4bit": "qlora.quant.fourbit",
+    "quantize_blockwise": "qlora.quant.blockwise",
+}
+__getattr__ = lazy_attributes(__name__, _LAZY)
+__all__ = list(_LAZY)

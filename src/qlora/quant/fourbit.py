@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import torch
 
+from .blocksizes import BLOCKSIZES
 from .codebook import QUANT_TYPES_4BIT, code_4bit
 from .double_quant import compress_absmax, decompress_absmax
 from .kernels import compiled_cpu, torch_ref
 from .quant_state import QuantState
 
-BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 

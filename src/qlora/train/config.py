@@ -22,11 +22,10 @@ from typing import Any
 from qlora.errors import UsageError
 from qlora.model.chat_format import pinned_datetime
 from qlora.model.image_pixels import RESIZE_RULES, PixelBounds
-from qlora.nn.residual_init import is_residual_init
+from qlora.nn.residual_init_names import is_residual_init
 from qlora.option_range import AT_LEAST_1, NON_NEGATIVE, POSITIVE, Range
-from qlora.optim import (
-    OPTIMIZER_ALIASES, OPTIMIZERS, PLATEAU, SCHEDULE_ALIASES, SCHEDULES, check_schedule, optimizer_name, schedule_name,
-)
+from qlora.optim.lr_schedules import PLATEAU, SCHEDULE_ALIASES, SCHEDULES, check_schedule, schedule_name
+from qlora.optim.optimizer_names import OPTIMIZER_ALIASES, OPTIMIZER_NAMES, optimizer_name
 from qlora.quant import BLOCKSIZES
 from qlora.template_file import is_custom, is_inline, read_template, template_digest
 from qlora.template_names import template_name
@@ -38,7 +37,7 @@ from qlora.train.foreign_keys import (AXOLOTL_DEFAULTS, adapter_keys, is_axolotl
                                       translate)
 from qlora.train.torchtune_config import is_torchtune, torchtune_options
 from qlora.train.trl_config import is_trl, loss_keys, preference_keys, trl_defaults, trl_options
-from qlora.train.preference_loss import F_DIVERGENCE_LOSSES, F_DIVERGENCES
+from qlora.train.f_divergences import F_DIVERGENCE_LOSSES, F_DIVERGENCES
 
 QUANTS = ("nf4", "fp4", "none")
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
@@ -250,7 +249,7 @@ class TrainConfig:
     max_steps_per_epoch: int = _opt(0, "optimizer steps of an epoch at most (0: all): each epoch stops after them, "
                                        "the next starting over its own order of the data (torchtune's "
                                        "max_steps_per_epoch)", range=NON_NEGATIVE)
-    optim: str = _opt("paged_adamw_32bit", f"optimizer: {', '.join(OPTIMIZERS)}, or transformers' name for one of "
+    optim: str = _opt("paged_adamw_32bit", f"optimizer: {', '.join(OPTIMIZER_NAMES)}, or transformers' name for one of "
                                            f"them ({', '.join(OPTIMIZER_ALIASES)})")
     weight_decay: float = _opt(0.0, "AdamW weight decay", range=NON_NEGATIVE)
     adam_beta1: float = _opt(0.9, "AdamW beta1: decay rate of the gradient's running mean",

@@ -39,6 +39,7 @@ from torch import nn
 
 from qlora.nn.chunked_ce import CHUNK_ROWS, chunked_linear_cross_entropy
 from qlora.train.data import IGNORE_INDEX
+from qlora.train.f_divergences import F_DIVERGENCE_LOSSES
 from qlora.train.loss import decoder_and_head, model_inputs
 
 
@@ -137,11 +138,6 @@ def _conservative(logits: torch.Tensor, eps: float) -> torch.Tensor:
     return losses - eps * F.logsigmoid(-logits) if eps else losses
 
 
-F_DIVERGENCES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")
-# The DPO losses of a score difference, which f-DPO generalizes (TRL 1.16's list; sft has no scores).
-F_DIVERGENCE_LOSSES = ("sigmoid", "sigmoid_norm", "hinge", "ipo", "exo_pair", "robust", "discopop", "sft")
-
-
 def f_divergence_scores(logratio: torch.Tensor, divergence: str = "reverse_kl", alpha: float = 0.5) -> torch.Tensor:
     """f-DPO's score ``f'(t)`` of a log-ratio ``log t = log p(y) - log p_ref(y)`` (Wang et al. 2023; TRL 1.16).
 
@@ -167,7 +163,7 @@ def dpo_losses(loss_type: str, logps: tuple[torch.Tensor, torch.Tensor], ref_log
 
     With an f-divergence other than reverse_kl, ``c`` and ``r`` in ``x`` and in ipo's and sigmoid_norm's
     per-token difference are its scores :func:`f_divergence_scores` of the log-ratios (the losses of
-    :data:`F_DIVERGENCE_LOSSES` only).
+    :data:`~qlora.train.f_divergences.F_DIVERGENCE_LOSSES` only).
 
     With ``c = log p(y_w) - log p_ref(y_w)`` and ``r = log p(y_l) - log p_ref(y_l)`` (sums over the answer's
     tokens), ``x = beta * (c - r)`` and ``eps`` = ``label_smoothing``:

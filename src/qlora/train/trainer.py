@@ -963,7 +963,7 @@ class Trainer:
     def _load_checkpoint(self, path: Path) -> None:
         from qlora.model.adapter_io import adapter_state_dict
         from qlora.model.residual_convert import first_half
-        from qlora.nn.residual_init import is_residual_init
+        from qlora.nn.residual_init_names import is_residual_init
         from safetensors.torch import load_file
 
         saved = load_file(str(path / "adapter" / "adapter_model.safetensors"))

@@ -34,7 +34,7 @@ _ESTIMATE_HELP = {"precompute_ref": "dpo: count the reference log-probs as compu
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from dataclasses import fields
 
-    from ...model.estimate import KNOWN_SHAPES
+    from ...model.known_shapes import KNOWN_SHAPES
     from ...option_range import POSITIVE
     from ...quant import BLOCKSIZES
     from ...train.config import TrainConfig, field_type
@@ -63,17 +63,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.model_arg and args.model and args.model_arg != args.model:
+        raise UsageError(f"two models given: {args.model_arg} and --model {args.model}; give one")
+    model = args.model_arg or args.model
+    if not model:
+        raise UsageError("give the model: qlora estimate MODEL (a folder, a config.json, a hub id or a known shape)")
+    # torch: not imported for the errors above
     from dataclasses import replace
     from pathlib import Path
 
     from ...model.estimate import TrainingOptions, estimate, format_table, load_config
     from ...model.load import bnb_4bit_config, check_quantization_readable
 
-    if args.model_arg and args.model and args.model_arg != args.model:
-        raise UsageError(f"two models given: {args.model_arg} and --model {args.model}; give one")
-    model = args.model_arg or args.model
-    if not model:
-        raise UsageError("give the model: qlora estimate MODEL (a folder, a config.json, a hub id or a known shape)")
     model, targets = _adapter_as_model(args, model)
     parameters = tuple(t.strip() for t in args.target_parameters.split(",") if t.strip())
     if targets is not None:

@@ -18,7 +18,7 @@ HELP = "stream a model's continuation of a prompt, with sampling options"
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     """--model, --adapter, --quant and the sampling options of ``SamplingOptions``."""
-    from ...infer.generate import BIAS_RANGE, cli_fields
+    from ...infer.sampling_options import BIAS_RANGE, cli_fields
     from ...template_names import TEMPLATE_NAMES
     from ..image_pixels import add_pixel_arguments
     from ..options import add_template_option, id_value, number
@@ -50,7 +50,7 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
 
 def sampling_options(args: argparse.Namespace):
     """The ``SamplingOptions`` given on the command line."""
-    from ...infer.generate import SamplingOptions, cli_fields
+    from ...infer.sampling_options import SamplingOptions, cli_fields
 
     return SamplingOptions(**{f.name: getattr(args, f.name) for f in cli_fields()}, logit_bias=dict(args.logit_bias))
 

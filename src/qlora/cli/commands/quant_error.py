@@ -6,7 +6,6 @@ from __future__ import annotations
 import argparse
 
 from ...quant import BLOCKSIZES
-from ...quant.error_report import quant_error_report
 from ...option_range import Range
 from ..options import non_negative_int, number
 
@@ -23,6 +22,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ...quant.error_report import quant_error_report  # torch: not imported for --help
+
     rows = quant_error_report(args.numel, args.blocksize, args.seed)
     print(f"Round trip of {args.numel} weights per distribution, block size {args.blocksize}, seed {args.seed}.")
     print("Errors without double quantization, then with it (DQ); bits per parameter include the constants.\n")

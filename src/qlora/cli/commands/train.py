@@ -70,7 +70,6 @@ def rank_argv(args: argparse.Namespace) -> list[str]:
 def run(args: argparse.Namespace) -> int:
     from ...errors import UsageError
     from ...train.config import load_config
-    from ...train.trainer import Interrupted, Trainer
 
     overrides = {k: v for k, v in vars(args).items() if k not in ("command", "config_file", "nproc")}
     config = load_config(args.config_file, overrides)
@@ -84,6 +83,8 @@ def run(args: argparse.Namespace) -> int:
             fsdp2_api()
 
         return launch(args.nproc, rank_argv(args), "train")
+    from ...train.trainer import Interrupted, Trainer  # torch: not imported for the options' errors
+
     trainer = Trainer(config)
     try:
         losses = trainer.run()

@@ -13,27 +13,44 @@ The training loop needs only this pipeline::
     #                   windows = attention_windows(model.config)  # sliding-window layers
     #                   batch = packed_collate(rows[:8], pad_token_id(tokenizer), attn, dtype, windows)
     loss_denominator = count_trainable_tokens(batch)  # summed over the accumulated batch
+
+Names are imported lazily, so that a light module of this package (``fields``, ``sources``: what
+``qlora train`` checks its options with) does not import torch and transformers with the collators.
 """
 
-from qlora.train.data.collate import count_trainable_tokens, pad_collate, pad_token_id, packed_collate, shuffled_indices
-from qlora.train.data.fields import FieldMap, parse_data_fields
-from qlora.train.data.formats import FORMATS, Example, detect_format, normalize
-from qlora.train.data.packing import (
-    PackedRow, attention_windows, check_packing_supported, pack_examples, packed_attention_mask,
-)
-from qlora.train.data.sources import Record, demo_data_path, load_records
-from qlora.train.data.templates import (TEMPLATES, fallback_note, own_template, resolve_chat_format,
-                                       resolve_chat_template)
-from qlora.train.data.tokenize import (
-    IGNORE_INDEX, TRAIN_ON, DataReport, TokenizedExample, tokenize_dataset, tokenize_example,
-)
+from qlora.lazy_names import lazy_attributes
 
-__all__ = [
-    "FORMATS", "IGNORE_INDEX", "TEMPLATES", "TRAIN_ON",
-    "DataReport", "Example", "FieldMap", "PackedRow", "Record", "TokenizedExample",
-    "attention_windows", "check_packing_supported", "count_trainable_tokens", "demo_data_path", "detect_format",
-    "load_records", "normalize",
-    "pack_examples", "packed_attention_mask", "parse_data_fields", "packed_collate", "pad_collate", "pad_token_id",
-    "fallback_note", "own_template", "resolve_chat_format", "resolve_chat_template", "shuffled_indices",
-    "tokenize_dataset", "tokenize_example",
-]
+_LAZY = {
+    "FORMATS": "qlora.train.data.formats",
+    "IGNORE_INDEX": "qlora.train.data.tokenize",
+    "TEMPLATES": "qlora.train.data.templates",
+    "TRAIN_ON": "qlora.train.data.tokenize",
+    "DataReport": "qlora.train.data.tokenize",
+    "Example": "qlora.train.data.formats",
+    "FieldMap": "qlora.train.data.fields",
+    "PackedRow": "qlora.train.data.packing",
+    "Record": "qlora.train.data.sources",
+    "TokenizedExample": "qlora.train.data.tokenize",
+    "attention_windows": "qlora.train.data.packing",
+    "check_packing_supported": "qlora.train.data.packing",
+    "count_trainable_tokens": "qlora.train.data.collate",
+    "demo_data_path": "qlora.train.data.sources",
+    "detect_format": "qlora.train.data.formats",
+    "load_records": "qlora.train.data.sources",
+    "normalize": "qlora.train.data.formats",
+    "pack_examples": "qlora.train.data.packing",
+    "packed_attention_mask": "qlora.train.data.packing",
+    "parse_data_fields": "qlora.train.data.fields",
+    "packed_collate": "qlora.train.data.collate",
+    "pad_collate": "qlora.train.data.collate",
+    "pad_token_id": "qlora.train.data.collate",
+    "fallback_note": "qlora.train.data.templates",
+    "own_template": "qlora.train.data.templates",
+    "resolve_chat_format": "qlora.train.data.templates",
+    "resolve_chat_template": "qlora.train.data.templates",
+    "shuffled_indices": "qlora.train.data.collate",
+    "tokenize_dataset": "qlora.train.data.tokenize",
+    "tokenize_example": "qlora.train.data.tokenize",
+}
+__getattr__ = lazy_attributes(__name__, _LAZY)
+__all__ = list(_LAZY)

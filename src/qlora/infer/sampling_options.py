@@ -1,0 +1,60 @@
+"""How the next token is chosen (:class:`SamplingOptions`), apart from the sampling code of
+:mod:`qlora.infer.generate` so that ``qlora generate`` and ``qlora chat`` build their options from it without
+importing torch and transformers."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+
+from ..errors import UsageError
+from ..option_range import AT_LEAST_1, NON_NEGATIVE, POSITIVE, Range
+
+PENALTY_RANGE = Range(-2, 2)  # OpenAI's presence_penalty / frequency_penalty
+BIAS_RANGE = Range(-100, 100)  # OpenAI's logit_bias values
+
+
+@dataclass
+class SamplingOptions:
+    """How the next token is chosen; each field's help is the CLI's help text."""
+
+    max_new_tokens: int = field(default=256, metadata={"help": "stop after this many new tokens", "range": AT_LEAST_1})
+    temperature: float = field(default=0.7, metadata={"help": "softmax temperature; 0 = greedy (deterministic)",
+                                                      "range": NON_NEGATIVE})
+    top_p: float = field(default=0.9, metadata={"help": "nucleus sampling: smallest token set with this probability mass",
+                                                "range": Range(0, 1, low_open=True)})
+    top_k: int = field(default=0, metadata={"help": "sample only among the k most likely tokens; 0 = all",
+                                            "range": NON_NEGATIVE})
+    seed: int | None = field(default=None, metadata={"help": "random seed, for reproducible sampling",
+                                                     "range": NON_NEGATIVE})
+    min_p: float = field(default=0.0, metadata={
+        "help": "drop tokens less likely than min_p times the most likely one (after temperature); 0 = off",
+        "range": Range(0, 1)})
+    repetition_penalty: float | None = field(default=None, metadata={
+        "help": "penalize tokens already in the prompt or the reply: a logit above 0 is divided by this, one below "
+                "0 multiplied (transformers' repetition_penalty); 1 = off, above 1 repeats less; default: the "
+                "model's generation_config value, else off",
+        "range": POSITIVE})
+    presence_penalty: float = field(default=0.0, metadata={
+        "help": "subtract this from the logit of every token already in the reply (OpenAI's); 0 = off",
+        "range": PENALTY_RANGE})
+    frequency_penalty: float = field(default=0.0, metadata={
+        "help": "subtract this times its count in the reply from each token's logit (OpenAI's); 0 = off",
+        "range": PENALTY_RANGE})
+    logit_bias: dict[int, float] = field(default_factory=dict, metadata={
+        "help": "token id -> value added to its logit before sampling, in [-100, 100] (OpenAI's logit_bias)",
+        "cli": False})
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            if "range" in f.metadata:
+                f.metadata["range"].check(f"--{f.name.replace('_', '-')}", getattr(self, f.name))
+        self.logit_bias = dict(self.logit_bias or {})
+        for token, bias in self.logit_bias.items():
+            if not isinstance(token, int) or token < 0:
+                raise UsageError(f"logit_bias keys must be token ids (integers, at least 0); got {token!r}")
+            BIAS_RANGE.check(f"logit_bias[{token}]", bias)
+
+
+def cli_fields() -> list:
+    """The :class:`SamplingOptions` fields that are command-line options (``logit_bias`` is not)."""
+    return [f for f in fields(SamplingOptions) if f.metadata.get("cli", True)]

@@ -1,0 +1,84 @@
+"""``--help`` and bad options are instant: building a command's parser, printing its help and refusing an
+option import neither torch nor transformers (seconds of imports before a one-line message).
+
+Each case runs in a fresh interpreter (``sys.modules`` of this test process already holds torch), which calls
+``qlora.cli.main.main`` and reports its exit status, its stderr and which of the heavy modules it imported.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from qlora.cli.main import COMMANDS
+
+SRC = Path(__file__).resolve().parents[1] / "src"
+HEAVY = ("torch", "transformers")
+
+PROBE = f'''
+import contextlib, io, json, sys
+from qlora.cli.main import main
+
+out, err = io.StringIO(), io.StringIO()
+with contextlib.redirect_stderr(err), contextlib.redirect_stdout(out):
+    try:
+        code = main(sys.argv[1:])
+    except SystemExit as exc:
+        code = exc.code
+heavy = [m for m in {HEAVY!r} if m in sys.modules]
+print(json.dumps({{"code": code, "out": out.getvalue(), "err": err.getvalue(), "heavy": heavy}}))
+'''
+
+# A bad option of every command, refused by its parser or by the checks that run before anything loads
+# (with the words its one-line message must hold).
+OPTION_ERRORS = {
+    "estimate": [(["--rank", "0"], "--rank"), ([], "give the model")],
+    "train": [(["--model", "m", "--data", "d.jsonl", "--output", "o", "--rank", "0"], "--rank"),
+              (["--model", "m", "--data", "d.jsonl", "--output", "o", "--optim", "adamw_hf"], "--optim"),
+              (["--model", "m", "--data", "d.jsonl", "--output", "o", "--lr-scheduler", "bogus"], "--lr-scheduler"),
+              (["--model", "m", "--data", "d.jsonl", "--output", "o", "--init", "pissa", "--dora"], "--dora"),
+              (["--learning-rate", "1e-4"], "did you mean --lr"), (["--rnak", "8"], "--rank"),
+              (["missing.yaml"], "missing.yaml")],
+    "eval": [(["--model", "m"], "--data"),
+             (["--model", "m", "--data", "d.jsonl", "--batch-size", "0"], "--batch-size")],
+    "merge": [(["--model", "m"], "--output")],
+    "quantize": [(["--model", "m", "--output", "o", "--blocksize", "3"], "--blocksize")],
+    "export": [(["--model", "m"], "--output")],
+    "demo": [(["--steps", "0"], "--steps")],
+    "quant-error": [(["--numel", "1"], "--numel")],
+    "generate": [(["--model", "m", "--prompt", "hi", "--top-p", "2"], "--top-p"),
+                 (["--model", "m", "--prompt", "hi", "--template", "missing.jinja"], "missing.jinja")],
+    "chat": [(["--model", "m", "--temperature", "-1"], "--temperature")],
+    "serve": [(["--model", "m", "--port", "70000"], "--port")],
+}
+CASES = [(command, ["--help"], 0, f"usage: qlora {command}") for command in COMMANDS] + [
+    (command, argv, 2, words) for command, errors in OPTION_ERRORS.items() for argv, words in errors]
+
+
+def _probe(argv: list[str], cwd: Path) -> dict:
+    env = {**os.environ, "PYTHONPATH": str(SRC), "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, "-c", PROBE, *argv], env=env, cwd=cwd, capture_output=True, text=True,
+                          timeout=120, stdin=subprocess.DEVNULL)
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout.splitlines()[-1])
+
+
+def test_every_command_has_an_option_error_case():
+    assert set(OPTION_ERRORS) == set(COMMANDS)
+
+
+@pytest.mark.parametrize(("command", "argv", "code", "words"), CASES,
+                         ids=[" ".join([c, *a]) for c, a, _, _ in CASES])
+def test_help_and_option_errors_import_no_torch(command, argv, code, words, tmp_path):
+    out = _probe([command, *argv], tmp_path)
+    if code == 0:
+        assert out["code"] == 0 and words in out["out"] and "options:" in out["out"], out["err"]
+    else:
+        assert out["code"] == code and "error:" in out["err"] and words in out["err"], out["err"]
+        assert "Traceback" not in out["err"]
+    assert out["heavy"] == [], f"qlora {command} {' '.join(argv)} imported {out['heavy']}"
