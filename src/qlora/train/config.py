@@ -30,7 +30,6 @@ from qlora.quant import BLOCKSIZES
 from qlora.template_file import is_custom, is_inline, read_template, template_digest
 from qlora.template_names import template_name
 from qlora.train.data.fields import parse_data_fields
-from qlora.train.data.selection import source_locations
 from qlora.train.data.sources import LOCAL_SUFFIXES
 from qlora.train.file_fingerprint import Fingerprint, data_fingerprints, model_fingerprints
 from qlora.train.foreign_keys import (AXOLOTL_DEFAULTS, adapter_keys, is_axolotl, jinja_template_keys, silent_defaults,
@@ -338,6 +337,8 @@ class TrainConfig:
     def _source_files(self, with_eval: bool) -> dict[str, dict[str, Fingerprint]]:
         """Fingerprints of the local files the run reads (data, model, starting adapter), by the option naming them
         (see :mod:`qlora.train.file_fingerprint`)."""
+        from qlora.train.data.selection import source_locations  # torch: not imported for --help
+
         files = {"--model": model_fingerprints(self.model) if self.model else {}}
         if self.adapter:
             files["--adapter"] = model_fingerprints(self.adapter)
