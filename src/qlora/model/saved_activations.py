@@ -65,11 +65,7 @@ class _FusedAttentionSaves(torch.autograd.Function):
         out = query.new_empty(b, length, h, value.shape[-1]).transpose(1, 2)
         lse = query.new_empty(b, h, length, dtype=torch.float32)
         ctx.save_for_backward(query, key, value, out, lse)
-        return out
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):  # never run: the measurement does not go backward
-        raise NotImplementedError
+        return out  # no backward: the measurement never goes backward
 
 
 def _fused_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -103,10 +99,10 @@ class _TopKRows(nn.Module):
         return h if self.norm is None else self.norm(h)
 
     def forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        x = hidden_states.reshape(-1, hidden_states.shape[-1])
-        out = torch.zeros_like(x)
         if self.layout.prerouted and self.own_loop:  # every expert over all E * T rows, as transformers runs them
             return self.experts(hidden_states)
+        x = hidden_states.reshape(-1, hidden_states.shape[-1])
+        out = torch.zeros_like(x)
         if self.layout.prerouted:  # (E * T, H): T * top_k rows are non-zero
             tokens = x.shape[0] // expert_weight(self.experts, self.layout.names[0]).shape[0]
             idx = torch.arange(tokens * self.top_k, device=x.device)
@@ -156,8 +152,12 @@ def _build(config, source: str) -> tuple[nn.Module, nn.Module, nn.ModuleList]:
             continue
         if not (layout.standard or layout.prerouted) or layout.rows:
             raise NotMeasurable(f"its experts ({type(module).__name__}) have a layout of their own")
+        try:
+            stand_in = _TopKRows(module, top_k)
+        except (ValueError, AttributeError) as exc:  # a forward not taking (hidden_states, indices, weights)...
+            raise NotMeasurable(f"its experts ({type(module).__name__}) could not be stood in for ({_said(exc)})")
         parent, _, leaf = name.rpartition(".")
-        setattr(model.get_submodule(parent), leaf, _TopKRows(module, top_k))
+        setattr(model.get_submodule(parent), leaf, stand_in)
     return model, decoder, layers
 
 
@@ -211,8 +211,6 @@ def _per_token(model: nn.Module, decoder: nn.Module, layers: nn.ModuleList, hidd
             for where, nbytes in first.values():
                 row[len(layers) if where is None else where] += nbytes
             totals.append(row)
-    except NotMeasurable:
-        raise
     except Exception as exc:  # noqa: BLE001 - a forward that needs real values (data-dependent control flow)
         raise NotMeasurable(f"its forward does not run on meta tensors ({_said(exc)})") from None
     finally:
