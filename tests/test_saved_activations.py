@@ -110,3 +110,19 @@ def test_a_model_that_cannot_run_on_meta_falls_back_to_the_formula_and_says_so()
     per_layer = len(targets) / config.num_hidden_layers
     assert dict(est.rows)["activations (checkpointing off)"]["QLoRA"] == activation_bytes(config, opts, per_layer)
     assert any("from a formula of a Llama block" in note and "layout of their own" in note for note in est.notes)
+
+
+def test_layers_a_text_forward_skips_count_as_the_largest():
+    """Llama 3.2 Vision's cross-attention layers (tests/data/model_configs) run only with images: on text alone they
+    save nothing, and the estimate counts them as the largest layer measured rather than as free."""
+    from pathlib import Path
+
+    from qlora.model.estimate import load_config
+
+    config = load_config(str(Path(__file__).parent / "data" / "model_configs" / "llama-3.2-11b-vision.json"))
+    cross = config.text_config.cross_attention_layers
+    saves = measure(config, "llama-3.2-11b-vision", (), RANK)
+    assert len(saves.full) == config.text_config.num_hidden_layers
+    for per_layer in (saves.full, saves.adapted):
+        assert all(per_layer[i] == max(per_layer) for i in cross)
+        assert min(per_layer) > 0

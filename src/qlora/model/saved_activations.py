@@ -227,7 +227,8 @@ def _per_token(model: nn.Module, decoder: nn.Module, layers: nn.ModuleList, hidd
 
 def measure(config, source: str, targets: tuple[str, ...], rank: int) -> LayerSaves:
     """Per-token saved bytes of ``config``'s layers, trained fully and with LoRA rank ``rank`` on ``targets``
-    (module paths, as :func:`qlora.model.estimate.count_parameters` names them).
+    (module paths, as :func:`qlora.model.estimate.count_parameters` names them). The decoder runs on text
+    alone (``inputs_embeds``); layers it skips then count as its largest.
 
     Raises:
         NotMeasurable: the layers cannot be built or run on ``meta``.
@@ -249,4 +250,12 @@ def measure(config, source: str, targets: tuple[str, ...], rank: int) -> LayerSa
     except Exception as exc:  # noqa: BLE001
         raise NotMeasurable(f"its adapted layers could not be built ({_said(exc)})") from None
     adapted, outside_adapted = _per_token(model, decoder, layers, hidden)
-    return LayerSaves(tuple(full), tuple(adapted), outside_full, outside_adapted, layer_input=2 * hidden)
+    return LayerSaves(_skipped_as_largest(full), _skipped_as_largest(adapted), outside_full, outside_adapted,
+                      layer_input=2 * hidden)
+
+
+def _skipped_as_largest(per_layer: list[float]) -> tuple[float, ...]:
+    """A layer that saved nothing did not run on text alone (Mllama's cross-attention layers run with images):
+    it counts as the largest layer measured, an upper bound."""
+    largest = max(per_layer, default=0.0)
+    return tuple(v if v > 0 else largest for v in per_layer)
