@@ -10,9 +10,12 @@ else (embeddings, norms, biases, MoE routers, ``lm_head``) stays 16-bit, and a
 tied embedding is counted once. The 4-bit bytes are what
 :func:`qlora.quant.quantize_4bit` produces for each weight, tensor for tensor.
 
-Activations and logits are a model of what autograd keeps (see
-:func:`activation_bytes` and :func:`logits_bytes`); the optimizer and gradient
-rows follow from the trainable tensors.
+Activations are what the model's own layers save for backward, measured by a
+forward pass on ``meta`` (:mod:`qlora.model.saved_activations`, read by
+:func:`measured_activation_bytes`); where the layers cannot run there, a model
+of a Llama block (:func:`activation_bytes`) stands in, and a note says so.
+Logits are a model of what the loss keeps (:func:`logits_bytes`); the
+optimizer and gradient rows follow from the trainable tensors.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from ..quant.double_quant import NESTED_BLOCKSIZE
 from .architecture import text_model_from_config
 from .known_shapes import KNOWN_SHAPES
 from .quantize import fp32_linear_names, is_plain_linear, is_skipped, kept_dense_names, kept_in_fp32, matches_any
+from .saved_activations import LayerSaves, NotMeasurable, measure
 from .target_hints import unmatched_hint, weight_modules
 
 GIB = 1024**3
@@ -389,7 +393,8 @@ def _moe_width(text) -> tuple[int, int]:
 
 
 def activation_bytes(config, opts: TrainingOptions, lora_per_layer: float) -> int:
-    """Bytes autograd keeps for the backward pass (a Llama block model).
+    """Bytes autograd keeps for the backward pass (a Llama block model): the fallback of
+    :func:`measured_activation_bytes` for a model whose layers do not run on ``meta``.
 
     Per token and layer, in bf16 (2 bytes) unless noted, with SDPA attention
     and h = hidden, q/kv = query/key-value widths, i = intermediate, r = rank,
@@ -420,6 +425,37 @@ def activation_bytes(config, opts: TrainingOptions, lora_per_layer: float) -> in
         kept = s["layers"] * per_layer
     transient = 4 * s["inter"] + 8 * s["hidden"]
     return int(opts.batch_size * opts.seq_len * (kept + transient))
+
+
+def measured_activation_bytes(config, opts: TrainingOptions, saves: LayerSaves, adapted: bool) -> int:
+    """Bytes autograd keeps for the backward pass, from what each layer was measured to save
+    (:func:`qlora.model.saved_activations.measure`; ``adapted``: the LoRA variant, else full fine-tuning).
+
+    Without checkpointing every layer's saves survive the forward; with it only each layer's input does, and
+    one layer at a time is recomputed, the layer that saves most counted. Saves outside the layers (final norm)
+    come on top, and the backward's transient gradients of the widest MLP (``2 x 2i`` per token, as in
+    :func:`activation_bytes`), which no forward measures.
+    """
+    per_layer = saves.adapted if adapted else saves.full
+    outside = saves.outside_adapted if adapted else saves.outside_full
+    if opts.gradient_checkpointing:
+        kept = len(per_layer) * saves.layer_input + max(per_layer)
+    else:
+        kept = sum(per_layer)
+    return int(opts.batch_size * opts.seq_len * (kept + outside + 4 * _shape(config)["inter"]))
+
+
+def measure_activations(config, targets: list[LinearShape], rank: int) -> tuple[LayerSaves | None, str]:
+    """``(what each layer saves, a note saying how the activations row was found)``; ``None`` where the layers
+    cannot be run on ``meta``, and the formula is used."""
+    source = getattr(config, "name_or_path", "") or config.model_type
+    try:
+        saves = measure(config, source, tuple(lin.name for lin in targets), rank)
+    except NotMeasurable as exc:
+        return None, (f"activations: from a formula of a Llama block, as the model's own layers could not be "
+                      f"measured ({exc}); other attention shapes and extra norms may need more")
+    return saves, ("activations: what the model's own layers save for backward, measured by a forward pass "
+                   "on the meta device (fused SDPA/flash attention, no L x L scores)")
 
 
 def logits_bytes(config, opts: TrainingOptions) -> int:
@@ -497,10 +533,16 @@ def estimate(config, opts: TrainingOptions) -> Estimate:
                                               q: optimizer_bytes(lora_tensors, opts.optim)}),
     ]
     per_layer = len(targets) / counts.num_layers
+    saves, how = measure_activations(config, targets, opts.rank)
+
+    def activations(o: TrainingOptions, adapted: bool) -> int:
+        if saves is None:
+            return activation_bytes(config, o, per_layer if adapted else 0)
+        return measured_activation_bytes(config, o, saves, adapted)
+
     gc = "on" if opts.gradient_checkpointing else "off"
-    rows.append((f"activations (checkpointing {gc})", {full: activation_bytes(config, opts, 0),
-                                                       lora: activation_bytes(config, opts, per_layer),
-                                                       q: activation_bytes(config, opts, per_layer)}))
+    rows.append((f"activations (checkpointing {gc})", {full: activations(opts, False), lora: activations(opts, True),
+                                                       q: activations(opts, True)}))
     loss_label = "logits + loss (fp32, chunked)" if opts.chunked_ce else "logits + loss (fp32)"
     rows.append((loss_label, {c: logits_bytes(config, opts) for c in COLUMNS}))
     if pairs.method in ("dpo", "kto"):
@@ -526,8 +568,9 @@ def estimate(config, opts: TrainingOptions) -> Estimate:
     if opts.optim.startswith("paged"):
         notes.append("paged optimizer states sit in unified memory: they can move to CPU RAM when the GPU fills")
     other_gc = replace(opts, gradient_checkpointing=not opts.gradient_checkpointing)
+    notes.append(how)
     notes.append(f"QLoRA activations with checkpointing {'off' if opts.gradient_checkpointing else 'on'}: "
-                 f"{activation_bytes(config, other_gc, per_layer) / GIB:.2f} GiB")
+                 f"{activations(other_gc, True) / GIB:.2f} GiB")
     other_ce = logits_bytes(config, replace(opts, chunked_ce=not opts.chunked_ce))
     notes.append(f"loss {'without' if opts.chunked_ce else 'with'} the chunked cross-entropy (--"
                  f"{'no-' if opts.chunked_ce else ''}chunked-ce): {other_ce / GIB:.2f} GiB")

@@ -46,6 +46,12 @@ class _StateDictPath:
         return self
 
 
+def autocast_on(x: torch.Tensor) -> bool:
+    """Whether autocast applies to ``x``; never on ``meta``, which has no autocast (and raises when asked),
+    where :mod:`qlora.model.saved_activations` runs these layers to measure what they save."""
+    return x.device.type != "meta" and torch.is_autocast_enabled(x.device.type)
+
+
 class _Linear4bitFunction(torch.autograd.Function):
     """``y = x @ dequant(W)^T + b`` that saves no 16-bit weight for backward. The bias is an input,
     so it gets a gradient when trained (PEFT's ``bias="all"``); the 4-bit weight never does."""
@@ -255,7 +261,7 @@ class Linear4bit(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Under autocast the matmul runs in the autocast dtype and returns it,
         # as nn.Linear does; otherwise in compute_dtype, cast back to x's dtype.
-        autocast = torch.is_autocast_enabled(x.device.type)
+        autocast = autocast_on(x)
         xc = x.to(torch.get_autocast_dtype(x.device.type) if autocast else self.compute_dtype)
         if self._use_fused_gemv(xc):
             from ..quant.kernels import triton_gemv

@@ -25,7 +25,7 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from .linear4bit import Linear4bit
+from .linear4bit import Linear4bit, autocast_on
 from .loftq import loftq_factors
 from .residual_init import residual_split
 from .residual_init_names import is_residual_init
@@ -310,7 +310,7 @@ class LoraLinear(AdapterSlots):
         """
         a, dropout = self.lora_A[name], self.lora_dropout[name]
         h = dropout(x)
-        if not torch.is_autocast_enabled(x.device.type):
+        if not autocast_on(x):
             h = h.to(a.weight.dtype)
         out = self.lora_B[name](a(h)) * self.specs[name].scaling
         if name not in self.lora_magnitude_vector:
