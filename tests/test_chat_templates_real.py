@@ -1,4 +1,4 @@
-"""Real chat templates of 71 model families (issue 20): ids, BOS/EOS and loss mask, token for token.
+"""Real chat templates of 72 model families (issue 20): ids, BOS/EOS and loss mask, token for token.
 
 Each family's template is the model's own ``chat_template`` (tests/data/chat_templates, origins in
 SOURCES.md), on a local byte-level BPE tokenizer that carries the family's special tokens, BOS/EOS and
@@ -395,3 +395,22 @@ def test_an_answer_that_the_turn_header_spells_is_found_after_the_header(family)
                                  stop_ids=stops(tok, family))
     (run,) = runs(tokenized)
     assert squash(tok.decode(run)).startswith("a<") and "assistant" not in tok.decode(run)
+
+
+def test_apertus_tool_call_is_trained_up_to_its_stop_token_and_the_answer_after_the_outputs():
+    """Apertus stops a call on ``<|tools_suffix|>`` and its template writes the tool outputs inside the assistant's
+    turn, the answer right after them (its generation prompt opens a new turn only when the conversation stops there).
+    The call is trained up to and including that token, its arguments the object the template's ``tojson`` writes for
+    OpenAI tool calls (not the JSON text its own content blocks concatenate), the outputs (given at inference) not at
+    all, the answer after them with the EOS qlora adds, since the template writes no end after a final answer."""
+    from qlora.train.data.formats import normalize
+    from qlora.train.data.sources import Record
+
+    tok = family_tokenizer("apertus")
+    fmt = ChatFormat(tok.chat_template, origin="apertus.jinja", date=DATE)
+    example = normalize([Record({"messages": CALL, "tools": [WEATHER]}, "t.jsonl line 3")])[0]
+    tokenized = tokenize_example(example, tok, fmt, stop_ids=stops(tok, "apertus"))
+    call, answer = runs(tokenized)
+    assert tok.decode(call) == '<|tools_prefix|>[{"get_weather": {"city": "Paris"}}]<|tools_suffix|>'
+    assert tok.decode(answer) == "It is sunny.<|assistant_end|>"
+    assert "<|tools_suffix|>[Sunny, 21 C]It is sunny." in tok.decode(tokenized.input_ids)

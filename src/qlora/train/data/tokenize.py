@@ -787,7 +787,8 @@ def _assistant_spans(text: str, messages: Sequence[dict], fmt: ChatFormat, where
                 "plain text the template prints as is), or train on the whole text with --train-on all."
             )
         opened = _turn_opening(text, prompt_end, generation_prompt(i), markers) if prompt_end is not None else None
-        if opened is not None and opened[1] > found[0]:  # found in the prompt: the answer is after the turn opens
+        if opened is not None and opened[1] > found[0] and not _continues_turn(text, messages, i, prompt_end, found[0],
+                                                                                markers):  # found in the prompt: the answer is after the turn opens
             found = _find_assistant(text, messages[i], opened[1], lambda i=i: generation_prompt(i),
                                     lambda i=i: reasoning_opening(i)) if opened[0] >= 0 else None
             if found is None:
@@ -803,6 +804,20 @@ def _assistant_spans(text: str, messages: Sequence[dict], fmt: ChatFormat, where
             spans.append(found)
         cursor = found[1]
     return spans
+
+
+def _continues_turn(text: str, messages: Sequence[dict], i: int, prompt_end: int, start: int,
+                    markers: Sequence[str]) -> bool:
+    """Whether assistant message ``i`` goes on the model's turn that its tool results were written into: it follows
+    a tool result, after a tool-calling assistant message, with no markup between that result and it (Apertus writes
+    tool outputs inside the assistant's turn and the answer right after them, its generation prompt opening a new
+    turn only when the conversation stops there)."""
+    before = [m.get("role") for m in messages[:i]]
+    if not before or before[-1] != "tool" or "assistant" not in before:
+        return False
+    caller = max(k for k, role in enumerate(before) if role == "assistant")
+    between = text[prompt_end:start]
+    return bool(messages[caller].get("tool_calls")) and not any(m and m in between for m in markers)
 
 
 def _turn_opening(text: str, start: int, generation_prompt: str, markers: Sequence[str]) -> tuple[int, int] | None:
