@@ -53,6 +53,7 @@ from qlora.train.data.pieces import piece_ids
 from qlora.train.data.reasoning import (REASONING_KEYS, THINK_CLOSE, THINK_OPEN, chunk_reasoning, fold, has_reasoning,
                                         knows_think_markers, no_place_error, place_reasoning, placement, reasoning_of,
                                         split_think)
+from qlora.train.data.thinking_mode import final_reasoning_in_thinking_mode
 
 IGNORE_INDEX = -100
 TRAIN_ON = ("assistant", "all", "completion")
@@ -300,9 +301,32 @@ def tokenize_dataset(
 def rendered_text(example: Example, tokenizer, fmt: ChatFormat) -> str:
     """The text of a conversation whose tokens :func:`tokenize_example` gives (before an EOS it appends): the
     chat template's rendering, with the final turns' reasoning put back where the template drops it."""
+    return _placed(example, tokenizer, fmt)[0]
+
+
+def rendering_kwargs(example: Example, tokenizer, fmt: ChatFormat) -> dict:
+    """The template kwargs a conversation is rendered with: its tools, and the thinking switch when its final answer's
+    reasoning is written in the template's thinking mode (:mod:`~qlora.train.data.thinking_mode`), so a prompt
+    rendered apart (a preference pair's) is the one its answers follow."""
+    return _placed(example, tokenizer, fmt)[1]
+
+
+def _placed(example: Example, tokenizer, fmt: ChatFormat) -> tuple[str, dict]:
     messages = fmt.messages(for_template(example.messages, fmt.template, tokenizer, example.where, fmt.origin))
-    rendered = fmt.render(tokenizer, messages, where=example.where, **_template_kwargs(example))
-    return restore_final_reasoning(rendered, messages)
+    extra = _template_kwargs(example)
+    rendered = fmt.render(tokenizer, messages, where=example.where, **extra)
+    return _final_reasoning_placed(rendered, messages, tokenizer, fmt, example.where, extra)
+
+
+def _final_reasoning_placed(rendered: str, messages: Sequence[dict], tokenizer, fmt: ChatFormat, where: str,
+                            extra: dict) -> tuple[str, dict]:
+    """``(text, template kwargs)``: the rendering with the final turns' reasoning put back where the template drops
+    it (:func:`restore_final_reasoning`), else, for a template that hides it and has a thinking mode, the conversation
+    in that mode with the reasoning where the model writes it (:mod:`~qlora.train.data.thinking_mode`)."""
+    text = restore_final_reasoning(rendered, messages)
+    thinking = final_reasoning_in_thinking_mode(tokenizer, fmt, messages, text, _markup_strings(tokenizer), where,
+                                                extra)
+    return thinking if thinking else (text, extra)
 
 
 def has_generation_markers(template: str) -> bool:
@@ -321,7 +345,7 @@ def _chat_ids_and_mask(example: Example, tokenizer, fmt: ChatFormat, stops: set[
     skipped = {k for k, w in enumerate(weights) if w == 0}  # OpenAI's weight 0: in the context, not trained
     extra = _template_kwargs(example)
     rendered = fmt.render(tokenizer, messages, where=example.where, **extra)
-    text = restore_final_reasoning(rendered, messages)
+    text, extra = _final_reasoning_placed(rendered, messages, tokenizer, fmt, example.where, extra)
     encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)  # = apply_chat_template's ids
     ids, offsets = list(encoded["input_ids"]), [tuple(o) for o in encoded["offset_mapping"]]
     if has_generation_markers(fmt.template) and text == rendered:
@@ -401,18 +425,16 @@ def _prompt_completion_ids_and_mask(example: Example, tokenizer, fmt: ChatFormat
     messages = for_template(example.messages, fmt.template, tokenizer, example.where, fmt.origin)
     extra = _template_kwargs(example)
 
-    def ids_of(turns: Sequence[dict], prompt: bool) -> list[int]:
-        if not prompt:  # the completion's reasoning, put back if the template drops it
-            text = fmt.render(tokenizer, turns, where=example.where, **extra)
-            restored = restore_final_reasoning(text, fmt.messages(turns))
-            if restored != text:
-                return list(tokenizer(restored, add_special_tokens=False)["input_ids"])
+    def ids_of(turns: Sequence[dict], prompt: bool, kwargs: dict) -> list[int]:
         out = fmt.render(tokenizer, turns, add_generation_prompt=prompt, where=example.where, tokenize=True,
-                         return_dict=True, **extra)
+                         return_dict=True, **kwargs)
         return list(out["input_ids"])
 
-    ids = ids_of(messages, False)
-    prompt_len = _common_prefix(ids_of(messages[:example.prompt_turns], True), ids)
+    rendered = fmt.render(tokenizer, messages, where=example.where, **extra)  # the completion's reasoning put back
+    text, placed = _final_reasoning_placed(rendered, fmt.messages(messages), tokenizer, fmt, example.where, extra)
+    ids = list(tokenizer(text, add_special_tokens=False)["input_ids"]) if text != rendered else ids_of(
+        messages, False, extra)
+    prompt_len = _common_prefix(ids_of(messages[:example.prompt_turns], True, placed), ids)
     mask = [False] * prompt_len + [True] * (len(ids) - prompt_len)
     return ids, mask, not any(t in stops for t in ids[prompt_len:])
 
