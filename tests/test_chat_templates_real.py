@@ -498,3 +498,14 @@ def test_gemma4_preference_pair_with_reasoning_shares_the_thinking_mode_prompt_o
     with pytest.raises(UsageError, match=r"p.jsonl line 2: one answer has reasoning .*thinking mode"):
         tokenize_pair(PreferenceExample((U1,), (chosen,), (A1,), "p.jsonl line 2"), tok, fmt,
                       stop_ids=stops(tok, "gemma-4"))
+
+
+def test_apertus_reasoning_field_is_refused_by_line():
+    """Apertus's template takes reasoning only inside its own content blocks (``<|inner_prefix|>``), reading no message
+    field, and its tokens know no ``<think>``: a row's reasoning has no place there and is refused, never dropped."""
+    tok = family_tokenizer("apertus")
+    fmt = ChatFormat(tok.chat_template, origin="apertus.jinja", date=DATE)
+    answer = {"role": "assistant", "content": "Four.", "reasoning_content": "Two and two."}
+    with pytest.raises(UsageError, match=r'^r.jsonl line 4, message 2 of the conversation: field "reasoning_content"'
+                                         r".*\(apertus.jinja\) has no place for reasoning"):
+        tokenize_example(Example((U1, answer), None, "r.jsonl line 4"), tok, fmt)
