@@ -1,4 +1,4 @@
-"""Real chat templates of 71 model families (issue 20): ids, BOS/EOS and loss mask, token for token.
+"""Real chat templates of 73 model families (issue 20): ids, BOS/EOS and loss mask, token for token.
 
 Each family's template is the model's own ``chat_template`` (tests/data/chat_templates, origins in
 SOURCES.md), on a local byte-level BPE tokenizer that carries the family's special tokens, BOS/EOS and
@@ -11,6 +11,7 @@ the templates that render its call and refused on the others.
 
 from __future__ import annotations
 
+import os
 import re
 
 import pytest
@@ -85,7 +86,9 @@ def hidden_final_reasoning(tok, messages, template: str) -> str | None:
     the whole conversation does not show (DeepSeek-V3.1 strips it, Kimi-K2-Thinking shows it only in an unfinished
     tool-calling exchange): the text the model sees at inference, the generation prompt of the conversation before
     that answer (thinking on, for templates with that switch) followed by what the model writes, the reasoning in a
-    <think> block (opened by the prompt or by the model), the answer, and the end the template writes after it."""
+    <think> block (opened by the prompt or by the model) or, for a template without <think> markup whose prompt with
+    thinking off closes an empty block (Gemma 4's <|channel>thought\n<channel|>), in that block, then the answer and
+    the end the template writes after it."""
     *before, final = messages
     if not before or before[-1]["role"] != "user" or final["role"] != "assistant":
         return None
@@ -102,9 +105,15 @@ def hidden_final_reasoning(tok, messages, template: str) -> str | None:
         return None
     end = rendered[rendered.rfind(answer.strip()) + len(answer.strip()):]
     prompt = tok.apply_chat_template(before, tokenize=False, add_generation_prompt=True, thinking=True,
-                                     chat_template=template)
-    opening = "" if prompt.endswith("<think>") else "<think>"
-    return prompt + opening + reasoning + "</think>" + answer.strip() + end
+                                     enable_thinking=True, chat_template=template)
+    opening, closing = "" if prompt.endswith("<think>") else "<think>", "</think>"
+    off = tok.apply_chat_template(before, tokenize=False, add_generation_prompt=True, chat_template=template)
+    if "</think>" not in template and not off.startswith(prompt):  # Gemma 4: thinking off, the prompt closes an empty
+        block = off[len(os.path.commonprefix([off, rendered])):]  # block; on, the model writes it, holding reasoning
+        at = max(block.rfind(t) for t in tok.all_special_tokens)
+        opening, closing = block[:at], block[at:]
+        reasoning = reasoning.strip()
+    return prompt + opening + reasoning + closing + answer.strip() + end
 
 
 CASES = [(f, c) for f in FAMILIES for c in CONVERSATIONS
@@ -395,3 +404,108 @@ def test_an_answer_that_the_turn_header_spells_is_found_after_the_header(family)
                                  stop_ids=stops(tok, family))
     (run,) = runs(tokenized)
     assert squash(tok.decode(run)).startswith("a<") and "assistant" not in tok.decode(run)
+
+
+def test_apertus_tool_call_is_trained_up_to_its_stop_token_and_the_answer_after_the_outputs():
+    """Apertus stops a call on ``<|tools_suffix|>`` and its template writes the tool outputs inside the assistant's
+    turn, the answer right after them (its generation prompt opens a new turn only when the conversation stops there).
+    The call is trained up to and including that token, its arguments the object the template's ``tojson`` writes for
+    OpenAI tool calls (not the JSON text its own content blocks concatenate), the outputs (given at inference) not at
+    all, the answer after them with the EOS qlora adds, since the template writes no end after a final answer."""
+    from qlora.train.data.formats import normalize
+    from qlora.train.data.sources import Record
+
+    tok = family_tokenizer("apertus")
+    fmt = ChatFormat(tok.chat_template, origin="apertus.jinja", date=DATE)
+    example = normalize([Record({"messages": CALL, "tools": [WEATHER]}, "t.jsonl line 3")])[0]
+    tokenized = tokenize_example(example, tok, fmt, stop_ids=stops(tok, "apertus"))
+    call, answer = runs(tokenized)
+    assert tok.decode(call) == '<|tools_prefix|>[{"get_weather": {"city": "Paris"}}]<|tools_suffix|>'
+    assert tok.decode(answer) == "It is sunny.<|assistant_end|>"
+    assert "<|tools_suffix|>[Sunny, 21 C]It is sunny." in tok.decode(tokenized.input_ids)
+
+
+@pytest.mark.parametrize("answer", [{"role": "assistant", "content": "Four.", "reasoning_content": "Two and two."},
+                                    {"role": "assistant", "content": "<think>Two and two.</think>Four."}])
+def test_gemma4_final_reasoning_is_trained_in_its_thinking_channel_in_thinking_mode(answer):
+    """Gemma 4's template shows reasoning only before tool calls and writes nothing before a finished answer; its
+    generation prompt closes an empty ``<|channel>thought\\n<channel|>`` unless ``enable_thinking`` puts ``<|think|>``
+    in the system turn, after which the model writes ``<|channel>thought\\n...<channel|>`` itself (vLLM's Gemma 4
+    reasoning parser documents that output). So a final answer with reasoning trains in thinking mode, token for token
+    that prompt and that block; an answer without reasoning stays apply_chat_template's rendering."""
+    tok = family_tokenizer("gemma-4")
+    fmt = ChatFormat(tok.chat_template, origin="gemma-4.jinja", date=DATE)
+    tokenized = tokenize_example(Example((U1, answer), None, "x"), tok, fmt, stop_ids=stops(tok, "gemma-4"))
+    (run,) = runs(tokenized)
+    assert tok.decode(run) == "<|channel>thought\nTwo and two.<channel|>Four.<turn|>"
+    prompt = tok.apply_chat_template([U1], tokenize=False, add_generation_prompt=True, enable_thinking=True)
+    assert "<|think|>" in prompt and prompt.endswith("<|turn>model\n")
+    written = prompt + "<|channel>thought\nTwo and two.<channel|>Four.<turn|>\n"
+    assert tokenized.input_ids == tok(written, add_special_tokens=False)["input_ids"]
+    assert tokenized.reasoning_hidden == 0
+    plain = tokenize_example(Example((U1, A1), None, "x"), tok, fmt, stop_ids=stops(tok, "gemma-4"))
+    assert plain.input_ids == list(tok.apply_chat_template([U1, A1], tokenize=True, return_dict=True)["input_ids"])
+
+
+def test_gemma4_earlier_turns_reasoning_stays_hidden_and_counted():
+    """Only the final answer is what the model writes after the prompt: an earlier turn's reasoning, which the
+    template drops, is not put back (and is counted for the run log)."""
+    tok = family_tokenizer("gemma-4")
+    fmt = ChatFormat(tok.chat_template, origin="gemma-4.jinja", date=DATE)
+    conversation = as_family_takes_reasoning("gemma-4", CONVERSATIONS["think"])
+    tokenized = tokenize_example(Example(tuple(conversation), None, "x"), tok, fmt, stop_ids=stops(tok, "gemma-4"))
+    first, final = runs(tokenized)
+    assert tok.decode(first) == "Four.<turn|>" and "Two and two" not in tok.decode(tokenized.input_ids)
+    assert tok.decode(final) == "<|channel>thought\nThree and three.<channel|>Six.<turn|>"
+    assert tokenized.reasoning_hidden == 1
+
+
+
+def test_gemma4_tool_call_is_trained_up_to_the_tool_response_token_it_stops_on():
+    """Gemma 4 stops a call on ``<|tool_response>`` (generation_config's eos ids 1, 106, 50), the first token of the
+    result block its template writes right after the call: the call is trained up to and including it, the result
+    (given at inference) not at all, the answer after it with ``<turn|>``."""
+    from qlora.train.data.formats import normalize
+    from qlora.train.data.sources import Record
+
+    tok = family_tokenizer("gemma-4")
+    fmt = ChatFormat(tok.chat_template, origin="gemma-4.jinja", date=DATE)
+    example = normalize([Record({"messages": CALL, "tools": [WEATHER]}, "t.jsonl line 3")])[0]
+    tokenized = tokenize_example(example, tok, fmt, stop_ids=stops(tok, "gemma-4"))
+    call, answer = runs(tokenized)
+    assert tok.decode(call) == '<|tool_call>call:get_weather{city:<|"|>Paris<|"|>}<tool_call|><|tool_response>'
+    assert tok.decode(answer) == "It is sunny.<turn|>"
+    assert '<|tool_response>response:get_weather{value:<|"|>Sunny, 21 C<|"|>}<tool_response|>It is sunny.' in (
+        tok.decode(tokenized.input_ids))
+
+
+def test_gemma4_preference_pair_with_reasoning_shares_the_thinking_mode_prompt_or_is_refused():
+    """A pair's prompt is rendered in the mode its answers are: both with reasoning, the thinking-mode prompt (its
+    ``<|think|>`` system turn) and each answer's thinking channel; one with and one without reasoning follow
+    different prompts, so the row is refused by name rather than compared on a prompt of a single ``<bos>``."""
+    from qlora.train.data.preference import PreferenceExample, tokenize_pair
+
+    tok = family_tokenizer("gemma-4")
+    fmt = ChatFormat(tok.chat_template, origin="gemma-4.jinja", date=DATE)
+    chosen = {"role": "assistant", "content": "Four.", "reasoning_content": "Two and two."}
+    rejected = {"role": "assistant", "content": "Five.", "reasoning_content": "Two and three."}
+    pair = tokenize_pair(PreferenceExample((U1,), (chosen,), (rejected,), "p.jsonl line 2"), tok, fmt,
+                         stop_ids=stops(tok, "gemma-4"))
+    prompt = tok.apply_chat_template([U1], tokenize=False, add_generation_prompt=True, enable_thinking=True)
+    assert tok.decode(pair.prompt_ids) == prompt
+    assert tok.decode(pair.chosen_ids) == "<|channel>thought\nTwo and two.<channel|>Four.<turn|>\n"
+    assert tok.decode(pair.rejected_ids) == "<|channel>thought\nTwo and three.<channel|>Five.<turn|>\n"
+    with pytest.raises(UsageError, match=r"p.jsonl line 2: one answer has reasoning .*thinking mode"):
+        tokenize_pair(PreferenceExample((U1,), (chosen,), (A1,), "p.jsonl line 2"), tok, fmt,
+                      stop_ids=stops(tok, "gemma-4"))
+
+
+def test_apertus_reasoning_field_is_refused_by_line():
+    """Apertus's template takes reasoning only inside its own content blocks (``<|inner_prefix|>``), reading no message
+    field, and its tokens know no ``<think>``: a row's reasoning has no place there and is refused, never dropped."""
+    tok = family_tokenizer("apertus")
+    fmt = ChatFormat(tok.chat_template, origin="apertus.jinja", date=DATE)
+    answer = {"role": "assistant", "content": "Four.", "reasoning_content": "Two and two."}
+    with pytest.raises(UsageError, match=r'^r.jsonl line 4, message 2 of the conversation: field "reasoning_content"'
+                                         r".*\(apertus.jinja\) has no place for reasoning"):
+        tokenize_example(Example((U1, answer), None, "r.jsonl line 4"), tok, fmt)

@@ -188,15 +188,17 @@ def _template_line(exc: Exception) -> int | None:
 
 
 _ARGUMENTS_AS_TEXT = re.compile(r"""arguments['"]?\]?\s*\+""")  # DeepSeek: '...' + tool['function']['arguments']
+_ARGUMENTS_AS_JSON = re.compile(r"""arguments['"]?\]?\s*\|\s*tojson""")  # function.arguments|tojson
 
 
 def for_template(messages: Sequence[dict], template: str) -> list[dict]:
     """Messages as ``template`` can take them: OpenAI's ``developer`` role becomes ``system`` for a template
     that has no developer role (all but a few recent ones), since that is what it means there; tool-call
     arguments are a dict (Hugging Face's convention, ``| tojson`` in the template) except for templates that
-    concatenate them as JSON text (DeepSeek V3/R1)."""
+    concatenate them as JSON text and never write them with ``tojson`` (DeepSeek V3/R1; Apertus concatenates the
+    arguments of its own content blocks but writes OpenAI ``tool_calls``' with ``tojson``)."""
     developer = "developer" in template
-    as_text = bool(_ARGUMENTS_AS_TEXT.search(template))
+    as_text = bool(_ARGUMENTS_AS_TEXT.search(template)) and not _ARGUMENTS_AS_JSON.search(template)
     out = []
     for m in messages:
         if "weight" in m:  # ours (which turns are trained), not the template's

@@ -60,7 +60,7 @@ from qlora.train.data.image_examples import expanded_prompt, image_batch
 from qlora.train.data.images import ImageRef, as_parts, attach_images, has_image_parts, images_in
 from qlora.train.data.pieces import is_written, piece_ids
 from qlora.train.data.sources import Record
-from qlora.train.data.tokenize import IGNORE_INDEX, DataReport, for_template, tokenize_example
+from qlora.train.data.tokenize import IGNORE_INDEX, DataReport, for_template, rendering_kwargs, tokenize_example
 
 FIELDS = ("prompt", "chosen", "rejected")
 Messages = tuple[dict[str, str], ...]
@@ -319,15 +319,27 @@ def _implicit_text_prompt(chosen: str, rejected: str, where: str, need: str, hin
     return PreferenceExample(chosen[:shared], chosen[shared:], rejected[shared:], where)
 
 
-def prompt_ids(example: PreferenceExample, tokenizer, fmt: ChatFormat) -> list[int]:
-    """The prompt's ids: as the chat format renders it for generation (it decides BOS), or plain text with the
-    tokenizer's own BOS setting (as :func:`tokenize_example` reads text). ``example``: anything with
-    ``prompt``, ``where`` and ``conversational`` (KTO's examples too)."""
-    if example.conversational:
-        prompt = for_template(example.prompt, fmt.template, tokenizer, example.where, fmt.origin)
-        return list(fmt.render(tokenizer, prompt, add_generation_prompt=True, where=example.where,
-                               tokenize=True, return_dict=True)["input_ids"])
-    return list(tokenizer(example.prompt)["input_ids"])
+def prompt_ids(example: PreferenceExample, tokenizer, fmt: ChatFormat, answers: Sequence = ()) -> list[int]:
+    """The prompt's ids: as the chat format renders it for generation (it decides BOS), in the template mode its
+    ``answers`` are rendered in (:func:`~qlora.train.data.tokenize.rendering_kwargs`: thinking mode for an answer whose
+    reasoning only that mode shows), or plain text with the tokenizer's own BOS setting (as :func:`tokenize_example`
+    reads text). ``example``: anything with ``prompt``, ``where`` and ``conversational`` (KTO's examples too).
+
+    Raises:
+        UsageError: the answers are rendered in different modes, so they follow no common prompt.
+    """
+    if not example.conversational:
+        return list(tokenizer(example.prompt)["input_ids"])
+    modes = [rendering_kwargs(Example(tuple(example.prompt) + tuple(a), None, example.where), tokenizer, fmt)
+             for a in answers]
+    if any(mode != modes[0] for mode in modes):
+        switch = "/".join(sorted(set(modes[0]) ^ set(modes[-1])))
+        raise UsageError(f"{example.where}: one answer has reasoning that the chat template ({fmt.origin}) shows only "
+                         f"in its thinking mode ({switch} on) and another has none, so the answers follow different "
+                         "prompts and cannot be compared on one: give every answer of the row its reasoning, or none.")
+    prompt = for_template(example.prompt, fmt.template, tokenizer, example.where, fmt.origin)
+    return list(fmt.render(tokenizer, prompt, add_generation_prompt=True, where=example.where,
+                           tokenize=True, return_dict=True, **(modes[0] if modes else {}))["input_ids"])
 
 
 def full_ids(example: PreferenceExample, answer, tokenizer, fmt: ChatFormat,
@@ -356,7 +368,7 @@ def tokenize_pair(example: PreferenceExample, tokenizer, chat_template: str | Ch
     fmt = chat_template if isinstance(chat_template, ChatFormat) else ChatFormat(chat_template)
     if example.images:  # vision-language chat templates read each content as parts (as_parts), as for SFT
         example = replace(example, **{k: tuple(as_parts(getattr(example, k))) for k in FIELDS})
-    prompt = prompt_ids(example, tokenizer, fmt)
+    prompt = prompt_ids(example, tokenizer, fmt, (example.chosen, example.rejected))
     chosen = full_ids(example, example.chosen, tokenizer, fmt, stop_ids)
     rejected = full_ids(example, example.rejected, tokenizer, fmt, stop_ids)
     n = min(common_prefix(prompt, chosen), common_prefix(prompt, rejected))

@@ -53,6 +53,7 @@ from qlora.train.data.pieces import piece_ids
 from qlora.train.data.reasoning import (REASONING_KEYS, THINK_CLOSE, THINK_OPEN, chunk_reasoning, fold, has_reasoning,
                                         knows_think_markers, no_place_error, place_reasoning, placement, reasoning_of,
                                         split_think)
+from qlora.train.data.thinking_mode import final_reasoning_in_thinking_mode
 
 IGNORE_INDEX = -100
 TRAIN_ON = ("assistant", "all", "completion")
@@ -300,9 +301,32 @@ def tokenize_dataset(
 def rendered_text(example: Example, tokenizer, fmt: ChatFormat) -> str:
     """The text of a conversation whose tokens :func:`tokenize_example` gives (before an EOS it appends): the
     chat template's rendering, with the final turns' reasoning put back where the template drops it."""
+    return _placed(example, tokenizer, fmt)[0]
+
+
+def rendering_kwargs(example: Example, tokenizer, fmt: ChatFormat) -> dict:
+    """The template kwargs a conversation is rendered with: its tools, and the thinking switch when its final answer's
+    reasoning is written in the template's thinking mode (:mod:`~qlora.train.data.thinking_mode`), so a prompt
+    rendered apart (a preference pair's) is the one its answers follow."""
+    return _placed(example, tokenizer, fmt)[1]
+
+
+def _placed(example: Example, tokenizer, fmt: ChatFormat) -> tuple[str, dict]:
     messages = fmt.messages(for_template(example.messages, fmt.template, tokenizer, example.where, fmt.origin))
-    rendered = fmt.render(tokenizer, messages, where=example.where, **_template_kwargs(example))
-    return restore_final_reasoning(rendered, messages)
+    extra = _template_kwargs(example)
+    rendered = fmt.render(tokenizer, messages, where=example.where, **extra)
+    return _final_reasoning_placed(rendered, messages, tokenizer, fmt, example.where, extra)
+
+
+def _final_reasoning_placed(rendered: str, messages: Sequence[dict], tokenizer, fmt: ChatFormat, where: str,
+                            extra: dict) -> tuple[str, dict]:
+    """``(text, template kwargs)``: the rendering with the final turns' reasoning put back where the template drops
+    it (:func:`restore_final_reasoning`), else, for a template that hides it and has a thinking mode, the conversation
+    in that mode with the reasoning where the model writes it (:mod:`~qlora.train.data.thinking_mode`)."""
+    text = restore_final_reasoning(rendered, messages)
+    thinking = final_reasoning_in_thinking_mode(tokenizer, fmt, messages, text, _markup_strings(tokenizer), where,
+                                                extra)
+    return thinking if thinking else (text, extra)
 
 
 def has_generation_markers(template: str) -> bool:
@@ -321,7 +345,7 @@ def _chat_ids_and_mask(example: Example, tokenizer, fmt: ChatFormat, stops: set[
     skipped = {k for k, w in enumerate(weights) if w == 0}  # OpenAI's weight 0: in the context, not trained
     extra = _template_kwargs(example)
     rendered = fmt.render(tokenizer, messages, where=example.where, **extra)
-    text = restore_final_reasoning(rendered, messages)
+    text, extra = _final_reasoning_placed(rendered, messages, tokenizer, fmt, example.where, extra)
     encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)  # = apply_chat_template's ids
     ids, offsets = list(encoded["input_ids"]), [tuple(o) for o in encoded["offset_mapping"]]
     if has_generation_markers(fmt.template) and text == rendered:
@@ -401,18 +425,16 @@ def _prompt_completion_ids_and_mask(example: Example, tokenizer, fmt: ChatFormat
     messages = for_template(example.messages, fmt.template, tokenizer, example.where, fmt.origin)
     extra = _template_kwargs(example)
 
-    def ids_of(turns: Sequence[dict], prompt: bool) -> list[int]:
-        if not prompt:  # the completion's reasoning, put back if the template drops it
-            text = fmt.render(tokenizer, turns, where=example.where, **extra)
-            restored = restore_final_reasoning(text, fmt.messages(turns))
-            if restored != text:
-                return list(tokenizer(restored, add_special_tokens=False)["input_ids"])
+    def ids_of(turns: Sequence[dict], prompt: bool, kwargs: dict) -> list[int]:
         out = fmt.render(tokenizer, turns, add_generation_prompt=prompt, where=example.where, tokenize=True,
-                         return_dict=True, **extra)
+                         return_dict=True, **kwargs)
         return list(out["input_ids"])
 
-    ids = ids_of(messages, False)
-    prompt_len = _common_prefix(ids_of(messages[:example.prompt_turns], True), ids)
+    rendered = fmt.render(tokenizer, messages, where=example.where, **extra)  # the completion's reasoning put back
+    text, placed = _final_reasoning_placed(rendered, fmt.messages(messages), tokenizer, fmt, example.where, extra)
+    ids = list(tokenizer(text, add_special_tokens=False)["input_ids"]) if text != rendered else ids_of(
+        messages, False, extra)
+    prompt_len = _common_prefix(ids_of(messages[:example.prompt_turns], True, placed), ids)
     mask = [False] * prompt_len + [True] * (len(ids) - prompt_len)
     return ids, mask, not any(t in stops for t in ids[prompt_len:])
 
@@ -787,7 +809,8 @@ def _assistant_spans(text: str, messages: Sequence[dict], fmt: ChatFormat, where
                 "plain text the template prints as is), or train on the whole text with --train-on all."
             )
         opened = _turn_opening(text, prompt_end, generation_prompt(i), markers) if prompt_end is not None else None
-        if opened is not None and opened[1] > found[0]:  # found in the prompt: the answer is after the turn opens
+        if opened is not None and opened[1] > found[0] and not _continues_turn(text, messages, i, prompt_end, found[0],
+                                                                                markers):  # found in the prompt: the answer is after the turn opens
             found = _find_assistant(text, messages[i], opened[1], lambda i=i: generation_prompt(i),
                                     lambda i=i: reasoning_opening(i)) if opened[0] >= 0 else None
             if found is None:
@@ -803,6 +826,20 @@ def _assistant_spans(text: str, messages: Sequence[dict], fmt: ChatFormat, where
             spans.append(found)
         cursor = found[1]
     return spans
+
+
+def _continues_turn(text: str, messages: Sequence[dict], i: int, prompt_end: int, start: int,
+                    markers: Sequence[str]) -> bool:
+    """Whether assistant message ``i`` goes on the model's turn that its tool results were written into: it follows
+    a tool result, after a tool-calling assistant message, with no markup between that result and it (Apertus writes
+    tool outputs inside the assistant's turn and the answer right after them, its generation prompt opening a new
+    turn only when the conversation stops there)."""
+    before = [m.get("role") for m in messages[:i]]
+    if not before or before[-1] != "tool" or "assistant" not in before:
+        return False
+    caller = max(k for k, role in enumerate(before) if role == "assistant")
+    between = text[prompt_end:start]
+    return bool(messages[caller].get("tool_calls")) and not any(m and m in between for m in markers)
 
 
 def _turn_opening(text: str, start: int, generation_prompt: str, markers: Sequence[str]) -> tuple[int, int] | None:

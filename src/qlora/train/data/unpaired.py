@@ -174,7 +174,7 @@ def tokenize_unpaired(examples: list[UnpairedExample], tokenizer, chat_template:
         if example.images:  # vision-language chat templates read each content as parts, as for SFT
             example = replace(example, prompt=tuple(as_parts(example.prompt)),
                               completion=tuple(as_parts(example.completion)))
-        prompt = prompt_ids(example, tokenizer, fmt)
+        prompt = prompt_ids(example, tokenizer, fmt, (example.completion,))
         full = full_ids(example, example.completion, tokenizer, fmt, stop_ids)
         n = common_prefix(prompt, full)
         prompt, completion = full[:n], full[n:]

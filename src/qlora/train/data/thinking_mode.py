@@ -1,0 +1,74 @@
+"""A final answer's reasoning that the chat template hides, written as the model writes it in thinking mode.
+
+Some templates never show a finished answer's reasoning and write no ``<think>`` markup before it for
+:func:`~qlora.train.data.tokenize.restore_final_reasoning` to fill (Gemma 4 shows reasoning only before tool calls).
+Their generation prompt closes an empty reasoning block when thinking is off (Gemma 4's
+``<|channel>thought\\n<channel|>``) and leaves the block to the model when a switch (``enable_thinking``,
+``thinking``) turns thinking on. A conversation whose final answer has reasoning is then rendered in thinking mode,
+and the model's block (that empty one, the reasoning before its closing token) written after that mode's generation
+prompt, before the answer: what the model sees and writes at inference.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+from qlora.model.chat_format import ChatFormat
+from qlora.train.data.reasoning import chunk_reasoning, reasoning_of, split_think
+
+# The variables templates test to turn thinking on (Qwen3 and Gemma 4 ``enable_thinking``, DeepSeek-V3.1 ``thinking``)
+THINKING_ON = {"enable_thinking": True, "thinking": True}
+
+
+def final_reasoning_in_thinking_mode(tokenizer, fmt: ChatFormat, messages: Sequence[dict], text: str,
+                                     markers: Sequence[str], where: str = "",
+                                     extra: dict | None = None) -> tuple[str, dict] | None:
+    """``(text, template kwargs)`` of the conversation in thinking mode with its final answer's reasoning written
+    where the model writes it, or None when that answer has no reasoning, shows it in ``text`` (the template's
+    rendering), or the template has no thinking mode whose generation prompt leaves an empty block to the model
+    (``markers``: the tokenizer's markup strings, one of which closes the block)."""
+    *before, final = messages
+    if not before or before[-1].get("role") != "user" or final.get("role") != "assistant" or final.get("tool_calls"):
+        return None
+    parts = _reasoning_and_answer(final)
+    if parts is None or not parts[0] or parts[0] in text:
+        return None
+    reasoning, answer = parts
+    extra = dict(extra or {})
+    prompt = fmt.render(tokenizer, before, add_generation_prompt=True, where=where, **extra)
+    at = text.rfind(answer) if answer else len(text)
+    n = min(_common_prefix(prompt, text), at)
+    if at < 0 or text[n:at].strip():
+        return None
+    block = prompt[n:]  # the empty block the prompt writes where the answer starts in the rendering
+    close = max((block.rfind(m) for m in markers if m), default=-1)
+    if close <= 0:
+        return None
+    on = {**extra, **THINKING_ON}
+    full = fmt.render(tokenizer, messages, where=where, **on)
+    prompt_on = fmt.render(tokenizer, before, add_generation_prompt=True, where=where, **on)
+    rest = full[len(prompt_on):]
+    lead = rest.find(answer)
+    if not full.startswith(prompt_on) or lead < 0 or rest[:lead].strip():
+        return None
+    return prompt_on + block[:close] + reasoning + block[close:] + rest, on
+
+
+def _reasoning_and_answer(message: dict) -> tuple[str, str] | None:
+    """``(reasoning, answer)`` of an assistant message, both stripped: a reasoning field or thinking chunks and the
+    content, or the content's ``<think>`` block and what follows it; None without reasoning."""
+    content = message.get("content")
+    found = reasoning_of(message)
+    field = found[1] if found else chunk_reasoning(message)
+    if field:
+        answer = content if isinstance(content, str) else "".join(
+            str(p.get("text", "")) for p in content or () if isinstance(p, dict) and p.get("type") == "text")
+        return field.strip(), answer.strip()
+    return split_think(content) if isinstance(content, str) else None
+
+
+def _common_prefix(a: str, b: str) -> int:
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n
