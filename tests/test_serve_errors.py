@@ -5,8 +5,8 @@ OpenAI error object (then ``[DONE]``), which the client raises as ``openai.APIEr
 exception once with its traceback; the other rows of the batch go on. Oracles: the client's own reading of
 the stream, the same request served alone, and the log records.
 
-The fault is a tokenizer that cannot name a token, which only logprobs entries need: requests asking for
-logprobs fail once their reply has started, the others never meet it.
+The fault is in the token pieces that only logprobs entries read (each token's bytes and text): requests asking
+for logprobs fail once their reply has started, the others never meet it.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import pytest
 import torch
 
 import qlora
+from qlora.infer.logprobs import _PIECES, TokenPieces
 
 from test_serve import KEY, _together
 
@@ -28,22 +29,10 @@ FAULT = "Internal error: RuntimeError: injected fault"
 MAX_TOKENS = 8
 
 
-class _NamelessTokens:
-    """The tokenizer, except that it cannot name a token (``convert_ids_to_tokens``, read for logprobs entries)."""
+class _FaultyPieces(TokenPieces):
+    """Token pieces that cannot be read: what a bug in them would raise while a logprobs entry is written."""
 
-    def __init__(self, tokenizer) -> None:
-        self._tokenizer = tokenizer
-
-    def __getattr__(self, name: str):
-        return getattr(self._tokenizer, name)
-
-    def __len__(self) -> int:
-        return len(self._tokenizer)
-
-    def __call__(self, *args, **kwargs):
-        return self._tokenizer(*args, **kwargs)
-
-    def convert_ids_to_tokens(self, ids, skip_special_tokens: bool = False):
+    def bytes(self, token: int) -> bytes:
         raise RuntimeError("injected fault")
 
 
@@ -54,7 +43,8 @@ def faulty(tiny_model_dir):
     from qlora.serve.server import BackgroundServer
 
     model, tokenizer = qlora.load_model(tiny_model_dir, compute_dtype=torch.float32, device="cpu")
-    batcher = ContinuousBatcher(model.eval(), _NamelessTokens(tokenizer), max_batch_size=4,
+    _PIECES[tokenizer] = _FaultyPieces(tokenizer)  # the pieces TokenPieces.of(tokenizer) serves logprobs from
+    batcher = ContinuousBatcher(model.eval(), tokenizer, max_batch_size=4,
                                 context_length=512).start()
     with BackgroundServer(build_app(batcher, "tiny", [], api_key=KEY)) as server:
         client = openai.OpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=0, timeout=60)
