@@ -395,3 +395,26 @@ def test_an_answer_that_the_turn_header_spells_is_found_after_the_header(family)
                                  stop_ids=stops(tok, family))
     (run,) = runs(tokenized)
     assert squash(tok.decode(run)).startswith("a<") and "assistant" not in tok.decode(run)
+
+
+@pytest.mark.parametrize("family", ["qwen3.5", "nemotron-nano-v2"])
+def test_a_template_that_fails_on_a_prompt_without_a_user_turn_still_trains_a_greeting_first_row(family):
+    """A row opening with an assistant greeting after the system message: Qwen3.5's and Nemotron Nano 2's templates
+    render the whole conversation but fail on the system message alone (no user query), which is only the probe of
+    where the greeting's turn opens, not the row: trained as apply_chat_template renders it."""
+    tok = family_tokenizer(family)
+    fmt = ChatFormat(tok.chat_template, origin=f"{family}.jinja", date=DATE)
+    greeting = {"role": "assistant", "content": "Hello! How can I help?"}
+    conversation = [SYSTEM, greeting, U1, A1]
+    from jinja2.exceptions import TemplateError
+    with pytest.raises(TemplateError):  # the oracle's own failure on the prefix
+        tok.apply_chat_template([SYSTEM], tokenize=False, add_generation_prompt=True,
+                                chat_template=fmt.pinned_template())
+    tokenized = tokenize_example(Example(tuple(conversation), None, "d.jsonl line 1"), tok, fmt,
+                                 stop_ids=stops(tok, family))
+    reference = reference_ids(tok, conversation, fmt.pinned_template())
+    assert tokenized.input_ids in (reference, reference + [tok.eos_token_id]) and len(runs(tokenized)) == 2
+    for run, content in zip(runs(tokenized), (greeting["content"], A1["content"])):
+        assert run[-1] in stops(tok, family)
+        body = [t for t in run if t not in tok.all_special_ids]
+        assert squash(tok.decode(body)) in visible_forms(content), tok.decode(run)

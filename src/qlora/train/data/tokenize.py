@@ -479,11 +479,15 @@ _THINK_MARKUP = re.compile(r"(?:<think>(\s*))?</think>(\s*)\Z")
 
 
 def _generation_prompt(tokenizer, fmt: ChatFormat, messages: Sequence[dict], i: int, where: str, extra: dict) -> str:
-    """What the template's generation prompt adds after messages ``[:i]`` ('' when it is not a plain suffix)."""
+    """What the template's generation prompt adds after messages ``[:i]`` ('' when it is not a plain suffix, or the
+    template fails on those messages alone: Qwen3.5's on a system message without a user turn after it)."""
     if i == 0:
         return ""
-    plain = fmt.render(tokenizer, messages[:i], where=where, **extra)
-    prompted = fmt.render(tokenizer, messages[:i], add_generation_prompt=True, where=where, **extra)
+    try:
+        plain = fmt.render(tokenizer, messages[:i], where=where, **extra)
+        prompted = fmt.render(tokenizer, messages[:i], add_generation_prompt=True, where=where, **extra)
+    except UsageError:  # the row itself rendered: this prefix is only a probe
+        return ""
     return prompted[len(plain):] if prompted.startswith(plain) else ""
 
 
