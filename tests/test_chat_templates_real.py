@@ -397,6 +397,22 @@ def test_an_answer_that_the_turn_header_spells_is_found_after_the_header(family)
     assert squash(tok.decode(run)).startswith("a<") and "assistant" not in tok.decode(run)
 
 
+@pytest.mark.parametrize("family", ["qwen3.5", "qwen3-next"])
+def test_what_the_model_writes_after_a_generation_prompt_that_opens_think_is_trained(family):
+    """Qwen3.5's and Qwen3-Next's generation prompt ends with ``<think>\\n``; an answer without reasoning is rendered
+    after an empty block, so the model writes the block's end (``</think>``) before the answer: trained with it."""
+    tok = family_tokenizer(family)
+    fmt = ChatFormat(tok.chat_template, origin=f"{family}.jinja", date=DATE)
+    prompt = tok.apply_chat_template([U1], tokenize=False, add_generation_prompt=True,
+                                     chat_template=fmt.pinned_template())
+    rendered = tok.apply_chat_template([U1, A1], tokenize=False, chat_template=fmt.pinned_template())
+    assert prompt.endswith("<think>\n") and rendered.startswith(prompt)  # the oracle: what follows the prompt
+    written = rendered[len(prompt):].rstrip()
+    tokenized = tokenize_example(Example((U1, A1), None, "d.jsonl line 1"), tok, fmt, stop_ids=stops(tok, family))
+    (run,) = runs(tokenized)
+    assert "</think>" in written and squash(written) in squash(tok.decode(run)), tok.decode(run)
+
+
 @pytest.mark.parametrize("family", ["qwen3.5", "nemotron-nano-v2"])
 def test_a_template_that_fails_on_a_prompt_without_a_user_turn_still_trains_a_greeting_first_row(family):
     """A row opening with an assistant greeting after the system message: Qwen3.5's and Nemotron Nano 2's templates

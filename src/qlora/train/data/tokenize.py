@@ -791,7 +791,9 @@ def _assistant_spans(text: str, messages: Sequence[dict], fmt: ChatFormat, where
                 "plain text the template prints as is), or train on the whole text with --train-on all."
             )
         opened = _turn_opening(text, prompt_end, generation_prompt(i), markers) if prompt_end is not None else None
-        if opened is not None and opened[1] > found[0]:  # found in the prompt: the answer is after the turn opens
+        # found in the prompt, or in the opening itself: the answer is after the turn opens (a found span that ends past
+        # the opening starts with the empty <think> block a template writes there, Qwen3.5's: the model writes its end)
+        if opened is not None and found[1] <= opened[1]:
             found = _find_assistant(text, messages[i], opened[1], lambda i=i: generation_prompt(i),
                                     lambda i=i: reasoning_opening(i)) if opened[0] >= 0 else None
             if found is None:
