@@ -397,16 +397,16 @@ def test_an_answer_that_the_turn_header_spells_is_found_after_the_header(family)
     assert squash(tok.decode(run)).startswith("a<") and "assistant" not in tok.decode(run)
 
 
-@pytest.mark.parametrize("family", ["qwen3.5", "qwen3-next"])
+@pytest.mark.parametrize("family", ["qwen3.5", "qwen3-next", "glm-5.1"])
 def test_what_the_model_writes_after_a_generation_prompt_that_opens_think_is_trained(family):
-    """Qwen3.5's and Qwen3-Next's generation prompt ends with ``<think>\\n``; an answer without reasoning is rendered
-    after an empty block, so the model writes the block's end (``</think>``) before the answer: trained with it."""
+    """Qwen3.5's, Qwen3-Next's and GLM-5.1's generation prompt ends with ``<think>``; an answer without reasoning is
+    rendered after an empty block, so the model writes the block's end (``</think>``) before the answer: trained."""
     tok = family_tokenizer(family)
     fmt = ChatFormat(tok.chat_template, origin=f"{family}.jinja", date=DATE)
     prompt = tok.apply_chat_template([U1], tokenize=False, add_generation_prompt=True,
                                      chat_template=fmt.pinned_template())
     rendered = tok.apply_chat_template([U1, A1], tokenize=False, chat_template=fmt.pinned_template())
-    assert prompt.endswith("<think>\n") and rendered.startswith(prompt)  # the oracle: what follows the prompt
+    assert prompt.rstrip().endswith("<think>") and rendered.startswith(prompt)  # the oracle: what follows the prompt
     written = rendered[len(prompt):].rstrip()
     tokenized = tokenize_example(Example((U1, A1), None, "d.jsonl line 1"), tok, fmt, stop_ids=stops(tok, family))
     (run,) = runs(tokenized)
@@ -434,3 +434,4 @@ def test_a_template_that_fails_on_a_prompt_without_a_user_turn_still_trains_a_gr
         assert run[-1] in stops(tok, family)
         body = [t for t in run if t not in tok.all_special_ids]
         assert squash(tok.decode(body)) in visible_forms(content), tok.decode(run)
+
