@@ -435,3 +435,26 @@ def test_a_template_that_fails_on_a_prompt_without_a_user_turn_still_trains_a_gr
         body = [t for t in run if t not in tok.all_special_ids]
         assert squash(tok.decode(body)) in visible_forms(content), tok.decode(run)
 
+
+class CountingFormat(ChatFormat):
+    """A chat format that counts its renderings (the cost of tokenizing a row)."""
+
+    def render(self, tokenizer, messages, add_generation_prompt=False, where="", **kwargs):
+        object.__setattr__(self, "renders", getattr(self, "renders", 0) + 1)
+        return super().render(tokenizer, messages, add_generation_prompt, where, **kwargs)
+
+
+@pytest.mark.parametrize("family", ["qwen3", "llama-3.1", "gpt-oss", "mistral-v0.3"])
+def test_a_long_conversation_renders_its_template_as_often_as_a_short_one(family):
+    """Where each answer's turn opens is probed with the generation prompt of the messages before it: one probe serves
+    every turn it opens (a template's prompt is the same each turn), and a template that never reads
+    add_generation_prompt has none to probe, so tokenizing grows with the conversation, not with its square."""
+    tok = family_tokenizer(family)
+    counts = []
+    for conversation in (CONVERSATIONS["three turns"][:2], CONVERSATIONS["three turns"] * 8):
+        fmt = CountingFormat(tok.chat_template, origin=f"{family}.jinja", date=DATE)
+        tokenized = tokenize_example(Example(tuple(conversation), None, "d.jsonl line 1"), tok, fmt,
+                                     stop_ids=stops(tok, family))
+        assert len(runs(tokenized)) == sum(m["role"] == "assistant" for m in conversation)
+        counts.append(fmt.renders)
+    assert counts[1] == counts[0], counts

@@ -41,6 +41,7 @@ The rules (issues 11 and 20), each one a silent fine-tune killer elsewhere:
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Sequence
@@ -340,7 +341,8 @@ def _chat_ids_and_mask(example: Example, tokenizer, fmt: ChatFormat, stops: set[
         spans = _assistant_spans(text, messages, fmt, example.where,
                                  lambda cursor, i: _tool_call_span(text, cursor, tokenizer, fmt, messages, i,
                                                                    example.where, extra), skipped,
-                                 lambda i: _generation_prompt(tokenizer, fmt, messages, i, example.where, extra),
+                                 functools.cache(lambda i: _generation_prompt(tokenizer, fmt, messages, i,
+                                                                              example.where, extra)),
                                  lambda i: _reasoning_opening(tokenizer, fmt, messages, i, example.where, extra),
                                  _markup_strings(tokenizer))
         runs = [_tokens_covering(offsets, s, e) for s, e in spans]
@@ -481,7 +483,7 @@ _THINK_MARKUP = re.compile(r"(?:<think>(\s*))?</think>(\s*)\Z")
 def _generation_prompt(tokenizer, fmt: ChatFormat, messages: Sequence[dict], i: int, where: str, extra: dict) -> str:
     """What the template's generation prompt adds after messages ``[:i]`` ('' when it is not a plain suffix, or the
     template fails on those messages alone: Qwen3.5's on a system message without a user turn after it)."""
-    if i == 0:
+    if i == 0 or "add_generation_prompt" not in fmt.template:  # a template that never reads the flag has none
         return ""
     try:
         plain = fmt.render(tokenizer, messages[:i], where=where, **extra)
@@ -761,6 +763,7 @@ def _assistant_spans(text: str, messages: Sequence[dict], fmt: ChatFormat, where
             it but before the generation prompt (``markers``: the tokenizer's markup strings) starts the model's turn.
     """
     spans, cursor = [], 0
+    seen: list[str] = []  # the generation prompts of earlier turns: one that opens this turn spares rendering its own
     assistants = [i for i, m in enumerate(messages) if m.get("role") == "assistant"]
     for k, i in enumerate(assistants, 1):
         content = _content(messages[i])
@@ -790,7 +793,10 @@ def _assistant_spans(text: str, messages: Sequence[dict], fmt: ChatFormat, where
                 "would never see them in this format. Fix or remove that message in the data (check that it is "
                 "plain text the template prints as is), or train on the whole text with --train-on all."
             )
-        opened = _turn_opening(text, prompt_end, generation_prompt(i), markers) if prompt_end is not None else None
+        opened = None
+        if prompt_end is not None and not any(_opens_before(text, prompt_end, g, markers, found) for g in seen):
+            opened = _turn_opening(text, prompt_end, generation_prompt(i), markers)
+            seen += [generation_prompt(i)] if generation_prompt(i).strip() else []
         # found in the prompt, or in the opening itself: the answer is after the turn opens (a found span that ends past
         # the opening starts with the empty <think> block a template writes there, Qwen3.5's: the model writes its end)
         if opened is not None and found[1] <= opened[1]:
@@ -809,6 +815,12 @@ def _assistant_spans(text: str, messages: Sequence[dict], fmt: ChatFormat, where
             spans.append(found)
         cursor = found[1]
     return spans
+
+
+def _opens_before(text: str, start: int, generation_prompt: str, markers: Sequence[str], found: tuple[int, int]) -> bool:
+    """Whether ``generation_prompt`` opens a turn after ``start`` that the span ``found`` ends past."""
+    opened = _turn_opening(text, start, generation_prompt, markers)
+    return opened is not None and found[1] > opened[1]
 
 
 def _turn_opening(text: str, start: int, generation_prompt: str, markers: Sequence[str]) -> tuple[int, int] | None:
