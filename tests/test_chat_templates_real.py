@@ -458,3 +458,21 @@ def test_a_long_conversation_renders_its_template_as_often_as_a_short_one(family
         assert len(runs(tokenized)) == sum(m["role"] == "assistant" for m in conversation)
         counts.append(fmt.renders)
     assert counts[1] == counts[0], counts
+
+
+@pytest.mark.parametrize("family,answer", [
+    *((f, a) for f in ("glm-4.5", "qwen3", "llama-3.1", "deepseek-v3.2", "kimi-k2") for a in "tsaei"),
+    *(("gpt-oss", a) for a in "tse")])  # gpt-oss writes "final" as text after its prompt: its "a" and "i" are taken
+def test_a_one_letter_answer_is_never_taken_from_markup_text(family, answer):
+    """A letter of a special token's text (Qwen3's and GLM's ``<think>`` after the assistant header, gpt-oss's
+    ``<|message|>`` after ``<|start|>assistant``) is markup the template writes, never the answer: the answer is the
+    text that renders the message."""
+    tok = family_tokenizer(family)
+    fmt = ChatFormat(tok.chat_template, origin=f"{family}.jinja", date=DATE)
+    conversation = [U1, {"role": "assistant", "content": answer}]
+    tokenized = tokenize_example(Example(tuple(conversation), None, "d.jsonl line 1"), tok, fmt,
+                                 stop_ids=stops(tok, family))
+    (run,) = runs(tokenized)
+    assert run[-1] in stops(tok, family)
+    body = [t for t in run if t not in tok.all_special_ids]
+    assert squash(tok.decode(body)) in visible_forms(answer), tok.decode(run)
