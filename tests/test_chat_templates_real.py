@@ -509,3 +509,84 @@ def test_apertus_reasoning_field_is_refused_by_line():
     with pytest.raises(UsageError, match=r'^r.jsonl line 4, message 2 of the conversation: field "reasoning_content"'
                                          r".*\(apertus.jinja\) has no place for reasoning"):
         tokenize_example(Example((U1, answer), None, "r.jsonl line 4"), tok, fmt)
+
+
+@pytest.mark.parametrize("family", ["qwen3.5", "qwen3-next", "glm-5.1"])
+def test_what_the_model_writes_after_a_generation_prompt_that_opens_think_is_trained(family):
+    """Qwen3.5's, Qwen3-Next's and GLM-5.1's generation prompt ends with ``<think>``; an answer without reasoning is
+    rendered after an empty block, so the model writes the block's end (``</think>``) before the answer: trained."""
+    tok = family_tokenizer(family)
+    fmt = ChatFormat(tok.chat_template, origin=f"{family}.jinja", date=DATE)
+    prompt = tok.apply_chat_template([U1], tokenize=False, add_generation_prompt=True,
+                                     chat_template=fmt.pinned_template())
+    rendered = tok.apply_chat_template([U1, A1], tokenize=False, chat_template=fmt.pinned_template())
+    assert prompt.rstrip().endswith("<think>") and rendered.startswith(prompt)  # the oracle: what follows the prompt
+    written = rendered[len(prompt):].rstrip()
+    tokenized = tokenize_example(Example((U1, A1), None, "d.jsonl line 1"), tok, fmt, stop_ids=stops(tok, family))
+    (run,) = runs(tokenized)
+    assert "</think>" in written and squash(written) in squash(tok.decode(run)), tok.decode(run)
+
+
+@pytest.mark.parametrize("family", ["qwen3.5", "nemotron-nano-v2"])
+def test_a_template_that_fails_on_a_prompt_without_a_user_turn_still_trains_a_greeting_first_row(family):
+    """A row opening with an assistant greeting after the system message: Qwen3.5's and Nemotron Nano 2's templates
+    render the whole conversation but fail on the system message alone (no user query), which is only the probe of
+    where the greeting's turn opens, not the row: trained as apply_chat_template renders it."""
+    tok = family_tokenizer(family)
+    fmt = ChatFormat(tok.chat_template, origin=f"{family}.jinja", date=DATE)
+    greeting = {"role": "assistant", "content": "Hello! How can I help?"}
+    conversation = [SYSTEM, greeting, U1, A1]
+    from jinja2.exceptions import TemplateError
+    with pytest.raises(TemplateError):  # the oracle's own failure on the prefix
+        tok.apply_chat_template([SYSTEM], tokenize=False, add_generation_prompt=True,
+                                chat_template=fmt.pinned_template())
+    tokenized = tokenize_example(Example(tuple(conversation), None, "d.jsonl line 1"), tok, fmt,
+                                 stop_ids=stops(tok, family))
+    reference = reference_ids(tok, conversation, fmt.pinned_template())
+    assert tokenized.input_ids in (reference, reference + [tok.eos_token_id]) and len(runs(tokenized)) == 2
+    for run, content in zip(runs(tokenized), (greeting["content"], A1["content"])):
+        assert run[-1] in stops(tok, family)
+        body = [t for t in run if t not in tok.all_special_ids]
+        assert squash(tok.decode(body)) in visible_forms(content), tok.decode(run)
+
+
+class CountingFormat(ChatFormat):
+    """A chat format that counts its renderings (the cost of tokenizing a row)."""
+
+    def render(self, tokenizer, messages, add_generation_prompt=False, where="", **kwargs):
+        object.__setattr__(self, "renders", getattr(self, "renders", 0) + 1)
+        return super().render(tokenizer, messages, add_generation_prompt, where, **kwargs)
+
+
+@pytest.mark.parametrize("family", ["qwen3", "llama-3.1", "gpt-oss", "mistral-v0.3"])
+def test_a_long_conversation_renders_its_template_as_often_as_a_short_one(family):
+    """Where each answer's turn opens is probed with the generation prompt of the messages before it: one probe serves
+    every turn it opens (a template's prompt is the same each turn), and a template that never reads
+    add_generation_prompt has none to probe, so tokenizing grows with the conversation, not with its square."""
+    tok = family_tokenizer(family)
+    counts = []
+    for conversation in (CONVERSATIONS["three turns"][:2], CONVERSATIONS["three turns"] * 8):
+        fmt = CountingFormat(tok.chat_template, origin=f"{family}.jinja", date=DATE)
+        tokenized = tokenize_example(Example(tuple(conversation), None, "d.jsonl line 1"), tok, fmt,
+                                     stop_ids=stops(tok, family))
+        assert len(runs(tokenized)) == sum(m["role"] == "assistant" for m in conversation)
+        counts.append(fmt.renders)
+    assert counts[1] == counts[0], counts
+
+
+@pytest.mark.parametrize("family,answer", [
+    *((f, a) for f in ("glm-4.5", "qwen3", "llama-3.1", "deepseek-v3.2", "kimi-k2") for a in "tsaei"),
+    *(("gpt-oss", a) for a in "tse")])  # gpt-oss writes "final" as text after its prompt: its "a" and "i" are taken
+def test_a_one_letter_answer_is_never_taken_from_markup_text(family, answer):
+    """A letter of a special token's text (Qwen3's and GLM's ``<think>`` after the assistant header, gpt-oss's
+    ``<|message|>`` after ``<|start|>assistant``) is markup the template writes, never the answer: the answer is the
+    text that renders the message."""
+    tok = family_tokenizer(family)
+    fmt = ChatFormat(tok.chat_template, origin=f"{family}.jinja", date=DATE)
+    conversation = [U1, {"role": "assistant", "content": answer}]
+    tokenized = tokenize_example(Example(tuple(conversation), None, "d.jsonl line 1"), tok, fmt,
+                                 stop_ids=stops(tok, family))
+    (run,) = runs(tokenized)
+    assert run[-1] in stops(tok, family)
+    body = [t for t in run if t not in tok.all_special_ids]
+    assert squash(tok.decode(body)) in visible_forms(answer), tok.decode(run)

@@ -41,6 +41,8 @@ The rules (issues 11 and 20), each one a silent fine-tune killer elsewhere:
 
 from __future__ import annotations
 
+import bisect
+import functools
 import re
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Sequence
@@ -364,9 +366,10 @@ def _chat_ids_and_mask(example: Example, tokenizer, fmt: ChatFormat, stops: set[
         spans = _assistant_spans(text, messages, fmt, example.where,
                                  lambda cursor, i: _tool_call_span(text, cursor, tokenizer, fmt, messages, i,
                                                                    example.where, extra), skipped,
-                                 lambda i: _generation_prompt(tokenizer, fmt, messages, i, example.where, extra),
+                                 functools.cache(lambda i: _generation_prompt(tokenizer, fmt, messages, i,
+                                                                              example.where, extra)),
                                  lambda i: _reasoning_opening(tokenizer, fmt, messages, i, example.where, extra),
-                                 _markup_strings(tokenizer))
+                                 _markup_strings(tokenizer), _markup_spans(ids, offsets, tokenizer))
         runs = [_tokens_covering(offsets, s, e) for s, e in spans]
         char_ends = [e for _, e in spans]
     mask = [False] * len(ids)
@@ -501,11 +504,15 @@ _THINK_MARKUP = re.compile(r"(?:<think>(\s*))?</think>(\s*)\Z")
 
 
 def _generation_prompt(tokenizer, fmt: ChatFormat, messages: Sequence[dict], i: int, where: str, extra: dict) -> str:
-    """What the template's generation prompt adds after messages ``[:i]`` ('' when it is not a plain suffix)."""
-    if i == 0:
+    """What the template's generation prompt adds after messages ``[:i]`` ('' when it is not a plain suffix, or the
+    template fails on those messages alone: Qwen3.5's on a system message without a user turn after it)."""
+    if i == 0 or "add_generation_prompt" not in fmt.template:  # a template that never reads the flag has none
         return ""
-    plain = fmt.render(tokenizer, messages[:i], where=where, **extra)
-    prompted = fmt.render(tokenizer, messages[:i], add_generation_prompt=True, where=where, **extra)
+    try:
+        plain = fmt.render(tokenizer, messages[:i], where=where, **extra)
+        prompted = fmt.render(tokenizer, messages[:i], add_generation_prompt=True, where=where, **extra)
+    except UsageError:  # the row itself rendered: this prefix is only a probe
+        return ""
     return prompted[len(plain):] if prompted.startswith(plain) else ""
 
 
@@ -641,6 +648,12 @@ def _markup_strings(tokenizer) -> list[str]:
         str(getattr(t, "content", t)) for t in getattr(tokenizer, "added_tokens_decoder", {}).values()]
 
 
+def _markup_spans(ids: Sequence[int], offsets: Sequence[tuple[int, int]], tokenizer) -> list[tuple[int, int]]:
+    """The character spans of the special and added tokens among ``ids``, in order."""
+    markup = _markup_ids(tokenizer)
+    return [offsets[k] for k, t in enumerate(ids) if t in markup]
+
+
 def _markup_ids(tokenizer) -> set[int]:
     """Ids of the tokenizer's special and added tokens: template markup, never text a message holds."""
     return set(tokenizer.all_special_ids) | set(getattr(tokenizer, "added_tokens_decoder", {}))
@@ -679,39 +692,51 @@ def _content(message: dict) -> str:
     return "" if content is None else str(content)
 
 
-def _find(text: str, needle: str, cursor: int) -> tuple[int, int] | None:
-    """The first occurrence of ``needle`` (as is, then stripped) at or after ``cursor``."""
+def _find(text: str, needle: str, cursor: int, markup: Sequence[tuple[int, int]] = ()) -> tuple[int, int] | None:
+    """The first occurrence of ``needle`` (as is, then stripped) at or after ``cursor``, but for one that is a part
+    of a markup token's text (``markup``: their character spans, in order), which never renders a message: a
+    one-letter answer is not the ``t`` of ``<think>``."""
+    starts = [s for s, _ in markup]
     for candidate in dict.fromkeys((needle, needle.strip())):
         if candidate:
             at = text.find(candidate, cursor)
+            while at >= 0 and _inside_markup(markup, starts, at, at + len(candidate)):
+                at = text.find(candidate, at + 1)
             if at >= 0:
                 return at, at + len(candidate)
     return None
 
 
+def _inside_markup(markup: Sequence[tuple[int, int]], starts: list[int], begin: int, end: int) -> bool:
+    """Whether ``[begin, end)`` lies within one markup span, short of all of it."""
+    k = bisect.bisect_right(starts, begin) - 1
+    return k >= 0 and end <= markup[k][1] and (begin, end) != tuple(markup[k])
+
+
 def _find_assistant(text: str, message: dict, cursor: int, generation_prompt: Callable[[], str] = lambda: "",
-                    opening: Callable[[], str] = lambda: "") -> tuple[int, int] | None:
+                    opening: Callable[[], str] = lambda: "",
+                    markup: Sequence[tuple[int, int]] = ()) -> tuple[int, int] | None:
     """Where an assistant message is rendered: its content whole, or, for a message with reasoning (a field,
     thinking chunks or a ``<think>`` block in the content), its reasoning + answer as the template reformats them,
     from the end of the generation prompt (the model writes what follows it: ``<think>``, a channel header) or from
     the template's ``opening`` markup of the reasoning, or the answer alone when the template drops the reasoning of
-    this turn."""
+    this turn (``markup``: as for :func:`_find`)."""
     content = _content(message)
     field = _reasoning_field(message)
     parts = (_reasoning_text(message), content.strip()) if field else split_think(content)
     if parts is None:
-        found = _find(text, content, cursor)
+        found = _find(text, content, cursor, markup)
         empty = _EMPTY_THINK.search(text, cursor, found[0]) if found else None
         return (empty.start(), found[1]) if empty else found
     reasoning, answer = parts
-    think = _find(text, reasoning, cursor) if reasoning else None
-    first_answer = _find(text, answer, cursor) if answer else None
+    think = _find(text, reasoning, cursor, markup) if reasoning else None
+    first_answer = _find(text, answer, cursor, markup) if answer else None
     if think and (first_answer is None or first_answer[0] >= think[0]):  # this turn's reasoning, not a later one's
-        after = _find(text, answer, think[1]) if answer else (think[1], think[1])
+        after = _find(text, answer, think[1], markup) if answer else (think[1], think[1])
         if after:
             return _turn_start(text, cursor, think[0], generation_prompt(), opening), after[1]
     if field is None:
-        found = _find(text, content, cursor)  # a template that prints the <think> block as plain text
+        found = _find(text, content, cursor, markup)  # a template that prints the <think> block as plain text
         if found:
             return found
     return first_answer
@@ -768,23 +793,25 @@ def _assistant_spans(text: str, messages: Sequence[dict], fmt: ChatFormat, where
                      skipped: set[int] = frozenset(),
                      generation_prompt: Callable[[int], str] = lambda i: "",
                      reasoning_opening: Callable[[int], str] = lambda i: "",
-                     markers: Sequence[str] = ()) -> list[tuple[int, int]]:
+                     markers: Sequence[str] = (), markup: Sequence[tuple[int, int]] = ()) -> list[tuple[int, int]]:
     """Character spans of each assistant message's content in ``text``, in order, but for the assistant
     messages numbered (from 0) in ``skipped``; a message that calls tools spans the whole turn the template
     writes for it (``tool_call_span(cursor, i)``: content and calls); a message with reasoning starts where
-    ``generation_prompt(i)`` (the template's, after messages ``[:i]``) ends, or at ``reasoning_opening(i)``.
+    ``generation_prompt(i)`` (the template's, after messages ``[:i]``) ends, or at ``reasoning_opening(i)``; no
+    message is found inside a markup token's text (``markup``: their character spans, in order).
 
     Raises:
         Unlocated: an assistant message is not rendered, or is rendered inside the prompt: after the message before
             it but before the generation prompt (``markers``: the tokenizer's markup strings) starts the model's turn.
     """
     spans, cursor = [], 0
+    seen: list[str] = []  # the generation prompts of earlier turns: one that opens this turn spares rendering its own
     assistants = [i for i, m in enumerate(messages) if m.get("role") == "assistant"]
     for k, i in enumerate(assistants, 1):
         content = _content(messages[i])
         prompt_end = None
         if i > 0 and messages[i - 1].get("role") != "assistant":  # skip past the prompt, so text it quotes is not taken
-            prompt = _find(text, _content(messages[i - 1]), cursor)
+            prompt = _find(text, _content(messages[i - 1]), cursor, markup)
             if prompt:
                 cursor = prompt_end = prompt[1]
         if messages[i].get("tool_calls"):
@@ -798,7 +825,7 @@ def _assistant_spans(text: str, messages: Sequence[dict], fmt: ChatFormat, where
         if not content.strip() and not _reasoning_field(messages[i]):
             continue  # nothing to learn but the end marker, whose place is unknown
         found = _find_assistant(text, messages[i], cursor, lambda i=i: generation_prompt(i),
-                                lambda i=i: reasoning_opening(i))
+                                lambda i=i: reasoning_opening(i), markup)
         if found is None:
             shown = content.strip()[:60]
             raise Unlocated(
@@ -808,11 +835,16 @@ def _assistant_spans(text: str, messages: Sequence[dict], fmt: ChatFormat, where
                 "would never see them in this format. Fix or remove that message in the data (check that it is "
                 "plain text the template prints as is), or train on the whole text with --train-on all."
             )
-        opened = _turn_opening(text, prompt_end, generation_prompt(i), markers) if prompt_end is not None else None
-        if opened is not None and opened[1] > found[0] and not _continues_turn(text, messages, i, prompt_end, found[0],
-                                                                                markers):  # found in the prompt: the answer is after the turn opens
+        opened = None
+        if prompt_end is not None and not any(_opens_before(text, prompt_end, g, markers, found) for g in seen):
+            opened = _turn_opening(text, prompt_end, generation_prompt(i), markers)
+            seen += [generation_prompt(i)] if generation_prompt(i).strip() else []
+        # found in the prompt, or in the opening itself: the answer is after the turn opens (a found span that ends past
+        # the opening starts with the empty <think> block a template writes there, Qwen3.5's: the model writes its end)
+        if opened is not None and found[1] <= opened[1] and not _continues_turn(text, messages, i, prompt_end,
+                                                                                 found[0], markers):
             found = _find_assistant(text, messages[i], opened[1], lambda i=i: generation_prompt(i),
-                                    lambda i=i: reasoning_opening(i)) if opened[0] >= 0 else None
+                                    lambda i=i: reasoning_opening(i), markup) if opened[0] >= 0 else None
             if found is None:
                 raise Unlocated(
                     f"{where}: assistant message {k} of {len(assistants)} (message {i + 1} of the conversation, "
@@ -840,6 +872,12 @@ def _continues_turn(text: str, messages: Sequence[dict], i: int, prompt_end: int
     caller = max(k for k, role in enumerate(before) if role == "assistant")
     between = text[prompt_end:start]
     return bool(messages[caller].get("tool_calls")) and not any(m and m in between for m in markers)
+
+
+def _opens_before(text: str, start: int, generation_prompt: str, markers: Sequence[str], found: tuple[int, int]) -> bool:
+    """Whether ``generation_prompt`` opens a turn after ``start`` that the span ``found`` ends past."""
+    opened = _turn_opening(text, start, generation_prompt, markers)
+    return opened is not None and found[1] > opened[1]
 
 
 def _turn_opening(text: str, start: int, generation_prompt: str, markers: Sequence[str]) -> tuple[int, int] | None:
