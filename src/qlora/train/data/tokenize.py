@@ -134,7 +134,8 @@ class DataReport:
 
     def nothing_to_train(self, rows: int, what: str = "rows") -> "NothingToTrain":
         """The refusal when every one of ``rows`` rows was skipped (as empty, or as a tie)."""
-        skipped = {**self.empty, "the same chosen and rejected answer": self.identical} if self.identical else self.empty
+        skipped = ({**self.empty, "the same chosen and rejected answer": self.identical} if self.identical
+                   else self.empty)
         counts = "; ".join(f"{len(where)} with {reason} (first: {', '.join(where[:_SHOWN])})"
                            for reason, where in skipped.items())
         return NothingToTrain(rows, what, counts)
@@ -874,7 +875,8 @@ def _continues_turn(text: str, messages: Sequence[dict], i: int, prompt_end: int
     return bool(messages[caller].get("tool_calls")) and not any(m and m in between for m in markers)
 
 
-def _opens_before(text: str, start: int, generation_prompt: str, markers: Sequence[str], found: tuple[int, int]) -> bool:
+def _opens_before(text: str, start: int, generation_prompt: str, markers: Sequence[str],
+                  found: tuple[int, int]) -> bool:
     """Whether ``generation_prompt`` opens a turn after ``start`` that the span ``found`` ends past."""
     opened = _turn_opening(text, start, generation_prompt, markers)
     return opened is not None and found[1] > opened[1]
