@@ -48,9 +48,13 @@ def _greedy_text(model_dir, tok, ids: list[int], max_new: int) -> str:
     return tok.decode([t for t in out if t not in stops], skip_special_tokens=True)
 
 
-def test_generate_prompts_with_the_chat_template_kwargs(tmp_path, capsys):
-    model = model_for("qwen3", tmp_path)
-    tok = family_tokenizer("qwen3")
+@pytest.fixture(scope="module")
+def qwen3_model(tmp_path_factory):
+    return model_for("qwen3", tmp_path_factory.mktemp("qwen3"))
+
+
+def test_generate_prompts_with_the_chat_template_kwargs(qwen3_model, capsys):
+    model, tok = qwen3_model, family_tokenizer("qwen3")
     common = ["generate", "--model", str(model), "--prompt", U1["content"], "--max-new-tokens", "8",
               "--temperature", "0", "--quant", "none", "--compute-dtype", "fp32"]
     texts = {}
@@ -59,6 +63,20 @@ def test_generate_prompts_with_the_chat_template_kwargs(tmp_path, capsys):
         texts[thinking] = capsys.readouterr().out
         assert texts[thinking] == _greedy_text(model, tok, _oracle(tok, enable_thinking=thinking), 8) + "\n"
     assert texts[False] != texts[True]  # the two prompts are told apart by the replies
+
+
+def test_chat_prompts_with_the_chat_template_kwargs(qwen3_model, tmp_path, monkeypatch, capsys):
+    import io
+
+    tok = family_tokenizer("qwen3")
+    monkeypatch.chdir(tmp_path)
+    for thinking in (False, True):
+        monkeypatch.setattr("sys.stdin", io.StringIO(U1["content"] + "\n"))
+        assert main(["chat", "--model", str(qwen3_model), "--max-new-tokens", "8", "--temperature", "0", "--quant",
+                     "none", "--compute-dtype", "fp32", "--chat-template-kwargs",
+                     json.dumps({"enable_thinking": thinking})]) == 0
+        want = _greedy_text(qwen3_model, tok, _oracle(tok, enable_thinking=thinking), 8)
+        assert f"assistant> {want}\n" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize(("value", "words"), [
