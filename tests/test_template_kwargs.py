@@ -1,4 +1,5 @@
-"""Chat template variables at inference: ``--chat-template-kwargs`` of generate and chat (vLLM's name).
+"""Chat template variables at inference: ``--chat-template-kwargs`` of generate and chat (vLLM's name), and the
+thinking mode an adapter trained in, saved with it (``chat_format.json``) and applied unless overridden.
 
 Oracles: the real templates' ``apply_chat_template(..., enable_thinking=...)`` ids (tests/chat_families.py) and
 transformers' greedy decoding."""
@@ -14,6 +15,7 @@ from chat_families import U1, family_tokenizer, model_for
 from qlora.cli.main import build_parser, main
 from qlora.infer.messages import Message
 from qlora.infer.template import render_chat
+from qlora.model.chat_format import ChatFormat
 
 USER = [Message("user", U1["content"])]
 
@@ -34,6 +36,11 @@ def test_template_kwargs_render_the_prompt_apply_chat_template_renders(family, t
     assert _oracle(tok, enable_thinking=False) != _oracle(tok, enable_thinking=True)  # the switch changes the prompt
     prompt = render_chat(tok, USER, template_kwargs={"enable_thinking": thinking})
     assert _ids(tok, prompt) == _oracle(tok, enable_thinking=thinking)
+    # a saved format's variables apply, and the ones given override them
+    fmt = ChatFormat(tok.chat_template, family, template_kwargs={"enable_thinking": not thinking})
+    assert _ids(tok, render_chat(tok, USER, chat_format=fmt)) == _oracle(tok, enable_thinking=not thinking)
+    overridden = render_chat(tok, USER, chat_format=fmt, template_kwargs={"enable_thinking": thinking})
+    assert _ids(tok, overridden) == _oracle(tok, enable_thinking=thinking)
 
 
 def _greedy_text(model_dir, tok, ids: list[int], max_new: int) -> str:
@@ -100,3 +107,51 @@ def test_template_kwargs_with_raw_text_are_refused(capsys):
                  "--chat-template-kwargs", '{"enable_thinking": false}']) == 2
     assert "--chat-template-kwargs with --template none" in capsys.readouterr().err
 
+
+@pytest.mark.parametrize("saved", [[1], {"tokenize": True}])
+def test_a_saved_format_with_bad_template_kwargs_is_refused(saved, tmp_path):
+    from qlora.errors import UsageError
+
+    (tmp_path / "chat_format.json").write_text(json.dumps({"template": "{{ messages }}", "template_kwargs": saved}))
+    with pytest.raises(UsageError, match="not a valid chat format file.*template_kwargs"):
+        ChatFormat.load(tmp_path)
+
+
+def _train(model, rows: list[dict], out, tmp_path) -> None:
+    data = tmp_path / f"{out.name}.jsonl"
+    data.write_text("".join(json.dumps({"messages": r}) + "\n" for r in rows))
+    assert main(["train", "--model", str(model), "--data", str(data), "--output", str(out), "--max-steps", "1",
+                 "--batch-size", "1", "--no-progress"]) == 0
+
+
+def _generate_prompt_ids(model, adapter, tok, *options: str) -> list[int]:
+    """The prompt ids ``qlora generate --adapter`` sends (its format read as generate reads it)."""
+    from qlora.cli.commands.generate import chat_format_from_args
+
+    args = build_parser("generate").parse_args(["generate", "--model", str(model), "--adapter", str(adapter),
+                                                "--prompt", U1["content"], *options])
+    return _ids(tok, render_chat(tok, USER, chat_format=chat_format_from_args(args, tok, "generate"),
+                                 template_kwargs=args.chat_template_kwargs))
+
+
+def test_an_adapter_trained_in_thinking_mode_is_prompted_in_it(tmp_path):
+    """Gemma 4 trains a final answer's hidden reasoning in its thinking mode: the adapter records the switch
+    (chat_format.json) and inference prompts in that mode, the prompt its training rows' answers followed, unless
+    the user overrides it; an adapter trained on answers without reasoning records nothing."""
+    model = model_for("gemma-4", tmp_path)
+    tok = family_tokenizer("gemma-4")
+    reasoning = [U1, {"role": "assistant", "content": "Four.", "reasoning_content": "Two and two."}]
+    _train(model, [reasoning] * 2, tmp_path / "thinking", tmp_path)
+    saved = ChatFormat.load(tmp_path / "thinking")
+    assert saved.template_kwargs and all(saved.template_kwargs.values())
+    prompt = _generate_prompt_ids(model, tmp_path / "thinking", tok)
+    assert prompt == _oracle(tok, enable_thinking=True)
+    trained = tok.apply_chat_template([U1], add_generation_prompt=True, tokenize=False, **saved.template_kwargs)
+    assert tok.decode(prompt) == trained and "<|think|>" in trained
+    off = _generate_prompt_ids(model, tmp_path / "thinking", tok, "--chat-template-kwargs",
+                               '{"enable_thinking": false}')
+    assert off == _oracle(tok, enable_thinking=False)
+
+    _train(model, [[U1, {"role": "assistant", "content": "Four."}]] * 2, tmp_path / "plain", tmp_path)
+    assert ChatFormat.load(tmp_path / "plain").template_kwargs == {}
+    assert _generate_prompt_ids(model, tmp_path / "plain", tok) == _oracle(tok)
