@@ -111,12 +111,16 @@ def test_chat_template_kwargs_reach_qwen3_template_as_apply_chat_template_kwargs
     assert reply.choices[0].message.content == tok.decode([t for t in want if t not in stops], skip_special_tokens=True)
 
 
-def test_server_template_kwargs_apply_under_each_request_s(tmp_path):
-    """``--default-chat-template-kwargs`` (vLLM's): every chat request renders with them, and a request's own
-    ``chat_template_kwargs`` are merged over them, key by key."""
-    from chat_families import model_for
+@pytest.mark.parametrize("saved", [None, {"enable_thinking": True}])
+def test_server_template_kwargs_apply_under_each_request_s(saved, tmp_path):
+    """``--default-chat-template-kwargs`` (vLLM's): every chat request renders with them, over the variables saved
+    with the served format (an adapter's thinking mode), and a request's own ``chat_template_kwargs`` are merged over
+    them, key by key."""
+    from chat_families import family_tokenizer, model_for
 
-    batcher, server, tok, oracle = _serve(model_for("qwen3", tmp_path),
+    formats = {None: ChatFormat(family_tokenizer("qwen3").chat_template, "qwen3", template_kwargs=saved)} if saved \
+        else None
+    batcher, server, tok, oracle = _serve(model_for("qwen3", tmp_path), chat_formats=formats,
                                           template_kwargs={"enable_thinking": False, "persona": "fox"})
     stops = stop_token_ids(batcher.model, tok)
     with server:
