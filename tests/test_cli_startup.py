@@ -52,9 +52,13 @@ OPTION_ERRORS = {
     "demo": [(["--steps", "0"], "--steps")],
     "quant-error": [(["--numel", "1"], "--numel")],
     "generate": [(["--model", "m", "--prompt", "hi", "--top-p", "2"], "--top-p"),
-                 (["--model", "m", "--prompt", "hi", "--template", "missing.jinja"], "missing.jinja")],
-    "chat": [(["--model", "m", "--temperature", "-1"], "--temperature")],
-    "serve": [(["--model", "m", "--port", "70000"], "--port")],
+                 (["--model", "m", "--prompt", "hi", "--template", "missing.jinja"], "missing.jinja"),
+                 (["--model", "m", "--prompt", "hi", "--chat-template-kwargs", "{bad"], "--chat-template-kwargs")],
+    "chat": [(["--model", "m", "--temperature", "-1"], "--temperature"),
+             (["--model", "m", "--chat-template-kwargs", "[1]"], "--chat-template-kwargs")],
+    "serve": [(["--model", "m", "--port", "70000"], "--port"),
+              (["--model", "m", "--default-chat-template-kwargs", '{"tokenize": true}'],
+               "--default-chat-template-kwargs")],
 }
 CASES = [(command, ["--help"], 0, f"usage: qlora {command}") for command in COMMANDS] + [
     (command, argv, 2, words) for command, errors in OPTION_ERRORS.items() for argv, words in errors]

@@ -102,7 +102,8 @@ def _numeric_options():
         sub = next(a for a in build_parser(command)._actions if isinstance(a, argparse._SubParsersAction))
         for action in sub.choices[command]._actions:
             if (action.option_strings and action.type is not None and action.type not in (str,)
-                    and action.type.__name__ != "template"):  # --template also takes a file: no choices
+                    and action.type.__name__ not in ("template", "template_kwargs_option")):
+                # --template also takes a file: no choices; --chat-template-kwargs takes a JSON object
                 yield command, action
 
 

@@ -111,6 +111,31 @@ def test_chat_template_kwargs_reach_qwen3_template_as_apply_chat_template_kwargs
     assert reply.choices[0].message.content == tok.decode([t for t in want if t not in stops], skip_special_tokens=True)
 
 
+@pytest.mark.parametrize("saved", [None, {"enable_thinking": True}])
+def test_server_template_kwargs_apply_under_each_request_s(saved, tmp_path):
+    """``--default-chat-template-kwargs`` (vLLM's): every chat request renders with them, over the variables saved
+    with the served format (an adapter's thinking mode), and a request's own ``chat_template_kwargs`` are merged over
+    them, key by key."""
+    from chat_families import family_tokenizer, model_for
+
+    formats = {None: ChatFormat(family_tokenizer("qwen3").chat_template, "qwen3", template_kwargs=saved)} if saved \
+        else None
+    batcher, server, tok, oracle = _serve(model_for("qwen3", tmp_path), chat_formats=formats,
+                                          template_kwargs={"enable_thinking": False, "persona": "fox"})
+    stops = stop_token_ids(batcher.model, tok)
+    with server:
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=0, timeout=60)
+        for request, thinking in (({}, False), ({"enable_thinking": True}, True), ({"persona": "owl"}, False)):
+            ids = tok.apply_chat_template(HELLO, add_generation_prompt=True, enable_thinking=thinking, tokenize=True,
+                                          return_dict=False)
+            want = _greedy(oracle, ids, 10, stops)
+            reply = _chat(client, max_tokens=10, extra_body={"chat_template_kwargs": request})
+            assert reply.usage.prompt_tokens == len(ids), request
+            assert reply.choices[0].message.content == tok.decode([t for t in want if t not in stops],
+                                                                  skip_special_tokens=True)
+    batcher.close()
+
+
 def test_template_variables_documents_and_prompt_ending_with_a_saved_chat_format(tiny_model_dir):
     template = ("{% if documents %}{% for d in documents %}[doc {{ d.title }}: {{ d.text }}]\n{% endfor %}{% endif %}"
                 "{% for m in messages %}{{ m.role }}{% if persona is defined %} ({{ persona }}){% endif %}: "

@@ -10,11 +10,13 @@ every option in ``--help``.
 from __future__ import annotations
 
 import argparse
+import json
 from typing import Callable, Sequence
 
 from ..option_range import AT_LEAST_1, NON_NEGATIVE, POSITIVE, Range
 from ..errors import UsageError
 from ..template_file import is_custom, read_template
+from ..template_kwargs import render_parameter
 from ..template_names import TRAIN_TEMPLATE_NAMES, template_name
 
 
@@ -87,6 +89,36 @@ def add_template_option(parser: argparse.ArgumentParser, choices: Sequence[str],
     parser.add_argument("--template", default="auto", type=template_option(choices, own=True, read=True),
                         metavar="TEMPLATE", help=f"{help}. One of {', '.join(choices)}, or your own chat template: "
                                                  "a Jinja file (.jinja), a tokenizer folder, or inline Jinja text")
+
+
+def template_kwargs_option(text: str) -> dict:
+    """An argparse type: a JSON object of chat template variables (``{"enable_thinking": false}``), refused when it
+    is not one or holds a parameter of the rendering (:mod:`qlora.template_kwargs`) rather than a variable."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise argparse.ArgumentTypeError(f"not valid JSON ({exc.msg} at column {exc.colno}): {text!r}; give a JSON "
+                                         """object such as '{"enable_thinking": false}'""") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object of template variables (such as "
+                                         f"""'{{"enable_thinking": false}}'), got {text!r}""")
+    key = render_parameter(value)
+    if key == "chat_template":
+        raise argparse.ArgumentTypeError("key 'chat_template': give the template with --template instead")
+    if key is not None:
+        raise argparse.ArgumentTypeError(f"key {key!r} is a parameter of the rendering, not a template variable; "
+                                         "leave it out")
+    return value
+
+
+
+def add_template_kwargs_option(parser: argparse.ArgumentParser, name: str, help: str) -> None:
+    """A ``--chat-template-kwargs``-style option (vLLM's names): a JSON object of variables the chat template is
+    rendered with, such as Qwen3's ``enable_thinking`` or gpt-oss's ``reasoning_effort``."""
+    parser.add_argument(name, type=template_kwargs_option, metavar="JSON",
+                        help=f"{help}, as a JSON object, e.g. '{{\"enable_thinking\": false}}' (Qwen3, Gemma 4) or "
+                             "'{\"reasoning_effort\": \"high\"}' (gpt-oss); keys such as tokenize or "
+                             "chat_template, which are not template variables, are refused")
 
 
 positive_int = number(int, AT_LEAST_1)

@@ -40,6 +40,8 @@ class Chat:
         system: a system prompt put before everything else.
         chat_format: the format to prompt in (a fine-tune's saved one); default: the tokenizer's template.
         tools: OpenAI function definitions shown to the model; its calls are parsed out of its replies.
+        template_kwargs: variables the chat template is rendered with (``{"enable_thinking": False}``), over the
+            format's own.
         **gen_options: :class:`~qlora.infer.generate.SamplingOptions` fields.
 
     Example:
@@ -49,8 +51,9 @@ class Chat:
 
     def __init__(self, model, tokenizer, memory: BaseMemory | None = None, system: str | None = None,
                  chat_format: ChatFormat | None = None, tools: Sequence[dict] | None = None,
-                 **gen_options: Any) -> None:
-        self.llm = ModelLLM(model, tokenizer, chat_format=chat_format, **gen_options)
+                 template_kwargs: dict[str, Any] | None = None, **gen_options: Any) -> None:
+        self.llm = ModelLLM(model, tokenizer, chat_format=chat_format, template_kwargs=template_kwargs,
+                            **gen_options)
         self.memory = memory if memory is not None else ConversationBufferMemory(return_messages=True)
         self.system = system
         self.tools = list(tools) if tools else None

@@ -34,15 +34,18 @@ class ModelLLM:
         tokenizer: its tokenizer.
         chat_format: the format to prompt in (a fine-tune's saved one); default: the tokenizer's template.
         processor: the model's processor (:func:`qlora.infer.images.image_processor`), for messages with images.
+        template_kwargs: variables the chat template is rendered with (``{"enable_thinking": False}``), over the
+            format's own.
         **defaults: :class:`SamplingOptions` fields used unless a call overrides them.
     """
 
     def __init__(self, model, tokenizer, chat_format: ChatFormat | None = None, processor=None,
-                 **defaults: Any) -> None:
+                 template_kwargs: dict[str, Any] | None = None, **defaults: Any) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.processor = processor
         self.chat_format = chat_format
+        self.template_kwargs = template_kwargs
         self.options = SamplingOptions(**defaults)
         self.stop_ids = stop_token_ids(model, tokenizer)
 
@@ -62,7 +65,8 @@ class ModelLLM:
     def stream_messages(self, messages: Sequence[Message], tools: Sequence[dict] | None = None,
                         **options: Any) -> Iterator[str]:
         """Stream the assistant's reply to ``messages``; with ``tools``, call markup is decoded too."""
-        prompt = render_chat(self.tokenizer, messages, chat_format=self.chat_format, tools=tools)
+        prompt = render_chat(self.tokenizer, messages, chat_format=self.chat_format, tools=tools,
+                             template_kwargs=self.template_kwargs)
         keep = markup_token_ids(self.tool_format(), self.tokenizer) if tools else frozenset()
         images = [ref for m in messages for ref in m.images]
         if images and self.processor is None:

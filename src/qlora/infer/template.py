@@ -49,7 +49,8 @@ def render_chat(tokenizer, messages: Sequence[Message], add_generation_prompt: b
                 template_kwargs: dict[str, Any] | None = None) -> str:
     """Prompt text for ``messages`` in the model's chat format, ready for generation.
 
-    ``chat_format`` (the one a fine-tune saved) wins over the tokenizer's own template.
+    ``chat_format`` (the one a fine-tune saved) wins over the tokenizer's own template, and its
+    ``template_kwargs`` (the thinking mode it trained in) apply unless ``template_kwargs`` set them.
     Templates without a system role (Gemma's, Mistral's first) raise on one; the
     system text then goes before the first user message, separated by a blank line.
     ``tools`` (OpenAI function definitions) are passed to the template as ``tools``;
@@ -58,7 +59,7 @@ def render_chat(tokenizer, messages: Sequence[Message], add_generation_prompt: b
     ``add_generation_prompt``, which overrides the argument).
     """
     template = chat_template(tokenizer, chat_format, tools=bool(tools))
-    extra = dict(template_kwargs or {})
+    extra = {**(chat_format.template_kwargs if chat_format is not None else {}), **(template_kwargs or {})}
     add_generation_prompt = extra.pop("add_generation_prompt", add_generation_prompt)
     if template is None:
         return chatml(messages, add_generation_prompt, bool(extra.get("continue_final_message")))

@@ -11,7 +11,11 @@ copies it into the merged model's folder, which they read as well). A format is:
   Granite, gpt-oss) see: pinned at the start of a run, so data tokenized
   today and on a resumed run tomorrow are the same tokens;
 - whether a system message is folded into the first user turn, for templates
-  that have no system role (Gemma 2, Mistral v0.1).
+  that have no system role (Gemma 2, Mistral v0.1);
+- the template variables inference renders prompts with unless told otherwise
+  (``template_kwargs``): the thinking switch of a template whose rows trained in
+  its thinking mode (Gemma 4's ``enable_thinking``), so the model is prompted
+  in the mode it learned to answer in.
 
 Template errors (``raise_exception`` in the template, Jinja syntax or runtime
 errors) become :class:`~qlora.errors.UsageError` naming the template's origin
@@ -23,12 +27,13 @@ from __future__ import annotations
 import json
 import re
 import traceback
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Sequence
 
 from qlora.errors import UsageError
+from qlora.template_kwargs import render_parameter
 
 FILE = "chat_format.json"
 DATE_FORMAT = "%Y-%m-%d"
@@ -43,6 +48,7 @@ class ChatFormat:
     name: str = "auto"
     date: str = ""
     system_into_user: bool = False
+    template_kwargs: dict[str, Any] = field(default_factory=dict, hash=False)
 
     def pinned_template(self) -> str:
         """The template with ``strftime_now`` answering the pinned date.
@@ -103,11 +109,15 @@ class ChatFormat:
             return None
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
-            fmt = cls(**{k: data[k] for k in ("template", "origin", "name", "date", "system_into_user") if k in data})
-            types = {"template": str, "origin": str, "name": str, "date": str, "system_into_user": bool}
+            types = {"template": str, "origin": str, "name": str, "date": str, "system_into_user": bool,
+                     "template_kwargs": dict}
+            fmt = cls(**{k: data[k] for k in types if k in data})
             wrong = [k for k, kind in types.items() if not isinstance(getattr(fmt, k), kind)]
             if wrong:
                 raise TypeError(f"{wrong[0]} must be a {types[wrong[0]].__name__}, got {getattr(fmt, wrong[0])!r}")
+            if render_parameter(fmt.template_kwargs):
+                raise TypeError(f"template_kwargs holds {render_parameter(fmt.template_kwargs)!r}, which is no "
+                                "template variable")
             return fmt
         except (ValueError, TypeError, KeyError) as exc:
             raise UsageError(f"{path}: not a valid chat format file ({exc}); delete it to use the model's own "

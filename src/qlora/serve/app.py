@@ -76,7 +76,8 @@ def build_app(batcher: ContinuousBatcher, base_id: str, adapters: list[str], api
               chat_formats: dict[str | None, ChatFormat | None] | None = None,
               stored_responses: int = DEFAULT_CAPACITY, stored_conversations: int = conv.DEFAULT_CAPACITY,
               model_dir: str | None = None, pixel_bounds: dict[str | None, PixelBounds] | None = None,
-              trust_request_chat_template: bool = False) -> FastAPI:
+              trust_request_chat_template: bool = False,
+              template_kwargs: dict[str, Any] | None = None) -> FastAPI:
     """The application serving ``batcher``'s model as ``base_id`` and each adapter as its name.
 
     Args:
@@ -97,6 +98,8 @@ def build_app(batcher: ContinuousBatcher, base_id: str, adapters: list[str], api
             the processor (the ones it was trained with); missing: none.
         trust_request_chat_template: render a chat request's own ``chat_template`` (vLLM's
             ``--trust-request-chat-template``); otherwise such a request is a 400.
+        template_kwargs: chat template variables of every chat request (vLLM's ``--default-chat-template-kwargs``),
+            over each format's own; a request's ``chat_template_kwargs`` are merged over them.
     """
     chat_formats = chat_formats or {}
     pixel_bounds = pixel_bounds or {}
@@ -217,7 +220,7 @@ def build_app(batcher: ContinuousBatcher, base_id: str, adapters: list[str], api
         chat_format = request_format(body) or chat_formats.get(adapter)
         guide = check_extras(body, batcher.context_length)
         masked = token_filter(body, tokenizer)
-        template_options = body.template_options()
+        template_options = body.template_options(template_kwargs)
         messages = [m.message(i) for i, m in enumerate(body.messages)]
         images = [ref for m in messages for ref in m.images]
         if images:

@@ -78,6 +78,7 @@ from ..infer.json_schema import Node, SchemaError, compile_schema, unenforced_ke
 from ..errors import UsageError
 from ..infer.messages import IMAGE_PLACEHOLDER, Message
 from ..infer.tool_calls import tool_definition_problem
+from ..template_kwargs import render_parameter
 
 
 _ENFORCED = ("It enforces, at every depth, type, properties, required, additionalProperties, items, prefixItems, "
@@ -309,12 +310,6 @@ class ChatMessage(BaseModel):
         return "".join(pieces), tuple(images)
 
 
-# apply_chat_template's parameters that are not template variables (messages and tools have their own fields)
-_RENDER_PARAMETERS = frozenset({"conversation", "messages", "tools", "chat_template", "tokenize", "padding",
-                                "truncation", "max_length", "return_tensors", "return_dict",
-                                "return_assistant_tokens_mask", "tokenizer_kwargs", "sanitize_control_tokens"})
-
-
 def _data_image(url: Any, where: str):
     """The image of an ``image_url`` part: a base64 ``data:`` URI, checked; URLs are refused (nothing is fetched)."""
     from ..train.data.images import resolve_image
@@ -379,24 +374,25 @@ class ChatCompletionRequest(_Body):
     chat_template: str | None = None  # served only with --trust-request-chat-template, as in vLLM
     add_special_tokens: bool = False  # the tokenizer's BOS etc. on top of what the template writes
 
-    def template_options(self) -> dict[str, Any]:
+    def template_options(self, server: dict[str, Any] | None = None) -> dict[str, Any]:
         """What the chat template is rendered with beyond messages and tools: ``chat_template_kwargs`` as
-        ``apply_chat_template(**kwargs)`` takes them (its own parameters ``add_generation_prompt``,
-        ``continue_final_message`` and ``documents`` there override the top-level fields, as in vLLM).
+        ``apply_chat_template(**kwargs)`` takes them, merged over ``server`` (``--default-chat-template-kwargs``);
+        their ``add_generation_prompt``, ``continue_final_message`` and ``documents`` override the top-level
+        fields, as in vLLM.
 
         Raises:
             APIError: a key naming another of ``apply_chat_template``'s parameters, or both
                 ``add_generation_prompt`` and ``continue_final_message``.
         """
-        kwargs = dict(self.chat_template_kwargs or {})
-        for key in kwargs:
-            if key == "chat_template":
-                raise APIError(400, "'chat_template_kwargs' key 'chat_template': send the template as the "
-                                    "top-level 'chat_template' field instead", "chat_template_kwargs.chat_template")
-            if key in _RENDER_PARAMETERS:
-                raise APIError(400, f"'chat_template_kwargs' key {key!r} is a parameter of the rendering, not a "
-                                    "template variable; send 'tools' and 'messages' as top-level fields, and leave "
-                                    "the others out", f"chat_template_kwargs.{key}")
+        key = render_parameter(self.chat_template_kwargs or {})
+        if key == "chat_template":
+            raise APIError(400, "'chat_template_kwargs' key 'chat_template': send the template as the "
+                                "top-level 'chat_template' field instead", "chat_template_kwargs.chat_template")
+        if key is not None:
+            raise APIError(400, f"'chat_template_kwargs' key {key!r} is a parameter of the rendering, not a "
+                                "template variable; send 'tools' and 'messages' as top-level fields, and leave "
+                                "the others out", f"chat_template_kwargs.{key}")
+        kwargs = {**(server or {}), **(self.chat_template_kwargs or {})}
         options = {"add_generation_prompt": self.add_generation_prompt,
                    "continue_final_message": self.continue_final_message, "documents": self.documents, **kwargs}
         if options["add_generation_prompt"] and options["continue_final_message"]:

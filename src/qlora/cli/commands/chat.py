@@ -251,6 +251,7 @@ def run(args: argparse.Namespace) -> int:
         model, tokenizer = load_model_from_args(args)
         chat = Chat(model, tokenizer, memory=build_memory(args, model, tokenizer, session), system=args.system,
                     chat_format=chat_format_from_args(args, tokenizer, "chat"), tools=tools,
+                    template_kwargs=args.chat_template_kwargs,
                     **dataclasses.asdict(options))
         print(f"qlora chat ({args.memory} memory). {SLASH_HELP}")
         if store is not None and store.read_only:

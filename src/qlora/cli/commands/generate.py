@@ -21,7 +21,7 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     from ...infer.sampling_options import BIAS_RANGE, cli_fields
     from ...template_names import TEMPLATE_NAMES
     from ..image_pixels import add_pixel_arguments
-    from ..options import add_template_option, id_value, number
+    from ..options import add_template_kwargs_option, add_template_option, id_value, number
 
     parser.add_argument("--model", required=True, help="model folder (transformers checkpoint) or hub id")
     parser.add_argument("--adapter", action="append", default=[], metavar="[NAME=]DIR",
@@ -33,6 +33,8 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     add_template_option(parser, TEMPLATE_NAMES, "chat format of the prompt: auto = the one the adapter was trained "
                         "with (its chat_format.json: template, date, system handling), else the model's own for chat "
                         "and the raw --prompt for generate; tokenizer = the model's own; none = raw text (generate)")
+    add_template_kwargs_option(parser, "--chat-template-kwargs", "variables the chat template is rendered with, over "
+                               "those the adapter was trained with (its chat_format.json)")
     parser.add_argument("--quant", choices=("nf4", "fp4", "none"), default=None,
                         help="4-bit format of the base weights on load, or none for 16/32-bit "
                              "(default: the format the adapter was trained on, else nf4)")
@@ -172,6 +174,10 @@ def run(args: argparse.Namespace) -> int:
         args.prompt = sys.stdin.read()
     if not args.prompt.strip() and not args.image:
         raise UsageError("--prompt is empty; give the text to continue (or '-' with the text on standard input).")
+    if args.chat_template_kwargs is not None and args.template == "none":
+        raise UsageError("--chat-template-kwargs with --template none: the variables go to a chat template, and "
+                         "none continues the raw prompt; choose a chat format with --template, or leave out "
+                         "--chat-template-kwargs.")
     user = _user_message(args)  # images checked before the (slow) model load
     bounds = pixel_bounds_from_args(args) if user.images else None
     model, tokenizer = load_model_from_args(args)
@@ -181,8 +187,10 @@ def run(args: argparse.Namespace) -> int:
         from ...infer.images import image_processor
 
         processor = image_processor(model, tokenizer, args.model, f"--image {args.image[0]}", bounds=bounds)
-    chat = fmt is not None or bool(user.images)  # images go into a user turn of the model's own template
-    prompt = render_chat(tokenizer, [user], chat_format=fmt) if chat else args.prompt
+    # images, and template variables, go into a user turn of the model's own template
+    chat = fmt is not None or bool(user.images) or args.chat_template_kwargs is not None
+    prompt = render_chat(tokenizer, [user], chat_format=fmt, template_kwargs=args.chat_template_kwargs) if chat \
+        else args.prompt
     stops = stop_token_ids(model, tokenizer) if chat else default_stop_ids(model, tokenizer)
     media = dict(images=user.images, processor=processor)
     if len(args.adapter) > 1 and not args.adapter_weights:

@@ -25,7 +25,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     from ...option_range import Range
     from ...template_names import TRAIN_TEMPLATE_NAMES
     from ..image_pixels import add_pixel_arguments
-    from ..options import add_template_option, non_negative_int, number, positive_int
+    from ..options import add_template_kwargs_option, add_template_option, non_negative_int, number, positive_int
 
     parser.add_argument("--model", required=True, help="model folder (transformers checkpoint) or hub id")
     parser.add_argument("--adapter", action="append", default=[], metavar="[NAME=]DIR",
@@ -39,6 +39,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_template_option(parser, TRAIN_TEMPLATE_NAMES, "chat format of /v1/chat/completions: auto = each adapter's "
                         "own (its chat_format.json, the format it was trained with), else the model's own template; "
                         "or one format for all")
+    add_template_kwargs_option(parser, "--default-chat-template-kwargs", "variables every chat request's template is "
+                               "rendered with (over those each adapter was trained with; a request's "
+                               "chat_template_kwargs are merged over them, as in vLLM)")
     parser.add_argument("--host", default="127.0.0.1",
                         help="address to listen on: 127.0.0.1 is this machine only, 0.0.0.0 exposes the server")
     parser.add_argument("--port", type=number(int, Range(0, 65535)), default=8000, help="TCP port (0: any free port)")
@@ -144,7 +147,8 @@ def run(args: argparse.Namespace) -> int:
     app = build_app(batcher.start(), base_id, names, api_key=args.api_key or None, chat_formats=formats,
                     stored_responses=args.stored_responses, stored_conversations=args.stored_conversations,
                     model_dir=args.model, pixel_bounds=bounds,
-                    trust_request_chat_template=args.trust_request_chat_template)
+                    trust_request_chat_template=args.trust_request_chat_template,
+                    template_kwargs=args.default_chat_template_kwargs)
     try:
         sock = bind(args.host, args.port)
     except OSError as exc:

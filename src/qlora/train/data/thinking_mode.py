@@ -20,6 +20,13 @@ from qlora.train.data.reasoning import chunk_reasoning, reasoning_of, split_thin
 THINKING_ON = {"enable_thinking": True, "thinking": True}
 
 
+def thinking_switch(template_kwargs: dict) -> dict:
+    """The thinking switch among the kwargs a conversation was rendered with: :data:`THINKING_ON` when
+    :func:`final_reasoning_in_thinking_mode` rendered it, else empty. Saved with the adapter, it renders inference
+    prompts in the mode the model learned to answer in."""
+    return {k: v for k, v in template_kwargs.items() if k in THINKING_ON}
+
+
 def final_reasoning_in_thinking_mode(tokenizer, fmt: ChatFormat, messages: Sequence[dict], text: str,
                                      markers: Sequence[str], where: str = "",
                                      extra: dict | None = None) -> tuple[str, dict] | None:

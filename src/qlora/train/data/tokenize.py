@@ -55,7 +55,7 @@ from qlora.train.data.pieces import piece_ids
 from qlora.train.data.reasoning import (REASONING_KEYS, THINK_CLOSE, THINK_OPEN, chunk_reasoning, fold, has_reasoning,
                                         knows_think_markers, no_place_error, place_reasoning, placement, reasoning_of,
                                         split_think)
-from qlora.train.data.thinking_mode import final_reasoning_in_thinking_mode
+from qlora.train.data.thinking_mode import final_reasoning_in_thinking_mode, thinking_switch
 
 IGNORE_INDEX = -100
 TRAIN_ON = ("assistant", "all", "completion")
@@ -99,12 +99,18 @@ class DataReport:
     template_origin: str = "the chat template"
     identical: list[str] = field(default_factory=list)  # preference rows whose two answers are the same: no signal
     empty: dict[str, list[str]] = field(default_factory=dict)  # why a row holds nothing to train -> where they are
+    thinking_rows: int = 0  # rows rendered in the template's thinking mode (their final reasoning shown only there)
+    thinking_mode: dict[str, Any] = field(default_factory=dict)  # the switch those rows were rendered with
 
     def summary(self) -> str:
         """One line for the user: counts, and the first untrainable examples."""
         text = f"{self.examples} examples, {self.truncated} truncated to --seq-len"
         if self.reasoning:
             text += f", {self.reasoning} with reasoning ({self.reasoning_placement})"
+        if self.thinking_rows:
+            switch = "/".join(self.thinking_mode)
+            text += (f"; {self.thinking_rows} rendered in the chat template's thinking mode ({switch} on), which "
+                     "inference with the adapter uses too")
         if self.reasoning_hidden:
             turns = "turn" if self.reasoning_hidden == 1 else "turns"
             text += (f"; the chat template does not show the reasoning of {self.reasoning_hidden} assistant {turns} "
@@ -272,7 +278,13 @@ def tokenize_dataset(
             tokenized = tokenize_example(example, tokenizer, chat_template, train_on, seq_len, index=i,
                                          stop_ids=stops)
         report.truncated += tokenized.truncated
-        report.reasoning += has_reasoning(example.messages, example.reasoning)
+        reasoning = has_reasoning(example.messages, example.reasoning)
+        report.reasoning += reasoning
+        if (reasoning and example.messages is not None and example.pieces is None and not example.images
+                and isinstance(chat_template, ChatFormat)):
+            switch = thinking_switch(rendering_kwargs(example, tokenizer, chat_template))
+            report.thinking_rows += bool(switch)
+            report.thinking_mode.update(switch)
         report.reasoning_hidden += tokenized.reasoning_hidden
         if tokenized.system_dropped:
             report.system_dropped.append(example.where)
