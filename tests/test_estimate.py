@@ -142,8 +142,14 @@ def test_a_layers_activations_match_what_autograd_saves(model_type, moe):
     """One decoder layer's activations without checkpointing (two layers' minus one layer's, so the head and the
     loss drop out) against the tensors autograd saves, within 10%. A MoE layer computes each token in its top-k
     experts: a Mixtral-like layer saved 1.7x what the dense-width model predicted."""
+    from importlib.util import find_spec
+
     from transformers import AutoConfig
 
+    if moe and find_spec("transformers.conversion_mapping") is None:
+        pytest.skip("transformers 4.x runs MoE experts as per-expert nn.Linear modules in a Python loop, which save "
+                    "more per token than transformers 5's experts (Qwen2-MoE: 19,106 vs 15,888 bytes); the formula "
+                    "models 5's")
     sizes = dict(vocab_size=300, hidden_size=256, num_attention_heads=4, num_key_value_heads=2, intermediate_size=512)
     opts = TrainingOptions(seq_len=256, gradient_checkpointing=False)
     measured, predicted = [], []
