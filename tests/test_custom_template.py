@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+from pathlib import Path
 
 import pytest
 import yaml
@@ -276,7 +277,7 @@ def test_every_command_refuses_a_bad_template_file_naming_the_option(tmp_path, c
     assert "Traceback" not in err, err
 
 
-def _axolotl(tmp_path, datasets: str, top: str = "") -> "Path":
+def _axolotl(tmp_path, datasets: str, top: str = "") -> Path:
     path = tmp_path / "axolotl.yaml"
     path.write_text(f"base_model: m\nadapter: qlora\nload_in_4bit: true\noutput_dir: o\n{top}datasets:\n{datasets}")
     return path

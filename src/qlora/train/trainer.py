@@ -304,8 +304,8 @@ class Trainer:
         self.duplicates = 0
         self.train_units, self.report = self._tokenize(train_examples)
         if getattr(self.report, "thinking_mode", None):  # inference prompts in the mode the answers trained in
-            self.chat_format = replace(self.chat_format,
-                                       template_kwargs={**self.chat_format.template_kwargs, **self.report.thinking_mode})
+            kwargs = {**self.chat_format.template_kwargs, **self.report.thinking_mode}
+            self.chat_format = replace(self.chat_format, template_kwargs=kwargs)
         self._check_batch_fits(len(train_examples))
         if not cfg.eval_split and cfg.method == "sft":  # axolotl's SFT test_datasets are deduplicated on their own
             self.seen_rows = set()
