@@ -53,6 +53,7 @@ import torch
 from qlora.errors import UsageError
 from qlora.model.chat_format import ChatFormat
 from qlora.model.image_processor import image_token_id
+from qlora.train.data.common_ends import common_prefix
 from qlora.train.data.fields import (FieldMap, message_like, pair_hint, parse_data_fields, prompt_column,
                                      unsupported_rows)
 from qlora.train.data.formats import EMPTY_ANSWER, Example, empty_answer, normalize, unpaired_error, unpaired_label
@@ -150,13 +151,6 @@ def missing_prompt_hint(fields: dict[str, Any]) -> str:
     listed = next((k for k, v in fields.items() if k not in ("chosen", "rejected") and message_like(v)), None)
     return (f" If {listed!r} holds the conversation before the answers, map it with --data-fields prompt={listed}."
             if listed else "")
-
-
-def common_prefix(a: Sequence, b: Sequence) -> int:
-    n = 0
-    while n < min(len(a), len(b)) and a[n] == b[n]:
-        n += 1
-    return n
 
 
 def normalize_preferences(records: list[Record], fields: FieldMap | str | dict | None = None,

@@ -14,6 +14,7 @@ from __future__ import annotations
 from typing import Sequence
 
 from qlora.model.chat_format import ChatFormat
+from qlora.train.data.common_ends import common_prefix
 from qlora.train.data.reasoning import chunk_reasoning, reasoning_of, split_think
 
 # The variables templates test to turn thinking on (Qwen3 and Gemma 4 ``enable_thinking``, DeepSeek-V3.1 ``thinking``)
@@ -44,7 +45,7 @@ def final_reasoning_in_thinking_mode(tokenizer, fmt: ChatFormat, messages: Seque
     extra = dict(extra or {})
     prompt = fmt.render(tokenizer, before, add_generation_prompt=True, where=where, **extra)
     at = text.rfind(answer) if answer else len(text)
-    n = min(_common_prefix(prompt, text), at)
+    n = min(common_prefix(prompt, text), at)
     if at < 0 or text[n:at].strip():
         return None
     block = prompt[n:]  # the empty block the prompt writes where the answer starts in the rendering
@@ -72,10 +73,3 @@ def _reasoning_and_answer(message: dict) -> tuple[str, str] | None:
             str(p.get("text", "")) for p in content or () if isinstance(p, dict) and p.get("type") == "text")
         return field.strip(), answer.strip()
     return split_think(content) if isinstance(content, str) else None
-
-
-def _common_prefix(a: str, b: str) -> int:
-    n = 0
-    while n < min(len(a), len(b)) and a[n] == b[n]:
-        n += 1
-    return n

@@ -50,6 +50,7 @@ from typing import Any, Callable, Iterable, Sequence
 from qlora.errors import UsageError
 from qlora.model import chat_format
 from qlora.model.chat_format import END_OF_TURN_TOKENS, ChatFormat, stop_token_ids
+from qlora.train.data.common_ends import common_prefix, common_suffix
 from qlora.train.data.formats import Example, blank_text
 from qlora.train.data.pieces import piece_ids
 from qlora.train.data.reasoning import (REASONING_KEYS, THINK_CLOSE, THINK_OPEN, chunk_reasoning, fold, has_reasoning,
@@ -214,7 +215,7 @@ def tokenize_example(
         ids = list(tokenizer(_raw_text(example, fmt, tokenizer))["input_ids"])
         mask = [True] * len(ids)
         if example.prompt is not None and train_on != "all":  # TRL: the completion starts where the ids diverge
-            prompt_len = _common_prefix(list(tokenizer(example.prompt)["input_ids"]), ids)
+            prompt_len = common_prefix(list(tokenizer(example.prompt)["input_ids"]), ids)
             mask = [False] * prompt_len + [True] * (len(ids) - prompt_len)
         needs_eos = not ids or ids[-1] != tokenizer.eos_token_id
     elif example.prompt_turns is not None:
@@ -450,7 +451,7 @@ def _prompt_completion_ids_and_mask(example: Example, tokenizer, fmt: ChatFormat
     text, placed = _final_reasoning_placed(rendered, fmt.messages(messages), tokenizer, fmt, example.where, extra)
     ids = list(tokenizer(text, add_special_tokens=False)["input_ids"]) if text != rendered else ids_of(
         messages, False, extra)
-    prompt_len = _common_prefix(ids_of(messages[:example.prompt_turns], True, placed), ids)
+    prompt_len = common_prefix(ids_of(messages[:example.prompt_turns], True, placed), ids)
     mask = [False] * prompt_len + [True] * (len(ids) - prompt_len)
     return ids, mask, not any(t in stops for t in ids[prompt_len:])
 
@@ -539,7 +540,7 @@ def _reasoning_opening(tokenizer, fmt: ChatFormat, messages: Sequence[dict], i: 
     bare["content"] = parts[1] if parts else _content(bare)
     full = fmt.render(tokenizer, messages[:i + 1], where=where, **extra)
     plain = fmt.render(tokenizer, [*messages[:i], bare], where=where, **extra)
-    n = _common_prefix(full, plain)
+    n = common_prefix(full, plain)
     at = full.find(reasoning, n) if reasoning else -1
     return full[n:at] if at >= 0 else ""
 
@@ -565,13 +566,6 @@ def _raw_text(example: Example, fmt: ChatFormat, tokenizer) -> str:
     return text if example.prompt is None else example.prompt + text
 
 
-def _common_prefix(a: Sequence, b: Sequence) -> int:
-    n = 0
-    while n < len(a) and n < len(b) and a[n] == b[n]:
-        n += 1
-    return n
-
-
 def _tool_call_span(text: str, cursor: int, tokenizer, fmt: ChatFormat, messages: Sequence[dict], i: int,
                     where: str, extra: dict) -> tuple[int, int] | None:
     """Where assistant message ``i``, which calls tools (so it may have no content to search for), is
@@ -587,7 +581,7 @@ def _tool_call_span(text: str, cursor: int, tokenizer, fmt: ChatFormat, messages
     upto = fmt.render(tokenizer, messages[:i + 1], where=where, **extra)
     first, second = (tokenizer(t, add_special_tokens=False, return_offsets_mapping=True) for t in (before, upto))
     ids, offsets = second["input_ids"], second["offset_mapping"]
-    n = _common_prefix(first["input_ids"], ids)
+    n = common_prefix(first["input_ids"], ids)
     # A generation prompt that opens a block (DeepSeek-V3's "<think>") can share a first character with the turn
     # ("<｜tool▁calls▁begin｜>"): the turn starts after the last special token or whitespace before the split.
     special = set(tokenizer.all_special_ids) | set(getattr(tokenizer, "added_tokens_decoder", {}))
@@ -608,7 +602,7 @@ def _tool_call_span(text: str, cursor: int, tokenizer, fmt: ChatFormat, messages
     # A template that writes its generation prompt unasked (Command A's ends every rendering with the chatbot turn's
     # opening) ends the turn with it too, where the conversation goes on with another turn: the turn without what it
     # shares with the end of the prompt (its end marker is found again by the caller).
-    tail = _common_suffix(before, upto)
+    tail = common_suffix(before, upto)
     if tail and upto[:len(upto) - tail].strip() and upto[start:len(upto) - tail].strip():
         forms.append(upto[start:len(upto) - tail].strip())
     names = [c.get("function", c).get("name", "") for c in messages[i]["tool_calls"]]
@@ -621,13 +615,6 @@ def _tool_call_span(text: str, cursor: int, tokenizer, fmt: ChatFormat, messages
             if found and all(name in text[found[0]:found[1]] for name in names):
                 return found
     return None
-
-
-def _common_suffix(a: Sequence, b: Sequence) -> int:
-    n = 0
-    while n < len(a) and n < len(b) and a[len(a) - 1 - n] == b[len(b) - 1 - n]:
-        n += 1
-    return n
 
 
 def _runs(flags: list[bool]) -> list[tuple[int, int]]:

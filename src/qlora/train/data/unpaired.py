@@ -34,11 +34,12 @@ import torch
 
 from qlora.errors import UsageError
 from qlora.model.chat_format import ChatFormat
+from qlora.train.data.common_ends import common_prefix
 from qlora.train.data.fields import FieldMap, pair_hint, unsupported_rows
 from qlora.train.data.formats import EMPTY_ANSWER, Example, empty_answer, unpaired_label
 from qlora.train.data.image_examples import expanded_prompt, image_batch, token_aligned
 from qlora.train.data.images import ImageRef, as_parts, images_in
-from qlora.train.data.preference import (Messages, PreferenceExample, common_prefix, full_ids, message_tuple,
+from qlora.train.data.preference import (Messages, PreferenceExample, full_ids, message_tuple,
                                          missing_prompt_hint, pair_from_row, prompt_ids, prompt_with_images,
                                          refuse_answer_images, refuse_image_tokens, renamed_source, with_system)
 from qlora.train.data.sources import Record
