@@ -625,6 +625,16 @@ _ADAPTER_SHAPED = ("rank", "alpha", "dropout", "target_modules", "target_paramet
                    "alpha_pattern", "lora_bias", "bias", "dora", "init", "loftq_iter", "add_special_tokens")
 
 
+def target_module_names(spec: str) -> list[str] | str:
+    """``--target-modules`` as the trainer reads it: no layers (``none``), a list of names, or one string (a keyword
+    such as ``all-linear``, or PEFT's regex of whole module paths)."""
+    if spec.strip().lower() in ("none", ""):
+        return []
+    if "," in spec or spec.isidentifier():
+        return [t.strip() for t in spec.split(",") if t.strip()]
+    return spec
+
+
 def parse_pattern(name: str, spec: str) -> dict[str, float]:
     """``--rank-pattern``/``--alpha-pattern`` (``NAME=VALUE,...``) as PEFT's ``{regex: value}``."""
     out: dict[str, float] = {}

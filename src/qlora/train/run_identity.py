@@ -14,7 +14,9 @@ import os
 from pathlib import Path
 from typing import Any
 
+from qlora.errors import UsageError
 from qlora.template_file import is_custom, is_inline
+from qlora.train.config import parse_pattern, target_module_names
 from qlora.train.data.axolotl_datasets import declared_entries
 from qlora.train.data.selection import data_sources
 
@@ -48,7 +50,7 @@ def as_used(values: dict[str, Any], auto_precision: str) -> dict[str, Any]:
         out["target_modules"] = _targets(out["target_modules"])
     for key in ("rank_pattern", "alpha_pattern"):
         if isinstance(out.get(key), str):
-            out[key] = _pattern(out[key])
+            out[key] = _pattern(key, out[key])
     if out.get("precision") == "auto":
         out["precision"] = auto_precision
     if "loss_type" in out:
@@ -70,19 +72,19 @@ def _local(value: str) -> str:
 
 
 def _targets(spec: str) -> str:
-    """--target-modules as the trainer reads it: none, a list of names (a set: its order adapts nothing else) or
-    a regex."""
-    if spec.strip().lower() in ("none", ""):
-        return "none"
-    if "," in spec or spec.isidentifier():
-        return ",".join(sorted({t.strip() for t in spec.split(",") if t.strip()}))
-    return spec
+    """--target-modules as the trainer reads it (:func:`~qlora.train.config.target_module_names`): none, a list of
+    names (a set: its order adapts nothing else) or one keyword or regex."""
+    names = target_module_names(spec)
+    if isinstance(names, str):
+        return names
+    return ",".join(sorted(set(names))) if names else "none"
 
 
-def _pattern(spec: str) -> str:
-    """--rank-pattern/--alpha-pattern as PEFT's ordered mapping (its first matching name wins), as JSON."""
-    pairs = [item.rpartition("=") for item in (i.strip() for i in spec.split(",")) if item]
+def _pattern(name: str, spec: str) -> str:
+    """--rank-pattern/--alpha-pattern as PEFT's ordered mapping (its first matching name wins), as JSON; a spec that
+    does not parse (checked where the run reads it) as given."""
     try:
-        return json.dumps({key.strip(): float(value) for key, _, value in pairs}) if pairs else ""
-    except ValueError:
+        pattern = parse_pattern(name, spec)
+    except UsageError:
         return spec
+    return json.dumps({key: float(value) for key, value in pattern.items()}) if pattern else ""

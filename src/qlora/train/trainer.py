@@ -56,7 +56,7 @@ from qlora.model.quantize import non_text_names
 from qlora.nn import Experts4bit, expert_weight_names
 from qlora.optim import create_optimizer, lora_plus_param_groups, make_scheduler
 from qlora.output_folder import check_output, clear_owned, record, staged_output
-from qlora.train.config import TrainConfig, parse_pattern, parse_schedule_kwargs
+from qlora.train.config import TrainConfig, parse_pattern, parse_schedule_kwargs, target_module_names
 from qlora.train.distributed import DistContext, all_reduce_grads, shard_fsdp, wrap_ddp
 from qlora.train.data import (
     IGNORE_INDEX, attention_windows, check_packing_supported, count_trainable_tokens, normalize, pack_examples,
@@ -446,11 +446,7 @@ class Trainer:
         from qlora.model.streamed_init import StreamedInit
 
         cfg = self.config
-        targets = cfg.target_modules
-        if targets.strip().lower() in ("none", ""):
-            targets = []
-        elif "," in targets or targets.isidentifier():
-            targets = [t.strip() for t in targets.split(",") if t.strip()]
+        targets = target_module_names(cfg.target_modules)
         parameters = [t.strip() for t in cfg.target_parameters.split(",") if t.strip()]
         if parameters and cfg.adalora:
             raise UsageError("--target-parameters works with LoRA, not --adalora (PEFT's AdaLoRA has no expert "
