@@ -7,6 +7,7 @@ so the number printed is comparable with the eval loss in a run's metrics.
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import sys
 
@@ -45,6 +46,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="base data type (default: the format the adapter was trained on, else nf4)")
     parser.add_argument("--seq-len", type=number(int, Range(2)), default=512, help="truncate examples to this many tokens")
     parser.add_argument("--batch-size", type=positive_int, default=4, help="examples per forward pass")
+    parser.add_argument("--json", action="store_true",
+                        help="print the result as one JSON object on stdout (data, rows read, examples evaluated, "
+                             "tokens, loss, perplexity; loss at full precision), the data summary on stderr")
     add_pixel_arguments(parser)
 
 
@@ -97,8 +101,13 @@ def run(args: argparse.Namespace) -> int:
             loss_sum += token_loss_sum(model, batch).item()
             tokens += count_trainable_tokens(batch)
     loss = loss_sum / tokens
-    print(f"{args.data}: {report.summary()}")
-    print(f"loss {loss:.4f}  perplexity {math.exp(min(loss, 50.0)):.3f}  ({tokens} tokens)")
+    perplexity = math.exp(min(loss, 50.0))
+    print(f"{args.data}: {report.summary()}", file=sys.stderr if args.json else sys.stdout)
+    if args.json:
+        print(json.dumps({"data": args.data, "rows": report.examples, "examples": len(tokenized), "tokens": tokens,
+                          "loss": loss, "perplexity": perplexity}))
+    else:
+        print(f"loss {loss:.4f}  perplexity {perplexity:.3f}  ({tokens} tokens)")
     return 0
 
 

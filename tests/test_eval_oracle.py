@@ -1,0 +1,133 @@
+"""``qlora eval`` against an independent computation: transformers + PEFT on the same weights, the conversations
+rendered by ``apply_chat_template``, the loss summed over the assistant turns' tokens and divided by their count.
+
+The oracle's mask: the tokens of the rendered text that overlap an assistant turn, from where the conversation
+leaves the template's generation prompt to the end of the turn's text (the whitespace a template writes after its
+end-of-turn marker excluded). It is read from character offsets, not from qlora's tokenization.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import qlora
+from chat_families import CONVERSATIONS, family_tokenizer
+from qlora.cli.main import main
+from qlora.model.tiny import build_tiny_model
+from random_adapters import randomize_lora_b
+
+transformers = pytest.importorskip("transformers")
+peft = pytest.importorskip("peft")
+
+CHATS = [CONVERSATIONS[k] for k in ("one turn", "system", "system, two turns", "three turns", "whitespace")]
+NO_ANSWER = [{"role": "user", "content": "What is two plus two?"}]  # nothing to evaluate: skipped
+
+
+def _write(path, rows, opener=open):
+    with opener(path, "wt") as fh:
+        fh.write("".join(json.dumps({"messages": m}) + "\n" for m in rows))
+    return path
+
+
+def _assistant_labels(tokenizer, messages):
+    text = tokenizer.apply_chat_template(messages, tokenize=False)
+    spans = []
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        prompt = tokenizer.apply_chat_template(messages[:i], add_generation_prompt=True, tokenize=False)
+        through = tokenizer.apply_chat_template(messages[:i + 1], tokenize=False).rstrip()
+        assert text.startswith(through)
+        start = next((k for k, (a, b) in enumerate(zip(prompt, through)) if a != b), len(prompt))
+        spans.append((start, len(through)))
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    labels = [t if any(e > a and s < b for a, b in spans) else -100
+              for t, (s, e) in zip(enc["input_ids"], enc["offset_mapping"])]
+    return enc["input_ids"], labels
+
+
+def _oracle(model_dir, adapter, chats, seq_len=512):
+    """(loss per assistant token, tokens) by transformers (+ PEFT), one conversation at a time."""
+    tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
+    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    if adapter is not None:
+        model = peft.PeftModel.from_pretrained(model, adapter)
+    model.eval()
+    total, count = 0.0, 0
+    for messages in chats:
+        ids, labels = (x[:seq_len] for x in _assistant_labels(tokenizer, messages))
+        with torch.no_grad():
+            logits = model(torch.tensor([ids])).logits[0, :-1]
+        targets = torch.tensor(labels[1:])
+        total += F.cross_entropy(logits.float(), targets, ignore_index=-100, reduction="sum").item()
+        count += int((targets != -100).sum())
+    return total / count, count
+
+
+def _eval(capsys, *argv):
+    assert main(["eval", "--quant", "none", "--json", *argv]) == 0
+    out = capsys.readouterr().out
+    return json.loads(out)
+
+
+@pytest.fixture(scope="module")
+def qwen(tmp_path_factory):
+    """A tiny Llama with Qwen 2.5's tokenizer and template, and a saved adapter with non-zero B."""
+    root = tmp_path_factory.mktemp("eval-oracle")
+    model_dir = build_tiny_model(root / "model", tokenizer=family_tokenizer("qwen2.5"), arch="llama")
+    model, _ = qlora.load_model(model_dir, quant="none", compute_dtype=torch.float32, device="cpu")
+    torch.manual_seed(0)
+    qlora.add_lora(model, r=4, alpha=8, dropout=0.0, target_modules="all-linear", verbose=False)
+    randomize_lora_b(model, seed=1, scale=0.2)
+    qlora.save_adapter(model, root / "adapter")
+    return model_dir, root / "adapter"
+
+
+def test_eval_equals_transformers_and_peft_for_every_batch_size(tmp_path, qwen, capsys):
+    """Every assistant turn of multi-turn chats counts; a row with no answer is skipped (not a NaN); the number
+    is the same for 1, 3 or 4 rows a batch (padding changes nothing) and for the rows split over a plain and a
+    gzip file."""
+    model_dir, adapter = qwen
+    loss, tokens = _oracle(model_dir, adapter, CHATS)
+    whole = _write(tmp_path / "all.jsonl", CHATS[:2] + [NO_ANSWER] + CHATS[2:])
+    for batch in ("1", "3", "4"):
+        result = _eval(capsys, "--model", str(model_dir), "--adapter", str(adapter), "--data", str(whole),
+                       "--batch-size", batch)
+        assert (result["rows"], result["examples"], result["tokens"]) == (len(CHATS) + 1, len(CHATS), tokens)
+        assert result["loss"] == pytest.approx(loss, rel=1e-5), batch
+        assert result["perplexity"] == pytest.approx(torch.tensor(loss).exp().item(), rel=1e-5)
+    parts = f"{_write(tmp_path / 'a.jsonl', CHATS[:3])},{_write(tmp_path / 'b.jsonl.gz', CHATS[3:], gzip.open)}"
+    split = _eval(capsys, "--model", str(model_dir), "--adapter", str(adapter), "--data", parts)
+    assert split["tokens"] == tokens and split["loss"] == pytest.approx(loss, rel=1e-5)
+    base_loss, _ = _oracle(model_dir, None, CHATS)
+    assert abs(base_loss - loss) > 1e-2  # the adapter matters, so its absence would be seen
+
+
+def test_eval_truncates_each_row_to_seq_len(tmp_path, qwen, capsys):
+    model_dir, adapter = qwen
+    data = _write(tmp_path / "d.jsonl", CHATS)
+    loss, tokens = _oracle(model_dir, adapter, CHATS, seq_len=100)
+    result = _eval(capsys, "--model", str(model_dir), "--adapter", str(adapter), "--data", str(data),
+                   "--seq-len", "100")
+    assert result["tokens"] == tokens < _oracle(model_dir, adapter, CHATS)[1]
+    assert result["loss"] == pytest.approx(loss, rel=1e-5)
+
+
+def test_eval_loss_is_the_trainers_eval_loss(tmp_path, qwen, capsys):
+    """The docstring's promise: the same data give the number the run's metrics record (4-bit base included)."""
+    model_dir, _ = qwen
+    data = _write(tmp_path / "d.jsonl", CHATS)
+    run = tmp_path / "run"
+    assert main(["train", "--model", str(model_dir), "--data", str(data), "--eval-data", str(data), "--output",
+                 str(run), "--max-steps", "1", "--batch-size", "2", "--lr", "1e-2", "--no-progress"]) == 0
+    capsys.readouterr()
+    recorded = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    recorded = [r for r in recorded if r["split"] == "eval"][-1]
+    assert main(["eval", "--json", "--model", str(model_dir), "--adapter", str(run), "--data", str(data)]) == 0
+    assert json.loads(capsys.readouterr().out)["loss"] == pytest.approx(recorded["loss"], rel=1e-6)
+
