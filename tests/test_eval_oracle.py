@@ -24,6 +24,7 @@ from random_adapters import randomize_lora_b
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
+SYSTEM = {"role": "system", "content": "You are a terse assistant."}
 CHATS = [CONVERSATIONS[k] for k in ("one turn", "system", "system, two turns", "three turns", "whitespace")]
 NO_ANSWER = [{"role": "user", "content": "What is two plus two?"}]  # nothing to evaluate: skipped
 
@@ -131,3 +132,16 @@ def test_eval_loss_is_the_trainers_eval_loss(tmp_path, qwen, capsys):
     assert main(["eval", "--json", "--model", str(model_dir), "--adapter", str(run), "--data", str(data)]) == 0
     assert json.loads(capsys.readouterr().out)["loss"] == pytest.approx(recorded["loss"], rel=1e-6)
 
+
+def test_eval_folds_the_system_message_for_a_template_without_one(tmp_path, capsys):
+    """Gemma 2's template refuses a system message; the error names --system-into-user, which qlora eval takes,
+    giving the loss of the conversation with the system text opening the first user turn."""
+    model_dir = build_tiny_model(tmp_path / "gemma", tokenizer=family_tokenizer("gemma-2"), arch="gemma2")
+    chat = [SYSTEM, *CONVERSATIONS["three turns"]]
+    data = _write(tmp_path / "d.jsonl", [chat])
+    assert main(["eval", "--quant", "none", "--model", str(model_dir), "--data", str(data)]) == 2
+    assert "--system-into-user" in capsys.readouterr().err
+    folded = [{"role": "user", "content": f"{SYSTEM['content']}\n\n{chat[1]['content']}"}, *chat[2:]]
+    loss, tokens = _oracle(model_dir, None, [folded])
+    result = _eval(capsys, "--model", str(model_dir), "--data", str(data), "--system-into-user")
+    assert result["tokens"] == tokens and result["loss"] == pytest.approx(loss, rel=1e-5)

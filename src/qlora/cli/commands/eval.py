@@ -10,6 +10,7 @@ import argparse
 import json
 import math
 import sys
+from dataclasses import replace
 
 NAME = "eval"
 HELP = "loss and perplexity of a model (+ adapter) on a dataset"
@@ -39,6 +40,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_template_option(parser, TRAIN_TEMPLATE_NAMES, "chat format and loss mask, as train's: auto = the one "
                         "--adapter was trained with (chat_format.json), else the model's own, else the built-in one "
                         "its vocabulary supports")
+    parser.add_argument("--system-into-user", action="store_true",
+                        help="fold a system message into the first user turn, as qlora train's (for chat templates "
+                             "without a system role, e.g. Gemma 2); on already where --adapter was trained so")
     parser.add_argument("--train-on", default="assistant", choices=("assistant", "all", "completion"),
                         help="tokens that count, as qlora train's --train-on (completion: all but the prompts of "
                              "prompt-completion rows, as TRL's SFT trains)")
@@ -84,6 +88,8 @@ def run(args: argparse.Namespace) -> int:
     if args.template == "auto":
         saved = ChatFormat.load(args.adapter) if args.adapter else merged_format(args.model)
     fmt = saved or resolve_chat_format(tokenizer, args.template)
+    if args.system_into_user:
+        fmt = replace(fmt, system_into_user=True)
     if (saved is None and args.template == "auto" and own_template(tokenizer) is None
             and any(e.messages is not None for e in examples)):
         print(fallback_note(tokenizer), file=sys.stderr)
