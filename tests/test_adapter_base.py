@@ -109,7 +109,9 @@ def test_an_adapter_folder_that_names_no_base_is_refused(fp4_adapter, tmp_path, 
     config = json.loads((fp4_adapter / "adapter_config.json").read_text())
     config["base_model_name_or_path"] = None
     (bare / "adapter_config.json").write_text(json.dumps(config))
-    assert main(["eval", "--model", str(bare), "--data", "x.jsonl"]) == 2
+    data = tmp_path / "x.jsonl"  # readable: eval checks its data before the model
+    data.write_text(json.dumps({"text": "Hello"}) + "\n")
+    assert main(["eval", "--model", str(bare), "--data", str(data)]) == 2
     err = capsys.readouterr().err
     assert "is a LoRA adapter, not a model" in err and "base_model_name_or_path" in err and "Traceback" not in err
     config["base_model_name_or_path"] = str(tmp_path / "gone")

@@ -145,3 +145,16 @@ def test_eval_folds_the_system_message_for_a_template_without_one(tmp_path, caps
     loss, tokens = _oracle(model_dir, None, [folded])
     result = _eval(capsys, "--model", str(model_dir), "--data", str(data), "--system-into-user")
     assert result["tokens"] == tokens and result["loss"] == pytest.approx(loss, rel=1e-5)
+
+
+@pytest.mark.parametrize("content", [None, "", "\n\n"])
+def test_eval_refuses_a_missing_or_empty_data_file_before_loading_the_model(tmp_path, capsys, content):
+    """Exit 2 naming the file, no traceback, and before the model loads (a typo costs seconds, not a 70B load): the
+    model here does not exist, so an error about it would mean it was loaded first."""
+    data = tmp_path / "d.jsonl"
+    if content is not None:
+        data.write_text(content)
+    assert main(["eval", "--model", str(tmp_path / "no-model"), "--data", str(data)]) == 2
+    err = capsys.readouterr().err
+    assert str(data) in err and ("not found" in err if content is None else "empty" in err), err
+    assert "no-model" not in err and "Traceback" not in err

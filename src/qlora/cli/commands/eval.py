@@ -74,6 +74,10 @@ def run(args: argparse.Namespace) -> int:
 
     fields = parse_data_fields(args.data_fields)  # checked before the model loads
     bounds = pixel_bounds_for(args, args.adapter)  # images shown as training showed them (saved with the adapter)
+    # Read (and so check) the data before the model, as train does: a bad file fails in seconds, not after the load.
+    examples = read_sources(args.data, args.data_split, args.data_subset, 0,  # relative image paths found as in train
+                            lambda records: normalize(records, args.format, fields, args.media_dir or args.dataset_dir),
+                            args.dataset_dir)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = compute_dtype_for("auto", device)
     model, tokenizer = load_model(args.model, **load_kwargs(args), compute_dtype=dtype, device=device)
@@ -81,9 +85,6 @@ def run(args: argparse.Namespace) -> int:
     if args.adapter:
         tokenizer = adapter_tokenizer(args.adapter, tokenizer)
         load_adapter(model, args.adapter)
-    examples = read_sources(args.data, args.data_split, args.data_subset, 0,  # relative image paths found as in train
-                            lambda records: normalize(records, args.format, fields, args.media_dir or args.dataset_dir),
-                            args.dataset_dir)
     saved = None
     if args.template == "auto":
         saved = ChatFormat.load(args.adapter) if args.adapter else merged_format(args.model)
