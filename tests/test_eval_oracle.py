@@ -158,3 +158,12 @@ def test_eval_refuses_a_missing_or_empty_data_file_before_loading_the_model(tmp_
     err = capsys.readouterr().err
     assert str(data) in err and ("not found" in err if content is None else "empty" in err), err
     assert "no-model" not in err and "Traceback" not in err
+
+
+def test_eval_of_rows_without_answers_says_there_is_nothing_to_evaluate(tmp_path, qwen, capsys):
+    data = tmp_path / "d.jsonl"
+    data.write_text(json.dumps({"instruction": "Say hi", "input": "", "output": ""}) + "\n")
+    assert main(["eval", "--quant", "none", "--model", str(qwen[0]), "--data", str(data)]) == 2
+    err = capsys.readouterr().err
+    assert f"--data {data}: all 1 rows of it have nothing to evaluate: 1 with an empty answer (first: {data} line 1)" \
+        in err and "Traceback" not in err

@@ -70,6 +70,8 @@ def run(args: argparse.Namespace) -> int:
                                pad_collate, pad_token_id, resolve_chat_format, tokenize_dataset)
     from ...infer.template import stop_token_ids
     from ...model.chat_format import ChatFormat, merged_format
+    from ...errors import UsageError
+    from ...train.data.tokenize import NothingToTrain
     from ...train.trainer import compute_dtype_for, token_loss_sum
 
     fields = parse_data_fields(args.data_fields)  # checked before the model loads
@@ -95,9 +97,14 @@ def run(args: argparse.Namespace) -> int:
             and any(e.messages is not None for e in examples)):
         print(fallback_note(tokenizer), file=sys.stderr)
     stops = stop_token_ids(model, tokenizer)
-    tokenized, report = tokenize_dataset(examples, tokenizer, fmt, args.train_on, args.seq_len, stop_ids=stops,
-                                         with_images=_image_tokenizer(args, examples, model, tokenizer, fmt, stops,
-                                                                      bounds))
+    try:
+        tokenized, report = tokenize_dataset(examples, tokenizer, fmt, args.train_on, args.seq_len, stop_ids=stops,
+                                             with_images=_image_tokenizer(args, examples, model, tokenizer, fmt, stops,
+                                                                          bounds))
+    except NothingToTrain as exc:  # in eval's words, not training's
+        raise UsageError(f"--data {args.data}: all {exc.rows} {exc.what} of it have nothing to evaluate: {exc.counts}. "
+                         f"Such rows are skipped; give {exc.what} with answers (check --format and --data-fields if "
+                         "the answers are in another column).") from None
     model.eval()
     dtype = model.get_input_embeddings().weight.dtype  # image tensors go in as the 16-bit vision tower takes them
     loss_sum, tokens = 0.0, 0
