@@ -64,6 +64,7 @@ def run(args: argparse.Namespace) -> int:
     from ..image_pixels import pixel_bounds_for
     from ...model.adapter_io import adapter_tokenizer, load_adapter
     from ...model.load import load_model
+    from ...model.position_limit import check_positions
     from ...train.data.fields import parse_data_fields
     from ...train.data.selection import read_sources
     from ...train.data import (count_trainable_tokens, fallback_note, normalize, own_template,
@@ -105,6 +106,7 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"--data {args.data}: all {exc.rows} {exc.what} of it have nothing to evaluate: {exc.counts}. "
                          f"Such rows are skipped; give {exc.what} with answers (check --format and --data-fields if "
                          "the answers are in another column).") from None
+    check_positions(model, max(len(e.input_ids) for e in tokenized), args.model)
     model.eval()
     dtype = model.get_input_embeddings().weight.dtype  # image tensors go in as the 16-bit vision tower takes them
     loss_sum, tokens = 0.0, 0

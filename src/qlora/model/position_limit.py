@@ -1,0 +1,44 @@
+"""The longest input a model's learned position table covers.
+
+Models with absolute, learned position embeddings (GPT-2, GPT-Neo, GPT-BigCode, OPT) look each position up in a
+table of ``n_positions`` rows: a longer input is an ``IndexError`` deep inside the forward, not an error a user can
+act on. Rotary and ALiBi models have no such table (past their trained length they degrade, they do not fail).
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from qlora.errors import UsageError
+
+_CONFIG_KEYS = ("n_positions", "max_position_embeddings", "n_ctx")
+
+
+def learned_position_limit(model: nn.Module) -> int | None:
+    """Positions the model's learned position embedding has rows for (OPT's table: less its offset), or None
+    when it has none: an embedding other than the input one whose usable size is the config's context length."""
+    config = getattr(model, "config", None)
+    if config is None:
+        return None
+    if hasattr(config, "get_text_config"):
+        config = config.get_text_config()
+    sizes = {v for v in (getattr(config, k, None) for k in _CONFIG_KEYS) if isinstance(v, int)}
+    inputs = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    for module in model.modules():
+        if isinstance(module, nn.Embedding) and module is not inputs:
+            usable = module.num_embeddings - int(getattr(module, "offset", 0) or 0)
+            if usable in sizes:
+                return usable
+    return None
+
+
+def check_positions(model: nn.Module, longest: int, model_name: str, option: str = "--seq-len") -> None:
+    """Refuse inputs of ``longest`` tokens that the model's learned position table cannot cover.
+
+    Raises:
+        UsageError: naming the model, its limit and ``option``, the way to stay within it.
+    """
+    limit = learned_position_limit(model)
+    if limit is not None and longest > limit:
+        raise UsageError(f"{model_name} has learned position embeddings for {limit} tokens, and the longest example "
+                         f"is {longest} tokens; give {option} {limit} or less (longer examples are truncated to it).")

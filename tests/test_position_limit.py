@@ -1,0 +1,59 @@
+"""Inputs longer than a learned position table: refused with the option to change, not an IndexError."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from qlora.cli.main import main
+from qlora.model.position_limit import learned_position_limit
+from qlora.model.tiny import build_tiny_model
+
+transformers = pytest.importorskip("transformers")
+
+TEXT = " ".join(["The quick brown fox jumps over the lazy dog."] * 12)
+
+
+@pytest.mark.parametrize("arch, config", [
+    ("gpt2", dict(n_positions=48, n_embd=32, n_layer=1, n_head=2)),
+    ("gpt_neo", dict(max_position_embeddings=48, hidden_size=32, num_layers=1, attention_types=[[["global"], 1]],
+                     num_heads=2)),
+    ("gpt_bigcode", dict(n_positions=48, n_embd=32, n_layer=1, n_head=2)),
+    ("opt", dict(max_position_embeddings=48, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, ffn_dim=64,
+                 word_embed_proj_dim=32)),  # its table has 2 more rows, an offset
+    ("llama", dict(max_position_embeddings=48, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                   intermediate_size=64)),  # rotary: no table
+])
+def test_the_limit_is_where_transformers_fails(arch, config):
+    model = transformers.AutoModelForCausalLM.from_config(transformers.AutoConfig.for_model(arch, vocab_size=100,
+                                                                                            **config))
+    limit = learned_position_limit(model)
+    if arch == "llama":
+        assert limit is None
+        model(torch.zeros(1, 60, dtype=torch.long))  # past its 48 positions: runs
+        return
+    assert limit == 48
+    model(torch.zeros(1, limit, dtype=torch.long))
+    with pytest.raises(IndexError):
+        model(torch.zeros(1, limit + 1, dtype=torch.long))
+
+def test_eval_refuses_rows_past_gpt2_positions_and_evaluates_them_truncated(tmp_path, tiny_tokenizer, capsys):
+    model_dir = build_tiny_model(tmp_path / "gpt2", tokenizer=tiny_tokenizer, arch="gpt2", max_positions=64)
+    data = tmp_path / "d.jsonl"
+    data.write_text(json.dumps({"text": TEXT}) + "\n")
+    ids = tiny_tokenizer(TEXT)["input_ids"] + [tiny_tokenizer.eos_token_id]
+    assert len(ids) > 64
+    assert main(["eval", "--quant", "none", "--model", str(model_dir), "--data", str(data)]) == 2
+    err = capsys.readouterr().err
+    assert "learned position embeddings for 64 tokens" in err and "--seq-len 64" in err and "Traceback" not in err
+    assert main(["eval", "--quant", "none", "--json", "--model", str(model_dir), "--data", str(data),
+                 "--seq-len", "64"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    with torch.no_grad():
+        logits = model(torch.tensor([ids[:64]])).logits[0, :-1]
+    assert result["tokens"] == 63
+    assert result["loss"] == pytest.approx(F.cross_entropy(logits, torch.tensor(ids[1:64])).item(), rel=1e-5)
