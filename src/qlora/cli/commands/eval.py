@@ -116,15 +116,21 @@ def run(args: argparse.Namespace) -> int:
                      for k, v in pad_collate(tokenized[i:i + args.batch_size], pad_token_id(tokenizer)).items()}
             loss_sum += token_loss_sum(model, batch).item()
             tokens += count_trainable_tokens(batch)
+    print(f"{args.data}: {report.summary()}", file=sys.stderr if args.json else sys.stdout)
+    _print_result(args, report.examples, len(tokenized), loss_sum, tokens)
+    return 0
+
+
+def _print_result(args: argparse.Namespace, rows: int, examples: int, loss_sum: float, tokens: int) -> None:
+    """The loss per counted token and its perplexity (capped at e^50, as the trainer's), as text or, with --json,
+    as one JSON object at full precision."""
     loss = loss_sum / tokens
     perplexity = math.exp(min(loss, 50.0))
-    print(f"{args.data}: {report.summary()}", file=sys.stderr if args.json else sys.stdout)
     if args.json:
-        print(json.dumps({"data": args.data, "rows": report.examples, "examples": len(tokenized), "tokens": tokens,
-                          "loss": loss, "perplexity": perplexity}))
+        print(json.dumps({"data": args.data, "rows": rows, "examples": examples, "tokens": tokens, "loss": loss,
+                          "perplexity": perplexity}))
     else:
         print(f"loss {loss:.4f}  perplexity {perplexity:.3f}  ({tokens} tokens)")
-    return 0
 
 
 def _image_tokenizer(args: argparse.Namespace, examples, model, tokenizer, fmt, stops, bounds):
