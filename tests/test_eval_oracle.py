@@ -35,14 +35,14 @@ def _write(path, rows, opener=open):
     return path
 
 
-def _assistant_labels(tokenizer, messages):
-    text = tokenizer.apply_chat_template(messages, tokenize=False)
+def _assistant_labels(tokenizer, messages, **variables):
+    text = tokenizer.apply_chat_template(messages, tokenize=False, **variables)
     spans = []
     for i, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
-        prompt = tokenizer.apply_chat_template(messages[:i], add_generation_prompt=True, tokenize=False)
-        through = tokenizer.apply_chat_template(messages[:i + 1], tokenize=False).rstrip()
+        prompt = tokenizer.apply_chat_template(messages[:i], add_generation_prompt=True, tokenize=False, **variables)
+        through = tokenizer.apply_chat_template(messages[:i + 1], tokenize=False, **variables).rstrip()
         assert text.startswith(through)
         start = next((k for k, (a, b) in enumerate(zip(prompt, through)) if a != b), len(prompt))
         spans.append((start, len(through)))
@@ -52,8 +52,9 @@ def _assistant_labels(tokenizer, messages):
     return enc["input_ids"], labels
 
 
-def _oracle(model_dir, adapter, chats, seq_len=512):
-    """(loss per assistant token, tokens) by transformers (+ PEFT), one conversation at a time."""
+def _oracle(model_dir, adapter, chats, seq_len=512, **variables):
+    """(loss per assistant token, tokens) by transformers (+ PEFT), one conversation at a time (``variables``: of
+    the chat template)."""
     tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
     model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     if adapter is not None:
@@ -61,7 +62,7 @@ def _oracle(model_dir, adapter, chats, seq_len=512):
     model.eval()
     total, count = 0.0, 0
     for messages in chats:
-        ids, labels = (x[:seq_len] for x in _assistant_labels(tokenizer, messages))
+        ids, labels = (x[:seq_len] for x in _assistant_labels(tokenizer, messages, **variables))
         with torch.no_grad():
             logits = model(torch.tensor([ids])).logits[0, :-1]
         targets = torch.tensor(labels[1:])
@@ -167,3 +168,18 @@ def test_eval_of_rows_without_answers_says_there_is_nothing_to_evaluate(tmp_path
     err = capsys.readouterr().err
     assert f"--data {data}: all 1 rows of it have nothing to evaluate: 1 with an empty answer (first: {data} line 1)" \
         in err and "Traceback" not in err
+
+
+def test_eval_renders_the_pinned_template_date(tmp_path, capsys):
+    """Llama 3.2's template writes today's date (strftime_now) into its system block; --template-date pins it as train's does,
+    so a base model is evaluated on the prompt its adapter was trained with (here: transformers' date_string)."""
+    model_dir = build_tiny_model(tmp_path / "llama", tokenizer=family_tokenizer("llama-3.2"), arch="llama")
+    chat = CONVERSATIONS["one turn"]
+    data = _write(tmp_path / "d.jsonl", [chat])
+    tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
+    assert "02 Jan 2025" not in tokenizer.apply_chat_template(chat, tokenize=False)  # today's date otherwise
+    loss, tokens = _oracle(model_dir, None, [chat], date_string="02 Jan 2025")
+    result = _eval(capsys, "--model", str(model_dir), "--data", str(data), "--template-date", "2025-01-02")
+    assert result["tokens"] == tokens and result["loss"] == pytest.approx(loss, rel=1e-5)
+    assert main(["eval", "--model", str(model_dir), "--data", str(data), "--template-date", "2025-13-02"]) == 2
+    assert "--template-date '2025-13-02'" in capsys.readouterr().err

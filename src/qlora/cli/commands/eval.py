@@ -43,6 +43,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--system-into-user", action="store_true",
                         help="fold a system message into the first user turn, as qlora train's (for chat templates "
                              "without a system role, e.g. Gemma 2); on already where --adapter was trained so")
+    parser.add_argument("--template-date", default="", metavar="YYYY-MM-DD",
+                        help="date that date-dependent chat templates (strftime_now, e.g. Llama 3.2) see, as qlora "
+                             "train's (default: the one --adapter was trained with, else today)")
     parser.add_argument("--train-on", default="assistant", choices=("assistant", "all", "completion"),
                         help="tokens that count, as qlora train's --train-on (completion: all but the prompts of "
                              "prompt-completion rows, as TRL's SFT trains)")
@@ -70,12 +73,14 @@ def run(args: argparse.Namespace) -> int:
     from ...train.data import (count_trainable_tokens, fallback_note, normalize, own_template,
                                pad_collate, pad_token_id, resolve_chat_format, tokenize_dataset)
     from ...infer.template import stop_token_ids
-    from ...model.chat_format import ChatFormat, merged_format
+    from ...model.chat_format import ChatFormat, merged_format, pinned_datetime
     from ...errors import UsageError
     from ...train.data.tokenize import NothingToTrain
     from ...train.trainer import compute_dtype_for, token_loss_sum
 
     fields = parse_data_fields(args.data_fields)  # checked before the model loads
+    if args.template_date:
+        pinned_datetime(args.template_date)
     bounds = pixel_bounds_for(args, args.adapter)  # images shown as training showed them (saved with the adapter)
     # Read (and so check) the data before the model, as train does: a bad file fails in seconds, not after the load.
     examples = read_sources(args.data, args.data_split, args.data_subset, 0,  # relative image paths found as in train
@@ -94,6 +99,8 @@ def run(args: argparse.Namespace) -> int:
     fmt = saved or resolve_chat_format(tokenizer, args.template)
     if args.system_into_user:
         fmt = replace(fmt, system_into_user=True)
+    if args.template_date:
+        fmt = fmt.with_date(args.template_date)
     if (saved is None and args.template == "auto" and own_template(tokenizer) is None
             and any(e.messages is not None for e in examples)):
         print(fallback_note(tokenizer), file=sys.stderr)
