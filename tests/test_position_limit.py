@@ -57,3 +57,37 @@ def test_eval_refuses_rows_past_gpt2_positions_and_evaluates_them_truncated(tmp_
         logits = model(torch.tensor([ids[:64]])).logits[0, :-1]
     assert result["tokens"] == 63
     assert result["loss"] == pytest.approx(F.cross_entropy(logits, torch.tensor(ids[1:64])).item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("method, row", [
+    ("sft", {"text": TEXT}),
+    ("dpo", {"prompt": "Say it.", "chosen": TEXT, "rejected": " no"}),
+    ("kto", {"prompt": "Say it.", "completion": TEXT, "label": True}),
+])
+def test_train_refuses_rows_past_gpt2_positions_before_writing_anything(tmp_path, tiny_tokenizer, capsys, method,
+                                                                         row):
+    model_dir = build_tiny_model(tmp_path / "gpt2", tokenizer=tiny_tokenizer, arch="gpt2", max_positions=64)
+    data = tmp_path / "d.jsonl"
+    rows = [row, {**row, "label": False}] if method == "kto" else [row, row]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "run"
+    args = ["train", "--quant", "none", "--model", str(model_dir), "--data", str(data), "--output", str(out),
+            "--max-steps", "1", "--batch-size", "2", "--method", method]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "learned position embeddings for 64 tokens" in err and "--seq-len 64" in err and "Traceback" not in err
+    assert not out.exists()
+    assert main(args + ["--seq-len", "64"]) == 0
+    assert (out / "adapter_model.safetensors").exists()
+
+
+def test_a_lora_token_table_the_size_of_the_context_is_not_a_position_table(tiny_tokenizer):
+    """A rotary model whose vocabulary is as long as its context: the LoRA-wrapped token table's own
+    nn.Embedding must not be taken for a learned position table."""
+    from qlora import add_lora
+
+    config = transformers.AutoConfig.for_model("llama", vocab_size=64, max_position_embeddings=64, hidden_size=32,
+                                               num_hidden_layers=1, num_attention_heads=2, intermediate_size=64)
+    model = transformers.AutoModelForCausalLM.from_config(config)
+    add_lora(model, r=2, target_modules=["embed_tokens", "q_proj"])
+    assert learned_position_limit(model) is None

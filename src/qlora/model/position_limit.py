@@ -7,16 +7,22 @@ act on. Rotary and ALiBi models have no such table (past their trained length th
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from typing import Any
+
 from torch import nn
 
 from qlora.errors import UsageError
 
 _CONFIG_KEYS = ("n_positions", "max_position_embeddings", "n_ctx")
+_TOWERS = ("vision", "visual", "image", "audio")
 
 
 def learned_position_limit(model: nn.Module) -> int | None:
     """Positions the model's learned position embedding has rows for (OPT's table: less its offset), or None
-    when it has none: an embedding other than the input one whose usable size is the config's context length."""
+    when it has none: an embedding of the language model other than the input one (and what wraps it, such as a
+    LoRA embedding) whose usable size is the config's context length. A vision or audio tower's patch positions
+    are its own, not the text's."""
     config = getattr(model, "config", None)
     if config is None:
         return None
@@ -24,12 +30,28 @@ def learned_position_limit(model: nn.Module) -> int | None:
         config = config.get_text_config()
     sizes = {v for v in (getattr(config, k, None) for k in _CONFIG_KEYS) if isinstance(v, int)}
     inputs = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-    for module in model.modules():
-        if isinstance(module, nn.Embedding) and module is not inputs:
+    token_tables = {id(m) for m in inputs.modules()} if isinstance(inputs, nn.Module) else set()
+    for name, module in model.named_modules():
+        if (isinstance(module, nn.Embedding) and id(module) not in token_tables
+                and not any(part in name for part in _TOWERS)):
             usable = module.num_embeddings - int(getattr(module, "offset", 0) or 0)
             if usable in sizes:
                 return usable
     return None
+
+
+def longest_positions(units: Iterable[Any]) -> int:
+    """The most positions any training or eval unit takes: an example's tokens, a packed row's longest example
+    (its positions restart), a preference pair's prompt and longer answer, an unpaired example's prompt and
+    completion."""
+    def positions(unit: Any) -> int:
+        if getattr(unit, "position_ids", None):
+            return max(unit.position_ids) + 1
+        if hasattr(unit, "input_ids"):
+            return len(unit.input_ids)
+        answers = [len(getattr(unit, k)) for k in ("chosen_ids", "rejected_ids", "completion_ids") if hasattr(unit, k)]
+        return len(unit.prompt_ids) + max(answers, default=0)
+    return max(map(positions, units), default=0)
 
 
 def check_positions(model: nn.Module, longest: int, model_name: str, option: str = "--seq-len") -> None:

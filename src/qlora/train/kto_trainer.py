@@ -63,6 +63,14 @@ class KTOTrainer(PreferenceTrainer):
                                           stop_ids=self._stop_ids(), processor=self._processor_for(examples))
         return self._deduped(units), report
 
+    def _positions(self, units: list) -> int:
+        """A KL row pairs one prompt with another example's completion, cut to --seq-len."""
+        longest = super()._positions(units)
+        if self._kl_rows and units:
+            pairs = max(len(u.prompt_ids) for u in units) + max(len(u.completion_ids) for u in units)
+            longest = max(longest, min(pairs, self.config.seq_len))
+        return longest
+
     def _collate(self, units: list, kl_completions: list | None = None) -> dict[str, torch.Tensor]:
         batch = unpaired_collate(units, pad_token_id(self.tokenizer), self._kl_rows, self.config.seq_len,
                                  kl_completions)

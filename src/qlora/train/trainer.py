@@ -52,6 +52,7 @@ from qlora.atomic import atomic_dir
 from qlora.cpu_threads import apply_cpu_threads
 from qlora.errors import UsageError
 from qlora.model.chat_format import ChatFormat, stop_token_ids, today
+from qlora.model.position_limit import check_positions, longest_positions
 from qlora.model.quantize import non_text_names
 from qlora.nn import Experts4bit, expert_weight_names
 from qlora.optim import create_optimizer, lora_plus_param_groups, make_scheduler
@@ -310,6 +311,8 @@ class Trainer:
         if not cfg.eval_split and cfg.method == "sft":  # axolotl's SFT test_datasets are deduplicated on their own
             self.seen_rows = set()
         self.eval_units = self._tokenize_eval(eval_examples) if eval_examples else []
+        check_positions(self.model, max(self._positions(self.train_units), self._positions(self.eval_units)),
+                        cfg.model)
         self.dist.barrier()  # every rank has checked --output before rank 0 changes it
         if cfg.overwrite and not cfg.resume and self.out.exists() and self.dist.is_main:
             clear_owned(self.out)  # only now: every input has been checked; only qlora's own files go
@@ -550,6 +553,10 @@ class Trainer:
             order = shuffled_indices(len(tokenized), cfg.seed, 0) if cfg.shuffle else range(len(tokenized))
             return pack_examples([tokenized[i] for i in order], cfg.seq_len), report
         return tokenized, report
+
+    def _positions(self, units: list) -> int:
+        """The most positions a forward pass over ``units`` takes (checked against a learned position table)."""
+        return longest_positions(units)
 
     def _deduped(self, units: list) -> list:
         """``units`` without repeats of the examples kept so far, under --dedupe."""
