@@ -182,3 +182,34 @@ def test_embedding_dora_merge_unmerge_round_trip_and_gradients():
     torch.testing.assert_close(layer(x), before.detach(), rtol=1e-5, atol=1e-5)
     layer.unmerge()
     torch.testing.assert_close(layer.base_layer.weight, w0, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["linear", "embedding"])
+def test_weighted_dora_after_another_adapter_adds_its_own_delta(kind):
+    """``set_adapters`` promises ``base + sum_a w_a * delta_a``: a DoRA adapter active after a plain one
+    rescales the base output, not the plain one's share too (as merging folds it), whatever the order."""
+    from qlora.nn import LoraEmbedding
+
+    torch.manual_seed(0)
+    layer = LoraLinear(nn.Linear(32, 24)) if kind == "linear" else LoraEmbedding(nn.Embedding(50, 24))
+    layer.add_adapter("plain", LoraSpec(r=2, alpha=2))
+    layer.add_adapter("dora", LoraSpec(r=4, alpha=8, use_dora=True))
+    with torch.no_grad():
+        for p in layer.parameters():
+            if p.requires_grad:
+                p.add_(0.3 * torch.randn_like(p))
+    x = torch.randn(4, 32) if kind == "linear" else torch.randint(0, 50, (4, 7))
+    with torch.no_grad():
+        base = layer.base_layer(x)
+        alone = {}
+        for n in ("plain", "dora"):
+            layer.set_active({n: 1.0})
+            alone[n] = layer(x) - base
+        for order in (["plain", "dora"], ["dora", "plain"]):
+            weights = {"plain": 0.5, "dora": 0.7}
+            layer.set_active({n: weights[n] for n in order})
+            expected = base + 0.5 * alone["plain"] + 0.7 * alone["dora"]
+            torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-5, msg=str(order))
+            layer.merge()
+            torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-5, msg=f"merged {order}")
+            layer.unmerge()
