@@ -181,6 +181,39 @@ def test_adapter_writing_base_weights_in_place_is_not_loaded_beside_others(tiny_
     _model(tiny_model_dir, peft_adapters, [in_place])  # alone it loads
 
 
+@torch.no_grad()
+def test_delete_adapter_frees_it_and_equals_peft(tiny_model_dir, peft_adapters):
+    """Deleting the active adapter leaves the first remaining one active (as PEFT's delete_adapter),
+    frees its tensors, and the name loads again."""
+    import gc
+    import weakref
+
+    from peft import PeftModel
+
+    model = _model(tiny_model_dir, peft_adapters, ["plain", "dora"])
+    peft_model = PeftModel.from_pretrained(_dequantized_reference(tiny_model_dir, model), peft_adapters / "plain",
+                                           adapter_name="plain")
+    peft_model.load_adapter(peft_adapters / "dora", adapter_name="dora")
+    peft_model.eval().set_adapter("dora")
+    qlora.set_adapter(model, "dora")
+    freed = [weakref.ref(p) for n, p in model.named_parameters() if ".dora" in n]
+    assert freed
+    peft_model.delete_adapter("dora")
+    qlora.delete_adapter(model, "dora")
+    gc.collect()
+    assert all(r() is None for r in freed) and not any(".dora" in n for n in model.state_dict())
+    torch.testing.assert_close(model(IDS).logits, peft_model(IDS).logits, rtol=1e-5, atol=1e-5)
+    qlora.load_adapter(model, peft_adapters / "dora", adapter_name="dora")
+    peft_model.load_adapter(peft_adapters / "dora", adapter_name="dora")
+    peft_model.set_adapter("dora")
+    qlora.set_adapter(model, "dora")
+    torch.testing.assert_close(model(IDS).logits, peft_model(IDS).logits, rtol=1e-5, atol=1e-5)
+    with pytest.raises(UsageError, match="unknown adapter"):
+        qlora.delete_adapter(model, "gone")
+    with pytest.raises(UsageError, match="cannot give back"):
+        qlora.delete_adapter(_model(tiny_model_dir, peft_adapters, ["whole"]), "whole")
+
+
 def test_generate_with_several_adapters(tiny_model_dir, adapters, capsys):
     common = ["generate", "--model", str(tiny_model_dir), "--compute-dtype", "fp32", "--prompt", "The sky",
               "--temperature", "0", "--max-new-tokens", "3",
