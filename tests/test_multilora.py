@@ -214,6 +214,30 @@ def test_delete_adapter_frees_it_and_equals_peft(tiny_model_dir, peft_adapters):
         qlora.delete_adapter(_model(tiny_model_dir, peft_adapters, ["whole"]), "whole")
 
 
+def test_serve_does_not_answer_as_the_base_beside_an_adapter_that_overwrote_it(tiny_model_dir, tiny_tokenizer,
+                                                                            peft_adapters):
+    """The base id would answer with the adapter's lm_head (PEFT's disable_adapter has the original):
+    it is not listed, and a request for it is refused naming the adapter; the adapter answers."""
+    pytest.importorskip("fastapi")
+    from fastapi.testclient import TestClient
+
+    from qlora.infer.batcher import ContinuousBatcher
+    from qlora.serve.app import build_app
+
+    batcher = ContinuousBatcher(_model(tiny_model_dir, peft_adapters, ["whole"]), tiny_tokenizer,
+                                max_batch_size=2, context_length=64).start()
+    try:
+        client = TestClient(build_app(batcher, "tiny", ["whole"]))
+        assert [m["id"] for m in client.get("/v1/models").json()["data"]] == ["whole"]
+        body = {"prompt": "The sky", "max_tokens": 2, "temperature": 0}
+        refused = client.post("/v1/completions", json=body | {"model": "tiny"})
+        assert refused.status_code == 400 and refused.json()["error"]["code"] == "model_not_found"
+        assert "'whole' trained lm_head whole" in refused.json()["error"]["message"]
+        assert client.post("/v1/completions", json=body | {"model": "whole"}).status_code == 200
+    finally:
+        batcher.close()
+
+
 def test_generate_with_several_adapters(tiny_model_dir, adapters, capsys):
     common = ["generate", "--model", str(tiny_model_dir), "--compute-dtype", "fp32", "--prompt", "The sky",
               "--temperature", "0", "--max-new-tokens", "3",

@@ -24,6 +24,17 @@ def in_place_parts(modules_to_save: list[str], trainable_tokens: list[str]) -> l
             + [f"new rows of {path} (trainable_token_indices)" for path in trainable_tokens])
 
 
+def in_place_adapter(model: nn.Module, but: str | None = None) -> tuple[str, list[str]] | None:
+    """``(name, what it wrote)`` of the first adapter on ``model`` (other than ``but``) that wrote base
+    weights in place, or None: with one loaded, the model with adapters off is not the base any more."""
+    for name, config in adapter_configs(model).items():
+        parts = in_place_parts(list(getattr(config, "modules_to_save", [])),
+                               list(getattr(config, "trainable_tokens", {})))
+        if parts and name != but:
+            return name, parts
+    return None
+
+
 def refuse_beside_others(model: nn.Module, adapter_dir: Path, adapter_name: str, parts: list[str]) -> None:
     """Refuse loading adapter ``adapter_name`` (writing ``parts`` in place) onto a model with other
     adapters, or any adapter onto a model whose adapter wrote base weights in place.
@@ -31,17 +42,15 @@ def refuse_beside_others(model: nn.Module, adapter_dir: Path, adapter_name: str,
     Raises:
         UsageError: naming the adapter that writes in place and what it writes.
     """
-    others = {n: c for n, c in adapter_configs(model).items() if n != adapter_name}
+    others = sorted(n for n in adapter_configs(model) if n != adapter_name)
     if not others:
         return
-    owner, what = (str(adapter_dir), parts) if parts else next(
-        ((repr(n), p) for n, c in others.items()
-         if (p := in_place_parts(list(getattr(c, "modules_to_save", [])), list(getattr(c, "trainable_tokens", {}))))),
-        ("", []))
-    if not what:
+    found = (str(adapter_dir), parts) if parts else in_place_adapter(model, but=adapter_name)
+    if found is None:
         return
+    owner, what = found
     raise UsageError(
-        f"cannot load {adapter_dir} as adapter {adapter_name!r} beside {sorted(others)}: adapter {owner} trains "
+        f"cannot load {adapter_dir} as adapter {adapter_name!r} beside {others}: adapter {owner!r} trains "
         f"{', '.join(what)}, which qlora loads into the shared base model in place, so every adapter on it would "
         "run with those weights. Load that adapter on its own (a separate qlora generate/serve), or merge it "
         "(qlora merge) and use the merged model.")
