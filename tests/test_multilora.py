@@ -251,6 +251,29 @@ def test_generate_with_several_adapters(tiny_model_dir, adapters, capsys):
     assert "2 adapters" in capsys.readouterr().err
 
 
+def test_adapter_names_torch_cannot_hold_are_refused_before_any_change(tmp_path, tiny_model_dir, adapters, capsys):
+    """Names key torch's module dicts ('.' and their attributes are not allowed): the Python API refuses
+    them untouched, the CLI exits 2 naming the option, and a dotted folder name is used with '_' instead."""
+    import shutil
+
+    model = _model(tiny_model_dir, adapters, [])
+    for name in ("v1.2", "training", ""):
+        with pytest.raises(UsageError, match="cannot name an adapter"):
+            qlora.load_adapter(model, adapters / "a", adapter_name=name)
+    assert not any(isinstance(m, LoraLinear) for m in model.modules())
+    with pytest.raises(UsageError, match="cannot name an adapter"):
+        qlora.add_lora(model, r=2, target_modules=["q_proj"], adapter_name="keys", verbose=False)
+    dotted = tmp_path / "qwen2.5-sql"
+    shutil.copytree(adapters / "a", dotted)
+    common = ["generate", "--model", str(tiny_model_dir), "--compute-dtype", "fp32", "--prompt", "The sky",
+              "--temperature", "0", "--max-new-tokens", "2"]
+    capsys.readouterr()
+    assert main(common + ["--adapter", str(dotted), "--adapter", f"b={adapters / 'b'}"]) == 0
+    assert capsys.readouterr().out.startswith("[qwen2_5-sql] ")
+    assert main(common + ["--adapter", f"v1.2={adapters / 'a'}"]) == 2
+    assert "--adapter v1.2=" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("temperature", [0.0, 0.8])
 def test_batched_generation_per_adapter_equals_each_adapter_alone(tiny_model_dir, tiny_tokenizer, adapters,
                                                                   temperature):

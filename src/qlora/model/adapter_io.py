@@ -29,8 +29,8 @@ from .adalora import AdaLoraConfig
 from .adalora_io import adalora_peft_config, adalora_state_dict, attach_adalora
 from .merge import shares_table, untie_config
 from .in_place_weights import in_place_parts, refuse_beside_others
-from .inject import (AdapterConfig, adapter_configs, add_lora, embedding_lora_layers, expert_modules,
-                     experts_lora_layers, lora_layers, target_names, trained_biases)
+from .inject import (AdapterConfig, adapter_configs, add_lora, check_adapter_name, embedding_lora_layers,
+                     expert_modules, experts_lora_layers, lora_layers, target_names, trained_biases)
 from .quantize import matches_any, non_text_names, text_decoder_path
 from .residual_convert import convert_to_lora, residual_paths
 
@@ -301,6 +301,7 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path, adapter_name: str = 
             (a layer it names is missing, or a tensor shape differs).
     """
     adapter_dir = Path(adapter_dir)
+    check_adapter_name(adapter_name)
     config = read_adapter_config(adapter_dir)
     tensors = read_adapter_weights(adapter_dir)
     token_rows = _token_rows(model, config, {k: tensors.pop(k) for k in [k for k in tensors if ".token_adapter." in k]},

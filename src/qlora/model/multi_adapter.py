@@ -16,7 +16,8 @@ from torch import nn
 
 from ..errors import UsageError
 from ..nn import LoraEmbedding, LoraSpec
-from .inject import AdapterConfig, adapter_configs, embedding_lora_layers, experts_lora_layers, lora_layers
+from .inject import (AdapterConfig, adapter_configs, check_adapter_name, embedding_lora_layers, experts_lora_layers,
+                     lora_layers)
 
 
 def _check_names(model: nn.Module, names: Sequence[str | None]) -> None:
@@ -117,6 +118,7 @@ def combine_adapters(model: nn.Module, weights: dict[str, float], new_name: str)
     configs = adapter_configs(model)
     if new_name in configs:
         raise UsageError(f"the model already has an adapter named {new_name!r}")
+    check_adapter_name(new_name)
     dora = [n for n in weights if configs[n].spec.use_dora]
     if dora:
         raise UsageError(f"cannot concatenate DoRA adapters {dora}: the magnitude normalization is not linear in "
