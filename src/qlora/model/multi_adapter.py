@@ -16,6 +16,7 @@ from torch import nn
 
 from ..errors import UsageError
 from ..nn import LoraEmbedding, LoraSpec
+from .in_place_weights import in_place_parts
 from .inject import (AdapterConfig, adapter_configs, check_adapter_name, embedding_lora_layers, experts_lora_layers,
                      lora_layers)
 
@@ -55,8 +56,6 @@ def delete_adapter(model: nn.Module, name: str) -> None:
         UsageError: an unknown name, an adapter merged into the base, or one that wrote base weights in
             place (``modules_to_save``, trainable tokens), which deleting could not give back.
     """
-    from .in_place_weights import in_place_parts
-
     _check_names(model, [name])
     configs = adapter_configs(model)
     config = configs[name]
