@@ -182,3 +182,76 @@ def test_embedding_dora_merge_unmerge_round_trip_and_gradients():
     torch.testing.assert_close(layer(x), before.detach(), rtol=1e-5, atol=1e-5)
     layer.unmerge()
     torch.testing.assert_close(layer.base_layer.weight, w0, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["linear", "embedding"])
+def test_weighted_dora_after_another_adapter_adds_its_own_delta(kind):
+    """``set_adapters`` promises ``base + sum_a w_a * delta_a``: a DoRA adapter active after a plain one
+    rescales the base output, not the plain one's share too (as merging folds it), whatever the order."""
+    from qlora.nn import LoraEmbedding
+
+    torch.manual_seed(0)
+    layer = LoraLinear(nn.Linear(32, 24)) if kind == "linear" else LoraEmbedding(nn.Embedding(50, 24))
+    layer.add_adapter("plain", LoraSpec(r=2, alpha=2))
+    layer.add_adapter("dora", LoraSpec(r=4, alpha=8, use_dora=True))
+    with torch.no_grad():
+        for p in layer.parameters():
+            if p.requires_grad:
+                p.add_(0.3 * torch.randn_like(p))
+    x = torch.randn(4, 32) if kind == "linear" else torch.randint(0, 50, (4, 7))
+    with torch.no_grad():
+        base = layer.base_layer(x)
+        alone = {}
+        for n in ("plain", "dora"):
+            layer.set_active({n: 1.0})
+            alone[n] = layer(x) - base
+        for order in (["plain", "dora"], ["dora", "plain"]):
+            weights = {"plain": 0.5, "dora": 0.7}
+            layer.set_active({n: weights[n] for n in order})
+            expected = base + 0.5 * alone["plain"] + 0.7 * alone["dora"]
+            torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-5, msg=str(order))
+            layer.merge()
+            torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-5, msg=f"merged {order}")
+            layer.unmerge()
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_training_step_with_dropout_equals_peft_dora(tmp_path, tiny_tokenizer, arch):
+    """A whole 4-bit model in train mode, DoRA with dropout on linear layers (GPT-2's Conv1D too) and the
+    token embedding: with one seed, PEFT draws the same dropout masks on the dequantized weights, so the
+    loss and every adapter gradient agree (PEFT recomputes the base term on the dropped input; so do we)."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from qlora.model.tiny import build_tiny_model
+
+    model_dir = build_tiny_model(tmp_path / arch, tokenizer=tiny_tokenizer, arch=arch)
+    targets = ["q_proj", "v_proj", "down_proj", "embed_tokens"] if arch == "llama" else ["c_attn", "c_fc", "wte"]
+    model, _ = qlora.load_model(model_dir, compute_dtype=torch.float32, device="cpu")
+    torch.manual_seed(0)
+    qlora.add_lora(model, r=4, alpha=8, dropout=0.2, target_modules=targets, use_dora=True, verbose=False)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for _, p in sorted(model.named_parameters()):
+            if p.requires_grad:
+                p.add_(0.1 * torch.randn(p.shape, generator=g))
+    qlora.save_adapter(model, tmp_path / "adapter")
+    ref = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    for name, module in model.named_modules():
+        if isinstance(module, Linear4bit):
+            target = ref.get_submodule(name.replace(".base_layer", ""))
+            w = module.dequantize(torch.float32)
+            target.weight.data.copy_(w.t() if type(target).__name__ == "Conv1D" else w)
+    peft_model = PeftModel.from_pretrained(ref, tmp_path / "adapter", is_trainable=True)
+    model.train(), peft_model.train()
+    results = []
+    for m, prefix in ((model, ""), (peft_model, "base_model.model.")):
+        torch.manual_seed(5)
+        loss = m(IDS, labels=IDS).loss
+        loss.backward()
+        results.append((loss, {n[len(prefix):]: p.grad for n, p in m.named_parameters() if p.requires_grad}))
+    (ours, our_grads), (theirs, their_grads) = results
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
+    assert set(our_grads) == set(their_grads) and any("wte" in k or "embed" in k for k in our_grads)
+    for key in our_grads:
+        torch.testing.assert_close(our_grads[key], their_grads[key], rtol=1e-4, atol=1e-6, msg=key)

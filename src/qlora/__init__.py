@@ -27,6 +27,7 @@ _LAZY = {
     "set_adapters": "qlora.model.multi_adapter",
     "adapter_rows": "qlora.model.multi_adapter",
     "combine_adapters": "qlora.model.multi_adapter",
+    "delete_adapter": "qlora.model.multi_adapter",
     "Chat": "qlora.infer.chat",
 }
 # Subpackages reachable as attributes after a plain ``import qlora`` (``qlora.optim.PagedAdamW``), also lazily.

@@ -29,13 +29,22 @@ def resolve_base(args: argparse.Namespace, command: str) -> None:
 
 
 def adapter_names(args: argparse.Namespace) -> dict[str, str]:
-    """Adapter name -> folder, from the repeated ``--adapter [NAME=]DIR``."""
+    """Adapter name -> folder, from the repeated ``--adapter [NAME=]DIR``; a name taken from the folder
+    has its dots made ``_`` (``qwen2.5-sql`` -> ``qwen2_5-sql``: torch's module names hold no dots)."""
+    from ..nn.adapter_name import adapter_name_problem
+
     names: dict[str, str] = {}
     for item in args.adapter:
         name, _, path = item.rpartition("=")
         if not path:
             raise UsageError(f"--adapter {item}: no folder after the name; give --adapter NAME=DIR or --adapter DIR")
-        name = name or Path(path).resolve().name
+        if name and adapter_name_problem(name):
+            raise UsageError(f"--adapter {item}: {name!r} cannot name an adapter: {adapter_name_problem(name)}; "
+                             "choose another NAME (letters, digits, '-' and '_').")
+        name = name or Path(path).resolve().name.replace(".", "_")
+        if adapter_name_problem(name):
+            raise UsageError(f"--adapter {item}: the folder's name {name!r} cannot name an adapter: "
+                             f"{adapter_name_problem(name)}; name it with --adapter NAME=DIR.")
         if name in names:
             raise UsageError(f"two adapters are named {name!r}; name them with --adapter NAME=DIR")
         names[name] = path

@@ -28,8 +28,9 @@ from .adapter_tensors import PEFT_PREFIX, copy_adapter_tensor, lora_key
 from .adalora import AdaLoraConfig
 from .adalora_io import adalora_peft_config, adalora_state_dict, attach_adalora
 from .merge import shares_table, untie_config
-from .inject import (AdapterConfig, adapter_configs, add_lora, embedding_lora_layers, expert_modules,
-                     experts_lora_layers, lora_layers, target_names, trained_biases)
+from .in_place_weights import in_place_parts, refuse_beside_others
+from .inject import (AdapterConfig, adapter_configs, add_lora, check_adapter_name, embedding_lora_layers,
+                     expert_modules, experts_lora_layers, lora_layers, target_names, trained_biases)
 from .quantize import matches_any, non_text_names, text_decoder_path
 from .residual_convert import convert_to_lora, residual_paths
 
@@ -300,6 +301,7 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path, adapter_name: str = 
             (a layer it names is missing, or a tensor shape differs).
     """
     adapter_dir = Path(adapter_dir)
+    check_adapter_name(adapter_name)
     config = read_adapter_config(adapter_dir)
     tensors = read_adapter_weights(adapter_dir)
     token_rows = _token_rows(model, config, {k: tensors.pop(k) for k in [k for k in tensors if ".token_adapter." in k]},
@@ -320,6 +322,8 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path, adapter_name: str = 
                                                             for o in whole)]}
     # and for an adapted embedding or head, its base table under .base_layer. (resized if tokens were added)
     base_tables = {k.replace(".base_layer.", ".", 1): whole.pop(k) for k in [k for k in whole if ".base_layer." in k]}
+    refuse_beside_others(model, adapter_dir, adapter_name,
+                         in_place_parts(sorted({k.rpartition(".")[0] for k in whole}), list(token_rows)))
     _grow_vocabulary(model, whole | base_tables)
     save_paths = sorted({k.rpartition(".")[0] for k in whole})
     names = dict(model.named_modules())

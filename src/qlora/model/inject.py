@@ -14,7 +14,7 @@ from torch import nn
 
 from ..errors import UsageError
 from ..nn import (AdaLoraLinear, Experts4bit, ExpertsLora, Linear4bit, LoraEmbedding, LoraLinear, LoraSpec,
-                  expert_weight_names, experts_layout)
+                  adapter_name_problem, expert_weight_names, experts_layout)
 from ..nn.experts_lora import expert_shapes
 from ..nn.residual_init_names import is_residual_init
 from .quantize import (is_linear_like, kept_dense_names, matches_any, non_text_names, output_embedding_names,
@@ -278,6 +278,14 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
     return trainable, weight_count(model)
 
 
+def check_adapter_name(name: str) -> None:
+    """Refuse a name torch cannot key the adapter layers with, before any layer is changed."""
+    problem = adapter_name_problem(name)
+    if problem:
+        raise UsageError(f"{name!r} cannot name an adapter: {problem}; choose another name (letters, digits, "
+                         "'-' and '_').")
+
+
 def add_lora(
     model: nn.Module,
     r: int = 16,
@@ -353,6 +361,7 @@ def add_lora(
     configs = adapter_configs(model)
     if adapter_name in configs:
         raise UsageError(f"the model already has an adapter named {adapter_name!r}")
+    check_adapter_name(adapter_name)
     check_init(init, loftq_iter)
     if is_residual_init(init) and (use_dora or lora_bias):
         raise UsageError(f"init {init!r} does not combine with {'DoRA' if use_dora else 'lora_bias'}: its adapter is "

@@ -1,4 +1,4 @@
-"""Several adapters on one base: switch, weight, concatenate, or pick one per batch row.
+"""Several adapters on one base: switch, weight, concatenate, pick one per batch row, or delete.
 
 Adapters are loaded side by side with ``load_adapter(model, path, adapter_name=...)``;
 the 4-bit base is shared, never copied. Layers an adapter does not adapt run
@@ -16,7 +16,9 @@ from torch import nn
 
 from ..errors import UsageError
 from ..nn import LoraEmbedding, LoraSpec
-from .inject import AdapterConfig, adapter_configs, embedding_lora_layers, experts_lora_layers, lora_layers
+from .in_place_weights import in_place_parts
+from .inject import (AdapterConfig, adapter_configs, check_adapter_name, embedding_lora_layers, experts_lora_layers,
+                     lora_layers)
 
 
 def _check_names(model: nn.Module, names: Sequence[str | None]) -> None:
@@ -44,6 +46,37 @@ def set_adapters(model: nn.Module, weights: dict[str, float]) -> None:
 def set_adapter(model: nn.Module, name: str) -> None:
     """Make ``name`` the only active adapter."""
     set_adapters(model, {name: 1.0})
+
+
+def delete_adapter(model: nn.Module, name: str) -> None:
+    """Remove adapter ``name`` from every layer, freeing its tensors (PEFT's ``delete_adapter``); if it
+    was active, the first remaining adapter becomes the active one, as in PEFT. The name can be loaded again.
+
+    Raises:
+        UsageError: an unknown name, an adapter merged into the base, or one that wrote base weights in
+            place (``modules_to_save``, trainable tokens), which deleting could not give back.
+    """
+    _check_names(model, [name])
+    configs = adapter_configs(model)
+    config = configs[name]
+    if not isinstance(config, AdapterConfig):
+        raise UsageError(f"adapter {name!r} is {type(config).__name__}'s; only LoRA/DoRA adapters can be deleted")
+    written = in_place_parts(config.modules_to_save, list(config.trainable_tokens))
+    if written:
+        raise UsageError(f"adapter {name!r} trained {', '.join(written)} in the base model itself, which deleting "
+                         "it cannot give back; load the base model again instead.")
+    layers = [*lora_layers(model).values(), *embedding_lora_layers(model).values(),
+              *experts_lora_layers(model).values()]
+    merged = [layer for layer in layers if name in getattr(layer, "merged", ())]
+    if merged:
+        raise UsageError(f"adapter {name!r} is merged into the base; unmerge it before deleting it.")
+    was_active = any(name in layer.active for layer in layers)
+    for layer in layers:
+        if name in layer.specs:
+            layer.delete_adapter(name)
+    del configs[name]
+    if was_active and configs:
+        set_adapter(model, next(iter(configs)))
 
 
 @contextlib.contextmanager
@@ -84,6 +117,7 @@ def combine_adapters(model: nn.Module, weights: dict[str, float], new_name: str)
     configs = adapter_configs(model)
     if new_name in configs:
         raise UsageError(f"the model already has an adapter named {new_name!r}")
+    check_adapter_name(new_name)
     dora = [n for n in weights if configs[n].spec.use_dora]
     if dora:
         raise UsageError(f"cannot concatenate DoRA adapters {dora}: the magnitude normalization is not linear in "

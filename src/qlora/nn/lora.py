@@ -326,11 +326,12 @@ class LoraLinear(AdapterSlots):
             return y
         if self.row_adapters is not None:
             return self._forward_rows(x, y)
+        out = y  # each adapter's DoRA term scales the base output, not what other adapters added to it
         for name, weight in self.active.items():
             if name in self.merged or weight == 0:
                 continue
-            y = y + self._adapter_out(name, x, y) * weight
-        return y
+            out = out + self._adapter_out(name, x, y) * weight
+        return out
 
     def _forward_rows(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Row ``i`` of the batch gets adapter ``row_adapters[i]`` (None or a name this

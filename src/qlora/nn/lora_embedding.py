@@ -119,10 +119,11 @@ class LoraEmbedding(AdapterSlots):
                     rows = torch.tensor([i for i, n in enumerate(self.row_adapters) if n == name], device=x.device)
                     y = y.index_add(0, rows, self._adapter_out(name, x[rows], y[rows]))
             return y
+        out = y  # each adapter's DoRA term scales the base output, not what other adapters added to it
         for name, weight in self.active.items():
             if name not in self.merged and weight != 0:
-                y = y + self._adapter_out(name, x, y) * weight
-        return y
+                out = out + self._adapter_out(name, x, y) * weight
+        return out
 
     # --- merge --------------------------------------------------------------
     @torch.no_grad()

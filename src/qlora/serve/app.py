@@ -58,6 +58,7 @@ from ..infer.template import chat_template, render_chat, renders_tools, stop_tok
 from ..infer.tool_calls import ToolCall, ToolCallFormat, ToolCallStream, markup_token_ids, tool_call_format
 from ..model.chat_format import ChatFormat
 from ..model.image_pixels import PixelBounds
+from ..model.in_place_weights import in_place_adapter
 from . import conversations as conv
 from .background import BackgroundRun
 from .logprobs import TextOffsets, chat_logprobs, completion_logprobs, prompt_logprob_maps
@@ -82,7 +83,8 @@ def build_app(batcher: ContinuousBatcher, base_id: str, adapters: list[str], api
 
     Args:
         batcher: a started batcher; its model holds the adapters by these names.
-        base_id: model id of the base alone.
+        base_id: model id of the base alone; not served when an adapter trained base modules in place
+            (``modules_to_save``, trainable tokens), whose weights then stand in the base's stead.
         adapters: adapter names, served as model ids.
         api_key: when set, every request but ``GET /health`` needs ``Authorization: Bearer <api_key>``.
         chat_formats: adapter name (``None``: the base) -> the chat format its chat requests are rendered
@@ -107,6 +109,13 @@ def build_app(batcher: ContinuousBatcher, base_id: str, adapters: list[str], api
     chat_stops = frozenset(stop_token_ids(model, tokenizer))
     text_stops = frozenset(default_stop_ids(model, tokenizer))
     ids = {base_id: None, **{name: name for name in adapters}}
+    written = in_place_adapter(model)
+    if written:  # the base's own modules were overwritten by the adapter's: there is no base to serve
+        del ids[base_id]
+        gone = {base_id: f"adapter {written[0]!r} trained {', '.join(written[1])} in the base model itself, "
+                         "so the base alone is not in memory; serve the base from another qlora serve"}
+    else:
+        gone = {}
     created = int(time.time())
     store = ResponseStore(stored_responses)
     conversations = conv.ConversationStore(stored_conversations)
@@ -158,7 +167,7 @@ def build_app(batcher: ContinuousBatcher, base_id: str, adapters: list[str], api
 
     @app.get("/v1/models/{model_id:path}")  # client.models.retrieve; an id may hold "/" (--served-model-name org/x)
     async def retrieve_model(model_id: str) -> dict[str, Any]:
-        _adapter(ids, model_id, 404)
+        _adapter(ids, model_id, 404, gone)
         return model_card(model_id)
 
     async def off_loop(fn, *args):
@@ -314,7 +323,7 @@ def build_app(batcher: ContinuousBatcher, base_id: str, adapters: list[str], api
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request):
         body.refuse_unsupported()
-        choices = await off_loop(chat_choices, body, _adapter(ids, body.model))
+        choices = await off_loop(chat_choices, body, _adapter(ids, body.model, 400, gone))
         return await _respond(batcher, choices, body, request, chat=True)
 
     def response_choice(body: ResponsesRequest, adapter: str | None,
@@ -360,7 +369,7 @@ def build_app(batcher: ContinuousBatcher, base_id: str, adapters: list[str], api
         if body.background and store.capacity <= 0:
             raise APIError(400, "Background mode keeps the response to poll, and this server keeps none (started with "
                                 "--stored-responses 0); send the request without 'background'.", "background")
-        adapter = _adapter(ids, body.model, status=404)
+        adapter = _adapter(ids, body.model, 404, gone)
         conversation = body.conversation_id()
         if conversation is not None:
             history = conversations.get(conversation, "conversation").items
@@ -514,7 +523,7 @@ def build_app(batcher: ContinuousBatcher, base_id: str, adapters: list[str], api
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):
         body.refuse_unsupported()
-        choices = await off_loop(completion_choices, body, _adapter(ids, body.model))
+        choices = await off_loop(completion_choices, body, _adapter(ids, body.model, 400, gone))
         return await _respond(batcher, choices, body, request, chat=False)
 
     return app
@@ -652,7 +661,11 @@ def _include(request: Request) -> set[str]:
     return checked_include(query.getlist("include[]") + query.getlist("include"))
 
 
-def _adapter(ids: dict[str, str | None], model_id: str, status: int = 400) -> str | None:
+def _adapter(ids: dict[str, str | None], model_id: str, status: int = 400,
+             gone: dict[str, str] | None = None) -> str | None:
+    if model_id in (gone or {}):
+        raise APIError(status, f"The model {model_id!r} is not served here: {gone[model_id]}; this server has "
+                               f"{', '.join(ids)} (see GET /v1/models).", "model", "model_not_found")
     if model_id not in ids:
         raise APIError(status, f"The model {model_id!r} does not exist; this server has {', '.join(ids)} "
                             "(see GET /v1/models).", "model", "model_not_found")

@@ -26,8 +26,8 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="model folder (transformers checkpoint) or hub id")
     parser.add_argument("--adapter", action="append", default=[], metavar="[NAME=]DIR",
                         help="LoRA adapter directory (PEFT format); repeat for several on one base (NAME defaults "
-                             "to the folder name). Without --adapter-weights, generate continues the prompt once "
-                             "per adapter and chat uses the first")
+                             "to the folder name, dots made _). Without --adapter-weights, generate continues the "
+                             "prompt once per adapter and chat uses the first")
     parser.add_argument("--adapter-weights", metavar="W1,W2,...",
                         help="combine the adapters linearly with these weights (one per --adapter)")
     add_template_option(parser, TEMPLATE_NAMES, "chat format of the prompt: auto = the one the adapter was trained "

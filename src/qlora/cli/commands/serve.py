@@ -117,6 +117,7 @@ def run(args: argparse.Namespace) -> int:
     if importlib.util.find_spec("fastapi") is None or importlib.util.find_spec("uvicorn") is None:
         raise UsageError(INSTALL_HINT)
     from ...infer.batcher import ContinuousBatcher
+    from ...model.in_place_weights import in_place_adapter
     from ...serve.app import build_app
     from ...serve.server import LOOPBACK, bind, make_server
     from ..base_model import adapter_names
@@ -163,7 +164,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"qlora serve: warning: continuous batching is off for this model ({batcher.unbatchable}); "
               "requests are decoded one at a time, in order of arrival", file=sys.stderr)
     per_batch = 1 if batcher.unbatchable else args.max_batch_size
-    print(f"qlora serve: http://{args.host}:{port}/v1 serving {', '.join([base_id, *names])} "
+    served = names if in_place_adapter(model) else [base_id, *names]  # see build_app
+    print(f"qlora serve: http://{args.host}:{port}/v1 serving {', '.join(served)} "
           f"(context {context} tokens, up to {per_batch} requests per batch)", file=sys.stderr, flush=True)
     try:
         make_server(app, log_level=args.log_level).run(sockets=[sock])
