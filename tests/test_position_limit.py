@@ -91,3 +91,22 @@ def test_a_lora_token_table_the_size_of_the_context_is_not_a_position_table(tiny
     model = transformers.AutoModelForCausalLM.from_config(config)
     add_lora(model, r=2, target_modules=["embed_tokens", "q_proj"])
     assert learned_position_limit(model) is None
+
+
+def test_generation_stops_at_the_learned_positions_and_a_prompt_filling_them_is_refused(tmp_path, tiny_tokenizer):
+    """Prompt and reply together stay within GPT-2's table (vLLM's context rule): the reply is transformers'
+    greedy tokens up to that point; a prompt that fills the table is a UsageError, not an IndexError."""
+    from qlora.errors import UsageError
+    from qlora.infer.generate import stream_tokens
+    from qlora.infer.sampling_options import SamplingOptions
+
+    model = transformers.AutoModelForCausalLM.from_config(transformers.AutoConfig.for_model(
+        "gpt2", vocab_size=100, n_positions=24, n_embd=32, n_layer=1, n_head=2)).eval()
+    prompt = torch.tensor([[5, 6, 7, 8, 9, 10]])
+    tokens = list(stream_tokens(model, prompt, SamplingOptions(temperature=0.0, max_new_tokens=100)))
+    assert len(tokens) == 24 - 6
+    expected = model.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=False,
+                              max_new_tokens=len(tokens), eos_token_id=None, pad_token_id=0)
+    assert tokens == expected[0, 6:].tolist()
+    with pytest.raises(UsageError, match="prompt is 24 tokens.*learned position embeddings for 24 tokens"):
+        next(stream_tokens(model, torch.arange(24)[None] % 100, SamplingOptions(max_new_tokens=5)))

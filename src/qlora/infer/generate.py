@@ -23,6 +23,7 @@ import torch
 from transformers import DynamicCache, GenerationMixin
 
 from ..errors import UsageError
+from ..model.position_limit import position_room
 from .model_rules import ModelRules
 from .penalties import Penalties
 from .sampling_options import SamplingOptions
@@ -83,7 +84,7 @@ def stream_tokens(model, input_ids: torch.Tensor, options: SamplingOptions | Non
     model.eval()
     penalties = Penalties.of(options, input_ids[0], ModelRules.of(model))
     ids, cache = input_ids, {}
-    for _ in range(options.max_new_tokens):
+    for _ in range(position_room(model, input_ids.shape[1], options.max_new_tokens)):
         out, cache = forward_cached(model, ids, cache, ids.shape[1] - 1 if cache else 0,
                                     None if media is None else {} if cache else media)
         token = next_token(out.logits[0, -1], options, generator, penalties)
@@ -355,7 +356,7 @@ def generate_per_adapter(model, tokenizer, prompt: str, adapters: list[str | Non
     model.eval()
     ids, cache = prompt_ids.repeat(rows, 1), {}
     with adapter_rows(model, adapters):
-        for _ in range(options.max_new_tokens):
+        for _ in range(position_room(model, prompt_ids.shape[1], options.max_new_tokens)):
             out, cache = forward_cached(model, ids, cache, ids.shape[1] - 1 if cache else 0,
                                         None if media is None else {} if cache else media)
             step = []

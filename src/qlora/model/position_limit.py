@@ -64,3 +64,21 @@ def check_positions(model: nn.Module, longest: int, model_name: str, option: str
     if limit is not None and longest > limit:
         raise UsageError(f"{model_name} has learned position embeddings for {limit} tokens, and the longest example "
                          f"is {longest} tokens; give {option} {limit} or less (longer examples are truncated to it).")
+
+
+def position_room(model: nn.Module, prompt_length: int, wanted: int) -> int:
+    """How many of ``wanted`` new tokens follow a prompt of ``prompt_length`` within the model's learned position
+    table (prompt and reply within it, as vLLM's context length counts them); ``wanted`` without a table.
+
+    Raises:
+        UsageError: the prompt alone fills the table.
+    """
+    limit = learned_position_limit(model)
+    if limit is None:
+        return wanted
+    if prompt_length >= limit:
+        raise UsageError(f"the prompt is {prompt_length} tokens, and the model has learned position embeddings for "
+                         f"{limit} tokens, prompt and reply together: no room is left for a reply. Shorten the "
+                         "prompt (in a chat: a memory that keeps less, such as --memory window or token).")
+    return min(wanted, limit - prompt_length)
+

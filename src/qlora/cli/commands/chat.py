@@ -313,9 +313,9 @@ def _loop(chat, args: argparse.Namespace) -> None:
             sys.stdout.write("\n")
             sys.stdout.flush()
             print(_store_problem(exc, chat.last_reply is not None), file=sys.stderr)
-        except UsageError as exc:  # images the processor cannot place in the prompt: the chat goes on
+        except UsageError as exc:  # images the processor cannot place, a prompt past the positions: the chat goes on
             sys.stdout.write("\n")
-            print(f"({exc} The images were dropped; attach them again.)", file=sys.stderr)
+            print(f"({exc}{' The images were dropped; attach them again.' if attached else ''})", file=sys.stderr)
 
 
 def _show(pieces) -> None:
