@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import re
 
 import pytest
 import torch
@@ -51,3 +52,62 @@ def test_a_cast_model_matches_its_uncast_copy(tiny_model_dir):
     for (name, a), b in zip(model.named_modules(), back.modules()):
         if isinstance(a, Linear4bit):
             assert torch.equal(a.dequantize(torch.float32), b.dequantize(torch.float32)), name
+
+
+def _state(model) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def test_load_model_takes_names_as_transformers_and_bitsandbytes_spell_them(tiny_model_dir):
+    want, _ = qlora.load_model(tiny_model_dir, quant="nf4", compute_dtype=torch.bfloat16, device="cpu")
+    got, _ = qlora.load_model(tiny_model_dir, quant="NF4", compute_dtype="torch.bfloat16", device="cpu")
+    a, b = _state(want), _state(got)
+    assert a.keys() == b.keys() and all(a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]) for k in a)
+    dense, _ = qlora.load_model(tiny_model_dir, quant="None", compute_dtype="fp32", device="cpu")
+    assert not any(isinstance(m, Linear4bit) for m in dense.modules()) and dense.dtype == torch.float32
+
+
+def test_one_skip_module_string_is_one_name(tiny_model_dir):
+    model, _ = qlora.load_model(tiny_model_dir, skip_modules="q_proj", device="cpu")
+    attn = model.model.layers[0].self_attn
+    assert type(attn.q_proj) is nn.Linear and isinstance(attn.k_proj, Linear4bit)
+    dense, _ = qlora.load_model(tiny_model_dir, quant=None, device="cpu")
+    assert qlora.quantize_model(dense, quant_type="FP4", compute_dtype="bf16", skip_modules="q_proj") == [
+        n for n, m in model.named_modules() if isinstance(m, Linear4bit)]
+
+
+@pytest.mark.parametrize("kwargs, named", [
+    (dict(r=0), "r (the LoRA rank)"), (dict(r="8"), "r (the LoRA rank)"), (dict(r=2.5), "r (the LoRA rank)"),
+    (dict(alpha="16"), "alpha"), (dict(dropout=-0.1), "dropout"), (dict(dropout=1.0), "dropout"),
+    (dict(dtype=torch.int32), "dtype"), (dict(dtype="half8"), "dtype"), (dict(init=False), "init"),
+])
+def test_add_lora_refuses_bad_hyperparameters_by_name_and_leaves_the_model_as_it_was(tiny_model_dir, kwargs, named):
+    model, _ = qlora.load_model(tiny_model_dir, device="cpu")
+    before = _state(model)
+    with pytest.raises(UsageError, match="^" + re.escape(named)):
+        qlora.add_lora(model, verbose=False, **kwargs)
+    after = _state(model)
+    assert after.keys() == before.keys() and not any(isinstance(m, qlora.nn.LoraLinear) for m in model.modules())
+
+
+def _adapted(model_dir, **kwargs) -> dict[str, torch.Tensor]:
+    model, _ = qlora.load_model(model_dir, compute_dtype=torch.float32, device="cpu")
+    torch.manual_seed(0)
+    qlora.add_lora(model, verbose=False, **kwargs)
+    return {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_add_lora_takes_peft_spellings(tiny_model_dir):
+    want = _adapted(tiny_model_dir, target_modules="all-linear", modules_to_save=["lm_head"], init="kaiming", r=8)
+    got = _adapted(tiny_model_dir, target_modules="All-Linear", modules_to_save="lm_head", init=True, r=8.0)
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    assert "lm_head.weight" in got and any(".mlp.down_proj.lora_A" in k for k in got)
+    assert {p.dtype for p in _adapted(tiny_model_dir, r=8, dtype="bfloat16").values()} == {torch.bfloat16}
+
+
+def test_a_single_layer_name_as_target_string_says_strings_are_regexes(tiny_model_dir):
+    model, _ = qlora.load_model(tiny_model_dir, device="cpu")
+    with pytest.raises(UsageError, match=r"pass a list \(\['v_proj'\]\)"):
+        qlora.add_lora(model, target_modules="v_proj", verbose=False)
+    qlora.add_lora(model, target_modules=".*v_proj", verbose=False)  # the regex the message offers
+    assert {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, qlora.nn.LoraLinear)} == {"v_proj"}

@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from ..errors import UsageError
+from ..float_dtype import float_dtype
 from ..nn import Experts4bit, Linear4bit, expert_weight_names
 from ..quant import NonFiniteError, QuantState
 from .architecture import check_runs_on_text, text_model_from_config
@@ -303,9 +304,9 @@ def load_model(
     quant: str | None = "nf4",
     double_quant: bool = True,
     blocksize: int = 64,
-    compute_dtype: torch.dtype = torch.bfloat16,
+    compute_dtype: torch.dtype | str = torch.bfloat16,
     device: torch.device | str | None = None,
-    skip_modules: Iterable[str] = ("lm_head",),
+    skip_modules: str | Iterable[str] = ("lm_head",),
     attn_implementation: str | None = None,
     progress: bool | None = None,
     quantize_experts: bool = True,
@@ -316,13 +317,14 @@ def load_model(
     Args:
         name_or_path: local model folder, or a hub id when a hub is reachable.
         quant: ``"nf4"``, ``"fp4"`` or ``None`` (16-bit, for LoRA without quantization; ``"none"``, the CLI's
-            spelling, is the same).
+            spelling, is the same); any letter case.
         double_quant, blocksize: see :func:`qlora.quant.quantize_4bit`. A checkpoint whose config
             has a bitsandbytes 4-bit ``quantization_config`` is loaded in the format it names
             (its packed codes as they are), whatever these say.
-        compute_dtype: dtype of the matmuls and of every unquantized tensor.
+        compute_dtype: dtype of the matmuls and of every unquantized tensor (a torch dtype or its name,
+            ``"bfloat16"``, ``"bf16"``, ...).
         device: target device (default: CUDA when available, else CPU).
-        skip_modules: linear layers kept dense, by name or regex (the output
+        skip_modules: linear layers kept dense, by name or regex (one string is one name; the output
             head always is).
         attn_implementation: forwarded to transformers ("eager", "sdpa", ...).
         progress: show a progress bar (default: for checkpoints over 1 GB).
@@ -340,10 +342,12 @@ def load_model(
     """
     from safetensors import SafetensorError
 
-    if quant == "none":
-        quant = None
+    if isinstance(quant, str) and quant.strip().lower() in ("nf4", "fp4", "none"):
+        quant = None if quant.strip().lower() == "none" else quant.strip().lower()
     if quant not in ("nf4", "fp4", None):
         raise UsageError(f"quant must be nf4, fp4 or none, got {quant!r}")
+    compute_dtype = float_dtype(compute_dtype, "compute_dtype")
+    skip_modules = (skip_modules,) if isinstance(skip_modules, str) else tuple(skip_modules)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model_dir = resolve_model_dir(name_or_path)
     files = weight_files(model_dir)
