@@ -111,3 +111,25 @@ def test_a_single_layer_name_as_target_string_says_strings_are_regexes(tiny_mode
         qlora.add_lora(model, target_modules="v_proj", verbose=False)
     qlora.add_lora(model, target_modules=".*v_proj", verbose=False)  # the regex the message offers
     assert {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, qlora.nn.LoraLinear)} == {"v_proj"}
+
+
+def test_merge_takes_the_dtype_by_name(tiny_model_dir):
+    def merged(dtype):
+        model, _ = qlora.load_model(tiny_model_dir, compute_dtype=torch.float32, device="cpu")
+        torch.manual_seed(0)
+        qlora.add_lora(model, r=4, init="gaussian", verbose=False)
+        return _state(qlora.merge(model, dtype=dtype))
+
+    want, got = merged(torch.bfloat16), merged("bfloat16")
+    assert got.keys() == want.keys() and all(got[k].dtype == want[k].dtype and torch.equal(got[k], want[k])
+                                             for k in want)
+    assert want["model.layers.0.self_attn.q_proj.weight"].dtype == torch.bfloat16
+    with pytest.raises(UsageError, match="^dtype must be"):
+        qlora.merge(nn.Linear(2, 2), dtype=torch.int8)
+
+
+@pytest.mark.parametrize("name, cls", [("PagedAdamW", "PagedAdamW"), ("pagedadamw8bit", "PagedAdamW8bit"),
+                                       ("AdamW8bit", "AdamW8bit"), ("ADAMW", "AdamW"), ("PagedAdamW32bit", "PagedAdamW")])
+def test_create_optimizer_takes_the_class_names(name, cls):
+    opt = qlora.optim.create_optimizer(name, [nn.Parameter(torch.zeros(3))], lr=1e-3)
+    assert type(opt) is getattr(qlora.optim, cls)
