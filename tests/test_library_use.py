@@ -128,8 +128,34 @@ def test_merge_takes_the_dtype_by_name(tiny_model_dir):
         qlora.merge(nn.Linear(2, 2), dtype=torch.int8)
 
 
-@pytest.mark.parametrize("name, cls", [("PagedAdamW", "PagedAdamW"), ("pagedadamw8bit", "PagedAdamW8bit"),
-                                       ("AdamW8bit", "AdamW8bit"), ("ADAMW", "AdamW"), ("PagedAdamW32bit", "PagedAdamW")])
+@pytest.mark.parametrize("name, cls", [
+    ("PagedAdamW", "PagedAdamW"), ("pagedadamw8bit", "PagedAdamW8bit"), ("AdamW8bit", "AdamW8bit"), ("ADAMW", "AdamW"),
+    ("PagedAdamW32bit", "PagedAdamW"),
+])
 def test_create_optimizer_takes_the_class_names(name, cls):
     opt = qlora.optim.create_optimizer(name, [nn.Parameter(torch.zeros(3))], lr=1e-3)
     assert type(opt) is getattr(qlora.optim, cls)
+
+
+@pytest.mark.parametrize("cls", ["AdamW", "PagedAdamW", "PagedAdamW8bit"])
+def test_a_tensor_learning_rate_steps_as_the_float_one(cls):
+    """torch optimizers take ``lr`` as a tensor (schedulers under torch.compile put one there)."""
+    torch.manual_seed(0)
+    a = nn.Parameter(torch.randn(40, 300))
+    b = nn.Parameter(a.detach().clone())
+    make = getattr(qlora.optim, cls)
+    extra = {"min_8bit_size": 1} if cls.endswith("8bit") else {}
+    as_tensor = dict(dtype=torch.float64)  # float32 tensors would round the values themselves
+    opt_a = make([a], lr=torch.tensor(1e-2, **as_tensor), betas=(torch.tensor(0.9, **as_tensor), 0.99),
+                 weight_decay=0.1, **extra)
+    opt_b = make([b], lr=1e-2, betas=(0.9, 0.99), weight_decay=0.1, **extra)
+    reference = nn.Parameter(a.detach().clone())
+    opt_ref = torch.optim.AdamW([reference], lr=1e-2, betas=(0.9, 0.99), weight_decay=0.1)
+    for _ in range(3):
+        grad = torch.randn_like(a)
+        for p, opt in ((a, opt_a), (b, opt_b), (reference, opt_ref)):
+            p.grad = grad.clone()
+            opt.step()
+    assert torch.equal(a, b)
+    if not cls.endswith("8bit"):
+        torch.testing.assert_close(a, reference)

@@ -156,6 +156,13 @@ class AdamW(torch.optim.Optimizer):
                 self._update(batch, hyper)
         return loss
 
+    @staticmethod
+    def _hyperparameters(group: dict[str, Any]) -> tuple[float, float, float, float, float]:
+        """(lr, beta1, beta2, eps, weight_decay) of a group as Python floats: torch optimizers also take the
+        learning rate (and betas) as tensors, which a scheduler or ``torch.compile`` may have put there."""
+        beta1, beta2 = group["betas"]
+        return tuple(float(v) for v in (group["lr"], beta1, beta2, group["eps"], group["weight_decay"]))
+
     def _update(self, batch: Batch, hyper: dict[int, dict[str, Any]]) -> None:
         """Update every chunk of a batch; 32-bit chunks sharing hyperparameters
         and step go through one foreach call."""
@@ -164,10 +171,9 @@ class AdamW(torch.optim.Optimizer):
             group = hyper[id(chunk.param)]
             step = int(self.state[chunk.param]["step"].item())
             if chunk.bits == 8:
-                beta1, beta2 = group["betas"]
                 adamw_update_8bit(
                     chunk.param.view(-1)[chunk.start:chunk.stop], chunk.param.grad.reshape(-1)[chunk.start:chunk.stop],
-                    m, step, group["lr"], beta1, beta2, group["eps"], group["weight_decay"],
+                    m, step, *self._hyperparameters(group),
                 )
             else:
                 fused.setdefault((id(group), step), []).append((chunk, m))
@@ -176,10 +182,9 @@ class AdamW(torch.optim.Optimizer):
             params = [c.param.view(-1)[c.start:c.stop] for c, _ in items]
             work = [p if p.dtype == torch.float32 else p.float() for p in params]
             grads = [c.param.grad.reshape(-1)[c.start:c.stop].float() for c, _ in items]
-            beta1, beta2 = group["betas"]
             _adamw_update_32bit(
                 work, grads, [m["exp_avg"] for _, m in items], [m["exp_avg_sq"] for _, m in items],
-                step, group["lr"], beta1, beta2, group["eps"], group["weight_decay"],
+                step, *self._hyperparameters(group),
             )
             for p, w in zip(params, work):
                 if w is not p:
