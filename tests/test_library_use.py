@@ -159,3 +159,16 @@ def test_a_tensor_learning_rate_steps_as_the_float_one(cls):
     assert torch.equal(a, b)
     if not cls.endswith("8bit"):
         torch.testing.assert_close(a, reference)
+
+
+def test_a_second_adapter_leaves_a_frozen_loaded_one_frozen(tmp_path, tiny_model_dir):
+    """As PEFT's add_adapter: only the new adapter's factors become trainable."""
+    model, _ = qlora.load_model(tiny_model_dir, device="cpu")
+    qlora.add_lora(model, r=4, target_modules=["q_proj", "v_proj"], verbose=False)
+    qlora.save_adapter(model, tmp_path / "first")
+    model, _ = qlora.load_model(tiny_model_dir, device="cpu")
+    qlora.load_adapter(model, tmp_path / "first")  # frozen, for inference or to stack a new adapter on
+    qlora.add_lora(model, r=4, target_modules=["q_proj", "o_proj"], adapter_name="second", verbose=False)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(".second." in n for n in trainable)
+    assert any(".q_proj.lora_A.default." in n for n, _ in model.named_parameters())

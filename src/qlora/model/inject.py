@@ -273,6 +273,12 @@ def check_init(init: str, loftq_iter: int) -> None:
                          "randomized SVD with K subspace iterations) or olora (PEFT's init_lora_weights).")
 
 
+def _adapter_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The factors (and DoRA magnitudes) of every adapter on ``model``, not their base layers."""
+    layers = [m for m in model.modules() if isinstance(m, (LoraLinear, LoraEmbedding, AdaLoraLinear, ExpertsLora))]
+    return [p for m in layers for n, p in m.named_parameters() if n.startswith("lora_")]
+
+
 def _checked_hyperparameters(r: int, alpha: float, dropout: float, init: str | bool,
                              dtype: torch.dtype | str) -> tuple[int, float, str, torch.dtype]:
     """``r``, ``dropout``, ``init`` and ``dtype`` as the layers take them, each refused by name when invalid (before
@@ -409,6 +415,8 @@ def add_lora(
     if is_residual_init(init):
         _check_unshared(model, paths, init)
     check_patterns(rank_pattern, alpha_pattern, paths + list(experts))
+    # Adapters already attached keep their trainability (a frozen loaded adapter stays frozen), as PEFT's add_adapter.
+    earlier = {p: p.requires_grad for p in _adapter_parameters(model)}
     for p in model.parameters():  # frozen once the options are known good: a refused call leaves the model as it was
         p.requires_grad_(False)
     fan_in_fan_out = False
@@ -460,6 +468,8 @@ def add_lora(
             p.requires_grad_(True)
     for p in trained_biases(model, bias).values():
         p.requires_grad_(True)
+    for p, trainable in earlier.items():
+        p.requires_grad_(trainable)
     names = sorted({p.rsplit(".", 1)[-1] for p in paths})
     configs[adapter_name] = AdapterConfig(spec, names, fan_in_fan_out, getattr(model, "name_or_path", None), paths,
                                           save_paths, list(target_parameters), rank_pattern, alpha_pattern, bias)
