@@ -172,3 +172,17 @@ def test_a_second_adapter_leaves_a_frozen_loaded_one_frozen(tmp_path, tiny_model
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable and all(".second." in n for n in trainable)
     assert any(".q_proj.lora_A.default." in n for n, _ in model.named_parameters())
+
+
+def test_one_token_string_is_one_token(tiny_model_dir):
+    model, tokenizer = qlora.load_model(tiny_model_dir, device="cpu")
+    rows = len(tokenizer)
+    assert qlora.add_special_tokens(model, tokenizer, "<tool_call>") == 1
+    assert tokenizer.convert_ids_to_tokens(rows) == "<tool_call>" and len(tokenizer) == rows + 1
+    assert model.get_input_embeddings().weight.shape[0] >= rows + 1
+
+
+@pytest.mark.parametrize("device", ["gpu", f"cuda:{torch.cuda.device_count()}"])
+def test_load_model_refuses_a_device_torch_cannot_use_by_name(tiny_model_dir, device):
+    with pytest.raises(UsageError, match=f"^device '{device}'"):
+        qlora.load_model(tiny_model_dir, device=device)

@@ -299,6 +299,18 @@ def _owning_model(modules: dict[str, nn.Module], name: str) -> nn.Module:
     return modules[""]
 
 
+def _target_device(device: torch.device | str | None) -> torch.device:
+    """``device`` as a torch device (default: CUDA when available), refused by name when this torch cannot use it."""
+    try:
+        target = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except (RuntimeError, TypeError) as exc:
+        raise UsageError(f"device {device!r} is not a torch device ('cpu', 'cuda', 'cuda:1', ...): {exc}") from None
+    if target.type == "cuda" and not (target.index or 0) < torch.cuda.device_count():
+        raise UsageError(f"device {device!r}: this torch sees {torch.cuda.device_count()} CUDA GPU(s) "
+                         f"(torch.cuda.device_count()); give device='cpu' or an index below that.")
+    return target
+
+
 def load_model(
     name_or_path: str | Path,
     quant: str | None = "nf4",
@@ -348,7 +360,7 @@ def load_model(
         raise UsageError(f"quant must be nf4, fp4 or none, got {quant!r}")
     compute_dtype = float_dtype(compute_dtype, "compute_dtype")
     skip_modules = (skip_modules,) if isinstance(skip_modules, str) else tuple(skip_modules)
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = _target_device(device)
     model_dir = resolve_model_dir(name_or_path)
     files = weight_files(model_dir)
     keys = _read_weight_keys(files)  # headers only: a corrupt file fails here, before any tensor is read
