@@ -186,3 +186,27 @@ def test_one_token_string_is_one_token(tiny_model_dir):
 def test_load_model_refuses_a_device_torch_cannot_use_by_name(tiny_model_dir, device):
     with pytest.raises(UsageError, match=f"^device '{device}'"):
         qlora.load_model(tiny_model_dir, device=device)
+
+
+@pytest.mark.parametrize("options", [dict(quant="nf4"), dict(quant="fp4", double_quant=False, blocksize=128)])
+def test_save_pretrained_of_a_4bit_model_loads_back_bit_for_bit(tmp_path, tiny_model_dir, options):
+    """transformers' save_pretrained writes the packed layers in bitsandbytes' layout but no quantization_config;
+    the packed tensors say their format themselves."""
+    model, tokenizer = qlora.load_model(tiny_model_dir, compute_dtype=torch.float32, device="cpu", **options)
+    model.save_pretrained(tmp_path / "saved")
+    tokenizer.save_pretrained(tmp_path / "saved")
+    back, _ = qlora.load_model(tmp_path / "saved", compute_dtype=torch.float32, device="cpu")
+    want, got = _state(model), _state(back)
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    layer = back.model.layers[0].self_attn.q_proj
+    assert (layer.quant_type, layer.blocksize, layer.double_quant) == (
+        options["quant"], options.get("blocksize", 64), options.get("double_quant", True))
+
+
+def test_save_pretrained_with_lora_attached_is_refused_saying_what_to_save(tmp_path, tiny_model_dir):
+    model, tokenizer = qlora.load_model(tiny_model_dir, device="cpu")
+    qlora.add_lora(model, r=4, verbose=False)
+    model.save_pretrained(tmp_path / "saved")
+    tokenizer.save_pretrained(tmp_path / "saved")
+    with pytest.raises(UsageError, match="saved with LoRA layers attached .* qlora.save_adapter"):
+        qlora.load_model(tmp_path / "saved", device="cpu")
