@@ -210,3 +210,16 @@ def test_save_pretrained_with_lora_attached_is_refused_saying_what_to_save(tmp_p
     tokenizer.save_pretrained(tmp_path / "saved")
     with pytest.raises(UsageError, match="saved with LoRA layers attached .* qlora.save_adapter"):
         qlora.load_model(tmp_path / "saved", device="cpu")
+
+
+def test_dir_lists_the_public_names_before_their_first_use():
+    """dir(), help() and tab completion see the lazily imported API (PEP 562 ``__dir__``)."""
+    import subprocess
+    import sys
+
+    code = ("import importlib, sys, qlora\n"
+            "packages = [qlora] + [importlib.import_module(f'qlora.{p}') for p in ('optim', 'nn', 'quant', 'infer')]\n"
+            "missing = [(p.__name__, n) for p in packages for n in p.__all__ if n not in dir(p)]\n"
+            "print(missing, {'optim', 'nn'} <= set(dir(qlora)))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["[]", "True"]
