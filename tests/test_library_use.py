@@ -223,3 +223,28 @@ def test_dir_lists_the_public_names_before_their_first_use():
             "print(missing, {'optim', 'nn'} <= set(dir(qlora)))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.split() == ["[]", "True"]
+
+
+@pytest.mark.parametrize("cls", ["AdamW", "AdamW8bit", "PagedAdamW", "PagedAdamW8bit"])
+def test_a_copied_or_pickled_optimizer_steps_on_as_the_original(cls):
+    import pickle
+
+    torch.manual_seed(0)
+    params = [nn.Parameter(torch.randn(40, 300)), nn.Parameter(torch.randn(7))]
+    opt = getattr(qlora.optim, cls)([{"params": params[:1]}, {"params": params[1:], "lr": 1e-2}], lr=1e-3,
+                                    min_8bit_size=64)
+    for _ in range(2):
+        for p in params:
+            p.grad = torch.randn_like(p)
+        opt.step()
+    copies = [copy.deepcopy((params, opt)), pickle.loads(pickle.dumps((params, opt)))]
+    grads = [torch.randn_like(p) for p in params]
+    for ps, o in [(params, opt), *copies]:
+        assert type(o) is type(opt) and o.state_bits == opt.state_bits and o.paged == opt.paged
+        for p, g in zip(ps, grads):
+            p.grad = g.clone()
+        o.step()
+    for ps, o in copies:
+        assert all(torch.equal(a, b) for a, b in zip(ps, params))
+        mine, theirs = o.state_dict()["state"], opt.state_dict()["state"]
+        assert all(torch.equal(mine[i][k], theirs[i][k]) for i in theirs for k in theirs[i])

@@ -16,6 +16,7 @@ checkpoint loads on any device and into a paged or resident optimizer alike.
 
 from __future__ import annotations
 
+from collections import defaultdict
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -219,21 +220,39 @@ class AdamW(torch.optim.Optimizer):
         self._stores = {}  # the old pages belong to the state just dropped
         params = [p for g in self.param_groups for p in g["params"]]
         for i, saved in state_dict["state"].items():
-            p = params[int(i)]
-            keys = set(saved) - {"step"}
-            bits = {frozenset(moments.KEYS_32BIT): 32, frozenset(moments.KEYS_8BIT): 8}.get(frozenset(keys))
-            if bits is None:
-                raise ValueError(f"state of parameter {i} has keys {sorted(saved)}; not an AdamW state")
-            state = self._init_state(p, bits)
-            state["step"] = saved["step"].detach().to("cpu", torch.float32).clone()
-            values = []
-            for chunk in state["chunks"]:
-                blocks = slice(chunk.start // moments.QUANT_BLOCK, -(-chunk.stop // moments.QUANT_BLOCK))
-                values.append({
-                    k: saved[k].reshape(-1)[blocks if k.endswith("absmax") else slice(chunk.start, chunk.stop)]
-                    for k in keys
-                })
-            self._store(p.device).write(state["chunks"], values)
+            self._restore(params[int(i)], saved, f"parameter {i}")
+
+    def _restore(self, p: torch.Tensor, saved: dict[str, torch.Tensor], label: str) -> None:
+        """Give ``p`` the moments of ``saved`` (as :meth:`_export` writes them), in this optimizer's storage."""
+        keys = set(saved) - {"step"}
+        bits = {frozenset(moments.KEYS_32BIT): 32, frozenset(moments.KEYS_8BIT): 8}.get(frozenset(keys))
+        if bits is None:
+            raise ValueError(f"state of {label} has keys {sorted(saved)}; not an AdamW state")
+        state = self._init_state(p, bits)
+        state["step"] = saved["step"].detach().to("cpu", torch.float32).clone()
+        values = []
+        for chunk in state["chunks"]:
+            blocks = slice(chunk.start // moments.QUANT_BLOCK, -(-chunk.stop // moments.QUANT_BLOCK))
+            values.append({
+                k: saved[k].reshape(-1)[blocks if k.endswith("absmax") else slice(chunk.start, chunk.stop)]
+                for k in keys
+            })
+        self._store(p.device).write(state["chunks"], values)
+
+    _OPTIONS = ("state_bits", "paged", "min_8bit_size", "_pager_options")
+
+    def __getstate__(self) -> dict[str, Any]:
+        """For ``copy.deepcopy`` and pickle (torch's keeps only defaults, state and groups): the options too, and
+        each parameter's moments as plain tensors; their pages are rebuilt on load, as by :meth:`load_state_dict`."""
+        return {**super().__getstate__(), **{k: self.__dict__[k] for k in self._OPTIONS},
+                "state": {p: self._export(p, s) for p, s in self.state.items()}}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        saved = state.pop("state")
+        super().__setstate__({**state, "state": defaultdict(dict)})
+        self._stores = {}
+        for p, moments_of_p in saved.items():
+            self._restore(p, moments_of_p, f"a parameter of shape {tuple(p.shape)}")
 
 
 class AdamW8bit(AdamW):
