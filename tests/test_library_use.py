@@ -248,3 +248,19 @@ def test_a_copied_or_pickled_optimizer_steps_on_as_the_original(cls):
         assert all(torch.equal(a, b) for a, b in zip(ps, params))
         mine, theirs = o.state_dict()["state"], opt.state_dict()["state"]
         assert all(torch.equal(mine[i][k], theirs[i][k]) for i in theirs for k in theirs[i])
+
+
+def test_numpy_hyperparameters_train_and_save_as_python_numbers(tmp_path, tiny_model_dir):
+    """A sweep's NumPy scalars: the same adapter as Python numbers, and a JSON adapter_config PEFT reads."""
+    import json
+
+    np = pytest.importorskip("numpy")
+    want = _adapted(tiny_model_dir, r=8, alpha=16.0, dropout=0.1)
+    model, _ = qlora.load_model(tiny_model_dir, compute_dtype=torch.float32, device="cpu")
+    torch.manual_seed(0)
+    qlora.add_lora(model, r=np.int64(8), alpha=np.float32(16), dropout=np.float64(0.1), verbose=False)
+    got = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    qlora.save_adapter(model, tmp_path / "adapter")
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert (config["r"], config["lora_alpha"], config["lora_dropout"]) == (8, 16.0, 0.1)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import numbers
 import re
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Iterable, Iterator
@@ -280,11 +281,12 @@ def _adapter_parameters(model: nn.Module) -> list[nn.Parameter]:
 
 
 def _checked_hyperparameters(r: int, alpha: float, dropout: float, init: str | bool,
-                             dtype: torch.dtype | str) -> tuple[int, float, str, torch.dtype]:
-    """``r``, ``dropout``, ``init`` and ``dtype`` as the layers take them, each refused by name when invalid (before
-    any layer is touched). ``init=True`` is PEFT's ``init_lora_weights=True``: the default Kaiming init."""
-    def number(value) -> bool:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
+                             dtype: torch.dtype | str) -> tuple[int, float, float, str, torch.dtype]:
+    """``r``, ``alpha``, ``dropout``, ``init`` and ``dtype`` as the layers (and adapter_config.json) take them, each
+    refused by name when invalid, before any layer is touched. ``init=True`` is PEFT's ``init_lora_weights=True``:
+    the default Kaiming init."""
+    def number(value) -> bool:  # numbers.Real: NumPy's scalars too, as a hyper-parameter sweep may give them
+        return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
     if not (number(r) and r > 0 and float(r).is_integer()):
         raise UsageError(f"r (the LoRA rank) must be a positive integer, got {r!r}.")
@@ -297,7 +299,7 @@ def _checked_hyperparameters(r: int, alpha: float, dropout: float, init: str | b
     if not isinstance(init, str):
         raise UsageError(f"init must be the name of a LoRA init ('kaiming', 'gaussian', 'loftq', 'pissa', 'olora', ...)"
                          f" or True (the default init, PEFT's init_lora_weights=True), got {init!r}.")
-    return int(r), float(dropout), init.strip().lower(), float_dtype(dtype, "dtype")
+    return int(r), float(alpha), float(dropout), init.strip().lower(), float_dtype(dtype, "dtype")
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:
@@ -384,7 +386,7 @@ def add_lora(
     configs = adapter_configs(model)
     if adapter_name in configs:
         raise UsageError(f"the model already has an adapter named {adapter_name!r}")
-    r, dropout, init, dtype = _checked_hyperparameters(r, alpha, dropout, init, dtype)
+    r, alpha, dropout, init, dtype = _checked_hyperparameters(r, alpha, dropout, init, dtype)
     if isinstance(target_modules, str) and target_modules.strip().lower() == "all-linear":
         target_modules = "all-linear"  # PEFT's shorthand, in any case as PEFT reads it
     if isinstance(modules_to_save, str):
