@@ -103,6 +103,7 @@ def test_add_lora_takes_peft_spellings(tiny_model_dir):
     assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
     assert "lm_head.weight" in got and any(".mlp.down_proj.lora_A" in k for k in got)
     assert {p.dtype for p in _adapted(tiny_model_dir, r=8, dtype="bfloat16").values()} == {torch.bfloat16}
+    assert {p.dtype for p in _adapted(tiny_model_dir, r=8, dtype=torch.float64).values()} == {torch.float64}
 
 
 def test_a_single_layer_name_as_target_string_says_strings_are_regexes(tiny_model_dir):

@@ -16,11 +16,12 @@ _NAMES = {
     "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
     "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
     "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
+    "float64": torch.float64, "fp64": torch.float64, "double": torch.float64,  # for exactness checks
 }
 
 
 def float_dtype(value: torch.dtype | str, argument: str) -> torch.dtype:
-    """``value`` as a 16/32-bit float dtype; ``argument`` names it in the error.
+    """``value`` as a 16, 32 or 64-bit float dtype; ``argument`` names it in the error.
 
     Raises:
         UsageError: not a float dtype or one of its names.
@@ -31,5 +32,6 @@ def float_dtype(value: torch.dtype | str, argument: str) -> torch.dtype:
             return _NAMES[key]
     elif isinstance(value, torch.dtype) and value in _NAMES.values():
         return value
-    raise UsageError(f"{argument} must be torch.bfloat16, torch.float16 or torch.float32 (or their names "
-                     f"'bfloat16', 'float16', 'float32', 'bf16', 'fp16', 'fp32'), got {value!r}.")
+    raise UsageError(f"{argument} must be a float dtype (torch.bfloat16, torch.float16, torch.float32 or "
+                     f"torch.float64) or its name ('bfloat16', 'bf16', 'float16', 'fp16', 'float32', 'fp32', ...), "
+                     f"got {value!r}.")
