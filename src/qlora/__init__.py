@@ -43,4 +43,9 @@ def __getattr__(name: str) -> Any:
     return getattr(importlib.import_module(module), name)
 
 
+def __dir__() -> list[str]:
+    """The public names and subpackages too, before their first use (for ``dir()`` and tab completion)."""
+    return sorted({*globals(), *_LAZY, *_SUBPACKAGES})
+
+
 __all__ = ["__version__", *_LAZY]

@@ -7,7 +7,7 @@ A package whose ``__init__`` imported all its modules would import torch for any
 from __future__ import annotations
 
 import importlib
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 
 def lazy_attributes(package: str, names: dict[str, str]) -> Callable[[str], Any]:
@@ -20,3 +20,14 @@ def lazy_attributes(package: str, names: dict[str, str]) -> Callable[[str], Any]
         return getattr(importlib.import_module(module), name)
 
     return __getattr__
+
+
+def lazy_dir(namespace: dict[str, Any], names: Iterable[str]) -> Callable[[], list[str]]:
+    """The module ``__dir__`` that lists ``names`` beside what ``namespace`` already holds, so that ``dir()``,
+    ``help()`` and tab completion show the public names before their first use."""
+    listed = [*names]
+
+    def __dir__() -> list[str]:
+        return sorted({*namespace, *listed})
+
+    return __dir__

@@ -3,7 +3,7 @@
 Names are imported lazily so that using the SQLite store alone does not import torch.
 """
 
-from qlora.lazy_names import lazy_attributes
+from qlora.lazy_names import lazy_attributes, lazy_dir
 
 _LAZY = {
     "SamplingOptions": "qlora.infer.sampling_options",
@@ -19,4 +19,5 @@ _LAZY = {
 }
 
 __getattr__ = lazy_attributes(__name__, _LAZY)
+__dir__ = lazy_dir(globals(), _LAZY)
 __all__ = list(_LAZY)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import numbers
 import re
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Iterable, Iterator
@@ -13,6 +14,7 @@ import torch
 from torch import nn
 
 from ..errors import UsageError
+from ..float_dtype import float_dtype
 from ..nn import (AdaLoraLinear, Experts4bit, ExpertsLora, Linear4bit, LoraEmbedding, LoraLinear, LoraSpec,
                   adapter_name_problem, expert_weight_names, experts_layout)
 from ..nn.experts_lora import expert_shapes
@@ -272,6 +274,34 @@ def check_init(init: str, loftq_iter: int) -> None:
                          "randomized SVD with K subspace iterations) or olora (PEFT's init_lora_weights).")
 
 
+def _adapter_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The factors (and DoRA magnitudes) of every adapter on ``model``, not their base layers."""
+    layers = [m for m in model.modules() if isinstance(m, (LoraLinear, LoraEmbedding, AdaLoraLinear, ExpertsLora))]
+    return [p for m in layers for n, p in m.named_parameters() if n.startswith("lora_")]
+
+
+def _checked_hyperparameters(r: int, alpha: float, dropout: float, init: str | bool,
+                             dtype: torch.dtype | str) -> tuple[int, float, float, str, torch.dtype]:
+    """``r``, ``alpha``, ``dropout``, ``init`` and ``dtype`` as the layers (and adapter_config.json) take them, each
+    refused by name when invalid, before any layer is touched. ``init=True`` is PEFT's ``init_lora_weights=True``:
+    the default Kaiming init."""
+    def number(value) -> bool:  # numbers.Real: NumPy's scalars too, as a hyper-parameter sweep may give them
+        return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+    if not (number(r) and r > 0 and float(r).is_integer()):
+        raise UsageError(f"r (the LoRA rank) must be a positive integer, got {r!r}.")
+    if not number(alpha):
+        raise UsageError(f"alpha (PEFT's lora_alpha) must be a number, got {alpha!r}.")
+    if not (number(dropout) and 0 <= dropout < 1):
+        raise UsageError(f"dropout (PEFT's lora_dropout) must be a number in [0, 1), got {dropout!r}.")
+    if init is True:
+        init = "kaiming"
+    if not isinstance(init, str):
+        raise UsageError(f"init must be the name of a LoRA init ('kaiming', 'gaussian', 'loftq', 'pissa', 'olora', ...)"
+                         f" or True (the default init, PEFT's init_lora_weights=True), got {init!r}.")
+    return int(r), float(alpha), float(dropout), init.strip().lower(), float_dtype(dtype, "dtype")
+
+
 def count_parameters(model: nn.Module) -> tuple[int, int]:
     """(trainable, total) parameters, 4-bit weights counted as their element count."""
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -291,13 +321,13 @@ def add_lora(
     r: int = 16,
     alpha: float = 16.0,
     dropout: float = 0.05,
-    target_modules: str | list[str] | None = "all-linear",
+    target_modules: str | Iterable[str] | None = "all-linear",
     rslora: bool = False,
     adapter_name: str = "default",
-    init: str = "kaiming",
-    dtype: torch.dtype = torch.float32,
+    init: str | bool = "kaiming",
+    dtype: torch.dtype | str = torch.float32,
     verbose: bool = True,
-    modules_to_save: list[str] | None = None,
+    modules_to_save: str | list[str] | None = None,
     use_dora: bool = False,
     loftq_iter: int = 1,
     loftq_quant: tuple[str, int, bool] = ("nf4", 64, True),
@@ -312,7 +342,9 @@ def add_lora(
 
     Args:
         model: a transformers model (4-bit from :func:`qlora.load_model` or dense).
-        r, alpha, dropout, rslora, init, dtype: adapter hyper-parameters (PEFT's meaning);
+        r, alpha, dropout, rslora, init, dtype: adapter hyper-parameters (PEFT's meaning: ``r``, ``lora_alpha``,
+            ``lora_dropout``, ``use_rslora``, ``init_lora_weights`` with ``True`` the default init); ``dtype``
+            of the LoRA weights, a torch float dtype or its name (``"bfloat16"``);
             ``init="loftq"`` needs a dense model (``load_model(quant=None)``) and
             quantizes each adapted layer to the LoftQ base ``loftq_quant`` =
             (quant_type, blocksize, double_quant) in ``loftq_iter`` steps; the other
@@ -325,12 +357,12 @@ def add_lora(
             converted to LoRA on the original weights. ``pissa_niter_K`` draws from torch's
             generator: seed it for a reproducible init.
         use_dora: DoRA (a trained magnitude per output row); composes with rslora.
-        target_modules: ``"all-linear"``, a list of names (``["q_proj", "v_proj"]``,
-            matched against the end of module paths) or a regex over full paths; ``None`` (or ``[]``) with
-            ``target_parameters``: the MoE experts only.
+        target_modules: ``"all-linear"`` (any case), a list of names (``["q_proj", "v_proj"]``,
+            matched against the end of module paths) or one string as a regex over full paths (PEFT's
+            rules); ``None`` (or ``[]``) with ``target_parameters``: the MoE experts only.
         adapter_name: adapters of several names can live on one model.
         modules_to_save: other modules trained whole and saved with the adapter
-            (PEFT's meaning, e.g. ``["embed_tokens", "lm_head"]``); by default
+            (PEFT's meaning, e.g. ``["embed_tokens", "lm_head"]``; one string is one name); by default
             those that :func:`qlora.model.tokens.add_special_tokens` resized.
             They are trained in place, so adapters of one model share them.
         target_parameters: 3-D MoE expert weights to adapt, PEFT's ``target_parameters``
@@ -356,12 +388,18 @@ def add_lora(
         The same model, modified in place.
 
     Raises:
-        UsageError: nothing matches (the message lists the layer names that exist).
+        UsageError: nothing matches (the message lists the layer names that exist), or an option is invalid
+            (named in the message); the model is then left as it was.
     """
     configs = adapter_configs(model)
     if adapter_name in configs:
         raise UsageError(f"the model already has an adapter named {adapter_name!r}")
     check_adapter_name(adapter_name)
+    r, alpha, dropout, init, dtype = _checked_hyperparameters(r, alpha, dropout, init, dtype)
+    if isinstance(target_modules, str) and target_modules.strip().lower() == "all-linear":
+        target_modules = "all-linear"  # PEFT's shorthand, in any case as PEFT reads it
+    if isinstance(modules_to_save, str):
+        modules_to_save = [modules_to_save]
     check_init(init, loftq_iter)
     if is_residual_init(init) and (use_dora or lora_bias):
         raise UsageError(f"init {init!r} does not combine with {'DoRA' if use_dora else 'lora_bias'}: its adapter is "
@@ -384,12 +422,14 @@ def add_lora(
     if no_modules and not target_parameters:
         raise UsageError("nothing to adapt: give target_modules (or 'all-linear') or target_parameters.")
     experts = _select_parameters(model, target_parameters) if target_parameters else {}
-    for p in model.parameters():
-        p.requires_grad_(False)
     paths = [] if no_modules else target_paths(model, target_modules)
     if is_residual_init(init):
         _check_unshared(model, paths, init)
     check_patterns(rank_pattern, alpha_pattern, paths + list(experts))
+    # Adapters already attached keep their trainability (a frozen loaded adapter stays frozen), as PEFT's add_adapter.
+    earlier = {p: p.requires_grad for p in _adapter_parameters(model)}
+    for p in model.parameters():  # frozen once the options are known good: a refused call leaves the model as it was
+        p.requires_grad_(False)
     fan_in_fan_out = False
     for path in paths:
         module = model.get_submodule(path)
@@ -439,6 +479,8 @@ def add_lora(
             p.requires_grad_(True)
     for p in trained_biases(model, bias).values():
         p.requires_grad_(True)
+    for p, trainable in earlier.items():
+        p.requires_grad_(trainable)
     names = sorted({p.rsplit(".", 1)[-1] for p in paths})
     configs[adapter_name] = AdapterConfig(spec, names, fan_in_fan_out, getattr(model, "name_or_path", None), paths,
                                           save_paths, list(target_parameters), rank_pattern, alpha_pattern, bias)

@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from ..errors import UsageError
+from ..float_dtype import float_dtype
 from ..nn import Experts4bit, Linear4bit, expert_weight_names
 from ..quant import NonFiniteError, QuantState
 from .architecture import check_runs_on_text, text_model_from_config
@@ -189,16 +190,42 @@ def bnb_4bit_config(config) -> dict | None:
     return qc if method == "bitsandbytes" and qc.get("load_in_4bit", qc.get("_load_in_4bit")) else None
 
 
-def _prequantized(config, model_dir: Path) -> dict | None:
-    """The checkpoint's bitsandbytes 4-bit ``quantization_config``, None for a 16/32-bit one (or one whose
-    decoded format :func:`_stored_format` took).
+def _packed_4bit_config(keys: dict[Path, list[str]]) -> dict | None:
+    """The bitsandbytes 4-bit config of files holding its packed layers under a config that names no quantization:
+    ``save_pretrained`` of a model :func:`load_model` quantized writes them so. Each packed layer says its quant
+    type (``weight.quant_state.bitsandbytes__nf4``) and double quantization (``weight.nested_absmax``)."""
+    names = [k for ks in keys.values() for k in ks]
+    types = sorted({k.rsplit("__", 1)[1] for k in names if ".weight.quant_state.bitsandbytes__" in k})
+    if not types:
+        return None
+    return {"quant_method": "bitsandbytes", "load_in_4bit": True, "bnb_4bit_quant_type": types[0],
+            "bnb_4bit_use_double_quant": any(k.endswith(".weight.nested_absmax") for k in names)}
+
+
+def _attached_adapters_hint(keys: dict[Path, list[str]]) -> str:
+    """Why a model saved with its LoRA layers in place (``save_pretrained`` after :func:`qlora.add_lora`) lacks
+    the model's tensors: its keys are ``q_proj.base_layer.weight`` and ``q_proj.lora_A.default.weight``."""
+    key = next((k for ks in keys.values() for k in ks if ".base_layer." in k and ".lora_" not in k), None)
+    if key is None or not any(".lora_" in k for ks in keys.values() for k in ks):
+        return ""
+    return (f" It holds a model saved with LoRA layers attached ({key}, ...), as save_pretrained after add_lora "
+            "writes it: save the adapter with qlora.save_adapter (and a 4-bit base with qlora.save_quantized), or "
+            "fold it in with qlora.merge and qlora.save_merged.")
+
+
+def _prequantized(config, model_dir: Path, keys: dict[Path, list[str]] | None = None) -> dict | None:
+    """The checkpoint's bitsandbytes 4-bit ``quantization_config`` (or the one its packed tensors imply, from
+    ``keys``: see :func:`_packed_4bit_config`), None for a 16/32-bit one (or one whose decoded format
+    :func:`_stored_format` took).
 
     Raises:
         UsageError: for any other quantization (HQQ, EETQ, ...), whose weights qlora cannot read; the
             message says what to give it instead.
     """
     qc, stored = getattr(config, "quantization_config", None), bnb_4bit_config(config)
-    if qc is None or stored is not None:
+    if qc is None:
+        return _packed_4bit_config(keys or {})
+    if stored is not None:
         return stored
     qc = qc if isinstance(qc, dict) else qc.to_dict()
     method = qc.get("quant_method", "bitsandbytes")
@@ -298,14 +325,26 @@ def _owning_model(modules: dict[str, nn.Module], name: str) -> nn.Module:
     return modules[""]
 
 
+def _target_device(device: torch.device | str | None) -> torch.device:
+    """``device`` as a torch device (default: CUDA when available), refused by name when this torch cannot use it."""
+    try:
+        target = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except (RuntimeError, TypeError) as exc:
+        raise UsageError(f"device {device!r} is not a torch device ('cpu', 'cuda', 'cuda:1', ...): {exc}") from None
+    if target.type == "cuda" and not (target.index or 0) < torch.cuda.device_count():
+        raise UsageError(f"device {device!r}: this torch sees {torch.cuda.device_count()} CUDA GPU(s) "
+                         f"(torch.cuda.device_count()); give device='cpu' or an index below that.")
+    return target
+
+
 def load_model(
     name_or_path: str | Path,
     quant: str | None = "nf4",
     double_quant: bool = True,
     blocksize: int = 64,
-    compute_dtype: torch.dtype = torch.bfloat16,
+    compute_dtype: torch.dtype | str = torch.bfloat16,
     device: torch.device | str | None = None,
-    skip_modules: Iterable[str] = ("lm_head",),
+    skip_modules: str | Iterable[str] = ("lm_head",),
     attn_implementation: str | None = None,
     progress: bool | None = None,
     quantize_experts: bool = True,
@@ -316,13 +355,14 @@ def load_model(
     Args:
         name_or_path: local model folder, or a hub id when a hub is reachable.
         quant: ``"nf4"``, ``"fp4"`` or ``None`` (16-bit, for LoRA without quantization; ``"none"``, the CLI's
-            spelling, is the same).
+            spelling, is the same); any letter case.
         double_quant, blocksize: see :func:`qlora.quant.quantize_4bit`. A checkpoint whose config
             has a bitsandbytes 4-bit ``quantization_config`` is loaded in the format it names
             (its packed codes as they are), whatever these say.
-        compute_dtype: dtype of the matmuls and of every unquantized tensor.
+        compute_dtype: dtype of the matmuls and of every unquantized tensor (a torch dtype or its name,
+            ``"bfloat16"``, ``"bf16"``, ...).
         device: target device (default: CUDA when available, else CPU).
-        skip_modules: linear layers kept dense, by name or regex (the output
+        skip_modules: linear layers kept dense, by name or regex (one string is one name; the output
             head always is).
         attn_implementation: forwarded to transformers ("eager", "sdpa", ...).
         progress: show a progress bar (default: for checkpoints over 1 GB).
@@ -340,11 +380,13 @@ def load_model(
     """
     from safetensors import SafetensorError
 
-    if quant == "none":
-        quant = None
+    if isinstance(quant, str) and quant.strip().lower() in ("nf4", "fp4", "none"):
+        quant = None if quant.strip().lower() == "none" else quant.strip().lower()
     if quant not in ("nf4", "fp4", None):
         raise UsageError(f"quant must be nf4, fp4 or none, got {quant!r}")
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    compute_dtype = float_dtype(compute_dtype, "compute_dtype")
+    skip_modules = (skip_modules,) if isinstance(skip_modules, str) else tuple(skip_modules)
+    device = _target_device(device)
     model_dir = resolve_model_dir(name_or_path)
     files = weight_files(model_dir)
     keys = _read_weight_keys(files)  # headers only: a corrupt file fails here, before any tensor is read
@@ -358,12 +400,13 @@ def load_model(
     plan = DecodePlan(stored, keys)
     if quant is not None and getattr(stored, "requantized", None):
         log.warning("qlora: %s", stored.requantized)
-    prequant = _prequantized(config, model_dir)
+    prequant = _prequantized(config, model_dir, keys)
     if prequant is not None:
         quant = prequant.get("bnb_4bit_quant_type", "fp4")  # BitsAndBytesConfig's default
         double_quant = bool(prequant.get("bnb_4bit_use_double_quant", False))
         skip_modules = tuple(prequant.get("llm_int8_skip_modules") or skip_modules)
-        del config.quantization_config
+        if hasattr(config, "quantization_config"):  # implied by the packed tensors when absent
+            del config.quantization_config
     tokenizer = load_tokenizer(model_dir)
     rows = getattr(config.get_text_config(), "vocab_size", None)
     if isinstance(rows, int):  # checked before the (slow) weight load
@@ -524,7 +567,8 @@ def load_model(
         still_meta += [f"{path}.{n}" for n in names if f"{path}.{n}" not in loaded]
     if still_meta:
         raise UsageError(f"{model_dir}: the checkpoint lacks {len(still_meta)} tensors the model needs, e.g. "
-                         f"{', '.join(still_meta[:3])}; is it the checkpoint of this config?")
+                         f"{', '.join(still_meta[:3])}; is it the checkpoint of this config?"
+                         + _attached_adapters_hint(keys))
     for p in model.parameters():
         p.requires_grad_(False)
     model.eval()

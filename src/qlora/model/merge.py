@@ -17,6 +17,7 @@ from torch import nn
 
 from ..atomic import atomic_dir
 from ..errors import UsageError
+from ..float_dtype import float_dtype
 from ..nn import AdaLoraLinear, Experts4bit, ExpertsLora, Linear4bit, LoraEmbedding, LoraLinear
 from .inject import adapter_configs
 from .quantize import replace_modules
@@ -167,15 +168,16 @@ def merged_tensors(model: nn.Module) -> list[tuple[str, tuple[int, ...], Callabl
 
 
 @torch.no_grad()
-def merge(model: nn.Module, into: str = "dequantized", dtype: torch.dtype | None = None) -> nn.Module:
+def merge(model: nn.Module, into: str = "dequantized", dtype: torch.dtype | str | None = None) -> nn.Module:
     """Return ``model`` with its active adapters folded in (modified in place).
 
     Args:
         into: ``"dequantized"`` (dense 16-bit layers) or ``"requantized"`` (4-bit again).
-        dtype: dtype of the dense layers (default: each layer's compute dtype).
+        dtype: dtype of the dense layers, a torch float dtype or its name (default: each layer's compute dtype).
     """
     if into not in ("dequantized", "requantized"):
-        raise ValueError(f"into must be 'dequantized' or 'requantized', got {into!r}")
+        raise UsageError(f"into must be 'dequantized' or 'requantized', got {into!r}")
+    dtype = None if dtype is None else float_dtype(dtype, "dtype")
 
     _refuse_unmergeable(model)
     untie = shares_table(model) and not tied_embeddings(model)

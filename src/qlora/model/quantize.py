@@ -17,6 +17,8 @@ from typing import Callable, Iterable
 import torch
 from torch import nn
 
+from ..errors import UsageError
+from ..float_dtype import float_dtype
 from ..nn import Experts4bit, Linear4bit, computed_experts, expert_weight, expert_weight_names, experts_layout
 from ..quant import NonFiniteError
 
@@ -408,16 +410,21 @@ def quantize_model(
     quant_type: str = "nf4",
     blocksize: int = 64,
     double_quant: bool = True,
-    compute_dtype: torch.dtype = torch.bfloat16,
-    skip_modules: Iterable[str] = ("lm_head",),
+    compute_dtype: torch.dtype | str = torch.bfloat16,
+    skip_modules: str | Iterable[str] = ("lm_head",),
 ) -> list[str]:
     """Quantize every linear layer, and the 3-D experts of MoE layers, of an in-memory model in place,
     as :func:`qlora.model.load.load_model` quantizes them while loading.
 
     The output head and modules matching ``skip_modules`` (by name or regex)
     stay dense, as do layers in :func:`kept_dense_names`. Returns the quantized module paths.
+    ``quant_type`` and ``compute_dtype`` take the spellings :func:`qlora.load_model` takes.
     """
-    skip = set(skip_modules) | kept_dense_names(model)
+    if not isinstance(quant_type, str) or quant_type.strip().lower() not in ("nf4", "fp4"):
+        raise UsageError(f"quant_type must be nf4 or fp4, got {quant_type!r}")
+    quant_type, compute_dtype = quant_type.strip().lower(), float_dtype(compute_dtype, "compute_dtype")
+    skip = {skip_modules} if isinstance(skip_modules, str) else set(skip_modules)
+    skip |= kept_dense_names(model)
 
     def make(path: str, module: nn.Module) -> nn.Module | None:
         if expert_weight_names(module) and not is_skipped(path, skip):

@@ -45,6 +45,9 @@ def unmatched_hint(targets: Sequence[str] | str, linear_names: Sequence[str], ot
                    "else" if any("(" not in k for k in kinds) else "")  # a noted kind says its own reason
             said.append(f"{target!r} matches {len(hits)} module{'s' if len(hits) > 1 else ''} ({hits[0]}"
                         f"{', ...' if len(hits) > 1 else ''}) of type {', '.join(kinds)}{why}.")
+    if isinstance(targets, str) and not said and any(re.fullmatch(targets, n) for n in linear_names):
+        said.append(f"One string is a regex over whole module paths, as in PEFT: to adapt the layers named "
+                    f"{targets!r}, pass a list ([{targets!r}]) or a regex ('.*{targets}').")
     if linear_names:
         said.append(f"Its linear layers are named: {', '.join(sorted(set(linear_names)))} (or use 'all-linear').")
     else:

@@ -37,8 +37,8 @@ def pending_modules_to_save(model: nn.Module) -> list[str]:
     return model.__dict__.setdefault("_qlora_modules_to_save", [])
 
 
-def add_special_tokens(model: nn.Module, tokenizer, tokens: list[str]) -> int:
-    """Add ``tokens`` (as special tokens) to the tokenizer and resize the model.
+def add_special_tokens(model: nn.Module, tokenizer, tokens: str | list[str]) -> int:
+    """Add ``tokens`` (as special tokens; one string is one token) to the tokenizer and resize the model.
 
     New embedding and output rows are the mean of the existing ones. The
     embedding and output head are marked trainable for the next
@@ -53,7 +53,7 @@ def add_special_tokens(model: nn.Module, tokenizer, tokens: list[str]) -> int:
     """
     from ..nn import Linear4bit
 
-    tokens = [t for t in dict.fromkeys(tokens) if t]
+    tokens = [t for t in dict.fromkeys([tokens] if isinstance(tokens, str) else tokens) if t]
     vocab = tokenizer.get_vocab()
     new = [t for t in tokens if t not in vocab]
     if not new:

@@ -2,7 +2,7 @@
 embeddings) and AdaLoRA adapters. Names are imported lazily, so that a light module of this package
 (``residual_init_names``) does not import torch with the others."""
 
-from qlora.lazy_names import lazy_attributes
+from qlora.lazy_names import lazy_attributes, lazy_dir
 
 _LAZY = {
     "AdaLoraLinear": "qlora.nn.adalora",
@@ -21,4 +21,5 @@ _LAZY = {
     "experts_layout": "qlora.nn.experts4bit",
 }
 __getattr__ = lazy_attributes(__name__, _LAZY)
+__dir__ = lazy_dir(globals(), _LAZY)
 __all__ = list(_LAZY)

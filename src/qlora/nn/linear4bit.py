@@ -271,6 +271,29 @@ class Linear4bit(nn.Module):
             y = _Linear4bitFunction.apply(xc, self.bias, self)
         return y if autocast else y.to(x.dtype)
 
+    def _apply(self, fn, recurse: bool = True):
+        """``model.to(dtype)``, ``.half()``, ``.bfloat16()`` (and ``.type()``) move the codes and constants but never
+        cast them: the float32 codebook and block scales rounded to 16 bits would change every dequantized weight
+        (bitsandbytes keeps its quantization state out of such casts too). The matmul follows the cast: the new
+        float dtype becomes ``compute_dtype``, as a cast ``nn.Linear`` computes in its new dtype."""
+        kept = {name: getattr(self, name) for name in self._quant_names()}
+        device = kept["quant_map"].device
+        # Two float probes tell a cast (one of them changes dtype) from a move (neither does).
+        probes = (torch.float16, torch.float64)
+        cast = [d for p in probes if (d := fn(torch.empty(0, dtype=p, device=device)).dtype) != p]
+        super()._apply(fn, recurse)
+        if cast and cast[0].is_floating_point:
+            self.compute_dtype = cast[0]
+        for name, before in kept.items():
+            after = getattr(self, name)
+            if after.dtype == before.dtype:
+                continue
+            if name in self._buffers:
+                self._buffers[name] = before.to(after.device)
+            else:  # byte storage of make_shardable: the same parameter, its bytes as they were
+                after.data = before.data.to(after.device)
+        return self
+
     # --- bitsandbytes/transformers state-dict layout -------------------------
     def _fqn_modifiers(self) -> dict[str, str]:
         """For torch.distributed.checkpoint: resolve ``weight.*`` keys through :class:`_StateDictPath`."""

@@ -2,7 +2,7 @@
 transformers' learning-rate schedules. Names are imported lazily, so that the optimizer and
 schedule names (what ``qlora train`` checks its options against) do not import torch."""
 
-from qlora.lazy_names import lazy_attributes
+from qlora.lazy_names import lazy_attributes, lazy_dir
 
 _LAZY = {
     "OPTIMIZERS": "qlora.optim.factory",
@@ -28,4 +28,5 @@ _LAZY = {
     "schedule_name": "qlora.optim.lr_schedules",
 }
 __getattr__ = lazy_attributes(__name__, _LAZY)
+__dir__ = lazy_dir(globals(), _LAZY)
 __all__ = list(_LAZY)

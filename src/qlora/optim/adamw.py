@@ -16,6 +16,7 @@ checkpoint loads on any device and into a paged or resident optimizer alike.
 
 from __future__ import annotations
 
+from collections import defaultdict
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -156,6 +157,13 @@ class AdamW(torch.optim.Optimizer):
                 self._update(batch, hyper)
         return loss
 
+    @staticmethod
+    def _hyperparameters(group: dict[str, Any]) -> tuple[float, float, float, float, float]:
+        """(lr, beta1, beta2, eps, weight_decay) of a group as Python floats: torch optimizers also take the
+        learning rate (and betas) as tensors, which a scheduler or ``torch.compile`` may have put there."""
+        beta1, beta2 = group["betas"]
+        return tuple(float(v) for v in (group["lr"], beta1, beta2, group["eps"], group["weight_decay"]))
+
     def _update(self, batch: Batch, hyper: dict[int, dict[str, Any]]) -> None:
         """Update every chunk of a batch; 32-bit chunks sharing hyperparameters
         and step go through one foreach call."""
@@ -164,10 +172,9 @@ class AdamW(torch.optim.Optimizer):
             group = hyper[id(chunk.param)]
             step = int(self.state[chunk.param]["step"].item())
             if chunk.bits == 8:
-                beta1, beta2 = group["betas"]
                 adamw_update_8bit(
                     chunk.param.view(-1)[chunk.start:chunk.stop], chunk.param.grad.reshape(-1)[chunk.start:chunk.stop],
-                    m, step, group["lr"], beta1, beta2, group["eps"], group["weight_decay"],
+                    m, step, *self._hyperparameters(group),
                 )
             else:
                 fused.setdefault((id(group), step), []).append((chunk, m))
@@ -176,10 +183,9 @@ class AdamW(torch.optim.Optimizer):
             params = [c.param.view(-1)[c.start:c.stop] for c, _ in items]
             work = [p if p.dtype == torch.float32 else p.float() for p in params]
             grads = [c.param.grad.reshape(-1)[c.start:c.stop].float() for c, _ in items]
-            beta1, beta2 = group["betas"]
             _adamw_update_32bit(
                 work, grads, [m["exp_avg"] for _, m in items], [m["exp_avg_sq"] for _, m in items],
-                step, group["lr"], beta1, beta2, group["eps"], group["weight_decay"],
+                step, *self._hyperparameters(group),
             )
             for p, w in zip(params, work):
                 if w is not p:
@@ -214,21 +220,39 @@ class AdamW(torch.optim.Optimizer):
         self._stores = {}  # the old pages belong to the state just dropped
         params = [p for g in self.param_groups for p in g["params"]]
         for i, saved in state_dict["state"].items():
-            p = params[int(i)]
-            keys = set(saved) - {"step"}
-            bits = {frozenset(moments.KEYS_32BIT): 32, frozenset(moments.KEYS_8BIT): 8}.get(frozenset(keys))
-            if bits is None:
-                raise ValueError(f"state of parameter {i} has keys {sorted(saved)}; not an AdamW state")
-            state = self._init_state(p, bits)
-            state["step"] = saved["step"].detach().to("cpu", torch.float32).clone()
-            values = []
-            for chunk in state["chunks"]:
-                blocks = slice(chunk.start // moments.QUANT_BLOCK, -(-chunk.stop // moments.QUANT_BLOCK))
-                values.append({
-                    k: saved[k].reshape(-1)[blocks if k.endswith("absmax") else slice(chunk.start, chunk.stop)]
-                    for k in keys
-                })
-            self._store(p.device).write(state["chunks"], values)
+            self._restore(params[int(i)], saved, f"parameter {i}")
+
+    def _restore(self, p: torch.Tensor, saved: dict[str, torch.Tensor], label: str) -> None:
+        """Give ``p`` the moments of ``saved`` (as :meth:`_export` writes them), in this optimizer's storage."""
+        keys = set(saved) - {"step"}
+        bits = {frozenset(moments.KEYS_32BIT): 32, frozenset(moments.KEYS_8BIT): 8}.get(frozenset(keys))
+        if bits is None:
+            raise ValueError(f"state of {label} has keys {sorted(saved)}; not an AdamW state")
+        state = self._init_state(p, bits)
+        state["step"] = saved["step"].detach().to("cpu", torch.float32).clone()
+        values = []
+        for chunk in state["chunks"]:
+            blocks = slice(chunk.start // moments.QUANT_BLOCK, -(-chunk.stop // moments.QUANT_BLOCK))
+            values.append({
+                k: saved[k].reshape(-1)[blocks if k.endswith("absmax") else slice(chunk.start, chunk.stop)]
+                for k in keys
+            })
+        self._store(p.device).write(state["chunks"], values)
+
+    _OPTIONS = ("state_bits", "paged", "min_8bit_size", "_pager_options")
+
+    def __getstate__(self) -> dict[str, Any]:
+        """For ``copy.deepcopy`` and pickle (torch's keeps only defaults, state and groups): the options too, and
+        each parameter's moments as plain tensors; their pages are rebuilt on load, as by :meth:`load_state_dict`."""
+        return {**super().__getstate__(), **{k: self.__dict__[k] for k in self._OPTIONS},
+                "state": {p: self._export(p, s) for p, s in self.state.items()}}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        saved = state.pop("state")
+        super().__setstate__({**state, "state": defaultdict(dict)})
+        self._stores = {}
+        for p, moments_of_p in saved.items():
+            self._restore(p, moments_of_p, f"a parameter of shape {tuple(p.shape)}")
 
 
 class AdamW8bit(AdamW):

@@ -13,6 +13,9 @@ OPTIMIZER_ALIASES = {
     "adamw_torch": "adamw", "adamw_torch_fused": "adamw",  # torch.optim.AdamW (foreach or fused kernel)
     "adamw_bnb_8bit": "adamw_8bit",  # bitsandbytes' AdamW8bit; transformers' adamw_8bit is the same
 }
+# The classes' own names (qlora.optim.PagedAdamW, bitsandbytes' PagedAdamW32bit, ...), in lower case.
+_CLASS_NAMES = {"adamw8bit": "adamw_8bit", "pagedadamw": "paged_adamw_32bit", "pagedadamw32bit": "paged_adamw_32bit",
+                "pagedadamw8bit": "paged_adamw_8bit"}
 # Names of other tools whose maths differ from every optimizer qlora has: why not.
 _NOT_THE_SAME = {
     "adamw_hf": "transformers' own (removed) AdamW adds eps before the bias correction, so its steps differ "
@@ -28,12 +31,14 @@ _NOT_THE_SAME = {
 
 
 def optimizer_name(name: str) -> str:
-    """Our name of the optimizer ``name`` (ours or another tool's name for the same maths).
+    """Our name of the optimizer ``name`` (ours, another tool's name for the same maths, or the class name:
+    ``PagedAdamW``), in any letter case.
 
     Raises:
         ValueError: for any other name, saying what qlora has instead.
     """
-    name = OPTIMIZER_ALIASES.get(name, name)
+    name = name.strip().lower() if isinstance(name, str) else name
+    name = _CLASS_NAMES.get(name, OPTIMIZER_ALIASES.get(name, name))
     if name in OPTIMIZER_NAMES:
         return name
     aliases = {ours: [a for a, o in OPTIMIZER_ALIASES.items() if o == ours] for ours in OPTIMIZER_NAMES}

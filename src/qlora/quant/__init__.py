@@ -5,7 +5,7 @@ Bit-exact with bitsandbytes 0.50 (packed bytes, constants and decoded values).
 Names are imported lazily, so that ``BLOCKSIZES`` alone does not import torch.
 """
 
-from qlora.lazy_names import lazy_attributes
+from qlora.lazy_names import lazy_attributes, lazy_dir
 
 _LAZY = {
     "BLOCKSIZES": "qlora.quant.blocksizes",
@@ -21,4 +21,5 @@ _LAZY = {
     "quantize_blockwise": "qlora.quant.blockwise",
 }
 __getattr__ = lazy_attributes(__name__, _LAZY)
+__dir__ = lazy_dir(globals(), _LAZY)
 __all__ = list(_LAZY)

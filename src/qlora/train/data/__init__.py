@@ -18,7 +18,7 @@ Names are imported lazily, so that a light module of this package (``fields``, `
 ``qlora train`` checks its options with) does not import torch and transformers with the collators.
 """
 
-from qlora.lazy_names import lazy_attributes
+from qlora.lazy_names import lazy_attributes, lazy_dir
 
 _LAZY = {
     "FORMATS": "qlora.train.data.formats",
@@ -53,4 +53,5 @@ _LAZY = {
     "tokenize_example": "qlora.train.data.tokenize",
 }
 __getattr__ = lazy_attributes(__name__, _LAZY)
+__dir__ = lazy_dir(globals(), _LAZY)
 __all__ = list(_LAZY)
