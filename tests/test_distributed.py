@@ -2,7 +2,8 @@
 
 One reference run (1 process, batch 2 x accumulation 2) is compared with
 ``qlora train --nproc 2`` (batch 2 per rank) under DDP and under FSDP2 (with
-gradient checkpointing), and checkpoints cross world sizes in both directions. Epochs end with a short step:
+gradient checkpointing), all with ``--init loftq`` (whose 4-bit base FSDP2 must write whole), and checkpoints
+cross world sizes in both directions. Epochs end with a short step:
 7 examples make steps of 4 and 3 (the ranks' shares of the short one: 2 and 1), and in a 5-example run
 (steps of 4 and 1) rank 1 has no unit in the short step and runs a stand-in that counts nothing.
 Dropout is 0 so that every run computes the same function; the logged gradient
@@ -38,7 +39,10 @@ def _options(model: Path, data: Path, out: Path) -> dict:
                 eval_data=str(data.with_name("eval.jsonl")), eval_steps=3,
                 seq_len=64, dropout=0.0, save_steps=3, save_total_limit=0, progress=False, batch_size=2,
                 # ranks > 1 use the plain loss; the one-process reference must take the same path
-                chunked_ce=False)
+                chunked_ce=False,
+                # LoftQ ships its 4-bit base, which FSDP2 holds sharded (and its root, after the final
+                # eval, unsharded): rank 0 must write it whole, the bytes of one process's
+                init="loftq")
 
 
 def _single(opts: dict, **kw) -> None:
@@ -95,6 +99,14 @@ def test_ddp_two_ranks_equal_one_process(runs):
 
 def test_fsdp_two_ranks_equal_ddp(runs):
     _assert_same_run(runs["fsdp"], runs["ddp"])
+
+
+def test_fsdp_writes_the_loftq_base_of_one_process(runs):
+    want = load_file(str(runs["single"] / "loftq-base" / "model.safetensors"))
+    got = load_file(str(runs["fsdp"] / "loftq-base" / "model.safetensors"))
+    assert got.keys() == want.keys() and any(k.endswith(".weight.absmax") for k in want)
+    for key in want:
+        assert got[key].dtype == want[key].dtype and torch.equal(got[key], want[key]), key
 
 
 def test_ranks_share_the_evaluation_and_report_one_process_loss(runs):
@@ -246,3 +258,4 @@ def test_ranks_stop_and_save_when_the_launcher_is_killed(tmp_path, tiny_model_di
         for pid in _children(launcher.pid):
             os.kill(pid, signal.SIGKILL)
     assert list((out / "checkpoints").glob("step-*")), (tmp_path / "log").read_text()[-3000:]
+

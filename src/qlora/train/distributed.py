@@ -15,6 +15,8 @@ choices that keep runs equivalent to one process with the same global batch:
 
 import inspect
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -181,3 +183,38 @@ def all_reduce_grads(params: list[nn.Parameter], ctx: DistContext) -> None:
     dist.all_reduce(flat, op=dist.ReduceOp.SUM)
     for g, part in zip(grads, flat.split([g.numel() for g in grads])):
         g.copy_(part.view_as(g))
+
+
+@contextmanager
+def gathered_parameters(model: nn.Module, ctx: DistContext) -> Iterator[None]:
+    """Under FSDP2, for the length of the block: on rank 0 every sharded parameter of ``model`` whole (on the
+    CPU, one at a time through the accelerator), so that what reads a module's own tensors sees them whole (a
+    4-bit layer's codes and constants, written as the LoftQ base). A collective: every rank enters, the others
+    only to send their shards. Without FSDP (or outside torchrun) nothing changes."""
+    from torch.distributed.tensor import DTensor
+
+    if not ctx.enabled or not any(isinstance(p, DTensor) for p in model.parameters()):
+        yield
+        return
+    from torch.distributed.fsdp import FSDPModule
+
+    for module in model.modules():  # the root stays unsharded after an eval forward; state_dict would reshard it
+        if isinstance(module, FSDPModule):
+            module.reshard()
+    whole: dict[int, nn.Parameter] = {}  # a tied parameter (embedding = head) gathered once, one object again
+    swapped = []
+    for module in model.modules():
+        for name, param in list(module._parameters.items()):
+            if not isinstance(param, DTensor):
+                continue
+            if id(param) not in whole:
+                full = param.full_tensor()  # every rank, in the same order
+                whole[id(param)] = nn.Parameter(full.cpu(), requires_grad=False) if ctx.is_main else None
+            if ctx.is_main:
+                swapped.append((module, name, param))
+                module._parameters[name] = whole[id(param)]
+    try:
+        yield
+    finally:
+        for module, name, param in swapped:
+            module._parameters[name] = param

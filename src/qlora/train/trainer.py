@@ -57,7 +57,7 @@ from qlora.nn import Experts4bit, expert_weight_names
 from qlora.optim import create_optimizer, lora_plus_param_groups, make_scheduler
 from qlora.output_folder import check_output, clear_owned, record, staged_output
 from qlora.train.config import TrainConfig, parse_pattern, parse_schedule_kwargs, target_module_names
-from qlora.train.distributed import DistContext, all_reduce_grads, shard_fsdp, wrap_ddp
+from qlora.train.distributed import DistContext, all_reduce_grads, gathered_parameters, shard_fsdp, wrap_ddp
 from qlora.train.data import (
     IGNORE_INDEX, attention_windows, check_packing_supported, count_trainable_tokens, normalize, pack_examples,
     fallback_note, own_template, packed_collate, pad_collate, pad_token_id, resolve_chat_format, shuffled_indices,
@@ -995,6 +995,14 @@ class Trainer:
         """The adapter (PEFT format) and tokenizer at the top of --output; with --init loftq
         also its 4-bit base in ``loftq-base/`` (``load_model`` it, then ``load_adapter``); with
         --init pissa/olora the adapter converted to LoRA on the original model (``save_adapter``)."""
+        if self.config.init == "loftq":  # its base is written whole: under FSDP every rank sends its shards
+            with gathered_parameters(self.model, self.dist):
+                self._write_final()
+        else:
+            self._write_final()
+
+    def _write_final(self) -> None:
+        """Rank 0's part of :meth:`save_final`."""
         from qlora.model.adapter_io import save_adapter
 
         if not self.dist.is_main:
