@@ -259,3 +259,23 @@ def test_ranks_stop_and_save_when_the_launcher_is_killed(tmp_path, tiny_model_di
             os.kill(pid, signal.SIGKILL)
     assert list((out / "checkpoints").glob("step-*")), (tmp_path / "log").read_text()[-3000:]
 
+
+def test_fsdp_finds_the_blocks_of_a_model_that_names_none():
+    """BioGPT has no ``_no_split_modules``: its blocks are the items of its list of layers (an MoE layer's inner
+    lists stay inside their block); a model without a list of blocks is refused as bad input."""
+    from transformers import BioGptConfig, BioGptForCausalLM, Qwen2MoeConfig, Qwen2MoeForCausalLM
+
+    from qlora.errors import UsageError
+    from qlora.train.distributed import decoder_layers
+
+    model = BioGptForCausalLM(BioGptConfig(vocab_size=64, hidden_size=16, num_hidden_layers=3, num_attention_heads=2,
+                                           intermediate_size=32))
+    assert not getattr(model, "_no_split_modules", None)
+    assert decoder_layers(model) == list(model.biogpt.layers)
+    moe = Qwen2MoeForCausalLM(Qwen2MoeConfig(vocab_size=64, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                                             num_key_value_heads=2, intermediate_size=32, moe_intermediate_size=8,
+                                             shared_expert_intermediate_size=8, num_experts=4, num_experts_per_tok=2))
+    moe._no_split_modules = None
+    assert decoder_layers(moe) == list(moe.model.layers)
+    with pytest.raises(UsageError, match="--fsdp: Sequential has no repeated blocks"):
+        decoder_layers(torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.ReLU()))

@@ -125,12 +125,22 @@ def wrap_ddp(model: nn.Module, ctx: DistContext) -> nn.Module:
 
 
 def decoder_layers(model: nn.Module) -> list[nn.Module]:
-    """The repeated blocks (transformers names their classes in ``_no_split_modules``)."""
+    """The repeated blocks: the classes transformers names in ``_no_split_modules``, or for a model that names
+    none (BioGPT, Blenderbot, RoBERTa, ...) the items of its outermost module lists of one class."""
     names = set(getattr(model, "_no_split_modules", None) or ())
     layers = [m for m in model.modules() if type(m).__name__ in names]
+    if layers:
+        return layers
+    inside: set[int] = set()  # modules within a block already found (an MoE layer's list of experts)
+    for module in model.modules():
+        if id(module) in inside or not isinstance(module, nn.ModuleList) or len(module) == 0:
+            continue
+        if len({type(m) for m in module}) == 1:
+            layers.extend(module)
+            inside.update(id(m) for block in module for m in block.modules())
     if not layers:
-        raise ValueError(f"{type(model).__name__} names no decoder layer class (_no_split_modules); "
-                         "--fsdp cannot tell where to shard")
+        raise UsageError(f"--fsdp: {type(model).__name__} has no repeated blocks to shard (no _no_split_modules, "
+                         "no list of layers of one class); train it without --fsdp (DDP replicas).")
     return layers
 
 
