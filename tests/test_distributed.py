@@ -140,19 +140,25 @@ def test_one_process_checkpoint_resumes_in_two_ranks(runs, tiny_model_dir):
 
 def test_a_rank_without_units_in_an_epochs_short_step_runs_a_stand_in(tmp_path, tiny_model_dir):
     """5 examples, 3 epochs: 2 steps an epoch (4 examples, then 1: rank 0 trains it, rank 1 a stand-in), 6 in all
-    (a stream of epochs would have made ceil(15 / 4) = 4), equal to one process."""
+    (a stream of epochs would have made ceil(15 / 4) = 4), equal to one process. Under FSDP2 with AdaLoRA: its
+    orthogonality penalty depends on the adapters alone, so it counts once per step whatever the ranks (added to
+    each rank's summed gradient, not summed over the ranks: that doubled it, and the importance-based ranks
+    pruned to then differed), and it is in the logged loss once."""
     data = tmp_path / "d.jsonl"
     data.write_text("".join(json.dumps({"instruction": q, "input": "", "output": a}) + "\n" for q, a in QA[:5]))
-    ref, out = tmp_path / "single", tmp_path / "ddp"
+    ref, out = tmp_path / "single", tmp_path / "fsdp"
 
     def options(run: Path) -> dict:
-        opts = {**_options(tiny_model_dir, data, run), "max_steps": 0, "epochs": 3}
+        opts = {**_options(tiny_model_dir, data, run), "max_steps": 0, "epochs": 3, "init": "kaiming",
+                "adalora": True, "adalora_tinit": 1, "adalora_tfinal": 1, "adalora_delta_t": 1}
         del opts["eval_data"], opts["eval_steps"]  # the fixture's eval file is not in this folder
         return opts
 
     _single(options(ref))
-    _two_ranks(options(out))
+    _two_ranks(options(out), "--fsdp")
     _assert_same_run(out, ref)
+    pattern = json.loads((out / "adapter_config.json").read_text())["rank_pattern"]
+    assert pattern and any(not all(kept) for kept in pattern.values())  # ranks were pruned
 
 
 @pytest.mark.slow

@@ -767,13 +767,17 @@ class Trainer:
                 (self.scaler.scale(loss) if self.scaler else loss).backward()
             total += loss.item()
             stats = {k: stats.get(k, 0.0) + v for k, v in sums.items()}
-        if self.adapter_hooks is not None:  # once per optimizer step, whatever grad_accum is
-            extra = self.adapter_hooks.extra_loss()
-            (self.scaler.scale(extra) if self.scaler else extra).backward()
-            total += extra.item()
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
         if self.config.fsdp:
             all_reduce_grads(params, self.dist)
+        penalty = 0.0
+        if self.adapter_hooks is not None:
+            # Once per optimizer step, whatever grad_accum is, and once whatever the ranks: it depends on the
+            # adapters alone (the same on every rank), so each rank adds its gradient after the sum over ranks
+            # (DDP's all-reduce ran with the last micro-batch's backward) and it is not part of the summed loss.
+            extra = self.adapter_hooks.extra_loss()
+            (self.scaler.scale(extra) if self.scaler else extra).backward()
+            penalty = extra.item()
         if self.scaler:
             self.scaler.unscale_(self.optimizer)
         if self.step == 0:
@@ -795,6 +799,7 @@ class Trainer:
         tokens = sum(b["input_ids"].numel() for b in batches if "stand_in" not in b)
         sums = torch.tensor([total, tokens], dtype=torch.float64, device=self.device)
         total, n_tokens = self.dist.all_reduce_sum(sums).tolist()
+        total += penalty
         self.losses.append(total)
         elapsed = time.perf_counter() - start
         return {"split": "train", "step": self.step + 1, "loss": total, **self._step_metrics(stats), "lr": lr,
