@@ -50,12 +50,12 @@ def _single(opts: dict, **kw) -> None:
     Trainer(load_config(None, {**opts, "grad_accum": 2, **kw})).run()
 
 
-def _two_ranks(opts: dict, *flags: str) -> None:
+def _two_ranks(opts: dict, *flags: str) -> str:
     argv = ["train", "--nproc", "2", *flags]
     for key, value in opts.items():
         flag = "--" + key.replace("_", "-")
         argv += [flag] if value is True else [f"--no-{flag[2:]}"] if value is False else [flag, str(value)]
-    run_qlora(argv)
+    return run_qlora(argv)
 
 
 
@@ -132,10 +132,14 @@ def test_two_rank_checkpoint_resumes_in_one_process(runs, tiny_model_dir):
 
 
 def test_one_process_checkpoint_resumes_in_two_ranks(runs, tiny_model_dir):
+    """The checkpoint is made to look older (no schedule settings recorded): the ranks' warning is said once."""
     out = runs["root"] / "1-then-ddp"
     _cut_after_first_checkpoint(runs["single"], out)
-    _two_ranks({**_options(tiny_model_dir, runs["data"], out), "resume": True})
+    saved = out / "checkpoints" / "step-0000003" / "run_config.json"
+    saved.write_text(json.dumps({k: v for k, v in json.loads(saved.read_text()).items() if k != "lr_scheduler_kwargs"}))
+    stderr = _two_ranks({**_options(tiny_model_dir, runs["data"], out), "resume": True})
     _assert_same_run(out, runs["single"])
+    assert stderr.count("was written by an older qlora, whose warmup") == 1, stderr[-3000:]
 
 
 def test_a_rank_without_units_in_an_epochs_short_step_runs_a_stand_in(tmp_path, tiny_model_dir):

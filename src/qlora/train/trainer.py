@@ -266,6 +266,8 @@ class Trainer:
         self.config = config
         self.out = Path(config.output)
         self.dist = DistContext.from_env()
+        if not self.dist.is_main:  # every rank would say the same: rank 0 alone warns, as it alone logs
+            logging.getLogger("qlora").setLevel(logging.ERROR)
         self.device = self.dist.device()
         self.dtype = compute_dtype_for(config.precision, self.device)
         self.step = 0
