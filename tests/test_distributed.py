@@ -289,3 +289,48 @@ def test_fsdp_finds_the_blocks_of_a_model_that_names_none():
     assert decoder_layers(moe) == list(moe.model.layers)
     with pytest.raises(UsageError, match="--fsdp: Sequential has no repeated blocks"):
         decoder_layers(torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.ReLU()))
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads the process table in /proc (Linux)")
+def test_a_killed_rank_ends_the_run_with_one_message_each_and_complete_checkpoints(tmp_path, tiny_model_dir):
+    """SIGKILL to rank 0 once it checkpoints: the run exits 1 naming it, without a traceback; rank 1, whose
+    collectives fail (unless the launcher stops it first), says in one paragraph which checkpoint to resume from;
+    every checkpoint left is complete (one being written is a hidden temporary folder, never the newest)."""
+    import re
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from qlora_processes import SRC
+
+    from qlora.train.trainer import list_checkpoints
+
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"instruction": q, "input": "", "output": a}) + "\n" for q, a in QA))
+    out = tmp_path / "out"
+    argv = [sys.executable, "-m", "qlora", "train", "--nproc", "2", "--model", str(tiny_model_dir), "--data",
+            str(data), "--output", str(out), "--batch-size", "1", "--max-steps", "100000", "--seq-len", "32",
+            "--save-steps", "2", "--no-progress"]
+    env = {**os.environ, "PYTHONPATH": str(SRC), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    launcher = subprocess.Popen(argv, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 240
+        while not list_checkpoints(out):
+            assert launcher.poll() is None and time.monotonic() < deadline, launcher.stderr.read()[-3000:]
+            time.sleep(0.2)
+        ranks = {int(dict(e.split("=", 1) for e in Path(f"/proc/{pid}/environ").read_text().split("\0")
+                          if "=" in e)["RANK"]): pid for pid in _children(launcher.pid)}
+        os.kill(ranks[0], signal.SIGKILL)
+        _, stderr = launcher.communicate(timeout=120)
+    finally:
+        os.killpg(launcher.pid, signal.SIGKILL) if launcher.poll() is None else None
+    assert launcher.returncode == 1, stderr[-3000:]
+    assert "Traceback" not in stderr and stderr.count("rank 0 of the run stopped with signal 9") == 1, stderr[-3000:]
+    lost = re.findall(r"rank 1 lost contact with the other ranks after step \d+: .*", stderr)
+    assert len(lost) == stderr.count("lost contact") <= 1, stderr[-3000:]
+    checkpoints = list_checkpoints(out)
+    assert sorted(p.name for p in (out / "checkpoints").glob("step-*")) == [p.name for p in checkpoints]
+    if lost:
+        assert f"The last complete checkpoint is {checkpoints[-1]}: run the same command with --resume" in lost[0]

@@ -88,12 +88,23 @@ class DistContext:
         parts[self.rank] = values
         return torch.cat(parts)
 
-    def shutdown(self) -> None:
-        """Leave the group only once every rank is done: a rank that tears its
-        group down while another still talks to it can abort the process."""
+    def shutdown(self, wait: bool = True) -> None:
+        """Leave the group only once every rank is done (``wait``): a rank that tears its group down while another
+        still talks to it can abort the process. Not waiting is for a group another rank has left for good."""
         if self.enabled and dist.is_initialized():
-            dist.barrier()
+            if wait:
+                dist.barrier()
             dist.destroy_process_group()
+
+
+class RankLost(RuntimeError):
+    """A collective of this rank failed because another rank stopped (killed, out of memory, failed)."""
+
+
+def is_rank_lost(exc: BaseException) -> bool:
+    """Whether ``exc`` is a failed collective: torch's ``DistError`` (NCCL, the store), or gloo's transport errors,
+    which reach Python as plain RuntimeErrors naming gloo ("Connection closed by peer")."""
+    return isinstance(exc, dist.DistError) or (isinstance(exc, RuntimeError) and "/gloo/" in str(exc))
 
 
 def _sum_hook(group: dist.ProcessGroup | None, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:

@@ -57,7 +57,8 @@ from qlora.nn import Experts4bit, expert_weight_names
 from qlora.optim import create_optimizer, lora_plus_param_groups, make_scheduler
 from qlora.output_folder import check_output, clear_owned, record, staged_output
 from qlora.train.config import TrainConfig, parse_pattern, parse_schedule_kwargs, target_module_names
-from qlora.train.distributed import DistContext, all_reduce_grads, gathered_parameters, shard_fsdp, wrap_ddp
+from qlora.train.distributed import (DistContext, RankLost, all_reduce_grads, gathered_parameters, is_rank_lost,
+                                     shard_fsdp, wrap_ddp)
 from qlora.train.data import (
     IGNORE_INDEX, attention_windows, check_packing_supported, count_trainable_tokens, normalize, pack_examples,
     fallback_note, own_template, packed_collate, pad_collate, pad_token_id, resolve_chat_format, shuffled_indices,
@@ -1038,20 +1039,36 @@ class Trainer:
 
         (self.out / "config.yaml").write_text(yaml.safe_dump(self.config.to_dict(), sort_keys=False))
 
-    def cleanup(self) -> None:
-        """Close the metric writers and draw loss.png."""
+    def cleanup(self, wait_for_ranks: bool = True) -> None:
+        """Close the metric writers and draw loss.png; leave the process group (see DistContext.shutdown)."""
         if hasattr(self, "metrics"):
             self.metrics.close()
-        self.dist.shutdown()
+        self.dist.shutdown(wait_for_ranks)
 
     def run(self) -> list[float]:
-        """setup -> train -> save -> cleanup; returns the loss of every step of this process."""
+        """setup -> train -> save -> cleanup; returns the loss of every step of this process.
+
+        Raises:
+            RankLost: another rank stopped mid-run (its collectives fail here); the message names the last
+                complete checkpoint, from which ``--resume`` continues.
+        """
+        lost = False
         try:
             self.setup()
             self.train()
             self.save_final()
+        except RuntimeError as exc:
+            lost = self.dist.enabled and is_rank_lost(exc)
+            if not lost:
+                raise
+            last = list_checkpoints(self.out)
+            kept = (f"the last complete checkpoint is {last[-1]}: run the same command with --resume to continue "
+                    "from it" if last else "no checkpoint was written yet")
+            raise RankLost(f"rank {self.dist.rank} lost contact with the other ranks after step {self.step}: another "
+                           "rank stopped (killed, out of memory, or failed; the launcher names it). "
+                           f"{kept[0].upper()}{kept[1:]}.") from None
         finally:
-            self.cleanup()
+            self.cleanup(wait_for_ranks=not lost)
         return self.losses
 
 
