@@ -131,6 +131,16 @@ def test_two_rank_checkpoint_resumes_in_one_process(runs, tiny_model_dir):
     _assert_same_run(out, runs["single"])
 
 
+def test_a_resume_that_changes_the_global_batch_is_refused_with_the_options_that_keep_it(runs, tiny_model_dir):
+    from qlora.errors import UsageError
+
+    out = runs["root"] / "ddp-then-1-short"
+    _cut_after_first_checkpoint(runs["ddp"], out)
+    with pytest.raises(UsageError, match=r"global_batch: 4 -> 2.*--batch-size x --grad-accum x processes \(2 x 1 x 1 "
+                                         r"here\): with 1 process, resume with --batch-size 2 --grad-accum 2"):
+        Trainer(load_config(None, {**_options(tiny_model_dir, runs["data"], out), "resume": True})).run()
+
+
 def test_one_process_checkpoint_resumes_in_two_ranks(runs, tiny_model_dir):
     """The checkpoint is made to look older (no schedule settings recorded): the ranks' warning is said once."""
     out = runs["root"] / "1-then-ddp"

@@ -141,6 +141,22 @@ def _experts_hint(saved: dict, differ: list[str]) -> str:
             "false in the config file (quantize_experts: false in a qlora one) or pass --no-quantize-experts")
 
 
+def _global_batch_hint(saved: dict, differ: list[str], config: TrainConfig, world: int) -> str:
+    """For a resume refused on ``global_batch``: what makes it up, and the options that resume with this many
+    processes (checkpoints do not depend on the number of processes, only on the global batch)."""
+    if "global_batch" not in differ:
+        return ""
+    want = saved["global_batch"]
+    now = (f". The global batch is --batch-size x --grad-accum x processes ({config.batch_size} x "
+           f"{config.grad_accum} x {world} here)")
+    if want % world:
+        return f"{now}; {want} is not a multiple of {world}: resume with a number of processes that divides it"
+    per_rank = want // world
+    batch = math.gcd(per_rank, config.batch_size)
+    return (f"{now}: with {world} process{'es' if world > 1 else ''}, resume with --batch-size {batch} "
+            f"--grad-accum {per_rank // batch}")
+
+
 class Interrupted(Exception):
     """Raised after Ctrl-C / SIGTERM once the checkpoint is safely written."""
 
@@ -408,7 +424,9 @@ class Trainer:
                 shown = ", ".join(f"{k}: {was[k]} -> {current[k]!r}" for k in differ)
                 raise UsageError(f"--resume: the checkpoint in {self.out} was made with a different config ({shown}); "
                                  "resume with the original options or train into a new --output"
-                                 + _experts_hint(saved, differ) + _train_further(self.out, checkpoints[-1], differ))
+                                 + _experts_hint(saved, differ)
+                                 + _global_batch_hint(saved, differ, cfg, self.dist.world_size)
+                                 + _train_further(self.out, checkpoints[-1], differ))
             _changed_files(self.out, checkpoints[-1], saved.get("source_files", {}), current["source_files"])
             if unbounded:
                 logging.getLogger("qlora").warning(
