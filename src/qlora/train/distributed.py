@@ -212,13 +212,12 @@ def gathered_parameters(model: nn.Module, ctx: DistContext) -> Iterator[None]:
     CPU, one at a time through the accelerator), so that what reads a module's own tensors sees them whole (a
     4-bit layer's codes and constants, written as the LoftQ base). A collective: every rank enters, the others
     only to send their shards. Without FSDP (or outside torchrun) nothing changes."""
+    from torch.distributed.fsdp import FSDPModule
     from torch.distributed.tensor import DTensor
 
-    if not ctx.enabled or not any(isinstance(p, DTensor) for p in model.parameters()):
+    if not ctx.enabled or not any(isinstance(m, FSDPModule) for m in model.modules()):
         yield
         return
-    from torch.distributed.fsdp import FSDPModule
-
     for module in model.modules():  # the root stays unsharded after an eval forward; state_dict would reshard it
         if isinstance(module, FSDPModule):
             module.reshard()
