@@ -281,9 +281,9 @@ def test_ranks_stop_and_save_when_the_launcher_is_killed(tmp_path, tiny_model_di
 
 
 def test_fsdp_finds_the_blocks_of_a_model_that_names_none():
-    """BioGPT has no ``_no_split_modules``: its blocks are the items of its list of layers (an MoE layer's inner
-    lists stay inside their block); a model without a list of blocks is refused as bad input."""
-    from transformers import BioGptConfig, BioGptForCausalLM, Qwen2MoeConfig, Qwen2MoeForCausalLM
+    """BioGPT has no ``_no_split_modules``: its blocks are the items of its list of layers; lists inside a block
+    (a layer's list of experts) stay in it; a model without a list of blocks is refused as bad input."""
+    from transformers import BioGptConfig, BioGptForCausalLM
 
     from qlora.errors import UsageError
     from qlora.train.distributed import decoder_layers
@@ -292,11 +292,15 @@ def test_fsdp_finds_the_blocks_of_a_model_that_names_none():
                                            intermediate_size=32))
     assert not getattr(model, "_no_split_modules", None)
     assert decoder_layers(model) == list(model.biogpt.layers)
-    moe = Qwen2MoeForCausalLM(Qwen2MoeConfig(vocab_size=64, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
-                                             num_key_value_heads=2, intermediate_size=32, moe_intermediate_size=8,
-                                             shared_expert_intermediate_size=8, num_experts=4, num_experts_per_tok=2))
-    moe._no_split_modules = None
-    assert decoder_layers(moe) == list(moe.model.layers)
+
+    class Block(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.experts = torch.nn.ModuleList(torch.nn.Linear(4, 4) for _ in range(3))
+
+    moe = torch.nn.Module()
+    moe.layers = torch.nn.ModuleList(Block() for _ in range(2))
+    assert decoder_layers(moe) == list(moe.layers)
     with pytest.raises(UsageError, match="--fsdp: Sequential has no repeated blocks"):
         decoder_layers(torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.ReLU()))
 
