@@ -12,8 +12,9 @@ from pathlib import Path
 SRC = Path(__file__).resolve().parents[1] / "src"
 
 
-def run_qlora(args: list[str]) -> None:
-    """``python -m qlora ARGS`` with this checkout's code, one thread per process; fails the test on a non-zero exit."""
+def run_qlora(args: list[str]) -> str:
+    """``python -m qlora ARGS`` with this checkout's code, one thread per process; its stderr. Fails the test on
+    a non-zero exit."""
     env = {**os.environ, "PYTHONPATH": str(SRC), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     # its own process group: a run past the timeout is killed with its ranks, which would spin on otherwise
     with subprocess.Popen([sys.executable, "-m", "qlora", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -25,6 +26,7 @@ def run_qlora(args: list[str]) -> None:
             _, stderr = proc.communicate()
             raise AssertionError(f"qlora {' '.join(args)} ran past 300 s (killed with its ranks)\n{stderr[-3000:]}")
     assert proc.returncode == 0, stderr[-3000:]
+    return stderr
 
 
 def train_records(out: Path) -> list[dict]:

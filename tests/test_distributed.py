@@ -2,7 +2,8 @@
 
 One reference run (1 process, batch 2 x accumulation 2) is compared with
 ``qlora train --nproc 2`` (batch 2 per rank) under DDP and under FSDP2 (with
-gradient checkpointing), and checkpoints cross world sizes in both directions. Epochs end with a short step:
+gradient checkpointing), all with ``--init loftq`` (whose 4-bit base FSDP2 must write whole), and checkpoints
+cross world sizes in both directions. Epochs end with a short step:
 7 examples make steps of 4 and 3 (the ranks' shares of the short one: 2 and 1), and in a 5-example run
 (steps of 4 and 1) rank 1 has no unit in the short step and runs a stand-in that counts nothing.
 Dropout is 0 so that every run computes the same function; the logged gradient
@@ -38,7 +39,10 @@ def _options(model: Path, data: Path, out: Path) -> dict:
                 eval_data=str(data.with_name("eval.jsonl")), eval_steps=3,
                 seq_len=64, dropout=0.0, save_steps=3, save_total_limit=0, progress=False, batch_size=2,
                 # ranks > 1 use the plain loss; the one-process reference must take the same path
-                chunked_ce=False)
+                chunked_ce=False,
+                # LoftQ ships its 4-bit base, which FSDP2 holds sharded (and its root, after the final
+                # eval, unsharded): rank 0 must write it whole, the bytes of one process's
+                init="loftq")
 
 
 def _single(opts: dict, **kw) -> None:
@@ -46,12 +50,12 @@ def _single(opts: dict, **kw) -> None:
     Trainer(load_config(None, {**opts, "grad_accum": 2, **kw})).run()
 
 
-def _two_ranks(opts: dict, *flags: str) -> None:
+def _two_ranks(opts: dict, *flags: str) -> str:
     argv = ["train", "--nproc", "2", *flags]
     for key, value in opts.items():
         flag = "--" + key.replace("_", "-")
         argv += [flag] if value is True else [f"--no-{flag[2:]}"] if value is False else [flag, str(value)]
-    run_qlora(argv)
+    return run_qlora(argv)
 
 
 
@@ -97,6 +101,14 @@ def test_fsdp_two_ranks_equal_ddp(runs):
     _assert_same_run(runs["fsdp"], runs["ddp"])
 
 
+def test_fsdp_writes_the_loftq_base_of_one_process(runs):
+    want = load_file(str(runs["single"] / "loftq-base" / "model.safetensors"))
+    got = load_file(str(runs["fsdp"] / "loftq-base" / "model.safetensors"))
+    assert got.keys() == want.keys() and any(k.endswith(".weight.absmax") for k in want)
+    for key in want:
+        assert got[key].dtype == want[key].dtype and torch.equal(got[key], want[key]), key
+
+
 def test_ranks_share_the_evaluation_and_report_one_process_loss(runs):
     """Each rank evaluates every other eval batch (FSDP: every rank runs as many forwards); the summed loss is
     the one process's."""
@@ -119,28 +131,48 @@ def test_two_rank_checkpoint_resumes_in_one_process(runs, tiny_model_dir):
     _assert_same_run(out, runs["single"])
 
 
+def test_a_resume_that_changes_the_global_batch_is_refused_with_the_options_that_keep_it(runs, tiny_model_dir):
+    from qlora.errors import UsageError
+
+    out = runs["root"] / "ddp-then-1-short"
+    _cut_after_first_checkpoint(runs["ddp"], out)
+    with pytest.raises(UsageError, match=r"global_batch: 4 -> 2.*--batch-size x --grad-accum x processes \(2 x 1 x 1 "
+                                         r"here\): with 1 process, resume with --batch-size 2 --grad-accum 2"):
+        Trainer(load_config(None, {**_options(tiny_model_dir, runs["data"], out), "resume": True})).run()
+
+
 def test_one_process_checkpoint_resumes_in_two_ranks(runs, tiny_model_dir):
+    """The checkpoint is made to look older (no schedule settings recorded): the ranks' warning is said once."""
     out = runs["root"] / "1-then-ddp"
     _cut_after_first_checkpoint(runs["single"], out)
-    _two_ranks({**_options(tiny_model_dir, runs["data"], out), "resume": True})
+    saved = out / "checkpoints" / "step-0000003" / "run_config.json"
+    saved.write_text(json.dumps({k: v for k, v in json.loads(saved.read_text()).items() if k != "lr_scheduler_kwargs"}))
+    stderr = _two_ranks({**_options(tiny_model_dir, runs["data"], out), "resume": True})
     _assert_same_run(out, runs["single"])
+    assert stderr.count("was written by an older qlora, whose warmup") == 1, stderr[-3000:]
 
 
 def test_a_rank_without_units_in_an_epochs_short_step_runs_a_stand_in(tmp_path, tiny_model_dir):
     """5 examples, 3 epochs: 2 steps an epoch (4 examples, then 1: rank 0 trains it, rank 1 a stand-in), 6 in all
-    (a stream of epochs would have made ceil(15 / 4) = 4), equal to one process."""
+    (a stream of epochs would have made ceil(15 / 4) = 4), equal to one process. Under FSDP2 with AdaLoRA: its
+    orthogonality penalty depends on the adapters alone, so it counts once per step whatever the ranks (added to
+    each rank's summed gradient, not summed over the ranks: that doubled it, and the importance-based ranks
+    pruned to then differed), and it is in the logged loss once."""
     data = tmp_path / "d.jsonl"
     data.write_text("".join(json.dumps({"instruction": q, "input": "", "output": a}) + "\n" for q, a in QA[:5]))
-    ref, out = tmp_path / "single", tmp_path / "ddp"
+    ref, out = tmp_path / "single", tmp_path / "fsdp"
 
     def options(run: Path) -> dict:
-        opts = {**_options(tiny_model_dir, data, run), "max_steps": 0, "epochs": 3}
+        opts = {**_options(tiny_model_dir, data, run), "max_steps": 0, "epochs": 3, "init": "kaiming",
+                "adalora": True, "adalora_tinit": 1, "adalora_tfinal": 1, "adalora_delta_t": 1}
         del opts["eval_data"], opts["eval_steps"]  # the fixture's eval file is not in this folder
         return opts
 
     _single(options(ref))
-    _two_ranks(options(out))
+    _two_ranks(options(out), "--fsdp")
     _assert_same_run(out, ref)
+    pattern = json.loads((out / "adapter_config.json").read_text())["rank_pattern"]
+    assert pattern and any(not all(kept) for kept in pattern.values())  # ranks were pruned
 
 
 @pytest.mark.slow
@@ -246,3 +278,73 @@ def test_ranks_stop_and_save_when_the_launcher_is_killed(tmp_path, tiny_model_di
         for pid in _children(launcher.pid):
             os.kill(pid, signal.SIGKILL)
     assert list((out / "checkpoints").glob("step-*")), (tmp_path / "log").read_text()[-3000:]
+
+
+def test_fsdp_finds_the_blocks_of_a_model_that_names_none():
+    """BioGPT has no ``_no_split_modules``: its blocks are the items of its list of layers; lists inside a block
+    (a layer's list of experts) stay in it; a model without a list of blocks is refused as bad input."""
+    from transformers import BioGptConfig, BioGptForCausalLM
+
+    from qlora.errors import UsageError
+    from qlora.train.distributed import decoder_layers
+
+    model = BioGptForCausalLM(BioGptConfig(vocab_size=64, hidden_size=16, num_hidden_layers=3, num_attention_heads=2,
+                                           intermediate_size=32))
+    assert not getattr(model, "_no_split_modules", None)
+    assert decoder_layers(model) == list(model.biogpt.layers)
+
+    class Block(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.experts = torch.nn.ModuleList(torch.nn.Linear(4, 4) for _ in range(3))
+
+    moe = torch.nn.Module()
+    moe.layers = torch.nn.ModuleList(Block() for _ in range(2))
+    assert decoder_layers(moe) == list(moe.layers)
+    with pytest.raises(UsageError, match="--fsdp: Sequential has no repeated blocks"):
+        decoder_layers(torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.ReLU()))
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads the process table in /proc (Linux)")
+def test_a_killed_rank_ends_the_run_with_one_message_each_and_complete_checkpoints(tmp_path, tiny_model_dir):
+    """SIGKILL to rank 0 once it checkpoints: the run exits 1 naming it, without a traceback; rank 1, whose
+    collectives fail (unless the launcher stops it first), says in one paragraph which checkpoint to resume from;
+    every checkpoint left is complete (one being written is a hidden temporary folder, never the newest)."""
+    import re
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from qlora_processes import SRC
+
+    from qlora.train.trainer import list_checkpoints
+
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"instruction": q, "input": "", "output": a}) + "\n" for q, a in QA))
+    out = tmp_path / "out"
+    argv = [sys.executable, "-m", "qlora", "train", "--nproc", "2", "--model", str(tiny_model_dir), "--data",
+            str(data), "--output", str(out), "--batch-size", "1", "--max-steps", "100000", "--seq-len", "32",
+            "--save-steps", "2", "--no-progress"]
+    env = {**os.environ, "PYTHONPATH": str(SRC), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    launcher = subprocess.Popen(argv, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 240
+        while not list_checkpoints(out):
+            assert launcher.poll() is None and time.monotonic() < deadline, launcher.stderr.read()[-3000:]
+            time.sleep(0.2)
+        ranks = {int(dict(e.split("=", 1) for e in Path(f"/proc/{pid}/environ").read_text().split("\0")
+                          if "=" in e)["RANK"]): pid for pid in _children(launcher.pid)}
+        os.kill(ranks[0], signal.SIGKILL)
+        _, stderr = launcher.communicate(timeout=120)
+    finally:
+        os.killpg(launcher.pid, signal.SIGKILL) if launcher.poll() is None else None
+    assert launcher.returncode == 1, stderr[-3000:]
+    assert "Traceback" not in stderr and stderr.count("rank 0 of the run stopped with signal 9") == 1, stderr[-3000:]
+    lost = re.findall(r"rank 1 lost contact with the other ranks after step \d+: .*", stderr)
+    assert len(lost) == stderr.count("lost contact") <= 1, stderr[-3000:]
+    checkpoints = list_checkpoints(out)
+    assert sorted(p.name for p in (out / "checkpoints").glob("step-*")) == [p.name for p in checkpoints]
+    if lost:
+        assert f"The last complete checkpoint is {checkpoints[-1]}: run the same command with --resume" in lost[0]

@@ -74,9 +74,11 @@ def _report(exc, errors: Path, command: str) -> int:
     for message in messages:
         print(message, end="", file=sys.stderr)
     code = failure.exitcode
-    if not messages and code != 130:  # 130: the ranks were interrupted and said so
+    # the rank that failed first, if it said nothing (killed): named too, after the others' messages (lost contact)
+    if not (errors / f"rank-{rank}.txt").exists() and code != 130:  # 130: the ranks were interrupted and said so
+        said_by = "its output, if any, is above" if not messages else "the other ranks' messages are above"
         print(f"qlora {command}: error: rank {rank} of the run stopped with "
-              f"{'signal ' + str(-code) if code < 0 else 'exit status ' + str(code)}; its output is above.",
+              f"{'signal ' + str(-code) if code < 0 else 'exit status ' + str(code)}; {said_by}.",
               file=sys.stderr)
     return code if code > 0 else 1
 

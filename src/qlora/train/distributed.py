@@ -15,6 +15,8 @@ choices that keep runs equivalent to one process with the same global batch:
 
 import inspect
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -86,12 +88,23 @@ class DistContext:
         parts[self.rank] = values
         return torch.cat(parts)
 
-    def shutdown(self) -> None:
-        """Leave the group only once every rank is done: a rank that tears its
-        group down while another still talks to it can abort the process."""
+    def shutdown(self, wait: bool = True) -> None:
+        """Leave the group only once every rank is done (``wait``): a rank that tears its group down while another
+        still talks to it can abort the process. Not waiting is for a group another rank has left for good."""
         if self.enabled and dist.is_initialized():
-            dist.barrier()
+            if wait:
+                dist.barrier()
             dist.destroy_process_group()
+
+
+class RankLost(RuntimeError):
+    """A collective of this rank failed because another rank stopped (killed, out of memory, failed)."""
+
+
+def is_rank_lost(exc: BaseException) -> bool:
+    """Whether ``exc`` is a failed collective: torch's ``DistError`` (NCCL, the store), or gloo's transport errors,
+    which reach Python as plain RuntimeErrors naming gloo ("Connection closed by peer")."""
+    return isinstance(exc, dist.DistError) or (isinstance(exc, RuntimeError) and "/gloo/" in str(exc))
 
 
 def _sum_hook(group: dist.ProcessGroup | None, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
@@ -123,12 +136,22 @@ def wrap_ddp(model: nn.Module, ctx: DistContext) -> nn.Module:
 
 
 def decoder_layers(model: nn.Module) -> list[nn.Module]:
-    """The repeated blocks (transformers names their classes in ``_no_split_modules``)."""
+    """The repeated blocks: the classes transformers names in ``_no_split_modules``, or for a model that names
+    none (BioGPT, Blenderbot, RoBERTa, ...) the items of its outermost module lists of one class."""
     names = set(getattr(model, "_no_split_modules", None) or ())
     layers = [m for m in model.modules() if type(m).__name__ in names]
+    if layers:
+        return layers
+    inside: set[int] = set()  # modules within a block already found (an MoE layer's list of experts)
+    for module in model.modules():
+        if id(module) in inside or not isinstance(module, nn.ModuleList) or len(module) == 0:
+            continue
+        if len({type(m) for m in module}) == 1:
+            layers.extend(module)
+            inside.update(id(m) for block in module for m in block.modules())
     if not layers:
-        raise ValueError(f"{type(model).__name__} names no decoder layer class (_no_split_modules); "
-                         "--fsdp cannot tell where to shard")
+        raise UsageError(f"--fsdp: {type(model).__name__} has no repeated blocks to shard (no _no_split_modules, "
+                         "no list of layers of one class); train it without --fsdp (DDP replicas).")
     return layers
 
 
@@ -181,3 +204,37 @@ def all_reduce_grads(params: list[nn.Parameter], ctx: DistContext) -> None:
     dist.all_reduce(flat, op=dist.ReduceOp.SUM)
     for g, part in zip(grads, flat.split([g.numel() for g in grads])):
         g.copy_(part.view_as(g))
+
+
+@contextmanager
+def gathered_parameters(model: nn.Module, ctx: DistContext) -> Iterator[None]:
+    """Under FSDP2, for the length of the block: on rank 0 every sharded parameter of ``model`` whole (on the
+    CPU, one at a time through the accelerator), so that what reads a module's own tensors sees them whole (a
+    4-bit layer's codes and constants, written as the LoftQ base). A collective: every rank enters, the others
+    only to send their shards. Without FSDP (or outside torchrun) nothing changes."""
+    from torch.distributed.fsdp import FSDPModule
+    from torch.distributed.tensor import DTensor
+
+    if not ctx.enabled or not any(isinstance(m, FSDPModule) for m in model.modules()):
+        yield
+        return
+    for module in model.modules():  # the root stays unsharded after an eval forward; state_dict would reshard it
+        if isinstance(module, FSDPModule):
+            module.reshard()
+    whole: dict[int, nn.Parameter] = {}  # a tied parameter (embedding = head) gathered once, one object again
+    swapped = []
+    for module in model.modules():
+        for name, param in list(module._parameters.items()):
+            if not isinstance(param, DTensor):
+                continue
+            if id(param) not in whole:
+                full = param.full_tensor()  # every rank, in the same order
+                whole[id(param)] = nn.Parameter(full.cpu(), requires_grad=False) if ctx.is_main else None
+            if ctx.is_main:
+                swapped.append((module, name, param))
+                module._parameters[name] = whole[id(param)]
+    try:
+        yield
+    finally:
+        for module, name, param in swapped:
+            module._parameters[name] = param

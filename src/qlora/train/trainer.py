@@ -58,7 +58,8 @@ from qlora.nn import Experts4bit, expert_weight_names
 from qlora.optim import create_optimizer, lora_plus_param_groups, make_scheduler
 from qlora.output_folder import check_output, clear_owned, record, staged_output
 from qlora.train.config import TrainConfig, parse_pattern, parse_schedule_kwargs, target_module_names
-from qlora.train.distributed import DistContext, all_reduce_grads, shard_fsdp, wrap_ddp
+from qlora.train.distributed import (DistContext, RankLost, all_reduce_grads, gathered_parameters, is_rank_lost,
+                                     shard_fsdp, wrap_ddp)
 from qlora.train.data import (
     IGNORE_INDEX, attention_windows, check_packing_supported, count_trainable_tokens, normalize, pack_examples,
     fallback_note, own_template, packed_collate, pad_collate, pad_token_id, resolve_chat_format, shuffled_indices,
@@ -139,6 +140,22 @@ def _experts_hint(saved: dict, differ: list[str]) -> str:
                 "to the config file (quantize_experts: true in a qlora one) or pass --quantize-experts")
     return (". The checkpoint's base keeps its MoE experts 16-bit: to resume with them, set quantize_moe_experts: "
             "false in the config file (quantize_experts: false in a qlora one) or pass --no-quantize-experts")
+
+
+def _global_batch_hint(saved: dict, differ: list[str], config: TrainConfig, world: int) -> str:
+    """For a resume refused on ``global_batch``: what makes it up, and the options that resume with this many
+    processes (checkpoints do not depend on the number of processes, only on the global batch)."""
+    if "global_batch" not in differ:
+        return ""
+    want = saved["global_batch"]
+    now = (f". The global batch is --batch-size x --grad-accum x processes ({config.batch_size} x "
+           f"{config.grad_accum} x {world} here)")
+    if want % world:
+        return f"{now}; {want} is not a multiple of {world}: resume with a number of processes that divides it"
+    per_rank = want // world
+    batch = math.gcd(per_rank, config.batch_size)
+    return (f"{now}: with {world} process{'es' if world > 1 else ''}, resume with --batch-size {batch} "
+            f"--grad-accum {per_rank // batch}")
 
 
 class Interrupted(Exception):
@@ -267,6 +284,8 @@ class Trainer:
         self.config = config
         self.out = Path(config.output)
         self.dist = DistContext.from_env()
+        if not self.dist.is_main:  # every rank would say the same: rank 0 alone warns, as it alone logs
+            logging.getLogger("qlora").setLevel(logging.ERROR)
         self.device = self.dist.device()
         self.dtype = compute_dtype_for(config.precision, self.device)
         self.step = 0
@@ -408,7 +427,9 @@ class Trainer:
                 shown = ", ".join(f"{k}: {was[k]} -> {current[k]!r}" for k in differ)
                 raise UsageError(f"--resume: the checkpoint in {self.out} was made with a different config ({shown}); "
                                  "resume with the original options or train into a new --output"
-                                 + _experts_hint(saved, differ) + _train_further(self.out, checkpoints[-1], differ))
+                                 + _experts_hint(saved, differ)
+                                 + _global_batch_hint(saved, differ, cfg, self.dist.world_size)
+                                 + _train_further(self.out, checkpoints[-1], differ))
             _changed_files(self.out, checkpoints[-1], saved.get("source_files", {}), current["source_files"])
             if unbounded:
                 logging.getLogger("qlora").warning(
@@ -774,13 +795,17 @@ class Trainer:
                 (self.scaler.scale(loss) if self.scaler else loss).backward()
             total += loss.item()
             stats = {k: stats.get(k, 0.0) + v for k, v in sums.items()}
-        if self.adapter_hooks is not None:  # once per optimizer step, whatever grad_accum is
-            extra = self.adapter_hooks.extra_loss()
-            (self.scaler.scale(extra) if self.scaler else extra).backward()
-            total += extra.item()
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
         if self.config.fsdp:
             all_reduce_grads(params, self.dist)
+        penalty = 0.0
+        if self.adapter_hooks is not None:
+            # Once per optimizer step, whatever grad_accum is, and once whatever the ranks: it depends on the
+            # adapters alone (the same on every rank), so each rank adds its gradient after the sum over ranks
+            # (DDP's all-reduce ran with the last micro-batch's backward) and it is not part of the summed loss.
+            extra = self.adapter_hooks.extra_loss()
+            (self.scaler.scale(extra) if self.scaler else extra).backward()
+            penalty = extra.item()
         if self.scaler:
             self.scaler.unscale_(self.optimizer)
         if self.step == 0:
@@ -802,6 +827,7 @@ class Trainer:
         tokens = sum(b["input_ids"].numel() for b in batches if "stand_in" not in b)
         sums = torch.tensor([total, tokens], dtype=torch.float64, device=self.device)
         total, n_tokens = self.dist.all_reduce_sum(sums).tolist()
+        total += penalty
         self.losses.append(total)
         elapsed = time.perf_counter() - start
         return {"split": "train", "step": self.step + 1, "loss": total, **self._step_metrics(stats), "lr": lr,
@@ -1002,6 +1028,14 @@ class Trainer:
         """The adapter (PEFT format) and tokenizer at the top of --output; with --init loftq
         also its 4-bit base in ``loftq-base/`` (``load_model`` it, then ``load_adapter``); with
         --init pissa/olora the adapter converted to LoRA on the original model (``save_adapter``)."""
+        if self.config.init == "loftq":  # its base is written whole: under FSDP every rank sends its shards
+            with gathered_parameters(self.model, self.dist):
+                self._write_final()
+        else:
+            self._write_final()
+
+    def _write_final(self) -> None:
+        """Rank 0's part of :meth:`save_final`."""
         from qlora.model.adapter_io import save_adapter
 
         if not self.dist.is_main:
@@ -1030,20 +1064,36 @@ class Trainer:
 
         (self.out / "config.yaml").write_text(yaml.safe_dump(self.config.to_dict(), sort_keys=False))
 
-    def cleanup(self) -> None:
-        """Close the metric writers and draw loss.png."""
+    def cleanup(self, wait_for_ranks: bool = True) -> None:
+        """Close the metric writers and draw loss.png; leave the process group (see DistContext.shutdown)."""
         if hasattr(self, "metrics"):
             self.metrics.close()
-        self.dist.shutdown()
+        self.dist.shutdown(wait_for_ranks)
 
     def run(self) -> list[float]:
-        """setup -> train -> save -> cleanup; returns the loss of every step of this process."""
+        """setup -> train -> save -> cleanup; returns the loss of every step of this process.
+
+        Raises:
+            RankLost: another rank stopped mid-run (its collectives fail here); the message names the last
+                complete checkpoint, from which ``--resume`` continues.
+        """
+        lost = False
         try:
             self.setup()
             self.train()
             self.save_final()
+        except RuntimeError as exc:
+            lost = self.dist.enabled and is_rank_lost(exc)
+            if not lost:
+                raise
+            last = list_checkpoints(self.out)
+            kept = (f"the last complete checkpoint is {last[-1]}: run the same command with --resume to continue "
+                    "from it" if last else "no checkpoint was written yet")
+            raise RankLost(f"rank {self.dist.rank} lost contact with the other ranks after step {self.step}: another "
+                           "rank stopped (killed, out of memory, or failed; the launcher names it). "
+                           f"{kept[0].upper()}{kept[1:]}.") from None
         finally:
-            self.cleanup()
+            self.cleanup(wait_for_ranks=not lost)
         return self.losses
 
 

@@ -83,7 +83,9 @@ def run(args: argparse.Namespace) -> int:
             fsdp2_api()
 
         return launch(args.nproc, rank_argv(args), "train")
+    from ...train.distributed import RankLost
     from ...train.trainer import Interrupted, Trainer  # torch: not imported for the options' errors
+    from ..launch import report_error
 
     trainer = Trainer(config)
     try:
@@ -92,6 +94,9 @@ def run(args: argparse.Namespace) -> int:
         if trainer.dist.is_main:  # every rank stopped at the same step
             print(f"qlora train: {exc}")
         return 130
+    except RankLost as exc:  # the environment, not the input (a rank killed): status 1
+        report_error(f"qlora train: error: {exc}")
+        return 1
     if losses and trainer.dist.is_main:
         steps = f"{trainer.step} step{'' if trainer.step == 1 else 's'}"
         print(f"trained {steps}: loss {losses[0]:.4f} -> {losses[-1]:.4f}; adapter in {config.output}")
