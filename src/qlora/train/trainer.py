@@ -971,6 +971,8 @@ class Trainer:
         if not self.dist.is_main:
             self.dist.barrier()
             return target
+        for stale in target.parent.glob(".step-*.tmp-*"):  # half-written by a run killed mid-save (kill -9, OOM)
+            shutil.rmtree(stale, ignore_errors=True)
         with atomic_dir(target) as tmp:
             save_adapter(self.model, tmp / "adapter", tokenizer=self._adapter_tokenizer())
             state = {"step": self.step, "optimizer": self.optimizer.state_dict(),
