@@ -348,3 +348,56 @@ def test_a_killed_rank_ends_the_run_with_one_message_each_and_complete_checkpoin
     assert sorted(p.name for p in (out / "checkpoints").glob("step-*")) == [p.name for p in checkpoints]
     if lost:
         assert f"The last complete checkpoint is {checkpoints[-1]}: run the same command with --resume" in lost[0]
+
+
+RANK_ONE_NAN = """
+import sys
+import torch
+from qlora.train.config import load_config
+from qlora.train.trainer import Trainer
+
+
+class NaNOnRankOne(Trainer):
+    def setup(self):
+        super().setup()
+        if self.dist.rank == 1:  # rank 1's third forward alone turns non-finite
+            calls = []
+            layer = self.model.model.layers[0].mlp.down_proj
+            layer.register_forward_hook(lambda m, i, o: o * float("nan") if len(calls.append(1) or calls) >= 3 else o)
+
+
+NaNOnRankOne(load_config(None, dict(model=sys.argv[1], data=sys.argv[2], output=sys.argv[3], max_steps=6,
+                                    batch_size=1, seq_len=64, progress=False, optim="adamw"))).run()
+"""
+
+
+@pytest.mark.slow
+def test_a_rank_failing_alone_mid_step_ends_the_run_instead_of_hanging(tmp_path, tiny_model_dir):
+    """Rank 1's loss turns non-finite while rank 0 is in the step's all-reduce: the run ends with rank 1's
+    one-paragraph error within seconds, not at the process group's timeout (30 minutes for gloo)."""
+    import signal
+    import socket
+    import subprocess
+    import sys
+
+    from qlora_processes import SRC
+
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"instruction": q, "input": "", "output": a}) + "\n" for q, a in QA[:6]))
+    script = tmp_path / "nan_rank.py"
+    script.write_text(RANK_ONE_NAN)
+    with socket.socket() as probe:  # a free port for the rendezvous
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    argv = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(port),
+            str(script), str(tiny_model_dir), str(data), str(tmp_path / "out")]
+    env = {**os.environ, "PYTHONPATH": str(SRC), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    with subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                          start_new_session=True) as proc:
+        try:
+            _, stderr = proc.communicate(timeout=240)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            raise AssertionError("a rank's failure mid-step left the run hanging past 240 s") from None
+    assert proc.returncode != 0
+    assert "non-finite loss at step" in stderr, stderr[-3000:]

@@ -1079,11 +1079,16 @@ class Trainer:
             RankLost: another rank stopped mid-run (its collectives fail here); the message names the last
                 complete checkpoint, from which ``--resume`` continues.
         """
-        lost = False
+        lost = alone = False
         try:
             self.setup()
+            alone = True  # a failure in a step may be this rank's alone (a non-finite loss of its batch, out of memory)
             self.train()
+            alone = False
             self.save_final()
+        except Interrupted:  # every rank stopped at the same step, after the same checkpoint
+            alone = False
+            raise
         except RuntimeError as exc:
             lost = self.dist.enabled and is_rank_lost(exc)
             if not lost:
@@ -1095,7 +1100,9 @@ class Trainer:
                            "rank stopped (killed, out of memory, or failed; the launcher names it). "
                            f"{kept[0].upper()}{kept[1:]}.") from None
         finally:
-            self.cleanup(wait_for_ranks=not lost)
+            # A rank failing alone mid-step must not wait for the others at a barrier while they wait for it in the
+            # step's all-reduce (a hang until the group's timeout): it leaves, and the launcher stops the rest.
+            self.cleanup(wait_for_ranks=not lost and not alone)
         return self.losses
 
 
