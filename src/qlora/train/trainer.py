@@ -444,6 +444,8 @@ class Trainer:
         Raises:
             UsageError: resuming a run on another revision than its checkpoint's.
         """
+        if not self.config.model or Path(self.config.model).expanduser().exists():
+            return  # a local model: its files were fingerprinted before the load read them
         loaded = model_fingerprints(self.config.model)
         recorded = self.run_config["source_files"]["--model"]
         if not any("revision" in f for f in loaded.values()) or loaded == recorded:
