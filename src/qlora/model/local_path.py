@@ -32,8 +32,10 @@ def check_model_path(name: str, option: str = "--model") -> None:
     if path.exists():
         return
     parent = path.absolute().parent
-    close = difflib.get_close_matches(path.name, sorted(p.name for p in parent.iterdir()), n=1) \
-        if parent.is_dir() else []
-    hint = f" (did you mean {parent / close[0]}?)" if close else "" if parent.is_dir() else f" ({parent} does not exist)"
+    if parent.is_dir():
+        close = difflib.get_close_matches(path.name, sorted(p.name for p in parent.iterdir()), n=1)
+        hint = f" (did you mean {parent / close[0]}?)" if close else ""
+    else:
+        hint = f" ({parent} does not exist)"
     raise UsageError(f"{option} {name}: {path.absolute()} does not exist{hint}; check the path, or give a hub id such "
                      "as meta-llama/Meta-Llama-3-8B.")
