@@ -128,6 +128,6 @@ def test_bad_tools_file_is_one_paragraph_naming_it(tmp_path, capsys, content, me
 
     path = tmp_path / "tools.json"
     path.write_text(content)
-    assert main(["chat", "--model", str(tmp_path / "never-loaded"), "--tools", str(path)]) == 2
+    assert main(["chat", "--model", "never-loaded", "--tools", str(path)]) == 2
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and f"--tools {path}" in err and message in err

@@ -86,3 +86,37 @@ def test_help_and_option_errors_import_no_torch(command, argv, code, words, tmp_
         assert out["code"] == code and "error:" in out["err"] and words in out["err"], out["err"]
         assert "Traceback" not in out["err"]
     assert out["heavy"] == [], f"qlora {command} {' '.join(argv)} imported {out['heavy']}"
+
+
+# A model path that can only be local (./, /, ~, a second /) and is not there, for every command that loads one.
+MISSING_MODEL = {
+    "train": ["--model", "./typo", "--data", "d.jsonl", "--output", "o"],
+    "eval": ["--model", "~/qlora-no-such-model", "--data", "d.jsonl"],
+    "merge": ["--model", "./typo", "--output", "o"],
+    "quantize": ["--model", "./typo", "--output", "o"],
+    "export": ["--model", "./typo", "--output", "o"],
+    "generate": ["--model", "./typo", "--prompt", "hi"],
+    "chat": ["--model", "models/llama/typo"],
+    "serve": ["--model", "/qlora-no-such-model"],
+    "estimate": ["./typo"],
+}
+
+
+@pytest.mark.parametrize("command", sorted(MISSING_MODEL))
+def test_a_missing_model_path_is_refused_before_the_imports(command, tmp_path):
+    argv = MISSING_MODEL[command]
+    given = next(a for a in argv if a.startswith((".", "/", "~", "models/")))
+    out = _probe([command, *argv], tmp_path)
+    assert out["code"] == 2 and f"{given}: " in out["err"] and " does not exist" in out["err"], out["err"]
+    assert "Traceback" not in out["err"]
+    assert out["heavy"] == [], f"qlora {command} {' '.join(argv)} imported {out['heavy']}"
+
+
+def test_a_missing_path_names_a_close_one_and_a_hub_id_goes_to_the_loader(tmp_path):
+    (tmp_path / "tiny-model").mkdir()
+    out = _probe(["generate", "--model", "./tiny-modle", "--prompt", "hi"], tmp_path)
+    assert out["code"] == 2 and f"did you mean {tmp_path / 'tiny-model'}?" in out["err"], out["err"]
+    # org/name may be a hub id: not refused as a path, the loader looks for it (offline: in the cache)
+    out = _probe(["generate", "--model", "org/no-such-model", "--prompt", "hi"], tmp_path)
+    assert out["code"] == 2 and "does not exist" not in out["err"], out["err"]
+    assert "org/no-such-model is not a local path and not in the Hugging Face cache" in out["err"], out["err"]

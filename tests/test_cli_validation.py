@@ -416,7 +416,7 @@ def test_a_data_file_given_as_the_config_file_says_to_pass_it_as_data(name, tmp_
 
 
 def test_chat_db_without_a_session_is_refused_before_the_model_loads(tmp_path, capsys):
-    code, err = _run(["chat", "--model", str(tmp_path / "no-model"), "--db", str(tmp_path / "c.sqlite")], capsys)
+    code, err = _run(["chat", "--model", "no-model", "--db", str(tmp_path / "c.sqlite")], capsys)
     assert code == 2 and "add --session NAME" in err and not (tmp_path / "c.sqlite").exists(), err
 
 

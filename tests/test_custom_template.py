@@ -271,7 +271,7 @@ def test_every_command_refuses_a_bad_template_file_naming_the_option(tmp_path, c
     if text is not None:
         path.write_text(text)
     with pytest.raises(SystemExit) as exit_:  # refused as the command line is read, before the model loads
-        main([command, "--model", str(tmp_path / "no-model"), *REQUIRED.get(command, []), "--template", str(path)])
+        main([command, "--model", "no-model", *REQUIRED.get(command, []), "--template", str(path)])
     err = capsys.readouterr().err
     assert exit_.value.code == 2 and f"--template: {path}: " in err and message in err, err
     assert "Traceback" not in err, err

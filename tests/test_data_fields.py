@@ -100,7 +100,7 @@ def test_bad_specs(spec, message):
 
 
 def test_cli_rejects_a_bad_mapping_before_loading_anything(tmp_path, capsys):
-    code = main(["train", "--model", str(tmp_path / "no-model"), "--data", str(tmp_path / "d.jsonl"),
+    code = main(["train", "--model", "no-model", "--data", str(tmp_path / "d.jsonl"),
                  "--output", str(tmp_path / "out"), "--data-fields", "answer=output"])
     err = capsys.readouterr().err
     assert code == 2 and "--data-fields: unknown name 'answer'" in err and "role values user" in err
@@ -120,11 +120,11 @@ def test_format_belongs_to_sft_and_data_fields_are_checked_before_eval_loads_a_m
                  "--format", "chat"])
     err = capsys.readouterr().err
     assert code == 2 and "--format applies to --method sft" in err and "--data-fields" in err
-    code = main(["train", "--model", str(tmp_path / "no-model"), "--data", "d.jsonl", "--output",
+    code = main(["train", "--model", "no-model", "--data", "d.jsonl", "--output",
                  str(tmp_path / "o"), "--method", "dpo", "--data-fields", "question=prompt"])
     err = capsys.readouterr().err
     assert code == 2 and "--data-fields: unknown name 'question'" in err and "Traceback" not in err
-    code = main(["eval", "--model", str(tmp_path / "no-model"), "--data", "d.jsonl", "--data-fields", "q=question"])
+    code = main(["eval", "--model", "no-model", "--data", "d.jsonl", "--data-fields", "q=question"])
     err = capsys.readouterr().err
     assert code == 2 and "--data-fields: unknown name 'q'" in err and "Traceback" not in err
 

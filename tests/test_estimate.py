@@ -559,3 +559,20 @@ def test_a_named_16bit_head_is_adapted_as_training_adapts_it(tiny_model_dir, tar
     assert not any("lm_head.lora" in n for n, _ in model.named_parameters())
     assert dict(everything.rows)["LoRA adapters (fp32)"]["QLoRA"] == 4 * sum(
         p.numel() for p in model.parameters() if p.requires_grad)
+
+
+@pytest.mark.parametrize("double_quant", [False, True])
+def test_a_meta_4bit_weight_decodes_to_what_the_reference_gives_without_running_it(double_quant, monkeypatch):
+    """``qlora estimate`` measures activations on meta: a 4-bit weight there decodes to the tensor the reference
+    kernel gives (shape, dtype, meta), without the reference's ops, which cost seconds a layer on meta."""
+    from qlora.quant import dequantize_4bit
+    from qlora.quant.kernels import torch_ref
+
+    packed, state = quantize_4bit(torch.randn(96, 80), blocksize=64, double_quant=double_quant)
+    packed, state = packed.to("meta"), state.to("meta")
+    expected = torch_ref.dequantize_4bit_ref(packed, torch.empty(state.shape.numel() // 64, device="meta"), 64,
+                                             state.quant_type, state.shape, torch.bfloat16)
+    monkeypatch.setattr(torch_ref, "dequantize_4bit_ref", None)  # fails if it runs
+    out = dequantize_4bit(packed, state, torch.bfloat16)
+    assert (out.shape, out.dtype, out.device, out.is_contiguous()) == (expected.shape, expected.dtype,
+                                                                       expected.device, expected.is_contiguous())

@@ -323,7 +323,7 @@ def test_vector_session_with_another_embedder_is_refused_before_the_model_loads(
     last = session.add_messages([Message("user", "hi"), Message("assistant", "hello")])
     session.add_vector("input: hi\noutput: hello", [1.0, 0.0, 0.0], last, "model:/some/other/model")
     store.close()
-    other = _chat(tmp_path / "no-such-model", db, "--session", "v", "--memory", "vector", stdin="hi\n")
+    other = _chat("no-such-model", db, "--session", "v", "--memory", "vector", stdin="hi\n")
     assert other.returncode == 2 and "Traceback" not in other.stderr
     assert "made by embedder model:/some/other/model (width 3)" in other.stderr  # not "no such model": checked first
     store = ChatStore(db)  # same name, other width: found once the model is loaded
@@ -337,7 +337,7 @@ def test_vector_session_with_another_embedder_is_refused_before_the_model_loads(
 def test_embedder_problems_fail_before_the_model_loads(tmp_path):
     import importlib.util
 
-    out = _chat(tmp_path / "no-such-model", tmp_path / "c.sqlite", "--memory", "vector", "--embedder",
+    out = _chat("no-such-model", tmp_path / "c.sqlite", "--memory", "vector", "--embedder",
                 "someone/some-embedder", stdin="hi\n", )
     assert out.returncode == 2 and "Traceback" not in out.stderr
     if importlib.util.find_spec("sentence_transformers") is None:

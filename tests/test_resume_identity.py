@@ -197,3 +197,65 @@ def test_a_data_folder_with_other_rows_is_refused_naming_its_file(tmp_path, tiny
     datasets.Dataset.from_list(SFT[::-1]).save_to_disk(str(folder))
     code, err = _cli(argv + ["--resume"], capsys)
     assert code == 2 and f"{folder}/" in err and "(--data)" in err and "Traceback" not in err, err
+
+
+def test_only_the_files_that_make_the_model_are_fingerprinted(tmp_path, tiny_model_dir, capsys):
+    """A README, licence or trainer state beside the model may be edited and the run still resumes; a vocabulary or
+    a chat template saved beside the default one is fingerprinted, and its change is refused naming it."""
+    from qlora.train.file_fingerprint import model_fingerprints
+
+    model = _copy_model(tiny_model_dir, tmp_path / "model")
+    docs = {"README.md": "# tiny", "LICENSE.txt": "MIT", "LICENSE": "MIT", "USE_POLICY.md": "be kind",
+            "training_args.bin": "args", "requirements.txt": "torch"}
+    made = {"vocab.txt": "a\nb\n", "merges.txt": "#version: 0.2\n", "pytorch_model.bin": "weights",
+            "additional_chat_templates/tool_use.jinja": "{{ messages }}"}
+    for name, text in {**docs, **made}.items():
+        (model / name).parent.mkdir(exist_ok=True)
+        (model / name).write_text(text)
+    printed = {Path(p).relative_to(model.resolve()).as_posix() for p in model_fingerprints(str(model))}
+    assert set(made) <= printed and not set(docs) & printed, printed
+    assert {"config.json", "model.safetensors"} <= printed, printed
+
+    data = _write(tmp_path / "d.jsonl", SFT)
+    argv = ["train", "--model", str(model), "--data", str(data), "--output", str(tmp_path / "o"), "--optim", "adamw",
+            "--max-steps", "2", "--save-steps", "1", "--no-progress"]
+    assert main(argv) == 0
+    for name in docs:
+        (model / name).write_text("edited " * 9)
+    code, err = _cli(argv + ["--resume"], capsys)
+    assert code == 0, err
+    template = model / "additional_chat_templates" / "tool_use.jinja"
+    template.write_text("{{ messages | tojson }}")
+    code, err = _cli(argv + ["--resume"], capsys)
+    assert code == 2 and str(template.resolve()) in err and "(--model)" in err and "Traceback" not in err, err
+
+
+def test_a_hub_model_at_another_cached_revision_is_refused_naming_both(tmp_path, tiny_model_dir, monkeypatch, capsys):
+    """A hub id is fingerprinted by the commit the cache's refs/main names: the run records it, a resume after the
+    cache moved to another commit (other weights) is refused naming both commits, and resumes once it is back."""
+    import huggingface_hub.constants
+    from safetensors.torch import load_file, save_file
+
+    repo = tmp_path / "hub" / "models--org--tiny"
+    first, second = "a" * 40, "b" * 40
+    for commit in (first, second):
+        shutil.copytree(tiny_model_dir, repo / "snapshots" / commit)
+    weights = repo / "snapshots" / second / "model.safetensors"
+    save_file({k: -v for k, v in load_file(str(weights)).items()}, str(weights), metadata={"format": "pt"})
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(first)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))  # read at import
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+    data, out = _write(tmp_path / "d.jsonl", SFT), tmp_path / "o"
+    argv = ["train", "--model", "org/tiny", "--data", str(data), "--output", str(out), "--optim", "adamw",
+            "--max-steps", "2", "--save-steps", "1", "--no-progress"]
+    assert main(argv) == 0
+    saved = json.loads((list_checkpoints(out)[-1] / "run_config.json").read_text())
+    assert saved["source_files"]["--model"] == {"org/tiny": {"revision": first}}
+    (repo / "refs" / "main").write_text(second)
+    code, err = _cli(argv + ["--resume"], capsys)
+    assert code == 2 and "org/tiny (--model)" in err and first in err and second in err and "Traceback" not in err
+    (repo / "refs" / "main").write_text(first)
+    code, err = _cli(argv + ["--resume"], capsys)
+    assert code == 0, err

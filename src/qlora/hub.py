@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import os
+import re
 import threading
 import urllib.error
 import urllib.request
@@ -63,6 +64,21 @@ def _probe(endpoint: str, timeout: float) -> bool:
     thread.start()
     thread.join(timeout)
     return bool(answer and answer[0])
+
+
+def cached_revision(repo_id: str) -> str | None:
+    """The commit the local Hugging Face cache records as model ``repo_id``'s main revision (its ``refs/main``, what
+    a download last resolved and an offline load reads), None when the cache holds no such model."""
+    if not re.fullmatch(r"[\w.-]+(/[\w.-]+)?", repo_id):
+        return None
+    from huggingface_hub import constants  # read at call time: the cache may be set by HF_HUB_CACHE or HF_HOME
+
+    ref = os.path.join(constants.HF_HUB_CACHE, f"models--{repo_id.replace('/', '--')}", "refs", "main")
+    try:
+        with open(ref) as fh:
+            return fh.read().strip() or None
+    except OSError:
+        return None
 
 
 def cache_only() -> bool:

@@ -130,8 +130,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     module = importlib.import_module(COMMANDS[args.command][0])
     try:
+        from ..model.local_path import check_model_path
         from .base_model import resolve_base
 
+        for attr, option in (("model", "--model"), ("model_arg", "MODEL")):  # a typo at once, before the imports
+            if isinstance(getattr(args, attr, None), str):
+                check_model_path(getattr(args, attr), option)
         resolve_base(args, args.command)
         return int(module.run(args) or 0)
     except UsageError as exc:

@@ -39,6 +39,7 @@ from .bnb_int8 import BnbInt8
 from .checkpoint_layout import CheckpointLayout
 from .compressed_tensors import CompressedTensors
 from .gptq_awq import GroupedInt
+from .local_path import looks_like_path
 from .modelopt import ModelOpt
 from .quantize import (fp32_linear_names, is_conv1d, is_plain_linear, is_skipped, kept_dense_names, kept_in_fp32,
                        non_text_names, output_embedding_names, replace_modules, tied_keys, weight_count)
@@ -62,7 +63,7 @@ def resolve_model_dir(name_or_path: str | Path) -> Path:
             raise UsageError(f"{path} has no config.json: point --model at a transformers model folder "
                              "(one written by save_pretrained).")
         return path
-    if path.exists() or str(name_or_path).startswith((".", "/", "~")) or str(name_or_path).count("/") > 1:
+    if path.exists() or looks_like_path(str(name_or_path)):
         raise UsageError(f"model path {name_or_path} does not exist or is not a folder; give a local model folder "
                          "or a hub id such as meta-llama/Meta-Llama-3-8B.")
     from huggingface_hub import snapshot_download

@@ -114,6 +114,8 @@ def dequantize_4bit(
     """Decode ``packed`` to a tensor of ``state.shape`` in ``dtype``
     (default: the dtype that was quantized)."""
     dtype = dtype or state.dtype
+    if packed.is_meta:  # nothing to decode (``qlora estimate`` measures on meta): the reference's ops cost seconds
+        return torch.empty(state.shape, dtype=dtype, device="meta")
     if _use_triton(packed):
         from .kernels import triton_dequant
 

@@ -635,11 +635,34 @@ def _validation_error(exc: RequestValidationError, content_type: str = "") -> AP
     if first.get("type") == "json_invalid":
         reason = first.get("ctx", {}).get("error", first.get("msg"))
         return APIError(400, f"The request body is not valid JSON: {reason}", code="invalid_json")
-    # drop "body" and the union-member tags pydantic adds ("str", "list[int]", ...)
-    loc = [str(p) for p in first.get("loc", ()) if p != "body" and (
-        isinstance(p, int) or not (p in TYPE_TAGS or "[" in p))]
-    param = ".".join(loc) or None
+    param = _param(first)
+    same = [e for e in exc.errors() if _param(e) == param]  # a union's members each add one
+    expected = [_EXPECTED.get(e.get("type", "")) for e in same]
+    if param and all(expected):
+        return APIError(400, f"Invalid type for '{param}': expected {' or '.join(dict.fromkeys(expected))}, but got "
+                             f"{_json_kind(first.get('input'))} instead.", param)  # OpenAI's wording
     return APIError(400, f"Invalid request body: {param or 'body'}: {first.get('msg', 'invalid')}", param)
+
+
+_EXPECTED = {"int_type": "an integer", "float_type": "a number", "bool_type": "a boolean", "string_type": "a string",
+             "list_type": "an array", "dict_type": "an object", "model_type": "an object"}
+
+
+def _param(error: dict[str, Any]) -> str | None:
+    """The dotted body field a pydantic error is about, without "body" and the union-member tags pydantic adds
+    ("str", "list[int]", ...)."""
+    loc = [str(p) for p in error.get("loc", ()) if p != "body" and (
+        isinstance(p, int) or not (p in TYPE_TAGS or "[" in p))]
+    return ".".join(loc) or None
+
+
+def _json_kind(value: Any) -> str:
+    """The JSON type of a parsed value, in OpenAI's words."""
+    for kind, name in ((bool, "a boolean"), (int, "an integer"), (float, "a decimal number"), (str, "a string"),
+                       (list, "an array"), (dict, "an object")):
+        if isinstance(value, kind):
+            return name
+    return "null"
 
 
 def _http_error(request: Request, exc: HTTPException) -> APIError:

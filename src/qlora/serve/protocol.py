@@ -21,7 +21,9 @@ an id outside the tokenizer's vocabulary is a 400 naming it), and vLLM's extra b
 ``top_k`` (0 or -1: off), ``min_p`` and ``repetition_penalty`` (over prompt and reply, as
 transformers; left out: the model's generation_config value). Penalties and bias apply to greedy decoding
 too; see :mod:`qlora.infer.penalties`.
-An out-of-range value is a 400 naming the parameter.
+An out-of-range value is a 400 naming the parameter, as is a value of the wrong JSON type (``"5"`` for an integer,
+``"0.5"`` for a number, ``"true"`` or ``1`` for a boolean, ``5.0`` for an integer): OpenAI's "Invalid type" answer,
+never a silent coercion.
 
 ``n``: that many choices, each its own batch row sampled with its own generator; with
 ``seed``, choice 0 is seeded with it (so it equals the ``n=1`` reply) and choice ``j``
@@ -135,7 +137,9 @@ def _lone_surrogate(value: Any) -> tuple[str, bool] | None:
 class KnownFields(BaseModel):
     """A request body whose unknown fields are a 400 naming them (checked once the known ones are valid)."""
 
-    model_config = ConfigDict(extra="allow", allow_inf_nan=False)
+    # strict: a value of the wrong JSON type ("5" for an integer, "true" for a boolean, 1 for a boolean) is a 400
+    # naming the field, as OpenAI answers, not silently coerced; an integer is still a number
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False, strict=True)
     OPENAI_UNUSED: ClassVar[tuple[str, ...]] = ()  # the OpenAI API's fields of the route that change nothing here
 
     @classmethod
@@ -261,7 +265,7 @@ class _Body(KnownFields):
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)
 
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: Union[str, list[dict[str, Any]], None] = None

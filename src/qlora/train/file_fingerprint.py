@@ -6,6 +6,10 @@ fingerprinted by its size and the sha256 of its first MiB (a safetensors header:
 blocks of 64 KiB spread evenly over it: other weights (another fine-tune, another seed, another quantization) differ
 in every block, and reading about 2 MiB per file costs milliseconds whatever the model's size. An edit of a few
 values between the sampled blocks is not seen; that is the price of not reading the whole model twice.
+
+Only the files that make the model are fingerprinted: weights, configs, tokenizer files and chat templates; a README,
+licence, image or a trainer's state beside them can be edited without refusing a resume. A hub id is fingerprinted
+by the commit the local Hugging Face cache records for it (its ``refs/main``, see :func:`qlora.hub.cached_revision`).
 """
 
 from __future__ import annotations
@@ -13,12 +17,18 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
+from qlora.hub import cached_revision
+
 _WHOLE_UP_TO = 64 << 20  # files up to this size are hashed whole
 _HEAD = 1 << 20
 _BLOCKS, _BLOCK = 16, 64 << 10
-# What transformers, tokenizers and PEFT read from a model or adapter folder (its README, images and licence not).
-_MODEL_SUFFIXES = (".json", ".safetensors", ".bin", ".pt", ".pth", ".model", ".txt", ".jinja", ".tiktoken", ".py",
-                   ".gguf")
+# What transformers, tokenizers and PEFT read from a model or adapter folder: configs, weights, tokenizers, chat
+# templates and remote code; pickled weights only as transformers and PEFT name them (not a trainer's
+# training_args.bin), and of .txt files only vocabularies (vocab.txt, merges.txt; not LICENSE.txt)
+_MODEL_SUFFIXES = (".json", ".safetensors", ".model", ".jinja", ".tiktoken", ".py", ".gguf")
+_PICKLED_WEIGHTS = ("pytorch_model", "adapter_model")
+_VOCABULARIES = ("vocab", "merges")
+_TEMPLATE_FOLDER = "additional_chat_templates"  # chat templates saved beside the default one
 
 Fingerprint = dict[str, int | str]
 
@@ -53,16 +63,30 @@ def data_fingerprints(location: str) -> dict[str, Fingerprint]:
 
 
 def model_fingerprints(location: str) -> dict[str, Fingerprint]:
-    """The files a local model (or adapter) folder is loaded from, by absolute path, large weights sampled; nothing
-    for a hub id, which names its own revision."""
+    """The files a local model (or adapter) folder is loaded from, by absolute path, large weights sampled; for a
+    hub id, ``{"revision": commit}`` the local cache records for it (nothing when it records none)."""
     path = Path(location).expanduser()
     if path.is_file():
         return {str(path.resolve()): file_fingerprint(path, sample_large=True)}
     if not path.is_dir():
-        return {}
-    files = sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith(".")
-                   and p.suffix.lower() in _MODEL_SUFFIXES)
-    return {str(p.resolve()): file_fingerprint(p, sample_large=True) for p in files}
+        revision = cached_revision(location)
+        return {location: {"revision": revision}} if revision else {}
+    files = [p for p in path.iterdir() if p.is_file() and _makes_the_model(p.name)]
+    files += [p for p in (path / _TEMPLATE_FOLDER).glob("*.jinja") if p.is_file()]
+    return {str(p.resolve()): file_fingerprint(p, sample_large=True) for p in sorted(files)}
+
+
+def _makes_the_model(name: str) -> bool:
+    """Whether a file of a model folder is one its loaders read (see ``_MODEL_SUFFIXES``)."""
+    lower = name.lower()
+    suffix = Path(lower).suffix
+    if lower.startswith("."):
+        return False
+    if suffix == ".bin":
+        return lower.startswith(_PICKLED_WEIGHTS)
+    if suffix == ".txt":
+        return any(word in lower for word in _VOCABULARIES)
+    return suffix in _MODEL_SUFFIXES
 
 
 def changed_file(saved: dict[str, Fingerprint], current: dict[str, Fingerprint]) -> tuple[str, str] | None:
@@ -75,6 +99,9 @@ def changed_file(saved: dict[str, Fingerprint], current: dict[str, Fingerprint])
             return name, "is gone"
         if was is None:
             return name, "is new"
+        if "revision" in was or "revision" in now:
+            return name, f"is at another revision in the Hugging Face cache (commit {was.get('revision')} then, " \
+                         f"{now.get('revision')} now)"
         if was["size"] != now["size"]:
             return name, f"has changed (its size was {was['size']} bytes, now {now['size']})"
         return name, "has changed (the same size, other content)"

@@ -71,7 +71,7 @@ from qlora.train.data.image_packing import check_image_packing, image_blocks_key
 from qlora.train.data.selection import hold_out, read_sources
 from qlora.train.data.text_blocks import text_blocks
 from qlora.train.data.tokenize import NothingToTrain
-from qlora.train.file_fingerprint import changed_file
+from qlora.train.file_fingerprint import changed_file, model_fingerprints
 from qlora.train.loss import chunked_loss_matches, model_inputs, token_loss_sum
 from qlora.train.metrics import MetricsLogger, NullMetrics, gpu_memory_gib
 from qlora.train.neftune import add_neftune
@@ -316,6 +316,7 @@ class Trainer:
             raise UsageError(f"--batch-size {cfg.batch_size} is more than the {len(train_examples)} examples of "
                              f"{cfg.data}; lower --batch-size (--grad-accum gives a larger effective batch).")
         self._load_model()
+        self._check_loaded_revision(resume_from)
         self.chat_format = self._chat_format(resume_from)
         # a model without a chat template: say which built-in format chat data are rendered in
         self.template_fallback = (cfg.template == "auto" and own_template(self.tokenizer) is None
@@ -459,6 +460,25 @@ class Trainer:
         """What --precision auto resolves to on this device."""
         dtype = compute_dtype_for("auto", self.device)
         return {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}[dtype]
+
+    def _check_loaded_revision(self, resume_from: Path | None) -> None:
+        """A hub model's revision as loaded: with a hub the load may have fetched a newer commit than the cache held
+        when the run's files were fingerprinted. The checkpoints record it, and a resume is refused on another.
+
+        Raises:
+            UsageError: resuming a run on another revision than its checkpoint's.
+        """
+        if not self.config.model or Path(self.config.model).expanduser().exists():
+            return  # a local model: its files were fingerprinted before the load read them
+        loaded = model_fingerprints(self.config.model)
+        recorded = self.run_config["source_files"]["--model"]
+        if not any("revision" in f for f in loaded.values()) or loaded == recorded:
+            return
+        if resume_from is not None:
+            saved = json.loads((resume_from / "run_config.json").read_text()).get("source_files", {})
+            _changed_files(self.out, resume_from, {k: v for k, v in saved.items() if k == "--model"},
+                           {"--model": loaded})
+        self.run_config = {**self.run_config, "source_files": {**self.run_config["source_files"], "--model": loaded}}
 
     def _run_config(self) -> dict[str, Any]:
         """The run-defining options as this run uses them, and the fingerprints of the files it reads."""
