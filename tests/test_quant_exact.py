@@ -259,3 +259,27 @@ def test_bits_per_parameter():
 def test_bad_arguments_raise_clear_errors(kwargs, dtype, message):
     with pytest.raises(ValueError, match=message):
         quantize_4bit(torch.ones(64, 64).to(dtype), **kwargs)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=lambda d: str(d).removeprefix("torch."))
+def test_double_quant_offset_that_overflows_float32_stays_finite(seed, dtype):
+    """Block constants near float32's maximum: bitsandbytes' float32 ``absmax.mean()`` overflows, so it
+    stores an infinite offset and the whole tensor decodes to NaN. qlora takes that mean in float64
+    instead (it always fits), so the state is finite and bitsandbytes decodes it, bit for bit, to what
+    qlora decodes: the weights, within the error of the 4-bit code. The 4-bit codes and first-level
+    constants are bitsandbytes' own."""
+    gen = torch.Generator().manual_seed(seed)
+    w = ((torch.rand(16, 256, generator=gen) * 2 - 1) * 3e38).to(dtype)
+    for quant_type in ("nf4", "fp4"):
+        case = f"{quant_type} {dtype}"
+        bnb_p, bnb_s = bnb_F.quantize_4bit(w, blocksize=64, quant_type=quant_type, compress_statistics=True)
+        assert not torch.isfinite(bnb_s.offset).all() and bnb_F.dequantize_4bit(bnb_p, bnb_s).isnan().all()
+        packed, state = quantize_4bit(w, quant_type, 64, double_quant=True)
+        _same_bits(packed, bnb_p, f"packed bytes [{case}]", seed)
+        assert torch.isfinite(state.offset) and torch.isfinite(state.nested.absmax).all(), case
+        ours = dequantize_4bit(packed, state)
+        plain_p, plain_s = quantize_4bit(w, quant_type, 64, double_quant=False)
+        plain = dequantize_4bit(plain_p, plain_s).float()
+        assert torch.isfinite(ours).all() and ((ours.float() - plain).abs() <= 0.01 * 3e38).all(), case
+        to_bnb = bnb_F.QuantState.from_dict(state.as_dict(packed=True), torch.device("cpu"))
+        _same_bits(_bnb_portable(packed, to_bnb, dtype), ours, f"decoded by bnb [{case}]", seed, signed_zero=False)
