@@ -27,7 +27,7 @@ from bitsandbytes.backends.default.ops import _dequantize_4bit_compute  # noqa: 
 from bitsandbytes.backends.utils import _get_4bit_code  # noqa: E402
 
 from qlora.quant import (  # noqa: E402
-    BLOCKSIZES, QuantState, bits_per_parameter, dequantize_4bit, dynamic_code, quantize_4bit,
+    BLOCKSIZES, NonFiniteError, QuantState, bits_per_parameter, dequantize_4bit, dynamic_code, quantize_4bit,
     quantize_blockwise,
 )
 from qlora.quant.blockwise import _codes_by_search  # noqa: E402
@@ -68,6 +68,20 @@ def _bnb_portable(packed: torch.Tensor, state, dtype: torch.dtype) -> torch.Tens
     return _dequantize_4bit_compute(packed.reshape(-1), absmax.float(), code, state.blocksize, state.shape, dtype)
 
 
+def _bnb_native(packed: torch.Tensor, state, portable: torch.Tensor) -> torch.Tensor:
+    """bitsandbytes' native dequantization, less three quirks of its own (``portable``: its portable result):
+    the output of a one-byte tensor is transposed by a backward-compat shim (and 3-D ones raise there), an
+    even-length 1-D tensor comes back as ``[1, n]``, and on CPUs with AVX512-BF16 its bf16 conversion
+    flushes subnormal results to zero (its portable path and qlora keep them)."""
+    if packed.shape[0] == 1:
+        return portable
+    native = bnb_F.dequantize_4bit(packed, state).reshape(portable.shape)
+    if native.dtype == torch.bfloat16:
+        flushed = (native == 0) & (portable.abs() < torch.finfo(torch.bfloat16).tiny)
+        native = torch.where(flushed, portable, native)
+    return native
+
+
 def _adversarial(quant_type: str, blocksize: int, dtype: torch.dtype, gen: torch.Generator) -> torch.Tensor:
     """Blocks of: zeros, exact ties between code values, huge and tiny magnitudes,
     random values with negative zeros, all negative zeros; then a short tail."""
@@ -101,8 +115,15 @@ def _adversarial(quant_type: str, blocksize: int, dtype: torch.dtype, gen: torch
 
 def _check_against_bnb(w: torch.Tensor, quant_type: str, blocksize: int, dq: bool, seed: int) -> None:
     case = f"{quant_type} bs={blocksize} dq={dq} {w.dtype} {tuple(w.shape)}"
-    ours_p, ours_s = quantize_4bit(w, quant_type, blocksize, dq)
     bnb_p, bnb_s = bnb_F.quantize_4bit(w, blocksize=blocksize, quant_type=quant_type, compress_statistics=dq)
+    try:
+        ours_p, ours_s = quantize_4bit(w, quant_type, blocksize, dq)
+    except NonFiniteError as exc:
+        # Refused only where the double-quantized constants would decode to infinity (bitsandbytes' do).
+        near_max = w.float().abs().max() > 0.98 * torch.finfo(torch.float32).max
+        assert dq and near_max and "double-quantize" in str(exc), f"{case}: {exc} (seed {seed})"
+        assert not torch.isfinite(_bnb_portable(bnb_p, bnb_s, torch.float32)).all(), f"{case} (seed {seed})"
+        return
 
     _same_bits(ours_p, bnb_p, f"packed bytes [{case}]", seed)
     if dq and not torch.isfinite(bnb_s.offset).all():
@@ -126,10 +147,7 @@ def _check_against_bnb(w: torch.Tensor, quant_type: str, blocksize: int, dq: boo
     portable = _bnb_portable(bnb_p, bnb_s, w.dtype)
     _same_bits(ours_out, portable, f"dequantized vs bnb portable [{case}]", seed, signed_zero=False)
 
-    if bnb_p.shape[0] == 1:  # bitsandbytes transposes the output of a one-byte tensor (a backward-compat shim)
-        native = portable
-    else:  # its native kernel returns a 1-D tensor of even length as [1, n]
-        native = bnb_F.dequantize_4bit(bnb_p, bnb_s).reshape(portable.shape)
+    native = _bnb_native(bnb_p, bnb_s, portable)
     if w.dim() > 1 and w.shape[-1] % blocksize == 0:
         _same_bits(ours_out, native, f"dequantized vs bnb native [{case}]", seed, signed_zero=False)
     else:
@@ -145,7 +163,7 @@ def _check_against_bnb(w: torch.Tensor, quant_type: str, blocksize: int, dq: boo
     _same_bits(_bnb_portable(ours_p, to_bnb, w.dtype), ours_out, f"qlora-quantized decoded by bnb [{case}]", seed,
                signed_zero=False)
     if w.dim() > 1 and w.shape[-1] % blocksize == 0 and ours_p.shape[0] > 1:
-        _same_bits(bnb_F.dequantize_4bit(ours_p, to_bnb), ours_out,
+        _same_bits(_bnb_native(ours_p, to_bnb, ours_out), ours_out,
                    f"qlora-quantized decoded by bnb native [{case}]", seed, signed_zero=False)
 
 
@@ -342,3 +360,17 @@ def test_double_quant_offset_that_overflows_float32_stays_finite(seed, dtype):
         bnb_p, bnb_s = bnb_F.quantize_4bit(w, blocksize=64, quant_type=quant_type, compress_statistics=True)
         assert not torch.isfinite(bnb_s.offset).all() and bnb_F.dequantize_4bit(bnb_p, bnb_s).isnan().all()
         _check_against_bnb(w, quant_type, 64, True, seed)
+
+
+def test_double_quant_refuses_constants_that_would_decode_to_infinity():
+    """Float32 weights spread up to float32's maximum: bitsandbytes' offset overflows (all NaN). qlora's
+    float64 offset is finite, but where a nested block's absmax is set by a low constant, a constant
+    within ~1e-4 of the maximum can take an 8-bit code that rounds up, and ``code * nested_absmax +
+    offset`` overflows: qlora refuses, naming the way out; without double quantization it matches."""
+    gen = torch.Generator().manual_seed(0)  # fixed: this draw's block 334 is such a constant
+    w = (torch.rand(2, 12033, generator=gen) * 2 - 1) * torch.finfo(torch.float32).max
+    bnb_p, bnb_s = bnb_F.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=True)
+    assert _bnb_portable(bnb_p, bnb_s, torch.float32).isnan().all()
+    with pytest.raises(NonFiniteError, match=r"\(2, 12033\) tensor.*3\.403e\+38.*--no-double-quant"):
+        quantize_4bit(w, "nf4", 64, double_quant=True)
+    _check_against_bnb(w, "nf4", 64, False, 0)
