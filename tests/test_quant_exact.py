@@ -23,7 +23,7 @@ import pytest
 import torch
 
 bnb_F = pytest.importorskip("bitsandbytes.functional")
-from bitsandbytes.backends.default.ops import _dequantize_4bit_compute  # noqa: E402
+from bitsandbytes.backends.default import ops as _bnb_default_ops  # noqa: E402
 from bitsandbytes.backends.utils import _get_4bit_code  # noqa: E402
 
 from qlora.quant import (  # noqa: E402
@@ -32,6 +32,11 @@ from qlora.quant import (  # noqa: E402
 )
 from qlora.quant.blockwise import _codes_by_search  # noqa: E402
 from qlora.quant.codebook import code_4bit  # noqa: E402
+
+# bitsandbytes' portable dequantization, eager: the function its torch.compile wrapper wraps (compiling it
+# costs seconds per shape and computes the same float32 products).
+_dequantize_4bit_compute = getattr(_bnb_default_ops._dequantize_4bit_compute, "__wrapped__",
+                                   _bnb_default_ops._dequantize_4bit_compute)
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _INT_VIEW = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16}
