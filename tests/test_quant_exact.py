@@ -23,15 +23,20 @@ import pytest
 import torch
 
 bnb_F = pytest.importorskip("bitsandbytes.functional")
-from bitsandbytes.backends.default.ops import _dequantize_4bit_compute  # noqa: E402
+from bitsandbytes.backends.default import ops as _bnb_default_ops  # noqa: E402
 from bitsandbytes.backends.utils import _get_4bit_code  # noqa: E402
 
 from qlora.quant import (  # noqa: E402
-    BLOCKSIZES, QuantState, bits_per_parameter, dequantize_4bit, dynamic_code, quantize_4bit,
+    BLOCKSIZES, NonFiniteError, QuantState, bits_per_parameter, dequantize_4bit, dynamic_code, quantize_4bit,
     quantize_blockwise,
 )
 from qlora.quant.blockwise import _codes_by_search  # noqa: E402
 from qlora.quant.codebook import code_4bit  # noqa: E402
+
+# bitsandbytes' portable dequantization, eager: the function its torch.compile wrapper wraps (compiling it
+# costs seconds per shape and computes the same float32 products).
+_dequantize_4bit_compute = getattr(_bnb_default_ops._dequantize_4bit_compute, "__wrapped__",
+                                   _bnb_default_ops._dequantize_4bit_compute)
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _INT_VIEW = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16}
@@ -68,6 +73,20 @@ def _bnb_portable(packed: torch.Tensor, state, dtype: torch.dtype) -> torch.Tens
     return _dequantize_4bit_compute(packed.reshape(-1), absmax.float(), code, state.blocksize, state.shape, dtype)
 
 
+def _bnb_native(packed: torch.Tensor, state, portable: torch.Tensor) -> torch.Tensor:
+    """bitsandbytes' native dequantization, less three quirks of its own (``portable``: its portable result):
+    the output of a one-byte tensor is transposed by a backward-compat shim (and 3-D ones raise there), an
+    even-length 1-D tensor comes back as ``[1, n]``, and on CPUs with AVX512-BF16 its bf16 conversion
+    flushes subnormal results to zero (its portable path and qlora keep them)."""
+    if packed.shape[0] == 1:
+        return portable
+    native = bnb_F.dequantize_4bit(packed, state).reshape(portable.shape)
+    if native.dtype == torch.bfloat16:
+        flushed = (native == 0) & (portable.abs() < torch.finfo(torch.bfloat16).tiny)
+        native = torch.where(flushed, portable, native)
+    return native
+
+
 def _adversarial(quant_type: str, blocksize: int, dtype: torch.dtype, gen: torch.Generator) -> torch.Tensor:
     """Blocks of: zeros, exact ties between code values, huge and tiny magnitudes,
     random values with negative zeros, all negative zeros; then a short tail."""
@@ -101,10 +120,20 @@ def _adversarial(quant_type: str, blocksize: int, dtype: torch.dtype, gen: torch
 
 def _check_against_bnb(w: torch.Tensor, quant_type: str, blocksize: int, dq: bool, seed: int) -> None:
     case = f"{quant_type} bs={blocksize} dq={dq} {w.dtype} {tuple(w.shape)}"
-    ours_p, ours_s = quantize_4bit(w, quant_type, blocksize, dq)
     bnb_p, bnb_s = bnb_F.quantize_4bit(w, blocksize=blocksize, quant_type=quant_type, compress_statistics=dq)
+    try:
+        ours_p, ours_s = quantize_4bit(w, quant_type, blocksize, dq)
+    except NonFiniteError as exc:
+        # Refused only where the double-quantized constants would decode to infinity (bitsandbytes' do).
+        near_max = w.float().abs().max() > 0.98 * torch.finfo(torch.float32).max
+        assert dq and near_max and "double-quantize" in str(exc), f"{case}: {exc} (seed {seed})"
+        assert not torch.isfinite(_bnb_portable(bnb_p, bnb_s, torch.float32)).all(), f"{case} (seed {seed})"
+        return
 
     _same_bits(ours_p, bnb_p, f"packed bytes [{case}]", seed)
+    if dq and not torch.isfinite(bnb_s.offset).all():
+        _check_overflowed_offset(w, ours_p, ours_s, case, seed)
+        return
     _same_bits(ours_s.absmax, bnb_s.absmax, f"absmax [{case}]", seed)
     if dq:
         _same_bits(ours_s.nested.absmax, bnb_s.state2.absmax, f"nested absmax [{case}]", seed)
@@ -123,7 +152,7 @@ def _check_against_bnb(w: torch.Tensor, quant_type: str, blocksize: int, dq: boo
     portable = _bnb_portable(bnb_p, bnb_s, w.dtype)
     _same_bits(ours_out, portable, f"dequantized vs bnb portable [{case}]", seed, signed_zero=False)
 
-    native = bnb_F.dequantize_4bit(bnb_p, bnb_s)
+    native = _bnb_native(bnb_p, bnb_s, portable)
     if w.dim() > 1 and w.shape[-1] % blocksize == 0:
         _same_bits(ours_out, native, f"dequantized vs bnb native [{case}]", seed, signed_zero=False)
     else:
@@ -138,9 +167,23 @@ def _check_against_bnb(w: torch.Tensor, quant_type: str, blocksize: int, dq: boo
     to_bnb = bnb_F.QuantState.from_dict(ours_s.as_dict(packed=True), torch.device("cpu"))
     _same_bits(_bnb_portable(ours_p, to_bnb, w.dtype), ours_out, f"qlora-quantized decoded by bnb [{case}]", seed,
                signed_zero=False)
-    if w.dim() > 1 and w.shape[-1] % blocksize == 0:
-        _same_bits(bnb_F.dequantize_4bit(ours_p, to_bnb), ours_out,
+    if w.dim() > 1 and w.shape[-1] % blocksize == 0 and ours_p.shape[0] > 1:
+        _same_bits(_bnb_native(ours_p, to_bnb, ours_out), ours_out,
                    f"qlora-quantized decoded by bnb native [{case}]", seed, signed_zero=False)
+
+
+def _check_overflowed_offset(w: torch.Tensor, packed: torch.Tensor, state, case: str, seed: int) -> None:
+    """bitsandbytes' float32 mean of the block absmax overflowed (constants near float32's maximum): its
+    offset is infinite and its whole tensor decodes to NaN. qlora's offset is the float64 mean: finite,
+    and bitsandbytes decodes qlora's state, bit for bit, to what qlora decodes, close to the weights."""
+    assert torch.isfinite(state.offset) and torch.isfinite(state.nested.absmax).all(), f"{case} (seed {seed})"
+    ours = dequantize_4bit(packed, state)
+    plain_p, plain_s = quantize_4bit(w, state.quant_type, state.blocksize, double_quant=False)
+    plain = dequantize_4bit(plain_p, plain_s).float()
+    assert torch.isfinite(ours).all(), f"{case}: non-finite decode (seed {seed})"
+    assert ((ours.float() - plain).abs() <= 0.01 * plain_s.absmax.max()).all(), f"{case} (seed {seed})"
+    to_bnb = bnb_F.QuantState.from_dict(state.as_dict(packed=True), torch.device("cpu"))
+    _same_bits(_bnb_portable(packed, to_bnb, w.dtype), ours, f"decoded by bnb [{case}]", seed, signed_zero=False)
 
 
 @pytest.mark.parametrize("blocksize", BLOCKSIZES)
@@ -259,3 +302,80 @@ def test_bits_per_parameter():
 def test_bad_arguments_raise_clear_errors(kwargs, dtype, message):
     with pytest.raises(ValueError, match=message):
         quantize_4bit(torch.ones(64, 64).to(dtype), **kwargs)
+
+
+def _fuzz_values(kind: str, n: int, dtype: torch.dtype, gen: torch.Generator) -> torch.Tensor:
+    """``n`` values of one adversarial kind, as ``dtype``."""
+    r = torch.randn(n, generator=gen)
+    if kind == "normal":
+        return r.to(dtype)
+    if kind == "scaled":  # any magnitude from 1e-6 to 1e6 (1e3 in float16, whose maximum is 65504)
+        top = 3 if dtype == torch.float16 else 6
+        return (r * 10.0 ** (torch.rand(1, generator=gen) * (top + 6) - 6)).to(dtype)
+    if kind == "zeros":
+        return torch.zeros(n, dtype=dtype)
+    if kind == "constant":  # every block all-equal
+        return torch.full((n,), (r[0] * 3).item()).to(dtype)
+    if kind == "sparse":  # zeros, negative zeros and a few outliers among normal values
+        r[torch.randint(0, n, (n // 4 + 1,), generator=gen)] = -0.0
+        r[torch.randint(0, n, (n // 16 + 1,), generator=gen)] = 0.0
+        r[torch.randint(0, n, (1,), generator=gen)] = 1e3
+        return r.to(dtype)
+    if kind == "ties":  # code values and midpoints of both codes, times a power of two: exact ties
+        code = torch.cat([code_4bit("nf4"), code_4bit("fp4")]).double().unique()
+        pool = torch.cat([code, (code[:-1] + code[1:]) / 2]).float()
+        scale = 2.0 ** torch.randint(-12, 12, (1,), generator=gen).item()
+        return (pool[torch.randint(0, pool.numel(), (n,), generator=gen)] * scale).to(dtype)
+    if kind == "subnormal":
+        return (r * torch.finfo(dtype).tiny * 2.0 ** -torch.randint(0, 8, (1,), generator=gen).item()).to(dtype)
+    if kind == "near_max":  # up to the dtype's largest finite value
+        return ((torch.rand(n, generator=gen) * 2 - 1) * torch.finfo(dtype).max).to(dtype)
+    raise ValueError(kind)
+
+
+FUZZ_KINDS = ("normal", "scaled", "zeros", "constant", "sparse", "ties", "subnormal", "near_max")
+
+
+@pytest.mark.parametrize("part", range(4))
+def test_seeded_fuzz_matches_bitsandbytes(seed, part):
+    """A seeded random sweep: every block size, quant type, double quant and dtype, on shapes from one
+    element to long rows (1-D, 2-D, 3-D, numel not a multiple of the block size), with the adversarial
+    value kinds of :func:`_fuzz_values`."""
+    rng = random.Random(seed * 4 + part)
+    gen = torch.Generator().manual_seed(seed * 4 + part)
+    for _ in range(40):
+        blocksize = rng.choice(BLOCKSIZES)
+        shape = rng.choice([
+            (rng.randint(1, 4),), (rng.randint(1, 3 * blocksize),), (rng.randint(1, 12), rng.randint(1, 300)),
+            (rng.randint(1, 3), rng.randint(1, 4), rng.randint(1, 70)), (2, rng.randint(1, 200) * 128 + 1),
+        ])
+        n = int(torch.Size(shape).numel())
+        w = _fuzz_values(rng.choice(FUZZ_KINDS), n, rng.choice(DTYPES), gen).reshape(shape)
+        _check_against_bnb(w, rng.choice(["nf4", "fp4"]), blocksize, rng.random() < 0.5, seed * 4 + part)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=lambda d: str(d).removeprefix("torch."))
+def test_double_quant_offset_that_overflows_float32_stays_finite(seed, dtype):
+    """Block constants near float32's maximum overflow bitsandbytes' float32 mean: its offset is
+    infinite and the whole tensor decodes to NaN (checked here, so the case cannot pass unnoticed when
+    bitsandbytes changes). qlora's state stays finite; see :func:`_check_overflowed_offset`."""
+    gen = torch.Generator().manual_seed(seed)
+    w = ((torch.rand(16, 256, generator=gen) * 2 - 1) * 3e38).to(dtype)
+    for quant_type in ("nf4", "fp4"):
+        bnb_p, bnb_s = bnb_F.quantize_4bit(w, blocksize=64, quant_type=quant_type, compress_statistics=True)
+        assert not torch.isfinite(bnb_s.offset).all() and bnb_F.dequantize_4bit(bnb_p, bnb_s).isnan().all()
+        _check_against_bnb(w, quant_type, 64, True, seed)
+
+
+def test_double_quant_refuses_constants_that_would_decode_to_infinity():
+    """Float32 weights spread up to float32's maximum: bitsandbytes' offset overflows (all NaN). qlora's
+    float64 offset is finite, but where a nested block's absmax is set by a low constant, a constant
+    within ~1e-4 of the maximum can take an 8-bit code that rounds up, and ``code * nested_absmax +
+    offset`` overflows: qlora refuses, naming the way out; without double quantization it matches."""
+    gen = torch.Generator().manual_seed(0)  # fixed: this draw's block 334 is such a constant
+    w = (torch.rand(2, 12033, generator=gen) * 2 - 1) * torch.finfo(torch.float32).max
+    bnb_p, bnb_s = bnb_F.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=True)
+    assert _bnb_portable(bnb_p, bnb_s, torch.float32).isnan().all()
+    with pytest.raises(NonFiniteError, match=r"\(2, 12033\) tensor.*3\.403e\+38.*--no-double-quant"):
+        quantize_4bit(w, "nf4", 64, double_quant=True)
+    _check_against_bnb(w, "nf4", 64, False, 0)

@@ -48,7 +48,13 @@ def _interpreted_sweep(seed: int) -> list[str]:
                 for blocksize in (32, 64, 256, 4096):
                     for shape in _SHAPES[:-1]:
                         w = (torch.randn(shape, generator=gen) * 3).to(dtype)
+                        if shape == (3001,):  # zeros, subnormals and values near the dtype's maximum
+                            w[:100] = 0.0
+                            w[100:400] *= torch.finfo(dtype).tiny
+                            w[400:800] = (w[400:800] / 6).clamp(-1, 1) * torch.finfo(dtype).max
                         packed, state = quantize_4bit(w, quant_type, blocksize, dq)
+                        if shape == (5, 123):  # packed bytes stored as float elements (quant_storage)
+                            packed = packed.reshape(-1).view(dtype).unsqueeze(1)
                         for out_dtype in {dtype, torch.float32}:
                             ours = triton_dequant.dequantize_4bit(packed, state, out_dtype)
                             if not _bits_equal(ours, _reference(packed, state, out_dtype)):

@@ -25,8 +25,16 @@ NESTED_BLOCKSIZE = 256
 
 
 def compress_absmax(absmax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, NestedState]:
-    """Returns ``(codes uint8, offset float32 scalar, nested state)``."""
+    """Returns ``(codes uint8, offset float32 scalar, nested state)``.
+
+    The offset is bitsandbytes' float32 ``absmax.mean()``, except where that sum overflows (constants
+    near float32's maximum, e.g. bf16 weights above ~1e34 over many blocks): bitsandbytes then stores
+    an infinite offset and the whole tensor decodes to NaN; here the mean is taken in float64, which
+    always fits, so the state stays finite and decodes (in bitsandbytes too) to the weights.
+    """
     offset = absmax.mean()
+    if not bool(torch.isfinite(offset)):
+        offset = absmax.double().mean().float()
     code = dynamic_code(signed=True, device=absmax.device)
     codes, nested_absmax = quantize_blockwise(absmax - offset, code, NESTED_BLOCKSIZE)
     return codes, offset, NestedState(nested_absmax, code.clone(), NESTED_BLOCKSIZE, torch.float32)

@@ -59,7 +59,8 @@ def quantize_4bit(
 
 
 class NonFiniteError(ValueError):
-    """A tensor to quantize holds NaN or infinite values."""
+    """A tensor to quantize holds NaN or infinite values (or, with double quantization, values so
+    close to float32's maximum that their decoded block constants would overflow)."""
 
 
 def _check_finite(absmax: torch.Tensor, blocksize: int, shape: torch.Size) -> None:
@@ -89,7 +90,22 @@ def _quantize(
     )
     if double_quant:
         state.absmax, state.offset, state.nested = compress_absmax(absmax)
+        _check_decodable(state, absmax, w.shape)
     return packed, state
+
+
+def _check_decodable(state: QuantState, absmax: torch.Tensor, shape: torch.Size) -> None:
+    # The 8-bit code of a constant can round up, so a constant within ~1e-4 of float32's maximum can decode
+    # (code * nested absmax + offset) to infinity when the offset is that large too, which only happens where
+    # bitsandbytes' float32 mean overflowed (see compress_absmax; it decodes all to NaN there). Refused: a
+    # block of inf/NaN would be silent corruption, and without double quantization the weights quantize fine.
+    assert state.offset is not None and state.nested is not None
+    if bool(torch.isfinite(decompress_absmax(state.absmax, state.offset, state.nested)).all()):
+        return
+    raise NonFiniteError(
+        f"cannot double-quantize a {tuple(shape)} tensor whose largest magnitude, {absmax.max().item():.4g}, is "
+        "this close to float32's maximum: its block constants would decode to infinity. Quantize it without "
+        "double quantization (--no-double-quant, double_quant=False), or check the checkpoint for overflow.")
 
 
 def _use_triton_quantize(w: torch.Tensor, quant_type: str) -> bool:
