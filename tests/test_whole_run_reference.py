@@ -1,16 +1,17 @@
-"""A whole short training run against transformers' ``Trainer`` with PEFT LoRA: every step's loss, rate and
-gradient norm, and the adapter at the end.
+"""A whole short training run against transformers' ``Trainer`` (plain texts) or TRL's ``SFTTrainer``
+(prompt-masked rows, its completion mask and loss) with PEFT LoRA: every step's loss, rate and gradient norm,
+and the adapter at the end.
 
-The reference shares nothing with qlora's training loop: the model is transformers' own in fp32, the adapter
-PEFT's ``PeftModel`` loaded from the one qlora starts from (its B matrices made non-zero), a 4-bit base's layers
-decoded from bitsandbytes' quantization, the examples qlora
-tokenized fed in their order (``train_sampling_strategy="sequential"`` against ``--no-shuffle``), padded by
-transformers' ``DataCollatorForSeq2Seq``, and ``Trainer`` running the accumulation (its ``num_items_in_batch``:
-one division by the trained tokens of the whole optimizer step), clipping, torch's AdamW, the schedule of
-``get_scheduler``, epochs and the short last step of each. Examples of very different lengths make a mean of
-micro-batch means differ from that division. The options combine what a run's later steps depend on: warmup
-by steps and by ratio, every schedule's shape to its last step, an epoch's short last step, ``--max-steps``
-running on into a further epoch, clipping that bites, weight decay, Adam's betas and epsilon.
+The reference shares nothing with qlora's training loop: the model is transformers' own in fp32 (a 4-bit base's
+layers decoded from bitsandbytes' quantization), the adapter PEFT's ``PeftModel`` loaded from the one qlora starts
+from (its B matrices made non-zero), the examples qlora tokenized fed in their order
+(``train_sampling_strategy="sequential"`` against ``--no-shuffle``) and padded by the reference's own collator,
+and the reference running the accumulation (``num_items_in_batch``: one division by the trained tokens of the
+whole optimizer step), clipping, torch's AdamW, the schedule of ``get_scheduler``, epochs and the short last
+step of each. Examples of very different lengths make a mean of micro-batch means differ from that division.
+The options combine what a run's later steps depend on: warmup by steps and by ratio, each schedule's shape to
+its last step, ``--max-steps`` running on into a further epoch, fractional epochs, clipping that bites, weight
+decay, Adam's betas and epsilon.
 """
 
 from __future__ import annotations
@@ -22,10 +23,13 @@ import torch
 
 pytest.importorskip("bitsandbytes")
 peft = pytest.importorskip("peft")
+from datasets import Dataset  # noqa: E402
 from transformers import (  # noqa: E402
     AutoModelForCausalLM, AutoTokenizer, DataCollatorForSeq2Seq, Trainer as HFTrainer, TrainerCallback,
     TrainingArguments,
 )
+
+from trl import SFTConfig, SFTTrainer  # noqa: E402
 
 from qlora.model.adapter_io import save_adapter  # noqa: E402
 from qlora.model.tiny import build_tiny_model  # noqa: E402
@@ -87,6 +91,7 @@ class _Records(TrainerCallback):
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_whole_run_equals_transformers_trainer(tmp_path, tiny_tokenizer, case):
     data_name, opts, schedule = CASES[case]
+    oracle = "sft" if data_name == "alpaca" else "trainer"
     opts = dict(optim="adamw", lr=5e-3, rank=4, alpha=8, dropout=0.0, adam_beta1=0.85, adam_beta2=0.98,
                 adam_epsilon=1e-6, shuffle=False, seed=3, progress=False, save_total_limit=0, quant="none",
                 seq_len=128, warmup_ratio=0.0, output=str(tmp_path / "run")) | opts
@@ -101,10 +106,8 @@ def test_whole_run_equals_transformers_trainer(tmp_path, tiny_tokenizer, case):
         randomize_lora_b(trainer.model, seed=1)
         save_adapter(trainer.model, tmp_path / "adapter")
         units = [dict(input_ids=u.input_ids, labels=u.labels) for u in trainer.train_units]
-        records = []
-        while trainer.step < trainer.total_steps:
-            records.append(trainer.train_step())
-            trainer.step += 1
+        trainer.train()
+        records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
         ours = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
     finally:
         trainer.cleanup()
@@ -114,7 +117,7 @@ def test_whole_run_equals_transformers_trainer(tmp_path, tiny_tokenizer, case):
     if opts["quant"] != "none":
         decode_quantized_layers(plain, trainer.model, opts["quant"], opts["blocksize"], opts["double_quant"])
     model = peft.PeftModel.from_pretrained(plain, tmp_path / "adapter", is_trainable=True)
-    args = TrainingArguments(
+    common = dict(
         output_dir=str(tmp_path / "hf"), per_device_train_batch_size=opts["batch_size"],
         gradient_accumulation_steps=opts["grad_accum"], learning_rate=opts["lr"], lr_scheduler_type=schedule,
         lr_scheduler_kwargs=kwargs,
@@ -122,11 +125,18 @@ def test_whole_run_equals_transformers_trainer(tmp_path, tiny_tokenizer, case):
         num_train_epochs=opts.get("epochs", 1), max_grad_norm=opts["max_grad_norm"],
         weight_decay=opts.get("weight_decay", 0.0), adam_beta1=opts["adam_beta1"], adam_beta2=opts["adam_beta2"],
         adam_epsilon=opts["adam_epsilon"], optim="adamw_torch", train_sampling_strategy="sequential",
-        logging_steps=1, save_strategy="no", report_to=[], seed=opts["seed"], use_cpu=True,
-        remove_unused_columns=False, dataloader_num_workers=0, disable_tqdm=True)
+        logging_steps=1, save_strategy="no", report_to=[], seed=opts["seed"], use_cpu=True, bf16=False,
+        dataloader_num_workers=0, disable_tqdm=True)
     callback = _Records()
-    HFTrainer(model=model, args=args, train_dataset=units, callbacks=[callback],
-              data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100)).train()
+    if oracle == "sft":  # TRL's own collator and loss: the completion mask of the tokens qlora trains
+        rows = Dataset.from_list([dict(input_ids=u["input_ids"], completion_mask=[int(t != -100) for t in u["labels"]])
+                                  for u in units])
+        args = SFTConfig(max_length=None, completion_only_loss=True, **common)
+        SFTTrainer(model=model, args=args, train_dataset=rows, processing_class=tokenizer, callbacks=[callback]).train()
+    else:
+        HFTrainer(model=model, args=TrainingArguments(remove_unused_columns=False, **common), train_dataset=units,
+                  callbacks=[callback],
+                  data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100)).train()
     reference = {n.removeprefix("base_model.model."): p.detach() for n, p in model.named_parameters()
                  if p.requires_grad}
 
