@@ -65,9 +65,9 @@ CASES = {
         "text", dict(train_on="all", batch_size=1, grad_accum=4, lr_scheduler="cosine_with_min_lr",
                      lr_scheduler_kwargs={"min_lr_rate": 0.1}, warmup_steps=1, max_steps=6, max_grad_norm=0.0,
                      weight_decay=0.05), "cosine_with_min_lr"),
-    "constant-with-warmup-ratio": (
+    "constant-with-warmup-ratio-logging-every-3": (
         "alpaca", dict(batch_size=2, grad_accum=2, lr_scheduler="constant", warmup_ratio=0.3, max_steps=8,
-                       max_grad_norm=0.3), "constant_with_warmup"),
+                       max_grad_norm=0.3, logging_steps=3), "constant_with_warmup"),
     "wsd-fractional-epochs-partial-last-step": (
         "text", dict(train_on="all", batch_size=2, grad_accum=3, lr_scheduler="warmup_stable_decay",
                      lr_scheduler_kwargs={"num_decay_steps": 2}, warmup_steps=1, epochs=2.5, max_grad_norm=0.5),
@@ -85,7 +85,7 @@ class _Records(TrainerCallback):
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs and "loss" in logs:
-            self.logs.append(dict(logs))
+            self.logs.append(dict(logs, step=state.global_step))
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
@@ -125,7 +125,7 @@ def test_whole_run_equals_transformers_trainer(tmp_path, tiny_tokenizer, case):
         num_train_epochs=opts.get("epochs", 1), max_grad_norm=opts["max_grad_norm"],
         weight_decay=opts.get("weight_decay", 0.0), adam_beta1=opts["adam_beta1"], adam_beta2=opts["adam_beta2"],
         adam_epsilon=opts["adam_epsilon"], optim="adamw_torch", train_sampling_strategy="sequential",
-        logging_steps=1, save_strategy="no", report_to=[], seed=opts["seed"], use_cpu=True, bf16=False,
+        logging_steps=opts.get("logging_steps", 1), save_strategy="no", report_to=[], seed=opts["seed"], use_cpu=True, bf16=False,
         dataloader_num_workers=0, disable_tqdm=True)
     callback = _Records()
     if oracle == "sft":  # TRL's own collator and loss: the completion mask of the tokens qlora trains
@@ -140,11 +140,16 @@ def test_whole_run_equals_transformers_trainer(tmp_path, tiny_tokenizer, case):
     reference = {n.removeprefix("base_model.model."): p.detach() for n, p in model.named_parameters()
                  if p.requires_grad}
 
-    assert len(records) == len(callback.logs) == trainer.total_steps
-    for step, (mine, theirs) in enumerate(zip(records, callback.logs)):
-        assert mine["lr"] == pytest.approx(theirs["learning_rate"], rel=1e-9, abs=1e-15), step
-        assert mine["loss"] == pytest.approx(theirs["loss"], rel=1e-5), step
-        assert mine["grad_norm"] == pytest.approx(theirs["grad_norm"], rel=1e-4), step
+    # a record every --logging-steps steps (their mean loss, the last one's rate and norm) and at the last step
+    every = opts.get("logging_steps", 1)
+    assert [r["step"] for r in records] == sorted({*range(every, trainer.total_steps + 1, every), trainer.total_steps})
+    by_step = {r["step"]: r for r in records}
+    assert [t["step"] for t in callback.logs] == list(range(every, trainer.total_steps + 1, every))
+    for theirs in callback.logs:
+        mine = by_step[theirs["step"]]
+        assert mine["lr"] == pytest.approx(theirs["learning_rate"], rel=1e-9, abs=1e-15), mine["step"]
+        assert mine["loss"] == pytest.approx(theirs["loss"], rel=1e-5), mine["step"]
+        assert mine["grad_norm"] == pytest.approx(theirs["grad_norm"], rel=1e-4), mine["step"]
     assert reference.keys() == ours.keys()
     for name, p in reference.items():
         torch.testing.assert_close(ours[name], p, rtol=1e-4, atol=1e-6, msg=name)
