@@ -21,9 +21,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-bnb_F = pytest.importorskip("bitsandbytes.functional")
+pytest.importorskip("bitsandbytes")
 peft = pytest.importorskip("peft")
-from bitsandbytes.backends.default.ops import _dequantize_4bit_compute  # noqa: E402
 from transformers import AutoModelForCausalLM, get_scheduler  # noqa: E402
 
 from qlora.model.adapter_io import save_adapter  # noqa: E402
@@ -31,6 +30,7 @@ from qlora.model.tiny import build_tiny_model  # noqa: E402
 from qlora.train.config import load_config  # noqa: E402
 from qlora.train.data import IGNORE_INDEX  # noqa: E402
 from qlora.train.trainer import Trainer  # noqa: E402
+from bnb_decoded import decode_quantized_layers  # noqa: E402
 from random_adapters import randomize_lora_b  # noqa: E402
 
 WORDS = "alpha beta gamma delta fox dog lazy quick brown paged optimizer memory".split()
@@ -74,29 +74,10 @@ CASES = {
 }
 
 
-def _decoded(weight: torch.Tensor, quant: str, blocksize: int, nested: bool) -> torch.Tensor:
-    """``weight`` quantized by bitsandbytes and decoded by its portable reference (its native CPU decoder is
-    off when a row is shorter than a block; see tests/test_quant_exact.py)."""
-    packed, state = bnb_F.quantize_4bit(weight.contiguous(), blocksize=blocksize, quant_type=quant,
-                                        compress_statistics=nested)
-    absmax = bnb_F.dequantize_blockwise(state.absmax, state.state2) + state.offset if nested else state.absmax
-    return _dequantize_4bit_compute(packed.reshape(-1), absmax.float(), state.code, blocksize, weight.shape,
-                                    torch.float32)
-
-
 def _reference_model(model_dir: Path, trainer: Trainer, opts: dict, adapter: Path) -> peft.PeftModel:
     plain = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     if opts["quant"] != "none":
-        quantized = {n.removesuffix(".base_layer") for n, m in trainer.model.named_modules()
-                     if type(m).__name__ == "Linear4bit"}
-        assert quantized
-        with torch.no_grad():
-            for name, module in plain.named_modules():
-                if name in quantized:  # a Conv1D (GPT-2) stores the transpose of a linear layer's weight
-                    conv = not isinstance(module, torch.nn.Linear)
-                    w = _decoded(module.weight.t() if conv else module.weight, opts["quant"], opts["blocksize"],
-                                 opts["double_quant"])
-                    module.weight.copy_(w.t() if conv else w)
+        decode_quantized_layers(plain, trainer.model, opts["quant"], opts["blocksize"], opts["double_quant"])
     return peft.PeftModel.from_pretrained(plain, adapter, is_trainable=True).train()
 
 

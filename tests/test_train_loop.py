@@ -13,7 +13,7 @@ import torch
 from qlora.cli.main import main
 from qlora.errors import UsageError
 from qlora.train.config import load_config
-from qlora.train.trainer import Trainer, list_checkpoints
+from qlora.train.trainer import Interrupted, Trainer, list_checkpoints
 
 QA = [("What is two plus two?", "four"), ("Name a red fruit.", "An apple is red."),
       ("Say hello.", "Hello there!"), ("What colour is the sky?", "The sky is blue."),
@@ -81,6 +81,38 @@ def test_resume_reproduces_uninterrupted_losses(tmp_path, tiny_model_dir, optim)
     assert not stale.exists()  # cleared by the next checkpoint's writer
     steps = [json.loads(line)["step"] for line in (tmp_path / "part" / "metrics.jsonl").read_text().splitlines()]
     assert steps == list(range(1, 9))
+
+
+def test_a_record_of_logging_steps_is_their_mean_and_a_resume_inside_it_keeps_it(tmp_path, tiny_model_dir):
+    """--logging-steps 3: each record holds the mean loss of its 3 steps with the last one's rate (transformers'
+    logging); a run stopped by Ctrl-C at step 4 (checkpoint mid-window) and resumed writes the same records."""
+    data = _write(tmp_path / "d.jsonl", FORMATS["alpaca"])
+    kw = dict(max_steps=8, logging_steps=3, lr_scheduler="linear", warmup_steps=2)
+    full = Trainer(_config(tiny_model_dir, data, tmp_path / "full", **kw))
+    losses = full.run()
+
+    class StoppedAfter4(Trainer):
+        def train_step(self):
+            record = super().train_step()
+            if self.step == 3:  # Ctrl-C during step 4: it finishes, a checkpoint is written, the run stops
+                self._stop_signal = 2
+            return record
+
+    with pytest.raises(Interrupted):
+        StoppedAfter4(_config(tiny_model_dir, data, tmp_path / "part", **kw)).run()
+    assert Trainer(_config(tiny_model_dir, data, tmp_path / "part", resume=True, **kw)).run() == losses
+
+    def records(out):
+        return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+    written = records(tmp_path / "full")
+    assert [r["step"] for r in written] == [3, 6, 8]
+    for record, window in zip(written, [losses[0:3], losses[3:6], losses[6:8]]):
+        assert record["loss"] == pytest.approx(sum(window) / len(window), rel=1e-12)
+    assert written[1]["lr"] == pytest.approx(1e-2 * (8 - 5) / (8 - 2))  # step 6's rate, linear after warmup
+    timing = ("tokens_per_s", "gpu_mem_gib")
+    assert [{k: v for k, v in r.items() if k not in timing} for r in records(tmp_path / "part")] == \
+        [{k: v for k, v in r.items() if k not in timing} for r in written]
 
 
 def test_checkpoints_are_atomic_and_limited(tmp_path, tiny_model_dir):

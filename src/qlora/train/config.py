@@ -277,7 +277,8 @@ class TrainConfig:
                                 "each on its own (LLaMA-Factory's preprocessing_num_workers)", range=AT_LEAST_1)
     precision: str = _opt("auto", "compute dtype: auto = bf16 on CUDA (fp16 without bf16), fp32 on CPU", PRECISIONS)
     seed: int = _opt(42, "random seed (data order, dropout, initialization)", range=Range(0, 2**32 - 1))
-    logging_steps: int = _opt(1, "optimizer steps between metric records", range=AT_LEAST_1)
+    logging_steps: int = _opt(1, "optimizer steps between metric records, each the mean loss of its steps "
+                                   "with the last one's rate and gradient norm (as transformers logs)", range=AT_LEAST_1)
     save_steps: float = _opt(0, "optimizer steps between checkpoints (0: none during training; below 1: that share "
                                 "of the run's steps, rounded up, as transformers reads it); the last step and a "
                                 "Ctrl-C are always checkpointed, so --resume can finish a run", range=NON_NEGATIVE)

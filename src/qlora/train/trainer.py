@@ -72,6 +72,7 @@ from qlora.train.data.selection import hold_out, read_sources
 from qlora.train.data.text_blocks import text_blocks
 from qlora.train.data.tokenize import NothingToTrain
 from qlora.train.file_fingerprint import changed_file, model_fingerprints
+from qlora.train.log_window import window_record
 from qlora.train.loss import chunked_loss_matches, model_inputs, token_loss_sum
 from qlora.train.metrics import MetricsLogger, NullMetrics, gpu_memory_gib
 from qlora.train.neftune import add_neftune
@@ -293,6 +294,7 @@ class Trainer:
         self.adapter_hooks = None  # adapter-specific work around each step (AdaLoRA: penalty, rank allocation)
         self._saved_step: int | None = None  # step of the newest checkpoint (the same on every rank)
         self._saved_records: int | None = None  # metrics.jsonl records written when the resumed checkpoint was
+        self._log_window: list[dict[str, Any]] = []  # step records since the last metrics record (--logging-steps)
         self._input_grads = False  # the input embeddings' output requires grad (see _loss_reaching_adapters)
         self._graph_checked = False  # the first loss of this process was checked for a graph that reaches adapters
 
@@ -763,10 +765,11 @@ class Trainer:
             while self.step < self.total_steps:
                 if self._stop_requested():
                     raise Interrupted(self.step, self.save_checkpoint())
-                record = self.train_step()
+                self._log_window.append(self.train_step())
                 self.step += 1
                 if self.step % cfg.logging_steps == 0 or self.step == self.total_steps:
-                    self.metrics.log(record)
+                    self.metrics.log(window_record(self._log_window))
+                    self._log_window = []
                 self.metrics.advance()  # after the record, so a progress line shows this step's loss
                 if eval_every and self.step % eval_every == 0 and self.eval_units:
                     loss = self.evaluate()["loss"]
@@ -999,6 +1002,7 @@ class Trainer:
                      "scheduler": self.scheduler.state_dict(), "rng": _rng_state(), "losses": self.losses,
                      "scaler": self.scaler.state_dict() if self.scaler else None,
                      "metric_records": len(self.metrics.records),
+                     "log_window": self._log_window,
                      "adapter_hooks": self.adapter_hooks.state_dict() if self.adapter_hooks else None}
             with open(tmp / STATE_FILE, "wb") as fh:  # a file object: a full disk raises OSError, not RuntimeError
                 torch.save(state, fh)
@@ -1040,6 +1044,7 @@ class Trainer:
         self.step, self.losses = state["step"], list(state["losses"])
         self._saved_step = self.step
         self._saved_records = state.get("metric_records")  # absent from checkpoints written before it was counted
+        self._log_window = list(state.get("log_window", []))
 
     def _adapter_tokenizer(self):
         """The tokenizer, when the adapter needs it to be reloaded (added tokens)."""

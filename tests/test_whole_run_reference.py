@@ -1,0 +1,155 @@
+"""A whole short training run against transformers' ``Trainer`` (plain texts) or TRL's ``SFTTrainer``
+(prompt-masked rows, its completion mask and loss) with PEFT LoRA: every step's loss, rate and gradient norm,
+and the adapter at the end.
+
+The reference shares nothing with qlora's training loop: the model is transformers' own in fp32 (a 4-bit base's
+layers decoded from bitsandbytes' quantization), the adapter PEFT's ``PeftModel`` loaded from the one qlora starts
+from (its B matrices made non-zero), the examples qlora tokenized fed in their order
+(``train_sampling_strategy="sequential"`` against ``--no-shuffle``) and padded by the reference's own collator,
+and the reference running the accumulation (``num_items_in_batch``: one division by the trained tokens of the
+whole optimizer step), clipping, torch's AdamW, the schedule of ``get_scheduler``, epochs and the short last
+step of each. Examples of very different lengths make a mean of micro-batch means differ from that division.
+The options combine what a run's later steps depend on: warmup by steps and by ratio, each schedule's shape to
+its last step, ``--max-steps`` running on into a further epoch, fractional epochs, clipping that bites, weight
+decay, Adam's betas and epsilon.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+pytest.importorskip("bitsandbytes")
+peft = pytest.importorskip("peft")
+from datasets import Dataset  # noqa: E402
+from transformers import (  # noqa: E402
+    AutoModelForCausalLM, AutoTokenizer, DataCollatorForSeq2Seq, Trainer as HFTrainer, TrainerCallback,
+    TrainingArguments,
+)
+
+from trl import SFTConfig, SFTTrainer  # noqa: E402
+
+from qlora.model.adapter_io import save_adapter  # noqa: E402
+from qlora.model.tiny import build_tiny_model  # noqa: E402
+from qlora.train.config import load_config  # noqa: E402
+from qlora.train.trainer import Trainer  # noqa: E402
+from bnb_decoded import decode_quantized_layers  # noqa: E402
+from random_adapters import randomize_lora_b  # noqa: E402
+
+WORDS = "alpha beta gamma delta fox dog lazy quick brown paged optimizer memory".split()
+
+
+def _words(i: int, n: int) -> str:
+    return " ".join(WORDS[(i * 5 + j * 7) % len(WORDS)] for j in range(n))
+
+
+# 11 rows of 1 to ~40 words: with batch 2 x accumulation 2 an epoch is 3 steps, the last one 3 examples
+# (a full micro-batch and a short one).
+DATA = {
+    "text": [{"text": _words(i, 1 + (13 * i) % 41)} for i in range(11)],
+    "alpaca": [{"instruction": _words(i, 1 + (7 * i) % 15), "output": _words(i + 3, 1 + (11 * i) % 23)}
+               for i in range(11)],
+}
+
+# name: (data, qlora's options, transformers' names for the schedule and its options)
+CASES = {
+    "linear-warmup-steps-accum2-maxsteps-into-epoch3": (
+        "text", dict(train_on="all", batch_size=2, grad_accum=2, lr_scheduler="linear", warmup_steps=2, max_steps=7,
+                     max_grad_norm=0.05, weight_decay=0.1), "linear"),
+    "cosine-warmup-ratio-accum3-two-epochs": (
+        "alpaca", dict(batch_size=1, grad_accum=3, lr_scheduler="cosine", warmup_ratio=0.2, epochs=2,
+                       max_grad_norm=1.0, weight_decay=0.0), "cosine"),
+    "cosine-min-lr-accum4": (
+        "text", dict(train_on="all", batch_size=1, grad_accum=4, lr_scheduler="cosine_with_min_lr",
+                     lr_scheduler_kwargs={"min_lr_rate": 0.1}, warmup_steps=1, max_steps=6, max_grad_norm=0.0,
+                     weight_decay=0.05), "cosine_with_min_lr"),
+    "constant-with-warmup-ratio-logging-every-3": (
+        "alpaca", dict(batch_size=2, grad_accum=2, lr_scheduler="constant", warmup_ratio=0.3, max_steps=8,
+                       max_grad_norm=0.3, logging_steps=3), "constant_with_warmup"),
+    "wsd-fractional-epochs-partial-last-step": (
+        "text", dict(train_on="all", batch_size=2, grad_accum=3, lr_scheduler="warmup_stable_decay",
+                     lr_scheduler_kwargs={"num_decay_steps": 2}, warmup_steps=1, epochs=2.5, max_grad_norm=0.5),
+        "warmup_stable_decay"),
+    "nf4-double-quant-linear-accum2": (
+        "alpaca", dict(quant="nf4", double_quant=True, blocksize=32, batch_size=2, grad_accum=2,
+                       lr_scheduler="linear", warmup_steps=1, max_steps=5, max_grad_norm=0.2, weight_decay=0.1),
+        "linear"),
+}
+
+
+class _Records(TrainerCallback):
+    def __init__(self) -> None:
+        self.logs: list[dict] = []
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs and "loss" in logs:
+            self.logs.append(dict(logs, step=state.global_step))
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_whole_run_equals_transformers_trainer(tmp_path, tiny_tokenizer, case):
+    data_name, opts, schedule = CASES[case]
+    oracle = "sft" if data_name == "alpaca" else "trainer"
+    opts = dict(optim="adamw", lr=5e-3, rank=4, alpha=8, dropout=0.0, adam_beta1=0.85, adam_beta2=0.98,
+                adam_epsilon=1e-6, shuffle=False, seed=3, progress=False, save_total_limit=0, quant="none",
+                seq_len=128, warmup_ratio=0.0, output=str(tmp_path / "run")) | opts
+    model_dir = build_tiny_model(tmp_path / "model", tokenizer=tiny_tokenizer, arch="llama")
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in DATA[data_name]))
+    kwargs = opts.pop("lr_scheduler_kwargs", {})
+    trainer = Trainer(load_config(None, opts | dict(model=str(model_dir), data=str(data),
+                                                    lr_scheduler_kwargs=json.dumps(kwargs))))
+    try:
+        trainer.setup()
+        randomize_lora_b(trainer.model, seed=1)
+        save_adapter(trainer.model, tmp_path / "adapter")
+        units = [dict(input_ids=u.input_ids, labels=u.labels) for u in trainer.train_units]
+        trainer.train()
+        records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+        ours = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
+    finally:
+        trainer.cleanup()
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    plain = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    if opts["quant"] != "none":
+        decode_quantized_layers(plain, trainer.model, opts["quant"], opts["blocksize"], opts["double_quant"])
+    model = peft.PeftModel.from_pretrained(plain, tmp_path / "adapter", is_trainable=True)
+    common = dict(
+        output_dir=str(tmp_path / "hf"), per_device_train_batch_size=opts["batch_size"],
+        gradient_accumulation_steps=opts["grad_accum"], learning_rate=opts["lr"], lr_scheduler_type=schedule,
+        lr_scheduler_kwargs=kwargs,
+        warmup_steps=opts.get("warmup_steps") or opts["warmup_ratio"], max_steps=opts.get("max_steps", -1) or -1,
+        num_train_epochs=opts.get("epochs", 1), max_grad_norm=opts["max_grad_norm"],
+        weight_decay=opts.get("weight_decay", 0.0), adam_beta1=opts["adam_beta1"], adam_beta2=opts["adam_beta2"],
+        adam_epsilon=opts["adam_epsilon"], optim="adamw_torch", train_sampling_strategy="sequential",
+        logging_steps=opts.get("logging_steps", 1), save_strategy="no", report_to=[], seed=opts["seed"], use_cpu=True, bf16=False,
+        dataloader_num_workers=0, disable_tqdm=True)
+    callback = _Records()
+    if oracle == "sft":  # TRL's own collator and loss: the completion mask of the tokens qlora trains
+        rows = Dataset.from_list([dict(input_ids=u["input_ids"], completion_mask=[int(t != -100) for t in u["labels"]])
+                                  for u in units])
+        args = SFTConfig(max_length=None, completion_only_loss=True, **common)
+        SFTTrainer(model=model, args=args, train_dataset=rows, processing_class=tokenizer, callbacks=[callback]).train()
+    else:
+        HFTrainer(model=model, args=TrainingArguments(remove_unused_columns=False, **common), train_dataset=units,
+                  callbacks=[callback],
+                  data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100)).train()
+    reference = {n.removeprefix("base_model.model."): p.detach() for n, p in model.named_parameters()
+                 if p.requires_grad}
+
+    # a record every --logging-steps steps (their mean loss, the last one's rate and norm) and at the last step
+    every = opts.get("logging_steps", 1)
+    assert [r["step"] for r in records] == sorted({*range(every, trainer.total_steps + 1, every), trainer.total_steps})
+    by_step = {r["step"]: r for r in records}
+    assert [t["step"] for t in callback.logs] == list(range(every, trainer.total_steps + 1, every))
+    for theirs in callback.logs:
+        mine = by_step[theirs["step"]]
+        assert mine["lr"] == pytest.approx(theirs["learning_rate"], rel=1e-9, abs=1e-15), mine["step"]
+        assert mine["loss"] == pytest.approx(theirs["loss"], rel=1e-5), mine["step"]
+        assert mine["grad_norm"] == pytest.approx(theirs["grad_norm"], rel=1e-4), mine["step"]
+    assert reference.keys() == ours.keys()
+    for name, p in reference.items():
+        torch.testing.assert_close(ours[name], p, rtol=1e-4, atol=1e-6, msg=name)
