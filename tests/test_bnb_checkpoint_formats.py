@@ -171,6 +171,12 @@ def test_quantize_command_options_load_in_transformers(tmp_path, tiny_tokenizer,
         assert sorted(mine) == sorted(reference)
         packed = [k for k in reference if ".weight." in k or k + ".absmax" in reference]
         assert packed and all(torch.equal(mine[k], reference[k]) for k in packed)
+        # config.json as transformers writes it (no local path of the base); only the skipped layers are
+        # listed where transformers leaves None (read there as: skip the output head, the same layers)
+        written, own = (json.loads((tmp_path / d / "config.json").read_text()) for d in ("q", "direct"))
+        assert written["quantization_config"].pop("llm_int8_skip_modules") == ["lm_head"]
+        assert own["quantization_config"].pop("llm_int8_skip_modules") is None
+        assert written == own
 
 
 def test_quantize_refuses_a_4bit_checkpoint_in_another_format_and_resaves_its_own(tmp_path, tiny_tokenizer, capsys):

@@ -130,7 +130,9 @@ def save_quantized(model: nn.Module, out_dir: str | Path, tokenizer=None) -> Pat
     dense = [n for n in dense if not n.startswith(tuple(t + "." for t in towers))]
     skipped = sorted({n if n.rsplit(".", 1)[-1] in quantized_leaves else n.rsplit(".", 1)[-1] for n in dense}
                      | set(towers))
-    config = model.config.to_dict()
+    # transformers' own serialization (what save_pretrained writes): the fields that differ from the defaults,
+    # non-finite floats encoded, and not the local folder the model was read from (_name_or_path)
+    config = json.loads(model.config.to_json_string(use_diff=True))
     config["quantization_config"] = {
         "quant_method": "bitsandbytes", "load_in_4bit": True, "load_in_8bit": False,
         "_load_in_4bit": True, "_load_in_8bit": False,
