@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import argparse
 
+from ... import shard_size
 from ...quant import BLOCKSIZES
+from ...shard_size import shard_bytes
 
 NAME = "quantize"
 HELP = "write a bitsandbytes-format 4-bit checkpoint"
@@ -27,6 +29,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--compute-dtype", choices=("bf16", "fp16", "fp32"), default="bf16",
                         help="dtype of the unquantized tensors (embeddings, norms, output head) and the "
                              "bnb_4bit_compute_dtype recorded for the 4-bit layers")
+    parser.add_argument("--max-shard-size", type=shard_bytes, default=shard_size.DEFAULT, metavar="SIZE",
+                        help="largest weight file; a larger model is split into numbered files with an index "
+                             "(5GB = 5*10^9 bytes, 2GiB = 2*2^30, or bytes)")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace qlora's earlier results in an existing --output (only files qlora wrote)")
 
@@ -52,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
     _check_same_format(args, model)
     trained, bounds = merged_format(args.model), PixelBounds.load(args.model)  # a merged fine-tune's, else none
     with staged_output(args.output, "quantize", replace=True) as stage:
-        save_quantized(model, stage, tokenizer)
+        save_quantized(model, stage, tokenizer, max_shard_bytes=args.max_shard_size)
         carry_inference_files(resolve_model_dir(args.model), stage, trained, bounds)  # takes images still
     print(f"wrote {args.quant} checkpoint of {args.model} to {args.output}")
     share = dense_expert_share(model)
