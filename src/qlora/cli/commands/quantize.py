@@ -42,13 +42,14 @@ def run(args: argparse.Namespace) -> int:
     from ...model.chat_format import merged_format
     from ...model.image_pixels import PixelBounds
     from ...model.inference_files import carry_inference_files
-    from ...model.load import load_model, resolve_model_dir
+    from ...model.load import bnb_4bit_config, load_model, read_model_config, resolve_model_dir
     from ...model.quantized_io import check_quantizable, dense_expert_share, save_quantized
 
     from ...output_folder import check_output, staged_output
 
     check_output(args.output, overwrite=args.overwrite, inputs={"--model": args.model})
     check_quantizable(resolve_model_dir(args.model))
+    resaved = bnb_4bit_config(read_model_config(resolve_model_dir(args.model))) is not None
     model, tokenizer = load_model(args.model, quant=args.quant, double_quant=args.double_quant,
                                   blocksize=args.blocksize, device="cpu",
                                   compute_dtype={"bf16": torch.bfloat16, "fp16": torch.float16,
@@ -59,7 +60,10 @@ def run(args: argparse.Namespace) -> int:
     with staged_output(args.output, "quantize", replace=True) as stage:
         save_quantized(model, stage, tokenizer, max_shard_bytes=args.max_shard_size)
         carry_inference_files(resolve_model_dir(args.model), stage, trained, bounds)  # takes images still
-    print(f"wrote {args.quant} checkpoint of {args.model} to {args.output}")
+    if resaved:  # loaded in its own format (checked above), nothing quantized a second time
+        print(f"{args.model} is a bitsandbytes {args.quant} checkpoint already: re-saved as it is to {args.output}")
+    else:
+        print(f"wrote {args.quant} checkpoint of {args.model} to {args.output}")
     share = dense_expert_share(model)
     if share:
         print(f"its mixture-of-experts experts ({share:.0%} of the weights) are stored {args.compute_dtype}, as "
