@@ -319,6 +319,21 @@ def test_overwrite_interrupted_between_moves_leaves_no_loadable_half_and_clears_
     assert sorted(owned_entries(out)) == sorted(p.name for p in out.iterdir() if p.name != MANIFEST)
 
 
+def test_a_killed_runs_staging_folder_is_named_not_removed(tmp_path, tiny_model_dir, capsys):
+    """SIGKILL leaves the hidden staging folder of a write beside its output (the output itself untouched):
+    the next run writing there names it with its size, and leaves it (a run may still be writing in it)."""
+    out = tmp_path / "q4"
+    leftover = tmp_path / ".q4.stage-k1ll3d" / "out"
+    leftover.mkdir(parents=True)
+    (leftover / "model.safetensors").write_bytes(b"\0" * (3 << 20))
+    (tmp_path / ".q4x.stage-other").mkdir()  # another output's: not named
+    assert main(["quantize", "--model", str(tiny_model_dir), "--output", str(out)]) == 0
+    err = capsys.readouterr().err
+    assert f"{leftover.parent} (3.0 MiB)" in err and "remove the folder" in err and "q4x" not in err
+    assert (leftover / "model.safetensors").is_file() and (out / "model.safetensors").is_file()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".q4.") and p != leftover.parent]
+
+
 def test_merge_on_a_full_disk_writes_nothing(tmp_path, tiny_model_dir, capsys, monkeypatch):
     import qlora.model.merge as merge_module
 
