@@ -171,6 +171,12 @@ def test_quantize_command_options_load_in_transformers(tmp_path, tiny_tokenizer,
         assert sorted(mine) == sorted(reference)
         packed = [k for k in reference if ".weight." in k or k + ".absmax" in reference]
         assert packed and all(torch.equal(mine[k], reference[k]) for k in packed)
+        # config.json as transformers writes it (no local path of the base); only the skipped layers are
+        # listed where transformers leaves None (read there as: skip the output head, the same layers)
+        written, own = (json.loads((tmp_path / d / "config.json").read_text()) for d in ("q", "direct"))
+        assert written["quantization_config"].pop("llm_int8_skip_modules") == ["lm_head"]
+        assert own["quantization_config"].pop("llm_int8_skip_modules") is None
+        assert written == own
 
 
 def test_quantize_refuses_a_4bit_checkpoint_in_another_format_and_resaves_its_own(tmp_path, tiny_tokenizer, capsys):
@@ -183,7 +189,15 @@ def test_quantize_refuses_a_4bit_checkpoint_in_another_format_and_resaves_its_ow
     assert not (tmp_path / "nf4").exists()
     assert main(["quantize", "--model", str(tmp_path / "q"), "--output", str(tmp_path / "same"), "--quant", "fp4",
                  "--no-double-quant", "--compute-dtype", "fp32"]) == 0
+    assert "is a bitsandbytes fp4 checkpoint already: re-saved as it is" in capsys.readouterr().out
+    assert main(["quantize", "--model", str(base), "--output", str(tmp_path / "fresh"), "--quant", "fp4"]) == 0
+    out = capsys.readouterr().out
+    assert "wrote fp4 checkpoint of" in out and "already" not in out
+    from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
+
+    mine, reference = (load_file(tmp_path / d / "model.safetensors") for d in ("same", "q"))
+    assert sorted(mine) == sorted(reference) and all(torch.equal(mine[k], reference[k]) for k in reference)
 
     again = AutoModelForCausalLM.from_pretrained(tmp_path / "same", device_map="cpu", dtype="auto")
     torch.testing.assert_close(_logits(again), _logits(theirs), rtol=0, atol=0)

@@ -285,13 +285,62 @@ def test_chat_save_never_replaces_a_file(tmp_path):
     assert "already exists" in reply and data.read_text() == '{"text": "precious"}\n'
 
 
+def test_overwrite_interrupted_between_moves_leaves_no_loadable_half_and_clears_next_time(tmp_path, tiny_model_dir,
+                                                                                           capsys, monkeypatch):
+    """Ctrl-C while an --overwrite merge moves its files in: the folder holds no config.json until the
+    weights and tokenizer are all there (transformers cannot load it half-written), and every file is
+    already recorded as qlora's, so the same command with --overwrite finishes the job."""
+    import qlora.output_folder as output_folder
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    data = _data(tmp_path / "d.jsonl")
+    assert _train(tiny_model_dir, data, tmp_path / "run") == 0
+    merge = ["merge", "--model", str(tiny_model_dir), "--adapter", str(tmp_path / "run"), "--dtype", "float32",
+             "--output", str(tmp_path / "merged"), "--overwrite"]
+    assert main(merge) == 0
+    real = os.replace
+
+    def interrupted(src, dst):
+        if Path(dst).name == "tokenizer.json":  # weights moved in, tokenizer not yet
+            raise KeyboardInterrupt
+        real(src, dst)
+
+    monkeypatch.setattr(output_folder.os, "replace", interrupted)
+    assert main(merge) == 130
+    monkeypatch.setattr(output_folder.os, "replace", real)
+    out = tmp_path / "merged"
+    assert (out / "model.safetensors").is_file() and not (out / "tokenizer.json").exists()
+    with pytest.raises((OSError, ValueError)):  # no config.json: not taken for a model
+        AutoModelForCausalLM.from_pretrained(out)
+    assert main(merge) == 0
+    assert "Traceback" not in capsys.readouterr().err
+    AutoModelForCausalLM.from_pretrained(out)
+    AutoTokenizer.from_pretrained(out)
+    assert sorted(owned_entries(out)) == sorted(p.name for p in out.iterdir() if p.name != MANIFEST)
+
+
+def test_a_killed_runs_staging_folder_is_named_not_removed(tmp_path, tiny_model_dir, capsys):
+    """SIGKILL leaves the hidden staging folder of a write beside its output (the output itself untouched):
+    the next run writing there names it with its size, and leaves it (a run may still be writing in it)."""
+    out = tmp_path / "q4"
+    leftover = tmp_path / ".q4.stage-k1ll3d" / "out"
+    leftover.mkdir(parents=True)
+    (leftover / "model.safetensors").write_bytes(b"\0" * (3 << 20))
+    (tmp_path / ".q4x.stage-other").mkdir()  # another output's: not named
+    assert main(["quantize", "--model", str(tiny_model_dir), "--output", str(out)]) == 0
+    err = capsys.readouterr().err
+    assert f"{leftover.parent} (3.0 MiB)" in err and "remove the folder" in err and "q4x" not in err
+    assert (leftover / "model.safetensors").is_file() and (out / "model.safetensors").is_file()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".q4.") and p != leftover.parent]
+
+
 def test_merge_on_a_full_disk_writes_nothing(tmp_path, tiny_model_dir, capsys, monkeypatch):
     import qlora.model.merge as merge_module
 
     data = _data(tmp_path / "d.jsonl")
     assert _train(tiny_model_dir, data, tmp_path / "run") == 0
 
-    def disk_full(model, out_dir, tokenizer=None):
+    def disk_full(model, out_dir, tokenizer=None, **options):
         Path(out_dir).mkdir(parents=True)
         (Path(out_dir) / "model.safetensors").write_bytes(b"half")
         raise RuntimeError("Error while serializing: I/O error: No space left on device (os error 28)")

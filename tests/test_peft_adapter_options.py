@@ -4,7 +4,8 @@ PEFT's outputs, qlora writes them back for PEFT, and merging them gives transfor
 Options: per-layer ranks and alphas (``rank_pattern``, ``alpha_pattern``), a trained LoRA bias
 (``lora_bias``), trained base biases (``bias="all"`` / ``"lora_only"``), LoRA on the token
 embedding and the output head (tied or not; Gemma's scaled embedding; DoRA), and one of a tied pair
-saved whole (``modules_to_save``, with and without ``ensure_weight_tying``).
+saved whole or both (``modules_to_save``, with and without ``ensure_weight_tying``), and single token rows
+(``trainable_token_indices``), also of tokens added before training.
 """
 
 from __future__ import annotations
@@ -33,6 +34,9 @@ CASES = {
     "saved_head_of_tied_pair": ("llama_tied", dict(target_modules=["v_proj"], modules_to_save=["lm_head"])),
     "saved_embedding_kept_tied": ("llama_tied", dict(target_modules=["q_proj"], modules_to_save=["embed_tokens"],
                                                      ensure_weight_tying=True)),
+    # both saved whole: two tables trained apart, so the merged model has both (untied)
+    "saved_embedding_and_head_of_tied_pair": ("llama_tied", dict(target_modules=["q_proj"],
+                                                                 modules_to_save=["embed_tokens", "lm_head"])),
 }
 
 
@@ -229,6 +233,38 @@ def test_trainable_token_rows_load_save_and_merge(tmp_path, models, arch, indice
     with torch.no_grad():
         theirs = theirs_model(ids).logits
     _round_trip(model, model_dir, tmp_path, ids, theirs)
+
+
+@pytest.mark.parametrize("arch", ["llama_tied", "qwen2"])
+def test_trainable_rows_of_added_tokens_load_and_merge(tmp_path, models, arch):
+    """Tokens added (the model resized) before training their rows with PEFT: PEFT saves the grown tables
+    beside the rows; qlora grows the model to them, gives PEFT's logits, and merges into the same model."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model_dir = models[arch]
+    model, _ = qlora.load_model(model_dir, compute_dtype=torch.float32, device="cpu")
+    reference = _dequantized_reference(model_dir, model)
+    old = reference.get_input_embeddings().weight.shape[0]
+    torch.manual_seed(0)
+    reference.resize_token_embeddings(old + 3)
+    theirs_model = get_peft_model(reference, LoraConfig(r=4, target_modules=["q_proj"], init_lora_weights=False,
+                                                        trainable_token_indices=[old, old + 2, 5])).eval()
+    with torch.no_grad():
+        for name, p in theirs_model.named_parameters():
+            if "trainable_tokens_delta" in name:
+                p.add_(torch.randn_like(p))
+    theirs_model.save_pretrained(tmp_path / "theirs")
+    ids = torch.tensor([[1, 5, old, old + 1, 7, old + 2]])
+    with torch.no_grad():
+        theirs = theirs_model(ids).logits
+        qlora.load_adapter(model, tmp_path / "theirs")
+        torch.testing.assert_close(model(ids).logits, theirs, rtol=1e-4, atol=1e-4)
+        merge(model, into="dequantized", dtype=torch.float32)
+        save_merged(model, tmp_path / "merged")
+        merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32).eval()
+        assert merged.get_input_embeddings().weight.shape[0] == old + 3
+        torch.testing.assert_close(merged(ids).logits, theirs, rtol=1e-4, atol=1e-4)
 
 
 def test_lora_variants_that_compute_differently_are_refused_naming_them(tmp_path, models):

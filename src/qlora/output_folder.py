@@ -17,9 +17,11 @@ of them are complete (all files or none).
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import os
 import shutil
+import sys
 from pathlib import Path
 from typing import Iterable, Iterator, Mapping
 
@@ -28,6 +30,7 @@ from .atomic import as_os_error, give_default_modes, temp_dir_beside
 from .errors import UsageError
 
 MANIFEST = ".qlora-output.json"
+_LOADABLE_MARKERS = ("config.json", "adapter_config.json")  # what loaders look for in a folder
 
 
 def _entries(folder: Path) -> list[str]:
@@ -153,6 +156,19 @@ def clear_owned(folder: str | Path) -> list[str]:
     return _entries(folder) if folder.is_dir() else []
 
 
+def _note_leftovers(output: Path) -> None:
+    """Name on stderr the staging folders of a run writing ``output`` that was killed (SIGKILL, power loss)
+    before it could remove them: hidden, never loaded, but as large as the model. They are not removed
+    here, as a run still writing there would lose its files."""
+    if not output.parent.is_dir():
+        return
+    for old in sorted(output.parent.glob(glob.escape(f".{output.name}.stage-") + "*")):
+        size = sum(f.stat().st_size for f in old.rglob("*") if f.is_file() and not f.is_symlink())
+        print(f"qlora: {old} ({size / 2**20:.1f} MiB) holds the unfinished files of a run writing {output} that was "
+              "stopped before it finished (or is still running); nothing reads them: remove the folder to free "
+              "the space.", file=sys.stderr)
+
+
 @contextlib.contextmanager
 def staged_output(output: str | Path, command: str, replace: bool) -> Iterator[Path]:
     """Yield a path (not yet existing) to build the outputs in; move them into ``output`` on success.
@@ -163,6 +179,7 @@ def staged_output(output: str | Path, command: str, replace: bool) -> Iterator[P
     a full disk, nothing in ``output`` has changed.
     """
     output = Path(output)
+    _note_leftovers(output)
     holder = temp_dir_beside(output, "stage")
     stage = holder / "out"
     try:
@@ -190,11 +207,13 @@ def staged_output(output: str | Path, command: str, replace: bool) -> Iterator[P
         if replace:
             clear_owned(output)
             ours = set()
-        for name in new:
+        # Recorded before the moves, and the files that make a folder load as a model or an adapter moved last:
+        # a run killed between two moves leaves no folder that loads half-written, only files --overwrite clears.
+        _write_manifest(output, [*ours, *new], command)
+        for name in sorted(new, key=lambda n: n in _LOADABLE_MARKERS):
             target = output / name
             if target.is_dir() and not target.is_symlink():
                 shutil.rmtree(target)
             os.replace(stage / name, target)
-        _write_manifest(output, [*ours, *new], command)
     finally:
         shutil.rmtree(holder, ignore_errors=True)

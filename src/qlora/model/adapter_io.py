@@ -304,8 +304,11 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path, adapter_name: str = 
     check_adapter_name(adapter_name)
     config = read_adapter_config(adapter_dir)
     tensors = read_adapter_weights(adapter_dir)
-    token_rows = _token_rows(model, config, {k: tensors.pop(k) for k in [k for k in tensors if ".token_adapter." in k]},
-                             adapter_dir)
+    token_tensors = {k: tensors.pop(k) for k in [k for k in tensors if ".token_adapter." in k]}
+    # beside the rows, PEFT saves the whole table when tokens were added (resized) before training
+    token_tables = {k[len(PEFT_PREFIX):].replace(".token_adapter.base_layer.", "."): token_tensors.pop(k)
+                    for k in [k for k in token_tensors if ".token_adapter.base_layer." in k]}
+    token_rows = _token_rows(model, config, token_tensors, token_tables, adapter_dir)
     target_parameters = [t for t in config.get("target_parameters") or [] if t]
     experts = set(expert_modules(model)) if target_parameters else set()
     lora_keys = {k: lora_key(k) for k in tensors if ".lora_" in k}  # key -> (module path, tensor kind)
@@ -324,10 +327,11 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path, adapter_name: str = 
     base_tables = {k.replace(".base_layer.", ".", 1): whole.pop(k) for k in [k for k in whole if ".base_layer." in k]}
     refuse_beside_others(model, adapter_dir, adapter_name,
                          in_place_parts(sorted({k.rpartition(".")[0] for k in whole}), list(token_rows)))
-    _grow_vocabulary(model, whole | base_tables)
+    _grow_vocabulary(model, whole | base_tables | token_tables)
     save_paths = sorted({k.rpartition(".")[0] for k in whole})
     names = dict(model.named_modules())
-    missing = [p for p in paths + save_paths + [k.rpartition(".")[0] for k in base_tables] if p not in names]
+    missing = [p for p in paths + save_paths + [k.rpartition(".")[0] for k in base_tables | token_tables]
+               if p not in names]
     if missing:
         raise UsageError(f"{adapter_dir} was made for another base model: it adapts {missing[0]}, which this "
                          f"model does not have ({len(missing)} such layers).")
@@ -348,6 +352,7 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path, adapter_name: str = 
     adapter_configs(model)[adapter_name].target_modules = target_names(config.get("target_modules"), paths)
     _load_expert_tensors(model, tensors, expert_keys, adapter_name, adapter_dir, trainable)
     _load_base_tables(model, base_tables, adapter_dir)
+    _load_whole(model, token_tables, False, adapter_dir)  # the tables the rows go into, frozen
     _write_token_rows(model, token_rows, adapter_name)
     _load_biases(model, biases, bias_mode, trainable, adapter_dir)
     layers, embeddings = lora_layers(model), embedding_lora_layers(model)
@@ -480,10 +485,11 @@ def _weights_fingerprint(folder: Path) -> list[tuple[str, int, str]]:
     return out
 
 
-def _token_rows(model: nn.Module, config: dict, tensors: dict[str, torch.Tensor],
+def _token_rows(model: nn.Module, config: dict, tensors: dict[str, torch.Tensor], tables: dict[str, torch.Tensor],
                 adapter_dir: Path) -> dict[str, tuple[list[int], torch.Tensor]]:
     """PEFT's ``trainable_token_indices`` adapters: the new rows of single tokens, by module path. The
-    config gives the indices (a list: the input embedding; a mapping: by layer name) and the file the rows."""
+    config gives the indices (a list: the input embedding; a mapping: by layer name) and the file the rows;
+    ``tables`` (``path.weight``) are the whole tables saved with them, of a vocabulary grown by added tokens."""
     spec = config.get("trainable_token_indices")
     rows: dict[str, tuple[list[int], torch.Tensor]] = {}
     for key, value in tensors.items():
@@ -503,10 +509,11 @@ def _token_rows(model: nn.Module, config: dict, tensors: dict[str, torch.Tensor]
         if not isinstance(indices, list) or len(indices) != value.shape[0]:
             raise UsageError(f"{adapter_dir}/adapter_config.json: trainable_token_indices does not give the "
                              f"{value.shape[0]} token ids of {key}; the adapter is damaged.")
-        if max(indices, default=0) >= weight.shape[0] or value.shape[1:] != weight.shape[1:]:
+        size = max(weight.shape[0], len(tables.get(path + ".weight", ())))
+        if max(indices, default=0) >= size or value.shape[1:] != weight.shape[1:]:
             raise UsageError(f"{adapter_dir} was made for another base model: {key} has rows of shape "
                              f"{tuple(value.shape[1:])} for token ids up to {max(indices)}, but {path} holds "
-                             f"{weight.shape[0]} rows of shape {tuple(weight.shape[1:])}.")
+                             f"{size} rows of shape {tuple(weight.shape[1:])}.")
         rows[path] = (list(indices), value)
     return rows
 
@@ -549,13 +556,14 @@ def _load_base_tables(model: nn.Module, tables: dict[str, torch.Tensor], adapter
 
 def _untie_saved_table(model: nn.Module, save_paths: list[str], config: dict) -> None:
     """PEFT trains a module saved whole as its own copy: of a tied embedding and head, an adapter that
-    saves one (without PEFT's ``ensure_weight_tying``) changes that one only. Untie them first, and
-    say so in the config, so the other keeps the base weights here too, and in a merged model."""
+    saves one (without PEFT's ``ensure_weight_tying``) changes that one only, and one that saves both
+    trains two tables. Untie them first, and say so in the config, so each keeps its own weights (the
+    base's where it saves none) here too, and in a merged model."""
     if config.get("ensure_weight_tying") or not shares_table(model):
         return
     paths = {id(m): p for p, m in model.named_modules()}
     saved = [m for m in (model.get_input_embeddings(), model.get_output_embeddings()) if paths.get(id(m)) in save_paths]
-    if len(saved) == 1:
+    if saved:
         module = saved[0]
         module.weight = nn.Parameter(module.weight.detach().clone(), requires_grad=module.weight.requires_grad)
         untie_config(model)

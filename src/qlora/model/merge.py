@@ -19,6 +19,7 @@ from ..atomic import atomic_dir
 from ..errors import UsageError
 from ..float_dtype import float_dtype
 from ..nn import AdaLoraLinear, Experts4bit, ExpertsLora, Linear4bit, LoraEmbedding, LoraLinear
+from ..shard_size import DEFAULT_BYTES
 from .inject import adapter_configs
 from .quantize import replace_modules
 
@@ -260,8 +261,9 @@ def _shard_bar(shown: bool) -> Iterator[None]:
             hf_logging.enable_progress_bar()
 
 
-def save_merged(model: nn.Module, out_dir: str | Path, tokenizer=None) -> Path:
-    """Write a merged (dense) model as a standard transformers safetensors checkpoint."""
+def save_merged(model: nn.Module, out_dir: str | Path, tokenizer=None, max_shard_bytes: int = DEFAULT_BYTES) -> Path:
+    """Write a merged (dense) model as a standard transformers safetensors checkpoint, in files of at most
+    ``max_shard_bytes`` (a larger tensor alone in one) listed by ``model.safetensors.index.json``."""
     if any(isinstance(m, (Linear4bit, Experts4bit, ExpertsLora, LoraLinear, LoraEmbedding, AdaLoraLinear))
            for m in model.modules()):
         raise ValueError("save_merged needs a dense model: call qlora.merge(model) first")
@@ -269,7 +271,7 @@ def save_merged(model: nn.Module, out_dir: str | Path, tokenizer=None) -> Path:
     if hasattr(config, "quantization_config"):
         del config.quantization_config
     with atomic_dir(out_dir) as tmp, _shard_bar(sum(t.nbytes for t in model.state_dict().values()) >= 1 << 30):
-        model.save_pretrained(tmp, safe_serialization=True)
+        model.save_pretrained(tmp, safe_serialization=True, max_shard_size=max_shard_bytes)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
     return Path(out_dir)

@@ -18,11 +18,10 @@ from torch import nn
 from ..atomic import atomic_dir
 from ..errors import UsageError
 from ..nn import Experts4bit, Linear4bit, LoraLinear, expert_weight, expert_weight_names
+from ..shard_size import DEFAULT_BYTES
 from .architecture import text_model_from_config
 from .checkpoint_layout import converted_on_save, to_checkpoint_layout
 from .quantize import is_plain_linear, kept_dense_names, non_text_names, tied_keys, weight_count
-
-_SHARD_BYTES = 5 * 1024**3
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -100,9 +99,10 @@ def check_quantizable(model_dir: str | Path) -> None:
                          "these layers to 4 bits while loading.")
 
 
-def save_quantized(model: nn.Module, out_dir: str | Path, tokenizer=None) -> Path:
+def save_quantized(model: nn.Module, out_dir: str | Path, tokenizer=None, max_shard_bytes: int = DEFAULT_BYTES) -> Path:
     """Write the 4-bit base model (without adapters) in bitsandbytes' checkpoint format, in the
-    layout transformers' ``save_pretrained`` writes (MoE experts as 16-bit per-expert weights).
+    layout transformers' ``save_pretrained`` writes (MoE experts as 16-bit per-expert weights), in files of
+    at most ``max_shard_bytes`` (a larger tensor alone in one).
 
     Raises:
         UsageError: for a model whose MoE experts are 4-bit (:class:`Experts4bit`): load it with
@@ -130,7 +130,9 @@ def save_quantized(model: nn.Module, out_dir: str | Path, tokenizer=None) -> Pat
     dense = [n for n in dense if not n.startswith(tuple(t + "." for t in towers))]
     skipped = sorted({n if n.rsplit(".", 1)[-1] in quantized_leaves else n.rsplit(".", 1)[-1] for n in dense}
                      | set(towers))
-    config = model.config.to_dict()
+    # transformers' own serialization (what save_pretrained writes): the fields that differ from the defaults,
+    # non-finite floats encoded, and not the local folder the model was read from (_name_or_path)
+    config = json.loads(model.config.to_json_string(use_diff=True))
     config["quantization_config"] = {
         "quant_method": "bitsandbytes", "load_in_4bit": True, "load_in_8bit": False,
         "_load_in_4bit": True, "_load_in_8bit": False,
@@ -147,7 +149,7 @@ def save_quantized(model: nn.Module, out_dir: str | Path, tokenizer=None) -> Pat
     size = 0
     for key, value in sd.items():
         nbytes = value.numel() * value.element_size()
-        if size and size + nbytes > _SHARD_BYTES:
+        if size and size + nbytes > max_shard_bytes:
             shards.append({})
             size = 0
         shards[-1][key] = value

@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import argparse
 
+from ... import shard_size
+from ...shard_size import shard_bytes
+
 NAME = "merge"
 HELP = "fold an adapter into its base: a standard 16-bit HF checkpoint"
 
@@ -30,6 +33,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "format the adapter was trained on, else nf4)")
     parser.add_argument("--dtype", default="bfloat16", type=_dtype, choices=_DTYPES,
                         help="dtype of the merged weights (bf16, fp16, fp32 also accepted)")
+    parser.add_argument("--max-shard-size", type=shard_bytes, default=shard_size.DEFAULT, metavar="SIZE",
+                        help="largest weight file; a larger model is split into numbered files with an index "
+                             "(5GB = 5*10^9 bytes, 2GiB = 2*2^30, or bytes)")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace qlora's earlier results in an existing --output (only files qlora wrote)")
 
@@ -63,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
     if trained is not None:
         tokenizer.chat_template = trained.template  # other tools loading the merged folder see the same format
     with staged_output(args.output, "merge", replace=True) as stage:
-        save_merged(model, stage, tokenizer)
+        save_merged(model, stage, tokenizer, max_shard_bytes=args.max_shard_size)
         # a vision-language model takes images still; qlora generate/chat/eval/serve prompt the merged model and
         # show it images as the adapter's run did
         carry_inference_files(resolve_model_dir(args.model), stage, trained, bounds)

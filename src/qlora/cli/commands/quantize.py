@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import argparse
 
+from ... import shard_size
 from ...quant import BLOCKSIZES
+from ...shard_size import shard_bytes
 
 NAME = "quantize"
 HELP = "write a bitsandbytes-format 4-bit checkpoint"
@@ -27,6 +29,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--compute-dtype", choices=("bf16", "fp16", "fp32"), default="bf16",
                         help="dtype of the unquantized tensors (embeddings, norms, output head) and the "
                              "bnb_4bit_compute_dtype recorded for the 4-bit layers")
+    parser.add_argument("--max-shard-size", type=shard_bytes, default=shard_size.DEFAULT, metavar="SIZE",
+                        help="largest weight file; a larger model is split into numbered files with an index "
+                             "(5GB = 5*10^9 bytes, 2GiB = 2*2^30, or bytes)")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace qlora's earlier results in an existing --output (only files qlora wrote)")
 
@@ -37,13 +42,14 @@ def run(args: argparse.Namespace) -> int:
     from ...model.chat_format import merged_format
     from ...model.image_pixels import PixelBounds
     from ...model.inference_files import carry_inference_files
-    from ...model.load import load_model, resolve_model_dir
+    from ...model.load import bnb_4bit_config, load_model, read_model_config, resolve_model_dir
     from ...model.quantized_io import check_quantizable, dense_expert_share, save_quantized
 
     from ...output_folder import check_output, staged_output
 
     check_output(args.output, overwrite=args.overwrite, inputs={"--model": args.model})
     check_quantizable(resolve_model_dir(args.model))
+    resaved = bnb_4bit_config(read_model_config(resolve_model_dir(args.model))) is not None
     model, tokenizer = load_model(args.model, quant=args.quant, double_quant=args.double_quant,
                                   blocksize=args.blocksize, device="cpu",
                                   compute_dtype={"bf16": torch.bfloat16, "fp16": torch.float16,
@@ -52,9 +58,12 @@ def run(args: argparse.Namespace) -> int:
     _check_same_format(args, model)
     trained, bounds = merged_format(args.model), PixelBounds.load(args.model)  # a merged fine-tune's, else none
     with staged_output(args.output, "quantize", replace=True) as stage:
-        save_quantized(model, stage, tokenizer)
+        save_quantized(model, stage, tokenizer, max_shard_bytes=args.max_shard_size)
         carry_inference_files(resolve_model_dir(args.model), stage, trained, bounds)  # takes images still
-    print(f"wrote {args.quant} checkpoint of {args.model} to {args.output}")
+    if resaved:  # loaded in its own format (checked above), nothing quantized a second time
+        print(f"{args.model} is a bitsandbytes {args.quant} checkpoint already: re-saved as it is to {args.output}")
+    else:
+        print(f"wrote {args.quant} checkpoint of {args.model} to {args.output}")
     share = dense_expert_share(model)
     if share:
         print(f"its mixture-of-experts experts ({share:.0%} of the weights) are stored {args.compute_dtype}, as "
