@@ -225,6 +225,34 @@ def test_a_dataset_whose_image_rows_are_all_skipped_is_refused_naming_them(tmp_p
         f"1 with an empty answer (first: {path} line 3).")
 
 
+def test_rows_whose_images_do_not_fit_are_refused_with_the_seq_len_to_raise(tmp_path, qwen_tokenizer):
+    """Image rows skipped for --seq-len are not missing answers: the refusal says to raise --seq-len, and names them
+    beside text rows truncated to nothing rather than counting every row as truncated."""
+    from image_models import write_png
+    from qlora.train.data.tokenize import IMAGES_TOO_LONG, tokenize_example
+
+    write_png(tmp_path / "a.png", 8, 8, 0)
+    image_row = {"messages": [{"role": "user", "content": [{"type": "image", "image": "a.png"}]}, ASSISTANT]}
+    path = _write(tmp_path / "data.jsonl", [image_row, {"messages": [USER, ASSISTANT]}])
+    examples = normalize(load_records(path))
+    fmt = ChatFormat(QWEN)
+    with pytest.raises(UsageError) as error:
+        tokenize_dataset(examples[:1], qwen_tokenizer, fmt, with_images=lambda e, i: IMAGES_TOO_LONG)
+    assert "raise --seq-len so that their images fit" in str(error.value)
+    assert "with answers" not in str(error.value)
+
+    def tokenize(example, index):
+        if example.images:
+            return IMAGES_TOO_LONG
+        return tokenize_example(example, qwen_tokenizer, fmt, "assistant", 4, index=index)
+
+    with pytest.raises(UsageError) as error:
+        tokenize_dataset(examples, qwen_tokenizer, fmt, seq_len=4, with_images=tokenize)
+    assert str(error.value).startswith(
+        f"1 of the 2 examples have no trainable tokens after tokenization (first: {path} line 2); 1 skipped with "
+        f"images that do not fit --seq-len (first: {path} line 1). Usually --seq-len (4)")
+
+
 def test_eval_rows_that_are_all_skipped_are_refused_as_nothing_to_evaluate(tmp_path, tiny_model_dir, capsys):
     """Held-out rows with nothing in them name the eval data (--eval-split's share of --data, or --eval-data) and
     say there is nothing to evaluate, not that there is nothing to train."""

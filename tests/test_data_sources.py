@@ -106,6 +106,26 @@ def test_saved_datasets_and_arrow_files_through_datasets(tmp_path):
         load_records(tmp_path / "fake.arrow")
 
 
+def test_arrow_ipc_file_format(tmp_path):
+    """The random-access Arrow file (pyarrow's ipc.new_file, Feather 2, polars' write_ipc) reads as datasets'
+    arrow loader reads it, not only the stream datasets itself writes."""
+    datasets = pytest.importorskip("datasets")
+    import pyarrow as pa
+    import pyarrow.feather as feather
+
+    rows = [{"instruction": f"q{i}", "output": f"a{i}"} for i in range(3)]
+    table = pa.Table.from_pylist(rows)
+    with pa.ipc.new_file(str(tmp_path / "ipc.arrow"), table.schema) as writer:
+        writer.write_table(table)
+    feather.write_feather(table, str(tmp_path / "feather.arrow"))
+    for name in ("ipc.arrow", "feather.arrow"):
+        oracle = datasets.load_dataset("arrow", data_files=str(tmp_path / name), split="train",
+                                       cache_dir=str(tmp_path / "cache"))
+        records = load_records(tmp_path / name)
+        assert [r.fields for r in records] == oracle.to_list() == rows
+        assert records[2].where.endswith(f"{name} row 2")
+
+
 def test_folder_of_data_files_through_datasets(tmp_path):
     pytest.importorskip("datasets")
     folder = tmp_path / "repo"

@@ -617,8 +617,7 @@ class Trainer:
         except NothingToTrain as exc:
             if cfg.eval_data:
                 source, fix = (f"--eval-data {cfg.eval_data}: all {exc.rows} {exc.what} of it",
-                               f"give --eval-data {exc.what} with answers (check --format and --data-fields if the "
-                               "answers are in another column), or leave --eval-data out")
+                               f"{exc.fix}; or leave --eval-data out")
             else:
                 source, fix = (f"--eval-split {cfg.eval_split:g}: all {exc.rows} {exc.what} it holds out of --data "
                                f"{cfg.data}", "give held-out data with answers as --eval-data instead, or a larger "

@@ -111,8 +111,7 @@ def run(args: argparse.Namespace) -> int:
                                                                           bounds))
     except NothingToTrain as exc:  # in eval's words, not training's
         raise UsageError(f"--data {args.data}: all {exc.rows} {exc.what} of it have nothing to evaluate: {exc.counts}. "
-                         f"Such rows are skipped; give {exc.what} with answers (check --format and --data-fields if "
-                         "the answers are in another column).") from None
+                         f"Such rows are skipped; {exc.fix}.") from None
     check_positions(model, max(len(e.input_ids) for e in tokenized), args.model)
     model.eval()
     dtype = model.get_input_embeddings().weight.dtype  # image tensors go in as the 16-bit vision tower takes them

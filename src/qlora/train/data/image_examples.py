@@ -25,9 +25,8 @@ from qlora.model.chat_format import ChatFormat
 from qlora.model.image_processor import image_tensors, image_token_id, pixel_bounds, process
 from qlora.train.data.formats import Example
 from qlora.train.data.images import as_parts
-from qlora.train.data.tokenize import IGNORE_INDEX, TokenizedExample, for_template, rendered_text, tokenize_example
-
-IMAGES_TOO_LONG = "images that do not fit --seq-len"
+from qlora.train.data.tokenize import (IGNORE_INDEX, IMAGES_TOO_LONG, TokenizedExample, for_template, rendered_text,
+                                       tokenize_example)
 
 
 def token_aligned(key: str) -> bool:

@@ -133,8 +133,8 @@ def attach_images(example, fields: dict[str, Any], folders: Sequence[str | Path]
             messages.append(message)
             continue
         if message.get("role") != "user" and message.get("role") != "system":
-            raise UsageError(f"{where}, message {i}: images in a {message.get('role')} turn; qlora trains the model "
-                             "to write text about images given in user turns. Move the image to the user turn.")
+            raise UsageError(f"{where}, message {i}: images in this {message.get('role')} message; qlora trains the "
+                             "model to write text about images given in user turns. Move the image to the user turn.")
         parts = []
         for part in content:
             if isinstance(part, dict) and part.get("type") in IMAGE_PART_TYPES:

@@ -254,15 +254,23 @@ def _read_parquet(path: Path) -> list[Record]:
 
 
 def _read_arrow(path: Path) -> list[Record]:
-    """An Arrow file as ``datasets`` writes it (``data-00000-of-00001.arrow``), memory-mapped."""
+    """An Arrow file: the stream ``datasets`` writes (``data-00000-of-00001.arrow``), memory-mapped, or the
+    random-access file format that pyarrow's ``ipc.new_file``, Feather 2, polars and pandas write (as ``datasets``'
+    ``arrow`` loader reads both)."""
     import datasets
+    import pyarrow as pa
 
     try:
-        table = datasets.Dataset.from_file(str(path))
+        return _rows(datasets.Dataset.from_file(str(path)), str(path))
     except Exception as exc:  # pyarrow's ArrowInvalid for anything that is not an Arrow stream
-        raise UsageError(f"{path} is not a readable Arrow file ({exc}). Give the file datasets wrote, or "
-                         "convert it to .jsonl.") from None
-    return _rows(table, str(path))
+        stream_error = exc
+    try:
+        with pa.memory_map(str(path)) as source:
+            rows = pa.ipc.open_file(source).read_all().to_pylist()
+    except Exception:  # ArrowInvalid again: neither an Arrow stream nor an Arrow file
+        raise UsageError(f"{path} is not a readable Arrow file ({stream_error}). Give an Arrow IPC stream or file "
+                         "(as datasets or pyarrow write them), or convert it to .jsonl.") from None
+    return _rows(rows, str(path))
 
 
 def _read_folder(path: Path, split: str, subset: str | None) -> list[Record]:

@@ -59,6 +59,7 @@ from qlora.train.data.reasoning import (REASONING_KEYS, THINK_CLOSE, THINK_OPEN,
 from qlora.train.data.thinking_mode import final_reasoning_in_thinking_mode, thinking_switch
 
 IGNORE_INDEX = -100
+IMAGES_TOO_LONG = "images that do not fit --seq-len"  # why a row with images is skipped: truncation never cuts an image
 TRAIN_ON = ("assistant", "all", "completion")
 _SHOWN = 5
 
@@ -145,18 +146,21 @@ class DataReport:
                    else self.empty)
         counts = "; ".join(f"{len(where)} with {reason} (first: {', '.join(where[:_SHOWN])})"
                            for reason, where in skipped.items())
-        return NothingToTrain(rows, what, counts)
+        fixes = [f"give {what} with answers (check --format and --data-fields if the answers are in another column)"
+                 ] if set(skipped) - {IMAGES_TOO_LONG} else []
+        if IMAGES_TOO_LONG in skipped:
+            fixes.append("raise --seq-len so that their images fit (or bound them with --image-max-pixels)")
+        return NothingToTrain(rows, what, counts, "; ".join(fixes))
 
 
 class NothingToTrain(UsageError):
-    """Every row of a dataset was skipped; ``rows``, ``what`` (``"rows"``, ``"preference pairs"``) and ``counts``
-    (why, where) let held-out data say so in its own words (nothing to evaluate)."""
+    """Every row of a dataset was skipped; ``rows``, ``what`` (``"rows"``, ``"preference pairs"``), ``counts``
+    (why, where) and ``fix`` (what to do) let held-out data say so in its own words (nothing to evaluate)."""
 
-    def __init__(self, rows: int, what: str, counts: str) -> None:
-        self.rows, self.what, self.counts = rows, what, counts
-        super().__init__(f"all {rows} {what} of the data have nothing to train: {counts}. Such rows are skipped; give "
-                         f"{what} with answers (check --format and --data-fields if the answers are in another "
-                         "column).")
+    def __init__(self, rows: int, what: str, counts: str, fix: str) -> None:
+        self.rows, self.what, self.counts, self.fix = rows, what, counts, fix
+        super().__init__(f"all {rows} {what} of the data have nothing to train: {counts}. Such rows are skipped; "
+                         f"{fix}.")
 
 
 class Unlocated(UsageError):
@@ -305,10 +309,13 @@ def tokenize_dataset(
         raise UsageError(f"all {len(examples)} texts of the data are empty (first: "
                          f"{', '.join(report.untrainable_where[:_SHOWN])}); give texts to train on.")
     if not kept:
+        skipped = "".join(f"; {len(where)} skipped with {reason} (first: {', '.join(where[:_SHOWN])})"
+                          for reason, where in report.empty.items())
+        n, untrainable = len(examples), len(report.untrainable)
         raise UsageError(
-            f"all {len(examples)} examples have no trainable tokens after tokenization "
-            f"(first: {', '.join(report.untrainable_where[:_SHOWN])}). Usually --seq-len "
-            f"({seq_len}) is shorter than the prompts, so every response is truncated away; raise "
+            f"{f'all {n}' if untrainable == n else f'{untrainable} of the {n}'} examples have no "
+            f"trainable tokens after tokenization (first: {', '.join(report.untrainable_where[:_SHOWN])}){skipped}. "
+            f"Usually --seq-len ({seq_len}) is shorter than the prompts, so every response is truncated away; raise "
             "--seq-len or shorten the prompts."
         )
     return kept, report
