@@ -106,8 +106,8 @@ def _train_further(out: Path, checkpoint: Path, differ: list[str]) -> str:
         return ""
     return (f". --resume finishes a run as it was planned (its learning-rate schedule spans its steps), so it does "
             f"not run longer; to train further, continue its adapter in a new run: {_continue_command(out, checkpoint)}"
-            " with the model, data and the steps or epochs to add (the adapter brings its rank, targets and chat "
-            "format; the optimizer state and the schedule start afresh)")
+            " with the data and the steps or epochs to add (the adapter names its base model and brings its rank, "
+            "targets and chat format; the optimizer state and the schedule start afresh)")
 
 
 def _changed_files(out: Path, checkpoint: Path, saved: dict, current: dict) -> None:
