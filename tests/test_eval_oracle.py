@@ -151,7 +151,8 @@ def test_eval_folds_the_system_message_for_a_template_without_one(tmp_path, caps
 @pytest.mark.parametrize("content", [None, "", "\n\n"])
 def test_eval_refuses_a_missing_or_empty_data_file_before_loading_the_model(tmp_path, capsys, content):
     """Exit 2 naming the file, no traceback, and before the model loads (a typo costs seconds, not a 70B load): the
-    model here does not exist, so an error about it would mean it was loaded first."""
+    model folder here is empty, so an error about it would mean it was loaded first."""
+    (tmp_path / "no-model").mkdir()
     data = tmp_path / "d.jsonl"
     if content is not None:
         data.write_text(content)
