@@ -229,3 +229,20 @@ def test_a_damaged_compressed_file_is_named_and_bad_text_inside_it_has_its_line(
     (tmp_path / "latin.jsonl.gz").write_bytes(gzip.compress('{"text": "a"}\n{"text": "caf\xe9"}\n'.encode("latin1")))
     with pytest.raises(UsageError, match="latin.jsonl.gz line 2: not UTF-8"):
         load_records(tmp_path / "latin.jsonl.gz")
+
+
+def test_csv_rows_wider_than_the_header_and_repeated_columns_are_refused_not_cut(tmp_path):
+    """An unquoted comma splits a text into cells past the header's columns, and a repeated column name hides a
+    cell: either would train a wrong answer without a word, so the line is named. A short row's missing cells are
+    null, and a trailing separator (an empty extra cell) loses nothing."""
+    (tmp_path / "wide.csv").write_text('instruction,output\n"a, b",c\ne,[1,2]\n')
+    with pytest.raises(UsageError, match=r"wide\.csv line 3: 3 cells, but the header has 2 columns"):
+        load_records(tmp_path / "wide.csv")
+    (tmp_path / "twice.tsv").write_text("instruction\toutput\toutput\na\tb\tc\n")
+    with pytest.raises(UsageError, match=r"twice\.tsv line 1: the header names the column 'output' more than once"):
+        load_records(tmp_path / "twice.tsv")
+    (tmp_path / "loose.csv").write_text('instruction,input,output\n"x\ny",,z,\n\nq,r\n')
+    records = load_records(tmp_path / "loose.csv")
+    assert [r.fields for r in records] == [{"instruction": "x\ny", "input": "", "output": "z"},
+                                           {"instruction": "q", "input": "r", "output": None}]
+    assert [r.where.rsplit(" ", 1)[-1] for r in records] == ["3", "5"]

@@ -181,10 +181,31 @@ def _read_json(path: Path) -> list[Record]:
 
 
 def _read_csv(path: Path, delimiter: str = ",") -> list[Record]:
+    """Rows under the header's names; a row shorter than the header has nulls in its last columns (as pandas and
+    ``datasets`` read it), while a row with more filled cells than the header, or a header naming a column twice,
+    is refused: a text would otherwise be silently cut at an unquoted comma or lost under a repeated name."""
     with _open_text(path, newline="") as f:
-        reader = csv.DictReader(f, delimiter=delimiter)
-        # line_num is the physical line where the row ended, so quoted newlines keep it right.
-        return [Record(dict(row), f"{path} line {reader.line_num}") for row in reader]
+        reader = csv.reader(f, delimiter=delimiter)
+        header = next(reader, None)
+        if header is None:
+            return []
+        repeated = sorted({name for name in header if name and header.count(name) > 1})  # unnamed ones are unread
+        if repeated:
+            raise UsageError(f"{path} line 1: the header names the column{'s' * (len(repeated) > 1)} "
+                             f"{', '.join(map(repr, repeated))} more than once, so a row's cells under that name "
+                             "would overwrite each other. Rename the repeated columns.")
+        records = []
+        for cells in reader:  # line_num is the physical line where the row ended, so quoted newlines keep it right
+            if not cells:  # a blank line, as csv.DictReader skips it
+                continue
+            if any(cells[len(header):]):  # empty extra cells (a trailing separator) hold nothing to lose
+                raise UsageError(
+                    f"{path} line {reader.line_num}: {len(cells)} cells, but the header has {len(header)} columns. "
+                    f"A text holding the separator ({delimiter!r}) must be quoted (\"a, b\"); quote it, or remove "
+                    "the extra cells.")
+            records.append(Record(dict(zip(header, cells[:len(header)] + [None] * (len(header) - len(cells)))),
+                                  f"{path} line {reader.line_num}"))
+        return records
 
 
 def _read_tsv(path: Path) -> list[Record]:
