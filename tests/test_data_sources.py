@@ -246,3 +246,18 @@ def test_csv_rows_wider_than_the_header_and_repeated_columns_are_refused_not_cut
     assert [r.fields for r in records] == [{"instruction": "x\ny", "input": "", "output": "z"},
                                            {"instruction": "q", "input": "r", "output": None}]
     assert [r.where.rsplit(" ", 1)[-1] for r in records] == ["3", "5"]
+
+
+@pytest.mark.parametrize("name", ["d.jsonl", "d.csv", "d.txt"])
+def test_utf16_files_and_nul_bytes_are_named_as_such(tmp_path, name):
+    """A UTF-16 file (PowerShell's redirection, Excel's "Unicode text") is not latin-1: the advice names the
+    encoding its byte-order mark gives. Without the mark, or in a file with a crash's zeros, NUL bytes name the
+    line instead of passing as text or as a misleading JSON error."""
+    text = {"d.jsonl": json.dumps(ALPACA[0]) + "\n", "d.csv": "instruction,output\na,b\n", "d.txt": "hello\n"}[name]
+    (tmp_path / name).write_bytes(text.encode("utf-16"))
+    with pytest.raises(UsageError, match=r"line 1: not UTF-8 text .*UTF-16 text: save it as UTF-8 \(e\.g\. iconv -f "
+                                         r"utf-16 -t utf-8\)"):
+        load_records(tmp_path / name)
+    (tmp_path / name).write_bytes(text.encode() + b"\x00" * 8 + b"\n")
+    with pytest.raises(UsageError, match=rf"{name} line {text.count(chr(10)) + 1}: holds NUL bytes"):
+        load_records(tmp_path / name)
