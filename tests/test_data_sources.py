@@ -261,3 +261,23 @@ def test_utf16_files_and_nul_bytes_are_named_as_such(tmp_path, name):
     (tmp_path / name).write_bytes(text.encode() + b"\x00" * 8 + b"\n")
     with pytest.raises(UsageError, match=rf"{name} line {text.count(chr(10)) + 1}: holds NUL bytes"):
         load_records(tmp_path / name)
+
+
+def test_class_label_columns_read_as_their_names(tmp_path):
+    """A ClassLabel column keeps its names only in the features: an answer mapped to it trains the name ("yes"),
+    not the index; -1 (no label) is null, so such a row is an empty answer; a list of labels names each."""
+    datasets = pytest.importorskip("datasets")
+    features = datasets.Features({"instruction": datasets.Value("string"),
+                                  "label": datasets.ClassLabel(names=["no", "yes"]),
+                                  "tags": datasets.Sequence(datasets.ClassLabel(names=["a", "b", "c"]))})
+    data = datasets.Dataset.from_dict({"instruction": ["q0", "q1", "q2"], "label": [1, 0, -1],
+                                       "tags": [[2, 0], [], [1]]}, features=features)
+    data.save_to_disk(str(tmp_path / "saved"))
+    expected = [{"instruction": "q0", "label": "yes", "tags": ["c", "a"]},
+                {"instruction": "q1", "label": "no", "tags": []},
+                {"instruction": "q2", "label": None, "tags": ["b"]}]
+    assert [r.fields for r in load_records(tmp_path / "saved")] == expected
+    assert [r.fields for r in load_records(next((tmp_path / "saved").glob("*.arrow")))] == expected
+    examples = normalize(load_records(tmp_path / "saved"), fields="output=label")
+    assert [e.messages[-1]["content"] for e in examples] == ["yes", "no", ""]
+    assert [e.skip for e in examples] == [None, None, "an empty answer"]

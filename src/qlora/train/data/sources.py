@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from qlora.errors import UsageError
+from qlora.train.data.class_labels import label_names, with_label_names
 
 LOCAL_SUFFIXES = (".jsonl", ".json", ".csv", ".tsv", ".parquet", ".arrow", ".txt")
 # Compressed text files (data.jsonl.gz, data.csv.xz) are read through these, as datasets reads them.
@@ -371,7 +372,9 @@ def _pick_split(data: Any, split: str, where: str) -> Any:
 
 
 def _rows(rows: Iterable[dict[str, Any]], where: str) -> list[Record]:
-    return [Record(dict(row), f"{where} row {i}") for i, row in enumerate(rows)]
+    """The rows as records; a ``datasets.Dataset``'s ClassLabel columns hold their label names."""
+    labels = label_names(getattr(rows, "features", None))
+    return [Record(with_label_names(dict(row), labels), f"{where} row {i}") for i, row in enumerate(rows)]
 
 
 def _as_object(value: Any, where: str) -> dict[str, Any]:
