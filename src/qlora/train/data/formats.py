@@ -505,8 +505,10 @@ def _content(content: Any, where: str, role: str, key: str, fmt: str,
     if content is None:
         if has_calls:
             return None  # an assistant turn that only calls tools: null, as OpenAI writes it and templates test
+        if role == "assistant":  # a null answer (a ShareGPT dump's gap), or a reasoning without one: empty text
+            return ""
         raise UsageError(f'{where}: the {role} message has no "{key}" (format {fmt}); only an assistant message '
-                         'with "tool_calls" may have none.')
+                         'may have none.')
     if isinstance(content, list):
         parts: list[dict[str, Any]] = []
         for k, part in enumerate(content):
