@@ -117,6 +117,10 @@ def test_a_dataset_of_empty_rows_is_refused_naming_them(tmp_path, qwen_tokenizer
     ({"messages": [{"role": "narrator", "content": "Hi"}]}, r"line 1, message 0: unknown role 'narrator'"),
     ({"messages": "hello"}, r'line 1: field "messages" must be a non-empty list'),
     ({"messages": [{"role": "user", "content": 5}]}, r'line 1, message 0: "content" must be a string'),
+    ({"messages": [{"role": "user", "content": [{"type": "text", "text": None}]}]},
+     r'line 1, message 0: content part 0 is a text part whose "text" is null; it must be a string'),
+    ({"messages": [{"role": None, "content": "Hi"}]}, r'line 1, message 0: "role" must be a string naming the '
+                                                     r"speaker, got None"),
     ({"conversations": [{"from": "human"}]}, r'line 1, message 0: each entry needs string fields "from" and "value"'),
     ({"instruction": "A?", "output": [{"text": "A."}]}, r'line 1: field "output" must be a string, got list'),
     ({"instruction": "A?", "output": True}, r'line 1: field "output" must be a string, got bool'),
