@@ -52,6 +52,11 @@ CASES = {
     "sharegpt-last-turn": ({"conversations": [{"from": "human", "value": "Hi?"}, {"from": "gpt", "value": "Hello."}]},
                            {"conversations": [{"from": "human", "value": "Hi?"}, {"from": "gpt", "value": ""}]},
                            "an empty answer"),
+    "messages-null-answer": ({"messages": [USER, ASSISTANT]},
+                             {"messages": [USER, {"role": "assistant", "content": None}]}, "an empty answer"),
+    "sharegpt-null-value": ({"conversations": [{"from": "human", "value": "Hi?"}, {"from": "gpt", "value": "Hello."}]},
+                            {"conversations": [{"from": "human", "value": "Hi?"}, {"from": "gpt", "value": None}]},
+                            "an empty answer"),
     "messages-no-turns": ({"messages": [USER, ASSISTANT]}, {"messages": []}, "no messages"),
     "sharegpt-no-turns": ({"conversations": [{"from": "human", "value": "Hi?"}, {"from": "gpt", "value": "Hello."}]},
                           {"conversations": []}, "no messages"),
@@ -89,7 +94,7 @@ def test_parquet_nulls_and_numbers_in_alpaca_columns(tmp_path, qwen_tokenizer):
 
 def test_an_answer_with_a_tool_call_or_reasoning_is_not_empty(tmp_path):
     call = {"role": "assistant", "content": "", "tool_calls": [{"function": {"name": "f", "arguments": "{}"}}]}
-    thinking = {"role": "assistant", "content": "", "reasoning_content": "Nothing to add."}
+    thinking = {"role": "assistant", "content": None, "reasoning_content": "Nothing to add."}
     path = _write(tmp_path / "data.jsonl", [{"messages": [USER, call]}, {"messages": [USER, thinking]},
                                             {"messages": [USER, {**ASSISTANT, "content": ""}, USER, ASSISTANT]},
                                             {"messages": [USER, {**ASSISTANT, "content": "", "weight": 0}, USER,
@@ -112,6 +117,10 @@ def test_a_dataset_of_empty_rows_is_refused_naming_them(tmp_path, qwen_tokenizer
     ({"messages": [{"role": "narrator", "content": "Hi"}]}, r"line 1, message 0: unknown role 'narrator'"),
     ({"messages": "hello"}, r'line 1: field "messages" must be a non-empty list'),
     ({"messages": [{"role": "user", "content": 5}]}, r'line 1, message 0: "content" must be a string'),
+    ({"messages": [{"role": "user", "content": [{"type": "text", "text": None}]}]},
+     r'line 1, message 0: content part 0 is a text part whose "text" is null; it must be a string'),
+    ({"messages": [{"role": None, "content": "Hi"}]}, r'line 1, message 0: "role" must be a string naming the '
+                                                     r"speaker, got None"),
     ({"conversations": [{"from": "human"}]}, r'line 1, message 0: each entry needs string fields "from" and "value"'),
     ({"instruction": "A?", "output": [{"text": "A."}]}, r'line 1: field "output" must be a string, got list'),
     ({"instruction": "A?", "output": True}, r'line 1: field "output" must be a string, got bool'),

@@ -229,3 +229,55 @@ def test_a_damaged_compressed_file_is_named_and_bad_text_inside_it_has_its_line(
     (tmp_path / "latin.jsonl.gz").write_bytes(gzip.compress('{"text": "a"}\n{"text": "caf\xe9"}\n'.encode("latin1")))
     with pytest.raises(UsageError, match="latin.jsonl.gz line 2: not UTF-8"):
         load_records(tmp_path / "latin.jsonl.gz")
+
+
+def test_csv_rows_wider_than_the_header_and_repeated_columns_are_refused_not_cut(tmp_path):
+    """An unquoted comma splits a text into cells past the header's columns, and a repeated column name hides a
+    cell: either would train a wrong answer without a word, so the line is named. A short row's missing cells are
+    null, and a trailing separator (an empty extra cell) loses nothing."""
+    (tmp_path / "wide.csv").write_text('instruction,output\n"a, b",c\ne,[1,2]\n')
+    with pytest.raises(UsageError, match=r"wide\.csv line 3: 3 cells, but the header has 2 columns"):
+        load_records(tmp_path / "wide.csv")
+    (tmp_path / "twice.tsv").write_text("instruction\toutput\toutput\na\tb\tc\n")
+    with pytest.raises(UsageError, match=r"twice\.tsv line 1: the header names the column 'output' more than once"):
+        load_records(tmp_path / "twice.tsv")
+    (tmp_path / "loose.csv").write_text('instruction,input,output\n"x\ny",,z,\n\nq,r\n')
+    records = load_records(tmp_path / "loose.csv")
+    assert [r.fields for r in records] == [{"instruction": "x\ny", "input": "", "output": "z"},
+                                           {"instruction": "q", "input": "r", "output": None}]
+    assert [r.where.rsplit(" ", 1)[-1] for r in records] == ["3", "5"]
+
+
+@pytest.mark.parametrize("name", ["d.jsonl", "d.csv", "d.txt"])
+def test_utf16_files_and_nul_bytes_are_named_as_such(tmp_path, name):
+    """A UTF-16 file (PowerShell's redirection, Excel's "Unicode text") is not latin-1: the advice names the
+    encoding its byte-order mark gives. Without the mark, or in a file with a crash's zeros, NUL bytes name the
+    line instead of passing as text or as a misleading JSON error."""
+    text = {"d.jsonl": json.dumps(ALPACA[0]) + "\n", "d.csv": "instruction,output\na,b\n", "d.txt": "hello\n"}[name]
+    (tmp_path / name).write_bytes(text.encode("utf-16"))
+    with pytest.raises(UsageError, match=r"line 1: not UTF-8 text .*UTF-16 text: save it as UTF-8 \(e\.g\. iconv -f "
+                                         r"utf-16 -t utf-8\)"):
+        load_records(tmp_path / name)
+    (tmp_path / name).write_bytes(text.encode() + b"\x00" * 8 + b"\n")
+    with pytest.raises(UsageError, match=rf"{name} line {text.count(chr(10)) + 1}: holds NUL bytes"):
+        load_records(tmp_path / name)
+
+
+def test_class_label_columns_read_as_their_names(tmp_path):
+    """A ClassLabel column keeps its names only in the features: an answer mapped to it trains the name ("yes"),
+    not the index; -1 (no label) is null, so such a row is an empty answer; a list of labels names each."""
+    datasets = pytest.importorskip("datasets")
+    features = datasets.Features({"instruction": datasets.Value("string"),
+                                  "label": datasets.ClassLabel(names=["no", "yes"]),
+                                  "tags": datasets.Sequence(datasets.ClassLabel(names=["a", "b", "c"]))})
+    data = datasets.Dataset.from_dict({"instruction": ["q0", "q1", "q2"], "label": [1, 0, -1],
+                                       "tags": [[2, 0], [], [1]]}, features=features)
+    data.save_to_disk(str(tmp_path / "saved"))
+    expected = [{"instruction": "q0", "label": "yes", "tags": ["c", "a"]},
+                {"instruction": "q1", "label": "no", "tags": []},
+                {"instruction": "q2", "label": None, "tags": ["b"]}]
+    assert [r.fields for r in load_records(tmp_path / "saved")] == expected
+    assert [r.fields for r in load_records(next((tmp_path / "saved").glob("*.arrow")))] == expected
+    examples = normalize(load_records(tmp_path / "saved"), fields="output=label")
+    assert [e.messages[-1]["content"] for e in examples] == ["yes", "no", ""]
+    assert [e.skip for e in examples] == [None, None, "an empty answer"]

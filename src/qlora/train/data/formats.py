@@ -441,6 +441,8 @@ def _message(item: Any, where: str, names: FieldMap, fmt: str) -> dict[str, Any]
                          f"got {type(item).__name__}.")
     role_key, content_key = names.message_keys(item)
     speaker = item.get(role_key)
+    if role_key in item and not isinstance(speaker, str):
+        raise UsageError(f'{where}: "{role_key}" must be a string naming the speaker, got {speaker!r} (format {fmt}).')
     if not isinstance(speaker, str) or (content_key not in item and "tool_calls" not in item
                                         and speaker_name(speaker) not in _TOOL_CALL_SPEAKERS):
         raise UsageError(f'{where}: each entry needs string fields "{role_key}" and "{content_key}" (format {fmt}); '
@@ -505,8 +507,10 @@ def _content(content: Any, where: str, role: str, key: str, fmt: str,
     if content is None:
         if has_calls:
             return None  # an assistant turn that only calls tools: null, as OpenAI writes it and templates test
+        if role == "assistant":  # a null answer (a ShareGPT dump's gap), or a reasoning without one: empty text
+            return ""
         raise UsageError(f'{where}: the {role} message has no "{key}" (format {fmt}); only an assistant message '
-                         'with "tool_calls" may have none.')
+                         'may have none.')
     if isinstance(content, list):
         parts: list[dict[str, Any]] = []
         for k, part in enumerate(content):
@@ -517,6 +521,11 @@ def _content(content: Any, where: str, role: str, key: str, fmt: str,
                 parts.append({"type": "text", "text": part})
             elif isinstance(part, dict) and kind in IMAGE_PART_TYPES:
                 parts.append(part)  # resolved with the row's images (qlora.train.data.images)
+            elif isinstance(part, dict) and kind == "text":
+                found = "missing" if "text" not in part else "null" if part["text"] is None else (
+                    f'a {type(part["text"]).__name__}')
+                raise UsageError(f'{where}: content part {k} is a text part whose "text" is {found}; it must be a '
+                                 "string. Write its text, or remove the part.")
             else:
                 raise UsageError(f"{where}: content part {k} is of type {kind!r}; qlora trains on text and images, "
                                  'so only text parts ({"type": "text", "text": ...}) and image parts ({"type": '

@@ -13,6 +13,7 @@ through the `datasets` library, the data layer users already know.
 from __future__ import annotations
 
 import bz2
+import codecs
 import csv
 import gzip
 import io
@@ -23,6 +24,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from qlora.errors import UsageError
+from qlora.train.data.class_labels import label_names, with_label_names
 
 LOCAL_SUFFIXES = (".jsonl", ".json", ".csv", ".tsv", ".parquet", ".arrow", ".txt")
 # Compressed text files (data.jsonl.gz, data.csv.xz) are read through these, as datasets reads them.
@@ -88,9 +90,9 @@ def load_records(source: str | Path, split: str = "train", subset: str | None = 
             raise UsageError(f"{path}: cannot be decompressed ({type(exc).__name__}: {exc}). Download or copy it "
                              "again.") from None
         except UnicodeDecodeError as exc:
-            raise UsageError(f"{path} line {_line_of_byte(path, exc)}: not UTF-8 text ({exc.reason} at byte "
-                             f"{exc.object[exc.start]:#04x}). Save the file as UTF-8 (e.g. iconv -f latin1 "
-                             "-t utf-8).") from None
+            raw = _read_bytes(path)
+            raise UsageError(f"{path} line {_line_of_byte(raw)}: not UTF-8 text ({exc.reason} at byte "
+                             f"{exc.object[exc.start]:#04x}). {_save_as_utf8(raw)}") from None
     elif path.is_dir():
         records = _read_folder(path, split, subset)
     elif _format_suffix(path) in LOCAL_SUFFIXES or path.exists() or str(source).startswith((".", "/", "~")):
@@ -138,14 +140,31 @@ def _read_bytes(path: Path) -> bytes:
         return f.read()
 
 
-def _line_of_byte(path: Path, exc: UnicodeDecodeError) -> int:
+def _line_of_byte(raw: bytes) -> int:
     """The line of the first byte that is not UTF-8 (the decoder's offsets are per chunk, not per file)."""
-    for line_no, line in enumerate(_read_bytes(path).split(b"\n"), start=1):
+    for line_no, line in enumerate(raw.split(b"\n"), start=1):
         try:
             line.decode("utf-8")
         except UnicodeDecodeError:
             return line_no
     return 1
+
+
+def _save_as_utf8(raw: bytes) -> str:
+    """How to convert a file that is not UTF-8: from UTF-16 or UTF-32 where its byte-order mark says so (what
+    Windows PowerShell and Excel's "Unicode text" write), else from a legacy one-byte encoding."""
+    for mark, encoding in ((codecs.BOM_UTF32_LE, "utf-32"), (codecs.BOM_UTF32_BE, "utf-32"),
+                           (codecs.BOM_UTF16_LE, "utf-16"), (codecs.BOM_UTF16_BE, "utf-16")):
+        if raw.startswith(mark):
+            return (f"Its byte-order mark says it is {encoding.upper()} text: save it as UTF-8 (e.g. iconv -f "
+                    f"{encoding} -t utf-8).")
+    return "Save the file as UTF-8 (e.g. iconv -f latin1 -t utf-8)."
+
+
+def _nul_error(path: Path, line_no: int) -> UsageError:
+    """A NUL byte is never text: a UTF-16 file without its byte-order mark, or a damaged one (a crash's zeros)."""
+    return UsageError(f"{path} line {line_no}: holds NUL bytes, which no text has: the file is UTF-16 text (save it "
+                      "as UTF-8, e.g. iconv -f utf-16 -t utf-8) or damaged (remove the line, or copy the file again).")
 
 
 def _read_jsonl(path: Path) -> list[Record]:
@@ -157,6 +176,8 @@ def _read_jsonl(path: Path) -> list[Record]:
             try:
                 value = json.loads(line)
             except json.JSONDecodeError as e:
+                if "\x00" in line:
+                    raise _nul_error(path, line_no) from None
                 raise UsageError(
                     f"{path} line {line_no}: malformed JSON ({e.msg} at column {e.colno}). "
                     "Each line of a .jsonl file must be one complete JSON object."
@@ -181,10 +202,33 @@ def _read_json(path: Path) -> list[Record]:
 
 
 def _read_csv(path: Path, delimiter: str = ",") -> list[Record]:
+    """Rows under the header's names; a row shorter than the header has nulls in its last columns (as pandas and
+    ``datasets`` read it), while a row with more filled cells than the header, or a header naming a column twice,
+    is refused: a text would otherwise be silently cut at an unquoted comma or lost under a repeated name."""
     with _open_text(path, newline="") as f:
-        reader = csv.DictReader(f, delimiter=delimiter)
-        # line_num is the physical line where the row ended, so quoted newlines keep it right.
-        return [Record(dict(row), f"{path} line {reader.line_num}") for row in reader]
+        reader = csv.reader(f, delimiter=delimiter)
+        header = next(reader, None)
+        if header is None:
+            return []
+        repeated = sorted({name for name in header if name and header.count(name) > 1})  # unnamed ones are unread
+        if repeated:
+            raise UsageError(f"{path} line 1: the header names the column{'s' * (len(repeated) > 1)} "
+                             f"{', '.join(map(repr, repeated))} more than once, so a row's cells under that name "
+                             "would overwrite each other. Rename the repeated columns.")
+        records = []
+        for cells in reader:  # line_num is the physical line where the row ended, so quoted newlines keep it right
+            if not cells:  # a blank line, as csv.DictReader skips it
+                continue
+            if any("\x00" in cell for cell in cells):
+                raise _nul_error(path, reader.line_num)
+            if any(cells[len(header):]):  # empty extra cells (a trailing separator) hold nothing to lose
+                raise UsageError(
+                    f"{path} line {reader.line_num}: {len(cells)} cells, but the header has {len(header)} columns. "
+                    f"A text holding the separator ({delimiter!r}) must be quoted (\"a, b\"); quote it, or remove "
+                    "the extra cells.")
+            records.append(Record(dict(zip(header, cells[:len(header)] + [None] * (len(header) - len(cells)))),
+                                  f"{path} line {reader.line_num}"))
+        return records
 
 
 def _read_tsv(path: Path) -> list[Record]:
@@ -237,9 +281,13 @@ def _decoded_lines(path: Path) -> list[str]:
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
         line = raw[:exc.start].count(b"\n") + 1
-        raise UsageError(f"{path} line {line}: not UTF-8 text (byte {raw[exc.start]:#04x}). Save the file as "
-                         "UTF-8 (e.g. iconv -f latin1 -t utf-8).") from None
-    return io.StringIO(text, newline=None).readlines()  # universal newlines, and nothing else, end a line
+        raise UsageError(f"{path} line {line}: not UTF-8 text (byte {raw[exc.start]:#04x}). "
+                         f"{_save_as_utf8(raw)}") from None
+    lines = io.StringIO(text, newline=None).readlines()  # universal newlines, and nothing else, end a line
+    nul = next((i for i, line in enumerate(lines) if "\x00" in line), None)
+    if nul is not None:
+        raise _nul_error(path, nul + 1)
+    return lines
 
 
 def _read_parquet(path: Path) -> list[Record]:
@@ -324,7 +372,9 @@ def _pick_split(data: Any, split: str, where: str) -> Any:
 
 
 def _rows(rows: Iterable[dict[str, Any]], where: str) -> list[Record]:
-    return [Record(dict(row), f"{where} row {i}") for i, row in enumerate(rows)]
+    """The rows as records; a ``datasets.Dataset``'s ClassLabel columns hold their label names."""
+    labels = label_names(getattr(rows, "features", None))
+    return [Record(with_label_names(dict(row), labels), f"{where} row {i}") for i, row in enumerate(rows)]
 
 
 def _as_object(value: Any, where: str) -> dict[str, Any]:
