@@ -77,6 +77,8 @@ CASES = {
                        ("nll_loss", "log_odds_ratio", "log_odds_chosen")),
     "cpo-ipo-truncated": ("cpo", PAIRS, dict(seq_len=24, loss_type="ipo", cpo_alpha=0.5),
                           dict(max_length=24, loss_type="ipo", cpo_alpha=0.5), (4, 1), ("nll_loss",)),
+    # KL rows after a shorter prompt take more of a completion cut after its own long prompt (TRL cuts the rows)
+    "kto-batch4-truncated": ("kto", UNPAIRED, dict(seq_len=24, batch_size=4), dict(max_length=24), (4, 2), ("kl",)),
     "kto-weighted": ("kto", UNPAIRED, dict(desirable_weight=1.5, undesirable_weight=0.7),
                      dict(desirable_weight=1.5, undesirable_weight=0.7), (2, 2), ("kl",)),
 }
