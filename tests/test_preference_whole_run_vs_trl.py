@@ -83,6 +83,27 @@ CASES = {
                      dict(desirable_weight=1.5, undesirable_weight=0.7), (2, 2), ("kl",)),
 }
 
+# TRL 1.16's other DPO loss types, each with the smoothing / tau it reads
+LOSSES = {"exo_pair": dict(label_smoothing=1e-3), "nca_pair": {}, "bco_pair": {}, "sppo_hard": {},
+          "aot": dict(label_smoothing=0.1), "aot_unpaired": dict(label_smoothing=0.1), "apo_zero": {}, "apo_down": {},
+          "discopop": dict(discopop_tau=0.5), "sigmoid_norm": {}}
+CASES |= {f"dpo-{name}": ("dpo", PAIRS, dict(loss_type=name, **kw), dict(loss_type=[name], **kw), (2, 2), ())
+          for name, kw in LOSSES.items()}
+# micro-batches of 2 with 1 or 2 desirable examples: loss, KL and adapter equal TRL's; the reward metrics do not, as
+# qlora's are means over the step's desirable / undesirable examples, TRL's means of its micro-batches' means (and
+# its margins only over the micro-batches holding both kinds)
+UNBALANCED = [dict(r, label=d) for r, d in zip(UNPAIRED, [True, False, True, True, False, False, True, False])]
+CASES["kto-unbalanced-micro-batches"] = ("kto", UNBALANCED, dict(), dict(), (2, 2), ("kl",))
+CASES |= {
+    # qlora's conservative DPO is TRL 1.16's aot_unpaired for micro-batches of one pair (its sort then sorts nothing)
+    "dpo-sigmoid-smoothing-batch1": ("dpo", PAIRS, dict(label_smoothing=0.2, batch_size=1),
+                                     dict(loss_type=["aot_unpaired"], label_smoothing=0.2), (1, 2), ()),
+    "dpo-ld-wpo-forward-kl": ("dpo", PAIRS, dict(ld_alpha=0.5, wpo=True, f_divergence_type="forward_kl"),
+                              dict(ld_alpha=0.5, use_weighting=True, f_divergence_type="forward_kl"), (2, 2), ()),
+    "kto-apo-zero-unpaired": ("kto", UNPAIRED, dict(loss_type="apo_zero_unpaired"),
+                              dict(loss_type="apo_zero_unpaired"), (2, 2), ()),
+}
+
 
 class _Records(TrainerCallback):
     def __init__(self) -> None:
@@ -164,11 +185,13 @@ def test_preference_run_equals_trl(tmp_path, tiny_model_dir, case):
         assert own["lr"] == pytest.approx(their["learning_rate"], rel=1e-9, abs=1e-15), step
         assert own["loss"] == pytest.approx(their["loss"], rel=1e-5, abs=1e-7), step
         assert own["grad_norm"] == pytest.approx(their["grad_norm"], rel=1e-4), step
-        for key in DPO_METRICS + extra:
+        for key in (extra if rows is UNBALANCED else DPO_METRICS + extra):
             if key == "rewards/accuracies" and method == "kto":
                 continue  # KTOTrainer has no accuracies
             assert own[key] == pytest.approx(their[key], rel=1e-4, abs=2e-5), (step, key)
     assert train[total_steps]["rewards/margins"] != train[1]["rewards/margins"]  # the run moved the policy
+    if rows is UNBALANCED:  # the one difference: step means against means of micro-batch means
+        assert any(abs(train[t["step"]]["rewards/margins"] - t["rewards/margins"]) > 1e-3 for t in callback.logs)
     assert reference.keys() == mine.keys()
     for name, p in reference.items():
         torch.testing.assert_close(mine[name], p, rtol=1e-4, atol=1e-6, msg=name)
