@@ -30,6 +30,7 @@ trl = pytest.importorskip("trl")
 from datasets import Dataset  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback  # noqa: E402
 
+from qlora.model.adapter_io import save_adapter  # noqa: E402
 from qlora.train.config import load_config  # noqa: E402
 from qlora.train.trainer import Trainer  # noqa: E402
 from random_adapters import randomize_lora_b  # noqa: E402
@@ -100,6 +101,10 @@ CASES |= {
                                      dict(loss_type=["aot_unpaired"], label_smoothing=0.2), (1, 2), ()),
     "dpo-ld-wpo-forward-kl": ("dpo", PAIRS, dict(ld_alpha=0.5, wpo=True, f_divergence_type="forward_kl"),
                               dict(ld_alpha=0.5, use_weighting=True, f_divergence_type="forward_kl"), (2, 2), ()),
+    "dpo-from-adapter": ("dpo", PAIRS, dict(from_adapter=True), dict(), (2, 2), ()),
+    "dpo-from-adapter-precompute-ref": ("dpo", PAIRS, dict(from_adapter=True, precompute_ref=True),
+                                        dict(precompute_ref_log_probs=True), (2, 2), ()),
+    "kto-from-adapter": ("kto", UNPAIRED, dict(from_adapter=True), dict(), (2, 2), ("kl",)),
     "kto-apo-zero-unpaired": ("kto", UNPAIRED, dict(loss_type="apo_zero_unpaired"),
                               dict(loss_type="apo_zero_unpaired"), (2, 2), ()),
 }
@@ -136,7 +141,9 @@ def _oracle(method: str, model, rows, tokenizer, args: dict, lora, callback):
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_preference_run_equals_trl(tmp_path, tiny_model_dir, case):
     method, rows, ours, theirs, (trl_batch, trl_accum), extra = CASES[case]
+    ours, theirs = dict(ours), dict(theirs)
     beta = ours.pop("beta", 0.2)
+    from_adapter = ours.pop("from_adapter", False)
     opts = dict(model=str(tiny_model_dir), output=str(tmp_path / "run"), method=method, quant="none", rank=4, alpha=8,
                 dropout=0.0, target_modules="all-linear", optim="adamw", lr=5e-3, lr_scheduler="linear",
                 warmup_steps=1, max_steps=6, batch_size=2, grad_accum=2, max_grad_norm=0.5, weight_decay=0.0,
@@ -144,10 +151,19 @@ def test_preference_run_equals_trl(tmp_path, tiny_model_dir, case):
                 progress=False, save_total_limit=0, precision="fp32") | ours
     data = tmp_path / "data.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    if from_adapter:  # --adapter: an earlier run's adapter (B non-zero) trained further, itself the reference
+        trainer = Trainer(load_config(None, opts | dict(data=str(data), output=str(tmp_path / "start"))))
+        trainer.setup()
+        randomize_lora_b(trainer.model, seed=1)
+        save_adapter(trainer.model, tmp_path / "adapter")
+        trainer.cleanup()
+        opts = {k: v for k, v in opts.items() if k not in ("rank", "alpha", "target_modules", "dropout")}
+        opts["adapter"] = str(tmp_path / "adapter")
     trainer = Trainer(load_config(None, opts | dict(data=str(data))))
     try:
         trainer.setup()
-        randomize_lora_b(trainer.model, seed=1)
+        if not from_adapter:
+            randomize_lora_b(trainer.model, seed=1)
         start = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
         trainer.train()
         records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
@@ -166,8 +182,13 @@ def test_preference_run_equals_trl(tmp_path, tiny_model_dir, case):
                 use_cpu=True, bf16=False, fp16=False, disable_dropout=True, dataloader_num_workers=0,
                 disable_tqdm=True, beta=beta, max_length=opts["seq_len"]) | theirs
     callback = _Records()
-    lora = peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM")
-    oracle = _oracle(method, plain, rows, tokenizer, args, lora, callback)
+    if from_adapter:  # TRL keeps a copy of the loaded adapter as the reference ("ref")
+        model = peft.PeftModel.from_pretrained(plain, tmp_path / "adapter", is_trainable=True)
+        oracle = _oracle(method, model, rows, tokenizer, args, None, callback)
+    else:
+        lora = peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules="all-linear",
+                               task_type="CAUSAL_LM")
+        oracle = _oracle(method, plain, rows, tokenizer, args, lora, callback)
     theirs = {n.removeprefix("base_model.model."): p for n, p in oracle.model.named_parameters() if p.requires_grad}
     assert theirs.keys() == start.keys()
     with torch.no_grad():  # qlora's starting adapter, after TRL took its reference (precomputed or not) from the base
