@@ -8,7 +8,8 @@ as it starts is not the base and a reference taken from it instead of the adapte
 own
 tokenization, collator, reference pass (adapter disabled), ``precompute_ref_log_probs``, truncation
 (``max_length``, keep_start), accumulation, clipping, AdamW and schedule, on the rows in their order
-(``train_sampling_strategy="sequential"`` against ``--no-shuffle``).
+(``train_sampling_strategy="sequential"`` against ``--no-shuffle``). From an ``--adapter`` start, TRL gets the loaded
+PEFT adapter and keeps its starting copy as the reference, as qlora does.
 
 Pairs differ in length, so a normalisation over tokens instead of pairs would show. TRL divides each micro-batch's
 loss (a mean over its pairs) by the accumulation steps: with micro-batches of equal size that is qlora's mean over
