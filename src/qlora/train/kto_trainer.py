@@ -67,7 +67,7 @@ class KTOTrainer(PreferenceTrainer):
         """A KL row pairs one prompt with another example's completion, cut to --seq-len."""
         longest = super()._positions(units)
         if self._kl_rows and units:
-            pairs = max(len(u.prompt_ids) for u in units) + max(len(u.completion_ids) for u in units)
+            pairs = max(len(u.prompt_ids) for u in units) + max(len(u.kl_completion_ids) for u in units)
             longest = max(longest, min(pairs, self.config.seq_len))
         return longest
 

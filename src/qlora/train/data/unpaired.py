@@ -67,12 +67,16 @@ class UnpairedExample:
 
 @dataclass(frozen=True)
 class TokenizedUnpaired:
-    """Token ids of one example: its prompt, then its completion's own tokens."""
+    """Token ids of one example: its prompt, then its completion's own tokens (cut to fit after the prompt), and
+    the completion as another prompt's KL row takes it: cut only to ``seq_len`` alone, since a KL row is cut as a
+    whole (TRL cuts the rows, not the completions, so a completion cut short after its own long prompt is longer
+    after a shorter one)."""
 
     prompt_ids: list[int]
     completion_ids: list[int]
     desirable: bool
     index: int
+    kl_completion_ids: list[int]
     truncated: bool = False
     media: dict[str, torch.Tensor] = field(default_factory=dict)  # the prompt's image tensors
 
@@ -188,8 +192,9 @@ def tokenize_unpaired(examples: list[UnpairedExample], tokenizer, chat_template:
                 continue
             prompt, media, _ = expanded
             refuse_image_tokens(completion, processor, example.where)
-        truncated = False
+        truncated, whole = False, completion
         if seq_len is not None:
+            whole = completion[:seq_len]
             room = max(0, seq_len - len(prompt))
             truncated = len(prompt) > seq_len or len(completion) > room
             prompt, completion = prompt[:seq_len], completion[:room]
@@ -198,7 +203,7 @@ def tokenize_unpaired(examples: list[UnpairedExample], tokenizer, chat_template:
             report.untrainable.append(i)
             report.untrainable_where.append(example.where)
         else:
-            kept.append(TokenizedUnpaired(prompt, completion, example.desirable, i, truncated, media))
+            kept.append(TokenizedUnpaired(prompt, completion, example.desirable, i, whole, truncated, media))
     if not kept and report.empty and len(report.identical) + sum(map(len, report.empty.values())) == len(examples):
         raise report.nothing_to_train(len(examples), "KTO examples")
     if not kept and len(report.identical) == len(examples):
@@ -227,7 +232,7 @@ def unpaired_collate(units: Sequence[TokenizedUnpaired], pad_id: int, kl_rows: b
     rows = [(u.prompt_ids, u.completion_ids) for u in units]
     if kl_rows:
         others = kl_completions if kl_completions is not None else [units[i - 1] for i in range(len(units))]
-        rows += [(u.prompt_ids, other.completion_ids) for u, other in zip(units, others, strict=True)]
+        rows += [(u.prompt_ids, other.kl_completion_ids) for u, other in zip(units, others, strict=True)]
     rows = [(p, (p + c)[:seq_len] if seq_len else p + c) for p, c in rows]
     length = max(len(r) for _, r in rows)
     input_ids = torch.full((len(rows), length), pad_id, dtype=torch.long)
