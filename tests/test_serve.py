@@ -8,6 +8,7 @@ OpenAI client's own parsing of responses, streams and errors.
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -345,9 +346,57 @@ def test_nothing_else_imports_the_server_stack():
     subprocess.run([sys.executable, "-c", code], check=True, env=_env())
 
 
+def test_shutdown_answers_the_requests_still_running_with_503(tiny_model_dir):
+    """Past the grace period a shutdown ends the running and waiting requests: each client gets the 503
+    ``server_shutdown`` error (a plain reply's status, a stream's last event before ``[DONE]``), not a
+    connection dropped mid-reply."""
+    from qlora.infer.batcher import ContinuousBatcher
+    from qlora.serve.app import build_app
+    from qlora.serve.server import BackgroundServer
+
+    model, tokenizer = qlora.load_model(tiny_model_dir, compute_dtype=torch.float32, device="cpu")
+    batcher = ContinuousBatcher(model.eval(), tokenizer, context_length=512).start()
+    server = BackgroundServer(build_app(batcher, "tiny", []), on_shutdown=batcher.close, grace_s=0)
+    outcomes: dict[str, object] = {}
+
+    def plain() -> None:
+        try:
+            outcomes["plain"] = client.completions.create(model="tiny", prompt="Hello", max_tokens=400, temperature=0)
+        except openai.APIError as exc:
+            outcomes["plain"] = exc
+
+    def stream() -> None:
+        chunks = []
+        try:
+            for chunk in client.chat.completions.create(model="tiny", messages=HELLO, max_tokens=400, stream=True):
+                chunks.append(chunk)
+        except openai.APIError as exc:
+            outcomes["stream"] = (chunks, exc)
+
+    with server:
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0, timeout=60)
+        threads = [threading.Thread(target=plain), threading.Thread(target=stream)]
+        with batcher.paused():  # both requests wait for the loop, which holds until the shutdown closed the batcher
+            for t in threads:
+                t.start()
+            _wait(lambda: batcher.load()["waiting"] == 2)
+            server.server.should_exit = True  # what SIGINT and SIGTERM do
+            _wait(lambda: batcher._closed)
+        for t in threads:
+            t.join(30)
+    plain_error = outcomes["plain"]
+    assert isinstance(plain_error, openai.APIStatusError) and plain_error.status_code == 503
+    assert plain_error.body["code"] == "server_shutdown"
+    chunks, stream_error = outcomes["stream"]
+    assert chunks and chunks[0].choices[0].delta.role == "assistant"  # the stream had begun
+    assert "shutting down" in stream_error.message and stream_error.body["code"] == "server_shutdown"
+
+
 @pytest.mark.slow
-def test_qlora_serve_command_end_to_end(tiny_model_dir, adapters):
-    """The real command: loopback, an ephemeral port, the key from QLORA_API_KEY, a clean Ctrl-C."""
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_qlora_serve_command_end_to_end(tiny_model_dir, adapters, sig):
+    """The real command: loopback, an ephemeral port, the key from QLORA_API_KEY, a clean stop on Ctrl-C
+    or SIGTERM (status 0, the batcher closed: uvicorn re-raises the signal after its shutdown)."""
     cmd = [sys.executable, "-m", "qlora", "serve", "--model", str(tiny_model_dir), "--adapter",
            f"a={adapters / 'a'}", "--compute-dtype", "fp32", "--port", "0", "--log-level", "warning"]
     proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, env=_env(QLORA_API_KEY=KEY))
@@ -361,8 +410,9 @@ def test_qlora_serve_command_end_to_end(tiny_model_dir, adapters):
         with pytest.raises(openai.AuthenticationError):
             openai.OpenAI(base_url=base, api_key="nope", max_retries=0).models.list()
     finally:
-        proc.send_signal(2)  # SIGINT: uvicorn shuts down gracefully
+        proc.send_signal(sig)  # uvicorn shuts down gracefully
         assert proc.wait(30) == 0
+        assert "qlora serve: stopped" in proc.stderr.read()
 
 
 def _startup_line(proc: subprocess.Popen) -> str:

@@ -11,6 +11,7 @@ import argparse
 import importlib.util
 import os
 import sys
+import signal
 from pathlib import Path
 
 from ...errors import UsageError
@@ -167,11 +168,15 @@ def run(args: argparse.Namespace) -> int:
     served = names if in_place_adapter(model) else [base_id, *names]  # see build_app
     print(f"qlora serve: http://{args.host}:{port}/v1 serving {', '.join(served)} "
           f"(context {context} tokens, up to {per_batch} requests per batch)", file=sys.stderr, flush=True)
+    # uvicorn shuts down gracefully on SIGINT and SIGTERM, then re-raises the signal to its previous handler:
+    # SIGTERM's default would kill the process (status 143, no clean-up); here both stop it as Ctrl-C does.
+    sigterm = signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
-        make_server(app, log_level=args.log_level).run(sockets=[sock])
-    except KeyboardInterrupt:  # uvicorn re-raises Ctrl-C after its graceful shutdown: the normal way to stop
+        make_server(app, log_level=args.log_level, on_shutdown=batcher.close).run(sockets=[sock])
+    except KeyboardInterrupt:  # the normal way to stop
         print("qlora serve: stopped", file=sys.stderr)
     finally:
+        signal.signal(signal.SIGTERM, sigterm)
         batcher.close()
         sock.close()
     return 0
