@@ -392,6 +392,27 @@ def test_shutdown_answers_the_requests_still_running_with_503(tiny_model_dir):
     assert "shutting down" in stream_error.message and stream_error.body["code"] == "server_shutdown"
 
 
+def test_a_request_set_up_after_the_batcher_closed_is_a_503(tiny_model_dir, caplog):
+    """A request reaching the batcher once the shutdown closed it gets the running ones' 503, not a 500 logged
+    with its traceback (one per request: a storm while a busy server stops)."""
+    from qlora.infer.batcher import ContinuousBatcher
+    from qlora.serve.app import build_app
+    from qlora.serve.server import BackgroundServer
+
+    model, tokenizer = qlora.load_model(tiny_model_dir, compute_dtype=torch.float32, device="cpu")
+    batcher = ContinuousBatcher(model.eval(), tokenizer, context_length=512).start()
+    bodies = {"completions": {"prompt": "Hello", "max_tokens": 5}, "chat/completions": {"messages": HELLO},
+              "responses": {"input": "Hello", "max_output_tokens": 16}}
+    with BackgroundServer(build_app(batcher, "tiny", [])) as server:
+        batcher.close()
+        for route, body in bodies.items():
+            for stream in (False, True):
+                reply = httpx.post(f"{server.url}/v1/{route}", json=body | {"model": "tiny", "stream": stream})
+                assert reply.status_code == 503, (route, stream, reply.text)
+                assert reply.json()["error"]["code"] == "server_shutdown"
+    assert not [r for r in caplog.records if r.levelno >= 40], caplog.text
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_qlora_serve_command_end_to_end(tiny_model_dir, adapters, sig):

@@ -80,6 +80,10 @@ class Event:
     prompt_logprobs: list[TokenLogprob] | None = None
 
 
+class BatcherClosed(RuntimeError):
+    """A request submitted after :meth:`ContinuousBatcher.close` (a server shutting down)."""
+
+
 class Constraint(Protocol):
     """Decoding restricted per request (e.g. :class:`~qlora.infer.forced_call.ForcedCall`).
 
@@ -253,7 +257,7 @@ class ContinuousBatcher:
                              f"{self.context_length} (prompt and reply together)")
         with self._wake:
             if self._closed:
-                raise RuntimeError("the batcher is closed")
+                raise BatcherClosed("the batcher is closed")
             self._waiting.append(request)
             self._wake.notify()
         return request

@@ -47,7 +47,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException
 
-from ..infer.batcher import ContinuousBatcher, Event
+from ..infer.batcher import BatcherClosed, ContinuousBatcher, Event
 from ..infer.batcher import Request as Generation
 from ..infer.forced_call import CallMarkup, ForcedCall, ForcedCallUnsupported, call_markup
 from ..infer.generate import SamplingOptions, default_stop_ids, encode_prompt
@@ -807,8 +807,10 @@ def _submit(batcher: ContinuousBatcher, choices: list[_Choice]) -> asyncio.Queue
     try:
         for choice in choices:
             batcher.submit(choice.generation)
-    except BaseException:
+    except BaseException as exc:
         _cancel(choices)
+        if isinstance(exc, BatcherClosed):  # set up while the server began to shut down: what a running one gets
+            raise _shutting_down() from None
         raise
     return queue
 
@@ -1053,9 +1055,13 @@ def _internal(exc: Exception) -> APIError:
     return APIError(500, f"Internal error: {type(exc).__name__}: {exc}", kind="server_error")
 
 
+def _shutting_down() -> APIError:
+    return APIError(503, "The server is shutting down; retry.", kind="server_error", code="server_shutdown")
+
+
 def _failure(event: Event) -> APIError:
     if event.finish_reason == "cancelled":
-        return APIError(503, "The server is shutting down; retry.", kind="server_error", code="server_shutdown")
+        return _shutting_down()
     return APIError(500, f"Generation failed: {event.error}", kind="server_error", code="generation_failed")
 
 
