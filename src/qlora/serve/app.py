@@ -776,6 +776,7 @@ class _Choice:
     logprobs: list[TokenLogprob] = field(default_factory=list)
     prompt_logprobs: list[TokenLogprob] | None = None  # the prompt's entries, when the row scored its prompt
     last: Event | None = None
+    tokens: int = 0  # reply tokens so far
 
     @property
     def text(self) -> str:
@@ -793,6 +794,7 @@ class _Choice:
             if self.echo_logprobs is not None:
                 added = [replace(e, top=e.top[:self.echo_logprobs]) for e in event.prompt_logprobs] + added
         self.logprobs += added
+        self.tokens = event.completion_tokens
         if event.finish_reason is not None:
             self.last = event
         return added
@@ -914,7 +916,10 @@ async def _stream(queue: asyncio.Queue, choices: list[_Choice], body: _Body, rep
             if want_logprobs:
                 logprobs = completion_logprobs(pieces, entries, offsets[k], as_ids)
             choice = {"index": choices[k].index, "text": text or "", "finish_reason": finish, "logprobs": logprobs}
-        return sse({"id": reply_id, "object": kind, "created": created, "model": body.model, "choices": [choice]})
+        out = {"id": reply_id, "object": kind, "created": created, "model": body.model, "choices": [choice]}
+        if body.include_usage():  # OpenAI's null before the usage chunk; vLLM's continuous_usage_stats: so far
+            out["usage"] = _usage_so_far(choices) if body.continuous_usage() else None
+        return sse(out)
 
     try:
         if chat:
@@ -1047,6 +1052,13 @@ def _usage(choices: list[_Choice]) -> dict[str, int]:
     """Token counts of the whole reply: each prompt once, every choice's tokens."""
     prompt = sum(c.last.prompt_tokens for c in choices if c.first and c.last is not None)
     completion = sum(c.last.completion_tokens for c in choices if c.last is not None)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+def _usage_so_far(choices: list[_Choice]) -> dict[str, int]:
+    """:func:`_usage` of a reply still streaming: each prompt once, the tokens every choice has sent."""
+    prompt = sum(len(c.generation.prompt_ids) for c in choices if c.first)
+    completion = sum(c.tokens for c in choices)
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
