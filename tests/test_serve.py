@@ -346,17 +346,18 @@ def test_nothing_else_imports_the_server_stack():
     subprocess.run([sys.executable, "-c", code], check=True, env=_env())
 
 
-def test_shutdown_answers_the_requests_still_running_with_503(tiny_model_dir):
-    """Past the grace period a shutdown ends the running and waiting requests: each client gets the 503
-    ``server_shutdown`` error (a plain reply's status, a stream's last event before ``[DONE]``), not a
-    connection dropped mid-reply."""
+@pytest.mark.parametrize("force", [False, True])
+def test_shutdown_answers_the_requests_still_running_with_503(tiny_model_dir, force):
+    """Past the grace period (or at once on a second Ctrl-C, uvicorn's force exit) a shutdown ends the running
+    and waiting requests: each client gets the 503 ``server_shutdown`` error (a plain reply's status, a
+    stream's last event before ``[DONE]``), not a connection dropped mid-reply."""
     from qlora.infer.batcher import ContinuousBatcher
     from qlora.serve.app import build_app
     from qlora.serve.server import BackgroundServer
 
     model, tokenizer = qlora.load_model(tiny_model_dir, compute_dtype=torch.float32, device="cpu")
     batcher = ContinuousBatcher(model.eval(), tokenizer, context_length=512).start()
-    server = BackgroundServer(build_app(batcher, "tiny", []), on_shutdown=batcher.close, grace_s=0)
+    server = BackgroundServer(build_app(batcher, "tiny", []), on_shutdown=batcher.close, grace_s=600 if force else 0)
     outcomes: dict[str, object] = {}
 
     def plain() -> None:
@@ -381,6 +382,7 @@ def test_shutdown_answers_the_requests_still_running_with_503(tiny_model_dir):
                 t.start()
             _wait(lambda: batcher.load()["waiting"] == 2)
             server.server.should_exit = True  # what SIGINT and SIGTERM do
+            server.server.force_exit = force  # what a second SIGINT does
             _wait(lambda: batcher._closed)
         for t in threads:
             t.join(30)

@@ -243,10 +243,12 @@ class ContinuousBatcher:
             self._wake.notify()
         if self._thread is not None:
             self._thread.join()
-        for request in [*self._waiting, *(r.request for r in self._rows)]:
+        with self._wake:  # each request ends once, however many threads close at once (a server's shutdown)
+            ending = [*self._waiting, *(r.request for r in self._rows)]
+            self._waiting.clear()
+            self._rows, self._cache = [], None
+        for request in ending:
             request.emit(Event("", "cancelled", len(request.prompt_ids)))
-        self._waiting.clear()
-        self._rows, self._cache = [], None
 
     def submit(self, request: Request) -> Request:
         """Queue ``request``; its events arrive through ``request.emit``."""

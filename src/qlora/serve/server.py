@@ -12,6 +12,7 @@ connections still open ``FLUSH_S`` seconds later.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import threading
 import time
@@ -38,23 +39,37 @@ FLUSH_S = 2.0  # then the ended ones have this long to send their error before t
 
 
 class _Server(uvicorn.Server):
-    """uvicorn's server, whose shutdown ends the requests still running after the grace period."""
+    """uvicorn's server, whose shutdown ends the requests still running after the grace period.
+
+    A second Ctrl-C (uvicorn's force exit) skips the rest of the grace period, not the answers nor the app's
+    shutdown: the requests end at once and have ``FLUSH_S`` to send them, where uvicorn would drop their
+    connections (each task's cancellation, and the lifespan's, logged with its traceback).
+    """
 
     def __init__(self, config: uvicorn.Config, on_shutdown: Callable[[], None] | None, grace_s: float) -> None:
         super().__init__(config)
         self.on_shutdown, self.grace_s = on_shutdown, grace_s
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
-        ending = None if self.on_shutdown is None else asyncio.create_task(self._end_running())
+        if self.on_shutdown is None:
+            await super().shutdown(sockets)
+            return
+        ending = asyncio.create_task(self._end_running(self.grace_s))
         try:
             await super().shutdown(sockets)
+            if self.force_exit:
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(self._end_running(0), FLUSH_S)
+                await self.lifespan.shutdown()  # skipped by uvicorn: its task would be cancelled, with a traceback
         finally:
-            if ending is not None:
-                ending.cancel()
+            ending.cancel()
 
-    async def _end_running(self) -> None:
-        await asyncio.sleep(self.grace_s)
+    async def _end_running(self, after_s: float) -> None:
+        """End the requests still running ``after_s`` seconds from now, then wait for their handlers to finish."""
+        await asyncio.sleep(after_s)
         await asyncio.to_thread(self.on_shutdown)  # off the loop: it waits for the decode step under way
+        while self.server_state.tasks:
+            await asyncio.sleep(0.05)
 
 
 def make_server(app, log_level: str = "info", access_log: bool = True,
