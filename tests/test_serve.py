@@ -415,6 +415,28 @@ def test_a_request_set_up_after_the_batcher_closed_is_a_503(tiny_model_dir, capl
     assert not [r for r in caplog.records if r.levelno >= 40], caplog.text
 
 
+def test_sigterm_is_an_interrupt_in_the_main_thread_only():
+    """The CLI's SIGTERM handling: KeyboardInterrupt in the main thread, the old handler back afterwards; another
+    thread (a library running the server there) may set no handler, so nothing changes."""
+    from qlora.serve.server import sigterm_as_interrupt
+
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(KeyboardInterrupt):
+        with sigterm_as_interrupt():
+            signal.raise_signal(signal.SIGTERM)
+    assert signal.getsignal(signal.SIGTERM) is before
+    seen = []
+
+    def elsewhere() -> None:
+        with sigterm_as_interrupt():
+            seen.append(signal.getsignal(signal.SIGTERM))
+
+    thread = threading.Thread(target=elsewhere)
+    thread.start()
+    thread.join()
+    assert seen == [before]
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_qlora_serve_command_end_to_end(tiny_model_dir, adapters, sig):

@@ -11,7 +11,6 @@ import argparse
 import importlib.util
 import os
 import sys
-import signal
 from pathlib import Path
 
 from ...errors import UsageError
@@ -120,7 +119,7 @@ def run(args: argparse.Namespace) -> int:
     from ...infer.batcher import ContinuousBatcher
     from ...model.in_place_weights import in_place_adapter
     from ...serve.app import build_app
-    from ...serve.server import LOOPBACK, bind, make_server
+    from ...serve.server import LOOPBACK, bind, make_server, sigterm_as_interrupt
     from ..base_model import adapter_names
     from .generate import load_model_from_args
 
@@ -168,15 +167,12 @@ def run(args: argparse.Namespace) -> int:
     served = names if in_place_adapter(model) else [base_id, *names]  # see build_app
     print(f"qlora serve: http://{args.host}:{port}/v1 serving {', '.join(served)} "
           f"(context {context} tokens, up to {per_batch} requests per batch)", file=sys.stderr, flush=True)
-    # uvicorn shuts down gracefully on SIGINT and SIGTERM, then re-raises the signal to its previous handler:
-    # SIGTERM's default would kill the process (status 143, no clean-up); here both stop it as Ctrl-C does.
-    sigterm = signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
-        make_server(app, log_level=args.log_level, on_shutdown=batcher.close).run(sockets=[sock])
-    except KeyboardInterrupt:  # the normal way to stop
+        with sigterm_as_interrupt():
+            make_server(app, log_level=args.log_level, on_shutdown=batcher.close).run(sockets=[sock])
+    except KeyboardInterrupt:  # the normal way to stop (Ctrl-C or SIGTERM)
         print("qlora serve: stopped", file=sys.stderr)
     finally:
-        signal.signal(signal.SIGTERM, sigterm)
         batcher.close()
         sock.close()
     return 0
