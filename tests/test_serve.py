@@ -394,6 +394,34 @@ def test_shutdown_answers_the_requests_still_running_with_503(tiny_model_dir, fo
     assert "shutting down" in stream_error.message and stream_error.body["code"] == "server_shutdown"
 
 
+def test_shutdown_lets_requests_finish_within_the_grace_period(tiny_model_dir):
+    """A request running when the shutdown begins gets its whole reply, and the server stops once it is sent,
+    not at the end of the grace period."""
+    from qlora.infer.batcher import ContinuousBatcher
+    from qlora.serve.app import build_app
+    from qlora.serve.server import BackgroundServer
+
+    model, tokenizer = qlora.load_model(tiny_model_dir, compute_dtype=torch.float32, device="cpu")
+    batcher = ContinuousBatcher(model.eval(), tokenizer, context_length=512).start()
+    server = BackgroundServer(build_app(batcher, "tiny", []), on_shutdown=batcher.close, grace_s=600)
+    replies = []
+    with server:
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0, timeout=60)
+        alone = client.completions.create(model="tiny", prompt="Hello", max_tokens=MAX_TOKENS, temperature=0)
+        thread = threading.Thread(target=lambda: replies.append(
+            client.completions.create(model="tiny", prompt="Hello", max_tokens=MAX_TOKENS, temperature=0)))
+        with batcher.paused():
+            thread.start()
+            _wait(lambda: batcher.load()["waiting"] == 1)
+            server.server.should_exit = True
+            _wait(lambda: not server.server.servers[0].is_serving())  # the shutdown began: no new connections
+        thread.join(60)
+        server.thread.join(60)
+        assert not server.thread.is_alive()  # stopped once the reply was sent
+    assert replies[0].choices[0].text == alone.choices[0].text and replies[0].usage.completion_tokens == MAX_TOKENS
+    batcher.close()
+
+
 def test_a_request_set_up_after_the_batcher_closed_is_a_503(tiny_model_dir, caplog):
     """A request reaching the batcher once the shutdown closed it gets the running ones' 503, not a 500 logged
     with its traceback (one per request: a storm while a busy server stops)."""
