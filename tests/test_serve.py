@@ -8,6 +8,7 @@ OpenAI client's own parsing of responses, streams and errors.
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -345,9 +346,130 @@ def test_nothing_else_imports_the_server_stack():
     subprocess.run([sys.executable, "-c", code], check=True, env=_env())
 
 
+@pytest.mark.parametrize("force", [False, True])
+def test_shutdown_answers_the_requests_still_running_with_503(tiny_model_dir, force):
+    """Past the grace period (or at once on a second Ctrl-C, uvicorn's force exit) a shutdown ends the running
+    and waiting requests: each client gets the 503 ``server_shutdown`` error (a plain reply's status, a
+    stream's last event before ``[DONE]``), not a connection dropped mid-reply."""
+    from qlora.infer.batcher import ContinuousBatcher
+    from qlora.serve.app import build_app
+    from qlora.serve.server import BackgroundServer
+
+    model, tokenizer = qlora.load_model(tiny_model_dir, compute_dtype=torch.float32, device="cpu")
+    batcher = ContinuousBatcher(model.eval(), tokenizer, context_length=512).start()
+    server = BackgroundServer(build_app(batcher, "tiny", []), on_shutdown=batcher.close, grace_s=600 if force else 0)
+    outcomes: dict[str, object] = {}
+
+    def plain() -> None:
+        try:
+            outcomes["plain"] = client.completions.create(model="tiny", prompt="Hello", max_tokens=400, temperature=0)
+        except openai.APIError as exc:
+            outcomes["plain"] = exc
+
+    def stream() -> None:
+        chunks = []
+        try:
+            for chunk in client.chat.completions.create(model="tiny", messages=HELLO, max_tokens=400, stream=True):
+                chunks.append(chunk)
+        except openai.APIError as exc:
+            outcomes["stream"] = (chunks, exc)
+
+    with server:
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0, timeout=60)
+        threads = [threading.Thread(target=plain), threading.Thread(target=stream)]
+        with batcher.paused():  # both requests wait for the loop, which holds until the shutdown closed the batcher
+            for t in threads:
+                t.start()
+            _wait(lambda: batcher.load()["waiting"] == 2)
+            server.server.should_exit = True  # what SIGINT and SIGTERM do
+            server.server.force_exit = force  # what a second SIGINT does
+            _wait(lambda: batcher._closed)
+        for t in threads:
+            t.join(30)
+    plain_error = outcomes["plain"]
+    assert isinstance(plain_error, openai.APIStatusError) and plain_error.status_code == 503
+    assert plain_error.body["code"] == "server_shutdown"
+    chunks, stream_error = outcomes["stream"]
+    assert chunks and chunks[0].choices[0].delta.role == "assistant"  # the stream had begun
+    assert "shutting down" in stream_error.message and stream_error.body["code"] == "server_shutdown"
+
+
+def test_shutdown_lets_requests_finish_within_the_grace_period(tiny_model_dir):
+    """A request running when the shutdown begins gets its whole reply, and the server stops once it is sent,
+    not at the end of the grace period."""
+    from qlora.infer.batcher import ContinuousBatcher
+    from qlora.serve.app import build_app
+    from qlora.serve.server import BackgroundServer
+
+    model, tokenizer = qlora.load_model(tiny_model_dir, compute_dtype=torch.float32, device="cpu")
+    batcher = ContinuousBatcher(model.eval(), tokenizer, context_length=512).start()
+    server = BackgroundServer(build_app(batcher, "tiny", []), on_shutdown=batcher.close, grace_s=600)
+    replies = []
+    with server:
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0, timeout=60)
+        alone = client.completions.create(model="tiny", prompt="Hello", max_tokens=MAX_TOKENS, temperature=0)
+        thread = threading.Thread(target=lambda: replies.append(
+            client.completions.create(model="tiny", prompt="Hello", max_tokens=MAX_TOKENS, temperature=0)))
+        with batcher.paused():
+            thread.start()
+            _wait(lambda: batcher.load()["waiting"] == 1)
+            server.server.should_exit = True
+            _wait(lambda: not server.server.servers[0].is_serving())  # the shutdown began: no new connections
+        thread.join(60)
+        server.thread.join(60)
+        assert not server.thread.is_alive()  # stopped once the reply was sent
+    assert replies[0].choices[0].text == alone.choices[0].text and replies[0].usage.completion_tokens == MAX_TOKENS
+    batcher.close()
+
+
+def test_a_request_set_up_after_the_batcher_closed_is_a_503(tiny_model_dir, caplog):
+    """A request reaching the batcher once the shutdown closed it gets the running ones' 503, not a 500 logged
+    with its traceback (one per request: a storm while a busy server stops)."""
+    from qlora.infer.batcher import ContinuousBatcher
+    from qlora.serve.app import build_app
+    from qlora.serve.server import BackgroundServer
+
+    model, tokenizer = qlora.load_model(tiny_model_dir, compute_dtype=torch.float32, device="cpu")
+    batcher = ContinuousBatcher(model.eval(), tokenizer, context_length=512).start()
+    bodies = {"completions": {"prompt": "Hello", "max_tokens": 5}, "chat/completions": {"messages": HELLO},
+              "responses": {"input": "Hello", "max_output_tokens": 16}}
+    with BackgroundServer(build_app(batcher, "tiny", [])) as server:
+        batcher.close()
+        for route, body in bodies.items():
+            for stream in (False, True):
+                reply = httpx.post(f"{server.url}/v1/{route}", json=body | {"model": "tiny", "stream": stream})
+                assert reply.status_code == 503, (route, stream, reply.text)
+                assert reply.json()["error"]["code"] == "server_shutdown"
+    assert not [r for r in caplog.records if r.levelno >= 40], caplog.text
+
+
+def test_sigterm_is_an_interrupt_in_the_main_thread_only():
+    """The CLI's SIGTERM handling: KeyboardInterrupt in the main thread, the old handler back afterwards; another
+    thread (a library running the server there) may set no handler, so nothing changes."""
+    from qlora.serve.server import sigterm_as_interrupt
+
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(KeyboardInterrupt):
+        with sigterm_as_interrupt():
+            signal.raise_signal(signal.SIGTERM)
+    assert signal.getsignal(signal.SIGTERM) is before
+    seen = []
+
+    def elsewhere() -> None:
+        with sigterm_as_interrupt():
+            seen.append(signal.getsignal(signal.SIGTERM))
+
+    thread = threading.Thread(target=elsewhere)
+    thread.start()
+    thread.join()
+    assert seen == [before]
+
+
 @pytest.mark.slow
-def test_qlora_serve_command_end_to_end(tiny_model_dir, adapters):
-    """The real command: loopback, an ephemeral port, the key from QLORA_API_KEY, a clean Ctrl-C."""
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_qlora_serve_command_end_to_end(tiny_model_dir, adapters, sig):
+    """The real command: loopback, an ephemeral port, the key from QLORA_API_KEY, a clean stop on Ctrl-C
+    or SIGTERM (status 0, the batcher closed: uvicorn re-raises the signal after its shutdown)."""
     cmd = [sys.executable, "-m", "qlora", "serve", "--model", str(tiny_model_dir), "--adapter",
            f"a={adapters / 'a'}", "--compute-dtype", "fp32", "--port", "0", "--log-level", "warning"]
     proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, env=_env(QLORA_API_KEY=KEY))
@@ -361,8 +483,9 @@ def test_qlora_serve_command_end_to_end(tiny_model_dir, adapters):
         with pytest.raises(openai.AuthenticationError):
             openai.OpenAI(base_url=base, api_key="nope", max_retries=0).models.list()
     finally:
-        proc.send_signal(2)  # SIGINT: uvicorn shuts down gracefully
+        proc.send_signal(sig)  # uvicorn shuts down gracefully
         assert proc.wait(30) == 0
+        assert "qlora serve: stopped" in proc.stderr.read()
 
 
 def _startup_line(proc: subprocess.Popen) -> str:

@@ -13,6 +13,7 @@ import json
 import threading
 from typing import Literal, Optional
 
+import httpx
 import pytest
 import torch
 from pydantic import BaseModel, conlist, constr
@@ -568,3 +569,43 @@ def test_stream_options_go_with_a_stream_only(served):
                                                  stream_options={"include_usage": True}))
     assert chunks[-1].usage.completion_tokens == 2 and not chunks[-1].choices
     assert client.chat.completions.create(model="a", messages=hello, max_tokens=2, stream_options=None).usage
+
+
+def test_stream_options_keys_and_usage_on_every_chunk(served):
+    """OpenAI's stream format: with include_usage every chunk before the usage chunk carries ``"usage": null``;
+    vLLM's continuous_usage_stats puts the usage so far there instead (each prompt once, the reply tokens sent so
+    far: here as many as the logprob entries received); include_obfuscation is accepted (no obfuscation field is
+    sent) and any other key is a 400 naming it."""
+    server, _, client, _ = served
+    body = {"model": "a", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 6, "stream": True, "n": 2,
+            "logprobs": True, "ignore_eos": True, "temperature": 0}
+
+    def chunks(options: dict) -> list[dict]:
+        with httpx.stream("POST", f"{server.url}/v1/chat/completions", json=body | {"stream_options": options},
+                          headers={"Authorization": f"Bearer {KEY}"}, timeout=30) as reply:
+            assert reply.status_code == 200
+            lines = [line[6:] for line in reply.iter_lines() if line.startswith("data: ")]
+        assert lines[-1] == "[DONE]"
+        return [json.loads(line) for line in lines[:-1]]
+
+    plain = chunks({"include_usage": True, "include_obfuscation": False})
+    final = plain[-1]["usage"]
+    assert not plain[-1]["choices"] and final["completion_tokens"] == 12
+    assert all("usage" in c and c["usage"] is None for c in plain[:-1])
+    assert all("usage" not in c for c in chunks({"include_usage": False, "continuous_usage_stats": True}))
+
+    running = chunks({"include_usage": True, "continuous_usage_stats": True})
+    assert running[-1]["usage"] == final
+    seen = 0
+    for chunk in running[:-1]:
+        seen += sum(len((c["logprobs"] or {}).get("content") or []) for c in chunk["choices"])
+        assert chunk["usage"] == {"prompt_tokens": final["prompt_tokens"], "completion_tokens": seen,
+                                  "total_tokens": final["prompt_tokens"] + seen}
+    assert seen == 12
+
+    for options, param in (({"include_usage": True, "include_usge": True}, "stream_options.include_usge"),
+                           ({"continuous_usage_stats": "yes"}, "stream_options.continuous_usage_stats")):
+        with pytest.raises(openai.BadRequestError) as exc:
+            client.chat.completions.create(model="a", messages=body["messages"], max_tokens=2, stream=True,
+                                           stream_options=options)
+        assert exc.value.param == param

@@ -80,6 +80,10 @@ class Event:
     prompt_logprobs: list[TokenLogprob] | None = None
 
 
+class BatcherClosed(RuntimeError):
+    """A request submitted after :meth:`ContinuousBatcher.close` (a server shutting down)."""
+
+
 class Constraint(Protocol):
     """Decoding restricted per request (e.g. :class:`~qlora.infer.forced_call.ForcedCall`).
 
@@ -239,10 +243,12 @@ class ContinuousBatcher:
             self._wake.notify()
         if self._thread is not None:
             self._thread.join()
-        for request in [*self._waiting, *(r.request for r in self._rows)]:
+        with self._wake:  # each request ends once, however many threads close at once (a server's shutdown)
+            ending = [*self._waiting, *(r.request for r in self._rows)]
+            self._waiting.clear()
+            self._rows, self._cache = [], None
+        for request in ending:
             request.emit(Event("", "cancelled", len(request.prompt_ids)))
-        self._waiting.clear()
-        self._rows, self._cache = [], None
 
     def submit(self, request: Request) -> Request:
         """Queue ``request``; its events arrive through ``request.emit``."""
@@ -253,7 +259,7 @@ class ContinuousBatcher:
                              f"{self.context_length} (prompt and reply together)")
         with self._wake:
             if self._closed:
-                raise RuntimeError("the batcher is closed")
+                raise BatcherClosed("the batcher is closed")
             self._waiting.append(request)
             self._wake.notify()
         return request

@@ -47,7 +47,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException
 
-from ..infer.batcher import ContinuousBatcher, Event
+from ..infer.batcher import BatcherClosed, ContinuousBatcher, Event
 from ..infer.batcher import Request as Generation
 from ..infer.forced_call import CallMarkup, ForcedCall, ForcedCallUnsupported, call_markup
 from ..infer.generate import SamplingOptions, default_stop_ids, encode_prompt
@@ -776,6 +776,7 @@ class _Choice:
     logprobs: list[TokenLogprob] = field(default_factory=list)
     prompt_logprobs: list[TokenLogprob] | None = None  # the prompt's entries, when the row scored its prompt
     last: Event | None = None
+    tokens: int = 0  # reply tokens so far
 
     @property
     def text(self) -> str:
@@ -793,6 +794,7 @@ class _Choice:
             if self.echo_logprobs is not None:
                 added = [replace(e, top=e.top[:self.echo_logprobs]) for e in event.prompt_logprobs] + added
         self.logprobs += added
+        self.tokens = event.completion_tokens
         if event.finish_reason is not None:
             self.last = event
         return added
@@ -807,8 +809,10 @@ def _submit(batcher: ContinuousBatcher, choices: list[_Choice]) -> asyncio.Queue
     try:
         for choice in choices:
             batcher.submit(choice.generation)
-    except BaseException:
+    except BaseException as exc:
         _cancel(choices)
+        if isinstance(exc, BatcherClosed):  # set up while the server began to shut down: what a running one gets
+            raise _shutting_down() from None
         raise
     return queue
 
@@ -912,7 +916,10 @@ async def _stream(queue: asyncio.Queue, choices: list[_Choice], body: _Body, rep
             if want_logprobs:
                 logprobs = completion_logprobs(pieces, entries, offsets[k], as_ids)
             choice = {"index": choices[k].index, "text": text or "", "finish_reason": finish, "logprobs": logprobs}
-        return sse({"id": reply_id, "object": kind, "created": created, "model": body.model, "choices": [choice]})
+        out = {"id": reply_id, "object": kind, "created": created, "model": body.model, "choices": [choice]}
+        if body.include_usage():  # OpenAI's null before the usage chunk; vLLM's continuous_usage_stats: so far
+            out["usage"] = _usage_so_far(choices) if body.continuous_usage() else None
+        return sse(out)
 
     try:
         if chat:
@@ -1048,14 +1055,25 @@ def _usage(choices: list[_Choice]) -> dict[str, int]:
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
+def _usage_so_far(choices: list[_Choice]) -> dict[str, int]:
+    """:func:`_usage` of a reply still streaming: each prompt once, the tokens every choice has sent."""
+    prompt = sum(len(c.generation.prompt_ids) for c in choices if c.first)
+    completion = sum(c.tokens for c in choices)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
 def _internal(exc: Exception) -> APIError:
     """A bug's error as a client reads it: a 500 ``server_error`` naming the exception."""
     return APIError(500, f"Internal error: {type(exc).__name__}: {exc}", kind="server_error")
 
 
+def _shutting_down() -> APIError:
+    return APIError(503, "The server is shutting down; retry.", kind="server_error", code="server_shutdown")
+
+
 def _failure(event: Event) -> APIError:
     if event.finish_reason == "cancelled":
-        return APIError(503, "The server is shutting down; retry.", kind="server_error", code="server_shutdown")
+        return _shutting_down()
     return APIError(500, f"Generation failed: {event.error}", kind="server_error", code="generation_failed")
 
 

@@ -174,6 +174,10 @@ class KnownFields(BaseModel):
         raise APIError(400, f"Unrecognized request argument{plural} supplied: {', '.join(shown)}", unknown[0])
 
 
+# OpenAI's (include_obfuscation: no obfuscation field is ever sent) and vLLM's continuous_usage_stats
+STREAM_OPTIONS = ("include_usage", "include_obfuscation", "continuous_usage_stats")
+
+
 class _Body(KnownFields):
     @model_validator(mode="before")
     @classmethod
@@ -227,10 +231,12 @@ class _Body(KnownFields):
         if self.stream_options and not self.stream:
             raise APIError(400, "'stream_options' is only allowed when 'stream' is true; send 'stream': true, or "
                                 "the request without 'stream_options'", "stream_options")
-        usage = (self.stream_options or {}).get("include_usage")
-        if usage is not None and not isinstance(usage, bool):
-            raise APIError(400, f"'stream_options.include_usage' must be true or false, got {usage!r}",
-                           "stream_options.include_usage")
+        for key, value in (self.stream_options or {}).items():
+            param = f"stream_options.{key}"
+            if key not in STREAM_OPTIONS:
+                raise APIError(400, f"Unrecognized request argument supplied: {param}", param)
+            if value is not None and not isinstance(value, bool):
+                raise APIError(400, f"'{param}' must be true or false, got {value!r}", param)
         return self
 
     def stop_strings(self) -> tuple[str, ...]:
@@ -241,6 +247,10 @@ class _Body(KnownFields):
 
     def include_usage(self) -> bool:
         return bool(self.stream and self.stream_options and self.stream_options.get("include_usage"))
+
+    def continuous_usage(self) -> bool:
+        """vLLM's ``continuous_usage_stats`` (with ``include_usage``): every chunk carries the usage so far."""
+        return self.include_usage() and bool(self.stream_options.get("continuous_usage_stats"))
 
     def token_bias(self, vocab_size: int) -> dict[int, float]:
         """``logit_bias`` with token-id keys, checked against a vocabulary of ``vocab_size`` ids.

@@ -119,7 +119,7 @@ def run(args: argparse.Namespace) -> int:
     from ...infer.batcher import ContinuousBatcher
     from ...model.in_place_weights import in_place_adapter
     from ...serve.app import build_app
-    from ...serve.server import LOOPBACK, bind, make_server
+    from ...serve.server import LOOPBACK, bind, make_server, sigterm_as_interrupt
     from ..base_model import adapter_names
     from .generate import load_model_from_args
 
@@ -168,8 +168,9 @@ def run(args: argparse.Namespace) -> int:
     print(f"qlora serve: http://{args.host}:{port}/v1 serving {', '.join(served)} "
           f"(context {context} tokens, up to {per_batch} requests per batch)", file=sys.stderr, flush=True)
     try:
-        make_server(app, log_level=args.log_level).run(sockets=[sock])
-    except KeyboardInterrupt:  # uvicorn re-raises Ctrl-C after its graceful shutdown: the normal way to stop
+        with sigterm_as_interrupt():
+            make_server(app, log_level=args.log_level, on_shutdown=batcher.close).run(sockets=[sock])
+    except KeyboardInterrupt:  # the normal way to stop (Ctrl-C or SIGTERM)
         print("qlora serve: stopped", file=sys.stderr)
     finally:
         batcher.close()
