@@ -10,6 +10,8 @@ from __future__ import annotations
 import argparse
 import re
 
+from .option_range import Range
+
 _UNITS = {"": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
 
 
@@ -24,6 +26,8 @@ def shard_bytes(text: str) -> int:
                                          "one with a unit, such as 5GB, 500MB or 2GiB")
     return size
 
+
+shard_bytes.allowed = Range(1)  # bytes: a whole positive number, checked as every numeric option's range is
 
 DEFAULT = "5GB"  # the shard size of most checkpoints on the Hub (transformers 4's default)
 DEFAULT_BYTES = shard_bytes(DEFAULT)
