@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import logging
 import math
 import random
@@ -1013,7 +1014,11 @@ class Trainer:
         limit = self.config.save_total_limit
         if limit:
             for old in list_checkpoints(self.out)[:-limit]:
-                shutil.rmtree(old)
+                # hidden first (one rename), then removed: a kill mid-removal leaves no step-N folder that is no
+                # checkpoint, only a temporary one the next save clears
+                doomed = old.with_name(f".{old.name}.tmp-removed")
+                os.replace(old, doomed)
+                shutil.rmtree(doomed)
         self.dist.barrier()
         return target
 
