@@ -32,9 +32,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import logging
 import math
+import os
 import random
 import shutil
 import shlex
