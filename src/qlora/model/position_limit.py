@@ -1,8 +1,10 @@
 """The longest input a model's learned position table covers.
 
-Models with absolute, learned position embeddings (GPT-2, GPT-Neo, GPT-BigCode, OPT) look each position up in a
-table of ``n_positions`` rows: a longer input is an ``IndexError`` deep inside the forward, not an error a user can
-act on. Rotary and ALiBi models have no such table (past their trained length they degrade, they do not fail).
+Models with absolute, learned position embeddings (GPT-2, GPT-Neo, GPT-BigCode, OPT, BART-style and BERT-style
+decoders) look each position up in a table of ``n_positions`` rows, and a few precompute a fixed sinusoidal table of
+that many rows (CTRL's ``pos_encoding``, GPT-J's and CodeGen's rotary ``embed_positions``): a longer input is an
+``IndexError`` deep inside the forward, not an error a user can act on. Rotary models that compute their angles per
+call and ALiBi models have no such table (past their trained length they degrade, they do not fail).
 """
 
 from __future__ import annotations
@@ -19,24 +21,35 @@ _TOWERS = ("vision", "visual", "image", "audio")
 
 
 def learned_position_limit(model: nn.Module) -> int | None:
-    """Positions the model's learned position embedding has rows for (OPT's table: less its offset), or None
-    when it has none: an embedding of the language model other than the input one (and what wraps it, such as a
-    LoRA embedding) whose usable size is the config's context length. A vision or audio tower's patch positions
-    are its own, not the text's."""
+    """Positions the model's position table has rows for, or None when it has none.
+
+    A table is a module of the language model sized by the config's context length (``n_positions``,
+    ``max_position_embeddings``, ``n_ctx``): an embedding other than the input one (and what wraps it, such as a
+    LoRA embedding), its rows less an ``offset`` (OPT, BART), or a buffer of at least two dimensions with that many
+    rows. An embedding with a ``padding_idx`` numbers its positions from ``padding_idx + 1`` (RoBERTa and its kin:
+    514 rows, 512 positions). A buffer named as a cache is left out: such caches (the rotary ``cos_cached`` of
+    remote-code models) grow when a longer input comes. A vision or audio tower's patch positions are its own,
+    not the text's, and a table as long as a vocabulary is a token table (Gemma's per-layer token embeddings have
+    262144 rows, as long as some contexts)."""
     config = getattr(model, "config", None)
     if config is None:
         return None
     if hasattr(config, "get_text_config"):
         config = config.get_text_config()
     sizes = {v for v in (getattr(config, k, None) for k in _CONFIG_KEYS) if isinstance(v, int)}
+    sizes -= {v for k, v in getattr(config, "__dict__", {}).items() if "vocab_size" in k and isinstance(v, int)}
     inputs = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     token_tables = {id(m) for m in inputs.modules()} if isinstance(inputs, nn.Module) else set()
     for name, module in model.named_modules():
         if (isinstance(module, nn.Embedding) and id(module) not in token_tables
                 and not any(part in name for part in _TOWERS)):
-            usable = module.num_embeddings - int(getattr(module, "offset", 0) or 0)
-            if usable in sizes:
-                return usable
+            rows = module.num_embeddings - int(getattr(module, "offset", 0) or 0)
+            if rows in sizes:
+                return rows if module.padding_idx is None else rows - module.padding_idx - 1
+    for name, buffer in model.named_buffers():
+        if (buffer.dim() >= 2 and buffer.shape[0] in sizes and "cache" not in name.rsplit(".", 1)[-1]
+                and not any(part in name for part in _TOWERS)):
+            return buffer.shape[0]
     return None
 
 
