@@ -4,7 +4,8 @@ Models with absolute, learned position embeddings (GPT-2, GPT-Neo, GPT-BigCode, 
 decoders) look each position up in a table of ``n_positions`` rows, and a few precompute a fixed sinusoidal table of
 that many rows (CTRL's ``pos_encoding``, GPT-J's and CodeGen's rotary ``embed_positions``): a longer input is an
 ``IndexError`` deep inside the forward, not an error a user can act on. Rotary models that compute their angles per
-call and ALiBi models have no such table (past their trained length they degrade, they do not fail).
+call and ALiBi models that build their bias to the input's length have no such table (past their trained length they
+degrade, they do not fail); MPT builds its ALiBi bias to ``max_seq_len`` and fails past it.
 """
 
 from __future__ import annotations
@@ -18,6 +19,9 @@ from qlora.errors import UsageError
 
 _CONFIG_KEYS = ("n_positions", "max_position_embeddings", "n_ctx")
 _TOWERS = ("vision", "visual", "image", "audio")
+# Models whose forward builds a position bias of a config-given length anew each call, leaving no module to find:
+# model type -> that config key. MPT's ALiBi bias has ``max_seq_len`` columns; a longer input is a shape error.
+_BIAS_LENGTH_KEYS = {"mpt": "max_seq_len"}
 
 
 def learned_position_limit(model: nn.Module) -> int | None:
@@ -30,12 +34,16 @@ def learned_position_limit(model: nn.Module) -> int | None:
     514 rows, 512 positions). A buffer named as a cache is left out: such caches (the rotary ``cos_cached`` of
     remote-code models) grow when a longer input comes. A vision or audio tower's patch positions are its own,
     not the text's, and a table as long as a vocabulary is a token table (Gemma's per-layer token embeddings have
-    262144 rows, as long as some contexts)."""
+    262144 rows, as long as some contexts). MPT leaves no module to find: its forward builds an ALiBi bias of
+    ``max_seq_len`` positions, named by model type for want of a structural sign."""
     config = getattr(model, "config", None)
     if config is None:
         return None
     if hasattr(config, "get_text_config"):
         config = config.get_text_config()
+    bias_length = getattr(config, _BIAS_LENGTH_KEYS.get(getattr(config, "model_type", None), ""), None)
+    if isinstance(bias_length, int):
+        return bias_length
     sizes = {v for v in (getattr(config, k, None) for k in _CONFIG_KEYS) if isinstance(v, int)}
     sizes -= {v for k, v in getattr(config, "__dict__", {}).items() if "vocab_size" in k and isinstance(v, int)}
     inputs = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
@@ -75,7 +83,7 @@ def check_positions(model: nn.Module, longest: int, model_name: str, option: str
     """
     limit = learned_position_limit(model)
     if limit is not None and longest > limit:
-        raise UsageError(f"{model_name} has learned position embeddings for {limit} tokens, and the longest example "
+        raise UsageError(f"{model_name} has position embeddings for {limit} tokens, and the longest example "
                          f"is {longest} tokens; give {option} {limit} or less (longer examples are truncated to it).")
 
 
@@ -90,7 +98,7 @@ def position_room(model: nn.Module, prompt_length: int, wanted: int) -> int:
     if limit is None:
         return wanted
     if prompt_length >= limit:
-        raise UsageError(f"the prompt is {prompt_length} tokens, and the model has learned position embeddings for "
+        raise UsageError(f"the prompt is {prompt_length} tokens, and the model has position embeddings for "
                          f"{limit} tokens, prompt and reply together: no room is left for a reply. Shorten the "
                          "prompt (in a chat: a memory that keeps less, such as --memory window or token).")
     return min(wanted, limit - prompt_length)
