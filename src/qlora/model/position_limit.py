@@ -10,6 +10,7 @@ degrade, they do not fail); MPT builds its ALiBi bias to ``max_seq_len`` and fai
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from typing import Any
 
@@ -17,7 +18,7 @@ from torch import nn
 
 from qlora.errors import UsageError
 
-_CONFIG_KEYS = ("n_positions", "max_position_embeddings", "n_ctx")
+_CONFIG_KEYS = ("n_positions", "max_position_embeddings", "n_ctx", "max_target_positions")
 _TOWERS = ("vision", "visual", "image", "audio")
 # Models whose forward builds a position bias of a config-given length anew each call, leaving no module to find:
 # model type -> that config key. MPT's ALiBi bias has ``max_seq_len`` columns; a longer input is a shape error.
@@ -28,9 +29,10 @@ def learned_position_limit(model: nn.Module) -> int | None:
     """Positions the model's position table has rows for, or None when it has none.
 
     A table is a module of the language model sized by the config's context length (``n_positions``,
-    ``max_position_embeddings``, ``n_ctx``): an embedding other than the input one (and what wraps it, such as a
-    LoRA embedding), its rows less an ``offset`` (OPT, BART), or a buffer of at least two dimensions with that many
-    rows. An embedding with a ``padding_idx`` numbers its positions from ``padding_idx + 1`` (RoBERTa and its kin:
+    ``max_position_embeddings``, ``n_ctx``, a decoder's ``max_target_positions``): an embedding other than the input
+    one (and what wraps it, such as a LoRA embedding), its rows less an ``offset`` (OPT, BART), a factored table of
+    ``axial_pos_shape`` (Reformer, whose own error refuses longer inputs), or a buffer of at least two dimensions with
+    that many rows. An embedding with a ``padding_idx`` numbers its positions from ``padding_idx + 1`` (RoBERTa and its kin:
     514 rows, 512 positions). A buffer named as a cache is left out: such caches (the rotary ``cos_cached`` of
     remote-code models) grow when a longer input comes. A vision or audio tower's patch positions are its own,
     not the text's, and a table as long as a vocabulary is a token table (Gemma's per-layer token embeddings have
@@ -54,6 +56,9 @@ def learned_position_limit(model: nn.Module) -> int | None:
             rows = module.num_embeddings - int(getattr(module, "offset", 0) or 0)
             if rows in sizes:
                 return rows if module.padding_idx is None else rows - module.padding_idx - 1
+        axial = getattr(module, "axial_pos_shape", None)  # Reformer's factored table: the product of its shape
+        if isinstance(axial, (tuple, list)) and math.prod(axial) in sizes:
+            return math.prod(axial)
     for name, buffer in model.named_buffers():
         if (buffer.dim() >= 2 and buffer.shape[0] in sizes and "cache" not in name.rsplit(".", 1)[-1]
                 and not any(part in name for part in _TOWERS)):
