@@ -32,8 +32,9 @@ SMALL = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, interme
     ("ctrl", dict(n_positions=48, n_embd=32, n_layer=1, n_head=2, dff=64), 48),  # a fixed sinusoidal buffer
     ("gptj", dict(n_positions=48, n_embd=32, n_layer=1, n_head=2, rotary_dim=8), 48),  # its rotary angles' buffer
     ("mpt", dict(max_seq_len=48, d_model=32, n_layers=1, n_heads=2), 48),  # an ALiBi bias built to max_seq_len
+    # a decoder's max_target_positions
     ("whisper", dict(d_model=32, decoder_layers=1, decoder_attention_heads=2, decoder_ffn_dim=64,
-                     max_target_positions=48, decoder_start_token_id=2, pad_token_id=0), 48),  # a decoder's max_target_positions
+                     max_target_positions=48, decoder_start_token_id=2, pad_token_id=0), 48),
     ("reformer", dict(hidden_size=32, num_attention_heads=2, attention_head_size=16, feed_forward_size=64,
                       attn_layers=["local"], is_decoder=True, axial_pos_shape=[6, 8], axial_pos_embds_dim=[16, 16],
                       max_position_embeddings=48, local_attn_chunk_length=8), 48),  # 6 x 8 factored rows

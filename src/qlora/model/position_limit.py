@@ -31,13 +31,13 @@ def learned_position_limit(model: nn.Module) -> int | None:
     A table is a module of the language model sized by the config's context length (``n_positions``,
     ``max_position_embeddings``, ``n_ctx``, a decoder's ``max_target_positions``): an embedding other than the input
     one (and what wraps it, such as a LoRA embedding), its rows less an ``offset`` (OPT, BART), a factored table of
-    ``axial_pos_shape`` (Reformer, whose own error refuses longer inputs), or a buffer of at least two dimensions with
-    that many rows. An embedding with a ``padding_idx`` numbers its positions from ``padding_idx + 1`` (RoBERTa and its kin:
-    514 rows, 512 positions). A buffer named as a cache is left out: such caches (the rotary ``cos_cached`` of
-    remote-code models) grow when a longer input comes. A vision or audio tower's patch positions are its own,
-    not the text's, and a table as long as a vocabulary is a token table (Gemma's per-layer token embeddings have
-    262144 rows, as long as some contexts). MPT leaves no module to find: its forward builds an ALiBi bias of
-    ``max_seq_len`` positions, named by model type for want of a structural sign."""
+    ``axial_pos_shape`` (Reformer, whose own error refuses longer inputs), or a buffer of at least two dimensions
+    with that many rows. An embedding with a ``padding_idx`` numbers its positions from ``padding_idx + 1`` (RoBERTa
+    and its kin: 514 rows, 512 positions). A buffer named as a cache is left out: such caches (the rotary
+    ``cos_cached`` of remote-code models) grow when a longer input comes. A vision or audio tower's patch positions
+    are its own, not the text's, and a table as long as a vocabulary is a token table (Gemma's per-layer token
+    embeddings have 262144 rows, as long as some contexts). MPT leaves no module to find: its forward builds an
+    ALiBi bias of ``max_seq_len`` positions, named by model type for want of a structural sign."""
     config = getattr(model, "config", None)
     if config is None:
         return None
