@@ -17,28 +17,42 @@ transformers = pytest.importorskip("transformers")
 TEXT = " ".join(["The quick brown fox jumps over the lazy dog."] * 12)
 
 
-@pytest.mark.parametrize("arch, config", [
-    ("gpt2", dict(n_positions=48, n_embd=32, n_layer=1, n_head=2)),
+SMALL = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64)
+
+
+@pytest.mark.parametrize("arch, config, limit", [
+    ("gpt2", dict(n_positions=48, n_embd=32, n_layer=1, n_head=2), 48),
     ("gpt_neo", dict(max_position_embeddings=48, hidden_size=32, num_layers=1, attention_types=[[["global"], 1]],
-                     num_heads=2)),
-    ("gpt_bigcode", dict(n_positions=48, n_embd=32, n_layer=1, n_head=2)),
+                     num_heads=2), 48),
+    ("gpt_bigcode", dict(n_positions=48, n_embd=32, n_layer=1, n_head=2), 48),
     ("opt", dict(max_position_embeddings=48, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, ffn_dim=64,
-                 word_embed_proj_dim=32)),  # its table has 2 more rows, an offset
-    ("llama", dict(max_position_embeddings=48, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                   intermediate_size=64)),  # rotary: no table
+                 word_embed_proj_dim=32), 48),  # its table has 2 more rows, an offset
+    # positions numbered from padding_idx + 1 (1): 48 rows, 46 positions
+    ("roberta", dict(SMALL, max_position_embeddings=48, is_decoder=True, pad_token_id=1), 46),
+    ("ctrl", dict(n_positions=48, n_embd=32, n_layer=1, n_head=2, dff=64), 48),  # a fixed sinusoidal buffer
+    ("gptj", dict(n_positions=48, n_embd=32, n_layer=1, n_head=2, rotary_dim=8), 48),  # its rotary angles' buffer
+    ("mpt", dict(max_seq_len=48, d_model=32, n_layers=1, n_heads=2), 48),  # an ALiBi bias built to max_seq_len
+    # a decoder's max_target_positions
+    ("whisper", dict(d_model=32, decoder_layers=1, decoder_attention_heads=2, decoder_ffn_dim=64,
+                     max_target_positions=48, decoder_start_token_id=2, pad_token_id=0), 48),
+    ("reformer", dict(hidden_size=32, num_attention_heads=2, attention_head_size=16, feed_forward_size=64,
+                      attn_layers=["local"], is_decoder=True, axial_pos_shape=[6, 8], axial_pos_embds_dim=[16, 16],
+                      max_position_embeddings=48, local_attn_chunk_length=8), 48),  # 6 x 8 factored rows
+    ("llama", dict(SMALL, max_position_embeddings=48), None),  # rotary, computed per call
+    ("bloom", dict(hidden_size=32, n_layer=1, n_head=2), None),  # ALiBi, built to the input's length
 ])
-def test_the_limit_is_where_transformers_fails(arch, config):
-    model = transformers.AutoModelForCausalLM.from_config(transformers.AutoConfig.for_model(arch, vocab_size=100,
-                                                                                            **config))
-    limit = learned_position_limit(model)
-    if arch == "llama":
-        assert limit is None
-        model(torch.zeros(1, 60, dtype=torch.long))  # past its 48 positions: runs
-        return
-    assert limit == 48
-    model(torch.zeros(1, limit, dtype=torch.long))
-    with pytest.raises(IndexError):
-        model(torch.zeros(1, limit + 1, dtype=torch.long))
+def test_the_limit_is_where_transformers_fails(arch, config, limit):
+    model = transformers.AutoModelForCausalLM.from_config(transformers.AutoConfig.for_model(
+        arch, vocab_size=100, bos_token_id=1, eos_token_id=2, **config)).eval()
+    assert learned_position_limit(model) == limit
+    with torch.no_grad():
+        if limit is None:
+            model(torch.full((1, 60), 5), use_cache=False)  # past its 48 positions: runs
+            return
+        model(torch.full((1, limit), 5), use_cache=False)
+        with pytest.raises((IndexError, RuntimeError, ValueError)):  # an index or a shape past it, Reformer's own
+            model(torch.full((1, limit + 1), 5), use_cache=False)
+
 
 def test_eval_refuses_rows_past_gpt2_positions_and_evaluates_them_truncated(tmp_path, tiny_tokenizer, capsys):
     model_dir = build_tiny_model(tmp_path / "gpt2", tokenizer=tiny_tokenizer, arch="gpt2", max_positions=64)
@@ -48,7 +62,7 @@ def test_eval_refuses_rows_past_gpt2_positions_and_evaluates_them_truncated(tmp_
     assert len(ids) > 64
     assert main(["eval", "--quant", "none", "--model", str(model_dir), "--data", str(data)]) == 2
     err = capsys.readouterr().err
-    assert "learned position embeddings for 64 tokens" in err and "--seq-len 64" in err and "Traceback" not in err
+    assert "position embeddings for 64 tokens" in err and "--seq-len 64" in err and "Traceback" not in err
     assert main(["eval", "--quant", "none", "--json", "--model", str(model_dir), "--data", str(data),
                  "--seq-len", "64"]) == 0
     result = json.loads(capsys.readouterr().out)
@@ -75,7 +89,7 @@ def test_train_refuses_rows_past_gpt2_positions_before_writing_anything(tmp_path
             "--max-steps", "1", "--batch-size", "2", "--method", method]
     assert main(args) == 2
     err = capsys.readouterr().err
-    assert "learned position embeddings for 64 tokens" in err and "--seq-len 64" in err and "Traceback" not in err
+    assert "position embeddings for 64 tokens" in err and "--seq-len 64" in err and "Traceback" not in err
     assert not out.exists()
     assert main(args + ["--seq-len", "64"]) == 0
     assert (out / "adapter_model.safetensors").exists()
@@ -93,6 +107,24 @@ def test_a_lora_token_table_the_size_of_the_context_is_not_a_position_table(tiny
     assert learned_position_limit(model) is None
 
 
+def test_a_per_layer_token_table_the_size_of_the_context_is_not_a_position_table():
+    """Gemma 4's per-layer token embeddings (not the input embedding) as long as the context: a token table, and
+    the rotary model runs past its context."""
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+
+    if "gemma4_text" not in CONFIG_MAPPING_NAMES:
+        pytest.skip("this transformers has no Gemma 4")
+    config = transformers.AutoConfig.for_model(
+        "gemma4_text", vocab_size=100, vocab_size_per_layer_input=64, hidden_size_per_layer_input=8,
+        max_position_embeddings=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+        head_dim=16, global_head_dim=16, intermediate_size=64, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    model = transformers.AutoModelForCausalLM.from_config(config).eval()
+    assert model.model.embed_tokens_per_layer.num_embeddings == 64
+    assert learned_position_limit(model) is None
+    with torch.no_grad():
+        model(torch.full((1, 80), 5), use_cache=False)
+
+
 def test_generation_stops_at_the_learned_positions_and_a_prompt_filling_them_is_refused(tmp_path, tiny_tokenizer):
     """Prompt and reply together stay within GPT-2's table (vLLM's context rule): the reply is transformers'
     greedy tokens up to that point; a prompt that fills the table is a UsageError, not an IndexError."""
@@ -108,5 +140,5 @@ def test_generation_stops_at_the_learned_positions_and_a_prompt_filling_them_is_
     expected = model.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=False,
                               max_new_tokens=len(tokens), eos_token_id=None, pad_token_id=0)
     assert tokens == expected[0, 6:].tolist()
-    with pytest.raises(UsageError, match="prompt is 24 tokens.*learned position embeddings for 24 tokens"):
+    with pytest.raises(UsageError, match="prompt is 24 tokens.*position embeddings for 24 tokens"):
         next(stream_tokens(model, torch.arange(24)[None] % 100, SamplingOptions(max_new_tokens=5)))

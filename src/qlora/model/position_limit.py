@@ -1,12 +1,16 @@
 """The longest input a model's learned position table covers.
 
-Models with absolute, learned position embeddings (GPT-2, GPT-Neo, GPT-BigCode, OPT) look each position up in a
-table of ``n_positions`` rows: a longer input is an ``IndexError`` deep inside the forward, not an error a user can
-act on. Rotary and ALiBi models have no such table (past their trained length they degrade, they do not fail).
+Models with absolute, learned position embeddings (GPT-2, GPT-Neo, GPT-BigCode, OPT, BART-style and BERT-style
+decoders) look each position up in a table of ``n_positions`` rows, and a few precompute a fixed sinusoidal table of
+that many rows (CTRL's ``pos_encoding``, GPT-J's and CodeGen's rotary ``embed_positions``): a longer input is an
+``IndexError`` deep inside the forward, not an error a user can act on. Rotary models that compute their angles per
+call and ALiBi models that build their bias to the input's length have no such table (past their trained length they
+degrade, they do not fail); MPT builds its ALiBi bias to ``max_seq_len`` and fails past it.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from typing import Any
 
@@ -14,29 +18,51 @@ from torch import nn
 
 from qlora.errors import UsageError
 
-_CONFIG_KEYS = ("n_positions", "max_position_embeddings", "n_ctx")
+_CONFIG_KEYS = ("n_positions", "max_position_embeddings", "n_ctx", "max_target_positions")
 _TOWERS = ("vision", "visual", "image", "audio")
+# Models whose forward builds a position bias of a config-given length anew each call, leaving no module to find:
+# model type -> that config key. MPT's ALiBi bias has ``max_seq_len`` columns; a longer input is a shape error.
+_BIAS_LENGTH_KEYS = {"mpt": "max_seq_len"}
 
 
 def learned_position_limit(model: nn.Module) -> int | None:
-    """Positions the model's learned position embedding has rows for (OPT's table: less its offset), or None
-    when it has none: an embedding of the language model other than the input one (and what wraps it, such as a
-    LoRA embedding) whose usable size is the config's context length. A vision or audio tower's patch positions
-    are its own, not the text's."""
+    """Positions the model's position table has rows for, or None when it has none.
+
+    A table is a module of the language model sized by the config's context length (``n_positions``,
+    ``max_position_embeddings``, ``n_ctx``, a decoder's ``max_target_positions``): an embedding other than the input
+    one (and what wraps it, such as a LoRA embedding), its rows less an ``offset`` (OPT, BART), a factored table of
+    ``axial_pos_shape`` (Reformer, whose own error refuses longer inputs), or a buffer of at least two dimensions
+    with that many rows. An embedding with a ``padding_idx`` numbers its positions from ``padding_idx + 1`` (RoBERTa
+    and its kin: 514 rows, 512 positions). A buffer named as a cache is left out: such caches (the rotary
+    ``cos_cached`` of remote-code models) grow when a longer input comes. A vision or audio tower's patch positions
+    are its own, not the text's, and a table as long as a vocabulary is a token table (Gemma's per-layer token
+    embeddings have 262144 rows, as long as some contexts). MPT leaves no module to find: its forward builds an
+    ALiBi bias of ``max_seq_len`` positions, named by model type for want of a structural sign."""
     config = getattr(model, "config", None)
     if config is None:
         return None
     if hasattr(config, "get_text_config"):
         config = config.get_text_config()
+    bias_length = getattr(config, _BIAS_LENGTH_KEYS.get(getattr(config, "model_type", None), ""), None)
+    if isinstance(bias_length, int):
+        return bias_length
     sizes = {v for v in (getattr(config, k, None) for k in _CONFIG_KEYS) if isinstance(v, int)}
+    sizes -= {v for k, v in getattr(config, "__dict__", {}).items() if "vocab_size" in k and isinstance(v, int)}
     inputs = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     token_tables = {id(m) for m in inputs.modules()} if isinstance(inputs, nn.Module) else set()
     for name, module in model.named_modules():
         if (isinstance(module, nn.Embedding) and id(module) not in token_tables
                 and not any(part in name for part in _TOWERS)):
-            usable = module.num_embeddings - int(getattr(module, "offset", 0) or 0)
-            if usable in sizes:
-                return usable
+            rows = module.num_embeddings - int(getattr(module, "offset", 0) or 0)
+            if rows in sizes:
+                return rows if module.padding_idx is None else rows - module.padding_idx - 1
+        axial = getattr(module, "axial_pos_shape", None)  # Reformer's factored table: the product of its shape
+        if isinstance(axial, (tuple, list)) and math.prod(axial) in sizes:
+            return math.prod(axial)
+    for name, buffer in model.named_buffers():
+        if (buffer.dim() >= 2 and buffer.shape[0] in sizes and "cache" not in name.rsplit(".", 1)[-1]
+                and not any(part in name for part in _TOWERS)):
+            return buffer.shape[0]
     return None
 
 
@@ -62,7 +88,7 @@ def check_positions(model: nn.Module, longest: int, model_name: str, option: str
     """
     limit = learned_position_limit(model)
     if limit is not None and longest > limit:
-        raise UsageError(f"{model_name} has learned position embeddings for {limit} tokens, and the longest example "
+        raise UsageError(f"{model_name} has position embeddings for {limit} tokens, and the longest example "
                          f"is {longest} tokens; give {option} {limit} or less (longer examples are truncated to it).")
 
 
@@ -77,7 +103,7 @@ def position_room(model: nn.Module, prompt_length: int, wanted: int) -> int:
     if limit is None:
         return wanted
     if prompt_length >= limit:
-        raise UsageError(f"the prompt is {prompt_length} tokens, and the model has learned position embeddings for "
+        raise UsageError(f"the prompt is {prompt_length} tokens, and the model has position embeddings for "
                          f"{limit} tokens, prompt and reply together: no room is left for a reply. Shorten the "
                          "prompt (in a chat: a memory that keeps less, such as --memory window or token).")
     return min(wanted, limit - prompt_length)
