@@ -142,3 +142,18 @@ def test_generation_stops_at_the_learned_positions_and_a_prompt_filling_them_is_
     assert tokens == expected[0, 6:].tolist()
     with pytest.raises(UsageError, match="prompt is 24 tokens.*position embeddings for 24 tokens"):
         next(stream_tokens(model, torch.arange(24)[None] % 100, SamplingOptions(max_new_tokens=5)))
+
+
+def test_serve_context_is_the_position_table_where_it_is_shorter_than_the_config_says():
+    """RoBERTa's table has max_position_embeddings rows, two of them before its first position: serve's context is
+    the positions that run, not the config's number."""
+    from qlora.cli.commands.serve import model_context_length
+
+    model = transformers.AutoModelForCausalLM.from_config(transformers.AutoConfig.for_model(
+        "roberta", vocab_size=100, max_position_embeddings=40, hidden_size=32, num_hidden_layers=1,
+        num_attention_heads=2, intermediate_size=64, is_decoder=True)).eval()
+    context = model_context_length(model, None)
+    assert context == 38
+    model(torch.full((1, context), 5))
+    with pytest.raises((IndexError, RuntimeError)):  # its token-type buffer or the table, by version
+        model(torch.full((1, context + 1), 5))

@@ -70,9 +70,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def model_context_length(model, tokenizer) -> int | None:
     """The longest sequence the model takes: its position table, or the tokenizer's limit."""
+    from ...model.position_limit import learned_position_limit
+
     config = model.config
     limits = [getattr(config, name, None) for name in ("max_position_embeddings", "n_positions")]
-    limits.append(getattr(tokenizer, "model_max_length", None))
+    limits += [getattr(tokenizer, "model_max_length", None), learned_position_limit(model)]  # RoBERTa's 514 rows: 512
     limits = [n for n in limits if isinstance(n, int) and 0 < n < 10**8]
     return min(limits) if limits else None
 
