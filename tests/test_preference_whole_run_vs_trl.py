@@ -29,12 +29,13 @@ import torch
 peft = pytest.importorskip("peft")
 trl = pytest.importorskip("trl")
 from datasets import Dataset  # noqa: E402
-from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback  # noqa: E402
+from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
 from qlora.model.adapter_io import save_adapter  # noqa: E402
 from qlora.train.config import load_config  # noqa: E402
 from qlora.train.trainer import Trainer  # noqa: E402
 from random_adapters import randomize_lora_b  # noqa: E402
+from trainer_records import LoggedRecords  # noqa: E402
 
 WORDS = "alpha beta gamma delta fox dog lazy quick brown paged optimizer memory".split()
 
@@ -113,15 +114,6 @@ CASES |= {
 }
 
 
-class _Records(TrainerCallback):
-    def __init__(self) -> None:
-        self.logs: list[dict] = []
-
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        if logs and "loss" in logs:
-            self.logs.append(dict(logs, step=state.global_step))
-
-
 def _oracle(method: str, model, rows, tokenizer, args: dict, lora, callback):
     """TRL's trainer of ``method`` on ``model`` with a new PEFT adapter ``lora`` (DPO's and KTO's reference: the
     model with the adapter disabled)."""
@@ -184,7 +176,7 @@ def test_preference_run_equals_trl(tmp_path, tiny_model_dir, case):
                 train_sampling_strategy="sequential", logging_steps=opts.get("logging_steps", 1), save_strategy="no", report_to=[], seed=3,
                 use_cpu=True, bf16=False, fp16=False, disable_dropout=True, dataloader_num_workers=0,
                 disable_tqdm=True, beta=beta, max_length=opts["seq_len"]) | theirs
-    callback = _Records()
+    callback = LoggedRecords()
     if from_adapter:  # TRL keeps a copy of the loaded adapter as the reference ("ref")
         model = peft.PeftModel.from_pretrained(plain, tmp_path / "adapter", is_trainable=True)
         oracle = _oracle(method, model, rows, tokenizer, args, None, callback)

@@ -25,7 +25,7 @@ pytest.importorskip("bitsandbytes")
 peft = pytest.importorskip("peft")
 from datasets import Dataset  # noqa: E402
 from transformers import (  # noqa: E402
-    AutoModelForCausalLM, AutoTokenizer, DataCollatorForSeq2Seq, Trainer as HFTrainer, TrainerCallback,
+    AutoModelForCausalLM, AutoTokenizer, DataCollatorForSeq2Seq, Trainer as HFTrainer,
     TrainingArguments,
 )
 
@@ -37,6 +37,7 @@ from qlora.train.config import load_config  # noqa: E402
 from qlora.train.trainer import Trainer  # noqa: E402
 from bnb_decoded import decode_quantized_layers  # noqa: E402
 from random_adapters import randomize_lora_b  # noqa: E402
+from trainer_records import LoggedRecords  # noqa: E402
 
 WORDS = "alpha beta gamma delta fox dog lazy quick brown paged optimizer memory".split()
 
@@ -79,15 +80,6 @@ CASES = {
 }
 
 
-class _Records(TrainerCallback):
-    def __init__(self) -> None:
-        self.logs: list[dict] = []
-
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        if logs and "loss" in logs:
-            self.logs.append(dict(logs, step=state.global_step))
-
-
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_whole_run_equals_transformers_trainer(tmp_path, tiny_tokenizer, case):
     data_name, opts, schedule = CASES[case]
@@ -127,7 +119,7 @@ def test_whole_run_equals_transformers_trainer(tmp_path, tiny_tokenizer, case):
         adam_epsilon=opts["adam_epsilon"], optim="adamw_torch", train_sampling_strategy="sequential",
         logging_steps=opts.get("logging_steps", 1), save_strategy="no", report_to=[], seed=opts["seed"], use_cpu=True, bf16=False,
         dataloader_num_workers=0, disable_tqdm=True)
-    callback = _Records()
+    callback = LoggedRecords()
     if oracle == "sft":  # TRL's own collator and loss: the completion mask of the tokens qlora trains
         rows = Dataset.from_list([dict(input_ids=u["input_ids"], completion_mask=[int(t != -100) for t in u["labels"]])
                                   for u in units])
