@@ -157,3 +157,16 @@ def test_serve_context_is_the_position_table_where_it_is_shorter_than_the_config
     model(torch.full((1, context), 5))
     with pytest.raises((IndexError, RuntimeError)):  # its token-type buffer or the table, by version
         model(torch.full((1, context + 1), 5))
+
+
+def test_a_4bit_layer_whose_packed_codes_are_as_many_as_the_context_is_not_a_table():
+    """A rotary model quantized to 4 bits: q_proj's 64 x 64 weight packs into a (2048, 1) buffer of bytes, as many
+    rows as the context; it is no position table, and the model runs past that length."""
+    from qlora.model.quantize import quantize_model
+
+    config = transformers.AutoConfig.for_model("llama", vocab_size=100, max_position_embeddings=2048, hidden_size=64,
+                                               num_hidden_layers=1, num_attention_heads=2, intermediate_size=128)
+    model = transformers.AutoModelForCausalLM.from_config(config)
+    quantize_model(model, compute_dtype=torch.float32)
+    assert any(b.shape == (2048, 1) for b in model.buffers())
+    assert learned_position_limit(model) is None
