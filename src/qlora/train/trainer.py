@@ -52,6 +52,7 @@ import torch
 from qlora.atomic import atomic_dir
 from qlora.cpu_threads import apply_cpu_threads
 from qlora.errors import UsageError
+from qlora.float_dtype import float_dtype
 from qlora.model.chat_format import ChatFormat, stop_token_ids, today
 from qlora.model.position_limit import check_positions, longest_positions
 from qlora.model.quantize import non_text_names
@@ -216,7 +217,7 @@ def compute_dtype_for(precision: str, device: torch.device) -> torch.dtype:
         if device.type != "cuda":
             return torch.float32
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
+    return float_dtype(precision, "--precision")
 
 
 def first_nonfinite_module(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> str | None:
@@ -1123,11 +1124,10 @@ class Trainer:
             if not lost:
                 raise
             last = list_checkpoints(self.out)
-            kept = (f"the last complete checkpoint is {last[-1]}: run the same command with --resume to continue "
-                    "from it" if last else "no checkpoint was written yet")
+            kept = (f"The last complete checkpoint is {last[-1]}: run the same command with --resume to continue "
+                    "from it" if last else "No checkpoint was written yet")
             raise RankLost(f"rank {self.dist.rank} lost contact with the other ranks after step {self.step}: another "
-                           "rank stopped (killed, out of memory, or failed; the launcher names it). "
-                           f"{kept[0].upper()}{kept[1:]}.") from None
+                           f"rank stopped (killed, out of memory, or failed; the launcher names it). {kept}.") from None
         finally:
             # A rank failing alone mid-step must not wait for the others at a barrier while they wait for it in the
             # step's all-reduce (a hang until the group's timeout): it leaves, and the launcher stops the rest.
