@@ -35,11 +35,15 @@ def _refuse_expert_adapters(model: nn.Module, names: list[str], what: str) -> No
                          f"{experts} have; switch or weight them with set_adapters(...) instead.")
 
 
+def _slot_layers(model: nn.Module) -> list:
+    """Every layer holding named adapters: linear, embedding and expert ones."""
+    return [*lora_layers(model).values(), *embedding_lora_layers(model).values(), *experts_lora_layers(model).values()]
+
+
 def set_adapters(model: nn.Module, weights: dict[str, float]) -> None:
     """Activate adapters with weights: the output is ``base + sum_a w_a * delta_a``."""
     _check_names(model, list(weights))
-    for layer in [*lora_layers(model).values(), *embedding_lora_layers(model).values(),
-                  *experts_lora_layers(model).values()]:
+    for layer in _slot_layers(model):
         layer.set_active({n: w for n, w in weights.items() if n in layer.specs})
 
 
@@ -65,8 +69,7 @@ def delete_adapter(model: nn.Module, name: str) -> None:
     if written:
         raise UsageError(f"adapter {name!r} trained {', '.join(written)} in the base model itself, which deleting "
                          "it cannot give back; load the base model again instead.")
-    layers = [*lora_layers(model).values(), *embedding_lora_layers(model).values(),
-              *experts_lora_layers(model).values()]
+    layers = _slot_layers(model)
     merged = [layer for layer in layers if name in getattr(layer, "merged", ())]
     if merged:
         raise UsageError(f"adapter {name!r} is merged into the base; unmerge it before deleting it.")
