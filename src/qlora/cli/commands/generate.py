@@ -59,8 +59,6 @@ def sampling_options(args: argparse.Namespace):
 
 def load_model_from_args(args: argparse.Namespace):
     """``(model, tokenizer)`` for --model/--quant/--compute-dtype, with --adapter applied."""
-    import torch
-
     from ...cpu_threads import apply_cpu_threads
     from ...infer.generate import decode_problem
     from ...model.adapter_io import adapter_tokenizer, load_adapter
@@ -68,10 +66,9 @@ def load_model_from_args(args: argparse.Namespace):
     from ...model.multi_adapter import set_adapters
     from ..base_model import load_kwargs
 
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.compute_dtype]
     names = adapter_names(args)  # options are checked before the (slow) model load
     weights = _weights(args) if getattr(args, "adapter_weights", None) is not None else None  # generate/chat only
-    model, tokenizer = load_model(args.model, **load_kwargs(args), compute_dtype=dtype)
+    model, tokenizer = load_model(args.model, **load_kwargs(args), compute_dtype=args.compute_dtype)
     problem = decode_problem(model)
     if problem:
         raise UsageError(f"--model {args.model}: qlora cannot decode this model ({type(model).__name__}): {problem}. "

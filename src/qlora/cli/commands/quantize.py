@@ -37,8 +37,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
-
     from ...model.chat_format import merged_format
     from ...model.image_pixels import PixelBounds
     from ...model.inference_files import carry_inference_files
@@ -52,8 +50,7 @@ def run(args: argparse.Namespace) -> int:
     resaved = bnb_4bit_config(read_model_config(resolve_model_dir(args.model))) is not None
     model, tokenizer = load_model(args.model, quant=args.quant, double_quant=args.double_quant,
                                   blocksize=args.blocksize, device="cpu",
-                                  compute_dtype={"bf16": torch.bfloat16, "fp16": torch.float16,
-                                                 "fp32": torch.float32}[args.compute_dtype],
+                                  compute_dtype=args.compute_dtype,  # load_model reads the name
                                   quantize_experts=False)
     _check_same_format(args, model)
     trained, bounds = merged_format(args.model), PixelBounds.load(args.model)  # a merged fine-tune's, else none
