@@ -31,3 +31,10 @@ shard_bytes.allowed = Range(1)  # bytes: a whole positive number, checked as eve
 
 DEFAULT = "5GB"  # the shard size of most checkpoints on the Hub (transformers 4's default)
 DEFAULT_BYTES = shard_bytes(DEFAULT)
+
+
+def add_max_shard_size(parser: argparse.ArgumentParser) -> None:
+    """``--max-shard-size``, as merge and quantize take it."""
+    parser.add_argument("--max-shard-size", type=shard_bytes, default=DEFAULT, metavar="SIZE",
+                        help="largest weight file; a larger model is split into numbered files with an index "
+                             "(5GB = 5*10^9 bytes, 2GiB = 2*2^30, or bytes)")

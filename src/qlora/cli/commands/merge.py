@@ -9,8 +9,7 @@ from __future__ import annotations
 
 import argparse
 
-from ... import shard_size
-from ...shard_size import shard_bytes
+from ...shard_size import add_max_shard_size
 
 NAME = "merge"
 HELP = "fold an adapter into its base: a standard 16-bit HF checkpoint"
@@ -33,9 +32,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "format the adapter was trained on, else nf4)")
     parser.add_argument("--dtype", default="bfloat16", type=_dtype, choices=_DTYPES,
                         help="dtype of the merged weights (bf16, fp16, fp32 also accepted)")
-    parser.add_argument("--max-shard-size", type=shard_bytes, default=shard_size.DEFAULT, metavar="SIZE",
-                        help="largest weight file; a larger model is split into numbered files with an index "
-                             "(5GB = 5*10^9 bytes, 2GiB = 2*2^30, or bytes)")
+    add_max_shard_size(parser)
     parser.add_argument("--overwrite", action="store_true",
                         help="replace qlora's earlier results in an existing --output (only files qlora wrote)")
 

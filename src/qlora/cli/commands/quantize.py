@@ -11,9 +11,8 @@ from __future__ import annotations
 
 import argparse
 
-from ... import shard_size
 from ...quant import BLOCKSIZES
-from ...shard_size import shard_bytes
+from ...shard_size import add_max_shard_size
 
 NAME = "quantize"
 HELP = "write a bitsandbytes-format 4-bit checkpoint"
@@ -29,9 +28,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--compute-dtype", choices=("bf16", "fp16", "fp32"), default="bf16",
                         help="dtype of the unquantized tensors (embeddings, norms, output head) and the "
                              "bnb_4bit_compute_dtype recorded for the 4-bit layers")
-    parser.add_argument("--max-shard-size", type=shard_bytes, default=shard_size.DEFAULT, metavar="SIZE",
-                        help="largest weight file; a larger model is split into numbered files with an index "
-                             "(5GB = 5*10^9 bytes, 2GiB = 2*2^30, or bytes)")
+    add_max_shard_size(parser)
     parser.add_argument("--overwrite", action="store_true",
                         help="replace qlora's earlier results in an existing --output (only files qlora wrote)")
 
