@@ -67,7 +67,7 @@ def run(args: argparse.Namespace) -> int:
     from ..image_pixels import pixel_bounds_for
     from ...model.adapter_io import adapter_tokenizer, load_adapter
     from ...model.load import load_model
-    from ...model.position_limit import check_positions
+    from ...model.position_limit import check_positions, longest_positions
     from ...train.data.fields import parse_data_fields
     from ...train.data.selection import read_sources
     from ...train.data import (count_trainable_tokens, fallback_note, normalize, own_template,
@@ -112,7 +112,7 @@ def run(args: argparse.Namespace) -> int:
     except NothingToTrain as exc:  # in eval's words, not training's
         raise UsageError(f"--data {args.data}: all {exc.rows} {exc.what} of it have nothing to evaluate: {exc.counts}. "
                          f"Such rows are skipped; {exc.fix}.") from None
-    check_positions(model, max(len(e.input_ids) for e in tokenized), args.model)
+    check_positions(model, longest_positions(tokenized), args.model)
     model.eval()
     dtype = model.get_input_embeddings().weight.dtype  # image tensors go in as the 16-bit vision tower takes them
     loss_sum, tokens = 0.0, 0
