@@ -120,7 +120,11 @@ def wrap_ddp(model: nn.Module, ctx: DistContext) -> nn.Module:
 
     The frozen base is excluded from DDP's start-up broadcast (every rank
     loaded the same checkpoint, and LoRA is initialized from the same seed), so
-    a 70B base is not sent over the network once per run.
+    a 70B base is not sent over the network once per run. Adapters a rank's
+    batch does not reach (experts no token was routed to, cross-attention
+    layers only images reach) are found after each forward: without that DDP
+    waits for their gradients and fails the next step; a parameter no rank
+    reached keeps no gradient, as in one process.
     """
     from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -130,7 +134,7 @@ def wrap_ddp(model: nn.Module, ctx: DistContext) -> nn.Module:
     # no buffer sync in forward (the buffers are ignored above); torch 2.13 renamed the option
     renamed = "forward_sync_buffers" in inspect.signature(DDP).parameters
     no_sync = "forward_sync_buffers" if renamed else "broadcast_buffers"
-    ddp = DDP(model, device_ids=device_ids, **{no_sync: False})
+    ddp = DDP(model, device_ids=device_ids, find_unused_parameters=True, **{no_sync: False})
     ddp.register_comm_hook(None, _sum_hook)
     return ddp
 
@@ -196,14 +200,24 @@ def shard_fsdp(model: nn.Module, ctx: DistContext, compute_dtype: torch.dtype) -
 
 
 def all_reduce_grads(params: list[nn.Parameter], ctx: DistContext) -> None:
-    """Sum the gradients of whole (FSDP-ignored) parameters over ranks, in one flat bucket."""
-    grads = [p.grad for p in params if p.grad is not None]
-    if not ctx.enabled or not grads:
+    """Sum the gradients of whole (FSDP-ignored) parameters over ranks, in one flat bucket.
+
+    Every rank sends every parameter (zeros where its batch reached none: an expert no token was routed to), so
+    the ranks' buckets agree, and one count per parameter of the ranks that reached it: a parameter no rank
+    reached keeps no gradient, as in one process (an optimizer skips it rather than decaying its moments)."""
+    if not ctx.enabled or not params:
         return
-    flat = torch.cat([g.reshape(-1) for g in grads])
+    reached = torch.tensor([float(p.grad is not None) for p in params], device=params[0].device)
+    flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1).float() for p in params]
+                     + [reached])
     dist.all_reduce(flat, op=dist.ReduceOp.SUM)
-    for g, part in zip(grads, flat.split([g.numel() for g in grads])):
-        g.copy_(part.view_as(g))
+    parts = flat.split([p.numel() for p in params] + [len(params)])
+    for p, part, count in zip(params, parts, parts[-1].tolist()):
+        if not count:
+            continue
+        if p.grad is None:
+            p.grad = torch.empty_like(p)
+        p.grad.copy_(part.view_as(p))
 
 
 @contextmanager
