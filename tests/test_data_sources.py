@@ -299,7 +299,7 @@ def test_a_key_named_twice_in_a_json_object_is_refused_at_its_line(tmp_path):
     assert nested.splitlines()[line - 1].strip() == "{"
     with pytest.raises(UsageError, match=rf"dup\.json line {line}: a JSON object names the key 'content' twice"):
         load_records(tmp_path / "dup.json")
-    (tmp_path / "lines.json").write_text(json.dumps(fine) + "\n" + '{"output": "a", "instruction": "q", "output": "b"}\n')
+    (tmp_path / "lines.json").write_text(json.dumps(fine) + '\n{"output": "a", "instruction": "q", "output": "b"}\n')
     with pytest.raises(UsageError, match=r"lines\.json line 2: a JSON object names the key 'output' twice"):
         load_records(tmp_path / "lines.json")  # JSON Lines named .json
     assert [r.fields for r in load_records(_jsonl(tmp_path / "fine.jsonl", [fine, fine]))] == [fine, fine]
@@ -339,14 +339,22 @@ def test_a_json_file_holding_one_object(tmp_path):
         theirs = datasets.load_dataset("json", data_files=str(path), split="train", cache_dir=str(tmp_path / "c"))
         assert [r.fields for r in ours] == theirs.to_list() == [row] and ours[0].where.endswith(f"one{i}.json line 2")
     (tmp_path / "rows.json").write_text(json.dumps({"rows": ALPACA}))
-    with pytest.raises(UsageError, match=r"rows\.json: one JSON object whose only field, 'rows', holds a list of 2, "
-                                         r"which reads as the rows under 'rows' .*jq '\.rows' rows\.json .*\"data\".*"
-                                         r"put it in a list"):
+    with pytest.raises(UsageError, match=r"rows\.json: one JSON object whose only field, 'rows', holds a list of 2: "
+                                         r"the rows under 'rows', or one example .*jq '\.rows' rows\.json .*\"data\".*"
+                                         r"put the object in a list"):
         load_records(tmp_path / "rows.json")
-    (tmp_path / "cols.json").write_text(json.dumps({"text": ["a", "b", "c"], "label": [0, 1, 0]}))
-    with pytest.raises(UsageError, match=r"cols\.json: one JSON object whose fields 'text', 'label' each hold a list "
-                                         r"of 3, which reads as columns .*put it in a list"):
-        load_records(tmp_path / "cols.json")
+    (tmp_path / "texts.json").write_text(json.dumps({"text": ["a", "b", "c"], "label": [0, 1, 0]}))
+    with pytest.raises(UsageError, match=r"texts\.json: one JSON object whose fields 'text', 'label' each hold a list "
+                                         r"of 3: columns \(as Dataset\.to_dict\(\) writes them\), or one example .*put "
+                                         r"the object in a list"):
+        load_records(tmp_path / "texts.json")
+    (tmp_path / "lines.json").write_text(json.dumps({"text": ["a", "b"]}))
+    with pytest.raises(UsageError, match=r"only field, 'text', holds a list of 2: columns .*put the object in a list"):
+        load_records(tmp_path / "lines.json")
+    (tmp_path / "data.json").write_text(json.dumps({"version": "1.0", "data": ALPACA}))  # as datasets' field="data"
+    theirs = datasets.load_dataset("json", data_files=str(tmp_path / "data.json"), field="data", split="train",
+                                   cache_dir=str(tmp_path / "c"))
+    assert [r.fields for r in load_records(tmp_path / "data.json")] == theirs.to_list() == ALPACA
 
 
 def test_class_label_names_in_a_parquet_file_written_by_datasets(tmp_path):

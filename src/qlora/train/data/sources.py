@@ -223,16 +223,17 @@ def _one_row(value: dict[str, Any], path: Path) -> dict[str, Any]:
     if len(lengths) != 1 or None in lengths:
         return value
     keys, n = list(value), lengths.pop()
-    if len(keys) == 1:
-        what = (f"whose only field, {keys[0]!r}, holds a list of {n}, which reads as the rows under {keys[0]!r} or "
-                f"as one example whose field is a list. If {keys[0]!r} holds the rows, give that list alone (e.g. "
-                f"jq '.{keys[0]}' {path.name} > {path.stem}-rows.json) or name the field \"data\"")
+    one = len(keys) == 1
+    named = f"whose only field, {keys[0]!r}, holds" if one else f"whose fields {', '.join(map(repr, keys))} each hold"
+    if one and all(isinstance(item, dict) for item in value[keys[0]]):
+        reading = (f"the rows under {keys[0]!r}", f"For rows, give that list alone (e.g. jq '.{keys[0]}' {path.name} > "
+                   f"{path.stem}-rows.json) or name the field \"data\"")
     else:
-        what = (f"whose fields {', '.join(map(repr, keys))} each hold a list of {n}, which reads as columns (as "
-                "Dataset.to_dict() writes them) or as one example whose fields are lists. If they are columns, "
-                f"write one object per row (e.g. Dataset.from_dict(json.load(open('{path.name}')))"
-                f".to_json('{path.stem}.jsonl'))")
-    raise UsageError(f"{path}: one JSON object {what}; if the object is one example, put it in a list ([{{...}}]).")
+        reading = ("columns (as Dataset.to_dict() writes them)", "For columns, write one object per row (e.g. "
+                   f"Dataset.from_dict(json.load(open('{path.name}'))).to_json('{path.stem}.jsonl'))")
+    raise UsageError(f"{path}: one JSON object {named} a list of {n}: {reading[0]}, or one example whose "
+                     f"field{' is a list' if one else 's are lists'}? {reading[1]}; for one example, put the object in "
+                     "a list ([{...}]).")
 
 
 def _duplicate_error(path: Path, line_no: int, key: str) -> UsageError:
@@ -243,7 +244,8 @@ def _duplicate_error(path: Path, line_no: int, key: str) -> UsageError:
 def _read_csv(path: Path, delimiter: str = ",") -> list[Record]:
     """Rows under the header's names; a row shorter than the header has nulls in its last columns (as pandas and
     ``datasets`` read it), while a row with more filled cells than the header, or a header naming a column twice,
-    is refused: a text would otherwise be silently cut at an unquoted comma or lost under a repeated name."""
+    is refused: a text would otherwise be silently cut at an unquoted comma or lost under a repeated name. The
+    separator is the suffix's unless the header shows another (:mod:`csv_separator`: Excel's ``;``)."""
     with _open_text(path, newline="") as f:
         first = f.readline()
         found = header_separator(path, first, delimiter)
