@@ -359,8 +359,8 @@ def test_a_json_file_holding_one_object(tmp_path):
 
 def test_class_label_names_in_a_parquet_file_written_by_datasets(tmp_path):
     """Dataset.to_parquet keeps the features in the schema's metadata (key huggingface): a ClassLabel column is
-    ints, its names only there; read as datasets reads the file, the rows hold the names. A file from other tools,
-    with no such metadata, keeps its ints."""
+    ints, its names only there; read as datasets reads the file, the rows hold the names (so do an Arrow IPC file's
+    with that schema). A file from other tools, with no such metadata, keeps its ints."""
     datasets = pytest.importorskip("datasets")
     features = datasets.Features({"instruction": datasets.Value("string"),
                                   "label": datasets.ClassLabel(names=["no", "yes"]),
@@ -375,7 +375,11 @@ def test_class_label_names_in_a_parquet_file_written_by_datasets(tmp_path):
     theirs = datasets.load_dataset("parquet", data_files=str(tmp_path / "d.parquet"), split="train",
                                    cache_dir=str(tmp_path / "c"))
     assert theirs.features == features
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
+    with pa.ipc.new_file(tmp_path / "d.arrow", data.data.table.schema) as writer:  # the same table as an IPC file
+        writer.write_table(data.data.table)
+    assert [r.fields for r in load_records(tmp_path / "d.arrow")] == expected
     pq.write_table(data.data.table.replace_schema_metadata(None), tmp_path / "plain.parquet")
     assert [r.fields["label"] for r in load_records(tmp_path / "plain.parquet")] == [1, 0, -1]
