@@ -81,3 +81,19 @@ def test_bad_rows_exit_2_with_file_and_line(tmp_path, tiny_model_dir, capsys):
     assert main(["eval", "--model", str(tiny_model_dir), "--data", str(image)]) == 2
     err = capsys.readouterr().err
     assert f"{image} line 1: image 'cat.png' not found" in err and "Traceback" not in err
+
+
+def test_odd_json_files_exit_2_naming_file_line_and_key(tmp_path, tiny_model_dir, capsys):
+    """A JSON object naming a key twice, and a .json object that reads as rows, columns or one example alike,
+    stop `qlora train` before any training, in one paragraph, without a traceback."""
+    dup = tmp_path / "dup.jsonl"
+    dup.write_text('{"prompt": "p", "completion": "c"}\n{"prompt": "p", "completion": "c", "completion": "d"}\n')
+    assert _train(tiny_model_dir, dup, tmp_path / "run") == 2
+    err = capsys.readouterr().err
+    assert f"{dup} line 2: a JSON object names the key 'completion' twice" in err and "Traceback" not in err
+    wrapped = tmp_path / "wrapped.json"
+    wrapped.write_text(json.dumps({"examples": [{"prompt": "p", "completion": "c"}] * 3}))
+    assert _train(tiny_model_dir, wrapped, tmp_path / "run") == 2
+    err = capsys.readouterr().err
+    assert f"{wrapped}: one JSON object whose only field, 'examples', holds a list of 3" in err
+    assert "Traceback" not in err and not (tmp_path / "run" / "adapter_model.safetensors").exists()

@@ -281,3 +281,105 @@ def test_class_label_columns_read_as_their_names(tmp_path):
     examples = normalize(load_records(tmp_path / "saved"), fields="output=label")
     assert [e.messages[-1]["content"] for e in examples] == ["yes", "no", ""]
     assert [e.skip for e in examples] == [None, None, "an empty answer"]
+
+
+def test_a_key_named_twice_in_a_json_object_is_refused_at_its_line(tmp_path):
+    """Python's json keeps the last of two values under one key without a word (datasets refuses such a JSON Lines
+    row): a producer's bug that would train half a row. The line is the object's, in JSON Lines and in a
+    pretty-printed .json alike, nested objects (a message) included; one key in several objects is no repeat."""
+    fine = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]}
+    dup_jsonl = tmp_path / "dup.jsonl"
+    dup_jsonl.write_text(json.dumps(fine) + "\n" + '{"text": "a", "text": "b"}\n')
+    with pytest.raises(UsageError, match=r"dup\.jsonl line 2: a JSON object names the key 'text' twice"):
+        load_records(dup_jsonl)
+    nested = json.dumps({"data": [ALPACA[0], fine]}, indent=2).replace('"content": "Hello"',
+                                                                      '"content": "Hello", "content": "Bye"')
+    (tmp_path / "dup.json").write_text(nested)
+    line = nested.splitlines().index(next(s for s in nested.splitlines() if '"Bye"' in s)) - 1  # the object's "{"
+    assert nested.splitlines()[line - 1].strip() == "{"
+    with pytest.raises(UsageError, match=rf"dup\.json line {line}: a JSON object names the key 'content' twice"):
+        load_records(tmp_path / "dup.json")
+    (tmp_path / "lines.json").write_text(json.dumps(fine) + '\n{"output": "a", "instruction": "q", "output": "b"}\n')
+    with pytest.raises(UsageError, match=r"lines\.json line 2: a JSON object names the key 'output' twice"):
+        load_records(tmp_path / "lines.json")  # JSON Lines named .json
+    assert [r.fields for r in load_records(_jsonl(tmp_path / "fine.jsonl", [fine, fine]))] == [fine, fine]
+
+
+def test_a_semicolon_separated_csv_reads_as_its_comma_twin(tmp_path, capsys):
+    """Excel in most European locales saves CSV with ';' (a comma is their decimal mark), quoting only cells that
+    hold a ';': read with ',' it would be one column named 'instruction;input;output', and a comma in a text
+    would split it. The separator is found from the header, among , ; tab |, and said on stderr."""
+    (tmp_path / "excel.csv").write_text('instruction;input;output\nSay hi;;hi\nAdd;2+2;4\n"a; b";1,5;"x\ny"\n',
+                                        encoding="utf-8")
+    records = load_records(tmp_path / "excel.csv")
+    assert [r.fields for r in records] == ALPACA + [{"instruction": "a; b", "input": "1,5", "output": "x\ny"}]
+    assert records[-1].where.endswith("excel.csv line 5") and "';' between cells" in capsys.readouterr().err
+    (tmp_path / "commas.tsv").write_text("instruction,input,output\nSay hi,,hi\nAdd,2+2,4\n")
+    assert [r.fields for r in load_records(tmp_path / "commas.tsv")] == ALPACA
+    (tmp_path / "one.csv").write_text("text\nsee you; soon\nyes|no\n")  # one column: its texts may hold anything
+    assert [r.fields for r in load_records(tmp_path / "one.csv")] == [{"text": "see you; soon"}, {"text": "yes|no"}]
+    (tmp_path / "both.csv").write_text("a;b|c\n1;2|3\n")
+    with pytest.raises(UsageError, match=r"both\.csv line 1: the header is one column .* splits at each of ';', '\|'"):
+        load_records(tmp_path / "both.csv")
+    (tmp_path / "wide.csv").write_text("instruction;output\na;b;c\n")  # the found separator's rows are checked too
+    with pytest.raises(UsageError, match=r"wide\.csv line 2: 3 cells, but the header has 2 columns.*\(';'\)"):
+        load_records(tmp_path / "wide.csv")
+
+
+def test_a_json_file_holding_one_object(tmp_path):
+    """One object is one row, as datasets' json loader reads it; an object whose every field is a list of the
+    same length (the rows under one field, which datasets reads only given field=; columns, as Dataset.to_dict()
+    writes them; or one example of list fields) is refused, naming the fields and each way to write it."""
+    datasets = pytest.importorskip("datasets")
+    rows = [{"text": "hello", "label": 3}, {"messages": [{"role": "user", "content": "Hi"}], "tools": []}]
+    for i, row in enumerate(rows):
+        path = tmp_path / f"one{i}.json"
+        path.write_text("\n" + json.dumps(row, indent=2))
+        ours = load_records(path)
+        theirs = datasets.load_dataset("json", data_files=str(path), split="train", cache_dir=str(tmp_path / "c"))
+        assert [r.fields for r in ours] == theirs.to_list() == [row] and ours[0].where.endswith(f"one{i}.json line 2")
+    (tmp_path / "rows.json").write_text(json.dumps({"rows": ALPACA}))
+    with pytest.raises(UsageError, match=r"rows\.json: one JSON object whose only field, 'rows', holds a list of 2: "
+                                         r"the rows under 'rows', or one example .*jq '\.rows' rows\.json .*\"data\".*"
+                                         r"put the object in a list"):
+        load_records(tmp_path / "rows.json")
+    (tmp_path / "texts.json").write_text(json.dumps({"text": ["a", "b", "c"], "label": [0, 1, 0]}))
+    with pytest.raises(UsageError, match=r"texts\.json: one JSON object whose fields 'text', 'label' each hold a list "
+                                         r"of 3: columns \(as Dataset\.to_dict\(\) writes them\), or one example .*put "
+                                         r"the object in a list"):
+        load_records(tmp_path / "texts.json")
+    (tmp_path / "lines.json").write_text(json.dumps({"text": ["a", "b"]}))
+    with pytest.raises(UsageError, match=r"only field, 'text', holds a list of 2: columns .*put the object in a list"):
+        load_records(tmp_path / "lines.json")
+    (tmp_path / "data.json").write_text(json.dumps({"version": "1.0", "data": ALPACA}))  # as datasets' field="data"
+    theirs = datasets.load_dataset("json", data_files=str(tmp_path / "data.json"), field="data", split="train",
+                                   cache_dir=str(tmp_path / "c"))
+    assert [r.fields for r in load_records(tmp_path / "data.json")] == theirs.to_list() == ALPACA
+
+
+def test_class_label_names_in_a_parquet_file_written_by_datasets(tmp_path):
+    """Dataset.to_parquet keeps the features in the schema's metadata (key huggingface): a ClassLabel column is
+    ints, its names only there; read as datasets reads the file, the rows hold the names (so do an Arrow IPC file's
+    with that schema). A file from other tools, with no such metadata, keeps its ints."""
+    datasets = pytest.importorskip("datasets")
+    features = datasets.Features({"instruction": datasets.Value("string"),
+                                  "label": datasets.ClassLabel(names=["no", "yes"]),
+                                  "tags": datasets.Sequence(datasets.ClassLabel(names=["a", "b", "c"]))})
+    data = datasets.Dataset.from_dict({"instruction": ["q0", "q1", "q2"], "label": [1, 0, -1],
+                                       "tags": [[2, 0], [], [1]]}, features=features)
+    data.to_parquet(str(tmp_path / "d.parquet"))
+    expected = [{"instruction": "q0", "label": "yes", "tags": ["c", "a"]},
+                {"instruction": "q1", "label": "no", "tags": []},
+                {"instruction": "q2", "label": None, "tags": ["b"]}]
+    assert [r.fields for r in load_records(tmp_path / "d.parquet")] == expected
+    theirs = datasets.load_dataset("parquet", data_files=str(tmp_path / "d.parquet"), split="train",
+                                   cache_dir=str(tmp_path / "c"))
+    assert theirs.features == features
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    with pa.ipc.new_file(tmp_path / "d.arrow", data.data.table.schema) as writer:  # the same table as an IPC file
+        writer.write_table(data.data.table)
+    assert [r.fields for r in load_records(tmp_path / "d.arrow")] == expected
+    pq.write_table(data.data.table.replace_schema_metadata(None), tmp_path / "plain.parquet")
+    assert [r.fields["label"] for r in load_records(tmp_path / "plain.parquet")] == [1, 0, -1]

@@ -4,6 +4,8 @@ A ClassLabel column (imdb's ``label``, a save_to_disk folder's or a hub dataset'
 and keeps its name, ``"neg"``, in the dataset's features only. Mapped as an answer (``--data-fields
 output=label``) the index would teach the model to answer ``0``, a code whose meaning the rows do not carry; the
 name is what the data says. ``-1``, datasets' "no label" (GLUE's test splits), is null: an empty answer.
+A Parquet or Arrow file that ``datasets`` wrote (``Dataset.to_parquet``) keeps the features in its schema's
+metadata, under ``huggingface``, read here as ``datasets`` reads them.
 """
 
 from __future__ import annotations
@@ -11,10 +13,20 @@ from __future__ import annotations
 from typing import Any
 
 
+def schema_features(schema: Any) -> Any:
+    """The ``datasets.Features`` that ``datasets`` wrote into a pyarrow ``schema``'s metadata (key ``huggingface``),
+    each kept where its Arrow type is the column's; ``None`` for a file written by other tools."""
+    if not schema.metadata or b"huggingface" not in schema.metadata:
+        return None
+    import datasets
+
+    return datasets.Features.from_arrow_schema(schema)
+
+
 def label_names(features: Any) -> dict[str, tuple[list[str], bool]]:
     """Each ClassLabel column of ``features`` (a ``datasets.Features``): its names, and whether the column is a
     list of labels (``Sequence(ClassLabel)``, a row's tags)."""
-    if not features:  # rows read without datasets (parquet, JSON): no labels to name
+    if not features:  # rows read without datasets (JSON, CSV, a parquet file from other tools): no labels to name
         return {}
     import datasets
 

@@ -17,14 +17,18 @@ import codecs
 import csv
 import gzip
 import io
+import itertools
 import json
 import lzma
+import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Iterable
 
 from qlora.errors import UsageError
-from qlora.train.data.class_labels import label_names, with_label_names
+from qlora.train.data.class_labels import label_names, schema_features, with_label_names
+from qlora.train.data.csv_separator import header_separator
+from qlora.train.data.unique_keys import DuplicateKey, duplicate_line, loads_unique
 
 LOCAL_SUFFIXES = (".jsonl", ".json", ".csv", ".tsv", ".parquet", ".arrow", ".txt")
 # Compressed text files (data.jsonl.gz, data.csv.xz) are read through these, as datasets reads them.
@@ -54,7 +58,7 @@ def load_records(source: str | Path, split: str = "train", subset: str | None = 
     """Read every record of a local file or folder, or of a hub dataset.
 
     Args:
-        source: a ``.jsonl``, ``.json`` (a list or ``{"data": [...]}``), ``.csv``, ``.tsv``,
+        source: a ``.jsonl``, ``.json`` (a list, ``{"data": [...]}`` or one row's object), ``.csv``, ``.tsv``,
             ``.parquet``, ``.arrow`` or ``.txt`` file (plain text: one record a document where
             ``<|endoftext|>`` separates them, else a paragraph, or a line when the file has no blank line), the text ones also compressed (``.gz``,
             ``.bz2``, ``.xz``); a folder written by ``datasets``' ``save_to_disk``, or a folder
@@ -174,7 +178,9 @@ def _read_jsonl(path: Path) -> list[Record]:
             if not line.strip():
                 continue
             try:
-                value = json.loads(line)
+                value = loads_unique(line)
+            except DuplicateKey as e:
+                raise _duplicate_error(path, line_no, e.key) from None
             except json.JSONDecodeError as e:
                 if "\x00" in line:
                     raise _nul_error(path, line_no) from None
@@ -187,26 +193,66 @@ def _read_jsonl(path: Path) -> list[Record]:
 
 
 def _read_json(path: Path) -> list[Record]:
+    with _open_text(path) as f:
+        text = f.read()
     try:
-        with _open_text(path) as f:
-            value = json.loads(f.read())
+        value = loads_unique(text)
+    except DuplicateKey:
+        raise _duplicate_error(path, *duplicate_line(text)) from None
     except json.JSONDecodeError as e:
         if e.msg == "Extra data" and e.doc.lstrip().startswith("{"):
             return _read_jsonl(path)  # JSON Lines named .json, as datasets' json loader (and axolotl) read it
         raise UsageError(f"{path} line {e.lineno}: malformed JSON ({e.msg} at column {e.colno}).") from None
     if isinstance(value, dict) and isinstance(value.get("data"), list):
         value = value["data"]
+    elif isinstance(value, dict):  # one row, named by the line where its object starts
+        line_no = text[:len(text) - len(text.lstrip())].count("\n") + 1
+        return [Record(_one_row(value, path), f"{path} line {line_no}")]
     if not isinstance(value, list):
-        raise UsageError(f'{path}: a .json dataset must be a list of objects or {{"data": [...]}}.')
+        raise UsageError(f'{path}: a .json dataset must be a list of objects, {{"data": [...]}} or one object (one '
+                         f"row), not a {type(value).__name__}.")
     return [Record(_as_object(item, f"{path} item {i}"), f"{path} item {i}") for i, item in enumerate(value)]
+
+
+def _one_row(value: dict[str, Any], path: Path) -> dict[str, Any]:
+    """The one object of a ``.json`` file (without ``"data"``) as one row, as ``datasets``' json loader reads it;
+    refused where every field is a list of the same length: its rows under its one field (``datasets`` would need
+    ``field=``), columns (``Dataset.to_dict()``'s) and one example whose fields are lists (a conversation) are
+    each as likely, and a wrong guess trains nonsense."""
+    lengths = {len(v) if isinstance(v, list) else None for v in value.values()}
+    if len(lengths) != 1 or None in lengths:
+        return value
+    keys, n = list(value), lengths.pop()
+    one = len(keys) == 1
+    named = f"whose only field, {keys[0]!r}, holds" if one else f"whose fields {', '.join(map(repr, keys))} each hold"
+    if one and all(isinstance(item, dict) for item in value[keys[0]]):
+        reading = (f"the rows under {keys[0]!r}", f"For rows, give that list alone (e.g. jq '.{keys[0]}' {path.name} > "
+                   f"{path.stem}-rows.json) or name the field \"data\"")
+    else:
+        reading = ("columns (as Dataset.to_dict() writes them)", "For columns, write one object per row (e.g. "
+                   f"Dataset.from_dict(json.load(open('{path.name}'))).to_json('{path.stem}.jsonl'))")
+    raise UsageError(f"{path}: one JSON object {named} a list of {n}: {reading[0]}, or one example whose "
+                     f"field{' is a list' if one else 's are lists'}? {reading[1]}; for one example, put the object in "
+                     "a list ([{...}]).")
+
+
+def _duplicate_error(path: Path, line_no: int, key: str) -> UsageError:
+    return UsageError(f"{path} line {line_no}: a JSON object names the key {key!r} twice, and only one of its values "
+                      "could be read. Fix the program that wrote the file (or keep one of the two by hand).")
 
 
 def _read_csv(path: Path, delimiter: str = ",") -> list[Record]:
     """Rows under the header's names; a row shorter than the header has nulls in its last columns (as pandas and
     ``datasets`` read it), while a row with more filled cells than the header, or a header naming a column twice,
-    is refused: a text would otherwise be silently cut at an unquoted comma or lost under a repeated name."""
+    is refused: a text would otherwise be silently cut at an unquoted comma or lost under a repeated name. The
+    separator is the suffix's unless the header shows another (:mod:`csv_separator`: Excel's ``;``)."""
     with _open_text(path, newline="") as f:
-        reader = csv.reader(f, delimiter=delimiter)
+        first = f.readline()
+        found = header_separator(path, first, delimiter)
+        if found != delimiter:
+            print(f"qlora: {path} has {found!r} between cells, not {delimiter!r}: reading it so.", file=sys.stderr)
+            delimiter = found
+        reader = csv.reader(itertools.chain([first], f), delimiter=delimiter)
         header = next(reader, None)
         if header is None:
             return []
@@ -294,11 +340,12 @@ def _read_parquet(path: Path) -> list[Record]:
     import pyarrow.parquet as pq  # installed with `datasets`, whose Parquet engine it is
 
     try:
-        rows = pq.read_table(path).to_pylist()
+        table = pq.read_table(path)
+        features = schema_features(table.schema)  # the ClassLabel names of a file datasets wrote
     except Exception as exc:  # pyarrow raises ArrowInvalid, OSError, ...
         raise UsageError(f"{path} is not a readable parquet file ({exc}). Check the file, or convert "
                          "it to .jsonl.") from None
-    return _rows(rows, str(path))
+    return _rows(table.to_pylist(), str(path), features)
 
 
 def _read_arrow(path: Path) -> list[Record]:
@@ -314,11 +361,11 @@ def _read_arrow(path: Path) -> list[Record]:
         stream_error = exc
     try:
         with pa.memory_map(str(path)) as source:
-            rows = pa.ipc.open_file(source).read_all().to_pylist()
+            table = pa.ipc.open_file(source).read_all()
     except Exception:  # ArrowInvalid again: neither an Arrow stream nor an Arrow file
         raise UsageError(f"{path} is not a readable Arrow file ({stream_error}). Give an Arrow IPC stream or file "
                          "(as datasets or pyarrow write them), or convert it to .jsonl.") from None
-    return _rows(rows, str(path))
+    return _rows(table.to_pylist(), str(path), schema_features(table.schema))
 
 
 def _read_folder(path: Path, split: str, subset: str | None) -> list[Record]:
@@ -371,9 +418,9 @@ def _pick_split(data: Any, split: str, where: str) -> Any:
     return data[split]
 
 
-def _rows(rows: Iterable[dict[str, Any]], where: str) -> list[Record]:
-    """The rows as records; a ``datasets.Dataset``'s ClassLabel columns hold their label names."""
-    labels = label_names(getattr(rows, "features", None))
+def _rows(rows: Iterable[dict[str, Any]], where: str, features: Any = None) -> list[Record]:
+    """The rows as records; ClassLabel columns (of a ``datasets.Dataset``, or of ``features``) hold their names."""
+    labels = label_names(features if features is not None else getattr(rows, "features", None))
     return [Record(with_label_names(dict(row), labels), f"{where} row {i}") for i, row in enumerate(rows)]
 
 
