@@ -19,6 +19,7 @@ import qlora
 from chat_families import CONVERSATIONS, family_tokenizer
 from qlora.cli.main import main
 from qlora.model.tiny import build_tiny_model
+from qlora.train.data.selection import hold_out
 from random_adapters import randomize_lora_b
 
 transformers = pytest.importorskip("transformers")
@@ -132,6 +133,42 @@ def test_eval_loss_is_the_trainers_eval_loss(tmp_path, qwen, capsys):
     recorded = [r for r in recorded if r["split"] == "eval"][-1]
     assert main(["eval", "--json", "--model", str(model_dir), "--adapter", str(run), "--data", str(data)]) == 0
     assert json.loads(capsys.readouterr().out)["loss"] == pytest.approx(recorded["loss"], rel=1e-6)
+
+
+def test_eval_measures_what_the_adapter_trained_on(tmp_path, qwen, capsys):
+    """A run with --train-on all, --seq-len 40 and an --eval-split: eval of its adapter on the held-out rows, given no
+    option, reports the run's final eval loss (the run records both beside the adapter, checkpoints included); given
+    train's defaults it measures other tokens, so the record is what makes them equal. Options still win, and an
+    adapter that recorded none (older ones, PEFT's) gets train's defaults."""
+    model_dir, _ = qwen
+    rows = [json.dumps({"messages": m}) for m in CHATS * 2]
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(r + "\n" for r in rows))
+    held = tmp_path / "held.jsonl"
+    held.write_text("".join(r + "\n" for r in hold_out(rows, 0.3, 7)[1]))  # the rows the run holds out
+    run = tmp_path / "run"
+    assert main(["train", "--model", str(model_dir), "--data", str(data), "--eval-split", "0.3", "--seed", "7",
+                 "--train-on", "all", "--seq-len", "40", "--output", str(run), "--max-steps", "2", "--batch-size", "2",
+                 "--lr", "1e-2", "--no-progress"]) == 0
+    capsys.readouterr()
+    recorded = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    recorded = [r for r in recorded if r["split"] == "eval"][-1]
+    evaluate = ["eval", "--json", "--model", str(model_dir), "--data", str(held)]
+    for adapter in (run, *run.glob("checkpoints/step-*/adapter")):
+        assert main([*evaluate, "--adapter", str(adapter)]) == 0
+        assert json.loads(capsys.readouterr().out)["loss"] == pytest.approx(recorded["loss"], rel=1e-6), adapter
+    assert main([*evaluate, "--adapter", str(run), "--train-on", "assistant", "--seq-len", "512"]) == 0
+    defaults = json.loads(capsys.readouterr().out)
+    assert defaults["loss"] != pytest.approx(recorded["loss"], rel=1e-3)
+    info = json.loads((run / "qlora_adapter.json").read_text())
+    assert info.pop("tokenization") == {"train_on": "all", "seq_len": 40}
+    (run / "qlora_adapter.json").write_text(json.dumps(info))  # as written before runs recorded it
+    assert main([*evaluate, "--adapter", str(run)]) == 0
+    assert json.loads(capsys.readouterr().out) == defaults
+    (run / "qlora_adapter.json").write_text(json.dumps({**info, "tokenization": {"train_on": "al", "seq_len": 40}}))
+    assert main([*evaluate, "--adapter", str(run)]) == 2
+    err = capsys.readouterr().err
+    assert f"{run / 'qlora_adapter.json'}: tokenization must be" in err and "Traceback" not in err
 
 
 def test_eval_folds_the_system_message_for_a_template_without_one(tmp_path, capsys):

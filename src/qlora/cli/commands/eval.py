@@ -12,11 +12,14 @@ import math
 import sys
 from dataclasses import replace
 
+TRAIN_DEFAULTS = {"train_on": "assistant", "seq_len": 512}  # train's, for an adapter that recorded none
+
 NAME = "eval"
 HELP = "loss and perplexity of a model (+ adapter) on a dataset"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from ...model.trained_tokens import TRAIN_ON
     from ...option_range import Range
     from ...template_names import TRAIN_TEMPLATE_NAMES
     from ..image_pixels import add_pixel_arguments
@@ -46,12 +49,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--template-date", default="", metavar="YYYY-MM-DD",
                         help="date that date-dependent chat templates (strftime_now, e.g. Llama 3.2) see, as qlora "
                              "train's (default: the one --adapter was trained with, else today)")
-    parser.add_argument("--train-on", default="assistant", choices=("assistant", "all", "completion"),
+    parser.add_argument("--train-on", default=None, choices=TRAIN_ON,
                         help="tokens that count, as qlora train's --train-on (completion: all but the prompts of "
-                             "prompt-completion rows, as TRL's SFT trains)")
+                             "prompt-completion rows, as TRL's SFT trains; default: the adapter's run's, else "
+                             f"{TRAIN_DEFAULTS['train_on']})")
     parser.add_argument("--quant", default=None, choices=("nf4", "fp4", "none"),
                         help="base data type (default: the format the adapter was trained on, else nf4)")
-    parser.add_argument("--seq-len", type=number(int, Range(2)), default=512, help="truncate examples to this many tokens")
+    parser.add_argument("--seq-len", type=number(int, Range(2)), default=None,
+                        help="truncate examples to this many tokens, as qlora train's --seq-len (default: the "
+                             f"adapter's run's, else {TRAIN_DEFAULTS['seq_len']})")
     parser.add_argument("--batch-size", type=positive_int, default=4, help="examples per forward pass")
     parser.add_argument("--json", action="store_true",
                         help="print the result as one JSON object on stdout (data, rows read, examples evaluated, "
@@ -79,6 +85,7 @@ def run(args: argparse.Namespace) -> int:
     from ...train.trainer import compute_dtype_for, token_loss_sum
 
     fields = parse_data_fields(args.data_fields)  # checked before the model loads
+    _follow_adapter(args)
     if args.template_date:
         pinned_datetime(args.template_date)
     bounds = pixel_bounds_for(args, args.adapter)  # images shown as training showed them (saved with the adapter)
@@ -125,6 +132,17 @@ def run(args: argparse.Namespace) -> int:
     print(f"{args.data}: {report.summary()}", file=sys.stderr if args.json else sys.stdout)
     _print_result(args, report.examples, len(tokenized), loss_sum, tokens)
     return 0
+
+
+def _follow_adapter(args: argparse.Namespace) -> None:
+    """--train-on and --seq-len not given: the adapter's run's (qlora_adapter.json), so the loss is the one that run's
+    eval reported, else train's defaults."""
+    from ...model.trained_tokens import trained_tokenization
+
+    trained = {**TRAIN_DEFAULTS, **(trained_tokenization(args.adapter) if args.adapter else {})}
+    for key, value in trained.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
 
 
 def _print_result(args: argparse.Namespace, rows: int, examples: int, loss_sum: float, tokens: int) -> None:
