@@ -111,6 +111,16 @@ def test_eval_equals_transformers_and_peft_for_every_batch_size(tmp_path, qwen, 
     assert abs(base_loss - loss) > 1e-2  # the adapter matters, so its absence would be seen
 
 
+def test_eval_counts_one_example_in_the_singular(tmp_path, qwen, capsys):
+    model_dir, adapter = qwen
+    data = _write(tmp_path / "d.jsonl", CHATS[:1])
+    assert main(["eval", "--quant", "none", "--model", str(model_dir), "--adapter", str(adapter), "--data",
+                 str(data)]) == 0
+    summary, result = capsys.readouterr().out.splitlines()
+    assert summary == f"{data}: 1 example, 0 truncated to --seq-len"
+    assert result.endswith(f"({_oracle(model_dir, adapter, CHATS[:1])[1]} tokens)"), result
+
+
 def test_eval_truncates_each_row_to_seq_len(tmp_path, qwen, capsys):
     model_dir, adapter = qwen
     data = _write(tmp_path / "d.jsonl", CHATS)
@@ -204,7 +214,7 @@ def test_eval_of_rows_without_answers_says_there_is_nothing_to_evaluate(tmp_path
     data.write_text(json.dumps({"instruction": "Say hi", "input": "", "output": ""}) + "\n")
     assert main(["eval", "--quant", "none", "--model", str(qwen[0]), "--data", str(data)]) == 2
     err = capsys.readouterr().err
-    assert f"--data {data}: all 1 rows of it have nothing to evaluate: 1 with an empty answer (first: {data} line 1)" \
+    assert f"--data {data}: the one row of it has nothing to evaluate: 1 with an empty answer (first: {data} line 1)" \
         in err and "Traceback" not in err
 
 

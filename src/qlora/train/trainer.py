@@ -618,13 +618,13 @@ class Trainer:
             return self._tokenize(examples)[0]
         except NothingToTrain as exc:
             if cfg.eval_data:
-                source, fix = (f"--eval-data {cfg.eval_data}: all {exc.rows} {exc.what} of it",
+                source, fix = (f"--eval-data {cfg.eval_data}: {exc.subject('of it')}",
                                f"{exc.fix}; or leave --eval-data out")
             else:
-                source, fix = (f"--eval-split {cfg.eval_split:g}: all {exc.rows} {exc.what} it holds out of --data "
-                               f"{cfg.data}", "give held-out data with answers as --eval-data instead, or a larger "
-                               "--eval-split (or none) to draw other rows")
-            raise UsageError(f"{source} have nothing to evaluate: {exc.counts}. Such rows are skipped; {fix}.") from None
+                source, fix = (f"--eval-split {cfg.eval_split:g}: {exc.subject(f'it holds out of --data {cfg.data}')}",
+                               "give held-out data with answers as --eval-data instead, or a larger --eval-split (or "
+                               "none) to draw other rows")
+            raise UsageError(f"{source} nothing to evaluate: {exc.counts}. Such rows are skipped; {fix}.") from None
 
     def _image_tokenizer(self, examples):
         """What tokenizes rows with images (the model's processor), or None when no row has any."""

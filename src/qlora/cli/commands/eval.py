@@ -117,8 +117,8 @@ def run(args: argparse.Namespace) -> int:
                                              with_images=_image_tokenizer(args, examples, model, tokenizer, fmt, stops,
                                                                           bounds))
     except NothingToTrain as exc:  # in eval's words, not training's
-        raise UsageError(f"--data {args.data}: all {exc.rows} {exc.what} of it have nothing to evaluate: {exc.counts}. "
-                         f"Such rows are skipped; {exc.fix}.") from None
+        raise UsageError(f"--data {args.data}: {exc.subject('of it')} nothing to evaluate: {exc.counts}. Such rows "
+                         f"are skipped; {exc.fix}.") from None
     check_positions(model, longest_positions(tokenized), args.model)
     model.eval()
     dtype = model.get_input_embeddings().weight.dtype  # image tensors go in as the 16-bit vision tower takes them
@@ -154,7 +154,7 @@ def _print_result(args: argparse.Namespace, rows: int, examples: int, loss_sum: 
         print(json.dumps({"data": args.data, "rows": rows, "examples": examples, "tokens": tokens, "loss": loss,
                           "perplexity": perplexity}))
     else:
-        print(f"loss {loss:.4f}  perplexity {perplexity:.3f}  ({tokens} tokens)")
+        print(f"loss {loss:.4f}  perplexity {perplexity:.3f}  ({tokens} {'token' if tokens == 1 else 'tokens'})")
 
 
 def _image_tokenizer(args: argparse.Namespace, examples, model, tokenizer, fmt, stops, bounds):
