@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import shutil
 
 import pytest
 import torch
@@ -18,6 +19,7 @@ import torch.nn.functional as F
 import qlora
 from chat_families import CONVERSATIONS, family_tokenizer
 from qlora.cli.main import main
+from qlora.model.chat_format import ChatFormat
 from qlora.model.tiny import build_tiny_model
 from qlora.train.data.selection import hold_out
 from random_adapters import randomize_lora_b
@@ -193,6 +195,56 @@ def test_eval_folds_the_system_message_for_a_template_without_one(tmp_path, caps
     loss, tokens = _oracle(model_dir, None, [folded])
     result = _eval(capsys, "--model", str(model_dir), "--data", str(data), "--system-into-user")
     assert result["tokens"] == tokens and result["loss"] == pytest.approx(loss, rel=1e-5)
+
+
+def _adapter_with_format(root, family: str, **saved):
+    """A tiny model of ``family`` and an adapter with non-zero B whose saved chat format is the model's own template
+    with ``saved`` (date, system_into_user)."""
+    model_dir = build_tiny_model(root / family, tokenizer=family_tokenizer(family), arch="llama")
+    model, tokenizer = qlora.load_model(model_dir, quant="none", compute_dtype=torch.float32, device="cpu")
+    qlora.add_lora(model, r=4, alpha=8, dropout=0.0, target_modules="all-linear", verbose=False)
+    randomize_lora_b(model, seed=1, scale=0.2)
+    qlora.save_adapter(model, root / "adapter")
+    ChatFormat(template=tokenizer.chat_template, name="tokenizer", **saved).save(root / "adapter")
+    return model_dir, root / "adapter"
+
+
+def test_a_chosen_template_keeps_the_adapters_pinned_date(tmp_path, capsys):
+    """--template naming the adapter's own template (here the model's, as `tokenizer`) measures what auto does: the
+    prompts carry the date the run pinned (Llama 3.2's strftime_now), not today's; --template-date still wins."""
+    model_dir, adapter = _adapter_with_format(tmp_path, "llama-3.2", date="2025-01-02")
+    data = _write(tmp_path / "d.jsonl", [CONVERSATIONS["one turn"], CONVERSATIONS["three turns"]])
+    common = ["--model", str(model_dir), "--adapter", str(adapter), "--data", str(data)]
+    loss, tokens = _oracle(model_dir, adapter, [CONVERSATIONS["one turn"], CONVERSATIONS["three turns"]],
+                           date_string="02 Jan 2025")
+    for template in ("auto", "tokenizer"):
+        result = _eval(capsys, *common, "--template", template)
+        assert result["tokens"] == tokens and result["loss"] == pytest.approx(loss, rel=1e-5), template
+    loss, tokens = _oracle(model_dir, adapter, [CONVERSATIONS["one turn"], CONVERSATIONS["three turns"]],
+                           date_string="04 Mar 2025")
+    result = _eval(capsys, *common, "--template", "tokenizer", "--template-date", "2025-03-04")
+    assert result["tokens"] == tokens and result["loss"] == pytest.approx(loss, rel=1e-5)
+
+
+def test_a_chosen_template_keeps_the_adapters_system_folding_when_it_is_the_same(tmp_path, capsys):
+    """An adapter trained with --system-into-user on Gemma 2 (no system role): --template tokenizer (its template)
+    folds as auto does, where it used to refuse the system message; another template (chatml, which has a system
+    role) is not folded unless --system-into-user says so."""
+    model_dir, adapter = _adapter_with_format(tmp_path, "gemma-2", system_into_user=True)
+    chat = [SYSTEM, *CONVERSATIONS["three turns"]]
+    data = _write(tmp_path / "d.jsonl", [chat])
+    folded = [{"role": "user", "content": f"{SYSTEM['content']}\n\n{chat[1]['content']}"}, *chat[2:]]
+    loss, tokens = _oracle(model_dir, adapter, [folded])
+    for template in ("auto", "tokenizer"):
+        result = _eval(capsys, "--model", str(model_dir), "--adapter", str(adapter), "--data", str(data),
+                       "--template", template)
+        assert result["tokens"] == tokens and result["loss"] == pytest.approx(loss, rel=1e-5), template
+    chatml = ["--model", str(model_dir), "--data", str(data), "--template", "chatml"]
+    result = _eval(capsys, *chatml, "--adapter", str(adapter))
+    unsaved = shutil.copytree(adapter, tmp_path / "unsaved", ignore=shutil.ignore_patterns("chat_format.json"))
+    assert result == _eval(capsys, *chatml, "--adapter", str(unsaved))  # its system turn kept, as without a format
+    with_fold = _eval(capsys, *chatml, "--adapter", str(adapter), "--system-into-user")
+    assert with_fold["loss"] != pytest.approx(result["loss"], rel=1e-4)  # folding would be seen
 
 
 @pytest.mark.parametrize("content", [None, "", "\n\n"])

@@ -100,10 +100,12 @@ def run(args: argparse.Namespace) -> int:
     if args.adapter:
         tokenizer = adapter_tokenizer(args.adapter, tokenizer)
         load_adapter(model, args.adapter)
-    saved = None
-    if args.template == "auto":
-        saved = ChatFormat.load(args.adapter) if args.adapter else merged_format(args.model)
-    fmt = saved or resolve_chat_format(tokenizer, args.template)
+    saved = ChatFormat.load(args.adapter) if args.adapter else merged_format(args.model)
+    if args.template != "auto" or saved is None:  # a chosen template keeps the saved date, variables and folding
+        fmt = resolve_chat_format(tokenizer, args.template)
+        fmt = fmt.keeping(saved) if saved is not None else fmt
+    else:
+        fmt = saved
     if args.system_into_user:
         fmt = replace(fmt, system_into_user=True)
     if args.template_date:
