@@ -1,7 +1,9 @@
 """``qlora eval``: loss and perplexity of a model (+ optional adapter) on a dataset.
 
 Uses the same tokenization, loss mask and per-token normalization as training,
-so the number printed is comparable with the eval loss in a run's metrics.
+so the number printed is comparable with the eval loss in a run's metrics; with
+``--adapter`` the chat format, ``--train-on`` and ``--seq-len`` default to the
+ones its run recorded, so without options it is that run's eval loss.
 """
 
 from __future__ import annotations
@@ -51,13 +53,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "train's (default: the one --adapter was trained with, else today)")
     parser.add_argument("--train-on", default=None, choices=TRAIN_ON,
                         help="tokens that count, as qlora train's --train-on (completion: all but the prompts of "
-                             "prompt-completion rows, as TRL's SFT trains; default: the adapter's run's, else "
-                             f"{TRAIN_DEFAULTS['train_on']})")
+                             "prompt-completion rows, as TRL's SFT trains; default: as the adapter was "
+                             f"trained, else {TRAIN_DEFAULTS['train_on']})")
     parser.add_argument("--quant", default=None, choices=("nf4", "fp4", "none"),
                         help="base data type (default: the format the adapter was trained on, else nf4)")
     parser.add_argument("--seq-len", type=number(int, Range(2)), default=None,
-                        help="truncate examples to this many tokens, as qlora train's --seq-len (default: the "
-                             f"adapter's run's, else {TRAIN_DEFAULTS['seq_len']})")
+                        help="truncate examples to this many tokens, as qlora train's --seq-len (default: as the "
+                             f"adapter was trained, else {TRAIN_DEFAULTS['seq_len']})")
     parser.add_argument("--batch-size", type=positive_int, default=4, help="examples per forward pass")
     parser.add_argument("--json", action="store_true",
                         help="print the result as one JSON object on stdout (data, rows read, examples evaluated, "
