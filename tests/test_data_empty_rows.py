@@ -144,7 +144,7 @@ def test_cli_train_skips_empty_answers_and_refuses_all_empty(tmp_path, tiny_mode
     empty = _write(tmp_path / "empty.jsonl", [{"instruction": "Nothing.", "input": "", "output": ""}])
     assert main([*args[:4], str(tmp_path / "run2"), *args[5:], "--data", str(empty)]) == 2
     err = capsys.readouterr().err
-    assert f"all 1 rows of the data have nothing to train: 1 with an empty answer (first: {empty} line 1)" in err
+    assert f"the one row of the data has nothing to train: 1 with an empty answer (first: {empty} line 1)" in err
     assert "Traceback" not in err
 
 
@@ -168,7 +168,7 @@ def test_preference_pairs_with_an_empty_answer_are_skipped(tmp_path, qwen_tokeni
     kept = [0, 1] + ([2 if empty["chosen"] else 3] if isinstance(empty.get("prompt"), (str, list)) else [])
     assert [u.index for u in units] == kept
     assert len(report.empty["an empty answer"]) == 4 - len(kept)
-    with pytest.raises(UsageError, match=rf"^all 1 preference pairs of the data have nothing to train: 1 with an "
+    with pytest.raises(UsageError, match=rf"^the one preference pair of the data has nothing to train: 1 with an "
                                          rf"empty answer \(first: {tmp_path / 'one.jsonl'} line 1\)"):
         tokenize_pairs(normalize_preferences(load_records(_write(tmp_path / "one.jsonl", [empty]))), qwen_tokenizer,
                        ChatFormat(QWEN))
@@ -281,14 +281,15 @@ def test_eval_rows_that_are_all_skipped_are_refused_as_nothing_to_evaluate(tmp_p
     empty = _write(tmp_path / "eval.jsonl", [{"instruction": "Nothing.", "input": "", "output": ""}])
     assert main([*args, "--output", str(tmp_path / "b"), "--eval-data", str(empty)]) == 2
     err = capsys.readouterr().err
-    assert (f"--eval-data {empty}: all 1 rows of it have nothing to evaluate: 1 with an empty answer "
+    assert (f"--eval-data {empty}: the one row of it has nothing to evaluate: 1 with an empty answer "
             f"(first: {empty} line 1)") in err, err
     assert "nothing to train" not in err and "Traceback" not in err
     pairs = _write(tmp_path / "pairs.jsonl", [{"prompt": "Q?", "chosen": "Yes.", "rejected": "No."}] * 2)
     empty_pairs = _write(tmp_path / "eval_pairs.jsonl", [{"prompt": "Q?", "chosen": "", "rejected": ""}])
-    for method in ("dpo", "kto"):
+    # one pair: KTO's two examples (its chosen and its rejected answer)
+    for method, subject in (("dpo", "the one preference pair of it has"), ("kto", "all 2 KTO examples of it have")):
         assert main(["train", "--method", method, "--model", str(tiny_model_dir), "--seq-len", "128", "--max-steps",
                      "1", "--batch-size", "2", "--no-progress", "--data", str(pairs), "--eval-data", str(empty_pairs), "--output",
                      str(tmp_path / method)]) == 2
         err = capsys.readouterr().err
-        assert f"--eval-data {empty_pairs}: all " in err and "have nothing to evaluate" in err, err
+        assert f"--eval-data {empty_pairs}: {subject} nothing to evaluate" in err, err

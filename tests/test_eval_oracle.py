@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import shutil
 
 import pytest
 import torch
@@ -18,7 +19,9 @@ import torch.nn.functional as F
 import qlora
 from chat_families import CONVERSATIONS, family_tokenizer
 from qlora.cli.main import main
+from qlora.model.chat_format import ChatFormat
 from qlora.model.tiny import build_tiny_model
+from qlora.train.data.selection import hold_out
 from random_adapters import randomize_lora_b
 
 transformers = pytest.importorskip("transformers")
@@ -110,6 +113,16 @@ def test_eval_equals_transformers_and_peft_for_every_batch_size(tmp_path, qwen, 
     assert abs(base_loss - loss) > 1e-2  # the adapter matters, so its absence would be seen
 
 
+def test_eval_counts_one_example_in_the_singular(tmp_path, qwen, capsys):
+    model_dir, adapter = qwen
+    data = _write(tmp_path / "d.jsonl", CHATS[:1])
+    assert main(["eval", "--quant", "none", "--model", str(model_dir), "--adapter", str(adapter), "--data",
+                 str(data)]) == 0
+    summary, result = capsys.readouterr().out.splitlines()
+    assert summary == f"{data}: 1 example, 0 truncated to --seq-len"
+    assert result.endswith(f"({_oracle(model_dir, adapter, CHATS[:1])[1]} tokens)"), result
+
+
 def test_eval_truncates_each_row_to_seq_len(tmp_path, qwen, capsys):
     model_dir, adapter = qwen
     data = _write(tmp_path / "d.jsonl", CHATS)
@@ -134,6 +147,42 @@ def test_eval_loss_is_the_trainers_eval_loss(tmp_path, qwen, capsys):
     assert json.loads(capsys.readouterr().out)["loss"] == pytest.approx(recorded["loss"], rel=1e-6)
 
 
+def test_eval_measures_what_the_adapter_trained_on(tmp_path, qwen, capsys):
+    """A run with --train-on all, --seq-len 40 and an --eval-split: eval of its adapter on the held-out rows, given no
+    option, reports the run's final eval loss (the run records both beside the adapter, checkpoints included); given
+    train's defaults it measures other tokens, so the record is what makes them equal. Options still win, and an
+    adapter that recorded none (older ones, PEFT's) gets train's defaults."""
+    model_dir, _ = qwen
+    rows = [json.dumps({"messages": m}) for m in CHATS * 2]
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(r + "\n" for r in rows))
+    held = tmp_path / "held.jsonl"
+    held.write_text("".join(r + "\n" for r in hold_out(rows, 0.3, 7)[1]))  # the rows the run holds out
+    run = tmp_path / "run"
+    assert main(["train", "--model", str(model_dir), "--data", str(data), "--eval-split", "0.3", "--seed", "7",
+                 "--train-on", "all", "--seq-len", "40", "--output", str(run), "--max-steps", "2", "--batch-size", "2",
+                 "--lr", "1e-2", "--no-progress"]) == 0
+    capsys.readouterr()
+    recorded = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    recorded = [r for r in recorded if r["split"] == "eval"][-1]
+    evaluate = ["eval", "--json", "--model", str(model_dir), "--data", str(held)]
+    for adapter in (run, *run.glob("checkpoints/step-*/adapter")):
+        assert main([*evaluate, "--adapter", str(adapter)]) == 0
+        assert json.loads(capsys.readouterr().out)["loss"] == pytest.approx(recorded["loss"], rel=1e-6), adapter
+    assert main([*evaluate, "--adapter", str(run), "--train-on", "assistant", "--seq-len", "512"]) == 0
+    defaults = json.loads(capsys.readouterr().out)
+    assert defaults["loss"] != pytest.approx(recorded["loss"], rel=1e-3)
+    info = json.loads((run / "qlora_adapter.json").read_text())
+    assert info.pop("tokenization") == {"train_on": "all", "seq_len": 40}
+    (run / "qlora_adapter.json").write_text(json.dumps(info))  # as written before runs recorded it
+    assert main([*evaluate, "--adapter", str(run)]) == 0
+    assert json.loads(capsys.readouterr().out) == defaults
+    (run / "qlora_adapter.json").write_text(json.dumps({**info, "tokenization": {"train_on": "al", "seq_len": 40}}))
+    assert main([*evaluate, "--adapter", str(run)]) == 2
+    err = capsys.readouterr().err
+    assert f"{run / 'qlora_adapter.json'}: tokenization must be" in err and "Traceback" not in err
+
+
 def test_eval_folds_the_system_message_for_a_template_without_one(tmp_path, capsys):
     """Gemma 2's template refuses a system message; the error names --system-into-user, which qlora eval takes,
     giving the loss of the conversation with the system text opening the first user turn."""
@@ -146,6 +195,56 @@ def test_eval_folds_the_system_message_for_a_template_without_one(tmp_path, caps
     loss, tokens = _oracle(model_dir, None, [folded])
     result = _eval(capsys, "--model", str(model_dir), "--data", str(data), "--system-into-user")
     assert result["tokens"] == tokens and result["loss"] == pytest.approx(loss, rel=1e-5)
+
+
+def _adapter_with_format(root, family: str, **saved):
+    """A tiny model of ``family`` and an adapter with non-zero B whose saved chat format is the model's own template
+    with ``saved`` (date, system_into_user)."""
+    model_dir = build_tiny_model(root / family, tokenizer=family_tokenizer(family), arch="llama")
+    model, tokenizer = qlora.load_model(model_dir, quant="none", compute_dtype=torch.float32, device="cpu")
+    qlora.add_lora(model, r=4, alpha=8, dropout=0.0, target_modules="all-linear", verbose=False)
+    randomize_lora_b(model, seed=1, scale=0.2)
+    qlora.save_adapter(model, root / "adapter")
+    ChatFormat(template=tokenizer.chat_template, name="tokenizer", **saved).save(root / "adapter")
+    return model_dir, root / "adapter"
+
+
+def test_a_chosen_template_keeps_the_adapters_pinned_date(tmp_path, capsys):
+    """--template naming the adapter's own template (here the model's, as `tokenizer`) measures what auto does: the
+    prompts carry the date the run pinned (Llama 3.2's strftime_now), not today's; --template-date still wins."""
+    model_dir, adapter = _adapter_with_format(tmp_path, "llama-3.2", date="2025-01-02")
+    data = _write(tmp_path / "d.jsonl", [CONVERSATIONS["one turn"], CONVERSATIONS["three turns"]])
+    common = ["--model", str(model_dir), "--adapter", str(adapter), "--data", str(data)]
+    loss, tokens = _oracle(model_dir, adapter, [CONVERSATIONS["one turn"], CONVERSATIONS["three turns"]],
+                           date_string="02 Jan 2025")
+    for template in ("auto", "tokenizer"):
+        result = _eval(capsys, *common, "--template", template)
+        assert result["tokens"] == tokens and result["loss"] == pytest.approx(loss, rel=1e-5), template
+    loss, tokens = _oracle(model_dir, adapter, [CONVERSATIONS["one turn"], CONVERSATIONS["three turns"]],
+                           date_string="04 Mar 2025")
+    result = _eval(capsys, *common, "--template", "tokenizer", "--template-date", "2025-03-04")
+    assert result["tokens"] == tokens and result["loss"] == pytest.approx(loss, rel=1e-5)
+
+
+def test_a_chosen_template_keeps_the_adapters_system_folding_when_it_is_the_same(tmp_path, capsys):
+    """An adapter trained with --system-into-user on Gemma 2 (no system role): --template tokenizer (its template)
+    folds as auto does, where it used to refuse the system message; another template (chatml, which has a system
+    role) is not folded unless --system-into-user says so."""
+    model_dir, adapter = _adapter_with_format(tmp_path, "gemma-2", system_into_user=True)
+    chat = [SYSTEM, *CONVERSATIONS["three turns"]]
+    data = _write(tmp_path / "d.jsonl", [chat])
+    folded = [{"role": "user", "content": f"{SYSTEM['content']}\n\n{chat[1]['content']}"}, *chat[2:]]
+    loss, tokens = _oracle(model_dir, adapter, [folded])
+    for template in ("auto", "tokenizer"):
+        result = _eval(capsys, "--model", str(model_dir), "--adapter", str(adapter), "--data", str(data),
+                       "--template", template)
+        assert result["tokens"] == tokens and result["loss"] == pytest.approx(loss, rel=1e-5), template
+    chatml = ["--model", str(model_dir), "--data", str(data), "--template", "chatml"]
+    result = _eval(capsys, *chatml, "--adapter", str(adapter))
+    unsaved = shutil.copytree(adapter, tmp_path / "unsaved", ignore=shutil.ignore_patterns("chat_format.json"))
+    assert result == _eval(capsys, *chatml, "--adapter", str(unsaved))  # its system turn kept, as without a format
+    with_fold = _eval(capsys, *chatml, "--adapter", str(adapter), "--system-into-user")
+    assert with_fold["loss"] != pytest.approx(result["loss"], rel=1e-4)  # folding would be seen
 
 
 @pytest.mark.parametrize("content", [None, "", "\n\n"])
@@ -167,7 +266,7 @@ def test_eval_of_rows_without_answers_says_there_is_nothing_to_evaluate(tmp_path
     data.write_text(json.dumps({"instruction": "Say hi", "input": "", "output": ""}) + "\n")
     assert main(["eval", "--quant", "none", "--model", str(qwen[0]), "--data", str(data)]) == 2
     err = capsys.readouterr().err
-    assert f"--data {data}: all 1 rows of it have nothing to evaluate: 1 with an empty answer (first: {data} line 1)" \
+    assert f"--data {data}: the one row of it has nothing to evaluate: 1 with an empty answer (first: {data} line 1)" \
         in err and "Traceback" not in err
 
 

@@ -155,3 +155,24 @@ def test_an_adapter_trained_in_thinking_mode_is_prompted_in_it(tmp_path):
     _train(model, [[U1, {"role": "assistant", "content": "Four."}]] * 2, tmp_path / "plain", tmp_path)
     assert ChatFormat.load(tmp_path / "plain").template_kwargs == {}
     assert _generate_prompt_ids(model, tmp_path / "plain", tok) == _oracle(tok)
+
+
+def test_a_chosen_template_keeps_the_adapters_variables(qwen3_model, tmp_path):
+    """An adapter saved with thinking off: --template naming its own template (here the model's, as `tokenizer`)
+    prompts with thinking off as auto does, --chat-template-kwargs still win; another template keeps only the saved
+    variables it reads."""
+    tok = family_tokenizer("qwen3")
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    saved = ChatFormat(template=tok.chat_template, name="tokenizer",
+                       template_kwargs={"enable_thinking": False, "reasoning_effort": "high"})
+    saved.save(adapter)
+    assert _oracle(tok, enable_thinking=False) != _oracle(tok)
+    for template in ("auto", "tokenizer"):
+        assert _generate_prompt_ids(qwen3_model, adapter, tok, "--template", template) == \
+            _oracle(tok, enable_thinking=False), template
+    assert _generate_prompt_ids(qwen3_model, adapter, tok, "--template", "tokenizer", "--chat-template-kwargs",
+                                '{"enable_thinking": true}') == _oracle(tok, enable_thinking=True)
+    effort = "{{ reasoning_effort }}{% for m in messages %}{{ m.content }}{% endfor %}"
+    assert ChatFormat(template=effort).keeping(saved).template_kwargs == {"reasoning_effort": "high"}
+    assert ChatFormat(template="{{ messages }}").keeping(saved).template_kwargs == {}

@@ -33,11 +33,12 @@ from .inject import (AdapterConfig, adapter_configs, add_lora, check_adapter_nam
                      expert_modules, experts_lora_layers, lora_layers, target_names, trained_biases)
 from .quantize import matches_any, non_text_names, text_decoder_path
 from .residual_convert import convert_to_lora, residual_paths
+from .trained_tokens import INFO_FILE, KEY as TOKENIZATION_KEY
 
 log = logging.getLogger("qlora")
 
 FORMAT_VERSION = 1
-QLORA_INFO = "qlora_adapter.json"  # qlora's fields, kept out of PEFT's adapter_config.json
+QLORA_INFO = INFO_FILE  # qlora's fields, kept out of PEFT's adapter_config.json
 _KNOWN_KEYS = {
     "peft_type", "task_type", "base_model_name_or_path", "r", "lora_alpha", "lora_dropout", "target_modules",
     "bias", "fan_in_fan_out", "use_rslora", "init_lora_weights", "modules_to_save", "inference_mode",
@@ -47,7 +48,7 @@ _KNOWN_KEYS = {
     "qalora_group_size", "trainable_token_indices", "target_parameters", "peft_version", "arrow_config",
     "ensure_weight_tying", "alora_invocation_tokens", "lora_ga_config", "use_bdlora",
     "init_r", "target_r", "tinit", "tfinal", "deltaT", "beta1", "beta2", "orth_reg_weight", "total_step",
-    "kasa_config", "monteclora_config", "velora_config", BASE_KEY,
+    "kasa_config", "monteclora_config", "velora_config", BASE_KEY, TOKENIZATION_KEY,
 }
 
 
@@ -101,7 +102,7 @@ def expert_key_prefixes(path: str, layer, adapter_name: str) -> dict[str, str]:
 
 
 def save_adapter(model: nn.Module, out_dir: str | Path, adapter_name: str = "default", tokenizer=None,
-                 convert: bool = True) -> Path:
+                 convert: bool = True, tokenization: dict | None = None) -> Path:
     """Write ``adapter_name`` in PEFT's format, atomically (old content survives a crash).
 
     Modules trained whole (``modules_to_save``, e.g. a resized embedding and
@@ -109,7 +110,8 @@ def save_adapter(model: nn.Module, out_dir: str | Path, adapter_name: str = "def
     write it alongside, which such an adapter needs to be reloaded. A PiSSA/OLoRA
     adapter is written converted to rank-2r LoRA on the original weights
     (:mod:`qlora.model.residual_convert`); ``convert=False`` writes it as trained,
-    valid only on the residual base (PEFT's plain ``save_pretrained``).
+    valid only on the residual base (PEFT's plain ``save_pretrained``). ``tokenization``: the training run's
+    ``--train-on`` and ``--seq-len`` (:mod:`qlora.model.trained_tokens`), recorded for ``qlora eval``.
     """
     from safetensors.torch import save_file
 
@@ -129,6 +131,8 @@ def save_adapter(model: nn.Module, out_dir: str | Path, adapter_name: str = "def
         (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
         info = {"qlora_version": __version__, "qlora_format_version": FORMAT_VERSION,
                 BASE_KEY: base_quantization(model)}
+        if tokenization is not None:
+            info[TOKENIZATION_KEY] = tokenization
         (tmp / QLORA_INFO).write_text(json.dumps(info, indent=2) + "\n")
         save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
         if tokenizer is not None:

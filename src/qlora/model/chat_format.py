@@ -123,6 +123,16 @@ class ChatFormat:
             raise UsageError(f"{path}: not a valid chat format file ({exc}); delete it to use the model's own "
                              "template, or retrain the adapter.") from None
 
+    def keeping(self, saved: "ChatFormat") -> "ChatFormat":
+        """This format, chosen (``--template``) over ``saved`` (an adapter's or a merged model's), with what ``saved``
+        fixed besides its template: its pinned date, the template variables this template reads (all of them when
+        it is ``saved``'s template) under this format's own, and, for the same template only, the folding of system
+        messages (another template may have the system role the saved one lacked)."""
+        same = self.template == saved.template
+        kept = {k: v for k, v in saved.template_kwargs.items() if same or _reads(self.template, k)}
+        return replace(self, date=saved.date or self.date, template_kwargs={**kept, **self.template_kwargs},
+                       system_into_user=self.system_into_user or (same and saved.system_into_user))
+
     def with_date(self, date: str) -> "ChatFormat":
         """A copy with ``date`` pinned (checked: YYYY-MM-DD)."""
         pinned_datetime(date)
@@ -150,6 +160,11 @@ def pinned_datetime(date: str) -> datetime:
         return datetime.strptime(date, DATE_FORMAT)
     except ValueError:
         raise UsageError(f"--template-date {date!r}: expected a date as YYYY-MM-DD, e.g. {today()}.") from None
+
+
+def _reads(template: str, variable: str) -> bool:
+    """Whether ``template`` names ``variable`` (a template variable it reads)."""
+    return re.search(rf"\b{re.escape(variable)}\b", template) is not None
 
 
 def uses_date(template: str) -> bool:

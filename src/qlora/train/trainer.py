@@ -618,13 +618,13 @@ class Trainer:
             return self._tokenize(examples)[0]
         except NothingToTrain as exc:
             if cfg.eval_data:
-                source, fix = (f"--eval-data {cfg.eval_data}: all {exc.rows} {exc.what} of it",
+                source, fix = (f"--eval-data {cfg.eval_data}: {exc.subject('of it')}",
                                f"{exc.fix}; or leave --eval-data out")
             else:
-                source, fix = (f"--eval-split {cfg.eval_split:g}: all {exc.rows} {exc.what} it holds out of --data "
-                               f"{cfg.data}", "give held-out data with answers as --eval-data instead, or a larger "
-                               "--eval-split (or none) to draw other rows")
-            raise UsageError(f"{source} have nothing to evaluate: {exc.counts}. Such rows are skipped; {fix}.") from None
+                source, fix = (f"--eval-split {cfg.eval_split:g}: {exc.subject(f'it holds out of --data {cfg.data}')}",
+                               "give held-out data with answers as --eval-data instead, or a larger --eval-split (or "
+                               "none) to draw other rows")
+            raise UsageError(f"{source} nothing to evaluate: {exc.counts}. Such rows are skipped; {fix}.") from None
 
     def _image_tokenizer(self, examples):
         """What tokenizes rows with images (the model's processor), or None when no row has any."""
@@ -998,7 +998,8 @@ class Trainer:
         for stale in target.parent.glob(".step-*.tmp-*"):  # half-written by a run killed mid-save (kill -9, OOM)
             shutil.rmtree(stale, ignore_errors=True)
         with atomic_dir(target) as tmp:
-            save_adapter(self.model, tmp / "adapter", tokenizer=self._adapter_tokenizer())
+            save_adapter(self.model, tmp / "adapter", tokenizer=self._adapter_tokenizer(),
+                         tokenization=self._tokenization())
             state = {"step": self.step, "optimizer": self.optimizer.state_dict(),
                      "scheduler": self.scheduler.state_dict(), "rng": _rng_state(), "losses": self.losses,
                      "scaler": self.scaler.state_dict() if self.scaler else None,
@@ -1051,6 +1052,12 @@ class Trainer:
         self._saved_records = state.get("metric_records")  # absent from checkpoints written before it was counted
         self._log_window = list(state.get("log_window", []))
 
+    def _tokenization(self) -> dict:
+        """--train-on and --seq-len, recorded with the adapter as the defaults of ``qlora eval``."""
+        from qlora.model.trained_tokens import tokenization_record
+
+        return tokenization_record(self.config.train_on, self.config.seq_len)
+
     def _adapter_tokenizer(self):
         """The tokenizer, when the adapter needs it to be reloaded (added tokens)."""
         return self.tokenizer if self.config.add_special_tokens.strip() else None
@@ -1077,7 +1084,7 @@ class Trainer:
         # Everything is written into a staging folder first and moved in only when complete:
         # a full disk leaves the previous contents (and the last checkpoint) as they were.
         with staged_output(self.out, "train", replace=False) as stage:
-            save_adapter(self.model, stage)
+            save_adapter(self.model, stage, tokenization=self._tokenization())  # eval measures as training did
             self.chat_format.save(stage)  # generate and chat render as training did
             self._save_pixel_bounds(stage)  # and show the model its images as training did
             self.tokenizer.chat_template = self.chat_format.template  # other tools loading --output see the same format

@@ -1,7 +1,9 @@
 """``qlora eval``: loss and perplexity of a model (+ optional adapter) on a dataset.
 
 Uses the same tokenization, loss mask and per-token normalization as training,
-so the number printed is comparable with the eval loss in a run's metrics.
+so the number printed is comparable with the eval loss in a run's metrics; with
+``--adapter`` the chat format, ``--train-on`` and ``--seq-len`` default to the
+ones its run recorded, so without options it is that run's eval loss.
 """
 
 from __future__ import annotations
@@ -12,11 +14,14 @@ import math
 import sys
 from dataclasses import replace
 
+TRAIN_DEFAULTS = {"train_on": "assistant", "seq_len": 512}  # train's, for an adapter that recorded none
+
 NAME = "eval"
 HELP = "loss and perplexity of a model (+ adapter) on a dataset"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from ...model.trained_tokens import TRAIN_ON
     from ...option_range import Range
     from ...template_names import TRAIN_TEMPLATE_NAMES
     from ..image_pixels import add_pixel_arguments
@@ -46,12 +51,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--template-date", default="", metavar="YYYY-MM-DD",
                         help="date that date-dependent chat templates (strftime_now, e.g. Llama 3.2) see, as qlora "
                              "train's (default: the one --adapter was trained with, else today)")
-    parser.add_argument("--train-on", default="assistant", choices=("assistant", "all", "completion"),
+    parser.add_argument("--train-on", default=None, choices=TRAIN_ON,
                         help="tokens that count, as qlora train's --train-on (completion: all but the prompts of "
-                             "prompt-completion rows, as TRL's SFT trains)")
+                             "prompt-completion rows, as TRL's SFT trains; default: as the adapter was "
+                             f"trained, else {TRAIN_DEFAULTS['train_on']})")
     parser.add_argument("--quant", default=None, choices=("nf4", "fp4", "none"),
                         help="base data type (default: the format the adapter was trained on, else nf4)")
-    parser.add_argument("--seq-len", type=number(int, Range(2)), default=512, help="truncate examples to this many tokens")
+    parser.add_argument("--seq-len", type=number(int, Range(2)), default=None,
+                        help="truncate examples to this many tokens, as qlora train's --seq-len (default: as the "
+                             f"adapter was trained, else {TRAIN_DEFAULTS['seq_len']})")
     parser.add_argument("--batch-size", type=positive_int, default=4, help="examples per forward pass")
     parser.add_argument("--json", action="store_true",
                         help="print the result as one JSON object on stdout (data, rows read, examples evaluated, "
@@ -79,6 +87,7 @@ def run(args: argparse.Namespace) -> int:
     from ...train.trainer import compute_dtype_for, token_loss_sum
 
     fields = parse_data_fields(args.data_fields)  # checked before the model loads
+    _follow_adapter(args)
     if args.template_date:
         pinned_datetime(args.template_date)
     bounds = pixel_bounds_for(args, args.adapter)  # images shown as training showed them (saved with the adapter)
@@ -93,10 +102,12 @@ def run(args: argparse.Namespace) -> int:
     if args.adapter:
         tokenizer = adapter_tokenizer(args.adapter, tokenizer)
         load_adapter(model, args.adapter)
-    saved = None
-    if args.template == "auto":
-        saved = ChatFormat.load(args.adapter) if args.adapter else merged_format(args.model)
-    fmt = saved or resolve_chat_format(tokenizer, args.template)
+    saved = ChatFormat.load(args.adapter) if args.adapter else merged_format(args.model)
+    if args.template != "auto" or saved is None:  # a chosen template keeps the saved date, variables and folding
+        fmt = resolve_chat_format(tokenizer, args.template)
+        fmt = fmt.keeping(saved) if saved is not None else fmt
+    else:
+        fmt = saved
     if args.system_into_user:
         fmt = replace(fmt, system_into_user=True)
     if args.template_date:
@@ -110,8 +121,8 @@ def run(args: argparse.Namespace) -> int:
                                              with_images=_image_tokenizer(args, examples, model, tokenizer, fmt, stops,
                                                                           bounds))
     except NothingToTrain as exc:  # in eval's words, not training's
-        raise UsageError(f"--data {args.data}: all {exc.rows} {exc.what} of it have nothing to evaluate: {exc.counts}. "
-                         f"Such rows are skipped; {exc.fix}.") from None
+        raise UsageError(f"--data {args.data}: {exc.subject('of it')} nothing to evaluate: {exc.counts}. Such rows "
+                         f"are skipped; {exc.fix}.") from None
     check_positions(model, longest_positions(tokenized), args.model)
     model.eval()
     dtype = model.get_input_embeddings().weight.dtype  # image tensors go in as the 16-bit vision tower takes them
@@ -127,6 +138,17 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _follow_adapter(args: argparse.Namespace) -> None:
+    """--train-on and --seq-len not given: the adapter's run's (qlora_adapter.json), so the loss is the one that run's
+    eval reported, else train's defaults."""
+    from ...model.trained_tokens import trained_tokenization
+
+    trained = {**TRAIN_DEFAULTS, **(trained_tokenization(args.adapter) if args.adapter else {})}
+    for key, value in trained.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+
+
 def _print_result(args: argparse.Namespace, rows: int, examples: int, loss_sum: float, tokens: int) -> None:
     """The loss per counted token and its perplexity (capped at e^50, as the trainer's), as text or, with --json,
     as one JSON object at full precision."""
@@ -136,7 +158,7 @@ def _print_result(args: argparse.Namespace, rows: int, examples: int, loss_sum: 
         print(json.dumps({"data": args.data, "rows": rows, "examples": examples, "tokens": tokens, "loss": loss,
                           "perplexity": perplexity}))
     else:
-        print(f"loss {loss:.4f}  perplexity {perplexity:.3f}  ({tokens} tokens)")
+        print(f"loss {loss:.4f}  perplexity {perplexity:.3f}  ({tokens} {'token' if tokens == 1 else 'tokens'})")
 
 
 def _image_tokenizer(args: argparse.Namespace, examples, model, tokenizer, fmt, stops, bounds):

@@ -91,6 +91,7 @@ def chat_format_from_args(args: argparse.Namespace, tokenizer, command: str):
 
     ``--template auto`` takes the format saved with the first --adapter, else the one ``qlora merge`` saved in
     the model folder; an adapter trained before formats were saved falls back as before (raw prompt for generate, the tokenizer's template for chat).
+    Another template keeps the rest of that saved format (:meth:`ChatFormat.keeping`).
     """
     from ...model.chat_format import ChatFormat, merged_format
     from ...train.data import fallback_note, own_template, resolve_chat_format
@@ -100,8 +101,8 @@ def chat_format_from_args(args: argparse.Namespace, tokenizer, command: str):
             raise UsageError("qlora chat --template none: a chat needs a chat template; use auto, tokenizer or "
                              "a built-in one, or your own Jinja template.")
         return None
+    saved = [ChatFormat.load(path) for path in adapter_names(args).values()]
     if args.template == "auto":
-        saved = [ChatFormat.load(path) for path in adapter_names(args).values()]
         if saved and saved[0] is not None:
             if any(f != saved[0] for f in saved[1:]):
                 print("note: the adapters were trained with different chat formats; prompting in the first one's "
@@ -114,7 +115,9 @@ def chat_format_from_args(args: argparse.Namespace, tokenizer, command: str):
             print(fallback_note(tokenizer), file=sys.stderr)
             return resolve_chat_format(tokenizer, "auto")
         return None
-    return resolve_chat_format(tokenizer, args.template)
+    trained = saved[0] if saved and saved[0] is not None else merged_format(args.model)  # kept under the chosen one
+    fmt = resolve_chat_format(tokenizer, args.template)
+    return fmt.keeping(trained) if trained is not None else fmt
 
 
 def pixel_bounds_from_args(args: argparse.Namespace):

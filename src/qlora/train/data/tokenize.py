@@ -106,7 +106,8 @@ class DataReport:
 
     def summary(self) -> str:
         """One line for the user: counts, and the first untrainable examples."""
-        text = f"{self.examples} examples, {self.truncated} truncated to --seq-len"
+        examples = "example" if self.examples == 1 else "examples"
+        text = f"{self.examples} {examples}, {self.truncated} truncated to --seq-len"
         if self.reasoning:
             text += f", {self.reasoning} with reasoning ({self.reasoning_placement})"
         if self.thinking_rows:
@@ -159,8 +160,14 @@ class NothingToTrain(UsageError):
 
     def __init__(self, rows: int, what: str, counts: str, fix: str) -> None:
         self.rows, self.what, self.counts, self.fix = rows, what, counts, fix
-        super().__init__(f"all {rows} {what} of the data have nothing to train: {counts}. Such rows are skipped; "
-                         f"{fix}.")
+        super().__init__(f"{self.subject('of the data')} nothing to train: {counts}. Such rows are skipped; {fix}.")
+
+    def subject(self, after: str) -> str:
+        """The refusal's subject and verb, ``after`` following the noun: ``all 3 rows of it have``, ``the one row of
+        it has``."""
+        if self.rows == 1:
+            return f"the one {self.what.removesuffix('s')} {after} has"
+        return f"all {self.rows} {self.what} {after} have"
 
 
 class Unlocated(UsageError):
