@@ -152,7 +152,8 @@ def test_a_loaded_adapter_answers_as_one_given_at_start(tiny_model_dir, adapters
 def test_streams_go_on_through_a_load_and_an_unload_waits_for_none(tiny_model_dir, adapters, updating):
     """A load while replies stream (between two of their steps) leaves their tokens as they are without it; an
     unload of an adapter with a reply in flight is refused (409) and the reply goes on; once done, it unloads.
-    Each forward is slowed (50 ms) meanwhile, so the 60-token replies are surely under way throughout."""
+    Each forward is slowed (50 ms) meanwhile, so the 60-token replies are surely under way throughout, and checks
+    that the model's adapters did not change while it ran."""
     batcher, client, http = updating
     assert _load(http, "c", adapters / "c").status_code == 200
 
@@ -172,7 +173,16 @@ def test_streams_go_on_through_a_load_and_an_unload_waits_for_none(tiny_model_di
     texts = {}
     threads = [threading.Thread(target=lambda m=m: texts.__setitem__(m, stream(m, gates[m], resume)))
                for m in alone]
-    slow = batcher.model.register_forward_pre_hook(lambda *_: time.sleep(0.05))
+    model, at_start, changed_midway = batcher.model, [], []
+
+    def slow_start(*_):
+        at_start.append(sorted(adapter_configs(model)))
+        time.sleep(0.05)
+
+    def slow_end(*_):
+        changed_midway.append(at_start.pop() != sorted(adapter_configs(model)))
+
+    hooks = [model.register_forward_pre_hook(slow_start), model.register_forward_hook(slow_end)]
     for t in threads:
         t.start()
     try:
@@ -180,13 +190,14 @@ def test_streams_go_on_through_a_load_and_an_unload_waits_for_none(tiny_model_di
         assert _load(http, "a", adapters / "a").status_code == 200
         busy = _error(_unload(http, "c"), 409)
         assert busy["code"] == "adapter_in_use" and "'c'" in busy["message"]
-        slow.remove()
     finally:
-        slow.remove()
         resume.set()
         for t in threads:
             t.join(60)
+        for hook in hooks:
+            hook.remove()
     assert texts == alone and len(set(texts.values())) == 2
+    assert len(changed_midway) > 10 and not any(changed_midway)  # loaded between two steps
     assert batcher.load()["running"] == 0
     assert _unload(http, "c").status_code == 200
     assert _unload(http, "a").status_code == 200
