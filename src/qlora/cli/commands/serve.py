@@ -183,7 +183,8 @@ def run(args: argparse.Namespace) -> int:
     port = sock.getsockname()[1]
     if args.host not in LOOPBACK and not args.api_key:
         print(f"qlora serve: warning: listening on {args.host} without --api-key: anyone who reaches this "
-              "address can use the model", file=sys.stderr)
+              "address can use the model" + (" and load adapters from this machine's folders (--allow-adapter-updates)"
+                                             if args.allow_adapter_updates else ""), file=sys.stderr)
     if batcher.unbatchable:
         print(f"qlora serve: warning: continuous batching is off for this model ({batcher.unbatchable}); "
               "requests are decoded one at a time, in order of arrival", file=sys.stderr)
