@@ -280,3 +280,34 @@ def test_updates_need_the_option_and_the_key(tiny_model_dir, adapters, updating)
             assert [m["id"] for m in plain.get("/v1/models").json()["data"]] == ["tiny"]
     finally:
         batcher.close()
+
+
+@pytest.mark.parametrize("options", [[], ["--image-max-pixels", "4096"], ["--template", "chatml"]])
+def test_a_loaded_adapter_gets_the_format_and_pixel_bounds_of_one_given_at_start(tiny_model_dir, adapters, tmp_path,
+                                                                                options):
+    """``qlora serve``'s settings of a loaded folder are those ``chat_formats`` and ``pixel_bounds`` give it as an
+    ``--adapter``: its saved chat format and pixel bounds, the options over them; a bad bounds file is a 400 that
+    leaves the model untouched."""
+    from qlora.cli.commands.serve import adapter_settings, chat_formats, pixel_bounds
+    from qlora.model.image_pixels import PixelBounds
+    from qlora.model.load import load_tokenizer
+
+    folder = tmp_path / "v"
+    shutil.copytree(adapters / "c", folder)
+    PixelBounds(max_pixels=200_000, min_pixels=1000).save(folder)
+    tokenizer = load_tokenizer(tiny_model_dir)
+    given = _args(tiny_model_dir, "--adapter", f"v={folder}", *options)
+    loaded = adapter_settings(_args(tiny_model_dir, *options), tokenizer)(folder)
+    assert loaded == (chat_formats(given, tokenizer)["v"], pixel_bounds(given)["v"])
+    assert loaded[1].min_pixels == 1000 and loaded[1].max_pixels == (4096 if options[:1] == ["--image-max-pixels"]
+                                                                      else 200_000)
+    assert loaded[0].name == ("chatml" if "chatml" in options else "alpaca")
+
+
+def test_a_bad_settings_file_leaves_the_model_as_it_was(adapters, updating, tmp_path):
+    batcher, client, http = updating
+    folder = tmp_path / "bad"
+    shutil.copytree(adapters / "a", folder)
+    (folder / "image_pixels.json").write_text('{"image_max_pixels": -1}')
+    assert "image_pixels.json" in _error(_load(http, "bad", folder), 400)["message"]
+    assert adapter_configs(batcher.model) == {} and [m.id for m in client.models.list().data] == ["tiny"]
