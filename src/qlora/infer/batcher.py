@@ -47,7 +47,8 @@ from typing import Callable, Iterator, Protocol
 
 import torch
 
-from ..model.multi_adapter import adapter_rows
+from ..model.inject import adapter_configs
+from ..model.multi_adapter import adapter_rows, delete_adapter
 from .batch_cache import add_row, attention_mask, cache_length, cache_problem, keep_rows, new_cache
 from .generate import SamplingOptions, forward_cached, next_token, step_inputs
 from .images import media_rows
@@ -82,6 +83,10 @@ class Event:
 
 class BatcherClosed(RuntimeError):
     """A request submitted after :meth:`ContinuousBatcher.close` (a server shutting down)."""
+
+
+class UnknownAdapter(LookupError):
+    """A request for an adapter the model does not hold (unloaded while the request was set up)."""
 
 
 class Constraint(Protocol):
@@ -260,6 +265,8 @@ class ContinuousBatcher:
         with self._wake:
             if self._closed:
                 raise BatcherClosed("the batcher is closed")
+            if request.adapter is not None and request.adapter not in adapter_configs(self.model):
+                raise UnknownAdapter(f"the model has no adapter {request.adapter!r}")
             self._waiting.append(request)
             self._wake.notify()
         return request
@@ -270,6 +277,21 @@ class ContinuousBatcher:
         change the model's adapters or to look at a consistent batch."""
         with self._step_lock:
             yield
+
+    def unload(self, adapter: str) -> int:
+        """Delete ``adapter`` from the model between two steps (freeing its tensors), unless requests for it
+        are running or waiting: returns how many there are (0: deleted). Checked and deleted with submissions
+        held, so a request is either counted here or refused by :meth:`submit`.
+
+        Raises:
+            UsageError: an adapter that cannot be deleted (see :func:`~qlora.model.multi_adapter.delete_adapter`).
+        """
+        with self._step_lock, self._wake:
+            busy = sum(r.adapter == adapter and not r.cancelled for r in self._waiting)
+            busy += sum(r.request.adapter == adapter for r in self._rows)
+            if not busy:
+                delete_adapter(self.model, adapter)
+            return busy
 
     def load(self) -> dict[str, int]:
         """Running rows and waiting requests, with the counters of ``stats``."""

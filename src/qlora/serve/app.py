@@ -4,7 +4,8 @@ Routes: ``POST /v1/chat/completions``, ``POST /v1/responses`` (and ``GET``/``DEL
 /v1/responses/{id}``, ``GET /v1/responses/{id}/input_items`` for kept responses, ``POST
 /v1/responses/{id}/cancel`` for background ones), the Conversations API (``/v1/conversations``,
 its ``items``), ``POST /v1/completions``, ``GET /v1/models`` (the base model and each adapter, by id), plus
-``GET /health`` (no key needed) and ``GET /stats`` (the batcher's counters). The request's
+``GET /health`` (no key needed), ``GET /stats`` (the batcher's counters) and, when allowed, vLLM's ``POST
+/v1/load_lora_adapter`` and ``/v1/unload_lora_adapter`` (:mod:`qlora.serve.adapter_updates`). The request's
 ``model`` picks the adapter; every choice of a request (``n`` of them, for each
 prompt of a completions batch) becomes one row of the shared
 :class:`qlora.infer.batcher.ContinuousBatcher`, so concurrent requests for
@@ -40,14 +41,16 @@ import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
-from typing import Any, AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any, AsyncIterator, Callable, Iterator
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.exceptions import HTTPException
 
-from ..infer.batcher import BatcherClosed, ContinuousBatcher, Event
+from ..errors import UsageError
+from ..infer.batcher import BatcherClosed, ContinuousBatcher, Event, UnknownAdapter
 from ..infer.batcher import Request as Generation
 from ..infer.forced_call import CallMarkup, ForcedCall, ForcedCallUnsupported, call_markup
 from ..infer.generate import SamplingOptions, default_stop_ids, encode_prompt
@@ -60,6 +63,7 @@ from ..model.chat_format import ChatFormat
 from ..model.image_pixels import PixelBounds
 from ..model.in_place_weights import in_place_adapter
 from . import conversations as conv
+from .adapter_updates import LoadAdapterRequest, UnloadAdapterRequest, adapter_folder, attach, detach
 from .background import BackgroundRun
 from .logprobs import TextOffsets, chat_logprobs, completion_logprobs, prompt_logprob_maps
 from .protocol import APIError, ChatCompletionRequest, CompletionRequest, _Body, sse
@@ -78,7 +82,8 @@ def build_app(batcher: ContinuousBatcher, base_id: str, adapters: list[str], api
               stored_responses: int = DEFAULT_CAPACITY, stored_conversations: int = conv.DEFAULT_CAPACITY,
               model_dir: str | None = None, pixel_bounds: dict[str | None, PixelBounds] | None = None,
               trust_request_chat_template: bool = False,
-              template_kwargs: dict[str, Any] | None = None) -> FastAPI:
+              template_kwargs: dict[str, Any] | None = None,
+              adapter_settings: Callable[[Path], tuple[ChatFormat | None, PixelBounds]] | None = None) -> FastAPI:
     """The application serving ``batcher``'s model as ``base_id`` and each adapter as its name.
 
     Args:
@@ -102,9 +107,12 @@ def build_app(batcher: ContinuousBatcher, base_id: str, adapters: list[str], api
             ``--trust-request-chat-template``); otherwise such a request is a 400.
         template_kwargs: chat template variables of every chat request (vLLM's ``--default-chat-template-kwargs``),
             over each format's own; a request's ``chat_template_kwargs`` are merged over them.
+        adapter_settings: when given, ``POST /v1/load_lora_adapter`` and ``/v1/unload_lora_adapter`` load and unload
+            adapters while serving (:mod:`qlora.serve.adapter_updates`); it gives a loaded adapter folder's chat format
+            and pixel bounds, as ``chat_formats`` and ``pixel_bounds`` give those of the adapters served from the start.
     """
-    chat_formats = chat_formats or {}
-    pixel_bounds = pixel_bounds or {}
+    chat_formats = dict(chat_formats or {})  # own copies: loads and unloads change them
+    pixel_bounds = dict(pixel_bounds or {})
     model, tokenizer = batcher.model, batcher.tokenizer
     chat_stops = frozenset(stop_token_ids(model, tokenizer))
     text_stops = frozenset(default_stop_ids(model, tokenizer))
@@ -169,6 +177,53 @@ def build_app(batcher: ContinuousBatcher, base_id: str, adapters: list[str], api
     async def retrieve_model(model_id: str) -> dict[str, Any]:
         _adapter(ids, model_id, 404, gone)
         return model_card(model_id)
+
+    def updates_allowed() -> None:
+        if adapter_settings is None:
+            raise APIError(404, "This server does not load or unload adapters while serving; start qlora serve with "
+                                "--allow-adapter-updates to allow it.", code="adapter_updates_off")
+
+    loading: set[str] = set()  # names of loads under way: a second load of the name is refused meanwhile
+
+    @app.post("/v1/load_lora_adapter")
+    async def load_lora_adapter(body: LoadAdapterRequest) -> PlainTextResponse:
+        updates_allowed()
+        name = body.lora_name
+        if name in ids or name in gone or name in loading:
+            what = "the base model's id" if name == base_id else "loaded already"
+            raise APIError(400, f"The adapter {name!r} is {what}; unload it first or choose another lora_name.",
+                           "lora_name")
+        folder = adapter_folder(body.lora_path)
+        loading.add(name)
+        try:
+            chat_format, bounds = await asyncio.to_thread(attach, batcher, folder, name, adapter_settings)
+        finally:
+            loading.discard(name)
+        chat_formats[name], pixel_bounds[name] = chat_format, bounds
+        tool_templates.pop(name, None)
+        ids[name] = name
+        return PlainTextResponse(f"Success: LoRA adapter {name!r} added successfully.")
+
+    @app.post("/v1/unload_lora_adapter")
+    async def unload_lora_adapter(body: UnloadAdapterRequest) -> PlainTextResponse:
+        updates_allowed()
+        name = body.lora_name
+        if name == base_id:
+            raise APIError(400, f"{name!r} is the base model, which cannot be unloaded; give an adapter's name.",
+                           "lora_name")
+        if name in gone:
+            raise APIError(409, f"The adapter {name!r} is being unloaded already.", "lora_name", "adapter_in_use")
+        if name not in ids:
+            raise APIError(404, f"The adapter {name!r} is not loaded; this server has {', '.join(ids)} "
+                                "(see GET /v1/models).", "lora_name", "adapter_not_found")
+        gone[name] = "it is being unloaded"  # new requests for it are refused meanwhile
+        try:
+            await asyncio.to_thread(detach, batcher, name)
+        finally:
+            del gone[name]
+        del ids[name]
+        chat_formats.pop(name, None), pixel_bounds.pop(name, None), tool_templates.pop(name, None)
+        return PlainTextResponse(f"Success: LoRA adapter {name!r} removed successfully.")
 
     async def off_loop(fn, *args):
         """``fn(*args)`` on the set-up thread; its exceptions (APIErrors included) raised here."""
@@ -533,8 +588,6 @@ def build_app(batcher: ContinuousBatcher, base_id: str, adapters: list[str], api
 def _images_refused(model_id: str) -> Iterator[None]:
     """A :class:`~qlora.errors.UsageError` of the images' processing (a model without a vision tower, an image
     that cannot be read, a processor refusing the prompt) as the 400 naming ``model_id``."""
-    from ..errors import UsageError
-
     try:
         yield
     except UsageError as exc:
@@ -813,6 +866,9 @@ def _submit(batcher: ContinuousBatcher, choices: list[_Choice]) -> asyncio.Queue
         _cancel(choices)
         if isinstance(exc, BatcherClosed):  # set up while the server began to shut down: what a running one gets
             raise _shutting_down() from None
+        if isinstance(exc, UnknownAdapter):  # unloaded (POST /v1/unload_lora_adapter) while this was set up
+            raise APIError(400, f"The model was unloaded while this request was set up ({exc}); see GET /v1/models.",
+                           "model", "model_not_found") from None
         raise
     return queue
 

@@ -12,6 +12,7 @@ import importlib.util
 import os
 import sys
 from pathlib import Path
+from typing import Callable
 
 from ...errors import UsageError
 
@@ -63,6 +64,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="render a chat request's own 'chat_template' (a Jinja template, in transformers' "
                              "sandbox) instead of the model's, as vLLM's option of this name; off: such a request "
                              "is refused")
+    parser.add_argument("--allow-adapter-updates", action="store_true",
+                        help="serve vLLM's POST /v1/load_lora_adapter and /v1/unload_lora_adapter, which load and "
+                             "unload adapters while serving (any folder this process can read, by its path: keep "
+                             "the server private or set --api-key); off: both answer 404")
     add_pixel_arguments(parser)
     parser.add_argument("--log-level", choices=("critical", "error", "warning", "info", "debug"), default="info",
                         help="uvicorn's log level (info logs each request)")
@@ -115,6 +120,22 @@ def pixel_bounds(args: argparse.Namespace) -> dict:
             **{name: pixel_bounds_for(args, path) for name, path in adapter_names(args).items()}}
 
 
+def adapter_settings(args: argparse.Namespace, tokenizer) -> Callable[[Path], tuple]:
+    """The function giving an adapter loaded while serving (``--allow-adapter-updates``) its chat format and pixel
+    bounds, chosen as :func:`chat_formats` and :func:`pixel_bounds` choose those of an ``--adapter``."""
+    from ...model.chat_format import ChatFormat
+    from ...train.data import own_template, resolve_chat_format
+    from ..image_pixels import pixel_bounds_for
+
+    fixed = None if args.template == "auto" else resolve_chat_format(tokenizer, args.template)
+    fallback = resolve_chat_format(tokenizer, "auto") if fixed is None and own_template(tokenizer) is None else None
+
+    def settings(folder: Path) -> tuple:
+        return fixed or ChatFormat.load(folder) or fallback, pixel_bounds_for(args, folder)
+
+    return settings
+
+
 def run(args: argparse.Namespace) -> int:
     if importlib.util.find_spec("fastapi") is None or importlib.util.find_spec("uvicorn") is None:
         raise UsageError(INSTALL_HINT)
@@ -151,7 +172,8 @@ def run(args: argparse.Namespace) -> int:
                     stored_responses=args.stored_responses, stored_conversations=args.stored_conversations,
                     model_dir=args.model, pixel_bounds=bounds,
                     trust_request_chat_template=args.trust_request_chat_template,
-                    template_kwargs=args.default_chat_template_kwargs)
+                    template_kwargs=args.default_chat_template_kwargs,
+                    adapter_settings=adapter_settings(args, tokenizer) if args.allow_adapter_updates else None)
     try:
         sock = bind(args.host, args.port)
     except OSError as exc:
@@ -161,7 +183,8 @@ def run(args: argparse.Namespace) -> int:
     port = sock.getsockname()[1]
     if args.host not in LOOPBACK and not args.api_key:
         print(f"qlora serve: warning: listening on {args.host} without --api-key: anyone who reaches this "
-              "address can use the model", file=sys.stderr)
+              "address can use the model" + (" and load adapters from this machine's folders (--allow-adapter-updates)"
+                                             if args.allow_adapter_updates else ""), file=sys.stderr)
     if batcher.unbatchable:
         print(f"qlora serve: warning: continuous batching is off for this model ({batcher.unbatchable}); "
               "requests are decoded one at a time, in order of arrival", file=sys.stderr)

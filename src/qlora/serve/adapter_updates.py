@@ -1,0 +1,143 @@
+"""Adapters loaded into and unloaded from a running server (vLLM's runtime LoRA updating).
+
+``POST /v1/load_lora_adapter`` and ``POST /v1/unload_lora_adapter`` (served with ``--allow-adapter-updates``)
+change the model the continuous batcher decodes, so each change happens while the batcher is paused between
+two steps: no forward ever sees an adapter half loaded or half deleted. A load adds only the adapter's own
+tensors beside the others; an adapter that would write the shared base (modules trained whole, trainable
+token rows, trained biases, a vocabulary of another size) is refused, since every other adapter and the base
+would then run with its weights. An unload of an adapter with requests running or waiting is refused with a
+409 rather than waiting for them, so the call never hangs on a long reply; retry once they are done.
+"""
+
+from __future__ import annotations
+
+import gc
+from pathlib import Path
+from typing import Callable
+
+import torch
+from pydantic import BaseModel
+
+from ..errors import UsageError
+from ..infer.batcher import ContinuousBatcher
+from ..model.adapter_io import load_adapter, read_adapter_config, read_adapter_weights
+from ..model.adapter_tensors import PEFT_PREFIX
+from ..model.chat_format import ChatFormat
+from ..model.image_pixels import PixelBounds
+from ..model.inject import adapter_configs
+from ..model.multi_adapter import delete_adapter
+from .protocol import APIError
+
+
+class LoadAdapterRequest(BaseModel):
+    """vLLM's body of ``POST /v1/load_lora_adapter``."""
+
+    lora_name: str
+    lora_path: str
+
+
+class UnloadAdapterRequest(BaseModel):
+    """vLLM's body of ``POST /v1/unload_lora_adapter`` (its ``lora_int_id`` is not needed here)."""
+
+    lora_name: str
+    lora_int_id: int | None = None
+
+
+def adapter_folder(lora_path: str) -> Path:
+    """``lora_path`` as a folder, or a 404 naming it."""
+    folder = Path(lora_path).expanduser()
+    if not folder.is_dir():
+        raise APIError(404, f"The adapter path {lora_path!r} is not a folder on the server; give the folder the "
+                            "adapter was saved to (adapter_config.json, adapter_model.safetensors).", "lora_path",
+                       "adapter_not_found")
+    return folder
+
+
+def attach(batcher: ContinuousBatcher, folder: Path, name: str,
+           settings: Callable[[Path], tuple[ChatFormat | None, PixelBounds]]) -> tuple[ChatFormat | None, PixelBounds]:
+    """Load the adapter in ``folder`` as ``name`` onto the batcher's model, between two decode steps.
+
+    Args:
+        settings: gives the folder's chat format and pixel bounds, read before the model is touched (so a bad
+            file of them leaves it as it was).
+
+    Returns:
+        The adapter's chat format and pixel bounds.
+
+    Raises:
+        APIError: 400 naming why the adapter does not fit this model (files, shapes, modules it lacks) or
+            would write the shared base; the model is left as it was.
+    """
+    try:
+        chat_format, bounds = settings(folder)
+        _refuse_base_writes(batcher, folder)
+        with batcher.paused():
+            try:
+                load_adapter(batcher.model, folder, adapter_name=name)
+            except BaseException:
+                if name in adapter_configs(batcher.model):  # failed midway: its layers are taken out again
+                    delete_adapter(batcher.model, name)
+                raise
+            batcher.model.eval()  # its new layers too (no dropout when serving)
+    except UsageError as exc:
+        raise APIError(400, f"Cannot load {str(folder)!r} as {name!r}: {exc}", "lora_path") from None
+    return chat_format, bounds
+
+
+def detach(batcher: ContinuousBatcher, name: str) -> None:
+    """Delete adapter ``name`` from the batcher's model between two decode steps, freeing its tensors.
+
+    Raises:
+        APIError: 409 while requests for it are running or waiting; 400 for an adapter that cannot be
+            deleted (one that trained base modules in place).
+    """
+    try:
+        busy = batcher.unload(name)
+    except UsageError as exc:
+        raise APIError(400, str(exc), "lora_name") from None
+    if busy:
+        raise APIError(409, f"The adapter {name!r} has {busy} request(s) running or waiting; it stays loaded. "
+                            "Retry the unload once they are done.", "lora_name", "adapter_in_use")
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()  # give the freed blocks back, as a restart without the adapter would have them
+
+
+def _refuse_base_writes(batcher: ContinuousBatcher, folder: Path) -> None:
+    """Refuse an adapter whose load would change the base model shared by the server's other adapters.
+
+    Raises:
+        UsageError: naming what it would write (or the vocabulary it was trained with).
+    """
+    config = read_adapter_config(folder)
+    tensors = read_adapter_weights(folder)
+    if config.get("target_parameters"):
+        raise UsageError("it adapts expert weights (target_parameters), which per-request adapters do not cover")
+    if config.get("peft_type") == "ADALORA":
+        raise UsageError("it is an AdaLoRA adapter, which qlora cannot unload again; give it with --adapter at start")
+    model = batcher.model
+    params = dict(model.named_parameters())
+    for key, value in tensors.items():
+        if ".lora_" in key or ".original_module." in key or ".modules_to_save." in key:
+            continue  # the adapter's own tensors, or PEFT's copies beside a module saved whole (whose key is refused)
+        path = key[len(PEFT_PREFIX):]
+        if ".base_layer." in path:  # the base table PEFT saves beside an adapted embedding: fine if it is ours
+            own = params.get(path, params.get(path.replace(".base_layer.", ".", 1)))
+            if own is not None and own.shape == value.shape and torch.equal(own, value.to(own.dtype)):
+                continue
+        what = "new token rows (trainable_token_indices)" if ".token_adapter." in key else f"the base's {path}"
+        raise UsageError(f"it trains {what} in the base model itself, which every adapter served here shares; "
+                         "serve it from its own qlora serve (--adapter at start) or merge it (qlora merge)")
+    saved = _saved_vocabulary(folder)
+    if saved is not None and saved != len(batcher.tokenizer):
+        raise UsageError(f"it was trained with a tokenizer of {saved} tokens, this server's has "
+                         f"{len(batcher.tokenizer)}; serve it from its own qlora serve")
+
+
+def _saved_vocabulary(folder: Path) -> int | None:
+    """The size of the tokenizer saved with the adapter, or None when it saved none."""
+    if not ((folder / "tokenizer.json").is_file() or (folder / "tokenizer_config.json").is_file()):
+        return None
+    from ..model.load import load_tokenizer
+
+    return len(load_tokenizer(folder))

@@ -1,0 +1,313 @@
+"""Adapters loaded and unloaded while ``qlora serve`` runs (vLLM's ``POST /v1/load_lora_adapter`` and
+``/v1/unload_lora_adapter``), driven by the ``openai`` client and httpx against a real server.
+
+Oracles: a server started with the adapter (its replies at temperature 0, its prompt in the adapter's saved chat
+format), the same streamed request without a load under way, and the model's parameters before the load.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import shutil
+import threading
+import time
+
+import httpx
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import qlora
+from qlora.model.chat_format import ChatFormat
+from qlora.model.inject import adapter_configs
+
+from random_adapters import randomize_lora_b
+
+openai = pytest.importorskip("openai")
+pytest.importorskip("fastapi")
+
+KEY = "sk-test-key"
+HELLO = [{"role": "user", "content": "Hello"}]
+
+
+@pytest.fixture(scope="module")
+def adapters(tmp_path_factory, tiny_model_dir):
+    """``a``: random deltas on attention and MLP; ``c``: another, saved with the Alpaca chat format."""
+    from qlora.train.data.templates import TEMPLATES
+
+    root = tmp_path_factory.mktemp("update-adapters")
+    for name, seed in (("a", 1), ("c", 3)):
+        model, _ = qlora.load_model(tiny_model_dir, compute_dtype=torch.float32, device="cpu")
+        torch.manual_seed(seed)
+        qlora.add_lora(model, r=4, dropout=0.0, verbose=False, target_modules=["q_proj", "v_proj", "down_proj"])
+        randomize_lora_b(model, seed, scale=0.3)
+        qlora.save_adapter(model, root / name)
+    ChatFormat(template=TEMPLATES["alpaca"], origin="--template alpaca", name="alpaca").save(root / "c")
+    return root
+
+
+def _args(model_dir, *options: str) -> argparse.Namespace:
+    """``qlora serve``'s parsed options."""
+    from qlora.cli.commands import serve
+
+    parser = argparse.ArgumentParser()
+    serve.add_arguments(parser)
+    return parser.parse_args(["--model", str(model_dir), *options])
+
+
+def _server(model_dir, adapters: dict, updates: bool = True, api_key: str | None = KEY):
+    """(batcher, app) as ``qlora serve`` builds them, with ``adapters`` (name -> folder) given at start."""
+    from qlora.cli.commands.serve import adapter_settings, chat_formats, pixel_bounds
+    from qlora.infer.batcher import ContinuousBatcher
+    from qlora.serve.app import build_app
+
+    args = _args(model_dir, *[o for name, path in adapters.items() for o in ("--adapter", f"{name}={path}")])
+    model, tokenizer = qlora.load_model(model_dir, compute_dtype=torch.float32, device="cpu")
+    for name, path in adapters.items():
+        qlora.load_adapter(model, path, adapter_name=name)
+    batcher = ContinuousBatcher(model.eval(), tokenizer, max_batch_size=8, context_length=512).start()
+    app = build_app(batcher, "tiny", list(adapters), api_key=api_key, chat_formats=chat_formats(args, tokenizer),
+                    pixel_bounds=pixel_bounds(args),
+                    adapter_settings=adapter_settings(args, tokenizer) if updates else None)
+    return batcher, app
+
+
+@pytest.fixture(scope="module")
+def updating(tiny_model_dir):
+    """A server started without adapters, updates allowed, with its batcher and an httpx client holding the key."""
+    from qlora.serve.server import BackgroundServer
+
+    batcher, app = _server(tiny_model_dir, {})
+    with BackgroundServer(app) as server:
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=0, timeout=60)
+        http = httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {KEY}"}, timeout=60)
+        yield batcher, client, http
+        http.close()
+    batcher.close()
+
+
+def _chat(client, model, max_tokens=10):
+    return client.chat.completions.create(model=model, messages=HELLO, max_tokens=max_tokens, temperature=0)
+
+
+def _load(http, name, path):
+    return http.post("/v1/load_lora_adapter", json={"lora_name": name, "lora_path": str(path)})
+
+
+def _unload(http, name):
+    return http.post("/v1/unload_lora_adapter", json={"lora_name": name})
+
+
+def _error(response, status: int) -> dict:
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    return error
+
+
+def test_a_loaded_adapter_answers_as_one_given_at_start(tiny_model_dir, adapters, updating):
+    """Loaded while serving, an adapter is listed and answers with the tokens (and, from its saved chat format,
+    the prompt) of a server started with it; unloaded, it is gone (404) and its tensors with it; loaded again,
+    it answers the same."""
+    from qlora.serve.server import BackgroundServer
+
+    batcher, at_start = _server(tiny_model_dir, {"a": adapters / "a", "c": adapters / "c"}, updates=False)
+    with BackgroundServer(at_start) as server:
+        oracle = openai.OpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=0, timeout=60)
+        expected = {name: _chat(oracle, name) for name in ("a", "c")}
+    batcher.close()
+    assert expected["a"].choices[0].message.content != expected["c"].choices[0].message.content
+
+    batcher, client, http = updating
+    before = {n: p.numel() for n, p in batcher.model.named_parameters()}
+    base = _chat(client, "tiny").choices[0].message.content
+    for name in ("a", "c"):
+        response = _load(http, name, adapters / name)
+        assert response.status_code == 200 and name in response.text
+    assert [m.id for m in client.models.list().data] == ["tiny", "a", "c"]
+    assert client.models.retrieve("c").parent == "tiny"
+    for name in ("a", "c"):
+        reply = _chat(client, name)
+        assert reply.choices[0].message.content == expected[name].choices[0].message.content
+        assert reply.usage.prompt_tokens == expected[name].usage.prompt_tokens  # "c": the Alpaca prompt
+    assert expected["c"].usage.prompt_tokens != expected["a"].usage.prompt_tokens
+
+    for name in ("a", "c"):
+        assert _unload(http, name).status_code == 200
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("a")
+    with pytest.raises(openai.BadRequestError) as refused:
+        _chat(client, "a")
+    assert refused.value.code == "model_not_found"
+    assert {n: p.numel() for n, p in batcher.model.named_parameters()} == before  # its tensors are gone
+    assert adapter_configs(batcher.model) == {}
+    assert _chat(client, "tiny").choices[0].message.content == base
+
+    assert _load(http, "a", adapters / "a").status_code == 200
+    assert _chat(client, "a").choices[0].message.content == expected["a"].choices[0].message.content
+    assert _unload(http, "a").status_code == 200
+
+
+def test_streams_go_on_through_a_load_and_an_unload_waits_for_none(tiny_model_dir, adapters, updating):
+    """A load while replies stream (between two of their steps) leaves their tokens as they are without it; an
+    unload of an adapter with a reply in flight is refused (409) and the reply goes on; once done, it unloads.
+    Each forward is slowed (50 ms) meanwhile, so the 60-token replies are surely under way throughout, and checks
+    that the model's adapters did not change while it ran."""
+    batcher, client, http = updating
+    assert _load(http, "c", adapters / "c").status_code == 200
+
+    def stream(model, gate=None, resume=None) -> str:
+        pieces = []
+        for k, chunk in enumerate(client.chat.completions.create(model=model, messages=HELLO, max_tokens=60,
+                                                                 temperature=0, stream=True,
+                                                                 extra_body={"ignore_eos": True})):
+            pieces.append(chunk.choices[0].delta.content or "" if chunk.choices else "")
+            if k == 1 and gate is not None:
+                gate.set()
+                assert resume.wait(60)
+        return "".join(pieces)
+
+    alone = {model: stream(model) for model in ("tiny", "c")}
+    gates, resume = {m: threading.Event() for m in alone}, threading.Event()
+    texts = {}
+    threads = [threading.Thread(target=lambda m=m: texts.__setitem__(m, stream(m, gates[m], resume)))
+               for m in alone]
+    model, at_start, changed_midway = batcher.model, [], []
+
+    def slow_start(*_):
+        at_start.append(sorted(adapter_configs(model)))
+        time.sleep(0.05)
+
+    def slow_end(*_):
+        changed_midway.append(at_start.pop() != sorted(adapter_configs(model)))
+
+    hooks = [model.register_forward_pre_hook(slow_start), model.register_forward_hook(slow_end)]
+    for t in threads:
+        t.start()
+    try:
+        assert all(g.wait(60) for g in gates.values())  # both replies are under way
+        assert _load(http, "a", adapters / "a").status_code == 200
+        busy = _error(_unload(http, "c"), 409)
+        assert busy["code"] == "adapter_in_use" and "'c'" in busy["message"]
+    finally:
+        resume.set()
+        for t in threads:
+            t.join(60)
+        for hook in hooks:
+            hook.remove()
+    assert texts == alone and len(set(texts.values())) == 2
+    assert len(changed_midway) > 10 and not any(changed_midway)  # loaded between two steps
+    assert batcher.load()["running"] == 0
+    assert _unload(http, "c").status_code == 200
+    assert _unload(http, "a").status_code == 200
+
+
+def _broken(adapters, tmp_path, name: str, edit) -> str:
+    """A copy of adapter ``a`` whose tensors ``edit`` changed."""
+    folder = tmp_path / name
+    shutil.copytree(adapters / "a", folder)
+    tensors = load_file(folder / "adapter_model.safetensors")
+    save_file(edit(tensors), folder / "adapter_model.safetensors")
+    return folder
+
+
+def test_bad_loads_and_unloads_are_refused_and_leave_the_model_as_it_was(tiny_model_dir, adapters, updating,
+                                                                         tmp_path):
+    batcher, client, http = updating
+    before = {n: p.numel() for n, p in batcher.model.named_parameters()}
+
+    missing = _error(_load(http, "x", tmp_path / "nowhere"), 404)
+    assert str(tmp_path / "nowhere") in missing["message"] and missing["param"] == "lora_path"
+    (tmp_path / "empty").mkdir()
+    assert "adapter_config.json is missing" in _error(_load(http, "x", tmp_path / "empty"), 400)["message"]
+    assert "base model" in _error(_load(http, "tiny", adapters / "a"), 400)["message"]
+
+    wide = _broken(adapters, tmp_path, "wide", lambda t: {k: torch.zeros(v.shape[0], v.shape[1] + 3)
+                                                          if "q_proj.lora_A" in k else v for k, v in t.items()})
+    shape = _error(_load(http, "x", wide), 400)["message"]
+    assert "shape" in shape and "q_proj" in shape
+    elsewhere = _broken(adapters, tmp_path, "elsewhere",
+                        lambda t: {k.replace("layers.0.", "layers.97."): v for k, v in t.items()})
+    assert "layers.97" in _error(_load(http, "x", elsewhere), 400)["message"]
+    head = _broken(adapters, tmp_path, "head", lambda t: t | {
+        "base_model.model.lm_head.weight": batcher.model.lm_head.weight.detach().clone() + 1})
+    in_place = _error(_load(http, "x", head), 400)["message"]
+    assert "lm_head" in in_place and "in the base model itself" in in_place
+    grown = tmp_path / "grown"
+    shutil.copytree(adapters / "a", grown)
+    tokenizer = copy.deepcopy(batcher.tokenizer)
+    tokenizer.add_tokens(["<new-token>"])
+    tokenizer.save_pretrained(grown)
+    assert f"{len(batcher.tokenizer) + 1} tokens" in _error(_load(http, "x", grown), 400)["message"]
+    assert {n: p.numel() for n, p in batcher.model.named_parameters()} == before  # no layers left half loaded
+    assert adapter_configs(batcher.model) == {} and [m.id for m in client.models.list().data] == ["tiny"]
+
+    assert _load(http, "a", adapters / "a").status_code == 200
+    taken = _error(_load(http, "a", adapters / "c"), 400)
+    assert "already" in taken["message"] and taken["param"] == "lora_name"
+    assert _error(_unload(http, "b"), 404)["code"] == "adapter_not_found"
+    assert "cannot be unloaded" in _error(_unload(http, "tiny"), 400)["message"]
+    assert _error(http.post("/v1/unload_lora_adapter", json={}), 400)["param"] == "lora_name"
+    assert _unload(http, "a").status_code == 200
+
+
+def test_the_batcher_refuses_a_request_for_an_unloaded_adapter(updating):
+    """A request set up before its adapter was unloaded, submitted after, is refused at once rather than failing in
+    its prefill (the server answers it as an unknown model)."""
+    from qlora.infer.batcher import Request, UnknownAdapter
+    from qlora.infer.sampling_options import SamplingOptions
+
+    batcher, _, _ = updating
+    with pytest.raises(UnknownAdapter, match="'gone'"):
+        batcher.submit(Request([1, 2, 3], "gone", SamplingOptions(max_new_tokens=2), lambda event: None))
+    assert batcher.load()["waiting"] == 0
+
+
+def test_updates_need_the_option_and_the_key(tiny_model_dir, adapters, updating):
+    """Without --allow-adapter-updates both routes are a 404 naming the option; with it, the API key guards them."""
+    from qlora.serve.server import BackgroundServer
+
+    _, _, http = updating
+    anonymous = httpx.post(f"{http.base_url}/v1/load_lora_adapter",
+                           json={"lora_name": "a", "lora_path": str(adapters / "a")})
+    assert _error(anonymous, 401)["code"] == "invalid_api_key"
+    batcher, app = _server(tiny_model_dir, {}, updates=False, api_key=None)
+    try:
+        with BackgroundServer(app) as server, httpx.Client(base_url=server.url, timeout=60) as plain:
+            for refused in (_load(plain, "a", adapters / "a"), _unload(plain, "a")):
+                assert "--allow-adapter-updates" in _error(refused, 404)["message"]
+            assert [m["id"] for m in plain.get("/v1/models").json()["data"]] == ["tiny"]
+    finally:
+        batcher.close()
+
+
+@pytest.mark.parametrize("options", [[], ["--image-max-pixels", "4096"], ["--template", "chatml"]])
+def test_a_loaded_adapter_gets_the_format_and_pixel_bounds_of_one_given_at_start(tiny_model_dir, adapters, tmp_path,
+                                                                                options):
+    """``qlora serve``'s settings of a loaded folder are those ``chat_formats`` and ``pixel_bounds`` give it as an
+    ``--adapter``: its saved chat format and pixel bounds, the options over them; a bad bounds file is a 400 that
+    leaves the model untouched."""
+    from qlora.cli.commands.serve import adapter_settings, chat_formats, pixel_bounds
+    from qlora.model.image_pixels import PixelBounds
+    from qlora.model.load import load_tokenizer
+
+    folder = tmp_path / "v"
+    shutil.copytree(adapters / "c", folder)
+    PixelBounds(max_pixels=200_000, min_pixels=1000).save(folder)
+    tokenizer = load_tokenizer(tiny_model_dir)
+    given = _args(tiny_model_dir, "--adapter", f"v={folder}", *options)
+    loaded = adapter_settings(_args(tiny_model_dir, *options), tokenizer)(folder)
+    assert loaded == (chat_formats(given, tokenizer)["v"], pixel_bounds(given)["v"])
+    assert loaded[1].min_pixels == 1000 and loaded[1].max_pixels == (4096 if options[:1] == ["--image-max-pixels"]
+                                                                      else 200_000)
+    assert loaded[0].name == ("chatml" if "chatml" in options else "alpaca")
+
+
+def test_a_bad_settings_file_leaves_the_model_as_it_was(adapters, updating, tmp_path):
+    batcher, client, http = updating
+    folder = tmp_path / "bad"
+    shutil.copytree(adapters / "a", folder)
+    (folder / "image_pixels.json").write_text('{"image_max_pixels": -1}')
+    assert "image_pixels.json" in _error(_load(http, "bad", folder), 400)["message"]
+    assert adapter_configs(batcher.model) == {} and [m.id for m in client.models.list().data] == ["tiny"]
