@@ -45,6 +45,9 @@ CASES = {  # name: method, flags, data
     "dpo": ("dpo", ["--loss-type", "sigmoid,aot", "--loss-weights", "1,0.5", "--beta", "0.5"], "odd-pairs"),
     "kto": ("kto", ["--beta", "0.5"], "kto"),
     "kto-short": ("kto", ["--beta", "0.5"], "kto-odd"),
+    # the reference log-probs of the examples and of their KL rows computed once, their batches split over the
+    # ranks; the KL partners fixed within global micro-batches of the data in order, kept in the shuffled epoch 2
+    "kto-short-precompute-ref": ("kto", ["--beta", "0.5", "--precompute-ref"], "kto-odd"),
     # the reference swaps the trainable tensors (new tokens' embeddings and head among them) with their start,
     # here under FSDP2 on the ranks (FSDP: --fsdp there only), for both the examples and the KL rows
     "kto-new-tokens-fsdp": ("kto", ["--beta", "0.5", "--add-special-tokens", "<|new|>", "FSDP"], "kto"),

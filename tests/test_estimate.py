@@ -211,7 +211,9 @@ def test_preference_methods_double_the_sequences_and_count_the_dpo_reference(cap
             assert "DPO reference model" not in rows
     pre = dict(estimate(config, TrainingOptions(method="dpo", precompute_ref=True)).rows)
     assert pre["DPO reference model"]["full fine-tuning"] == 0
-    with pytest.raises(UsageError, match="--precompute-ref applies to --method dpo"):
+    kto = dict(estimate(config, TrainingOptions(method="kto", precompute_ref=True)).rows)
+    assert kto["KTO reference model"]["full fine-tuning"] == 0
+    with pytest.raises(UsageError, match="--precompute-ref applies to --method dpo and kto"):
         TrainingOptions(method="orpo", precompute_ref=True)
     assert main(["estimate", "--model", "llama-3-8b", "--method", "dpo", "--batch-size", "2"]) == 0
     out = capsys.readouterr().out

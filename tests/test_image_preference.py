@@ -177,19 +177,23 @@ def test_rlaif_v_rows_are_trl_rows(models, folder, tmp_path):
         assert torch.equal(a.media["pixel_values"], b.media["pixel_values"])
 
 
-@pytest.mark.parametrize("method", ["dpo", "dpo-precompute-ref", "orpo", "cpo", "simpo"])
+@pytest.mark.parametrize("method", ["dpo", "dpo-precompute-ref", "kto-precompute-ref", "orpo", "cpo", "simpo"])
 def test_each_method_trains_on_images(method, models, folder, tmp_path):
-    precompute = method == "dpo-precompute-ref"
+    from dataclasses import replace
+
+    precompute = method.endswith("-precompute-ref")
     trainer = _trainer(models["idefics3"], _jsonl(folder / "rlaif.jsonl", _rlaif_rows()), tmp_path / method,
                        method=method.split("-")[0], data_fields="prompt=question", max_steps=4,
                        precompute_ref=precompute)
     trainer.train()
     assert trainer.losses[-1] < trainer.losses[0]
-    if precompute:  # the stored reference log-probs are the base's on the images, as the live reference pass
-        live = _trainer(models["idefics3"], folder / "rlaif.jsonl", tmp_path / "live", data_fields="prompt=question")
+    if precompute:  # the stored reference log-probs are the base's on the images, as the live reference pass on
+        # the same rows (KTO: its KL rows, each prompt with its images and its fixed partner's completion)
+        live = _trainer(models["idefics3"], folder / "rlaif.jsonl", tmp_path / "live", data_fields="prompt=question",
+                        method=method.split("-")[0])
+        units = [replace(u, ref_logps=None) for u in trainer.train_units]
         torch.testing.assert_close(trainer._collate(trainer.train_units)["ref_logps"],
-                                   live._reference_logps(live._collate(live.train_units)).double(),
-                                   rtol=1e-5, atol=1e-5)
+                                   live._reference_logps(live._collate(units)).double(), rtol=1e-5, atol=1e-5)
     if method == "orpo":  # its NLL covers the prompt's text but not the tokens standing for the image
         batch = trainer._collate(trainer.train_units)
         labels = trainer._nll_labels(batch)

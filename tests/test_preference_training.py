@@ -96,6 +96,40 @@ def test_precomputed_reference_and_checkpointing_equal_the_plain_run(tmp_path, t
     assert not (tmp_path / "plain" / "reference").exists()
 
 
+def test_kto_precomputed_reference_keeps_its_kl_pairs_over_shuffled_epochs(tmp_path, tiny_model_dir):
+    """KTO with --precompute-ref, shuffled: each example's KL partner is fixed when the reference log-probs are
+    computed, so in every epoch, whatever micro-batch an example lands in, the stored log-probs are the reference's
+    on the very rows the batch holds (oracle: the live reference pass on that batch), though partners then sit in
+    other micro-batches. Eval uses its own stored log-probs, and a resume reuses the stored reference and trains
+    the same losses."""
+    data = _write(tmp_path / "d.jsonl", ROWS)  # 12 examples: each pair unpaired
+    kw = dict(method="kto", batch_size=3, grad_accum=2, dropout=0.0, max_steps=6, save_steps=3, precompute_ref=True,
+              eval_data=str(data), eval_steps=3)
+    trainer = Trainer(_config(tiny_model_dir, data, tmp_path / "look", **kw))
+    trainer.setup()
+    assert trainer.steps_per_epoch == 2 and trainer.step_units(0) != trainer.step_units(2)  # epochs reshuffle
+    moved = 0
+    for step in range(6):  # three epochs
+        for batch in trainer.micro_batches(step):
+            live = trainer._reference_logps({k: v for k, v in batch.items() if k != "ref_logps"})
+            torch.testing.assert_close(batch["ref_logps"], live.double(), rtol=1e-5, atol=1e-5)
+        for m in range(0, 6, 3):  # KL partners outside the micro-batch's in-batch rotation
+            units = [trainer.train_units[i] for i in trainer.step_units(step)[m:m + 3]]
+            moved += sum(u.kl_pair_ids != units[k - 1].kl_completion_ids for k, u in enumerate(units))
+    assert moved > 0 and len(trainer.eval_units) == 12
+    for batch, _ in trainer._eval_batches():
+        live = trainer._reference_logps({k: v for k, v in batch.items() if k != "ref_logps"})
+        torch.testing.assert_close(batch["ref_logps"], live.double(), rtol=1e-5, atol=1e-5)
+    trainer.cleanup()
+    full = Trainer(_config(tiny_model_dir, data, tmp_path / "full", **kw)).run()
+    _stop_after(_config(tiny_model_dir, data, tmp_path / "part", **kw), 3)
+    resumed = Trainer(_config(tiny_model_dir, data, tmp_path / "part", resume=True, **kw))
+    resumed._compute_reference = lambda units: pytest.fail("the reference log-probs were recomputed")
+    assert resumed.run() == full  # bit-identical on CPU
+    got, want = _train_records(tmp_path / "part"), _train_records(tmp_path / "full")
+    assert [r["kl"] for r in got] == [r["kl"] for r in want] and got[-1]["kl"] > 0
+
+
 def test_metrics_reach_jsonl_tensorboard_and_plot(tmp_path, tiny_model_dir):
     data = _write(tmp_path / "d.jsonl", ROWS)
     out = tmp_path / "out"

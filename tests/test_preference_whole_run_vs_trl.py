@@ -111,7 +111,22 @@ CASES |= {
     "kto-from-adapter": ("kto", UNPAIRED, dict(from_adapter=True), dict(), (2, 2), ("kl",)),
     "kto-apo-zero-unpaired": ("kto", UNPAIRED, dict(loss_type="apo_zero_unpaired"),
                               dict(loss_type="apo_zero_unpaired"), (2, 2), ()),
+    # the KL rows' reference log-probs precomputed with the examples', each prompt paired as TRL pairs it at
+    # dataset preparation (the previous completion within its batch)
+    "kto-precompute-ref": ("kto", UNPAIRED, dict(precompute_ref=True), dict(precompute_ref_log_probs=True), (2, 2),
+                           ("kl",)),
+    "kto-from-adapter-precompute-ref": ("kto", UNPAIRED, dict(from_adapter=True, precompute_ref=True),
+                                        dict(precompute_ref_log_probs=True), (2, 2), ("kl",)),
+    "kto-apo-zero-unpaired-precompute-ref": ("kto", UNPAIRED, dict(loss_type="apo_zero_unpaired", precompute_ref=True),
+                                             dict(loss_type="apo_zero_unpaired", precompute_ref_log_probs=True),
+                                             (2, 2), ()),
 }
+# steps of one micro-batch holding 2, 1 or 0 desirable examples, logged every 3 steps: each record's reward and
+# log-prob metrics are TRL's, the mean over the window's steps holding that kind of the steps' means (not weighted
+# by the steps' counts), and its margins the mean over the steps holding both kinds
+UNEVEN = [dict(r, label=d) for r, d in zip(UNPAIRED, [True, True, False, True, False, False, True, False])]
+CASES["kto-logging-every-3-uneven-steps"] = ("kto", UNEVEN, dict(logging_steps=3, grad_accum=1), dict(), (2, 1),
+                                             ("kl",))
 
 
 def _oracle(method: str, model, rows, tokenizer, args: dict, lora, callback):
@@ -194,6 +209,7 @@ def test_preference_run_equals_trl(tmp_path, tiny_model_dir, case):
 
     train = {r["step"]: r for r in records if r.get("split", "train") == "train"}
     assert total_steps == 6
+    assert (tmp_path / "run" / "reference" / "logps.safetensors").is_file() == bool(ours.get("precompute_ref"))
     every = opts.get("logging_steps", 1)  # a record holds the means over the steps since the last one, as TRL's
     assert [t["step"] for t in callback.logs] == list(range(every, total_steps + 1, every))
     for their in callback.logs:

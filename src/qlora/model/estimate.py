@@ -63,7 +63,7 @@ class TrainingOptions:
     optim: str = "paged_adamw_32bit"
     chunked_ce: bool = False  # qlora train's chunked loss (the CLI passes train's default, on)
     method: str = "sft"  # dpo, orpo, cpo, simpo: each example is a pair, two sequences through the model; kto: one
-    precompute_ref: bool = False  # dpo: reference log-probs computed before training
+    precompute_ref: bool = False  # dpo, kto: reference log-probs computed before training
 
     @property
     def sequences(self) -> int:
@@ -81,8 +81,8 @@ class TrainingOptions:
             raise UsageError(f"--optim: {exc}") from None
         if self.method not in METHODS:
             raise UsageError(f"--method must be one of {', '.join(METHODS)}, got {self.method!r}.")
-        if self.precompute_ref and self.method != "dpo":
-            raise UsageError("--precompute-ref applies to --method dpo.")
+        if self.precompute_ref and self.method not in ("dpo", "kto"):
+            raise UsageError("--precompute-ref applies to --method dpo and kto.")
         for name in ("rank", "seq_len", "batch_size"):
             if getattr(self, name) < 1:
                 raise UsageError(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(self, name)}.")

@@ -50,7 +50,7 @@ CPO_LOSSES = ("sigmoid", "hinge", "ipo", "simpo")  # TRL 1.16's CPOTrainer; simp
 KTO_LOSSES = ("kto", "apo_zero_unpaired")  # TRL 1.16's KTOTrainer
 # Preference options and the methods they apply to (any other method refuses them by name).
 _METHOD_OPTIONS = {
-    "label_smoothing": ("dpo", "cpo", "simpo"), "precompute_ref": ("dpo",), "loss_type": ("dpo", "cpo", "kto"),
+    "label_smoothing": ("dpo", "cpo", "simpo"), "precompute_ref": ("dpo", "kto"), "loss_type": ("dpo", "cpo", "kto"),
     "loss_weights": ("dpo",), "rpo_alpha": ("dpo",), "discopop_tau": ("dpo",), "cpo_alpha": ("cpo", "simpo"),
     "simpo_gamma": ("cpo", "simpo"), "desirable_weight": ("kto",), "undesirable_weight": ("kto",),
     "ld_alpha": ("dpo",), "wpo": ("dpo",), "f_divergence_type": ("dpo",), "f_alpha_divergence_coef": ("dpo",),
@@ -128,8 +128,8 @@ class TrainConfig:
                                    range=POSITIVE)
     undesirable_weight: float = _opt(1.0, "kto: weight of the losses of undesirable (label false) completions",
                                      range=POSITIVE)
-    precompute_ref: bool = _opt(False, "dpo: compute the reference log-probs once before training (stored in "
-                                       "--output, reused on --resume) instead of in every step")
+    precompute_ref: bool = _opt(False, "dpo, kto: compute the reference log-probs once before training (stored "
+                                       "in --output, reused on --resume) instead of in every step")
     data: str | None = _opt(None, "training data: a .jsonl/.json/.csv/.tsv/.parquet/.arrow/.txt file (text ones "
                                   "also .gz, .bz2, .xz), a save_to_disk folder, or a hub dataset name; several as a,b (a YAML "
                                   "list), mixed; or names registered in --dataset-dir's dataset_info.json")

@@ -21,6 +21,10 @@ in the short micro-batch that ends an epoch still that of one process, so N rank
 one process with batch N*B. (TRL's mismatched pairs rotate within each device's batch, so a TRL
 run's pairs depend on the number of devices; ours do not. A micro-batch of one example pairs its
 completion with its own prompt, in both.)
+With ``--precompute-ref`` the reference log-probs of each example and of its KL row are computed once before
+training, so each prompt's KL partner is fixed then: its predecessor within the global micro-batches of the data in
+its order (:func:`~qlora.train.data.unpaired.fixed_kl_pairs`), the pairs of an unshuffled run, kept in every
+(shuffled) epoch; as TRL, which fixes them when it prepares the dataset and so trains in order.
 Rows with images (:mod:`qlora.train.data.unpaired`) give each example's row and its KL row the image tensors of
 that row's prompt; the reference pass sees them too.
 Metrics (TRL's names): ``kl``, and ``rewards/chosen``, ``logps/chosen`` (means over the
@@ -36,8 +40,8 @@ import torch
 
 from qlora.train.data import pad_token_id
 from qlora.train.data.selection import read_sources
-from qlora.train.data.unpaired import (TokenizedUnpaired, kl_halves, normalize_unpaired, tokenize_unpaired,
-                                       unpaired_collate)
+from qlora.train.data.unpaired import (TokenizedUnpaired, fixed_kl_pairs, kl_halves, normalize_unpaired,
+                                       tokenize_unpaired, unpaired_collate)
 from qlora.train.preference_loss import kto_losses, label_logps
 from qlora.train.preference_trainer import PreferenceTrainer
 
@@ -71,14 +75,28 @@ class KTOTrainer(PreferenceTrainer):
             longest = max(longest, min(pairs, self.config.seq_len))
         return longest
 
+    def _fixed_rows(self, units: list, batch: int) -> list:
+        """``units`` with their KL rows' partners fixed (:func:`fixed_kl_pairs`) in runs of ``batch``."""
+        return fixed_kl_pairs(units, batch) if self._kl_rows else units
+
+    def _reference_key(self, unit: TokenizedUnpaired) -> list:
+        """The example's tokens and its KL row's, as cut to --seq-len."""
+        kl_row = (unit.prompt_ids + unit.kl_pair_ids)[:self.config.seq_len] if self._kl_rows else None
+        return [unit.prompt_ids, unit.completion_ids, kl_row]
+
+    @property
+    def _reference_columns(self) -> int:
+        """The example's reference log-prob, and its KL row's."""
+        return 2 if self._kl_rows else 1
+
     def _collate(self, units: list, kl_completions: list | None = None) -> dict[str, torch.Tensor]:
         batch = unpaired_collate(units, pad_token_id(self.tokenizer), self._kl_rows, self.config.seq_len,
                                  kl_completions)
         return {k: v.to(self.device) for k, v in batch.items()}
 
     def _collate_share(self, units: list, start: int, size: int) -> dict[str, torch.Tensor]:
-        """This rank's share, its KL rows rotated over the whole global micro-batch ``units`` (a stand-in where a
-        short micro-batch leaves it none)."""
+        """This rank's share, its KL rows rotated over the whole global micro-batch ``units`` unless fixed (a
+        stand-in where a short micro-batch leaves it none)."""
         share = units[start:start + size]
         if not share:
             return self._stand_in(units)

@@ -17,7 +17,8 @@ LAST_STEP = frozenset({"split", "step", "lr", "grad_norm", "tokens_per_s", "gpu_
 def window_record(records: list[dict[str, Any]]) -> dict[str, Any]:
     """One record for the step records ``records`` (oldest first): the last step's ``LAST_STEP`` values, and
     every other metric's mean over the steps that have it (a KTO step without undesirable rows has no
-    ``rewards/rejected``)."""
+    ``rewards/rejected``), unweighted by the steps' sizes, as TRL 1.16 averages its logged values, KTO's per-kind
+    means included."""
     last = records[-1]
     keys = dict.fromkeys(k for r in records for k in r if k not in LAST_STEP or k in last)  # first-seen order
     return {k: last[k] if k in LAST_STEP else _mean([r[k] for r in records if k in r]) for k in keys}

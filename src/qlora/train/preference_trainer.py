@@ -18,10 +18,10 @@ loss types; LD-DPO, WPO, f-DPO), CPO / SimPO (AlphaPO) or ORPO
   or, when the start is not the base (``--adapter``, LoftQ/PiSSA/OLoRA, weights
   trained in place), the start's trainable tensors swapped in; run without
   gradient and in eval mode (no dropout) right before the policy pass; no second
-  model is loaded. With ``--precompute-ref`` the reference log-probs of every pair are
-  computed once before training, split over the ranks, and stored in
-  ``--output/reference/`` with a fingerprint of the model and data, so that a
-  resumed run reuses them.
+  model is loaded. With ``--precompute-ref`` the reference log-probs of every pair (KTO:
+  of every example and its KL row) are computed once before training, split over the
+  ranks, and stored in ``--output/reference/`` with a fingerprint of the model and
+  data, so that a resumed run reuses them.
 - Metrics (TRL's names): ``rewards/chosen``, ``rewards/rejected``,
   ``rewards/accuracies``, ``rewards/margins``, ``logps/chosen``,
   ``logps/rejected``, ``nll_loss`` with an NLL term and, for ORPO, ``log_odds_ratio``,
@@ -136,8 +136,12 @@ class PreferenceTrainer(Trainer):
     # ------------------------------------------------------------- reference
     def _prepare_method(self) -> None:
         """With --precompute-ref: reuse the stored reference log-probs of this run, or compute and store them."""
-        if self.config.method != "dpo" or not self.config.precompute_ref:
+        cfg = self.config
+        if cfg.method not in REFERENCE_METHODS or not cfg.precompute_ref:
             return
+        # what the reference scores is fixed first: the training units in global micro-batches, eval's in batches
+        self.train_units = self._fixed_rows(self.train_units, cfg.batch_size * self.dist.world_size)
+        self.eval_units = self._fixed_rows(self.eval_units, cfg.batch_size)
         fingerprint = self._fingerprint()
         stored = self._read_reference(fingerprint)
         if stored is None:
@@ -154,6 +158,19 @@ class PreferenceTrainer(Trainer):
         if self.eval_units:
             self.eval_units = _with_reference(self.eval_units, stored["eval"])
 
+    def _fixed_rows(self, units: list, batch: int) -> list:
+        """``units`` with every row the reference scores fixed before training; a pair's rows are its own."""
+        return units
+
+    def _reference_key(self, unit: Any) -> list:
+        """The tokens of ``unit``'s rows that the reference scores."""
+        return [unit.prompt_ids, unit.chosen_ids, unit.rejected_ids, unit.trained]
+
+    @property
+    def _reference_columns(self) -> int:
+        """Reference log-probs a unit has: a pair's chosen and rejected answer."""
+        return 2
+
     def _fingerprint(self) -> str:
         """What the reference log-probs depend on: base model, quantization, precision, the tokens and LD-DPO's
         weight."""
@@ -163,7 +180,7 @@ class PreferenceTrainer(Trainer):
                                            ).encode())
         for units in (self.train_units, self.eval_units):
             for p in units:
-                digest.update(json.dumps([p.prompt_ids, p.chosen_ids, p.rejected_ids, p.trained]).encode())
+                digest.update(json.dumps(self._reference_key(p)).encode())
                 for key, tensor in sorted(p.media.items()):  # the images (the ids show only their sizes)
                     digest.update(key.encode() + tensor.contiguous().view(-1).view(torch.uint8).numpy().tobytes())
         return digest.hexdigest()
@@ -180,18 +197,19 @@ class PreferenceTrainer(Trainer):
             return {k: f.get_tensor(k) for k in f.keys()}
 
     @torch.no_grad()
-    def _compute_reference(self, units: list[TokenizedPair]) -> torch.Tensor:
-        """``[pairs, 2]`` float64 reference log-probs (chosen, rejected); ranks split the batches."""
-        out = torch.zeros((len(units), 2), dtype=torch.float64, device=self.device)
+    def _compute_reference(self, units: list) -> torch.Tensor:
+        """``[units, columns]`` float64 reference log-probs (a pair's chosen and rejected answer; KTO's example and
+        KL row); ranks split the batches."""
+        columns = self._reference_columns
+        out = torch.zeros((len(units), columns), dtype=torch.float64, device=self.device)
         bs = self.config.batch_size
         starts = range(0, len(units), bs)
         for k, start in enumerate(starts):
             if k % self.dist.world_size != self.dist.rank:
                 continue
             batch = self._collate(units[start:start + bs])
-            logps = self._reference_logps(batch).double()
-            n = logps.shape[0] // 2
-            out[start:start + n, 0], out[start:start + n, 1] = logps[:n], logps[n:]
+            logps = self._reference_logps(batch).double()  # each column's rows in turn
+            out[start:start + logps.shape[0] // columns] = logps.view(columns, -1).T
         return self.dist.all_reduce_sum(out).cpu()
 
     @torch.no_grad()
@@ -367,5 +385,5 @@ class PreferenceTrainer(Trainer):
         return record
 
 
-def _with_reference(units: list[TokenizedPair], logps: torch.Tensor) -> list[TokenizedPair]:
-    return [replace(u, ref_logps=(float(c), float(r))) for u, (c, r) in zip(units, logps.tolist())]
+def _with_reference(units: list, logps: torch.Tensor) -> list:
+    return [replace(u, ref_logps=tuple(row)) for u, row in zip(units, logps.tolist())]

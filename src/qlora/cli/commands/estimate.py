@@ -23,7 +23,7 @@ _TRAIN_OPTIONS = ("quant", "double_quant", "blocksize", "quantize_experts", "ran
                   "target_parameters", "seq_len", "batch_size", "gradient_checkpointing", "optim", "chunked_ce",
                   "method", "precompute_ref")
 # train's help for these speaks of train's other options; what they mean for the estimate instead
-_ESTIMATE_HELP = {"precompute_ref": "dpo: count the reference log-probs as computed once before training, "
+_ESTIMATE_HELP = {"precompute_ref": "dpo, kto: count the reference log-probs as computed once before training, "
                                     "without a reference forward pass in each step",
                   "method": "training objective, as qlora train's --method: sft, or on preference pairs dpo (against "
                             "a reference model), orpo, cpo or simpo, or kto on unpaired rows",

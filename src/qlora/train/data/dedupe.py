@@ -15,8 +15,9 @@ from dataclasses import fields
 from typing import Any, TypeVar
 
 Unit = TypeVar("Unit")
-# Fields of a tokenized example that are not what it trains on: its row number, a flag, later reference log-probs.
-_NOT_CONTENT = frozenset({"index", "truncated", "ref_logps", "media", "image_tokens", "reasoning_hidden",
+# Fields of a tokenized example that are not what it trains on: its row number, a flag, later reference log-probs
+# and KL partners.
+_NOT_CONTENT = frozenset({"index", "truncated", "ref_logps", "kl_pair_ids", "media", "image_tokens", "reasoning_hidden",
                           "system_dropped"})
 
 

@@ -22,7 +22,9 @@ over the global micro-batch (``B x ranks`` examples, each rank's share taking it
 first completion from the previous rank's share), so that the pairs are those of
 one process with the global batch (TRL rotates within each device's batch instead).
 A KL row's images are its prompt's: the images travel with the prompts, not the
-completions.
+completions. With ``--precompute-ref`` the reference log-probs of the KL rows are computed
+once, so each prompt's partner is fixed before training (:func:`fixed_kl_pairs`, as TRL fixes
+it when it prepares the dataset) and stays the same in every epoch, however they are shuffled.
 """
 
 from __future__ import annotations
@@ -79,6 +81,8 @@ class TokenizedUnpaired:
     kl_completion_ids: list[int]
     truncated: bool = False
     media: dict[str, torch.Tensor] = field(default_factory=dict)  # the prompt's image tensors
+    kl_pair_ids: list[int] | None = None  # the other completion of its KL row, when fixed (:func:`fixed_kl_pairs`)
+    ref_logps: tuple[float, ...] | None = None  # precomputed reference log-probs: completion (and KL row)
 
 
 def normalize_unpaired(records: list[Record], fields: FieldMap | str | dict | None = None,
@@ -223,16 +227,21 @@ def unpaired_collate(units: Sequence[TokenizedUnpaired], pad_id: int, kl_rows: b
     """The ``B`` examples, right-padded, then (with ``kl_rows``) the ``B`` mismatched pairs of KTO's KL term.
 
     Returns ``input_ids``, ``attention_mask``, ``labels`` (completion tokens; -100 on prompt and padding),
-    ``[B or 2B, T]``, ``desirable`` ``[B]`` (bool) and, with images, each row's prompt's image tensors
+    ``[B or 2B, T]``, ``desirable`` ``[B]`` (bool), when every unit has them ``ref_logps`` ``[B or 2B]`` (float64)
+    in the same row order, and with images each row's prompt's image tensors
     (:func:`~qlora.train.data.image_examples.image_batch`). A KL row is cut to ``seq_len`` tokens, its start kept.
-    The ``i``-th KL row pairs ``units[i]``'s prompt (and its images) with ``kl_completions[i]``'s completion, by
-    default with its predecessor's in ``units`` (cyclically); a rank's share of a global micro-batch passes the
-    predecessors in the global one.
+    The ``i``-th KL row pairs ``units[i]``'s prompt (and its images) with its fixed partner's completion
+    (``kl_pair_ids``) where the units have one, else with ``kl_completions[i]``'s, by default its predecessor's
+    in ``units`` (cyclically); a rank's share of a global micro-batch passes the predecessors in the global one.
     """
     rows = [(u.prompt_ids, u.completion_ids) for u in units]
     if kl_rows:
-        others = kl_completions if kl_completions is not None else [units[i - 1] for i in range(len(units))]
-        rows += [(u.prompt_ids, other.kl_completion_ids) for u, other in zip(units, others, strict=True)]
+        if all(u.kl_pair_ids is not None for u in units):
+            others = [u.kl_pair_ids for u in units]
+        else:
+            partners = kl_completions if kl_completions is not None else [units[i - 1] for i in range(len(units))]
+            others = [other.kl_completion_ids for other in partners]
+        rows += [(u.prompt_ids, other) for u, other in zip(units, others, strict=True)]
     rows = [(p, (p + c)[:seq_len] if seq_len else p + c) for p, c in rows]
     length = max(len(r) for _, r in rows)
     input_ids = torch.full((len(rows), length), pad_id, dtype=torch.long)
@@ -244,9 +253,23 @@ def unpaired_collate(units: Sequence[TokenizedUnpaired], pad_id: int, kl_rows: b
         attention_mask[i, :len(row)] = 1
     batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels,
              "desirable": torch.tensor([u.desirable for u in units], dtype=torch.bool)}
+    if all(u.ref_logps is not None for u in units):
+        batch["ref_logps"] = torch.tensor([u.ref_logps[k] for k in range(len(rows) // len(units)) for u in units],
+                                          dtype=torch.float64)
     if any(u.media for u in units):  # the rows' prompts: the examples', then the same again for the KL rows
         batch |= image_batch(list(units) * (len(rows) // len(units)), length)
     return batch
+
+
+def fixed_kl_pairs(units: Sequence[TokenizedUnpaired], batch: int) -> list[TokenizedUnpaired]:
+    """``units`` with the other completion of each one's KL row fixed: its predecessor's (cyclically) within
+    consecutive runs of ``batch`` units, the last one shorter, so the pairs of micro-batches of ``batch`` units
+    taken in this order (TRL's ``KL_completion_ids``, rotated within ``per_device_train_batch_size`` rows)."""
+    out = []
+    for start in range(0, len(units), batch):
+        run = units[start:start + batch]
+        out += [replace(u, kl_pair_ids=run[i - 1].kl_completion_ids) for i, u in enumerate(run)]
+    return out
 
 
 def kl_halves(batch: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
@@ -257,7 +280,7 @@ def kl_halves(batch: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], 
     n = batch["desirable"].shape[0]
     main, kl = {}, {}
     for key, value in batch.items():
-        if key in ("desirable", "stand_in"):
+        if key in ("desirable", "stand_in", "ref_logps"):
             continue
         cut = n if key in _ROW_KEYS or token_aligned(key) else value.shape[0] // 2
         main[key], kl[key] = value[:cut], value[cut:]
