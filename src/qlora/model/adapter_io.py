@@ -31,6 +31,7 @@ from .merge import shares_table, untie_config
 from .in_place_weights import in_place_parts, refuse_beside_others
 from .inject import (AdapterConfig, adapter_configs, add_lora, check_adapter_name, embedding_lora_layers,
                      expert_modules, experts_lora_layers, lora_layers, target_names, trained_biases)
+from .saved_copies import load_copies, saved_module
 from .quantize import matches_any, non_text_names, text_decoder_path
 from .residual_convert import convert_to_lora, residual_paths
 
@@ -82,7 +83,7 @@ def adapter_state_dict(model: nn.Module, adapter_name: str = "default") -> dict[
             out[f"{PEFT_PREFIX}{prefix}.lora_A.weight"] = layer.lora_A[weight][adapter_name].weight.detach()
             out[f"{PEFT_PREFIX}{prefix}.lora_B.weight"] = layer.lora_B[weight][adapter_name].weight.detach()
     for path in cfg.modules_to_save if cfg else ():
-        for name, param in model.get_submodule(path).named_parameters():
+        for name, param in saved_module(model, path, adapter_name).named_parameters():
             out[f"{PEFT_PREFIX}{path}.{name}"] = param.detach()
     for key, param in trained_biases(model, cfg.bias if cfg else "none").items():
         out[f"{PEFT_PREFIX}{key}"] = param.detach()
@@ -325,10 +326,12 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path, adapter_name: str = 
                                                             for o in whole)]}
     # and for an adapted embedding or head, its base table under .base_layer. (resized if tokens were added)
     base_tables = {k.replace(".base_layer.", ".", 1): whole.pop(k) for k in [k for k in whole if ".base_layer." in k]}
-    refuse_beside_others(model, adapter_dir, adapter_name,
-                         in_place_parts(sorted({k.rpartition(".")[0] for k in whole}), list(token_rows)))
-    _grow_vocabulary(model, whole | base_tables | token_tables)
     save_paths = sorted({k.rpartition(".")[0] for k in whole})
+    # a LoRA adapter loaded for use keeps the modules it trained whole as copies of its own (PEFT's layout);
+    # one loaded to train on (or AdaLoRA) has them written in place, where the trainer and the saver find them
+    copies = not trainable and config.get("peft_type") != "ADALORA"
+    refuse_beside_others(model, adapter_dir, adapter_name, in_place_parts([] if copies else save_paths, list(token_rows)))
+    _grow_vocabulary(model, whole | base_tables | token_tables)
     names = dict(model.named_modules())
     missing = [p for p in paths + save_paths + [k.rpartition(".")[0] for k in base_tables | token_tables]
                if p not in names]
@@ -336,7 +339,8 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path, adapter_name: str = 
         raise UsageError(f"{adapter_dir} was made for another base model: it adapts {missing[0]}, which this "
                          f"model does not have ({len(missing)} such layers).")
     _warn_other_base(adapter_dir, config.get("base_model_name_or_path"), getattr(model, "name_or_path", None))
-    _untie_saved_table(model, save_paths, config)
+    if not copies:  # a copy is its own table already
+        _untie_saved_table(model, save_paths, config)
     if config.get("peft_type") == "ADALORA":
         attach_adalora(model, config, paths, save_paths, tensors, adapter_name, trainable, str(adapter_dir))
         _load_whole(model, whole, trainable, adapter_dir)
@@ -345,7 +349,8 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path, adapter_name: str = 
     add_lora(model, r=int(config["r"]), alpha=float(config["lora_alpha"]), dropout=float(config.get("lora_dropout") or 0.0),
              target_modules="|".join(map(re.escape, paths)) if paths else None, rslora=bool(config.get("use_rslora")),
              init=init,
-             adapter_name=adapter_name, verbose=False, modules_to_save=save_paths, use_dora=bool(config.get("use_dora")),
+             adapter_name=adapter_name, verbose=False, modules_to_save=[] if copies else save_paths,
+             use_dora=bool(config.get("use_dora")),
              target_parameters=target_parameters, rank_pattern=config.get("rank_pattern") or None,
              alpha_pattern=config.get("alpha_pattern") or None, lora_bias=bool(config.get("lora_bias")),
              bias=bias_mode)
@@ -383,7 +388,10 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path, adapter_name: str = 
             raise UsageError(f"{adapter_dir} has a LoRA bias ({key}) but its config does not say lora_bias.")
         copy_adapter_tensor(target.bias if rest.endswith(".bias") else target.weight, value, key, adapter_dir,
                             trainable)
-    _load_whole(model, whole, trainable, adapter_dir)
+    if copies:
+        load_copies(model, whole, adapter_name, adapter_dir)
+    else:
+        _load_whole(model, whole, trainable, adapter_dir)
     return model
 
 
