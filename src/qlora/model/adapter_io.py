@@ -23,6 +23,7 @@ from torch import nn
 from .. import __version__
 from ..atomic import atomic_dir
 from ..errors import UsageError
+from ..nn import SavedModules
 from .adapter_base import BASE_KEY, base_quantization, read_json_object
 from .adapter_tensors import PEFT_PREFIX, copy_adapter_tensor, lora_key
 from .adalora import AdaLoraConfig
@@ -297,6 +298,10 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path, adapter_name: str = 
                  trainable: bool = False) -> nn.Module:
     """Load a PEFT-format LoRA adapter (ours or PEFT's) onto ``model``.
 
+    Modules it trained whole (``modules_to_save``) become its own copies (:class:`qlora.nn.SavedModules`),
+    so it shares the model with other adapters; with ``trainable`` (training goes on) they are written
+    into the model in place, where the trainer trains them, and no other adapter may share it.
+
     Raises:
         UsageError: missing or corrupt files, or an adapter made for another base
             (a layer it names is missing, or a tensor shape differs).
@@ -330,7 +335,8 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path, adapter_name: str = 
     # a LoRA adapter loaded for use keeps the modules it trained whole as copies of its own (PEFT's layout);
     # one loaded to train on (or AdaLoRA) has them written in place, where the trainer and the saver find them
     copies = not trainable and config.get("peft_type") != "ADALORA"
-    refuse_beside_others(model, adapter_dir, adapter_name, in_place_parts([] if copies else save_paths, list(token_rows)))
+    refuse_beside_others(model, adapter_dir, adapter_name,
+                         in_place_parts([] if copies else save_paths, list(token_rows)))
     _grow_vocabulary(model, whole | base_tables | token_tables)
     names = dict(model.named_modules())
     missing = [p for p in paths + save_paths + [k.rpartition(".")[0] for k in base_tables | token_tables]
@@ -601,6 +607,11 @@ def _grow_vocabulary(model: nn.Module, whole: dict[str, torch.Tensor]) -> None:
                 if k.rpartition(".")[0] in embedding_module_names(model) and v.dim() == 2), default=0)
     if rows <= old:
         return
+    wrapped = [p for p, m in model.named_modules() if isinstance(m, SavedModules)]
+    if wrapped:
+        raise UsageError(f"the adapter was trained with {rows - old} added tokens, but adapters already on this model "
+                         f"keep copies of {', '.join(wrapped)} for a vocabulary of {old}: adapters with different "
+                         "vocabularies cannot share a model. Load them in separate runs.")
     log.info("qlora: the adapter has %d added tokens; resizing the embeddings to %d", rows - old, rows)
     model.resize_token_embeddings(rows, mean_resizing=False)
     head = model.get_output_embeddings()
