@@ -207,3 +207,22 @@ def test_batched_serving_gives_each_row_its_adapters_copies(tiny_model_dir, tiny
     finally:
         batcher.close()
     assert {name: "".join(t) for name, t in texts.items()} == expected
+
+
+def test_generate_cli_runs_each_adapter_with_its_copies(tiny_model_dir, saved, capsys):
+    """qlora generate with the three adapters (4-bit base, rows batched) prints for each the text it prints
+    alone; weights that would run two copies of lm_head together exit 2 naming them."""
+    from qlora.cli.main import main
+
+    common = ["generate", "--model", str(tiny_model_dir), "--compute-dtype", "fp32", "--prompt", "The sky",
+              "--temperature", "0", "--max-new-tokens", "4"]
+    together = common + [a for name in ADAPTERS for a in ("--adapter", f"{name}={saved / name}")]
+    assert main(together) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split("] ")[0] + "]" for line in lines] == [f"[{name}]" for name in ADAPTERS]
+    assert len(set(lines)) == 3, lines
+    for name, line in zip(ADAPTERS, lines):
+        assert main(common + ["--adapter", f"{name}={saved / name}"]) == 0
+        assert capsys.readouterr().out.strip() == line.split("] ", 1)[1].strip(), name
+    assert main(together + ["--adapter-weights", "1,1,1"]) == 2
+    assert "['head', 'both'] (weights [1.0, 1.0]) each trained lm_head whole" in capsys.readouterr().err
