@@ -21,6 +21,7 @@ ADAPTERS = {  # PEFT LoraConfig options: two save lm_head (one the embedding too
     "both": dict(r=2, target_modules=["k_proj"], modules_to_save=["embed_tokens", "lm_head"]),
     "none": dict(r=3, target_modules=["o_proj", "up_proj"]),
 }
+LORA_HEAD = dict(r=2, target_modules=["lm_head"])  # LoRA on the module the others save whole
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +31,7 @@ def saved(tmp_path_factory, tiny_model_dir):
     from transformers import AutoModelForCausalLM
 
     root = tmp_path_factory.mktemp("peft-saved-modules")
-    for seed, (name, options) in enumerate(ADAPTERS.items()):
+    for seed, (name, options) in enumerate((ADAPTERS | {"lora_head": LORA_HEAD}).items()):
         base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
         peft_model = get_peft_model(base, LoraConfig(lora_alpha=8, init_lora_weights=False, **options))
         g = torch.Generator().manual_seed(seed)
@@ -96,13 +97,21 @@ def test_each_adapter_runs_its_own_copies_as_peft(tiny_model_dir, saved, order):
 @torch.no_grad()
 def test_two_adapters_with_copies_of_one_module_do_not_run_together(tiny_model_dir, saved):
     ours = _ours(tiny_model_dir, saved, ["head", "both", "none"])
-    with pytest.raises(UsageError, match=r"each trained lm_head whole"):
+    with pytest.raises(UsageError, match=r"\['head', 'both'\] .* trained lm_head whole"):
         qlora.set_adapters(ours, {"head": 1.0, "both": 1.0})
     with pytest.raises(UsageError, match=r"weights \[0.5\]"):
         qlora.set_adapters(ours, {"head": 0.5})
     with pytest.raises(UsageError, match="cannot concatenate"):
         qlora.combine_adapters(ours, {"head": 1.0, "none": 1.0}, "mix")
     qlora.set_adapters(ours, {"head": 1.0, "none": 0.5})  # one copy, and a delta beside it: allowed
+
+
+def test_lora_and_a_copy_of_one_module_are_refused_in_either_order(tiny_model_dir, saved):
+    for first, second in (("lora_head", "head"), ("head", "lora_head")):
+        model = _ours(tiny_model_dir, saved, [first])
+        with pytest.raises(UsageError, match=rf"lm_head .*\['{first}'\].* PEFT adapts a module one way only"):
+            qlora.load_adapter(model, saved / second, adapter_name=second)
+        assert list(qlora.model.inject.adapter_configs(model)) == [first]  # left as it was
 
 
 @torch.no_grad()
@@ -225,4 +234,4 @@ def test_generate_cli_runs_each_adapter_with_its_copies(tiny_model_dir, saved, c
         assert main(common + ["--adapter", f"{name}={saved / name}"]) == 0
         assert capsys.readouterr().out.strip() == line.split("] ", 1)[1].strip(), name
     assert main(together + ["--adapter-weights", "1,1,1"]) == 2
-    assert "['head', 'both'] (weights [1.0, 1.0]) each trained lm_head whole" in capsys.readouterr().err
+    assert "['head', 'both'] (weights [1.0, 1.0]) trained lm_head whole" in capsys.readouterr().err

@@ -23,7 +23,7 @@ from torch import nn
 from .. import __version__
 from ..atomic import atomic_dir
 from ..errors import UsageError
-from ..nn import SavedModules
+from ..nn import LoraEmbedding, LoraLinear, SavedModules
 from .adapter_base import BASE_KEY, base_quantization, read_json_object
 from .adapter_tensors import PEFT_PREFIX, copy_adapter_tensor, lora_key
 from .adalora import AdaLoraConfig
@@ -344,6 +344,7 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path, adapter_name: str = 
     if missing:
         raise UsageError(f"{adapter_dir} was made for another base model: it adapts {missing[0]}, which this "
                          f"model does not have ({len(missing)} such layers).")
+    _refuse_two_ways(adapter_dir, names, paths, save_paths if copies else [])
     _warn_other_base(adapter_dir, config.get("base_model_name_or_path"), getattr(model, "name_or_path", None))
     if not copies:  # a copy is its own table already
         _untie_saved_table(model, save_paths, config)
@@ -399,6 +400,21 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path, adapter_name: str = 
     else:
         _load_whole(model, whole, trainable, adapter_dir)
     return model
+
+
+def _refuse_two_ways(adapter_dir: Path, modules: dict[str, nn.Module], paths: list[str], save_paths: list[str]) -> None:
+    """Before any change: refuse LoRA on a module another adapter keeps copies of, or a copy of one
+    that carries other adapters' LoRA (PEFT adapts a module one way only)."""
+    how = "PEFT adapts a module one way only. Load these adapters in separate runs."
+    for path in paths:
+        if isinstance(modules[path], SavedModules):
+            raise UsageError(f"{adapter_dir} adapts {path} with LoRA, which adapters "
+                             f"{sorted(modules[path].modules_to_save)} on this model trained whole (modules_to_save); "
+                             + how)
+    for path in save_paths:
+        if isinstance(modules[path], (LoraLinear, LoraEmbedding)):
+            raise UsageError(f"{adapter_dir} trains {path} whole (modules_to_save), which adapters "
+                             f"{sorted(modules[path].specs)} on this model adapt with LoRA; " + how)
 
 
 def _residual_init(adapter_dir: Path, config: dict, model: nn.Module, paths: list[str]) -> str:

@@ -49,16 +49,17 @@ def set_adapters(model: nn.Module, weights: dict[str, float]) -> None:
 
     Raises:
         UsageError: unknown names; two adapters with copies of one module, or one such adapter with a
-            weight other than 1 (a module trained whole is no delta to weight; PEFT refuses both).
+            weight other than 1 (a module trained whole is no delta to weight or add; PEFT runs one copy
+            at a time too).
     """
     _check_names(model, list(weights))
     copies = saved_module_layers(model)
     for path, module in copies.items():
         own = [n for n, w in weights.items() if w != 0 and n in module.modules_to_save]
         if len(own) > 1 or any(weights[n] != 1 for n in own):
-            raise UsageError(f"adapters {own} (weights {[weights[n] for n in own]}) each trained {path} whole "
-                             "(modules_to_save), which is not a delta that can be weighted or added: activate at "
-                             "most one of them, with weight 1.")
+            raise UsageError(f"adapters {own} (weights {[weights[n] for n in own]}) trained {path} whole "
+                             "(modules_to_save), a copy of its own each, which is no delta that can be weighted or "
+                             "added: activate at most one of them, with weight 1.")
     for layer in _slot_layers(model):
         layer.set_active({n: w for n, w in weights.items() if n in layer.specs})
     for module in copies.values():

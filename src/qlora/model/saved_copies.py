@@ -13,8 +13,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..errors import UsageError
-from ..nn import LoraEmbedding, LoraLinear, SavedModules
+from ..nn import SavedModules
 from .adapter_tensors import PEFT_PREFIX, copy_adapter_tensor
 from .inject import adapter_configs, embedding_lora_layers, experts_lora_layers, lora_layers, saved_module_layers
 
@@ -33,17 +32,13 @@ def _replace(model: nn.Module, path: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent_path) if parent_path else model, child, module)
 
 
-def active_adapters(model: nn.Module) -> list[str]:
-    """The adapters active in some adapter layer of ``model``, in the order they were added."""
+def model_active_adapter(model: nn.Module) -> str | None:
+    """The first adapter (in the order they were added) active in an adapter layer of ``model``: the one
+    whose copy a wrapper runs when loaded (PEFT's model-level active adapter)."""
     layers = [*lora_layers(model).values(), *embedding_lora_layers(model).values(),
               *experts_lora_layers(model).values()]
     on = {name for layer in layers for name in layer.active}
-    return [name for name in adapter_configs(model) if name in on]
-
-
-def model_active_adapter(model: nn.Module) -> str | None:
-    """The adapter a new copy's wrapper starts with: the first on the model active in one of its layers."""
-    return next(iter(active_adapters(model)), None)
+    return next((name for name in adapter_configs(model) if name in on), None)
 
 
 @torch.no_grad()
@@ -52,28 +47,21 @@ def load_copies(model: nn.Module, whole: dict[str, torch.Tensor], adapter_name: 
     as its own copies, and record them in its config (PEFT's ``modules_to_save[adapter_name]``).
 
     Raises:
-        UsageError: a module saved whole that carries LoRA adapters here (PEFT trains a module either way,
-            never both), or a tensor of another shape than the model's.
+        UsageError: a tensor of another shape than the model's.
     """
     paths = sorted({k.rpartition(".")[0] for k in whole})
     for path in paths:
         module = model.get_submodule(path)
-        if isinstance(module, (LoraLinear, LoraEmbedding)):
-            raise UsageError(f"{adapter_dir} trains {path} whole (modules_to_save), where another adapter on this "
-                             f"model has LoRA ({sorted(module.specs)}); PEFT adapts a module one way only. Load these "
-                             "adapters in separate runs.")
         if not isinstance(module, SavedModules):
-            active = model_active_adapter(model)
             module = SavedModules(module)
             _replace(model, path, module)
-            module.set_active([active] if active is not None else [])
         own = module.add_copy(adapter_name)
         for key, value in whole.items():
             if key.rpartition(".")[0] == path:
                 copy_adapter_tensor(own.get_parameter(key.rpartition(".")[2]), value, PEFT_PREFIX + key, adapter_dir,
                                     False)
-        if module.active is None and model_active_adapter(model) == adapter_name:
-            module.set_active([adapter_name])
+        if module.active is None:  # running the original: the copy runs if this is the model's active adapter
+            module.set_active([n for n in [model_active_adapter(model)] if n is not None])
     adapter_configs(model)[adapter_name].modules_to_save = paths
 
 
