@@ -235,3 +235,16 @@ def test_generate_cli_runs_each_adapter_with_its_copies(tiny_model_dir, saved, c
         assert capsys.readouterr().out.strip() == line.split("] ", 1)[1].strip(), name
     assert main(together + ["--adapter-weights", "1,1,1"]) == 2
     assert "['head', 'both'] (weights [1.0, 1.0]) trained lm_head whole" in capsys.readouterr().err
+
+
+@torch.no_grad()
+def test_one_adapter_alone_holds_what_it_trained_whole_once(tiny_model_dir, saved):
+    """keep_base=False (one-adapter generate, eval, merge, export): the saved modules are written into the base,
+    no second copy beside the original, and the model equals PEFT's with that adapter."""
+    model, _ = qlora.load_model(tiny_model_dir, quant=None, compute_dtype=torch.float32, device="cpu")
+    before = sum(p.numel() for p in model.parameters())
+    qlora.load_adapter(model, saved / "both", adapter_name="both", keep_base=False)
+    assert not any(isinstance(m, SavedModules) for m in model.modules())
+    lora = sum(p.numel() for n, p in model.named_parameters() if ".lora_" in n)
+    assert sum(p.numel() for p in model.parameters()) == before + lora
+    _close(model.eval()(IDS).logits, _peft(tiny_model_dir, saved, ["both"])(IDS).logits)

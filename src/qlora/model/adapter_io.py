@@ -295,12 +295,15 @@ def read_adapter_weights(adapter_dir: Path) -> dict[str, torch.Tensor]:
 
 
 def load_adapter(model: nn.Module, adapter_dir: str | Path, adapter_name: str = "default",
-                 trainable: bool = False) -> nn.Module:
+                 trainable: bool = False, keep_base: bool = True) -> nn.Module:
     """Load a PEFT-format LoRA adapter (ours or PEFT's) onto ``model``.
 
-    Modules it trained whole (``modules_to_save``) become its own copies (:class:`qlora.nn.SavedModules`),
-    so it shares the model with other adapters; with ``trainable`` (training goes on) they are written
-    into the model in place, where the trainer trains them, and no other adapter may share it.
+    Modules it trained whole (``modules_to_save``) become its own copies (:class:`qlora.nn.SavedModules`)
+    beside the base's, as PEFT keeps them, so it shares the model with other adapters and the base still runs
+    with adapters off. ``keep_base=False`` (a model that runs this adapter alone: one-adapter generate, eval,
+    merge, export) writes them into the base in place instead, holding each such module once (an 8B model's
+    head and embedding are 1 GB each in 16 bits); so does ``trainable`` (training goes on, where the trainer
+    trains them). No other adapter may then share the model.
 
     Raises:
         UsageError: missing or corrupt files, or an adapter made for another base
@@ -332,9 +335,10 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path, adapter_name: str = 
     # and for an adapted embedding or head, its base table under .base_layer. (resized if tokens were added)
     base_tables = {k.replace(".base_layer.", ".", 1): whole.pop(k) for k in [k for k in whole if ".base_layer." in k]}
     save_paths = sorted({k.rpartition(".")[0] for k in whole})
-    # a LoRA adapter loaded for use keeps the modules it trained whole as copies of its own (PEFT's layout);
-    # one loaded to train on (or AdaLoRA) has them written in place, where the trainer and the saver find them
-    copies = not trainable and config.get("peft_type") != "ADALORA"
+    # a LoRA adapter loaded beside the base keeps the modules it trained whole as copies of its own (PEFT's
+    # layout); one loaded alone, to train on, or AdaLoRA has them written in place (where the trainer and the
+    # saver find them)
+    copies = keep_base and not trainable and config.get("peft_type") != "ADALORA"
     refuse_beside_others(model, adapter_dir, adapter_name,
                          in_place_parts([] if copies else save_paths, list(token_rows)))
     _grow_vocabulary(model, whole | base_tables | token_tables)

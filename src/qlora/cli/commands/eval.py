@@ -92,7 +92,7 @@ def run(args: argparse.Namespace) -> int:
     apply_cpu_threads(model, device)
     if args.adapter:
         tokenizer = adapter_tokenizer(args.adapter, tokenizer)
-        load_adapter(model, args.adapter)
+        load_adapter(model, args.adapter, keep_base=False)
     saved = None
     if args.template == "auto":
         saved = ChatFormat.load(args.adapter) if args.adapter else merged_format(args.model)
