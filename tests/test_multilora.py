@@ -170,14 +170,16 @@ def test_several_peft_adapters_on_one_4bit_model_equal_peft(tiny_model_dir, peft
 
 @pytest.mark.parametrize("in_place", ["whole", "tokens"])
 def test_adapter_writing_base_weights_in_place_is_not_loaded_beside_others(tiny_model_dir, peft_adapters, in_place):
-    """modules_to_save and trainable tokens are loaded into the base in place (PEFT keeps a copy per
-    adapter): beside another adapter, one of them would run with the other's weights, so both orders
-    of loading are refused, naming what is written in place."""
+    """Trainable tokens, and modules_to_save of an adapter loaded to train on, are loaded into the base in
+    place (PEFT keeps a copy per adapter): beside another adapter, one of them would run with the other's
+    weights, so both orders of loading are refused, naming what is written in place. (Loaded for use,
+    modules_to_save are copies per adapter: tests/test_saved_modules_per_adapter.py.)"""
     what = "modules_to_save" if in_place == "whole" else "trainable_token_indices"
     for first, second in (("plain", in_place), (in_place, "plain")):
-        model = _model(tiny_model_dir, peft_adapters, [first])
+        model = _model(tiny_model_dir, peft_adapters, [])
+        qlora.load_adapter(model, peft_adapters / first, adapter_name=first, trainable=first == in_place)
         with pytest.raises(UsageError, match=f"beside \\['{first}'\\].*{what}"):
-            qlora.load_adapter(model, peft_adapters / second, adapter_name=second)
+            qlora.load_adapter(model, peft_adapters / second, adapter_name=second, trainable=second == in_place)
     _model(tiny_model_dir, peft_adapters, [in_place])  # alone it loads
 
 
@@ -211,12 +213,12 @@ def test_delete_adapter_frees_it_and_equals_peft(tiny_model_dir, peft_adapters):
     with pytest.raises(UsageError, match="unknown adapter"):
         qlora.delete_adapter(model, "gone")
     with pytest.raises(UsageError, match="cannot give back"):
-        qlora.delete_adapter(_model(tiny_model_dir, peft_adapters, ["whole"]), "whole")
+        qlora.delete_adapter(_model(tiny_model_dir, peft_adapters, ["tokens"]), "tokens")
 
 
 def test_serve_does_not_answer_as_the_base_beside_an_adapter_that_overwrote_it(tiny_model_dir, tiny_tokenizer,
                                                                             peft_adapters):
-    """The base id would answer with the adapter's lm_head (PEFT's disable_adapter has the original):
+    """The base id would answer with the adapter's token rows (PEFT's disable_adapter has the original):
     it is not listed, and a request for it is refused naming the adapter; the adapter answers."""
     pytest.importorskip("fastapi")
     from fastapi.testclient import TestClient
@@ -224,16 +226,16 @@ def test_serve_does_not_answer_as_the_base_beside_an_adapter_that_overwrote_it(t
     from qlora.infer.batcher import ContinuousBatcher
     from qlora.serve.app import build_app
 
-    batcher = ContinuousBatcher(_model(tiny_model_dir, peft_adapters, ["whole"]), tiny_tokenizer,
+    batcher = ContinuousBatcher(_model(tiny_model_dir, peft_adapters, ["tokens"]), tiny_tokenizer,
                                 max_batch_size=2, context_length=64).start()
     try:
-        client = TestClient(build_app(batcher, "tiny", ["whole"]))
-        assert [m["id"] for m in client.get("/v1/models").json()["data"]] == ["whole"]
+        client = TestClient(build_app(batcher, "tiny", ["tokens"]))
+        assert [m["id"] for m in client.get("/v1/models").json()["data"]] == ["tokens"]
         body = {"prompt": "The sky", "max_tokens": 2, "temperature": 0}
         refused = client.post("/v1/completions", json=body | {"model": "tiny"})
         assert refused.status_code == 400 and refused.json()["error"]["code"] == "model_not_found"
-        assert "'whole' trained lm_head whole" in refused.json()["error"]["message"]
-        assert client.post("/v1/completions", json=body | {"model": "whole"}).status_code == 200
+        assert "'tokens' trained new rows of model.embed_tokens" in refused.json()["error"]["message"]
+        assert client.post("/v1/completions", json=body | {"model": "tokens"}).status_code == 200
     finally:
         batcher.close()
 

@@ -23,6 +23,7 @@ from torch import nn
 from .. import __version__
 from ..atomic import atomic_dir
 from ..errors import UsageError
+from ..nn import LoraEmbedding, LoraLinear, SavedModules
 from .adapter_base import BASE_KEY, base_quantization, read_json_object
 from .adapter_tensors import PEFT_PREFIX, copy_adapter_tensor, lora_key
 from .adalora import AdaLoraConfig
@@ -31,6 +32,7 @@ from .merge import shares_table, untie_config
 from .in_place_weights import in_place_parts, refuse_beside_others
 from .inject import (AdapterConfig, adapter_configs, add_lora, check_adapter_name, embedding_lora_layers,
                      expert_modules, experts_lora_layers, lora_layers, target_names, trained_biases)
+from .saved_copies import load_copies, saved_module
 from .quantize import matches_any, non_text_names, text_decoder_path
 from .residual_convert import convert_to_lora, residual_paths
 from .trained_tokens import INFO_FILE, KEY as TOKENIZATION_KEY
@@ -83,7 +85,7 @@ def adapter_state_dict(model: nn.Module, adapter_name: str = "default") -> dict[
             out[f"{PEFT_PREFIX}{prefix}.lora_A.weight"] = layer.lora_A[weight][adapter_name].weight.detach()
             out[f"{PEFT_PREFIX}{prefix}.lora_B.weight"] = layer.lora_B[weight][adapter_name].weight.detach()
     for path in cfg.modules_to_save if cfg else ():
-        for name, param in model.get_submodule(path).named_parameters():
+        for name, param in saved_module(model, path, adapter_name).named_parameters():
             out[f"{PEFT_PREFIX}{path}.{name}"] = param.detach()
     for key, param in trained_biases(model, cfg.bias if cfg else "none").items():
         out[f"{PEFT_PREFIX}{key}"] = param.detach()
@@ -297,8 +299,15 @@ def read_adapter_weights(adapter_dir: Path) -> dict[str, torch.Tensor]:
 
 
 def load_adapter(model: nn.Module, adapter_dir: str | Path, adapter_name: str = "default",
-                 trainable: bool = False) -> nn.Module:
+                 trainable: bool = False, keep_base: bool = True) -> nn.Module:
     """Load a PEFT-format LoRA adapter (ours or PEFT's) onto ``model``.
+
+    Modules it trained whole (``modules_to_save``) become its own copies (:class:`qlora.nn.SavedModules`)
+    beside the base's, as PEFT keeps them, so it shares the model with other adapters and the base still runs
+    with adapters off. ``keep_base=False`` (a model that runs this adapter alone: one-adapter generate, eval,
+    merge, export) writes them into the base in place instead, holding each such module once (an 8B model's
+    head and embedding are 1 GB each in 16 bits); so does ``trainable`` (training goes on, where the trainer
+    trains them). No other adapter may then share the model.
 
     Raises:
         UsageError: missing or corrupt files, or an adapter made for another base
@@ -329,18 +338,24 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path, adapter_name: str = 
                                                             for o in whole)]}
     # and for an adapted embedding or head, its base table under .base_layer. (resized if tokens were added)
     base_tables = {k.replace(".base_layer.", ".", 1): whole.pop(k) for k in [k for k in whole if ".base_layer." in k]}
-    refuse_beside_others(model, adapter_dir, adapter_name,
-                         in_place_parts(sorted({k.rpartition(".")[0] for k in whole}), list(token_rows)))
-    _grow_vocabulary(model, whole | base_tables | token_tables)
     save_paths = sorted({k.rpartition(".")[0] for k in whole})
+    # a LoRA adapter loaded beside the base keeps the modules it trained whole as copies of its own (PEFT's
+    # layout); one loaded alone, to train on, or AdaLoRA has them written in place (where the trainer and the
+    # saver find them)
+    copies = keep_base and not trainable and config.get("peft_type") != "ADALORA"
+    refuse_beside_others(model, adapter_dir, adapter_name,
+                         in_place_parts([] if copies else save_paths, list(token_rows)))
+    _grow_vocabulary(model, whole | base_tables | token_tables)
     names = dict(model.named_modules())
     missing = [p for p in paths + save_paths + [k.rpartition(".")[0] for k in base_tables | token_tables]
                if p not in names]
     if missing:
         raise UsageError(f"{adapter_dir} was made for another base model: it adapts {missing[0]}, which this "
                          f"model does not have ({len(missing)} such layers).")
+    _refuse_two_ways(adapter_dir, names, paths, save_paths if copies else [])
     _warn_other_base(adapter_dir, config.get("base_model_name_or_path"), getattr(model, "name_or_path", None))
-    _untie_saved_table(model, save_paths, config)
+    if not copies:  # a copy is its own table already
+        _untie_saved_table(model, save_paths, config)
     if config.get("peft_type") == "ADALORA":
         attach_adalora(model, config, paths, save_paths, tensors, adapter_name, trainable, str(adapter_dir))
         _load_whole(model, whole, trainable, adapter_dir)
@@ -349,7 +364,8 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path, adapter_name: str = 
     add_lora(model, r=int(config["r"]), alpha=float(config["lora_alpha"]), dropout=float(config.get("lora_dropout") or 0.0),
              target_modules="|".join(map(re.escape, paths)) if paths else None, rslora=bool(config.get("use_rslora")),
              init=init,
-             adapter_name=adapter_name, verbose=False, modules_to_save=save_paths, use_dora=bool(config.get("use_dora")),
+             adapter_name=adapter_name, verbose=False, modules_to_save=[] if copies else save_paths,
+             use_dora=bool(config.get("use_dora")),
              target_parameters=target_parameters, rank_pattern=config.get("rank_pattern") or None,
              alpha_pattern=config.get("alpha_pattern") or None, lora_bias=bool(config.get("lora_bias")),
              bias=bias_mode)
@@ -387,8 +403,26 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path, adapter_name: str = 
             raise UsageError(f"{adapter_dir} has a LoRA bias ({key}) but its config does not say lora_bias.")
         copy_adapter_tensor(target.bias if rest.endswith(".bias") else target.weight, value, key, adapter_dir,
                             trainable)
-    _load_whole(model, whole, trainable, adapter_dir)
+    if copies:
+        load_copies(model, whole, adapter_name, adapter_dir)
+    else:
+        _load_whole(model, whole, trainable, adapter_dir)
     return model
+
+
+def _refuse_two_ways(adapter_dir: Path, modules: dict[str, nn.Module], paths: list[str], save_paths: list[str]) -> None:
+    """Before any change: refuse LoRA on a module another adapter keeps copies of, or a copy of one
+    that carries other adapters' LoRA (PEFT adapts a module one way only)."""
+    how = "PEFT adapts a module one way only. Load these adapters in separate runs."
+    for path in paths:
+        if isinstance(modules[path], SavedModules):
+            raise UsageError(f"{adapter_dir} adapts {path} with LoRA, which adapters "
+                             f"{sorted(modules[path].modules_to_save)} on this model trained whole (modules_to_save); "
+                             + how)
+    for path in save_paths:
+        if isinstance(modules[path], (LoraLinear, LoraEmbedding)):
+            raise UsageError(f"{adapter_dir} trains {path} whole (modules_to_save), which adapters "
+                             f"{sorted(modules[path].specs)} on this model adapt with LoRA; " + how)
 
 
 def _residual_init(adapter_dir: Path, config: dict, model: nn.Module, paths: list[str]) -> str:
@@ -597,6 +631,11 @@ def _grow_vocabulary(model: nn.Module, whole: dict[str, torch.Tensor]) -> None:
                 if k.rpartition(".")[0] in embedding_module_names(model) and v.dim() == 2), default=0)
     if rows <= old:
         return
+    wrapped = [p for p, m in model.named_modules() if isinstance(m, SavedModules)]
+    if wrapped:
+        raise UsageError(f"the adapter was trained with {rows - old} added tokens, but adapters already on this model "
+                         f"keep copies of {', '.join(wrapped)} for a vocabulary of {old}: adapters with different "
+                         "vocabularies cannot share a model. Load them in separate runs.")
     log.info("qlora: the adapter has %d added tokens; resizing the embeddings to %d", rows - old, rows)
     model.resize_token_embeddings(rows, mean_resizing=False)
     head = model.get_output_embeddings()

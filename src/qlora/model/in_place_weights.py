@@ -1,9 +1,11 @@
 """Adapters that train base modules in place cannot share a model with other adapters.
 
-``modules_to_save`` (modules trained whole) and ``trainable_token_indices`` (new rows of single
-tokens) are loaded into the model's own weights, not kept per adapter as PEFT's
-``ModulesToSaveWrapper`` and trainable-token layers keep theirs. With a second adapter on the
-model, whichever was loaded last would give its copies to every adapter (and to the base with
+``trainable_token_indices`` (new rows of single tokens) are loaded into the model's own weights,
+and so are ``modules_to_save`` (modules trained whole) of an adapter being trained (added by
+``add_lora`` or loaded ``trainable``) or of an AdaLoRA adapter. A LoRA adapter loaded for use keeps
+its modules as copies of its own instead (:class:`qlora.nn.SavedModules`, PEFT's
+``ModulesToSaveWrapper``), which share a model with other adapters. With a second adapter on the
+model, whichever wrote in place last would give its weights to every adapter (and to the base with
 adapters off), so such a load is refused, not run wrong. (Biases trained with PEFT's
 ``bias="all"``/``"lora_only"`` are the base's own in PEFT too, shared by its adapters: allowed.)
 """
@@ -15,7 +17,7 @@ from pathlib import Path
 from torch import nn
 
 from ..errors import UsageError
-from .inject import adapter_configs
+from .inject import adapter_configs, saved_module_layers
 
 
 def in_place_parts(modules_to_save: list[str], trainable_tokens: list[str]) -> list[str]:
@@ -27,9 +29,11 @@ def in_place_parts(modules_to_save: list[str], trainable_tokens: list[str]) -> l
 def in_place_adapter(model: nn.Module, but: str | None = None) -> tuple[str, list[str]] | None:
     """``(name, what it wrote)`` of the first adapter on ``model`` (other than ``but``) that wrote base
     weights in place, or None: with one loaded, the model with adapters off is not the base any more."""
+    copies = saved_module_layers(model)
     for name, config in adapter_configs(model).items():
-        parts = in_place_parts(list(getattr(config, "modules_to_save", [])),
-                               list(getattr(config, "trainable_tokens", {})))
+        whole = [p for p in getattr(config, "modules_to_save", []) if name not in getattr(
+            copies.get(p), "modules_to_save", ())]
+        parts = in_place_parts(whole, list(getattr(config, "trainable_tokens", {})))
         if parts and name != but:
             return name, parts
     return None

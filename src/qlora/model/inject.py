@@ -16,7 +16,7 @@ from torch import nn
 from ..errors import UsageError
 from ..float_dtype import float_dtype
 from ..nn import (AdaLoraLinear, Experts4bit, ExpertsLora, Linear4bit, LoraEmbedding, LoraLinear, LoraSpec,
-                  adapter_name_problem, expert_weight_names, experts_layout)
+                  SavedModules, adapter_name_problem, expert_weight_names, experts_layout)
 from ..nn.experts_lora import expert_shapes
 from ..nn.residual_init_names import is_residual_init
 from .quantize import (is_linear_like, kept_dense_names, matches_any, non_text_names, output_embedding_names,
@@ -65,11 +65,17 @@ def experts_lora_layers(model: nn.Module) -> dict[str, ExpertsLora]:
     return {name: m for name, m in model.named_modules() if isinstance(m, ExpertsLora)}
 
 
+def saved_module_layers(model: nn.Module) -> dict[str, SavedModules]:
+    """The modules trained whole by adapters, each holding a copy per adapter (PEFT's ``modules_to_save``)."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, SavedModules)}
+
+
 @contextlib.contextmanager
 def adapters_disabled(model: nn.Module) -> Iterator[None]:
     """Every adapter layer of ``model`` (LoRA, DoRA, AdaLoRA) off for the block: the base model,
     as PEFT's ``disable_adapter()``. The DPO reference model is this, so no second copy is loaded."""
-    layers = [m for m in model.modules() if isinstance(m, (LoraLinear, LoraEmbedding, AdaLoraLinear, ExpertsLora))]
+    layers = [m for m in model.modules()
+              if isinstance(m, (LoraLinear, LoraEmbedding, AdaLoraLinear, ExpertsLora, SavedModules))]
     previous = [m.disabled for m in layers]
     for m in layers:
         m.disabled = True

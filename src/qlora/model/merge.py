@@ -22,6 +22,7 @@ from ..nn import AdaLoraLinear, Experts4bit, ExpertsLora, Linear4bit, LoraEmbedd
 from ..shard_size import DEFAULT_BYTES
 from .inject import adapter_configs
 from .quantize import replace_modules
+from .saved_copies import unwrap_saved_modules
 
 
 def _dense(weight: torch.Tensor, bias: torch.Tensor | None, conv1d: bool, dtype: torch.dtype) -> nn.Module:
@@ -89,6 +90,15 @@ def untie_config(model: nn.Module) -> None:
             config.tie_word_embeddings = False
 
 
+def _unwrap_copies(model: nn.Module) -> None:
+    """The modules adapters trained whole, as the active adapter runs them (:func:`unwrap_saved_modules`);
+    a head or embedding that was the other's table and is now a copy of its own is recorded untied."""
+    tied = shares_table(model)
+    unwrap_saved_modules(model)
+    if tied and not shares_table(model):
+        untie_config(model)
+
+
 def _refuse_unmergeable(model: nn.Module) -> None:
     """Before anything is folded: a layer whose adapter bias has nowhere to go (:meth:`LoraLinear.bias_delta`)."""
     for path, m in model.named_modules():
@@ -116,6 +126,7 @@ def merged_tensors(model: nn.Module) -> list[tuple[str, tuple[int, ...], Callabl
     parameters appear under each of their keys, as in ``state_dict``.
     """
     _refuse_unmergeable(model)
+    _unwrap_copies(model)
     foldable = (LoraLinear, AdaLoraLinear, Linear4bit)
     rows: list[tuple[str, tuple[int, ...], Callable[[], torch.Tensor]]] = []
     folded: list[str] = []
@@ -181,6 +192,7 @@ def merge(model: nn.Module, into: str = "dequantized", dtype: torch.dtype | str 
     dtype = None if dtype is None else float_dtype(dtype, "dtype")
 
     _refuse_unmergeable(model)
+    _unwrap_copies(model)
     untie = shares_table(model) and not tied_embeddings(model)
     experts = [p for p, m in model.named_modules() if isinstance(m, (Experts4bit, ExpertsLora))]
 

@@ -2,7 +2,9 @@
 
 Adapters are loaded side by side with ``load_adapter(model, path, adapter_name=...)``;
 the 4-bit base is shared, never copied. Layers an adapter does not adapt run
-the base alone for it.
+the base alone for it. Modules an adapter trained whole (``modules_to_save``) are
+copies of its own (:class:`qlora.nn.SavedModules`): the active adapter's copy runs,
+or the original for an adapter without one.
 """
 
 from __future__ import annotations
@@ -18,7 +20,8 @@ from ..errors import UsageError
 from ..nn import LoraEmbedding, LoraSpec
 from .in_place_weights import in_place_parts
 from .inject import (AdapterConfig, adapter_configs, check_adapter_name, embedding_lora_layers, experts_lora_layers,
-                     lora_layers)
+                     lora_layers, saved_module_layers)
+from .saved_copies import delete_copies
 
 
 def _check_names(model: nn.Module, names: Sequence[str | None]) -> None:
@@ -41,10 +44,26 @@ def _slot_layers(model: nn.Module) -> list:
 
 
 def set_adapters(model: nn.Module, weights: dict[str, float]) -> None:
-    """Activate adapters with weights: the output is ``base + sum_a w_a * delta_a``."""
+    """Activate adapters with weights: the output is ``base + sum_a w_a * delta_a``; a module an
+    adapter trained whole (``modules_to_save``) runs as its copy, unweighted.
+
+    Raises:
+        UsageError: unknown names; two adapters with copies of one module, or one such adapter with a
+            weight other than 1 (a module trained whole is no delta to weight or add; PEFT runs one copy
+            at a time too).
+    """
     _check_names(model, list(weights))
+    copies = saved_module_layers(model)
+    for path, module in copies.items():
+        own = [n for n, w in weights.items() if w != 0 and n in module.modules_to_save]
+        if len(own) > 1 or any(weights[n] != 1 for n in own):
+            raise UsageError(f"adapters {own} (weights {[weights[n] for n in own]}) trained {path} whole "
+                             "(modules_to_save), a copy of its own each, which is no delta that can be weighted or "
+                             "added: activate at most one of them, with weight 1.")
     for layer in _slot_layers(model):
         layer.set_active({n: w for n, w in weights.items() if n in layer.specs})
+    for module in copies.values():
+        module.set_active([n for n, w in weights.items() if w != 0])
 
 
 def set_adapter(model: nn.Module, name: str) -> None:
@@ -58,14 +77,17 @@ def delete_adapter(model: nn.Module, name: str) -> None:
 
     Raises:
         UsageError: an unknown name, an adapter merged into the base, or one that wrote base weights in
-            place (``modules_to_save``, trainable tokens), which deleting could not give back.
+            place (trainable tokens; ``modules_to_save`` of an adapter being trained or of AdaLoRA), which
+            deleting could not give back. Copies of modules it trained whole are freed with it.
     """
     _check_names(model, [name])
     configs = adapter_configs(model)
     config = configs[name]
     if not isinstance(config, AdapterConfig):
         raise UsageError(f"adapter {name!r} is {type(config).__name__}'s; only LoRA/DoRA adapters can be deleted")
-    written = in_place_parts(config.modules_to_save, list(config.trainable_tokens))
+    copies = saved_module_layers(model)
+    whole = [p for p in config.modules_to_save if name not in getattr(copies.get(p), "modules_to_save", ())]
+    written = in_place_parts(whole, list(config.trainable_tokens))
     if written:
         raise UsageError(f"adapter {name!r} trained {', '.join(written)} in the base model itself, which deleting "
                          "it cannot give back; load the base model again instead.")
@@ -77,6 +99,7 @@ def delete_adapter(model: nn.Module, name: str) -> None:
     for layer in layers:
         if name in layer.specs:
             layer.delete_adapter(name)
+    delete_copies(model, name)
     del configs[name]
     if was_active and configs:
         set_adapter(model, next(iter(configs)))
@@ -92,7 +115,8 @@ def adapter_rows(model: nn.Module, names: Sequence[str | None]) -> Iterator[None
     """
     _check_names(model, names)
     _refuse_expert_adapters(model, [n for n in names if n is not None], "per-row adapters")
-    layers = [*lora_layers(model).values(), *embedding_lora_layers(model).values()]
+    layers = [*lora_layers(model).values(), *embedding_lora_layers(model).values(),
+              *saved_module_layers(model).values()]
     for layer in layers:
         layer.row_adapters = list(names)
     try:
@@ -121,6 +145,10 @@ def combine_adapters(model: nn.Module, weights: dict[str, float], new_name: str)
     if new_name in configs:
         raise UsageError(f"the model already has an adapter named {new_name!r}")
     check_adapter_name(new_name)
+    whole = sorted(n for n in weights if any(n in m.modules_to_save for m in saved_module_layers(model).values()))
+    if whole:
+        raise UsageError(f"cannot concatenate adapters {whole}: they trained modules whole (modules_to_save), "
+                         "which concatenated LoRA factors cannot hold; combine with set_adapters(...) instead.")
     dora = [n for n in weights if configs[n].spec.use_dora]
     if dora:
         raise UsageError(f"cannot concatenate DoRA adapters {dora}: the magnitude normalization is not linear in "

@@ -13,6 +13,7 @@ _LAZY = {
     "LoraEmbedding": "qlora.nn.lora_embedding",
     "LoraLinear": "qlora.nn.lora",
     "LoraSpec": "qlora.nn.lora",
+    "SavedModules": "qlora.nn.saved_modules",
     "adapter_name_problem": "qlora.nn.adapter_name",
     "computed_experts": "qlora.nn.experts4bit",
     "expert_matrix": "qlora.nn.experts4bit",

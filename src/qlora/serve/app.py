@@ -88,8 +88,9 @@ def build_app(batcher: ContinuousBatcher, base_id: str, adapters: list[str], api
 
     Args:
         batcher: a started batcher; its model holds the adapters by these names.
-        base_id: model id of the base alone; not served when an adapter trained base modules in place
-            (``modules_to_save``, trainable tokens), whose weights then stand in the base's stead.
+        base_id: model id of the base alone; not served when an adapter wrote base weights in place
+            (trainable tokens; ``modules_to_save`` loaded to train on), whose weights then stand in the
+            base's stead. Modules trained whole are otherwise a copy per adapter, each row running its own.
         adapters: adapter names, served as model ids.
         api_key: when set, every request but ``GET /health`` needs ``Authorization: Bearer <api_key>``.
         chat_formats: adapter name (``None``: the base) -> the chat format its chat requests are rendered

@@ -101,7 +101,7 @@ def run(args: argparse.Namespace) -> int:
     apply_cpu_threads(model, device)
     if args.adapter:
         tokenizer = adapter_tokenizer(args.adapter, tokenizer)
-        load_adapter(model, args.adapter)
+        load_adapter(model, args.adapter, keep_base=False)
     saved = ChatFormat.load(args.adapter) if args.adapter else merged_format(args.model)
     if args.template != "auto" or saved is None:  # a chosen template keeps the saved date, variables and folding
         fmt = resolve_chat_format(tokenizer, args.template)

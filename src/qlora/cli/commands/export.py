@@ -79,7 +79,7 @@ def run(args: argparse.Namespace) -> int:
     model, tokenizer = load_model(args.model, **load_kwargs(args), compute_dtype=dtype, device="cpu")
     if args.adapter:
         tokenizer = adapter_tokenizer(args.adapter, tokenizer)
-        load_adapter(model, args.adapter)
+        load_adapter(model, args.adapter, keep_base=False)
         trained = ChatFormat.load(args.adapter)  # the format the adapter was trained in is the one to embed
         if trained is not None:
             tokenizer.chat_template = trained.template

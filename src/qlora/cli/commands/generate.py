@@ -57,8 +57,10 @@ def sampling_options(args: argparse.Namespace):
     return SamplingOptions(**{f.name: getattr(args, f.name) for f in cli_fields()}, logit_bias=dict(args.logit_bias))
 
 
-def load_model_from_args(args: argparse.Namespace):
-    """``(model, tokenizer)`` for --model/--quant/--compute-dtype, with --adapter applied."""
+def load_model_from_args(args: argparse.Namespace, keep_base: bool = False):
+    """``(model, tokenizer)`` for --model/--quant/--compute-dtype, with --adapter applied; ``keep_base``: also one
+    adapter keeps the modules it trained whole as copies beside the base's (:func:`load_adapter`), as several
+    always do."""
     from ...cpu_threads import apply_cpu_threads
     from ...infer.generate import decode_problem
     from ...model.adapter_io import adapter_tokenizer, load_adapter
@@ -79,8 +81,8 @@ def load_model_from_args(args: argparse.Namespace):
         if token >= len(tokenizer):
             raise UsageError(f"--logit-bias {token}=...: the tokenizer of {args.model} has token ids 0 to "
                              f"{len(tokenizer) - 1}; give a token id from it")
-    for name, path in names.items():
-        load_adapter(model, path, adapter_name=name)
+    for name, path in names.items():  # one adapter alone holds what it trained whole once, in the base
+        load_adapter(model, path, adapter_name=name, keep_base=len(names) > 1 or keep_base)
     if weights is not None:
         set_adapters(model, dict(zip(names, weights)))
     return model.eval(), tokenizer

@@ -59,7 +59,7 @@ def run(args: argparse.Namespace) -> int:
     dtype = getattr(torch, args.dtype)
     model, tokenizer = load_model(args.model, **load_kwargs(args), compute_dtype=dtype, device="cpu")
     tokenizer = adapter_tokenizer(args.adapter, tokenizer)
-    load_adapter(model, args.adapter)
+    load_adapter(model, args.adapter, keep_base=False)
     merge(model, into="dequantized", dtype=dtype)
     model.to(dtype)
     trained = ChatFormat.load(args.adapter)

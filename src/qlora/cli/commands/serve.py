@@ -157,7 +157,7 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"the adapter name {base_id!r} is also the base model's id; rename the adapter "
                          "(--adapter NAME=DIR) or the base (--served-model-name)")
     bounds = pixel_bounds(args)  # checked before the (slow) model load
-    model, tokenizer = load_model_from_args(args)
+    model, tokenizer = load_model_from_args(args, keep_base=args.allow_adapter_updates)  # whole for later adapters
     context = model_context_length(model, tokenizer)
     if args.max_model_len is not None:
         if args.max_model_len < 2 or (context is not None and args.max_model_len > context):

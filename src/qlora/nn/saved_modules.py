@@ -1,0 +1,95 @@
+"""A module trained whole by some adapters (PEFT's ``modules_to_save``): one copy per adapter.
+
+PEFT's ``ModulesToSaveWrapper`` layout: the base module stays as ``original_module`` and each
+adapter that saved the module has its own copy in ``modules_to_save[<adapter>]``. The active
+adapter picks the copy that runs; an adapter without one (and the model with adapters off)
+runs the original. So several adapters share one model without one's weights leaking into
+another's outputs, and only adapters that saved the module pay for a copy.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+
+class SavedModules(nn.Module):
+    """``original_module`` plus a copy of it per adapter that trained it whole."""
+
+    def __init__(self, original_module: nn.Module) -> None:
+        super().__init__()
+        self.original_module = original_module
+        self.modules_to_save = nn.ModuleDict()
+        self.active: str | None = None  # the adapter whose copy runs (None, or one without a copy: the original)
+        self.disabled = False
+        self.row_adapters: list[str | None] | None = None  # per batch row adapter (see qlora.model.multi_adapter)
+
+    def add_copy(self, name: str) -> nn.Module:
+        """A new copy of the original for adapter ``name`` (frozen; the caller loads its weights)."""
+        if name in self.modules_to_save:
+            raise ValueError(f"adapter {name!r} already has a copy of this module")
+        module = copy.deepcopy(self.original_module)
+        for p in module.parameters():
+            p.requires_grad_(False)
+        self.modules_to_save[name] = module
+        return module
+
+    def delete_adapter(self, name: str) -> None:
+        del self.modules_to_save[name]
+        if self.active == name:
+            self.active = None
+
+    def set_active(self, names: list[str]) -> None:
+        """Run the copy of the one adapter in ``names`` that has one (none: the original).
+
+        Raises:
+            ValueError: two of ``names`` have copies; a module trained whole is not a sum of deltas,
+                so no weighted combination of two copies exists (PEFT refuses it too).
+        """
+        own = [n for n in names if n in self.modules_to_save]
+        if len(own) > 1:
+            raise ValueError(f"adapters {own} each trained this module whole; only one of them can run at a time")
+        self.active = own[0] if own else None
+
+    def module_for(self, name: str | None) -> nn.Module:
+        """The module adapter ``name`` runs: its copy, or the original."""
+        if self.disabled or name not in self.modules_to_save:
+            return self.original_module
+        return self.modules_to_save[name]
+
+    def __getattr__(self, name: str):
+        # Model code reads the wrapped module's attributes (``get_input_embeddings().weight``,
+        # ``.num_embeddings``): those of the module that runs now.
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name.startswith("_") or name in ("original_module", "modules_to_save", "active", "disabled"):
+                raise  # not set up yet (while built or copied): no module to ask
+            return getattr(self.module_for(self.active), name)
+
+    def forward(self, x: torch.Tensor, *args, **kwargs):
+        if self.row_adapters is None:
+            return self.module_for(self.active)(x, *args, **kwargs)
+        if len(self.row_adapters) != x.shape[0]:
+            raise ValueError(f"{len(self.row_adapters)} row adapters for a batch of {x.shape[0]} rows")
+        groups: dict[int, list[int]] = {}
+        modules: dict[int, nn.Module] = {}
+        for i, name in enumerate(self.row_adapters):
+            module = self.module_for(name)
+            groups.setdefault(id(module), []).append(i)
+            modules[id(module)] = module
+        if len(groups) == 1:
+            return next(iter(modules.values()))(x, *args, **kwargs)
+        out = None
+        for key, rows in groups.items():
+            index = torch.tensor(rows, device=x.device)
+            y = modules[key](x[index], *args, **kwargs)
+            if out is None:
+                out = y.new_empty((x.shape[0], *y.shape[1:]))
+            out[index] = y
+        return out
+
+    def extra_repr(self) -> str:
+        return f"copies={list(self.modules_to_save)}, active={self.active}"
