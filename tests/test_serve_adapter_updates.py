@@ -311,3 +311,36 @@ def test_a_bad_settings_file_leaves_the_model_as_it_was(adapters, updating, tmp_
     (folder / "image_pixels.json").write_text('{"image_max_pixels": -1}')
     assert "image_pixels.json" in _error(_load(http, "bad", folder), 400)["message"]
     assert adapter_configs(batcher.model) == {} and [m.id for m in client.models.list().data] == ["tiny"]
+
+
+def test_an_adapter_that_saved_modules_whole_loads_as_its_own_copies(tiny_model_dir, adapters, updating, tmp_path):
+    """An adapter with ``modules_to_save`` (lm_head trained whole) loads beside the base as its own copy: it
+    answers as a server started with it and another adapter, the base's replies are unchanged while it is
+    loaded, and its unload leaves the model as it was."""
+    from qlora.nn import SavedModules
+    from qlora.serve.server import BackgroundServer
+
+    model, _ = qlora.load_model(tiny_model_dir, compute_dtype=torch.float32, device="cpu")
+    qlora.add_lora(model, r=4, dropout=0.0, verbose=False, target_modules=["q_proj"], modules_to_save=["lm_head"])
+    randomize_lora_b(model, 5, scale=0.3)
+    with torch.no_grad():
+        model.lm_head.weight.add_(0.5 * torch.randn(model.lm_head.weight.shape, generator=torch.Generator().manual_seed(5)))
+    qlora.save_adapter(model, tmp_path / "head")
+
+    batcher, at_start = _server(tiny_model_dir, {"a": adapters / "a", "head": tmp_path / "head"}, updates=False)
+    with BackgroundServer(at_start) as server:
+        oracle = openai.OpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=0, timeout=60)
+        expected = _chat(oracle, "head").choices[0].message.content
+    batcher.close()
+
+    batcher, client, http = updating
+    before = {n: p.numel() for n, p in batcher.model.named_parameters()}
+    base = _chat(client, "tiny").choices[0].message.content
+    assert _load(http, "head", tmp_path / "head").status_code == 200
+    assert isinstance(batcher.model.lm_head, SavedModules)
+    assert _chat(client, "head").choices[0].message.content == expected != base
+    assert _chat(client, "tiny").choices[0].message.content == base
+    assert _unload(http, "head").status_code == 200
+    assert not isinstance(batcher.model.lm_head, SavedModules)
+    assert {n: p.numel() for n, p in batcher.model.named_parameters()} == before
+    assert _chat(client, "tiny").choices[0].message.content == base

@@ -3,9 +3,10 @@
 ``POST /v1/load_lora_adapter`` and ``POST /v1/unload_lora_adapter`` (served with ``--allow-adapter-updates``)
 change the model the continuous batcher decodes, so each change happens while the batcher is paused between
 two steps: no forward ever sees an adapter half loaded or half deleted. A load adds only the adapter's own
-tensors beside the others; an adapter that would write the shared base (modules trained whole, trainable
-token rows, trained biases, a vocabulary of another size) is refused, since every other adapter and the base
-would then run with its weights. An unload of an adapter with requests running or waiting is refused with a
+tensors beside the others, and its own copies of the modules it trained whole (``modules_to_save``), as an
+``--adapter`` beside others has them; an adapter that would write the shared base (trainable token rows,
+trained biases, whole tensors its config does not name, a vocabulary of another size) is refused, since every
+other adapter and the base would then run with its weights. An unload of an adapter with requests running or waiting is refused with a
 409 rather than waiting for them, so the call never hangs on a long reply; retry once they are done.
 """
 
@@ -117,10 +118,14 @@ def _refuse_base_writes(batcher: ContinuousBatcher, folder: Path) -> None:
         raise UsageError("it is an AdaLoRA adapter, which qlora cannot unload again; give it with --adapter at start")
     model = batcher.model
     params = dict(model.named_parameters())
+    whole = config.get("modules_to_save") or []  # loaded as the adapter's own copies (qlora.nn.SavedModules)
     for key, value in tensors.items():
         if ".lora_" in key or ".original_module." in key or ".modules_to_save." in key:
             continue  # the adapter's own tensors, or PEFT's copies beside a module saved whole (whose key is refused)
         path = key[len(PEFT_PREFIX):]
+        module = path.rpartition(".")[0]
+        if any(module == name or module.endswith("." + name) for name in whole):
+            continue
         if ".base_layer." in path:  # the base table PEFT saves beside an adapted embedding: fine if it is ours
             own = params.get(path, params.get(path.replace(".base_layer.", ".", 1)))
             if own is not None and own.shape == value.shape and torch.equal(own, value.to(own.dtype)):
