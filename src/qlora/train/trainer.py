@@ -676,17 +676,19 @@ class Trainer:
 
     def _chat_format(self, resume_from: Path | None) -> ChatFormat:
         """The run's chat format; its date is pinned now (or taken from the checkpoint on --resume) and
-        recorded in config.yaml, so the data are the same tokens whatever the day."""
+        recorded in config.yaml, so the data are the same tokens whatever the day. Started from an adapter: the
+        format it was trained with (as generate and chat would render), or --template chosen over it keeping the rest
+        of it (:meth:`ChatFormat.keeping`: its date, the variables the template reads, its system folding)."""
         cfg = self.config
-        # started from an adapter: the format it was trained with, as generate and chat would render
-        started = ChatFormat.load(cfg.adapter) if cfg.adapter and cfg.template == "auto" else None
+        started = ChatFormat.load(cfg.adapter) if cfg.adapter else None
         if not cfg.template_date:
             saved = json.loads((resume_from / "run_config.json").read_text()) if resume_from else {}
             cfg.template_date = saved.get("template_date") or (started.date if started else "") or today()
-        if started is not None:
+        if started is not None and cfg.template == "auto":
             return replace(started, system_into_user=started.system_into_user or cfg.system_into_user).with_date(
                 cfg.template_date)
-        return resolve_chat_format(self.tokenizer, cfg.template, cfg.template_date, cfg.system_into_user)
+        fmt = resolve_chat_format(self.tokenizer, cfg.template, cfg.template_date, cfg.system_into_user)
+        return fmt.keeping(started).with_date(cfg.template_date) if started is not None else fmt
 
     def _collate(self, units: list) -> dict[str, torch.Tensor]:
         pad = pad_token_id(self.tokenizer)
