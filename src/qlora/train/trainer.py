@@ -664,15 +664,9 @@ class Trainer:
         """Ids that end an assistant turn: the tokenizer's end markers, the model's generation EOS ids and
         --eot-tokens (each one token, as axolotl requires of its eot_tokens)."""
         generation_eos = getattr(getattr(self.model, "generation_config", None), "eos_token_id", None)
-        ids = stop_token_ids(self.tokenizer, generation_eos)
-        for token in filter(None, (t.strip() for t in self.config.eot_tokens.split(","))):
-            encoded = self.tokenizer.encode(token, add_special_tokens=False)
-            if len(encoded) != 1:
-                raise UsageError(f"--eot-tokens {token!r} is {len(encoded)} tokens of the model's vocabulary, not "
-                                 "one; list the token the chat template ends a turn with (see the model's "
-                                 "tokenizer_config.json), or add it with --add-special-tokens.")
-            ids.add(encoded[0])
-        return ids
+        from qlora.model.trained_tokens import eot_token_ids
+
+        return stop_token_ids(self.tokenizer, generation_eos) | eot_token_ids(self.tokenizer, self.config.eot_tokens)
 
     def _chat_format(self, resume_from: Path | None) -> ChatFormat:
         """The run's chat format; its date is pinned now (or taken from the checkpoint on --resume) and
@@ -1055,10 +1049,13 @@ class Trainer:
         self._log_window = list(state.get("log_window", []))
 
     def _tokenization(self) -> dict:
-        """--train-on and --seq-len, recorded with the adapter as the defaults of ``qlora eval``."""
+        """--train-on, --seq-len, --eot-tokens and --group-texts, recorded with the adapter as the defaults of
+        ``qlora eval``."""
         from qlora.model.trained_tokens import tokenization_record
 
-        return tokenization_record(self.config.train_on, self.config.seq_len)
+        cfg = self.config
+        return tokenization_record(cfg.train_on, cfg.seq_len, cfg.eot_tokens, cfg.group_texts, cfg.group_shards,
+                                   cfg.template)
 
     def _adapter_tokenizer(self):
         """The tokenizer, when the adapter needs it to be reloaded (added tokens)."""
