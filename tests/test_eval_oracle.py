@@ -22,6 +22,7 @@ from qlora.cli.main import main
 from qlora.model.chat_format import ChatFormat
 from qlora.model.tiny import build_tiny_model
 from qlora.train.data.selection import hold_out
+from qlora.train.data.templates import TEMPLATES
 from random_adapters import randomize_lora_b
 
 transformers = pytest.importorskip("transformers")
@@ -347,3 +348,32 @@ def test_eval_cuts_the_blocks_an_adapter_trained_with_group_texts_on(tmp_path, q
     whole = _eval_as_trained(capsys, *evaluate)
     assert whole["examples"] == len(texts) and whole["tokens"] != followed["tokens"]
     assert _eval_as_trained(capsys, *evaluate, "--group-texts", "5", "--group-shards", "2") == followed
+
+
+def test_a_turn_end_that_is_text_not_a_token_is_followed_by_a_trained_eos(tmp_path, capsys):
+    """ChatML on Gemma 2's vocabulary, which has no <|im_end|> token: the template's turn end is text (several
+    tokens), which no generation can stop on, so qlora trains an EOS after the last answer (the model's stop, as
+    generate and serve stop on it): one token more than apply_chat_template's assistant tokens, which TRL's
+    SFTTrainer trains as they are (it appends EOS to plain texts only) and whose model would run on into a next turn.
+    The oracle: transformers' loss over the assistant tokens plus that EOS."""
+    tok = family_tokenizer("gemma-2")
+    assert "<|im_end|>" not in tok.get_vocab()
+    model_dir = build_tiny_model(tmp_path / "gemma", tokenizer=tok, arch="llama")
+    chats = [CONVERSATIONS["one turn"], CONVERSATIONS["three turns"]]
+    data = _write(tmp_path / "d.jsonl", chats)
+    chatml = transformers.AutoTokenizer.from_pretrained(model_dir)
+    chatml.chat_template = TEMPLATES["chatml"]
+    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    total, count, plain = 0.0, 0, 0
+    for messages in chats:
+        ids, labels = _assistant_labels(chatml, messages)
+        plain += sum(label != -100 for label in labels)
+        assert tok.decode(ids).rstrip().endswith("<|im_end|>")
+        ids, labels = ids + [tok.eos_token_id], labels + [tok.eos_token_id]
+        with torch.no_grad():
+            logits = model(torch.tensor([ids])).logits[0, :-1]
+        total += F.cross_entropy(logits, torch.tensor(labels[1:]), ignore_index=-100, reduction="sum").item()
+        count += sum(label != -100 for label in labels[1:])
+    result = _eval(capsys, "--model", str(model_dir), "--data", str(data), "--template", "chatml")
+    assert result["tokens"] == count == plain + len(chats)
+    assert result["loss"] == pytest.approx(total / count, rel=1e-5)
