@@ -348,6 +348,9 @@ def test_eval_cuts_the_blocks_an_adapter_trained_with_group_texts_on(tmp_path, q
     whole = _eval_as_trained(capsys, *evaluate)
     assert whole["examples"] == len(texts) and whole["tokens"] != followed["tokens"]
     assert _eval_as_trained(capsys, *evaluate, "--group-texts", "5", "--group-shards", "2") == followed
+    assert main(["eval", *evaluate, "--group-texts", "0", "--group-shards", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "--group-shards 2 splits the texts that --group-texts groups" in err and "Traceback" not in err
 
 
 def test_a_turn_end_that_is_text_not_a_token_is_followed_by_a_trained_eos(tmp_path, capsys):
