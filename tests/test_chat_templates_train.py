@@ -96,3 +96,21 @@ def test_generate_and_chat_use_the_saved_format_by_default(tmp_path, tiny_model_
     capsys.readouterr()
     assert main(["generate", "--model", str(tiny_model_dir), "--adapter", str(tmp_path / "run"), "--prompt", "Hi",
                  "--max-new-tokens", "2", "--quant", "none", "--compute-dtype", "fp32", "--template", "chatml"]) == 0
+
+
+def test_continuing_an_adapter_under_a_chosen_template_keeps_its_saved_format(tmp_path, monkeypatch):
+    """``qlora train --adapter A --template X``: X replaces only A's template, as in eval and generate. A Gemma 2 run
+    trained with --system-into-user (no system role) goes on under --template tokenizer (the same template) folding
+    system messages as A did, where it refused them, and with A's pinned date, not today's."""
+    import qlora.train.trainer as trainer
+
+    model = model_for("gemma-2", tmp_path)
+    monkeypatch.setattr(trainer, "today", lambda: "2026-01-31")
+    assert train(model, data(tmp_path), tmp_path / "a", "--system-into-user") == 0
+    monkeypatch.setattr(trainer, "today", lambda: "2026-02-01")
+    more = tmp_path / "more"
+    assert main(["train", "--adapter", str(tmp_path / "a"), "--data", str(data(tmp_path)), "--output", str(more),
+                 "--seq-len", "256", "--max-steps", "1", "--no-progress", "--template", "tokenizer"]) == 0
+    saved = ChatFormat.load(more)
+    assert saved.system_into_user and saved.date == "2026-01-31" and saved.name == "tokenizer"
+    assert yaml.safe_load((more / "config.yaml").read_text())["template_date"] == "2026-01-31"

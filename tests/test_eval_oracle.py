@@ -22,6 +22,7 @@ from qlora.cli.main import main
 from qlora.model.chat_format import ChatFormat
 from qlora.model.tiny import build_tiny_model
 from qlora.train.data.selection import hold_out
+from qlora.train.data.templates import TEMPLATES
 from random_adapters import randomize_lora_b
 
 transformers = pytest.importorskip("transformers")
@@ -283,3 +284,99 @@ def test_eval_renders_the_pinned_template_date(tmp_path, capsys):
     assert result["tokens"] == tokens and result["loss"] == pytest.approx(loss, rel=1e-5)
     assert main(["eval", "--model", str(model_dir), "--data", str(data), "--template-date", "2025-13-02"]) == 2
     assert "--template-date '2025-13-02'" in capsys.readouterr().err
+
+
+def _eval_as_trained(capsys, *argv):
+    """``_eval`` on the base as the adapter's run quantized it (its default), as the run's own eval measured."""
+    assert main(["eval", "--json", *argv]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def _run_eval_loss(run):
+    recorded = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in recorded if r["split"] == "eval"][-1]["loss"]
+
+
+def _without(run, key):
+    """The run's adapter as if its run had not recorded ``key`` of its tokenization (as older runs wrote it)."""
+    info = json.loads((run / "qlora_adapter.json").read_text())
+    recorded = info["tokenization"].pop(key)
+    (run / "qlora_adapter.json").write_text(json.dumps(info))
+    return recorded
+
+
+def test_eval_counts_the_eot_tokens_the_adapter_trained(tmp_path, capsys):
+    """A template ending turns with a token that is no end marker of the tokenizer's (<|endofprompt|>): a run with
+    --eot-tokens trains it after each assistant turn; eval of its adapter counts it too, reporting the run's eval loss
+    without options. Without the record (older runs) it does not, and --eot-tokens, eval's option of the same meaning,
+    gives it back."""
+    from test_axolotl_data_keys import _eot_model
+
+    model_dir, _ = _eot_model(tmp_path)
+    data = _write(tmp_path / "d.jsonl", CHATS * 2)
+    run = tmp_path / "run"
+    assert main(["train", "--model", str(model_dir), "--data", str(data), "--eval-data", str(data), "--output",
+                 str(run), "--max-steps", "1", "--batch-size", "2", "--lr", "1e-2", "--no-progress", "--eot-tokens",
+                 "<|endofprompt|>"]) == 0
+    capsys.readouterr()
+    evaluate = ["--model", str(model_dir), "--adapter", str(run), "--data", str(data)]
+    followed = _eval_as_trained(capsys, *evaluate)
+    assert followed["loss"] == pytest.approx(_run_eval_loss(run), rel=1e-6)
+    assert _without(run, "eot_tokens") == "<|endofprompt|>"
+    plain = _eval_as_trained(capsys, *evaluate)
+    assert plain["tokens"] != followed["tokens"]
+    assert _eval_as_trained(capsys, *evaluate, "--eot-tokens", "<|endofprompt|>") == followed
+
+
+def test_eval_cuts_the_blocks_an_adapter_trained_with_group_texts_on(tmp_path, qwen, capsys):
+    """A run with --group-texts (pre-training blocks cut from the texts' stream): eval of its adapter on the same
+    texts measures those blocks, the run's eval loss, without options; without the record it measures each text whole
+    (other tokens), and --group-texts/--group-shards give the blocks back."""
+    model_dir, _ = qwen
+    texts = [f"Text number {k} tells of {'many ' * k}things that happen in a day." for k in range(12)]
+    data = tmp_path / "t.jsonl"
+    data.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    run = tmp_path / "run"
+    assert main(["train", "--model", str(model_dir), "--data", str(data), "--eval-data", str(data), "--format", "text",
+                 "--output", str(run), "--max-steps", "1", "--lr", "1e-2", "--no-progress", "--seq-len", "16",
+                 "--group-texts", "5", "--group-shards", "2"]) == 0
+    capsys.readouterr()
+    evaluate = ["--model", str(model_dir), "--adapter", str(run), "--data", str(data), "--format", "text"]
+    followed = _eval_as_trained(capsys, *evaluate)
+    assert followed["loss"] == pytest.approx(_run_eval_loss(run), rel=1e-6)
+    assert _without(run, "group_texts") == {"texts": 5, "shards": 2, "template": "auto"}
+    whole = _eval_as_trained(capsys, *evaluate)
+    assert whole["examples"] == len(texts) and whole["tokens"] != followed["tokens"]
+    assert _eval_as_trained(capsys, *evaluate, "--group-texts", "5", "--group-shards", "2") == followed
+    assert main(["eval", *evaluate, "--group-texts", "0", "--group-shards", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "--group-shards 2 splits the texts that --group-texts groups" in err and "Traceback" not in err
+
+
+def test_a_turn_end_that_is_text_not_a_token_is_followed_by_a_trained_eos(tmp_path, capsys):
+    """ChatML on Gemma 2's vocabulary, which has no <|im_end|> token: the template's turn end is text (several
+    tokens), which no generation can stop on, so qlora trains an EOS after the last answer (the model's stop, as
+    generate and serve stop on it): one token more than apply_chat_template's assistant tokens, which TRL's
+    SFTTrainer trains as they are (it appends EOS to plain texts only) and whose model would run on into a next turn.
+    The oracle: transformers' loss over the assistant tokens plus that EOS."""
+    tok = family_tokenizer("gemma-2")
+    assert "<|im_end|>" not in tok.get_vocab()
+    model_dir = build_tiny_model(tmp_path / "gemma", tokenizer=tok, arch="llama")
+    chats = [CONVERSATIONS["one turn"], CONVERSATIONS["three turns"]]
+    data = _write(tmp_path / "d.jsonl", chats)
+    chatml = transformers.AutoTokenizer.from_pretrained(model_dir)
+    chatml.chat_template = TEMPLATES["chatml"]
+    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    total, count, plain = 0.0, 0, 0
+    for messages in chats:
+        ids, labels = _assistant_labels(chatml, messages)
+        plain += sum(label != -100 for label in labels)
+        assert tok.decode(ids).rstrip().endswith("<|im_end|>")
+        ids, labels = ids + [tok.eos_token_id], labels + [tok.eos_token_id]
+        with torch.no_grad():
+            logits = model(torch.tensor([ids])).logits[0, :-1]
+        total += F.cross_entropy(logits, torch.tensor(labels[1:]), ignore_index=-100, reduction="sum").item()
+        count += sum(label != -100 for label in labels[1:])
+    result = _eval(capsys, "--model", str(model_dir), "--data", str(data), "--template", "chatml")
+    assert result["tokens"] == count == plain + len(chats)
+    assert result["loss"] == pytest.approx(total / count, rel=1e-5)

@@ -176,3 +176,28 @@ def test_a_chosen_template_keeps_the_adapters_variables(qwen3_model, tmp_path):
     effort = "{{ reasoning_effort }}{% for m in messages %}{{ m.content }}{% endfor %}"
     assert ChatFormat(template=effort).keeping(saved).template_kwargs == {"reasoning_effort": "high"}
     assert ChatFormat(template="{{ messages }}").keeping(saved).template_kwargs == {}
+
+
+def test_serve_with_a_chosen_template_keeps_each_saved_formats_variables(qwen3_model, tmp_path):
+    """``qlora serve --template X``: each adapter, and the base of a merged fine-tune (its folder's
+    chat_format.json), is prompted with the variables its run saved, as generate does (:meth:`ChatFormat.keeping`);
+    an adapter that saved no format gets the chosen template as it is."""
+    import shutil
+
+    from qlora.cli.commands.serve import chat_formats
+
+    tok = family_tokenizer("qwen3")
+    off = ChatFormat(template=tok.chat_template, name="tokenizer", template_kwargs={"enable_thinking": False})
+    merged = shutil.copytree(qwen3_model, tmp_path / "merged")
+    off.save(merged)
+    adapters = {name: tmp_path / name for name in ("off", "plain")}
+    for folder in adapters.values():
+        folder.mkdir()
+    off.save(adapters["off"])
+    argv = ["serve", "--model", str(merged), "--template", "tokenizer", *(f"--adapter={n}={p}" for n, p in
+                                                                         adapters.items())]
+    formats = chat_formats(build_parser("serve").parse_args(argv), tok)
+    prompts = {name: _ids(tok, render_chat(tok, USER, chat_format=fmt)) for name, fmt in formats.items()}
+    assert _oracle(tok, enable_thinking=False) != _oracle(tok)
+    assert prompts == {None: _oracle(tok, enable_thinking=False), "off": _oracle(tok, enable_thinking=False),
+                       "plain": _oracle(tok)}

@@ -1,10 +1,11 @@
-"""Which tokens the run that trained an adapter measured its loss on: ``--train-on`` (the tokens that count) and
-``--seq-len`` (where examples were cut).
+"""Which tokens the run that trained an adapter measured its loss on: ``--train-on`` (the tokens that count),
+``--seq-len`` (where examples were cut), ``--eot-tokens`` (turn ends trained besides the tokenizer's own) and
+``--group-texts``/``--group-shards`` (texts cut into pre-training blocks instead of one example each).
 
-Both change the loss of the same data, so the run records them beside its adapter, under :data:`KEY` of
-``qlora_adapter.json``, and ``qlora eval --adapter`` takes them as its defaults: without options it measures the
-loss the run's own eval reported. Adapters written before they were recorded, and PEFT's, record none; eval then
-uses train's defaults.
+All change the loss of the same data, so the run records them beside its adapter, under :data:`KEY` of
+``qlora_adapter.json`` (the last two only when set), and ``qlora eval --adapter`` takes them as its defaults: without
+options it measures the loss the run's own eval reported. Adapters written before they were recorded, and PEFT's,
+record none (or only the first two); eval then uses train's defaults for what is missing.
 """
 
 from __future__ import annotations
@@ -20,13 +21,21 @@ INFO_FILE = "qlora_adapter.json"
 TRAIN_ON = ("assistant", "all", "completion")
 
 
-def tokenization_record(train_on: str, seq_len: int) -> dict[str, Any]:
-    """What a run writes under :data:`KEY`."""
-    return {"train_on": train_on, "seq_len": seq_len}
+def tokenization_record(train_on: str, seq_len: int, eot_tokens: str = "", group_texts: int = 0,
+                        group_shards: int = 1, group_template: str = "auto") -> dict[str, Any]:
+    """What a run writes under :data:`KEY`: the options that are set. ``group_template``: the ``--template`` the
+    blocks' EOS text was chosen by (:func:`qlora.train.data.text_blocks.end_tokens`)."""
+    record: dict[str, Any] = {"train_on": train_on, "seq_len": seq_len}
+    if eot_tokens.strip():
+        record["eot_tokens"] = eot_tokens
+    if group_texts:
+        record["group_texts"] = {"texts": group_texts, "shards": group_shards, "template": group_template}
+    return record
 
 
 def trained_tokenization(adapter_dir: str | Path) -> dict[str, Any]:
-    """``{"train_on": ..., "seq_len": ...}`` as the adapter's run recorded them; empty for an adapter that recorded
+    """``{"train_on": ..., "seq_len": ...}`` as the adapter's run recorded them, with ``eot_tokens`` and
+    ``group_texts``/``group_shards``/``group_template`` where it recorded those; empty for an adapter that recorded
     none.
 
     Raises:
@@ -38,10 +47,40 @@ def trained_tokenization(adapter_dir: str | Path) -> dict[str, Any]:
     record = read_json_object(path).get(KEY)
     if record is None:
         return {}
-    train_on = record.get("train_on") if isinstance(record, dict) else None
-    seq_len = record.get("seq_len") if isinstance(record, dict) else None
-    if train_on not in TRAIN_ON or type(seq_len) is not int or seq_len < 2:
+    record = record if isinstance(record, dict) else {}
+    train_on, seq_len = record.get("train_on"), record.get("seq_len")
+    eot_tokens, group = record.get("eot_tokens", ""), record.get("group_texts")
+    group = group if group is not None else {"texts": 0, "shards": 1, "template": "auto"}
+    texts, shards, template = (group.get(k) for k in ("texts", "shards", "template")) if isinstance(group, dict) \
+        else (None, None, None)
+    if (train_on not in TRAIN_ON or not _whole(seq_len, 2) or not isinstance(eot_tokens, str)
+            or not _whole(texts, 0) or not _whole(shards, 1) or not isinstance(template, str)):
         raise UsageError(f"{path}: {KEY} must be an object with train_on (one of {', '.join(TRAIN_ON)}) and seq_len "
-                         f"(a whole number of at least 2), as qlora train writes it, got {record!r}; correct or "
-                         f"delete {KEY} there (eval then needs the run's --train-on and --seq-len given).")
-    return {"train_on": train_on, "seq_len": seq_len}
+                         f"(a whole number of at least 2), and optionally eot_tokens (text) and group_texts ({{texts, "
+                         f"shards, template}}), as qlora train writes it, got {record!r}; correct or delete {KEY} "
+                         f"there (eval then needs the run's --train-on, --seq-len, --eot-tokens and --group-texts "
+                         f"given).")
+    found = {"train_on": train_on, "seq_len": seq_len, "eot_tokens": eot_tokens}
+    return {**found, "group_texts": texts, "group_shards": shards, "group_template": template} if texts else found
+
+
+def eot_token_ids(tokenizer, eot_tokens: str) -> set[int]:
+    """The ids of ``--eot-tokens`` (comma-separated), each one token of the vocabulary, as axolotl requires of its
+    eot_tokens.
+
+    Raises:
+        UsageError: a token that the vocabulary writes as several.
+    """
+    ids = set()
+    for token in filter(None, (t.strip() for t in eot_tokens.split(","))):
+        encoded = tokenizer.encode(token, add_special_tokens=False)
+        if len(encoded) != 1:
+            raise UsageError(f"--eot-tokens {token!r} is {len(encoded)} tokens of the model's vocabulary, not "
+                             "one; list the token the chat template ends a turn with (see the model's "
+                             "tokenizer_config.json), or add it with --add-special-tokens.")
+        ids.add(encoded[0])
+    return ids
+
+
+def _whole(value: Any, least: int) -> bool:
+    return type(value) is int and value >= least

@@ -664,29 +664,25 @@ class Trainer:
         """Ids that end an assistant turn: the tokenizer's end markers, the model's generation EOS ids and
         --eot-tokens (each one token, as axolotl requires of its eot_tokens)."""
         generation_eos = getattr(getattr(self.model, "generation_config", None), "eos_token_id", None)
-        ids = stop_token_ids(self.tokenizer, generation_eos)
-        for token in filter(None, (t.strip() for t in self.config.eot_tokens.split(","))):
-            encoded = self.tokenizer.encode(token, add_special_tokens=False)
-            if len(encoded) != 1:
-                raise UsageError(f"--eot-tokens {token!r} is {len(encoded)} tokens of the model's vocabulary, not "
-                                 "one; list the token the chat template ends a turn with (see the model's "
-                                 "tokenizer_config.json), or add it with --add-special-tokens.")
-            ids.add(encoded[0])
-        return ids
+        from qlora.model.trained_tokens import eot_token_ids
+
+        return stop_token_ids(self.tokenizer, generation_eos) | eot_token_ids(self.tokenizer, self.config.eot_tokens)
 
     def _chat_format(self, resume_from: Path | None) -> ChatFormat:
         """The run's chat format; its date is pinned now (or taken from the checkpoint on --resume) and
-        recorded in config.yaml, so the data are the same tokens whatever the day."""
+        recorded in config.yaml, so the data are the same tokens whatever the day. Started from an adapter: the
+        format it was trained with (as generate and chat would render), or --template chosen over it keeping the rest
+        of it (:meth:`ChatFormat.keeping`: its date, the variables the template reads, its system folding)."""
         cfg = self.config
-        # started from an adapter: the format it was trained with, as generate and chat would render
-        started = ChatFormat.load(cfg.adapter) if cfg.adapter and cfg.template == "auto" else None
+        started = ChatFormat.load(cfg.adapter) if cfg.adapter else None
         if not cfg.template_date:
             saved = json.loads((resume_from / "run_config.json").read_text()) if resume_from else {}
             cfg.template_date = saved.get("template_date") or (started.date if started else "") or today()
-        if started is not None:
+        if started is not None and cfg.template == "auto":
             return replace(started, system_into_user=started.system_into_user or cfg.system_into_user).with_date(
                 cfg.template_date)
-        return resolve_chat_format(self.tokenizer, cfg.template, cfg.template_date, cfg.system_into_user)
+        fmt = resolve_chat_format(self.tokenizer, cfg.template, cfg.template_date, cfg.system_into_user)
+        return fmt.keeping(started).with_date(cfg.template_date) if started is not None else fmt
 
     def _collate(self, units: list) -> dict[str, torch.Tensor]:
         pad = pad_token_id(self.tokenizer)
@@ -1053,10 +1049,13 @@ class Trainer:
         self._log_window = list(state.get("log_window", []))
 
     def _tokenization(self) -> dict:
-        """--train-on and --seq-len, recorded with the adapter as the defaults of ``qlora eval``."""
+        """--train-on, --seq-len, --eot-tokens and --group-texts, recorded with the adapter as the defaults of
+        ``qlora eval``."""
         from qlora.model.trained_tokens import tokenization_record
 
-        return tokenization_record(self.config.train_on, self.config.seq_len)
+        cfg = self.config
+        return tokenization_record(cfg.train_on, cfg.seq_len, cfg.eot_tokens, cfg.group_texts, cfg.group_shards,
+                                   cfg.template)
 
     def _adapter_tokenizer(self):
         """The tokenizer, when the adapter needs it to be reloaded (added tokens)."""

@@ -2,8 +2,9 @@
 
 Uses the same tokenization, loss mask and per-token normalization as training,
 so the number printed is comparable with the eval loss in a run's metrics; with
-``--adapter`` the chat format, ``--train-on`` and ``--seq-len`` default to the
-ones its run recorded, so without options it is that run's eval loss.
+``--adapter`` the chat format, ``--train-on``, ``--seq-len``, ``--eot-tokens`` and
+``--group-texts`` default to the ones its run recorded, so without options it is
+that run's eval loss.
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ import math
 import sys
 from dataclasses import replace
 
-TRAIN_DEFAULTS = {"train_on": "assistant", "seq_len": 512}  # train's, for an adapter that recorded none
+# train's, for an adapter that recorded none
+TRAIN_DEFAULTS = {"train_on": "assistant", "seq_len": 512, "eot_tokens": "", "group_texts": 0, "group_shards": 1}
 
 NAME = "eval"
 HELP = "loss and perplexity of a model (+ adapter) on a dataset"
@@ -60,6 +62,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seq-len", type=number(int, Range(2)), default=None,
                         help="truncate examples to this many tokens, as qlora train's --seq-len (default: as the "
                              f"adapter was trained, else {TRAIN_DEFAULTS['seq_len']})")
+    parser.add_argument("--eot-tokens", default=None, metavar="TOKENS",
+                        help="comma-separated tokens that end a turn besides the tokenizer's own end markers, as "
+                             "qlora train's --eot-tokens: counted after each counted turn, where the template writes "
+                             "them (default: as the adapter was trained, else none)")
+    parser.add_argument("--group-texts", type=number(int, Range(0)), default=None, metavar="N",
+                        help="measure plain texts as qlora train's --group-texts cut them: each text + EOS, every N "
+                             "texts concatenated and cut into --seq-len blocks; 0: each text whole (default: as the "
+                             "adapter was trained, else 0)")
+    parser.add_argument("--group-shards", type=number(int, Range(1)), default=None, metavar="N",
+                        help="with --group-texts: group this many contiguous parts of the texts each on its own, as "
+                             "qlora train's (default: as the adapter was trained, else 1)")
     parser.add_argument("--batch-size", type=positive_int, default=4, help="examples per forward pass")
     parser.add_argument("--json", action="store_true",
                         help="print the result as one JSON object on stdout (data, rows read, examples evaluated, "
@@ -80,9 +93,10 @@ def run(args: argparse.Namespace) -> int:
     from ...train.data.selection import read_sources
     from ...train.data import (count_trainable_tokens, fallback_note, normalize, own_template,
                                pad_collate, pad_token_id, resolve_chat_format, tokenize_dataset)
-    from ...infer.template import stop_token_ids
-    from ...model.chat_format import ChatFormat, merged_format, pinned_datetime
+    from ...model.chat_format import ChatFormat, merged_format, pinned_datetime, stop_token_ids
+    from ...model.trained_tokens import eot_token_ids
     from ...errors import UsageError
+    from ...train.data.text_blocks import text_blocks
     from ...train.data.tokenize import NothingToTrain
     from ...train.trainer import compute_dtype_for, token_loss_sum
 
@@ -95,6 +109,11 @@ def run(args: argparse.Namespace) -> int:
     examples = read_sources(args.data, args.data_split, args.data_subset, 0,  # relative image paths found as in train
                             lambda records: normalize(records, args.format, fields, args.media_dir or args.dataset_dir),
                             args.dataset_dir)
+    imaged = next((e for e in examples if e.images), None)
+    if args.group_texts and imaged is not None:
+        raise UsageError(f"{imaged.where}: this row holds images, and --group-texts {args.group_texts} (given, or "
+                         "the adapter's run's) measures blocks cut from a stream of plain texts, which would cut "
+                         "images apart; give --group-texts 0 to measure each example whole.")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = compute_dtype_for("auto", device)
     model, tokenizer = load_model(args.model, **load_kwargs(args), compute_dtype=dtype, device=device)
@@ -115,11 +134,17 @@ def run(args: argparse.Namespace) -> int:
     if (saved is None and args.template == "auto" and own_template(tokenizer) is None
             and any(e.messages is not None for e in examples)):
         print(fallback_note(tokenizer), file=sys.stderr)
-    stops = stop_token_ids(model, tokenizer)
+    # the turn ends training counted: its end markers and --eot-tokens
+    generation_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    stops = stop_token_ids(tokenizer, generation_eos) | eot_token_ids(tokenizer, args.eot_tokens)
     try:
-        tokenized, report = tokenize_dataset(examples, tokenizer, fmt, args.train_on, args.seq_len, stop_ids=stops,
-                                             with_images=_image_tokenizer(args, examples, model, tokenizer, fmt, stops,
-                                                                          bounds))
+        if args.group_texts:  # the blocks the run trained and evaluated on
+            tokenized, report = text_blocks(examples, tokenizer, args.seq_len, args.group_texts, args.group_shards,
+                                            args.template if args.template != "auto" else args.group_template)
+        else:
+            tokenized, report = tokenize_dataset(examples, tokenizer, fmt, args.train_on, args.seq_len, stop_ids=stops,
+                                                 with_images=_image_tokenizer(args, examples, model, tokenizer, fmt,
+                                                                              stops, bounds))
     except NothingToTrain as exc:  # in eval's words, not training's
         raise UsageError(f"--data {args.data}: {exc.subject('of it')} nothing to evaluate: {exc.counts}. Such rows "
                          f"are skipped; {exc.fix}.") from None
@@ -134,19 +159,24 @@ def run(args: argparse.Namespace) -> int:
             loss_sum += token_loss_sum(model, batch).item()
             tokens += count_trainable_tokens(batch)
     print(f"{args.data}: {report.summary()}", file=sys.stderr if args.json else sys.stdout)
-    _print_result(args, report.examples, len(tokenized), loss_sum, tokens)
+    _print_result(args, report.texts if args.group_texts else report.examples, len(tokenized), loss_sum, tokens)
     return 0
 
 
 def _follow_adapter(args: argparse.Namespace) -> None:
-    """--train-on and --seq-len not given: the adapter's run's (qlora_adapter.json), so the loss is the one that run's
-    eval reported, else train's defaults."""
+    """--train-on, --seq-len, --eot-tokens and --group-texts/--group-shards not given: the adapter's run's
+    (qlora_adapter.json), so the loss is the one that run's eval reported, else train's defaults."""
+    from ...errors import UsageError
     from ...model.trained_tokens import trained_tokenization
 
-    trained = {**TRAIN_DEFAULTS, **(trained_tokenization(args.adapter) if args.adapter else {})}
+    trained = {**TRAIN_DEFAULTS, "group_template": "auto",
+               **(trained_tokenization(args.adapter) if args.adapter else {})}
     for key, value in trained.items():
-        if getattr(args, key) is None:
+        if getattr(args, key, None) is None:
             setattr(args, key, value)
+    if args.group_shards != 1 and not args.group_texts:
+        raise UsageError(f"--group-shards {args.group_shards} splits the texts that --group-texts groups; give "
+                         "--group-texts too (or leave --group-shards out).")
 
 
 def _print_result(args: argparse.Namespace, rows: int, examples: int, loss_sum: float, tokens: int) -> None:

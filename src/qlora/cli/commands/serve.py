@@ -89,17 +89,19 @@ def chat_formats(args: argparse.Namespace, tokenizer) -> dict:
 
     With ``--template auto`` each adapter prompts in the format it was trained with (a model
     trained on Alpaca text answers Alpaca prompts), and the base the one ``qlora merge`` saved with it;
-    other bases and older adapters use the model's own.
+    other bases and older adapters use the model's own. Another template keeps the rest of each saved format
+    (:meth:`ChatFormat.keeping`: its date, the variables the template reads, its system folding), as generate does.
     """
     from ...model.chat_format import ChatFormat, merged_format
     from ...train.data import fallback_note, own_template, resolve_chat_format
     from ..base_model import adapter_names
 
-    if args.template != "auto":
-        fixed = resolve_chat_format(tokenizer, args.template)
-        return {None: fixed, **{name: fixed for name in adapter_names(args)}}
     formats = {name: ChatFormat.load(path) for name, path in adapter_names(args).items()}
     merged = merged_format(args.model)
+    if args.template != "auto":
+        chosen = resolve_chat_format(tokenizer, args.template)
+        return {name: chosen.keeping(saved) if saved is not None else chosen
+                for name, saved in {None: merged, **formats}.items()}
     if merged is not None:
         formats = {None: merged, **formats}
     if own_template(tokenizer) is None and (not formats or None in formats.values()):
