@@ -292,9 +292,12 @@ def test_a_loaded_adapter_gets_the_format_and_pixel_bounds_of_one_given_at_start
     from qlora.model.image_pixels import PixelBounds
     from qlora.model.load import load_tokenizer
 
+    from qlora.train.data.templates import TEMPLATES
+
     folder = tmp_path / "v"
     shutil.copytree(adapters / "c", folder)
     PixelBounds(max_pixels=200_000, min_pixels=1000).save(folder)
+    ChatFormat(template=TEMPLATES["alpaca"], origin="--template alpaca", name="alpaca", date="2024-05-06").save(folder)
     tokenizer = load_tokenizer(tiny_model_dir)
     given = _args(tiny_model_dir, "--adapter", f"v={folder}", *options)
     loaded = adapter_settings(_args(tiny_model_dir, *options), tokenizer)(folder)
@@ -302,6 +305,7 @@ def test_a_loaded_adapter_gets_the_format_and_pixel_bounds_of_one_given_at_start
     assert loaded[1].min_pixels == 1000 and loaded[1].max_pixels == (4096 if options[:1] == ["--image-max-pixels"]
                                                                       else 200_000)
     assert loaded[0].name == ("chatml" if "chatml" in options else "alpaca")
+    assert loaded[0].date == "2024-05-06"  # another template keeps the saved date (ChatFormat.keeping)
 
 
 def test_a_bad_settings_file_leaves_the_model_as_it_was(adapters, updating, tmp_path):

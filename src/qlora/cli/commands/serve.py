@@ -133,7 +133,9 @@ def adapter_settings(args: argparse.Namespace, tokenizer) -> Callable[[Path], tu
     fallback = resolve_chat_format(tokenizer, "auto") if fixed is None and own_template(tokenizer) is None else None
 
     def settings(folder: Path) -> tuple:
-        return fixed or ChatFormat.load(folder) or fallback, pixel_bounds_for(args, folder)
+        saved = ChatFormat.load(folder)
+        chosen = fixed.keeping(saved) if fixed is not None and saved is not None else fixed
+        return chosen or saved or fallback, pixel_bounds_for(args, folder)
 
     return settings
 
