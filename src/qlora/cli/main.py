@@ -130,12 +130,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     module = importlib.import_module(COMMANDS[args.command][0])
     try:
-        from ..model.local_path import check_model_path
         from .base_model import resolve_base
 
-        for attr, option in (("model", "--model"), ("model_arg", "MODEL")):  # a typo at once, before the imports
-            if isinstance(getattr(args, attr, None), str):
-                check_model_path(getattr(args, attr), option)
+        check_paths(args)
         resolve_base(args, args.command)
         return int(module.run(args) or 0)
     except UsageError as exc:
@@ -164,6 +161,23 @@ def main(argv: Sequence[str] | None = None) -> int:
                      f"{detail} This is a limit of how transformers implements this architecture, not of qlora; "
                      "change the option it points to (--seq-len, --batch-size, --packing, ...) or use another model.")
         return 2
+
+
+def check_paths(args: argparse.Namespace) -> None:
+    """A mistyped ``--model`` or ``--adapter``, or a folder that holds no model or adapter, refused at once, before
+    the seconds of imports that loading starts with (``qlora train`` checks the ones its YAML file names too)."""
+    from ..model.known_shapes import KNOWN_SHAPES
+    from ..model.local_path import check_adapter_path, check_model_path
+
+    estimate = args.command == "estimate"  # a known shape name, or a config.json file, as well as a model folder
+    for attr, option in (("model", "--model"), ("model_arg", "MODEL")):
+        name = getattr(args, attr, None)
+        if isinstance(name, str) and not (estimate and name.lower() in KNOWN_SHAPES):
+            check_model_path(name, option, adapter_ok=hasattr(args, "adapter") or args.command == "train",
+                             file_ok=estimate)
+    adapters = getattr(args, "adapter", None)
+    for item in [adapters] if isinstance(adapters, str) else adapters or []:
+        check_adapter_path(item)
 
 
 def _model_code_that_raised(exc: BaseException) -> str | None:

@@ -22,6 +22,7 @@ from typing import Any
 from qlora.errors import UsageError
 from qlora.model.chat_format import pinned_datetime
 from qlora.model.image_pixels import RESIZE_RULES, PixelBounds
+from qlora.model.local_path import check_adapter_path, check_model_path
 from qlora.nn.residual_init_names import is_residual_init
 from qlora.option_range import AT_LEAST_1, NON_NEGATIVE, POSITIVE, Range
 from qlora.optim.lr_schedules import PLATEAU, SCHEDULE_ALIASES, SCHEDULES, check_schedule, schedule_name
@@ -355,6 +356,10 @@ class TrainConfig:
         Raises:
             UsageError: naming the option and the allowed values.
         """
+        if self.adapter:  # a typo at once, before the imports (the CLI checks its flags; these may be the YAML's)
+            check_adapter_path(self.adapter)
+        if self.model:
+            check_model_path(self.model)
         if not self.model and self.adapter:  # the base would have come from the adapter folder's own config
             raise UsageError(f"--model is required (or set `model:` in the YAML file): --adapter {self.adapter} is not "
                              "a local adapter folder whose adapter_config.json names its base model; give the base "
