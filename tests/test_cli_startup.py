@@ -150,7 +150,7 @@ def test_a_folder_or_file_that_is_no_model_is_refused_before_the_imports(command
     (tmp_path / "hub" / "snapshot").mkdir(parents=True)
     (tmp_path / "hub" / "snapshot" / "config.json").write_text("{}")
     (tmp_path / "hub" / "snapshot" / "model.safetensors").write_bytes(b"")
-    for model, words in (("./empty", "is a folder but not a transformers model folder"),
+    for model, words in (("./empty", "has no config.json, so it is not a transformers model folder"),
                          ("./hub", f"Its subfolder {tmp_path / 'hub' / 'snapshot'} holds a config.json"),
                          ("./hub/snapshot/model.safetensors", "is a file")):
         if command == "estimate" and model.endswith(".safetensors"):
@@ -175,10 +175,22 @@ def test_a_missing_adapter_is_refused_before_the_imports(command, tmp_path):
     (tmp_path / "my-adapter").mkdir()
     named = command in ("generate", "chat", "serve")  # these take repeated --adapter [NAME=]DIR
     for adapter, words in ((("sql=" if named else "") + "./my-adaptr", f"did you mean {tmp_path / 'my-adapter'}?"),
-                           ("org/adapter", "hf download org/adapter --local-dir DIR"),
-                           ("./my-adapter", "./my-adapter is not an adapter folder: adapter_config.json is missing")):
+                           ("./my-adapter", "./my-adapter is not an adapter folder: adapter_config.json is missing"),
+                           ("./model/config.json", "is a file; give the adapter's folder")):
         argv = [command, "--model", "./model", "--adapter", adapter, *TAKES_AN_ADAPTER[command]]
         out = _probe(argv, tmp_path)
         assert out["code"] == 2 and f"--adapter {adapter}: " in out["err"] and words in out["err"], out["err"]
         assert "Traceback" not in out["err"]
         assert out["heavy"] == [], f"qlora {' '.join(argv)} imported {out['heavy']}"
+
+
+def test_an_adapter_named_like_a_hub_id_is_said_to_be_read_from_local_folders_only(tmp_path, monkeypatch):
+    """qlora downloads models, not adapters: a name that is no folder here is named with how to download it (said
+    by the loader, as a model's hub id is left to it, so the command's other options are checked first)."""
+    from qlora.model.local_path import adapter_folder_problem
+
+    monkeypatch.chdir(tmp_path)
+    problem = adapter_folder_problem("org/adapter")
+    assert f"{tmp_path / 'org' / 'adapter'} does not exist" in problem, problem
+    assert "hf download org/adapter --local-dir DIR" in problem, problem
+    assert "hf download" not in adapter_folder_problem("./org/adapter")

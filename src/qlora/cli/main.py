@@ -164,20 +164,23 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def check_paths(args: argparse.Namespace) -> None:
-    """A mistyped ``--model`` or ``--adapter``, or a folder that holds no model or adapter, refused at once, before
-    the seconds of imports that loading starts with (``qlora train`` checks the ones its YAML file names too)."""
+    """A mistyped ``--adapter`` or ``--model``, or a folder that holds no adapter or model, refused at once, before
+    the seconds of imports that loading starts with. ``qlora train`` checks them with its other options, its YAML
+    file's included (:meth:`qlora.train.config.TrainConfig.validate`)."""
+    if args.command == "train":
+        return
     from ..model.known_shapes import KNOWN_SHAPES
     from ..model.local_path import check_adapter_path, check_model_path
 
-    estimate = args.command == "estimate"  # a known shape name, or a config.json file, as well as a model folder
-    for attr, option in (("model", "--model"), ("model_arg", "MODEL")):
-        name = getattr(args, attr, None)
-        if isinstance(name, str) and not (estimate and name.lower() in KNOWN_SHAPES):
-            check_model_path(name, option, adapter_ok=hasattr(args, "adapter") or args.command == "train",
-                             file_ok=estimate)
     adapters = getattr(args, "adapter", None)
     for item in [adapters] if isinstance(adapters, str) else adapters or []:
         check_adapter_path(item)
+    estimate = args.command == "estimate"  # a known shape name, or a config.json file, as well as a model folder
+    adapter_ok = args.command != "quantize"  # the others load an adapter folder's base (quantize writes a base)
+    for attr, option in (("model", "--model"), ("model_arg", "MODEL")):
+        name = getattr(args, attr, None)
+        if isinstance(name, str) and not (estimate and name.lower() in KNOWN_SHAPES):
+            check_model_path(name, option, adapter_ok=adapter_ok, file_ok=estimate)
 
 
 def _model_code_that_raised(exc: BaseException) -> str | None:

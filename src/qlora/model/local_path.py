@@ -37,12 +37,12 @@ def check_model_path(name: str, option: str = "--model", adapter_ok: bool = True
         where = path.absolute()
         inside = sorted(p.parent for p in (*where.glob("*/config.json"), *where.glob("*/*/config.json")))
         hint = f" Its subfolder {inside[0]} holds a config.json: did you mean it?" if inside else ""
-        what = "a transformers model folder (config.json beside the weights, as save_pretrained writes)"
+        what = "a transformers model folder (as save_pretrained writes)"
         if adapter_ok:
             what += " nor a LoRA adapter folder (adapter_config.json)"
-        raise UsageError(f"{option} {name}: {path.absolute()} is a folder but not {what}; qlora loads models in "
-                         f"that form only.{hint} Point {option} at the model's own folder, or give a hub id such as "
-                         "meta-llama/Meta-Llama-3-8B.")
+        raise UsageError(f"{option} {name}: {path.absolute()} has no config.json, so it is not {what}; qlora loads "
+                         f"models in that form only.{hint} Point {option} at the model's own folder, or give a hub id "
+                         "such as meta-llama/Meta-Llama-3-8B.")
     if path.is_file() and not file_ok:
         parent = path.absolute().parent
         hint = (f"; its folder {parent} is a model folder: give that" if (parent / "config.json").is_file() else
@@ -56,37 +56,39 @@ def check_model_path(name: str, option: str = "--model", adapter_ok: bool = True
 
 
 def check_adapter_path(item: str, option: str = "--adapter") -> None:
-    """Refuse an adapter folder (``[NAME=]DIR``: the folder after the last ``=``) that is not there or holds no
-    adapter: qlora reads adapters from local folders only, a hub id included.
+    """Refuse ``[NAME=]DIR`` with no folder after ``NAME=``, a DIR that is there and holds no adapter, or one that
+    can only be a local path and is not there; a plain name that is not there is left to the loader, which says so
+    (as a model's hub id is left to it).
 
     Raises:
         UsageError: naming the option, the folder as given and as resolved, and what to give instead.
     """
     folder = item.rpartition("=")[2]
     if not folder:
-        return  # adapter_names names a NAME= without a folder
-    path = Path(folder).expanduser()
-    if path.is_dir():
-        problem = adapter_folder_problem(folder)
-        if problem:
-            raise UsageError(f"{option} {item}: {problem}")
+        raise UsageError(f"{option} {item}: no folder after the name; give {option} NAME=DIR or {option} DIR")
+    if not Path(folder).expanduser().exists() and not looks_like_path(folder):
         return
-    if path.is_file():
-        raise UsageError(f"{option} {item}: {path.absolute()} is a file; give the adapter's folder (the one holding "
-                         "adapter_config.json and adapter_model.safetensors).")
-    hub = "" if looks_like_path(folder) else (
-        f" qlora reads adapters from local folders only: if {folder} is a hub id, download it first "
-        f"(hf download {folder} --local-dir DIR) and give DIR.")
-    raise UsageError(f"{option} {item}: {path.absolute()} does not exist{_close_name(path)}; check the path of the "
-                     f"adapter folder (a qlora train --output, or a PEFT save_pretrained folder).{hub}")
+    problem = adapter_folder_problem(folder)
+    if problem:
+        raise UsageError(f"{option} {item}: {problem}")
 
 
 def adapter_folder_problem(folder: str | Path) -> str | None:
-    """Why an existing folder holds no adapter of its own (None when it has ``adapter_config.json``): the folders
-    that are mistaken for one, a qlora checkpoint, PEFT's named adapters, a stopped run's output, are named."""
+    """Why ``folder`` holds no adapter of its own (None when it has ``adapter_config.json``): a path that is not
+    there (qlora reads adapters from local folders only, not from the hub), a file, or the folders that are mistaken
+    for an adapter's: a qlora checkpoint, PEFT's named adapters, a stopped run's output."""
     shown, folder = folder, Path(folder).expanduser()
     if (folder / "adapter_config.json").is_file():
         return None
+    if not folder.exists():
+        hub = "" if looks_like_path(str(shown)) else (
+            f" qlora reads adapters from local folders only: if {shown} is a hub id, download it first "
+            f"(hf download {shown} --local-dir DIR) and give DIR.")
+        return (f"{folder.absolute()} does not exist{_close_name(folder)}; check the path of the adapter folder (a "
+                f"qlora train --output, or a PEFT save_pretrained folder).{hub}")
+    if not folder.is_dir():
+        return (f"{folder.absolute()} is a file; give the adapter's folder (the one holding adapter_config.json and "
+                "adapter_model.safetensors).")
     named = sorted(p.parent.name for p in folder.glob("*/adapter_config.json"))
     if named == ["adapter"]:  # a qlora training checkpoint: trainer state beside its adapter
         return f"{shown} holds its adapter in the subfolder adapter: give {folder / 'adapter'}."

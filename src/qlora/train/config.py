@@ -356,11 +356,8 @@ class TrainConfig:
         Raises:
             UsageError: naming the option and the allowed values.
         """
-        if self.adapter:  # a typo at once, before the imports (the CLI checks its flags; these may be the YAML's)
-            check_adapter_path(self.adapter)
-        if self.model:
-            check_model_path(self.model)
         if not self.model and self.adapter:  # the base would have come from the adapter folder's own config
+            check_adapter_path(self.adapter)
             raise UsageError(f"--model is required (or set `model:` in the YAML file): --adapter {self.adapter} is not "
                              "a local adapter folder whose adapter_config.json names its base model; give the base "
                              "with --model, or --adapter the folder of a saved adapter")
@@ -397,6 +394,7 @@ class TrainConfig:
         for name in ("rank_pattern", "alpha_pattern"):
             parse_pattern(name, getattr(self, name))  # checked before the model loads
         if self.adapter:
+            check_adapter_path(self.adapter)  # before the imports reading it starts with
             self._validate_adapter()
         if self.adalora and (self.rank_pattern or self.alpha_pattern or self.lora_bias):
             raise UsageError("--rank-pattern, --alpha-pattern and --lora-bias are LoRA options; --adalora sets "
@@ -437,6 +435,7 @@ class TrainConfig:
         if self.template_date:
             pinned_datetime(self.template_date)  # YYYY-MM-DD, checked before the model loads
         parse_data_fields(self.data_fields)  # checked before the model loads
+        check_model_path(self.model)  # last: a run's other options are named first, then what --model holds
 
     def _validate_schedule(self) -> None:
         """--optim and --lr-scheduler by name (saying what qlora has instead), and the schedule's kwargs
