@@ -8,6 +8,7 @@ Modules are imported only when their command runs, so ``qlora --help`` stays fas
 from __future__ import annotations
 
 import argparse
+import contextlib
 import difflib
 import importlib
 import sys
@@ -130,11 +131,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     module = importlib.import_module(COMMANDS[args.command][0])
     try:
+        from ..sigterm import sigterm_as_interrupt
         from .base_model import resolve_base
 
-        check_paths(args)
-        resolve_base(args, args.command)
-        return int(module.run(args) or 0)
+        # a command run as a service stops on SIGTERM as on Ctrl-C, at any point (its imports and load included)
+        with sigterm_as_interrupt() if getattr(module, "STOPPED_BY_SIGTERM", False) else contextlib.nullcontext():
+            check_paths(args)
+            resolve_base(args, args.command)
+            return int(module.run(args) or 0)
     except UsageError as exc:
         report_error(f"qlora {args.command}: error: {exc}")
         return exc.exit_code
