@@ -435,7 +435,6 @@ class TrainConfig:
         if self.template_date:
             pinned_datetime(self.template_date)  # YYYY-MM-DD, checked before the model loads
         parse_data_fields(self.data_fields)  # checked before the model loads
-        check_model_path(self.model)  # last: a run's other options are named first, then what --model holds
 
     def _validate_schedule(self) -> None:
         """--optim and --lr-scheduler by name (saying what qlora has instead), and the schedule's kwargs
@@ -1048,12 +1047,15 @@ def _cosine_floor(values: dict[str, Any], ratio: Any, where: str) -> None:
     values["lr_scheduler_kwargs"] = json.dumps(kwargs | {"min_lr_rate": ratio})
 
 
-def load_config(yaml_path: str | Path | None, overrides: dict[str, Any]) -> TrainConfig:
+def load_config(yaml_path: str | Path | None, overrides: dict[str, Any], check_paths: bool = False) -> TrainConfig:
     """Build a config from an optional YAML file, then ``overrides`` (flags win).
 
     Args:
         yaml_path: a mapping of option names (``-`` or ``_``) to values.
         overrides: option name -> value given on the command line.
+        check_paths: also refuse a ``model`` that can only be a local path and is not there, or a local folder or
+            file that holds no model (``qlora train``, before its imports; a config read elsewhere may name another
+            machine's paths).
 
     Raises:
         UsageError: unreadable YAML, an unknown key (with close matches), a
@@ -1143,6 +1145,8 @@ def load_config(yaml_path: str | Path | None, overrides: dict[str, Any]) -> Trai
     config = TrainConfig(**values)
     try:
         config.validate()
+        if check_paths:  # last: a run's other options are named first, then what --model holds
+            check_model_path(config.model)
     except UsageError as exc:
         raise _at_line(exc, origin) from None
     return config
