@@ -173,3 +173,27 @@ def test_a_failing_row_ends_alone_and_the_batch_goes_on(tiny_model_dir, caplog):
     assert len(records) == 2 and all(r.exc_info is not None for r in records)
     assert stats["running"] == stats["waiting"] == 0 and stats["max_rows_in_step"] == 2
     assert (stats["requests_failed"], stats["requests_completed"]) == (2, 1)  # /stats counts the failures apart
+
+
+def test_requests_a_shutdown_ends_are_counted_as_cancelled(tiny_model_dir):
+    """Every request the batcher took ends counted once in /stats: those ``close`` ends (running or waiting, which
+    the server answers 503 server_shutdown) as cancelled, as the ones whose client went away are."""
+    model, tokenizer = qlora.load_model(tiny_model_dir, compute_dtype=torch.float32, device="cpu")
+    ids = tokenizer(PROMPTS[0]).input_ids
+    started, ends = threading.Event(), []
+
+    def emit(event: Event) -> None:
+        started.set()
+        if event.finish_reason:
+            ends.append(event.finish_reason)
+
+    batcher = ContinuousBatcher(model.eval(), tokenizer, max_batch_size=1, context_length=512).start()
+    # no end of text: nothing finishes before close
+    options = SamplingOptions(max_new_tokens=400, temperature=0, logit_bias={tokenizer.eos_token_id: -100.0})
+    for _ in range(3):
+        batcher.submit(Request(ids, None, options, emit))
+    assert started.wait(timeout=60)  # one decodes, two wait
+    batcher.close()
+    stats = batcher.load()
+    assert ends == ["cancelled"] * 3, ends
+    assert (stats["requests_cancelled"], stats["requests_completed"], stats["requests_failed"]) == (3, 0, 0), stats

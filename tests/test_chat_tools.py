@@ -37,7 +37,7 @@ def test_chat_calls_the_tool_then_answers_with_its_result(tool_model_dir):
     assert call.name == "get_weather" and json.loads(call.arguments) == {"city": "Paris"}
     assert call_id.startswith("call_") and chat.last_reply is None
     assert chat.memory.session.messages() == []  # the turn is not over yet
-    with pytest.raises(ValueError):
+    with pytest.raises(UsageError, match="1 tool calls are waiting for results, got 0"):
         chat.send_tool_results([])
     assert "".join(chat.send_tool_results([RESULT])) == ANSWER
     assert chat.pending_calls == [] and chat.last_reply == ANSWER

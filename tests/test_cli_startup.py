@@ -120,3 +120,77 @@ def test_a_missing_path_names_a_close_one_and_a_hub_id_goes_to_the_loader(tmp_pa
     out = _probe(["generate", "--model", "org/no-such-model", "--prompt", "hi"], tmp_path)
     assert out["code"] == 2 and "does not exist" not in out["err"], out["err"]
     assert "org/no-such-model is not a local path and not in the Hugging Face cache" in out["err"], out["err"]
+
+
+def test_a_missing_model_named_in_the_yaml_file_is_refused_before_the_imports(tmp_path):
+    (tmp_path / "x.yaml").write_text("data: d.jsonl\nmodel: ./missing\noutput: o\n")
+    out = _probe(["train", "x.yaml"], tmp_path)
+    assert out["code"] == 2 and "x.yaml line 2 (model): --model ./missing: " in out["err"], out["err"]
+    assert f"{tmp_path / 'missing'} does not exist" in out["err"] and "Traceback" not in out["err"], out["err"]
+    assert out["heavy"] == [], out["heavy"]
+    (tmp_path / "x.yaml").write_text("model: ./missing\nadapter: ./no-adapter\ndata: d.jsonl\noutput: o\n")
+    out = _probe(["train", "x.yaml"], tmp_path)
+    assert out["code"] == 2 and "x.yaml line 2 (adapter): --adapter ./no-adapter: " in out["err"], out["err"]
+    assert out["heavy"] == [], out["heavy"]
+
+
+# Every command that loads a model from --model (the rest of each command line).
+LOADS_A_MODEL = {
+    "train": ["--data", "d.jsonl", "--output", "o"], "eval": ["--data", "d.jsonl"], "merge": ["--output", "o"],
+    "quantize": ["--output", "o"], "export": ["--output", "o"], "generate": ["--prompt", "hi"], "chat": [],
+    "serve": [], "estimate": [],
+}
+
+
+@pytest.mark.parametrize("command", sorted(LOADS_A_MODEL))
+def test_a_folder_or_file_that_is_no_model_is_refused_before_the_imports(command, tmp_path):
+    """A folder without config.json (or adapter_config.json) and a lone weights file are not what the loaders read
+    (resolve_model_dir, estimate's load_config): said at once, with the model folder inside when there is one."""
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "hub" / "snapshot").mkdir(parents=True)
+    (tmp_path / "hub" / "snapshot" / "config.json").write_text("{}")
+    (tmp_path / "hub" / "snapshot" / "model.safetensors").write_bytes(b"")
+    for model, words in (("./empty", "has no config.json, so it is not a transformers model folder"),
+                         ("./hub", f"Its subfolder {tmp_path / 'hub' / 'snapshot'} holds a config.json"),
+                         ("./hub/snapshot/model.safetensors", "is a file")):
+        if command == "estimate" and model.endswith(".safetensors"):
+            continue  # estimate reads a config.json file given alone; its own check names a file that is not one
+        out = _probe([command, "--model", model, *LOADS_A_MODEL[command]], tmp_path)
+        assert out["code"] == 2 and f"--model {model}: " in out["err"] and words in out["err"], out["err"]
+        assert "Traceback" not in out["err"]
+        assert out["heavy"] == [], f"qlora {command} --model {model} imported {out['heavy']}"
+
+
+# Every command that takes --adapter: the rest of its command line around a model folder that is there.
+TAKES_AN_ADAPTER = {
+    "train": ["--data", "d.jsonl", "--output", "o"], "eval": ["--data", "d.jsonl"], "merge": ["--output", "o"],
+    "export": ["--output", "o"], "generate": ["--prompt", "hi"], "chat": [], "serve": [],
+}
+
+
+@pytest.mark.parametrize("command", sorted(TAKES_AN_ADAPTER))
+def test_a_missing_adapter_is_refused_before_the_imports(command, tmp_path):
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "config.json").write_text("{}")
+    (tmp_path / "my-adapter").mkdir()
+    named = command in ("generate", "chat", "serve")  # these take repeated --adapter [NAME=]DIR
+    for adapter, words in ((("sql=" if named else "") + "./my-adaptr", f"did you mean {tmp_path / 'my-adapter'}?"),
+                           ("./my-adapter", "./my-adapter is not an adapter folder: adapter_config.json is missing"),
+                           ("./model/config.json", "is a file; give the adapter's folder")):
+        argv = [command, "--model", "./model", "--adapter", adapter, *TAKES_AN_ADAPTER[command]]
+        out = _probe(argv, tmp_path)
+        assert out["code"] == 2 and f"--adapter {adapter}: " in out["err"] and words in out["err"], out["err"]
+        assert "Traceback" not in out["err"]
+        assert out["heavy"] == [], f"qlora {' '.join(argv)} imported {out['heavy']}"
+
+
+def test_an_adapter_named_like_a_hub_id_is_said_to_be_read_from_local_folders_only(tmp_path, monkeypatch):
+    """qlora downloads models, not adapters: a name that is no folder here is named with how to download it (said
+    by the loader, as a model's hub id is left to it, so the command's other options are checked first)."""
+    from qlora.model.local_path import adapter_folder_problem
+
+    monkeypatch.chdir(tmp_path)
+    problem = adapter_folder_problem("org/adapter")
+    assert f"{tmp_path / 'org' / 'adapter'} does not exist" in problem, problem
+    assert "hf download org/adapter --local-dir DIR" in problem, problem
+    assert "hf download" not in adapter_folder_problem("./org/adapter")

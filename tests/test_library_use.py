@@ -129,6 +129,17 @@ def test_merge_takes_the_dtype_by_name(tiny_model_dir):
         qlora.merge(nn.Linear(2, 2), dtype=torch.int8)
 
 
+def test_saving_the_wrong_kind_of_model_is_a_usage_error_naming_what_to_call(tmp_path, tiny_model_dir):
+    """As the rest of the API refuses bad input: qlora's UsageError, which ``except ValueError`` still catches."""
+    model, _ = qlora.load_model(tiny_model_dir, compute_dtype=torch.float32, device="cpu")
+    with pytest.raises(UsageError, match=r"save_merged needs a dense model: call qlora.merge\(model\) first"):
+        qlora.save_merged(model, tmp_path / "merged")
+    dense, _ = qlora.load_model(tiny_model_dir, quant=None, compute_dtype=torch.float32, device="cpu")
+    with pytest.raises(UsageError, match="the model has no 4-bit layers to save"):
+        qlora.save_quantized(dense, tmp_path / "quantized")
+    assert not (tmp_path / "merged").exists() and not (tmp_path / "quantized").exists()
+
+
 @pytest.mark.parametrize("name, cls", [
     ("PagedAdamW", "PagedAdamW"), ("pagedadamw8bit", "PagedAdamW8bit"), ("AdamW8bit", "AdamW8bit"), ("ADAMW", "AdamW"),
     ("PagedAdamW32bit", "PagedAdamW"),

@@ -10,6 +10,7 @@ import pytest
 import torch
 from transformers.training_args import OptimizerNames
 
+from qlora.errors import UsageError
 from qlora.optim import OPTIMIZER_ALIASES, OPTIMIZERS, AdamW, create_optimizer, lora_plus_param_groups
 
 _PAGING = dict(page_budget_bytes=2 * 8192, page_bytes=8192)
@@ -115,15 +116,15 @@ def test_lora_plus_groups_scale_b_learning_rate():
 
 @pytest.mark.parametrize("kw", [dict(ratio=0), dict(ratio=-1.0), dict(lr=0.0)])
 def test_lora_plus_rejects_bad_values(kw):
-    with pytest.raises(ValueError):
+    with pytest.raises(UsageError):
         lora_plus_param_groups(_Lora(), **{"lr": 1e-4, **kw})
 
 
 def test_unknown_name_lists_valid_names():
-    with pytest.raises(ValueError, match=re.escape("Optimizers: adamw (= adamw_torch, adamw_torch_fused), adamw_8bit "
+    with pytest.raises(UsageError, match=re.escape("Optimizers: adamw (= adamw_torch, adamw_torch_fused), adamw_8bit "
                                                    "(= adamw_bnb_8bit), paged_adamw_32bit, paged_adamw_8bit.")):
         create_optimizer("adam_9bit", _params())
-    with pytest.raises(ValueError, match="adamw_torch_8bit'? is not available: torchao's 8-bit AdamW"):
+    with pytest.raises(UsageError, match="adamw_torch_8bit'? is not available: torchao's 8-bit AdamW"):
         create_optimizer("adamw_torch_8bit", _params())
 
 
@@ -148,8 +149,18 @@ def test_transformers_names_build_the_same_optimizer(alias, ours):
     ],
 )
 def test_bad_arguments_raise_clear_errors(kw, match):
-    with pytest.raises(ValueError, match=match):
+    """qlora's UsageError, as the rest of the API raises for bad input; a ValueError still, as torch's optimizers
+    raise for theirs."""
+    with pytest.raises(UsageError, match=match) as caught:
         create_optimizer("adamw", _params(), **kw)
+    assert isinstance(caught.value, ValueError)
+
+
+@pytest.mark.parametrize("kw, match", [(dict(page_bytes=0), "page_bytes must be positive"),
+                                       (dict(page_bytes=8192, page_budget_bytes=8192), "at least 2")])
+def test_bad_paging_options_raise_usage_errors(kw, match):
+    with pytest.raises(UsageError, match=match):
+        create_optimizer("paged_adamw_32bit", _params(), **kw)
 
 
 def test_page_too_small_for_a_quantization_block():

@@ -446,7 +446,7 @@ def test_a_request_set_up_after_the_batcher_closed_is_a_503(tiny_model_dir, capl
 def test_sigterm_is_an_interrupt_in_the_main_thread_only():
     """The CLI's SIGTERM handling: KeyboardInterrupt in the main thread, the old handler back afterwards; another
     thread (a library running the server there) may set no handler, so nothing changes."""
-    from qlora.serve.server import sigterm_as_interrupt
+    from qlora.sigterm import sigterm_as_interrupt
 
     before = signal.getsignal(signal.SIGTERM)
     with pytest.raises(KeyboardInterrupt):
@@ -463,6 +463,30 @@ def test_sigterm_is_an_interrupt_in_the_main_thread_only():
     thread.start()
     thread.join()
     assert seen == [before]
+
+
+# SIGTERM (or SIGINT) sent by the process to itself as the model's load starts: a service manager stopping
+# `qlora serve` while it loads (systemd, docker stop).
+_STOPPED_WHILE_LOADING = """
+import os, signal, sys
+import qlora.model.load as load
+from qlora.cli.main import main
+
+real = load.load_model
+def load_model(*args, **kwargs):
+    os.kill(os.getpid(), getattr(signal, sys.argv[1]))
+    return real(*args, **kwargs)
+load.load_model = load_model
+sys.exit(main(["serve", "--model", sys.argv[2], "--port", "0"]))
+"""
+
+
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
+def test_sigterm_while_the_model_loads_stops_serve_as_ctrl_c_does(tiny_model_dir, sig):
+    proc = subprocess.run([sys.executable, "-c", _STOPPED_WHILE_LOADING, sig, str(tiny_model_dir)], env=_env(),
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 130 and proc.stderr.strip().endswith("qlora: interrupted"), proc
+    assert "Traceback" not in proc.stderr
 
 
 @pytest.mark.slow

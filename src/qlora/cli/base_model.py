@@ -31,13 +31,13 @@ def resolve_base(args: argparse.Namespace, command: str) -> None:
 def adapter_names(args: argparse.Namespace) -> dict[str, str]:
     """Adapter name -> folder, from the repeated ``--adapter [NAME=]DIR``; a name taken from the folder
     has its dots made ``_`` (``qwen2.5-sql`` -> ``qwen2_5-sql``: torch's module names hold no dots)."""
+    from ..model.local_path import check_adapter_path
     from ..nn.adapter_name import adapter_name_problem
 
     names: dict[str, str] = {}
     for item in args.adapter:
+        check_adapter_path(item)  # checked by qlora.cli.main too; args may come from elsewhere
         name, _, path = item.rpartition("=")
-        if not path:
-            raise UsageError(f"--adapter {item}: no folder after the name; give --adapter NAME=DIR or --adapter DIR")
         if name and adapter_name_problem(name):
             raise UsageError(f"--adapter {item}: {name!r} cannot name an adapter: {adapter_name_problem(name)}; "
                              "choose another NAME (letters, digits, '-' and '_').")

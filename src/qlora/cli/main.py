@@ -8,6 +8,7 @@ Modules are imported only when their command runs, so ``qlora --help`` stays fas
 from __future__ import annotations
 
 import argparse
+import contextlib
 import difflib
 import importlib
 import sys
@@ -130,14 +131,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     module = importlib.import_module(COMMANDS[args.command][0])
     try:
-        from ..model.local_path import check_model_path
+        from ..sigterm import sigterm_as_interrupt
         from .base_model import resolve_base
 
-        for attr, option in (("model", "--model"), ("model_arg", "MODEL")):  # a typo at once, before the imports
-            if isinstance(getattr(args, attr, None), str):
-                check_model_path(getattr(args, attr), option)
-        resolve_base(args, args.command)
-        return int(module.run(args) or 0)
+        # a command run as a service stops on SIGTERM as on Ctrl-C, at any point (its imports and load included)
+        with sigterm_as_interrupt() if getattr(module, "STOPPED_BY_SIGTERM", False) else contextlib.nullcontext():
+            check_paths(args)
+            resolve_base(args, args.command)
+            return int(module.run(args) or 0)
     except UsageError as exc:
         report_error(f"qlora {args.command}: error: {exc}")
         return exc.exit_code
@@ -164,6 +165,26 @@ def main(argv: Sequence[str] | None = None) -> int:
                      f"{detail} This is a limit of how transformers implements this architecture, not of qlora; "
                      "change the option it points to (--seq-len, --batch-size, --packing, ...) or use another model.")
         return 2
+
+
+def check_paths(args: argparse.Namespace) -> None:
+    """A mistyped ``--adapter`` or ``--model``, or a folder that holds no adapter or model, refused at once, before
+    the seconds of imports that loading starts with. ``qlora train`` checks them with its other options, its YAML
+    file's included (:meth:`qlora.train.config.TrainConfig.validate`)."""
+    if args.command == "train":
+        return
+    from ..model.known_shapes import KNOWN_SHAPES
+    from ..model.local_path import check_adapter_path, check_model_path
+
+    adapters = getattr(args, "adapter", None)
+    for item in [adapters] if isinstance(adapters, str) else adapters or []:
+        check_adapter_path(item)
+    estimate = args.command == "estimate"  # a known shape name, or a config.json file, as well as a model folder
+    adapter_ok = args.command != "quantize"  # the others load an adapter folder's base (quantize writes a base)
+    for attr, option in (("model", "--model"), ("model_arg", "MODEL")):
+        name = getattr(args, attr, None)
+        if isinstance(name, str) and not (estimate and name.lower() in KNOWN_SHAPES):
+            check_model_path(name, option, adapter_ok=adapter_ok, file_ok=estimate)
 
 
 def _model_code_that_raised(exc: BaseException) -> str | None:

@@ -252,6 +252,7 @@ class ContinuousBatcher:
             ending = [*self._waiting, *(r.request for r in self._rows)]
             self._waiting.clear()
             self._rows, self._cache = [], None
+            self.stats["requests_cancelled"] += len(ending)  # as a client's cancel is: each request counted once
         for request in ending:
             request.emit(Event("", "cancelled", len(request.prompt_ids)))
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 from typing import Any, Iterator, Sequence
 
+from qlora.errors import UsageError
 from qlora.model.chat_format import ChatFormat
 
 from .llm import ModelLLM
@@ -100,7 +101,7 @@ class Chat:
     def send_tool_results(self, results: Sequence[str]) -> Iterator[str]:
         """Stream the model's reply once each of :attr:`pending_calls` has its result (in that order)."""
         if len(results) != len(self.pending_calls):
-            raise ValueError(f"{len(self.pending_calls)} tool calls are waiting for results, got {len(results)}")
+            raise UsageError(f"{len(self.pending_calls)} tool calls are waiting for results, got {len(results)}")
         calls = tuple({"id": call_id, "type": "function",
                        "function": {"name": call.name, "arguments": json.loads(call.arguments)}}
                       for call_id, call in self.pending_calls)

@@ -28,6 +28,7 @@ from .adapter_base import BASE_KEY, base_quantization, read_json_object
 from .adapter_tensors import PEFT_PREFIX, copy_adapter_tensor, lora_key
 from .adalora import AdaLoraConfig
 from .adalora_io import adalora_peft_config, adalora_state_dict, attach_adalora
+from .local_path import adapter_folder_problem
 from .merge import shares_table, untie_config
 from .in_place_weights import in_place_parts, refuse_beside_others
 from .inject import (AdapterConfig, adapter_configs, add_lora, check_adapter_name, embedding_lora_layers,
@@ -204,22 +205,9 @@ def adapter_tokenizer(adapter_dirs: str | Path | list[str | Path], tokenizer):
 def read_adapter_config(adapter_dir: str | Path) -> dict:
     """PEFT's adapter config with qlora's fields (from ``qlora_adapter.json``, or inline in old adapters)."""
     path = Path(adapter_dir) / "adapter_config.json"
-    if not path.is_file():
-        named = sorted(p.parent.name for p in Path(adapter_dir).glob("*/adapter_config.json"))
-        if named == ["adapter"]:  # a qlora training checkpoint: trainer state beside its adapter
-            raise UsageError(f"{adapter_dir} holds its adapter in the subfolder adapter: give "
-                             f"{Path(adapter_dir) / 'adapter'}.")
-        if named:  # PEFT's save_pretrained of a model with named adapters writes each in a subfolder
-            raise UsageError(f"{adapter_dir} holds several adapters, in its subfolders {', '.join(named)} (PEFT's "
-                             "folder of named adapters), and none of its own: give one of them, e.g. "
-                             f"{Path(adapter_dir) / named[0]} (several --adapter options load several).")
-        saved = sorted(Path(adapter_dir).glob("checkpoints/step-*/adapter/adapter_config.json"),
-                       key=lambda p: (len(p.parent.parent.name), p.parent.parent.name))  # step-0000700 < step-12345678
-        if saved:  # a qlora train output whose run stopped before its end wrote the final adapter
-            raise UsageError(f"{adapter_dir} is a qlora train output without its final adapter: the run stopped "
-                             "before its end. Finish it with the same qlora train command and --resume, or give "
-                             f"its newest checkpoint's adapter, {saved[-1].parent}.")
-        raise UsageError(f"{adapter_dir} is not an adapter folder: {path.name} is missing.")
+    problem = adapter_folder_problem(adapter_dir)
+    if problem:
+        raise UsageError(problem)
     config = read_json_object(path)
     info = Path(adapter_dir) / QLORA_INFO
     if info.is_file():

@@ -278,7 +278,7 @@ def save_merged(model: nn.Module, out_dir: str | Path, tokenizer=None, max_shard
     ``max_shard_bytes`` (a larger tensor alone in one) listed by ``model.safetensors.index.json``."""
     if any(isinstance(m, (Linear4bit, Experts4bit, ExpertsLora, LoraLinear, LoraEmbedding, AdaLoraLinear))
            for m in model.modules()):
-        raise ValueError("save_merged needs a dense model: call qlora.merge(model) first")
+        raise UsageError("save_merged needs a dense model: call qlora.merge(model) first")
     config = model.config
     if hasattr(config, "quantization_config"):
         del config.quantization_config

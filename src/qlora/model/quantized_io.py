@@ -116,7 +116,7 @@ def save_quantized(model: nn.Module, out_dir: str | Path, tokenizer=None, max_sh
     layers = [m.base_layer if isinstance(m, LoraLinear) else m for m in model.modules()]
     q = [m for m in layers if isinstance(m, Linear4bit)]
     if not q:
-        raise ValueError("the model has no 4-bit layers to save; load it with quant='nf4' or 'fp4'")
+        raise UsageError("the model has no 4-bit layers to save; load it with quant='nf4' or 'fp4'")
     first = q[0]
     quantized_paths = {n.replace(".base_layer", "") for n, m in model.named_modules() if isinstance(m, Linear4bit)}
     dense = [n.replace(".base_layer", "") for n, m in model.named_modules()

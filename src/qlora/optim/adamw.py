@@ -22,8 +22,9 @@ from typing import Any
 
 import torch
 
+from ..errors import UsageError
 from . import moments
-from .pager import DEFAULT_PAGE_BYTES, DEFAULT_SAFETY_MARGIN_BYTES, Pager
+from .pager import DEFAULT_PAGE_BYTES, DEFAULT_SAFETY_MARGIN_BYTES, Pager, page_slots
 from .state8bit import adamw_update_8bit
 from .state_store import Batch, Chunk, PagedStore, ResidentStore
 
@@ -71,7 +72,7 @@ class AdamW(torch.optim.Optimizer):
         safety_margin_bytes: device memory a derived budget leaves free.
 
     Raises:
-        ValueError: for out-of-range hyperparameters or unsupported options.
+        UsageError (a ValueError): for out-of-range hyperparameters or unsupported options.
     """
 
     def __init__(
@@ -91,19 +92,21 @@ class AdamW(torch.optim.Optimizer):
         amsgrad: bool = False,
     ) -> None:
         if not lr >= 0.0:
-            raise ValueError(f"lr must be >= 0, got {lr}")
+            raise UsageError(f"lr must be >= 0, got {lr}")
         if not eps >= 0.0:
-            raise ValueError(f"eps must be >= 0, got {eps}")
+            raise UsageError(f"eps must be >= 0, got {eps}")
         if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
-            raise ValueError(f"betas must be two values in [0, 1), got {betas}")
+            raise UsageError(f"betas must be two values in [0, 1), got {betas}")
         if not weight_decay >= 0.0:
-            raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
+            raise UsageError(f"weight_decay must be >= 0, got {weight_decay}")
         if state_bits not in (32, 8):
-            raise ValueError(f"state_bits must be 32 or 8, got {state_bits}")
+            raise UsageError(f"state_bits must be 32 or 8, got {state_bits}")
         if amsgrad:
-            raise ValueError("amsgrad is not supported")
+            raise UsageError("amsgrad is not supported")
         if not paged and page_budget_bytes is not None:
-            raise ValueError("page_budget_bytes applies only to a paged optimizer (paged=True)")
+            raise UsageError("page_budget_bytes applies only to a paged optimizer (paged=True)")
+        if paged:
+            page_slots(page_bytes, page_budget_bytes)  # the pager is made at the first step
         super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay))
         self.state_bits = state_bits
         self.paged = paged

@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 
+from ..errors import UsageError
 from .adamw import AdamW, AdamW8bit, ParamsT, PagedAdamW, PagedAdamW8bit
 from .optimizer_names import OPTIMIZER_NAMES, optimizer_name
 
@@ -22,12 +23,12 @@ def create_optimizer(name: str, params: ParamsT, **kwargs: Any) -> torch.optim.O
     """Build the optimizer called ``name`` (ours or an alias) over ``params``.
 
     Raises:
-        ValueError: for an unknown name (saying what qlora has), an unknown keyword, or one the name
+        UsageError (a ValueError): for an unknown name (saying what qlora has), an unknown keyword, or one the name
             already fixes (``state_bits``, ``paged``), listing what is valid.
     """
     name = optimizer_name(name)
     valid = [k for k in inspect.signature(AdamW).parameters if k not in {"params", *_FIXED_BY_NAME}]
     bad = sorted(set(kwargs) - set(valid))
     if bad:
-        raise ValueError(f"optimizer {name!r} does not take {', '.join(bad)}; valid options: {', '.join(valid)}")
+        raise UsageError(f"optimizer {name!r} does not take {', '.join(bad)}; valid options: {', '.join(valid)}")
     return OPTIMIZERS[name](params, **kwargs)

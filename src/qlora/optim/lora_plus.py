@@ -12,6 +12,8 @@ from typing import Any
 
 import torch
 
+from ..errors import UsageError
+
 
 def lora_plus_param_groups(
     named_parameters: Iterable[tuple[str, torch.nn.Parameter]] | torch.nn.Module,
@@ -30,12 +32,12 @@ def lora_plus_param_groups(
         weight_decay: for both groups.
 
     Raises:
-        ValueError: if ``ratio`` or ``lr`` is not positive, or nothing is trainable.
+        UsageError (a ValueError): if ``ratio`` or ``lr`` is not positive, or nothing is trainable.
     """
     if not ratio > 0:
-        raise ValueError(f"LoRA+ ratio must be positive, got {ratio}")
+        raise UsageError(f"LoRA+ ratio must be positive, got {ratio}")
     if not lr > 0:
-        raise ValueError(f"lr must be positive, got {lr}")
+        raise UsageError(f"lr must be positive, got {lr}")
     if isinstance(named_parameters, torch.nn.Module):
         named_parameters = named_parameters.named_parameters()
     a_params, b_params = [], []
@@ -43,7 +45,7 @@ def lora_plus_param_groups(
         if p.requires_grad:
             (b_params if "lora_B" in name or "lora_embedding_B" in name else a_params).append(p)
     if not a_params and not b_params:
-        raise ValueError("no trainable parameters for LoRA+ groups")
+        raise UsageError("no trainable parameters for LoRA+ groups")
     groups = [
         {"params": a_params, "lr": lr, "weight_decay": weight_decay},
         {"params": b_params, "lr": lr * ratio, "weight_decay": weight_decay},

@@ -29,6 +29,8 @@ from collections.abc import Callable
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
+from ..errors import UsageError
+
 if TYPE_CHECKING:  # torch is imported in make_scheduler, so that checking a schedule (train options) does not
     import torch
 
@@ -127,21 +129,21 @@ def _number(name: str, value: Any, low: float | None = None, high: float | None 
     kind = "an integer" if integer else "a number"
     if isinstance(value, bool) or not isinstance(value, (int, float)) or (integer and not float(value).is_integer()) \
             or not math.isfinite(value):
-        raise ValueError(f"{name} must be {kind}; got {value!r}")
+        raise UsageError(f"{name} must be {kind}; got {value!r}")
     if low is not None and (value <= low if low_open else value < low):
-        raise ValueError(f"{name} must be {'greater than' if low_open else 'at least'} {low:g}; got {value!r}")
+        raise UsageError(f"{name} must be {'greater than' if low_open else 'at least'} {low:g}; got {value!r}")
     if high is not None and (value >= high if high_open else value > high):
-        raise ValueError(f"{name} must be {'less than' if high_open else 'at most'} {high:g}; got {value!r}")
+        raise UsageError(f"{name} must be {'less than' if high_open else 'at most'} {high:g}; got {value!r}")
     return int(value) if integer else float(value)
 
 
 def _min_lr_rate(schedule: str, lr: float, min_lr: Any, min_lr_rate: Any) -> float:
     if min_lr is not None and min_lr_rate is not None:
-        raise ValueError("give one of min_lr (an absolute rate) or min_lr_rate (a share of --lr), not both")
+        raise UsageError("give one of min_lr (an absolute rate) or min_lr_rate (a share of --lr), not both")
     if min_lr is not None:
         return _number("min_lr", min_lr, 0, lr, high_open=True) / lr
     if min_lr_rate is None:
-        raise ValueError(f"{schedule} needs min_lr (an absolute rate) or min_lr_rate (a share of --lr), "
+        raise UsageError(f"{schedule} needs min_lr (an absolute rate) or min_lr_rate (a share of --lr), "
                          "e.g. min_lr_rate=0.1")
     return _number("min_lr_rate", min_lr_rate, 0, 1)
 
@@ -162,7 +164,7 @@ def _cosine_with_restarts(warmup: int, total: int, lr: float, *, num_cycles: int
 def _polynomial(warmup: int, total: int, lr: float, *, lr_end: float = 1e-7, power: float = 1.0) -> LrLambda:
     lr_end = _number("lr_end", lr_end, 0)
     if not lr > lr_end:
-        raise ValueError(f"lr_end ({lr_end:g}) must be below the peak --lr ({lr:g})")
+        raise UsageError(f"lr_end ({lr_end:g}) must be below the peak --lr ({lr:g})")
     return partial(_polynomial_factor, warmup=warmup, total=total, lr_end=lr_end,
                    power=_number("power", power, 0, low_open=True), lr=lr)
 
@@ -199,12 +201,12 @@ def _warmup_stable_decay(warmup: int, total: int, lr: float, *, num_decay_steps:
                          num_stable_steps: int | None = None, warmup_type: str = "linear", decay_type: str = "cosine",
                          min_lr_ratio: float = 0.0, num_cycles: float = 0.5) -> LrLambda:
     if num_decay_steps is None:
-        raise ValueError("warmup_stable_decay needs num_decay_steps (the steps of the final decay), e.g. "
+        raise UsageError("warmup_stable_decay needs num_decay_steps (the steps of the final decay), e.g. "
                          "num_decay_steps=100")
     decay = _number("num_decay_steps", num_decay_steps, 0, integer=True)
     for name, value in (("warmup_type", warmup_type), ("decay_type", decay_type)):
         if value not in _WSD_SHAPES:
-            raise ValueError(f"{name} must be one of {', '.join(_WSD_SHAPES)}; got {value!r}")
+            raise UsageError(f"{name} must be one of {', '.join(_WSD_SHAPES)}; got {value!r}")
     stable = (total - warmup - decay if num_stable_steps is None
               else _number("num_stable_steps", num_stable_steps, 0, integer=True))
     return partial(_wsd_factor, warmup=warmup, stable=stable, decay=decay, warmup_type=warmup_type,
@@ -217,9 +219,9 @@ def _reduce_lr_on_plateau(*, mode: str = "min", factor: float = 0.1, patience: i
                           eps: float = 1e-8) -> dict[str, Any]:
     """torch's ReduceLROnPlateau options (and defaults), checked."""
     if mode != "min":
-        raise ValueError(f"mode must be min: the metric is the eval loss, lower is better; got {mode!r}")
+        raise UsageError(f"mode must be min: the metric is the eval loss, lower is better; got {mode!r}")
     if threshold_mode not in ("rel", "abs"):
-        raise ValueError(f"threshold_mode must be rel or abs; got {threshold_mode!r}")
+        raise UsageError(f"threshold_mode must be rel or abs; got {threshold_mode!r}")
     return dict(mode=mode, factor=_number("factor", factor, 0, 1, low_open=True, high_open=True),
                 patience=_number("patience", patience, 0, integer=True), threshold=_number("threshold", threshold, 0),
                 threshold_mode=threshold_mode, cooldown=_number("cooldown", cooldown, 0, integer=True),
@@ -251,15 +253,15 @@ def schedule_name(name: str) -> str:
     """Our name of the schedule ``name`` (ours or an alias).
 
     Raises:
-        ValueError: for a name qlora does not have, saying why and listing what it has.
+        UsageError (a ValueError): for a name qlora does not have, saying why and listing what it has.
     """
     name = SCHEDULE_ALIASES.get(name, name)
     if name in SCHEDULES:
         return name
     have = f"qlora's schedules are {', '.join(SCHEDULES)} (constant_with_warmup = constant)"
     if name in _REFUSED:
-        raise ValueError(f"{name} is not available: {_REFUSED[name]}. {have}.")
-    raise ValueError(f"unknown schedule {name!r}; {have}.")
+        raise UsageError(f"{name} is not available: {_REFUSED[name]}. {have}.")
+    raise UsageError(f"unknown schedule {name!r}; {have}.")
 
 
 def schedule_kwargs(name: str) -> dict[str, Any]:
@@ -279,13 +281,14 @@ def lr_lambda(name: str, warmup: int, total: int, lr: float, kwargs: dict[str, A
         kwargs: the schedule's own options (``--lr-scheduler-kwargs``).
 
     Raises:
-        ValueError: for an unknown schedule, a kwarg it does not take (naming the valid ones) or a bad value.
+        UsageError (a ValueError): for an unknown schedule, a kwarg it does not take (naming the valid ones) or a
+            bad value.
     """
     name = schedule_name(name)
     kwargs = dict(kwargs or {})
     _check_names(name, kwargs)
     if name == PLATEAU:
-        raise ValueError(f"{PLATEAU} follows the eval loss, not the step; build it with make_scheduler")
+        raise UsageError(f"{PLATEAU} follows the eval loss, not the step; build it with make_scheduler")
     return SCHEDULES[name](warmup, total, lr, **kwargs)
 
 
@@ -296,14 +299,14 @@ def _check_names(name: str, kwargs: dict[str, Any]) -> None:
         others = sorted({s for s in SCHEDULES if all(k in schedule_kwargs(s) for k in bad)})
         elsewhere = f" ({'it belongs' if len(bad) == 1 else 'they belong'} to {', '.join(others)})" if others else ""
         takes = f"it takes {', '.join(valid)}" if valid else "it takes none"
-        raise ValueError(f"schedule {name} does not take {', '.join(bad)}{elsewhere}; {takes}")
+        raise UsageError(f"schedule {name} does not take {', '.join(bad)}{elsewhere}; {takes}")
 
 
 def check_schedule(name: str, lr: float, kwargs: dict[str, Any] | None = None) -> None:
     """Check the schedule's name and kwargs (names and values) before a run knows its steps.
 
     Raises:
-        ValueError: as :func:`lr_lambda`.
+        UsageError (a ValueError): as :func:`lr_lambda`.
     """
     if schedule_name(name) == PLATEAU:
         _plateau_options(kwargs)
@@ -323,7 +326,7 @@ def make_scheduler(name: str, optimizer: torch.optim.Optimizer, warmup: int, tot
     kwargs are relative to the optimizer's default ``lr``.
 
     Raises:
-        ValueError: as :func:`lr_lambda`.
+        UsageError (a ValueError): as :func:`lr_lambda`.
     """
     import torch
 

@@ -5,6 +5,8 @@ Apart from :mod:`qlora.optim.factory`, which builds them, so that checking a nam
 
 from __future__ import annotations
 
+from ..errors import UsageError
+
 # qlora's optimizers, in the order of :data:`qlora.optim.factory.OPTIMIZERS`.
 OPTIMIZER_NAMES = ("adamw", "adamw_8bit", "paged_adamw_32bit", "paged_adamw_8bit")
 
@@ -35,7 +37,7 @@ def optimizer_name(name: str) -> str:
     ``PagedAdamW``), in any letter case.
 
     Raises:
-        ValueError: for any other name, saying what qlora has instead.
+        UsageError (a ValueError): for any other name, saying what qlora has instead.
     """
     name = name.strip().lower() if isinstance(name, str) else name
     name = _CLASS_NAMES.get(name, OPTIMIZER_ALIASES.get(name, name))
@@ -46,4 +48,4 @@ def optimizer_name(name: str) -> str:
                      for ours in OPTIMIZER_NAMES)
     why = _NOT_THE_SAME.get(name, "qlora trains with AdamW only (torch's update, with 32-bit or bitsandbytes' 8-bit "
                                   "states, resident or paged)")
-    raise ValueError(f"{name!r} is not available: {why}. Optimizers: {have}.")
+    raise UsageError(f"{name!r} is not available: {why}. Optimizers: {have}.")

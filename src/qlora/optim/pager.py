@@ -43,6 +43,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ..errors import UsageError
+
 DEFAULT_PAGE_BYTES = 1 << 21
 DEFAULT_SAFETY_MARGIN_BYTES = 1 << 30
 
@@ -114,6 +116,24 @@ def device_headroom_bytes(device: torch.device, safety_margin_bytes: int = DEFAU
     return max(0, min(free, cap) + cached - safety_margin_bytes)
 
 
+def page_slots(page_bytes: int, budget_bytes: int | None) -> int | None:
+    """The pages of ``page_bytes`` a budget holds (``None``: no budget, unlimited); checked when a paged optimizer is
+    built, not at its first step, where the pager is made.
+
+    Raises:
+        UsageError (a ValueError): ``page_bytes`` not positive, or a budget that holds fewer than 2 pages.
+    """
+    if page_bytes <= 0:
+        raise UsageError(f"page_bytes must be positive, got {page_bytes}")
+    if budget_bytes is None:
+        return None
+    slots = budget_bytes // page_bytes
+    if slots < 2:
+        raise UsageError(f"a paging budget of {budget_bytes} bytes holds {slots} page(s) of {page_bytes} bytes; it "
+                         "must hold at least 2 (raise the budget or lower page_bytes)")
+    return slots
+
+
 class Pager:
     """Owns a set of pages of ``page_bytes`` each and decides where they live.
 
@@ -139,13 +159,12 @@ class Pager:
         safety_margin_bytes: int = DEFAULT_SAFETY_MARGIN_BYTES,
         streams: CudaStreams | None = None,
     ) -> None:
-        if page_bytes <= 0:
-            raise ValueError(f"page_bytes must be positive, got {page_bytes}")
+        page_slots(page_bytes, None)
         self.device = torch.device(device)
         self.page_bytes = page_bytes
         if budget_bytes is None and self.device.type == "cuda":
             budget_bytes = device_headroom_bytes(self.device, safety_margin_bytes)
-        self._slots = None if budget_bytes is None else self._slots_for(budget_bytes)
+        self._slots = page_slots(page_bytes, budget_bytes)
         self._pages: list[_Page] = []
         self._resident: OrderedDict[int, None] = OrderedDict()  # least recently used first
         self._pinned: set[int] = set()
@@ -154,15 +173,6 @@ class Pager:
         self._streams = streams
         self.stats = PagerStats()
 
-    def _slots_for(self, budget_bytes: int) -> int:
-        slots = budget_bytes // self.page_bytes
-        if slots < 2:
-            raise ValueError(
-                f"a paging budget of {budget_bytes} bytes holds {slots} page(s) of {self.page_bytes} bytes; "
-                "it must hold at least 2 (raise the budget or lower page_bytes)"
-            )
-        return slots
-
     @property
     def budget_bytes(self) -> int | None:
         """Device bytes the pages may occupy (``None``: unlimited)."""
@@ -170,7 +180,7 @@ class Pager:
 
     @budget_bytes.setter
     def budget_bytes(self, value: int | None) -> None:
-        self._slots = None if value is None else self._slots_for(value)
+        self._slots = page_slots(self.page_bytes, value)
         while self._slots is not None and len(self._resident) > self._slots:
             self._evict(self._victim())
 

@@ -13,11 +13,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import signal
 import socket
 import threading
 import time
-from typing import Callable, Iterator
+from typing import Callable
 
 import uvicorn
 
@@ -71,23 +70,6 @@ class _Server(uvicorn.Server):
         await asyncio.to_thread(self.on_shutdown)  # off the loop: it waits for the decode step under way
         while self.server_state.tasks:
             await asyncio.sleep(0.05)
-
-
-@contextlib.contextmanager
-def sigterm_as_interrupt() -> Iterator[None]:
-    """SIGTERM raises KeyboardInterrupt, as Ctrl-C does (in the main thread: no other may set a handler).
-
-    uvicorn shuts down gracefully on both, then re-raises the signal to the handler it found: SIGTERM's default
-    would kill the process (status 143) before the caller's clean-up (the batcher's close) ran.
-    """
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 def make_server(app, log_level: str = "info", access_log: bool = True,

@@ -22,6 +22,7 @@ from typing import Any
 from qlora.errors import UsageError
 from qlora.model.chat_format import pinned_datetime
 from qlora.model.image_pixels import RESIZE_RULES, PixelBounds
+from qlora.model.local_path import check_adapter_path, check_model_path
 from qlora.nn.residual_init_names import is_residual_init
 from qlora.option_range import AT_LEAST_1, NON_NEGATIVE, POSITIVE, Range
 from qlora.optim.lr_schedules import PLATEAU, SCHEDULE_ALIASES, SCHEDULES, check_schedule, schedule_name
@@ -356,6 +357,7 @@ class TrainConfig:
             UsageError: naming the option and the allowed values.
         """
         if not self.model and self.adapter:  # the base would have come from the adapter folder's own config
+            check_adapter_path(self.adapter)
             raise UsageError(f"--model is required (or set `model:` in the YAML file): --adapter {self.adapter} is not "
                              "a local adapter folder whose adapter_config.json names its base model; give the base "
                              "with --model, or --adapter the folder of a saved adapter")
@@ -392,6 +394,7 @@ class TrainConfig:
         for name in ("rank_pattern", "alpha_pattern"):
             parse_pattern(name, getattr(self, name))  # checked before the model loads
         if self.adapter:
+            check_adapter_path(self.adapter)  # before the imports reading it starts with
             self._validate_adapter()
         if self.adalora and (self.rank_pattern or self.alpha_pattern or self.lora_bias):
             raise UsageError("--rank-pattern, --alpha-pattern and --lora-bias are LoRA options; --adalora sets "
@@ -1044,12 +1047,15 @@ def _cosine_floor(values: dict[str, Any], ratio: Any, where: str) -> None:
     values["lr_scheduler_kwargs"] = json.dumps(kwargs | {"min_lr_rate": ratio})
 
 
-def load_config(yaml_path: str | Path | None, overrides: dict[str, Any]) -> TrainConfig:
+def load_config(yaml_path: str | Path | None, overrides: dict[str, Any], check_paths: bool = False) -> TrainConfig:
     """Build a config from an optional YAML file, then ``overrides`` (flags win).
 
     Args:
         yaml_path: a mapping of option names (``-`` or ``_``) to values.
         overrides: option name -> value given on the command line.
+        check_paths: also refuse a ``model`` that can only be a local path and is not there, or a local folder or
+            file that holds no model (``qlora train``, before its imports; a config read elsewhere may name another
+            machine's paths).
 
     Raises:
         UsageError: unreadable YAML, an unknown key (with close matches), a
@@ -1139,6 +1145,8 @@ def load_config(yaml_path: str | Path | None, overrides: dict[str, Any]) -> Trai
     config = TrainConfig(**values)
     try:
         config.validate()
+        if check_paths:  # last: a run's other options are named first, then what --model holds
+            check_model_path(config.model)
     except UsageError as exc:
         raise _at_line(exc, origin) from None
     return config

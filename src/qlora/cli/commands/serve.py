@@ -18,6 +18,7 @@ from ...errors import UsageError
 
 NAME = "serve"
 HELP = "serve a model and its adapters over the OpenAI HTTP API"
+STOPPED_BY_SIGTERM = True  # run as a service (systemd, docker stop): SIGTERM stops it as Ctrl-C does
 
 INSTALL_HINT = "FastAPI and uvicorn are not installed; install them with: pip install 'qlora[serve]'"
 
@@ -146,7 +147,7 @@ def run(args: argparse.Namespace) -> int:
     from ...infer.batcher import ContinuousBatcher
     from ...model.in_place_weights import in_place_adapter
     from ...serve.app import build_app
-    from ...serve.server import LOOPBACK, bind, make_server, sigterm_as_interrupt
+    from ...serve.server import LOOPBACK, bind, make_server
     from ..base_model import adapter_names
     from .generate import load_model_from_args
 
@@ -196,9 +197,8 @@ def run(args: argparse.Namespace) -> int:
     served = names if in_place_adapter(model) else [base_id, *names]  # see build_app
     print(f"qlora serve: http://{args.host}:{port}/v1 serving {', '.join(served)} "
           f"(context {context} tokens, up to {per_batch} requests per batch)", file=sys.stderr, flush=True)
-    try:
-        with sigterm_as_interrupt():
-            make_server(app, log_level=args.log_level, on_shutdown=batcher.close).run(sockets=[sock])
+    try:  # SIGTERM is an interrupt from qlora.cli.main's start (STOPPED_BY_SIGTERM)
+        make_server(app, log_level=args.log_level, on_shutdown=batcher.close).run(sockets=[sock])
     except KeyboardInterrupt:  # the normal way to stop (Ctrl-C or SIGTERM)
         print("qlora serve: stopped", file=sys.stderr)
     finally:

@@ -72,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
     from ...train.config import load_config
 
     overrides = {k: v for k, v in vars(args).items() if k not in ("command", "config_file", "nproc")}
-    config = load_config(args.config_file, overrides)
+    config = load_config(args.config_file, overrides, check_paths=True)
     if args.nproc < 1:
         raise UsageError(f"--nproc must be at least 1; got {args.nproc}")
     if args.nproc > 1 and "WORLD_SIZE" not in os.environ:
