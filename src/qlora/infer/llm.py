@@ -18,6 +18,7 @@ from .generate import SamplingOptions, stream_text
 from .messages import Message
 from .template import chat_template, render_chat, renders_tools, stop_token_ids
 from .tool_calls import ToolCallFormat, markup_token_ids, tool_call_format
+from .turn_end import turn_end_stops
 
 
 class LLM(Protocol):
@@ -48,6 +49,7 @@ class ModelLLM:
         self.template_kwargs = template_kwargs
         self.options = SamplingOptions(**defaults)
         self.stop_ids = stop_token_ids(model, tokenizer)
+        self._turn_ends: dict[bool, tuple[str, ...]] = {}  # with tools or not (a tokenizer's tool_use template)
 
     def tool_format(self) -> ToolCallFormat:
         """How this model writes tool calls (from its chat template).
@@ -64,15 +66,20 @@ class ModelLLM:
 
     def stream_messages(self, messages: Sequence[Message], tools: Sequence[dict] | None = None,
                         **options: Any) -> Iterator[str]:
-        """Stream the assistant's reply to ``messages``; with ``tools``, call markup is decoded too."""
+        """Stream the assistant's reply to ``messages``; with ``tools``, call markup is decoded too. The reply ends at
+        its turn end where the format spells that as text (:func:`~qlora.infer.turn_end.turn_end_stops`)."""
         prompt = render_chat(self.tokenizer, messages, chat_format=self.chat_format, tools=tools,
                              template_kwargs=self.template_kwargs)
         keep = markup_token_ids(self.tool_format(), self.tokenizer) if tools else frozenset()
         images = [ref for m in messages for ref in m.images]
         if images and self.processor is None:
             raise UsageError("these messages hold images, but no image processor was given for the model.")
+        if bool(tools) not in self._turn_ends:
+            self._turn_ends[bool(tools)] = turn_end_stops(self.tokenizer, self.stop_ids, self.chat_format,
+                                                          self.template_kwargs, tools)
         return stream_text(self.model, self.tokenizer, prompt, replace(self.options, **options), self.stop_ids,
-                           keep=keep, chat=True, images=images, processor=self.processor)
+                           keep=keep, stop_strings=self._turn_ends[bool(tools)], chat=True, images=images,
+                           processor=self.processor)
 
     def complete(self, prompt: str, **options: Any) -> str:
         """The reply to ``prompt`` sent as one user message, stripped of surrounding space."""

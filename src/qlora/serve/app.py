@@ -59,6 +59,7 @@ from ..infer.logprobs import TokenLogprob, TokenPieces
 from ..infer.regex_reply import RegexReply
 from ..infer.template import chat_template, render_chat, renders_tools, stop_token_ids
 from ..infer.tool_calls import ToolCall, ToolCallFormat, ToolCallStream, markup_token_ids, tool_call_format
+from ..infer.turn_end import turn_end_stops
 from ..model.chat_format import ChatFormat
 from ..model.image_pixels import PixelBounds
 from ..model.in_place_weights import in_place_adapter
@@ -350,6 +351,10 @@ def build_app(batcher: ContinuousBatcher, base_id: str, adapters: list[str], api
         else:
             prompt_ids = tokenizer(prompt, add_special_tokens=body.add_special_tokens).input_ids  # vLLM's default:
             # none, the template writes them (apply_chat_template(tokenize=True)'s ids)
+        # a turn end this vocabulary spells as text (ChatML without an <|im_end|> token) ends a reply as a 'stop'
+        # string does; not one that goes on past its end of turn (ignore_eos) or ends where its constraint does
+        ends_turn = () if body.ignore_eos or guide is not None or json_reply is not None else turn_end_stops(
+            tokenizer, chat_stops, chat_format, template_options, tools)
         role = body.reply_role(template_options)
         last = body.messages[-1]
         echo = last.text(len(body.messages) - 1)[0] if body.echo and last.role == role else ""
@@ -357,6 +362,7 @@ def build_app(batcher: ContinuousBatcher, base_id: str, adapters: list[str], api
         for index in range(body.n):  # each choice is its own row, with its own constraint state and seed
             generation = _generation(batcher, body, adapter, prompt_ids, chat_stops, prompt_param, index)
             generation.media = media
+            generation.stop_strings += ends_turn
             generation.prompt_logprobs = body.prompt_logprobs
             generation.token_filter = masked
             if plan is not None:

@@ -170,6 +170,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from ...infer.generate import default_stop_ids, generate_per_adapter, stream_text
     from ...infer.template import render_chat, stop_token_ids
+    from ...infer.turn_end import turn_end_stops
 
     options = sampling_options(args)  # checked before the (slow) model load
     if args.prompt == "-":
@@ -194,16 +195,19 @@ def run(args: argparse.Namespace) -> int:
     prompt = render_chat(tokenizer, [user], chat_format=fmt, template_kwargs=args.chat_template_kwargs) if chat \
         else args.prompt
     stops = stop_token_ids(model, tokenizer) if chat else default_stop_ids(model, tokenizer)
+    # a turn end this vocabulary spells as text (ChatML without an <|im_end|> token) ends the reply as --stop would
+    stop_strings = [*args.stop, *(turn_end_stops(tokenizer, stops, fmt, args.chat_template_kwargs) if chat else ())]
     media = dict(images=user.images, processor=processor)
     if len(args.adapter) > 1 and not args.adapter_weights:
         # One batch, one row per adapter: the base is read once per step for all of them.
         names = list(adapter_names(args))
-        replies = generate_per_adapter(model, tokenizer, prompt, names, options, stops, stop_strings=args.stop,
+        replies = generate_per_adapter(model, tokenizer, prompt, names, options, stops, stop_strings=stop_strings,
                                        chat=chat, **media)
         for name, text in zip(names, replies):
             sys.stdout.write(f"[{name}] {text}\n")
         return 0
-    for piece in stream_text(model, tokenizer, prompt, options, stops, stop_strings=args.stop, chat=chat, **media):
+    for piece in stream_text(model, tokenizer, prompt, options, stops, stop_strings=stop_strings, chat=chat,
+                             **media):
         sys.stdout.write(piece)
         sys.stdout.flush()
     sys.stdout.write("\n")

@@ -402,7 +402,7 @@ def _chat_ids_and_mask(example: Example, tokenizer, fmt: ChatFormat, stops: set[
         char_ends = [e for _, e in spans]
     mask = [False] * len(ids)
     last_end_has_stop = False
-    markup = _markup_ids(tokenizer)
+    markup = markup_ids(tokenizer)
     for (start, end), char_end in zip(runs, char_ends):
         end, last_end_has_stop = _with_end_marker(ids, offsets, text, end, char_end, stops, markup)
         mask[start:end] = [True] * (end - start)
@@ -664,11 +664,11 @@ def _markup_strings(tokenizer) -> list[str]:
 
 def _markup_spans(ids: Sequence[int], offsets: Sequence[tuple[int, int]], tokenizer) -> list[tuple[int, int]]:
     """The character spans of the special and added tokens among ``ids``, in order."""
-    markup = _markup_ids(tokenizer)
+    markup = markup_ids(tokenizer)
     return [offsets[k] for k, t in enumerate(ids) if t in markup]
 
 
-def _markup_ids(tokenizer) -> set[int]:
+def markup_ids(tokenizer) -> set[int]:
     """Ids of the tokenizer's special and added tokens: template markup, never text a message holds."""
     return set(tokenizer.all_special_ids) | set(getattr(tokenizer, "added_tokens_decoder", {}))
 
