@@ -247,3 +247,27 @@ def test_lora_skips_modules_trained_whole(tiny_model_dir):
     with pytest.raises(UsageError, match=r"match only modules trained whole \(modules_to_save model.embed_tokens\)"):
         qlora.add_lora(model, r=4, target_modules=["embed_tokens"], modules_to_save=["embed_tokens"])
 
+
+def test_grown_tables_outside_the_adapter_are_saved_for_peft(tiny_model_dir, tmp_path):
+    """Tokens added, then LoRA on the embedding and no module trained whole: the grown embedding (under its LoRA's
+    base_layer) and the untied head are saved beside the adapter, as PEFT's save_embedding_layers does, so a
+    base resized for PEFT (new rows drawn at random) gives qlora's model."""
+    peft = pytest.importorskip("peft")
+    from safetensors.torch import load_file
+
+    model, tok = qlora.load_model(tiny_model_dir, quant=None, compute_dtype=torch.float32, device="cpu")
+    add_special_tokens(model, tok, NEW)
+    torch.manual_seed(0)
+    qlora.add_lora(model, r=4, target_modules=["q_proj", "embed_tokens"], modules_to_save=[], init="gaussian", dropout=0.0)
+    qlora.save_adapter(model, tmp_path / "a", tokenizer=tok)
+    keys = load_file(str(tmp_path / "a" / "adapter_model.safetensors"))
+    assert keys["base_model.model.model.embed_tokens.base_layer.weight"].shape[0] == len(tok)
+    assert keys["base_model.model.lm_head.weight"].shape[0] == len(tok)
+    ids = torch.tensor([[1, len(tok) - 2, 5, len(tok) - 1, 2]])
+    with torch.no_grad():
+        theirs = peft.PeftModel.from_pretrained(_peft_base(tiny_model_dir, tmp_path / "a", "none"),
+                                                str(tmp_path / "a")).eval()
+        torch.testing.assert_close(theirs(ids).logits, model(ids).logits, rtol=1e-5, atol=1e-5)
+        fresh, _ = qlora.load_model(tiny_model_dir, quant=None, compute_dtype=torch.float32, device="cpu")
+        qlora.load_adapter(fresh, tmp_path / "a")
+        torch.testing.assert_close(fresh(ids).logits, model(ids).logits, rtol=1e-5, atol=1e-5)
