@@ -268,6 +268,9 @@ def test_grown_tables_outside_the_adapter_are_saved_for_peft(tiny_model_dir, tmp
         theirs = peft.PeftModel.from_pretrained(_peft_base(tiny_model_dir, tmp_path / "a", "none"),
                                                 str(tmp_path / "a")).eval()
         torch.testing.assert_close(theirs(ids).logits, model(ids).logits, rtol=1e-5, atol=1e-5)
+        base = _peft_base(tiny_model_dir, tmp_path / "a", "none")
+        base.load_adapter(str(tmp_path / "a"))  # transformers' own PEFT integration
+        torch.testing.assert_close(base.eval()(ids).logits, model(ids).logits, rtol=1e-5, atol=1e-5)
         fresh, _ = qlora.load_model(tiny_model_dir, quant=None, compute_dtype=torch.float32, device="cpu")
         qlora.load_adapter(fresh, tmp_path / "a")
         torch.testing.assert_close(fresh(ids).logits, model(ids).logits, rtol=1e-5, atol=1e-5)
