@@ -210,8 +210,9 @@ def test_added_tokens_with_lora_on_the_embedding_reload_in_peft_and_merge(tmp_pa
     data.write_text("".join(json.dumps({"text": f"call {NEW[0]} tool {i} {NEW[1]} done"}) + "\n" for i in range(6)))
     out = tmp_path / "out"
     trainer = Trainer(load_config(None, dict(model=str(model_dir), data=str(data), output=str(out), optim="adamw",
-                                             lr=1e-2, max_steps=3, batch_size=2, progress=False, seq_len=32, quant=quant,
-                                             target_modules="q_proj,embed_tokens", add_special_tokens=NEW)))
+                                             lr=1e-2, max_steps=3, batch_size=2, progress=False, seq_len=32,
+                                             quant=quant, target_modules="q_proj,embed_tokens",
+                                             add_special_tokens=NEW)))
     trainer.run()
     config = json.loads((out / "adapter_config.json").read_text())
     assert (config["target_modules"], config["modules_to_save"]) == (["q_proj"], ["embed_tokens", "lm_head"])
@@ -258,7 +259,7 @@ def test_grown_tables_outside_the_adapter_are_saved_for_peft(tiny_model_dir, tmp
     model, tok = qlora.load_model(tiny_model_dir, quant=None, compute_dtype=torch.float32, device="cpu")
     add_special_tokens(model, tok, NEW)
     torch.manual_seed(0)
-    qlora.add_lora(model, r=4, target_modules=["q_proj", "embed_tokens"], modules_to_save=[], init="gaussian", dropout=0.0)
+    qlora.add_lora(model, r=4, dropout=0.0, target_modules=["q_proj", "embed_tokens"], modules_to_save=[])
     qlora.save_adapter(model, tmp_path / "a", tokenizer=tok)
     keys = load_file(str(tmp_path / "a" / "adapter_model.safetensors"))
     assert keys["base_model.model.model.embed_tokens.base_layer.weight"].shape[0] == len(tok)
