@@ -245,7 +245,7 @@ def test_lora_skips_modules_trained_whole(tiny_model_dir):
     assert not isinstance(model.get_input_embeddings(), LoraEmbedding)
     assert model.get_input_embeddings().weight.requires_grad
     model, _ = qlora.load_model(tiny_model_dir, compute_dtype=torch.float32, device="cpu")
-    with pytest.raises(UsageError, match=r"match only modules trained whole \(modules_to_save model.embed_tokens\)"):
+    with pytest.raises(UsageError, match=r"match only modules trained whole \(model.embed_tokens: modules_to_save"):
         qlora.add_lora(model, r=4, target_modules=["embed_tokens"], modules_to_save=["embed_tokens"])
 
 

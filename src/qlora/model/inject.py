@@ -433,8 +433,9 @@ def add_lora(
     # PEFT's rule: a module trained whole (an embedding grown by added tokens) gets no LoRA, nor do its parts
     paths = [p for p in paths if not any(p == s or p.startswith(s + ".") for s in save_paths)]
     if not paths and not no_modules and not experts:
-        raise UsageError(f"target modules {target_modules!r} match only modules trained whole (modules_to_save "
-                         f"{', '.join(save_paths)}), which get no LoRA (PEFT's rule): target other layers too.")
+        raise UsageError(f"target modules {target_modules!r} match only modules trained whole "
+                         f"({', '.join(save_paths)}: modules_to_save, or the embedding and head grown by added "
+                         "tokens), which get no LoRA (PEFT's rule): target other layers as well.")
     if is_residual_init(init):
         _check_unshared(model, paths, init)
     check_patterns(rank_pattern, alpha_pattern, paths + list(experts))
