@@ -166,3 +166,112 @@ def test_the_seed_draws_the_new_tokens_rows_whatever_ran_before(tmp_path, tiny_m
     first = new_rows(0, 1)
     assert torch.equal(new_rows(0, 1000), first)
     assert not torch.equal(new_rows(1, 1), first)
+
+
+@pytest.fixture(scope="module")
+def tied_model_dir(tmp_path_factory, tiny_tokenizer):
+    """A Llama whose head is its embedding (tie_word_embeddings, as small Qwen and Gemma models)."""
+    from qlora.model.tiny import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("tied"), tokenizer=tiny_tokenizer, arch="llama",
+                            tie_word_embeddings=True)
+
+
+def _peft_base(model_dir, out, quant: str):
+    """The base as a PEFT user loads it for ``out``: transformers (bitsandbytes 4-bit for an nf4 run), resized to
+    the tokenizer saved with the adapter (its new rows drawn at random: the adapter must give them back)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+
+    bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                             bnb_4bit_compute_dtype=torch.float32) if quant == "nf4" else None
+    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, quantization_config=bnb,
+                                                device_map="cpu")
+    torch.manual_seed(123)
+    base.resize_token_embeddings(len(AutoTokenizer.from_pretrained(out)))
+    return base
+
+
+@pytest.mark.parametrize("tied,quant", [(False, "none"), (True, "none"), (True, "nf4")])
+def test_added_tokens_with_lora_on_the_embedding_reload_in_peft_and_merge(tmp_path, tiny_model_dir, tied_model_dir,
+                                                                          tied, quant):
+    """--target-modules naming the grown embedding: as in PEFT, a module trained whole gets no LoRA, so the adapter
+    is PEFT's (modules_to_save wins); PEFT on a resized base gives qlora's outputs, and so does qlora merge."""
+    if quant == "nf4":
+        pytest.importorskip("bitsandbytes")
+    peft = pytest.importorskip("peft")
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from qlora.cli.main import main
+    from qlora.train.config import load_config
+    from qlora.train.trainer import Trainer
+
+    model_dir = tied_model_dir if tied else tiny_model_dir
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"text": f"call {NEW[0]} tool {i} {NEW[1]} done"}) + "\n" for i in range(6)))
+    out = tmp_path / "out"
+    trainer = Trainer(load_config(None, dict(model=str(model_dir), data=str(data), output=str(out), optim="adamw",
+                                             lr=1e-2, max_steps=3, batch_size=2, progress=False, seq_len=32,
+                                             quant=quant, target_modules="q_proj,embed_tokens",
+                                             add_special_tokens=NEW)))
+    trainer.run()
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert (config["target_modules"], config["modules_to_save"]) == (["q_proj"], ["embed_tokens", "lm_head"])
+    ids = torch.tensor([[1, len(trainer.tokenizer) - 2, 5, len(trainer.tokenizer) - 1, 2]])
+    with torch.no_grad():
+        ours = trainer.model.eval()(ids).logits
+        theirs = peft.PeftModel.from_pretrained(_peft_base(model_dir, out, quant), str(out)).eval()
+        # bitsandbytes on CPU dequantizes to bfloat16: its 4-bit base alone is ~2e-3 off qlora's
+        tol = 1e-2 if quant == "nf4" else 1e-5
+        torch.testing.assert_close(theirs(ids).logits.float(), ours, rtol=tol, atol=tol)
+        if quant == "nf4":
+            return
+        peft_merged = theirs.merge_and_unload()(ids).logits
+    assert main(["merge", "--model", str(model_dir), "--adapter", str(out), "--output", str(tmp_path / "m"),
+                 "--dtype", "float32"]) == 0
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "m", dtype=torch.float32).eval()
+    assert (len(AutoTokenizer.from_pretrained(tmp_path / "m")) == AutoConfig.from_pretrained(tmp_path / "m").vocab_size
+            == merged.get_input_embeddings().weight.shape[0] == merged.get_output_embeddings().weight.shape[0])
+    with torch.no_grad():
+        torch.testing.assert_close(merged(ids).logits, peft_merged, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(merged(ids).logits, ours, rtol=1e-5, atol=1e-5)
+
+
+def test_lora_skips_modules_trained_whole(tiny_model_dir):
+    """PEFT's rule: a module in modules_to_save is never a LoRA target; targeting only such modules is refused."""
+    from qlora.nn import LoraEmbedding
+
+    model, _ = qlora.load_model(tiny_model_dir, compute_dtype=torch.float32, device="cpu")
+    qlora.add_lora(model, r=4, target_modules=["q_proj", "embed_tokens"], modules_to_save=["embed_tokens"])
+    assert not isinstance(model.get_input_embeddings(), LoraEmbedding)
+    assert model.get_input_embeddings().weight.requires_grad
+    model, _ = qlora.load_model(tiny_model_dir, compute_dtype=torch.float32, device="cpu")
+    with pytest.raises(UsageError, match=r"match only modules trained whole \(model.embed_tokens: modules_to_save"):
+        qlora.add_lora(model, r=4, target_modules=["embed_tokens"], modules_to_save=["embed_tokens"])
+
+
+def test_grown_tables_outside_the_adapter_are_saved_for_peft(tiny_model_dir, tmp_path):
+    """Tokens added, then LoRA on the embedding and no module trained whole: the grown embedding (under its LoRA's
+    base_layer) and the untied head are saved beside the adapter, as PEFT's save_embedding_layers does, so a
+    base resized for PEFT (new rows drawn at random) gives qlora's model."""
+    peft = pytest.importorskip("peft")
+    from safetensors.torch import load_file
+
+    model, tok = qlora.load_model(tiny_model_dir, quant=None, compute_dtype=torch.float32, device="cpu")
+    add_special_tokens(model, tok, NEW)
+    torch.manual_seed(0)
+    qlora.add_lora(model, r=4, dropout=0.0, target_modules=["q_proj", "embed_tokens"], modules_to_save=[])
+    qlora.save_adapter(model, tmp_path / "a", tokenizer=tok)
+    keys = load_file(str(tmp_path / "a" / "adapter_model.safetensors"))
+    assert keys["base_model.model.model.embed_tokens.base_layer.weight"].shape[0] == len(tok)
+    assert keys["base_model.model.lm_head.weight"].shape[0] == len(tok)
+    ids = torch.tensor([[1, len(tok) - 2, 5, len(tok) - 1, 2]])
+    with torch.no_grad():
+        theirs = peft.PeftModel.from_pretrained(_peft_base(tiny_model_dir, tmp_path / "a", "none"),
+                                                str(tmp_path / "a")).eval()
+        torch.testing.assert_close(theirs(ids).logits, model(ids).logits, rtol=1e-5, atol=1e-5)
+        base = _peft_base(tiny_model_dir, tmp_path / "a", "none")
+        base.load_adapter(str(tmp_path / "a"))  # transformers' own PEFT integration
+        torch.testing.assert_close(base.eval()(ids).logits, model(ids).logits, rtol=1e-5, atol=1e-5)
+        fresh, _ = qlora.load_model(tiny_model_dir, quant=None, compute_dtype=torch.float32, device="cpu")
+        qlora.load_adapter(fresh, tmp_path / "a")
+        torch.testing.assert_close(fresh(ids).logits, model(ids).logits, rtol=1e-5, atol=1e-5)

@@ -235,12 +235,15 @@ def test_trainable_token_rows_load_save_and_merge(tmp_path, models, arch, indice
     _round_trip(model, model_dir, tmp_path, ids, theirs)
 
 
-@pytest.mark.parametrize("arch", ["llama_tied", "qwen2"])
-def test_trainable_rows_of_added_tokens_load_and_merge(tmp_path, models, arch):
-    """Tokens added (the model resized) before training their rows with PEFT: PEFT saves the grown tables
-    beside the rows; qlora grows the model to them, gives PEFT's logits, and merges into the same model."""
-    from peft import LoraConfig, get_peft_model
+@pytest.mark.parametrize("arch,how", [("llama_tied", "rows"), ("qwen2", "rows"), ("llama_tied", "lora"),
+                                      ("qwen2", "lora")])
+def test_trainable_rows_of_added_tokens_load_save_and_merge(tmp_path, models, arch, how):
+    """Tokens added (the model resized) before training their rows (or LoRA on the embedding) with PEFT: PEFT
+    saves the grown tables beside the adapter; qlora grows the model to them, gives PEFT's logits, writes them
+    back so that PEFT on a base resized again (new rows drawn anew) gives them too, and merges into that model."""
+    from peft import LoraConfig, PeftModel, get_peft_model
     from transformers import AutoModelForCausalLM
+    from safetensors.torch import load_file
 
     model_dir = models[arch]
     model, _ = qlora.load_model(model_dir, compute_dtype=torch.float32, device="cpu")
@@ -248,8 +251,10 @@ def test_trainable_rows_of_added_tokens_load_and_merge(tmp_path, models, arch):
     old = reference.get_input_embeddings().weight.shape[0]
     torch.manual_seed(0)
     reference.resize_token_embeddings(old + 3)
-    theirs_model = get_peft_model(reference, LoraConfig(r=4, target_modules=["q_proj"], init_lora_weights=False,
-                                                        trainable_token_indices=[old, old + 2, 5])).eval()
+    # rows: two added tokens trained, one not, and one of the base's
+    options = dict(target_modules=["q_proj"], trainable_token_indices=[old, old + 2, 5]) if how == "rows" else dict(
+        target_modules=["q_proj", "embed_tokens"])
+    theirs_model = get_peft_model(reference, LoraConfig(r=4, init_lora_weights=False, **options)).eval()
     with torch.no_grad():
         for name, p in theirs_model.named_parameters():
             if "trainable_tokens_delta" in name:
@@ -260,6 +265,14 @@ def test_trainable_rows_of_added_tokens_load_and_merge(tmp_path, models, arch):
         theirs = theirs_model(ids).logits
         qlora.load_adapter(model, tmp_path / "theirs")
         torch.testing.assert_close(model(ids).logits, theirs, rtol=1e-4, atol=1e-4)
+        qlora.save_adapter(model, tmp_path / "ours")
+        saved = [set(load_file(str(tmp_path / d / "adapter_model.safetensors"))) for d in ("theirs", "ours")]
+        assert {k for k in saved[0] if "base_layer" in k} <= saved[1]
+        base = _dequantized_reference(model_dir, model)
+        torch.manual_seed(1)
+        base.resize_token_embeddings(old + 3)
+        again = PeftModel.from_pretrained(base, tmp_path / "ours").eval()
+        torch.testing.assert_close(again(ids).logits, theirs, rtol=1e-5, atol=1e-5)
         merge(model, into="dequantized", dtype=torch.float32)
         save_merged(model, tmp_path / "merged")
         merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32).eval()

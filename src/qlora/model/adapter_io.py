@@ -36,6 +36,7 @@ from .inject import (AdapterConfig, adapter_configs, add_lora, check_adapter_nam
 from .saved_copies import load_copies, saved_module
 from .quantize import matches_any, non_text_names, text_decoder_path
 from .residual_convert import convert_to_lora, residual_paths
+from .tokens import vocabulary_grown
 from .trained_tokens import INFO_FILE, KEY as TOKENIZATION_KEY
 
 log = logging.getLogger("qlora")
@@ -93,7 +94,36 @@ def adapter_state_dict(model: nn.Module, adapter_name: str = "default") -> dict[
     for path, indices in (cfg.trainable_tokens if cfg else {}).items():
         out[f"{PEFT_PREFIX}{path}.token_adapter.trainable_tokens_delta"] = model.get_submodule(path).weight.detach()[
             torch.tensor(indices)]
+    if cfg is not None and vocabulary_grown(model):
+        out |= _grown_tables(model, cfg, out)
     return out
+
+
+def _grown_tables(model: nn.Module, cfg: AdapterConfig, written: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The grown embedding and head tables, which PEFT saves beside an adapter when the vocabulary changed
+    (``save_embedding_layers``): a base resized to the adapter's tokenizer draws its new rows at random, and
+    gets the model's back from them. Each under PEFT's key: the base table of its token rows
+    (``token_adapter.base_layer``) or of its LoRA (``base_layer``), else the module's own (PEFT loads that
+    into the base); a table saved whole is written already, and so is a head tied to a written table."""
+    from .tokens import embedding_module_names
+
+    tables, shared = {}, {v.data_ptr() for v in written.values()}
+    for path in embedding_module_names(model):
+        module = model.get_submodule(path)
+        if path in cfg.modules_to_save or isinstance(module, SavedModules):
+            continue
+        if path in cfg.trainable_tokens:
+            key, weight = f"{path}.token_adapter.base_layer.weight", module.weight
+        elif isinstance(module, (LoraEmbedding, LoraLinear)):
+            key, weight = f"{path}.base_layer.weight", module.base_layer.weight
+        else:
+            key, weight = f"{path}.weight", module.weight
+            if weight.data_ptr() in shared:
+                continue
+        if weight.is_floating_point():  # (a 4-bit head cannot have grown: adding tokens refuses it)
+            tables[PEFT_PREFIX + key] = weight.detach()
+            shared.add(weight.data_ptr())
+    return tables
 
 
 def expert_key_prefixes(path: str, layer, adapter_name: str) -> dict[str, str]:
@@ -611,7 +641,7 @@ def _grow_vocabulary(model: nn.Module, whole: dict[str, torch.Tensor]) -> None:
     transformers' ``resize_token_embeddings`` gives them by default (up to its noise of 1e-9 the spread),
     which is what the adapter's user resized the model with before loading it into PEFT.
     """
-    from .tokens import embedding_module_names
+    from .tokens import embedding_module_names, grow_vocabulary
 
     embed = model.get_input_embeddings()
     old = embed.weight.shape[0]
@@ -625,7 +655,7 @@ def _grow_vocabulary(model: nn.Module, whole: dict[str, torch.Tensor]) -> None:
                          f"keep copies of {', '.join(wrapped)} for a vocabulary of {old}: adapters with different "
                          "vocabularies cannot share a model. Load them in separate runs.")
     log.info("qlora: the adapter has %d added tokens; resizing the embeddings to %d", rows - old, rows)
-    model.resize_token_embeddings(rows, mean_resizing=False)
+    grow_vocabulary(model, rows, mean_resizing=False)
     head = model.get_output_embeddings()
     with torch.no_grad():
         for table in (embed.weight, getattr(head, "weight", None), getattr(head, "bias", None)):

@@ -429,6 +429,13 @@ def add_lora(
         raise UsageError("nothing to adapt: give target_modules (or 'all-linear') or target_parameters.")
     experts = _select_parameters(model, target_parameters) if target_parameters else {}
     paths = [] if no_modules else target_paths(model, target_modules)
+    save_paths = _modules_to_save(model, modules_to_save)
+    # PEFT's rule: a module trained whole (an embedding grown by added tokens) gets no LoRA, nor do its parts
+    paths = [p for p in paths if not any(p == s or p.startswith(s + ".") for s in save_paths)]
+    if not paths and not no_modules and not experts:
+        raise UsageError(f"target modules {target_modules!r} match only modules trained whole "
+                         f"({', '.join(save_paths)}: modules_to_save, or the embedding and head grown by added "
+                         "tokens), which get no LoRA (PEFT's rule): target other layers as well.")
     if is_residual_init(init):
         _check_unshared(model, paths, init)
     check_patterns(rank_pattern, alpha_pattern, paths + list(experts))
@@ -479,7 +486,6 @@ def add_lora(
     for layer in embedding_lora_layers(model).values():
         for p in list(layer.lora_embedding_A.parameters()) + list(layer.lora_embedding_B.parameters()):
             p.requires_grad_(True)
-    save_paths = _modules_to_save(model, modules_to_save)
     for path in save_paths:
         for p in model.get_submodule(path).parameters():
             p.requires_grad_(True)

@@ -8,7 +8,10 @@ PEFT's ``modules_to_save=["embed_tokens", "lm_head"]`` does, and
 :func:`qlora.save_adapter` writes them under PEFT's keys
 (``base_model.model.model.embed_tokens.weight``...), so that a base model
 resized to the tokenizer's length and ``peft.PeftModel.from_pretrained`` give
-the same model as qlora's ``load_adapter``.
+the same model as qlora's ``load_adapter``. The model remembers the size it had
+before growing (:func:`grow_vocabulary`), so that an adapter saved from it also
+holds the grown tables PEFT saves when the vocabulary changed (its
+``save_embedding_layers``): those a resized base does not get back otherwise.
 """
 
 from __future__ import annotations
@@ -30,6 +33,19 @@ def embedding_module_names(model: nn.Module) -> list[str]:
         if module is not None and id(module) in by_id and by_id[id(module)] not in names:
             names.append(by_id[id(module)])
     return names
+
+
+def grow_vocabulary(model: nn.Module, rows: int, mean_resizing: bool) -> None:
+    """Resize the embedding and output head to ``rows`` (transformers' ``resize_token_embeddings``),
+    remembering the vocabulary size the model was loaded with."""
+    model.__dict__.setdefault("_qlora_base_vocab", model.config.get_text_config().vocab_size)
+    model.resize_token_embeddings(rows, mean_resizing=mean_resizing)
+
+
+def vocabulary_grown(model: nn.Module) -> bool:
+    """Whether :func:`grow_vocabulary` changed the model's vocabulary size since it was loaded."""
+    base = model.__dict__.get("_qlora_base_vocab")
+    return base is not None and base != model.config.get_text_config().vocab_size
 
 
 def pending_modules_to_save(model: nn.Module) -> list[str]:
@@ -64,7 +80,7 @@ def add_special_tokens(model: nn.Module, tokenizer, tokens: str | list[str]) -> 
     added = tokenizer.add_tokens(new, special_tokens=True)
     size = len(tokenizer)
     if size > model.get_input_embeddings().weight.shape[0]:
-        model.resize_token_embeddings(size, mean_resizing=True)
+        grow_vocabulary(model, size, mean_resizing=True)
     from .inject import adapter_configs
 
     configs = adapter_configs(model)
