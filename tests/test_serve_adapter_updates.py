@@ -152,14 +152,15 @@ def test_a_loaded_adapter_answers_as_one_given_at_start(tiny_model_dir, adapters
 def test_streams_go_on_through_a_load_and_an_unload_waits_for_none(tiny_model_dir, adapters, updating):
     """A load while replies stream (between two of their steps) leaves their tokens as they are without it; an
     unload of an adapter with a reply in flight is refused (409) and the reply goes on; once done, it unloads.
-    Each forward is slowed (50 ms) meanwhile, so the 60-token replies are surely under way throughout, and checks
-    that the model's adapters did not change while it ran."""
+    Each forward is slowed (50 ms) until the load and the unload are done, so the 200-token replies are surely
+    under way throughout (a 10 s window, for a loaded machine), and checks that the model's adapters did not change
+    while it ran."""
     batcher, client, http = updating
     assert _load(http, "c", adapters / "c").status_code == 200
 
     def stream(model, gate=None, resume=None) -> str:
         pieces = []
-        for k, chunk in enumerate(client.chat.completions.create(model=model, messages=HELLO, max_tokens=60,
+        for k, chunk in enumerate(client.chat.completions.create(model=model, messages=HELLO, max_tokens=200,
                                                                  temperature=0, stream=True,
                                                                  extra_body={"ignore_eos": True})):
             pieces.append(chunk.choices[0].delta.content or "" if chunk.choices else "")
@@ -177,7 +178,8 @@ def test_streams_go_on_through_a_load_and_an_unload_waits_for_none(tiny_model_di
 
     def slow_start(*_):
         at_start.append(sorted(adapter_configs(model)))
-        time.sleep(0.05)
+        if not resume.is_set():
+            time.sleep(0.05)
 
     def slow_end(*_):
         changed_midway.append(at_start.pop() != sorted(adapter_configs(model)))
