@@ -140,19 +140,27 @@ def wrap_ddp(model: nn.Module, ctx: DistContext) -> nn.Module:
 
 
 def decoder_layers(model: nn.Module) -> list[nn.Module]:
-    """The repeated blocks: the classes transformers names in ``_no_split_modules``, or for a model that names
-    none (BioGPT, Blenderbot, RoBERTa, ...) the items of its outermost module lists of one class."""
+    """The repeated blocks, outermost only: the classes transformers names in ``_no_split_modules``, or for a model
+    that names none (BioGPT, Blenderbot, RoBERTa, ...) the items of its outermost module lists of one class.
+
+    A block's own modules stay in it: a named class inside another (Mamba names its block and the mixer the block
+    holds), a list inside a block (an MoE layer's list of experts). FSDP2 would otherwise shard the outer block
+    first and then find the inner one's parameters already sharded."""
     names = set(getattr(model, "_no_split_modules", None) or ())
-    layers = [m for m in model.modules() if type(m).__name__ in names]
-    if layers:
-        return layers
-    inside: set[int] = set()  # modules within a block already found (an MoE layer's list of experts)
-    for module in model.modules():
-        if id(module) in inside or not isinstance(module, nn.ModuleList) or len(module) == 0:
+    named = [m for m in model.modules() if type(m).__name__ in names]
+    layers: list[nn.Module] = []
+    inside: set[int] = set()  # modules within a block already found
+    for module in (named or model.modules()):  # modules() is pre-order: a block comes before what it holds
+        if id(module) in inside:
             continue
-        if len({type(m) for m in module}) == 1:
-            layers.extend(module)
-            inside.update(id(m) for block in module for m in block.modules())
+        if named:
+            blocks = [module]
+        elif isinstance(module, nn.ModuleList) and len(module) and len({type(m) for m in module}) == 1:
+            blocks = list(module)
+        else:
+            continue
+        layers.extend(blocks)
+        inside.update(id(m) for block in blocks for m in block.modules())
     if not layers:
         raise UsageError(f"--fsdp: {type(model).__name__} has no repeated blocks to shard (no _no_split_modules, "
                          "no list of layers of one class); train it without --fsdp (DDP replicas).")
