@@ -167,6 +167,25 @@ def decoder_layers(model: nn.Module) -> list[nn.Module]:
     return layers
 
 
+def unshared_blocks(model: nn.Module, blocks: list[nn.Module], ignored: set[nn.Parameter]) -> list[nn.Module]:
+    """The ``blocks`` none of whose sharded parameters (all but ``ignored``) a module outside the block also holds.
+
+    FSDP2 refuses a parameter two groups manage: BERT and RoBERTa name their embeddings module in
+    ``_no_split_modules``, and its word embeddings are the output head's weight too. Such a block is left to the
+    root's group, with the other module that holds its parameter."""
+    owners: dict[int, set[int]] = {}  # parameter -> the modules holding it
+    for module in model.modules():
+        for param in module._parameters.values():
+            if param is not None and param not in ignored:
+                owners.setdefault(id(param), set()).add(id(module))
+    kept = []
+    for block in blocks:
+        inside = {id(m) for m in block.modules()}
+        if all(owners.get(id(p), set()) <= inside for p in block.parameters()):
+            kept.append(block)
+    return kept
+
+
 FSDP2_TORCH = "2.7"  # fully_shard's ignored_params (torch.distributed.fsdp exports fully_shard since 2.6)
 
 
@@ -202,7 +221,7 @@ def shard_fsdp(model: nn.Module, ctx: DistContext, compute_dtype: torch.dtype) -
     mesh = init_device_mesh(ctx.device().type, (ctx.world_size,))
     policy = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
     trainable = {p for p in model.parameters() if p.requires_grad}
-    for layer in decoder_layers(model):
+    for layer in unshared_blocks(model, decoder_layers(model), trainable):
         fully_shard(layer, mesh=mesh, mp_policy=policy, ignored_params=trainable)
     fully_shard(model, mesh=mesh, mp_policy=policy, ignored_params=trainable)
 
