@@ -4,11 +4,13 @@ Mamba names both its block and the mixer inside it in ``_no_split_modules``; FSD
 the mixer's parameters already sharded and failed before the first step ("Invariant encountered: value was None").
 RoBERTa (as BERT) names its embeddings module there too, whose word embeddings are also the tied output head's
 weight: FSDP2 refused the parameter shared by two groups ("shared with a parameter already managed by another FSDP
-group") at the first forward. The 2-rank run must equal one process with the same global batch: per-step loss and gradient norm, and the adapter.
+group") at the first forward. The 2-rank run must equal one process with the same global batch: per-step loss and
+gradient norm, and the adapter.
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -16,7 +18,15 @@ import torch
 
 from qlora.cli.main import main
 from qlora_processes import run_qlora
-from test_distributed_unreached import _argv, _assert_same_run, data  # noqa: F401 (a fixture)
+from test_distributed_unreached import _argv, _assert_same_run
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("architectures") / "d.jsonl"
+    path.write_text("".join(json.dumps({"text": f"row {i}: " + " ".join(f"w{(i * j) % 13}" for j in range(3 + i % 6))})
+                            + "\n" for i in range(12)))
+    return path
 
 
 def _mamba(out: Path, tokenizer) -> Path:
@@ -75,7 +85,7 @@ def test_fsdp_leaves_a_block_sharing_a_parameter_outside_it_to_the_root():
 
 
 @pytest.mark.parametrize("build", [_mamba, _roberta])
-def test_fsdp_equals_one_process(build, data, tmp_path, tiny_tokenizer):  # noqa: F811 (the fixture)
+def test_fsdp_equals_one_process(build, data, tmp_path, tiny_tokenizer):
     model = build(tmp_path / "model", tiny_tokenizer)
     single = tmp_path / "single"
     assert main([*_argv(model, data, single), "--grad-accum", "2"]) == 0
