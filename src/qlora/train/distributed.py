@@ -140,23 +140,50 @@ def wrap_ddp(model: nn.Module, ctx: DistContext) -> nn.Module:
 
 
 def decoder_layers(model: nn.Module) -> list[nn.Module]:
-    """The repeated blocks: the classes transformers names in ``_no_split_modules``, or for a model that names
-    none (BioGPT, Blenderbot, RoBERTa, ...) the items of its outermost module lists of one class."""
+    """The repeated blocks, outermost only: the classes transformers names in ``_no_split_modules``, or for a model
+    that names none (BioGPT, Blenderbot, RoBERTa, ...) the items of its outermost module lists of one class.
+
+    A block's own modules stay in it: a named class inside another (Mamba names its block and the mixer the block
+    holds), a list inside a block (an MoE layer's list of experts). FSDP2 would otherwise shard the outer block
+    first and then find the inner one's parameters already sharded."""
     names = set(getattr(model, "_no_split_modules", None) or ())
-    layers = [m for m in model.modules() if type(m).__name__ in names]
-    if layers:
-        return layers
-    inside: set[int] = set()  # modules within a block already found (an MoE layer's list of experts)
-    for module in model.modules():
-        if id(module) in inside or not isinstance(module, nn.ModuleList) or len(module) == 0:
+    named = [m for m in model.modules() if type(m).__name__ in names]
+    layers: list[nn.Module] = []
+    inside: set[int] = set()  # modules within a block already found
+    for module in (named or model.modules()):  # modules() is pre-order: a block comes before what it holds
+        if id(module) in inside:
             continue
-        if len({type(m) for m in module}) == 1:
-            layers.extend(module)
-            inside.update(id(m) for block in module for m in block.modules())
+        if named:
+            blocks = [module]
+        elif isinstance(module, nn.ModuleList) and len(module) and len({type(m) for m in module}) == 1:
+            blocks = list(module)
+        else:
+            continue
+        layers.extend(blocks)
+        inside.update(id(m) for block in blocks for m in block.modules())
     if not layers:
         raise UsageError(f"--fsdp: {type(model).__name__} has no repeated blocks to shard (no _no_split_modules, "
                          "no list of layers of one class); train it without --fsdp (DDP replicas).")
     return layers
+
+
+def unshared_blocks(model: nn.Module, blocks: list[nn.Module], ignored: set[nn.Parameter]) -> list[nn.Module]:
+    """The ``blocks`` none of whose sharded parameters (all but ``ignored``) a module outside the block also holds.
+
+    FSDP2 refuses a parameter two groups manage: BERT and RoBERTa name their embeddings module in
+    ``_no_split_modules``, and its word embeddings are the output head's weight too. Such a block is left to the
+    root's group, with the other module that holds its parameter."""
+    owners: dict[int, set[int]] = {}  # parameter -> the modules holding it
+    for module in model.modules():
+        for param in module._parameters.values():
+            if param is not None and param not in ignored:
+                owners.setdefault(id(param), set()).add(id(module))
+    kept = []
+    for block in blocks:
+        inside = {id(m) for m in block.modules()}
+        if all(owners.get(id(p), set()) <= inside for p in block.parameters()):
+            kept.append(block)
+    return kept
 
 
 FSDP2_TORCH = "2.7"  # fully_shard's ignored_params (torch.distributed.fsdp exports fully_shard since 2.6)
@@ -194,7 +221,7 @@ def shard_fsdp(model: nn.Module, ctx: DistContext, compute_dtype: torch.dtype) -
     mesh = init_device_mesh(ctx.device().type, (ctx.world_size,))
     policy = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
     trainable = {p for p in model.parameters() if p.requires_grad}
-    for layer in decoder_layers(model):
+    for layer in unshared_blocks(model, decoder_layers(model), trainable):
         fully_shard(layer, mesh=mesh, mp_policy=policy, ignored_params=trainable)
     fully_shard(model, mesh=mesh, mp_policy=policy, ignored_params=trainable)
 
