@@ -197,6 +197,18 @@ class ChatStore:
             raise UsageError(f"{self.path} is damaged: {'; '.join(problems[:3])}")
 
     def _header(self) -> tuple[int, int, int]:
+        """Application id, schema version and table count, read from one snapshot: read statement by statement,
+        another process's creation committed between them would show a half-made header (an id of 0 beside its
+        tables), taken for another program's database."""
+        if self.conn.in_transaction:
+            return self._read_header()
+        self.conn.execute("BEGIN")
+        try:
+            return self._read_header()
+        finally:
+            self.conn.execute("COMMIT")
+
+    def _read_header(self) -> tuple[int, int, int]:
         return (self.conn.execute("PRAGMA application_id").fetchone()[0],
                 self.conn.execute("PRAGMA user_version").fetchone()[0],
                 self.conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0])
