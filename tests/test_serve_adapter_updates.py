@@ -350,3 +350,60 @@ def test_an_adapter_that_saved_modules_whole_loads_as_its_own_copies(tiny_model_
     assert not isinstance(batcher.model.lm_head, SavedModules)
     assert {n: p.numel() for n, p in batcher.model.named_parameters()} == before
     assert _chat(client, "tiny").choices[0].message.content == base
+
+
+def test_bodies_of_the_wrong_type_and_names_that_cannot_be_ids_are_400s_naming_their_field(adapters, updating):
+    """The bodies follow the other routes' strict types (``"5"`` for an integer is a 400); an empty, dotted or
+    control-character ``lora_name`` is refused naming ``lora_name``, an empty ``lora_path`` (not the server's working
+    directory) naming ``lora_path``; a unicode name with a space and a slash is a fine id. None touches the model."""
+    batcher, client, http = updating
+    before = {n: p.numel() for n, p in batcher.model.named_parameters()}
+    typed = _error(http.post("/v1/unload_lora_adapter", json={"lora_name": "a", "lora_int_id": "5"}), 400)
+    assert typed["param"] == "lora_int_id" and "expected an integer, but got a string" in typed["message"]
+    for name in ("", "a.b", "a\nb", "a\x00b"):
+        assert _error(_load(http, name, adapters / "a"), 400)["param"] == "lora_name", name
+    empty = _error(http.post("/v1/load_lora_adapter", json={"lora_name": "x", "lora_path": ""}), 400)
+    assert empty["param"] == "lora_path" and "empty" in empty["message"]
+    assert {n: p.numel() for n, p in batcher.model.named_parameters()} == before
+    assert adapter_configs(batcher.model) == {} and [m.id for m in client.models.list().data] == ["tiny"]
+    name = "équipe/sql v2"
+    assert _load(http, name, adapters / "a").status_code == 200
+    assert [m.id for m in client.models.list().data] == ["tiny", name] and _chat(client, name).choices
+    assert _unload(http, name).status_code == 200
+
+
+def test_an_unload_during_the_load_of_its_name_is_a_409_and_the_load_completes(tiny_model_dir, adapters):
+    """While a load of ``a`` is under way (held in its settings read), an unload of ``a`` is a 409 saying it is being
+    loaded, not a 404 that it does not exist; the load then finishes and ``a`` answers."""
+    from qlora.cli.commands.serve import adapter_settings
+    from qlora.infer.batcher import ContinuousBatcher
+    from qlora.serve.app import build_app
+    from qlora.serve.server import BackgroundServer
+
+    model, tokenizer = qlora.load_model(tiny_model_dir, compute_dtype=torch.float32, device="cpu")
+    batcher = ContinuousBatcher(model.eval(), tokenizer, max_batch_size=2, context_length=128).start()
+    settings, reading, go_on = adapter_settings(_args(tiny_model_dir), tokenizer), threading.Event(), threading.Event()
+
+    def held(folder):
+        reading.set()
+        assert go_on.wait(60)
+        return settings(folder)
+
+    app = build_app(batcher, "tiny", [], api_key=None, adapter_settings=held)
+    loaded = {}
+    try:
+        with BackgroundServer(app) as server, httpx.Client(base_url=server.url, timeout=60) as http:
+            thread = threading.Thread(target=lambda: loaded.setdefault("a", _load(http, "a", adapters / "a")))
+            thread.start()
+            try:
+                assert reading.wait(60)
+                busy = _error(_unload(http, "a"), 409)
+                assert busy["code"] == "adapter_in_use" and "being loaded" in busy["message"]
+            finally:
+                go_on.set()
+                thread.join(60)
+            assert loaded["a"].status_code == 200
+            assert [m["id"] for m in http.get("/v1/models").json()["data"]] == ["tiny", "a"]
+            assert _unload(http, "a").status_code == 200
+    finally:
+        batcher.close()

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from pydantic import BaseModel
+from pydantic import BaseModel, ConfigDict
 
 from ..errors import UsageError
 from ..infer.batcher import ContinuousBatcher
@@ -27,12 +27,14 @@ from ..model.chat_format import ChatFormat
 from ..model.image_pixels import PixelBounds
 from ..model.inject import adapter_configs
 from ..model.multi_adapter import delete_adapter
+from ..nn.adapter_name import adapter_name_problem
 from .protocol import APIError
 
 
 class LoadAdapterRequest(BaseModel):
     """vLLM's body of ``POST /v1/load_lora_adapter``."""
 
+    model_config = ConfigDict(strict=True)  # as the other bodies: a value of the wrong JSON type is a 400
     lora_name: str
     lora_path: str
 
@@ -40,12 +42,29 @@ class LoadAdapterRequest(BaseModel):
 class UnloadAdapterRequest(BaseModel):
     """vLLM's body of ``POST /v1/unload_lora_adapter`` (its ``lora_int_id`` is not needed here)."""
 
+    model_config = ConfigDict(strict=True)
     lora_name: str
     lora_int_id: int | None = None
 
 
+def check_lora_name(name: str) -> None:
+    """Refuse a ``lora_name`` that cannot key the adapter layers, or that is no one-line model id (control
+    characters would break the log lines and the ``model`` field that name it).
+
+    Raises:
+        APIError: 400 naming the problem.
+    """
+    problem = adapter_name_problem(name) or (None if name.isprintable() else "it holds control characters")
+    if problem:
+        raise APIError(400, f"{name!r} cannot name an adapter: {problem}; choose another lora_name (letters, digits, "
+                            "'-' and '_').", "lora_name")
+
+
 def adapter_folder(lora_path: str) -> Path:
-    """``lora_path`` as a folder, or a 404 naming it."""
+    """``lora_path`` as a folder (a relative one from the server's working directory, ``~`` expanded), or a 400
+    for an empty one and a 404 naming one that is no folder."""
+    if not lora_path.strip():
+        raise APIError(400, "'lora_path' is empty; give the folder the adapter was saved to.", "lora_path")
     folder = Path(lora_path).expanduser()
     if not folder.is_dir():
         raise APIError(404, f"The adapter path {lora_path!r} is not a folder on the server; give the folder the "
