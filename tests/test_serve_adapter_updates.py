@@ -407,3 +407,36 @@ def test_an_unload_during_the_load_of_its_name_is_a_409_and_the_load_completes(t
             assert _unload(http, "a").status_code == 200
     finally:
         batcher.close()
+
+
+def test_a_whole_module_copy_of_another_vocabulary_is_refused_and_the_base_kept(tiny_model_dir, updating, tmp_path):
+    """An adapter whose lm_head, trained whole (``modules_to_save``), has a row more than this base's (trained with a
+    token added, its tokenizer not saved) is a 400 naming lm_head: loading it would resize the embeddings and head
+    that every adapter and the base share. Parameter names, shapes and the base's reply stay as they were."""
+    batcher, client, http = updating
+    model, _ = qlora.load_model(tiny_model_dir, compute_dtype=torch.float32, device="cpu")
+    qlora.add_lora(model, r=4, dropout=0.0, verbose=False, target_modules=["q_proj"], modules_to_save=["lm_head"])
+    qlora.save_adapter(model, tmp_path / "grown")
+    tensors = load_file(tmp_path / "grown" / "adapter_model.safetensors")
+    save_file({k: torch.cat([v, v[:1]]) if ".lm_head." in k else v for k, v in tensors.items()},
+              tmp_path / "grown" / "adapter_model.safetensors")
+    before = {n: p.shape for n, p in batcher.model.named_parameters()}
+    base = _chat(client, "tiny").choices[0].message.content
+    refused = _error(_load(http, "grown", tmp_path / "grown"), 400)["message"]
+    assert "lm_head" in refused and "resize" in refused
+    assert {n: p.shape for n, p in batcher.model.named_parameters()} == before
+    assert _chat(client, "tiny").choices[0].message.content == base
+    assert [m.id for m in client.models.list().data] == ["tiny"]
+
+
+def test_updates_once_the_server_shuts_down_are_503s(tiny_model_dir, adapters):
+    """A load or unload that reaches a server whose batcher is closed (shutting down) is a 503 ``server_shutdown``,
+    as a chat request is, and leaves the adapters as they were."""
+    from qlora.serve.server import BackgroundServer
+
+    batcher, app = _server(tiny_model_dir, {"a": adapters / "a"}, api_key=None)
+    with BackgroundServer(app) as server, httpx.Client(base_url=server.url, timeout=60) as http:
+        batcher.close()
+        for refused in (_load(http, "c", adapters / "c"), _unload(http, "a")):
+            assert _error(refused, 503)["code"] == "server_shutdown"
+        assert sorted(adapter_configs(batcher.model)) == ["a"]

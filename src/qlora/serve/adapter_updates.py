@@ -86,12 +86,14 @@ def attach(batcher: ContinuousBatcher, folder: Path, name: str,
 
     Raises:
         APIError: 400 naming why the adapter does not fit this model (files, shapes, modules it lacks) or
-            would write the shared base; the model is left as it was.
+            would write the shared base; 503 once the server is shutting down; the model is left as it was.
     """
     try:
         chat_format, bounds = settings(folder)
         _refuse_base_writes(batcher, folder)
         with batcher.paused():
+            if batcher.closed:  # the server began to shut down while the folder was read
+                raise _shutting_down()
             try:
                 load_adapter(batcher.model, folder, adapter_name=name)
             except BaseException:
@@ -109,8 +111,10 @@ def detach(batcher: ContinuousBatcher, name: str) -> None:
 
     Raises:
         APIError: 409 while requests for it are running or waiting; 400 for an adapter that cannot be
-            deleted (one that trained base modules in place).
+            deleted (one that trained base modules in place); 503 once the server is shutting down.
     """
+    if batcher.closed:
+        raise _shutting_down()
     try:
         busy = batcher.unload(name)
     except UsageError as exc:
@@ -121,6 +125,11 @@ def detach(batcher: ContinuousBatcher, name: str) -> None:
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()  # give the freed blocks back, as a restart without the adapter would have them
+
+
+def _shutting_down() -> APIError:
+    return APIError(503, "The server is shutting down; the adapters stay as they were.", kind="server_error",
+                    code="server_shutdown")
 
 
 def _refuse_base_writes(batcher: ContinuousBatcher, folder: Path) -> None:
@@ -139,11 +148,15 @@ def _refuse_base_writes(batcher: ContinuousBatcher, folder: Path) -> None:
     params = dict(model.named_parameters())
     whole = config.get("modules_to_save") or []  # loaded as the adapter's own copies (qlora.nn.SavedModules)
     for key, value in tensors.items():
-        if ".lora_" in key or ".original_module." in key or ".modules_to_save." in key:
-            continue  # the adapter's own tensors, or PEFT's copies beside a module saved whole (whose key is refused)
+        if ".lora_" in key:
+            continue  # the adapter's own tensors
         path = key[len(PEFT_PREFIX):]
+        if ".original_module." in key or ".modules_to_save." in key:  # PEFT's copies of a module saved whole
+            _check_copy(params, path.replace(".original_module.", ".").replace(".modules_to_save.", "."), value)
+            continue
         module = path.rpartition(".")[0]
         if any(module == name or module.endswith("." + name) for name in whole):
+            _check_copy(params, path, value)
             continue
         if ".base_layer." in path:  # the base table PEFT saves beside an adapted embedding: fine if it is ours
             own = params.get(path, params.get(path.replace(".base_layer.", ".", 1)))
@@ -156,6 +169,22 @@ def _refuse_base_writes(batcher: ContinuousBatcher, folder: Path) -> None:
     if saved is not None and saved != len(batcher.tokenizer):
         raise UsageError(f"it was trained with a tokenizer of {saved} tokens, this server's has "
                          f"{len(batcher.tokenizer)}; serve it from its own qlora serve")
+
+
+def _check_copy(params: dict[str, torch.Tensor], path: str, value: torch.Tensor) -> None:
+    """Refuse an adapter's own copy of a module trained whole whose tensor ``path`` has another shape than the
+    base's (an lm_head of another vocabulary): loading it would resize the shared base to fit.
+
+    Raises:
+        UsageError: naming both shapes.
+    """
+    module, _, leaf = path.rpartition(".")
+    own = params.get(path, params.get(f"{module}.original_module.{leaf}"))  # already copied for another adapter
+    if own is not None and own.shape != value.shape:
+        raise UsageError(f"its copy of {module} (trained whole, modules_to_save) has {leaf} of shape "
+                         f"{tuple(value.shape)}, this model's has {tuple(own.shape)}: it was trained on another base "
+                         "or vocabulary, and loading it would resize the base model every adapter served here shares; "
+                         "serve it from its own qlora serve")
 
 
 def _saved_vocabulary(folder: Path) -> int | None:
