@@ -440,3 +440,25 @@ def test_updates_once_the_server_shuts_down_are_503s(tiny_model_dir, adapters):
         for refused in (_load(http, "c", adapters / "c"), _unload(http, "a")):
             assert _error(refused, 503)["code"] == "server_shutdown"
         assert sorted(adapter_configs(batcher.model)) == ["a"]
+
+
+def test_a_load_checks_the_model_only_between_two_steps(tiny_model_dir, updating, tmp_path):
+    """A load walks the model's parameters (to refuse base writes) only while the batcher is paused, as every load
+    and unload changes them, so a concurrent one cannot change them under it (torch's "dictionary changed size during
+    iteration", a 500): with the batcher held, even a refused load waits; released, it is answered."""
+    batcher, client, http = updating
+    folder = tmp_path / "head"
+    model, _ = qlora.load_model(tiny_model_dir, compute_dtype=torch.float32, device="cpu")
+    qlora.add_lora(model, r=4, dropout=0.0, verbose=False, target_modules=["q_proj"])
+    qlora.save_adapter(model, folder)
+    tensors = load_file(folder / "adapter_model.safetensors")
+    save_file(tensors | {"base_model.model.lm_head.weight": torch.zeros_like(model.lm_head.weight)},
+              folder / "adapter_model.safetensors")
+    answered, got = threading.Event(), []
+    thread = threading.Thread(target=lambda: (got.append(_load(http, "h", folder)), answered.set()))
+    with batcher.paused():
+        thread.start()
+        assert not answered.wait(2)
+    thread.join(60)
+    assert answered.is_set() and "lm_head" in _error(got[0], 400)["message"]
+    assert [m.id for m in client.models.list().data] == ["tiny"]

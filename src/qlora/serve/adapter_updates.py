@@ -90,10 +90,12 @@ def attach(batcher: ContinuousBatcher, folder: Path, name: str,
     """
     try:
         chat_format, bounds = settings(folder)
-        _refuse_base_writes(batcher, folder)
-        with batcher.paused():
+        config, tensors = read_adapter_config(folder), read_adapter_weights(folder)
+        vocabulary = _saved_vocabulary(folder)
+        with batcher.paused():  # the model read and changed while no other load or unload changes it
             if batcher.closed:  # the server began to shut down while the folder was read
                 raise _shutting_down()
+            _refuse_base_writes(batcher, config, tensors, vocabulary)
             try:
                 load_adapter(batcher.model, folder, adapter_name=name)
             except BaseException:
@@ -132,14 +134,15 @@ def _shutting_down() -> APIError:
                     code="server_shutdown")
 
 
-def _refuse_base_writes(batcher: ContinuousBatcher, folder: Path) -> None:
-    """Refuse an adapter whose load would change the base model shared by the server's other adapters.
+def _refuse_base_writes(batcher: ContinuousBatcher, config: dict, tensors: dict[str, torch.Tensor],
+                       vocabulary: int | None) -> None:
+    """Refuse an adapter (its ``config``, ``tensors`` and saved tokenizer's ``vocabulary`` size) whose load would
+    change the base model shared by the server's other adapters. Called with the batcher paused: it walks the
+    model's parameters, which another load or unload would change under it.
 
     Raises:
         UsageError: naming what it would write (or the vocabulary it was trained with).
     """
-    config = read_adapter_config(folder)
-    tensors = read_adapter_weights(folder)
     if config.get("target_parameters"):
         raise UsageError("it adapts expert weights (target_parameters), which per-request adapters do not cover")
     if config.get("peft_type") == "ADALORA":
@@ -165,9 +168,8 @@ def _refuse_base_writes(batcher: ContinuousBatcher, folder: Path) -> None:
         what = "new token rows (trainable_token_indices)" if ".token_adapter." in key else f"the base's {path}"
         raise UsageError(f"it trains {what} in the base model itself, which every adapter served here shares; "
                          "serve it from its own qlora serve (--adapter at start) or merge it (qlora merge)")
-    saved = _saved_vocabulary(folder)
-    if saved is not None and saved != len(batcher.tokenizer):
-        raise UsageError(f"it was trained with a tokenizer of {saved} tokens, this server's has "
+    if vocabulary is not None and vocabulary != len(batcher.tokenizer):
+        raise UsageError(f"it was trained with a tokenizer of {vocabulary} tokens, this server's has "
                          f"{len(batcher.tokenizer)}; serve it from its own qlora serve")
 
 
