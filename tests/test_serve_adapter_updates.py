@@ -462,3 +462,18 @@ def test_a_load_checks_the_model_only_between_two_steps(tiny_model_dir, updating
     thread.join(60)
     assert answered.is_set() and "lm_head" in _error(got[0], 400)["message"]
     assert [m.id for m in client.models.list().data] == ["tiny"]
+
+
+@pytest.mark.parametrize("dropped", ["lora_A", "lora_B"])
+def test_an_adapter_file_missing_one_lora_matrix_is_refused(adapters, updating, tmp_path, dropped):
+    """A file with a layer's lora_A but not its lora_B (or the reverse: a save cut short, a hand edit) is a 400 naming
+    the layer, not loaded with the missing matrix at its initialization (zero B: silently the base there; random A:
+    noise); the model is left as it was."""
+    batcher, client, http = updating
+    before = {n: p.shape for n, p in batcher.model.named_parameters()}
+    cut = _broken(adapters, tmp_path, "cut", lambda t: {k: v for k, v in t.items()
+                                                        if not ("layers.1.self_attn.v_proj" in k and dropped in k)})
+    refused = _error(_load(http, "cut", cut), 400)["message"]
+    assert "layers.1.self_attn.v_proj" in refused and f"not its {dropped}" in refused
+    assert {n: p.shape for n, p in batcher.model.named_parameters()} == before
+    assert [m.id for m in client.models.list().data] == ["tiny"]
