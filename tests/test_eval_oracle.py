@@ -323,6 +323,18 @@ def test_eval_counts_the_eot_tokens_the_adapter_trained(tmp_path, capsys):
     evaluate = ["--model", str(model_dir), "--adapter", str(run), "--data", str(data)]
     followed = _eval_as_trained(capsys, *evaluate)
     assert followed["loss"] == pytest.approx(_run_eval_loss(run), rel=1e-6)
+    info = (run / "qlora_adapter.json").read_text()
+    for edit, named in (({"eot_tokens": "<|endofprompt|>,<|no-such-token|>"}, "'<|no-such-token|>'"),
+                        ({"eot_token": "<|endofprompt|>"}, "'eot_token'")):  # hand-edited: a token it lacks, a typo
+        record = json.loads(info)
+        record["tokenization"].update(edit)
+        (run / "qlora_adapter.json").write_text(json.dumps(record))
+        assert main(["eval", *evaluate]) == 2
+        err = capsys.readouterr().err
+        assert f"{run / 'qlora_adapter.json'}: tokenization" in err and named in err and "Traceback" not in err
+        if "eot_tokens" in edit:  # the option beats the record
+            assert _eval_as_trained(capsys, *evaluate, "--eot-tokens", "<|endofprompt|>") == followed
+    (run / "qlora_adapter.json").write_text(info)
     assert _without(run, "eot_tokens") == "<|endofprompt|>"
     plain = _eval_as_trained(capsys, *evaluate)
     assert plain["tokens"] != followed["tokens"]
@@ -345,8 +357,10 @@ def test_eval_cuts_the_blocks_an_adapter_trained_with_group_texts_on(tmp_path, q
     evaluate = ["--model", str(model_dir), "--adapter", str(run), "--data", str(data), "--format", "text"]
     followed = _eval_as_trained(capsys, *evaluate)
     assert followed["loss"] == pytest.approx(_run_eval_loss(run), rel=1e-6)
+    ungrouped = _eval_as_trained(capsys, *evaluate, "--group-texts", "0")  # the record's shards go with its texts
     assert _without(run, "group_texts") == {"texts": 5, "shards": 2, "template": "auto"}
     whole = _eval_as_trained(capsys, *evaluate)
+    assert ungrouped == whole
     assert whole["examples"] == len(texts) and whole["tokens"] != followed["tokens"]
     assert _eval_as_trained(capsys, *evaluate, "--group-texts", "5", "--group-shards", "2") == followed
     assert main(["eval", *evaluate, "--group-texts", "0", "--group-shards", "2"]) == 2

@@ -350,3 +350,130 @@ def test_an_adapter_that_saved_modules_whole_loads_as_its_own_copies(tiny_model_
     assert not isinstance(batcher.model.lm_head, SavedModules)
     assert {n: p.numel() for n, p in batcher.model.named_parameters()} == before
     assert _chat(client, "tiny").choices[0].message.content == base
+
+
+def test_bodies_of_the_wrong_type_and_names_that_cannot_be_ids_are_400s_naming_their_field(adapters, updating):
+    """The bodies follow the other routes' strict types (``"5"`` for an integer is a 400); an empty, dotted or
+    control-character ``lora_name`` is refused naming ``lora_name``, an empty ``lora_path`` (not the server's working
+    directory) naming ``lora_path``; a unicode name with a space and a slash is a fine id. None touches the model."""
+    batcher, client, http = updating
+    before = {n: p.numel() for n, p in batcher.model.named_parameters()}
+    typed = _error(http.post("/v1/unload_lora_adapter", json={"lora_name": "a", "lora_int_id": "5"}), 400)
+    assert typed["param"] == "lora_int_id" and "expected an integer, but got a string" in typed["message"]
+    for name in ("", "a.b", "a\nb", "a\x00b"):
+        assert _error(_load(http, name, adapters / "a"), 400)["param"] == "lora_name", name
+    empty = _error(http.post("/v1/load_lora_adapter", json={"lora_name": "x", "lora_path": ""}), 400)
+    assert empty["param"] == "lora_path" and "empty" in empty["message"]
+    assert {n: p.numel() for n, p in batcher.model.named_parameters()} == before
+    assert adapter_configs(batcher.model) == {} and [m.id for m in client.models.list().data] == ["tiny"]
+    name = "équipe/sql v2"
+    assert _load(http, name, adapters / "a").status_code == 200
+    assert [m.id for m in client.models.list().data] == ["tiny", name] and _chat(client, name).choices
+    assert _unload(http, name).status_code == 200
+
+
+def test_an_unload_during_the_load_of_its_name_is_a_409_and_the_load_completes(tiny_model_dir, adapters):
+    """While a load of ``a`` is under way (held in its settings read), an unload of ``a`` is a 409 saying it is being
+    loaded, not a 404 that it does not exist; the load then finishes and ``a`` answers."""
+    from qlora.cli.commands.serve import adapter_settings
+    from qlora.infer.batcher import ContinuousBatcher
+    from qlora.serve.app import build_app
+    from qlora.serve.server import BackgroundServer
+
+    model, tokenizer = qlora.load_model(tiny_model_dir, compute_dtype=torch.float32, device="cpu")
+    batcher = ContinuousBatcher(model.eval(), tokenizer, max_batch_size=2, context_length=128).start()
+    settings, reading, go_on = adapter_settings(_args(tiny_model_dir), tokenizer), threading.Event(), threading.Event()
+
+    def held(folder):
+        reading.set()
+        assert go_on.wait(60)
+        return settings(folder)
+
+    app = build_app(batcher, "tiny", [], api_key=None, adapter_settings=held)
+    loaded = {}
+    try:
+        with BackgroundServer(app) as server, httpx.Client(base_url=server.url, timeout=60) as http:
+            thread = threading.Thread(target=lambda: loaded.setdefault("a", _load(http, "a", adapters / "a")))
+            thread.start()
+            try:
+                assert reading.wait(60)
+                busy = _error(_unload(http, "a"), 409)
+                assert busy["code"] == "adapter_in_use" and "being loaded" in busy["message"]
+            finally:
+                go_on.set()
+                thread.join(60)
+            assert loaded["a"].status_code == 200
+            assert [m["id"] for m in http.get("/v1/models").json()["data"]] == ["tiny", "a"]
+            assert _unload(http, "a").status_code == 200
+    finally:
+        batcher.close()
+
+
+def test_a_whole_module_copy_of_another_vocabulary_is_refused_and_the_base_kept(tiny_model_dir, updating, tmp_path):
+    """An adapter whose lm_head, trained whole (``modules_to_save``), has a row more than this base's (trained with a
+    token added, its tokenizer not saved) is a 400 naming lm_head: loading it would resize the embeddings and head
+    that every adapter and the base share. Parameter names, shapes and the base's reply stay as they were."""
+    batcher, client, http = updating
+    model, _ = qlora.load_model(tiny_model_dir, compute_dtype=torch.float32, device="cpu")
+    qlora.add_lora(model, r=4, dropout=0.0, verbose=False, target_modules=["q_proj"], modules_to_save=["lm_head"])
+    qlora.save_adapter(model, tmp_path / "grown")
+    tensors = load_file(tmp_path / "grown" / "adapter_model.safetensors")
+    save_file({k: torch.cat([v, v[:1]]) if ".lm_head." in k else v for k, v in tensors.items()},
+              tmp_path / "grown" / "adapter_model.safetensors")
+    before = {n: p.shape for n, p in batcher.model.named_parameters()}
+    base = _chat(client, "tiny").choices[0].message.content
+    refused = _error(_load(http, "grown", tmp_path / "grown"), 400)["message"]
+    assert "lm_head" in refused and "resize" in refused
+    assert {n: p.shape for n, p in batcher.model.named_parameters()} == before
+    assert _chat(client, "tiny").choices[0].message.content == base
+    assert [m.id for m in client.models.list().data] == ["tiny"]
+
+
+def test_updates_once_the_server_shuts_down_are_503s(tiny_model_dir, adapters):
+    """A load or unload that reaches a server whose batcher is closed (shutting down) is a 503 ``server_shutdown``,
+    as a chat request is, and leaves the adapters as they were."""
+    from qlora.serve.server import BackgroundServer
+
+    batcher, app = _server(tiny_model_dir, {"a": adapters / "a"}, api_key=None)
+    with BackgroundServer(app) as server, httpx.Client(base_url=server.url, timeout=60) as http:
+        batcher.close()
+        for refused in (_load(http, "c", adapters / "c"), _unload(http, "a")):
+            assert _error(refused, 503)["code"] == "server_shutdown"
+        assert sorted(adapter_configs(batcher.model)) == ["a"]
+
+
+def test_a_load_checks_the_model_only_between_two_steps(tiny_model_dir, updating, tmp_path):
+    """A load walks the model's parameters (to refuse base writes) only while the batcher is paused, as every load
+    and unload changes them, so a concurrent one cannot change them under it (torch's "dictionary changed size during
+    iteration", a 500): with the batcher held, even a refused load waits; released, it is answered."""
+    batcher, client, http = updating
+    folder = tmp_path / "head"
+    model, _ = qlora.load_model(tiny_model_dir, compute_dtype=torch.float32, device="cpu")
+    qlora.add_lora(model, r=4, dropout=0.0, verbose=False, target_modules=["q_proj"])
+    qlora.save_adapter(model, folder)
+    tensors = load_file(folder / "adapter_model.safetensors")
+    save_file(tensors | {"base_model.model.lm_head.weight": torch.zeros_like(model.lm_head.weight)},
+              folder / "adapter_model.safetensors")
+    answered, got = threading.Event(), []
+    thread = threading.Thread(target=lambda: (got.append(_load(http, "h", folder)), answered.set()))
+    with batcher.paused():
+        thread.start()
+        assert not answered.wait(2)
+    thread.join(60)
+    assert answered.is_set() and "lm_head" in _error(got[0], 400)["message"]
+    assert [m.id for m in client.models.list().data] == ["tiny"]
+
+
+@pytest.mark.parametrize("dropped", ["lora_A", "lora_B"])
+def test_an_adapter_file_missing_one_lora_matrix_is_refused(adapters, updating, tmp_path, dropped):
+    """A file with a layer's lora_A but not its lora_B (or the reverse: a save cut short, a hand edit) is a 400 naming
+    the layer, not loaded with the missing matrix at its initialization (zero B: silently the base there; random A:
+    noise); the model is left as it was."""
+    batcher, client, http = updating
+    before = {n: p.shape for n, p in batcher.model.named_parameters()}
+    cut = _broken(adapters, tmp_path, "cut", lambda t: {k: v for k, v in t.items()
+                                                        if not ("layers.1.self_attn.v_proj" in k and dropped in k)})
+    refused = _error(_load(http, "cut", cut), 400)["message"]
+    assert "layers.1.self_attn.v_proj" in refused and f"not its {dropped}" in refused
+    assert {n: p.shape for n, p in batcher.model.named_parameters()} == before
+    assert [m.id for m in client.models.list().data] == ["tiny"]

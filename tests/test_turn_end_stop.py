@@ -48,7 +48,7 @@ def test_only_a_turn_end_that_is_text_becomes_a_stop_string(family):
 
 def test_a_custom_templates_text_turn_end_up_to_the_next_turn():
     """A user's template whose turn ends in a text line: that line, stripped, without the next turn's opening; one
-    whose turn ends in whitespace only gets none."""
+    whose turn ends in whitespace or punctuation only (common inside answers) gets none; markup or a word is kept."""
     tok = family_tokenizer("llama-2")
     stops = vocabulary_stop_ids(tok)
     ended = ("{% for m in messages %}{% if m['role'] == 'user' %}{{ 'Q: ' + m['content'] + '\n' }}"
@@ -56,6 +56,12 @@ def test_a_custom_templates_text_turn_end_up_to_the_next_turn():
     assert turn_end_stops(tok, stops, ChatFormat(ended, "t.jinja", "custom")) == ("### End",)
     blank = ended.replace("### End\n", "")
     assert turn_end_stops(tok, stops, ChatFormat(blank, "t.jinja", "custom")) == ()
+    for common in (".", " !\n", "---", "...", "\u3002", ":)"):  # punctuation alone is inside answers: no stop
+        custom = ended.replace("### End", common)
+        assert turn_end_stops(tok, stops, ChatFormat(custom, "t.jinja", "custom")) == (), common
+    for marker in ("END", "</answer>", "[/A]", "#"):
+        custom = ended.replace("### End", marker)
+        assert turn_end_stops(tok, stops, ChatFormat(custom, "t.jinja", "custom")) == (marker,), marker
 
 
 @pytest.fixture(scope="module")

@@ -241,6 +241,11 @@ class ContinuousBatcher:
         self._thread.start()
         return self
 
+    @property
+    def closed(self) -> bool:
+        """Whether :meth:`close` was called (the server is shutting down): no request or model change is taken."""
+        return self._closed
+
     def close(self) -> None:
         """Stop the loop; unfinished requests end with ``finish_reason="cancelled"``."""
         with self._wake:

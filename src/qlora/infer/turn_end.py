@@ -11,7 +11,10 @@ begins (the part the last turn and one inside the conversation share), stripped 
 ends in a stop token (Llama 3's ``<|eot_id|>``, ChatML with ``<|im_end|>`` in the vocabulary, Alpaca's EOS)
 needs no stop string and gets none; nor does one ending in another token of the vocabulary's markup (special
 and added tokens), which the model writes as one token and the reply's text leaves out, so no stop string
-could match it: the model's ``generation_config`` names such tokens as stops (Gemma 4's ``<turn|>``).
+could match it: the model's ``generation_config`` names such tokens as stops (Gemma 4's ``<turn|>``). Nor does
+an end without a letter or a markup character (``<``, ``[``, ``#``): a custom template's ``.``, ``!``, ``---`` or
+``。`` shows up inside ordinary answers, and stopping there would cut them short; the EOS training put after the
+turn end still ends the reply.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from .template import render_chat
 # Options that shape the prompt's end rather than the conversation's turns: the probe renders finished turns.
 _PROMPT_END_OPTIONS = ("add_generation_prompt", "continue_final_message")
 _SENTINEL = "qlora-turn-end-probe"
+_MARKUP = "<[#"  # the characters turn markers are spelt with (<|im_end|>, [/INST], ### End) beside letters
 _PROBE = (Message("user", "Hello"), Message("assistant", _SENTINEL))
 
 
@@ -43,7 +47,8 @@ def turn_end_stops(tokenizer, stop_ids: Collection[int], chat_format: ChatFormat
 
     Returns:
         ``(text,)`` when the assistant turn ends in ordinary text; ``()`` when a stop token ends the last turn, the
-        turn end holds a markup token, it is whitespace or nothing, or the template cannot render the probe.
+        turn end holds a markup token, it has no letter nor ``<``, ``[``, ``#`` (whitespace, punctuation), or the
+        template cannot render the probe.
     """
     options = {k: v for k, v in (template_kwargs or {}).items() if k not in _PROMPT_END_OPTIONS}
 
@@ -67,9 +72,16 @@ def turn_end_stops(tokenizer, stop_ids: Collection[int], chat_format: ChatFormat
         tail = tail[:common_prefix(tail, inside[end:])]
     text = tail.strip()
     tokens = {*stop_ids, *markup_ids(tokenizer)}
-    if not text or _holds(tokenizer, last[end:], set(stop_ids)) or _holds(tokenizer, text, tokens):
+    if (not _marks_a_turn(text) or _holds(tokenizer, last[end:], set(stop_ids))
+            or _holds(tokenizer, text, tokens)):
         return ()
     return (text,)
+
+
+def _marks_a_turn(text: str) -> bool:
+    """Whether ``text`` holds a letter or a markup character: punctuation alone (or nothing) is common inside
+    answers, so it cannot tell their end."""
+    return any(c.isalpha() or c in _MARKUP for c in text)
 
 
 def _holds(tokenizer, text: str, tokens: Collection[int]) -> bool:

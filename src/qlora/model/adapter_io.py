@@ -345,6 +345,7 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path, adapter_name: str = 
     lora_keys = {k: lora_key(k) for k in tensors if ".lora_" in k}  # key -> (module path, tensor kind)
     expert_keys = {k for k, (path, _) in lora_keys.items() if _unwrapped(path) in experts}
     paths = sorted({path for k, (path, _) in lora_keys.items() if k not in expert_keys})
+    _check_pairs(adapter_dir, [v for k, v in lora_keys.items() if k not in expert_keys])
     # modules trained whole; PEFT's save_embedding_layers adds copies under .original_module. (the base
     # before training) and .modules_to_save. (the same trained weights as the plain key), skipped here
     whole = {k[len(PEFT_PREFIX):]: v for k, v in tensors.items()
@@ -477,6 +478,26 @@ def _residual_init(adapter_dir: Path, config: dict, model: nn.Module, paths: lis
 
 _LORA_TENSORS = ("A.weight", "B.weight", "B.bias", "magnitude_vector", "magnitude_vector.weight", "embedding_A",
                  "embedding_B")
+
+
+def _check_pairs(adapter_dir: Path, keys: list[tuple[str, str]]) -> None:
+    """Refuse a file holding one of a layer's two LoRA matrices without the other (a truncated or hand-edited
+    save): the missing one would keep its initialization, a zero B (the adapter silently off there) or a random A
+    (noise), where PEFT only warns.
+
+    Raises:
+        UsageError: naming the first such layer and the tensor it lacks.
+    """
+    kinds: dict[str, set[str]] = {}
+    for path, rest in keys:
+        kinds.setdefault(path, set()).add(rest)
+    for path, held in sorted(kinds.items()):
+        for pair in (("A.weight", "B.weight"), ("embedding_A", "embedding_B")):
+            lacking = [k for k in pair if k not in held]
+            if len(lacking) == 1:
+                held_one = pair[pair[0] in lacking]
+                raise UsageError(f"{adapter_dir}: its adapter_model.safetensors has {path}'s lora_{held_one} but not "
+                                 f"its lora_{lacking[0]} (a save cut short or edited); save the adapter again.")
 
 
 def _unwrapped(path: str) -> str:

@@ -19,6 +19,8 @@ from .adapter_base import read_json_object
 KEY = "tokenization"
 INFO_FILE = "qlora_adapter.json"
 TRAIN_ON = ("assistant", "all", "completion")
+_RECORD_KEYS = ("train_on", "seq_len", "eot_tokens", "group_texts")
+_GROUP_KEYS = ("texts", "shards", "template")
 
 
 def tokenization_record(train_on: str, seq_len: int, eot_tokens: str = "", group_texts: int = 0,
@@ -48,8 +50,15 @@ def trained_tokenization(adapter_dir: str | Path) -> dict[str, Any]:
     if record is None:
         return {}
     record = record if isinstance(record, dict) else {}
+    group = record.get("group_texts")
+    unknown = [*(k for k in record if k not in _RECORD_KEYS),
+               *(f"group_texts.{k}" for k in (group if isinstance(group, dict) else ()) if k not in _GROUP_KEYS)]
+    if unknown:  # a misspelt key would be passed over, and eval would measure other tokens than the run did
+        raise UsageError(f"{path}: {KEY} holds {', '.join(map(repr, unknown))}, which qlora train does not write "
+                         f"(it writes {', '.join(_RECORD_KEYS)}; group_texts holds {', '.join(_GROUP_KEYS)}); correct "
+                         f"or delete it there, or give --train-on, --seq-len, --eot-tokens and --group-texts.")
     train_on, seq_len = record.get("train_on"), record.get("seq_len")
-    eot_tokens, group = record.get("eot_tokens", ""), record.get("group_texts")
+    eot_tokens = record.get("eot_tokens", "")
     group = group if group is not None else {"texts": 0, "shards": 1, "template": "auto"}
     texts, shards, template = (group.get(k) for k in ("texts", "shards", "template")) if isinstance(group, dict) \
         else (None, None, None)
@@ -64,9 +73,12 @@ def trained_tokenization(adapter_dir: str | Path) -> dict[str, Any]:
     return {**found, "group_texts": texts, "group_shards": shards, "group_template": template} if texts else found
 
 
-def eot_token_ids(tokenizer, eot_tokens: str) -> set[int]:
+def eot_token_ids(tokenizer, eot_tokens: str, recorded_in: Path | None = None) -> set[int]:
     """The ids of ``--eot-tokens`` (comma-separated), each one token of the vocabulary, as axolotl requires of its
     eot_tokens.
+
+    Args:
+        recorded_in: the adapter folder whose :data:`KEY` gave ``eot_tokens`` (eval's default), named by the error.
 
     Raises:
         UsageError: a token that the vocabulary writes as several.
@@ -74,6 +86,11 @@ def eot_token_ids(tokenizer, eot_tokens: str) -> set[int]:
     ids = set()
     for token in filter(None, (t.strip() for t in eot_tokens.split(","))):
         encoded = tokenizer.encode(token, add_special_tokens=False)
+        if len(encoded) != 1 and recorded_in is not None:
+            raise UsageError(f"{Path(recorded_in) / INFO_FILE}: {KEY}.eot_tokens lists {token!r}, which is "
+                             f"{len(encoded)} tokens of the vocabulary of this model and adapter, not one: the adapter "
+                             f"was trained with another tokenizer, or the file was edited; correct it there, or give "
+                             f"--eot-tokens (\"\" for none).")
         if len(encoded) != 1:
             raise UsageError(f"--eot-tokens {token!r} is {len(encoded)} tokens of the model's vocabulary, not "
                              "one; list the token the chat template ends a turn with (see the model's "

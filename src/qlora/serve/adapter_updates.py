@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from pydantic import BaseModel
+from pydantic import BaseModel, ConfigDict
 
 from ..errors import UsageError
 from ..infer.batcher import ContinuousBatcher
@@ -27,12 +27,14 @@ from ..model.chat_format import ChatFormat
 from ..model.image_pixels import PixelBounds
 from ..model.inject import adapter_configs
 from ..model.multi_adapter import delete_adapter
+from ..nn.adapter_name import adapter_name_problem
 from .protocol import APIError
 
 
 class LoadAdapterRequest(BaseModel):
     """vLLM's body of ``POST /v1/load_lora_adapter``."""
 
+    model_config = ConfigDict(strict=True)  # as the other bodies: a value of the wrong JSON type is a 400
     lora_name: str
     lora_path: str
 
@@ -40,12 +42,29 @@ class LoadAdapterRequest(BaseModel):
 class UnloadAdapterRequest(BaseModel):
     """vLLM's body of ``POST /v1/unload_lora_adapter`` (its ``lora_int_id`` is not needed here)."""
 
+    model_config = ConfigDict(strict=True)
     lora_name: str
     lora_int_id: int | None = None
 
 
+def check_lora_name(name: str) -> None:
+    """Refuse a ``lora_name`` that cannot key the adapter layers, or that is no one-line model id (control
+    characters would break the log lines and the ``model`` field that name it).
+
+    Raises:
+        APIError: 400 naming the problem.
+    """
+    problem = adapter_name_problem(name) or (None if name.isprintable() else "it holds control characters")
+    if problem:
+        raise APIError(400, f"{name!r} cannot name an adapter: {problem}; choose another lora_name (letters, digits, "
+                            "'-' and '_').", "lora_name")
+
+
 def adapter_folder(lora_path: str) -> Path:
-    """``lora_path`` as a folder, or a 404 naming it."""
+    """``lora_path`` as a folder (a relative one from the server's working directory, ``~`` expanded), or a 400
+    for an empty one and a 404 naming one that is no folder."""
+    if not lora_path.strip():
+        raise APIError(400, "'lora_path' is empty; give the folder the adapter was saved to.", "lora_path")
     folder = Path(lora_path).expanduser()
     if not folder.is_dir():
         raise APIError(404, f"The adapter path {lora_path!r} is not a folder on the server; give the folder the "
@@ -67,12 +86,16 @@ def attach(batcher: ContinuousBatcher, folder: Path, name: str,
 
     Raises:
         APIError: 400 naming why the adapter does not fit this model (files, shapes, modules it lacks) or
-            would write the shared base; the model is left as it was.
+            would write the shared base; 503 once the server is shutting down; the model is left as it was.
     """
     try:
         chat_format, bounds = settings(folder)
-        _refuse_base_writes(batcher, folder)
-        with batcher.paused():
+        config, tensors = read_adapter_config(folder), read_adapter_weights(folder)
+        vocabulary = _saved_vocabulary(folder)
+        with batcher.paused():  # the model read and changed while no other load or unload changes it
+            if batcher.closed:  # the server began to shut down while the folder was read
+                raise _shutting_down()
+            _refuse_base_writes(batcher, config, tensors, vocabulary)
             try:
                 load_adapter(batcher.model, folder, adapter_name=name)
             except BaseException:
@@ -90,8 +113,10 @@ def detach(batcher: ContinuousBatcher, name: str) -> None:
 
     Raises:
         APIError: 409 while requests for it are running or waiting; 400 for an adapter that cannot be
-            deleted (one that trained base modules in place).
+            deleted (one that trained base modules in place); 503 once the server is shutting down.
     """
+    if batcher.closed:
+        raise _shutting_down()
     try:
         busy = batcher.unload(name)
     except UsageError as exc:
@@ -104,14 +129,20 @@ def detach(batcher: ContinuousBatcher, name: str) -> None:
         torch.cuda.empty_cache()  # give the freed blocks back, as a restart without the adapter would have them
 
 
-def _refuse_base_writes(batcher: ContinuousBatcher, folder: Path) -> None:
-    """Refuse an adapter whose load would change the base model shared by the server's other adapters.
+def _shutting_down() -> APIError:
+    return APIError(503, "The server is shutting down; the adapters stay as they were.", kind="server_error",
+                    code="server_shutdown")
+
+
+def _refuse_base_writes(batcher: ContinuousBatcher, config: dict, tensors: dict[str, torch.Tensor],
+                       vocabulary: int | None) -> None:
+    """Refuse an adapter (its ``config``, ``tensors`` and saved tokenizer's ``vocabulary`` size) whose load would
+    change the base model shared by the server's other adapters. Called with the batcher paused: it walks the
+    model's parameters, which another load or unload would change under it.
 
     Raises:
         UsageError: naming what it would write (or the vocabulary it was trained with).
     """
-    config = read_adapter_config(folder)
-    tensors = read_adapter_weights(folder)
     if config.get("target_parameters"):
         raise UsageError("it adapts expert weights (target_parameters), which per-request adapters do not cover")
     if config.get("peft_type") == "ADALORA":
@@ -120,11 +151,15 @@ def _refuse_base_writes(batcher: ContinuousBatcher, folder: Path) -> None:
     params = dict(model.named_parameters())
     whole = config.get("modules_to_save") or []  # loaded as the adapter's own copies (qlora.nn.SavedModules)
     for key, value in tensors.items():
-        if ".lora_" in key or ".original_module." in key or ".modules_to_save." in key:
-            continue  # the adapter's own tensors, or PEFT's copies beside a module saved whole (whose key is refused)
+        if ".lora_" in key:
+            continue  # the adapter's own tensors
         path = key[len(PEFT_PREFIX):]
+        if ".original_module." in key or ".modules_to_save." in key:  # PEFT's copies of a module saved whole
+            _check_copy(params, path.replace(".original_module.", ".").replace(".modules_to_save.", "."), value)
+            continue
         module = path.rpartition(".")[0]
         if any(module == name or module.endswith("." + name) for name in whole):
+            _check_copy(params, path, value)
             continue
         if ".base_layer." in path:  # the base table PEFT saves beside an adapted embedding: fine if it is ours
             own = params.get(path, params.get(path.replace(".base_layer.", ".", 1)))
@@ -133,10 +168,25 @@ def _refuse_base_writes(batcher: ContinuousBatcher, folder: Path) -> None:
         what = "new token rows (trainable_token_indices)" if ".token_adapter." in key else f"the base's {path}"
         raise UsageError(f"it trains {what} in the base model itself, which every adapter served here shares; "
                          "serve it from its own qlora serve (--adapter at start) or merge it (qlora merge)")
-    saved = _saved_vocabulary(folder)
-    if saved is not None and saved != len(batcher.tokenizer):
-        raise UsageError(f"it was trained with a tokenizer of {saved} tokens, this server's has "
+    if vocabulary is not None and vocabulary != len(batcher.tokenizer):
+        raise UsageError(f"it was trained with a tokenizer of {vocabulary} tokens, this server's has "
                          f"{len(batcher.tokenizer)}; serve it from its own qlora serve")
+
+
+def _check_copy(params: dict[str, torch.Tensor], path: str, value: torch.Tensor) -> None:
+    """Refuse an adapter's own copy of a module trained whole whose tensor ``path`` has another shape than the
+    base's (an lm_head of another vocabulary): loading it would resize the shared base to fit.
+
+    Raises:
+        UsageError: naming both shapes.
+    """
+    module, _, leaf = path.rpartition(".")
+    own = params.get(path, params.get(f"{module}.original_module.{leaf}"))  # already copied for another adapter
+    if own is not None and own.shape != value.shape:
+        raise UsageError(f"its copy of {module} (trained whole, modules_to_save) has {leaf} of shape "
+                         f"{tuple(value.shape)}, this model's has {tuple(own.shape)}: it was trained on another base "
+                         "or vocabulary, and loading it would resize the base model every adapter served here shares; "
+                         "serve it from its own qlora serve")
 
 
 def _saved_vocabulary(folder: Path) -> int | None:

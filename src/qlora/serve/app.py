@@ -64,7 +64,8 @@ from ..model.chat_format import ChatFormat
 from ..model.image_pixels import PixelBounds
 from ..model.in_place_weights import in_place_adapter
 from . import conversations as conv
-from .adapter_updates import LoadAdapterRequest, UnloadAdapterRequest, adapter_folder, attach, detach
+from .adapter_updates import (LoadAdapterRequest, UnloadAdapterRequest, adapter_folder, attach, check_lora_name,
+                              detach)
 from .background import BackgroundRun
 from .logprobs import TextOffsets, chat_logprobs, completion_logprobs, prompt_logprob_maps
 from .protocol import APIError, ChatCompletionRequest, CompletionRequest, _Body, sse
@@ -191,6 +192,7 @@ def build_app(batcher: ContinuousBatcher, base_id: str, adapters: list[str], api
     async def load_lora_adapter(body: LoadAdapterRequest) -> PlainTextResponse:
         updates_allowed()
         name = body.lora_name
+        check_lora_name(name)
         if name in ids or name in gone or name in loading:
             what = "the base model's id" if name == base_id else "loaded already"
             raise APIError(400, f"The adapter {name!r} is {what}; unload it first or choose another lora_name.",
@@ -215,6 +217,9 @@ def build_app(batcher: ContinuousBatcher, base_id: str, adapters: list[str], api
                            "lora_name")
         if name in gone:
             raise APIError(409, f"The adapter {name!r} is being unloaded already.", "lora_name", "adapter_in_use")
+        if name in loading:
+            raise APIError(409, f"The adapter {name!r} is being loaded; retry the unload once its load is done.",
+                           "lora_name", "adapter_in_use")
         if name not in ids:
             raise APIError(404, f"The adapter {name!r} is not loaded; this server has {', '.join(ids)} "
                                 "(see GET /v1/models).", "lora_name", "adapter_not_found")

@@ -101,7 +101,7 @@ def run(args: argparse.Namespace) -> int:
     from ...train.trainer import compute_dtype_for, token_loss_sum
 
     fields = parse_data_fields(args.data_fields)  # checked before the model loads
-    _follow_adapter(args)
+    recorded = _follow_adapter(args)
     if args.template_date:
         pinned_datetime(args.template_date)
     bounds = pixel_bounds_for(args, args.adapter)  # images shown as training showed them (saved with the adapter)
@@ -136,7 +136,8 @@ def run(args: argparse.Namespace) -> int:
         print(fallback_note(tokenizer), file=sys.stderr)
     # the turn ends training counted: its end markers and --eot-tokens
     generation_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    stops = stop_token_ids(tokenizer, generation_eos) | eot_token_ids(tokenizer, args.eot_tokens)
+    stops = stop_token_ids(tokenizer, generation_eos) | eot_token_ids(
+        tokenizer, args.eot_tokens, args.adapter if "eot_tokens" in recorded else None)
     try:
         if args.group_texts:  # the blocks the run trained and evaluated on
             tokenized, report = text_blocks(examples, tokenizer, args.seq_len, args.group_texts, args.group_shards,
@@ -163,20 +164,31 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _follow_adapter(args: argparse.Namespace) -> None:
+def _follow_adapter(args: argparse.Namespace) -> set[str]:
     """--train-on, --seq-len, --eot-tokens and --group-texts/--group-shards not given: the adapter's run's
-    (qlora_adapter.json), so the loss is the one that run's eval reported, else train's defaults."""
+    (qlora_adapter.json), so the loss is the one that run's eval reported, else train's defaults. The record is
+    read only for options not given (all given, a bad one is passed over); its group_shards and group_template
+    belong to its group_texts, so a given --group-texts takes neither.
+
+    Returns:
+        The options taken from the record.
+    """
     from ...errors import UsageError
     from ...model.trained_tokens import trained_tokenization
 
-    trained = {**TRAIN_DEFAULTS, "group_template": "auto",
-               **(trained_tokenization(args.adapter) if args.adapter else {})}
-    for key, value in trained.items():
+    missing = [k for k in ("train_on", "seq_len", "eot_tokens", "group_texts") if getattr(args, k, None) is None]
+    recorded = trained_tokenization(args.adapter) if args.adapter and missing else {}
+    if args.group_texts is not None:
+        recorded = {k: v for k, v in recorded.items() if k not in ("group_shards", "group_template")}
+    taken = set()
+    for key, value in {**TRAIN_DEFAULTS, "group_template": "auto", **recorded}.items():
         if getattr(args, key, None) is None:
             setattr(args, key, value)
+            taken |= {key} & recorded.keys()
     if args.group_shards != 1 and not args.group_texts:
         raise UsageError(f"--group-shards {args.group_shards} splits the texts that --group-texts groups; give "
                          "--group-texts too (or leave --group-shards out).")
+    return taken
 
 
 def _print_result(args: argparse.Namespace, rows: int, examples: int, loss_sum: float, tokens: int) -> None:
