@@ -27,6 +27,7 @@ from ..model.chat_format import ChatFormat
 from ..model.image_pixels import PixelBounds
 from ..model.inject import adapter_configs
 from ..model.multi_adapter import delete_adapter
+from ..nn.adapter_name import adapter_name_problem
 from .protocol import APIError
 
 
@@ -42,6 +43,14 @@ class UnloadAdapterRequest(BaseModel):
 
     lora_name: str
     lora_int_id: int | None = None
+
+
+def check_lora_name(lora_name: str) -> None:
+    """A 400 naming ``lora_name`` when it cannot name an adapter, before its folder is looked at."""
+    problem = adapter_name_problem(lora_name)
+    if problem is not None:
+        raise APIError(400, f"The lora_name {lora_name!r} cannot name an adapter: {problem}; choose another name "
+                            "(letters, digits, '-' and '_').", "lora_name")
 
 
 def adapter_folder(lora_path: str) -> Path:

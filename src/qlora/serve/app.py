@@ -64,7 +64,8 @@ from ..model.chat_format import ChatFormat
 from ..model.image_pixels import PixelBounds
 from ..model.in_place_weights import in_place_adapter
 from . import conversations as conv
-from .adapter_updates import LoadAdapterRequest, UnloadAdapterRequest, adapter_folder, attach, detach
+from .adapter_updates import (LoadAdapterRequest, UnloadAdapterRequest, adapter_folder, attach, check_lora_name,
+                              detach)
 from .background import BackgroundRun
 from .logprobs import TextOffsets, chat_logprobs, completion_logprobs, prompt_logprob_maps
 from .protocol import APIError, ChatCompletionRequest, CompletionRequest, _Body, sse
@@ -191,10 +192,12 @@ def build_app(batcher: ContinuousBatcher, base_id: str, adapters: list[str], api
     async def load_lora_adapter(body: LoadAdapterRequest) -> PlainTextResponse:
         updates_allowed()
         name = body.lora_name
+        if name == base_id:
+            raise APIError(400, f"{name!r} is the base model's id; choose another lora_name.", "lora_name")
         if name in ids or name in gone or name in loading:
-            what = "the base model's id" if name == base_id else "loaded already"
-            raise APIError(400, f"The adapter {name!r} is {what}; unload it first or choose another lora_name.",
-                           "lora_name")
+            raise APIError(400, f"The adapter {name!r} is loaded already; unload it first or choose another "
+                                "lora_name.", "lora_name")
+        check_lora_name(name)
         folder = adapter_folder(body.lora_path)
         loading.add(name)
         try:
