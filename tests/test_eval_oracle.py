@@ -251,8 +251,10 @@ def test_a_chosen_template_keeps_the_adapters_system_folding_when_it_is_the_same
 @pytest.mark.parametrize("content", [None, "", "\n\n"])
 def test_eval_refuses_a_missing_or_empty_data_file_before_loading_the_model(tmp_path, capsys, content):
     """Exit 2 naming the file, no traceback, and before the model loads (a typo costs seconds, not a 70B load): the
-    model folder here is empty, so an error about it would mean it was loaded first."""
+    model folder here holds a config.json naming no model (a folder without one is refused at startup, before the
+    data is read), so an error about it would mean it was loaded first."""
     (tmp_path / "no-model").mkdir()
+    (tmp_path / "no-model" / "config.json").write_text("{}")
     data = tmp_path / "d.jsonl"
     if content is not None:
         data.write_text(content)
