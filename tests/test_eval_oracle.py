@@ -357,6 +357,11 @@ def test_eval_cuts_the_blocks_an_adapter_trained_with_group_texts_on(tmp_path, q
     evaluate = ["--model", str(model_dir), "--adapter", str(run), "--data", str(data), "--format", "text"]
     followed = _eval_as_trained(capsys, *evaluate)
     assert followed["loss"] == pytest.approx(_run_eval_loss(run), rel=1e-6)
+    chats = _write(tmp_path / "chats.jsonl", CHATS)  # the run's --group-texts names itself, and the way out
+    assert main(["eval", "--model", str(model_dir), "--adapter", str(run), "--data", str(chats)]) == 2
+    err = capsys.readouterr().err
+    assert "chats.jsonl line 1: this row is a conversation row, not a plain text" in err and "--group-texts 5 (given, or the adapter's run's)" \
+        in err and "give --group-texts 0" in err and "Traceback" not in err
     ungrouped = _eval_as_trained(capsys, *evaluate, "--group-texts", "0")  # the record's shards go with its texts
     assert _without(run, "group_texts") == {"texts": 5, "shards": 2, "template": "auto"}
     whole = _eval_as_trained(capsys, *evaluate)

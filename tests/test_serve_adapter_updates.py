@@ -223,7 +223,10 @@ def test_bad_loads_and_unloads_are_refused_and_leave_the_model_as_it_was(tiny_mo
     assert str(tmp_path / "nowhere") in missing["message"] and missing["param"] == "lora_path"
     (tmp_path / "empty").mkdir()
     assert "adapter_config.json is missing" in _error(_load(http, "x", tmp_path / "empty"), 400)["message"]
-    assert "base model" in _error(_load(http, "tiny", adapters / "a"), 400)["message"]
+    base = _error(_load(http, "tiny", adapters / "a"), 400)
+    assert "base model" in base["message"] and "unload" not in base["message"] and base["param"] == "lora_name"
+    dotted = _error(_load(http, "a.b", adapters / "a"), 400)
+    assert "'.'" in dotted["message"] and dotted["param"] == "lora_name"
 
     wide = _broken(adapters, tmp_path, "wide", lambda t: {k: torch.zeros(v.shape[0], v.shape[1] + 3)
                                                           if "q_proj.lora_A" in k else v for k, v in t.items()})

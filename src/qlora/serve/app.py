@@ -193,10 +193,11 @@ def build_app(batcher: ContinuousBatcher, base_id: str, adapters: list[str], api
         updates_allowed()
         name = body.lora_name
         check_lora_name(name)
+        if name == base_id:
+            raise APIError(400, f"{name!r} is the base model's id; choose another lora_name.", "lora_name")
         if name in ids or name in gone or name in loading:
-            what = "the base model's id" if name == base_id else "loaded already"
-            raise APIError(400, f"The adapter {name!r} is {what}; unload it first or choose another lora_name.",
-                           "lora_name")
+            raise APIError(400, f"The adapter {name!r} is loaded already; unload it first or choose another "
+                                "lora_name.", "lora_name")
         folder = adapter_folder(body.lora_path)
         loading.add(name)
         try:

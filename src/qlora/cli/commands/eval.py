@@ -114,6 +114,14 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"{imaged.where}: this row holds images, and --group-texts {args.group_texts} (given, or "
                          "the adapter's run's) measures blocks cut from a stream of plain texts, which would cut "
                          "images apart; give --group-texts 0 to measure each example whole.")
+    unplain = next((e for e in examples if e.text is None or e.prompt is not None or e.pieces is not None), None)
+    if args.group_texts and unplain is not None:  # said before the model loads, naming where the option comes from
+        kind = ("a torchtune dataset's" if unplain.pieces is not None
+                else "a prompt-completion" if unplain.text is not None else "a conversation")
+        raise UsageError(f"{unplain.where}: this row is {kind} row, not a plain text, and --group-texts "
+                         f"{args.group_texts} (given, or the adapter's run's) measures blocks cut from a stream of "
+                         "plain texts; give --group-texts 0 to measure each example whole, or rows with a text field "
+                         "(--format text).")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = compute_dtype_for("auto", device)
     model, tokenizer = load_model(args.model, **load_kwargs(args), compute_dtype=dtype, device=device)
