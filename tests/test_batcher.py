@@ -197,3 +197,38 @@ def test_requests_a_shutdown_ends_are_counted_as_cancelled(tiny_model_dir):
     stats = batcher.load()
     assert ends == ["cancelled"] * 3, ends
     assert (stats["requests_cancelled"], stats["requests_completed"], stats["requests_failed"]) == (3, 0, 0), stats
+
+
+def test_a_pause_gets_in_between_two_steps_of_a_running_request(tiny_model_dir):
+    """``paused`` (a runtime adapter load, an unload) waits for the step under way, not for the requests to end: the
+    loop took its step lock back at once after each step, so a pause waited, starved, until nothing ran."""
+    model, tokenizer = qlora.load_model(tiny_model_dir, compute_dtype=torch.float32, device="cpu")
+    ids = tokenizer(PROMPTS[0]).input_ids
+    tokens, ended = [], threading.Event()
+
+    def emit(event: Event) -> None:
+        tokens.append(event)
+        if event.finish_reason:
+            ended.set()
+
+    def busy(*_) -> None:  # a step that computes (holds the interpreter) for 10 ms, as a real forward does
+        end = time.perf_counter() + 0.01
+        while time.perf_counter() < end:
+            pass
+
+    hook = model.register_forward_pre_hook(busy)
+    batcher = ContinuousBatcher(model.eval(), tokenizer, max_batch_size=1, context_length=512).start()
+    try:
+        options = SamplingOptions(max_new_tokens=300, temperature=0, logit_bias={tokenizer.eos_token_id: -100.0})
+        batcher.submit(Request(ids, None, options, emit))
+        while len(tokens) < 3:
+            time.sleep(0.01)
+        for _ in range(5):
+            with batcher.paused():
+                assert batcher.load()["running"] == 1 and not ended.is_set()
+                held = len(tokens)
+                time.sleep(0.05)
+                assert len(tokens) == held  # no step while paused
+    finally:
+        batcher.close()
+        hook.remove()

@@ -233,7 +233,7 @@ def test_serve_does_not_answer_as_the_base_beside_an_adapter_that_overwrote_it(t
         assert [m["id"] for m in client.get("/v1/models").json()["data"]] == ["tokens"]
         body = {"prompt": "The sky", "max_tokens": 2, "temperature": 0}
         refused = client.post("/v1/completions", json=body | {"model": "tiny"})
-        assert refused.status_code == 400 and refused.json()["error"]["code"] == "model_not_found"
+        assert refused.status_code == 404 and refused.json()["error"]["code"] == "model_not_found"
         assert "'tokens' trained new rows of model.embed_tokens" in refused.json()["error"]["message"]
         assert client.post("/v1/completions", json=body | {"model": "tokens"}).status_code == 200
     finally:

@@ -137,7 +137,7 @@ def test_a_loaded_adapter_answers_as_one_given_at_start(tiny_model_dir, adapters
         assert _unload(http, name).status_code == 200
     with pytest.raises(openai.NotFoundError):
         client.models.retrieve("a")
-    with pytest.raises(openai.BadRequestError) as refused:
+    with pytest.raises(openai.NotFoundError) as refused:
         _chat(client, "a")
     assert refused.value.code == "model_not_found"
     assert {n: p.numel() for n, p in batcher.model.named_parameters()} == before  # its tensors are gone

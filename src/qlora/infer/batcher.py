@@ -179,6 +179,7 @@ class ContinuousBatcher:
         self._cache = None
         self._wake = threading.Condition()
         self._step_lock = threading.Lock()
+        self._pauses = 0  # threads waiting in (or holding) paused(): the loop lets them in before its next step
         self._closed = False
         self._thread: threading.Thread | None = None
         self.unbatchable = self._batching_problem()
@@ -280,9 +281,18 @@ class ContinuousBatcher:
     @contextlib.contextmanager
     def paused(self) -> Iterator[None]:
         """Hold the loop between two steps (requests queue up meanwhile), e.g. to
-        change the model's adapters or to look at a consistent batch."""
-        with self._step_lock:
-            yield
+        change the model's adapters or to look at a consistent batch. The loop waits for the pause before its
+        next step: it would otherwise take the step lock back at once, step after step, and a pause would wait
+        until no request runs."""
+        with self._wake:
+            self._pauses += 1
+        try:
+            with self._step_lock:
+                yield
+        finally:
+            with self._wake:
+                self._pauses -= 1
+                self._wake.notify_all()
 
     def unload(self, adapter: str) -> int:
         """Delete ``adapter`` from the model between two steps (freeing its tensors), unless requests for it
@@ -292,7 +302,7 @@ class ContinuousBatcher:
         Raises:
             UsageError: an adapter that cannot be deleted (see :func:`~qlora.model.multi_adapter.delete_adapter`).
         """
-        with self._step_lock, self._wake:
+        with self.paused(), self._wake:
             busy = sum(r.adapter == adapter and not r.cancelled for r in self._waiting)
             busy += sum(r.request.adapter == adapter for r in self._rows)
             if not busy:
@@ -307,7 +317,7 @@ class ContinuousBatcher:
     def _loop(self) -> None:
         while True:
             with self._wake:
-                while not self._closed and not self._waiting and not self._rows:
+                while not self._closed and (self._pauses or not self._waiting and not self._rows):
                     self._wake.wait()
                 if self._closed:
                     return

@@ -178,7 +178,7 @@ def build_app(batcher: ContinuousBatcher, base_id: str, adapters: list[str], api
 
     @app.get("/v1/models/{model_id:path}")  # client.models.retrieve; an id may hold "/" (--served-model-name org/x)
     async def retrieve_model(model_id: str) -> dict[str, Any]:
-        _adapter(ids, model_id, 404, gone)
+        _adapter(ids, model_id, gone)
         return model_card(model_id)
 
     def updates_allowed() -> None:
@@ -391,7 +391,7 @@ def build_app(batcher: ContinuousBatcher, base_id: str, adapters: list[str], api
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request):
         body.refuse_unsupported()
-        choices = await off_loop(chat_choices, body, _adapter(ids, body.model, 400, gone))
+        choices = await off_loop(chat_choices, body, _adapter(ids, body.model, gone))
         return await _respond(batcher, choices, body, request, chat=True)
 
     def response_choice(body: ResponsesRequest, adapter: str | None,
@@ -437,7 +437,7 @@ def build_app(batcher: ContinuousBatcher, base_id: str, adapters: list[str], api
         if body.background and store.capacity <= 0:
             raise APIError(400, "Background mode keeps the response to poll, and this server keeps none (started with "
                                 "--stored-responses 0); send the request without 'background'.", "background")
-        adapter = _adapter(ids, body.model, 404, gone)
+        adapter = _adapter(ids, body.model, gone)
         conversation = body.conversation_id()
         if conversation is not None:
             history = conversations.get(conversation, "conversation").items
@@ -591,7 +591,7 @@ def build_app(batcher: ContinuousBatcher, base_id: str, adapters: list[str], api
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):
         body.refuse_unsupported()
-        choices = await off_loop(completion_choices, body, _adapter(ids, body.model, 400, gone))
+        choices = await off_loop(completion_choices, body, _adapter(ids, body.model, gone))
         return await _respond(batcher, choices, body, request, chat=False)
 
     return app
@@ -750,13 +750,14 @@ def _include(request: Request) -> set[str]:
     return checked_include(query.getlist("include[]") + query.getlist("include"))
 
 
-def _adapter(ids: dict[str, str | None], model_id: str, status: int = 400,
-             gone: dict[str, str] | None = None) -> str | None:
+def _adapter(ids: dict[str, str | None], model_id: str, gone: dict[str, str] | None = None) -> str | None:
+    """The adapter name ``model_id`` serves (None: the base), or a 404 ``model_not_found`` naming the models this
+    server has, as OpenAI and vLLM answer a model that does not exist."""
     if model_id in (gone or {}):
-        raise APIError(status, f"The model {model_id!r} is not served here: {gone[model_id]}; this server has "
+        raise APIError(404, f"The model {model_id!r} is not served here: {gone[model_id]}; this server has "
                                f"{', '.join(ids)} (see GET /v1/models).", "model", "model_not_found")
     if model_id not in ids:
-        raise APIError(status, f"The model {model_id!r} does not exist; this server has {', '.join(ids)} "
+        raise APIError(404, f"The model {model_id!r} does not exist; this server has {', '.join(ids)} "
                             "(see GET /v1/models).", "model", "model_not_found")
     return ids[model_id]
 
@@ -880,7 +881,7 @@ def _submit(batcher: ContinuousBatcher, choices: list[_Choice]) -> asyncio.Queue
         if isinstance(exc, BatcherClosed):  # set up while the server began to shut down: what a running one gets
             raise _shutting_down() from None
         if isinstance(exc, UnknownAdapter):  # unloaded (POST /v1/unload_lora_adapter) while this was set up
-            raise APIError(400, f"The model was unloaded while this request was set up ({exc}); see GET /v1/models.",
+            raise APIError(404, f"The model was unloaded while this request was set up ({exc}); see GET /v1/models.",
                            "model", "model_not_found") from None
         raise
     return queue
