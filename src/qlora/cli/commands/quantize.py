@@ -39,6 +39,7 @@ def run(args: argparse.Namespace) -> int:
     from ...model.inference_files import carry_inference_files
     from ...model.load import bnb_4bit_config, load_model, read_model_config, resolve_model_dir
     from ...model.quantized_io import check_quantizable, dense_expert_share, save_quantized
+    from ...model.trained_tokens import model_tokenization
 
     from ...output_folder import check_output, staged_output
 
@@ -50,10 +51,13 @@ def run(args: argparse.Namespace) -> int:
                                   compute_dtype=args.compute_dtype,  # load_model reads the name
                                   quantize_experts=False)
     _check_same_format(args, model)
-    trained, bounds = merged_format(args.model), PixelBounds.load(args.model)  # a merged fine-tune's, else none
+    # a merged fine-tune's, else none: the same data pipeline on the quantized weights
+    trained, bounds = merged_format(args.model), PixelBounds.load(args.model)
+    tokenization = model_tokenization(args.model)
     with staged_output(args.output, "quantize", replace=True) as stage:
         save_quantized(model, stage, tokenizer, max_shard_bytes=args.max_shard_size)
-        carry_inference_files(resolve_model_dir(args.model), stage, trained, bounds)  # takes images still
+        carry_inference_files(resolve_model_dir(args.model), stage, trained, bounds,  # takes images still
+                              tokenization)
     if resaved:  # loaded in its own format (checked above), nothing quantized a second time
         print(f"{args.model} is a bitsandbytes {args.quant} checkpoint already: re-saved as it is to {args.output}")
     else:
