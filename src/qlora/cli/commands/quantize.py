@@ -46,14 +46,14 @@ def run(args: argparse.Namespace) -> int:
     check_output(args.output, overwrite=args.overwrite, inputs={"--model": args.model})
     check_quantizable(resolve_model_dir(args.model))
     resaved = bnb_4bit_config(read_model_config(resolve_model_dir(args.model))) is not None
+    # a merged fine-tune's record, else none (read before the slow load): quantizing leaves the data pipeline as it was
+    tokenization = model_tokenization(args.model)
     model, tokenizer = load_model(args.model, quant=args.quant, double_quant=args.double_quant,
                                   blocksize=args.blocksize, device="cpu",
                                   compute_dtype=args.compute_dtype,  # load_model reads the name
                                   quantize_experts=False)
     _check_same_format(args, model)
-    # a merged fine-tune's, else none: the same data pipeline on the quantized weights
-    trained, bounds = merged_format(args.model), PixelBounds.load(args.model)
-    tokenization = model_tokenization(args.model)
+    trained, bounds = merged_format(args.model), PixelBounds.load(args.model)  # a merged fine-tune's, else none
     with staged_output(args.output, "quantize", replace=True) as stage:
         save_quantized(model, stage, tokenizer, max_shard_bytes=args.max_shard_size)
         carry_inference_files(resolve_model_dir(args.model), stage, trained, bounds,  # takes images still
