@@ -400,3 +400,79 @@ def test_a_turn_end_that_is_text_not_a_token_is_followed_by_a_trained_eos(tmp_pa
     result = _eval(capsys, "--model", str(model_dir), "--data", str(data), "--template", "chatml")
     assert result["tokens"] == count == plain + len(chats)
     assert result["loss"] == pytest.approx(total / count, rel=1e-5)
+
+
+def _held_out_run(tmp_path, model_dir, capsys, *options):
+    """A run on the chats twice, 30% held out for its eval (--eval-split), with ``options``: (run, held-out rows)."""
+    rows = [json.dumps({"messages": m}) for m in CHATS * 2]
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(r + "\n" for r in rows))
+    held = tmp_path / "held.jsonl"
+    held.write_text("".join(r + "\n" for r in hold_out(rows, 0.3, 7)[1]))
+    run = tmp_path / "run"
+    assert main(["train", "--model", str(model_dir), "--data", str(data), "--eval-split", "0.3", "--seed", "7",
+                 "--output", str(run), "--max-steps", "2", "--batch-size", "2", "--lr", "1e-2", "--no-progress",
+                 *options]) == 0
+    capsys.readouterr()
+    return run, held
+
+
+def test_a_merged_model_is_evaluated_as_its_adapter_was(tmp_path, qwen, capsys):
+    """A run with --train-on all and --seq-len 40 on a 16-bit base, merged in fp32: eval of the merged folder without
+    options reports the loss of eval of base + adapter (the merge carries the run's record), which train's defaults
+    would not; `qlora quantize` of the folder keeps the record (its 4-bit loss close, the same tokens). A merged
+    folder without the record (older qlora) gets train's defaults, and a hand-edited one is an error naming it."""
+    model_dir, _ = qwen
+    run, held = _held_out_run(tmp_path, model_dir, capsys, "--quant", "none", "--train-on", "all", "--seq-len", "40")
+    adapter = _eval_as_trained(capsys, "--model", str(model_dir), "--adapter", str(run), "--data", str(held))
+    assert adapter["loss"] == pytest.approx(_run_eval_loss(run), rel=1e-6)
+    merged = tmp_path / "merged"
+    assert main(["merge", "--model", str(model_dir), "--adapter", str(run), "--output", str(merged),
+                 "--dtype", "float32"]) == 0
+    capsys.readouterr()
+    evaluated = _eval(capsys, "--model", str(merged), "--data", str(held))
+    assert evaluated["tokens"] == adapter["tokens"]
+    assert evaluated["loss"] == pytest.approx(adapter["loss"], rel=1e-5)
+    defaults = _eval(capsys, "--model", str(merged), "--data", str(held), "--train-on", "assistant", "--seq-len", "512")
+    assert defaults["tokens"] != adapter["tokens"]
+    quantized = tmp_path / "quantized"
+    assert main(["quantize", "--model", str(merged), "--output", str(quantized)]) == 0
+    capsys.readouterr()
+    four_bit = _eval_as_trained(capsys, "--model", str(quantized), "--data", str(held))
+    assert four_bit["tokens"] == adapter["tokens"] and four_bit["loss"] == pytest.approx(adapter["loss"], rel=5e-3)
+    record = merged / "trained_tokens.json"
+    assert json.loads(record.read_text()) == {"tokenization": {"train_on": "all", "seq_len": 40}}
+    record.write_text(json.dumps({"tokenization": {"train_on": "all", "seq_len": 1}}))
+    assert main(["eval", "--quant", "none", "--model", str(merged), "--data", str(held)]) == 2
+    err = capsys.readouterr().err
+    assert f"{record}: tokenization must be" in err and "Traceback" not in err
+    record.unlink()  # as merged before merges carried it
+    assert _eval(capsys, "--model", str(merged), "--data", str(held)) == defaults
+
+
+def test_a_merge_of_a_4bit_run_and_of_a_run_on_a_merged_model_carries_that_runs_record(tmp_path, qwen, capsys):
+    """A run on the default 4-bit base: its merged folder, evaluated without options, measures the tokens base +
+    adapter does and a loss close to it (the merged weights quantized again). An adapter trained on that merged
+    folder with other options: its merge carries its own record, not the folder's, and an adapter's record beats
+    the model folder's (the numbers of eval of merged + adapter and of their merge agree)."""
+    model_dir, _ = qwen
+    run, held = _held_out_run(tmp_path, model_dir, capsys, "--train-on", "all", "--seq-len", "40")
+    adapter = _eval_as_trained(capsys, "--model", str(model_dir), "--adapter", str(run), "--data", str(held))
+    merged = tmp_path / "merged"
+    assert main(["merge", "--model", str(model_dir), "--adapter", str(run), "--output", str(merged)]) == 0
+    capsys.readouterr()
+    evaluated = _eval_as_trained(capsys, "--model", str(merged), "--data", str(held))
+    assert evaluated["tokens"] == adapter["tokens"] and evaluated["loss"] == pytest.approx(adapter["loss"], rel=5e-3)
+    again = tmp_path / "again"
+    again.mkdir()
+    second, _ = _held_out_run(again, merged, capsys, "--quant", "none", "--seq-len", "64")
+    on_merged = _eval_as_trained(capsys, "--model", str(merged), "--adapter", str(second), "--data", str(held))
+    assert on_merged["tokens"] != evaluated["tokens"]
+    remerged = tmp_path / "remerged"
+    assert main(["merge", "--model", str(merged), "--adapter", str(second), "--output", str(remerged),
+                 "--dtype", "float32"]) == 0
+    capsys.readouterr()
+    assert json.loads((remerged / "trained_tokens.json").read_text()) == {
+        "tokenization": {"train_on": "assistant", "seq_len": 64}}
+    final = _eval(capsys, "--model", str(remerged), "--data", str(held))
+    assert final["tokens"] == on_merged["tokens"] and final["loss"] == pytest.approx(on_merged["loss"], rel=1e-5)

@@ -5,24 +5,28 @@ inference shows it its prompts and images as the run did.
 settings, the processor's class and arguments), without which ``AutoProcessor`` cannot load the written folder:
 a merged or quantized vision-language model could no longer take images. They are copied as the base holds them.
 The chat format the run trained with (``chat_format.json``) and its image pixel bounds (``image_pixels.json``) go
-in too: qlora's generate, chat, eval and serve read them from a model folder as from an adapter.
+in too: qlora's generate, chat, eval and serve read them from a model folder as from an adapter; so does the tokens
+its loss was measured on (``trained_tokens.json``), which qlora eval follows.
 """
 
 from __future__ import annotations
 
 import shutil
 from pathlib import Path
+from typing import Any
 
 from .chat_format import ChatFormat
 from .image_pixels import PixelBounds
+from .trained_tokens import save_model_tokenization
 
 PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json", "video_preprocessor_config.json")
 
 
 def carry_inference_files(model_dir: str | Path, out: str | Path, chat_format: ChatFormat | None,
-                          bounds: PixelBounds) -> None:
+                          bounds: PixelBounds, tokenization: dict[str, Any]) -> None:
     """Copy :data:`PROCESSOR_FILES` that the base folder ``model_dir`` has and ``out`` lacks, and save
-    ``chat_format`` (unless None) and ``bounds`` into ``out``."""
+    ``chat_format`` (unless None), ``bounds`` and ``tokenization`` (unless empty; as
+    :func:`~qlora.model.trained_tokens.trained_tokenization` reads it) into ``out``."""
     for name in PROCESSOR_FILES:
         source, target = Path(model_dir, name), Path(out, name)
         if source.is_file() and not target.exists():
@@ -30,3 +34,4 @@ def carry_inference_files(model_dir: str | Path, out: str | Path, chat_format: C
     if chat_format is not None:
         chat_format.save(out)
     bounds.save(out)
+    save_model_tokenization(out, tokenization)

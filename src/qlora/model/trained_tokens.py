@@ -6,10 +6,16 @@ All change the loss of the same data, so the run records them beside its adapter
 ``qlora_adapter.json`` (the last two only when set), and ``qlora eval --adapter`` takes them as its defaults: without
 options it measures the loss the run's own eval reported. Adapters written before they were recorded, and PEFT's,
 record none (or only the first two); eval then uses train's defaults for what is missing.
+
+``qlora merge`` writes the adapter's record into the merged folder (:data:`MODEL_FILE`, under the same key), and
+``qlora quantize`` of that folder keeps it (the data pipeline is the same), so ``qlora eval --model merged`` measures
+what eval of base + adapter did. A merged folder carries the record of the adapter merged last: the run that trained
+on a merged model recorded its own, which is what eval of merged + adapter follows.
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +24,7 @@ from .adapter_base import read_json_object
 
 KEY = "tokenization"
 INFO_FILE = "qlora_adapter.json"
+MODEL_FILE = "trained_tokens.json"  # in a merged (or quantized merged) model folder, which has no qlora_adapter.json
 TRAIN_ON = ("assistant", "all", "completion")
 _RECORD_KEYS = ("train_on", "seq_len", "eot_tokens", "group_texts")
 _GROUP_KEYS = ("texts", "shards", "template")
@@ -35,15 +42,15 @@ def tokenization_record(train_on: str, seq_len: int, eot_tokens: str = "", group
     return record
 
 
-def trained_tokenization(adapter_dir: str | Path) -> dict[str, Any]:
+def trained_tokenization(adapter_dir: str | Path, file: str = INFO_FILE) -> dict[str, Any]:
     """``{"train_on": ..., "seq_len": ...}`` as the adapter's run recorded them, with ``eot_tokens`` and
     ``group_texts``/``group_shards``/``group_template`` where it recorded those; empty for an adapter that recorded
-    none.
+    none. ``file``: :data:`MODEL_FILE` for a merged model's folder.
 
     Raises:
         UsageError: a recorded value that is not one ``qlora train`` writes (a hand-edited file).
     """
-    path = Path(adapter_dir) / INFO_FILE
+    path = Path(adapter_dir) / file
     if not path.is_file():
         return {}
     record = read_json_object(path).get(KEY)
@@ -73,12 +80,25 @@ def trained_tokenization(adapter_dir: str | Path) -> dict[str, Any]:
     return {**found, "group_texts": texts, "group_shards": shards, "group_template": template} if texts else found
 
 
+def model_tokenization(model: str | Path) -> dict[str, Any]:
+    """The record a merged model's folder carries (:data:`MODEL_FILE`), as :func:`trained_tokenization` reads it;
+    empty for other folders and hub ids."""
+    return trained_tokenization(model, MODEL_FILE) if Path(model).is_dir() else {}
+
+
+def save_model_tokenization(folder: str | Path, found: dict[str, Any]) -> None:
+    """Write ``found`` (as :func:`trained_tokenization` read it) into a model folder's :data:`MODEL_FILE`, as train
+    records it; nothing for an empty one (a folder without the file gets train's defaults, as its source did)."""
+    if found:
+        Path(folder, MODEL_FILE).write_text(json.dumps({KEY: tokenization_record(**found)}, indent=2) + "\n")
+
+
 def eot_token_ids(tokenizer, eot_tokens: str, recorded_in: Path | None = None) -> set[int]:
     """The ids of ``--eot-tokens`` (comma-separated), each one token of the vocabulary, as axolotl requires of its
     eot_tokens.
 
     Args:
-        recorded_in: the adapter folder whose :data:`KEY` gave ``eot_tokens`` (eval's default), named by the error.
+        recorded_in: the file whose :data:`KEY` gave ``eot_tokens`` (eval's default), named by the error.
 
     Raises:
         UsageError: a token that the vocabulary writes as several.
@@ -87,9 +107,9 @@ def eot_token_ids(tokenizer, eot_tokens: str, recorded_in: Path | None = None) -
     for token in filter(None, (t.strip() for t in eot_tokens.split(","))):
         encoded = tokenizer.encode(token, add_special_tokens=False)
         if len(encoded) != 1 and recorded_in is not None:
-            raise UsageError(f"{Path(recorded_in) / INFO_FILE}: {KEY}.eot_tokens lists {token!r}, which is "
-                             f"{len(encoded)} tokens of the vocabulary of this model and adapter, not one: the adapter "
-                             f"was trained with another tokenizer, or the file was edited; correct it there, or give "
+            raise UsageError(f"{recorded_in}: {KEY}.eot_tokens lists {token!r}, which is "
+                             f"{len(encoded)} tokens of the vocabulary of this model, not one: the run that recorded "
+                             f"it trained with another tokenizer, or the file was edited; correct it there, or give "
                              f"--eot-tokens (\"\" for none).")
         if len(encoded) != 1:
             raise UsageError(f"--eot-tokens {token!r} is {len(encoded)} tokens of the model's vocabulary, not "

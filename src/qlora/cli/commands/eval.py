@@ -4,7 +4,7 @@ Uses the same tokenization, loss mask and per-token normalization as training,
 so the number printed is comparable with the eval loss in a run's metrics; with
 ``--adapter`` the chat format, ``--train-on``, ``--seq-len``, ``--eot-tokens`` and
 ``--group-texts`` default to the ones its run recorded, so without options it is
-that run's eval loss.
+that run's eval loss; a merged model's folder (``qlora merge``) carries them too.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import json
 import math
 import sys
 from dataclasses import replace
+from pathlib import Path
 
 # train's, for an adapter that recorded none
 TRAIN_DEFAULTS = {"train_on": "assistant", "seq_len": 512, "eot_tokens": "", "group_texts": 0, "group_shards": 1}
@@ -55,24 +56,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "train's (default: the one --adapter was trained with, else today)")
     parser.add_argument("--train-on", default=None, choices=TRAIN_ON,
                         help="tokens that count, as qlora train's --train-on (completion: all but the prompts of "
-                             "prompt-completion rows, as TRL's SFT trains; default: as the adapter was "
-                             f"trained, else {TRAIN_DEFAULTS['train_on']})")
+                             "prompt-completion rows, as TRL's SFT trains; default: as the adapter or merged "
+                             f"model was trained, else {TRAIN_DEFAULTS['train_on']})")
     parser.add_argument("--quant", default=None, choices=("nf4", "fp4", "none"),
                         help="base data type (default: the format the adapter was trained on, else nf4)")
     parser.add_argument("--seq-len", type=number(int, Range(2)), default=None,
                         help="truncate examples to this many tokens, as qlora train's --seq-len (default: as the "
-                             f"adapter was trained, else {TRAIN_DEFAULTS['seq_len']})")
+                             f"adapter or merged model was trained, else {TRAIN_DEFAULTS['seq_len']})")
     parser.add_argument("--eot-tokens", default=None, metavar="TOKENS",
                         help="comma-separated tokens that end a turn besides the tokenizer's own end markers, as "
                              "qlora train's --eot-tokens: counted after each counted turn, where the template writes "
-                             "them (default: as the adapter was trained, else none)")
+                             "them (default: as the adapter or merged model was trained, else none)")
     parser.add_argument("--group-texts", type=number(int, Range(0)), default=None, metavar="N",
                         help="measure plain texts as qlora train's --group-texts cut them: each text + EOS, every N "
                              "texts concatenated and cut into --seq-len blocks; 0: each text whole (default: as the "
-                             "adapter was trained, else 0)")
+                             "adapter or merged model was trained, else 0)")
     parser.add_argument("--group-shards", type=number(int, Range(1)), default=None, metavar="N",
                         help="with --group-texts: group this many contiguous parts of the texts each on its own, as "
-                             "qlora train's (default: as the adapter was trained, else 1)")
+                             "qlora train's (default: as the adapter or merged model was trained, else 1)")
     parser.add_argument("--batch-size", type=positive_int, default=4, help="examples per forward pass")
     parser.add_argument("--json", action="store_true",
                         help="print the result as one JSON object on stdout (data, rows read, examples evaluated, "
@@ -101,7 +102,7 @@ def run(args: argparse.Namespace) -> int:
     from ...train.trainer import compute_dtype_for, token_loss_sum
 
     fields = parse_data_fields(args.data_fields)  # checked before the model loads
-    recorded = _follow_adapter(args)
+    recorded, record_file = _follow_record(args)
     if args.template_date:
         pinned_datetime(args.template_date)
     bounds = pixel_bounds_for(args, args.adapter)  # images shown as training showed them (saved with the adapter)
@@ -112,14 +113,14 @@ def run(args: argparse.Namespace) -> int:
     imaged = next((e for e in examples if e.images), None)
     if args.group_texts and imaged is not None:
         raise UsageError(f"{imaged.where}: this row holds images, and --group-texts {args.group_texts} (given, or "
-                         "the adapter's run's) measures blocks cut from a stream of plain texts, which would cut "
+                         f"{_recorder(args)}) measures blocks cut from a stream of plain texts, which would cut "
                          "images apart; give --group-texts 0 to measure each example whole.")
     unplain = next((e for e in examples if e.text is None or e.prompt is not None or e.pieces is not None), None)
     if args.group_texts and unplain is not None:  # said before the model loads, naming where the option comes from
         kind = ("a torchtune dataset's" if unplain.pieces is not None
                 else "a prompt-completion" if unplain.text is not None else "a conversation")
         raise UsageError(f"{unplain.where}: this row is {kind} row, not a plain text, and --group-texts "
-                         f"{args.group_texts} (given, or the adapter's run's) measures blocks cut from a stream of "
+                         f"{args.group_texts} (given, or {_recorder(args)}) measures blocks cut from a stream of "
                          "plain texts; give --group-texts 0 to measure each example whole, or rows with a text field "
                          "(--format text).")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -145,7 +146,7 @@ def run(args: argparse.Namespace) -> int:
     # the turn ends training counted: its end markers and --eot-tokens
     generation_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
     stops = stop_token_ids(tokenizer, generation_eos) | eot_token_ids(
-        tokenizer, args.eot_tokens, args.adapter if "eot_tokens" in recorded else None)
+        tokenizer, args.eot_tokens, record_file if "eot_tokens" in recorded else None)
     try:
         if args.group_texts:  # the blocks the run trained and evaluated on
             tokenized, report = text_blocks(examples, tokenizer, args.seq_len, args.group_texts, args.group_shards,
@@ -172,20 +173,24 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _follow_adapter(args: argparse.Namespace) -> set[str]:
+def _follow_record(args: argparse.Namespace) -> tuple[set[str], Path]:
     """--train-on, --seq-len, --eot-tokens and --group-texts/--group-shards not given: the adapter's run's
-    (qlora_adapter.json), so the loss is the one that run's eval reported, else train's defaults. The record is
-    read only for options not given (all given, a bad one is passed over); its group_shards and group_template
-    belong to its group_texts, so a given --group-texts takes neither.
+    (qlora_adapter.json), so the loss is the one that run's eval reported; without --adapter, the run's that a merged
+    --model folder carries (trained_tokens.json); else train's defaults. The adapter's record alone counts where one is
+    given (the model folder's is of the run merged into it before, as for the chat format). The record is read only
+    for options not given (all given, a bad one is passed over); its group_shards and group_template belong to its
+    group_texts, so a given --group-texts takes neither.
 
     Returns:
-        The options taken from the record.
+        The options taken from the record, and the file they were read from.
     """
     from ...errors import UsageError
-    from ...model.trained_tokens import trained_tokenization
+    from ...model.trained_tokens import INFO_FILE, MODEL_FILE, model_tokenization, trained_tokenization
 
     missing = [k for k in ("train_on", "seq_len", "eot_tokens", "group_texts") if getattr(args, k, None) is None]
-    recorded = trained_tokenization(args.adapter) if args.adapter and missing else {}
+    record_file = Path(args.adapter, INFO_FILE) if args.adapter else Path(args.model, MODEL_FILE)
+    recorded = {} if not missing else trained_tokenization(args.adapter) if args.adapter \
+        else model_tokenization(args.model)
     if args.group_texts is not None:
         recorded = {k: v for k, v in recorded.items() if k not in ("group_shards", "group_template")}
     taken = set()
@@ -196,7 +201,12 @@ def _follow_adapter(args: argparse.Namespace) -> set[str]:
     if args.group_shards != 1 and not args.group_texts:
         raise UsageError(f"--group-shards {args.group_shards} splits the texts that --group-texts groups; give "
                          "--group-texts too (or leave --group-shards out).")
-    return taken
+    return taken, record_file
+
+
+def _recorder(args: argparse.Namespace) -> str:
+    """Whose record an option not given came from, for errors."""
+    return "the adapter's run's" if args.adapter else "the merged model's run's"
 
 
 def _print_result(args: argparse.Namespace, rows: int, examples: int, loss_sum: float, tokens: int) -> None:

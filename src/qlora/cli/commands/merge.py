@@ -46,6 +46,7 @@ def run(args: argparse.Namespace) -> int:
     from ...model.image_pixels import PixelBounds
     from ...model.merge import merge, save_merged
     from ...model.inference_files import carry_inference_files
+    from ...model.trained_tokens import trained_tokenization
 
     from ...output_folder import check_output, staged_output
     from ...errors import UsageError
@@ -56,6 +57,8 @@ def run(args: argparse.Namespace) -> int:
                          "names the base model).")
     check_output(args.output, overwrite=args.overwrite, inputs={"--model": args.model, "--adapter": args.adapter})
     bounds = PixelBounds.load(args.adapter)  # checked before the (slow) model load
+    # the adapter's run's, not the base folder's (a merged model's record is of the run merged into it before)
+    tokenization = trained_tokenization(args.adapter)
     dtype = getattr(torch, args.dtype)
     model, tokenizer = load_model(args.model, **load_kwargs(args), compute_dtype=dtype, device="cpu")
     tokenizer = adapter_tokenizer(args.adapter, tokenizer)
@@ -68,7 +71,7 @@ def run(args: argparse.Namespace) -> int:
     with staged_output(args.output, "merge", replace=True) as stage:
         save_merged(model, stage, tokenizer, max_shard_bytes=args.max_shard_size)
         # a vision-language model takes images still; qlora generate/chat/eval/serve prompt the merged model and
-        # show it images as the adapter's run did
-        carry_inference_files(resolve_model_dir(args.model), stage, trained, bounds)
+        # show it images as the adapter's run did, and eval measures the tokens it did
+        carry_inference_files(resolve_model_dir(args.model), stage, trained, bounds, tokenization)
     print(f"merged {args.adapter} into {args.model} ({args.dtype}): {args.output}")
     return 0

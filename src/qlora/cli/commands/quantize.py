@@ -39,12 +39,15 @@ def run(args: argparse.Namespace) -> int:
     from ...model.inference_files import carry_inference_files
     from ...model.load import bnb_4bit_config, load_model, read_model_config, resolve_model_dir
     from ...model.quantized_io import check_quantizable, dense_expert_share, save_quantized
+    from ...model.trained_tokens import model_tokenization
 
     from ...output_folder import check_output, staged_output
 
     check_output(args.output, overwrite=args.overwrite, inputs={"--model": args.model})
     check_quantizable(resolve_model_dir(args.model))
     resaved = bnb_4bit_config(read_model_config(resolve_model_dir(args.model))) is not None
+    # a merged fine-tune's record, else none (read before the slow load): quantizing leaves the data pipeline as it was
+    tokenization = model_tokenization(args.model)
     model, tokenizer = load_model(args.model, quant=args.quant, double_quant=args.double_quant,
                                   blocksize=args.blocksize, device="cpu",
                                   compute_dtype=args.compute_dtype,  # load_model reads the name
@@ -53,7 +56,8 @@ def run(args: argparse.Namespace) -> int:
     trained, bounds = merged_format(args.model), PixelBounds.load(args.model)  # a merged fine-tune's, else none
     with staged_output(args.output, "quantize", replace=True) as stage:
         save_quantized(model, stage, tokenizer, max_shard_bytes=args.max_shard_size)
-        carry_inference_files(resolve_model_dir(args.model), stage, trained, bounds)  # takes images still
+        carry_inference_files(resolve_model_dir(args.model), stage, trained, bounds,  # takes images still
+                              tokenization)
     if resaved:  # loaded in its own format (checked above), nothing quantized a second time
         print(f"{args.model} is a bitsandbytes {args.quant} checkpoint already: re-saved as it is to {args.output}")
     else:
