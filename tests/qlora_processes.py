@@ -25,7 +25,7 @@ def run_qlora(args: list[str], timeout: float = 300) -> str:
             _, stderr = proc.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:
             # torchrun starts each rank in a session of its own: the launcher's children are signalled one by one
-            tree = [proc.pid, *_children(proc.pid)]
+            tree = [proc.pid, *children(proc.pid)]
             _signal(tree, signal.SIGABRT)
             time.sleep(2)  # the stacks are written
             _signal(tree, signal.SIGKILL)
@@ -36,7 +36,7 @@ def run_qlora(args: list[str], timeout: float = 300) -> str:
     return stderr
 
 
-def _children(pid: int) -> list[int]:
+def children(pid: int) -> list[int]:
     """The processes whose parent is ``pid`` (Linux's /proc)."""
     found = []
     for stat in Path("/proc").glob("[0-9]*/stat"):
