@@ -7,26 +7,54 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 
 
-def run_qlora(args: list[str]) -> str:
+def run_qlora(args: list[str], timeout: float = 300) -> str:
     """``python -m qlora ARGS`` with this checkout's code, one thread per process; its stderr. Fails the test on
-    a non-zero exit."""
-    env = {**os.environ, "PYTHONPATH": str(SRC), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    # its own process group: a run past the timeout is killed with its ranks, which would spin on otherwise
+    a non-zero exit, or past ``timeout`` seconds with every process's Python stacks (a hang says where it waits)."""
+    # faulthandler: SIGABRT makes the launcher and each rank print all their threads' stacks to stderr first
+    env = {**os.environ, "PYTHONPATH": str(SRC), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
+           "PYTHONFAULTHANDLER": "1"}
     with subprocess.Popen([sys.executable, "-m", "qlora", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                          text=True, env=env, start_new_session=True) as proc:
+                          text=True, env=env) as proc:
         try:
-            _, stderr = proc.communicate(timeout=300)
+            _, stderr = proc.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
+            # torchrun starts each rank in a session of its own: the launcher's children are signalled one by one
+            tree = [proc.pid, *children(proc.pid)]
+            _signal(tree, signal.SIGABRT)
+            time.sleep(2)  # the stacks are written
+            _signal(tree, signal.SIGKILL)
             _, stderr = proc.communicate()
-            raise AssertionError(f"qlora {' '.join(args)} ran past 300 s (killed with its ranks)\n{stderr[-3000:]}")
+            raise AssertionError(f"qlora {' '.join(args)} ran past {timeout} s (killed with its ranks, whose stacks "
+                                 f"end this message)\n{stderr[-12000:]}")
     assert proc.returncode == 0, stderr[-3000:]
     return stderr
+
+
+def children(pid: int) -> list[int]:
+    """The processes whose parent is ``pid`` (Linux's /proc)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # ended meanwhile
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(stat.parent.name))
+    return found
+
+
+def _signal(pids: list[int], signum: int) -> None:
+    for pid in pids:
+        try:
+            os.kill(pid, signum)
+        except ProcessLookupError:
+            pass
 
 
 def train_records(out: Path) -> list[dict]:

@@ -24,7 +24,7 @@ from safetensors.torch import load_file
 from qlora.nn import Linear4bit
 from qlora.train.config import load_config
 from qlora.train.trainer import Trainer
-from qlora_processes import run_qlora, train_records
+from qlora_processes import children, run_qlora, train_records
 
 QA = [("What is two plus two?", "four"), ("Name a red fruit.", "An apple is red."),
       ("Say hello.", "Hello there!"), ("What colour is the sky?", "The sky is blue."),
@@ -227,18 +227,6 @@ def test_eval_batches_are_one_process_batches_dealt_round_robin(units, world, wa
         assert list(Trainer._eval_batches(trainer)) == batches
 
 
-def _children(pid: int) -> list[int]:
-    found = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[1]) == pid:
-            found.append(int(stat.parent.name))
-    return found
-
-
 @pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads the process table in /proc (Linux)")
 def test_ranks_stop_and_save_when_the_launcher_is_killed(tmp_path, tiny_model_dir):
@@ -264,7 +252,7 @@ def test_ranks_stop_and_save_when_the_launcher_is_killed(tmp_path, tiny_model_di
         while not ((out / "metrics.jsonl").exists() and train_records(out)):  # the ranks are training
             assert launcher.poll() is None and time.monotonic() < deadline, (tmp_path / "log").read_text()[-3000:]
             time.sleep(0.5)
-        ranks = _children(launcher.pid)
+        ranks = children(launcher.pid)
         assert len(ranks) == 2, ranks
         launcher.kill()
         launcher.wait()
@@ -275,7 +263,7 @@ def test_ranks_stop_and_save_when_the_launcher_is_killed(tmp_path, tiny_model_di
             time.sleep(0.5)
     finally:
         os.killpg(launcher.pid, signal.SIGKILL) if launcher.poll() is None else None
-        for pid in _children(launcher.pid):
+        for pid in children(launcher.pid):
             os.kill(pid, signal.SIGKILL)
     assert list((out / "checkpoints").glob("step-*")), (tmp_path / "log").read_text()[-3000:]
 
@@ -335,7 +323,7 @@ def test_a_killed_rank_ends_the_run_with_one_message_each_and_complete_checkpoin
             assert launcher.poll() is None and time.monotonic() < deadline, launcher.stderr.read()[-3000:]
             time.sleep(0.2)
         ranks = {int(dict(e.split("=", 1) for e in Path(f"/proc/{pid}/environ").read_text().split("\0")
-                          if "=" in e)["RANK"]): pid for pid in _children(launcher.pid)}
+                          if "=" in e)["RANK"]): pid for pid in children(launcher.pid)}
         os.kill(ranks[0], signal.SIGKILL)
         _, stderr = launcher.communicate(timeout=120)
     finally:
