@@ -239,12 +239,14 @@ def build_app(batcher: ContinuousBatcher, base_id: str, adapters: list[str], api
 
     tool_templates: dict[str | None, bool] = {}  # adapter -> whether its template renders tools
     processors: list = []  # the model's image processor, once a request sends images
+    # looked at once: a request's set-up walking the modules while an adapter loads would see them change size
+    rope_deltas = any(hasattr(m, "rope_deltas") for m in model.modules())
 
     def image_processor_for(model_id: str):
         """The model's image processor (loaded once), or a 400 naming ``model_id`` that cannot take images."""
         from ..infer.images import image_processor
 
-        if not batcher.unbatchable and any(hasattr(m, "rope_deltas") for m in model.modules()):
+        if not batcher.unbatchable and rope_deltas:
             raise APIError(400, f"The model {model_id!r} ({model.config.model_type}) positions image tokens with rope "
                                 "deltas kept from the prefill, which the continuous batcher's steps do not carry; "
                                 "images are not served for it: use qlora generate --image or qlora chat", "messages")
