@@ -238,6 +238,7 @@ def test_generate_chat_and_serve_render_with_the_users_template(command, tmp_pat
     (folder / "tokenizer_config.json").write_text(json.dumps({"chat_template": TEMPLATE}))
     adapter = tmp_path / "adapter"  # trained with chatml: --template overrides the saved format
     adapter.mkdir()
+    (adapter / "adapter_config.json").write_text("{}")  # an adapter folder to the option checks; never loaded here
     resolve_chat_format(tokenizer, "chatml").save(adapter)
     messages = [Message("system", "Be brief."), Message("user", "Hi")]
     expected = tokenizer.apply_chat_template([m.as_dict() for m in messages], chat_template=TEMPLATE,
