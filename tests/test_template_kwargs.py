@@ -164,6 +164,7 @@ def test_a_chosen_template_keeps_the_adapters_variables(qwen3_model, tmp_path):
     tok = family_tokenizer("qwen3")
     adapter = tmp_path / "adapter"
     adapter.mkdir()
+    (adapter / "adapter_config.json").write_text("{}")  # an adapter folder to the option checks; never loaded here
     saved = ChatFormat(template=tok.chat_template, name="tokenizer",
                        template_kwargs={"enable_thinking": False, "reasoning_effort": "high"})
     saved.save(adapter)
@@ -193,6 +194,7 @@ def test_serve_with_a_chosen_template_keeps_each_saved_formats_variables(qwen3_m
     adapters = {name: tmp_path / name for name in ("off", "plain")}
     for folder in adapters.values():
         folder.mkdir()
+        (folder / "adapter_config.json").write_text("{}")  # adapter folders to the option checks; never loaded here
     off.save(adapters["off"])
     argv = ["serve", "--model", str(merged), "--template", "tokenizer", *(f"--adapter={n}={p}" for n, p in
                                                                          adapters.items())]
