@@ -61,3 +61,20 @@ def train_records(out: Path) -> list[dict]:
     """The training steps' records of a run's ``metrics.jsonl``."""
     lines = (out / "metrics.jsonl").read_text().splitlines()
     return [r for r in map(json.loads, lines) if r["split"] == "train"]
+
+
+def assert_same_run(out: Path, ref: Path, steps: int) -> None:
+    """Run ``out`` equals run ``ref``: its ``steps`` steps' losses and gradient norms (the norm before clipping pins
+    the gradient's scale, which Adam and clipping would hide) and its final adapter."""
+    import torch
+    from safetensors.torch import load_file
+
+    got, want = train_records(out), train_records(ref)
+    assert [r["step"] for r in got] == list(range(1, steps + 1))
+    for key in ("loss", "grad_norm"):
+        torch.testing.assert_close(torch.tensor([r[key] for r in got]), torch.tensor([r[key] for r in want]),
+                                   rtol=1e-5, atol=1e-6)
+    a, b = load_file(str(out / "adapter_model.safetensors")), load_file(str(ref / "adapter_model.safetensors"))
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-6)

@@ -24,7 +24,7 @@ from safetensors.torch import load_file
 from qlora.nn import Linear4bit
 from qlora.train.config import load_config
 from qlora.train.trainer import Trainer
-from qlora_processes import children, run_qlora, train_records
+from qlora_processes import assert_same_run, children, run_qlora, train_records
 
 QA = [("What is two plus two?", "four"), ("Name a red fruit.", "An apple is red."),
       ("Say hello.", "Hello there!"), ("What colour is the sky?", "The sky is blue."),
@@ -60,15 +60,7 @@ def _two_ranks(opts: dict, *flags: str) -> str:
 
 
 def _assert_same_run(out: Path, ref: Path) -> None:
-    got, want = train_records(out), train_records(ref)
-    assert [r["step"] for r in got] == list(range(1, STEPS + 1))
-    for key in ("loss", "grad_norm"):
-        torch.testing.assert_close(torch.tensor([r[key] for r in got]), torch.tensor([r[key] for r in want]),
-                                   rtol=1e-5, atol=1e-6)
-    a, b = load_file(str(out / "adapter_model.safetensors")), load_file(str(ref / "adapter_model.safetensors"))
-    assert a.keys() == b.keys()
-    for key in a:
-        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-6)
+    assert_same_run(out, ref, STEPS)
 
 
 def _cut_after_first_checkpoint(src: Path, dst: Path) -> None:
