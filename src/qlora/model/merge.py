@@ -18,7 +18,7 @@ from torch import nn
 from ..atomic import atomic_dir
 from ..errors import UsageError
 from ..float_dtype import float_dtype
-from ..nn import AdaLoraLinear, Experts4bit, ExpertsLora, Linear4bit, LoraEmbedding, LoraLinear
+from ..nn import AdaLoraLinear, Experts4bit, ExpertsLora, Linear4bit, LoraEmbedding, LoraLinear, SavedModules
 from ..shard_size import DEFAULT_BYTES
 from .inject import adapter_configs
 from .quantize import replace_modules
@@ -92,8 +92,11 @@ def untie_config(model: nn.Module) -> None:
 
 def _unwrap_copies(model: nn.Module) -> None:
     """The modules adapters trained whole, as the active adapter runs them (:func:`unwrap_saved_modules`);
-    a head or embedding that was the other's table and is now a copy of its own is recorded untied."""
-    tied = shares_table(model)
+    a head or embedding that was the other's table and is now a copy of its own is recorded untied. Whether they
+    were tied is read from the originals the copies wrap: a wrapper shows the active copy's weight."""
+    out, inp = model.get_output_embeddings(), model.get_input_embeddings()
+    out, inp = (getattr(m, "original_module", m) if isinstance(m, SavedModules) else m for m in (out, inp))
+    tied = out is not None and inp is not None and getattr(out, "weight", None) is getattr(inp, "weight", None)
     unwrap_saved_modules(model)
     if tied and not shares_table(model):
         untie_config(model)
