@@ -123,11 +123,13 @@ class ChatFormat:
             raise UsageError(f"{path}: not a valid chat format file ({exc}); delete it to use the model's own "
                              "template, or retrain the adapter.") from None
 
-    def keeping(self, saved: "ChatFormat") -> "ChatFormat":
+    def keeping(self, saved: "ChatFormat | None") -> "ChatFormat":
         """This format, chosen (``--template``) over ``saved`` (an adapter's or a merged model's), with what ``saved``
         fixed besides its template: its pinned date, the template variables this template reads (all of them when
         it is ``saved``'s template) under this format's own, and, for the same template only, the folding of system
-        messages (another template may have the system role the saved one lacked)."""
+        messages (another template may have the system role the saved one lacked). Nothing saved: this format."""
+        if saved is None:
+            return self
         same = self.template == saved.template
         kept = {k: v for k, v in saved.template_kwargs.items() if same or _reads(self.template, k)}
         return replace(self, date=saved.date or self.date, template_kwargs={**kept, **self.template_kwargs},

@@ -21,6 +21,7 @@ from typing import Any
 
 from ..errors import UsageError
 from .adapter_base import read_json_object
+from .chat_format import stop_token_ids
 
 KEY = "tokenization"
 INFO_FILE = "qlora_adapter.json"
@@ -117,6 +118,13 @@ def eot_token_ids(tokenizer, eot_tokens: str, recorded_in: Path | None = None) -
                              "tokenizer_config.json), or add it with --add-special-tokens.")
         ids.add(encoded[0])
     return ids
+
+
+def turn_end_ids(model, tokenizer, eot_tokens: str, recorded_in: Path | None = None) -> set[int]:
+    """Ids that end an assistant turn in training (and so in eval): the tokenizer's end markers, the model's
+    generation EOS ids and ``--eot-tokens`` (:func:`eot_token_ids`, ``recorded_in`` as there)."""
+    generation_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    return stop_token_ids(tokenizer, generation_eos) | eot_token_ids(tokenizer, eot_tokens, recorded_in)
 
 
 def _whole(value: Any, least: int) -> bool:

@@ -53,7 +53,7 @@ from qlora.atomic import atomic_dir
 from qlora.cpu_threads import apply_cpu_threads
 from qlora.errors import UsageError
 from qlora.float_dtype import float_dtype
-from qlora.model.chat_format import ChatFormat, stop_token_ids, today
+from qlora.model.chat_format import ChatFormat, today
 from qlora.model.position_limit import check_positions, longest_positions
 from qlora.model.quantize import non_text_names
 from qlora.nn import Experts4bit, expert_weight_names
@@ -663,10 +663,9 @@ class Trainer:
     def _stop_ids(self) -> set[int]:
         """Ids that end an assistant turn: the tokenizer's end markers, the model's generation EOS ids and
         --eot-tokens (each one token, as axolotl requires of its eot_tokens)."""
-        generation_eos = getattr(getattr(self.model, "generation_config", None), "eos_token_id", None)
-        from qlora.model.trained_tokens import eot_token_ids
+        from qlora.model.trained_tokens import turn_end_ids
 
-        return stop_token_ids(self.tokenizer, generation_eos) | eot_token_ids(self.tokenizer, self.config.eot_tokens)
+        return turn_end_ids(self.model, self.tokenizer, self.config.eot_tokens)
 
     def _chat_format(self, resume_from: Path | None) -> ChatFormat:
         """The run's chat format; its date is pinned now (or taken from the checkpoint on --resume) and
@@ -682,7 +681,7 @@ class Trainer:
             return replace(started, system_into_user=started.system_into_user or cfg.system_into_user).with_date(
                 cfg.template_date)
         fmt = resolve_chat_format(self.tokenizer, cfg.template, cfg.template_date, cfg.system_into_user)
-        return fmt.keeping(started).with_date(cfg.template_date) if started is not None else fmt
+        return fmt.keeping(started).with_date(cfg.template_date)
 
     def _collate(self, units: list) -> dict[str, torch.Tensor]:
         pad = pad_token_id(self.tokenizer)

@@ -94,8 +94,8 @@ def run(args: argparse.Namespace) -> int:
     from ...train.data.selection import read_sources
     from ...train.data import (count_trainable_tokens, fallback_note, normalize, own_template,
                                pad_collate, pad_token_id, resolve_chat_format, tokenize_dataset)
-    from ...model.chat_format import ChatFormat, merged_format, pinned_datetime, stop_token_ids
-    from ...model.trained_tokens import eot_token_ids
+    from ...model.chat_format import ChatFormat, merged_format, pinned_datetime
+    from ...model.trained_tokens import turn_end_ids
     from ...errors import UsageError
     from ...train.data.text_blocks import text_blocks
     from ...train.data.tokenize import NothingToTrain
@@ -132,8 +132,7 @@ def run(args: argparse.Namespace) -> int:
         load_adapter(model, args.adapter, keep_base=False)
     saved = ChatFormat.load(args.adapter) if args.adapter else merged_format(args.model)
     if args.template != "auto" or saved is None:  # a chosen template keeps the saved date, variables and folding
-        fmt = resolve_chat_format(tokenizer, args.template)
-        fmt = fmt.keeping(saved) if saved is not None else fmt
+        fmt = resolve_chat_format(tokenizer, args.template).keeping(saved)
     else:
         fmt = saved
     if args.system_into_user:
@@ -144,9 +143,7 @@ def run(args: argparse.Namespace) -> int:
             and any(e.messages is not None for e in examples)):
         print(fallback_note(tokenizer), file=sys.stderr)
     # the turn ends training counted: its end markers and --eot-tokens
-    generation_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    stops = stop_token_ids(tokenizer, generation_eos) | eot_token_ids(
-        tokenizer, args.eot_tokens, record_file if "eot_tokens" in recorded else None)
+    stops = turn_end_ids(model, tokenizer, args.eot_tokens, record_file if "eot_tokens" in recorded else None)
     try:
         if args.group_texts:  # the blocks the run trained and evaluated on
             tokenized, report = text_blocks(examples, tokenizer, args.seq_len, args.group_texts, args.group_shards,

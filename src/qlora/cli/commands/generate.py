@@ -118,8 +118,7 @@ def chat_format_from_args(args: argparse.Namespace, tokenizer, command: str):
             return resolve_chat_format(tokenizer, "auto")
         return None
     trained = saved[0] if saved and saved[0] is not None else merged_format(args.model)  # kept under the chosen one
-    fmt = resolve_chat_format(tokenizer, args.template)
-    return fmt.keeping(trained) if trained is not None else fmt
+    return resolve_chat_format(tokenizer, args.template).keeping(trained)
 
 
 def pixel_bounds_from_args(args: argparse.Namespace):

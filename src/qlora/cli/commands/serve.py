@@ -101,8 +101,7 @@ def chat_formats(args: argparse.Namespace, tokenizer) -> dict:
     merged = merged_format(args.model)
     if args.template != "auto":
         chosen = resolve_chat_format(tokenizer, args.template)
-        return {name: chosen.keeping(saved) if saved is not None else chosen
-                for name, saved in {None: merged, **formats}.items()}
+        return {name: chosen.keeping(saved) for name, saved in {None: merged, **formats}.items()}
     if merged is not None:
         formats = {None: merged, **formats}
     if own_template(tokenizer) is None and (not formats or None in formats.values()):
@@ -135,8 +134,8 @@ def adapter_settings(args: argparse.Namespace, tokenizer) -> Callable[[Path], tu
 
     def settings(folder: Path) -> tuple:
         saved = ChatFormat.load(folder)
-        chosen = fixed.keeping(saved) if fixed is not None and saved is not None else fixed
-        return chosen or saved or fallback, pixel_bounds_for(args, folder)
+        chosen = fixed.keeping(saved) if fixed is not None else saved
+        return chosen or fallback, pixel_bounds_for(args, folder)
 
     return settings
 
