@@ -26,14 +26,21 @@ def in_place_parts(modules_to_save: list[str], trainable_tokens: list[str]) -> l
             + [f"new rows of {path} (trainable_token_indices)" for path in trainable_tokens])
 
 
+def written_in_place(model: nn.Module, name: str) -> list[str]:
+    """What adapter ``name`` of ``model`` wrote into the base (:func:`in_place_parts`): its token rows, and the
+    modules it trained whole that are not copies of its own (:class:`qlora.nn.SavedModules`)."""
+    config = adapter_configs(model)[name]
+    copies = saved_module_layers(model)
+    whole = [p for p in getattr(config, "modules_to_save", []) if name not in getattr(
+        copies.get(p), "modules_to_save", ())]
+    return in_place_parts(whole, list(getattr(config, "trainable_tokens", {})))
+
+
 def in_place_adapter(model: nn.Module, but: str | None = None) -> tuple[str, list[str]] | None:
     """``(name, what it wrote)`` of the first adapter on ``model`` (other than ``but``) that wrote base
     weights in place, or None: with one loaded, the model with adapters off is not the base any more."""
-    copies = saved_module_layers(model)
-    for name, config in adapter_configs(model).items():
-        whole = [p for p in getattr(config, "modules_to_save", []) if name not in getattr(
-            copies.get(p), "modules_to_save", ())]
-        parts = in_place_parts(whole, list(getattr(config, "trainable_tokens", {})))
+    for name in adapter_configs(model):
+        parts = written_in_place(model, name)
         if parts and name != but:
             return name, parts
     return None

@@ -65,6 +65,11 @@ def experts_lora_layers(model: nn.Module) -> dict[str, ExpertsLora]:
     return {name: m for name, m in model.named_modules() if isinstance(m, ExpertsLora)}
 
 
+def adapter_layers(model: nn.Module) -> list[LoraLinear | LoraEmbedding | ExpertsLora]:
+    """Every layer holding named adapters: linear, embedding and expert ones."""
+    return [*lora_layers(model).values(), *embedding_lora_layers(model).values(), *experts_lora_layers(model).values()]
+
+
 def saved_module_layers(model: nn.Module) -> dict[str, SavedModules]:
     """The modules trained whole by adapters, each holding a copy per adapter (PEFT's ``modules_to_save``)."""
     return {name: m for name, m in model.named_modules() if isinstance(m, SavedModules)}

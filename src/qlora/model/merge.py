@@ -66,9 +66,12 @@ def folded_bias(module: nn.Module, base: nn.Module) -> torch.Tensor | None:
     return (bias.detach().float() + delta).to(bias.dtype)
 
 
-def shares_table(model: nn.Module) -> bool:
-    """Whether the output head and the input embedding are one tensor (tied)."""
+def shares_table(model: nn.Module, originals: bool = False) -> bool:
+    """Whether the output head and the input embedding are one tensor (tied); with ``originals``, those the
+    adapters' copies wrap (:class:`qlora.nn.SavedModules`, whose weight is the running copy's)."""
     out, inp = model.get_output_embeddings(), model.get_input_embeddings()
+    if originals:
+        out, inp = (m.original_module if isinstance(m, SavedModules) else m for m in (out, inp))
     return out is not None and inp is not None and getattr(out, "weight", None) is inp.weight
 
 
@@ -92,11 +95,8 @@ def untie_config(model: nn.Module) -> None:
 
 def _unwrap_copies(model: nn.Module) -> None:
     """The modules adapters trained whole, as the active adapter runs them (:func:`unwrap_saved_modules`);
-    a head or embedding that was the other's table and is now a copy of its own is recorded untied. Whether they
-    were tied is read from the originals the copies wrap: a wrapper shows the active copy's weight."""
-    out, inp = model.get_output_embeddings(), model.get_input_embeddings()
-    out, inp = (getattr(m, "original_module", m) if isinstance(m, SavedModules) else m for m in (out, inp))
-    tied = out is not None and inp is not None and getattr(out, "weight", None) is getattr(inp, "weight", None)
+    a head or embedding that was the other's table and is now a copy of its own is recorded untied."""
+    tied = shares_table(model, originals=True)
     unwrap_saved_modules(model)
     if tied and not shares_table(model):
         untie_config(model)

@@ -18,8 +18,8 @@ from torch import nn
 
 from ..errors import UsageError
 from ..nn import LoraEmbedding, LoraSpec
-from .in_place_weights import in_place_parts
-from .inject import (AdapterConfig, adapter_configs, check_adapter_name, embedding_lora_layers, experts_lora_layers,
+from .in_place_weights import written_in_place
+from .inject import (AdapterConfig, adapter_configs, adapter_layers, check_adapter_name, embedding_lora_layers,
                      lora_layers, saved_module_layers)
 from .saved_copies import delete_copies
 
@@ -36,11 +36,6 @@ def _refuse_expert_adapters(model: nn.Module, names: list[str], what: str) -> No
     if experts:
         raise UsageError(f"{what} does not cover LoRA on expert weights (target_parameters), which adapters "
                          f"{experts} have; switch or weight them with set_adapters(...) instead.")
-
-
-def _slot_layers(model: nn.Module) -> list:
-    """Every layer holding named adapters: linear, embedding and expert ones."""
-    return [*lora_layers(model).values(), *embedding_lora_layers(model).values(), *experts_lora_layers(model).values()]
 
 
 def set_adapters(model: nn.Module, weights: dict[str, float]) -> None:
@@ -60,7 +55,7 @@ def set_adapters(model: nn.Module, weights: dict[str, float]) -> None:
             raise UsageError(f"adapters {own} (weights {[weights[n] for n in own]}) trained {path} whole "
                              "(modules_to_save), a copy of its own each, which is no delta that can be weighted or "
                              "added: activate at most one of them, with weight 1.")
-    for layer in _slot_layers(model):
+    for layer in adapter_layers(model):
         layer.set_active({n: w for n, w in weights.items() if n in layer.specs})
     for module in copies.values():
         module.set_active([n for n, w in weights.items() if w != 0])
@@ -85,13 +80,11 @@ def delete_adapter(model: nn.Module, name: str) -> None:
     config = configs[name]
     if not isinstance(config, AdapterConfig):
         raise UsageError(f"adapter {name!r} is {type(config).__name__}'s; only LoRA/DoRA adapters can be deleted")
-    copies = saved_module_layers(model)
-    whole = [p for p in config.modules_to_save if name not in getattr(copies.get(p), "modules_to_save", ())]
-    written = in_place_parts(whole, list(config.trainable_tokens))
+    written = written_in_place(model, name)
     if written:
         raise UsageError(f"adapter {name!r} trained {', '.join(written)} in the base model itself, which deleting "
                          "it cannot give back; load the base model again instead.")
-    layers = _slot_layers(model)
+    layers = adapter_layers(model)
     merged = [layer for layer in layers if name in getattr(layer, "merged", ())]
     if merged:
         raise UsageError(f"adapter {name!r} is merged into the base; unmerge it before deleting it.")

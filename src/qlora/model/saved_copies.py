@@ -15,7 +15,7 @@ from torch import nn
 
 from ..nn import SavedModules
 from .adapter_tensors import PEFT_PREFIX, copy_adapter_tensor
-from .inject import adapter_configs, embedding_lora_layers, experts_lora_layers, lora_layers, saved_module_layers
+from .inject import adapter_configs, adapter_layers, saved_module_layers
 
 
 def saved_module(model: nn.Module, path: str, adapter_name: str) -> nn.Module:
@@ -35,9 +35,7 @@ def _replace(model: nn.Module, path: str, module: nn.Module) -> None:
 def model_active_adapter(model: nn.Module) -> str | None:
     """The first adapter (in the order they were added) active in an adapter layer of ``model``: the one
     whose copy a wrapper runs when loaded (PEFT's model-level active adapter)."""
-    layers = [*lora_layers(model).values(), *embedding_lora_layers(model).values(),
-              *experts_lora_layers(model).values()]
-    on = {name for layer in layers for name in layer.active}
+    on = {name for layer in adapter_layers(model) for name in layer.active}
     return next((name for name in adapter_configs(model) if name in on), None)
 
 
