@@ -36,7 +36,7 @@ from .inject import (AdapterConfig, adapter_configs, add_lora, check_adapter_nam
 from .saved_copies import load_copies, saved_module
 from .quantize import matches_any, non_text_names, text_decoder_path
 from .residual_convert import convert_to_lora, residual_paths
-from .tokens import vocabulary_grown
+from .tokens import embedding_module_names, grow_vocabulary, vocabulary_grown
 from .trained_tokens import INFO_FILE, KEY as TOKENIZATION_KEY
 
 log = logging.getLogger("qlora")
@@ -105,8 +105,6 @@ def _grown_tables(model: nn.Module, cfg: AdapterConfig, written: dict[str, torch
     gets the model's back from them. Each under PEFT's key: the base table of its token rows
     (``token_adapter.base_layer``) or of its LoRA (``base_layer``), else the module's own (PEFT loads that
     into the base); a table saved whole is written already, and so is a head tied to a written table."""
-    from .tokens import embedding_module_names
-
     tables, shared = {}, {v.data_ptr() for v in written.values()}
     for path in embedding_module_names(model):
         module = model.get_submodule(path)
@@ -317,7 +315,8 @@ def read_adapter_weights(adapter_dir: Path) -> dict[str, torch.Tensor]:
 
 
 def load_adapter(model: nn.Module, adapter_dir: str | Path, adapter_name: str = "default",
-                 trainable: bool = False, keep_base: bool = True) -> nn.Module:
+                 trainable: bool = False, keep_base: bool = True,
+                 files: tuple[dict, dict[str, torch.Tensor]] | None = None) -> nn.Module:
     """Load a PEFT-format LoRA adapter (ours or PEFT's) onto ``model``.
 
     Modules it trained whole (``modules_to_save``) become its own copies (:class:`qlora.nn.SavedModules`)
@@ -325,7 +324,9 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path, adapter_name: str = 
     with adapters off. ``keep_base=False`` (a model that runs this adapter alone: one-adapter generate, eval,
     merge, export) writes them into the base in place instead, holding each such module once (an 8B model's
     head and embedding are 1 GB each in 16 bits); so does ``trainable`` (training goes on, where the trainer
-    trains them). No other adapter may then share the model.
+    trains them). No other adapter may then share the model. ``files``: its config and tensors as
+    :func:`read_adapter_config` and :func:`read_adapter_weights` gave them to a caller that looked at them first
+    (not read again; the tensors dict is consumed).
 
     Raises:
         UsageError: missing or corrupt files, or an adapter made for another base
@@ -333,8 +334,7 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path, adapter_name: str = 
     """
     adapter_dir = Path(adapter_dir)
     check_adapter_name(adapter_name)
-    config = read_adapter_config(adapter_dir)
-    tensors = read_adapter_weights(adapter_dir)
+    config, tensors = files or (read_adapter_config(adapter_dir), read_adapter_weights(adapter_dir))
     token_tensors = {k: tensors.pop(k) for k in [k for k in tensors if ".token_adapter." in k]}
     # beside the rows, PEFT saves the whole table when tokens were added (resized) before training
     token_tables = {k[len(PEFT_PREFIX):].replace(".token_adapter.base_layer.", "."): token_tensors.pop(k)
@@ -662,8 +662,6 @@ def _grow_vocabulary(model: nn.Module, whole: dict[str, torch.Tensor]) -> None:
     transformers' ``resize_token_embeddings`` gives them by default (up to its noise of 1e-9 the spread),
     which is what the adapter's user resized the model with before loading it into PEFT.
     """
-    from .tokens import embedding_module_names, grow_vocabulary
-
     embed = model.get_input_embeddings()
     old = embed.weight.shape[0]
     rows = max((v.shape[0] for k, v in whole.items()

@@ -27,6 +27,7 @@ from ..model.chat_format import ChatFormat
 from ..model.image_pixels import PixelBounds
 from ..model.inject import adapter_configs
 from ..model.multi_adapter import delete_adapter
+from ..model.quantize import matches_any
 from ..nn.adapter_name import adapter_name_problem
 from .protocol import APIError
 
@@ -97,7 +98,7 @@ def attach(batcher: ContinuousBatcher, folder: Path, name: str,
                 raise _shutting_down()
             _refuse_base_writes(batcher, config, tensors, vocabulary)
             try:
-                load_adapter(batcher.model, folder, adapter_name=name)
+                load_adapter(batcher.model, folder, adapter_name=name, files=(config, tensors))
             except BaseException:
                 if name in adapter_configs(batcher.model):  # failed midway: its layers are taken out again
                     delete_adapter(batcher.model, name)
@@ -157,8 +158,7 @@ def _refuse_base_writes(batcher: ContinuousBatcher, config: dict, tensors: dict[
         if ".original_module." in key or ".modules_to_save." in key:  # PEFT's copies of a module saved whole
             _check_copy(params, path.replace(".original_module.", ".").replace(".modules_to_save.", "."), value)
             continue
-        module = path.rpartition(".")[0]
-        if any(module == name or module.endswith("." + name) for name in whole):
+        if matches_any(path.rpartition(".")[0], whole):
             _check_copy(params, path, value)
             continue
         if ".base_layer." in path:  # the base table PEFT saves beside an adapted embedding: fine if it is ours

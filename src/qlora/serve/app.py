@@ -230,7 +230,8 @@ def build_app(batcher: ContinuousBatcher, base_id: str, adapters: list[str], api
         finally:
             del gone[name]
         del ids[name]
-        chat_formats.pop(name, None), pixel_bounds.pop(name, None), tool_templates.pop(name, None)
+        for table in (chat_formats, pixel_bounds, tool_templates):
+            table.pop(name, None)
         return PlainTextResponse(f"Success: LoRA adapter {name!r} removed successfully.")
 
     async def off_loop(fn, *args):
