@@ -263,19 +263,26 @@ def test_utf16_files_and_nul_bytes_are_named_as_such(tmp_path, name):
         load_records(tmp_path / name)
 
 
-def test_class_label_columns_read_as_their_names(tmp_path):
-    """A ClassLabel column keeps its names only in the features: an answer mapped to it trains the name ("yes"),
-    not the index; -1 (no label) is null, so such a row is an empty answer; a list of labels names each."""
-    datasets = pytest.importorskip("datasets")
+def _class_label_data(datasets):
+    """(features, dataset, rows as read): a ClassLabel column (-1 is no label) and a list of ClassLabels, held as
+    ints, read back as their names."""
     features = datasets.Features({"instruction": datasets.Value("string"),
                                   "label": datasets.ClassLabel(names=["no", "yes"]),
                                   "tags": datasets.Sequence(datasets.ClassLabel(names=["a", "b", "c"]))})
     data = datasets.Dataset.from_dict({"instruction": ["q0", "q1", "q2"], "label": [1, 0, -1],
                                        "tags": [[2, 0], [], [1]]}, features=features)
-    data.save_to_disk(str(tmp_path / "saved"))
     expected = [{"instruction": "q0", "label": "yes", "tags": ["c", "a"]},
                 {"instruction": "q1", "label": "no", "tags": []},
                 {"instruction": "q2", "label": None, "tags": ["b"]}]
+    return features, data, expected
+
+
+def test_class_label_columns_read_as_their_names(tmp_path):
+    """A ClassLabel column keeps its names only in the features: an answer mapped to it trains the name ("yes"),
+    not the index; -1 (no label) is null, so such a row is an empty answer; a list of labels names each."""
+    datasets = pytest.importorskip("datasets")
+    _, data, expected = _class_label_data(datasets)
+    data.save_to_disk(str(tmp_path / "saved"))
     assert [r.fields for r in load_records(tmp_path / "saved")] == expected
     assert [r.fields for r in load_records(next((tmp_path / "saved").glob("*.arrow")))] == expected
     examples = normalize(load_records(tmp_path / "saved"), fields="output=label")
@@ -362,15 +369,8 @@ def test_class_label_names_in_a_parquet_file_written_by_datasets(tmp_path):
     ints, its names only there; read as datasets reads the file, the rows hold the names (so do an Arrow IPC file's
     with that schema). A file from other tools, with no such metadata, keeps its ints."""
     datasets = pytest.importorskip("datasets")
-    features = datasets.Features({"instruction": datasets.Value("string"),
-                                  "label": datasets.ClassLabel(names=["no", "yes"]),
-                                  "tags": datasets.Sequence(datasets.ClassLabel(names=["a", "b", "c"]))})
-    data = datasets.Dataset.from_dict({"instruction": ["q0", "q1", "q2"], "label": [1, 0, -1],
-                                       "tags": [[2, 0], [], [1]]}, features=features)
+    features, data, expected = _class_label_data(datasets)
     data.to_parquet(str(tmp_path / "d.parquet"))
-    expected = [{"instruction": "q0", "label": "yes", "tags": ["c", "a"]},
-                {"instruction": "q1", "label": "no", "tags": []},
-                {"instruction": "q2", "label": None, "tags": ["b"]}]
     assert [r.fields for r in load_records(tmp_path / "d.parquet")] == expected
     theirs = datasets.load_dataset("parquet", data_files=str(tmp_path / "d.parquet"), split="train",
                                    cache_dir=str(tmp_path / "c"))

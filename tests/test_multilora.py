@@ -10,7 +10,7 @@ from qlora.cli.main import main
 from qlora.errors import UsageError
 from qlora.nn import LoraLinear
 
-from random_adapters import randomize_lora_b
+from random_adapters import randomize_lora_b, save_random_peft_adapter
 
 IDS = torch.tensor([[1, 17, 42, 99, 7, 250, 3, 64], [5, 6, 7, 8, 9, 10, 11, 12], [3, 3, 40, 41, 42, 2, 9, 9]])
 
@@ -125,20 +125,9 @@ PEFT_ADAPTERS = {  # PEFT LoraConfig options of adapters living side by side on 
 @pytest.fixture(scope="module")
 def peft_adapters(tmp_path_factory, tiny_model_dir):
     """Each adapter of PEFT_ADAPTERS made and saved by PEFT, every trainable tensor moved from its init."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
     root = tmp_path_factory.mktemp("peft-adapters")
     for name, options in PEFT_ADAPTERS.items():
-        options = dict(lora_alpha=8, init_lora_weights=False) | options
-        base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
-        peft_model = get_peft_model(base, LoraConfig(**options))
-        g = torch.Generator().manual_seed(len(name))
-        with torch.no_grad():
-            for _, p in sorted(peft_model.named_parameters()):
-                if p.requires_grad:
-                    p.add_(0.1 * torch.randn(p.shape, generator=g))
-        peft_model.save_pretrained(root / name)
+        save_random_peft_adapter(tiny_model_dir, root / name, len(name), **options)
     return root
 
 

@@ -14,6 +14,8 @@ from qlora.errors import UsageError
 from qlora.model.inject import adapters_disabled
 from qlora.nn import SavedModules
 
+from random_adapters import save_random_peft_adapter
+
 IDS = torch.tensor([[1, 17, 42, 99, 7, 250, 3, 64], [5, 6, 7, 8, 9, 10, 11, 12], [3, 3, 40, 41, 42, 2, 9, 9]])
 
 ADAPTERS = {  # PEFT LoraConfig options: two save lm_head (one the embedding too), one saves nothing
@@ -27,19 +29,9 @@ LORA_HEAD = dict(r=2, target_modules=["lm_head"])  # LoRA on the module the othe
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory, tiny_model_dir):
     """Each adapter made and saved by PEFT, every trainable tensor (copies included) moved from its init."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
     root = tmp_path_factory.mktemp("peft-saved-modules")
     for seed, (name, options) in enumerate((ADAPTERS | {"lora_head": LORA_HEAD}).items()):
-        base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
-        peft_model = get_peft_model(base, LoraConfig(lora_alpha=8, init_lora_weights=False, **options))
-        g = torch.Generator().manual_seed(seed)
-        with torch.no_grad():
-            for _, p in sorted(peft_model.named_parameters()):
-                if p.requires_grad:
-                    p.add_(0.1 * torch.randn(p.shape, generator=g))
-        peft_model.save_pretrained(root / name)
+        save_random_peft_adapter(tiny_model_dir, root / name, seed, **options)
     return root
 
 

@@ -24,7 +24,7 @@ from qlora.cli.main import main
 from qlora.infer.messages import Message
 from qlora.infer.template import render_chat
 
-from random_adapters import randomize_lora_b
+from random_adapters import save_random_adapter
 
 openai = pytest.importorskip("openai")
 pytest.importorskip("fastapi")
@@ -39,11 +39,7 @@ def adapters(tmp_path_factory, tiny_model_dir):
     """Two saved adapters with large random deltas, so their answers differ from the base and each other."""
     root = tmp_path_factory.mktemp("serve-adapters")
     for name, seed in (("a", 1), ("b", 2)):
-        model, _ = qlora.load_model(tiny_model_dir, compute_dtype=torch.float32, device="cpu")
-        torch.manual_seed(seed)
-        qlora.add_lora(model, r=4, dropout=0.0, verbose=False, target_modules=["q_proj", "v_proj", "down_proj"])
-        randomize_lora_b(model, seed, scale=0.3)
-        qlora.save_adapter(model, root / name)
+        save_random_adapter(tiny_model_dir, root / name, seed)
     return root
 
 

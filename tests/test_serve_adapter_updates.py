@@ -22,7 +22,7 @@ import qlora
 from qlora.model.chat_format import ChatFormat
 from qlora.model.inject import adapter_configs
 
-from random_adapters import randomize_lora_b
+from random_adapters import randomize_lora_b, save_random_adapter
 
 openai = pytest.importorskip("openai")
 pytest.importorskip("fastapi")
@@ -38,11 +38,7 @@ def adapters(tmp_path_factory, tiny_model_dir):
 
     root = tmp_path_factory.mktemp("update-adapters")
     for name, seed in (("a", 1), ("c", 3)):
-        model, _ = qlora.load_model(tiny_model_dir, compute_dtype=torch.float32, device="cpu")
-        torch.manual_seed(seed)
-        qlora.add_lora(model, r=4, dropout=0.0, verbose=False, target_modules=["q_proj", "v_proj", "down_proj"])
-        randomize_lora_b(model, seed, scale=0.3)
-        qlora.save_adapter(model, root / name)
+        save_random_adapter(tiny_model_dir, root / name, seed)
     ChatFormat(template=TEMPLATES["alpaca"], origin="--template alpaca", name="alpaca").save(root / "c")
     return root
 
