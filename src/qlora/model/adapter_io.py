@@ -42,7 +42,6 @@ from .trained_tokens import INFO_FILE, KEY as TOKENIZATION_KEY
 log = logging.getLogger("qlora")
 
 FORMAT_VERSION = 1
-QLORA_INFO = INFO_FILE  # qlora's fields, kept out of PEFT's adapter_config.json
 _KNOWN_KEYS = {
     "peft_type", "task_type", "base_model_name_or_path", "r", "lora_alpha", "lora_dropout", "target_modules",
     "bias", "fan_in_fan_out", "use_rslora", "init_lora_weights", "modules_to_save", "inference_mode",
@@ -164,7 +163,7 @@ def save_adapter(model: nn.Module, out_dir: str | Path, adapter_name: str = "def
                 BASE_KEY: base_quantization(model)}
         if tokenization is not None:
             info[TOKENIZATION_KEY] = tokenization
-        (tmp / QLORA_INFO).write_text(json.dumps(info, indent=2) + "\n")
+        (tmp / INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")
         save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
@@ -237,7 +236,7 @@ def read_adapter_config(adapter_dir: str | Path) -> dict:
     if problem:
         raise UsageError(problem)
     config = read_json_object(path)
-    info = Path(adapter_dir) / QLORA_INFO
+    info = Path(adapter_dir) / INFO_FILE
     if info.is_file():
         config = config | read_json_object(info)
     if config.get("qlora_format_version", FORMAT_VERSION) > FORMAT_VERSION:

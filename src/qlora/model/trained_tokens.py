@@ -24,7 +24,7 @@ from .adapter_base import read_json_object
 from .chat_format import stop_token_ids
 
 KEY = "tokenization"
-INFO_FILE = "qlora_adapter.json"
+INFO_FILE = "qlora_adapter.json"  # beside an adapter: qlora's fields, kept out of PEFT's adapter_config.json
 MODEL_FILE = "trained_tokens.json"  # in a merged (or quantized merged) model folder, which has no qlora_adapter.json
 TRAIN_ON = ("assistant", "all", "completion")
 _RECORD_KEYS = ("train_on", "seq_len", "eot_tokens", "group_texts")
