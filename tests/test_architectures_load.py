@@ -405,7 +405,8 @@ def test_a_tied_head_registered_before_its_embedding_is_stored_and_read_under_ei
 def test_a_4bit_layer_whose_file_name_lacks_weight_is_read_packed(tmp_path, tiny_tokenizer):
     """Inkling 2 stores its short-conv ``weight_proj`` layer under the module's name (``sconv.weight_proj``,
     renamed to ``sconv.weight_proj.weight`` on load), so its 4-bit quant state is ``sconv.weight_proj.absmax``,
-    with no ``.weight.`` in the file's key. qlora's 4-bit checkpoint of it loads back packed, with the
+    with no ``.weight.`` in the file's key; its head is stored padded to ``vocab_size`` and unpadded on load
+    (transformers' converter, which qlora applies too). qlora's 4-bit checkpoint of it loads back packed, with the
     logits of the 16-bit original loaded in 4 bits, and transformers + bitsandbytes reads the same model
     from it (experts 16-bit, as it keeps them)."""
     pytest.importorskip("bitsandbytes")
@@ -414,8 +415,8 @@ def test_a_4bit_layer_whose_file_name_lacks_weight_is_read_packed(tmp_path, tiny
     from qlora.model.quantized_io import save_quantized
 
     config = AutoConfig.for_model(
-        "inkling2_text", vocab_size=len(tiny_tokenizer), hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=16, n_routed_experts=4, num_experts_per_tok=2,
+        "inkling2_text", vocab_size=len(tiny_tokenizer) + 5, unpadded_vocab_size=len(tiny_tokenizer), hidden_size=64,
+        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16, n_routed_experts=4, num_experts_per_tok=2,
         layer_types=["hybrid_sliding", "hybrid"], max_position_embeddings=256,
         bos_token_id=tiny_tokenizer.bos_token_id, eos_token_id=tiny_tokenizer.eos_token_id,
         pad_token_id=tiny_tokenizer.pad_token_id)

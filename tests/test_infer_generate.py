@@ -33,6 +33,34 @@ def test_greedy_stream_equals_model_generate(lm):
     assert "".join(pieces) == tok.decode(ref, skip_special_tokens=True)
 
 
+def test_decoding_passes_the_cache_by_the_name_the_forward_takes(lm):
+    """transformers 5.24 renamed ``past_key_values`` to ``cache`` (the old name warns, and Mamba's forward ignores
+    it): streamed decoding and the batcher's probe and steps pass the cache by the forward's own name, warning-free."""
+    import warnings
+
+    from qlora.infer.batcher import ContinuousBatcher, Request
+
+    model, tok = lm
+    ids = _ids(tok)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        got = list(stream_tokens(model, ids, SamplingOptions(max_new_tokens=6, temperature=0)))
+        batcher = ContinuousBatcher(model, tok)
+        events = []
+        batcher.start()
+        try:
+            batcher.submit(Request(ids[0].tolist(), None, SamplingOptions(max_new_tokens=6, temperature=0),
+                                   events.append))
+            deadline = time.monotonic() + 60
+            while not any(e.finish_reason for e in events) and time.monotonic() < deadline:
+                time.sleep(0.05)
+        finally:
+            batcher.close()
+    assert batcher.unbatchable is None and "".join(e.text for e in events) == tok.decode(got, skip_special_tokens=True)
+    warned = [str(w.message) for w in caught if "past_key_values" in str(w.message)]
+    assert not warned, warned
+
+
 def test_seeded_sampling_is_reproducible(lm):
     model, tok = lm
     ids = _ids(tok)

@@ -19,12 +19,25 @@ import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
 
-from .generate import CACHE_NAMES
+from .generate import returned_cache
 
 
 def new_cache() -> DynamicCache:
     """An empty cache of full layers (no sliding-window cropping), for one prefill."""
     return DynamicCache()
+
+
+def declared_problem(config) -> str | None:
+    """Why the cache ``config``'s model declares (the layers transformers' ``DynamicCache`` builds for it) cannot
+    be re-batched, or None: from transformers 5.24 on Mamba and hybrid models keep their state in such layers and
+    fail when given a plain cache, so the probe forward of :func:`cache_problem` cannot ask them."""
+    try:
+        layers = DynamicCache(config=config).layers
+    except Exception:  # noqa: BLE001 - a config transformers builds no cache for: the probe forward tells
+        return None
+    kinds = sorted({type(layer).__name__ for layer in layers}
+                   - {"DynamicLayer", "DynamicSlidingWindowLayer"})
+    return f"its cache holds {', '.join(kinds)}, not only plain key/value layers" if kinds else None
 
 
 def cache_problem(cache: DynamicCache, out) -> str | None:
@@ -33,7 +46,7 @@ def cache_problem(cache: DynamicCache, out) -> str | None:
     ``out``: the model's output for a forward given ``cache``. A model that keeps its own state
     instead (RWKV's ``state``, a hybrid model's own cache class) ignores ``cache``.
     """
-    returned = next((getattr(out, n) for n in CACHE_NAMES if getattr(out, n, None) is not None), None)
+    returned = returned_cache(out)[1]
     if returned is cache and cache.layers and all(_plain(layer) for layer in cache.layers):
         return None
     layers = cache.layers if returned is cache else getattr(returned, "layers", ())

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import functools
 import inspect
-from typing import Iterable, Iterator, Sequence
+from typing import Iterable, Iterator, Mapping, Sequence
 
 import torch
 from transformers import DynamicCache, GenerationMixin
@@ -28,8 +28,26 @@ from .model_rules import ModelRules
 from .penalties import Penalties
 from .sampling_options import SamplingOptions
 
-# Where a forward returns its cache, by model family, as transformers' generate looks for it.
-CACHE_NAMES = ("past_key_values", "cache_params", "state")  # default; Mamba in transformers 4.x; RWKV
+# Where a forward returns its cache, by model family, as transformers' generate looks for it: ``cache`` from
+# transformers 5.24 on (the older names stay as deprecated aliases there), ``past_key_values`` before, Mamba's
+# ``cache_params`` before 5.24, RWKV's ``state``.
+CACHE_NAMES = ("cache", "past_key_values", "cache_params", "state")
+
+
+def returned_cache(out) -> tuple[str, object] | tuple[None, None]:
+    """The field a forward's output returns its cache in, and the cache (``(None, None)`` for none). Read by
+    field name, not attribute: transformers 5.24's outputs answer the old names too, with a deprecation warning."""
+    fields = out.keys() if isinstance(out, Mapping) else [n for n in CACHE_NAMES if hasattr(out, n)]
+    name = next((n for n in CACHE_NAMES if n in fields and out[n] is not None), None) if isinstance(out, Mapping) \
+        else next((n for n in fields if getattr(out, n) is not None), None)
+    return (name, out[name] if isinstance(out, Mapping) else getattr(out, name)) if name else (None, None)
+
+
+def cache_keyword(model) -> str:
+    """The keyword ``model``'s forward takes its key/value cache by: ``cache`` from transformers 5.24 on (which
+    still renames ``past_key_values``, warning each process once), ``past_key_values`` before."""
+    params = _forward_params(getattr(model.forward, "__func__", model.forward))
+    return "cache" if "cache" in params else "past_key_values"
 
 
 def next_token(logits: torch.Tensor, options: SamplingOptions, generator: torch.Generator | None,
@@ -130,11 +148,12 @@ def forward_cached(model, ids: torch.Tensor, cache: dict, seen: int, media: dict
     if "cache_position" in params and seen and "cache_position" not in cache:
         positions["cache_position"] = steps
     out = model(input_ids=ids, use_cache=True, **cache, **positions, **(media or {}))
-    returned = _cache_of(out, length)
-    if returned or cache or "past_key_values" not in params:
+    returned = _cache_of(out, length, params)
+    keyword = cache_keyword(model)
+    if returned or cache or keyword not in params:
         return out, returned or cache
-    own = model.prepare_inputs_for_generation(ids, use_cache=True, cache_position=steps).get("past_key_values")
-    cache = {"past_key_values": own if own is not None else DynamicCache(config=model.config)}  # the prefill again
+    own = model.prepare_inputs_for_generation(ids, use_cache=True, cache_position=steps).get(keyword)
+    cache = {keyword: own if own is not None else DynamicCache(config=model.config)}  # the prefill again
     return model(input_ids=ids, use_cache=True, **cache, **positions, **(media or {})), cache
 
 
@@ -259,14 +278,18 @@ def _forward_params(forward) -> frozenset[str]:
     return frozenset(inspect.signature(forward).parameters)
 
 
-def _cache_of(out, seen: int) -> dict:
-    """The model's cache as the keywords its forward takes back after ``seen`` tokens: ``past_key_values``,
-    Mamba's ``cache_params`` with the next position (transformers 4.x requires it) or RWKV's ``state``,
-    as transformers' ``generate`` passes them. Without them the next step would decode without context."""
-    name = next((n for n in CACHE_NAMES if getattr(out, n, None) is not None), None)
-    if name == "cache_params":
-        return {"cache_params": out.cache_params, "cache_position": torch.tensor([seen], device=out.logits.device)}
-    return {name: getattr(out, name)} if name else {}
+def _cache_of(out, seen: int, params: frozenset[str]) -> dict:
+    """The model's cache as the keywords its forward (taking ``params``) takes back after ``seen`` tokens:
+    ``cache`` (transformers 5.24 on), ``past_key_values``, Mamba's ``cache_params`` with the next position
+    (transformers 4.x requires it) or RWKV's ``state``, as transformers' ``generate`` passes them. Without them the
+    next step would decode without context: 5.24's Mamba, given ``past_key_values``, ignores it."""
+    name, value = returned_cache(out)
+    if name is None:
+        return {}
+    keyword = name if name in params else next((n for n in CACHE_NAMES if n in params), name)
+    if keyword == "cache_params":
+        return {"cache_params": value, "cache_position": torch.tensor([seen], device=out.logits.device)}
+    return {keyword: value}
 
 
 def encode_prompt(model, tokenizer, prompt: str, chat: bool = False) -> torch.Tensor:
