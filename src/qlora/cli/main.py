@@ -11,6 +11,7 @@ import argparse
 import contextlib
 import difflib
 import importlib
+import re
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -161,6 +162,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         if model_file is None:
             raise
         detail = " ".join(str(exc).split())[:600] or type(exc).__name__
+        missing = _inputs_not_given(exc)
+        if missing:
+            report_error(f"qlora {args.command}: error: the model's own code refused the input (transformers' "
+                         f"{model_file}): {detail} Its forward needs {' and '.join(missing)}, which no command gives it: "
+                         "qlora runs a model on token ids alone, and this one takes what another model computes "
+                         "(a draft model for speculative decoding is fed by its main model), so it cannot be "
+                         "trained or run on its own; use the main model it belongs to, or another model.")
+            return 2
         report_error(f"qlora {args.command}: error: the model's own code refused the input (transformers' {model_file}): "
                      f"{detail} This is a limit of how transformers implements this architecture, not of qlora; "
                      "change the option it points to (--seq-len, --batch-size, --packing, ...) or use another model.")
@@ -199,6 +208,30 @@ def _model_code_that_raised(exc: BaseException) -> str | None:
     if len(parts) >= 4 and parts[-4:-2] == ("transformers", "models"):
         return "/".join(parts[-3:])
     return None
+
+
+# What qlora's commands pass a forward: an error about another of its inputs being None is about one never given.
+_GIVEN_INPUTS = frozenset({"input_ids", "attention_mask", "position_ids", "labels", "cache", "past_key_values",
+                           "use_cache", "cache_position", "pixel_values", "image_sizes", "image_grid_thw",
+                           "logits_to_keep", "return_dict"})
+
+
+def _inputs_not_given(exc: BaseException) -> list[str]:
+    """The ``forward`` inputs that the innermost forward of the traceback of ``exc`` got as None and that the
+    error names (Gemma 4's assistant: "inputs_embeds and shared_kv_states cannot be None"), except those qlora
+    gives; ``[]`` when the error is about something else."""
+    said = str(exc)
+    tb, frames = exc.__traceback__, []
+    while tb is not None:
+        frames.append(tb.tb_frame)
+        tb = tb.tb_next
+    forward = next((f for f in reversed(frames) if f.f_code.co_name == "forward"), None)
+    if forward is None:
+        return []
+    code = forward.f_code
+    names = code.co_varnames[:code.co_argcount + code.co_kwonlyargcount]
+    return [n for n in names if n not in _GIVEN_INPUTS and n != "self" and forward.f_locals.get(n, 0) is None
+            and re.search(rf"\b{re.escape(n)}\b", said)]
 
 
 def _out_of_memory(exc: BaseException) -> bool:
