@@ -12,6 +12,7 @@ import json
 
 import pytest
 import torch
+import transformers
 from safetensors import safe_open
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
@@ -50,9 +51,13 @@ def _under(path: str, towers: set[str]) -> bool:
 @pytest.mark.parametrize("kind", KINDS)
 def test_language_model_is_4bit_and_towers_stay_exact(vlms, kind):
     ref = _transformers_model(vlms[kind])
+    try:
+        expected = ref(IDS).logits
+    except AttributeError as exc:  # 5.24's Llama4ForConditionalGeneration reads a field its text model lacks
+        pytest.skip(f"transformers {transformers.__version__}'s own {type(ref).__name__} fails on any input: {exc}")
     dense, _ = load_model(vlms[kind], quant=None, compute_dtype=torch.float32, device="cpu")
     assert type(dense) is type(ref)
-    assert torch.equal(dense(IDS).logits, ref(IDS).logits)
+    assert torch.equal(dense(IDS).logits, expected)
 
     model, _ = load_model(vlms[kind], quant="nf4", compute_dtype=torch.float32, device="cpu")
     towers = non_text_names(model)
