@@ -240,3 +240,43 @@ def test_one_adapter_alone_holds_what_it_trained_whole_once(tiny_model_dir, save
     lora = sum(p.numel() for n, p in model.named_parameters() if ".lora_" in n)
     assert sum(p.numel() for p in model.parameters()) == before + lora
     _close(model.eval()(IDS).logits, _peft(tiny_model_dir, saved, ["both"])(IDS).logits)
+
+
+def test_state_dict_is_the_bases_with_the_copies_kept_apart(tiny_model_dir, saved):
+    """The wrappers are invisible in the model's state dict (what transformers' save_pretrained writes): the
+    original modules under their own keys, no copies; loading a state dict back leaves the copies as they are."""
+    base, _ = qlora.load_model(tiny_model_dir, quant=None, compute_dtype=torch.float32, device="cpu")
+    plain = {k: v.clone() for k, v in base.state_dict().items()}
+    model = _ours(tiny_model_dir, saved, ["head", "both"])
+    state = {k.replace(".base_layer.", "."): v for k, v in model.state_dict().items() if ".lora_" not in k}
+    assert set(state) == set(plain)
+    for key, value in plain.items():
+        assert torch.equal(state[key], value), key
+    copies = {n: p.clone() for n, p in model.named_parameters() if ".modules_to_save." in n}
+    assert model.load_state_dict({k: v + 1 for k, v in model.state_dict().items()}).missing_keys == []
+    assert torch.equal(model.lm_head.original_module.weight, plain["lm_head.weight"] + 1)
+    for name, value in copies.items():
+        assert torch.equal(model.get_parameter(name), value), name
+
+
+def test_4bit_base_saved_with_copies_loaded_is_the_base_transformers_loads(tmp_path, tiny_model_dir, saved):
+    """save_quantized of a 4-bit model holding adapters' copies writes the file it writes for the bare base
+    (same tensors, same config: the head listed as kept dense, no wrapper names), which transformers loads."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    bare, tok = qlora.load_model(tiny_model_dir, compute_dtype=torch.float32, device="cpu")
+    qlora.save_quantized(bare, tmp_path / "bare", tokenizer=tok)
+    model, _ = qlora.load_model(tiny_model_dir, compute_dtype=torch.float32, device="cpu")
+    for name in ("head", "both"):
+        qlora.load_adapter(model, saved / name, adapter_name=name)
+    qlora.save_quantized(model, tmp_path / "wrapped", tokenizer=tok)
+    files = {d: load_file(str(tmp_path / d / "model.safetensors")) for d in ("bare", "wrapped")}
+    assert set(files["wrapped"]) == set(files["bare"])
+    for key, value in files["bare"].items():
+        assert torch.equal(files["wrapped"][key], value), key
+    configs = {d: (tmp_path / d / "config.json").read_text() for d in ("bare", "wrapped")}
+    assert configs["wrapped"] == configs["bare"]
+    _, info = AutoModelForCausalLM.from_pretrained(tmp_path / "wrapped", device_map="cpu", dtype=torch.float32,
+                                                   output_loading_info=True)
+    assert not any(info.values()), info
