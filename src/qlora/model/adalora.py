@@ -18,7 +18,7 @@ from torch import nn
 
 from ..errors import UsageError
 from ..nn import AdaLoraLinear
-from .inject import _modules_to_save, adapter_configs, count_parameters, target_paths
+from .inject import _modules_to_save, adapter_configs, count_parameters, target_paths, train_whole
 from .rank_allocator import AdaLoraSchedule, RankAllocator
 
 log = logging.getLogger("qlora")
@@ -106,8 +106,7 @@ def add_adalora(
         for d in (module.lora_A, module.lora_B, module.lora_E):
             d.requires_grad_(True)
     save_paths = _modules_to_save(model, modules_to_save)
-    for path in save_paths:
-        model.get_submodule(path).requires_grad_(True)
+    train_whole(model, save_paths)
     names = sorted({p.rsplit(".", 1)[-1] for p in paths})
     configs[adapter_name] = AdaLoraConfig(schedule, alpha, dropout, orth_reg_weight, names, fan_in_fan_out,
                                           getattr(model, "name_or_path", None), paths, save_paths)

@@ -16,7 +16,8 @@ from torch import nn
 from ..errors import UsageError
 from ..float_dtype import float_dtype
 from ..nn import (AdaLoraLinear, Experts4bit, ExpertsLora, Linear4bit, LoraEmbedding, LoraLinear, LoraSpec,
-                  SavedModules, adapter_name_problem, expert_weight_names, experts_layout)
+                  SavedModules, adapter_name_problem, dequantized, expert_weight_names, experts_layout,
+                  undequantizable)
 from ..nn.experts_lora import expert_shapes
 from ..nn.residual_init_names import is_residual_init
 from .quantize import (is_linear_like, kept_dense_names, matches_any, non_text_names, output_embedding_names,
@@ -213,7 +214,36 @@ def _modules_to_save(model: nn.Module, names: list[str] | None) -> list[str]:
     unmatched = [n for n in names if not any(matches_any(p, [n]) for p in paths)]
     if unmatched:
         raise UsageError(f"modules_to_save {unmatched} match no module of this model.")
+    check_trainable_whole(model, paths, "modules_to_save")
     return paths
+
+
+def check_trainable_whole(model: nn.Module, paths: list[str], source: str) -> None:
+    """Refuse training whole (``modules_to_save``, named by ``source``) a module with a 4-bit part no dense layer
+    replaces (:func:`qlora.nn.undequantizable`); 4-bit linear layers are trained dense (:func:`train_whole`).
+
+    Raises:
+        UsageError: naming the part.
+    """
+    for path in paths:
+        part = undequantizable(model.get_submodule(path))
+        if part is not None:
+            where = f"{path}.{part}" if part else path
+            raise UsageError(f"{source} names {path}, but {where} is stored in 4 bits as MoE experts or as a "
+                             "GPT-2 Conv1D layer, which qlora cannot train whole. Keep it dense when loading "
+                             "(skip_modules / quantize_experts=False, or a checkpoint that lists it in "
+                             "llm_int8_skip_modules), or leave it out of modules_to_save.")
+
+
+def train_whole(model: nn.Module, paths: list[str]) -> None:
+    """Make the modules at ``paths`` trainable (PEFT's ``modules_to_save``), their 4-bit linear layers replaced
+    by dense ones of the dequantized weights (:func:`qlora.nn.dequantized`): packed codes take no gradient."""
+    for path in paths:
+        module = dequantized(model.get_submodule(path))
+        if module is not model.get_submodule(path):
+            parent_path, _, child = path.rpartition(".")
+            setattr(model.get_submodule(parent_path) if parent_path else model, child, module)
+        module.requires_grad_(True)
 
 
 def trained_biases(model: nn.Module, bias: str) -> dict[str, nn.Parameter]:
@@ -491,9 +521,7 @@ def add_lora(
     for layer in embedding_lora_layers(model).values():
         for p in list(layer.lora_embedding_A.parameters()) + list(layer.lora_embedding_B.parameters()):
             p.requires_grad_(True)
-    for path in save_paths:
-        for p in model.get_submodule(path).parameters():
-            p.requires_grad_(True)
+    train_whole(model, save_paths)
     for p in trained_biases(model, bias).values():
         p.requires_grad_(True)
     for p, trainable in earlier.items():

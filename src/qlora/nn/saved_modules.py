@@ -19,6 +19,8 @@ import copy
 import torch
 from torch import nn
 
+from .dequantized_modules import dequantized
+
 
 class SavedModules(nn.Module):
     """``original_module`` plus a copy of it per adapter that trained it whole."""
@@ -34,10 +36,11 @@ class SavedModules(nn.Module):
         self.register_load_state_dict_pre_hook(_into_original)
 
     def add_copy(self, name: str) -> nn.Module:
-        """A new copy of the original for adapter ``name`` (frozen; the caller loads its weights)."""
+        """A new copy of the original for adapter ``name`` (frozen; the caller loads its weights), its 4-bit
+        layers dense (:func:`qlora.nn.dequantized`)."""
         if name in self.modules_to_save:
             raise ValueError(f"adapter {name!r} already has a copy of this module")
-        module = copy.deepcopy(self.original_module)
+        module = dequantized(copy.deepcopy(self.original_module))
         for p in module.parameters():
             p.requires_grad_(False)
         self.modules_to_save[name] = module
