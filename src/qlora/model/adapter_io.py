@@ -31,7 +31,8 @@ from .adalora_io import adalora_peft_config, adalora_state_dict, attach_adalora
 from .local_path import adapter_folder_problem
 from .merge import shares_table, untie_config
 from .in_place_weights import in_place_parts, refuse_beside_others
-from .inject import (AdapterConfig, adapter_configs, add_lora, check_adapter_name, embedding_lora_layers,
+from .inject import (AdapterConfig, adapter_configs, add_lora, check_adapter_name, check_trainable_whole,
+                     embedding_lora_layers,
                      expert_modules, experts_lora_layers, lora_layers, target_names, trained_biases)
 from .saved_copies import load_copies, saved_module
 from .quantize import matches_any, non_text_names, text_decoder_path
@@ -308,9 +309,17 @@ def read_adapter_weights(adapter_dir: Path) -> dict[str, torch.Tensor]:
     if not weights.is_file():
         raise UsageError(f"{adapter_dir} has no adapter_model.safetensors (qlora reads safetensors only).")
     try:
-        return load_file(str(weights))
+        tensors = load_file(str(weights))
     except (SafetensorError, OSError, ValueError) as exc:
         raise UsageError(f"{weights} is corrupted or not a safetensors file ({exc}).") from exc
+    # every trained tensor of a LoRA adapter is floating point; an integer or boolean one would be cast to floats
+    # silently (PEFT does so) and run as numbers nobody trained
+    for key, value in tensors.items():
+        if not value.is_floating_point():
+            raise UsageError(f"{weights}: tensor {key} holds {str(value.dtype).removeprefix('torch.')} values, but "
+                             "every tensor of a LoRA adapter is floating point; the file was written wrong or "
+                             "edited. Save the adapter again (PEFT's save_pretrained or qlora).")
+    return tensors
 
 
 def load_adapter(model: nn.Module, adapter_dir: str | Path, adapter_name: str = "default",
@@ -344,7 +353,8 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path, adapter_name: str = 
     lora_keys = {k: lora_key(k) for k in tensors if ".lora_" in k}  # key -> (module path, tensor kind)
     expert_keys = {k for k, (path, _) in lora_keys.items() if _unwrapped(path) in experts}
     paths = sorted({path for k, (path, _) in lora_keys.items() if k not in expert_keys})
-    _check_pairs(adapter_dir, [v for k, v in lora_keys.items() if k not in expert_keys])
+    _check_pairs(adapter_dir, [v for k, v in lora_keys.items() if k not in expert_keys],
+                 bool(config.get("use_dora")) and config.get("peft_type", "LORA") == "LORA")
     # modules trained whole; PEFT's save_embedding_layers adds copies under .original_module. (the base
     # before training) and .modules_to_save. (the same trained weights as the plain key), skipped here
     whole = {k[len(PEFT_PREFIX):]: v for k, v in tensors.items()
@@ -371,6 +381,7 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path, adapter_name: str = 
         raise UsageError(f"{adapter_dir} was made for another base model: it adapts {missing[0]}, which this "
                          f"model does not have ({len(missing)} such layers).")
     _refuse_two_ways(adapter_dir, names, paths, save_paths if copies else [])
+    check_trainable_whole(model, save_paths, f"{adapter_dir}/adapter_config.json's modules_to_save")
     _warn_other_base(adapter_dir, config.get("base_model_name_or_path"), getattr(model, "name_or_path", None))
     if not copies:  # a copy is its own table already
         _untie_saved_table(model, save_paths, config)
@@ -479,10 +490,11 @@ _LORA_TENSORS = ("A.weight", "B.weight", "B.bias", "magnitude_vector", "magnitud
                  "embedding_B")
 
 
-def _check_pairs(adapter_dir: Path, keys: list[tuple[str, str]]) -> None:
+def _check_pairs(adapter_dir: Path, keys: list[tuple[str, str]], use_dora: bool) -> None:
     """Refuse a file holding one of a layer's two LoRA matrices without the other (a truncated or hand-edited
     save): the missing one would keep its initialization, a zero B (the adapter silently off there) or a random A
-    (noise), where PEFT only warns.
+    (noise), where PEFT only warns; so does a DoRA adapter (``use_dora``) without a layer's magnitudes, which
+    would keep the base weight's norms (the trained ones lost).
 
     Raises:
         UsageError: naming the first such layer and the tensor it lacks.
@@ -491,6 +503,11 @@ def _check_pairs(adapter_dir: Path, keys: list[tuple[str, str]]) -> None:
     for path, rest in keys:
         kinds.setdefault(path, set()).add(rest)
     for path, held in sorted(kinds.items()):
+        if use_dora and not held & {"magnitude_vector", "magnitude_vector.weight"}:
+            raise UsageError(f"{adapter_dir}: its adapter_config.json says use_dora, but its "
+                             f"adapter_model.safetensors has no lora_magnitude_vector for {path} (a save cut short "
+                             "or edited, or a config changed by hand); save the adapter again, or set use_dora to "
+                             "false if it was trained as plain LoRA.")
         for pair in (("A.weight", "B.weight"), ("embedding_A", "embedding_B")):
             lacking = [k for k in pair if k not in held]
             if len(lacking) == 1:
