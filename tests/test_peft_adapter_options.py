@@ -327,3 +327,30 @@ def test_a_damaged_adapter_file_is_refused_naming_the_file_and_tensor(tmp_path, 
     with pytest.raises(UsageError) as info:
         qlora.load_adapter(model, tmp_path / "a")
     assert all(part in str(info.value) for part in expected), str(info.value)
+
+
+@pytest.mark.parametrize("saved, tying", [(["embed_tokens"], False), (["lm_head"], False),
+                                          (["embed_tokens"], True)])
+def test_training_one_of_a_tied_pair_whole_trains_its_own_table_as_peft(tmp_path, models, saved, tying):
+    """PEFT trains a module saved whole as its own copy: of a tied embedding and head, the other keeps the base's
+    table (unless ensure_weight_tying, which trains the one table). Trained by qlora, the model's logits are those
+    PEFT and qlora load from the file it saved, and the module not saved is the base's."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model, _ = qlora.load_model(models["llama_tied"], quant=None, compute_dtype=torch.float32, device="cpu")
+    table = model.lm_head.weight.detach().clone()
+    qlora.add_lora(model, r=2, target_modules=["q_proj"], modules_to_save=saved, verbose=False,
+                   ensure_weight_tying=tying)
+    _train_a_few_steps(model)
+    other = model.lm_head if saved == ["embed_tokens"] else model.model.embed_tokens
+    assert (model.lm_head.weight is model.model.embed_tokens.weight) == tying
+    assert torch.equal(other.weight, table) != tying
+    qlora.save_adapter(model, tmp_path / "a")
+    with torch.no_grad():
+        ours = model(IDS).logits
+        peft = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(models["llama_tied"],
+                                                                              dtype=torch.float32), tmp_path / "a")
+        torch.testing.assert_close(peft.eval()(IDS).logits, ours)
+        again, _ = qlora.load_model(models["llama_tied"], quant=None, compute_dtype=torch.float32, device="cpu")
+        torch.testing.assert_close(qlora.load_adapter(again, tmp_path / "a").eval()(IDS).logits, ours)

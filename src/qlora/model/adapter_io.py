@@ -29,7 +29,6 @@ from .adapter_tensors import PEFT_PREFIX, copy_adapter_tensor, lora_key
 from .adalora import AdaLoraConfig
 from .adalora_io import adalora_peft_config, adalora_state_dict, attach_adalora
 from .local_path import adapter_folder_problem
-from .merge import shares_table, untie_config
 from .in_place_weights import in_place_parts, refuse_beside_others
 from .inject import (AdapterConfig, adapter_configs, add_lora, check_adapter_name, check_trainable_whole,
                      embedding_lora_layers,
@@ -206,7 +205,8 @@ def _lora_peft_config(cfg: AdapterConfig) -> dict:
         "modules_to_save": sorted({p.rsplit(".", 1)[-1] for p in cfg.modules_to_save}) or None,
         "inference_mode": True, "use_dora": spec.use_dora, "revision": None, "layers_to_transform": None,
         "rank_pattern": cfg.rank_pattern, "alpha_pattern": cfg.alpha_pattern, "lora_bias": spec.lora_bias,
-    } | ({"trainable_token_indices": _token_indices_config(cfg.trainable_tokens)} if cfg.trainable_tokens else {}) | ({"target_parameters": cfg.target_parameters} if cfg.target_parameters else {}) | (
+    } | ({"ensure_weight_tying": True} if cfg.ensure_weight_tying else {}) | (
+        {"trainable_token_indices": _token_indices_config(cfg.trainable_tokens)} if cfg.trainable_tokens else {}) | ({"target_parameters": cfg.target_parameters} if cfg.target_parameters else {}) | (
         {"loftq_config": {"loftq_bits": 4, "loftq_iter": spec.loftq_iter}} if spec.init == "loftq" else {})
 
 
@@ -383,8 +383,6 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path, adapter_name: str = 
     _refuse_two_ways(adapter_dir, names, paths, save_paths if copies else [])
     check_trainable_whole(model, save_paths, f"{adapter_dir}/adapter_config.json's modules_to_save")
     _warn_other_base(adapter_dir, config.get("base_model_name_or_path"), getattr(model, "name_or_path", None))
-    if not copies:  # a copy is its own table already
-        _untie_saved_table(model, save_paths, config)
     if config.get("peft_type") == "ADALORA":
         attach_adalora(model, config, paths, save_paths, tensors, adapter_name, trainable, str(adapter_dir))
         _load_whole(model, whole, trainable, adapter_dir)
@@ -397,7 +395,7 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path, adapter_name: str = 
              use_dora=bool(config.get("use_dora")),
              target_parameters=target_parameters, rank_pattern=config.get("rank_pattern") or None,
              alpha_pattern=config.get("alpha_pattern") or None, lora_bias=bool(config.get("lora_bias")),
-             bias=bias_mode)
+             bias=bias_mode, ensure_weight_tying=bool(config.get("ensure_weight_tying")))
     adapter_configs(model)[adapter_name].target_modules = target_names(config.get("target_modules"), paths)
     _load_expert_tensors(model, tensors, expert_keys, adapter_name, adapter_dir, trainable)
     _load_base_tables(model, base_tables, adapter_dir)
@@ -645,21 +643,6 @@ def _load_base_tables(model: nn.Module, tables: dict[str, torch.Tensor], adapter
                              "which this model does not adapt as a dense layer; the adapter was made for another "
                              "model.")
         copy_adapter_tensor(param, value, f"{PEFT_PREFIX}{path}.base_layer.{name}", adapter_dir, False)
-
-
-def _untie_saved_table(model: nn.Module, save_paths: list[str], config: dict) -> None:
-    """PEFT trains a module saved whole as its own copy: of a tied embedding and head, an adapter that
-    saves one (without PEFT's ``ensure_weight_tying``) changes that one only, and one that saves both
-    trains two tables. Untie them first, and say so in the config, so each keeps its own weights (the
-    base's where it saves none) here too, and in a merged model."""
-    if config.get("ensure_weight_tying") or not shares_table(model):
-        return
-    paths = {id(m): p for p, m in model.named_modules()}
-    saved = [m for m in (model.get_input_embeddings(), model.get_output_embeddings()) if paths.get(id(m)) in save_paths]
-    if saved:
-        module = saved[0]
-        module.weight = nn.Parameter(module.weight.detach().clone(), requires_grad=module.weight.requires_grad)
-        untie_config(model)
 
 
 def _load_whole(model: nn.Module, whole: dict[str, torch.Tensor], trainable: bool, adapter_dir: Path) -> None:
