@@ -31,8 +31,8 @@ from .adalora_io import adalora_peft_config, adalora_state_dict, attach_adalora
 from .local_path import adapter_folder_problem
 from .in_place_weights import in_place_parts, refuse_beside_others
 from .inject import (AdapterConfig, adapter_configs, add_lora, check_adapter_name, check_trainable_whole,
-                     embedding_lora_layers,
-                     expert_modules, experts_lora_layers, lora_layers, target_names, trained_biases)
+                     embedding_lora_layers, expert_modules, experts_lora_layers, lora_layers, target_names,
+                     trained_biases)
 from .saved_copies import load_copies, saved_module
 from .quantize import matches_any, non_text_names, text_decoder_path
 from .residual_convert import convert_to_lora, residual_paths
