@@ -34,6 +34,7 @@ from .inject import (AdapterConfig, adapter_configs, add_lora, check_adapter_nam
                      embedding_lora_layers, expert_modules, experts_lora_layers, lora_layers, target_names,
                      trained_biases)
 from .saved_copies import load_copies, saved_module
+from .tied_tables import untie_trained_whole
 from .quantize import matches_any, non_text_names, text_decoder_path
 from .residual_convert import convert_to_lora, residual_paths
 from .tokens import embedding_module_names, grow_vocabulary, vocabulary_grown
@@ -383,6 +384,9 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path, adapter_name: str = 
     _refuse_two_ways(adapter_dir, names, paths, save_paths if copies else [])
     check_trainable_whole(model, save_paths, f"{adapter_dir}/adapter_config.json's modules_to_save")
     _warn_other_base(adapter_dir, config.get("base_model_name_or_path"), getattr(model, "name_or_path", None))
+    # tables saved whole are untied first, two of them too (PEFT trained them apart); a copy is its own already
+    if not copies and not config.get("ensure_weight_tying"):
+        untie_trained_whole(model, save_paths, both=True)
     if config.get("peft_type") == "ADALORA":
         attach_adalora(model, config, paths, save_paths, tensors, adapter_name, trainable, str(adapter_dir))
         _load_whole(model, whole, trainable, adapter_dir)

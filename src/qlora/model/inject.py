@@ -242,7 +242,7 @@ def train_whole(model: nn.Module, paths: list[str], ensure_weight_tying: bool) -
     by dense ones of the dequantized weights (:func:`qlora.nn.dequantized`): packed codes take no gradient; a
     tied embedding and head untied unless ``ensure_weight_tying`` (:mod:`qlora.model.tied_tables`)."""
     if not ensure_weight_tying:
-        untie_trained_whole(model, paths)
+        untie_trained_whole(model, paths, both=False)
     for path in paths:
         module = dequantized(model.get_submodule(path))
         if module is not model.get_submodule(path):
@@ -412,8 +412,9 @@ def add_lora(
             (PEFT's meaning, e.g. ``["embed_tokens", "lm_head"]``; one string is one name); by default
             those that :func:`qlora.model.tokens.add_special_tokens` resized.
             They are trained in place, so adapters of one model share them. Of a tied embedding and head, the
-            one saved (or both) is untied first, as PEFT trains its own copy, unless ``ensure_weight_tying``
-            (PEFT's option: the pair stays one table, trained as one).
+            one saved is untied first, as PEFT trains its own copy, unless ``ensure_weight_tying`` (PEFT's
+            option: the pair stays one table, saved under both keys); both saved are trained as the one table
+            they are (:mod:`qlora.model.tied_tables`).
         target_parameters: 3-D MoE expert weights to adapt, PEFT's ``target_parameters``
             (``["mlp.experts.gate_up_proj", "7.mlp.experts.down_proj"]``: a name equal to
             ``<module path>.<weight>`` or its end). Each expert gets its own rank-``r``

@@ -4,7 +4,9 @@ PEFT trains a module saved whole (``modules_to_save``) as its own copy: of a tie
 that saves one changes that one only (the other stays the base's table), and one that saves both trains two
 tables, unless its ``ensure_weight_tying`` keeps them one. qlora trains such modules in place, so it unties the
 pair first, giving the saved one a table of its own, and records the untie in the config (or loading would tie
-them again).
+them again). Both saved: a loaded adapter's two tables are untied (they differ); a new adapter trains them as
+the one table they are (saved under both keys, equal: what PEFT and qlora load from the file is the model
+trained), rather than paying for a second vocabulary-sized table and its optimizer state.
 """
 
 from __future__ import annotations
@@ -30,14 +32,14 @@ def untie_config(model: nn.Module) -> None:
             config.tie_word_embeddings = False
 
 
-def untie_trained_whole(model: nn.Module, save_paths: list[str]) -> None:
-    """Untie a tied embedding and head one or both of which are trained whole in place (``save_paths``), as
-    PEFT's copies are: the first saved one gets its own table."""
+def untie_trained_whole(model: nn.Module, save_paths: list[str], both: bool) -> None:
+    """Untie a tied embedding and head one of which (or, with ``both``, each of which) is trained whole in place
+    (``save_paths``), as PEFT's copies are: the first saved one gets its own table."""
     if not shares_table(model):
         return
     paths = {id(m): p for p, m in model.named_modules()}
     saved = [m for m in (model.get_input_embeddings(), model.get_output_embeddings()) if paths.get(id(m)) in save_paths]
-    if saved:
+    if len(saved) == 1 or (saved and both):
         module = saved[0]
         module.weight = nn.Parameter(module.weight.detach().clone(), requires_grad=module.weight.requires_grad)
         untie_config(model)
