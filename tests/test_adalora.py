@@ -157,3 +157,29 @@ def test_merge_folds_adalora_and_reloads_in_plain_transformers(tmp_path, tiny_mo
     qlora.save_merged(merged, tmp_path / "m", tokenizer=tiny_tokenizer)
     plain = AutoModelForCausalLM.from_pretrained(tmp_path / "m", dtype=torch.float32)
     torch.testing.assert_close(plain(IDS).logits, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_adalora_with_a_module_saved_whole_loads_as_peft_and_alone(tmp_path, tiny_model_dir):
+    """A PEFT AdaLoRA adapter that trained lm_head whole gives PEFT's logits; its head is written into the base
+    in place, so beside a LoRA adapter it is refused in either order, naming the module and what to do."""
+    import pytest
+
+    from qlora.errors import UsageError
+    from random_adapters import save_random_peft_adapter
+
+    model, _ = qlora.load_model(tiny_model_dir, compute_dtype=torch.float32, device="cpu")
+    pm = _peft(tiny_model_dir, model, modules_to_save=["lm_head"])
+    with torch.no_grad():
+        for name, p in pm.named_parameters():
+            if p.requires_grad:
+                p.add_(0.1 * torch.randn_like(p))
+    pm.eval().save_pretrained(tmp_path / "ada")
+    save_random_peft_adapter(tiny_model_dir, tmp_path / "plain", 0, r=2, target_modules=["v_proj"])
+    qlora.load_adapter(model, tmp_path / "ada", adapter_name="ada")
+    with torch.no_grad():
+        torch.testing.assert_close(model.eval()(IDS).logits, pm(IDS).logits, rtol=1e-5, atol=1e-5)
+    for first, second in (("ada", "plain"), ("plain", "ada")):
+        model, _ = qlora.load_model(tiny_model_dir, compute_dtype=torch.float32, device="cpu")
+        qlora.load_adapter(model, tmp_path / first, adapter_name=first)
+        with pytest.raises(UsageError, match=r"lm_head whole \(modules_to_save\).*Load that adapter on its own"):
+            qlora.load_adapter(model, tmp_path / second, adapter_name=second)

@@ -301,3 +301,58 @@ def test_lora_variants_that_compute_differently_are_refused_naming_them(tmp_path
     fresh, _ = qlora.load_model(model_dir, compute_dtype=torch.float32, device="cpu")
     with pytest.raises(UsageError, match=r"lora_diag is not a tensor of plain LoRA or DoRA"):
         qlora.load_adapter(fresh, tmp_path / "odd")
+
+
+@pytest.mark.parametrize("damage", ["int_tensor", "bool_tensor", "dora_without_magnitudes"])
+def test_a_damaged_adapter_file_is_refused_naming_the_file_and_tensor(tmp_path, models, damage):
+    """What PEFT loads silently or with a warning (an integer or boolean tensor cast to floats; DoRA layers whose
+    magnitudes are missing keep the base's norms) is refused here, naming the file and the tensor or layer."""
+    from safetensors.torch import load_file, save_file
+
+    from random_adapters import save_random_peft_adapter
+
+    save_random_peft_adapter(models["llama"], tmp_path / "a", 0, r=2, target_modules=["q_proj"], use_dora=True)
+    file = tmp_path / "a" / "adapter_model.safetensors"
+    tensors = load_file(str(file))
+    key = "base_model.model.model.layers.1.self_attn.q_proj.lora_B.weight"
+    if damage == "dora_without_magnitudes":
+        del tensors["base_model.model.model.layers.0.self_attn.q_proj.lora_magnitude_vector"]
+        expected = ["use_dora", "no lora_magnitude_vector for model.layers.0.self_attn.q_proj", str(tmp_path / "a")]
+    else:
+        dtype = torch.int32 if damage == "int_tensor" else torch.bool
+        tensors[key] = (tensors[key] * 100).to(dtype)
+        expected = [str(file), key, str(dtype).removeprefix("torch.")]
+    save_file(tensors, str(file))
+    model, _ = qlora.load_model(models["llama"], quant=None, compute_dtype=torch.float32, device="cpu")
+    with pytest.raises(UsageError) as info:
+        qlora.load_adapter(model, tmp_path / "a")
+    assert all(part in str(info.value) for part in expected), str(info.value)
+
+
+@pytest.mark.parametrize("saved, tying", [(["embed_tokens"], False), (["lm_head"], False),
+                                          (["embed_tokens"], True), (["embed_tokens", "lm_head"], False)])
+def test_training_one_of_a_tied_pair_whole_trains_its_own_table_as_peft(tmp_path, models, saved, tying):
+    """PEFT trains a module saved whole as its own copy: of a tied embedding and head, the other keeps the base's
+    table (unless ensure_weight_tying, which trains the one table). Trained by qlora, the model's logits are those
+    PEFT and qlora load from the file it saved, and the module not saved is the base's. (Both saved: trained as the
+    one table, saved under both keys.)"""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model, _ = qlora.load_model(models["llama_tied"], quant=None, compute_dtype=torch.float32, device="cpu")
+    table = model.lm_head.weight.detach().clone()
+    qlora.add_lora(model, r=2, target_modules=["q_proj"], modules_to_save=saved, verbose=False,
+                   ensure_weight_tying=tying)
+    _train_a_few_steps(model)
+    one_table = tying or len(saved) == 2
+    assert (model.lm_head.weight is model.model.embed_tokens.weight) == one_table
+    other = model.lm_head if saved == ["embed_tokens"] else model.model.embed_tokens
+    assert torch.equal(other.weight, table) != one_table
+    qlora.save_adapter(model, tmp_path / "a")
+    with torch.no_grad():
+        ours = model(IDS).logits
+        peft = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(models["llama_tied"],
+                                                                              dtype=torch.float32), tmp_path / "a")
+        torch.testing.assert_close(peft.eval()(IDS).logits, ours)
+        again, _ = qlora.load_model(models["llama_tied"], quant=None, compute_dtype=torch.float32, device="cpu")
+        torch.testing.assert_close(qlora.load_adapter(again, tmp_path / "a").eval()(IDS).logits, ours)

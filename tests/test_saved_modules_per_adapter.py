@@ -240,3 +240,113 @@ def test_one_adapter_alone_holds_what_it_trained_whole_once(tiny_model_dir, save
     lora = sum(p.numel() for n, p in model.named_parameters() if ".lora_" in n)
     assert sum(p.numel() for p in model.parameters()) == before + lora
     _close(model.eval()(IDS).logits, _peft(tiny_model_dir, saved, ["both"])(IDS).logits)
+
+
+def test_state_dict_is_the_bases_with_the_copies_kept_apart(tiny_model_dir, saved):
+    """The wrappers are invisible in the model's state dict (what transformers' save_pretrained writes): the
+    original modules under their own keys, no copies; loading a state dict back leaves the copies as they are."""
+    base, _ = qlora.load_model(tiny_model_dir, quant=None, compute_dtype=torch.float32, device="cpu")
+    plain = {k: v.clone() for k, v in base.state_dict().items()}
+    model = _ours(tiny_model_dir, saved, ["head", "both"])
+    state = {k.replace(".base_layer.", "."): v for k, v in model.state_dict().items() if ".lora_" not in k}
+    assert set(state) == set(plain)
+    for key, value in plain.items():
+        assert torch.equal(state[key], value), key
+    copies = {n: p.clone() for n, p in model.named_parameters() if ".modules_to_save." in n}
+    assert model.load_state_dict({k: v + 1 for k, v in model.state_dict().items()}).missing_keys == []
+    assert torch.equal(model.lm_head.original_module.weight, plain["lm_head.weight"] + 1)
+    for name, value in copies.items():
+        assert torch.equal(model.get_parameter(name), value), name
+
+
+def test_4bit_base_saved_with_copies_loaded_is_the_base_transformers_loads(tmp_path, tiny_model_dir, saved):
+    """save_quantized of a 4-bit model holding adapters' copies writes the file it writes for the bare base
+    (same tensors, same config: the head listed as kept dense, no wrapper names), which transformers loads."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    bare, tok = qlora.load_model(tiny_model_dir, compute_dtype=torch.float32, device="cpu")
+    qlora.save_quantized(bare, tmp_path / "bare", tokenizer=tok)
+    model, _ = qlora.load_model(tiny_model_dir, compute_dtype=torch.float32, device="cpu")
+    for name in ("head", "both"):
+        qlora.load_adapter(model, saved / name, adapter_name=name)
+    qlora.save_quantized(model, tmp_path / "wrapped", tokenizer=tok)
+    files = {d: load_file(str(tmp_path / d / "model.safetensors")) for d in ("bare", "wrapped")}
+    assert set(files["wrapped"]) == set(files["bare"])
+    for key, value in files["bare"].items():
+        assert torch.equal(files["wrapped"][key], value), key
+    configs = {d: (tmp_path / d / "config.json").read_text() for d in ("bare", "wrapped")}
+    assert configs["wrapped"] == configs["bare"]
+    _, info = AutoModelForCausalLM.from_pretrained(tmp_path / "wrapped", device_map="cpu", dtype=torch.float32,
+                                                   output_loading_info=True)
+    assert not any(info.values()), info
+
+
+@pytest.fixture(scope="module")
+def head_4bit_dir(tmp_path_factory, tiny_model_dir):
+    """The tiny model quantized by transformers + bitsandbytes with nothing kept dense: its lm_head is 4-bit."""
+    pytest.importorskip("bitsandbytes")
+    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+
+    out = tmp_path_factory.mktemp("head-4bit")
+    config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=torch.float32, llm_int8_skip_modules=[])
+    AutoModelForCausalLM.from_pretrained(tiny_model_dir, quantization_config=config, device_map="cpu",
+                                         dtype=torch.float32).save_pretrained(out)
+    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(out)
+    return out
+
+
+def _4bit_head_model(head_4bit_dir):
+    from qlora.nn import Linear4bit
+
+    model, _ = qlora.load_model(head_4bit_dir, compute_dtype=torch.float32, device="cpu")
+    assert isinstance(model.lm_head, Linear4bit)
+    return model
+
+
+@pytest.mark.parametrize("how", [{}, {"keep_base": False}, {"trainable": True}])
+@torch.no_grad()
+def test_peft_adapter_saving_the_head_loads_onto_a_4bit_head(head_4bit_dir, saved, how):
+    """A 4-bit head's saved copy is a dense layer holding the adapter's weights (as PEFT's copy on a 16-bit
+    head): the logits are PEFT's on the same 4-bit model with a dense head; with adapters off, the 4-bit head's."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from bnb_oracle import reference_path
+
+    ours = _4bit_head_model(head_4bit_dir)
+    bare = _4bit_head_model(head_4bit_dir)(IDS).logits
+    qlora.load_adapter(ours, saved / "head", adapter_name="head", **how)
+    theirs = AutoModelForCausalLM.from_pretrained(head_4bit_dir, device_map="cpu", dtype=torch.float32)
+    reference_path(theirs)
+    theirs.lm_head = torch.nn.Linear(64, theirs.config.vocab_size, bias=False)  # replaced by the copy anyway
+    theirs = PeftModel.from_pretrained(theirs, saved / "head", adapter_name="head").eval()
+    _close(ours.eval()(IDS).logits, theirs(IDS).logits)
+    if not how:
+        with adapters_disabled(ours):
+            _close(ours(IDS).logits, bare)
+
+
+def test_training_a_4bit_head_whole_trains_and_saves_it_dense(tmp_path, head_4bit_dir, tiny_model_dir):
+    """add_lora(modules_to_save=["lm_head"]) on a 4-bit head trains a dense head starting from its dequantized
+    weights; the adapter saves it under PEFT's key, and PEFT loads it (on the 16-bit base) as saved."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model = _4bit_head_model(head_4bit_dir)
+    start = model.lm_head.dequantize()
+    qlora.add_lora(model, r=2, target_modules=["q_proj"], modules_to_save=["lm_head"], verbose=False)
+    assert model.lm_head.weight.requires_grad and torch.equal(model.lm_head.weight, start)
+    model(IDS).logits.square().mean().backward()
+    assert model.lm_head.weight.grad is not None and model.lm_head.weight.grad.abs().sum() > 0
+    with torch.no_grad():
+        model.lm_head.weight.sub_(model.lm_head.weight.grad)
+    qlora.save_adapter(model, tmp_path / "adapter")
+    from safetensors.torch import load_file
+
+    assert torch.equal(load_file(str(tmp_path / "adapter" / "adapter_model.safetensors"))[
+        "base_model.model.lm_head.weight"], model.lm_head.weight.detach())
+    peft = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32),
+                                     tmp_path / "adapter")
+    torch.testing.assert_close(peft.base_model.model.lm_head.modules_to_save["default"].weight,
+                               model.lm_head.weight.detach())

@@ -18,8 +18,9 @@ from torch import nn
 
 from ..errors import UsageError
 from ..nn import AdaLoraLinear
-from .inject import _modules_to_save, adapter_configs, count_parameters, target_paths
+from .inject import _modules_to_save, adapter_configs, count_parameters, target_paths, train_whole
 from .rank_allocator import AdaLoraSchedule, RankAllocator
+from .tied_tables import with_tied_partner
 
 log = logging.getLogger("qlora")
 
@@ -38,6 +39,7 @@ class AdaLoraConfig:
     layers: list[str] = field(default_factory=list)
     modules_to_save: list[str] = field(default_factory=list)
     rank_pattern: dict[str, list[bool]] | None = None  # layer path -> kept triplets, once pruned
+    ensure_weight_tying: bool = False  # as AdapterConfig's
 
 
 def adalora_layers(model: nn.Module, adapter_name: str = "default") -> dict[str, AdaLoraLinear]:
@@ -63,6 +65,7 @@ def add_adalora(
     dtype: torch.dtype = torch.float32,
     verbose: bool = True,
     modules_to_save: list[str] | None = None,
+    ensure_weight_tying: bool = False,
 ) -> nn.Module:
     """Attach an AdaLoRA adapter to the matching linear layers; freeze everything else.
 
@@ -73,7 +76,7 @@ def add_adalora(
             falls (cubic) until ``total_step - tfinal``, masks are recomputed every ``deltaT`` steps.
         beta1, beta2: EMA factors of the sensitivity and its uncertainty.
         orth_reg_weight: weight of the orthogonality penalty added to the loss.
-        alpha, dropout, target_modules, modules_to_save: as in :func:`qlora.add_lora`
+        alpha, dropout, target_modules, modules_to_save, ensure_weight_tying: as in :func:`qlora.add_lora`
             (the scale is ``alpha / init_r`` throughout, as in PEFT).
 
     Returns:
@@ -106,11 +109,13 @@ def add_adalora(
         for d in (module.lora_A, module.lora_B, module.lora_E):
             d.requires_grad_(True)
     save_paths = _modules_to_save(model, modules_to_save)
-    for path in save_paths:
-        model.get_submodule(path).requires_grad_(True)
+    if ensure_weight_tying:
+        save_paths = with_tied_partner(model, save_paths)
+    train_whole(model, save_paths, ensure_weight_tying)
     names = sorted({p.rsplit(".", 1)[-1] for p in paths})
     configs[adapter_name] = AdaLoraConfig(schedule, alpha, dropout, orth_reg_weight, names, fan_in_fan_out,
-                                          getattr(model, "name_or_path", None), paths, save_paths)
+                                          getattr(model, "name_or_path", None), paths, save_paths,
+                                          ensure_weight_tying=ensure_weight_tying and bool(save_paths))
     if verbose:
         trainable, total = count_parameters(model)
         log.info("qlora: %d layers adapted with AdaLoRA (rank %d -> %d); trainable params %s of %s",

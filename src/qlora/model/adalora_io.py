@@ -46,7 +46,7 @@ def adalora_peft_config(cfg: AdaLoraConfig) -> dict:
         "use_rslora": False, "init_lora_weights": True,
         "modules_to_save": sorted({p.rsplit(".", 1)[-1] for p in cfg.modules_to_save}) or None,
         "inference_mode": True, "use_dora": False, "revision": None, "layers_to_transform": None,
-    }
+    } | ({"ensure_weight_tying": True} if cfg.ensure_weight_tying else {})
 
 
 def attach_adalora(model: nn.Module, config: dict, paths: list[str], save_paths: list[str],
@@ -59,7 +59,8 @@ def attach_adalora(model: nn.Module, config: dict, paths: list[str], save_paths:
                 beta1=float(config["beta1"]), beta2=float(config["beta2"]),
                 orth_reg_weight=float(config["orth_reg_weight"]), alpha=float(config["lora_alpha"]),
                 dropout=float(config.get("lora_dropout") or 0.0), target_modules="|".join(map(re.escape, paths)),
-                adapter_name=adapter_name, verbose=False, modules_to_save=save_paths)
+                adapter_name=adapter_name, verbose=False, modules_to_save=save_paths,
+                ensure_weight_tying=bool(config.get("ensure_weight_tying")))
     cfg: AdaLoraConfig = adapter_configs(model)[adapter_name]
     cfg.target_modules = target_names(config.get("target_modules"), paths)
     layers = adalora_layers(model, adapter_name)

@@ -29,11 +29,12 @@ from .adapter_tensors import PEFT_PREFIX, copy_adapter_tensor, lora_key
 from .adalora import AdaLoraConfig
 from .adalora_io import adalora_peft_config, adalora_state_dict, attach_adalora
 from .local_path import adapter_folder_problem
-from .merge import shares_table, untie_config
 from .in_place_weights import in_place_parts, refuse_beside_others
-from .inject import (AdapterConfig, adapter_configs, add_lora, check_adapter_name, embedding_lora_layers,
-                     expert_modules, experts_lora_layers, lora_layers, target_names, trained_biases)
+from .inject import (AdapterConfig, adapter_configs, add_lora, check_adapter_name, check_trainable_whole,
+                     embedding_lora_layers, expert_modules, experts_lora_layers, lora_layers, target_names,
+                     trained_biases)
 from .saved_copies import load_copies, saved_module
+from .tied_tables import untie_trained_whole
 from .quantize import matches_any, non_text_names, text_decoder_path
 from .residual_convert import convert_to_lora, residual_paths
 from .tokens import embedding_module_names, grow_vocabulary, vocabulary_grown
@@ -205,7 +206,8 @@ def _lora_peft_config(cfg: AdapterConfig) -> dict:
         "modules_to_save": sorted({p.rsplit(".", 1)[-1] for p in cfg.modules_to_save}) or None,
         "inference_mode": True, "use_dora": spec.use_dora, "revision": None, "layers_to_transform": None,
         "rank_pattern": cfg.rank_pattern, "alpha_pattern": cfg.alpha_pattern, "lora_bias": spec.lora_bias,
-    } | ({"trainable_token_indices": _token_indices_config(cfg.trainable_tokens)} if cfg.trainable_tokens else {}) | ({"target_parameters": cfg.target_parameters} if cfg.target_parameters else {}) | (
+    } | ({"ensure_weight_tying": True} if cfg.ensure_weight_tying else {}) | (
+        {"trainable_token_indices": _token_indices_config(cfg.trainable_tokens)} if cfg.trainable_tokens else {}) | ({"target_parameters": cfg.target_parameters} if cfg.target_parameters else {}) | (
         {"loftq_config": {"loftq_bits": 4, "loftq_iter": spec.loftq_iter}} if spec.init == "loftq" else {})
 
 
@@ -308,9 +310,17 @@ def read_adapter_weights(adapter_dir: Path) -> dict[str, torch.Tensor]:
     if not weights.is_file():
         raise UsageError(f"{adapter_dir} has no adapter_model.safetensors (qlora reads safetensors only).")
     try:
-        return load_file(str(weights))
+        tensors = load_file(str(weights))
     except (SafetensorError, OSError, ValueError) as exc:
         raise UsageError(f"{weights} is corrupted or not a safetensors file ({exc}).") from exc
+    # every trained tensor of a LoRA adapter is floating point; an integer or boolean one would be cast to floats
+    # silently (PEFT does so) and run as numbers nobody trained
+    for key, value in tensors.items():
+        if not value.is_floating_point():
+            raise UsageError(f"{weights}: tensor {key} holds {str(value.dtype).removeprefix('torch.')} values, but "
+                             "every tensor of a LoRA adapter is floating point; the file was written wrong or "
+                             "edited. Save the adapter again (PEFT's save_pretrained or qlora).")
+    return tensors
 
 
 def load_adapter(model: nn.Module, adapter_dir: str | Path, adapter_name: str = "default",
@@ -344,7 +354,8 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path, adapter_name: str = 
     lora_keys = {k: lora_key(k) for k in tensors if ".lora_" in k}  # key -> (module path, tensor kind)
     expert_keys = {k for k, (path, _) in lora_keys.items() if _unwrapped(path) in experts}
     paths = sorted({path for k, (path, _) in lora_keys.items() if k not in expert_keys})
-    _check_pairs(adapter_dir, [v for k, v in lora_keys.items() if k not in expert_keys])
+    _check_pairs(adapter_dir, [v for k, v in lora_keys.items() if k not in expert_keys],
+                 bool(config.get("use_dora")) and config.get("peft_type", "LORA") == "LORA")
     # modules trained whole; PEFT's save_embedding_layers adds copies under .original_module. (the base
     # before training) and .modules_to_save. (the same trained weights as the plain key), skipped here
     whole = {k[len(PEFT_PREFIX):]: v for k, v in tensors.items()
@@ -371,9 +382,11 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path, adapter_name: str = 
         raise UsageError(f"{adapter_dir} was made for another base model: it adapts {missing[0]}, which this "
                          f"model does not have ({len(missing)} such layers).")
     _refuse_two_ways(adapter_dir, names, paths, save_paths if copies else [])
+    check_trainable_whole(model, save_paths, f"{adapter_dir}/adapter_config.json's modules_to_save")
     _warn_other_base(adapter_dir, config.get("base_model_name_or_path"), getattr(model, "name_or_path", None))
-    if not copies:  # a copy is its own table already
-        _untie_saved_table(model, save_paths, config)
+    # tables saved whole are untied first, two of them too (PEFT trained them apart); a copy is its own already
+    if not copies and not config.get("ensure_weight_tying"):
+        untie_trained_whole(model, save_paths, both=True)
     if config.get("peft_type") == "ADALORA":
         attach_adalora(model, config, paths, save_paths, tensors, adapter_name, trainable, str(adapter_dir))
         _load_whole(model, whole, trainable, adapter_dir)
@@ -386,7 +399,7 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path, adapter_name: str = 
              use_dora=bool(config.get("use_dora")),
              target_parameters=target_parameters, rank_pattern=config.get("rank_pattern") or None,
              alpha_pattern=config.get("alpha_pattern") or None, lora_bias=bool(config.get("lora_bias")),
-             bias=bias_mode)
+             bias=bias_mode, ensure_weight_tying=bool(config.get("ensure_weight_tying")))
     adapter_configs(model)[adapter_name].target_modules = target_names(config.get("target_modules"), paths)
     _load_expert_tensors(model, tensors, expert_keys, adapter_name, adapter_dir, trainable)
     _load_base_tables(model, base_tables, adapter_dir)
@@ -479,10 +492,11 @@ _LORA_TENSORS = ("A.weight", "B.weight", "B.bias", "magnitude_vector", "magnitud
                  "embedding_B")
 
 
-def _check_pairs(adapter_dir: Path, keys: list[tuple[str, str]]) -> None:
+def _check_pairs(adapter_dir: Path, keys: list[tuple[str, str]], use_dora: bool) -> None:
     """Refuse a file holding one of a layer's two LoRA matrices without the other (a truncated or hand-edited
     save): the missing one would keep its initialization, a zero B (the adapter silently off there) or a random A
-    (noise), where PEFT only warns.
+    (noise), where PEFT only warns; so does a DoRA adapter (``use_dora``) without a layer's magnitudes, which
+    would keep the base weight's norms (the trained ones lost).
 
     Raises:
         UsageError: naming the first such layer and the tensor it lacks.
@@ -491,6 +505,11 @@ def _check_pairs(adapter_dir: Path, keys: list[tuple[str, str]]) -> None:
     for path, rest in keys:
         kinds.setdefault(path, set()).add(rest)
     for path, held in sorted(kinds.items()):
+        if use_dora and not held & {"magnitude_vector", "magnitude_vector.weight"}:
+            raise UsageError(f"{adapter_dir}: its adapter_config.json says use_dora, but its "
+                             f"adapter_model.safetensors has no lora_magnitude_vector for {path} (a save cut short "
+                             "or edited, or a config changed by hand); save the adapter again, or set use_dora to "
+                             "false if it was trained as plain LoRA.")
         for pair in (("A.weight", "B.weight"), ("embedding_A", "embedding_B")):
             lacking = [k for k in pair if k not in held]
             if len(lacking) == 1:
@@ -628,21 +647,6 @@ def _load_base_tables(model: nn.Module, tables: dict[str, torch.Tensor], adapter
                              "which this model does not adapt as a dense layer; the adapter was made for another "
                              "model.")
         copy_adapter_tensor(param, value, f"{PEFT_PREFIX}{path}.base_layer.{name}", adapter_dir, False)
-
-
-def _untie_saved_table(model: nn.Module, save_paths: list[str], config: dict) -> None:
-    """PEFT trains a module saved whole as its own copy: of a tied embedding and head, an adapter that
-    saves one (without PEFT's ``ensure_weight_tying``) changes that one only, and one that saves both
-    trains two tables. Untie them first, and say so in the config, so each keeps its own weights (the
-    base's where it saves none) here too, and in a merged model."""
-    if config.get("ensure_weight_tying") or not shares_table(model):
-        return
-    paths = {id(m): p for p, m in model.named_modules()}
-    saved = [m for m in (model.get_input_embeddings(), model.get_output_embeddings()) if paths.get(id(m)) in save_paths]
-    if saved:
-        module = saved[0]
-        module.weight = nn.Parameter(module.weight.detach().clone(), requires_grad=module.weight.requires_grad)
-        untie_config(model)
 
 
 def _load_whole(model: nn.Module, whole: dict[str, torch.Tensor], trainable: bool, adapter_dir: Path) -> None:

@@ -16,12 +16,14 @@ from torch import nn
 from ..errors import UsageError
 from ..float_dtype import float_dtype
 from ..nn import (AdaLoraLinear, Experts4bit, ExpertsLora, Linear4bit, LoraEmbedding, LoraLinear, LoraSpec,
-                  SavedModules, adapter_name_problem, expert_weight_names, experts_layout)
+                  SavedModules, adapter_name_problem, dequantized, expert_weight_names, experts_layout,
+                  undequantizable)
 from ..nn.experts_lora import expert_shapes
 from ..nn.residual_init_names import is_residual_init
 from .quantize import (is_linear_like, kept_dense_names, matches_any, non_text_names, output_embedding_names,
                        weight_count)
 from .target_hints import unmatched_hint, weight_modules
+from .tied_tables import untie_trained_whole, with_tied_partner
 
 if TYPE_CHECKING:
     from .streamed_init import StreamedInit
@@ -44,6 +46,7 @@ class AdapterConfig:
     alpha_pattern: dict[str, float] = field(default_factory=dict)  # PEFT's: layer-name regex -> alpha
     bias: str = "none"  # PEFT's: "none", "all" (every bias trained) or "lora_only" (the adapted layers' biases)
     trainable_tokens: dict[str, list[int]] = field(default_factory=dict)  # PEFT's trainable_token_indices, by path
+    ensure_weight_tying: bool = False  # PEFT's: a tied embedding and head trained whole stay one table
 
 
 def adapter_configs(model: nn.Module) -> dict[str, AdapterConfig]:
@@ -213,7 +216,39 @@ def _modules_to_save(model: nn.Module, names: list[str] | None) -> list[str]:
     unmatched = [n for n in names if not any(matches_any(p, [n]) for p in paths)]
     if unmatched:
         raise UsageError(f"modules_to_save {unmatched} match no module of this model.")
+    check_trainable_whole(model, paths, "modules_to_save")
     return paths
+
+
+def check_trainable_whole(model: nn.Module, paths: list[str], source: str) -> None:
+    """Refuse training whole (``modules_to_save``, named by ``source``) a module with a 4-bit part no dense layer
+    replaces (:func:`qlora.nn.undequantizable`); 4-bit linear layers are trained dense (:func:`train_whole`).
+
+    Raises:
+        UsageError: naming the part.
+    """
+    for path in paths:
+        part = undequantizable(model.get_submodule(path))
+        if part is not None:
+            where = f"{path}.{part}" if part else path
+            raise UsageError(f"{source} names {path}, but {where} is stored in 4 bits as MoE experts or as a "
+                             "GPT-2 Conv1D layer, which qlora cannot train whole. Keep it dense when loading "
+                             "(skip_modules / quantize_experts=False, or a checkpoint that lists it in "
+                             "llm_int8_skip_modules), or leave it out of modules_to_save.")
+
+
+def train_whole(model: nn.Module, paths: list[str], ensure_weight_tying: bool) -> None:
+    """Make the modules at ``paths`` trainable (PEFT's ``modules_to_save``), their 4-bit linear layers replaced
+    by dense ones of the dequantized weights (:func:`qlora.nn.dequantized`): packed codes take no gradient; a
+    tied embedding and head untied unless ``ensure_weight_tying`` (:mod:`qlora.model.tied_tables`)."""
+    if not ensure_weight_tying:
+        untie_trained_whole(model, paths, both=False)
+    for path in paths:
+        module = dequantized(model.get_submodule(path))
+        if module is not model.get_submodule(path):
+            parent_path, _, child = path.rpartition(".")
+            setattr(model.get_submodule(parent_path) if parent_path else model, child, module)
+        module.requires_grad_(True)
 
 
 def trained_biases(model: nn.Module, bias: str) -> dict[str, nn.Parameter]:
@@ -348,6 +383,7 @@ def add_lora(
     lora_bias: bool = False,
     bias: str = "none",
     initial: StreamedInit | None = None,
+    ensure_weight_tying: bool = False,
 ) -> nn.Module:
     """Attach a LoRA adapter to the matching linear layers; freeze everything else.
 
@@ -375,7 +411,10 @@ def add_lora(
         modules_to_save: other modules trained whole and saved with the adapter
             (PEFT's meaning, e.g. ``["embed_tokens", "lm_head"]``; one string is one name); by default
             those that :func:`qlora.model.tokens.add_special_tokens` resized.
-            They are trained in place, so adapters of one model share them.
+            They are trained in place, so adapters of one model share them. Of a tied embedding and head, the
+            one saved is untied first, as PEFT trains its own copy, unless ``ensure_weight_tying`` (PEFT's
+            option: the pair stays one table, saved under both keys); both saved are trained as the one table
+            they are (:mod:`qlora.model.tied_tables`).
         target_parameters: 3-D MoE expert weights to adapt, PEFT's ``target_parameters``
             (``["mlp.experts.gate_up_proj", "7.mlp.experts.down_proj"]``: a name equal to
             ``<module path>.<weight>`` or its end). Each expert gets its own rank-``r``
@@ -435,6 +474,8 @@ def add_lora(
     experts = _select_parameters(model, target_parameters) if target_parameters else {}
     paths = [] if no_modules else target_paths(model, target_modules)
     save_paths = _modules_to_save(model, modules_to_save)
+    if ensure_weight_tying:
+        save_paths = with_tied_partner(model, save_paths)
     # PEFT's rule: a module trained whole (an embedding grown by added tokens) gets no LoRA, nor do its parts
     paths = [p for p in paths if not any(p == s or p.startswith(s + ".") for s in save_paths)]
     if not paths and not no_modules and not experts:
@@ -491,16 +532,15 @@ def add_lora(
     for layer in embedding_lora_layers(model).values():
         for p in list(layer.lora_embedding_A.parameters()) + list(layer.lora_embedding_B.parameters()):
             p.requires_grad_(True)
-    for path in save_paths:
-        for p in model.get_submodule(path).parameters():
-            p.requires_grad_(True)
+    train_whole(model, save_paths, ensure_weight_tying)
     for p in trained_biases(model, bias).values():
         p.requires_grad_(True)
     for p, trainable in earlier.items():
         p.requires_grad_(trainable)
     names = sorted({p.rsplit(".", 1)[-1] for p in paths})
     configs[adapter_name] = AdapterConfig(spec, names, fan_in_fan_out, getattr(model, "name_or_path", None), paths,
-                                          save_paths, list(target_parameters), rank_pattern, alpha_pattern, bias)
+                                          save_paths, list(target_parameters), rank_pattern, alpha_pattern, bias,
+                                          ensure_weight_tying=ensure_weight_tying and bool(save_paths))
     if verbose:
         trainable, total = count_parameters(model)
         log.info("qlora: %d layers and %d experts modules adapted; trainable params %s of %s (%.4f%%)",

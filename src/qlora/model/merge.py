@@ -18,11 +18,12 @@ from torch import nn
 from ..atomic import atomic_dir
 from ..errors import UsageError
 from ..float_dtype import float_dtype
-from ..nn import AdaLoraLinear, Experts4bit, ExpertsLora, Linear4bit, LoraEmbedding, LoraLinear, SavedModules
+from ..nn import AdaLoraLinear, Experts4bit, ExpertsLora, Linear4bit, LoraEmbedding, LoraLinear
 from ..shard_size import DEFAULT_BYTES
 from .inject import adapter_configs
 from .quantize import replace_modules
 from .saved_copies import unwrap_saved_modules
+from .tied_tables import shares_table, untie_config
 
 
 def _dense(weight: torch.Tensor, bias: torch.Tensor | None, conv1d: bool, dtype: torch.dtype) -> nn.Module:
@@ -66,15 +67,6 @@ def folded_bias(module: nn.Module, base: nn.Module) -> torch.Tensor | None:
     return (bias.detach().float() + delta).to(bias.dtype)
 
 
-def shares_table(model: nn.Module, originals: bool = False) -> bool:
-    """Whether the output head and the input embedding are one tensor (tied); with ``originals``, those the
-    adapters' copies wrap (:class:`qlora.nn.SavedModules`, whose weight is the running copy's)."""
-    out, inp = model.get_output_embeddings(), model.get_input_embeddings()
-    if originals:
-        out, inp = (m.original_module if isinstance(m, SavedModules) else m for m in (out, inp))
-    return out is not None and inp is not None and getattr(out, "weight", None) is inp.weight
-
-
 def _adapted(module: nn.Module) -> bool:
     return isinstance(module, (LoraLinear, LoraEmbedding)) and bool(module.unmerged_active)
 
@@ -84,13 +76,6 @@ def tied_embeddings(model: nn.Module) -> bool:
     neither carries an active adapter (LoRA on either makes them differ once merged)."""
     return shares_table(model) and not any(
         _adapted(m) for m in (model.get_output_embeddings(), model.get_input_embeddings()))
-
-
-def untie_config(model: nn.Module) -> None:
-    """Record in the config that head and embedding now differ, or loading would tie them again."""
-    for config in {id(c): c for c in (model.config, model.config.get_text_config())}.values():
-        if getattr(config, "tie_word_embeddings", False):
-            config.tie_word_embeddings = False
 
 
 def _unwrap_copies(model: nn.Module) -> None:

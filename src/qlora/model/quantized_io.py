@@ -10,6 +10,7 @@ and :func:`qlora.load_model` loads checkpoints transformers wrote.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import torch
@@ -118,9 +119,11 @@ def save_quantized(model: nn.Module, out_dir: str | Path, tokenizer=None, max_sh
     if not q:
         raise UsageError("the model has no 4-bit layers to save; load it with quant='nf4' or 'fp4'")
     first = q[0]
-    quantized_paths = {n.replace(".base_layer", "") for n, m in model.named_modules() if isinstance(m, Linear4bit)}
-    dense = [n.replace(".base_layer", "") for n, m in model.named_modules()
-             if isinstance(m, nn.Linear) and ".lora_" not in n]
+    # the base's module paths: adapter layers' and saved-module wrappers' names left out, their copies skipped
+    base_paths = {n: re.sub(r"\.(base_layer|original_module)\b", "", n) for n, _ in model.named_modules()
+                  if ".lora_" not in n and ".modules_to_save." not in n}
+    quantized_paths = {base_paths[n] for n, m in model.named_modules() if isinstance(m, Linear4bit) and n in base_paths}
+    dense = [base_paths[n] for n, m in model.named_modules() if isinstance(m, nn.Linear) and n in base_paths]
     dense = [n for n in dense if n not in quantized_paths]
     # Loaders match these as name suffixes: a leaf name is enough unless a quantized layer shares it
     # (Falcon-H1's dense mamba.out_proj beside quantized ones elsewhere), then full paths.

@@ -16,10 +16,12 @@ _LAZY = {
     "SavedModules": "qlora.nn.saved_modules",
     "adapter_name_problem": "qlora.nn.adapter_name",
     "computed_experts": "qlora.nn.experts4bit",
+    "dequantized": "qlora.nn.dequantized_modules",
     "expert_matrix": "qlora.nn.experts4bit",
     "expert_weight": "qlora.nn.experts4bit",
     "expert_weight_names": "qlora.nn.experts4bit",
     "experts_layout": "qlora.nn.experts4bit",
+    "undequantizable": "qlora.nn.dequantized_modules",
 }
 __getattr__ = lazy_attributes(__name__, _LAZY)
 __dir__ = lazy_dir(globals(), _LAZY)

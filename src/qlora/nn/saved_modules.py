@@ -5,6 +5,11 @@ adapter that saved the module has its own copy in ``modules_to_save[<adapter>]``
 adapter picks the copy that runs; an adapter without one (and the model with adapters off)
 runs the original. So several adapters share one model without one's weights leaking into
 another's outputs, and only adapters that saved the module pay for a copy.
+
+The wrapper is invisible in the state dict: it holds the original module's tensors under the module's own
+keys (``lm_head.weight``), so a base model saved with adapters loaded (transformers' ``save_pretrained``,
+:func:`qlora.save_quantized`) is a checkpoint transformers loads. The copies are adapter weights, saved with
+their adapters, and a state dict loaded into the model leaves them as they are.
 """
 
 from __future__ import annotations
@@ -13,6 +18,8 @@ import copy
 
 import torch
 from torch import nn
+
+from .dequantized_modules import dequantized
 
 
 class SavedModules(nn.Module):
@@ -25,12 +32,15 @@ class SavedModules(nn.Module):
         self.active: str | None = None  # the adapter whose copy runs (None, or one without a copy: the original)
         self.disabled = False
         self.row_adapters: list[str | None] | None = None  # per batch row adapter (see qlora.model.multi_adapter)
+        self.register_state_dict_post_hook(_original_keys)
+        self.register_load_state_dict_pre_hook(_into_original)
 
     def add_copy(self, name: str) -> nn.Module:
-        """A new copy of the original for adapter ``name`` (frozen; the caller loads its weights)."""
+        """A new copy of the original for adapter ``name`` (frozen; the caller loads its weights), its 4-bit
+        layers dense (:func:`qlora.nn.dequantized`)."""
         if name in self.modules_to_save:
             raise ValueError(f"adapter {name!r} already has a copy of this module")
-        module = copy.deepcopy(self.original_module)
+        module = dequantized(copy.deepcopy(self.original_module))
         for p in module.parameters():
             p.requires_grad_(False)
         self.modules_to_save[name] = module
@@ -93,3 +103,28 @@ class SavedModules(nn.Module):
 
     def extra_repr(self) -> str:
         return f"copies={list(self.modules_to_save)}, active={self.active}"
+
+
+_ORIGINAL = "original_module."
+
+
+def _original_keys(module: SavedModules, state_dict: dict, prefix: str, local_metadata) -> None:
+    """The wrapper's state dict: the original module's, under the wrapped module's own keys."""
+    for key in [k for k in state_dict if k.startswith(prefix)]:
+        value = state_dict.pop(key)
+        if key.startswith(prefix + _ORIGINAL):
+            state_dict[prefix + key[len(prefix + _ORIGINAL):]] = value
+
+
+def _into_original(module: SavedModules, state_dict: dict, prefix: str, local_metadata, strict: bool,
+                   missing_keys: list, unexpected_keys: list, error_msgs: list) -> None:
+    """Load the wrapped module's keys into the original; the copies keep their weights (a state dict written
+    with the wrapper's own keys, ``original_module.`` and copies, loads as written)."""
+    own = [k for k in state_dict
+           if k.startswith(prefix) and not k.startswith((prefix + _ORIGINAL, prefix + "modules_to_save."))]
+    if not own:
+        return
+    for key in own:
+        state_dict[prefix + _ORIGINAL + key[len(prefix):]] = state_dict.pop(key)
+    for key, value in module.modules_to_save.state_dict(prefix=prefix + "modules_to_save.", keep_vars=True).items():
+        state_dict.setdefault(key, value)
