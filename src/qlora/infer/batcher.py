@@ -43,7 +43,7 @@ import random
 import threading
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Protocol
+from typing import Callable, Iterator, Protocol, Sequence
 
 import torch
 
@@ -264,19 +264,34 @@ class ContinuousBatcher:
 
     def submit(self, request: Request) -> Request:
         """Queue ``request``; its events arrive through ``request.emit``."""
-        if not request.prompt_ids:
-            raise ValueError("the prompt is empty")
-        if len(request.prompt_ids) >= self.context_length:
-            raise ValueError(f"the prompt has {len(request.prompt_ids)} tokens; the context holds "
-                             f"{self.context_length} (prompt and reply together)")
+        self.submit_all([request])
+        return request
+
+    def submit_all(self, requests: Sequence[Request]) -> None:
+        """Queue ``requests`` (the rows of one reply: its choices) together, or none of them.
+
+        Raises:
+            ValueError: a prompt that is empty or leaves no room in the context.
+            BatcherClosed: the batcher is closed (a server shutting down); each request is counted in ``stats`` as
+                cancelled, as :meth:`close` counts those it ends.
+            UnknownAdapter: a request names an adapter the model does not hold.
+        """
+        for request in requests:
+            if not request.prompt_ids:
+                raise ValueError("the prompt is empty")
+            if len(request.prompt_ids) >= self.context_length:
+                raise ValueError(f"the prompt has {len(request.prompt_ids)} tokens; the context holds "
+                                 f"{self.context_length} (prompt and reply together)")
         with self._wake:
             if self._closed:
+                self.stats["requests_cancelled"] += len(requests)
                 raise BatcherClosed("the batcher is closed")
-            if request.adapter is not None and request.adapter not in adapter_configs(self.model):
-                raise UnknownAdapter(f"the model has no adapter {request.adapter!r}")
-            self._waiting.append(request)
+            held = adapter_configs(self.model)
+            for request in requests:
+                if request.adapter is not None and request.adapter not in held:
+                    raise UnknownAdapter(f"the model has no adapter {request.adapter!r}")
+            self._waiting.extend(requests)
             self._wake.notify()
-        return request
 
     @contextlib.contextmanager
     def paused(self) -> Iterator[None]:

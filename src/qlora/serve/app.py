@@ -877,8 +877,7 @@ def _submit(batcher: ContinuousBatcher, choices: list[_Choice]) -> asyncio.Queue
     for k, choice in enumerate(choices):
         choice.generation.emit = _emitter(loop, queue, k, choice.generation)
     try:
-        for choice in choices:
-            batcher.submit(choice.generation)
+        batcher.submit_all([choice.generation for choice in choices])
     except BaseException as exc:
         _cancel(choices)
         if isinstance(exc, BatcherClosed):  # set up while the server began to shut down: what a running one gets
