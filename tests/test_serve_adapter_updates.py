@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import re
 import shutil
 import threading
 import time
@@ -265,20 +266,34 @@ def test_the_batcher_refuses_a_request_for_an_unloaded_adapter(updating):
     assert batcher.load()["waiting"] == 0
 
 
+def _listed_routes(http) -> list[str]:
+    """The routes an unknown path's 404 names, each checked to be one the server answers (no 404 of its own)."""
+    unknown = _error(http.get("/v1/nothing-here"), 404)
+    assert unknown["code"] == "not_found"
+    routes = re.findall(r"/v1/[a-z_/]+", unknown["message"].partition("answers")[2])
+    for route in routes:
+        assert http.post(route, json={}).status_code != 404, route
+    return routes
+
+
 def test_updates_need_the_option_and_the_key(tiny_model_dir, adapters, updating):
-    """Without --allow-adapter-updates both routes are a 404 naming the option; with it, the API key guards them."""
+    """Without --allow-adapter-updates both routes are a 404 naming the option, and an unknown path's 404 does not
+    list them; with it, the API key guards them, and that 404 lists them (it did not)."""
     from qlora.serve.server import BackgroundServer
 
     _, _, http = updating
     anonymous = httpx.post(f"{http.base_url}/v1/load_lora_adapter",
                            json={"lora_name": "a", "lora_path": str(adapters / "a")})
     assert _error(anonymous, 401)["code"] == "invalid_api_key"
+    served = _listed_routes(http)
+    assert served[-2:] == ["/v1/load_lora_adapter", "/v1/unload_lora_adapter"] and "/v1/chat/completions" in served
     batcher, app = _server(tiny_model_dir, {}, updates=False, api_key=None)
     try:
         with BackgroundServer(app) as server, httpx.Client(base_url=server.url, timeout=60) as plain:
             for refused in (_load(plain, "a", adapters / "a"), _unload(plain, "a")):
                 assert "--allow-adapter-updates" in _error(refused, 404)["message"]
             assert [m["id"] for m in plain.get("/v1/models").json()["data"]] == ["tiny"]
+            assert _listed_routes(plain) == served[:-2]
     finally:
         batcher.close()
 

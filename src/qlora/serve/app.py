@@ -156,9 +156,13 @@ def build_app(batcher: ContinuousBatcher, base_id: str, adapters: list[str], api
     async def invalid_body(request: Request, exc: RequestValidationError) -> JSONResponse:
         return JSONResponse(_validation_error(exc, request.headers.get("content-type", "")).body(), status_code=400)
 
+    routes = ["/v1/chat/completions", "/v1/responses", "/v1/conversations", "/v1/completions", "/v1/models"]
+    if adapter_settings is not None:
+        routes += ["/v1/load_lora_adapter", "/v1/unload_lora_adapter"]
+
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
-        return JSONResponse(_http_error(request, exc).body(), status_code=exc.status_code, headers=exc.headers)
+        return JSONResponse(_http_error(request, exc, routes).body(), status_code=exc.status_code, headers=exc.headers)
 
     @app.get("/health")
     async def health() -> dict[str, str]:
@@ -734,14 +738,15 @@ def _json_kind(value: Any) -> str:
     return "null"
 
 
-def _http_error(request: Request, exc: HTTPException) -> APIError:
-    """Starlette's own refusals (a body it cannot parse, an unknown path or method) in OpenAI's error shape."""
+def _http_error(request: Request, exc: HTTPException, routes: list[str]) -> APIError:
+    """Starlette's own refusals (a body it cannot parse, an unknown path or method) in OpenAI's error shape; an
+    unknown path's names the API ``routes`` this server answers."""
     if exc.status_code == 400 and "parsing the body" in str(exc.detail):  # JSON nested beyond the parser's depth
         return APIError(400, "The request body could not be parsed as JSON (malformed, or nested too deeply for "
                              "the parser); send a valid JSON object", code="invalid_json")
     if exc.status_code == 404:
-        return APIError(404, f"Unknown path {request.url.path}: this server answers /v1/chat/completions, "
-                             "/v1/responses, /v1/conversations, /v1/completions and /v1/models", code="not_found")
+        return APIError(404, f"Unknown path {request.url.path}: this server answers {', '.join(routes[:-1])} and "
+                             f"{routes[-1]}", code="not_found")
     kind = "invalid_request_error" if exc.status_code < 500 else "server_error"
     return APIError(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}", kind=kind)
 
