@@ -388,7 +388,9 @@ def test_bodies_of_the_wrong_type_and_names_that_cannot_be_ids_are_400s_naming_t
 
 def test_an_unload_during_the_load_of_its_name_is_a_409_and_the_load_completes(tiny_model_dir, adapters):
     """While a load of ``a`` is under way (held in its settings read), an unload of ``a`` is a 409 saying it is being
-    loaded, not a 404 that it does not exist; the load then finishes and ``a`` answers."""
+    loaded, not a 404 that it does not exist; a request for ``a`` is vLLM's 404 ``model_not_found`` saying its load is
+    under way (it said only that ``a`` does not exist), a second load of ``a`` a 400 saying so; the load then finishes
+    and ``a`` answers."""
     from qlora.cli.commands.serve import adapter_settings
     from qlora.infer.batcher import ContinuousBatcher
     from qlora.serve.app import build_app
@@ -413,6 +415,14 @@ def test_an_unload_during_the_load_of_its_name_is_a_409_and_the_load_completes(t
                 assert reading.wait(60)
                 busy = _error(_unload(http, "a"), 409)
                 assert busy["code"] == "adapter_in_use" and "being loaded" in busy["message"]
+                for early in (http.post("/v1/chat/completions", json={"model": "a", "messages": HELLO}),
+                              http.post("/v1/completions", json={"model": "a", "prompt": "Hi"}),
+                              http.post("/v1/responses", json={"model": "a", "input": "Hi"}), http.get("/v1/models/a")):
+                    refused = _error(early, 404)
+                    assert refused["code"] == "model_not_found" and "load" in refused["message"], refused
+                    assert "under way" in refused["message"] and "retry" in refused["message"]
+                again = _error(_load(http, "a", adapters / "a"), 400)["message"]
+                assert "being loaded" in again
             finally:
                 go_on.set()
                 thread.join(60)

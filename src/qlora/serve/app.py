@@ -180,17 +180,23 @@ def build_app(batcher: ContinuousBatcher, base_id: str, adapters: list[str], api
     async def models() -> dict[str, Any]:
         return {"object": "list", "data": [model_card(mid) for mid in ids]}
 
+    loading: set[str] = set()  # names of loads under way: a second load of the name is refused meanwhile
+
+    def served_adapter(model_id: str) -> str | None:
+        """The adapter ``model_id`` serves (:func:`_adapter`); one whose load is under way is a 404 saying so (vLLM
+        answers it as a model that does not exist, not waiting for the load)."""
+        return _adapter(ids, model_id, gone | dict.fromkeys(loading, "its load (POST /v1/load_lora_adapter) is under "
+                                                                      "way; retry once that load is answered"))
+
     @app.get("/v1/models/{model_id:path}")  # client.models.retrieve; an id may hold "/" (--served-model-name org/x)
     async def retrieve_model(model_id: str) -> dict[str, Any]:
-        _adapter(ids, model_id, gone)
+        served_adapter(model_id)
         return model_card(model_id)
 
     def updates_allowed() -> None:
         if adapter_settings is None:
             raise APIError(404, "This server does not load or unload adapters while serving; start qlora serve with "
                                 "--allow-adapter-updates to allow it.", code="adapter_updates_off")
-
-    loading: set[str] = set()  # names of loads under way: a second load of the name is refused meanwhile
 
     @app.post("/v1/load_lora_adapter")
     async def load_lora_adapter(body: LoadAdapterRequest) -> PlainTextResponse:
@@ -199,7 +205,10 @@ def build_app(batcher: ContinuousBatcher, base_id: str, adapters: list[str], api
         check_lora_name(name)
         if name == base_id:
             raise APIError(400, f"{name!r} is the base model's id; choose another lora_name.", "lora_name")
-        if name in ids or name in gone or name in loading:
+        if name in loading:
+            raise APIError(400, f"The adapter {name!r} is being loaded already; choose another lora_name, or unload it "
+                                "once that load is answered.", "lora_name")
+        if name in ids or name in gone:
             raise APIError(400, f"The adapter {name!r} is loaded already; unload it first or choose another "
                                 "lora_name.", "lora_name")
         folder = adapter_folder(body.lora_path)
@@ -398,7 +407,7 @@ def build_app(batcher: ContinuousBatcher, base_id: str, adapters: list[str], api
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request):
         body.refuse_unsupported()
-        choices = await off_loop(chat_choices, body, _adapter(ids, body.model, gone))
+        choices = await off_loop(chat_choices, body, served_adapter(body.model))
         return await _respond(batcher, choices, body, request, chat=True)
 
     def response_choice(body: ResponsesRequest, adapter: str | None,
@@ -444,7 +453,7 @@ def build_app(batcher: ContinuousBatcher, base_id: str, adapters: list[str], api
         if body.background and store.capacity <= 0:
             raise APIError(400, "Background mode keeps the response to poll, and this server keeps none (started with "
                                 "--stored-responses 0); send the request without 'background'.", "background")
-        adapter = _adapter(ids, body.model, gone)
+        adapter = served_adapter(body.model)
         conversation = body.conversation_id()
         if conversation is not None:
             history = conversations.get(conversation, "conversation").items
@@ -598,7 +607,7 @@ def build_app(batcher: ContinuousBatcher, base_id: str, adapters: list[str], api
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):
         body.refuse_unsupported()
-        choices = await off_loop(completion_choices, body, _adapter(ids, body.model, gone))
+        choices = await off_loop(completion_choices, body, served_adapter(body.model))
         return await _respond(batcher, choices, body, request, chat=False)
 
     return app
