@@ -501,3 +501,51 @@ def test_an_adapter_file_missing_one_lora_matrix_is_refused(adapters, updating, 
     assert "layers.1.self_attn.v_proj" in refused and f"not its {dropped}" in refused
     assert {n: p.shape for n, p in batcher.model.named_parameters()} == before
     assert [m.id for m in client.models.list().data] == ["tiny"]
+
+
+def _snapshot(batcher) -> tuple:
+    """The model as a later load or reply sees it: each module's path and type, each parameter's and buffer's values
+    (and whether it trains), and its logits on a fixed input; read between two steps."""
+    model = batcher.model
+    with batcher.paused(), torch.inference_mode():
+        modules = [(path, type(m).__name__) for path, m in model.named_modules()]
+        tensors = {n: (t.detach().clone(), t.requires_grad) for n, t in [*model.named_parameters(),
+                                                                          *model.named_buffers()]}
+        logits = model(torch.tensor([[5, 6, 7, 8, 9]])).logits
+    return modules, tensors, logits
+
+
+def _same(before: tuple, after: tuple) -> bool:
+    (modules, tensors, logits), (modules2, tensors2, logits2) = before, after
+    return (modules == modules2 and tensors.keys() == tensors2.keys() and torch.equal(logits, logits2)
+            and all(torch.equal(t, tensors2[n][0]) and grad == tensors2[n][1] for n, (t, grad) in tensors.items()))
+
+
+def test_a_load_that_fails_midway_leaves_the_model_as_it_was(tiny_model_dir, updating, tmp_path):
+    """A load refused once its layers were added (a tensor of another shape, found while its tensors are copied)
+    takes them out again, wrappers included: modules, parameters, buffers and logits equal those before (it left an
+    empty LoRA wrapper on each layer it adapts, here lm_head). So an adapter that trains lm_head whole loads after it
+    (it was refused: lm_head "adapted with LoRA" by adapters []), and its unload puts the model back as it was too (it
+    left empty wrappers on the layers it adapted)."""
+    batcher, client, http = updating
+    model, _ = qlora.load_model(tiny_model_dir, compute_dtype=torch.float32, device="cpu")
+    qlora.add_lora(model, r=4, dropout=0.0, verbose=False, target_modules=["q_proj", "lm_head"])
+    qlora.save_adapter(model, tmp_path / "bad")
+    tensors = load_file(tmp_path / "bad" / "adapter_model.safetensors")
+    save_file({k: torch.zeros(v.shape[0] + 1, v.shape[1]) if "lm_head.lora_B" in k else v for k, v in tensors.items()},
+              tmp_path / "bad" / "adapter_model.safetensors")
+    model, _ = qlora.load_model(tiny_model_dir, compute_dtype=torch.float32, device="cpu")
+    qlora.add_lora(model, r=4, dropout=0.0, verbose=False, target_modules=["q_proj"], modules_to_save=["lm_head"])
+    randomize_lora_b(model, 7, scale=0.3)
+    with torch.no_grad():
+        model.lm_head.weight.add_(0.5 * torch.randn(model.lm_head.weight.shape, generator=torch.Generator().manual_seed(7)))
+    qlora.save_adapter(model, tmp_path / "head")
+
+    before, base = _snapshot(batcher), _chat(client, "tiny").choices[0].message.content
+    refused = _error(_load(http, "bad", tmp_path / "bad"), 400)["message"]
+    assert "shape" in refused and "lm_head" in refused
+    assert _same(before, _snapshot(batcher)) and adapter_configs(batcher.model) == {}
+    assert _load(http, "head", tmp_path / "head").status_code == 200
+    assert _chat(client, "head").choices[0].message.content != base == _chat(client, "tiny").choices[0].message.content
+    assert _unload(http, "head").status_code == 200
+    assert _same(before, _snapshot(batcher))
