@@ -59,7 +59,7 @@ from ..infer.logprobs import TokenLogprob, TokenPieces
 from ..infer.regex_reply import RegexReply
 from ..infer.template import chat_template, render_chat, renders_tools, stop_token_ids
 from ..infer.tool_calls import ToolCall, ToolCallFormat, ToolCallStream, markup_token_ids, tool_call_format
-from ..infer.turn_end import turn_end_stops
+from ..infer.turn_end import TurnEnds
 from ..model.chat_format import ChatFormat
 from ..model.image_pixels import PixelBounds
 from ..model.in_place_weights import in_place_adapter
@@ -119,6 +119,7 @@ def build_app(batcher: ContinuousBatcher, base_id: str, adapters: list[str], api
     model, tokenizer = batcher.model, batcher.tokenizer
     chat_stops = frozenset(stop_token_ids(model, tokenizer))
     text_stops = frozenset(default_stop_ids(model, tokenizer))
+    turn_ends = TurnEnds(tokenizer, chat_stops)  # asked on the set-up thread alone: no lock
     ids = {base_id: None, **{name: name for name in adapters}}
     written = in_place_adapter(model)
     if written:  # the base's own modules were overwritten by the adapter's: there is no base to serve
@@ -375,8 +376,8 @@ def build_app(batcher: ContinuousBatcher, base_id: str, adapters: list[str], api
             # none, the template writes them (apply_chat_template(tokenize=True)'s ids)
         # a turn end this vocabulary spells as text (ChatML without an <|im_end|> token) ends a reply as a 'stop'
         # string does; not one that goes on past its end of turn (ignore_eos) or ends where its constraint does
-        ends_turn = () if body.ignore_eos or guide is not None or json_reply is not None else turn_end_stops(
-            tokenizer, chat_stops, chat_format, template_options, tools)
+        ends_turn = () if body.ignore_eos or guide is not None or json_reply is not None else turn_ends(
+            chat_format, template_options, tools)
         role = body.reply_role(template_options)
         last = body.messages[-1]
         echo = last.text(len(body.messages) - 1)[0] if body.echo and last.role == role else ""
