@@ -167,6 +167,41 @@ def test_serve_chat_completions_stop_at_the_turn_end(served, chatml_tokenizer):
     assert choice.text.startswith(TURN) and (TURN if kind == "then EOS" else TURN * 2).startswith(choice.text)
 
 
+def test_include_stop_str_in_output_keeps_the_turn_end_only_as_vllm_keeps_an_end_of_turn_token(served,
+                                                                                               chatml_tokenizer):
+    """``include_stop_str_in_output`` keeps a user's stop string; the turn end is no user's stop but the end-of-turn
+    token this vocabulary lacks, kept only where vLLM keeps such a token, a special one: with ``skip_special_tokens``
+    off (it was kept whenever the option was on). The oracle is the stop token itself, in a raw completion: EOS after
+    the turn, kept with the option only when special tokens are shown."""
+    client, kind = served
+    ask = dict(model="tiny", messages=[{"role": "user", "content": "Hello"}], temperature=0, max_tokens=40)
+
+    def chat(stream: bool = False, **extra) -> str:
+        if not stream:
+            choice = client.chat.completions.create(**ask, extra_body=extra).choices[0]
+            assert choice.finish_reason == "stop"
+            return choice.message.content
+        chunks = [c.choices[0] for c in client.chat.completions.create(**ask, stream=True, extra_body=extra)
+                  if c.choices]
+        assert chunks[-1].finish_reason == "stop"
+        return "".join(c.delta.content or "" for c in chunks)
+
+    for stream in (False, True):
+        assert chat(stream, include_stop_str_in_output=True) == "hi"
+        assert chat(stream, skip_special_tokens=False) == "hi"
+        assert chat(stream, include_stop_str_in_output=True, skip_special_tokens=False) == "hi<|im_end|>"
+        assert chat(stream, include_stop_str_in_output=True, stop=["i"]) == "hi"  # the user's stop is kept
+        assert chat(stream, include_stop_str_in_output=True, stop=["<|im_end|>"]) == "hi<|im_end|>"  # named: kept
+    assert client.responses.create(model="tiny", input="Hello", temperature=0, max_output_tokens=40,
+                                   extra_body={"include_stop_str_in_output": True}).output_text == "hi"
+    if kind == "then EOS":
+        prompt = render_chat(chatml_tokenizer, [Message("user", "Hello")]).removeprefix("<bos>")
+        raw = dict(model="tiny", prompt=prompt, temperature=0, max_tokens=20)
+        texts = [client.completions.create(**raw, extra_body=extra).choices[0].text for extra in (
+            {"include_stop_str_in_output": True}, {"include_stop_str_in_output": True, "skip_special_tokens": False})]
+        assert texts == [TURN, TURN + chatml_tokenizer.eos_token]
+
+
 def test_serve_responses_stop_at_the_turn_end(served):
     client, _ = served
     reply = client.responses.create(model="tiny", input="Hello", temperature=0, max_output_tokens=40)

@@ -119,6 +119,7 @@ class Request:
     emit: Callable[[Event], None]
     stop_ids: frozenset[int] = frozenset()
     stop_strings: tuple[str, ...] = ()
+    turn_ends: tuple[str, ...] = ()  # a chat format's turn end spelt as text: a stop, kept as its token would be
     keep_tokens: frozenset[int] = frozenset()  # special tokens kept in the text (tool-call markup)
     constraint: Constraint | None = None  # only this row's tokens are restricted; others decode as usual
     logprobs: int | None = None  # None: no logprobs; k: each reply token's logprob with the k most likely
@@ -143,7 +144,8 @@ class _Row:
     def __init__(self, request: Request, tokenizer, device: torch.device, rules: ModelRules | None) -> None:
         self.request = request
         self.text = TextStream(tokenizer, request.stop_strings, request.keep_tokens, request.skip_special_tokens,
-                               request.include_stop, request.min_tokens, request.spaces_between_special_tokens)
+                               request.include_stop, request.min_tokens, request.spaces_between_special_tokens,
+                               request.turn_ends)
         self.length = len(request.prompt_ids)  # entries of this row in the cache
         self.pending: list[TokenLogprob] = []  # logprobs not yet sent (their text is held back)
         self.prompt_logprobs: list[TokenLogprob] | None = None

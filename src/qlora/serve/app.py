@@ -385,13 +385,13 @@ def build_app(batcher: ContinuousBatcher, base_id: str, adapters: list[str], api
         for index in range(body.n):  # each choice is its own row, with its own constraint state and seed
             generation = _generation(batcher, body, adapter, prompt_ids, chat_stops, prompt_param, index)
             generation.media = media
-            generation.stop_strings += ends_turn
+            generation.turn_ends = ends_turn
             generation.prompt_logprobs = body.prompt_logprobs
             generation.token_filter = masked
             if plan is not None:
                 generation.keep_tokens = markup_token_ids(plan.format, tokenizer)
             if markup is not None:  # a forced call: no stop strings inside it, one call, its end forced
-                generation.stop_strings = ()
+                generation.stop_strings = generation.turn_ends = ()
                 generation.constraint = ForcedCall(tokenizer, markup, tools, forced or None, generation.keep_tokens,
                                                    chat_stops)
             if json_reply is not None:
