@@ -549,3 +549,42 @@ def test_a_load_that_fails_midway_leaves_the_model_as_it_was(tiny_model_dir, upd
     assert _chat(client, "head").choices[0].message.content != base == _chat(client, "tiny").choices[0].message.content
     assert _unload(http, "head").status_code == 200
     assert _same(before, _snapshot(batcher))
+
+
+def test_an_adalora_adapter_given_at_start_runs_on_its_rows_alone_and_unloads(tiny_model_dir, tmp_path):
+    """An AdaLoRA adapter served from the start changes its own requests' replies, not the base's beside it (its
+    layers ran for every row of the batch: the base's reply was the adapter's), and unloads: the model is then as
+    loaded without it (the unload was a 400, "only LoRA/DoRA adapters can be deleted")."""
+    from qlora.model.adalora import adalora_layers, add_adalora
+    from qlora.serve.server import BackgroundServer
+
+    model, _ = qlora.load_model(tiny_model_dir, compute_dtype=torch.float32, device="cpu")
+    add_adalora(model, init_r=4, target_r=2, total_step=2, target_modules=["q_proj", "v_proj"], verbose=False)
+    g = torch.Generator().manual_seed(11)
+    with torch.no_grad():
+        for layer in adalora_layers(model).values():
+            layer.E.copy_(torch.randn(layer.E.shape, generator=g))
+            layer.B.mul_(30)
+    qlora.save_adapter(model, tmp_path / "ada")
+
+    batcher, plain = _server(tiny_model_dir, {})
+    fresh = _snapshot(batcher)
+    with BackgroundServer(plain) as server:
+        base = _chat(openai.OpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=0, timeout=60),
+                     "tiny").choices[0].message.content
+    batcher.close()
+    batcher, app = _server(tiny_model_dir, {"ada": tmp_path / "ada"})
+    try:
+        with BackgroundServer(app) as server, httpx.Client(base_url=server.url, timeout=60,
+                                                           headers={"Authorization": f"Bearer {KEY}"}) as http:
+            client = openai.OpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=0, timeout=60)
+            own = _chat(client, "ada").choices[0].message.content
+            assert own != base and _chat(client, "tiny").choices[0].message.content == base
+            assert _unload(http, "ada").status_code == 200
+            assert [m.id for m in client.models.list().data] == ["tiny"]
+            assert _same(fresh, _snapshot(batcher)) and adapter_configs(batcher.model) == {}
+            assert _chat(client, "tiny").choices[0].message.content == base
+            refused = _error(_load(http, "ada", tmp_path / "ada"), 400)["message"]
+            assert "AdaLoRA" in refused and "--adapter" in refused
+    finally:
+        batcher.close()

@@ -17,7 +17,8 @@ import torch
 from torch import nn
 
 from ..errors import UsageError
-from ..nn import ExpertsLora, LoraEmbedding, LoraLinear, LoraSpec
+from ..nn import AdaLoraLinear, ExpertsLora, LoraEmbedding, LoraLinear, LoraSpec
+from .adalora import AdaLoraConfig
 from .in_place_weights import written_in_place
 from .inject import (AdapterConfig, adapter_configs, adapter_layers, check_adapter_name, embedding_lora_layers,
                      lora_layers, saved_module_layers)
@@ -80,8 +81,9 @@ def delete_adapter(model: nn.Module, name: str) -> None:
     _check_names(model, [name])
     configs = adapter_configs(model)
     config = configs[name]
-    if not isinstance(config, AdapterConfig):
-        raise UsageError(f"adapter {name!r} is {type(config).__name__}'s; only LoRA/DoRA adapters can be deleted")
+    if not isinstance(config, (AdapterConfig, AdaLoraConfig)):
+        raise UsageError(f"adapter {name!r} is {type(config).__name__}'s; only LoRA, DoRA and AdaLoRA adapters can "
+                         "be deleted")
     written = written_in_place(model, name)
     if written:
         raise UsageError(f"adapter {name!r} trained {', '.join(written)} in the base model itself, which deleting "
@@ -102,12 +104,17 @@ def discard_adapter(model: nn.Module, name: str) -> None:
     every layer, its copies of modules trained whole and its config; each layer no adapter is left on becomes its
     base module again."""
     for path, layer in [(p, m) for p, m in model.named_modules() if isinstance(m, (LoraLinear, LoraEmbedding,
-                                                                                   ExpertsLora))]:
-        if name in layer.specs:
-            layer.delete_adapter(name)
-        if not layer.specs:
-            parent, _, child = path.rpartition(".")
-            setattr(model.get_submodule(parent) if parent else model, child, layer.base_layer)
+                                                                                   ExpertsLora, AdaLoraLinear))]:
+        if isinstance(layer, AdaLoraLinear):  # one adapter's layer
+            if layer.adapter_name != name:
+                continue
+        else:
+            if name in layer.specs:
+                layer.delete_adapter(name)
+            if layer.specs:
+                continue
+        parent, _, child = path.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, layer.base_layer)
     delete_copies(model, name)
     adapter_configs(model).pop(name, None)
 
@@ -123,7 +130,7 @@ def adapter_rows(model: nn.Module, names: Sequence[str | None]) -> Iterator[None
     _check_names(model, names)
     _refuse_expert_adapters(model, [n for n in names if n is not None], "per-row adapters")
     layers = [*lora_layers(model).values(), *embedding_lora_layers(model).values(),
-              *saved_module_layers(model).values()]
+              *saved_module_layers(model).values(), *(m for m in model.modules() if isinstance(m, AdaLoraLinear))]
     for layer in layers:
         layer.row_adapters = list(names)
     try:

@@ -148,7 +148,8 @@ def _refuse_base_writes(batcher: ContinuousBatcher, config: dict, tensors: dict[
     if config.get("target_parameters"):
         raise UsageError("it adapts expert weights (target_parameters), which per-request adapters do not cover")
     if config.get("peft_type") == "ADALORA":
-        raise UsageError("it is an AdaLoRA adapter, which qlora cannot unload again; give it with --adapter at start")
+        raise UsageError("it is an AdaLoRA adapter, which qlora loads only onto a model without other adapters; "
+                         "give it first with --adapter at start")
     model = batcher.model
     params = dict(model.named_parameters())
     whole = config.get("modules_to_save") or []  # loaded as the adapter's own copies (qlora.nn.SavedModules)
