@@ -420,22 +420,28 @@ def test_shutdown_lets_requests_finish_within_the_grace_period(tiny_model_dir):
 
 def test_a_request_set_up_after_the_batcher_closed_is_a_503(tiny_model_dir, caplog):
     """A request reaching the batcher once the shutdown closed it gets the running ones' 503, not a 500 logged
-    with its traceback (one per request: a storm while a busy server stops)."""
+    with its traceback (one per request: a storm while a busy server stops), and /stats counts each of its rows as
+    cancelled, as it counts the rows the shutdown ended (they were not counted at all)."""
     from qlora.infer.batcher import ContinuousBatcher
     from qlora.serve.app import build_app
     from qlora.serve.server import BackgroundServer
 
     model, tokenizer = qlora.load_model(tiny_model_dir, compute_dtype=torch.float32, device="cpu")
     batcher = ContinuousBatcher(model.eval(), tokenizer, context_length=512).start()
-    bodies = {"completions": {"prompt": "Hello", "max_tokens": 5}, "chat/completions": {"messages": HELLO},
-              "responses": {"input": "Hello", "max_output_tokens": 16}}
+    bodies = {"completions": {"prompt": ["Hello", "Bye"], "max_tokens": 5, "n": 2},
+              "chat/completions": {"messages": HELLO}, "responses": {"input": "Hello", "max_output_tokens": 16}}
+    rows = {"completions": 4, "chat/completions": 1, "responses": 1}
     with BackgroundServer(build_app(batcher, "tiny", [])) as server:
         batcher.close()
         for route, body in bodies.items():
             for stream in (False, True):
+                before = httpx.get(f"{server.url}/stats").json()
                 reply = httpx.post(f"{server.url}/v1/{route}", json=body | {"model": "tiny", "stream": stream})
                 assert reply.status_code == 503, (route, stream, reply.text)
                 assert reply.json()["error"]["code"] == "server_shutdown"
+                after = httpx.get(f"{server.url}/stats").json()
+                assert after["requests_cancelled"] - before["requests_cancelled"] == rows[route], (route, after)
+                assert after["waiting"] == after["running"] == 0
     assert not [r for r in caplog.records if r.levelno >= 40], caplog.text
 
 

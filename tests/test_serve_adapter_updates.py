@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import re
 import shutil
 import threading
 import time
@@ -268,20 +269,34 @@ def test_the_batcher_refuses_a_request_for_an_unloaded_adapter(updating):
     assert batcher.load()["waiting"] == 0
 
 
+def _listed_routes(http) -> list[str]:
+    """The routes an unknown path's 404 names, each checked to be one the server answers (no 404 of its own)."""
+    unknown = _error(http.get("/v1/nothing-here"), 404)
+    assert unknown["code"] == "not_found"
+    routes = re.findall(r"/v1/[a-z_/]+", unknown["message"].partition("answers")[2])
+    for route in routes:
+        assert http.post(route, json={}).status_code != 404, route
+    return routes
+
+
 def test_updates_need_the_option_and_the_key(tiny_model_dir, adapters, updating):
-    """Without --allow-adapter-updates both routes are a 404 naming the option; with it, the API key guards them."""
+    """Without --allow-adapter-updates both routes are a 404 naming the option, and an unknown path's 404 does not
+    list them; with it, the API key guards them, and that 404 lists them (it did not)."""
     from qlora.serve.server import BackgroundServer
 
     _, _, http = updating
     anonymous = httpx.post(f"{http.base_url}/v1/load_lora_adapter",
                            json={"lora_name": "a", "lora_path": str(adapters / "a")})
     assert _error(anonymous, 401)["code"] == "invalid_api_key"
+    served = _listed_routes(http)
+    assert served[-2:] == ["/v1/load_lora_adapter", "/v1/unload_lora_adapter"] and "/v1/chat/completions" in served
     batcher, app = _server(tiny_model_dir, {}, updates=False, api_key=None)
     try:
         with BackgroundServer(app) as server, httpx.Client(base_url=server.url, timeout=60) as plain:
             for refused in (_load(plain, "a", adapters / "a"), _unload(plain, "a")):
                 assert "--allow-adapter-updates" in _error(refused, 404)["message"]
             assert [m["id"] for m in plain.get("/v1/models").json()["data"]] == ["tiny"]
+            assert _listed_routes(plain) == served[:-2]
     finally:
         batcher.close()
 
@@ -376,7 +391,9 @@ def test_bodies_of_the_wrong_type_and_names_that_cannot_be_ids_are_400s_naming_t
 
 def test_an_unload_during_the_load_of_its_name_is_a_409_and_the_load_completes(tiny_model_dir, adapters):
     """While a load of ``a`` is under way (held in its settings read), an unload of ``a`` is a 409 saying it is being
-    loaded, not a 404 that it does not exist; the load then finishes and ``a`` answers."""
+    loaded, not a 404 that it does not exist; a request for ``a`` is vLLM's 404 ``model_not_found`` saying its load is
+    under way (it said only that ``a`` does not exist), a second load of ``a`` a 400 saying so; the load then finishes
+    and ``a`` answers."""
     from qlora.cli.commands.serve import adapter_settings
     from qlora.infer.batcher import ContinuousBatcher
     from qlora.serve.app import build_app
@@ -401,6 +418,14 @@ def test_an_unload_during_the_load_of_its_name_is_a_409_and_the_load_completes(t
                 assert reading.wait(60)
                 busy = _error(_unload(http, "a"), 409)
                 assert busy["code"] == "adapter_in_use" and "being loaded" in busy["message"]
+                for early in (http.post("/v1/chat/completions", json={"model": "a", "messages": HELLO}),
+                              http.post("/v1/completions", json={"model": "a", "prompt": "Hi"}),
+                              http.post("/v1/responses", json={"model": "a", "input": "Hi"}), http.get("/v1/models/a")):
+                    refused = _error(early, 404)
+                    assert refused["code"] == "model_not_found" and "load" in refused["message"], refused
+                    assert "under way" in refused["message"] and "retry" in refused["message"]
+                again = _error(_load(http, "a", adapters / "a"), 400)["message"]
+                assert "being loaded" in again
             finally:
                 go_on.set()
                 thread.join(60)
@@ -479,3 +504,90 @@ def test_an_adapter_file_missing_one_lora_matrix_is_refused(adapters, updating, 
     assert "layers.1.self_attn.v_proj" in refused and f"not its {dropped}" in refused
     assert {n: p.shape for n, p in batcher.model.named_parameters()} == before
     assert [m.id for m in client.models.list().data] == ["tiny"]
+
+
+def _snapshot(batcher) -> tuple:
+    """The model as a later load or reply sees it: each module's path and type, each parameter's and buffer's values
+    (and whether it trains), and its logits on a fixed input; read between two steps."""
+    model = batcher.model
+    with batcher.paused(), torch.inference_mode():
+        modules = [(path, type(m).__name__) for path, m in model.named_modules()]
+        tensors = {n: (t.detach().clone(), t.requires_grad) for n, t in [*model.named_parameters(),
+                                                                          *model.named_buffers()]}
+        logits = model(torch.tensor([[5, 6, 7, 8, 9]])).logits
+    return modules, tensors, logits
+
+
+def _same(before: tuple, after: tuple) -> bool:
+    (modules, tensors, logits), (modules2, tensors2, logits2) = before, after
+    return (modules == modules2 and tensors.keys() == tensors2.keys() and torch.equal(logits, logits2)
+            and all(torch.equal(t, tensors2[n][0]) and grad == tensors2[n][1] for n, (t, grad) in tensors.items()))
+
+
+def test_a_load_that_fails_midway_leaves_the_model_as_it_was(tiny_model_dir, updating, tmp_path):
+    """A load refused once its layers were added (a tensor of another shape, found while its tensors are copied)
+    takes them out again, wrappers included: modules, parameters, buffers and logits equal those before (it left an
+    empty LoRA wrapper on each layer it adapts, here lm_head). So an adapter that trains lm_head whole loads after it
+    (it was refused: lm_head "adapted with LoRA" by adapters []), and its unload puts the model back as it was too (it
+    left empty wrappers on the layers it adapted)."""
+    batcher, client, http = updating
+    model, _ = qlora.load_model(tiny_model_dir, compute_dtype=torch.float32, device="cpu")
+    qlora.add_lora(model, r=4, dropout=0.0, verbose=False, target_modules=["q_proj", "lm_head"])
+    qlora.save_adapter(model, tmp_path / "bad")
+    tensors = load_file(tmp_path / "bad" / "adapter_model.safetensors")
+    save_file({k: torch.zeros(v.shape[0] + 1, v.shape[1]) if "lm_head.lora_B" in k else v for k, v in tensors.items()},
+              tmp_path / "bad" / "adapter_model.safetensors")
+    model, _ = qlora.load_model(tiny_model_dir, compute_dtype=torch.float32, device="cpu")
+    qlora.add_lora(model, r=4, dropout=0.0, verbose=False, target_modules=["q_proj"], modules_to_save=["lm_head"])
+    randomize_lora_b(model, 7, scale=0.3)
+    with torch.no_grad():
+        model.lm_head.weight.add_(0.5 * torch.randn(model.lm_head.weight.shape, generator=torch.Generator().manual_seed(7)))
+    qlora.save_adapter(model, tmp_path / "head")
+
+    before, base = _snapshot(batcher), _chat(client, "tiny").choices[0].message.content
+    refused = _error(_load(http, "bad", tmp_path / "bad"), 400)["message"]
+    assert "shape" in refused and "lm_head" in refused
+    assert _same(before, _snapshot(batcher)) and adapter_configs(batcher.model) == {}
+    assert _load(http, "head", tmp_path / "head").status_code == 200
+    assert _chat(client, "head").choices[0].message.content != base == _chat(client, "tiny").choices[0].message.content
+    assert _unload(http, "head").status_code == 200
+    assert _same(before, _snapshot(batcher))
+
+
+def test_an_adalora_adapter_given_at_start_runs_on_its_rows_alone_and_unloads(tiny_model_dir, tmp_path):
+    """An AdaLoRA adapter served from the start changes its own requests' replies, not the base's beside it (its
+    layers ran for every row of the batch: the base's reply was the adapter's), and unloads: the model is then as
+    loaded without it (the unload was a 400, "only LoRA/DoRA adapters can be deleted")."""
+    from qlora.model.adalora import adalora_layers, add_adalora
+    from qlora.serve.server import BackgroundServer
+
+    model, _ = qlora.load_model(tiny_model_dir, compute_dtype=torch.float32, device="cpu")
+    add_adalora(model, init_r=4, target_r=2, total_step=2, target_modules=["q_proj", "v_proj"], verbose=False)
+    g = torch.Generator().manual_seed(11)
+    with torch.no_grad():
+        for layer in adalora_layers(model).values():
+            layer.E.copy_(torch.randn(layer.E.shape, generator=g))
+            layer.B.mul_(30)
+    qlora.save_adapter(model, tmp_path / "ada")
+
+    batcher, plain = _server(tiny_model_dir, {})
+    fresh = _snapshot(batcher)
+    with BackgroundServer(plain) as server:
+        base = _chat(openai.OpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=0, timeout=60),
+                     "tiny").choices[0].message.content
+    batcher.close()
+    batcher, app = _server(tiny_model_dir, {"ada": tmp_path / "ada"})
+    try:
+        with BackgroundServer(app) as server, httpx.Client(base_url=server.url, timeout=60,
+                                                           headers={"Authorization": f"Bearer {KEY}"}) as http:
+            client = openai.OpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=0, timeout=60)
+            own = _chat(client, "ada").choices[0].message.content
+            assert own != base and _chat(client, "tiny").choices[0].message.content == base
+            assert _unload(http, "ada").status_code == 200
+            assert [m.id for m in client.models.list().data] == ["tiny"]
+            assert _same(fresh, _snapshot(batcher)) and adapter_configs(batcher.model) == {}
+            assert _chat(client, "tiny").choices[0].message.content == base
+            refused = _error(_load(http, "ada", tmp_path / "ada"), 400)["message"]
+            assert "AdaLoRA" in refused and "--adapter" in refused
+    finally:
+        batcher.close()

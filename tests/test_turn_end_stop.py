@@ -23,7 +23,7 @@ from qlora.cli.main import main
 from qlora.infer.chat import Chat
 from qlora.infer.messages import Message
 from qlora.infer.template import render_chat
-from qlora.infer.turn_end import turn_end_stops
+from qlora.infer.turn_end import TurnEnds, turn_end_stops
 from qlora.model.chat_format import ChatFormat
 from qlora.model.chat_format import stop_token_ids as vocabulary_stop_ids
 from qlora.train.data.templates import TEMPLATES, resolve_chat_format
@@ -62,6 +62,35 @@ def test_a_custom_templates_text_turn_end_up_to_the_next_turn():
     for marker in ("END", "</answer>", "[/A]", "#"):
         custom = ended.replace("### End", marker)
         assert turn_end_stops(tok, stops, ChatFormat(custom, "t.jinja", "custom")) == (marker,), marker
+
+
+class CountedFormat(ChatFormat):
+    """A chat format that counts its renders (each template render of a prompt or of the turn-end probe)."""
+
+    renders: list[int] = []
+
+    def render(self, *args, **kwargs) -> str:
+        CountedFormat.renders.append(1)
+        return super().render(*args, **kwargs)
+
+
+def test_turn_ends_are_computed_once_per_format_and_options():
+    """:class:`TurnEnds` answers what :func:`turn_end_stops` answers, each format's and template variables' once:
+    asked again, the format renders nothing more (the function renders twice per call)."""
+    tok = family_tokenizer("llama-2")
+    stops = vocabulary_stop_ids(tok)
+    ends = TurnEnds(tok, stops)
+    for fmt in (None, ChatFormat(TEMPLATES["chatml"]), ChatFormat(TEMPLATES["alpaca"])):
+        for kwargs in (None, {"enable_thinking": False}):
+            assert ends(fmt, kwargs) == turn_end_stops(tok, stops, fmt, kwargs)
+    counted = CountedFormat(TEMPLATES["chatml"], "chatml", "chatml")
+    CountedFormat.renders.clear()
+    assert turn_end_stops(tok, stops, counted) == ("<|im_end|>",) and len(CountedFormat.renders) == 2
+    CountedFormat.renders.clear()
+    assert [ends(counted) for _ in range(3)] == [("<|im_end|>",)] * 3 and len(CountedFormat.renders) == 2
+    assert ends(counted, {"add_generation_prompt": True}) == ("<|im_end|>",)  # the prompt's end: the same probe
+    assert len(CountedFormat.renders) == 2
+    assert ends(counted, {"enable_thinking": True}) == ("<|im_end|>",) and len(CountedFormat.renders) == 4
 
 
 @pytest.fixture(scope="module")
@@ -138,6 +167,41 @@ def test_serve_chat_completions_stop_at_the_turn_end(served, chatml_tokenizer):
     assert choice.text.startswith(TURN) and (TURN if kind == "then EOS" else TURN * 2).startswith(choice.text)
 
 
+def test_include_stop_str_in_output_keeps_the_turn_end_only_as_vllm_keeps_an_end_of_turn_token(served,
+                                                                                               chatml_tokenizer):
+    """``include_stop_str_in_output`` keeps a user's stop string; the turn end is no user's stop but the end-of-turn
+    token this vocabulary lacks, kept only where vLLM keeps such a token, a special one: with ``skip_special_tokens``
+    off (it was kept whenever the option was on). The oracle is the stop token itself, in a raw completion: EOS after
+    the turn, kept with the option only when special tokens are shown."""
+    client, kind = served
+    ask = dict(model="tiny", messages=[{"role": "user", "content": "Hello"}], temperature=0, max_tokens=40)
+
+    def chat(stream: bool = False, **extra) -> str:
+        if not stream:
+            choice = client.chat.completions.create(**ask, extra_body=extra).choices[0]
+            assert choice.finish_reason == "stop"
+            return choice.message.content
+        chunks = [c.choices[0] for c in client.chat.completions.create(**ask, stream=True, extra_body=extra)
+                  if c.choices]
+        assert chunks[-1].finish_reason == "stop"
+        return "".join(c.delta.content or "" for c in chunks)
+
+    for stream in (False, True):
+        assert chat(stream, include_stop_str_in_output=True) == "hi"
+        assert chat(stream, skip_special_tokens=False) == "hi"
+        assert chat(stream, include_stop_str_in_output=True, skip_special_tokens=False) == "hi<|im_end|>"
+        assert chat(stream, include_stop_str_in_output=True, stop=["i"]) == "hi"  # the user's stop is kept
+        assert chat(stream, include_stop_str_in_output=True, stop=["<|im_end|>"]) == "hi<|im_end|>"  # named: kept
+    assert client.responses.create(model="tiny", input="Hello", temperature=0, max_output_tokens=40,
+                                   extra_body={"include_stop_str_in_output": True}).output_text == "hi"
+    if kind == "then EOS":
+        prompt = render_chat(chatml_tokenizer, [Message("user", "Hello")]).removeprefix("<bos>")
+        raw = dict(model="tiny", prompt=prompt, temperature=0, max_tokens=20)
+        texts = [client.completions.create(**raw, extra_body=extra).choices[0].text for extra in (
+            {"include_stop_str_in_output": True}, {"include_stop_str_in_output": True, "skip_special_tokens": False})]
+        assert texts == [TURN, TURN + chatml_tokenizer.eos_token]
+
+
 def test_serve_responses_stop_at_the_turn_end(served):
     client, _ = served
     reply = client.responses.create(model="tiny", input="Hello", temperature=0, max_output_tokens=40)
@@ -147,3 +211,31 @@ def test_serve_responses_stop_at_the_turn_end(served):
     deltas = [e.delta for e in events if e.type == "response.output_text.delta"]
     assert "".join(deltas) == "hi" and not any("<" in d for d in deltas)
     assert events[-1].type == "response.completed"
+
+
+def test_serve_derives_the_turn_end_once_per_format(scripted):
+    """A server renders each chat request's prompt, and the format's turn-end probe only for its first request (it
+    rendered the probe's two turns for every request): the replies stay the turn-ended ``hi``."""
+    openai = pytest.importorskip("openai")
+    pytest.importorskip("fastapi")
+    from qlora.infer.batcher import ContinuousBatcher
+    from qlora.serve.app import build_app
+    from qlora.serve.server import BackgroundServer
+
+    model_dir, _ = scripted
+    model, tok = qlora.load_model(model_dir, compute_dtype=torch.float32, device="cpu")
+    batcher = ContinuousBatcher(model.eval(), tok, max_batch_size=2, context_length=128).start()
+    counted = CountedFormat(TEMPLATES["chatml"], "chatml", "chatml")
+    CountedFormat.renders.clear()
+    try:
+        with BackgroundServer(build_app(batcher, "tiny", [], chat_formats={None: counted})) as server:
+            client = openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0, timeout=60)
+            for _ in range(4):
+                reply = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Hello"}],
+                                                       temperature=0, max_tokens=40)
+                assert (reply.choices[0].message.content, reply.choices[0].finish_reason) == ("hi", "stop")
+            assert client.responses.create(model="tiny", input="Hello", temperature=0,
+                                           max_output_tokens=40).output_text == "hi"
+    finally:
+        batcher.close()
+    assert len(CountedFormat.renders) == 5 + 2  # each prompt once, the probe's two turns once

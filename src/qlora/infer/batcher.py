@@ -43,7 +43,7 @@ import random
 import threading
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Protocol
+from typing import Callable, Iterator, Protocol, Sequence
 
 import torch
 
@@ -119,6 +119,7 @@ class Request:
     emit: Callable[[Event], None]
     stop_ids: frozenset[int] = frozenset()
     stop_strings: tuple[str, ...] = ()
+    turn_ends: tuple[str, ...] = ()  # a chat format's turn end spelt as text: a stop, kept as its token would be
     keep_tokens: frozenset[int] = frozenset()  # special tokens kept in the text (tool-call markup)
     constraint: Constraint | None = None  # only this row's tokens are restricted; others decode as usual
     logprobs: int | None = None  # None: no logprobs; k: each reply token's logprob with the k most likely
@@ -143,7 +144,8 @@ class _Row:
     def __init__(self, request: Request, tokenizer, device: torch.device, rules: ModelRules | None) -> None:
         self.request = request
         self.text = TextStream(tokenizer, request.stop_strings, request.keep_tokens, request.skip_special_tokens,
-                               request.include_stop, request.min_tokens, request.spaces_between_special_tokens)
+                               request.include_stop, request.min_tokens, request.spaces_between_special_tokens,
+                               request.turn_ends)
         self.length = len(request.prompt_ids)  # entries of this row in the cache
         self.pending: list[TokenLogprob] = []  # logprobs not yet sent (their text is held back)
         self.prompt_logprobs: list[TokenLogprob] | None = None
@@ -268,19 +270,34 @@ class ContinuousBatcher:
 
     def submit(self, request: Request) -> Request:
         """Queue ``request``; its events arrive through ``request.emit``."""
-        if not request.prompt_ids:
-            raise ValueError("the prompt is empty")
-        if len(request.prompt_ids) >= self.context_length:
-            raise ValueError(f"the prompt has {len(request.prompt_ids)} tokens; the context holds "
-                             f"{self.context_length} (prompt and reply together)")
+        self.submit_all([request])
+        return request
+
+    def submit_all(self, requests: Sequence[Request]) -> None:
+        """Queue ``requests`` (the rows of one reply: its choices) together, or none of them.
+
+        Raises:
+            ValueError: a prompt that is empty or leaves no room in the context.
+            BatcherClosed: the batcher is closed (a server shutting down); each request is counted in ``stats`` as
+                cancelled, as :meth:`close` counts those it ends.
+            UnknownAdapter: a request names an adapter the model does not hold.
+        """
+        for request in requests:
+            if not request.prompt_ids:
+                raise ValueError("the prompt is empty")
+            if len(request.prompt_ids) >= self.context_length:
+                raise ValueError(f"the prompt has {len(request.prompt_ids)} tokens; the context holds "
+                                 f"{self.context_length} (prompt and reply together)")
         with self._wake:
             if self._closed:
+                self.stats["requests_cancelled"] += len(requests)
                 raise BatcherClosed("the batcher is closed")
-            if request.adapter is not None and request.adapter not in adapter_configs(self.model):
-                raise UnknownAdapter(f"the model has no adapter {request.adapter!r}")
-            self._waiting.append(request)
+            held = adapter_configs(self.model)
+            for request in requests:
+                if request.adapter is not None and request.adapter not in held:
+                    raise UnknownAdapter(f"the model has no adapter {request.adapter!r}")
+            self._waiting.extend(requests)
             self._wake.notify()
-        return request
 
     @contextlib.contextmanager
     def paused(self) -> Iterator[None]:

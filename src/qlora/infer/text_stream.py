@@ -20,6 +20,10 @@ every special token; ``include_stop`` (``include_stop_str_in_output``) keeps a m
 string, and the stop token that ended the reply, in the text (:meth:`TextStream.end` leaves
 that token's text out otherwise); with ``min_tokens``, stop strings are only looked for in text
 that tokens after the first ``min_tokens`` added (nothing is held back before).
+
+``turn_ends`` (a chat format's turn end spelt as text, :mod:`qlora.infer.turn_end`) end the reply as stop
+strings do, but stand for the end-of-turn token the vocabulary lacks, not for a user's stop: ``include_stop``
+keeps one only where it keeps such a token, a special one, in vLLM: with ``skip_special_tokens=False``.
 """
 
 from __future__ import annotations
@@ -51,9 +55,11 @@ class TextStream:
 
     def __init__(self, tokenizer, stop_strings: Sequence[str] = (), keep: frozenset[int] = frozenset(),
                  skip_special_tokens: bool = True, include_stop: bool = False, min_tokens: int = 0,
-                 spaces_between_special_tokens: bool = True) -> None:
+                 spaces_between_special_tokens: bool = True, turn_ends: Sequence[str] = ()) -> None:
         self.tokenizer = tokenizer
-        self.stop_strings = tuple(s for s in stop_strings if s)
+        self.stop_strings = tuple(dict.fromkeys(s for s in (*stop_strings, *turn_ends) if s))
+        # the stop strings a match keeps in the text: the user's with include_stop, a turn end as a special token
+        self.kept = frozenset((*stop_strings, *(() if skip_special_tokens else turn_ends)) if include_stop else ())
         self.byte_ids = byte_token_ids(tokenizer)
         self.keep = keep if skip_special_tokens else frozenset()
         self.skip_special = skip_special_tokens
@@ -120,11 +126,11 @@ class TextStream:
         return piece
 
     def _stop_at(self, text: str) -> int | None:
-        """Where the text ends at the earliest stop string in the unreleased text (before it, or after it
-        with ``include_stop``), if any; none within the first ``min_tokens`` tokens."""
+        """Where the text ends at the earliest stop string in the unreleased text (before it, or after one
+        ``include_stop`` keeps), if any; none within the first ``min_tokens`` tokens."""
         if len(self.tokens) <= self.min_tokens:
             return None
-        hits = [(i, i + len(s) if self.include_stop else i) for s in self.stop_strings
+        hits = [(i, i + len(s) if s in self.kept else i) for s in self.stop_strings
                 if (i := text.find(s, max(0, self.shown - len(s) + 1))) >= 0]
         return min(hits)[1] if hits else None
 

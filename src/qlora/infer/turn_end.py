@@ -19,6 +19,8 @@ turn end still ends the reply.
 
 from __future__ import annotations
 
+import json
+from collections import OrderedDict
 from typing import Any, Collection, Sequence
 
 from qlora.model.chat_format import ChatFormat
@@ -76,6 +78,31 @@ def turn_end_stops(tokenizer, stop_ids: Collection[int], chat_format: ChatFormat
             or _holds(tokenizer, text, tokens)):
         return ()
     return (text,)
+
+
+class TurnEnds:
+    """:func:`turn_end_stops` of one tokenizer and its stop ids, computed once per chat format, template variables
+    and whether tools are given, then reused: a server asks for every chat request, and the probe's two template
+    renders would each time give what they gave the last request of that format (the tool definitions shape the
+    prompt's start, not how an assistant turn ends). The ``capacity`` most recently asked are kept."""
+
+    def __init__(self, tokenizer, stop_ids: Collection[int], capacity: int = 64) -> None:
+        self.tokenizer, self.stop_ids, self.capacity = tokenizer, frozenset(stop_ids), capacity
+        self._known: OrderedDict[tuple, tuple[str, ...]] = OrderedDict()
+
+    def __call__(self, chat_format: ChatFormat | None = None, template_kwargs: dict[str, Any] | None = None,
+                 tools: Sequence[dict[str, Any]] | None = None) -> tuple[str, ...]:
+        """:func:`turn_end_stops` for these (computed at the first such call)."""
+        options = {k: v for k, v in (template_kwargs or {}).items() if k not in _PROMPT_END_OPTIONS}
+        key = (chat_format, json.dumps(options, sort_keys=True, default=repr), bool(tools))
+        if key in self._known:
+            self._known.move_to_end(key)
+            return self._known[key]
+        stops = turn_end_stops(self.tokenizer, self.stop_ids, chat_format, options, tools)
+        self._known[key] = stops
+        if len(self._known) > self.capacity:
+            self._known.popitem(last=False)
+        return stops
 
 
 def _marks_a_turn(text: str) -> bool:

@@ -17,7 +17,8 @@ import torch
 from torch import nn
 
 from ..errors import UsageError
-from ..nn import LoraEmbedding, LoraSpec
+from ..nn import AdaLoraLinear, ExpertsLora, LoraEmbedding, LoraLinear, LoraSpec
+from .adalora import AdaLoraConfig
 from .in_place_weights import written_in_place
 from .inject import (AdapterConfig, adapter_configs, adapter_layers, check_adapter_name, embedding_lora_layers,
                      lora_layers, saved_module_layers)
@@ -69,6 +70,8 @@ def set_adapter(model: nn.Module, name: str) -> None:
 def delete_adapter(model: nn.Module, name: str) -> None:
     """Remove adapter ``name`` from every layer, freeing its tensors (PEFT's ``delete_adapter``); if it
     was active, the first remaining adapter becomes the active one, as in PEFT. The name can be loaded again.
+    A layer no adapter is left on is its base module again, as a module no adapter keeps a copy of is: the model
+    is the one before the adapter was added, so a later adapter may train that module whole (``modules_to_save``).
 
     Raises:
         UsageError: an unknown name, an adapter merged into the base, or one that wrote base weights in
@@ -78,8 +81,9 @@ def delete_adapter(model: nn.Module, name: str) -> None:
     _check_names(model, [name])
     configs = adapter_configs(model)
     config = configs[name]
-    if not isinstance(config, AdapterConfig):
-        raise UsageError(f"adapter {name!r} is {type(config).__name__}'s; only LoRA/DoRA adapters can be deleted")
+    if not isinstance(config, (AdapterConfig, AdaLoraConfig)):
+        raise UsageError(f"adapter {name!r} is {type(config).__name__}'s; only LoRA, DoRA and AdaLoRA adapters can "
+                         "be deleted")
     written = written_in_place(model, name)
     if written:
         raise UsageError(f"adapter {name!r} trained {', '.join(written)} in the base model itself, which deleting "
@@ -89,13 +93,30 @@ def delete_adapter(model: nn.Module, name: str) -> None:
     if merged:
         raise UsageError(f"adapter {name!r} is merged into the base; unmerge it before deleting it.")
     was_active = any(name in layer.active for layer in layers)
-    for layer in layers:
-        if name in layer.specs:
-            layer.delete_adapter(name)
-    delete_copies(model, name)
-    del configs[name]
+    discard_adapter(model, name)
     if was_active and configs:
         set_adapter(model, next(iter(configs)))
+
+
+def discard_adapter(model: nn.Module, name: str) -> None:
+    """Take out whatever adapter ``name`` put on ``model``, however far its loading got (:func:`delete_adapter`'s
+    work without its checks; for a load that failed midway, before or after its config was recorded): its slots in
+    every layer, its copies of modules trained whole and its config; each layer no adapter is left on becomes its
+    base module again."""
+    for path, layer in [(p, m) for p, m in model.named_modules() if isinstance(m, (LoraLinear, LoraEmbedding,
+                                                                                   ExpertsLora, AdaLoraLinear))]:
+        if isinstance(layer, AdaLoraLinear):  # one adapter's layer
+            if layer.adapter_name != name:
+                continue
+        else:
+            if name in layer.specs:
+                layer.delete_adapter(name)
+            if layer.specs:
+                continue
+        parent, _, child = path.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, layer.base_layer)
+    delete_copies(model, name)
+    adapter_configs(model).pop(name, None)
 
 
 @contextlib.contextmanager
@@ -109,7 +130,7 @@ def adapter_rows(model: nn.Module, names: Sequence[str | None]) -> Iterator[None
     _check_names(model, names)
     _refuse_expert_adapters(model, [n for n in names if n is not None], "per-row adapters")
     layers = [*lora_layers(model).values(), *embedding_lora_layers(model).values(),
-              *saved_module_layers(model).values()]
+              *saved_module_layers(model).values(), *(m for m in model.modules() if isinstance(m, AdaLoraLinear))]
     for layer in layers:
         layer.row_adapters = list(names)
     try:

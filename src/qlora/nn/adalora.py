@@ -42,6 +42,7 @@ class AdaLoraLinear(nn.Module):
         self.lora_E = nn.ParameterDict({adapter_name: nn.Parameter(torch.zeros(r, 1, device=device, dtype=dtype))})
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.disabled = False
+        self.row_adapters: list[str | None] | None = None  # per batch row adapter (see qlora.model.multi_adapter)
         with torch.no_grad():
             nn.init.normal_(self.A, std=0.02)
             nn.init.normal_(self.B, std=0.02)
@@ -82,11 +83,21 @@ class AdaLoraLinear(nn.Module):
         y = self.base_layer(x)
         if self.disabled:
             return y
+        if self.row_adapters is None:
+            return y + self._delta(x).to(y.dtype)
+        if len(self.row_adapters) != x.shape[0]:
+            raise ValueError(f"{len(self.row_adapters)} row adapters for a batch of {x.shape[0]} rows")
+        rows = [i for i, name in enumerate(self.row_adapters) if name == self.adapter_name]
+        if not rows:  # rows of the base or of other adapters: the base alone here
+            return y
+        rows = torch.tensor(rows, device=x.device)
+        return y.index_add(0, rows, self._delta(x[rows]).to(y.dtype))
+
+    def _delta(self, x: torch.Tensor) -> torch.Tensor:
         h = self.lora_dropout(x)
         if not torch.is_autocast_enabled(x.device.type):
             h = h.to(self.A.dtype)
-        out = (h @ (self.A * self.E).T @ self.B.T) * self.scaling / (self.ranknum + 1e-5)
-        return y + out.to(y.dtype)
+        return (h @ (self.A * self.E).T @ self.B.T) * self.scaling / (self.ranknum + 1e-5)
 
     def extra_repr(self) -> str:
         return f"adapter={self.adapter_name!r}, init_r={int(self.ranknum)}, r={self.A.shape[0]}"

@@ -26,7 +26,7 @@ from ..model.adapter_tensors import PEFT_PREFIX
 from ..model.chat_format import ChatFormat
 from ..model.image_pixels import PixelBounds
 from ..model.inject import adapter_configs
-from ..model.multi_adapter import delete_adapter
+from ..model.multi_adapter import discard_adapter
 from ..model.quantize import matches_any
 from ..nn.adapter_name import adapter_name_problem
 from .protocol import APIError
@@ -97,11 +97,12 @@ def attach(batcher: ContinuousBatcher, folder: Path, name: str,
             if batcher.closed:  # the server began to shut down while the folder was read
                 raise _shutting_down()
             _refuse_base_writes(batcher, config, tensors, vocabulary)
+            if name in adapter_configs(batcher.model):  # the routes never attach a name twice; never discard one
+                raise UsageError(f"the model already has an adapter named {name!r}")
             try:
                 load_adapter(batcher.model, folder, adapter_name=name, files=(config, tensors))
-            except BaseException:
-                if name in adapter_configs(batcher.model):  # failed midway: its layers are taken out again
-                    delete_adapter(batcher.model, name)
+            except BaseException:  # failed midway (a tensor of another shape): the model is put back as it was
+                discard_adapter(batcher.model, name)
                 raise
             batcher.model.eval()  # its new layers too (no dropout when serving)
     except UsageError as exc:
@@ -147,7 +148,8 @@ def _refuse_base_writes(batcher: ContinuousBatcher, config: dict, tensors: dict[
     if config.get("target_parameters"):
         raise UsageError("it adapts expert weights (target_parameters), which per-request adapters do not cover")
     if config.get("peft_type") == "ADALORA":
-        raise UsageError("it is an AdaLoRA adapter, which qlora cannot unload again; give it with --adapter at start")
+        raise UsageError("it is an AdaLoRA adapter, which qlora loads only onto a model without other adapters; "
+                         "give it first with --adapter at start")
     model = batcher.model
     params = dict(model.named_parameters())
     whole = config.get("modules_to_save") or []  # loaded as the adapter's own copies (qlora.nn.SavedModules)

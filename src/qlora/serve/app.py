@@ -59,7 +59,7 @@ from ..infer.logprobs import TokenLogprob, TokenPieces
 from ..infer.regex_reply import RegexReply
 from ..infer.template import chat_template, render_chat, renders_tools, stop_token_ids
 from ..infer.tool_calls import ToolCall, ToolCallFormat, ToolCallStream, markup_token_ids, tool_call_format
-from ..infer.turn_end import turn_end_stops
+from ..infer.turn_end import TurnEnds
 from ..model.chat_format import ChatFormat
 from ..model.image_pixels import PixelBounds
 from ..model.in_place_weights import in_place_adapter
@@ -119,6 +119,7 @@ def build_app(batcher: ContinuousBatcher, base_id: str, adapters: list[str], api
     model, tokenizer = batcher.model, batcher.tokenizer
     chat_stops = frozenset(stop_token_ids(model, tokenizer))
     text_stops = frozenset(default_stop_ids(model, tokenizer))
+    turn_ends = TurnEnds(tokenizer, chat_stops)  # asked on the set-up thread alone: no lock
     ids = {base_id: None, **{name: name for name in adapters}}
     written = in_place_adapter(model)
     if written:  # the base's own modules were overwritten by the adapter's: there is no base to serve
@@ -156,9 +157,13 @@ def build_app(batcher: ContinuousBatcher, base_id: str, adapters: list[str], api
     async def invalid_body(request: Request, exc: RequestValidationError) -> JSONResponse:
         return JSONResponse(_validation_error(exc, request.headers.get("content-type", "")).body(), status_code=400)
 
+    routes = ["/v1/chat/completions", "/v1/responses", "/v1/conversations", "/v1/completions", "/v1/models"]
+    if adapter_settings is not None:
+        routes += ["/v1/load_lora_adapter", "/v1/unload_lora_adapter"]
+
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
-        return JSONResponse(_http_error(request, exc).body(), status_code=exc.status_code, headers=exc.headers)
+        return JSONResponse(_http_error(request, exc, routes).body(), status_code=exc.status_code, headers=exc.headers)
 
     @app.get("/health")
     async def health() -> dict[str, str]:
@@ -176,17 +181,23 @@ def build_app(batcher: ContinuousBatcher, base_id: str, adapters: list[str], api
     async def models() -> dict[str, Any]:
         return {"object": "list", "data": [model_card(mid) for mid in ids]}
 
+    loading: set[str] = set()  # names of loads under way: a second load of the name is refused meanwhile
+
+    def served_adapter(model_id: str) -> str | None:
+        """The adapter ``model_id`` serves (:func:`_adapter`); one whose load is under way is a 404 saying so (vLLM
+        answers it as a model that does not exist, not waiting for the load)."""
+        return _adapter(ids, model_id, gone | dict.fromkeys(loading, "its load (POST /v1/load_lora_adapter) is under "
+                                                                      "way; retry once that load is answered"))
+
     @app.get("/v1/models/{model_id:path}")  # client.models.retrieve; an id may hold "/" (--served-model-name org/x)
     async def retrieve_model(model_id: str) -> dict[str, Any]:
-        _adapter(ids, model_id, gone)
+        served_adapter(model_id)
         return model_card(model_id)
 
     def updates_allowed() -> None:
         if adapter_settings is None:
             raise APIError(404, "This server does not load or unload adapters while serving; start qlora serve with "
                                 "--allow-adapter-updates to allow it.", code="adapter_updates_off")
-
-    loading: set[str] = set()  # names of loads under way: a second load of the name is refused meanwhile
 
     @app.post("/v1/load_lora_adapter")
     async def load_lora_adapter(body: LoadAdapterRequest) -> PlainTextResponse:
@@ -195,7 +206,10 @@ def build_app(batcher: ContinuousBatcher, base_id: str, adapters: list[str], api
         check_lora_name(name)
         if name == base_id:
             raise APIError(400, f"{name!r} is the base model's id; choose another lora_name.", "lora_name")
-        if name in ids or name in gone or name in loading:
+        if name in loading:
+            raise APIError(400, f"The adapter {name!r} is being loaded already; choose another lora_name, or unload it "
+                                "once that load is answered.", "lora_name")
+        if name in ids or name in gone:
             raise APIError(400, f"The adapter {name!r} is loaded already; unload it first or choose another "
                                 "lora_name.", "lora_name")
         folder = adapter_folder(body.lora_path)
@@ -362,8 +376,8 @@ def build_app(batcher: ContinuousBatcher, base_id: str, adapters: list[str], api
             # none, the template writes them (apply_chat_template(tokenize=True)'s ids)
         # a turn end this vocabulary spells as text (ChatML without an <|im_end|> token) ends a reply as a 'stop'
         # string does; not one that goes on past its end of turn (ignore_eos) or ends where its constraint does
-        ends_turn = () if body.ignore_eos or guide is not None or json_reply is not None else turn_end_stops(
-            tokenizer, chat_stops, chat_format, template_options, tools)
+        ends_turn = () if body.ignore_eos or guide is not None or json_reply is not None else turn_ends(
+            chat_format, template_options, tools)
         role = body.reply_role(template_options)
         last = body.messages[-1]
         echo = last.text(len(body.messages) - 1)[0] if body.echo and last.role == role else ""
@@ -371,13 +385,13 @@ def build_app(batcher: ContinuousBatcher, base_id: str, adapters: list[str], api
         for index in range(body.n):  # each choice is its own row, with its own constraint state and seed
             generation = _generation(batcher, body, adapter, prompt_ids, chat_stops, prompt_param, index)
             generation.media = media
-            generation.stop_strings += ends_turn
+            generation.turn_ends = ends_turn
             generation.prompt_logprobs = body.prompt_logprobs
             generation.token_filter = masked
             if plan is not None:
                 generation.keep_tokens = markup_token_ids(plan.format, tokenizer)
             if markup is not None:  # a forced call: no stop strings inside it, one call, its end forced
-                generation.stop_strings = ()
+                generation.stop_strings = generation.turn_ends = ()
                 generation.constraint = ForcedCall(tokenizer, markup, tools, forced or None, generation.keep_tokens,
                                                    chat_stops)
             if json_reply is not None:
@@ -394,7 +408,7 @@ def build_app(batcher: ContinuousBatcher, base_id: str, adapters: list[str], api
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request):
         body.refuse_unsupported()
-        choices = await off_loop(chat_choices, body, _adapter(ids, body.model, gone))
+        choices = await off_loop(chat_choices, body, served_adapter(body.model))
         return await _respond(batcher, choices, body, request, chat=True)
 
     def response_choice(body: ResponsesRequest, adapter: str | None,
@@ -440,7 +454,7 @@ def build_app(batcher: ContinuousBatcher, base_id: str, adapters: list[str], api
         if body.background and store.capacity <= 0:
             raise APIError(400, "Background mode keeps the response to poll, and this server keeps none (started with "
                                 "--stored-responses 0); send the request without 'background'.", "background")
-        adapter = _adapter(ids, body.model, gone)
+        adapter = served_adapter(body.model)
         conversation = body.conversation_id()
         if conversation is not None:
             history = conversations.get(conversation, "conversation").items
@@ -594,7 +608,7 @@ def build_app(batcher: ContinuousBatcher, base_id: str, adapters: list[str], api
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):
         body.refuse_unsupported()
-        choices = await off_loop(completion_choices, body, _adapter(ids, body.model, gone))
+        choices = await off_loop(completion_choices, body, served_adapter(body.model))
         return await _respond(batcher, choices, body, request, chat=False)
 
     return app
@@ -734,14 +748,15 @@ def _json_kind(value: Any) -> str:
     return "null"
 
 
-def _http_error(request: Request, exc: HTTPException) -> APIError:
-    """Starlette's own refusals (a body it cannot parse, an unknown path or method) in OpenAI's error shape."""
+def _http_error(request: Request, exc: HTTPException, routes: list[str]) -> APIError:
+    """Starlette's own refusals (a body it cannot parse, an unknown path or method) in OpenAI's error shape; an
+    unknown path's names the API ``routes`` this server answers."""
     if exc.status_code == 400 and "parsing the body" in str(exc.detail):  # JSON nested beyond the parser's depth
         return APIError(400, "The request body could not be parsed as JSON (malformed, or nested too deeply for "
                              "the parser); send a valid JSON object", code="invalid_json")
     if exc.status_code == 404:
-        return APIError(404, f"Unknown path {request.url.path}: this server answers /v1/chat/completions, "
-                             "/v1/responses, /v1/conversations, /v1/completions and /v1/models", code="not_found")
+        return APIError(404, f"Unknown path {request.url.path}: this server answers {', '.join(routes[:-1])} and "
+                             f"{routes[-1]}", code="not_found")
     kind = "invalid_request_error" if exc.status_code < 500 else "server_error"
     return APIError(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}", kind=kind)
 
@@ -877,8 +892,7 @@ def _submit(batcher: ContinuousBatcher, choices: list[_Choice]) -> asyncio.Queue
     for k, choice in enumerate(choices):
         choice.generation.emit = _emitter(loop, queue, k, choice.generation)
     try:
-        for choice in choices:
-            batcher.submit(choice.generation)
+        batcher.submit_all([choice.generation for choice in choices])
     except BaseException as exc:
         _cancel(choices)
         if isinstance(exc, BatcherClosed):  # set up while the server began to shut down: what a running one gets

@@ -6,7 +6,8 @@ silently ignored). Sampling and decoding (all routes): ``min_tokens`` (the stop 
 be chosen, and stop strings are not looked for, until that many tokens were generated),
 ``ignore_eos`` (EOS and end-of-turn tokens do not end the reply), ``stop_token_ids`` (more
 tokens that end it), ``skip_special_tokens``, ``include_stop_str_in_output`` (the stop string
-or stop token stays in the text), ``spaces_between_special_tokens`` (slow tokenizers only, as
+or stop token stays in the text; a chat turn end spelt as text only with ``skip_special_tokens`` off, as the
+end-of-turn token it stands for), ``spaces_between_special_tokens`` (slow tokenizers only, as
 in transformers and vLLM), ``truncate_prompt_tokens`` (only the prompt's last k tokens; -1: the
 context length). Constrained decoding: ``guided_json``, ``guided_regex``, ``guided_choice`` and
 ``structured_outputs`` (``json``, ``regex``, ``choice``, ``json_object``), on qlora's JSON Schema
