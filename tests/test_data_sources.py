@@ -383,3 +383,28 @@ def test_class_label_names_in_a_parquet_file_written_by_datasets(tmp_path):
     assert [r.fields for r in load_records(tmp_path / "d.arrow")] == expected
     pq.write_table(data.data.table.replace_schema_metadata(None), tmp_path / "plain.parquet")
     assert [r.fields["label"] for r in load_records(tmp_path / "plain.parquet")] == [1, 0, -1]
+
+
+def test_a_json_list_of_strings_is_plain_text_rows(tmp_path):
+    """datasets' json loader reads a top-level list of strings as a "text" column: each string is one plain-text
+    row, trained as a text row of a .jsonl would be (so is a list under "data"). A list mixing strings with
+    objects (datasets reads it as one untyped column) is refused at its first odd item."""
+    datasets = pytest.importorskip("datasets")
+    texts = ["Once upon a time", "", "The end."]
+    (tmp_path / "texts.json").write_text(json.dumps(texts, indent=2))
+    theirs = datasets.load_dataset("json", data_files=str(tmp_path / "texts.json"), split="train",
+                                   cache_dir=str(tmp_path / "c"))
+    records = load_records(tmp_path / "texts.json")
+    assert [r.fields for r in records] == theirs.to_list() == [{"text": t} for t in texts]
+    assert records[2].where.endswith("texts.json item 2")
+    twin = load_records(_jsonl(tmp_path / "texts.jsonl", [{"text": t} for t in texts]))
+    assert [(e.text, e.messages) for e in normalize(records)] == [(e.text, e.messages) for e in normalize(twin)]
+    (tmp_path / "data.json").write_text(json.dumps({"data": texts}))
+    assert [r.fields for r in load_records(tmp_path / "data.json")] == [{"text": t} for t in texts]
+    (tmp_path / "mixed.json").write_text(json.dumps(["a", "b", {"text": "c"}]))
+    with pytest.raises(UsageError, match=r"mixed\.json item 2: not a string, unlike item 0\. A \.json list holds "
+                                         r"rows \(objects\) or plain texts"):
+        load_records(tmp_path / "mixed.json")
+    (tmp_path / "mixed2.json").write_text(json.dumps([{"text": "c"}, "a"]))
+    with pytest.raises(UsageError, match=r"mixed2\.json item 1: a string, unlike item 0"):
+        load_records(tmp_path / "mixed2.json")

@@ -209,8 +209,16 @@ def _read_json(path: Path) -> list[Record]:
         line_no = text[:len(text) - len(text.lstrip())].count("\n") + 1
         return [Record(_one_row(value, path), f"{path} line {line_no}")]
     if not isinstance(value, list):
-        raise UsageError(f'{path}: a .json dataset must be a list of objects, {{"data": [...]}} or one object (one '
-                         f"row), not a {type(value).__name__}.")
+        raise UsageError(f'{path}: a .json dataset must be a list of objects or of strings (texts), {{"data": [...]}} '
+                         f"or one object (one row), not a {type(value).__name__}.")
+    if value and all(isinstance(item, str) for item in value):  # datasets' json loader: a "text" column
+        return [Record({"text": item}, f"{path} item {i}") for i, item in enumerate(value)]
+    if any(isinstance(item, str) for item in value):  # datasets reads a mixed list as one Json column
+        texts = isinstance(value[0], str)
+        i = next(i for i, item in enumerate(value) if isinstance(item, str) != texts)
+        raise UsageError(f"{path} item {i}: {'not ' * texts}a string, unlike item 0. A .json list holds rows "
+                         "(objects) or plain texts (strings, each read as a \"text\" row), not both: write the "
+                         "texts as {\"text\": ...} objects.")
     return [Record(_as_object(item, f"{path} item {i}"), f"{path} item {i}") for i, item in enumerate(value)]
 
 
