@@ -408,3 +408,24 @@ def test_a_json_list_of_strings_is_plain_text_rows(tmp_path):
     (tmp_path / "mixed2.json").write_text(json.dumps([{"text": "c"}, "a"]))
     with pytest.raises(UsageError, match=r"mixed2\.json item 1: a string, unlike item 0"):
         load_records(tmp_path / "mixed2.json")
+
+
+def test_a_semicolon_csv_whose_header_names_hold_commas(tmp_path, capsys):
+    """A ';' file whose header names hold a comma splits into several names at ',' too; its rows line up under the
+    header at ';' only, so ';' is read (as pandas' sep=None sniffing does). A comma file whose quoted texts hold
+    ';' lines up at ',' and keeps it, and so does one whose header names hold ';'."""
+    pd = pytest.importorskip("pandas")
+    text = 'instruction;"input, if any";output, short\nSay hi;;hi\nAdd;2+2;4\n"a; b";1,5;x\n'
+    (tmp_path / "excel.csv").write_text(text)
+    records = load_records(tmp_path / "excel.csv")
+    oracle = pd.read_csv(tmp_path / "excel.csv", sep=";", keep_default_na=False, dtype=str)
+    assert [r.fields for r in records] == oracle.to_dict("records")
+    assert records[2].fields == {"instruction": "a; b", "input, if any": "1,5", "output, short": "x"}
+    assert "';' between cells" in capsys.readouterr().err
+    (tmp_path / "commas.csv").write_text('instruction,input,output\n"a; b",;,"x;y"\nSay hi,,hi\n')
+    assert [r.fields for r in load_records(tmp_path / "commas.csv")] == [
+        {"instruction": "a; b", "input": ";", "output": "x;y"}, {"instruction": "Say hi", "input": "", "output": "hi"}]
+    (tmp_path / "names.csv").write_text('text;plain,label\nhello,1\n"x;y",0\n')
+    assert [r.fields for r in load_records(tmp_path / "names.csv")] == [{"text;plain": "hello", "label": "1"},
+                                                                        {"text;plain": "x;y", "label": "0"}]
+    assert "between cells" not in capsys.readouterr().err

@@ -27,7 +27,7 @@ from typing import Any, Iterable
 
 from qlora.errors import UsageError
 from qlora.train.data.class_labels import label_names, schema_features, with_label_names
-from qlora.train.data.csv_separator import header_separator
+from qlora.train.data.csv_separator import SAMPLE_LINES, header_separator
 from qlora.train.data.unique_keys import DuplicateKey, duplicate_line, loads_unique
 
 LOCAL_SUFFIXES = (".jsonl", ".json", ".csv", ".tsv", ".parquet", ".arrow", ".txt")
@@ -253,14 +253,14 @@ def _read_csv(path: Path, delimiter: str = ",") -> list[Record]:
     """Rows under the header's names; a row shorter than the header has nulls in its last columns (as pandas and
     ``datasets`` read it), while a row with more filled cells than the header, or a header naming a column twice,
     is refused: a text would otherwise be silently cut at an unquoted comma or lost under a repeated name. The
-    separator is the suffix's unless the header shows another (:mod:`csv_separator`: Excel's ``;``)."""
+    separator is the suffix's unless the first lines show another (:mod:`csv_separator`: Excel's ``;``)."""
     with _open_text(path, newline="") as f:
-        first = f.readline()
-        found = header_separator(path, first, delimiter)
+        sample = list(itertools.islice(f, SAMPLE_LINES))
+        found = header_separator(path, sample, delimiter, complete=len(sample) < SAMPLE_LINES)
         if found != delimiter:
             print(f"qlora: {path} has {found!r} between cells, not {delimiter!r}: reading it so.", file=sys.stderr)
             delimiter = found
-        reader = csv.reader(itertools.chain([first], f), delimiter=delimiter)
+        reader = csv.reader(itertools.chain(sample, f), delimiter=delimiter)
         header = next(reader, None)
         if header is None:
             return []
