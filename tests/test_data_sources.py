@@ -429,3 +429,38 @@ def test_a_semicolon_csv_whose_header_names_hold_commas(tmp_path, capsys):
     assert [r.fields for r in load_records(tmp_path / "names.csv")] == [{"text;plain": "hello", "label": "1"},
                                                                         {"text;plain": "x;y", "label": "0"}]
     assert "between cells" not in capsys.readouterr().err
+
+
+def test_a_folder_of_data_files_reads_each_file_as_qlora_reads_it_alone(tmp_path):
+    """A folder's files for the split are the ones datasets picks (its order too), each read as qlora reads that
+    file given alone: a bad line, a key named twice or a row of another format is named by file and line (datasets
+    says only "An error occurred while generating the dataset"), and a ';' CSV is read at ';'."""
+    datasets = pytest.importorskip("datasets")
+    good = tmp_path / "good"
+    (good / "more").mkdir(parents=True)
+    _jsonl(good / "train-0.jsonl", ALPACA[:1])
+    _jsonl(good / "more" / "train-1.jsonl", ALPACA[1:])
+    _jsonl(good / "test.jsonl", ALPACA[:1])
+    for split in ("train", "test"):
+        theirs = datasets.load_dataset(str(good), split=split, cache_dir=str(tmp_path / "c"))
+        records = load_records(good, split=split)
+        assert [r.fields for r in records] == theirs.to_list()
+    assert load_records(good)[0].where.endswith("more/train-1.jsonl line 1")
+    for name, second, match in [
+            ("bad", '{"text": "c"}\n{"text": \n', r"bad/b\.jsonl line 2: malformed JSON"),
+            ("dup", '{"text": "c"}\n{"text": "d", "text": "e"}\n', r"dup/b\.jsonl line 2: .* names the key 'text' twice")]:
+        (tmp_path / name).mkdir()
+        _jsonl(tmp_path / name / "a.jsonl", [{"text": "a"}])
+        (tmp_path / name / "b.jsonl").write_text(second)
+        with pytest.raises(UsageError, match=match):
+            load_records(tmp_path / name)
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    _jsonl(mixed / "a.jsonl", [{"text": "a"}, {"text": "b"}])
+    _jsonl(mixed / "b.jsonl", ALPACA[:1])
+    with pytest.raises(UsageError, match=r"mixed/b\.jsonl line 1: field \"text\" is missing .* looks like the alpaca"):
+        normalize(load_records(mixed))
+    excel = tmp_path / "excel"
+    excel.mkdir()
+    (excel / "a.csv").write_text("instruction;input;output\nSay hi;;hi\nAdd;2+2;4\n")
+    assert [r.fields for r in load_records(excel)] == ALPACA

@@ -75,30 +75,9 @@ def load_records(source: str | Path, split: str = "train", subset: str | None = 
     """
     path = Path(source).expanduser()
     if path.is_file():
-        readers = {".jsonl": _read_jsonl, ".json": _read_json, ".csv": _read_csv, ".tsv": _read_tsv,
-                   ".parquet": _read_parquet, ".arrow": _read_arrow, ".txt": _read_text}
-        reader = _read_text if as_text else readers.get(_format_suffix(path))
-        if reader is None:
-            raise UsageError(
-                f"{path}: unknown data format {''.join(path.suffixes[-2:]) or '(no suffix)'!r}. Give a file ending "
-                f"in {', '.join(LOCAL_SUFFIXES)} (text ones also compressed: .gz, .bz2, .xz), a folder written by "
-                f"save_to_disk, or a hub dataset name.{_decompress_hint(path)}"
-            )
-        if text_lines and reader is _read_text:
-            reader = _read_lines
-        try:
-            records = reader(path)
-        except (OSError, EOFError) as exc:  # a damaged compressed file (a bad gzip header, a cut stream)
-            if path.suffix.lower() not in _COMPRESSED:
-                raise
-            raise UsageError(f"{path}: cannot be decompressed ({type(exc).__name__}: {exc}). Download or copy it "
-                             "again.") from None
-        except UnicodeDecodeError as exc:
-            raw = _read_bytes(path)
-            raise UsageError(f"{path} line {_line_of_byte(raw)}: not UTF-8 text ({exc.reason} at byte "
-                             f"{exc.object[exc.start]:#04x}). {_save_as_utf8(raw)}") from None
+        records = _read_file(path, text_lines, as_text)
     elif path.is_dir():
-        records = _read_folder(path, split, subset)
+        records = _read_folder(path, split, subset, text_lines, as_text)
     elif _format_suffix(path) in LOCAL_SUFFIXES or path.exists() or str(source).startswith((".", "/", "~")):
         raise UsageError(f"{path}: data file not found (or not a regular file). Check the path given (--data or "
                          "--eval-data).")
@@ -109,6 +88,33 @@ def load_records(source: str | Path, split: str = "train", subset: str | None = 
     if path.exists():
         folder = str(path if path.is_dir() else path.parent)
         records = [replace(r, folder=folder) for r in records]
+    return records
+
+
+def _read_file(path: Path, text_lines: bool = False, as_text: bool = False) -> list[Record]:
+    """The records of one local data file, read by qlora itself (each names its file and line, item or row)."""
+    readers = {".jsonl": _read_jsonl, ".json": _read_json, ".csv": _read_csv, ".tsv": _read_tsv,
+               ".parquet": _read_parquet, ".arrow": _read_arrow, ".txt": _read_text}
+    reader = _read_text if as_text else readers.get(_format_suffix(path))
+    if reader is None:
+        raise UsageError(
+            f"{path}: unknown data format {''.join(path.suffixes[-2:]) or '(no suffix)'!r}. Give a file ending "
+            f"in {', '.join(LOCAL_SUFFIXES)} (text ones also compressed: .gz, .bz2, .xz), a folder written by "
+            f"save_to_disk, or a hub dataset name.{_decompress_hint(path)}"
+        )
+    if text_lines and reader is _read_text:
+        reader = _read_lines
+    try:
+        records = reader(path)
+    except (OSError, EOFError) as exc:  # a damaged compressed file (a bad gzip header, a cut stream)
+        if path.suffix.lower() not in _COMPRESSED:
+            raise
+        raise UsageError(f"{path}: cannot be decompressed ({type(exc).__name__}: {exc}). Download or copy it "
+                         "again.") from None
+    except UnicodeDecodeError as exc:
+        raw = _read_bytes(path)
+        raise UsageError(f"{path} line {_line_of_byte(raw)}: not UTF-8 text ({exc.reason} at byte "
+                         f"{exc.object[exc.start]:#04x}). {_save_as_utf8(raw)}") from None
     return records
 
 
@@ -376,8 +382,13 @@ def _read_arrow(path: Path) -> list[Record]:
     return _rows(table.to_pylist(), str(path), schema_features(table.schema))
 
 
-def _read_folder(path: Path, split: str, subset: str | None) -> list[Record]:
-    """A ``save_to_disk`` folder (a Dataset or a DatasetDict), else a folder of data files."""
+def _read_folder(path: Path, split: str, subset: str | None, text_lines: bool = False,
+                 as_text: bool = False) -> list[Record]:
+    """A ``save_to_disk`` folder (a Dataset or a DatasetDict), else a folder of data files: the split's files as
+    ``datasets`` picks them (by their names, or a README's ``configs``), each read as qlora reads that file alone
+    (its bad line, repeated key or odd row named by file and line, which ``datasets`` reports as "An error occurred
+    while generating the dataset"), unless one is of a format qlora does not read (images, say): then the folder
+    is read by ``datasets``."""
     import datasets
 
     if (path / "dataset_dict.json").is_file() or (path / "state.json").is_file():
@@ -390,7 +401,13 @@ def _read_folder(path: Path, split: str, subset: str | None) -> list[Record]:
             return _rows(data, f"{path}[{split}]")
         return _rows(data, str(path))
     try:
+        files = datasets.load_dataset_builder(str(path), subset).config.data_files or {}
+        if split in files and all(as_text or _format_suffix(Path(f)) in LOCAL_SUFFIXES and Path(f).is_file()
+                                  for f in files[split]):
+            return [r for f in files[split] for r in _read_file(Path(f), text_lines, as_text)]
         data = datasets.load_dataset(str(path), subset, split=split)
+    except UsageError:  # a file's own error, named by its line
+        raise
     except ValueError as exc:  # unknown split or subset: datasets' message lists the existing ones
         raise UsageError(f"{path}: {exc} (--data-split, --data-subset)") from None
     except Exception as exc:  # no data files, mixed formats, unreadable files
