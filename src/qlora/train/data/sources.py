@@ -5,8 +5,9 @@ bad record anywhere later in the pipeline can be reported precisely: a user
 with a 50,000-line file needs the line number, not a stack trace.
 
 Text formats (.jsonl, .json, .csv, .txt) are read here line by line, which is
-what lets an error name the line; columnar data (.parquet, .arrow, folders
-written by ``Dataset.save_to_disk``, folders of data files) and hub names go
+what lets an error name the line, and so is each file of a folder of data files
+(``datasets`` picks the split's files); folders written by
+``Dataset.save_to_disk``, folders of other formats (images) and hub names go
 through the `datasets` library, the data layer users already know.
 """
 
