@@ -464,3 +464,28 @@ def test_a_folder_of_data_files_reads_each_file_as_qlora_reads_it_alone(tmp_path
     excel.mkdir()
     (excel / "a.csv").write_text("instruction;input;output\nSay hi;;hi\nAdd;2+2;4\n")
     assert [r.fields for r in load_records(excel)] == ALPACA
+
+
+def test_line_ends_a_last_line_without_newline_and_zstd_alone_or_in_a_folder(tmp_path):
+    """Windows line ends (CRLF, a quoted CSV newline kept as written), a BOM and a last line without a newline
+    read as datasets reads them, in a file alone or in a folder; a zstd-compressed text file (which datasets
+    reads only with the zstandard package) is refused naming the file and how to decompress it, in a folder too."""
+    datasets = pytest.importorskip("datasets")
+    folder = tmp_path / "crlf"
+    folder.mkdir()
+    (folder / "a.jsonl").write_bytes(b'\xef\xbb\xbf{"text": "a"}\r\n\r\n{"text": "b"}')
+    (folder / "b.jsonl").write_bytes(b'{"text": "c"}\r\n')
+    (tmp_path / "d.csv").write_bytes(b'instruction,input,output\r\n"two\r\nlines",,x\r\nAdd,2+2,4')
+    for path in (folder / "a.jsonl", folder, tmp_path / "d.csv"):
+        kind = {".jsonl": "json", ".csv": "csv"}.get(path.suffix)
+        theirs = datasets.load_dataset(kind, data_files=str(path), split="train", cache_dir=str(tmp_path / "c")) \
+            if kind else datasets.load_dataset(str(path), split="train", cache_dir=str(tmp_path / "c"))
+        assert [r.fields for r in load_records(path)] == [
+            {k: v if v is not None else "" for k, v in row.items()} for row in theirs.to_list()], path
+    zstd = tmp_path / "z"
+    zstd.mkdir()
+    (zstd / "d.jsonl.zst").write_bytes(b"\x28\xb5\x2f\xfd")  # zstd's magic number
+    for path in (zstd / "d.jsonl.zst", zstd):
+        with pytest.raises(UsageError, match=r"z/d\.jsonl\.zst: unknown data format '\.jsonl\.zst'.* It looks "
+                                             r"compressed \(\.zst\): decompress it first, e\.g\. to d\.jsonl"):
+            load_records(path)

@@ -403,9 +403,11 @@ def _read_folder(path: Path, split: str, subset: str | None, text_lines: bool = 
         return _rows(data, str(path))
     try:
         files = datasets.load_dataset_builder(str(path), subset).config.data_files or {}
-        if split in files and all(as_text or _format_suffix(Path(f)) in LOCAL_SUFFIXES and Path(f).is_file()
-                                  for f in files[split]):
-            return [r for f in files[split] for r in _read_file(Path(f), text_lines, as_text)]
+        ours = [Path(f) for f in files.get(split, [])]
+        # a text file compressed other than by gzip, bz2, xz (zstd, lz4) is refused by _read_file, saying what to do
+        if ours and all(p.is_file() and (as_text or _format_suffix(p) in LOCAL_SUFFIXES or _decompress_hint(p))
+                        for p in ours):
+            return [r for p in ours for r in _read_file(p, text_lines, as_text)]
         data = datasets.load_dataset(str(path), subset, split=split)
     except UsageError:  # a file's own error, named by its line
         raise
