@@ -507,3 +507,32 @@ def test_a_merge_of_a_4bit_run_and_of_a_run_on_a_merged_model_carries_that_runs_
         "tokenization": {"train_on": "assistant", "seq_len": 64}}
     final = _eval(capsys, "--model", str(remerged), "--data", str(held))
     assert final["tokens"] == on_merged["tokens"] and final["loss"] == pytest.approx(on_merged["loss"], rel=1e-5)
+
+
+def test_eval_of_a_merged_folder_defaults_to_its_16bit_weights_which_compute_what_the_run_did(tmp_path, qwen,
+                                                                                                capsys):
+    """A 4-bit run merged in fp32 holds dequant(W) + BA, what base + adapter computed: eval of the folder without
+    --quant loads those weights as they are (saying so) and equals eval of base + adapter, where --quant nf4 (the
+    default before) quantizes them again, a loss only close to it. A folder qlora quantize wrote loads as stored."""
+    model_dir, _ = qwen
+    run, held = _held_out_run(tmp_path, model_dir, capsys, "--train-on", "all", "--seq-len", "40")
+    adapter = _eval_as_trained(capsys, "--model", str(model_dir), "--adapter", str(run), "--data", str(held))
+    assert adapter["loss"] == pytest.approx(_run_eval_loss(run), rel=1e-6)
+    merged = tmp_path / "merged"
+    assert main(["merge", "--model", str(model_dir), "--adapter", str(run), "--output", str(merged),
+                 "--dtype", "float32"]) == 0
+    capsys.readouterr()
+    assert main(["eval", "--json", "--model", str(merged), "--data", str(held)]) == 0
+    out, err = capsys.readouterr()
+    evaluated = json.loads(out)
+    assert "evaluating its 16-bit weights" in err
+    assert evaluated["tokens"] == adapter["tokens"]
+    assert evaluated["loss"] == pytest.approx(adapter["loss"], rel=1e-5)
+    requantized = _eval_as_trained(capsys, "--model", str(merged), "--data", str(held), "--quant", "nf4")
+    assert requantized["loss"] != pytest.approx(adapter["loss"], rel=1e-5)
+    assert requantized["loss"] == pytest.approx(adapter["loss"], rel=5e-2)
+    assert main(["quantize", "--model", str(merged), "--output", str(tmp_path / "q4")]) == 0
+    capsys.readouterr()
+    assert main(["eval", "--json", "--model", str(tmp_path / "q4"), "--data", str(held)]) == 0
+    out, err = capsys.readouterr()
+    assert json.loads(out)["loss"] == pytest.approx(requantized["loss"], rel=1e-3) and "16-bit" not in err
