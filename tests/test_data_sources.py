@@ -126,7 +126,7 @@ def test_arrow_ipc_file_format(tmp_path):
         assert records[2].where.endswith(f"{name} row 2")
 
 
-def test_folder_of_data_files_through_datasets(tmp_path):
+def test_folder_of_data_files_by_split(tmp_path):
     pytest.importorskip("datasets")
     folder = tmp_path / "repo"
     folder.mkdir()
