@@ -26,8 +26,8 @@ from .image_pixels import PixelBounds
 from .inference_files import save_records
 from .inject import adapter_configs
 from .quantize import replace_modules
-from .trained_tokens import trained_tokenization
 from .saved_copies import unwrap_saved_modules
+from .trained_tokens import trained_tokenization
 
 
 def _dense(weight: torch.Tensor, bias: torch.Tensor | None, conv1d: bool, dtype: torch.dtype) -> nn.Module:
@@ -134,7 +134,6 @@ def merged_tensors(model: nn.Module) -> list[tuple[str, tuple[int, ...], Callabl
     parameters appear under each of their keys, as in ``state_dict``.
     """
     _refuse_unmergeable(model)
-    note_merged(model, _merging(model))
     _unwrap_copies(model)
     foldable = (LoraLinear, AdaLoraLinear, Linear4bit)
     rows: list[tuple[str, tuple[int, ...], Callable[[], torch.Tensor]]] = []
