@@ -454,6 +454,8 @@ def test_a_folder_of_data_files_reads_each_file_as_qlora_reads_it_alone(tmp_path
         (tmp_path / name / "b.jsonl").write_text(second)
         with pytest.raises(UsageError, match=match):
             load_records(tmp_path / name)
+        with pytest.raises(UsageError, match=rf"{name}: no split 'test'; it has train\. Choose one with --data-split"):
+            load_records(tmp_path / name, split="test")  # eval's default split: named, not the file's error
     mixed = tmp_path / "mixed"
     mixed.mkdir()
     _jsonl(mixed / "a.jsonl", [{"text": "a"}, {"text": "b"}])

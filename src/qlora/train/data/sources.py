@@ -402,8 +402,9 @@ def _read_folder(path: Path, split: str, subset: str | None, text_lines: bool = 
             return _rows(data, f"{path}[{split}]")
         return _rows(data, str(path))
     try:
-        files = datasets.load_dataset_builder(str(path), subset).config.data_files or {}
-        ours = [Path(f) for f in files.get(split, [])]
+        files = {str(name): found for name, found in (datasets.load_dataset_builder(str(path), subset).config
+                                                      .data_files or {}).items()}
+        ours = [Path(f) for f in _pick_split(files, split, str(path))]
         # a text file compressed other than by gzip, bz2, xz (zstd, lz4) is refused by _read_file, saying what to do
         if ours and all(p.is_file() and (as_text or _format_suffix(p) in LOCAL_SUFFIXES or _decompress_hint(p))
                         for p in ours):
