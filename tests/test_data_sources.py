@@ -491,3 +491,29 @@ def test_line_ends_a_last_line_without_newline_and_zstd_alone_or_in_a_folder(tmp
         with pytest.raises(UsageError, match=r"z/d\.jsonl\.zst: unknown data format '\.jsonl\.zst'.* It looks "
                                              r"compressed \(\.zst\): decompress it first, e\.g\. to d\.jsonl"):
             load_records(path)
+
+
+@pytest.mark.parametrize("compression", ["gzip", "bz2", "lzma"])
+def test_a_compressed_file_whose_name_does_not_say_so_reads_as_datasets_reads_it(tmp_path, compression):
+    """A gzip, bzip2 or xz file saved as data.jsonl (a download that kept its Content-Encoding) is read by its
+    first bytes, as datasets reads it, its lines named as in the plain file; zstd, which qlora does not read, is
+    named as such, not as text in another encoding. Plain text starting like bzip2's "BZh" stays text."""
+    import bz2
+    import gzip
+    import lzma
+
+    datasets = pytest.importorskip("datasets")
+    module = {"gzip": gzip, "bz2": bz2, "lzma": lzma}[compression]
+    path = tmp_path / "d.jsonl"
+    path.write_bytes(module.compress("".join(json.dumps(r) + "\n" for r in ALPACA).encode()))
+    theirs = datasets.load_dataset("json", data_files=str(path), split="train", cache_dir=str(tmp_path / "c"))
+    records = load_records(path)
+    assert [r.fields for r in records] == theirs.to_list() == ALPACA and records[1].where.endswith("d.jsonl line 2")
+    (tmp_path / "t.txt").write_bytes(module.compress(b"one\ntwo\n"))
+    assert [r.fields for r in load_records(tmp_path / "t.txt")] == [{"text": "one"}, {"text": "two"}]
+    (tmp_path / "bzh.txt").write_text("BZh91AY is how bzip2 starts\n")
+    assert [r.fields["text"] for r in load_records(tmp_path / "bzh.txt")] == ["BZh91AY is how bzip2 starts"]
+    (tmp_path / "z.csv").write_bytes(b"\x28\xb5\x2f\xfd" + bytes(range(128, 160)))
+    with pytest.raises(UsageError, match=r"z\.csv line 1: not UTF-8 text .* It is zstd-compressed data, not text: "
+                                         r"decompress it first \(zstd -d\)"):
+        load_records(tmp_path / "z.csv")

@@ -34,6 +34,10 @@ from qlora.train.data.unique_keys import DuplicateKey, duplicate_line, loads_uni
 LOCAL_SUFFIXES = (".jsonl", ".json", ".csv", ".tsv", ".parquet", ".arrow", ".txt")
 # Compressed text files (data.jsonl.gz, data.csv.xz) are read through these, as datasets reads them.
 _COMPRESSED = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}
+# ... and by their first bytes where the name does not say (a gzip file saved as data.jsonl, which datasets reads)
+_MAGIC = {b"\x1f\x8b": gzip.open, b"\xfd7zXZ\x00": lzma.open,
+          **{b"BZh%d1AY&SY" % level: bz2.open for level in range(1, 10)}}  # bzip2's header, then its first block's
+_ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 _TEXT_SUFFIXES = (".jsonl", ".json", ".csv", ".tsv", ".txt")
 # GPT-2's end-of-text token, written between the documents of plain-text corpora (TinyStoriesV2's .txt files,
 # OpenWebText dumps): such a file's records are its documents, not its lines.
@@ -108,7 +112,7 @@ def _read_file(path: Path, text_lines: bool = False, as_text: bool = False) -> l
     try:
         records = reader(path)
     except (OSError, EOFError) as exc:  # a damaged compressed file (a bad gzip header, a cut stream)
-        if path.suffix.lower() not in _COMPRESSED:
+        if _opener(path) is None:
             raise
         raise UsageError(f"{path}: cannot be decompressed ({type(exc).__name__}: {exc}). Download or copy it "
                          "again.") from None
@@ -137,14 +141,25 @@ def _format_suffix(path: Path) -> str:
 def _open_text(path: Path, newline: str | None = None):
     """``path`` as UTF-8 text, decompressed if its name says so; a byte-order mark (Windows editors,
     Excel) is not data."""
-    opener = _COMPRESSED.get(path.suffix.lower())
+    opener = _opener(path)
     if opener is None:
         return path.open(encoding="utf-8-sig", newline=newline)
     return opener(path, "rt", encoding="utf-8-sig", newline=newline)
 
 
-def _read_bytes(path: Path) -> bytes:
+def _opener(path: Path):
+    """The decompressing ``open`` of a compressed text file, by its suffix or else its first bytes; None for
+    plain text."""
     opener = _COMPRESSED.get(path.suffix.lower())
+    if opener is not None:
+        return opener
+    with path.open("rb") as f:
+        head = f.read(10)
+    return next((opener for magic, opener in _MAGIC.items() if head.startswith(magic)), None)
+
+
+def _read_bytes(path: Path) -> bytes:
+    opener = _opener(path)
     if opener is None:
         return path.read_bytes()
     with opener(path, "rb") as f:
@@ -164,6 +179,8 @@ def _line_of_byte(raw: bytes) -> int:
 def _save_as_utf8(raw: bytes) -> str:
     """How to convert a file that is not UTF-8: from UTF-16 or UTF-32 where its byte-order mark says so (what
     Windows PowerShell and Excel's "Unicode text" write), else from a legacy one-byte encoding."""
+    if raw.startswith(_ZSTD_MAGIC):
+        return "It is zstd-compressed data, not text: decompress it first (zstd -d)."
     for mark, encoding in ((codecs.BOM_UTF32_LE, "utf-32"), (codecs.BOM_UTF32_BE, "utf-32"),
                            (codecs.BOM_UTF16_LE, "utf-16"), (codecs.BOM_UTF16_BE, "utf-16")):
         if raw.startswith(mark):
