@@ -454,7 +454,8 @@ def test_a_merge_by_the_python_api_carries_the_runs_records_as_qlora_merge_does(
     """qlora.merge + qlora.save_merged of an adapter loaded from its run's folder write what `qlora merge` writes
     beside the weights (the run's trained tokens, --train-on all --seq-len 40, and its chat format, Llama 3's here,
     also as the tokenizer's template), so eval of the folder without options equals eval of base + adapter. The
-    caller's tokenizer keeps its own template; a model whose adapter was made in this process carries no record."""
+    caller's tokenizer keeps its own template; a model whose adapter was made in this process, or loaded to train on,
+    carries no record."""
     model_dir, _ = qwen
     run, held = _held_out_run(tmp_path, model_dir, capsys, "--quant", "none", "--train-on", "all", "--seq-len", "40",
                               "--template", "llama-3")
@@ -479,6 +480,11 @@ def test_a_merge_by_the_python_api_carries_the_runs_records_as_qlora_merge_does(
     qlora.merge(model)
     qlora.save_merged(model, tmp_path / "fresh", tokenizer)
     assert not (tmp_path / "fresh" / "trained_tokens.json").exists()
+    model, _ = qlora.load_model(model_dir, quant="none", compute_dtype=torch.float32, device="cpu")
+    qlora.load_adapter(model, run, trainable=True)  # to train on: no longer the run's adapter alone
+    qlora.merge(model)
+    qlora.save_merged(model, tmp_path / "trained-on", tokenizer)
+    assert not (tmp_path / "trained-on" / "trained_tokens.json").exists()
 
 
 def test_a_merge_of_a_4bit_run_and_of_a_run_on_a_merged_model_carries_that_runs_record(tmp_path, qwen, capsys):

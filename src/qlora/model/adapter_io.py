@@ -378,7 +378,8 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path, adapter_name: str = 
     if config.get("peft_type") == "ADALORA":
         attach_adalora(model, config, paths, save_paths, tensors, adapter_name, trainable, str(adapter_dir))
         _load_whole(model, whole, trainable, adapter_dir)
-        note_loaded(model, adapter_name, adapter_dir)
+        if not trainable:  # training goes on here: what it computes is no longer the folder run's alone
+            note_loaded(model, adapter_name, adapter_dir)
         return model
     init = _residual_init(adapter_dir, config, model, paths)
     add_lora(model, r=int(config["r"]), alpha=float(config["lora_alpha"]), dropout=float(config.get("lora_dropout") or 0.0),
@@ -427,7 +428,8 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path, adapter_name: str = 
         load_copies(model, whole, adapter_name, adapter_dir)
     else:
         _load_whole(model, whole, trainable, adapter_dir)
-    note_loaded(model, adapter_name, adapter_dir)
+    if not trainable:  # training goes on here: what it computes is no longer the folder run's alone
+        note_loaded(model, adapter_name, adapter_dir)
     return model
 
 

@@ -2,8 +2,9 @@
 trained the merged adapter recorded beside it (its chat format, image pixel bounds and the tokens its loss was
 measured on), as ``qlora merge`` does: ``qlora eval --model merged`` then measures what eval of base + adapter did.
 
-An adapter made by :func:`qlora.add_lora` has no folder (nor a record); one loaded under a name that
-``add_lora`` reuses later is told apart by its config object, which that replaces.
+An adapter made by :func:`qlora.add_lora`, or loaded to train on (``trainable``: what it computes is then no
+longer its run's alone), has no folder noted; one loaded under a name that ``add_lora`` reuses later is told apart
+by its config object, which that replaces.
 """
 
 from __future__ import annotations
