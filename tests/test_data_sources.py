@@ -126,7 +126,7 @@ def test_arrow_ipc_file_format(tmp_path):
         assert records[2].where.endswith(f"{name} row 2")
 
 
-def test_folder_of_data_files_through_datasets(tmp_path):
+def test_folder_of_data_files_by_split(tmp_path):
     pytest.importorskip("datasets")
     folder = tmp_path / "repo"
     folder.mkdir()
@@ -383,3 +383,137 @@ def test_class_label_names_in_a_parquet_file_written_by_datasets(tmp_path):
     assert [r.fields for r in load_records(tmp_path / "d.arrow")] == expected
     pq.write_table(data.data.table.replace_schema_metadata(None), tmp_path / "plain.parquet")
     assert [r.fields["label"] for r in load_records(tmp_path / "plain.parquet")] == [1, 0, -1]
+
+
+def test_a_json_list_of_strings_is_plain_text_rows(tmp_path):
+    """datasets' json loader reads a top-level list of strings as a "text" column: each string is one plain-text
+    row, trained as a text row of a .jsonl would be (so is a list under "data"). A list mixing strings with
+    objects (datasets reads it as one untyped column) is refused at its first odd item."""
+    datasets = pytest.importorskip("datasets")
+    texts = ["Once upon a time", "", "The end."]
+    (tmp_path / "texts.json").write_text(json.dumps(texts, indent=2))
+    theirs = datasets.load_dataset("json", data_files=str(tmp_path / "texts.json"), split="train",
+                                   cache_dir=str(tmp_path / "c"))
+    records = load_records(tmp_path / "texts.json")
+    assert [r.fields for r in records] == theirs.to_list() == [{"text": t} for t in texts]
+    assert records[2].where.endswith("texts.json item 2")
+    twin = load_records(_jsonl(tmp_path / "texts.jsonl", [{"text": t} for t in texts]))
+    assert [(e.text, e.messages) for e in normalize(records)] == [(e.text, e.messages) for e in normalize(twin)]
+    (tmp_path / "data.json").write_text(json.dumps({"data": texts}))
+    assert [r.fields for r in load_records(tmp_path / "data.json")] == [{"text": t} for t in texts]
+    (tmp_path / "mixed.json").write_text(json.dumps(["a", "b", {"text": "c"}]))
+    with pytest.raises(UsageError, match=r"mixed\.json item 2: not a string, unlike item 0\. A \.json list holds "
+                                         r"rows \(objects\) or plain texts"):
+        load_records(tmp_path / "mixed.json")
+    (tmp_path / "mixed2.json").write_text(json.dumps([{"text": "c"}, "a"]))
+    with pytest.raises(UsageError, match=r"mixed2\.json item 1: a string, unlike item 0"):
+        load_records(tmp_path / "mixed2.json")
+
+
+def test_a_semicolon_csv_whose_header_names_hold_commas(tmp_path, capsys):
+    """A ';' file whose header names hold a comma splits into several names at ',' too; its rows line up under the
+    header at ';' only, so ';' is read (as pandas' sep=None sniffing does). A comma file whose quoted texts hold
+    ';' lines up at ',' and keeps it, and so does one whose header names hold ';'."""
+    pd = pytest.importorskip("pandas")
+    text = 'instruction;"input, if any";output, short\nSay hi;;hi\nAdd;2+2;4\n"a; b";1,5;x\n'
+    (tmp_path / "excel.csv").write_text(text)
+    records = load_records(tmp_path / "excel.csv")
+    oracle = pd.read_csv(tmp_path / "excel.csv", sep=";", keep_default_na=False, dtype=str)
+    assert [r.fields for r in records] == oracle.to_dict("records")
+    assert records[2].fields == {"instruction": "a; b", "input, if any": "1,5", "output, short": "x"}
+    assert "';' between cells" in capsys.readouterr().err
+    (tmp_path / "commas.csv").write_text('instruction,input,output\n"a; b",;,"x;y"\nSay hi,,hi\n')
+    assert [r.fields for r in load_records(tmp_path / "commas.csv")] == [
+        {"instruction": "a; b", "input": ";", "output": "x;y"}, {"instruction": "Say hi", "input": "", "output": "hi"}]
+    (tmp_path / "names.csv").write_text('text;plain,label\nhello,1\n"x;y",0\n')
+    assert [r.fields for r in load_records(tmp_path / "names.csv")] == [{"text;plain": "hello", "label": "1"},
+                                                                        {"text;plain": "x;y", "label": "0"}]
+    assert "between cells" not in capsys.readouterr().err
+
+
+def test_a_folder_of_data_files_reads_each_file_as_qlora_reads_it_alone(tmp_path):
+    """A folder's files for the split are the ones datasets picks (its order too), each read as qlora reads that
+    file given alone: a bad line, a key named twice or a row of another format is named by file and line (datasets
+    says only "An error occurred while generating the dataset"), and a ';' CSV is read at ';'."""
+    datasets = pytest.importorskip("datasets")
+    good = tmp_path / "good"
+    (good / "more").mkdir(parents=True)
+    _jsonl(good / "train-0.jsonl", ALPACA[:1])
+    _jsonl(good / "more" / "train-1.jsonl", ALPACA[1:])
+    _jsonl(good / "test.jsonl", ALPACA[:1])
+    for split in ("train", "test"):
+        theirs = datasets.load_dataset(str(good), split=split, cache_dir=str(tmp_path / "c"))
+        records = load_records(good, split=split)
+        assert [r.fields for r in records] == theirs.to_list()
+    assert load_records(good)[0].where.endswith("more/train-1.jsonl line 1")
+    for name, second, match in [
+            ("bad", '{"text": "c"}\n{"text": \n', r"bad/b\.jsonl line 2: malformed JSON"),
+            ("dup", '{"text": "c"}\n{"text": "d", "text": "e"}\n', r"dup/b\.jsonl line 2: .* names the key 'text' twice")]:
+        (tmp_path / name).mkdir()
+        _jsonl(tmp_path / name / "a.jsonl", [{"text": "a"}])
+        (tmp_path / name / "b.jsonl").write_text(second)
+        with pytest.raises(UsageError, match=match):
+            load_records(tmp_path / name)
+        with pytest.raises(UsageError, match=rf"{name}: no split 'test'; it has train\. Choose one with --data-split"):
+            load_records(tmp_path / name, split="test")  # eval's default split: named, not the file's error
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    _jsonl(mixed / "a.jsonl", [{"text": "a"}, {"text": "b"}])
+    _jsonl(mixed / "b.jsonl", ALPACA[:1])
+    with pytest.raises(UsageError, match=r"mixed/b\.jsonl line 1: field \"text\" is missing .* looks like the alpaca"):
+        normalize(load_records(mixed))
+    excel = tmp_path / "excel"
+    excel.mkdir()
+    (excel / "a.csv").write_text("instruction;input;output\nSay hi;;hi\nAdd;2+2;4\n")
+    assert [r.fields for r in load_records(excel)] == ALPACA
+
+
+def test_line_ends_a_last_line_without_newline_and_zstd_alone_or_in_a_folder(tmp_path):
+    """Windows line ends (CRLF, a quoted CSV newline kept as written), a BOM and a last line without a newline
+    read as datasets reads them, in a file alone or in a folder; a zstd-compressed text file (which datasets
+    reads only with the zstandard package) is refused naming the file and how to decompress it, in a folder too."""
+    datasets = pytest.importorskip("datasets")
+    folder = tmp_path / "crlf"
+    folder.mkdir()
+    (folder / "a.jsonl").write_bytes(b'\xef\xbb\xbf{"text": "a"}\r\n\r\n{"text": "b"}')
+    (folder / "b.jsonl").write_bytes(b'{"text": "c"}\r\n')
+    (tmp_path / "d.csv").write_bytes(b'instruction,input,output\r\n"two\r\nlines",,x\r\nAdd,2+2,4')
+    for path in (folder / "a.jsonl", folder, tmp_path / "d.csv"):
+        kind = {".jsonl": "json", ".csv": "csv"}.get(path.suffix)
+        theirs = datasets.load_dataset(kind, data_files=str(path), split="train", cache_dir=str(tmp_path / "c")) \
+            if kind else datasets.load_dataset(str(path), split="train", cache_dir=str(tmp_path / "c"))
+        assert [r.fields for r in load_records(path)] == [
+            {k: v if v is not None else "" for k, v in row.items()} for row in theirs.to_list()], path
+    zstd = tmp_path / "z"
+    zstd.mkdir()
+    (zstd / "d.jsonl.zst").write_bytes(b"\x28\xb5\x2f\xfd")  # zstd's magic number
+    for path in (zstd / "d.jsonl.zst", zstd):
+        with pytest.raises(UsageError, match=r"z/d\.jsonl\.zst: unknown data format '\.jsonl\.zst'.* It looks "
+                                             r"compressed \(\.zst\): decompress it first, e\.g\. to d\.jsonl"):
+            load_records(path)
+
+
+@pytest.mark.parametrize("compression", ["gzip", "bz2", "lzma"])
+def test_a_compressed_file_whose_name_does_not_say_so_reads_as_datasets_reads_it(tmp_path, compression):
+    """A gzip, bzip2 or xz file saved as data.jsonl (a download that kept its Content-Encoding) is read by its
+    first bytes, as datasets reads it, its lines named as in the plain file; zstd, which qlora does not read, is
+    named as such, not as text in another encoding. Plain text starting like bzip2's "BZh" stays text."""
+    import bz2
+    import gzip
+    import lzma
+
+    datasets = pytest.importorskip("datasets")
+    module = {"gzip": gzip, "bz2": bz2, "lzma": lzma}[compression]
+    path = tmp_path / "d.jsonl"
+    path.write_bytes(module.compress("".join(json.dumps(r) + "\n" for r in ALPACA).encode()))
+    theirs = datasets.load_dataset("json", data_files=str(path), split="train", cache_dir=str(tmp_path / "c"))
+    records = load_records(path)
+    assert [r.fields for r in records] == theirs.to_list() == ALPACA and records[1].where.endswith("d.jsonl line 2")
+    (tmp_path / "t.txt").write_bytes(module.compress(b"one\ntwo\n"))
+    assert [r.fields for r in load_records(tmp_path / "t.txt")] == [{"text": "one"}, {"text": "two"}]
+    (tmp_path / "bzh.txt").write_text("BZh91AY is how bzip2 starts\n")
+    assert [r.fields["text"] for r in load_records(tmp_path / "bzh.txt")] == ["BZh91AY is how bzip2 starts"]
+    (tmp_path / "z.csv").write_bytes(b"\x28\xb5\x2f\xfd" + bytes(range(128, 160)))
+    with pytest.raises(UsageError, match=r"z\.csv line 1: not UTF-8 text .* It is zstd-compressed data, not text: "
+                                         r"decompress it first \(zstd -d\)"):
+        load_records(tmp_path / "z.csv")

@@ -450,6 +450,43 @@ def test_a_merged_model_is_evaluated_as_its_adapter_was(tmp_path, qwen, capsys):
     assert _eval(capsys, "--model", str(merged), "--data", str(held)) == defaults
 
 
+def test_a_merge_by_the_python_api_carries_the_runs_records_as_qlora_merge_does(tmp_path, qwen, capsys):
+    """qlora.merge + qlora.save_merged of an adapter loaded from its run's folder write what `qlora merge` writes
+    beside the weights (the run's trained tokens, --train-on all --seq-len 40, and its chat format, Llama 3's here,
+    also as the tokenizer's template), so eval of the folder without options equals eval of base + adapter. The
+    caller's tokenizer keeps its own template; a model whose adapter was made in this process, or loaded to train on,
+    carries no record."""
+    model_dir, _ = qwen
+    run, held = _held_out_run(tmp_path, model_dir, capsys, "--quant", "none", "--train-on", "all", "--seq-len", "40",
+                              "--template", "llama-3")
+    adapter = _eval(capsys, "--model", str(model_dir), "--adapter", str(run), "--data", str(held))
+    model, tokenizer = qlora.load_model(model_dir, quant="none", compute_dtype=torch.float32, device="cpu")
+    own = tokenizer.chat_template
+    qlora.load_adapter(model, run)
+    qlora.merge(model)
+    qlora.save_merged(model, tmp_path / "api", tokenizer)
+    assert tokenizer.chat_template == own
+    assert main(["merge", "--model", str(model_dir), "--adapter", str(run), "--output", str(tmp_path / "cli"),
+                 "--dtype", "float32"]) == 0
+    capsys.readouterr()
+    for name in ("trained_tokens.json", "chat_format.json"):
+        assert (tmp_path / "api" / name).read_text() == (tmp_path / "cli" / name).read_text(), name
+    saved = transformers.AutoTokenizer.from_pretrained(tmp_path / "api").chat_template
+    assert saved == ChatFormat.load(run).template != own
+    evaluated = _eval(capsys, "--model", str(tmp_path / "api"), "--data", str(held))
+    assert evaluated["tokens"] == adapter["tokens"]
+    assert evaluated["loss"] == pytest.approx(adapter["loss"], rel=1e-5)
+    qlora.add_lora(model, r=2, alpha=4, dropout=0.0, target_modules="all-linear", verbose=False)
+    qlora.merge(model)
+    qlora.save_merged(model, tmp_path / "fresh", tokenizer)
+    assert not (tmp_path / "fresh" / "trained_tokens.json").exists()
+    model, _ = qlora.load_model(model_dir, quant="none", compute_dtype=torch.float32, device="cpu")
+    qlora.load_adapter(model, run, trainable=True)  # to train on: no longer the run's adapter alone
+    qlora.merge(model)
+    qlora.save_merged(model, tmp_path / "trained-on", tokenizer)
+    assert not (tmp_path / "trained-on" / "trained_tokens.json").exists()
+
+
 def test_a_merge_of_a_4bit_run_and_of_a_run_on_a_merged_model_carries_that_runs_record(tmp_path, qwen, capsys):
     """A run on the default 4-bit base: its merged folder, evaluated without options, measures the tokens base +
     adapter does and a loss close to it (the merged weights quantized again). An adapter trained on that merged
@@ -476,3 +513,32 @@ def test_a_merge_of_a_4bit_run_and_of_a_run_on_a_merged_model_carries_that_runs_
         "tokenization": {"train_on": "assistant", "seq_len": 64}}
     final = _eval(capsys, "--model", str(remerged), "--data", str(held))
     assert final["tokens"] == on_merged["tokens"] and final["loss"] == pytest.approx(on_merged["loss"], rel=1e-5)
+
+
+def test_eval_of_a_merged_folder_defaults_to_its_16bit_weights_which_compute_what_the_run_did(tmp_path, qwen,
+                                                                                                capsys):
+    """A 4-bit run merged in fp32 holds dequant(W) + BA, what base + adapter computed: eval of the folder without
+    --quant loads those weights as they are (saying so) and equals eval of base + adapter, where --quant nf4 (the
+    default before) quantizes them again, a loss only close to it. A folder qlora quantize wrote loads as stored."""
+    model_dir, _ = qwen
+    run, held = _held_out_run(tmp_path, model_dir, capsys, "--train-on", "all", "--seq-len", "40")
+    adapter = _eval_as_trained(capsys, "--model", str(model_dir), "--adapter", str(run), "--data", str(held))
+    assert adapter["loss"] == pytest.approx(_run_eval_loss(run), rel=1e-6)
+    merged = tmp_path / "merged"
+    assert main(["merge", "--model", str(model_dir), "--adapter", str(run), "--output", str(merged),
+                 "--dtype", "float32"]) == 0
+    capsys.readouterr()
+    assert main(["eval", "--json", "--model", str(merged), "--data", str(held)]) == 0
+    out, err = capsys.readouterr()
+    evaluated = json.loads(out)
+    assert "evaluating its 16-bit weights" in err
+    assert evaluated["tokens"] == adapter["tokens"]
+    assert evaluated["loss"] == pytest.approx(adapter["loss"], rel=1e-5)
+    requantized = _eval_as_trained(capsys, "--model", str(merged), "--data", str(held), "--quant", "nf4")
+    assert requantized["loss"] != pytest.approx(adapter["loss"], rel=1e-5)
+    assert requantized["loss"] == pytest.approx(adapter["loss"], rel=5e-2)
+    assert main(["quantize", "--model", str(merged), "--output", str(tmp_path / "q4")]) == 0
+    capsys.readouterr()
+    assert main(["eval", "--json", "--model", str(tmp_path / "q4"), "--data", str(held)]) == 0
+    out, err = capsys.readouterr()
+    assert json.loads(out)["loss"] == pytest.approx(requantized["loss"], rel=1e-3) and "16-bit" not in err

@@ -91,6 +91,11 @@ def _quant_as_trained(args: argparse.Namespace, command: str) -> None:
         listing = "; ".join(f"{d}: {_describe(b)}" for d, b in recorded)
         print(f"qlora {command}: warning: the adapters were trained on differently quantized bases ({listing}); "
               f"loading the first one's", file=sys.stderr)
+    if args.quant is None and not dirs and command == "eval" and _merged_run(args.model):
+        args.quant = "none"
+        print(f"qlora eval: {args.model} is a merged fine-tune (it carries its run's trained_tokens.json): "
+              "evaluating its 16-bit weights, which compute what the run's base + adapter did; --quant nf4 loads "
+              "it in 4 bits (a quarter of the memory, a loss close to the run's, not equal)", file=sys.stderr)
     if args.quant is None:
         args.quant = trained["quant"] if trained else ("nf4" if dirs or command != "export" else "none")
     elif trained is not None and args.quant != trained["quant"]:
@@ -99,6 +104,23 @@ def _quant_as_trained(args: argparse.Namespace, command: str) -> None:
     same = trained is not None and trained["quant"] == args.quant
     for key, default in _DEFAULT.items():
         setattr(args, key, trained.get(key, default) if same else default)
+
+
+def _merged_run(model: str) -> bool:
+    """Whether ``model`` is a folder qlora merged an adapter into (``qlora merge``, ``qlora.save_merged``): its
+    16-bit weights are the run's 4-bit base with the adapter folded in, so loading them as they are computes what
+    the run computed, while quantizing them again adds a second rounding. Not a folder ``qlora quantize`` wrote
+    (its config names its 4-bit format, which loading follows)."""
+    import json
+
+    from ..model.trained_tokens import MODEL_FILE
+
+    config = Path(model, "config.json")
+    try:
+        stored = "quantization_config" in json.loads(config.read_text(encoding="utf-8"))
+    except (OSError, ValueError):  # loading names a missing or damaged config.json
+        return False
+    return Path(model, MODEL_FILE).is_file() and not stored
 
 
 def _describe(base: dict[str, Any]) -> str:

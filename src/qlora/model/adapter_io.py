@@ -25,6 +25,7 @@ from ..atomic import atomic_dir
 from ..errors import UsageError
 from ..nn import LoraEmbedding, LoraLinear, SavedModules
 from .adapter_base import BASE_KEY, base_quantization, read_json_object
+from .adapter_sources import note_loaded
 from .adapter_tensors import PEFT_PREFIX, copy_adapter_tensor, lora_key
 from .adalora import AdaLoraConfig
 from .adalora_io import adalora_peft_config, adalora_state_dict, attach_adalora
@@ -390,6 +391,8 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path, adapter_name: str = 
     if config.get("peft_type") == "ADALORA":
         attach_adalora(model, config, paths, save_paths, tensors, adapter_name, trainable, str(adapter_dir))
         _load_whole(model, whole, trainable, adapter_dir)
+        if not trainable:  # training goes on here: what it computes is no longer the folder run's alone
+            note_loaded(model, adapter_name, adapter_dir)
         return model
     init = _residual_init(adapter_dir, config, model, paths)
     add_lora(model, r=int(config["r"]), alpha=float(config["lora_alpha"]), dropout=float(config.get("lora_dropout") or 0.0),
@@ -438,6 +441,8 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path, adapter_name: str = 
         load_copies(model, whole, adapter_name, adapter_dir)
     else:
         _load_whole(model, whole, trainable, adapter_dir)
+    if not trainable:  # training goes on here: what it computes is no longer the folder run's alone
+        note_loaded(model, adapter_name, adapter_dir)
     return model
 
 

@@ -27,10 +27,22 @@ def carry_inference_files(model_dir: str | Path, out: str | Path, chat_format: C
     """Copy :data:`PROCESSOR_FILES` that the base folder ``model_dir`` has and ``out`` lacks, and save
     ``chat_format`` (unless None), ``bounds`` and ``tokenization`` (unless empty; as
     :func:`~qlora.model.trained_tokens.trained_tokenization` reads it) into ``out``."""
+    copy_processor_files(model_dir, out)
+    save_records(out, chat_format, bounds, tokenization)
+
+
+def copy_processor_files(model_dir: str | Path, out: str | Path) -> None:
+    """Copy :data:`PROCESSOR_FILES` that the base folder ``model_dir`` has and ``out`` lacks."""
     for name in PROCESSOR_FILES:
         source, target = Path(model_dir, name), Path(out, name)
         if source.is_file() and not target.exists():
             shutil.copyfile(source, target)
+
+
+def save_records(out: str | Path, chat_format: ChatFormat | None, bounds: PixelBounds,
+                 tokenization: dict[str, Any]) -> None:
+    """Save what the run recorded: ``chat_format`` (unless None), ``bounds`` and ``tokenization`` (unless empty;
+    as :func:`~qlora.model.trained_tokens.trained_tokenization` reads it) into ``out``."""
     if chat_format is not None:
         chat_format.save(out)
     bounds.save(out)

@@ -20,10 +20,15 @@ from ..errors import UsageError
 from ..float_dtype import float_dtype
 from ..nn import AdaLoraLinear, Experts4bit, ExpertsLora, Linear4bit, LoraEmbedding, LoraLinear
 from ..shard_size import DEFAULT_BYTES
+from .adapter_sources import merged_folder, note_merged
+from .chat_format import ChatFormat
+from .image_pixels import PixelBounds
+from .inference_files import save_records
 from .inject import adapter_configs
 from .quantize import replace_modules
 from .saved_copies import unwrap_saved_modules
 from .tied_tables import shares_table, untie_config
+from .trained_tokens import trained_tokenization
 
 
 def _dense(weight: torch.Tensor, bias: torch.Tensor | None, conv1d: bool, dtype: torch.dtype) -> nn.Module:
@@ -180,6 +185,7 @@ def merge(model: nn.Module, into: str = "dequantized", dtype: torch.dtype | str 
     dtype = None if dtype is None else float_dtype(dtype, "dtype")
 
     _refuse_unmergeable(model)
+    note_merged(model, _merging(model))
     _unwrap_copies(model)
     untie = shares_table(model) and not tied_embeddings(model)
     experts = [p for p, m in model.named_modules() if isinstance(m, (Experts4bit, ExpertsLora))]
@@ -226,6 +232,19 @@ def merge(model: nn.Module, into: str = "dequantized", dtype: torch.dtype | str 
     return model
 
 
+def _merging(model: nn.Module) -> list[str]:
+    """The adapters a merge folds in: the active ones not merged yet, of every layer."""
+    names: dict[str, None] = {}
+    for module in model.modules():
+        if isinstance(module, (LoraLinear, LoraEmbedding)):
+            names.update(dict.fromkeys(module.unmerged_active))
+        elif isinstance(module, ExpertsLora):
+            names.update(dict.fromkeys(module.active))
+        elif isinstance(module, AdaLoraLinear):
+            names[module.adapter_name] = None
+    return list(names)
+
+
 def _merge_experts(module: ExpertsLora, into: str, dtype: torch.dtype | None) -> nn.Module:
     """The experts module with its active expert adapters folded in: transformers' dense module
     (``dequantized``), or the 4-bit one quantized again from the merged weights (``requantized``)."""
@@ -263,15 +282,31 @@ def _shard_bar(shown: bool) -> Iterator[None]:
 
 def save_merged(model: nn.Module, out_dir: str | Path, tokenizer=None, max_shard_bytes: int = DEFAULT_BYTES) -> Path:
     """Write a merged (dense) model as a standard transformers safetensors checkpoint, in files of at most
-    ``max_shard_bytes`` (a larger tensor alone in one) listed by ``model.safetensors.index.json``."""
+    ``max_shard_bytes`` (a larger tensor alone in one) listed by ``model.safetensors.index.json``.
+
+    Where the adapter merged last was loaded from a folder (:func:`qlora.load_adapter`), what its run recorded
+    there goes in too, as ``qlora merge`` writes it: its chat format (also as the tokenizer's template), image
+    pixel bounds and the tokens its loss was measured on (``trained_tokens.json``), which qlora's generate, chat,
+    eval and serve follow."""
     if any(isinstance(m, (Linear4bit, Experts4bit, ExpertsLora, LoraLinear, LoraEmbedding, AdaLoraLinear))
            for m in model.modules()):
         raise UsageError("save_merged needs a dense model: call qlora.merge(model) first")
+    source = merged_folder(model)
+    # read (and checked) before anything is written
+    trained = ChatFormat.load(source) if source is not None else None
+    bounds, tokenization = PixelBounds.load(source), trained_tokenization(source) if source is not None else {}
     config = model.config
     if hasattr(config, "quantization_config"):
         del config.quantization_config
     with atomic_dir(out_dir) as tmp, _shard_bar(sum(t.nbytes for t in model.state_dict().values()) >= 1 << 30):
         model.save_pretrained(tmp, safe_serialization=True, max_shard_size=max_shard_bytes)
         if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
+            own = tokenizer.chat_template
+            if trained is not None:  # other tools loading the merged folder see the same format
+                tokenizer.chat_template = trained.template
+            try:
+                tokenizer.save_pretrained(tmp)
+            finally:
+                tokenizer.chat_template = own
+        save_records(tmp, trained, bounds, tokenization)
     return Path(out_dir)

@@ -59,7 +59,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "prompt-completion rows, as TRL's SFT trains; default: as the adapter or merged "
                              f"model was trained, else {TRAIN_DEFAULTS['train_on']})")
     parser.add_argument("--quant", default=None, choices=("nf4", "fp4", "none"),
-                        help="base data type (default: the format the adapter was trained on, else nf4)")
+                        help="base data type (default: the format the adapter was trained on; none for a folder "
+                             "qlora merged, whose 16-bit weights compute what its run did; else nf4)")
     parser.add_argument("--seq-len", type=number(int, Range(2)), default=None,
                         help="truncate examples to this many tokens, as qlora train's --seq-len (default: as the "
                              f"adapter or merged model was trained, else {TRAIN_DEFAULTS['seq_len']})")

@@ -45,7 +45,7 @@ def run(args: argparse.Namespace) -> int:
     from ...model.chat_format import ChatFormat
     from ...model.image_pixels import PixelBounds
     from ...model.merge import merge, save_merged
-    from ...model.inference_files import carry_inference_files
+    from ...model.inference_files import copy_processor_files
     from ...model.trained_tokens import trained_tokenization
 
     from ...output_folder import check_output, staged_output
@@ -56,22 +56,21 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError("qlora merge needs --adapter DIR (or --model DIR of the adapter, whose adapter_config.json "
                          "names the base model).")
     check_output(args.output, overwrite=args.overwrite, inputs={"--model": args.model, "--adapter": args.adapter})
-    bounds = PixelBounds.load(args.adapter)  # checked before the (slow) model load
-    # the adapter's run's, not the base folder's (a merged model's record is of the run merged into it before)
-    tokenization = trained_tokenization(args.adapter)
+    # the adapter's records, which save_merged carries, checked before the (slow) model load
+    ChatFormat.load(args.adapter)
+    PixelBounds.load(args.adapter)
+    trained_tokenization(args.adapter)
     dtype = getattr(torch, args.dtype)
     model, tokenizer = load_model(args.model, **load_kwargs(args), compute_dtype=dtype, device="cpu")
     tokenizer = adapter_tokenizer(args.adapter, tokenizer)
     load_adapter(model, args.adapter, keep_base=False)
     merge(model, into="dequantized", dtype=dtype)
     model.to(dtype)
-    trained = ChatFormat.load(args.adapter)
-    if trained is not None:
-        tokenizer.chat_template = trained.template  # other tools loading the merged folder see the same format
     with staged_output(args.output, "merge", replace=True) as stage:
+        # with the adapter's run's chat format, image pixel bounds and trained tokens (a merged base's record is of
+        # the run merged into it before): qlora generate/chat/eval/serve prompt the merged model and show it images
+        # as the adapter's run did, and eval measures the tokens it did
         save_merged(model, stage, tokenizer, max_shard_bytes=args.max_shard_size)
-        # a vision-language model takes images still; qlora generate/chat/eval/serve prompt the merged model and
-        # show it images as the adapter's run did, and eval measures the tokens it did
-        carry_inference_files(resolve_model_dir(args.model), stage, trained, bounds, tokenization)
+        copy_processor_files(resolve_model_dir(args.model), stage)  # a vision-language model takes images still
     print(f"merged {args.adapter} into {args.model} ({args.dtype}): {args.output}")
     return 0

@@ -5,8 +5,9 @@ bad record anywhere later in the pipeline can be reported precisely: a user
 with a 50,000-line file needs the line number, not a stack trace.
 
 Text formats (.jsonl, .json, .csv, .txt) are read here line by line, which is
-what lets an error name the line; columnar data (.parquet, .arrow, folders
-written by ``Dataset.save_to_disk``, folders of data files) and hub names go
+what lets an error name the line, and so is each file of a folder of data files
+(``datasets`` picks the split's files); folders written by
+``Dataset.save_to_disk``, folders of other formats (images) and hub names go
 through the `datasets` library, the data layer users already know.
 """
 
@@ -27,12 +28,16 @@ from typing import Any, Iterable
 
 from qlora.errors import UsageError
 from qlora.train.data.class_labels import label_names, schema_features, with_label_names
-from qlora.train.data.csv_separator import header_separator
+from qlora.train.data.csv_separator import SAMPLE_LINES, header_separator
 from qlora.train.data.unique_keys import DuplicateKey, duplicate_line, loads_unique
 
 LOCAL_SUFFIXES = (".jsonl", ".json", ".csv", ".tsv", ".parquet", ".arrow", ".txt")
 # Compressed text files (data.jsonl.gz, data.csv.xz) are read through these, as datasets reads them.
 _COMPRESSED = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}
+# ... and by their first bytes where the name does not say (a gzip file saved as data.jsonl, which datasets reads)
+_MAGIC = {b"\x1f\x8b": gzip.open, b"\xfd7zXZ\x00": lzma.open,
+          **{b"BZh%d1AY&SY" % level: bz2.open for level in range(1, 10)}}  # bzip2's header, then its first block's
+_ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 _TEXT_SUFFIXES = (".jsonl", ".json", ".csv", ".tsv", ".txt")
 # GPT-2's end-of-text token, written between the documents of plain-text corpora (TinyStoriesV2's .txt files,
 # OpenWebText dumps): such a file's records are its documents, not its lines.
@@ -75,30 +80,9 @@ def load_records(source: str | Path, split: str = "train", subset: str | None = 
     """
     path = Path(source).expanduser()
     if path.is_file():
-        readers = {".jsonl": _read_jsonl, ".json": _read_json, ".csv": _read_csv, ".tsv": _read_tsv,
-                   ".parquet": _read_parquet, ".arrow": _read_arrow, ".txt": _read_text}
-        reader = _read_text if as_text else readers.get(_format_suffix(path))
-        if reader is None:
-            raise UsageError(
-                f"{path}: unknown data format {''.join(path.suffixes[-2:]) or '(no suffix)'!r}. Give a file ending "
-                f"in {', '.join(LOCAL_SUFFIXES)} (text ones also compressed: .gz, .bz2, .xz), a folder written by "
-                f"save_to_disk, or a hub dataset name.{_decompress_hint(path)}"
-            )
-        if text_lines and reader is _read_text:
-            reader = _read_lines
-        try:
-            records = reader(path)
-        except (OSError, EOFError) as exc:  # a damaged compressed file (a bad gzip header, a cut stream)
-            if path.suffix.lower() not in _COMPRESSED:
-                raise
-            raise UsageError(f"{path}: cannot be decompressed ({type(exc).__name__}: {exc}). Download or copy it "
-                             "again.") from None
-        except UnicodeDecodeError as exc:
-            raw = _read_bytes(path)
-            raise UsageError(f"{path} line {_line_of_byte(raw)}: not UTF-8 text ({exc.reason} at byte "
-                             f"{exc.object[exc.start]:#04x}). {_save_as_utf8(raw)}") from None
+        records = _read_file(path, text_lines, as_text)
     elif path.is_dir():
-        records = _read_folder(path, split, subset)
+        records = _read_folder(path, split, subset, text_lines, as_text)
     elif _format_suffix(path) in LOCAL_SUFFIXES or path.exists() or str(source).startswith((".", "/", "~")):
         raise UsageError(f"{path}: data file not found (or not a regular file). Check the path given (--data or "
                          "--eval-data).")
@@ -109,6 +93,33 @@ def load_records(source: str | Path, split: str = "train", subset: str | None = 
     if path.exists():
         folder = str(path if path.is_dir() else path.parent)
         records = [replace(r, folder=folder) for r in records]
+    return records
+
+
+def _read_file(path: Path, text_lines: bool = False, as_text: bool = False) -> list[Record]:
+    """The records of one local data file, read by qlora itself (each names its file and line, item or row)."""
+    readers = {".jsonl": _read_jsonl, ".json": _read_json, ".csv": _read_csv, ".tsv": _read_tsv,
+               ".parquet": _read_parquet, ".arrow": _read_arrow, ".txt": _read_text}
+    reader = _read_text if as_text else readers.get(_format_suffix(path))
+    if reader is None:
+        raise UsageError(
+            f"{path}: unknown data format {''.join(path.suffixes[-2:]) or '(no suffix)'!r}. Give a file ending "
+            f"in {', '.join(LOCAL_SUFFIXES)} (text ones also compressed: .gz, .bz2, .xz), a folder written by "
+            f"save_to_disk, or a hub dataset name.{_decompress_hint(path)}"
+        )
+    if text_lines and reader is _read_text:
+        reader = _read_lines
+    try:
+        records = reader(path)
+    except (OSError, EOFError) as exc:  # a damaged compressed file (a bad gzip header, a cut stream)
+        if _opener(path) is None:
+            raise
+        raise UsageError(f"{path}: cannot be decompressed ({type(exc).__name__}: {exc}). Download or copy it "
+                         "again.") from None
+    except UnicodeDecodeError as exc:
+        raw = _read_bytes(path)
+        raise UsageError(f"{path} line {_line_of_byte(raw)}: not UTF-8 text ({exc.reason} at byte "
+                         f"{exc.object[exc.start]:#04x}). {_save_as_utf8(raw)}") from None
     return records
 
 
@@ -130,14 +141,25 @@ def _format_suffix(path: Path) -> str:
 def _open_text(path: Path, newline: str | None = None):
     """``path`` as UTF-8 text, decompressed if its name says so; a byte-order mark (Windows editors,
     Excel) is not data."""
-    opener = _COMPRESSED.get(path.suffix.lower())
+    opener = _opener(path)
     if opener is None:
         return path.open(encoding="utf-8-sig", newline=newline)
     return opener(path, "rt", encoding="utf-8-sig", newline=newline)
 
 
-def _read_bytes(path: Path) -> bytes:
+def _opener(path: Path):
+    """The decompressing ``open`` of a compressed text file, by its suffix or else its first bytes; None for
+    plain text."""
     opener = _COMPRESSED.get(path.suffix.lower())
+    if opener is not None:
+        return opener
+    with path.open("rb") as f:
+        head = f.read(10)
+    return next((opener for magic, opener in _MAGIC.items() if head.startswith(magic)), None)
+
+
+def _read_bytes(path: Path) -> bytes:
+    opener = _opener(path)
     if opener is None:
         return path.read_bytes()
     with opener(path, "rb") as f:
@@ -157,6 +179,8 @@ def _line_of_byte(raw: bytes) -> int:
 def _save_as_utf8(raw: bytes) -> str:
     """How to convert a file that is not UTF-8: from UTF-16 or UTF-32 where its byte-order mark says so (what
     Windows PowerShell and Excel's "Unicode text" write), else from a legacy one-byte encoding."""
+    if raw.startswith(_ZSTD_MAGIC):
+        return "It is zstd-compressed data, not text: decompress it first (zstd -d)."
     for mark, encoding in ((codecs.BOM_UTF32_LE, "utf-32"), (codecs.BOM_UTF32_BE, "utf-32"),
                            (codecs.BOM_UTF16_LE, "utf-16"), (codecs.BOM_UTF16_BE, "utf-16")):
         if raw.startswith(mark):
@@ -209,8 +233,16 @@ def _read_json(path: Path) -> list[Record]:
         line_no = text[:len(text) - len(text.lstrip())].count("\n") + 1
         return [Record(_one_row(value, path), f"{path} line {line_no}")]
     if not isinstance(value, list):
-        raise UsageError(f'{path}: a .json dataset must be a list of objects, {{"data": [...]}} or one object (one '
-                         f"row), not a {type(value).__name__}.")
+        raise UsageError(f'{path}: a .json dataset must be a list of objects or of strings (texts), {{"data": [...]}} '
+                         f"or one object (one row), not a {type(value).__name__}.")
+    if value and all(isinstance(item, str) for item in value):  # datasets' json loader: a "text" column
+        return [Record({"text": item}, f"{path} item {i}") for i, item in enumerate(value)]
+    if any(isinstance(item, str) for item in value):  # datasets reads a mixed list as one Json column
+        texts = isinstance(value[0], str)
+        i = next(i for i, item in enumerate(value) if isinstance(item, str) != texts)
+        raise UsageError(f"{path} item {i}: {'not ' * texts}a string, unlike item 0. A .json list holds rows "
+                         "(objects) or plain texts (strings, each read as a \"text\" row), not both: write the "
+                         "texts as {\"text\": ...} objects.")
     return [Record(_as_object(item, f"{path} item {i}"), f"{path} item {i}") for i, item in enumerate(value)]
 
 
@@ -245,14 +277,14 @@ def _read_csv(path: Path, delimiter: str = ",") -> list[Record]:
     """Rows under the header's names; a row shorter than the header has nulls in its last columns (as pandas and
     ``datasets`` read it), while a row with more filled cells than the header, or a header naming a column twice,
     is refused: a text would otherwise be silently cut at an unquoted comma or lost under a repeated name. The
-    separator is the suffix's unless the header shows another (:mod:`csv_separator`: Excel's ``;``)."""
+    separator is the suffix's unless the first lines show another (:mod:`csv_separator`: Excel's ``;``)."""
     with _open_text(path, newline="") as f:
-        first = f.readline()
-        found = header_separator(path, first, delimiter)
+        sample = list(itertools.islice(f, SAMPLE_LINES))
+        found = header_separator(path, sample, delimiter, complete=len(sample) < SAMPLE_LINES)
         if found != delimiter:
             print(f"qlora: {path} has {found!r} between cells, not {delimiter!r}: reading it so.", file=sys.stderr)
             delimiter = found
-        reader = csv.reader(itertools.chain([first], f), delimiter=delimiter)
+        reader = csv.reader(itertools.chain(sample, f), delimiter=delimiter)
         header = next(reader, None)
         if header is None:
             return []
@@ -368,8 +400,13 @@ def _read_arrow(path: Path) -> list[Record]:
     return _rows(table.to_pylist(), str(path), schema_features(table.schema))
 
 
-def _read_folder(path: Path, split: str, subset: str | None) -> list[Record]:
-    """A ``save_to_disk`` folder (a Dataset or a DatasetDict), else a folder of data files."""
+def _read_folder(path: Path, split: str, subset: str | None, text_lines: bool = False,
+                 as_text: bool = False) -> list[Record]:
+    """A ``save_to_disk`` folder (a Dataset or a DatasetDict), else a folder of data files: the split's files as
+    ``datasets`` picks them (by their names, or a README's ``configs``), each read as qlora reads that file alone
+    (its bad line, repeated key or odd row named by file and line, which ``datasets`` reports as "An error occurred
+    while generating the dataset"), unless one is of a format qlora does not read (images, say): then the folder
+    is read by ``datasets``."""
     import datasets
 
     if (path / "dataset_dict.json").is_file() or (path / "state.json").is_file():
@@ -382,7 +419,16 @@ def _read_folder(path: Path, split: str, subset: str | None) -> list[Record]:
             return _rows(data, f"{path}[{split}]")
         return _rows(data, str(path))
     try:
+        files = {str(name): found for name, found in (datasets.load_dataset_builder(str(path), subset).config
+                                                      .data_files or {}).items()}
+        ours = [Path(f) for f in _pick_split(files, split, str(path))]
+        # a text file compressed other than by gzip, bz2, xz (zstd, lz4) is refused by _read_file, saying what to do
+        if ours and all(p.is_file() and (as_text or _format_suffix(p) in LOCAL_SUFFIXES or _decompress_hint(p))
+                        for p in ours):
+            return [r for p in ours for r in _read_file(p, text_lines, as_text)]
         data = datasets.load_dataset(str(path), subset, split=split)
+    except UsageError:  # a file's own error, named by its line
+        raise
     except ValueError as exc:  # unknown split or subset: datasets' message lists the existing ones
         raise UsageError(f"{path}: {exc} (--data-split, --data-subset)") from None
     except Exception as exc:  # no data files, mixed formats, unreadable files
