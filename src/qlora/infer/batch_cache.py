@@ -30,7 +30,8 @@ def new_cache() -> DynamicCache:
 def declared_problem(config) -> str | None:
     """Why the cache ``config``'s model declares (the layers transformers' ``DynamicCache`` builds for it) cannot
     be re-batched, or None: from transformers 5.24 on Mamba and hybrid models keep their state in such layers and
-    fail when given a plain cache, so the probe forward of :func:`cache_problem` cannot ask them."""
+    fail when given a plain cache, so the probe forward of :func:`cache_problem` cannot ask them; asked only when
+    that forward failed (Gemma 3n's placeholder layers, say, fill a plain cache and batch)."""
     try:
         layers = DynamicCache(config=config).layers
     except Exception:  # noqa: BLE001 - a config transformers builds no cache for: the probe forward tells
