@@ -60,6 +60,9 @@ from qlora.train.data.thinking_mode import final_reasoning_in_thinking_mode, thi
 
 IGNORE_INDEX = -100
 IMAGES_TOO_LONG = "images that do not fit --seq-len"  # why a row with images is skipped: truncation never cuts an image
+# why a preference pair or KTO example is skipped: its prompt takes all of --seq-len, so no answer token is left to
+# score (TRL keeps such rows, and its length-normalized losses, CPO's, SimPO's and ORPO's, turn NaN on them)
+PROMPT_FILLS_SEQ_LEN = "a prompt that fills --seq-len, leaving no answer token"
 TRAIN_ON = ("assistant", "all", "completion")
 _SHOWN = 5
 
@@ -148,9 +151,11 @@ class DataReport:
         counts = "; ".join(f"{len(where)} with {reason} (first: {', '.join(where[:_SHOWN])})"
                            for reason, where in skipped.items())
         fixes = [f"give {what} with answers (check --format and --data-fields if the answers are in another column)"
-                 ] if set(skipped) - {IMAGES_TOO_LONG} else []
+                 ] if set(skipped) - {IMAGES_TOO_LONG, PROMPT_FILLS_SEQ_LEN} else []
         if IMAGES_TOO_LONG in skipped:
             fixes.append("raise --seq-len so that their images fit (or bound them with --image-max-pixels)")
+        if PROMPT_FILLS_SEQ_LEN in skipped:
+            fixes.append("raise --seq-len or shorten the prompts")
         return NothingToTrain(rows, what, counts, "; ".join(fixes))
 
 
