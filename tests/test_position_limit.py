@@ -150,6 +150,36 @@ def test_generation_stops_at_the_learned_positions_and_a_prompt_filling_them_is_
         next(stream_tokens(model, torch.arange(24)[None] % 100, SamplingOptions(max_new_tokens=5)))
 
 
+@pytest.mark.parametrize("arch, config", [
+    ("gpt2", dict(n_positions=24, n_embd=32, n_layer=1, n_head=2)),
+    ("roberta", dict(SMALL, max_position_embeddings=24, is_decoder=True, pad_token_id=1)),
+    ("prophetnet", dict(PROPHETNET, max_position_embeddings=24)),
+    ("llama", dict(SMALL, max_position_embeddings=24)),
+])
+def test_position_room_walks_the_model_once_and_answers_as_a_fresh_walk(arch, config, monkeypatch):
+    """position_room runs at every generation (each chat turn, each served request): the model's modules are
+    walked at the first, and every answer is the one a fresh learned_position_limit gives."""
+    from qlora.errors import UsageError
+    from qlora.model.position_limit import position_room
+
+    model = transformers.AutoModelForCausalLM.from_config(transformers.AutoConfig.for_model(
+        arch, vocab_size=100, bos_token_id=1, eos_token_id=2, **config)).eval()
+    walks = []
+    named_modules = model.named_modules
+    monkeypatch.setattr(model, "named_modules", lambda *a, **k: walks.append(1) or named_modules(*a, **k))
+    limit = learned_position_limit(model)
+    one_walk, walks[:] = len(walks), []  # named_buffers walks the modules too
+    for prompt in (1, 5, 20, 30):
+        for wanted in (1, 3, 100):
+            if limit is not None and prompt >= limit:
+                with pytest.raises(UsageError, match=f"position embeddings for {limit} tokens"):
+                    position_room(model, prompt, wanted)
+            else:
+                assert position_room(model, prompt, wanted) == (wanted if limit is None
+                                                                else min(wanted, limit - prompt))
+    assert len(walks) == one_walk
+
+
 def test_prophetnet_generation_stops_where_its_forward_would_fail():
     """ProphetNet's generation under transformers runs one token further than a forward over prompt and reply
     can go (its cached step looks up the next row): qlora stops with prompt and reply a forward's length, as for

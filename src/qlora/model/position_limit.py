@@ -13,6 +13,7 @@ row is no position of its own: an input as long as the table less one is an ``In
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Iterable
 from typing import Any
 
@@ -25,6 +26,9 @@ _TOWERS = ("vision", "visual", "image", "audio")
 # Models whose forward builds a position bias of a config-given length anew each call, leaving no module to find:
 # model type -> that config key. MPT's ALiBi bias has ``max_seq_len`` columns; a longer input is a shape error.
 _BIAS_LENGTH_KEYS = {"mpt": "max_seq_len"}
+# A loaded model's limit, computed at its first generation and kept while the model lives: it is fixed by the
+# model's config and modules, and a walk over them at every request is waste.
+_LIMITS: "weakref.WeakKeyDictionary[nn.Module, int | None]" = weakref.WeakKeyDictionary()
 # Models whose forward also looks up rows past each position: model type -> how many. ProphetNet's predicting streams
 # embed position + 1 (its main stream clamps to the table, the streams do not).
 _LOOKAHEAD_ROWS = {"prophetnet": 1}
@@ -108,12 +112,15 @@ def check_positions(model: nn.Module, longest: int, model_name: str, option: str
 
 def position_room(model: nn.Module, prompt_length: int, wanted: int) -> int:
     """How many of ``wanted`` new tokens follow a prompt of ``prompt_length`` within the model's learned position
-    table (prompt and reply within it, as vLLM's context length counts them); ``wanted`` without a table.
+    table (prompt and reply within it, as vLLM's context length counts them); ``wanted`` without a table. The
+    table is looked for once per model (the first call), not at every generation.
 
     Raises:
         UsageError: the prompt alone fills the table.
     """
-    limit = learned_position_limit(model)
+    if model not in _LIMITS:
+        _LIMITS[model] = learned_position_limit(model)
+    limit = _LIMITS[model]
     if limit is None:
         return wanted
     if prompt_length >= limit:
