@@ -116,10 +116,15 @@ def test_a_missing_path_names_a_close_one_and_a_hub_id_goes_to_the_loader(tmp_pa
     (tmp_path / "tiny-model").mkdir()
     out = _probe(["generate", "--model", "./tiny-modle", "--prompt", "hi"], tmp_path)
     assert out["code"] == 2 and f"did you mean {tmp_path / 'tiny-model'}?" in out["err"], out["err"]
-    # org/name may be a hub id: not refused as a path, the loader looks for it (offline: in the cache)
-    out = _probe(["generate", "--model", "org/no-such-model", "--prompt", "hi"], tmp_path)
-    assert out["code"] == 2 and "does not exist" not in out["err"], out["err"]
-    assert "org/no-such-model is not a local path and not in the Hugging Face cache" in out["err"], out["err"]
+    # org/name may be a hub id: not refused as a path, the loader looks for it (offline: in the cache) and its
+    # refusal names the option, as the startup checks do
+    (tmp_path / "d.jsonl").write_text('{"text": "hi"}\n')
+    for command, rest in (("generate", ["--prompt", "hi"]), ("train", ["--data", "d.jsonl", "--output", "o"]),
+                          ("eval", ["--data", "d.jsonl"]), ("quantize", ["--output", "q"])):
+        out = _probe([command, "--model", "org/no-such-model", *rest], tmp_path)
+        assert out["code"] == 2 and "does not exist" not in out["err"], out["err"]
+        assert ("--model org/no-such-model is not a local path and not in the Hugging Face cache" in out["err"]
+                and "Traceback" not in out["err"]), out["err"]
 
 
 def test_a_missing_model_named_in_the_yaml_file_is_refused_before_the_imports(tmp_path):
@@ -176,7 +181,8 @@ def test_a_missing_adapter_is_refused_before_the_imports(command, tmp_path):
     named = command in ("generate", "chat", "serve")  # these take repeated --adapter [NAME=]DIR
     for adapter, words in ((("sql=" if named else "") + "./my-adaptr", f"did you mean {tmp_path / 'my-adapter'}?"),
                            ("./my-adapter", "./my-adapter is not an adapter folder: adapter_config.json is missing"),
-                           ("./model/config.json", "is a file; give the adapter's folder")):
+                           ("./model/config.json", "is a file; give the adapter's folder"),
+                           ("org/x", "if org/x is a hub id, download it first (hf download org/x --local-dir DIR)")):
         argv = [command, "--model", "./model", "--adapter", adapter, *TAKES_AN_ADAPTER[command]]
         out = _probe(argv, tmp_path)
         assert out["code"] == 2 and f"--adapter {adapter}: " in out["err"] and words in out["err"], out["err"]
@@ -185,8 +191,8 @@ def test_a_missing_adapter_is_refused_before_the_imports(command, tmp_path):
 
 
 def test_an_adapter_named_like_a_hub_id_is_said_to_be_read_from_local_folders_only(tmp_path, monkeypatch):
-    """qlora downloads models, not adapters: a name that is no folder here is named with how to download it (said
-    by the loader, as a model's hub id is left to it, so the command's other options are checked first)."""
+    """qlora downloads models, not adapters: a name that is no folder here is named with how to download it (refused
+    with the --adapter option at startup, unlike a model's hub id, which is left to the loader)."""
     from qlora.model.local_path import adapter_folder_problem
 
     monkeypatch.chdir(tmp_path)

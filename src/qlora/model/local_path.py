@@ -56,9 +56,9 @@ def check_model_path(name: str, option: str = "--model", adapter_ok: bool = True
 
 
 def check_adapter_path(item: str, option: str = "--adapter") -> None:
-    """Refuse ``[NAME=]DIR`` with no folder after ``NAME=``, a DIR that is there and holds no adapter, or one that
-    can only be a local path and is not there; a plain name that is not there is left to the loader, which says so
-    (as a model's hub id is left to it).
+    """Refuse ``[NAME=]DIR`` with no folder after ``NAME=``, or a DIR that holds no adapter or is not there: a name
+    shaped like a hub id too, since qlora reads adapters from local folders only (unlike a model's hub id, which is
+    left to the loader), and a loader's refusal, read after the model, could not name the option.
 
     Raises:
         UsageError: naming the option, the folder as given and as resolved, and what to give instead.
@@ -66,8 +66,6 @@ def check_adapter_path(item: str, option: str = "--adapter") -> None:
     folder = item.rpartition("=")[2]
     if not folder:
         raise UsageError(f"{option} {item}: no folder after the name; give {option} NAME=DIR or {option} DIR")
-    if not Path(folder).expanduser().exists() and not looks_like_path(folder):
-        return
     problem = adapter_folder_problem(folder)
     if problem:
         raise UsageError(f"{option} {item}: {problem}")
