@@ -181,8 +181,7 @@ def test_a_missing_adapter_is_refused_before_the_imports(command, tmp_path):
     named = command in ("generate", "chat", "serve")  # these take repeated --adapter [NAME=]DIR
     for adapter, words in ((("sql=" if named else "") + "./my-adaptr", f"did you mean {tmp_path / 'my-adapter'}?"),
                            ("./my-adapter", "./my-adapter is not an adapter folder: adapter_config.json is missing"),
-                           ("./model/config.json", "is a file; give the adapter's folder"),
-                           ("org/x", "if org/x is a hub id, download it first (hf download org/x --local-dir DIR)")):
+                           ("./model/config.json", "is a file; give the adapter's folder")):
         argv = [command, "--model", "./model", "--adapter", adapter, *TAKES_AN_ADAPTER[command]]
         out = _probe(argv, tmp_path)
         assert out["code"] == 2 and f"--adapter {adapter}: " in out["err"] and words in out["err"], out["err"]
@@ -190,9 +189,22 @@ def test_a_missing_adapter_is_refused_before_the_imports(command, tmp_path):
         assert out["heavy"] == [], f"qlora {' '.join(argv)} imported {out['heavy']}"
 
 
+@pytest.mark.parametrize("command", sorted(TAKES_AN_ADAPTER))
+def test_an_adapter_named_like_a_hub_id_is_refused_naming_the_option_before_the_model_loads(command, tmp_path):
+    """After the command's other options (a hub id may be a typo of theirs), before the model's load: the folder
+    holds a config.json and no weights, so a load would have been refused for those instead."""
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "config.json").write_text("{}")
+    (tmp_path / "d.jsonl").write_text('{"text": "hi"}\n')
+    adapter = ("sql=" if command in ("generate", "chat", "serve") else "") + "org/x"
+    out = _probe([command, "--model", "./model", "--adapter", adapter, *TAKES_AN_ADAPTER[command]], tmp_path)
+    assert out["code"] == 2 and f"--adapter {adapter}: " in out["err"], out["err"]
+    assert "if org/x is a hub id, download it first (hf download org/x --local-dir DIR)" in out["err"], out["err"]
+    assert "Traceback" not in out["err"] and not (tmp_path / "o").exists()
+
+
 def test_an_adapter_named_like_a_hub_id_is_said_to_be_read_from_local_folders_only(tmp_path, monkeypatch):
-    """qlora downloads models, not adapters: a name that is no folder here is named with how to download it (refused
-    with the --adapter option at startup, unlike a model's hub id, which is left to the loader)."""
+    """qlora downloads models, not adapters: a name that is no folder here is named with how to download it."""
     from qlora.model.local_path import adapter_folder_problem
 
     monkeypatch.chdir(tmp_path)

@@ -178,7 +178,7 @@ def check_paths(args: argparse.Namespace) -> None:
 
     adapters = getattr(args, "adapter", None)
     for item in [adapters] if isinstance(adapters, str) else adapters or []:
-        check_adapter_path(item)
+        check_adapter_path(item, defer_hub_ids=True)  # a hub id's refusal after the other options' (load_kwargs)
     estimate = args.command == "estimate"  # a known shape name, or a config.json file, as well as a model folder
     adapter_ok = args.command != "quantize"  # the others load an adapter folder's base (quantize writes a base)
     for attr, option in (("model", "--model"), ("model_arg", "MODEL")):
