@@ -153,8 +153,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                      "(--batch-size, --seq-len, --rank, --max-batch-size, --numel), use a smaller model, or free "
                      "memory; files already completed were left as they were, nothing half-written was kept.")
         return 1
-    except KeyboardInterrupt:
-        print("qlora: interrupted", file=sys.stderr)
+    except KeyboardInterrupt:  # a rank's word goes to its launcher, which says it once for all of them
+        report_error("qlora: interrupted")
         return 130
     except ValueError as exc:
         model_file = _model_code_that_raised(exc)
