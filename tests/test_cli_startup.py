@@ -116,10 +116,15 @@ def test_a_missing_path_names_a_close_one_and_a_hub_id_goes_to_the_loader(tmp_pa
     (tmp_path / "tiny-model").mkdir()
     out = _probe(["generate", "--model", "./tiny-modle", "--prompt", "hi"], tmp_path)
     assert out["code"] == 2 and f"did you mean {tmp_path / 'tiny-model'}?" in out["err"], out["err"]
-    # org/name may be a hub id: not refused as a path, the loader looks for it (offline: in the cache)
-    out = _probe(["generate", "--model", "org/no-such-model", "--prompt", "hi"], tmp_path)
-    assert out["code"] == 2 and "does not exist" not in out["err"], out["err"]
-    assert "org/no-such-model is not a local path and not in the Hugging Face cache" in out["err"], out["err"]
+    # org/name may be a hub id: not refused as a path, the loader looks for it (offline: in the cache) and its
+    # refusal names the option, as the startup checks do
+    (tmp_path / "d.jsonl").write_text('{"text": "hi"}\n')
+    for command, rest in (("generate", ["--prompt", "hi"]), ("train", ["--data", "d.jsonl", "--output", "o"]),
+                          ("eval", ["--data", "d.jsonl"]), ("quantize", ["--output", "q"])):
+        out = _probe([command, "--model", "org/no-such-model", *rest], tmp_path)
+        assert out["code"] == 2 and "does not exist" not in out["err"], out["err"]
+        assert ("--model org/no-such-model is not a local path and not in the Hugging Face cache" in out["err"]
+                and "Traceback" not in out["err"]), out["err"]
 
 
 def test_a_missing_model_named_in_the_yaml_file_is_refused_before_the_imports(tmp_path):
@@ -184,9 +189,22 @@ def test_a_missing_adapter_is_refused_before_the_imports(command, tmp_path):
         assert out["heavy"] == [], f"qlora {' '.join(argv)} imported {out['heavy']}"
 
 
+@pytest.mark.parametrize("command", sorted(TAKES_AN_ADAPTER))
+def test_an_adapter_named_like_a_hub_id_is_refused_naming_the_option_before_the_model_loads(command, tmp_path):
+    """After the command's other options (a hub id may be a typo of theirs), before the model's load: the folder
+    holds a config.json and no weights, so a load would have been refused for those instead."""
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "config.json").write_text("{}")
+    (tmp_path / "d.jsonl").write_text('{"text": "hi"}\n')
+    adapter = ("sql=" if command in ("generate", "chat", "serve") else "") + "org/x"
+    out = _probe([command, "--model", "./model", "--adapter", adapter, *TAKES_AN_ADAPTER[command]], tmp_path)
+    assert out["code"] == 2 and f"--adapter {adapter}: " in out["err"], out["err"]
+    assert "if org/x is a hub id, download it first (hf download org/x --local-dir DIR)" in out["err"], out["err"]
+    assert "Traceback" not in out["err"] and not (tmp_path / "o").exists()
+
+
 def test_an_adapter_named_like_a_hub_id_is_said_to_be_read_from_local_folders_only(tmp_path, monkeypatch):
-    """qlora downloads models, not adapters: a name that is no folder here is named with how to download it (said
-    by the loader, as a model's hub id is left to it, so the command's other options are checked first)."""
+    """qlora downloads models, not adapters: a name that is no folder here is named with how to download it."""
     from qlora.model.local_path import adapter_folder_problem
 
     monkeypatch.chdir(tmp_path)

@@ -257,9 +257,11 @@ def test_rows_whose_images_do_not_fit_are_refused_with_the_seq_len_to_raise(tmp_
 
     with pytest.raises(UsageError) as error:
         tokenize_dataset(examples, qwen_tokenizer, fmt, seq_len=4, with_images=tokenize)
-    assert str(error.value).startswith(
-        f"1 of the 2 examples have no trainable tokens after tokenization (first: {path} line 2); 1 skipped with "
-        f"images that do not fit --seq-len (first: {path} line 1). Usually --seq-len (4)")
+    assert str(error.value) == (
+        f"all 2 rows of the data have nothing to train: 1 with images that do not fit --seq-len (first: {path} line "
+        f"1); 1 with a prompt that fills --seq-len, leaving no answer token (first: {path} line 2). Such rows are "
+        "skipped; raise --seq-len so that their images fit (or bound them with --image-max-pixels); raise --seq-len "
+        "or shorten the prompts.")
 
 
 def test_eval_rows_that_are_all_skipped_are_refused_as_nothing_to_evaluate(tmp_path, tiny_model_dir, capsys):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from qlora.errors import UsageError
+from qlora.train.data.tokenize import PROMPT_FILLS_SEQ_LEN
 from qlora.model.tiny import train_tokenizer
 from qlora.train.data import (
     IGNORE_INDEX, TEMPLATES, Example, count_trainable_tokens, pad_collate, pad_token_id, resolve_chat_template,
@@ -130,8 +131,10 @@ def test_truncation_is_counted_and_untrainable_examples_reported():
     kept, report = tokenize_dataset(examples, tok, TEMPLATES["chatml"], seq_len=60)
     assert [e.index for e in kept] == [0, 2]
     assert report.truncated == 2 and kept[1].num_trainable == kept[1].labels.count(IGNORE_INDEX) * 0 + \
-        sum(label != IGNORE_INDEX for label in kept[1].labels) and report.untrainable == [1]
-    assert "d.jsonl line 2" in report.summary()
+        sum(label != IGNORE_INDEX for label in kept[1].labels)
+    assert report.empty == {PROMPT_FILLS_SEQ_LEN: ["d.jsonl line 2"]}  # its answer past --seq-len, as a pair's
+    assert "1 skipped with a prompt that fills --seq-len, leaving no answer token (first: d.jsonl line 2)" in \
+        report.summary()
     assert all(len(e.input_ids) <= 60 for e in kept)
     assert kept[1].truncated and kept[1].input_ids[-1] != tok.eos_token_id
 
@@ -139,7 +142,9 @@ def test_truncation_is_counted_and_untrainable_examples_reported():
 def test_every_example_truncated_away_is_an_error():
     tok = tokenizer()
     examples = [Example(chat().messages, None, f"d.jsonl line {i}") for i in (1, 2)]
-    expected = r"all 2 examples have no trainable tokens after tokenization \(first: d\.jsonl line 1, d\.jsonl line 2\)"
+    expected = (r"all 2 rows of the data have nothing to train: 2 with a prompt that fills --seq-len, leaving no answer "
+                r"token \(first: d\.jsonl line 1, d\.jsonl line 2\)\. Such rows are skipped; raise --seq-len or shorten "
+                r"the prompts\.")
     with pytest.raises(UsageError, match=expected):
         tokenize_dataset(examples, tok, TEMPLATES["chatml"], seq_len=8)
 

@@ -18,6 +18,9 @@ TEXT = " ".join(["The quick brown fox jumps over the lazy dog."] * 12)
 
 
 SMALL = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64)
+PROPHETNET = dict(hidden_size=32, encoder_ffn_dim=64, decoder_ffn_dim=64, num_encoder_layers=1, num_decoder_layers=1,
+                  num_encoder_attention_heads=2, num_decoder_attention_heads=2, max_position_embeddings=48, ngram=2,
+                  pad_token_id=0)
 
 
 @pytest.mark.parametrize("arch, config, limit", [
@@ -38,6 +41,9 @@ SMALL = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, interme
     ("reformer", dict(hidden_size=32, num_attention_heads=2, attention_head_size=16, feed_forward_size=64,
                       attn_layers=["local"], is_decoder=True, axial_pos_shape=[6, 8], axial_pos_embds_dim=[16, 16],
                       max_position_embeddings=48, local_attn_chunk_length=8), 48),  # 6 x 8 factored rows
+    # clamps its main stream's positions to its 48 rows (47 past the padding row), but its predicting streams look
+    # up the row after each position: 46
+    ("prophetnet", PROPHETNET, 46),
     ("llama", dict(SMALL, max_position_embeddings=48), None),  # rotary, computed per call
     ("bloom", dict(hidden_size=32, n_layer=1, n_head=2), None),  # ALiBi, built to the input's length
 ])
@@ -142,6 +148,58 @@ def test_generation_stops_at_the_learned_positions_and_a_prompt_filling_them_is_
     assert tokens == expected[0, 6:].tolist()
     with pytest.raises(UsageError, match="prompt is 24 tokens.*position embeddings for 24 tokens"):
         next(stream_tokens(model, torch.arange(24)[None] % 100, SamplingOptions(max_new_tokens=5)))
+
+
+@pytest.mark.parametrize("arch, config", [
+    ("gpt2", dict(n_positions=24, n_embd=32, n_layer=1, n_head=2)),
+    ("roberta", dict(SMALL, max_position_embeddings=24, is_decoder=True, pad_token_id=1)),
+    ("prophetnet", dict(PROPHETNET, max_position_embeddings=24)),
+    ("llama", dict(SMALL, max_position_embeddings=24)),
+])
+def test_position_room_walks_the_model_once_and_answers_as_a_fresh_walk(arch, config, monkeypatch):
+    """position_room runs at every generation (each chat turn, each served request): the model's modules are
+    walked at the first, and every answer is the one a fresh learned_position_limit gives."""
+    from qlora.errors import UsageError
+    from qlora.model.position_limit import position_room
+
+    model = transformers.AutoModelForCausalLM.from_config(transformers.AutoConfig.for_model(
+        arch, vocab_size=100, bos_token_id=1, eos_token_id=2, **config)).eval()
+    walks = []
+    named_modules = model.named_modules
+    monkeypatch.setattr(model, "named_modules", lambda *a, **k: walks.append(1) or named_modules(*a, **k))
+    limit = learned_position_limit(model)
+    one_walk, walks[:] = len(walks), []  # named_buffers walks the modules too
+    for prompt in (1, 5, 20, 30):
+        for wanted in (1, 3, 100):
+            if limit is not None and prompt >= limit:
+                with pytest.raises(UsageError, match=f"position embeddings for {limit} tokens"):
+                    position_room(model, prompt, wanted)
+            else:
+                assert position_room(model, prompt, wanted) == (wanted if limit is None
+                                                                else min(wanted, limit - prompt))
+    assert len(walks) == one_walk
+
+
+def test_prophetnet_generation_stops_where_its_forward_would_fail():
+    """ProphetNet's generation under transformers runs one token further than a forward over prompt and reply
+    can go (its cached step looks up the next row): qlora stops with prompt and reply a forward's length, as for
+    GPT-2, and each token is transformers' greedy one."""
+    from qlora.infer.generate import stream_tokens
+    from qlora.infer.sampling_options import SamplingOptions
+
+    model = transformers.AutoModelForCausalLM.from_config(transformers.AutoConfig.for_model(
+        "prophetnet", vocab_size=100, bos_token_id=1, eos_token_id=2, **dict(PROPHETNET, max_position_embeddings=24))
+    ).eval()
+    prompt = torch.tensor([[5, 6, 7, 8, 9, 10]])
+    tokens = list(stream_tokens(model, prompt, SamplingOptions(temperature=0.0, max_new_tokens=100)))
+    expected = model.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=False,
+                              max_new_tokens=len(tokens), eos_token_id=None, pad_token_id=0)
+    assert tokens == expected[0, 6:].tolist()
+    whole = torch.tensor([[5] * 6 + tokens])
+    with torch.no_grad():
+        model(whole, use_cache=False)
+        with pytest.raises(IndexError):
+            model(torch.cat([whole, whole[:, :1]], 1), use_cache=False)
 
 
 def test_serve_context_is_the_position_table_where_it_is_shorter_than_the_config_says():

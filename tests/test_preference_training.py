@@ -16,6 +16,7 @@ from qlora.errors import UsageError
 from qlora.train.config import load_config
 from qlora.train.data import load_records, resolve_chat_template
 from qlora.train.data.preference import normalize_preferences, preference_collate, tokenize_pairs
+from qlora.train.data.tokenize import PROMPT_FILLS_SEQ_LEN
 from qlora.train.trainer import Trainer
 
 SRC = Path(__file__).resolve().parents[1] / "src"
@@ -239,8 +240,32 @@ def test_truncation_keeps_prompts_and_skips_pairs_without_answers(tiny_tokenizer
     examples = [PreferenceExample("Say hello.", " Hello there, how are you today?", " no", "row 0"),
                 PreferenceExample(long_prompt, " yes", " no", "row 1")]
     pairs, report = tokenize_pairs(examples, tiny_tokenizer, "", seq_len=12)
-    assert [p.index for p in pairs] == [0] and report.untrainable_where == ["row 1"] and report.truncated == 2
-    assert len(pairs[0].prompt_ids + pairs[0].chosen_ids) == 12
+    assert [p.index for p in pairs] == [0] and report.empty == {PROMPT_FILLS_SEQ_LEN: ["row 1"]}
+    assert report.truncated == 2 and len(pairs[0].prompt_ids + pairs[0].chosen_ids) == 12
+
+
+@pytest.mark.parametrize("method", ["dpo", "cpo", "orpo", "simpo", "kto"])
+def test_pairs_whose_prompt_fills_seq_len_are_counted_in_the_run_log_and_all_of_them_refused(
+        tmp_path, tiny_model_dir, tiny_tokenizer, capsys, method):
+    """A prompt of --seq-len tokens leaves no answer token: TRL 1.16 trains such a pair (its CPO, SimPO and ORPO
+    losses turn NaN, an average over no token); qlora skips it, says how many and why in the data line, and refuses
+    a dataset that is all such pairs, naming the option to change."""
+    long_prompt = "The quick brown fox jumps over the lazy dog. " * 6
+    assert len(tiny_tokenizer(long_prompt)["input_ids"]) > 16
+    rows = [{"prompt": long_prompt, "chosen": " yes", "rejected": " no"}] + ROWS[:3]
+    args = ["train", "--quant", "none", "--model", str(tiny_model_dir), "--method", method, "--seq-len", "16",
+            "--max-steps", "1", "--batch-size", "2", "--optim", "adamw", "--no-progress"]
+    out = tmp_path / "run"
+    assert main(args + ["--data", str(_write(tmp_path / "d.jsonl", rows)), "--output", str(out)]) == 0
+    log = "".join(capsys.readouterr())
+    skipped = 2 if method == "kto" else 1  # KTO trains each answer of a pair as an example of its own
+    assert f"{skipped} skipped with a prompt that fills --seq-len, leaving no answer token" in log
+    assert f"(first: {tmp_path / 'd.jsonl'} line 1" in log
+    all_long = _write(tmp_path / "long.jsonl", [rows[0], {**rows[0], "chosen": " sure"}])
+    assert main(args + ["--data", str(all_long), "--output", str(tmp_path / "none")]) == 2
+    err = capsys.readouterr().err
+    assert "prompt that fills --seq-len" in err and "raise --seq-len or shorten the prompts" in err
+    assert "Traceback" not in err and not (tmp_path / "none").exists()
 
 
 def _run(argv, capsys):

@@ -90,7 +90,7 @@ def unreachable_error(name: str, what: str, hint: str, cache_checked: bool = Fal
     """The error for a ``what`` (model, dataset) named ``name`` that is neither local, cached nor downloadable.
 
     Args:
-        name: the name the user gave.
+        name: the name the user gave, after the option that gave it where there is one (``--model org/x``).
         what: ``"model"`` or ``"dataset"``.
         hint: what to pass instead, e.g. ``"a local model folder"``.
         cache_checked: the local Hugging Face cache was already looked in.

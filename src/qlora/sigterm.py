@@ -1,5 +1,6 @@
-"""SIGTERM as Ctrl-C, for a command run as a service (``qlora serve`` under systemd or ``docker stop``): it stops
-cleanly, with its clean-up, at any point, the model's load included.
+"""SIGTERM as Ctrl-C, for a command run as a service (``qlora serve`` under systemd or ``docker stop``) or as a job
+(``qlora train`` under SLURM or Kubernetes, whose stop is a SIGTERM): it stops cleanly, with its clean-up, at any
+point, the model's load included; a training loop's own handler turns either into a checkpoint first.
 
 Imports nothing heavy: ``qlora.cli.main`` sets it up before a command's first import of torch.
 """

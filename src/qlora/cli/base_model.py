@@ -36,7 +36,7 @@ def adapter_names(args: argparse.Namespace) -> dict[str, str]:
 
     names: dict[str, str] = {}
     for item in args.adapter:
-        check_adapter_path(item)  # checked by qlora.cli.main too; args may come from elsewhere
+        check_adapter_path(item, defer_hub_ids=True)  # as qlora.cli.main does: args may come from elsewhere
         name, _, path = item.rpartition("=")
         if name and adapter_name_problem(name):
             raise UsageError(f"--adapter {item}: {name!r} cannot name an adapter: {adapter_name_problem(name)}; "
@@ -60,9 +60,15 @@ def adapter_dirs(args: argparse.Namespace) -> list[str]:
 
 def load_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     """``quant``/``blocksize``/``double_quant`` for :func:`qlora.model.load.load_model` (resolved here
-    when ``args`` did not come through :func:`qlora.cli.main.main`)."""
+    when ``args`` did not come through :func:`qlora.cli.main.main`); the adapters are checked once more, a name
+    shaped like a hub id too, now that the command's other options were."""
+    from ..model.local_path import check_adapter_path
+
     if not hasattr(args, "blocksize"):
         resolve_base(args, getattr(args, "command", None) or "generate")
+    adapters = getattr(args, "adapter", None)
+    for item in [adapters] if isinstance(adapters, str) else adapters or []:
+        check_adapter_path(item)
     return {"quant": None if args.quant == "none" else args.quant, "blocksize": args.blocksize,
             "double_quant": args.double_quant}
 

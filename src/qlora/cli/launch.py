@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
 import tempfile
 from pathlib import Path
@@ -36,8 +37,7 @@ def launch(nproc: int, argv: list[str], command: str) -> int:
         except ChildFailedError as exc:
             return _report(exc, Path(errors), command)
         except SignalException as exc:  # Ctrl-C or a kill reached the launcher: the ranks were stopped with it
-            print(f"qlora {command}: interrupted ({exc.sigval.name})", file=sys.stderr)
-            return 128 + int(exc.sigval)
+            return _interrupted(exc.sigval, Path(errors), command)
         finally:
             os.environ.pop(_ERRORS, None)
             os.environ.pop(_LAUNCHER, None)
@@ -55,7 +55,6 @@ def follow_launcher() -> None:
     if not sys.platform.startswith("linux"):
         return
     import ctypes
-    import signal
 
     try:
         libc = ctypes.CDLL(None, use_errno=True)
@@ -67,10 +66,23 @@ def follow_launcher() -> None:
         os.kill(os.getpid(), signal.SIGTERM)
 
 
+def _said(errors: Path) -> list[str]:
+    """The ranks' messages, each distinct one once, in rank order."""
+    said = sorted(errors.glob("rank-*.txt"), key=lambda p: int(p.stem.split("-")[1]))
+    return list(dict.fromkeys(p.read_text() for p in said))
+
+
+def _interrupted(signum, errors: Path, command: str) -> int:
+    """The ranks' own word when a signal stopped them (training's step and checkpoint), else the signal's name;
+    Ctrl-C's status 130 for SIGTERM too (a job scheduler's stop), 128 + the signal for the others."""
+    messages = _said(errors)
+    print("".join(messages) or f"qlora {command}: interrupted ({signum.name})\n", end="", file=sys.stderr)
+    return 130 if signum in (signal.SIGINT, signal.SIGTERM) else 128 + int(signum)
+
+
 def _report(exc, errors: Path, command: str) -> int:
     rank, failure = exc.get_first_failure()
-    said = sorted(errors.glob("rank-*.txt"), key=lambda p: int(p.stem.split("-")[1]))
-    messages = list(dict.fromkeys(p.read_text() for p in said))  # each distinct message once, in rank order
+    messages = _said(errors)
     for message in messages:
         print(message, end="", file=sys.stderr)
     code = failure.exitcode

@@ -154,8 +154,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                      "(--batch-size, --seq-len, --rank, --max-batch-size, --numel), use a smaller model, or free "
                      "memory; files already completed were left as they were, nothing half-written was kept.")
         return 1
-    except KeyboardInterrupt:
-        print("qlora: interrupted", file=sys.stderr)
+    except KeyboardInterrupt:  # a rank's word goes to its launcher, which says it once for all of them
+        report_error("qlora: interrupted")
         return 130
     except ValueError as exc:
         model_file = _model_code_that_raised(exc)
@@ -187,7 +187,7 @@ def check_paths(args: argparse.Namespace) -> None:
 
     adapters = getattr(args, "adapter", None)
     for item in [adapters] if isinstance(adapters, str) else adapters or []:
-        check_adapter_path(item)
+        check_adapter_path(item, defer_hub_ids=True)  # a hub id's refusal after the other options' (load_kwargs)
     estimate = args.command == "estimate"  # a known shape name, or a config.json file, as well as a model folder
     adapter_ok = args.command != "quantize"  # the others load an adapter folder's base (quantize writes a base)
     for attr, option in (("model", "--model"), ("model_arg", "MODEL")):

@@ -56,16 +56,17 @@ _HUB_SMALL_FILES = ["*.json", "*.model", "*.txt", "*.jinja", "*.tiktoken"]
 
 
 def resolve_model_dir(name_or_path: str | Path) -> Path:
-    """A local folder, or a hub id: downloaded when a hub is reachable, else from the local cache."""
+    """A local folder, or a hub id: downloaded when a hub is reachable, else from the local cache. Refusals name
+    ``--model``, the option every command gives it with."""
     path = Path(name_or_path).expanduser()
     if path.is_dir():
         if not (path / "config.json").is_file():
-            raise UsageError(f"{path} has no config.json: point --model at a transformers model folder "
-                             "(one written by save_pretrained).")
+            raise UsageError(f"--model {name_or_path}: {path} has no config.json; point --model at a transformers "
+                             "model folder (one written by save_pretrained).")
         return path
     if path.exists() or looks_like_path(str(name_or_path)):
-        raise UsageError(f"model path {name_or_path} does not exist or is not a folder; give a local model folder "
-                         "or a hub id such as meta-llama/Meta-Llama-3-8B.")
+        raise UsageError(f"--model {name_or_path}: the model path does not exist or is not a folder; give a local "
+                         "model folder or a hub id such as meta-llama/Meta-Llama-3-8B.")
     from huggingface_hub import snapshot_download
 
     from .. import hub
@@ -85,9 +86,9 @@ def resolve_model_dir(name_or_path: str | Path) -> Path:
         return folder
     except Exception as exc:  # network and hub errors come in many types
         if cache_only:
-            raise hub.unreachable_error(str(name_or_path), "model", "a local model folder (one written by "
+            raise hub.unreachable_error(f"--model {name_or_path}", "model", "a local model folder (one written by "
                                         "save_pretrained)", cache_checked=True) from None
-        raise UsageError(f"{name_or_path} is not a local folder and could not be fetched from the model hub "
+        raise UsageError(f"--model {name_or_path}: not a local folder, and it could not be fetched from the model hub "
                          f"({type(exc).__name__}: {exc}). Check the name, log in with `hf auth login` for gated "
                          "models, or download it elsewhere and pass the folder.") from None
 

@@ -55,10 +55,11 @@ def check_model_path(name: str, option: str = "--model", adapter_ok: bool = True
                      "a hub id such as meta-llama/Meta-Llama-3-8B.")
 
 
-def check_adapter_path(item: str, option: str = "--adapter") -> None:
-    """Refuse ``[NAME=]DIR`` with no folder after ``NAME=``, a DIR that is there and holds no adapter, or one that
-    can only be a local path and is not there; a plain name that is not there is left to the loader, which says so
-    (as a model's hub id is left to it).
+def check_adapter_path(item: str, option: str = "--adapter", defer_hub_ids: bool = False) -> None:
+    """Refuse ``[NAME=]DIR`` with no folder after ``NAME=``, or a DIR that holds no adapter or is not there, a name
+    shaped like a hub id too: qlora reads adapters from local folders only, and a loader's refusal would not name the
+    option. ``defer_hub_ids`` lets such a name through a startup check, so that the command's other options are
+    named first; the command checks it again (without) right before its load.
 
     Raises:
         UsageError: naming the option, the folder as given and as resolved, and what to give instead.
@@ -66,7 +67,7 @@ def check_adapter_path(item: str, option: str = "--adapter") -> None:
     folder = item.rpartition("=")[2]
     if not folder:
         raise UsageError(f"{option} {item}: no folder after the name; give {option} NAME=DIR or {option} DIR")
-    if not Path(folder).expanduser().exists() and not looks_like_path(folder):
+    if defer_hub_ids and not Path(folder).expanduser().exists() and not looks_like_path(folder):
         return
     problem = adapter_folder_problem(folder)
     if problem:

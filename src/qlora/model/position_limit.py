@@ -5,12 +5,15 @@ decoders) look each position up in a table of ``n_positions`` rows, and a few pr
 that many rows (CTRL's ``pos_encoding``, GPT-J's and CodeGen's rotary ``embed_positions``): a longer input is an
 ``IndexError`` deep inside the forward, not an error a user can act on. Rotary models that compute their angles per
 call and ALiBi models that build their bias to the input's length have no such table (past their trained length they
-degrade, they do not fail); MPT builds its ALiBi bias to ``max_seq_len`` and fails past it.
+degrade, they do not fail); MPT builds its ALiBi bias to ``max_seq_len`` and fails past it. ProphetNet clamps its
+main stream's positions to its table, but its predicting streams look up the row after each position, so its last
+row is no position of its own: an input as long as the table less one is an ``IndexError`` there.
 """
 
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Iterable
 from typing import Any
 
@@ -23,6 +26,12 @@ _TOWERS = ("vision", "visual", "image", "audio")
 # Models whose forward builds a position bias of a config-given length anew each call, leaving no module to find:
 # model type -> that config key. MPT's ALiBi bias has ``max_seq_len`` columns; a longer input is a shape error.
 _BIAS_LENGTH_KEYS = {"mpt": "max_seq_len"}
+# A loaded model's limit, computed at its first generation and kept while the model lives: it is fixed by the
+# model's config and modules, and a walk over them at every request is waste.
+_LIMITS: "weakref.WeakKeyDictionary[nn.Module, int | None]" = weakref.WeakKeyDictionary()
+# Models whose forward also looks up rows past each position: model type -> how many. ProphetNet's predicting streams
+# embed position + 1 (its main stream clamps to the table, the streams do not).
+_LOOKAHEAD_ROWS = {"prophetnet": 1}
 
 
 def learned_position_limit(model: nn.Module) -> int | None:
@@ -38,12 +47,19 @@ def learned_position_limit(model: nn.Module) -> int | None:
     ``cos_cached`` of remote-code models) grow when a longer input comes. A vision or audio tower's patch positions
     are its own, not the text's, and a table as long as a vocabulary is a token table (Gemma's per-layer token
     embeddings have 262144 rows, as long as some contexts). MPT leaves no module to find: its forward builds an
-    ALiBi bias of ``max_seq_len`` positions, named by model type for want of a structural sign."""
+    ALiBi bias of ``max_seq_len`` positions, named by model type for want of a structural sign; so is ProphetNet,
+    whose predicting streams take the row after each position (one position fewer than its table covers)."""
     config = getattr(model, "config", None)
     if config is None:
         return None
     if hasattr(config, "get_text_config"):
         config = config.get_text_config()
+    rows = _table_rows(model, config)
+    return None if rows is None else rows - _LOOKAHEAD_ROWS.get(getattr(config, "model_type", None), 0)
+
+
+def _table_rows(model: nn.Module, config: Any) -> int | None:
+    """Positions the model's table (or MPT's bias) has rows for, each looked up once, or None."""
     bias_length = getattr(config, _BIAS_LENGTH_KEYS.get(getattr(config, "model_type", None), ""), None)
     if isinstance(bias_length, int):
         return bias_length
@@ -96,12 +112,15 @@ def check_positions(model: nn.Module, longest: int, model_name: str, option: str
 
 def position_room(model: nn.Module, prompt_length: int, wanted: int) -> int:
     """How many of ``wanted`` new tokens follow a prompt of ``prompt_length`` within the model's learned position
-    table (prompt and reply within it, as vLLM's context length counts them); ``wanted`` without a table.
+    table (prompt and reply within it, as vLLM's context length counts them); ``wanted`` without a table. The
+    table is looked for once per model (the first call), not at every generation.
 
     Raises:
         UsageError: the prompt alone fills the table.
     """
-    limit = learned_position_limit(model)
+    if model not in _LIMITS:
+        _LIMITS[model] = learned_position_limit(model)
+    limit = _LIMITS[model]
     if limit is None:
         return wanted
     if prompt_length >= limit:

@@ -394,7 +394,7 @@ class TrainConfig:
         for name in ("rank_pattern", "alpha_pattern"):
             parse_pattern(name, getattr(self, name))  # checked before the model loads
         if self.adapter:
-            check_adapter_path(self.adapter)  # before the imports reading it starts with
+            check_adapter_path(self.adapter)  # named by its option, where _validate_adapter would read it
             self._validate_adapter()
         if self.adalora and (self.rank_pattern or self.alpha_pattern or self.lora_bias):
             raise UsageError("--rank-pattern, --alpha-pattern and --lora-bias are LoRA options; --adalora sets "

@@ -14,6 +14,9 @@ from dataclasses import fields
 
 NAME = "train"
 HELP = "QLoRA-fine-tune a model on a dataset (YAML config and/or flags)"
+# a job scheduler's stop (SLURM, Kubernetes) is a SIGTERM: it stops a run as Ctrl-C does, its load and final save
+# included (between steps the trainer's own handler saves a checkpoint first)
+STOPPED_BY_SIGTERM = True
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -91,8 +94,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         losses = trainer.run()
     except Interrupted as exc:
-        if trainer.dist.is_main:  # every rank stopped at the same step
-            print(f"qlora train: {exc}")
+        if trainer.dist.is_main:  # every rank stopped at the same step; under --nproc the launcher says it
+            report_error(f"qlora train: {exc}")
         return 130
     except RankLost as exc:  # the environment, not the input (a rank killed): status 1
         report_error(f"qlora train: error: {exc}")

@@ -61,7 +61,8 @@ from qlora.train.data.image_examples import expanded_prompt, image_batch
 from qlora.train.data.images import ImageRef, as_parts, attach_images, has_image_parts, images_in
 from qlora.train.data.pieces import is_written, piece_ids
 from qlora.train.data.sources import Record
-from qlora.train.data.tokenize import IGNORE_INDEX, DataReport, for_template, rendering_kwargs, tokenize_example
+from qlora.train.data.tokenize import (IGNORE_INDEX, PROMPT_FILLS_SEQ_LEN, DataReport, for_template, rendering_kwargs,
+                                      tokenize_example)
 
 FIELDS = ("prompt", "chosen", "rejected")
 Messages = tuple[dict[str, str], ...]
@@ -414,11 +415,11 @@ def refuse_image_tokens(ids: list[int], processor, where: str) -> None:
 def tokenize_pairs(examples: list[PreferenceExample], tokenizer, chat_template: str | ChatFormat,
                    seq_len: int | None = None, stop_ids: Iterable[int] | None = None,
                    processor=None) -> tuple[list[TokenizedPair], DataReport]:
-    """Tokenize every pair (those with images through ``processor``); skip and report those whose answers were
-    truncated away, or whose images do not fit ``seq_len``.
+    """Tokenize every pair (those with images through ``processor``); skip and report (in the run's data line)
+    those whose answers were truncated away (:data:`PROMPT_FILLS_SEQ_LEN`), or whose images do not fit ``seq_len``.
 
     Raises:
-        UsageError: no pair keeps an answer token (the prompts fill ``seq_len``).
+        UsageError: no pair is left, each skipped for the reasons it names.
     """
     if tokenizer.eos_token_id is None:
         raise UsageError("the tokenizer has no EOS token; set eos_token so answers can teach the model to stop.")
@@ -437,20 +438,14 @@ def tokenize_pairs(examples: list[PreferenceExample], tokenizer, chat_template: 
             continue
         report.truncated += pair.truncated
         if not pair.chosen_ids or not pair.rejected_ids:
-            report.untrainable.append(i)
-            report.untrainable_where.append(example.where)
+            report.skip(PROMPT_FILLS_SEQ_LEN, example.where)
         else:
             kept.append(pair)
-    if not kept and report.empty and len(report.identical) + sum(map(len, report.empty.values())) == len(examples):
-        raise report.nothing_to_train(len(examples), "preference pairs")
     if not kept and len(report.identical) == len(examples):
         raise UsageError(f"all {len(examples)} preference pairs have the same chosen and rejected answer (first: "
                          f"{', '.join(report.identical[:5])}): there is no preference to learn.")
     if not kept:
-        raise UsageError(
-            f"all {len(examples)} preference pairs lose their answers to truncation (first: "
-            f"{', '.join(report.untrainable_where[:5])}): the prompts fill --seq-len ({seq_len}). "
-            "Raise --seq-len or shorten the prompts.")
+        raise report.nothing_to_train(len(examples), "preference pairs")
     return kept, report
 
 

@@ -60,6 +60,9 @@ from qlora.train.data.thinking_mode import final_reasoning_in_thinking_mode, thi
 
 IGNORE_INDEX = -100
 IMAGES_TOO_LONG = "images that do not fit --seq-len"  # why a row with images is skipped: truncation never cuts an image
+# why a row, preference pair or KTO example is skipped: its prompt takes all of --seq-len, so no answer token is left
+# to train or score (TRL keeps such pairs, and its length-normalized losses, CPO's, SimPO's and ORPO's, turn NaN)
+PROMPT_FILLS_SEQ_LEN = "a prompt that fills --seq-len, leaving no answer token"
 TRAIN_ON = ("assistant", "all", "completion")
 _SHOWN = 5
 
@@ -148,9 +151,11 @@ class DataReport:
         counts = "; ".join(f"{len(where)} with {reason} (first: {', '.join(where[:_SHOWN])})"
                            for reason, where in skipped.items())
         fixes = [f"give {what} with answers (check --format and --data-fields if the answers are in another column)"
-                 ] if set(skipped) - {IMAGES_TOO_LONG} else []
+                 ] if set(skipped) - {IMAGES_TOO_LONG, PROMPT_FILLS_SEQ_LEN} else []
         if IMAGES_TOO_LONG in skipped:
             fixes.append("raise --seq-len so that their images fit (or bound them with --image-max-pixels)")
+        if PROMPT_FILLS_SEQ_LEN in skipped:
+            fixes.append("raise --seq-len or shorten the prompts")
         return NothingToTrain(rows, what, counts, "; ".join(fixes))
 
 
@@ -262,7 +267,8 @@ def tokenize_dataset(
     stop_ids: Iterable[int] | None = None,
     with_images: Callable[[Example, int], TokenizedExample | str] | None = None,
 ) -> tuple[list[TokenizedExample], DataReport]:
-    """Tokenize every example; drop and report those left with no trainable token.
+    """Tokenize every example; drop and report those left with no trainable token (those whose answers
+    truncation cut away under :data:`PROMPT_FILLS_SEQ_LEN`).
 
     ``with_images(example, index)`` tokenizes a row with images (the model's processor:
     :func:`~qlora.train.data.image_examples.tokenize_image_example`), or says why the row is skipped; when
@@ -300,7 +306,10 @@ def tokenize_dataset(
         report.reasoning_hidden += tokenized.reasoning_hidden
         if tokenized.system_dropped:
             report.system_dropped.append(example.where)
-        if tokenized.num_trainable == 0:
+        if tokenized.num_trainable == 0 and tokenized.truncated and not example.images and tokenize_example(
+                example, tokenizer, chat_template, train_on, None, index=i, stop_ids=stops).num_trainable:
+            report.skip(PROMPT_FILLS_SEQ_LEN, example.where)  # its answer lies past --seq-len, as a pair's does
+        elif tokenized.num_trainable == 0:
             report.untrainable.append(i)
             report.untrainable_where.append(example.where)
         else:

@@ -45,7 +45,7 @@ from qlora.train.data.preference import (Messages, PreferenceExample, full_ids, 
                                          missing_prompt_hint, pair_from_row, prompt_ids, prompt_with_images,
                                          refuse_answer_images, refuse_image_tokens, renamed_source, with_system)
 from qlora.train.data.sources import Record
-from qlora.train.data.tokenize import IGNORE_INDEX, DataReport
+from qlora.train.data.tokenize import IGNORE_INDEX, PROMPT_FILLS_SEQ_LEN, DataReport
 
 _ROW_KEYS = ("input_ids", "attention_mask", "labels")
 
@@ -204,20 +204,14 @@ def tokenize_unpaired(examples: list[UnpairedExample], tokenizer, chat_template:
             prompt, completion = prompt[:seq_len], completion[:room]
         report.truncated += truncated
         if not completion:
-            report.untrainable.append(i)
-            report.untrainable_where.append(example.where)
+            report.skip(PROMPT_FILLS_SEQ_LEN, example.where)
         else:
             kept.append(TokenizedUnpaired(prompt, completion, example.desirable, i, whole, truncated, media))
-    if not kept and report.empty and len(report.identical) + sum(map(len, report.empty.values())) == len(examples):
-        raise report.nothing_to_train(len(examples), "KTO examples")
     if not kept and len(report.identical) == len(examples):
         raise UsageError(f"all {len(examples)} KTO examples come from preference pairs whose chosen and rejected "
                          f"answer are the same (first: {', '.join(report.identical[:5])}): nothing to learn.")
     if not kept:
-        raise UsageError(
-            f"all {len(examples)} KTO examples lose their completions to truncation (first: "
-            f"{', '.join(report.untrainable_where[:5])}): the prompts fill --seq-len ({seq_len}). "
-            "Raise --seq-len or shorten the prompts.")
+        raise report.nothing_to_train(len(examples), "KTO examples")
     return kept, report
 
 
