@@ -50,7 +50,7 @@ import torch
 from ..model.inject import adapter_configs
 from ..model.multi_adapter import adapter_rows, delete_adapter
 from .batch_cache import add_row, attention_mask, cache_length, cache_problem, keep_rows, new_cache
-from .generate import SamplingOptions, forward_cached, next_token, step_inputs
+from .generate import SamplingOptions, cache_keyword, forward_cached, next_token, step_inputs
 from .images import media_rows
 from .logprobs import TokenLogprob, chosen_logprob, prompt_logprobs
 from .model_rules import ModelRules, masked
@@ -212,8 +212,11 @@ class ContinuousBatcher:
             for p in prompts:
                 cache = new_cache()
                 with adapter_rows(self.model, [None]):
-                    out = self.model(input_ids=torch.tensor([p], device=self.device), past_key_values=cache,
-                                     use_cache=True)
+                    try:
+                        out = self.model(input_ids=torch.tensor([p], device=self.device),
+                                         **{cache_keyword(self.model): cache}, use_cache=True)
+                    except Exception as exc:  # noqa: BLE001 - transformers 5.24's Mamba reads its state layers from it
+                        return f"its forward cannot fill a plain key/value cache ({type(exc).__name__}: {exc})"
                     problem = cache_problem(cache, out)
                     if problem:
                         return problem
@@ -221,7 +224,7 @@ class ContinuousBatcher:
                     step = copy.deepcopy(cache)
                     alone.append(self.model(input_ids=torch.tensor([[p[-1]]], device=self.device),
                                             position_ids=torch.tensor([[len(p)]], device=self.device),
-                                            past_key_values=step, use_cache=True).logits[0, -1].float())
+                                            **{cache_keyword(self.model): step}, use_cache=True).logits[0, -1].float())
             batch = add_row(add_row(None, caches[0]), caches[1])
             with adapter_rows(self.model, [None, None]):
                 logits = self._batch_step([p[-1] for p in prompts], [len(p) for p in prompts],
@@ -364,7 +367,7 @@ class ContinuousBatcher:
                 out, cache = forward_cached(self.model, ids, {}, 0, media)
             else:  # with images: positions left to the model, as stream_tokens' prefill leaves them
                 cache = new_cache()
-                out = self.model(input_ids=ids, past_key_values=cache, use_cache=True, **(media or {}))
+                out = self.model(input_ids=ids, **{cache_keyword(self.model): cache}, use_cache=True, **(media or {}))
         problem = None if self.unbatchable else cache_problem(cache, out)
         if problem:
             raise RuntimeError(f"this request's cache cannot join the batch: {problem}")
@@ -416,7 +419,7 @@ class ContinuousBatcher:
         mask = attention_mask(cache_length(cache) + 1, [n + 1 for n in lengths], self.device)
         return self.model(input_ids=torch.tensor([[t] for t in last], device=self.device), attention_mask=mask,
                           position_ids=torch.tensor([[n] for n in lengths], device=self.device),
-                          past_key_values=cache, use_cache=True)
+                          **{cache_keyword(self.model): cache}, use_cache=True)
 
     def _decode(self) -> None:
         """One token for every row, in one forward pass."""

@@ -28,8 +28,17 @@ from .model_rules import ModelRules
 from .penalties import Penalties
 from .sampling_options import SamplingOptions
 
-# Where a forward returns its cache, by model family, as transformers' generate looks for it.
-CACHE_NAMES = ("past_key_values", "cache_params", "state")  # default; Mamba in transformers 4.x; RWKV
+# Where a forward returns its cache, by model family, as transformers' generate looks for it: ``cache`` (transformers
+# 5.24 on: past_key_values and Mamba's cache_params are then deprecated names, and Mamba's forward drops the first
+# unread into its **kwargs), past_key_values, Mamba's cache_params in transformers 4.x, RWKV's state.
+CACHE_NAMES = ("cache", "past_key_values", "cache_params", "state")
+
+
+def cache_keyword(model) -> str:
+    """The keyword ``model``'s forward takes its key/value or recurrent cache under: ``cache`` where it has one
+    (transformers 5.24 on), else ``past_key_values``."""
+    return "cache" if "cache" in _forward_params(getattr(model.forward, "__func__", model.forward)) \
+        else "past_key_values"
 
 
 def next_token(logits: torch.Tensor, options: SamplingOptions, generator: torch.Generator | None,
@@ -130,11 +139,12 @@ def forward_cached(model, ids: torch.Tensor, cache: dict, seen: int, media: dict
     if "cache_position" in params and seen and "cache_position" not in cache:
         positions["cache_position"] = steps
     out = model(input_ids=ids, use_cache=True, **cache, **positions, **(media or {}))
-    returned = _cache_of(out, length)
-    if returned or cache or "past_key_values" not in params:
+    returned = _cache_of(out, length, params)
+    keyword = cache_keyword(model)
+    if returned or cache or keyword not in params:
         return out, returned or cache
-    own = model.prepare_inputs_for_generation(ids, use_cache=True, cache_position=steps).get("past_key_values")
-    cache = {"past_key_values": own if own is not None else DynamicCache(config=model.config)}  # the prefill again
+    own = model.prepare_inputs_for_generation(ids, use_cache=True, cache_position=steps).get(keyword)
+    cache = {keyword: own if own is not None else DynamicCache(config=model.config)}  # the prefill again
     return model(input_ids=ids, use_cache=True, **cache, **positions, **(media or {})), cache
 
 
@@ -259,14 +269,20 @@ def _forward_params(forward) -> frozenset[str]:
     return frozenset(inspect.signature(forward).parameters)
 
 
-def _cache_of(out, seen: int) -> dict:
-    """The model's cache as the keywords its forward takes back after ``seen`` tokens: ``past_key_values``,
-    Mamba's ``cache_params`` with the next position (transformers 4.x requires it) or RWKV's ``state``,
-    as transformers' ``generate`` passes them. Without them the next step would decode without context."""
+def _cache_of(out, seen: int, params: frozenset[str]) -> dict:
+    """The model's cache as the keywords its forward (taking ``params``) takes back after ``seen`` tokens: ``cache``
+    where the forward takes that, else ``past_key_values``, Mamba's ``cache_params`` with the next position
+    (transformers 4.x requires it), or RWKV's ``state``, as transformers' ``generate`` passes them. Without them
+    the next step would decode without context."""
     name = next((n for n in CACHE_NAMES if getattr(out, n, None) is not None), None)
+    if name is None:
+        return {}
+    value = getattr(out, name)
+    if name != "state":
+        name = "cache" if "cache" in params else "past_key_values" if name == "cache" else name
     if name == "cache_params":
-        return {"cache_params": out.cache_params, "cache_position": torch.tensor([seen], device=out.logits.device)}
-    return {name: getattr(out, name)} if name else {}
+        return {"cache_params": value, "cache_position": torch.tensor([seen], device=out.logits.device)}
+    return {name: value}
 
 
 def encode_prompt(model, tokenizer, prompt: str, chat: bool = False) -> torch.Tensor:
