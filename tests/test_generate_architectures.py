@@ -48,6 +48,7 @@ ARCHS = {
                          kv_lora_rank=32, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16,
                          first_k_dense_replace=1, n_group=1, topk_group=1), False),
     "mamba": (dict(state_size=8), False),
+    "falcon_mamba": (dict(state_size=8), False),  # RMS norms on B, C and dt; its cache keyword is `cache` in 5.24
     "rwkv": (dict(attention_hidden_size=64, context_length=256), False),
     "lfm2": (dict(layer_types=["conv", "full_attention"]), False),
     "recurrent_gemma": (dict(block_types=["recurrent", "attention"], lru_width=64, attention_window_size=4), False),
