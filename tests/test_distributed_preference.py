@@ -18,9 +18,11 @@ nothing, while rank 0 trains the one unit: ``aot``'s gather then spans shares of
 estimate is rank 0's row alone.
 
 Dropout is 0 so that every run computes the same function. Tolerances: losses, metrics and gradient norms to
-rtol 1e-5 / atol 1e-6 (float summation order differs between one 4-row and two 2-row batches), adapter weights
-to rtol 1e-4 / atol 1e-4 (after 4 Adam steps at lr 2e-2, whose normalized updates magnify float noise in
-near-zero gradients to a few 1e-5).
+rtol 1e-5 / atol 1e-6 (float summation order differs between one 4-row and two 2-row batches), KTO's ``kl`` to
+atol 3e-6 (a mean of differences of sequence log-probs: its noise is theirs, not relative to the small ``kl``;
+measured 1.9e-6 at ``kto-short-precompute-ref``'s fourth step with MKL's AVX-512 kernels, within the former 1e-6
+with its AVX2 ones), adapter weights to rtol 1e-4 / atol 1e-4 (after 4 Adam steps at lr 2e-2, whose normalized
+updates magnify float noise in near-zero gradients to a few 1e-5).
 """
 
 from __future__ import annotations
@@ -104,7 +106,8 @@ def test_two_ranks_equal_one_process_with_the_global_batch(runs, case):
     for key in keys:
         torch.testing.assert_close(torch.tensor([r[key] for r in got if key in r], dtype=torch.float64),
                                    torch.tensor([r[key] for r in want if key in r], dtype=torch.float64),
-                                   rtol=1e-5, atol=1e-6, msg=lambda m, key=key: f"{case} {key}: {m}")
+                                   rtol=1e-5, atol=3e-6 if key == "kl" else 1e-6,
+                                   msg=lambda m, key=key: f"{case} {key}: {m}")
     a, b = load_file(str(ddp / "adapter_model.safetensors")), load_file(str(single / "adapter_model.safetensors"))
     assert a.keys() == b.keys()
     for key in a:

@@ -212,11 +212,16 @@ def test_preference_run_equals_trl(tmp_path, tiny_model_dir, case):
     assert (tmp_path / "run" / "reference" / "logps.safetensors").is_file() == bool(ours.get("precompute_ref"))
     every = opts.get("logging_steps", 1)  # a record holds the means over the steps since the last one, as TRL's
     assert [t["step"] for t in callback.logs] == list(range(every, total_steps + 1, every))
+    # LD-DPO with WPO's weights and the forward KL magnifies step 1's float noise (a few 1e-7 of the loss: qlora's
+    # layers and TRL's PEFT ones run matrix products of other shapes) about 50-fold by step 6: measured 1.1e-5 of
+    # the loss with MKL's AVX-512 kernels (2.3e-6 at step 4 with MKL_ENABLE_INSTRUCTIONS=AVX2); the other cases
+    # stay within 2e-6
+    loss_rel = 2e-5 if case == "dpo-ld-wpo-forward-kl" else 1e-5
     for their in callback.logs:
         step = their["step"]
         own = train[step]
         assert own["lr"] == pytest.approx(their["learning_rate"], rel=1e-9, abs=1e-15), step
-        assert own["loss"] == pytest.approx(their["loss"], rel=1e-5, abs=1e-7), step
+        assert own["loss"] == pytest.approx(their["loss"], rel=loss_rel, abs=1e-7), step
         assert own["grad_norm"] == pytest.approx(their["grad_norm"], rel=1e-4), step
         for key in (extra if rows is UNBALANCED else DPO_METRICS + extra):
             if key == "rewards/accuracies" and method == "kto":

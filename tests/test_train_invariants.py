@@ -128,8 +128,11 @@ def test_accumulated_packed_rows_equal_one_batch_of_them(tmp_path, tiny_model_di
     grad_norms = [[r["grad_norm"] for r in train_records(out)] for _, out in runs.values()]
     torch.testing.assert_close(torch.tensor(grad_norms[0]), torch.tensor(grad_norms[1]), rtol=1e-5, atol=1e-7)
     a, b = (load_file(str(out / "adapter_model.safetensors")) for _, out in runs.values())
+    # 4 Adam steps at lr 1e-2 normalize near-zero gradients, magnifying their float noise (the two runs' matrix
+    # products have other row counts): with MKL's AVX-512 kernels one of an adapter's 1024 elements differs by
+    # 4.4e-5 (1e-5 passed with its AVX2 kernels; losses and gradient norms still agree to 1e-5)
     for key in a:
-        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=6e-5)
 
 
 def _records(out: Path) -> list[dict]:
