@@ -141,6 +141,33 @@ def test_stream_and_batcher_give_transformers_greedy_tokens(arch, built):
         pytest.skip("transformers 4.x's own generate fails for CPM-Ant: its forward needs the whole ids at every "
                     "step, which only 5.x's prepare_inputs_for_generation passes")
     model, tokenizer = built(arch)
+    _check_greedy(model, tokenizer, arch, ARCHS[arch][1])
+
+
+def test_a_model_counting_its_own_positions_decodes_alone_with_transformers_tokens(tmp_path, tiny_tokenizer):
+    """Kosmos-2.5's embedding layer counts positions from its padding index and the cache length (its
+    prepare_inputs_for_generation drops position ids): ids counted from 0 shifted every position, so qlora's tokens
+    left transformers' (the sweep of 5.24's architectures). It gets none now, and decodes one request at a time."""
+    from transformers import AutoModelForImageTextToText
+
+    if "kosmos-2.5" not in CONFIG_MAPPING_NAMES:
+        pytest.skip("this transformers has no Kosmos-2.5")
+    ids = dict(bos_token_id=tiny_tokenizer.bos_token_id, eos_token_id=tiny_tokenizer.eos_token_id,
+               pad_token_id=tiny_tokenizer.pad_token_id)
+    config = AutoConfig.for_model("kosmos-2.5", text_config=dict(
+        embed_dim=64, layers=2, attention_heads=4, ffn_dim=128, vocab_size=len(tiny_tokenizer), init_std=1.0,
+        max_position_embeddings=256, **ids), vision_config=dict(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, head_dim=16), **ids)
+    torch.manual_seed(0)
+    AutoModelForImageTextToText.from_config(config).save_pretrained(tmp_path)
+    tiny_tokenizer.save_pretrained(tmp_path)
+    model, tokenizer = load_model(tmp_path, quant="nf4", compute_dtype=torch.float32, device="cpu")
+    _check_greedy(model, tokenizer, "kosmos-2.5", batched=False)
+
+
+def _check_greedy(model, tokenizer, arch: str, batched: bool) -> None:
+    """stream_tokens and the batcher (three requests of different lengths) give model.generate's greedy tokens;
+    the batcher re-batches the cache where ``batched``, else decodes one request at a time."""
     stop = tokenizer.eos_token_id
     g = torch.Generator().manual_seed(1)
     prompts = [torch.randint(3, len(tokenizer), (1, n), generator=g) for n in (12, 5, 9)]
@@ -160,7 +187,6 @@ def test_stream_and_batcher_give_transformers_greedy_tokens(arch, built):
 
     tokens, batcher = _batched(model, tokenizer, [(p[0].tolist(), n) for p, n in zip(prompts, news)], stop)
     assert tokens == expected
-    batched = ARCHS[arch][1]
     assert (batcher.unbatchable is None) == batched, batcher.unbatchable
     assert batcher.load()["max_rows_in_step"] == (3 if batched else 1)
 

@@ -50,7 +50,7 @@ import torch
 from ..model.inject import adapter_configs
 from ..model.multi_adapter import adapter_rows, delete_adapter
 from .batch_cache import add_row, attention_mask, cache_length, cache_problem, declared_problem, keep_rows, new_cache
-from .generate import SamplingOptions, cache_keyword, forward_cached, next_token, step_inputs
+from .generate import SamplingOptions, cache_keyword, forward_cached, next_token, step_inputs, takes_positions
 from .images import media_rows
 from .logprobs import TokenLogprob, chosen_logprob, prompt_logprobs
 from .model_rules import ModelRules, masked
@@ -211,6 +211,9 @@ class ContinuousBatcher:
                        "new tokens after a cache"
             if kind != "new":
                 return kind
+            if not takes_positions(self.model):
+                return ("it counts positions from its cache's length itself (its prepare_inputs_for_generation "
+                        "drops position ids), which a left-padded batch shifts")
             caches, alone = [], []
             for p in prompts:
                 cache = new_cache()

@@ -140,7 +140,7 @@ def forward_cached(model, ids: torch.Tensor, cache: dict, seen: int, media: dict
         ids = ids[:, seen:]
     positions = {}
     steps = torch.arange(seen, length, device=ids.device)  # the cache positions of the tokens not yet cached
-    if "position_ids" in params and media is None:
+    if "position_ids" in params and media is None and takes_positions(model):
         positions = {"position_ids": torch.arange(length - ids.shape[1], length, device=ids.device)[None]
                      .expand(ids.shape[0], -1)}
     elif "position_ids" in params and seen and cache:  # a step after a prefill with images
@@ -155,6 +155,25 @@ def forward_cached(model, ids: torch.Tensor, cache: dict, seen: int, media: dict
     own = model.prepare_inputs_for_generation(ids, use_cache=True, cache_position=steps).get(keyword)
     cache = {keyword: own if own is not None else DynamicCache(config=model.config)}  # the prefill again
     return model(input_ids=ids, use_cache=True, **cache, **positions, **(media or {})), cache
+
+
+def takes_positions(model) -> bool:
+    """Whether ``generate`` gives ``model``'s forward position ids: its ``prepare_inputs_for_generation`` keeps those
+    it is given. Kosmos-2.5's drops them: its embedding layer counts positions from the padding index and the cache
+    length itself, so ids counted from 0 shift every position. Asked once per model class."""
+    kind = type(model)
+    if kind not in _POSITIONS:
+        ids = torch.tensor([[1, 2]], device=next(model.parameters()).device)
+        try:
+            inputs = model.prepare_inputs_for_generation(ids, attention_mask=torch.ones_like(ids), use_cache=False,
+                                                         position_ids=torch.arange(2, device=ids.device)[None])
+            _POSITIONS[kind] = not isinstance(inputs, dict) or inputs.get("position_ids") is not None
+        except Exception:  # noqa: BLE001 - a preparation that wants more than ids: positions given, as before
+            _POSITIONS[kind] = True
+    return _POSITIONS[kind]
+
+
+_POSITIONS: dict[type, bool] = {}  # model class -> whether generate gives its forward position ids
 
 
 def _generation_positions(model, ids: torch.Tensor, cache: dict, steps: torch.Tensor) -> dict:
