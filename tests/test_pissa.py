@@ -327,7 +327,9 @@ def test_unconverted_peft_adapter_is_split_again_as_peft_loads_it(tmp_path, tiny
     ({"use_dora": True}, "linear layers only, not with DoRA"),
     ({"target_modules": ["q_proj", "embed_tokens"]}, "not with LoRA on the embedding model.embed_tokens")])
 def test_unconverted_adapter_whose_split_cannot_be_redone_is_refused(tmp_path, tiny_model_dir, changes, why):
-    peft_model = _peft(tiny_model_dir, "pissa", target_modules=changes.get("target_modules", TARGETS))
+    # PiSSA with DoRA as PEFT builds it (its file holds the magnitudes a hand-set use_dora would lack)
+    peft_model = _peft(tiny_model_dir, "pissa", target_modules=changes.get("target_modules", TARGETS),
+                       use_dora=changes.get("use_dora", False))
     peft_model.save_pretrained(tmp_path / "raw")
     path = tmp_path / "raw" / "adapter_config.json"
     path.write_text(json.dumps(json.loads(path.read_text()) | changes))
