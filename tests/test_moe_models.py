@@ -369,3 +369,31 @@ def test_a_conversion_that_reads_the_built_shape_loads_4bit_experts(tmp_path, ti
     ours.eval()
     with torch.no_grad():
         torch.testing.assert_close(ours(_IDS).logits, ref(_IDS).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_a_conversion_split_into_several_targets_loads_4bit(tmp_path, tiny_tokenizer):
+    """Sarvam-MoE's files hold one fused ``query_key_value`` that transformers' ``Split`` cuts into q/k/v by the
+    rows of each target parameter: only the first target's build shape was kept, the others had become 4-bit
+    layers, and every load was refused ("`weight` is not an nn.Parameter"). The 4-bit model is transformers'
+    model on the dequantized weights."""
+    from transformers import AutoConfig
+
+    from qlora.model.merge import merged_tensors
+
+    if "sarvam_moe" not in transformers.models.auto.configuration_auto.CONFIG_MAPPING_NAMES:
+        pytest.skip("this transformers has no Sarvam-MoE models")
+    config = AutoConfig.for_model("sarvam_moe", vocab_size=len(tiny_tokenizer), hidden_size=64, num_hidden_layers=2,
+                                  num_attention_heads=4, num_key_value_heads=2, head_dim=16, intermediate_size=128,
+                                  moe_intermediate_size=32, n_routed_experts=4, num_experts_per_tok=2, n_group=1,
+                                  topk_group=1, first_k_dense_replace=1, max_position_embeddings=256,
+                                  pad_token_id=tiny_tokenizer.pad_token_id)
+    torch.manual_seed(0)
+    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path)
+    tiny_tokenizer.save_pretrained(tmp_path)
+    ours, _ = load_model(tmp_path, quant="nf4", compute_dtype=torch.float32, device="cpu")
+    assert isinstance(ours.model.layers[0].self_attn.k_proj, Linear4bit)
+    ref = _reference(tmp_path)
+    ref.load_state_dict({k: make() for k, _, make in merged_tensors(ours)})
+    ours.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(ours(_IDS).logits, ref(_IDS).logits, rtol=1e-5, atol=1e-5)

@@ -138,8 +138,9 @@ class CheckpointLayout:
             raise
         except Exception as exc:
             raise _api_error(model, exc) from None
-        params = dict(model.named_parameters())
-        self._shapes = {t: params[t].shape for t in self._groups if t in params}
+        # Every parameter, not only each group's first target: a converter with several targets (Sarvam-MoE's
+        # ``Split`` of ``query_key_value`` into q/k/v) reads the shape of each, after earlier ones became 4-bit.
+        self._shapes = {name: param.shape for name, param in model.named_parameters()}
 
     @property
     def converts(self) -> bool:
@@ -190,8 +191,9 @@ class CheckpointLayout:
 
 class _AsBuilt:
     """``model`` as transformers built it, for converters that read a target parameter's shape (Qwen3-VL-MoE's
-    ``Transpose(check_dims=True)`` transposes only a tensor not already in that shape): its 3-D expert weights
-    may since have become :class:`~qlora.nn.Experts4bit` layers, so their shapes are the ones recorded at build."""
+    ``Transpose(check_dims=True)`` transposes only a tensor not already in that shape; Sarvam-MoE's ``Split``
+    cuts by each target's rows): its weights may since have become 4-bit layers (:class:`~qlora.nn.Experts4bit`,
+    ``Linear4bit``), so their shapes are the ones recorded at build."""
 
     def __init__(self, model, shapes: dict[str, torch.Size]) -> None:
         self._model = model
