@@ -182,7 +182,7 @@ def test_bad_inputs_exit_2_without_traceback(tmp_path, tiny_model_dir, capsys):
         (base + ["--data", str(bad_json), "--output", str(tmp_path / "o1")], "line 2"),
         (base + ["--data", str(missing), "--output", str(tmp_path / "o2")], "output"),
         (base + ["--data", str(empty), "--output", str(tmp_path / "o3")], "empty"),
-        (base + ["--data", str(good), "--seq-len", "3", "--output", str(tmp_path / "o4")], "no trainable"),
+        (base + ["--data", str(good), "--seq-len", "3", "--output", str(tmp_path / "o4")], "raise --seq-len"),
         (base + ["--data", str(good), "--output", str(tmp_path / "o5"), "--rnak", "4"], "--rank"),
         (["train", str(yaml_bad)] + base[1:] + ["--data", str(good), "--output", str(tmp_path / "o6")], "rank"),
         (["train", "--model", str(tmp_path / "nope"), "--data", str(good), "--output", str(tmp_path / "o7")], "nope"),
