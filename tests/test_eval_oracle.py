@@ -417,19 +417,26 @@ def _held_out_run(tmp_path, model_dir, capsys, *options):
     return run, held
 
 
-def test_a_merged_model_is_evaluated_as_its_adapter_was(tmp_path, qwen, capsys):
-    """A run with --train-on all and --seq-len 40 on a 16-bit base, merged in fp32: eval of the merged folder without
-    options reports the loss of eval of base + adapter (the merge carries the run's record), which train's defaults
-    would not; `qlora quantize` of the folder keeps the record (its 4-bit loss close, the same tokens). A merged
-    folder without the record (older qlora) gets train's defaults, and a hand-edited one is an error naming it."""
-    model_dir, _ = qwen
-    run, held = _held_out_run(tmp_path, model_dir, capsys, "--quant", "none", "--train-on", "all", "--seq-len", "40")
+def _merged_run(tmp_path, model_dir, capsys, *options):
+    """A run with --train-on all and --seq-len 40 (and ``options``) merged in fp32: its folder, held-out data, the
+    eval of base + adapter (equal to the run's own final eval) and the merged folder."""
+    run, held = _held_out_run(tmp_path, model_dir, capsys, *options, "--train-on", "all", "--seq-len", "40")
     adapter = _eval_as_trained(capsys, "--model", str(model_dir), "--adapter", str(run), "--data", str(held))
     assert adapter["loss"] == pytest.approx(_run_eval_loss(run), rel=1e-6)
     merged = tmp_path / "merged"
     assert main(["merge", "--model", str(model_dir), "--adapter", str(run), "--output", str(merged),
                  "--dtype", "float32"]) == 0
     capsys.readouterr()
+    return run, held, adapter, merged
+
+
+def test_a_merged_model_is_evaluated_as_its_adapter_was(tmp_path, qwen, capsys):
+    """A run with --train-on all and --seq-len 40 on a 16-bit base, merged in fp32: eval of the merged folder without
+    options reports the loss of eval of base + adapter (the merge carries the run's record), which train's defaults
+    would not; `qlora quantize` of the folder keeps the record (its 4-bit loss close, the same tokens). A merged
+    folder without the record (older qlora) gets train's defaults, and a hand-edited one is an error naming it."""
+    model_dir, _ = qwen
+    run, held, adapter, merged = _merged_run(tmp_path, model_dir, capsys, "--quant", "none")
     evaluated = _eval(capsys, "--model", str(merged), "--data", str(held))
     assert evaluated["tokens"] == adapter["tokens"]
     assert evaluated["loss"] == pytest.approx(adapter["loss"], rel=1e-5)
@@ -521,13 +528,7 @@ def test_eval_of_a_merged_folder_defaults_to_its_16bit_weights_which_compute_wha
     --quant loads those weights as they are (saying so) and equals eval of base + adapter, where --quant nf4 (the
     default before) quantizes them again, a loss only close to it. A folder qlora quantize wrote loads as stored."""
     model_dir, _ = qwen
-    run, held = _held_out_run(tmp_path, model_dir, capsys, "--train-on", "all", "--seq-len", "40")
-    adapter = _eval_as_trained(capsys, "--model", str(model_dir), "--adapter", str(run), "--data", str(held))
-    assert adapter["loss"] == pytest.approx(_run_eval_loss(run), rel=1e-6)
-    merged = tmp_path / "merged"
-    assert main(["merge", "--model", str(model_dir), "--adapter", str(run), "--output", str(merged),
-                 "--dtype", "float32"]) == 0
-    capsys.readouterr()
+    run, held, adapter, merged = _merged_run(tmp_path, model_dir, capsys)
     assert main(["eval", "--json", "--model", str(merged), "--data", str(held)]) == 0
     out, err = capsys.readouterr()
     evaluated = json.loads(out)
