@@ -37,10 +37,11 @@ CACHE_NAMES = ("cache", "past_key_values", "cache_params", "state")
 def returned_cache(out) -> tuple[str, object] | tuple[None, None]:
     """The field a forward's output returns its cache in, and the cache (``(None, None)`` for none). Read by
     field name, not attribute: transformers 5.24's outputs answer the old names too, with a deprecation warning."""
-    fields = out.keys() if isinstance(out, Mapping) else [n for n in CACHE_NAMES if hasattr(out, n)]
-    name = next((n for n in CACHE_NAMES if n in fields and out[n] is not None), None) if isinstance(out, Mapping) \
-        else next((n for n in fields if getattr(out, n) is not None), None)
-    return (name, out[name] if isinstance(out, Mapping) else getattr(out, name)) if name else (None, None)
+    for name in CACHE_NAMES:
+        value = out.get(name) if isinstance(out, Mapping) else getattr(out, name, None)
+        if value is not None:
+            return name, value
+    return None, None
 
 
 def cache_keyword(model) -> str:
@@ -149,9 +150,11 @@ def forward_cached(model, ids: torch.Tensor, cache: dict, seen: int, media: dict
         positions["cache_position"] = steps
     out = model(input_ids=ids, use_cache=True, **cache, **positions, **(media or {}))
     returned = _cache_of(out, length, params)
-    keyword = cache_keyword(model)
-    if returned or cache or keyword not in params:
+    if returned or cache:
         return out, returned or cache
+    keyword = cache_keyword(model)  # a prefill that returned no cache: asked once per generation, not per step
+    if keyword not in params:
+        return out, {}
     own = model.prepare_inputs_for_generation(ids, use_cache=True, cache_position=steps).get(keyword)
     cache = {keyword: own if own is not None else DynamicCache(config=model.config)}  # the prefill again
     return model(input_ids=ids, use_cache=True, **cache, **positions, **(media or {})), cache
