@@ -244,8 +244,9 @@ def train_whole(model: nn.Module, paths: list[str], ensure_weight_tying: bool) -
     if not ensure_weight_tying:
         untie_trained_whole(model, paths, both=False)
     for path in paths:
-        module = dequantized(model.get_submodule(path))
-        if module is not model.get_submodule(path):
+        current = model.get_submodule(path)
+        module = dequantized(current)
+        if module is not current:
             parent_path, _, child = path.rpartition(".")
             setattr(model.get_submodule(parent_path) if parent_path else model, child, module)
         module.requires_grad_(True)

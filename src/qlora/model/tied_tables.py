@@ -37,8 +37,8 @@ def untie_trained_whole(model: nn.Module, save_paths: list[str], both: bool) -> 
     (``save_paths``), as PEFT's copies are: the first saved one gets its own table."""
     if not shares_table(model):
         return
-    paths = {id(m): p for p, m in model.named_modules()}
-    saved = [m for m in (model.get_input_embeddings(), model.get_output_embeddings()) if paths.get(id(m)) in save_paths]
+    pair = (model.get_input_embeddings(), model.get_output_embeddings())
+    saved = [m for m, path in zip(pair, _paths(model, pair)) if path in save_paths]
     if len(saved) == 1 or (saved and both):
         module = saved[0]
         module.weight = nn.Parameter(module.weight.detach().clone(), requires_grad=module.weight.requires_grad)
@@ -50,8 +50,13 @@ def with_tied_partner(model: nn.Module, save_paths: list[str]) -> list[str]:
     the pair is one table trained whole, which PEFT saves under both modules' keys."""
     if not shares_table(model):
         return save_paths
-    paths = {id(m): p for p, m in model.named_modules()}
-    pair = [paths.get(id(m)) for m in (model.get_input_embeddings(), model.get_output_embeddings())]
+    pair = _paths(model, (model.get_input_embeddings(), model.get_output_embeddings()))
     if any(p in save_paths for p in pair):
         return save_paths + [p for p in pair if p is not None and p not in save_paths]
     return save_paths
+
+
+def _paths(model: nn.Module, modules: tuple[nn.Module, ...]) -> list[str | None]:
+    """The path of each of ``modules`` in ``model`` (None for one not in it)."""
+    paths = {id(m): p for p, m in model.named_modules()}
+    return [paths.get(id(m)) for m in modules]
