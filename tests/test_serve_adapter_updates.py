@@ -205,6 +205,17 @@ def test_streams_go_on_through_a_load_and_an_unload_waits_for_none(tiny_model_di
     assert _unload(http, "a").status_code == 200
 
 
+def _save_head_adapter(model_dir, folder, seed: int) -> None:
+    """An adapter of q_proj LoRA and lm_head trained whole (``modules_to_save``), random (``seed``), at ``folder``."""
+    model, _ = qlora.load_model(model_dir, compute_dtype=torch.float32, device="cpu")
+    qlora.add_lora(model, r=4, dropout=0.0, verbose=False, target_modules=["q_proj"], modules_to_save=["lm_head"])
+    randomize_lora_b(model, seed, scale=0.3)
+    with torch.no_grad():
+        model.lm_head.weight.add_(0.5 * torch.randn(model.lm_head.weight.shape,
+                                                    generator=torch.Generator().manual_seed(seed)))
+    qlora.save_adapter(model, folder)
+
+
 def _broken(adapters, tmp_path, name: str, edit) -> str:
     """A copy of adapter ``a`` whose tensors ``edit`` changed."""
     folder = tmp_path / name
@@ -343,12 +354,7 @@ def test_an_adapter_that_saved_modules_whole_loads_as_its_own_copies(tiny_model_
     from qlora.nn import SavedModules
     from qlora.serve.server import BackgroundServer
 
-    model, _ = qlora.load_model(tiny_model_dir, compute_dtype=torch.float32, device="cpu")
-    qlora.add_lora(model, r=4, dropout=0.0, verbose=False, target_modules=["q_proj"], modules_to_save=["lm_head"])
-    randomize_lora_b(model, 5, scale=0.3)
-    with torch.no_grad():
-        model.lm_head.weight.add_(0.5 * torch.randn(model.lm_head.weight.shape, generator=torch.Generator().manual_seed(5)))
-    qlora.save_adapter(model, tmp_path / "head")
+    _save_head_adapter(tiny_model_dir, tmp_path / "head", seed=5)
 
     batcher, at_start = _server(tiny_model_dir, {"a": adapters / "a", "head": tmp_path / "head"}, updates=False)
     with BackgroundServer(at_start) as server:
@@ -537,12 +543,7 @@ def test_a_load_that_fails_midway_leaves_the_model_as_it_was(tiny_model_dir, upd
     tensors = load_file(tmp_path / "bad" / "adapter_model.safetensors")
     save_file({k: torch.zeros(v.shape[0] + 1, v.shape[1]) if "lm_head.lora_B" in k else v for k, v in tensors.items()},
               tmp_path / "bad" / "adapter_model.safetensors")
-    model, _ = qlora.load_model(tiny_model_dir, compute_dtype=torch.float32, device="cpu")
-    qlora.add_lora(model, r=4, dropout=0.0, verbose=False, target_modules=["q_proj"], modules_to_save=["lm_head"])
-    randomize_lora_b(model, 7, scale=0.3)
-    with torch.no_grad():
-        model.lm_head.weight.add_(0.5 * torch.randn(model.lm_head.weight.shape, generator=torch.Generator().manual_seed(7)))
-    qlora.save_adapter(model, tmp_path / "head")
+    _save_head_adapter(tiny_model_dir, tmp_path / "head", seed=7)
 
     before, base = _snapshot(batcher), _chat(client, "tiny").choices[0].message.content
     refused = _error(_load(http, "bad", tmp_path / "bad"), 400)["message"]
