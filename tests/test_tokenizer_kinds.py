@@ -93,6 +93,47 @@ def test_token_bytes_join_to_the_decoded_text(spm, kind):
     assert split > 0  # CJK and emoji were split over tokens here
 
 
+def wordpiece_tokenizer(texts):
+    """A BERT-style WordPiece tokenizer (GPT-2 Chinese checkpoints ship one): lower-cased, punctuation split off,
+    ``##`` continuations, and decoding that cleans up tokenization spaces (``it ' s`` reads ``it's``)."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import BertTokenizerFast
+
+    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.decoder = decoders.WordPiece()
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    tok.train_from_iterator(texts, trainers.WordPieceTrainer(vocab_size=400, special_tokens=specials,
+                                                             show_progress=False))
+    tok.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]", special_tokens=[("[CLS]", 2),
+                                                                                                ("[SEP]", 3)])
+    return BertTokenizerFast(tokenizer_object=tok, clean_up_tokenization_spaces=True)
+
+
+CLEANED = ["It's John's dog, don't you? Yes!", "a ' b", "I 've seen it . Really ?", "Quoi ? Oui !", "they 're n't"]
+
+
+@pytest.mark.parametrize("kind", ["wordpiece", "byte-level"])
+def test_stream_pieces_join_to_decode_that_cleans_up_spaces(kind):
+    """Decoding that cleans up tokenization spaces (BERT's WordPiece; Llama 3's BPE on transformers 4.x) turns
+    ``it ' s`` into ``it's`` once the ``s`` arrives: the text streamed before must not have shown ``it '``."""
+    if kind == "wordpiece":
+        tok = wordpiece_tokenizer(TEXT + CLEANED * 5)
+    else:
+        tok = train_tokenizer(TEXT + CLEANED * 5, chat_template=False)
+        tok.clean_up_tokenization_spaces = True
+    for text in CLEANED + HARD:
+        ids = tok(text, add_special_tokens=False)["input_ids"]
+        assert "".join(stream(tok, ids)) == tok.decode(ids, skip_special_tokens=True), text
+    rng = random.Random(0)
+    for _ in range(30):
+        ids = [rng.randrange(len(tok)) for _ in range(rng.randrange(1, 25))]
+        assert "".join(stream(tok, ids)) == tok.decode(ids, skip_special_tokens=True)
+    ids = tok("it's done . yes", add_special_tokens=False)["input_ids"]
+    assert "".join(stream(tok, ids, ["s d"])) == "it'"  # a stop string in the cleaned-up text
+
+
 def test_stream_stop_strings_with_byte_fallback(spm):
     ids = spm("Hello 你好世界 and more", add_special_tokens=False)["input_ids"]
     assert "".join(stream(spm, ids, ["世界"])) == "Hello 你好"

@@ -21,6 +21,11 @@ string, and the stop token that ended the reply, in the text (:meth:`TextStream.
 that token's text out otherwise); with ``min_tokens``, stop strings are only looked for in text
 that tokens after the first ``min_tokens`` added (nothing is held back before).
 
+A tokenizer that cleans up tokenization spaces when decoding (``clean_up_tokenization_spaces``: BERT-style
+WordPiece ones; on transformers 4.x also Llama 3's and other BPE ones whose config sets it) removes the space before
+``.``, ``?``, ``'s``, ``n't``..., so a later token can rewrite text already decoded (``it '`` becomes ``it's``):
+a trailing text that may begin such a pattern is held back like the beginning of a stop string.
+
 ``turn_ends`` (a chat format's turn end spelt as text, :mod:`qlora.infer.turn_end`) end the reply as stop
 strings do, but stand for the end-of-turn token the vocabulary lacks, not for a user's stop: ``include_stop``
 keeps one only where it keeps such a token, a special one, in vLLM: with ``skip_special_tokens=False``.
@@ -33,6 +38,9 @@ import weakref
 from typing import Sequence
 
 _BYTE_TOKEN = re.compile(r"<0x[0-9A-Fa-f]{2}>")
+# what transformers' ``clean_up_tokenization`` replaces (each by itself without the leading space), and " n ' t",
+# which its " ' " step turns into " n't" for a later step
+_CLEANED_UP = (" .", " ?", " !", " ,", " ' ", " n't", " 'm", " 's", " 've", " 're", " n ' t")
 _BYTE_IDS: "weakref.WeakKeyDictionary[object, frozenset[int]]" = weakref.WeakKeyDictionary()
 
 
@@ -61,6 +69,8 @@ class TextStream:
         # the stop strings a match keeps in the text: the user's with include_stop, a turn end as a special token
         self.kept = frozenset((*stop_strings, *(() if skip_special_tokens else turn_ends)) if include_stop else ())
         self.byte_ids = byte_token_ids(tokenizer)
+        # text that later tokens may still rewrite: the beginnings of the patterns the decode cleans up
+        self.pending = _CLEANED_UP if getattr(tokenizer, "clean_up_tokenization_spaces", False) else ()
         self.keep = keep if skip_special_tokens else frozenset()
         self.skip_special = skip_special_tokens
         self.hidden = frozenset(tokenizer.all_special_ids) - keep if self.keep else frozenset()
@@ -136,11 +146,9 @@ class TextStream:
 
     def _held_back(self, text: str) -> int:
         """Length of the longest suffix of ``text`` that begins some stop string (none before ``min_tokens``
-        tokens: no stop string is looked for there)."""
-        if len(self.tokens) < self.min_tokens:
-            return 0
+        tokens: no stop string is looked for there) or a pattern the decode cleans up."""
         longest = 0
-        for s in self.stop_strings:
+        for s in (*self.pending, *(self.stop_strings if len(self.tokens) >= self.min_tokens else ())):
             for n in range(min(len(s) - 1, len(text)), longest, -1):
                 if s.startswith(text[len(text) - n:]):
                     longest = n
