@@ -231,6 +231,23 @@ def test_tokenizer_ids_past_the_embedding_are_refused(tmp_path, capsys):
     assert f"{len(tok)} tokens" in err and f"{len(tok) - 10} rows" in err
 
 
+@pytest.mark.parametrize("arch,kept", [("gpt2", ()), ("qwen2", ()), ("llama", ()),
+                                       ("gpt2", ("tokenizer_config.json",))])
+def test_model_folder_without_its_tokenizer_is_refused(tmp_path, arch, kept):
+    """A checkpoint saved without its tokenizer: transformers 5 builds GPT-2's and Qwen's tokenizer class from
+    config.json with no vocabulary (every prompt encoded to no tokens), 4.x fails inside; both are refused."""
+    folder = build_tiny_model(tmp_path / "m", tokenizer=train_tokenizer(TEXT, add_bos=arch == "llama"), arch=arch)
+    for file in folder.iterdir():
+        if file.name.startswith(("tokenizer", "special_tokens", "chat_template")) and file.name not in kept:
+            file.unlink()
+    if kept:  # the config without the vocabulary: no class to fall back on
+        (folder / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "GPT2Tokenizer"}))
+    out = subprocess.run([sys.executable, "-m", "qlora", "generate", "--model", str(folder), "--prompt", "Hello",
+                          "--quant", "none", "--max-new-tokens", "2"], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
+    assert str(folder) in out.stderr and "copy those of the model it was trained from" in out.stderr
+
+
 def test_padded_embedding_rows_train_and_export(spm_model, tmp_path):
     """32000 tokens on 32064 rows (Phi-3, Llama 2 fine-tunes): the extra rows are unused GGUF tokens."""
     import gguf
