@@ -71,6 +71,24 @@ def test_stream_pieces_join_to_decode_across_byte_fallback(spm):
         assert "".join(stream(spm, ids)) == spm.decode(ids, skip_special_tokens=True)
 
 
+@pytest.mark.parametrize("family", ["llama", "gemma", "unigram"])
+def test_stream_byte_runs_go_on_past_special_tokens(family):
+    """Decoding without special tokens joins the byte tokens on both sides of one into a single run, which is
+    U+FFFD throughout when it is not UTF-8: ``A``, ``</s>``, a stray byte read ``A`` then, and ``��`` at the end."""
+    tok = train_sentencepiece_tokenizer(TEXT, family=family)
+    tok.add_tokens(["<|added|>"], special_tokens=True)  # as --add-special-tokens adds them: decoding drops it too
+    byte = {b: tok.convert_tokens_to_ids(f"<0x{b:02X}>") for b in (0x41, 0xBB, 0xE4, 0xBD, 0xA0)}
+    for special in {tok.eos_token_id, tok.bos_token_id, tok.unk_token_id, tok.convert_tokens_to_ids("<|added|>")}:
+        for ids in ([byte[0x41], special, byte[0xBB]], [byte[0x41], special, special, byte[0xBB], byte[0x41]],
+                    [byte[0x41], special, byte[0xE4], byte[0xBD], byte[0xA0]]):
+            assert "".join(stream(tok, ids)) == tok.decode(ids, skip_special_tokens=True), ids
+    rng = random.Random(1)  # a random model's ids: byte tokens and specials interleaved
+    choices = [i for t, i in tok.get_vocab().items() if t.startswith("<0x")] + sorted(tok.all_special_ids)
+    for _ in range(200):
+        ids = [rng.choice(choices) for _ in range(rng.randrange(1, 12))]
+        assert "".join(stream(tok, ids)) == tok.decode(ids, skip_special_tokens=True), ids
+
+
 @pytest.mark.parametrize("kind", ["spm", "byte-level"])
 def test_token_bytes_join_to_the_decoded_text(spm, kind):
     """OpenAI's logprob ``bytes`` of a reply's tokens spell its text, byte tokens and split characters included."""

@@ -11,7 +11,8 @@ SentencePiece-style tokenizers (Llama 2, Mistral, Gemma) spell characters outsid
 their vocabulary as ``<0xNN>`` byte tokens, and their decoder turns a whole run of
 byte tokens into text at once: one invalid byte makes every byte of the run U+FFFD,
 valid characters before it included. Decoding is prefix-stable only where a run
-ends, so text from a trailing run of byte tokens is held back until the run ends.
+ends, so text from a trailing run of byte tokens is held back until the run ends. A special token that decoding
+leaves out does not end a run: the bytes on both sides of it decode as one run.
 
 Special tokens are dropped from the text, except those named in ``keep``: tool-call
 markup such as Mistral's ``[TOOL_CALLS]`` is a special token, and a parser must see it.
@@ -73,7 +74,11 @@ class TextStream:
         self.pending = _CLEANED_UP if getattr(tokenizer, "clean_up_tokenization_spaces", False) else ()
         self.keep = keep if skip_special_tokens else frozenset()
         self.skip_special = skip_special_tokens
-        self.hidden = frozenset(tokenizer.all_special_ids) - keep if self.keep else frozenset()
+        specials = frozenset(tokenizer.all_special_ids) | {i for i, t in tokenizer.added_tokens_decoder.items()
+                                                           if t.special}  # added as special: decode drops them
+        self.hidden = specials - keep if self.keep else frozenset()
+        # tokens the decoded text leaves out, so a byte run before them goes on after them
+        self.dropped = self.hidden if self.keep else specials if skip_special_tokens else frozenset()
         # slow tokenizers only (fast ones, and vLLM's fast path, ignore it): passed when not the default
         self.decode_options = {} if spaces_between_special_tokens else {"spaces_between_special_tokens": False}
         self.include_stop = include_stop
@@ -117,9 +122,10 @@ class TextStream:
         return self._release(text if cut is None else text[:cut])
 
     def _stable_end(self) -> int:
-        """How many tokens decode to text that later tokens cannot change: all but a trailing byte run."""
+        """How many tokens decode to text that later tokens cannot change: all but a trailing byte run (and the
+        tokens decoding leaves out among and after its bytes)."""
         end = len(self.tokens)
-        while end and self.tokens[end - 1] in self.byte_ids:
+        while end and (self.tokens[end - 1] in self.byte_ids or self.tokens[end - 1] in self.dropped):
             end -= 1
         return end
 
