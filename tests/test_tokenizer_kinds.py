@@ -129,7 +129,8 @@ def wordpiece_tokenizer(texts):
     return BertTokenizerFast(tokenizer_object=tok, clean_up_tokenization_spaces=True)
 
 
-CLEANED = ["It's John's dog, don't you? Yes!", "a ' b", "I 've seen it . Really ?", "Quoi ? Oui !", "they 're n't"]
+CLEANED = ["It's John's dog, don't you? Yes!", "a ' b", "I 've seen it . Really ?", "Quoi ? Oui !", "they 're n't",
+           "s ' ! x ' , n ' t"]
 
 
 @pytest.mark.parametrize("kind", ["wordpiece", "byte-level"])
@@ -150,6 +151,25 @@ def test_stream_pieces_join_to_decode_that_cleans_up_spaces(kind):
         assert "".join(stream(tok, ids)) == tok.decode(ids, skip_special_tokens=True)
     ids = tok("it's done . yes", add_special_tokens=False)["input_ids"]
     assert "".join(stream(tok, ids, ["s d"])) == "it'"  # a stop string in the cleaned-up text
+
+
+def test_cleaned_up_text_settles_only_where_no_later_text_changes_it():
+    """The clean-up's steps run in order, so one can undo what another would match: ``s ' `` cleans up to ``s'``,
+    but ``s ' !`` to ``s '!`` (`` !`` goes first). Oracle: transformers' ``clean_up_tokenization`` of every
+    continuation of random texts made of the characters it looks at."""
+    from qlora.infer.text_stream import cleaned_up
+
+    tok = wordpiece_tokenizer(TEXT)
+    rng = random.Random(0)
+    for _ in range(3000):
+        whole = "".join(rng.choice([" ", " ", "'", "n", "t", "s", "m", "ve", "re", ".", "?", "!", ",", "x"])
+                        for _ in range(rng.randrange(1, 12)))
+        final = tok.clean_up_tokenization(whole)
+        for k in range(len(whole) + 1):
+            text, settled = cleaned_up(whole[:k])
+            assert text == tok.clean_up_tokenization(whole[:k])
+            assert final.startswith(text[:settled]), (whole, k)
+    assert cleaned_up("s ' ") == ("s'", 1) and cleaned_up("it ' s") == ("it's", 4)
 
 
 def test_stream_stop_strings_with_byte_fallback(spm):
