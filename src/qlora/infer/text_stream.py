@@ -97,8 +97,8 @@ class TextStream:
         self.unsettled = 0  # characters at the end of the last text its clean-up may still change
         self.keep = keep if skip_special_tokens else frozenset()
         self.skip_special = skip_special_tokens
-        specials = frozenset(tokenizer.all_special_ids) | {i for i, t in tokenizer.added_tokens_decoder.items()
-                                                           if t.special}  # added as special: decode drops them
+        specials = frozenset(tokenizer.all_special_ids) | {  # and those added as special: decode drops them too
+            i for i, t in getattr(tokenizer, "added_tokens_decoder", {}).items() if getattr(t, "special", False)}
         self.hidden = specials - keep if self.keep else frozenset()
         # tokens the decoded text leaves out, so a byte run before them goes on after them
         self.dropped = self.hidden if self.keep else specials if skip_special_tokens else frozenset()
