@@ -126,6 +126,36 @@ def test_train_with_added_tokens_saves_a_reloadable_adapter(tmp_path, tiny_model
         torch.testing.assert_close(fresh(ids).logits, trainer.model(ids).logits, rtol=1e-4, atol=1e-4)
 
 
+def test_tokens_added_into_a_padded_embedding_load_in_peft_without_resizing(tmp_path, tiny_tokenizer):
+    """32000 tokens on 32064 rows: tokens added take padding rows, the base keeps its size, and PEFT loads the
+    adapter on it as it is (the README's rule: resize only a base with fewer rows than the tokenizer has tokens)."""
+    peft = pytest.importorskip("peft")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from qlora.model.tiny import build_tiny_model
+    from qlora.train.config import load_config
+    from qlora.train.trainer import Trainer
+
+    rows = len(tiny_tokenizer) + 16
+    base = build_tiny_model(tmp_path / "base", tokenizer=tiny_tokenizer, vocab_size=rows)
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"text": f"call {NEW[0]} tool {i} {NEW[1]} done"}) + "\n" for i in range(6)))
+    cfg = load_config(None, dict(model=str(base), data=str(data), output=str(tmp_path / "out"), optim="adamw",
+                                 lr=1e-2, max_steps=2, batch_size=2, progress=False, seq_len=32, quant="none",
+                                 add_special_tokens=NEW))
+    trainer = Trainer(cfg)
+    trainer.run()
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "out")
+    assert len(tokenizer) == len(tiny_tokenizer) + 2 < rows
+    plain = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    assert plain.get_input_embeddings().num_embeddings >= len(tokenizer)  # so no resize
+    reference = peft.PeftModel.from_pretrained(plain, str(tmp_path / "out")).eval()
+    ids = torch.tensor([tokenizer(f"a {NEW[0]} b {NEW[1]}")["input_ids"]])
+    trainer.model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reference(ids).logits, trainer.model(ids).logits, rtol=1e-4, atol=1e-4)
+
+
 def test_commands_use_the_tokenizer_saved_with_the_adapter(trained, tiny_model_dir, tmp_path, capsys):
     """merge writes it beside the merged weights; generate and eval read prompts with it (the added
     tokens are single tokens there, pieces in the base's tokenizer)."""

@@ -20,7 +20,7 @@ import qlora
 from qlora.cli.main import main
 from qlora.errors import UsageError
 from qlora.model.gguf_export import export_gguf
-from qlora.model.gguf_vocab import gguf_vocab
+from qlora.model.gguf_vocab import _PRE_BY_REGEX, gguf_vocab
 from qlora.model.merge import merge, merged_tensors
 from qlora.model.tiny import build_tiny_model
 
@@ -207,6 +207,43 @@ def test_untied_gemma2_head_and_unknown_pre_tokenizer_are_refused(tmp_path, tiny
     llama, _ = qlora.load_model(tmp_path / "g2", quant=None, compute_dtype=torch.float32, device="cpu")
     with pytest.raises(UsageError, match="pre-tokenizer"):
         export_gguf(llama, PreTrainedTokenizerFast(tokenizer_object=odd), tmp_path / "odd.gguf")
+
+
+def _pre_steps(*names):
+    from tokenizers import Regex, pre_tokenizers
+
+    made = {"bytelevel": pre_tokenizers.ByteLevel(add_prefix_space=False),
+            "bytelevel-no-regex": pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+            "digits": pre_tokenizers.Digits(individual_digits=True),
+            "digit-runs": pre_tokenizers.Digits(individual_digits=False),
+            "punctuation": pre_tokenizers.Punctuation("contiguous"),
+            "threes": pre_tokenizers.Split(Regex("[0-9][0-9][0-9]"), "isolated"),
+            "qwen2": pre_tokenizers.Split(Regex(next(r for r, n in _PRE_BY_REGEX.items() if n == "qwen2")), "isolated")}
+    return pre_tokenizers.Sequence([made[n] for n in names])
+
+
+@pytest.mark.parametrize("steps,pre", [
+    (("bytelevel",), "gpt-2"),
+    (("digits", "bytelevel"), "starcoder"),  # StarCoder 2, SmolLM: "2024" is four tokens, never GPT-2's one run
+    (("punctuation", "bytelevel", "digit-runs", "threes"), "falcon"),
+    (("qwen2", "bytelevel-no-regex"), "qwen2"),
+    (("punctuation", "bytelevel"), None),  # a step llama.cpp's GPT-2 rule lacks: not GPT-2's
+    (("qwen2", "digits", "bytelevel-no-regex"), None),
+    (("digits", "bytelevel", "threes"), None),
+])
+def test_pre_tokenizer_name_reads_every_step(tiny_tokenizer, steps, pre):
+    """llama.cpp splits text by the name written: a byte-level step after other splitting steps was written as
+    GPT-2's rule, so llama.cpp tokenized StarCoder's and Falcon's digits and punctuation unlike transformers."""
+    from transformers import PreTrainedTokenizerFast
+
+    backend = copy.deepcopy(tiny_tokenizer.backend_tokenizer)
+    backend.pre_tokenizer = _pre_steps(*steps)
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token=tiny_tokenizer.eos_token)
+    if pre is None:
+        with pytest.raises(UsageError, match="pre-tokenizer"):
+            gguf_vocab(tok, len(tok))
+    else:
+        assert gguf_vocab(tok, len(tok)).pre == pre
 
 
 def _sentencepiece_style_tokenizer():

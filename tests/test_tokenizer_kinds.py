@@ -71,6 +71,24 @@ def test_stream_pieces_join_to_decode_across_byte_fallback(spm):
         assert "".join(stream(spm, ids)) == spm.decode(ids, skip_special_tokens=True)
 
 
+@pytest.mark.parametrize("family", ["llama", "gemma", "unigram"])
+def test_stream_byte_runs_go_on_past_special_tokens(family):
+    """Decoding without special tokens joins the byte tokens on both sides of one into a single run, which is
+    U+FFFD throughout when it is not UTF-8: ``A``, ``</s>``, a stray byte read ``A`` then, and ``��`` at the end."""
+    tok = train_sentencepiece_tokenizer(TEXT, family=family)
+    tok.add_tokens(["<|added|>"], special_tokens=True)  # as --add-special-tokens adds them: decoding drops it too
+    byte = {b: tok.convert_tokens_to_ids(f"<0x{b:02X}>") for b in (0x41, 0xBB, 0xE4, 0xBD, 0xA0)}
+    for special in {tok.eos_token_id, tok.bos_token_id, tok.unk_token_id, tok.convert_tokens_to_ids("<|added|>")}:
+        for ids in ([byte[0x41], special, byte[0xBB]], [byte[0x41], special, special, byte[0xBB], byte[0x41]],
+                    [byte[0x41], special, byte[0xE4], byte[0xBD], byte[0xA0]]):
+            assert "".join(stream(tok, ids)) == tok.decode(ids, skip_special_tokens=True), ids
+    rng = random.Random(1)  # a random model's ids: byte tokens and specials interleaved
+    choices = [i for t, i in tok.get_vocab().items() if t.startswith("<0x")] + sorted(tok.all_special_ids)
+    for _ in range(200):
+        ids = [rng.choice(choices) for _ in range(rng.randrange(1, 12))]
+        assert "".join(stream(tok, ids)) == tok.decode(ids, skip_special_tokens=True), ids
+
+
 @pytest.mark.parametrize("kind", ["spm", "byte-level"])
 def test_token_bytes_join_to_the_decoded_text(spm, kind):
     """OpenAI's logprob ``bytes`` of a reply's tokens spell its text, byte tokens and split characters included."""
@@ -91,6 +109,67 @@ def test_token_bytes_join_to_the_decoded_text(spm, kind):
                 split += 1
                 assert pieces.text(i) == "bytes:" + "".join(f"\\x{b:02x}" for b in pieces.bytes(i))
     assert split > 0  # CJK and emoji were split over tokens here
+
+
+def wordpiece_tokenizer(texts):
+    """A BERT-style WordPiece tokenizer (GPT-2 Chinese checkpoints ship one): lower-cased, punctuation split off,
+    ``##`` continuations, and decoding that cleans up tokenization spaces (``it ' s`` reads ``it's``)."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import BertTokenizerFast
+
+    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.decoder = decoders.WordPiece()
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    tok.train_from_iterator(texts, trainers.WordPieceTrainer(vocab_size=400, special_tokens=specials,
+                                                             show_progress=False))
+    tok.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]", special_tokens=[("[CLS]", 2),
+                                                                                                ("[SEP]", 3)])
+    return BertTokenizerFast(tokenizer_object=tok, clean_up_tokenization_spaces=True)
+
+
+CLEANED = ["It's John's dog, don't you? Yes!", "a ' b", "I 've seen it . Really ?", "Quoi ? Oui !", "they 're n't",
+           "s ' ! x ' , n ' t"]
+
+
+@pytest.mark.parametrize("kind", ["wordpiece", "byte-level"])
+def test_stream_pieces_join_to_decode_that_cleans_up_spaces(kind):
+    """Decoding that cleans up tokenization spaces (BERT's WordPiece; Llama 3's BPE on transformers 4.x) turns
+    ``it ' s`` into ``it's`` once the ``s`` arrives: the text streamed before must not have shown ``it '``."""
+    if kind == "wordpiece":
+        tok = wordpiece_tokenizer(TEXT + CLEANED * 5)
+    else:
+        tok = train_tokenizer(TEXT + CLEANED * 5, chat_template=False)
+        tok.clean_up_tokenization_spaces = True
+    for text in CLEANED + HARD:
+        ids = tok(text, add_special_tokens=False)["input_ids"]
+        assert "".join(stream(tok, ids)) == tok.decode(ids, skip_special_tokens=True), text
+    rng = random.Random(0)
+    for _ in range(30):
+        ids = [rng.randrange(len(tok)) for _ in range(rng.randrange(1, 25))]
+        assert "".join(stream(tok, ids)) == tok.decode(ids, skip_special_tokens=True)
+    ids = tok("it's done . yes", add_special_tokens=False)["input_ids"]
+    assert "".join(stream(tok, ids, ["s d"])) == "it'"  # a stop string in the cleaned-up text
+
+
+def test_cleaned_up_text_settles_only_where_no_later_text_changes_it():
+    """The clean-up's steps run in order, so one can undo what another would match: ``s ' `` cleans up to ``s'``,
+    but ``s ' !`` to ``s '!`` (`` !`` goes first). Oracle: transformers' ``clean_up_tokenization`` of every
+    continuation of random texts made of the characters it looks at."""
+    from qlora.infer.text_stream import cleaned_up
+
+    tok = wordpiece_tokenizer(TEXT)
+    rng = random.Random(0)
+    for _ in range(3000):
+        whole = "".join(rng.choice([" ", " ", "'", "n", "t", "s", "m", "ve", "re", ".", "?", "!", ",", "x"])
+                        for _ in range(rng.randrange(1, 12)))
+        final = tok.clean_up_tokenization(whole)
+        for k in range(len(whole) + 1):
+            text, settled = cleaned_up(whole[:k])
+            assert text == tok.clean_up_tokenization(whole[:k])
+            assert final.startswith(text[:settled]), (whole, k)
+    assert cleaned_up("s ' ") == ("s'", 1) and cleaned_up("it ' s") == ("it's", 4)
 
 
 def test_stream_stop_strings_with_byte_fallback(spm):
@@ -188,6 +267,23 @@ def test_tokenizer_ids_past_the_embedding_are_refused(tmp_path, capsys):
     assert main(["generate", "--model", str(folder), "--prompt", "x"]) == 2
     err = capsys.readouterr().err
     assert f"{len(tok)} tokens" in err and f"{len(tok) - 10} rows" in err
+
+
+@pytest.mark.parametrize("arch,kept", [("gpt2", ()), ("qwen2", ()), ("llama", ()),
+                                       ("gpt2", ("tokenizer_config.json",))])
+def test_model_folder_without_its_tokenizer_is_refused(tmp_path, arch, kept):
+    """A checkpoint saved without its tokenizer: transformers 5 builds GPT-2's and Qwen's tokenizer class from
+    config.json with no vocabulary (every prompt encoded to no tokens), 4.x fails inside; both are refused."""
+    folder = build_tiny_model(tmp_path / "m", tokenizer=train_tokenizer(TEXT, add_bos=arch == "llama"), arch=arch)
+    for file in folder.iterdir():
+        if file.name.startswith(("tokenizer", "special_tokens", "chat_template")) and file.name not in kept:
+            file.unlink()
+    if kept:  # the config without the vocabulary: no class to fall back on
+        (folder / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "GPT2Tokenizer"}))
+    out = subprocess.run([sys.executable, "-m", "qlora", "generate", "--model", str(folder), "--prompt", "Hello",
+                          "--quant", "none", "--max-new-tokens", "2"], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
+    assert str(folder) in out.stderr and "copy those of the model it was trained from" in out.stderr
 
 
 def test_padded_embedding_rows_train_and_export(spm_model, tmp_path):

@@ -11,7 +11,8 @@ SentencePiece-style tokenizers (Llama 2, Mistral, Gemma) spell characters outsid
 their vocabulary as ``<0xNN>`` byte tokens, and their decoder turns a whole run of
 byte tokens into text at once: one invalid byte makes every byte of the run U+FFFD,
 valid characters before it included. Decoding is prefix-stable only where a run
-ends, so text from a trailing run of byte tokens is held back until the run ends.
+ends, so text from a trailing run of byte tokens is held back until the run ends. A special token that decoding
+leaves out does not end a run: the bytes on both sides of it decode as one run.
 
 Special tokens are dropped from the text, except those named in ``keep``: tool-call
 markup such as Mistral's ``[TOOL_CALLS]`` is a special token, and a parser must see it.
@@ -20,6 +21,12 @@ every special token; ``include_stop`` (``include_stop_str_in_output``) keeps a m
 string, and the stop token that ended the reply, in the text (:meth:`TextStream.end` leaves
 that token's text out otherwise); with ``min_tokens``, stop strings are only looked for in text
 that tokens after the first ``min_tokens`` added (nothing is held back before).
+
+A tokenizer that cleans up tokenization spaces when decoding (``clean_up_tokenization_spaces``: BERT-style
+WordPiece ones; on transformers 4.x also Llama 3's and other BPE ones whose config sets it) removes the space before
+``.``, ``?``, ``'s``, ``n't``..., so a later token can rewrite text already decoded (``it '`` becomes ``it's``):
+the text is also decoded without the clean-up, and what of its clean-up later text could still change
+(:func:`cleaned_up`) is held back.
 
 ``turn_ends`` (a chat format's turn end spelt as text, :mod:`qlora.infer.turn_end`) end the reply as stop
 strings do, but stand for the end-of-turn token the vocabulary lacks, not for a user's stop: ``include_stop``
@@ -33,6 +40,9 @@ import weakref
 from typing import Sequence
 
 _BYTE_TOKEN = re.compile(r"<0x[0-9A-Fa-f]{2}>")
+# transformers' ``clean_up_tokenization``: these replacements, in this order
+_CLEAN_UP = ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), (" n't", "n't"), (" 'm", "'m"),
+             (" 's", "'s"), (" 've", "'ve"), (" 're", "'re"))
 _BYTE_IDS: "weakref.WeakKeyDictionary[object, frozenset[int]]" = weakref.WeakKeyDictionary()
 
 
@@ -50,6 +60,28 @@ def byte_token_ids(tokenizer) -> frozenset[int]:
     return ids
 
 
+def cleaned_up(raw: str) -> tuple[str, int]:
+    """transformers' ``clean_up_tokenization`` of ``raw``, and how many of its first characters no text after
+    ``raw`` can change.
+
+    Each step is ``str.replace``, a left-to-right scan: a match that ends within the settled part of the text given
+    to the step is found whatever follows; from the first place where a match could begin and reach past it (the
+    settled text from there on begins the pattern) on, the step's output may still change.
+    """
+    text, settled = raw, len(raw)
+    for old, new in _CLEAN_UP:
+        head, at = [], 0
+        while (found := text.find(old, at)) >= 0 and found + len(old) <= settled:
+            head += [text[at:found], new]
+            at = found + len(old)
+        cut = next((j for j in range(max(at, settled - len(old) + 1), settled) if old.startswith(text[j:settled])),
+                   settled)
+        head.append(text[at:cut])
+        settled = len("".join(head))
+        text = "".join(head) + text[cut:].replace(old, new)
+    return text, settled
+
+
 class TextStream:
     """Turn one reply's token ids into text pieces, honouring stop strings."""
 
@@ -61,9 +93,15 @@ class TextStream:
         # the stop strings a match keeps in the text: the user's with include_stop, a turn end as a special token
         self.kept = frozenset((*stop_strings, *(() if skip_special_tokens else turn_ends)) if include_stop else ())
         self.byte_ids = byte_token_ids(tokenizer)
+        self.cleans_up = bool(getattr(tokenizer, "clean_up_tokenization_spaces", False))
+        self.unsettled = 0  # characters at the end of the last text its clean-up may still change
         self.keep = keep if skip_special_tokens else frozenset()
         self.skip_special = skip_special_tokens
-        self.hidden = frozenset(tokenizer.all_special_ids) - keep if self.keep else frozenset()
+        specials = frozenset(tokenizer.all_special_ids) | {  # and those added as special: decode drops them too
+            i for i, t in getattr(tokenizer, "added_tokens_decoder", {}).items() if getattr(t, "special", False)}
+        self.hidden = specials - keep if self.keep else frozenset()
+        # tokens the decoded text leaves out, so a byte run before them goes on after them
+        self.dropped = self.hidden if self.keep else specials if skip_special_tokens else frozenset()
         # slow tokenizers only (fast ones, and vLLM's fast path, ignore it): passed when not the default
         self.decode_options = {} if spaces_between_special_tokens else {"spaces_between_special_tokens": False}
         self.include_stop = include_stop
@@ -85,7 +123,7 @@ class TextStream:
             return self._release(text[:cut])
         if text.endswith("\ufffd"):
             return ""
-        return self._release(text[:len(text) - self._held_back(text)])
+        return self._release(text[:len(text) - max(self._held_back(text), self.unsettled)])
 
     def end(self, token: int) -> str:
         """The stop token that ended the reply: counted, its text shown only with ``include_stop`` (as
@@ -107,18 +145,31 @@ class TextStream:
         return self._release(text if cut is None else text[:cut])
 
     def _stable_end(self) -> int:
-        """How many tokens decode to text that later tokens cannot change: all but a trailing byte run."""
+        """How many tokens decode to text that later tokens cannot change: all but a trailing byte run (and the
+        tokens decoding leaves out among and after its bytes)."""
         end = len(self.tokens)
-        while end and self.tokens[end - 1] in self.byte_ids:
+        while end and (self.tokens[end - 1] in self.byte_ids or self.tokens[end - 1] in self.dropped):
             end -= 1
         return end
 
     def _text(self, end: int) -> str:
         tokens = self.tokens[:end if self.visible is None else min(end, self.visible)]
+        text = self._decode(tokens)
+        if self.cleans_up:
+            raw = self._decode(tokens, clean_up_tokenization_spaces=False)
+            cleaned, settled = cleaned_up(raw)
+            if text == raw != cleaned:  # the decode does not clean up (transformers 5's BPE ignores the setting)
+                self.cleans_up, self.unsettled = False, 0
+            else:
+                self.unsettled = len(text) - settled if text == cleaned else 0  # 0: a clean-up of its own
+        return text
+
+    def _decode(self, tokens: list[int], **options) -> str:
         if not self.keep:
-            return self.tokenizer.decode(tokens, skip_special_tokens=self.skip_special, **self.decode_options)
+            return self.tokenizer.decode(tokens, skip_special_tokens=self.skip_special, **self.decode_options,
+                                         **options)
         return self.tokenizer.decode([t for t in tokens if t not in self.hidden], skip_special_tokens=False,
-                                     **self.decode_options)
+                                     **self.decode_options, **options)
 
     def _release(self, text: str) -> str:
         piece = text[self.shown:]

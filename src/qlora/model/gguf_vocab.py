@@ -4,9 +4,10 @@ llama.cpp runs two tokenizer families, and its reader needs to be told which:
 
 - ``gpt2``: byte-level BPE (GPT-2, Llama 3, Qwen): token strings in the byte-to-
   unicode alphabet, the merge list, and a *pre-tokenizer* name that selects
-  llama.cpp's built-in split regex. The name is read off the regex in
-  ``tokenizer.json``; an unknown regex is refused rather than guessed, because
-  a wrong pre-tokenizer silently changes every tokenization.
+  llama.cpp's built-in split regex. The name is read off the pre-tokenizer's
+  steps in ``tokenizer.json`` (all of them: digits split one by one before GPT-2's
+  regex are StarCoder's rule, not GPT-2's); an unknown rule is refused rather than
+  guessed, because a wrong pre-tokenizer silently changes every tokenization.
 - ``llama``: SentencePiece-style BPE with byte fallback (Llama 2, Mistral,
   Gemma, Phi-3): ``▁`` for spaces, ``<0xNN>`` byte tokens, and a score per token
   that llama.cpp merges by (highest first). Scores are ``-rank`` of the merge
@@ -44,6 +45,17 @@ _PRE_BY_REGEX = {
     r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
     r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
     r"|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+": "gpt-4o",
+}
+
+# llama.cpp pre-tokenizer name for each whole sequence of steps (:func:`_step_key`) that is not a split regex
+# followed by the byte-level step (those are read off _PRE_BY_REGEX).
+_PRE_BY_STEPS = {
+    (("ByteLevel", True),): "gpt-2",  # GPT-2's regex inside the byte-level step
+    # StarCoder, StarCoder 2, SmolLM: each digit alone, then GPT-2's regex
+    (("Digits", True), ("ByteLevel", True)): "starcoder",
+    # Falcon: punctuation runs, GPT-2's regex, then digits in threes
+    (("Punctuation", "Contiguous"), ("ByteLevel", True), ("Digits", False),
+     ("Split", "[0-9][0-9][0-9]", "Isolated", False)): "falcon",
 }
 
 # Token texts llama.cpp ends generation on by name whatever the file says (llama-vocab.cpp, its EOG list)
@@ -147,19 +159,33 @@ def _end_of_reply(vocab: GGUFVocab, generation_eos: int | list[int] | None, n_vo
 
 
 def _pre_tokenizer(spec: dict) -> str:
-    for step in _steps(spec.get("pre_tokenizer")):
-        if step.get("type") == "ByteLevel" and step.get("use_regex", True):
-            return "gpt-2"
-        if step.get("type") == "Split":
-            regex = step.get("pattern", {}).get("Regex")
-            if regex in _PRE_BY_REGEX:
-                return _PRE_BY_REGEX[regex]
-            break
+    """llama.cpp's name of the tokenizer's whole pre-tokenizer: every step counts (StarCoder's digits, split one by
+    one before GPT-2's regex, are llama.cpp's ``starcoder``, not ``gpt-2``)."""
+    steps = tuple(_step_key(step) for step in _steps(spec.get("pre_tokenizer")))
+    if steps in _PRE_BY_STEPS:
+        return _PRE_BY_STEPS[steps]
+    if (len(steps) == 2 and steps[0][0] == "Split" and steps[0][2:] == ("Isolated", False)
+            and steps[1] == ("ByteLevel", False) and steps[0][1] in _PRE_BY_REGEX):
+        return _PRE_BY_REGEX[steps[0][1]]
     raise UsageError(
         "GGUF export does not recognize this tokenizer's pre-tokenizer (its split rule in tokenizer.json), so it "
-        "cannot tell llama.cpp how to split text; byte-level BPE with the GPT-2, Llama 3, Qwen2 or o200k (GPT-4o, "
-        "gpt-oss) rule and SentencePiece-style tokenizers are supported. Writing a guess would silently change "
+        "cannot tell llama.cpp how to split text; byte-level BPE with the GPT-2, Llama 3, Qwen2, o200k (GPT-4o, "
+        "gpt-oss), StarCoder (SmolLM) or Falcon rule and SentencePiece-style tokenizers are supported. Writing a guess would silently change "
         "tokenization.")
+
+
+def _step_key(step: dict) -> tuple:
+    """What a pre-tokenizer step does to the split, as :data:`_PRE_BY_STEPS` spells it."""
+    kind = step.get("type")
+    if kind == "ByteLevel":
+        return kind, step.get("use_regex", True)
+    if kind == "Digits":
+        return kind, step.get("individual_digits", False)
+    if kind == "Punctuation":
+        return kind, step.get("behavior", "Isolated")
+    if kind == "Split":
+        return kind, step.get("pattern", {}).get("Regex"), step.get("behavior"), step.get("invert", False)
+    return kind, json.dumps(step, sort_keys=True)
 
 
 def _adds_space_prefix(spec: dict) -> bool:

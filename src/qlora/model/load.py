@@ -726,13 +726,29 @@ def load_tokenizer(folder: str | Path):
                          "needs the sentencepiece package: pip install sentencepiece (and protobuf). Or save "
                          "the tokenizer once as tokenizer.json where sentencepiece is installed "
                          "(AutoTokenizer.from_pretrained(DIR).save_pretrained(DIR)).")
+    needs = ("A model folder needs tokenizer.json (or tokenizer.model with sentencepiece installed) and "
+             "tokenizer_config.json; into a checkpoint saved without them, copy those of the model it was trained "
+             "from.")
+    if folder.is_dir() and not any(_holds_vocabulary(f.name) for f in folder.iterdir()):
+        # transformers would build the config's tokenizer class without a vocabulary, or fail deep inside
+        raise UsageError(f"{folder} holds no tokenizer files (tokenizer.json, tokenizer_config.json, "
+                         f"tokenizer.model, vocab.json...). {needs}")
     try:
-        return AutoTokenizer.from_pretrained(folder)
-    except (OSError, ValueError, ImportError) as exc:
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+    except (OSError, ValueError, ImportError, TypeError) as exc:  # 4.x: TypeError for a vocabulary file missing
         raise UsageError(f"the tokenizer in {folder} could not be loaded ({type(exc).__name__}: "
-                         f"{str(exc).strip().splitlines()[0] if str(exc).strip() else exc!r}). A model folder needs "
-                         "tokenizer.json (or tokenizer.model with sentencepiece installed) and "
-                         "tokenizer_config.json.") from None
+                         f"{str(exc).strip().splitlines()[0] if str(exc).strip() else exc!r}). {needs}") from None
+    # transformers 5 builds a GPT-2 or Qwen tokenizer with no vocabulary where its files are missing
+    if not tokenizer("a", add_special_tokens=False)["input_ids"]:
+        raise UsageError(f"the tokenizer in {folder} has no vocabulary (it encodes text to no tokens; transformers "
+                         f"built an empty {type(tokenizer).__name__} from config.json). {needs}")
+    return tokenizer
+
+
+def _holds_vocabulary(name: str) -> bool:
+    """Whether a file of this name is one transformers reads a tokenizer from."""
+    return (name.startswith(("tokenizer", "vocab", "spiece", "sentencepiece")) or name == "merges.txt"
+            or name.endswith((".tiktoken", ".model")))
 
 
 def check_vocab_fits(tokenizer, rows: int, model_dir: str | Path) -> None:

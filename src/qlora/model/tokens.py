@@ -56,7 +56,8 @@ def pending_modules_to_save(model: nn.Module) -> list[str]:
 def add_special_tokens(model: nn.Module, tokenizer, tokens: str | list[str]) -> int:
     """Add ``tokens`` (as special tokens; one string is one token) to the tokenizer and resize the model.
 
-    New embedding and output rows are the mean of the existing ones. The
+    New embedding and output rows are the mean of the existing ones (tokens that fit in an embedding padded past
+    the tokenizer take its unused rows as they are, as ``resize_token_embeddings`` leaves them). The
     embedding and output head are marked trainable for the next
     :func:`qlora.add_lora` (PEFT's ``modules_to_save``). Save the tokenizer
     next to the adapter: the adapter only fits a base resized to its length.
