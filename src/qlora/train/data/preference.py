@@ -61,8 +61,8 @@ from qlora.train.data.image_examples import expanded_prompt, image_batch
 from qlora.train.data.images import ImageRef, as_parts, attach_images, has_image_parts, images_in
 from qlora.train.data.pieces import is_written, piece_ids
 from qlora.train.data.sources import Record
-from qlora.train.data.tokenize import (IGNORE_INDEX, PROMPT_FILLS_SEQ_LEN, DataReport, for_template, rendering_kwargs,
-                                      tokenize_example)
+from qlora.train.data.tokenize import (IGNORE_INDEX, PROMPT_FILLS_SEQ_LEN, DataReport, first_places, for_template,
+                                      rendering_kwargs, tokenize_example)
 
 FIELDS = ("prompt", "chosen", "rejected")
 Messages = tuple[dict[str, str], ...]
@@ -443,7 +443,7 @@ def tokenize_pairs(examples: list[PreferenceExample], tokenizer, chat_template: 
             kept.append(pair)
     if not kept and len(report.identical) == len(examples):
         raise UsageError(f"all {len(examples)} preference pairs have the same chosen and rejected answer (first: "
-                         f"{', '.join(report.identical[:5])}): there is no preference to learn.")
+                         f"{first_places(report.identical)}): there is no preference to learn.")
     if not kept:
         raise report.nothing_to_train(len(examples), "preference pairs")
     return kept, report

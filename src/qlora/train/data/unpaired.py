@@ -45,7 +45,7 @@ from qlora.train.data.preference import (Messages, PreferenceExample, full_ids, 
                                          missing_prompt_hint, pair_from_row, prompt_ids, prompt_with_images,
                                          refuse_answer_images, refuse_image_tokens, renamed_source, with_system)
 from qlora.train.data.sources import Record
-from qlora.train.data.tokenize import IGNORE_INDEX, PROMPT_FILLS_SEQ_LEN, DataReport
+from qlora.train.data.tokenize import IGNORE_INDEX, PROMPT_FILLS_SEQ_LEN, DataReport, first_places
 
 _ROW_KEYS = ("input_ids", "attention_mask", "labels")
 
@@ -209,7 +209,7 @@ def tokenize_unpaired(examples: list[UnpairedExample], tokenizer, chat_template:
             kept.append(TokenizedUnpaired(prompt, completion, example.desirable, i, whole, truncated, media))
     if not kept and len(report.identical) == len(examples):
         raise UsageError(f"all {len(examples)} KTO examples come from preference pairs whose chosen and rejected "
-                         f"answer are the same (first: {', '.join(report.identical[:5])}): nothing to learn.")
+                         f"answer are the same (first: {first_places(report.identical)}): nothing to learn.")
     if not kept:
         raise report.nothing_to_train(len(examples), "KTO examples")
     return kept, report
