@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -140,6 +141,25 @@ def test_folder_of_data_files_by_split(tmp_path):
     empty.mkdir()
     with pytest.raises(UsageError, match=r"empty: a folder given as --data"):
         load_records(empty)
+
+
+def test_image_paths_of_a_file_in_a_subfolder_start_beside_it_then_at_the_data_folder(tmp_path):
+    """A hub-style folder's data/train.jsonl naming images/a.png finds data/images/a.png (beside the file, as when
+    the file is given alone), and a path from the folder's top (data/images/a.png) is found too."""
+    pytest.importorskip("datasets")
+    from PIL import Image
+
+    repo = tmp_path / "repo"
+    (repo / "data" / "images").mkdir(parents=True)
+    Image.new("RGB", (8, 8)).save(repo / "data" / "images" / "a.png")
+    turns = [{"role": "user", "content": "<image>What colour?"}, {"role": "assistant", "content": "Black."}]
+    for shown in ("images/a.png", "data/images/a.png"):
+        _jsonl(repo / "data" / "train.jsonl", [{"messages": turns, "images": [shown]}])
+        (ref,) = normalize(load_records(repo))[0].images
+        assert (ref.shown, Path(ref.source).resolve()) == (shown, repo / "data" / "images" / "a.png")
+    _jsonl(repo / "data" / "train.jsonl", [{"messages": turns, "images": ["b.png"]}])
+    with pytest.raises(UsageError, match=rf"image 'b.png' not found \(looked in {repo / 'data'}, {repo}\)"):
+        normalize(load_records(repo))
 
 
 def test_hub_dataset_name_offline_fails_fast_and_clearly(monkeypatch):

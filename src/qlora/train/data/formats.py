@@ -227,7 +227,7 @@ def normalize(records: list[Record], fmt: str = "auto", fields: FieldMap | str |
     for r in records:
         try:
             example = convert(r.fields, r.where, names)
-            folders = [f for f in (r.folder, dataset_dir) if f]
+            folders = r.image_folders(dataset_dir)
             examples.append(_marked_empty(attach_images(example, r.fields, folders) if images else example))
         except UsageError as exc:
             own = row_format(r.fields)

@@ -168,7 +168,7 @@ def normalize_preferences(records: list[Record], fields: FieldMap | str | dict |
     if not records:
         raise UsageError("the preference dataset is empty; it needs at least one row.")
     records, names, chat = renamed_source(records, fields)
-    return [pair_from_row(r.fields, r.where, names, chat, [f for f in (r.folder, dataset_dir) if f])
+    return [pair_from_row(r.fields, r.where, names, chat, r.image_folders(dataset_dir))
             for r in records]
 
 

@@ -50,7 +50,13 @@ class Record:
 
     fields: dict[str, Any]
     where: str
-    folder: str | None = None  # the local data file's folder: where the row's relative image paths start
+    # where the row's relative image paths start: its local data file's folder, then the --data folder that file
+    # was found in (a hub-style folder's data/train.jsonl may name images beside it or from the folder's top)
+    folders: tuple[str, ...] = ()
+
+    def image_folders(self, media_dir: str | None) -> list[str]:
+        """The folders a relative image path of this row is looked for in, in order (``media_dir`` last)."""
+        return list(dict.fromkeys(f for f in (*self.folders, media_dir) if f))
 
 
 def demo_data_path() -> Path:
@@ -92,7 +98,7 @@ def load_records(source: str | Path, split: str = "train", subset: str | None = 
         raise UsageError(f"{source}: the dataset is empty; it needs at least one example.")
     if path.exists():
         folder = str(path if path.is_dir() else path.parent)
-        records = [replace(r, folder=folder) for r in records]
+        records = [replace(r, folders=(*r.folders, folder)) for r in records]
     return records
 
 
@@ -425,7 +431,7 @@ def _read_folder(path: Path, split: str, subset: str | None, text_lines: bool = 
         # a text file compressed other than by gzip, bz2, xz (zstd, lz4) is refused by _read_file, saying what to do
         if ours and all(p.is_file() and (as_text or _format_suffix(p) in LOCAL_SUFFIXES or _decompress_hint(p))
                         for p in ours):
-            return [r for p in ours for r in _read_file(p, text_lines, as_text)]
+            return [replace(r, folders=(str(p.parent),)) for p in ours for r in _read_file(p, text_lines, as_text)]
         data = datasets.load_dataset(str(path), subset, split=split)
     except UsageError:  # a file's own error, named by its line
         raise

@@ -99,7 +99,7 @@ def normalize_unpaired(records: list[Record], fields: FieldMap | str | dict | No
     records, names, chat = renamed_source(records, fields)
     out: list[UnpairedExample] = []
     for r in records:
-        folders = [f for f in (r.folder, dataset_dir) if f]
+        folders = r.image_folders(dataset_dir)
         if "chosen" in r.fields and "rejected" in r.fields:
             pair: PreferenceExample = pair_from_row(r.fields, r.where, names, chat, folders)
             if pair.pieces:
