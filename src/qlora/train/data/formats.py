@@ -371,7 +371,8 @@ def _prompt_completion(fields: dict[str, Any], where: str, names: FieldMap, chat
 
 def _text(fields: dict[str, Any], where: str, names: FieldMap) -> Example:
     value = fields.get("text")
-    if isinstance(value, str) and not value.strip():  # a corpus's blank line (wikitext): skipped when tokenized
+    # a corpus's blank line (wikitext), or a null cell (a parquet gap): skipped when tokenized
+    if "text" in fields and (value is None or isinstance(value, str) and not value.strip()):
         return Example(None, "", where)
     return Example(None, _text_field(fields, "text", where, "text"), where)
 
