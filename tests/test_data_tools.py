@@ -92,6 +92,27 @@ def test_tool_call_turn_trained_tool_result_not(family):
     assert call.startswith(CALL_STARTS[family.split("-")[0]]), call
 
 
+def test_openai_legacy_function_call_rows_train_as_their_tool_calls_equivalent():
+    """OpenAI's legacy function-calling fine-tuning rows: an assistant "function_call" (no content), a "function"
+    result turn, bare definitions in "functions"; read as the tool_calls row they stand for, not skipped as a row
+    with an empty answer. A "functions" column that holds no definitions is no tools."""
+    messages = OPENAI_ROW["messages"]
+    call = messages[2]["tool_calls"][0]["function"]
+    legacy = {"messages": [*messages[:2], {"role": "assistant", "function_call": call},
+                           {"role": "function", "name": "get_weather", "content": '{"temp_c": 21}'}, messages[4]],
+              "functions": [t["function"] for t in TOOLS]}
+    modern = {"messages": [*messages[:2], {"role": "assistant", "content": None, "tool_calls": [
+        {"type": "function", "function": call}]}, {"role": "tool", "name": "get_weather", "content": '{"temp_c": 21}'},
+        messages[4]], "tools": TOOLS}
+    assert _example(legacy) == _example(modern)
+    tok = family_tokenizer("qwen2.5")
+    tokenized = tokenize_example(_example(legacy), tok, ChatFormat(tok.chat_template))
+    assert [tok.decode(r) for r in _runs(tokenized)] == [
+        '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call><|im_end|>',
+        "It is 21 degrees in Paris.<|im_end|>"]
+    assert _example({**modern, "tools": None, "functions": "math, physics"}).tools is None
+
+
 def test_glaive_row_trains_the_same_tokens_as_the_openai_row():
     tok = family_tokenizer("qwen2.5")
     fmt = ChatFormat(tok.chat_template)

@@ -445,6 +445,7 @@ def _message(item: Any, where: str, names: FieldMap, fmt: str) -> dict[str, Any]
     if role_key in item and not isinstance(speaker, str):
         raise UsageError(f'{where}: "{role_key}" must be a string naming the speaker, got {speaker!r} (format {fmt}).')
     if not isinstance(speaker, str) or (content_key not in item and "tool_calls" not in item
+                                        and "function_call" not in item
                                         and speaker_name(speaker) not in _TOOL_CALL_SPEAKERS):
         raise UsageError(f'{where}: each entry needs string fields "{role_key}" and "{content_key}" (format {fmt}); '
                          f"this one has {sorted(item)}. Map other names with --data-fields role=KEY,content=KEY.")
@@ -460,7 +461,8 @@ def _message(item: Any, where: str, names: FieldMap, fmt: str) -> dict[str, Any]
         message["content"] = None
         message["tool_calls"] = _tool_calls(_parsed_json(content, where, "the function_call value"), where)
         return message
-    calls = item.get("tool_calls")
+    # OpenAI's legacy function calling: one "function_call" {"name", "arguments"} where tool_calls is now
+    calls = item.get("tool_calls") or item.get("function_call")
     if calls and role == "assistant":  # OpenAI exports write [] or null when a message calls nothing
         message["tool_calls"] = _tool_calls(_parsed_json(calls, where, '"tool_calls"'), where)
     message["content"] = _content(content, where, role, content_key, fmt, bool(message.get("tool_calls")))
@@ -565,10 +567,11 @@ def _tool_calls(value: Any, where: str) -> list[dict[str, Any]]:
 
 
 def _tools(fields: dict[str, Any], where: str) -> tuple[dict[str, Any], ...] | None:
-    """The row's ``tools`` column: a list of tool definitions, or that list as a JSON string."""
+    """The row's ``tools`` column: a list of tool definitions, or that list as a JSON string; else the function
+    definitions of its ``functions`` column (OpenAI's legacy function calling)."""
     value = fields.get("tools")
     if value is None or value == "" or value == []:
-        return None
+        return _legacy_functions(fields.get("functions"))
     if isinstance(value, str):
         value = _parsed_json(value, where, 'the "tools" field')
     if isinstance(value, dict):
@@ -577,6 +580,17 @@ def _tools(fields: dict[str, Any], where: str) -> tuple[dict[str, Any], ...] | N
         raise UsageError(f'{where}: "tools" must be a list of tool definitions (JSON objects), or that list as a '
                          "JSON string.")
     return tuple(value) or None
+
+
+def _legacy_functions(value: Any) -> tuple[dict[str, Any], ...] | None:
+    """A ``functions`` column of bare function definitions (``{"name", "parameters"}``, as OpenAI's legacy
+    fine-tuning data beside ``function_call`` turns) as tools; None for any other column of that name."""
+    if isinstance(value, str):
+        value = _json_list(value)
+    if not (isinstance(value, list) and value and all(isinstance(f, dict) and isinstance(f.get("name"), str)
+                                                      for f in value)):
+        return None
+    return tuple({"type": "function", "function": f} for f in value)
 
 
 def _parsed_json(value: Any, where: str, what: str) -> Any:
