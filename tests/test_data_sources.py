@@ -162,6 +162,40 @@ def test_image_paths_of_a_file_in_a_subfolder_start_beside_it_then_at_the_data_f
         normalize(load_records(repo))
 
 
+def test_an_image_folder_reads_its_images_as_stored_and_names_a_bad_one(tmp_path):
+    """An image folder (PNGs and a metadata.jsonl) is read by datasets; its Image column is read as stored
+    ({"bytes", "path"}: not every picture decoded and held), so a missing or unreadable image is named with its row
+    by qlora's check (datasets raised a bare FileNotFoundError or UnidentifiedImageError), and a malformed
+    metadata.jsonl is a refusal naming the folder's files, not a split or subset to choose."""
+    datasets = pytest.importorskip("datasets")
+    from PIL import Image
+
+    folder = tmp_path / "photos"
+    (folder / "train").mkdir(parents=True)
+    for i in range(2):
+        Image.new("RGB", (8, 8), (100 * i, 0, 0)).save(folder / "train" / f"{i}.png")
+    meta = [{"file_name": f"{i}.png", "instruction": "Colour?", "output": ["Black.", "Red."][i]} for i in range(2)]
+    _jsonl(folder / "train" / "metadata.jsonl", meta)
+    before = sorted(folder.rglob("*"))
+    records = load_records(folder)
+    theirs = datasets.load_dataset(str(folder), split="train", cache_dir=str(tmp_path / "c"))
+    assert [r.fields for r in records] == [{**row, "image": {"bytes": None, "path": row["image"].filename}}
+                                           for row in theirs]
+    assert [e.images[0].source for e in normalize(records)] == [str(folder.resolve() / "train" / f"{i}.png")
+                                                                for i in range(2)]
+    (folder / "train" / "1.png").write_bytes(b"not a png")
+    with pytest.raises(UsageError, match=r"photos\[train\] row 1: image '.*1\.png' is not an image Pillow can read"):
+        normalize(load_records(folder))
+    (folder / "train" / "1.png").unlink()
+    with pytest.raises(UsageError, match=r"photos\[train\] row 1: image '.*1\.png' not found"):
+        normalize(load_records(folder))
+    assert sorted(folder.rglob("*")) == [p for p in before if p.name != "1.png"]  # nothing written into the folder
+    (folder / "train" / "metadata.jsonl").write_text(json.dumps(meta[0]) + "\n{bad\n")
+    with pytest.raises(UsageError, match=r"photos: datasets cannot read the files of its split 'train' \(.*\)\. Fix "
+                                         r"or remove the bad file among them \(train/0\.png, train/metadata\.jsonl\)"):
+        load_records(folder)
+
+
 def test_hub_dataset_name_offline_fails_fast_and_clearly(monkeypatch):
     """No hub (a closed local port as the endpoint): a clear error at once, not a minute of retries."""
     import time

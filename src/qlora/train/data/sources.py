@@ -21,6 +21,7 @@ import io
 import itertools
 import json
 import lzma
+import os
 import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -427,20 +428,30 @@ def _read_folder(path: Path, split: str, subset: str | None, text_lines: bool = 
     try:
         files = {str(name): found for name, found in (datasets.load_dataset_builder(str(path), subset).config
                                                       .data_files or {}).items()}
-        ours = [Path(f) for f in _pick_split(files, split, str(path))]
-        # a text file compressed other than by gzip, bz2, xz (zstd, lz4) is refused by _read_file, saying what to do
-        if ours and all(p.is_file() and (as_text or _format_suffix(p) in LOCAL_SUFFIXES or _decompress_hint(p))
-                        for p in ours):
-            return [replace(r, folders=(str(p.parent),)) for p in ours for r in _read_file(p, text_lines, as_text)]
-        data = datasets.load_dataset(str(path), subset, split=split)
-    except UsageError:  # a file's own error, named by its line
-        raise
-    except ValueError as exc:  # unknown split or subset: datasets' message lists the existing ones
-        raise UsageError(f"{path}: {exc} (--data-split, --data-subset)") from None
-    except Exception as exc:  # no data files, mixed formats, unreadable files
+    except ValueError as exc:  # unknown subset: datasets' message lists the existing ones
+        raise UsageError(f"{path}: {exc} (--data-subset)") from None
+    except Exception as exc:  # no data files, a dataset script, a README whose YAML header is broken
         raise UsageError(f"{path}: a folder given as --data must be written by save_to_disk or hold data files "
                          f"that datasets reads (json, csv, parquet, arrow, text): {type(exc).__name__}: {exc}") from None
+    ours = [Path(f) for f in _pick_split(files, split, str(path))]
+    # a text file compressed other than by gzip, bz2, xz (zstd, lz4) is refused by _read_file, saying what to do
+    if ours and all(p.is_file() and (as_text or _format_suffix(p) in LOCAL_SUFFIXES or _decompress_hint(p))
+                    for p in ours):
+        return [replace(r, folders=(str(p.parent),)) for p in ours for r in _read_file(p, text_lines, as_text)]
+    try:
+        data = datasets.load_dataset(str(path), subset, split=split)
+    except Exception as exc:  # a malformed file among others (an image folder's metadata.jsonl), mixed columns
+        named = ", ".join(os.path.relpath(p, path) for p in ours[:5]) + (", ..." if len(ours) > 5 else "")
+        raise UsageError(f"{path}: datasets cannot read the files of its split {split!r} ({type(exc).__name__}: "
+                         f"{exc}{_cause(exc)}). Fix or remove the bad file among them ({named}).") from None
     return _rows(data, f"{path}[{split}]")
+
+
+def _cause(exc: BaseException) -> str:
+    """The first cause of ``datasets``' wrapping error (DatasetGenerationError says only "An error occurred while
+    generating the dataset")."""
+    cause = exc.__cause__ or exc.__context__
+    return f"; {type(cause).__name__}: {cause}" if cause is not None else ""
 
 
 def _read_hub(name: str, split: str, subset: str | None) -> list[Record]:
@@ -471,9 +482,38 @@ def _pick_split(data: Any, split: str, where: str) -> Any:
 
 
 def _rows(rows: Iterable[dict[str, Any]], where: str, features: Any = None) -> list[Record]:
-    """The rows as records; ClassLabel columns (of a ``datasets.Dataset``, or of ``features``) hold their names."""
+    """The rows as records; ClassLabel columns (of a ``datasets.Dataset``, or of ``features``) hold their names,
+    Image columns what they store (:func:`_stored_images`)."""
     labels = label_names(features if features is not None else getattr(rows, "features", None))
+    if getattr(rows, "features", None):
+        rows = _stored_images(rows)
     return [Record(with_label_names(dict(row), labels), f"{where} row {i}") for i, row in enumerate(rows)]
+
+
+def _stored_images(data: Any) -> Any:
+    """A ``datasets.Dataset`` whose Image columns (an image folder's, or nested, as a list of images) read as
+    they are stored, ``{"bytes", "path"}``, as qlora's own parquet reader gives them: each image is then checked
+    by qlora, which names the row of a missing or unreadable file (``datasets`` decodes it as the row is read,
+    raising a bare FileNotFoundError), and decoded only when its row is tokenized, not all held in memory here."""
+    import dataclasses
+
+    import datasets
+
+    def stored(feature: Any) -> Any:
+        if isinstance(feature, datasets.Image):
+            return datasets.Image(decode=False)
+        if isinstance(feature, dict):
+            return {name: stored(inner) for name, inner in feature.items()}
+        if isinstance(feature, list):
+            return [stored(inner) for inner in feature]
+        if dataclasses.is_dataclass(feature) and hasattr(feature, "feature"):  # List, LargeList, Sequence
+            return dataclasses.replace(feature, feature=stored(feature.feature))
+        return feature
+
+    features = datasets.Features({name: stored(f) for name, f in data.features.items()})
+    if features == data.features:
+        return data
+    return data.cast(features, keep_in_memory=True)  # in memory: nothing is written into the user's folder
 
 
 def _as_object(value: Any, where: str) -> dict[str, Any]:
