@@ -107,6 +107,23 @@ def test_saved_datasets_and_arrow_files_through_datasets(tmp_path):
         load_records(tmp_path / "fake.arrow")
 
 
+def test_a_saved_empty_dataset_or_split_is_empty_not_unreadable(tmp_path):
+    """datasets saves a Dataset of no rows without data files and cannot load it back (an IndexError), nor a
+    DatasetDict holding such a split: its empty split is refused as empty data, and its other splits read."""
+    datasets = pytest.importorskip("datasets")
+    rows = [{"text": "a"}, {"text": "b"}]
+    empty = datasets.Dataset.from_list(rows).select([])
+    empty.save_to_disk(str(tmp_path / "empty"))
+    datasets.DatasetDict({"train": datasets.Dataset.from_list(rows), "test": empty}).save_to_disk(str(tmp_path / "d"))
+    assert [r.fields for r in load_records(tmp_path / "d")] == rows
+    for folder, split in (("empty", "train"), ("d", "test")):
+        with pytest.raises(UsageError, match=rf"{folder}: the dataset is empty; it needs at least one example"):
+            load_records(tmp_path / folder, split=split)
+    (tmp_path / "d" / "dataset_dict.json").write_text('{"splits": ')
+    with pytest.raises(UsageError, match=r"d: not a readable save_to_disk folder \(JSONDecodeError"):
+        load_records(tmp_path / "d")
+
+
 def test_arrow_ipc_file_format(tmp_path):
     """The random-access Arrow file (pyarrow's ipc.new_file, Feather 2, polars' write_ipc) reads as datasets'
     arrow loader reads it, not only the stream datasets itself writes."""

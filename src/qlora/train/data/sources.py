@@ -417,14 +417,20 @@ def _read_folder(path: Path, split: str, subset: str | None, text_lines: bool = 
     import datasets
 
     if (path / "dataset_dict.json").is_file() or (path / "state.json").is_file():
+        folder, where = path, str(path)
         try:
-            data = datasets.load_from_disk(str(path))
+            if (path / "dataset_dict.json").is_file():  # a DatasetDict: the split's folder alone, as datasets reads it
+                splits = json.loads((path / "dataset_dict.json").read_text(encoding="utf-8"))["splits"]
+                folder = path / _pick_split(dict.fromkeys(splits, split), split, str(path))
+                where = f"{path}[{split}]"
+            if json.loads((folder / "state.json").read_text(encoding="utf-8")).get("_data_files") == []:
+                return []  # an empty Dataset, saved without data files: datasets cannot load it back (IndexError)
+            data = datasets.load_from_disk(str(folder))
+        except UsageError:  # no such split
+            raise
         except Exception as exc:  # FileNotFoundError, JSON and Arrow errors of a damaged folder
             raise UsageError(f"{path}: not a readable save_to_disk folder ({type(exc).__name__}: {exc}).") from None
-        if isinstance(data, datasets.DatasetDict):
-            data = _pick_split(data, split, str(path))
-            return _rows(data, f"{path}[{split}]")
-        return _rows(data, str(path))
+        return _rows(data, where)
     try:
         files = {str(name): found for name, found in (datasets.load_dataset_builder(str(path), subset).config
                                                       .data_files or {}).items()}
