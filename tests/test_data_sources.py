@@ -124,6 +124,20 @@ def test_a_saved_empty_dataset_or_split_is_empty_not_unreadable(tmp_path):
         load_records(tmp_path / "d")
 
 
+@pytest.mark.parametrize("fmt, columns", [("torch", None), ("numpy", None), ("python", ["prompt", "completion"])])
+def test_a_dataset_saved_with_a_format_reads_as_python_objects_with_every_column(tmp_path, fmt, columns):
+    """save_to_disk keeps a dataset's format: read as it was set, a KTO label was a tensor or an array, or hidden
+    with the columns left out, and the rows read as prompt-completion SFT data, label=false ones too."""
+    datasets = pytest.importorskip("datasets")
+    rows = [{"prompt": "The sky is", "completion": " blue.", "label": True, "score": [1.0, 2.0]},
+            {"prompt": "The sky is", "completion": " green.", "label": False, "score": [0.0, 1.0]}]
+    datasets.Dataset.from_list(rows).with_format(fmt, columns=columns).save_to_disk(str(tmp_path / "saved"))
+    records = load_records(tmp_path / "saved")
+    assert [r.fields for r in records] == rows
+    with pytest.raises(UsageError, match=r"saved row 0: .*--method kto"):
+        normalize(records)
+
+
 def test_arrow_ipc_file_format(tmp_path):
     """The random-access Arrow file (pyarrow's ipc.new_file, Feather 2, polars' write_ipc) reads as datasets'
     arrow loader reads it, not only the stream datasets itself writes."""

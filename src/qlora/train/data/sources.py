@@ -489,10 +489,12 @@ def _pick_split(data: Any, split: str, where: str) -> Any:
 
 def _rows(rows: Iterable[dict[str, Any]], where: str, features: Any = None) -> list[Record]:
     """The rows as records; ClassLabel columns (of a ``datasets.Dataset``, or of ``features``) hold their names,
-    Image columns what they store (:func:`_stored_images`)."""
+    Image columns what they store (:func:`_stored_images`). A Dataset is read as Python objects, every column:
+    a ``save_to_disk`` folder keeps the format it was saved with (``set_format("torch")``: tensors where a label's
+    true/false is read; ``columns=[...]``: the others hidden, a KTO ``label`` with them)."""
     labels = label_names(features if features is not None else getattr(rows, "features", None))
     if getattr(rows, "features", None):
-        rows = _stored_images(rows)
+        rows = _stored_images(rows.with_format(None))
     return [Record(with_label_names(dict(row), labels), f"{where} row {i}") for i, row in enumerate(rows)]
 
 
