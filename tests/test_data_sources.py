@@ -44,6 +44,21 @@ def test_malformed_json_file_names_line(tmp_path):
         load_records(path)
 
 
+def test_a_bare_list_of_messages_is_told_to_be_wrapped(tmp_path):
+    """Conversations written as bare message lists (a line or item that is [{"role": ...}, ...]) are refused with
+    the object to write them as; another non-object is refused as before."""
+    turns = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
+    _jsonl(tmp_path / "bare.jsonl", [turns])
+    (tmp_path / "bare.json").write_text(json.dumps([turns]))
+    for name, place in (("bare.jsonl", "line 1"), ("bare.json", "item 0")):
+        with pytest.raises(UsageError, match=rf'{name} {place}: expected a JSON object .*got list\. It is a bare list '
+                                             r'of messages: write each conversation as an object, \{"messages"'):
+            load_records(tmp_path / name)
+    _jsonl(tmp_path / "texts.jsonl", [["a", "b"]])
+    with pytest.raises(UsageError, match=r"line 1: expected a JSON object with the example's fields, got list\.$"):
+        load_records(tmp_path / "texts.jsonl")
+
+
 def test_missing_field_names_file_and_line(tmp_path):
     path = _jsonl(tmp_path / "d.jsonl", [ALPACA[0], {"instruction": "no answer"}])  # "" is skipped (test_data_empty_rows)
     with pytest.raises(UsageError, match=r'd\.jsonl line 2: field "output" is missing'):

@@ -526,5 +526,10 @@ def _stored_images(data: Any) -> Any:
 
 def _as_object(value: Any, where: str) -> dict[str, Any]:
     if not isinstance(value, dict):
-        raise UsageError(f"{where}: expected a JSON object with the example's fields, got {type(value).__name__}.")
+        messages = isinstance(value, list) and value and all(
+            isinstance(m, dict) and ({"role", "from"} & m.keys()) for m in value)
+        hint = (' It is a bare list of messages: write each conversation as an object, {"messages": [...]} (jq -c '
+                "'{messages: .}' on a .jsonl file, jq 'map({messages: .})' on a .json list).") if messages else ""
+        raise UsageError(f"{where}: expected a JSON object with the example's fields, got {type(value).__name__}."
+                         f"{hint}")
     return value
