@@ -586,3 +586,5 @@ def test_kto_eval_split_holds_out_both_answers_of_a_pair(tmp_path, tiny_model_di
     assert (len(trainer.train_units), len(trainer.eval_units)) == (36, 12)  # 6 of the 24 pairs held out, whole
     prompts = [{tuple(u.prompt_ids) for u in units} for units in (trainer.train_units, trainer.eval_units)]
     assert len(prompts[1]) == 6 and not prompts[0] & prompts[1]
+    with pytest.raises(UsageError, match=r"--eval-split 24\.0 holds out 24 of the 24 rows of --data"):
+        Trainer(_config(tiny_model_dir, tmp_path / "p.jsonl", tmp_path / "o2", method="kto", eval_split=24)).setup()

@@ -67,7 +67,7 @@ class KTOTrainer(PreferenceTrainer):
         """``--eval-split`` over rows: a preference pair's two answers, examples side by side from one row, are
         held out together, so no held-out prompt was trained with its other answer."""
         rows = [list(group) for _, group in itertools.groupby(examples, key=lambda e: e.where)]
-        train, held = super()._hold_out(rows)
+        train, held = super()._hold_out(rows, "rows")
         return [e for row in train for e in row], [e for row in held for e in row]
 
     def _tokenize(self, examples: list) -> tuple[list[TokenizedUnpaired], Any]:

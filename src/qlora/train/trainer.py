@@ -578,10 +578,10 @@ class Trainer:
         else:
             self.forward_model = wrap_ddp(self.model, self.dist)
 
-    def _hold_out(self, examples: list) -> tuple[list, list]:
-        """``(train, held out)`` examples for ``--eval-split``."""
+    def _hold_out(self, examples: list, what: str = "examples") -> tuple[list, list]:
+        """``(train, held out)`` examples (or ``what`` else) for ``--eval-split``."""
         cfg = self.config
-        return hold_out(examples, cfg.eval_split, cfg.seed, cfg.eval_split_order, cfg.shuffle)
+        return hold_out(examples, cfg.eval_split, cfg.seed, cfg.eval_split_order, cfg.shuffle, what)
 
     def _read_data(self, source: str, split: str):
         cfg = self.config
