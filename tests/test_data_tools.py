@@ -198,3 +198,31 @@ def test_openai_weight_0_keeps_a_turn_in_the_context_untrained(family):
     assert [tok.decode(r) for r in _runs(weighted)] == [tok.decode(r) for r in _runs(full)][1:]
     with pytest.raises(UsageError, match=r'message 1: "weight" must be 0'):
         _example({"messages": [turns[0], {**turns[1], "weight": 0.5}]})
+
+
+@pytest.mark.parametrize("tools", [TOOLS, json.dumps(TOOLS)])
+def test_preference_and_kto_rows_render_their_tools_column_as_trl_does(tools):
+    """TRL's DPOTrainer and KTOTrainer give a conversational row's "tools" (a list, or its JSON text) to the chat
+    template, for the prompt and for prompt + answer alike: the pair's and the KTO example's ids are those."""
+    from qlora.train.data.preference import normalize_preferences, tokenize_pairs
+    from qlora.train.data.unpaired import normalize_unpaired, tokenize_unpaired
+
+    tok = family_tokenizer("qwen2.5")
+    fmt = ChatFormat(tok.chat_template)
+    prompt = [{"role": "user", "content": "Weather in Paris?"}]
+    chosen, rejected = ([{"role": "assistant", "content": text}] for text in ("Let me check.", "No idea."))
+    row = {"prompt": prompt, "chosen": chosen, "rejected": rejected, "tools": tools}
+
+    def ids(messages, **kw):
+        return list(tok.apply_chat_template(messages, tools=TOOLS, tokenize=True, return_dict=True, **kw)["input_ids"])
+
+    (pair,), _ = tokenize_pairs(normalize_preferences([Record(row, "p.jsonl line 1")]), tok, fmt)
+    assert pair.prompt_ids == ids(prompt, add_generation_prompt=True)
+    assert pair.prompt_ids + pair.chosen_ids == ids(prompt + chosen)
+    assert pair.prompt_ids + pair.rejected_ids == ids(prompt + rejected)
+    assert "get_weather" in tok.decode(pair.prompt_ids)
+    kto_row = {"prompt": prompt, "completion": chosen, "label": True, "tools": tools}
+    for rows in ([row], [kto_row]):
+        units, _ = tokenize_unpaired(normalize_unpaired([Record(r, "k.jsonl line 1") for r in rows]), tok, fmt)
+        assert units[0].prompt_ids == ids(prompt, add_generation_prompt=True)
+        assert units[0].prompt_ids + units[0].completion_ids == ids(prompt + chosen)

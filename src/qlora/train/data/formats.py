@@ -254,7 +254,7 @@ def _alpaca(fields: dict[str, Any], where: str, names: FieldMap) -> Example:
     prompt = "\n\n".join(part for part in (instruction, extra) if part.strip())  # Dolly has rows with "" for either
     messages.append({"role": "user", "content": prompt})
     messages.append(_with_reasoning({"role": "assistant", "content": output}, fields, where))
-    return Example(tuple(messages), None, where, tools=_tools(fields, where),
+    return Example(tuple(messages), None, where, tools=row_tools(fields, where),
                    skip=None if prompt else EMPTY_INSTRUCTION)
 
 
@@ -303,7 +303,7 @@ def _conversation(fields: dict[str, Any], key: str, where: str, names: FieldMap,
     system = fields.get("system")  # LLaMA-Factory's system column
     if isinstance(system, str) and system.strip() and not any(m["role"] == "system" for m in messages):
         messages.insert(0, {"role": "system", "content": system})
-    return Example(tuple(messages), None, where, tools=_tools(fields, where))
+    return Example(tuple(messages), None, where, tools=row_tools(fields, where))
 
 
 def _is_exchange(item: Any, names: FieldMap) -> bool:
@@ -366,7 +366,7 @@ def _prompt_completion(fields: dict[str, Any], where: str, names: FieldMap, chat
     last = max(k for k, m in enumerate(completion_m) if m["role"] == "assistant")
     if not any(key in completion_m[last] for key in REASONING_KEYS):  # a reasoning column beside the completion
         completion_m[last] = _with_reasoning(completion_m[last], fields, where)
-    return Example(tuple(prompt_m + completion_m), None, where, prompt_turns=len(prompt_m), tools=_tools(fields, where))
+    return Example(tuple(prompt_m + completion_m), None, where, prompt_turns=len(prompt_m), tools=row_tools(fields, where))
 
 
 def _text(fields: dict[str, Any], where: str, names: FieldMap) -> Example:
@@ -566,7 +566,7 @@ def _tool_calls(value: Any, where: str) -> list[dict[str, Any]]:
     return out
 
 
-def _tools(fields: dict[str, Any], where: str) -> tuple[dict[str, Any], ...] | None:
+def row_tools(fields: dict[str, Any], where: str) -> tuple[dict[str, Any], ...] | None:
     """The row's ``tools`` column: a list of tool definitions, or that list as a JSON string; else the function
     definitions of its ``functions`` column (OpenAI's legacy function calling)."""
     value = fields.get("tools")
