@@ -188,6 +188,28 @@ def test_kto_rows_with_an_empty_completion_are_skipped(tmp_path, qwen_tokenizer)
         normalize_unpaired(load_records(bad))
 
 
+def test_kto_pairs_skipped_whole_name_each_line_once(tmp_path, qwen_tokenizer):
+    """KTO trains a pair's two answers apart: where both are skipped, the report counts two examples and names
+    their line once, not the same line twice in its first five."""
+    from qlora.train.data.unpaired import normalize_unpaired, tokenize_unpaired
+
+    long = "The quick brown fox jumps over the lazy dog. " * 40
+    rows = [{"prompt": "Q?", "chosen": "Yes.", "rejected": "No."}] + [
+        {"prompt": long, "chosen": "Yes.", "rejected": "No."}] * 3 + [{"prompt": "Q?", "chosen": "Same.",
+                                                                         "rejected": "Same."}] * 2
+    path = _write(tmp_path / "pairs.jsonl", rows)
+    units, report = tokenize_unpaired(normalize_unpaired(load_records(path)), qwen_tokenizer, ChatFormat(QWEN),
+                                      seq_len=64)
+    assert [u.index for u in units] == [0, 1]
+    lines = ", ".join(f"{path} line {n}" for n in (2, 3, 4))
+    assert f"6 skipped with a prompt that fills --seq-len, leaving no answer token (first: {lines})" in report.summary()
+    assert f"4 skipped whose chosen and rejected answers are the same (first: {path} line 5, {path} line 6)" in (
+        report.summary())
+    ties = _write(tmp_path / "ties.jsonl", rows[4:])
+    with pytest.raises(UsageError, match=rf"are the same \(first: {ties} line 1, {ties} line 2\): nothing to learn"):
+        tokenize_unpaired(normalize_unpaired(load_records(ties)), qwen_tokenizer, ChatFormat(QWEN))
+
+
 def test_cli_dpo_skips_a_pair_with_an_empty_answer(tmp_path, tiny_model_dir, capsys):
     rows = [{"prompt": f"Double {a}.", "chosen": f"{2 * a}.", "rejected": f"{a}."} for a in range(3)]
     path = _write(tmp_path / "pairs.jsonl", rows + [{"prompt": "Double 9.", "chosen": "18.", "rejected": ""}])

@@ -61,6 +61,17 @@ def test_common_variants_are_detected_without_options():
     ({"foo": 1}, "['foo']", "--data-fields OURS=THEIRS"),
     ({"content": "def f():\n    return 1\n", "lang": "python", "path": "a.py"}, "['content', 'lang', 'path']",
      "If 'content' holds text to train on whole (as in pre-training), map it with --data-fields text=content"),
+    # alpaca's columns, capitalized: the instruction is the prompt and the input its context, not the other way
+    ({"Instruction": "Add.", "Input": "2+2", "Output": "4"}, "['Input', 'Instruction', 'Output']",
+     "If 'Instruction' is the prompt, 'Input' its context and 'Output' the answer, map them with --data-fields "
+     "instruction=Instruction,input=Input,output=Output;"),
+    ({"instruction": "Add.", "input": "2+2", "answer": "4"}, "['answer', 'input', 'instruction']",
+     "If 'instruction' is the prompt, 'input' its context and 'answer' the answer, map them with --data-fields "
+     "output=answer;"),
+    # a CSV header written "instruction, input, output"
+    ({"instruction": "Add.", " input": "2+2", " output": "4"}, "[' input', ' output', 'instruction']",
+     "The column names ' input', ' output' have spaces around them (a CSV header written \"a, b\" keeps the space "
+     "after the comma): remove the spaces from the header."),
 ])
 def test_failed_detection_lists_the_fields_and_how_to_map_them(row, found, hint):
     with pytest.raises(UsageError, match="cannot tell the data format") as info:

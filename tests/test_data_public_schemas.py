@@ -156,6 +156,13 @@ def test_wikitext_blank_lines_are_skipped_not_refused(tmp_path, qwen_tokenizer):
     pq.write_table(pa.Table.from_pylist(rows[::2]), blank)
     with pytest.raises(UsageError, match=rf"all 2 texts of the data are empty \(first: {blank} row 0"):
         tokenize_dataset(normalize(load_records(blank)), qwen_tokenizer, ChatFormat(QWEN))
+    # a null text (a parquet gap) is an empty one, not a missing column
+    gaps = tmp_path / "gaps.parquet"
+    pq.write_table(pa.Table.from_pylist([rows[1], {"text": None}, rows[3]]), gaps)
+    tokenized, report = tokenize_dataset(normalize(load_records(gaps)), qwen_tokenizer, ChatFormat(QWEN))
+    assert [t.index for t in tokenized] == [0, 2] and report.untrainable_where == [f"{gaps} row 1"]
+    with pytest.raises(UsageError, match=r'line 1: field "text" is missing'):
+        normalize(load_records(_jsonl(tmp_path / "other.jsonl", [{"body": "x"}])), "text")
 
 
 def test_openorca_refusal_maps_its_system_prompt_too(tmp_path, qwen_tokenizer):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -41,6 +42,21 @@ def test_malformed_json_file_names_line(tmp_path):
     path.write_text('[\n  {"instruction": "a", "output": "b"},\n  {oops}\n]')
     with pytest.raises(UsageError, match=r"bad\.json line 3"):
         load_records(path)
+
+
+def test_a_bare_list_of_messages_is_told_to_be_wrapped(tmp_path):
+    """Conversations written as bare message lists (a line or item that is [{"role": ...}, ...]) are refused with
+    the object to write them as; another non-object is refused as before."""
+    turns = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
+    _jsonl(tmp_path / "bare.jsonl", [turns])
+    (tmp_path / "bare.json").write_text(json.dumps([turns]))
+    for name, place in (("bare.jsonl", "line 1"), ("bare.json", "item 0")):
+        with pytest.raises(UsageError, match=rf'{name} {place}: expected a JSON object .*got list\. It is a bare list '
+                                             r'of messages: write each conversation as an object, \{"messages"'):
+            load_records(tmp_path / name)
+    _jsonl(tmp_path / "texts.jsonl", [["a", "b"]])
+    with pytest.raises(UsageError, match=r"line 1: expected a JSON object with the example's fields, got list\.$"):
+        load_records(tmp_path / "texts.jsonl")
 
 
 def test_missing_field_names_file_and_line(tmp_path):
@@ -106,6 +122,37 @@ def test_saved_datasets_and_arrow_files_through_datasets(tmp_path):
         load_records(tmp_path / "fake.arrow")
 
 
+def test_a_saved_empty_dataset_or_split_is_empty_not_unreadable(tmp_path):
+    """datasets saves a Dataset of no rows without data files and cannot load it back (an IndexError), nor a
+    DatasetDict holding such a split: its empty split is refused as empty data, and its other splits read."""
+    datasets = pytest.importorskip("datasets")
+    rows = [{"text": "a"}, {"text": "b"}]
+    empty = datasets.Dataset.from_list(rows).select([])
+    empty.save_to_disk(str(tmp_path / "empty"))
+    datasets.DatasetDict({"train": datasets.Dataset.from_list(rows), "test": empty}).save_to_disk(str(tmp_path / "d"))
+    assert [r.fields for r in load_records(tmp_path / "d")] == rows
+    for folder, split in (("empty", "train"), ("d", "test")):
+        with pytest.raises(UsageError, match=rf"{folder}: the dataset is empty; it needs at least one example"):
+            load_records(tmp_path / folder, split=split)
+    (tmp_path / "d" / "dataset_dict.json").write_text('{"splits": ')
+    with pytest.raises(UsageError, match=r"d: not a readable save_to_disk folder \(JSONDecodeError"):
+        load_records(tmp_path / "d")
+
+
+@pytest.mark.parametrize("fmt, columns", [("torch", None), ("numpy", None), ("python", ["prompt", "completion"])])
+def test_a_dataset_saved_with_a_format_reads_as_python_objects_with_every_column(tmp_path, fmt, columns):
+    """save_to_disk keeps a dataset's format: read as it was set, a KTO label was a tensor or an array, or hidden
+    with the columns left out, and the rows read as prompt-completion SFT data, label=false ones too."""
+    datasets = pytest.importorskip("datasets")
+    rows = [{"prompt": "The sky is", "completion": " blue.", "label": True, "score": [1.0, 2.0]},
+            {"prompt": "The sky is", "completion": " green.", "label": False, "score": [0.0, 1.0]}]
+    datasets.Dataset.from_list(rows).with_format(fmt, columns=columns).save_to_disk(str(tmp_path / "saved"))
+    records = load_records(tmp_path / "saved")
+    assert [r.fields for r in records] == rows
+    with pytest.raises(UsageError, match=r"saved row 0: .*--method kto"):
+        normalize(records)
+
+
 def test_arrow_ipc_file_format(tmp_path):
     """The random-access Arrow file (pyarrow's ipc.new_file, Feather 2, polars' write_ipc) reads as datasets'
     arrow loader reads it, not only the stream datasets itself writes."""
@@ -140,6 +187,59 @@ def test_folder_of_data_files_by_split(tmp_path):
     empty.mkdir()
     with pytest.raises(UsageError, match=r"empty: a folder given as --data"):
         load_records(empty)
+
+
+def test_image_paths_of_a_file_in_a_subfolder_start_beside_it_then_at_the_data_folder(tmp_path):
+    """A hub-style folder's data/train.jsonl naming images/a.png finds data/images/a.png (beside the file, as when
+    the file is given alone), and a path from the folder's top (data/images/a.png) is found too."""
+    pytest.importorskip("datasets")
+    from PIL import Image
+
+    repo = tmp_path / "repo"
+    (repo / "data" / "images").mkdir(parents=True)
+    Image.new("RGB", (8, 8)).save(repo / "data" / "images" / "a.png")
+    turns = [{"role": "user", "content": "<image>What colour?"}, {"role": "assistant", "content": "Black."}]
+    for shown in ("images/a.png", "data/images/a.png"):
+        _jsonl(repo / "data" / "train.jsonl", [{"messages": turns, "images": [shown]}])
+        (ref,) = normalize(load_records(repo))[0].images
+        assert (ref.shown, Path(ref.source).resolve()) == (shown, repo / "data" / "images" / "a.png")
+    _jsonl(repo / "data" / "train.jsonl", [{"messages": turns, "images": ["b.png"]}])
+    with pytest.raises(UsageError, match=rf"image 'b.png' not found \(looked in {repo / 'data'}, {repo}\)"):
+        normalize(load_records(repo))
+
+
+def test_an_image_folder_reads_its_images_as_stored_and_names_a_bad_one(tmp_path):
+    """An image folder (PNGs and a metadata.jsonl) is read by datasets; its Image column is read as stored
+    ({"bytes", "path"}: not every picture decoded and held), so a missing or unreadable image is named with its row
+    by qlora's check (datasets raised a bare FileNotFoundError or UnidentifiedImageError), and a malformed
+    metadata.jsonl is a refusal naming the folder's files, not a split or subset to choose."""
+    datasets = pytest.importorskip("datasets")
+    from PIL import Image
+
+    folder = tmp_path / "photos"
+    (folder / "train").mkdir(parents=True)
+    for i in range(2):
+        Image.new("RGB", (8, 8), (100 * i, 0, 0)).save(folder / "train" / f"{i}.png")
+    meta = [{"file_name": f"{i}.png", "instruction": "Colour?", "output": ["Black.", "Red."][i]} for i in range(2)]
+    _jsonl(folder / "train" / "metadata.jsonl", meta)
+    before = sorted(folder.rglob("*"))
+    records = load_records(folder)
+    theirs = datasets.load_dataset(str(folder), split="train", cache_dir=str(tmp_path / "c"))
+    assert [r.fields for r in records] == [{**row, "image": {"bytes": None, "path": row["image"].filename}}
+                                           for row in theirs]
+    assert [e.images[0].source for e in normalize(records)] == [str(folder.resolve() / "train" / f"{i}.png")
+                                                                for i in range(2)]
+    (folder / "train" / "1.png").write_bytes(b"not a png")
+    with pytest.raises(UsageError, match=r"photos\[train\] row 1: image '.*1\.png' is not an image Pillow can read"):
+        normalize(load_records(folder))
+    (folder / "train" / "1.png").unlink()
+    with pytest.raises(UsageError, match=r"photos\[train\] row 1: image '.*1\.png' not found"):
+        normalize(load_records(folder))
+    assert sorted(folder.rglob("*")) == [p for p in before if p.name != "1.png"]  # nothing written into the folder
+    (folder / "train" / "metadata.jsonl").write_text(json.dumps(meta[0]) + "\n{bad\n")
+    with pytest.raises(UsageError, match=r"photos: datasets cannot read the files of its split 'train' \(.*\)\. Fix "
+                                         r"or remove the bad file among them \(train/0\.png, train/metadata\.jsonl\)"):
+        load_records(folder)
 
 
 def test_hub_dataset_name_offline_fails_fast_and_clearly(monkeypatch):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from qlora.errors import UsageError
@@ -176,6 +178,27 @@ def test_template_error_is_a_usage_error_with_line_and_hint():
     with pytest.raises(UsageError, match=r"d\.jsonl line 1: the chat template \(the chat template, line 2\) failed "
                                          r".*System role not supported.*--system-into-user"):
         tokenize_example(chat(), tokenizer(), no_system)
+
+
+@pytest.mark.parametrize("speakers, fix", [
+    (["human", "human", "gpt"], r"starting with user\): merge consecutive messages of the same role in the data\.$"),
+    (["gpt", "human", "gpt"], r"starting with user\): remove the assistant message that opens the conversation "
+                              r"\(or give it a user turn before\)\.$"),
+    (["system", "human", "gpt"], r"starting with user\): try --system-into-user\.$"),
+])
+def test_a_template_refusing_the_order_of_roles_is_told_the_fix_that_applies(tmp_path, speakers, fix):
+    """Mixtral's and Llama 2's templates refuse a conversation whose roles do not alternate from a user turn: a
+    ShareGPT dump's two user turns in a row, its opening greeting by the bot, a system message; each is told its own
+    fix (a bot greeting has nothing to merge)."""
+    from qlora.train.data import load_records, normalize
+
+    alternate = ("{% for m in messages %}{% if (m['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+                 "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}"
+                 "{% endif %}{{ m['content'] }}{% endfor %}")
+    row = {"conversations": [{"from": s, "value": f"turn {i}"} for i, s in enumerate(speakers)]}
+    (tmp_path / "d.jsonl").write_text(json.dumps(row) + "\n")
+    with pytest.raises(UsageError, match=r"d\.jsonl line 1: the chat template .*must alternate.*" + fix):
+        tokenize_example(normalize(load_records(tmp_path / "d.jsonl"))[0], tokenizer(), alternate)
 
 
 def test_llama3_on_a_bpe_that_merges_newlines_differently_at_a_prefix_boundary():

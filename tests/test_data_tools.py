@@ -92,6 +92,27 @@ def test_tool_call_turn_trained_tool_result_not(family):
     assert call.startswith(CALL_STARTS[family.split("-")[0]]), call
 
 
+def test_openai_legacy_function_call_rows_train_as_their_tool_calls_equivalent():
+    """OpenAI's legacy function-calling fine-tuning rows: an assistant "function_call" (no content), a "function"
+    result turn, bare definitions in "functions"; read as the tool_calls row they stand for, not skipped as a row
+    with an empty answer. A "functions" column that holds no definitions is no tools."""
+    messages = OPENAI_ROW["messages"]
+    call = messages[2]["tool_calls"][0]["function"]
+    legacy = {"messages": [*messages[:2], {"role": "assistant", "function_call": call},
+                           {"role": "function", "name": "get_weather", "content": '{"temp_c": 21}'}, messages[4]],
+              "functions": [t["function"] for t in TOOLS]}
+    modern = {"messages": [*messages[:2], {"role": "assistant", "content": None, "tool_calls": [
+        {"type": "function", "function": call}]}, {"role": "tool", "name": "get_weather", "content": '{"temp_c": 21}'},
+        messages[4]], "tools": TOOLS}
+    assert _example(legacy) == _example(modern)
+    tok = family_tokenizer("qwen2.5")
+    tokenized = tokenize_example(_example(legacy), tok, ChatFormat(tok.chat_template))
+    assert [tok.decode(r) for r in _runs(tokenized)] == [
+        '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call><|im_end|>',
+        "It is 21 degrees in Paris.<|im_end|>"]
+    assert _example({**modern, "tools": None, "functions": "math, physics"}).tools is None
+
+
 def test_glaive_row_trains_the_same_tokens_as_the_openai_row():
     tok = family_tokenizer("qwen2.5")
     fmt = ChatFormat(tok.chat_template)
@@ -177,3 +198,31 @@ def test_openai_weight_0_keeps_a_turn_in_the_context_untrained(family):
     assert [tok.decode(r) for r in _runs(weighted)] == [tok.decode(r) for r in _runs(full)][1:]
     with pytest.raises(UsageError, match=r'message 1: "weight" must be 0'):
         _example({"messages": [turns[0], {**turns[1], "weight": 0.5}]})
+
+
+@pytest.mark.parametrize("tools", [TOOLS, json.dumps(TOOLS)])
+def test_preference_and_kto_rows_render_their_tools_column_as_trl_does(tools):
+    """TRL's DPOTrainer and KTOTrainer give a conversational row's "tools" (a list, or its JSON text) to the chat
+    template, for the prompt and for prompt + answer alike: the pair's and the KTO example's ids are those."""
+    from qlora.train.data.preference import normalize_preferences, tokenize_pairs
+    from qlora.train.data.unpaired import normalize_unpaired, tokenize_unpaired
+
+    tok = family_tokenizer("qwen2.5")
+    fmt = ChatFormat(tok.chat_template)
+    prompt = [{"role": "user", "content": "Weather in Paris?"}]
+    chosen, rejected = ([{"role": "assistant", "content": text}] for text in ("Let me check.", "No idea."))
+    row = {"prompt": prompt, "chosen": chosen, "rejected": rejected, "tools": tools}
+
+    def ids(messages, **kw):
+        return list(tok.apply_chat_template(messages, tools=TOOLS, tokenize=True, return_dict=True, **kw)["input_ids"])
+
+    (pair,), _ = tokenize_pairs(normalize_preferences([Record(row, "p.jsonl line 1")]), tok, fmt)
+    assert pair.prompt_ids == ids(prompt, add_generation_prompt=True)
+    assert pair.prompt_ids + pair.chosen_ids == ids(prompt + chosen)
+    assert pair.prompt_ids + pair.rejected_ids == ids(prompt + rejected)
+    assert "get_weather" in tok.decode(pair.prompt_ids)
+    kto_row = {"prompt": prompt, "completion": chosen, "label": True, "tools": tools}
+    for rows in ([row], [kto_row]):
+        units, _ = tokenize_unpaired(normalize_unpaired([Record(r, "k.jsonl line 1") for r in rows]), tok, fmt)
+        assert units[0].prompt_ids == ids(prompt, add_generation_prompt=True)
+        assert units[0].prompt_ids + units[0].completion_ids == ids(prompt + chosen)

@@ -204,10 +204,12 @@ def test_num_samples_are_drawn_as_llama_factory_draws_them_with_the_run_seed(reg
     assert [e.text for e in got] == ["row 5", "row 4"]  # max_samples then keeps the first of the drawn rows
 
 
-def test_preference_and_kto_rows_are_refused_rather_than_trained_without_their_tools_or_label(registry):
+def test_preference_rows_keep_their_tools_and_kto_rows_with_another_label_are_refused(registry):
+    """A ranking entry's tools column goes to the chat template with its pair, as TRL's DPOTrainer renders a row's
+    tools (it was refused when preference training rendered none)."""
     (registry / "dpo.json").write_text(json.dumps([_DPO[0] | {"tools": _TOOLS}]))
-    with pytest.raises(UsageError, match=r"dpo.json item 0 \(dpo_tools\): a preference row with tool definitions"):
-        read_sources("dpo_tools", "train", None, 0, normalize_preferences, str(registry))
+    (pair,) = read_sources("dpo_tools", "train", None, 0, normalize_preferences, str(registry))
+    assert pair.tools == tuple(json.loads(_TOOLS))
     (registry / "chat.jsonl").write_text(json.dumps(_CHAT[0] | {"ok": "false"}) + "\n")
     with pytest.raises(UsageError, match=r"chat.jsonl line 1 \(kto\): the kto_tag column 'ok' holds 'false'"):
         read_sources("kto", "train", None, 0, lambda records: records, str(registry))

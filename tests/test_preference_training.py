@@ -574,3 +574,17 @@ def test_kto_from_an_sft_adapter_uses_it_as_the_reference(tmp_path, tiny_model_d
                     max_steps=2)).run()
     first = _train_records(kto)[0]
     assert abs(first["rewards/chosen"]) < 1e-5 and abs(first["rewards/rejected"]) < 1e-5 and first["kl"] < 1e-5
+
+
+def test_kto_eval_split_holds_out_both_answers_of_a_pair(tmp_path, tiny_model_dir):
+    """KTO trains a pair's two answers as two examples; --eval-split holds out rows, so no held-out prompt was
+    trained with its other answer (drawn over examples, most held-out prompts were)."""
+    rows = [{**row, "prompt": f"{row['prompt']} ({k})"} for k in range(4) for row in ROWS]
+    trainer = Trainer(_config(tiny_model_dir, _write(tmp_path / "p.jsonl", rows), tmp_path / "o", method="kto",
+                              eval_split=0.25))
+    trainer.setup()
+    assert (len(trainer.train_units), len(trainer.eval_units)) == (36, 12)  # 6 of the 24 pairs held out, whole
+    prompts = [{tuple(u.prompt_ids) for u in units} for units in (trainer.train_units, trainer.eval_units)]
+    assert len(prompts[1]) == 6 and not prompts[0] & prompts[1]
+    with pytest.raises(UsageError, match=r"--eval-split 24\.0 holds out 24 of the 24 rows of --data"):
+        Trainer(_config(tiny_model_dir, tmp_path / "p.jsonl", tmp_path / "o2", method="kto", eval_split=24)).setup()

@@ -191,9 +191,15 @@ def template_error(exc: Exception, fmt: ChatFormat, messages: Sequence[dict], wh
                 "--system-into-user (saved with the adapter, so generate and chat do the same), or remove the "
                 "system messages from the data.")
     elif any(w in lowered for w in _ALTERNATE_WORDS) or "role" in lowered:
+        spoken = [r for r in roles if r not in ("system", "developer")]
+        fixes = (["merge consecutive messages of the same role in the data"]
+                 if any(a == b for a, b in zip(spoken, spoken[1:])) else [])
+        if spoken[:1] == ["assistant"]:  # a ShareGPT dump's opening greeting by the bot
+            fixes.append("remove the assistant message that opens the conversation (or give it a user turn before)")
+        if "system" in roles and not fmt.system_into_user:
+            fixes.append("try --system-into-user")
         hint = ("The template requires its own order of roles (e.g. user and assistant alternating, starting with "
-                "user): merge consecutive messages of the same role in the data"
-                + ("" if fmt.system_into_user or "system" not in roles else ", or try --system-into-user") + ".")
+                f"user): {', or '.join(fixes) or 'write the conversation in that order'}.")
     elif fmt.name == "custom":
         hint = ("Check this conversation against what the template expects (roles, content types), and fix the "
                 "template or the data.")

@@ -34,6 +34,7 @@ desirable examples), ``rewards/rejected``, ``logps/rejected`` (over the undesira
 
 from __future__ import annotations
 
+import itertools
 from typing import Any
 
 import torch
@@ -61,6 +62,13 @@ class KTOTrainer(PreferenceTrainer):
         return read_sources(source, split, cfg.data_subset, cfg.max_samples,
                             lambda records: normalize_unpaired(records, cfg.data_fields, cfg.media_folder),
                             cfg.dataset_dir, self.sample_rng, "kto")
+
+    def _hold_out(self, examples: list) -> tuple[list, list]:
+        """``--eval-split`` over rows: a preference pair's two answers, examples side by side from one row, are
+        held out together, so no held-out prompt was trained with its other answer."""
+        rows = [list(group) for _, group in itertools.groupby(examples, key=lambda e: e.where)]
+        train, held = super()._hold_out(rows, "rows")
+        return [e for row in train for e in row], [e for row in held for e in row]
 
     def _tokenize(self, examples: list) -> tuple[list[TokenizedUnpaired], Any]:
         units, report = tokenize_unpaired(examples, self.tokenizer, self.chat_format, self.config.seq_len,

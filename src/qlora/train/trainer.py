@@ -314,8 +314,7 @@ class Trainer:
         train_examples = self._read_data(cfg.data, cfg.data_split)
         eval_examples = self._read_data(cfg.eval_data, cfg.eval_data_split) if cfg.eval_data else None
         if cfg.eval_split:
-            train_examples, eval_examples = hold_out(train_examples, cfg.eval_split, cfg.seed, cfg.eval_split_order,
-                                                     cfg.shuffle)
+            train_examples, eval_examples = self._hold_out(train_examples)
         if cfg.batch_size > len(train_examples):  # every step would be the whole data in one short micro-batch
             raise UsageError(f"--batch-size {cfg.batch_size} is more than the {len(train_examples)} examples of "
                              f"{cfg.data}; lower --batch-size (--grad-accum gives a larger effective batch).")
@@ -578,6 +577,11 @@ class Trainer:
             shard_fsdp(self.model, self.dist, self.dtype)
         else:
             self.forward_model = wrap_ddp(self.model, self.dist)
+
+    def _hold_out(self, examples: list, what: str = "examples") -> tuple[list, list]:
+        """``(train, held out)`` examples (or ``what`` else) for ``--eval-split``."""
+        cfg = self.config
+        return hold_out(examples, cfg.eval_split, cfg.seed, cfg.eval_split_order, cfg.shuffle, what)
 
     def _read_data(self, source: str, split: str):
         cfg = self.config

@@ -193,8 +193,7 @@ def _alpaca(fields: dict[str, Any], dataset: RegisteredDataset, where: str) -> d
         return _kto(turns, {"role": "assistant", "content": _column(fields, dataset, "response")}, fields, dataset,
                     where)
     if dataset.ranking:
-        return _pair(turns, _column(fields, dataset, "chosen"), _column(fields, dataset, "rejected"), fields, dataset,
-                     where)
+        return _pair(turns, _column(fields, dataset, "chosen"), _column(fields, dataset, "rejected"), fields, dataset)
     if dataset.columns.get("response") is None:  # LLaMA-Factory's unsupervised rows: stage pt trains on the
         return {"text": turns[0]["content"]}      # first prompt turn (its first history turn, if any)
     response = _column(fields, dataset, "response")
@@ -299,7 +298,7 @@ def _conversation(turns: list[dict[str, Any]], system: Any, fields: dict[str, An
             raise UsageError(f"{where}: chosen and rejected must be assistant messages "
                              f"({tags['role_tag']!r}: {tags['assistant_tag']!r}).")
         return _pair(_messages(turns, system), *(a.get(tags["content_tag"]) for a in answers), fields, dataset,
-                     where, with_system=False)
+                     with_system=False)
     return _with_common({"conversations": turns, "system": system}, fields, dataset)
 
 
@@ -310,26 +309,22 @@ def _messages(turns: list[dict[str, Any]], system: Any) -> list[dict[str, Any]]:
     return out + [{"role": roles[t["from"]], "content": t["value"]} for t in turns]
 
 
-def _no_tools(fields: dict[str, Any], dataset: RegisteredDataset, kind: str, where: str) -> None:
-    """Preference and KTO rows render no tool definitions here: a row with some is refused, not trained without."""
-    if _column(fields, dataset, "tools"):
-        raise UsageError(f"{where}: a {kind} row with tool definitions (column {dataset.columns['tools']!r}); "
-                         f"qlora's {kind} training renders no tools into the prompt. Remove the tools column from "
-                         "the entry's columns to train without them, or train this data with SFT.")
+def _tools(fields: dict[str, Any], dataset: RegisteredDataset) -> dict[str, Any]:
+    """The row's tool definitions under ``tools``, which preference and KTO rows give their template too."""
+    tools = _column(fields, dataset, "tools")
+    return {"tools": tools} if tools else {}
 
 
 def _pair(prompt: list[dict[str, Any]], chosen: Any, rejected: Any, fields: dict[str, Any],
-          dataset: RegisteredDataset, where: str, with_system: bool = True) -> dict[str, Any]:
-    _no_tools(fields, dataset, "preference", where)
+          dataset: RegisteredDataset, with_system: bool = True) -> dict[str, Any]:
     system = _column(fields, dataset, "system") if with_system else None
     head = [{"role": "system", "content": system}] if system else []
-    return {"prompt": head + prompt, "chosen": chosen, "rejected": rejected}
+    return {"prompt": head + prompt, "chosen": chosen, "rejected": rejected, **_tools(fields, dataset)}
 
 
 def _kto(prompt: list[dict[str, Any]], completion: dict[str, Any], fields: dict[str, Any],
          dataset: RegisteredDataset, where: str) -> dict[str, Any]:
     """TRL's unpaired preference row: ``prompt``, ``completion`` and a boolean ``label``."""
-    _no_tools(fields, dataset, "KTO", where)
     label = _column(fields, dataset, "kto_tag")
     if not isinstance(label, bool):
         raise UsageError(f"{where}: the kto_tag column {dataset.columns['kto_tag']!r} holds {label!r}; "
@@ -337,7 +332,7 @@ def _kto(prompt: list[dict[str, Any]], completion: dict[str, Any], fields: dict[
                          "example). Write true or false.")
     system = _column(fields, dataset, "system") if dataset.formatting == "alpaca" else None
     head = [{"role": "system", "content": system}] if system else []
-    return {"prompt": head + prompt, "completion": [completion], "label": label}
+    return {"prompt": head + prompt, "completion": [completion], "label": label, **_tools(fields, dataset)}
 
 
 def _with_common(row: dict[str, Any], fields: dict[str, Any], dataset: RegisteredDataset) -> dict[str, Any]:

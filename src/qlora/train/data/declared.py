@@ -72,7 +72,7 @@ def read_declared(dataset: DeclaredDataset, rng: np.random.RandomState | None = 
     if kept is not None:
         records = [records[i] for i in kept]
     wheres = [f"{r.where} ({dataset.name})" for r in records]
-    return [Record(dataset.rebuild(r.fields, where), where, r.folder) for r, where in zip(records, wheres)]
+    return [Record(dataset.rebuild(r.fields, where), where, r.folders) for r, where in zip(records, wheres)]
 
 
 def sample_indices(rows: int, count: int, rng: np.random.RandomState) -> list[int]:

@@ -58,7 +58,8 @@ ROLE_VALUES = {"user": "user", "assistant": "assistant", "tool": "tool", "develo
                "system_role": "system"}
 
 # Names that suggest a prompt or an answer column, for the error that suggests a mapping.
-_PROMPT_NAMES = ("question", "query", "prompt", "input", "inputs", "problem", "instruction", "human", "user", "request",
+# "instruction" before "input": beside an instruction, an input is its context (alpaca's columns, other-cased)
+_PROMPT_NAMES = ("question", "query", "prompt", "instruction", "input", "inputs", "problem", "human", "user", "request",
                  "q")
 _ANSWER_NAMES = ("answer", "answers", "response", "output", "completion", "solution", "target", "targets", "assistant",
                  "gpt", "reply", "chosen", "a")
@@ -241,6 +242,11 @@ def pair_hint(fields: dict[str, Any]) -> str:
 
 def suggest_fields(fields: dict[str, Any]) -> str:
     """A sentence suggesting a --data-fields mapping for a row no format matched ('' if none fits)."""
+    padded = [k for k in fields if k != k.strip()]
+    if padded:  # a CSV header written "instruction, input, output": its names are " input", " output"
+        return (f"The column name{'s' * (len(padded) > 1)} {', '.join(map(repr, padded))} "
+                f"{'have' if len(padded) > 1 else 'has'} spaces around {'them' if len(padded) > 1 else 'it'} (a CSV "
+                'header written "a, b" keeps the space after the comma): remove the spaces from the header. ')
     system = system_column(fields)
     lists = [k for k, v in fields.items() if message_like(v)]
     answers = [k for k in (_named_column({k: v for k, v in fields.items() if k not in lists and isinstance(v, str)},

@@ -227,7 +227,7 @@ def normalize(records: list[Record], fmt: str = "auto", fields: FieldMap | str |
     for r in records:
         try:
             example = convert(r.fields, r.where, names)
-            folders = [f for f in (r.folder, dataset_dir) if f]
+            folders = r.image_folders(dataset_dir)
             examples.append(_marked_empty(attach_images(example, r.fields, folders) if images else example))
         except UsageError as exc:
             own = row_format(r.fields)
@@ -254,7 +254,7 @@ def _alpaca(fields: dict[str, Any], where: str, names: FieldMap) -> Example:
     prompt = "\n\n".join(part for part in (instruction, extra) if part.strip())  # Dolly has rows with "" for either
     messages.append({"role": "user", "content": prompt})
     messages.append(_with_reasoning({"role": "assistant", "content": output}, fields, where))
-    return Example(tuple(messages), None, where, tools=_tools(fields, where),
+    return Example(tuple(messages), None, where, tools=row_tools(fields, where),
                    skip=None if prompt else EMPTY_INSTRUCTION)
 
 
@@ -303,7 +303,7 @@ def _conversation(fields: dict[str, Any], key: str, where: str, names: FieldMap,
     system = fields.get("system")  # LLaMA-Factory's system column
     if isinstance(system, str) and system.strip() and not any(m["role"] == "system" for m in messages):
         messages.insert(0, {"role": "system", "content": system})
-    return Example(tuple(messages), None, where, tools=_tools(fields, where))
+    return Example(tuple(messages), None, where, tools=row_tools(fields, where))
 
 
 def _is_exchange(item: Any, names: FieldMap) -> bool:
@@ -366,12 +366,13 @@ def _prompt_completion(fields: dict[str, Any], where: str, names: FieldMap, chat
     last = max(k for k, m in enumerate(completion_m) if m["role"] == "assistant")
     if not any(key in completion_m[last] for key in REASONING_KEYS):  # a reasoning column beside the completion
         completion_m[last] = _with_reasoning(completion_m[last], fields, where)
-    return Example(tuple(prompt_m + completion_m), None, where, prompt_turns=len(prompt_m), tools=_tools(fields, where))
+    return Example(tuple(prompt_m + completion_m), None, where, prompt_turns=len(prompt_m), tools=row_tools(fields, where))
 
 
 def _text(fields: dict[str, Any], where: str, names: FieldMap) -> Example:
     value = fields.get("text")
-    if isinstance(value, str) and not value.strip():  # a corpus's blank line (wikitext): skipped when tokenized
+    # a corpus's blank line (wikitext), or a null cell (a parquet gap): skipped when tokenized
+    if "text" in fields and (value is None or isinstance(value, str) and not value.strip()):
         return Example(None, "", where)
     return Example(None, _text_field(fields, "text", where, "text"), where)
 
@@ -444,6 +445,7 @@ def _message(item: Any, where: str, names: FieldMap, fmt: str) -> dict[str, Any]
     if role_key in item and not isinstance(speaker, str):
         raise UsageError(f'{where}: "{role_key}" must be a string naming the speaker, got {speaker!r} (format {fmt}).')
     if not isinstance(speaker, str) or (content_key not in item and "tool_calls" not in item
+                                        and "function_call" not in item
                                         and speaker_name(speaker) not in _TOOL_CALL_SPEAKERS):
         raise UsageError(f'{where}: each entry needs string fields "{role_key}" and "{content_key}" (format {fmt}); '
                          f"this one has {sorted(item)}. Map other names with --data-fields role=KEY,content=KEY.")
@@ -459,7 +461,8 @@ def _message(item: Any, where: str, names: FieldMap, fmt: str) -> dict[str, Any]
         message["content"] = None
         message["tool_calls"] = _tool_calls(_parsed_json(content, where, "the function_call value"), where)
         return message
-    calls = item.get("tool_calls")
+    # OpenAI's legacy function calling: one "function_call" {"name", "arguments"} where tool_calls is now
+    calls = item.get("tool_calls") or item.get("function_call")
     if calls and role == "assistant":  # OpenAI exports write [] or null when a message calls nothing
         message["tool_calls"] = _tool_calls(_parsed_json(calls, where, '"tool_calls"'), where)
     message["content"] = _content(content, where, role, content_key, fmt, bool(message.get("tool_calls")))
@@ -563,11 +566,12 @@ def _tool_calls(value: Any, where: str) -> list[dict[str, Any]]:
     return out
 
 
-def _tools(fields: dict[str, Any], where: str) -> tuple[dict[str, Any], ...] | None:
-    """The row's ``tools`` column: a list of tool definitions, or that list as a JSON string."""
+def row_tools(fields: dict[str, Any], where: str) -> tuple[dict[str, Any], ...] | None:
+    """The row's ``tools`` column: a list of tool definitions, or that list as a JSON string; else the function
+    definitions of its ``functions`` column (OpenAI's legacy function calling)."""
     value = fields.get("tools")
     if value is None or value == "" or value == []:
-        return None
+        return _legacy_functions(fields.get("functions"))
     if isinstance(value, str):
         value = _parsed_json(value, where, 'the "tools" field')
     if isinstance(value, dict):
@@ -576,6 +580,17 @@ def _tools(fields: dict[str, Any], where: str) -> tuple[dict[str, Any], ...] | N
         raise UsageError(f'{where}: "tools" must be a list of tool definitions (JSON objects), or that list as a '
                          "JSON string.")
     return tuple(value) or None
+
+
+def _legacy_functions(value: Any) -> tuple[dict[str, Any], ...] | None:
+    """A ``functions`` column of bare function definitions (``{"name", "parameters"}``, as OpenAI's legacy
+    fine-tuning data beside ``function_call`` turns) as tools; None for any other column of that name."""
+    if isinstance(value, str):
+        value = _json_list(value)
+    if not (isinstance(value, list) and value and all(isinstance(f, dict) and isinstance(f.get("name"), str)
+                                                      for f in value)):
+        return None
+    return tuple({"type": "function", "function": f} for f in value)
 
 
 def _parsed_json(value: Any, where: str, what: str) -> Any:

@@ -10,8 +10,8 @@ A row's images come in the shapes users have:
   (ShareGPT and alpaca rows; a text with images but no placeholder gets them before its text, as
   LLaMA-Factory's plugins put them).
 
-SRC is a local file (a path relative to the data file's folder, then to ``--media-dir``, by default
-``--dataset-dir``, or absolute), a ``data:`` URI, or what ``datasets`` stores for an ``Image`` column
+SRC is a local file (a path relative to the data file's folder, then to the ``--data`` folder the file was found
+in, then to ``--media-dir``, by default ``--dataset-dir``, or absolute), a ``data:`` URI, or what ``datasets`` stores for an ``Image`` column
 (``{"bytes", "path"}``, a PIL image).
 Nothing is downloaded. Every image is checked when the data are read (a missing or unreadable file fails
 before the model loads) and decoded again when the row is tokenized, so decoded images are never all held.
@@ -246,8 +246,8 @@ def resolve_image(source: Any, where: str, folders: Sequence[str | Path] = ()) -
     found = next((c for c in candidates if c.is_file()), path)
     if not found.is_file():
         looked = ", ".join(str(f) for f in folders)
-        hint = ("Give paths relative to the data file's folder (or --media-dir, by default --dataset-dir), or "
-                "absolute ones." if folders else
+        hint = ("Give paths relative to the data file's folder (or the --data folder, or --media-dir, by default "
+                "--dataset-dir), or absolute ones." if folders else
                 "Give an existing image file (relative to the working directory, or absolute) or a data: URI.")
         raise UsageError(f"{where}: image {source!r} not found" + (f" (looked in {looked})" if looked and not
                          path.is_absolute() else "") + f". {hint}")

@@ -56,13 +56,14 @@ from qlora.model.image_processor import image_token_id
 from qlora.train.data.common_ends import common_prefix
 from qlora.train.data.fields import (FieldMap, message_like, pair_hint, parse_data_fields, prompt_column,
                                      unsupported_rows)
-from qlora.train.data.formats import EMPTY_ANSWER, Example, empty_answer, normalize, unpaired_error, unpaired_label
+from qlora.train.data.formats import (EMPTY_ANSWER, Example, empty_answer, normalize, row_tools, unpaired_error,
+                                     unpaired_label)
 from qlora.train.data.image_examples import expanded_prompt, image_batch
 from qlora.train.data.images import ImageRef, as_parts, attach_images, has_image_parts, images_in
 from qlora.train.data.pieces import is_written, piece_ids
 from qlora.train.data.sources import Record
-from qlora.train.data.tokenize import (IGNORE_INDEX, PROMPT_FILLS_SEQ_LEN, DataReport, for_template, rendering_kwargs,
-                                      tokenize_example)
+from qlora.train.data.tokenize import (IGNORE_INDEX, PROMPT_FILLS_SEQ_LEN, DataReport, first_places, for_template,
+                                      rendering_kwargs, tokenize_example)
 
 FIELDS = ("prompt", "chosen", "rejected")
 Messages = tuple[dict[str, str], ...]
@@ -79,6 +80,7 @@ class PreferenceExample:
     skip: str | None = None  # why the pair is skipped when tokenized ("an empty answer")
     images: tuple[ImageRef, ...] = ()  # the prompt's, in the order its image parts place them
     pieces: bool = False  # chosen and rejected are whole conversations written as pieces (torchtune's), no prompt
+    tools: tuple[dict[str, Any], ...] | None = None  # a conversational row's tool definitions, for its template
 
     @property
     def conversational(self) -> bool:
@@ -168,7 +170,7 @@ def normalize_preferences(records: list[Record], fields: FieldMap | str | dict |
     if not records:
         raise UsageError("the preference dataset is empty; it needs at least one row.")
     records, names, chat = renamed_source(records, fields)
-    return [pair_from_row(r.fields, r.where, names, chat, [f for f in (r.folder, dataset_dir) if f])
+    return [pair_from_row(r.fields, r.where, names, chat, r.image_folders(dataset_dir))
             for r in records]
 
 
@@ -184,8 +186,11 @@ def pair_from_row(fields: dict[str, Any], where: str, names: FieldMap, chat: boo
     if all(is_written(fields.get(key)) for key in ("chosen", "rejected")):
         return PreferenceExample("", fields["chosen"], fields["rejected"], where, pieces=True)
     if images_in(fields):
-        return with_images(_answered_pair(fields, where, names, True), fields, where, folders)
-    return _answered_pair(fields, where, names, chat)
+        pair = with_images(_answered_pair(fields, where, names, True), fields, where, folders)
+    else:
+        pair = _answered_pair(fields, where, names, chat)
+    # a "tools" column is rendered into a conversation's prompt, as TRL's DPOTrainer and KTOTrainer render it
+    return replace(pair, tools=row_tools(fields, where)) if pair.conversational else pair
 
 
 def _answered_pair(fields: dict[str, Any], where: str, names: FieldMap, chat: bool) -> PreferenceExample:
@@ -325,22 +330,23 @@ def prompt_ids(example: PreferenceExample, tokenizer, fmt: ChatFormat, answers: 
     """
     if not example.conversational:
         return list(tokenizer(example.prompt)["input_ids"])
-    modes = [rendering_kwargs(Example(tuple(example.prompt) + tuple(a), None, example.where), tokenizer, fmt)
-             for a in answers]
+    modes = [rendering_kwargs(Example(tuple(example.prompt) + tuple(a), None, example.where, tools=example.tools),
+                              tokenizer, fmt) for a in answers]
     if any(mode != modes[0] for mode in modes):
         switch = "/".join(sorted(set(modes[0]) ^ set(modes[-1])))
         raise UsageError(f"{example.where}: one answer has reasoning that the chat template ({fmt.origin}) shows only "
                          f"in its thinking mode ({switch} on) and another has none, so the answers follow different "
                          "prompts and cannot be compared on one: give every answer of the row its reasoning, or none.")
     prompt = for_template(example.prompt, fmt.template, tokenizer, example.where, fmt.origin)
+    tools = {"tools": [dict(t) for t in example.tools]} if example.tools else {}
     return list(fmt.render(tokenizer, prompt, add_generation_prompt=True, where=example.where,
-                           tokenize=True, return_dict=True, **(modes[0] if modes else {}))["input_ids"])
+                           tokenize=True, return_dict=True, **(modes[0] if modes else tools))["input_ids"])
 
 
 def full_ids(example: PreferenceExample, answer, tokenizer, fmt: ChatFormat,
               stop_ids: Iterable[int] | None) -> list[int]:
     if example.conversational:
-        whole = Example(tuple(example.prompt) + tuple(answer), None, example.where)
+        whole = Example(tuple(example.prompt) + tuple(answer), None, example.where, tools=example.tools)
     else:
         whole = Example(None, example.prompt + answer, example.where)
     return tokenize_example(whole, tokenizer, fmt, "all", stop_ids=stop_ids).input_ids
@@ -370,8 +376,8 @@ def tokenize_pair(example: PreferenceExample, tokenizer, chat_template: str | Ch
     prompt, chosen, rejected = chosen[:n], chosen[n:], rejected[n:]
     media, spans = {}, ()
     if example.images:
-        expanded = expanded_prompt(Example(example.prompt, None, example.where, images=example.images), n, processor,
-                                   fmt, seq_len)
+        expanded = expanded_prompt(Example(example.prompt, None, example.where, images=example.images,
+                                           tools=example.tools), n, processor, fmt, seq_len)
         if isinstance(expanded, str):
             return expanded
         prompt, media, spans = expanded
@@ -443,7 +449,7 @@ def tokenize_pairs(examples: list[PreferenceExample], tokenizer, chat_template: 
             kept.append(pair)
     if not kept and len(report.identical) == len(examples):
         raise UsageError(f"all {len(examples)} preference pairs have the same chosen and rejected answer (first: "
-                         f"{', '.join(report.identical[:5])}): there is no preference to learn.")
+                         f"{first_places(report.identical)}): there is no preference to learn.")
     if not kept:
         raise report.nothing_to_train(len(examples), "preference pairs")
     return kept, report

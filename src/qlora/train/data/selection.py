@@ -74,23 +74,23 @@ def _declared_sources(spec: str, dataset_dir: str, method: str) -> list[str | De
 
 
 def hold_out(examples: Sequence[T], amount: float, seed: int, order: str = "draw",
-             shuffled: bool = True) -> tuple[list[T], list[T]]:
+             shuffled: bool = True, what: str = "examples") -> tuple[list[T], list[T]]:
     """``(train, held_out)``: ``amount`` as a share (0 < amount < 1) or a count (>= 1) of ``examples``,
     drawn with ``seed``; both keep the data's order. A share holds out ``ceil(amount * n)`` examples, the count
     ``datasets``' ``train_test_split`` gives LLaMA-Factory's ``val_size`` and axolotl's ``val_set_size``.
     ``order="axolotl"`` holds out the rows axolotl does: the last of the data after ``datasets``' ``shuffle(seed)``
     (a ``numpy.random.default_rng(seed)`` permutation; none unless ``shuffled``, as under its
-    ``curriculum_sampling``), its ``train_test_split(shuffle=False)``.
+    ``curriculum_sampling``), its ``train_test_split(shuffle=False)``. ``what`` names the items in a refusal.
 
     Raises:
         UsageError: a count that is not whole, or a split leaving either side empty.
     """
     n = len(examples)
     if amount >= 1 and not float(amount).is_integer():
-        raise UsageError(f"--eval-split {amount}: give a share below 1 (e.g. 0.05) or a whole number of examples.")
+        raise UsageError(f"--eval-split {amount}: give a share below 1 (e.g. 0.05) or a whole number of {what}.")
     k = int(amount) if amount >= 1 else math.ceil(amount * n)
     if not 1 <= k < n:
-        raise UsageError(f"--eval-split {amount} holds out {k} of the {n} examples of --data; both the training "
+        raise UsageError(f"--eval-split {amount} holds out {k} of the {n} {what} of --data; both the training "
                          "and the held-out part need at least one. Give a share or a count in between, or a "
                          "separate --eval-data.")
     if order == "axolotl":

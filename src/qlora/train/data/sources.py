@@ -21,6 +21,7 @@ import io
 import itertools
 import json
 import lzma
+import os
 import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -50,7 +51,13 @@ class Record:
 
     fields: dict[str, Any]
     where: str
-    folder: str | None = None  # the local data file's folder: where the row's relative image paths start
+    # where the row's relative image paths start: its local data file's folder, then the --data folder that file
+    # was found in (a hub-style folder's data/train.jsonl may name images beside it or from the folder's top)
+    folders: tuple[str, ...] = ()
+
+    def image_folders(self, media_dir: str | None) -> list[str]:
+        """The folders a relative image path of this row is looked for in, in order (``media_dir`` last)."""
+        return list(dict.fromkeys(f for f in (*self.folders, media_dir) if f))
 
 
 def demo_data_path() -> Path:
@@ -92,7 +99,7 @@ def load_records(source: str | Path, split: str = "train", subset: str | None = 
         raise UsageError(f"{source}: the dataset is empty; it needs at least one example.")
     if path.exists():
         folder = str(path if path.is_dir() else path.parent)
-        records = [replace(r, folder=folder) for r in records]
+        records = [replace(r, folders=(*r.folders, folder)) for r in records]
     return records
 
 
@@ -410,31 +417,47 @@ def _read_folder(path: Path, split: str, subset: str | None, text_lines: bool = 
     import datasets
 
     if (path / "dataset_dict.json").is_file() or (path / "state.json").is_file():
+        folder, where = path, str(path)
         try:
-            data = datasets.load_from_disk(str(path))
+            if (path / "dataset_dict.json").is_file():  # a DatasetDict: the split's folder alone, as datasets reads it
+                splits = json.loads((path / "dataset_dict.json").read_text(encoding="utf-8"))["splits"]
+                folder = path / _pick_split(dict.fromkeys(splits, split), split, str(path))
+                where = f"{path}[{split}]"
+            if json.loads((folder / "state.json").read_text(encoding="utf-8")).get("_data_files") == []:
+                return []  # an empty Dataset, saved without data files: datasets cannot load it back (IndexError)
+            data = datasets.load_from_disk(str(folder))
+        except UsageError:  # no such split
+            raise
         except Exception as exc:  # FileNotFoundError, JSON and Arrow errors of a damaged folder
             raise UsageError(f"{path}: not a readable save_to_disk folder ({type(exc).__name__}: {exc}).") from None
-        if isinstance(data, datasets.DatasetDict):
-            data = _pick_split(data, split, str(path))
-            return _rows(data, f"{path}[{split}]")
-        return _rows(data, str(path))
+        return _rows(data, where)
     try:
         files = {str(name): found for name, found in (datasets.load_dataset_builder(str(path), subset).config
                                                       .data_files or {}).items()}
-        ours = [Path(f) for f in _pick_split(files, split, str(path))]
-        # a text file compressed other than by gzip, bz2, xz (zstd, lz4) is refused by _read_file, saying what to do
-        if ours and all(p.is_file() and (as_text or _format_suffix(p) in LOCAL_SUFFIXES or _decompress_hint(p))
-                        for p in ours):
-            return [r for p in ours for r in _read_file(p, text_lines, as_text)]
-        data = datasets.load_dataset(str(path), subset, split=split)
-    except UsageError:  # a file's own error, named by its line
-        raise
-    except ValueError as exc:  # unknown split or subset: datasets' message lists the existing ones
-        raise UsageError(f"{path}: {exc} (--data-split, --data-subset)") from None
-    except Exception as exc:  # no data files, mixed formats, unreadable files
+    except ValueError as exc:  # unknown subset: datasets' message lists the existing ones
+        raise UsageError(f"{path}: {exc} (--data-subset)") from None
+    except Exception as exc:  # no data files, a dataset script, a README whose YAML header is broken
         raise UsageError(f"{path}: a folder given as --data must be written by save_to_disk or hold data files "
                          f"that datasets reads (json, csv, parquet, arrow, text): {type(exc).__name__}: {exc}") from None
+    ours = [Path(f) for f in _pick_split(files, split, str(path))]
+    # a text file compressed other than by gzip, bz2, xz (zstd, lz4) is refused by _read_file, saying what to do
+    if ours and all(p.is_file() and (as_text or _format_suffix(p) in LOCAL_SUFFIXES or _decompress_hint(p))
+                    for p in ours):
+        return [replace(r, folders=(str(p.parent),)) for p in ours for r in _read_file(p, text_lines, as_text)]
+    try:
+        data = datasets.load_dataset(str(path), subset, split=split)
+    except Exception as exc:  # a malformed file among others (an image folder's metadata.jsonl), mixed columns
+        named = ", ".join(os.path.relpath(p, path) for p in ours[:5]) + (", ..." if len(ours) > 5 else "")
+        raise UsageError(f"{path}: datasets cannot read the files of its split {split!r} ({type(exc).__name__}: "
+                         f"{exc}{_cause(exc)}). Fix or remove the bad file among them ({named}).") from None
     return _rows(data, f"{path}[{split}]")
+
+
+def _cause(exc: BaseException) -> str:
+    """The first cause of ``datasets``' wrapping error (DatasetGenerationError says only "An error occurred while
+    generating the dataset")."""
+    cause = exc.__cause__ or exc.__context__
+    return f"; {type(cause).__name__}: {cause}" if cause is not None else ""
 
 
 def _read_hub(name: str, split: str, subset: str | None) -> list[Record]:
@@ -465,12 +488,48 @@ def _pick_split(data: Any, split: str, where: str) -> Any:
 
 
 def _rows(rows: Iterable[dict[str, Any]], where: str, features: Any = None) -> list[Record]:
-    """The rows as records; ClassLabel columns (of a ``datasets.Dataset``, or of ``features``) hold their names."""
+    """The rows as records; ClassLabel columns (of a ``datasets.Dataset``, or of ``features``) hold their names,
+    Image columns what they store (:func:`_stored_images`). A Dataset is read as Python objects, every column:
+    a ``save_to_disk`` folder keeps the format it was saved with (``set_format("torch")``: tensors where a label's
+    true/false is read; ``columns=[...]``: the others hidden, a KTO ``label`` with them)."""
     labels = label_names(features if features is not None else getattr(rows, "features", None))
+    if getattr(rows, "features", None):
+        rows = _stored_images(rows.with_format(None))
     return [Record(with_label_names(dict(row), labels), f"{where} row {i}") for i, row in enumerate(rows)]
+
+
+def _stored_images(data: Any) -> Any:
+    """A ``datasets.Dataset`` whose Image columns (an image folder's, or nested, as a list of images) read as
+    they are stored, ``{"bytes", "path"}``, as qlora's own parquet reader gives them: each image is then checked
+    by qlora, which names the row of a missing or unreadable file (``datasets`` decodes it as the row is read,
+    raising a bare FileNotFoundError), and decoded only when its row is tokenized, not all held in memory here."""
+    import dataclasses
+
+    import datasets
+
+    def stored(feature: Any) -> Any:
+        if isinstance(feature, datasets.Image):
+            return datasets.Image(decode=False)
+        if isinstance(feature, dict):
+            return {name: stored(inner) for name, inner in feature.items()}
+        if isinstance(feature, list):
+            return [stored(inner) for inner in feature]
+        if dataclasses.is_dataclass(feature) and hasattr(feature, "feature"):  # List, LargeList, Sequence
+            return dataclasses.replace(feature, feature=stored(feature.feature))
+        return feature
+
+    features = datasets.Features({name: stored(f) for name, f in data.features.items()})
+    if features == data.features:
+        return data
+    return data.cast(features, keep_in_memory=True)  # in memory: nothing is written into the user's folder
 
 
 def _as_object(value: Any, where: str) -> dict[str, Any]:
     if not isinstance(value, dict):
-        raise UsageError(f"{where}: expected a JSON object with the example's fields, got {type(value).__name__}.")
+        messages = isinstance(value, list) and value and all(
+            isinstance(m, dict) and ({"role", "from"} & m.keys()) for m in value)
+        hint = (' It is a bare list of messages: write each conversation as an object, {"messages": [...]} (jq -c '
+                "'{messages: .}' on a .jsonl file, jq 'map({messages: .})' on a .json list).") if messages else ""
+        raise UsageError(f"{where}: expected a JSON object with the example's fields, got {type(value).__name__}."
+                         f"{hint}")
     return value

@@ -67,6 +67,12 @@ TRAIN_ON = ("assistant", "all", "completion")
 _SHOWN = 5
 
 
+def first_places(where: list[str]) -> str:
+    """The first few of ``where`` for a message, each place once: the two halves of a preference pair that KTO
+    trains apart, and the examples one conversation tree gives, come from one line."""
+    return ", ".join(list(dict.fromkeys(where))[:_SHOWN])
+
+
 @dataclass(frozen=True)
 class TokenizedExample:
     """Token ids and labels (``IGNORE_INDEX`` where no loss) of dataset item ``index``; ``reasoning_hidden``
@@ -125,19 +131,19 @@ class DataReport:
         if self.system_dropped:
             rows = "row" if len(self.system_dropped) == 1 else "rows"
             text += (f"; the chat template ({self.template_origin}) does not render the system message of "
-                     f"{len(self.system_dropped)} {rows} (first: {', '.join(self.system_dropped[:_SHOWN])}): it writes "
+                     f"{len(self.system_dropped)} {rows} (first: {first_places(self.system_dropped)}): it writes "
                      "its own or none, so they are trained without it; --system-into-user puts it in the first user "
                      "turn instead")
         if self.untrainable:
             text += (
                 f", {len(self.untrainable)} skipped with no trainable tokens "
-                f"(first: {', '.join(self.untrainable_where[:_SHOWN])})"
+                f"(first: {first_places(self.untrainable_where)})"
             )
         if self.identical:
             text += (f", {len(self.identical)} skipped whose chosen and rejected answers are the same (first: "
-                     f"{', '.join(self.identical[:_SHOWN])})")
+                     f"{first_places(self.identical)})")
         for reason, where in self.empty.items():
-            text += f", {len(where)} skipped with {reason} (first: {', '.join(where[:_SHOWN])})"
+            text += f", {len(where)} skipped with {reason} (first: {first_places(where)})"
         return text
 
     def skip(self, reason: str, where: str) -> None:
@@ -148,7 +154,7 @@ class DataReport:
         """The refusal when every one of ``rows`` rows was skipped (as empty, or as a tie)."""
         skipped = ({**self.empty, "the same chosen and rejected answer": self.identical} if self.identical
                    else self.empty)
-        counts = "; ".join(f"{len(where)} with {reason} (first: {', '.join(where[:_SHOWN])})"
+        counts = "; ".join(f"{len(where)} with {reason} (first: {first_places(where)})"
                            for reason, where in skipped.items())
         fixes = [f"give {what} with answers (check --format and --data-fields if the answers are in another column)"
                  ] if set(skipped) - {IMAGES_TOO_LONG, PROMPT_FILLS_SEQ_LEN} else []
@@ -323,14 +329,14 @@ def tokenize_dataset(
         raise report.nothing_to_train(len(examples))
     if not kept and all(blank_text(e) for e in examples):
         raise UsageError(f"all {len(examples)} texts of the data are empty (first: "
-                         f"{', '.join(report.untrainable_where[:_SHOWN])}); give texts to train on.")
+                         f"{first_places(report.untrainable_where)}); give texts to train on.")
     if not kept:
-        skipped = "".join(f"; {len(where)} skipped with {reason} (first: {', '.join(where[:_SHOWN])})"
+        skipped = "".join(f"; {len(where)} skipped with {reason} (first: {first_places(where)})"
                           for reason, where in report.empty.items())
         n, untrainable = len(examples), len(report.untrainable)
         raise UsageError(
             f"{f'all {n}' if untrainable == n else f'{untrainable} of the {n}'} examples have no "
-            f"trainable tokens after tokenization (first: {', '.join(report.untrainable_where[:_SHOWN])}){skipped}. "
+            f"trainable tokens after tokenization (first: {first_places(report.untrainable_where)}){skipped}. "
             f"Usually --seq-len ({seq_len}) is shorter than the prompts, so every response is truncated away; raise "
             "--seq-len or shorten the prompts."
         )

@@ -30,7 +30,7 @@ it when it prepares the dataset) and stays the same in every epoch, however they
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from typing import Iterable, Sequence
+from typing import Any, Iterable, Sequence
 
 import torch
 
@@ -38,14 +38,14 @@ from qlora.errors import UsageError
 from qlora.model.chat_format import ChatFormat
 from qlora.train.data.common_ends import common_prefix
 from qlora.train.data.fields import FieldMap, pair_hint, unsupported_rows
-from qlora.train.data.formats import EMPTY_ANSWER, Example, empty_answer, unpaired_label
+from qlora.train.data.formats import EMPTY_ANSWER, Example, empty_answer, row_tools, unpaired_label
 from qlora.train.data.image_examples import expanded_prompt, image_batch, token_aligned
 from qlora.train.data.images import ImageRef, as_parts, images_in
 from qlora.train.data.preference import (Messages, PreferenceExample, full_ids, message_tuple,
                                          missing_prompt_hint, pair_from_row, prompt_ids, prompt_with_images,
                                          refuse_answer_images, refuse_image_tokens, renamed_source, with_system)
 from qlora.train.data.sources import Record
-from qlora.train.data.tokenize import IGNORE_INDEX, PROMPT_FILLS_SEQ_LEN, DataReport
+from qlora.train.data.tokenize import IGNORE_INDEX, PROMPT_FILLS_SEQ_LEN, DataReport, first_places
 
 _ROW_KEYS = ("input_ids", "attention_mask", "labels")
 
@@ -61,6 +61,7 @@ class UnpairedExample:
     tie: bool = False  # unpaired from a pair whose two answers are the same: skipped when tokenized
     skip: str | None = None  # why it is skipped when tokenized ("an empty answer")
     images: tuple[ImageRef, ...] = ()  # the prompt's, in the order its image parts place them
+    tools: tuple[dict[str, Any], ...] | None = None  # a conversational row's tool definitions, for its template
 
     @property
     def conversational(self) -> bool:
@@ -99,7 +100,7 @@ def normalize_unpaired(records: list[Record], fields: FieldMap | str | dict | No
     records, names, chat = renamed_source(records, fields)
     out: list[UnpairedExample] = []
     for r in records:
-        folders = [f for f in (r.folder, dataset_dir) if f]
+        folders = r.image_folders(dataset_dir)
         if "chosen" in r.fields and "rejected" in r.fields:
             pair: PreferenceExample = pair_from_row(r.fields, r.where, names, chat, folders)
             if pair.pieces:
@@ -110,7 +111,7 @@ def normalize_unpaired(records: list[Record], fields: FieldMap | str | dict | No
             tie = pair.chosen == pair.rejected and not pair.skip  # the same answer labelled desirable and not
             out += [UnpairedExample(pair.prompt, answer, desirable, r.where, tie,  # a half with an answer stays
                                     pair.skip if pair.skip and (not pair.prompt or empty_answer(answer)) else None,
-                                    pair.images)
+                                    pair.images, pair.tools)
                     for answer, desirable in ((pair.chosen, True), (pair.rejected, False))]
         elif images_in(r.fields):  # a conversation whose prompt holds the images
             example = _normalize_row(r.fields, r.where, names, True)
@@ -156,7 +157,7 @@ def _normalize_row(fields: dict, where: str, names: FieldMap, chat: bool) -> Unp
     if not any(m["role"] == "assistant" for m in completion_m):
         raise UsageError(f'{where}: "completion" has no assistant message; it is the answer KTO judges.')
     return UnpairedExample(with_system(prompt_m, fields, where), completion_m, label, where,
-                           skip=EMPTY_ANSWER if empty_answer(completion_m) else None)
+                           skip=EMPTY_ANSWER if empty_answer(completion_m) else None, tools=row_tools(fields, where))
 
 
 def tokenize_unpaired(examples: list[UnpairedExample], tokenizer, chat_template: str | ChatFormat,
@@ -189,7 +190,8 @@ def tokenize_unpaired(examples: list[UnpairedExample], tokenizer, chat_template:
         prompt, completion = full[:n], full[n:]
         media = {}
         if example.images:
-            expanded = expanded_prompt(Example(example.prompt, None, example.where, images=example.images), n,
+            expanded = expanded_prompt(Example(example.prompt, None, example.where, images=example.images,
+                                               tools=example.tools), n,
                                        processor, fmt, seq_len)
             if isinstance(expanded, str):
                 report.skip(expanded, example.where)
@@ -209,7 +211,7 @@ def tokenize_unpaired(examples: list[UnpairedExample], tokenizer, chat_template:
             kept.append(TokenizedUnpaired(prompt, completion, example.desirable, i, whole, truncated, media))
     if not kept and len(report.identical) == len(examples):
         raise UsageError(f"all {len(examples)} KTO examples come from preference pairs whose chosen and rejected "
-                         f"answer are the same (first: {', '.join(report.identical[:5])}): nothing to learn.")
+                         f"answer are the same (first: {first_places(report.identical)}): nothing to learn.")
     if not kept:
         raise report.nothing_to_train(len(examples), "KTO examples")
     return kept, report
