@@ -72,10 +72,11 @@ ARCHS = {
                         moe_shared_expert_intermediate_size=32), False),
     "lfm2_moe": (dict(layer_types=["conv", "full_attention"], num_experts=4, num_experts_per_tok=2,
                       moe_intermediate_size=32, num_dense_layers=1), False),
-    # fused Wqkv clipped to +-8 and fused experts; a fresh config lacks the rope_theta and clip_qkv its attention reads
+    # fused Wqkv clipped to +-8 and fused experts; a fresh config lacks the rope_theta and clip_qkv its attention reads.
+    # No ffn_config hidden_size: 4.x's DbrxFFNConfig refuses the key, 5.x copies d_model into it
     "dbrx": (dict(d_model=64, n_heads=4, n_layers=2, max_seq_len=256, attn_config=dict(
-        kv_n_heads=2, rope_theta=10000.0, clip_qkv=8.0), ffn_config=dict(hidden_size=64, ffn_hidden_size=64,
-                                                                         moe_num_experts=4, moe_top_k=2)), True),
+        kv_n_heads=2, rope_theta=10000.0, clip_qkv=8.0), ffn_config=dict(ffn_hidden_size=64, moe_num_experts=4,
+                                                                         moe_top_k=2)), True),
 }
 
 
