@@ -222,6 +222,32 @@ def test_a_model_that_does_not_generate_text_is_refused(tmp_path, tiny_tokenizer
     assert "'t5' is not a text-generating model" in err and "Traceback" not in err
 
 
+def test_a_transformers_release_whose_own_forward_fails_is_named_not_a_traceback(vlms, tmp_path, capsys):
+    """transformers 5.24's Llama4ForConditionalGeneration reads ``image_outputs`` from its text model's output,
+    which has none, on any input: generate, train and eval say that the installed transformers' own forward
+    failed and to use another release, exit 2, and print no traceback."""
+    try:
+        with torch.no_grad():
+            _transformers_model(vlms["llama4"])(IDS)
+    except AttributeError:
+        pass
+    else:
+        pytest.skip(f"transformers {transformers.__version__}'s own Llama 4 forward runs")
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"text": "The quick brown fox jumps over the lazy dog."}\n' * 2)
+    model = ["--model", str(vlms["llama4"])]
+    for argv in (["generate", *model, "--prompt", "Hello", "--max-new-tokens", "2", "--template", "none"],
+                 ["train", *model, "--data", str(data), "--output", str(tmp_path / "out"), "--max-steps", "1",
+                  "--no-progress"],
+                 ["eval", *model, "--data", str(data)]):
+        assert main(argv) == 2, argv
+        out = capsys.readouterr()
+        assert (f"the installed transformers' own forward failed for this model (transformers "
+                f"{transformers.__version__}, models/llama4/modeling_llama4.py)") in out.err, out.err
+        assert "install another transformers release" in out.err and "Traceback" not in out.err
+        assert out.out == "" or argv[0] != "generate"
+
+
 @torch.no_grad()
 def test_a_bitsandbytes_checkpoint_with_a_4bit_vision_tower_loads_as_written(vlms, tmp_path):
     """transformers + bitsandbytes packs the vision tower too, unless told to skip it: qlora reads

@@ -157,6 +157,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:  # a rank's word goes to its launcher, which says it once for all of them
         report_error("qlora: interrupted")
         return 130
+    except AttributeError as exc:
+        model_file = _transformers_inconsistency(exc)
+        if model_file is None:
+            raise
+        transformers = sys.modules.get("transformers")
+        release = getattr(transformers, "__version__", "installed")
+        report_error(f"qlora {args.command}: error: the installed transformers' own forward failed for this model "
+                     f"(transformers {release}, {model_file}): {type(exc).__name__}: {exc}. Its code asks one of "
+                     "transformers' own objects for a field that object does not have: a fault of this transformers "
+                     "release's code for this architecture, which no option of qlora or file of the model changes; "
+                     "install another transformers release "
+                     f"(pip install 'transformers!={release}'), or use another model.")
+        return 2
     except ValueError as exc:
         model_file = _model_code_that_raised(exc)
         if model_file is None:
@@ -208,6 +221,16 @@ def _model_code_that_raised(exc: BaseException) -> str | None:
     if len(parts) >= 4 and parts[-4:-2] == ("transformers", "models"):
         return "/".join(parts[-3:])
     return None
+
+
+def _transformers_inconsistency(exc: AttributeError) -> str | None:
+    """``models/<arch>/<file>.py`` when ``exc`` is transformers' model code asking one of transformers' own objects
+    (an output, a config, a cache) for a field it lacks: 5.24's Llama 4 vision-language forward reads
+    ``image_outputs`` from its text model's output on every input. An attribute missing from anything else (one of
+    qlora's modules, a tensor, None) may be qlora's doing, and is left to surface as it is."""
+    model_file = _model_code_that_raised(exc)
+    owner = type(getattr(exc, "obj", None)).__module__
+    return model_file if model_file is not None and owner.startswith("transformers.") else None
 
 
 # What qlora's commands pass a forward: an error about another of its inputs being None is about one never given.
