@@ -129,3 +129,39 @@ def test_a_model_whose_forward_requires_images_is_refused(kind, text, extra, tmp
         assert f"the {kind!r} model ({type(model).__name__}) cannot run on text alone: its forward requires " \
                "pixel_values" in err, err
         assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("language", [None, "de_DE"])
+def test_a_language_routed_model_without_its_language_names_the_field_to_set(language, tmp_path, tiny_tokenizer,
+                                                                            capsys):
+    """X-MOD runs each token through one language's adapter, from a lang_ids input (which qlora never gives) or
+    the config's default_language. Left null (as transformers' own configs leave it), training and generating
+    said transformers' "Input language unknown. Please call set_default_language()" and to change --seq-len or
+    --batch-size; a language it lacks failed a list lookup. Each command names the field, the file and the
+    languages; set to one of them, the model trains and generates."""
+    if "xmod" not in CONFIG_MAPPING_NAMES:
+        pytest.skip("this transformers has no X-MOD models")
+    config = AutoConfig.for_model("xmod", vocab_size=len(tiny_tokenizer), hidden_size=32, num_hidden_layers=1,
+                                  num_attention_heads=2, intermediate_size=64, max_position_embeddings=64,
+                                  is_decoder=True, languages=["en_XX", "fr_XX"], default_language=language,
+                                  pad_token_id=tiny_tokenizer.pad_token_id, eos_token_id=tiny_tokenizer.eos_token_id)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config)
+    with pytest.raises(ValueError):  # transformers' own forward: "Input language unknown" / "not in list"
+        model(input_ids=torch.tensor([[5, 6, 7]]))
+    model.save_pretrained(tmp_path / "m")
+    tiny_tokenizer.save_pretrained(tmp_path / "m")
+    said = "null" if language is None else repr(language)
+    for argv in _commands(tmp_path / "m", tmp_path):
+        code = main(argv)
+        err = capsys.readouterr().err
+        assert code == 2, argv
+        assert "adapter of one of its languages (en_XX, fr_XX)" in err and f"which is {said} there" in err, err
+        assert f'Set "default_language" in {tmp_path / "m" / "config.json"}' in err, err
+        assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "run").exists() and not (tmp_path / "q4").exists()
+
+    saved = json.loads((tmp_path / "m" / "config.json").read_text())
+    (tmp_path / "m" / "config.json").write_text(json.dumps(dict(saved, default_language="fr_XX")))
+    train, _, _, generate = _commands(tmp_path / "m", tmp_path)
+    assert main(train) == 0 and main(generate) == 0, capsys.readouterr().err
