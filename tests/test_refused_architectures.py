@@ -131,6 +131,39 @@ def test_a_model_whose_forward_requires_images_is_refused(kind, text, extra, tmp
         assert "Traceback" not in err and len(err.strip().splitlines()) == 1
 
 
+@pytest.mark.parametrize("kind, text, vision, needs", [
+    ("kosmos-2", dict(embed_dim=32, layers=1, attention_heads=2, ffn_dim=64),
+     dict(_VISION, model_type="kosmos_2_vision_model"), "image_embeds"),
+    ("pix2struct", dict(hidden_size=32, d_kv=16, d_ff=64, num_layers=1, num_heads=2),
+     dict(hidden_size=32, d_kv=16, d_ff=64, num_hidden_layers=1, num_attention_heads=2, patch_embed_hidden_size=48),
+     "flattened_patches"),
+])
+def test_a_model_whose_forward_needs_an_image_on_every_input_is_refused_as_such(kind, text, vision, needs, tmp_path,
+                                                                               tiny_tokenizer, capsys):
+    """Kosmos-2 and Pix2Struct take pixel_values as optional, yet their forward refuses token ids alone: the
+    commands exit 2 naming the input, and say an image gives it (they said only that a main model computes it,
+    as for a speculative-decoding draft, and to use that main model)."""
+    from transformers import AutoModelForImageTextToText
+
+    if kind not in CONFIG_MAPPING_NAMES:
+        pytest.skip(f"this transformers has no {kind!r} models")
+    config = AutoConfig.for_model(kind, text_config=dict(text, vocab_size=len(tiny_tokenizer)), vision_config=vision)
+    torch.manual_seed(0)
+    model = AutoModelForImageTextToText.from_config(config)
+    with pytest.raises(ValueError):  # transformers' own forward on the token ids alone
+        model(input_ids=torch.tensor([[5, 6, 7]]))
+    model.save_pretrained(tmp_path / "m")
+    tiny_tokenizer.save_pretrained(tmp_path / "m")
+    train, eval_, _, generate = _commands(tmp_path / "m", tmp_path)
+    for argv in (train, eval_, generate):
+        code = main(argv)
+        err = capsys.readouterr().err
+        assert code == 2, argv
+        assert f"Its forward needs {needs}, which no command gives it" in err, err
+        assert "or what an image gives on every input" in err and "cannot be trained or run on text alone" in err
+        assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
 @pytest.mark.parametrize("language", [None, "de_DE"])
 def test_a_language_routed_model_without_its_language_names_the_field_to_set(language, tmp_path, tiny_tokenizer,
                                                                             capsys):

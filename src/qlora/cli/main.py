@@ -179,9 +179,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         if missing:
             report_error(f"qlora {args.command}: error: the model's own code refused the input (transformers' "
                          f"{model_file}): {detail} Its forward needs {' and '.join(missing)}, which no command gives it: "
-                         "qlora runs a model on token ids alone, and this one takes what another model computes "
-                         "(a draft model for speculative decoding is fed by its main model), so it cannot be "
-                         "trained or run on its own; use the main model it belongs to, or another model.")
+                         "qlora runs a model on token ids (and images only where the model also runs without "
+                         "them), and this one takes what another model computes (a draft model for speculative "
+                         "decoding is fed by its main model) or what an image gives on every input (Kosmos-2's "
+                         "image features, Pix2Struct's patches), so it cannot be trained or run on text alone; use "
+                         "the main model a draft belongs to, or another model.")
             return 2
         report_error(f"qlora {args.command}: error: the model's own code refused the input (transformers' {model_file}): "
                      f"{detail} This is a limit of how transformers implements this architecture, not of qlora; "
