@@ -8,6 +8,7 @@ draft whose layers all reuse the target model's keys and values, which transform
 
 from __future__ import annotations
 
+import inspect
 import json
 
 import pytest
@@ -150,6 +151,8 @@ def test_a_model_whose_forward_needs_an_image_on_every_input_is_refused_as_such(
     config = AutoConfig.for_model(kind, text_config=dict(text, vocab_size=len(tiny_tokenizer)), vision_config=vision)
     torch.manual_seed(0)
     model = AutoModelForImageTextToText.from_config(config)
+    if "input_ids" not in inspect.signature(type(model).forward).parameters:
+        pytest.skip(f"this transformers' {type(model).__name__} takes no input_ids (4.x's Pix2Struct)")
     with pytest.raises(ValueError):  # transformers' own forward on the token ids alone
         model(input_ids=torch.tensor([[5, 6, 7]]))
     model.save_pretrained(tmp_path / "m")
