@@ -167,6 +167,39 @@ def test_a_model_whose_forward_needs_an_image_on_every_input_is_refused_as_such(
         assert "Traceback" not in err and len(err.strip().splitlines()) == 1
 
 
+@pytest.mark.parametrize("kind, fields, said", [
+    # T5 layout over document images: its position bias reads OCR boxes ("Bbox is required"), an input
+    # the model's error names with a capital, which the refusal's input lookup missed (it advised --seq-len)
+    ("udop", dict(d_model=64, d_kv=16, d_ff=128, num_layers=1, num_decoder_layers=1, num_heads=4),
+     "Its forward needs bbox, which no command gives it"),
+    # formulas read from images by a decoder with no token embeddings transformers finds: a traceback
+    # (NotImplementedError from get_input_embeddings) before
+    ("pp_formulanet", dict(text_config=dict(d_model=64, decoder_attention_heads=4, decoder_ffn_dim=128, decoder_layers=1,
+                                            encoder_attention_heads=4, encoder_ffn_dim=128, encoder_layers=1,
+                                            max_position_embeddings=256), vision_config=_VISION),
+     "has no token embeddings transformers can find"),
+])
+def test_a_model_that_cannot_run_on_token_ids_says_why(kind, fields, said, tmp_path, tiny_tokenizer, capsys):
+    from transformers import AutoModelForImageTextToText
+
+    if kind not in CONFIG_MAPPING_NAMES:
+        pytest.skip(f"this transformers has no {kind!r} models")
+    if "text_config" in fields:
+        fields = dict(fields, text_config=dict(fields["text_config"], vocab_size=len(tiny_tokenizer)))
+    else:
+        fields = dict(fields, vocab_size=len(tiny_tokenizer))
+    torch.manual_seed(0)
+    AutoModelForImageTextToText.from_config(AutoConfig.for_model(kind, **fields)).save_pretrained(tmp_path / "m")
+    tiny_tokenizer.save_pretrained(tmp_path / "m")
+    train, eval_, _, generate = _commands(tmp_path / "m", tmp_path)
+    for argv in (train, eval_, generate):
+        code = main(argv)
+        err = capsys.readouterr().err
+        assert code == 2, (argv, err)
+        assert said in err and "on text alone" in err, err
+        assert "Traceback" not in err and "--seq-len" not in err and len(err.strip().splitlines()) == 1, err
+
+
 @pytest.mark.parametrize("language", [None, "de_DE"])
 def test_a_language_routed_model_without_its_language_names_the_field_to_set(language, tmp_path, tiny_tokenizer,
                                                                             capsys):

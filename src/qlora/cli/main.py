@@ -256,7 +256,7 @@ def _inputs_not_given(exc: BaseException) -> list[str]:
     code = forward.f_code
     names = code.co_varnames[:code.co_argcount + code.co_kwonlyargcount]
     return [n for n in names if n not in _GIVEN_INPUTS and n != "self" and forward.f_locals.get(n, 0) is None
-            and re.search(rf"\b{re.escape(n)}\b", said)]
+            and re.search(rf"\b{re.escape(n)}\b", said, re.IGNORECASE)]  # UDOP: "Bbox is required"
 
 
 def _out_of_memory(exc: BaseException) -> bool:

@@ -60,6 +60,14 @@ def check_runs_on_text(model: nn.Module, source: str | Path) -> None:
                 and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD) and p.name != "input_ids"]
     if "lang_ids" in {p.name for p in params}:
         _check_default_language(model.config, source)
+    try:
+        model.get_input_embeddings()
+    except NotImplementedError:  # PP-FormulaNet: a decoder of image features, with no token embeddings to find
+        raise UsageError(f"{source}: the {model.config.model_type!r} model ({type(model).__name__}) has no token "
+                         "embeddings transformers can find (its get_input_embeddings is not implemented), so it "
+                         "cannot run on text alone: it decodes what another input gives it, such as an image. "
+                         "qlora fine-tunes and runs language models on token ids; use a model that generates text "
+                         "from text, or transformers' own training code for this one.") from None
     if required:
         raise UsageError(f"{source}: the {model.config.model_type!r} model ({type(model).__name__}) cannot run "
                          f"on text alone: its forward requires {', '.join(required)} beside the token ids. qlora "
