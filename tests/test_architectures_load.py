@@ -474,3 +474,33 @@ def test_decoder_only_configs_are_not_named_as_attending_both_ways():
 
     assert not attends_to_later_tokens(AutoConfig.for_model("llama"))
     assert not attends_to_later_tokens(AutoConfig.for_model("t5"))  # encoder-decoder: not loaded as a causal LM
+
+
+def test_a_block_shared_by_several_layers_loads_from_any_of_its_names(tmp_path, tiny_tokenizer):
+    """Zamba runs one attention block in all its hybrid layers: one module object under several names in
+    transformers 4.x (its file stores the weights under the last name), tied copies in 5.x. Under 4.57 the 4-bit
+    load refused the file ("shape (64, 128) where the model ... expects (4096, 1)"): the quantized layer was
+    looked up under its first name only. Both load, 16-bit as transformers and 4-bit as transformers computes
+    on the dequantized weights."""
+    import qlora
+
+    config = AutoConfig.for_model(
+        "zamba", vocab_size=len(tiny_tokenizer), hidden_size=64, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=4, intermediate_size=128, max_position_embeddings=256, attn_layer_period=1,
+        attn_layer_offset=0, attention_hidden_size=128, attention_head_dim=32, mamba_dt_rank=8, mamba_d_state=8,
+        use_mamba_kernels=False, pad_token_id=tiny_tokenizer.pad_token_id)  # layers: Mamba, Mamba, hybrid, hybrid
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "m")
+    tiny_tokenizer.save_pretrained(tmp_path / "m")
+    _loads_as_transformers(tmp_path / "m")
+    q, tok = load_model(tmp_path / "m", quant="nf4", compute_dtype=torch.float32, device="cpu")
+    shared = [n for n, m in q.named_modules(remove_duplicate=False) if n.endswith("shared_transf.self_attn.q_proj")]
+    assert len(shared) == 2 and all(isinstance(q.get_submodule(n), Linear4bit) for n in shared)
+    x = torch.randint(3, 200, (2, 12))
+    with torch.no_grad():
+        logits = q(x).logits
+    qlora.merge(q, dtype=torch.float32)
+    qlora.save_merged(q, tmp_path / "deq", tok)
+    deq = AutoModelForCausalLM.from_pretrained(tmp_path / "deq", dtype=torch.float32).eval()
+    with torch.no_grad():
+        assert torch.allclose(logits, deq(x).logits, atol=1e-5)

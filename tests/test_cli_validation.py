@@ -399,6 +399,34 @@ def test_a_value_error_of_qlora_itself_is_not_blamed_on_the_model():
         assert _model_code_that_raised(exc) is None
 
 
+def test_only_a_missing_field_of_transformers_own_object_in_its_model_code_is_blamed_on_transformers(tmp_path):
+    """An AttributeError raised in a transformers model file on one of transformers' own objects (5.24's Llama 4
+    asks its text model's output for image_outputs) is that release's fault; the same error on one of qlora's
+    modules, or raised in qlora's own code, is not, and keeps its traceback."""
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+
+    from qlora.cli.main import _transformers_inconsistency
+    from qlora.nn import Linear4bit
+
+    model_file = tmp_path / "transformers" / "models" / "toy" / "modeling_toy.py"
+    code = compile("obj.image_outputs", str(model_file), "eval")  # a line of a transformers model's forward
+
+    def raised(obj) -> AttributeError:
+        try:
+            eval(code, {"obj": obj})
+        except AttributeError as exc:
+            return exc
+        raise AssertionError("no AttributeError")
+
+    assert _transformers_inconsistency(raised(CausalLMOutputWithPast())) == "models/toy/modeling_toy.py"
+    assert _transformers_inconsistency(raised(Linear4bit(64, 64, bias=False))) is None  # qlora's module
+    assert _transformers_inconsistency(raised(None)) is None
+    try:
+        CausalLMOutputWithPast().image_outputs  # noqa: B018 - the same object, read by qlora's code (here)
+    except AttributeError as exc:
+        assert _transformers_inconsistency(exc) is None
+
+
 @pytest.mark.parametrize("short, dtype", [("bf16", "bfloat16"), ("fp16", "float16"), ("fp32", "float32"),
                                           ("float32", "float32")])
 def test_merge_dtype_takes_the_short_names_the_other_commands_use(short, dtype):

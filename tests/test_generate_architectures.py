@@ -5,7 +5,9 @@ drive the model's cache themselves; ``model.generate(do_sample=False)`` on the s
 the oracle. One tiny model per way a cache differs from Llama's: sliding windows crossed within
 the prompt (window 4), logit softcapping, attention sinks, learned absolute positions and ALiBi,
 mixture-of-experts routing, multi-head latent attention (MLA), recurrent state (Mamba, RWKV) and
-hybrid attention/recurrent caches (LFM2, Bamba, RecurrentGemma, whose forward does not return its cache), a model
+hybrid attention/recurrent caches (LFM2, Bamba, Jamba, Granite 4, Zamba with one attention block shared by its
+hybrid layers, RecurrentGemma, whose forward does not return its cache), Mamba-2, a looped recurrent block with a
+cache per loop (Dory), a model
 whose cache is no cache ``generate`` passes back (Reformer) and one whose ``prepare_inputs_for_generation`` feeds it
 the whole sequence after a cache (CPM-Ant); sparse-attention indexers (DeepSeek-V3.2), a hybrid of Mamba,
 expert, attention and MLP blocks (Nemotron-H), convolution and experts (LFM2-MoE) and clipped fused QKV (DBRX).
@@ -72,10 +74,35 @@ ARCHS = {
                         moe_shared_expert_intermediate_size=32), False),
     "lfm2_moe": (dict(layer_types=["conv", "full_attention"], num_experts=4, num_experts_per_tok=2,
                       moe_intermediate_size=32, num_dense_layers=1), False),
-    # fused Wqkv clipped to +-8 and fused experts; a fresh config lacks the rope_theta and clip_qkv its attention reads
+    # Mamba and attention layers, experts on every other one
+    "jamba": (dict(attn_layer_period=2, attn_layer_offset=1, expert_layer_period=2, expert_layer_offset=1,
+                   num_experts=4, num_experts_per_tok=2, mamba_d_state=8, mamba_dt_rank=8,
+                   use_mamba_kernels=False), False),  # 4.x refuses the (CUDA) kernels on a CPU
+    # Mamba-2 (multi-head SSM, chunked scan)
+    "mamba2": (dict(num_heads=4, head_dim=32, state_size=8, n_groups=1, chunk_size=8, expand=2), False),
+    # Mamba-2 and attention layers with experts (Granite 4)
+    "granitemoehybrid": (dict(layer_types=["mamba", "attention"], mamba_n_heads=4, mamba_d_head=32, mamba_d_state=8,
+                              mamba_chunk_size=8, num_local_experts=4, num_experts_per_tok=2,
+                              shared_intermediate_size=32), False),
+    # one shared attention block run by every hybrid layer (its weights tied across layers 2 and 3: Mamba, Mamba,
+    # then hybrid where i % period == offset, as 4.x and 5.x both derive the layer kinds)
+    "zamba": (dict(num_hidden_layers=4, attn_layer_period=1, attn_layer_offset=0, attention_hidden_size=128, attention_head_dim=32, mamba_dt_rank=8, mamba_d_state=8,
+                   use_mamba_kernels=False), False),
+    # input, looped recurrent (a cache per loop) and output blocks, sliding window 4
+    "dory": (dict(num_hidden_layers=3, n_input_layers=1, n_output_layers=1, n_recurrent_layers=1, head_dim=16,
+                  sliding_window=4, layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+                  rope_parameters={t: {"rope_type": "default", "rope_theta": 10000.0}
+                                   for t in ("full_attention", "sliding_attention")}), True),
+    # multi-head latent attention with interleaved rotary halves (A.X K1); transformers' own generate fails on a
+    # left-padded batch of it, so the batcher decodes one request at a time
+    "axk1": (dict(head_dim=8, n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, q_lora_rank=32,
+                  kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16, n_group=1, topk_group=1,
+                  first_k_dense_replace=1), False),
+    # fused Wqkv clipped to +-8 and fused experts; a fresh config lacks the rope_theta and clip_qkv its attention reads.
+    # No ffn_config hidden_size: 4.x's DbrxFFNConfig refuses the key, 5.x copies d_model into it
     "dbrx": (dict(d_model=64, n_heads=4, n_layers=2, max_seq_len=256, attn_config=dict(
-        kv_n_heads=2, rope_theta=10000.0, clip_qkv=8.0), ffn_config=dict(hidden_size=64, ffn_hidden_size=64,
-                                                                         moe_num_experts=4, moe_top_k=2)), True),
+        kv_n_heads=2, rope_theta=10000.0, clip_qkv=8.0), ffn_config=dict(ffn_hidden_size=64, moe_num_experts=4,
+                                                                         moe_top_k=2)), True),
 }
 
 

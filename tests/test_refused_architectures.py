@@ -8,6 +8,7 @@ draft whose layers all reuse the target model's keys and values, which transform
 
 from __future__ import annotations
 
+import inspect
 import json
 
 import pytest
@@ -129,3 +130,107 @@ def test_a_model_whose_forward_requires_images_is_refused(kind, text, extra, tmp
         assert f"the {kind!r} model ({type(model).__name__}) cannot run on text alone: its forward requires " \
                "pixel_values" in err, err
         assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("kind, text, vision, needs", [
+    ("kosmos-2", dict(embed_dim=32, layers=1, attention_heads=2, ffn_dim=64),
+     dict(_VISION, model_type="kosmos_2_vision_model"), "image_embeds"),
+    ("pix2struct", dict(hidden_size=32, d_kv=16, d_ff=64, num_layers=1, num_heads=2),
+     dict(hidden_size=32, d_kv=16, d_ff=64, num_hidden_layers=1, num_attention_heads=2, patch_embed_hidden_size=48),
+     "flattened_patches"),
+])
+def test_a_model_whose_forward_needs_an_image_on_every_input_is_refused_as_such(kind, text, vision, needs, tmp_path,
+                                                                               tiny_tokenizer, capsys):
+    """Kosmos-2 and Pix2Struct take pixel_values as optional, yet their forward refuses token ids alone: the
+    commands exit 2 naming the input, and say an image gives it (they said only that a main model computes it,
+    as for a speculative-decoding draft, and to use that main model)."""
+    from transformers import AutoModelForImageTextToText
+
+    if kind not in CONFIG_MAPPING_NAMES:
+        pytest.skip(f"this transformers has no {kind!r} models")
+    config = AutoConfig.for_model(kind, text_config=dict(text, vocab_size=len(tiny_tokenizer)), vision_config=vision)
+    torch.manual_seed(0)
+    model = AutoModelForImageTextToText.from_config(config)
+    if "input_ids" not in inspect.signature(type(model).forward).parameters:
+        pytest.skip(f"this transformers' {type(model).__name__} takes no input_ids (4.x's Pix2Struct)")
+    with pytest.raises(ValueError):  # transformers' own forward on the token ids alone
+        model(input_ids=torch.tensor([[5, 6, 7]]))
+    model.save_pretrained(tmp_path / "m")
+    tiny_tokenizer.save_pretrained(tmp_path / "m")
+    train, eval_, _, generate = _commands(tmp_path / "m", tmp_path)
+    for argv in (train, eval_, generate):
+        code = main(argv)
+        err = capsys.readouterr().err
+        assert code == 2, argv
+        assert f"Its forward needs {needs}, which no command gives it" in err, err
+        assert "or what an image gives on every input" in err and "cannot be trained or run on text alone" in err
+        assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("kind, fields, said", [
+    # T5 layout over document images: its position bias reads OCR boxes ("Bbox is required"), an input
+    # the model's error names with a capital, which the refusal's input lookup missed (it advised --seq-len)
+    ("udop", dict(d_model=64, d_kv=16, d_ff=128, num_layers=1, num_decoder_layers=1, num_heads=4),
+     "Its forward needs bbox, which no command gives it"),
+    # formulas read from images by a decoder with no token embeddings transformers finds: a traceback
+    # (NotImplementedError from get_input_embeddings) before
+    ("pp_formulanet", dict(text_config=dict(d_model=64, decoder_attention_heads=4, decoder_ffn_dim=128, decoder_layers=1,
+                                            encoder_attention_heads=4, encoder_ffn_dim=128, encoder_layers=1,
+                                            max_position_embeddings=256), vision_config=_VISION),
+     "has no token embeddings transformers can find"),
+])
+def test_a_model_that_cannot_run_on_token_ids_says_why(kind, fields, said, tmp_path, tiny_tokenizer, capsys):
+    from transformers import AutoModelForImageTextToText
+
+    if kind not in CONFIG_MAPPING_NAMES:
+        pytest.skip(f"this transformers has no {kind!r} models")
+    if "text_config" in fields:
+        fields = dict(fields, text_config=dict(fields["text_config"], vocab_size=len(tiny_tokenizer)))
+    else:
+        fields = dict(fields, vocab_size=len(tiny_tokenizer))
+    torch.manual_seed(0)
+    AutoModelForImageTextToText.from_config(AutoConfig.for_model(kind, **fields)).save_pretrained(tmp_path / "m")
+    tiny_tokenizer.save_pretrained(tmp_path / "m")
+    train, eval_, _, generate = _commands(tmp_path / "m", tmp_path)
+    for argv in (train, eval_, generate):
+        code = main(argv)
+        err = capsys.readouterr().err
+        assert code == 2, (argv, err)
+        assert said in err and "on text alone" in err, err
+        assert "Traceback" not in err and "--seq-len" not in err and len(err.strip().splitlines()) == 1, err
+
+
+@pytest.mark.parametrize("language", [None, "de_DE"])
+def test_a_language_routed_model_without_its_language_names_the_field_to_set(language, tmp_path, tiny_tokenizer,
+                                                                            capsys):
+    """X-MOD runs each token through one language's adapter, from a lang_ids input (which qlora never gives) or
+    the config's default_language. Left null (as transformers' own configs leave it), training and generating
+    said transformers' "Input language unknown. Please call set_default_language()" and to change --seq-len or
+    --batch-size; a language it lacks failed a list lookup. Each command names the field, the file and the
+    languages; set to one of them, the model trains and generates."""
+    if "xmod" not in CONFIG_MAPPING_NAMES:
+        pytest.skip("this transformers has no X-MOD models")
+    config = AutoConfig.for_model("xmod", vocab_size=len(tiny_tokenizer), hidden_size=32, num_hidden_layers=1,
+                                  num_attention_heads=2, intermediate_size=64, max_position_embeddings=64,
+                                  is_decoder=True, languages=["en_XX", "fr_XX"], default_language=language,
+                                  pad_token_id=tiny_tokenizer.pad_token_id, eos_token_id=tiny_tokenizer.eos_token_id)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config)
+    with pytest.raises(ValueError):  # transformers' own forward: "Input language unknown" / "not in list"
+        model(input_ids=torch.tensor([[5, 6, 7]]))
+    model.save_pretrained(tmp_path / "m")
+    tiny_tokenizer.save_pretrained(tmp_path / "m")
+    said = "null" if language is None else repr(language)
+    for argv in _commands(tmp_path / "m", tmp_path):
+        code = main(argv)
+        err = capsys.readouterr().err
+        assert code == 2, argv
+        assert "adapter of one of its languages (en_XX, fr_XX)" in err and f"which is {said} there" in err, err
+        assert f'Set "default_language" in {tmp_path / "m" / "config.json"}' in err, err
+        assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "run").exists() and not (tmp_path / "q4").exists()
+
+    saved = json.loads((tmp_path / "m" / "config.json").read_text())
+    (tmp_path / "m" / "config.json").write_text(json.dumps(dict(saved, default_language="fr_XX")))
+    train, _, _, generate = _commands(tmp_path / "m", tmp_path)
+    assert main(train) == 0 and main(generate) == 0, capsys.readouterr().err

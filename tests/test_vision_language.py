@@ -9,6 +9,7 @@ converter, writes the language model).
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -99,6 +100,46 @@ def test_only_the_language_model_is_adapted_and_peft_reads_the_adapter(vlms, kin
     ours = model.eval()(IDS).logits
     assert (ours - _transformers_model(vlms[kind])(IDS).logits).abs().max() > 1e-3  # the adapter matters
     assert torch.allclose(theirs(IDS).logits, ours, atol=1e-5, rtol=1e-5)
+
+
+@torch.no_grad()
+def test_a_layer_directly_under_the_language_model_is_in_the_adapters_targets(tmp_path, tiny_tokenizer):
+    """Nemotron-H Omni's language model is a whole causal LM, its lm_head a direct child of language_model, which
+    all-linear adapts (as PEFT's all-linear does: the model names no output embeddings). The scoped regex written
+    as target_modules required a further level (``language_model\\..*\\.lm_head``), so PEFT left lm_head's
+    trained adapter out and its logits differed; every adapted layer is now in it."""
+    from peft import PeftModel
+    from transformers import AutoConfig
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+
+    if "nemotron_h_omni" not in CONFIG_MAPPING_NAMES:
+        pytest.skip("this transformers has no Nemotron-H Omni")
+    v = len(tiny_tokenizer)
+    text = dict(vocab_size=v + 8, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                head_dim=16, intermediate_size=128, layers_block_type=["linear_attention", "full_attention"],
+                mamba_num_heads=4, mamba_head_dim=16, ssm_state_size=8, n_groups=1, chunk_size=8,
+                n_routed_experts=4, moe_intermediate_size=32, moe_shared_expert_intermediate_size=32,
+                max_position_embeddings=256, pad_token_id=tiny_tokenizer.pad_token_id)
+    vision = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=28, patch_size=14,
+                  video_temporal_patch_size=2)
+    config = AutoConfig.for_model("nemotron_h_omni", text_config=text, vision_config=vision, vision_hidden_size=32,
+                                  projector_hidden_size=64)
+    torch.manual_seed(0)
+    ref = AutoModelForImageTextToText.from_config(config).eval()
+    ref.save_pretrained(tmp_path / "m")
+    tiny_tokenizer.save_pretrained(tmp_path / "m")
+    model, _ = load_model(tmp_path / "m", quant=None, compute_dtype=torch.float32, device="cpu")
+    add_lora(model, r=4, alpha=8, dropout=0.0, verbose=False)
+    adapted = {n for n, m in model.named_modules() if isinstance(m, LoraLinear)}
+    assert "language_model.lm_head" in adapted
+    randomize_lora_b(model, seed=0)
+    save_adapter(model, tmp_path / "adapter")
+    target = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["target_modules"]
+    assert {n for n in adapted if re.fullmatch(target, n)} == adapted, target
+
+    theirs = PeftModel.from_pretrained(AutoModelForImageTextToText.from_pretrained(tmp_path / "m"),
+                                       str(tmp_path / "adapter")).eval()
+    assert torch.allclose(theirs(IDS).logits, model.eval()(IDS).logits, atol=1e-5, rtol=1e-5)
 
 
 def _tensors(folder) -> dict[str, torch.Tensor]:
@@ -220,6 +261,32 @@ def test_a_model_that_does_not_generate_text_is_refused(tmp_path, tiny_tokenizer
     assert main(["generate", "--model", str(tmp_path), "--prompt", "hi"]) == 2
     err = capsys.readouterr().err
     assert "'t5' is not a text-generating model" in err and "Traceback" not in err
+
+
+def test_a_transformers_release_whose_own_forward_fails_is_named_not_a_traceback(vlms, tmp_path, capsys):
+    """transformers 5.24's Llama4ForConditionalGeneration reads ``image_outputs`` from its text model's output,
+    which has none, on any input: generate, train and eval say that the installed transformers' own forward
+    failed and to use another release, exit 2, and print no traceback."""
+    try:
+        with torch.no_grad():
+            _transformers_model(vlms["llama4"])(IDS)
+    except AttributeError:
+        pass
+    else:
+        pytest.skip(f"transformers {transformers.__version__}'s own Llama 4 forward runs")
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"text": "The quick brown fox jumps over the lazy dog."}\n' * 2)
+    model = ["--model", str(vlms["llama4"])]
+    for argv in (["generate", *model, "--prompt", "Hello", "--max-new-tokens", "2", "--template", "none"],
+                 ["train", *model, "--data", str(data), "--output", str(tmp_path / "out"), "--max-steps", "1",
+                  "--no-progress"],
+                 ["eval", *model, "--data", str(data)]):
+        assert main(argv) == 2, argv
+        out = capsys.readouterr()
+        assert (f"the installed transformers' own forward failed for this model (transformers "
+                f"{transformers.__version__}, models/llama4/modeling_llama4.py)") in out.err, out.err
+        assert "install another transformers release" in out.err and "Traceback" not in out.err
+        assert out.out == "" or argv[0] != "generate"
 
 
 @torch.no_grad()

@@ -157,6 +157,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:  # a rank's word goes to its launcher, which says it once for all of them
         report_error("qlora: interrupted")
         return 130
+    except AttributeError as exc:
+        model_file = _transformers_inconsistency(exc)
+        if model_file is None:
+            raise
+        transformers = sys.modules.get("transformers")
+        release = getattr(transformers, "__version__", "installed")
+        report_error(f"qlora {args.command}: error: the installed transformers' own forward failed for this model "
+                     f"(transformers {release}, {model_file}): {type(exc).__name__}: {exc}. Its code asks one of "
+                     "transformers' own objects for a field that object does not have: a fault of this transformers "
+                     "release's code for this architecture, which no option of qlora or file of the model changes; "
+                     "install another transformers release "
+                     f"(pip install 'transformers!={release}'), or use another model.")
+        return 2
     except ValueError as exc:
         model_file = _model_code_that_raised(exc)
         if model_file is None:
@@ -166,9 +179,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         if missing:
             report_error(f"qlora {args.command}: error: the model's own code refused the input (transformers' "
                          f"{model_file}): {detail} Its forward needs {' and '.join(missing)}, which no command gives it: "
-                         "qlora runs a model on token ids alone, and this one takes what another model computes "
-                         "(a draft model for speculative decoding is fed by its main model), so it cannot be "
-                         "trained or run on its own; use the main model it belongs to, or another model.")
+                         "qlora runs a model on token ids (and images only where the model also runs without "
+                         "them), and this one takes what another model computes (a draft model for speculative "
+                         "decoding is fed by its main model) or what an image gives on every input (Kosmos-2's "
+                         "image features, Pix2Struct's patches), so it cannot be trained or run on text alone; use "
+                         "the main model a draft belongs to, or another model.")
             return 2
         report_error(f"qlora {args.command}: error: the model's own code refused the input (transformers' {model_file}): "
                      f"{detail} This is a limit of how transformers implements this architecture, not of qlora; "
@@ -210,6 +225,16 @@ def _model_code_that_raised(exc: BaseException) -> str | None:
     return None
 
 
+def _transformers_inconsistency(exc: AttributeError) -> str | None:
+    """``models/<arch>/<file>.py`` when ``exc`` is transformers' model code asking one of transformers' own objects
+    (an output, a config, a cache) for a field it lacks: 5.24's Llama 4 vision-language forward reads
+    ``image_outputs`` from its text model's output on every input. An attribute missing from anything else (one of
+    qlora's modules, a tensor, None) may be qlora's doing, and is left to surface as it is."""
+    model_file = _model_code_that_raised(exc)
+    owner = type(getattr(exc, "obj", None)).__module__
+    return model_file if model_file is not None and owner.startswith("transformers.") else None
+
+
 # What qlora's commands pass a forward: an error about another of its inputs being None is about one never given.
 _GIVEN_INPUTS = frozenset({"input_ids", "attention_mask", "position_ids", "labels", "cache", "past_key_values",
                            "use_cache", "cache_position", "pixel_values", "image_sizes", "image_grid_thw",
@@ -231,7 +256,7 @@ def _inputs_not_given(exc: BaseException) -> list[str]:
     code = forward.f_code
     names = code.co_varnames[:code.co_argcount + code.co_kwonlyargcount]
     return [n for n in names if n not in _GIVEN_INPUTS and n != "self" and forward.f_locals.get(n, 0) is None
-            and re.search(rf"\b{re.escape(n)}\b", said)]
+            and re.search(rf"\b{re.escape(n)}\b", said, re.IGNORECASE)]  # UDOP: "Bbox is required"
 
 
 def _out_of_memory(exc: BaseException) -> bool:

@@ -179,17 +179,19 @@ def _peft_target_modules(model: nn.Module, names: list[str]) -> list[str] | str:
     also names every ``layers.0``, which PEFT cannot adapt), the adapted layers' full paths."""
     if not names:
         return names
+    # a layer directly under the language model counts too (Nemotron-H Omni's language_model.lm_head)
     target = names if not non_text_names(model) else (
-        rf"{re.escape(text_decoder_path(model))}\..*\.(?:{'|'.join(map(re.escape, names))})")
+        rf"{re.escape(text_decoder_path(model))}\.(?:.*\.)?(?:{'|'.join(map(re.escape, names))})")
     wrapped = {p for p, m in model.named_modules() if hasattr(m, "base_layer")}  # adapter layers
+    named = {p for p in wrapped if matches_any(p, names)}  # those target_modules names (not experts' parameters)
     paths = [p for p in (p for p, _ in model.named_modules()) if not any(p.startswith(w + ".") for w in wrapped)]
     if isinstance(target, str):
         matched = {p for p in paths if re.fullmatch(target, p)}
     else:
         matched = {p for p in paths if matches_any(p, target)}
-    if matched <= wrapped:
+    if matched == named:
         return target
-    return f"(?:{'|'.join(re.escape(p) for p in sorted(matched & wrapped))})"
+    return f"(?:{'|'.join(re.escape(p) for p in sorted(named))})"
 
 
 def _token_indices_config(tokens: dict[str, list[int]]) -> dict[str, list[int]]:

@@ -58,9 +58,40 @@ def check_runs_on_text(model: nn.Module, source: str | Path) -> None:
     params = list(inspect.signature(type(model).forward).parameters.values())[1:]
     required = [p.name for p in params if p.default is inspect.Parameter.empty
                 and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD) and p.name != "input_ids"]
+    if "lang_ids" in {p.name for p in params}:
+        _check_default_language(model.config, source)
+    try:
+        model.get_input_embeddings()
+    except NotImplementedError:  # PP-FormulaNet: a decoder of image features, with no token embeddings to find
+        raise UsageError(f"{source}: the {model.config.model_type!r} model ({type(model).__name__}) has no token "
+                         "embeddings transformers can find (its get_input_embeddings is not implemented), so it "
+                         "cannot run on text alone: it decodes what another input gives it, such as an image. "
+                         "qlora fine-tunes and runs language models on token ids; use a model that generates text "
+                         "from text, or transformers' own training code for this one.") from None
     if required:
         raise UsageError(f"{source}: the {model.config.model_type!r} model ({type(model).__name__}) cannot run "
                          f"on text alone: its forward requires {', '.join(required)} beside the token ids. qlora "
                          "fine-tunes and runs language models on token ids (images only where the model also runs "
                          "without them); use a model that generates text from text, or transformers' own "
                          "training code for this one.")
+
+
+def _check_default_language(config, source: str | Path) -> None:
+    """X-MOD passes every token through the adapter of one language: the ``lang_ids`` of its forward, which qlora
+    never gives, else the config's ``default_language``. Without one its forward raises "Input language unknown"
+    (and a name not among ``languages`` fails a list lookup) in every command that runs it.
+
+    Raises:
+        UsageError: naming the field to set in config.json and the languages to choose from.
+    """
+    languages = list(getattr(config, "languages", None) or ())
+    chosen = getattr(config, "default_language", None)
+    if chosen in languages:
+        return
+    file = Path(source) / "config.json" if Path(source).is_dir() else Path(source)
+    said = "which is null there" if chosen is None else f"which is {chosen!r} there, none of them"
+    shown = ", ".join(languages[:10]) + (f", ... ({len(languages)} in all)" if len(languages) > 10 else "")
+    raise UsageError(f"{file}: the {config.model_type!r} model runs each token through the adapter of one of its "
+                     f"languages ({shown}), chosen by a lang_ids input, which qlora does not give, or else by "
+                     f"default_language, {said}. Set \"default_language\" in {file} to the "
+                     "one your text is in (what transformers' set_default_language() does in Python).")

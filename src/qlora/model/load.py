@@ -314,6 +314,15 @@ def _materialize_buffers(model: nn.Module, device: torch.device) -> None:
         _owning_model(modules, name)._init_weights(modules[name])
 
 
+def _other_paths(model: nn.Module, replaced: set[str]) -> dict[str, str]:
+    """``{other path: replaced path}`` for each replaced module that the model also holds under other names:
+    transformers 4.x's Zamba runs one shared block object in all its hybrid layers, and its files may store the
+    block's weights under any of their names; ``named_modules`` names such a module once."""
+    at = {id(model.get_submodule(p)): p for p in replaced}
+    return {n: at[id(m)] for n, m in model.named_modules(remove_duplicate=False)
+            if id(m) in at and n != at[id(m)]}
+
+
 def _owning_model(modules: dict[str, nn.Module], name: str) -> nn.Module:
     """The innermost ``PreTrainedModel`` holding module ``name``: its ``_init_weights`` is the one written
     for it (transformers dispatches so too; Gemma 3n's initializer reads attributes of the inner text model)."""
@@ -462,8 +471,13 @@ def load_model(
     total = sum(f.stat().st_size for f in files)
     bar = _progress(total, progress)
 
+    aliases = _other_paths(model, quantized)
+
     def place(key: str, tensor: torch.Tensor, source: str) -> None:
         """Put one checkpoint tensor (already in model naming and layout) into the model."""
+        alias = next((p for p in (key.rpartition(".")[0], key.rsplit(".weight.", 1)[0]) if p in aliases), None)
+        if alias is not None:
+            key = aliases[alias] + key[len(alias):]
         module_path, _, leaf = key.rpartition(".")
         owner = next((p for p in (module_path, key.rsplit(".weight.", 1)[0]) if p in quantized), None)
         # an Experts4bit's weight may sit deeper in it (DBRX's experts.mlp.w1)

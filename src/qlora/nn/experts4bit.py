@@ -103,6 +103,8 @@ def _dbrx(module: nn.Module) -> ExpertsLayout | None:
     ``DbrxExpertGLU.forward``: ``(act(x @ w1.T) * (x @ v1.T)) @ w2``."""
     names = ("mlp.w1", "mlp.v1", "mlp.w2")
     rows, cols, count = (getattr(module, a, None) for a in ("ffn_hidden_size", "hidden_size", "num_experts"))
+    if None in (rows, cols, count):  # transformers 4.x's DbrxExperts: forward(x, weights, top_weights, top_experts)
+        return None
     if {n for n, _ in module.named_parameters()} != set(names) or not hasattr(module.mlp, "activation_fn"):
         return None
     if any(tuple(expert_weight(module, n).shape) != (count * rows, cols) for n in names):
