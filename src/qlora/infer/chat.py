@@ -27,7 +27,7 @@ from .llm import ModelLLM
 from .memory import ConversationBufferMemory
 from .memory.base import BaseMemory
 from .messages import Message
-from .tool_calls import ToolCall, ToolCallStream
+from .tool_calls import ToolCall
 
 
 class Chat:
@@ -113,7 +113,7 @@ class Chat:
 
     def _reply(self) -> Iterator[str]:
         self.last_reply, self.pending_calls, self._said = None, [], ""
-        split = ToolCallStream(self.tool_format, [t["function"]["name"] for t in self.tools]) if self.tools else None
+        split = self.llm.splitter(self.tools)
         pieces = []
         for piece in self.llm.stream_messages(self._turn, tools=self.tools):
             shown = split.push(piece) if split is not None else piece
