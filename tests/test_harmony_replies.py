@@ -45,8 +45,9 @@ def scripted(tmp_path, reply: str, tools: list | None = None):
     """A gpt-oss-tokenizer model that writes ``reply`` after the generation prompt of U1."""
     tok = family_tokenizer("gpt-oss")
     prompt = tok.apply_chat_template([U1], tokenize=False, add_generation_prompt=True, tools=tools)
-    out = build_scripted_model(tmp_path / "model", tok, len(tok(prompt, add_special_tokens=False).input_ids),
-                               tok(reply, add_special_tokens=False).input_ids, positions=512)
+    prompt_len, script = len(tok(prompt, add_special_tokens=False).input_ids), tok(reply, add_special_tokens=False).input_ids
+    positions = 1 << (prompt_len + len(script) + 16).bit_length()  # room for the reply and a little more
+    out = build_scripted_model(tmp_path / "model", tok, prompt_len, script, positions=positions)
     config = GenerationConfig.from_pretrained(out)
     config.eos_token_id = [tok.convert_tokens_to_ids(t) for t in FAMILIES["gpt-oss"]["generation_eos"]]
     config.save_pretrained(out)
@@ -93,7 +94,7 @@ def test_chat_takes_a_harmony_tool_call_without_showing_its_markup(tmp_path):
     reply = written(tok, CALL, [WEATHER])
     assert " to=functions.get_weather<|channel|>commentary" in reply and reply.endswith("<|call|>")
     model, tokenizer = load(scripted(tmp_path, reply, [WEATHER]))
-    chat = Chat(model, tokenizer, tools=[WEATHER], temperature=0, max_new_tokens=120)
+    chat = Chat(model, tokenizer, tools=[WEATHER], temperature=0, max_new_tokens=100)
     assert "".join(chat.send(U1["content"])) == ""
     ((_, call),) = chat.pending_calls
     assert call.name == "get_weather" and json.loads(call.arguments) == {"city": "Paris"}
@@ -115,3 +116,50 @@ def test_harmony_stream_shows_what_the_user_reads_piece_by_piece(text, shown, re
     pieces.append(split.finish()[0])
     assert "".join(pieces) == shown and split.reasoning == reasoning
     assert not any(word in "".join(pieces) for word in ("analysis", "assistant", "final", "<|"))
+
+
+def served(model_dir):
+    """An openai client of ``qlora serve`` on the model (a context manager's iterator: the server runs while open)."""
+    openai = pytest.importorskip("openai")
+    pytest.importorskip("fastapi")
+    from qlora.infer.batcher import ContinuousBatcher
+    from qlora.serve.app import build_app
+    from qlora.serve.server import BackgroundServer
+
+    model, tokenizer = load(model_dir)
+    batcher = ContinuousBatcher(model.eval(), tokenizer, max_batch_size=2,
+                                context_length=model.config.n_positions).start()
+    try:
+        with BackgroundServer(build_app(batcher, "tiny", [])) as server:
+            yield openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0, timeout=60)
+    finally:
+        batcher.close()
+
+
+def test_serve_answers_with_the_final_channel(tmp_path):
+    tok = family_tokenizer("gpt-oss")
+    for client in served(scripted(tmp_path, written(tok, ANSWER))):
+        ask = dict(model="tiny", messages=[U1], temperature=0, max_tokens=80)
+        choice = client.chat.completions.create(**ask).choices[0]
+        assert (choice.message.content, choice.finish_reason) == ("Four.", "stop")
+        chunks = [c.choices[0] for c in client.chat.completions.create(**ask, stream=True) if c.choices]
+        assert "".join(c.delta.content or "" for c in chunks) == "Four." and chunks[-1].finish_reason == "stop"
+        reply = client.responses.create(model="tiny", input=U1["content"], temperature=0, max_output_tokens=80)
+        assert (reply.output_text, reply.status) == ("Four.", "completed")
+        events = list(client.responses.create(model="tiny", input=U1["content"], temperature=0,
+                                              max_output_tokens=80, stream=True))
+        assert "".join(e.delta for e in events if e.type == "response.output_text.delta") == "Four."
+
+
+def test_serve_returns_a_harmony_tool_call(tmp_path):
+    tok = family_tokenizer("gpt-oss")
+    for client in served(scripted(tmp_path, written(tok, CALL, [WEATHER]), [WEATHER])):
+        ask = dict(model="tiny", messages=[U1], tools=[WEATHER], temperature=0, max_tokens=100)
+        choice = client.chat.completions.create(**ask).choices[0]
+        assert choice.finish_reason == "tool_calls" and not choice.message.content
+        (call,) = choice.message.tool_calls
+        assert call.function.name == "get_weather" and json.loads(call.function.arguments) == {"city": "Paris"}
+        chunks = [c.choices[0] for c in client.chat.completions.create(**ask, stream=True) if c.choices]
+        assert not "".join(c.delta.content or "" for c in chunks) and chunks[-1].finish_reason == "tool_calls"
+        (streamed,) = [t for c in chunks for t in c.delta.tool_calls or ()]
+        assert json.loads(streamed.function.arguments) == {"city": "Paris"}

@@ -58,6 +58,8 @@ from ..infer.json_reply import JsonReply
 from ..infer.logprobs import TokenLogprob, TokenPieces
 from ..infer.regex_reply import RegexReply
 from ..infer.template import chat_template, render_chat, renders_tools, stop_token_ids
+from ..infer.harmony import HarmonyStream, is_harmony
+from ..infer.harmony import markup_token_ids as harmony_token_ids
 from ..infer.tool_calls import ToolCall, ToolCallFormat, ToolCallStream, markup_token_ids, tool_call_format
 from ..infer.turn_end import TurnEnds
 from ..model.chat_format import ChatFormat
@@ -346,8 +348,11 @@ def build_app(batcher: ContinuousBatcher, base_id: str, adapters: list[str], api
             raise APIError(400, f"The chat template of {body.model!r} has no place for 'documents' (it never reads "
                                 "them), so the model would not see them; put their text in the messages instead",
                            "documents")
+        if is_harmony(tokenizer, chat_template(tokenizer, chat_format, tools=bool(tools))):  # gpt-oss's channels
+            plan = replace(plan, harmony=True) if plan is not None else _ToolPlan(
+                tool_call_format(""), (), False, harmony=True, offered=False)
         json_reply = body.json_reply()
-        if guide is not None and (json_reply is not None or plan is not None):
+        if guide is not None and (json_reply is not None or plan is not None and plan.offered):
             raise APIError(400, f"'{guide.param}' cannot be combined with 'response_format' or with 'tools' the model "
                                 "may call (one constraint per reply)", guide.param)
         _refuse_unending(body, guide is not None or json_reply is not None or markup is not None)
@@ -389,7 +394,9 @@ def build_app(batcher: ContinuousBatcher, base_id: str, adapters: list[str], api
             generation.prompt_logprobs = body.prompt_logprobs
             generation.token_filter = masked
             if plan is not None:
-                generation.keep_tokens = markup_token_ids(plan.format, tokenizer)
+                generation.keep_tokens = markup_token_ids(plan.format, tokenizer) if plan.offered else frozenset()
+                if plan.harmony:
+                    generation.keep_tokens |= harmony_token_ids(tokenizer)
             if markup is not None:  # a forced call: no stop strings inside it, one call, its end forced
                 generation.stop_strings = generation.turn_ends = ()
                 generation.constraint = ForcedCall(tokenizer, markup, tools, forced or None, generation.keep_tokens,
@@ -635,17 +642,33 @@ def _forced_markup(fmt: ToolCallFormat, template: str, body: ChatCompletionReque
 
 @dataclass(frozen=True)
 class _ToolPlan:
-    """How a chat reply is read for tool calls: the template's markup, the offered names, one call or several."""
+    """How a chat reply is read for tool calls: the template's markup, the offered names, one call or several;
+    ``harmony``: the reply is written in gpt-oss's channels (:mod:`~qlora.infer.harmony`), whose final channel is the
+    content (with or without tools offered: ``offered``)."""
 
     format: ToolCallFormat
     names: tuple[str, ...]
     parallel: bool
+    harmony: bool = False
+    offered: bool = True
+
+    def splitter(self) -> HarmonyStream | ToolCallStream:
+        """What splits the streamed reply into content to show and calls."""
+        if self.harmony:
+            return HarmonyStream(self.names if self.offered else None)
+        return ToolCallStream(self.format, self.names)
 
     def parse(self, text: str) -> tuple[str | None, list[dict[str, Any]]]:
         """The reply's content (None when it only calls) and its calls in OpenAI's shape."""
-        content, calls = self.format.parse(text, self.names)
+        if self.harmony:
+            split = self.splitter()
+            content = split.push(text)
+            tail, calls = split.finish()
+            content += tail
+        else:
+            content, calls = self.format.parse(text, self.names)
         if not calls:
-            return text, []
+            return content if self.harmony else text, []
         return content.strip() or None, self.shape(calls)
 
     def shape(self, calls: list[ToolCall]) -> list[dict[str, Any]]:
@@ -954,11 +977,12 @@ async def _respond(batcher: ContinuousBatcher, choices: list[_Choice], body: _Bo
         else:
             if body.logprob_count() is not None:
                 entry["logprobs"] = {"content": chat_logprobs(pieces, choice.logprobs, as_ids), "refusal": None}
-            if choice.tools is not None and (parsed := choice.tools.parse(text))[1]:
+            parsed = choice.tools.parse(text) if choice.tools is not None else (text, [])
+            if parsed[1]:
                 entry["message"] = {"role": choice.role, "content": parsed[0], "tool_calls": parsed[1]}
                 entry["finish_reason"] = "tool_calls"
             else:
-                entry["message"] = {"role": choice.role, "content": choice.echo + text}
+                entry["message"] = {"role": choice.role, "content": choice.echo + parsed[0]}
         out.append(entry)
     reply = {"id": reply_id, "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
              "model": body.model, "choices": out, "usage": _usage(choices)}
@@ -984,7 +1008,7 @@ def _cancel(choices: list[_Choice]) -> None:
 async def _stream(queue: asyncio.Queue, choices: list[_Choice], body: _Body, reply_id: str, chat: bool,
                   pieces: TokenPieces) -> AsyncIterator[str]:
     created, kind = int(time.time()), "chat.completion.chunk" if chat else "text_completion"
-    splitters = [ToolCallStream(c.tools.format, c.tools.names) if c.tools is not None else None for c in choices]
+    splitters = [c.tools.splitter() if c.tools is not None else None for c in choices]
     offsets = [TextOffsets(pieces) for _ in choices]
     carried: list[list[TokenLogprob]] = [[] for _ in choices]  # logprobs whose text a splitter still holds
     want_logprobs, as_ids = body.logprob_count() is not None, bool(body.return_tokens_as_token_ids)
@@ -1061,7 +1085,7 @@ async def _response_events(queue: asyncio.Queue, choice: _Choice, writer: Respon
 
     A failure (the row's, or an internal error: a bug) ends the stream with ``error`` and ``response.failed``, the
     response keeping the message streamed so far (:func:`~qlora.serve.responses.partial_output`)."""
-    splitter = ToolCallStream(choice.tools.format, choice.tools.names) if choice.tools is not None else None
+    splitter = choice.tools.splitter() if choice.tools is not None else None
     at = {"item_id": writer.message_id, "output_index": 0}
     background = run is not None
     streamed: StreamedMessage | None = None  # the message's text and logprobs as streamed, from its first piece
