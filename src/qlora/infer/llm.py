@@ -15,9 +15,8 @@ from qlora.errors import UsageError
 from qlora.model.chat_format import ChatFormat
 
 from .generate import SamplingOptions, stream_text
-from .harmony import HarmonyStream, is_harmony
-from .harmony import markup_token_ids as harmony_token_ids
 from .messages import Message
+from .reply_reading import ReplyReader, Splitter
 from .template import chat_template, render_chat, renders_tools, stop_token_ids
 from .tool_calls import ToolCallFormat, ToolCallStream, markup_token_ids, tool_call_format
 from .turn_end import turn_end_stops
@@ -51,6 +50,7 @@ class ModelLLM:
         self.template_kwargs = template_kwargs
         self.options = SamplingOptions(**defaults)
         self.stop_ids = stop_token_ids(model, tokenizer)
+        self.reader = ReplyReader(tokenizer)
         self._turn_ends: dict[bool, tuple[str, ...]] = {}  # with tools or not (a tokenizer's tool_use template)
 
     def tool_format(self) -> ToolCallFormat:
@@ -66,28 +66,20 @@ class ModelLLM:
                              "tool-calling data with its own template), or leave out --tools.")
         return tool_call_format(chat_template(self.tokenizer, self.chat_format, tools=True) or "")
 
-    def harmony(self, tools: Sequence[dict] | None = None) -> bool:
-        """Whether the reply is written in gpt-oss's harmony channels (:mod:`~qlora.infer.harmony`)."""
-        return is_harmony(self.tokenizer, chat_template(self.tokenizer, self.chat_format, tools=bool(tools)))
-
-    def splitter(self, tools: Sequence[dict] | None = None) -> HarmonyStream | ToolCallStream | None:
-        """What splits the text of :meth:`stream_messages` into the text a user reads and the calls (``push`` each
-        piece, ``finish`` at the end): harmony's channels, the tool-call markup with ``tools``, else nothing."""
-        names = [t["function"]["name"] for t in tools] if tools else None
-        if self.harmony(tools):
-            return HarmonyStream(names)
-        return ToolCallStream(self.tool_format(), names or ()) if tools else None
-
-    def stream_messages(self, messages: Sequence[Message], tools: Sequence[dict] | None = None,
-                        **options: Any) -> Iterator[str]:
-        """Stream the assistant's reply to ``messages``; with ``tools``, call markup is decoded too, and harmony's
-        channel markup always (:meth:`splitter` reads them). The reply ends at its turn end where the format spells
-        that as text (:func:`~qlora.infer.turn_end.turn_end_stops`)."""
+    def reply(self, messages: Sequence[Message], tools: Sequence[dict] | None = None,
+              **options: Any) -> tuple[Iterator[str], Splitter | None]:
+        """Stream the assistant's reply to ``messages``: its decoded text (markup that tells calls, reasoning or
+        harmony's channels kept) and what splits that into the answer a user reads, its reasoning and its calls
+        (``push`` each piece, ``finish`` at the end; None: the text is the answer). The reply ends at its turn end
+        where the format spells that as text (:func:`~qlora.infer.turn_end.turn_end_stops`)."""
         prompt = render_chat(self.tokenizer, messages, chat_format=self.chat_format, tools=tools,
                              template_kwargs=self.template_kwargs)
+        template = chat_template(self.tokenizer, self.chat_format, tools=bool(tools))
         keep = markup_token_ids(self.tool_format(), self.tokenizer) if tools else frozenset()
-        if self.harmony(tools):
-            keep |= harmony_token_ids(self.tokenizer)
+        keep |= self.reader.keep(template, self.chat_format, self.template_kwargs)
+        names = [t["function"]["name"] for t in tools] if tools else None
+        split = self.reader.splitter(prompt, template, self.chat_format, self.template_kwargs,
+                                     ToolCallStream(self.tool_format(), names) if tools else None, names)
         images = [ref for m in messages for ref in m.images]
         if images and self.processor is None:
             raise UsageError("these messages hold images, but no image processor was given for the model.")
@@ -96,10 +88,20 @@ class ModelLLM:
                                                           self.template_kwargs, tools)
         return stream_text(self.model, self.tokenizer, prompt, replace(self.options, **options), self.stop_ids,
                            keep=keep, stop_strings=self._turn_ends[bool(tools)], chat=True, images=images,
-                           processor=self.processor)
+                           processor=self.processor), split
+
+    def stream_messages(self, messages: Sequence[Message], **options: Any) -> Iterator[str]:
+        """Stream the answer to ``messages`` (no tools), its reasoning left out."""
+        pieces, split = self.reply(messages, **options)
+        if split is None:
+            yield from pieces
+            return
+        for piece in pieces:
+            if shown := split.push(piece):
+                yield shown
+        if tail := split.finish()[0]:
+            yield tail
 
     def complete(self, prompt: str, **options: Any) -> str:
         """The reply to ``prompt`` sent as one user message (the text a user reads), stripped of surrounding space."""
-        split = self.splitter()
-        pieces = [split.push(p) if split else p for p in self.stream_messages([Message("user", prompt)], **options)]
-        return ("".join(pieces) + (split.finish()[0] if split else "")).strip()
+        return "".join(self.stream_messages([Message("user", prompt)], **options)).strip()

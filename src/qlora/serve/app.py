@@ -42,7 +42,7 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, AsyncIterator, Callable, Iterator
+from typing import Any, AsyncIterator, Callable, Iterator, Sequence
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -58,8 +58,7 @@ from ..infer.json_reply import JsonReply
 from ..infer.logprobs import TokenLogprob, TokenPieces
 from ..infer.regex_reply import RegexReply
 from ..infer.template import chat_template, render_chat, renders_tools, stop_token_ids
-from ..infer.harmony import HarmonyStream, is_harmony
-from ..infer.harmony import markup_token_ids as harmony_token_ids
+from ..infer.reply_reading import ReplyReader, Splitter
 from ..infer.tool_calls import ToolCall, ToolCallFormat, ToolCallStream, markup_token_ids, tool_call_format
 from ..infer.turn_end import TurnEnds
 from ..model.chat_format import ChatFormat
@@ -122,6 +121,7 @@ def build_app(batcher: ContinuousBatcher, base_id: str, adapters: list[str], api
     chat_stops = frozenset(stop_token_ids(model, tokenizer))
     text_stops = frozenset(default_stop_ids(model, tokenizer))
     turn_ends = TurnEnds(tokenizer, chat_stops)  # asked on the set-up thread alone: no lock
+    reader = ReplyReader(tokenizer)  # how replies are read (reasoning markup, harmony), asked there too
     ids = {base_id: None, **{name: name for name in adapters}}
     written = in_place_adapter(model)
     if written:  # the base's own modules were overwritten by the adapter's: there is no base to serve
@@ -348,11 +348,8 @@ def build_app(batcher: ContinuousBatcher, base_id: str, adapters: list[str], api
             raise APIError(400, f"The chat template of {body.model!r} has no place for 'documents' (it never reads "
                                 "them), so the model would not see them; put their text in the messages instead",
                            "documents")
-        if is_harmony(tokenizer, chat_template(tokenizer, chat_format, tools=bool(tools))):  # gpt-oss's channels
-            plan = replace(plan, harmony=True) if plan is not None else _ToolPlan(
-                tool_call_format(""), (), False, harmony=True, offered=False)
         json_reply = body.json_reply()
-        if guide is not None and (json_reply is not None or plan is not None and plan.offered):
+        if guide is not None and (json_reply is not None or plan is not None):
             raise APIError(400, f"'{guide.param}' cannot be combined with 'response_format' or with 'tools' the model "
                                 "may call (one constraint per reply)", guide.param)
         _refuse_unending(body, guide is not None or json_reply is not None or markup is not None)
@@ -379,6 +376,14 @@ def build_app(batcher: ContinuousBatcher, base_id: str, adapters: list[str], api
         else:
             prompt_ids = tokenizer(prompt, add_special_tokens=body.add_special_tokens).input_ids  # vLLM's default:
             # none, the template writes them (apply_chat_template(tokenize=True)'s ids)
+        template = chat_template(tokenizer, chat_format, tools=bool(tools))
+        # constrained replies (a forced call, a JSON reply, a guide) are written from their first token: no reasoning
+        read = guide is None and json_reply is None and markup is None and reader.reads(template, chat_format,
+                                                                                        template_options)
+        if read:  # the reply's reasoning (or gpt-oss's channels) is read apart from its answer
+            read_with = functools.partial(reader.splitter, prompt, template, chat_format, template_options)
+            plan = replace(plan, read=read_with) if plan is not None else _ToolPlan(
+                tool_call_format(""), (), False, offered=False, read=read_with)
         # a turn end this vocabulary spells as text (ChatML without an <|im_end|> token) ends a reply as a 'stop'
         # string does; not one that goes on past its end of turn (ignore_eos) or ends where its constraint does
         ends_turn = () if body.ignore_eos or guide is not None or json_reply is not None else turn_ends(
@@ -395,8 +400,8 @@ def build_app(batcher: ContinuousBatcher, base_id: str, adapters: list[str], api
             generation.token_filter = masked
             if plan is not None:
                 generation.keep_tokens = markup_token_ids(plan.format, tokenizer) if plan.offered else frozenset()
-                if plan.harmony:
-                    generation.keep_tokens |= harmony_token_ids(tokenizer)
+                if read:
+                    generation.keep_tokens |= reader.keep(template, chat_format, template_options)
             if markup is not None:  # a forced call: no stop strings inside it, one call, its end forced
                 generation.stop_strings = generation.turn_ends = ()
                 generation.constraint = ForcedCall(tokenizer, markup, tools, forced or None, generation.keep_tokens,
@@ -642,33 +647,34 @@ def _forced_markup(fmt: ToolCallFormat, template: str, body: ChatCompletionReque
 
 @dataclass(frozen=True)
 class _ToolPlan:
-    """How a chat reply is read for tool calls: the template's markup, the offered names, one call or several;
-    ``harmony``: the reply is written in gpt-oss's channels (:mod:`~qlora.infer.harmony`), whose final channel is the
-    content (with or without tools offered: ``offered``)."""
+    """How a chat reply is read for tool calls: the template's markup, the offered names (``offered``: any), one
+    call or several; ``read``: what reads the reply's reasoning or gpt-oss's channels apart from its answer, given
+    the tool-call splitter and the offered names (:meth:`~qlora.infer.reply_reading.ReplyReader.splitter`)."""
 
     format: ToolCallFormat
     names: tuple[str, ...]
     parallel: bool
-    harmony: bool = False
     offered: bool = True
+    read: Callable[[ToolCallStream | None, Sequence[str] | None], Splitter | None] | None = None
 
-    def splitter(self) -> HarmonyStream | ToolCallStream:
+    def splitter(self) -> Splitter | None:
         """What splits the streamed reply into content to show and calls."""
-        if self.harmony:
-            return HarmonyStream(self.names if self.offered else None)
-        return ToolCallStream(self.format, self.names)
+        tools = ToolCallStream(self.format, self.names) if self.offered else None
+        return self.read(tools, self.names if self.offered else None) if self.read is not None else tools
 
     def parse(self, text: str) -> tuple[str | None, list[dict[str, Any]]]:
         """The reply's content (None when it only calls) and its calls in OpenAI's shape."""
-        if self.harmony:
-            split = self.splitter()
+        if self.read is None:
+            content, calls = self.format.parse(text, self.names)
+            content = content if calls else text
+        elif (split := self.splitter()) is None:
+            content, calls = text, []
+        else:
             content = split.push(text)
             tail, calls = split.finish()
             content += tail
-        else:
-            content, calls = self.format.parse(text, self.names)
         if not calls:
-            return content if self.harmony else text, []
+            return content, []
         return content.strip() or None, self.shape(calls)
 
     def shape(self, calls: list[ToolCall]) -> list[dict[str, Any]]:
