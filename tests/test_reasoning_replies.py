@@ -149,3 +149,17 @@ def test_reasoning_stream_splits_piece_by_piece(prompt, text, shown, reasoning):
         pieces.append(split.push(ch))
     pieces.append(split.finish()[0])
     assert "".join(pieces) == shown and split.reasoning == reasoning
+
+
+def test_a_call_after_the_reasoning_is_parsed_and_nothing_is_shown():
+    """Qwen3 with tools: the reasoning, then a ``<tool_call>`` block: the call is the answer's, the reasoning kept."""
+    from qlora.infer.tool_calls import ToolCallStream, tool_call_format
+
+    tok = family_tokenizer("qwen3")
+    split = ReasoningStream(QWEN3, "<|im_start|>assistant\n",
+                            ToolCallStream(tool_call_format(tok.chat_template), ["get_weather"]))
+    text = '<think>\nThe weather.\n</think>\n\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
+    shown = "".join(split.push(ch) for ch in text)
+    tail, calls = split.finish()
+    assert shown + tail == "" and split.reasoning == "The weather."
+    assert [(c.name, c.arguments) for c in calls] == [("get_weather", '{"city": "Paris"}')]

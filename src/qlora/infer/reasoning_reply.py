@@ -46,7 +46,9 @@ def reasoning_markup(tokenizer, chat_format: ChatFormat) -> ReasoningMarkup | No
     try:
         tokenized = tokenize_example(Example((_USER, answer), None, "the reasoning probe"), tokenizer, chat_format)
         prompt = chat_format.render(tokenizer, [_USER], add_generation_prompt=True)
-    except (UsageError, ValueError):  # no place for reasoning, or a template that cannot render the probe
+    except UsageError:  # no place for reasoning
+        return None
+    except Exception:  # noqa: BLE001 - a template that cannot render the probe: the prompt's own rendering reports it
         return None
     text = tokenizer.decode(tokenized.input_ids, skip_special_tokens=False)
     if not text.startswith(prompt):  # trained in another mode (Gemma 4's thinking): from where training starts
