@@ -142,7 +142,8 @@ QWEN3 = ReasoningMarkup("<think>", "</think>")
     ("<|im_start|>assistant\n<think>\n\n</think>\n\n", "Yes.", "Yes.", ""),  # the prompt closed the block
     ("<|im_start|>assistant\n<think>\n", "Hm.\n</think>\n\nYes.", "Yes.", "Hm."),  # the prompt opened it
     ("<|im_start|>assistant\n", "<think>\nCut off by the token lim", "", "Cut off by the token lim"),
-    ("<|im_start|>assistant\n", "<thi", "<thi", "")])  # too short to tell: the answer
+    ("<|im_start|>assistant\n", "<thi", "<thi", ""),  # too short to tell: the answer
+    ("<|im_start|>assistant\n<think>\n", "Yes.", "Yes.", "")])  # never closed after the prompt opened it: answer
 def test_reasoning_stream_splits_piece_by_piece(prompt, text, shown, reasoning):
     split, pieces = ReasoningStream(QWEN3, prompt), []
     for ch in text:  # the text as decoding releases it, a character at a time

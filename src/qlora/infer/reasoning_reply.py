@@ -111,7 +111,8 @@ class ReasoningStream:
     def __init__(self, markup: ReasoningMarkup, prompt: str = "", then: ToolCallStream | None = None) -> None:
         self.markup, self.then = markup, then
         self.text = ""
-        self.body_at: int | None = 0 if prompt.rstrip().endswith(markup.opening) else None  # where reasoning starts
+        self.prompted = prompt.rstrip().endswith(markup.opening)  # the prompt opened the block
+        self.body_at: int | None = 0 if self.prompted else None  # where the reasoning starts
         self.answer_at: int | None = None  # where the answer starts, once the block is closed (or none opened)
         self.forwarded = 0  # characters of the answer passed on
 
@@ -134,9 +135,11 @@ class ReasoningStream:
         return self._forward()
 
     def finish(self) -> tuple[str, list[ToolCall]]:
-        """The answer not shown yet, and its calls (a block never closed: all reasoning, no answer)."""
-        if self.answer_at is None and self.body_at is None:  # too short to tell: what there is is the answer
-            self.answer_at = 0
+        """The answer not shown yet, and its calls. A block the model opened and never closed is all reasoning (cut
+        by the token limit); one the prompt opened and the reply never closed is the answer (a fine-tune trained
+        without reasoning answers there), as is a reply too short to tell."""
+        if self.answer_at is None and (self.body_at is None or self.prompted):
+            self.answer_at, self.body_at = 0, None
         shown = self._forward() if self.answer_at is not None else ""
         if self.then is None:
             return shown, []
