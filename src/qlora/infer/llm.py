@@ -75,11 +75,12 @@ class ModelLLM:
         prompt = render_chat(self.tokenizer, messages, chat_format=self.chat_format, tools=tools,
                              template_kwargs=self.template_kwargs)
         template = chat_template(self.tokenizer, self.chat_format, tools=bool(tools))
-        keep = markup_token_ids(self.tool_format(), self.tokenizer) if tools else frozenset()
+        calls = self.tool_format() if tools else None
+        keep = markup_token_ids(calls, self.tokenizer) if calls is not None else frozenset()
         keep |= self.reader.keep(template, self.chat_format, self.template_kwargs)
         names = [t["function"]["name"] for t in tools] if tools else None
         split = self.reader.splitter(prompt, template, self.chat_format, self.template_kwargs,
-                                     ToolCallStream(self.tool_format(), names) if tools else None, names)
+                                     ToolCallStream(calls, names) if calls is not None else None, names)
         images = [ref for m in messages for ref in m.images]
         if images and self.processor is None:
             raise UsageError("these messages hold images, but no image processor was given for the model.")
