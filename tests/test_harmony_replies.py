@@ -116,6 +116,12 @@ def test_harmony_stream_shows_what_the_user_reads_piece_by_piece(text, shown, re
     pieces.append(split.finish()[0])
     assert "".join(pieces) == shown and split.reasoning == reasoning
     assert not any(word in "".join(pieces) for word in ("analysis", "assistant", "final", "<|"))
+    taken, thoughts = HarmonyStream(), []
+    for k in range(len(ids)):  # the reasoning taken as it grows adds up to the whole
+        taken.push(tok.decode(ids[k:k + 1]))
+        thoughts.append(taken.take_reasoning())
+    taken.finish()
+    assert "".join(thoughts) + taken.take_reasoning() == reasoning
 
 
 def served(model_dir):
@@ -142,8 +148,10 @@ def test_serve_answers_with_the_final_channel(tmp_path):
         ask = dict(model="tiny", messages=[U1], temperature=0, max_tokens=80)
         choice = client.chat.completions.create(**ask).choices[0]
         assert (choice.message.content, choice.finish_reason) == ("Four.", "stop")
+        assert choice.message.reasoning == "Two and two."  # the analysis channel, in vLLM's field
         chunks = [c.choices[0] for c in client.chat.completions.create(**ask, stream=True) if c.choices]
         assert "".join(c.delta.content or "" for c in chunks) == "Four." and chunks[-1].finish_reason == "stop"
+        assert "".join(getattr(c.delta, "reasoning", None) or "" for c in chunks) == "Two and two."
         reply = client.responses.create(model="tiny", input=U1["content"], temperature=0, max_output_tokens=80)
         assert (reply.output_text, reply.status) == ("Four.", "completed")
         events = list(client.responses.create(model="tiny", input=U1["content"], temperature=0,

@@ -125,8 +125,13 @@ def test_serve_content_is_the_answer(family, tmp_path):
             ask = dict(model="tiny", messages=[U1], temperature=0, max_tokens=40)
             choice = client.chat.completions.create(**ask).choices[0]
             assert (choice.message.content, choice.finish_reason) == ("Four.", "stop")
+            assert choice.message.reasoning == "Two and two."  # vLLM's field, as its reasoning parsers fill it
             chunks = [c.choices[0] for c in client.chat.completions.create(**ask, stream=True) if c.choices]
             assert "".join(c.delta.content or "" for c in chunks) == "Four."
+            thoughts = [getattr(c.delta, "reasoning", None) or "" for c in chunks]
+            assert "".join(thoughts) == "Two and two."
+            last_thought = max(i for i, t in enumerate(thoughts) if t)
+            assert not any(c.delta.content for c in chunks[:last_thought])  # the reasoning streams before the answer
             assert client.responses.create(model="tiny", input=U1["content"], temperature=0,
                                            max_output_tokens=40).output_text == "Four."
     finally:
@@ -145,11 +150,14 @@ QWEN3 = ReasoningMarkup("<think>", "</think>")
     ("<|im_start|>assistant\n", "<thi", "<thi", ""),  # too short to tell: the answer
     ("<|im_start|>assistant\n<think>\n", "Yes.", "Yes.", "")])  # never closed after the prompt opened it: answer
 def test_reasoning_stream_splits_piece_by_piece(prompt, text, shown, reasoning):
-    split, pieces = ReasoningStream(QWEN3, prompt), []
+    split, pieces, thoughts = ReasoningStream(QWEN3, prompt), [], []
     for ch in text:  # the text as decoding releases it, a character at a time
         pieces.append(split.push(ch))
+        thoughts.append(split.take_reasoning())
     pieces.append(split.finish()[0])
+    thoughts.append(split.take_reasoning())
     assert "".join(pieces) == shown and split.reasoning == reasoning
+    assert "".join(thoughts) == reasoning  # taken piece by piece, never a part of the closing tag
 
 
 def test_a_call_after_the_reasoning_is_parsed_and_nothing_is_shown():

@@ -78,6 +78,7 @@ class HarmonyStream:
         self.tool_names = None if tool_names is None else frozenset(tool_names)
         self.text = ""
         self.shown = 0  # characters of the visible text released
+        self.taken = 0  # characters of the reasoning taken (:meth:`take_reasoning`)
         self.plain: bool | None = None  # the reply has no harmony header (decided at its first characters)
 
     def push(self, piece: str) -> str:
@@ -121,6 +122,12 @@ class HarmonyStream:
         if self.plain is not False:
             return ""
         return "\n\n".join(m.body for m in messages(self.text)[0] if m.channel == "analysis" and m.body)
+
+    def take_reasoning(self) -> str:
+        """The reasoning written since the last call (the analysis channel grows only at its end)."""
+        done = self.reasoning
+        new, self.taken = done[self.taken:], max(self.taken, len(done))
+        return new
 
     def _visible(self, found: list[_Message], with_calls: bool = False) -> str:
         parts = [m.body for m in found if m.channel != "analysis" and (

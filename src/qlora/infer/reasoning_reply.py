@@ -115,6 +115,7 @@ class ReasoningStream:
         self.body_at: int | None = 0 if self.prompted else None  # where the reasoning starts
         self.answer_at: int | None = None  # where the answer starts, once the block is closed (or none opened)
         self.forwarded = 0  # characters of the answer passed on
+        self.taken = 0  # characters of the reasoning taken (:meth:`take_reasoning`)
 
     def push(self, piece: str) -> str:
         """Add decoded text; return the answer text that is safe to show."""
@@ -155,9 +156,28 @@ class ReasoningStream:
         body = self.text[self.body_at:end].strip()
         return body.removeprefix(self.markup.opening).lstrip()  # the tag again after a prompt that wrote it
 
+    def take_reasoning(self) -> str:
+        """The reasoning written since the last call, as far as later text cannot change it (a block the prompt
+        opened gives its reasoning once closed: until then it may yet be the answer)."""
+        if self.answer_at is not None:
+            done = self.reasoning
+        elif self.body_at is None or self.prompted:
+            done = ""
+        else:
+            body = self.text[self.body_at:]
+            body = body[:len(body) - _partial(body, self.markup.closing)].strip()
+            done = "" if self.markup.opening.startswith(body) else body.removeprefix(self.markup.opening).lstrip()
+        new, self.taken = done[self.taken:], max(self.taken, len(done))
+        return new
+
     def _forward(self) -> str:
         answer = self.text[self.answer_at:]
         if self.answer_at:  # after the block: not the space the closing tag is followed by
             answer = answer.lstrip()
         new, self.forwarded = answer[self.forwarded:], len(answer)
         return self.then.push(new) if self.then is not None and new else new
+
+
+def _partial(text: str, tag: str) -> int:
+    """Length of the longest suffix of ``text`` that begins ``tag`` (held back: it may be the tag)."""
+    return max((n for n in range(1, len(tag)) if text.endswith(tag[:n])), default=0)

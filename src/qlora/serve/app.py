@@ -499,7 +499,7 @@ def build_app(batcher: ContinuousBatcher, base_id: str, adapters: list[str], api
             return _event_stream(_response_events(queue, choice, writer))
         if not await _gather(queue, [choice], request):
             return JSONResponse({}, status_code=499)
-        content, calls = choice.tools.parse(choice.text) if choice.tools is not None else (choice.text, [])
+        content, calls, _ = choice.tools.parse(choice.text) if choice.tools is not None else (choice.text, [], "")
         output = writer.output(content, calls, choice.last.finish_reason, choice.logprobs)
         return writer.state(writer.status(choice.last.finish_reason, calls), output, _usage([choice]))
 
@@ -662,8 +662,9 @@ class _ToolPlan:
         tools = ToolCallStream(self.format, self.names) if self.offered else None
         return self.read(tools, self.names if self.offered else None) if self.read is not None else tools
 
-    def parse(self, text: str) -> tuple[str | None, list[dict[str, Any]]]:
-        """The reply's content (None when it only calls) and its calls in OpenAI's shape."""
+    def parse(self, text: str) -> tuple[str | None, list[dict[str, Any]], str]:
+        """The reply's content (None when it only calls), its calls in OpenAI's shape, and its reasoning."""
+        reasoning = ""
         if self.read is None:
             content, calls = self.format.parse(text, self.names)
             content = content if calls else text
@@ -672,10 +673,10 @@ class _ToolPlan:
         else:
             content = split.push(text)
             tail, calls = split.finish()
-            content += tail
+            content, reasoning = content + tail, getattr(split, "reasoning", "")
         if not calls:
-            return content, []
-        return content.strip() or None, self.shape(calls)
+            return content, [], reasoning
+        return content.strip() or None, self.shape(calls), reasoning
 
     def shape(self, calls: list[ToolCall]) -> list[dict[str, Any]]:
         """Calls as ``message.tool_calls`` entries (only the first when parallel calls are off)."""
@@ -983,12 +984,14 @@ async def _respond(batcher: ContinuousBatcher, choices: list[_Choice], body: _Bo
         else:
             if body.logprob_count() is not None:
                 entry["logprobs"] = {"content": chat_logprobs(pieces, choice.logprobs, as_ids), "refusal": None}
-            parsed = choice.tools.parse(text) if choice.tools is not None else (text, [])
+            parsed = choice.tools.parse(text) if choice.tools is not None else (text, [], "")
             if parsed[1]:
                 entry["message"] = {"role": choice.role, "content": parsed[0], "tool_calls": parsed[1]}
                 entry["finish_reason"] = "tool_calls"
             else:
                 entry["message"] = {"role": choice.role, "content": choice.echo + parsed[0]}
+            if parsed[2]:  # vLLM's field (its reasoning parsers'), beside the answer
+                entry["message"]["reasoning"] = parsed[2]
         out.append(entry)
     reply = {"id": reply_id, "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
              "model": body.model, "choices": out, "usage": _usage(choices)}
@@ -1019,11 +1022,14 @@ async def _stream(queue: asyncio.Queue, choices: list[_Choice], body: _Body, rep
     carried: list[list[TokenLogprob]] = [[] for _ in choices]  # logprobs whose text a splitter still holds
     want_logprobs, as_ids = body.logprob_count() is not None, bool(body.return_tokens_as_token_ids)
 
-    def chunk(k: int, text: str | None, finish: str | None, first: bool = False, calls: list | None = None) -> str:
+    def chunk(k: int, text: str | None, finish: str | None, first: bool = False, calls: list | None = None,
+              reasoning: str = "") -> str:
         entries, carried[k] = carried[k], []
         logprobs = None
         if chat:
             delta = ({"role": choices[k].role, "content": ""} if first else {}) | ({"content": text} if text else {})
+            if reasoning:  # vLLM's delta field (its reasoning parsers'), before the answer's
+                delta["reasoning"] = reasoning
             if calls:
                 delta["tool_calls"] = calls
             if want_logprobs and not first:
@@ -1051,17 +1057,19 @@ async def _stream(queue: asyncio.Queue, choices: list[_Choice], body: _Body, rep
                 break
             carried[k] += choice.add(event)
             text = splitter.push(event.text) if splitter is not None else event.text
+            thought = splitter.take_reasoning() if hasattr(splitter, "take_reasoning") else ""
             if not started[k]:
                 text, started[k] = choice.echo + text, True
-            if text:
-                yield chunk(k, text, None)
+            if text or thought:
+                yield chunk(k, text, None, reasoning=thought)
             if event.finish_reason is not None:
                 left -= 1
                 finish = event.finish_reason
                 if splitter is not None:
                     tail, calls = splitter.finish()
-                    if tail:
-                        yield chunk(k, tail, None)
+                    thought = splitter.take_reasoning() if hasattr(splitter, "take_reasoning") else ""
+                    if tail or thought:
+                        yield chunk(k, tail, None, reasoning=thought)
                     for index, call in enumerate(choice.tools.shape(calls)):  # each call whole, in its own chunk
                         yield chunk(k, None, None, calls=[{"index": index, **call}])
                     finish = "tool_calls" if calls else finish
