@@ -27,7 +27,7 @@ from .llm import ModelLLM
 from .memory import ConversationBufferMemory
 from .memory.base import BaseMemory
 from .messages import Message
-from .tool_calls import ToolCall, ToolCallStream
+from .tool_calls import ToolCall
 
 
 class Chat:
@@ -59,7 +59,8 @@ class Chat:
         self.system = system
         self.tools = list(tools) if tools else None
         self.tool_format = self.llm.tool_format() if self.tools else None  # raises if the template shows no tools
-        self.last_reply: str | None = None  # the reply of the last turn, once generated
+        self.last_reply: str | None = None  # the reply of the last turn, once generated (its answer)
+        self.last_reasoning = ""  # the reasoning the last reply wrote before its answer or calls (not shown)
         self.pending_calls: list[tuple[str, ToolCall]] = []  # (id, call) the last reply made, awaiting results
         self._turn: list[Message] = []  # the current turn's prompt: memory, user text, calls and results so far
         self._steps: list[Message] = []  # the current turn's calls and results, for the memory
@@ -112,10 +113,10 @@ class Chat:
         return self._reply()
 
     def _reply(self) -> Iterator[str]:
-        self.last_reply, self.pending_calls, self._said = None, [], ""
-        split = ToolCallStream(self.tool_format, [t["function"]["name"] for t in self.tools]) if self.tools else None
+        self.last_reply, self.pending_calls, self._said, self.last_reasoning = None, [], "", ""
+        stream, split = self.llm.reply(self._turn, tools=self.tools)
         pieces = []
-        for piece in self.llm.stream_messages(self._turn, tools=self.tools):
+        for piece in stream:
             shown = split.push(piece) if split is not None else piece
             if shown:
                 pieces.append(shown)
@@ -126,6 +127,7 @@ class Chat:
             if tail:
                 pieces.append(tail)
                 yield tail
+            self.last_reasoning = getattr(split, "reasoning", "")
         if calls:
             self._said = "".join(pieces).strip()
             self.pending_calls = [(self.tool_format.new_id(), call) for call in calls]

@@ -371,8 +371,9 @@ def stream_text(model, tokenizer, prompt: str, options: SamplingOptions | None =
 def generate_per_adapter(model, tokenizer, prompt: str, adapters: list[str | None],
                          options: SamplingOptions | None = None,
                          stop_ids: Iterable[int] | None = None, stop_strings: Sequence[str] = (),
-                         chat: bool = False, images: Sequence = (), processor=None) -> list[str]:
-    """Continue ``prompt`` (``chat``, ``images``: as :func:`stream_text`) once per adapter in ONE batch: row ``i`` runs adapter
+                         chat: bool = False, images: Sequence = (), processor=None,
+                         keep: frozenset[int] = frozenset()) -> list[str]:
+    """Continue ``prompt`` (``chat``, ``images``, ``keep``: as :func:`stream_text`) once per adapter in ONE batch: row ``i`` runs adapter
     ``adapters[i]`` (``None``: the base alone) and the 4-bit base is read once
     per step for all rows. Each row samples with its own generator seeded like a
     single run, so every row equals what that adapter produces alone (stop strings included).
@@ -395,7 +396,7 @@ def generate_per_adapter(model, tokenizer, prompt: str, adapters: list[str | Non
                   if options.seed is not None and options.temperature > 0 else None for _ in adapters]
     rules = ModelRules.of(model)
     penalties = [Penalties.of(options, prompt_ids[0], rules) for _ in adapters]
-    texts = [TextStream(tokenizer, stop_strings) for _ in adapters]
+    texts = [TextStream(tokenizer, stop_strings, keep=keep) for _ in adapters]
     pieces: list[list[str]] = [[] for _ in adapters]
     done = [False] * rows
     model.eval()

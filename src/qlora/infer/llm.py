@@ -16,8 +16,9 @@ from qlora.model.chat_format import ChatFormat
 
 from .generate import SamplingOptions, stream_text
 from .messages import Message
+from .reply_reading import ReplyReader, Splitter
 from .template import chat_template, render_chat, renders_tools, stop_token_ids
-from .tool_calls import ToolCallFormat, markup_token_ids, tool_call_format
+from .tool_calls import ToolCallFormat, ToolCallStream, markup_token_ids, tool_call_format
 from .turn_end import turn_end_stops
 
 
@@ -49,6 +50,7 @@ class ModelLLM:
         self.template_kwargs = template_kwargs
         self.options = SamplingOptions(**defaults)
         self.stop_ids = stop_token_ids(model, tokenizer)
+        self.reader = ReplyReader(tokenizer)
         self._turn_ends: dict[bool, tuple[str, ...]] = {}  # with tools or not (a tokenizer's tool_use template)
 
     def tool_format(self) -> ToolCallFormat:
@@ -64,13 +66,21 @@ class ModelLLM:
                              "tool-calling data with its own template), or leave out --tools.")
         return tool_call_format(chat_template(self.tokenizer, self.chat_format, tools=True) or "")
 
-    def stream_messages(self, messages: Sequence[Message], tools: Sequence[dict] | None = None,
-                        **options: Any) -> Iterator[str]:
-        """Stream the assistant's reply to ``messages``; with ``tools``, call markup is decoded too. The reply ends at
-        its turn end where the format spells that as text (:func:`~qlora.infer.turn_end.turn_end_stops`)."""
+    def reply(self, messages: Sequence[Message], tools: Sequence[dict] | None = None,
+              **options: Any) -> tuple[Iterator[str], Splitter | None]:
+        """Stream the assistant's reply to ``messages``: its decoded text (markup that tells calls, reasoning or
+        harmony's channels kept) and what splits that into the answer a user reads, its reasoning and its calls
+        (``push`` each piece, ``finish`` at the end; None: the text is the answer). The reply ends at its turn end
+        where the format spells that as text (:func:`~qlora.infer.turn_end.turn_end_stops`)."""
         prompt = render_chat(self.tokenizer, messages, chat_format=self.chat_format, tools=tools,
                              template_kwargs=self.template_kwargs)
-        keep = markup_token_ids(self.tool_format(), self.tokenizer) if tools else frozenset()
+        template = chat_template(self.tokenizer, self.chat_format, tools=bool(tools))
+        calls = self.tool_format() if tools else None
+        keep = markup_token_ids(calls, self.tokenizer) if calls is not None else frozenset()
+        keep |= self.reader.keep(template, self.chat_format, self.template_kwargs)
+        names = [t["function"]["name"] for t in tools] if tools else None
+        split = self.reader.splitter(prompt, template, self.chat_format, self.template_kwargs,
+                                     ToolCallStream(calls, names) if calls is not None else None, names)
         images = [ref for m in messages for ref in m.images]
         if images and self.processor is None:
             raise UsageError("these messages hold images, but no image processor was given for the model.")
@@ -79,8 +89,20 @@ class ModelLLM:
                                                           self.template_kwargs, tools)
         return stream_text(self.model, self.tokenizer, prompt, replace(self.options, **options), self.stop_ids,
                            keep=keep, stop_strings=self._turn_ends[bool(tools)], chat=True, images=images,
-                           processor=self.processor)
+                           processor=self.processor), split
+
+    def stream_messages(self, messages: Sequence[Message], **options: Any) -> Iterator[str]:
+        """Stream the answer to ``messages`` (no tools), its reasoning left out."""
+        pieces, split = self.reply(messages, **options)
+        if split is None:
+            yield from pieces
+            return
+        for piece in pieces:
+            if shown := split.push(piece):
+                yield shown
+        if tail := split.finish()[0]:
+            yield tail
 
     def complete(self, prompt: str, **options: Any) -> str:
-        """The reply to ``prompt`` sent as one user message, stripped of surrounding space."""
+        """The reply to ``prompt`` sent as one user message (the text a user reads), stripped of surrounding space."""
         return "".join(self.stream_messages([Message("user", prompt)], **options)).strip()

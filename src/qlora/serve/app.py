@@ -42,7 +42,7 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, AsyncIterator, Callable, Iterator
+from typing import Any, AsyncIterator, Callable, Iterator, Sequence
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -58,6 +58,7 @@ from ..infer.json_reply import JsonReply
 from ..infer.logprobs import TokenLogprob, TokenPieces
 from ..infer.regex_reply import RegexReply
 from ..infer.template import chat_template, render_chat, renders_tools, stop_token_ids
+from ..infer.reply_reading import ReplyReader, Splitter
 from ..infer.tool_calls import ToolCall, ToolCallFormat, ToolCallStream, markup_token_ids, tool_call_format
 from ..infer.turn_end import TurnEnds
 from ..model.chat_format import ChatFormat
@@ -120,6 +121,7 @@ def build_app(batcher: ContinuousBatcher, base_id: str, adapters: list[str], api
     chat_stops = frozenset(stop_token_ids(model, tokenizer))
     text_stops = frozenset(default_stop_ids(model, tokenizer))
     turn_ends = TurnEnds(tokenizer, chat_stops)  # asked on the set-up thread alone: no lock
+    reader = ReplyReader(tokenizer)  # how replies are read (reasoning markup, harmony), asked there too
     ids = {base_id: None, **{name: name for name in adapters}}
     written = in_place_adapter(model)
     if written:  # the base's own modules were overwritten by the adapter's: there is no base to serve
@@ -374,6 +376,14 @@ def build_app(batcher: ContinuousBatcher, base_id: str, adapters: list[str], api
         else:
             prompt_ids = tokenizer(prompt, add_special_tokens=body.add_special_tokens).input_ids  # vLLM's default:
             # none, the template writes them (apply_chat_template(tokenize=True)'s ids)
+        template = chat_template(tokenizer, chat_format, tools=bool(tools))
+        # constrained replies (a forced call, a JSON reply, a guide) are written from their first token: no reasoning
+        read = guide is None and json_reply is None and markup is None and reader.reads(template, chat_format,
+                                                                                        template_options)
+        if read:  # the reply's reasoning (or gpt-oss's channels) is read apart from its answer
+            read_with = functools.partial(reader.splitter, prompt, template, chat_format, template_options)
+            plan = replace(plan, read=read_with) if plan is not None else _ToolPlan(
+                tool_call_format(""), (), False, offered=False, read=read_with)
         # a turn end this vocabulary spells as text (ChatML without an <|im_end|> token) ends a reply as a 'stop'
         # string does; not one that goes on past its end of turn (ignore_eos) or ends where its constraint does
         ends_turn = () if body.ignore_eos or guide is not None or json_reply is not None else turn_ends(
@@ -389,7 +399,9 @@ def build_app(batcher: ContinuousBatcher, base_id: str, adapters: list[str], api
             generation.prompt_logprobs = body.prompt_logprobs
             generation.token_filter = masked
             if plan is not None:
-                generation.keep_tokens = markup_token_ids(plan.format, tokenizer)
+                generation.keep_tokens = markup_token_ids(plan.format, tokenizer) if plan.offered else frozenset()
+                if read:
+                    generation.keep_tokens |= reader.keep(template, chat_format, template_options)
             if markup is not None:  # a forced call: no stop strings inside it, one call, its end forced
                 generation.stop_strings = generation.turn_ends = ()
                 generation.constraint = ForcedCall(tokenizer, markup, tools, forced or None, generation.keep_tokens,
@@ -487,7 +499,7 @@ def build_app(batcher: ContinuousBatcher, base_id: str, adapters: list[str], api
             return _event_stream(_response_events(queue, choice, writer))
         if not await _gather(queue, [choice], request):
             return JSONResponse({}, status_code=499)
-        content, calls = choice.tools.parse(choice.text) if choice.tools is not None else (choice.text, [])
+        content, calls, _ = choice.tools.parse(choice.text) if choice.tools is not None else (choice.text, [], "")
         output = writer.output(content, calls, choice.last.finish_reason, choice.logprobs)
         return writer.state(writer.status(choice.last.finish_reason, calls), output, _usage([choice]))
 
@@ -635,18 +647,36 @@ def _forced_markup(fmt: ToolCallFormat, template: str, body: ChatCompletionReque
 
 @dataclass(frozen=True)
 class _ToolPlan:
-    """How a chat reply is read for tool calls: the template's markup, the offered names, one call or several."""
+    """How a chat reply is read for tool calls: the template's markup, the offered names (``offered``: any), one
+    call or several; ``read``: what reads the reply's reasoning or gpt-oss's channels apart from its answer, given
+    the tool-call splitter and the offered names (:meth:`~qlora.infer.reply_reading.ReplyReader.splitter`)."""
 
     format: ToolCallFormat
     names: tuple[str, ...]
     parallel: bool
+    offered: bool = True
+    read: Callable[[ToolCallStream | None, Sequence[str] | None], Splitter | None] | None = None
 
-    def parse(self, text: str) -> tuple[str | None, list[dict[str, Any]]]:
-        """The reply's content (None when it only calls) and its calls in OpenAI's shape."""
-        content, calls = self.format.parse(text, self.names)
+    def splitter(self) -> Splitter | None:
+        """What splits the streamed reply into content to show and calls."""
+        tools = ToolCallStream(self.format, self.names) if self.offered else None
+        return self.read(tools, self.names if self.offered else None) if self.read is not None else tools
+
+    def parse(self, text: str) -> tuple[str | None, list[dict[str, Any]], str]:
+        """The reply's content (None when it only calls), its calls in OpenAI's shape, and its reasoning."""
+        reasoning = ""
+        if self.read is None:
+            content, calls = self.format.parse(text, self.names)
+            content = content if calls else text
+        elif (split := self.splitter()) is None:
+            content, calls = text, []
+        else:
+            content = split.push(text)
+            tail, calls = split.finish()
+            content, reasoning = content + tail, getattr(split, "reasoning", "")
         if not calls:
-            return text, []
-        return content.strip() or None, self.shape(calls)
+            return content, [], reasoning
+        return content.strip() or None, self.shape(calls), reasoning
 
     def shape(self, calls: list[ToolCall]) -> list[dict[str, Any]]:
         """Calls as ``message.tool_calls`` entries (only the first when parallel calls are off)."""
@@ -954,11 +984,14 @@ async def _respond(batcher: ContinuousBatcher, choices: list[_Choice], body: _Bo
         else:
             if body.logprob_count() is not None:
                 entry["logprobs"] = {"content": chat_logprobs(pieces, choice.logprobs, as_ids), "refusal": None}
-            if choice.tools is not None and (parsed := choice.tools.parse(text))[1]:
+            parsed = choice.tools.parse(text) if choice.tools is not None else (text, [], "")
+            if parsed[1]:
                 entry["message"] = {"role": choice.role, "content": parsed[0], "tool_calls": parsed[1]}
                 entry["finish_reason"] = "tool_calls"
             else:
-                entry["message"] = {"role": choice.role, "content": choice.echo + text}
+                entry["message"] = {"role": choice.role, "content": choice.echo + parsed[0]}
+            if parsed[2]:  # vLLM's field (its reasoning parsers'), beside the answer
+                entry["message"]["reasoning"] = parsed[2]
         out.append(entry)
     reply = {"id": reply_id, "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
              "model": body.model, "choices": out, "usage": _usage(choices)}
@@ -984,16 +1017,19 @@ def _cancel(choices: list[_Choice]) -> None:
 async def _stream(queue: asyncio.Queue, choices: list[_Choice], body: _Body, reply_id: str, chat: bool,
                   pieces: TokenPieces) -> AsyncIterator[str]:
     created, kind = int(time.time()), "chat.completion.chunk" if chat else "text_completion"
-    splitters = [ToolCallStream(c.tools.format, c.tools.names) if c.tools is not None else None for c in choices]
+    splitters = [c.tools.splitter() if c.tools is not None else None for c in choices]
     offsets = [TextOffsets(pieces) for _ in choices]
     carried: list[list[TokenLogprob]] = [[] for _ in choices]  # logprobs whose text a splitter still holds
     want_logprobs, as_ids = body.logprob_count() is not None, bool(body.return_tokens_as_token_ids)
 
-    def chunk(k: int, text: str | None, finish: str | None, first: bool = False, calls: list | None = None) -> str:
+    def chunk(k: int, text: str | None, finish: str | None, first: bool = False, calls: list | None = None,
+              reasoning: str = "") -> str:
         entries, carried[k] = carried[k], []
         logprobs = None
         if chat:
             delta = ({"role": choices[k].role, "content": ""} if first else {}) | ({"content": text} if text else {})
+            if reasoning:  # vLLM's delta field (its reasoning parsers'), before the answer's
+                delta["reasoning"] = reasoning
             if calls:
                 delta["tool_calls"] = calls
             if want_logprobs and not first:
@@ -1021,17 +1057,19 @@ async def _stream(queue: asyncio.Queue, choices: list[_Choice], body: _Body, rep
                 break
             carried[k] += choice.add(event)
             text = splitter.push(event.text) if splitter is not None else event.text
+            thought = splitter.take_reasoning() if hasattr(splitter, "take_reasoning") else ""
             if not started[k]:
                 text, started[k] = choice.echo + text, True
-            if text:
-                yield chunk(k, text, None)
+            if text or thought:
+                yield chunk(k, text, None, reasoning=thought)
             if event.finish_reason is not None:
                 left -= 1
                 finish = event.finish_reason
                 if splitter is not None:
                     tail, calls = splitter.finish()
-                    if tail:
-                        yield chunk(k, tail, None)
+                    thought = splitter.take_reasoning() if hasattr(splitter, "take_reasoning") else ""
+                    if tail or thought:
+                        yield chunk(k, tail, None, reasoning=thought)
                     for index, call in enumerate(choice.tools.shape(calls)):  # each call whole, in its own chunk
                         yield chunk(k, None, None, calls=[{"index": index, **call}])
                     finish = "tool_calls" if calls else finish
@@ -1061,7 +1099,7 @@ async def _response_events(queue: asyncio.Queue, choice: _Choice, writer: Respon
 
     A failure (the row's, or an internal error: a bug) ends the stream with ``error`` and ``response.failed``, the
     response keeping the message streamed so far (:func:`~qlora.serve.responses.partial_output`)."""
-    splitter = ToolCallStream(choice.tools.format, choice.tools.names) if choice.tools is not None else None
+    splitter = choice.tools.splitter() if choice.tools is not None else None
     at = {"item_id": writer.message_id, "output_index": 0}
     background = run is not None
     streamed: StreamedMessage | None = None  # the message's text and logprobs as streamed, from its first piece

@@ -168,7 +168,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ...infer.generate import default_stop_ids, generate_per_adapter, stream_text
-    from ...infer.template import render_chat, stop_token_ids
+    from ...infer.reply_reading import ReplyReader
+    from ...infer.template import chat_template, render_chat, stop_token_ids
     from ...infer.turn_end import turn_end_stops
 
     options = sampling_options(args)  # checked before the (slow) model load
@@ -197,19 +198,29 @@ def run(args: argparse.Namespace) -> int:
     # a turn end this vocabulary spells as text (ChatML without an <|im_end|> token) ends the reply as --stop would
     stop_strings = [*args.stop, *(turn_end_stops(tokenizer, stops, fmt, args.chat_template_kwargs) if chat else ())]
     media = dict(images=user.images, processor=processor)
+    # a chat reply is decoded with the markup of its reasoning (or of gpt-oss's channels), and its answer is shown
+    reader, template = ReplyReader(tokenizer), chat_template(tokenizer, fmt)
+    keep = reader.keep(template, fmt, args.chat_template_kwargs) if chat else frozenset()
+
+    def splitter():
+        return reader.splitter(prompt, template, fmt, args.chat_template_kwargs) if chat else None
+
     if len(args.adapter) > 1 and not args.adapter_weights:
         # One batch, one row per adapter: the base is read once per step for all of them.
         names = list(adapter_names(args))
         replies = generate_per_adapter(model, tokenizer, prompt, names, options, stops, stop_strings=stop_strings,
-                                       chat=chat, **media)
+                                       chat=chat, keep=keep, **media)
         for name, text in zip(names, replies):
+            if (split := splitter()) is not None:
+                text = split.push(text) + split.finish()[0]
             sys.stdout.write(f"[{name}] {text}\n")
         return 0
-    for piece in stream_text(model, tokenizer, prompt, options, stops, stop_strings=stop_strings, chat=chat,
-                             **media):
-        sys.stdout.write(piece)
+    split = splitter()
+    for piece in stream_text(model, tokenizer, prompt, options, stops, keep=keep, stop_strings=stop_strings,
+                             chat=chat, **media):
+        sys.stdout.write(split.push(piece) if split is not None else piece)
         sys.stdout.flush()
-    sys.stdout.write("\n")
+    sys.stdout.write((split.finish()[0] if split is not None else "") + "\n")
     return 0
 
 

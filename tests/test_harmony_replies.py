@@ -1,0 +1,173 @@
+"""gpt-oss's harmony replies in ``qlora generate``, ``qlora chat`` and ``qlora serve``: the answer without channel markup.
+
+A harmony model writes its reasoning on the analysis channel and its answer on the final one, each message between
+special tokens and header words (``<|channel|>analysis<|message|>...<|end|><|start|>assistant<|channel|>final
+<|message|>...``); a plain decode dropped the tokens and kept the words (``analysisTwo and two.assistantfinalFour.``).
+The model here is a real GPT-2 checkpoint whose greedy reply is scripted (tests/scripted_model.py) on gpt-oss's real
+template and special tokens (tests/chat_families.py). Oracle: the reply is what the template writes after its
+generation prompt for the assistant message (``apply_chat_template``), with its reasoning in ``thinking`` as the
+template takes it; the answer shown is that message's ``content``, its calls its ``tool_calls``.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from transformers import GenerationConfig
+
+import qlora
+from chat_families import FAMILIES, U1, family_tokenizer
+from qlora.cli.main import main
+from qlora.infer.chat import Chat
+from qlora.infer.harmony import HarmonyStream
+from qlora.infer.template import render_chat
+from scripted_model import build_scripted_model
+
+WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "The weather in a city.",
+                                            "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
+                                                           "required": ["city"]}}}
+ANSWER = {"role": "assistant", "content": "Four.", "thinking": "Two and two."}
+CALL = {"role": "assistant", "content": "", "thinking": "The user wants the weather.", "tool_calls": [
+    {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}]}
+
+
+def written(tok, message: dict, tools: list | None = None) -> str:
+    """What the template writes after the generation prompt for ``message`` (up to its stop token)."""
+    prompt = tok.apply_chat_template([U1], tokenize=False, add_generation_prompt=True, tools=tools)
+    rendered = tok.apply_chat_template([U1, message], tokenize=False, tools=tools)
+    assert rendered.startswith(prompt)
+    return rendered[len(prompt):]
+
+
+def scripted(tmp_path, reply: str, tools: list | None = None):
+    """A gpt-oss-tokenizer model that writes ``reply`` after the generation prompt of U1."""
+    tok = family_tokenizer("gpt-oss")
+    prompt = tok.apply_chat_template([U1], tokenize=False, add_generation_prompt=True, tools=tools)
+    prompt_len, script = len(tok(prompt, add_special_tokens=False).input_ids), tok(reply, add_special_tokens=False).input_ids
+    positions = 1 << (prompt_len + len(script) + 16).bit_length()  # room for the reply and a little more
+    out = build_scripted_model(tmp_path / "model", tok, prompt_len, script, positions=positions)
+    config = GenerationConfig.from_pretrained(out)
+    config.eos_token_id = [tok.convert_tokens_to_ids(t) for t in FAMILIES["gpt-oss"]["generation_eos"]]
+    config.save_pretrained(out)
+    return out
+
+
+def load(model_dir):
+    return qlora.load_model(model_dir, compute_dtype=torch.float32, device="cpu")
+
+
+def test_chat_shows_the_final_channel_and_remembers_it_as_the_template_takes_it(tmp_path):
+    tok = family_tokenizer("gpt-oss")
+    reply = written(tok, ANSWER)
+    assert reply.startswith("<|channel|>analysis<|message|>Two and two.<|end|>") and reply.endswith("<|return|>")
+    model, tokenizer = load(scripted(tmp_path, reply))
+    chat = Chat(model, tokenizer, temperature=0, max_new_tokens=80)
+    pieces = list(chat.send(U1["content"]))
+    assert "".join(pieces) == "Four." and chat.last_reply == "Four."
+    # the next turn's prompt is the template's own for the conversation with that answer
+    later = chat.prompt_messages("And three plus three?")
+    oracle = tok.apply_chat_template([U1, {"role": "assistant", "content": "Four."},
+                                      {"role": "user", "content": "And three plus three?"}], tokenize=False,
+                                     add_generation_prompt=True)
+    assert render_chat(tokenizer, later) == oracle
+
+
+def test_generate_prints_the_final_channel(tmp_path, capsys):
+    tok = family_tokenizer("gpt-oss")
+    model_dir = scripted(tmp_path, written(tok, ANSWER))
+    common = ["generate", "--model", str(model_dir), "--template", "tokenizer", "--prompt", U1["content"],
+              "--temperature", "0", "--max-new-tokens", "80", "--compute-dtype", "fp32"]
+    assert main(common) == 0
+    assert capsys.readouterr().out == "Four.\n"
+    model, _ = load(model_dir)  # two adapters that change nothing (B = 0): one batch row each, the same reply
+    qlora.add_lora(model, r=4, dropout=0.0, verbose=False, target_modules=["c_attn"])
+    for name in ("a", "b"):
+        qlora.save_adapter(model, tmp_path / name)
+    assert main([*common, "--adapter", str(tmp_path / "a"), "--adapter", str(tmp_path / "b")]) == 0
+    assert capsys.readouterr().out.splitlines() == ["[a] Four.", "[b] Four."]
+
+
+def test_chat_takes_a_harmony_tool_call_without_showing_its_markup(tmp_path):
+    tok = family_tokenizer("gpt-oss")
+    reply = written(tok, CALL, [WEATHER])
+    assert " to=functions.get_weather<|channel|>commentary" in reply and reply.endswith("<|call|>")
+    model, tokenizer = load(scripted(tmp_path, reply, [WEATHER]))
+    chat = Chat(model, tokenizer, tools=[WEATHER], temperature=0, max_new_tokens=100)
+    assert "".join(chat.send(U1["content"])) == ""
+    ((_, call),) = chat.pending_calls
+    assert call.name == "get_weather" and json.loads(call.arguments) == {"city": "Paris"}
+
+
+@pytest.mark.parametrize("text,shown,reasoning", [
+    ("<|channel|>analysis<|message|>Hm.<|end|><|start|>assistant<|channel|>final<|message|>Yes.", "Yes.", "Hm."),
+    ("<|channel|>final<|message|>Yes.<|return|>", "Yes.", ""),
+    ("<|channel|>commentary<|message|>Looking.<|end|><|start|>assistant<|channel|>final<|message|>Yes.",
+     "Looking.\n\nYes.", ""),  # a preamble (commentary without a recipient) is for the user
+    ("Plain words, no header.", "Plain words, no header.", ""),  # a model never trained in harmony
+    ("<|channel|>analysis<|message|>Cut off by the token lim", "", "Cut off by the token lim")])
+def test_harmony_stream_shows_what_the_user_reads_piece_by_piece(text, shown, reasoning):
+    tok = family_tokenizer("gpt-oss")
+    ids = tok(text, add_special_tokens=False).input_ids
+    split, pieces = HarmonyStream(), []
+    for k in range(len(ids)):  # the text as decoding releases it, one token at a time
+        pieces.append(split.push(tok.decode(ids[k:k + 1])))
+    pieces.append(split.finish()[0])
+    assert "".join(pieces) == shown and split.reasoning == reasoning
+    assert not any(word in "".join(pieces) for word in ("analysis", "assistant", "final", "<|"))
+    taken, thoughts = HarmonyStream(), []
+    for k in range(len(ids)):  # the reasoning taken as it grows adds up to the whole
+        taken.push(tok.decode(ids[k:k + 1]))
+        thoughts.append(taken.take_reasoning())
+    taken.finish()
+    assert "".join(thoughts) + taken.take_reasoning() == reasoning
+
+
+def served(model_dir):
+    """An openai client of ``qlora serve`` on the model (a context manager's iterator: the server runs while open)."""
+    openai = pytest.importorskip("openai")
+    pytest.importorskip("fastapi")
+    from qlora.infer.batcher import ContinuousBatcher
+    from qlora.serve.app import build_app
+    from qlora.serve.server import BackgroundServer
+
+    model, tokenizer = load(model_dir)
+    batcher = ContinuousBatcher(model.eval(), tokenizer, max_batch_size=2,
+                                context_length=model.config.n_positions).start()
+    try:
+        with BackgroundServer(build_app(batcher, "tiny", [])) as server:
+            yield openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0, timeout=60)
+    finally:
+        batcher.close()
+
+
+def test_serve_answers_with_the_final_channel(tmp_path):
+    tok = family_tokenizer("gpt-oss")
+    for client in served(scripted(tmp_path, written(tok, ANSWER))):
+        ask = dict(model="tiny", messages=[U1], temperature=0, max_tokens=80)
+        choice = client.chat.completions.create(**ask).choices[0]
+        assert (choice.message.content, choice.finish_reason) == ("Four.", "stop")
+        assert choice.message.reasoning == "Two and two."  # the analysis channel, in vLLM's field
+        chunks = [c.choices[0] for c in client.chat.completions.create(**ask, stream=True) if c.choices]
+        assert "".join(c.delta.content or "" for c in chunks) == "Four." and chunks[-1].finish_reason == "stop"
+        assert "".join(getattr(c.delta, "reasoning", None) or "" for c in chunks) == "Two and two."
+        reply = client.responses.create(model="tiny", input=U1["content"], temperature=0, max_output_tokens=80)
+        assert (reply.output_text, reply.status) == ("Four.", "completed")
+        events = list(client.responses.create(model="tiny", input=U1["content"], temperature=0,
+                                              max_output_tokens=80, stream=True))
+        assert "".join(e.delta for e in events if e.type == "response.output_text.delta") == "Four."
+
+
+def test_serve_returns_a_harmony_tool_call(tmp_path):
+    tok = family_tokenizer("gpt-oss")
+    for client in served(scripted(tmp_path, written(tok, CALL, [WEATHER]), [WEATHER])):
+        ask = dict(model="tiny", messages=[U1], tools=[WEATHER], temperature=0, max_tokens=100)
+        choice = client.chat.completions.create(**ask).choices[0]
+        assert choice.finish_reason == "tool_calls" and not choice.message.content
+        (call,) = choice.message.tool_calls
+        assert call.function.name == "get_weather" and json.loads(call.function.arguments) == {"city": "Paris"}
+        chunks = [c.choices[0] for c in client.chat.completions.create(**ask, stream=True) if c.choices]
+        assert not "".join(c.delta.content or "" for c in chunks) and chunks[-1].finish_reason == "tool_calls"
+        (streamed,) = [t for c in chunks for t in c.delta.tool_calls or ()]
+        assert json.loads(streamed.function.arguments) == {"city": "Paris"}
