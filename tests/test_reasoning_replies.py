@@ -87,9 +87,12 @@ def test_chat_shows_the_answer_and_keeps_the_reasoning_apart(family, tmp_path):
     model, tokenizer = load(scripted(tmp_path, family, prompt, reply))
     fmt = ChatFormat(tokenizer.chat_template, origin=f"{family}.jinja", date=DATE, template_kwargs=THINKING)
     chat = Chat(model, tokenizer, chat_format=fmt, temperature=0, max_new_tokens=60)
+    thoughts: list[str] = []
+    chat.on_reasoning = thoughts.append  # what ``qlora chat`` shows on stderr while the model thinks
     pieces = list(chat.send(U1["content"]))
     assert "".join(pieces).rstrip() == "Four." and chat.last_reply == "Four.", (reply, pieces)  # Nemotron: "\n"
     assert chat.last_reasoning == "Two and two.", reply
+    assert "".join(thoughts) == "Two and two.", (reply, thoughts)
 
 
 @pytest.mark.parametrize("family", ["qwen3", "ministral-3-reasoning", "seed-oss", "deepseek-r1-distill"])
@@ -102,7 +105,9 @@ def test_generate_prints_the_answer(family, tmp_path, capsys):
     assert main(["generate", "--model", str(model_dir), "--template", str(template), "--prompt", U1["content"],
                  "--chat-template-kwargs", '{"enable_thinking": true, "thinking": true}', "--temperature", "0",
                  "--max-new-tokens", "60", "--compute-dtype", "fp32"]) == 0
-    assert capsys.readouterr().out == "Four.\n"
+    out = capsys.readouterr()
+    assert out.out == "Four.\n"
+    assert out.err.endswith("(reasoning) Two and two.\n\n"), out.err  # the reasoning shown apart, on stderr
 
 
 @pytest.mark.parametrize("family", ["qwen3", "ministral-3-reasoning", "qwen3.5"])

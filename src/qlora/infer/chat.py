@@ -18,7 +18,7 @@ resumed stored session) see how earlier answers were reached.
 from __future__ import annotations
 
 import json
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 from qlora.errors import UsageError
 from qlora.model.chat_format import ChatFormat
@@ -43,6 +43,8 @@ class Chat:
         tools: OpenAI function definitions shown to the model; its calls are parsed out of its replies.
         template_kwargs: variables the chat template is rendered with (``{"enable_thinking": False}``), over the
             format's own.
+        on_reasoning: called with each piece of a reply's reasoning as it settles (``qlora chat`` shows it apart
+            from the answer, so a reasoning model is not silent while it thinks); the answer alone is yielded.
         **gen_options: :class:`~qlora.infer.generate.SamplingOptions` fields.
 
     Example:
@@ -52,7 +54,9 @@ class Chat:
 
     def __init__(self, model, tokenizer, memory: BaseMemory | None = None, system: str | None = None,
                  chat_format: ChatFormat | None = None, tools: Sequence[dict] | None = None,
-                 template_kwargs: dict[str, Any] | None = None, **gen_options: Any) -> None:
+                 template_kwargs: dict[str, Any] | None = None, on_reasoning: Callable[[str], None] | None = None,
+                 **gen_options: Any) -> None:
+        self.on_reasoning = on_reasoning
         self.llm = ModelLLM(model, tokenizer, chat_format=chat_format, template_kwargs=template_kwargs,
                             **gen_options)
         self.memory = memory if memory is not None else ConversationBufferMemory(return_messages=True)
@@ -112,18 +116,24 @@ class Chat:
         self._steps += steps
         return self._reply()
 
+    def _pass_reasoning(self, split) -> None:
+        if self.on_reasoning is not None and hasattr(split, "take_reasoning") and (thought := split.take_reasoning()):
+            self.on_reasoning(thought)
+
     def _reply(self) -> Iterator[str]:
         self.last_reply, self.pending_calls, self._said, self.last_reasoning = None, [], "", ""
         stream, split = self.llm.reply(self._turn, tools=self.tools)
         pieces = []
         for piece in stream:
             shown = split.push(piece) if split is not None else piece
+            self._pass_reasoning(split)
             if shown:
                 pieces.append(shown)
                 yield shown
         calls: list[ToolCall] = []
         if split is not None:
             tail, calls = split.finish()
+            self._pass_reasoning(split)
             if tail:
                 pieces.append(tail)
                 yield tail

@@ -24,6 +24,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from ..reasoning_echo import ReasoningEcho
 from .generate import (add_model_arguments, chat_format_from_args, load_model_from_args, pixel_bounds_from_args,
                        sampling_options)
 
@@ -251,7 +252,7 @@ def run(args: argparse.Namespace) -> int:
         model, tokenizer = load_model_from_args(args)
         chat = Chat(model, tokenizer, memory=build_memory(args, model, tokenizer, session), system=args.system,
                     chat_format=chat_format_from_args(args, tokenizer, "chat"), tools=tools,
-                    template_kwargs=args.chat_template_kwargs,
+                    template_kwargs=args.chat_template_kwargs, on_reasoning=ReasoningEcho(),
                     **dataclasses.asdict(options))
         print(f"qlora chat ({args.memory} memory). {SLASH_HELP}")
         if store is not None and store.read_only:
@@ -302,13 +303,13 @@ def _loop(chat, args: argparse.Namespace) -> None:
         sys.stdout.write("assistant> ")
         attached, images[:] = tuple(images), []  # sent with this message only, whatever happens to its turn
         try:
-            _show(chat.send(line, attached))
+            _show(chat.send(line, attached), chat.on_reasoning)
             while chat.pending_calls:
                 results = _tool_results(chat)
                 if results is None:
                     return
                 sys.stdout.write("assistant> ")
-                _show(chat.send_tool_results(results))
+                _show(chat.send_tool_results(results), chat.on_reasoning)
         except (StoreLocked, StoreReadOnly) as exc:
             sys.stdout.write("\n")
             sys.stdout.flush()
@@ -318,10 +319,14 @@ def _loop(chat, args: argparse.Namespace) -> None:
             print(f"({exc}{' The images were dropped; attach them again.' if attached else ''})", file=sys.stderr)
 
 
-def _show(pieces) -> None:
+def _show(pieces, echo) -> None:
+    """Print a reply's answer as it comes (``echo``, the chat's :class:`ReasoningEcho`, put its reasoning on
+    stderr first)."""
     for piece in pieces:
+        echo.end()
         sys.stdout.write(piece)
         sys.stdout.flush()
+    echo.end()
     sys.stdout.write("\n")
 
 

@@ -171,6 +171,7 @@ def run(args: argparse.Namespace) -> int:
     from ...infer.reply_reading import ReplyReader
     from ...infer.template import chat_template, render_chat, stop_token_ids
     from ...infer.turn_end import turn_end_stops
+    from ..reasoning_echo import ReasoningEcho
 
     options = sampling_options(args)  # checked before the (slow) model load
     if args.prompt == "-":
@@ -213,14 +214,24 @@ def run(args: argparse.Namespace) -> int:
         for name, text in zip(names, replies):
             if (split := splitter()) is not None:
                 text = split.push(text) + split.finish()[0]
+                echo = ReasoningEcho(f"[{name}] ")
+                echo.take(split)
+                echo.end()
             sys.stdout.write(f"[{name}] {text}\n")
         return 0
-    split = splitter()
+    split, echo = splitter(), ReasoningEcho()  # the answer on stdout, its reasoning on stderr
     for piece in stream_text(model, tokenizer, prompt, options, stops, keep=keep, stop_strings=stop_strings,
                              chat=chat, **media):
-        sys.stdout.write(split.push(piece) if split is not None else piece)
-        sys.stdout.flush()
-    sys.stdout.write((split.finish()[0] if split is not None else "") + "\n")
+        shown = split.push(piece) if split is not None else piece
+        echo.take(split)
+        if shown:
+            echo.end()
+            sys.stdout.write(shown)
+            sys.stdout.flush()
+    tail = split.finish()[0] if split is not None else ""
+    echo.take(split)
+    echo.end()
+    sys.stdout.write(tail + "\n")
     return 0
 
 
