@@ -209,6 +209,45 @@ def test_empty_or_senseless_values_exit_2_before_anything_loads(argv, expected, 
     assert not (tmp_path / "o").exists()
 
 
+def _text_options(command):
+    """The options of ``command`` that take free text (no type, no choices), with its required ones."""
+    sub = next(a for a in build_parser(command)._actions if isinstance(a, argparse._SubParsersAction)).choices[command]
+    text = [a for a in sub._actions if a.option_strings and a.nargs != 0 and not a.choices and a.type is None
+            and a.default != ""]
+    return text, [a.option_strings[-1] for a in sub._actions if a.required]
+
+
+@pytest.mark.parametrize("command", [c for c in COMMANDS if c != "train"])
+def test_every_text_option_given_empty_is_refused_by_name(command, tmp_path, capsys, monkeypatch):
+    """An unset shell variable (``--adapter "$A"``) gives an empty value: a path read as the working folder, or an
+    optional value read as left out (a chat not saved, an adapter not loaded, a server on every interface)."""
+    monkeypatch.chdir(tmp_path)
+    text, required = _text_options(command)
+    # no system prompt; no turn ends; an --image's own prompt; the experts alone (with --target-parameters)
+    meaningful = {"--system", "--eot-tokens", "--prompt", "--target-modules"}
+    for action in text:
+        flag = action.option_strings[-1]
+        if flag in meaningful:
+            continue
+        argv = [command] + [x for r in required if r != flag for x in (r, "x")] + [flag, " " if flag == "--db" else ""]
+        code, err = _run(argv, capsys)
+        assert code == 2 and f"{flag} is empty" in err and len(err.strip().splitlines()) == 1, (argv, err)
+    assert list(tmp_path.iterdir()) == []
+    if command == "estimate":
+        code, err = _run(["estimate", ""], capsys)
+        assert code == 2 and "MODEL is empty" in err, err
+
+
+@pytest.mark.parametrize("argv", [["--adapter", ""], ["--eval-data", " "], ["--template", ""], ["--data-split", ""],
+                                  ["--model", ""], [""]])
+def test_train_flags_given_empty_are_refused_by_name(argv, tmp_path, capsys):
+    base = ["train", "--model", "m", "--data", str(_jsonl(tmp_path / "d.jsonl", 3)), "--output", str(tmp_path / "o")]
+    code, err = _run(base + argv, capsys)
+    expected = "config file's path is empty" if argv == [""] else f"{argv[0]} is empty"
+    assert code == 2 and expected in err, err
+    assert not (tmp_path / "o").exists()
+
+
 def _jsonl(path, n):
     path.write_text("".join(json.dumps({"instruction": f"q{i}", "output": f"a{i}"}) + "\n" for i in range(n)))
     return path

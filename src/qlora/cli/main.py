@@ -18,7 +18,7 @@ from typing import Sequence
 
 from ..errors import UsageError, describe_os_error
 from .launch import report_error
-from .options import HelpFormatter
+from .options import HelpFormatter, check_blank_values
 
 # command name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -75,7 +75,7 @@ def _boolean_values(parser: argparse.ArgumentParser, command: str, argv: list[st
     """``--packing true``, ``--progress=False`` (how transformers' and TRL's scripts take booleans) as
     ``--packing``, ``--no-progress``: argparse's on/off flags take no value, and the word would otherwise be
     read as the command's positional argument. A plain switch (``--overwrite``) given false is left out."""
-    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[command]
+    sub = sub_parser(parser, command)
     flags = {o: f"--no-{o[2:]}" for a in sub._actions if isinstance(a, argparse.BooleanOptionalAction)
              for o in a.option_strings if not o.startswith("--no-")}
     flags.update({o: None for a in sub._actions if isinstance(a, argparse._StoreTrueAction) for o in a.option_strings
@@ -125,8 +125,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         argv = _boolean_values(parser, command, argv)
     args, unknown = parser.parse_known_args(argv)
     if unknown:  # argparse says this from the top-level parser: the command's names it and lists its options
-        sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-        (sub.choices[args.command] if args.command else parser).error(f"unrecognized arguments: {' '.join(unknown)}")
+        (sub_parser(parser, args.command) if args.command else parser).error(
+            f"unrecognized arguments: {' '.join(unknown)}")
     if args.command is None:
         parser.print_help()
         return 0
@@ -137,6 +137,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         # a command run as a service stops on SIGTERM as on Ctrl-C, at any point (its imports and load included)
         with sigterm_as_interrupt() if getattr(module, "STOPPED_BY_SIGTERM", False) else contextlib.nullcontext():
+            if args.command != "train":  # train's flags and YAML keys are checked together (load_config)
+                check_blank_values(sub_parser(parser, args.command), args)
             check_paths(args)
             resolve_base(args, args.command)
             return int(module.run(args) or 0)
@@ -174,6 +176,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                      f"{detail} This is a limit of how transformers implements this architecture, not of qlora; "
                      "change the option it points to (--seq-len, --batch-size, --packing, ...) or use another model.")
         return 2
+
+
+def sub_parser(parser: argparse.ArgumentParser, command: str) -> argparse.ArgumentParser:
+    """The parser of ``command``, one of ``parser``'s sub-commands."""
+    return next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[command]
 
 
 def check_paths(args: argparse.Namespace) -> None:
