@@ -415,7 +415,12 @@ class Trainer:
         if cfg.resume:
             checkpoints = list_checkpoints(self.out)
             if not checkpoints:
-                raise UsageError(f"--resume: {self.out} has no checkpoint to resume from")
+                if not self.out.exists():
+                    raise UsageError(f"--resume: {self.out} does not exist, so there is no run to resume; check "
+                                     "--output, or leave out --resume to start the run.")
+                raise UsageError(f"--resume: {self.out} has no checkpoint to resume from (its run stopped before "
+                                 "its first checkpoint, or saved none: --save-steps); start the run again with "
+                                 "--overwrite instead of --resume.")
             saved = json.loads((checkpoints[-1] / "run_config.json").read_text())
             current = self._run_config()
             # A key the checkpoint lacks was added to qlora after it was written: that run used the default. The
