@@ -463,3 +463,47 @@ def test_chat_db_without_a_session_is_refused_before_the_model_loads(tmp_path, c
 def test_an_adapter_name_without_a_folder_is_named(command, tmp_path, capsys):
     code, err = _run([command[0], "--model", str(tmp_path), "--adapter", "sql=", *command[1:]], capsys)
     assert code == 2 and "--adapter sql=: no folder after the name" in err, err
+
+
+@pytest.mark.parametrize("argv, shown", [
+    (["generate", "--model", "m", "--prompt", "caf\udce9 au lait"], "--prompt 'caf\\xe9 au lait'"),
+    (["train", "--model", "m", "--data", "d.jsonl", "--output", "{tmp}/caf\udce9"], "--output '{tmp}/caf\\xe9'"),
+    (["merge", "--model", "m", "--adapter", "caf\udce9", "--output", "{tmp}/o"], "--adapter 'caf\\xe9'"),
+])
+def test_an_argument_that_is_not_utf8_is_refused_by_name(argv, shown, tmp_path, capsys):
+    """Bytes of a Latin-1 terminal arrive as lone surrogates: refused naming the option and the byte, before a
+    tokenizer or a UTF-8 file of the output fails on them with a traceback after part of it was written."""
+    code, err = _run([a.replace("{tmp}", str(tmp_path)) for a in argv], capsys)
+    assert code == 2 and shown.replace("{tmp}", str(tmp_path)) in err and "byte 0xe9" in err, err
+    assert list(tmp_path.iterdir()) == []
+
+
+def _stdin(monkeypatch, data: bytes, errors: str) -> None:
+    import io
+    import sys
+
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(data), encoding="utf-8", errors=errors))
+
+
+@pytest.mark.parametrize("errors", ["strict", "surrogateescape"])
+def test_generate_prompt_from_stdin_that_is_not_utf8_exits_2(errors, monkeypatch, capsys):
+    _stdin(monkeypatch, b"caf\xe9 au lait\n", errors)
+    code, err = _run(["generate", "--model", "m", "--prompt", "-"], capsys)
+    assert code == 2 and "--prompt - : standard input is not UTF-8 text (byte 0xe9" in err, err
+
+
+@pytest.mark.parametrize("errors", ["strict", "surrogateescape"])
+def test_chat_skips_a_line_that_is_not_utf8_and_goes_on(errors, tiny_model_dir, monkeypatch, capsys):
+    _stdin(monkeypatch, b"caf\xe9\nhello\n", errors)
+    code, err = _run(["chat", "--model", str(tiny_model_dir), "--max-new-tokens", "2", "--template", "chatml"], capsys)
+    assert code == 0 and "not sent: the line is not UTF-8 text (byte 0xe9" in err, err
+
+
+def test_closed_standard_streams_read_as_empty_and_take_writes(tiny_model_dir, monkeypatch):
+    """``qlora chat <&-`` or ``>&-``: Python's None streams, not a traceback."""
+    import sys
+
+    monkeypatch.setattr(sys, "stdin", None)
+    assert main(["chat", "--model", str(tiny_model_dir), "--max-new-tokens", "2"]) == 0  # ends at once, as on EOF
+    monkeypatch.setattr(sys, "stdout", None)
+    assert main(["generate", "--model", str(tiny_model_dir), "--prompt", "hello", "--max-new-tokens", "2"]) == 0

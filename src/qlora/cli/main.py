@@ -11,6 +11,7 @@ import argparse
 import contextlib
 import difflib
 import importlib
+import os
 import re
 import sys
 from pathlib import Path
@@ -19,6 +20,7 @@ from typing import Sequence
 from ..errors import UsageError, describe_os_error
 from .launch import report_error
 from .options import HelpFormatter, check_blank_values
+from .utf8_text import check_utf8_values
 
 # command name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -114,6 +116,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    _open_closed_streams()
     command = next((a for a in argv if not a.startswith("-")), None)
     if command is not None and command not in COMMANDS:
         close = difflib.get_close_matches(command, COMMANDS, n=1, cutoff=0.6)
@@ -137,6 +140,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         # a command run as a service stops on SIGTERM as on Ctrl-C, at any point (its imports and load included)
         with sigterm_as_interrupt() if getattr(module, "STOPPED_BY_SIGTERM", False) else contextlib.nullcontext():
+            check_utf8_values(sub_parser(parser, args.command), args)
             if args.command != "train":  # train's flags and YAML keys are checked together (load_config)
                 check_blank_values(sub_parser(parser, args.command), args)
             check_paths(args)
@@ -176,6 +180,15 @@ def main(argv: Sequence[str] | None = None) -> int:
                      f"{detail} This is a limit of how transformers implements this architecture, not of qlora; "
                      "change the option it points to (--seq-len, --batch-size, --packing, ...) or use another model.")
         return 2
+
+
+def _open_closed_streams() -> None:
+    """A standard stream the shell closed (``qlora chat <&-``) is None in Python, where reading or writing it fails
+    with a traceback: it reads as empty (chat ends, ``--prompt -`` is empty) and takes writes as print does, to
+    nowhere."""
+    for name, mode in (("stdin", "r"), ("stdout", "w"), ("stderr", "w")):
+        if getattr(sys, name) is None:
+            setattr(sys, name, open(os.devnull, mode, encoding="utf-8"))
 
 
 def sub_parser(parser: argparse.ArgumentParser, command: str) -> argparse.ArgumentParser:
