@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
+from .. import __version__
 from ..errors import UsageError, describe_os_error
 from .launch import report_error
 from .options import HelpFormatter, check_blank_values
@@ -106,6 +107,7 @@ def _boolean_values(parser: argparse.ArgumentParser, command: str, argv: list[st
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     parser = _Parser(prog="qlora", description="Fine-tune large language models on one GPU with QLoRA.")
+    parser.add_argument("--version", action="version", version=f"qlora {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     for name, (module, help_text) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text, formatter_class=HelpFormatter)
