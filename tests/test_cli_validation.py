@@ -507,3 +507,31 @@ def test_closed_standard_streams_read_as_empty_and_take_writes(tiny_model_dir, m
     assert main(["chat", "--model", str(tiny_model_dir), "--max-new-tokens", "2"]) == 0  # ends at once, as on EOF
     monkeypatch.setattr(sys, "stdout", None)
     assert main(["generate", "--model", str(tiny_model_dir), "--prompt", "hello", "--max-new-tokens", "2"]) == 0
+
+
+@pytest.mark.parametrize("argv, asked", [
+    (["eval", "--data-split", "validation"], "--data-split validation"),
+    (["eval", "--data-subset", "en"], "--data-subset en"),
+    (["train", "--output", "{tmp}/o", "--data-split", "test"], "--data-split test"),
+    (["train", "--output", "{tmp}/o", "--eval-data", "{tmp}/d.jsonl", "--eval-data-split", "validation"],
+     "--eval-data-split validation"),
+])
+def test_a_split_or_subset_of_a_data_file_is_refused_not_ignored(argv, asked, tmp_path, capsys):
+    """A file has no splits: it was read whole while the user believed they evaluated or trained on a part."""
+    data = _jsonl(tmp_path / "d.jsonl", 3)
+    argv = [argv[0], "--model", "m", "--data", str(data), *(a.replace("{tmp}", str(tmp_path)) for a in argv[1:])]
+    code, err = _run(argv, capsys)
+    assert code == 2 and f"{asked}: {data} is a data file" in err, err
+    assert not (tmp_path / "o").exists()
+
+
+def test_the_train_split_of_a_data_file_and_splits_of_folders_are_left_to_the_reader(tmp_path):
+    from qlora.train.data.selection import check_split_of_files
+
+    data = _jsonl(tmp_path / "d.jsonl", 3)
+    options = ("--data-split", "--data-subset")
+    check_split_of_files(str(data), "train", None, "data", options, "test")  # datasets' name for a lone file's rows
+    check_split_of_files(str(data), "test", None, "data", options, "test")  # the option's default: not asked
+    check_split_of_files(str(tmp_path), "validation", "en", "data", options, "test")  # a folder may hold splits
+    with pytest.raises(UsageError, match="--data-split validation"):
+        check_split_of_files(f"{data},{data}", "validation", None, "data", options, "test")

@@ -70,7 +70,7 @@ from qlora.train.data import (
 from qlora.train.data.dedupe import drop_duplicates
 from qlora.train.data.image_examples import tokenize_image_example
 from qlora.train.data.image_packing import check_image_packing, image_blocks_key, multimodal_positions
-from qlora.train.data.selection import hold_out, read_sources
+from qlora.train.data.selection import check_split_of_files, hold_out, read_sources
 from qlora.train.data.text_blocks import text_blocks
 from qlora.train.data.tokenize import NothingToTrain
 from qlora.train.file_fingerprint import changed_file, model_fingerprints
@@ -311,7 +311,12 @@ class Trainer:
         # LLaMA-Factory's num_samples draws come from one generator seeded with the run's seed, train then eval
         # datasets, so a rerun or a resume reads the same rows.
         self.sample_rng = np.random.RandomState(cfg.seed)
+        check_split_of_files(cfg.data, cfg.data_split, cfg.data_subset, cfg.dataset_dir,
+                             ("--data-split", "--data-subset"), "train")
         train_examples = self._read_data(cfg.data, cfg.data_split)
+        if cfg.eval_data:
+            check_split_of_files(cfg.eval_data, cfg.eval_data_split, None, cfg.dataset_dir,  # --data's subset
+                                 ("--eval-data-split", "--data-subset"), "test")
         eval_examples = self._read_data(cfg.eval_data, cfg.eval_data_split) if cfg.eval_data else None
         if cfg.eval_split:
             train_examples, eval_examples = hold_out(train_examples, cfg.eval_split, cfg.seed, cfg.eval_split_order,
