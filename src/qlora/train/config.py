@@ -731,6 +731,9 @@ def _coerce(name: str, value: Any, kind: type, source: str) -> Any:
             return int(float(value))  # a count of steps stays a count (8, not 8.0, in the saved config)
         return kind(value)
     except (TypeError, ValueError):
+        if source == "command line":  # named as the user typed it
+            what = {int: "an integer", float: "a number", bool: "true or false"}.get(kind, kind.__name__)
+            raise UsageError(f"--{_flag(name)} expects {what}, got {value!r}") from None
         raise UsageError(f"{source}: {name} expects {kind.__name__}, got {value!r}") from None
 
 
