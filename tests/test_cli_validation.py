@@ -213,6 +213,14 @@ def test_empty_or_senseless_values_exit_2_before_anything_loads(argv, expected, 
     assert not (tmp_path / "o").exists()
 
 
+def test_a_value_that_begins_with_a_dash_is_shown_how_to_give(capsys):
+    """argparse reads ``--max-shard-size -5GB``'s value as another option and says only "expected one argument"."""
+    code, err = _run(["quantize", "--model", "m", "--output", "o", "--max-shard-size", "-5GB"], capsys)
+    assert code == 2 and "write --max-shard-size=VALUE" in err, err
+    code, err = _run(["quantize", "--model", "m", "--output", "o", "--max-shard-size=-5GB"], capsys)
+    assert code == 2 and "'-5GB' is not a size" in err, err
+
+
 def _text_options(command):
     """The options of ``command`` that take free text (no type, no choices), with its required ones."""
     sub = next(a for a in build_parser(command)._actions if isinstance(a, argparse._SubParsersAction)).choices[command]

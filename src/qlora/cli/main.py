@@ -57,6 +57,10 @@ class _Parser(argparse.ArgumentParser):
                     close = [alias]
                 if close:
                     message += f" (did you mean {', '.join(close)} for {word}?)"
+        value_flag = re.fullmatch(r"argument (?:\S+/)?(--[\w-]+): expected one argument", message)
+        if value_flag:  # argparse reads a value that begins with '-' ("-5GB", "- item") as another option
+            flag = value_flag.group(1)
+            message += f" (if it was given one that begins with '-', write {flag}=VALUE, e.g. {flag}=-5GB)"
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
