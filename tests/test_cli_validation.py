@@ -547,3 +547,38 @@ def test_the_train_split_of_a_data_file_and_splits_of_folders_are_left_to_the_re
     check_split_of_files(str(tmp_path), "validation", "en", "data", options, "test")  # a folder may hold splits
     with pytest.raises(UsageError, match="--data-split validation"):
         check_split_of_files(f"{data},{data}", "validation", None, "data", options, "test")
+
+
+def test_available_memory_is_read_from_meminfo(tmp_path):
+    from qlora.cpu_memory import available_bytes
+
+    meminfo = tmp_path / "meminfo"
+    meminfo.write_text("MemTotal:       24000000 kB\nMemFree:         1000 kB\nMemAvailable:   2048 kB\n")
+    assert available_bytes(meminfo) == 2048 * 1024
+    assert available_bytes(tmp_path / "absent") is None
+
+
+def test_lora_factors_larger_than_the_cpu_memory_left_are_refused_before_allocation(tiny_model_dir, monkeypatch):
+    """Linux grants an allocation it cannot back and kills the process as it is filled (SIGKILL, no message)."""
+    import qlora.cpu_memory
+
+    model, _ = qlora.load_model(tiny_model_dir, compute_dtype=torch.float32, device="cpu")
+    hidden = model.config.hidden_size
+    monkeypatch.setattr(qlora.cpu_memory, "available_bytes", lambda: 10**6)
+    with pytest.raises(UsageError, match=rf"rank 100000 \(--rank\).*as low as {hidden // 2}"):
+        qlora.add_lora(model, r=100000, target_modules=["q_proj", "k_proj"])
+    assert not any("lora" in n for n, _ in model.named_modules())  # nothing allocated
+    qlora.add_lora(model, r=4, target_modules=["q_proj", "k_proj"])  # 4 x (64 + 64 or 32) x 4 bytes a layer fit
+
+
+def test_a_run_whose_gradients_and_moments_cannot_fit_exits_2(tiny_model_dir, tmp_path, monkeypatch, capsys):
+    import qlora.cpu_memory
+
+    # the factors fit (28,672 fp32 numbers at rank 64: 115 kB), their gradients and AdamW's moments (3x more) do not
+    monkeypatch.setattr(qlora.cpu_memory, "available_bytes", lambda: 200_000)
+    out = tmp_path / "o"
+    code, err = _run(["train", "--model", str(tiny_model_dir), "--data", str(_jsonl(tmp_path / "d.jsonl", 8)),
+                      "--output", str(out), "--rank", "64", "--target-modules", "q_proj,v_proj", "--optim", "adamw",
+                      "--max-steps", "1", "--no-progress"], capsys)
+    assert code == 2 and "--rank 64: training the" in err and "--optim adamw moments" in err, err
+    assert not out.exists()

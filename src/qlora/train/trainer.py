@@ -179,6 +179,25 @@ def _make_optimizer(cfg: TrainConfig, params: list[torch.nn.Parameter] | list[di
         raise UsageError(f"--optim {cfg.optim}: {exc}") from exc
 
 
+def _check_training_fits(cfg: TrainConfig, params: list[torch.nn.Parameter] | list[dict[str, Any]]) -> None:
+    """Refuse a run whose gradients and AdamW moments cannot fit in what the CPU has left once the model and its
+    adapters are made: Linux would kill the run at its first step, with no message (:mod:`qlora.cpu_memory`)."""
+    from qlora.cpu_memory import available_bytes
+
+    tensors = [t for p in params for t in (p["params"] if isinstance(p, dict) else [p])]
+    if not tensors or tensors[0].device.type != "cpu":
+        return
+    moments = 2 if "8bit" in cfg.optim else 8  # two moments a parameter, of 1 byte or 4
+    need = sum(t.numel() * (t.element_size() + moments) for t in tensors)
+    available = available_bytes()
+    if available is not None and need > available:
+        count = sum(t.numel() for t in tensors)
+        raise UsageError(f"--rank {cfg.rank}: training the {count:,} adapter parameters needs {need / 2**30:.1f} GiB "
+                         f"more on the CPU (their gradients and the --optim {cfg.optim} moments), and "
+                         f"{available / 2**30:.1f} GiB are available. Lower --rank, adapt fewer layers "
+                         "(--target-modules), or use an 8-bit optimizer (--optim adamw_8bit).")
+
+
 def _make_scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer,
                     total: int) -> torch.optim.lr_scheduler.LRScheduler:
     """--lr-scheduler over ``total`` steps; warmup: --warmup-steps, else --warmup-ratio of the steps rounded up
@@ -366,6 +385,7 @@ class Trainer:
         params = [p for p in self.model.parameters() if p.requires_grad]
         if cfg.lora_plus_ratio:
             params = lora_plus_param_groups(self.model, cfg.lr, cfg.lora_plus_ratio, cfg.weight_decay)
+        _check_training_fits(cfg, params)
         self.optimizer = _make_optimizer(cfg, params)
         self.scheduler = _make_scheduler(cfg, self.optimizer, self.total_steps)
         self.on_plateau = isinstance(self.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)  # steps on eval loss
