@@ -582,3 +582,13 @@ def test_a_run_whose_gradients_and_moments_cannot_fit_exits_2(tiny_model_dir, tm
                       "--max-steps", "1", "--no-progress"], capsys)
     assert code == 2 and "--rank 64: training the" in err and "--optim adamw moments" in err, err
     assert not out.exists()
+
+
+@pytest.mark.parametrize("command", ["eval", "merge", "export", "train"])
+def test_a_second_adapter_for_a_command_that_takes_one_is_refused_not_dropped(command, tmp_path, capsys):
+    """generate, chat and serve load every --adapter; these kept the last alone without a word."""
+    extra = {"eval": ["--data", "d.jsonl"], "train": ["--data", "d.jsonl", "--output", str(tmp_path / "o")]}
+    argv = [command, "--model", "m", "--adapter", "a1", "--adapter=a2", *extra.get(command, ["--output", "o"])]
+    code, err = _run(argv, capsys)
+    assert code == 2 and f"--adapter is given 2 times, and qlora {command} takes one adapter" in err, err
+    assert list(tmp_path.iterdir()) == []

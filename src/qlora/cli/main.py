@@ -109,6 +109,19 @@ def _boolean_values(parser: argparse.ArgumentParser, command: str, argv: list[st
     return out
 
 
+def _one_adapter(parser: argparse.ArgumentParser, command: str, argv: list[str]) -> None:
+    """``--adapter`` given twice to a command that takes one (eval, merge, export, train): generate, chat and serve
+    load each one given, so a user may expect these to stack them, while argparse would keep the last alone."""
+    action = next((a for a in sub_parser(parser, command)._actions if "--adapter" in a.option_strings), None)
+    if action is None or isinstance(action, argparse._AppendAction):
+        return
+    given = [a for a in argv if a == "--adapter" or a.startswith("--adapter=")]
+    if len(given) > 1:
+        parser.exit(2, f"qlora {command}: error: --adapter is given {len(given)} times, and qlora {command} takes one "
+                       "adapter (it would use the last alone). Give one; to fold several into a model, merge them "
+                       "one after another (qlora merge --model FIRST_MERGED --adapter NEXT --output ...).\n")
+
+
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     parser = _Parser(prog="qlora", description="Fine-tune large language models on one GPU with QLoRA.")
     parser.add_argument("--version", action="version", version=f"qlora {__version__}")
@@ -132,6 +145,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser(command)
     if command is not None:
         argv = _boolean_values(parser, command, argv)
+        _one_adapter(parser, command, argv)
     args, unknown = parser.parse_known_args(argv)
     if unknown:  # argparse says this from the top-level parser: the command's names it and lists its options
         (sub_parser(parser, args.command) if args.command else parser).error(
