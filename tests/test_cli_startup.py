@@ -72,6 +72,13 @@ def _probe(argv: list[str], cwd: Path) -> dict:
     return json.loads(proc.stdout.splitlines()[-1])
 
 
+def test_version_is_printed_without_the_heavy_imports(tmp_path):
+    import qlora
+
+    result = _probe(["--version"], tmp_path)
+    assert result["code"] == 0 and result["out"].strip() == f"qlora {qlora.__version__}" and not result["heavy"]
+
+
 def test_every_command_has_an_option_error_case():
     assert set(OPTION_ERRORS) == set(COMMANDS)
 

@@ -196,6 +196,10 @@ def test_sampling_options_are_checked_in_python_too():
     (["serve", "--model", "m", "--served-model-name", " "], "--served-model-name is empty"),
     (["merge", "--model", "m", "--adapter", "a", "--output", ""], "--output is empty"),
     (["quant-error", "--numel", str(10**9)], "--numel"),
+    (["train", "--model", "m", "--data", "{tmp}/d.jsonl", "--output", "{tmp}/o", "--lr", "abc"],
+     "--lr expects a number, got 'abc'"),
+    (["train", "--model", "m", "--data", "{tmp}/d.jsonl", "--output", "{tmp}/o", "--rank", "8.5"],
+     "--rank expects an integer, got '8.5'"),
     (["train", "{tmp}/cfg", "--model", "m", "--data", "{tmp}/d.jsonl", "--output", "{tmp}/o"], "is a folder"),
     (["train", "--model", "m", "--data", "{tmp}/d.jsonl", "--output", "{tmp}/o", "--batch-size", "4"],
      "--batch-size 4 is more than the 3 examples"),
@@ -205,6 +209,53 @@ def test_empty_or_senseless_values_exit_2_before_anything_loads(argv, expected, 
     _jsonl(tmp_path / "d.jsonl", 3)
     (tmp_path / "cfg").mkdir()
     code, err = _run([a.replace("{tmp}", str(tmp_path)) for a in argv], capsys)
+    assert code == 2 and expected in err, err
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_value_that_begins_with_a_dash_is_shown_how_to_give(capsys):
+    """argparse reads ``--max-shard-size -5GB``'s value as another option and says only "expected one argument"."""
+    code, err = _run(["quantize", "--model", "m", "--output", "o", "--max-shard-size", "-5GB"], capsys)
+    assert code == 2 and "write --max-shard-size=VALUE" in err, err
+    code, err = _run(["quantize", "--model", "m", "--output", "o", "--max-shard-size=-5GB"], capsys)
+    assert code == 2 and "'-5GB' is not a size" in err, err
+
+
+def _text_options(command):
+    """The options of ``command`` that take free text (no type, no choices), with its required ones."""
+    sub = next(a for a in build_parser(command)._actions if isinstance(a, argparse._SubParsersAction)).choices[command]
+    text = [a for a in sub._actions if a.option_strings and a.nargs != 0 and not a.choices and a.type is None
+            and a.default != ""]
+    return text, [a.option_strings[-1] for a in sub._actions if a.required]
+
+
+@pytest.mark.parametrize("command", [c for c in COMMANDS if c != "train"])
+def test_every_text_option_given_empty_is_refused_by_name(command, tmp_path, capsys, monkeypatch):
+    """An unset shell variable (``--adapter "$A"``) gives an empty value: a path read as the working folder, or an
+    optional value read as left out (a chat not saved, an adapter not loaded, a server on every interface)."""
+    monkeypatch.chdir(tmp_path)
+    text, required = _text_options(command)
+    # no system prompt; no turn ends; an --image's own prompt; the experts alone (with --target-parameters)
+    meaningful = {"--system", "--eot-tokens", "--prompt", "--target-modules"}
+    for action in text:
+        flag = action.option_strings[-1]
+        if flag in meaningful:
+            continue
+        argv = [command] + [x for r in required if r != flag for x in (r, "x")] + [flag, " " if flag == "--db" else ""]
+        code, err = _run(argv, capsys)
+        assert code == 2 and f"{flag} is empty" in err and len(err.strip().splitlines()) == 1, (argv, err)
+    assert list(tmp_path.iterdir()) == []
+    if command == "estimate":
+        code, err = _run(["estimate", ""], capsys)
+        assert code == 2 and "MODEL is empty" in err, err
+
+
+@pytest.mark.parametrize("argv", [["--adapter", ""], ["--eval-data", " "], ["--template", ""], ["--data-split", ""],
+                                  ["--model", ""], [""]])
+def test_train_flags_given_empty_are_refused_by_name(argv, tmp_path, capsys):
+    base = ["train", "--model", "m", "--data", str(_jsonl(tmp_path / "d.jsonl", 3)), "--output", str(tmp_path / "o")]
+    code, err = _run(base + argv, capsys)
+    expected = "config file's path is empty" if argv == [""] else f"{argv[0]} is empty"
     assert code == 2 and expected in err, err
     assert not (tmp_path / "o").exists()
 
@@ -452,3 +503,120 @@ def test_chat_db_without_a_session_is_refused_before_the_model_loads(tmp_path, c
 def test_an_adapter_name_without_a_folder_is_named(command, tmp_path, capsys):
     code, err = _run([command[0], "--model", str(tmp_path), "--adapter", "sql=", *command[1:]], capsys)
     assert code == 2 and "--adapter sql=: no folder after the name" in err, err
+
+
+@pytest.mark.parametrize("argv, shown", [
+    (["generate", "--model", "m", "--prompt", "caf\udce9 au lait"], "--prompt 'caf\\xe9 au lait'"),
+    (["train", "--model", "m", "--data", "d.jsonl", "--output", "{tmp}/caf\udce9"], "--output '{tmp}/caf\\xe9'"),
+    (["merge", "--model", "m", "--adapter", "caf\udce9", "--output", "{tmp}/o"], "--adapter 'caf\\xe9'"),
+])
+def test_an_argument_that_is_not_utf8_is_refused_by_name(argv, shown, tmp_path, capsys):
+    """Bytes of a Latin-1 terminal arrive as lone surrogates: refused naming the option and the byte, before a
+    tokenizer or a UTF-8 file of the output fails on them with a traceback after part of it was written."""
+    code, err = _run([a.replace("{tmp}", str(tmp_path)) for a in argv], capsys)
+    assert code == 2 and shown.replace("{tmp}", str(tmp_path)) in err and "byte 0xe9" in err, err
+    assert list(tmp_path.iterdir()) == []
+
+
+def _stdin(monkeypatch, data: bytes, errors: str) -> None:
+    import io
+    import sys
+
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(data), encoding="utf-8", errors=errors))
+
+
+@pytest.mark.parametrize("errors", ["strict", "surrogateescape"])
+def test_generate_prompt_from_stdin_that_is_not_utf8_exits_2(errors, monkeypatch, capsys):
+    _stdin(monkeypatch, b"caf\xe9 au lait\n", errors)
+    code, err = _run(["generate", "--model", "m", "--prompt", "-"], capsys)
+    assert code == 2 and "--prompt - : standard input is not UTF-8 text (byte 0xe9" in err, err
+
+
+@pytest.mark.parametrize("errors", ["strict", "surrogateescape"])
+def test_chat_skips_a_line_that_is_not_utf8_and_goes_on(errors, tiny_model_dir, monkeypatch, capsys):
+    _stdin(monkeypatch, b"caf\xe9\nhello\n", errors)
+    code, err = _run(["chat", "--model", str(tiny_model_dir), "--max-new-tokens", "2", "--template", "chatml"], capsys)
+    assert code == 0 and "not sent: the line is not UTF-8 text (byte 0xe9" in err, err
+
+
+def test_closed_standard_streams_read_as_empty_and_take_writes(tiny_model_dir, monkeypatch):
+    """``qlora chat <&-`` or ``>&-``: Python's None streams, not a traceback."""
+    import sys
+
+    monkeypatch.setattr(sys, "stdin", None)
+    assert main(["chat", "--model", str(tiny_model_dir), "--max-new-tokens", "2"]) == 0  # ends at once, as on EOF
+    monkeypatch.setattr(sys, "stdout", None)
+    assert main(["generate", "--model", str(tiny_model_dir), "--prompt", "hello", "--max-new-tokens", "2"]) == 0
+
+
+@pytest.mark.parametrize("argv, asked", [
+    (["eval", "--data-split", "validation"], "--data-split validation"),
+    (["eval", "--data-subset", "en"], "--data-subset en"),
+    (["train", "--output", "{tmp}/o", "--data-split", "test"], "--data-split test"),
+    (["train", "--output", "{tmp}/o", "--eval-data", "{tmp}/d.jsonl", "--eval-data-split", "validation"],
+     "--eval-data-split validation"),
+])
+def test_a_split_or_subset_of_a_data_file_is_refused_not_ignored(argv, asked, tmp_path, capsys):
+    """A file has no splits: it was read whole while the user believed they evaluated or trained on a part."""
+    data = _jsonl(tmp_path / "d.jsonl", 3)
+    argv = [argv[0], "--model", "m", "--data", str(data), *(a.replace("{tmp}", str(tmp_path)) for a in argv[1:])]
+    code, err = _run(argv, capsys)
+    assert code == 2 and f"{asked}: {data} is a data file" in err, err
+    assert not (tmp_path / "o").exists()
+
+
+def test_the_train_split_of_a_data_file_and_splits_of_folders_are_left_to_the_reader(tmp_path):
+    from qlora.train.data.selection import check_split_of_files
+
+    data = _jsonl(tmp_path / "d.jsonl", 3)
+    options = ("--data-split", "--data-subset")
+    check_split_of_files(str(data), "train", None, "data", options, "test")  # datasets' name for a lone file's rows
+    check_split_of_files(str(data), "test", None, "data", options, "test")  # the option's default: not asked
+    check_split_of_files(str(tmp_path), "validation", "en", "data", options, "test")  # a folder may hold splits
+    with pytest.raises(UsageError, match="--data-split validation"):
+        check_split_of_files(f"{data},{data}", "validation", None, "data", options, "test")
+
+
+def test_available_memory_is_read_from_meminfo(tmp_path):
+    from qlora.cpu_memory import available_bytes
+
+    meminfo = tmp_path / "meminfo"
+    meminfo.write_text("MemTotal:       24000000 kB\nMemFree:         1000 kB\nMemAvailable:   2048 kB\n")
+    assert available_bytes(meminfo) == 2048 * 1024
+    assert available_bytes(tmp_path / "absent") is None
+
+
+def test_lora_factors_larger_than_the_cpu_memory_left_are_refused_before_allocation(tiny_model_dir, monkeypatch):
+    """Linux grants an allocation it cannot back and kills the process as it is filled (SIGKILL, no message)."""
+    import qlora.cpu_memory
+
+    model, _ = qlora.load_model(tiny_model_dir, compute_dtype=torch.float32, device="cpu")
+    hidden = model.config.hidden_size
+    monkeypatch.setattr(qlora.cpu_memory, "available_bytes", lambda: 10**6)
+    with pytest.raises(UsageError, match=rf"rank 100000 \(--rank\).*as low as {hidden // 2}"):
+        qlora.add_lora(model, r=100000, target_modules=["q_proj", "k_proj"])
+    assert not any("lora" in n for n, _ in model.named_modules())  # nothing allocated
+    qlora.add_lora(model, r=4, target_modules=["q_proj", "k_proj"])  # 4 x (64 + 64 or 32) x 4 bytes a layer fit
+
+
+def test_a_run_whose_gradients_and_moments_cannot_fit_exits_2(tiny_model_dir, tmp_path, monkeypatch, capsys):
+    import qlora.cpu_memory
+
+    # the factors fit (28,672 fp32 numbers at rank 64: 115 kB), their gradients and AdamW's moments (3x more) do not
+    monkeypatch.setattr(qlora.cpu_memory, "available_bytes", lambda: 200_000)
+    out = tmp_path / "o"
+    code, err = _run(["train", "--model", str(tiny_model_dir), "--data", str(_jsonl(tmp_path / "d.jsonl", 8)),
+                      "--output", str(out), "--rank", "64", "--target-modules", "q_proj,v_proj", "--optim", "adamw",
+                      "--max-steps", "1", "--no-progress"], capsys)
+    assert code == 2 and "--rank 64: training the" in err and "--optim adamw moments" in err, err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("command", ["eval", "merge", "export", "train"])
+def test_a_second_adapter_for_a_command_that_takes_one_is_refused_not_dropped(command, tmp_path, capsys):
+    """generate, chat and serve load every --adapter; these kept the last alone without a word."""
+    extra = {"eval": ["--data", "d.jsonl"], "train": ["--data", "d.jsonl", "--output", str(tmp_path / "o")]}
+    argv = [command, "--model", "m", "--adapter", "a1", "--adapter=a2", *extra.get(command, ["--output", "o"])]
+    code, err = _run(argv, capsys)
+    assert code == 2 and f"--adapter is given 2 times, and qlora {command} takes one adapter" in err, err
+    assert list(tmp_path.iterdir()) == []

@@ -278,7 +278,9 @@ def test_a_checkpoint_format_training_refuses_is_refused(tmp_path, method, capsy
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--model", "no-such-model"], "unknown model"),
+    (["--model", "no-such-model"], "--model 'no-such-model': unknown model"),
+    (["no-such-model"], "MODEL 'no-such-model': unknown model"),
+    (["--model", "no-such-org/no-such-model"], "--model no-such-org/no-such-model is not a local path"),  # offline
     (["--model", "."], "no config.json"),
     (["--model", "llama-3-8b", "--seq-len", "many"], "--seq-len"),
     (["--model", "llama-3-8b", "--rank", "0"], "--rank"),

@@ -188,7 +188,7 @@ def test_bad_inputs_exit_2_without_traceback(tmp_path, tiny_model_dir, capsys):
         (["train", "--model", str(tmp_path / "nope"), "--data", str(good), "--output", str(tmp_path / "o7")], "nope"),
         (base + ["--data", str(good), "--output", str(existing)], "--overwrite"),
         (base + ["--data", str(good), "--output", str(tmp_path / "o9"), "--target-modules", "zzz_proj"], "zzz_proj"),
-        (base + ["--data", str(good), "--output", str(tmp_path / "o10"), "--optim", "adamw", "--resume"], "checkpoint"),
+        (base + ["--data", str(good), "--output", str(tmp_path / "o10"), "--optim", "adamw", "--resume"], "no run to resume"),
     ]
     for argv, expected in cases:
         code, err = _run(argv, capsys)

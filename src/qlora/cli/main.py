@@ -11,14 +11,17 @@ import argparse
 import contextlib
 import difflib
 import importlib
+import os
 import re
 import sys
 from pathlib import Path
 from typing import Sequence
 
+from .. import __version__
 from ..errors import UsageError, describe_os_error
 from .launch import report_error
-from .options import HelpFormatter
+from .options import HelpFormatter, check_blank_values
+from .utf8_text import check_utf8_values
 
 # command name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -54,6 +57,10 @@ class _Parser(argparse.ArgumentParser):
                     close = [alias]
                 if close:
                     message += f" (did you mean {', '.join(close)} for {word}?)"
+        value_flag = re.fullmatch(r"argument (?:\S+/)?(--[\w-]+): expected one argument", message)
+        if value_flag:  # argparse reads a value that begins with '-' ("-5GB", "- item") as another option
+            flag = value_flag.group(1)
+            message += f" (if it was given one that begins with '-', write {flag}=VALUE, e.g. {flag}=-5GB)"
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
@@ -75,7 +82,7 @@ def _boolean_values(parser: argparse.ArgumentParser, command: str, argv: list[st
     """``--packing true``, ``--progress=False`` (how transformers' and TRL's scripts take booleans) as
     ``--packing``, ``--no-progress``: argparse's on/off flags take no value, and the word would otherwise be
     read as the command's positional argument. A plain switch (``--overwrite``) given false is left out."""
-    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[command]
+    sub = sub_parser(parser, command)
     flags = {o: f"--no-{o[2:]}" for a in sub._actions if isinstance(a, argparse.BooleanOptionalAction)
              for o in a.option_strings if not o.startswith("--no-")}
     flags.update({o: None for a in sub._actions if isinstance(a, argparse._StoreTrueAction) for o in a.option_strings
@@ -102,8 +109,22 @@ def _boolean_values(parser: argparse.ArgumentParser, command: str, argv: list[st
     return out
 
 
+def _one_adapter(parser: argparse.ArgumentParser, command: str, argv: list[str]) -> None:
+    """``--adapter`` given twice to a command that takes one (eval, merge, export, train): generate, chat and serve
+    load each one given, so a user may expect these to stack them, while argparse would keep the last alone."""
+    action = next((a for a in sub_parser(parser, command)._actions if "--adapter" in a.option_strings), None)
+    if action is None or isinstance(action, argparse._AppendAction):
+        return
+    given = [a for a in argv if a == "--adapter" or a.startswith("--adapter=")]
+    if len(given) > 1:
+        parser.exit(2, f"qlora {command}: error: --adapter is given {len(given)} times, and qlora {command} takes one "
+                       "adapter (it would use the last alone). Give one; to fold several into a model, merge them "
+                       "one after another (qlora merge --model FIRST_MERGED --adapter NEXT --output ...).\n")
+
+
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     parser = _Parser(prog="qlora", description="Fine-tune large language models on one GPU with QLoRA.")
+    parser.add_argument("--version", action="version", version=f"qlora {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     for name, (module, help_text) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text, formatter_class=HelpFormatter)
@@ -114,6 +135,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    _open_closed_streams()
     command = next((a for a in argv if not a.startswith("-")), None)
     if command is not None and command not in COMMANDS:
         close = difflib.get_close_matches(command, COMMANDS, n=1, cutoff=0.6)
@@ -123,10 +145,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser(command)
     if command is not None:
         argv = _boolean_values(parser, command, argv)
+        _one_adapter(parser, command, argv)
     args, unknown = parser.parse_known_args(argv)
     if unknown:  # argparse says this from the top-level parser: the command's names it and lists its options
-        sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-        (sub.choices[args.command] if args.command else parser).error(f"unrecognized arguments: {' '.join(unknown)}")
+        (sub_parser(parser, args.command) if args.command else parser).error(
+            f"unrecognized arguments: {' '.join(unknown)}")
     if args.command is None:
         parser.print_help()
         return 0
@@ -137,6 +160,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         # a command run as a service stops on SIGTERM as on Ctrl-C, at any point (its imports and load included)
         with sigterm_as_interrupt() if getattr(module, "STOPPED_BY_SIGTERM", False) else contextlib.nullcontext():
+            check_utf8_values(sub_parser(parser, args.command), args)
+            if args.command != "train":  # train's flags and YAML keys are checked together (load_config)
+                check_blank_values(sub_parser(parser, args.command), args)
             check_paths(args)
             resolve_base(args, args.command)
             return int(module.run(args) or 0)
@@ -189,6 +215,20 @@ def main(argv: Sequence[str] | None = None) -> int:
                      f"{detail} This is a limit of how transformers implements this architecture, not of qlora; "
                      "change the option it points to (--seq-len, --batch-size, --packing, ...) or use another model.")
         return 2
+
+
+def _open_closed_streams() -> None:
+    """A standard stream the shell closed (``qlora chat <&-``) is None in Python, where reading or writing it fails
+    with a traceback: it reads as empty (chat ends, ``--prompt -`` is empty) and takes writes as print does, to
+    nowhere."""
+    for name, mode in (("stdin", "r"), ("stdout", "w"), ("stderr", "w")):
+        if getattr(sys, name) is None:
+            setattr(sys, name, open(os.devnull, mode, encoding="utf-8"))
+
+
+def sub_parser(parser: argparse.ArgumentParser, command: str) -> argparse.ArgumentParser:
+    """The parser of ``command``, one of ``parser``'s sub-commands."""
+    return next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[command]
 
 
 def check_paths(args: argparse.Namespace) -> None:

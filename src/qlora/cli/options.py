@@ -121,6 +121,32 @@ def add_template_kwargs_option(parser: argparse.ArgumentParser, name: str, help:
                              "chat_template, which are not template variables, are refused")
 
 
+# Options whose empty value means something of its own: no system prompt at all (a template's default one left out),
+# no turn-end tokens (instead of the ones the adapter's run recorded), a prompt that is its --image alone (generate
+# refuses an empty one without), no target modules (with --target-parameters: the experts alone).
+_BLANK_MEANS_NONE = frozenset({"system", "eot_tokens", "prompt", "target_modules"})
+
+
+def check_blank_values(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Refuse an option given as an empty or blank string (``--model "$MODEL"`` with the variable unset) where that
+    is not the option's own default: a blank path would be read as the working folder, and a blank optional value as
+    the option left out (a session not saved, an adapter not loaded) without a word.
+
+    Raises:
+        UsageError: naming the first such option.
+    """
+    for action in parser._actions:
+        value = getattr(args, action.dest, None)
+        given = value if isinstance(action, argparse._AppendAction) and isinstance(value, list) else [value]
+        if (action.nargs == 0 or action.choices or action.dest in _BLANK_MEANS_NONE or action.default == ""
+                or not any(isinstance(v, str) and not v.strip() for v in given)):
+            continue
+        name = action.option_strings[-1] if action.option_strings else action.metavar or action.dest
+        way_out = "" if action.required or not action.option_strings else ", or leave the option out"
+        raise UsageError(f"{name} is empty (an unset shell variable?); give it a value{way_out}. "
+                         f"{parser.prog} --help describes it.")
+
+
 positive_int = number(int, AT_LEAST_1)
 non_negative_int = number(int, NON_NEGATIVE)
 positive_float = number(float, POSITIVE)

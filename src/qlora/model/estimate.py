@@ -133,8 +133,9 @@ class ModelCounts:
         return self.quantized_params + self.params_16bit
 
 
-def load_config(model: str):
-    """A transformers config from a known shape name, a local path, or a hub id.
+def load_config(model: str, option: str = ""):
+    """A transformers config from a known shape name, a local path, or a hub id; ``option`` (``--model``) is the
+    one that gave ``model``, named in the errors.
 
     Raises:
         UsageError: the name is none of these, or config.json is missing or bad.
@@ -170,13 +171,13 @@ def load_config(model: str):
             config = AutoConfig.from_pretrained(model, local_files_only=cache_only)
         except (OSError, ValueError) as exc:
             if cache_only:
-                raise hub.unreachable_error(model, "model config", f"a local path or a known shape "
-                                            f"({', '.join(KNOWN_SHAPES)})", cache_checked=True) from None
-            raise UsageError(f"{model!r} is not a local path and its config could not be fetched from the hub "
-                             f"({exc.__class__.__name__}); pass a local path or a known shape "
+                raise hub.unreachable_error(f"{option} {model}".strip(), "model config", "a local path or a known "
+                                            f"shape ({', '.join(KNOWN_SHAPES)})", cache_checked=True) from None
+            raise UsageError(f"{option} {model!r}".strip() + " is not a local path and its config could not be "
+                             f"fetched from the hub ({exc.__class__.__name__}); pass a local path or a known shape "
                              f"({', '.join(KNOWN_SHAPES)}).") from exc
         return check_model_config(config, model)
-    raise UsageError(f"unknown model {model!r}: not a local path, hub id or known shape; "
+    raise UsageError(f"{option} {model!r}".strip() + ": unknown model, not a local path, hub id or known shape; "
                      f"known shapes are {', '.join(KNOWN_SHAPES)}.")
 
 

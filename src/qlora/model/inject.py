@@ -277,6 +277,36 @@ def layer_spec(spec: LoraSpec, path: str, rank_pattern: dict, alpha_pattern: dic
                                alpha=float(alpha_pattern[alpha_key]) if alpha_key is not None else spec.alpha)
 
 
+def _check_adapter_fits(model: nn.Module, paths: list[str], spec: LoraSpec, rank_pattern: dict,
+                        alpha_pattern: dict) -> None:
+    """Refuse LoRA factors on the CPU larger than the memory it has left (a rank of 999999): Linux would grant
+    them and kill the process as they are filled, with no message (:mod:`qlora.cpu_memory`)."""
+    from ..cpu_memory import available_bytes
+
+    first = next(model.parameters(), None)
+    if not paths or first is None or first.device.type != "cpu":
+        return
+    numel, smallest = 0, None  # A is r x in, B is out x r, whichever way the weight is stored
+    for path in paths:
+        module = model.get_submodule(path)
+        base = getattr(module, "base_layer", module)
+        if isinstance(base, nn.Embedding):
+            dims = (base.num_embeddings, base.embedding_dim)
+        elif hasattr(base, "in_features"):
+            dims = (base.in_features, base.out_features)
+        else:  # transformers' Conv1D: a [in, out] weight
+            dims = tuple(base.weight.shape)
+        numel += layer_spec(spec, path, rank_pattern, alpha_pattern).r * sum(dims)
+        smallest = min(dims) if smallest is None else min(smallest, *dims)
+    need = numel * torch.empty((), dtype=spec.dtype).element_size()
+    available = available_bytes()
+    if available is not None and need > available:
+        raise UsageError(f"rank {spec.r} (--rank): the LoRA factors of the {len(paths)} adapted layers would take "
+                         f"{need / 2**30:.1f} GiB, and the CPU has {available / 2**30:.1f} GiB available. Lower the "
+                         "rank: a layer's update B A has rank at most min(in, out), here as low as "
+                         f"{smallest}, so a larger rank adds memory, not capacity.")
+
+
 def check_patterns(rank_pattern: dict, alpha_pattern: dict, paths: list[str], warn: bool = True) -> None:
     for what, patterns in (("rank_pattern", rank_pattern), ("alpha_pattern", alpha_pattern)):
         for key, value in patterns.items():
@@ -486,6 +516,7 @@ def add_lora(
     if is_residual_init(init):
         _check_unshared(model, paths, init)
     check_patterns(rank_pattern, alpha_pattern, paths + list(experts))
+    _check_adapter_fits(model, paths, spec, rank_pattern, alpha_pattern)
     # Adapters already attached keep their trainability (a frozen loaded adapter stays frozen), as PEFT's add_adapter.
     earlier = {p: p.requires_grad for p in _adapter_parameters(model)}
     for p in model.parameters():  # frozen once the options are known good: a refused call leaves the model as it was

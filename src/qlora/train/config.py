@@ -731,9 +731,15 @@ def _coerce(name: str, value: Any, kind: type, source: str) -> Any:
             return int(float(value))  # a count of steps stays a count (8, not 8.0, in the saved config)
         return kind(value)
     except (TypeError, ValueError):
+        if source == "command line":  # named as the user typed it
+            what = {int: "an integer", float: "a number", bool: "true or false"}.get(kind, kind.__name__)
+            raise UsageError(f"--{_flag(name)} expects {what}, got {value!r}") from None
         raise UsageError(f"{source}: {name} expects {kind.__name__}, got {value!r}") from None
 
 
+# Flags whose empty value is a choice: no target modules (with --target-parameters, the experts alone). Any other flag
+# given empty (``--adapter "$ADAPTER"`` unset) would otherwise read as left out, or as the working folder.
+_BLANK_OK = frozenset({"target_modules"})
 _JSON_FIELDS = ("lr_scheduler_kwargs",)
 # Text options that YAML may give as a list (of names, files, tokens, weights) or a mapping (NAME: VALUE).
 _LIST_FIELDS = frozenset({"data", "eval_data", "loss_type", "loss_weights", "target_modules", "target_parameters",
@@ -1066,6 +1072,9 @@ def load_config(yaml_path: str | Path | None, overrides: dict[str, Any], check_p
     origin: dict[str, str] = {}  # option -> the file, line and key that set it
     if yaml_path is not None:
         path = Path(yaml_path)
+        if not str(yaml_path).strip():  # Path("") is the working folder
+            raise UsageError("the config file's path is empty (an unset shell variable?); give the YAML file of "
+                             "options (qlora train CONFIG.yaml), or leave it out and give the options as flags.")
         if path.is_dir():
             raise UsageError(f"config file {yaml_path} is a folder; give the YAML file of options (qlora train "
                              "CONFIG.yaml).")
@@ -1130,6 +1139,9 @@ def load_config(yaml_path: str | Path | None, overrides: dict[str, Any], check_p
         name = key.replace("-", "_")
         if name not in by_name:
             raise _unknown(key, [_flag(n) for n in by_name], "command line")
+        if isinstance(value, str) and not value.strip() and by_name[name].default != "" and name not in _BLANK_OK:
+            raise UsageError(f"--{_flag(name)} is empty (an unset shell variable?); give it a value, or leave the "
+                             "option out. qlora train --help describes it.")
         values[name] = _coerce(name, value, field_type(by_name[name]), "command line")
         origin.pop(name, None)
     if yaml_path is not None and trl:

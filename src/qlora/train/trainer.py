@@ -70,7 +70,7 @@ from qlora.train.data import (
 from qlora.train.data.dedupe import drop_duplicates
 from qlora.train.data.image_examples import tokenize_image_example
 from qlora.train.data.image_packing import check_image_packing, image_blocks_key, multimodal_positions
-from qlora.train.data.selection import hold_out, read_sources
+from qlora.train.data.selection import check_split_of_files, hold_out, read_sources
 from qlora.train.data.text_blocks import text_blocks
 from qlora.train.data.tokenize import NothingToTrain
 from qlora.train.file_fingerprint import changed_file, model_fingerprints
@@ -177,6 +177,25 @@ def _make_optimizer(cfg: TrainConfig, params: list[torch.nn.Parameter] | list[di
                                 betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon)
     except ValueError as exc:
         raise UsageError(f"--optim {cfg.optim}: {exc}") from exc
+
+
+def _check_training_fits(cfg: TrainConfig, params: list[torch.nn.Parameter] | list[dict[str, Any]]) -> None:
+    """Refuse a run whose gradients and AdamW moments cannot fit in what the CPU has left once the model and its
+    adapters are made: Linux would kill the run at its first step, with no message (:mod:`qlora.cpu_memory`)."""
+    from qlora.cpu_memory import available_bytes
+
+    tensors = [t for p in params for t in (p["params"] if isinstance(p, dict) else [p])]
+    if not tensors or tensors[0].device.type != "cpu":
+        return
+    moments = 2 if "8bit" in cfg.optim else 8  # two moments a parameter, of 1 byte or 4
+    need = sum(t.numel() * (t.element_size() + moments) for t in tensors)
+    available = available_bytes()
+    if available is not None and need > available:
+        count = sum(t.numel() for t in tensors)
+        raise UsageError(f"--rank {cfg.rank}: training the {count:,} adapter parameters needs {need / 2**30:.1f} GiB "
+                         f"more on the CPU (their gradients and the --optim {cfg.optim} moments), and "
+                         f"{available / 2**30:.1f} GiB are available. Lower --rank, adapt fewer layers "
+                         "(--target-modules), or use an 8-bit optimizer (--optim adamw_8bit).")
 
 
 def _make_scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer,
@@ -311,7 +330,12 @@ class Trainer:
         # LLaMA-Factory's num_samples draws come from one generator seeded with the run's seed, train then eval
         # datasets, so a rerun or a resume reads the same rows.
         self.sample_rng = np.random.RandomState(cfg.seed)
+        check_split_of_files(cfg.data, cfg.data_split, cfg.data_subset, cfg.dataset_dir,
+                             ("--data-split", "--data-subset"), "train")
         train_examples = self._read_data(cfg.data, cfg.data_split)
+        if cfg.eval_data:
+            check_split_of_files(cfg.eval_data, cfg.eval_data_split, None, cfg.dataset_dir,  # --data's subset
+                                 ("--eval-data-split", "--data-subset"), "test")
         eval_examples = self._read_data(cfg.eval_data, cfg.eval_data_split) if cfg.eval_data else None
         if cfg.eval_split:
             train_examples, eval_examples = self._hold_out(train_examples)
@@ -360,6 +384,7 @@ class Trainer:
         params = [p for p in self.model.parameters() if p.requires_grad]
         if cfg.lora_plus_ratio:
             params = lora_plus_param_groups(self.model, cfg.lr, cfg.lora_plus_ratio, cfg.weight_decay)
+        _check_training_fits(cfg, params)
         self.optimizer = _make_optimizer(cfg, params)
         self.scheduler = _make_scheduler(cfg, self.optimizer, self.total_steps)
         self.on_plateau = isinstance(self.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)  # steps on eval loss
@@ -414,7 +439,12 @@ class Trainer:
         if cfg.resume:
             checkpoints = list_checkpoints(self.out)
             if not checkpoints:
-                raise UsageError(f"--resume: {self.out} has no checkpoint to resume from")
+                if not self.out.exists():
+                    raise UsageError(f"--resume: {self.out} does not exist, so there is no run to resume; check "
+                                     "--output, or leave out --resume to start the run.")
+                raise UsageError(f"--resume: {self.out} has no checkpoint to resume from (its run stopped before "
+                                 "its first checkpoint, or saved none: --save-steps); start the run again with "
+                                 "--overwrite instead of --resume.")
             saved = json.loads((checkpoints[-1] / "run_config.json").read_text())
             current = self._run_config()
             # A key the checkpoint lacks was added to qlora after it was written: that run used the default. The

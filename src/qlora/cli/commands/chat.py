@@ -286,10 +286,8 @@ def _loop(chat, args: argparse.Namespace) -> None:
 
     images: list = []  # attached with /image, sent with the next message
     while True:
-        try:
-            line = input("you> ").strip()
-        except EOFError:
-            print()
+        line = _read_line("you> ")
+        if line is None:
             return
         if not line:
             continue
@@ -335,9 +333,29 @@ def _tool_results(chat) -> list[str] | None:
     results = []
     for _, call in chat.pending_calls:
         print(f"(tool call: {call.name} {call.arguments})")
+        result = _read_line(f"{call.name} result> ")
+        if result is None:
+            return None
+        results.append(result)
+    return results
+
+
+def _read_line(prompt: str) -> str | None:
+    """A line typed or piped in, stripped; None at the end of input. A line that is not UTF-8 (a Latin-1 terminal)
+    is not sent: stderr says so and the next line is read."""
+    from ..utf8_text import not_utf8, undecoded
+
+    while True:
         try:
-            results.append(input(f"{call.name} result> ").strip())
+            line = input(prompt)
         except EOFError:
             print()
             return None
-    return results
+        except UnicodeDecodeError as exc:  # standard input decoded strictly
+            problem = undecoded(exc)
+        else:
+            problem = not_utf8(line)
+            if problem is None:
+                return line.strip()
+        print(f"(not sent: the line is {problem}; type it again in UTF-8, or set the terminal to UTF-8)",
+              file=sys.stderr)

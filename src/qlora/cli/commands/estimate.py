@@ -92,7 +92,7 @@ def run(args: argparse.Namespace) -> int:
         gradient_checkpointing=args.gradient_checkpointing, optim=args.optim, chunked_ce=args.chunked_ce,
         method=args.method, precompute_ref=args.precompute_ref,
     )
-    config = load_config(model)
+    config = load_config(model, "--model" if args.model else "MODEL")
     check_quantization_readable(config, Path(model).parent if Path(model).is_file() else Path(model))
     stored = bnb_4bit_config(config)
     if stored is not None:  # loading reads its packed codes as they are, whatever --quant and --double-quant say

@@ -92,7 +92,7 @@ def run(args: argparse.Namespace) -> int:
     from ...model.load import load_model
     from ...model.position_limit import check_positions, longest_positions
     from ...train.data.fields import parse_data_fields
-    from ...train.data.selection import read_sources
+    from ...train.data.selection import check_split_of_files, read_sources
     from ...train.data import (count_trainable_tokens, fallback_note, normalize, own_template,
                                pad_collate, pad_token_id, resolve_chat_format, tokenize_dataset)
     from ...model.chat_format import ChatFormat, merged_format, pinned_datetime
@@ -108,6 +108,8 @@ def run(args: argparse.Namespace) -> int:
         pinned_datetime(args.template_date)
     bounds = pixel_bounds_for(args, args.adapter)  # images shown as training showed them (saved with the adapter)
     # Read (and so check) the data before the model, as train does: a bad file fails in seconds, not after the load.
+    check_split_of_files(args.data, args.data_split, args.data_subset, args.dataset_dir,
+                         ("--data-split", "--data-subset"), "test")
     examples = read_sources(args.data, args.data_split, args.data_subset, 0,  # relative image paths found as in train
                             lambda records: normalize(records, args.format, fields, args.media_dir or args.dataset_dir),
                             args.dataset_dir)

@@ -172,10 +172,11 @@ def run(args: argparse.Namespace) -> int:
     from ...infer.template import chat_template, render_chat, stop_token_ids
     from ...infer.turn_end import turn_end_stops
     from ..reasoning_echo import ReasoningEcho
+    from ..utf8_text import stdin_text
 
     options = sampling_options(args)  # checked before the (slow) model load
     if args.prompt == "-":
-        args.prompt = sys.stdin.read()
+        args.prompt = stdin_text("--prompt")
     if not args.prompt.strip() and not args.image:
         raise UsageError("--prompt is empty; give the text to continue (or '-' with the text on standard input).")
     if args.chat_template_kwargs is not None and args.template == "none":

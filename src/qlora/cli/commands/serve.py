@@ -150,9 +150,6 @@ def run(args: argparse.Namespace) -> int:
     from ..base_model import adapter_names
     from .generate import load_model_from_args
 
-    for option, value in (("--api-key", args.api_key), ("--served-model-name", args.served_model_name)):
-        if value is not None and not value.strip():
-            raise UsageError(f"{option} is empty; give a value or leave the option out.")
     if args.api_key is None:  # an empty $QLORA_API_KEY means no key, as if unset
         args.api_key = os.environ.get("QLORA_API_KEY") or None
     names = list(adapter_names(args))

@@ -57,6 +57,28 @@ def read_sources(spec: str, split: str, subset: str | None, max_samples: int,
     return examples
 
 
+def check_split_of_files(spec: str, split: str, subset: str | None, dataset_dir: str, options: tuple[str, str],
+                         default_split: str) -> None:
+    """Refuse a split other than ``train`` (and the option's default), or a subset, asked of ``spec`` when all its
+    sources are local data files: a file has no splits or subsets (``datasets`` reads it as its train split), so it
+    would be read whole while the user believes they chose a part of it. ``options`` names the split and subset
+    options (``--data-split``, ``--data-subset``).
+
+    Raises:
+        UsageError: naming the option, its value and the file.
+    """
+    if split in ("train", default_split) and not subset:
+        return
+    sources = _declared_sources(spec, dataset_dir, "sft")
+    files = [s for s in sources if isinstance(s, str) and Path(s).expanduser().is_file()]
+    if not sources or len(files) < len(sources):  # a hub dataset or a folder may hold the split
+        return
+    asked = f"{options[0]} {split}" if split not in ("train", default_split) else f"{options[1]} {subset}"
+    raise UsageError(f"{asked}: {files[0]} is a data file, which has no splits or subsets (it is read whole, as "
+                     f"the train split); leave out {asked.split()[0]}, or give a file of just that part (splits "
+                     "and subsets are of hub datasets and save_to_disk folders).")
+
+
 def source_locations(spec: str, dataset_dir: str = "data", method: str = "sft") -> list[str]:
     """Where each source of ``spec`` is read from: a local file or folder, or a hub dataset id."""
     return [s.source if isinstance(s, DeclaredDataset) else s for s in _declared_sources(spec, dataset_dir, method)]
