@@ -171,3 +171,15 @@ def test_serve_returns_a_harmony_tool_call(tmp_path):
         assert not "".join(c.delta.content or "" for c in chunks) and chunks[-1].finish_reason == "tool_calls"
         (streamed,) = [t for c in chunks for t in c.delta.tool_calls or ()]
         assert json.loads(streamed.function.arguments) == {"city": "Paris"}
+
+
+def test_a_reply_in_no_channel_prints_as_decode_shows_it(tmp_path, capsys):
+    """A model never trained in harmony (a fine-tune, a random one) writes text with a stray markup token in it: the
+    reply is plain text, and the token is left out as decoding leaves a special token out (transformers' oracle)."""
+    tok = family_tokenizer("gpt-oss")
+    reply = "Four<|end|> and five.<|return|>"
+    model_dir = scripted(tmp_path, reply)
+    ids = tok(reply, add_special_tokens=False).input_ids
+    assert main(["generate", "--model", str(model_dir), "--template", "tokenizer", "--prompt", U1["content"],
+                 "--temperature", "0", "--max-new-tokens", "80", "--compute-dtype", "fp32"]) == 0
+    assert capsys.readouterr().out == tok.decode(ids[:-1], skip_special_tokens=True) + "\n" == "Four and five.\n"

@@ -177,3 +177,26 @@ def test_a_call_after_the_reasoning_is_parsed_and_nothing_is_shown():
     tail, calls = split.finish()
     assert shown + tail == "" and split.reasoning == "The weather."
     assert [(c.name, c.arguments) for c in calls] == [("get_weather", '{"city": "Paris"}')]
+
+
+@pytest.mark.parametrize("family", ["ministral-3-reasoning", "command-a-reasoning"])
+def test_a_stray_markup_token_in_the_answer_is_left_out_as_decode_leaves_it(family, tmp_path, capsys):
+    """Markup that is special tokens, written where it marks nothing (after the answer began: a fine-tune, a random
+    model), is not reasoning: the reply prints as ``decode(skip_special_tokens=True)`` prints it, the oracle a plain
+    transformers user compares with."""
+    tok = family_tokenizer(family)
+    prompt, _ = written(family)
+    markup = reasoning_markup(tok, ChatFormat(tok.chat_template, date=DATE, template_kwargs=THINKING))
+    stop = tok.convert_ids_to_tokens(stops(tok, family)[0])
+    reply = f"Four {markup.opening} five {markup.closing} six.{stop}"
+    ids = tok(reply, add_special_tokens=False).input_ids
+    assert {i for i in ids if i in tok.all_special_ids} - set(stops(tok, family)), "the markup is special tokens"
+    model_dir = scripted(tmp_path, family, prompt, reply)
+    template = tmp_path / "t.jinja"
+    template.write_text(ChatFormat(tok.chat_template, origin=f"{family}.jinja", date=DATE).pinned_template())
+    assert main(["generate", "--model", str(model_dir), "--template", str(template), "--prompt", U1["content"],
+                 "--chat-template-kwargs", '{"enable_thinking": true, "thinking": true}', "--temperature", "0",
+                 "--max-new-tokens", "60", "--compute-dtype", "fp32"]) == 0
+    out = capsys.readouterr()
+    assert out.out == tok.decode(ids[:-1], skip_special_tokens=True) + "\n", out
+    assert "(reasoning)" not in out.err

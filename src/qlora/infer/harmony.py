@@ -90,7 +90,7 @@ class HarmonyStream:
                 return ""  # too short to tell
             self.plain = not opening.startswith(_OPENINGS)
         if self.plain:
-            return self._release(self.text)
+            return self._release(_without_markup(self.text))
         found, header = messages(self.text)
         visible = self._visible(found)
         if header is None and found and not found[-1].closed:
@@ -102,7 +102,7 @@ class HarmonyStream:
         :mod:`~qlora.infer.tool_calls`: a call that does not parse keeps its text, with no calls)."""
         if self.plain is not False:
             self.plain = True
-            return self._release(self.text), []
+            return self._release(_without_markup(self.text)), []
         found, header = messages(self.text)
         calls, failed = [], False
         if self.tool_names is not None:
@@ -152,3 +152,11 @@ class HarmonyStream:
 def _partial_marker(text: str) -> int:
     """Length of the longest suffix of ``text`` that begins a message end (held back while a body is open)."""
     return max((n for e in ENDS for n in range(1, len(e)) if text.endswith(e[:n])), default=0)
+
+
+def _without_markup(text: str) -> str:
+    """A plain reply's text as a plain decode shows it: markup tokens written where they mark nothing (a model never
+    trained in harmony) are special tokens, which decoding leaves out."""
+    for token in MARKUP:
+        text = text.replace(token, "")
+    return text

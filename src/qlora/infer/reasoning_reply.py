@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Sequence
 
 from qlora.model.chat_format import ChatFormat
 
@@ -106,10 +106,13 @@ class ReasoningStream:
     splitter) the answer into content and calls. Same use as :class:`~qlora.infer.tool_calls.ToolCallStream`.
 
     ``prompt``: the rendered prompt; one that ends with the opening tag puts the reply's start in the block.
+    ``dropped``: the text of the markup's special tokens (:func:`markup_token_ids`), which the answer leaves out.
     """
 
-    def __init__(self, markup: ReasoningMarkup, prompt: str = "", then: ToolCallStream | None = None) -> None:
+    def __init__(self, markup: ReasoningMarkup, prompt: str = "", then: ToolCallStream | None = None,
+                 dropped: Sequence[str] = ()) -> None:
         self.markup, self.then = markup, then
+        self.dropped = tuple(dropped)  # the markup's special tokens (kept by decoding, for this split to see them)
         self.text = ""
         self.prompted = prompt.rstrip().endswith(markup.opening)  # the prompt opened the block
         self.body_at: int | None = 0 if self.prompted else None  # where the reasoning starts
@@ -174,6 +177,8 @@ class ReasoningStream:
         answer = self.text[self.answer_at:]
         if self.answer_at:  # after the block: not the space the closing tag is followed by
             answer = answer.lstrip()
+        for token in self.dropped:  # written where it marks nothing: left out, as a plain decode leaves it out
+            answer = answer.replace(token, "")
         new, self.forwarded = answer[self.forwarded:], len(answer)
         return self.then.push(new) if self.then is not None and new else new
 

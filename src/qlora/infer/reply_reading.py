@@ -50,4 +50,8 @@ class ReplyReader:
         if is_harmony(self.tokenizer, template):
             return HarmonyStream(tool_names)
         markup = self.markups(chat_format, template_kwargs, template)
-        return ReasoningStream(markup, prompt, tools) if markup is not None else tools
+        if markup is None:
+            return tools
+        dropped = [self.tokenizer.decode([i], skip_special_tokens=False)
+                   for i in sorted(reasoning_token_ids(self.tokenizer, markup))]
+        return ReasoningStream(markup, prompt, tools, dropped)
