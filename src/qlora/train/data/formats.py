@@ -90,11 +90,17 @@ class Example:
 
 def unpaired_label(fields: dict[str, Any]) -> bool | None:
     """The true/false ``label`` of an unpaired preference row (TRL's KTO data: ``prompt``, ``completion``,
-    ``label``), or None when the row has no such label. CSV/TSV cells ``true``/``false`` count too."""
+    ``label``), or None when the row has no such label. An integer 0 or 1 counts too (a column ``datasets`` reads
+    as int64, which TRL's KTOTrainer takes as bool), and so do CSV/TSV cells ``true``/``false`` and ``0``/``1``."""
     label = fields.get("label")
-    if isinstance(label, str) and label.strip().lower() in ("true", "false"):
-        return label.strip().lower() == "true"
+    if isinstance(label, str) and label.strip().lower() in _LABEL_CELLS:
+        return _LABEL_CELLS[label.strip().lower()]
+    if isinstance(label, int) and not isinstance(label, bool) and label in (0, 1):
+        return bool(label)
     return label if isinstance(label, bool) else None
+
+
+_LABEL_CELLS = {"true": True, "false": False, "1": True, "0": False}
 
 
 def row_format(fields: dict[str, Any]) -> str | None:
@@ -187,13 +193,13 @@ def _sft_on_chosen(fields: dict[str, Any], prompt: str | None) -> str:
 
 
 def unpaired_error(where: str) -> UsageError:
-    """Rows with a true/false ``label`` beside prompt/completion are never SFT data: the completions
+    """Rows with a true/false (or 1/0) ``label`` beside prompt/completion are never SFT data: the completions
     labelled false are answers the model must NOT learn to write."""
     return UsageError(
-        f'{where}: these rows are unpaired preference data ("prompt", "completion" and a true/false "label", '
+        f'{where}: these rows are unpaired preference data ("prompt", "completion" and a true/false or 1/0 "label", '
         "TRL's KTO format): supervised fine-tuning on them would also teach the completions labelled false. "
         "Train them with --method kto. For supervised fine-tuning on the desirable completions only, keep the rows "
-        'whose label is true and remove the "label" field.')
+        'whose label is true (1) and remove the "label" field.')
 
 
 def normalize(records: list[Record], fmt: str = "auto", fields: FieldMap | str | None = None,

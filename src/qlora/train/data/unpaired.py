@@ -1,6 +1,6 @@
 """Unpaired preference data for KTO: normalize, tokenize and batch.
 
-A row holds a prompt, one completion and a true/false ``label`` (desirable or
+A row holds a prompt, one completion and a true/false (or 1/0) ``label`` (desirable or
 not), TRL's "unpaired preference" type: ``prompt`` and ``completion`` both
 strings, or message lists (a string prompt is one user message, a string
 completion one assistant message). Preference pairs are unpaired as TRL's
@@ -148,7 +148,8 @@ def _normalize_row(fields: dict, where: str, names: FieldMap, chat: bool) -> Unp
         if not isinstance(value, (str, list)):
             raise UsageError(f'{where}: field "{key}" must be a string or a message list {need}.')
     if label is None:
-        raise UsageError(f'{where}: field "label" must be true or false {need}; got {fields.get("label")!r}.')
+        raise UsageError(f'{where}: field "label" must be true or false (or 1 or 0) {need}; got '
+                         f'{fields.get("label")!r}.')
     prompt, completion = fields["prompt"], fields["completion"]
     if isinstance(prompt, str) and isinstance(completion, str) and not chat:
         return UnpairedExample(prompt, completion, label, where)
