@@ -110,6 +110,9 @@ def test_a_row_that_turns_thinking_off_is_not_rendered_in_thinking_mode():
     rows = [Record({"messages": [U1, answer], "chat_template_kwargs": kw}, f"d.jsonl line {i}")
             for i, kw in enumerate(({"enable_thinking": False}, {"enable_thinking": True}), 1)]
     (off, on), report = tokenize_dataset(normalize(rows), tok, fmt, stop_ids=_stops(tok, "gemma-4"))
+    unset = [Record({"messages": [U1, answer], "chat_template_kwargs": {"enable_thinking": None}}, "d.jsonl line 3")]
+    (null,), by_qlora = tokenize_dataset(normalize(unset), tok, fmt, stop_ids=_stops(tok, "gemma-4"))
+    assert null.input_ids == on.input_ids and by_qlora.thinking_rows == 1  # null (a struct's gap): as unset
     plain = tok.apply_chat_template([U1, answer], tokenize=True, return_dict=True, enable_thinking=False)
     assert off.input_ids == list(plain["input_ids"])
     assert "Two and two." not in tok.decode(off.input_ids) and off.reasoning_hidden == 1

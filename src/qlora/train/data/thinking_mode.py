@@ -32,8 +32,9 @@ def thinking_switch(template_kwargs: dict, own: dict | None = None) -> dict:
 
 
 def own_switch(template_kwargs: dict | None) -> dict:
-    """The thinking switch a row's template variables set (``{"enable_thinking": False}``), or empty."""
-    return {k: v for k, v in (template_kwargs or {}).items() if k in THINKING_ON}
+    """The thinking switch a row's template variables set (``{"enable_thinking": False}``), or empty; a null one
+    is unset (``datasets`` fills a struct column's missing keys with nulls)."""
+    return {k: v for k, v in (template_kwargs or {}).items() if k in THINKING_ON and v is not None}
 
 
 def final_reasoning_in_thinking_mode(tokenizer, fmt: ChatFormat, messages: Sequence[dict], text: str,

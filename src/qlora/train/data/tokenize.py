@@ -56,7 +56,7 @@ from qlora.train.data.pieces import piece_ids
 from qlora.train.data.reasoning import (REASONING_KEYS, THINK_CLOSE, THINK_OPEN, chunk_reasoning, fold, has_reasoning,
                                         knows_think_markers, no_place_error, place_reasoning, placement, reasoning_of,
                                         split_think)
-from qlora.train.data.thinking_mode import final_reasoning_in_thinking_mode, own_switch, thinking_switch
+from qlora.train.data.thinking_mode import THINKING_ON, final_reasoning_in_thinking_mode, own_switch, thinking_switch
 
 IGNORE_INDEX = -100
 IMAGES_TOO_LONG = "images that do not fit --seq-len"  # why a row with images is skipped: truncation never cuts an image
@@ -371,7 +371,7 @@ def _final_reasoning_placed(rendered: str, messages: Sequence[dict], tokenizer, 
     text = restore_final_reasoning(rendered, messages)
     default = text
     if own_switch(extra) and all(v is True for v in own_switch(extra).values()):  # the row turns thinking on
-        base = {k: v for k, v in extra.items() if k not in own_switch(extra)}
+        base = {k: v for k, v in extra.items() if k not in THINKING_ON}
         default = restore_final_reasoning(fmt.render(tokenizer, messages, where=where, **base), messages)
     thinking = final_reasoning_in_thinking_mode(tokenizer, fmt, messages, default, _markup_strings(tokenizer), where,
                                                 extra)
