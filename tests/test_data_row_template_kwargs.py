@@ -123,7 +123,8 @@ def test_a_row_that_turns_thinking_off_is_not_rendered_in_thinking_mode():
 @pytest.mark.parametrize("value, problem", [
     (5, "must be a JSON object"), ('["enable_thinking"]', "must be a JSON object"), ("{oops", "not valid JSON"),
     ({"tokenize": True}, "'tokenize' is a parameter of the rendering"),
-    ({"chat_template": "{{ x }}"}, "--template")])
+    ({"chat_template": "{{ x }}"}, "--template"),
+    ({"add_generation_prompt": True}, "training places the generation prompt")])
 def test_a_malformed_value_names_the_row_and_the_column(value, problem):
     row = {"messages": HELLO + HI, "chat_template_kwargs": value}
     for read in (lambda: normalize([Record(row, "d.csv line 7")]),

@@ -598,8 +598,9 @@ def row_tools(fields: dict[str, Any], where: str) -> tuple[dict[str, Any], ...] 
 def row_template_kwargs(fields: dict[str, Any], where: str) -> dict[str, Any] | None:
     """The row's ``chat_template_kwargs`` column: variables its conversation is rendered with (SmolTalk2's
     ``{"enable_thinking": false}``), as TRL's trainers pass them to ``apply_chat_template``; a JSON object, or that
-    object as a JSON string (CSV). Keys that are parameters of the rendering, not variables, are refused, as
-    ``--chat-template-kwargs`` refuses them (:mod:`qlora.template_kwargs`)."""
+    object as a JSON string (CSV). Keys that are parameters of the rendering, not variables, are refused as
+    ``--chat-template-kwargs`` refuses them (:mod:`qlora.template_kwargs`), and so are the generation prompt's
+    options, which training sets (TRL fails on them)."""
     value = fields.get(TEMPLATE_KWARGS_COLUMN)
     if isinstance(value, str):  # a CSV cell; an empty one is no variables
         value = _parsed_json(value, where, f'the "{TEMPLATE_KWARGS_COLUMN}" field') if value.strip() else None
@@ -608,14 +609,19 @@ def row_template_kwargs(fields: dict[str, Any], where: str) -> dict[str, Any] | 
     if not isinstance(value, dict):
         raise UsageError(f'{where}: "{TEMPLATE_KWARGS_COLUMN}" must be a JSON object of chat template variables '
                          f'(such as {{"enable_thinking": false}}), or that object as a JSON string; got '
-                         f"{type(value).__name__} {value!r}.")
-    key = render_parameter(value)
+                         f"{type(value).__name__} {repr(value)[:80]}.")
+    key = render_parameter(value) or next((k for k in value if k in _PLACED_PROMPT), None)
     if key is not None:
         instead = {"tools": 'give them in the row\'s "tools" column', "chat_template": "give the template with "
-                   "--template"}.get(key, "leave it out")
+                   "--template"}.get(key, "leave it out" if key not in _PLACED_PROMPT else
+                                     "training places the generation prompt where each answer starts; leave it out")
         raise UsageError(f'{where}: "{TEMPLATE_KWARGS_COLUMN}" key {key!r} is a parameter of the rendering, not a '
                          f"template variable; {instead}.")
     return dict(value)
+
+
+# apply_chat_template's prompt options, which serve takes among a request's variables (as vLLM) but training sets
+_PLACED_PROMPT = ("add_generation_prompt", "continue_final_message")
 
 
 def render_kwargs(row: Any) -> dict[str, Any]:
