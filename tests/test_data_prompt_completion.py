@@ -12,6 +12,7 @@ from qlora.errors import UsageError
 from qlora.model.chat_format import ChatFormat
 from qlora.train.data import IGNORE_INDEX, Record, normalize, tokenize_example
 from qlora.train.data.preference import normalize_preferences
+from qlora.train.data.unpaired import normalize_unpaired
 
 from chat_families import family_tokenizer
 
@@ -138,8 +139,9 @@ KTO_CHAT = {"prompt": [{"role": "user", "content": "Capital of France?"}],
             "completion": [{"role": "assistant", "content": "Lyon."}], "label": False}
 
 
-@pytest.mark.parametrize("rows", [KTO_ROWS, [KTO_CHAT], [{**KTO_ROWS[1], "label": "FALSE"}]],
-                         ids=["plain", "conversational", "csv-cell"])
+@pytest.mark.parametrize("rows", [KTO_ROWS, [KTO_CHAT], [{**KTO_ROWS[1], "label": "FALSE"}],
+                                  [{**r, "label": int(r["label"])} for r in KTO_ROWS], [{**KTO_ROWS[1], "label": "0"}]],
+                         ids=["plain", "conversational", "csv-cell", "integer-0-1", "csv-cell-0"])
 def test_unpaired_preference_rows_are_never_sft_data(rows):
     """TRL's KTO rows (prompt, completion, true/false label) would train the label=false completions as SFT."""
     records = [Record(r, f"k.jsonl line {i + 1}") for i, r in enumerate(rows)]
@@ -152,6 +154,20 @@ def test_unpaired_preference_rows_are_never_sft_data(rows):
         normalize_preferences(records)  # not pairs: DPO says what they are, not "chosen is missing"
     # a label that is not true/false (a class name) is just another column of prompt-completion data
     assert normalize([Record({**KTO_ROWS[0], "label": "geography"}, "x")])[0].text == " Paris."
+
+
+def test_kto_reads_an_integer_0_1_label_as_trl_does():
+    """A 0/1 label column (``datasets`` reads it as int64) is what TRL's KTOTrainer takes as bool: 1 desirable,
+    0 not, as casting the column to bool gives; another integer is no true/false label."""
+    from datasets import Dataset, Value
+
+    rows = [{**r, "label": int(r["label"])} for r in KTO_ROWS]
+    cast = Dataset.from_list(rows).cast_column("label", Value("bool"))["label"]
+    for written in (rows, [{**r, "label": str(r["label"])} for r in rows]):  # JSON integers, CSV cells
+        examples = normalize_unpaired([Record(r, f"k.jsonl line {i + 1}") for i, r in enumerate(written)])
+        assert [e.desirable for e in examples] == cast == [True, False]
+    with pytest.raises(UsageError, match=r'k\.jsonl line 1: field "label" must be true or false.*got 2'):
+        normalize_unpaired([Record({**KTO_ROWS[0], "label": 2}, "k.jsonl line 1")])
 
 
 def test_sft_run_on_unpaired_preference_file_exits_2_and_writes_nothing(tmp_path, tiny_model_dir, capsys):

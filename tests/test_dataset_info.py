@@ -312,3 +312,25 @@ def test_an_unknown_formatting_is_refused_with_llama_factorys_formats(registry):
     with pytest.raises(UsageError, match=r"dataset_info.json, dataset 'x': formatting 'chatml'; LLaMA-Factory's "
                                          r"formats are alpaca, sharegpt and openai\."):
         _sft("x", registry)
+
+
+def test_the_registry_folder_given_as_data_says_to_name_its_datasets(registry, tiny_model_dir, tmp_path, capsys):
+    """The folder of dataset_info.json given as --data would be read as a folder of data files, every dataset of
+    it mixed (then refused as mixed formats): it is refused as the registry it is, with its names and the options
+    that read them; a save_to_disk folder, whose dataset_info.json is datasets' own, is still one dataset."""
+    with pytest.raises(UsageError) as info:
+        _sft(str(registry), tmp_path / "elsewhere")
+    message = str(info.value)
+    assert f"--data {registry}: this folder is a LLaMA-Factory dataset folder" in message
+    assert f"--dataset-dir {registry} --data alpaca_demo" in message and f"({len(_INFO)} in all)" in message
+    out = tmp_path / "run"
+    assert main(["train", "--model", str(tiny_model_dir), "--data", str(registry), "--output", str(out),
+                 "--max-steps", "1", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "LLaMA-Factory dataset folder" in err and "Traceback" not in err and not out.exists()
+    from datasets import Dataset
+
+    saved = tmp_path / "saved"
+    Dataset.from_list(_ALPACA).save_to_disk(str(saved))
+    assert (saved / "dataset_info.json").is_file()
+    assert len(_sft(str(saved), tmp_path / "elsewhere")) == 3

@@ -90,6 +90,8 @@ def registered_dataset(name: str, dataset_dir: str | Path) -> RegisteredDataset 
                          "its folder.")
     info_path = Path(dataset_dir).expanduser() / INFO_FILE
     is_path = Path(name).expanduser().exists()
+    if is_path and Path(name).expanduser().is_dir():
+        _refuse_registry_folder(name)
     if not info_path.is_file():
         if not is_path and "/" not in name and str(dataset_dir) not in (DEFAULT_DIR, "ONLINE"):
             why = "none in it" if Path(dataset_dir).expanduser().is_dir() else "it is not a folder"
@@ -110,6 +112,33 @@ def registered_dataset(name: str, dataset_dir: str | Path) -> RegisteredDataset 
         hint = f"did you mean {', '.join(close)}?" if close else f"it registers {', '.join(sorted(info)) or 'nothing'}."
         raise UsageError(f"--data {name!r} is neither a file nor a dataset registered in {info_path}; {hint}")
     return _entry(name, info[name], info_path)
+
+
+# Where a LLaMA-Factory entry says its rows are; ``datasets``' own dataset_info.json (save_to_disk's, a hub
+# export's) describes one dataset with other keys
+_SOURCE_KEYS = ("file_name", "hf_hub_url", "ms_hub_url", "om_hub_url", "script_url", "cloud_file_name")
+
+
+def _refuse_registry_folder(folder: str) -> None:
+    """Refuse a folder given as --data that is LLaMA-Factory's data folder (its dataset_info.json registers
+    datasets): read as a folder of data files it would mix every dataset in it, and the registry itself."""
+    path = Path(folder).expanduser()
+    info_path = path / INFO_FILE
+    if not info_path.is_file() or (path / "state.json").is_file() or (path / "dataset_dict.json").is_file():
+        return
+    try:
+        info = json.loads(info_path.read_text(encoding="utf-8-sig"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return
+    if not (isinstance(info, dict) and info and all(isinstance(e, dict) and any(k in e for k in _SOURCE_KEYS)
+                                                    for e in info.values())):
+        return
+    names = sorted(info)
+    listed = ", ".join(names[:8]) + (f", ... ({len(names)} in all)" if len(names) > 8 else "")
+    raise UsageError(f"--data {folder}: this folder is a LLaMA-Factory dataset folder ({info_path} registers the "
+                     f"datasets {listed}), not one dataset: read as a folder of data files it would mix all of "
+                     f"them. Give the folder as --dataset-dir and the datasets to train on by name, e.g. "
+                     f"--dataset-dir {folder} --data {names[0]} (several: --data {','.join(names[:2])}).")
 
 
 def _read_info(info_path: Path) -> dict[str, Any]:

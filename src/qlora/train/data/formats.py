@@ -38,6 +38,7 @@ from functools import partial
 from typing import Any, Callable, Sequence
 
 from qlora.errors import UsageError
+from qlora.template_kwargs import render_parameter
 from qlora.train.data.fields import (ROLE_NAMES, FieldMap, named_prompt, pair_hint, parse_data_fields,
                                      speaker_name, suggest_fields, tool_calls, unsupported_rows)
 from qlora.train.data.glaive import is_transcript, transcript, transcript_column
@@ -51,6 +52,7 @@ FORMATS = ("alpaca", "chat", "sharegpt", "prompt-completion", "text")
 ROLES = ("system", "developer", "user", "assistant", "tool")
 DETECT_ROWS = 32  # rows inspected to detect the format: one atypical first row must not decide it
 
+TEMPLATE_KWARGS_COLUMN = "chat_template_kwargs"  # TRL's per-row template variables
 _TOOL_CALL_SPEAKERS = ("function_call",)
 # One user turn and the assistant's reply in one entry: LDJnr/Capybara's, the_cauldron's (and FineVision's).
 _EXCHANGE_KEYS = (("input", "output"), ("user", "assistant"))
@@ -64,7 +66,8 @@ class Example:
     Prompt-completion rows keep where the prompt ends, because only the completion is trained:
     ``prompt`` is the prompt text of a plain row (``text`` is then the completion), and
     ``prompt_turns`` the number of leading ``messages`` that form the prompt of a conversational one.
-    ``tools`` are the tool definitions the chat template renders (``apply_chat_template(tools=...)``).
+    ``tools`` are the tool definitions the chat template renders (``apply_chat_template(tools=...)``), and
+    ``template_kwargs`` the row's own template variables (its ``chat_template_kwargs`` column, as TRL reads it).
     ``reasoning`` is ``(column, text)``: the reasoning trace of a plain prompt-completion row's completion.
     ``images`` are the row's images in the order its messages' ``{"type": "image"}`` parts place them
     (:mod:`qlora.train.data.images`).
@@ -82,15 +85,22 @@ class Example:
     skip: str | None = None
     images: tuple[ImageRef, ...] = ()
     pieces: tuple[Piece, ...] | None = None  # a row written piece by piece (:mod:`qlora.train.data.pieces`)
+    template_kwargs: dict[str, Any] | None = None
 
 
 def unpaired_label(fields: dict[str, Any]) -> bool | None:
     """The true/false ``label`` of an unpaired preference row (TRL's KTO data: ``prompt``, ``completion``,
-    ``label``), or None when the row has no such label. CSV/TSV cells ``true``/``false`` count too."""
+    ``label``), or None when the row has no such label. An integer 0 or 1 counts too (a column ``datasets`` reads
+    as int64, which TRL's KTOTrainer takes as bool), and so do CSV/TSV cells ``true``/``false`` and ``0``/``1``."""
     label = fields.get("label")
-    if isinstance(label, str) and label.strip().lower() in ("true", "false"):
-        return label.strip().lower() == "true"
+    if isinstance(label, str) and label.strip().lower() in _LABEL_CELLS:
+        return _LABEL_CELLS[label.strip().lower()]
+    if isinstance(label, int) and not isinstance(label, bool) and label in (0, 1):
+        return bool(label)
     return label if isinstance(label, bool) else None
+
+
+_LABEL_CELLS = {"true": True, "false": False, "1": True, "0": False}
 
 
 def row_format(fields: dict[str, Any]) -> str | None:
@@ -183,13 +193,13 @@ def _sft_on_chosen(fields: dict[str, Any], prompt: str | None) -> str:
 
 
 def unpaired_error(where: str) -> UsageError:
-    """Rows with a true/false ``label`` beside prompt/completion are never SFT data: the completions
+    """Rows with a true/false (or 1/0) ``label`` beside prompt/completion are never SFT data: the completions
     labelled false are answers the model must NOT learn to write."""
     return UsageError(
-        f'{where}: these rows are unpaired preference data ("prompt", "completion" and a true/false "label", '
+        f'{where}: these rows are unpaired preference data ("prompt", "completion" and a true/false or 1/0 "label", '
         "TRL's KTO format): supervised fine-tuning on them would also teach the completions labelled false. "
         "Train them with --method kto. For supervised fine-tuning on the desirable completions only, keep the rows "
-        'whose label is true and remove the "label" field.')
+        'whose label is true (1) and remove the "label" field.')
 
 
 def normalize(records: list[Record], fmt: str = "auto", fields: FieldMap | str | None = None,
@@ -227,6 +237,9 @@ def normalize(records: list[Record], fmt: str = "auto", fields: FieldMap | str |
     for r in records:
         try:
             example = convert(r.fields, r.where, names)
+            variables = row_template_kwargs(r.fields, r.where)
+            if variables and example.messages is not None:  # plain text is not rendered by a template
+                example = replace(example, template_kwargs=variables)
             folders = r.image_folders(dataset_dir)
             examples.append(_marked_empty(attach_images(example, r.fields, folders) if images else example))
         except UsageError as exc:
@@ -580,6 +593,43 @@ def row_tools(fields: dict[str, Any], where: str) -> tuple[dict[str, Any], ...] 
         raise UsageError(f'{where}: "tools" must be a list of tool definitions (JSON objects), or that list as a '
                          "JSON string.")
     return tuple(value) or None
+
+
+def row_template_kwargs(fields: dict[str, Any], where: str) -> dict[str, Any] | None:
+    """The row's ``chat_template_kwargs`` column: variables its conversation is rendered with (SmolTalk2's
+    ``{"enable_thinking": false}``), as TRL's trainers pass them to ``apply_chat_template``; a JSON object, or that
+    object as a JSON string (CSV). Keys that are parameters of the rendering, not variables, are refused as
+    ``--chat-template-kwargs`` refuses them (:mod:`qlora.template_kwargs`), and so are the generation prompt's
+    options, which training sets (TRL fails on them)."""
+    value = fields.get(TEMPLATE_KWARGS_COLUMN)
+    if isinstance(value, str):  # a CSV cell; an empty one is no variables
+        value = _parsed_json(value, where, f'the "{TEMPLATE_KWARGS_COLUMN}" field') if value.strip() else None
+    if value is None or value == {}:
+        return None
+    if not isinstance(value, dict):
+        raise UsageError(f'{where}: "{TEMPLATE_KWARGS_COLUMN}" must be a JSON object of chat template variables '
+                         f'(such as {{"enable_thinking": false}}), or that object as a JSON string; got '
+                         f"{type(value).__name__} {repr(value)[:80]}.")
+    key = render_parameter(value) or next((k for k in value if k in _PLACED_PROMPT), None)
+    if key is not None:
+        instead = {"tools": 'give them in the row\'s "tools" column', "chat_template": "give the template with "
+                   "--template"}.get(key, "leave it out" if key not in _PLACED_PROMPT else
+                                     "training places the generation prompt where each answer starts; leave it out")
+        raise UsageError(f'{where}: "{TEMPLATE_KWARGS_COLUMN}" key {key!r} is a parameter of the rendering, not a '
+                         f"template variable; {instead}.")
+    return dict(value)
+
+
+# apply_chat_template's prompt options, which serve takes among a request's variables (as vLLM) but training sets
+_PLACED_PROMPT = ("add_generation_prompt", "continue_final_message")
+
+
+def render_kwargs(row: Any) -> dict[str, Any]:
+    """What a row's conversation is rendered with beyond its messages: its tools and its own template variables
+    (``row``: an :class:`Example`, or a preference or KTO example, which carry both), as TRL passes
+    ``tools=..., **chat_template_kwargs``."""
+    tools = {"tools": [dict(t) for t in row.tools]} if row.tools else {}
+    return {**tools, **(row.template_kwargs or {})}
 
 
 def _legacy_functions(value: Any) -> tuple[dict[str, Any], ...] | None:

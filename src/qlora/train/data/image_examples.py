@@ -23,7 +23,7 @@ import torch
 from qlora.errors import UsageError
 from qlora.model.chat_format import ChatFormat
 from qlora.model.image_processor import image_tensors, image_token_id, pixel_bounds, process
-from qlora.train.data.formats import Example
+from qlora.train.data.formats import Example, render_kwargs
 from qlora.train.data.images import as_parts
 from qlora.train.data.tokenize import (IGNORE_INDEX, IMAGES_TOO_LONG, TokenizedExample, for_template, rendered_text,
                                        tokenize_example)
@@ -127,8 +127,8 @@ def expanded_prompt(prompt: Example, keep: int, processor, chat_template: ChatFo
     tokenizer = processor.tokenizer
     messages = for_template(as_parts(prompt.messages), chat_template.template, tokenizer, prompt.where,
                             chat_template.origin)
-    tools = {"tools": [dict(t) for t in prompt.tools]} if prompt.tools else {}
-    rendered = chat_template.render(tokenizer, messages, add_generation_prompt=True, where=prompt.where, **tools)
+    rendered = chat_template.render(tokenizer, messages, add_generation_prompt=True, where=prompt.where,
+                                    **render_kwargs(prompt))
     text_ids = tokenizer(rendered, add_special_tokens=False)["input_ids"]
     encoded = process(processor, rendered, [ref.load(pixel_bounds(processor)) for ref in prompt.images], prompt.where,
                       [ref.shown for ref in prompt.images])

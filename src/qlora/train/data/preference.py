@@ -56,8 +56,8 @@ from qlora.model.image_processor import image_token_id
 from qlora.train.data.common_ends import common_prefix
 from qlora.train.data.fields import (FieldMap, message_like, pair_hint, parse_data_fields, prompt_column,
                                      unsupported_rows)
-from qlora.train.data.formats import (EMPTY_ANSWER, Example, empty_answer, normalize, row_tools, unpaired_error,
-                                     unpaired_label)
+from qlora.train.data.formats import (EMPTY_ANSWER, Example, empty_answer, normalize, render_kwargs,
+                                     row_template_kwargs, row_tools, unpaired_error, unpaired_label)
 from qlora.train.data.image_examples import expanded_prompt, image_batch
 from qlora.train.data.images import ImageRef, as_parts, attach_images, has_image_parts, images_in
 from qlora.train.data.pieces import is_written, piece_ids
@@ -81,6 +81,7 @@ class PreferenceExample:
     images: tuple[ImageRef, ...] = ()  # the prompt's, in the order its image parts place them
     pieces: bool = False  # chosen and rejected are whole conversations written as pieces (torchtune's), no prompt
     tools: tuple[dict[str, Any], ...] | None = None  # a conversational row's tool definitions, for its template
+    template_kwargs: dict[str, Any] | None = None  # a conversational row's chat_template_kwargs
 
     @property
     def conversational(self) -> bool:
@@ -189,8 +190,10 @@ def pair_from_row(fields: dict[str, Any], where: str, names: FieldMap, chat: boo
         pair = with_images(_answered_pair(fields, where, names, True), fields, where, folders)
     else:
         pair = _answered_pair(fields, where, names, chat)
-    # a "tools" column is rendered into a conversation's prompt, as TRL's DPOTrainer and KTOTrainer render it
-    return replace(pair, tools=row_tools(fields, where)) if pair.conversational else pair
+    # "tools" and "chat_template_kwargs" columns are rendered with a conversation, as TRL's DPOTrainer and
+    # KTOTrainer render them
+    variables = row_template_kwargs(fields, where)
+    return replace(pair, tools=row_tools(fields, where), template_kwargs=variables) if pair.conversational else pair
 
 
 def _answered_pair(fields: dict[str, Any], where: str, names: FieldMap, chat: bool) -> PreferenceExample:
@@ -330,26 +333,30 @@ def prompt_ids(example: PreferenceExample, tokenizer, fmt: ChatFormat, answers: 
     """
     if not example.conversational:
         return list(tokenizer(example.prompt)["input_ids"])
-    modes = [rendering_kwargs(Example(tuple(example.prompt) + tuple(a), None, example.where, tools=example.tools),
-                              tokenizer, fmt) for a in answers]
+    modes = [rendering_kwargs(_whole(example, a), tokenizer, fmt) for a in answers]
     if any(mode != modes[0] for mode in modes):
         switch = "/".join(sorted(set(modes[0]) ^ set(modes[-1])))
         raise UsageError(f"{example.where}: one answer has reasoning that the chat template ({fmt.origin}) shows only "
                          f"in its thinking mode ({switch} on) and another has none, so the answers follow different "
                          "prompts and cannot be compared on one: give every answer of the row its reasoning, or none.")
     prompt = for_template(example.prompt, fmt.template, tokenizer, example.where, fmt.origin)
-    tools = {"tools": [dict(t) for t in example.tools]} if example.tools else {}
     return list(fmt.render(tokenizer, prompt, add_generation_prompt=True, where=example.where,
-                           tokenize=True, return_dict=True, **(modes[0] if modes else tools))["input_ids"])
+                           tokenize=True, return_dict=True, **(modes[0] if modes else render_kwargs(example)))["input_ids"])
 
 
 def full_ids(example: PreferenceExample, answer, tokenizer, fmt: ChatFormat,
               stop_ids: Iterable[int] | None) -> list[int]:
     if example.conversational:
-        whole = Example(tuple(example.prompt) + tuple(answer), None, example.where, tools=example.tools)
+        whole = _whole(example, answer)
     else:
         whole = Example(None, example.prompt + answer, example.where)
     return tokenize_example(whole, tokenizer, fmt, "all", stop_ids=stop_ids).input_ids
+
+
+def _whole(example: PreferenceExample, answer) -> Example:
+    """A conversational prompt and one of its answers as one conversation, rendered as the row is."""
+    return Example(tuple(example.prompt) + tuple(answer), None, example.where, tools=example.tools,
+                   template_kwargs=example.template_kwargs)
 
 
 def tokenize_pair(example: PreferenceExample, tokenizer, chat_template: str | ChatFormat, seq_len: int | None = None,
@@ -377,7 +384,8 @@ def tokenize_pair(example: PreferenceExample, tokenizer, chat_template: str | Ch
     media, spans = {}, ()
     if example.images:
         expanded = expanded_prompt(Example(example.prompt, None, example.where, images=example.images,
-                                           tools=example.tools), n, processor, fmt, seq_len)
+                                           tools=example.tools, template_kwargs=example.template_kwargs), n,
+                                   processor, fmt, seq_len)
         if isinstance(expanded, str):
             return expanded
         prompt, media, spans = expanded

@@ -21,11 +21,20 @@ from qlora.train.data.reasoning import chunk_reasoning, reasoning_of, split_thin
 THINKING_ON = {"enable_thinking": True, "thinking": True}
 
 
-def thinking_switch(template_kwargs: dict) -> dict:
+def thinking_switch(template_kwargs: dict, own: dict | None = None) -> dict:
     """The thinking switch among the kwargs a conversation was rendered with: :data:`THINKING_ON` when
-    :func:`final_reasoning_in_thinking_mode` rendered it, else empty. Saved with the adapter, it renders inference
-    prompts in the mode the model learned to answer in."""
+    :func:`final_reasoning_in_thinking_mode` rendered it, else empty, as it is for a row that sets the switch in
+    its own template variables (``own``): that mode is the row's choice. Saved with the adapter, it renders
+    inference prompts in the mode the model learned to answer in."""
+    if own_switch(own):
+        return {}
     return {k: v for k, v in template_kwargs.items() if k in THINKING_ON}
+
+
+def own_switch(template_kwargs: dict | None) -> dict:
+    """The thinking switch a row's template variables set (``{"enable_thinking": False}``), or empty; a null one
+    is unset (``datasets`` fills a struct column's missing keys with nulls)."""
+    return {k: v for k, v in (template_kwargs or {}).items() if k in THINKING_ON and v is not None}
 
 
 def final_reasoning_in_thinking_mode(tokenizer, fmt: ChatFormat, messages: Sequence[dict], text: str,
@@ -34,15 +43,19 @@ def final_reasoning_in_thinking_mode(tokenizer, fmt: ChatFormat, messages: Seque
     """``(text, template kwargs)`` of the conversation in thinking mode with its final answer's reasoning written
     where the model writes it, or None when that answer has no reasoning, shows it in ``text`` (the template's
     rendering), or the template has no thinking mode whose generation prompt leaves an empty block to the model
-    (``markers``: the tokenizer's markup strings, one of which closes the block)."""
+    (``markers``: the tokenizer's markup strings, one of which closes the block). ``text`` is the rendering with
+    ``extra`` but for a thinking switch: a row whose variables (``extra``) turn thinking off is never rendered in
+    thinking mode; one that turns it on is, as one that sets nothing."""
     *before, final = messages
     if not before or before[-1].get("role") != "user" or final.get("role") != "assistant" or final.get("tool_calls"):
+        return None
+    if any(v is not True for v in own_switch(extra).values()):  # the row turns thinking off
         return None
     parts = _reasoning_and_answer(final)
     if parts is None or not parts[0] or parts[0] in text:
         return None
     reasoning, answer = parts
-    extra = dict(extra or {})
+    extra = {k: v for k, v in (extra or {}).items() if k not in THINKING_ON}  # the default mode, which ``text`` is
     prompt = fmt.render(tokenizer, before, add_generation_prompt=True, where=where, **extra)
     at = text.rfind(answer) if answer else len(text)
     n = min(common_prefix(prompt, text), at)

@@ -51,12 +51,12 @@ from qlora.errors import UsageError
 from qlora.model import chat_format
 from qlora.model.chat_format import END_OF_TURN_TOKENS, ChatFormat, stop_token_ids
 from qlora.train.data.common_ends import common_prefix, common_suffix
-from qlora.train.data.formats import Example, blank_text
+from qlora.train.data.formats import Example, blank_text, render_kwargs
 from qlora.train.data.pieces import piece_ids
 from qlora.train.data.reasoning import (REASONING_KEYS, THINK_CLOSE, THINK_OPEN, chunk_reasoning, fold, has_reasoning,
                                         knows_think_markers, no_place_error, place_reasoning, placement, reasoning_of,
                                         split_think)
-from qlora.train.data.thinking_mode import final_reasoning_in_thinking_mode, thinking_switch
+from qlora.train.data.thinking_mode import THINKING_ON, final_reasoning_in_thinking_mode, own_switch, thinking_switch
 
 IGNORE_INDEX = -100
 IMAGES_TOO_LONG = "images that do not fit --seq-len"  # why a row with images is skipped: truncation never cuts an image
@@ -306,7 +306,7 @@ def tokenize_dataset(
         report.reasoning += reasoning
         if (reasoning and example.messages is not None and example.pieces is None and not example.images
                 and isinstance(chat_template, ChatFormat)):
-            switch = thinking_switch(rendering_kwargs(example, tokenizer, chat_template))
+            switch = thinking_switch(rendering_kwargs(example, tokenizer, chat_template), example.template_kwargs)
             report.thinking_rows += bool(switch)
             report.thinking_mode.update(switch)
         report.reasoning_hidden += tokenized.reasoning_hidden
@@ -358,7 +358,7 @@ def rendering_kwargs(example: Example, tokenizer, fmt: ChatFormat) -> dict:
 
 def _placed(example: Example, tokenizer, fmt: ChatFormat) -> tuple[str, dict]:
     messages = fmt.messages(for_template(example.messages, fmt.template, tokenizer, example.where, fmt.origin))
-    extra = _template_kwargs(example)
+    extra = render_kwargs(example)
     rendered = fmt.render(tokenizer, messages, where=example.where, **extra)
     return _final_reasoning_placed(rendered, messages, tokenizer, fmt, example.where, extra)
 
@@ -369,7 +369,11 @@ def _final_reasoning_placed(rendered: str, messages: Sequence[dict], tokenizer, 
     it (:func:`restore_final_reasoning`), else, for a template that hides it and has a thinking mode, the conversation
     in that mode with the reasoning where the model writes it (:mod:`~qlora.train.data.thinking_mode`)."""
     text = restore_final_reasoning(rendered, messages)
-    thinking = final_reasoning_in_thinking_mode(tokenizer, fmt, messages, text, _markup_strings(tokenizer), where,
+    default = text
+    if own_switch(extra) and all(v is True for v in own_switch(extra).values()):  # the row turns thinking on
+        base = {k: v for k, v in extra.items() if k not in THINKING_ON}
+        default = restore_final_reasoning(fmt.render(tokenizer, messages, where=where, **base), messages)
+    thinking = final_reasoning_in_thinking_mode(tokenizer, fmt, messages, default, _markup_strings(tokenizer), where,
                                                 extra)
     return thinking if thinking else (text, extra)
 
@@ -388,7 +392,7 @@ def _chat_ids_and_mask(example: Example, tokenizer, fmt: ChatFormat, stops: set[
     messages = fmt.messages(for_template(example.messages, fmt.template, tokenizer, example.where, fmt.origin))
     weights = [m.get("weight", 1) for m in example.messages if m.get("role") == "assistant"]
     skipped = {k for k, w in enumerate(weights) if w == 0}  # OpenAI's weight 0: in the context, not trained
-    extra = _template_kwargs(example)
+    extra = render_kwargs(example)
     rendered = fmt.render(tokenizer, messages, where=example.where, **extra)
     text, extra = _final_reasoning_placed(rendered, messages, tokenizer, fmt, example.where, extra)
     encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)  # = apply_chat_template's ids
@@ -469,7 +473,7 @@ def _prompt_completion_ids_and_mask(example: Example, tokenizer, fmt: ChatFormat
     the ids of prompt + completion rendered together; the completion is trained from where they stop
     agreeing with the ids of the prompt rendered alone with the generation prompt."""
     messages = for_template(example.messages, fmt.template, tokenizer, example.where, fmt.origin)
-    extra = _template_kwargs(example)
+    extra = render_kwargs(example)
 
     def ids_of(turns: Sequence[dict], prompt: bool, kwargs: dict) -> list[int]:
         out = fmt.render(tokenizer, turns, add_generation_prompt=prompt, where=example.where, tokenize=True,
@@ -572,10 +576,6 @@ def _reasoning_opening(tokenizer, fmt: ChatFormat, messages: Sequence[dict], i: 
     n = common_prefix(full, plain)
     at = full.find(reasoning, n) if reasoning else -1
     return full[n:at] if at >= 0 else ""
-
-
-def _template_kwargs(example: Example) -> dict:
-    return {"tools": [dict(t) for t in example.tools]} if example.tools else {}
 
 
 def _raw_text(example: Example, fmt: ChatFormat, tokenizer) -> str:
@@ -772,8 +772,21 @@ def _find_assistant(text: str, message: dict, cursor: int, generation_prompt: Ca
 
 
 # An empty reasoning block a template writes before an answer without reasoning (Qwen3's final turn, GLM's every
-# turn): the model writes it too, so it is trained with the answer.
+# turn): the model writes it too, so it is trained with the answer, unless the generation prompt writes it
+# (:func:`_past_prompt_think`).
 _EMPTY_THINK = re.compile(r"<think>\s*</think>\s*\Z")
+
+
+def _past_prompt_think(text: str, found: tuple[int, int], generation_prompt: str | None) -> tuple[int, int]:
+    """``found`` without the empty reasoning block it starts with when the generation prompt that opens the turn
+    writes that block (Qwen3's with enable_thinking off): the prompt gives it, the model does not write it."""
+    empty = _EMPTY_THINK_START.match(text, found[0], found[1])
+    if empty and generation_prompt and _EMPTY_THINK.search(generation_prompt):
+        return empty.end(), found[1]
+    return found
+
+
+_EMPTY_THINK_START = re.compile(r"<think>\s*</think>\s*")
 
 
 def _turn_start(text: str, cursor: int, start: int, generation_prompt: str, opening: Callable[[], str]) -> int:
@@ -864,9 +877,12 @@ def _assistant_spans(text: str, messages: Sequence[dict], fmt: ChatFormat, where
                 "would never see them in this format. Fix or remove that message in the data (check that it is "
                 "plain text the template prints as is), or train on the whole text with --train-on all."
             )
-        opened = None
-        if prompt_end is not None and not any(_opens_before(text, prompt_end, g, markers, found) for g in seen):
+        opened = opener = None
+        if prompt_end is not None:
+            opener = next((g for g in seen if _opens_before(text, prompt_end, g, markers, found)), None)
+        if prompt_end is not None and opener is None:
             opened = _turn_opening(text, prompt_end, generation_prompt(i), markers)
+            opener = generation_prompt(i)
             seen += [generation_prompt(i)] if generation_prompt(i).strip() else []
         # found in the prompt, or in the opening itself: the answer is after the turn opens (a found span that ends past
         # the opening starts with the empty <think> block a template writes there, Qwen3.5's: the model writes its end)
@@ -883,6 +899,7 @@ def _assistant_spans(text: str, messages: Sequence[dict], fmt: ChatFormat, where
                     "text it is only ever given (a judge's template, such as Granite Guardian's, quotes the answer it "
                     "judges). Use a template that renders the answer as the assistant's turn, or train on the whole "
                     "text with --train-on all.")
+        found = _past_prompt_think(text, found, opener)
         if k - 1 not in skipped:
             spans.append(found)
         cursor = found[1]

@@ -1,6 +1,6 @@
 """Unpaired preference data for KTO: normalize, tokenize and batch.
 
-A row holds a prompt, one completion and a true/false ``label`` (desirable or
+A row holds a prompt, one completion and a true/false (or 1/0) ``label`` (desirable or
 not), TRL's "unpaired preference" type: ``prompt`` and ``completion`` both
 strings, or message lists (a string prompt is one user message, a string
 completion one assistant message). Preference pairs are unpaired as TRL's
@@ -38,7 +38,8 @@ from qlora.errors import UsageError
 from qlora.model.chat_format import ChatFormat
 from qlora.train.data.common_ends import common_prefix
 from qlora.train.data.fields import FieldMap, pair_hint, unsupported_rows
-from qlora.train.data.formats import EMPTY_ANSWER, Example, empty_answer, row_tools, unpaired_label
+from qlora.train.data.formats import (EMPTY_ANSWER, Example, empty_answer, row_template_kwargs, row_tools,
+                                     unpaired_label)
 from qlora.train.data.image_examples import expanded_prompt, image_batch, token_aligned
 from qlora.train.data.images import ImageRef, as_parts, images_in
 from qlora.train.data.preference import (Messages, PreferenceExample, full_ids, message_tuple,
@@ -62,6 +63,7 @@ class UnpairedExample:
     skip: str | None = None  # why it is skipped when tokenized ("an empty answer")
     images: tuple[ImageRef, ...] = ()  # the prompt's, in the order its image parts place them
     tools: tuple[dict[str, Any], ...] | None = None  # a conversational row's tool definitions, for its template
+    template_kwargs: dict[str, Any] | None = None  # a conversational row's chat_template_kwargs
 
     @property
     def conversational(self) -> bool:
@@ -111,7 +113,7 @@ def normalize_unpaired(records: list[Record], fields: FieldMap | str | dict | No
             tie = pair.chosen == pair.rejected and not pair.skip  # the same answer labelled desirable and not
             out += [UnpairedExample(pair.prompt, answer, desirable, r.where, tie,  # a half with an answer stays
                                     pair.skip if pair.skip and (not pair.prompt or empty_answer(answer)) else None,
-                                    pair.images, pair.tools)
+                                    pair.images, pair.tools, pair.template_kwargs)
                     for answer, desirable in ((pair.chosen, True), (pair.rejected, False))]
         elif images_in(r.fields):  # a conversation whose prompt holds the images
             example = _normalize_row(r.fields, r.where, names, True)
@@ -146,7 +148,8 @@ def _normalize_row(fields: dict, where: str, names: FieldMap, chat: bool) -> Unp
         if not isinstance(value, (str, list)):
             raise UsageError(f'{where}: field "{key}" must be a string or a message list {need}.')
     if label is None:
-        raise UsageError(f'{where}: field "label" must be true or false {need}; got {fields.get("label")!r}.')
+        raise UsageError(f'{where}: field "label" must be true or false (or 1 or 0) {need}; got '
+                         f'{fields.get("label")!r}.')
     prompt, completion = fields["prompt"], fields["completion"]
     if isinstance(prompt, str) and isinstance(completion, str) and not chat:
         return UnpairedExample(prompt, completion, label, where)
@@ -157,7 +160,8 @@ def _normalize_row(fields: dict, where: str, names: FieldMap, chat: bool) -> Unp
     if not any(m["role"] == "assistant" for m in completion_m):
         raise UsageError(f'{where}: "completion" has no assistant message; it is the answer KTO judges.')
     return UnpairedExample(with_system(prompt_m, fields, where), completion_m, label, where,
-                           skip=EMPTY_ANSWER if empty_answer(completion_m) else None, tools=row_tools(fields, where))
+                           skip=EMPTY_ANSWER if empty_answer(completion_m) else None, tools=row_tools(fields, where),
+                           template_kwargs=row_template_kwargs(fields, where))
 
 
 def tokenize_unpaired(examples: list[UnpairedExample], tokenizer, chat_template: str | ChatFormat,
@@ -191,7 +195,7 @@ def tokenize_unpaired(examples: list[UnpairedExample], tokenizer, chat_template:
         media = {}
         if example.images:
             expanded = expanded_prompt(Example(example.prompt, None, example.where, images=example.images,
-                                               tools=example.tools), n,
+                                               tools=example.tools, template_kwargs=example.template_kwargs), n,
                                        processor, fmt, seq_len)
             if isinstance(expanded, str):
                 report.skip(expanded, example.where)
