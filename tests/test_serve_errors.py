@@ -115,4 +115,6 @@ def test_a_failing_request_without_stream_is_a_500_in_openai_shape(faulty, caplo
     assert exc.value.body == {"message": FAULT, "type": "server_error", "param": None, "code": None}
     (record,) = _qlora_errors(caplog)
     assert record.exc_info is not None and "injected fault" in caplog.text
-    assert client.completions.create(model="tiny", prompt="Hi", max_tokens=2).choices[0].finish_reason == "length"
+    # answered whole (ignore_eos: a sampled EOS would end it as "stop", which says nothing of the connection)
+    after = client.completions.create(model="tiny", prompt="Hi", max_tokens=2, extra_body={"ignore_eos": True})
+    assert after.choices[0].finish_reason == "length" and after.usage.completion_tokens == 2

@@ -301,13 +301,13 @@ def _loop(chat, args: argparse.Namespace) -> None:
         sys.stdout.write("assistant> ")
         attached, images[:] = tuple(images), []  # sent with this message only, whatever happens to its turn
         try:
-            _show(chat.send(line, attached), chat.on_reasoning)
+            _show(chat.send(line, attached), getattr(chat, "on_reasoning", None))
             while chat.pending_calls:
                 results = _tool_results(chat)
                 if results is None:
                     return
                 sys.stdout.write("assistant> ")
-                _show(chat.send_tool_results(results), chat.on_reasoning)
+                _show(chat.send_tool_results(results), getattr(chat, "on_reasoning", None))
         except (StoreLocked, StoreReadOnly) as exc:
             sys.stdout.write("\n")
             sys.stdout.flush()
@@ -317,9 +317,10 @@ def _loop(chat, args: argparse.Namespace) -> None:
             print(f"({exc}{' The images were dropped; attach them again.' if attached else ''})", file=sys.stderr)
 
 
-def _show(pieces, echo) -> None:
+def _show(pieces, echo: ReasoningEcho | None) -> None:
     """Print a reply's answer as it comes (``echo``, the chat's :class:`ReasoningEcho`, put its reasoning on
     stderr first)."""
+    echo = echo if isinstance(echo, ReasoningEcho) else ReasoningEcho()
     for piece in pieces:
         echo.end()
         sys.stdout.write(piece)
