@@ -234,3 +234,35 @@ def test_a_language_routed_model_without_its_language_names_the_field_to_set(lan
     (tmp_path / "m" / "config.json").write_text(json.dumps(dict(saved, default_language="fr_XX")))
     train, _, _, generate = _commands(tmp_path / "m", tmp_path)
     assert main(train) == 0 and main(generate) == 0, capsys.readouterr().err
+
+
+def test_a_model_that_generates_by_diffusion_is_refused(tmp_path, tiny_tokenizer, capsys):
+    """DiffusionGemma (an image-text-to-text class in transformers 5.24) refines a canvas of tokens by block
+    diffusion with a generate of its own; its logits are the canvas', not next-token predictions of its input.
+    Every command ended in a traceback while tying its 4-bit weights (transformers' tie patterns matched the
+    4-bit layers' constants); each says in one paragraph that it is not an autoregressive model."""
+    if "diffusion_gemma" not in CONFIG_MAPPING_NAMES:
+        pytest.skip("this transformers has no DiffusionGemma models")
+    from transformers import AutoModelForImageTextToText, GenerationMixin
+
+    rope = {"rope_type": "default", "rope_theta": 10000.0}
+    text = dict(vocab_size=len(tiny_tokenizer) + 8, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, head_dim=16, intermediate_size=128, num_experts=4, top_k_experts=2,
+                moe_intermediate_size=32, per_layer_config={}, sliding_window=8,
+                layer_types=["sliding_attention", "full_attention"],
+                rope_parameters={"sliding_attention": rope, "full_attention": rope})
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2)
+    torch.manual_seed(0)
+    model = AutoModelForImageTextToText.from_config(
+        AutoConfig.for_model("diffusion_gemma", text_config=text, vision_config=vision))
+    assert type(model).can_generate() and not isinstance(model, GenerationMixin)
+    model.save_pretrained(tmp_path / "m")
+    tiny_tokenizer.save_pretrained(tmp_path / "m")
+    for argv in _commands(tmp_path / "m", tmp_path):
+        code = main(argv)
+        err = capsys.readouterr().err
+        assert code == 2, (argv, err)
+        assert "the 'diffusion_gemma' model (DiffusionGemmaForBlockDiffusion) is not an autoregressive language " \
+               "model: it generates text with a method of its own (DiffusionGemmaGenerationMixin)" in err, err
+        assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "run").exists() and not (tmp_path / "q4").exists()

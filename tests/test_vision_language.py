@@ -377,3 +377,71 @@ def test_a_vision_tower_inside_the_text_model_stays_16bit_and_unadapted(tmp_path
                 if ".lora_A" in n} == set(adapted)
         assert (ours - ref(ids).logits).abs().max() > 1e-3  # the adapter matters
         torch.testing.assert_close(theirs(ids).logits, ours, rtol=1e-4, atol=1e-4)
+
+
+def test_a_model_that_requires_token_types_when_training_trains_on_text(tmp_path, tiny_tokenizer, capsys):
+    """Molmo2's forward requires ``mm_token_type_ids`` when training (its processor returns them, 0 on every text
+    token; its mask joins the tokens marked 1). qlora train and eval exited 2 saying an image or another model
+    supplies that input; a batch without images now gets the processor's text value (all zeros), the loss falls,
+    with --packing too, PEFT reads the adapter to the same logits, the merge keeps them, and greedy decoding is
+    transformers' generate."""
+    from transformers import AutoConfig
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+
+    if "molmo2" not in CONFIG_MAPPING_NAMES:
+        pytest.skip("this transformers has no Molmo2 models")
+    from peft import PeftModel
+
+    text = dict(_TEXT, num_hidden_layers=2, head_dim=16, vocab_size=len(tiny_tokenizer) + 8,
+                bos_token_id=tiny_tokenizer.bos_token_id, eos_token_id=tiny_tokenizer.eos_token_id,
+                pad_token_id=tiny_tokenizer.pad_token_id)
+    config = AutoConfig.for_model("molmo2", text_config=text, vision_config=dict(_VISION, image_size=[28, 28]),
+                                  adapter_config=dict(hidden_size=32, intermediate_size=64, num_attention_heads=2,
+                                                      vision_feature_layer=[-1]))
+    torch.manual_seed(0)
+    ref = AutoModelForImageTextToText.from_config(config)
+    with pytest.raises(ValueError, match="mm_token_type_ids"):  # transformers' own forward, training, ids alone
+        ref.train()(IDS, labels=IDS)
+    with torch.no_grad():  # zeros are text: the same logits as none given
+        assert torch.equal(ref.eval()(IDS).logits, ref(IDS, mm_token_type_ids=torch.zeros_like(IDS)).logits)
+    src = tmp_path / "m"
+    ref.save_pretrained(src)
+    tiny_tokenizer.save_pretrained(src)
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"Say {w}."},
+                                                    {"role": "assistant", "content": f"{w} {w} {w}."}]}) + "\n"
+                            for w in ("red", "green", "blue", "gold") * 4))
+    for packing in ([], ["--packing"]):
+        adapter = tmp_path / f"adapter{len(packing)}"
+        assert main(["train", "--model", str(src), "--data", str(data), "--output", str(adapter), "--max-steps", "12",
+                     "--lr", "3e-3", "--batch-size", "4", "--seq-len", "64", "--no-progress", *packing]) == 0, \
+            capsys.readouterr().err
+        losses = [json.loads(line)["loss"] for line in (adapter / "metrics.jsonl").read_text().splitlines()
+                  if '"loss"' in line]
+        assert losses[-1] < losses[0], losses
+    assert main(["eval", "--model", str(src), "--adapter", str(adapter), "--data", str(data)]) == 0
+
+    torch.set_grad_enabled(False)
+    try:
+        model, _ = load_model(src, quant="nf4", compute_dtype=torch.float32, device="cpu")
+        load_adapter(model, adapter)
+        adapted = model.eval()(IDS).logits
+        assert main(["merge", "--model", str(src), "--adapter", str(adapter), "--output", str(tmp_path / "merged"),
+                     "--dtype", "float32"]) == 0
+        merged = AutoModelForImageTextToText.from_pretrained(tmp_path / "merged", dtype=torch.float32).eval()
+        assert torch.allclose(merged(IDS).logits, adapted, atol=1e-4)
+        dense, _ = load_model(src, quant=None, compute_dtype=torch.float32, device="cpu")
+        load_adapter(dense, adapter)
+        theirs = PeftModel.from_pretrained(_transformers_model(src), adapter).eval()(IDS).logits
+        assert (theirs - ref(IDS).logits).abs().max() > 1e-3  # the adapter matters
+        assert torch.allclose(theirs, dense.eval()(IDS).logits, atol=1e-5, rtol=1e-5)
+        from qlora.infer.generate import SamplingOptions, stream_tokens
+
+        eos = tiny_tokenizer.eos_token_id
+        ours = list(stream_tokens(model, IDS[:, :7], SamplingOptions(max_new_tokens=8, temperature=0), {eos}))
+        theirs = merged.generate(IDS[:, :7], attention_mask=torch.ones_like(IDS[:, :7]), max_new_tokens=8,
+                                 do_sample=False, eos_token_id=eos, pad_token_id=tiny_tokenizer.pad_token_id)
+        theirs = theirs[0, 7:].tolist()
+        assert ours == (theirs[:theirs.index(eos) + 1] if eos in theirs else theirs)
+    finally:
+        torch.set_grad_enabled(True)

@@ -68,12 +68,36 @@ def check_runs_on_text(model: nn.Module, source: str | Path) -> None:
                          "cannot run on text alone: it decodes what another input gives it, such as an image. "
                          "qlora fine-tunes and runs language models on token ids; use a model that generates text "
                          "from text, or transformers' own training code for this one.") from None
+    _check_autoregressive(model, source)
     if required:
         raise UsageError(f"{source}: the {model.config.model_type!r} model ({type(model).__name__}) cannot run "
                          f"on text alone: its forward requires {', '.join(required)} beside the token ids. qlora "
                          "fine-tunes and runs language models on token ids (images only where the model also runs "
                          "without them); use a model that generates text from text, or transformers' own "
                          "training code for this one.")
+
+
+def _check_autoregressive(model: nn.Module, source: str | Path) -> None:
+    """Refuse a model that generates text by a method of its own instead of transformers' token-by-token
+    ``generate`` (its class says it can generate, yet is no ``GenerationMixin``): DiffusionGemma refines a canvas of
+    ``canvas_length`` tokens by block diffusion, and its logits are those of the canvas, not next-token predictions
+    of its input. qlora's training loss and decoding are those of a model whose logits at each position predict the
+    next token, so each command would end in an error far from the cause (a traceback while tying its weights).
+
+    Raises:
+        UsageError: naming the model's own generation method.
+    """
+    from transformers import GenerationMixin
+
+    if isinstance(model, GenerationMixin) or not type(model).can_generate():
+        return
+    own = next((c.__name__ for c in type(model).__mro__ if "generate" in vars(c)), "its own generate")
+    raise UsageError(f"{source}: the {model.config.model_type!r} model ({type(model).__name__}) is not an "
+                     f"autoregressive language model: it generates text with a method of its own ({own}), not "
+                     "transformers' token-by-token generate, and its logits are not predictions of the next token "
+                     "of its input. qlora trains with the next-token loss and decodes token by token, so it can "
+                     "neither fine-tune nor run this model; use transformers' own code for it, or a causal "
+                     "language model.")
 
 
 def _check_default_language(config, source: str | Path) -> None:

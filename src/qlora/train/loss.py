@@ -11,6 +11,8 @@ Llama-3 at 8k tokens). Models whose logits are more than ``hidden @ W^T``
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -23,9 +25,22 @@ from qlora.train.data import IGNORE_INDEX
 NON_MODEL_KEYS = ("labels", "ref_logps", "desirable", "stand_in", "image_tokens")
 
 
-def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The model's keyword arguments in ``batch``: without labels or reference log-probs."""
-    return {k: v for k, v in batch.items() if k not in NON_MODEL_KEYS}
+# Per-token inputs that a model's processor returns for text too: transformers' ProcessorMixin marks each token's
+# modality in ``mm_token_type_ids``, 0 for a text token (create_mm_token_type_ids). Molmo2's forward requires it
+# when training.
+TEXT_TOKEN_TYPES = ("mm_token_type_ids",)
+
+
+def model_inputs(batch: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
+    """``model``'s keyword arguments in ``batch``: without labels or reference log-probs, and with the
+    :data:`TEXT_TOKEN_TYPES` its forward takes that a batch without images lacks (no processor ran for it), at the
+    value its processor gives text: 0, as a row without images beside rows with them already gets."""
+    inputs = {k: v for k, v in batch.items() if k not in NON_MODEL_KEYS}
+    takes = inspect.signature(type(getattr(model, "module", model)).forward).parameters  # DDP's model inside
+    for key in TEXT_TOKEN_TYPES:
+        if key not in inputs and key in takes:
+            inputs[key] = torch.zeros_like(batch["input_ids"])
+    return inputs
 
 
 def decoder_and_head(model: nn.Module) -> tuple[nn.Module, nn.Linear] | None:
@@ -38,7 +53,7 @@ def decoder_and_head(model: nn.Module) -> tuple[nn.Module, nn.Linear] | None:
 
 def token_loss_sum(model: nn.Module, batch: dict[str, torch.Tensor], chunked: bool = False) -> torch.Tensor:
     """Sum (not mean) of next-token cross-entropy over the trainable labels of ``batch``."""
-    inputs = model_inputs(batch)
+    inputs = model_inputs(batch, model)
     labels = batch["labels"][:, 1:].reshape(-1)
     if chunked:
         decoder, head = decoder_and_head(model)
@@ -63,7 +78,7 @@ def chunked_loss_matches(model: nn.Module, batch: dict[str, torch.Tensor]) -> bo
     if parts is None or any(getattr(c, f, None) not in (None, 1, 1.0) for c in configs for f in _LOGIT_TRANSFORMS):
         return False
     decoder, head = parts
-    inputs = model_inputs(batch)
+    inputs = model_inputs(batch, model)
     was_training = model.training
     model.eval()
     try:

@@ -54,7 +54,7 @@ def label_logps(model: nn.Module, batch: dict[str, torch.Tensor], label_sets: li
     per-row sums over those labels of ``log p(label_t) - log sum_v p(v)^2``, the
     aligned log-probs of WPO's weights (:func:`wpo_weights`).
     """
-    inputs = model_inputs(batch)
+    inputs = model_inputs(batch, model)
     shifted = [labels[:, 1:] for labels in label_sets]
     if chunked:
         decoder, head = decoder_and_head(model)

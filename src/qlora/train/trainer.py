@@ -253,7 +253,7 @@ def first_nonfinite_module(model: torch.nn.Module, batch: dict[str, torch.Tensor
     handles = [m.register_forward_hook(hook(n)) for n, m in model.named_modules() if n]
     try:
         with torch.no_grad():
-            model(**model_inputs(batch), use_cache=False)
+            model(**model_inputs(batch, model), use_cache=False)
     finally:
         for h in handles:
             h.remove()
