@@ -11,6 +11,7 @@ Llama-3 at 8k tokens). Models whose logits are more than ``hidden @ W^T``
 
 from __future__ import annotations
 
+import functools
 import inspect
 
 import torch
@@ -31,12 +32,18 @@ NON_MODEL_KEYS = ("labels", "ref_logps", "desirable", "stand_in", "image_tokens"
 TEXT_TOKEN_TYPES = ("mm_token_type_ids",)
 
 
+@functools.cache
+def _forward_inputs(model_class: type) -> frozenset[str]:
+    """The keyword inputs of ``model_class``'s forward, read once per class (model_inputs runs at every step)."""
+    return frozenset(inspect.signature(model_class.forward).parameters)
+
+
 def model_inputs(batch: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
     """``model``'s keyword arguments in ``batch``: without labels or reference log-probs, and with the
     :data:`TEXT_TOKEN_TYPES` its forward takes that a batch without images lacks (no processor ran for it), at the
     value its processor gives text: 0, as a row without images beside rows with them already gets."""
     inputs = {k: v for k, v in batch.items() if k not in NON_MODEL_KEYS}
-    takes = inspect.signature(type(getattr(model, "module", model)).forward).parameters  # DDP's model inside
+    takes = _forward_inputs(type(getattr(model, "module", model)))  # DDP's model inside
     for key in TEXT_TOKEN_TYPES:
         if key not in inputs and key in takes:
             inputs[key] = torch.zeros_like(batch["input_ids"])
