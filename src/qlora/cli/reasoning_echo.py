@@ -8,6 +8,7 @@ shows the model thinking instead of sitting silent for a long reasoning, and the
 from __future__ import annotations
 
 import sys
+from typing import Iterable
 
 
 class ReasoningEcho:
@@ -24,14 +25,21 @@ class ReasoningEcho:
         sys.stderr.flush()
         self.shown = True
 
-    def take(self, split) -> None:
-        """Show what reasoning ``split`` (a reply splitter) has settled since the last call."""
-        if hasattr(split, "take_reasoning"):
-            self(split.take_reasoning())
-
     def end(self) -> None:
         """Close the reasoning shown (if any) with a blank line, before the answer."""
         if self.shown:
             sys.stderr.write("\n\n")
             sys.stderr.flush()
             self.shown = False
+
+
+def show_answer(pieces: Iterable[str], echo: ReasoningEcho | None = None) -> None:
+    """Print a reply's answer on stdout as it comes, then a newline; ``echo`` (the reply's ``on_reasoning``) has put
+    its reasoning on stderr first."""
+    echo = echo if isinstance(echo, ReasoningEcho) else ReasoningEcho()
+    for piece in pieces:
+        echo.end()
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    echo.end()
+    sys.stdout.write("\n")

@@ -27,6 +27,7 @@ from .llm import ModelLLM
 from .memory import ConversationBufferMemory
 from .memory.base import BaseMemory
 from .messages import Message
+from .reply_reading import ReplyText
 from .tool_calls import ToolCall
 
 
@@ -116,28 +117,14 @@ class Chat:
         self._steps += steps
         return self._reply()
 
-    def _pass_reasoning(self, split) -> None:
-        if self.on_reasoning is not None and hasattr(split, "take_reasoning") and (thought := split.take_reasoning()):
-            self.on_reasoning(thought)
-
     def _reply(self) -> Iterator[str]:
         self.last_reply, self.pending_calls, self._said, self.last_reasoning = None, [], "", ""
-        stream, split = self.llm.reply(self._turn, tools=self.tools)
+        reply = ReplyText(*self.llm.reply(self._turn, tools=self.tools), on_reasoning=self.on_reasoning)
         pieces = []
-        for piece in stream:
-            shown = split.push(piece) if split is not None else piece
-            self._pass_reasoning(split)
-            if shown:
-                pieces.append(shown)
-                yield shown
-        calls: list[ToolCall] = []
-        if split is not None:
-            tail, calls = split.finish()
-            self._pass_reasoning(split)
-            if tail:
-                pieces.append(tail)
-                yield tail
-            self.last_reasoning = getattr(split, "reasoning", "")
+        for shown in reply:
+            pieces.append(shown)
+            yield shown
+        calls, self.last_reasoning = reply.calls, reply.reasoning
         if calls:
             self._said = "".join(pieces).strip()
             self.pending_calls = [(self.tool_format.new_id(), call) for call in calls]

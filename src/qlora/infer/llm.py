@@ -16,7 +16,7 @@ from qlora.model.chat_format import ChatFormat
 
 from .generate import SamplingOptions, stream_text
 from .messages import Message
-from .reply_reading import ReplyReader, Splitter
+from .reply_reading import ReplyReader, ReplyText, Splitter
 from .template import chat_template, render_chat, renders_tools, stop_token_ids
 from .tool_calls import ToolCallFormat, ToolCallStream, markup_token_ids, tool_call_format
 from .turn_end import turn_end_stops
@@ -93,15 +93,7 @@ class ModelLLM:
 
     def stream_messages(self, messages: Sequence[Message], **options: Any) -> Iterator[str]:
         """Stream the answer to ``messages`` (no tools), its reasoning left out."""
-        pieces, split = self.reply(messages, **options)
-        if split is None:
-            yield from pieces
-            return
-        for piece in pieces:
-            if shown := split.push(piece):
-                yield shown
-        if tail := split.finish()[0]:
-            yield tail
+        yield from ReplyText(*self.reply(messages, **options))
 
     def complete(self, prompt: str, **options: Any) -> str:
         """The reply to ``prompt`` sent as one user message (the text a user reads), stripped of surrounding space."""

@@ -9,7 +9,7 @@ tool-call splitter), else the tool-call splitter alone (or nothing).
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 from qlora.model.chat_format import ChatFormat
 
@@ -17,7 +17,7 @@ from .harmony import HarmonyStream, is_harmony
 from .harmony import markup_token_ids as harmony_token_ids
 from .reasoning_reply import ReasoningMarkups, ReasoningStream
 from .reasoning_reply import markup_token_ids as reasoning_token_ids
-from .tool_calls import ToolCallStream
+from .tool_calls import ToolCall, ToolCallStream
 
 Splitter = HarmonyStream | ReasoningStream | ToolCallStream
 
@@ -55,3 +55,39 @@ class ReplyReader:
         dropped = [self.tokenizer.decode([i], skip_special_tokens=False)
                    for i in sorted(reasoning_token_ids(self.tokenizer, markup))]
         return ReasoningStream(markup, prompt, tools, dropped)
+
+
+class ReplyText:
+    """The answer of a reply's decoded ``pieces`` as a user reads it, piece by piece: ``split`` (a
+    :meth:`ReplyReader.splitter`; None: the text is the answer) reads its reasoning and calls apart. Iterate it once;
+    ``on_reasoning`` receives the reasoning as it settles, and :attr:`calls` and :attr:`reasoning` hold the rest once
+    the iteration ends."""
+
+    def __init__(self, pieces: Iterable[str], split: Splitter | None,
+                 on_reasoning: Callable[[str], None] | None = None) -> None:
+        self.pieces, self.split, self.on_reasoning = pieces, split, on_reasoning
+        self.calls: list[ToolCall] = []
+
+    def __iter__(self) -> Iterator[str]:
+        if self.split is None:
+            yield from self.pieces
+            return
+        for piece in self.pieces:
+            shown = self.split.push(piece)
+            self._pass_reasoning()
+            if shown:
+                yield shown
+        tail, self.calls = self.split.finish()
+        self._pass_reasoning()
+        if tail:
+            yield tail
+
+    @property
+    def reasoning(self) -> str:
+        """The reply's reasoning, apart from its answer ('' when it has none)."""
+        return getattr(self.split, "reasoning", "")
+
+    def _pass_reasoning(self) -> None:
+        if self.on_reasoning is not None and hasattr(self.split, "take_reasoning"):
+            if thought := self.split.take_reasoning():
+                self.on_reasoning(thought)

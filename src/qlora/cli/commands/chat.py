@@ -24,7 +24,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from ..reasoning_echo import ReasoningEcho
+from ..reasoning_echo import ReasoningEcho, show_answer
 from .generate import (add_model_arguments, chat_format_from_args, load_model_from_args, pixel_bounds_from_args,
                        sampling_options)
 
@@ -301,13 +301,13 @@ def _loop(chat, args: argparse.Namespace) -> None:
         sys.stdout.write("assistant> ")
         attached, images[:] = tuple(images), []  # sent with this message only, whatever happens to its turn
         try:
-            _show(chat.send(line, attached), getattr(chat, "on_reasoning", None))
+            show_answer(chat.send(line, attached), getattr(chat, "on_reasoning", None))
             while chat.pending_calls:
                 results = _tool_results(chat)
                 if results is None:
                     return
                 sys.stdout.write("assistant> ")
-                _show(chat.send_tool_results(results), getattr(chat, "on_reasoning", None))
+                show_answer(chat.send_tool_results(results), getattr(chat, "on_reasoning", None))
         except (StoreLocked, StoreReadOnly) as exc:
             sys.stdout.write("\n")
             sys.stdout.flush()
@@ -315,18 +315,6 @@ def _loop(chat, args: argparse.Namespace) -> None:
         except UsageError as exc:  # images the processor cannot place, a prompt past the positions: the chat goes on
             sys.stdout.write("\n")
             print(f"({exc}{' The images were dropped; attach them again.' if attached else ''})", file=sys.stderr)
-
-
-def _show(pieces, echo: ReasoningEcho | None) -> None:
-    """Print a reply's answer as it comes (``echo``, the chat's :class:`ReasoningEcho`, put its reasoning on
-    stderr first)."""
-    echo = echo if isinstance(echo, ReasoningEcho) else ReasoningEcho()
-    for piece in pieces:
-        echo.end()
-        sys.stdout.write(piece)
-        sys.stdout.flush()
-    echo.end()
-    sys.stdout.write("\n")
 
 
 def _tool_results(chat) -> list[str] | None:

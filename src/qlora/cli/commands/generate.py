@@ -168,10 +168,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ...infer.generate import default_stop_ids, generate_per_adapter, stream_text
-    from ...infer.reply_reading import ReplyReader
+    from ...infer.reply_reading import ReplyReader, ReplyText
     from ...infer.template import chat_template, render_chat, stop_token_ids
     from ...infer.turn_end import turn_end_stops
-    from ..reasoning_echo import ReasoningEcho
+    from ..reasoning_echo import ReasoningEcho, show_answer
     from ..utf8_text import stdin_text
 
     options = sampling_options(args)  # checked before the (slow) model load
@@ -213,26 +213,14 @@ def run(args: argparse.Namespace) -> int:
         replies = generate_per_adapter(model, tokenizer, prompt, names, options, stops, stop_strings=stop_strings,
                                        chat=chat, keep=keep, **media)
         for name, text in zip(names, replies):
-            if (split := splitter()) is not None:
-                text = split.push(text) + split.finish()[0]
-                echo = ReasoningEcho(f"[{name}] ")
-                echo.take(split)
-                echo.end()
+            echo = ReasoningEcho(f"[{name}] ")
+            text = "".join(ReplyText([text], splitter(), echo))
+            echo.end()
             sys.stdout.write(f"[{name}] {text}\n")
         return 0
-    split, echo = splitter(), ReasoningEcho()  # the answer on stdout, its reasoning on stderr
-    for piece in stream_text(model, tokenizer, prompt, options, stops, keep=keep, stop_strings=stop_strings,
-                             chat=chat, **media):
-        shown = split.push(piece) if split is not None else piece
-        echo.take(split)
-        if shown:
-            echo.end()
-            sys.stdout.write(shown)
-            sys.stdout.flush()
-    tail = split.finish()[0] if split is not None else ""
-    echo.take(split)
-    echo.end()
-    sys.stdout.write(tail + "\n")
+    echo = ReasoningEcho()  # the answer on stdout, its reasoning on stderr
+    show_answer(ReplyText(stream_text(model, tokenizer, prompt, options, stops, keep=keep, stop_strings=stop_strings,
+                                      chat=chat, **media), splitter(), echo), echo)
     return 0
 
 
