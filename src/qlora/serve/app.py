@@ -58,7 +58,7 @@ from ..infer.json_reply import JsonReply
 from ..infer.logprobs import TokenLogprob, TokenPieces
 from ..infer.regex_reply import RegexReply
 from ..infer.template import chat_template, render_chat, renders_tools, stop_token_ids
-from ..infer.reply_reading import ReplyReader, Splitter
+from ..infer.reply_reading import ReplyReader, ReplyText, Splitter
 from ..infer.tool_calls import ToolCall, ToolCallFormat, ToolCallStream, markup_token_ids, tool_call_format
 from ..infer.turn_end import TurnEnds
 from ..model.chat_format import ChatFormat
@@ -668,12 +668,10 @@ class _ToolPlan:
         if self.read is None:
             content, calls = self.format.parse(text, self.names)
             content = content if calls else text
-        elif (split := self.splitter()) is None:
-            content, calls = text, []
         else:
-            content = split.push(text)
-            tail, calls = split.finish()
-            content, reasoning = content + tail, getattr(split, "reasoning", "")
+            reply = ReplyText([text], self.splitter())
+            content = "".join(reply)
+            calls, reasoning = reply.calls, reply.reasoning
         if not calls:
             return content, [], reasoning
         return content.strip() or None, self.shape(calls), reasoning
