@@ -18,6 +18,7 @@ import json
 import re
 from typing import Sequence
 
+from .text_stream import held_suffix
 from .tool_calls import ToolCall
 
 START, CHANNEL, MESSAGE, END, CONSTRAIN = "<|start|>", "<|channel|>", "<|message|>", "<|end|>", "<|constrain|>"
@@ -94,7 +95,7 @@ class HarmonyStream:
         found, header = messages(self.text)
         visible = self._visible(found)
         if header is None and found and not found[-1].closed:
-            visible = visible[:len(visible) - _partial_marker(visible)]
+            visible = visible[:len(visible) - held_suffix(visible, ENDS)]
         return self._release(visible)
 
     def finish(self) -> tuple[str, list[ToolCall]]:
@@ -147,11 +148,6 @@ class HarmonyStream:
         piece = visible[self.shown:] if len(visible) > self.shown else ""
         self.shown = max(self.shown, len(visible))
         return piece
-
-
-def _partial_marker(text: str) -> int:
-    """Length of the longest suffix of ``text`` that begins a message end (held back while a body is open)."""
-    return max((n for e in ENDS for n in range(1, len(e)) if text.endswith(e[:n])), default=0)
 
 
 def _without_markup(text: str) -> str:

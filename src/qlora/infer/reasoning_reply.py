@@ -21,6 +21,7 @@ from typing import Any, Sequence
 
 from qlora.model.chat_format import ChatFormat
 
+from .text_stream import held_suffix
 from .tool_calls import ToolCall, ToolCallStream
 
 _REASONING, _ANSWER = "qlora reasoning probe", "qlora answer probe"
@@ -168,7 +169,7 @@ class ReasoningStream:
             done = ""
         else:
             body = self.text[self.body_at:]
-            body = body[:len(body) - _partial(body, self.markup.closing)].strip()
+            body = body[:len(body) - held_suffix(body, [self.markup.closing])].strip()
             done = "" if self.markup.opening.startswith(body) else body.removeprefix(self.markup.opening).lstrip()
         new, self.taken = done[self.taken:], max(self.taken, len(done))
         return new
@@ -181,8 +182,3 @@ class ReasoningStream:
             answer = answer.replace(token, "")
         new, self.forwarded = answer[self.forwarded:], len(answer)
         return self.then.push(new) if self.then is not None and new else new
-
-
-def _partial(text: str, tag: str) -> int:
-    """Length of the longest suffix of ``text`` that begins ``tag`` (held back: it may be the tag)."""
-    return max((n for n in range(1, len(tag)) if text.endswith(tag[:n])), default=0)

@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import re
 import weakref
-from typing import Sequence
+from typing import Iterable, Sequence
 
 _BYTE_TOKEN = re.compile(r"<0x[0-9A-Fa-f]{2}>")
 # transformers' ``clean_up_tokenization``: these replacements, in this order
@@ -80,6 +80,18 @@ def cleaned_up(raw: str) -> tuple[str, int]:
         settled = len("".join(head))
         text = "".join(head) + text[cut:].replace(old, new)
     return text, settled
+
+
+def held_suffix(text: str, strings: Iterable[str]) -> int:
+    """Length of the longest suffix of ``text`` that begins one of ``strings`` without being all of it: text that
+    may still grow into a stop string or a marker, which streaming holds back."""
+    longest = 0
+    for s in strings:
+        for n in range(min(len(s) - 1, len(text)), longest, -1):
+            if s.startswith(text[len(text) - n:]):
+                longest = n
+                break
+    return longest
 
 
 class TextStream:
@@ -190,10 +202,4 @@ class TextStream:
         tokens: no stop string is looked for there)."""
         if len(self.tokens) < self.min_tokens:
             return 0
-        longest = 0
-        for s in self.stop_strings:
-            for n in range(min(len(s) - 1, len(text)), longest, -1):
-                if s.startswith(text[len(text) - n:]):
-                    longest = n
-                    break
-        return longest
+        return held_suffix(text, self.stop_strings)

@@ -29,6 +29,8 @@ import string
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
+from .text_stream import held_suffix
+
 
 @dataclass(frozen=True)
 class ToolCall:
@@ -77,12 +79,7 @@ class ToolCallFormat:
                 return 0
             return len(text)
         first = min((i for s in self.starts if (i := text.find(s)) >= 0), default=len(text))
-        for s in self.starts:  # a suffix that may grow into a marker
-            for n in range(min(len(s) - 1, len(text)), 0, -1):
-                if s.startswith(text[len(text) - n:]):
-                    first = min(first, len(text) - n)
-                    break
-        return first
+        return min(first, len(text) - held_suffix(text, self.starts))  # a suffix that may grow into a marker
 
     def new_id(self) -> str:
         """A fresh call id: ``call_`` + 24 hex digits, or the 9 alphanumerics Mistral templates require."""
