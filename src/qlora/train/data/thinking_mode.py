@@ -37,6 +37,11 @@ def own_switch(template_kwargs: dict | None) -> dict:
     return {k: v for k, v in (template_kwargs or {}).items() if k in THINKING_ON and v is not None}
 
 
+def without_switch(template_kwargs: dict | None) -> dict:
+    """``template_kwargs`` but for the thinking switch: the variables of the template's default mode."""
+    return {k: v for k, v in (template_kwargs or {}).items() if k not in THINKING_ON}
+
+
 def final_reasoning_in_thinking_mode(tokenizer, fmt: ChatFormat, messages: Sequence[dict], text: str,
                                      markers: Sequence[str], where: str = "",
                                      extra: dict | None = None) -> tuple[str, dict] | None:
@@ -55,7 +60,7 @@ def final_reasoning_in_thinking_mode(tokenizer, fmt: ChatFormat, messages: Seque
     if parts is None or not parts[0] or parts[0] in text:
         return None
     reasoning, answer = parts
-    extra = {k: v for k, v in (extra or {}).items() if k not in THINKING_ON}  # the default mode, which ``text`` is
+    extra = without_switch(extra)  # the default mode, which ``text`` is
     prompt = fmt.render(tokenizer, before, add_generation_prompt=True, where=where, **extra)
     at = text.rfind(answer) if answer else len(text)
     n = min(common_prefix(prompt, text), at)

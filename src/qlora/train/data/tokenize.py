@@ -56,7 +56,8 @@ from qlora.train.data.pieces import piece_ids
 from qlora.train.data.reasoning import (REASONING_KEYS, THINK_CLOSE, THINK_OPEN, chunk_reasoning, fold, has_reasoning,
                                         knows_think_markers, no_place_error, place_reasoning, placement, reasoning_of,
                                         split_think)
-from qlora.train.data.thinking_mode import THINKING_ON, final_reasoning_in_thinking_mode, own_switch, thinking_switch
+from qlora.train.data.thinking_mode import (final_reasoning_in_thinking_mode, own_switch, thinking_switch,
+                                           without_switch)
 
 IGNORE_INDEX = -100
 IMAGES_TOO_LONG = "images that do not fit --seq-len"  # why a row with images is skipped: truncation never cuts an image
@@ -370,9 +371,10 @@ def _final_reasoning_placed(rendered: str, messages: Sequence[dict], tokenizer, 
     in that mode with the reasoning where the model writes it (:mod:`~qlora.train.data.thinking_mode`)."""
     text = restore_final_reasoning(rendered, messages)
     default = text
-    if own_switch(extra) and all(v is True for v in own_switch(extra).values()):  # the row turns thinking on
-        base = {k: v for k, v in extra.items() if k not in THINKING_ON}
-        default = restore_final_reasoning(fmt.render(tokenizer, messages, where=where, **base), messages)
+    switch = own_switch(extra)
+    if switch and all(v is True for v in switch.values()):  # the row turns thinking on
+        default = restore_final_reasoning(fmt.render(tokenizer, messages, where=where, **without_switch(extra)),
+                                          messages)
     thinking = final_reasoning_in_thinking_mode(tokenizer, fmt, messages, default, _markup_strings(tokenizer), where,
                                                 extra)
     return thinking if thinking else (text, extra)
