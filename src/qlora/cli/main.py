@@ -160,9 +160,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         # a command run as a service stops on SIGTERM as on Ctrl-C, at any point (its imports and load included)
         with sigterm_as_interrupt() if getattr(module, "STOPPED_BY_SIGTERM", False) else contextlib.nullcontext():
-            check_utf8_values(sub_parser(parser, args.command), args)
+            command_parser = sub_parser(parser, args.command)
+            check_utf8_values(command_parser, args)
             if args.command != "train":  # train's flags and YAML keys are checked together (load_config)
-                check_blank_values(sub_parser(parser, args.command), args)
+                check_blank_values(command_parser, args)
             check_paths(args)
             resolve_base(args, args.command)
             return int(module.run(args) or 0)
