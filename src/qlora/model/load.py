@@ -475,9 +475,9 @@ def load_model(
 
     def place(key: str, tensor: torch.Tensor, source: str) -> None:
         """Put one checkpoint tensor (already in model naming and layout) into the model."""
-        alias = next((p for p in (key.rpartition(".")[0], key.rsplit(".weight.", 1)[0]) if p in aliases), None)
-        if alias is not None:
-            key = aliases[alias] + key[len(alias):]
+        if aliases:  # a shared module stored under another of its names (4.x's Zamba): read under the one replaced
+            alias = next((p for p in (key.rpartition(".")[0], key.rsplit(".weight.", 1)[0]) if p in aliases), None)
+            key = aliases[alias] + key[len(alias):] if alias is not None else key
         module_path, _, leaf = key.rpartition(".")
         owner = next((p for p in (module_path, key.rsplit(".weight.", 1)[0]) if p in quantized), None)
         # an Experts4bit's weight may sit deeper in it (DBRX's experts.mlp.w1)
