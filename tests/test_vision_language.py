@@ -173,15 +173,21 @@ def test_train_merge_quantize_and_gguf_keep_the_vision_tower(vlms, tmp_path, cap
         torch.set_grad_enabled(True)
 
 
-def _check_outputs(src, adapter, tmp_path, capsys):
+def _merged_beside_adapted(src, adapter, out):
+    """(the 4-bit model with ``adapter``, ``qlora merge``'s float32 output at ``out`` read by transformers, the
+    adapted logits on IDS), the merged model checked to give those logits."""
     model, _ = load_model(src, quant="nf4", compute_dtype=torch.float32, device="cpu")
     load_adapter(model, adapter)
     adapted = model.eval()(IDS).logits
-
-    assert main(["merge", "--model", str(src), "--adapter", str(adapter), "--output", str(tmp_path / "m"),
+    assert main(["merge", "--model", str(src), "--adapter", str(adapter), "--output", str(out),
                  "--dtype", "float32"]) == 0
-    merged = AutoModelForImageTextToText.from_pretrained(tmp_path / "m", dtype=torch.float32).eval()
+    merged = AutoModelForImageTextToText.from_pretrained(out, dtype=torch.float32).eval()
     assert torch.allclose(merged(IDS).logits, adapted, atol=1e-4)
+    return model, merged, adapted
+
+
+def _check_outputs(src, adapter, tmp_path, capsys):
+    _, merged, adapted = _merged_beside_adapted(src, adapter, tmp_path / "m")
     original, written = _tensors(src), merged.state_dict()
     vision = [k for k in original if k.startswith(("vision_tower.", "multi_modal_projector."))]
     assert vision and all(torch.equal(written["model." + k], original[k]) for k in vision)
@@ -423,13 +429,7 @@ def test_a_model_that_requires_token_types_when_training_trains_on_text(tmp_path
 
     torch.set_grad_enabled(False)
     try:
-        model, _ = load_model(src, quant="nf4", compute_dtype=torch.float32, device="cpu")
-        load_adapter(model, adapter)
-        adapted = model.eval()(IDS).logits
-        assert main(["merge", "--model", str(src), "--adapter", str(adapter), "--output", str(tmp_path / "merged"),
-                     "--dtype", "float32"]) == 0
-        merged = AutoModelForImageTextToText.from_pretrained(tmp_path / "merged", dtype=torch.float32).eval()
-        assert torch.allclose(merged(IDS).logits, adapted, atol=1e-4)
+        model, merged, _ = _merged_beside_adapted(src, adapter, tmp_path / "merged")
         dense, _ = load_model(src, quant=None, compute_dtype=torch.float32, device="cpu")
         load_adapter(dense, adapter)
         theirs = PeftModel.from_pretrained(_transformers_model(src), adapter).eval()(IDS).logits
