@@ -553,9 +553,9 @@ def test_a_template_that_fails_on_a_prompt_without_a_user_turn_still_trains_a_gr
 class CountingFormat(ChatFormat):
     """A chat format that counts its renderings (the cost of tokenizing a row)."""
 
-    def render(self, tokenizer, messages, add_generation_prompt=False, where="", **kwargs):
+    def render(self, tokenizer, messages, where="", /, **kwargs):
         object.__setattr__(self, "renders", getattr(self, "renders", 0) + 1)
-        return super().render(tokenizer, messages, add_generation_prompt, where, **kwargs)
+        return super().render(tokenizer, messages, where, **kwargs)
 
 
 @pytest.mark.parametrize("family", ["qwen3", "llama-3.1", "gpt-oss", "mistral-v0.3"])

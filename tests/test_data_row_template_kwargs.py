@@ -145,3 +145,18 @@ def test_empty_values_and_keys_the_template_never_reads():
     for value in (None, "", {}, {"xml_tools": None, "custom_instructions": "none"}):
         ours = _ours(tok, {"messages": HELLO + HI, "chat_template_kwargs": value})
         assert (ours.input_ids, ours.labels) == (base.input_ids, base.labels)
+
+
+def test_a_template_variable_may_share_a_name_with_the_renderings_own_arguments():
+    """``where`` (the row, for error messages) and ``tokenizer`` are the rendering's own arguments in qlora, not
+    transformers': a template that reads variables of those names gets the row's values, as apply_chat_template
+    gives them."""
+    tok = family_tokenizer("qwen3")
+    template = ("{% for m in messages %}<|im_start|>{{ m.role }} {{ where }} {{ tokenizer }}\n"
+                "{% generation %}{{ m.content }}<|im_end|>{% endgeneration %}\n{% endfor %}")
+    row = {"messages": HELLO + HI, "chat_template_kwargs": {"where": "north", "tokenizer": "bpe"}}
+    example = normalize([Record(row, "d.jsonl line 1")])[0]
+    ours = tokenize_example(example, tok, ChatFormat(template, date=DATE), stop_ids=_stops(tok, "qwen3"))
+    expected = tok.apply_chat_template(HELLO + HI, chat_template=template, tokenize=False, where="north",
+                                       tokenizer="bpe")
+    assert "north bpe" in expected and tok.decode(ours.input_ids) == expected

@@ -80,11 +80,12 @@ class ChatFormat:
                 first_user["content"] = f"{system.get('content', '')}\n\n{first_user.get('content', '')}"
         return messages
 
-    def render(self, tokenizer, messages: Sequence[dict], add_generation_prompt: bool = False, where: str = "",
+    def render(self, tokenizer, messages: Sequence[dict], where: str = "", /, *, add_generation_prompt: bool = False,
                **kwargs: Any):
-        """``tokenizer.apply_chat_template`` with this format; template errors become UsageError.
+        """``tokenizer.apply_chat_template`` with this format; template errors become UsageError naming ``where``.
 
-        ``kwargs`` go to ``apply_chat_template`` (``tokenize``, ``return_dict``, ...); without
+        ``kwargs`` go to ``apply_chat_template`` (``tokenize``, ``return_dict``, ...) and from there to the template,
+        so ``tokenizer`` and ``where`` are positional-only: template variables of those names reach the template. Without
         ``tokenize`` the rendered text is returned.
         """
         kwargs.setdefault("tokenize", False)

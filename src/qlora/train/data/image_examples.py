@@ -127,7 +127,7 @@ def expanded_prompt(prompt: Example, keep: int, processor, chat_template: ChatFo
     tokenizer = processor.tokenizer
     messages = for_template(as_parts(prompt.messages), chat_template.template, tokenizer, prompt.where,
                             chat_template.origin)
-    rendered = chat_template.render(tokenizer, messages, add_generation_prompt=True, where=prompt.where,
+    rendered = chat_template.render(tokenizer, messages, prompt.where, add_generation_prompt=True,
                                     **render_kwargs(prompt))
     text_ids = tokenizer(rendered, add_special_tokens=False)["input_ids"]
     encoded = process(processor, rendered, [ref.load(pixel_bounds(processor)) for ref in prompt.images], prompt.where,

@@ -340,7 +340,7 @@ def prompt_ids(example: PreferenceExample, tokenizer, fmt: ChatFormat, answers: 
                          f"in its thinking mode ({switch} on) and another has none, so the answers follow different "
                          "prompts and cannot be compared on one: give every answer of the row its reasoning, or none.")
     prompt = for_template(example.prompt, fmt.template, tokenizer, example.where, fmt.origin)
-    return list(fmt.render(tokenizer, prompt, add_generation_prompt=True, where=example.where,
+    return list(fmt.render(tokenizer, prompt, example.where, add_generation_prompt=True,
                            tokenize=True, return_dict=True, **(modes[0] if modes else render_kwargs(example)))["input_ids"])
 
 

@@ -61,7 +61,7 @@ def final_reasoning_in_thinking_mode(tokenizer, fmt: ChatFormat, messages: Seque
         return None
     reasoning, answer = parts
     extra = without_switch(extra)  # the default mode, which ``text`` is
-    prompt = fmt.render(tokenizer, before, add_generation_prompt=True, where=where, **extra)
+    prompt = fmt.render(tokenizer, before, where, add_generation_prompt=True, **extra)
     at = text.rfind(answer) if answer else len(text)
     n = min(common_prefix(prompt, text), at)
     if at < 0 or text[n:at].strip():
@@ -71,8 +71,8 @@ def final_reasoning_in_thinking_mode(tokenizer, fmt: ChatFormat, messages: Seque
     if close <= 0:
         return None
     on = {**extra, **THINKING_ON}
-    full = fmt.render(tokenizer, messages, where=where, **on)
-    prompt_on = fmt.render(tokenizer, before, add_generation_prompt=True, where=where, **on)
+    full = fmt.render(tokenizer, messages, where, **on)
+    prompt_on = fmt.render(tokenizer, before, where, add_generation_prompt=True, **on)
     rest = full[len(prompt_on):]
     lead = rest.find(answer)
     if not full.startswith(prompt_on) or lead < 0 or rest[:lead].strip():

@@ -360,7 +360,7 @@ def rendering_kwargs(example: Example, tokenizer, fmt: ChatFormat) -> dict:
 def _placed(example: Example, tokenizer, fmt: ChatFormat) -> tuple[str, dict]:
     messages = fmt.messages(for_template(example.messages, fmt.template, tokenizer, example.where, fmt.origin))
     extra = render_kwargs(example)
-    rendered = fmt.render(tokenizer, messages, where=example.where, **extra)
+    rendered = fmt.render(tokenizer, messages, example.where, **extra)
     return _final_reasoning_placed(rendered, messages, tokenizer, fmt, example.where, extra)
 
 
@@ -373,7 +373,7 @@ def _final_reasoning_placed(rendered: str, messages: Sequence[dict], tokenizer, 
     default = text
     switch = own_switch(extra)
     if switch and all(v is True for v in switch.values()):  # the row turns thinking on
-        default = restore_final_reasoning(fmt.render(tokenizer, messages, where=where, **without_switch(extra)),
+        default = restore_final_reasoning(fmt.render(tokenizer, messages, where, **without_switch(extra)),
                                           messages)
     thinking = final_reasoning_in_thinking_mode(tokenizer, fmt, messages, default, _markup_strings(tokenizer), where,
                                                 extra)
@@ -395,12 +395,12 @@ def _chat_ids_and_mask(example: Example, tokenizer, fmt: ChatFormat, stops: set[
     weights = [m.get("weight", 1) for m in example.messages if m.get("role") == "assistant"]
     skipped = {k for k, w in enumerate(weights) if w == 0}  # OpenAI's weight 0: in the context, not trained
     extra = render_kwargs(example)
-    rendered = fmt.render(tokenizer, messages, where=example.where, **extra)
+    rendered = fmt.render(tokenizer, messages, example.where, **extra)
     text, extra = _final_reasoning_placed(rendered, messages, tokenizer, fmt, example.where, extra)
     encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)  # = apply_chat_template's ids
     ids, offsets = list(encoded["input_ids"]), [tuple(o) for o in encoded["offset_mapping"]]
     if has_generation_markers(fmt.template) and text == rendered:
-        marked = fmt.render(tokenizer, messages, where=example.where, tokenize=True, return_dict=True,
+        marked = fmt.render(tokenizer, messages, example.where, tokenize=True, return_dict=True,
                             return_assistant_tokens_mask=True, **extra)
         runs = [_trim_after_stop(ids, run, stops) for run in _runs([bool(m) for m in marked["assistant_masks"]])]
         _check_marked_calls(text, offsets, runs, messages, fmt, example.where)
@@ -478,11 +478,11 @@ def _prompt_completion_ids_and_mask(example: Example, tokenizer, fmt: ChatFormat
     extra = render_kwargs(example)
 
     def ids_of(turns: Sequence[dict], prompt: bool, kwargs: dict) -> list[int]:
-        out = fmt.render(tokenizer, turns, add_generation_prompt=prompt, where=example.where, tokenize=True,
+        out = fmt.render(tokenizer, turns, example.where, add_generation_prompt=prompt, tokenize=True,
                          return_dict=True, **kwargs)
         return list(out["input_ids"])
 
-    rendered = fmt.render(tokenizer, messages, where=example.where, **extra)  # the completion's reasoning put back
+    rendered = fmt.render(tokenizer, messages, example.where, **extra)  # the completion's reasoning put back
     text, placed = _final_reasoning_placed(rendered, fmt.messages(messages), tokenizer, fmt, example.where, extra)
     ids = list(tokenizer(text, add_special_tokens=False)["input_ids"]) if text != rendered else ids_of(
         messages, False, extra)
@@ -558,8 +558,8 @@ def _generation_prompt(tokenizer, fmt: ChatFormat, messages: Sequence[dict], i: 
     if i == 0 or "add_generation_prompt" not in fmt.template:  # a template that never reads the flag has none
         return ""
     try:
-        plain = fmt.render(tokenizer, messages[:i], where=where, **extra)
-        prompted = fmt.render(tokenizer, messages[:i], add_generation_prompt=True, where=where, **extra)
+        plain = fmt.render(tokenizer, messages[:i], where, **extra)
+        prompted = fmt.render(tokenizer, messages[:i], where, add_generation_prompt=True, **extra)
     except UsageError:  # the row itself rendered: this prefix is only a probe
         return ""
     return prompted[len(plain):] if prompted.startswith(plain) else ""
@@ -573,8 +573,8 @@ def _reasoning_opening(tokenizer, fmt: ChatFormat, messages: Sequence[dict], i: 
     bare = {k: v for k, v in messages[i].items() if k not in REASONING_KEYS}
     parts = split_think(_content(bare))
     bare["content"] = parts[1] if parts else _content(bare)
-    full = fmt.render(tokenizer, messages[:i + 1], where=where, **extra)
-    plain = fmt.render(tokenizer, [*messages[:i], bare], where=where, **extra)
+    full = fmt.render(tokenizer, messages[:i + 1], where, **extra)
+    plain = fmt.render(tokenizer, [*messages[:i], bare], where, **extra)
     n = common_prefix(full, plain)
     at = full.find(reasoning, n) if reasoning else -1
     return full[n:at] if at >= 0 else ""
@@ -608,8 +608,8 @@ def _tool_call_span(text: str, cursor: int, tokenizer, fmt: ChatFormat, messages
     messages by position (Mistral puts the system message in the last user turn) make that text begin with
     some prompt: the longest part of it, cut after whitespace or a special token, that ``text`` holds past
     the prompt is the turn."""
-    before = fmt.render(tokenizer, messages[:i], add_generation_prompt=True, where=where, **extra) if i else ""
-    upto = fmt.render(tokenizer, messages[:i + 1], where=where, **extra)
+    before = fmt.render(tokenizer, messages[:i], where, add_generation_prompt=True, **extra) if i else ""
+    upto = fmt.render(tokenizer, messages[:i + 1], where, **extra)
     first, second = (tokenizer(t, add_special_tokens=False, return_offsets_mapping=True) for t in (before, upto))
     ids, offsets = second["input_ids"], second["offset_mapping"]
     n = common_prefix(first["input_ids"], ids)
