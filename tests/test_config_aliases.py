@@ -348,3 +348,18 @@ def test_preference_keys_of_trl_and_llama_factory(tmp_path):
 def test_preference_options_refused_by_name(tmp_path, text, message):
     with pytest.raises(UsageError, match=re.escape(message)):
         load_config(_yaml(tmp_path, "model: m\ndata: d\noutput: o\n" + text), {})
+
+
+def test_a_later_refusal_of_an_option_the_yaml_file_set_names_its_line(tmp_path, tiny_model_dir, capsys):
+    """``data_split`` is checked when the data is read, after the config: the refusal still names the file, line
+    and key that set it (a flag given for it names the flag alone)."""
+    (tmp_path / "d.jsonl").write_text('{"text": "hello there"}\n')
+    path = _yaml(tmp_path, f"model: {tiny_model_dir}\ndata: {tmp_path / 'd.jsonl'}\noutput: {tmp_path / 'o'}\n"
+                           "data_split: validation\n")
+    assert main(["train", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert f"{path} line 4 (data_split): --data-split validation: " in err and "no splits" in err, err
+    assert main(["train", str(path), "--data-split", "test"]) == 2
+    err = capsys.readouterr().err
+    assert "error: --data-split test: " in err and "line 4" not in err, err
+    assert not (tmp_path / "o").exists()

@@ -1053,7 +1053,8 @@ def _cosine_floor(values: dict[str, Any], ratio: Any, where: str) -> None:
     values["lr_scheduler_kwargs"] = json.dumps(kwargs | {"min_lr_rate": ratio})
 
 
-def load_config(yaml_path: str | Path | None, overrides: dict[str, Any], check_paths: bool = False) -> TrainConfig:
+def load_config(yaml_path: str | Path | None, overrides: dict[str, Any], check_paths: bool = False,
+                origin: dict[str, str] | None = None) -> TrainConfig:
     """Build a config from an optional YAML file, then ``overrides`` (flags win).
 
     Args:
@@ -1062,6 +1063,8 @@ def load_config(yaml_path: str | Path | None, overrides: dict[str, Any], check_p
         check_paths: also refuse a ``model`` that can only be a local path and is not there, or a local folder or
             file that holds no model (``qlora train``, before its imports; a config read elsewhere may name another
             machine's paths).
+        origin: filled with option -> the file, line and key that set it, for :func:`at_line` to name in the
+            refusals of later checks (the data's, the model's).
 
     Raises:
         UsageError: unreadable YAML, an unknown key (with close matches), a
@@ -1069,7 +1072,7 @@ def load_config(yaml_path: str | Path | None, overrides: dict[str, Any], check_p
     """
     by_name = {f.name: f for f in fields(TrainConfig)}
     values: dict[str, Any] = {}
-    origin: dict[str, str] = {}  # option -> the file, line and key that set it
+    origin = {} if origin is None else origin
     if yaml_path is not None:
         path = Path(yaml_path)
         if not str(yaml_path).strip():  # Path("") is the working folder
@@ -1160,12 +1163,13 @@ def load_config(yaml_path: str | Path | None, overrides: dict[str, Any], check_p
         if check_paths:  # last: a run's other options are named first, then what --model holds
             check_model_path(config.model)
     except UsageError as exc:
-        raise _at_line(exc, origin) from None
+        raise at_line(exc, origin) from None
     return config
 
 
-def _at_line(exc: UsageError, origin: dict[str, str]) -> UsageError:
-    """A check of ``--option`` that the YAML file set, named by its file, line and key."""
+def at_line(exc: UsageError, origin: dict[str, str]) -> UsageError:
+    """A refusal of ``--option`` that the YAML file set, named by its file, line and key (``origin`` from
+    :func:`load_config`)."""
     match = re.match(r"--([a-z0-9-]+)", str(exc))
     name = match.group(1).replace("-", "_") if match else ""
     return UsageError(f"{origin[name]}: {exc}") if name in origin else exc

@@ -72,10 +72,11 @@ def rank_argv(args: argparse.Namespace) -> list[str]:
 
 def run(args: argparse.Namespace) -> int:
     from ...errors import UsageError
-    from ...train.config import load_config
+    from ...train.config import at_line, load_config
 
     overrides = {k: v for k, v in vars(args).items() if k not in ("command", "config_file", "nproc")}
-    config = load_config(args.config_file, overrides, check_paths=True)
+    origin: dict[str, str] = {}
+    config = load_config(args.config_file, overrides, check_paths=True, origin=origin)
     if args.nproc < 1:
         raise UsageError(f"--nproc must be at least 1; got {args.nproc}")
     if args.nproc > 1 and "WORLD_SIZE" not in os.environ:
@@ -90,9 +91,14 @@ def run(args: argparse.Namespace) -> int:
     from ...train.trainer import Interrupted, Trainer  # torch: not imported for the options' errors
     from ..launch import report_error
 
-    trainer = Trainer(config)
+    try:
+        trainer = Trainer(config)
+    except UsageError as exc:  # a check of the model or the data: named by the YAML line that set its option
+        raise at_line(exc, origin) from None
     try:
         losses = trainer.run()
+    except UsageError as exc:
+        raise at_line(exc, origin) from None
     except Interrupted as exc:
         if trainer.dist.is_main:  # every rank stopped at the same step; under --nproc the launcher says it
             report_error(f"qlora train: {exc}")
