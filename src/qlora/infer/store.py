@@ -143,7 +143,8 @@ class ChatStore:
         try:
             self.conn = self._connect()
         except sqlite3.Error as exc:
-            raise UsageError(f"cannot open chat database {self.path}: {exc}") from exc
+            raise UsageError(f"cannot open chat database {self.path}: {exc}; pass --db a file in a folder you can "
+                             "write") from exc
         try:
             self._prepare()
         except UsageError:
