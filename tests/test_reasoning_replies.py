@@ -137,8 +137,27 @@ def test_serve_content_is_the_answer(family, tmp_path):
             assert "".join(thoughts) == "Two and two."
             last_thought = max(i for i, t in enumerate(thoughts) if t)
             assert not any(c.delta.content for c in chunks[:last_thought])  # the reasoning streams before the answer
-            assert client.responses.create(model="tiny", input=U1["content"], temperature=0,
-                                           max_output_tokens=40).output_text == "Four."
+            ask = dict(model="tiny", input=U1["content"], temperature=0, max_output_tokens=40)
+            reply = client.responses.create(**ask)
+            assert reply.output_text == "Four." and [item.type for item in reply.output] == ["reasoning", "message"]
+            assert [part.text for part in reply.output[0].content] == ["Two and two."]  # vLLM's reasoning_text part
+            events = list(client.responses.create(**ask, stream=True))
+            deltas = {kind: "".join(e.delta for e in events if e.type == kind)
+                      for kind in ("response.reasoning_text.delta", "response.output_text.delta")}
+            assert deltas == {"response.reasoning_text.delta": "Two and two.", "response.output_text.delta": "Four."}
+            order = [e.type for e in events if e.type.endswith(".delta")]
+            assert order == sorted(order, key=lambda kind: "output_text" in kind)  # the reasoning streams first
+            done = events[-1].response
+            assert done.status == "completed" and done.output_text == "Four."
+            assert [(item.type, item.id) for item in done.output] == \
+                [(e.item.type, e.item.id) for e in events if e.type == "response.output_item.done"]
+            assert [item.model_dump(exclude={"id"}) for item in done.output] == \
+                [item.model_dump(exclude={"id"}) for item in reply.output]
+            if reasoning_markup(tokenizer, fmt).opening in reply:  # a block the reply opens (not its prompt: see
+                cut = client.responses.create(**ask | {"max_output_tokens": 3})  # test_reasoning_stream_splits...)
+                assert cut.status == "incomplete" and cut.output_text == ""  # the limit came inside the reasoning
+                assert [(item.type, item.status) for item in cut.output] == [("reasoning", "incomplete"),
+                                                                              ("message", "incomplete")]
     finally:
         batcher.close()
 

@@ -499,8 +499,9 @@ def build_app(batcher: ContinuousBatcher, base_id: str, adapters: list[str], api
             return _event_stream(_response_events(queue, choice, writer))
         if not await _gather(queue, [choice], request):
             return JSONResponse({}, status_code=499)
-        content, calls, _ = choice.tools.parse(choice.text) if choice.tools is not None else (choice.text, [], "")
-        output = writer.output(content, calls, choice.last.finish_reason, choice.logprobs)
+        content, calls, reasoning = (choice.tools.parse(choice.text) if choice.tools is not None
+                                     else (choice.text, [], ""))
+        output = writer.output(content, calls, choice.last.finish_reason, choice.logprobs, reasoning)
         return writer.state(writer.status(choice.last.finish_reason, calls), output, _usage([choice]))
 
     @app.get("/v1/responses/{response_id}")
@@ -1087,8 +1088,9 @@ async def _stream(queue: asyncio.Queue, choices: list[_Choice], body: _Body, rep
 
 async def _response_events(queue: asyncio.Queue, choice: _Choice, writer: ResponseWriter,
                            run: BackgroundRun | None = None) -> AsyncIterator[str]:
-    """A Responses stream: the reply's message item (opened at its first text) and text deltas, then its
-    function calls (each whole), then ``response.completed`` (or ``response.incomplete``) with the whole response.
+    """A Responses stream: the reply's reasoning item and its text deltas (a reasoning model's, as they come), its
+    message item (opened at its first text) and text deltas, then its function calls (each whole), then
+    ``response.completed`` (or ``response.incomplete``) with the whole response.
 
     A background response (``run`` given) is ``queued`` (``response.created``, ``response.queued``) until its
     row's first token comes, then ``in_progress``; each state is handed to the writer's ``keep``. Meanwhile its
@@ -1099,9 +1101,10 @@ async def _response_events(queue: asyncio.Queue, choice: _Choice, writer: Respon
     response keeping the message streamed so far (:func:`~qlora.serve.responses.partial_output`)."""
     splitter = choice.tools.splitter() if choice.tools is not None else None
     at = {"item_id": writer.message_id, "output_index": 0}
+    thinking = {"item_id": writer.reasoning_id, "output_index": 0, "content_index": 0}
     background = run is not None
     streamed: StreamedMessage | None = None  # the message's text and logprobs as streamed, from its first piece
-    opened, carried, calls = False, [], []
+    opened, carried, calls, output, thoughts = False, [], [], [], []
     try:
         if background:
             yield writer.event("response.created", response=writer.state("queued", []))
@@ -1123,12 +1126,31 @@ async def _response_events(queue: asyncio.Queue, choice: _Choice, writer: Respon
             choice.add(event)
             carried += event.logprobs
             piece = splitter.push(event.text) if splitter is not None else event.text
+            thought = splitter.take_reasoning() if hasattr(splitter, "take_reasoning") else ""
             if event.finish_reason is not None and splitter is not None:
                 tail, parsed = splitter.finish()
                 piece, calls = piece + tail, choice.tools.shape(parsed)
-            if not opened and (piece or (event.finish_reason is not None and not calls)):  # an empty reply too
+                thought += splitter.take_reasoning() if hasattr(splitter, "take_reasoning") else ""
+            if thought:
+                if not thoughts:
+                    yield writer.event("response.output_item.added", output_index=0,
+                                       item=writer.reasoning("", "in_progress"))
+                    yield writer.event("response.content_part.added", **thinking,
+                                       part={"type": "reasoning_text", "text": ""})
+                thoughts.append(thought)
+                yield writer.event("response.reasoning_text.delta", **thinking, delta=thought)
+            ends = event.finish_reason is not None
+            if thoughts and not output and (piece or ends or calls):  # the reasoning is over: its item closes
+                item = writer.reasoning("".join(thoughts), "completed" if piece or calls
+                                        else writer.status(event.finish_reason, calls))
+                yield writer.event("response.reasoning_text.done", **thinking, text=item["content"][0]["text"])
+                yield writer.event("response.content_part.done", **thinking, part=item["content"][0])
+                yield writer.event("response.output_item.done", output_index=0, item=item)
+                output.append(item)
+                at["output_index"] = 1
+            if not opened and (piece or (ends and not calls)):  # an empty reply too
                 opened = True
-                yield writer.event("response.output_item.added", output_index=0,
+                yield writer.event("response.output_item.added", output_index=at["output_index"],
                                    item=writer.message("", "in_progress", []) | {"content": []})
                 yield writer.event("response.content_part.added", **at, content_index=0,
                                    part=writer.text_part("", []))
@@ -1144,13 +1166,13 @@ async def _response_events(queue: asyncio.Queue, choice: _Choice, writer: Respon
             if event.finish_reason is not None:
                 break
         status = writer.status(choice.last.finish_reason, calls)
-        output, text = [], "" if streamed is None else streamed.text()
+        text = "" if streamed is None else streamed.text()
         if opened:
             message = writer.message(text, status, writer.logprobs(choice.logprobs))
             yield writer.event("response.output_text.done", **at, content_index=0, text=text,
                                logprobs=message["content"][0]["logprobs"])
             yield writer.event("response.content_part.done", **at, content_index=0, part=message["content"][0])
-            yield writer.event("response.output_item.done", output_index=0, item=message)
+            yield writer.event("response.output_item.done", output_index=at["output_index"], item=message)
             output.append(message)
         for call in calls:
             item, where = writer.call(call), {"output_index": len(output)}

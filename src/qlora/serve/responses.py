@@ -10,7 +10,10 @@ chat template's ``{"type": "function", "function": {...}}``, ``tool_choice`` and
 route's ``tool_choice`` and ``response_format``. The chat route then renders, constrains and
 decodes it; errors it raises are renamed to the Responses fields they came from
 (:meth:`ResponsesRequest.renamed`). :class:`ResponseWriter` writes the reply as a
-``response`` object and as the SSE events the ``openai`` client's stream helper accumulates.
+``response`` object and as the SSE events the ``openai`` client's stream helper accumulates. A reply's reasoning
+(the chat route's ``reasoning`` field: a reasoning model's thinking, read apart from its answer) is a ``reasoning``
+output item before the message, its text a ``reasoning_text`` content part, as vLLM writes an open model's
+reasoning (OpenAI's own models show only summaries).
 
 A response is kept (``store``, on by default, in :class:`qlora.serve.response_store.ResponseStore`)
 with its whole conversation, so ``previous_response_id`` continues it; ``conversation`` names a
@@ -337,6 +340,7 @@ class ResponseWriter:
                  keep: Callable[[dict[str, Any]], None] | None = None) -> None:
         self.body, self.pieces, self.keep = body, pieces, keep
         self.id, self.message_id = "resp_" + uuid.uuid4().hex, "msg_" + uuid.uuid4().hex
+        self.reasoning_id = "rs_" + uuid.uuid4().hex
         self.created_at, self.sequence = int(time.time()), 0
 
     def event(self, kind: str, **fields: Any) -> str:
@@ -352,6 +356,11 @@ class ResponseWriter:
         """The reply's message item; ``logprobs`` in the API's shape (:meth:`logprobs`)."""
         part = self.text_part(text, logprobs)
         return {"type": "message", "id": self.message_id, "role": "assistant", "status": status, "content": [part]}
+
+    def reasoning(self, text: str, status: str) -> dict[str, Any]:
+        """The reply's reasoning item (before its message)."""
+        return {"type": "reasoning", "id": self.reasoning_id, "summary": [], "status": status,
+                "content": [{"type": "reasoning_text", "text": text}] if text else []}
 
     @staticmethod
     def text_part(text: str, logprobs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -370,10 +379,13 @@ class ResponseWriter:
         return "incomplete" if finish_reason == "length" and not calls else "completed"
 
     def output(self, content: str | None, calls: list[dict[str, Any]], finish_reason: str | None,
-               logprobs: list[TokenLogprob]) -> list[dict[str, Any]]:
-        """The output items: the message (unless the reply only calls), then one item per call."""
+               logprobs: list[TokenLogprob], reasoning: str = "") -> list[dict[str, Any]]:
+        """The output items: the reasoning (if the reply has any), the message (unless the reply only calls),
+        then one item per call."""
         status = self.status(finish_reason, calls)
-        items = [] if content is None else [self.message(content, status, self.logprobs(logprobs))]
+        cut = status == "incomplete" and not content  # the token limit came before the reasoning ended
+        items = [self.reasoning(reasoning, status if cut else "completed")] if reasoning else []
+        items += [] if content is None else [self.message(content, status, self.logprobs(logprobs))]
         return items + [self.call(c) for c in calls]
 
     def response(self, status: str, output: list[dict[str, Any]], usage: dict[str, int] | None = None,
@@ -463,7 +475,8 @@ def drop_oldest_turn(items: list[tuple[str, dict[str, Any]]]) -> list[tuple[str,
 
 
 def _usage(usage: dict[str, int]) -> dict[str, Any]:
-    """Chat usage counts as the Responses API's (no prompt cache here, no reasoning tokens)."""
+    """Chat usage counts as the Responses API's (no prompt cache here; a reasoning item's tokens are counted in
+    ``output_tokens``, not apart)."""
     return {"input_tokens": usage["prompt_tokens"], "output_tokens": usage["completion_tokens"],
             "total_tokens": usage["total_tokens"],
             "input_tokens_details": {"cached_tokens": 0, "cache_write_tokens": 0},
