@@ -189,7 +189,10 @@ def test_bad_inputs_exit_2_without_traceback(tmp_path, tiny_model_dir, capsys):
         (base + ["--data", str(good), "--output", str(existing)], "--overwrite"),
         (base + ["--data", str(good), "--output", str(tmp_path / "o9"), "--target-modules", "zzz_proj"], "zzz_proj"),
         (base + ["--data", str(good), "--output", str(tmp_path / "o10"), "--optim", "adamw", "--resume"], "no run to resume"),
+        (base + ["--data", str(good), "--output", str(tmp_path / "o11"), "--resume"],
+         "o11 is an empty folder, so there is no run to resume"),  # made for the run, which never started
     ]
+    (tmp_path / "o11").mkdir()
     for argv, expected in cases:
         code, err = _run(argv, capsys)
         assert code == 2, (argv, err)

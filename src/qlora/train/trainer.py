@@ -439,8 +439,9 @@ class Trainer:
         if cfg.resume:
             checkpoints = list_checkpoints(self.out)
             if not checkpoints:
-                if not self.out.exists():
-                    raise UsageError(f"--resume: {self.out} does not exist, so there is no run to resume; check "
+                if not self.out.exists() or self.out.is_dir() and not any(self.out.iterdir()):
+                    state = "does not exist" if not self.out.exists() else "is an empty folder"
+                    raise UsageError(f"--resume: {self.out} {state}, so there is no run to resume; check "
                                      "--output, or leave out --resume to start the run.")
                 raise UsageError(f"--resume: {self.out} has no checkpoint to resume from (its run stopped before "
                                  "its first checkpoint, or saved none: --save-steps); start the run again with "
