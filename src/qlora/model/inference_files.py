@@ -3,7 +3,10 @@ inference shows it its prompts and images as the run did.
 
 ``save_pretrained`` of the model and its tokenizer leaves out the processor's own files (the image processor's
 settings, the processor's class and arguments), without which ``AutoProcessor`` cannot load the written folder:
-a merged or quantized vision-language model could no longer take images. They are copied as the base holds them.
+a merged or quantized vision-language model could no longer take images. transformers 5 also writes a tokenizer as
+``tokenizer.json`` alone, leaving out the SentencePiece model (``tokenizer.model``) that llama.cpp's converter reads
+Gemma's vocabulary from (it stops without it), as Ollama's import and slow tokenizers do. Both are copied as the base
+holds them.
 The chat format the run trained with (``chat_format.json``) and its image pixel bounds (``image_pixels.json``) go
 in too: qlora's generate, chat, eval and serve read them from a model folder as from an adapter; so does the tokens
 its loss was measured on (``trained_tokens.json``), which qlora eval follows.
@@ -20,22 +23,27 @@ from .image_pixels import PixelBounds
 from .trained_tokens import save_model_tokenization
 
 PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json", "video_preprocessor_config.json")
+TOKENIZER_MODEL_FILES = ("tokenizer.model", "spiece.model", "sentencepiece.bpe.model")  # SentencePiece's, by family
 
 
 def carry_inference_files(model_dir: str | Path, out: str | Path, chat_format: ChatFormat | None,
                           bounds: PixelBounds, tokenization: dict[str, Any]) -> None:
-    """Copy :data:`PROCESSOR_FILES` that the base folder ``model_dir`` has and ``out`` lacks, and save
-    ``chat_format`` (unless None), ``bounds`` and ``tokenization`` (unless empty; as
+    """Copy the base folder ``model_dir``'s files that ``save_pretrained`` leaves out (:func:`copy_base_files`),
+    and save ``chat_format`` (unless None), ``bounds`` and ``tokenization`` (unless empty; as
     :func:`~qlora.model.trained_tokens.trained_tokenization` reads it) into ``out``."""
-    copy_processor_files(model_dir, out)
+    copy_base_files(model_dir, out)
     save_records(out, chat_format, bounds, tokenization)
 
 
-def copy_processor_files(model_dir: str | Path, out: str | Path) -> None:
-    """Copy :data:`PROCESSOR_FILES` that the base folder ``model_dir`` has and ``out`` lacks."""
-    for name in PROCESSOR_FILES:
-        source, target = Path(model_dir, name), Path(out, name)
-        if source.is_file() and not target.exists():
+def copy_base_files(model_dir: str | Path, out: str | Path, tokenizer_dir: str | Path | None = None) -> None:
+    """Copy :data:`PROCESSOR_FILES` and :data:`TOKENIZER_MODEL_FILES` that ``out`` lacks: from ``tokenizer_dir``
+    (an adapter folder the tokenizer was saved in, with its added tokens) where it has the tokenizer's, else
+    from the base folder ``model_dir``."""
+    for name in PROCESSOR_FILES + TOKENIZER_MODEL_FILES:
+        target = Path(out, name)
+        folders = [model_dir] if tokenizer_dir is None or name in PROCESSOR_FILES else [tokenizer_dir, model_dir]
+        source = next((Path(d, name) for d in folders if Path(d, name).is_file()), None)
+        if source is not None and not target.exists():
             shutil.copyfile(source, target)
 
 

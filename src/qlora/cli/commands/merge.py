@@ -45,7 +45,7 @@ def run(args: argparse.Namespace) -> int:
     from ...model.chat_format import ChatFormat
     from ...model.image_pixels import PixelBounds
     from ...model.merge import merge, save_merged
-    from ...model.inference_files import copy_processor_files
+    from ...model.inference_files import copy_base_files
     from ...model.trained_tokens import trained_tokenization
 
     from ...output_folder import check_output, staged_output
@@ -71,6 +71,7 @@ def run(args: argparse.Namespace) -> int:
         # the run merged into it before): qlora generate/chat/eval/serve prompt the merged model and show it images
         # as the adapter's run did, and eval measures the tokens it did
         save_merged(model, stage, tokenizer, max_shard_bytes=args.max_shard_size)
-        copy_processor_files(resolve_model_dir(args.model), stage)  # a vision-language model takes images still
+        # a vision-language model takes images still; llama.cpp's converter finds a SentencePiece vocabulary
+        copy_base_files(resolve_model_dir(args.model), stage, tokenizer_dir=args.adapter)
     print(f"merged {args.adapter} into {args.model} ({args.dtype}): {args.output}")
     return 0
