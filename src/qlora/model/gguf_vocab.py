@@ -16,7 +16,10 @@ llama.cpp runs two tokenizer families, and its reader needs to be told which:
 
 Special token ids, whether BOS/EOS are added, and the chat template come from
 the tokenizer itself (``gguf.SpecialVocab``, llama.cpp's own reader, plus a
-check of what encoding actually adds). ``generation_config.json`` may list more
+check of what encoding actually adds); an id the tokenizer does not name is
+taken from the model's config, as llama.cpp's converter reads ``config.json``
+after the tokenizer (Qwen's tokenizers name no BOS, their config does; without
+it llama.cpp would take its default BOS, id 11, an ordinary token). ``generation_config.json`` may list more
 ids that end a reply (Llama 3 Instruct, Hunyuan). llama.cpp stops on EOS, EOT, EOM
 and on tokens it knows by name (``<|eot_id|>``, ``<|im_end|>``, ...); the first two
 of the others become EOT and EOM (as llama.cpp's converter writes Hunyuan's), and
@@ -85,13 +88,16 @@ class GGUFVocab:
     eos_ids: list[int] = field(default_factory=list)  # generation_config's ids that end a reply (Ollama's list)
 
 
-def gguf_vocab(tokenizer, n_vocab: int, generation_eos: int | list[int] | None = None) -> GGUFVocab:
+def gguf_vocab(tokenizer, n_vocab: int, generation_eos: int | list[int] | None = None,
+               config=None) -> GGUFVocab:
     """Read ``tokenizer`` (a transformers fast tokenizer) into GGUF fields.
 
     Args:
         n_vocab: rows of the model's embedding; ids the tokenizer lacks become
             unused ``[PAD<id>]`` tokens, as llama.cpp's converter writes them.
         generation_eos: ``generation_config.eos_token_id`` (one id or a list).
+        config: the model's transformers config, whose ``<kind>_token_id`` fill the special ids the
+            tokenizer does not name (its own, then its text config's, as the converter reads them).
     """
     if not getattr(tokenizer, "is_fast", False):
         raise UsageError("GGUF export needs the model's fast tokenizer (tokenizer.json); this model has only a "
@@ -138,7 +144,7 @@ def gguf_vocab(tokenizer, n_vocab: int, generation_eos: int | list[int] | None =
         vocab.add_space_prefix = _adds_space_prefix(spec)
     else:
         vocab.merges = merges
-    _special(tokenizer, vocab, n_vocab)
+    _special(tokenizer, vocab, n_vocab, config)
     _end_of_reply(vocab, generation_eos, n_vocab)
     return vocab
 
@@ -208,7 +214,7 @@ def _steps(node: dict | None) -> list[dict]:
     return [node]
 
 
-def _special(tokenizer, vocab: GGUFVocab, n_vocab: int) -> None:
+def _special(tokenizer, vocab: GGUFVocab, n_vocab: int, config=None) -> None:
     import gguf
 
     quiet = logging.getLogger("gguf.vocab")  # its post-processor remarks do not apply: BOS/EOS are checked below
@@ -224,6 +230,11 @@ def _special(tokenizer, vocab: GGUFVocab, n_vocab: int) -> None:
     for kind in ("bos", "eos", "unk", "pad"):  # the tokenizer's own view wins over config guesses
         tid = getattr(tokenizer, f"{kind}_token_id", None)
         if isinstance(tid, int) and 0 <= tid < n_vocab:
+            vocab.special_ids[kind] = tid
+    configs = [c for c in (config, config.get_text_config() if config is not None else None) if c is not None]
+    for kind in special.special_token_types:
+        tid = next((t for c in configs if isinstance(t := getattr(c, f"{kind}_token_id", None), int)), None)
+        if kind not in vocab.special_ids and tid is not None and 0 <= tid < n_vocab:
             vocab.special_ids[kind] = tid
     ids = tokenizer("a", add_special_tokens=True)["input_ids"]
     vocab.add_bos = tokenizer.bos_token_id is not None and ids[:1] == [tokenizer.bos_token_id]
