@@ -14,6 +14,10 @@ llama.cpp runs two tokenizer families, and its reader needs to be told which:
   that makes the token, so llama.cpp merges in exactly the order of the
   ``tokenizer.json`` merge list.
 
+Added tokens are control tokens where the tokenizer marks them special or they are
+spelled as one (``<|...|>``, DeepSeek's ``<｜...｜>``), else user-defined text with
+``▁`` read as a space, as llama.cpp's converter types them.
+
 Special token ids, whether BOS/EOS are added, and the chat template come from
 the tokenizer itself (``gguf.SpecialVocab``, llama.cpp's own reader, plus a
 check of what encoding actually adds); an id the tokenizer does not name is
@@ -124,8 +128,9 @@ def gguf_vocab(tokenizer, n_vocab: int, generation_eos: int | list[int] | None =
             tokens.append(f"[PAD{i}]")
             types.append(UNUSED)
         elif i in added:
-            tokens.append(text)
-            types.append(CONTROL if added[i].get("special") else USER_DEFINED)
+            control = bool(added[i].get("special")) or _looks_special(text)
+            tokens.append(text if control else text.replace("\u2581", " "))  # llama.cpp matches it in raw text
+            types.append(CONTROL if control else USER_DEFINED)
         elif spm and len(text) == 6 and text.startswith("<0x") and text.endswith(">"):
             tokens.append(text)
             types.append(BYTE)
@@ -147,6 +152,15 @@ def gguf_vocab(tokenizer, n_vocab: int, generation_eos: int | list[int] | None =
     _special(tokenizer, vocab, n_vocab, config)
     _end_of_reply(vocab, generation_eos, n_vocab)
     return vocab
+
+
+def _looks_special(text: str) -> bool:
+    """Whether llama.cpp's converter makes an added token a control token though the tokenizer does not mark it
+    special, by its spelling (DeepSeek's ``<｜User｜>``, Command-R's ``<|START_OF_TURN_TOKEN|>``, Gemma's
+    ``<unused0>`` and ``<mask>``): the runtime then neither reads it from a user's text nor prints it."""
+    wrapped = any(text.startswith(a) and text.endswith(b)
+                  for a, b in (("<|", "|>"), ("<｜", "｜>"), ("<unused", ">")))
+    return wrapped or text in ("<pad>", "<mask>", "<2mass>", "[@BOS@]")
 
 
 def _end_of_reply(vocab: GGUFVocab, generation_eos: int | list[int] | None, n_vocab: int) -> None:
