@@ -76,3 +76,55 @@ def test_merge_takes_the_adapters_own_sentencepiece_model_with_its_added_tokens(
     assert main(["merge", "--model", str(gemma_base), "--adapter", str(adapter), "--output",
                  str(tmp_path / "merged2"), "--dtype", "fp32"]) == 0
     assert (tmp_path / "merged2" / "tokenizer.model").read_bytes() == SPM_BYTES + b" with the added tokens"
+
+
+@pytest.fixture(scope="module")
+def llava_base(tmp_path_factory):
+    """A tiny LLaVA whose chat template is its processor's chat_template.json alone, as hub vision-language models
+    saved before transformers wrote chat_template.jinja hold it (the tokenizer has none)."""
+    import json
+
+    from image_models import build_image_model
+
+    base = build_image_model(tmp_path_factory.mktemp("llava") / "base", "llava")
+    template = base / "chat_template.jinja"
+    (base / "chat_template.json").write_text(json.dumps({"chat_template": template.read_text()}))
+    template.unlink()
+    assert AutoTokenizer.from_pretrained(base).chat_template is None
+    return base
+
+
+def test_a_processors_own_chat_template_is_carried(tmp_path, llava_base):
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    torch.manual_seed(0)
+    model = AutoModelForImageTextToText.from_pretrained(llava_base, dtype=torch.float32)
+    get_peft_model(model, LoraConfig(r=4, target_modules=r".*language_model.*\.q_proj",
+                                     init_lora_weights=False)).save_pretrained(tmp_path / "adapter")
+    assert main(["merge", "--model", str(llava_base), "--adapter", str(tmp_path / "adapter"), "--output",
+                 str(tmp_path / "merged")]) == 0
+    assert main(["quantize", "--model", str(llava_base), "--output", str(tmp_path / "q4")]) == 0
+    base_template = AutoProcessor.from_pretrained(llava_base).chat_template
+    assert base_template
+    for folder in ("merged", "q4"):
+        assert AutoProcessor.from_pretrained(tmp_path / folder).chat_template == base_template, folder
+
+
+def test_a_trained_chat_format_is_not_overridden_by_the_bases_processor_template(tmp_path, llava_base):
+    """transformers' processors read chat_template.json before chat_template.jinja: the base's file would
+    replace the format the adapter was trained in, which the merged folder's template is."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from qlora.model.chat_format import ChatFormat
+
+    torch.manual_seed(0)
+    model = AutoModelForImageTextToText.from_pretrained(llava_base, dtype=torch.float32)
+    get_peft_model(model, LoraConfig(r=4, target_modules=r".*language_model.*\.q_proj",
+                                     init_lora_weights=False)).save_pretrained(tmp_path / "adapter")
+    trained = "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}{% endfor %}"
+    ChatFormat(template=trained).save(tmp_path / "adapter")
+    assert main(["merge", "--model", str(llava_base), "--adapter", str(tmp_path / "adapter"), "--output",
+                 str(tmp_path / "merged")]) == 0
+    assert AutoProcessor.from_pretrained(tmp_path / "merged").chat_template == trained
+    assert main(["quantize", "--model", str(tmp_path / "merged"), "--output", str(tmp_path / "q4")]) == 0
+    assert AutoProcessor.from_pretrained(tmp_path / "q4").chat_template == trained

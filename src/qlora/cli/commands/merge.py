@@ -57,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
                          "names the base model).")
     check_output(args.output, overwrite=args.overwrite, inputs={"--model": args.model, "--adapter": args.adapter})
     # the adapter's records, which save_merged carries, checked before the (slow) model load
-    ChatFormat.load(args.adapter)
+    trained = ChatFormat.load(args.adapter)
     PixelBounds.load(args.adapter)
     trained_tokenization(args.adapter)
     dtype = getattr(torch, args.dtype)
@@ -72,6 +72,7 @@ def run(args: argparse.Namespace) -> int:
         # as the adapter's run did, and eval measures the tokens it did
         save_merged(model, stage, tokenizer, max_shard_bytes=args.max_shard_size)
         # a vision-language model takes images still; llama.cpp's converter finds a SentencePiece vocabulary
-        copy_base_files(resolve_model_dir(args.model), stage, tokenizer_dir=args.adapter)
+        copy_base_files(resolve_model_dir(args.model), stage, tokenizer_dir=args.adapter,
+                        trained_template=trained is not None)
     print(f"merged {args.adapter} into {args.model} ({args.dtype}): {args.output}")
     return 0
