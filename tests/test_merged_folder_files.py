@@ -128,3 +128,14 @@ def test_a_trained_chat_format_is_not_overridden_by_the_bases_processor_template
     assert AutoProcessor.from_pretrained(tmp_path / "merged").chat_template == trained
     assert main(["quantize", "--model", str(tmp_path / "merged"), "--output", str(tmp_path / "q4")]) == 0
     assert AutoProcessor.from_pretrained(tmp_path / "q4").chat_template == trained
+
+
+def test_gguf_export_embeds_a_processors_own_chat_template(tmp_path, llava_base):
+    """llama.cpp's converter reads chat_template.json where the tokenizer has no template (gguf.SpecialVocab)."""
+    gguf = pytest.importorskip("gguf")
+    from transformers import AutoProcessor
+
+    assert main(["export", "--model", str(llava_base), "--output", str(tmp_path / "g"), "--type", "f32"]) == 0
+    fields = gguf.GGUFReader(next((tmp_path / "g").glob("model-*.gguf"))).fields
+    template = AutoProcessor.from_pretrained(llava_base).chat_template
+    assert fields["tokenizer.chat_template"].contents() == template == gguf.SpecialVocab(llava_base).chat_template

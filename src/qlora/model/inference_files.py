@@ -20,6 +20,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from .adapter_base import read_json_object
 from .chat_format import ChatFormat
 from .image_pixels import PixelBounds
 from .trained_tokens import save_model_tokenization
@@ -52,6 +53,16 @@ def copy_base_files(model_dir: str | Path, out: str | Path, tokenizer_dir: str |
         source = next((Path(d, name) for d in folders if Path(d, name).is_file()), None)
         if source is not None and not target.exists():
             shutil.copyfile(source, target)
+
+
+def processor_chat_template(model_dir: str | Path) -> str | None:
+    """The chat template of ``model_dir``'s :data:`PROCESSOR_TEMPLATE`, or None: a vision-language model's
+    template where its tokenizer has none, which llama.cpp's converter embeds in a GGUF from that file too."""
+    path = Path(model_dir, PROCESSOR_TEMPLATE)
+    if not path.is_file():
+        return None
+    template = read_json_object(path).get("chat_template")
+    return template if isinstance(template, str) else None
 
 
 def save_records(out: str | Path, chat_format: ChatFormat | None, bounds: PixelBounds,
