@@ -427,6 +427,11 @@ def test_library_saves_into_a_users_folder_keep_its_other_files(tmp_path, tiny_m
         torch.testing.assert_close(AutoModelForCausalLM.from_pretrained(tmp_path / "merged")(ids).logits,
                                    merged(ids).logits)
 
+    # through a link to the folder: the link stays one, the folder it names gets the files
+    (tmp_path / "current").symlink_to(tmp_path / "adapter", target_is_directory=True)
+    qlora.save_adapter(model, tmp_path / "current")
+    assert (tmp_path / "current").is_symlink() and (tmp_path / "adapter" / "notes.txt").read_bytes() == b"my notes"
+
     # into the working folder ("."), which holds the user's files too
     monkeypatch.chdir(tmp_path / "adapter")
     (tmp_path / "adapter" / "adapter_model.safetensors").unlink()

@@ -110,7 +110,8 @@ def atomic_dir(target: str | Path, overwrite: bool = True) -> Iterator[Path]:
     weights), else the new entries are moved into it (:func:`_move_into`) and its
     other entries stay.
     """
-    target = Path(os.path.abspath(Path(target).expanduser()))  # "." and ".." named, to build a sibling of
+    # "." and ".." named, to build a sibling of; a link's folder written through it, the link kept
+    target = Path(os.path.realpath(Path(target).expanduser()))
     if target.exists() and not overwrite:
         raise FileExistsError(f"{target} already exists")
     tmp = temp_dir_beside(target)
