@@ -44,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
     from ...model.load import load_model, resolve_model_dir
     from ...model.chat_format import ChatFormat
     from ...model.image_pixels import PixelBounds
-    from ...model.merge import merge, save_merged
+    from ...model.merge import cast_merged, merge, save_merged
     from ...model.inference_files import copy_base_files
     from ...model.trained_tokens import trained_tokenization
 
@@ -65,7 +65,7 @@ def run(args: argparse.Namespace) -> int:
     tokenizer = adapter_tokenizer(args.adapter, tokenizer)
     load_adapter(model, args.adapter, keep_base=False)
     merge(model, into="dequantized", dtype=dtype)
-    model.to(dtype)
+    cast_merged(model, dtype)
     with staged_output(args.output, "merge", replace=True) as stage:
         # with the adapter's run's chat format, image pixel bounds and trained tokens (a merged base's record is of
         # the run merged into it before): qlora generate/chat/eval/serve prompt the merged model and show it images
