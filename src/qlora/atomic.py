@@ -167,6 +167,8 @@ def _move_into(tmp: Path, target: Path) -> None:
         dest = target / name
         if dest.is_dir() and not dest.is_symlink():
             shutil.rmtree(dest)
+        elif (tmp / name).is_dir() and (dest.is_symlink() or dest.exists()):  # a folder replaces a file or a link
+            dest.unlink()
         os.replace(tmp / name, dest)
     tmp.rmdir()
     fd = os.open(target, os.O_RDONLY)
