@@ -148,6 +148,61 @@ def test_tokenizer_and_metadata_are_embedded_as_llama_cpp_reads_them(tmp_path, t
     assert kinds["blk.0.attn_norm.weight"] == kinds["blk.0.attn_q.bias"] == gguf.GGMLQuantizationType.F32
 
 
+@pytest.mark.parametrize("family", ["qwen", "llama2"])
+def test_special_ids_are_those_llama_cpps_converter_reads_from_the_folder(tmp_path, family):
+    """The oracle is gguf.SpecialVocab on the model folder, the reader convert_hf_to_gguf.py uses: the tokenizer's
+    ids, then config.json's for those it does not name. A Qwen tokenizer names no BOS (its config.json does); a
+    GGUF without one makes llama.cpp take its default BOS, id 11, an ordinary token. A Llama 2 tokenizer names no
+    pad token, and its config.json none either."""
+    from qlora.model.tiny import train_sentencepiece_tokenizer, train_tokenizer
+
+    if family == "qwen":
+        tokenizer = train_tokenizer(["The quick brown fox jumps over the lazy dog."] * 20, vocab_size=300,
+                                    add_bos=False)
+        tokenizer.bos_token = None
+        model_dir = build_tiny_model(tmp_path / "m", tokenizer=tokenizer, arch="qwen2")
+        config = json.loads((model_dir / "config.json").read_text())
+        config["bos_token_id"] = tokenizer.convert_tokens_to_ids("<|eos|>")  # Qwen2.5: <|endoftext|>, its EOS too
+        (model_dir / "config.json").write_text(json.dumps(config))
+    else:
+        tokenizer = train_sentencepiece_tokenizer(["The quick brown fox jumps over the lazy dog."] * 20,
+                                                  vocab_size=400, family="llama")
+        model_dir = build_tiny_model(tmp_path / "m", tokenizer=tokenizer, arch="llama")
+    model, tokenizer = qlora.load_model(model_dir, quant=None, compute_dtype=torch.float32, device="cpu")
+    export_gguf(model, tokenizer, tmp_path / "m.gguf", "f32")
+    fields = gguf.GGUFReader(tmp_path / "m.gguf").fields
+    names = {"unk": "unknown", "sep": "seperator", "pad": "padding"}  # gguf's key spellings
+    reader = gguf.SpecialVocab(model_dir, n_vocab=model.config.vocab_size)
+    written = {kind: fields[f"tokenizer.ggml.{names.get(kind, kind)}_token_id"].contents()
+               for kind in reader.special_token_types if f"tokenizer.ggml.{names.get(kind, kind)}_token_id" in fields}
+    assert written == reader.special_token_ids and "bos" in written
+    assert fields["tokenizer.ggml.add_bos_token"].contents() is (family == "llama2")
+
+
+def test_added_tokens_are_typed_as_llama_cpps_converter_types_them(tmp_path, tiny_tokenizer):
+    """convert_hf_to_gguf.py makes an added token a control token where the tokenizer marks it special or it is
+    spelled as one (DeepSeek's <｜User｜> and Command-R's <|START_OF_TURN_TOKEN|> are added as not special), else
+    user-defined text, with ``▁`` written as the space llama.cpp finds in raw text. A control token written as
+    user-defined is read from a user's text and printed in replies by llama.cpp."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(build_tiny_model(tmp_path / "base", tokenizer=tiny_tokenizer))
+    tokenizer.add_tokens(["<tool>"], special_tokens=True)
+    plain = ["<\uff5cUser\uff5c>", "<|START_OF_TURN_TOKEN|>", "<unused7>", "<mask>", "hello there", "\u2581\u2581x"]
+    tokenizer.add_tokens(plain)
+    model_dir = build_tiny_model(tmp_path / "m", tokenizer=tokenizer, arch="llama")
+    model, tokenizer = qlora.load_model(model_dir, quant=None, compute_dtype=torch.float32, device="cpu")
+    export_gguf(model, tokenizer, tmp_path / "m.gguf", "f32")
+    fields = gguf.GGUFReader(tmp_path / "m.gguf").fields
+    tokens, types = fields["tokenizer.ggml.tokens"].contents(), fields["tokenizer.ggml.token_type"].contents()
+    got = {tokenizer.convert_ids_to_tokens(i): (tokens[i], types[i]) for i in range(len(tiny_tokenizer), len(tokens))}
+    T = gguf.TokenType
+    assert got == {"<tool>": ("<tool>", T.CONTROL), "<\uff5cUser\uff5c>": ("<\uff5cUser\uff5c>", T.CONTROL),
+                   "<|START_OF_TURN_TOKEN|>": ("<|START_OF_TURN_TOKEN|>", T.CONTROL),
+                   "<unused7>": ("<unused7>", T.CONTROL), "<mask>": ("<mask>", T.CONTROL),
+                   "hello there": ("hello there", T.USER_DEFINED), "\u2581\u2581x": ("  x", T.USER_DEFINED)}
+
+
 def test_cli_export_with_adapter_writes_gguf_and_modelfile(tmp_path, tiny_models, capsys):
     from transformers import AutoModelForCausalLM
 

@@ -397,3 +397,29 @@ def test_a_conversion_split_into_several_targets_loads_4bit(tmp_path, tiny_token
     ours.eval()
     with torch.no_grad():
         torch.testing.assert_close(ours(_IDS).logits, ref(_IDS).logits, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("model_type", ["deepseek_v3", "glm4_moe"])
+def test_merge_in_bf16_keeps_the_router_in_fp32_as_transformers_does(tmp_path, saved, model_type):
+    """Their classes keep the router (gate.weight) and e_score_correction_bias in fp32 at any dtype: the merged bf16
+    folder stores each tensor in the dtype transformers' own bf16 save does, the fp32 ones as the base holds them."""
+    from peft import LoraConfig, get_peft_model
+    from safetensors import safe_open
+
+    from qlora.cli.main import main
+
+    path = saved(model_type)
+    get_peft_model(_reference(path), LoraConfig(r=4, target_modules=["o_proj"], init_lora_weights=False)
+                   ).save_pretrained(tmp_path / "adapter")
+    assert main(["merge", "--model", str(path), "--adapter", str(tmp_path / "adapter"), "--output",
+                 str(tmp_path / "merged"), "--dtype", "bf16"]) == 0
+    transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).save_pretrained(tmp_path / "hf")
+
+    def stored(folder):
+        with safe_open(next(folder.glob("*.safetensors")), "pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}
+
+    ours, theirs, base = stored(tmp_path / "merged"), stored(tmp_path / "hf"), stored(path)
+    assert {k: t.dtype for k, t in ours.items()} == {k: t.dtype for k, t in theirs.items()}
+    kept = [k for k, t in theirs.items() if t.dtype == torch.float32]
+    assert kept and all(torch.equal(ours[k], base[k]) for k in kept)

@@ -379,3 +379,88 @@ def test_an_edited_manifest_cannot_reach_outside_the_folder(tmp_path):
     (out / MANIFEST).write_text(json.dumps({"entries": ["../precious.txt", "..", "/etc", "ours.txt"]}))
     clear_owned(out)
     assert (tmp_path / "precious.txt").read_text() == "keep" and not (out / "ours.txt").exists()
+
+
+def _library_model(model_dir):
+    import torch
+
+    import qlora
+    from random_adapters import randomize_lora_b
+
+    model, tokenizer = qlora.load_model(model_dir, compute_dtype=torch.float32, device="cpu")
+    qlora.add_lora(model, r=4, verbose=False)
+    randomize_lora_b(model, seed=0)
+    return model, tokenizer
+
+
+def test_library_saves_into_a_users_folder_keep_its_other_files(tmp_path, tiny_model_dir, monkeypatch):
+    """qlora.save_adapter / save_merged / save_quantized into an existing folder write their files there as PEFT's
+    and transformers' save_pretrained do: the user's other files stay (they replaced the whole folder), and
+    the folder loads as what was saved."""
+    import copy
+
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    import qlora
+
+    ids = torch.tensor([[1, 17, 42, 99, 7, 250, 3, 64]])
+    model, tokenizer = _library_model(tiny_model_dir)
+    mine = {"notes.txt": b"my notes", "data/train.jsonl": b"{}\n"}
+    for kind in ("adapter", "merged", "quantized"):
+        for name, content in mine.items():
+            (tmp_path / kind / name).parent.mkdir(parents=True, exist_ok=True)
+            (tmp_path / kind / name).write_bytes(content)
+    qlora.save_adapter(model, tmp_path / "adapter")
+    merged = qlora.merge(copy.deepcopy(model), dtype=torch.float32)
+    qlora.save_merged(merged, tmp_path / "merged", tokenizer)
+    quantized, _ = qlora.load_model(tiny_model_dir, compute_dtype=torch.float32, device="cpu")
+    qlora.save_quantized(quantized, tmp_path / "quantized", tokenizer)
+    for kind in ("adapter", "merged", "quantized"):
+        assert {n: (tmp_path / kind / n).read_bytes() for n in mine} == mine, kind
+    PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), tmp_path / "adapter")
+    again, _ = qlora.load_model(tiny_model_dir, compute_dtype=torch.float32, device="cpu")
+    qlora.load_adapter(again, tmp_path / "adapter")
+    with torch.no_grad():
+        torch.testing.assert_close(again(ids).logits, model(ids).logits)
+        torch.testing.assert_close(AutoModelForCausalLM.from_pretrained(tmp_path / "merged")(ids).logits,
+                                   merged(ids).logits)
+
+    # through a link to the folder: the link stays one, the folder it names gets the files
+    (tmp_path / "current").symlink_to(tmp_path / "adapter", target_is_directory=True)
+    qlora.save_adapter(model, tmp_path / "current")
+    assert (tmp_path / "current").is_symlink() and (tmp_path / "adapter" / "notes.txt").read_bytes() == b"my notes"
+
+    # into the working folder ("."), which holds the user's files too
+    monkeypatch.chdir(tmp_path / "adapter")
+    (tmp_path / "adapter" / "adapter_model.safetensors").unlink()
+    qlora.save_adapter(model, ".")
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
+    assert (tmp_path / "adapter" / "notes.txt").read_bytes() == b"my notes"
+
+
+def test_a_sharded_save_over_a_one_file_one_in_a_users_folder_loads_the_new_weights(tmp_path, tiny_model_dir):
+    """transformers reads model.safetensors before an index: the earlier save's weight files go, the user's stay."""
+    import copy
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    import qlora
+
+    ids = torch.tensor([[1, 17, 42, 99, 7, 250, 3, 64]])
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "README.md").write_text("my model card")
+    model, tokenizer = _library_model(tiny_model_dir)
+    plain, _ = qlora.load_model(tiny_model_dir, quant=None, compute_dtype=torch.float32, device="cpu")
+    qlora.save_merged(plain, out, tokenizer)
+    merged = qlora.merge(copy.deepcopy(model), dtype=torch.float32)
+    qlora.save_merged(merged, out, tokenizer, max_shard_bytes=40_000)
+    assert not (out / "model.safetensors").exists() and (out / "model.safetensors.index.json").is_file()
+    with torch.no_grad():
+        torch.testing.assert_close(AutoModelForCausalLM.from_pretrained(out)(ids).logits, merged(ids).logits)
+    qlora.save_merged(plain, out, tokenizer)  # and back: no shard of the sharded save is left
+    assert sorted(p.name for p in out.glob("model*")) == ["model.safetensors"]
+    assert (out / "README.md").read_text() == "my model card"

@@ -2,9 +2,12 @@
 
 A crash, Ctrl-C or a full disk mid-write leaves the previous directory intact
 (or none), never a half-written one. Used for adapters, checkpoints and model
-folders. Failed writes surface as :class:`OSError` (torch and safetensors
-report a full disk as ``RuntimeError``/``SafetensorError``; they are
-translated here), which the ``qlora`` command reports in one line.
+folders. An existing folder that holds other files than the new content
+(a user's notes or data beside a saved model, as ``save_pretrained`` leaves
+them) keeps them: the new files are moved in instead. Failed writes surface
+as :class:`OSError` (torch and safetensors report a full disk as
+``RuntimeError``/``SafetensorError``; they are translated here), which the
+``qlora`` command reports in one line.
 """
 
 from __future__ import annotations
@@ -91,14 +94,24 @@ def _nearly_full(path: Path) -> bool:
         return False
 
 
+LOADABLE_MARKERS = ("config.json", "adapter_config.json")  # what loaders look for in a folder
+# transformers' weight files: a loader reads model.safetensors before an index, so an earlier save's are removed
+_WEIGHT_FILES = re.compile(r"model(-\d{5}-of-\d{5})?\.safetensors|model\.safetensors\.index\.json")
+
+
 @contextlib.contextmanager
 def atomic_dir(target: str | Path, overwrite: bool = True) -> Iterator[Path]:
-    """Yield a temporary directory that replaces ``target`` on success.
+    """Yield a temporary directory whose entries replace ``target``'s on success.
 
     With ``overwrite=False`` an existing ``target`` is an error. An existing
-    target is only removed after the new content is complete and synced.
+    target is only changed after the new content is complete and synced: it is
+    replaced whole where it holds nothing the new content does not replace
+    (weight files of an earlier save count as replaced when the new content has
+    weights), else the new entries are moved into it (:func:`_move_into`) and its
+    other entries stay.
     """
-    target = Path(target)
+    # "." and ".." named, to build a sibling of; a link's folder written through it, the link kept
+    target = Path(os.path.realpath(Path(target).expanduser()))
     if target.exists() and not overwrite:
         raise FileExistsError(f"{target} already exists")
     tmp = temp_dir_beside(target)
@@ -111,13 +124,55 @@ def atomic_dir(target: str | Path, overwrite: bool = True) -> Iterator[Path]:
             if converted is exc:
                 raise
             raise converted from exc
-        if target.exists():
+        if not target.exists():
+            os.replace(tmp, target)
+        elif _kept_entries(target, tmp) or _is_within(Path.cwd(), target):  # never rename the working folder away
+            _move_into(tmp, target)
+        else:
             old = target.with_name(f".{target.name}.old-{os.getpid()}")
             os.replace(target, old)
             os.replace(tmp, target)
             shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _is_within(inner: Path, outer: Path) -> bool:
+    inner, outer = inner.resolve(), outer.resolve()
+    return inner == outer or outer in inner.parents
+
+
+def _kept_entries(target: Path, new: Path) -> list[str]:
+    """``target``'s entries a save of ``new``'s entries leaves in place."""
+    names = {p.name for p in new.iterdir()}
+    weights = any(_WEIGHT_FILES.fullmatch(n) for n in names)
+    return sorted(p.name for p in target.iterdir()
+                  if p.name not in names and not (weights and _WEIGHT_FILES.fullmatch(p.name)))
+
+
+def _move_into(tmp: Path, target: Path) -> None:
+    """Move ``tmp``'s entries into ``target``: earlier weight files ``tmp`` does not hold are removed, the files
+    that make a folder load (:data:`LOADABLE_MARKERS`) are removed first and moved in last, so a crash between
+    two moves leaves no folder that loads half-written."""
+    new = sorted((p.name for p in tmp.iterdir()), key=lambda n: n in LOADABLE_MARKERS)
+    kept = set(_kept_entries(target, tmp))
+    for name in LOADABLE_MARKERS:
+        if name in new and (target / name).is_file():
+            (target / name).unlink()
+    for path in list(target.iterdir()):
+        if path.name not in new and path.name not in kept:  # an earlier save's weight files
+            path.unlink()
+    for name in new:
+        dest = target / name
+        if dest.is_dir() and not dest.is_symlink():
+            shutil.rmtree(dest)
+        elif (tmp / name).is_dir() and (dest.is_symlink() or dest.exists()):  # a folder replaces a file or a link
+            dest.unlink()
+        os.replace(tmp / name, dest)
+    tmp.rmdir()
+    fd = os.open(target, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -26,11 +26,10 @@ from pathlib import Path
 from typing import Iterable, Iterator, Mapping
 
 from . import __version__
-from .atomic import as_os_error, give_default_modes, temp_dir_beside
+from .atomic import LOADABLE_MARKERS, as_os_error, give_default_modes, temp_dir_beside
 from .errors import UsageError
 
 MANIFEST = ".qlora-output.json"
-_LOADABLE_MARKERS = ("config.json", "adapter_config.json")  # what loaders look for in a folder
 
 
 def _entries(folder: Path) -> list[str]:
@@ -210,7 +209,7 @@ def staged_output(output: str | Path, command: str, replace: bool) -> Iterator[P
         # Recorded before the moves, and the files that make a folder load as a model or an adapter moved last:
         # a run killed between two moves leaves no folder that loads half-written, only files --overwrite clears.
         _write_manifest(output, [*ours, *new], command)
-        for name in sorted(new, key=lambda n: n in _LOADABLE_MARKERS):
+        for name in sorted(new, key=lambda n: n in LOADABLE_MARKERS):
             target = output / name
             if target.is_dir() and not target.is_symlink():
                 shutil.rmtree(target)

@@ -88,7 +88,8 @@ def export_gguf(model: nn.Module, tokenizer, path: str | Path, out_type: str = "
     spec = arch_spec(config)
     path = Path(path)
     n_vocab = model.get_input_embeddings().weight.shape[0]  # added tokens may have grown it past the config
-    vocab = gguf_vocab(tokenizer, n_vocab, getattr(getattr(model, "generation_config", None), "eos_token_id", None))
+    vocab = gguf_vocab(tokenizer, n_vocab, getattr(getattr(model, "generation_config", None), "eos_token_id", None),
+                       model.config)
 
     with staged_writer(gguf, path, spec.gguf_arch) as writer:
         writer.add_name(name or path.stem)

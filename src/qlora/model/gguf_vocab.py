@@ -14,9 +14,16 @@ llama.cpp runs two tokenizer families, and its reader needs to be told which:
   that makes the token, so llama.cpp merges in exactly the order of the
   ``tokenizer.json`` merge list.
 
+Added tokens are control tokens where the tokenizer marks them special or they are
+spelled as one (``<|...|>``, DeepSeek's ``<｜...｜>``), else user-defined text with
+``▁`` read as a space, as llama.cpp's converter types them.
+
 Special token ids, whether BOS/EOS are added, and the chat template come from
 the tokenizer itself (``gguf.SpecialVocab``, llama.cpp's own reader, plus a
-check of what encoding actually adds). ``generation_config.json`` may list more
+check of what encoding actually adds); an id the tokenizer does not name is
+taken from the model's config, as llama.cpp's converter reads ``config.json``
+after the tokenizer (Qwen's tokenizers name no BOS, their config does; without
+it llama.cpp would take its default BOS, id 11, an ordinary token). ``generation_config.json`` may list more
 ids that end a reply (Llama 3 Instruct, Hunyuan). llama.cpp stops on EOS, EOT, EOM
 and on tokens it knows by name (``<|eot_id|>``, ``<|im_end|>``, ...); the first two
 of the others become EOT and EOM (as llama.cpp's converter writes Hunyuan's), and
@@ -85,13 +92,16 @@ class GGUFVocab:
     eos_ids: list[int] = field(default_factory=list)  # generation_config's ids that end a reply (Ollama's list)
 
 
-def gguf_vocab(tokenizer, n_vocab: int, generation_eos: int | list[int] | None = None) -> GGUFVocab:
+def gguf_vocab(tokenizer, n_vocab: int, generation_eos: int | list[int] | None = None,
+               config=None) -> GGUFVocab:
     """Read ``tokenizer`` (a transformers fast tokenizer) into GGUF fields.
 
     Args:
         n_vocab: rows of the model's embedding; ids the tokenizer lacks become
             unused ``[PAD<id>]`` tokens, as llama.cpp's converter writes them.
         generation_eos: ``generation_config.eos_token_id`` (one id or a list).
+        config: the model's transformers config, whose ``<kind>_token_id`` fill the special ids the
+            tokenizer does not name (its own, then its text config's, as the converter reads them).
     """
     if not getattr(tokenizer, "is_fast", False):
         raise UsageError("GGUF export needs the model's fast tokenizer (tokenizer.json); this model has only a "
@@ -118,8 +128,9 @@ def gguf_vocab(tokenizer, n_vocab: int, generation_eos: int | list[int] | None =
             tokens.append(f"[PAD{i}]")
             types.append(UNUSED)
         elif i in added:
-            tokens.append(text)
-            types.append(CONTROL if added[i].get("special") else USER_DEFINED)
+            control = bool(added[i].get("special")) or _looks_special(text)
+            tokens.append(text if control else text.replace("\u2581", " "))  # llama.cpp matches it in raw text
+            types.append(CONTROL if control else USER_DEFINED)
         elif spm and len(text) == 6 and text.startswith("<0x") and text.endswith(">"):
             tokens.append(text)
             types.append(BYTE)
@@ -138,9 +149,18 @@ def gguf_vocab(tokenizer, n_vocab: int, generation_eos: int | list[int] | None =
         vocab.add_space_prefix = _adds_space_prefix(spec)
     else:
         vocab.merges = merges
-    _special(tokenizer, vocab, n_vocab)
+    _special(tokenizer, vocab, n_vocab, config)
     _end_of_reply(vocab, generation_eos, n_vocab)
     return vocab
+
+
+def _looks_special(text: str) -> bool:
+    """Whether llama.cpp's converter makes an added token a control token though the tokenizer does not mark it
+    special, by its spelling (DeepSeek's ``<｜User｜>``, Command-R's ``<|START_OF_TURN_TOKEN|>``, Gemma's
+    ``<unused0>`` and ``<mask>``): the runtime then neither reads it from a user's text nor prints it."""
+    wrapped = any(text.startswith(a) and text.endswith(b)
+                  for a, b in (("<|", "|>"), ("<｜", "｜>"), ("<unused", ">")))
+    return wrapped or text in ("<pad>", "<mask>", "<2mass>", "[@BOS@]")
 
 
 def _end_of_reply(vocab: GGUFVocab, generation_eos: int | list[int] | None, n_vocab: int) -> None:
@@ -208,7 +228,7 @@ def _steps(node: dict | None) -> list[dict]:
     return [node]
 
 
-def _special(tokenizer, vocab: GGUFVocab, n_vocab: int) -> None:
+def _special(tokenizer, vocab: GGUFVocab, n_vocab: int, config=None) -> None:
     import gguf
 
     quiet = logging.getLogger("gguf.vocab")  # its post-processor remarks do not apply: BOS/EOS are checked below
@@ -224,6 +244,11 @@ def _special(tokenizer, vocab: GGUFVocab, n_vocab: int) -> None:
     for kind in ("bos", "eos", "unk", "pad"):  # the tokenizer's own view wins over config guesses
         tid = getattr(tokenizer, f"{kind}_token_id", None)
         if isinstance(tid, int) and 0 <= tid < n_vocab:
+            vocab.special_ids[kind] = tid
+    configs = [c for c in (config, config.get_text_config() if config is not None else None) if c is not None]
+    for kind in special.special_token_types:
+        tid = next((t for c in configs if isinstance(t := getattr(c, f"{kind}_token_id", None), int)), None)
+        if kind not in vocab.special_ids and tid is not None and 0 <= tid < n_vocab:
             vocab.special_ids[kind] = tid
     ids = tokenizer("a", add_special_tokens=True)["input_ids"]
     vocab.add_bos = tokenizer.bos_token_id is not None and ids[:1] == [tokenizer.bos_token_id]

@@ -3,7 +3,12 @@ inference shows it its prompts and images as the run did.
 
 ``save_pretrained`` of the model and its tokenizer leaves out the processor's own files (the image processor's
 settings, the processor's class and arguments), without which ``AutoProcessor`` cannot load the written folder:
-a merged or quantized vision-language model could no longer take images. They are copied as the base holds them.
+a merged or quantized vision-language model could no longer take images. transformers 5 also writes a tokenizer as
+``tokenizer.json`` alone, leaving out the SentencePiece model (``tokenizer.model``) that llama.cpp's converter reads
+Gemma's vocabulary from (it stops without it), as Ollama's import and slow tokenizers do. Both are copied as the base
+holds them. So is a processor's ``chat_template.json`` (hub vision-language models saved before transformers wrote
+``chat_template.jinja`` keep their template there alone), unless the folder holds the run's trained chat format,
+which it would override: transformers' processors read that file before ``chat_template.jinja``.
 The chat format the run trained with (``chat_format.json``) and its image pixel bounds (``image_pixels.json``) go
 in too: qlora's generate, chat, eval and serve read them from a model folder as from an adapter; so does the tokens
 its loss was measured on (``trained_tokens.json``), which qlora eval follows.
@@ -15,28 +20,49 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from .adapter_base import read_json_object
 from .chat_format import ChatFormat
 from .image_pixels import PixelBounds
 from .trained_tokens import save_model_tokenization
 
 PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json", "video_preprocessor_config.json")
+TOKENIZER_MODEL_FILES = ("tokenizer.model", "spiece.model", "sentencepiece.bpe.model")  # SentencePiece's, by family
+PROCESSOR_TEMPLATE = "chat_template.json"
 
 
 def carry_inference_files(model_dir: str | Path, out: str | Path, chat_format: ChatFormat | None,
                           bounds: PixelBounds, tokenization: dict[str, Any]) -> None:
-    """Copy :data:`PROCESSOR_FILES` that the base folder ``model_dir`` has and ``out`` lacks, and save
-    ``chat_format`` (unless None), ``bounds`` and ``tokenization`` (unless empty; as
+    """Copy the base folder ``model_dir``'s files that ``save_pretrained`` leaves out (:func:`copy_base_files`),
+    and save ``chat_format`` (unless None), ``bounds`` and ``tokenization`` (unless empty; as
     :func:`~qlora.model.trained_tokens.trained_tokenization` reads it) into ``out``."""
-    copy_processor_files(model_dir, out)
+    copy_base_files(model_dir, out, trained_template=chat_format is not None)
     save_records(out, chat_format, bounds, tokenization)
 
 
-def copy_processor_files(model_dir: str | Path, out: str | Path) -> None:
-    """Copy :data:`PROCESSOR_FILES` that the base folder ``model_dir`` has and ``out`` lacks."""
-    for name in PROCESSOR_FILES:
-        source, target = Path(model_dir, name), Path(out, name)
-        if source.is_file() and not target.exists():
+def copy_base_files(model_dir: str | Path, out: str | Path, tokenizer_dir: str | Path | None = None,
+                    trained_template: bool = False) -> None:
+    """Copy :data:`PROCESSOR_FILES`, :data:`TOKENIZER_MODEL_FILES` and (unless ``trained_template``: ``out``'s
+    template is the run's chat format) :data:`PROCESSOR_TEMPLATE` that ``out`` lacks: from ``tokenizer_dir``
+    (an adapter folder the tokenizer was saved in, with its added tokens) where it has the tokenizer's, else
+    from the base folder ``model_dir``."""
+    template = () if trained_template else (PROCESSOR_TEMPLATE,)
+    for name in PROCESSOR_FILES + template + TOKENIZER_MODEL_FILES:
+        target = Path(out, name)
+        own = tokenizer_dir is not None and name in TOKENIZER_MODEL_FILES
+        folders = [tokenizer_dir, model_dir] if own else [model_dir]
+        source = next((Path(d, name) for d in folders if Path(d, name).is_file()), None)
+        if source is not None and not target.exists():
             shutil.copyfile(source, target)
+
+
+def processor_chat_template(model_dir: str | Path) -> str | None:
+    """The chat template of ``model_dir``'s :data:`PROCESSOR_TEMPLATE`, or None: a vision-language model's
+    template where its tokenizer has none, which llama.cpp's converter embeds in a GGUF from that file too."""
+    path = Path(model_dir, PROCESSOR_TEMPLATE)
+    if not path.is_file():
+        return None
+    template = read_json_object(path).get("chat_template")
+    return template if isinstance(template, str) else None
 
 
 def save_records(out: str | Path, chat_format: ChatFormat | None, bounds: PixelBounds,

@@ -25,7 +25,7 @@ from .chat_format import ChatFormat
 from .image_pixels import PixelBounds
 from .inference_files import save_records
 from .inject import adapter_configs
-from .quantize import replace_modules
+from .quantize import kept_in_fp32, replace_modules
 from .saved_copies import unwrap_saved_modules
 from .tied_tables import shares_table, untie_config
 from .trained_tokens import trained_tokenization
@@ -229,6 +229,20 @@ def merge(model: nn.Module, into: str = "dequantized", dtype: torch.dtype | str 
     if untie:
         untie_config(model)
     adapter_configs(model).clear()
+    return model
+
+
+@torch.no_grad()
+def cast_merged(model: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """``model.to(dtype)`` but for the tensors its class keeps in fp32 at ``dtype`` (:func:`kept_in_fp32`:
+    DeepSeek-V3's and GLM-4.5's router and expert-score bias), as transformers loads and saves them: rounded to
+    bf16, the router would choose other experts than the adapter model did."""
+    fp32 = kept_in_fp32(model, dtype)
+    for path, module in model.named_modules():
+        for name, t in list(module.named_parameters(recurse=False)) + list(module.named_buffers(recurse=False)):
+            if t.is_floating_point():
+                key = f"{path}.{name}" if path else name
+                t.data = t.data.to(torch.float32 if fp32 is not None and fp32.search(key) else dtype)
     return model
 
 

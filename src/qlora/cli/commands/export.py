@@ -65,6 +65,7 @@ def run(args: argparse.Namespace) -> int:
     from ...model.gguf_export import export_gguf, require_gguf
     from ...model.gguf_mmproj import is_vision_language, mmproj_refusal, mmproj_type, plan_mmproj, write_mmproj
     from ...model.gguf_vocab import gguf_vocab
+    from ...model.inference_files import processor_chat_template
     from ...model.load import load_model, resolve_model_dir
     from ...model.modelfile import write_modelfile
     from ...output_folder import check_output, staged_output
@@ -83,6 +84,8 @@ def run(args: argparse.Namespace) -> int:
         trained = ChatFormat.load(args.adapter)  # the format the adapter was trained in is the one to embed
         if trained is not None:
             tokenizer.chat_template = trained.template
+    if tokenizer.chat_template is None:  # a vision-language model's template may be its processor's alone
+        tokenizer.chat_template = processor_chat_template(resolve_model_dir(args.model))
     gguf_name = f"model-{args.type}.gguf"
     refusal = mmproj_refusal(model)  # a vision-language model gets its image projector file beside, or a note why not
     kind = mmproj_type(args.type)

@@ -44,8 +44,8 @@ def run(args: argparse.Namespace) -> int:
     from ...model.load import load_model, resolve_model_dir
     from ...model.chat_format import ChatFormat
     from ...model.image_pixels import PixelBounds
-    from ...model.merge import merge, save_merged
-    from ...model.inference_files import copy_processor_files
+    from ...model.merge import cast_merged, merge, save_merged
+    from ...model.inference_files import copy_base_files
     from ...model.trained_tokens import trained_tokenization
 
     from ...output_folder import check_output, staged_output
@@ -57,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
                          "names the base model).")
     check_output(args.output, overwrite=args.overwrite, inputs={"--model": args.model, "--adapter": args.adapter})
     # the adapter's records, which save_merged carries, checked before the (slow) model load
-    ChatFormat.load(args.adapter)
+    trained = ChatFormat.load(args.adapter)
     PixelBounds.load(args.adapter)
     trained_tokenization(args.adapter)
     dtype = getattr(torch, args.dtype)
@@ -65,12 +65,14 @@ def run(args: argparse.Namespace) -> int:
     tokenizer = adapter_tokenizer(args.adapter, tokenizer)
     load_adapter(model, args.adapter, keep_base=False)
     merge(model, into="dequantized", dtype=dtype)
-    model.to(dtype)
+    cast_merged(model, dtype)
     with staged_output(args.output, "merge", replace=True) as stage:
         # with the adapter's run's chat format, image pixel bounds and trained tokens (a merged base's record is of
         # the run merged into it before): qlora generate/chat/eval/serve prompt the merged model and show it images
         # as the adapter's run did, and eval measures the tokens it did
         save_merged(model, stage, tokenizer, max_shard_bytes=args.max_shard_size)
-        copy_processor_files(resolve_model_dir(args.model), stage)  # a vision-language model takes images still
+        # a vision-language model takes images still; llama.cpp's converter finds a SentencePiece vocabulary
+        copy_base_files(resolve_model_dir(args.model), stage, tokenizer_dir=args.adapter,
+                        trained_template=trained is not None)
     print(f"merged {args.adapter} into {args.model} ({args.dtype}): {args.output}")
     return 0

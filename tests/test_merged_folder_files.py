@@ -1,0 +1,141 @@
+"""What a ``qlora merge`` or ``qlora quantize`` folder carries beside its weights for the tools that read it next.
+
+transformers 5 saves a tokenizer as ``tokenizer.json`` alone. Real Gemma, Llama 2, Mistral and Phi-3 checkpoints
+also ship the SentencePiece model ``tokenizer.model``, which llama.cpp's ``convert_hf_to_gguf.py`` reads their
+vocabulary from (for Gemma it stops without it), as Ollama's import and slow tokenizers do: the written folder
+must hold it as the base does.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from qlora.cli.main import main
+from qlora.model.tiny import build_tiny_model, train_sentencepiece_tokenizer
+
+# stands for the SentencePiece model (the bytes are only copied, never parsed, as tokenizer.json is there)
+SPM_BYTES = b"\x0a\x0bsentencepiece model of the base"
+TEXT = "the quick brown fox jumps over the lazy dog"
+
+
+@pytest.fixture(scope="module")
+def gemma_base(tmp_path_factory):
+    """A tiny Gemma 3 base whose folder holds tokenizer.model beside tokenizer.json, as Google's does."""
+    tok = train_sentencepiece_tokenizer([TEXT, "hello world, a fine-tune"] * 20, vocab_size=400, family="gemma")
+    base = build_tiny_model(tmp_path_factory.mktemp("gemma") / "base", tokenizer=tok, arch="gemma3",
+                            tie_word_embeddings=True)
+    (base / "tokenizer.model").write_bytes(SPM_BYTES)
+    return base
+
+
+def _adapter(base, out, tokenizer=None):
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    if tokenizer is not None:
+        model.resize_token_embeddings(len(tokenizer))
+    peft = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False,
+                                            modules_to_save=["embed_tokens"] if tokenizer is not None else None))
+    peft.save_pretrained(out)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out)
+    return out
+
+
+def _same_tokenizer(folder, reference) -> None:
+    ours, theirs = AutoTokenizer.from_pretrained(folder), AutoTokenizer.from_pretrained(reference)
+    assert ours(TEXT)["input_ids"] == theirs(TEXT)["input_ids"] and len(ours) == len(theirs)
+
+
+def test_merge_and_quantize_carry_the_sentencepiece_model(tmp_path, gemma_base):
+    adapter = _adapter(gemma_base, tmp_path / "adapter")
+    assert main(["merge", "--model", str(gemma_base), "--adapter", str(adapter), "--output",
+                 str(tmp_path / "merged"), "--dtype", "fp32"]) == 0
+    assert (tmp_path / "merged" / "tokenizer.model").read_bytes() == SPM_BYTES
+    _same_tokenizer(tmp_path / "merged", gemma_base)
+    assert main(["quantize", "--model", str(tmp_path / "merged"), "--output", str(tmp_path / "q4")]) == 0
+    assert (tmp_path / "q4" / "tokenizer.model").read_bytes() == SPM_BYTES
+    assert main(["quantize", "--model", str(gemma_base), "--output", str(tmp_path / "base-q4")]) == 0
+    assert (tmp_path / "base-q4" / "tokenizer.model").read_bytes() == SPM_BYTES
+
+
+def test_merge_takes_the_adapters_own_sentencepiece_model_with_its_added_tokens(tmp_path, gemma_base):
+    """An adapter saved with its tokenizer (tokens added in training) is merged with that tokenizer: its own
+    SentencePiece model where it has one (a transformers 4 save), else the base's, which the added tokens
+    (tokenizer_config.json) extend as transformers 4 wrote them."""
+    tokenizer = AutoTokenizer.from_pretrained(gemma_base)
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<tool_call>"]})
+    adapter = _adapter(gemma_base, tmp_path / "adapter", tokenizer)
+    assert main(["merge", "--model", str(gemma_base), "--adapter", str(adapter), "--output",
+                 str(tmp_path / "merged"), "--dtype", "fp32"]) == 0
+    assert (tmp_path / "merged" / "tokenizer.model").read_bytes() == SPM_BYTES
+    _same_tokenizer(tmp_path / "merged", adapter)
+    (adapter / "tokenizer.model").write_bytes(SPM_BYTES + b" with the added tokens")
+    assert main(["merge", "--model", str(gemma_base), "--adapter", str(adapter), "--output",
+                 str(tmp_path / "merged2"), "--dtype", "fp32"]) == 0
+    assert (tmp_path / "merged2" / "tokenizer.model").read_bytes() == SPM_BYTES + b" with the added tokens"
+
+
+@pytest.fixture(scope="module")
+def llava_base(tmp_path_factory):
+    """A tiny LLaVA whose chat template is its processor's chat_template.json alone, as hub vision-language models
+    saved before transformers wrote chat_template.jinja hold it (the tokenizer has none)."""
+    import json
+
+    from image_models import build_image_model
+
+    base = build_image_model(tmp_path_factory.mktemp("llava") / "base", "llava")
+    template = base / "chat_template.jinja"
+    (base / "chat_template.json").write_text(json.dumps({"chat_template": template.read_text()}))
+    template.unlink()
+    assert AutoTokenizer.from_pretrained(base).chat_template is None
+    return base
+
+
+def test_a_processors_own_chat_template_is_carried(tmp_path, llava_base):
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    torch.manual_seed(0)
+    model = AutoModelForImageTextToText.from_pretrained(llava_base, dtype=torch.float32)
+    get_peft_model(model, LoraConfig(r=4, target_modules=r".*language_model.*\.q_proj",
+                                     init_lora_weights=False)).save_pretrained(tmp_path / "adapter")
+    assert main(["merge", "--model", str(llava_base), "--adapter", str(tmp_path / "adapter"), "--output",
+                 str(tmp_path / "merged")]) == 0
+    assert main(["quantize", "--model", str(llava_base), "--output", str(tmp_path / "q4")]) == 0
+    base_template = AutoProcessor.from_pretrained(llava_base).chat_template
+    assert base_template
+    for folder in ("merged", "q4"):
+        assert AutoProcessor.from_pretrained(tmp_path / folder).chat_template == base_template, folder
+
+
+def test_a_trained_chat_format_is_not_overridden_by_the_bases_processor_template(tmp_path, llava_base):
+    """transformers' processors read chat_template.json before chat_template.jinja: the base's file would
+    replace the format the adapter was trained in, which the merged folder's template is."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from qlora.model.chat_format import ChatFormat
+
+    torch.manual_seed(0)
+    model = AutoModelForImageTextToText.from_pretrained(llava_base, dtype=torch.float32)
+    get_peft_model(model, LoraConfig(r=4, target_modules=r".*language_model.*\.q_proj",
+                                     init_lora_weights=False)).save_pretrained(tmp_path / "adapter")
+    trained = "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}{% endfor %}"
+    ChatFormat(template=trained).save(tmp_path / "adapter")
+    assert main(["merge", "--model", str(llava_base), "--adapter", str(tmp_path / "adapter"), "--output",
+                 str(tmp_path / "merged")]) == 0
+    assert AutoProcessor.from_pretrained(tmp_path / "merged").chat_template == trained
+    assert main(["quantize", "--model", str(tmp_path / "merged"), "--output", str(tmp_path / "q4")]) == 0
+    assert AutoProcessor.from_pretrained(tmp_path / "q4").chat_template == trained
+
+
+def test_gguf_export_embeds_a_processors_own_chat_template(tmp_path, llava_base):
+    """llama.cpp's converter reads chat_template.json where the tokenizer has no template (gguf.SpecialVocab)."""
+    gguf = pytest.importorskip("gguf")
+    from transformers import AutoProcessor
+
+    assert main(["export", "--model", str(llava_base), "--output", str(tmp_path / "g"), "--type", "f32"]) == 0
+    fields = gguf.GGUFReader(next((tmp_path / "g").glob("model-*.gguf"))).fields
+    template = AutoProcessor.from_pretrained(llava_base).chat_template
+    assert fields["tokenizer.chat_template"].contents() == template == gguf.SpecialVocab(llava_base).chat_template
