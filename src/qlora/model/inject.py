@@ -515,7 +515,7 @@ def add_lora(
                          "tokens), which get no LoRA (PEFT's rule): target other layers as well.")
     if is_residual_init(init):
         _check_unshared(model, paths, init)
-    check_patterns(rank_pattern, alpha_pattern, paths + list(experts))
+    check_patterns(rank_pattern, alpha_pattern, paths + [f"{p}.{w}" for p, ws in experts.items() for w in ws])
     _check_adapter_fits(model, paths, spec, rank_pattern, alpha_pattern)
     # Adapters already attached keep their trainability (a frozen loaded adapter stays frozen), as PEFT's add_adapter.
     earlier = {p: p.requires_grad for p in _adapter_parameters(model)}
@@ -550,7 +550,9 @@ def add_lora(
             parent_path, _, child = path.rpartition(".")
             module = ExpertsLora(module)
             setattr(model.get_submodule(parent_path) if parent_path else model, child, module)
-        module.add_adapter(adapter_name, layer_spec(spec, path, rank_pattern, alpha_pattern), weights)
+        # PEFT matches the patterns against each parameter's name, <module path>.<weight>
+        module.add_adapter(adapter_name, {w: layer_spec(spec, f"{path}.{w}", rank_pattern, alpha_pattern)
+                                          for w in weights}, weights)
     for layer in experts_lora_layers(model).values():
         for p in list(layer.lora_A.parameters()) + list(layer.lora_B.parameters()):
             p.requires_grad_(True)
