@@ -24,6 +24,7 @@ from .. import __version__
 from ..atomic import atomic_dir
 from ..errors import UsageError
 from ..nn import LoraEmbedding, LoraLinear, SavedModules
+from .adapter_layout import to_model_layout
 from .adapter_base import BASE_KEY, base_quantization, read_json_object
 from .adapter_sources import note_loaded
 from .adapter_tensors import PEFT_PREFIX, copy_adapter_tensor, lora_key
@@ -33,7 +34,7 @@ from .local_path import adapter_folder_problem
 from .in_place_weights import in_place_parts, refuse_beside_others
 from .inject import (AdapterConfig, adapter_configs, add_lora, check_adapter_name, check_trainable_whole,
                      embedding_lora_layers, expert_modules, experts_lora_layers, lora_layers, target_names,
-                     trained_biases)
+                     target_paths, trained_biases)
 from .saved_copies import load_copies, saved_module
 from .tied_tables import untie_trained_whole
 from .quantize import matches_any, non_text_names, text_decoder_path
@@ -347,6 +348,7 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path, adapter_name: str = 
     adapter_dir = Path(adapter_dir)
     check_adapter_name(adapter_name)
     config, tensors = files or (read_adapter_config(adapter_dir), read_adapter_weights(adapter_dir))
+    config, tensors = to_model_layout(model, config, tensors, adapter_dir)  # transformers 4.x names
     token_tensors = {k: tensors.pop(k) for k in [k for k in tensors if ".token_adapter." in k]}
     # beside the rows, PEFT saves the whole table when tokens were added (resized) before training
     token_tables = {k[len(PEFT_PREFIX):].replace(".token_adapter.base_layer.", "."): token_tensors.pop(k)
@@ -396,6 +398,7 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path, adapter_name: str = 
         if not trainable:  # training goes on here: what it computes is no longer the folder run's alone
             note_loaded(model, adapter_name, adapter_dir)
         return model
+    _refuse_unadaptable(model, paths, adapter_dir)
     init = _residual_init(adapter_dir, config, model, paths)
     add_lora(model, r=int(config["r"]), alpha=float(config["lora_alpha"]), dropout=float(config.get("lora_dropout") or 0.0),
              target_modules="|".join(map(re.escape, paths)) if paths else None, rslora=bool(config.get("use_rslora")),
@@ -446,6 +449,25 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path, adapter_name: str = 
     if not trainable:  # training goes on here: what it computes is no longer the folder run's alone
         note_loaded(model, adapter_name, adapter_dir)
     return model
+
+
+def _refuse_unadaptable(model: nn.Module, paths: list[str], adapter_dir: Path) -> None:
+    """Refuse LoRA tensors for a module that qlora does not adapt with LoRA (an MoE router, which PEFT wraps as a
+    parameter; a vision tower's layer), before the model changes: they would be left out, changing the outputs."""
+    if not paths:
+        return
+    try:
+        adaptable = set(target_paths(model, "|".join(map(re.escape, paths))))
+    except UsageError:
+        adaptable = set()
+    odd = [p for p in paths if p not in adaptable]
+    if odd:
+        module = model.get_submodule(odd[0])
+        raise UsageError(f"{adapter_dir} adapts {odd[0]} with LoRA ({len(odd)} such layers), a "
+                         f"{type(module).__name__} that qlora does not adapt: it adapts linear layers, token "
+                         "embeddings and output heads of the text model, and 3-D expert weights (target_parameters); "
+                         "MoE routers and vision or audio towers stay as they are. Merge the adapter with PEFT "
+                         "(merge_and_unload) and give qlora the merged model.")
 
 
 def _refuse_two_ways(adapter_dir: Path, modules: dict[str, nn.Module], paths: list[str], save_paths: list[str]) -> None:
