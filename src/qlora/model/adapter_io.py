@@ -311,6 +311,13 @@ def read_adapter_weights(adapter_dir: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
     weights = adapter_dir / "adapter_model.safetensors"
+    if not weights.is_file() and (adapter_dir / "adapter_model.bin").is_file():
+        folder = str(adapter_dir).replace("'", "\\'")
+        raise UsageError(f"{adapter_dir} holds its weights in adapter_model.bin, the pickle file older PEFT wrote; "
+                         "qlora reads safetensors only (unpickling a file can run code from it). Where you trust "
+                         "the file, convert it once: python3 -c \"import torch; from safetensors.torch import "
+                         f"save_file; d = '{folder}'; save_file({{k: v.contiguous() for k, v in torch.load(d + "
+                         "'/adapter_model.bin', weights_only=True).items()}, d + '/adapter_model.safetensors')\"")
     if not weights.is_file():
         raise UsageError(f"{adapter_dir} has no adapter_model.safetensors (qlora reads safetensors only).")
     try:
@@ -324,7 +331,37 @@ def read_adapter_weights(adapter_dir: Path) -> dict[str, torch.Tensor]:
             raise UsageError(f"{weights}: tensor {key} holds {str(value.dtype).removeprefix('torch.')} values, but "
                              "every tensor of a LoRA adapter is floating point; the file was written wrong or "
                              "edited. Save the adapter again (PEFT's save_pretrained or qlora).")
-    return tensors
+    return _without_adapter_name(tensors, weights)
+
+
+def _without_adapter_name(tensors: dict[str, torch.Tensor], weights: Path) -> dict[str, torch.Tensor]:
+    """The tensors under PEFT's file keys: ``base_model.model.<module path>.lora_A.weight``. A file saved from the
+    model's own state dict names the adapter in its keys (``lora_A.default.weight``), which PEFT loads under that
+    name; it is dropped here (one adapter a file). Keys without PEFT's prefix are refused: PEFT leaves those layers
+    at their initialization, so no one knows what the file computes."""
+    foreign = next((k for k in tensors if not k.startswith(PEFT_PREFIX)), None)
+    if foreign is not None:
+        raise UsageError(f"{weights}: tensor {foreign} is not named as PEFT names an adapter's tensors "
+                         f"({PEFT_PREFIX}<module path>.lora_A.weight, ...), so PEFT would not load it either (it "
+                         "leaves such layers at their initialization); the file was written by another tool or "
+                         "renamed. Save the adapter with PEFT's save_pretrained, or rename its keys to PEFT's.")
+    named = {k: m for k in tensors if (m := _NAMED_KEY.search(k))}
+    names = sorted({m["name"] for m in named.values()})
+    if len(names) > 1:
+        raise UsageError(f"{weights} holds the tensors of several adapters, named {', '.join(names)} in its keys "
+                         "(a model's state dict saved whole); save each adapter with PEFT's save_pretrained, which "
+                         "writes one a folder.")
+    out = {}
+    for key, value in tensors.items():
+        m = named.get(key)
+        out[key if m is None else key[:m.start()] + m["kind"] + (m["end"] if m["kind"].startswith(
+            (".lora_A", ".lora_B")) else "")] = value
+    return out
+
+
+# a LoRA tensor's key with the adapter's name inside (the model's key): lora_A.default.weight, lora_embedding_A.default
+_NAMED_KEY = re.compile(r"(?P<kind>\.lora_(?:A|B|magnitude_vector|embedding_A|embedding_B))"
+                        r"\.(?P<name>(?!weight$|bias$)[^.]+)(?P<end>\.weight|\.bias)?$")
 
 
 def load_adapter(model: nn.Module, adapter_dir: str | Path, adapter_name: str = "default",
