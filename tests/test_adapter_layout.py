@@ -1,6 +1,7 @@
 """Adapters trained under transformers 4, whose keys name the checkpoint layout (Mixtral's
-``block_sparse_moe.experts.3.w1``, Qwen2-MoE's ``mlp.experts.3.gate_proj``), load on transformers 5's fused 3-D
-experts as the model they were trained on.
+``block_sparse_moe.experts.3.w1``, Qwen2-MoE's ``mlp.experts.3.gate_proj``, a vision-language model's
+``language_model.model.layers`` before transformers 4.52), load on transformers 5's fused 3-D experts and renamed
+modules as the model they were trained on.
 
 The oracle needs neither PEFT nor qlora's conversion: the adapter's deltas ``s B A`` added to the per-expert
 weights of the checkpoint file (the layout they were trained in), loaded by transformers. PEFT 0.21, which converts
@@ -23,7 +24,7 @@ from tiny_moe import tiny_moe_factory
 
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
-pytestmark = pytest.mark.skipif(
+_FUSES_EXPERTS = pytest.mark.skipif(
     __import__("importlib").util.find_spec("transformers.conversion_mapping") is None,
     reason="transformers 4.x builds the per-expert layers themselves: nothing to convert")
 
@@ -101,6 +102,7 @@ CASES = {  # model type, adapted checkpoint layers, options
 }
 
 
+@_FUSES_EXPERTS
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_per_expert_adapter_loads_saves_and_merges_as_trained(tmp_path, saved, case):
     from peft import PeftModel
@@ -137,6 +139,7 @@ def test_per_expert_adapter_loads_saves_and_merges_as_trained(tmp_path, saved, c
     torch.testing.assert_close(_logits(four), _logits(theirs), rtol=1e-4, atol=1e-4)
 
 
+@_FUSES_EXPERTS
 def test_router_lora_is_refused_naming_the_router(tmp_path, saved):
     """transformers 4.x's Mixtral router was a linear layer an all-linear adapter adapted; qlora adapts no router."""
     model_dir = saved("mixtral")
@@ -147,6 +150,7 @@ def test_router_lora_is_refused_naming_the_router(tmp_path, saved):
         qlora.load_adapter(ours, tmp_path / "v4")
 
 
+@_FUSES_EXPERTS
 def test_dora_on_per_expert_layers_is_refused_naming_the_layer(tmp_path, saved):
     from safetensors.torch import load_file, save_file
 
@@ -160,3 +164,40 @@ def test_dora_on_per_expert_layers_is_refused_naming_the_layer(tmp_path, saved):
     with pytest.raises(UsageError, match=r"adapts model\.layers\.0\.block_sparse_moe\.experts\.1\.w2 with "
                                          r"lora_magnitude_vector .*no DoRA"):
         qlora.load_adapter(ours, tmp_path / "v4")
+
+
+@pytest.mark.parametrize("kind, saved_whole", [("llava", []), ("llava", ["lm_head"]), ("gemma3", []),
+                                               ("qwen2_5_vl", [])])
+def test_vision_language_adapter_of_the_old_layout_loads_as_trained(tmp_path, tiny_tokenizer, kind, saved_whole):
+    """Before transformers 4.52, Llava and Gemma 3 held their text model as ``language_model.model`` (the head as
+    ``language_model.lm_head``) and Qwen2.5-VL as ``model``: adapters of that time name those paths, which
+    transformers renames on load; qlora reads them under the new names (they were refused as made for another
+    model; PEFT 0.21 fails on the head saved whole and leaves Qwen2.5-VL's layers at their initialization)."""
+    import re
+
+    from peft import LoraConfig, get_peft_model
+    from safetensors.torch import load_file, save_file
+
+    from vision_language import build_tiny_vlm
+
+    model_dir = build_tiny_vlm(tmp_path / kind, tiny_tokenizer, kind)
+    base = transformers.AutoModelForImageTextToText.from_pretrained(model_dir, dtype=torch.float32)
+    trained = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, init_lora_weights=False, modules_to_save=saved_whole
+                                              or None, target_modules=r".*language_model.*\.(q_proj|v_proj)"))
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for _, p in sorted(trained.named_parameters()):
+            if p.requires_grad:
+                p.add_(0.1 * torch.randn(p.shape, generator=g))
+    trained.eval().save_pretrained(tmp_path / "a")
+    expected = _logits(trained)
+    old = "model." if kind == "qwen2_5_vl" else r"language_model.model."
+    file = tmp_path / "a" / "adapter_model.safetensors"
+    save_file({re.sub(r"^base_model\.model\.(model\.language_model\.|lm_head\.)",
+                      lambda m: "base_model.model." + (old if m[1].startswith("model") else "language_model.lm_head."),
+                      k): v for k, v in load_file(str(file)).items()}, str(file))
+    assert not any(k.startswith("base_model.model.model.language_model.") for k in load_file(str(file)))
+
+    ours, _ = load_model(model_dir, quant=None, compute_dtype=torch.float32, device="cpu")
+    qlora.load_adapter(ours, tmp_path / "a")
+    torch.testing.assert_close(_logits(ours), expected, rtol=1e-5, atol=1e-5)
