@@ -232,3 +232,19 @@ def test_pickled_adapter_of_older_peft_is_refused_with_a_command_that_converts_i
     ids = torch.tensor([[1, 17, 42, 99, 7]])
     with torch.no_grad():
         torch.testing.assert_close(model(ids).logits, theirs(ids).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_classification_adapter_is_refused_naming_its_task_type(tmp_path, models, capsys):
+    """A SEQ_CLS adapter trained the classifier head ``score`` whole, which a causal LM lacks: refused naming the
+    task type (it was 'made for another base model: it adapts score'), by the CLI with exit 2."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForSequenceClassification
+
+    base = AutoModelForSequenceClassification.from_pretrained(models["llama"], dtype=torch.float32, num_labels=3)
+    get_peft_model(base, LoraConfig(task_type="SEQ_CLS", r=2, target_modules=["q_proj"])).save_pretrained(tmp_path / "a")
+    capsys.readouterr()
+    assert main(["generate", "--model", str(models["llama"]), "--adapter", str(tmp_path / "a"), "--quant", "none",
+                 "--prompt", "x"]) == 2
+    err = capsys.readouterr().err
+    assert "task_type is 'SEQ_CLS': the adapter was trained on a sequence classification model" in err, err
+    assert "AutoModelForSequenceClassification" in err and "Traceback" not in err

@@ -58,6 +58,11 @@ _KNOWN_KEYS = {
 }
 
 
+# PEFT task types whose model puts a head of its own (trained whole) on the transformer, not the language-model head
+_OTHER_TASKS = {"SEQ_CLS": ("sequence classification", "AutoModelForSequenceClassification"),
+                "TOKEN_CLS": ("token classification", "AutoModelForTokenClassification"),
+                "QUESTION_ANS": ("question answering", "AutoModelForQuestionAnswering")}
+
 # PEFT LoraConfig fields that, when set, change what a layer computes (or its shapes)
 _VARIANTS = {"layer_replication": "layer-replication (repeated layers)", "use_qalora": "QA-LoRA",
              "alora_invocation_tokens": "activated LoRA (aLoRA)", "arrow_config": "Arrow (routed LoRA)",
@@ -254,6 +259,12 @@ def read_adapter_config(adapter_dir: str | Path) -> dict:
     if init == "loftq":
         log.warning("%s: a LoftQ adapter is only valid on the 4-bit base it was made with "
                     "(qlora.save_quantized wrote it next to the adapter, or PEFT's LoftQ base).", path)
+    task = _OTHER_TASKS.get(config.get("task_type"))
+    if task:
+        raise UsageError(f"{path}: task_type is {config['task_type']!r}: the adapter was trained on a {task[0]} "
+                         f"model ({task[1]}), whose output head it trained whole (modules_to_save "
+                         f"{config.get('modules_to_save')}); qlora runs causal language models (task_type CAUSAL_LM), "
+                         "which have no such head. Load it with PEFT on that model class.")
     variant = next((what for key, what in _VARIANTS.items() if config.get(key)), None)
     if variant:
         raise UsageError(f"{path} is a {variant} adapter, a LoRA variant whose layers compute differently; qlora "
