@@ -241,7 +241,8 @@ def test_classification_adapter_is_refused_naming_its_task_type(tmp_path, models
     from transformers import AutoModelForSequenceClassification
 
     base = AutoModelForSequenceClassification.from_pretrained(models["llama"], dtype=torch.float32, num_labels=3)
-    get_peft_model(base, LoraConfig(task_type="SEQ_CLS", r=2, target_modules=["q_proj"])).save_pretrained(tmp_path / "a")
+    adapter = get_peft_model(base, LoraConfig(task_type="SEQ_CLS", r=2, target_modules=["q_proj"]))
+    adapter.save_pretrained(tmp_path / "a")
     capsys.readouterr()
     assert main(["generate", "--model", str(models["llama"]), "--adapter", str(tmp_path / "a"), "--quant", "none",
                  "--prompt", "x"]) == 2
