@@ -33,6 +33,7 @@ from .quantize import matches_any
 
 log = logging.getLogger("qlora")
 
+_WRAPPED = re.compile(r"\.(token_adapter|modules_to_save|original_module)(\.|$)")  # PEFT's wrappers' own keys
 _FUSIONS = (["MergeModulelist"], ["MergeModulelist", "Concatenate"])  # experts stacked, then sources concatenated
 
 
@@ -52,7 +53,8 @@ def to_model_layout(model: nn.Module, config: dict, tensors: dict[str, torch.Ten
         if key.startswith(PEFT_PREFIX):
             path = lora_key(key)[0] if ".lora_" in key else key[len(PEFT_PREFIX):].rpartition(".")[0]
             by_path.setdefault(path, []).append(key)
-    missing = [p for p in by_path if p not in modules and re.sub(r"(\.base_layer)+$", "", p) not in modules]
+    missing = [p for p in by_path if p not in modules and re.sub(r"(\.base_layer)+$", "", p) not in modules
+               and not _WRAPPED.search(p)]
     if not missing:
         return config, tensors
     experts = expert_modules(model)
