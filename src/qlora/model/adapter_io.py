@@ -455,7 +455,7 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path, adapter_name: str = 
              use_dora=bool(config.get("use_dora")),
              target_parameters=target_parameters, rank_pattern=config.get("rank_pattern") or None,
              alpha_pattern=config.get("alpha_pattern") or None, lora_bias=bool(config.get("lora_bias")),
-             bias=bias_mode, ensure_weight_tying=bool(config.get("ensure_weight_tying")))
+             bias=bias_mode, ensure_weight_tying=bool(config.get("ensure_weight_tying")), adapt_towers=True)
     adapter_configs(model)[adapter_name].target_modules = target_names(config.get("target_modules"), paths)
     _load_expert_tensors(model, tensors, expert_keys, adapter_name, adapter_dir, trainable)
     _load_base_tables(model, base_tables, adapter_dir)
@@ -501,11 +501,12 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path, adapter_name: str = 
 
 def _refuse_unadaptable(model: nn.Module, paths: list[str], adapter_dir: Path) -> None:
     """Refuse LoRA tensors for a module that qlora does not adapt with LoRA (an MoE router, which PEFT wraps as a
-    parameter; a vision tower's layer), before the model changes: they would be left out, changing the outputs."""
+    parameter), before the model changes: they would be left out, changing the outputs. (A vision or audio tower's
+    layers, which training leaves out, are adapted where an adapter names them: PEFT's all-linear reaches them.)"""
     if not paths:
         return
     try:
-        adaptable = set(target_paths(model, "|".join(map(re.escape, paths))))
+        adaptable = set(target_paths(model, "|".join(map(re.escape, paths)), adapt_towers=True))
     except UsageError:
         adaptable = set()
     odd = [p for p in paths if p not in adaptable]
@@ -513,9 +514,9 @@ def _refuse_unadaptable(model: nn.Module, paths: list[str], adapter_dir: Path) -
         module = model.get_submodule(odd[0])
         raise UsageError(f"{adapter_dir} adapts {odd[0]} with LoRA ({len(odd)} such layers), a "
                          f"{type(module).__name__} that qlora does not adapt: it adapts linear layers, token "
-                         "embeddings and output heads of the text model, and 3-D expert weights (target_parameters); "
-                         "MoE routers and vision or audio towers stay as they are. Merge the adapter with PEFT "
-                         "(merge_and_unload) and give qlora the merged model.")
+                         "embeddings and output heads, and 3-D expert weights (target_parameters); MoE routers stay "
+                         "as they are. Merge the adapter with PEFT (merge_and_unload) and give qlora the merged "
+                         "model.")
 
 
 def _refuse_two_ways(adapter_dir: Path, modules: dict[str, nn.Module], paths: list[str], save_paths: list[str]) -> None:
