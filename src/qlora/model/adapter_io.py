@@ -456,7 +456,10 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path, adapter_name: str = 
              target_parameters=target_parameters, rank_pattern=config.get("rank_pattern") or None,
              alpha_pattern=config.get("alpha_pattern") or None, lora_bias=bool(config.get("lora_bias")),
              bias=bias_mode, ensure_weight_tying=bool(config.get("ensure_weight_tying")), adapt_towers=True)
-    adapter_configs(model)[adapter_name].target_modules = target_names(config.get("target_modules"), paths)
+    names = target_names(config.get("target_modules"), paths)
+    # and the layers those names miss: PEFT's ensure_weight_tying adapts a tied head it drops from target_modules (its
+    # LoRA the embedding's, transposed), which qlora holds as the head's own LoRA and so must name for PEFT to load it
+    adapter_configs(model)[adapter_name].target_modules = names + [p for p in paths if not matches_any(p, names)]
     _load_expert_tensors(model, tensors, expert_keys, adapter_name, adapter_dir, trainable)
     _load_base_tables(model, base_tables, adapter_dir)
     _load_whole(model, token_tables, False, adapter_dir)  # the tables the rows go into, frozen
