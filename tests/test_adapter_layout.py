@@ -201,3 +201,27 @@ def test_vision_language_adapter_of_the_old_layout_loads_as_trained(tmp_path, ti
     ours, _ = load_model(model_dir, quant=None, compute_dtype=torch.float32, device="cpu")
     qlora.load_adapter(ours, tmp_path / "a")
     torch.testing.assert_close(_logits(ours), expected, rtol=1e-5, atol=1e-5)
+
+
+@_FUSES_EXPERTS
+def test_train_continues_a_per_expert_adapter_in_the_models_layout(tmp_path, saved, caplog):
+    """``qlora train --adapter`` on a transformers 4.x Mixtral adapter (lora_dropout 0.1) trains its expert LoRA as
+    PEFT's target_parameters (no dropout there, said once) and writes an adapter PEFT loads with qlora's outputs."""
+    from peft import PeftModel
+
+    from qlora.cli.main import main
+
+    model_dir = saved("mixtral")
+    _v4_adapter(model_dir, tmp_path / "v4", {"q_proj", "w1", "w2", "w3"}, dropout=0.1)
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"text": f"{w} is a colour and {w} is a word."}) + "\n"
+                            for w in ("red", "green", "blue", "gold")))
+    assert main(["train", "--model", str(model_dir), "--adapter", str(tmp_path / "v4"), "--data", str(data),
+                 "--output", str(tmp_path / "run"), "--max-steps", "2", "--seq-len", "32", "--quant", "none",
+                 "--no-progress"]) == 0
+    assert "lora_dropout (0.1) is not applied" in caplog.text
+    ours, _ = load_model(model_dir, quant=None, compute_dtype=torch.float32, device="cpu")
+    qlora.load_adapter(ours, tmp_path / "run")
+    theirs = PeftModel.from_pretrained(transformers.AutoModelForCausalLM.from_pretrained(
+        model_dir, dtype=torch.float32), tmp_path / "run").eval()
+    torch.testing.assert_close(_logits(ours), _logits(theirs), rtol=1e-5, atol=1e-5)
