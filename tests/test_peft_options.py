@@ -249,3 +249,23 @@ def test_classification_adapter_is_refused_naming_its_task_type(tmp_path, models
     err = capsys.readouterr().err
     assert "task_type is 'SEQ_CLS': the adapter was trained on a sequence classification model" in err, err
     assert "AutoModelForSequenceClassification" in err and "Traceback" not in err
+
+
+def test_a_config_without_lora_alpha_takes_peft_default(tmp_path, models):
+    """lora_alpha left out of adapter_config.json (a hand-written or another tool's config) is PEFT's default 8, as
+    PEFT reads it (a KeyError before)."""
+    import json
+
+    from peft import PeftModel
+
+    model_dir = models["llama"]
+    _peft_adapter(_base(model_dir), tmp_path / "a", target_modules=["q_proj", "v_proj"], lora_alpha=3)
+    config = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
+    del config["lora_alpha"]
+    (tmp_path / "a" / "adapter_config.json").write_text(json.dumps(config))
+    theirs = PeftModel.from_pretrained(_base(model_dir), tmp_path / "a").eval()
+    model, _ = qlora.load_model(model_dir, quant=None, compute_dtype=torch.float32, device="cpu")
+    qlora.load_adapter(model, tmp_path / "a")
+    ids = torch.tensor([[1, 17, 42, 99, 7]])
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, theirs(ids).logits, rtol=1e-5, atol=1e-5)

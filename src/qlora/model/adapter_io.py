@@ -58,6 +58,11 @@ _KNOWN_KEYS = {
 }
 
 
+# LoraConfig's and AdaLoraConfig's defaults of the fields qlora reads (r has none that fits a file: it is required)
+_PEFT_DEFAULTS = {"lora_alpha": 8}
+_ADALORA_DEFAULTS = {"init_r": 12, "target_r": 8, "tinit": 0, "tfinal": 0, "deltaT": 1, "beta1": 0.85, "beta2": 0.85,
+                     "orth_reg_weight": 0.5}
+
 # PEFT task types whose model puts a head of its own (trained whole) on the transformer, not the language-model head
 _OTHER_TASKS = {"SEQ_CLS": ("sequence classification", "AutoModelForSequenceClassification"),
                 "TOKEN_CLS": ("token classification", "AutoModelForTokenClassification"),
@@ -274,7 +279,9 @@ def read_adapter_config(adapter_dir: str | Path) -> dict:
     if unknown:
         log.warning("%s: ignoring unknown adapter config keys %s", path, ", ".join(unknown))
     _check_values(path, config)
-    return config
+    # fields a config may leave out (PEFT's defaults apply): a hand-written or other tool's adapter_config.json
+    defaults = _PEFT_DEFAULTS | (_ADALORA_DEFAULTS if config.get("peft_type") == "ADALORA" else {})
+    return config | {key: value for key, value in defaults.items() if config.get(key) is None}
 
 
 def _check_values(path: Path, config: dict) -> None:
