@@ -373,3 +373,15 @@ def test_rank_and_alpha_patterns_on_expert_weights_are_per_weight_as_peft(tmp_pa
     qlora.save_adapter(fresh, tmp_path / "ours")
     again = peft.PeftModel.from_pretrained(_reference(path), str(tmp_path / "ours")).eval()
     torch.testing.assert_close(_logits(again), _logits(fresh), rtol=1e-5, atol=1e-5)
+
+
+def test_a_peft_adapter_on_the_router_is_refused_naming_it(tmp_path, saved):
+    """PEFT's all-linear adapts Qwen3-MoE's router (a ParamWrapper on its 2-D weight); qlora adapts no router, so
+    such an adapter is refused naming the router and what to do (a KeyError traceback before)."""
+    path = saved("qwen3_moe")
+    theirs = peft.get_peft_model(_reference(path), peft.LoraConfig(r=2, target_modules="all-linear"))
+    theirs.save_pretrained(tmp_path / "a")
+    ours, _ = load_model(path, quant="nf4", compute_dtype=torch.float32, device="cpu")
+    with pytest.raises(UsageError, match=r"adapts model\.layers\.0\.mlp\.gate with LoRA \(2 such layers\), a "
+                                         r"Qwen3MoeTopKRouter that qlora does not adapt.*merge_and_unload"):
+        qlora.load_adapter(ours, tmp_path / "a")
