@@ -346,3 +346,42 @@ def test_merged_weight_on_a_16bit_base_leaves_the_base_alone(saved):
     first = experts.merged_weight("gate_up_proj")
     torch.testing.assert_close(experts.merged_weight("gate_up_proj"), first, rtol=0, atol=0)
     torch.testing.assert_close(_logits(model), before, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("model_type", ["mixtral", "gpt_oss"])
+def test_rank_and_alpha_patterns_on_expert_weights_are_per_weight_as_peft(tmp_path, saved, model_type):
+    """PEFT matches rank_pattern and alpha_pattern against each expert weight's name (``<module>.down_proj``), so
+    one experts module holds factors of two ranks; such a PEFT adapter loads with PEFT's outputs (it was refused as
+    made for another model: qlora gave every weight of the module one rank), and qlora's own is written for PEFT."""
+    path = saved(model_type)
+    options = dict(r=2, lora_alpha=4, target_modules=["q_proj"], target_parameters=_EXPERTS,
+                   rank_pattern={"down_proj": 4}, alpha_pattern={r"layers\.1\.mlp\.experts\.gate_up_proj": 16})
+    theirs = peft.get_peft_model(_reference(path), peft.LoraConfig(init_lora_weights=False, **options))
+    _randomize_b(theirs)
+    theirs.save_pretrained(tmp_path / "theirs")
+    ours, _ = load_model(path, quant=None, compute_dtype=torch.float32, device="cpu")
+    qlora.load_adapter(ours, tmp_path / "theirs")
+    experts = ours.model.layers[1].mlp.experts
+    assert (experts.lora_A["down_proj"]["default"].weight.shape[0], experts.lora_A["gate_up_proj"]["default"]
+            .weight.shape[0]) == (4 * experts.num_experts, 2 * experts.num_experts)
+    torch.testing.assert_close(_logits(ours), _logits(theirs.eval()), rtol=1e-5, atol=1e-5)
+
+    fresh, _ = load_model(path, quant=None, compute_dtype=torch.float32, device="cpu")
+    qlora.add_lora(fresh, r=2, alpha=4, dropout=0.0, target_modules=["q_proj"], target_parameters=_EXPERTS,
+                   rank_pattern=options["rank_pattern"], alpha_pattern=options["alpha_pattern"])
+    _randomize_b(fresh)
+    qlora.save_adapter(fresh, tmp_path / "ours")
+    again = peft.PeftModel.from_pretrained(_reference(path), str(tmp_path / "ours")).eval()
+    torch.testing.assert_close(_logits(again), _logits(fresh), rtol=1e-5, atol=1e-5)
+
+
+def test_a_peft_adapter_on_the_router_is_refused_naming_it(tmp_path, saved):
+    """PEFT's all-linear adapts Qwen3-MoE's router (a ParamWrapper on its 2-D weight); qlora adapts no router, so
+    such an adapter is refused naming the router and what to do (a KeyError traceback before)."""
+    path = saved("qwen3_moe")
+    theirs = peft.get_peft_model(_reference(path), peft.LoraConfig(r=2, target_modules="all-linear"))
+    theirs.save_pretrained(tmp_path / "a")
+    ours, _ = load_model(path, quant="nf4", compute_dtype=torch.float32, device="cpu")
+    with pytest.raises(UsageError, match=r"adapts model\.layers\.0\.mlp\.gate with LoRA \(2 such layers\), a "
+                                         r"Qwen3MoeTopKRouter that qlora does not adapt.*merge_and_unload"):
+        qlora.load_adapter(ours, tmp_path / "a")

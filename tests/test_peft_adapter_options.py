@@ -34,6 +34,10 @@ CASES = {
     "saved_head_of_tied_pair": ("llama_tied", dict(target_modules=["v_proj"], modules_to_save=["lm_head"])),
     "saved_embedding_kept_tied": ("llama_tied", dict(target_modules=["q_proj"], modules_to_save=["embed_tokens"],
                                                      ensure_weight_tying=True)),
+    # PEFT ties the head's LoRA to the embedding's (dropping lm_head from target_modules): written back naming it
+    "lora_on_tied_pair_kept_tied": ("llama_tied", dict(target_modules=["q_proj", "embed_tokens", "lm_head"],
+                                                       ensure_weight_tying=True)),
+    "lora_on_tied_head_kept_tied": ("llama_tied", dict(target_modules=["v_proj", "lm_head"], ensure_weight_tying=True)),
     # both saved whole: two tables trained apart, so the merged model has both (untied)
     "saved_embedding_and_head_of_tied_pair": ("llama_tied", dict(target_modules=["q_proj"],
                                                                  modules_to_save=["embed_tokens", "lm_head"])),

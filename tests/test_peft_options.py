@@ -150,3 +150,122 @@ def test_named_adapters_in_subfolders_load_one_by_one_and_the_folder_is_refused(
     assert str(tmp_path / "both" / "first") in err and "Traceback" not in err
     with pytest.raises(UsageError, match="is not an adapter folder: adapter_config.json is missing"):
         qlora.load_adapter(model, tmp_path)
+
+
+def _rewritten(source, out, rename=lambda k: k, pickle=False):
+    """A copy of adapter folder ``source`` whose tensor keys are ``rename``d, or saved as PEFT < 0.7's pickle."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(source, out)
+    tensors = {rename(k): v for k, v in load_file(str(out / "adapter_model.safetensors")).items()}
+    (out / "adapter_model.safetensors").unlink()
+    if pickle:
+        torch.save(tensors, out / "adapter_model.bin")
+    else:
+        save_file(tensors, str(out / "adapter_model.safetensors"))
+    return out
+
+
+def test_keys_naming_the_adapter_load_as_peft_loads_them(tmp_path, models):
+    """A file saved from the model's own state dict names the adapter in its keys (``lora_A.default.weight``,
+    ``lora_embedding_A.default``, ``lora_magnitude_vector.default.weight``): PEFT loads it as trained, and so does
+    qlora (it refused such keys as a LoRA variant); keys of two adapters in one file are refused naming them."""
+    import re
+
+    from peft import PeftModel
+
+    model_dir = models["llama"]
+    _peft_adapter(_base(model_dir), tmp_path / "a", target_modules=["q_proj", "embed_tokens"], use_dora=True)
+    named = _rewritten(tmp_path / "a", tmp_path / "named", lambda k: re.sub(
+        r"\.(lora_(?:A|B))\.weight$|\.(lora_embedding_[AB])$|\.(lora_magnitude_vector)$",
+        lambda m: f".{m[1]}.default.weight" if m[1] else f".{m[2]}.default" if m[2] else f".{m[3]}.default.weight",
+        k))
+    ids = torch.tensor([[1, 17, 42, 99, 7]])
+    theirs = PeftModel.from_pretrained(_base(model_dir), named).eval()
+    model, _ = qlora.load_model(model_dir, quant=None, compute_dtype=torch.float32, device="cpu")
+    qlora.load_adapter(model, named)
+    with torch.no_grad():
+        expected = PeftModel.from_pretrained(_base(model_dir), tmp_path / "a").eval()(ids).logits
+        torch.testing.assert_close(theirs(ids).logits, expected, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(model(ids).logits, expected, rtol=1e-5, atol=1e-5)
+    two = _rewritten(tmp_path / "a", tmp_path / "two", lambda k: k.replace(
+        ".lora_A.weight", ".lora_A.first.weight").replace(".lora_B.weight", ".lora_B.second.weight"))
+    fresh, _ = qlora.load_model(model_dir, quant=None, compute_dtype=torch.float32, device="cpu")
+    with pytest.raises(UsageError, match=r"holds the tensors of several adapters, named first, second"):
+        qlora.load_adapter(fresh, two)
+
+
+def test_keys_without_peft_prefix_are_refused_naming_the_key(tmp_path, models):
+    """PEFT leaves layers whose keys lack ``base_model.model.`` at their init (random here): refused, naming the key
+    (the path was cut by the prefix's length before: 'it adapts lf_attn.q_proj, which this model does not have')."""
+    _peft_adapter(_base(models["llama"]), tmp_path / "a", target_modules=["q_proj"])
+    bare = _rewritten(tmp_path / "a", tmp_path / "bare", lambda k: k.removeprefix("base_model.model."))
+    model, _ = qlora.load_model(models["llama"], quant=None, compute_dtype=torch.float32, device="cpu")
+    with pytest.raises(UsageError, match=r"tensor model\.layers\.0\.self_attn\.q_proj\.lora_A\.weight is not named as "
+                                         r"PEFT names an adapter's tensors \(base_model\.model\.<module path>"):
+        qlora.load_adapter(model, bare)
+
+
+def test_pickled_adapter_of_older_peft_is_refused_with_a_command_that_converts_it(tmp_path, models, capsys):
+    """PEFT before 0.7 wrote adapter_model.bin (the QLoRA paper's Guanaco adapters are such): qlora reads no pickle,
+    and says how to convert it; the command it prints converts it, and the adapter then gives PEFT's outputs."""
+    import shlex
+    import subprocess
+    import sys
+
+    from peft import PeftModel
+
+    model_dir = models["llama"]
+    _peft_adapter(_base(model_dir), tmp_path / "a", target_modules=["q_proj", "v_proj"])
+    old = _rewritten(tmp_path / "a", tmp_path / "old peft's", pickle=True)
+    theirs = PeftModel.from_pretrained(_base(model_dir), old).eval()
+    assert main(["generate", "--model", str(model_dir), "--adapter", str(old), "--quant", "none",
+                 "--prompt", "x"]) == 2
+    err = capsys.readouterr().err
+    assert "holds its weights in adapter_model.bin" in err and "Traceback" not in err
+    command = shlex.split(err[err.index("python3 -c"):].split("\n")[0].rstrip())
+    subprocess.run([sys.executable, *command[1:]], check=True)
+    model, _ = qlora.load_model(model_dir, quant=None, compute_dtype=torch.float32, device="cpu")
+    qlora.load_adapter(model, old)
+    ids = torch.tensor([[1, 17, 42, 99, 7]])
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, theirs(ids).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_classification_adapter_is_refused_naming_its_task_type(tmp_path, models, capsys):
+    """A SEQ_CLS adapter trained the classifier head ``score`` whole, which a causal LM lacks: refused naming the
+    task type (it was 'made for another base model: it adapts score'), by the CLI with exit 2."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForSequenceClassification
+
+    base = AutoModelForSequenceClassification.from_pretrained(models["llama"], dtype=torch.float32, num_labels=3)
+    adapter = get_peft_model(base, LoraConfig(task_type="SEQ_CLS", r=2, target_modules=["q_proj"]))
+    adapter.save_pretrained(tmp_path / "a")
+    capsys.readouterr()
+    assert main(["generate", "--model", str(models["llama"]), "--adapter", str(tmp_path / "a"), "--quant", "none",
+                 "--prompt", "x"]) == 2
+    err = capsys.readouterr().err
+    assert "task_type is 'SEQ_CLS': the adapter was trained on a sequence classification model" in err, err
+    assert "AutoModelForSequenceClassification" in err and "Traceback" not in err
+
+
+def test_a_config_without_lora_alpha_takes_peft_default(tmp_path, models):
+    """lora_alpha left out of adapter_config.json (a hand-written or another tool's config) is PEFT's default 8, as
+    PEFT reads it (a KeyError before)."""
+    import json
+
+    from peft import PeftModel
+
+    model_dir = models["llama"]
+    _peft_adapter(_base(model_dir), tmp_path / "a", target_modules=["q_proj", "v_proj"], lora_alpha=3)
+    config = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
+    del config["lora_alpha"]
+    (tmp_path / "a" / "adapter_config.json").write_text(json.dumps(config))
+    theirs = PeftModel.from_pretrained(_base(model_dir), tmp_path / "a").eval()
+    model, _ = qlora.load_model(model_dir, quant=None, compute_dtype=torch.float32, device="cpu")
+    qlora.load_adapter(model, tmp_path / "a")
+    ids = torch.tensor([[1, 17, 42, 99, 7]])
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, theirs(ids).logits, rtol=1e-5, atol=1e-5)

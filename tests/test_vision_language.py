@@ -445,3 +445,45 @@ def test_a_model_that_requires_token_types_when_training_trains_on_text(tmp_path
         assert ours == (theirs[:theirs.index(eos) + 1] if eos in theirs else theirs)
     finally:
         torch.set_grad_enabled(True)
+
+
+@pytest.mark.parametrize("kind", ["llava", "qwen2_5_vl"])
+def test_a_peft_adapter_on_the_vision_tower_loads_saves_and_merges_as_peft(tmp_path, tiny_tokenizer, kind):
+    """PEFT's all-linear adapts a vision-language model's tower and projector too (as adapters trained on images
+    do): qlora adapts those layers where an adapter names them (a KeyError before), each computing what PEFT's
+    does, writes them back for PEFT, and merges them into the 16-bit tower."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    model_dir = build_tiny_vlm(tmp_path / kind, tiny_tokenizer, kind)
+    theirs = get_peft_model(_transformers_model(model_dir), LoraConfig(r=4, lora_alpha=8, init_lora_weights=False,
+                                                                      target_modules="all-linear"))
+    theirs.eval().save_pretrained(tmp_path / "theirs")
+    ours, _ = load_model(model_dir, quant=None, compute_dtype=torch.float32, device="cpu")
+    towers = non_text_names(ours)
+    load_adapter(ours, tmp_path / "theirs")
+    tower_layers = {n: m for n, m in ours.named_modules() if isinstance(m, LoraLinear) and _under(n, towers)}
+    assert len(tower_layers) > 2
+
+    def tower_outputs(model, prefix=""):
+        g = torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            return {n: model.get_submodule(prefix + n)(torch.randn(3, m.base_layer.in_features, generator=g))
+                    for n, m in tower_layers.items()}
+
+    expected = tower_outputs(theirs, "base_model.model.")
+    for name, value in tower_outputs(ours).items():
+        torch.testing.assert_close(value, expected[name], rtol=1e-5, atol=1e-5, msg=name)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(IDS).logits, theirs(IDS).logits, rtol=1e-5, atol=1e-5)
+    save_adapter(ours, tmp_path / "ours")
+    again = PeftModel.from_pretrained(_transformers_model(model_dir), str(tmp_path / "ours")).eval()
+    for name, value in tower_outputs(again, "base_model.model.").items():
+        torch.testing.assert_close(value, expected[name], rtol=1e-5, atol=1e-5, msg=name)
+    assert main(["merge", "--model", str(model_dir), "--adapter", str(tmp_path / "ours"), "--output",
+                 str(tmp_path / "merged"), "--quant", "none", "--dtype", "float32"]) == 0
+    merged = _transformers_model(tmp_path / "merged")
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, module in tower_layers.items():
+            x = torch.randn(3, module.base_layer.in_features, generator=g)
+            torch.testing.assert_close(merged.get_submodule(name)(x), expected[name], rtol=1e-5, atol=1e-5, msg=name)

@@ -24,6 +24,7 @@ from .. import __version__
 from ..atomic import atomic_dir
 from ..errors import UsageError
 from ..nn import LoraEmbedding, LoraLinear, SavedModules
+from .adapter_layout import to_model_layout
 from .adapter_base import BASE_KEY, base_quantization, read_json_object
 from .adapter_sources import note_loaded
 from .adapter_tensors import PEFT_PREFIX, copy_adapter_tensor, lora_key
@@ -33,7 +34,7 @@ from .local_path import adapter_folder_problem
 from .in_place_weights import in_place_parts, refuse_beside_others
 from .inject import (AdapterConfig, adapter_configs, add_lora, check_adapter_name, check_trainable_whole,
                      embedding_lora_layers, expert_modules, experts_lora_layers, lora_layers, target_names,
-                     trained_biases)
+                     target_paths, trained_biases)
 from .saved_copies import load_copies, saved_module
 from .tied_tables import untie_trained_whole
 from .quantize import matches_any, non_text_names, text_decoder_path
@@ -56,6 +57,16 @@ _KNOWN_KEYS = {
     "kasa_config", "monteclora_config", "velora_config", BASE_KEY, TOKENIZATION_KEY,
 }
 
+
+# LoraConfig's and AdaLoraConfig's defaults of the fields qlora reads (r has none that fits a file: it is required)
+_PEFT_DEFAULTS = {"lora_alpha": 8}
+_ADALORA_DEFAULTS = {"init_r": 12, "target_r": 8, "tinit": 0, "tfinal": 0, "deltaT": 1, "beta1": 0.85, "beta2": 0.85,
+                     "orth_reg_weight": 0.5}
+
+# PEFT task types whose model puts a head of its own (trained whole) on the transformer, not the language-model head
+_OTHER_TASKS = {"SEQ_CLS": ("sequence classification", "AutoModelForSequenceClassification"),
+                "TOKEN_CLS": ("token classification", "AutoModelForTokenClassification"),
+                "QUESTION_ANS": ("question answering", "AutoModelForQuestionAnswering")}
 
 # PEFT LoraConfig fields that, when set, change what a layer computes (or its shapes)
 _VARIANTS = {"layer_replication": "layer-replication (repeated layers)", "use_qalora": "QA-LoRA",
@@ -253,6 +264,12 @@ def read_adapter_config(adapter_dir: str | Path) -> dict:
     if init == "loftq":
         log.warning("%s: a LoftQ adapter is only valid on the 4-bit base it was made with "
                     "(qlora.save_quantized wrote it next to the adapter, or PEFT's LoftQ base).", path)
+    task = _OTHER_TASKS.get(config.get("task_type"))
+    if task:
+        raise UsageError(f"{path}: task_type is {config['task_type']!r}: the adapter was trained on a {task[0]} "
+                         f"model ({task[1]}), whose output head it trained whole (modules_to_save "
+                         f"{config.get('modules_to_save')}); qlora runs causal language models (task_type CAUSAL_LM), "
+                         "which have no such head. Load it with PEFT on that model class.")
     variant = next((what for key, what in _VARIANTS.items() if config.get(key)), None)
     if variant:
         raise UsageError(f"{path} is a {variant} adapter, a LoRA variant whose layers compute differently; qlora "
@@ -262,7 +279,9 @@ def read_adapter_config(adapter_dir: str | Path) -> dict:
     if unknown:
         log.warning("%s: ignoring unknown adapter config keys %s", path, ", ".join(unknown))
     _check_values(path, config)
-    return config
+    # fields a config may leave out (PEFT's defaults apply): a hand-written or other tool's adapter_config.json
+    defaults = _PEFT_DEFAULTS | (_ADALORA_DEFAULTS if config.get("peft_type") == "ADALORA" else {})
+    return config | {key: value for key, value in defaults.items() if config.get(key) is None}
 
 
 def _check_values(path: Path, config: dict) -> None:
@@ -310,6 +329,13 @@ def read_adapter_weights(adapter_dir: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
     weights = adapter_dir / "adapter_model.safetensors"
+    if not weights.is_file() and (adapter_dir / "adapter_model.bin").is_file():
+        folder = str(adapter_dir).replace("'", "\\'")
+        raise UsageError(f"{adapter_dir} holds its weights in adapter_model.bin, the pickle file older PEFT wrote; "
+                         "qlora reads safetensors only (unpickling a file can run code from it). Where you trust "
+                         "the file, convert it once: python3 -c \"import torch; from safetensors.torch import "
+                         f"save_file; d = '{folder}'; save_file({{k: v.contiguous() for k, v in torch.load(d + "
+                         "'/adapter_model.bin', weights_only=True).items()}, d + '/adapter_model.safetensors')\"")
     if not weights.is_file():
         raise UsageError(f"{adapter_dir} has no adapter_model.safetensors (qlora reads safetensors only).")
     try:
@@ -323,7 +349,37 @@ def read_adapter_weights(adapter_dir: Path) -> dict[str, torch.Tensor]:
             raise UsageError(f"{weights}: tensor {key} holds {str(value.dtype).removeprefix('torch.')} values, but "
                              "every tensor of a LoRA adapter is floating point; the file was written wrong or "
                              "edited. Save the adapter again (PEFT's save_pretrained or qlora).")
-    return tensors
+    return _without_adapter_name(tensors, weights)
+
+
+def _without_adapter_name(tensors: dict[str, torch.Tensor], weights: Path) -> dict[str, torch.Tensor]:
+    """The tensors under PEFT's file keys: ``base_model.model.<module path>.lora_A.weight``. A file saved from the
+    model's own state dict names the adapter in its keys (``lora_A.default.weight``), which PEFT loads under that
+    name; it is dropped here (one adapter a file). Keys without PEFT's prefix are refused: PEFT leaves those layers
+    at their initialization, so no one knows what the file computes."""
+    foreign = next((k for k in tensors if not k.startswith(PEFT_PREFIX)), None)
+    if foreign is not None:
+        raise UsageError(f"{weights}: tensor {foreign} is not named as PEFT names an adapter's tensors "
+                         f"({PEFT_PREFIX}<module path>.lora_A.weight, ...), so PEFT would not load it either (it "
+                         "leaves such layers at their initialization); the file was written by another tool or "
+                         "renamed. Save the adapter with PEFT's save_pretrained, or rename its keys to PEFT's.")
+    named = {k: m for k in tensors if (m := _NAMED_KEY.search(k))}
+    names = sorted({m["name"] for m in named.values()})
+    if len(names) > 1:
+        raise UsageError(f"{weights} holds the tensors of several adapters, named {', '.join(names)} in its keys "
+                         "(a model's state dict saved whole); save each adapter with PEFT's save_pretrained, which "
+                         "writes one a folder.")
+    out = {}
+    for key, value in tensors.items():
+        m = named.get(key)
+        out[key if m is None else key[:m.start()] + m["kind"] + (m["end"] if m["kind"].startswith(
+            (".lora_A", ".lora_B")) else "")] = value
+    return out
+
+
+# a LoRA tensor's key with the adapter's name inside (the model's key): lora_A.default.weight, lora_embedding_A.default
+_NAMED_KEY = re.compile(r"(?P<kind>\.lora_(?:A|B|magnitude_vector|embedding_A|embedding_B))"
+                        r"\.(?P<name>(?!weight$|bias$)[^.]+)(?P<end>\.weight|\.bias)?$")
 
 
 def load_adapter(model: nn.Module, adapter_dir: str | Path, adapter_name: str = "default",
@@ -347,6 +403,7 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path, adapter_name: str = 
     adapter_dir = Path(adapter_dir)
     check_adapter_name(adapter_name)
     config, tensors = files or (read_adapter_config(adapter_dir), read_adapter_weights(adapter_dir))
+    config, tensors = to_model_layout(model, config, tensors, adapter_dir)  # transformers 4.x names
     token_tensors = {k: tensors.pop(k) for k in [k for k in tensors if ".token_adapter." in k]}
     # beside the rows, PEFT saves the whole table when tokens were added (resized) before training
     token_tables = {k[len(PEFT_PREFIX):].replace(".token_adapter.base_layer.", "."): token_tensors.pop(k)
@@ -396,6 +453,7 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path, adapter_name: str = 
         if not trainable:  # training goes on here: what it computes is no longer the folder run's alone
             note_loaded(model, adapter_name, adapter_dir)
         return model
+    _refuse_unadaptable(model, paths, adapter_dir)
     init = _residual_init(adapter_dir, config, model, paths)
     add_lora(model, r=int(config["r"]), alpha=float(config["lora_alpha"]), dropout=float(config.get("lora_dropout") or 0.0),
              target_modules="|".join(map(re.escape, paths)) if paths else None, rslora=bool(config.get("use_rslora")),
@@ -404,8 +462,11 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path, adapter_name: str = 
              use_dora=bool(config.get("use_dora")),
              target_parameters=target_parameters, rank_pattern=config.get("rank_pattern") or None,
              alpha_pattern=config.get("alpha_pattern") or None, lora_bias=bool(config.get("lora_bias")),
-             bias=bias_mode, ensure_weight_tying=bool(config.get("ensure_weight_tying")))
-    adapter_configs(model)[adapter_name].target_modules = target_names(config.get("target_modules"), paths)
+             bias=bias_mode, ensure_weight_tying=bool(config.get("ensure_weight_tying")), adapt_towers=True)
+    names = target_names(config.get("target_modules"), paths)
+    # and the layers those names miss: PEFT's ensure_weight_tying adapts a tied head it drops from target_modules (its
+    # LoRA the embedding's, transposed), which qlora holds as the head's own LoRA and so must name for PEFT to load it
+    adapter_configs(model)[adapter_name].target_modules = names + [p for p in paths if not matches_any(p, names)]
     _load_expert_tensors(model, tensors, expert_keys, adapter_name, adapter_dir, trainable)
     _load_base_tables(model, base_tables, adapter_dir)
     _load_whole(model, token_tables, False, adapter_dir)  # the tables the rows go into, frozen
@@ -446,6 +507,26 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path, adapter_name: str = 
     if not trainable:  # training goes on here: what it computes is no longer the folder run's alone
         note_loaded(model, adapter_name, adapter_dir)
     return model
+
+
+def _refuse_unadaptable(model: nn.Module, paths: list[str], adapter_dir: Path) -> None:
+    """Refuse LoRA tensors for a module that qlora does not adapt with LoRA (an MoE router, which PEFT wraps as a
+    parameter), before the model changes: they would be left out, changing the outputs. (A vision or audio tower's
+    layers, which training leaves out, are adapted where an adapter names them: PEFT's all-linear reaches them.)"""
+    if not paths:
+        return
+    try:
+        adaptable = set(target_paths(model, "|".join(map(re.escape, paths)), adapt_towers=True))
+    except UsageError:
+        adaptable = set()
+    odd = [p for p in paths if p not in adaptable]
+    if odd:
+        module = model.get_submodule(odd[0])
+        raise UsageError(f"{adapter_dir} adapts {odd[0]} with LoRA ({len(odd)} such layers), a "
+                         f"{type(module).__name__} that qlora does not adapt: it adapts linear layers, token "
+                         "embeddings and output heads, and 3-D expert weights (target_parameters); MoE routers stay "
+                         "as they are. Merge the adapter with PEFT (merge_and_unload) and give qlora the merged "
+                         "model.")
 
 
 def _refuse_two_ways(adapter_dir: Path, modules: dict[str, nn.Module], paths: list[str], save_paths: list[str]) -> None:

@@ -159,6 +159,12 @@ class CheckpointLayout:
     def in_group(self, raw: str) -> bool:
         return raw in self._group_of
 
+    def group(self, raw: str) -> tuple[str, object, str]:
+        """A converted key's target model key, the converter that builds it and the source pattern ``raw`` matched
+        (:mod:`qlora.model.adapter_layout` converts an adapter's factors of those tensors)."""
+        key = self._group_of[raw]
+        return key, self._groups[key].converter, self._groups[key].pattern_of[raw]
+
     def add(self, raw: str, read: Reader) -> dict[str, torch.Tensor]:
         """Collect one tensor of a converted group (``read`` is called only when the
         group is complete). Returns the group's converted tensors, by model key,

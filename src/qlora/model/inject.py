@@ -94,12 +94,13 @@ def adapters_disabled(model: nn.Module) -> Iterator[None]:
             m.disabled = prev
 
 
-def target_paths(model: nn.Module, target_modules: str | list[str]) -> list[str]:
+def target_paths(model: nn.Module, target_modules: str | list[str], adapt_towers: bool = False) -> list[str]:
     head = output_embedding_names(model)
     # An Experts4bit's per-expert layers are its storage, not linear layers PEFT knows (it names 3-D weights).
     experts = tuple(n + "." for n, m in model.named_modules() if isinstance(m, Experts4bit))
-    # A vision or audio tower gets no gradient from text: adapting it would only add dead weights.
-    towers = tuple(n + "." for n in non_text_names(model))
+    # A vision or audio tower gets no gradient from text: adapting it would only add dead weights (unless an adapter
+    # loaded trained it on images: adapt_towers).
+    towers = () if adapt_towers else tuple(n + "." for n in non_text_names(model))
     layers = [(n, m) for n, m in model.named_modules() if n and not n.endswith(".base_layer")
               and ".lora_" not in n and not f"{n}.".startswith(experts + towers)]  # a tower may be one linear
     candidates = [n for n, m in layers if (isinstance(m, LoraLinear) or is_linear_like(m)) and n not in head]
@@ -415,6 +416,7 @@ def add_lora(
     bias: str = "none",
     initial: StreamedInit | None = None,
     ensure_weight_tying: bool = False,
+    adapt_towers: bool = False,
 ) -> nn.Module:
     """Attach a LoRA adapter to the matching linear layers; freeze everything else.
 
@@ -464,6 +466,8 @@ def add_lora(
             start from its factors, their bases already holding Q or the residual: bit for bit those of
             ``add_lora(init=...)`` on the dense model and ``quantize_model``, without the whole 16-bit
             model in memory. Give ``torch.manual_seed`` the seed it was given, and the same options.
+        adapt_towers: let ``target_modules`` match layers of a vision or audio tower and its projector, left out
+            otherwise (text gives them no gradient): for an adapter PEFT trained there on images.
 
     Returns:
         The same model, modified in place.
@@ -503,7 +507,7 @@ def add_lora(
     if no_modules and not target_parameters:
         raise UsageError("nothing to adapt: give target_modules (or 'all-linear') or target_parameters.")
     experts = _select_parameters(model, target_parameters) if target_parameters else {}
-    paths = [] if no_modules else target_paths(model, target_modules)
+    paths = [] if no_modules else target_paths(model, target_modules, adapt_towers)
     save_paths = _modules_to_save(model, modules_to_save)
     if ensure_weight_tying:
         save_paths = with_tied_partner(model, save_paths)
@@ -515,7 +519,7 @@ def add_lora(
                          "tokens), which get no LoRA (PEFT's rule): target other layers as well.")
     if is_residual_init(init):
         _check_unshared(model, paths, init)
-    check_patterns(rank_pattern, alpha_pattern, paths + list(experts))
+    check_patterns(rank_pattern, alpha_pattern, paths + [f"{p}.{w}" for p, ws in experts.items() for w in ws])
     _check_adapter_fits(model, paths, spec, rank_pattern, alpha_pattern)
     # Adapters already attached keep their trainability (a frozen loaded adapter stays frozen), as PEFT's add_adapter.
     earlier = {p: p.requires_grad for p in _adapter_parameters(model)}
@@ -550,7 +554,9 @@ def add_lora(
             parent_path, _, child = path.rpartition(".")
             module = ExpertsLora(module)
             setattr(model.get_submodule(parent_path) if parent_path else model, child, module)
-        module.add_adapter(adapter_name, layer_spec(spec, path, rank_pattern, alpha_pattern), weights)
+        # PEFT matches the patterns against each parameter's name, <module path>.<weight>
+        module.add_adapter(adapter_name, {w: layer_spec(spec, f"{path}.{w}", rank_pattern, alpha_pattern)
+                                          for w in weights}, weights)
     for layer in experts_lora_layers(model).values():
         for p in list(layer.lora_A.parameters()) + list(layer.lora_B.parameters()):
             p.requires_grad_(True)

@@ -8,7 +8,8 @@ rows ``e*r .. e*r + r`` of A and the *strided* columns ``e, e + E, e + 2E, ...``
 of B (PEFT reshapes B to ``(out, r, E)``), so its delta is
 ``scale * B[:, e::E] @ A[e*r:(e+1)*r]`` in ``[out, in]`` orientation, scale =
 alpha / r (alpha / sqrt(r) with rsLoRA). The tensors here are stored in exactly
-that layout, so adapter files copy one to one.
+that layout, so adapter files copy one to one. Each weight has its own rank and
+alpha (PEFT matches ``rank_pattern`` against ``<module path>.<weight>``).
 
 PEFT adds the delta of all experts to the whole 3-D weight before the forward;
 here each routed expert computes ``base_e(x) + scale * (x @ A_e^T) @ B_e^T``:
@@ -71,7 +72,8 @@ class ExpertsLora(nn.Module):
         self.num_experts = len(first) if isinstance(base_layer, Experts4bit) else first.shape[0]
         self.lora_A = nn.ModuleDict()
         self.lora_B = nn.ModuleDict()
-        self.specs: dict[str, LoraSpec] = {}
+        self.specs: dict[str, LoraSpec] = {}  # adapter -> the spec of its first adapted weight
+        self.weight_specs: dict[str, dict[str, LoraSpec]] = {}  # adapter -> weight -> its own rank and alpha
         self.targets: dict[str, list[str]] = {}  # adapter -> adapted weight names
         self.active: dict[str, float] = {}
         self.disabled = False
@@ -83,22 +85,27 @@ class ExpertsLora(nn.Module):
             base_layer)
 
     # --- adapters -----------------------------------------------------------
-    def add_adapter(self, name: str, spec: LoraSpec, weights: list[str]) -> None:
-        check_new_adapter(self.specs, name, spec)
-        if spec.dropout or spec.use_dora or spec.lora_bias or spec.init not in ("kaiming", "gaussian"):
-            raise ValueError("LoRA on expert weights (target_parameters) has no dropout, DoRA, lora_bias or LoftQ, "
-                             "as in PEFT")
+    def add_adapter(self, name: str, spec: LoraSpec | dict[str, LoraSpec], weights: list[str]) -> None:
+        """Adapter ``name`` on ``weights``, with ``spec`` for all of them or one spec per weight."""
+        specs = spec if isinstance(spec, dict) else dict.fromkeys(weights, spec)
+        for w in weights:
+            check_new_adapter(self.specs, name, specs[w])
+            if specs[w].dropout or specs[w].use_dora or specs[w].lora_bias or specs[w].init not in ("kaiming",
+                                                                                                    "gaussian"):
+                raise ValueError("LoRA on expert weights (target_parameters) has no dropout, DoRA, lora_bias or "
+                                 "LoftQ, as in PEFT")
         device = next((t.device for t in self.base_layer.buffers()), None) or next(
             (t.device for t in self.base_layer.parameters()), None)
         for w in weights:
             in_f, out_f = self.shapes[w]
-            rows = spec.r * self.num_experts
+            rows = specs[w].r * self.num_experts
             for dicts in (self.lora_A, self.lora_B):
                 if w not in dicts:
                     dicts[w] = nn.ModuleDict()
-            self.lora_A[w][name] = nn.Linear(in_f, rows, bias=False, device=device, dtype=spec.dtype)
-            self.lora_B[w][name] = nn.Linear(rows, out_f, bias=False, device=device, dtype=spec.dtype)
-        self.specs[name], self.targets[name] = spec, list(weights)
+            self.lora_A[w][name] = nn.Linear(in_f, rows, bias=False, device=device, dtype=specs[w].dtype)
+            self.lora_B[w][name] = nn.Linear(rows, out_f, bias=False, device=device, dtype=specs[w].dtype)
+        self.specs[name], self.targets[name] = specs[weights[0]], list(weights)
+        self.weight_specs[name] = {w: specs[w] for w in weights}
         self.reset_adapter(name)
         if not self.active:
             self.active = {name: 1.0}
@@ -106,8 +113,8 @@ class ExpertsLora(nn.Module):
     @torch.no_grad()
     def reset_adapter(self, name: str) -> None:
         """PEFT's init over the whole ``(r * E, in)`` A (Kaiming-uniform or N(0, 1/r)); B zeros."""
-        spec = self.specs[name]
         for w in self.targets[name]:
+            spec = self.weight_specs[name][w]
             a = self.lora_A[w][name].weight
             if spec.init == "gaussian":
                 nn.init.normal_(a, std=1.0 / spec.r)
@@ -119,6 +126,7 @@ class ExpertsLora(nn.Module):
         for w in self.targets.pop(name, []):
             del self.lora_A[w][name], self.lora_B[w][name]
         self.specs.pop(name, None)
+        self.weight_specs.pop(name, None)
         self.active.pop(name, None)
 
     def set_active(self, weights: dict[str, float]) -> None:
@@ -129,7 +137,7 @@ class ExpertsLora(nn.Module):
 
     def factors(self, weight: str, name: str, expert: int) -> tuple[torch.Tensor, torch.Tensor]:
         """``(A_e [r, in], B_e [out, r])`` of one expert: PEFT's row block of A, strided columns of B."""
-        r = self.specs[name].r
+        r = self.weight_specs[name][weight].r
         a = self.lora_A[weight][name].weight[expert * r:(expert + 1) * r]
         b = self.lora_B[weight][name].weight[:, expert::self.num_experts]
         return a, b
@@ -137,10 +145,10 @@ class ExpertsLora(nn.Module):
     @torch.no_grad()
     def delta_weight(self, weight: str, name: str) -> torch.Tensor:
         """Adapter ``name``'s float32 delta of ``weight`` in transformers' 3-D layout (PEFT's get_delta_weight)."""
-        r, E = self.specs[name].r, self.num_experts
+        r, E = self.weight_specs[name][weight].r, self.num_experts
         a = self.lora_A[weight][name].weight.float().reshape(E, r, -1)  # (E, r, in)
         b = self.lora_B[weight][name].weight.float().reshape(-1, r, E).permute(2, 0, 1)  # (E, out, r)
-        delta = torch.bmm(b, a) * self.specs[name].scaling  # (E, out, in)
+        delta = torch.bmm(b, a) * self.weight_specs[name][weight].scaling  # (E, out, in)
         return delta.transpose(1, 2) if self.peft_transposed else delta
 
     def weight_shape(self, weight: str) -> tuple[int, int, int]:
@@ -181,7 +189,7 @@ class ExpertsLora(nn.Module):
             a, b = self.factors(weight, name, expert)
             h = x if torch.is_autocast_enabled(x.device.type) else x.to(a.dtype)
             lora = (h @ b) @ a if self.swapped else (h @ a.t()) @ b.t()
-            y = y + (lora * (self.specs[name].scaling * coef)).to(y.dtype)
+            y = y + (lora * (self.weight_specs[name][weight].scaling * coef)).to(y.dtype)
         return y
 
     def forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
@@ -194,5 +202,6 @@ class ExpertsLora(nn.Module):
         return run_experts(self.base_layer, self.num_experts, hidden_states, top_k_index, top_k_weights, self._project)
 
     def extra_repr(self) -> str:
-        ranks = ", ".join(f"{n}: r={s.r} on {self.targets[n]}" for n, s in self.specs.items())
+        ranks = ", ".join(f"{n}: " + ", ".join(f"{w} r={s.r}" for w, s in self.weight_specs[n].items())
+                          for n in self.specs)
         return f"experts={self.num_experts}, adapters=[{ranks}], active={list(self.active)}"
