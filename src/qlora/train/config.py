@@ -251,7 +251,8 @@ class TrainConfig:
                                        "max_steps_per_epoch)", range=NON_NEGATIVE)
     optim: str = _opt("paged_adamw_32bit", f"optimizer: {', '.join(OPTIMIZER_NAMES)}, or transformers' name for one of "
                                            f"them ({', '.join(OPTIMIZER_ALIASES)})")
-    weight_decay: float = _opt(0.0, "AdamW weight decay", range=NON_NEGATIVE)
+    weight_decay: float = _opt(0.0, "AdamW weight decay of the trained weights (biases and norm weights: none, as "
+                                    "in transformers)", range=NON_NEGATIVE)
     adam_beta1: float = _opt(0.9, "AdamW beta1: decay rate of the gradient's running mean",
                              range=Range(0, 1, high_open=True))
     adam_beta2: float = _opt(0.999, "AdamW beta2: decay rate of the squared gradient's running mean",
