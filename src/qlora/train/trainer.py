@@ -886,14 +886,18 @@ class Trainer:
         if not math.isfinite(grad_norm) and self.scaler is None:
             self._stop_nonfinite("gradient", batches[-1])
         lr = self.optimizer.param_groups[0]["lr"]
+        skipped = False
         if self.scaler:
+            scale = self.scaler.get_scale()
             self.scaler.step(self.optimizer)
             self.scaler.update()
+            # non-finite fp16 gradients: no update was made and the scale was lowered (accelerate's test)
+            skipped = self.scaler.get_scale() < scale
         else:
             self.optimizer.step()
         if self.adapter_hooks is not None:
             self.adapter_hooks.after_step(self.step)
-        if not self.on_plateau:
+        if not self.on_plateau and not skipped:  # transformers' schedule counts the updates made, not the steps
             self.scheduler.step()
         tokens = sum(b["input_ids"].numel() for b in batches if "stand_in" not in b)
         sums = torch.tensor([total, tokens], dtype=torch.float64, device=self.device)
