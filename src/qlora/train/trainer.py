@@ -806,7 +806,8 @@ class Trainer:
         Ctrl-C stops at once (the last checkpoint stays intact).
         """
         cfg = self.config
-        eval_every, save_every = (cfg.steps_between(name, self.total_steps) for name in ("eval_steps", "save_steps"))
+        eval_every, save_every, log_every = (cfg.steps_between(name, self.total_steps)
+                                             for name in ("eval_steps", "save_steps", "logging_steps"))
         self._stop_signal = None
         previous = _install_stop_handlers(self)
         try:
@@ -815,7 +816,7 @@ class Trainer:
                     raise Interrupted(self.step, self.save_checkpoint())
                 self._log_window.append(self.train_step())
                 self.step += 1
-                if self.step % cfg.logging_steps == 0 or self.step == self.total_steps:
+                if self.step % log_every == 0 or self.step == self.total_steps:
                     self.metrics.log(window_record(self._log_window))
                     self._log_window = []
                 self.metrics.advance()  # after the record, so a progress line shows this step's loss
