@@ -1123,6 +1123,8 @@ def load_config(yaml_path: str | Path | None, overrides: dict[str, Any], check_p
                         continue
                 if name == "warmup_steps" and isinstance(value, float) and 0 < value < 1:
                     name = "warmup_ratio"  # transformers 5 reads a warmup_steps below 1 as a share of the steps
+                if name == "max_steps" and isinstance(value, int) and not isinstance(value, bool) and value < 0:
+                    value = 0  # TrainingArguments' -1, which TRL, LLaMA-Factory and axolotl files write: by epochs
                 if name not in by_name:
                     raise _unknown(str(key), list(by_name), where)
                 if name in given_as:
