@@ -153,6 +153,14 @@ def test_a_llama_factory_qlora_example_loads_as_it_trains_there(tmp_path, capsys
     assert load_config(_yaml(tmp_path, _LLAMA_FACTORY.replace("stage: sft", "stage: pt")), {}).format == "text"
 
 
+def test_transformers_step_options_of_any_file_read_as_transformers_reads_them(tmp_path, capsys):
+    """TrainingArguments' max_steps -1 (its default, which files dump with the rest) is the epochs' steps, and a
+    logging_steps below 1 a share of the run's steps, in a LLaMA-Factory file as in TRL's."""
+    text = _LLAMA_FACTORY.replace("logging_steps: 10", "logging_steps: 0.05") + "max_steps: -1\n"
+    cfg = load_config(_yaml(tmp_path, text), {})
+    assert (cfg.max_steps, cfg.epochs, cfg.logging_steps, cfg.steps_between("logging_steps", 90)) == (0, 3.0, 0.05, 5)
+
+
 @pytest.mark.parametrize("edit,message", [
     (("quantization_bit: 4", "quantization_bit: 8"), r"line 4: quantization_bit 8: qlora stores the base model in 4 bits"),
     (("quantization_method: bnb", "quantization_method: hqq"), r"line 5: quantization_method 'hqq'"),

@@ -358,6 +358,31 @@ def test_fp16_runs_use_loss_scaling(tmp_path, tiny_model_dir):
     assert all(math.isfinite(x) for x in losses) and losses[-1] < losses[0]
 
 
+def test_an_fp16_step_whose_update_overflow_skips_leaves_the_schedule_where_it_was(tmp_path, tiny_model_dir):
+    """The loss scaler skips the update of a step whose fp16 gradients are not finite (and halves its scale);
+    transformers' Trainer then leaves the learning-rate schedule as it was (accelerate's optimizer_step_was_skipped),
+    so warmup and decay count the updates made. A scale far too large at the start makes the first steps skip."""
+    from transformers import get_scheduler
+
+    data = _write(tmp_path / "d.jsonl", FORMATS["alpaca"])
+    t = Trainer(_config(tiny_model_dir, data, tmp_path / "o", max_steps=8, precision="fp16", lr_scheduler="linear",
+                        warmup_steps=2, dropout=0.0))
+    t.setup()
+    t.scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 21)
+    t.train()
+    t.cleanup()
+    records = [json.loads(line) for line in (tmp_path / "o" / "metrics.jsonl").read_text().splitlines()]
+    skipped = [not math.isfinite(r["grad_norm"]) for r in records]
+    assert any(skipped[:2]) and not all(skipped)
+    reference = get_scheduler("linear", torch.optim.SGD([torch.zeros(1)], lr=1e-2), num_warmup_steps=2,
+                              num_training_steps=8)
+    for record, skip in zip(records, skipped):
+        assert record["lr"] == pytest.approx(reference.get_last_lr()[0], abs=1e-12), record["step"]
+        if not skip:
+            reference.step()
+    assert t.scheduler.last_epoch == skipped.count(False)
+
+
 def test_chunked_loss_reproduces_the_plain_loss_and_is_refused_where_logits_differ(tmp_path, tiny_model_dir,
                                                                                     tiny_tokenizer):
     from qlora.model.tiny import build_tiny_model

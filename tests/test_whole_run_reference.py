@@ -17,6 +17,7 @@ decay, Adam's betas and epsilon.
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -77,7 +78,18 @@ CASES = {
         "alpaca", dict(quant="nf4", double_quant=True, blocksize=32, batch_size=2, grad_accum=2,
                        lr_scheduler="linear", warmup_steps=1, max_steps=5, max_grad_norm=0.2, weight_decay=0.1),
         "linear"),
+    # --logging-steps below 1: a share of the run's steps, rounded up (ceil(0.3 x 7) = 3), as transformers reads it
+    "linear-logging-a-share-of-the-steps": (
+        "text", dict(train_on="all", batch_size=2, grad_accum=2, lr_scheduler="linear", warmup_steps=1, max_steps=7,
+                     max_grad_norm=1.0, logging_steps=0.3), "linear"),
+    # trained biases (the base's, --bias all, and LoRA's B, --lora-bias) under weight decay: transformers decays
+    # the weights and leaves every bias alone
+    "biases-trained-under-weight-decay": (
+        "text", dict(train_on="all", batch_size=2, grad_accum=2, lr_scheduler="linear", warmup_steps=1, max_steps=5,
+                     max_grad_norm=1.0, weight_decay=0.5, bias="all", lora_bias=True), "linear"),
 }
+# the tiny Llama of a case, where it differs from the default one (biases for --bias to train)
+MODEL_OPTIONS = {"biases-trained-under-weight-decay": dict(attention_bias=True, mlp_bias=True)}
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
@@ -87,7 +99,8 @@ def test_whole_run_equals_transformers_trainer(tmp_path, tiny_tokenizer, case):
     opts = dict(optim="adamw", lr=5e-3, rank=4, alpha=8, dropout=0.0, adam_beta1=0.85, adam_beta2=0.98,
                 adam_epsilon=1e-6, shuffle=False, seed=3, progress=False, save_total_limit=0, quant="none",
                 seq_len=128, warmup_ratio=0.0, output=str(tmp_path / "run")) | opts
-    model_dir = build_tiny_model(tmp_path / "model", tokenizer=tiny_tokenizer, arch="llama")
+    model_dir = build_tiny_model(tmp_path / "model", tokenizer=tiny_tokenizer, arch="llama",
+                                 **MODEL_OPTIONS.get(case, {}))
     data = tmp_path / "data.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in DATA[data_name]))
     kwargs = opts.pop("lr_scheduler_kwargs", {})
@@ -134,6 +147,7 @@ def test_whole_run_equals_transformers_trainer(tmp_path, tiny_tokenizer, case):
 
     # a record every --logging-steps steps (their mean loss, the last one's rate and norm) and at the last step
     every = opts.get("logging_steps", 1)
+    every = math.ceil(trainer.total_steps * every) if every < 1 else every
     assert [r["step"] for r in records] == sorted({*range(every, trainer.total_steps + 1, every), trainer.total_steps})
     by_step = {r["step"]: r for r in records}
     assert [t["step"] for t in callback.logs] == list(range(every, trainer.total_steps + 1, every))

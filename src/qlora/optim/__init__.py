@@ -1,4 +1,4 @@
-"""Paged AdamW with 32-bit or 8-bit states, LoRA+ groups, a by-name factory and
+"""Paged AdamW with 32-bit or 8-bit states, LoRA+ groups, weight decay's exemptions, a by-name factory and
 transformers' learning-rate schedules. Names are imported lazily, so that the optimizer and
 schedule names (what ``qlora train`` checks its options against) do not import torch."""
 
@@ -17,12 +17,14 @@ _LAZY = {
     "Pager": "qlora.optim.pager",
     "PagerStats": "qlora.optim.pager",
     "create_optimizer": "qlora.optim.factory",
+    "decay_groups": "qlora.optim.weight_decay",
     "device_headroom_bytes": "qlora.optim.pager",
     "lora_plus_param_groups": "qlora.optim.lora_plus",
     "PLATEAU": "qlora.optim.lr_schedules",
     "check_schedule": "qlora.optim.lr_schedules",
     "lr_lambda": "qlora.optim.lr_schedules",
     "make_scheduler": "qlora.optim.lr_schedules",
+    "no_decay_names": "qlora.optim.weight_decay",
     "optimizer_name": "qlora.optim.optimizer_names",
     "schedule_kwargs": "qlora.optim.lr_schedules",
     "schedule_name": "qlora.optim.lr_schedules",

@@ -251,7 +251,8 @@ class TrainConfig:
                                        "max_steps_per_epoch)", range=NON_NEGATIVE)
     optim: str = _opt("paged_adamw_32bit", f"optimizer: {', '.join(OPTIMIZER_NAMES)}, or transformers' name for one of "
                                            f"them ({', '.join(OPTIMIZER_ALIASES)})")
-    weight_decay: float = _opt(0.0, "AdamW weight decay", range=NON_NEGATIVE)
+    weight_decay: float = _opt(0.0, "AdamW weight decay of the trained weights (biases and norm weights: none, as "
+                                    "in transformers)", range=NON_NEGATIVE)
     adam_beta1: float = _opt(0.9, "AdamW beta1: decay rate of the gradient's running mean",
                              range=Range(0, 1, high_open=True))
     adam_beta2: float = _opt(0.999, "AdamW beta2: decay rate of the squared gradient's running mean",
@@ -278,8 +279,9 @@ class TrainConfig:
                                 "each on its own (LLaMA-Factory's preprocessing_num_workers)", range=AT_LEAST_1)
     precision: str = _opt("auto", "compute dtype: auto = bf16 on CUDA (fp16 without bf16), fp32 on CPU", PRECISIONS)
     seed: int = _opt(42, "random seed (data order, dropout, initialization)", range=Range(0, 2**32 - 1))
-    logging_steps: int = _opt(1, "optimizer steps between metric records, each the mean loss of its steps "
-                                   "with the last one's rate and gradient norm (as transformers logs)", range=AT_LEAST_1)
+    logging_steps: float = _opt(1, "optimizer steps between metric records, each the mean loss of its steps with "
+                                     "the last one's rate and gradient norm (as transformers logs; below 1: that "
+                                     "share of the run's steps, rounded up)", range=POSITIVE)
     save_steps: float = _opt(0, "optimizer steps between checkpoints (0: none during training; below 1: that share "
                                 "of the run's steps, rounded up, as transformers reads it); the last step and a "
                                 "Ctrl-C are always checkpointed, so --resume can finish a run", range=NON_NEGATIVE)
@@ -488,8 +490,8 @@ class TrainConfig:
         return self.init == "loftq" or is_residual_init(self.init)
 
     def steps_between(self, name: str, total_steps: int) -> int:
-        """``--save-steps``/``--eval-steps`` in optimizer steps (0: none) for a run of ``total_steps``: a value
-        below 1 is a share of them, rounded up (transformers' rule)."""
+        """``--save-steps``/``--eval-steps``/``--logging-steps`` in optimizer steps (0: none) for a run of
+        ``total_steps``: a value below 1 is a share of them, rounded up (transformers' rule)."""
         value = getattr(self, name)
         return math.ceil(total_steps * value) if 0 < value < 1 else int(value)
 
@@ -694,7 +696,7 @@ def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 
 
 # Options counted in steps that also take a share of the run's steps (below 1).
-_STEP_SHARES = ("save_steps", "eval_steps")
+_STEP_SHARES = ("save_steps", "eval_steps", "logging_steps")
 
 
 def _coerce(name: str, value: Any, kind: type, source: str) -> Any:
@@ -1124,6 +1126,8 @@ def load_config(yaml_path: str | Path | None, overrides: dict[str, Any], check_p
                         continue
                 if name == "warmup_steps" and isinstance(value, float) and 0 < value < 1:
                     name = "warmup_ratio"  # transformers 5 reads a warmup_steps below 1 as a share of the steps
+                if name == "max_steps" and isinstance(value, int) and not isinstance(value, bool) and value < 0:
+                    value = 0  # TrainingArguments' -1, which TRL, LLaMA-Factory and axolotl files write: by epochs
                 if name not in by_name:
                     raise _unknown(str(key), list(by_name), where)
                 if name in given_as:

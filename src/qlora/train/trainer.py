@@ -57,7 +57,7 @@ from qlora.model.chat_format import ChatFormat, today
 from qlora.model.position_limit import check_positions, longest_positions
 from qlora.model.quantize import non_text_names
 from qlora.nn import Experts4bit, expert_weight_names
-from qlora.optim import create_optimizer, lora_plus_param_groups, make_scheduler
+from qlora.optim import create_optimizer, decay_groups, lora_plus_param_groups, make_scheduler
 from qlora.output_folder import check_output, clear_owned, record, staged_output
 from qlora.train.config import TrainConfig, parse_pattern, parse_schedule_kwargs, target_module_names
 from qlora.train.distributed import (DistContext, RankLost, all_reduce_grads, gathered_parameters, is_rank_lost,
@@ -318,6 +318,7 @@ class Trainer:
         self._log_window: list[dict[str, Any]] = []  # step records since the last metrics record (--logging-steps)
         self._input_grads = False  # the input embeddings' output requires grad (see _loss_reaching_adapters)
         self._graph_checked = False  # the first loss of this process was checked for a graph that reaches adapters
+        self._decay_all = False  # resumed from a checkpoint whose optimizer decays biases and norm weights too
 
     # ----------------------------------------------------------------- setup
     def setup(self) -> None:
@@ -381,9 +382,7 @@ class Trainer:
         if cfg.neftune_alpha:
             add_neftune(self.model, cfg.neftune_alpha)
         self._parallelize()  # after every adapter exists: DDP and FSDP see the final parameters
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        if cfg.lora_plus_ratio:
-            params = lora_plus_param_groups(self.model, cfg.lr, cfg.lora_plus_ratio, cfg.weight_decay)
+        params = self._param_groups()
         _check_training_fits(cfg, params)
         self.optimizer = _make_optimizer(cfg, params)
         self.scheduler = _make_scheduler(cfg, self.optimizer, self.total_steps)
@@ -413,6 +412,24 @@ class Trainer:
                            + (f"; {self.duplicates} duplicate examples dropped (--dedupe)" if cfg.dedupe else ""))
         if resume_from is not None:  # said also without a progress bar, whose start would show it
             self.metrics.write(f"resuming from {resume_from} at step {self.step}")
+
+    def _param_groups(self) -> list[dict[str, Any]]:
+        """The optimizer's parameter groups: the trained parameters (LoRA+: A's and B's groups), each split into
+        the decayed ones and the biases and norm weights that weight decay leaves alone, as transformers does
+        (:mod:`qlora.optim.weight_decay`). A run resumed from a checkpoint written before that split decays them
+        all, as it began."""
+        cfg = self.config
+        if cfg.lora_plus_ratio:
+            groups = lora_plus_param_groups(self.model, cfg.lr, cfg.lora_plus_ratio, cfg.weight_decay)
+        else:
+            groups = [{"params": [p for p in self.model.parameters() if p.requires_grad]}]
+        split = decay_groups(self.model, groups, cfg.weight_decay)
+        if split is groups or not self._decay_all:
+            return split
+        logging.getLogger("qlora").warning(
+            "qlora: the checkpoint was written by an older qlora, which decayed every trained parameter; the run "
+            "continues so (transformers, and runs started now, leave biases and norm weights undecayed).")
+        return groups
 
     def _check_batch_fits(self, examples: int) -> None:
         """A global micro-batch (batch x ranks) larger than the units is refused: every step would be the whole
@@ -466,6 +483,7 @@ class Trainer:
                                  + _global_batch_hint(saved, differ, cfg, self.dist.world_size)
                                  + _train_further(self.out, checkpoints[-1], differ))
             _changed_files(self.out, checkpoints[-1], saved.get("source_files", {}), current["source_files"])
+            self._decay_all = not saved.get("no_decay_groups", False)
             if unbounded:
                 logging.getLogger("qlora").warning(
                     "qlora: %s was written before qlora bounded images (%s); if this run trains on images, the "
@@ -789,7 +807,8 @@ class Trainer:
         Ctrl-C stops at once (the last checkpoint stays intact).
         """
         cfg = self.config
-        eval_every, save_every = (cfg.steps_between(name, self.total_steps) for name in ("eval_steps", "save_steps"))
+        eval_every, save_every, log_every = (cfg.steps_between(name, self.total_steps)
+                                             for name in ("eval_steps", "save_steps", "logging_steps"))
         self._stop_signal = None
         previous = _install_stop_handlers(self)
         try:
@@ -798,7 +817,7 @@ class Trainer:
                     raise Interrupted(self.step, self.save_checkpoint())
                 self._log_window.append(self.train_step())
                 self.step += 1
-                if self.step % cfg.logging_steps == 0 or self.step == self.total_steps:
+                if self.step % log_every == 0 or self.step == self.total_steps:
                     self.metrics.log(window_record(self._log_window))
                     self._log_window = []
                 self.metrics.advance()  # after the record, so a progress line shows this step's loss
@@ -869,14 +888,18 @@ class Trainer:
         if not math.isfinite(grad_norm) and self.scaler is None:
             self._stop_nonfinite("gradient", batches[-1])
         lr = self.optimizer.param_groups[0]["lr"]
+        skipped = False
         if self.scaler:
+            scale = self.scaler.get_scale()
             self.scaler.step(self.optimizer)
             self.scaler.update()
+            # non-finite fp16 gradients: no update was made and the scale was lowered (accelerate's test)
+            skipped = self.scaler.get_scale() < scale
         else:
             self.optimizer.step()
         if self.adapter_hooks is not None:
             self.adapter_hooks.after_step(self.step)
-        if not self.on_plateau:
+        if not self.on_plateau and not skipped:  # transformers' schedule counts the updates made, not the steps
             self.scheduler.step()
         tokens = sum(b["input_ids"].numel() for b in batches if "stand_in" not in b)
         sums = torch.tensor([total, tokens], dtype=torch.float64, device=self.device)
@@ -1039,7 +1062,7 @@ class Trainer:
             with open(tmp / STATE_FILE, "wb") as fh:  # a file object: a full disk raises OSError, not RuntimeError
                 torch.save(state, fh)
             run_config = {**self.run_config, "template_date": self.config.template_date,
-                          "epoch_steps": True}
+                          "epoch_steps": True, "no_decay_groups": not self._decay_all}
             (tmp / "run_config.json").write_text(json.dumps(run_config, indent=1))
             self.chat_format.save(tmp / "adapter")
             self._save_pixel_bounds(tmp / "adapter")

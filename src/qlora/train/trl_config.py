@@ -95,9 +95,6 @@ def trl_options(loaded: dict, lines: dict[str, int], path: Path) -> dict:
     if loaded.get("dataset_name") and loaded.get("eval_strategy", "no") != "no" and "eval_data" not in out:
         out["eval_data"] = loaded["dataset_name"]  # TRL's scripts evaluate on its dataset_test_split
         lines.setdefault("eval_data", lines.get("eval_strategy", 0))
-    max_steps = loaded.get("max_steps")
-    if isinstance(max_steps, int) and not isinstance(max_steps, bool) and max_steps < 0:
-        out["max_steps"] = 0  # TrainingArguments' -1: as many steps as the epochs take
     return out
 
 
