@@ -26,7 +26,7 @@ from ..errors import UsageError
 from ..model.position_limit import position_room
 from .model_rules import ModelRules
 from .penalties import Penalties
-from .sampling_options import SamplingOptions
+from .sampling_options import SamplingOptions, model_defaults
 
 # Where a forward returns its cache, by model family, as transformers' generate looks for it: ``cache`` from
 # transformers 5.24 on (the older names stay as deprecated aliases there), ``past_key_values`` before, Mamba's
@@ -88,12 +88,13 @@ def stream_tokens(model, input_ids: torch.Tensor, options: SamplingOptions | Non
     Args:
         model: a transformers causal LM (4-bit/LoRA modules included).
         input_ids: the prompt, shape ``(1, length)``.
-        options: sampling options (defaults: :class:`SamplingOptions`).
+        options: sampling options (default: those the model's generation config sets, else
+            :class:`SamplingOptions`'s).
         stop_ids: token ids that end generation (EOS, end of turn).
         media: a vision-language model's image tensors for the prompt (:mod:`qlora.infer.images`), given to
             the prefill only.
     """
-    options = options or SamplingOptions()
+    options = options or SamplingOptions(**model_defaults(model))
     _decodable(model, step_inputs(model))  # refused before the first token, not at the second
     stop = set(stop_ids)
     device = input_ids.device
@@ -381,7 +382,7 @@ def generate_per_adapter(model, tokenizer, prompt: str, adapters: list[str | Non
     from ..model.multi_adapter import adapter_rows
     from .text_stream import TextStream
 
-    options = options or SamplingOptions()
+    options = options or SamplingOptions(**model_defaults(model))
     if stop_ids is None:
         stop_ids = default_stop_ids(model, tokenizer)
     stop = set(stop_ids)

@@ -185,7 +185,7 @@ class ResponsesRequest(_Body):
                                     "'previous_response_id')", f"{where}.type")
         fields = set(_Body.model_fields) - {"max_tokens", "n", "stream", "stream_options"}
         chat = ChatCompletionRequest(
-            **self.model_dump(include=fields), messages=messages, max_completion_tokens=self.max_output_tokens,
+            **self.model_dump(include=fields, exclude_unset=True), messages=messages, max_completion_tokens=self.max_output_tokens,
             tools=self.chat_tools(), tool_choice=self.chat_tool_choice(), parallel_tool_calls=self.parallel_tool_calls,
             response_format=self.response_format(), logprobs=self.logprobs(),
             top_logprobs=self.top_logprobs if self.logprobs() else None)
