@@ -6,7 +6,8 @@ the oracle. One tiny model per way a cache differs from Llama's: sliding windows
 the prompt (window 4), logit softcapping, attention sinks, learned absolute positions and ALiBi,
 mixture-of-experts routing, multi-head latent attention (MLA), recurrent state (Mamba, RWKV) and
 hybrid attention/recurrent caches (LFM2, Bamba, Jamba, Granite 4, Zamba with one attention block shared by its
-hybrid layers, RecurrentGemma, whose forward does not return its cache), Mamba-2, a looped recurrent block with a
+hybrid layers, RecurrentGemma, whose forward does not return its cache), rotary angles that change past a length
+(Phi-3's long-context rope, dynamic NTK), Mamba-2, a looped recurrent block with a
 cache per loop (Dory), a model
 whose cache is no cache ``generate`` passes back (Reformer) and one whose ``prepare_inputs_for_generation`` feeds it
 the whole sequence after a cache (CPM-Ant); sparse-attention indexers (DeepSeek-V3.2), a hybrid of Mamba,
@@ -93,6 +94,13 @@ ARCHS = {
                   sliding_window=4, layer_types=["sliding_attention", "full_attention", "sliding_attention"],
                   rope_parameters={t: {"rope_type": "default", "rope_theta": 10000.0}
                                    for t in ("full_attention", "sliding_attention")}), True),
+    # long-context rope (Phi-3 128k, Phi-3.5): short factors up to 16 tokens, long ones past; generate drops its cache
+    # and runs the whole sequence again where the 12-token prompt's reply passes 16 tokens, and a batch would give
+    # every row the long factors once one row passes 16, so the batcher decodes one request at a time
+    "phi3": (dict(original_max_position_embeddings=16, rope_scaling=dict(
+        type="longrope", short_factor=[1.0] * 8, long_factor=[2.0 + 0.1 * i for i in range(8)])), False),
+    # dynamic NTK rope: its base grows once a sequence passes its 16 trained positions
+    "llama": (dict(max_position_embeddings=16, rope_scaling=dict(rope_type="dynamic", factor=2.0)), False),
     # multi-head latent attention with interleaved rotary halves (A.X K1); transformers' own generate fails on a
     # left-padded batch of it, so the batcher decodes one request at a time
     "axk1": (dict(head_dim=8, n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, q_lora_rank=32,

@@ -138,6 +138,8 @@ def forward_cached(model, ids: torch.Tensor, cache: dict, seen: int, media: dict
     """
     params = _forward_params(getattr(model.forward, "__func__", model.forward))
     length, whole = ids.shape[1], ids
+    if cache and seen and media is None and restarts_cache(model, ids, cache, seen):
+        cache, seen = {}, 0  # the whole sequence again, into a new cache
     if cache and seen and not reads_whole_sequence(model, ids, cache, seen):  # no cache: the whole sequence again
         ids = ids[:, seen:]
     positions = {}
@@ -159,6 +161,26 @@ def forward_cached(model, ids: torch.Tensor, cache: dict, seen: int, media: dict
     own = model.prepare_inputs_for_generation(ids, use_cache=True, cache_position=steps).get(keyword)
     cache = {keyword: own if own is not None else DynamicCache(config=model.config)}  # the prefill again
     return model(input_ids=ids, use_cache=True, **cache, **positions, **(media or {})), cache
+
+
+def restarts_cache(model, ids: torch.Tensor, cache: dict, seen: int) -> bool:
+    """Whether ``generate`` drops ``cache`` (holding the first ``seen`` tokens of ``ids``) at the step that runs the
+    rest of ``ids``, and runs the whole sequence again into a new cache: Phi-3's (PhiMoE's, Phi-4-multimodal's)
+    ``prepare_inputs_for_generation`` does so once the sequence passes ``original_max_position_embeddings``, where
+    its long-context rope factors take over, so that every key is rotated by them. Asked of that function only at
+    that step, with the real cache."""
+    limit = getattr(model.config, "original_max_position_embeddings", None)
+    keyword = next((name for name in CACHE_NAMES if name in cache), None)
+    if not isinstance(limit, int) or not seen <= limit < ids.shape[1] or keyword is None:
+        return False
+    step = ({"next_sequence_length": ids.shape[1] - seen} if "next_sequence_length" in _forward_params(_BASE_PREPARE)
+            else {"cache_position": torch.arange(seen, ids.shape[1], device=ids.device)})  # transformers 4.x
+    try:
+        inputs = model.prepare_inputs_for_generation(ids, use_cache=True, attention_mask=torch.ones_like(ids),
+                                                     **cache, **step)
+    except Exception:  # noqa: BLE001 - a preparation that wants more than ids and a cache: the cache is kept
+        return False
+    return isinstance(inputs, dict) and inputs.get(keyword) is None
 
 
 def takes_positions(model) -> bool:
