@@ -255,3 +255,15 @@ def test_cli_generate_samples_as_the_checkpoint_says_unless_told_otherwise(sampl
         assert main(argv + ["--seed", seed, "--top-k", "0", "--temperature", "1"]) == 0
         drawn.add(capsys.readouterr().out)
     assert len(drawn) > 1  # with top-k 0 given, the draws are no longer the greedy tokens
+
+
+def test_a_shipped_temperature_of_0_is_greedy_and_values_out_of_range_are_left_out():
+    from types import SimpleNamespace
+
+    from qlora.infer.sampling_options import model_defaults
+
+    shipped = {"temperature": 0.0, "top_p": 1.5, "top_k": -1, "min_p": 0.05, "max_new_tokens": 0, "do_sample": False,
+               "typical_p": 0.9, "eos_token_id": [1, 2]}
+    model = SimpleNamespace(generation_config=SimpleNamespace(to_diff_dict=lambda: shipped))
+    assert model_defaults(model) == {"temperature": 0.0, "min_p": 0.05}
+    assert model_defaults(SimpleNamespace()) == {}  # no generation config: qlora's own defaults

@@ -67,16 +67,15 @@ MODEL_FIELDS = ("temperature", "top_p", "top_k", "min_p", "max_new_tokens")  # t
 
 def model_defaults(model) -> dict[str, float | int]:
     """The :class:`SamplingOptions` of :data:`MODEL_FIELDS` that ``model.generation_config`` sets (those a
-    transformers ``GenerationConfig`` holds apart from its own defaults); a value outside the option's range (a
-    temperature of 0 beside ``do_sample``, which transformers refuses too) is left out."""
+    transformers ``GenerationConfig`` holds apart from its own defaults; a temperature of 0 is greedy decoding, as
+    vLLM reads it); a value outside the option's range is left out."""
     config = getattr(model, "generation_config", None)
     shipped = config.to_diff_dict() if config is not None else {}
     ranges = {f.name: f.metadata["range"] for f in fields(SamplingOptions) if f.name in MODEL_FIELDS}
     kept = {}
     for name in MODEL_FIELDS:
         value = shipped.get(name)
-        if isinstance(value, (int, float)) and not isinstance(value, bool) and value in ranges[name] \
-                and (name != "temperature" or value > 0):
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and value in ranges[name]:
             kept[name] = int(value) if name in ("top_k", "max_new_tokens") else float(value)
     return kept
 
