@@ -300,3 +300,25 @@ def _raised(call) -> BaseException | None:
     except Exception as exc:  # noqa: BLE001 - the test asks which error transformers itself raises
         return exc
     return None
+
+
+@pytest.mark.parametrize("arch, overrides, switch", [
+    ("llama", dict(rope_scaling=dict(rope_type="yarn", factor=4.0, original_max_position_embeddings=64)), None),
+    ("llama", dict(rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                                     original_max_position_embeddings=64)), None),
+    ("llama", dict(rope_scaling=dict(rope_type="linear", factor=2.0)), None),
+    ("llama", dict(rope_scaling=dict(rope_type="dynamic", factor=2.0)), 256),
+    ("gemma3_text", dict(head_dim=16, sliding_window=4, layer_types=["sliding_attention", "full_attention"]), None),
+    ("phi3", {}, None),
+    ("phi3", dict(original_max_position_embeddings=64, rope_scaling=dict(
+        type="longrope", short_factor=[1.0] * 8, long_factor=[2.0] * 8)), 64),
+])
+def test_the_length_where_rotary_angles_change_is_read_from_the_config(arch, overrides, switch):
+    """Only long-context (longrope) and dynamic NTK rope change their angles with the length, at the trained length
+    their config names (transformers 4.x's rope_scaling and 5.x's rope_parameters alike)."""
+    from qlora.infer.rope_switch import rope_switch_length
+
+    if arch not in CONFIG_MAPPING_NAMES:
+        pytest.skip(f"this transformers has no {arch!r} models")
+    small = {k: v for k, v in SMALL.items() if hasattr(AutoConfig.for_model(arch), k)}
+    assert rope_switch_length(AutoConfig.for_model(arch, **{**small, **overrides})) == switch
