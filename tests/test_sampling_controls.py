@@ -267,3 +267,26 @@ def test_a_shipped_temperature_of_0_is_greedy_and_values_out_of_range_are_left_o
     model = SimpleNamespace(generation_config=SimpleNamespace(to_diff_dict=lambda: shipped))
     assert model_defaults(model) == {"temperature": 0.0, "min_p": 0.05}
     assert model_defaults(SimpleNamespace()) == {}  # no generation config: qlora's own defaults
+
+
+def test_top_p_keeps_the_tied_tokens_transformers_keeps():
+    """16-bit logits tie often (bf16 tells 0.0625 apart near 10): where tied tokens straddle the top-p threshold, the
+    ones kept are those ``TopPLogitsWarper`` keeps (with top-k and min-p around it as in ``generate``), not others of
+    the same logit, so a seeded draw picks the token transformers' would."""
+    from transformers.generation.logits_process import (LogitsProcessorList, MinPLogitsWarper,
+                                                        TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper)
+
+    generator = torch.Generator().manual_seed(0)
+    differ = 0
+    for _ in range(100):
+        logits = torch.randint(-4, 4, (50,), generator=generator).float() * 0.5  # many equal logits
+        for top_p, top_k, min_p in ((0.3, 0, 0.0), (0.7, 10, 0.0), (0.9, 0, 0.2)):
+            options = SamplingOptions(temperature=0.7, top_p=top_p, top_k=top_k, min_p=min_p)
+            warpers = LogitsProcessorList([TemperatureLogitsWarper(0.7), *([TopKLogitsWarper(top_k)] if top_k else []),
+                                           TopPLogitsWarper(top_p), *([MinPLogitsWarper(min_p)] if min_p else [])])
+            theirs = warpers(torch.zeros(1, 1, dtype=torch.long), logits[None].clone())[0].softmax(-1)
+            ours = sampling_probs(logits, options)
+            assert torch.equal(ours > 0, theirs > 0)
+            torch.testing.assert_close(ours, theirs, atol=1e-6, rtol=1e-5)
+            differ += int((theirs > 0).sum()) < int((logits >= logits[theirs > 0].min()).sum())
+    assert differ  # some thresholds fell among equal logits

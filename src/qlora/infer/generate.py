@@ -68,10 +68,10 @@ def sampling_probs(logits: torch.Tensor, options: SamplingOptions) -> torch.Tens
     if 0 < options.top_k < logits.shape[-1]:
         kth = torch.topk(logits, options.top_k).values[..., -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
-    if options.top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, descending=True)
-        probs = sorted_logits.softmax(-1)
-        drop = probs.cumsum(-1) - probs >= options.top_p  # keep the token that crosses top_p
+    if options.top_p < 1.0:  # as TopPLogitsWarper: from the least likely up, so that equal logits go as there
+        sorted_logits, order = torch.sort(logits, descending=False)
+        drop = sorted_logits.softmax(-1).cumsum(-1) <= 1 - options.top_p
+        drop[..., -1:] = False  # the most likely token stays
         logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
     probs = logits.softmax(-1)
     if options.min_p > 0:
