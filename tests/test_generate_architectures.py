@@ -3,7 +3,7 @@
 ``stream_tokens`` (``qlora generate``/``chat``) and the continuous batcher (``qlora serve``) each
 drive the model's cache themselves; ``model.generate(do_sample=False)`` on the same loaded model is
 the oracle. One tiny model per way a cache differs from Llama's: sliding windows crossed within
-the prompt (window 4), logit softcapping, attention sinks, learned absolute positions and ALiBi,
+the prompt (window 4; Gemma 3 with its local and global rope bases), Qwen3's query and key norms, logit softcapping, attention sinks, learned absolute positions and ALiBi,
 mixture-of-experts routing, multi-head latent attention (MLA), recurrent state (Mamba, RWKV) and
 hybrid attention/recurrent caches (LFM2, Bamba, Jamba, Granite 4, Zamba with one attention block shared by its
 hybrid layers, RecurrentGemma, whose forward does not return its cache), rotary angles that change past a length
@@ -42,6 +42,10 @@ ARCHS = {
     "cohere2": (dict(head_dim=16, sliding_window=4, layer_types=["sliding_attention", "full_attention"]), True),
     "gpt_oss": (dict(head_dim=16, sliding_window=4, num_local_experts=4, num_experts_per_tok=2,
                      layer_types=["sliding_attention", "full_attention"]), True),
+    # local and global rope bases, sliding window 4 (0.05: Gemma's scaled embeddings repeat one token at 0.5)
+    "gemma3_text": (dict(head_dim=16, sliding_window=4, layer_types=["sliding_attention", "full_attention"],
+                         initializer_range=0.05), True),
+    "qwen3": (dict(head_dim=16), True),  # query and key norms
     "gpt2": (dict(n_positions=256), True),
     "opt": (dict(ffn_dim=128, word_embed_proj_dim=64, init_std=0.5), True),
     "bloom": ({}, True),
