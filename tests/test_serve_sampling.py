@@ -221,5 +221,8 @@ def test_fields_left_out_take_the_models_generation_config_values(sampled_model_
             drawn = {client.chat.completions.create(model="tiny", messages=HELLO, seed=seed, extra_body={"top_k": 0})
                      .choices[0].message.content for seed in (1, 2, 3)}
             assert len(drawn) > 1  # top_k given: the request's, over the whole vocabulary
+            response = client.responses.create(model="tiny", input="Hello", extra_body={"seed": 1})
+            assert response.output_text == want and response.usage.output_tokens == 7
+            assert (response.temperature, response.top_p) == (0.8, 1.0)  # the values used, as vLLM echoes them
     finally:
         batcher.close()

@@ -485,7 +485,7 @@ def build_app(batcher: ContinuousBatcher, base_id: str, adapters: list[str], api
             if conversation is not None and finished:
                 conversations.extend(conversation, own + response["output"])
 
-        writer = ResponseWriter(body, TokenPieces.of(tokenizer), keep)
+        writer = ResponseWriter(body, TokenPieces.of(tokenizer), keep, sampling=choice.generation.options)
         queue = _submit(batcher, [choice])
         if body.background:
             def cancelled() -> str:  # the response keeps what was generated before the cancel

@@ -334,8 +334,9 @@ class ResponseWriter:
     """A reply as OpenAI's ``response`` object and stream events (numbered in order)."""
 
     def __init__(self, body: ResponsesRequest, pieces: TokenPieces,
-                 keep: Callable[[dict[str, Any]], None] | None = None) -> None:
+                 keep: Callable[[dict[str, Any]], None] | None = None, sampling: Any = None) -> None:
         self.body, self.pieces, self.keep = body, pieces, keep
+        self.sampling = sampling if sampling is not None else body  # what temperature and top_p echo: the used ones
         self.id, self.message_id = "resp_" + uuid.uuid4().hex, "msg_" + uuid.uuid4().hex
         self.created_at, self.sequence = int(time.time()), 0
 
@@ -391,9 +392,9 @@ class ResponseWriter:
             "output": output, "parallel_tool_calls": body.parallel_tool_calls,
             "previous_response_id": body.previous_response_id, "reasoning": None, "store": body.store is not False,
             "background": body.background, "conversation": None if conversation is None else {"id": conversation},
-            "temperature": body.temperature, "text": text,
+            "temperature": self.sampling.temperature, "text": text,
             "tool_choice": body.tool_choice or "auto", "tools": body.tools or [], "top_logprobs": body.top_logprobs,
-            "top_p": body.top_p, "truncation": body.truncation or "disabled", "user": body.user,
+            "top_p": self.sampling.top_p, "truncation": body.truncation or "disabled", "user": body.user,
             "metadata": body.metadata or {}, "usage": None if usage is None else _usage(usage),
         }
 
