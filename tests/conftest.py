@@ -59,6 +59,21 @@ def tiny_model_dir(tmp_path_factory, tiny_tokenizer):
     return build_tiny_model(tmp_path_factory.mktemp("tiny-llama"), tokenizer=tiny_tokenizer, arch="llama")
 
 
+@pytest.fixture(scope="session")
+def sampled_model_dir(tmp_path_factory, tiny_model_dir):
+    """``tiny_model_dir`` with a generation_config.json that sets how to sample it, as Qwen3's and Gemma 3's do:
+    top-k 1 (its draws are the greedy tokens, whatever the seed) and a 7-token limit."""
+    import json
+    import shutil
+
+    folder = tmp_path_factory.mktemp("tiny-sampled") / "model"
+    shutil.copytree(tiny_model_dir, folder)
+    config = json.loads((folder / "generation_config.json").read_text())
+    config.update(do_sample=True, temperature=0.8, top_k=1, max_new_tokens=7)
+    (folder / "generation_config.json").write_text(json.dumps(config))
+    return folder
+
+
 _TEXT = [
     "The quick brown fox jumps over the lazy dog.",
     "Question: what is two plus two? Answer: four.",

@@ -127,7 +127,8 @@ def test_help_shows_choices_ranges_and_defaults(capsys):
                                                   "existing --output (only files qlora wrote", "(default: off)",
                                                   "transformers' name for one of them (adamw_torch,",
                                                   "default: paged_adamw_32bit", "in [0, 1)"]),
-                           (["generate", "--help"], ["in (0, 1]", "default: 0.9", "default: 0"]),
+                           (["generate", "--help"], ["in (0, 1]", "default: 0",
+                                                     "default: the model's generation_config value, else 0.9"]),
                            (["eval", "--help"], ["one of auto, alpaca", "default: 4"])):
         with pytest.raises(SystemExit):
             main(argv)

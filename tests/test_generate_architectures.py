@@ -3,10 +3,11 @@
 ``stream_tokens`` (``qlora generate``/``chat``) and the continuous batcher (``qlora serve``) each
 drive the model's cache themselves; ``model.generate(do_sample=False)`` on the same loaded model is
 the oracle. One tiny model per way a cache differs from Llama's: sliding windows crossed within
-the prompt (window 4), logit softcapping, attention sinks, learned absolute positions and ALiBi,
+the prompt (window 4; Gemma 3 with its local and global rope bases), Qwen3's query and key norms, logit softcapping, attention sinks, learned absolute positions and ALiBi,
 mixture-of-experts routing, multi-head latent attention (MLA), recurrent state (Mamba, RWKV) and
 hybrid attention/recurrent caches (LFM2, Bamba, Jamba, Granite 4, Zamba with one attention block shared by its
-hybrid layers, RecurrentGemma, whose forward does not return its cache), Mamba-2, a looped recurrent block with a
+hybrid layers, RecurrentGemma, whose forward does not return its cache), rotary angles that change past a length
+(Phi-3's long-context rope, dynamic NTK), Mamba-2, a looped recurrent block with a
 cache per loop (Dory), a model
 whose cache is no cache ``generate`` passes back (Reformer) and one whose ``prepare_inputs_for_generation`` feeds it
 the whole sequence after a cache (CPM-Ant); sparse-attention indexers (DeepSeek-V3.2), a hybrid of Mamba,
@@ -41,6 +42,10 @@ ARCHS = {
     "cohere2": (dict(head_dim=16, sliding_window=4, layer_types=["sliding_attention", "full_attention"]), True),
     "gpt_oss": (dict(head_dim=16, sliding_window=4, num_local_experts=4, num_experts_per_tok=2,
                      layer_types=["sliding_attention", "full_attention"]), True),
+    # local and global rope bases, sliding window 4 (0.05: Gemma's scaled embeddings repeat one token at 0.5)
+    "gemma3_text": (dict(head_dim=16, sliding_window=4, layer_types=["sliding_attention", "full_attention"],
+                         initializer_range=0.05), True),
+    "qwen3": (dict(head_dim=16), True),  # query and key norms
     "gpt2": (dict(n_positions=256), True),
     "opt": (dict(ffn_dim=128, word_embed_proj_dim=64, init_std=0.5), True),
     "bloom": ({}, True),
@@ -93,6 +98,13 @@ ARCHS = {
                   sliding_window=4, layer_types=["sliding_attention", "full_attention", "sliding_attention"],
                   rope_parameters={t: {"rope_type": "default", "rope_theta": 10000.0}
                                    for t in ("full_attention", "sliding_attention")}), True),
+    # long-context rope (Phi-3 128k, Phi-3.5): short factors up to 16 tokens, long ones past; generate drops its cache
+    # and runs the whole sequence again where the 12-token prompt's reply passes 16 tokens, and a batch would give
+    # every row the long factors once one row passes 16, so the batcher decodes one request at a time
+    "phi3": (dict(original_max_position_embeddings=16, rope_scaling=dict(
+        type="longrope", short_factor=[1.0] * 8, long_factor=[2.0 + 0.1 * i for i in range(8)])), False),
+    # dynamic NTK rope: its base grows once a sequence passes its 16 trained positions
+    "llama": (dict(max_position_embeddings=16, rope_scaling=dict(rope_type="dynamic", factor=2.0)), False),
     # multi-head latent attention with interleaved rotary halves (A.X K1); transformers' own generate fails on a
     # left-padded batch of it, so the batcher decodes one request at a time
     "axk1": (dict(head_dim=8, n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, q_lora_rank=32,
@@ -292,3 +304,25 @@ def _raised(call) -> BaseException | None:
     except Exception as exc:  # noqa: BLE001 - the test asks which error transformers itself raises
         return exc
     return None
+
+
+@pytest.mark.parametrize("arch, overrides, switch", [
+    ("llama", dict(rope_scaling=dict(rope_type="yarn", factor=4.0, original_max_position_embeddings=64)), None),
+    ("llama", dict(rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                                     original_max_position_embeddings=64)), None),
+    ("llama", dict(rope_scaling=dict(rope_type="linear", factor=2.0)), None),
+    ("llama", dict(rope_scaling=dict(rope_type="dynamic", factor=2.0)), 256),
+    ("gemma3_text", dict(head_dim=16, sliding_window=4, layer_types=["sliding_attention", "full_attention"]), None),
+    ("phi3", {}, None),
+    ("phi3", dict(original_max_position_embeddings=64, rope_scaling=dict(
+        type="longrope", short_factor=[1.0] * 8, long_factor=[2.0] * 8)), 64),
+])
+def test_the_length_where_rotary_angles_change_is_read_from_the_config(arch, overrides, switch):
+    """Only long-context (longrope) and dynamic NTK rope change their angles with the length, at the trained length
+    their config names (transformers 4.x's rope_scaling and 5.x's rope_parameters alike)."""
+    from qlora.infer.rope_switch import rope_switch_length
+
+    if arch not in CONFIG_MAPPING_NAMES:
+        pytest.skip(f"this transformers has no {arch!r} models")
+    small = {k: v for k, v in SMALL.items() if hasattr(AutoConfig.for_model(arch), k)}
+    assert rope_switch_length(AutoConfig.for_model(arch, **{**small, **overrides})) == switch

@@ -195,3 +195,98 @@ def test_constrained_sampling_applies_min_p_among_the_allowed_tokens(config):
         counts[choose_token(logits, options, generator, set(allowed).__contains__)] += 1
     assert torch.equal(counts > 0, expected > 0)
     torch.testing.assert_close(counts / 3000, expected, atol=0.03, rtol=0)
+
+
+SHIPPED = dict(do_sample=True, temperature=0.2, top_k=60, top_p=0.95, min_p=0.3, max_new_tokens=9)
+
+
+def test_a_checkpoints_sampling_values_are_the_defaults_and_draw_as_its_generate_does(lm):
+    """A generation config that sets temperature, top-k, top-p, min-p and a length (Qwen3's, Gemma 3's): options
+    left out take its values, so each step draws from what transformers' warpers for that config give, and the
+    reply stops at its ``max_new_tokens``; an option given replaces the model's."""
+    from transformers import GenerationConfig
+
+    from qlora.infer.sampling_options import model_defaults
+
+    model, tok = lm
+    ids = tok(PROMPT, return_tensors="pt").input_ids
+    saved = model.generation_config
+    model.generation_config = GenerationConfig(**{**saved.to_diff_dict(), **SHIPPED})
+    try:
+        options = SamplingOptions(**model_defaults(model), seed=5)
+        assert (options.temperature, options.top_k, options.top_p, options.min_p, options.max_new_tokens) == \
+            (0.2, 60, 0.95, 0.3, 9)
+        assert len(list(stream_tokens(model, ids, options=None, stop_ids=()))) == 9
+        processors = model._get_logits_processor(model.generation_config, input_ids_seq_length=ids.shape[1])
+        history = ids[0]
+        for token in stream_tokens(model, ids, options, stop_ids=()):
+            with torch.no_grad():
+                logits = model(history[None]).logits[0, -1]
+            theirs = processors(history[None], logits[None].clone())[0].softmax(-1)
+            torch.testing.assert_close(sampling_probs(logits, options), theirs, atol=1e-6, rtol=1e-5)
+            history = torch.cat([history, torch.tensor([token])])
+        given = SamplingOptions(**{**model_defaults(model), "top_k": 0})
+        assert given.top_k == 0 and given.temperature == 0.2
+    finally:
+        model.generation_config = saved
+
+
+def test_cli_generate_samples_as_the_checkpoint_says_unless_told_otherwise(sampled_model_dir, capsys):
+    """Oracle: transformers' ``generate`` with no options, which samples as the model's generation_config says
+    (top-k 1: the greedy tokens; 7 new tokens)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from qlora.cli.main import main
+
+    tok = AutoTokenizer.from_pretrained(sampled_model_dir)
+    model = AutoModelForCausalLM.from_pretrained(sampled_model_dir, dtype=torch.float32).eval()
+    ids = tok(PROMPT, return_tensors="pt").input_ids
+    theirs = model.generate(ids, pad_token_id=tok.pad_token_id)[0, ids.shape[1]:].tolist()
+    assert len(theirs) == 7 and tok.eos_token_id not in theirs
+    argv = ["generate", "--model", str(sampled_model_dir), "--template", "none", "--quant", "none",
+            "--compute-dtype", "fp32", "--prompt", PROMPT]
+    for seed in ("1", "2"):
+        assert main(argv + ["--seed", seed]) == 0
+        assert capsys.readouterr().out == tok.decode(theirs, skip_special_tokens=True) + "\n"
+    assert main(argv + ["--max-new-tokens", "3"]) == 0  # the user's value replaces the model's
+    assert capsys.readouterr().out == tok.decode(theirs[:3], skip_special_tokens=True) + "\n"
+    drawn = set()
+    for seed in ("1", "2", "3"):
+        assert main(argv + ["--seed", seed, "--top-k", "0", "--temperature", "1"]) == 0
+        drawn.add(capsys.readouterr().out)
+    assert len(drawn) > 1  # with top-k 0 given, the draws are no longer the greedy tokens
+
+
+def test_a_shipped_temperature_of_0_is_greedy_and_values_out_of_range_are_left_out():
+    from types import SimpleNamespace
+
+    from qlora.infer.sampling_options import model_defaults
+
+    shipped = {"temperature": 0.0, "top_p": 1.5, "top_k": -1, "min_p": 0.05, "max_new_tokens": 0, "do_sample": False,
+               "typical_p": 0.9, "eos_token_id": [1, 2]}
+    model = SimpleNamespace(generation_config=SimpleNamespace(to_diff_dict=lambda: shipped))
+    assert model_defaults(model) == {"temperature": 0.0, "min_p": 0.05}
+    assert model_defaults(SimpleNamespace()) == {}  # no generation config: qlora's own defaults
+
+
+def test_top_p_keeps_the_tied_tokens_transformers_keeps():
+    """16-bit logits tie often (bf16 tells 0.0625 apart near 10): where tied tokens straddle the top-p threshold, the
+    ones kept are those ``TopPLogitsWarper`` keeps (with top-k and min-p around it as in ``generate``), not others of
+    the same logit, so a seeded draw picks the token transformers' would."""
+    from transformers.generation.logits_process import (LogitsProcessorList, MinPLogitsWarper,
+                                                        TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper)
+
+    generator = torch.Generator().manual_seed(0)
+    differ = 0
+    for _ in range(100):
+        logits = torch.randint(-4, 4, (50,), generator=generator).float() * 0.5  # many equal logits
+        for top_p, top_k, min_p in ((0.3, 0, 0.0), (0.7, 10, 0.0), (0.9, 0, 0.2)):
+            options = SamplingOptions(temperature=0.7, top_p=top_p, top_k=top_k, min_p=min_p)
+            warpers = LogitsProcessorList([TemperatureLogitsWarper(0.7), *([TopKLogitsWarper(top_k)] if top_k else []),
+                                           TopPLogitsWarper(top_p), *([MinPLogitsWarper(min_p)] if min_p else [])])
+            theirs = warpers(torch.zeros(1, 1, dtype=torch.long), logits[None].clone())[0].softmax(-1)
+            ours = sampling_probs(logits, options)
+            assert torch.equal(ours > 0, theirs > 0)
+            torch.testing.assert_close(ours, theirs, atol=1e-6, rtol=1e-5)
+            differ += int((theirs > 0).sum()) < int((logits >= logits[theirs > 0].min()).sum())
+    assert differ  # some thresholds fell among equal logits

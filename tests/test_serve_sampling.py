@@ -185,3 +185,44 @@ def test_concurrent_rows_keep_their_own_penalties(served):
     _together(batcher, [threading.Thread(target=ask, args=(name,)) for name in asks])
     assert batcher.load()["max_rows_in_step"] == len(asks)  # decoded together
     assert replies == alone
+
+
+def test_fields_left_out_take_the_models_generation_config_values(sampled_model_dir):
+    """As vLLM serves a checkpoint whose generation_config sets how to sample it (here top-k 1, so its draws are
+    the greedy tokens, and 7 new tokens): a request that leaves those fields out gets the model's values, one that
+    gives them its own. Oracle: transformers' ``generate`` with no options (the model's own config)."""
+    from transformers import AutoModelForCausalLM
+
+    from qlora.infer.batcher import ContinuousBatcher
+    from qlora.serve.app import build_app
+    from qlora.serve.server import BackgroundServer
+
+    model, tok = qlora.load_model(sampled_model_dir, quant=None, compute_dtype=torch.float32, device="cpu")
+    oracle = AutoModelForCausalLM.from_pretrained(sampled_model_dir, dtype=torch.float32).eval()
+    chat_ids = _chat_ids(tok)
+    out = oracle.generate(torch.tensor([chat_ids]), pad_token_id=tok.pad_token_id,
+                          eos_token_id=list(stop_token_ids(model, tok)))[0, len(chat_ids):].tolist()
+    assert len(out) == 7  # no stop token among them: the model's limit ends the reply
+    want = tok.decode(out, skip_special_tokens=True)
+    batcher = ContinuousBatcher(model.eval(), tok, max_batch_size=4, context_length=512).start()
+    try:
+        with BackgroundServer(build_app(batcher, "tiny", [], api_key=KEY)) as server:
+            client = openai.OpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=0, timeout=60)
+            for seed in (1, 2):  # temperature left out: the model's 0.8 with its top-k 1, not OpenAI's 1.0 over all
+                reply = client.chat.completions.create(model="tiny", messages=HELLO, seed=seed)
+                assert reply.choices[0].message.content == want
+                assert (reply.usage.completion_tokens, reply.choices[0].finish_reason) == (7, "length")
+            reply = client.chat.completions.create(model="tiny", messages=HELLO, max_completion_tokens=3,
+                                                   temperature=0)
+            assert reply.usage.completion_tokens == 3 and reply.choices[0].message.content == tok.decode(
+                out[:3], skip_special_tokens=True)
+            completion = client.completions.create(model="tiny", prompt=PROMPT, seed=1)  # OpenAI's 16, capped at 7
+            assert completion.usage.completion_tokens == 7
+            drawn = {client.chat.completions.create(model="tiny", messages=HELLO, seed=seed, extra_body={"top_k": 0})
+                     .choices[0].message.content for seed in (1, 2, 3)}
+            assert len(drawn) > 1  # top_k given: the request's, over the whole vocabulary
+            response = client.responses.create(model="tiny", input="Hello", extra_body={"seed": 1})
+            assert response.output_text == want and response.usage.output_tokens == 7
+            assert (response.temperature, response.top_p) == (0.8, 1.0)  # the values used, as vLLM echoes them
+    finally:
+        batcher.close()

@@ -55,6 +55,7 @@ from .images import media_rows
 from .logprobs import TokenLogprob, chosen_logprob, prompt_logprobs
 from .model_rules import ModelRules, masked
 from .penalties import Penalties
+from .rope_switch import rope_switch_length
 from .text_stream import TextStream
 from .token_filter import TokenFilter
 
@@ -196,11 +197,17 @@ class ContinuousBatcher:
     def _batching_problem(self) -> str | None:
         """Why this model's requests cannot share a batch, or None; asked once, at start.
 
-        Two probe prompts are prefilled alone and decoded one step each alone, then joined and decoded
-        together: the batch must give each row the logits it gets alone. A cache this module cannot
+        A model whose rotary angles change past a length its context reaches (:mod:`qlora.infer.rope_switch`) is
+        served one request at a time. Two probe prompts are prefilled alone and decoded one step each alone, then
+        joined and decoded together: the batch must give each row the logits it gets alone. A cache this module cannot
         re-batch (recurrent or hybrid state), or a model whose forward fails or differs on a padded
         batch, is served one request at a time instead, with the same tokens.
         """
+        switch = rope_switch_length(self.model.config)
+        if switch is not None and self.context_length > switch:
+            return (f"its rotary angles change once a sequence passes {switch} tokens, for every row of a batch at "
+                    f"once, and its context length is {self.context_length}; a context length of at most {switch} "
+                    "(qlora serve --max-model-len) keeps its requests batched")
         vocab = self.model.get_input_embeddings().num_embeddings
         prompts = [[(7 * i + 3) % vocab for i in range(n)] for n in (11, 4)]
         try:

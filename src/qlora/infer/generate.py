@@ -26,7 +26,7 @@ from ..errors import UsageError
 from ..model.position_limit import position_room
 from .model_rules import ModelRules
 from .penalties import Penalties
-from .sampling_options import SamplingOptions
+from .sampling_options import SamplingOptions, model_defaults
 
 # Where a forward returns its cache, by model family, as transformers' generate looks for it: ``cache`` from
 # transformers 5.24 on (the older names stay as deprecated aliases there), ``past_key_values`` before, Mamba's
@@ -68,10 +68,10 @@ def sampling_probs(logits: torch.Tensor, options: SamplingOptions) -> torch.Tens
     if 0 < options.top_k < logits.shape[-1]:
         kth = torch.topk(logits, options.top_k).values[..., -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
-    if options.top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, descending=True)
-        probs = sorted_logits.softmax(-1)
-        drop = probs.cumsum(-1) - probs >= options.top_p  # keep the token that crosses top_p
+    if options.top_p < 1.0:  # as TopPLogitsWarper: from the least likely up, so that equal logits go as there
+        sorted_logits, order = torch.sort(logits, descending=False)
+        drop = sorted_logits.softmax(-1).cumsum(-1) <= 1 - options.top_p
+        drop[..., -1:] = False  # the most likely token stays
         logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
     probs = logits.softmax(-1)
     if options.min_p > 0:
@@ -88,12 +88,13 @@ def stream_tokens(model, input_ids: torch.Tensor, options: SamplingOptions | Non
     Args:
         model: a transformers causal LM (4-bit/LoRA modules included).
         input_ids: the prompt, shape ``(1, length)``.
-        options: sampling options (defaults: :class:`SamplingOptions`).
+        options: sampling options (default: those the model's generation config sets, else
+            :class:`SamplingOptions`'s).
         stop_ids: token ids that end generation (EOS, end of turn).
         media: a vision-language model's image tensors for the prompt (:mod:`qlora.infer.images`), given to
             the prefill only.
     """
-    options = options or SamplingOptions()
+    options = options or SamplingOptions(**model_defaults(model))
     _decodable(model, step_inputs(model))  # refused before the first token, not at the second
     stop = set(stop_ids)
     device = input_ids.device
@@ -137,6 +138,8 @@ def forward_cached(model, ids: torch.Tensor, cache: dict, seen: int, media: dict
     """
     params = _forward_params(getattr(model.forward, "__func__", model.forward))
     length, whole = ids.shape[1], ids
+    if cache and seen and media is None and restarts_cache(model, ids, cache, seen):
+        cache, seen = {}, 0  # the whole sequence again, into a new cache
     if cache and seen and not reads_whole_sequence(model, ids, cache, seen):  # no cache: the whole sequence again
         ids = ids[:, seen:]
     positions = {}
@@ -158,6 +161,26 @@ def forward_cached(model, ids: torch.Tensor, cache: dict, seen: int, media: dict
     own = model.prepare_inputs_for_generation(ids, use_cache=True, cache_position=steps).get(keyword)
     cache = {keyword: own if own is not None else DynamicCache(config=model.config)}  # the prefill again
     return model(input_ids=ids, use_cache=True, **cache, **positions, **(media or {})), cache
+
+
+def restarts_cache(model, ids: torch.Tensor, cache: dict, seen: int) -> bool:
+    """Whether ``generate`` drops ``cache`` (holding the first ``seen`` tokens of ``ids``) at the step that runs the
+    rest of ``ids``, and runs the whole sequence again into a new cache: Phi-3's (PhiMoE's, Phi-4-multimodal's)
+    ``prepare_inputs_for_generation`` does so once the sequence passes ``original_max_position_embeddings``, where
+    its long-context rope factors take over, so that every key is rotated by them. Asked of that function only at
+    that step, with the real cache."""
+    limit = getattr(model.config, "original_max_position_embeddings", None)
+    keyword = next((name for name in CACHE_NAMES if name in cache), None)
+    if not isinstance(limit, int) or not seen <= limit < ids.shape[1] or keyword is None:
+        return False
+    step = ({"next_sequence_length": ids.shape[1] - seen} if "next_sequence_length" in _forward_params(_BASE_PREPARE)
+            else {"cache_position": torch.arange(seen, ids.shape[1], device=ids.device)})  # transformers 4.x
+    try:
+        inputs = model.prepare_inputs_for_generation(ids, use_cache=True, attention_mask=torch.ones_like(ids),
+                                                     **cache, **step)
+    except Exception:  # noqa: BLE001 - a preparation that wants more than ids and a cache: the cache is kept
+        return False
+    return isinstance(inputs, dict) and inputs.get(keyword) is None
 
 
 def takes_positions(model) -> bool:
@@ -381,7 +404,7 @@ def generate_per_adapter(model, tokenizer, prompt: str, adapters: list[str | Non
     from ..model.multi_adapter import adapter_rows
     from .text_stream import TextStream
 
-    options = options or SamplingOptions()
+    options = options or SamplingOptions(**model_defaults(model))
     if stop_ids is None:
         stop_ids = default_stop_ids(model, tokenizer)
     stop = set(stop_ids)

@@ -15,6 +15,7 @@ from qlora.errors import UsageError
 from qlora.model.chat_format import ChatFormat
 
 from .generate import SamplingOptions, stream_text
+from .sampling_options import model_defaults
 from .messages import Message
 from .reply_reading import ReplyReader, ReplyText, Splitter
 from .template import chat_template, render_chat, renders_tools, stop_token_ids
@@ -38,7 +39,8 @@ class ModelLLM:
         processor: the model's processor (:func:`qlora.infer.images.image_processor`), for messages with images.
         template_kwargs: variables the chat template is rendered with (``{"enable_thinking": False}``), over the
             format's own.
-        **defaults: :class:`SamplingOptions` fields used unless a call overrides them.
+        **defaults: :class:`SamplingOptions` fields used unless a call overrides them (left out: the model's
+            generation config values, else :class:`SamplingOptions`'s).
     """
 
     def __init__(self, model, tokenizer, chat_format: ChatFormat | None = None, processor=None,
@@ -48,7 +50,7 @@ class ModelLLM:
         self.processor = processor
         self.chat_format = chat_format
         self.template_kwargs = template_kwargs
-        self.options = SamplingOptions(**defaults)
+        self.options = SamplingOptions(**{**model_defaults(model), **defaults})
         self.stop_ids = stop_token_ids(model, tokenizer)
         self.reader = ReplyReader(tokenizer)
         self._turn_ends: dict[bool, tuple[str, ...]] = {}  # with tools or not (a tokenizer's tool_use template)

@@ -1,6 +1,13 @@
 """How the next token is chosen (:class:`SamplingOptions`), apart from the sampling code of
 :mod:`qlora.infer.generate` so that ``qlora generate`` and ``qlora chat`` build their options from it without
-importing torch and transformers."""
+importing torch and transformers.
+
+A checkpoint's ``generation_config.json`` may say how its authors want it sampled (Qwen3: temperature 0.6, top-k
+20, top-p 0.95; Gemma 3: top-k 64, top-p 0.95; a length limit). :func:`model_defaults` reads those values, which
+replace qlora's own defaults wherever the user gives none, as vLLM's default sampling parameters do (its
+``--generation-config auto``); ``repetition_penalty`` is read with the model's other token rules
+(:class:`qlora.infer.model_rules.ModelRules`).
+"""
 
 from __future__ import annotations
 
@@ -53,6 +60,24 @@ class SamplingOptions:
             if not isinstance(token, int) or token < 0:
                 raise UsageError(f"logit_bias keys must be token ids (integers, at least 0); got {token!r}")
             BIAS_RANGE.check(f"logit_bias[{token}]", bias)
+
+
+MODEL_FIELDS = ("temperature", "top_p", "top_k", "min_p", "max_new_tokens")  # those a generation config sets
+
+
+def model_defaults(model) -> dict[str, float | int]:
+    """The :class:`SamplingOptions` of :data:`MODEL_FIELDS` that ``model.generation_config`` sets (those a
+    transformers ``GenerationConfig`` holds apart from its own defaults; a temperature of 0 is greedy decoding, as
+    vLLM reads it); a value outside the option's range is left out."""
+    config = getattr(model, "generation_config", None)
+    shipped = config.to_diff_dict() if config is not None else {}
+    ranges = {f.name: f.metadata["range"] for f in fields(SamplingOptions) if f.name in MODEL_FIELDS}
+    kept = {}
+    for name in MODEL_FIELDS:
+        value = shipped.get(name)
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and value in ranges[name]:
+            kept[name] = int(value) if name in ("top_k", "max_new_tokens") else float(value)
+    return kept
 
 
 def cli_fields() -> list:

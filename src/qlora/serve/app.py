@@ -57,6 +57,7 @@ from ..infer.generate import SamplingOptions, default_stop_ids, encode_prompt
 from ..infer.json_reply import JsonReply
 from ..infer.logprobs import TokenLogprob, TokenPieces
 from ..infer.regex_reply import RegexReply
+from ..infer.sampling_options import model_defaults
 from ..infer.template import chat_template, render_chat, renders_tools, stop_token_ids
 from ..infer.reply_reading import ReplyReader, ReplyText, Splitter
 from ..infer.tool_calls import ToolCall, ToolCallFormat, ToolCallStream, markup_token_ids, tool_call_format
@@ -484,7 +485,7 @@ def build_app(batcher: ContinuousBatcher, base_id: str, adapters: list[str], api
             if conversation is not None and finished:
                 conversations.extend(conversation, own + response["output"])
 
-        writer = ResponseWriter(body, TokenPieces.of(tokenizer), keep)
+        writer = ResponseWriter(body, TokenPieces.of(tokenizer), keep, sampling=choice.generation.options)
         queue = _submit(batcher, [choice])
         if body.background:
             def cancelled() -> str:  # the response keeps what was generated before the cancel
@@ -825,16 +826,21 @@ def _generation(batcher: ContinuousBatcher, body: _Body, adapter: str | None, pr
                        "context_length_exceeded")  # vLLM's and OpenAI's 400
     if not prompt_ids:
         raise APIError(400, f"The {prompt_param} is empty", prompt_param)
+    shipped = model_defaults(batcher.model)  # what the request leaves out (vLLM's default sampling parameters)
+    given = body.model_fields_set
     limit = body.token_limit()
+    if "max_new_tokens" in shipped and not given & {"max_tokens", "max_completion_tokens"}:
+        limit = min(shipped["max_new_tokens"], room if limit is None else limit)
     if limit is not None and limit > room:  # vLLM's and OpenAI's 400, not a reply silently cut shorter
         field = "max_completion_tokens" if getattr(body, "max_completion_tokens", None) else "max_tokens"
         raise APIError(400, f"This model's maximum context length is {batcher.context_length} tokens. However, you "
                             f"requested {len(prompt_ids) + limit} tokens ({len(prompt_ids)} in the {prompt_param}, "
                             f"{limit} in the completion: '{field}'). Lower '{field}' to at most {room}, or shorten "
                             f"the {prompt_param}.", field, "context_length_exceeded")
-    options = SamplingOptions(max_new_tokens=max(1, room if limit is None else limit),
-                              temperature=body.temperature, top_p=body.top_p, top_k=max(0, body.top_k),
-                              min_p=body.min_p, repetition_penalty=body.repetition_penalty,
+    sampling = dict(temperature=body.temperature, top_p=body.top_p, top_k=max(0, body.top_k), min_p=body.min_p)
+    sampling.update((name, value) for name, value in shipped.items() if name in sampling and name not in given)
+    options = SamplingOptions(max_new_tokens=max(1, room if limit is None else limit), **sampling,
+                              repetition_penalty=body.repetition_penalty,
                               presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty,
                               logit_bias=body.token_bias(len(batcher.tokenizer)), seed=_choice_seed(body.seed, index))
     return Generation(prompt_ids, adapter, options, emit=lambda event: None,

@@ -20,7 +20,10 @@ over the tokens the choice generated), ``logit_bias`` (token id as a string -> b
 an id outside the tokenizer's vocabulary is a 400 naming it), and vLLM's extra body fields
 ``top_k`` (0 or -1: off), ``min_p`` and ``repetition_penalty`` (over prompt and reply, as
 transformers; left out: the model's generation_config value). Penalties and bias apply to greedy decoding
-too; see :mod:`qlora.infer.penalties`.
+too; see :mod:`qlora.infer.penalties`. As vLLM's defaults: ``temperature``, ``top_p``, ``top_k``, ``min_p`` left
+out of a request take the values the model's generation_config sets, and a request without a token limit
+(``max_tokens``/``max_completion_tokens``) stops at its ``max_new_tokens`` where it sets one
+(:func:`qlora.infer.sampling_options.model_defaults`).
 An out-of-range value is a 400 naming the parameter, as is a value of the wrong JSON type (``"5"`` for an integer,
 ``"0.5"`` for a number, ``"true"`` or ``1`` for a boolean, ``5.0`` for an integer): OpenAI's "Invalid type" answer,
 never a silent coercion.

@@ -188,7 +188,7 @@ class ResponsesRequest(_Body):
                                     "'previous_response_id')", f"{where}.type")
         fields = set(_Body.model_fields) - {"max_tokens", "n", "stream", "stream_options"}
         chat = ChatCompletionRequest(
-            **self.model_dump(include=fields), messages=messages, max_completion_tokens=self.max_output_tokens,
+            **self.model_dump(include=fields, exclude_unset=True), messages=messages, max_completion_tokens=self.max_output_tokens,
             tools=self.chat_tools(), tool_choice=self.chat_tool_choice(), parallel_tool_calls=self.parallel_tool_calls,
             response_format=self.response_format(), logprobs=self.logprobs(),
             top_logprobs=self.top_logprobs if self.logprobs() else None)
@@ -337,8 +337,9 @@ class ResponseWriter:
     """A reply as OpenAI's ``response`` object and stream events (numbered in order)."""
 
     def __init__(self, body: ResponsesRequest, pieces: TokenPieces,
-                 keep: Callable[[dict[str, Any]], None] | None = None) -> None:
+                 keep: Callable[[dict[str, Any]], None] | None = None, sampling: Any = None) -> None:
         self.body, self.pieces, self.keep = body, pieces, keep
+        self.sampling = sampling if sampling is not None else body  # what temperature and top_p echo: the used ones
         self.id, self.message_id = "resp_" + uuid.uuid4().hex, "msg_" + uuid.uuid4().hex
         self.reasoning_id = "rs_" + uuid.uuid4().hex
         self.created_at, self.sequence = int(time.time()), 0
@@ -403,9 +404,9 @@ class ResponseWriter:
             "output": output, "parallel_tool_calls": body.parallel_tool_calls,
             "previous_response_id": body.previous_response_id, "reasoning": None, "store": body.store is not False,
             "background": body.background, "conversation": None if conversation is None else {"id": conversation},
-            "temperature": body.temperature, "text": text,
+            "temperature": self.sampling.temperature, "text": text,
             "tool_choice": body.tool_choice or "auto", "tools": body.tools or [], "top_logprobs": body.top_logprobs,
-            "top_p": body.top_p, "truncation": body.truncation or "disabled", "user": body.user,
+            "top_p": self.sampling.top_p, "truncation": body.truncation or "disabled", "user": body.user,
             "metadata": body.metadata or {}, "usage": None if usage is None else _usage(usage),
         }
 

@@ -250,6 +250,7 @@ def run(args: argparse.Namespace) -> int:
     store, session = _open_session(args)
     try:
         model, tokenizer = load_model_from_args(args)
+        options = sampling_options(args, model)
         chat = Chat(model, tokenizer, memory=build_memory(args, model, tokenizer, session), system=args.system,
                     chat_format=chat_format_from_args(args, tokenizer, "chat"), tools=tools,
                     template_kwargs=args.chat_template_kwargs, on_reasoning=ReasoningEcho(),
