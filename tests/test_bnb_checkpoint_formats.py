@@ -106,6 +106,26 @@ def test_checkpoint_with_quantized_head_round_trips_through_transformers(tmp_pat
     torch.testing.assert_close(_logits(again), _logits(theirs), rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("arch, skip", [("gpt2", ["c_fc"]), ("llama", ["down_proj", "lm_head"])])
+def test_checkpoint_with_dense_layers_resaves_naming_them(tmp_path, tiny_tokenizer, arch, skip):
+    """``llm_int8_skip_modules`` leaves layers dense (GPT-2's are ``Conv1D``, not ``nn.Linear``); loaded
+    by qlora and re-saved, the file names them again, or transformers builds them 4-bit and fails on
+    their dense weights."""
+    from transformers import AutoModelForCausalLM
+
+    base = build_tiny_model(tmp_path / "base", tokenizer=tiny_tokenizer, arch=arch)
+    theirs = _bnb_checkpoint(base, tmp_path / "q", tiny_tokenizer, llm_int8_skip_modules=skip)
+    four_bit = sorted(n for n, m in theirs.named_modules() if type(m).__name__ == "Linear4bit")
+    ours, tok = qlora.load_model(tmp_path / "q", compute_dtype=torch.float32, device="cpu")
+    assert sorted(n for n, m in ours.named_modules() if isinstance(m, Linear4bit)) == four_bit
+    qlora.save_quantized(ours, tmp_path / "resaved", tokenizer=tok)
+    qc = json.loads((tmp_path / "resaved" / "config.json").read_text())["quantization_config"]
+    assert sorted(qc["llm_int8_skip_modules"]) == sorted(skip)
+    again = AutoModelForCausalLM.from_pretrained(tmp_path / "resaved", device_map="cpu", dtype="auto")
+    assert sorted(n for n, m in again.named_modules() if type(m).__name__ == "Linear4bit") == four_bit
+    torch.testing.assert_close(_logits(again), _logits(theirs), rtol=0, atol=0)
+
+
 def _with_quantization_config(src, out, qc: dict):
     shutil.copytree(src, out)
     config = json.loads((out / "config.json").read_text())

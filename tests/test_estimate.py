@@ -487,6 +487,30 @@ def test_a_bitsandbytes_4bit_checkpoint_is_estimated_in_its_stored_format(tmp_pa
     assert ", fp4, block 64" in out and "without double quantization" in out
 
 
+def test_gpt2_conv1d_layers_a_4bit_checkpoint_keeps_dense_are_still_lora_targets(tmp_path, tiny_tokenizer):
+    """GPT-2's linear layers are ``Conv1D``: one that ``llm_int8_skip_modules`` kept 16-bit is adapted by
+    training like the packed ones, so the estimate counts its adapter (it counted the layer as a plain tensor,
+    two targets short here) and its 16-bit weight (what load_model holds)."""
+    import qlora
+    from transformers import BitsAndBytesConfig
+
+    from qlora.model.tiny import build_tiny_model
+
+    base = build_tiny_model(tmp_path / "base", tokenizer=tiny_tokenizer, arch="gpt2")
+    bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=torch.bfloat16,
+                             llm_int8_skip_modules=["lm_head", "c_fc"])
+    AutoModelForCausalLM.from_pretrained(base, quantization_config=bnb, device_map="cpu").save_pretrained(
+        tmp_path / "q")
+    tiny_tokenizer.save_pretrained(tmp_path / "q")
+    counts = count_parameters(load_config(str(tmp_path / "q")))
+    assert len(select_targets(counts, None)) == len(select_targets(count_parameters(load_config(str(base))), None))
+    assert sorted(lin.name for lin in counts.linears if not lin.stored_4bit) == [
+        "transformer.h.0.mlp.c_fc", "transformer.h.1.mlp.c_fc"]
+    model, _ = qlora.load_model(tmp_path / "q", compute_dtype=torch.bfloat16, device="cpu")
+    est = estimate(load_config(str(tmp_path / "q")), TrainingOptions(quant="fp4", double_quant=False))
+    assert sum(values["QLoRA"] for label, values in est.rows if label.startswith(_RESIDENT)) == _held_bytes(model)
+
+
 @pytest.mark.parametrize("model_type", ["minimax", "deepseek_v3", "qwen3_moe"])
 def test_16bit_experts_are_estimated_as_the_loaded_model_holds_them(tmp_path, tiny_tokenizer, model_type, capsys):
     """--no-quantize-experts (axolotl's default) keeps the 3-D expert weights bf16, whole, on the 4-bit base:

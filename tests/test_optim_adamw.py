@@ -170,3 +170,35 @@ def test_bf16_params_update_through_float32():
     ref_opt.step()
     assert p.dtype == torch.bfloat16
     assert torch.equal(p, ref.bfloat16())
+
+
+def test_8bit_matches_bitsandbytes_across_dtypes_missing_grads_and_a_resume():
+    """bitsandbytes' CPU AdamW8bit over mixed parameters: float32 and bfloat16 ones with 8-bit moments, 16-bit
+    ones under ``min_8bit_size`` with 32-bit moments (both update 16-bit parameters through float32), steps where
+    a parameter has no gradient (not stepped, its step count held) or a zero one (decayed), and a resume from
+    ``state_dict`` halfway: every parameter bit for bit at every step, and the same step counts."""
+    bnb = pytest.importorskip("bitsandbytes")
+    g = torch.Generator().manual_seed(0)
+    shapes = [((70, 77), torch.float32), ((64, 80), torch.bfloat16), ((100,), torch.float16), ((5,), torch.bfloat16)]
+    ours = [torch.nn.Parameter(torch.randn(s, generator=g).to(d)) for s, d in shapes]
+    theirs = [torch.nn.Parameter(p.detach().clone()) for p in ours]
+    kwargs = dict(lr=1e-2, betas=(0.85, 0.98), eps=1e-6, weight_decay=0.1)
+    opt, ref = AdamW8bit(ours, **kwargs), bnb.optim.AdamW8bit(theirs, **kwargs)
+    for step in range(8):
+        for i, (a, b) in enumerate(zip(ours, theirs)):
+            grad = None if (step + i) % 5 == 2 else torch.randn(a.shape, generator=g).to(a.dtype)
+            if grad is not None and (step + i) % 5 == 4:
+                grad.zero_()
+            a.grad, b.grad = grad, None if grad is None else grad.clone()
+        opt.step()
+        ref.step()
+        for i, (a, b) in enumerate(zip(ours, theirs)):
+            assert torch.equal(a, b), f"step {step}, parameter {i} {a.dtype}{tuple(a.shape)}"
+        if step == 3:  # resume: a fresh optimizer from the saved state
+            saved = opt.state_dict()
+            opt = AdamW8bit(ours, **kwargs)
+            opt.load_state_dict(saved)
+    state = opt.state_dict()["state"]
+    assert [int(state[i]["step"]) for i in range(len(ours))] == [ref.state[p]["step"] for p in theirs]
+    assert {"exp_avg_codes"} <= set(state[0]) and {"exp_avg_codes"} <= set(state[1])
+    assert set(state[2]) == set(state[3]) == {"step", "exp_avg", "exp_avg_sq"}

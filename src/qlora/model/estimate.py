@@ -210,15 +210,18 @@ def count_parameters(config) -> ModelCounts:
             if is_plain_linear(module):
                 kept.setdefault(id(module.weight), LinearShape(name, module.out_features, module.in_features))
             continue
-        if unpacked and is_skipped(name, unpacked):
-            if is_plain_linear(module):
-                quantized[id(module.weight)] = (LinearShape(name, module.out_features, module.in_features,
-                                                            stored_4bit=False),)
-            continue
         if is_plain_linear(module):
-            quantized[id(module.weight)] = (LinearShape(name, module.out_features, module.in_features),)
+            out_in = module.out_features, module.in_features
         elif isinstance(module, Conv1D):  # weight stored (in, out)
-            quantized[id(module.weight)] = (LinearShape(name, module.weight.shape[1], module.weight.shape[0]),)
+            out_in = module.weight.shape[1], module.weight.shape[0]
+        else:
+            out_in = None
+        if unpacked and is_skipped(name, unpacked):
+            if out_in:
+                quantized[id(module.weight)] = (LinearShape(name, *out_in, stored_4bit=False),)
+            continue
+        if out_in:
+            quantized[id(module.weight)] = (LinearShape(name, *out_in),)
         layout = experts_layout(module)
         # experts: each one 4-bit matrix (Experts4bit), slices the forward never reads not stored
         count = computed_experts(layout, module) if layout else 0

@@ -22,7 +22,7 @@ from ..nn import Experts4bit, Linear4bit, LoraLinear, expert_weight, expert_weig
 from ..shard_size import DEFAULT_BYTES
 from .architecture import text_model_from_config
 from .checkpoint_layout import converted_on_save, to_checkpoint_layout
-from .quantize import is_plain_linear, kept_dense_names, non_text_names, tied_keys, weight_count
+from .quantize import is_conv1d, is_plain_linear, kept_dense_names, non_text_names, tied_keys, weight_count
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -123,7 +123,9 @@ def save_quantized(model: nn.Module, out_dir: str | Path, tokenizer=None, max_sh
     base_paths = {n: re.sub(r"\.(base_layer|original_module)\b", "", n) for n, _ in model.named_modules()
                   if ".lora_" not in n and ".modules_to_save." not in n}
     quantized_paths = {base_paths[n] for n, m in model.named_modules() if isinstance(m, Linear4bit) and n in base_paths}
-    dense = [base_paths[n] for n, m in model.named_modules() if isinstance(m, nn.Linear) and n in base_paths]
+    # what transformers would quantize if unnamed: nn.Linear and GPT-2's Conv1D
+    dense = [base_paths[n] for n, m in model.named_modules()
+             if (isinstance(m, nn.Linear) or is_conv1d(m)) and n in base_paths]
     dense = [n for n in dense if n not in quantized_paths]
     # Loaders match these as name suffixes: a leaf name is enough unless a quantized layer shares it
     # (Falcon-H1's dense mamba.out_proj beside quantized ones elsewhere), then full paths.
