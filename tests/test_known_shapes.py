@@ -22,8 +22,9 @@ from qlora.model.known_shapes import known_model_names, known_shape
 #   Qwen3: "Number of Parameters" on their cards (ZHUI/paddlenlp_model_readme @ ffc26950 : Qwen/Qwen2.5-*/index.md;
 #   code search hits quoting huggingface.co/Qwen/Qwen3-*); SmolLM2: the sizes in its names; OLMo 2 13B: the
 #   total_size of its model.safetensors.index.json (54,864,793,600 float32 bytes; mauer4/Attention-From-Scratch
-#   @ 381a295f); LLaMA 1: the LLaMA paper's table (6.7B, 13.0B, 32.5B, 65.2B). Qwen2.5-32B's card says 32.5B where
-#   its weights hold 32.76B (the hub's count): within the 2% kept for it.
+#   @ 381a295f); gpt-oss: "21B parameters", "117B parameters" (its cards); LLaMA 1: the LLaMA paper's table (6.7B,
+#   13.0B, 32.5B, 65.2B). Qwen2.5-32B's card says 32.5B where its weights hold 32.76B (the hub's count): within the
+#   2% kept for it.
 CARDS: dict[str, tuple[str, bool]] = {
     "meta-llama/Llama-2-7b-hf": ("7B", True),
     "meta-llama/Llama-2-13b-hf": ("13B", True),
@@ -72,6 +73,8 @@ CARDS: dict[str, tuple[str, bool]] = {
     "HuggingFaceTB/SmolLM2-1.7B": ("1.7B", False),
     "allenai/OLMo-2-1124-7B": ("7B", True),
     "allenai/OLMo-2-1124-13B": ("13,716,198,400", False),
+    "openai/gpt-oss-20b": ("21B", True),
+    "openai/gpt-oss-120b": ("117B", True),
     "huggyllama/llama-7b": ("6.7B", False),
     "huggyllama/llama-13b": ("13.0B", False),
     "huggyllama/llama-30b": ("32.5B", False),
@@ -104,7 +107,8 @@ def test_a_known_shape_has_the_parameter_count_its_card_states(name):
 # one model of each family and form: rope scaling, sliding windows, softcapping, MoE experts, a vision tower
 SAMPLES = ["meta-llama/Llama-3.2-1B-Instruct", "mistralai/Mistral-7B-Instruct-v0.3", "mistralai/Mixtral-8x7B-v0.1",
            "microsoft/Phi-3.5-mini-instruct", "google/gemma-2-2b-it", "google/gemma-3-1b-it", "google/gemma-3-4b-it",
-           "Qwen/Qwen2.5-0.5B-Instruct", "Qwen/Qwen3-0.6B", "Qwen/Qwen3-30B-A3B", "allenai/OLMo-2-1124-7B-Instruct",
+           "Qwen/Qwen2.5-0.5B-Instruct", "Qwen/Qwen3-0.6B", "Qwen/Qwen3-30B-A3B", "openai/gpt-oss-20b",
+           "allenai/OLMo-2-1124-7B-Instruct",
            "HuggingFaceTB/SmolLM2-135M-Instruct"]
 
 

@@ -145,6 +145,14 @@ _ROWS: tuple[tuple[str, str, int, int, int, int, int, int, bool, int, dict[str, 
     # fixture mirroring allenai/OLMo-2-1124-7B/config.json (code search file id 56292883532)
     ("allenai/OLMo-2-1124-7B", "olmo2", 100352, 4096, 11008, 32, 32, 32, False, 4096, dict(rope_theta=500000.0)),
     ("allenai/OLMo-2-1124-13B", "olmo2", 100352, 5120, 13824, 40, 40, 40, False, 4096, dict(rope_theta=500000.0)),
+    # gpt-oss (its config.json also holds the mxfp4 quantization_config of its experts, which loading decodes to
+    # 16-bit, so the estimate is the same without it): 20b from EchoCog/gpt-oss-20b : docs/gpt-oss-20b-architecture.md
+    # (the repository's config.json, field by field), 120b from transformers' GptOssConfig, whose defaults are
+    # gpt-oss-120b's (36 layers, 128 experts; the rest as 20b)
+    ("openai/gpt-oss-20b", "gpt_oss", 201088, 2880, 2880, 24, 64, 8, False, 131072, dict(
+        head_dim=64, num_local_experts=32, num_experts_per_tok=4, sliding_window=128, rope_theta=150000.0)),
+    ("openai/gpt-oss-120b", "gpt_oss", 201088, 2880, 2880, 36, 64, 8, False, 131072, dict(
+        head_dim=64, num_local_experts=128, num_experts_per_tok=4, sliding_window=128, rope_theta=150000.0)),
     # LLaMA 1 as huggyllama publishes it (the paper's table 2: dimensions, heads, layers; the 2048-token context);
     # llama-33b and llama-65b are two of the six short names qlora knew before
     ("huggyllama/llama-7b", "llama", 32000, 4096, 11008, 32, 32, 32, False, 2048, {}),
