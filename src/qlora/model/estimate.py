@@ -133,8 +133,8 @@ class ModelCounts:
         return self.quantized_params + self.params_16bit
 
 
-# what a refusal of an unknown name points at
-KNOWN_NAMES_HINT = "a released model's hub id that qlora estimate knows offline (qlora estimate --list-models)"
+# what a refusal of a name points at, rather than a wall of names
+_KNOWN_NAMES = "a released model's hub id that qlora estimate knows offline (qlora estimate --list-models)"
 
 
 def load_config(model: str, option: str = ""):
@@ -157,7 +157,7 @@ def load_config(model: str, option: str = ""):
         config_file = path / "config.json" if path.is_dir() else path
         if not config_file.is_file():
             raise UsageError(f"{path} has no config.json; pass a model directory saved by transformers, "
-                             f"a config.json file, or {KNOWN_NAMES_HINT}.")
+                             f"a config.json file, or {_KNOWN_NAMES}.")
         try:
             if "model_type" not in json.loads(config_file.read_text()):
                 raise KeyError("model_type")
@@ -176,13 +176,13 @@ def load_config(model: str, option: str = ""):
         except (OSError, ValueError) as exc:
             if cache_only:
                 raise hub.unreachable_error(f"{option} {model}".strip(), "model config",
-                                            f"a local path or {KNOWN_NAMES_HINT}", cache_checked=True) from None
+                                            f"a local path or {_KNOWN_NAMES}", cache_checked=True) from None
             raise UsageError(f"{option} {model!r}".strip() + " is not a local path and its config could not be "
                              f"fetched from the hub ({exc.__class__.__name__}); pass a local path or "
-                             f"{KNOWN_NAMES_HINT}.") from exc
+                             f"{_KNOWN_NAMES}.") from exc
         return check_model_config(config, model)
-    raise UsageError(f"{option} {model!r}".strip() + ": unknown model, not a local path, hub id or released model "
-                     f"qlora knows offline; pass a model folder, a config.json, or {KNOWN_NAMES_HINT}.")
+    raise UsageError(f"{option} {model!r}".strip() + ": unknown model, not a local path nor a hub id (org/name); "
+                     f"pass a model folder, a config.json, a hub id, or {_KNOWN_NAMES}.")
 
 
 def count_parameters(config) -> ModelCounts:
