@@ -104,6 +104,22 @@ def test_a_known_shape_has_the_parameter_count_its_card_states(name):
     assert abs(total - value) <= max(unit, 0.02 * value if nominal else 0), f"{name}: {total:,} vs {stated}"
 
 
+# hub id -> the parameters its safetensors hold, as the hub's model API counts them (daniel-p-green/
+# alain-ai-learning-platform @ 522537bc : out/research-<id>/sources/huggingface/model.json, "safetensors"; Llama 2
+# also stores 2,048 float32 rotary frequencies, no parameters): the distills are counted on their bases' rows
+HUB_COUNTS = {
+    "deepseek-ai/DeepSeek-R1-Distill-Llama-8B": 8_030_261_248,
+    "deepseek-ai/DeepSeek-R1-Distill-Qwen-32B": 32_763_876_352,
+    "google/gemma-3-1b-it": 999_885_952,
+    "meta-llama/Llama-2-7b-hf": 6_738_415_616,
+}
+
+
+@pytest.mark.parametrize("name", list(HUB_COUNTS))
+def test_a_known_shape_counts_the_parameters_the_hub_holds(name):
+    assert count_parameters(load_config(name)).total_params == HUB_COUNTS[name]
+
+
 # one model of each family and form: rope scaling, sliding windows, softcapping, MoE experts, a vision tower
 SAMPLES = ["meta-llama/Llama-3.2-1B-Instruct", "mistralai/Mistral-7B-Instruct-v0.3", "mistralai/Mixtral-8x7B-v0.1",
            "microsoft/Phi-3.5-mini-instruct", "google/gemma-2-2b-it", "google/gemma-3-1b-it", "google/gemma-3-4b-it",
