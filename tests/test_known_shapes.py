@@ -166,10 +166,11 @@ def test_hub_ids_match_across_case_variants_and_organisations():
 
 def test_other_models_of_similar_names_are_left_to_the_hub():
     """A fine-tune under another organisation may change the vocabulary; a long-context or quantized release, or a
-    distill of another base (DeepSeek-R1-Distill-Qwen-1.5B unties Qwen2.5-Math-1.5B's embeddings), has a config of
-    its own: none of them takes a recorded shape."""
+    distill of a base the table does not record (DeepSeek-R1-Distill-Qwen-1.5B and -7B, of Qwen2.5-Math models), has
+    a config of its own: none of them takes a recorded shape."""
     for name in ("someone/Llama-3.1-8B", "Qwen/Qwen2.5-7B-Instruct-1M", "Qwen/Qwen2.5-7B-Instruct-AWQ",
-                 "deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B", "meta-llama/Llama-3.1-8B/extra", "llama-3-8b-it-x"):
+                 "deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B", "deepseek-ai/DeepSeek-R1-Distill-Qwen-7B",
+                 "meta-llama/Llama-3.1-8B/extra", "llama-3-8b-it-x"):
         assert known_shape(name) is None, name
 
 

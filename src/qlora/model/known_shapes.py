@@ -6,11 +6,13 @@ a public copy of that file (named above the rows; tests/test_known_shapes.py che
 its model card states). A hub id is matched case-insensitively, with or without its organisation, and with a
 variant word (``-Instruct``, ``-it``, ``-chat``, ``-hf``, ``-Base``, ``-pt``, ``-SFT``, ``-DPO``) left out: a
 post-trained model has its base's shape. DeepSeek-R1 distills are named on the row of the model they were distilled
-into. Another organisation's copy is not matched: a fine-tune may have changed the vocabulary.
+into, as DeepSeek-R1's README lists them (not Distill-Qwen-1.5B and -7B: their bases are Qwen2.5-Math models). Another
+organisation's copy is not matched: a fine-tune may have changed the vocabulary.
 """
 
 from __future__ import annotations
 
+import copy
 import re
 from typing import Any
 
@@ -78,8 +80,10 @@ _ROWS: tuple[tuple[str, str, int, int, int, int, int, int, bool, int, dict[str, 
     ("google/gemma-3-1b-it", "gemma3_text", 262144, 1152, 6912, 26, 4, 1, True, 32768, dict(
         head_dim=256, query_pre_attn_scalar=256, sliding_window=512, rope_theta=1000000.0,
         rope_local_base_freq=10000.0)),
-    ("Qwen/Qwen2-0.5B Qwen/Qwen2.5-0.5B", "qwen2", 151936, 896, 4864, 24, 14, 2, True, 32768, dict(rope_theta=1000000.0)),
-    ("Qwen/Qwen2-1.5B Qwen/Qwen2.5-1.5B", "qwen2", 151936, 1536, 8960, 28, 12, 2, True, 32768, dict(rope_theta=1000000.0)),
+    ("Qwen/Qwen2-0.5B Qwen/Qwen2.5-0.5B", "qwen2", 151936, 896, 4864, 24, 14, 2, True, 32768,
+     dict(rope_theta=1000000.0)),
+    ("Qwen/Qwen2-1.5B Qwen/Qwen2.5-1.5B", "qwen2", 151936, 1536, 8960, 28, 12, 2, True, 32768,
+     dict(rope_theta=1000000.0)),
     ("Qwen/Qwen2-7B", "qwen2", 152064, 3584, 18944, 28, 28, 4, False, 32768, dict(rope_theta=1000000.0)),
     ("Qwen/Qwen2.5-3B", "qwen2", 151936, 2048, 11008, 36, 16, 2, True, 32768, dict(rope_theta=1000000.0)),
     ("Qwen/Qwen3-0.6B", "qwen3", 151936, 1024, 3072, 28, 16, 8, True, 40960, dict(head_dim=128,
@@ -97,7 +101,7 @@ _ROWS: tuple[tuple[str, str, int, int, int, int, int, int, bool, int, dict[str, 
     # Llama-3.2-3B, Qwen2.5-3B/7B/14B/32B, Qwen3-4B/8B/14B/30B-A3B/32B, each as the hub serves it); Qwen3-30B-A3B
     # also in NVIDIA-NeMo/Megatron-Bridge @ 067f987df03b8355b03192d88d70f1709fedf51a :
     # tests/unit_tests/models/qwen/test_qwen3_moe_bridge.py (qwen3_moe_30b_config_dict)
-    ("Qwen/Qwen2.5-7B deepseek-ai/DeepSeek-R1-Distill-Qwen-7B", "qwen2", 152064, 3584, 18944, 28, 28, 4, False,
+    ("Qwen/Qwen2.5-7B", "qwen2", 152064, 3584, 18944, 28, 28, 4, False,
      131072, dict(rope_theta=1000000.0)),
     ("Qwen/Qwen2.5-14B deepseek-ai/DeepSeek-R1-Distill-Qwen-14B", "qwen2", 152064, 5120, 13824, 48, 40, 8, False,
      131072, dict(rope_theta=1000000.0)),
@@ -204,7 +208,7 @@ def known_shape(name: str) -> dict[str, Any] | None:
     """The config.json fields (``model_type`` among them) of the released model ``name`` names, a hub id or a
     short name, or ``None`` where the table does not hold it."""
     fields = _INDEX.get(_key(name))
-    return None if fields is None else dict(fields)
+    return None if fields is None else copy.deepcopy(fields)  # a config built from it may change nested fields
 
 
 def known_model_names() -> list[str]:
