@@ -4,6 +4,7 @@ for a folder holding that config.json, and how names are matched and refused."""
 
 from __future__ import annotations
 
+import copy
 import re
 
 import pytest
@@ -162,6 +163,14 @@ def test_hub_ids_match_across_case_variants_and_organisations():
                                                        "mistral-7b", "qwen2.5-7b")} == {
         "llama-3-8b": "llama", "llama-3-70b": "llama", "llama-65b": "llama", "llama-33b": "llama",
         "mistral-7b": "mistral", "qwen2.5-7b": "qwen2"}
+
+
+def test_building_a_config_leaves_the_recorded_shape_as_it_was():
+    """transformers adds rope_theta to the rope_scaling dict a config is built from: the table's own was changed by
+    every estimate of a Llama 3.1/3.2 id before each caller got a copy of its own."""
+    before = copy.deepcopy(known_shape("meta-llama/Llama-3.2-1B"))
+    load_config("meta-llama/Llama-3.2-1B")
+    assert known_shape("meta-llama/Llama-3.2-1B") == before
 
 
 def test_other_models_of_similar_names_are_left_to_the_hub():
