@@ -238,17 +238,17 @@ def check_paths(args: argparse.Namespace) -> None:
     file's included (:meth:`qlora.train.config.TrainConfig.validate`)."""
     if args.command == "train":
         return
-    from ..model.known_shapes import KNOWN_SHAPES
+    from ..model.known_shapes import known_shape
     from ..model.local_path import check_adapter_path, check_model_path
 
     adapters = getattr(args, "adapter", None)
     for item in [adapters] if isinstance(adapters, str) else adapters or []:
         check_adapter_path(item, defer_hub_ids=True)  # a hub id's refusal after the other options' (load_kwargs)
-    estimate = args.command == "estimate"  # a known shape name, or a config.json file, as well as a model folder
+    estimate = args.command == "estimate"  # a known model's name, or a config.json file, as well as a model folder
     adapter_ok = args.command != "quantize"  # the others load an adapter folder's base (quantize writes a base)
     for attr, option in (("model", "--model"), ("model_arg", "MODEL")):
         name = getattr(args, attr, None)
-        if isinstance(name, str) and not (estimate and name.lower() in KNOWN_SHAPES):
+        if isinstance(name, str) and not (estimate and known_shape(name) is not None):
             check_model_path(name, option, adapter_ok=adapter_ok, file_ok=estimate)
 
 

@@ -34,7 +34,7 @@ from ..optim.optimizer_names import optimizer_name  # the names qlora train --op
 from ..quant import BLOCKSIZES
 from ..quant.double_quant import NESTED_BLOCKSIZE
 from .architecture import text_model_from_config
-from .known_shapes import KNOWN_SHAPES
+from .known_shapes import known_shape
 from .quantize import fp32_linear_names, is_plain_linear, is_skipped, kept_dense_names, kept_in_fp32, matches_any
 from .saved_activations import LayerSaves, NotMeasurable, measure
 from .target_hints import unmatched_hint, weight_modules
@@ -133,9 +133,14 @@ class ModelCounts:
         return self.quantized_params + self.params_16bit
 
 
+# what a refusal of a name points at, rather than a wall of names
+_KNOWN_NAMES = "a released model's hub id that qlora estimate knows offline (qlora estimate --list-models)"
+
+
 def load_config(model: str, option: str = ""):
-    """A transformers config from a known shape name, a local path, or a hub id; ``option`` (``--model``) is the
-    one that gave ``model``, named in the errors.
+    """A transformers config from a local path, a released model known by its hub id or short name
+    (:mod:`qlora.model.known_shapes`, no hub asked), or another hub id; ``option`` (``--model``) is the one that
+    gave ``model``, named in the errors.
 
     Raises:
         UsageError: the name is none of these, or config.json is missing or bad.
@@ -144,16 +149,15 @@ def load_config(model: str, option: str = ""):
 
     from .load import check_model_config, read_model_config
 
-    key = model.lower()
-    if key in KNOWN_SHAPES:
-        fields = dict(KNOWN_SHAPES[key])
-        return AutoConfig.for_model(fields.pop("model_type"), **fields)
     path = Path(model).expanduser()
+    shape = None if path.exists() else known_shape(model)  # a folder of that name is what the user holds
+    if shape is not None:
+        return AutoConfig.for_model(shape.pop("model_type"), **shape)
     if path.exists():
         config_file = path / "config.json" if path.is_dir() else path
         if not config_file.is_file():
             raise UsageError(f"{path} has no config.json; pass a model directory saved by transformers, "
-                             f"a config.json file, or a known shape ({', '.join(KNOWN_SHAPES)}).")
+                             f"a config.json file, or {_KNOWN_NAMES}.")
         try:
             if "model_type" not in json.loads(config_file.read_text()):
                 raise KeyError("model_type")
@@ -171,14 +175,14 @@ def load_config(model: str, option: str = ""):
             config = AutoConfig.from_pretrained(model, local_files_only=cache_only)
         except (OSError, ValueError) as exc:
             if cache_only:
-                raise hub.unreachable_error(f"{option} {model}".strip(), "model config", "a local path or a known "
-                                            f"shape ({', '.join(KNOWN_SHAPES)})", cache_checked=True) from None
+                raise hub.unreachable_error(f"{option} {model}".strip(), "model config",
+                                            f"a local path or {_KNOWN_NAMES}", cache_checked=True) from None
             raise UsageError(f"{option} {model!r}".strip() + " is not a local path and its config could not be "
-                             f"fetched from the hub ({exc.__class__.__name__}); pass a local path or a known shape "
-                             f"({', '.join(KNOWN_SHAPES)}).") from exc
+                             f"fetched from the hub ({exc.__class__.__name__}); pass a local path or "
+                             f"{_KNOWN_NAMES}.") from exc
         return check_model_config(config, model)
-    raise UsageError(f"{option} {model!r}".strip() + ": unknown model, not a local path, hub id or known shape; "
-                     f"known shapes are {', '.join(KNOWN_SHAPES)}.")
+    raise UsageError(f"{option} {model!r}".strip() + ": unknown model, not a local path nor a hub id (org/name); "
+                     f"pass a model folder, a config.json, a hub id, or {_KNOWN_NAMES}.")
 
 
 def count_parameters(config) -> ModelCounts:

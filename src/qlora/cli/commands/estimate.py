@@ -34,15 +34,17 @@ _ESTIMATE_HELP = {"precompute_ref": "dpo, kto: count the reference log-probs as 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from dataclasses import fields
 
-    from ...model.known_shapes import KNOWN_SHAPES
     from ...option_range import POSITIVE
     from ...quant import BLOCKSIZES
     from ...train.config import TrainConfig, field_type
     from ..options import number
 
-    where = f"model directory or config.json, a hub id, or a known shape: {', '.join(KNOWN_SHAPES)}"
+    where = ("model directory or config.json, or a hub id; the released models --list-models names are estimated "
+             "without the hub (-Instruct, -it, -chat and -Base variants too)")
     parser.add_argument("model_arg", nargs="?", metavar="MODEL", help=where)
     parser.add_argument("--model", help="the same as MODEL (as qlora train spells it)")
+    parser.add_argument("--list-models", action="store_true",
+                        help="print the released models estimated by their hub ids without the hub, and exit")
     by_name = {f.name: f for f in fields(TrainConfig)}
     for name in _TRAIN_OPTIONS:
         f = by_name[name]
@@ -63,6 +65,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.list_models:
+        from ...model.known_shapes import known_model_names
+
+        print("Released models estimated without the hub (any name on a line; case, the organisation and -Instruct,"
+              " -it, -chat, -hf or -Base may differ):")
+        print("\n".join(known_model_names()))
+        return 0
     if args.model_arg and args.model and args.model_arg != args.model:
         raise UsageError(f"two models given: {args.model_arg} and --model {args.model}; give one")
     model = args.model_arg or args.model
