@@ -617,3 +617,22 @@ def test_a_compressed_file_whose_name_does_not_say_so_reads_as_datasets_reads_it
     with pytest.raises(UsageError, match=r"z\.csv line 1: not UTF-8 text .* It is zstd-compressed data, not text: "
                                          r"decompress it first \(zstd -d\)"):
         load_records(tmp_path / "z.csv")
+
+
+def test_nan_in_json_data_is_a_missing_value_as_datasets_reads_it(tmp_path):
+    """Python's json.dumps writes a pandas gap as NaN (not JSON): such a value is read as null, as datasets reads it
+    in a column that also holds text, so a NaN system prompt is none and a NaN answer an empty one (skipped), not a
+    number refused or trained."""
+    datasets = pytest.importorskip("datasets")
+    rows = [{"prompt": "a", "completion": float("nan")}, {"prompt": "b", "completion": "c"}]
+    path = tmp_path / "d.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    theirs = datasets.load_dataset("json", data_files=str(path), split="train", cache_dir=str(tmp_path / "c"))
+    records = load_records(path)
+    assert [r.fields for r in records] == theirs.to_list() == [{"prompt": "a", "completion": None},
+                                                               {"prompt": "b", "completion": "c"}]
+    assert [e.skip for e in normalize(records)] == ["an empty answer", None]
+    (tmp_path / "a.json").write_text(json.dumps([{"system": float("nan"), "instruction": "Add", "input": float("nan"),
+                                                  "output": "4"}]))
+    (example,) = normalize(load_records(tmp_path / "a.json"))
+    assert example.messages == ({"role": "user", "content": "Add"}, {"role": "assistant", "content": "4"})
