@@ -636,3 +636,32 @@ def test_nan_in_json_data_is_a_missing_value_as_datasets_reads_it(tmp_path):
                                                   "output": "4"}]))
     (example,) = normalize(load_records(tmp_path / "a.json"))
     assert example.messages == ({"role": "user", "content": "Add"}, {"role": "assistant", "content": "4"})
+
+
+def test_a_glob_pattern_reads_its_files_in_order_as_datasets_reads_data_files(tmp_path):
+    """--data 'shards/*.jsonl' (a sharded corpus, as datasets' data_files takes it) reads every matching file, sorted,
+    each line named by its file; ** reaches subfolders; a pattern matching nothing is refused as such. The run's
+    fingerprints cover the matched files (a resume sees one changed), and a split asked of them is refused, as of
+    files named one by one."""
+    from qlora.train.data.selection import check_split_of_files
+    from qlora.train.file_fingerprint import data_fingerprints
+
+    datasets = pytest.importorskip("datasets")
+    shards = tmp_path / "shards"
+    (shards / "more").mkdir(parents=True)
+    for i in (2, 0, 10, 1):
+        _jsonl(shards / f"part-{i}.jsonl", [{"text": f"doc {i}"}, {"text": f"doc {i} again"}])
+    _jsonl(shards / "more" / "part-9.jsonl", [{"text": "deeper"}])
+    (shards / "notes.txt").write_text("not data\n")
+    pattern = str(shards / "part-*.jsonl")
+    theirs = datasets.load_dataset("json", data_files=pattern, split="train", cache_dir=str(tmp_path / "c"))
+    records = load_records(pattern)
+    assert [r.fields for r in records] == theirs.to_list()
+    assert [r.where.split("/")[-1] for r in records[:3]] == ["part-0.jsonl line 1", "part-0.jsonl line 2",
+                                                             "part-1.jsonl line 1"]
+    assert [r.fields["text"] for r in load_records(str(shards / "**" / "*.jsonl"))][0] == "deeper"  # more/ < part-
+    assert sorted(Path(p).name for p in data_fingerprints(pattern)) == [f"part-{i}.jsonl" for i in (0, 1, 10, 2)]
+    with pytest.raises(UsageError, match=r"--data-split test: .*part-\*\.jsonl is a data file"):
+        check_split_of_files(pattern, "test", None, "data", ("--data-split", "--data-subset"), "train")
+    with pytest.raises(UsageError, match=r"shards/\*\.parquet: no file matches this pattern"):
+        load_records(str(shards / "*.parquet"))

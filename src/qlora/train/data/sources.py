@@ -16,6 +16,7 @@ from __future__ import annotations
 import bz2
 import codecs
 import csv
+import glob
 import gzip
 import io
 import itertools
@@ -70,7 +71,8 @@ def load_records(source: str | Path, split: str = "train", subset: str | None = 
     """Read every record of a local file or folder, or of a hub dataset.
 
     Args:
-        source: a ``.jsonl``, ``.json`` (a list, ``{"data": [...]}`` or one row's object), ``.csv``, ``.tsv``,
+        source: a glob pattern of such files (``shards/*.jsonl``, ``data/**/*.parquet``: :func:`glob_files`), or a
+            ``.jsonl``, ``.json`` (a list, ``{"data": [...]}`` or one row's object), ``.csv``, ``.tsv``,
             ``.parquet``, ``.arrow`` or ``.txt`` file (plain text: one record a document where
             ``<|endoftext|>`` separates them, else a paragraph, or a line when the file has no blank line), the text ones also compressed (``.gz``,
             ``.bz2``, ``.xz``); a folder written by ``datasets``' ``save_to_disk``, or a folder
@@ -86,7 +88,13 @@ def load_records(source: str | Path, split: str = "train", subset: str | None = 
             split or subset, unreachable hub, or no records.
     """
     path = Path(source).expanduser()
-    if path.is_file():
+    matched = glob_files(source)
+    if matched is not None:
+        if not matched:
+            raise UsageError(f"{source}: no file matches this pattern. Check the folder and the pattern given (--data "
+                             "or --eval-data); quote it so that the shell does not expand it.")
+        records = [replace(r, folders=(str(p.parent),)) for p in matched for r in _read_file(p, text_lines, as_text)]
+    elif path.is_file():
         records = _read_file(path, text_lines, as_text)
     elif path.is_dir():
         records = _read_folder(path, split, subset, text_lines, as_text)
@@ -101,6 +109,16 @@ def load_records(source: str | Path, split: str = "train", subset: str | None = 
         folder = str(path if path.is_dir() else path.parent)
         records = [replace(r, folders=(*r.folders, folder)) for r in records]
     return records
+
+
+def glob_files(source: str | Path) -> list[Path] | None:
+    """The files a glob pattern names (``*``, ``?``, ``[...]``; ``**`` for any depth), sorted, as ``datasets`` reads a
+    ``data_files`` pattern and a user writes a sharded corpus (``train-*.jsonl.gz``); None where ``source`` is not a
+    pattern, or is an existing path whose name holds such a character."""
+    text = os.path.expanduser(str(source))
+    if not any(c in text for c in "*?[") or Path(text).exists():
+        return None
+    return sorted(Path(p) for p in glob.glob(text, recursive=True) if Path(p).is_file())
 
 
 def _read_file(path: Path, text_lines: bool = False, as_text: bool = False) -> list[Record]:
