@@ -665,3 +665,43 @@ def test_a_glob_pattern_reads_its_files_in_order_as_datasets_reads_data_files(tm
         check_split_of_files(pattern, "test", None, "data", ("--data-split", "--data-subset"), "train")
     with pytest.raises(UsageError, match=r"shards/\*\.parquet: no file matches this pattern"):
         load_records(str(shards / "*.parquet"))
+
+
+def test_json_objects_written_over_several_lines_read_as_datasets_reads_them(tmp_path):
+    """jq's output without -c (or json.dump(row, f, indent=2) per row) and a JSON array written over several lines,
+    saved as .jsonl (or objects one after another as .json), are read as datasets' json loader reads them, each row
+    named by the line where its object starts; an object broken in such a file is named by the line where it breaks
+    and where it starts; a key named twice there too."""
+    datasets = pytest.importorskip("datasets")
+    pretty = "".join(json.dumps(r, indent=2) + "\n" for r in ALPACA)
+    (tmp_path / "jq.jsonl").write_text(pretty)
+    (tmp_path / "jq.json").write_text(pretty)
+    (tmp_path / "array.jsonl").write_text(json.dumps(ALPACA, indent=2))
+    for name, where in (("jq.jsonl", "line 6"), ("jq.json", "line 6"), ("array.jsonl", "item 1")):
+        path = tmp_path / name
+        theirs = datasets.load_dataset("json", data_files=str(path), split="train", cache_dir=str(tmp_path / "c"))
+        records = load_records(path)
+        assert [r.fields for r in records] == theirs.to_list() == ALPACA, name
+        assert records[1].where == f"{path} {where}"
+    (tmp_path / "bad.jsonl").write_text(pretty + '{\n  "instruction": "x"\n  "output": "y"\n}\n')
+    with pytest.raises(UsageError, match=r"bad\.jsonl line 13: malformed JSON \(Expecting ',' delimiter at column 3\), "
+                                         r"in the value starting at line 11\.$"):
+        load_records(tmp_path / "bad.jsonl")
+    (tmp_path / "twice.jsonl").write_text(pretty + '{\n  "text": "x",\n  "text": "y"\n}\n')
+    with pytest.raises(UsageError, match=r"twice\.jsonl line 11: a JSON object names the key 'text' twice"):
+        load_records(tmp_path / "twice.jsonl")
+
+
+def test_a_cut_off_last_line_and_a_raw_line_break_in_a_string_say_so(tmp_path):
+    """A .jsonl file whose last line ends inside its object (an interrupted download or write) is named as cut off,
+    and a string holding a raw line break (a file written by hand) is told to escape it; the decoder's message
+    keeps no dangling "at"."""
+    rows = "".join(json.dumps(r) + "\n" for r in ALPACA)
+    (tmp_path / "cut.jsonl").write_text(rows + json.dumps(ALPACA[0])[:20])
+    with pytest.raises(UsageError, match=r"cut\.jsonl line 3: malformed JSON \(Unterminated string starting at column "
+                                         r"17\)\. The file ends inside this line: it looks cut off"):
+        load_records(tmp_path / "cut.jsonl")
+    (tmp_path / "raw.jsonl").write_text(rows + '{"text": "one\ntwo"}\n')
+    with pytest.raises(UsageError, match=r"raw\.jsonl line 3: malformed JSON \(Invalid control character at column "
+                                         r"14\)\. A string holds a raw line break"):
+        load_records(tmp_path / "raw.jsonl")

@@ -23,6 +23,7 @@ import itertools
 import json
 import lzma
 import os
+import re
 import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -31,7 +32,7 @@ from typing import Any, Iterable
 from qlora.errors import UsageError
 from qlora.train.data.class_labels import label_names, schema_features, with_label_names
 from qlora.train.data.csv_separator import SAMPLE_LINES, header_separator
-from qlora.train.data.unique_keys import DuplicateKey, duplicate_line, loads_unique
+from qlora.train.data.unique_keys import DuplicateKey, duplicate_line, loads_unique, loads_unique_prefix
 
 LOCAL_SUFFIXES = (".jsonl", ".json", ".csv", ".tsv", ".parquet", ".arrow", ".txt")
 # Compressed text files (data.jsonl.gz, data.csv.xz) are read through these, as datasets reads them.
@@ -233,12 +234,80 @@ def _read_jsonl(path: Path) -> list[Record]:
             except json.JSONDecodeError as e:
                 if "\x00" in line:
                     raise _nul_error(path, line_no) from None
-                raise UsageError(
-                    f"{path} line {line_no}: malformed JSON ({e.msg} at column {e.colno}). "
-                    "Each line of a .jsonl file must be one complete JSON object."
-                ) from None
+                continues = e.msg.startswith("Unterminated") or e.pos >= len(line.rstrip())  # at the line's end
+                if "\n" in line and not records:
+                    spread = _spread_json(path, continues)
+                    if spread is not None:
+                        return spread
+                raise UsageError(f"{path} line {line_no}: malformed JSON ({_problem(e)} at column {e.colno}). "
+                                 + _json_line_hint(e, cut="\n" not in line and continues)) from None
             records.append(Record(_as_object(value, f"{path} line {line_no}"), f"{path} line {line_no}"))
     return records
+
+
+def _problem(error: json.JSONDecodeError) -> str:
+    """The decoder's message without its dangling "at" ("Unterminated string starting at")."""
+    return error.msg.removesuffix(" at")
+
+
+def _json_line_hint(error: json.JSONDecodeError, cut: bool) -> str:
+    if cut:
+        return ("The file ends inside this line: it looks cut off (an interrupted download, copy or write); copy it "
+                "again, or remove the incomplete line.")
+    return _raw_control(error) or "Each line of a .jsonl file must be one complete JSON object."
+
+
+def _raw_control(error: json.JSONDecodeError) -> str:
+    """What to do about a string holding a raw control character (a line break typed into a text), or ''."""
+    if not error.msg.startswith("Invalid control character"):
+        return ""
+    return ("A string holds a raw line break or tab, which JSON writes escaped (\\n, \\t): write the file with a "
+            "JSON library (json.dumps) rather than by hand.")
+
+
+def _spread_json(path: Path, continues: bool) -> list[Record] | None:
+    """A ``.jsonl`` file whose first object does not fit on its line, read as ``datasets``' json loader reads it:
+    one JSON document over several lines (an array of rows), or objects each written over several lines (``jq``'s
+    output without ``-c``, ``json.dump(row, f, indent=2)`` per row). Where its first value does not parse either:
+    None, so that the first line's own error is reported, unless that value ``continues`` past its first line,
+    whose error is then where the value breaks."""
+    with _open_text(path) as f:
+        text = f.read()
+    start = len(text) - len(text.lstrip())
+    try:
+        value, end = loads_unique_prefix(text, start)
+    except DuplicateKey:
+        raise _duplicate_error(path, *duplicate_line(text)) from None
+    except json.JSONDecodeError as e:
+        if not continues:
+            return None
+        raise UsageError(f"{path} line {e.lineno}: malformed JSON ({_problem(e)} at column {e.colno}), in the "
+                         f"value starting at line {text.count(chr(10), 0, start) + 1}. {_raw_control(e)}".rstrip()
+                         ) from None
+    if not text[end:].strip():
+        return _document_rows(value, text, path)
+    return _object_stream(text, path) if isinstance(value, dict) else None
+
+
+def _object_stream(text: str, path: Path) -> list[Record]:
+    """JSON objects one after another, each named by the line where it starts."""
+    records, pos, line_no = [], _JSON_SPACE.match(text).end(), 1
+    counted = 0
+    while pos < len(text):
+        line_no, counted = line_no + text.count("\n", counted, pos), pos
+        try:
+            value, end = loads_unique_prefix(text, pos)
+        except DuplicateKey as e:
+            raise _duplicate_error(path, line_no, e.key) from None
+        except json.JSONDecodeError as e:
+            raise UsageError(f"{path} line {e.lineno}: malformed JSON ({_problem(e)} at column {e.colno}), in the "
+                             f"value starting at line {line_no}. {_raw_control(e)}".rstrip()) from None
+        records.append(Record(_as_object(value, f"{path} line {line_no}"), f"{path} line {line_no}"))
+        pos = _JSON_SPACE.match(text, end).end()
+    return records
+
+
+_JSON_SPACE = re.compile(r"[ \t\n\r]*")  # what JSON allows between values
 
 
 def _read_json(path: Path) -> list[Record]:
@@ -251,7 +320,13 @@ def _read_json(path: Path) -> list[Record]:
     except json.JSONDecodeError as e:
         if e.msg == "Extra data" and e.doc.lstrip().startswith("{"):
             return _read_jsonl(path)  # JSON Lines named .json, as datasets' json loader (and axolotl) read it
-        raise UsageError(f"{path} line {e.lineno}: malformed JSON ({e.msg} at column {e.colno}).") from None
+        raise UsageError(f"{path} line {e.lineno}: malformed JSON ({_problem(e)} at column {e.colno}). "
+                         f"{_raw_control(e)}".rstrip()) from None
+    return _document_rows(value, text, path)
+
+
+def _document_rows(value: Any, text: str, path: Path) -> list[Record]:
+    """The rows of one JSON document: a list of rows or of texts, ``{"data": [...]}``, or one object (one row)."""
     if isinstance(value, dict) and isinstance(value.get("data"), list):
         value = value["data"]
     elif isinstance(value, dict):  # one row, named by the line where its object starts

@@ -48,6 +48,12 @@ def loads_unique(text: str) -> Any:
     return _DECODER.decode(text)
 
 
+def loads_unique_prefix(text: str, start: int = 0) -> tuple[Any, int]:
+    """The JSON value starting at ``text[start]`` and where it ends, as :func:`loads_unique` reads it (one of
+    several objects written one after another)."""
+    return _DECODER.raw_decode(text, start)
+
+
 class _LocatingDecoder(json.JSONDecoder):
     """The pure-Python scanner, whose object parser can be wrapped to learn where the offending object starts."""
 
