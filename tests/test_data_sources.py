@@ -705,3 +705,26 @@ def test_a_cut_off_last_line_and_a_raw_line_break_in_a_string_say_so(tmp_path):
     with pytest.raises(UsageError, match=r"raw\.jsonl line 3: malformed JSON \(Invalid control character at column "
                                          r"14\)\. A string holds a raw line break"):
         load_records(tmp_path / "raw.jsonl")
+
+
+def test_half_of_a_surrogate_pair_is_refused_at_its_line_and_column(tmp_path):
+    """A JSON string holding half of a UTF-16 surrogate pair (an emoji that a cut at a fixed length split, written
+    "\\ud83d" by an ASCII-escaping JSON writer) is no text: the tokenizer raised a bare TypeError on it, and datasets
+    refuses the file. It is named by file, line and column; a whole pair, and a backslash written as text, read."""
+    datasets = pytest.importorskip("datasets")
+    whole = '{"text": "ok \\ud83d\\ude00 pair"}\n{"text": "literal \\\\ud83d is text"}\n'
+    (tmp_path / "whole.jsonl").write_text(whole)
+    assert [r.fields["text"] for r in load_records(tmp_path / "whole.jsonl")] == ["ok \U0001F600 pair",
+                                                                                 "literal \\ud83d is text"]
+    (tmp_path / "cut.jsonl").write_text(whole + '{"text": "broken emoji \\ud83d"}\n')
+    with pytest.raises(Exception):
+        datasets.load_dataset("json", data_files=str(tmp_path / "cut.jsonl"), split="train",
+                              cache_dir=str(tmp_path / "c"))
+    with pytest.raises(UsageError, match=r"cut\.jsonl line 3: a string holds half of a UTF-16 surrogate pair "
+                                         r"\(\\ud83d at column 24\)"):
+        load_records(tmp_path / "cut.jsonl")
+    (tmp_path / "cut.json").write_text('[{"messages": [{"role": "user", "content": "hi"},\n'
+                                       '  {"role": "assistant", "content": "\\udc00"}]}]')
+    with pytest.raises(UsageError, match=r"cut\.json line 2: a string holds half of a UTF-16 surrogate pair "
+                                         r"\(\\udc00 at column 37\)"):
+        load_records(tmp_path / "cut.json")

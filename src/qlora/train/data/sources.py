@@ -241,8 +241,40 @@ def _read_jsonl(path: Path) -> list[Record]:
                         return spread
                 raise UsageError(f"{path} line {line_no}: malformed JSON ({_problem(e)} at column {e.colno}). "
                                  + _json_line_hint(e, cut="\n" not in line and continues)) from None
+            _check_surrogates(value, line, path, line_no)
             records.append(Record(_as_object(value, f"{path} line {line_no}"), f"{path} line {line_no}"))
     return records
+
+
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
+
+
+def _check_surrogates(value: Any, raw: str, path: Path, first_line: int = 1) -> None:
+    """Refuse a JSON string holding half of a UTF-16 surrogate pair (``"\\ud83d"`` alone): the rest of an emoji
+    that a cut at a fixed length (a scraper's, a JavaScript ``substring``) split. It is not text: no tokenizer
+    encodes it (``datasets`` refuses the file too). Looked for only where ``raw`` holds such an escape at all."""
+    if not _SURROGATE_ESCAPE.search(raw):
+        return
+    try:
+        json.dumps(value, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        pass
+    else:
+        return  # every such escape is half of a whole pair
+    paired_to = -1
+    for m in _SURROGATE_ESCAPE.finditer(raw):
+        if m.start() < paired_to:
+            continue
+        following = _SURROGATE_ESCAPE.match(raw, m.end())
+        if m.group()[2].lower() in "89ab" and following and following.group()[2].lower() in "cdef":
+            paired_to = following.end()  # a high half and its low half: one character
+            continue
+        line = first_line + raw.count("\n", 0, m.start())
+        column = m.start() - raw.rfind("\n", 0, m.start())
+        raise UsageError(f"{path} line {line}: a string holds half of a UTF-16 surrogate pair ({m.group()} at column "
+                         f"{column}), the rest of a character (an emoji) that a cut at a fixed length split; it is not "
+                         "text, and no tokenizer encodes it. Remove that escape, or write \\ufffd (the replacement "
+                         "character) in its place.")
 
 
 def _problem(error: json.JSONDecodeError) -> str:
@@ -285,6 +317,7 @@ def _spread_json(path: Path, continues: bool) -> list[Record] | None:
                          f"value starting at line {text.count(chr(10), 0, start) + 1}. {_raw_control(e)}".rstrip()
                          ) from None
     if not text[end:].strip():
+        _check_surrogates(value, text, path)
         return _document_rows(value, text, path)
     return _object_stream(text, path) if isinstance(value, dict) else None
 
@@ -302,6 +335,7 @@ def _object_stream(text: str, path: Path) -> list[Record]:
         except json.JSONDecodeError as e:
             raise UsageError(f"{path} line {e.lineno}: malformed JSON ({_problem(e)} at column {e.colno}), in the "
                              f"value starting at line {line_no}. {_raw_control(e)}".rstrip()) from None
+        _check_surrogates(value, text[pos:end], path, line_no)
         records.append(Record(_as_object(value, f"{path} line {line_no}"), f"{path} line {line_no}"))
         pos = _JSON_SPACE.match(text, end).end()
     return records
@@ -322,6 +356,7 @@ def _read_json(path: Path) -> list[Record]:
             return _read_jsonl(path)  # JSON Lines named .json, as datasets' json loader (and axolotl) read it
         raise UsageError(f"{path} line {e.lineno}: malformed JSON ({_problem(e)} at column {e.colno}). "
                          f"{_raw_control(e)}".rstrip()) from None
+    _check_surrogates(value, text, path)
     return _document_rows(value, text, path)
 
 
