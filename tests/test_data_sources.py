@@ -728,3 +728,20 @@ def test_half_of_a_surrogate_pair_is_refused_at_its_line_and_column(tmp_path):
     with pytest.raises(UsageError, match=r"cut\.json line 2: a string holds half of a UTF-16 surrogate pair "
                                          r"\(\\udc00 at column 37\)"):
         load_records(tmp_path / "cut.json")
+
+
+def test_ndjson_files_are_json_lines_as_datasets_reads_them(tmp_path):
+    """.ndjson (newline-delimited JSON, as BigQuery and jq pipelines name it) is JSON Lines to datasets: read so,
+    alone, gzip-compressed and in a folder, each row named by its line."""
+    import gzip
+
+    datasets = pytest.importorskip("datasets")
+    folder = tmp_path / "repo"
+    folder.mkdir()
+    path = _jsonl(folder / "train.ndjson", ALPACA)
+    (tmp_path / "d.ndjson.gz").write_bytes(gzip.compress(path.read_bytes()))
+    theirs = datasets.load_dataset("json", data_files=str(path), split="train", cache_dir=str(tmp_path / "c"))
+    for source in (path, tmp_path / "d.ndjson.gz", folder):
+        records = load_records(source)
+        assert [r.fields for r in records] == theirs.to_list() == ALPACA, source
+        assert records[1].where.endswith("ndjson line 2") or records[1].where.endswith("ndjson.gz line 2")

@@ -34,14 +34,14 @@ from qlora.train.data.class_labels import label_names, schema_features, with_lab
 from qlora.train.data.csv_separator import SAMPLE_LINES, header_separator
 from qlora.train.data.unique_keys import DuplicateKey, duplicate_line, loads_unique, loads_unique_prefix
 
-LOCAL_SUFFIXES = (".jsonl", ".json", ".csv", ".tsv", ".parquet", ".arrow", ".txt")
+LOCAL_SUFFIXES = (".jsonl", ".ndjson", ".json", ".csv", ".tsv", ".parquet", ".arrow", ".txt")
 # Compressed text files (data.jsonl.gz, data.csv.xz) are read through these, as datasets reads them.
 _COMPRESSED = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}
 # ... and by their first bytes where the name does not say (a gzip file saved as data.jsonl, which datasets reads)
 _MAGIC = {b"\x1f\x8b": gzip.open, b"\xfd7zXZ\x00": lzma.open,
           **{b"BZh%d1AY&SY" % level: bz2.open for level in range(1, 10)}}  # bzip2's header, then its first block's
 _ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
-_TEXT_SUFFIXES = (".jsonl", ".json", ".csv", ".tsv", ".txt")
+_TEXT_SUFFIXES = (".jsonl", ".ndjson", ".json", ".csv", ".tsv", ".txt")
 # GPT-2's end-of-text token, written between the documents of plain-text corpora (TinyStoriesV2's .txt files,
 # OpenWebText dumps): such a file's records are its documents, not its lines.
 DOCUMENT_SEPARATOR = "<|endoftext|>"
@@ -73,8 +73,8 @@ def load_records(source: str | Path, split: str = "train", subset: str | None = 
 
     Args:
         source: a glob pattern of such files (``shards/*.jsonl``, ``data/**/*.parquet``: :func:`glob_files`), or a
-            ``.jsonl``, ``.json`` (a list, ``{"data": [...]}`` or one row's object), ``.csv``, ``.tsv``,
-            ``.parquet``, ``.arrow`` or ``.txt`` file (plain text: one record a document where
+            ``.jsonl`` (or ``.ndjson``), ``.json`` (a list, ``{"data": [...]}`` or one row's object), ``.csv``,
+            ``.tsv``, ``.parquet``, ``.arrow`` or ``.txt`` file (plain text: one record a document where
             ``<|endoftext|>`` separates them, else a paragraph, or a line when the file has no blank line), the text ones also compressed (``.gz``,
             ``.bz2``, ``.xz``); a folder written by ``datasets``' ``save_to_disk``, or a folder
             of data files; or a hub dataset name.
@@ -124,8 +124,8 @@ def glob_files(source: str | Path) -> list[Path] | None:
 
 def _read_file(path: Path, text_lines: bool = False, as_text: bool = False) -> list[Record]:
     """The records of one local data file, read by qlora itself (each names its file and line, item or row)."""
-    readers = {".jsonl": _read_jsonl, ".json": _read_json, ".csv": _read_csv, ".tsv": _read_tsv,
-               ".parquet": _read_parquet, ".arrow": _read_arrow, ".txt": _read_text}
+    readers = {".jsonl": _read_jsonl, ".ndjson": _read_jsonl, ".json": _read_json, ".csv": _read_csv,
+               ".tsv": _read_tsv, ".parquet": _read_parquet, ".arrow": _read_arrow, ".txt": _read_text}
     reader = _read_text if as_text else readers.get(_format_suffix(path))
     if reader is None:
         raise UsageError(
