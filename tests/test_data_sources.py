@@ -663,7 +663,7 @@ def test_a_glob_pattern_reads_its_files_in_order_as_datasets_reads_data_files(tm
     assert sorted(Path(p).name for p in data_fingerprints(pattern)) == [f"part-{i}.jsonl" for i in (0, 1, 10, 2)]
     with pytest.raises(UsageError, match=r"--data-split test: .*part-\*\.jsonl is a data file"):
         check_split_of_files(pattern, "test", None, "data", ("--data-split", "--data-subset"), "train")
-    with pytest.raises(UsageError, match=r"shards/\*\.parquet: no file matches this pattern"):
+    with pytest.raises(UsageError, match=r"shards/\*\.parquet: no such file, and no file matches it as a glob pattern"):
         load_records(str(shards / "*.parquet"))
 
 

@@ -92,8 +92,8 @@ def load_records(source: str | Path, split: str = "train", subset: str | None = 
     matched = glob_files(source)
     if matched is not None:
         if not matched:
-            raise UsageError(f"{source}: no file matches this pattern. Check the folder and the pattern given (--data "
-                             "or --eval-data); quote it so that the shell does not expand it.")
+            raise UsageError(f"{source}: no such file, and no file matches it as a glob pattern (it holds *, ? or "
+                             "[). Check the path given (--data or --eval-data).")
         records = [replace(r, folders=(str(p.parent),)) for p in matched for r in _read_file(p, text_lines, as_text)]
     elif path.is_file():
         records = _read_file(path, text_lines, as_text)
