@@ -745,3 +745,17 @@ def test_ndjson_files_are_json_lines_as_datasets_reads_them(tmp_path):
         records = load_records(source)
         assert [r.fields for r in records] == theirs.to_list() == ALPACA, source
         assert records[1].where.endswith("ndjson line 2") or records[1].where.endswith("ndjson.gz line 2")
+
+
+def test_a_windows_encoded_csv_is_told_to_convert_from_cp1252_not_latin1(tmp_path):
+    """Excel on Windows saves CSV in cp1252: its curly quotes and dashes (bytes 0x80-0x9F) would become control
+    characters under the latin1 conversion the message suggested; it names cp1252 for such a file, latin1 where no
+    such byte is."""
+    text = "instruction,output\nSay \u201chi\u201d,It\u2019s fine \u2014 really\n"
+    (tmp_path / "excel.csv").write_bytes(text.encode("cp1252"))
+    with pytest.raises(UsageError, match=r"excel\.csv line 2: not UTF-8 text .* iconv -f cp1252 -t utf-8") as error:
+        load_records(tmp_path / "excel.csv")
+    assert "latin1" not in str(error.value) and text.encode("cp1252").decode("latin1") != text
+    (tmp_path / "latin.csv").write_bytes("instruction,output\ncaf\u00e9,ok\n".encode("latin1"))
+    with pytest.raises(UsageError, match=r"latin\.csv line 2: not UTF-8 text .* iconv -f latin1 -t utf-8"):
+        load_records(tmp_path / "latin.csv")

@@ -204,7 +204,9 @@ def _line_of_byte(raw: bytes) -> int:
 
 def _save_as_utf8(raw: bytes) -> str:
     """How to convert a file that is not UTF-8: from UTF-16 or UTF-32 where its byte-order mark says so (what
-    Windows PowerShell and Excel's "Unicode text" write), else from a legacy one-byte encoding."""
+    Windows PowerShell and Excel's "Unicode text" write), else from a legacy one-byte encoding: Windows' cp1252
+    where bytes 0x80-0x9F (its curly quotes, dashes, euro sign) are there, which latin1 reads as control
+    characters."""
     if raw.startswith(_ZSTD_MAGIC):
         return "It is zstd-compressed data, not text: decompress it first (zstd -d)."
     for mark, encoding in ((codecs.BOM_UTF32_LE, "utf-32"), (codecs.BOM_UTF32_BE, "utf-32"),
@@ -212,6 +214,8 @@ def _save_as_utf8(raw: bytes) -> str:
         if raw.startswith(mark):
             return (f"Its byte-order mark says it is {encoding.upper()} text: save it as UTF-8 (e.g. iconv -f "
                     f"{encoding} -t utf-8).")
+    if re.search("[\udc80-\udc9f]", raw.decode("utf-8", "surrogateescape")):  # such bytes that UTF-8 does not read
+        return "Save the file as UTF-8 (e.g. iconv -f cp1252 -t utf-8: it looks written on Windows, as Excel's CSV)."
     return "Save the file as UTF-8 (e.g. iconv -f latin1 -t utf-8)."
 
 
