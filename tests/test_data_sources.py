@@ -759,3 +759,23 @@ def test_a_windows_encoded_csv_is_told_to_convert_from_cp1252_not_latin1(tmp_pat
     (tmp_path / "latin.csv").write_bytes("instruction,output\ncaf\u00e9,ok\n".encode("latin1"))
     with pytest.raises(UsageError, match=r"latin\.csv line 2: not UTF-8 text .* iconv -f latin1 -t utf-8"):
         load_records(tmp_path / "latin.csv")
+
+
+def test_git_lfs_pointers_are_named_as_such(tmp_path):
+    """A dataset repository cloned without git-lfs holds pointers in place of its files: each is named as a pointer
+    and told how to fetch the data, alone, in a folder of data files and in a save_to_disk folder (it was a
+    malformed first line, or a parquet file "corrupted")."""
+    datasets = pytest.importorskip("datasets")
+    pointer = ("version https://git-lfs.github.com/spec/v1\noid sha256:4d7a214614ab2935c943f9e0ff69d22eadbb8f32b1258d"
+               "aaa5e2ca24d17e2393\nsize 12345\n")
+    repo = tmp_path / "repo"
+    (repo / "data").mkdir(parents=True)
+    (repo / "data" / "train-00000-of-00001.parquet").write_text(pointer)
+    (tmp_path / "d.jsonl").write_text(pointer)
+    saved = tmp_path / "saved"
+    datasets.Dataset.from_list(ALPACA).save_to_disk(str(saved))
+    arrow = next(saved.glob("*.arrow"))
+    arrow.write_text(pointer)
+    for source, name in ((tmp_path / "d.jsonl", "d.jsonl"), (repo, "train-00000-of-00001.parquet"), (saved, arrow.name)):
+        with pytest.raises(UsageError, match=rf"{name} is a Git LFS pointer, not the data: .* git lfs pull"):
+            load_records(source)

@@ -135,6 +135,7 @@ def _read_file(path: Path, text_lines: bool = False, as_text: bool = False) -> l
         )
     if text_lines and reader is _read_text:
         reader = _read_lines
+    _refuse_lfs_pointer(path)
     try:
         records = reader(path)
     except (OSError, EOFError) as exc:  # a damaged compressed file (a bad gzip header, a cut stream)
@@ -147,6 +148,20 @@ def _read_file(path: Path, text_lines: bool = False, as_text: bool = False) -> l
         raise UsageError(f"{path} line {_line_of_byte(raw)}: not UTF-8 text ({exc.reason} at byte "
                          f"{exc.object[exc.start]:#04x}). {_save_as_utf8(raw)}") from None
     return records
+
+
+_LFS_POINTER = b"version https://git-lfs.github.com/spec/"
+
+
+def _refuse_lfs_pointer(path: Path) -> None:
+    """Refuse a Git LFS pointer (the few lines git leaves in place of a large file when a dataset repository is
+    cloned without git-lfs): read as data, it is a malformed first line or a "corrupted" parquet file."""
+    with path.open("rb") as f:
+        head = f.read(len(_LFS_POINTER))
+    if head == _LFS_POINTER:
+        raise UsageError(f"{path} is a Git LFS pointer, not the data: the repository was cloned without its large "
+                         "files. Fetch them (git lfs install, then git lfs pull in the repository), or download the "
+                         "dataset with huggingface-cli download --repo-type dataset.")
 
 
 def _decompress_hint(path: Path) -> str:
@@ -555,10 +570,14 @@ def _read_folder(path: Path, split: str, subset: str | None, text_lines: bool = 
                 splits = json.loads((path / "dataset_dict.json").read_text(encoding="utf-8"))["splits"]
                 folder = path / _pick_split(dict.fromkeys(splits, split), split, str(path))
                 where = f"{path}[{split}]"
-            if json.loads((folder / "state.json").read_text(encoding="utf-8")).get("_data_files") == []:
+            state = json.loads((folder / "state.json").read_text(encoding="utf-8"))
+            if state.get("_data_files") == []:
                 return []  # an empty Dataset, saved without data files: datasets cannot load it back (IndexError)
+            for data_file in state.get("_data_files") or []:
+                if isinstance(data_file, dict) and (folder / str(data_file.get("filename"))).is_file():
+                    _refuse_lfs_pointer(folder / data_file["filename"])
             data = datasets.load_from_disk(str(folder))
-        except UsageError:  # no such split
+        except UsageError:  # no such split, a Git LFS pointer
             raise
         except Exception as exc:  # FileNotFoundError, JSON and Arrow errors of a damaged folder
             raise UsageError(f"{path}: not a readable save_to_disk folder ({type(exc).__name__}: {exc}).") from None
