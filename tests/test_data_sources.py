@@ -779,3 +779,37 @@ def test_git_lfs_pointers_are_named_as_such(tmp_path):
     for source, name in ((tmp_path / "d.jsonl", "d.jsonl"), (repo, "train-00000-of-00001.parquet"), (saved, arrow.name)):
         with pytest.raises(UsageError, match=rf"{name} is a Git LFS pointer, not the data: .* git lfs pull"):
             load_records(source)
+
+
+def test_tool_calls_stored_as_arrow_structs_keep_their_own_arguments(tmp_path):
+    """Rows whose tool calls take different arguments, written to Parquet or Arrow (datasets, pandas and pyarrow
+    unify the structs: each call gets every argument seen, the others null), read as the same JSON Lines rows: the
+    model is not taught to pass other tools' arguments as null, nor shown other tools' parameters; a null written
+    in a JSON file stays."""
+    datasets = pytest.importorskip("datasets")
+
+    def tool(name, props):
+        return {"type": "function", "function": {"name": name, "description": f"{name} it",
+                                                 "parameters": {"type": "object", "properties": props}}}
+
+    def row(name, args, props):
+        return {"messages": [{"role": "user", "content": "q"},
+                             {"role": "assistant", "content": None,
+                              "tool_calls": [{"type": "function", "function": {"name": name, "arguments": args}}]},
+                             {"role": "tool", "content": "r"}, {"role": "assistant", "content": "done"}],
+                "tools": [tool(name, props)]}
+
+    rows = [row("weather", {"city": "Paris"}, {"city": {"type": "string"}}),
+            row("search", {"query": "cats", "limit": 3}, {"query": {"type": "string"}, "limit": {"type": "integer"}})]
+    data = datasets.Dataset.from_list(rows)
+    assert data[0]["messages"][1]["tool_calls"][0]["function"]["arguments"] == {"city": "Paris", "query": None,
+                                                                                 "limit": None}
+    data.to_parquet(str(tmp_path / "d.parquet"))
+    data.save_to_disk(str(tmp_path / "saved"))
+    wanted = normalize(load_records(_jsonl(tmp_path / "d.jsonl", rows)))
+    for source in (tmp_path / "d.parquet", tmp_path / "saved", next((tmp_path / "saved").glob("*.arrow"))):
+        examples = normalize(load_records(source))
+        assert [(e.messages, e.tools) for e in examples] == [(e.messages, e.tools) for e in wanted], source
+    meant = [row("weather", {"city": "Paris", "units": None}, {"city": {"type": "string"}})]
+    (example,) = normalize(load_records(_jsonl(tmp_path / "null.jsonl", meant)))
+    assert example.messages[1]["tool_calls"][0]["function"]["arguments"] == {"city": "Paris", "units": None}

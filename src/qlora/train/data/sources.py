@@ -32,6 +32,7 @@ from typing import Any, Iterable
 from qlora.errors import UsageError
 from qlora.train.data.class_labels import label_names, schema_features, with_label_names
 from qlora.train.data.csv_separator import SAMPLE_LINES, header_separator
+from qlora.train.data.struct_nulls import has_struct_payloads, without_struct_nulls
 from qlora.train.data.unique_keys import DuplicateKey, duplicate_line, loads_unique, loads_unique_prefix
 
 LOCAL_SUFFIXES = (".jsonl", ".ndjson", ".json", ".csv", ".tsv", ".parquet", ".arrow", ".txt")
@@ -531,7 +532,7 @@ def _read_parquet(path: Path) -> list[Record]:
     except Exception as exc:  # pyarrow raises ArrowInvalid, OSError, ...
         raise UsageError(f"{path} is not a readable parquet file ({exc}). Check the file, or convert "
                          "it to .jsonl.") from None
-    return _rows(table.to_pylist(), str(path), features)
+    return _rows(table.to_pylist(), str(path), features, table.schema)
 
 
 def _read_arrow(path: Path) -> list[Record]:
@@ -551,7 +552,7 @@ def _read_arrow(path: Path) -> list[Record]:
     except Exception:  # ArrowInvalid again: neither an Arrow stream nor an Arrow file
         raise UsageError(f"{path} is not a readable Arrow file ({stream_error}). Give an Arrow IPC stream or file "
                          "(as datasets or pyarrow write them), or convert it to .jsonl.") from None
-    return _rows(table.to_pylist(), str(path), schema_features(table.schema))
+    return _rows(table.to_pylist(), str(path), schema_features(table.schema), table.schema)
 
 
 def _read_folder(path: Path, split: str, subset: str | None, text_lines: bool = False,
@@ -638,15 +639,18 @@ def _pick_split(data: Any, split: str, where: str) -> Any:
     return data[split]
 
 
-def _rows(rows: Iterable[dict[str, Any]], where: str, features: Any = None) -> list[Record]:
+def _rows(rows: Iterable[dict[str, Any]], where: str, features: Any = None, schema: Any = None) -> list[Record]:
     """The rows as records; ClassLabel columns (of a ``datasets.Dataset``, or of ``features``) hold their names,
-    Image columns what they store (:func:`_stored_images`). A Dataset is read as Python objects, every column:
-    a ``save_to_disk`` folder keeps the format it was saved with (``set_format("torch")``: tensors where a label's
-    true/false is read; ``columns=[...]``: the others hidden, a KTO ``label`` with them)."""
+    Image columns what they store (:func:`_stored_images`), tool calls and definitions stored as structs (in the
+    Dataset's or the Arrow ``schema``) no other rows' fields (:mod:`struct_nulls`). A Dataset is read as Python
+    objects, every column: a ``save_to_disk`` folder keeps the format it was saved with (``set_format("torch")``:
+    tensors where a label's true/false is read; ``columns=[...]``: the others hidden, a KTO ``label`` with them)."""
     labels = label_names(features if features is not None else getattr(rows, "features", None))
     if getattr(rows, "features", None):
         rows = _stored_images(rows.with_format(None))
-    return [Record(with_label_names(dict(row), labels), f"{where} row {i}") for i, row in enumerate(rows)]
+        schema = rows.data.schema
+    own = without_struct_nulls if schema is not None and has_struct_payloads(schema) else dict
+    return [Record(with_label_names(own(dict(row)), labels), f"{where} row {i}") for i, row in enumerate(rows)]
 
 
 def _stored_images(data: Any) -> Any:
