@@ -5,16 +5,18 @@ arguments (``{"city": "Paris"}`` in one, ``{"query": "cats", "limit": 3}`` in an
 ``datasets.Dataset.from_list`` all do so) gives each call every argument seen anywhere, the others null:
 ``{"city": "Paris", "query": null, "limit": null}``. A chat template writes the arguments out whole (``tojson``), so
 the model would be taught to pass every other tool's arguments as null, and tool definitions would list other tools'
-parameters. A struct cannot tell a null field from an absent one, so inside these JSON payloads (a call's
-``arguments`` or ``parameters``, a row's ``tools`` or ``functions``) null fields are read as absent. JSON files are
-read as written: a null written there is meant.
+parameters; a row's own template variables (``chat_template_kwargs``) would hold the other rows' variables as
+None, which a template takes as set (gpt-oss' ``reasoning_effort is not defined`` keeps None, then fails adding it
+to a string). A struct cannot tell a null field from an absent one, so inside these JSON payloads (a call's
+``arguments`` or ``parameters``, a row's ``tools``, ``functions`` or ``chat_template_kwargs``) null fields are read
+as absent. JSON files are read as written: a null written there is meant.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-PAYLOAD_KEYS = frozenset({"arguments", "parameters", "tools", "functions"})
+PAYLOAD_KEYS = frozenset({"arguments", "parameters", "tools", "functions", "chat_template_kwargs"})
 
 
 def has_struct_payloads(schema: Any) -> bool:
