@@ -813,3 +813,23 @@ def test_tool_calls_stored_as_arrow_structs_keep_their_own_arguments(tmp_path):
     meant = [row("weather", {"city": "Paris", "units": None}, {"city": {"type": "string"}})]
     (example,) = normalize(load_records(_jsonl(tmp_path / "null.jsonl", meant)))
     assert example.messages[1]["tool_calls"][0]["function"]["arguments"] == {"city": "Paris", "units": None}
+
+
+def test_a_tool_call_without_arguments_in_a_struct_column_is_a_call_with_none(tmp_path):
+    """A call written without "arguments" beside calls that have them is a null struct in Parquet, read as a call
+    taking none ({}), as its JSON twin without the field; it was refused as arguments that are not an object."""
+    datasets = pytest.importorskip("datasets")
+
+    def row(function):
+        return {"messages": [{"role": "user", "content": "q"},
+                             {"role": "assistant", "content": None, "tool_calls": [{"type": "function",
+                                                                                    "function": function}]},
+                             {"role": "tool", "content": "r"}, {"role": "assistant", "content": "done"}]}
+
+    rows = [row({"name": "weather", "arguments": {"city": "Paris"}}), row({"name": "now"})]
+    datasets.Dataset.from_list(rows).to_parquet(str(tmp_path / "d.parquet"))
+    assert load_records(tmp_path / "d.parquet")[1].fields["messages"][1]["tool_calls"][0]["function"] == {
+        "name": "now", "arguments": None}
+    for source in (tmp_path / "d.parquet", _jsonl(tmp_path / "d.jsonl", rows)):
+        calls = [e.messages[1]["tool_calls"][0]["function"] for e in normalize(load_records(source))]
+        assert calls == [{"name": "weather", "arguments": {"city": "Paris"}}, {"name": "now", "arguments": {}}]

@@ -592,7 +592,9 @@ def _tool_calls(value: Any, where: str) -> list[dict[str, Any]]:
         if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
             raise UsageError(f'{where}: tool call {k} needs a "name" (OpenAI style: {{"type": "function", '
                              '"function": {"name": ..., "arguments": {...}}}).')
-        args = fn.get("arguments", fn.get("parameters", {}))
+        args = fn.get("arguments", fn.get("parameters"))
+        if args is None:  # a call that takes none (a struct column holds a call without the field as null)
+            args = {}
         if isinstance(args, str):
             args = _parsed_json(args, where, f"the arguments of tool call {k}") if args.strip() else {}
         if not isinstance(args, dict):
