@@ -833,3 +833,19 @@ def test_a_tool_call_without_arguments_in_a_struct_column_is_a_call_with_none(tm
     for source in (tmp_path / "d.parquet", _jsonl(tmp_path / "d.jsonl", rows)):
         calls = [e.messages[1]["tool_calls"][0]["function"] for e in normalize(load_records(source))]
         assert calls == [{"name": "weather", "arguments": {"city": "Paris"}}, {"name": "now", "arguments": {}}]
+
+
+@pytest.mark.parametrize("orient", ["columns", "index", "split"])
+def test_a_dataframe_written_by_pandas_to_json_reads_as_its_rows(tmp_path, orient):
+    """DataFrame.to_json writes {column: {"0": value, ...}} by default (orient="columns"), or rows under their
+    labels ("index"), or {"columns", "index", "data"} ("split"): read as the rows pandas.read_json reads back (they
+    were one row whose fields are dicts, a list of lists, or rows under "0", "1"), each named by its label; one row
+    with a dict among its fields stays one row."""
+    pd = pytest.importorskip("pandas")
+    path = tmp_path / "d.json"
+    pd.DataFrame(ALPACA).to_json(path, orient=orient)
+    records = load_records(path)
+    assert [r.fields for r in records] == pd.read_json(path, orient=orient, dtype=False).to_dict("records") == ALPACA
+    assert records[1].where.endswith("d.json row 1")
+    (tmp_path / "one.json").write_text(json.dumps({"instruction": "a", "output": "b", "meta": {"0": 1}}))
+    assert [r.fields["meta"] for r in load_records(tmp_path / "one.json")] == [{"0": 1}]

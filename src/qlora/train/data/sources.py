@@ -381,7 +381,11 @@ def _read_json(path: Path) -> list[Record]:
 
 
 def _document_rows(value: Any, text: str, path: Path) -> list[Record]:
-    """The rows of one JSON document: a list of rows or of texts, ``{"data": [...]}``, or one object (one row)."""
+    """The rows of one JSON document: a list of rows or of texts, ``{"data": [...]}``, a table as pandas'
+    ``DataFrame.to_json`` writes it (:func:`_pandas_rows`), or one object (one row)."""
+    table = _pandas_rows(value) if isinstance(value, dict) else None
+    if table is not None:
+        return [Record(row, f"{path} row {label}") for label, row in table]
     if isinstance(value, dict) and isinstance(value.get("data"), list):
         value = value["data"]
     elif isinstance(value, dict):  # one row, named by the line where its object starts
@@ -399,6 +403,29 @@ def _document_rows(value: Any, text: str, path: Path) -> list[Record]:
                          "(objects) or plain texts (strings, each read as a \"text\" row), not both: write the "
                          "texts as {\"text\": ...} objects.")
     return [Record(_as_object(item, f"{path} item {i}"), f"{path} item {i}") for i, item in enumerate(value)]
+
+
+def _pandas_rows(value: dict[str, Any]) -> list[tuple[Any, dict[str, Any]]] | None:
+    """The ``(index label, row)`` pairs of a DataFrame that ``to_json`` wrote with a default (range) index, as
+    ``pandas.read_json`` reads them back: ``orient="columns"`` (its default: ``{column: {"0": value, ...}}``),
+    ``"index"`` (``{"0": row, ...}``) or ``"split"`` (``{"columns", "index", "data"}``); None for other objects.
+    ``datasets`` would read such a file as one row whose fields are dicts."""
+    if set(value) in ({"columns", "data"}, {"columns", "index", "data"}):
+        columns, data = value["columns"], value["data"]
+        labels = value.get("index", list(range(len(data))))
+        if (isinstance(columns, list) and all(isinstance(c, str) for c in columns) and isinstance(data, list)
+                and isinstance(labels, list) and len(labels) == len(data)
+                and all(isinstance(r, list) and len(r) == len(columns) for r in data)):
+            return [(label, dict(zip(columns, r))) for label, r in zip(labels, data)]
+        return None
+    if not value or not all(isinstance(v, dict) for v in value.values()):
+        return None
+    if all(k.isdigit() for k in value):  # orient="index": rows under their labels
+        return list(value.items())
+    labels = list(next(iter(value.values())))
+    if labels and all(k.isdigit() for k in labels) and all(list(v) == labels for v in value.values()):
+        return [(label, {column: cells[label] for column, cells in value.items()}) for label in labels]
+    return None
 
 
 def _one_row(value: dict[str, Any], path: Path) -> dict[str, Any]:
