@@ -849,3 +849,21 @@ def test_a_dataframe_written_by_pandas_to_json_reads_as_its_rows(tmp_path, orien
     assert records[1].where.endswith("d.json row 1")
     (tmp_path / "one.json").write_text(json.dumps({"instruction": "a", "output": "b", "meta": {"0": 1}}))
     assert [r.fields["meta"] for r in load_records(tmp_path / "one.json")] == [{"0": 1}]
+
+
+@pytest.mark.parametrize("name, sep", [("d.tsv", "\t"), ("d.csv", ",")])
+def test_a_quote_that_never_closes_is_refused_not_read_as_the_rest_of_the_file(tmp_path, name, sep):
+    """A cell opening a quote that never closes (a hand-written TSV whose answer starts with a quote) made the rest
+    of the file that cell's text, its rows lost without a word (datasets refuses the file); it is named by the line
+    where its row starts. A quoted cell spanning lines to the last row, and a quote inside a cell, still read."""
+    datasets = pytest.importorskip("datasets")
+    lines = ["prompt", "completion"], ["Q1", "A1"], ["Q2", '"unclosed answer'], ["Q3", "A3"], ["Q4", "A4"]
+    path = tmp_path / name
+    path.write_text("".join(sep.join(cells) + "\n" for cells in lines))
+    with pytest.raises(Exception):
+        datasets.load_dataset("csv", data_files=str(path), sep=sep, split="train", cache_dir=str(tmp_path / "c"))
+    with pytest.raises(UsageError, match=rf"{name} line 3: a quote opens a cell of this row and never closes, so "
+                                         r"lines 4-5, to the end of the file, would be read as that cell's text"):
+        load_records(path)
+    path.write_text(f'prompt{sep}completion\nQ1{sep}say "hi" now\nQ2{sep}"two\nlines"\n')
+    assert [r.fields["completion"] for r in load_records(path)] == ['say "hi" now', "two\nlines"]

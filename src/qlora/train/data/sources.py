@@ -475,10 +475,12 @@ def _read_csv(path: Path, delimiter: str = ",") -> list[Record]:
             raise UsageError(f"{path} line 1: the header names the column{'s' * (len(repeated) > 1)} "
                              f"{', '.join(map(repr, repeated))} more than once, so a row's cells under that name "
                              "would overwrite each other. Rename the repeated columns.")
-        records = []
+        records, ended, last = [], reader.line_num, 0
         for cells in reader:  # line_num is the physical line where the row ended, so quoted newlines keep it right
+            row_start, ended = ended + 1, reader.line_num
             if not cells:  # a blank line, as csv.DictReader skips it
                 continue
+            last = row_start
             if any("\x00" in cell for cell in cells):
                 raise _nul_error(path, reader.line_num)
             if any(cells[len(header):]):  # empty extra cells (a trailing separator) hold nothing to lose
@@ -488,7 +490,26 @@ def _read_csv(path: Path, delimiter: str = ",") -> list[Record]:
                     "the extra cells.")
             records.append(Record(dict(zip(header, cells[:len(header)] + [None] * (len(header) - len(cells)))),
                                   f"{path} line {reader.line_num}"))
-        return records
+    if records and ended > last:  # the last row spans lines: its quote may never close
+        _refuse_open_quote(path, delimiter, last, ended)
+    return records
+
+
+def _refuse_open_quote(path: Path, delimiter: str, start: int, end: int) -> None:
+    """Refuse a last row whose quoted cell never closes: Python's lenient reader (and pandas') makes the rest of the
+    file that cell's text, the rows after it lost without a word (``datasets`` refuses the file)."""
+    with _open_text(path, newline="") as f:
+        try:
+            for _ in csv.reader(itertools.islice(f, start - 1, None), delimiter=delimiter, strict=True):
+                pass
+        except csv.Error as exc:
+            if "unexpected end of data" not in str(exc):
+                return  # another liberty of a lenient writer (a quote inside a cell), read as pandas reads it
+            after = f"line {end}" if end == start + 1 else f"lines {start + 1}-{end}"
+            raise UsageError(f"{path} line {start}: a quote opens a cell of this row and never closes, so {after}, "
+                             "to the end of the file, would be read as that cell's text. Close "
+                             "the quote, or write a quote that is part of the text as two (\"\"); a file written "
+                             "without quoting must have no cell starting with a quote.") from None
 
 
 def _read_tsv(path: Path) -> list[Record]:
