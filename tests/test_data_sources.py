@@ -668,8 +668,8 @@ def test_a_glob_pattern_reads_its_files_in_order_as_datasets_reads_data_files(tm
 
 
 def test_json_objects_written_over_several_lines_read_as_datasets_reads_them(tmp_path):
-    """jq's output without -c (or json.dump(row, f, indent=2) per row) and a JSON array written over several lines,
-    saved as .jsonl (or objects one after another as .json), are read as datasets' json loader reads them, each row
+    """jq's output without -c (or json.dump(row, f, indent=2) per row) and a JSON array of rows (over several lines or
+    on one), saved as .jsonl (or objects one after another as .json), are read as datasets' json loader reads them, each row
     named by the line where its object starts; an object broken in such a file is named by the line where it breaks
     and where it starts; a key named twice there too."""
     datasets = pytest.importorskip("datasets")
@@ -677,7 +677,9 @@ def test_json_objects_written_over_several_lines_read_as_datasets_reads_them(tmp
     (tmp_path / "jq.jsonl").write_text(pretty)
     (tmp_path / "jq.json").write_text(pretty)
     (tmp_path / "array.jsonl").write_text(json.dumps(ALPACA, indent=2))
-    for name, where in (("jq.jsonl", "line 6"), ("jq.json", "line 6"), ("array.jsonl", "item 1")):
+    (tmp_path / "line.jsonl").write_text(json.dumps(ALPACA) + "\n")
+    for name, where in (("jq.jsonl", "line 6"), ("jq.json", "line 6"), ("array.jsonl", "item 1"),
+                        ("line.jsonl", "item 1")):
         path = tmp_path / name
         theirs = datasets.load_dataset("json", data_files=str(path), split="train", cache_dir=str(tmp_path / "c"))
         records = load_records(path)

@@ -262,6 +262,11 @@ def _read_jsonl(path: Path) -> list[Record]:
                 raise UsageError(f"{path} line {line_no}: malformed JSON ({_problem(e)} at column {e.colno}). "
                                  + _json_line_hint(e, cut="\n" not in line and continues)) from None
             _check_surrogates(value, line, path, line_no)
+            if not records and isinstance(value, list) and value and all(
+                    isinstance(m, dict) and not {"role", "from"} & m.keys() for m in value):
+                spread = _spread_json(path, continues=False)  # one JSON array of rows on the file's one line
+                if spread is not None:
+                    return spread
             records.append(Record(_as_object(value, f"{path} line {line_no}"), f"{path} line {line_no}"))
     return records
 
@@ -318,8 +323,8 @@ def _raw_control(error: json.JSONDecodeError) -> str:
 
 
 def _spread_json(path: Path, continues: bool) -> list[Record] | None:
-    """A ``.jsonl`` file whose first object does not fit on its line, read as ``datasets``' json loader reads it:
-    one JSON document over several lines (an array of rows), or objects each written over several lines (``jq``'s
+    """A ``.jsonl`` file whose first object does not fit on its line (or is an array), read as ``datasets``' json
+    loader reads it: one JSON document (an array of rows), or objects each written over several lines (``jq``'s
     output without ``-c``, ``json.dump(row, f, indent=2)`` per row). Where its first value does not parse either:
     None, so that the first line's own error is reported, unless that value ``continues`` past its first line,
     whose error is then where the value breaks."""
