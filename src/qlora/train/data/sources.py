@@ -291,7 +291,7 @@ def _check_surrogates(value: Any, raw: str, path: Path, first_line: int = 1) -> 
         if m.start() < paired_to:
             continue
         following = _SURROGATE_ESCAPE.match(raw, m.end())
-        if m.group()[2].lower() in "89ab" and following and following.group()[2].lower() in "cdef":
+        if m.group()[3].lower() in "89ab" and following and following.group()[3].lower() in "cdef":  # \uD8..\uDC..
             paired_to = following.end()  # a high half and its low half: one character
             continue
         line = first_line + raw.count("\n", 0, m.start())
@@ -349,8 +349,7 @@ def _spread_json(path: Path, continues: bool) -> list[Record] | None:
 
 def _object_stream(text: str, path: Path) -> list[Record]:
     """JSON objects one after another, each named by the line where it starts."""
-    records, pos, line_no = [], _JSON_SPACE.match(text).end(), 1
-    counted = 0
+    records, pos, line_no, counted = [], _JSON_SPACE.match(text).end(), 1, 0
     while pos < len(text):
         line_no, counted = line_no + text.count("\n", counted, pos), pos
         try:
