@@ -670,8 +670,8 @@ def test_a_glob_pattern_reads_its_files_in_order_as_datasets_reads_data_files(tm
 def test_json_objects_written_over_several_lines_read_as_datasets_reads_them(tmp_path):
     """jq's output without -c (or json.dump(row, f, indent=2) per row) and a JSON array of rows (over several lines or
     on one), saved as .jsonl (or objects one after another as .json), are read as datasets' json loader reads them,
-    each row named by the line where its object starts; an object broken in such a file is named by the line where it breaks
-    and where it starts; a key named twice there too."""
+    each row named by the line where its object starts; an object broken in such a file is named by the line where
+    it breaks and where it starts; a key named twice there too."""
     datasets = pytest.importorskip("datasets")
     pretty = "".join(json.dumps(r, indent=2) + "\n" for r in ALPACA)
     (tmp_path / "jq.jsonl").write_text(pretty)
