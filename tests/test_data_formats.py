@@ -78,3 +78,25 @@ def test_hh_texts_without_prompt_split_at_their_shared_start():
     for chosen, rejected, what in (("abc", "xyz", "share no start"), ("same text", "same text, longer", "do not differ")):
         with pytest.raises(UsageError, match=f'hh.jsonl line 2: field "prompt" is missing.*{what}'):
             normalize_preferences([Record({"chosen": chosen, "rejected": rejected}, "hh.jsonl line 2")])
+
+
+def test_a_json_object_holding_its_rows_under_a_name_says_where_they_are(tmp_path):
+    """A .json file whose one object keeps its rows under split names ({"train": [...], "test": [...]}) or another
+    wrapper name is told to give that list alone (it was told to map the rows as a conversation's messages); a
+    conversation under an unknown name ({"speaker", "text"} entries) keeps the messages hint."""
+    import json
+
+    from qlora.train.data import load_records
+
+    rows = [{"instruction": "Add", "output": "4"}, {"instruction": "Say hi", "output": "hi"}]
+    (tmp_path / "splits.json").write_text(json.dumps({"train": rows, "test": rows[:1]}))
+    with pytest.raises(UsageError, match=r"splits\.json line 1: cannot tell the data format .* The field 'train' holds "
+                                         r"a list of 2 rows of the alpaca format, not one example's field: give that "
+                                         r"list alone as the data \(e\.g\. jq '\.train' FILE > train\.json\), or name "
+                                         r"it \"data\" .* 'test' holds rows too") as error:
+        normalize(load_records(tmp_path / "splits.json"))
+    assert "messages=train" not in str(error.value)
+    turns = [{"speaker": "user", "text": "Hi"}, {"speaker": "bot", "text": "Hello"}]
+    with pytest.raises(UsageError, match=r"The field 'turns' holds a list of objects: if it is the conversation, map "
+                                         r"it with --data-fields messages=turns"):
+        normalize([Record({"id": "a", "turns": turns}, "d.jsonl line 1")])

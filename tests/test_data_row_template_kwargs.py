@@ -160,3 +160,24 @@ def test_a_template_variable_may_share_a_name_with_the_renderings_own_arguments(
     expected = tok.apply_chat_template(HELLO + HI, chat_template=template, tokenize=False, where="north",
                                        tokenizer="bpe")
     assert "north bpe" in expected and tok.decode(ours.input_ids) == expected
+
+
+def test_kwargs_stored_as_a_struct_hold_only_the_rows_own_variables(tmp_path):
+    """Parquet stores the column as one struct for all rows, so a row lacking another row's variable holds it as
+    null: gpt-oss' template keeps a null reasoning_effort (it is defined) and failed adding it to a string, blaming
+    the row. A struct's null is an absent variable: the row renders with the template's default, as its JSON twin."""
+    datasets = pytest.importorskip("datasets")
+    from qlora.train.data import load_records
+
+    tok = family_tokenizer("gpt-oss")
+    fmt = ChatFormat(tok.chat_template, origin="gpt-oss.jinja", date=DATE)
+    rows = [{"messages": HELLO + HI, "chat_template_kwargs": {"reasoning_effort": "high"}},
+            {"messages": HELLO + HI, "chat_template_kwargs": {"enable_thinking": False}}]
+    datasets.Dataset.from_list(rows).to_parquet(str(tmp_path / "d.parquet"))
+    records = load_records(tmp_path / "d.parquet")
+    assert [r.fields["chat_template_kwargs"] for r in records] == [r["chat_template_kwargs"] for r in rows]
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    ours, _ = tokenize_dataset(normalize(records), tok, fmt)
+    twin, _ = tokenize_dataset(normalize(load_records(tmp_path / "d.jsonl")), tok, fmt)
+    assert [t.input_ids for t in ours] == [t.input_ids for t in twin]
+    assert "Reasoning: medium" in tok.decode(ours[1].input_ids)

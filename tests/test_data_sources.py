@@ -617,3 +617,256 @@ def test_a_compressed_file_whose_name_does_not_say_so_reads_as_datasets_reads_it
     with pytest.raises(UsageError, match=r"z\.csv line 1: not UTF-8 text .* It is zstd-compressed data, not text: "
                                          r"decompress it first \(zstd -d\)"):
         load_records(tmp_path / "z.csv")
+
+
+def test_nan_in_json_data_is_a_missing_value_as_datasets_reads_it(tmp_path):
+    """Python's json.dumps writes a pandas gap as NaN (not JSON): such a value is read as null, as datasets reads it
+    in a column that also holds text, so a NaN system prompt is none and a NaN answer an empty one (skipped), not a
+    number refused or trained."""
+    datasets = pytest.importorskip("datasets")
+    rows = [{"prompt": "a", "completion": float("nan")}, {"prompt": "b", "completion": "c"}]
+    path = tmp_path / "d.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    theirs = datasets.load_dataset("json", data_files=str(path), split="train", cache_dir=str(tmp_path / "c"))
+    records = load_records(path)
+    assert [r.fields for r in records] == theirs.to_list() == [{"prompt": "a", "completion": None},
+                                                               {"prompt": "b", "completion": "c"}]
+    assert [e.skip for e in normalize(records)] == ["an empty answer", None]
+    (tmp_path / "a.json").write_text(json.dumps([{"system": float("nan"), "instruction": "Add", "input": float("nan"),
+                                                  "output": "4"}]))
+    (example,) = normalize(load_records(tmp_path / "a.json"))
+    assert example.messages == ({"role": "user", "content": "Add"}, {"role": "assistant", "content": "4"})
+
+
+def test_a_glob_pattern_reads_its_files_in_order_as_datasets_reads_data_files(tmp_path):
+    """--data 'shards/*.jsonl' (a sharded corpus, as datasets' data_files takes it) reads every matching file, sorted,
+    each line named by its file; ** reaches subfolders; a pattern matching nothing is refused as such. The run's
+    fingerprints cover the matched files (a resume sees one changed), and a split asked of them is refused, as of
+    files named one by one."""
+    from qlora.train.data.selection import check_split_of_files
+    from qlora.train.file_fingerprint import data_fingerprints
+
+    datasets = pytest.importorskip("datasets")
+    shards = tmp_path / "shards"
+    (shards / "more").mkdir(parents=True)
+    for i in (2, 0, 10, 1):
+        _jsonl(shards / f"part-{i}.jsonl", [{"text": f"doc {i}"}, {"text": f"doc {i} again"}])
+    _jsonl(shards / "more" / "part-9.jsonl", [{"text": "deeper"}])
+    (shards / "notes.txt").write_text("not data\n")
+    pattern = str(shards / "part-*.jsonl")
+    theirs = datasets.load_dataset("json", data_files=pattern, split="train", cache_dir=str(tmp_path / "c"))
+    records = load_records(pattern)
+    assert [r.fields for r in records] == theirs.to_list()
+    assert [r.where.split("/")[-1] for r in records[:3]] == ["part-0.jsonl line 1", "part-0.jsonl line 2",
+                                                             "part-1.jsonl line 1"]
+    assert [r.fields["text"] for r in load_records(str(shards / "**" / "*.jsonl"))][0] == "deeper"  # more/ < part-
+    assert sorted(Path(p).name for p in data_fingerprints(pattern)) == [f"part-{i}.jsonl" for i in (0, 1, 10, 2)]
+    with pytest.raises(UsageError, match=r"--data-split test: .*part-\*\.jsonl is a data file"):
+        check_split_of_files(pattern, "test", None, "data", ("--data-split", "--data-subset"), "train")
+    with pytest.raises(UsageError, match=r"shards/\*\.parquet: no such file, and no file matches it as a glob pattern"):
+        load_records(str(shards / "*.parquet"))
+
+
+def test_json_objects_written_over_several_lines_read_as_datasets_reads_them(tmp_path):
+    """jq's output without -c (or json.dump(row, f, indent=2) per row) and a JSON array of rows (over several lines or
+    on one), saved as .jsonl (or objects one after another as .json), are read as datasets' json loader reads them,
+    each row named by the line where its object starts; an object broken in such a file is named by the line where
+    it breaks and where it starts; a key named twice there too."""
+    datasets = pytest.importorskip("datasets")
+    pretty = "".join(json.dumps(r, indent=2) + "\n" for r in ALPACA)
+    (tmp_path / "jq.jsonl").write_text(pretty)
+    (tmp_path / "jq.json").write_text(pretty)
+    (tmp_path / "array.jsonl").write_text(json.dumps(ALPACA, indent=2))
+    (tmp_path / "line.jsonl").write_text(json.dumps(ALPACA) + "\n")
+    for name, where in (("jq.jsonl", "line 6"), ("jq.json", "line 6"), ("array.jsonl", "item 1"),
+                        ("line.jsonl", "item 1")):
+        path = tmp_path / name
+        theirs = datasets.load_dataset("json", data_files=str(path), split="train", cache_dir=str(tmp_path / "c"))
+        records = load_records(path)
+        assert [r.fields for r in records] == theirs.to_list() == ALPACA, name
+        assert records[1].where == f"{path} {where}"
+    (tmp_path / "bad.jsonl").write_text(pretty + '{\n  "instruction": "x"\n  "output": "y"\n}\n')
+    with pytest.raises(UsageError, match=r"bad\.jsonl line 13: malformed JSON \(Expecting ',' delimiter at column 3\), "
+                                         r"in the value starting at line 11\.$"):
+        load_records(tmp_path / "bad.jsonl")
+    (tmp_path / "twice.jsonl").write_text(pretty + '{\n  "text": "x",\n  "text": "y"\n}\n')
+    with pytest.raises(UsageError, match=r"twice\.jsonl line 11: a JSON object names the key 'text' twice"):
+        load_records(tmp_path / "twice.jsonl")
+
+
+def test_a_cut_off_last_line_and_a_raw_line_break_in_a_string_say_so(tmp_path):
+    """A .jsonl file whose last line ends inside its object (an interrupted download or write) is named as cut off,
+    and a string holding a raw line break (a file written by hand) is told to escape it; the decoder's message
+    keeps no dangling "at"."""
+    rows = "".join(json.dumps(r) + "\n" for r in ALPACA)
+    (tmp_path / "cut.jsonl").write_text(rows + json.dumps(ALPACA[0])[:20])
+    with pytest.raises(UsageError, match=r"cut\.jsonl line 3: malformed JSON \(Unterminated string starting at column "
+                                         r"17\)\. The file ends inside this line: it looks cut off"):
+        load_records(tmp_path / "cut.jsonl")
+    (tmp_path / "raw.jsonl").write_text(rows + '{"text": "one\ntwo"}\n')
+    with pytest.raises(UsageError, match=r"raw\.jsonl line 3: malformed JSON \(Invalid control character at column "
+                                         r"14\)\. A string holds a raw line break"):
+        load_records(tmp_path / "raw.jsonl")
+
+
+def test_half_of_a_surrogate_pair_is_refused_at_its_line_and_column(tmp_path):
+    """A JSON string holding half of a UTF-16 surrogate pair (an emoji that a cut at a fixed length split, written
+    "\\ud83d" by an ASCII-escaping JSON writer) is no text: the tokenizer raised a bare TypeError on it, and datasets
+    refuses the file. It is named by file, line and column; a whole pair, and a backslash written as text, read."""
+    datasets = pytest.importorskip("datasets")
+    whole = '{"text": "ok \\ud83d\\ude00 pair"}\n{"text": "literal \\\\ud83d is text"}\n'
+    (tmp_path / "whole.jsonl").write_text(whole)
+    assert [r.fields["text"] for r in load_records(tmp_path / "whole.jsonl")] == ["ok \U0001F600 pair",
+                                                                                 "literal \\ud83d is text"]
+    (tmp_path / "cut.jsonl").write_text(whole + '{"text": "\\ud83d\\ude00 broken emoji \\ud83d"}\n')
+    with pytest.raises(Exception):
+        datasets.load_dataset("json", data_files=str(tmp_path / "cut.jsonl"), split="train",
+                              cache_dir=str(tmp_path / "c"))
+    with pytest.raises(UsageError, match=r"cut\.jsonl line 3: a string holds half of a UTF-16 surrogate pair "
+                                         r"\(\\ud83d at column 37\)"):
+        load_records(tmp_path / "cut.jsonl")
+    (tmp_path / "cut.json").write_text('[{"messages": [{"role": "user", "content": "hi"},\n'
+                                       '  {"role": "assistant", "content": "\\udc00"}]}]')
+    with pytest.raises(UsageError, match=r"cut\.json line 2: a string holds half of a UTF-16 surrogate pair "
+                                         r"\(\\udc00 at column 37\)"):
+        load_records(tmp_path / "cut.json")
+
+
+def test_ndjson_files_are_json_lines_as_datasets_reads_them(tmp_path):
+    """.ndjson (newline-delimited JSON, as BigQuery and jq pipelines name it) is JSON Lines to datasets: read so,
+    alone, gzip-compressed and in a folder, each row named by its line."""
+    import gzip
+
+    datasets = pytest.importorskip("datasets")
+    folder = tmp_path / "repo"
+    folder.mkdir()
+    path = _jsonl(folder / "train.ndjson", ALPACA)
+    (tmp_path / "d.ndjson.gz").write_bytes(gzip.compress(path.read_bytes()))
+    theirs = datasets.load_dataset("json", data_files=str(path), split="train", cache_dir=str(tmp_path / "c"))
+    for source in (path, tmp_path / "d.ndjson.gz", folder):
+        records = load_records(source)
+        assert [r.fields for r in records] == theirs.to_list() == ALPACA, source
+        assert records[1].where.endswith("ndjson line 2") or records[1].where.endswith("ndjson.gz line 2")
+
+
+def test_a_windows_encoded_csv_is_told_to_convert_from_cp1252_not_latin1(tmp_path):
+    """Excel on Windows saves CSV in cp1252: its curly quotes and dashes (bytes 0x80-0x9F) would become control
+    characters under the latin1 conversion the message suggested; it names cp1252 for such a file, latin1 where no
+    such byte is."""
+    text = "instruction,output\nSay \u201chi\u201d,It\u2019s fine \u2014 really\n"
+    (tmp_path / "excel.csv").write_bytes(text.encode("cp1252"))
+    with pytest.raises(UsageError, match=r"excel\.csv line 2: not UTF-8 text .* iconv -f cp1252 -t utf-8") as error:
+        load_records(tmp_path / "excel.csv")
+    assert "latin1" not in str(error.value) and text.encode("cp1252").decode("latin1") != text
+    (tmp_path / "latin.csv").write_bytes("instruction,output\ncaf\u00e9,ok\n".encode("latin1"))
+    with pytest.raises(UsageError, match=r"latin\.csv line 2: not UTF-8 text .* iconv -f latin1 -t utf-8"):
+        load_records(tmp_path / "latin.csv")
+
+
+def test_git_lfs_pointers_are_named_as_such(tmp_path):
+    """A dataset repository cloned without git-lfs holds pointers in place of its files: each is named as a pointer
+    and told how to fetch the data, alone, in a folder of data files and in a save_to_disk folder (it was a
+    malformed first line, or a parquet file "corrupted")."""
+    datasets = pytest.importorskip("datasets")
+    pointer = ("version https://git-lfs.github.com/spec/v1\noid sha256:4d7a214614ab2935c943f9e0ff69d22eadbb8f32b1258d"
+               "aaa5e2ca24d17e2393\nsize 12345\n")
+    repo = tmp_path / "repo"
+    (repo / "data").mkdir(parents=True)
+    (repo / "data" / "train-00000-of-00001.parquet").write_text(pointer)
+    (tmp_path / "d.jsonl").write_text(pointer)
+    saved = tmp_path / "saved"
+    datasets.Dataset.from_list(ALPACA).save_to_disk(str(saved))
+    arrow = next(saved.glob("*.arrow"))
+    arrow.write_text(pointer)
+    for source, name in ((tmp_path / "d.jsonl", "d.jsonl"), (repo, "train-00000-of-00001.parquet"),
+                         (saved, arrow.name)):
+        with pytest.raises(UsageError, match=rf"{name} is a Git LFS pointer, not the data: .* git lfs pull"):
+            load_records(source)
+
+
+def test_tool_calls_stored_as_arrow_structs_keep_their_own_arguments(tmp_path):
+    """Rows whose tool calls take different arguments, written to Parquet or Arrow (datasets, pandas and pyarrow
+    unify the structs: each call gets every argument seen, the others null), read as the same JSON Lines rows: the
+    model is not taught to pass other tools' arguments as null, nor shown other tools' parameters; a null written
+    in a JSON file stays."""
+    datasets = pytest.importorskip("datasets")
+
+    def tool(name, props):
+        return {"type": "function", "function": {"name": name, "description": f"{name} it",
+                                                 "parameters": {"type": "object", "properties": props}}}
+
+    def row(name, args, props):
+        return {"messages": [{"role": "user", "content": "q"},
+                             {"role": "assistant", "content": None,
+                              "tool_calls": [{"type": "function", "function": {"name": name, "arguments": args}}]},
+                             {"role": "tool", "content": "r"}, {"role": "assistant", "content": "done"}],
+                "tools": [tool(name, props)]}
+
+    rows = [row("weather", {"city": "Paris"}, {"city": {"type": "string"}}),
+            row("search", {"query": "cats", "limit": 3}, {"query": {"type": "string"}, "limit": {"type": "integer"}})]
+    data = datasets.Dataset.from_list(rows)
+    assert data[0]["messages"][1]["tool_calls"][0]["function"]["arguments"] == {"city": "Paris", "query": None,
+                                                                                 "limit": None}
+    data.to_parquet(str(tmp_path / "d.parquet"))
+    data.save_to_disk(str(tmp_path / "saved"))
+    wanted = normalize(load_records(_jsonl(tmp_path / "d.jsonl", rows)))
+    for source in (tmp_path / "d.parquet", tmp_path / "saved", next((tmp_path / "saved").glob("*.arrow"))):
+        examples = normalize(load_records(source))
+        assert [(e.messages, e.tools) for e in examples] == [(e.messages, e.tools) for e in wanted], source
+    meant = [row("weather", {"city": "Paris", "units": None}, {"city": {"type": "string"}})]
+    (example,) = normalize(load_records(_jsonl(tmp_path / "null.jsonl", meant)))
+    assert example.messages[1]["tool_calls"][0]["function"]["arguments"] == {"city": "Paris", "units": None}
+
+
+def test_a_tool_call_without_arguments_in_a_struct_column_is_a_call_with_none(tmp_path):
+    """A call written without "arguments" beside calls that have them is a null struct in Parquet, read as a call
+    taking none ({}), as its JSON twin without the field; it was refused as arguments that are not an object."""
+    datasets = pytest.importorskip("datasets")
+
+    def row(function):
+        return {"messages": [{"role": "user", "content": "q"},
+                             {"role": "assistant", "content": None, "tool_calls": [{"type": "function",
+                                                                                    "function": function}]},
+                             {"role": "tool", "content": "r"}, {"role": "assistant", "content": "done"}]}
+
+    rows = [row({"name": "weather", "arguments": {"city": "Paris"}}), row({"name": "now"})]
+    datasets.Dataset.from_list(rows).to_parquet(str(tmp_path / "d.parquet"))
+    assert load_records(tmp_path / "d.parquet")[1].fields["messages"][1]["tool_calls"][0]["function"] == {
+        "name": "now", "arguments": None}
+    for source in (tmp_path / "d.parquet", _jsonl(tmp_path / "d.jsonl", rows)):
+        calls = [e.messages[1]["tool_calls"][0]["function"] for e in normalize(load_records(source))]
+        assert calls == [{"name": "weather", "arguments": {"city": "Paris"}}, {"name": "now", "arguments": {}}]
+
+
+@pytest.mark.parametrize("orient", ["columns", "index", "split"])
+def test_a_dataframe_written_by_pandas_to_json_reads_as_its_rows(tmp_path, orient):
+    """DataFrame.to_json writes {column: {"0": value, ...}} by default (orient="columns"), or rows under their
+    labels ("index"), or {"columns", "index", "data"} ("split"): read as the rows pandas.read_json reads back (they
+    were one row whose fields are dicts, a list of lists, or rows under "0", "1"), each named by its label; one row
+    with a dict among its fields stays one row."""
+    pd = pytest.importorskip("pandas")
+    path = tmp_path / "d.json"
+    pd.DataFrame(ALPACA).to_json(path, orient=orient)
+    records = load_records(path)
+    assert [r.fields for r in records] == pd.read_json(path, orient=orient, dtype=False).to_dict("records") == ALPACA
+    assert records[1].where.endswith("d.json row 1")
+    (tmp_path / "one.json").write_text(json.dumps({"instruction": "a", "output": "b", "meta": {"0": 1}}))
+    assert [r.fields["meta"] for r in load_records(tmp_path / "one.json")] == [{"0": 1}]
+
+
+@pytest.mark.parametrize("name, sep", [("d.tsv", "\t"), ("d.csv", ",")])
+def test_a_quote_that_never_closes_is_refused_not_read_as_the_rest_of_the_file(tmp_path, name, sep):
+    """A cell opening a quote that never closes (a hand-written TSV whose answer starts with a quote) made the rest
+    of the file that cell's text, its rows lost without a word (datasets refuses the file); it is named by the line
+    where its row starts. A quoted cell spanning lines to the last row, and a quote inside a cell, still read."""
+    datasets = pytest.importorskip("datasets")
+    lines = ["prompt", "completion"], ["Q1", "A1"], ["Q2", '"unclosed answer'], ["Q3", "A3"], ["Q4", "A4"]
+    path = tmp_path / name
+    path.write_text("".join(sep.join(cells) + "\n" for cells in lines))
+    with pytest.raises(Exception):
+        datasets.load_dataset("csv", data_files=str(path), sep=sep, split="train", cache_dir=str(tmp_path / "c"))
+    with pytest.raises(UsageError, match=rf"{name} line 3: a quote opens a cell of this row and never closes, so "
+                                         r"lines 4-5, to the end of the file, would be read as that cell's text"):
+        load_records(path)
+    path.write_text(f'prompt{sep}completion\nQ1{sep}say "hi" now\nQ2{sep}"two\nlines"\n')
+    assert [r.fields["completion"] for r in load_records(path)] == ['say "hi" now', "two\nlines"]

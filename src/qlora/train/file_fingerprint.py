@@ -18,6 +18,7 @@ import hashlib
 from pathlib import Path
 
 from qlora.hub import cached_revision
+from qlora.train.data.sources import glob_files
 
 _WHOLE_UP_TO = 64 << 20  # files up to this size are hashed whole
 _HEAD = 1 << 20
@@ -51,8 +52,11 @@ def file_fingerprint(path: Path, sample_large: bool = False) -> Fingerprint:
 
 
 def data_fingerprints(location: str) -> dict[str, Fingerprint]:
-    """Every file of a local data file or folder (``save_to_disk``, a folder of data files), by absolute path;
-    nothing for a hub dataset, which its name, split and subset identify."""
+    """Every file of a local data file, folder (``save_to_disk``, a folder of data files) or glob pattern, by
+    absolute path; nothing for a hub dataset, which its name, split and subset identify."""
+    matched = glob_files(location)
+    if matched is not None:
+        return {str(p.resolve()): file_fingerprint(p) for p in matched}
     path = Path(location).expanduser()
     if path.is_file():
         return {str(path.resolve()): file_fingerprint(path)}

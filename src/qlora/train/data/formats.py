@@ -148,7 +148,8 @@ def detect_format(record: Record | list[Record]) -> str:
             f"{f' (nor from the first {len(records)} rows)' if len(records) > 1 else ''}. Expected "
             '"instruction"/"output" (alpaca; Dolly\'s "instruction"/"context"/"response"), "messages" (chat), '
             '"conversations" (ShareGPT), "prompt"/"completion" (TRL prompt-completion) or "text". '
-            f"{suggest_fields(first.fields)}{_as_pairs(first.fields)}Or pass --format explicitly."
+            f"{_nested_rows(first.fields) or suggest_fields(first.fields)}{_as_pairs(first.fields)}Or pass --format "
+            "explicitly."
         )
     fmt = max(found, key=lambda f: (found[f], -shapes.index(f)))
     if fmt == "preference":
@@ -163,6 +164,30 @@ def detect_format(record: Record | list[Record]) -> str:
     if fmt == "unpaired-preference":
         raise unpaired_error(records[shapes.index(fmt)].where)
     return fmt
+
+
+def _nested_rows(fields: dict[str, Any]) -> str:
+    """For a row that holds rows (a ``.json`` file's one object keeping its splits, ``{"train": [...], "test":
+    [...]}``, or its examples under a name other than ``"data"``): where the rows are and how to give them ('' for
+    other rows). Entries with a speaker (``role``, ``from``) are a conversation's messages, and entries with a
+    ``text`` beside other fields may be too (``{"speaker", "text"}``): neither is taken for rows."""
+    def rows_of(value: Any) -> str | None:
+        if not (isinstance(value, list) and value and all(
+                isinstance(item, dict) and not {"role", "from"} & item.keys() for item in value)):
+            return None
+        fmt = row_format(value[0])
+        return fmt if fmt != "text" or all(item.keys() == {"text"} for item in value) else None
+
+    held = {k: fmt for k, fmt in ((k, rows_of(v)) for k, v in fields.items()) if fmt is not None}
+    if not held:
+        return ""
+    name, fmt = next(iter(held.items()))
+    others = [k for k in held if k != name]
+    also = (f" {', '.join(map(repr, others))} hold{'s' * (len(others) == 1)} rows too: give each list as its own "
+            "file (a held-out one as --eval-data).") if others else ""
+    return (f"The field {name!r} holds a list of {len(fields[name])} rows of the {fmt} format, not one example's "
+            f"field: give that list alone as the data (e.g. jq '.{name}' FILE > {name}.json), or name it \"data\" "
+            f"(a .json file's {{\"data\": [...]}} is read as its rows).{also} ")
 
 
 def _as_pairs(fields: dict[str, Any]) -> str:
@@ -567,7 +592,9 @@ def _tool_calls(value: Any, where: str) -> list[dict[str, Any]]:
         if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
             raise UsageError(f'{where}: tool call {k} needs a "name" (OpenAI style: {{"type": "function", '
                              '"function": {"name": ..., "arguments": {...}}}).')
-        args = fn.get("arguments", fn.get("parameters", {}))
+        args = fn.get("arguments", fn.get("parameters"))
+        if args is None:  # a call that takes none (a struct column holds a call without the field as null)
+            args = {}
         if isinstance(args, str):
             args = _parsed_json(args, where, f"the arguments of tool call {k}") if args.strip() else {}
         if not isinstance(args, dict):

@@ -23,7 +23,7 @@ from qlora.train.data.axolotl_datasets import axolotl_datasets, declared_entries
 from qlora.train.data.dataset_info import registered_dataset
 from qlora.train.data.declared import DEFAULT_SEED, DeclaredDataset, read_declared
 from qlora.train.data.handbook_datasets import handbook_dataset
-from qlora.train.data.sources import Record, load_records
+from qlora.train.data.sources import Record, glob_files, load_records
 from qlora.train.data.torchtune_datasets import torchtune_dataset
 
 T = TypeVar("T")
@@ -70,7 +70,7 @@ def check_split_of_files(spec: str, split: str, subset: str | None, dataset_dir:
     if split in ("train", default_split) and not subset:
         return
     sources = _declared_sources(spec, dataset_dir, "sft")
-    files = [s for s in sources if isinstance(s, str) and Path(s).expanduser().is_file()]
+    files = [s for s in sources if isinstance(s, str) and (Path(s).expanduser().is_file() or glob_files(s))]
     if not sources or len(files) < len(sources):  # a hub dataset or a folder may hold the split
         return
     asked = f"{options[0]} {split}" if split not in ("train", default_split) else f"{options[1]} {subset}"

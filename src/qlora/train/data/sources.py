@@ -16,12 +16,14 @@ from __future__ import annotations
 import bz2
 import codecs
 import csv
+import glob
 import gzip
 import io
 import itertools
 import json
 import lzma
 import os
+import re
 import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -30,16 +32,17 @@ from typing import Any, Iterable
 from qlora.errors import UsageError
 from qlora.train.data.class_labels import label_names, schema_features, with_label_names
 from qlora.train.data.csv_separator import SAMPLE_LINES, header_separator
-from qlora.train.data.unique_keys import DuplicateKey, duplicate_line, loads_unique
+from qlora.train.data.struct_nulls import has_struct_payloads, without_struct_nulls
+from qlora.train.data.unique_keys import DuplicateKey, duplicate_line, loads_unique, loads_unique_prefix
 
-LOCAL_SUFFIXES = (".jsonl", ".json", ".csv", ".tsv", ".parquet", ".arrow", ".txt")
+LOCAL_SUFFIXES = (".jsonl", ".ndjson", ".json", ".csv", ".tsv", ".parquet", ".arrow", ".txt")
 # Compressed text files (data.jsonl.gz, data.csv.xz) are read through these, as datasets reads them.
 _COMPRESSED = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}
 # ... and by their first bytes where the name does not say (a gzip file saved as data.jsonl, which datasets reads)
 _MAGIC = {b"\x1f\x8b": gzip.open, b"\xfd7zXZ\x00": lzma.open,
           **{b"BZh%d1AY&SY" % level: bz2.open for level in range(1, 10)}}  # bzip2's header, then its first block's
 _ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
-_TEXT_SUFFIXES = (".jsonl", ".json", ".csv", ".tsv", ".txt")
+_TEXT_SUFFIXES = (".jsonl", ".ndjson", ".json", ".csv", ".tsv", ".txt")
 # GPT-2's end-of-text token, written between the documents of plain-text corpora (TinyStoriesV2's .txt files,
 # OpenWebText dumps): such a file's records are its documents, not its lines.
 DOCUMENT_SEPARATOR = "<|endoftext|>"
@@ -70,8 +73,9 @@ def load_records(source: str | Path, split: str = "train", subset: str | None = 
     """Read every record of a local file or folder, or of a hub dataset.
 
     Args:
-        source: a ``.jsonl``, ``.json`` (a list, ``{"data": [...]}`` or one row's object), ``.csv``, ``.tsv``,
-            ``.parquet``, ``.arrow`` or ``.txt`` file (plain text: one record a document where
+        source: a glob pattern of such files (``shards/*.jsonl``, ``data/**/*.parquet``: :func:`glob_files`), or a
+            ``.jsonl`` (or ``.ndjson``), ``.json`` (a list, ``{"data": [...]}`` or one row's object), ``.csv``,
+            ``.tsv``, ``.parquet``, ``.arrow`` or ``.txt`` file (plain text: one record a document where
             ``<|endoftext|>`` separates them, else a paragraph, or a line when the file has no blank line), the text ones also compressed (``.gz``,
             ``.bz2``, ``.xz``); a folder written by ``datasets``' ``save_to_disk``, or a folder
             of data files; or a hub dataset name.
@@ -86,7 +90,13 @@ def load_records(source: str | Path, split: str = "train", subset: str | None = 
             split or subset, unreachable hub, or no records.
     """
     path = Path(source).expanduser()
-    if path.is_file():
+    matched = glob_files(source)
+    if matched is not None:
+        if not matched:
+            raise UsageError(f"{source}: no such file, and no file matches it as a glob pattern (it holds *, ? or "
+                             "[). Check the path given (--data or --eval-data).")
+        records = [replace(r, folders=(str(p.parent),)) for p in matched for r in _read_file(p, text_lines, as_text)]
+    elif path.is_file():
         records = _read_file(path, text_lines, as_text)
     elif path.is_dir():
         records = _read_folder(path, split, subset, text_lines, as_text)
@@ -103,10 +113,20 @@ def load_records(source: str | Path, split: str = "train", subset: str | None = 
     return records
 
 
+def glob_files(source: str | Path) -> list[Path] | None:
+    """The files a glob pattern names (``*``, ``?``, ``[...]``; ``**`` for any depth), sorted, as ``datasets`` reads a
+    ``data_files`` pattern and a user writes a sharded corpus (``train-*.jsonl.gz``); None where ``source`` is not a
+    pattern, or is an existing path whose name holds such a character."""
+    text = os.path.expanduser(str(source))
+    if not any(c in text for c in "*?[") or Path(text).exists():
+        return None
+    return sorted(Path(p) for p in glob.glob(text, recursive=True) if Path(p).is_file())
+
+
 def _read_file(path: Path, text_lines: bool = False, as_text: bool = False) -> list[Record]:
     """The records of one local data file, read by qlora itself (each names its file and line, item or row)."""
-    readers = {".jsonl": _read_jsonl, ".json": _read_json, ".csv": _read_csv, ".tsv": _read_tsv,
-               ".parquet": _read_parquet, ".arrow": _read_arrow, ".txt": _read_text}
+    readers = {".jsonl": _read_jsonl, ".ndjson": _read_jsonl, ".json": _read_json, ".csv": _read_csv,
+               ".tsv": _read_tsv, ".parquet": _read_parquet, ".arrow": _read_arrow, ".txt": _read_text}
     reader = _read_text if as_text else readers.get(_format_suffix(path))
     if reader is None:
         raise UsageError(
@@ -116,6 +136,7 @@ def _read_file(path: Path, text_lines: bool = False, as_text: bool = False) -> l
         )
     if text_lines and reader is _read_text:
         reader = _read_lines
+    _refuse_lfs_pointer(path)
     try:
         records = reader(path)
     except (OSError, EOFError) as exc:  # a damaged compressed file (a bad gzip header, a cut stream)
@@ -128,6 +149,20 @@ def _read_file(path: Path, text_lines: bool = False, as_text: bool = False) -> l
         raise UsageError(f"{path} line {_line_of_byte(raw)}: not UTF-8 text ({exc.reason} at byte "
                          f"{exc.object[exc.start]:#04x}). {_save_as_utf8(raw)}") from None
     return records
+
+
+_LFS_POINTER = b"version https://git-lfs.github.com/spec/"
+
+
+def _refuse_lfs_pointer(path: Path) -> None:
+    """Refuse a Git LFS pointer (the few lines git leaves in place of a large file when a dataset repository is
+    cloned without git-lfs): read as data, it is a malformed first line or a "corrupted" parquet file."""
+    with path.open("rb") as f:
+        head = f.read(len(_LFS_POINTER))
+    if head == _LFS_POINTER:
+        raise UsageError(f"{path} is a Git LFS pointer, not the data: the repository was cloned without its large "
+                         "files. Fetch them (git lfs install, then git lfs pull in the repository), or download the "
+                         "dataset with huggingface-cli download --repo-type dataset.")
 
 
 def _decompress_hint(path: Path) -> str:
@@ -185,7 +220,9 @@ def _line_of_byte(raw: bytes) -> int:
 
 def _save_as_utf8(raw: bytes) -> str:
     """How to convert a file that is not UTF-8: from UTF-16 or UTF-32 where its byte-order mark says so (what
-    Windows PowerShell and Excel's "Unicode text" write), else from a legacy one-byte encoding."""
+    Windows PowerShell and Excel's "Unicode text" write), else from a legacy one-byte encoding: Windows' cp1252
+    where bytes 0x80-0x9F (its curly quotes, dashes, euro sign) are there, which latin1 reads as control
+    characters."""
     if raw.startswith(_ZSTD_MAGIC):
         return "It is zstd-compressed data, not text: decompress it first (zstd -d)."
     for mark, encoding in ((codecs.BOM_UTF32_LE, "utf-32"), (codecs.BOM_UTF32_BE, "utf-32"),
@@ -193,6 +230,8 @@ def _save_as_utf8(raw: bytes) -> str:
         if raw.startswith(mark):
             return (f"Its byte-order mark says it is {encoding.upper()} text: save it as UTF-8 (e.g. iconv -f "
                     f"{encoding} -t utf-8).")
+    if re.search("[\udc80-\udc9f]", raw.decode("utf-8", "surrogateescape")):  # such bytes that UTF-8 does not read
+        return "Save the file as UTF-8 (e.g. iconv -f cp1252 -t utf-8: it looks written on Windows, as Excel's CSV)."
     return "Save the file as UTF-8 (e.g. iconv -f latin1 -t utf-8)."
 
 
@@ -215,12 +254,118 @@ def _read_jsonl(path: Path) -> list[Record]:
             except json.JSONDecodeError as e:
                 if "\x00" in line:
                     raise _nul_error(path, line_no) from None
-                raise UsageError(
-                    f"{path} line {line_no}: malformed JSON ({e.msg} at column {e.colno}). "
-                    "Each line of a .jsonl file must be one complete JSON object."
-                ) from None
+                continues = e.msg.startswith("Unterminated") or e.pos >= len(line.rstrip())  # at the line's end
+                if "\n" in line and not records:
+                    spread = _spread_json(path, continues)
+                    if spread is not None:
+                        return spread
+                raise UsageError(f"{path} line {line_no}: malformed JSON ({_problem(e)} at column {e.colno}). "
+                                 + _json_line_hint(e, cut="\n" not in line and continues)) from None
+            _check_surrogates(value, line, path, line_no)
+            if not records and isinstance(value, list) and value and all(
+                    isinstance(m, dict) and not {"role", "from"} & m.keys() for m in value):
+                spread = _spread_json(path, continues=False)  # one JSON array of rows on the file's one line
+                if spread is not None:
+                    return spread
             records.append(Record(_as_object(value, f"{path} line {line_no}"), f"{path} line {line_no}"))
     return records
+
+
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
+
+
+def _check_surrogates(value: Any, raw: str, path: Path, first_line: int = 1) -> None:
+    """Refuse a JSON string holding half of a UTF-16 surrogate pair (``"\\ud83d"`` alone): the rest of an emoji
+    that a cut at a fixed length (a scraper's, a JavaScript ``substring``) split. It is not text: no tokenizer
+    encodes it (``datasets`` refuses the file too). Looked for only where ``raw`` holds such an escape at all."""
+    if not _SURROGATE_ESCAPE.search(raw):
+        return
+    try:
+        json.dumps(value, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        pass
+    else:
+        return  # every such escape is half of a whole pair
+    paired_to = -1
+    for m in _SURROGATE_ESCAPE.finditer(raw):
+        if m.start() < paired_to:
+            continue
+        following = _SURROGATE_ESCAPE.match(raw, m.end())
+        if m.group()[3].lower() in "89ab" and following and following.group()[3].lower() in "cdef":  # \uD8..\uDC..
+            paired_to = following.end()  # a high half and its low half: one character
+            continue
+        line = first_line + raw.count("\n", 0, m.start())
+        column = m.start() - raw.rfind("\n", 0, m.start())
+        raise UsageError(f"{path} line {line}: a string holds half of a UTF-16 surrogate pair ({m.group()} at column "
+                         f"{column}), the rest of a character (an emoji) that a cut at a fixed length split; it is not "
+                         "text, and no tokenizer encodes it. Remove that escape, or write \\ufffd (the replacement "
+                         "character) in its place.")
+
+
+def _problem(error: json.JSONDecodeError) -> str:
+    """The decoder's message without its dangling "at" ("Unterminated string starting at")."""
+    return error.msg.removesuffix(" at")
+
+
+def _json_line_hint(error: json.JSONDecodeError, cut: bool) -> str:
+    if cut:
+        return ("The file ends inside this line: it looks cut off (an interrupted download, copy or write); copy it "
+                "again, or remove the incomplete line.")
+    return _raw_control(error) or "Each line of a .jsonl file must be one complete JSON object."
+
+
+def _raw_control(error: json.JSONDecodeError) -> str:
+    """What to do about a string holding a raw control character (a line break typed into a text), or ''."""
+    if not error.msg.startswith("Invalid control character"):
+        return ""
+    return ("A string holds a raw line break or tab, which JSON writes escaped (\\n, \\t): write the file with a "
+            "JSON library (json.dumps) rather than by hand.")
+
+
+def _spread_json(path: Path, continues: bool) -> list[Record] | None:
+    """A ``.jsonl`` file whose first object does not fit on its line (or is an array), read as ``datasets``' json
+    loader reads it: one JSON document (an array of rows), or objects each written over several lines (``jq``'s
+    output without ``-c``, ``json.dump(row, f, indent=2)`` per row). Where its first value does not parse either:
+    None, so that the first line's own error is reported, unless that value ``continues`` past its first line,
+    whose error is then where the value breaks."""
+    with _open_text(path) as f:
+        text = f.read()
+    start = len(text) - len(text.lstrip())
+    try:
+        value, end = loads_unique_prefix(text, start)
+    except DuplicateKey:
+        raise _duplicate_error(path, *duplicate_line(text)) from None
+    except json.JSONDecodeError as e:
+        if not continues:
+            return None
+        raise UsageError(f"{path} line {e.lineno}: malformed JSON ({_problem(e)} at column {e.colno}), in the "
+                         f"value starting at line {text.count(chr(10), 0, start) + 1}. {_raw_control(e)}".rstrip()
+                         ) from None
+    if not text[end:].strip():
+        _check_surrogates(value, text, path)
+        return _document_rows(value, text, path)
+    return _object_stream(text, path) if isinstance(value, dict) else None
+
+
+def _object_stream(text: str, path: Path) -> list[Record]:
+    """JSON objects one after another, each named by the line where it starts."""
+    records, pos, line_no, counted = [], _JSON_SPACE.match(text).end(), 1, 0
+    while pos < len(text):
+        line_no, counted = line_no + text.count("\n", counted, pos), pos
+        try:
+            value, end = loads_unique_prefix(text, pos)
+        except DuplicateKey as e:
+            raise _duplicate_error(path, line_no, e.key) from None
+        except json.JSONDecodeError as e:
+            raise UsageError(f"{path} line {e.lineno}: malformed JSON ({_problem(e)} at column {e.colno}), in the "
+                             f"value starting at line {line_no}. {_raw_control(e)}".rstrip()) from None
+        _check_surrogates(value, text[pos:end], path, line_no)
+        records.append(Record(_as_object(value, f"{path} line {line_no}"), f"{path} line {line_no}"))
+        pos = _JSON_SPACE.match(text, end).end()
+    return records
+
+
+_JSON_SPACE = re.compile(r"[ \t\n\r]*")  # what JSON allows between values
 
 
 def _read_json(path: Path) -> list[Record]:
@@ -233,7 +378,18 @@ def _read_json(path: Path) -> list[Record]:
     except json.JSONDecodeError as e:
         if e.msg == "Extra data" and e.doc.lstrip().startswith("{"):
             return _read_jsonl(path)  # JSON Lines named .json, as datasets' json loader (and axolotl) read it
-        raise UsageError(f"{path} line {e.lineno}: malformed JSON ({e.msg} at column {e.colno}).") from None
+        raise UsageError(f"{path} line {e.lineno}: malformed JSON ({_problem(e)} at column {e.colno}). "
+                         f"{_raw_control(e)}".rstrip()) from None
+    _check_surrogates(value, text, path)
+    return _document_rows(value, text, path)
+
+
+def _document_rows(value: Any, text: str, path: Path) -> list[Record]:
+    """The rows of one JSON document: a list of rows or of texts, ``{"data": [...]}``, a table as pandas'
+    ``DataFrame.to_json`` writes it (:func:`_pandas_rows`), or one object (one row)."""
+    table = _pandas_rows(value) if isinstance(value, dict) else None
+    if table is not None:
+        return [Record(row, f"{path} row {label}") for label, row in table]
     if isinstance(value, dict) and isinstance(value.get("data"), list):
         value = value["data"]
     elif isinstance(value, dict):  # one row, named by the line where its object starts
@@ -251,6 +407,29 @@ def _read_json(path: Path) -> list[Record]:
                          "(objects) or plain texts (strings, each read as a \"text\" row), not both: write the "
                          "texts as {\"text\": ...} objects.")
     return [Record(_as_object(item, f"{path} item {i}"), f"{path} item {i}") for i, item in enumerate(value)]
+
+
+def _pandas_rows(value: dict[str, Any]) -> list[tuple[Any, dict[str, Any]]] | None:
+    """The ``(index label, row)`` pairs of a DataFrame that ``to_json`` wrote with a default (range) index, as
+    ``pandas.read_json`` reads them back: ``orient="columns"`` (its default: ``{column: {"0": value, ...}}``),
+    ``"index"`` (``{"0": row, ...}``) or ``"split"`` (``{"columns", "index", "data"}``); None for other objects.
+    ``datasets`` would read such a file as one row whose fields are dicts."""
+    if set(value) in ({"columns", "data"}, {"columns", "index", "data"}):
+        columns, data = value["columns"], value["data"]
+        labels = value.get("index", list(range(len(data))))
+        if (isinstance(columns, list) and all(isinstance(c, str) for c in columns) and isinstance(data, list)
+                and isinstance(labels, list) and len(labels) == len(data)
+                and all(isinstance(r, list) and len(r) == len(columns) for r in data)):
+            return [(label, dict(zip(columns, r))) for label, r in zip(labels, data)]
+        return None
+    if not value or not all(isinstance(v, dict) for v in value.values()):
+        return None
+    if all(k.isdigit() for k in value):  # orient="index": rows under their labels
+        return list(value.items())
+    labels = list(next(iter(value.values())))
+    if labels and all(k.isdigit() for k in labels) and all(list(v) == labels for v in value.values()):
+        return [(label, {column: cells[label] for column, cells in value.items()}) for label in labels]
+    return None
 
 
 def _one_row(value: dict[str, Any], path: Path) -> dict[str, Any]:
@@ -300,10 +479,12 @@ def _read_csv(path: Path, delimiter: str = ",") -> list[Record]:
             raise UsageError(f"{path} line 1: the header names the column{'s' * (len(repeated) > 1)} "
                              f"{', '.join(map(repr, repeated))} more than once, so a row's cells under that name "
                              "would overwrite each other. Rename the repeated columns.")
-        records = []
+        records, ended, last = [], reader.line_num, 0
         for cells in reader:  # line_num is the physical line where the row ended, so quoted newlines keep it right
+            row_start, ended = ended + 1, reader.line_num
             if not cells:  # a blank line, as csv.DictReader skips it
                 continue
+            last = row_start
             if any("\x00" in cell for cell in cells):
                 raise _nul_error(path, reader.line_num)
             if any(cells[len(header):]):  # empty extra cells (a trailing separator) hold nothing to lose
@@ -313,7 +494,26 @@ def _read_csv(path: Path, delimiter: str = ",") -> list[Record]:
                     "the extra cells.")
             records.append(Record(dict(zip(header, cells[:len(header)] + [None] * (len(header) - len(cells)))),
                                   f"{path} line {reader.line_num}"))
-        return records
+    if records and ended > last:  # the last row spans lines: its quote may never close
+        _refuse_open_quote(path, delimiter, last, ended)
+    return records
+
+
+def _refuse_open_quote(path: Path, delimiter: str, start: int, end: int) -> None:
+    """Refuse a last row whose quoted cell never closes: Python's lenient reader (and pandas') makes the rest of the
+    file that cell's text, the rows after it lost without a word (``datasets`` refuses the file)."""
+    with _open_text(path, newline="") as f:
+        try:
+            for _ in csv.reader(itertools.islice(f, start - 1, None), delimiter=delimiter, strict=True):
+                pass
+        except csv.Error as exc:
+            if "unexpected end of data" not in str(exc):
+                return  # another liberty of a lenient writer (a quote inside a cell), read as pandas reads it
+            after = f"line {end}" if end == start + 1 else f"lines {start + 1}-{end}"
+            raise UsageError(f"{path} line {start}: a quote opens a cell of this row and never closes, so {after}, "
+                             "to the end of the file, would be read as that cell's text. Close "
+                             "the quote, or write a quote that is part of the text as two (\"\"); a file written "
+                             "without quoting must have no cell starting with a quote.") from None
 
 
 def _read_tsv(path: Path) -> list[Record]:
@@ -384,7 +584,7 @@ def _read_parquet(path: Path) -> list[Record]:
     except Exception as exc:  # pyarrow raises ArrowInvalid, OSError, ...
         raise UsageError(f"{path} is not a readable parquet file ({exc}). Check the file, or convert "
                          "it to .jsonl.") from None
-    return _rows(table.to_pylist(), str(path), features)
+    return _rows(table.to_pylist(), str(path), features, table.schema)
 
 
 def _read_arrow(path: Path) -> list[Record]:
@@ -404,7 +604,7 @@ def _read_arrow(path: Path) -> list[Record]:
     except Exception:  # ArrowInvalid again: neither an Arrow stream nor an Arrow file
         raise UsageError(f"{path} is not a readable Arrow file ({stream_error}). Give an Arrow IPC stream or file "
                          "(as datasets or pyarrow write them), or convert it to .jsonl.") from None
-    return _rows(table.to_pylist(), str(path), schema_features(table.schema))
+    return _rows(table.to_pylist(), str(path), schema_features(table.schema), table.schema)
 
 
 def _read_folder(path: Path, split: str, subset: str | None, text_lines: bool = False,
@@ -423,10 +623,14 @@ def _read_folder(path: Path, split: str, subset: str | None, text_lines: bool = 
                 splits = json.loads((path / "dataset_dict.json").read_text(encoding="utf-8"))["splits"]
                 folder = path / _pick_split(dict.fromkeys(splits, split), split, str(path))
                 where = f"{path}[{split}]"
-            if json.loads((folder / "state.json").read_text(encoding="utf-8")).get("_data_files") == []:
+            state = json.loads((folder / "state.json").read_text(encoding="utf-8"))
+            if state.get("_data_files") == []:
                 return []  # an empty Dataset, saved without data files: datasets cannot load it back (IndexError)
+            for data_file in state.get("_data_files") or []:
+                if isinstance(data_file, dict) and (folder / str(data_file.get("filename"))).is_file():
+                    _refuse_lfs_pointer(folder / data_file["filename"])
             data = datasets.load_from_disk(str(folder))
-        except UsageError:  # no such split
+        except UsageError:  # no such split, a Git LFS pointer
             raise
         except Exception as exc:  # FileNotFoundError, JSON and Arrow errors of a damaged folder
             raise UsageError(f"{path}: not a readable save_to_disk folder ({type(exc).__name__}: {exc}).") from None
@@ -487,15 +691,18 @@ def _pick_split(data: Any, split: str, where: str) -> Any:
     return data[split]
 
 
-def _rows(rows: Iterable[dict[str, Any]], where: str, features: Any = None) -> list[Record]:
+def _rows(rows: Iterable[dict[str, Any]], where: str, features: Any = None, schema: Any = None) -> list[Record]:
     """The rows as records; ClassLabel columns (of a ``datasets.Dataset``, or of ``features``) hold their names,
-    Image columns what they store (:func:`_stored_images`). A Dataset is read as Python objects, every column:
-    a ``save_to_disk`` folder keeps the format it was saved with (``set_format("torch")``: tensors where a label's
-    true/false is read; ``columns=[...]``: the others hidden, a KTO ``label`` with them)."""
+    Image columns what they store (:func:`_stored_images`), tool calls and definitions stored as structs (in the
+    Dataset's or the Arrow ``schema``) no other rows' fields (:mod:`struct_nulls`). A Dataset is read as Python
+    objects, every column: a ``save_to_disk`` folder keeps the format it was saved with (``set_format("torch")``:
+    tensors where a label's true/false is read; ``columns=[...]``: the others hidden, a KTO ``label`` with them)."""
     labels = label_names(features if features is not None else getattr(rows, "features", None))
     if getattr(rows, "features", None):
         rows = _stored_images(rows.with_format(None))
-    return [Record(with_label_names(dict(row), labels), f"{where} row {i}") for i, row in enumerate(rows)]
+        schema = rows.data.schema
+    own = without_struct_nulls if schema is not None and has_struct_payloads(schema) else dict
+    return [Record(with_label_names(own(dict(row)), labels), f"{where} row {i}") for i, row in enumerate(rows)]
 
 
 def _stored_images(data: Any) -> Any:

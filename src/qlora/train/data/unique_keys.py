@@ -5,6 +5,10 @@ columns mapped to one name, a merge that appended instead of replacing) would tr
 (pyarrow's JSON reader) refuses such a JSON Lines row too. The check costs one Python call per object while
 parsing, a few microseconds a row; finding where the object starts in a whole ``.json`` document uses Python's
 slower pure-Python scanner, on that error path only.
+
+``NaN`` (not JSON, but what Python's ``json.dumps`` writes for a pandas gap) is read as null, as ``datasets``
+reads it in a column that also holds text: a missing value, not the number, so a NaN ``system`` or ``completion``
+is treated as an absent one rather than refused as a number.
 """
 
 from __future__ import annotations
@@ -31,12 +35,23 @@ def _unique(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return obj
 
 
-_DECODER = json.JSONDecoder(object_pairs_hook=_unique)
+def _constant(name: str) -> float | None:
+    """``NaN`` as null (a gap); ``Infinity`` and ``-Infinity`` as the numbers."""
+    return None if name == "NaN" else float(name)
+
+
+_DECODER = json.JSONDecoder(object_pairs_hook=_unique, parse_constant=_constant)
 
 
 def loads_unique(text: str) -> Any:
-    """``json.loads(text)``, raising :class:`DuplicateKey` for an object that names a key twice."""
+    """``json.loads(text)`` (``NaN`` as null), raising :class:`DuplicateKey` for an object that names a key twice."""
     return _DECODER.decode(text)
+
+
+def loads_unique_prefix(text: str, start: int = 0) -> tuple[Any, int]:
+    """The JSON value starting at ``text[start]`` and where it ends, as :func:`loads_unique` reads it (one of
+    several objects written one after another)."""
+    return _DECODER.raw_decode(text, start)
 
 
 class _LocatingDecoder(json.JSONDecoder):
