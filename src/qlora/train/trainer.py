@@ -94,6 +94,11 @@ _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_m
                     "tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json", "vocab.txt")
 
 
+def _counted(n: int, noun: str) -> str:
+    """``1 example``, ``2 examples``: the run log's counts."""
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
 def _continue_command(out: Path, checkpoint: Path) -> str:
     """The command that continues the run's adapter (the final one, else the checkpoint's) into a new folder."""
     adapter = out if (out / "adapter_config.json").is_file() else checkpoint / "adapter"
@@ -405,11 +410,13 @@ class Trainer:
                                f"weights in {dtype} on the 4-bit base, as bitsandbytes under transformers (and "
                                "axolotl without quantize_moe_experts) keeps them; true quantizes them too, about a "
                                "quarter of their memory")
-        self.metrics.write(f"data: {self.report.summary()}; {len(self.train_units)} "
-                           f"{'packed rows' if cfg.packing else 'blocks' if cfg.group_texts else 'examples'}, "
-                           f"{self.total_steps} step{'' if self.total_steps == 1 else 's'}"
-                           + (f"; {len(eval_examples)} examples held out for eval" if cfg.eval_split else "")
-                           + (f"; {self.duplicates} duplicate examples dropped (--dedupe)" if cfg.dedupe else ""))
+        unit = "packed row" if cfg.packing else "block" if cfg.group_texts else "example"
+        self.metrics.write(f"data: {self.report.summary()}; {_counted(len(self.train_units), unit)}, "
+                           f"{_counted(self.total_steps, 'step')}"
+                           + (f"; {_counted(len(eval_examples), 'example')} held out for eval" if cfg.eval_split
+                              else "")
+                           + (f"; {_counted(self.duplicates, 'duplicate example')} dropped (--dedupe)" if cfg.dedupe
+                              else ""))
         if resume_from is not None:  # said also without a progress bar, whose start would show it
             self.metrics.write(f"resuming from {resume_from} at step {self.step}")
 
