@@ -39,9 +39,12 @@ SYSTEMS = ("qlora", "bnb-peft")
 def llama_config(shape: str):
     from transformers import LlamaConfig
 
-    from qlora.model.estimate import KNOWN_SHAPES
+    from qlora.model.known_shapes import known_shape
 
-    fields = dict(TINY if shape == "tiny" else KNOWN_SHAPES[shape])
+    fields = dict(TINY) if shape == "tiny" else known_shape(shape)
+    if fields is None:
+        raise SystemExit(f"bench/train.py: unknown --shape {shape!r}; tiny, or a name qlora estimate --list-models "
+                         "lists")
     fields.pop("model_type", None)
     return LlamaConfig(**fields)
 
@@ -174,7 +177,7 @@ PACKAGES = ("transformers", "peft", "bitsandbytes", "triton")  # versions printe
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--shape", default="llama-3-8b", help="tiny or a known shape of qlora.model.estimate")
+    parser.add_argument("--shape", default="llama-3-8b", help="tiny, or a model qlora estimate --list-models lists (a Llama-architecture one)")
     parser.add_argument("--seq", type=int, default=2048)
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--warmup", type=int, default=2)
