@@ -543,3 +543,28 @@ def test_eval_of_a_merged_folder_defaults_to_its_16bit_weights_which_compute_wha
     assert main(["eval", "--json", "--model", str(tmp_path / "q4"), "--data", str(held)]) == 0
     out, err = capsys.readouterr()
     assert json.loads(out)["loss"] == pytest.approx(requantized["loss"], rel=1e-3) and "16-bit" not in err
+
+
+def test_a_loss_that_is_not_finite_is_refused_naming_its_row_and_module(tmp_path, qwen, capsys):
+    """A model that overflows on one row (its embedding of a token only that row holds is infinite) has no loss to
+    report: exit 2 naming that row and the first module whose output is not finite, where NaN was printed, in
+    --json as a bare NaN that is not JSON; the rows before it still evaluate (finite)."""
+    from safetensors.torch import load_file, save_file
+
+    model_dir = tmp_path / "model"
+    shutil.copytree(qwen[0], model_dir)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
+    seen = {t for m in CHATS[:2] for t in _assistant_labels(tokenizer, m)[0]}
+    token = next(t for t in _assistant_labels(tokenizer, CHATS[2])[0] if t not in seen)
+    weights = load_file(model_dir / "model.safetensors")
+    weights["model.embed_tokens.weight"][token] = float("inf")
+    save_file(weights, model_dir / "model.safetensors", metadata={"format": "pt"})
+    data = _write(tmp_path / "d.jsonl", CHATS[:3])
+    assert _eval(capsys, "--model", str(model_dir), "--data", str(_write(tmp_path / "ok.jsonl", CHATS[:2])))["tokens"]
+    for batch in ("1", "3"):
+        assert main(["eval", "--quant", "none", "--json", "--model", str(model_dir), "--data", str(data),
+                     "--batch-size", batch]) == 2
+        out, err = capsys.readouterr()
+        assert out == "" and "Traceback" not in err, out
+        assert (f"--data {data}: the loss on {data} line 3 is not finite (infinite or NaN; first non-finite output: "
+                "model.embed_tokens, computing in float32)" in " ".join(err.split())), err

@@ -161,12 +161,18 @@ def run(args: argparse.Namespace) -> int:
     check_positions(model, longest_positions(tokenized), args.model)
     model.eval()
     dtype = model.get_input_embeddings().weight.dtype  # image tensors go in as the 16-bit vision tower takes them
+    def collate(units: list) -> dict:
+        return {k: v.to(device, dtype) if v.is_floating_point() else v.to(device)
+                for k, v in pad_collate(units, pad_token_id(tokenizer)).items()}
+
     loss_sum, tokens = 0.0, 0
     with torch.no_grad():
         for i in range(0, len(tokenized), args.batch_size):
-            batch = {k: v.to(device, dtype) if v.is_floating_point() else v.to(device)
-                     for k, v in pad_collate(tokenized[i:i + args.batch_size], pad_token_id(tokenizer)).items()}
-            loss_sum += token_loss_sum(model, batch).item()
+            batch = collate(tokenized[i:i + args.batch_size])
+            batch_loss = token_loss_sum(model, batch)
+            if not torch.isfinite(batch_loss):
+                raise UsageError(_nonfinite(args, model, tokenized[i:i + args.batch_size], collate, examples, dtype))
+            loss_sum += batch_loss.item()
             tokens += count_trainable_tokens(batch)
     print(f"{args.data}: {report.summary()}", file=sys.stderr if args.json else sys.stdout)
     _print_result(args, report.texts if args.group_texts else report.examples, len(tokenized), loss_sum, tokens)
@@ -207,6 +213,25 @@ def _follow_record(args: argparse.Namespace) -> tuple[set[str], Path]:
 def _recorder(args: argparse.Namespace) -> str:
     """Whose record an option not given came from, for errors."""
     return "the adapter's run's" if args.adapter else "the merged model's run's"
+
+
+def _nonfinite(args: argparse.Namespace, model, units: list, collate, examples: list, dtype) -> str:
+    """The refusal of a loss that is not finite (no loss or perplexity to report, and NaN is not JSON), naming the
+    first of ``units`` (a batch) whose loss alone is not, and the first module whose output is not on it."""
+    import torch
+
+    from ...train.trainer import first_nonfinite_module, token_loss_sum
+
+    unit = next((u for u in units if not torch.isfinite(token_loss_sum(model, collate([u])))), units[0])
+    where = (f"block {unit.index + 1} of the texts --group-texts {args.group_texts} cut" if args.group_texts
+             else examples[unit.index].where)
+    module = first_nonfinite_module(model, collate([unit]))
+    narrow = (" float16 ends at 65504, which such models exceed: evaluate on a GPU with bfloat16 or on the CPU "
+              "(float32)." if dtype == torch.float16 else "")
+    return (f"--data {args.data}: the loss on {where} is not finite (infinite or NaN"
+            + (f"; first non-finite output: {module}" if module else "") + f", computing in {str(dtype)[6:]}), so "
+            "there is no loss or perplexity to report: the model's weights (or the adapter's) overflow on this "
+            "row; check them." + narrow)
 
 
 def _print_result(args: argparse.Namespace, rows: int, examples: int, loss_sum: float, tokens: int) -> None:
