@@ -543,3 +543,53 @@ def test_eval_of_a_merged_folder_defaults_to_its_16bit_weights_which_compute_wha
     assert main(["eval", "--json", "--model", str(tmp_path / "q4"), "--data", str(held)]) == 0
     out, err = capsys.readouterr()
     assert json.loads(out)["loss"] == pytest.approx(requantized["loss"], rel=1e-3) and "16-bit" not in err
+
+
+def test_a_loss_that_is_not_finite_is_refused_naming_its_row_and_module(tmp_path, qwen, capsys):
+    """A model that overflows on one row (its embedding of a token only that row holds is infinite) has no loss to
+    report: exit 2 naming that row and the first module whose output is not finite, where NaN was printed, in
+    --json as a bare NaN that is not JSON; the rows before it still evaluate (finite)."""
+    from safetensors.torch import load_file, save_file
+
+    model_dir = tmp_path / "model"
+    shutil.copytree(qwen[0], model_dir)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
+    seen = {t for m in CHATS[:2] for t in _assistant_labels(tokenizer, m)[0]}
+    token = next(t for t in _assistant_labels(tokenizer, CHATS[2])[0] if t not in seen)
+    weights = load_file(model_dir / "model.safetensors")
+    weights["model.embed_tokens.weight"][token] = float("inf")
+    save_file(weights, model_dir / "model.safetensors", metadata={"format": "pt"})
+    data = _write(tmp_path / "d.jsonl", CHATS[:3])
+    assert _eval(capsys, "--model", str(model_dir), "--data", str(_write(tmp_path / "ok.jsonl", CHATS[:2])))["tokens"]
+    for batch in ("1", "3"):
+        assert main(["eval", "--quant", "none", "--json", "--model", str(model_dir), "--data", str(data),
+                     "--batch-size", batch]) == 2
+        out, err = capsys.readouterr()
+        assert out == "" and "Traceback" not in err, out
+        assert (f"--data {data}: the loss on {data} line 3 is not finite (infinite or NaN; first non-finite output: "
+                "model.embed_tokens, computing in float32)" in " ".join(err.split())), err
+
+
+def test_several_sources_are_each_measured_and_together(tmp_path, qwen, capsys):
+    """--data a,b,c: each source's own loss (transformers + PEFT on its rows alone, whatever the batch size: a
+    batch never mixes sources) beside the whole's; a source with nothing to evaluate is said so (JSON null)."""
+    model_dir, adapter = qwen
+    a, b = _write(tmp_path / "a.jsonl", CHATS[:2]), _write(tmp_path / "b.jsonl", CHATS[2:])
+    empty = _write(tmp_path / "c.jsonl", [NO_ANSWER])
+    spec = f"{a},{b},{empty}"
+    (loss_a, tokens_a), (loss_b, tokens_b) = _oracle(model_dir, adapter, CHATS[:2]), _oracle(model_dir, adapter, CHATS[2:])
+    for batch in ("1", "3"):
+        result = _eval(capsys, "--model", str(model_dir), "--adapter", str(adapter), "--data", spec, "--batch-size", batch)
+        first, second, third = result["sources"]
+        assert (first["data"], first["rows"], first["examples"], first["tokens"]) == (str(a), 2, 2, tokens_a)
+        assert (second["data"], second["rows"], second["examples"], second["tokens"]) == (str(b), 3, 3, tokens_b)
+        assert third == {"data": str(empty), "rows": 1, "examples": 0, "tokens": 0, "loss": None, "perplexity": None}
+        assert first["loss"] == pytest.approx(loss_a, rel=1e-5) and second["loss"] == pytest.approx(loss_b, rel=1e-5)
+        assert first["perplexity"] == pytest.approx(torch.tensor(loss_a).exp().item(), rel=1e-5)
+        assert result["loss"] == pytest.approx((loss_a * tokens_a + loss_b * tokens_b) / (tokens_a + tokens_b), rel=1e-5)
+    assert abs(loss_a - loss_b) > 1e-3
+    assert main(["eval", "--quant", "none", "--model", str(model_dir), "--adapter", str(adapter), "--data", spec]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[1].startswith(f"  {a}: loss {loss_a:.4f}") and lines[3] == f"  {empty}: nothing to evaluate", lines
+    assert lines[4].endswith(f"({tokens_a + tokens_b} tokens)") and len(lines) == 5
+    assert "sources" not in _eval(capsys, "--model", str(model_dir), "--data", str(a))  # one source: the whole alone

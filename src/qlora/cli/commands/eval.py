@@ -13,6 +13,7 @@ import argparse
 import json
 import math
 import sys
+from bisect import bisect_right
 from dataclasses import replace
 from pathlib import Path
 
@@ -33,7 +34,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="base model folder or hub id")
     parser.add_argument("--adapter", default=None, help="a PEFT-format adapter folder (e.g. a qlora train output)")
     parser.add_argument("--data", required=True, help="evaluation data: a .jsonl/.json/.csv/.tsv/.parquet/.arrow/.txt file "
-                        "(text ones also .gz, .bz2, .xz), a save_to_disk folder, or a hub dataset name; several as a,b")
+                        "(text ones also .gz, .bz2, .xz), a save_to_disk folder, or a hub dataset name; several as a,b "
+                        "(each also measured on its own)")
     parser.add_argument("--data-split", default="test", help="split of a hub dataset or DatasetDict folder")
     parser.add_argument("--data-subset", default=None, help="subset (configuration) of a hub dataset")
     parser.add_argument("--dataset-dir", default="data",
@@ -78,7 +80,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=positive_int, default=4, help="examples per forward pass")
     parser.add_argument("--json", action="store_true",
                         help="print the result as one JSON object on stdout (data, rows read, examples evaluated, "
-                             "tokens, loss, perplexity; loss at full precision), the data summary on stderr")
+                             "tokens, loss, perplexity; loss at full precision; with several sources, a sources list of "
+                             "these for each), the data summary on stderr")
     add_pixel_arguments(parser)
 
 
@@ -92,7 +95,7 @@ def run(args: argparse.Namespace) -> int:
     from ...model.load import load_model
     from ...model.position_limit import check_positions, longest_positions
     from ...train.data.fields import parse_data_fields
-    from ...train.data.selection import check_split_of_files, read_sources
+    from ...train.data.selection import check_split_of_files, read_sources, source_locations
     from ...train.data import (count_trainable_tokens, fallback_note, normalize, own_template,
                                pad_collate, pad_token_id, resolve_chat_format, tokenize_dataset)
     from ...model.chat_format import ChatFormat, merged_format, pinned_datetime
@@ -110,8 +113,14 @@ def run(args: argparse.Namespace) -> int:
     # Read (and so check) the data before the model, as train does: a bad file fails in seconds, not after the load.
     check_split_of_files(args.data, args.data_split, args.data_subset, args.dataset_dir,
                          ("--data-split", "--data-subset"), "test")
-    examples = read_sources(args.data, args.data_split, args.data_subset, 0,  # relative image paths found as in train
-                            lambda records: normalize(records, args.format, fields, args.media_dir or args.dataset_dir),
+    ends: list[int] = []  # where each source's rows end in examples
+
+    def read(records):
+        rows = normalize(records, args.format, fields, args.media_dir or args.dataset_dir)
+        ends.append((ends[-1] if ends else 0) + len(rows))
+        return rows
+
+    examples = read_sources(args.data, args.data_split, args.data_subset, 0, read,  # image paths found as in train
                             args.dataset_dir)
     imaged = next((e for e in examples if e.images), None)
     if args.group_texts and imaged is not None:
@@ -161,15 +170,31 @@ def run(args: argparse.Namespace) -> int:
     check_positions(model, longest_positions(tokenized), args.model)
     model.eval()
     dtype = model.get_input_embeddings().weight.dtype  # image tensors go in as the 16-bit vision tower takes them
-    loss_sum, tokens = 0.0, 0
+    def collate(units: list) -> dict:
+        return {k: v.to(device, dtype) if v.is_floating_point() else v.to(device)
+                for k, v in pad_collate(units, pad_token_id(tokenizer)).items()}
+
+    # each source's rows in batches of their own, so each has its own sums (blocks of grouped texts span sources)
+    names = source_locations(args.data, args.dataset_dir) if len(ends) > 1 and not args.group_texts else [args.data]
+    parts = [[u for u in tokenized if len(names) == 1 or bisect_right(ends, u.index) == k] for k in range(len(names))]
+    sums = []  # (loss sum, tokens) of each source
     with torch.no_grad():
-        for i in range(0, len(tokenized), args.batch_size):
-            batch = {k: v.to(device, dtype) if v.is_floating_point() else v.to(device)
-                     for k, v in pad_collate(tokenized[i:i + args.batch_size], pad_token_id(tokenizer)).items()}
-            loss_sum += token_loss_sum(model, batch).item()
-            tokens += count_trainable_tokens(batch)
+        for part in parts:
+            loss_sum, tokens = 0.0, 0
+            for i in range(0, len(part), args.batch_size):
+                batch = collate(part[i:i + args.batch_size])
+                batch_loss = token_loss_sum(model, batch)
+                if not torch.isfinite(batch_loss):
+                    raise UsageError(_nonfinite(args, model, part[i:i + args.batch_size], collate, examples, dtype))
+                loss_sum += batch_loss.item()
+                tokens += count_trainable_tokens(batch)
+            sums.append((loss_sum, tokens))
     print(f"{args.data}: {report.summary()}", file=sys.stderr if args.json else sys.stdout)
-    _print_result(args, report.texts if args.group_texts else report.examples, len(tokenized), loss_sum, tokens)
+    rows = [end - start for start, end in zip([0, *ends], ends)]
+    sources = [{"data": name, "rows": n, "examples": len(part), **_measures(*total)}
+               for name, n, part, total in zip(names, rows, parts, sums)] if len(names) > 1 else []
+    _print_result(args, report.texts if args.group_texts else report.examples, len(tokenized),
+                  sum(s for s, _ in sums), sum(t for _, t in sums), sources)
     return 0
 
 
@@ -209,16 +234,49 @@ def _recorder(args: argparse.Namespace) -> str:
     return "the adapter's run's" if args.adapter else "the merged model's run's"
 
 
-def _print_result(args: argparse.Namespace, rows: int, examples: int, loss_sum: float, tokens: int) -> None:
-    """The loss per counted token and its perplexity (capped at e^50, as the trainer's), as text or, with --json,
-    as one JSON object at full precision."""
-    loss = loss_sum / tokens
-    perplexity = math.exp(min(loss, 50.0))
+def _nonfinite(args: argparse.Namespace, model, units: list, collate, examples: list, dtype) -> str:
+    """The refusal of a loss that is not finite (no loss or perplexity to report, and NaN is not JSON), naming the
+    first of ``units`` (a batch) whose loss alone is not, and the first module whose output is not on it."""
+    import torch
+
+    from ...train.trainer import first_nonfinite_module, token_loss_sum
+
+    unit = next((u for u in units if not torch.isfinite(token_loss_sum(model, collate([u])))), units[0])
+    where = (f"block {unit.index + 1} of the texts --group-texts {args.group_texts} cut" if args.group_texts
+             else examples[unit.index].where)
+    module = first_nonfinite_module(model, collate([unit]))
+    narrow = (" float16 ends at 65504, which such models exceed: evaluate on a GPU with bfloat16 or on the CPU "
+              "(float32)." if dtype == torch.float16 else "")
+    return (f"--data {args.data}: the loss on {where} is not finite (infinite or NaN"
+            + (f"; first non-finite output: {module}" if module else "") + f", computing in {str(dtype)[6:]}), so "
+            "there is no loss or perplexity to report: the model's weights (or the adapter's) overflow on this "
+            "row; check them." + narrow)
+
+
+def _measures(loss_sum: float, tokens: int) -> dict:
+    """Tokens, the loss per counted token and its perplexity (capped at e^50, as the trainer's); loss and
+    perplexity None (JSON null) for a source with no token to count."""
+    loss = loss_sum / tokens if tokens else None
+    return {"tokens": tokens, "loss": loss, "perplexity": None if loss is None else math.exp(min(loss, 50.0))}
+
+
+def _print_result(args: argparse.Namespace, rows: int, examples: int, loss_sum: float, tokens: int,
+                  sources: list[dict]) -> None:
+    """The result, as text or, with --json, as one JSON object at full precision; with several sources, each
+    source's own too (``sources``: its data, rows, examples, tokens, loss and perplexity)."""
+    result = {"data": args.data, "rows": rows, "examples": examples, **_measures(loss_sum, tokens)}
     if args.json:
-        print(json.dumps({"data": args.data, "rows": rows, "examples": examples, "tokens": tokens, "loss": loss,
-                          "perplexity": perplexity}))
-    else:
-        print(f"loss {loss:.4f}  perplexity {perplexity:.3f}  ({tokens} {'token' if tokens == 1 else 'tokens'})")
+        print(json.dumps({**result, "sources": sources} if sources else result))
+        return
+    for source in sources:
+        print(f"  {source['data']}: " + (_line(source) if source["tokens"] else "nothing to evaluate"))
+    print(_line(result))
+
+
+def _line(result: dict) -> str:
+    tokens = result["tokens"]
+    return (f"loss {result['loss']:.4f}  perplexity {result['perplexity']:.3f}  "
+            f"({tokens} {'token' if tokens == 1 else 'tokens'})")
 
 
 def _image_tokenizer(args: argparse.Namespace, examples, model, tokenizer, fmt, stops, bounds):
