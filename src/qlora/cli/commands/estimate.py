@@ -72,9 +72,11 @@ def run(args: argparse.Namespace) -> int:
     from dataclasses import replace
     from pathlib import Path
 
+    from ...model.adapter_size import adapter_size
     from ...model.estimate import TrainingOptions, estimate, format_table, load_config
     from ...model.load import bnb_4bit_config, check_quantization_readable
 
+    adapter = model
     model, targets = _adapter_as_model(args, model)
     parameters = tuple(t.strip() for t in args.target_parameters.split(",") if t.strip())
     if targets is not None:
@@ -91,6 +93,7 @@ def run(args: argparse.Namespace) -> int:
         target_modules=targets, target_parameters=parameters, seq_len=args.seq_len, batch_size=args.batch_size,
         gradient_checkpointing=args.gradient_checkpointing, optim=args.optim, chunked_ce=args.chunked_ce,
         method=args.method, precompute_ref=args.precompute_ref,
+        adapter=adapter_size(adapter) if adapter != model else None,
     )
     config = load_config(model, "--model" if args.model else "MODEL")
     check_quantization_readable(config, Path(model).parent if Path(model).is_file() else Path(model))
