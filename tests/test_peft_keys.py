@@ -123,3 +123,28 @@ def test_options_without_a_counterpart_are_refused_by_line(tmp_path, head, extra
 ])
 def test_settings_that_change_nothing_load(tmp_path, head, extra):
     _load(tmp_path, head, extra)
+
+
+def test_a_run_with_layer_keys_writes_the_adapter_peft_builds(tmp_path, tiny_model_dir):
+    """Trained from an axolotl file with peft_layers_to_transform, the adapter has LoRA on exactly the layers PEFT's
+    LoraConfig(layers_to_transform) adapts, and PEFT loads it."""
+    peft = pytest.importorskip("peft")
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
+
+    from qlora.cli.main import main
+
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join('{"text": "the quick brown fox %d"}\n' % i for i in range(4)))
+    path = tmp_path / "c.yaml"
+    path.write_text(f"base_model: {tiny_model_dir}\nadapter: lora\noutput_dir: {tmp_path / 'out'}\ndatasets:\n"
+                    f"  - path: {data}\n    type: completion\nlora_r: 4\nlora_alpha: 8\n"
+                    "lora_target_modules: [q_proj, up_proj]\npeft_layers_to_transform: [1]\nsequence_len: 32\n")
+    assert main(["train", str(path), "--max-steps", "1", "--no-progress"]) == 0
+    with safe_open(str(tmp_path / "out" / "adapter_model.safetensors"), framework="pt") as f:
+        ours = {k.split(".lora_")[0] for k in f.keys() if ".lora_A." in k}
+    theirs = peft.get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir), peft.LoraConfig(
+        r=4, target_modules=["q_proj", "up_proj"], layers_to_transform=[1]))
+    assert ours == {n for n, _ in theirs.named_parameters() if ".lora_A." in n for n in [n.split(".lora_")[0]]}
+    loaded = peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), tmp_path / "out")
+    assert {n.split(".lora_")[0] for n, _ in loaded.named_parameters() if ".lora_A." in n} == ours
