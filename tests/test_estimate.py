@@ -571,6 +571,22 @@ def test_a_peft_adapter_is_estimated_with_the_parameters_peft_trains(tmp_path, t
     assert main(["estimate", str(tmp_path / "adapter")]) == 0
     out = capsys.readouterr().out
     assert f": {trainable:,}\n" in out  # the note's count of trained parameters (the table's GiB round it away)
+    assert main(["estimate", str(tiny_model_dir), "--adapter", str(tmp_path / "adapter")]) == 0  # as train spells it
+    assert capsys.readouterr().out.split("\n\n", 1)[1] == out.split("\n\n", 1)[1]
+
+
+def test_estimate_adapter_flag_takes_an_adapter_folder(tmp_path, tiny_model_dir, capsys):
+    import qlora
+    from qlora.model.load import load_model
+
+    model, _ = load_model(tiny_model_dir, compute_dtype=torch.float32)
+    qlora.add_lora(model, r=4, target_modules=["q_proj"])
+    qlora.save_adapter(model, tmp_path / "a")
+    (tmp_path / "empty").mkdir()
+    assert main(["estimate", str(tiny_model_dir), "--adapter", str(tmp_path / "empty")]) == 2
+    assert f"{tmp_path / 'empty'} is not an adapter folder" in capsys.readouterr().err
+    assert main(["estimate", str(tmp_path / "a"), "--adapter", str(tmp_path / "a")]) == 2  # an adapter given twice
+    assert "is an adapter folder too" in capsys.readouterr().err
 
 
 @pytest.mark.skipif(importlib.util.find_spec("transformers.conversion_mapping") is None,
