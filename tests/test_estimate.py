@@ -604,7 +604,16 @@ def test_a_transformers_4_moe_adapter_is_estimated_as_loading_converts_it(tmp_pa
                                             tmp_path / "v4", is_trainable=True)
     trainable = theirs.get_nb_trainable_parameters()[0]
     assert main(["estimate", str(tmp_path / "v4")]) == 0
-    assert f"LoRA r=2 on 2 linears: {trainable:,}\n" in capsys.readouterr().out
+    assert f"LoRA r=2 on 2 linears and 4 expert weights (one LoRA per expert): {trainable:,}\n" in capsys.readouterr(
+    ).out
+    # the same experts adapted in transformers 5's layout, with a rank of their own (rank_pattern)
+    ours = peft.get_peft_model(AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32), peft.LoraConfig(
+        r=2, target_modules=["q_proj"], target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"],
+        rank_pattern={"gate_up_proj": 4}))
+    trainable = ours.get_nb_trainable_parameters()[0]
+    ours.save_pretrained(tmp_path / "v5")
+    assert main(["estimate", str(model_dir), "--adapter", str(tmp_path / "v5")]) == 0
+    assert f"expert weights (one LoRA per expert): {trainable:,}\n" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("targets", [("q_proj", "lm_head"), r"(?:.*\.q_proj|lm_head)"], ids=["names", "pattern"])

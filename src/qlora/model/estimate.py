@@ -510,6 +510,7 @@ def estimate(config, opts: TrainingOptions) -> Estimate:
         with torch.device("meta"):
             model = text_model_from_config(config, getattr(config, "name_or_path", "") or config.model_type)
         adapter = opts.adapter.in_layout(model)
+        experts = select_expert_targets(counts, tuple(adapter.config.get("target_parameters") or ()))
         adapted = set(adapter.lora_paths)
         targets = [lin for lin in (*counts.linears, *counts.dense_linears) if lin.adaptable and lin.name in adapted]
         lora_tensors = list(adapter.tensors)
