@@ -118,6 +118,7 @@ def test_options_without_a_counterpart_are_refused_by_line(tmp_path, head, extra
 @pytest.mark.parametrize("head, extra", [
     (_AXOLOTL, "loraplus_lr_ratio: 16\nloraplus_lr_embedding: 1.0e-6\n"),  # no embedding adapted: changes nothing
     (_AXOLOTL, "lora_on_cpu: true\nqlora_sharded_model_loading: false\nmerge_method: memory_efficient\n"),
+    (_AXOLOTL, "freeze_mm_modules: true\n"),  # axolotl's Gemma 4 docs ask it of every run
     (_AXOLOTL, "peft_autocast_adapter_dtype: true\nmerge_lora: false\n"),
     (_LLAMA_FACTORY, "create_new_adapter: false\nloraplus_lr_ratio: 16.0\nloraplus_lr_embedding: 1.0e-6\n"),
 ])
