@@ -567,6 +567,79 @@ def test_an_adapter_folder_is_estimated_as_continuing_it(tmp_path, tiny_model_di
     assert "adapter_config.json: r must be a positive integer" in capsys.readouterr().err
 
 
+_PEFT_ADAPTERS = {  # LoraConfig options whose trained parameters the config's r and target_modules do not give
+    "rank_pattern": dict(rank_pattern={"v_proj": 8}), "dora": dict(use_dora=True),
+    "modules_to_save": dict(modules_to_save=["lm_head", "embed_tokens"]),
+    "trainable_tokens": dict(trainable_token_indices=[1, 2, 3]), "layers_to_transform": dict(layers_to_transform=[0]),
+    "lora_bias": dict(lora_bias=True), "embedding_lora": dict(target_modules=["q_proj", "embed_tokens"]),
+    "exclude_modules": dict(target_modules="all-linear", exclude_modules=["o_proj"]),
+}
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+@pytest.mark.parametrize("case", sorted(_PEFT_ADAPTERS))
+def test_a_peft_adapter_is_estimated_with_the_parameters_peft_trains(tmp_path, tiny_model_dir, capsys, case):
+    """``qlora estimate ADAPTER`` counts what continuing it trains, as PEFT counts it (get_nb_trainable_parameters):
+    per-layer ranks, DoRA magnitudes, modules saved whole, token rows, LoRA biases and embedding LoRA included (it
+    counted r x the targets, or refused exclude_modules' and the embedding's adapters)."""
+    import json
+
+    peft = pytest.importorskip("peft")
+    options = dict(r=4, target_modules=["q_proj", "v_proj"]) | _PEFT_ADAPTERS[case]
+    model = peft.get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir), peft.LoraConfig(**options))
+    trainable = model.get_nb_trainable_parameters()[0]
+    model.save_pretrained(tmp_path / "adapter")
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    (tmp_path / "adapter" / "adapter_config.json").write_text(json.dumps(config | {
+        "base_model_name_or_path": str(tiny_model_dir)}))
+    assert main(["estimate", str(tmp_path / "adapter")]) == 0
+    out = capsys.readouterr().out
+    assert f": {trainable:,}\n" in out  # the note's count of trained parameters (the table's GiB round it away)
+    assert main(["estimate", str(tiny_model_dir), "--adapter", str(tmp_path / "adapter")]) == 0  # as train spells it
+    assert capsys.readouterr().out.split("\n\n", 1)[1] == out.split("\n\n", 1)[1]
+
+
+def test_estimate_adapter_flag_takes_an_adapter_folder(tmp_path, tiny_model_dir, capsys):
+    import qlora
+    from qlora.model.load import load_model
+
+    model, _ = load_model(tiny_model_dir, compute_dtype=torch.float32)
+    qlora.add_lora(model, r=4, target_modules=["q_proj"])
+    qlora.save_adapter(model, tmp_path / "a")
+    (tmp_path / "empty").mkdir()
+    assert main(["estimate", str(tiny_model_dir), "--adapter", str(tmp_path / "empty")]) == 2
+    assert f"{tmp_path / 'empty'} is not an adapter folder" in capsys.readouterr().err
+    assert main(["estimate", str(tmp_path / "a"), "--adapter", str(tmp_path / "a")]) == 2  # an adapter given twice
+    assert "is an adapter folder too" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(importlib.util.find_spec("transformers.conversion_mapping") is None,
+                    reason="transformers 4.x builds the per-expert layers themselves: nothing to convert")
+def test_a_transformers_4_moe_adapter_is_estimated_as_loading_converts_it(tmp_path, tiny_tokenizer, capsys):
+    """A Mixtral adapter on transformers 4's block_sparse_moe.experts.N.w1/w2/w3 (it was refused: "w1, w2, w3 match
+    no linear layer") is counted as loaded on the fused 3-D experts, as PEFT counts it there."""
+    peft = pytest.importorskip("peft")
+    from test_adapter_layout import _v4_adapter
+    from tiny_moe import save_tiny_moe
+
+    model_dir = save_tiny_moe(tmp_path / "mixtral", tiny_tokenizer, "mixtral")
+    _v4_adapter(model_dir, tmp_path / "v4", {"q_proj", "w1", "w2", "w3"})
+    theirs = peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32),
+                                            tmp_path / "v4", is_trainable=True)
+    trainable = theirs.get_nb_trainable_parameters()[0]
+    assert main(["estimate", str(tmp_path / "v4")]) == 0
+    assert f"LoRA r=2 on 2 linears and 4 expert weights (one LoRA per expert): {trainable:,}\n" in capsys.readouterr(
+    ).out
+    # the same experts adapted in transformers 5's layout, with a rank of their own (rank_pattern)
+    ours = peft.get_peft_model(AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32), peft.LoraConfig(
+        r=2, target_modules=["q_proj"], target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"],
+        rank_pattern={"gate_up_proj": 4}))
+    trainable = ours.get_nb_trainable_parameters()[0]
+    ours.save_pretrained(tmp_path / "v5")
+    assert main(["estimate", str(model_dir), "--adapter", str(tmp_path / "v5")]) == 0
+    assert f"expert weights (one LoRA per expert): {trainable:,}\n" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("targets", [("q_proj", "lm_head"), r"(?:.*\.q_proj|lm_head)"], ids=["names", "pattern"])
 def test_a_named_16bit_head_is_adapted_as_training_adapts_it(tiny_model_dir, targets):
     """all-linear leaves lm_head out (PEFT's rule), but naming it puts LoRA on the 16-bit head in training, so

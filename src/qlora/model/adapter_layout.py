@@ -185,9 +185,9 @@ def _stacked(held: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]], sou
              fan_in: int, fan_out: int) -> tuple[torch.Tensor, torch.Tensor]:
     """PEFT's ``(rank * E, in)`` A and ``(out, rank * E)`` B of one 3-D weight: expert ``e``'s rows
     ``e*rank ..`` of A and strided columns ``e, e + E, ..`` of B, each source's block in turn, zeros elsewhere."""
-    dtype = next(iter(held.values()))[0].dtype
-    a = torch.zeros(rank * count, fan_in, dtype=dtype)
-    b = torch.zeros(fan_out, rank * count, dtype=dtype)
+    first = next(iter(held.values()))[0]  # on meta, shapes only (qlora estimate)
+    a = torch.zeros(rank * count, fan_in, dtype=first.dtype, device=first.device)
+    b = torch.zeros(fan_out, rank * count, dtype=first.dtype, device=first.device)
     rows = fan_out // sources
     for expert in range(count):
         offset = 0
@@ -197,6 +197,6 @@ def _stacked(held: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]], sou
             part_a, part_b = held[(expert, source)]
             k = part_a.shape[0]
             a[expert * rank + offset: expert * rank + offset + k] = part_a
-            b[source * rows:(source + 1) * rows, [(offset + j) * count + expert for j in range(k)]] = part_b.to(dtype)
+            b[source * rows:(source + 1) * rows, [(offset + j) * count + expert for j in range(k)]] = part_b.to(first.dtype)
             offset += k
     return a, b

@@ -33,6 +33,7 @@ from ..nn.chunked_ce import CHUNK_ROWS
 from ..optim.optimizer_names import optimizer_name  # the names qlora train --optim takes, aliases included
 from ..quant import BLOCKSIZES
 from ..quant.double_quant import NESTED_BLOCKSIZE
+from .adapter_size import AdapterSize
 from .architecture import text_model_from_config
 from .known_shapes import known_shape
 from .quantize import fp32_linear_names, is_plain_linear, is_skipped, kept_dense_names, kept_in_fp32, matches_any
@@ -64,6 +65,7 @@ class TrainingOptions:
     chunked_ce: bool = False  # qlora train's chunked loss (the CLI passes train's default, on)
     method: str = "sft"  # dpo, orpo, cpo, simpo: each example is a pair, two sequences through the model; kto: one
     precompute_ref: bool = False  # dpo, kto: reference log-probs computed before training
+    adapter: AdapterSize | None = None  # an adapter folder continued: its saved tensors are what trains, exactly
 
     @property
     def sequences(self) -> int:
@@ -510,11 +512,20 @@ def estimate(config, opts: TrainingOptions) -> Estimate:
     counts = count_parameters(config)
     pairs = opts
     opts = replace(opts, batch_size=opts.sequences)
-    targets = select_targets(counts, opts.target_modules)
-    lora_tensors = [n for lin in targets for n in (opts.rank * lin.in_features, lin.out_features * opts.rank)]
     experts = select_expert_targets(counts, opts.target_parameters)
-    lora_tensors += [n for lins in experts.values() for n in (opts.rank * len(lins) * lins[0].in_features,
-                                                               lins[0].out_features * opts.rank * len(lins))]
+    if opts.adapter is not None:  # its own ranks, DoRA magnitudes, modules trained whole, token rows, any layout
+        with torch.device("meta"):
+            model = text_model_from_config(config, getattr(config, "name_or_path", "") or config.model_type)
+        adapter = opts.adapter.in_layout(model)
+        experts = select_expert_targets(counts, tuple(adapter.config.get("target_parameters") or ()))
+        adapted = set(adapter.lora_paths)
+        targets = [lin for lin in (*counts.linears, *counts.dense_linears) if lin.adaptable and lin.name in adapted]
+        lora_tensors = list(adapter.tensors)
+    else:
+        targets = select_targets(counts, opts.target_modules)
+        lora_tensors = [n for lin in targets for n in (opts.rank * lin.in_features, lin.out_features * opts.rank)]
+        lora_tensors += [n for lins in experts.values() for n in (opts.rank * len(lins) * lins[0].in_features,
+                                                                   lins[0].out_features * opts.rank * len(lins))]
     lora_params = sum(lora_tensors)
     all_tensors = [lin.numel for lin in counts.linears] + list(counts.other_tensors)
     full, lora, q = COLUMNS

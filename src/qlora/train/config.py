@@ -35,6 +35,7 @@ from qlora.train.data.sources import LOCAL_SUFFIXES
 from qlora.train.file_fingerprint import Fingerprint, data_fingerprints, model_fingerprints
 from qlora.train.foreign_keys import (AXOLOTL_DEFAULTS, adapter_keys, is_axolotl, jinja_template_keys, silent_defaults,
                                       translate)
+from qlora.train.peft_keys import peft_option_keys
 from qlora.train.torchtune_config import is_torchtune, torchtune_options
 from qlora.train.trl_config import is_trl, loss_keys, preference_keys, trl_defaults, trl_options
 from qlora.train.f_divergences import F_DIVERGENCE_LOSSES, F_DIVERGENCES
@@ -1097,8 +1098,8 @@ def load_config(yaml_path: str | Path | None, overrides: dict[str, Any], check_p
         if trl:
             loaded = trl_options(loaded, lines, path)
         loaded = jinja_template_keys(loss_keys(loaded, lines, path), lines, path)
-        loaded = adapter_keys(_llama_factory(loaded, lines, path, frozenset(k.replace("-", "_") for k in overrides)),
-                              lines, path)
+        loaded = _llama_factory(loaded, lines, path, frozenset(k.replace("-", "_") for k in overrides))
+        loaded = adapter_keys(peft_option_keys(loaded, lines, path), lines, path)
         given_as: dict[str, str] = {}
         passed_over = []
         for key, value in loaded.items():

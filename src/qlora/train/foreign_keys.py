@@ -65,6 +65,9 @@ RUNTIME_ONLY = frozenset({
     "gradient_checkpointing_kwargs", "lora_mlp_kernel", "lora_qkv_kernel", "lora_o_kernel", "liger_rms_norm",
     "liger_glu_activation", "liger_layer_norm", "liger_rope", "liger_cross_entropy", "liger_fused_linear_cross_entropy",
     "use_kernels", "use_scattermoe", "use_sonicmoe", "use_swanlab",
+    # axolotl: where adapters are loaded (CPU), FSDP's sharded 4-bit loading, how a later merge runs; its freeze of a
+    # multimodal model's towers and projector (requires_grad), which a LoRA run never trains whole either way
+    "lora_on_cpu", "qlora_sharded_model_loading", "merge_method", "freeze_mm_modules",
     # LLaMA-Factory: reentrant gradient checkpointing
     "use_reentrant_gc",
     # TrainingArguments (TRL's and alignment-handbook's files): log verbosity, Liger's kernels, the upload of the

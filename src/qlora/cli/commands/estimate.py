@@ -5,8 +5,8 @@ Prints the memory table of :mod:`qlora.model.estimate` for full fine-tuning,
 The options and their defaults are those of ``qlora train`` (taken from
 :class:`qlora.train.config.TrainConfig`, so they cannot drift apart): what
 ``qlora estimate MODEL`` prints is what ``qlora train --model MODEL`` needs.
-An adapter folder as MODEL is what continuing it takes: its base, rank and targets,
-and the 4-bit format it was trained on.
+An adapter folder as MODEL (or MODEL with ``--adapter FOLDER``, as train spells it) is what continuing it takes:
+its base, rank and targets, the tensors it saved, and the 4-bit format it was trained on.
 """
 
 from __future__ import annotations
@@ -60,6 +60,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             parser.add_argument(flag, type=number(int, f.metadata["range"]), default=f.default, help=help_text)
         else:
             parser.add_argument(flag, choices=f.metadata["choices"], default=f.default, help=help_text)
+    parser.add_argument("--adapter", help="estimate continuing this adapter folder (PEFT format) on MODEL, as qlora "
+                                          "train --adapter trains it: its own rank, targets and saved tensors")
     parser.add_argument("--gpu-memory", type=number(float, POSITIVE), default=None,
                         help="GPU memory in GiB to check the totals against")
 
@@ -81,9 +83,11 @@ def run(args: argparse.Namespace) -> int:
     from dataclasses import replace
     from pathlib import Path
 
+    from ...model.adapter_size import adapter_size
     from ...model.estimate import TrainingOptions, estimate, format_table, load_config
     from ...model.load import bnb_4bit_config, check_quantization_readable
 
+    adapter = args.adapter or model
     model, targets = _adapter_as_model(args, model)
     parameters = tuple(t.strip() for t in args.target_parameters.split(",") if t.strip())
     if targets is not None:
@@ -100,6 +104,7 @@ def run(args: argparse.Namespace) -> int:
         target_modules=targets, target_parameters=parameters, seq_len=args.seq_len, batch_size=args.batch_size,
         gradient_checkpointing=args.gradient_checkpointing, optim=args.optim, chunked_ce=args.chunked_ce,
         method=args.method, precompute_ref=args.precompute_ref,
+        adapter=adapter_size(adapter) if adapter != model else None,
     )
     config = load_config(model, "--model" if args.model else "MODEL")
     check_quantization_readable(config, Path(model).parent if Path(model).is_file() else Path(model))
@@ -126,9 +131,18 @@ def _adapter_as_model(args: argparse.Namespace, model: str) -> tuple[str, tuple[
     from ...model.adapter_base import adapter_folder_base, trained_base
     from ...model.adapter_io import read_adapter_config
 
-    base = adapter_folder_base(model)
-    if base is None:
-        return model, None
+    if args.adapter:  # an adapter folder (the CLI checks --adapter paths before commands run)
+        from pathlib import Path
+
+        if (Path(model).expanduser() / "adapter_config.json").is_file():
+            raise UsageError(f"{model} is an adapter folder too; give its base as MODEL with --adapter, or the adapter "
+                             "alone as MODEL (estimated on the base it names).")
+        base, folder = model, args.adapter
+    else:
+        base, folder = adapter_folder_base(model), model
+        if base is None:
+            return model, None
+    model = folder
     config = read_adapter_config(model)
     rank, modules, parameters = config.get("r"), config.get("target_modules"), config.get("target_parameters") or []
     if not isinstance(rank, int) or rank < 1:
