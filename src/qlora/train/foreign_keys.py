@@ -41,8 +41,7 @@ RUNTIME_ONLY = frozenset({
     "plot_loss", "report_to", "logging_dir", "run_name", "save_only_model", "trust_remote_code", "flash_attn",
     "disable_tqdm", "use_fast_tokenizer", "tokenized_path", "per_device_eval_batch_size", "eval_batch_size",
     "include_num_input_tokens_seen", "remove_unused_columns", "logging_first_step", "save_safetensors",
-    "quantization_device_map", "low_cpu_mem_usage", "bnb_4bit_quant_storage", "eval_strategy",
-    "evaluation_strategy", "save_strategy", "logging_strategy", "enable_liger_kernel", "use_unsloth",
+    "quantization_device_map", "low_cpu_mem_usage", "bnb_4bit_quant_storage", "enable_liger_kernel", "use_unsloth",
     "use_unsloth_gc", "print_param_status", "deepspeed", "use_v1_kernels",
     # axolotl: model/tokenizer classes, caches, attention kernels, padding of packed rows (masked out of the
     # loss), eval tables, logging sinks, hub pushes, loss watchdog

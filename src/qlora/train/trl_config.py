@@ -92,7 +92,7 @@ def trl_options(loaded: dict, lines: dict[str, int], path: Path) -> dict:
     elif "dataset_splits" in loaded:
         raise UsageError(f"{where['dataset_splits']}: dataset_splits names the splits of dataset_mixer, which this "
                          "file lacks; use dataset_name with dataset_train_split instead.")
-    if loaded.get("dataset_name") and loaded.get("eval_strategy", "no") != "no" and "eval_data" not in out:
+    if loaded.get("dataset_name") and loaded.get("eval_strategy", "no") not in ("no", False) and "eval_data" not in out:
         out["eval_data"] = loaded["dataset_name"]  # TRL's scripts evaluate on its dataset_test_split
         lines.setdefault("eval_data", lines.get("eval_strategy", 0))
     return out
