@@ -163,3 +163,28 @@ def test_cli_refuses_an_unknown_strategy(tmp_path, tiny_model_dir, capsys):
     assert info.value.code == 2
     err = capsys.readouterr().err
     assert "--eval-strategy" in err and "'epoch'" in err and "Traceback" not in err
+
+
+def test_plateau_schedule_follows_epoch_evaluations(tmp_path, tiny_model_dir):
+    """reduce_lr_on_plateau needs evaluations during the run: --eval-strategy epoch gives them, no does not."""
+    data = _write(tmp_path / "d.jsonl", [{"instruction": q, "input": "", "output": a} for q, a in QA])
+    kw = dict(model=str(tiny_model_dir), data=str(data), output=str(tmp_path / "o"), eval_split=0.25,
+              lr_scheduler="reduce_lr_on_plateau")
+    load_config(None, dict(kw, eval_strategy="epoch")).validate()
+    with pytest.raises(UsageError, match="eval-strategy epoch"):
+        load_config(None, dict(kw, eval_strategy="no", eval_steps=2)).validate()
+
+
+def test_axolotl_files_save_each_epoch_unless_they_say_otherwise(tmp_path, tiny_model_dir, capsys):
+    """axolotl's trainer builder: save_steps (saves_per_epoch) gives steps, save_strategy its own, silence epoch."""
+    data = _write(tmp_path / "d.jsonl", [{"instruction": q, "input": "", "output": a} for q, a in QA])
+    head = (f"base_model: {tiny_model_dir}\ndatasets:\n  - path: {data}\n    type: alpaca\nadapter: lora\n"
+            f"output_dir: {tmp_path / 'o'}\nnum_epochs: 2\n")
+    path = tmp_path / "a.yaml"
+    path.write_text(head)
+    assert load_config(path, {}).save_strategy == "epoch"
+    assert "save_strategy epoch" in capsys.readouterr().err
+    path.write_text(head + "saves_per_epoch: 2\n")
+    assert (load_config(path, {}).save_strategy, load_config(path, {}).save_steps) == ("auto", 0.25)
+    path.write_text(head + "save_strategy: 'no'\n")
+    assert load_config(path, {}).save_strategy == "no"

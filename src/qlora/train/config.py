@@ -468,8 +468,8 @@ class TrainConfig:
         evaluates = self.eval_strategy in ("steps", "epoch") or self.eval_strategy == "auto" and self.eval_steps
         if self.lr_scheduler == PLATEAU and not (evaluates and (self.eval_data or self.eval_split)):
             raise UsageError(f"--lr-scheduler {PLATEAU} lowers the rate when the eval loss stops improving: give "
-                             "--eval-steps N (or --eval-strategy epoch) and held-out data (--eval-data or "
-                             "--eval-split), as transformers needs an eval strategy for it.")
+                             "--eval-steps N and held-out data (--eval-data or --eval-split), as transformers "
+                             "needs an eval strategy for it (or --eval-strategy epoch).")
 
     def _validate_adapter(self) -> None:
         """--adapter brings its own LoRA settings: giving them too is a contradiction, said before the load."""

@@ -406,16 +406,17 @@ TRANSLATED: dict[str, Callable[[Any, str], Translation]] = {
 # axolotl's defaults where they differ from qlora's (ours follow the QLoRA paper): its schema's cosine schedule,
 # torch's fused AdamW, no LoRA dropout, and transformers' max_grad_norm 1.0 and no warmup.
 AXOLOTL_DEFAULTS = {"lr_scheduler": "cosine", "optim": "adamw", "dropout": 0.0, "max_grad_norm": 1.0,
-                    "warmup_ratio": 0.0}
+                    "warmup_ratio": 0.0, "save_strategy": "epoch"}  # axolotl saves each epoch unless told otherwise
 
 
 def silent_defaults(values: dict[str, Any], defaults: dict[str, Any], path: Path, tool: str) -> None:
     """``defaults`` (another tool's, where they differ from qlora's) for the options ``values`` leaves unset, as
     that tool would train the file (``tool``, with its article, names it in the note); an explicit warmup_steps
-    keeps its own warmup."""
+    keeps its own warmup, an explicit save_steps (saves_per_epoch) its own checkpoints."""
     unset = {k: v for k, v in defaults.items() if k not in values}
-    if "warmup_steps" in values:
-        unset.pop("warmup_ratio", None)
+    for given, default in (("warmup_steps", "warmup_ratio"), ("save_steps", "save_strategy")):
+        if given in values:
+            unset.pop(default, None)
     if unset:
         values.update(unset)
         print(f"qlora train: {path} is {tool} config: its defaults apply where it is silent "
