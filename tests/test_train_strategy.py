@@ -188,3 +188,20 @@ def test_axolotl_files_save_each_epoch_unless_they_say_otherwise(tmp_path, tiny_
     assert (load_config(path, {}).save_strategy, load_config(path, {}).save_steps) == ("auto", 0.25)
     path.write_text(head + "save_strategy: 'no'\n")
     assert load_config(path, {}).save_strategy == "no"
+
+
+@pytest.mark.parametrize("head", ["stage: sft\nfinetuning_type: lora\n",  # LLaMA-Factory
+                                  "use_peft: true\nlora_target_modules: all-linear\n"],  # TRL
+                         ids=["llama-factory", "trl"])
+def test_transformers_files_silent_on_saving_checkpoint_every_500_steps(tmp_path, head):
+    """LLaMA-Factory and TRL run TrainingArguments' save_strategy steps: every save_steps, 500 unless given."""
+    path = tmp_path / "run.yaml"
+    path.write_text(f"model_name_or_path: m\ndataset: d\noutput_dir: o\n{head}")
+    cfg = load_config(path, {})
+    assert cfg.save_strategy == "steps"
+    saves = Cadence(1200, 400, save_strategy=cfg.save_strategy, save_steps=cfg.save_steps).saves
+    assert [s for s in range(1, 1201) if saves(s)] == [500, 1000, 1200]
+    path.write_text(f"model_name_or_path: m\ndataset: d\noutput_dir: o\n{head}save_steps: 300\n")
+    cfg = load_config(path, {})
+    saves = Cadence(1200, 400, save_strategy=cfg.save_strategy, save_steps=cfg.save_steps).saves
+    assert [s for s in range(1, 1201) if saves(s)] == [300, 600, 900, 1200]

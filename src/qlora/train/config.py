@@ -875,10 +875,11 @@ _PREF_LOSSES = {"sigmoid": ("dpo", "sigmoid"), "hinge": ("dpo", "hinge"), "ipo":
 
 # What a LLaMA-Factory run trains with where its file is silent: its own defaults (lora_rank, lora_dropout,
 # cutoff_len, gradient checkpointing on; lora_alpha is twice the rank; no quantization without
-# quantization_bit) and those of transformers' TrainingArguments, which it extends.
+# quantization_bit) and those of transformers' TrainingArguments, which it extends (save_strategy steps: a
+# checkpoint every save_steps, 500 unless given).
 _LLAMA_FACTORY_DEFAULTS = {"rank": 8, "dropout": 0.0, "seq_len": 2048, "lr": 5e-5, "lr_scheduler": "linear",
                            "epochs": 3.0, "batch_size": 8, "max_grad_norm": 1.0, "gradient_checkpointing": True,
-                           "image_max_pixels": 768 * 768, "image_min_pixels": 32 * 32}
+                           "image_max_pixels": 768 * 768, "image_min_pixels": 32 * 32, "save_strategy": "steps"}
 
 
 # LLaMA-Factory's export (merge, quantize) and inference arguments: a training file (one with a stage) may carry
