@@ -182,8 +182,8 @@ def test_axolotl_files_save_each_epoch_unless_they_say_otherwise(tmp_path, tiny_
             f"output_dir: {tmp_path / 'o'}\nnum_epochs: 2\n")
     path = tmp_path / "a.yaml"
     path.write_text(head)
-    assert load_config(path, {}).save_strategy == "epoch"
-    assert "save_strategy epoch" in capsys.readouterr().err
+    assert (load_config(path, {}).save_strategy, load_config(path, {}).save_total_limit) == ("epoch", 4)
+    assert "save_strategy epoch, save_total_limit 4" in capsys.readouterr().err
     path.write_text(head + "saves_per_epoch: 2\n")
     assert (load_config(path, {}).save_strategy, load_config(path, {}).save_steps) == ("auto", 0.25)
     path.write_text(head + "save_strategy: 'no'\n")

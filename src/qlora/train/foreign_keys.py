@@ -406,7 +406,8 @@ TRANSLATED: dict[str, Callable[[Any, str], Translation]] = {
 # axolotl's defaults where they differ from qlora's (ours follow the QLoRA paper): its schema's cosine schedule,
 # torch's fused AdamW, no LoRA dropout, and transformers' max_grad_norm 1.0 and no warmup.
 AXOLOTL_DEFAULTS = {"lr_scheduler": "cosine", "optim": "adamw", "dropout": 0.0, "max_grad_norm": 1.0,
-                    "warmup_ratio": 0.0, "save_strategy": "epoch"}  # axolotl saves each epoch unless told otherwise
+                    "warmup_ratio": 0.0, "save_strategy": "epoch",  # each epoch's checkpoint, unless told otherwise
+                    "save_total_limit": 4}  # of which its trainer builder keeps the last 4
 
 
 def silent_defaults(values: dict[str, Any], defaults: dict[str, Any], path: Path, tool: str) -> None:
