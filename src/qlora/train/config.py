@@ -283,8 +283,8 @@ class TrainConfig:
                                      "the last one's rate and gradient norm (as transformers logs; below 1: that "
                                      "share of the run's steps, rounded up)", range=POSITIVE)
     save_steps: float = _opt(0, "optimizer steps between checkpoints (0: none during training; below 1: that share "
-                                "of the run's steps, rounded up, as transformers reads it); the last step and a "
-                                "Ctrl-C are always checkpointed, so --resume can finish a run", range=NON_NEGATIVE)
+                                "of the run's steps, rounded up, as transformers reads it); the last step (but "
+                                "with --save-strategy no) and a Ctrl-C are checkpointed, so --resume can finish a run", range=NON_NEGATIVE)
     eval_steps: float = _opt(0, "optimizer steps between evaluations (0: only at the end; below 1: that share of "
                                 "the run's steps, rounded up, as transformers reads it)", range=NON_NEGATIVE)
     eval_strategy: str = _opt("auto", "when to evaluate, as transformers' eval_strategy: steps (every --eval-steps, "

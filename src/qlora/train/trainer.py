@@ -462,7 +462,7 @@ class Trainer:
                     raise UsageError(f"--resume: {self.out} {state}, so there is no run to resume; check "
                                      "--output, or leave out --resume to start the run.")
                 raise UsageError(f"--resume: {self.out} has no checkpoint to resume from (its run stopped before "
-                                 "its first checkpoint, or saved none: --save-steps); start the run again with "
+                                 "its first checkpoint, or saved none: --save-strategy no); start the run again with "
                                  "--overwrite instead of --resume.")
             saved = json.loads((checkpoints[-1] / "run_config.json").read_text())
             current = self._run_config()
