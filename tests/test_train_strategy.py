@@ -205,3 +205,18 @@ def test_transformers_files_silent_on_saving_checkpoint_every_500_steps(tmp_path
     cfg = load_config(path, {})
     saves = Cadence(1200, 400, save_strategy=cfg.save_strategy, save_steps=cfg.save_steps).saves
     assert [s for s in range(1, 1201) if saves(s)] == [300, 600, 900, 1200]
+
+
+def test_best_model_keys_pass_when_they_change_nothing_and_are_refused_otherwise(tmp_path):
+    """TrainingArguments' best-checkpoint keys: off (or the eval loss) is what qlora does; on is refused by name."""
+    path = tmp_path / "run.yaml"
+    head = "model_name_or_path: m\ndataset: d\noutput_dir: o\n"
+    path.write_text(head + "load_best_model_at_end: false\nmetric_for_best_model: eval_loss\ngreater_is_better: "
+                           "false\n")
+    load_config(path, {})
+    for line, named in (("load_best_model_at_end: true", "load_best_model_at_end true"),
+                        ("metric_for_best_model: accuracy", "metric_for_best_model 'accuracy'"),
+                        ("greater_is_better: true", "greater_is_better true")):
+        path.write_text(head + line + "\n")
+        with pytest.raises(UsageError, match=f"line 4: {named}"):
+            load_config(path, {})

@@ -268,6 +268,13 @@ def _packing_strategy(value: Any, where: str) -> Translation:
                      "apart (TRL's bfd); bfd_split and wrapped split examples across rows. Set bfd or remove the key.")
 
 
+def _best_metric(value: Any, where: str) -> Translation:
+    if value in (None, "loss", "eval_loss"):
+        return [], ""  # transformers' default: the eval loss, which qlora's plateau schedule follows
+    raise UsageError(f"{where}: metric_for_best_model {value!r}: qlora evaluates the loss (and perplexity) on "
+                     "held-out data only; set metric_for_best_model: eval_loss or remove the key.")
+
+
 def _dataset_kwargs(value: Any, where: str) -> Translation:
     """TRL's ``dataset_kwargs``: ``add_special_tokens: false`` (the chat template writes BOS and EOS, as qlora
     writes chat rows) and ``append_concat_token: false`` (no EOS between packed rows' texts; qlora's packed
@@ -367,6 +374,12 @@ TRANSLATED: dict[str, Callable[[Any, str], Translation]] = {
                                                    "length; set it to false."),
     "early_stopping_patience": _refused("early_stopping_patience", "qlora trains the steps or epochs it is given; "
                                                                    "remove the key and choose max_steps or epochs."),
+    "load_best_model_at_end": _refused("load_best_model_at_end", "qlora's result is the last step's adapter, not "
+                                       "the best checkpoint's; set it to false, and take the checkpoint of the "
+                                       "lowest eval loss in metrics.jsonl (save_strategy epoch or steps keep them)."),
+    "metric_for_best_model": _best_metric,
+    "greater_is_better": _refused("greater_is_better", "qlora's plateau schedule follows the eval loss, which is "
+                                                       "better lower; remove the key."),
     "lora_fan_in_fan_out": _refused("lora_fan_in_fan_out", "qlora adapts torch.nn.Linear layers; remove the key."),
     "tokens": _refused("tokens", "qlora adds tokens as special tokens (add_special_tokens: [...], their embeddings "
                                  "and the output head trained whole); use that key."),
