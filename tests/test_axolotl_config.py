@@ -191,7 +191,7 @@ def test_axolotl_llama3_qlora_example_loads_as_it_trains_there(tmp_path, capsys)
     assert cfg.max_grad_norm == 1.0  # transformers' default, which axolotl keeps (qlora's own is the paper's 0.3)
     err = capsys.readouterr().err
     assert "passing over model_type, tokenizer_type, load_in_8bit, strict" in err and "flash_attention" in err
-    assert "its defaults apply where it is silent (max_grad_norm 1.0)" in err
+    assert "its defaults apply where it is silent (max_grad_norm 1.0, save_total_limit 4)" in err
 
 
 def test_axolotl_mistral_qlora_example_loads(tmp_path, capsys):

@@ -238,9 +238,10 @@ def test_deepspeed_is_passed_over_and_an_adapter_continued(tmp_path, capsys):
 def test_llama_factory_packing_prompt_and_strategy_keys(tmp_path, capsys):
     cfg = load_config(_yaml(tmp_path, _LLAMA_FACTORY + "train_on_prompt: true\nneat_packing: true\n"
                                                        "eval_strategy: steps\nval_size: 0.1\neval_steps: 50\n"), {})
-    assert (cfg.train_on, cfg.packing, cfg.eval_split, cfg.eval_steps) == ("all", True, 0.1, 50)
+    assert (cfg.train_on, cfg.packing, cfg.eval_split, cfg.eval_steps, cfg.eval_strategy) == (
+        "all", True, 0.1, 50, "steps")
     err = capsys.readouterr().err
-    assert "eval_strategy" in err and "attend to each other" not in err
+    assert "eval_strategy" not in err and "attend to each other" not in err  # read, not passed over
     assert cfg.seq_len == 2047  # LLaMA-Factory lowers cutoff_len by one when it packs
 
 

@@ -288,3 +288,5 @@ def test_trl_scripts_evaluate_on_the_test_split_when_an_eval_strategy_asks(tmp_p
     assert (cfg.eval_data, cfg.eval_data_split, cfg.data_subset, cfg.eval_steps) == ("org/d", "validation", "main", 10)
     path.write_text(head + "eval_strategy: 'no'\n")
     assert load_config(path, {}).eval_data is None
+    path.write_text(head + "eval_strategy: no\n")  # YAML's bare no is false
+    assert (load_config(path, {}).eval_data, load_config(path, {}).eval_strategy) == (None, "no")

@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
-import math
 import re
 import sys
 from dataclasses import dataclass, field, fields
@@ -36,6 +35,7 @@ from qlora.train.file_fingerprint import Fingerprint, data_fingerprints, model_f
 from qlora.train.foreign_keys import (AXOLOTL_DEFAULTS, adapter_keys, is_axolotl, jinja_template_keys, silent_defaults,
                                       translate)
 from qlora.train.peft_keys import peft_option_keys
+from qlora.train.strategy import LOGGING_STRATEGIES, STRATEGIES, steps_of
 from qlora.train.torchtune_config import is_torchtune, torchtune_options
 from qlora.train.trl_config import is_trl, loss_keys, preference_keys, trl_defaults, trl_options
 from qlora.train.f_divergences import F_DIVERGENCE_LOSSES, F_DIVERGENCES
@@ -284,10 +284,18 @@ class TrainConfig:
                                      "the last one's rate and gradient norm (as transformers logs; below 1: that "
                                      "share of the run's steps, rounded up)", range=POSITIVE)
     save_steps: float = _opt(0, "optimizer steps between checkpoints (0: none during training; below 1: that share "
-                                "of the run's steps, rounded up, as transformers reads it); the last step and a "
-                                "Ctrl-C are always checkpointed, so --resume can finish a run", range=NON_NEGATIVE)
+                                "of the run's steps, rounded up, as transformers reads it); the last step (but "
+                                "with --save-strategy no) and a Ctrl-C are checkpointed, so --resume can finish a run", range=NON_NEGATIVE)
     eval_steps: float = _opt(0, "optimizer steps between evaluations (0: only at the end; below 1: that share of "
                                 "the run's steps, rounded up, as transformers reads it)", range=NON_NEGATIVE)
+    eval_strategy: str = _opt("auto", "when to evaluate, as transformers' eval_strategy: steps (every --eval-steps, "
+                                      "else --logging-steps, and at the end), epoch (each epoch's end), no "
+                                      "(never); auto: as steps, but --eval-steps 0 is the end only", STRATEGIES)
+    save_strategy: str = _opt("auto", "when to checkpoint, as transformers' save_strategy: steps (every --save-steps, "
+                                      "else 500), epoch (each epoch's end), no (none, but at Ctrl-C); auto: every "
+                                      "--save-steps; all but no also checkpoint the last step", STRATEGIES)
+    logging_strategy: str = _opt("steps", "when to write a metric record: steps (every --logging-steps), epoch "
+                                          "(each epoch's end), no (the last step only)", LOGGING_STRATEGIES)
     save_total_limit: int = _opt(2, "checkpoints to keep (oldest are deleted; 0: all)", range=NON_NEGATIVE)
     resume: bool = _opt(False, "continue from the last checkpoint in --output")
     overwrite: bool = _opt(False, "replace qlora's earlier results in an existing --output (only files qlora "
@@ -329,6 +337,8 @@ class TrainConfig:
             values.update({k: getattr(self, k) for k in ("method", "beta", *_METHOD_OPTIONS)})
         if self.lr_scheduler == PLATEAU:  # its rates follow the eval losses
             values.update({k: getattr(self, k) for k in ("eval_data", "eval_data_split", "eval_steps")})
+            if self.eval_strategy != "auto":  # absent otherwise: checkpoints from before the strategies resume
+                values["eval_strategy"] = self.eval_strategy
         values["global_batch"] = values.pop("batch_size") * values.pop("grad_accum") * world_size
         if is_custom(self.template) and not is_inline(self.template):  # the file may change under the same path
             if self.template not in self._digests:  # read once: the checkpoints of a run record the text it read
@@ -379,6 +389,10 @@ class TrainConfig:
             if value > 1 and not float(value).is_integer():
                 raise UsageError(f"--{_flag(name)} {value}: give a whole number of steps, or a share of the run's "
                                  "steps below 1 (e.g. 0.25: every quarter of the run).")
+        if self.save_strategy == "best":
+            raise UsageError("--save-strategy best: qlora keeps no best checkpoint (nor load_best_model_at_end); use "
+                             "--save-strategy epoch or steps with the same --eval-strategy and pick the checkpoint "
+                             "of the lowest eval loss in metrics.jsonl.")
         for f in fields(self):
             choices = f.metadata["choices"]
             if choices and getattr(self, f.name) not in choices:
@@ -452,10 +466,11 @@ class TrainConfig:
             check_schedule(self.lr_scheduler, self.lr, kwargs)
         except ValueError as exc:
             raise UsageError(f"--lr-scheduler-kwargs: {exc}.") from None
-        if self.lr_scheduler == PLATEAU and not (self.eval_steps and (self.eval_data or self.eval_split)):
+        evaluates = self.eval_strategy in ("steps", "epoch") or self.eval_strategy == "auto" and self.eval_steps
+        if self.lr_scheduler == PLATEAU and not (evaluates and (self.eval_data or self.eval_split)):
             raise UsageError(f"--lr-scheduler {PLATEAU} lowers the rate when the eval loss stops improving: give "
                              "--eval-steps N and held-out data (--eval-data or --eval-split), as transformers "
-                             "needs an eval strategy for it.")
+                             "needs an eval strategy for it (or --eval-strategy epoch).")
 
     def _validate_adapter(self) -> None:
         """--adapter brings its own LoRA settings: giving them too is a contradiction, said before the load."""
@@ -493,8 +508,7 @@ class TrainConfig:
     def steps_between(self, name: str, total_steps: int) -> int:
         """``--save-steps``/``--eval-steps``/``--logging-steps`` in optimizer steps (0: none) for a run of
         ``total_steps``: a value below 1 is a share of them, rounded up (transformers' rule)."""
-        value = getattr(self, name)
-        return math.ceil(total_steps * value) if 0 < value < 1 else int(value)
+        return steps_of(getattr(self, name), total_steps)
 
     def _validate_method(self) -> None:
         """Options that belong to some training methods only, and the loss types of each."""
@@ -698,6 +712,7 @@ def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 
 # Options counted in steps that also take a share of the run's steps (below 1).
 _STEP_SHARES = ("save_steps", "eval_steps", "logging_steps")
+_STRATEGY_FIELDS = ("eval_strategy", "save_strategy", "logging_strategy")
 
 
 def _coerce(name: str, value: Any, kind: type, source: str) -> Any:
@@ -708,6 +723,8 @@ def _coerce(name: str, value: Any, kind: type, source: str) -> Any:
         shape = "a list" if isinstance(value, list) else "a mapping"
         raise UsageError(f"{source}: {name} takes one value, got {shape} {value!r}; write it as a single "
                          f"{name}: VALUE.")
+    if name in _STRATEGY_FIELDS and value is False:
+        return "no"  # YAML reads an unquoted `save_strategy: no` as false
     try:
         if kind is bool:
             if isinstance(value, bool):
@@ -764,6 +781,7 @@ ALIASES = {
     "max_length": "seq_len", "per_device_train_batch_size": "batch_size", "micro_batch_size": "batch_size",
     "gradient_accumulation_steps": "grad_accum", "model_name_or_path": "model", "base_model": "model",
     "dataset": "data", "data_path": "data", "train_file": "data", "eval_file": "eval_data",
+    "evaluation_strategy": "eval_strategy",  # transformers' name before 4.46
     "lr_scheduler_type": "lr_scheduler", "lora_target_modules": "target_modules", "lora_target": "target_modules",
     "lora_target_parameters": "target_parameters",
     "use_rslora": "rslora", "use_dora": "dora", "bnb_4bit_quant_type": "quant",
@@ -858,10 +876,11 @@ _PREF_LOSSES = {"sigmoid": ("dpo", "sigmoid"), "hinge": ("dpo", "hinge"), "ipo":
 
 # What a LLaMA-Factory run trains with where its file is silent: its own defaults (lora_rank, lora_dropout,
 # cutoff_len, gradient checkpointing on; lora_alpha is twice the rank; no quantization without
-# quantization_bit) and those of transformers' TrainingArguments, which it extends.
+# quantization_bit) and those of transformers' TrainingArguments, which it extends (save_strategy steps: a
+# checkpoint every save_steps, 500 unless given).
 _LLAMA_FACTORY_DEFAULTS = {"rank": 8, "dropout": 0.0, "seq_len": 2048, "lr": 5e-5, "lr_scheduler": "linear",
                            "epochs": 3.0, "batch_size": 8, "max_grad_norm": 1.0, "gradient_checkpointing": True,
-                           "image_max_pixels": 768 * 768, "image_min_pixels": 32 * 32}
+                           "image_max_pixels": 768 * 768, "image_min_pixels": 32 * 32, "save_strategy": "steps"}
 
 
 # LLaMA-Factory's export (merge, quantize) and inference arguments: a training file (one with a stage) may carry

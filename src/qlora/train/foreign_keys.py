@@ -41,8 +41,7 @@ RUNTIME_ONLY = frozenset({
     "plot_loss", "report_to", "logging_dir", "run_name", "save_only_model", "trust_remote_code", "flash_attn",
     "disable_tqdm", "use_fast_tokenizer", "tokenized_path", "per_device_eval_batch_size", "eval_batch_size",
     "include_num_input_tokens_seen", "remove_unused_columns", "logging_first_step", "save_safetensors",
-    "quantization_device_map", "low_cpu_mem_usage", "bnb_4bit_quant_storage", "eval_strategy",
-    "evaluation_strategy", "save_strategy", "logging_strategy", "enable_liger_kernel", "use_unsloth",
+    "quantization_device_map", "low_cpu_mem_usage", "bnb_4bit_quant_storage", "enable_liger_kernel", "use_unsloth",
     "use_unsloth_gc", "print_param_status", "deepspeed", "use_v1_kernels",
     # axolotl: model/tokenizer classes, caches, attention kernels, padding of packed rows (masked out of the
     # loss), eval tables, logging sinks, hub pushes, loss watchdog
@@ -272,6 +271,13 @@ def _packing_strategy(value: Any, where: str) -> Translation:
                      "apart (TRL's bfd); bfd_split and wrapped split examples across rows. Set bfd or remove the key.")
 
 
+def _best_metric(value: Any, where: str) -> Translation:
+    if value in (None, "loss", "eval_loss"):
+        return [], ""  # transformers' default: the eval loss, which qlora's plateau schedule follows
+    raise UsageError(f"{where}: metric_for_best_model {value!r}: qlora evaluates the loss (and perplexity) on "
+                     "held-out data only; set metric_for_best_model: eval_loss or remove the key.")
+
+
 def _dataset_kwargs(value: Any, where: str) -> Translation:
     """TRL's ``dataset_kwargs``: ``add_special_tokens: false`` (the chat template writes BOS and EOS, as qlora
     writes chat rows) and ``append_concat_token: false`` (no EOS between packed rows' texts; qlora's packed
@@ -371,6 +377,12 @@ TRANSLATED: dict[str, Callable[[Any, str], Translation]] = {
                                                    "length; set it to false."),
     "early_stopping_patience": _refused("early_stopping_patience", "qlora trains the steps or epochs it is given; "
                                                                    "remove the key and choose max_steps or epochs."),
+    "load_best_model_at_end": _refused("load_best_model_at_end", "qlora's result is the last step's adapter, not "
+                                       "the best checkpoint's; set it to false, and take the checkpoint of the "
+                                       "lowest eval loss in metrics.jsonl (save_strategy epoch or steps keep them)."),
+    "metric_for_best_model": _best_metric,
+    "greater_is_better": _refused("greater_is_better", "qlora's plateau schedule follows the eval loss, which is "
+                                                       "better lower; remove the key."),
     "lora_fan_in_fan_out": _refused("lora_fan_in_fan_out", "qlora adapts torch.nn.Linear layers; remove the key."),
     "tokens": _refused("tokens", "qlora adds tokens as special tokens (add_special_tokens: [...], their embeddings "
                                  "and the output head trained whole); use that key."),
@@ -410,16 +422,18 @@ TRANSLATED: dict[str, Callable[[Any, str], Translation]] = {
 # axolotl's defaults where they differ from qlora's (ours follow the QLoRA paper): its schema's cosine schedule,
 # torch's fused AdamW, no LoRA dropout, and transformers' max_grad_norm 1.0 and no warmup.
 AXOLOTL_DEFAULTS = {"lr_scheduler": "cosine", "optim": "adamw", "dropout": 0.0, "max_grad_norm": 1.0,
-                    "warmup_ratio": 0.0}
+                    "warmup_ratio": 0.0, "save_strategy": "epoch",  # each epoch's checkpoint, unless told otherwise
+                    "save_total_limit": 4}  # of which its trainer builder keeps the last 4
 
 
 def silent_defaults(values: dict[str, Any], defaults: dict[str, Any], path: Path, tool: str) -> None:
     """``defaults`` (another tool's, where they differ from qlora's) for the options ``values`` leaves unset, as
     that tool would train the file (``tool``, with its article, names it in the note); an explicit warmup_steps
-    keeps its own warmup."""
+    keeps its own warmup, an explicit save_steps (saves_per_epoch) its own checkpoints."""
     unset = {k: v for k, v in defaults.items() if k not in values}
-    if "warmup_steps" in values:
-        unset.pop("warmup_ratio", None)
+    for given, default in (("warmup_steps", "warmup_ratio"), ("save_steps", "save_strategy")):
+        if given in values:
+            unset.pop(default, None)
     if unset:
         values.update(unset)
         print(f"qlora train: {path} is {tool} config: its defaults apply where it is silent "

@@ -79,6 +79,7 @@ from qlora.train.loss import chunked_loss_matches, model_inputs, token_loss_sum
 from qlora.train.metrics import MetricsLogger, NullMetrics, gpu_memory_gib
 from qlora.train.neftune import add_neftune
 from qlora.train.run_identity import as_used, ignored
+from qlora.train.strategy import Cadence
 
 CHECKPOINTS = "checkpoints"
 STATE_FILE = "trainer_state.pt"
@@ -468,7 +469,7 @@ class Trainer:
                     raise UsageError(f"--resume: {self.out} {state}, so there is no run to resume; check "
                                      "--output, or leave out --resume to start the run.")
                 raise UsageError(f"--resume: {self.out} has no checkpoint to resume from (its run stopped before "
-                                 "its first checkpoint, or saved none: --save-steps); start the run again with "
+                                 "its first checkpoint, or saved none: --save-strategy no); start the run again with "
                                  "--overwrite instead of --resume.")
             saved = json.loads((checkpoints[-1] / "run_config.json").read_text())
             current = self._run_config()
@@ -814,8 +815,8 @@ class Trainer:
         Ctrl-C stops at once (the last checkpoint stays intact).
         """
         cfg = self.config
-        eval_every, save_every, log_every = (cfg.steps_between(name, self.total_steps)
-                                             for name in ("eval_steps", "save_steps", "logging_steps"))
+        cadence = Cadence(self.total_steps, self.steps_per_epoch, cfg.eval_strategy, cfg.save_strategy,
+                          cfg.logging_strategy, cfg.eval_steps, cfg.save_steps, cfg.logging_steps)
         self._stop_signal = None
         previous = _install_stop_handlers(self)
         try:
@@ -824,26 +825,24 @@ class Trainer:
                     raise Interrupted(self.step, self.save_checkpoint())
                 self._log_window.append(self.train_step())
                 self.step += 1
-                if self.step % log_every == 0 or self.step == self.total_steps:
+                if cadence.logs(self.step):
                     self.metrics.log(window_record(self._log_window))
                     self._log_window = []
                 self.metrics.advance()  # after the record, so a progress line shows this step's loss
-                if eval_every and self.step % eval_every == 0 and self.eval_units:
+                if cadence.evaluates(self.step) and self.eval_units:
                     loss = self.evaluate()["loss"]
                     if self.on_plateau:
                         self.scheduler.step(loss)
-                if save_every and self.step % save_every == 0:
+                if cadence.saves(self.step):
+                    # The last state is checkpointed whatever --save-steps (all strategies but no): if the final
+                    # evaluation or save fails, e.g. on a full disk, --resume finishes without retraining.
                     self.save_checkpoint()
             if self._stop_requested():
                 raise Interrupted(self.step, self.save_checkpoint())
-            if self._saved_step != self.step:
-                # The last state is always checkpointed (whatever --save-steps): if the final
-                # evaluation or save fails, e.g. on a full disk, --resume finishes without retraining.
-                self.save_checkpoint()
         finally:
             for signum, handler in previous.items():
                 signal.signal(signum, handler)
-        if self.eval_units and not (eval_every and self.step % eval_every == 0):
+        if self.eval_units and cadence.evaluates_at_end():
             self.evaluate()
 
     def _stop_requested(self) -> bool:

@@ -31,9 +31,11 @@ _PREFERENCE_KEYS = ("beta", "max_prompt_length", "max_completion_length", "preco
 _DTYPES = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32", "auto": None}
 # TRL's defaults where they differ from qlora's: TrainingArguments' linear schedule, no warmup, max_grad_norm 1.0,
 # torch's AdamW, 3 epochs of batches of 8; ModelConfig's lora_alpha 32; the trainers' max_length 1024 and gradient
-# checkpointing on; SFTConfig's learning rate 2e-5, the preference configs' 1e-6 with every dropout off.
+# checkpointing on; SFTConfig's learning rate 2e-5, the preference configs' 1e-6 with every dropout off;
+# TrainingArguments' save_strategy steps (every save_steps, 500 unless given).
 TRL_DEFAULTS = {"lr_scheduler": "linear", "warmup_ratio": 0.0, "max_grad_norm": 1.0, "optim": "adamw",
-                "epochs": 3.0, "batch_size": 8, "alpha": 32.0, "seq_len": 1024, "gradient_checkpointing": True}
+                "epochs": 3.0, "batch_size": 8, "alpha": 32.0, "seq_len": 1024, "gradient_checkpointing": True,
+                "save_strategy": "steps"}
 _METHOD_DEFAULTS = {"sft": {"lr": 2e-5, "train_on": "completion"}, "preference": {"lr": 1e-6}}
 
 
@@ -92,7 +94,7 @@ def trl_options(loaded: dict, lines: dict[str, int], path: Path) -> dict:
     elif "dataset_splits" in loaded:
         raise UsageError(f"{where['dataset_splits']}: dataset_splits names the splits of dataset_mixer, which this "
                          "file lacks; use dataset_name with dataset_train_split instead.")
-    if loaded.get("dataset_name") and loaded.get("eval_strategy", "no") != "no" and "eval_data" not in out:
+    if loaded.get("dataset_name") and loaded.get("eval_strategy", "no") not in ("no", False) and "eval_data" not in out:
         out["eval_data"] = loaded["dataset_name"]  # TRL's scripts evaluate on its dataset_test_split
         lines.setdefault("eval_data", lines.get("eval_strategy", 0))
     return out
