@@ -13,6 +13,7 @@ _LAZY = {
     "LoraEmbedding": "qlora.nn.lora_embedding",
     "LoraLinear": "qlora.nn.lora",
     "LoraSpec": "qlora.nn.lora",
+    "RouterLora": "qlora.nn.router_lora",
     "SavedModules": "qlora.nn.saved_modules",
     "adapter_name_problem": "qlora.nn.adapter_name",
     "computed_experts": "qlora.nn.experts4bit",
@@ -21,6 +22,7 @@ _LAZY = {
     "expert_weight": "qlora.nn.experts4bit",
     "expert_weight_names": "qlora.nn.experts4bit",
     "experts_layout": "qlora.nn.experts4bit",
+    "is_router": "qlora.nn.router_lora",
     "undequantizable": "qlora.nn.dequantized_modules",
 }
 __getattr__ = lazy_attributes(__name__, _LAZY)
