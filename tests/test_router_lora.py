@@ -171,3 +171,17 @@ def test_cli_train_continues_a_router_adapter_and_merge_folds_it_in(tmp_path, sa
     assert main(["merge", "--model", str(path), "--adapter", str(tmp_path / "run"), "--output",
                  str(tmp_path / "merged"), "--dtype", "float32"]) == 0
     torch.testing.assert_close(_logits(_reference(tmp_path / "merged")), _logits(ours), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("model_type", ["qwen3_moe", "deepseek_v3"])
+def test_estimate_counts_the_router_adapters_as_add_lora_makes_them(saved, model_type):
+    """``qlora estimate --target-parameters gate.weight`` counts what training makes (an error before)."""
+    from qlora.model.estimate import TrainingOptions, estimate, load_config
+    from qlora.model.inject import count_parameters
+
+    path = saved(model_type)
+    options = TrainingOptions(rank=3, target_modules=("o_proj",), target_parameters=("gate.weight",))
+    lora_bytes = dict(estimate(load_config(str(path)), options).rows)["LoRA adapters (fp32)"]["QLoRA"]
+    ours, _ = load_model(path, compute_dtype=torch.float32, device="cpu")
+    qlora.add_lora(ours, r=3, dropout=0.0, target_modules=["o_proj"], target_parameters=["gate.weight"])
+    assert _routers(ours) and lora_bytes == 4 * count_parameters(ours)[0]
