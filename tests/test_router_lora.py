@@ -185,3 +185,21 @@ def test_estimate_counts_the_router_adapters_as_add_lora_makes_them(saved, model
     ours, _ = load_model(path, compute_dtype=torch.float32, device="cpu")
     qlora.add_lora(ours, r=3, dropout=0.0, target_modules=["o_proj"], target_parameters=["gate.weight"])
     assert _routers(ours) and lora_bytes == 4 * count_parameters(ours)[0]
+
+
+def test_merge_keeps_deepseeks_fp32_router_unrounded(tmp_path, saved):
+    """DeepSeek-V3 keeps its router in fp32 under bf16: the merged router stays fp32, its delta not rounded to bf16
+    (as a router without adapter stays), so ``cast_merged`` writes PEFT's merged router exactly."""
+    from qlora.model.merge import cast_merged
+
+    path = saved("deepseek_v3")
+    adapter = _peft_all_linear(path, tmp_path / "a")
+    expected = peft.PeftModel.from_pretrained(_reference(path), str(adapter)).merge_and_unload().state_dict()
+    ours, _ = load_model(path, quant="nf4", compute_dtype=torch.bfloat16, device="cpu")
+    qlora.load_adapter(ours, adapter)
+    router = next(iter(_routers(ours)))
+    assert ours.get_submodule(router).base_layer.weight.dtype == torch.float32
+    cast_merged(qlora.merge(ours, dtype=torch.bfloat16), torch.bfloat16)
+    merged = ours.get_submodule(router).weight
+    assert merged.dtype == torch.float32
+    torch.testing.assert_close(merged, expected[f"{router}.weight"], rtol=1e-6, atol=1e-6)

@@ -208,9 +208,9 @@ def merge(model: nn.Module, into: str = "dequantized", dtype: torch.dtype | str 
             return module.to_dense(dtype) if into == "dequantized" else None
         if isinstance(module, Linear4bit) and into != "dequantized":
             return None
-        if isinstance(module, RouterLora):
-            base = module.base_layer
-            base.weight = nn.Parameter(module.merged_weight().to(dtype or base.weight.dtype), requires_grad=False)
+        if isinstance(module, RouterLora):  # in the router's own dtype, as routers without adapters stay (DeepSeek-V3's
+            base = module.base_layer  # fp32 one too: cast_merged keeps it so, and bf16 would round the merged delta)
+            base.weight = nn.Parameter(module.merged_weight().to(base.weight.dtype), requires_grad=False)
             return base
         if isinstance(module, LoraEmbedding):  # a new table: a head tied to the old one keeps it
             base = module.base_layer
