@@ -203,3 +203,16 @@ def test_merge_keeps_deepseeks_fp32_router_unrounded(tmp_path, saved):
     merged = ours.get_submodule(router).weight
     assert merged.dtype == torch.float32
     torch.testing.assert_close(merged, expected[f"{router}.weight"], rtol=1e-6, atol=1e-6)
+
+
+def test_a_target_parameter_naming_no_weight_here_adapts_nothing_as_in_peft(tmp_path, saved):
+    """PEFT's all-linear writes target_parameters ``gate.weight`` for every MoE; Hunyuan's router is a linear layer
+    (``gate.wg``, adapted through target_modules), so the name matches nothing and PEFT loads the adapter: so does
+    qlora, with PEFT's outputs (refused before: 'gate.weight' matched no expert weight)."""
+    path = saved("hunyuan_v1_moe")
+    adapter = _peft_all_linear(path, tmp_path / "a")
+    ours, _ = load_model(path, quant="nf4", compute_dtype=torch.float32, device="cpu")
+    qlora.load_adapter(ours, adapter)
+    assert not _routers(ours)
+    theirs = peft.PeftModel.from_pretrained(_dequantized_reference(path, ours), str(adapter)).eval()
+    torch.testing.assert_close(_logits(ours), _logits(theirs), rtol=1e-5, atol=1e-5)

@@ -34,7 +34,7 @@ from .local_path import adapter_folder_problem
 from .in_place_weights import in_place_parts, refuse_beside_others
 from .inject import (AdapterConfig, adapter_configs, add_lora, check_adapter_name, check_trainable_whole,
                      embedding_lora_layers, expert_modules, experts_lora_layers, lora_layers, router_lora_layers,
-                     router_modules, target_names, target_paths, trained_biases)
+                     parameter_keys, router_modules, target_names, target_paths, trained_biases)
 from .saved_copies import load_copies, saved_module
 from .tied_tables import untie_trained_whole
 from .quantize import matches_any, non_text_names, text_decoder_path
@@ -413,7 +413,11 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path, adapter_name: str = 
     token_tables = {k[len(PEFT_PREFIX):].replace(".token_adapter.base_layer.", "."): token_tensors.pop(k)
                     for k in [k for k in token_tensors if ".token_adapter.base_layer." in k]}
     token_rows = _token_rows(model, config, token_tensors, token_tables, adapter_dir)
-    target_parameters = [t for t in config.get("target_parameters") or [] if t]
+    # PEFT's all-linear writes a generic list (gate.weight, gate_up_proj, down_proj); as PEFT, a name that matches no
+    # weight of this model adapts nothing (Hunyuan's router is a linear layer, gate.wg)
+    keys = parameter_keys(model) if config.get("target_parameters") else []
+    target_parameters = [t for t in config.get("target_parameters") or []
+                         if t and any(matches_any(k, [t]) for k in keys)]
     # the experts modules and routers that target_parameters may adapt (their LoRA keys are read apart)
     experts = set(expert_modules(model)) | set(router_modules(model)) if target_parameters else set()
     lora_keys = {k: lora_key(k) for k in tensors if ".lora_" in k}  # key -> (module path, tensor kind)

@@ -218,6 +218,16 @@ def _select_parameters(model: nn.Module, targets: list[str]) -> dict[str, list[s
     return chosen
 
 
+def parameter_keys(model: nn.Module) -> list[str]:
+    """``<module path>.<weight>`` of every weight ``target_parameters`` may name: the experts modules' 3-D weights
+    (those of a layout of their own too, which :func:`add_lora` refuses by name) and the routers' 2-D weights."""
+    experts = expert_modules(model)
+    names = {path: m.shapes if isinstance(m, ExpertsLora) else getattr(experts_layout(m), "names", None)
+             or expert_shapes(m) for path, m in experts.items()}
+    keys = [f"{path}.{w}" for path, ws in names.items() for w in ws]
+    return keys + [f"{path}.weight" for path in router_modules(model, experts)]
+
+
 def router_modules(model: nn.Module, experts: dict[str, nn.Module] | None = None) -> list[str]:
     """Paths of the MoE routers (2-D weights of modules that are no linear layer, outside experts modules) that
     PEFT's ``target_parameters`` may adapt, as :class:`RouterLora` does."""
