@@ -47,7 +47,8 @@ def _routers(model):
     return {n: m for n, m in model.named_modules() if isinstance(m, RouterLora)}
 
 
-@pytest.mark.parametrize("model_type", ["qwen3_moe", "deepseek_v3", "olmoe", "mixtral"])
+@pytest.mark.parametrize("model_type", ["qwen3_moe", "deepseek_v3", "olmoe", "mixtral", "glm4_moe", "ernie4_5_moe",
+                                        "minimax"])
 def test_peft_all_linear_adapter_with_the_router_loads_on_4bit_with_peft_outputs(tmp_path, saved, model_type):
     path = saved(model_type)
     adapter = _peft_all_linear(path, tmp_path / "a")
