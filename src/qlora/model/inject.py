@@ -622,7 +622,7 @@ def add_lora(
                                           ensure_weight_tying=ensure_weight_tying and bool(save_paths))
     if verbose:
         trainable, total = count_parameters(model)
-        log.info("qlora: %d layers and %d experts modules adapted; trainable params %s of %s (%.4f%%)",
+        log.info("qlora: %d layers and %d experts modules or routers adapted; trainable params %s of %s (%.4f%%)",
                  len(paths), len(experts), f"{trainable:,}", f"{total:,}", 100 * trainable / max(total, 1))
     return model
 

@@ -1,5 +1,5 @@
-"""Neural-network modules: the 4-bit linear layer, 4-bit MoE experts, LoRA (on linear layers and
-embeddings) and AdaLoRA adapters. Names are imported lazily, so that a light module of this package
+"""Neural-network modules: the 4-bit linear layer, 4-bit MoE experts, LoRA (on linear layers,
+embeddings, MoE experts and routers) and AdaLoRA adapters. Names are imported lazily, so that a light module of this package
 (``residual_init_names``) does not import torch with the others."""
 
 from qlora.lazy_names import lazy_attributes, lazy_dir
