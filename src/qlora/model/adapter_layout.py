@@ -23,12 +23,12 @@ import torch
 from torch import nn
 
 from ..errors import UsageError
-from ..nn import Experts4bit, ExpertsLora, RouterLora, is_router
+from ..nn import Experts4bit, ExpertsLora
 from ..nn.experts4bit import experts_layout
 from ..nn.experts_lora import expert_shapes, peft_transposed
 from .adapter_tensors import PEFT_PREFIX, lora_key
 from .checkpoint_layout import CheckpointLayout
-from .inject import expert_modules, pattern_key
+from .inject import adaptable_router, expert_modules, pattern_key
 from .quantize import matches_any
 
 log = logging.getLogger("qlora")
@@ -71,7 +71,7 @@ def to_model_layout(model: nn.Module, config: dict, tensors: dict[str, torch.Ten
         if new != path and new in modules:
             for key in by_path[path]:
                 tensors[key.replace(f"{PEFT_PREFIX}{path}.", f"{PEFT_PREFIX}{new}.", 1)] = tensors.pop(key)
-            if isinstance(modules[new], RouterLora) or is_router(modules[new]):
+            if adaptable_router(modules[new]):
                 routers.append((path, new))
     if fused:
         if config.get("peft_type", "LORA") != "LORA":

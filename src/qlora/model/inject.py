@@ -234,7 +234,13 @@ def router_modules(model: nn.Module, experts: dict[str, nn.Module] | None = None
     skip = tuple(p + "." for p in (expert_modules(model) if experts is None else experts))
     inner = tuple(n + ".base_layer" for n, m in model.named_modules() if isinstance(m, RouterLora))
     return [n for n, m in model.named_modules() if n and not n.startswith(skip) and n not in inner
-            and (isinstance(m, RouterLora) or (is_router(m) and not is_linear_like(m)))]  # (GPT-2's Conv1D)
+            and adaptable_router(m)]
+
+
+def adaptable_router(module: nn.Module) -> bool:
+    """A router :class:`RouterLora` adapts (or already adapts): no layer qlora adapts as linear (Falcon's
+    ``FalconLinear``, GPT-2's ``Conv1D``) or embedding."""
+    return isinstance(module, RouterLora) or (is_router(module) and not is_linear_like(module))
 
 
 def _modules_to_save(model: nn.Module, names: list[str] | None) -> list[str]:
@@ -581,7 +587,7 @@ def add_lora(
                          "which this adapter does not target; give add_lora the target_modules given to StreamedInit.")
     for path, weights in experts.items():
         module = model.get_submodule(path)
-        if isinstance(module, RouterLora) or is_router(module):  # a router: its one 2-D weight
+        if adaptable_router(module):  # a router: its one 2-D weight
             if not isinstance(module, RouterLora):
                 parent_path, _, child = path.rpartition(".")
                 module = RouterLora(module)

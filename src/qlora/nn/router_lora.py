@@ -26,10 +26,12 @@ from .lora import LoraSpec, check_new_adapter
 
 def is_router(module: nn.Module) -> bool:
     """Whether ``module`` holds a 2-D floating-point ``weight`` of its own without being a layer qlora adapts
-    as linear or embedding: an MoE router (transformers 5's ``*TopKRouter``)."""
+    as linear or embedding: an MoE router (transformers 5's ``*TopKRouter``, or PhiMoE's, an ``nn.Linear``
+    whose forward also picks the experts). (``nn.Linear`` subclasses that compute a plain linear map, such as
+    Falcon's, are told apart by :func:`qlora.model.quantize.is_linear_like`.)"""
     weight = module._parameters.get("weight")
     return (weight is not None and weight.dim() == 2 and weight.is_floating_point()
-            and not isinstance(module, (nn.Linear, nn.Embedding, Linear4bit)))
+            and not isinstance(module, (nn.Embedding, Linear4bit)) and type(module).forward is not nn.Linear.forward)
 
 
 class RouterLora(nn.Module):
