@@ -140,14 +140,32 @@ def test_per_expert_adapter_loads_saves_and_merges_as_trained(tmp_path, saved, c
 
 
 @_FUSES_EXPERTS
-def test_router_lora_is_refused_naming_the_router(tmp_path, saved):
-    """transformers 4.x's Mixtral router was a linear layer an all-linear adapter adapted; qlora adapts no router."""
-    model_dir = saved("mixtral")
-    _v4_adapter(model_dir, tmp_path / "v4", {"q_proj", "gate", "w1", "w3"})
+@pytest.mark.parametrize("model_type,options", [("mixtral", {}),
+                                               ("mixtral", dict(rank_pattern={r"layers\.1\..*gate": 3}, dropout=0.05)),
+                                               ("phimoe", {})])
+def test_linear_router_lora_lands_on_the_router_weight_as_trained(tmp_path, saved, model_type, options):
+    """transformers 4.x's Mixtral router was a linear layer an all-linear adapter adapted; transformers 5's router
+    is no linear layer: its LoRA becomes LoRA on the router's 2-D weight (target_parameters), as trained, which
+    qlora trains on, writes back for PEFT and merges (a refusal naming the router before)."""
+    from peft import PeftModel
+
+    model_dir = saved(model_type)
+    deltas = _v4_adapter(model_dir, tmp_path / "v4", {"q_proj", "gate", "w1", "w3"}, **options)
+    expected = _logits(_trained_model(model_dir, deltas, tmp_path / "trained"))
     ours, _ = load_model(model_dir, quant=None, compute_dtype=torch.float32, device="cpu")
-    with pytest.raises(UsageError, match=r"adapts model\.layers\.0\.mlp\.gate with LoRA \(2 such layers\), a "
-                                         r"MixtralTopKRouter that qlora does not adapt.*merge_and_unload"):
-        qlora.load_adapter(ours, tmp_path / "v4")
+    qlora.load_adapter(ours, tmp_path / "v4")
+    router = "router" if model_type == "phimoe" else "gate"  # PhiMoE's: an nn.Linear that also picks the experts
+    assert type(ours.model.layers[1].mlp.get_submodule(router)).__name__ == "RouterLora"
+    torch.testing.assert_close(_logits(ours), expected, rtol=1e-4, atol=1e-4)
+    qlora.save_adapter(ours, tmp_path / "ours")
+    written = json.loads((tmp_path / "ours" / "adapter_config.json").read_text())
+    assert "gate" not in written["target_modules"] and f"model.layers.0.mlp.{router}.weight" in written[
+        "target_parameters"]
+    again = PeftModel.from_pretrained(transformers.AutoModelForCausalLM.from_pretrained(
+        model_dir, dtype=torch.float32), tmp_path / "ours").eval()
+    torch.testing.assert_close(_logits(again), expected, rtol=1e-4, atol=1e-4)
+    qlora.merge(ours, dtype=torch.float32)
+    torch.testing.assert_close(_logits(ours), expected, rtol=1e-4, atol=1e-4)
 
 
 @_FUSES_EXPERTS

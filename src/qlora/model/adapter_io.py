@@ -33,8 +33,8 @@ from .adalora_io import adalora_peft_config, adalora_state_dict, attach_adalora
 from .local_path import adapter_folder_problem
 from .in_place_weights import in_place_parts, refuse_beside_others
 from .inject import (AdapterConfig, adapter_configs, add_lora, check_adapter_name, check_trainable_whole,
-                     embedding_lora_layers, expert_modules, experts_lora_layers, lora_layers, target_names,
-                     target_paths, trained_biases)
+                     embedding_lora_layers, expert_modules, experts_lora_layers, lora_layers, router_lora_layers,
+                     parameter_keys, router_modules, target_names, target_paths, trained_biases)
 from .saved_copies import load_copies, saved_module
 from .tied_tables import untie_trained_whole
 from .quantize import matches_any, non_text_names, text_decoder_path
@@ -98,6 +98,10 @@ def adapter_state_dict(model: nn.Module, adapter_name: str = "default") -> dict[
         for weight, prefix in expert_key_prefixes(path, layer, adapter_name).items():
             out[f"{PEFT_PREFIX}{prefix}.lora_A.weight"] = layer.lora_A[weight][adapter_name].weight.detach()
             out[f"{PEFT_PREFIX}{prefix}.lora_B.weight"] = layer.lora_B[weight][adapter_name].weight.detach()
+    for path, layer in router_lora_layers(model).items():
+        if adapter_name in layer.specs:
+            out[f"{PEFT_PREFIX}{path}.lora_A.weight"] = layer.lora_A[adapter_name].weight.detach()
+            out[f"{PEFT_PREFIX}{path}.lora_B.weight"] = layer.lora_B[adapter_name].weight.detach()
     for path in cfg.modules_to_save if cfg else ():
         for name, param in saved_module(model, path, adapter_name).named_parameters():
             out[f"{PEFT_PREFIX}{path}.{name}"] = param.detach()
@@ -409,8 +413,13 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path, adapter_name: str = 
     token_tables = {k[len(PEFT_PREFIX):].replace(".token_adapter.base_layer.", "."): token_tensors.pop(k)
                     for k in [k for k in token_tensors if ".token_adapter.base_layer." in k]}
     token_rows = _token_rows(model, config, token_tensors, token_tables, adapter_dir)
-    target_parameters = [t for t in config.get("target_parameters") or [] if t]
-    experts = set(expert_modules(model)) if target_parameters else set()
+    # PEFT's all-linear writes a generic list (gate.weight, gate_up_proj, down_proj); as PEFT, a name that matches no
+    # weight of this model adapts nothing (Hunyuan's router is a linear layer, gate.wg)
+    keys = parameter_keys(model) if config.get("target_parameters") else []
+    target_parameters = [t for t in config.get("target_parameters") or []
+                         if t and any(matches_any(k, [t]) for k in keys)]
+    # the experts modules and routers that target_parameters may adapt (their LoRA keys are read apart)
+    experts = set(expert_modules(model)) | set(router_modules(model)) if target_parameters else set()
     lora_keys = {k: lora_key(k) for k in tensors if ".lora_" in k}  # key -> (module path, tensor kind)
     expert_keys = {k for k, (path, _) in lora_keys.items() if _unwrapped(path) in experts}
     paths = sorted({path for k, (path, _) in lora_keys.items() if k not in expert_keys})
@@ -524,9 +533,9 @@ def _refuse_unadaptable(model: nn.Module, paths: list[str], adapter_dir: Path) -
         module = model.get_submodule(odd[0])
         raise UsageError(f"{adapter_dir} adapts {odd[0]} with LoRA ({len(odd)} such layers), a "
                          f"{type(module).__name__} that qlora does not adapt: it adapts linear layers, token "
-                         "embeddings and output heads, and 3-D expert weights (target_parameters); MoE routers stay "
-                         "as they are. Merge the adapter with PEFT (merge_and_unload) and give qlora the merged "
-                         "model.")
+                         "embeddings and output heads, and 3-D expert weights and MoE routers' weights "
+                         "(target_parameters). Merge the adapter with PEFT (merge_and_unload) and give qlora the "
+                         "merged model.")
 
 
 def _refuse_two_ways(adapter_dir: Path, modules: dict[str, nn.Module], paths: list[str], save_paths: list[str]) -> None:
@@ -613,18 +622,23 @@ def _unwrapped(path: str) -> str:
 
 def _load_expert_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], keys: set[str], adapter_name: str,
                          adapter_dir: Path, trainable: bool) -> None:
-    """Copy the expert LoRA tensors (``target_parameters``) into the :class:`ExpertsLora` layers; every
-    adapted expert weight must have its two tensors in the file, and the file no others."""
+    """Copy the expert and router LoRA tensors (``target_parameters``) into the :class:`ExpertsLora` and
+    :class:`RouterLora` layers; every adapted expert or router weight must have its two tensors in the file, and
+    the file no others."""
     expected = {}
     for path, layer in experts_lora_layers(model).items():
         for weight, prefix in expert_key_prefixes(path, layer, adapter_name).items():
             for which in ("lora_A", "lora_B"):
                 expected[f"{PEFT_PREFIX}{prefix}.{which}.weight"] = getattr(layer, which)[weight][adapter_name].weight
+    for path, layer in router_lora_layers(model).items():
+        if adapter_name in layer.specs:
+            for which in ("lora_A", "lora_B"):
+                expected[f"{PEFT_PREFIX}{path}.{which}.weight"] = getattr(layer, which)[adapter_name].weight
     missing, extra = sorted(set(expected) - keys), sorted(keys - set(expected))
     if missing or extra:
         key = (missing or extra)[0]
         raise UsageError(f"{adapter_dir} does not fit this model's experts: its target_parameters adapt "
-                         f"{len(expected) // 2} expert weights here, but {key} is "
+                         f"{len(expected) // 2} expert and router weights here, but {key} is "
                          f"{'missing from' if missing else 'unexpected in'} its adapter_model.safetensors.")
     for key, param in expected.items():
         copy_adapter_tensor(param, tensors[key], key, adapter_dir, trainable)

@@ -28,7 +28,7 @@ from ..nn.experts4bit import experts_layout
 from ..nn.experts_lora import expert_shapes, peft_transposed
 from .adapter_tensors import PEFT_PREFIX, lora_key
 from .checkpoint_layout import CheckpointLayout
-from .inject import expert_modules, pattern_key
+from .inject import adaptable_router, expert_modules, pattern_key
 from .quantize import matches_any
 
 log = logging.getLogger("qlora")
@@ -61,7 +61,7 @@ def to_model_layout(model: nn.Module, config: dict, tensors: dict[str, torch.Ten
     model_keys = {f"{p}.weight" for p in modules} | {f"{p}.{w}" for p, m in experts.items()
                                                      for w in expert_shapes(_unwrapped_experts(m))}
     layout = CheckpointLayout(model, model_keys, [f"{p}.weight" for p in missing])
-    tensors, fused = dict(tensors), {}
+    tensors, fused, routers = dict(tensors), {}, []
     for path in missing:
         raw = f"{path}.weight"
         if layout.in_group(raw):
@@ -71,13 +71,44 @@ def to_model_layout(model: nn.Module, config: dict, tensors: dict[str, torch.Ten
         if new != path and new in modules:
             for key in by_path[path]:
                 tensors[key.replace(f"{PEFT_PREFIX}{path}.", f"{PEFT_PREFIX}{new}.", 1)] = tensors.pop(key)
+            if adaptable_router(modules[new]):
+                routers.append((path, new))
     if fused:
         if config.get("peft_type", "LORA") != "LORA":
             raise UsageError(f"{adapter_dir}: its {config.get('peft_type')} layers on per-expert modules "
                              f"({next(iter(fused))}) are fused into 3-D expert weights by this transformers; qlora "
                              "converts plain LoRA only. Load it with transformers 4.x, or merge it there.")
         config, tensors = _fuse_experts(config, tensors, fused, by_path, experts, adapter_dir)
+    if routers:
+        config = _onto_routers(config, routers, [p for p in by_path if p not in dict(routers)], adapter_dir)
     return config, tensors
+
+
+def _onto_routers(config: dict, routers: list[tuple[str, str]], others: list[str], adapter_dir: Path) -> dict:
+    """The config of an adapter whose LoRA on linear routers (``routers``: (checkpoint path, model path); transformers
+    4.x's ``block_sparse_moe.gate``) lands on this model's routers, which are no linear layers: LoRA on their 2-D
+    weights (``target_parameters``, as PEFT's all-linear writes it on transformers 5), each router's own rank and
+    alpha kept under its weight's name (``others``: the adapter's other layers). The same tensors, the same delta
+    ``s B A``."""
+    config = dict(config)
+    old = [p for p, _ in routers]
+    ranks, alphas = config.get("rank_pattern") or {}, config.get("alpha_pattern") or {}
+    if isinstance(config.get("target_modules"), list):  # a name that adapted only routers is now a parameter's
+        config["target_modules"] = [t for t in config["target_modules"] if not any(matches_any(p, [t]) for p in old)
+                                    or any(matches_any(p, [t]) for p in others)]
+    for patterns, field in ((ranks, "rank_pattern"), (alphas, "alpha_pattern")):
+        own = {re.escape(f"{new}.weight"): patterns[key] for path, new in routers
+               if (key := pattern_key(list(patterns), path)) is not None}
+        if own:
+            config[field] = dict(patterns) | own
+    config["target_parameters"] = list(config.get("target_parameters") or []) + sorted(
+        f"{n}.weight" for _, n in routers)
+    if config.get("lora_dropout"):
+        log.warning("%s: its lora_dropout (%s) is not applied: its LoRA on MoE routers becomes LoRA on their 2-D "
+                    "weights, which has no dropout (as in PEFT); this matters only to training it further.",
+                    adapter_dir, config["lora_dropout"])
+        config["lora_dropout"] = 0.0
+    return config
 
 
 def _unwrapped_experts(module: nn.Module) -> nn.Module:

@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from ..errors import UsageError
-from ..nn import computed_experts, expert_matrix, expert_weight, experts_layout
+from ..nn import computed_experts, expert_matrix, expert_weight, experts_layout, is_router
 from ..nn.chunked_ce import CHUNK_ROWS
 from ..optim.optimizer_names import optimizer_name  # the names qlora train --optim takes, aliases included
 from ..quant import BLOCKSIZES
@@ -36,7 +36,8 @@ from ..quant.double_quant import NESTED_BLOCKSIZE
 from .adapter_size import AdapterSize
 from .architecture import text_model_from_config
 from .known_shapes import known_shape
-from .quantize import fp32_linear_names, is_plain_linear, is_skipped, kept_dense_names, kept_in_fp32, matches_any
+from .quantize import (fp32_linear_names, is_linear_like, is_plain_linear, is_skipped, kept_dense_names, kept_in_fp32,
+                       matches_any)
 from .saved_activations import LayerSaves, NotMeasurable, measure
 from .target_hints import unmatched_hint, weight_modules
 
@@ -121,6 +122,9 @@ class ModelCounts:
     # never by all-linear
     dense_linears: tuple[LinearShape, ...] = ()
     expert_params: int = 0  # of the 3-D expert weights as stored, every expert (kept 16-bit: all of them are held)
+    # MoE routers that are no linear layer (transformers 5's *TopKRouter; counted in other_tensors): their 2-D weights
+    # are --target-parameters targets (one adapter each), as add_lora's RouterLora
+    routers: tuple[LinearShape, ...] = ()
 
     @property
     def quantized_params(self) -> int:
@@ -253,10 +257,13 @@ def count_parameters(config) -> ModelCounts:
         fp32 is not None and fp32.search(n)) else b.element_size()) for n, b in buffers)
     text = config.get_text_config()
     adaptable = [lin.name for lin in linears if lin.adaptable] + [lin.name for lin in kept.values()]
+    in_experts = tuple(n + "." for n, m in model.named_modules() if experts_layout(m))
+    routers = tuple(LinearShape(n, *m.weight.shape, adaptable=False) for n, m in model.named_modules()
+                    if n and is_router(m) and not is_linear_like(m) and not n.startswith(in_experts))
     return ModelCounts(linears=linears, other_tensors=others, num_layers=text.num_hidden_layers,
                        fp32_params=fp32_params, buffer_bytes=buffer_bytes,
                        other_modules=weight_modules(model, adaptable, notes), dense_linears=tuple(kept.values()),
-                       expert_params=sum(stored.values()))
+                       expert_params=sum(stored.values()), routers=routers)
 
 
 def quantized_bytes(numel: int, blocksize: int, double_quant: bool) -> tuple[int, int]:
@@ -306,20 +313,23 @@ def select_targets(counts: ModelCounts, target_modules: tuple[str, ...] | str | 
 
 def select_expert_targets(counts: ModelCounts, target_parameters: tuple[str, ...]) -> dict[str, list[LinearShape]]:
     """``{expert weight: its experts}`` adapted by ``target_parameters`` (PEFT's rule: the name equals
-    ``<module>.<weight>`` or its end); each expert gets rank-r A and B.
+    ``<module>.<weight>`` or its end); each expert gets rank-r A and B, and a router's weight (one "expert") one.
 
     Raises:
-        UsageError: a requested name matches no expert weight.
+        UsageError: a requested name matches no expert or router weight.
     """
     weights: dict[str, list[LinearShape]] = {}
     for lin in counts.linears:
         if not lin.adaptable:
             weights.setdefault(lin.name.rsplit(".", 1)[0], []).append(lin)
+    names = sorted({w.rsplit(".", 1)[-1] for w in weights})
+    weights |= {f"{lin.name}.weight": [lin] for lin in counts.routers}
     missing = [t for t in target_parameters if not any(matches_any(w, [t]) for w in weights)]
     if missing:
-        names = sorted({w.rsplit(".", 1)[-1] for w in weights})
-        raise UsageError(f"--target-parameters {', '.join(missing)} match no expert weight of this model; "
-                         + (f"its expert weights are {', '.join(names)}." if names else "it has no 3-D experts."))
+        raise UsageError(f"--target-parameters {', '.join(missing)} match no expert or router weight of this model; "
+                         + (f"its expert weights are {', '.join(names)}." if names else "it has no 3-D experts.")
+                         + (f" Its routers' weights are e.g. {counts.routers[0].name}.weight." if counts.routers
+                            else ""))
     chosen = {w: lins for w, lins in weights.items() if target_parameters and matches_any(w, target_parameters)}
     own = [w for w, lins in chosen.items() if lins[0].own_layout]
     if own:
@@ -574,7 +584,7 @@ def estimate(config, opts: TrainingOptions) -> Estimate:
         f"parameters: {counts.total_params:,} total, {counts.quantized_params - in_experts:,} in quantized linears, "
         f"{f'{in_experts:,} in 3-D experts kept bf16 (--no-quantize-experts), ' if in_experts else ''}"
         f"{counts.params_16bit:,} kept in 16-bit; LoRA r={opts.rank} on {len(targets)} linears"
-        f"{f' and {len(experts)} expert weights (one LoRA per expert)' if experts else ''}: {lora_params:,}",
+        f"{f' and {len(experts)} expert or router weights (one LoRA per expert)' if experts else ''}: {lora_params:,}",
         f"quantization constants {'with' if opts.double_quant else 'without'} double quantization: "
         f"{consts / GIB:.3f} GiB ({'without' if opts.double_quant else 'with'}: {other_dq / GIB:.3f} GiB)",
         "full fine-tuning: bf16 weights and gradients, AdamW states as chosen (no fp32 master copy)",

@@ -16,8 +16,8 @@ from torch import nn
 from ..errors import UsageError
 from ..float_dtype import float_dtype
 from ..nn import (AdaLoraLinear, Experts4bit, ExpertsLora, Linear4bit, LoraEmbedding, LoraLinear, LoraSpec,
-                  SavedModules, adapter_name_problem, dequantized, expert_weight_names, experts_layout,
-                  undequantizable)
+                  RouterLora, SavedModules, adapter_name_problem, dequantized, expert_weight_names, experts_layout,
+                  is_router, undequantizable)
 from ..nn.experts_lora import expert_shapes
 from ..nn.residual_init_names import is_residual_init
 from .quantize import (is_linear_like, kept_dense_names, matches_any, non_text_names, output_embedding_names,
@@ -68,9 +68,15 @@ def experts_lora_layers(model: nn.Module) -> dict[str, ExpertsLora]:
     return {name: m for name, m in model.named_modules() if isinstance(m, ExpertsLora)}
 
 
-def adapter_layers(model: nn.Module) -> list[LoraLinear | LoraEmbedding | ExpertsLora]:
-    """Every layer holding named adapters: linear, embedding and expert ones."""
-    return [*lora_layers(model).values(), *embedding_lora_layers(model).values(), *experts_lora_layers(model).values()]
+def router_lora_layers(model: nn.Module) -> dict[str, RouterLora]:
+    """The MoE routers carrying LoRA on their 2-D weight (``target_parameters``), by path."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, RouterLora)}
+
+
+def adapter_layers(model: nn.Module) -> list[LoraLinear | LoraEmbedding | ExpertsLora | RouterLora]:
+    """Every layer holding named adapters: linear, embedding, expert and router ones."""
+    return [*lora_layers(model).values(), *embedding_lora_layers(model).values(), *experts_lora_layers(model).values(),
+            *router_lora_layers(model).values()]
 
 
 def saved_module_layers(model: nn.Module) -> dict[str, SavedModules]:
@@ -83,7 +89,7 @@ def adapters_disabled(model: nn.Module) -> Iterator[None]:
     """Every adapter layer of ``model`` (LoRA, DoRA, AdaLoRA) off for the block: the base model,
     as PEFT's ``disable_adapter()``. The DPO reference model is this, so no second copy is loaded."""
     layers = [m for m in model.modules()
-              if isinstance(m, (LoraLinear, LoraEmbedding, AdaLoraLinear, ExpertsLora, SavedModules))]
+              if isinstance(m, (LoraLinear, LoraEmbedding, AdaLoraLinear, ExpertsLora, RouterLora, SavedModules))]
     previous = [m.disabled for m in layers]
     for m in layers:
         m.disabled = True
@@ -184,11 +190,12 @@ def _select_parameters(model: nn.Module, targets: list[str]) -> dict[str, list[s
                              "Adapt the model's linear layers (attention, shared experts) with target_modules instead.")
     keys = {f"{path}.{w}": (path, w) for path, m in experts.items() if path not in own
             for w in (m.shapes if isinstance(m, ExpertsLora) else expert_shapes(m))}
+    routers = {f"{path}.weight": (path, "weight") for path in router_modules(model, experts)}
     chosen: dict[str, list[str]] = {}
-    for key, (path, w) in keys.items():
+    for key, (path, w) in (keys | routers).items():
         if matches_any(key, targets):
             chosen.setdefault(path, []).append(w)
-    unmatched = [t for t in targets if not any(matches_any(k, [t]) for k in keys)]
+    unmatched = [t for t in targets if not any(matches_any(k, [t]) for k in keys | routers)]
     if unmatched:
         others = [n for n, _ in model.named_parameters() if ".lora_" not in n and not n.startswith(
             tuple(p + "." for p in experts))] + [f"{n}.weight" for n, m in model.named_modules()
@@ -201,11 +208,39 @@ def _select_parameters(model: nn.Module, targets: list[str]) -> dict[str, list[s
                  + ("" if _has_experts_modules() else " LoRA on expert weights needs transformers 5, whose MoE "
                     "models hold their experts in such modules; this transformers (4.x) keeps them as per-expert "
                     "linear layers (adapted through target_modules) or in layouts qlora does not adapt."))
-        detail = "; ".join(f"{t!r} names {wrong[t]}, which is not an expert weight (linear layers are adapted "
-                           "through target_modules; routers are never adapted)" for t in wrong)
-        raise UsageError(f"target parameters {', '.join(map(repr, unmatched))} match no expert weight of this model"
+        if routers:
+            exist += f" Its MoE routers' weights, which LoRA may adapt too, are e.g. {', '.join(sorted(routers)[:2])}."
+        detail = "; ".join(f"{t!r} names {wrong[t]}, which is neither an expert weight nor a router's (linear "
+                           "layers are adapted through target_modules)" for t in wrong)
+        raise UsageError(f"target parameters {', '.join(map(repr, unmatched))} match no expert or router weight of "
+                         f"this model"
                          f"{': ' + detail if detail else ''}. {exist}")
     return chosen
+
+
+def parameter_keys(model: nn.Module) -> list[str]:
+    """``<module path>.<weight>`` of every weight ``target_parameters`` may name: the experts modules' 3-D weights
+    (those of a layout of their own too, which :func:`add_lora` refuses by name) and the routers' 2-D weights."""
+    experts = expert_modules(model)
+    names = {path: m.shapes if isinstance(m, ExpertsLora) else getattr(experts_layout(m), "names", None)
+             or expert_shapes(m) for path, m in experts.items()}
+    keys = [f"{path}.{w}" for path, ws in names.items() for w in ws]
+    return keys + [f"{path}.weight" for path in router_modules(model, experts)]
+
+
+def router_modules(model: nn.Module, experts: dict[str, nn.Module] | None = None) -> list[str]:
+    """Paths of the MoE routers (2-D weights of modules that are no linear layer, outside experts modules) that
+    PEFT's ``target_parameters`` may adapt, as :class:`RouterLora` does."""
+    skip = tuple(p + "." for p in (expert_modules(model) if experts is None else experts))
+    inner = tuple(n + ".base_layer" for n, m in model.named_modules() if isinstance(m, RouterLora))
+    return [n for n, m in model.named_modules() if n and not n.startswith(skip) and n not in inner
+            and adaptable_router(m)]
+
+
+def adaptable_router(module: nn.Module) -> bool:
+    """A router :class:`RouterLora` adapts (or already adapts): no layer qlora adapts as linear (Falcon's
+    ``FalconLinear``, GPT-2's ``Conv1D``) or embedding."""
+    return isinstance(module, RouterLora) or (is_router(module) and not is_linear_like(module))
 
 
 def _modules_to_save(model: nn.Module, names: list[str] | None) -> list[str]:
@@ -354,7 +389,8 @@ def check_init(init: str, loftq_iter: int) -> None:
 
 def _adapter_parameters(model: nn.Module) -> list[nn.Parameter]:
     """The factors (and DoRA magnitudes) of every adapter on ``model``, not their base layers."""
-    layers = [m for m in model.modules() if isinstance(m, (LoraLinear, LoraEmbedding, AdaLoraLinear, ExpertsLora))]
+    layers = [m for m in model.modules()
+              if isinstance(m, (LoraLinear, LoraEmbedding, AdaLoraLinear, ExpertsLora, RouterLora))]
     return [p for m in layers for n, p in m.named_parameters() if n.startswith("lora_")]
 
 
@@ -448,11 +484,12 @@ def add_lora(
             one saved is untied first, as PEFT trains its own copy, unless ``ensure_weight_tying`` (PEFT's
             option: the pair stays one table, saved under both keys); both saved are trained as the one table
             they are (:mod:`qlora.model.tied_tables`).
-        target_parameters: 3-D MoE expert weights to adapt, PEFT's ``target_parameters``
-            (``["mlp.experts.gate_up_proj", "7.mlp.experts.down_proj"]``: a name equal to
-            ``<module path>.<weight>`` or its end). Each expert gets its own rank-``r``
-            adapter, laid out as PEFT's ``ParamWrapper`` (A ``(r * E, in)``, B ``(out, r * E)``);
-            routers are never adapted. PEFT allows no dropout, DoRA or LoftQ with them.
+        target_parameters: 3-D MoE expert weights (and MoE routers' 2-D weights) to adapt, PEFT's
+            ``target_parameters`` (``["mlp.experts.gate_up_proj", "7.mlp.experts.down_proj", "gate.weight"]``:
+            a name equal to ``<module path>.<weight>`` or its end). Each expert gets its own rank-``r``
+            adapter, laid out as PEFT's ``ParamWrapper`` (A ``(r * E, in)``, B ``(out, r * E)``); a router
+            one rank-``r`` adapter (:class:`qlora.nn.RouterLora`), as PEFT's all-linear makes on
+            transformers 5. PEFT allows no dropout, DoRA or LoftQ with them.
             ``target_modules`` may then be ``None`` or ``[]`` (experts only).
         rank_pattern, alpha_pattern: PEFT's per-layer rank and alpha: ``{regex: value}``,
             a key matching a module path or a ``.``-separated tail of it
@@ -550,6 +587,16 @@ def add_lora(
                          "which this adapter does not target; give add_lora the target_modules given to StreamedInit.")
     for path, weights in experts.items():
         module = model.get_submodule(path)
+        if adaptable_router(module):  # a router: its one 2-D weight
+            if not isinstance(module, RouterLora):
+                parent_path, _, child = path.rpartition(".")
+                module = RouterLora(module)
+                setattr(model.get_submodule(parent_path) if parent_path else model, child, module)
+            try:
+                module.add_adapter(adapter_name, layer_spec(spec, f"{path}.weight", rank_pattern, alpha_pattern))
+            except ValueError as exc:
+                raise UsageError(f"{path}: {exc}") from exc
+            continue
         if not isinstance(module, ExpertsLora):
             parent_path, _, child = path.rpartition(".")
             module = ExpertsLora(module)
@@ -557,7 +604,7 @@ def add_lora(
         # PEFT matches the patterns against each parameter's name, <module path>.<weight>
         module.add_adapter(adapter_name, {w: layer_spec(spec, f"{path}.{w}", rank_pattern, alpha_pattern)
                                           for w in weights}, weights)
-    for layer in experts_lora_layers(model).values():
+    for layer in [*experts_lora_layers(model).values(), *router_lora_layers(model).values()]:
         for p in list(layer.lora_A.parameters()) + list(layer.lora_B.parameters()):
             p.requires_grad_(True)
     for layer in lora_layers(model).values():
@@ -581,7 +628,7 @@ def add_lora(
                                           ensure_weight_tying=ensure_weight_tying and bool(save_paths))
     if verbose:
         trainable, total = count_parameters(model)
-        log.info("qlora: %d layers and %d experts modules adapted; trainable params %s of %s (%.4f%%)",
+        log.info("qlora: %d layers and %d experts modules or routers adapted; trainable params %s of %s (%.4f%%)",
                  len(paths), len(experts), f"{trainable:,}", f"{total:,}", 100 * trainable / max(total, 1))
     return model
 

@@ -18,7 +18,7 @@ from torch import nn
 from ..atomic import atomic_dir
 from ..errors import UsageError
 from ..float_dtype import float_dtype
-from ..nn import AdaLoraLinear, Experts4bit, ExpertsLora, Linear4bit, LoraEmbedding, LoraLinear
+from ..nn import AdaLoraLinear, Experts4bit, ExpertsLora, Linear4bit, LoraEmbedding, LoraLinear, RouterLora
 from ..shard_size import DEFAULT_BYTES
 from .adapter_sources import merged_folder, note_merged
 from .chat_format import ChatFormat
@@ -144,6 +144,15 @@ def merged_tensors(model: nn.Module) -> list[tuple[str, tuple[int, ...], Callabl
             for name, t in module.named_parameters():  # biases, post-expert norm
                 rows.append((prefix + name, tuple(t.shape), lambda t=t: t.detach()))
             continue
+        if isinstance(module, RouterLora):  # the 16-bit router, its deltas folded into its weight
+            folded.append(path)
+            rows.append((prefix + "weight", tuple(module.base_layer.weight.shape), module.merged_weight))
+            base = module.base_layer
+            for name, t in list(base.named_parameters()) + [(n, b) for n, b in base.named_buffers(recurse=False)
+                                                            if n not in base._non_persistent_buffers_set]:
+                if name != "weight":
+                    rows.append((prefix + name, tuple(t.shape), lambda t=t: t.detach()))
+            continue
         if isinstance(module, LoraEmbedding):
             folded.append(path)
             names = module.unmerged_active
@@ -199,6 +208,10 @@ def merge(model: nn.Module, into: str = "dequantized", dtype: torch.dtype | str 
             return module.to_dense(dtype) if into == "dequantized" else None
         if isinstance(module, Linear4bit) and into != "dequantized":
             return None
+        if isinstance(module, RouterLora):  # in the router's own dtype, as routers without adapters stay (DeepSeek-V3's
+            base = module.base_layer  # fp32 one too: cast_merged keeps it so, and bf16 would round the merged delta)
+            base.weight = nn.Parameter(module.merged_weight().to(base.weight.dtype), requires_grad=False)
+            return base
         if isinstance(module, LoraEmbedding):  # a new table: a head tied to the old one keeps it
             base = module.base_layer
             merged = module.merged_weight(module.unmerged_active)
@@ -252,7 +265,7 @@ def _merging(model: nn.Module) -> list[str]:
     for module in model.modules():
         if isinstance(module, (LoraLinear, LoraEmbedding)):
             names.update(dict.fromkeys(module.unmerged_active))
-        elif isinstance(module, ExpertsLora):
+        elif isinstance(module, (ExpertsLora, RouterLora)):
             names.update(dict.fromkeys(module.active))
         elif isinstance(module, AdaLoraLinear):
             names[module.adapter_name] = None
@@ -302,7 +315,7 @@ def save_merged(model: nn.Module, out_dir: str | Path, tokenizer=None, max_shard
     there goes in too, as ``qlora merge`` writes it: its chat format (also as the tokenizer's template), image
     pixel bounds and the tokens its loss was measured on (``trained_tokens.json``), which qlora's generate, chat,
     eval and serve follow."""
-    if any(isinstance(m, (Linear4bit, Experts4bit, ExpertsLora, LoraLinear, LoraEmbedding, AdaLoraLinear))
+    if any(isinstance(m, (Linear4bit, Experts4bit, ExpertsLora, RouterLora, LoraLinear, LoraEmbedding, AdaLoraLinear))
            for m in model.modules()):
         raise UsageError("save_merged needs a dense model: call qlora.merge(model) first")
     source = merged_folder(model)

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from ..errors import UsageError
-from ..nn import AdaLoraLinear, ExpertsLora, LoraEmbedding, LoraLinear, LoraSpec
+from ..nn import AdaLoraLinear, ExpertsLora, LoraEmbedding, LoraLinear, LoraSpec, RouterLora
 from .adalora import AdaLoraConfig
 from .in_place_weights import written_in_place
 from .inject import (AdapterConfig, adapter_configs, adapter_layers, check_adapter_name, embedding_lora_layers,
@@ -35,8 +35,8 @@ def _check_names(model: nn.Module, names: Sequence[str | None]) -> None:
 def _refuse_expert_adapters(model: nn.Module, names: list[str], what: str) -> None:
     experts = sorted({n for n in names if getattr(adapter_configs(model)[n], "target_parameters", None)})
     if experts:
-        raise UsageError(f"{what} does not cover LoRA on expert weights (target_parameters), which adapters "
-                         f"{experts} have; switch or weight them with set_adapters(...) instead.")
+        raise UsageError(f"{what} does not cover LoRA on expert or router weights (target_parameters), which "
+                         f"adapters {experts} have; switch or weight them with set_adapters(...) instead.")
 
 
 def set_adapters(model: nn.Module, weights: dict[str, float]) -> None:
@@ -103,8 +103,8 @@ def discard_adapter(model: nn.Module, name: str) -> None:
     work without its checks; for a load that failed midway, before or after its config was recorded): its slots in
     every layer, its copies of modules trained whole and its config; each layer no adapter is left on becomes its
     base module again."""
-    for path, layer in [(p, m) for p, m in model.named_modules() if isinstance(m, (LoraLinear, LoraEmbedding,
-                                                                                   ExpertsLora, AdaLoraLinear))]:
+    kinds = (LoraLinear, LoraEmbedding, ExpertsLora, RouterLora, AdaLoraLinear)
+    for path, layer in [(p, m) for p, m in model.named_modules() if isinstance(m, kinds)]:
         if isinstance(layer, AdaLoraLinear):  # one adapter's layer
             if layer.adapter_name != name:
                 continue

@@ -1,5 +1,5 @@
-"""Neural-network modules: the 4-bit linear layer, 4-bit MoE experts, LoRA (on linear layers and
-embeddings) and AdaLoRA adapters. Names are imported lazily, so that a light module of this package
+"""Neural-network modules: the 4-bit linear layer, 4-bit MoE experts, LoRA (on linear layers,
+embeddings, MoE experts and routers) and AdaLoRA adapters. Names are imported lazily, so that a light module of this package
 (``residual_init_names``) does not import torch with the others."""
 
 from qlora.lazy_names import lazy_attributes, lazy_dir
@@ -13,6 +13,7 @@ _LAZY = {
     "LoraEmbedding": "qlora.nn.lora_embedding",
     "LoraLinear": "qlora.nn.lora",
     "LoraSpec": "qlora.nn.lora",
+    "RouterLora": "qlora.nn.router_lora",
     "SavedModules": "qlora.nn.saved_modules",
     "adapter_name_problem": "qlora.nn.adapter_name",
     "computed_experts": "qlora.nn.experts4bit",
@@ -21,6 +22,7 @@ _LAZY = {
     "expert_weight": "qlora.nn.experts4bit",
     "expert_weight_names": "qlora.nn.experts4bit",
     "experts_layout": "qlora.nn.experts4bit",
+    "is_router": "qlora.nn.router_lora",
     "undequantizable": "qlora.nn.dequantized_modules",
 }
 __getattr__ = lazy_attributes(__name__, _LAZY)

@@ -194,7 +194,8 @@ class TrainConfig:
                                              "(only --target-parameters)")
     target_parameters: str = _opt("", "comma-separated 3-D MoE expert weights to adapt, one LoRA per expert "
                                       "(PEFT's target_parameters), e.g. mlp.experts.gate_up_proj,mlp.experts.down_proj; "
-                                      "--dropout then defaults to 0 (PEFT allows no other)")
+                                      "gate.weight: the MoE routers' weights; --dropout then defaults to 0 (PEFT allows "
+                                      "no other)")
     rslora: bool = _opt(False, "rank-stabilized LoRA: scale = alpha / sqrt(r)")
     rank_pattern: str = _opt("", "per-layer ranks, PEFT's rank_pattern, as NAME=R,...: NAME a regex matching a layer's "
                                  "path or its end (v_proj=8,layers\\.0\\..*=32); other layers get --rank")

@@ -28,7 +28,8 @@ _ESTIMATE_HELP = {"precompute_ref": "dpo, kto: count the reference log-probs as 
                   "method": "training objective, as qlora train's --method: sft, or on preference pairs dpo (against "
                             "a reference model), orpo, cpo or simpo, or kto on unpaired rows",
                   "target_parameters": "comma-separated 3-D MoE expert weights to adapt, one LoRA per expert (PEFT's "
-                                       "target_parameters), e.g. mlp.experts.gate_up_proj,mlp.experts.down_proj"}
+                                       "target_parameters), e.g. mlp.experts.gate_up_proj,mlp.experts.down_proj; "
+                                       "gate.weight: the MoE routers' weights"}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
