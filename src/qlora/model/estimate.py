@@ -340,6 +340,14 @@ def select_expert_targets(counts: ModelCounts, target_parameters: tuple[str, ...
     return chosen
 
 
+def _expert_targets(experts: dict[str, list[LinearShape]], counts: ModelCounts) -> str:
+    """`` and 4 expert weights (one LoRA per expert) and 2 router weights``: what LoRA adapts beside the linears."""
+    routers = sum(w in {f"{lin.name}.weight" for lin in counts.routers} for w in experts)
+    words = [f"{len(experts) - routers} expert weights (one LoRA per expert)"] if len(experts) > routers else []
+    words += [f"{routers} router weight{'' if routers == 1 else 's'}"] if routers else []
+    return "".join(f" and {w}" for w in words)
+
+
 def optimizer_bytes(tensor_numels: list[int], optim: str) -> int:
     """AdamW states (two per parameter) for the trainable tensors.
 
@@ -584,7 +592,7 @@ def estimate(config, opts: TrainingOptions) -> Estimate:
         f"parameters: {counts.total_params:,} total, {counts.quantized_params - in_experts:,} in quantized linears, "
         f"{f'{in_experts:,} in 3-D experts kept bf16 (--no-quantize-experts), ' if in_experts else ''}"
         f"{counts.params_16bit:,} kept in 16-bit; LoRA r={opts.rank} on {len(targets)} linears"
-        f"{f' and {len(experts)} expert or router weights (one LoRA per expert)' if experts else ''}: {lora_params:,}",
+        f"{_expert_targets(experts, counts)}: {lora_params:,}",
         f"quantization constants {'with' if opts.double_quant else 'without'} double quantization: "
         f"{consts / GIB:.3f} GiB ({'without' if opts.double_quant else 'with'}: {other_dq / GIB:.3f} GiB)",
         "full fine-tuning: bf16 weights and gradients, AdamW states as chosen (no fp32 master copy)",
