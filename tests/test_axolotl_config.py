@@ -11,6 +11,7 @@ import pytest
 from qlora.cli.main import main
 from qlora.errors import UsageError
 from qlora.train.config import load_config
+from qlora.train.strategy import steps_of
 from qlora.train.data import normalize
 from qlora.train.data.selection import read_sources
 
@@ -385,12 +386,12 @@ def test_saves_and_evals_per_epoch_are_shares_of_the_run_as_axolotl_computes_the
     ceil(total_steps * share) steps); evals_per_epoch likewise, only with val_set_size or test_datasets."""
     cfg = load_config(_yaml(tmp_path, _LLAMA3.format(model="m", data="d.jsonl", output="o")), {})
     assert (cfg.save_steps, cfg.eval_steps) == (0.25, 0)  # evals_per_epoch 4, but val_set_size 0: no evals
-    assert (cfg.steps_between("save_steps", 10), cfg.steps_between("save_steps", 4)) == (3, 1)
+    assert (steps_of(cfg.save_steps, 10), steps_of(cfg.save_steps, 4)) == (3, 1)
     head = "base_model: m\nadapter: lora\ndatasets: [d.jsonl]\noutput_dir: o\n"
     cfg = load_config(_yaml(tmp_path, head + "num_epochs: 2\nval_set_size: 0.1\nevals_per_epoch: 3\n"
                                              "saves_per_epoch: 1\n"), {})
     assert (cfg.eval_steps, cfg.save_steps) == (1 / 6, 0.5)
-    assert cfg.steps_between("eval_steps", 13) == 3  # ceil(13 / 6)
+    assert steps_of(cfg.eval_steps, 13) == 3  # ceil(13 / 6)
     cfg = load_config(_yaml(tmp_path, head + "saves_per_epoch: 1\nevals_per_epoch: 1\ntest_datasets: [e.jsonl]\n"),
                       {})
     assert (cfg.save_steps, cfg.eval_steps) == (0, 0)  # one per epoch of one epoch: the end of the run

@@ -9,6 +9,7 @@ import pytest
 from qlora.cli.main import main
 from qlora.errors import UsageError
 from qlora.train.config import ALIASES, TrainConfig, load_config
+from qlora.train.strategy import steps_of
 
 
 def _yaml(tmp_path, text: str):
@@ -158,7 +159,7 @@ def test_transformers_step_options_of_any_file_read_as_transformers_reads_them(t
     logging_steps below 1 a share of the run's steps, in a LLaMA-Factory file as in TRL's."""
     text = _LLAMA_FACTORY.replace("logging_steps: 10", "logging_steps: 0.05") + "max_steps: -1\n"
     cfg = load_config(_yaml(tmp_path, text), {})
-    assert (cfg.max_steps, cfg.epochs, cfg.logging_steps, cfg.steps_between("logging_steps", 90)) == (0, 3.0, 0.05, 5)
+    assert (cfg.max_steps, cfg.epochs, cfg.logging_steps, steps_of(cfg.logging_steps, 90)) == (0, 3.0, 0.05, 5)
 
 
 @pytest.mark.parametrize("edit,message", [

@@ -35,7 +35,7 @@ from qlora.train.file_fingerprint import Fingerprint, data_fingerprints, model_f
 from qlora.train.foreign_keys import (AXOLOTL_DEFAULTS, adapter_keys, is_axolotl, jinja_template_keys, silent_defaults,
                                       translate)
 from qlora.train.peft_keys import peft_option_keys
-from qlora.train.strategy import LOGGING_STRATEGIES, STRATEGIES, steps_of
+from qlora.train.strategy import LOGGING_STRATEGIES, STRATEGIES
 from qlora.train.torchtune_config import is_torchtune, torchtune_options
 from qlora.train.trl_config import is_trl, loss_keys, preference_keys, trl_defaults, trl_options
 from qlora.train.f_divergences import F_DIVERGENCE_LOSSES, F_DIVERGENCES
@@ -505,11 +505,6 @@ class TrainConfig:
         """Whether --init changes the base weights (LoftQ, PiSSA, OLoRA): on a 4-bit base it is computed layer
         by layer while the model loads (:mod:`qlora.model.streamed_init`)."""
         return self.init == "loftq" or is_residual_init(self.init)
-
-    def steps_between(self, name: str, total_steps: int) -> int:
-        """``--save-steps``/``--eval-steps``/``--logging-steps`` in optimizer steps (0: none) for a run of
-        ``total_steps``: a value below 1 is a share of them, rounded up (transformers' rule)."""
-        return steps_of(getattr(self, name), total_steps)
 
     def _validate_method(self) -> None:
         """Options that belong to some training methods only, and the loss types of each."""
