@@ -103,11 +103,7 @@ def _onto_routers(config: dict, routers: list[tuple[str, str]], others: list[str
             config[field] = dict(patterns) | own
     config["target_parameters"] = list(config.get("target_parameters") or []) + sorted(
         f"{n}.weight" for _, n in routers)
-    if config.get("lora_dropout"):
-        log.warning("%s: its lora_dropout (%s) is not applied: its LoRA on MoE routers becomes LoRA on their 2-D "
-                    "weights, which has no dropout (as in PEFT); this matters only to training it further.",
-                    adapter_dir, config["lora_dropout"])
-        config["lora_dropout"] = 0.0
+    _without_dropout(config, adapter_dir, "its LoRA on MoE routers becomes LoRA on their 2-D weights")
     return config
 
 
@@ -189,11 +185,7 @@ def _fuse_experts(config: dict, tensors: dict[str, torch.Tensor], fused: dict[st
                                for key, rank in own.items()} | keep_alpha
     config["target_parameters"] = list(config.get("target_parameters") or []) + sorted(
         f"{where}.{weight}" for where, weight in parts)
-    if config.get("lora_dropout"):
-        log.warning("%s: its lora_dropout (%s) is not applied: its per-expert LoRA becomes LoRA on 3-D expert "
-                    "weights, which has no dropout (as in PEFT); this matters only to training it further.",
-                    adapter_dir, config["lora_dropout"])
-        config["lora_dropout"] = 0.0
+    _without_dropout(config, adapter_dir, "its per-expert LoRA becomes LoRA on 3-D expert weights")
     log.info("%s: LoRA on %d per-expert layers (transformers 4.x names) mapped onto this model's 3-D expert weights "
              "%s", adapter_dir, len(fused), ", ".join(sorted({w for _, w in parts})))
     return config, tensors
@@ -231,3 +223,12 @@ def _stacked(held: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]], sou
             b[source * rows:(source + 1) * rows, [(offset + j) * count + expert for j in range(k)]] = part_b.to(first.dtype)
             offset += k
     return a, b
+
+
+def _without_dropout(config: dict, adapter_dir: Path, becomes: str) -> None:
+    """Set the converted adapter's ``lora_dropout`` to 0, saying so: LoRA on a parameter (PEFT's
+    ``target_parameters``) has no dropout."""
+    if config.get("lora_dropout"):
+        log.warning("%s: its lora_dropout (%s) is not applied: %s, which has no dropout (as in PEFT); this matters "
+                    "only to training it further.", adapter_dir, config["lora_dropout"], becomes)
+        config["lora_dropout"] = 0.0
