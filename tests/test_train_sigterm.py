@@ -111,3 +111,34 @@ def test_sigterm_to_the_launcher_of_two_ranks_stops_them_at_a_checkpoint_as_ctrl
     assert (checkpoints[-1] / "adapter" / "adapter_model.safetensors").is_file()
     assert (checkpoints[-1] / "trainer_state.pt").is_file()
     assert [p.name for p in out.iterdir() if p.name.startswith(".")] == [MANIFEST]
+
+
+def test_a_signal_torch_masks_with_its_own_error_still_ends_the_launch_as_interrupted(tmp_path, monkeypatch, capsys):
+    """A SIGTERM that lands as torch's elastic metrics wrapper starts timing a call surfaces as that wrapper's
+    ``UnboundLocalError`` (``start`` never assigned), raised while handling the SignalException (CI saw it once:
+    exit 1 with a traceback). The launcher reads the signal under it: the ranks' own word, status 130."""
+    from torch.distributed import run as torchrun
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+
+    from qlora.cli import launch
+
+    def masked(config):  # what torch's wrapper raises when the signal comes before its `start = time.time()`
+        try:
+            raise SignalException("Process 1 got signal: 15", sigval=signal.SIGTERM)
+        except SignalException:
+            raise UnboundLocalError("cannot access local variable 'start' where it is not associated with a value")
+
+    def ranks_said(config):
+        Path(os.environ[launch._ERRORS], "rank-0.txt").write_text("qlora train: interrupted at step 3; ...\n")
+        masked(config)
+
+    monkeypatch.setattr(torchrun, "run", ranks_said)
+    assert launch.launch(2, ["train"], "train") == 130
+    assert capsys.readouterr().err == "qlora train: interrupted at step 3; ...\n"
+
+    def other(config):
+        raise UnboundLocalError("a bug of its own")
+
+    monkeypatch.setattr(torchrun, "run", other)
+    with pytest.raises(UnboundLocalError, match="a bug of its own"):  # no signal under it: not an interruption
+        launch.launch(2, ["train"], "train")

@@ -36,8 +36,11 @@ def launch(nproc: int, argv: list[str], command: str) -> int:
             torchrun.run(torchrun.parse_args(["--standalone", f"--nproc-per-node={nproc}", "-m", "qlora", *argv]))
         except ChildFailedError as exc:
             return _report(exc, Path(errors), command)
-        except SignalException as exc:  # Ctrl-C or a kill reached the launcher: the ranks were stopped with it
-            return _interrupted(exc.sigval, Path(errors), command)
+        except Exception as exc:  # Ctrl-C or a kill reached the launcher: the ranks were stopped with it
+            stop = _signal_in(exc, SignalException)
+            if stop is None:
+                raise
+            return _interrupted(stop.sigval, Path(errors), command)
         finally:
             os.environ.pop(_ERRORS, None)
             os.environ.pop(_LAUNCHER, None)
@@ -64,6 +67,15 @@ def follow_launcher() -> None:
     launcher = os.environ.get(_LAUNCHER)
     if launcher and os.getppid() != int(launcher):  # the launcher died before prctl above
         os.kill(os.getpid(), signal.SIGTERM)
+
+
+def _signal_in(exc: BaseException | None, kind: type) -> BaseException | None:
+    """The ``kind`` (torchrun's SignalException) among ``exc`` and the exceptions it was raised from or while
+    handling: a signal that lands as torch's metrics wrapper starts timing a call surfaces as that wrapper's
+    UnboundLocalError, raised while handling it (the agent's shutdown of the ranks ran all the same)."""
+    while exc is not None and not isinstance(exc, kind):
+        exc = exc.__cause__ or exc.__context__
+    return exc
 
 
 def _said(errors: Path) -> list[str]:
