@@ -263,10 +263,8 @@ def _merging(model: nn.Module) -> list[str]:
     """The adapters a merge folds in: the active ones not merged yet, of every layer."""
     names: dict[str, None] = {}
     for module in model.modules():
-        if isinstance(module, (LoraLinear, LoraEmbedding)):
+        if isinstance(module, (LoraLinear, LoraEmbedding, ExpertsLora, RouterLora)):
             names.update(dict.fromkeys(module.unmerged_active))
-        elif isinstance(module, (ExpertsLora, RouterLora)):
-            names.update(dict.fromkeys(module.active))
         elif isinstance(module, AdaLoraLinear):
             names[module.adapter_name] = None
     return list(names)

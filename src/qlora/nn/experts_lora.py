@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from .experts4bit import Experts4bit, experts_layout, routing, routing_arg_names, run_experts, run_prerouted
-from .lora import LoraSpec, check_new_adapter
+from .lora import AdapterSlots, LoraSpec, check_new_adapter
 
 
 def peft_transposed(experts: nn.Module) -> bool:
@@ -52,7 +52,7 @@ def expert_shapes(experts: nn.Module) -> dict[str, tuple[int, int]]:
     return {n: (d2, d1) if swap else (d1, d2) for n, (d1, d2) in dims.items()}
 
 
-class ExpertsLora(nn.Module):
+class ExpertsLora(AdapterSlots):
     """An experts module (4-bit or 16-bit, frozen) with named LoRA adapters on some of its 3-D weights.
 
     ``lora_A[weight][adapter]`` and ``lora_B[weight][adapter]`` are ``nn.Linear``
@@ -72,11 +72,9 @@ class ExpertsLora(nn.Module):
         self.num_experts = len(first) if isinstance(base_layer, Experts4bit) else first.shape[0]
         self.lora_A = nn.ModuleDict()
         self.lora_B = nn.ModuleDict()
-        self.specs: dict[str, LoraSpec] = {}  # adapter -> the spec of its first adapted weight
+        # specs: adapter -> the spec of its first adapted weight (AdapterSlots)
         self.weight_specs: dict[str, dict[str, LoraSpec]] = {}  # adapter -> weight -> its own rank and alpha
         self.targets: dict[str, list[str]] = {}  # adapter -> adapted weight names
-        self.active: dict[str, float] = {}
-        self.disabled = False
         self.layout = experts_layout(base_layer)
         self.peft_transposed = peft_transposed(base_layer)
         # PEFT's factors of Llama 4's (E, in, out) weights are sized as for (E, out, in): x @ B_e @ A_e
@@ -128,12 +126,6 @@ class ExpertsLora(nn.Module):
         self.specs.pop(name, None)
         self.weight_specs.pop(name, None)
         self.active.pop(name, None)
-
-    def set_active(self, weights: dict[str, float]) -> None:
-        unknown = [n for n in weights if n not in self.specs]
-        if unknown:
-            raise ValueError(f"unknown adapters {unknown}")
-        self.active = dict(weights)
 
     def factors(self, weight: str, name: str, expert: int) -> tuple[torch.Tensor, torch.Tensor]:
         """``(A_e [r, in], B_e [out, r])`` of one expert: PEFT's row block of A, strided columns of B."""

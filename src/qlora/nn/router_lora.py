@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from .linear4bit import Linear4bit
-from .lora import LoraSpec, check_new_adapter
+from .lora import AdapterSlots, LoraSpec, check_new_adapter
 
 
 def is_router(module: nn.Module) -> bool:
@@ -34,7 +34,7 @@ def is_router(module: nn.Module) -> bool:
             and not isinstance(module, (nn.Embedding, Linear4bit)) and type(module).forward is not nn.Linear.forward)
 
 
-class RouterLora(nn.Module):
+class RouterLora(AdapterSlots):
     """A frozen router with named LoRA adapters on its 2-D ``weight``.
 
     ``lora_A[adapter]`` and ``lora_B[adapter]`` are ``nn.Linear`` holding PEFT's
@@ -51,9 +51,6 @@ class RouterLora(nn.Module):
         self.out_features, self.in_features = base_layer.weight.shape
         self.lora_A = nn.ModuleDict()
         self.lora_B = nn.ModuleDict()
-        self.specs: dict[str, LoraSpec] = {}
-        self.active: dict[str, float] = {}
-        self.disabled = False
 
     # --- adapters -----------------------------------------------------------
     def add_adapter(self, name: str, spec: LoraSpec) -> None:
@@ -84,12 +81,6 @@ class RouterLora(nn.Module):
             del self.lora_A[name], self.lora_B[name]
         self.specs.pop(name, None)
         self.active.pop(name, None)
-
-    def set_active(self, weights: dict[str, float]) -> None:
-        unknown = [n for n in weights if n not in self.specs]
-        if unknown:
-            raise ValueError(f"unknown adapters {unknown}")
-        self.active = dict(weights)
 
     def delta(self, name: str) -> torch.Tensor:
         """Adapter ``name``'s delta ``scale * B @ A`` (``(out, in)``, the adapter's dtype; differentiable)."""
