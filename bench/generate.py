@@ -76,7 +76,8 @@ PACKAGES = ("transformers", "bitsandbytes", "triton")  # versions printed above 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--shape", default="llama-3-8b", help="tiny, or a model qlora estimate --list-models lists (a Llama-architecture one)")
+    parser.add_argument("--shape", default="llama-3-8b",
+                        help="tiny, or a model qlora estimate --list-models lists (a Llama-architecture one)")
     parser.add_argument("--prompt", type=int, default=32, help="prompt tokens")
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--warmup", type=int, default=1)

@@ -177,7 +177,8 @@ PACKAGES = ("transformers", "peft", "bitsandbytes", "triton")  # versions printe
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--shape", default="llama-3-8b", help="tiny, or a model qlora estimate --list-models lists (a Llama-architecture one)")
+    parser.add_argument("--shape", default="llama-3-8b",
+                        help="tiny, or a model qlora estimate --list-models lists (a Llama-architecture one)")
     parser.add_argument("--seq", type=int, default=2048)
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--warmup", type=int, default=2)
