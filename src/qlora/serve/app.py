@@ -1062,7 +1062,7 @@ async def _stream(queue: asyncio.Queue, choices: list[_Choice], body: _Body, rep
                 break
             carried[k] += choice.add(event)
             text = splitter.push(event.text) if splitter is not None else event.text
-            thought = splitter.take_reasoning() if hasattr(splitter, "take_reasoning") else ""
+            thought = _reasoning_since(splitter)
             if not started[k]:
                 text, started[k] = choice.echo + text, True
             if text or thought:
@@ -1072,7 +1072,7 @@ async def _stream(queue: asyncio.Queue, choices: list[_Choice], body: _Body, rep
                 finish = event.finish_reason
                 if splitter is not None:
                     tail, calls = splitter.finish()
-                    thought = splitter.take_reasoning() if hasattr(splitter, "take_reasoning") else ""
+                    thought = _reasoning_since(splitter)
                     if tail or thought:
                         yield chunk(k, tail, None, reasoning=thought)
                     for index, call in enumerate(choice.tools.shape(calls)):  # each call whole, in its own chunk
@@ -1132,11 +1132,11 @@ async def _response_events(queue: asyncio.Queue, choice: _Choice, writer: Respon
             choice.add(event)
             carried += event.logprobs
             piece = splitter.push(event.text) if splitter is not None else event.text
-            thought = splitter.take_reasoning() if hasattr(splitter, "take_reasoning") else ""
+            thought = _reasoning_since(splitter)
             if event.finish_reason is not None and splitter is not None:
                 tail, parsed = splitter.finish()
                 piece, calls = piece + tail, choice.tools.shape(parsed)
-                thought += splitter.take_reasoning() if hasattr(splitter, "take_reasoning") else ""
+                thought += _reasoning_since(splitter)
             if thought:
                 if not thoughts:
                     yield writer.event("response.output_item.added", output_index=0,
@@ -1197,6 +1197,11 @@ async def _response_events(queue: asyncio.Queue, choice: _Choice, writer: Respon
             yield ending
     finally:
         _cancel([choice])  # the client went away mid-stream: free the row at the next step
+
+
+def _reasoning_since(splitter: Splitter | None) -> str:
+    """The reply's reasoning the splitter read since it was last asked ('' where it reads none: tool calls alone)."""
+    return splitter.take_reasoning() if hasattr(splitter, "take_reasoning") else ""
 
 
 def _usage(choices: list[_Choice]) -> dict[str, int]:
