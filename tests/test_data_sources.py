@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -301,18 +302,19 @@ def test_a_byte_order_mark_is_not_data(tmp_path):
         assert [r.fields for r in load_records(tmp_path / name)] == ALPACA, name
 
 
-@pytest.mark.parametrize("compression", ["", ".gz", ".bz2", ".xz"])
+@pytest.mark.parametrize("compression", ["", ".gz", ".bz2", ".xz", ".zst"])
 @pytest.mark.parametrize("kind", ["jsonl", "json", "csv", "tsv"])
 def test_tab_separated_and_compressed_text_files_read_as_their_plain_twin(tmp_path, kind, compression):
     import bz2
     import gzip
     import lzma
 
+    zstd_open = pytest.importorskip("zstandard").open if compression == ".zst" else None
     text = {"jsonl": "".join(json.dumps(r) + "\n" for r in ALPACA), "json": json.dumps(ALPACA),
             "csv": "instruction,input,output\nSay hi,,hi\nAdd,2+2,4\n",
             "tsv": "instruction\tinput\toutput\nSay hi\t\thi\nAdd\t2+2\t4\n"}[kind]
     path = tmp_path / f"d.{kind}{compression}"
-    opener = {"": open, ".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}[compression]
+    opener = {"": open, ".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open, ".zst": zstd_open}[compression]
     with opener(path, "wt", encoding="utf-8") as f:
         f.write(text)
     records = load_records(path)
@@ -570,53 +572,73 @@ def test_a_folder_of_data_files_reads_each_file_as_qlora_reads_it_alone(tmp_path
 
 def test_line_ends_a_last_line_without_newline_and_zstd_alone_or_in_a_folder(tmp_path):
     """Windows line ends (CRLF, a quoted CSV newline kept as written), a BOM and a last line without a newline
-    read as datasets reads them, in a file alone or in a folder; a zstd-compressed text file (which datasets
-    reads only with the zstandard package) is refused naming the file and how to decompress it, in a folder too."""
+    read as datasets reads them, in a file alone or in a folder; so does a zstd-compressed text file (hub corpora
+    ship .jsonl.zst shards), alone or in a folder, and a cut one is named as such."""
     datasets = pytest.importorskip("datasets")
+    zstandard = pytest.importorskip("zstandard")
     folder = tmp_path / "crlf"
     folder.mkdir()
     (folder / "a.jsonl").write_bytes(b'\xef\xbb\xbf{"text": "a"}\r\n\r\n{"text": "b"}')
     (folder / "b.jsonl").write_bytes(b'{"text": "c"}\r\n')
     (tmp_path / "d.csv").write_bytes(b'instruction,input,output\r\n"two\r\nlines",,x\r\nAdd,2+2,4')
-    for path in (folder / "a.jsonl", folder, tmp_path / "d.csv"):
-        kind = {".jsonl": "json", ".csv": "csv"}.get(path.suffix)
+    zstd = tmp_path / "z"
+    zstd.mkdir()
+    (zstd / "d.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(
+        "".join(json.dumps(r) + "\n" for r in ALPACA).encode()))
+    for path in (folder / "a.jsonl", folder, tmp_path / "d.csv", zstd / "d.jsonl.zst", zstd):
+        kind = {".jsonl": "json", ".csv": "csv", ".zst": "json"}.get(path.suffix)
         theirs = datasets.load_dataset(kind, data_files=str(path), split="train", cache_dir=str(tmp_path / "c")) \
             if kind else datasets.load_dataset(str(path), split="train", cache_dir=str(tmp_path / "c"))
         assert [r.fields for r in load_records(path)] == [
             {k: v if v is not None else "" for k, v in row.items()} for row in theirs.to_list()], path
-    zstd = tmp_path / "z"
-    zstd.mkdir()
-    (zstd / "d.jsonl.zst").write_bytes(b"\x28\xb5\x2f\xfd")  # zstd's magic number
-    for path in (zstd / "d.jsonl.zst", zstd):
-        with pytest.raises(UsageError, match=r"z/d\.jsonl\.zst: unknown data format '\.jsonl\.zst'.* It looks "
-                                             r"compressed \(\.zst\): decompress it first, e\.g\. to d\.jsonl"):
-            load_records(path)
+    good = (zstd / "d.jsonl.zst").read_bytes()
+    cut, overwritten = good[:20], good[:6] + b"\xff" * (len(good) - 6)
+    for damaged, error in ((cut, "EOFError"), (overwritten, "ZstdError")):
+        (zstd / "d.jsonl.zst").write_bytes(damaged)
+        for path in (zstd / "d.jsonl.zst", zstd):
+            with pytest.raises(UsageError, match=rf"z/d\.jsonl\.zst: cannot be decompressed \({error}"):
+                load_records(path)
+    lz4 = tmp_path / "d.jsonl.lz4"
+    lz4.write_bytes(b"\x04\x22\x4d\x18")  # lz4's magic number: still refused, saying what to do
+    with pytest.raises(UsageError, match=r"unknown data format '\.jsonl\.lz4'.* It looks compressed \(\.lz4\): "
+                                         r"decompress it first, e\.g\. to d\.jsonl"):
+        load_records(lz4)
 
 
-@pytest.mark.parametrize("compression", ["gzip", "bz2", "lzma"])
+def test_zstd_without_the_zstandard_package_says_what_to_install(tmp_path, monkeypatch):
+    """zstandard is optional (datasets needs it for .zst as well): without it the file is named with both ways out."""
+    (tmp_path / "d.jsonl.zst").write_bytes(b"\x28\xb5\x2f\xfd")
+    monkeypatch.setitem(sys.modules, "zstandard", None)  # what `import zstandard` meets where it is not installed
+    with pytest.raises(UsageError, match=r"d\.jsonl\.zst is zstd-compressed: reading it needs the zstandard package "
+                                         r"\(pip install zstandard, as datasets needs it\), or decompress it first "
+                                         r"\(zstd -d d\.jsonl\.zst\)"):
+        load_records(tmp_path / "d.jsonl.zst")
+
+
+@pytest.mark.parametrize("compression", ["gzip", "bz2", "lzma", "zstandard"])
 def test_a_compressed_file_whose_name_does_not_say_so_reads_as_datasets_reads_it(tmp_path, compression):
-    """A gzip, bzip2 or xz file saved as data.jsonl (a download that kept its Content-Encoding) is read by its
-    first bytes, as datasets reads it, its lines named as in the plain file; zstd, which qlora does not read, is
-    named as such, not as text in another encoding. Plain text starting like bzip2's "BZh" stays text."""
+    """A gzip, bzip2, xz or zstd file saved as data.jsonl (a download that kept its Content-Encoding) is read by
+    its first bytes, as datasets reads it, its lines named as in the plain file; a damaged one is named as such,
+    not as text in another encoding. Plain text starting like bzip2's "BZh" stays text."""
     import bz2
     import gzip
     import lzma
 
     datasets = pytest.importorskip("datasets")
-    module = {"gzip": gzip, "bz2": bz2, "lzma": lzma}[compression]
+    module = {"gzip": gzip, "bz2": bz2, "lzma": lzma}.get(compression) or pytest.importorskip(compression)
+    compress = module.ZstdCompressor().compress if compression == "zstandard" else module.compress
     path = tmp_path / "d.jsonl"
-    path.write_bytes(module.compress("".join(json.dumps(r) + "\n" for r in ALPACA).encode()))
+    path.write_bytes(compress("".join(json.dumps(r) + "\n" for r in ALPACA).encode()))
     theirs = datasets.load_dataset("json", data_files=str(path), split="train", cache_dir=str(tmp_path / "c"))
     records = load_records(path)
     assert [r.fields for r in records] == theirs.to_list() == ALPACA and records[1].where.endswith("d.jsonl line 2")
-    (tmp_path / "t.txt").write_bytes(module.compress(b"one\ntwo\n"))
+    (tmp_path / "t.txt").write_bytes(compress(b"one\ntwo\n"))
     assert [r.fields for r in load_records(tmp_path / "t.txt")] == [{"text": "one"}, {"text": "two"}]
     (tmp_path / "bzh.txt").write_text("BZh91AY is how bzip2 starts\n")
     assert [r.fields["text"] for r in load_records(tmp_path / "bzh.txt")] == ["BZh91AY is how bzip2 starts"]
-    (tmp_path / "z.csv").write_bytes(b"\x28\xb5\x2f\xfd" + bytes(range(128, 160)))
-    with pytest.raises(UsageError, match=r"z\.csv line 1: not UTF-8 text .* It is zstd-compressed data, not text: "
-                                         r"decompress it first \(zstd -d\)"):
-        load_records(tmp_path / "z.csv")
+    (tmp_path / "cut.csv").write_bytes(compress(b"instruction,output\n" + b"a,b\n" * 200)[:-9])
+    with pytest.raises(UsageError, match=r"cut\.csv: cannot be decompressed"):
+        load_records(tmp_path / "cut.csv")
 
 
 def test_nan_in_json_data_is_a_missing_value_as_datasets_reads_it(tmp_path):

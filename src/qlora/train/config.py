@@ -133,8 +133,9 @@ class TrainConfig:
     precompute_ref: bool = _opt(False, "dpo, kto: compute the reference log-probs once before training (stored "
                                        "in --output, reused on --resume) instead of in every step")
     data: str | None = _opt(None, "training data: a .jsonl/.json/.csv/.tsv/.parquet/.arrow/.txt file (text ones "
-                                  "also .gz, .bz2, .xz), a save_to_disk folder, or a hub dataset name; several as a,b (a YAML "
-                                  "list), mixed; or names registered in --dataset-dir's dataset_info.json")
+                                  "also .gz, .bz2, .xz, .zst), a save_to_disk folder, or a hub dataset name; several "
+                                  "as a,b (a YAML list), mixed; or names registered in --dataset-dir's "
+                                  "dataset_info.json")
     dataset_dir: str = _opt("data", "folder of a LLaMA-Factory dataset_info.json, whose registered names --data and "
                                     "--eval-data may give")
     media_dir: str = _opt("", "folder that relative image paths of the data are looked for in when they are not "

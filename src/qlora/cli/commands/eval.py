@@ -34,7 +34,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="base model folder or hub id")
     parser.add_argument("--adapter", default=None, help="a PEFT-format adapter folder (e.g. a qlora train output)")
     parser.add_argument("--data", required=True, help="evaluation data: a .jsonl/.json/.csv/.tsv/.parquet/.arrow/.txt file "
-                        "(text ones also .gz, .bz2, .xz), a save_to_disk folder, or a hub dataset name; several as a,b "
+                        "(text ones also .gz, .bz2, .xz, .zst), a save_to_disk folder, or a hub dataset name; several as a,b "
                         "(each also measured on its own)")
     parser.add_argument("--data-split", default="test", help="split of a hub dataset or DatasetDict folder")
     parser.add_argument("--data-subset", default=None, help="subset (configuration) of a hub dataset")

@@ -36,12 +36,33 @@ from qlora.train.data.struct_nulls import has_struct_payloads, without_struct_nu
 from qlora.train.data.unique_keys import DuplicateKey, duplicate_line, loads_unique, loads_unique_prefix
 
 LOCAL_SUFFIXES = (".jsonl", ".ndjson", ".json", ".csv", ".tsv", ".parquet", ".arrow", ".txt")
+
+
+def _zstd_open(path: Path, mode: str, **text_options: Any):
+    """Read a zstd-compressed file (hub corpora ship ``.jsonl.zst`` shards) through the optional ``zstandard``
+    package, as datasets reads them. Each frame must reach its end: zstandard's streaming reader returns a cut
+    file's first part without a word, where gzip raises ``EOFError``, as this does."""
+    try:
+        import zstandard
+    except ImportError:
+        raise UsageError(f"{path} is zstd-compressed: reading it needs the zstandard package (pip install zstandard, "
+                         f"as datasets needs it), or decompress it first (zstd -d {path.name}).") from None
+    data, parts = Path(path).read_bytes(), []
+    while data:  # one frame after another (pzstd and concatenated files hold several)
+        frame = zstandard.ZstdDecompressor().decompressobj()
+        parts.append(frame.decompress(data))
+        if not frame.eof:
+            raise EOFError("Compressed file ended before the end-of-frame marker was reached")
+        data = frame.unused_data
+    raw = io.BytesIO(b"".join(parts))
+    return raw if "b" in mode else io.TextIOWrapper(raw, **text_options)
+
+
 # Compressed text files (data.jsonl.gz, data.csv.xz) are read through these, as datasets reads them.
-_COMPRESSED = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}
+_COMPRESSED = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open, ".zst": _zstd_open}
 # ... and by their first bytes where the name does not say (a gzip file saved as data.jsonl, which datasets reads)
-_MAGIC = {b"\x1f\x8b": gzip.open, b"\xfd7zXZ\x00": lzma.open,
+_MAGIC = {b"\x1f\x8b": gzip.open, b"\xfd7zXZ\x00": lzma.open, b"\x28\xb5\x2f\xfd": _zstd_open,
           **{b"BZh%d1AY&SY" % level: bz2.open for level in range(1, 10)}}  # bzip2's header, then its first block's
-_ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 _TEXT_SUFFIXES = (".jsonl", ".ndjson", ".json", ".csv", ".tsv", ".txt")
 # GPT-2's end-of-text token, written between the documents of plain-text corpora (TinyStoriesV2's .txt files,
 # OpenWebText dumps): such a file's records are its documents, not its lines.
@@ -131,7 +152,7 @@ def _read_file(path: Path, text_lines: bool = False, as_text: bool = False) -> l
     if reader is None:
         raise UsageError(
             f"{path}: unknown data format {''.join(path.suffixes[-2:]) or '(no suffix)'!r}. Give a file ending "
-            f"in {', '.join(LOCAL_SUFFIXES)} (text ones also compressed: .gz, .bz2, .xz), a folder written by "
+            f"in {', '.join(LOCAL_SUFFIXES)} (text ones also compressed: .gz, .bz2, .xz, .zst), a folder written by "
             f"save_to_disk, or a hub dataset name.{_decompress_hint(path)}"
         )
     if text_lines and reader is _read_text:
@@ -139,7 +160,7 @@ def _read_file(path: Path, text_lines: bool = False, as_text: bool = False) -> l
     _refuse_lfs_pointer(path)
     try:
         records = reader(path)
-    except (OSError, EOFError) as exc:  # a damaged compressed file (a bad gzip header, a cut stream)
+    except _damaged_stream() as exc:  # a damaged compressed file (a bad gzip header, a cut stream)
         if _opener(path) is None:
             raise
         raise UsageError(f"{path}: cannot be decompressed ({type(exc).__name__}: {exc}). Download or copy it "
@@ -165,8 +186,14 @@ def _refuse_lfs_pointer(path: Path) -> None:
                          "dataset with huggingface-cli download --repo-type dataset.")
 
 
+def _damaged_stream() -> tuple[type[BaseException], ...]:
+    """What a damaged compressed file raises while read: zstandard's own error once that package was imported."""
+    zstd = sys.modules.get("zstandard")
+    return (OSError, EOFError) + ((zstd.ZstdError,) if zstd is not None else ())
+
+
 def _decompress_hint(path: Path) -> str:
-    """For a file compressed in a way Python's standard library cannot read (zstd, lz4, ...): decompress it."""
+    """For a file compressed in a way qlora does not read (lz4, ...): decompress it."""
     if len(path.suffixes) < 2 or path.suffixes[-2].lower() not in _TEXT_SUFFIXES + (".parquet", ".arrow"):
         return ""
     return f" It looks compressed ({path.suffix}): decompress it first, e.g. to {path.with_suffix('').name}."
@@ -223,8 +250,6 @@ def _save_as_utf8(raw: bytes) -> str:
     Windows PowerShell and Excel's "Unicode text" write), else from a legacy one-byte encoding: Windows' cp1252
     where bytes 0x80-0x9F (its curly quotes, dashes, euro sign) are there, which latin1 reads as control
     characters."""
-    if raw.startswith(_ZSTD_MAGIC):
-        return "It is zstd-compressed data, not text: decompress it first (zstd -d)."
     for mark, encoding in ((codecs.BOM_UTF32_LE, "utf-32"), (codecs.BOM_UTF32_BE, "utf-32"),
                            (codecs.BOM_UTF16_LE, "utf-16"), (codecs.BOM_UTF16_BE, "utf-16")):
         if raw.startswith(mark):
@@ -644,7 +669,7 @@ def _read_folder(path: Path, split: str, subset: str | None, text_lines: bool = 
         raise UsageError(f"{path}: a folder given as --data must be written by save_to_disk or hold data files "
                          f"that datasets reads (json, csv, parquet, arrow, text): {type(exc).__name__}: {exc}") from None
     ours = [Path(f) for f in _pick_split(files, split, str(path))]
-    # a text file compressed other than by gzip, bz2, xz (zstd, lz4) is refused by _read_file, saying what to do
+    # a text file compressed other than by gzip, bz2, xz, zstd (lz4) is refused by _read_file, saying what to do
     if ours and all(p.is_file() and (as_text or _format_suffix(p) in LOCAL_SUFFIXES or _decompress_hint(p))
                     for p in ours):
         return [replace(r, folders=(str(p.parent),)) for p in ours for r in _read_file(p, text_lines, as_text)]
