@@ -505,20 +505,22 @@ def _read_csv(path: Path, delimiter: str = ",") -> list[Record]:
                              f"{', '.join(map(repr, repeated))} more than once, so a row's cells under that name "
                              "would overwrite each other. Rename the repeated columns.")
         records, ended, last = [], reader.line_num, 0
-        for cells in reader:  # line_num is the physical line where the row ended, so quoted newlines keep it right
+        # line_num is the physical line where a row ends: a row is named by the line it starts on (the line an
+        # editor shows it at, as a JSON object written over several lines is), after the previous row's end
+        for cells in reader:
             row_start, ended = ended + 1, reader.line_num
             if not cells:  # a blank line, as csv.DictReader skips it
                 continue
             last = row_start
             if any("\x00" in cell for cell in cells):
-                raise _nul_error(path, reader.line_num)
+                raise _nul_error(path, row_start)
             if any(cells[len(header):]):  # empty extra cells (a trailing separator) hold nothing to lose
                 raise UsageError(
-                    f"{path} line {reader.line_num}: {len(cells)} cells, but the header has {len(header)} columns. "
+                    f"{path} line {row_start}: {len(cells)} cells, but the header has {len(header)} columns. "
                     f"A text holding the separator ({delimiter!r}) must be quoted (\"a, b\"); quote it, or remove "
                     "the extra cells.")
             records.append(Record(dict(zip(header, cells[:len(header)] + [None] * (len(header) - len(cells)))),
-                                  f"{path} line {reader.line_num}"))
+                                  f"{path} line {row_start}"))
     if records and ended > last:  # the last row spans lines: its quote may never close
         _refuse_open_quote(path, delimiter, last, ended)
     return records
