@@ -139,3 +139,79 @@ def test_gguf_export_embeds_a_processors_own_chat_template(tmp_path, llava_base)
     fields = gguf.GGUFReader(next((tmp_path / "g").glob("model-*.gguf"))).fields
     template = AutoProcessor.from_pretrained(llava_base).chat_template
     assert fields["tokenizer.chat_template"].contents() == template == gguf.SpecialVocab(llava_base).chat_template
+
+
+@pytest.fixture(scope="module")
+def chatml_tuned(tmp_path_factory, tiny_tokenizer):
+    """A base whose EOS is ``<|eos|>`` and an adapter its run trained in ChatML, whose answers end in ``<|im_end|>``
+    (a Qwen or Llama base fine-tuned with ``--template chatml``)."""
+    from qlora.model.chat_format import ChatFormat
+    from qlora.model.tiny import CHATML_TEMPLATE, build_tiny_model
+
+    root = tmp_path_factory.mktemp("chatml")
+    base = build_tiny_model(root / "base", tokenizer=tiny_tokenizer, arch="llama")
+    adapter = _adapter(base, root / "adapter")
+    ChatFormat(template=CHATML_TEMPLATE, name="chatml").save(adapter)
+    return base, adapter
+
+
+def _eos_ids(folder) -> list[int]:
+    import json
+
+    eos = json.loads((folder / "generation_config.json").read_text())["eos_token_id"]
+    return [eos] if isinstance(eos, int) else eos
+
+
+def test_merged_and_quantized_folders_stop_at_the_trained_turn_end(tmp_path, chatml_tuned, tiny_tokenizer):
+    """transformers' generate (as vLLM and TGI) stops where generation_config.json's eos_token_id says: a folder
+    keeping the base's EOS alone runs on past every answer the fine-tune ends with ``<|im_end|>``."""
+    from transformers import LogitsProcessor, LogitsProcessorList
+
+    base, adapter = chatml_tuned
+    eos, im_end = tiny_tokenizer.eos_token_id, tiny_tokenizer.convert_tokens_to_ids("<|im_end|>")
+    assert _eos_ids(base) == [eos]
+    assert main(["merge", "--model", str(base), "--adapter", str(adapter), "--output", str(tmp_path / "merged"),
+                 "--dtype", "fp32"]) == 0
+    assert _eos_ids(tmp_path / "merged") == [eos, im_end]  # the base's first, for tools that take one
+
+    class AnswerThenTurnEnd(LogitsProcessor):  # the model writes one token, then <|im_end|>
+        def __call__(self, input_ids, scores):
+            if input_ids.shape[1] == prompt.shape[1] + 1:
+                scores[:] = -float("inf")
+                scores[:, im_end] = 0.0
+            return scores
+
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "merged")
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "hello"}], add_generation_prompt=True,
+                                           return_tensors="pt", return_dict=True)["input_ids"]
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32)
+    out = model.generate(prompt, max_new_tokens=8, do_sample=False, logits_processor=LogitsProcessorList(
+        [AnswerThenTurnEnd()]))
+    assert out[0, prompt.shape[1]:].tolist()[1:] == [im_end]
+
+    assert main(["quantize", "--model", str(tmp_path / "merged"), "--output", str(tmp_path / "q4")]) == 0
+    assert _eos_ids(tmp_path / "q4") == [eos, im_end]
+    # a folder merged before merges listed the turn end gets it from quantize
+    (tmp_path / "merged" / "generation_config.json").write_text(
+        (base / "generation_config.json").read_text())
+    assert main(["quantize", "--model", str(tmp_path / "merged"), "--output", str(tmp_path / "q4-old")]) == 0
+    assert _eos_ids(tmp_path / "q4-old") == [eos, im_end]
+
+
+def test_a_turn_end_already_an_eos_id_or_spelt_as_text_adds_nothing(tmp_path, tiny_tokenizer):
+    """A format ending its answers in the base's EOS (Alpaca) or already listed, and ChatML on a vocabulary
+    without an ``<|im_end|>`` token (its turn end is text; training appends EOS), leave the ids as they are."""
+    from qlora.model.chat_format import ChatFormat
+    from qlora.model.tiny import CHATML_TEMPLATE, build_tiny_model, train_sentencepiece_tokenizer
+    from qlora.model.turn_end_eos import turn_end_id
+    from qlora.train.data.templates import TEMPLATES
+
+    assert turn_end_id(tiny_tokenizer, ChatFormat(TEMPLATES["alpaca"])) == tiny_tokenizer.eos_token_id
+    spm = train_sentencepiece_tokenizer([TEXT] * 20, vocab_size=300)
+    assert turn_end_id(spm, ChatFormat(CHATML_TEMPLATE)) is None
+    base = build_tiny_model(tmp_path / "base", tokenizer=spm, arch="llama")
+    adapter = _adapter(base, tmp_path / "adapter")
+    ChatFormat(template=CHATML_TEMPLATE, name="chatml").save(adapter)
+    assert main(["merge", "--model", str(base), "--adapter", str(adapter), "--output", str(tmp_path / "merged"),
+                 "--dtype", "fp32"]) == 0
+    assert _eos_ids(tmp_path / "merged") == _eos_ids(base) == [spm.eos_token_id]
