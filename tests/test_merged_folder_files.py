@@ -215,3 +215,35 @@ def test_a_turn_end_already_an_eos_id_or_spelt_as_text_adds_nothing(tmp_path, ti
     assert main(["merge", "--model", str(base), "--adapter", str(adapter), "--output", str(tmp_path / "merged"),
                  "--dtype", "fp32"]) == 0
     assert _eos_ids(tmp_path / "merged") == _eos_ids(base) == [spm.eos_token_id]
+
+
+@pytest.mark.parametrize("saved_in", ["chat_template.jinja", "tokenizer_config.json", "chat_template.json"])
+def test_an_adapters_own_tokenizer_and_template_win_over_the_bases(tmp_path, tiny_tokenizer, saved_in):
+    """A PEFT adapter saved with the tokenizer it was trained with (an added token, its own chat template, in any
+    file transformers writes or reads one from) is merged with that tokenizer and template: the base's
+    chat_template.json, which processors and llama.cpp's converter read, must not come back beside it."""
+    import json
+
+    from qlora.model.tiny import build_tiny_model
+
+    base = build_tiny_model(tmp_path / "base", tokenizer=tiny_tokenizer, arch="llama")
+    (base / "chat_template.json").write_text(json.dumps({"chat_template": "base: {{ messages[0]['content'] }}"}))
+    trained = "trained: {% for m in messages %}{{ m['content'] }}<|im_end|>{% endfor %}"
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    tokenizer.add_tokens(["<tool>"])
+    tokenizer.chat_template = None if saved_in == "chat_template.json" else trained
+    adapter = _adapter(base, tmp_path / "adapter", tokenizer)
+    if saved_in == "tokenizer_config.json":  # as transformers 4 saved it
+        (adapter / "chat_template.jinja").unlink()
+        config = json.loads((adapter / saved_in).read_text())
+        (adapter / saved_in).write_text(json.dumps({**config, "chat_template": trained}))
+    elif saved_in == "chat_template.json":  # a processor's, as hub vision-language models keep it
+        (adapter / saved_in).write_text(json.dumps({"chat_template": trained}))
+    assert main(["merge", "--model", str(base), "--adapter", str(adapter), "--output", str(tmp_path / "merged"),
+                 "--dtype", "fp32"]) == 0
+    merged = tmp_path / "merged"
+    # a processor's template: its chat_template.json where the folder has one, else the tokenizer's
+    template = json.loads((merged / "chat_template.json").read_text())["chat_template"] \
+        if (merged / "chat_template.json").is_file() else AutoTokenizer.from_pretrained(merged).chat_template
+    assert template == trained
+    _same_tokenizer(merged, adapter)
