@@ -247,3 +247,28 @@ def test_an_adapters_own_tokenizer_and_template_win_over_the_bases(tmp_path, tin
         if (merged / "chat_template.json").is_file() else AutoTokenizer.from_pretrained(merged).chat_template
     assert template == trained
     _same_tokenizer(merged, adapter)
+
+
+def test_the_tokenizer_is_written_as_transformers_4_reads_it_too(tmp_path, chatml_tuned):
+    """transformers 5 writes ``TokenizersBackend`` and a list of ``extra_special_tokens``, on which transformers 4
+    fails ('list' object has no attribute 'keys'): llama.cpp's converter (which pins transformers<5), vLLM and TGI
+    on 4.x read merged folders next. The 4.x spelling (``PreTrainedTokenizerFast``, ``additional_special_tokens``)
+    loads in transformers 5 as the same tokenizer."""
+    import json
+
+    base, adapter = chatml_tuned
+    assert main(["merge", "--model", str(base), "--adapter", str(adapter), "--output", str(tmp_path / "merged"),
+                 "--dtype", "fp32"]) == 0
+    assert main(["quantize", "--model", str(tmp_path / "merged"), "--output", str(tmp_path / "q4")]) == 0
+    text = "<|im_start|>user\nthe quick brown fox<|im_end|>\n"
+    reference = AutoTokenizer.from_pretrained(base)
+    for folder in ("merged", "q4"):
+        config = json.loads((tmp_path / folder / "tokenizer_config.json").read_text())
+        assert config["tokenizer_class"] in ("PreTrainedTokenizerFast", type(reference).__name__.removesuffix("Fast"))
+        assert config["tokenizer_class"] != "TokenizersBackend" and "extra_special_tokens" not in config
+        assert config["additional_special_tokens"] == ["<|im_start|>", "<|im_end|>"]
+        written = AutoTokenizer.from_pretrained(tmp_path / folder)
+        assert type(written) is type(reference) and len(written) == len(reference)
+        assert written(text)["input_ids"] == reference(text)["input_ids"]
+        assert written.all_special_tokens == reference.all_special_tokens
+        assert written.decode(written(text)["input_ids"], skip_special_tokens=True) == "user\nthe quick brown fox\n"
