@@ -272,3 +272,43 @@ def test_the_tokenizer_is_written_as_transformers_4_reads_it_too(tmp_path, chatm
         assert written(text)["input_ids"] == reference(text)["input_ids"]
         assert written.all_special_tokens == reference.all_special_tokens
         assert written.decode(written(text)["input_ids"], skip_special_tokens=True) == "user\nthe quick brown fox\n"
+
+
+@pytest.mark.parametrize("arch, rope", [
+    ("qwen2", {"rope_theta": 1e6}),
+    ("llama", {"rope_theta": 5e5, "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                                   "high_freq_factor": 4.0, "original_max_position_embeddings": 64}}),
+    ("gemma3", {"rope_parameters": {"full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 5e5},
+                                    "sliding_attention": {"rope_type": "default", "rope_theta": 2e4}}})])
+def test_rope_settings_are_written_where_transformers_4_reads_them(tmp_path, tiny_tokenizer, arch, rope):
+    """transformers 5 writes the rotary settings under ``rope_parameters`` alone; transformers 4 (vLLM, TGI, older
+    llama.cpp converters) reads ``rope_theta``, ``rope_scaling`` and Gemma 3's ``rope_local_base_freq`` at the top
+    and silently takes its defaults without them (Qwen's 1e6 as 1e4: every output off). The folders carry both,
+    and transformers 5 reads them as the same model."""
+    import json
+
+    from qlora.model.tiny import build_tiny_model
+
+    base = build_tiny_model(tmp_path / "base", tokenizer=tiny_tokenizer, arch=arch, **rope)
+    params = json.loads((base / "config.json").read_text())["rope_parameters"]
+    full = params.get("full_attention", params)
+    expected = {"rope_theta": full["rope_theta"]}
+    if full["rope_type"] != "default":
+        expected["rope_scaling"] = {k: v for k, v in full.items() if k != "rope_theta"}
+    if "sliding_attention" in params:
+        expected["rope_local_base_freq"] = params["sliding_attention"]["rope_theta"]
+    adapter = _adapter(base, tmp_path / "adapter")
+    assert main(["merge", "--model", str(base), "--adapter", str(adapter), "--output", str(tmp_path / "merged"),
+                 "--quant", "none", "--dtype", "fp32"]) == 0
+    assert main(["quantize", "--model", str(tmp_path / "merged"), "--output", str(tmp_path / "q4")]) == 0
+    for folder in ("merged", "q4"):
+        config = json.loads((tmp_path / folder / "config.json").read_text())
+        assert {k: config.get(k) for k in expected} == expected, folder
+        assert config["rope_parameters"] == params, folder
+    from peft import PeftModel
+
+    ids = torch.arange(1, 40).view(1, -1)
+    peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32), adapter)
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32)
+    with torch.no_grad():
+        torch.testing.assert_close(merged.eval()(ids).logits, peft_model.eval()(ids).logits, rtol=1e-5, atol=1e-5)

@@ -28,7 +28,7 @@ from .inject import adapter_configs
 from .quantize import kept_in_fp32, replace_modules
 from .saved_copies import unwrap_saved_modules
 from .tied_tables import shares_table, untie_config
-from .tokenizer_compat import readable_by_transformers_4
+from .transformers4_compat import readable_by_transformers_4
 from .trained_tokens import trained_tokenization
 from .turn_end_eos import add_turn_end_eos
 
@@ -339,6 +339,6 @@ def save_merged(model: nn.Module, out_dir: str | Path, tokenizer=None, max_shard
                 tokenizer.save_pretrained(tmp)
             finally:
                 tokenizer.chat_template = own
-            readable_by_transformers_4(tmp)  # llama.cpp's converter, vLLM and TGI on transformers 4 read it next
+        readable_by_transformers_4(tmp)  # llama.cpp's converter, vLLM and TGI on transformers 4 read it next
         save_records(tmp, trained, bounds, tokenization)
     return Path(out_dir)

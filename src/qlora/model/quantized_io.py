@@ -23,7 +23,7 @@ from ..shard_size import DEFAULT_BYTES
 from .architecture import text_model_from_config
 from .checkpoint_layout import converted_on_save, to_checkpoint_layout
 from .quantize import is_conv1d, is_plain_linear, kept_dense_names, non_text_names, tied_keys, weight_count
-from .tokenizer_compat import readable_by_transformers_4
+from .transformers4_compat import readable_by_transformers_4
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -177,5 +177,5 @@ def save_quantized(model: nn.Module, out_dir: str | Path, tokenizer=None, max_sh
             (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-            readable_by_transformers_4(tmp)  # vLLM and TGI on transformers 4 read it next
+        readable_by_transformers_4(tmp)  # vLLM and TGI on transformers 4 read it next
     return Path(out_dir)
