@@ -315,7 +315,9 @@ def save_merged(model: nn.Module, out_dir: str | Path, tokenizer=None, max_shard
     there goes in too, as ``qlora merge`` writes it: its chat format (also as the tokenizer's template), image
     pixel bounds and the tokens its loss was measured on (``trained_tokens.json``), which qlora's generate, chat,
     eval and serve follow; and (given ``tokenizer``) the token that chat format ends an answer with joins the model's
-    ``generation_config.eos_token_id`` (:mod:`~qlora.model.turn_end_eos`), so transformers, vLLM and TGI stop there."""
+    ``generation_config.eos_token_id`` (:mod:`~qlora.model.turn_end_eos`), so transformers, vLLM and TGI stop there.
+    ``config.json`` and ``tokenizer_config.json`` are spelt as transformers 4 reads them too
+    (:mod:`~qlora.model.transformers4_compat`)."""
     if any(isinstance(m, (Linear4bit, Experts4bit, ExpertsLora, RouterLora, LoraLinear, LoraEmbedding, AdaLoraLinear))
            for m in model.modules()):
         raise UsageError("save_merged needs a dense model: call qlora.merge(model) first")

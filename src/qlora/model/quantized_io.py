@@ -104,7 +104,8 @@ def check_quantizable(model_dir: str | Path) -> None:
 def save_quantized(model: nn.Module, out_dir: str | Path, tokenizer=None, max_shard_bytes: int = DEFAULT_BYTES) -> Path:
     """Write the 4-bit base model (without adapters) in bitsandbytes' checkpoint format, in the
     layout transformers' ``save_pretrained`` writes (MoE experts as 16-bit per-expert weights), in files of
-    at most ``max_shard_bytes`` (a larger tensor alone in one).
+    at most ``max_shard_bytes`` (a larger tensor alone in one). ``config.json`` and ``tokenizer_config.json`` are
+    spelt as transformers 4 reads them too (:mod:`~qlora.model.transformers4_compat`).
 
     Raises:
         UsageError: for a model whose MoE experts are 4-bit (:class:`Experts4bit`): load it with
