@@ -156,6 +156,47 @@ def test_tokens_added_into_a_padded_embedding_load_in_peft_without_resizing(tmp_
         torch.testing.assert_close(reference(ids).logits, trainer.model(ids).logits, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("tied", [False, True])
+def test_a_peft_adapter_on_a_padded_base_cut_to_its_tokenizer_loads_and_merges(tmp_path, tiny_tokenizer, tied):
+    """The common PEFT recipe on a model whose embedding is padded past its tokenizer (Qwen: 151,936 rows for
+    151,665 tokens): add a token, ``resize_token_embeddings(len(tokenizer))``, which cuts the padding rows, train the
+    tables whole and save the tokenizer beside the adapter. qlora resizes the base as that user did: merged, the
+    model computes what PEFT computes on the resized base. Without the saved tokenizer a smaller table is still
+    another model's, refused."""
+    peft = pytest.importorskip("peft")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from qlora.cli.main import main
+    from qlora.model.tiny import build_tiny_model
+
+    base = build_tiny_model(tmp_path / "base", tokenizer=tiny_tokenizer, arch="qwen2",
+                            vocab_size=len(tiny_tokenizer) + 16, tie_word_embeddings=tied)
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    tokenizer.add_tokens(NEW[:1], special_tokens=True)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    model.resize_token_embeddings(len(tokenizer))
+    saved = ["embed_tokens"] if tied else ["embed_tokens", "lm_head"]
+    reference = peft.get_peft_model(model, peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"],
+                                                           modules_to_save=saved, init_lora_weights=False))
+    with torch.no_grad():
+        reference.base_model.model.model.embed_tokens.modules_to_save["default"].weight[-1].normal_()
+    reference.save_pretrained(tmp_path / "adapter")
+    ids = torch.tensor([[1, 17, len(tokenizer) - 1, 42, 5]])
+    with torch.no_grad():
+        expected = reference.eval()(ids).logits
+    with pytest.raises(UsageError, match="another base model"):  # no tokenizer saved: nothing says why it is smaller
+        qlora.load_adapter(qlora.load_model(base, quant=None, compute_dtype=torch.float32, device="cpu")[0],
+                           tmp_path / "adapter")
+    tokenizer.save_pretrained(tmp_path / "adapter")
+    assert main(["merge", "--model", str(base), "--adapter", str(tmp_path / "adapter"), "--output",
+                 str(tmp_path / "merged"), "--quant", "none", "--dtype", "fp32"]) == 0
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32).eval()
+    assert merged.get_input_embeddings().num_embeddings == len(AutoTokenizer.from_pretrained(tmp_path / "merged"))
+    with torch.no_grad():
+        torch.testing.assert_close(merged(ids).logits, expected, rtol=1e-5, atol=1e-5)
+
+
 def test_commands_use_the_tokenizer_saved_with_the_adapter(trained, tiny_model_dir, tmp_path, capsys):
     """merge writes it beside the merged weights; generate and eval read prompts with it (the added
     tokens are single tokens there, pieces in the base's tokenizer)."""

@@ -203,6 +203,33 @@ def test_added_tokens_are_typed_as_llama_cpps_converter_types_them(tmp_path, tin
                    "hello there": ("hello there", T.USER_DEFINED), "\u2581\u2581x": ("  x", T.USER_DEFINED)}
 
 
+def test_byte_level_added_tokens_matched_in_raw_text_are_written_as_the_text_they_decode_to(tmp_path, tiny_tokenizer):
+    """convert_hf_to_gguf.py pre-normalizes a byte-level vocabulary's added tokens that are not normalized: it
+    writes the text the token decodes to (``Ġthe`` as `` the``), since llama.cpp matches user-defined tokens in raw
+    text and prints them as they are written; written as spelt, llama.cpp would print ``Ġthe`` in a reply. A token
+    whose decoding loses characters (``Größe``, spelt outside the byte alphabet) keeps its spelling, the text
+    the tokenizer matched, rather than the converter's replacement characters."""
+    from tokenizers import AddedToken
+    from transformers import AutoTokenizer
+
+    vocab = tiny_tokenizer.get_vocab()
+    spelt = next(t for t in sorted(vocab) if t.startswith("\u0120") and len(t) > 3)  # a vocabulary token, "Ġthe"
+    tokenizer = AutoTokenizer.from_pretrained(build_tiny_model(tmp_path / "base", tokenizer=tiny_tokenizer))
+    tokenizer.add_tokens([AddedToken(t, normalized=False) for t in (spelt, "\u010a\u010a\u010a", "Gr\u00f6\u00dfe")]
+                         + [AddedToken("\u0120kept", normalized=True)])
+    model_dir = build_tiny_model(tmp_path / "m", tokenizer=tokenizer, arch="llama")
+    model, tokenizer = qlora.load_model(model_dir, quant=None, compute_dtype=torch.float32, device="cpu")
+    export_gguf(model, tokenizer, tmp_path / "m.gguf", "f32")
+    fields = gguf.GGUFReader(tmp_path / "m.gguf").fields
+    tokens, types = fields["tokenizer.ggml.tokens"].contents(), fields["tokenizer.ggml.token_type"].contents()
+    got = {t: (tokens[i], types[i]) for t in (spelt, "\u010a\u010a\u010a", "Gr\u00f6\u00dfe", "\u0120kept")
+           for i in [tokenizer.convert_tokens_to_ids(t)]}
+    T = gguf.TokenType
+    assert got == {spelt: (tokenizer.decode([vocab[spelt]]), T.USER_DEFINED), "\u010a\u010a\u010a": ("\n\n\n", T.USER_DEFINED),
+                   "Gr\u00f6\u00dfe": ("Gr\u00f6\u00dfe", T.USER_DEFINED), "\u0120kept": ("\u0120kept", T.USER_DEFINED)}
+    assert got[spelt][0] == " " + spelt[1:]
+
+
 def test_cli_export_with_adapter_writes_gguf_and_modelfile(tmp_path, tiny_models, capsys):
     from transformers import AutoModelForCausalLM
 

@@ -443,7 +443,7 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path, adapter_name: str = 
     copies = keep_base and not trainable and config.get("peft_type") != "ADALORA"
     refuse_beside_others(model, adapter_dir, adapter_name,
                          in_place_parts([] if copies else save_paths, list(token_rows)))
-    _grow_vocabulary(model, whole | base_tables | token_tables)
+    _grow_vocabulary(model, whole | base_tables | token_tables, adapter_dir)
     names = dict(model.named_modules())
     missing = [p for p in paths + save_paths + [k.rpartition(".")[0] for k in base_tables | token_tables]
                if p not in names]
@@ -759,8 +759,21 @@ def _load_whole(model: nn.Module, whole: dict[str, torch.Tensor], trainable: boo
                             trainable)
 
 
-def _grow_vocabulary(model: nn.Module, whole: dict[str, torch.Tensor]) -> None:
-    """Resize the model's embeddings when the adapter saved a larger vocabulary (added tokens).
+def _resized_to_tokenizer(adapter_dir: Path, rows: int) -> bool:
+    """Whether the adapter's tables of ``rows`` rows (fewer than the base's) are the base's embeddings cut to the
+    length of the tokenizer saved with the adapter: ``resize_token_embeddings(len(tokenizer))`` after adding tokens
+    to a model whose embedding is padded past its tokenizer (Qwen's 151,936 rows for 151,665 tokens) drops the
+    padding rows, no token's. A smaller table without such a tokenizer is another model's, refused as before."""
+    if not any((adapter_dir / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json")):
+        return False
+    from .load import load_tokenizer
+
+    return len(load_tokenizer(adapter_dir)) == rows
+
+
+def _grow_vocabulary(model: nn.Module, whole: dict[str, torch.Tensor], adapter_dir: Path) -> None:
+    """Resize the model's embeddings when the adapter saved a larger vocabulary (added tokens), or a smaller one
+    that still holds every token of the tokenizer saved with it (:func:`_resized_to_tokenizer`).
 
     A table the adapter does not hold (PEFT's ``save_embedding_layers`` saves only the adapted or saved
     ones: LoRA on the embedding leaves an untied head out) gets for its new rows the old rows' mean, as
@@ -771,6 +784,11 @@ def _grow_vocabulary(model: nn.Module, whole: dict[str, torch.Tensor]) -> None:
     old = embed.weight.shape[0]
     rows = max((v.shape[0] for k, v in whole.items()
                 if k.rpartition(".")[0] in embedding_module_names(model) and v.dim() == 2), default=0)
+    if rows < old and _resized_to_tokenizer(adapter_dir, rows):
+        log.info("qlora: the adapter's embeddings have %d rows, the model's %d padded ones cut to its tokenizer's "
+                 "length as the adapter's user resized them; resizing the embeddings to %d", rows, old, rows)
+        grow_vocabulary(model, rows, mean_resizing=False)
+        return
     if rows <= old:
         return
     wrapped = [p for p, m in model.named_modules() if isinstance(m, SavedModules)]

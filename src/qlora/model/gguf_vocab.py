@@ -16,7 +16,9 @@ llama.cpp runs two tokenizer families, and its reader needs to be told which:
 
 Added tokens are control tokens where the tokenizer marks them special or they are
 spelled as one (``<|...|>``, DeepSeek's ``<｜...｜>``), else user-defined text with
-``▁`` read as a space, as llama.cpp's converter types them.
+``▁`` read as a space, as llama.cpp's converter types them; in a byte-level vocabulary one the
+tokenizer matches in raw text (not normalized) is written as the text it decodes to (``ĊĊ`` as two
+newlines), as the converter pre-normalizes it: llama.cpp matches and prints such tokens as raw text.
 
 Special token ids, whether BOS/EOS are added, and the chat template come from
 the tokenizer itself (``gguf.SpecialVocab``, llama.cpp's own reader, plus a
@@ -128,6 +130,8 @@ def gguf_vocab(tokenizer, n_vocab: int, generation_eos: int | list[int] | None =
             tokens.append(f"[PAD{i}]")
             types.append(UNUSED)
         elif i in added:
+            if not spm and not added[i].get("normalized", True):
+                text = _pre_normalized(tokenizer, text)
             control = bool(added[i].get("special")) or _looks_special(text)
             tokens.append(text if control else text.replace("\u2581", " "))  # llama.cpp matches it in raw text
             types.append(CONTROL if control else USER_DEFINED)
@@ -152,6 +156,16 @@ def gguf_vocab(tokenizer, n_vocab: int, generation_eos: int | list[int] | None =
     _special(tokenizer, vocab, n_vocab, config)
     _end_of_reply(vocab, generation_eos, n_vocab)
     return vocab
+
+
+def _pre_normalized(tokenizer, text: str) -> str:
+    """An added token that the tokenizer matches in raw text (not normalized), as the text it stands for: what
+    decoding it gives (``ĊĊ`` is two newlines, ``Ġworld`` is `` world``), which llama.cpp matches in raw text and
+    prints, as llama.cpp's converter writes a byte-level vocabulary's. Decoding that loses characters (a token
+    spelt outside the byte alphabet, ``Größe``, decodes to replacement characters) keeps the token as spelt: that
+    is the text the tokenizer matched in training, and replacement characters would match nothing."""
+    decoded = tokenizer.decode(tokenizer.encode(text, add_special_tokens=False))
+    return text if decoded.count("\ufffd") > text.count("\ufffd") else decoded
 
 
 def _looks_special(text: str) -> bool:

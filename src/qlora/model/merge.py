@@ -28,7 +28,9 @@ from .inject import adapter_configs
 from .quantize import kept_in_fp32, replace_modules
 from .saved_copies import unwrap_saved_modules
 from .tied_tables import shares_table, untie_config
+from .transformers4_compat import readable_by_transformers_4
 from .trained_tokens import trained_tokenization
+from .turn_end_eos import add_turn_end_eos
 
 
 def _dense(weight: torch.Tensor, bias: torch.Tensor | None, conv1d: bool, dtype: torch.dtype) -> nn.Module:
@@ -312,7 +314,10 @@ def save_merged(model: nn.Module, out_dir: str | Path, tokenizer=None, max_shard
     Where the adapter merged last was loaded from a folder (:func:`qlora.load_adapter`), what its run recorded
     there goes in too, as ``qlora merge`` writes it: its chat format (also as the tokenizer's template), image
     pixel bounds and the tokens its loss was measured on (``trained_tokens.json``), which qlora's generate, chat,
-    eval and serve follow."""
+    eval and serve follow; and (given ``tokenizer``) the token that chat format ends an answer with joins the model's
+    ``generation_config.eos_token_id`` (:mod:`~qlora.model.turn_end_eos`), so transformers, vLLM and TGI stop there.
+    ``config.json`` and ``tokenizer_config.json`` are spelt as transformers 4 reads them too
+    (:mod:`~qlora.model.transformers4_compat`)."""
     if any(isinstance(m, (Linear4bit, Experts4bit, ExpertsLora, RouterLora, LoraLinear, LoraEmbedding, AdaLoraLinear))
            for m in model.modules()):
         raise UsageError("save_merged needs a dense model: call qlora.merge(model) first")
@@ -320,6 +325,9 @@ def save_merged(model: nn.Module, out_dir: str | Path, tokenizer=None, max_shard
     # read (and checked) before anything is written
     trained = ChatFormat.load(source) if source is not None else None
     bounds, tokenization = PixelBounds.load(source), trained_tokenization(source) if source is not None else {}
+    if tokenizer is not None:
+        add_turn_end_eos(getattr(model, "generation_config", None), tokenizer, trained,
+                         tokenization.get("eot_tokens", ""))
     config = model.config
     if hasattr(config, "quantization_config"):
         del config.quantization_config
@@ -333,5 +341,6 @@ def save_merged(model: nn.Module, out_dir: str | Path, tokenizer=None, max_shard
                 tokenizer.save_pretrained(tmp)
             finally:
                 tokenizer.chat_template = own
+        readable_by_transformers_4(tmp)  # llama.cpp's converter, vLLM and TGI on transformers 4 read it next
         save_records(tmp, trained, bounds, tokenization)
     return Path(out_dir)

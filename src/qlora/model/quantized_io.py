@@ -23,6 +23,7 @@ from ..shard_size import DEFAULT_BYTES
 from .architecture import text_model_from_config
 from .checkpoint_layout import converted_on_save, to_checkpoint_layout
 from .quantize import is_conv1d, is_plain_linear, kept_dense_names, non_text_names, tied_keys, weight_count
+from .transformers4_compat import readable_by_transformers_4
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -103,7 +104,8 @@ def check_quantizable(model_dir: str | Path) -> None:
 def save_quantized(model: nn.Module, out_dir: str | Path, tokenizer=None, max_shard_bytes: int = DEFAULT_BYTES) -> Path:
     """Write the 4-bit base model (without adapters) in bitsandbytes' checkpoint format, in the
     layout transformers' ``save_pretrained`` writes (MoE experts as 16-bit per-expert weights), in files of
-    at most ``max_shard_bytes`` (a larger tensor alone in one).
+    at most ``max_shard_bytes`` (a larger tensor alone in one). ``config.json`` and ``tokenizer_config.json`` are
+    spelt as transformers 4 reads them too (:mod:`~qlora.model.transformers4_compat`).
 
     Raises:
         UsageError: for a model whose MoE experts are 4-bit (:class:`Experts4bit`): load it with
@@ -176,4 +178,5 @@ def save_quantized(model: nn.Module, out_dir: str | Path, tokenizer=None, max_sh
             (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
+        readable_by_transformers_4(tmp)  # vLLM and TGI on transformers 4 read it next
     return Path(out_dir)

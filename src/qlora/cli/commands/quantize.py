@@ -40,6 +40,7 @@ def run(args: argparse.Namespace) -> int:
     from ...model.load import bnb_4bit_config, load_model, read_model_config, resolve_model_dir
     from ...model.quantized_io import check_quantizable, dense_expert_share, save_quantized
     from ...model.trained_tokens import model_tokenization
+    from ...model.turn_end_eos import add_turn_end_eos
 
     from ...output_folder import check_output, staged_output
 
@@ -54,6 +55,9 @@ def run(args: argparse.Namespace) -> int:
                                   quantize_experts=False)
     _check_same_format(args, model)
     trained, bounds = merged_format(args.model), PixelBounds.load(args.model)  # a merged fine-tune's, else none
+    # transformers, vLLM and TGI stop at the answer's end token of a merged fine-tune (kept, or added to a folder
+    # merged before merges listed it)
+    add_turn_end_eos(getattr(model, "generation_config", None), tokenizer, trained, tokenization.get("eot_tokens", ""))
     with staged_output(args.output, "quantize", replace=True) as stage:
         save_quantized(model, stage, tokenizer, max_shard_bytes=args.max_shard_size)
         carry_inference_files(resolve_model_dir(args.model), stage, trained, bounds,  # takes images still

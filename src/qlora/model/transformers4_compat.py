@@ -1,0 +1,83 @@
+"""A written model folder's ``config.json`` and ``tokenizer_config.json`` in the spelling transformers 4 reads too.
+
+A merged or quantized folder is read next by tools that may still run on transformers 4: llama.cpp's
+``convert_hf_to_gguf.py`` (its requirements pin ``transformers<5``), vLLM and TGI releases built on 4.x, a user's
+own scripts. transformers 5 writes three things 4.x misreads:
+
+- the rotary embedding's settings only under ``rope_parameters``, where 4.x reads ``rope_theta``, ``rope_scaling``
+  and ``partial_rotary_factor`` (Gemma 3: and ``rope_local_base_freq``) at the top: it falls back to its defaults
+  without a word (Qwen's base frequency 1e6 read as 1e4, Llama 3.1's ``llama3`` and Gemma 3's linear scaling
+  dropped), so every output is silently off;
+- the tokenizer class ``TokenizersBackend`` (a tokenizer whose folder named the generic
+  ``PreTrainedTokenizerFast``, as Llama 3's does), which 4.x does not know;
+- the additional special tokens as a list under ``extra_special_tokens``, which 4.x reads as a dict of named
+  tokens and fails on (``'list' object has no attribute 'keys'``).
+
+The 4.x keys are added beside (rope) or instead of (tokenizer) transformers 5's, which reads them as its own:
+``rope_parameters`` stays and agrees with the mirrored keys, ``PreTrainedTokenizerFast`` is its alias of
+``TokenizersBackend``, and ``additional_special_tokens`` becomes ``extra_special_tokens`` when it loads (only
+where the file holds the old key alone: with both it drops the old).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+_V5_CLASS, _V4_CLASS = "TokenizersBackend", "PreTrainedTokenizerFast"
+
+
+def readable_by_transformers_4(folder: str | Path) -> None:
+    """Rewrite ``folder``'s ``config.json`` and ``tokenizer_config.json`` (those it has) as described above."""
+    _rewrite(Path(folder, "config.json"), _config)
+    _rewrite(Path(folder, "tokenizer_config.json"), _tokenizer_config)
+
+
+def _rewrite(path: Path, change) -> None:
+    if not path.is_file():
+        return
+    data = json.loads(path.read_text(encoding="utf-8"))
+    if isinstance(data, dict) and change(data):
+        path.write_text(json.dumps(data, indent=2, sort_keys=True, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def _config(config: dict[str, Any]) -> bool:
+    """Mirror ``rope_parameters`` into 4.x's keys, in the config and its text config (vision-language models)."""
+    changed = False
+    for part in (config, config.get("text_config")):
+        if not isinstance(part, dict) or not isinstance(part.get("rope_parameters"), dict):
+            continue
+        for key, value in _v4_rope(part["rope_parameters"]).items():
+            if part.get(key) is None:
+                part[key] = value
+                changed = True
+    return changed
+
+
+def _v4_rope(rope: dict[str, Any]) -> dict[str, Any]:
+    """4.x's keys for ``rope_parameters``: one set for all layers, or Gemma 3's per layer type (the full-attention
+    layers' as the model's, the sliding ones' base frequency as ``rope_local_base_freq``)."""
+    full, sliding = rope.get("full_attention"), rope.get("sliding_attention")
+    if isinstance(full, dict) and isinstance(sliding, dict):
+        local = sliding.get("rope_theta")
+        return {**_v4_rope(full), **({"rope_local_base_freq": local} if isinstance(local, (int, float)) else {})}
+    if not isinstance(rope.get("rope_theta"), (int, float)):
+        return {}
+    keys = {"rope_theta": rope["rope_theta"]}
+    if "partial_rotary_factor" in rope:
+        keys["partial_rotary_factor"] = rope["partial_rotary_factor"]
+    if rope.get("rope_type", "default") != "default":
+        keys["rope_scaling"] = {k: v for k, v in rope.items() if k not in ("rope_theta", "partial_rotary_factor")}
+    return keys
+
+
+def _tokenizer_config(config: dict[str, Any]) -> bool:
+    changed = False
+    if config.get("tokenizer_class") == _V5_CLASS:
+        config["tokenizer_class"] = _V4_CLASS
+        changed = True
+    if isinstance(config.get("extra_special_tokens"), list) and "additional_special_tokens" not in config:
+        config["additional_special_tokens"] = config.pop("extra_special_tokens")
+        changed = True
+    return changed
