@@ -104,6 +104,8 @@ def test_add_lora_unknown_modules_to_save(tiny_model_dir):
 
 
 def test_train_with_added_tokens_saves_a_reloadable_adapter(tmp_path, tiny_model_dir):
+    from transformers import AutoTokenizer
+
     from qlora.train.config import load_config
     from qlora.train.trainer import Trainer, list_checkpoints
 
@@ -118,6 +120,10 @@ def test_train_with_added_tokens_saves_a_reloadable_adapter(tmp_path, tiny_model
     trainer.run()
     assert json.loads((out / "adapter_config.json").read_text())["modules_to_save"] == ["embed_tokens", "lm_head"]
     assert (list_checkpoints(out)[-1] / "adapter" / "tokenizer.json").is_file()
+    for folder in (out, list_checkpoints(out)[-1] / "adapter"):  # as transformers 4 reads it too (vLLM on 4.x)
+        config = json.loads((folder / "tokenizer_config.json").read_text())
+        assert config["tokenizer_class"] != "TokenizersBackend" and "extra_special_tokens" not in config
+        assert AutoTokenizer.from_pretrained(folder).all_special_tokens == trainer.tokenizer.all_special_tokens
     fresh, _ = qlora.load_model(tiny_model_dir, compute_dtype=torch.float32, device="cpu")
     qlora.load_adapter(fresh, out)
     trainer.model.eval()

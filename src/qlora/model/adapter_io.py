@@ -40,6 +40,7 @@ from .tied_tables import untie_trained_whole
 from .quantize import matches_any, non_text_names, text_decoder_path
 from .residual_convert import convert_to_lora, residual_paths
 from .tokens import embedding_module_names, grow_vocabulary, vocabulary_grown
+from .transformers4_compat import readable_by_transformers_4
 from .trained_tokens import INFO_FILE, KEY as TOKENIZATION_KEY
 
 log = logging.getLogger("qlora")
@@ -184,6 +185,7 @@ def save_adapter(model: nn.Module, out_dir: str | Path, adapter_name: str = "def
         save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
+            readable_by_transformers_4(tmp)  # vLLM serving a LoRA with its own tokenizer may run on transformers 4
     return Path(out_dir)
 
 

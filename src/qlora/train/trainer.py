@@ -1138,6 +1138,7 @@ class Trainer:
     def _write_final(self) -> None:
         """Rank 0's part of :meth:`save_final`."""
         from qlora.model.adapter_io import save_adapter
+        from qlora.model.transformers4_compat import readable_by_transformers_4
 
         if not self.dist.is_main:
             return
@@ -1151,6 +1152,7 @@ class Trainer:
             self._save_pixel_bounds(stage)  # and show the model its images as training did
             self.tokenizer.chat_template = self.chat_format.template  # other tools loading --output see the same format
             self.tokenizer.save_pretrained(stage)
+            readable_by_transformers_4(stage)  # as merged folders: tools on transformers 4 read it too
             if self.config.init == "loftq":  # the adapter is only valid on its LoftQ base: ship the base with it
                 from qlora.model.quantized_io import save_quantized
 
