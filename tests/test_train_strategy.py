@@ -147,7 +147,7 @@ def test_config_files_strategies_are_read(tmp_path, tiny_model_dir):
     data = _write(tmp_path / "d.jsonl", rows)
     yaml = tmp_path / "c.yaml"
     yaml.write_text(f"model_name_or_path: {tiny_model_dir}\ndataset: {data}\noutput_dir: {tmp_path / 'o'}\n"
-                    "evaluation_strategy: epoch\nsave_strategy: no\nlogging_strategy: epoch\n")
+                    "evaluation_strategy: epoch\nsave_strategy: no\nlogging_strategy: epoch\nval_size: 2\n")
     cfg = load_config(yaml, {})
     assert (cfg.eval_strategy, cfg.save_strategy, cfg.logging_strategy) == ("epoch", "no", "epoch")
     with pytest.raises(UsageError, match="best"):
@@ -220,3 +220,25 @@ def test_best_model_keys_pass_when_they_change_nothing_and_are_refused_otherwise
         path.write_text(head + line + "\n")
         with pytest.raises(UsageError, match=f"line 4: {named}"):
             load_config(path, {})
+
+
+@pytest.mark.parametrize("strategy", ["steps", "epoch"])
+def test_an_eval_strategy_without_eval_data_is_refused_naming_what_to_add(tmp_path, tiny_model_dir, capsys, strategy):
+    """transformers' Trainer refuses eval_strategy steps or epoch without an eval_dataset; a run here would train
+    and evaluate nothing, silently. Held-out data (--eval-split, --eval-data) or strategy no pass."""
+    data = _write(tmp_path / "d.jsonl", [{"instruction": q, "input": "", "output": a} for q, a in QA])
+    args = ["train", "--model", str(tiny_model_dir), "--data", str(data), "--output", str(tmp_path / "o"),
+            "--eval-strategy", strategy, "--max-steps", "1", "--no-progress"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert f"--eval-strategy {strategy}" in err and "--eval-data" in err and "--eval-split" in err
+    assert "Traceback" not in err and not (tmp_path / "o").exists()
+    yaml = tmp_path / "c.yaml"
+    yaml.write_text(f"model_name_or_path: {tiny_model_dir}\ndataset: {data}\noutput_dir: {tmp_path / 'o'}\n"
+                    f"eval_strategy: {strategy}\n")
+    with pytest.raises(UsageError, match=f"c.yaml line 4 \\(eval_strategy\\): --eval-strategy {strategy}"):
+        load_config(yaml, {})
+    yaml.write_text(yaml.read_text() + "val_size: 0.25\n")
+    assert load_config(yaml, {}).eval_split == 0.25
+    load_config(None, dict(model=str(tiny_model_dir), data=str(data), output=str(tmp_path / "o"),
+                           eval_strategy="no"))

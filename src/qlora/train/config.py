@@ -446,6 +446,7 @@ class TrainConfig:
         if self.eval_split and self.eval_data:
             raise UsageError("--eval-split holds out part of --data for evaluation; this run has --eval-data "
                              f"{self.eval_data} for that: give one of the two.")
+        self._validate_eval()
         if self.lora_plus_ratio and self.adalora:
             raise UsageError("--lora-plus-ratio applies to LoRA's B matrices; --adalora's triplets have none")
         if self.max_steps == 0 and not self.epochs > 0:
@@ -472,6 +473,16 @@ class TrainConfig:
             raise UsageError(f"--lr-scheduler {PLATEAU} lowers the rate when the eval loss stops improving: give "
                              "--eval-steps N and held-out data (--eval-data or --eval-split), as transformers "
                              "needs an eval strategy for it (or --eval-strategy epoch).")
+
+    def _validate_eval(self) -> None:
+        """An evaluation asked for needs held-out data: transformers' Trainer refuses an eval_strategy without an
+        eval_dataset, where a run here would evaluate nothing and say nothing."""
+        if self.eval_data or self.eval_split or self.eval_strategy not in ("steps", "epoch"):
+            return
+        raise UsageError(f"--eval-strategy {self.eval_strategy} evaluates on held-out data, and this run has none: "
+                         "give it with --eval-data FILE (eval_dataset, axolotl's test_datasets) or hold out part of "
+                         "--data with --eval-split (a share below 1 or a number of examples; LLaMA-Factory's "
+                         "val_size, axolotl's val_set_size), or set --eval-strategy no.")
 
     def _validate_adapter(self) -> None:
         """--adapter brings its own LoRA settings: giving them too is a contradiction, said before the load."""
