@@ -815,10 +815,16 @@ class Trainer:
         Ctrl-C stops at once (the last checkpoint stays intact).
         """
         cfg = self.config
+        # transformers counts epochs in micro-batches (its eval_delay in epochs); it has no --max-steps-per-epoch
+        micro_batches = 0 if cfg.max_steps_per_epoch else math.ceil(len(self.train_units) / (
+            cfg.batch_size * self.dist.world_size))
         cadence = Cadence(self.total_steps, self.steps_per_epoch, cfg.eval_strategy, cfg.save_strategy,
-                          cfg.logging_strategy, cfg.eval_steps, cfg.save_steps, cfg.logging_steps)
+                          cfg.logging_strategy, cfg.eval_steps, cfg.save_steps, cfg.logging_steps, cfg.eval_delay,
+                          cfg.grad_accum, micro_batches)
         self._stop_signal = None
         previous = _install_stop_handlers(self)
+        if cfg.eval_on_start and self.step == 0 and self.eval_units:
+            self.evaluate()  # a check of the eval before training: the plateau schedule does not count it
         try:
             while self.step < self.total_steps:
                 if self._stop_requested():
