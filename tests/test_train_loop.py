@@ -464,3 +464,29 @@ def test_model_with_nonfinite_logits_from_the_start_is_reported_not_crashed(tmp_
                       "--max-steps", "2", "--no-progress", "--chunked-ce"], capsys)
     assert code != 0 and "Traceback" not in err
     assert "non-finite loss at step 1" in err and "model.norm" in err
+
+
+def test_eval_sources_are_named_by_their_files_and_recorded_each_unless_rows_span_them(tmp_path, tiny_model_dir):
+    """Names: the file's name without data suffixes, a repeat numbered. A source whose rows are all skipped has a
+    null loss; packed eval rows span sources, so a packed run records the whole alone."""
+    from qlora.train.data.selection import source_names
+
+    assert source_names("x/test.jsonl.gz,y/test.jsonl,org/ds,z/test.csv") == ["test", "test_2", "ds", "test_3"]
+    data = _write(tmp_path / "d.jsonl", FORMATS["alpaca"])
+    (tmp_path / "v").mkdir()
+    held = [_write(tmp_path / "held.jsonl", FORMATS["alpaca"][:2]),
+            _write(tmp_path / "v" / "held.jsonl", [{"instruction": "Say nothing.", "input": "", "output": ""}]),
+            _write(tmp_path / "more.jsonl", FORMATS["alpaca"][2:5])]
+    spec = ",".join(map(str, held))
+    Trainer(_config(tiny_model_dir, data, tmp_path / "o", max_steps=1, eval_data=spec)).run()
+    record = next(json.loads(line) for line in (tmp_path / "o" / "metrics.jsonl").read_text().splitlines()
+                  if '"eval"' in line)
+    assert "nonfinite" not in record  # null here means no tokens, not a value that overflowed
+    assert {k for k in record if k.endswith("_loss")} == {"held_loss", "held_2_loss", "more_loss"}
+    assert record["held_2_loss"] is None and record["held_2_perplexity"] is None
+    assert min(record["held_loss"], record["more_loss"]) <= record["loss"] <= max(record["held_loss"],
+                                                                                  record["more_loss"])
+    Trainer(_config(tiny_model_dir, data, tmp_path / "p", max_steps=1, eval_data=spec, packing=True)).run()
+    record = next(json.loads(line) for line in (tmp_path / "p" / "metrics.jsonl").read_text().splitlines()
+                  if '"eval"' in line)
+    assert not [k for k in record if k.endswith("_loss")]

@@ -68,8 +68,8 @@ RUNTIME_ONLY = frozenset({
     # axolotl: where adapters are loaded (CPU), FSDP's sharded 4-bit loading, how a later merge runs; its freeze of a
     # multimodal model's towers and projector (requires_grad), which a LoRA run never trains whole either way
     "lora_on_cpu", "qlora_sharded_model_loading", "merge_method", "freeze_mm_modules",
-    # LLaMA-Factory: reentrant gradient checkpointing
-    "use_reentrant_gc",
+    # LLaMA-Factory: reentrant gradient checkpointing; each eval dataset's loss, which qlora records beside the whole's
+    "use_reentrant_gc", "eval_on_each_dataset",
     # TrainingArguments (TRL's and alignment-handbook's files): log verbosity, Liger's kernels, the upload of the
     # result to the hub (qlora writes it to output_dir; hub_* settings are passed over by their prefix)
     "log_level", "log_level_replica", "use_liger_kernel", "push_to_hub", "use_flash_attention_2",
