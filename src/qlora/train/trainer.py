@@ -1038,16 +1038,12 @@ class Trainer:
         raise UsageError(f"non-finite {what} at step {self.step + 1}{where}{kept}. "
                          "Lower --lr, check the data, or use --precision fp32.")
 
-    def _eval_batches(self) -> Iterator[tuple[dict[str, torch.Tensor], bool]]:
-        """This rank's share of the eval batches, as ``(batch, mine)``: the batches are those of one process
-        (``--batch-size`` units each, in order), batch ``i`` evaluated on rank ``i mod ranks``. A rank short of
-        a batch in the last round repeats its first with ``mine`` false, to be computed and left out: under
-        FSDP every forward gathers the shards with all ranks, so every rank runs as many."""
-        for batch, mine, _ in self._eval_shares():
-            yield batch, mine
-
-    def _eval_shares(self) -> Iterator[tuple[dict[str, torch.Tensor], bool, int]]:
-        """:meth:`_eval_batches` with the part (:meth:`_eval_parts`) of each batch: a batch holds one part's units."""
+    def _eval_batches(self) -> Iterator[tuple[dict[str, torch.Tensor], bool, int]]:
+        """This rank's share of the eval batches, as ``(batch, mine, part)``: the batches are those of one process
+        (``--batch-size`` units each, in order, a batch within one part of :meth:`_eval_parts`), batch ``i``
+        evaluated on rank ``i mod ranks``. A rank short of a batch in the last round repeats its first with ``mine``
+        false, to be computed and left out: under FSDP every forward gathers the shards with all ranks, so every
+        rank runs as many."""
         bs, world = self.config.batch_size, self.dist.world_size
         parts = self.eval_parts or [("", 0, len(self.eval_units))]
         batches = [(start, min(start + bs, end), k) for k, (_, begin, end) in enumerate(parts)
@@ -1064,7 +1060,7 @@ class Trainer:
         self.model.eval()
         parts = self.eval_parts or [("", 0, len(self.eval_units))]
         totals = torch.zeros(len(parts), 2, dtype=torch.float64, device=self.device)  # loss sum, trainable tokens
-        for batch, mine, part in self._eval_shares():
+        for batch, mine, part in self._eval_batches():
             with self._autocast():
                 loss_sum = token_loss_sum(self.model, batch, self.chunked_ce)
             if mine:
