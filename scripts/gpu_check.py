@@ -40,7 +40,7 @@ def check_train(out: Path) -> int:
     if metrics.exists():
         for line in metrics.read_text().splitlines():
             record = json.loads(line)
-            if record.get("split") == "train" and "loss" in record:
+            if record.get("split") == "train" and record.get("loss") is not None:  # null: not finite
                 losses.append(float(record["loss"]))
     problems = []
     if len(losses) < 4:

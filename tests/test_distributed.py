@@ -203,19 +203,22 @@ def test_shardable_linear4bit_keeps_bytes_and_layout(double_quant, storage):
     assert all(torch.equal(after[k], before[k]) for k in before)
 
 
-@pytest.mark.parametrize("units,world,want", [
-    (5, 2, {0: [([0, 1], True), ([4], True)], 1: [([2, 3], True), ([0, 1], False)]}),  # 3 batches of 2
-    (4, 2, {0: [([0, 1], True)], 1: [([2, 3], True)]}),
-    (2, 3, {0: [([0, 1], True)], 1: [([0, 1], False)], 2: [([0, 1], False)]}),  # fewer batches than ranks
+@pytest.mark.parametrize("units,world,parts,want", [
+    (5, 2, [], {0: [([0, 1], True, 0), ([4], True, 0)], 1: [([2, 3], True, 0), ([0, 1], False, 0)]}),  # 3 of 2
+    (4, 2, [], {0: [([0, 1], True, 0)], 1: [([2, 3], True, 0)]}),
+    (2, 3, [], {0: [([0, 1], True, 0)], 1: [([0, 1], False, 0)], 2: [([0, 1], False, 0)]}),  # fewer than ranks
+    # two eval sources of 3 and 2 units: no batch spans them
+    (5, 2, [("a", 0, 3), ("b", 3, 5)], {0: [([0, 1], True, 0), ([3, 4], True, 1)], 1: [([2], True, 0),
+                                                                                    ([0, 1], False, 0)]}),
 ])
-def test_eval_batches_are_one_process_batches_dealt_round_robin(units, world, want):
+def test_eval_batches_are_one_process_batches_dealt_round_robin(units, world, parts, want):
     from types import SimpleNamespace
 
     from qlora.train.distributed import DistContext
 
     for rank, batches in want.items():
         trainer = SimpleNamespace(config=SimpleNamespace(batch_size=2), dist=DistContext(rank, world),
-                                  eval_units=list(range(units)), _collate=lambda u: u)
+                                  eval_units=list(range(units)), eval_parts=parts, _collate=lambda u: u)
         assert list(Trainer._eval_batches(trainer)) == batches
 
 

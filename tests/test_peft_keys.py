@@ -149,3 +149,40 @@ def test_a_run_with_layer_keys_writes_the_adapter_peft_builds(tmp_path, tiny_mod
     assert ours == {n for n, _ in theirs.named_parameters() if ".lora_A." in n for n in [n.split(".lora_")[0]]}
     loaded = peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), tmp_path / "out")
     assert {n.split(".lora_")[0] for n, _ in loaded.named_parameters() if ".lora_A." in n} == ours
+
+
+@pytest.mark.parametrize("head, extra, message", [
+    (_LLAMA_FACTORY, "use_adam_mini: true\n", "use_adam_mini true: LLaMA-Factory's Adam-mini optimizer"),
+    (_LLAMA_FACTORY, "use_galore: true\n", "use_galore true: LLaMA-Factory's GaLore optimizer"),
+    (_AXOLOTL, "module_dropout: 0.1\n", "module_dropout 0.1: the dropout of PEFT's LoHa, LoKr and OFT adapters"),
+    (_AXOLOTL, "relora: true\nrelora_steps: 150\n", "relora true: ReLoRA merges the adapter"),
+    (_AXOLOTL, "relora_steps: 150\nrelora_warmup_steps: 10\n", "relora_steps 150: ReLoRA"),  # axolotl's older files
+    (_AXOLOTL, "peft_ensure_weight_tying: true\nlora_target_modules: [q_proj, embed_tokens]\n",
+     "peft_ensure_weight_tying true with LoRA on embed_tokens"),
+], ids=lambda v: v.split(":")[0].strip() if isinstance(v, str) and not v.startswith(("base_model", "model_name")) else None)
+def test_other_tools_training_keys_qlora_lacks_are_refused_by_line_saying_what_to_use(tmp_path, head, extra, message):
+    """Keys of optimizers, adapters and schedules qlora does not have: one paragraph naming the file, line and key,
+    and what to do instead (before, an unknown option with a wrong guess: wpo, dropout, rslora)."""
+    line = head.count("\n") + 1
+    with pytest.raises(UsageError, match=rf"c\.yaml line {line}: {re.escape(message)}.*(Remove|remove|leave)"):
+        _load(tmp_path, head, extra)
+
+
+@pytest.mark.parametrize("head, extra", [
+    (_LLAMA_FACTORY, "use_adam_mini: false\nuse_muon: false\nsave_on_each_node: true\n"),
+    (_AXOLOTL, "module_dropout: 0.0\nrelora: false\nrelora_steps: 150\nrelora_prune_ratio: 0.9\n"),
+    (_AXOLOTL, "peft_ensure_weight_tying: true\n"),  # added tokens of a tied model: one table, as qlora trains them
+    (_AXOLOTL, "peft_ensure_weight_tying: false\nsave_on_each_node: false\n"),
+])
+def test_other_tools_keys_that_change_nothing_here_load(tmp_path, head, extra):
+    _load(tmp_path, head, extra)
+
+
+def test_save_on_each_node_is_refused_over_several_nodes(tmp_path, monkeypatch, capsys):
+    """On one node qlora's rank-0 checkpoints are the node's (said); over several, --output must be shared."""
+    _load(tmp_path, _LLAMA_FACTORY, "save_on_each_node: true\n")
+    assert "save_on_each_node true: on one node" in capsys.readouterr().err
+    monkeypatch.setenv("WORLD_SIZE", "16")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
+    with pytest.raises(UsageError, match=r"c\.yaml line 7: save_on_each_node true: this run spans 2 nodes"):
+        _load(tmp_path, _LLAMA_FACTORY, "save_on_each_node: true\n")

@@ -118,7 +118,7 @@ def test_kto_precomputed_reference_keeps_its_kl_pairs_over_shuffled_epochs(tmp_p
             units = [trainer.train_units[i] for i in trainer.step_units(step)[m:m + 3]]
             moved += sum(u.kl_pair_ids != units[k - 1].kl_completion_ids for k, u in enumerate(units))
     assert moved > 0 and len(trainer.eval_units) == 12
-    for batch, _ in trainer._eval_batches():
+    for batch, _, _ in trainer._eval_batches():
         live = trainer._reference_logps({k: v for k, v in batch.items() if k != "ref_logps"})
         torch.testing.assert_close(batch["ref_logps"], live.double(), rtol=1e-5, atol=1e-5)
     trainer.cleanup()

@@ -350,6 +350,49 @@ def test_adapters_a_batch_does_not_reach_are_a_warning_and_the_rest_train(tmp_pa
     t.cleanup()
 
 
+def _strict_json(line: str):
+    """A metrics.jsonl line as a strict parser (jq, JavaScript, Go) reads it: NaN and Infinity are no JSON."""
+    def refuse(constant):
+        raise ValueError(f"not JSON: {constant}")
+    return json.loads(line, parse_constant=refuse)
+
+
+def test_a_nonfinite_eval_loss_is_written_as_strict_json_and_old_files_with_nan_still_resume(tmp_path,
+                                                                                            tiny_model_dir):
+    """A model whose eval forward overflows: the run goes on (training is finite) and metrics.jsonl holds null
+    with the value named in ``nonfinite``, not a bare NaN; a file an older run wrote with NaN is read on resume,
+    written back as strict JSON, and plotted."""
+    from qlora.train.metrics import MetricsLogger
+
+    data = _write(tmp_path / "d.jsonl", FORMATS["alpaca"])
+    held = _write(tmp_path / "e.jsonl", FORMATS["alpaca"][:2])
+    out = tmp_path / "o"
+    trainer = Trainer(_config(tiny_model_dir, data, out, max_steps=2, eval_data=str(held), eval_steps=1))
+    trainer.setup()
+    trainer.model.model.layers[1].mlp.down_proj.register_forward_hook(
+        lambda m, i, o: o if m.training else o * float("nan"))
+    trainer.train()
+    trainer.cleanup()
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    records = [_strict_json(line) for line in lines]
+    evals = [r for r in records if r["split"] == "eval"]
+    assert [r["step"] for r in evals] == [1, 2]
+    assert all(r["loss"] is None and r["perplexity"] is None for r in evals)
+    assert all(r["nonfinite"] == {"loss": "NaN", "perplexity": "NaN"} for r in evals)
+    assert all(math.isfinite(r["loss"]) and "nonfinite" not in r for r in records if r["split"] == "train")
+    assert (out / "loss.png").stat().st_size > 0
+
+    old = [line.replace('"loss": null, "perplexity": null, "nonfinite": {"loss": "NaN", "perplexity": "NaN"}',
+                        '"loss": NaN, "perplexity": NaN') for line in lines]
+    assert old != lines
+    (out / "metrics.jsonl").write_text("\n".join(old) + "\n")
+    (out / "loss.png").unlink()
+    resumed = MetricsLogger(out, total_steps=2, start_step=1, progress=False, kept=2)  # train 1 and eval 1 kept
+    resumed.close()
+    assert [_strict_json(line) for line in (out / "metrics.jsonl").read_text().splitlines()] == records[:2]
+    assert (out / "loss.png").stat().st_size > 0
+
+
 def test_fp16_runs_use_loss_scaling(tmp_path, tiny_model_dir):
     data = _write(tmp_path / "d.jsonl", FORMATS["alpaca"])
     t = Trainer(_config(tiny_model_dir, data, tmp_path / "o", max_steps=5, precision="fp16"))
@@ -371,9 +414,11 @@ def test_an_fp16_step_whose_update_overflow_skips_leaves_the_schedule_where_it_w
     t.scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 21)
     t.train()
     t.cleanup()
-    records = [json.loads(line) for line in (tmp_path / "o" / "metrics.jsonl").read_text().splitlines()]
-    skipped = [not math.isfinite(r["grad_norm"]) for r in records]
+    records = [_strict_json(line) for line in (tmp_path / "o" / "metrics.jsonl").read_text().splitlines()]
+    skipped = [r["grad_norm"] is None for r in records]  # a norm not finite, written null and named
     assert any(skipped[:2]) and not all(skipped)
+    assert all(r["nonfinite"].keys() == {"grad_norm"} and r["nonfinite"]["grad_norm"] in ("NaN", "Infinity")
+               for r, skip in zip(records, skipped) if skip)
     reference = get_scheduler("linear", torch.optim.SGD([torch.zeros(1)], lr=1e-2), num_warmup_steps=2,
                               num_training_steps=8)
     for record, skip in zip(records, skipped):
@@ -419,3 +464,29 @@ def test_model_with_nonfinite_logits_from_the_start_is_reported_not_crashed(tmp_
                       "--max-steps", "2", "--no-progress", "--chunked-ce"], capsys)
     assert code != 0 and "Traceback" not in err
     assert "non-finite loss at step 1" in err and "model.norm" in err
+
+
+def test_eval_sources_are_named_by_their_files_and_recorded_each_unless_rows_span_them(tmp_path, tiny_model_dir):
+    """Names: the file's name without data suffixes, a repeat numbered. A source whose rows are all skipped has a
+    null loss; packed eval rows span sources, so a packed run records the whole alone."""
+    from qlora.train.data.selection import source_names
+
+    assert source_names("x/test.jsonl.gz,y/test.jsonl,org/ds,z/test.csv") == ["test", "test_2", "ds", "test_3"]
+    data = _write(tmp_path / "d.jsonl", FORMATS["alpaca"])
+    (tmp_path / "v").mkdir()
+    held = [_write(tmp_path / "held.jsonl", FORMATS["alpaca"][:2]),
+            _write(tmp_path / "v" / "held.jsonl", [{"instruction": "Say nothing.", "input": "", "output": ""}]),
+            _write(tmp_path / "more.jsonl", FORMATS["alpaca"][2:5])]
+    spec = ",".join(map(str, held))
+    Trainer(_config(tiny_model_dir, data, tmp_path / "o", max_steps=1, eval_data=spec)).run()
+    record = next(json.loads(line) for line in (tmp_path / "o" / "metrics.jsonl").read_text().splitlines()
+                  if '"eval"' in line)
+    assert "nonfinite" not in record  # null here means no tokens, not a value that overflowed
+    assert {k for k in record if k.endswith("_loss")} == {"held_loss", "held_2_loss", "more_loss"}
+    assert record["held_2_loss"] is None and record["held_2_perplexity"] is None
+    assert min(record["held_loss"], record["more_loss"]) <= record["loss"] <= max(record["held_loss"],
+                                                                                  record["more_loss"])
+    Trainer(_config(tiny_model_dir, data, tmp_path / "p", max_steps=1, eval_data=spec, packing=True)).run()
+    record = next(json.loads(line) for line in (tmp_path / "p" / "metrics.jsonl").read_text().splitlines()
+                  if '"eval"' in line)
+    assert not [k for k in record if k.endswith("_loss")]

@@ -42,7 +42,7 @@ class _Regression(torch.nn.Module):
 
 
 def _transformers_steps(tmp_path, n, batch, accum, epochs, max_steps, eval_s, save_s, eval_steps, save_steps,
-                        logging_steps):
+                        logging_steps, eval_delay=0, eval_on_start=False):
     """The steps at which transformers' Trainer evaluates, and its checkpoint folders' steps."""
     transformers = pytest.importorskip("transformers")
 
@@ -57,7 +57,8 @@ def _transformers_steps(tmp_path, n, batch, accum, epochs, max_steps, eval_s, sa
         output_dir=str(tmp_path), per_device_train_batch_size=batch, gradient_accumulation_steps=accum,
         num_train_epochs=epochs, max_steps=max_steps or -1, eval_strategy=eval_s, save_strategy=save_s,
         eval_steps=eval_steps or None, save_steps=save_steps or 500, logging_steps=logging_steps,
-        report_to=[], use_cpu=True, save_only_model=True, disable_tqdm=True, learning_rate=1e-3)
+        report_to=[], use_cpu=True, save_only_model=True, disable_tqdm=True, learning_rate=1e-3,
+        eval_delay=eval_delay, eval_on_start=eval_on_start)
     trainer = transformers.Trainer(model=_Regression(), args=args, train_dataset=rows, eval_dataset=rows[:2],
                                    callbacks=[Record()])
     trainer.train()
@@ -76,6 +77,54 @@ def test_evaluations_and_checkpoints_fall_on_transformers_steps(tmp_path, case):
     ours = [s for s in steps if cadence.evaluates(s)], [s for s in steps if cadence.saves(s)]
     assert not cadence.evaluates_at_end()
     assert ours == theirs
+
+
+# (examples, batch, accumulation, epochs, max_steps, eval_strategy, eval_steps, eval_delay)
+DELAYS = [
+    (6, 1, 1, 2, 0, "steps", 2, 5),  # no evaluation before step 5: steps 6, 8, 10, 12
+    (6, 1, 1, 2, 0, "steps", 5, 7),  # the interval's step 10 and the last, 12
+    (6, 1, 1, 1, 0, "steps", 2, 9),  # a delay past the run: none, not even at the end
+    (10, 2, 2, 3, 0, "epoch", 0, 2),  # from the second epoch's end
+    (11, 2, 4, 1.5, 0, "epoch", 0, 1.6),  # the run ends 4 of 6 micro-batches into epoch 2: at 1.67 epochs
+    (11, 2, 4, 1.5, 0, "epoch", 0, 1.7),  # ... so 1.7 holds its last evaluation off too
+]
+
+
+@pytest.mark.parametrize("case", DELAYS, ids=[f"{c[5]}-delay-{c[7]}" for c in DELAYS])
+def test_eval_delay_and_eval_on_start_evaluate_at_transformers_steps(tmp_path, case):
+    """transformers' eval_delay, in steps or (eval_strategy epoch) in epochs counted by micro-batches, and
+    eval_on_start (an evaluation at step 0) give the steps its Trainer evaluates at."""
+    n, batch, accum, epochs, max_steps, eval_s, eval_steps, delay = case
+    theirs, _ = _transformers_steps(tmp_path, n, batch, accum, epochs, max_steps, eval_s, "no", eval_steps, 0, 1,
+                                    eval_delay=delay, eval_on_start=True)
+    total = total_steps(n, batch * accum, epochs, max_steps)
+    cadence = Cadence(total, steps_per_epoch(n, batch * accum), eval_s, "no", "steps", eval_steps, 0, 1,
+                      eval_delay=delay, grad_accum=accum, epoch_micro_batches=-(-n // batch))
+    assert [0] + [s for s in range(1, total + 1) if cadence.evaluates(s)] == theirs
+    assert not Cadence(12, 6, eval_steps=5, eval_delay=13).evaluates_at_end()  # auto's closing one is held off too
+    assert Cadence(12, 6, eval_steps=5, eval_delay=12).evaluates_at_end()
+
+
+def test_eval_on_start_needs_eval_data_and_records_step_0_once(tmp_path, tiny_model_dir):
+    """--eval-on-start: one evaluation before any step, recorded at step 0 (its loss against transformers':
+    tests/test_whole_run_reference.py); --resume does not evaluate again."""
+    rows = [{"instruction": q, "input": "", "output": a} for q, a in QA]
+    data, held = _write(tmp_path / "d.jsonl", rows), _write(tmp_path / "e.jsonl", rows[:3])
+    with pytest.raises(UsageError, match="--eval-on-start .* --eval-data"):
+        _config(tiny_model_dir, data, tmp_path / "x", max_steps=2, eval_on_start=True)
+    kw = dict(max_steps=4, eval_data=str(held), eval_on_start=True, eval_strategy="steps", eval_steps=2,
+              eval_delay=3, save_steps=2, dropout=0.0)
+    Trainer(_config(tiny_model_dir, data, tmp_path / "full", **kw)).run()
+    evals = [r for r in _records(tmp_path / "full") if r["split"] == "eval"]
+    assert [r["step"] for r in evals] == [0, 4]
+
+    part = Trainer(_config(tiny_model_dir, data, tmp_path / "part", **kw))
+    part.setup()
+    part.total_steps = 2  # killed right after the step-2 checkpoint
+    part.train()
+    part.cleanup()
+    Trainer(_config(tiny_model_dir, data, tmp_path / "part", resume=True, **kw)).run()
+    assert [r["step"] for r in _records(tmp_path / "part") if r["split"] == "eval"] == [0, 4]
 
 
 def test_auto_keeps_qlora_cadence():
@@ -147,7 +196,7 @@ def test_config_files_strategies_are_read(tmp_path, tiny_model_dir):
     data = _write(tmp_path / "d.jsonl", rows)
     yaml = tmp_path / "c.yaml"
     yaml.write_text(f"model_name_or_path: {tiny_model_dir}\ndataset: {data}\noutput_dir: {tmp_path / 'o'}\n"
-                    "evaluation_strategy: epoch\nsave_strategy: no\nlogging_strategy: epoch\n")
+                    "evaluation_strategy: epoch\nsave_strategy: no\nlogging_strategy: epoch\nval_size: 2\n")
     cfg = load_config(yaml, {})
     assert (cfg.eval_strategy, cfg.save_strategy, cfg.logging_strategy) == ("epoch", "no", "epoch")
     with pytest.raises(UsageError, match="best"):
@@ -220,3 +269,25 @@ def test_best_model_keys_pass_when_they_change_nothing_and_are_refused_otherwise
         path.write_text(head + line + "\n")
         with pytest.raises(UsageError, match=f"line 4: {named}"):
             load_config(path, {})
+
+
+@pytest.mark.parametrize("strategy", ["steps", "epoch"])
+def test_an_eval_strategy_without_eval_data_is_refused_naming_what_to_add(tmp_path, tiny_model_dir, capsys, strategy):
+    """transformers' Trainer refuses eval_strategy steps or epoch without an eval_dataset; a run here would train
+    and evaluate nothing, silently. Held-out data (--eval-split, --eval-data) or strategy no pass."""
+    data = _write(tmp_path / "d.jsonl", [{"instruction": q, "input": "", "output": a} for q, a in QA])
+    args = ["train", "--model", str(tiny_model_dir), "--data", str(data), "--output", str(tmp_path / "o"),
+            "--eval-strategy", strategy, "--max-steps", "1", "--no-progress"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert f"--eval-strategy {strategy}" in err and "--eval-data" in err and "--eval-split" in err
+    assert "Traceback" not in err and not (tmp_path / "o").exists()
+    yaml = tmp_path / "c.yaml"
+    yaml.write_text(f"model_name_or_path: {tiny_model_dir}\ndataset: {data}\noutput_dir: {tmp_path / 'o'}\n"
+                    f"eval_strategy: {strategy}\n")
+    with pytest.raises(UsageError, match=f"c.yaml line 4 \\(eval_strategy\\): --eval-strategy {strategy}"):
+        load_config(yaml, {})
+    yaml.write_text(yaml.read_text() + "val_size: 0.25\n")
+    assert load_config(yaml, {}).eval_split == 0.25
+    load_config(None, dict(model=str(tiny_model_dir), data=str(data), output=str(tmp_path / "o"),
+                           eval_strategy="no"))

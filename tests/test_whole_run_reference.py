@@ -159,3 +159,123 @@ def test_whole_run_equals_transformers_trainer(tmp_path, tiny_tokenizer, case):
     assert reference.keys() == ours.keys()
     for name, p in reference.items():
         torch.testing.assert_close(ours[name], p, rtol=1e-4, atol=1e-6, msg=name)
+
+
+class _Evaluations(LoggedRecords):
+    """The step and eval loss of each of the reference's evaluations."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.evals: list[tuple[int, float]] = []
+
+    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+        self.evals.append((state.global_step, metrics["eval_loss"]))
+
+
+@pytest.mark.parametrize("strategy", [dict(eval_strategy="steps", eval_steps=1, eval_delay=2),
+                                      dict(eval_strategy="epoch", eval_delay=1.6)], ids=["steps", "epoch"])
+def test_eval_on_start_and_eval_delay_evaluate_as_transformers_trainer(tmp_path, tiny_tokenizer, strategy):
+    """transformers' eval_on_start and eval_delay: the steps its Trainer evaluates at and their eval losses (one
+    eval batch of every held-out text: its loss is the mean over their tokens, as qlora's). 11 texts, batch 2 x
+    accumulation 4, 1.5 epochs: 3 steps, the last 4 of the second epoch's 6 micro-batches (1.67 epochs)."""
+    opts = dict(optim="adamw", lr=5e-3, rank=4, alpha=8, dropout=0.0, shuffle=False, seed=3, progress=False,
+                save_total_limit=0, save_strategy="no", quant="none", seq_len=128, train_on="all", batch_size=2,
+                grad_accum=4, epochs=1.5, lr_scheduler="linear", warmup_steps=1, max_grad_norm=1.0,
+                eval_on_start=True, output=str(tmp_path / "run")) | strategy
+    model_dir = build_tiny_model(tmp_path / "model", tokenizer=tiny_tokenizer, arch="llama")
+    data, held = tmp_path / "data.jsonl", tmp_path / "held.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in DATA["text"]))
+    held.write_text("".join(json.dumps({"text": _words(i + 20, 3 + 4 * i)}) + "\n" for i in range(3)))
+    trainer = Trainer(load_config(None, opts | dict(model=str(model_dir), data=str(data), eval_data=str(held))))
+    try:
+        trainer.setup()
+        randomize_lora_b(trainer.model, seed=1)
+        save_adapter(trainer.model, tmp_path / "adapter")
+        units = [dict(input_ids=u.input_ids, labels=u.labels) for u in trainer.train_units]
+        held_units = [dict(input_ids=u.input_ids, labels=u.labels) for u in trainer.eval_units]
+        trainer.train()
+        records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    finally:
+        trainer.cleanup()
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32),
+                                           tmp_path / "adapter", is_trainable=True)
+    callback = _Evaluations()
+    args = TrainingArguments(
+        output_dir=str(tmp_path / "hf"), per_device_train_batch_size=2, gradient_accumulation_steps=4,
+        per_device_eval_batch_size=len(held_units), learning_rate=opts["lr"], lr_scheduler_type="linear",
+        warmup_steps=1, num_train_epochs=1.5, max_grad_norm=1.0, optim="adamw_torch", seed=3,
+        train_sampling_strategy="sequential", save_strategy="no", report_to=[], use_cpu=True, bf16=False,
+        dataloader_num_workers=0, disable_tqdm=True, remove_unused_columns=False, eval_on_start=True, **strategy)
+    HFTrainer(model=model, args=args, train_dataset=units, eval_dataset=held_units, callbacks=[callback],
+              data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100)).train()
+
+    ours = [(r["step"], r["loss"]) for r in records if r["split"] == "eval"]
+    assert [s for s, _ in ours] == [s for s, _ in callback.evals]
+    assert [s for s, _ in ours] == ([0, 2, 3] if strategy["eval_strategy"] == "steps" else [0, 3])
+    for (step, mine), (_, theirs) in zip(ours, callback.evals):
+        assert mine == pytest.approx(theirs, rel=1e-5), step
+
+
+def test_several_eval_sources_are_each_recorded_as_transformers_logs_a_dict_of_eval_datasets(tmp_path, tiny_tokenizer):
+    """--eval-data a,b: each eval record holds the whole's loss and, per source (named by its file), the
+    ``<name>_loss`` transformers' Trainer logs as ``eval_<name>_loss`` for ``eval_dataset={name: ...}``, at the same
+    steps with the same values (one eval batch of each source there: its loss is the mean over its tokens)."""
+    opts = dict(optim="adamw", lr=5e-3, rank=4, alpha=8, dropout=0.0, shuffle=False, seed=3, progress=False,
+                save_total_limit=0, save_strategy="no", quant="none", seq_len=128, train_on="all", batch_size=2,
+                grad_accum=2, max_steps=4, lr_scheduler="linear", warmup_steps=1, max_grad_norm=1.0,
+                eval_strategy="steps", eval_steps=2, output=str(tmp_path / "run"))
+    model_dir = build_tiny_model(tmp_path / "model", tokenizer=tiny_tokenizer, arch="llama")
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in DATA["text"]))
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    held = {"news": tmp_path / "a" / "news.jsonl", "chat": tmp_path / "b" / "chat.jsonl.gz"}
+    import gzip
+    held["news"].write_text("".join(json.dumps({"text": _words(i + 20, 3 + 4 * i)}) + "\n" for i in range(3)))
+    with gzip.open(held["chat"], "wt") as fh:
+        fh.write("".join(json.dumps({"text": _words(i + 40, 9 + 5 * i)}) + "\n" for i in range(2)))
+    trainer = Trainer(load_config(None, opts | dict(model=str(model_dir), data=str(data),
+                                                    eval_data=f"{held['news']},{held['chat']}")))
+    try:
+        trainer.setup()
+        randomize_lora_b(trainer.model, seed=1)
+        save_adapter(trainer.model, tmp_path / "adapter")
+        units = [dict(input_ids=u.input_ids, labels=u.labels) for u in trainer.train_units]
+        held_units = [dict(input_ids=u.input_ids, labels=u.labels) for u in trainer.eval_units]
+        trainer.train()
+        records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    finally:
+        trainer.cleanup()
+
+    logged = []
+
+    class Evaluations(LoggedRecords):
+        def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+            logged.append(dict(metrics, step=state.global_step))
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32),
+                                           tmp_path / "adapter", is_trainable=True)
+    args = TrainingArguments(
+        output_dir=str(tmp_path / "hf"), per_device_train_batch_size=2, gradient_accumulation_steps=2,
+        per_device_eval_batch_size=3, learning_rate=opts["lr"], lr_scheduler_type="linear", warmup_steps=1,
+        max_steps=4, max_grad_norm=1.0, optim="adamw_torch", seed=3, train_sampling_strategy="sequential",
+        save_strategy="no", report_to=[], use_cpu=True, bf16=False, dataloader_num_workers=0, disable_tqdm=True,
+        remove_unused_columns=False, eval_strategy="steps", eval_steps=2)
+    HFTrainer(model=model, args=args, train_dataset=units, callbacks=[Evaluations()],
+              eval_dataset={"news": held_units[:3], "chat": held_units[3:]},
+              data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100)).train()
+
+    evals = [r for r in records if r["split"] == "eval"]
+    assert [r["step"] for r in evals] == [2, 4] == sorted({t["step"] for t in logged})
+    for record in evals:
+        for name in ("news", "chat"):
+            theirs = next(t[f"eval_{name}_loss"] for t in logged if t["step"] == record["step"] and
+                          f"eval_{name}_loss" in t)
+            assert record[f"{name}_loss"] == pytest.approx(theirs, rel=1e-5), (record["step"], name)
+            assert record[f"{name}_perplexity"] == pytest.approx(math.exp(theirs), rel=1e-5)
+        tokens = [sum(t != -100 for t in u["labels"][1:]) for u in held_units]  # each label predicts the next token
+        whole = (record["news_loss"] * sum(tokens[:3]) + record["chat_loss"] * sum(tokens[3:])) / sum(tokens)
+        assert record["loss"] == pytest.approx(whole, rel=1e-9)

@@ -293,6 +293,10 @@ class TrainConfig:
     eval_strategy: str = _opt("auto", "when to evaluate, as transformers' eval_strategy: steps (every --eval-steps, "
                                       "else --logging-steps, and at the end), epoch (each epoch's end), no "
                                       "(never); auto: as steps, but --eval-steps 0 is the end only", STRATEGIES)
+    eval_delay: float = _opt(0, "no evaluation before this many optimizer steps (epochs with --eval-strategy "
+                                "epoch), as transformers' eval_delay", range=NON_NEGATIVE)
+    eval_on_start: bool = _opt(False, "also evaluate before the first step (recorded at step 0), as transformers' "
+                                      "eval_on_start; a --resume does not evaluate again")
     save_strategy: str = _opt("auto", "when to checkpoint, as transformers' save_strategy: steps (every --save-steps, "
                                       "else 500), epoch (each epoch's end), no (none, but at Ctrl-C); auto: every "
                                       "--save-steps; all but no also checkpoint the last step", STRATEGIES)
@@ -341,6 +345,8 @@ class TrainConfig:
             values.update({k: getattr(self, k) for k in ("eval_data", "eval_data_split", "eval_steps")})
             if self.eval_strategy != "auto":  # absent otherwise: checkpoints from before the strategies resume
                 values["eval_strategy"] = self.eval_strategy
+            if self.eval_delay:  # absent otherwise: checkpoints from before it resume
+                values["eval_delay"] = self.eval_delay
         values["global_batch"] = values.pop("batch_size") * values.pop("grad_accum") * world_size
         if is_custom(self.template) and not is_inline(self.template):  # the file may change under the same path
             if self.template not in self._digests:  # read once: the checkpoints of a run record the text it read
@@ -447,6 +453,7 @@ class TrainConfig:
         if self.eval_split and self.eval_data:
             raise UsageError("--eval-split holds out part of --data for evaluation; this run has --eval-data "
                              f"{self.eval_data} for that: give one of the two.")
+        self._validate_eval()
         if self.lora_plus_ratio and self.adalora:
             raise UsageError("--lora-plus-ratio applies to LoRA's B matrices; --adalora's triplets have none")
         if self.max_steps == 0 and not self.epochs > 0:
@@ -473,6 +480,23 @@ class TrainConfig:
             raise UsageError(f"--lr-scheduler {PLATEAU} lowers the rate when the eval loss stops improving: give "
                              "--eval-steps N and held-out data (--eval-data or --eval-split), as transformers "
                              "needs an eval strategy for it (or --eval-strategy epoch).")
+
+    def _validate_eval(self) -> None:
+        """An evaluation asked for needs held-out data: transformers' Trainer refuses an eval_strategy without an
+        eval_dataset, where a run here would evaluate nothing and say nothing."""
+        if self.eval_data or self.eval_split:
+            return
+        if self.eval_on_start:
+            raise UsageError("--eval-on-start evaluates on held-out data before the first step, and this run has "
+                             "none: give it with --eval-data FILE (eval_dataset, axolotl's test_datasets) or hold "
+                             "out part of --data with --eval-split (LLaMA-Factory's val_size, axolotl's "
+                             "val_set_size), or leave --eval-on-start out.")
+        if self.eval_strategy not in ("steps", "epoch"):
+            return
+        raise UsageError(f"--eval-strategy {self.eval_strategy} evaluates on held-out data, and this run has none: "
+                         "give it with --eval-data FILE (eval_dataset, axolotl's test_datasets) or hold out part of "
+                         "--data with --eval-split (a share below 1 or a number of examples; LLaMA-Factory's "
+                         "val_size, axolotl's val_set_size), or set --eval-strategy no.")
 
     def _validate_adapter(self) -> None:
         """--adapter brings its own LoRA settings: giving them too is a contradiction, said before the load."""

@@ -23,6 +23,7 @@ configs. Keys that only rename one of ours are plain aliases
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any, Callable
@@ -67,8 +68,8 @@ RUNTIME_ONLY = frozenset({
     # axolotl: where adapters are loaded (CPU), FSDP's sharded 4-bit loading, how a later merge runs; its freeze of a
     # multimodal model's towers and projector (requires_grad), which a LoRA run never trains whole either way
     "lora_on_cpu", "qlora_sharded_model_loading", "merge_method", "freeze_mm_modules",
-    # LLaMA-Factory: reentrant gradient checkpointing
-    "use_reentrant_gc",
+    # LLaMA-Factory: reentrant gradient checkpointing; each eval dataset's loss, which qlora records beside the whole's
+    "use_reentrant_gc", "eval_on_each_dataset",
     # TrainingArguments (TRL's and alignment-handbook's files): log verbosity, Liger's kernels, the upload of the
     # result to the hub (qlora writes it to output_dir; hub_* settings are passed over by their prefix)
     "log_level", "log_level_replica", "use_liger_kernel", "push_to_hub", "use_flash_attention_2",
@@ -215,6 +216,33 @@ def _frozen(key: str, ours: bool, why: str) -> Callable[[Any, str], Translation]
         shown = str(value).lower() if isinstance(value, bool) else repr(value)
         raise UsageError(f"{where}: {key} {shown}: {why}")
     return translate_frozen
+
+
+def _save_on_each_node(value: Any, where: str) -> Translation:
+    """TrainingArguments' ``save_on_each_node``: every node's main process writes the checkpoints, for nodes without
+    a shared disk. qlora writes them once, from rank 0: the same on one node; over several, --output must be a
+    folder every node sees (docs/distributed.md), so the key is refused there."""
+    if not value:
+        return [], ""
+    world, local = (int(os.environ.get(k, "1") or 1) for k in ("WORLD_SIZE", "LOCAL_WORLD_SIZE"))
+    if world > local:
+        raise UsageError(f"{where}: save_on_each_node true: this run spans {world // local} nodes, and qlora writes "
+                         "checkpoints and the adapter once, from rank 0, into --output, which every node must see "
+                         "(a shared filesystem: docs/distributed.md). Put output_dir there and remove the key.")
+    return [], (f"{where}: save_on_each_node true: on one node qlora's checkpoints are the node's already (written "
+                "once, by rank 0)")
+
+
+# LLaMA-Factory's switches of optimizers other than AdamW.
+_OTHER_OPTIMIZERS = {"use_adam_mini": "Adam-mini", "use_galore": "GaLore", "use_apollo": "APOLLO",
+                     "use_badam": "BAdam", "use_muon": "Muon"}
+
+
+def _other_optimizer(key: str) -> Callable[[Any, str], Translation]:
+    return _refused(key, f"LLaMA-Factory's {_OTHER_OPTIMIZERS[key]} optimizer, which qlora does not have; it trains "
+                         "with AdamW (optim: adamw_torch, adamw_8bit, paged_adamw_32bit or paged_adamw_8bit, the "
+                         "8-bit and paged ones for less memory). Remove the key or set it to false, and choose "
+                         "optim.")
 
 
 def _processor_type(value: Any, where: str) -> Translation:
@@ -412,7 +440,11 @@ TRANSLATED: dict[str, Callable[[Any, str], Translation]] = {
                                          "the key, or bound the pixels instead."),
     "image_resize_algorithm": _refused("image_resize_algorithm", "axolotl's filter for its image_size resize, "
                                                                  "which qlora does not do; remove the key."),
-    "processor_type": _processor_type,
+    "processor_type": _processor_type, "save_on_each_node": _save_on_each_node,
+    **{key: _other_optimizer(key) for key in _OTHER_OPTIMIZERS},
+    "module_dropout": _refused("module_dropout", "the dropout of PEFT's LoHa, LoKr and OFT adapters (a whole "
+                                                 "adapter skipped at random); qlora trains LoRA, whose dropout is "
+                                                 "lora_dropout (dropout). Remove the key or set it to 0."),
     "mask_history": _refused("mask_history", "LLaMA-Factory then trains on the last answer of each conversation "
                                              "only; qlora trains on every assistant turn (train_on: assistant) or on "
                                              "all tokens (train_on: all). Remove the key, or keep only each "
@@ -598,6 +630,7 @@ def adapter_keys(loaded: dict, lines: dict[str, int], path: Path) -> dict:
     if is_axolotl(loaded) and loaded.get("batch_size") is not None:
         _total_batch(loaded, out, lines, where)
     _pissa_keys(loaded, out, lines, where)
+    _relora(loaded, out, where)
     rl = loaded.get("rl")
     if rl in (None, False) or rl in _RL:  # an rl qlora lacks is refused by name when translated
         method = _RL[rl][0] if rl else str(loaded.get("method") or "sft")
@@ -689,6 +722,27 @@ def _pissa_keys(loaded: dict, out: dict, lines: dict[str, int], where: dict[str,
         print(f"qlora train: {where['pissa_convert']}: pissa_convert false: qlora writes the PiSSA adapter converted "
               "to rank-2r LoRA on the original model all the same (the adapter as trained is valid only on the "
               "residual base, which is not saved)", file=sys.stderr)
+
+
+def _relora(loaded: dict, out: dict, where: dict[str, str]) -> None:
+    """axolotl's ReLoRA (``relora: true``, or ``relora_steps`` in its older files): every ``relora_steps`` the
+    adapter is merged into the base and restarted, which qlora does not do (a 4-bit base would be quantized again
+    at each merge). Refused by name; its ``relora_*`` settings are read with it and pass without it."""
+    keys = [k for k in loaded if str(k) == "relora" or str(k).startswith("relora_")]
+    for key in keys:
+        out.pop(key, None)
+    on = loaded.get("relora") if "relora" in loaded else loaded.get("relora_steps")
+    if on:
+        key = "relora" if "relora" in loaded else "relora_steps"
+        raise UsageError(f"{where[key]}: {key} {_shown(on)}: ReLoRA merges the adapter into the base every "
+                         "relora_steps and starts a new one, which qlora does not do. Train one adapter (remove "
+                         "the relora keys), or run in stages: train, qlora merge, then train a new adapter on the "
+                         "merged model.")
+
+
+def _shown(value: Any) -> str:
+    """A YAML value as the file spells it (true, not True)."""
+    return str(value).lower() if isinstance(value, bool) else repr(value)
 
 
 def _per_epoch(loaded: dict, out: dict, lines: dict[str, int], where: dict[str, str], key: str, option: str) -> None:

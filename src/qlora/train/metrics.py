@@ -2,7 +2,11 @@
 (plain progress lines when stderr is not a terminal: :mod:`qlora.progress`).
 
 metrics.jsonl is the record of truth (one JSON object a line, ``"split"`` =
-train or eval); TensorBoard and the PNG are views of it. On resume the lines
+train or eval); TensorBoard and the PNG are views of it. Each line is strict
+JSON: a value that is not finite (an eval loss that overflowed, an fp16 step's
+infinite gradient norm) is written null and named with its value in the
+record's ``nonfinite`` (Python's ``json`` would write a bare NaN, which strict
+parsers refuse); files of older runs with NaN read as before. On resume the lines
 written after the checkpoint are dropped, so the file reads as one run.
 matplotlib is a dependency (a loss plot after every run is worth it);
 TensorBoard is optional (``pip install tensorboard``): without it the run says
@@ -46,7 +50,7 @@ class MetricsLogger:
         self.out_dir = out_dir
         self.path = out_dir / "metrics.jsonl"
         self.records = _read_until(self.path, start_step, kept)
-        self.path.write_text("".join(json.dumps(r) + "\n" for r in self.records))
+        self.path.write_text("".join(json_line(r) + "\n" for r in self.records))
         self._file = open(self.path, "a")
         self._bar = progress_bar(total_steps, initial=start_step, unit="step", enabled=progress)
         # on resume, TensorBoard hides what earlier event files hold of the steps after the checkpoint
@@ -55,7 +59,7 @@ class MetricsLogger:
     def log(self, record: dict[str, Any]) -> None:
         """Append one record (must hold ``step`` and ``split``)."""
         self.records.append(record)
-        self._file.write(json.dumps(record) + "\n")
+        self._file.write(json_line(record) + "\n")
         self._file.flush()
         if self._tb is not None:
             for key, value in record.items():
@@ -87,6 +91,20 @@ class MetricsLogger:
         except ImportError as exc:  # a broken or partial matplotlib install
             print(f"qlora: loss.png not drawn ({exc}); pip install matplotlib. The run's metrics are in "
                   f"{self.path}.")
+
+
+def json_line(record: dict[str, Any]) -> str:
+    """``record`` as one line of strict JSON: each non-finite number is null, and ``nonfinite`` maps its key to
+    the value as Python's ``json`` spells it (``NaN``, ``Infinity``, ``-Infinity``)."""
+    bad = {k: json.dumps(v) for k, v in record.items() if isinstance(v, float) and not math.isfinite(v)}
+    if bad:
+        record = {**{k: None if k in bad else v for k, v in record.items()}, "nonfinite": bad}
+    return json.dumps(record, allow_nan=False)
+
+
+def _number(value: Any) -> float:
+    """A record's value to plot: null (a non-finite value, as :func:`json_line` writes it) is a gap."""
+    return float("nan") if value is None else value
 
 
 def _read_until(path: Path, step: int, kept: int | None) -> list[dict[str, Any]]:
@@ -130,7 +148,8 @@ def plot_losses(records: list[dict[str, Any]], path: Path) -> None:
     fig, axes = plt.subplots(2 if rewards else 1, 1, figsize=(7, 7 if rewards else 4), sharex=True, squeeze=False)
     ax = axes[0, 0]
     for split, style in (("train", "-"), ("eval", "o-")):
-        points = [(r["step"], r["loss"]) for r in records if r["split"] == split and math.isfinite(r["loss"])]
+        points = [(r["step"], r["loss"]) for r in records
+                  if r["split"] == split and math.isfinite(_number(r.get("loss")))]
         if points:
             ax.plot(*zip(*points), style, label=split)
     ax.set_ylabel("loss")
@@ -141,9 +160,9 @@ def plot_losses(records: list[dict[str, Any]], path: Path) -> None:
             rows = [r for r in records if r["split"] == split and "rewards/accuracies" in r]
             if rows:
                 steps = [r["step"] for r in rows]
-                low.plot(steps, [r["rewards/accuracies"] for r in rows], style, color="tab:green",
+                low.plot(steps, [_number(r["rewards/accuracies"]) for r in rows], style, color="tab:green",
                          label=f"{split} reward accuracy")
-                margin.plot(steps, [r["rewards/margins"] for r in rows], style, color="tab:purple",
+                margin.plot(steps, [_number(r["rewards/margins"]) for r in rows], style, color="tab:purple",
                             label=f"{split} reward margin")
         low.set_ylabel("reward accuracy")
         low.set_ylim(-0.05, 1.05)

@@ -43,6 +43,7 @@ def peft_option_keys(loaded: dict, lines: dict[str, int], path: Path) -> dict:
                          "adapter weights in float32 (PEFT's default autocast); remove the key.")
     out.pop("peft_autocast_adapter_dtype", None)
     _loraplus_embedding(out, where)
+    _weight_tying(out, where)
     if (out.get("adapter") in ("lora", "qlora") and out.get("lora_target_parameters")
             and not out.get("lora_target_modules") and not out.get("lora_target_linear")):
         out["target_modules"] = "none"  # axolotl's LoraConfig then has target_modules [] beside them: experts only
@@ -108,6 +109,23 @@ def _peft_block(out: dict, lines: dict[str, int], where: dict[str, str]) -> None
                              "4-bit base; set loftq_bits: 4.")
         out["init"] = "loftq"
         lines.setdefault("init", lines.get("peft", 0))
+
+
+def _weight_tying(out: dict, where: dict[str, str]) -> None:
+    """axolotl's ``peft_ensure_weight_tying`` (PEFT's ``ensure_weight_tying``): a tied embedding and head that are
+    trained whole (grown by added tokens) stay one table, as qlora trains them either way
+    (:mod:`qlora.model.tied_tables`). PEFT also ties the LoRA adapters of a tied embedding and head named as
+    targets, which qlora does not: refused then."""
+    if not out.pop("peft_ensure_weight_tying", None):
+        return
+    targets = out.get("lora_target_modules") or out.get("target_modules") or []
+    targets = targets.split(",") if isinstance(targets, str) else targets
+    tied = [str(t).strip() for t in targets if str(t).strip() in ("embed_tokens", "lm_head")]
+    if tied:
+        raise UsageError(f"{where['peft_ensure_weight_tying']}: peft_ensure_weight_tying true with LoRA on "
+                         f"{', '.join(tied)}: PEFT then shares one adapter between a tied embedding and output "
+                         "head, which qlora does not; leave them out of lora_target_modules (added tokens train "
+                         "them whole, as one table), or remove the key.")
 
 
 def _init(out: dict, lines: dict[str, int], where: dict[str, str]) -> None:

@@ -366,7 +366,7 @@ class PreferenceTrainer(Trainer):
         """Loss and reward metrics on --eval-data (the policy in eval mode, no dropout)."""
         self.model.eval()
         totals: dict[str, float] = {}
-        for batch, mine in self._eval_batches():
+        for batch, mine, _ in self._eval_batches():
             terms = {k: float(v) for k, v in self._pair_terms(self.model, batch).items()}
             terms.update(units=self._units_in(batch), nll_tokens=self._nll_tokens(batch))
             for k, v in terms.items():

@@ -10,6 +10,10 @@ must evaluate and save at the steps transformers' Trainer would for them. Its ru
   ``max_steps`` or fractional epochs end mid-epoch ends that epoch there).
 - ``no``: never.
 
+``eval_delay`` (transformers' too) holds evaluations off until that many steps (``steps``, ``auto``) or epochs
+(``epoch``: the epoch count transformers keeps, in micro-batches, so a run that ends mid-epoch is at a fraction of
+one); ``eval_on_start`` is the trainer's.
+
 ``auto`` is qlora's own default: every ``--eval-steps`` (0: none) and once at the end; every ``--save-steps``
 (0: none) and the last step. Every strategy but ``no`` checkpoints the last step (so ``--resume`` finishes a run
 whose final save failed); a Ctrl-C is checkpointed whatever the strategy.
@@ -43,6 +47,20 @@ class Cadence:
     eval_steps: float = 0
     save_steps: float = 0
     logging_steps: float = 1
+    eval_delay: float = 0
+    grad_accum: int = 1
+    epoch_micro_batches: int = 0  # of one rank (0: steps_per_epoch x grad_accum)
+
+    def epoch_at(self, step: int) -> float:
+        """The epochs done after ``step``, as transformers counts them (``state.epoch``): the micro-batches of the
+        current epoch done over its micro-batches."""
+        epoch, k = divmod(step, self.steps_per_epoch)
+        micro_batches = self.epoch_micro_batches or self.steps_per_epoch * self.grad_accum
+        return epoch + min(k * self.grad_accum, micro_batches) / micro_batches
+
+    def _delayed(self, step: int) -> bool:
+        """Whether ``eval_delay`` still holds evaluations off after ``step``."""
+        return self.eval_delay > (self.epoch_at(step) if self.eval_strategy == "epoch" else step)
 
     def _epoch_end(self, step: int) -> bool:
         return step % self.steps_per_epoch == 0 or step == self.total_steps
@@ -53,6 +71,8 @@ class Cadence:
 
     def evaluates(self, step: int) -> bool:
         """Whether the run evaluates after ``step`` (``auto``'s closing evaluation is :meth:`evaluates_at_end`)."""
+        if self._delayed(step):
+            return False
         if self.eval_strategy == "epoch":
             return self._epoch_end(step)
         if self.eval_strategy == "steps":
@@ -61,7 +81,8 @@ class Cadence:
 
     def evaluates_at_end(self) -> bool:
         """``auto``'s evaluation after the last step, where the interval did not already evaluate it."""
-        return self.eval_strategy == "auto" and not self.evaluates(self.total_steps)
+        return (self.eval_strategy == "auto" and not self._delayed(self.total_steps)
+                and not self.evaluates(self.total_steps))
 
     def saves(self, step: int) -> bool:
         """Whether the run writes a checkpoint after ``step``: its strategy's steps and the last step."""

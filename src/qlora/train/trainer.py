@@ -40,6 +40,7 @@ import shutil
 import shlex
 import signal
 import time
+from bisect import bisect_left
 from contextlib import nullcontext
 from dataclasses import replace
 from itertools import count
@@ -70,7 +71,7 @@ from qlora.train.data import (
 from qlora.train.data.dedupe import drop_duplicates
 from qlora.train.data.image_examples import tokenize_image_example
 from qlora.train.data.image_packing import check_image_packing, image_blocks_key, multimodal_positions
-from qlora.train.data.selection import check_split_of_files, hold_out, read_sources
+from qlora.train.data.selection import check_split_of_files, hold_out, read_sources, source_names
 from qlora.train.data.text_blocks import text_blocks
 from qlora.train.data.tokenize import NothingToTrain
 from qlora.train.file_fingerprint import changed_file, model_fingerprints
@@ -344,6 +345,7 @@ class Trainer:
             check_split_of_files(cfg.eval_data, cfg.eval_data_split, None, cfg.dataset_dir,  # --data's subset
                                  ("--eval-data-split", "--data-subset"), "test")
         eval_examples = self._read_data(cfg.eval_data, cfg.eval_data_split) if cfg.eval_data else None
+        eval_ends = list(self._source_ends) if cfg.eval_data and cfg.method == "sft" else []
         if cfg.eval_split:
             train_examples, eval_examples = self._hold_out(train_examples)
         if cfg.batch_size > len(train_examples):  # every step would be the whole data in one short micro-batch
@@ -365,6 +367,7 @@ class Trainer:
         if not cfg.eval_split and cfg.method == "sft":  # axolotl's SFT test_datasets are deduplicated on their own
             self.seen_rows = set()
         self.eval_units = self._tokenize_eval(eval_examples) if eval_examples else []
+        self.eval_parts = self._eval_parts(eval_ends)
         check_positions(self.model, max(self._positions(self.train_units), self._positions(self.eval_units)),
                         cfg.model)
         self.dist.barrier()  # every rank has checked --output before rank 0 changes it
@@ -641,11 +644,29 @@ class Trainer:
         return hold_out(examples, cfg.eval_split, cfg.seed, cfg.eval_split_order, cfg.shuffle, what)
 
     def _read_data(self, source: str, split: str):
+        """The examples of ``source``; ``_source_ends`` holds where each of its sources' examples end."""
         cfg = self.config
-        return read_sources(source, split, cfg.data_subset, cfg.max_samples,
-                            lambda records: normalize(records, cfg.format, cfg.data_fields, cfg.media_folder),
-                            cfg.dataset_dir,
-                            self.sample_rng)
+        self._source_ends: list[int] = []
+
+        def read(records):
+            examples = normalize(records, cfg.format, cfg.data_fields, cfg.media_folder)
+            self._source_ends.append((self._source_ends[-1] if self._source_ends else 0) + len(examples))
+            return examples
+
+        return read_sources(source, split, cfg.data_subset, cfg.max_samples, read, cfg.dataset_dir, self.sample_rng)
+
+    def _eval_parts(self, ends: list[int]) -> list[tuple[str, int, int]]:
+        """``(name, start, end)`` of each --eval-data source's eval units, evaluated apart (its batches its own)
+        and recorded as ``<name>_loss`` beside the whole's loss, as transformers logs a dict of eval datasets; none
+        (the whole alone) for one source, and where units span sources (packed rows, text blocks) or are
+        preference pairs."""
+        cfg = self.config
+        if len(ends) < 2 or cfg.packing or cfg.group_texts or cfg.method != "sft":
+            return []
+        indices = [u.index for u in self.eval_units]  # the examples' order: rows skipped or deduplicated left out
+        bounds = [0, *(bisect_left(indices, end) for end in ends)]
+        names = source_names(cfg.eval_data, cfg.dataset_dir, cfg.method)
+        return list(zip(names, bounds, bounds[1:]))
 
     def _tokenize(self, examples):
         cfg = self.config
@@ -815,10 +836,16 @@ class Trainer:
         Ctrl-C stops at once (the last checkpoint stays intact).
         """
         cfg = self.config
+        # transformers counts epochs in micro-batches (its eval_delay in epochs); it has no --max-steps-per-epoch
+        micro_batches = 0 if cfg.max_steps_per_epoch else math.ceil(len(self.train_units) / (
+            cfg.batch_size * self.dist.world_size))
         cadence = Cadence(self.total_steps, self.steps_per_epoch, cfg.eval_strategy, cfg.save_strategy,
-                          cfg.logging_strategy, cfg.eval_steps, cfg.save_steps, cfg.logging_steps)
+                          cfg.logging_strategy, cfg.eval_steps, cfg.save_steps, cfg.logging_steps, cfg.eval_delay,
+                          cfg.grad_accum, micro_batches)
         self._stop_signal = None
         previous = _install_stop_handlers(self)
+        if cfg.eval_on_start and self.step == 0 and self.eval_units:
+            self.evaluate()  # a check of the eval before training: the plateau schedule does not count it
         try:
             while self.step < self.total_steps:
                 if self._stop_requested():
@@ -1011,34 +1038,46 @@ class Trainer:
         raise UsageError(f"non-finite {what} at step {self.step + 1}{where}{kept}. "
                          "Lower --lr, check the data, or use --precision fp32.")
 
-    def _eval_batches(self) -> Iterator[tuple[dict[str, torch.Tensor], bool]]:
-        """This rank's share of the eval batches, as ``(batch, mine)``: the batches are those of one process
-        (``--batch-size`` units each, in order), batch ``i`` evaluated on rank ``i mod ranks``. A rank short of
-        a batch in the last round repeats its first with ``mine`` false, to be computed and left out: under
-        FSDP every forward gathers the shards with all ranks, so every rank runs as many."""
+    def _eval_batches(self) -> Iterator[tuple[dict[str, torch.Tensor], bool, int]]:
+        """This rank's share of the eval batches, as ``(batch, mine, part)``: the batches are those of one process
+        (``--batch-size`` units each, in order, a batch within one part of :meth:`_eval_parts`), batch ``i``
+        evaluated on rank ``i mod ranks``. A rank short of a batch in the last round repeats its first with ``mine``
+        false, to be computed and left out: under FSDP every forward gathers the shards with all ranks, so every
+        rank runs as many."""
         bs, world = self.config.batch_size, self.dist.world_size
-        starts = list(range(0, len(self.eval_units), bs))
-        mine = starts[self.dist.rank::world]
-        for round_ in range(math.ceil(len(starts) / world)):
-            start = mine[round_] if round_ < len(mine) else starts[0]
-            yield self._collate(self.eval_units[start:start + bs]), round_ < len(mine)
+        parts = self.eval_parts or [("", 0, len(self.eval_units))]
+        batches = [(start, min(start + bs, end), k) for k, (_, begin, end) in enumerate(parts)
+                   for start in range(begin, end, bs)]
+        mine = batches[self.dist.rank::world]
+        for round_ in range(math.ceil(len(batches) / world)):
+            start, end, part = mine[round_] if round_ < len(mine) else batches[0]
+            yield self._collate(self.eval_units[start:end]), round_ < len(mine), part
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, Any]:
-        """Loss (per trainable token) and perplexity on --eval-data, each rank evaluating its share."""
+        """Loss (per trainable token) and perplexity on --eval-data, each rank evaluating its share; with several
+        sources, each one's too."""
         self.model.eval()
-        totals = torch.zeros(2, dtype=torch.float64, device=self.device)  # loss sum, trainable tokens
-        for batch, mine in self._eval_batches():
+        parts = self.eval_parts or [("", 0, len(self.eval_units))]
+        totals = torch.zeros(len(parts), 2, dtype=torch.float64, device=self.device)  # loss sum, trainable tokens
+        for batch, mine, part in self._eval_batches():
             with self._autocast():
                 loss_sum = token_loss_sum(self.model, batch, self.chunked_ce)
             if mine:
-                totals += torch.stack([loss_sum.double(), loss_sum.new_tensor(count_trainable_tokens(batch),
-                                                                              dtype=torch.float64)])
-        loss_sum, tokens = self.dist.all_reduce_sum(totals).tolist()
-        loss = loss_sum / max(tokens, 1)
+                totals[part] += torch.stack([loss_sum.double(), loss_sum.new_tensor(count_trainable_tokens(batch),
+                                                                                    dtype=torch.float64)])
+        sums = self.dist.all_reduce_sum(totals).tolist()
+        loss = sum(s for s, _ in sums) / max(sum(t for _, t in sums), 1)
         record = {"split": "eval", "step": self.step, "loss": loss, "perplexity": math.exp(min(loss, 50.0))}
+        each = []
+        for (name, _, _), (part_sum, tokens) in zip(parts, sums) if len(parts) > 1 else ():
+            part_loss = part_sum / tokens if tokens else None  # a source whose rows were all skipped: null
+            record[f"{name}_loss"] = part_loss
+            record[f"{name}_perplexity"] = None if part_loss is None else math.exp(min(part_loss, 50.0))
+            each.append(f"{name} {part_loss:.4f}" if part_loss is not None else f"{name} none")
         self.metrics.log(record)
-        self.metrics.write(f"step {self.step}: eval loss {loss:.4f}, perplexity {record['perplexity']:.2f}")
+        self.metrics.write(f"step {self.step}: eval loss {loss:.4f}, perplexity {record['perplexity']:.2f}"
+                           + (f" ({', '.join(each)})" if each else ""))
         return record
 
     # ------------------------------------------------------------ checkpoints
