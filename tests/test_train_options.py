@@ -69,6 +69,8 @@ def test_eval_split_holds_out_examples_by_seed_and_evaluates_them(tmp_path, tiny
     records = [json.loads(line) for line in (tmp_path / "split" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if r["split"] == "eval"] == [2]
     assert "; 2 examples held out for eval" in capsys.readouterr().out  # the run log says how many
+    _trainer(tiny_model_dir, alpaca, tmp_path / "none", eval_steps=2).cleanup()  # an interval with nothing held out
+    assert "--eval-steps 2: no held-out data, so nothing is evaluated" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("n, share", [(7, 0.3), (32, 0.2), (10, 0.7), (1000, 0.05), (3, 0.1)])

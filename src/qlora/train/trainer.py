@@ -421,6 +421,9 @@ class Trainer:
                               else "")
                            + (f"; {_counted(self.duplicates, 'duplicate example')} dropped (--dedupe)" if cfg.dedupe
                               else ""))
+        if cfg.eval_steps and not self.eval_units:  # auto's (steps and epoch without eval data are refused)
+            self.metrics.write(f"--eval-steps {cfg.eval_steps:g}: no held-out data, so nothing is evaluated; give "
+                               "--eval-data or --eval-split to evaluate")
         if resume_from is not None:  # said also without a progress bar, whose start would show it
             self.metrics.write(f"resuming from {resume_from} at step {self.step}")
 
