@@ -370,7 +370,9 @@ def stream_text(model, tokenizer, prompt: str, options: SamplingOptions | None =
     model's (:func:`qlora.infer.images.encode_with_images`).
 
     The pieces join to exactly ``tokenizer.decode(tokens, skip_special_tokens=True)``
-    (see :class:`qlora.infer.text_stream.TextStream`), but for the special tokens in ``keep``.
+    (see :class:`qlora.infer.text_stream.TextStream`), but for the special tokens in ``keep``; raw text's
+    continuation is decoded after the prompt's last tokens, so that its first word keeps its leading space
+    (:func:`~qlora.infer.text_stream.prompt_context`).
     A stop string ends the text before it (OpenAI's ``stop``, as ``qlora serve`` does).
     """
     from .text_stream import TextStream
@@ -378,7 +380,7 @@ def stream_text(model, tokenizer, prompt: str, options: SamplingOptions | None =
     input_ids, media = _encoded(model, tokenizer, prompt, chat, images, processor)
     if stop_ids is None:
         stop_ids = default_stop_ids(model, tokenizer)
-    text = TextStream(tokenizer, stop_strings, keep=keep)
+    text = TextStream(tokenizer, stop_strings, keep=keep, context=_context(tokenizer, input_ids, chat))
     for token in stream_tokens(model, input_ids, options, stop_ids, media):
         piece = text.push(token)
         if piece:
@@ -419,7 +421,8 @@ def generate_per_adapter(model, tokenizer, prompt: str, adapters: list[str | Non
                   if options.seed is not None and options.temperature > 0 else None for _ in adapters]
     rules = ModelRules.of(model)
     penalties = [Penalties.of(options, prompt_ids[0], rules) for _ in adapters]
-    texts = [TextStream(tokenizer, stop_strings, keep=keep) for _ in adapters]
+    texts = [TextStream(tokenizer, stop_strings, keep=keep, context=_context(tokenizer, prompt_ids, chat))
+             for _ in adapters]
     pieces: list[list[str]] = [[] for _ in adapters]
     done = [False] * rows
     model.eval()
@@ -442,6 +445,13 @@ def generate_per_adapter(model, tokenizer, prompt: str, adapters: list[str | Non
                 break
             ids = torch.cat([ids, torch.tensor(step, device=device)[:, None]], 1)
     return ["".join(p) + text.flush() for p, text in zip(pieces, texts)]
+
+
+def _context(tokenizer, input_ids: torch.Tensor, chat: bool) -> tuple[int, ...]:
+    """The prompt tokens a raw continuation is decoded after (none for a chat reply, which starts a turn)."""
+    from .text_stream import prompt_context
+
+    return () if chat else prompt_context(tokenizer, input_ids[0].tolist())
 
 
 def _encoded(model, tokenizer, prompt: str, chat: bool, images: Sequence, processor) -> tuple[torch.Tensor, dict | None]:

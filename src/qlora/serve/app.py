@@ -609,6 +609,7 @@ def build_app(batcher: ContinuousBatcher, base_id: str, adapters: list[str], api
                 tokenizer.decode(prompt_ids, skip_special_tokens=True)
             for index in range(body.n):
                 generation = _generation(batcher, body, adapter, prompt_ids, text_stops, "prompt", index)
+                generation.continues_prompt = True  # its first word's leading space kept, as vLLM's
                 generation.prompt_logprobs = max(scored) if scored else None
                 generation.token_filter = masked
                 if guide is not None:
