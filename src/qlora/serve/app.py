@@ -827,7 +827,7 @@ def _generation(batcher: ContinuousBatcher, body: _Body, adapter: str | None, pr
                        "context_length_exceeded")  # vLLM's and OpenAI's 400
     if not prompt_ids:
         raise APIError(400, f"The {prompt_param} is empty", prompt_param)
-    shipped = model_defaults(batcher.model)  # what the request leaves out (vLLM's default sampling parameters)
+    shipped = model_defaults(batcher.model, vllm=True)  # what the request leaves out (vLLM's default sampling parameters)
     given = body.model_fields_set
     limit = body.token_limit()
     if "max_new_tokens" in shipped and not given & {"max_tokens", "max_completion_tokens"}:
