@@ -129,8 +129,10 @@ def test_completions_keep_the_leading_space_streamed_or_not_and_echo_joins(spm_m
     try:
         with BackgroundServer(build_app(batcher, "tiny", [])) as server:
             client = openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0, timeout=60)
-            plain = client.completions.create(model="tiny", prompt=prompt, max_tokens=6, temperature=0)
+            plain = client.completions.create(model="tiny", prompt=prompt, max_tokens=6, temperature=0, logprobs=0)
             assert plain.choices[0].text == expected
+            tokens = plain.choices[0].logprobs  # the first token's text (its space kept) opens the text
+            assert tokens.text_offset[0] == 0 and expected.startswith(tokens.tokens[0])
             chunks = client.completions.create(model="tiny", prompt=prompt, max_tokens=6, temperature=0,
                                                stream=True)
             assert "".join(c.choices[0].text for c in chunks) == expected
