@@ -142,3 +142,22 @@ def test_completions_keep_the_leading_space_streamed_or_not_and_echo_joins(spm_m
             assert by_ids.choices[0].text == expected
     finally:
         batcher.close()
+
+
+def test_generate_per_adapter_prints_each_continuation_with_its_leading_space(spm_model, tmp_path, capsys):
+    """Several adapters are decoded in one batch (one row each): each row's text follows the prompt as one alone."""
+    import qlora
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(spm_model)
+    prompt = word_start_prompt(spm_model, tok)
+    ids, reply = greedy(spm_model, prompt, 6)
+    model, _ = qlora.load_model(spm_model, quant="none", compute_dtype=torch.float32, device="cpu")
+    qlora.add_lora(model, r=4, dropout=0.0, verbose=False)  # B = 0: the base's reply, row by row
+    for name in ("a", "b"):
+        qlora.save_adapter(model, tmp_path / name)
+    assert main(["generate", "--model", str(spm_model), "--quant", "none", "--compute-dtype", "fp32",
+                 "--temperature", "0", "--max-new-tokens", "6", "--prompt", prompt, "--template", "none",
+                 "--adapter", str(tmp_path / "a"), "--adapter", str(tmp_path / "b")]) == 0
+    text = oracle(tok, ids, reply)
+    assert capsys.readouterr().out.splitlines() == [f"[a] {text}", f"[b] {text}"]
