@@ -12,6 +12,7 @@ template takes it; the answer shown is that message's ``content``, its calls its
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -22,6 +23,7 @@ from chat_families import FAMILIES, U1, family_tokenizer
 from qlora.cli.main import main
 from qlora.infer.chat import Chat
 from qlora.infer.harmony import HarmonyStream
+from qlora.infer.messages import Message
 from qlora.infer.template import render_chat
 from scripted_model import build_scripted_model
 
@@ -96,8 +98,69 @@ def test_chat_takes_a_harmony_tool_call_without_showing_its_markup(tmp_path):
     model, tokenizer = load(scripted(tmp_path, reply, [WEATHER]))
     chat = Chat(model, tokenizer, tools=[WEATHER], temperature=0, max_new_tokens=100)
     assert "".join(chat.send(U1["content"])) == ""
-    ((_, call),) = chat.pending_calls
+    ((call_id, call),) = chat.pending_calls
     assert call.name == "get_weather" and json.loads(call.arguments) == {"city": "Paris"}
+    assert chat.last_reasoning == "The user wants the weather."
+    # the model goes on after the analysis that led to its call, as the template writes the conversation
+    seen = []
+    chat.llm.reply = lambda messages, tools=None: (seen.append(render_chat(tokenizer, messages, tools=tools)),
+                                                   (iter(["It is sunny."]), None))[1]
+    assert "".join(chat.send_tool_results(["sunny"])) == "It is sunny."
+    answered = {**CALL, "tool_calls": [{**CALL["tool_calls"][0], "id": call_id}]}
+    oracle = tok.apply_chat_template([U1, answered, {"role": "tool", "content": "sunny", "tool_call_id": call_id}],
+                                     tools=[WEATHER], tokenize=False, add_generation_prompt=True)
+    assert seen == [oracle]
+    assert "<|channel|>analysis<|message|>The user wants the weather.<|end|>" in oracle
+    # a later turn drops that analysis, as the template drops it once a final answer follows
+    later = chat.prompt_messages("And in Rome?")
+    assert render_chat(tokenizer, later, tools=[WEATHER]) == tok.apply_chat_template(
+        [U1, answered, {"role": "tool", "content": "sunny", "tool_call_id": call_id},
+         {"role": "assistant", "content": "It is sunny."}, {"role": "user", "content": "And in Rome?"}],
+        tools=[WEATHER], tokenize=False, add_generation_prompt=True)
+
+
+def test_a_call_with_both_a_preamble_and_reasoning_renders_without_the_reasoning():
+    """gpt-oss's template refuses a call message with both text and reasoning; the prompt keeps its text, as it was
+    rendered before the reasoning was given to the template."""
+    tok = family_tokenizer("gpt-oss")
+    call = Message("assistant", "Let me look.", tuple(CALL["tool_calls"]), reasoning="The user wants the weather.")
+    rendered = render_chat(tok, [Message("user", U1["content"]), call], add_generation_prompt=False, tools=[WEATHER])
+    assert rendered == render_chat(tok, [Message("user", U1["content"]), replace(call, reasoning="")],
+                                   add_generation_prompt=False, tools=[WEATHER])
+
+
+@pytest.mark.parametrize("family,key", [("qwen3", "reasoning_content"), ("gpt-oss", "thinking")])
+def test_a_call_renders_with_its_reasoning_as_the_template_takes_it(family, key):
+    """Within the current turn a template writes the reasoning before a call (gpt-oss's analysis, Qwen3's
+    ``<think>`` block): a message's ``reasoning`` reaches it under the name it reads."""
+    tok = family_tokenizer(family)
+    call = {**CALL, "thinking": None, key: "The user wants the weather."}
+    history = [U1, {k: v for k, v in call.items() if v is not None},
+               {"role": "tool", "content": "sunny", "tool_call_id": "call_1"}]
+    oracle = tok.apply_chat_template(history, tools=[WEATHER], tokenize=False, add_generation_prompt=True)
+    assert "The user wants the weather." in oracle
+    ours = [Message("user", U1["content"]), Message("assistant", "", tuple(CALL["tool_calls"]),
+                                                    reasoning="The user wants the weather."),
+            Message("tool", "sunny", tool_call_id="call_1")]
+    assert render_chat(tok, ours, tools=[WEATHER]) == oracle
+
+
+def test_serve_renders_the_reasoning_of_a_call_in_the_history(tmp_path):
+    """A client sends back the assistant's call with its ``reasoning`` (vLLM's field, as serve returned it) or
+    ``reasoning_content``: the prompt is the template's with it. Oracle: ``apply_chat_template``'s token count."""
+    tok = family_tokenizer("gpt-oss")
+    history = [U1, CALL, {"role": "tool", "content": "sunny", "tool_call_id": "call_1"}]
+    oracle = tok.apply_chat_template(history, tools=[WEATHER], tokenize=False, add_generation_prompt=True)
+    sent = [U1, {"role": "assistant", "content": "", "tool_calls": [
+        {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
+        history[2]]
+    for client in served(scripted(tmp_path, written(tok, CALL, [WEATHER]), [WEATHER])):
+        for field in ("reasoning", "reasoning_content"):
+            sent[1][field] = CALL["thinking"]
+            reply = client.chat.completions.create(model="tiny", messages=sent, tools=[WEATHER], temperature=0,
+                                                   max_tokens=1)
+            assert reply.usage.prompt_tokens == len(tok(oracle, add_special_tokens=False).input_ids), field
+            del sent[1][field]
 
 
 @pytest.mark.parametrize("text,shown,reasoning", [

@@ -110,7 +110,7 @@ def test_generate_prints_the_answer(family, tmp_path, capsys):
     assert out.err.endswith("(reasoning) Two and two.\n\n"), out.err  # the reasoning shown apart, on stderr
 
 
-@pytest.mark.parametrize("family", ["qwen3", "ministral-3-reasoning", "qwen3.5"])
+@pytest.mark.parametrize("family", ["qwen3", "ministral-3-reasoning", "qwen3.5", "deepseek-r1-distill", "qwq"])
 def test_serve_content_is_the_answer(family, tmp_path):
     openai = pytest.importorskip("openai")
     pytest.importorskip("fastapi")
@@ -137,6 +137,13 @@ def test_serve_content_is_the_answer(family, tmp_path):
             assert "".join(thoughts) == "Two and two."
             last_thought = max(i for i, t in enumerate(thoughts) if t)
             assert not any(c.delta.content for c in chunks[:last_thought])  # the reasoning streams before the answer
+            assert sum(1 for t in thoughts if t) > 1  # as it is written, not at once when its block closes
+            cut = dict(ask, max_tokens=3)  # the limit comes inside the reasoning: all of it is reasoning (vLLM's)
+            alone = client.chat.completions.create(**cut).choices[0]
+            assert not alone.message.content and alone.message.reasoning and alone.finish_reason == "length"
+            chunks = [c.choices[0] for c in client.chat.completions.create(**cut, stream=True) if c.choices]
+            assert "".join(getattr(c.delta, "reasoning", None) or "" for c in chunks) == alone.message.reasoning
+            assert not "".join(c.delta.content or "" for c in chunks)
             ask = dict(model="tiny", input=U1["content"], temperature=0, max_output_tokens=40)
             reply = client.responses.create(**ask)
             assert reply.output_text == "Four." and [item.type for item in reply.output] == ["reasoning", "message"]
@@ -172,7 +179,10 @@ QWEN3 = ReasoningMarkup("<think>", "</think>")
     ("<|im_start|>assistant\n<think>\n", "Hm.\n</think>\n\nYes.", "Yes.", "Hm."),  # the prompt opened it
     ("<|im_start|>assistant\n", "<think>\nCut off by the token lim", "", "Cut off by the token lim"),
     ("<|im_start|>assistant\n", "<thi", "<thi", ""),  # too short to tell: the answer
-    ("<|im_start|>assistant\n<think>\n", "Yes.", "Yes.", "")])  # never closed after the prompt opened it: answer
+    # never closed after the prompt opened it: reasoning, as vLLM's DeepSeek-R1 parser (R1, QwQ) reads it
+    ("<|im_start|>assistant\n<think>\n", "Yes.", "", "Yes."),
+    ("<|im_start|>assistant\n<think>\n", "Cut at </thi", "", "Cut at </thi"),  # a closing tag's start, at the end
+    ("<|im_start|>assistant\n", "<think>\nCut at </thi", "", "Cut at </thi")])
 def test_reasoning_stream_splits_piece_by_piece(prompt, text, shown, reasoning):
     split, pieces, thoughts = ReasoningStream(QWEN3, prompt), [], []
     for ch in text:  # the text as decoding releases it, a character at a time
@@ -182,6 +192,20 @@ def test_reasoning_stream_splits_piece_by_piece(prompt, text, shown, reasoning):
     thoughts.append(split.take_reasoning())
     assert "".join(pieces) == shown and split.reasoning == reasoning
     assert "".join(thoughts) == reasoning  # taken piece by piece, never a part of the closing tag
+
+
+def test_the_reasoning_of_a_block_the_prompt_opened_streams_before_it_closes():
+    """DeepSeek-R1's and QwQ's generation prompts end with ``<think>\n``: the reply's reasoning is taken as it is
+    written, as vLLM streams its ``reasoning`` deltas, not held back until ``</think>``."""
+    split = ReasoningStream(QWEN3, "<|im_start|>assistant\n<think>\n")
+    taken, shown = [], []
+    for ch in "Two and two.\n</think>\n\nFour.":
+        shown.append(split.push(ch))
+        taken.append(split.take_reasoning())
+    closing = "Two and two.\n</think>".index("</think>")
+    assert "".join(taken[:closing]) == "Two and two."  # all of it before the closing tag came
+    shown.append(split.finish()[0])
+    assert "".join(shown) == "Four." and "".join(taken) == split.reasoning == "Two and two."
 
 
 def test_a_call_after_the_reasoning_is_parsed_and_nothing_is_shown():

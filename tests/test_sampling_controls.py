@@ -47,6 +47,8 @@ CONFIGS = [
     dict(temperature=0.1, min_p=0.2),
     dict(temperature=0.2, top_k=60, top_p=0.95, min_p=0.3, repetition_penalty=1.3),
     dict(temperature=0.15, top_p=0.9, min_p=0.5, repetition_penalty=0.8),
+    dict(temperature=0.2, typical_p=0.5),
+    dict(temperature=0.1, top_k=60, min_p=0.2, typical_p=0.8),
 ]
 
 
@@ -265,8 +267,72 @@ def test_a_shipped_temperature_of_0_is_greedy_and_values_out_of_range_are_left_o
     shipped = {"temperature": 0.0, "top_p": 1.5, "top_k": -1, "min_p": 0.05, "max_new_tokens": 0, "do_sample": False,
                "typical_p": 0.9, "eos_token_id": [1, 2]}
     model = SimpleNamespace(generation_config=SimpleNamespace(to_diff_dict=lambda: shipped))
-    assert model_defaults(model) == {"temperature": 0.0, "min_p": 0.05}
+    assert model_defaults(model, vllm=True) == {"temperature": 0.0, "min_p": 0.05}  # serve: what vLLM reads
+    assert model_defaults(model) == {"temperature": 0.0, "min_p": 0.05, "typical_p": 0.9}  # generate and chat
     assert model_defaults(SimpleNamespace()) == {}  # no generation config: qlora's own defaults
+
+
+@pytest.mark.parametrize("shipped,vllm,expected", [
+    ({"do_sample": False, "temperature": 0.6, "top_p": 0.9}, True, {"temperature": 0.6, "top_p": 0.9}),
+    ({"do_sample": False, "temperature": 0.6, "top_p": 0.9}, False, {"temperature": 0.0, "top_p": 0.9}),
+    ({"do_sample": True, "temperature": 0.6, "max_length": 4096}, False, {"temperature": 0.6, "max_length": 4096}),
+    ({"max_length": 4096, "max_new_tokens": 9}, False, {"max_new_tokens": 9}),  # max_new_tokens wins, as there
+    ({"max_length": 4096, "typical_p": 0.9}, True, {})])
+def test_generate_and_chat_read_what_transformers_reads_and_serve_what_vllm_reads(shipped, vllm, expected):
+    """transformers' ``generate`` decodes greedily on ``do_sample: false`` (whatever temperature is set) and stops
+    at ``max_length`` tokens in all where no ``max_new_tokens`` is set; vLLM reads neither, nor ``typical_p``."""
+    from types import SimpleNamespace
+
+    from qlora.infer.sampling_options import merged, model_defaults
+
+    model = SimpleNamespace(generation_config=SimpleNamespace(to_diff_dict=lambda: shipped))
+    assert model_defaults(model, vllm=vllm) == expected
+    assert "max_length" not in merged(model_defaults(model), {"max_new_tokens": 3})  # a length given replaces it
+
+
+@pytest.fixture(scope="module")
+def greedy_model_dir(tmp_path_factory, tiny_model_dir):
+    """``tiny_model_dir`` whose generation_config.json says ``do_sample: false`` and ``max_length``, as many
+    checkpoints ship them (Llama 2: max_length 4096)."""
+    import json
+    import shutil
+
+    folder = tmp_path_factory.mktemp("tiny-greedy") / "model"
+    shutil.copytree(tiny_model_dir, folder)
+    config = json.loads((folder / "generation_config.json").read_text())
+    config.update(do_sample=False, temperature=0.9, max_length=22)
+    (folder / "generation_config.json").write_text(json.dumps(config))
+    return folder
+
+
+def test_cli_generate_stops_at_the_checkpoints_max_length_and_decodes_greedily_on_do_sample_false(
+        greedy_model_dir, capsys):
+    """Oracle: transformers' ``generate`` with no options: greedy (``do_sample: false``) and ``max_length`` 22
+    tokens in all, prompt included."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from qlora.cli.main import main
+
+    tok = AutoTokenizer.from_pretrained(greedy_model_dir)
+    model = AutoModelForCausalLM.from_pretrained(greedy_model_dir, dtype=torch.float32).eval()
+    ids = tok(PROMPT, return_tensors="pt").input_ids
+    theirs = model.generate(ids, pad_token_id=tok.pad_token_id)[0].tolist()
+    assert len(theirs) == 22 and tok.eos_token_id not in theirs[ids.shape[1]:]
+
+    def text(tokens):
+        return tok.decode(tokens, skip_special_tokens=True)[len(tok.decode(ids[0], skip_special_tokens=True)):]
+
+    import transformers
+
+    argv = ["generate", "--model", str(greedy_model_dir), "--template", "none", "--quant", "none",
+            "--compute-dtype", "fp32", "--prompt", PROMPT]
+    if int(transformers.__version__.split(".")[0]) < 5:  # 4.x cannot tell do_sample: false from an unset value
+        argv += ["--temperature", "0"]
+    for seed in ("1", "2"):  # greedy: the seed changes nothing
+        assert main(argv + ["--seed", seed]) == 0
+        assert capsys.readouterr().out == text(theirs) + "\n"
+    assert main(argv + ["--max-new-tokens", "3", "--temperature", "0"]) == 0  # the user's length replaces it
+    assert capsys.readouterr().out == text(theirs[:ids.shape[1] + 3]) + "\n"
 
 
 def test_top_p_keeps_the_tied_tokens_transformers_keeps():

@@ -56,7 +56,7 @@ from .logprobs import TokenLogprob, chosen_logprob, prompt_logprobs
 from .model_rules import ModelRules, masked
 from .penalties import Penalties
 from .rope_switch import rope_switch_length
-from .text_stream import TextStream
+from .text_stream import TextStream, prompt_context
 from .token_filter import TokenFilter
 
 log = logging.getLogger(__name__)
@@ -132,6 +132,7 @@ class Request:
     skip_special_tokens: bool = True  # vLLM's decoding options (see :class:`~qlora.infer.text_stream.TextStream`)
     include_stop: bool = False
     spaces_between_special_tokens: bool = True
+    continues_prompt: bool = False  # a raw completion: decoded after the prompt's last tokens (its leading space kept)
     cancelled: bool = field(default=False, init=False)
 
     def cancel(self) -> None:
@@ -146,7 +147,8 @@ class _Row:
         self.request = request
         self.text = TextStream(tokenizer, request.stop_strings, request.keep_tokens, request.skip_special_tokens,
                                request.include_stop, request.min_tokens, request.spaces_between_special_tokens,
-                               request.turn_ends)
+                               request.turn_ends,
+                               prompt_context(tokenizer, request.prompt_ids) if request.continues_prompt else ())
         self.length = len(request.prompt_ids)  # entries of this row in the cache
         self.pending: list[TokenLogprob] = []  # logprobs not yet sent (their text is held back)
         self.prompt_logprobs: list[TokenLogprob] | None = None

@@ -111,10 +111,12 @@ class Chat:
         calls = tuple({"id": call_id, "type": "function",
                        "function": {"name": call.name, "arguments": json.loads(call.arguments)}}
                       for call_id, call in self.pending_calls)
-        steps = [Message("assistant", self._said, calls),
-                 *(Message("tool", result, tool_call_id=call_id) for (call_id, _), result in zip(self.pending_calls, results))]
-        self._turn += steps
-        self._steps += steps
+        results_given = [Message("tool", result, tool_call_id=call_id)
+                         for (call_id, _), result in zip(self.pending_calls, results)]
+        # the prompt goes on after the reasoning that led to the calls, as the template writes it within a turn
+        # (gpt-oss's analysis, Qwen3's <think> block); the memory keeps the calls, whose reasoning later turns drop
+        self._turn += [Message("assistant", self._said, calls, reasoning=self.last_reasoning), *results_given]
+        self._steps += [Message("assistant", self._said, calls), *results_given]
         return self._reply()
 
     def _reply(self) -> Iterator[str]:

@@ -9,7 +9,7 @@ yields it at once, so a chat shows words as they are made. Greedy decoding
 (:mod:`qlora.infer.model_rules`: forced EOS at the length limit, suppressed tokens...).
 
 The next token is chosen as transformers' ``generate`` chooses it: logit bias and penalties on
-the raw logits (:mod:`qlora.infer.penalties`), then temperature, top-k, top-p and min-p, in the
+the raw logits (:mod:`qlora.infer.penalties`), then temperature, top-k, top-p, min-p and typical-p, in the
 order of its ``LogitsProcessorList`` (``GenerationMixin._get_logits_processor``).
 """
 
@@ -63,7 +63,7 @@ def next_token(logits: torch.Tensor, options: SamplingOptions, generator: torch.
 
 def sampling_probs(logits: torch.Tensor, options: SamplingOptions) -> torch.Tensor:
     """The distribution a token is drawn from: ``logits`` (1-D or batched, penalties already applied)
-    divided by the temperature, then top-k, top-p and min-p, as transformers' warpers in this order."""
+    divided by the temperature, then top-k, top-p, min-p and typical-p, as transformers' warpers in this order."""
     logits = logits.float() / options.temperature
     if 0 < options.top_k < logits.shape[-1]:
         kth = torch.topk(logits, options.top_k).values[..., -1:]
@@ -73,11 +73,25 @@ def sampling_probs(logits: torch.Tensor, options: SamplingOptions) -> torch.Tens
         drop = sorted_logits.softmax(-1).cumsum(-1) <= 1 - options.top_p
         drop[..., -1:] = False  # the most likely token stays
         logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
-    probs = logits.softmax(-1)
     if options.min_p > 0:
-        probs = probs.masked_fill(probs < options.min_p * probs.amax(-1, keepdim=True), 0.0)
-        probs = probs / probs.sum(-1, keepdim=True)
-    return probs
+        probs = logits.softmax(-1)
+        logits = logits.masked_fill(probs < options.min_p * probs.amax(-1, keepdim=True), float("-inf"))
+    if options.typical_p < 1.0:
+        logits = _typical(logits, options.typical_p)
+    return logits.softmax(-1)
+
+
+def _typical(logits: torch.Tensor, mass: float) -> torch.Tensor:
+    """Typical sampling as transformers' ``TypicalLogitsWarper``: the tokens sorted by how far their surprise
+    (-log p) lies from the entropy, kept up to the first whose cumulative probability reaches ``mass``."""
+    logp = logits.log_softmax(-1)
+    entropy = -(logp * logp.exp()).nansum(-1, keepdim=True)
+    distance, order = torch.sort((-logp - entropy).abs(), descending=False)
+    cumulative = logits.gather(-1, order).softmax(-1).cumsum(-1)
+    last = (cumulative < mass).sum(-1, keepdim=True).clamp(max=logits.shape[-1] - 1)
+    drop = distance > distance.gather(-1, last)
+    drop[..., :1] = False  # the most typical token stays
+    return logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
 
 
 @torch.inference_mode()
@@ -94,7 +108,7 @@ def stream_tokens(model, input_ids: torch.Tensor, options: SamplingOptions | Non
         media: a vision-language model's image tensors for the prompt (:mod:`qlora.infer.images`), given to
             the prefill only.
     """
-    options = options or SamplingOptions(**model_defaults(model))
+    options = (options or SamplingOptions(**model_defaults(model))).new_tokens(input_ids.shape[1])
     _decodable(model, step_inputs(model))  # refused before the first token, not at the second
     stop = set(stop_ids)
     device = input_ids.device
@@ -370,7 +384,9 @@ def stream_text(model, tokenizer, prompt: str, options: SamplingOptions | None =
     model's (:func:`qlora.infer.images.encode_with_images`).
 
     The pieces join to exactly ``tokenizer.decode(tokens, skip_special_tokens=True)``
-    (see :class:`qlora.infer.text_stream.TextStream`), but for the special tokens in ``keep``.
+    (see :class:`qlora.infer.text_stream.TextStream`), but for the special tokens in ``keep``; raw text's
+    continuation is decoded after the prompt's last tokens, so that its first word keeps its leading space
+    (:func:`~qlora.infer.text_stream.prompt_context`).
     A stop string ends the text before it (OpenAI's ``stop``, as ``qlora serve`` does).
     """
     from .text_stream import TextStream
@@ -378,7 +394,7 @@ def stream_text(model, tokenizer, prompt: str, options: SamplingOptions | None =
     input_ids, media = _encoded(model, tokenizer, prompt, chat, images, processor)
     if stop_ids is None:
         stop_ids = default_stop_ids(model, tokenizer)
-    text = TextStream(tokenizer, stop_strings, keep=keep)
+    text = TextStream(tokenizer, stop_strings, keep=keep, context=_context(tokenizer, input_ids, chat))
     for token in stream_tokens(model, input_ids, options, stop_ids, media):
         piece = text.push(token)
         if piece:
@@ -409,6 +425,7 @@ def generate_per_adapter(model, tokenizer, prompt: str, adapters: list[str | Non
         stop_ids = default_stop_ids(model, tokenizer)
     stop = set(stop_ids)
     prompt_ids, media = _encoded(model, tokenizer, prompt, chat, images, processor)
+    options = options.new_tokens(prompt_ids.shape[1])
     device = prompt_ids.device
     rows = len(adapters)
     if media is not None:
@@ -419,7 +436,8 @@ def generate_per_adapter(model, tokenizer, prompt: str, adapters: list[str | Non
                   if options.seed is not None and options.temperature > 0 else None for _ in adapters]
     rules = ModelRules.of(model)
     penalties = [Penalties.of(options, prompt_ids[0], rules) for _ in adapters]
-    texts = [TextStream(tokenizer, stop_strings, keep=keep) for _ in adapters]
+    texts = [TextStream(tokenizer, stop_strings, keep=keep, context=_context(tokenizer, prompt_ids, chat))
+             for _ in adapters]
     pieces: list[list[str]] = [[] for _ in adapters]
     done = [False] * rows
     model.eval()
@@ -442,6 +460,13 @@ def generate_per_adapter(model, tokenizer, prompt: str, adapters: list[str | Non
                 break
             ids = torch.cat([ids, torch.tensor(step, device=device)[:, None]], 1)
     return ["".join(p) + text.flush() for p, text in zip(pieces, texts)]
+
+
+def _context(tokenizer, input_ids: torch.Tensor, chat: bool) -> tuple[int, ...]:
+    """The prompt tokens a raw continuation is decoded after (none for a chat reply, which starts a turn)."""
+    from .text_stream import prompt_context
+
+    return () if chat else prompt_context(tokenizer, input_ids[0].tolist())
 
 
 def _encoded(model, tokenizer, prompt: str, chat: bool, images: Sequence, processor) -> tuple[torch.Tensor, dict | None]:

@@ -15,7 +15,7 @@ from qlora.errors import UsageError
 from qlora.model.chat_format import ChatFormat
 
 from .generate import SamplingOptions, stream_text
-from .sampling_options import model_defaults
+from .sampling_options import merged, model_defaults
 from .messages import Message
 from .reply_reading import ReplyReader, ReplyText, Splitter
 from .template import chat_template, render_chat, renders_tools, stop_token_ids
@@ -50,7 +50,7 @@ class ModelLLM:
         self.processor = processor
         self.chat_format = chat_format
         self.template_kwargs = template_kwargs
-        self.options = SamplingOptions(**{**model_defaults(model), **defaults})
+        self.options = SamplingOptions(**merged(model_defaults(model), defaults))
         self.stop_ids = stop_token_ids(model, tokenizer)
         self.reader = ReplyReader(tokenizer)
         self._turn_ends: dict[bool, tuple[str, ...]] = {}  # with tools or not (a tokenizer's tool_use template)
@@ -89,6 +89,8 @@ class ModelLLM:
         if bool(tools) not in self._turn_ends:
             self._turn_ends[bool(tools)] = turn_end_stops(self.tokenizer, self.stop_ids, self.chat_format,
                                                           self.template_kwargs, tools)
+        if "max_new_tokens" in options:  # in place of the model's max_length too
+            options = {**options, "max_length": None}
         return stream_text(self.model, self.tokenizer, prompt, replace(self.options, **options), self.stop_ids,
                            keep=keep, stop_strings=self._turn_ends[bool(tools)], chat=True, images=images,
                            processor=self.processor), split

@@ -16,6 +16,7 @@ from typing import Any, Iterable
 
 from qlora.errors import UsageError
 from qlora.train.data.images import PLACEHOLDER as IMAGE_PLACEHOLDER  # LLaMA-Factory's, as training reads it
+from qlora.train.data.reasoning import REASONING_KEYS
 
 ROLES = ("system", "user", "assistant", "tool")
 
@@ -26,7 +27,9 @@ class Message:
 
     ``tool_calls`` (assistant) are the calls it made, each ``{"id", "type": "function", "function":
     {"name", "arguments": dict}}`` as Hugging Face chat templates take them; ``tool_call_id`` (tool)
-    names the call a tool result answers.
+    names the call a tool result answers. ``reasoning`` (assistant) is what it thought before its text or calls:
+    templates show it where the model wrote it, gpt-oss's analysis before a call, Qwen3's ``<think>`` block within
+    the current turn, and drop it from earlier turns.
     """
 
     role: str
@@ -34,6 +37,7 @@ class Message:
     tool_calls: tuple[dict[str, Any], ...] = ()
     tool_call_id: str | None = None
     images: tuple[Any, ...] = ()  # ImageRefs (a user message's), at the <image> placeholders of the text or before it
+    reasoning: str = ""
 
     def __post_init__(self) -> None:
         if self.role not in ROLES:
@@ -59,6 +63,8 @@ class Message:
             out["tool_calls"] = [dict(call) for call in self.tool_calls]
         if self.tool_call_id is not None:
             out["tool_call_id"] = self.tool_call_id
+        if self.reasoning:  # under every name a template reads it by (vLLM's, Qwen3's and DeepSeek's, gpt-oss's)
+            out.update(dict.fromkeys(REASONING_KEYS, self.reasoning))
         return out
 
 

@@ -9,8 +9,9 @@ is text, the reply shows template markup. The markup is not guessed from model n
 the model to write after the generation prompt (:func:`~qlora.train.data.tokenize.tokenize_example` on an answer with
 reasoning, which the template places its own way), read around the reasoning and the answer. The reply's text is
 then its answer, and the reasoning is kept apart, as vLLM's reasoning parsers split them: a reply that opens no
-block (and follows a prompt that opened none) is all answer; a block that never closes (cut by the token limit) is
-all reasoning.
+block (and follows a prompt that opened none) is all answer; a block that never closes (cut by the token limit), the
+model's or the prompt's, is all reasoning (vLLM's DeepSeek-R1 parser, which QwQ's also uses). The reasoning streams as
+it is written, the prompt's block too, so a reasoning model is not silent until its block closes.
 """
 
 from __future__ import annotations
@@ -115,11 +116,12 @@ class ReasoningStream:
         self.markup, self.then = markup, then
         self.dropped = tuple(dropped)  # the markup's special tokens (kept by decoding, for this split to see them)
         self.text = ""
-        self.prompted = prompt.rstrip().endswith(markup.opening)  # the prompt opened the block
-        self.body_at: int | None = 0 if self.prompted else None  # where the reasoning starts
+        # where the reasoning starts: at once after a prompt that opened the block
+        self.body_at: int | None = 0 if prompt.rstrip().endswith(markup.opening) else None
         self.answer_at: int | None = None  # where the answer starts, once the block is closed (or none opened)
         self.forwarded = 0  # characters of the answer passed on
         self.taken = 0  # characters of the reasoning taken (:meth:`take_reasoning`)
+        self.finished = False  # the reply ended (:meth:`finish`): a closing tag's first characters are reasoning
 
     def push(self, piece: str) -> str:
         """Add decoded text; return the answer text that is safe to show."""
@@ -140,11 +142,11 @@ class ReasoningStream:
         return self._forward()
 
     def finish(self) -> tuple[str, list[ToolCall]]:
-        """The answer not shown yet, and its calls. A block the model opened and never closed is all reasoning (cut
-        by the token limit); one the prompt opened and the reply never closed is the answer (a fine-tune trained
-        without reasoning answers there), as is a reply too short to tell."""
-        if self.answer_at is None and (self.body_at is None or self.prompted):
-            self.answer_at, self.body_at = 0, None
+        """The answer not shown yet, and its calls. A block never closed is all reasoning (cut by the token limit),
+        whether the model or the prompt opened it, as vLLM reads it; a reply too short to tell is the answer."""
+        self.finished = True
+        if self.answer_at is None and self.body_at is None:
+            self.answer_at = 0
         shown = self._forward() if self.answer_at is not None else ""
         if self.then is None:
             return shown, []
@@ -161,11 +163,11 @@ class ReasoningStream:
         return body.removeprefix(self.markup.opening).lstrip()  # the tag again after a prompt that wrote it
 
     def take_reasoning(self) -> str:
-        """The reasoning written since the last call, as far as later text cannot change it (a block the prompt
-        opened gives its reasoning once closed: until then it may yet be the answer)."""
-        if self.answer_at is not None:
+        """The reasoning written since the last call, as far as later text cannot change it (the start of a closing
+        tag is held back until the tag is whole or the reply ends)."""
+        if self.answer_at is not None or self.finished:
             done = self.reasoning
-        elif self.body_at is None or self.prompted:
+        elif self.body_at is None:
             done = ""
         else:
             body = self.text[self.body_at:]

@@ -4,14 +4,17 @@ importing torch and transformers.
 
 A checkpoint's ``generation_config.json`` may say how its authors want it sampled (Qwen3: temperature 0.6, top-k
 20, top-p 0.95; Gemma 3: top-k 64, top-p 0.95; a length limit). :func:`model_defaults` reads those values, which
-replace qlora's own defaults wherever the user gives none, as vLLM's default sampling parameters do (its
-``--generation-config auto``); ``repetition_penalty`` is read with the model's other token rules
-(:class:`qlora.infer.model_rules.ModelRules`).
+replace qlora's own defaults wherever the user gives none; ``repetition_penalty`` is read with the model's other
+token rules (:class:`qlora.infer.model_rules.ModelRules`). ``qlora serve`` reads what vLLM's default sampling
+parameters read (its ``--generation-config auto``: temperature, top-p, top-k, min-p, ``max_new_tokens``);
+``qlora generate`` and ``qlora chat``, which load a checkpoint as transformers does, also read what its ``generate``
+reads: ``typical_p``, ``max_length`` (the prompt and reply together, where ``max_new_tokens`` is not set) and
+``do_sample: false`` (greedy decoding; transformers 5 keeps it apart from an unset one, 4.x does not).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 
 from ..errors import UsageError
 from ..option_range import AT_LEAST_1, NON_NEGATIVE, POSITIVE, Range
@@ -50,6 +53,21 @@ class SamplingOptions:
     logit_bias: dict[int, float] = field(default_factory=dict, metadata={
         "help": "token id -> value added to its logit before sampling, in [-100, 100] (OpenAI's logit_bias)",
         "cli": False})
+    typical_p: float = field(default=1.0, metadata={
+        "help": "typical sampling: keep the tokens whose surprise is closest to the distribution's entropy, up to "
+                "this probability mass (transformers' typical_p, after min-p); 1 = off",
+        "range": Range(0, 1, low_open=True)})
+    max_length: int | None = field(default=None, metadata={
+        "help": "prompt and reply together stop at this many tokens, in place of max_new_tokens (transformers' "
+                "max_length, from a generation config that sets no max_new_tokens)", "range": AT_LEAST_1,
+        "cli": False})
+
+    def new_tokens(self, prompt_length: int) -> "SamplingOptions":
+        """These options for a prompt of ``prompt_length`` tokens: ``max_length`` turned into the reply's
+        ``max_new_tokens`` (at least 1, as transformers' ``generate`` still makes one token past it)."""
+        if self.max_length is None:
+            return self
+        return replace(self, max_new_tokens=max(1, self.max_length - prompt_length), max_length=None)
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -62,22 +80,37 @@ class SamplingOptions:
             BIAS_RANGE.check(f"logit_bias[{token}]", bias)
 
 
-MODEL_FIELDS = ("temperature", "top_p", "top_k", "min_p", "max_new_tokens")  # those a generation config sets
+MODEL_FIELDS = ("temperature", "top_p", "top_k", "min_p", "max_new_tokens")  # what vLLM reads of a generation config
+GENERATE_FIELDS = (*MODEL_FIELDS, "typical_p", "max_length")  # what transformers' generate reads of it besides
 
 
-def model_defaults(model) -> dict[str, float | int]:
-    """The :class:`SamplingOptions` of :data:`MODEL_FIELDS` that ``model.generation_config`` sets (those a
-    transformers ``GenerationConfig`` holds apart from its own defaults; a temperature of 0 is greedy decoding, as
-    vLLM reads it); a value outside the option's range is left out."""
+def model_defaults(model, vllm: bool = False) -> dict[str, float | int]:
+    """The :class:`SamplingOptions` that ``model.generation_config`` sets (those a transformers ``GenerationConfig``
+    holds apart from its own defaults; a temperature of 0 is greedy decoding, as vLLM reads it); a value outside
+    the option's range is left out. ``vllm``: only :data:`MODEL_FIELDS`, as vLLM reads them; else also
+    ``typical_p``, ``max_length`` where no ``max_new_tokens`` is set, and ``do_sample: false`` as a temperature
+    of 0, as transformers' ``generate`` reads them."""
     config = getattr(model, "generation_config", None)
     shipped = config.to_diff_dict() if config is not None else {}
-    ranges = {f.name: f.metadata["range"] for f in fields(SamplingOptions) if f.name in MODEL_FIELDS}
+    ranges = {f.name: f.metadata["range"] for f in fields(SamplingOptions) if f.name in GENERATE_FIELDS}
     kept = {}
-    for name in MODEL_FIELDS:
+    for name in MODEL_FIELDS if vllm else GENERATE_FIELDS:
         value = shipped.get(name)
         if isinstance(value, (int, float)) and not isinstance(value, bool) and value in ranges[name]:
-            kept[name] = int(value) if name in ("top_k", "max_new_tokens") else float(value)
+            kept[name] = int(value) if name in ("top_k", "max_new_tokens", "max_length") else float(value)
+    if "max_new_tokens" in kept:  # transformers: max_new_tokens wins over max_length
+        kept.pop("max_length", None)
+    if not vllm and shipped.get("do_sample") is False:
+        kept["temperature"] = 0.0
     return kept
+
+
+def merged(shipped: dict, given: dict) -> dict:
+    """``given`` options over a model's ``shipped`` ones (:func:`model_defaults`): a ``max_new_tokens`` given
+    replaces a shipped ``max_length`` too."""
+    if "max_new_tokens" in given:
+        shipped = {k: v for k, v in shipped.items() if k != "max_length"}
+    return {**shipped, **given}
 
 
 def cli_fields() -> list:

@@ -11,6 +11,7 @@ place for them is detected by :func:`renders_tools` rather than trusted.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any, Sequence
 
 from qlora.model.chat_format import ChatFormat, for_template
@@ -84,15 +85,23 @@ def render_chat(tokenizer, messages: Sequence[Message], add_generation_prompt: b
                              "its chat_template.jinja or tokenizer_config.json, or choose a built-in format with "
                              "--template chatml, llama-3 or alpaca.") from None
 
-    if len(messages) < 2 or messages[0].role != "system" or messages[1].role != "user":
-        return apply(messages)
     from jinja2.exceptions import TemplateError  # what a template's raise_exception() raises
 
+    def reasoned(msgs: Sequence[Message]) -> str:
+        if not any(m.reasoning for m in msgs):
+            return apply(msgs)
+        try:
+            return apply(msgs)
+        except (TemplateError, UsageError):  # gpt-oss's refuses a call with both text and reasoning: its text alone
+            return apply([replace(m, reasoning="") for m in msgs])
+
+    if len(messages) < 2 or messages[0].role != "system" or messages[1].role != "user":
+        return reasoned(messages)
     try:
-        return apply(messages)
+        return reasoned(messages)
     except (TemplateError, UsageError):  # a saved ChatFormat reports template errors as UsageError
         system, user = messages[0], messages[1]
-        return apply([Message("user", f"{system.content}\n\n{user.content}", images=user.images), *messages[2:]])
+        return reasoned([Message("user", f"{system.content}\n\n{user.content}", images=user.images), *messages[2:]])
 
 
 _PROBE_TOOL = {"type": "function", "function": {

@@ -28,6 +28,13 @@ WordPiece ones; on transformers 4.x also Llama 3's and other BPE ones whose conf
 the text is also decoded without the clean-up, and what of its clean-up later text could still change
 (:func:`cleaned_up`) is held back.
 
+A raw continuation (``qlora generate`` without a chat format, ``/v1/completions``) is decoded after ``context``, the
+prompt's last tokens (:func:`prompt_context`), and only the text after theirs is the reply's, as vLLM's detokenizer
+primes itself with the prompt: SentencePiece-style decoders (Llama 2, Mistral) drop the word-start space of the
+first token of what they decode, so the reply's first word would lose the space that belongs to it (``is`` +
+``Paris``); decoded after its prompt, it reads `` Paris``, and the prompt and its continuation join to the text
+the tokens spell.
+
 ``turn_ends`` (a chat format's turn end spelt as text, :mod:`qlora.infer.turn_end`) end the reply as stop
 strings do, but stand for the end-of-turn token the vocabulary lacks, not for a user's stop: ``include_stop``
 keeps one only where it keeps such a token, a special one, in vLLM: with ``skip_special_tokens=False``.
@@ -82,6 +89,25 @@ def cleaned_up(raw: str) -> tuple[str, int]:
     return text, settled
 
 
+CONTEXT_TOKENS = (4, 24)  # the fewest and most prompt tokens a continuation is decoded after, as vLLM takes them
+
+
+def prompt_context(tokenizer, prompt_ids: Sequence[int]) -> tuple[int, ...]:
+    """The prompt tokens a continuation of ``prompt_ids`` is decoded after: vLLM's choice, the shortest suffix of
+    4 to 24 tokens (the whole prompt if shorter) that decodes to whole characters, else the last 4; a trailing run
+    of byte tokens (and special tokens, which decoding may drop from within such a run) is left out, so that a
+    reply's first bytes never join the prompt's run and turn its characters into U+FFFD."""
+    ids = list(prompt_ids)
+    ends = byte_token_ids(tokenizer) | frozenset(tokenizer.all_special_ids)
+    while ids and ids[-1] in ends:
+        ids.pop()
+    least, most = CONTEXT_TOKENS
+    for n in range(min(least, len(ids)), min(most, len(ids)) + 1):
+        if "\ufffd" not in tokenizer.decode(ids[len(ids) - n:], skip_special_tokens=True):
+            return tuple(ids[len(ids) - n:])
+    return tuple(ids[len(ids) - least:])
+
+
 def held_suffix(text: str, strings: Iterable[str]) -> int:
     """Length of the longest suffix of ``text`` that begins one of ``strings`` without being all of it: text that
     may still grow into a stop string or a marker, which streaming holds back."""
@@ -99,7 +125,8 @@ class TextStream:
 
     def __init__(self, tokenizer, stop_strings: Sequence[str] = (), keep: frozenset[int] = frozenset(),
                  skip_special_tokens: bool = True, include_stop: bool = False, min_tokens: int = 0,
-                 spaces_between_special_tokens: bool = True, turn_ends: Sequence[str] = ()) -> None:
+                 spaces_between_special_tokens: bool = True, turn_ends: Sequence[str] = (),
+                 context: Sequence[int] = ()) -> None:
         self.tokenizer = tokenizer
         self.stop_strings = tuple(dict.fromkeys(s for s in (*stop_strings, *turn_ends) if s))
         # the stop strings a match keeps in the text: the user's with include_stop, a turn end as a special token
@@ -118,6 +145,8 @@ class TextStream:
         self.decode_options = {} if spaces_between_special_tokens else {"spaces_between_special_tokens": False}
         self.include_stop = include_stop
         self.min_tokens = min_tokens
+        self.context = list(context)  # prompt tokens decoded before the reply, whose text is not the reply's
+        self.context_text = self._decode(self.context) if self.context else ""
         self.tokens: list[int] = []
         self.visible: int | None = None  # tokens whose text is shown (None: all; the stop token that ended it: not)
         self.shown = 0  # characters of the decoded text already released
@@ -165,15 +194,17 @@ class TextStream:
         return end
 
     def _text(self, end: int) -> str:
-        tokens = self.tokens[:end if self.visible is None else min(end, self.visible)]
-        text = self._decode(tokens)
+        """The reply's text from its first ``end`` tokens: decoded after the context, less the context's text."""
+        tokens = self.context + self.tokens[:end if self.visible is None else min(end, self.visible)]
+        whole = self._decode(tokens)
+        text = whole[len(self.context_text):]
         if self.cleans_up:
             raw = self._decode(tokens, clean_up_tokenization_spaces=False)
             cleaned, settled = cleaned_up(raw)
-            if text == raw != cleaned:  # the decode does not clean up (transformers 5's BPE ignores the setting)
+            if whole == raw != cleaned:  # the decode does not clean up (transformers 5's BPE ignores the setting)
                 self.cleans_up, self.unsettled = False, 0
-            else:
-                self.unsettled = len(text) - settled if text == cleaned else 0  # 0: a clean-up of its own
+            else:  # 0: a clean-up of its own
+                self.unsettled = min(len(whole) - settled, len(text)) if whole == cleaned else 0
         return text
 
     def _decode(self, tokens: list[int], **options) -> str:

@@ -609,6 +609,7 @@ def build_app(batcher: ContinuousBatcher, base_id: str, adapters: list[str], api
                 tokenizer.decode(prompt_ids, skip_special_tokens=True)
             for index in range(body.n):
                 generation = _generation(batcher, body, adapter, prompt_ids, text_stops, "prompt", index)
+                generation.continues_prompt = True  # its first word's leading space kept, as vLLM's
                 generation.prompt_logprobs = max(scored) if scored else None
                 generation.token_filter = masked
                 if guide is not None:
@@ -826,7 +827,7 @@ def _generation(batcher: ContinuousBatcher, body: _Body, adapter: str | None, pr
                        "context_length_exceeded")  # vLLM's and OpenAI's 400
     if not prompt_ids:
         raise APIError(400, f"The {prompt_param} is empty", prompt_param)
-    shipped = model_defaults(batcher.model)  # what the request leaves out (vLLM's default sampling parameters)
+    shipped = model_defaults(batcher.model, vllm=True)  # what the request leaves out (vLLM's default sampling parameters)
     given = body.model_fields_set
     limit = body.token_limit()
     if "max_new_tokens" in shipped and not given & {"max_tokens", "max_completion_tokens"}:

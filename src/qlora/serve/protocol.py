@@ -284,6 +284,8 @@ class ChatMessage(BaseModel):
     content: Union[str, list[dict[str, Any]], None] = None
     tool_calls: list[dict[str, Any]] | None = None
     tool_call_id: str | None = None
+    reasoning: str | None = None  # an assistant message's reasoning, as vLLM returns it (and its older name)
+    reasoning_content: str | None = None
 
     def message(self, index: int) -> Message:
         """The message as the chat template takes it (tool-call arguments parsed from their JSON text)."""
@@ -301,7 +303,8 @@ class ChatMessage(BaseModel):
             raise APIError(400, f"{where} is a {self.role} message with images; images go in user messages",
                            f"{where}.content")
         try:
-            return Message(role, text, calls, self.tool_call_id if self.role == "tool" else None, images=images)
+            return Message(role, text, calls, self.tool_call_id if self.role == "tool" else None, images=images,
+                           reasoning=(self.reasoning or self.reasoning_content or "") if role == "assistant" else "")
         except UsageError as exc:  # more or fewer <image> written in its text than images
             raise APIError(400, f"{where}: {exc}", f"{where}.content") from None
 

@@ -18,7 +18,7 @@ HELP = "stream a model's continuation of a prompt, with sampling options"
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     """--model, --adapter, --quant and the sampling options of ``SamplingOptions``."""
-    from ...infer.sampling_options import BIAS_RANGE, MODEL_FIELDS, cli_fields
+    from ...infer.sampling_options import BIAS_RANGE, GENERATE_FIELDS, cli_fields
     from ...template_names import TEMPLATE_NAMES
     from ..image_pixels import add_pixel_arguments
     from ..options import add_template_kwargs_option, add_template_option, id_value, number
@@ -42,7 +42,7 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
                         help="dtype of the matmuls and unquantized weights")
     for f in cli_fields():
         kind = int if f.name in ("max_new_tokens", "top_k", "seed") else float
-        shipped = f.name in MODEL_FIELDS  # left out: the model's generation_config value, else qlora's default
+        shipped = f.name in GENERATE_FIELDS  # left out: the model's generation_config value, else qlora's default
         parser.add_argument(f"--{f.name.replace('_', '-')}", type=number(kind, f.metadata["range"]),
                             default=None if shipped else f.default,
                             help=f.metadata["help"] + (f"; default: the model's generation_config value, else "
@@ -57,11 +57,11 @@ def sampling_options(args: argparse.Namespace, model=None):
     """The ``SamplingOptions`` given on the command line; an option left out takes ``model``'s generation_config
     value (:func:`~qlora.infer.sampling_options.model_defaults`; no model: checks the options before a load),
     else qlora's default."""
-    from ...infer.sampling_options import SamplingOptions, cli_fields, model_defaults
+    from ...infer.sampling_options import SamplingOptions, cli_fields, merged, model_defaults
 
     given = {f.name: getattr(args, f.name) for f in cli_fields() if getattr(args, f.name) is not None}
     shipped = model_defaults(model) if model is not None else {}
-    return SamplingOptions(**{**shipped, **given}, logit_bias=dict(args.logit_bias))
+    return SamplingOptions(**merged(shipped, given), logit_bias=dict(args.logit_bias))
 
 
 def load_model_from_args(args: argparse.Namespace, keep_base: bool = False):
