@@ -198,6 +198,10 @@ def test_a_mistyped_local_path_that_reads_as_a_hub_id_names_what_is_there(no_hub
     with pytest.raises(UsageError, match=rf"not reachable.*Here, {tmp_path / 'data'} is a folder, without "
                                          r"trian\.$"):
         load_records("data/trian")
+    from qlora.model.estimate import load_config
+
+    with pytest.raises(UsageError, match=r"not reachable.*did you mean .*runs/sft\?$"):
+        load_config("runs/sfy")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(UsageError, match=r"offline mode is on.*did you mean .*runs/sft\?$"):
         resolve_model_dir("runs/sfy")
