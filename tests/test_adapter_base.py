@@ -138,3 +138,49 @@ def test_an_adapter_without_a_record_loads_on_the_default_nf4_base(fp4_adapter, 
     args = argparse.Namespace(model="base", adapter=None, quant=None)
     resolve_base(args, "export")
     assert args.quant == "none"
+
+
+def test_eval_and_generate_with_only_an_adapter_load_the_base_it_names(fp4_adapter, tiny_model_dir, tmp_path, capsys):
+    """The README's `qlora eval --adapter out --data held-out.jsonl`: --adapter alone takes its base from the
+    folder's adapter_config.json (as train does, and PEFT's AutoPeftModelForCausalLM), in its trained format."""
+    data = tmp_path / "held-out.jsonl"
+    data.write_text("\n".join(json.dumps({"instruction": f"say {i}", "output": f"ok {i}"}) for i in range(3)))
+    assert main(["eval", "--model", str(tiny_model_dir), "--adapter", str(fp4_adapter), "--data", str(data),
+                 "--json"]) == 0
+    with_model = json.loads(capsys.readouterr().out)
+    assert main(["eval", "--adapter", str(fp4_adapter), "--data", str(data), "--json"]) == 0
+    out, err = capsys.readouterr()
+    assert json.loads(out)["loss"] == with_model["loss"]
+    assert f"no --model: loading the base {fp4_adapter}'s adapter_config.json names, {tiny_model_dir}" in err, err
+    common = ["--prompt", "the quick", "--max-new-tokens", "6", "--temperature", "0", "--template", "none"]
+    assert main(["generate", "--model", str(tiny_model_dir), "--adapter", str(fp4_adapter), *common]) == 0
+    expected = capsys.readouterr().out
+    assert main(["generate", "--adapter", str(fp4_adapter), *common]) == 0
+    assert capsys.readouterr().out == expected
+
+
+def test_merge_with_only_an_adapter_folds_it_into_the_base_it_names(fp4_adapter, tmp_path, capsys):
+    assert main(["merge", "--model", str(fp4_adapter), "--output", str(tmp_path / "a"), "--dtype", "float32"]) == 0
+    assert main(["merge", "--adapter", str(fp4_adapter), "--output", str(tmp_path / "b"), "--dtype", "float32"]) == 0
+    capsys.readouterr()
+    key = "model.layers.0.self_attn.q_proj.weight"
+    assert torch.equal(load_file(tmp_path / "a" / "model.safetensors")[key],
+                       load_file(tmp_path / "b" / "model.safetensors")[key])
+
+
+@pytest.mark.parametrize("command", ["eval", "merge", "generate", "chat", "serve", "export"])
+def test_without_model_or_an_adapter_folder_naming_its_base_the_error_says_what_is_needed(command, tiny_model_dir,
+                                                                                        tmp_path, capsys):
+    extra = {"eval": ["--data", str(tmp_path / "d.jsonl")], "merge": ["--output", str(tmp_path / "m")],
+             "generate": ["--prompt", "hi"], "export": ["--output", str(tmp_path / "g")]}.get(command, [])
+    (tmp_path / "d.jsonl").write_text(json.dumps({"text": "hi"}) + "\n")
+    assert main([command, *extra]) == 2
+    err = capsys.readouterr().err
+    assert "--model is required" in err and "--adapter" in err and "Traceback" not in err, err
+    both = tmp_path / "model-and-adapter"  # a model folder (config.json) is no adapter whose config names a base
+    both.mkdir()
+    (both / "config.json").write_text((tiny_model_dir / "config.json").read_text())
+    (both / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "base_model_name_or_path": "x"}))
+    assert main([command, "--adapter", str(both), *extra]) == 2
+    err = capsys.readouterr().err
+    assert "--model is required" in err and f"--adapter {both}" in err and "Traceback" not in err, err

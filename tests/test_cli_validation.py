@@ -69,13 +69,15 @@ def test_an_option_refused_by_the_parser_is_reported_under_its_command(capsys):
 
 
 @pytest.mark.parametrize("argv", [["train", "--modle", "m"], ["serve", "--model", "m", "--lr", "1"],
-                                  ["demo", "--bogus"], ["estimate", "m", "--bogus"]])
+                                  ["demo", "--bogus"], ["estimate", "m", "--bogus"],
+                                  ["generate", "--model", "m", "--promt", "hi"],  # not "required: --prompt"
+                                  ["eval", "--modle", "m", "--data", "d.jsonl"], ["quantize", "--modle", "m"]])
 def test_an_unknown_option_is_reported_under_its_command(argv, capsys):
     """argparse reports unknown options from the top-level parser (``usage: qlora [-h] COMMAND ...``, ``qlora:
     error:``), which names neither the command nor where its options are listed."""
     code, err = _run(argv, capsys)
     usage, message = err.splitlines()
-    command, flag = argv[0], next(a for a in argv[1:] if a in ("--modle", "--lr", "--bogus"))
+    command, flag = argv[0], next(a for a in argv[1:] if a in ("--modle", "--lr", "--bogus", "--promt"))
     assert code == 2 and message.startswith(f"qlora {command}: error: unrecognized arguments: {flag}"), err
     assert f"qlora {command} --help" in usage or usage.startswith(f"usage: qlora {command} "), err
 

@@ -144,6 +144,9 @@ def test_a_llama_factory_qlora_example_loads_as_it_trains_there(tmp_path, capsys
     err = capsys.readouterr().err
     assert "passing over" in err and "preprocessing_num_workers" in err and "ddp_timeout" in err
     assert "lora_rank" not in err and "template" not in err
+    # quantization_bit: 4 chose the 4-bit base (without it the file trains a 16-bit one): not "passed over"
+    passing = next(line for line in err.splitlines() if "passing over" in line)
+    assert "quantization_bit" not in passing and "quantization_method" in passing, passing
 
     # the other quantization settings LLaMA-Factory has, and a family template
     cfg = load_config(_yaml(tmp_path, _LLAMA_FACTORY.replace("template: llama3", "template: qwen")

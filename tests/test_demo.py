@@ -44,3 +44,13 @@ def test_demo_adapter_beats_the_base(capsys, tmp_path):
                  f"b={out / 'adapter'}", "--temperature", "0", "--compute-dtype", "fp32", "--max-new-tokens", "12",
                  "--prompt", question]) == 0
     assert capsys.readouterr().out == f"[a] {shown}\n[b] {shown}\n"
+
+
+def test_demo_without_output_says_how_to_keep_its_model_and_prints_only_its_own_lines(capsys):
+    """A first run ends saying what to do next (the model and adapter were temporary), and transformers' "Writing
+    model shards" bar, drawn for the tiny model's save, does not break into the demo's output."""
+    assert main(["demo", "--steps", "2"]) == 0
+    out, err = capsys.readouterr()
+    assert "Writing model shards" not in err, err
+    last = out.rstrip("\n").splitlines()[-1]
+    assert "qlora demo --output DIR" in last and "qlora generate --model DIR/model --adapter DIR/adapter" in last, out

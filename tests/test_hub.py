@@ -177,3 +177,50 @@ def test_estimate_checks_a_cached_hub_config_as_a_local_one(tmp_path, monkeypatc
     assert main(["estimate", "--model", "org/music"]) == 2
     err = capsys.readouterr().err
     assert "org/music" in err and "several models with text configs" in err and "Traceback" not in err
+
+
+def test_a_mistyped_local_path_that_reads_as_a_hub_id_names_what_is_there(no_hub, tmp_path, monkeypatch):
+    """``runs/sfy`` for ``runs/sft``: one ``/``, so a hub id to the loader; the refusal says that ``runs`` is a
+    folder here and names the close entry in it, without a hub, offline, and for data files and datasets alike."""
+    from qlora.model.load import resolve_model_dir
+    from qlora.train.data.sources import load_records
+
+    (tmp_path / "runs" / "sft").mkdir(parents=True)
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "train.jsonl").write_text('{"text": "hi"}\n')
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(UsageError, match=rf"not reachable.*Here, {tmp_path / 'runs'} is a folder: did you mean "
+                                         rf"{tmp_path / 'runs' / 'sft'}\?$"):
+        resolve_model_dir("runs/sfy")
+    with pytest.raises(UsageError, match=rf"data/trian.jsonl: data file not found.*did you mean "
+                                         rf"{tmp_path / 'data' / 'train.jsonl'}\?$"):
+        load_records("data/trian.jsonl")
+    with pytest.raises(UsageError, match=rf"not reachable.*Here, {tmp_path / 'data'} is a folder, without "
+                                         r"trian\.$"):
+        load_records("data/trian")
+    from qlora.model.estimate import load_config
+
+    with pytest.raises(UsageError, match=r"not reachable.*did you mean .*runs/sft\?$"):
+        load_config("runs/sfy")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(UsageError, match=r"offline mode is on.*did you mean .*runs/sft\?$"):
+        resolve_model_dir("runs/sfy")
+    with pytest.raises(UsageError) as bare:  # a bare name (gpt2) may be a hub id: nothing local is suggested
+        resolve_model_dir("runz")
+    assert "Here," not in str(bare.value)
+
+
+def test_a_hub_refusal_is_one_paragraph(tmp_path, monkeypatch):
+    """huggingface_hub's RepositoryNotFoundError spans several lines; the error the user reads is one paragraph."""
+    import huggingface_hub
+
+    from qlora.model.load import resolve_model_dir
+
+    def not_found(repo_id, **kwargs):
+        raise OSError("404 Client Error.\n\nRepository Not Found for url: x.\nPlease make sure ...")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", not_found)
+    monkeypatch.setattr(hub, "cache_only", lambda: False)
+    with pytest.raises(UsageError) as refused:
+        resolve_model_dir("org/model")
+    assert "\n" not in str(refused.value) and "404 Client Error. Repository Not Found for url: x." in str(refused.value)

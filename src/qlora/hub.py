@@ -86,7 +86,7 @@ def cache_only() -> bool:
     return offline_mode() or not hub_reachable()
 
 
-def unreachable_error(name: str, what: str, hint: str, cache_checked: bool = False) -> UsageError:
+def unreachable_error(name: str, what: str, hint: str, cache_checked: bool = False, near: str = "") -> UsageError:
     """The error for a ``what`` (model, dataset) named ``name`` that is neither local, cached nor downloadable.
 
     Args:
@@ -94,17 +94,18 @@ def unreachable_error(name: str, what: str, hint: str, cache_checked: bool = Fal
         what: ``"model"`` or ``"dataset"``.
         hint: what to pass instead, e.g. ``"a local model folder"``.
         cache_checked: the local Hugging Face cache was already looked in.
+        near: a last sentence on what is there locally, for a mistyped path that reads as a hub id.
     """
     if offline_mode():
         return UsageError(
             f"{name} is not a local path and not in the Hugging Face cache, and offline mode is on "
             f"(HF_HUB_OFFLINE), so the {what} cannot be downloaded. Check the spelling of the path, pass {hint}, "
-            "or unset HF_HUB_OFFLINE where the hub is reachable."
+            f"or unset HF_HUB_OFFLINE where the hub is reachable.{near}"
         )
     cache = (" and it is not in the local Hugging Face cache" if cache_checked
              else f"; a {what} downloaded before is read from the cache with HF_HUB_OFFLINE=1")
     return UsageError(
         f"{name} is not a local path, and the Hugging Face hub ({hub_endpoint()}) is not reachable from this "
         f"machine (no answer within {PROBE_TIMEOUT_S:.0f} s), so the {what} cannot be downloaded{cache}. "
-        f"Check the spelling of the path, or pass {hint}."
+        f"Check the spelling of the path, or pass {hint}.{near}"
     )

@@ -15,12 +15,15 @@ _DEFAULT = {"blocksize": 64, "double_quant": True}
 
 
 def resolve_base(args: argparse.Namespace, command: str) -> None:
-    """Rewrite ``args`` in place: ``--model ADAPTER`` -> its base + ``--adapter ADAPTER``; then
-    ``args.quant``, ``args.blocksize`` and ``args.double_quant`` as the first adapter was trained."""
-    if command == "train" or not hasattr(args, "adapter") or getattr(args, "model", None) is None:
-        return  # train's options merge with its YAML file first (TrainConfig)
+    """Rewrite ``args`` in place: no ``--model`` -> the base the first ``--adapter``'s config names;
+    ``--model ADAPTER`` -> its base + ``--adapter ADAPTER``; then ``args.quant``, ``args.blocksize`` and
+    ``args.double_quant`` as the first adapter was trained."""
+    if command in ("train", "estimate") or not hasattr(args, "adapter"):
+        return  # train's options merge with its YAML file first (TrainConfig); estimate's MODEL may be a name
     from ..model.adapter_base import adapter_folder_base  # torch: not imported for --help
 
+    if getattr(args, "model", None) is None:
+        _model_from_adapter(args, command)
     base = adapter_folder_base(args.model)
     if base is not None:
         _adapter_as_model(args, base, command)
@@ -71,6 +74,27 @@ def load_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         check_adapter_path(item)
     return {"quant": None if args.quant == "none" else args.quant, "blocksize": args.blocksize,
             "double_quant": args.double_quant}
+
+
+def _model_from_adapter(args: argparse.Namespace, command: str) -> None:
+    """``--adapter DIR`` without ``--model``: the base its adapter_config.json names (``base_model_name_or_path``),
+    as ``qlora train`` and PEFT's ``AutoPeftModelForCausalLM`` take it."""
+    from ..model.adapter_base import adapter_folder_base
+    from ..model.local_path import check_adapter_path
+
+    dirs = adapter_dirs(args)
+    if not dirs:
+        raise UsageError(f"qlora {command} needs --model (a model folder or hub id), or --adapter DIR alone: the "
+                         "base its adapter_config.json names (--model is required without --adapter).")
+    check_adapter_path(dirs[0])  # a hub id: refused here, saying how to download it
+    base = adapter_folder_base(dirs[0])
+    if base is None:
+        raise UsageError(f"--model is required: --adapter {dirs[0]} is not an adapter folder (adapter_config.json "
+                         "without a config.json) whose adapter_config.json names its base model; give the base with "
+                         "--model.")
+    args.model = base
+    print(f"qlora {command}: no --model: loading the base {dirs[0]}'s adapter_config.json names, {base}",
+          file=sys.stderr)
 
 
 def _adapter_as_model(args: argparse.Namespace, base: str, command: str) -> None:

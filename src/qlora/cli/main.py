@@ -122,6 +122,23 @@ def _one_adapter(parser: argparse.ArgumentParser, command: str, argv: list[str])
                        "one after another (qlora merge --model FIRST_MERGED --adapter NEXT --output ...).\n")
 
 
+def _unknown_before_missing(parser: argparse.ArgumentParser, command: str, argv: list[str]) -> None:
+    """An unknown option is named (with the close ones) before a required one is missing: argparse says only
+    "required: --prompt" for ``--promt hi``, the typo that left it out."""
+    required = [a for a in sub_parser(parser, command)._actions if a.required]
+    if not required:
+        return
+    for action in required:
+        action.required = False
+    try:
+        _, unknown = parser.parse_known_args(argv)
+    finally:
+        for action in required:
+            action.required = True
+    if unknown:
+        sub_parser(parser, command).error(f"unrecognized arguments: {' '.join(unknown)}")
+
+
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     parser = _Parser(prog="qlora", description="Fine-tune large language models on one GPU with QLoRA.")
     parser.add_argument("--version", action="version", version=f"qlora {__version__}")
@@ -146,6 +163,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if command is not None:
         argv = _boolean_values(parser, command, argv)
         _one_adapter(parser, command, argv)
+        _unknown_before_missing(parser, command, argv)
     args, unknown = parser.parse_known_args(argv)
     if unknown:  # argparse says this from the top-level parser: the command's names it and lists its options
         (sub_parser(parser, args.command) if args.command else parser).error(

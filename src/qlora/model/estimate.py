@@ -36,6 +36,7 @@ from ..quant.double_quant import NESTED_BLOCKSIZE
 from .adapter_size import AdapterSize
 from .architecture import text_model_from_config
 from .known_shapes import known_shape
+from .local_path import near_local_path
 from .quantize import (fp32_linear_names, is_linear_like, is_plain_linear, is_skipped, kept_dense_names, kept_in_fp32,
                        matches_any)
 from .saved_activations import LayerSaves, NotMeasurable, measure
@@ -182,10 +183,11 @@ def load_config(model: str, option: str = ""):
         except (OSError, ValueError) as exc:
             if cache_only:
                 raise hub.unreachable_error(f"{option} {model}".strip(), "model config",
-                                            f"a local path or {_KNOWN_NAMES}", cache_checked=True) from None
+                                            f"a local path or {_KNOWN_NAMES}", cache_checked=True,
+                                            near=near_local_path(model)) from None
             raise UsageError(f"{option} {model!r}".strip() + " is not a local path and its config could not be "
                              f"fetched from the hub ({exc.__class__.__name__}); pass a local path or "
-                             f"{_KNOWN_NAMES}.") from exc
+                             f"{_KNOWN_NAMES}.{near_local_path(model)}") from exc
         return check_model_config(config, model)
     raise UsageError(f"{option} {model!r}".strip() + ": unknown model, not a local path nor a hub id (org/name); "
                      f"pass a model folder, a config.json, a hub id, or {_KNOWN_NAMES}.")

@@ -39,7 +39,7 @@ from .bnb_int8 import BnbInt8
 from .checkpoint_layout import CheckpointLayout
 from .compressed_tensors import CompressedTensors
 from .gptq_awq import GroupedInt
-from .local_path import looks_like_path
+from .local_path import looks_like_path, near_local_path
 from .modelopt import ModelOpt
 from .quantize import (fp32_linear_names, is_conv1d, is_plain_linear, is_skipped, kept_dense_names, kept_in_fp32,
                        non_text_names, output_embedding_names, replace_modules, tied_keys, weight_count)
@@ -85,12 +85,14 @@ def resolve_model_dir(name_or_path: str | Path) -> Path:
                 break
         return folder
     except Exception as exc:  # network and hub errors come in many types
+        near = near_local_path(name_or_path)
         if cache_only:
             raise hub.unreachable_error(f"--model {name_or_path}", "model", "a local model folder (one written by "
-                                        "save_pretrained)", cache_checked=True) from None
+                                        "save_pretrained)", cache_checked=True, near=near) from None
+        said = " ".join(str(exc).split())  # huggingface_hub's message runs over several lines
         raise UsageError(f"--model {name_or_path}: not a local folder, and it could not be fetched from the model hub "
-                         f"({type(exc).__name__}: {exc}). Check the name, log in with `hf auth login` for gated "
-                         "models, or download it elsewhere and pass the folder.") from None
+                         f"({type(exc).__name__}: {said}). Check the name, log in with `hf auth login` for gated "
+                         f"models, or download it elsewhere and pass the folder.{near}") from None
 
 
 class WeightHook(Protocol):

@@ -106,6 +106,20 @@ def adapter_folder_problem(folder: str | Path) -> str | None:
     return f"{shown} is not an adapter folder: adapter_config.json is missing."
 
 
+def near_local_path(name: str | Path) -> str:
+    """A sentence for an error about ``name``, which is not there: its folder is, with a close name in it (`` Here,
+    runs is a folder: did you mean runs/sft?``), or without one. A mistyped local path with a single ``/``
+    (``runs/sfy``) reads as a hub id ``org/name``, so the hub's refusal alone would hide the typo. ``""`` where the
+    folder is not here either, or ``name`` has no folder part (a bare name such as ``gpt2``)."""
+    path = Path(name).expanduser()
+    parent = path.absolute().parent
+    if path.exists() or len(path.parts) < 2 or not parent.is_dir():
+        return ""
+    close = difflib.get_close_matches(path.name, sorted(p.name for p in parent.iterdir()), n=1)
+    return (f" Here, {parent} is a folder: did you mean {parent / close[0]}?" if close else
+            f" Here, {parent} is a folder, without {path.name}.")
+
+
 def _close_name(path: Path) -> str:
     """`` (did you mean …?)`` with a close name in the missing path's folder, or that its folder is missing too."""
     parent = path.absolute().parent

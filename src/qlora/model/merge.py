@@ -8,9 +8,8 @@ model's outputs (the base it was trained on is the dequantized one).
 
 from __future__ import annotations
 
-import contextlib
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
 
 import torch
 from torch import nn
@@ -27,6 +26,7 @@ from .inference_files import save_records
 from .inject import adapter_configs
 from .quantize import kept_in_fp32, replace_modules
 from .saved_copies import unwrap_saved_modules
+from .shard_bar import shard_bar
 from .tied_tables import shares_table, untie_config
 from .transformers4_compat import readable_by_transformers_4
 from .trained_tokens import trained_tokenization
@@ -291,22 +291,6 @@ def _merge_experts(module: ExpertsLora, into: str, dtype: torch.dtype | None) ->
     return dense
 
 
-@contextlib.contextmanager
-def _shard_bar(shown: bool) -> Iterator[None]:
-    """transformers' "Writing model shards" bar only where loading shows one (checkpoints over 1 GB): for a
-    small model it is one line of noise in every log."""
-    from transformers.utils import logging as hf_logging
-
-    was = hf_logging.is_progress_bar_enabled()
-    if not shown:
-        hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        if was:
-            hf_logging.enable_progress_bar()
-
-
 def save_merged(model: nn.Module, out_dir: str | Path, tokenizer=None, max_shard_bytes: int = DEFAULT_BYTES) -> Path:
     """Write a merged (dense) model as a standard transformers safetensors checkpoint, in files of at most
     ``max_shard_bytes`` (a larger tensor alone in one) listed by ``model.safetensors.index.json``.
@@ -331,7 +315,7 @@ def save_merged(model: nn.Module, out_dir: str | Path, tokenizer=None, max_shard
     config = model.config
     if hasattr(config, "quantization_config"):
         del config.quantization_config
-    with atomic_dir(out_dir) as tmp, _shard_bar(sum(t.nbytes for t in model.state_dict().values()) >= 1 << 30):
+    with atomic_dir(out_dir) as tmp, shard_bar(sum(t.nbytes for t in model.state_dict().values())):
         model.save_pretrained(tmp, safe_serialization=True, max_shard_size=max_shard_bytes)
         if tokenizer is not None:
             own = tokenizer.chat_template

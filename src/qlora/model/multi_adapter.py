@@ -63,7 +63,12 @@ def set_adapters(model: nn.Module, weights: dict[str, float]) -> None:
 
 
 def set_adapter(model: nn.Module, name: str) -> None:
-    """Make ``name`` the only active adapter."""
+    """Make ``name`` the only active adapter, at weight 1, as PEFT's ``set_adapter``: the others stay loaded but
+    compute nothing until :func:`set_adapter` or :func:`set_adapters` activates them again (switching costs no load).
+
+    Raises:
+        UsageError: an unknown name.
+    """
     set_adapters(model, {name: 1.0})
 
 

@@ -15,6 +15,8 @@ from typing import Iterable
 
 import torch
 
+from .shard_bar import shard_bar
+
 SPECIAL_TOKENS = ("<|pad|>", "<|bos|>", "<|eos|>", "<|unk|>")
 
 # A ChatML template: the tokenizer's own chat_template for tiny models.
@@ -211,7 +213,8 @@ def build_tiny_model(
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.save_pretrained(out, safe_serialization=True)
+    with shard_bar(sum(t.nbytes for t in model.state_dict().values())):
+        model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
     return out
 

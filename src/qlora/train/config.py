@@ -32,8 +32,8 @@ from qlora.template_names import template_name
 from qlora.train.data.fields import parse_data_fields
 from qlora.train.data.sources import LOCAL_SUFFIXES
 from qlora.train.file_fingerprint import Fingerprint, data_fingerprints, model_fingerprints
-from qlora.train.foreign_keys import (AXOLOTL_DEFAULTS, adapter_keys, is_axolotl, jinja_template_keys, silent_defaults,
-                                      translate)
+from qlora.train.foreign_keys import (AXOLOTL_DEFAULTS, READ_WITH_DEFAULTS, adapter_keys, is_axolotl,
+                                      jinja_template_keys, silent_defaults, translate)
 from qlora.train.peft_keys import peft_option_keys
 from qlora.train.strategy import LOGGING_STRATEGIES, STRATEGIES
 from qlora.train.torchtune_config import is_torchtune, torchtune_options
@@ -1151,7 +1151,7 @@ def load_config(yaml_path: str | Path | None, overrides: dict[str, Any], check_p
                 pairs, note = foreign
                 if note:
                     print(f"qlora train: {note}", file=sys.stderr)
-                if not pairs:
+                if not pairs and str(key) not in READ_WITH_DEFAULTS:
                     passed_over.append(str(key))
             for their_key, value in [(str(key), value)] if foreign is None else pairs:
                 name = canonical_name(their_key)

@@ -83,6 +83,11 @@ VIDEO_AUDIO = frozenset({
 })
 
 
+# Keys translated to nothing that still choose something: LLaMA-Factory's quantization_bit: 4 is the 4-bit base, where
+# a file without it trains a 16-bit one (its defaults are chosen from it), so it is not named as passed over.
+READ_WITH_DEFAULTS = frozenset({"quantization_bit"})
+
+
 def _quantization_bit(value: Any, where: str) -> Translation:
     if value is None or value == 4:
         return [], ""  # qlora's base is 4-bit unless quant: none

@@ -116,6 +116,9 @@ def run(args: argparse.Namespace) -> int:
     if kept:
         print(f"kept in {kept}: try qlora generate --model {model_dir} --adapter {out} --temperature 0 "
               f"--prompt '{QUESTIONS[-1][0]}'")
+    else:  # a first run ends saying what comes next, not with a model that is already gone
+        print("the model and adapter were temporary: qlora demo --output DIR keeps them, then try qlora generate "
+              f"--model DIR/model --adapter DIR/adapter --temperature 0 --prompt '{QUESTIONS[-1][0]}'")
     return 0
 
 

@@ -31,7 +31,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     from ..image_pixels import add_pixel_arguments
     from ..options import add_template_option, number, positive_int
 
-    parser.add_argument("--model", required=True, help="base model folder or hub id")
+    parser.add_argument("--model", help="base model folder or hub id (default: the base the --adapter folder's "
+                                          "adapter_config.json names)")
     parser.add_argument("--adapter", default=None, help="a PEFT-format adapter folder (e.g. a qlora train output)")
     parser.add_argument("--data", required=True, help="evaluation data: a .jsonl/.json/.csv/.tsv/.parquet/.arrow/.txt file "
                         "(text ones also .gz, .bz2, .xz, .zst), a save_to_disk folder, or a hub dataset name; several as a,b "

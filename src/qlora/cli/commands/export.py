@@ -22,7 +22,8 @@ _DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True, help="the base model folder (the one the adapter was trained on)")
+    parser.add_argument("--model", help="the base model folder (the one the adapter was trained on; default: the base "
+                                          "the --adapter folder's adapter_config.json names)")
     parser.add_argument("--adapter", help="PEFT-format adapter folder to fold in (omit to export the model as is)")
     parser.add_argument("--output", required=True,
                         help="folder to write: model-<type>.gguf (gguf-lora: adapter-<type>.gguf) and Modelfile")

@@ -23,7 +23,8 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     from ..image_pixels import add_pixel_arguments
     from ..options import add_template_kwargs_option, add_template_option, id_value, number
 
-    parser.add_argument("--model", required=True, help="model folder (transformers checkpoint) or hub id")
+    parser.add_argument("--model", help="model folder (transformers checkpoint) or hub id (default: the base the first "
+                                          "--adapter folder's adapter_config.json names)")
     parser.add_argument("--adapter", action="append", default=[], metavar="[NAME=]DIR",
                         help="LoRA adapter directory (PEFT format); repeat for several on one base (NAME defaults "
                              "to the folder name, dots made _). Without --adapter-weights, generate continues the "

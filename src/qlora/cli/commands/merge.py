@@ -23,8 +23,9 @@ def _dtype(name: str) -> str:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True, help="the base model the adapter was trained on (or the adapter "
-                                                       "folder: its config names the base)")
+    parser.add_argument("--model", help="the base model the adapter was trained on (or the adapter folder: its "
+                                          "config names the base; default: the base the --adapter folder's "
+                                          "adapter_config.json names)")
     parser.add_argument("--adapter", help="PEFT-format adapter folder")
     parser.add_argument("--output", required=True, help="folder for the merged checkpoint")
     parser.add_argument("--quant", default=None, choices=("nf4", "fp4", "none"),

@@ -29,7 +29,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     from ..image_pixels import add_pixel_arguments
     from ..options import add_template_kwargs_option, add_template_option, non_negative_int, number, positive_int
 
-    parser.add_argument("--model", required=True, help="model folder (transformers checkpoint) or hub id")
+    parser.add_argument("--model", help="model folder (transformers checkpoint) or hub id (default: the base the first "
+                                          "--adapter folder's adapter_config.json names)")
     parser.add_argument("--adapter", action="append", default=[], metavar="[NAME=]DIR",
                         help="LoRA adapter directory (PEFT format), served as model id NAME (default: the folder "
                              "name); repeat for several adapters on the one base")

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from qlora.errors import UsageError
+from qlora.model.local_path import near_local_path
 from qlora.train.data.class_labels import label_names, schema_features, with_label_names
 from qlora.train.data.csv_separator import SAMPLE_LINES, header_separator
 from qlora.train.data.struct_nulls import has_struct_payloads, without_struct_nulls
@@ -123,7 +124,7 @@ def load_records(source: str | Path, split: str = "train", subset: str | None = 
         records = _read_folder(path, split, subset, text_lines, as_text)
     elif _format_suffix(path) in LOCAL_SUFFIXES or path.exists() or str(source).startswith((".", "/", "~")):
         raise UsageError(f"{path}: data file not found (or not a regular file). Check the path given (--data or "
-                         "--eval-data).")
+                         f"--eval-data).{near_local_path(path)}")
     else:
         records = _read_hub(str(source), split, subset)
     if not records:
@@ -694,8 +695,10 @@ def _cause(exc: BaseException) -> str:
 def _read_hub(name: str, split: str, subset: str | None) -> list[Record]:
     from qlora import hub
 
+    near = near_local_path(name)
     if not hub.offline_mode() and not hub.hub_reachable():
-        raise hub.unreachable_error(name, "dataset", f"a local data file ({', '.join(LOCAL_SUFFIXES)}) or folder")
+        raise hub.unreachable_error(name, "dataset", f"a local data file ({', '.join(LOCAL_SUFFIXES)}) or folder",
+                                    near=near)
     import datasets
 
     try:
@@ -705,10 +708,11 @@ def _read_hub(name: str, split: str, subset: str | None) -> list[Record]:
     except Exception as exc:  # the hub raises many unrelated types; the user needs the message
         if hub.offline_mode():
             raise hub.unreachable_error(name, "dataset", f"a local data file ({', '.join(LOCAL_SUFFIXES)}) "
-                                        "or folder") from None
+                                        "or folder", near=near) from None
+        said = " ".join(str(exc).split())  # the hub's messages run over several lines
         raise UsageError(f"{name}: could not load the dataset (split {split!r}"
-                         f"{f', subset {subset!r}' if subset else ''}) from the hub: {type(exc).__name__}: {exc}"
-                         ) from None
+                         f"{f', subset {subset!r}' if subset else ''}) from the hub: {type(exc).__name__}: {said}"
+                         f"{'.' if near and not said.endswith('.') else ''}{near}") from None
     return _rows(data, f"{name}[{split}]")
 
 
