@@ -275,3 +275,29 @@ def test_a_model_that_generates_by_diffusion_is_refused(tmp_path, tiny_tokenizer
                "model: it generates text with a method of its own (DiffusionGemmaGenerationMixin)" in err, err
         assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "run").exists() and not (tmp_path / "q4").exists()
+
+
+def test_a_protein_conditioned_model_is_refused_without_advice_that_does_not_apply(tmp_path, tiny_tokenizer, capsys,
+                                                                                   caplog):
+    """Evolla (transformers' only ProteinText2Text class) is neither a causal LM nor an image-text-to-text model:
+    refused, as it was, but first came the warning to set is_decoder true in its config.json (its protein
+    encoder's field, false), which would not have made it loadable."""
+    if "evolla" not in CONFIG_MAPPING_NAMES:
+        pytest.skip("this transformers has no Evolla models")
+    import transformers
+
+    config = AutoConfig.for_model(
+        "evolla", vocab_size=len(tiny_tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+        num_attention_heads=4, num_key_value_heads=2, aligner_num_add_layers=1, resampler_depth=1,
+        resampler_heads=2, resampler_dim_head=16, resampler_num_latents=4,
+        protein_encoder_config=dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64))
+    torch.manual_seed(0)
+    transformers.EvollaForProteinText2Text(config).save_pretrained(tmp_path / "m")
+    tiny_tokenizer.save_pretrained(tmp_path / "m")
+    for argv in _commands(tmp_path / "m", tmp_path):
+        code = main(argv)
+        err = capsys.readouterr().err
+        assert code == 2, argv
+        assert "model type 'evolla' is not a text-generating model" in err, err
+        assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert "is_decoder" not in caplog.text
