@@ -18,7 +18,7 @@ from transformers import AutoModelForImageTextToText
 from qlora.errors import UsageError
 from qlora.train.config import load_config
 from qlora.train.data import IGNORE_INDEX, attention_windows, pack_examples, packed_collate, pad_collate
-from qlora.train.data.image_packing import check_image_packing, image_blocks_key, multimodal_positions
+from qlora.train.data.image_packing import check_image_packing, image_blocks_of, multimodal_positions
 from qlora.train.trainer import Trainer
 from image_models import KINDS, build_image_model, kind_params, write_png
 
@@ -82,7 +82,7 @@ def test_packed_images_are_each_example_alone(kind, attn, data, tmp_path):
     assert [r.indices for r in rows] == [(0, 1, 2), (3, 4)]  # two rows with images, one image row with text
     model = _lora(model_dir, attn)
     batch = packed_collate(rows, 0, attn, torch.float32, attention_windows(model.config),
-                           multimodal_positions(model), image_blocks_key(model))
+                           multimodal_positions(model), image_blocks_of(model))
     logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
     packed = _per_token_loss(logits, batch["labels"])
     packed.sum().backward()
@@ -173,3 +173,56 @@ def test_image_rows_are_packed_whole_and_rows_too_long_are_skipped(data, tmp_pat
             assert pack.input_ids[start:end] == whole[index].input_ids
             assert media.keys() == whole[index].media.keys()
             assert all(torch.equal(media[k], whole[index].media[k]) for k in media)
+
+
+def test_molmo2_image_rows_batched_and_packed_are_each_example_alone(tiny_tokenizer):
+    """Molmo2's processor gives each image token the patches it pools as indices into the flattened patches of
+    its call, and its forward lets all of a sequence's image tokens (start, patches, end) see each other both
+    ways. Rows processed one at a time, then batched, pooled the first row's patches into the second row's
+    image tokens (logits 0.77 off that row alone), and a packed row read its images causally (0.34 off). Its
+    processor needs torchvision, so the rows are written as it writes them: crops of 14x14 patches, pooling
+    indices from 0, grids and the token types (1 on every image token)."""
+    from transformers import AutoConfig
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+
+    from qlora.train.data.tokenize import TokenizedExample
+
+    if "molmo2" not in CONFIG_MAPPING_NAMES:
+        pytest.skip("this transformers has no Molmo2 models")
+    v = len(tiny_tokenizer)
+    patch, start, end = v + 1, v + 2, v + 3
+    sub = dict(hidden_size=32, intermediate_size=64, num_attention_heads=2, num_key_value_heads=2, head_dim=16,
+               initializer_range=0.5)  # the usual 0.02 leaves image features too small to change a logit
+    config = AutoConfig.for_model(
+        "molmo2", text_config=dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                   intermediate_size=128, head_dim=16, vocab_size=v + 8),
+        vision_config=dict(sub, num_hidden_layers=1, image_size=[28, 28]),
+        adapter_config=dict(sub, text_hidden_size=64, vision_feature_layer=[-1]),
+        image_patch_id=patch, image_start_token_id=start, image_end_token_id=end)
+    torch.manual_seed(0)
+    model = AutoModelForImageTextToText.from_config(config, attn_implementation="sdpa").eval()
+
+    def example(index, crops, pooling, grid, before, after):
+        ids = [*before, start, *[patch] * len(pooling), end, *after]
+        media = {"pixel_values": torch.randn(crops, 4, 3 * 14 * 14), "image_token_pooling": torch.tensor(pooling),
+                 "image_grids": torch.tensor([grid]), "image_num_crops": torch.tensor([crops]),
+                 "mm_token_type_ids": torch.tensor([[int(t in (patch, start, end)) for t in ids]])}
+        return TokenizedExample(ids, ids, index, media=media)
+
+    examples = [example(0, 1, [[0, 1, 2, 3], [0, 1, -1, -1], [2, 3, -1, -1], [1, 2, 3, -1]], [1, 1, 1, 3],
+                        [5, 6, 7], [8, 9, 10]),
+                example(1, 2, [[4, 5, 6, 7], [0, 5, -1, -1], [7, 2, 3, -1]], [1, 1, 1, 2], [11, 12], [13, 14, 15])]
+    with torch.no_grad():
+        alone = [model(input_ids=torch.tensor([e.input_ids]), **e.media).logits[0] for e in examples]
+        padded = pad_collate(examples, 0)
+        padded = model(**{k: v for k, v in padded.items() if k != "labels"}).logits
+        rows = pack_examples(examples, 64)
+        packed = packed_collate(rows, 0, "sdpa", torch.float32, attention_windows(model.config), None,
+                                image_blocks_of(model))
+        packed = model(**{k: v for k, v in packed.items() if k != "labels"}).logits
+    assert len(rows) == 1
+    for k, e in enumerate(examples):
+        n = len(e.input_ids)
+        torch.testing.assert_close(padded[k, :n], alone[k], atol=1e-5, rtol=0)
+        start_, end_ = rows[0].spans[k]
+        torch.testing.assert_close(packed[0, start_:end_], alone[k], atol=1e-5, rtol=0)

@@ -134,21 +134,30 @@ def test_a_model_whose_forward_requires_images_is_refused(kind, text, extra, tmp
 
 @pytest.mark.parametrize("kind, text, vision, needs", [
     ("kosmos-2", dict(embed_dim=32, layers=1, attention_heads=2, ffn_dim=64),
-     dict(_VISION, model_type="kosmos_2_vision_model"), "image_embeds"),
+     dict(_VISION, model_type="kosmos_2_vision_model"),
+     "pixel_values or image_embeds on every input, which a row without an image does not give it"),
     ("pix2struct", dict(hidden_size=32, d_kv=16, d_ff=64, num_layers=1, num_heads=2),
      dict(hidden_size=32, d_kv=16, d_ff=64, num_hidden_layers=1, num_attention_heads=2, patch_embed_hidden_size=48),
-     "flattened_patches"),
+     "flattened_patches, which no command gives it"),
+    # IDEFICS: "Exactly 1 of pixel_values, image_encoder_embeddings or perceiver_embeddings"; said to need the two
+    # that are not images, both
+    ("idefics", dict(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4),
+     dict(embed_dim=32, image_size=28, patch_size=14, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2),
+     "pixel_values, image_encoder_embeddings or perceiver_embeddings on every input, which a row without an image "
+     "does not give it"),
 ])
 def test_a_model_whose_forward_needs_an_image_on_every_input_is_refused_as_such(kind, text, vision, needs, tmp_path,
                                                                                tiny_tokenizer, capsys):
-    """Kosmos-2 and Pix2Struct take pixel_values as optional, yet their forward refuses token ids alone: the
-    commands exit 2 naming the input, and say an image gives it (they said only that a main model computes it,
-    as for a speculative-decoding draft, and to use that main model)."""
+    """Kosmos-2, Pix2Struct and IDEFICS take pixel_values as optional, yet their forward refuses token ids alone:
+    the commands exit 2 naming the inputs, and say an image gives it (they said only that a main model computes
+    it, as for a speculative-decoding draft, and to use that main model; IDEFICS's, that it needed both of the
+    inputs besides an image, where it takes any one of the three)."""
     from transformers import AutoModelForImageTextToText
 
     if kind not in CONFIG_MAPPING_NAMES:
         pytest.skip(f"this transformers has no {kind!r} models")
-    config = AutoConfig.for_model(kind, text_config=dict(text, vocab_size=len(tiny_tokenizer)), vision_config=vision)
+    text = dict(text, vocab_size=len(tiny_tokenizer))
+    config = AutoConfig.for_model(kind, **(text if kind == "idefics" else {"text_config": text}), vision_config=vision)
     torch.manual_seed(0)
     model = AutoModelForImageTextToText.from_config(config)
     if "input_ids" not in inspect.signature(type(model).forward).parameters:
@@ -162,7 +171,7 @@ def test_a_model_whose_forward_needs_an_image_on_every_input_is_refused_as_such(
         code = main(argv)
         err = capsys.readouterr().err
         assert code == 2, argv
-        assert f"Its forward needs {needs}, which no command gives it" in err, err
+        assert f"Its forward needs {needs}: qlora runs" in err, err
         assert "or what an image gives on every input" in err and "cannot be trained or run on text alone" in err
         assert "Traceback" not in err and len(err.strip().splitlines()) == 1
 
@@ -266,3 +275,29 @@ def test_a_model_that_generates_by_diffusion_is_refused(tmp_path, tiny_tokenizer
                "model: it generates text with a method of its own (DiffusionGemmaGenerationMixin)" in err, err
         assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "run").exists() and not (tmp_path / "q4").exists()
+
+
+def test_a_protein_conditioned_model_is_refused_without_advice_that_does_not_apply(tmp_path, tiny_tokenizer, capsys,
+                                                                                   caplog):
+    """Evolla (transformers' only ProteinText2Text class) is neither a causal LM nor an image-text-to-text model:
+    refused, as it was, but first came the warning to set is_decoder true in its config.json (its protein
+    encoder's field, false), which would not have made it loadable."""
+    if "evolla" not in CONFIG_MAPPING_NAMES:
+        pytest.skip("this transformers has no Evolla models")
+    import transformers
+
+    config = AutoConfig.for_model(
+        "evolla", vocab_size=len(tiny_tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+        num_attention_heads=4, num_key_value_heads=2, aligner_num_add_layers=1, resampler_depth=1,
+        resampler_heads=2, resampler_dim_head=16, resampler_num_latents=4,
+        protein_encoder_config=dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64))
+    torch.manual_seed(0)
+    transformers.EvollaForProteinText2Text(config).save_pretrained(tmp_path / "m")
+    tiny_tokenizer.save_pretrained(tmp_path / "m")
+    for argv in _commands(tmp_path / "m", tmp_path):
+        code = main(argv)
+        err = capsys.readouterr().err
+        assert code == 2, argv
+        assert "model type 'evolla' is not a text-generating model" in err, err
+        assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert "is_decoder" not in caplog.text

@@ -30,6 +30,8 @@ from random_adapters import randomize_lora_b
 from vision_language import build_tiny_vlm
 
 KINDS = ("gemma3", "mistral3", "llava", "qwen2_5_vl", "llama4")
+# transformers 5.24's last vision-language families, language model beside their towers
+LATER_KINDS = ("ernie4_5_vl_moe", "granite4_vision", "dots3_note", "janus", "muse_glimmer", "muse_spark")
 IDS = torch.tensor([[1, 17, 42, 99, 7, 250, 3, 64, 5, 120]])
 
 
@@ -51,16 +53,30 @@ def _under(path: str, towers: set[str]) -> bool:
 @torch.no_grad()
 @pytest.mark.parametrize("kind", KINDS)
 def test_language_model_is_4bit_and_towers_stay_exact(vlms, kind):
-    ref = _transformers_model(vlms[kind])
+    _check_4bit_language_model_and_exact_towers(vlms[kind])
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("kind", LATER_KINDS)
+def test_later_families_language_model_is_4bit_and_towers_stay_exact(kind, tmp_path, tiny_tokenizer):
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+
+    if kind not in CONFIG_MAPPING_NAMES:
+        pytest.skip(f"this transformers has no {kind} models")
+    _check_4bit_language_model_and_exact_towers(build_tiny_vlm(tmp_path / kind, tiny_tokenizer, kind))
+
+
+def _check_4bit_language_model_and_exact_towers(model_dir):
+    ref = _transformers_model(model_dir)
     try:
         expected = ref(IDS).logits
     except AttributeError as exc:  # 5.24's Llama4ForConditionalGeneration reads a field its text model lacks
         pytest.skip(f"transformers {transformers.__version__}'s own {type(ref).__name__} fails on any input: {exc}")
-    dense, _ = load_model(vlms[kind], quant=None, compute_dtype=torch.float32, device="cpu")
+    dense, _ = load_model(model_dir, quant=None, compute_dtype=torch.float32, device="cpu")
     assert type(dense) is type(ref)
     assert torch.equal(dense(IDS).logits, expected)
 
-    model, _ = load_model(vlms[kind], quant="nf4", compute_dtype=torch.float32, device="cpu")
+    model, _ = load_model(model_dir, quant="nf4", compute_dtype=torch.float32, device="cpu")
     towers = non_text_names(model)
     assert towers and all(not t.endswith("language_model") for t in towers)
     linears = {n: m for n, m in model.named_modules() if isinstance(m, (nn.Linear, Linear4bit))}
@@ -73,6 +89,60 @@ def test_language_model_is_4bit_and_towers_stay_exact(vlms, kind):
     assert text and all(isinstance(linears[n], Linear4bit) for n in text)
     quantize_model(ref, compute_dtype=torch.float32)  # in memory: the same layers, the same codes
     assert torch.allclose(model(IDS).logits, ref(IDS).logits, atol=1e-5)
+
+
+def _image_row(kind: str, model) -> tuple[torch.Tensor, dict]:
+    """Token ids and image tensors of one row with a 56x56 image, as the family's processor writes them: its PIL
+    image processor's tensors, the image tokens its forward fills (ids after the 8 of the tiny vocabulary), and
+    Ernie's token modalities (1 on image tokens; its experts' routing counts the start and end tokens too)."""
+    import numpy as np
+    from PIL import Image
+
+    image = Image.fromarray((np.random.RandomState(0).rand(56, 56, 3) * 255).astype("uint8"))
+    v = model.config.get_text_config().vocab_size - 8
+    if kind == "granite4_vision":
+        media = dict(transformers.LlavaNextImageProcessorPil(
+            size={"shortest_edge": 56}, crop_size={"height": 56, "width": 56}, image_grid_pinpoints=[[56, 56]])(
+            images=[image], return_tensors="pt"))
+        count = sum(len(f) for f in model.model.get_image_features(**media).deepstack_features[0][1])
+        return torch.tensor([[5, 6] + [v] * count + [7, 8, 9]]), media
+    processor = (transformers.Ernie4_5_VLMoeImageProcessorPil(size={"shortest_edge": 28 * 28, "longest_edge": 56 * 56})
+                 if kind == "ernie4_5_vl_moe" else transformers.Qwen2VLImageProcessorPil(
+                     min_pixels=28 * 28, max_pixels=56 * 56, patch_size=14, merge_size=2, temporal_patch_size=1))
+    media = dict(processor(images=[image], return_tensors="pt"))
+    count = int(media["image_grid_thw"].prod()) // 4  # 2x2 patches merged into one token
+    if kind == "dots3_note":
+        return torch.tensor([[5, 6] + [v] * count + [7, 8, 9]]), media
+    ids = torch.tensor([[5, 6, v + 1] + [v] * count + [v + 2, 7, 8]])
+    return ids, media | {"mm_token_type_ids": (ids == v).long(), "moe_mm_token_type_ids": (ids >= v).long()}
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("kind", ["ernie4_5_vl_moe", "dots3_note", "granite4_vision"])
+def test_an_image_row_through_the_later_families_is_transformers_own(kind, tmp_path, tiny_tokenizer):
+    """Ernie 4.5-VL routes image tokens to experts of their own and places them by 3-D rotary positions,
+    dots3-note's vision tower holds experts of its own (kept 16-bit with the tower) and Granite 4
+    Vision injects image features into chosen language-model layers: a row with an image through the 4-bit model
+    gives transformers' logits on the same 4-bit codes, and with an adapter PEFT's."""
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+    from peft import PeftModel
+
+    if kind not in CONFIG_MAPPING_NAMES:
+        pytest.skip(f"this transformers has no {kind} models")
+    src = build_tiny_vlm(tmp_path / kind, tiny_tokenizer, kind)
+    ref = _transformers_model(src)
+    ids, media = _image_row(kind, ref)
+    assert (ref(ids, **media).logits - ref(ids).logits).abs().max() > 1e-4  # the image matters
+    model, _ = load_model(src, quant="nf4", compute_dtype=torch.float32, device="cpu")
+    quantize_model(ref, compute_dtype=torch.float32)  # in memory: the same layers, the same codes
+    assert torch.allclose(model(ids, **media).logits, ref(ids, **media).logits, atol=1e-5)
+
+    dense, _ = load_model(src, quant=None, compute_dtype=torch.float32, device="cpu")
+    add_lora(dense, r=4, verbose=False)
+    randomize_lora_b(dense, seed=0)
+    save_adapter(dense, tmp_path / "adapter")
+    theirs = PeftModel.from_pretrained(_transformers_model(src), str(tmp_path / "adapter")).eval()
+    torch.testing.assert_close(dense.eval()(ids, **media).logits, theirs(ids, **media).logits, atol=1e-5, rtol=0)
 
 
 @torch.no_grad()

@@ -222,8 +222,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         detail = " ".join(str(exc).split())[:600] or type(exc).__name__
         missing = _inputs_not_given(exc)
         if missing:
+            # an image among them: the error asks for one of them (Kosmos-2: "either pixel_values or image_embeds")
+            needs = (f"{', '.join(missing[:-1])} or {missing[-1]} on every input, which a row without an image does "
+                     "not give it" if "pixel_values" in missing else
+                     f"{' and '.join(missing)}, which no command gives it")
             report_error(f"qlora {args.command}: error: the model's own code refused the input (transformers' "
-                         f"{model_file}): {detail} Its forward needs {' and '.join(missing)}, which no command gives it: "
+                         f"{model_file}): {detail} Its forward needs {needs}: "
                          "qlora runs a model on token ids (and images only where the model also runs without "
                          "them), and this one takes what another model computes (a draft model for speculative "
                          "decoding is fed by its main model) or what an image gives on every input (Kosmos-2's "
@@ -303,7 +307,8 @@ _GIVEN_INPUTS = frozenset({"input_ids", "attention_mask", "position_ids", "label
 def _inputs_not_given(exc: BaseException) -> list[str]:
     """The ``forward`` inputs that the innermost forward of the traceback of ``exc`` got as None and that the
     error names (Gemma 4's assistant: "inputs_embeds and shared_kv_states cannot be None"), except those qlora
-    gives; ``[]`` when the error is about something else."""
+    gives, and ``pixel_values`` beside them where the error names it too (IDEFICS: "Exactly 1 of pixel_values,
+    image_encoder_embeddings or perceiver_embeddings"); ``[]`` when the error is about something else."""
     said = str(exc)
     tb, frames = exc.__traceback__, []
     while tb is not None:
@@ -314,8 +319,10 @@ def _inputs_not_given(exc: BaseException) -> list[str]:
         return []
     code = forward.f_code
     names = code.co_varnames[:code.co_argcount + code.co_kwonlyargcount]
-    return [n for n in names if n not in _GIVEN_INPUTS and n != "self" and forward.f_locals.get(n, 0) is None
-            and re.search(rf"\b{re.escape(n)}\b", said, re.IGNORECASE)]  # UDOP: "Bbox is required"
+    named = [n for n in names if n != "self" and forward.f_locals.get(n, 0) is None
+             and re.search(rf"\b{re.escape(n)}\b", said, re.IGNORECASE)]  # UDOP: "Bbox is required"
+    missing = [n for n in named if n not in _GIVEN_INPUTS]
+    return [n for n in named if n in missing or n == "pixel_values"] if missing else []
 
 
 def _out_of_memory(exc: BaseException) -> bool:

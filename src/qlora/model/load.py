@@ -404,11 +404,6 @@ def load_model(
     files = weight_files(model_dir)
     keys = _read_weight_keys(files)  # headers only: a corrupt file fails here, before any tensor is read
     config = read_model_config(model_dir)
-    if attends_to_later_tokens(config):
-        log.warning("qlora: %s/config.json says is_decoder: false, so this %s model attends to later tokens: "
-                    "trained as a causal LM it learns to copy the next token, and it decodes unlike its training. "
-                    "Set \"is_decoder\": true in config.json to make it a causal LM (transformers' own advice "
-                    "for its causal-LM head).", model_dir, config.model_type)
     stored = _stored_format(config, model_dir)
     plan = DecodePlan(stored, keys)
     if quant is not None and getattr(stored, "requantized", None):
@@ -428,6 +423,11 @@ def load_model(
     with _empty_model():
         model = text_model_from_config(config, model_dir, dtype=compute_dtype, **kwargs)
     check_runs_on_text(model, model_dir)
+    if attends_to_later_tokens(config):  # said of a model qlora runs, not before refusing one (Evolla's config)
+        log.warning("qlora: %s/config.json says is_decoder: false, so this %s model attends to later tokens: "
+                    "trained as a causal LM it learns to copy the next token, and it decodes unlike its training. "
+                    "Set \"is_decoder\": true in config.json to make it a causal LM (transformers' own advice "
+                    "for its causal-LM head).", model_dir, config.model_type)
 
     fp32 = kept_in_fp32(model, compute_dtype)
     skip = set(skip_modules) | kept_dense_names(model) | fp32_linear_names(model, compute_dtype)

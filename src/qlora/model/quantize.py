@@ -353,7 +353,7 @@ def _may_run(guards: tuple[tuple[ast.expr, bool], ...], module: nn.Module, setti
 def kept_dense_names(model: nn.Module) -> set[str]:
     """Linear layers that stay 16-bit and outside ``all-linear``: the output head,
     MoE routers (:func:`router_names`), those of a multimodal model's vision or audio
-    towers (:func:`non_text_names`), layers whose weight the model's code
+    towers (:func:`non_text_names`) and their MoE experts, layers whose weight the model's code
     reads directly instead of calling the layer (Mamba mixers' ``out_proj``),
     where a packed 4-bit weight or a LoRA wrapper would be read as if it were
     the dense matrix, and layers whose weight it rescales in place (RWKV's
@@ -362,8 +362,10 @@ def kept_dense_names(model: nn.Module) -> set[str]:
     (a branch whose test is false for it) does not count."""
     kept = output_embedding_names(model) | router_names(model)
     towers = tuple(t + "." for t in non_text_names(model))
-    # a tower may itself be one linear layer (Llama 3.2 Vision's multi_modal_projector)
-    kept.update(n for n, m in model.named_modules() if f"{n}.".startswith(towers) and is_linear_like(m))
+    # a tower may itself be one linear layer (Llama 3.2 Vision's multi_modal_projector), or hold MoE experts of its
+    # own (dots3-note's vision tower), kept 16-bit as its linear layers are
+    kept.update(n for n, m in model.named_modules()
+                if f"{n}.".startswith(towers) and (is_linear_like(m) or expert_weight_names(m)))
     settings = _config_settings(model)
     for path, module in model.named_modules():
         prefix = f"{path}." if path else ""

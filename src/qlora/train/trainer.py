@@ -70,7 +70,7 @@ from qlora.train.data import (
 )
 from qlora.train.data.dedupe import drop_duplicates
 from qlora.train.data.image_examples import tokenize_image_example
-from qlora.train.data.image_packing import check_image_packing, image_blocks_key, multimodal_positions
+from qlora.train.data.image_packing import check_image_packing, image_blocks_of, multimodal_positions
 from qlora.train.data.selection import check_split_of_files, hold_out, read_sources, source_names
 from qlora.train.data.text_blocks import text_blocks
 from qlora.train.data.tokenize import NothingToTrain
@@ -609,7 +609,7 @@ class Trainer:
         if cfg.packing:
             check_packing_supported(self.attn)
             self.attn_windows = attention_windows(self.model.config)
-            self.positions, self.image_blocks = multimodal_positions(self.model), image_blocks_key(self.model)
+            self.positions, self.image_blocks = multimodal_positions(self.model), image_blocks_of(self.model)
 
     def _add_adalora(self) -> None:
         """AdaLoRA's schedule needs the number of steps, known only once the data is loaded."""

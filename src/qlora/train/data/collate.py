@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from qlora.train.data.image_examples import image_batch, segment_image_batch
-from qlora.train.data.image_packing import image_blocks
+from qlora.train.data.image_packing import ImageBlocks, image_blocks
 from qlora.train.data.packing import MASK_ATTENTION, PackedRow, check_packing_supported, packed_attention_mask
 from qlora.train.data.tokenize import IGNORE_INDEX, TokenizedExample
 
@@ -54,7 +54,7 @@ def pad_collate(examples: Sequence[TokenizedExample], pad_id: int) -> dict[str, 
 def packed_collate(
     rows: Sequence[PackedRow], pad_id: int, attn_implementation: str, dtype: torch.dtype = torch.float32,
     windows: dict[str, int | None] | None = None,
-    positions: Callable[[list[int], dict[str, Any]], torch.Tensor] | None = None, blocks_key: str | None = None,
+    positions: Callable[[list[int], dict[str, Any]], torch.Tensor] | None = None, blocks: ImageBlocks | None = None,
 ) -> dict[str, Any]:
     """Batch packed rows: ``input_ids``, ``labels``, restarting ``position_ids`` and, for eager/sdpa, a 4D mask
     (a mapping of layer type to mask, transformers' form, where the model mixes full and sliding layers), and the
@@ -69,8 +69,9 @@ def packed_collate(
         positions: :func:`~qlora.train.data.image_packing.multimodal_positions` of the model, for 3-D rotary
             positions of each example: ``position_ids`` is then ``(4, batch, length)``, the restarting text
             positions above them.
-        blocks_key: :func:`~qlora.train.data.image_packing.image_blocks_key` of the model: the per-token tensor
-            marking images whose tokens see each other both ways (Gemma 3's ``token_type_ids``).
+        blocks: :func:`~qlora.train.data.image_packing.image_blocks_of` the model: the per-token tensor marking
+            images whose tokens see each other both ways (Gemma 3's ``token_type_ids``, Molmo2's
+            ``mm_token_type_ids``) and how they group.
 
     Raises:
         UsageError: an attention implementation that cannot isolate examples.
@@ -95,8 +96,9 @@ def packed_collate(
     if any(media for r in rows for media in r.media):
         batch |= segment_image_batch([list(zip(r.media, (s for s, _ in r.spans))) for r in rows], length)
     if attn_implementation in MASK_ATTENTION:
-        blocks = image_blocks(batch[blocks_key], sequence_ids) if blocks_key in batch else None
-        masks = {kind: packed_attention_mask(sequence_ids, dtype, window, blocks)
+        block_ids = (image_blocks(batch[blocks.key], sequence_ids, blocks.per_run)
+                     if blocks is not None and blocks.key in batch else None)
+        masks = {kind: packed_attention_mask(sequence_ids, dtype, window, block_ids)
                  for kind, window in (windows or {"full_attention": None}).items()}
         batch["attention_mask"] = masks if len(masks) > 1 else next(iter(masks.values()))
     return batch

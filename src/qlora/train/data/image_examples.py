@@ -165,10 +165,17 @@ def image_batch(examples: Sequence[Any], length: int) -> dict[str, torch.Tensor]
     return segment_image_batch([[(e.media, 0)] for e in examples], length)
 
 
+# Per-image tensors holding indices into the flattened patches of the processor's call (Molmo2's pooling of patches
+# into image tokens, -1 where none), and the patches they index. Each example was processed alone, its indices
+# from 0, so in a batch they move past the patches of the examples before it, as the processor's own batch does.
+PATCH_INDICES = {"image_token_pooling": "pixel_values", "video_token_pooling": "pixel_values_videos"}
+
+
 def segment_image_batch(rows: Sequence[Sequence[tuple[dict[str, Any], int]]], length: int) -> dict[str, torch.Tensor]:
     """:func:`image_batch` of rows that each hold segments ``(media, start)``: a packed row's examples, each one's
     per-token tensors placed from its ``start`` token, the per-image tensors of all segments concatenated in
-    row, then segment order (the order of their image tokens, in which the model places image features)."""
+    row, then segment order (the order of their image tokens, in which the model places image features), indices
+    into the patches (:data:`PATCH_INDICES`) moved to their place in the batch."""
     keys = list(dict.fromkeys(k for row in rows for media, _ in row for k in media))
     batch: dict[str, Any] = {}
     for key in keys:
@@ -191,4 +198,10 @@ def segment_image_batch(rows: Sequence[Sequence[tuple[dict[str, Any], int]]], le
                 t = full
             padded.append(t)
         batch[key] = torch.cat(padded)
+    for key, patches in PATCH_INDICES.items():
+        if key in batch:
+            segments = [media for row in rows for media, _ in row if key in media]
+            per_patch = batch[patches].shape[1:-1].numel()  # the flattened patches of one of its (padded) crops
+            offsets = torch.tensor([0] + [m[patches].shape[0] * per_patch for m in segments[:-1]]).cumsum(0)
+            batch[key] = torch.cat([torch.where(m[key] >= 0, m[key] + int(o), m[key]) for m, o in zip(segments, offsets)])
     return batch

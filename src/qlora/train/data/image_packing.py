@@ -12,16 +12,17 @@ the language model, and next-fit packing never splits an example, so its image t
   laid side by side under a leading row of restarting text positions, the ``(4, batch, length)`` form that
   transformers (4.57 and 5.x) reads as rotary positions plus sequence boundaries (flash attention's packing);
 - Gemma 3 lets each image's tokens see each other both ways, blocks its forward finds in the processor's
-  ``token_type_ids`` (runs of 1) and ORs into the causal mask; an explicit mask replaces the model's, so the
-  packed one carries those blocks (:func:`image_blocks`), each kept inside its example. Flash attention takes no
-  mask: refused there. Refused too: other models whose forward takes token types (their meaning in the mask is
+  ``token_type_ids`` (runs of 1) and ORs into the causal mask; Molmo2 makes all the image tokens of a sequence
+  (``mm_token_type_ids`` 1: every image's start, patch, column and end tokens) one such block. An explicit mask
+  replaces the model's, so the packed one carries those blocks (:func:`image_blocks`), each kept inside its
+  example. Flash attention takes no mask: refused there. Refused too: other models whose forward takes token types (their meaning in the mask is
   not known here) or reads tokens bidirectionally by config (Gemma 4's ``use_bidirectional_attention``).
 """
 
 from __future__ import annotations
 
 import inspect
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import torch
 from transformers import PreTrainedModel
@@ -30,9 +31,17 @@ from qlora.errors import UsageError
 from qlora.train.data.packing import MASK_ATTENTION
 
 
-# Model types whose forward lets each image's tokens attend to each other both ways, and the per-token tensor
-# whose runs of 1 are those images (transformers' get_block_sequence_ids_for_mask / token_type_ids_mask_function).
-IMAGE_BLOCKS = {"gemma3": "token_type_ids"}
+class ImageBlocks(NamedTuple):
+    """Where a model's image tokens attend to each other both ways: the per-token tensor marking them with 1, and
+    whether each run of them is a block of its own (Gemma 3: one image each, transformers'
+    get_block_sequence_ids_for_mask) or all of a sequence's are one (Molmo2's forward gives them all block 0)."""
+    key: str
+    per_run: bool
+
+
+# Model types whose forward lets image tokens attend to each other both ways.
+IMAGE_BLOCKS = {"gemma3": ImageBlocks("token_type_ids", per_run=True),
+                "molmo2": ImageBlocks("mm_token_type_ids", per_run=False)}
 
 
 def check_image_packing(model: torch.nn.Module, where: str) -> None:
@@ -57,15 +66,17 @@ def check_image_packing(model: torch.nn.Module, where: str) -> None:
                          "would replace. Train without --packing.")
 
 
-def image_blocks_key(model: torch.nn.Module) -> str | None:
-    """The per-token tensor whose runs of 1 mark images the model reads both ways (:data:`IMAGE_BLOCKS`)."""
+def image_blocks_of(model: torch.nn.Module) -> ImageBlocks | None:
+    """How the model reads its image tokens both ways (:data:`IMAGE_BLOCKS`); None where it reads them causally."""
     return IMAGE_BLOCKS.get(_pretrained(model).config.model_type)
 
 
-def image_blocks(token_types: torch.Tensor, sequence_ids: torch.Tensor) -> torch.Tensor:
+def image_blocks(token_types: torch.Tensor, sequence_ids: torch.Tensor, per_run: bool = True) -> torch.Tensor:
     """``(batch, length)`` ids of the image blocks in packed rows (-1 outside any): each run of 1 in
-    ``token_types`` within one example is one block."""
+    ``token_types`` within one example is one block, or (``per_run`` False) all of one example's 1s are."""
     image = token_types == 1
+    if not per_run:
+        return torch.where(image, sequence_ids, -1)
     before = torch.nn.functional.pad(image, (1, 0))[:, :-1]
     same = torch.nn.functional.pad(sequence_ids, (1, 0), value=-2)[:, :-1] == sequence_ids
     starts = image & ~(before & same)
