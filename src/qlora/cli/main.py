@@ -31,7 +31,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "merge": ("qlora.cli.commands.merge", "fold an adapter into its base: a standard 16-bit HF checkpoint"),
     "quantize": ("qlora.cli.commands.quantize", "write a bitsandbytes-format 4-bit checkpoint"),
     "export": ("qlora.cli.commands.export", "write a model (+ adapter, merged) as GGUF for llama.cpp / Ollama, with a Modelfile"),
-    "demo": ("qlora.cli.commands.demo", "build, QLoRA-train and query a tiny model in minutes on a CPU"),
+    "demo": ("qlora.cli.commands.demo", "build, QLoRA-train and query a tiny model in about a minute on a CPU"),
     "quant-error": ("qlora.cli.commands.quant_error", "quantization error of NF4/FP4/INT4 and bits per parameter"),
     "generate": ("qlora.cli.commands.generate", "stream a model's continuation of a prompt, with sampling options"),
     "chat": ("qlora.cli.commands.chat", "multi-turn chat with a model, with conversation memory persisted in SQLite"),

@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 NAME = "demo"
-HELP = "build, QLoRA-train and query a tiny model in minutes on a CPU"
+HELP = "build, QLoRA-train and query a tiny model in about a minute on a CPU"
 
 # Held-in questions asked before and after training, with the expected capital.
 QUESTIONS = (
