@@ -133,6 +133,7 @@ def pretrain(corpus, scale: Scale, out_dir: Path, device: torch.device, dtype: t
     """Train the tokenizer and the model; save both to ``out_dir``."""
     from transformers import AutoModelForCausalLM
 
+    from qlora.model.shard_bar import shard_bar
     from qlora.model.tiny import tiny_config, train_tokenizer
     from qlora.train.trainer import token_loss_sum
 
@@ -162,7 +163,8 @@ def pretrain(corpus, scale: Scale, out_dir: Path, device: torch.device, dtype: t
         sched.step()
         opt.zero_grad(set_to_none=True)
         losses.append(loss.item())
-    model.save_pretrained(out_dir, safe_serialization=True)
+    with shard_bar(sum(t.nbytes for t in model.state_dict().values())):  # no bar's noise in the bench's log
+        model.save_pretrained(out_dir, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)
     return {"params": sum(p.numel() for p in model.parameters()), "train_tokens": len(stream),
             "tokens_seen": scale.pretrain_steps * scale.pretrain_batch * scale.seq_len,
