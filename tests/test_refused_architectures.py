@@ -19,14 +19,17 @@ from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
 from qlora.cli.main import main
 
 
-def _commands(model, tmp_path) -> list[list[str]]:
+def _commands(model, tmp_path, estimate: bool = False) -> list[list[str]]:
+    """The commands that load ``model``; with ``estimate``, ``qlora estimate`` too, which refuses what loading
+    refuses (not what only a forward does)."""
     data = tmp_path / "d.jsonl"
     data.write_text("".join(json.dumps({"instruction": f"What is {a}?", "output": f"{a}."}) + "\n" for a in range(4)))
     return [["train", "--model", str(model), "--data", str(data), "--output", str(tmp_path / "run"), "--max-steps",
              "1", "--no-progress"],
             ["eval", "--model", str(model), "--data", str(data)],
             ["quantize", "--model", str(model), "--output", str(tmp_path / "q4")],
-            ["generate", "--model", str(model), "--prompt", "Hi", "--max-new-tokens", "2", "--temperature", "0"]]
+            ["generate", "--model", str(model), "--prompt", "Hi", "--max-new-tokens", "2", "--temperature", "0"]] + \
+        [["estimate", "--model", str(model)]] * estimate
 
 
 @pytest.mark.parametrize("kind", ["musicgen", "musicgen_melody"])
@@ -46,7 +49,7 @@ def test_a_text_conditioned_audio_model_is_refused(kind, tmp_path, tiny_tokenize
     torch.manual_seed(0)
     AutoModelForTextToWaveform.from_config(config).save_pretrained(tmp_path / "m")
     tiny_tokenizer.save_pretrained(tmp_path / "m")
-    for argv in _commands(tmp_path / "m", tmp_path):
+    for argv in _commands(tmp_path / "m", tmp_path, estimate=True):
         code = main(argv)
         err = capsys.readouterr().err
         assert code == 2, argv
@@ -123,7 +126,7 @@ def test_a_model_whose_forward_requires_images_is_refused(kind, text, extra, tmp
         model(input_ids=torch.tensor([[5, 6, 7]]))
     model.save_pretrained(tmp_path / "m")
     tiny_tokenizer.save_pretrained(tmp_path / "m")
-    for argv in _commands(tmp_path / "m", tmp_path):
+    for argv in _commands(tmp_path / "m", tmp_path, estimate=True):
         code = main(argv)
         err = capsys.readouterr().err
         assert code == 2, argv
@@ -230,7 +233,7 @@ def test_a_language_routed_model_without_its_language_names_the_field_to_set(lan
     model.save_pretrained(tmp_path / "m")
     tiny_tokenizer.save_pretrained(tmp_path / "m")
     said = "null" if language is None else repr(language)
-    for argv in _commands(tmp_path / "m", tmp_path):
+    for argv in _commands(tmp_path / "m", tmp_path, estimate=True):
         code = main(argv)
         err = capsys.readouterr().err
         assert code == 2, argv
@@ -267,7 +270,7 @@ def test_a_model_that_generates_by_diffusion_is_refused(tmp_path, tiny_tokenizer
     assert type(model).can_generate() and not isinstance(model, GenerationMixin)
     model.save_pretrained(tmp_path / "m")
     tiny_tokenizer.save_pretrained(tmp_path / "m")
-    for argv in _commands(tmp_path / "m", tmp_path):
+    for argv in _commands(tmp_path / "m", tmp_path, estimate=True):
         code = main(argv)
         err = capsys.readouterr().err
         assert code == 2, (argv, err)
@@ -294,7 +297,7 @@ def test_a_protein_conditioned_model_is_refused_without_advice_that_does_not_app
     torch.manual_seed(0)
     transformers.EvollaForProteinText2Text(config).save_pretrained(tmp_path / "m")
     tiny_tokenizer.save_pretrained(tmp_path / "m")
-    for argv in _commands(tmp_path / "m", tmp_path):
+    for argv in _commands(tmp_path / "m", tmp_path, estimate=True):
         code = main(argv)
         err = capsys.readouterr().err
         assert code == 2, argv

@@ -34,7 +34,7 @@ from ..optim.optimizer_names import optimizer_name  # the names qlora train --op
 from ..quant import BLOCKSIZES
 from ..quant.double_quant import NESTED_BLOCKSIZE
 from .adapter_size import AdapterSize
-from .architecture import text_model_from_config
+from .architecture import check_runs_on_text, text_model_from_config
 from .known_shapes import known_shape
 from .local_path import near_local_path
 from .quantize import (fp32_linear_names, is_linear_like, is_plain_linear, is_skipped, kept_dense_names, kept_in_fp32,
@@ -207,8 +207,10 @@ def count_parameters(config) -> ModelCounts:
 
     from .load import bnb_4bit_config
 
+    source = getattr(config, "name_or_path", "") or config.model_type
     with torch.device("meta"):
-        model = text_model_from_config(config, getattr(config, "name_or_path", "") or config.model_type)
+        model = text_model_from_config(config, source)
+    check_runs_on_text(model, source)  # a model every command refuses has no training run to estimate
     # head, routers...: as load_model, whose default skip_modules ("lm_head") keeps all under it dense (RoBERTa's
     # lm_head.dense too)
     dense = kept_dense_names(model) | fp32_linear_names(model, torch.bfloat16) | {"lm_head"}
