@@ -151,10 +151,12 @@ def _report(exc, errors: Path, command: str, nproc: int) -> int:
 
 def report_error(message: str, lost: bool = False) -> None:
     """Print a command's error, or under :func:`launch` leave it for the launcher to print once; ``lost``: the
-    message of a rank that failed because another did (its collectives failed), said after that one's."""
+    message of a rank that failed because another did (its collectives failed), said after that one's. A rank
+    whose launcher is gone (killed: its ranks stopped at a checkpoint) prints it, or nobody would."""
     folder = os.environ.get(_ERRORS)
     rank = os.environ.get("RANK")
-    if folder and rank is not None and Path(folder).is_dir():
+    launcher = os.environ.get(_LAUNCHER)
+    if folder and rank is not None and launcher and os.getppid() == int(launcher) and Path(folder).is_dir():
         (Path(folder) / f"rank-{rank}{'-lost' if lost else ''}.txt").write_text(message + "\n")
     else:
         print(message, file=sys.stderr)
