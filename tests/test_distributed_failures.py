@@ -196,3 +196,27 @@ def test_an_interrupt_python_wraps_in_another_error_is_said_as_an_interrupt(tmp_
     data.write_text('{"text": "hello"}\n')
     assert main(["train", "--model", str(tmp_path), "--data", str(data), "--output", str(tmp_path / "out")]) == 130
     assert capsys.readouterr().err == "qlora: interrupted\n"
+
+
+def test_a_rank_whose_launcher_is_gone_says_its_message_itself(tmp_path, monkeypatch, capsys):
+    """Under a live launcher a rank's message goes to the launcher's folder; once the launcher is gone (SIGKILL),
+    nobody would read it there: the rank prints it, and the interrupt every rank says is said by rank 0 alone."""
+    from qlora.cli import launch
+
+    folder = tmp_path / "errors"
+    folder.mkdir()
+    monkeypatch.setenv(launch._ERRORS, str(folder))
+    monkeypatch.setenv(launch._LAUNCHER, str(os.getppid()))
+    monkeypatch.setenv("RANK", "1")
+    launch.report_error("qlora train: error: out of memory")
+    assert (folder / "rank-1.txt").read_text() == "qlora train: error: out of memory\n"
+    assert capsys.readouterr().err == ""
+
+    monkeypatch.setenv(launch._LAUNCHER, "1")  # the launcher died: the rank was handed to init
+    launch.report_error(launch.INTERRUPTED)
+    launch.report_error("qlora train: error: rank 1 lost contact ...", lost=True)
+    assert capsys.readouterr().err == "qlora train: error: rank 1 lost contact ...\n"
+    monkeypatch.setenv("RANK", "0")
+    launch.report_error(launch.INTERRUPTED)
+    assert capsys.readouterr().err == launch.INTERRUPTED + "\n"
+    assert [p.name for p in folder.iterdir()] == ["rank-1.txt"]

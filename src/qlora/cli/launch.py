@@ -158,5 +158,5 @@ def report_error(message: str, lost: bool = False) -> None:
     launcher = os.environ.get(_LAUNCHER)
     if folder and rank is not None and launcher and os.getppid() == int(launcher) and Path(folder).is_dir():
         (Path(folder) / f"rank-{rank}{'-lost' if lost else ''}.txt").write_text(message + "\n")
-    else:
+    elif not (folder and rank not in (None, "0") and message == INTERRUPTED):  # every rank says it: rank 0 does
         print(message, file=sys.stderr)
