@@ -24,7 +24,7 @@ from safetensors.torch import load_file
 from qlora.nn import Linear4bit
 from qlora.train.config import load_config
 from qlora.train.trainer import Trainer
-from qlora_processes import assert_same_run, children, run_qlora, train_records
+from qlora_processes import assert_same_run, children, kill_qlora, run_qlora, train_records
 
 QA = [("What is two plus two?", "four"), ("Name a red fruit.", "An apple is red."),
       ("Say hello.", "Hello there!"), ("What colour is the sky?", "The sky is blue."),
@@ -240,6 +240,7 @@ def test_ranks_stop_and_save_when_the_launcher_is_killed(tmp_path, tiny_model_di
     env = {**os.environ, "PYTHONPATH": str(SRC), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     with open(tmp_path / "log", "w") as log:
         launcher = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    ranks: list[int] = []
     try:
         deadline = time.monotonic() + 240
         while not ((out / "metrics.jsonl").exists() and train_records(out)):  # the ranks are training
@@ -254,10 +255,9 @@ def test_ranks_stop_and_save_when_the_launcher_is_killed(tmp_path, tiny_model_di
                   for pid in ranks):
             assert time.monotonic() < deadline, "the ranks trained on after their launcher was killed"
             time.sleep(0.5)
-    finally:
+    finally:  # the ranks too: once the launcher is gone they are no longer its children
+        kill_qlora([*ranks, *children(launcher.pid)])
         os.killpg(launcher.pid, signal.SIGKILL) if launcher.poll() is None else None
-        for pid in children(launcher.pid):
-            os.kill(pid, signal.SIGKILL)
     checkpoints = sorted((out / "checkpoints").glob("step-*"))
     assert checkpoints, (tmp_path / "log").read_text()[-3000:]
     said = [line for line in (tmp_path / "log").read_text().splitlines() if "interrupted" in line]

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from qlora_processes import SRC, children, train_records
+from qlora_processes import SRC, children, kill_qlora, train_records
 
 pytestmark = pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads the process table in /proc")
 
@@ -66,11 +66,7 @@ def _launch(tmp_path: Path, model: Path, fail: str, *extra: str) -> tuple[subpro
 
 def _end(launcher: subprocess.Popen, ranks: list[int]) -> None:
     """Leave nothing behind: the launcher's session, and its ranks, which torchrun starts in sessions of their own."""
-    for pid in [*ranks, *children(launcher.pid)]:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+    kill_qlora([*ranks, *children(launcher.pid)])
     if launcher.poll() is None:
         os.killpg(launcher.pid, signal.SIGKILL)
     launcher.wait()
