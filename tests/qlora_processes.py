@@ -49,6 +49,16 @@ def children(pid: int) -> list[int]:
     return found
 
 
+def kill_qlora(pids: list[int]) -> None:
+    """SIGKILL those of ``pids`` that still run qlora (a rank that ended may have left its id to another process)."""
+    for pid in pids:
+        try:
+            if b"qlora" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                os.kill(pid, signal.SIGKILL)
+        except (OSError, ProcessLookupError):  # ended meanwhile
+            pass
+
+
 def _signal(pids: list[int], signum: int) -> None:
     for pid in pids:
         try:

@@ -24,7 +24,7 @@ from safetensors.torch import load_file
 from qlora.nn import Linear4bit
 from qlora.train.config import load_config
 from qlora.train.trainer import Trainer
-from qlora_processes import assert_same_run, children, run_qlora, train_records
+from qlora_processes import assert_same_run, children, kill_qlora, run_qlora, train_records
 
 QA = [("What is two plus two?", "four"), ("Name a red fruit.", "An apple is red."),
       ("Say hello.", "Hello there!"), ("What colour is the sky?", "The sky is blue."),
@@ -225,7 +225,8 @@ def test_eval_batches_are_one_process_batches_dealt_round_robin(units, world, pa
 @pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads the process table in /proc (Linux)")
 def test_ranks_stop_and_save_when_the_launcher_is_killed(tmp_path, tiny_model_dir):
-    """SIGKILL gives the launcher no chance to stop its ranks: they must stop by themselves, with a checkpoint."""
+    """SIGKILL gives the launcher no chance to stop its ranks: they must stop by themselves, with a checkpoint, and
+    say where it is themselves (they left it for the launcher to print: nothing was said)."""
     import signal
     import subprocess
     import sys
@@ -242,6 +243,7 @@ def test_ranks_stop_and_save_when_the_launcher_is_killed(tmp_path, tiny_model_di
     env = {**os.environ, "PYTHONPATH": str(SRC), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     with open(tmp_path / "log", "w") as log:
         launcher = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    ranks: list[int] = []
     try:
         deadline = time.monotonic() + 240
         while not ((out / "metrics.jsonl").exists() and train_records(out)):  # the ranks are training
@@ -256,11 +258,14 @@ def test_ranks_stop_and_save_when_the_launcher_is_killed(tmp_path, tiny_model_di
                   for pid in ranks):
             assert time.monotonic() < deadline, "the ranks trained on after their launcher was killed"
             time.sleep(0.5)
-    finally:
+    finally:  # the ranks too: once the launcher is gone they are no longer its children
+        kill_qlora([*ranks, *children(launcher.pid)])
         os.killpg(launcher.pid, signal.SIGKILL) if launcher.poll() is None else None
-        for pid in children(launcher.pid):
-            os.kill(pid, signal.SIGKILL)
-    assert list((out / "checkpoints").glob("step-*")), (tmp_path / "log").read_text()[-3000:]
+    checkpoints = sorted((out / "checkpoints").glob("step-*"))
+    assert checkpoints, (tmp_path / "log").read_text()[-3000:]
+    said = [line for line in (tmp_path / "log").read_text().splitlines() if "interrupted" in line]
+    assert said == [f"qlora train: interrupted at step {int(checkpoints[-1].name.split('-')[1])}; checkpoint saved "
+                    f"to {checkpoints[-1]}. Continue with the same command and --resume."], said
 
 
 def test_fsdp_finds_the_blocks_of_a_model_that_names_none():
@@ -322,7 +327,10 @@ def test_a_killed_rank_ends_the_run_with_one_message_each_and_complete_checkpoin
         os.kill(ranks[0], signal.SIGKILL)
         _, stderr = launcher.communicate(timeout=120)
     finally:
-        os.killpg(launcher.pid, signal.SIGKILL) if launcher.poll() is None else None
+        if launcher.poll() is None:
+            for pid in children(launcher.pid):  # torchrun starts its ranks in sessions of their own
+                os.kill(pid, signal.SIGKILL)
+            os.killpg(launcher.pid, signal.SIGKILL)
     assert launcher.returncode == 1, stderr[-3000:]
     assert "Traceback" not in stderr and stderr.count("rank 0 of the run stopped with signal 9") == 1, stderr[-3000:]
     lost = re.findall(r"rank 1 lost contact with the other ranks after step \d+: .*", stderr)
@@ -380,6 +388,8 @@ def test_a_rank_failing_alone_mid_step_ends_the_run_instead_of_hanging(tmp_path,
         try:
             _, stderr = proc.communicate(timeout=240)
         except subprocess.TimeoutExpired:
+            for pid in children(proc.pid):  # torchrun starts its ranks in sessions of their own
+                os.kill(pid, signal.SIGKILL)
             os.killpg(proc.pid, signal.SIGKILL)
             raise AssertionError("a rank's failure mid-step left the run hanging past 240 s") from None
     assert proc.returncode != 0

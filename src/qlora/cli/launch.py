@@ -13,10 +13,13 @@ import os
 import signal
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 _ERRORS = "QLORA_RANK_ERRORS"  # the folder ranks write their error messages to
 _LAUNCHER = "QLORA_LAUNCHER_PID"  # the process whose end stops the ranks (:func:`follow_launcher`)
+INTERRUPTED = "qlora: interrupted"  # a rank's word when a signal stopped it outside a training step
+LAUNCHER_GRACE_S = 30  # what torchrun's launcher gives its ranks between its SIGTERM and its SIGKILL
 
 
 def launch(nproc: int, argv: list[str], command: str) -> int:
@@ -35,7 +38,7 @@ def launch(nproc: int, argv: list[str], command: str) -> int:
         try:
             torchrun.run(torchrun.parse_args(["--standalone", f"--nproc-per-node={nproc}", "-m", "qlora", *argv]))
         except ChildFailedError as exc:
-            return _report(exc, Path(errors), command)
+            return _report(exc, Path(errors), command, nproc)
         except Exception as exc:  # Ctrl-C or a kill reached the launcher: the ranks were stopped with it
             stop = _signal_in(exc, SignalException)
             if stop is None:
@@ -48,25 +51,44 @@ def launch(nproc: int, argv: list[str], command: str) -> int:
 
 
 def follow_launcher() -> None:
-    """In a rank: be sent SIGTERM when the launcher dies, whatever kills it.
+    """In a rank: be sent SIGTERM when the launcher dies, whatever kills it, and end within
+    :data:`LAUNCHER_GRACE_S` of it.
 
-    Ctrl-C or SIGTERM reach the launcher, which stops its ranks; SIGKILL gives it no
-    chance, and its ranks trained on with nobody to report to. SIGTERM lets a training
-    rank stop with the others at the next step and save a checkpoint, as when the user
-    sends it. Linux only (``prctl``); elsewhere nothing changes.
+    Ctrl-C or SIGTERM reach the launcher, which stops its ranks (SIGTERM, then SIGKILL
+    after that grace); SIGKILL gives it no chance, and its ranks trained on with nobody to
+    report to. SIGTERM lets a training rank stop with the others at the next step and save a
+    checkpoint, as when the user sends it. But a rank waiting in a collective for a rank that
+    is gone or stuck runs no Python signal handler until the collective returns (gloo waits
+    30 minutes): a thread ends it once the grace is over, as the launcher's SIGKILL would
+    have. Linux only (``prctl``); elsewhere nothing changes.
     """
     if not sys.platform.startswith("linux"):
         return
     import ctypes
+    import threading
 
     try:
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(1, int(signal.SIGTERM), 0, 0, 0)  # PR_SET_PDEATHSIG
     except (OSError, AttributeError):
         return
-    launcher = os.environ.get(_LAUNCHER)
-    if launcher and os.getppid() != int(launcher):  # the launcher died before prctl above
+    launcher = int(os.environ.get(_LAUNCHER) or os.getppid())  # torchrun's own command line: its agent
+    threading.Thread(target=_end_after, args=(launcher,), name="qlora-follow-launcher", daemon=True).start()
+    if os.getppid() != launcher:  # the launcher died before prctl above
         os.kill(os.getpid(), signal.SIGTERM)
+
+
+def _end_after(launcher: int) -> None:
+    """Once ``launcher`` is gone (this process was handed to another parent) and the grace is over: end this rank,
+    saying so where its launcher would have."""
+    while os.getppid() == launcher:
+        time.sleep(0.5)
+    time.sleep(LAUNCHER_GRACE_S)
+    os.write(2, (f"qlora: error: rank {os.environ.get('RANK', '?')} did not stop within {LAUNCHER_GRACE_S} s of "
+                 "its launcher's end (it waited for a rank that is gone or stuck) and was ended; a checkpoint being "
+                 "written is left as a hidden temporary folder, and --resume continues from the last complete "
+                 "one.\n").encode())
+    os._exit(1)
 
 
 def _signal_in(exc: BaseException | None, kind: type) -> BaseException | None:
@@ -80,7 +102,7 @@ def _signal_in(exc: BaseException | None, kind: type) -> BaseException | None:
 
 def _said(errors: Path) -> list[str]:
     """The ranks' messages, each distinct one once, in rank order."""
-    said = sorted(errors.glob("rank-*.txt"), key=lambda p: int(p.stem.split("-")[1]))
+    said = sorted(errors.glob("rank-*.txt"), key=lambda p: (int(p.stem.split("-")[1]), p.stem))
     return list(dict.fromkeys(p.read_text() for p in said))
 
 
@@ -92,14 +114,34 @@ def _interrupted(signum, errors: Path, command: str) -> int:
     return 130 if signum in (signal.SIGINT, signal.SIGTERM) else 128 + int(signum)
 
 
-def _report(exc, errors: Path, command: str) -> int:
-    rank, failure = exc.get_first_failure()
-    messages = _said(errors)
+def _report(exc, errors: Path, command: str, nproc: int) -> int:
+    """The failing rank's message first, naming it where the others did not say the same (its batch's non-finite
+    loss, its out of memory), then the others' (the checkpoint a rank that lost contact names); not the bare
+    "interrupted" of ranks the launcher stopped because of that failure, which no user interrupted.
+
+    The failing rank is the first of those that failed with a message of their own, else of those killed without a
+    word: a rank that lost contact with it, or that the launcher's stop interrupted, may be seen failing in the same
+    second (torchrun's timestamps), and is a consequence."""
+    def first_of(ranks: list[int]) -> int | None:
+        return min(ranks, key=lambda r: (exc.failures[r].timestamp, r), default=None)
+
+    failed = [r for r, f in exc.failures.items() if f.exitcode != 130]  # 130: stopped by a signal, and said so
+    own = first_of([r for r in failed if (errors / f"rank-{r}.txt").exists()])
+    killed = first_of([r for r in failed if not (errors / f"rank-{r}-lost.txt").exists()])
+    rank = next(r for r in (own, killed, first_of(list(exc.failures))) if r is not None)
+    code = exc.failures[rank].exitcode
+    first = (errors / f"rank-{rank}.txt").read_text() if rank == own else None
+    messages = [m for m in _said(errors) if m != first and (code == 130 or m != INTERRUPTED + "\n")]
+    if first is not None:
+        prefix = f"qlora {command}: error: "
+        alike = sum(p.read_text() == first for p in errors.glob("rank-*.txt"))
+        if alike < nproc and first.startswith(prefix):  # not every rank said it
+            first = f"{prefix}rank {rank}: {first[len(prefix):]}"
+        print(first, end="", file=sys.stderr)
     for message in messages:
         print(message, end="", file=sys.stderr)
-    code = failure.exitcode
     # the rank that failed first, if it said nothing (killed): named too, after the others' messages (lost contact)
-    if not (errors / f"rank-{rank}.txt").exists() and code != 130:  # 130: the ranks were interrupted and said so
+    if first is None and code != 130:  # 130: the ranks were interrupted and said so
         said_by = "its output, if any, is above" if not messages else "the other ranks' messages are above"
         print(f"qlora {command}: error: rank {rank} of the run stopped with "
               f"{'signal ' + str(-code) if code < 0 else 'exit status ' + str(code)}; {said_by}.",
@@ -107,11 +149,14 @@ def _report(exc, errors: Path, command: str) -> int:
     return code if code > 0 else 1
 
 
-def report_error(message: str) -> None:
-    """Print a command's error, or under :func:`launch` leave it for the launcher to print once."""
+def report_error(message: str, lost: bool = False) -> None:
+    """Print a command's error, or under :func:`launch` leave it for the launcher to print once; ``lost``: the
+    message of a rank that failed because another did (its collectives failed), said after that one's. A rank
+    whose launcher is gone (killed: its ranks stopped at a checkpoint) prints it, or nobody would."""
     folder = os.environ.get(_ERRORS)
     rank = os.environ.get("RANK")
-    if folder and rank is not None and Path(folder).is_dir():
-        (Path(folder) / f"rank-{rank}.txt").write_text(message + "\n")
-    else:
+    launcher = os.environ.get(_LAUNCHER)
+    if folder and rank is not None and launcher and os.getppid() == int(launcher) and Path(folder).is_dir():
+        (Path(folder) / f"rank-{rank}{'-lost' if lost else ''}.txt").write_text(message + "\n")
+    elif not (folder and rank not in (None, "0") and message == INTERRUPTED):  # every rank says it: rank 0 does
         print(message, file=sys.stderr)

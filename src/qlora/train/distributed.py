@@ -89,12 +89,23 @@ class DistContext:
         return torch.cat(parts)
 
     def shutdown(self, wait: bool = True) -> None:
-        """Leave the group only once every rank is done (``wait``): a rank that tears its group down while another
-        still talks to it can abort the process. Not waiting is for a group another rank has left for good."""
-        if self.enabled and dist.is_initialized():
-            if wait:
-                dist.barrier()
-            dist.destroy_process_group()
+        """Leave the group once every rank is done (``wait``): a rank that tears its group down while another
+        still talks to it can abort the process.
+
+        A rank that failed (not ``wait``), or whose barrier finds the others gone (one failed in its own last
+        work: rank 0's final save), leaves the group as it is, for the process's end to close: tearing it down
+        can hang the rank for good. gloo's destructor joins its worker threads holding the GIL, which one of them
+        may still need to free the tensors of the last collective (seen in 2 of 3 runs whose rank 1 ran out of
+        memory: it never ended, and the launcher waited for it)."""
+        if not self.enabled or not dist.is_initialized() or not wait:
+            return
+        try:
+            dist.barrier()
+        except RuntimeError as exc:
+            if is_rank_lost(exc):
+                return
+            raise
+        dist.destroy_process_group()
 
 
 class RankLost(RuntimeError):

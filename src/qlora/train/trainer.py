@@ -1222,19 +1222,17 @@ class Trainer:
             RankLost: another rank stopped mid-run (its collectives fail here); the message names the last
                 complete checkpoint, from which ``--resume`` continues.
         """
-        lost = alone = False
+        together = False  # every rank at the same point: the run finished, or all stopped after one checkpoint
         try:
             self.setup()
-            alone = True  # a failure in a step may be this rank's alone (a non-finite loss of its batch, out of memory)
             self.train()
-            alone = False
             self.save_final()
-        except Interrupted:  # every rank stopped at the same step, after the same checkpoint
-            alone = False
+            together = True
+        except Interrupted:
+            together = True
             raise
         except RuntimeError as exc:
-            lost = self.dist.enabled and is_rank_lost(exc)
-            if not lost:
+            if not (self.dist.enabled and is_rank_lost(exc)):
                 raise
             last = list_checkpoints(self.out)
             kept = (f"The last complete checkpoint is {last[-1]}: run the same command with --resume to continue "
@@ -1242,9 +1240,11 @@ class Trainer:
             raise RankLost(f"rank {self.dist.rank} lost contact with the other ranks after step {self.step}: another "
                            f"rank stopped (killed, out of memory, or failed; the launcher names it). {kept}.") from None
         finally:
-            # A rank failing alone mid-step must not wait for the others at a barrier while they wait for it in the
-            # step's all-reduce (a hang until the group's timeout): it leaves, and the launcher stops the rest.
-            self.cleanup(wait_for_ranks=not lost and not alone)
+            # A rank that failed (alone, maybe: its batch's non-finite loss, its out of memory, its write to a full
+            # disk) must not wait for the others at a barrier while they wait for it in another collective (a
+            # step's all-reduce, DDP's start-up broadcast): a hang until the group's timeout. It leaves, and the
+            # launcher stops the rest.
+            self.cleanup(wait_for_ranks=together)
         return self.losses
 
 

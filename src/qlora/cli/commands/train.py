@@ -104,7 +104,7 @@ def run(args: argparse.Namespace) -> int:
             report_error(f"qlora train: {exc}")
         return 130
     except RankLost as exc:  # the environment, not the input (a rank killed): status 1
-        report_error(f"qlora train: error: {exc}")
+        report_error(f"qlora train: error: {exc}", lost=True)
         return 1
     if losses and trainer.dist.is_main:
         steps = f"{trainer.step} step{'' if trainer.step == 1 else 's'}"
