@@ -7,7 +7,8 @@ own scripts. transformers 5 writes three things 4.x misreads:
 - the rotary embedding's settings only under ``rope_parameters``, where 4.x reads ``rope_theta``, ``rope_scaling``
   and ``partial_rotary_factor`` (Gemma 3: and ``rope_local_base_freq``) at the top: it falls back to its defaults
   without a word (Qwen's base frequency 1e6 read as 1e4, Llama 3.1's ``llama3`` and Gemma 3's linear scaling
-  dropped), so every output is silently off;
+  dropped), so every output is silently off (Phi-3's longrope and Qwen2-VL's mrope are spelt as their own 4.x
+  files are: 4.x refused or failed on a plain copy);
 - the tokenizer class ``TokenizersBackend`` (a tokenizer whose folder named the generic
   ``PreTrainedTokenizerFast``, as Llama 3's does), which 4.x does not know;
 - the additional special tokens as a list under ``extra_special_tokens``, which 4.x reads as a dict of named
@@ -67,8 +68,16 @@ def _v4_rope(rope: dict[str, Any]) -> dict[str, Any]:
     keys = {"rope_theta": rope["rope_theta"]}
     if "partial_rotary_factor" in rope:
         keys["partial_rotary_factor"] = rope["partial_rotary_factor"]
-    if rope.get("rope_type", "default") != "default":
-        keys["rope_scaling"] = {k: v for k, v in rope.items() if k not in ("rope_theta", "partial_rotary_factor")}
+    scaling = {k: v for k, v in rope.items() if k not in ("rope_theta", "partial_rotary_factor")}
+    if scaling.get("rope_type", scaling.get("type")) == "longrope":
+        # 4.x reads longrope's original context length at the top alone, and Phi-3's config accepts no
+        # rope_scaling but exactly {type, short_factor, long_factor} (its own files' spelling)
+        if "original_max_position_embeddings" in scaling:
+            keys["original_max_position_embeddings"] = scaling.pop("original_max_position_embeddings")
+        scaling.pop("rope_type", None)
+        scaling["type"] = "longrope"
+    if scaling.get("rope_type", "default") != "default" or set(scaling) - {"rope_type", "type"}:
+        keys["rope_scaling"] = scaling  # a default rope with settings of its own too: Qwen2-VL's mrope_section
     return keys
 
 
