@@ -65,3 +65,25 @@ def test_a_default_rope_has_no_rope_scaling(tmp_path, rope):
     readable_by_transformers_4(tmp_path)
     written = json.loads((tmp_path / "config.json").read_text())
     assert written.get("rope_scaling") is None and written["rope_theta"] == rope["rope_theta"]
+
+
+def test_a_models_named_special_tokens_are_listed_where_transformers_4_reads_them(tmp_path):
+    """transformers 5 writes Gemma 3's image_token, boi_token and eoi_token at the top of tokenizer_config.json
+    alone; 4.x reads named tokens from an ``extra_special_tokens`` dict only (its Gemma 3 processor then fails on
+    ``tokenizer.image_token_id``), as 4.x's own Gemma 3 files list them. Checked by hand on 4.57: the written
+    tokenizer has the named tokens and ids; transformers 5 reads it as the same tokenizer."""
+    from transformers import AutoTokenizer
+
+    from chat_families import family_tokenizer
+
+    named = {"image_token": "<end_of_turn>", "boi_token": "<start_of_turn>"}
+    family_tokenizer("gemma-3").save_pretrained(tmp_path / "base")
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "base", extra_special_tokens=named)
+    tokenizer.save_pretrained(tmp_path / "out")
+    readable_by_transformers_4(tmp_path / "out")
+    written = json.loads((tmp_path / "out" / "tokenizer_config.json").read_text())
+    assert written["extra_special_tokens"] == named
+    again = AutoTokenizer.from_pretrained(tmp_path / "out")
+    assert [again.image_token, again.boi_token] == [tokenizer.image_token, tokenizer.boi_token] == list(named.values())
+    assert sorted(again.all_special_tokens) == sorted(tokenizer.all_special_tokens)
+    assert again.extra_special_tokens == tokenizer.extra_special_tokens
