@@ -163,13 +163,14 @@ def test_tokens_added_into_a_padded_embedding_load_in_peft_without_resizing(tmp_
         torch.testing.assert_close(reference(ids).logits, trainer.model(ids).logits, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("tied", [False, True])
-def test_a_peft_adapter_on_a_padded_base_cut_to_its_tokenizer_loads_and_merges(tmp_path, tiny_tokenizer, tied):
+@pytest.mark.parametrize("tied, pad", [(False, None), (True, None), (False, 8)])
+def test_a_peft_adapter_on_a_padded_base_cut_to_its_tokenizer_loads_and_merges(tmp_path, tiny_tokenizer, tied, pad):
     """The common PEFT recipe on a model whose embedding is padded past its tokenizer (Qwen: 151,936 rows for
     151,665 tokens): add a token, ``resize_token_embeddings(len(tokenizer))``, which cuts the padding rows, train the
     tables whole and save the tokenizer beside the adapter. qlora resizes the base as that user did: merged, the
-    model computes what PEFT computes on the resized base. Without the saved tokenizer a smaller table is still
-    another model's, refused."""
+    model computes what PEFT computes on the resized base. Also with ``pad_to_multiple_of`` (axolotl's
+    resize_token_embeddings_to_32x): every token still has its row. Without the saved tokenizer a smaller table is
+    still another model's, refused."""
     peft = pytest.importorskip("peft")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -182,7 +183,9 @@ def test_a_peft_adapter_on_a_padded_base_cut_to_its_tokenizer_loads_and_merges(t
     tokenizer.add_tokens(NEW[:1], special_tokens=True)
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
-    model.resize_token_embeddings(len(tokenizer))
+    model.resize_token_embeddings(len(tokenizer), pad_to_multiple_of=pad)
+    rows = model.get_input_embeddings().num_embeddings
+    assert len(tokenizer) <= rows < len(tiny_tokenizer) + 16 and (pad is None) == (rows == len(tokenizer))
     saved = ["embed_tokens"] if tied else ["embed_tokens", "lm_head"]
     reference = peft.get_peft_model(model, peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"],
                                                            modules_to_save=saved, init_lora_weights=False))
@@ -199,7 +202,7 @@ def test_a_peft_adapter_on_a_padded_base_cut_to_its_tokenizer_loads_and_merges(t
     assert main(["merge", "--model", str(base), "--adapter", str(tmp_path / "adapter"), "--output",
                  str(tmp_path / "merged"), "--quant", "none", "--dtype", "fp32"]) == 0
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32).eval()
-    assert merged.get_input_embeddings().num_embeddings == len(AutoTokenizer.from_pretrained(tmp_path / "merged"))
+    assert merged.get_input_embeddings().num_embeddings == rows
     with torch.no_grad():
         torch.testing.assert_close(merged(ids).logits, expected, rtol=1e-5, atol=1e-5)
 

@@ -466,6 +466,15 @@ def test_model_with_nonfinite_logits_from_the_start_is_reported_not_crashed(tmp_
     assert "non-finite loss at step 1" in err and "model.norm" in err
 
 
+def test_eval_source_names_are_distinct_keys_without_a_zstd_suffix():
+    """A zstd shard is named as its .gz sibling is; a repeat numbered past a file already named so keeps each
+    source's ``<name>_loss`` its own key (before: test, test_2, test_2, and the second overwrote the first)."""
+    from qlora.train.data.selection import source_names
+
+    assert source_names("a/val.jsonl.zst,b/val.jsonl.gz") == ["val", "val_2"]
+    assert source_names("a/test.jsonl,b/test.jsonl,test_2.jsonl") == ["test", "test_2", "test_2_2"]
+
+
 def test_eval_sources_are_named_by_their_files_and_recorded_each_unless_rows_span_them(tmp_path, tiny_model_dir):
     """Names: the file's name without data suffixes, a repeat numbered. A source whose rows are all skipped has a
     null loss; packed eval rows span sources, so a packed run records the whole alone."""

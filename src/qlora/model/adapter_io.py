@@ -763,14 +763,15 @@ def _load_whole(model: nn.Module, whole: dict[str, torch.Tensor], trainable: boo
 
 def _resized_to_tokenizer(adapter_dir: Path, rows: int) -> bool:
     """Whether the adapter's tables of ``rows`` rows (fewer than the base's) are the base's embeddings cut to the
-    length of the tokenizer saved with the adapter: ``resize_token_embeddings(len(tokenizer))`` after adding tokens
-    to a model whose embedding is padded past its tokenizer (Qwen's 151,936 rows for 151,665 tokens) drops the
-    padding rows, no token's. A smaller table without such a tokenizer is another model's, refused as before."""
+    tokenizer saved with the adapter: ``resize_token_embeddings(len(tokenizer))`` after adding tokens to a model
+    whose embedding is padded past its tokenizer (Qwen's 151,936 rows for 151,665 tokens) drops the padding rows,
+    no token's (with ``pad_to_multiple_of``, axolotl's ``resize_token_embeddings_to_32x``, some stay). A smaller
+    table without such a tokenizer, or one without a row for each of its tokens, is another model's, refused."""
     if not any((adapter_dir / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json")):
         return False
     from .load import load_tokenizer
 
-    return len(load_tokenizer(adapter_dir)) == rows
+    return len(load_tokenizer(adapter_dir)) <= rows
 
 
 def _grow_vocabulary(model: nn.Module, whole: dict[str, torch.Tensor], adapter_dir: Path) -> None:
@@ -787,8 +788,8 @@ def _grow_vocabulary(model: nn.Module, whole: dict[str, torch.Tensor], adapter_d
     rows = max((v.shape[0] for k, v in whole.items()
                 if k.rpartition(".")[0] in embedding_module_names(model) and v.dim() == 2), default=0)
     if rows < old and _resized_to_tokenizer(adapter_dir, rows):
-        log.info("qlora: the adapter's embeddings have %d rows, the model's %d padded ones cut to its tokenizer's "
-                 "length as the adapter's user resized them; resizing the embeddings to %d", rows, old, rows)
+        log.info("qlora: the adapter's embeddings have %d rows, the model's %d padded ones cut to its tokenizer "
+                 "as the adapter's user resized them; resizing the embeddings to %d", rows, old, rows)
         grow_vocabulary(model, rows, mean_resizing=False)
         return
     if rows <= old:

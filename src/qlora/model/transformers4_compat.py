@@ -7,11 +7,15 @@ own scripts. transformers 5 writes three things 4.x misreads:
 - the rotary embedding's settings only under ``rope_parameters``, where 4.x reads ``rope_theta``, ``rope_scaling``
   and ``partial_rotary_factor`` (Gemma 3: and ``rope_local_base_freq``) at the top: it falls back to its defaults
   without a word (Qwen's base frequency 1e6 read as 1e4, Llama 3.1's ``llama3`` and Gemma 3's linear scaling
-  dropped), so every output is silently off;
+  dropped), so every output is silently off (Phi-3's longrope and Qwen2-VL's mrope are spelt as their own 4.x
+  files are: 4.x refused or failed on a plain copy);
 - the tokenizer class ``TokenizersBackend`` (a tokenizer whose folder named the generic
   ``PreTrainedTokenizerFast``, as Llama 3's does), which 4.x does not know;
 - the additional special tokens as a list under ``extra_special_tokens``, which 4.x reads as a dict of named
-  tokens and fails on (``'list' object has no attribute 'keys'``).
+  tokens and fails on (``'list' object has no attribute 'keys'``);
+- a model's own named special tokens (Gemma 3's ``image_token``, ``boi_token``, ``eoi_token``) at the top alone,
+  where 4.x sees none of them: its Gemma 3 processor fails (``no attribute image_token_id``); they are listed in
+  ``extra_special_tokens`` as a dict too, as 4.x wrote them.
 
 The 4.x keys are added beside (rope) or instead of (tokenizer) transformers 5's, which reads them as its own:
 ``rope_parameters`` stays and agrees with the mirrored keys, ``PreTrainedTokenizerFast`` is its alias of
@@ -26,6 +30,9 @@ from pathlib import Path
 from typing import Any
 
 _V5_CLASS, _V4_CLASS = "TokenizersBackend", "PreTrainedTokenizerFast"
+# the special tokens every tokenizer names; transformers 5 takes any other ``*_token`` string of the file as a
+# model's own named token (Gemma 3's image_token, boi_token), 4.x only those listed in extra_special_tokens
+_STANDARD = {f"{name}_token" for name in ("bos", "eos", "unk", "sep", "pad", "cls", "mask")}
 
 
 def readable_by_transformers_4(folder: str | Path) -> None:
@@ -67,8 +74,16 @@ def _v4_rope(rope: dict[str, Any]) -> dict[str, Any]:
     keys = {"rope_theta": rope["rope_theta"]}
     if "partial_rotary_factor" in rope:
         keys["partial_rotary_factor"] = rope["partial_rotary_factor"]
-    if rope.get("rope_type", "default") != "default":
-        keys["rope_scaling"] = {k: v for k, v in rope.items() if k not in ("rope_theta", "partial_rotary_factor")}
+    scaling = {k: v for k, v in rope.items() if k not in ("rope_theta", "partial_rotary_factor")}
+    if scaling.get("rope_type", scaling.get("type")) == "longrope":
+        # 4.x reads longrope's original context length at the top alone, and Phi-3's config accepts no
+        # rope_scaling but exactly {type, short_factor, long_factor} (its own files' spelling)
+        if "original_max_position_embeddings" in scaling:
+            keys["original_max_position_embeddings"] = scaling.pop("original_max_position_embeddings")
+        scaling.pop("rope_type", None)
+        scaling["type"] = "longrope"
+    if scaling.get("rope_type", "default") != "default" or set(scaling) - {"rope_type", "type"}:
+        keys["rope_scaling"] = scaling  # a default rope with settings of its own too: Qwen2-VL's mrope_section
     return keys
 
 
@@ -79,5 +94,9 @@ def _tokenizer_config(config: dict[str, Any]) -> bool:
         changed = True
     if isinstance(config.get("extra_special_tokens"), list) and "additional_special_tokens" not in config:
         config["additional_special_tokens"] = config.pop("extra_special_tokens")
+        changed = True
+    named = {k: v for k, v in config.items() if k.endswith("_token") and k not in _STANDARD and isinstance(v, str)}
+    if named and "extra_special_tokens" not in config:
+        config["extra_special_tokens"] = named
         changed = True
     return changed

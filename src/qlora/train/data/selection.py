@@ -23,7 +23,7 @@ from qlora.train.data.axolotl_datasets import axolotl_datasets, declared_entries
 from qlora.train.data.dataset_info import RegisteredDataset, registered_dataset
 from qlora.train.data.declared import DEFAULT_SEED, DeclaredDataset, read_declared
 from qlora.train.data.handbook_datasets import handbook_dataset
-from qlora.train.data.sources import LOCAL_SUFFIXES, Record, glob_files, load_records
+from qlora.train.data.sources import COMPRESSED_SUFFIXES, LOCAL_SUFFIXES, Record, glob_files, load_records
 from qlora.train.data.torchtune_datasets import torchtune_dataset
 
 T = TypeVar("T")
@@ -87,17 +87,20 @@ def source_locations(spec: str, dataset_dir: str = "data", method: str = "sft") 
 def source_names(spec: str, dataset_dir: str = "data", method: str = "sft") -> list[str]:
     """A short name for each source of ``spec``, as metric keys take it (transformers' ``eval_<name>_loss`` of a
     dict of eval datasets): a name registered in dataset_info.json, else the file's or folder's name (a hub id's
-    last part) without its data suffixes (``.jsonl``, ``.csv.gz``); a name met again is numbered (``test_2``)."""
+    last part) without its data suffixes (``.jsonl``, ``.csv.gz``, ``.jsonl.zst``); a name met again is numbered
+    (``test_2``), past any source already named so."""
     names: list[str] = []
-    seen: dict[str, int] = {}
     for source in _declared_sources(spec, dataset_dir, method):
         text = source.name if isinstance(source, RegisteredDataset) else (
             source.source if isinstance(source, DeclaredDataset) else source)
         name = Path(str(text).rstrip("/")).name or str(text)
-        while Path(name).suffix.lower() in (*LOCAL_SUFFIXES, ".gz", ".bz2", ".xz") and Path(name).stem:
+        while Path(name).suffix.lower() in (*LOCAL_SUFFIXES, *COMPRESSED_SUFFIXES) and Path(name).stem:
             name = Path(name).stem
-        seen[name] = seen.get(name, 0) + 1
-        names.append(name if seen[name] == 1 else f"{name}_{seen[name]}")
+        numbered, count = name, 1
+        while numbered in names:  # a name met again, or a file already named as that number (test, test, test_2)
+            count += 1
+            numbered = f"{name}_{count}"
+        names.append(numbered)
     return names
 
 

@@ -61,6 +61,7 @@ def _zstd_open(path: Path, mode: str, **text_options: Any):
 
 # Compressed text files (data.jsonl.gz, data.csv.xz) are read through these, as datasets reads them.
 _COMPRESSED = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open, ".zst": _zstd_open}
+COMPRESSED_SUFFIXES = tuple(_COMPRESSED)
 # ... and by their first bytes where the name does not say (a gzip file saved as data.jsonl, which datasets reads)
 _MAGIC = {b"\x1f\x8b": gzip.open, b"\xfd7zXZ\x00": lzma.open, b"\x28\xb5\x2f\xfd": _zstd_open,
           **{b"BZh%d1AY&SY" % level: bz2.open for level in range(1, 10)}}  # bzip2's header, then its first block's

@@ -1,0 +1,89 @@
+"""The rotary settings of a written config.json as transformers 4 reads them, for the rope kinds whose 4.x spelling
+is not a plain copy of ``rope_parameters``: Phi-3's longrope and Qwen2-VL's mrope.
+
+Each case starts from the spelling the model's own hub files have (written by transformers 4: Phi-3.5-mini and
+Phi-4-mini, a Llama with longrope, Qwen2-VL), is loaded and saved by transformers 5 (``rope_parameters`` alone),
+then rewritten; the 4.x keys must come back as those files spell them, and transformers 5 must read the rewritten
+file as the same rotary embedding. Checked by hand against transformers 4.57: before, the Phi-3 folder was refused
+(``rope_scaling must be a dictionary with three fields``), the Llama one failed in its longrope (``'<=' not
+supported between NoneType and float``: 4.x reads the original context length at the top alone) and Qwen2-VL's
+attention failed on a missing ``mrope_section``; after, all three compute transformers 5's logits."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+from transformers import AutoConfig
+
+from qlora.model.transformers4_compat import readable_by_transformers_4
+
+_SMALL = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, vocab_size=128, max_position_embeddings=256)
+_SHORT, _LONG = [1.0 + i / 10 for i in range(6)], [2.0 + i / 10 for i in range(6)]
+
+
+@pytest.mark.parametrize("model_type, v4", [
+    ("phi3", {"partial_rotary_factor": 0.75, "original_max_position_embeddings": 32,
+              "rope_scaling": {"type": "longrope", "short_factor": _SHORT, "long_factor": _LONG}}),
+    ("llama", {"original_max_position_embeddings": 32,
+               "rope_scaling": {"type": "longrope", "short_factor": _SHORT + [3.0, 3.0],
+                                "long_factor": _LONG + [4.0, 4.0]}}),
+])
+def test_longrope_is_spelt_as_phi3s_own_files(tmp_path, model_type, v4):
+    config = AutoConfig.for_model(model_type, **_SMALL, **copy.deepcopy(v4), rope_theta=1e4)  # it takes the dict over
+    config.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert "rope_scaling" not in saved or saved["rope_scaling"] != v4["rope_scaling"]  # transformers 5's own spelling
+    readable_by_transformers_4(tmp_path)
+    written = json.loads((tmp_path / "config.json").read_text())
+    assert written["rope_scaling"] == v4["rope_scaling"]
+    assert written["original_max_position_embeddings"] == v4["original_max_position_embeddings"]
+    assert written["rope_theta"] == 1e4
+    assert AutoConfig.from_pretrained(tmp_path).rope_parameters == config.rope_parameters
+
+
+def test_qwen2_vl_keeps_its_mrope_section_where_transformers_4_reads_it(tmp_path):
+    text = {k: v for k, v in _SMALL.items() if k != "max_position_embeddings"}
+    config = AutoConfig.for_model(
+        "qwen2_vl", vocab_size=128,
+        text_config={**text, "rope_theta": 1e6, "rope_scaling": {"type": "mrope", "mrope_section": [2, 3, 3]}})
+    config.save_pretrained(tmp_path)
+    readable_by_transformers_4(tmp_path)
+    written = json.loads((tmp_path / "config.json").read_text())["text_config"]
+    assert written["rope_theta"] == 1e6
+    scaling = written["rope_scaling"]
+    assert scaling["mrope_section"] == [2, 3, 3]
+    assert scaling.get("rope_type", scaling.get("type")) in ("default", "mrope")  # 4.x reads mrope as default
+    assert AutoConfig.from_pretrained(tmp_path).text_config.rope_parameters == config.text_config.rope_parameters
+
+
+@pytest.mark.parametrize("rope", [{"rope_theta": 1e6}, {"rope_theta": 1e4, "partial_rotary_factor": 0.5}])
+def test_a_default_rope_has_no_rope_scaling(tmp_path, rope):
+    AutoConfig.for_model("llama", **_SMALL, **rope).save_pretrained(tmp_path)
+    readable_by_transformers_4(tmp_path)
+    written = json.loads((tmp_path / "config.json").read_text())
+    assert written.get("rope_scaling") is None and written["rope_theta"] == rope["rope_theta"]
+
+
+def test_a_models_named_special_tokens_are_listed_where_transformers_4_reads_them(tmp_path):
+    """transformers 5 writes Gemma 3's image_token, boi_token and eoi_token at the top of tokenizer_config.json
+    alone; 4.x reads named tokens from an ``extra_special_tokens`` dict only (its Gemma 3 processor then fails on
+    ``tokenizer.image_token_id``), as 4.x's own Gemma 3 files list them. Checked by hand on 4.57: the written
+    tokenizer has the named tokens and ids; transformers 5 reads it as the same tokenizer."""
+    from transformers import AutoTokenizer
+
+    from chat_families import family_tokenizer
+
+    named = {"image_token": "<end_of_turn>", "boi_token": "<start_of_turn>"}
+    family_tokenizer("gemma-3").save_pretrained(tmp_path / "base")
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "base", extra_special_tokens=named)
+    tokenizer.save_pretrained(tmp_path / "out")
+    readable_by_transformers_4(tmp_path / "out")
+    written = json.loads((tmp_path / "out" / "tokenizer_config.json").read_text())
+    assert written["extra_special_tokens"] == named
+    again = AutoTokenizer.from_pretrained(tmp_path / "out")
+    assert [again.image_token, again.boi_token] == [tokenizer.image_token, tokenizer.boi_token] == list(named.values())
+    assert sorted(again.all_special_tokens) == sorted(tokenizer.all_special_tokens)
+    assert again.extra_special_tokens == tokenizer.extra_special_tokens
