@@ -473,6 +473,8 @@ def test_eval_source_names_are_distinct_keys_without_a_zstd_suffix():
 
     assert source_names("a/val.jsonl.zst,b/val.jsonl.gz") == ["val", "val_2"]
     assert source_names("a/test.jsonl,b/test.jsonl,test_2.jsonl") == ["test", "test_2", "test_2_2"]
+    # a glob pattern: the text before its wildcard, else its folder (before: '*', so the key '*_loss')
+    assert source_names("val/*.jsonl,shards/dev-*.jsonl.gz,*.jsonl") == ["val", "dev", "data"]
 
 
 def test_eval_sources_are_named_by_their_files_and_recorded_each_unless_rows_span_them(tmp_path, tiny_model_dir):

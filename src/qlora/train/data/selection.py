@@ -12,6 +12,7 @@ by ``--seed`` so a resumed run holds out the same examples.
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 from typing import Callable, Sequence, TypeVar
 
@@ -93,7 +94,7 @@ def source_names(spec: str, dataset_dir: str = "data", method: str = "sft") -> l
     for source in _declared_sources(spec, dataset_dir, method):
         text = source.name if isinstance(source, RegisteredDataset) else (
             source.source if isinstance(source, DeclaredDataset) else source)
-        name = Path(str(text).rstrip("/")).name or str(text)
+        name = _plain_name(str(text))
         while Path(name).suffix.lower() in (*LOCAL_SUFFIXES, *COMPRESSED_SUFFIXES) and Path(name).stem:
             name = Path(name).stem
         numbered, count = name, 1
@@ -102,6 +103,20 @@ def source_names(spec: str, dataset_dir: str = "data", method: str = "sft") -> l
             numbered = f"{name}_{count}"
         names.append(numbered)
     return names
+
+
+def _plain_name(text: str) -> str:
+    """The last part of a path or hub id; of a glob pattern, the text before its first wildcard (``val/dev-*.jsonl``:
+    ``dev``), else the folder holding it (``val/*.jsonl``: ``val``); ``data`` for one of wildcards alone."""
+    parts = [p for p in Path(text.rstrip("/")).parts if p]
+    globbed = False
+    while parts and any(c in parts[-1] for c in "*?["):
+        globbed = True
+        head = re.split(r"[*?\[]", parts[-1], maxsplit=1)[0].rstrip("-_.")
+        if head:
+            return head
+        parts.pop()
+    return parts[-1] if parts else "data" if globbed else text
 
 
 def _declared_sources(spec: str, dataset_dir: str, method: str) -> list[str | DeclaredDataset]:
