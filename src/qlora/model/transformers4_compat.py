@@ -2,7 +2,7 @@
 
 A merged or quantized folder is read next by tools that may still run on transformers 4: llama.cpp's
 ``convert_hf_to_gguf.py`` (its requirements pin ``transformers<5``), vLLM and TGI releases built on 4.x, a user's
-own scripts. transformers 5 writes three things 4.x misreads:
+own scripts. transformers 5 writes four things 4.x misreads:
 
 - the rotary embedding's settings only under ``rope_parameters``, where 4.x reads ``rope_theta``, ``rope_scaling``
   and ``partial_rotary_factor`` (Gemma 3: and ``rope_local_base_freq``) at the top: it falls back to its defaults
@@ -19,8 +19,8 @@ own scripts. transformers 5 writes three things 4.x misreads:
 
 The 4.x keys are added beside (rope) or instead of (tokenizer) transformers 5's, which reads them as its own:
 ``rope_parameters`` stays and agrees with the mirrored keys, ``PreTrainedTokenizerFast`` is its alias of
-``TokenizersBackend``, and ``additional_special_tokens`` becomes ``extra_special_tokens`` when it loads (only
-where the file holds the old key alone: with both it drops the old).
+``TokenizersBackend``, ``additional_special_tokens`` is its old name of the list, and a dict of named tokens
+under ``extra_special_tokens`` is read beside that list as 5.x reads its own top-level ones.
 """
 
 from __future__ import annotations
