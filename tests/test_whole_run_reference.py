@@ -47,6 +47,22 @@ def _words(i: int, n: int) -> str:
     return " ".join(WORDS[(i * 5 + j * 7) % len(WORDS)] for j in range(n))
 
 
+def _evaluated_run(trainer: Trainer, tmp_path) -> tuple[list[dict], list[dict], list[dict]]:
+    """Run ``trainer`` from an adapter whose B is random (saved to tmp_path/adapter for PEFT to start from):
+    its train rows, its eval rows and its metrics.jsonl records."""
+    try:
+        trainer.setup()
+        randomize_lora_b(trainer.model, seed=1)
+        save_adapter(trainer.model, tmp_path / "adapter")
+        units = [dict(input_ids=u.input_ids, labels=u.labels) for u in trainer.train_units]
+        held_units = [dict(input_ids=u.input_ids, labels=u.labels) for u in trainer.eval_units]
+        trainer.train()
+        lines = (trainer.out / "metrics.jsonl").read_text().splitlines()
+        return units, held_units, [json.loads(line) for line in lines]
+    finally:
+        trainer.cleanup()
+
+
 # 11 rows of 1 to ~40 words: with batch 2 x accumulation 2 an epoch is 3 steps, the last one 3 examples
 # (a full micro-batch and a short one).
 DATA = {
@@ -187,16 +203,7 @@ def test_eval_on_start_and_eval_delay_evaluate_as_transformers_trainer(tmp_path,
     data.write_text("".join(json.dumps(r) + "\n" for r in DATA["text"]))
     held.write_text("".join(json.dumps({"text": _words(i + 20, 3 + 4 * i)}) + "\n" for i in range(3)))
     trainer = Trainer(load_config(None, opts | dict(model=str(model_dir), data=str(data), eval_data=str(held))))
-    try:
-        trainer.setup()
-        randomize_lora_b(trainer.model, seed=1)
-        save_adapter(trainer.model, tmp_path / "adapter")
-        units = [dict(input_ids=u.input_ids, labels=u.labels) for u in trainer.train_units]
-        held_units = [dict(input_ids=u.input_ids, labels=u.labels) for u in trainer.eval_units]
-        trainer.train()
-        records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    finally:
-        trainer.cleanup()
+    units, held_units, records = _evaluated_run(trainer, tmp_path)
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32),
@@ -238,16 +245,7 @@ def test_several_eval_sources_are_each_recorded_as_transformers_logs_a_dict_of_e
         fh.write("".join(json.dumps({"text": _words(i + 40, 9 + 5 * i)}) + "\n" for i in range(2)))
     trainer = Trainer(load_config(None, opts | dict(model=str(model_dir), data=str(data),
                                                     eval_data=f"{held['news']},{held['chat']}")))
-    try:
-        trainer.setup()
-        randomize_lora_b(trainer.model, seed=1)
-        save_adapter(trainer.model, tmp_path / "adapter")
-        units = [dict(input_ids=u.input_ids, labels=u.labels) for u in trainer.train_units]
-        held_units = [dict(input_ids=u.input_ids, labels=u.labels) for u in trainer.eval_units]
-        trainer.train()
-        records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    finally:
-        trainer.cleanup()
+    units, held_units, records = _evaluated_run(trainer, tmp_path)
 
     logged = []
 
