@@ -666,6 +666,9 @@ LLAMA4 = dict(attention_chunk_size=8192, num_hidden_layers=4, no_rope_layers=[1,
     ("hunyuan_v1_moe", dict(head_dim=8, moe_topk=[2, 1]), r"\[2, 1\] experts per layer"),
 ])
 def test_variants_llama_cpp_does_not_compute_are_refused(tmp_path, tiny_tokenizer, model_type, overrides, message):
+    if model_type == "stablelm" and overrides.get("qk_layernorm") and not _V5:
+        pytest.skip("transformers 4.x cannot build a StableLM with qk_layernorm=True from a config (its weight "
+                    "init reads the bias its per-head LayerNorms do not have)")
     model, tokenizer = _tiny_moe_model(tmp_path, tiny_tokenizer, model_type, **overrides)
     with pytest.raises(UsageError, match=message):
         export_gguf(model, tokenizer, tmp_path / "m.gguf")
