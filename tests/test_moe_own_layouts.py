@@ -44,9 +44,7 @@ _EXPERTS = {"dbrx": "DbrxExperts", "jetmoe": "JetMoeParallelExperts", "longcat_f
 
 
 def _skip_without_experts_module(model_type: str) -> None:
-    import importlib
-
-    modeling = importlib.import_module(f"transformers.models.{model_type}.modeling_{model_type}")
+    modeling = pytest.importorskip(f"transformers.models.{model_type}.modeling_{model_type}")
     if not hasattr(modeling, _EXPERTS[model_type]):
         pytest.skip(f"this transformers has no {_EXPERTS[model_type]} (its {model_type} experts are nn.Linear)")
 
