@@ -397,8 +397,12 @@ def test_missing_gguf_package_is_one_line(tmp_path, tiny_models, monkeypatch, ca
 
 
 def _tiny_moe_model(tmp_path, tokenizer, model_type, **overrides):
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+
     from tiny_moe import save_tiny_moe
 
+    if model_type not in CONFIG_MAPPING_NAMES:
+        pytest.skip(f"this transformers has no {model_type!r} models")
     model_dir = save_tiny_moe(tmp_path / model_type, tokenizer, model_type, **overrides)
     return qlora.load_model(model_dir, compute_dtype=torch.float32, device="cpu")
 
@@ -659,6 +663,13 @@ LLAMA4 = dict(attention_chunk_size=8192, num_hidden_layers=4, no_rope_layers=[1,
               moe_layers=[1, 3], layer_types=["chunked_attention"] * 3 + ["full_attention"])  # as released, 4 layers
 
 
+# variants whose model transformers 4.x's own from_config fails to build: (model type, *overrides) -> why
+_V4_CANNOT_BUILD = {
+    ("stablelm", "qk_layernorm"): "its weight init reads the bias its per-head LayerNorms do not have",
+    ("ernie4_5_moe", "head_dim", "moe_layer_end_index"): "with no MoE layer, its fp32 'gate' is no module",
+}
+
+
 @pytest.mark.parametrize("model_type,overrides,message", [
     ("phi", dict(qk_layernorm=True), "qk_layernorm=True"),
     ("stablelm", dict(qk_layernorm=True), "qk_layernorm=True"),
@@ -693,6 +704,9 @@ LLAMA4 = dict(attention_chunk_size=8192, num_hidden_layers=4, no_rope_layers=[1,
     ("hunyuan_v1_moe", dict(head_dim=8, moe_topk=[2, 1]), r"\[2, 1\] experts per layer"),
 ])
 def test_variants_llama_cpp_does_not_compute_are_refused(tmp_path, tiny_tokenizer, model_type, overrides, message):
+    unbuilt = _V4_CANNOT_BUILD.get((model_type, *overrides)) if not _V5 else None
+    if unbuilt:
+        pytest.skip(f"transformers 4.x cannot build this {model_type} from a config: {unbuilt}")
     model, tokenizer = _tiny_moe_model(tmp_path, tiny_tokenizer, model_type, **overrides)
     with pytest.raises(UsageError, match=message):
         export_gguf(model, tokenizer, tmp_path / "m.gguf")

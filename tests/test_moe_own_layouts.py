@@ -38,12 +38,24 @@ def saved(tmp_path_factory, tiny_tokenizer):
     return get
 
 
+# The experts module of each model type; transformers 4.x has no LongcatFlashExperts (its LongCat-Flash experts
+# are a ModuleList of MLPs whose nn.Linear layers the plain path quantizes).
+_EXPERTS = {"dbrx": "DbrxExperts", "jetmoe": "JetMoeParallelExperts", "longcat_flash": "LongcatFlashExperts"}
+
+
+def _skip_without_experts_module(model_type: str) -> None:
+    modeling = pytest.importorskip(f"transformers.models.{model_type}.modeling_{model_type}")
+    if not hasattr(modeling, _EXPERTS[model_type]):
+        pytest.skip(f"this transformers has no {_EXPERTS[model_type]} (its {model_type} experts are nn.Linear)")
+
+
 def _reference(path):
     return transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
 
 
 @pytest.mark.parametrize("model_type", _TYPES)
 def test_4bit_experts_equal_transformers_on_the_dequantized_weights(saved, model_type):
+    _skip_without_experts_module(model_type)
     path = saved(model_type)
     ours, _ = load_model(path, quant="nf4", compute_dtype=torch.float32, device="cpu")
     experts = {n: m for n, m in ours.named_modules() if isinstance(m, Experts4bit)}
@@ -96,6 +108,7 @@ def test_train_attention_lora_then_merge_then_quantize(tmp_path, saved, capsys, 
     loads with its experts 4-bit, equal to loading the merged folder."""
     from qlora.cli.main import main
 
+    _skip_without_experts_module(model_type)
     path = saved(model_type)
     data = tmp_path / "d.jsonl"
     data.write_text("".join(json.dumps({"instruction": f"What is {a} plus 2?", "input": "", "output": f"{a + 2}."})
@@ -150,6 +163,7 @@ def test_bitsandbytes_checkpoints_load_with_4bit_experts(tmp_path, saved, model_
     experts, the very codes it gives them from the 16-bit checkpoint. (The file's routers are nn.Linear layers
     bitsandbytes packs, which qlora keeps 16-bit when it quantizes: they load as the file has them.)"""
     pytest.importorskip("bitsandbytes")
+    _skip_without_experts_module(model_type)
     path = saved(model_type)
     bnb = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                                           bnb_4bit_compute_dtype=torch.float32)

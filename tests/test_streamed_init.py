@@ -166,6 +166,9 @@ def test_moe_experts_and_routers_are_left_to_the_load(tmp_path, tiny_tokenizer):
 
     from qlora.nn import Experts4bit
 
+    modeling = pytest.importorskip("transformers.models.qwen3_moe.modeling_qwen3_moe")
+    if not hasattr(modeling, "Qwen3MoeExperts"):
+        pytest.skip("this transformers has no Qwen3MoeExperts (4.x's Qwen3-MoE experts are nn.Linear layers)")
     model_dir = save_tiny_moe(tmp_path / "moe", tiny_tokenizer, "qwen3_moe")
     ours, theirs = _streamed(model_dir, "pissa_niter_2"), _whole(model_dir, "pissa_niter_2")
     _assert_identical(ours, theirs, only=["self_attn"])

@@ -8,10 +8,11 @@ from pathlib import Path
 import torch
 
 # Each field as the model type's config names it; 64-wide layers (a 4-bit block) where bitsandbytes reads them.
+# No ffn_config hidden_size for DBRX: 4.x's DbrxFFNConfig refuses the key, 5.x copies d_model into it.
 FIELDS = {
     "dbrx": dict(d_model=64, n_heads=4, n_layers=2, max_seq_len=256,
                  attn_config=dict(kv_n_heads=2, rope_theta=10000.0, clip_qkv=8.0),
-                 ffn_config=dict(hidden_size=64, ffn_hidden_size=64, moe_num_experts=4, moe_top_k=2)),
+                 ffn_config=dict(ffn_hidden_size=64, moe_num_experts=4, moe_top_k=2)),
     "jetmoe": dict(hidden_size=64, num_hidden_layers=2, num_key_value_heads=2, kv_channels=16, intermediate_size=64,
                    num_local_experts=4, num_experts_per_tok=2, max_position_embeddings=256),
     "longcat_flash": dict(hidden_size=64, num_layers=2, num_attention_heads=4, kv_lora_rank=16, q_lora_rank=32,

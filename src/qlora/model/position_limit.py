@@ -17,6 +17,7 @@ import weakref
 from collections.abc import Iterable
 from typing import Any
 
+import torch
 from torch import nn
 
 from qlora.errors import UsageError
@@ -40,10 +41,11 @@ def learned_position_limit(model: nn.Module) -> int | None:
     A table is a module of the language model sized by the config's context length (``n_positions``,
     ``max_position_embeddings``, ``n_ctx``, a decoder's ``max_target_positions``): an embedding other than the input
     one (and what wraps it, such as a LoRA embedding), its rows less an ``offset`` (OPT, BART), a factored table of
-    ``axial_pos_shape`` (Reformer, whose own error refuses longer inputs), or a float buffer of at least two
-    dimensions with that many rows of more than one value (not a 4-bit layer's packed ``(bytes, 1)`` codes). An
-    embedding with a ``padding_idx`` numbers its positions from ``padding_idx + 1`` (RoBERTa and its kin: 514 rows,
-    512 positions). A buffer named as a cache is left out: such caches (the rotary
+    ``axial_pos_shape`` (Reformer, whose own error refuses longer inputs), or a float buffer (or plain tensor
+    attribute, as transformers 4.x's CTRL keeps its sinusoidal table) of at least two dimensions with that many
+    rows of more than one value (not a 4-bit layer's packed ``(bytes, 1)`` codes). An embedding with a
+    ``padding_idx`` numbers its positions from ``padding_idx + 1`` (RoBERTa and its kin: 514 rows, 512 positions).
+    A buffer named as a cache is left out: such caches (the rotary
     ``cos_cached`` of remote-code models) grow when a longer input comes. A vision or audio tower's patch positions
     are its own, not the text's, and a table as long as a vocabulary is a token table (Gemma's per-layer token
     embeddings have 262144 rows, as long as some contexts). MPT leaves no module to find: its forward builds an
@@ -76,11 +78,15 @@ def _table_rows(model: nn.Module, config: Any) -> int | None:
         axial = getattr(module, "axial_pos_shape", None)  # Reformer's factored table: the product of its shape
         if isinstance(axial, (tuple, list)) and math.prod(axial) in sizes:
             return math.prod(axial)
-    for name, buffer in model.named_buffers():
-        if (buffer.is_floating_point() and buffer.dim() >= 2 and buffer.shape[0] in sizes and buffer.shape[1] > 1
+    # a fixed table: a buffer, or a plain tensor attribute (4.x's CTRL)
+    tables = [*model.named_buffers(), *((f"{prefix}.{attr}".lstrip("."), value) for prefix, module
+                                        in model.named_modules() for attr, value in vars(module).items()
+                                        if isinstance(value, torch.Tensor))]
+    for name, table in tables:
+        if (table.is_floating_point() and table.dim() >= 2 and table.shape[0] in sizes and table.shape[1] > 1
                 and "cache" not in name.rsplit(".", 1)[-1]
                 and not any(part in name for part in _TOWERS)):
-            return buffer.shape[0]
+            return table.shape[0]
     return None
 
 

@@ -70,6 +70,7 @@ class ExpertsLayout:
     rows: int = 0  # > 0: each weight 2-D (E * rows, cols), expert e its rows e*rows .. (e+1)*rows (DBRX)
     transposed: tuple[str, ...] = ()  # weights applied as x @ W_e in a layout that is not is_transposed (DBRX's w2)
     identity_experts: int = 0  # router indices E .. E + n are identity experts (LongCat-Flash's zero experts)
+    routing: tuple[str, ...] = ()  # forward's (indices, weights) arguments when not its 2nd and 3rd (4.x's DBRX)
 
     @property
     def up_name(self) -> str:
@@ -100,17 +101,24 @@ def expert_weight(module: nn.Module, path: str) -> torch.Tensor | None:
 
 def _dbrx(module: nn.Module) -> ExpertsLayout | None:
     """DbrxExperts.forward: ``mlp.{w1,v1,w2}.view(-1, ffn_hidden_size, hidden_size)[e]`` and
-    ``DbrxExpertGLU.forward``: ``(act(x @ w1.T) * (x @ v1.T)) @ w2``."""
+    ``DbrxExpertGLU.forward``: ``(act(x @ w1.T) * (x @ v1.T)) @ w2``. transformers 4.x's keeps the sizes on its
+    ``mlp`` and is called ``forward(x, weights, top_weights, top_experts)`` (``weights``: every expert's router
+    probability); the maths and the checkpoint are the same."""
     names = ("mlp.w1", "mlp.v1", "mlp.w2")
-    rows, cols, count = (getattr(module, a, None) for a in ("ffn_hidden_size", "hidden_size", "num_experts"))
-    if None in (rows, cols, count):  # transformers 4.x's DbrxExperts: forward(x, weights, top_weights, top_experts)
+    legacy = not hasattr(module, "num_experts")
+    holder, count_name = (getattr(module, "mlp", None), "moe_num_experts") if legacy else (module, "num_experts")
+    rows, cols, count = (getattr(holder, a, None) for a in ("ffn_hidden_size", "hidden_size", count_name))
+    if None in (rows, cols, count):
+        return None
+    routing = ("top_experts", "top_weights") if legacy else ()
+    if not set(routing) <= set(inspect.signature(type(module).forward).parameters):
         return None
     if {n for n, _ in module.named_parameters()} != set(names) or not hasattr(module.mlp, "activation_fn"):
         return None
     if any(tuple(expert_weight(module, n).shape) != (count * rows, cols) for n in names):
         return None
     return ExpertsLayout(names, has_gate=False, is_transposed=False, gate="mlp.w1", up="mlp.v1", down="mlp.w2",
-                         act="mlp.activation_fn", rows=rows, transposed=("mlp.w2",))
+                         act="mlp.activation_fn", rows=rows, transposed=("mlp.w2",), routing=routing)
 
 
 def _jetmoe(module: nn.Module) -> ExpertsLayout | None:
@@ -188,21 +196,34 @@ def computed_experts(layout: ExpertsLayout, experts: nn.Module) -> int:
     return min(expert_matrix(layout, expert_weight(experts, n))[0] for n in layout.names)
 
 
-def routing_arg_names(experts: nn.Module) -> list[str]:
-    """Names of ``(hidden_states, top_k_index, top_k_weights)`` in the experts module's ``forward``."""
-    params = list(inspect.signature(type(experts).forward).parameters)
-    if len(params) < 4:
+@dataclass(frozen=True)
+class RoutingArgs:
+    """How an experts module's ``forward`` is called: its arguments in order (the hidden states first), and
+    which of them are the top-k expert indices and their weights."""
+
+    names: tuple[str, ...]
+    index: str
+    weights: str
+
+
+def routing_arg_names(experts: nn.Module) -> RoutingArgs:
+    """The arguments of the experts module's ``forward``: ``(hidden_states, top_k_index, top_k_weights)``, or
+    as its layout names them (transformers 4.x's DBRX: ``(x, weights, top_weights, top_experts)``)."""
+    names = tuple(inspect.signature(type(experts).forward).parameters)[1:]
+    if len(names) < 3:
         raise ValueError(f"{type(experts).__name__}.forward does not take (hidden_states, indices, weights)")
-    return params[1:4]
+    layout = experts_layout(experts)
+    index, weights = layout.routing if layout is not None and layout.routing else names[1:3]
+    return RoutingArgs(names, index, weights)
 
 
-def routing(arg_names: list[str], args: tuple, kwargs: dict) -> tuple[torch.Tensor, torch.Tensor]:
+def routing(arg_names: RoutingArgs, args: tuple, kwargs: dict) -> tuple[torch.Tensor, torch.Tensor]:
     """``(top_k_index, top_k_weights)`` from the arguments after ``hidden_states``."""
-    if args and arg_names[0] in kwargs:
+    if args and arg_names.names[0] in kwargs:
         raise TypeError("hidden_states given twice")
-    values = dict(zip(arg_names[1:], args))
+    values = dict(zip(arg_names.names[1:], args))
     values.update(kwargs)
-    return values[arg_names[1]], values[arg_names[2]]
+    return values[arg_names.index], values[arg_names.weights]
 
 
 def _split_gate(act_fn: Callable, gate_up: torch.Tensor) -> torch.Tensor:
@@ -296,6 +317,8 @@ class Experts4bit(nn.Module):
         if layout is None:
             raise ValueError(f"{type(experts).__name__} is not a transformers experts module qlora knows the layout of")
         self.layout = layout
+        # read before the weights are taken out of ``experts`` (its layout is then no longer recognised)
+        self._arg_names = None if layout.prerouted or layout.grouped else routing_arg_names(experts)
         self.weight_names = names = layout.names
         self.is_transposed = layout.is_transposed
         self.shapes = {n: tuple(expert_weight(experts, n).shape) for n in names}  # as transformers stores them
@@ -325,7 +348,6 @@ class Experts4bit(nn.Module):
                 self.add_module(child_name, child)
         # The replaced module supplies the gating maths; not a submodule (its weights are gone).
         object.__setattr__(self, "_source", experts)
-        self._arg_names = None if layout.prerouted or layout.grouped else routing_arg_names(experts)
 
     def layers(self, name: str) -> nn.ModuleList:
         """The per-expert 4-bit layers of expert weight ``name``."""
