@@ -115,8 +115,8 @@ def near_local_path(name: str | Path) -> str:
     parent = path.absolute().parent
     if path.exists() or len(path.parts) < 2 or not parent.is_dir():
         return ""
-    close = difflib.get_close_matches(path.name, sorted(p.name for p in parent.iterdir()), n=1)
-    return (f" Here, {parent} is a folder: did you mean {parent / close[0]}?" if close else
+    close = _closest(path)
+    return (f" Here, {parent} is a folder: did you mean {close}?" if close else
             f" Here, {parent} is a folder, without {path.name}.")
 
 
@@ -125,5 +125,12 @@ def _close_name(path: Path) -> str:
     parent = path.absolute().parent
     if not parent.is_dir():
         return f" ({parent} does not exist)"
+    close = _closest(path)
+    return f" (did you mean {close}?)" if close else ""
+
+
+def _closest(path: Path) -> Path | None:
+    """The entry of the missing ``path``'s (existing) folder whose name is closest to its name, if one is close."""
+    parent = path.absolute().parent
     close = difflib.get_close_matches(path.name, sorted(p.name for p in parent.iterdir()), n=1)
-    return f" (did you mean {parent / close[0]}?)" if close else ""
+    return parent / close[0] if close else None
