@@ -436,8 +436,8 @@ def generate_per_adapter(model, tokenizer, prompt: str, adapters: list[str | Non
                   if options.seed is not None and options.temperature > 0 else None for _ in adapters]
     rules = ModelRules.of(model)
     penalties = [Penalties.of(options, prompt_ids[0], rules) for _ in adapters]
-    texts = [TextStream(tokenizer, stop_strings, keep=keep, context=_context(tokenizer, prompt_ids, chat))
-             for _ in adapters]
+    context = _context(tokenizer, prompt_ids, chat)  # one prompt: one context for every adapter's text
+    texts = [TextStream(tokenizer, stop_strings, keep=keep, context=context) for _ in adapters]
     pieces: list[list[str]] = [[] for _ in adapters]
     done = [False] * rows
     model.eval()
