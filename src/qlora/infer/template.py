@@ -88,11 +88,11 @@ def render_chat(tokenizer, messages: Sequence[Message], add_generation_prompt: b
     from jinja2.exceptions import TemplateError  # what a template's raise_exception() raises
 
     def reasoned(msgs: Sequence[Message]) -> str:
-        if not any(m.reasoning for m in msgs):
-            return apply(msgs)
         try:
             return apply(msgs)
         except (TemplateError, UsageError):  # gpt-oss's refuses a call with both text and reasoning: its text alone
+            if not any(m.reasoning for m in msgs):
+                raise
             return apply([replace(m, reasoning="") for m in msgs])
 
     if len(messages) < 2 or messages[0].role != "system" or messages[1].role != "user":
