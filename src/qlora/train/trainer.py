@@ -1041,6 +1041,10 @@ class Trainer:
         raise UsageError(f"non-finite {what} at step {self.step + 1}{where}{kept}. "
                          "Lower --lr, check the data, or use --precision fp32.")
 
+    def _parts(self) -> list[tuple[str, int, int]]:
+        """:meth:`_eval_parts`, or the whole eval data as one unnamed part."""
+        return self.eval_parts or [("", 0, len(self.eval_units))]
+
     def _eval_batches(self) -> Iterator[tuple[dict[str, torch.Tensor], bool, int]]:
         """This rank's share of the eval batches, as ``(batch, mine, part)``: the batches are those of one process
         (``--batch-size`` units each, in order, a batch within one part of :meth:`_eval_parts`), batch ``i``
@@ -1048,7 +1052,7 @@ class Trainer:
         false, to be computed and left out: under FSDP every forward gathers the shards with all ranks, so every
         rank runs as many."""
         bs, world = self.config.batch_size, self.dist.world_size
-        parts = self.eval_parts or [("", 0, len(self.eval_units))]
+        parts = self._parts()
         batches = [(start, min(start + bs, end), k) for k, (_, begin, end) in enumerate(parts)
                    for start in range(begin, end, bs)]
         mine = batches[self.dist.rank::world]
@@ -1061,7 +1065,7 @@ class Trainer:
         """Loss (per trainable token) and perplexity on --eval-data, each rank evaluating its share; with several
         sources, each one's too."""
         self.model.eval()
-        parts = self.eval_parts or [("", 0, len(self.eval_units))]
+        parts = self._parts()
         totals = torch.zeros(len(parts), 2, dtype=torch.float64, device=self.device)  # loss sum, trainable tokens
         for batch, mine, part in self._eval_batches():
             with self._autocast():
