@@ -40,7 +40,7 @@ def launch(nproc: int, argv: list[str], command: str) -> int:
         except ChildFailedError as exc:
             return _report(exc, Path(errors), command, nproc)
         except Exception as exc:  # Ctrl-C or a kill reached the launcher: the ranks were stopped with it
-            stop = _signal_in(exc, SignalException)
+            stop = raised_within(exc, SignalException)
             if stop is None:
                 raise
             return _interrupted(stop.sigval, Path(errors), command)
@@ -91,13 +91,16 @@ def _end_after(launcher: int) -> None:
     os._exit(1)
 
 
-def _signal_in(exc: BaseException | None, kind: type) -> BaseException | None:
-    """The ``kind`` (torchrun's SignalException) among ``exc`` and the exceptions it was raised from or while
-    handling: a signal that lands as torch's metrics wrapper starts timing a call surfaces as that wrapper's
-    UnboundLocalError, raised while handling it (the agent's shutdown of the ranks ran all the same)."""
-    while exc is not None and not isinstance(exc, kind):
+def raised_within(exc: BaseException | None, kind: type) -> BaseException | None:
+    """The ``kind`` among ``exc`` and the exceptions it was raised from or while handling. A signal that lands as
+    torch's metrics wrapper starts timing a call surfaces as that wrapper's UnboundLocalError, raised while
+    handling torchrun's SignalException (the agent's shutdown of the ranks ran all the same); Python wraps a
+    KeyboardInterrupt raised in a class body's ``__set_name__`` (an import) in a RuntimeError."""
+    seen = set()
+    while exc is not None and not isinstance(exc, kind) and id(exc) not in seen:
+        seen.add(id(exc))
         exc = exc.__cause__ or exc.__context__
-    return exc
+    return exc if isinstance(exc, kind) else None
 
 
 def _said(errors: Path) -> list[str]:

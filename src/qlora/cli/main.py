@@ -19,7 +19,7 @@ from typing import Sequence
 
 from .. import __version__
 from ..errors import UsageError, describe_os_error
-from .launch import INTERRUPTED, report_error
+from .launch import INTERRUPTED, raised_within, report_error
 from .options import HelpFormatter, check_blank_values
 from .utf8_text import check_utf8_values
 
@@ -192,7 +192,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         report_error(f"qlora {args.command}: error: {describe_os_error(exc)}")
         return 1
     except (MemoryError, RuntimeError) as exc:
-        if _interrupt_under(exc):
+        # an interrupt wrapped by Python (in an import) or met by a clean-up failing while handling it
+        if raised_within(exc, KeyboardInterrupt):
             report_error(INTERRUPTED)
             return 130
         if not _out_of_memory(exc):
@@ -326,19 +327,6 @@ def _inputs_not_given(exc: BaseException) -> list[str]:
              and re.search(rf"\b{re.escape(n)}\b", said, re.IGNORECASE)]  # UDOP: "Bbox is required"
     missing = [n for n in named if n not in _GIVEN_INPUTS]
     return [n for n in named if n in missing or n == "pixel_values"] if missing else []
-
-
-def _interrupt_under(exc: BaseException) -> bool:
-    """Whether Ctrl-C or SIGTERM (KeyboardInterrupt) caused ``exc``: Python wraps what a class body's
-    ``__set_name__`` raises, so an interrupt landing in an import surfaces as a RuntimeError; a clean-up can fail
-    while handling one (a rank whose launcher stops it as another rank failed, drawing loss.png)."""
-    seen = set()
-    while exc is not None and id(exc) not in seen:
-        if isinstance(exc, KeyboardInterrupt):
-            return True
-        seen.add(id(exc))
-        exc = exc.__cause__ or exc.__context__
-    return False
 
 
 def _out_of_memory(exc: BaseException) -> bool:
