@@ -203,5 +203,6 @@ def segment_image_batch(rows: Sequence[Sequence[tuple[dict[str, Any], int]]], le
             segments = [media for row in rows for media, _ in row if key in media]
             per_patch = batch[patches].shape[1:-1].numel()  # the flattened patches of one of its (padded) crops
             offsets = torch.tensor([0] + [m[patches].shape[0] * per_patch for m in segments[:-1]]).cumsum(0)
-            batch[key] = torch.cat([torch.where(m[key] >= 0, m[key] + int(o), m[key]) for m, o in zip(segments, offsets)])
+            batch[key] = torch.cat([torch.where(m[key] >= 0, m[key] + int(o), m[key])
+                                    for m, o in zip(segments, offsets)])
     return batch

@@ -15,8 +15,9 @@ the language model, and next-fit packing never splits an example, so its image t
   ``token_type_ids`` (runs of 1) and ORs into the causal mask; Molmo2 makes all the image tokens of a sequence
   (``mm_token_type_ids`` 1: every image's start, patch, column and end tokens) one such block. An explicit mask
   replaces the model's, so the packed one carries those blocks (:func:`image_blocks`), each kept inside its
-  example. Flash attention takes no mask: refused there. Refused too: other models whose forward takes token types (their meaning in the mask is
-  not known here) or reads tokens bidirectionally by config (Gemma 4's ``use_bidirectional_attention``).
+  example. Flash attention takes no mask: refused there. Refused too: other models whose forward takes token
+  types (their meaning in the mask is not known here) or reads tokens bidirectionally by config (Gemma 4's
+  ``use_bidirectional_attention``).
 """
 
 from __future__ import annotations
