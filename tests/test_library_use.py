@@ -215,6 +215,31 @@ def test_save_pretrained_of_a_4bit_model_loads_back_bit_for_bit(tmp_path, tiny_m
         options["quant"], options.get("blocksize", 64), options.get("double_quant", True))
 
 
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_a_dense_state_dict_loads_into_a_4bit_model_quantized(tmp_path, tiny_tokenizer, arch):
+    """``load_state_dict`` of a dense model's weights (as bitsandbytes' Linear4bit takes them) quantizes each linear
+    weight in the layer's own format: the model is the one load_model reads from that checkpoint, GPT-2's
+    Conv1D weights (stored [in, out]) included."""
+    from transformers import AutoModelForCausalLM
+
+    from qlora.model.tiny import build_tiny_model
+
+    first = build_tiny_model(tmp_path / "first", tokenizer=tiny_tokenizer, arch=arch, seed=0)
+    second = build_tiny_model(tmp_path / "second", tokenizer=tiny_tokenizer, arch=arch, seed=1)
+    model, _ = qlora.load_model(first, compute_dtype=torch.float32, device="cpu")
+    dense = AutoModelForCausalLM.from_pretrained(second).state_dict()
+    result = model.load_state_dict(dense, strict=False)
+    assert not result.missing_keys and not result.unexpected_keys
+    want, got = _state(qlora.load_model(second, compute_dtype=torch.float32, device="cpu")[0]), _state(model)
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+
+
+def test_a_dense_weight_of_another_shape_is_refused_naming_the_layer():
+    layer = Linear4bit(96, 40)
+    with pytest.raises(RuntimeError, match=r"weight: weight of shape \(40, 95\) does not fit a 40x96 Linear4bit"):
+        layer.load_state_dict(nn.Linear(95, 40).state_dict())
+
+
 def test_save_pretrained_with_lora_attached_is_refused_saying_what_to_save(tmp_path, tiny_model_dir):
     model, tokenizer = qlora.load_model(tiny_model_dir, device="cpu")
     qlora.add_lora(model, r=4, verbose=False)

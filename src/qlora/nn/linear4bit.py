@@ -321,8 +321,13 @@ class Linear4bit(nn.Module):
             return
         qs = {k[len(wkey) + 1:]: v for k, v in state_dict.items() if k.startswith(wkey + ".")}
         try:
-            state = QuantState.from_dict(qs, device=self.weight.device)
-            self.load_quant_state(state_dict[wkey], state)
+            if not qs and state_dict[wkey].is_floating_point():
+                # A dense layer's weight (GPT-2's Conv1D stores it [in, out]): quantized as it loads, in this
+                # layer's format, as bitsandbytes' Linear4bit takes one.
+                dense = state_dict[wkey]
+                self.set_weight(dense.t() if self.from_conv1d else dense)
+            else:
+                self.load_quant_state(state_dict[wkey], QuantState.from_dict(qs, device=self.weight.device))
         except ValueError as exc:
             error_msgs.append(f"{wkey}: {exc}")
         if self.bias is not None:
