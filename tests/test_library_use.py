@@ -240,6 +240,23 @@ def test_a_dense_weight_of_another_shape_is_refused_naming_the_layer():
         layer.load_state_dict(nn.Linear(95, 40).state_dict())
 
 
+def test_lora_on_a_torch_module_of_ones_own_is_refused_leaving_it_as_it_was(tmp_path, tiny_model_dir):
+    """add_lora and load_adapter make PEFT's causal-LM adapters of transformers models; a plain torch module was
+    half changed (its layers wrapped, nothing trainable, no adapter to save) and then failed inside torch."""
+    net = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 8))
+    before = _state(net)
+    with pytest.raises(UsageError, match="add_lora adapts transformers language models .* Sequential is a torch "
+                                         "module of another kind, left as it was"):
+        qlora.add_lora(net, r=4, target_modules=["0", "2"], verbose=False)
+    assert [type(m) for m in net] == [nn.Linear, nn.ReLU, nn.Linear] and all(p.requires_grad for p in net.parameters())
+    assert all(torch.equal(v, before[k]) for k, v in net.state_dict().items())
+    model, _ = qlora.load_model(tiny_model_dir, device="cpu")
+    qlora.add_lora(model, r=4, verbose=False)
+    qlora.save_adapter(model, tmp_path / "adapter")
+    with pytest.raises(UsageError, match="load_adapter adapts transformers language models"):
+        qlora.load_adapter(net, tmp_path / "adapter")
+
+
 def test_save_pretrained_with_lora_attached_is_refused_saying_what_to_save(tmp_path, tiny_model_dir):
     model, tokenizer = qlora.load_model(tiny_model_dir, device="cpu")
     qlora.add_lora(model, r=4, verbose=False)
