@@ -77,6 +77,32 @@ def test_one_skip_module_string_is_one_name(tiny_model_dir):
 
 
 @pytest.mark.parametrize("kwargs, named", [
+    (dict(double_quant="no"), "double_quant must be True or False"), (dict(double_quant=0), "double_quant"),
+    (dict(blocksize=48), "blocksize must be one of 32, 64"), (dict(blocksize="64"), "blocksize"),
+])
+def test_the_4bit_format_is_refused_by_name_where_it_is_no_value_of_its_option(tiny_model_dir, kwargs, named):
+    """A string "no" read as true gave double quantization silently; a block size of another type or size failed
+    inside torch, quantize_model's after it had changed the layers before."""
+    with pytest.raises(UsageError, match="^" + re.escape(named)):
+        qlora.load_model(tiny_model_dir, device="cpu", **kwargs)
+    dense, _ = qlora.load_model(tiny_model_dir, quant=None, device="cpu")
+    with pytest.raises(UsageError, match="^" + re.escape(named)):
+        qlora.quantize_model(dense, **kwargs)
+    assert not any(isinstance(m, Linear4bit) for m in dense.modules())
+
+
+def test_numpy_format_values_and_no_skip_modules_load_as_python_ones(tiny_model_dir):
+    import numpy as np
+
+    want, _ = qlora.load_model(tiny_model_dir, device="cpu", blocksize=128, double_quant=False, skip_modules=())
+    got, _ = qlora.load_model(tiny_model_dir, device="cpu", blocksize=np.int64(128), double_quant=np.bool_(False),
+                              skip_modules=None)
+    a, b = _state(want), _state(got)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert got.model.layers[0].self_attn.q_proj.blocksize == 128 and not got.model.layers[0].mlp.up_proj.double_quant
+
+
+@pytest.mark.parametrize("kwargs, named", [
     (dict(r=0), "r (the LoRA rank)"), (dict(r="8"), "r (the LoRA rank)"), (dict(r=2.5), "r (the LoRA rank)"),
     (dict(alpha="16"), "alpha"), (dict(dropout=-0.1), "dropout"), (dict(dropout=1.0), "dropout"),
     (dict(dtype=torch.int32), "dtype"), (dict(dtype="half8"), "dtype"), (dict(init=False), "init"),
