@@ -41,6 +41,17 @@ def test_casting_a_4bit_layer_keeps_its_weight_and_computes_in_the_new_dtype(cas
     torch.testing.assert_close(layer(x.to(dtype)), expected, rtol=0, atol=0)
 
 
+def test_a_4bit_layer_takes_its_compute_dtype_by_name_as_load_model_does():
+    dense = nn.Linear(96, 40)
+    named = Linear4bit.from_linear(dense, compute_dtype="bf16")
+    want = Linear4bit.from_linear(dense, compute_dtype=torch.bfloat16)
+    assert named.compute_dtype == named.bias.dtype == torch.bfloat16
+    x = torch.randn(3, 96)
+    assert torch.equal(named(x), want(x))
+    with pytest.raises(UsageError, match="^compute_dtype must be a float dtype"):
+        Linear4bit(96, 40, compute_dtype=torch.int8)
+
+
 def test_a_cast_model_matches_its_uncast_copy(tiny_model_dir):
     ids = torch.tensor([[1, 17, 42, 99, 7, 250, 3, 64]])
     model, _ = qlora.load_model(tiny_model_dir, compute_dtype=torch.float32)
