@@ -41,6 +41,17 @@ def test_casting_a_4bit_layer_keeps_its_weight_and_computes_in_the_new_dtype(cas
     torch.testing.assert_close(layer(x.to(dtype)), expected, rtol=0, atol=0)
 
 
+def test_a_4bit_layer_takes_its_compute_dtype_by_name_as_load_model_does():
+    dense = nn.Linear(96, 40)
+    named = Linear4bit.from_linear(dense, compute_dtype="bf16")
+    want = Linear4bit.from_linear(dense, compute_dtype=torch.bfloat16)
+    assert named.compute_dtype == named.bias.dtype == torch.bfloat16
+    x = torch.randn(3, 96)
+    assert torch.equal(named(x), want(x))
+    with pytest.raises(UsageError, match="^compute_dtype must be a float dtype"):
+        Linear4bit(96, 40, compute_dtype=torch.int8)
+
+
 def test_a_cast_model_matches_its_uncast_copy(tiny_model_dir):
     ids = torch.tensor([[1, 17, 42, 99, 7, 250, 3, 64]])
     model, _ = qlora.load_model(tiny_model_dir, compute_dtype=torch.float32)
@@ -74,6 +85,32 @@ def test_one_skip_module_string_is_one_name(tiny_model_dir):
     dense, _ = qlora.load_model(tiny_model_dir, quant=None, device="cpu")
     assert qlora.quantize_model(dense, quant_type="FP4", compute_dtype="bf16", skip_modules="q_proj") == [
         n for n, m in model.named_modules() if isinstance(m, Linear4bit)]
+
+
+@pytest.mark.parametrize("kwargs, named", [
+    (dict(double_quant="no"), "double_quant must be True or False"), (dict(double_quant=0), "double_quant"),
+    (dict(blocksize=48), "blocksize must be one of 32, 64"), (dict(blocksize="64"), "blocksize"),
+])
+def test_the_4bit_format_is_refused_by_name_where_it_is_no_value_of_its_option(tiny_model_dir, kwargs, named):
+    """A string "no" read as true gave double quantization silently; a block size of another type or size failed
+    inside torch, quantize_model's after it had changed the layers before."""
+    with pytest.raises(UsageError, match="^" + re.escape(named)):
+        qlora.load_model(tiny_model_dir, device="cpu", **kwargs)
+    dense, _ = qlora.load_model(tiny_model_dir, quant=None, device="cpu")
+    with pytest.raises(UsageError, match="^" + re.escape(named)):
+        qlora.quantize_model(dense, **kwargs)
+    assert not any(isinstance(m, Linear4bit) for m in dense.modules())
+
+
+def test_numpy_format_values_and_no_skip_modules_load_as_python_ones(tiny_model_dir):
+    import numpy as np
+
+    want, _ = qlora.load_model(tiny_model_dir, device="cpu", blocksize=128, double_quant=False, skip_modules=())
+    got, _ = qlora.load_model(tiny_model_dir, device="cpu", blocksize=np.int64(128), double_quant=np.bool_(False),
+                              skip_modules=None)
+    a, b = _state(want), _state(got)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert got.model.layers[0].self_attn.q_proj.blocksize == 128 and not got.model.layers[0].mlp.up_proj.double_quant
 
 
 @pytest.mark.parametrize("kwargs, named", [
@@ -213,6 +250,48 @@ def test_save_pretrained_of_a_4bit_model_loads_back_bit_for_bit(tmp_path, tiny_m
     layer = back.model.layers[0].self_attn.q_proj
     assert (layer.quant_type, layer.blocksize, layer.double_quant) == (
         options["quant"], options.get("blocksize", 64), options.get("double_quant", True))
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_a_dense_state_dict_loads_into_a_4bit_model_quantized(tmp_path, tiny_tokenizer, arch):
+    """``load_state_dict`` of a dense model's weights (as bitsandbytes' Linear4bit takes them) quantizes each linear
+    weight in the layer's own format: the model is the one load_model reads from that checkpoint, GPT-2's
+    Conv1D weights (stored [in, out]) included."""
+    from transformers import AutoModelForCausalLM
+
+    from qlora.model.tiny import build_tiny_model
+
+    first = build_tiny_model(tmp_path / "first", tokenizer=tiny_tokenizer, arch=arch, seed=0)
+    second = build_tiny_model(tmp_path / "second", tokenizer=tiny_tokenizer, arch=arch, seed=1)
+    model, _ = qlora.load_model(first, compute_dtype=torch.float32, device="cpu")
+    dense = AutoModelForCausalLM.from_pretrained(second).state_dict()
+    result = model.load_state_dict(dense, strict=False)
+    assert not result.missing_keys and not result.unexpected_keys
+    want, got = _state(qlora.load_model(second, compute_dtype=torch.float32, device="cpu")[0]), _state(model)
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+
+
+def test_a_dense_weight_of_another_shape_is_refused_naming_the_layer():
+    layer = Linear4bit(96, 40)
+    with pytest.raises(RuntimeError, match=r"weight: weight of shape \(40, 95\) does not fit a 40x96 Linear4bit"):
+        layer.load_state_dict(nn.Linear(95, 40).state_dict())
+
+
+def test_lora_on_a_torch_module_of_ones_own_is_refused_leaving_it_as_it_was(tmp_path, tiny_model_dir):
+    """add_lora and load_adapter make PEFT's causal-LM adapters of transformers models; a plain torch module was
+    half changed (its layers wrapped, nothing trainable, no adapter to save) and then failed inside torch."""
+    net = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 8))
+    before = _state(net)
+    with pytest.raises(UsageError, match="add_lora adapts transformers language models .* Sequential is a torch "
+                                         "module of another kind, left as it was"):
+        qlora.add_lora(net, r=4, target_modules=["0", "2"], verbose=False)
+    assert [type(m) for m in net] == [nn.Linear, nn.ReLU, nn.Linear] and all(p.requires_grad for p in net.parameters())
+    assert all(torch.equal(v, before[k]) for k, v in net.state_dict().items())
+    model, _ = qlora.load_model(tiny_model_dir, device="cpu")
+    qlora.add_lora(model, r=4, verbose=False)
+    qlora.save_adapter(model, tmp_path / "adapter")
+    with pytest.raises(UsageError, match="load_adapter adapts transformers language models"):
+        qlora.load_adapter(net, tmp_path / "adapter")
 
 
 def test_save_pretrained_with_lora_attached_is_refused_saying_what_to_save(tmp_path, tiny_model_dir):

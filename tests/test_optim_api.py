@@ -169,3 +169,16 @@ def test_page_too_small_for_a_quantization_block():
     params[0].grad = torch.randn(8192)
     with pytest.raises(ValueError, match="cannot hold one 8-bit quantization block"):
         opt.step()
+
+
+@pytest.mark.parametrize("name", ["adamw", "paged_adamw_32bit", "paged_adamw_8bit"])
+def test_a_complex_parameter_is_refused_not_stepped_as_its_real_part(name):
+    """The moments are real: stepping a complex parameter would drop its imaginary part, where torch's AdamW
+    updates both parts. Refused when the parameter is given, in the constructor or a later group."""
+    complex_param = torch.nn.Parameter(torch.randn(3, dtype=torch.complex64))
+    with pytest.raises(UsageError, match=r"real floating-point parameters; got a torch.complex64 parameter"):
+        create_optimizer(name, [complex_param])
+    opt = create_optimizer(name, _params())
+    with pytest.raises(UsageError, match="torch.view_as_real"):
+        opt.add_param_group({"params": [complex_param], "lr": 1e-3})
+    assert len(opt.param_groups) == 1  # the refused group is not kept

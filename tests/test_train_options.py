@@ -142,3 +142,23 @@ def test_neftune_noise_is_transformers_own_and_only_in_training(tmp_path, tiny_m
     assert torch.equal(embed(ids), clean)
     with pytest.raises(UsageError, match="--neftune-alpha applies to --method sft"):
         load_config(None, dict(model="m", data="d", output="o", method="dpo", neftune_alpha=5.0))
+
+
+def test_a_config_built_in_python_is_converted_and_checked_as_a_yaml_file_is(tmp_path):
+    """``Trainer(TrainConfig(...))`` without load_config: values are converted as YAML's are, and the trainer
+    refuses what `qlora train` refuses, naming the option, before anything is read or written."""
+    from qlora.train.config import TrainConfig
+
+    config = TrainConfig(model="m", data="d", output=str(tmp_path / "o"), lr="2e-4", target_modules=["q_proj", "v_proj"],
+                         save_steps=8.0)
+    assert (config.lr, config.target_modules, config.save_steps) == (2e-4, "q_proj,v_proj", 8)
+    assert config == load_config(None, dict(model="m", data="d", output=str(tmp_path / "o"), lr="2e-4",
+                                            target_modules=["q_proj", "v_proj"], save_steps=8.0))
+    with pytest.raises(UsageError, match="TrainConfig: lr expects float, got 'fast'"):
+        TrainConfig(model="m", data="d", output="o", lr="fast")
+    for options, refusal in [(dict(batch_size=0), "--batch-size must be at least 1"),
+                             (dict(save_strategy="sometimes"), "--save-strategy must be one of"),
+                             (dict(epochs=-1), "--epochs must be at least 0")]:
+        with pytest.raises(UsageError, match=refusal):
+            Trainer(TrainConfig(model="m", data="d", output=str(tmp_path / "o"), **options))
+    assert not (tmp_path / "o").exists()

@@ -32,9 +32,9 @@ from .adalora import AdaLoraConfig
 from .adalora_io import adalora_peft_config, adalora_state_dict, attach_adalora
 from .local_path import adapter_folder_problem
 from .in_place_weights import in_place_parts, refuse_beside_others
-from .inject import (AdapterConfig, adapter_configs, add_lora, check_adapter_name, check_trainable_whole,
-                     embedding_lora_layers, expert_modules, experts_lora_layers, lora_layers, router_lora_layers,
-                     parameter_keys, router_modules, target_names, target_paths, trained_biases)
+from .inject import (AdapterConfig, adapter_configs, add_lora, check_adapter_name, check_language_model,
+                     check_trainable_whole, embedding_lora_layers, expert_modules, experts_lora_layers, lora_layers,
+                     parameter_keys, router_lora_layers, router_modules, target_names, target_paths, trained_biases)
 from .saved_copies import load_copies, saved_module
 from .tied_tables import untie_trained_whole
 from .quantize import matches_any, non_text_names, text_decoder_path
@@ -407,6 +407,7 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path, adapter_name: str = 
             (a layer it names is missing, or a tensor shape differs).
     """
     adapter_dir = Path(adapter_dir)
+    check_language_model(model, "load_adapter")
     check_adapter_name(adapter_name)
     config, tensors = files or (read_adapter_config(adapter_dir), read_adapter_weights(adapter_dir))
     config, tensors = to_model_layout(model, config, tensors, adapter_dir)  # transformers 4.x names

@@ -422,6 +422,16 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
     return trainable, weight_count(model)
 
 
+def check_language_model(model: nn.Module, call: str) -> None:
+    """Refuse, before any layer is changed, a torch module that is not a transformers model: adapters here are
+    PEFT's causal-LM ones, found through the model's embedding and head (``get_output_embeddings``)."""
+    if not hasattr(model, "get_output_embeddings"):
+        raise UsageError(f"{call} adapts transformers language models (a PreTrainedModel, as qlora.load_model "
+                         f"returns); {type(model).__name__} is a torch module of another kind, left as it was. For "
+                         "LoRA on a model of your own, use PEFT (get_peft_model with task_type=None); "
+                         "qlora.quantize_model and qlora.nn.Linear4bit work on any torch model.")
+
+
 def check_adapter_name(name: str) -> None:
     """Refuse a name torch cannot key the adapter layers with, before any layer is changed."""
     problem = adapter_name_problem(name)
@@ -513,6 +523,7 @@ def add_lora(
         UsageError: nothing matches (the message lists the layer names that exist), or an option is invalid
             (named in the message); the model is then left as it was.
     """
+    check_language_model(model, "add_lora")
     configs = adapter_configs(model)
     if adapter_name in configs:
         raise UsageError(f"the model already has an adapter named {adapter_name!r}")

@@ -41,7 +41,7 @@ from .compressed_tensors import CompressedTensors
 from .gptq_awq import GroupedInt
 from .local_path import looks_like_path, near_local_path
 from .modelopt import ModelOpt
-from .quantize import (fp32_linear_names, is_conv1d, is_plain_linear, is_skipped, kept_dense_names, kept_in_fp32,
+from .quantize import (checked_format, fp32_linear_names, is_conv1d, is_plain_linear, is_skipped, kept_dense_names, kept_in_fp32,
                        non_text_names, output_embedding_names, replace_modules, tied_keys, weight_count)
 from .stored_floats import DecodePlan, StoredFloats, StoredFormat
 from .weight_files import LAYOUTS, indexed_files, open_weights, weight_files
@@ -375,8 +375,8 @@ def load_model(
         compute_dtype: dtype of the matmuls and of every unquantized tensor (a torch dtype or its name,
             ``"bfloat16"``, ``"bf16"``, ...).
         device: target device (default: CUDA when available, else CPU).
-        skip_modules: linear layers kept dense, by name or regex (one string is one name; the output
-            head always is).
+        skip_modules: linear layers kept dense, by name or regex (one string is one name; ``None``: no others;
+            the output head always is).
         attn_implementation: forwarded to transformers ("eager", "sdpa", ...).
         progress: show a progress bar (default: for checkpoints over 1 GB).
         quantize_experts: quantize MoE experts stored as 3-D weights (from their ``compute_dtype``
@@ -389,7 +389,7 @@ def load_model(
         ``(model, tokenizer)``; every base parameter is frozen.
 
     Raises:
-        UsageError: missing folder or files, unsupported checkpoint.
+        UsageError: missing folder or files, unsupported checkpoint, an option that is not one of its values.
     """
     from safetensors import SafetensorError
 
@@ -398,7 +398,8 @@ def load_model(
     if quant not in ("nf4", "fp4", None):
         raise UsageError(f"quant must be nf4, fp4 or none, got {quant!r}")
     compute_dtype = float_dtype(compute_dtype, "compute_dtype")
-    skip_modules = (skip_modules,) if isinstance(skip_modules, str) else tuple(skip_modules)
+    blocksize, double_quant = checked_format(blocksize, double_quant)
+    skip_modules = (skip_modules,) if isinstance(skip_modules, str) else tuple(skip_modules or ())
     device = _target_device(device)
     model_dir = resolve_model_dir(name_or_path)
     files = weight_files(model_dir)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import ast
 import functools
 import inspect
+import numbers
 import operator
 import re
 import textwrap
@@ -20,7 +21,7 @@ from torch import nn
 from ..errors import UsageError
 from ..float_dtype import float_dtype
 from ..nn import Experts4bit, Linear4bit, computed_experts, expert_weight, expert_weight_names, experts_layout
-from ..quant import NonFiniteError
+from ..quant import BLOCKSIZES, NonFiniteError
 
 
 def is_conv1d(module: nn.Module) -> bool:
@@ -407,6 +408,18 @@ def matches_any(path: str, patterns: Iterable[str]) -> bool:
     return any(path == p or path.endswith("." + p) for p in patterns)
 
 
+def checked_format(blocksize: int, double_quant: bool) -> tuple[int, bool]:
+    """``blocksize`` and ``double_quant`` as :func:`quantize_model` and :func:`qlora.load_model` take them (NumPy
+    scalars too), each refused by name before any layer changes: a string such as ``"no"`` would read as true."""
+    if not (isinstance(blocksize, numbers.Real) and not isinstance(blocksize, bool) and blocksize in BLOCKSIZES):
+        raise UsageError(f"blocksize must be one of {', '.join(map(str, BLOCKSIZES))} (a power of two from 32 to "
+                         f"4096, as bitsandbytes accepts), got {blocksize!r}.")
+    if type(double_quant).__name__ not in ("bool", "bool_"):  # Python's or NumPy's
+        raise UsageError(f"double_quant must be True or False (bitsandbytes' bnb_4bit_use_double_quant), got "
+                         f"{double_quant!r}.")
+    return int(blocksize), bool(double_quant)
+
+
 def quantize_model(
     model: nn.Module,
     quant_type: str = "nf4",
@@ -418,14 +431,18 @@ def quantize_model(
     """Quantize every linear layer, and the 3-D experts of MoE layers, of an in-memory model in place,
     as :func:`qlora.model.load.load_model` quantizes them while loading.
 
-    The output head and modules matching ``skip_modules`` (by name or regex)
+    The output head and modules matching ``skip_modules`` (by name or regex; ``None``: no others)
     stay dense, as do layers in :func:`kept_dense_names`. Returns the quantized module paths.
     ``quant_type`` and ``compute_dtype`` take the spellings :func:`qlora.load_model` takes.
+
+    Raises:
+        UsageError: an option that is not one of its values, named, before any layer changes.
     """
     if not isinstance(quant_type, str) or quant_type.strip().lower() not in ("nf4", "fp4"):
         raise UsageError(f"quant_type must be nf4 or fp4, got {quant_type!r}")
     quant_type, compute_dtype = quant_type.strip().lower(), float_dtype(compute_dtype, "compute_dtype")
-    skip = {skip_modules} if isinstance(skip_modules, str) else set(skip_modules)
+    blocksize, double_quant = checked_format(blocksize, double_quant)
+    skip = {skip_modules} if isinstance(skip_modules, str) else set(skip_modules or ())
     skip |= kept_dense_names(model)
 
     def make(path: str, module: nn.Module) -> nn.Module | None:

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..float_dtype import float_dtype
 from ..quant import QuantState, dequantize_4bit, quantize_4bit
 from ..quant.quant_state import NestedState
 
@@ -79,7 +80,7 @@ class Linear4bit(nn.Module):
     Args:
         in_features, out_features: the dense shape (weight is ``[out, in]``).
         bias: keep a (frozen) bias in ``compute_dtype``.
-        compute_dtype: dtype of the dequantized weight and the matmul.
+        compute_dtype: dtype of the dequantized weight and the matmul (a torch float dtype or its name).
         quant_type, blocksize, double_quant: as in :func:`qlora.quant.quantize_4bit`.
     """
 
@@ -88,13 +89,14 @@ class Linear4bit(nn.Module):
         in_features: int,
         out_features: int,
         bias: bool = True,
-        compute_dtype: torch.dtype = torch.bfloat16,
+        compute_dtype: torch.dtype | str = torch.bfloat16,
         quant_type: str = "nf4",
         blocksize: int = 64,
         double_quant: bool = True,
         device: torch.device | str | None = None,
     ) -> None:
         super().__init__()
+        compute_dtype = float_dtype(compute_dtype, "compute_dtype")  # "bfloat16", "bf16": as load_model takes it
         self.in_features = in_features
         self.out_features = out_features
         self.compute_dtype = compute_dtype
@@ -122,7 +124,7 @@ class Linear4bit(nn.Module):
         quant_type: str = "nf4",
         blocksize: int = 64,
         double_quant: bool = True,
-        compute_dtype: torch.dtype = torch.bfloat16,
+        compute_dtype: torch.dtype | str = torch.bfloat16,
         transposed: bool = False,
     ) -> "Linear4bit":
         """Quantize a dense layer. ``transposed`` is for GPT-2's Conv1D,
@@ -135,7 +137,7 @@ class Linear4bit(nn.Module):
                     quant_type=quant_type, blocksize=blocksize, double_quant=double_quant, device=weight.device)
         layer.set_weight(weight)
         if linear.bias is not None:
-            layer.bias.data.copy_(linear.bias.detach().to(compute_dtype))
+            layer.bias.data.copy_(linear.bias.detach().to(layer.compute_dtype))
         return layer
 
     @torch.no_grad()
@@ -321,8 +323,13 @@ class Linear4bit(nn.Module):
             return
         qs = {k[len(wkey) + 1:]: v for k, v in state_dict.items() if k.startswith(wkey + ".")}
         try:
-            state = QuantState.from_dict(qs, device=self.weight.device)
-            self.load_quant_state(state_dict[wkey], state)
+            if not qs and state_dict[wkey].is_floating_point():
+                # A dense layer's weight (GPT-2's Conv1D stores it [in, out]): quantized as it loads, in this
+                # layer's format, as bitsandbytes' Linear4bit takes one.
+                dense = state_dict[wkey]
+                self.set_weight(dense.t() if self.from_conv1d else dense)
+            else:
+                self.load_quant_state(state_dict[wkey], QuantState.from_dict(qs, device=self.weight.device))
         except ValueError as exc:
             error_msgs.append(f"{wkey}: {exc}")
         if self.bias is not None:

@@ -116,6 +116,17 @@ class AdamW(torch.optim.Optimizer):
         )
         self._stores: dict[torch.device, ResidentStore | PagedStore] = {}
 
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """torch's, refusing a parameter that is not real floating point: the moments and the update are real (a
+        complex one would silently lose its imaginary part, which torch's AdamW updates as a second real value)."""
+        super().add_param_group(param_group)
+        wrong = [p for p in self.param_groups[-1]["params"] if not p.is_floating_point()]
+        if wrong:
+            self.param_groups.pop()
+            raise UsageError(f"{type(self).__name__} updates real floating-point parameters; got a {wrong[0].dtype} "
+                             f"parameter of shape {tuple(wrong[0].shape)}. Train it as its real and imaginary parts "
+                             "(torch.view_as_real) or with torch.optim.AdamW.")
+
     def pager(self, device: torch.device | str) -> Pager | None:
         """The pager of ``device``'s states (``None`` unless paged and in use)."""
         store = self._stores.get(torch.device(device))

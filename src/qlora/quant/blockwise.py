@@ -113,6 +113,7 @@ def quantize_blockwise(
         raise ValueError(f"blocksize must be positive, got {blocksize}")
     if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise ValueError(f"blockwise quantization takes float32, float16 or bfloat16 tensors, got {x.dtype}")
+    x = x.detach()  # rounding to a code has no gradient: a parameter is quantized as its values
     if _use_triton(x, blocksize):
         from .kernels import triton_quant
 

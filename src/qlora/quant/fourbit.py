@@ -50,12 +50,16 @@ def quantize_4bit(
         (bitsandbytes' layout) and the :class:`QuantState` to decode it.
 
     Raises:
-        ValueError: for an unknown type, blocksize or dtype, or when ``w``
+        ValueError: for an unknown type, blocksize or dtype, a ``meta`` tensor (it has no values), or when ``w``
             holds NaN or infinite values (4 bits cannot store them; the
             message says how many blocks and where the first one starts).
     """
     _check(quant_type, blocksize, w.dtype)
-    return _quantize(w, quant_type, blocksize, double_quant)
+    if w.is_meta:
+        raise ValueError(f"cannot quantize a {tuple(w.shape)} tensor on the meta device: it has no values; "
+                         "materialize it (load its weights) first.")
+    # Rounding to 4 bits has no gradient: a trained weight (an nn.Parameter) is quantized as its values.
+    return _quantize(w.detach(), quant_type, blocksize, double_quant)
 
 
 class NonFiniteError(ValueError):
@@ -116,6 +120,19 @@ def _use_triton_quantize(w: torch.Tensor, quant_type: str) -> bool:
     return triton_quant.available()
 
 
+def _check_fits(packed: torch.Tensor, state: QuantState) -> None:
+    """``packed`` and ``state`` come from one :func:`quantize_4bit` call: a pair of two calls would decode
+    another tensor's codes with this one's scales (or read past its bytes)."""
+    n = state.shape.numel()
+    sizes = {"packed bytes": (packed.numel() * packed.element_size(), (n + 1) // 2),
+             "block constants (absmax)": (state.absmax.numel(), -(-n // state.blocksize))}
+    wrong = [f"{what}: {got}, not {want}" for what, (got, want) in sizes.items() if got != want]
+    if wrong:
+        raise ValueError(f"packed data and quantization state do not belong together: a {tuple(state.shape)} "
+                         f"tensor in blocks of {state.blocksize} has {'; '.join(wrong)}. Pass the two results of "
+                         "one quantize_4bit call.")
+
+
 def _use_triton(packed: torch.Tensor) -> bool:
     if packed.device.type != "cuda":
         return False
@@ -128,8 +145,17 @@ def dequantize_4bit(
     packed: torch.Tensor, state: QuantState, dtype: torch.dtype | None = None
 ) -> torch.Tensor:
     """Decode ``packed`` to a tensor of ``state.shape`` in ``dtype``
-    (default: the dtype that was quantized)."""
+    (default: the dtype that was quantized).
+
+    Raises:
+        ValueError: for a ``dtype`` that is not a float dtype, or ``packed`` and ``state`` of different
+            tensors (their byte and block counts do not fit ``state.shape``).
+    """
     dtype = dtype or state.dtype
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ValueError(f"dequantize_4bit decodes to a float dtype (torch.bfloat16, torch.float16, torch.float32, "
+                         f"...), got {dtype!r}")
+    _check_fits(packed, state)
     if packed.is_meta:  # nothing to decode (``qlora estimate`` measures on meta): the reference's ops cost seconds
         return torch.empty(state.shape, dtype=dtype, device="meta")
     if _use_triton(packed):

@@ -310,7 +310,11 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         """Other tools' names for our optimizers, schedules and templates become ours, and the schedule's kwargs
-        one canonical JSON text, so a checkpoint compares equal however they were spelled."""
+        one canonical JSON text, so a checkpoint compares equal however they were spelled. A config built in Python
+        (``TrainConfig(lr="2e-4", target_modules=["q_proj", "v_proj"])``) gets its values converted as a YAML
+        file's are, or refused naming the option."""
+        for f in fields(self):
+            setattr(self, f.name, _coerce(f.name, getattr(self, f.name), field_type(f), "TrainConfig"))
         self.optim = OPTIMIZER_ALIASES.get(self.optim, self.optim)
         self._digests: dict[str, str] = {}  # a template file's text digest, by path (see run_defining)
         self._sources: dict[str, dict[str, Fingerprint]] | None = None  # fingerprints of the files read (idem)

@@ -310,6 +310,7 @@ class Trainer:
         return super().__new__(cls)
 
     def __init__(self, config: TrainConfig) -> None:
+        config.validate()  # as load_config does: a config built in Python is checked as `qlora train` checks one
         self.config = config
         self.out = Path(config.output)
         self.dist = DistContext.from_env()
