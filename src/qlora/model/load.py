@@ -41,8 +41,8 @@ from .compressed_tensors import CompressedTensors
 from .gptq_awq import GroupedInt
 from .local_path import looks_like_path, near_local_path
 from .modelopt import ModelOpt
-from .quantize import (checked_format, fp32_linear_names, is_conv1d, is_plain_linear, is_skipped, kept_dense_names, kept_in_fp32,
-                       non_text_names, output_embedding_names, replace_modules, tied_keys, weight_count)
+from .quantize import (checked_format, fp32_linear_names, is_conv1d, is_plain_linear, is_skipped, kept_dense_names,
+                       kept_in_fp32, non_text_names, output_embedding_names, replace_modules, tied_keys, weight_count)
 from .stored_floats import DecodePlan, StoredFloats, StoredFormat
 from .weight_files import LAYOUTS, indexed_files, open_weights, weight_files
 
