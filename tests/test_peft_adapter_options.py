@@ -41,6 +41,8 @@ CASES = {
     # both saved whole: two tables trained apart, so the merged model has both (untied)
     "saved_embedding_and_head_of_tied_pair": ("llama_tied", dict(target_modules=["q_proj"],
                                                                  modules_to_save=["embed_tokens", "lm_head"])),
+    # one layer of a name saved whole: written back naming it by its path, or PEFT would copy every down_proj
+    "saved_one_layer_of_a_name": ("llama", dict(target_modules=["q_proj"], modules_to_save=["layers.1.mlp.down_proj"])),
 }
 
 

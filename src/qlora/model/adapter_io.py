@@ -171,6 +171,7 @@ def save_adapter(model: nn.Module, out_dir: str | Path, adapter_name: str = "def
     else:
         config = _lora_peft_config(cfg)
     config["target_modules"] = _peft_target_modules(model, cfg.target_modules)
+    config["modules_to_save"] = _peft_modules_to_save(model, cfg.modules_to_save)
     # clone: tied weights (embedding == head) are one tensor, which safetensors refuses to write twice
     tensors = {k: v.cpu().clone() for k, v in adapter_state_dict(model, adapter_name).items()}
     if convert and residual_paths(model, adapter_name):
@@ -211,6 +212,20 @@ def _peft_target_modules(model: nn.Module, names: list[str]) -> list[str] | str:
     return f"(?:{'|'.join(re.escape(p) for p in sorted(named))})"
 
 
+def _peft_modules_to_save(model: nn.Module, paths: list[str]) -> list[str] | None:
+    """The modules trained whole, named for PEFT, which copies every module whose path ends with a name
+    (``endswith``, no dot needed): their last names where those pick exactly these modules, else their paths
+    (one ``down_proj`` of several saved whole: ``down_proj`` would give PEFT a copy of each, and no weights for
+    the others)."""
+    if not paths:
+        return None
+    names = sorted({p.rsplit(".", 1)[-1] for p in paths})
+    inner = [p for p, m in model.named_modules() if isinstance(m, SavedModules) or hasattr(m, "base_layer")]
+    picked = {p for p, _ in model.named_modules()
+              if p and any(p.endswith(n) for n in names) and not any(p.startswith(w + ".") for w in inner)}
+    return names if picked == set(paths) else sorted(paths)
+
+
 def _token_indices_config(tokens: dict[str, list[int]]) -> dict[str, list[int]]:
     """PEFT's ``trainable_token_indices``: the token ids by layer name."""
     return {path.rsplit(".", 1)[-1]: indices for path, indices in tokens.items()}
@@ -223,7 +238,6 @@ def _lora_peft_config(cfg: AdapterConfig) -> dict:
         "r": spec.r, "lora_alpha": spec.alpha, "lora_dropout": spec.dropout, "target_modules": cfg.target_modules,
         "bias": cfg.bias, "fan_in_fan_out": cfg.fan_in_fan_out, "use_rslora": spec.rslora,
         "init_lora_weights": {"kaiming": True}.get(spec.init, spec.init),
-        "modules_to_save": sorted({p.rsplit(".", 1)[-1] for p in cfg.modules_to_save}) or None,
         "inference_mode": True, "use_dora": spec.use_dora, "revision": None, "layers_to_transform": None,
         "rank_pattern": cfg.rank_pattern, "alpha_pattern": cfg.alpha_pattern, "lora_bias": spec.lora_bias,
     } | ({"ensure_weight_tying": True} if cfg.ensure_weight_tying else {}) | (
