@@ -43,6 +43,8 @@ CASES = {
                                                                  modules_to_save=["embed_tokens", "lm_head"])),
     # one layer of a name saved whole: written back naming it by its path, or PEFT would copy every down_proj
     "saved_one_layer_of_a_name": ("llama", dict(target_modules=["q_proj"], modules_to_save=["layers.1.mlp.down_proj"])),
+    # VeLoRA compresses the activations backward keeps: its forward and merge are plain LoRA's (it was refused)
+    "velora": ("llama", dict(target_modules=["q_proj", "v_proj"], velora_config={"num_groups": 4})),
 }
 
 
@@ -307,6 +309,19 @@ def test_lora_variants_that_compute_differently_are_refused_naming_them(tmp_path
     fresh, _ = qlora.load_model(model_dir, compute_dtype=torch.float32, device="cpu")
     with pytest.raises(UsageError, match=r"lora_diag is not a tensor of plain LoRA or DoRA"):
         qlora.load_adapter(fresh, tmp_path / "odd")
+
+
+def test_velora_adapter_trained_on_says_its_gradients_are_exact(tmp_path, models, caplog):
+    """VeLoRA's backward approximates the gradients from compressed activations; qlora trains on with exact ones,
+    and says so naming velora_config."""
+    model_dir = models["llama"]
+    model, _ = qlora.load_model(model_dir, compute_dtype=torch.float32, device="cpu")
+    theirs = _peft_adapter(model_dir, model, tmp_path / "a", target_modules=["q_proj"], velora_config={"num_groups": 4})
+    with caplog.at_level("WARNING", logger="qlora"):
+        qlora.load_adapter(model, tmp_path / "a", trainable=True)
+    assert "VeLoRA adapter (velora_config)" in caplog.text and "exact gradients" in caplog.text
+    with torch.no_grad():
+        torch.testing.assert_close(model.eval()(IDS).logits, theirs, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("damage", ["int_tensor", "bool_tensor", "dora_without_magnitudes"])
