@@ -34,7 +34,7 @@ from .local_path import adapter_folder_problem
 from .in_place_weights import in_place_parts, refuse_beside_others
 from .inject import (AdapterConfig, adapter_configs, add_lora, check_adapter_name, check_trainable_whole,
                      embedding_lora_layers, expert_modules, experts_lora_layers, lora_layers, router_lora_layers,
-                     parameter_keys, router_modules, target_names, target_paths, trained_biases)
+                     parameter_keys, pattern_key, router_modules, target_names, target_paths, trained_biases)
 from .saved_copies import load_copies, saved_module
 from .tied_tables import untie_trained_whole
 from .quantize import matches_any, non_text_names, text_decoder_path
@@ -487,7 +487,7 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path, adapter_name: str = 
              init=init,
              adapter_name=adapter_name, verbose=False, modules_to_save=[] if copies else save_paths,
              use_dora=bool(config.get("use_dora")),
-             target_parameters=target_parameters, rank_pattern=config.get("rank_pattern") or None,
+             target_parameters=target_parameters, rank_pattern=_saved_rank_pattern(adapter_dir, config, tensors, paths),
              alpha_pattern=config.get("alpha_pattern") or None, lora_bias=bool(config.get("lora_bias")),
              bias=bias_mode, ensure_weight_tying=bool(config.get("ensure_weight_tying")), adapt_towers=True)
     names = target_names(config.get("target_modules"), paths)
@@ -534,6 +534,35 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path, adapter_name: str = 
     if not trainable:  # training goes on here: what it computes is no longer the folder run's alone
         note_loaded(model, adapter_name, adapter_dir)
     return model
+
+
+def _saved_rank_pattern(adapter_dir: Path, config: dict, tensors: dict[str, torch.Tensor],
+                        paths: list[str]) -> dict[str, int] | None:
+    """The config's ``rank_pattern``, and first the layers whose saved rank is that of another of its keys
+    matching them than the first one. PEFT's ``save_pretrained`` sorts the keys, while the first key in the
+    order given picked a layer's rank in training (``{"v_proj": 4, "layers.0.self_attn.v_proj": 2}`` is
+    written the other way round, which PEFT then fails to load); the saved tensors say which one it was.
+    The same holds for ``alpha_pattern``, which no tensor tells: a layer several of its keys with different
+    values match is warned of (qlora, as PEFT, uses the first in the file)."""
+    pattern, alphas = config.get("rank_pattern") or {}, config.get("alpha_pattern") or {}
+    fixed = {}
+    for path in paths:
+        saved = tensors.get(f"{PEFT_PREFIX}{path}.lora_A.weight", tensors.get(f"{PEFT_PREFIX}{path}.lora_embedding_A"))
+        key = pattern_key(pattern, path)
+        if saved is None or saved.shape[0] == (pattern[key] if key is not None else config["r"]):
+            continue
+        if any(pattern[k] == saved.shape[0] for k in pattern if pattern_key([k], path)):
+            fixed[re.escape(path)] = saved.shape[0]
+    for path in paths:
+        values = {alphas[k] for k in alphas if pattern_key([k], path)}
+        if len(values) > 1:
+            log.warning("%s: alpha_pattern keys of different alphas (%s) match %s; PEFT writes them sorted, not in "
+                        "the order training gave them, so the alpha it trained with is not known. qlora, as PEFT, "
+                        "takes the first in adapter_config.json (%s); make the keys exclusive to be sure.", adapter_dir,
+                        ", ".join(f"{k!r}: {v}" for k, v in alphas.items() if pattern_key([k], path)), path,
+                        pattern_key(alphas, path))
+            break
+    return (fixed | pattern) or None
 
 
 def _drop_velora_projections(adapter_dir: Path, tensors: dict[str, torch.Tensor], trainable: bool) -> None:
