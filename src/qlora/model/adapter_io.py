@@ -424,8 +424,10 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path, adapter_name: str = 
     check_adapter_name(adapter_name)
     config, tensors = files or (read_adapter_config(adapter_dir), read_adapter_weights(adapter_dir))
     config, tensors = to_model_layout(model, config, tensors, adapter_dir)  # transformers 4.x names
-    if config.get("velora_config"):
-        _drop_velora_projections(adapter_dir, tensors, trainable)
+    if drop_velora_projections(config, tensors) and trainable:
+        log.warning("%s: a VeLoRA adapter (velora_config): qlora trains it on as plain LoRA, with exact gradients "
+                    "instead of VeLoRA's compressed activations (its outputs are plain LoRA's either way), and saves "
+                    "it as plain LoRA.", adapter_dir)
     token_tensors = {k: tensors.pop(k) for k in [k for k in tensors if ".token_adapter." in k]}
     # beside the rows, PEFT saves the whole table when tokens were added (resized) before training
     token_tables = {k[len(PEFT_PREFIX):].replace(".token_adapter.base_layer.", "."): token_tensors.pop(k)
@@ -565,17 +567,15 @@ def _saved_rank_pattern(adapter_dir: Path, config: dict, tensors: dict[str, torc
     return (fixed | pattern) or None
 
 
-def _drop_velora_projections(adapter_dir: Path, tensors: dict[str, torch.Tensor], trainable: bool) -> None:
-    """VeLoRA (``velora_config``) changes only the backward pass, where its saved projections
-    (``lora_velora_embed``) compress the activations kept for it; its forward and merge are plain LoRA's,
-    so the adapter runs as plain LoRA and the projections, backward state, are dropped. Training it on
-    computes exact gradients, which is said."""
+def drop_velora_projections(config: dict, tensors: dict[str, torch.Tensor]) -> bool:
+    """Whether the adapter is VeLoRA's (``velora_config``), whose saved projections (``lora_velora_embed``)
+    are removed from ``tensors``: VeLoRA changes only the backward pass, where they compress the activations
+    kept for it; its forward and merge are plain LoRA's, so the adapter runs as plain LoRA."""
+    if not config.get("velora_config"):
+        return False
     for key in [k for k in tensors if k.endswith(".lora_velora_embed")]:
         del tensors[key]
-    if trainable:
-        log.warning("%s: a VeLoRA adapter (velora_config): qlora trains it on as plain LoRA, with exact gradients "
-                    "instead of VeLoRA's compressed activations (its outputs are plain LoRA's either way), and saves "
-                    "it as plain LoRA.", adapter_dir)
+    return True
 
 
 def _refuse_unadaptable(model: nn.Module, paths: list[str], adapter_dir: Path) -> None:
