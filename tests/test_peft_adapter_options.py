@@ -360,6 +360,22 @@ def test_velora_adapter_trained_on_says_its_gradients_are_exact(tmp_path, models
         torch.testing.assert_close(model.eval()(IDS).logits, theirs, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("option, what", [(dict(alora_invocation_tokens=[5, 9]), "an activated LoRA (aLoRA)"),
+                                          (dict(layer_replication=[[0, 2], [1, 2]]), "a layer-replication (repeated layers)")])
+def test_generate_refuses_a_variant_adapter_naming_its_field(tmp_path, models, capsys, option, what):
+    """aLoRA adapts only the tokens after its invocation tokens, layer replication runs layers twice: refused by
+    the CLI (exit 2, no traceback) naming the field that is set."""
+    from qlora.cli.main import main
+
+    model_dir = models["llama"]
+    model, _ = qlora.load_model(model_dir, compute_dtype=torch.float32, device="cpu")
+    _peft_adapter(model_dir, model, tmp_path / "a", target_modules=["q_proj"], **option)
+    capsys.readouterr()
+    assert main(["generate", "--model", str(model_dir), "--adapter", str(tmp_path / "a"), "--prompt", "x"]) == 2
+    err = capsys.readouterr().err
+    assert f"is {what} adapter ({next(iter(option))} is set)" in err and "Traceback" not in err, err
+
+
 @pytest.mark.parametrize("damage", ["int_tensor", "bool_tensor", "dora_without_magnitudes"])
 def test_a_damaged_adapter_file_is_refused_naming_the_file_and_tensor(tmp_path, models, damage):
     """What PEFT loads silently or with a warning (an integer or boolean tensor cast to floats; DoRA layers whose

@@ -290,11 +290,14 @@ def read_adapter_config(adapter_dir: str | Path) -> dict:
                          f"model ({task[1]}), whose output head it trained whole (modules_to_save "
                          f"{config.get('modules_to_save')}); qlora runs causal language models (task_type CAUSAL_LM), "
                          "which have no such head. Load it with PEFT on that model class.")
-    variant = next((what for key, what in _VARIANTS.items() if config.get(key)), None)
-    if variant:
-        raise UsageError(f"{path} is a {variant} adapter, a LoRA variant whose layers compute differently; qlora "
-                         "implements plain LoRA, DoRA and AdaLoRA only, so it would give other outputs than PEFT. "
-                         "Merge it with PEFT (merge_and_unload) and give qlora the merged model.")
+    field = next((key for key in _VARIANTS if config.get(key)), None)
+    if field:
+        variant = _VARIANTS[field]
+        article = "an" if variant[0].lower() in "aeiou" else "a"
+        raise UsageError(f"{path} is {article} {variant} adapter ({field} is set), a LoRA variant whose layers "
+                         "compute differently; qlora implements plain LoRA, DoRA and AdaLoRA only, so it would give "
+                         "other outputs than PEFT. Merge it with PEFT (merge_and_unload) and give qlora the merged "
+                         "model.")
     unknown = sorted(set(config) - _KNOWN_KEYS)
     if unknown:
         log.warning("%s: ignoring unknown adapter config keys %s", path, ", ".join(unknown))
