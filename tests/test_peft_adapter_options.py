@@ -315,6 +315,21 @@ def test_lora_variants_that_compute_differently_are_refused_naming_them(tmp_path
         qlora.load_adapter(fresh, tmp_path / "odd")
 
 
+def test_a_rank_key_older_peft_matched_nowhere_keeps_the_saved_rank(tmp_path, models):
+    """Older PEFT matched a rank_pattern key only after a dot (``.*\\.{key}$``), so a key anchored at the path's
+    start (PEFT's own docs' example) left the layer at r; PEFT 0.21 gives it the key's rank and fails to load the
+    file. qlora takes the rank the file holds (it said 'made for another base model')."""
+    import json
+
+    model_dir = models["llama"]
+    model, _ = qlora.load_model(model_dir, compute_dtype=torch.float32, device="cpu")
+    theirs = _peft_adapter(model_dir, model, tmp_path / "theirs", target_modules=["q_proj", "v_proj"])
+    config = json.loads((tmp_path / "theirs" / "adapter_config.json").read_text())
+    (tmp_path / "theirs" / "adapter_config.json").write_text(json.dumps(
+        config | {"rank_pattern": {"^model.layers.0.self_attn.q_proj": 2}}))
+    _round_trip(model, model_dir, tmp_path, IDS, theirs)
+
+
 def test_integral_float_ranks_are_written_back_as_integers(tmp_path, models):
     """A rank_pattern value of 2.0 (a hand-edited or another tool's config) loads, and is written back as 2, which
     PEFT's layers take (2.0 failed there: torch.empty got a float size)."""
@@ -360,8 +375,9 @@ def test_velora_adapter_trained_on_says_its_gradients_are_exact(tmp_path, models
         torch.testing.assert_close(model.eval()(IDS).logits, theirs, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("option, what", [(dict(alora_invocation_tokens=[5, 9]), "an activated LoRA (aLoRA)"),
-                                          (dict(layer_replication=[[0, 2], [1, 2]]), "a layer-replication (repeated layers)")])
+@pytest.mark.parametrize("option, what", [
+    (dict(alora_invocation_tokens=[5, 9]), "an activated LoRA (aLoRA)"),
+    (dict(layer_replication=[[0, 2], [1, 2]]), "a layer-replication (repeated layers)")])
 def test_generate_refuses_a_variant_adapter_naming_its_field(tmp_path, models, capsys, option, what):
     """aLoRA adapts only the tokens after its invocation tokens, layer replication runs layers twice: refused by
     the CLI (exit 2, no traceback) naming the field that is set."""

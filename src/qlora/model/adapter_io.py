@@ -547,6 +547,8 @@ def _saved_rank_pattern(adapter_dir: Path, config: dict, tensors: dict[str, torc
     matching them than the first one. PEFT's ``save_pretrained`` sorts the keys, while the first key in the
     order given picked a layer's rank in training (``{"v_proj": 4, "layers.0.self_attn.v_proj": 2}`` is
     written the other way round, which PEFT then fails to load); the saved tensors say which one it was.
+    So do they where older PEFT matched a key only after a dot (``.*\\.{key}$``: ``^model.layers.0.q_proj`` matched
+    nothing there: the layer got ``r``).
     The same holds for ``alpha_pattern``, which no tensor tells: a layer several of its keys with different
     values match is warned of (qlora, as PEFT, uses the first in the file)."""
     pattern, alphas = config.get("rank_pattern") or {}, config.get("alpha_pattern") or {}
@@ -556,7 +558,7 @@ def _saved_rank_pattern(adapter_dir: Path, config: dict, tensors: dict[str, torc
         key = pattern_key(pattern, path)
         if saved is None or saved.shape[0] == (pattern[key] if key is not None else config["r"]):
             continue
-        if any(pattern[k] == saved.shape[0] for k in pattern if pattern_key([k], path)):
+        if saved.shape[0] in {config["r"]} | {pattern[k] for k in pattern if pattern_key([k], path)}:
             fixed[re.escape(path)] = saved.shape[0]
     for path in paths:
         values = {alphas[k] for k in alphas if pattern_key([k], path)}
