@@ -349,6 +349,11 @@ def test_integral_float_ranks_are_written_back_as_integers(tmp_path, models):
     again = PeftModel.from_pretrained(_dequantized_reference(model_dir, model), tmp_path / "ours").eval()
     with torch.no_grad():
         torch.testing.assert_close(again(IDS).logits, theirs, rtol=1e-4, atol=1e-4)
+    # a rank of 2.5 is refused naming the file (it named the option alone)
+    (tmp_path / "a" / "adapter_config.json").write_text(json.dumps(config | {"rank_pattern": {"q_proj": 2.5}}))
+    with pytest.raises(UsageError, match=r"a/adapter_config.json: rank_pattern must be a mapping of layer name "
+                                         r"patterns to positive integers, got \{'q_proj': 2.5\}"):
+        qlora.load_adapter(model, tmp_path / "a", adapter_name="other")
 
 
 def test_alpha_keys_of_different_alphas_matching_one_layer_are_warned_of(tmp_path, models, caplog):

@@ -338,8 +338,10 @@ def _check_values(path: Path, config: dict) -> None:
                 raise bad(key, f"a valid regular expression (PEFT matches a string against whole module paths; {exc})")
     for key in ("rank_pattern", "alpha_pattern") if config.get("peft_type", "LORA") == "LORA" else ():
         value = config.get(key)  # (AdaLoRA's rank_pattern holds its pruning masks instead)
-        if not (value is None or (isinstance(value, dict) and all(number(v) and v > 0 for v in value.values()))):
-            raise bad(key, "a mapping of layer name patterns to positive numbers")
+        integral = key == "rank_pattern"
+        if not (value is None or (isinstance(value, dict) and all(
+                number(v) and v > 0 and (not integral or float(v).is_integer()) for v in value.values()))):
+            raise bad(key, f"a mapping of layer name patterns to positive {'integers' if integral else 'numbers'}")
 
 
 def read_adapter_weights(adapter_dir: Path) -> dict[str, torch.Tensor]:
