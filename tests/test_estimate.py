@@ -573,6 +573,7 @@ _PEFT_ADAPTERS = {  # LoraConfig options whose trained parameters the config's r
     "trainable_tokens": dict(trainable_token_indices=[1, 2, 3]), "layers_to_transform": dict(layers_to_transform=[0]),
     "lora_bias": dict(lora_bias=True), "embedding_lora": dict(target_modules=["q_proj", "embed_tokens"]),
     "exclude_modules": dict(target_modules="all-linear", exclude_modules=["o_proj"]),
+    "velora": dict(velora_config={"num_groups": 4}),  # its saved projections are backward state, not trained
 }
 
 

@@ -170,6 +170,29 @@ def test_base_plus_adapter_is_the_merged_export_tensor_for_tensor(tmp_path, tiny
         torch.testing.assert_close(weight, merged[name], rtol=0, atol=1e-5, msg=name)
 
 
+def test_a_velora_adapter_exports_as_the_plain_lora_it_computes(tmp_path, tiny_tokenizer):
+    """VeLoRA's saved projections compress activations for backward only: the adapter is exported as its plain LoRA
+    (its lora_velora_embed was refused as 'a velora_embed tensor')."""
+    import json
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    model_dir = build_tiny_model(tmp_path / "m", tokenizer=tiny_tokenizer)
+    _peft_adapter(model_dir, tmp_path / "velora", target_modules=["q_proj", "v_proj"], velora_config={"num_groups": 4})
+    plain = shutil.copytree(tmp_path / "velora", tmp_path / "plain")
+    config = json.loads((plain / "adapter_config.json").read_text())
+    (plain / "adapter_config.json").write_text(json.dumps(config | {"velora_config": None}))
+    tensors = load_file(str(plain / "adapter_model.safetensors"))
+    assert any(k.endswith(".lora_velora_embed") for k in tensors)
+    save_file({k: v for k, v in tensors.items() if ".lora_velora_embed" not in k},
+              str(plain / "adapter_model.safetensors"))
+    for name in ("velora", "plain"):
+        assert _export(model_dir, tmp_path / name, tmp_path / f"out-{name}", "--type", "f32") == 0
+    ours, expected = (_gguf_tensors(tmp_path / f"out-{n}" / "adapter-f32.gguf") for n in ("velora", "plain"))
+    assert ours.keys() == expected.keys() and all(torch.equal(ours[k], expected[k]) for k in ours)
+
+
 @pytest.mark.slow  # llama.cpp runs the files
 @torch.no_grad()
 def test_on_a_dequantized_nf4_base_gguf_the_adapter_is_the_merged_export(tmp_path, tiny_tokenizer):

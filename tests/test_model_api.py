@@ -27,8 +27,8 @@ def _dequantized_reference(model_dir, qmodel):
 
     ref = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     for name, module in qmodel.named_modules():
-        if isinstance(module, Linear4bit):
-            target = ref.get_submodule(name.replace(".base_layer", ""))
+        if isinstance(module, Linear4bit) and ".modules_to_save." not in name:  # (an adapter's copy: not the base)
+            target = ref.get_submodule(name.replace(".base_layer", "").replace(".original_module", ""))
             w = module.dequantize(torch.float32)
             target.weight.data.copy_(w.t() if module.from_conv1d else w)
     return ref

@@ -41,6 +41,14 @@ CASES = {
     # both saved whole: two tables trained apart, so the merged model has both (untied)
     "saved_embedding_and_head_of_tied_pair": ("llama_tied", dict(target_modules=["q_proj"],
                                                                  modules_to_save=["embed_tokens", "lm_head"])),
+    # one layer of a name saved whole: written back naming it by its path, or PEFT would copy every down_proj
+    "saved_one_layer_of_a_name": ("llama", dict(target_modules=["q_proj"], modules_to_save=["layers.1.mlp.down_proj"])),
+    # PEFT writes rank_pattern sorted: layers.0's key comes first in the file, though v_proj's gave it its rank in
+    # training (PEFT fails to load it; qlora refused it as 'made for another base model')
+    "rank_keys_sorted_on_save": ("llama", dict(target_modules=["q_proj", "v_proj"],
+                                               rank_pattern={"v_proj": 3, r"layers\.0\.self_attn\.v_proj": 2})),
+    # VeLoRA compresses the activations backward keeps: its forward and merge are plain LoRA's (it was refused)
+    "velora": ("llama", dict(target_modules=["q_proj", "v_proj"], velora_config={"num_groups": 4})),
 }
 
 
@@ -305,6 +313,88 @@ def test_lora_variants_that_compute_differently_are_refused_naming_them(tmp_path
     fresh, _ = qlora.load_model(model_dir, compute_dtype=torch.float32, device="cpu")
     with pytest.raises(UsageError, match=r"lora_diag is not a tensor of plain LoRA or DoRA"):
         qlora.load_adapter(fresh, tmp_path / "odd")
+
+
+def test_a_rank_key_older_peft_matched_nowhere_keeps_the_saved_rank(tmp_path, models):
+    """Older PEFT matched a rank_pattern key only after a dot (``.*\\.{key}$``), so a key anchored at the path's
+    start (PEFT's own docs' example) left the layer at r; PEFT 0.21 gives it the key's rank and fails to load the
+    file. qlora takes the rank the file holds (it said 'made for another base model')."""
+    import json
+
+    model_dir = models["llama"]
+    model, _ = qlora.load_model(model_dir, compute_dtype=torch.float32, device="cpu")
+    theirs = _peft_adapter(model_dir, model, tmp_path / "theirs", target_modules=["q_proj", "v_proj"])
+    config = json.loads((tmp_path / "theirs" / "adapter_config.json").read_text())
+    (tmp_path / "theirs" / "adapter_config.json").write_text(json.dumps(
+        config | {"rank_pattern": {"^model.layers.0.self_attn.q_proj": 2}}))
+    _round_trip(model, model_dir, tmp_path, IDS, theirs)
+
+
+def test_integral_float_ranks_are_written_back_as_integers(tmp_path, models):
+    """A rank_pattern value of 2.0 (a hand-edited or another tool's config) loads, and is written back as 2, which
+    PEFT's layers take (2.0 failed there: torch.empty got a float size)."""
+    import json
+
+    from peft import PeftModel
+
+    model_dir = models["llama"]
+    model, _ = qlora.load_model(model_dir, compute_dtype=torch.float32, device="cpu")
+    theirs = _peft_adapter(model_dir, model, tmp_path / "a", target_modules=["q_proj", "v_proj"],
+                           rank_pattern={"q_proj": 2})
+    config = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
+    (tmp_path / "a" / "adapter_config.json").write_text(json.dumps(config | {"rank_pattern": {"q_proj": 2.0}}))
+    qlora.load_adapter(model, tmp_path / "a")
+    qlora.save_adapter(model, tmp_path / "ours")
+    assert json.loads((tmp_path / "ours" / "adapter_config.json").read_text())["rank_pattern"] == {"q_proj": 2}
+    again = PeftModel.from_pretrained(_dequantized_reference(model_dir, model), tmp_path / "ours").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(again(IDS).logits, theirs, rtol=1e-4, atol=1e-4)
+    # a rank of 2.5 is refused naming the file (it named the option alone)
+    (tmp_path / "a" / "adapter_config.json").write_text(json.dumps(config | {"rank_pattern": {"q_proj": 2.5}}))
+    with pytest.raises(UsageError, match=r"a/adapter_config.json: rank_pattern must be a mapping of layer name "
+                                         r"patterns to positive integers, got \{'q_proj': 2.5\}"):
+        qlora.load_adapter(model, tmp_path / "a", adapter_name="other")
+
+
+def test_alpha_keys_of_different_alphas_matching_one_layer_are_warned_of(tmp_path, models, caplog):
+    """PEFT sorts alpha_pattern's keys too, and no tensor tells which alpha training gave a layer two keys match."""
+    model_dir = models["llama"]
+    model, _ = qlora.load_model(model_dir, compute_dtype=torch.float32, device="cpu")
+    _peft_adapter(model_dir, model, tmp_path / "a", target_modules=["v_proj"],
+                  alpha_pattern={"v_proj": 3, r"layers\.0\.self_attn\.v_proj": 5})
+    with caplog.at_level("WARNING", logger="qlora"):
+        qlora.load_adapter(model, tmp_path / "a")
+    assert "alpha_pattern keys of different alphas" in caplog.text and "model.layers.0.self_attn.v_proj" in caplog.text
+
+
+def test_velora_adapter_trained_on_says_its_gradients_are_exact(tmp_path, models, caplog):
+    """VeLoRA's backward approximates the gradients from compressed activations; qlora trains on with exact ones,
+    and says so naming velora_config."""
+    model_dir = models["llama"]
+    model, _ = qlora.load_model(model_dir, compute_dtype=torch.float32, device="cpu")
+    theirs = _peft_adapter(model_dir, model, tmp_path / "a", target_modules=["q_proj"], velora_config={"num_groups": 4})
+    with caplog.at_level("WARNING", logger="qlora"):
+        qlora.load_adapter(model, tmp_path / "a", trainable=True)
+    assert "VeLoRA adapter (velora_config)" in caplog.text and "exact gradients" in caplog.text
+    with torch.no_grad():
+        torch.testing.assert_close(model.eval()(IDS).logits, theirs, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("option, what", [
+    (dict(alora_invocation_tokens=[5, 9]), "an activated LoRA (aLoRA)"),
+    (dict(layer_replication=[[0, 2], [1, 2]]), "a layer-replication (repeated layers)")])
+def test_generate_refuses_a_variant_adapter_naming_its_field(tmp_path, models, capsys, option, what):
+    """aLoRA adapts only the tokens after its invocation tokens, layer replication runs layers twice: refused by
+    the CLI (exit 2, no traceback) naming the field that is set."""
+    from qlora.cli.main import main
+
+    model_dir = models["llama"]
+    model, _ = qlora.load_model(model_dir, compute_dtype=torch.float32, device="cpu")
+    _peft_adapter(model_dir, model, tmp_path / "a", target_modules=["q_proj"], **option)
+    capsys.readouterr()
+    assert main(["generate", "--model", str(model_dir), "--adapter", str(tmp_path / "a"), "--prompt", "x"]) == 2
+    err = capsys.readouterr().err
+    assert f"is {what} adapter ({next(iter(option))} is set)" in err and "Traceback" not in err, err
 
 
 @pytest.mark.parametrize("damage", ["int_tensor", "bool_tensor", "dora_without_magnitudes"])

@@ -43,9 +43,8 @@ def adalora_peft_config(cfg: AdaLoraConfig) -> dict:
         "beta1": s.beta1, "beta2": s.beta2, "orth_reg_weight": cfg.orth_reg_weight, "total_step": s.total_step,
         "rank_pattern": pattern, "r": 8, "lora_alpha": cfg.alpha, "lora_dropout": cfg.dropout,
         "target_modules": cfg.target_modules, "bias": "none", "fan_in_fan_out": cfg.fan_in_fan_out,
-        "use_rslora": False, "init_lora_weights": True,
-        "modules_to_save": sorted({p.rsplit(".", 1)[-1] for p in cfg.modules_to_save}) or None,
-        "inference_mode": True, "use_dora": False, "revision": None, "layers_to_transform": None,
+        "use_rslora": False, "init_lora_weights": True, "inference_mode": True, "use_dora": False, "revision": None,
+        "layers_to_transform": None,
     } | ({"ensure_weight_tying": True} if cfg.ensure_weight_tying else {})
 
 

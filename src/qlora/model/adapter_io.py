@@ -34,7 +34,8 @@ from .local_path import adapter_folder_problem
 from .in_place_weights import in_place_parts, refuse_beside_others
 from .inject import (AdapterConfig, adapter_configs, add_lora, check_adapter_name, check_language_model,
                      check_trainable_whole, embedding_lora_layers, expert_modules, experts_lora_layers, lora_layers,
-                     parameter_keys, router_lora_layers, router_modules, target_names, target_paths, trained_biases)
+                     parameter_keys, pattern_key, router_lora_layers, router_modules, target_names, target_paths,
+                     trained_biases)
 from .saved_copies import load_copies, saved_module
 from .tied_tables import untie_trained_whole
 from .quantize import matches_any, non_text_names, text_decoder_path
@@ -171,6 +172,7 @@ def save_adapter(model: nn.Module, out_dir: str | Path, adapter_name: str = "def
     else:
         config = _lora_peft_config(cfg)
     config["target_modules"] = _peft_target_modules(model, cfg.target_modules)
+    config["modules_to_save"] = _peft_modules_to_save(model, cfg.modules_to_save)
     # clone: tied weights (embedding == head) are one tensor, which safetensors refuses to write twice
     tensors = {k: v.cpu().clone() for k, v in adapter_state_dict(model, adapter_name).items()}
     if convert and residual_paths(model, adapter_name):
@@ -211,6 +213,20 @@ def _peft_target_modules(model: nn.Module, names: list[str]) -> list[str] | str:
     return f"(?:{'|'.join(re.escape(p) for p in sorted(named))})"
 
 
+def _peft_modules_to_save(model: nn.Module, paths: list[str]) -> list[str] | None:
+    """The modules trained whole, named for PEFT, which copies every module whose path ends with a name
+    (``endswith``, no dot needed): their last names where those pick exactly these modules, else their paths
+    (one ``down_proj`` of several saved whole: ``down_proj`` would give PEFT a copy of each, and no weights for
+    the others)."""
+    if not paths:
+        return None
+    names = sorted({p.rsplit(".", 1)[-1] for p in paths})
+    inner = [p for p, m in model.named_modules() if isinstance(m, SavedModules) or hasattr(m, "base_layer")]
+    picked = {p for p, _ in model.named_modules()
+              if p and any(p.endswith(n) for n in names) and not any(p.startswith(w + ".") for w in inner)}
+    return names if picked == set(paths) else sorted(paths)
+
+
 def _token_indices_config(tokens: dict[str, list[int]]) -> dict[str, list[int]]:
     """PEFT's ``trainable_token_indices``: the token ids by layer name."""
     return {path.rsplit(".", 1)[-1]: indices for path, indices in tokens.items()}
@@ -223,7 +239,6 @@ def _lora_peft_config(cfg: AdapterConfig) -> dict:
         "r": spec.r, "lora_alpha": spec.alpha, "lora_dropout": spec.dropout, "target_modules": cfg.target_modules,
         "bias": cfg.bias, "fan_in_fan_out": cfg.fan_in_fan_out, "use_rslora": spec.rslora,
         "init_lora_weights": {"kaiming": True}.get(spec.init, spec.init),
-        "modules_to_save": sorted({p.rsplit(".", 1)[-1] for p in cfg.modules_to_save}) or None,
         "inference_mode": True, "use_dora": spec.use_dora, "revision": None, "layers_to_transform": None,
         "rank_pattern": cfg.rank_pattern, "alpha_pattern": cfg.alpha_pattern, "lora_bias": spec.lora_bias,
     } | ({"ensure_weight_tying": True} if cfg.ensure_weight_tying else {}) | (
@@ -276,11 +291,14 @@ def read_adapter_config(adapter_dir: str | Path) -> dict:
                          f"model ({task[1]}), whose output head it trained whole (modules_to_save "
                          f"{config.get('modules_to_save')}); qlora runs causal language models (task_type CAUSAL_LM), "
                          "which have no such head. Load it with PEFT on that model class.")
-    variant = next((what for key, what in _VARIANTS.items() if config.get(key)), None)
-    if variant:
-        raise UsageError(f"{path} is a {variant} adapter, a LoRA variant whose layers compute differently; qlora "
-                         "implements plain LoRA, DoRA and AdaLoRA only, so it would give other outputs than PEFT. "
-                         "Merge it with PEFT (merge_and_unload) and give qlora the merged model.")
+    field = next((key for key in _VARIANTS if config.get(key)), None)
+    if field:
+        variant = _VARIANTS[field]
+        article = "an" if variant[0].lower() in "aeiou" else "a"
+        raise UsageError(f"{path} is {article} {variant} adapter ({field} is set), a LoRA variant whose layers "
+                         "compute differently; qlora implements plain LoRA, DoRA and AdaLoRA only, so it would give "
+                         "other outputs than PEFT. Merge it with PEFT (merge_and_unload) and give qlora the merged "
+                         "model.")
     unknown = sorted(set(config) - _KNOWN_KEYS)
     if unknown:
         log.warning("%s: ignoring unknown adapter config keys %s", path, ", ".join(unknown))
@@ -321,8 +339,10 @@ def _check_values(path: Path, config: dict) -> None:
                 raise bad(key, f"a valid regular expression (PEFT matches a string against whole module paths; {exc})")
     for key in ("rank_pattern", "alpha_pattern") if config.get("peft_type", "LORA") == "LORA" else ():
         value = config.get(key)  # (AdaLoRA's rank_pattern holds its pruning masks instead)
-        if not (value is None or (isinstance(value, dict) and all(number(v) and v > 0 for v in value.values()))):
-            raise bad(key, "a mapping of layer name patterns to positive numbers")
+        integral = key == "rank_pattern"
+        if not (value is None or (isinstance(value, dict) and all(
+                number(v) and v > 0 and (not integral or float(v).is_integer()) for v in value.values()))):
+            raise bad(key, f"a mapping of layer name patterns to positive {'integers' if integral else 'numbers'}")
 
 
 def read_adapter_weights(adapter_dir: Path) -> dict[str, torch.Tensor]:
@@ -411,6 +431,10 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path, adapter_name: str = 
     check_adapter_name(adapter_name)
     config, tensors = files or (read_adapter_config(adapter_dir), read_adapter_weights(adapter_dir))
     config, tensors = to_model_layout(model, config, tensors, adapter_dir)  # transformers 4.x names
+    if drop_velora_projections(config, tensors) and trainable:
+        log.warning("%s: a VeLoRA adapter (velora_config): qlora trains it on as plain LoRA, with exact gradients "
+                    "instead of VeLoRA's compressed activations (its outputs are plain LoRA's either way), and saves "
+                    "it as plain LoRA.", adapter_dir)
     token_tensors = {k: tensors.pop(k) for k in [k for k in tensors if ".token_adapter." in k]}
     # beside the rows, PEFT saves the whole table when tokens were added (resized) before training
     token_tables = {k[len(PEFT_PREFIX):].replace(".token_adapter.base_layer.", "."): token_tensors.pop(k)
@@ -472,7 +496,7 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path, adapter_name: str = 
              init=init,
              adapter_name=adapter_name, verbose=False, modules_to_save=[] if copies else save_paths,
              use_dora=bool(config.get("use_dora")),
-             target_parameters=target_parameters, rank_pattern=config.get("rank_pattern") or None,
+             target_parameters=target_parameters, rank_pattern=_saved_rank_pattern(adapter_dir, config, tensors, paths),
              alpha_pattern=config.get("alpha_pattern") or None, lora_bias=bool(config.get("lora_bias")),
              bias=bias_mode, ensure_weight_tying=bool(config.get("ensure_weight_tying")), adapt_towers=True)
     names = target_names(config.get("target_modules"), paths)
@@ -519,6 +543,48 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path, adapter_name: str = 
     if not trainable:  # training goes on here: what it computes is no longer the folder run's alone
         note_loaded(model, adapter_name, adapter_dir)
     return model
+
+
+def _saved_rank_pattern(adapter_dir: Path, config: dict, tensors: dict[str, torch.Tensor],
+                        paths: list[str]) -> dict[str, int] | None:
+    """The config's ``rank_pattern``, and first the layers whose saved rank is that of another of its keys
+    matching them than the first one. PEFT's ``save_pretrained`` sorts the keys, while the first key in the
+    order given picked a layer's rank in training (``{"v_proj": 4, "layers.0.self_attn.v_proj": 2}`` is
+    written the other way round, which PEFT then fails to load); the saved tensors say which one it was.
+    So do they where older PEFT matched a key only after a dot (``.*\\.{key}$``: ``^model.layers.0.q_proj`` matched
+    nothing there: the layer got ``r``).
+    The same holds for ``alpha_pattern``, which no tensor tells: a layer several of its keys with different
+    values match is warned of (qlora, as PEFT, uses the first in the file)."""
+    pattern, alphas = config.get("rank_pattern") or {}, config.get("alpha_pattern") or {}
+    fixed = {}
+    for path in paths:
+        saved = tensors.get(f"{PEFT_PREFIX}{path}.lora_A.weight", tensors.get(f"{PEFT_PREFIX}{path}.lora_embedding_A"))
+        key = pattern_key(pattern, path)
+        if saved is None or saved.shape[0] == (pattern[key] if key is not None else config["r"]):
+            continue
+        if saved.shape[0] in {config["r"]} | {pattern[k] for k in pattern if pattern_key([k], path)}:
+            fixed[re.escape(path)] = saved.shape[0]
+    for path in paths:
+        values = {alphas[k] for k in alphas if pattern_key([k], path)}
+        if len(values) > 1:
+            log.warning("%s: alpha_pattern keys of different alphas (%s) match %s; PEFT writes them sorted, not in "
+                        "the order training gave them, so the alpha it trained with is not known. qlora, as PEFT, "
+                        "takes the first in adapter_config.json (%s); make the keys exclusive to be sure.", adapter_dir,
+                        ", ".join(f"{k!r}: {v}" for k, v in alphas.items() if pattern_key([k], path)), path,
+                        pattern_key(alphas, path))
+            break
+    return (fixed | pattern) or None
+
+
+def drop_velora_projections(config: dict, tensors: dict[str, torch.Tensor]) -> bool:
+    """Whether the adapter is VeLoRA's (``velora_config``), whose saved projections (``lora_velora_embed``)
+    are removed from ``tensors``: VeLoRA changes only the backward pass, where they compress the activations
+    kept for it; its forward and merge are plain LoRA's, so the adapter runs as plain LoRA."""
+    if not config.get("velora_config"):
+        return False
+    for key in [k for k in tensors if k.endswith(".lora_velora_embed")]:
+        del tensors[key]
+    return True
 
 
 def _refuse_unadaptable(model: nn.Module, paths: list[str], adapter_dir: Path) -> None:

@@ -68,7 +68,8 @@ def adapter_size(adapter_dir: str | Path) -> AdapterSize:
         read_adapter_weights(folder)  # says what the folder holds instead
     try:
         with safe_open(str(weights), framework="pt") as f:
-            shapes = {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}
+            shapes = {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()
+                      if not key.endswith(".lora_velora_embed")}  # VeLoRA's backward state, not trained
     except (SafetensorError, OSError, ValueError) as exc:
         raise UsageError(f"{weights} is corrupted or not a safetensors file ({exc}).") from exc
     return AdapterSize(folder, shapes, read_adapter_config(folder))

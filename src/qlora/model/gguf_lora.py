@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from ..errors import UsageError
-from .adapter_io import read_adapter_config, read_adapter_weights
+from .adapter_io import drop_velora_projections, read_adapter_config, read_adapter_weights
 from .adapter_tensors import PEFT_PREFIX, lora_key
 from .gguf_arch import arch_spec, tensor_namer, to_llama_cpp
 from .gguf_export import encode_tensor, file_type, matrix_type, require_gguf, staged_writer
@@ -58,7 +58,9 @@ def export_gguf_lora(config, adapter_dir: str | Path, path: str | Path, out_type
     spec = arch_spec(config)
     adapter = read_adapter_config(adapter_dir)
     _refuse_variants(adapter, adapter_dir)
-    alpha, tensors = adapter_matrices(config, adapter, read_adapter_weights(adapter_dir), adapter_dir)
+    tensors = read_adapter_weights(adapter_dir)
+    drop_velora_projections(adapter, tensors)  # (backward state: VeLoRA's forward is plain LoRA's)
+    alpha, tensors = adapter_matrices(config, adapter, tensors, adapter_dir)
     with staged_writer(gguf, path, spec.gguf_arch) as writer:
         writer.add_type(gguf.GGUFType.ADAPTER)
         writer.add_string(gguf.Keys.Adapter.TYPE, "lora")

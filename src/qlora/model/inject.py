@@ -568,6 +568,7 @@ def add_lora(
     if is_residual_init(init):
         _check_unshared(model, paths, init)
     check_patterns(rank_pattern, alpha_pattern, paths + [f"{p}.{w}" for p, ws in experts.items() for w in ws])
+    rank_pattern = {k: int(v) for k, v in rank_pattern.items()}  # (a rank of 4.0 written back would fail in PEFT)
     _check_adapter_fits(model, paths, spec, rank_pattern, alpha_pattern)
     # Adapters already attached keep their trainability (a frozen loaded adapter stays frozen), as PEFT's add_adapter.
     earlier = {p: p.requires_grad for p in _adapter_parameters(model)}
