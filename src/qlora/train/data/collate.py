@@ -55,6 +55,7 @@ def packed_collate(
     rows: Sequence[PackedRow], pad_id: int, attn_implementation: str, dtype: torch.dtype = torch.float32,
     windows: dict[str, int | None] | None = None,
     positions: Callable[[list[int], dict[str, Any]], torch.Tensor] | None = None, blocks: ImageBlocks | None = None,
+    numbering: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> dict[str, Any]:
     """Batch packed rows: ``input_ids``, ``labels``, restarting ``position_ids`` and, for eager/sdpa, a 4D mask
     (a mapping of layer type to mask, transformers' form, where the model mixes full and sliding layers), and the
@@ -72,6 +73,8 @@ def packed_collate(
         blocks: :func:`~qlora.train.data.image_packing.image_blocks_of` the model: the per-token tensor marking
             images whose tokens see each other both ways (Gemma 3's ``token_type_ids``, Molmo2's
             ``mm_token_type_ids``) and how they group.
+        numbering: :func:`~qlora.train.data.packing.example_positions` of the model: each example's positions as
+            the model numbers them alone, where that is not from 0 (RoBERTa's start at ``padding_idx + 1``).
 
     Raises:
         UsageError: an attention implementation that cannot isolate examples.
@@ -90,6 +93,8 @@ def packed_collate(
         position_ids[i, :n] = torch.tensor(r.position_ids)
         position_ids[i, n:] = torch.arange(length - n)  # padding: one more "sequence" of its own
         sequence_ids[i, :n] = torch.tensor(r.sequence_ids)
+        for start, end in r.spans if numbering is not None else ():
+            position_ids[i, start:end] = numbering(input_ids[i:i + 1, start:end])[0]
     if positions is not None:
         position_ids = torch.cat([position_ids[None], _multimodal_positions(rows, position_ids, positions)])
     batch = {"input_ids": input_ids, "labels": labels, "position_ids": position_ids}

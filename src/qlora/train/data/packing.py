@@ -26,7 +26,10 @@ only the last ``sliding_window`` positions; an explicit mask replaces the one tr
 build, so it carries the window too (:func:`attention_windows`), one mask per layer type where
 a model mixes them, as transformers' own mask mapping. Layers that are not attention over the
 example (linear attention, state-space, chunked attention) would carry state or chunks across
-examples: packing is refused there.
+examples: packing is refused there, as for models whose positions count from the row's start whatever
+``position_ids`` say (BART's decoder and its kin) or whose attention takes no 4D mask (BLOOM, XLNet):
+:data:`UNPACKABLE`, found by packing every causal LM of transformers 5.24. RoBERTa and its kin number an
+example's positions from ``padding_idx + 1``; the packed rows take them so (:func:`example_positions`).
 The first token of every example carries no label, so the last token of one
 example is never trained to predict the first of the next.
 Examples are whole in a row (next-fit, never split), so an example's image tokens stay with it; its image
@@ -36,7 +39,7 @@ tensors ride along (:mod:`qlora.train.data.image_packing`).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -48,6 +51,22 @@ MASK_ATTENTION = ("eager", "sdpa")
 WINDOWED_LAYER_TYPES = ("full_attention", "sliding_attention")
 STATELESS_LAYER_TYPES = ("mlp", "moe")  # Nemotron-H's blocks without attention or state: no mask to give
 POSITION_ATTENTION = ("flash_attention_2", "flash_attention_3")
+# Model types whose packed rows cannot give each example what it gets alone (transformers 5.24, per-example loss of
+# a packed row against each example alone): why, in the words of the refusal.
+UNPACKABLE = {
+    **dict.fromkeys(("bart", "bigbird_pegasus", "blenderbot", "blenderbot-small", "marian", "mbart", "mvp", "pegasus",
+                     "plbart", "trocr"), "its decoder numbers positions by their place in the row, whatever position_ids "
+                                         "say, so every example but a row's first would be trained at other positions"),
+    "cpmant": "its position bias and segments are computed over the whole row, not per example",
+    "bloom": "its ALiBi bias is built from a 2D padding mask, and its attention takes no 4D mask that would keep "
+             "packed examples apart",
+    **dict.fromkeys(("openai-gpt", "prophetnet", "xlm", "xlnet"),
+                    "its attention takes no per-token 4D mask, the only way qlora keeps packed examples apart there"),
+}
+# Model types unpackable only with a config flag set (Falcon-RW's ``alibi``: a bias built like BLOOM's).
+UNPACKABLE_WITH = {"falcon": "alibi"}
+# Model types whose config carries a ``sliding_window`` that their attention never applies (Moshi's is 3000).
+UNUSED_WINDOW = ("moshi",)
 
 
 @dataclass(frozen=True)
@@ -112,13 +131,22 @@ def pack_examples(examples: list[TokenizedExample], seq_len: int) -> list[Packed
 def attention_windows(config) -> dict[str, int | None]:
     """Each attention layer type of a model (transformers' ``layer_types`` names) and the positions it
     sees back (None: all): ``config.sliding_window`` for sliding layers, every layer sliding when the
-    config has a window but no ``layer_types`` (Mistral, Phi-3).
+    config has a window but no ``layer_types`` (Mistral, Phi-3), none where the model never applies it
+    (:data:`UNUSED_WINDOW`).
 
     Raises:
-        UsageError: a layer type that a mask cannot keep to its example.
+        UsageError: a layer type that a mask cannot keep to its example, or a model whose packed rows cannot
+            equal its examples alone (:data:`UNPACKABLE`: positions by place in the row, no 4D mask).
     """
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    window = getattr(text, "sliding_window", None)
+    kind = next((k for k in (config.model_type, text.model_type) if k in UNPACKABLE), None)
+    if kind:
+        raise UsageError(f"--packing is not supported for {kind} models: {UNPACKABLE[kind]}. Train without --packing.")
+    flag = UNPACKABLE_WITH.get(text.model_type)
+    if flag and getattr(text, flag, False):
+        raise UsageError(f"--packing is not supported for {text.model_type} models with {flag}: true in config.json: "
+                         f"{UNPACKABLE['bloom']}. Train without --packing.")
+    window = None if text.model_type in UNUSED_WINDOW else getattr(text, "sliding_window", None)
     types = list(getattr(text, "layer_types", None) or ["sliding_attention" if window else "full_attention"])
     types = [t for t in types if t not in STATELESS_LAYER_TYPES]
     # a model without attention heads is recurrent (RWKV, xLSTM); transformers 4.x names hybrid layers otherwise
@@ -129,6 +157,17 @@ def attention_windows(config) -> dict[str, int | None]:
         raise UsageError(f"--packing is not supported with this model's {', '.join(other)} layers: their state or "
                          "chunks would run from one packed example into the next. Train without --packing.")
     return {kind: window if kind == "sliding_attention" else None for kind in dict.fromkeys(types)}
+
+
+def example_positions(model: torch.nn.Module) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """The positions a model gives an example's ``(1, tokens)`` ids alone where they are not 0, 1, 2, ...: RoBERTa
+    and its kin (CamemBERT, XLM-R, Data2Vec-Text, X-MOD) number them from ``padding_idx + 1``, skipping pad ids
+    (their embeddings' own ``create_position_ids_from_input_ids``); None where positions count from 0."""
+    owner = next((m for m in model.modules() if callable(getattr(m, "create_position_ids_from_input_ids", None))
+                  and getattr(m, "padding_idx", None) is not None), None)
+    if owner is None:
+        return None
+    return lambda ids: owner.create_position_ids_from_input_ids(ids, owner.padding_idx)
 
 
 def _has_attention_heads(config) -> bool:
