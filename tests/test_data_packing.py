@@ -175,6 +175,23 @@ def test_packing_refused_where_examples_cannot_be_isolated(tokenized):
     assert "attention_mask" not in batch and "position_ids" in batch
 
 
+def test_flash_attention_gets_the_rows_as_one_whose_restarts_transformers_reads_as_the_examples(tokenized):
+    """transformers reads packed position_ids for flash attention only in a batch of one row (_is_packed_sequence,
+    4.57 and 5.x): rows side by side let each row's examples attend to the earlier ones of their row."""
+    from itertools import accumulate
+
+    from transformers.modeling_flash_attention_utils import _is_packed_sequence, prepare_fa_kwargs_from_position_ids
+
+    rows = pack_examples(tokenized, 96)
+    assert len(rows) > 1
+    batch = packed_collate(rows, 0, "flash_attention_2")
+    assert batch["input_ids"].shape == (1, sum(len(e.input_ids) for e in tokenized))
+    assert _is_packed_sequence(batch["position_ids"], batch_size=1)
+    (boundaries, _), _ = prepare_fa_kwargs_from_position_ids(batch["position_ids"])
+    assert boundaries.tolist() == [0, *accumulate(len(e.input_ids) for e in tokenized)]  # each example alone
+    assert count_trainable_tokens(batch) == sum(e.num_trainable for e in tokenized)  # no target across a row's end
+
+
 def test_shuffling_is_deterministic_per_seed_and_epoch():
     a = shuffled_indices(100, seed=3, epoch=0)
     assert a == shuffled_indices(100, seed=3, epoch=0) and sorted(a) == list(range(100))

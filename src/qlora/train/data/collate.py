@@ -20,7 +20,9 @@ import torch
 
 from qlora.train.data.image_examples import image_batch, segment_image_batch
 from qlora.train.data.image_packing import ImageBlocks, image_blocks
-from qlora.train.data.packing import MASK_ATTENTION, PackedRow, check_packing_supported, packed_attention_mask
+from qlora.train.data.packing import (
+    MASK_ATTENTION, POSITION_ATTENTION, PackedRow, check_packing_supported, joined_rows, packed_attention_mask,
+)
 from qlora.train.data.tokenize import IGNORE_INDEX, TokenizedExample
 
 
@@ -57,7 +59,8 @@ def packed_collate(
     positions: Callable[[list[int], dict[str, Any]], torch.Tensor] | None = None, blocks: ImageBlocks | None = None,
     numbering: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> dict[str, Any]:
-    """Batch packed rows: ``input_ids``, ``labels``, restarting ``position_ids`` and, for eager/sdpa, a 4D mask
+    """Batch packed rows: ``input_ids``, ``labels``, restarting ``position_ids`` (for flash attention, the rows end to
+    end as one: :func:`~qlora.train.data.packing.joined_rows`) and, for eager/sdpa, a 4D mask
     (a mapping of layer type to mask, transformers' form, where the model mixes full and sliding layers), and the
     image tensors of the examples with images (:mod:`~qlora.train.data.image_packing`).
 
@@ -80,6 +83,8 @@ def packed_collate(
         UsageError: an attention implementation that cannot isolate examples.
     """
     check_packing_supported(attn_implementation)
+    if attn_implementation in POSITION_ATTENTION and len(rows) > 1:
+        rows = [joined_rows(list(rows))]
     length = max(len(r.input_ids) for r in rows)
     shape = (len(rows), length)
     input_ids = torch.full(shape, pad_id, dtype=torch.long)

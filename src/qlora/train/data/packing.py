@@ -18,7 +18,8 @@ How the block structure reaches the attention depends on the implementation
   that, so qlora always passes it.
 - ``flash_attention_2/3``: these cannot take a 4D mask; transformers derives
   the sequence boundaries (``cu_seqlens``) from the restarting ``position_ids``
-  when the attention mask is ``None``.
+  when the attention mask is ``None``, and only in a batch of one row: a
+  micro-batch's rows go in end to end as one (:func:`joined_rows`).
 
 Any other implementation is refused by :func:`check_packing_supported`.
 A sliding-window layer (Mistral, Gemma 2/3, GPT-OSS, Qwen2 with ``use_sliding_window``) sees
@@ -200,6 +201,19 @@ def packed_attention_mask(sequence_ids: torch.Tensor, dtype: torch.dtype, window
     allowed = (same & causal)[:, None]
     mask = torch.zeros(allowed.shape, dtype=dtype, device=sequence_ids.device)
     return mask.masked_fill(~allowed, torch.finfo(dtype).min)
+
+
+def joined_rows(rows: list[PackedRow]) -> PackedRow:
+    """The rows end to end as one, for flash attention: transformers finds the examples of packed ``position_ids``
+    (their restarts) only in a batch of one row (``_is_packed_sequence``, 4.57 and 5.x); in a batch of several it
+    lets each row's examples attend to the earlier ones."""
+    sequences, first = [], 0
+    for r in rows:
+        sequences += [first + s for s in r.sequence_ids]
+        first = sequences[-1] + 1
+    return PackedRow([t for r in rows for t in r.input_ids], [t for r in rows for t in r.labels],
+                     [t for r in rows for t in r.position_ids], sequences, tuple(i for r in rows for i in r.indices),
+                     tuple(m for r in rows for m in r.media))
 
 
 def _row(examples: list[TokenizedExample]) -> PackedRow:
