@@ -39,6 +39,7 @@ tensors ride along (:mod:`qlora.train.data.image_packing`).
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -64,10 +65,20 @@ UNPACKABLE = {
     **dict.fromkeys(("openai-gpt", "prophetnet", "xlm", "xlnet"),
                     "its attention takes no per-token 4D mask, the only way qlora keeps packed examples apart there"),
 }
+# Model types whose packing transformers 4 breaks and 5 keeps apart (4.57: a forward that refuses a 4D mask or
+# position_ids, or whose positions or ALiBi bias count over the row).
+UNPACKABLE_BEFORE_5 = (
+    "bert", "bert-generation", "big_bird", "camembert", "ctrl", "data2vec-text", "electra", "ernie", "git", "mega",
+    "megatron-bert", "mpt", "open-llama", "qdqbert", "rembert", "roberta", "roberta-prelayernorm", "roc_bert",
+    "roformer", "speech_to_text_2", "transfo-xl", "whisper", "xglm", "xlm-prophetnet", "xlm-roberta",
+    "xlm-roberta-xl", "xmod",
+)
+_TRANSFORMERS_5 = importlib.util.find_spec("transformers.initialization") is not None
+# Model types whose config carries a ``sliding_window`` that their attention never applies (Moshi's, 3000, since
+# transformers 5).
+UNUSED_WINDOW = ("moshi",) if _TRANSFORMERS_5 else ()
 # Model types unpackable only with a config flag set (Falcon-RW's ``alibi``: a bias built like BLOOM's).
 UNPACKABLE_WITH = {"falcon": "alibi"}
-# Model types whose config carries a ``sliding_window`` that their attention never applies (Moshi's is 3000).
-UNUSED_WINDOW = ("moshi",)
 
 
 @dataclass(frozen=True)
@@ -143,6 +154,12 @@ def attention_windows(config) -> dict[str, int | None]:
     kind = next((k for k in (config.model_type, text.model_type) if k in UNPACKABLE), None)
     if kind:
         raise UsageError(f"--packing is not supported for {kind} models: {UNPACKABLE[kind]}. Train without --packing.")
+    kind = next((k for k in (config.model_type, text.model_type) if k in UNPACKABLE_BEFORE_5), None)
+    if kind and not _TRANSFORMERS_5:
+        raise UsageError(f"--packing is not supported for {kind} models under transformers 4: its forward there "
+                         "refuses the packed rows' 4D mask or position_ids, or counts positions over the whole row. "
+                         "Upgrade transformers to 5 (which keeps packed examples apart for it), or train without "
+                         "--packing.")
     flag = UNPACKABLE_WITH.get(text.model_type)
     if flag and getattr(text, flag, False):
         raise UsageError(f"--packing is not supported for {text.model_type} models with {flag}: true in config.json: "
