@@ -121,7 +121,10 @@ def test_packing_is_refused_for_layers_that_carry_state_across_examples():
     for config in (AutoConfig.for_model("rwkv"), PretrainedConfig(layers_block_type=["attention", "mamba"])):
         with pytest.raises(UsageError, match="--packing is not supported"):
             attention_windows(config)
-    # Nemotron-H's MLP and MoE blocks carry no state: only its attention layers need a mask
+    # Nemotron-H's MLP and MoE blocks carry no state: only its attention layers need a mask, and a refusal names
+    # only the layers that carry state (it named "moe" and "full_attention" from layers_block_type)
+    with pytest.raises(UsageError, match="this model's mamba layers: their state"):
+        attention_windows(PretrainedConfig(layers_block_type=["full_attention", "mamba", "moe", "mlp"]))
     assert attention_windows(PretrainedConfig(layer_types=["full_attention", "mlp", "moe"])) == {"full_attention": None}
 
 

@@ -170,7 +170,8 @@ def attention_windows(config) -> dict[str, int | None]:
     # a model without attention heads is recurrent (RWKV, xLSTM); transformers 4.x names hybrid layers otherwise
     other = sorted(set(types) - set(WINDOWED_LAYER_TYPES)
                    | ({"recurrent"} if text.model_type and not _has_attention_heads(text) else set())
-                   | {t for t in getattr(text, "layers_block_type", None) or () if t != "attention"})
+                   | {t for t in getattr(text, "layers_block_type", None) or ()
+                      if t not in ("attention", *WINDOWED_LAYER_TYPES, *STATELESS_LAYER_TYPES)})
     if other:
         raise UsageError(f"--packing is not supported with this model's {', '.join(other)} layers: their state or "
                          "chunks would run from one packed example into the next. Train without --packing.")
