@@ -68,6 +68,8 @@ SMALL = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key
     ("cohere2", dict(sliding_window=8), "sdpa"),  # sliding layers with rotary, a full one without
     ("smollm3", dict(no_rope_layers=[1, 0]), "sdpa"),  # a layer without rotary positions
     ("qwen2", dict(use_sliding_window=True, sliding_window=8, max_window_layers=1), "eager"),
+    # Llama 4's chunked layers see their chunk of the example alone (refused before), its no-rope layers all of it
+    ("llama4_text", dict(attention_chunk_size=8, intermediate_size_mlp=64, num_local_experts=2), "sdpa"),
 ], ids=lambda v: v if isinstance(v, str) else None)
 def test_packed_loss_equals_unpacked_across_position_schemes(tiny_tokenizer, tokenized, arch, config, attn):
     """Each example of a packed row as alone, across the ways transformers' causal LMs place tokens."""
@@ -115,6 +117,10 @@ def test_packing_is_refused_for_layers_that_carry_state_across_examples():
     assert attention_windows(mixed) == {"sliding_attention": 16, "full_attention": None}
     with pytest.raises(UsageError, match="--packing is not supported with this model's linear_attention layers"):
         attention_windows(PretrainedConfig(layer_types=["linear_attention", "full_attention"]))
+    chunked = PretrainedConfig(attention_chunk_size=8, layer_types=["chunked_attention", "full_attention"])
+    assert attention_windows(chunked) == {"chunked_attention": 8, "full_attention": None}
+    with pytest.raises(UsageError, match="'flash_attention_2' for this model's chunked attention layers"):
+        check_packing_supported("flash_attention_2", attention_windows(chunked))  # no 4D mask there
     # recurrent models without attention heads (RWKV, xLSTM) and 4.x hybrids naming their Mamba layers otherwise
     from transformers import AutoConfig
 

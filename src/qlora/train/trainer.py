@@ -607,8 +607,8 @@ class Trainer:
             self.model.enable_input_require_grads()
         self.attn = getattr(self.model.config, "_attn_implementation", "eager") or "eager"
         if cfg.packing:
-            check_packing_supported(self.attn)
             self.attn_windows = attention_windows(self.model.config)
+            check_packing_supported(self.attn, self.attn_windows)
             self.positions, self.image_blocks = multimodal_positions(self.model), image_blocks_of(self.model)
             self.numbering = example_positions(self.model)
 

@@ -21,7 +21,7 @@ import torch
 from qlora.train.data.image_examples import image_batch, segment_image_batch
 from qlora.train.data.image_packing import ImageBlocks, image_blocks
 from qlora.train.data.packing import (
-    MASK_ATTENTION, POSITION_ATTENTION, PackedRow, check_packing_supported, joined_rows, packed_attention_mask,
+    CHUNKED, MASK_ATTENTION, POSITION_ATTENTION, PackedRow, check_packing_supported, joined_rows, packed_attention_mask,
 )
 from qlora.train.data.tokenize import IGNORE_INDEX, TokenizedExample
 
@@ -82,7 +82,7 @@ def packed_collate(
     Raises:
         UsageError: an attention implementation that cannot isolate examples.
     """
-    check_packing_supported(attn_implementation)
+    check_packing_supported(attn_implementation, windows)
     if attn_implementation in POSITION_ATTENTION and len(rows) > 1:
         rows = [joined_rows(list(rows))]
     length = max(len(r.input_ids) for r in rows)
@@ -98,6 +98,8 @@ def packed_collate(
         position_ids[i, :n] = torch.tensor(r.position_ids)
         position_ids[i, n:] = torch.arange(length - n)  # padding: one more "sequence" of its own
         sequence_ids[i, :n] = torch.tensor(r.sequence_ids)
+    places = position_ids.clone()  # each token's place in its example, whatever numbering the model gives it
+    for i, r in enumerate(rows):
         for start, end in r.spans if numbering is not None else ():
             position_ids[i, start:end] = numbering(input_ids[i:i + 1, start:end])[0]
     if positions is not None:
@@ -108,7 +110,8 @@ def packed_collate(
     if attn_implementation in MASK_ATTENTION:
         block_ids = (image_blocks(batch[blocks.key], sequence_ids, blocks.per_run)
                      if blocks is not None and blocks.key in batch else None)
-        masks = {kind: packed_attention_mask(sequence_ids, dtype, window, block_ids)
+        masks = {kind: packed_attention_mask(sequence_ids, dtype, None if kind == CHUNKED else window, block_ids,
+                                             window if kind == CHUNKED else None, places)
                  for kind, window in (windows or {"full_attention": None}).items()}
         batch["attention_mask"] = masks if len(masks) > 1 else next(iter(masks.values()))
     return batch

@@ -23,11 +23,11 @@ How the block structure reaches the attention depends on the implementation
 
 Any other implementation is refused by :func:`check_packing_supported`.
 A sliding-window layer (Mistral, Gemma 2/3, GPT-OSS, Qwen2 with ``use_sliding_window``) sees
-only the last ``sliding_window`` positions; an explicit mask replaces the one transformers would
+only the last ``sliding_window`` positions, a chunked one (Llama 4) only its ``attention_chunk_size`` chunk of
+the example, counted from the example's start as alone; an explicit mask replaces the one transformers would
 build, so it carries the window too (:func:`attention_windows`), one mask per layer type where
 a model mixes them, as transformers' own mask mapping. Layers that are not attention over the
-example (linear attention, state-space, chunked attention) would carry state or chunks across
-examples: packing is refused there, as for models whose positions count from the row's start whatever
+example (linear attention, state-space) would carry state across examples: packing is refused there, as for models whose positions count from the row's start whatever
 ``position_ids`` say (BART's decoder and its kin) or whose attention takes no 4D mask (BLOOM, XLNet):
 :data:`UNPACKABLE`, found by packing every causal LM of transformers 5.24. RoBERTa and its kin number an
 example's positions from ``padding_idx + 1``; the packed rows take them so (:func:`example_positions`).
@@ -49,10 +49,11 @@ from qlora.errors import UsageError
 from qlora.train.data.tokenize import TokenizedExample
 
 MASK_ATTENTION = ("eager", "sdpa")
-# transformers' layer types whose attention a block-diagonal mask (with the layer's window) keeps per example
-WINDOWED_LAYER_TYPES = ("full_attention", "sliding_attention")
+# transformers' layer types whose attention a block-diagonal mask (with the layer's window or chunks) keeps per example
+WINDOWED_LAYER_TYPES = ("full_attention", "sliding_attention", "chunked_attention")
 STATELESS_LAYER_TYPES = ("mlp", "moe")  # Nemotron-H's blocks without attention or state: no mask to give
 POSITION_ATTENTION = ("flash_attention_2", "flash_attention_3")
+CHUNKED = "chunked_attention"  # Llama 4's layers: attention within chunks of attention_chunk_size positions
 # Model types whose packed rows cannot give each example what it gets alone (transformers 5.24, per-example loss of
 # a packed row against each example alone): why, in the words of the refusal.
 UNPACKABLE = {
@@ -101,17 +102,24 @@ class PackedRow:
         return list(zip([0, *ends[:-1]], ends))
 
 
-def check_packing_supported(attn_implementation: str) -> None:
+def check_packing_supported(attn_implementation: str, windows: dict[str, int | None] | None = None) -> None:
     """Refuse packing where examples could attend to each other.
 
     Raises:
-        UsageError: the attention implementation cannot isolate packed examples.
+        UsageError: the attention implementation cannot isolate packed examples (with ``windows``, the model's
+            :func:`attention_windows`: flash attention takes no chunks, which only a 4D mask carries).
     """
     if attn_implementation not in MASK_ATTENTION + POSITION_ATTENTION:
         raise UsageError(
             f"--packing is not supported with attention implementation {attn_implementation!r}: qlora cannot "
             "keep packed examples from attending to each other there. Use eager, sdpa or flash_attention_2/3, "
             "or train without --packing."
+        )
+    if attn_implementation in POSITION_ATTENTION and CHUNKED in (windows or {}):
+        raise UsageError(
+            f"--packing is not supported with attention implementation {attn_implementation!r} for this model's "
+            "chunked attention layers: only a 4D mask keeps their chunks inside each packed example. Use eager or "
+            "sdpa, or train without --packing."
         )
 
 
@@ -142,7 +150,8 @@ def pack_examples(examples: list[TokenizedExample], seq_len: int) -> list[Packed
 
 def attention_windows(config) -> dict[str, int | None]:
     """Each attention layer type of a model (transformers' ``layer_types`` names) and the positions it
-    sees back (None: all): ``config.sliding_window`` for sliding layers, every layer sliding when the
+    sees back (None: all), or for chunked layers the chunk size: ``config.sliding_window`` for sliding
+    layers, ``config.attention_chunk_size`` for chunked ones, every layer sliding when the
     config has a window but no ``layer_types`` (Mistral, Phi-3), none where the model never applies it
     (:data:`UNUSED_WINDOW`).
 
@@ -175,7 +184,8 @@ def attention_windows(config) -> dict[str, int | None]:
     if other:
         raise UsageError(f"--packing is not supported with this model's {', '.join(other)} layers: their state or "
                          "chunks would run from one packed example into the next. Train without --packing.")
-    return {kind: window if kind == "sliding_attention" else None for kind in dict.fromkeys(types)}
+    sizes = {"sliding_attention": window, CHUNKED: getattr(text, "attention_chunk_size", None)}
+    return {kind: sizes.get(kind) for kind in dict.fromkeys(types)}
 
 
 def example_positions(model: torch.nn.Module) -> Callable[[torch.Tensor], torch.Tensor] | None:
@@ -198,11 +208,14 @@ def _has_attention_heads(config) -> bool:
 
 
 def packed_attention_mask(sequence_ids: torch.Tensor, dtype: torch.dtype, window: int | None = None,
-                          blocks: torch.Tensor | None = None) -> torch.Tensor:
+                          blocks: torch.Tensor | None = None, chunk: int | None = None,
+                          places: torch.Tensor | None = None) -> torch.Tensor:
     """Block-diagonal causal mask ``(batch, 1, L, L)``: 0 where attention is allowed, else the dtype's minimum;
     with ``window``, a query sees only keys less than ``window`` positions back (transformers' sliding window);
     tokens of one of ``blocks`` (ids, -1 outside any) also see each other's later tokens (Gemma 3's images,
-    :func:`~qlora.train.data.image_packing.image_blocks`), within the window as transformers 5 keeps them.
+    :func:`~qlora.train.data.image_packing.image_blocks`), within the window as transformers 5 keeps them;
+    with ``chunk``, a query sees only keys of its own chunk, chunks counted by ``places`` (each token's place in
+    its example, from 0), as transformers' chunked mask counts them in an example alone.
 
     This additive form is what transformers' eager attention adds to its
     scores and what SDPA accepts as ``attn_mask``; it must be in the model's
@@ -216,6 +229,8 @@ def packed_attention_mask(sequence_ids: torch.Tensor, dtype: torch.dtype, window
     if window is not None:
         causal = causal & ones.triu(1 - window)
     same = sequence_ids[:, :, None] == sequence_ids[:, None, :]
+    if chunk is not None:
+        same = same & (places[:, :, None] // chunk == places[:, None, :] // chunk)
     allowed = (same & causal)[:, None]
     mask = torch.zeros(allowed.shape, dtype=dtype, device=sequence_ids.device)
     return mask.masked_fill(~allowed, torch.finfo(dtype).min)
