@@ -64,9 +64,9 @@ from qlora.train.config import TrainConfig, parse_pattern, parse_schedule_kwargs
 from qlora.train.distributed import (DistContext, RankLost, all_reduce_grads, gathered_parameters, is_rank_lost,
                                      shard_fsdp, wrap_ddp)
 from qlora.train.data import (
-    IGNORE_INDEX, attention_windows, check_packing_supported, count_trainable_tokens, normalize, pack_examples,
-    fallback_note, own_template, packed_collate, pad_collate, pad_token_id, resolve_chat_format, shuffled_indices,
-    tokenize_dataset,
+    IGNORE_INDEX, attention_windows, check_packing_supported, count_trainable_tokens, example_positions, fallback_note,
+    normalize, own_template, pack_examples, packed_collate, pad_collate, pad_token_id, resolve_chat_format,
+    shuffled_indices, tokenize_dataset,
 )
 from qlora.train.data.dedupe import drop_duplicates
 from qlora.train.data.image_examples import tokenize_image_example
@@ -608,9 +608,10 @@ class Trainer:
             self.model.enable_input_require_grads()
         self.attn = getattr(self.model.config, "_attn_implementation", "eager") or "eager"
         if cfg.packing:
-            check_packing_supported(self.attn)
             self.attn_windows = attention_windows(self.model.config)
+            check_packing_supported(self.attn, self.attn_windows)
             self.positions, self.image_blocks = multimodal_positions(self.model), image_blocks_of(self.model)
+            self.numbering = example_positions(self.model)
 
     def _add_adalora(self) -> None:
         """AdaLoRA's schedule needs the number of steps, known only once the data is loaded."""
@@ -773,7 +774,7 @@ class Trainer:
         pad = pad_token_id(self.tokenizer)
         if self.config.packing:
             batch = packed_collate(units, pad, self.attn, self.dtype, self.attn_windows, self.positions,
-                                   self.image_blocks)
+                                   self.image_blocks, self.numbering)
         else:
             batch = pad_collate(units, pad)
         return {k: {t: m.to(self.device) for t, m in v.items()} if isinstance(v, dict)

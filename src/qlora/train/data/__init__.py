@@ -36,6 +36,7 @@ _LAZY = {
     "count_trainable_tokens": "qlora.train.data.collate",
     "demo_data_path": "qlora.train.data.sources",
     "detect_format": "qlora.train.data.formats",
+    "example_positions": "qlora.train.data.packing",
     "load_records": "qlora.train.data.sources",
     "normalize": "qlora.train.data.formats",
     "pack_examples": "qlora.train.data.packing",

@@ -20,7 +20,9 @@ import torch
 
 from qlora.train.data.image_examples import image_batch, segment_image_batch
 from qlora.train.data.image_packing import ImageBlocks, image_blocks
-from qlora.train.data.packing import MASK_ATTENTION, PackedRow, check_packing_supported, packed_attention_mask
+from qlora.train.data.packing import (
+    CHUNKED, MASK_ATTENTION, POSITION_ATTENTION, PackedRow, check_packing_supported, joined_rows, packed_attention_mask,
+)
 from qlora.train.data.tokenize import IGNORE_INDEX, TokenizedExample
 
 
@@ -55,8 +57,10 @@ def packed_collate(
     rows: Sequence[PackedRow], pad_id: int, attn_implementation: str, dtype: torch.dtype = torch.float32,
     windows: dict[str, int | None] | None = None,
     positions: Callable[[list[int], dict[str, Any]], torch.Tensor] | None = None, blocks: ImageBlocks | None = None,
+    numbering: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> dict[str, Any]:
-    """Batch packed rows: ``input_ids``, ``labels``, restarting ``position_ids`` and, for eager/sdpa, a 4D mask
+    """Batch packed rows: ``input_ids``, ``labels``, restarting ``position_ids`` (for flash attention, the rows end to
+    end as one: :func:`~qlora.train.data.packing.joined_rows`) and, for eager/sdpa, a 4D mask
     (a mapping of layer type to mask, transformers' form, where the model mixes full and sliding layers), and the
     image tensors of the examples with images (:mod:`~qlora.train.data.image_packing`).
 
@@ -72,11 +76,15 @@ def packed_collate(
         blocks: :func:`~qlora.train.data.image_packing.image_blocks_of` the model: the per-token tensor marking
             images whose tokens see each other both ways (Gemma 3's ``token_type_ids``, Molmo2's
             ``mm_token_type_ids``) and how they group.
+        numbering: :func:`~qlora.train.data.packing.example_positions` of the model: each example's positions as
+            the model numbers them alone, where that is not from 0 (RoBERTa's start at ``padding_idx + 1``).
 
     Raises:
         UsageError: an attention implementation that cannot isolate examples.
     """
-    check_packing_supported(attn_implementation)
+    check_packing_supported(attn_implementation, windows)
+    if attn_implementation in POSITION_ATTENTION and len(rows) > 1:
+        rows = [joined_rows(list(rows))]
     length = max(len(r.input_ids) for r in rows)
     shape = (len(rows), length)
     input_ids = torch.full(shape, pad_id, dtype=torch.long)
@@ -90,6 +98,10 @@ def packed_collate(
         position_ids[i, :n] = torch.tensor(r.position_ids)
         position_ids[i, n:] = torch.arange(length - n)  # padding: one more "sequence" of its own
         sequence_ids[i, :n] = torch.tensor(r.sequence_ids)
+    places = position_ids.clone()  # each token's place in its example, whatever numbering the model gives it
+    for i, r in enumerate(rows):
+        for start, end in r.spans if numbering is not None else ():
+            position_ids[i, start:end] = numbering(input_ids[i:i + 1, start:end])[0]
     if positions is not None:
         position_ids = torch.cat([position_ids[None], _multimodal_positions(rows, position_ids, positions)])
     batch = {"input_ids": input_ids, "labels": labels, "position_ids": position_ids}
@@ -98,7 +110,8 @@ def packed_collate(
     if attn_implementation in MASK_ATTENTION:
         block_ids = (image_blocks(batch[blocks.key], sequence_ids, blocks.per_run)
                      if blocks is not None and blocks.key in batch else None)
-        masks = {kind: packed_attention_mask(sequence_ids, dtype, window, block_ids)
+        masks = {kind: packed_attention_mask(sequence_ids, dtype, None if kind == CHUNKED else window, block_ids,
+                                             window if kind == CHUNKED else None, places)
                  for kind, window in (windows or {"full_attention": None}).items()}
         batch["attention_mask"] = masks if len(masks) > 1 else next(iter(masks.values()))
     return batch
