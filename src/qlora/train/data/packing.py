@@ -27,8 +27,9 @@ only the last ``sliding_window`` positions, a chunked one (Llama 4) only its ``a
 the example, counted from the example's start as alone; an explicit mask replaces the one transformers would
 build, so it carries the window too (:func:`attention_windows`), one mask per layer type where
 a model mixes them, as transformers' own mask mapping. Layers that are not attention over the
-example (linear attention, state-space) would carry state across examples: packing is refused there, as for models whose positions count from the row's start whatever
-``position_ids`` say (BART's decoder and its kin) or whose attention takes no 4D mask (BLOOM, XLNet):
+example (linear attention, state-space) would carry state across examples: packing is refused there, as
+for models whose positions count from the row's start whatever ``position_ids`` say (BART's decoder and its
+kin) or whose attention takes no 4D mask (BLOOM, XLNet):
 :data:`UNPACKABLE`, found by packing every causal LM of transformers 5.24. RoBERTa and its kin number an
 example's positions from ``padding_idx + 1``; the packed rows take them so (:func:`example_positions`).
 The first token of every example carries no label, so the last token of one
@@ -58,8 +59,9 @@ CHUNKED = "chunked_attention"  # Llama 4's layers: attention within chunks of at
 # a packed row against each example alone): why, in the words of the refusal.
 UNPACKABLE = {
     **dict.fromkeys(("bart", "bigbird_pegasus", "blenderbot", "blenderbot-small", "marian", "mbart", "mvp", "pegasus",
-                     "plbart", "trocr"), "its decoder numbers positions by their place in the row, whatever position_ids "
-                                         "say, so every example but a row's first would be trained at other positions"),
+                     "plbart", "trocr"),
+                    "its decoder numbers positions by their place in the row, whatever position_ids say, so every "
+                    "example but a row's first would be trained at other positions"),
     "cpmant": "its position bias and segments are computed over the whole row, not per example",
     "bloom": "its ALiBi bias is built from a 2D padding mask, and its attention takes no 4D mask that would keep "
              "packed examples apart",
