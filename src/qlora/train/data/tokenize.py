@@ -147,6 +147,10 @@ class DataReport:
             text += f", {len(where)} skipped with {reason} (first: {first_places(where)})"
         return text
 
+    def cut_or_skipped(self) -> bool:
+        """Whether some example was truncated to --seq-len or skipped (held-out data say so: less was scored)."""
+        return bool(self.truncated or self.untrainable or self.identical or self.empty)
+
     def skip(self, reason: str, where: str) -> None:
         """Count a row skipped for ``reason`` (e.g. ``"an empty answer"``)."""
         self.empty.setdefault(reason, []).append(where)
