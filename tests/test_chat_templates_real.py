@@ -592,7 +592,8 @@ def test_a_one_letter_answer_is_never_taken_from_markup_text(family, answer):
     assert squash(tok.decode(body)) in visible_forms(answer), tok.decode(run)
 
 
-@pytest.mark.parametrize("family", ["yi-1.5", "phi-4-gguf", "gpt-oss", "qwen3.5", "nemotron-3-nano", "glm-4.5", "qwen3"])
+@pytest.mark.parametrize("family", ["yi-1.5", "phi-4-gguf", "gpt-oss", "qwen3.5", "nemotron-3-nano", "glm-4.5",
+                                    "qwen3"])
 @pytest.mark.parametrize("answer", ["a", "i", "is", "assistant"])
 def test_a_short_answer_met_first_in_its_turn_header_trains_as_any_answer(family, answer):
     """A short answer is first met in the text of its turn's header: ``<|im_start|>assistant`` that Yi's and Phi-4's
@@ -606,6 +607,25 @@ def test_a_short_answer_met_first_in_its_turn_header_trains_as_any_answer(family
         reply = {"role": "assistant", "content": content}
         conversation = (U1, reply, {"role": "user", "content": "Again?"}, reply)
         tokenized = tokenize_example(Example(conversation, None, "d.jsonl line 1"), tok, fmt,
+                                     stop_ids=stops(tok, family))
+        return [tok.decode(run) for run in runs(tokenized)]
+
+    assert trained(answer) == [run.replace("Qz", answer) for run in trained("Qz")]
+
+
+@pytest.mark.parametrize("family", ["gpt-oss", "nemotron-3-nano", "kimi-k2-thinking", "qwen3", "deepseek-r1",
+                                    "glm-4.5"])
+@pytest.mark.parametrize("answer", ["a", "i", "t"])
+def test_a_short_answer_after_reasoning_trains_with_its_reasoning(family, answer):
+    """The same with reasoning: a short answer met first in the header (gpt-oss's ``analysis``, Kimi's ``assistant``)
+    is still the answer after the reasoning, and the reasoning a template drops from the final turn (Kimi-K2-Thinking's)
+    is put back before it, as for any answer."""
+    tok = family_tokenizer(family)
+    fmt = ChatFormat(tok.chat_template, origin=f"{family}.jinja", date=DATE)
+
+    def trained(content: str) -> list[str]:
+        reply = {"role": "assistant", "content": content, "reasoning_content": "Two and two."}
+        tokenized = tokenize_example(Example((U1, reply), None, "d.jsonl line 1"), tok, fmt,
                                      stop_ids=stops(tok, family))
         return [tok.decode(run) for run in runs(tokenized)]
 

@@ -45,7 +45,7 @@ import bisect
 import functools
 import re
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 from qlora.errors import UsageError
 from qlora.model import chat_format
@@ -537,6 +537,8 @@ def restore_final_reasoning(text: str, messages: Sequence[dict]) -> str:
             at = text.find(shown, cursor) if shown else -1
             if at < 0:
                 continue
+            if field and _THINK_MARKUP.search(text, cursor, at) is None:  # a short answer met first in the header
+                at = next((k for k in _starts(text, shown, at + 1) if _THINK_MARKUP.search(text, cursor, k)), at)
             written = _THINK_MARKUP.search(text, cursor, at)
             if field:
                 if written is None:
@@ -551,6 +553,14 @@ def restore_final_reasoning(text: str, messages: Sequence[dict]) -> str:
             cursor = begin + len(block) + len(shown)
             break
     return text
+
+
+def _starts(text: str, needle: str, start: int) -> Iterator[int]:
+    """Where ``needle`` starts in ``text`` from ``start`` on, in order."""
+    at = text.find(needle, start)
+    while at >= 0:
+        yield at
+        at = text.find(needle, at + 1)
 
 
 # What a template writes before an answer in place of its reasoning: an empty block, or the closing tag alone
@@ -768,8 +778,10 @@ def _find_assistant(text: str, message: dict, cursor: int, generation_prompt: Ca
     reasoning, answer = parts
     think = _find(text, reasoning, cursor, markup) if reasoning else None
     first_answer = _find(text, answer, cursor, markup) if answer else None
-    if think and (first_answer is None or first_answer[0] >= think[0]):  # this turn's reasoning, not a later one's
-        after = _find(text, answer, think[1], markup) if answer else (think[1], think[1])
+    # this turn's reasoning, not a later one's: the answer is not met (ending a turn) before it
+    if think and (first_answer is None or first_answer[0] >= think[0] or not _ends_turn(text, first_answer, stops)):
+        after = (_ending_turn(text, _find(text, answer, think[1], markup), stops, markup, following) if answer
+                 else (think[1], think[1]))
         if after:
             return _turn_start(text, cursor, think[0], generation_prompt(), opening), after[1]
     if field is None:
@@ -777,6 +789,13 @@ def _find_assistant(text: str, message: dict, cursor: int, generation_prompt: Ca
         if found:
             return found
     return first_answer
+
+
+def _ends_turn(text: str, found: tuple[int, int], stops: Sequence[int]) -> bool:
+    """Whether the text at ``found`` ends a turn: only whitespace comes before the next stop token (``stops``: where
+    they start, in order); True where the text has none to tell."""
+    k = bisect.bisect_left(stops, found[1])
+    return not stops or (k < len(stops) and not text[found[1]:stops[k]].strip())
 
 
 def _ending_turn(text: str, found: tuple[int, int] | None, stops: Sequence[int], markup: Sequence[tuple[int, int]],
@@ -788,7 +807,7 @@ def _ending_turn(text: str, found: tuple[int, int] | None, stops: Sequence[int],
     user's turn (Yi's ``<|im_start|>assistant``), or which the model writes after it (gpt-oss's
     ``<|channel|>final<|message|>``, Qwen3.5's ``assistant`` before the empty ``<think>`` block)."""
     k = bisect.bisect_left(stops, found[1]) if found else len(stops)
-    if k == len(stops) or not text[found[1]:stops[k]].strip():
+    if k == len(stops) or _ends_turn(text, found, stops):
         return found
     needle, starts = text[found[0]:found[1]], [s for s, _ in markup]
     at = text.rfind(needle, found[0] + 1, stops[k])
