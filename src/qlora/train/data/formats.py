@@ -711,7 +711,7 @@ _PYTHON_MESSAGES = re.compile(r"\s*\[\s*\{\s*'(role|from|content|value)'\s*:")
 def _refuse_python_list(value: str, where: str, key: str) -> None:
     """Refuse a cell holding messages as Python text: not JSON, so no reader gets the conversation back, and read as
     a text it would teach the model to write Python dicts."""
-    if _PYTHON_MESSAGES.match(value):
+    if _PYTHON_MESSAGES.match(value) and value.rstrip().endswith("]"):  # the whole cell, not code that starts so
         raise UsageError(f'{where}: field "{key}" holds a message list written as Python text ({value.strip()[:30]!r}'
                          "...), as pandas' and datasets' to_csv write a list column; it is not JSON, so the messages "
                          'cannot be read back. Write the data as JSON Lines (Dataset.to_json("data.jsonl"), or '
