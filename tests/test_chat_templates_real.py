@@ -576,7 +576,7 @@ def test_a_long_conversation_renders_its_template_as_often_as_a_short_one(family
 
 @pytest.mark.parametrize("family,answer", [
     *((f, a) for f in ("glm-4.5", "qwen3", "llama-3.1", "deepseek-v3.2", "kimi-k2") for a in "tsaei"),
-    *(("gpt-oss", a) for a in "tse")])  # gpt-oss writes "final" as text after its prompt: its "a" and "i" are taken
+    *(("gpt-oss", a) for a in "tseai")])
 def test_a_one_letter_answer_is_never_taken_from_markup_text(family, answer):
     """A letter of a special token's text (Qwen3's and GLM's ``<think>`` after the assistant header, gpt-oss's
     ``<|message|>`` after ``<|start|>assistant``) is markup the template writes, never the answer: the answer is the
@@ -590,3 +590,43 @@ def test_a_one_letter_answer_is_never_taken_from_markup_text(family, answer):
     assert run[-1] in stops(tok, family)
     body = [t for t in run if t not in tok.all_special_ids]
     assert squash(tok.decode(body)) in visible_forms(answer), tok.decode(run)
+
+
+@pytest.mark.parametrize("family", ["yi-1.5", "phi-4-gguf", "gpt-oss", "qwen3.5", "nemotron-3-nano", "glm-4.5",
+                                    "qwen3"])
+@pytest.mark.parametrize("answer", ["a", "i", "is", "assistant"])
+def test_a_short_answer_met_first_in_its_turn_header_trains_as_any_answer(family, answer):
+    """A short answer is first met in the text of its turn's header: ``<|im_start|>assistant`` that Yi's and Phi-4's
+    GGUF templates write with the user's turn (no generation prompt), gpt-oss's ``final`` that the model writes after
+    its prompt, Qwen3.5's ``assistant`` before the empty ``<think>`` block. It is trained where it ends its turn, each
+    turn of a conversation trained as with any other answer (``Qz``), not the header's letters."""
+    tok = family_tokenizer(family)
+    fmt = ChatFormat(tok.chat_template, origin=f"{family}.jinja", date=DATE)
+
+    def trained(content: str) -> list[str]:
+        reply = {"role": "assistant", "content": content}
+        conversation = (U1, reply, {"role": "user", "content": "Again?"}, reply)
+        tokenized = tokenize_example(Example(conversation, None, "d.jsonl line 1"), tok, fmt,
+                                     stop_ids=stops(tok, family))
+        return [tok.decode(run) for run in runs(tokenized)]
+
+    assert trained(answer) == [run.replace("Qz", answer) for run in trained("Qz")]
+
+
+@pytest.mark.parametrize("family", ["gpt-oss", "nemotron-3-nano", "kimi-k2-thinking", "qwen3", "deepseek-r1",
+                                    "glm-4.5"])
+@pytest.mark.parametrize("answer", ["a", "i", "t"])
+def test_a_short_answer_after_reasoning_trains_with_its_reasoning(family, answer):
+    """The same with reasoning: a short answer met first in the header (gpt-oss's ``analysis``, Kimi's ``assistant``)
+    is still the answer after the reasoning, and the reasoning a template drops from the final turn (Kimi-K2-Thinking's)
+    is put back before it, as for any answer."""
+    tok = family_tokenizer(family)
+    fmt = ChatFormat(tok.chat_template, origin=f"{family}.jinja", date=DATE)
+
+    def trained(content: str) -> list[str]:
+        reply = {"role": "assistant", "content": content, "reasoning_content": "Two and two."}
+        tokenized = tokenize_example(Example((U1, reply), None, "d.jsonl line 1"), tok, fmt,
+                                     stop_ids=stops(tok, family))
+        return [tok.decode(run) for run in runs(tokenized)]
+
+    assert trained(answer) == [run.replace("Qz", answer) for run in trained("Qz")]

@@ -207,3 +207,26 @@ def test_eval_counts_the_tokens_trl_trains_under_train_on_completion(tmp_path, t
                      "none", "--train-on", train_on]) == 0
         counts[train_on] = int(capsys.readouterr().out.split("(")[-1].split()[0])
     assert counts["completion"] == expected and expected not in (counts["assistant"], counts["all"])
+
+
+JSON_ANSWERS = [
+    {"prompt": "List the users as JSON.", "completion": ' [{"name": "Ann", "age": 3}, {"name": "Bob", "age": 4}]'},
+    {"prompt": 'Count the items of [{"id": 1}, {"id": 2}].', "completion": " Two."},
+    {"prompt": "Give the roles as JSON.", "completion": '[{"role": "admin"}]'},
+    {"prompt": "Prepend the question in Python.", "completion": " [{'role': 'user', 'content': q}] + history"},
+]
+
+
+def test_a_json_answer_is_trained_as_its_text_as_trl_does(tiny_tokenizer):
+    """A prompt or completion that is a JSON list of records (a model taught to answer in JSON), or code that starts
+    as a Python list of messages, is text, as TRL reads it; only a list of messages (a CSV cell's conversation) is
+    read as messages."""
+    theirs = _trl(tiny_tokenizer, JSON_ANSWERS)
+    for row, expected in zip(JSON_ANSWERS, theirs):
+        ours = _ours(tiny_tokenizer, row)
+        assert ours.input_ids == expected["input_ids"], row
+        assert ours.labels[1:] == expected["labels"][1:], row
+    cell = {"prompt": json.dumps([{"role": "user", "content": "Hello"}]),
+            "completion": json.dumps([{"role": "assistant", "content": "Hi there!"}])}
+    assert normalize([Record(cell, "d.csv line 2")])[0].messages == (
+        {"role": "user", "content": "Hello"}, {"role": "assistant", "content": "Hi there!"})

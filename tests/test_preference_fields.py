@@ -9,6 +9,7 @@ the system prompt first, so the tokens are the chat template's rendering of it.
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 from transformers import AutoTokenizer
@@ -117,3 +118,49 @@ def test_cli_trains_an_orca_style_file_with_a_mapping(tmp_path, tiny_model_dir, 
     assert main(argv + ["--data-fields", "prompt=question"]) == 0
     assert (out / "adapter_model.safetensors").exists()
     assert "data_fields: prompt=question" in (out / "config.yaml").read_text()
+
+
+def _csv(path, header: list[str], *rows: list) -> list[Record]:
+    import csv
+
+    with path.open("w", newline="") as f:
+        csv.writer(f).writerows([header, *rows])
+    from qlora.train.data import load_records
+
+    return load_records(path)
+
+
+def test_csv_cells_holding_message_lists_are_conversations_as_in_sft(tmp_path):
+    """A CSV has no list cells: a conversation is written there as JSON text, which SFT reads as messages; a pair's
+    and a KTO row's cells are read so too, not trained as the JSON text itself."""
+    prompt, chosen, rejected = [USER], [{"role": "assistant", "content": "4"}], [{"role": "assistant", "content": "5"}]
+    records = _csv(tmp_path / "pairs.csv", ["prompt", "chosen", "rejected"],
+                   [json.dumps(prompt), json.dumps(chosen), json.dumps(rejected)])
+    (pair,) = normalize_preferences(records)
+    listed = normalize_preferences(_records({"prompt": prompt, "chosen": chosen, "rejected": rejected}))[0]
+    assert replace(pair, where=listed.where) == listed and pair.chosen == tuple(chosen)
+    records = _csv(tmp_path / "kto.csv", ["prompt", "completion", "label"],
+                   [json.dumps(prompt), json.dumps(chosen), "true"])
+    (kto,) = normalize_unpaired(records)
+    assert (kto.prompt, kto.completion, kto.desirable) == (tuple(prompt), tuple(chosen), True)
+
+
+@pytest.mark.parametrize("method", ["sft", "dpo", "kto"])
+def test_message_lists_written_as_python_text_are_refused_naming_the_cell(tmp_path, method):
+    """pandas' and datasets' to_csv write a list column as Python text (single quotes, numpy's line breaks): not
+    JSON, so the conversation cannot be read back, and read as text it would teach the model to write dicts."""
+    from datasets import Dataset
+
+    from qlora.train.data import load_records, normalize
+
+    rows = {"sft": {"messages": [USER, {"role": "assistant", "content": "4"}]},
+            "dpo": {"prompt": [USER], "chosen": [{"role": "assistant", "content": "4"}],
+                    "rejected": [{"role": "assistant", "content": "5"}]},
+            "kto": {"prompt": [USER], "completion": [{"role": "assistant", "content": "4"}], "label": True}}[method]
+    path = tmp_path / "data.csv"
+    Dataset.from_list([rows]).to_csv(str(path), index=False)
+    read = {"sft": normalize, "dpo": normalize_preferences, "kto": normalize_unpaired}[method]
+    field = "messages" if method == "sft" else "prompt"
+    with pytest.raises(UsageError, match=rf'data\.csv line 2: field "{field}" holds a message list written as Python '
+                                         r"text .*to_csv.*Dataset\.to_json"):
+        read(load_records(path))

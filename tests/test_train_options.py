@@ -149,8 +149,8 @@ def test_a_config_built_in_python_is_converted_and_checked_as_a_yaml_file_is(tmp
     refuses what `qlora train` refuses, naming the option, before anything is read or written."""
     from qlora.train.config import TrainConfig
 
-    config = TrainConfig(model="m", data="d", output=str(tmp_path / "o"), lr="2e-4", target_modules=["q_proj", "v_proj"],
-                         save_steps=8.0)
+    config = TrainConfig(model="m", data="d", output=str(tmp_path / "o"), lr="2e-4",
+                         target_modules=["q_proj", "v_proj"], save_steps=8.0)
     assert (config.lr, config.target_modules, config.save_steps) == (2e-4, "q_proj,v_proj", 8)
     assert config == load_config(None, dict(model="m", data="d", output=str(tmp_path / "o"), lr="2e-4",
                                             target_modules=["q_proj", "v_proj"], save_steps=8.0))
@@ -162,3 +162,23 @@ def test_a_config_built_in_python_is_converted_and_checked_as_a_yaml_file_is(tmp
         with pytest.raises(UsageError, match=refusal):
             Trainer(TrainConfig(model="m", data="d", output=str(tmp_path / "o"), **options))
     assert not (tmp_path / "o").exists()
+
+
+def test_held_out_rows_cut_or_skipped_are_reported_as_the_training_rows_are(tmp_path, tiny_model_dir, two_files,
+                                                                            capsys):
+    """--eval-data rows whose prompts fill --seq-len are not scored, and long ones are cut: the run log says so (as
+    for the training rows, and as ``qlora eval`` does), else the eval loss reads as the whole held-out set's."""
+    from qlora.train.data import load_records, normalize, tokenize_dataset
+
+    alpaca, _ = two_files
+    long = _write(tmp_path / "long.jsonl", [{"instruction": "What is one plus one? " * 20, "output": "Two."},
+                                            {"instruction": "What is two plus two?", "output": "Four. " * 30},
+                                            {"instruction": "What is one plus two?", "output": "Three."}])
+    trainer = _trainer(tiny_model_dir, alpaca, tmp_path / "run", eval_data=str(long))
+    trainer.cleanup()
+    _, report = tokenize_dataset(normalize(load_records(long)), trainer.tokenizer, trainer.chat_format,
+                                 seq_len=64)
+    assert report.truncated == 2 and len(report.empty) == 1 and len(trainer.eval_units) == 2
+    assert f"eval data: {report.summary()}; 2 examples evaluated" in capsys.readouterr().out
+    _trainer(tiny_model_dir, alpaca, tmp_path / "whole", eval_data=str(alpaca)).cleanup()  # nothing cut: no line
+    assert "eval data:" not in capsys.readouterr().out

@@ -73,7 +73,7 @@ from qlora.train.data.image_examples import tokenize_image_example
 from qlora.train.data.image_packing import check_image_packing, image_blocks_of, multimodal_positions
 from qlora.train.data.selection import check_split_of_files, hold_out, read_sources, source_names
 from qlora.train.data.text_blocks import text_blocks
-from qlora.train.data.tokenize import NothingToTrain
+from qlora.train.data.tokenize import DataReport, NothingToTrain
 from qlora.train.file_fingerprint import changed_file, model_fingerprints
 from qlora.train.log_window import window_record
 from qlora.train.loss import chunked_loss_matches, model_inputs, token_loss_sum
@@ -367,6 +367,7 @@ class Trainer:
         self._check_batch_fits(len(train_examples))
         if not cfg.eval_split and cfg.method == "sft":  # axolotl's SFT test_datasets are deduplicated on their own
             self.seen_rows = set()
+        self.eval_report = None  # what tokenizing the held-out examples cut or skipped
         self.eval_units = self._tokenize_eval(eval_examples) if eval_examples else []
         self.eval_parts = self._eval_parts(eval_ends)
         check_positions(self.model, max(self._positions(self.train_units), self._positions(self.eval_units)),
@@ -422,6 +423,9 @@ class Trainer:
                               else "")
                            + (f"; {_counted(self.duplicates, 'duplicate example')} dropped (--dedupe)" if cfg.dedupe
                               else ""))
+        if isinstance(self.eval_report, DataReport) and self.eval_report.cut_or_skipped():  # less is scored than held
+            self.metrics.write(f"eval data: {self.eval_report.summary()}; {_counted(len(self.eval_units), unit)} "
+                               "evaluated")
         if cfg.eval_steps and not self.eval_units:  # auto's (steps and epoch without eval data are refused)
             self.metrics.write(f"--eval-steps {cfg.eval_steps:g}: no held-out data, so nothing is evaluated; give "
                                "--eval-data or --eval-split to evaluate")
@@ -702,7 +706,8 @@ class Trainer:
         """The held-out units; held-out rows that are all skipped are refused naming them as eval data."""
         cfg = self.config
         try:
-            return self._tokenize(examples)[0]
+            units, self.eval_report = self._tokenize(examples)
+            return units
         except NothingToTrain as exc:
             if cfg.eval_data:
                 source, fix = (f"--eval-data {cfg.eval_data}: {exc.subject('of it')}",

@@ -32,6 +32,7 @@ Field names that differ are mapped by :mod:`qlora.train.data.fields` (``--data-f
 from __future__ import annotations
 
 import json
+import re
 from collections import Counter
 from dataclasses import dataclass, replace
 from functools import partial
@@ -356,8 +357,9 @@ def _exchange_keys(item: dict[str, Any]) -> tuple[str, str] | None:
 
 
 def _tool_call_turn(value: Any) -> list[dict[str, Any]] | None:
-    """A completion that is a list of tool calls as the assistant message making them, or None."""
-    calls = tool_calls(value) if isinstance(value, list) else None
+    """A completion that is a list of tool calls (or that list as JSON text, as xlam's ``answers``) as the assistant
+    message making them, or None."""
+    calls = tool_calls(value)
     return [{"role": "assistant", "content": None, "tool_calls": calls}] if calls else None
 
 
@@ -376,8 +378,9 @@ def _prompt_completion(fields: dict[str, Any], where: str, names: FieldMap, chat
     for key, value in (("prompt", prompt), ("completion", completion)):
         if value is None and not (key == "completion" and key in fields):  # a null completion: an empty answer
             raise UsageError(f'{where}: field "{key}" is missing (format prompt-completion).')
-        if isinstance(value, str) and value.strip().startswith("[") and _json_list(value) is not None:
-            fields = {**fields, key: _json_list(value)}
+        listed = listed_messages(value, names, where, key)  # a CSV cell's messages (a JSON answer stays text)
+        if listed is not None:
+            fields = {**fields, key: listed}
     if _no_entries(fields["completion"]) and not message_reasoning(fields, where):
         return Example(None, "", where, prompt=prompt if isinstance(prompt, str) else "", skip=EMPTY_ANSWER)
     prompt, completion = fields["prompt"], _tool_call_turn(fields["completion"]) or fields["completion"]
@@ -679,6 +682,43 @@ def _parsed_json(value: Any, where: str, what: str) -> Any:
         raise UsageError(f"{where}: {what} is not valid JSON ({e.msg} at column {e.colno}).") from None
 
 
+def listed_messages(value: Any, names: FieldMap, where: str, key: str) -> list[dict[str, Any]] | None:
+    """The messages of a text cell holding a message list as JSON (a CSV or TSV cell, a string column), or None:
+    where its entries are not messages (no role key, or ``from``), the text is the answer itself, as a model taught
+    to answer in JSON writes it (``[{"name": "Ann", "age": 3}]``, ``[{"role": "admin"}]``).
+
+    Raises:
+        UsageError: a message list written as Python text (:func:`_refuse_python_list`).
+    """
+    if not (isinstance(value, str) and value.lstrip().startswith("[")):
+        return None
+    _refuse_python_list(value, where, key)
+    parsed = _json_list(value)
+    return parsed if parsed and all(_message_like(m, names) for m in parsed) else None
+
+
+def _message_like(item: dict[str, Any], names: FieldMap) -> bool:
+    """Whether ``item`` has a message's speaker and what it says (its content, or the tools it calls)."""
+    role, content = names.message_keys(item)
+    return role in item and any(key in item for key in (content, "tool_calls", "function_call"))
+
+
+# The start of a message list written as Python text: str() of a list of dicts, as pandas' and datasets' to_csv write
+# a list column ("[{'role': 'user', ...}" with numpy's newlines between the entries, and no commas)
+_PYTHON_MESSAGES = re.compile(r"\s*\[\s*\{\s*'(role|from|content|value)'\s*:")
+
+
+def _refuse_python_list(value: str, where: str, key: str) -> None:
+    """Refuse a cell holding messages as Python text: not JSON, so no reader gets the conversation back, and read as
+    a text it would teach the model to write Python dicts."""
+    if _PYTHON_MESSAGES.match(value) and value.rstrip().endswith("]"):  # the whole cell, not code that starts so
+        raise UsageError(f'{where}: field "{key}" holds a message list written as Python text ({value.strip()[:30]!r}'
+                         "...), as pandas' and datasets' to_csv write a list column; it is not JSON, so the messages "
+                         'cannot be read back. Write the data as JSON Lines (Dataset.to_json("data.jsonl"), or '
+                         'DataFrame.to_json("data.jsonl", orient="records", lines=True)), or each such cell with '
+                         "json.dumps.")
+
+
 def _json_list(value: str) -> list | None:
     try:
         parsed = json.loads(value)
@@ -722,6 +762,7 @@ def _text_field(fields: dict[str, Any], key: str, where: str, fmt: str) -> str:
 def _list_field(fields: dict[str, Any], key: str, where: str, fmt: str) -> list[Any]:
     value = fields.get(key)
     if isinstance(value, str) and value.strip().startswith("["):  # a message list stored as JSON text (CSV)
+        _refuse_python_list(value, where, key)
         value = _json_list(value) or value
     if not isinstance(value, list) or not value:
         problem = "is missing" if value is None else "must be a non-empty list"

@@ -56,7 +56,7 @@ from qlora.model.image_processor import image_token_id
 from qlora.train.data.common_ends import common_prefix
 from qlora.train.data.fields import (FieldMap, message_like, pair_hint, parse_data_fields, prompt_column,
                                      unsupported_rows)
-from qlora.train.data.formats import (EMPTY_ANSWER, Example, empty_answer, normalize, render_kwargs,
+from qlora.train.data.formats import (EMPTY_ANSWER, Example, empty_answer, listed_messages, normalize, render_kwargs,
                                      row_template_kwargs, row_tools, unpaired_error, unpaired_label)
 from qlora.train.data.image_examples import expanded_prompt, image_batch
 from qlora.train.data.images import ImageRef, as_parts, attach_images, has_image_parts, images_in
@@ -121,8 +121,17 @@ def renamed_source(records: list[Record], fields: FieldMap | str | dict | None) 
     """One source's rows under our column names (``fields``: ``--data-fields``), the parsed map (for the keys and
     roles inside messages), and whether the source is read as conversations (:func:`read_as_chat`)."""
     names = parse_data_fields(fields)
-    records = [names.rename(r) for r in records]
+    records = [_listed_cells(names.rename(r), names) for r in records]
     return records, names, read_as_chat(records)
+
+
+def _listed_cells(record: Record, names: FieldMap) -> Record:
+    """``record`` with its prompt and answers that are message lists written as JSON text (CSV and TSV cells) read
+    as those lists, as SFT reads a prompt-completion row's (:func:`~qlora.train.data.formats.listed_messages`)."""
+    listed = {key: listed_messages(record.fields.get(key), names, record.where, key)
+              for key in ("prompt", "chosen", "rejected", "completion")}
+    listed = {key: value for key, value in listed.items() if value is not None}
+    return replace(record, fields={**record.fields, **listed}) if listed else record
 
 
 def read_as_chat(records: list[Record]) -> bool:

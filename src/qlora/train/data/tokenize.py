@@ -45,7 +45,7 @@ import bisect
 import functools
 import re
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 from qlora.errors import UsageError
 from qlora.model import chat_format
@@ -146,6 +146,10 @@ class DataReport:
         for reason, where in self.empty.items():
             text += f", {len(where)} skipped with {reason} (first: {first_places(where)})"
         return text
+
+    def cut_or_skipped(self) -> bool:
+        """Whether some example was truncated to --seq-len or skipped (held-out data say so: less was scored)."""
+        return bool(self.truncated or self.untrainable or self.identical or self.empty)
 
     def skip(self, reason: str, where: str) -> None:
         """Count a row skipped for ``reason`` (e.g. ``"an empty answer"``)."""
@@ -418,7 +422,8 @@ def _chat_ids_and_mask(example: Example, tokenizer, fmt: ChatFormat, stops: set[
                                  functools.cache(lambda i: _generation_prompt(tokenizer, fmt, messages, i,
                                                                               example.where, extra)),
                                  lambda i: _reasoning_opening(tokenizer, fmt, messages, i, example.where, extra),
-                                 _markup_strings(tokenizer), _markup_spans(ids, offsets, tokenizer))
+                                 _markup_strings(tokenizer), _markup_spans(ids, offsets, tokenizer),
+                                 [offsets[k][0] for k, t in enumerate(ids) if t in stops])
         runs = [_tokens_covering(offsets, s, e) for s, e in spans]
         char_ends = [e for _, e in spans]
     mask = [False] * len(ids)
@@ -532,6 +537,8 @@ def restore_final_reasoning(text: str, messages: Sequence[dict]) -> str:
             at = text.find(shown, cursor) if shown else -1
             if at < 0:
                 continue
+            if field and _THINK_MARKUP.search(text, cursor, at) is None:  # a short answer met first in the header
+                at = next((k for k in _starts(text, shown, at + 1) if _THINK_MARKUP.search(text, cursor, k)), at)
             written = _THINK_MARKUP.search(text, cursor, at)
             if field:
                 if written is None:
@@ -546,6 +553,14 @@ def restore_final_reasoning(text: str, messages: Sequence[dict]) -> str:
             cursor = begin + len(block) + len(shown)
             break
     return text
+
+
+def _starts(text: str, needle: str, start: int) -> Iterator[int]:
+    """Where ``needle`` starts in ``text`` from ``start`` on, in order."""
+    at = text.find(needle, start)
+    while at >= 0:
+        yield at
+        at = text.find(needle, at + 1)
 
 
 # What a template writes before an answer in place of its reasoning: an empty block, or the closing tag alone
@@ -746,24 +761,27 @@ def _inside_markup(markup: Sequence[tuple[int, int]], starts: list[int], begin: 
 
 def _find_assistant(text: str, message: dict, cursor: int, generation_prompt: Callable[[], str] = lambda: "",
                     opening: Callable[[], str] = lambda: "",
-                    markup: Sequence[tuple[int, int]] = ()) -> tuple[int, int] | None:
+                    markup: Sequence[tuple[int, int]] = (), stops: Sequence[int] = (),
+                    following: str = "") -> tuple[int, int] | None:
     """Where an assistant message is rendered: its content whole, or, for a message with reasoning (a field,
     thinking chunks or a ``<think>`` block in the content), its reasoning + answer as the template reformats them,
     from the end of the generation prompt (the model writes what follows it: ``<think>``, a channel header) or from
     the template's ``opening`` markup of the reasoning, or the answer alone when the template drops the reasoning of
-    this turn (``markup``: as for :func:`_find`)."""
+    this turn (``markup``: as for :func:`_find`; ``stops``, ``following``: as for :func:`_ending_turn`)."""
     content = _content(message)
     field = _reasoning_field(message)
     parts = (_reasoning_text(message), content.strip()) if field else split_think(content)
     if parts is None:
-        found = _find(text, content, cursor, markup)
+        found = _ending_turn(text, _find(text, content, cursor, markup), stops, markup, following)
         empty = _EMPTY_THINK.search(text, cursor, found[0]) if found else None
         return (empty.start(), found[1]) if empty else found
     reasoning, answer = parts
     think = _find(text, reasoning, cursor, markup) if reasoning else None
     first_answer = _find(text, answer, cursor, markup) if answer else None
-    if think and (first_answer is None or first_answer[0] >= think[0]):  # this turn's reasoning, not a later one's
-        after = _find(text, answer, think[1], markup) if answer else (think[1], think[1])
+    # this turn's reasoning, not a later one's: the answer is not met (ending a turn) before it
+    if think and (first_answer is None or first_answer[0] >= think[0] or not _ends_turn(text, first_answer, stops)):
+        after = (_ending_turn(text, _find(text, answer, think[1], markup), stops, markup, following) if answer
+                 else (think[1], think[1]))
         if after:
             return _turn_start(text, cursor, think[0], generation_prompt(), opening), after[1]
     if field is None:
@@ -771,6 +789,33 @@ def _find_assistant(text: str, message: dict, cursor: int, generation_prompt: Ca
         if found:
             return found
     return first_answer
+
+
+def _ends_turn(text: str, found: tuple[int, int], stops: Sequence[int]) -> bool:
+    """Whether the text at ``found`` ends a turn: only whitespace comes before the next stop token (``stops``: where
+    they start, in order); True where the text has none to tell."""
+    k = bisect.bisect_left(stops, found[1])
+    return not stops or (k < len(stops) and not text[found[1]:stops[k]].strip())
+
+
+def _ending_turn(text: str, found: tuple[int, int] | None, stops: Sequence[int], markup: Sequence[tuple[int, int]],
+                 following: str = "") -> tuple[int, int] | None:
+    """``found`` (an answer's text, first met after the message before it), or where that text comes again to end the
+    turn, right before the stop token that ends it (``stops``: where the text's stop tokens start, in order), when
+    ``found`` does not and the next message's text (``following``) is not between them: a short answer ("a", "is",
+    "assistant") is first met inside the turn's header, which a template without a generation prompt writes with the
+    user's turn (Yi's ``<|im_start|>assistant``), or which the model writes after it (gpt-oss's
+    ``<|channel|>final<|message|>``, Qwen3.5's ``assistant`` before the empty ``<think>`` block)."""
+    k = bisect.bisect_left(stops, found[1]) if found else len(stops)
+    if k == len(stops) or _ends_turn(text, found, stops):
+        return found
+    needle, starts = text[found[0]:found[1]], [s for s, _ in markup]
+    at = text.rfind(needle, found[0] + 1, stops[k])
+    while at >= 0 and (text[at + len(needle):stops[k]].strip() or _inside_markup(markup, starts, at, at + len(needle))):
+        at = text.rfind(needle, found[0] + 1, at + len(needle) - 1)
+    if at < 0 or (following.strip() and following.strip() in text[found[1]:at]):
+        return found  # none, or one in a later turn (a template that ends a turn with no stop token: GLM's)
+    return at, at + len(needle)
 
 
 # An empty reasoning block a template writes before an answer without reasoning (Qwen3's final turn, GLM's every
@@ -837,12 +882,15 @@ def _assistant_spans(text: str, messages: Sequence[dict], fmt: ChatFormat, where
                      skipped: set[int] = frozenset(),
                      generation_prompt: Callable[[int], str] = lambda i: "",
                      reasoning_opening: Callable[[int], str] = lambda i: "",
-                     markers: Sequence[str] = (), markup: Sequence[tuple[int, int]] = ()) -> list[tuple[int, int]]:
+                     markers: Sequence[str] = (), markup: Sequence[tuple[int, int]] = (),
+                     stops: Sequence[int] = ()) -> list[tuple[int, int]]:
     """Character spans of each assistant message's content in ``text``, in order, but for the assistant
     messages numbered (from 0) in ``skipped``; a message that calls tools spans the whole turn the template
     writes for it (``tool_call_span(cursor, i)``: content and calls); a message with reasoning starts where
     ``generation_prompt(i)`` (the template's, after messages ``[:i]``) ends, or at ``reasoning_opening(i)``; no
-    message is found inside a markup token's text (``markup``: their character spans, in order).
+    message is found inside a markup token's text (``markup``: their character spans, in order), and a short answer
+    met first in its turn's header is the text that ends the turn, before its stop token (``stops``: where stop
+    tokens start, in order; :func:`_ending_turn`).
 
     Raises:
         Unlocated: an assistant message is not rendered, or is rendered inside the prompt: after the message before
@@ -868,8 +916,9 @@ def _assistant_spans(text: str, messages: Sequence[dict], fmt: ChatFormat, where
             continue
         if not content.strip() and not _reasoning_field(messages[i]):
             continue  # nothing to learn but the end marker, whose place is unknown
+        following = _content(messages[i + 1]) if i + 1 < len(messages) else ""
         found = _find_assistant(text, messages[i], cursor, lambda i=i: generation_prompt(i),
-                                lambda i=i: reasoning_opening(i), markup)
+                                lambda i=i: reasoning_opening(i), markup, stops, following)
         if found is None:
             shown = content.strip()[:60]
             raise Unlocated(
@@ -891,7 +940,8 @@ def _assistant_spans(text: str, messages: Sequence[dict], fmt: ChatFormat, where
         if opened is not None and found[1] <= opened[1] and not _continues_turn(text, messages, i, prompt_end,
                                                                                  found[0], markers):
             found = _find_assistant(text, messages[i], opened[1], lambda i=i: generation_prompt(i),
-                                    lambda i=i: reasoning_opening(i), markup) if opened[0] >= 0 else None
+                                    lambda i=i: reasoning_opening(i), markup, stops, following
+                                    ) if opened[0] >= 0 else None
             if found is None:
                 raise Unlocated(
                     f"{where}: assistant message {k} of {len(assistants)} (message {i + 1} of the conversation, "
