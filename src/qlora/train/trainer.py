@@ -35,6 +35,7 @@ import json
 import logging
 import math
 import os
+import pickle
 import random
 import shutil
 import shlex
@@ -60,6 +61,7 @@ from qlora.model.quantize import non_text_names
 from qlora.nn import Experts4bit, expert_weight_names
 from qlora.optim import create_optimizer, decay_groups, lora_plus_param_groups, make_scheduler
 from qlora.output_folder import check_output, clear_owned, record, staged_output
+from qlora.train.checkpoint_damage import ADAPTER_WEIGHTS, STATE_FILE, checkpoint_damage, damaged_checkpoint_message
 from qlora.train.config import TrainConfig, parse_pattern, parse_schedule_kwargs, target_module_names
 from qlora.train.distributed import (DistContext, RankLost, all_reduce_grads, gathered_parameters, is_rank_lost,
                                      shard_fsdp, wrap_ddp)
@@ -83,7 +85,6 @@ from qlora.train.run_identity import as_used, ignored
 from qlora.train.strategy import Cadence
 
 CHECKPOINTS = "checkpoints"
-STATE_FILE = "trainer_state.pt"
 # What a run writes at the top of --output besides the final adapter and tokenizer files,
 # all recorded in the folder's manifest so --overwrite removes them and nothing else.
 RUN_ENTRIES = (CHECKPOINTS, "config.yaml", "metrics.jsonl", "events", "loss.png",
@@ -101,12 +102,40 @@ def _counted(n: int, noun: str) -> str:
     return f"{n} {noun}{'' if n == 1 else 's'}"
 
 
-def _continue_command(out: Path, checkpoint: Path) -> str:
-    """The command that continues the run's adapter (the final one, else the checkpoint's) into a new folder."""
-    adapter = out if (out / "adapter_config.json").is_file() else checkpoint / "adapter"
+def _continue_command(out: Path, checkpoint: Path, adapter: Path | None = None) -> str:
+    """The command that continues the run's adapter (``adapter``, else the final one, else the checkpoint's) into a
+    new folder beside ``out``."""
+    adapter = adapter or (out if (out / "adapter_config.json").is_file() else checkpoint / "adapter")
     new = next(p for p in (out.with_name(f"{out.name}-continued" + (f"-{n}" if n > 1 else "")) for n in count(1))
                if not p.exists())
     return f"qlora train --adapter {shlex.quote(str(adapter))} --output {shlex.quote(str(new))}"
+
+
+def _no_checkpoint(out: Path) -> str:
+    """The refusal of a resume into a folder that holds no qlora checkpoint but is not empty: one of a run's
+    checkpoints given as --output, a transformers Trainer's output, an adapter alone (a PEFT folder, a run that saved
+    no checkpoint), or a run that stopped before its first checkpoint. Only the last may start again with
+    --overwrite: the others say how to go on without losing their adapter."""
+    if (out / STATE_FILE).is_file() and out.parent.name == CHECKPOINTS:
+        run = out.parent.parent
+        return (f"--resume: {out} is one of the checkpoints of the run in {run}; give the run's folder, --output "
+                f"{shlex.quote(str(run))}, and --resume continues it from its last checkpoint.")
+    trainer_checkpoints = sorted((p for p in out.glob("checkpoint-*") if p.name[11:].isdigit()),
+                                 key=lambda p: int(p.name[11:]))
+    if (out / "trainer_state.json").is_file() or trainer_checkpoints:
+        adapters = [p for p in [out, *trainer_checkpoints] if (p / "adapter_config.json").is_file()]
+        go_on = (f"; to train its adapter further, continue it in a new run: {_continue_command(out, out, adapters[-1])}"
+                 " with the data and the steps to add (a fresh optimizer and schedule)" if adapters else "")
+        return (f"--resume: {out} holds a transformers Trainer's output, not a qlora run: qlora resumes from its own "
+                f"checkpoints only (their optimizer, schedule and data order are qlora's){go_on}.")
+    if (out / "adapter_config.json").is_file():
+        return (f"--resume: {out} holds an adapter but no qlora checkpoint (the optimizer state, schedule and step "
+                "a resume continues from: its run saved none, with --save-strategy no, they were deleted, or the "
+                f"adapter was saved by PEFT), so there is no run to continue; to train the adapter further, continue "
+                f"it in a new run: {_continue_command(out, out)} with the data and the steps to add (a fresh "
+                "optimizer and schedule).")
+    return (f"--resume: {out} has no checkpoint to resume from (its run stopped before its first checkpoint, or "
+            "saved none: --save-strategy no); start the run again with --overwrite instead of --resume.")
 
 
 def _train_further(out: Path, checkpoint: Path, differ: list[str]) -> str:
@@ -474,9 +503,10 @@ class Trainer:
                     state = "does not exist" if not self.out.exists() else "is an empty folder"
                     raise UsageError(f"--resume: {self.out} {state}, so there is no run to resume; check "
                                      "--output, or leave out --resume to start the run.")
-                raise UsageError(f"--resume: {self.out} has no checkpoint to resume from (its run stopped before "
-                                 "its first checkpoint, or saved none: --save-strategy no); start the run again with "
-                                 "--overwrite instead of --resume.")
+                raise UsageError(_no_checkpoint(self.out))
+            damage = checkpoint_damage(checkpoints[-1])
+            if damage:
+                raise UsageError(damaged_checkpoint_message(self.out, checkpoints, damage))
             saved = json.loads((checkpoints[-1] / "run_config.json").read_text())
             current = self._run_config()
             # A key the checkpoint lacks was added to qlora after it was written: that run used the default. The
@@ -1133,9 +1163,18 @@ class Trainer:
         from qlora.model.adapter_io import adapter_state_dict
         from qlora.model.residual_convert import first_half
         from qlora.nn.residual_init_names import is_residual_init
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
-        saved = load_file(str(path / "adapter" / "adapter_model.safetensors"))
+        name = ADAPTER_WEIGHTS
+        try:  # damage past the headers that checkpoint_damage read (other bytes inside the data)
+            saved = load_file(str(path / name))
+            name = STATE_FILE
+            state = torch.load(path / name, weights_only=True)
+        except (RuntimeError, SafetensorError, pickle.UnpicklingError) as exc:  # torch: 'weights only load failed'
+            first = str(exc).split(". ")[0]
+            raise UsageError(damaged_checkpoint_message(self.out, list_checkpoints(self.out),
+                                                        f"{name} does not read: {first}")) from None
         current = adapter_state_dict(self.model)
         with torch.no_grad():
             for key, tensor in current.items():
@@ -1144,7 +1183,6 @@ class Trainer:
                 # a PiSSA/OLoRA checkpoint holds the converted adapter [A; A0], [B, -B0]; this run's init has
                 # recomputed A0, B0 (and the residual base) from the original weights, so A and B are its first half
                 tensor.copy_(first_half(saved[key], tensor) if is_residual_init(self.config.init) else saved[key])
-        state = torch.load(path / STATE_FILE, weights_only=True)
         if self.adapter_hooks is not None:  # AdaLoRA: every triplet, the pruned ones too, and its schedule's state
             self.adapter_hooks.load_state_dict(state["adapter_hooks"])
         self.optimizer.load_state_dict(state["optimizer"])
