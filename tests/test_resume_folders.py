@@ -43,7 +43,7 @@ def _cut(data: bytes) -> bytes:
     return data[:len(data) // 2]
 
 
-def _overwritten(data: bytes) -> bytes:  # other bytes in the pickle a torch.save archive opens with (its zip index intact)
+def _overwritten(data: bytes) -> bytes:  # other bytes in the pickle a torch.save archive opens with
     return data[:200] + b"\xff" * 16 + data[216:]
 
 

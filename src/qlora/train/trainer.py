@@ -92,6 +92,8 @@ RUN_ENTRIES = (CHECKPOINTS, "config.yaml", "metrics.jsonl", "events", "loss.png"
 LOFTQ_BASE = "loftq-base"  # only --init loftq writes it: a user's folder of that name is not recorded as qlora's
 # Options a checkpoint from before qlora bounded images lacks: resumed unbounded-before, bounded-after (a warning).
 _PIXEL_KEYS = ("image_max_pixels", "image_min_pixels", "image_resize")
+# Options that set the run's length: --resume may change them where the steps trained so far stay the same.
+_LENGTH = ("epochs", "max_steps")
 # Names save_pretrained may give tokenizer files: a user's file of such a name is refused up front.
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
                     "tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json", "vocab.txt")
@@ -124,8 +126,9 @@ def _no_checkpoint(out: Path) -> str:
                                  key=lambda p: int(p.name[11:]))
     if (out / "trainer_state.json").is_file() or trainer_checkpoints:
         adapters = [p for p in [out, *trainer_checkpoints] if (p / "adapter_config.json").is_file()]
-        go_on = (f"; to train its adapter further, continue it in a new run: {_continue_command(out, out, adapters[-1])}"
-                 " with the data and the steps to add (a fresh optimizer and schedule)" if adapters else "")
+        go_on = ("; to train its adapter further, continue it in a new run: "
+                 f"{_continue_command(out, out, adapters[-1])} with the data and the steps to add (a fresh optimizer "
+                 "and schedule)" if adapters else "")
         return (f"--resume: {out} holds a transformers Trainer's output, not a qlora run: qlora resumes from its own "
                 f"checkpoints only (their optimizer, schedule and data order are qlora's){go_on}.")
     if (out / "adapter_config.json").is_file():
@@ -142,8 +145,7 @@ def _train_further(out: Path, checkpoint: Path, differ: list[str]) -> str:
     """For a resume asked to run longer: the command that continues the run's adapter into a new folder."""
     if not {"epochs", "max_steps", "max_steps_per_epoch"} & set(differ):
         return ""
-    return (f". --resume finishes a run as it was planned (its learning-rate schedule spans its steps), so it does "
-            f"not run longer; to train further, continue its adapter in a new run: {_continue_command(out, checkpoint)}"
+    return (f". To train further, continue its adapter in a new run: {_continue_command(out, checkpoint)}"
             " with the data and the steps or epochs to add (the adapter names its base model and brings its rank, "
             "targets and chat format; the optimizer state and the schedule start afresh)")
 
@@ -355,6 +357,7 @@ class Trainer:
         self._input_grads = False  # the input embeddings' output requires grad (see _loss_reaching_adapters)
         self._graph_checked = False  # the first loss of this process was checked for a graph that reaches adapters
         self._decay_all = False  # resumed from a checkpoint whose optimizer decays biases and norm weights too
+        self._length_change: tuple[dict[str, Any], list[str]] | None = None  # resumed with another --max-steps/--epochs
 
     # ----------------------------------------------------------------- setup
     def setup(self) -> None:
@@ -406,6 +409,7 @@ class Trainer:
         self.steps_per_epoch = steps_per_epoch(len(self.train_units), self.global_batch, cfg.max_steps_per_epoch)
         self.total_steps = total_steps(len(self.train_units), self.global_batch, cfg.epochs, cfg.max_steps,
                                        cfg.max_steps_per_epoch)
+        planned = self._check_length(resume_from) if self._length_change else self.total_steps
         if cfg.adalora:
             self._add_adalora()
         if cfg.fused_kernels:  # shares every parameter and adapter, so it may follow their creation
@@ -454,7 +458,9 @@ class Trainer:
             self.metrics.write(f"--eval-steps {cfg.eval_steps:g}: no held-out data, so nothing is evaluated; give "
                                "--eval-data or --eval-split to evaluate")
         if resume_from is not None:  # said also without a progress bar, whose start would show it
-            self.metrics.write(f"resuming from {resume_from} at step {self.step}")
+            self.metrics.write(f"resuming from {resume_from} at step {self.step}" + (
+                f", for {self.total_steps} steps instead of the {planned} it was planned for" if planned
+                != self.total_steps else ""))
 
     def _param_groups(self) -> list[dict[str, Any]]:
         """The optimizer's parameter groups: the trained parameters (LoRA+: A's and B's groups), each split into
@@ -516,7 +522,9 @@ class Trainer:
             recorded = as_used({k: saved[k] if k in saved else defaults.get(k) for k in current}, self._auto_precision)
             skipped = {*unbounded, *ignored(recorded, current), "source_files"}
             differ = [k for k, v in current.items() if k not in skipped and recorded[k] != v]
-            if differ:
+            if differ and set(differ) <= set(_LENGTH):  # checked once the run's steps are known (_check_length)
+                self._length_change = ({k: recorded[k] for k in _LENGTH}, differ)
+            elif differ:
                 # a key the checkpoint lacks shows the default its run used, not None
                 was = {k: repr(recorded[k]) if k in saved else f"{recorded[k]!r} (the default then)" if k in defaults
                        else "not recorded" for k in differ}
@@ -550,6 +558,48 @@ class Trainer:
                      alternative="--resume to continue its run",
                      inputs={"--model": cfg.model, "--data": cfg.data, "--eval-data": cfg.eval_data})
         return None
+
+    def _check_length(self, checkpoint: Path) -> int:
+        """The steps the checkpoint's run was planned for. A resume asked for another length (--max-steps, --epochs)
+        goes on where the run so far is the start of the run of that length, so that the resumed run is that run
+        uninterrupted: the checkpoint's step is within it, and every step trained so far, and the next (whose rate
+        the checkpoint's optimizer holds), has the same learning rate under the new length's schedule. AdaLoRA's
+        rank schedule and reduce_lr_on_plateau (whose rates follow the evaluation at the end of the run) depend on
+        the length all along.
+
+        Raises:
+            UsageError: naming the changed option and what the new length would change.
+        """
+        from qlora.optim import PLATEAU, lr_lambda, schedule_name
+
+        cfg, (recorded, differ) = self.config, self._length_change
+        done = int(checkpoint.name[5:])
+        planned = total_steps(len(self.train_units), self.global_batch, recorded["epochs"], recorded["max_steps"],
+                              cfg.max_steps_per_epoch)
+        if self.total_steps == planned:  # another --epochs that rounds to the same steps
+            return planned
+        why = ""
+        if self.total_steps < done:
+            why = f"its checkpoint is at step {done}, past the {self.total_steps} steps asked for"
+        elif cfg.adalora:
+            why = "--adalora's rank schedule spans the run's steps"
+        elif schedule_name(cfg.lr_scheduler) == PLATEAU:
+            why = f"--lr-scheduler {PLATEAU} follows the evaluations, one of them at the end of the run"
+        else:
+            kwargs = parse_schedule_kwargs(cfg.lr_scheduler_kwargs)
+            rates = [lr_lambda(cfg.lr_scheduler, cfg.warmup_steps or math.ceil(n * cfg.warmup_ratio), n, cfg.lr,
+                               kwargs) for n in (planned, self.total_steps)]
+            other = next((k for k in range(done + 1) if rates[0](k) != rates[1](k)), None)
+            if other is not None:
+                why = (f"--lr-scheduler {cfg.lr_scheduler} over {self.total_steps} steps instead of {planned} would "
+                       f"have given step {other + 1} another learning rate ({rates[1](other) * cfg.lr:.4g} instead of "
+                       f"{rates[0](other) * cfg.lr:.4g}), so the steps trained so far are not that run's")
+        if why:
+            shown = ", ".join(f"{k}: {recorded[k]!r} -> {getattr(cfg, k)!r}" for k in differ)
+            raise UsageError(f"--resume: the run in {self.out} was planned for {planned} steps and is asked for "
+                             f"{self.total_steps} ({shown}), but {why}. Resume with the original options"
+                             + _train_further(self.out, checkpoint, differ))
+        return planned
 
     @property
     def _auto_precision(self) -> str:
