@@ -932,7 +932,7 @@ class Trainer:
         try:
             while self.step < self.total_steps:
                 if self._stop_requested():
-                    raise Interrupted(self.step, self.save_checkpoint())
+                    raise Interrupted(self.step, self._stop_checkpoint())
                 self._log_window.append(self.train_step())
                 self.step += 1
                 if cadence.logs(self.step):
@@ -948,12 +948,20 @@ class Trainer:
                     # evaluation or save fails, e.g. on a full disk, --resume finishes without retraining.
                     self.save_checkpoint()
             if self._stop_requested():
-                raise Interrupted(self.step, self.save_checkpoint())
+                raise Interrupted(self.step, self._stop_checkpoint())
         finally:
             for signum, handler in previous.items():
                 signal.signal(signum, handler)
         if self.eval_units and cadence.evaluates_at_end():
             self.evaluate()
+
+    def _stop_checkpoint(self) -> Path:
+        """The checkpoint a stop leaves: this step's, written now unless it was just written (the step's save, or the
+        checkpoint the run resumed from): writing it again would only lengthen the stop, which a job scheduler
+        bounds by its grace period before it kills the run (Kubernetes: 30 s)."""
+        if self._saved_step != self.step:
+            return self.save_checkpoint()
+        return self.out / CHECKPOINTS / f"step-{self.step:07d}"
 
     def _stop_requested(self) -> bool:
         """Whether any rank got Ctrl-C/SIGTERM: all ranks stop at the same step."""
