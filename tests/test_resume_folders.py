@@ -3,7 +3,7 @@ without touching the folder: a last checkpoint damaged after it was written (a c
 the file and the checkpoint before it, from which the run then resumes to the uninterrupted run's adapter; a
 checkpoint folder given as --output names the run's folder; an adapter without checkpoints (PEFT's, or a run that
 saved none) and a transformers Trainer's output name the command that continues their adapter, not --overwrite,
-which would delete it."""
+which would delete it. A user's copy of a checkpoint beside the others is not taken for one."""
 
 from __future__ import annotations
 
@@ -127,3 +127,19 @@ def test_a_folder_with_no_run_to_resume_says_how_to_go_on(tmp_path, finished, ca
     if "adapter" in named(full, tmp_path):  # the command it names trains
         command = named(full, tmp_path).split()[2:]
         assert main(argv[:-2] + command + ["--max-steps", "1"]) == 0  # less --dropout: the adapter brings its own
+
+
+def test_a_copy_beside_the_checkpoints_is_neither_resumed_from_nor_rotated_away(tmp_path, finished, capsys):
+    """``cp -r step-0000002 step-0000002.bak`` in the checkpoints folder: the run resumes from its newest checkpoint
+    to the uninterrupted run's adapter, and rotating checkpoints (--save-total-limit 1) keeps the user's copy."""
+    argv, full = finished
+    out = tmp_path / "o"
+    shutil.copytree(full, out)
+    (out / "adapter_model.safetensors").unlink()
+    shutil.rmtree(list_checkpoints(out)[-1])
+    copy = out / "checkpoints" / "step-0000002.bak"
+    shutil.copytree(list_checkpoints(out)[-1], copy)
+    code, err = _cli(argv + ["--output", str(out), "--resume", "--save-total-limit", "1"], capsys)
+    assert code == 0, err
+    assert (out / "adapter_model.safetensors").read_bytes() == (full / "adapter_model.safetensors").read_bytes()
+    assert [p.name for p in list_checkpoints(out)] == ["step-0000004"] and (copy / "trainer_state.pt").is_file()

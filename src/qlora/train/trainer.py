@@ -318,11 +318,13 @@ def _set_rng_state(state: dict[str, Any]) -> None:
 
 
 def list_checkpoints(out_dir: Path) -> list[Path]:
-    """Complete checkpoints of a run, oldest first."""
+    """Complete checkpoints of a run, oldest first: the ``step-N`` folders holding a state file (a copy a user made
+    beside them, ``step-N.bak``, is none: neither resumed from nor rotated away)."""
     root = out_dir / CHECKPOINTS
     if not root.is_dir():
         return []
-    return sorted((p for p in root.glob("step-*") if (p / STATE_FILE).is_file()), key=lambda p: int(p.name[5:]))
+    return sorted((p for p in root.glob("step-*") if p.name[5:].isdecimal() and (p / STATE_FILE).is_file()),
+                  key=lambda p: int(p.name[5:]))
 
 
 class Trainer:
