@@ -2,8 +2,8 @@
 without touching the folder: a last checkpoint damaged after it was written (a copy cut short, a file deleted) names
 the file and the checkpoint before it, from which the run then resumes to the uninterrupted run's adapter; a
 checkpoint folder given as --output names the run's folder; an adapter without checkpoints (PEFT's, or a run that
-saved none) and a transformers Trainer's output name the command that continues their adapter, not --overwrite,
-which would delete it. A user's copy of a checkpoint beside the others is not taken for one."""
+saved none), checkpoints whose state was deleted and a transformers Trainer's output name the command that continues
+their adapter, not --overwrite, which would delete it. A user's copy of a checkpoint beside the others is not taken for one."""
 
 from __future__ import annotations
 
@@ -104,7 +104,20 @@ def _trainer_output(full: Path, to: Path) -> Path:
     return to
 
 
+def _stateless(full: Path, to: Path) -> Path:
+    shutil.copytree(full, to)
+    for name in ("adapter_model.safetensors", "adapter_config.json"):  # stopped before its end
+        (to / name).unlink()
+    for checkpoint in list_checkpoints(to):
+        (checkpoint / "trainer_state.pt").unlink()  # as to save space
+    return to
+
+
 FOLDERS = {  # --output given -> what the refusal names
+    "checkpoints without their state": (
+        lambda full, tmp: _stateless(full, tmp / "run"),
+        lambda full, tmp: f"qlora train --adapter {tmp / 'run/checkpoints/step-0000004/adapter'} --output "
+                          f"{tmp / 'run-continued'}"),
     "a checkpoint": (lambda full, tmp: list_checkpoints(full)[0], lambda full, tmp: f"--output {full}"),
     "a PEFT adapter": (lambda full, tmp: _peft_folder(full, tmp / "peft"),
                        lambda full, tmp: f"qlora train --adapter {tmp / 'peft'} --output {tmp / 'peft-continued'}"),

@@ -137,6 +137,13 @@ def _no_checkpoint(out: Path) -> str:
                 f"adapter was saved by PEFT), so there is no run to continue; to train the adapter further, continue "
                 f"it in a new run: {_continue_command(out, out)} with the data and the steps to add (a fresh "
                 "optimizer and schedule).")
+    stateless = sorted((p.parent for p in (out / CHECKPOINTS).glob("step-*/adapter/adapter_config.json")
+                        if p.parent.parent.name[5:].isdecimal()), key=lambda p: int(p.parent.name[5:]))
+    if stateless:  # their trainer_state.pt deleted, as to save space once a run is done
+        return (f"--resume: the checkpoints of {out} hold adapters but not the {STATE_FILE} a resume continues from "
+                "(the optimizer state, schedule and step), so there is no run to continue; to train the newest "
+                f"one's adapter further, continue it in a new run: {_continue_command(out, out, stateless[-1])} with "
+                "the data and the steps to add (a fresh optimizer and schedule).")
     return (f"--resume: {out} has no checkpoint to resume from (its run stopped before its first checkpoint, or "
             "saved none: --save-strategy no); start the run again with --overwrite instead of --resume.")
 
