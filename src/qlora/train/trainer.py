@@ -116,13 +116,13 @@ def _continue_command(out: Path, checkpoint: Path, adapter: Path | None = None) 
 def _no_checkpoint(out: Path) -> str:
     """The refusal of a resume into a folder that holds no qlora checkpoint but is not empty: one of a run's
     checkpoints given as --output, a transformers Trainer's output, an adapter alone (a PEFT folder, a run that saved
-    no checkpoint), or a run that stopped before its first checkpoint. Only the last may start again with
-    --overwrite: the others say how to go on without losing their adapter."""
+    no checkpoint), checkpoints whose state file was deleted, or a run that stopped before its first checkpoint. Only
+    the last may start again with --overwrite: the others say how to go on without losing their adapter."""
     if (out / STATE_FILE).is_file() and out.parent.name == CHECKPOINTS:
         run = out.parent.parent
         return (f"--resume: {out} is one of the checkpoints of the run in {run}; give the run's folder, --output "
                 f"{shlex.quote(str(run))}, and --resume continues it from its last checkpoint.")
-    trainer_checkpoints = sorted((p for p in out.glob("checkpoint-*") if p.name[11:].isdigit()),
+    trainer_checkpoints = sorted((p for p in out.glob("checkpoint-*") if p.name[11:].isdecimal()),
                                  key=lambda p: int(p.name[11:]))
     if (out / "trainer_state.json").is_file() or trainer_checkpoints:
         adapters = [p for p in [out, *trainer_checkpoints] if (p / "adapter_config.json").is_file()]
