@@ -216,19 +216,20 @@ def test_resume_with_different_config_is_refused(tmp_path, tiny_model_dir, capsy
 
 
 def test_resume_refusing_a_longer_run_says_how_to_train_further(tmp_path, tiny_model_dir, capsys):
-    """--resume finishes the run as planned; asked for more epochs or steps, the refusal names the command that
-    continues the run's adapter into a new folder, and that command trains."""
+    """Asked for more epochs or steps of a schedule that spans the run (the steps so far would have had other
+    rates), --resume refuses naming the command that continues the run's adapter into a new folder, and that
+    command trains (tests/test_resume_length.py: the lengths that resume)."""
     import re
     import shlex
 
     data = _write(tmp_path / "d.jsonl", FORMATS["alpaca"])
     out = tmp_path / "o"
     argv = ["train", "--model", str(tiny_model_dir), "--data", str(data), "--output", str(out), "--optim", "adamw",
-            "--max-steps", "2", "--save-steps", "1", "--no-progress"]
+            "--max-steps", "2", "--save-steps", "1", "--no-progress", "--lr-scheduler", "linear"]
     assert main(argv) == 0
     for longer in (["--max-steps", "4"], ["--max-steps", "0", "--epochs", "3"]):
         code, err = _run(argv + ["--resume"] + longer, capsys)
-        assert code == 2 and "different config" in err, err
+        assert code == 2 and "--lr-scheduler linear over" in err and "instead of 2" in err, err
         suggested = re.search(r"qlora train (--adapter \S+ --output \S+)", err)
         assert suggested, err
         flags = shlex.split(suggested.group(1))

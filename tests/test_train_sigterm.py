@@ -142,3 +142,42 @@ def test_a_signal_torch_masks_with_its_own_error_still_ends_the_launch_as_interr
     monkeypatch.setattr(torchrun, "run", other)
     with pytest.raises(UnboundLocalError, match="a bug of its own"):  # no signal under it: not an interruption
         launch.launch(2, ["train"], "train")
+
+
+@pytest.mark.parametrize("stop_at", [2, 3])  # during the save of step 2, during step 3 (no save of its own)
+def test_a_signal_at_a_save_writes_its_checkpoint_once_and_the_run_resumes_to_its_losses(tmp_path, tiny_model_dir,
+                                                                                      stop_at):
+    """A signal landing while step 2's checkpoint is written (or right after resuming from it) stops the run on
+    that checkpoint, not a second write of it: within the scheduler's grace period the stop is one save at most."""
+    from qlora.train.config import load_config
+    from qlora.train.trainer import Interrupted, Trainer
+
+    written: list[int] = []
+
+    class Signalled(Trainer):
+        def train_step(self):
+            if self.step + 1 == stop_at == 3:
+                self._stop_signal = signal.SIGTERM  # as the handler sets it
+            return super().train_step()
+
+        def save_checkpoint(self):
+            written.append(self.step)
+            if self.step == stop_at == 2:
+                self._stop_signal = signal.SIGTERM
+            return super().save_checkpoint()
+
+    opts = dict(model=str(tiny_model_dir), data=str(_data(tmp_path / "d.jsonl")), optim="adamw", lr=1e-2,
+                max_steps=4, save_steps=2, batch_size=2, seq_len=32, progress=False, dropout=0.1)
+    full = Trainer(load_config(None, opts | dict(output=str(tmp_path / "full")))).run()
+    with pytest.raises(Interrupted) as stopped:
+        Signalled(load_config(None, opts | dict(output=str(tmp_path / "part")))).run()
+    assert stopped.value.step == stop_at and written == sorted({2, stop_at}), written
+    written.clear()
+    resumed = Signalled(load_config(None, opts | dict(output=str(tmp_path / "part"), resume=True)))
+    resumed.setup()
+    resumed._stop_requested = lambda: True  # a signal before the resumed run's first step
+    with pytest.raises(Interrupted):
+        resumed.train()
+    resumed.cleanup()
+    assert written == [], written
+    assert Trainer(load_config(None, opts | dict(output=str(tmp_path / "part"), resume=True))).run() == full

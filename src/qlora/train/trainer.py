@@ -35,6 +35,7 @@ import json
 import logging
 import math
 import os
+import pickle
 import random
 import shutil
 import shlex
@@ -60,6 +61,7 @@ from qlora.model.quantize import non_text_names
 from qlora.nn import Experts4bit, expert_weight_names
 from qlora.optim import create_optimizer, decay_groups, lora_plus_param_groups, make_scheduler
 from qlora.output_folder import check_output, clear_owned, record, staged_output
+from qlora.train.checkpoint_damage import ADAPTER_WEIGHTS, STATE_FILE, checkpoint_damage, damaged_checkpoint_message
 from qlora.train.config import TrainConfig, parse_pattern, parse_schedule_kwargs, target_module_names
 from qlora.train.distributed import (DistContext, RankLost, all_reduce_grads, gathered_parameters, is_rank_lost,
                                      shard_fsdp, wrap_ddp)
@@ -83,7 +85,6 @@ from qlora.train.run_identity import as_used, ignored
 from qlora.train.strategy import Cadence
 
 CHECKPOINTS = "checkpoints"
-STATE_FILE = "trainer_state.pt"
 # What a run writes at the top of --output besides the final adapter and tokenizer files,
 # all recorded in the folder's manifest so --overwrite removes them and nothing else.
 RUN_ENTRIES = (CHECKPOINTS, "config.yaml", "metrics.jsonl", "events", "loss.png",
@@ -91,6 +92,8 @@ RUN_ENTRIES = (CHECKPOINTS, "config.yaml", "metrics.jsonl", "events", "loss.png"
 LOFTQ_BASE = "loftq-base"  # only --init loftq writes it: a user's folder of that name is not recorded as qlora's
 # Options a checkpoint from before qlora bounded images lacks: resumed unbounded-before, bounded-after (a warning).
 _PIXEL_KEYS = ("image_max_pixels", "image_min_pixels", "image_resize")
+# Options that set the run's length: --resume may change them where the steps trained so far stay the same.
+_LENGTH = ("epochs", "max_steps")
 # Names save_pretrained may give tokenizer files: a user's file of such a name is refused up front.
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
                     "tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json", "vocab.txt")
@@ -101,20 +104,55 @@ def _counted(n: int, noun: str) -> str:
     return f"{n} {noun}{'' if n == 1 else 's'}"
 
 
-def _continue_command(out: Path, checkpoint: Path) -> str:
-    """The command that continues the run's adapter (the final one, else the checkpoint's) into a new folder."""
-    adapter = out if (out / "adapter_config.json").is_file() else checkpoint / "adapter"
+def _continue_command(out: Path, checkpoint: Path, adapter: Path | None = None) -> str:
+    """The command that continues the run's adapter (``adapter``, else the final one, else the checkpoint's) into a
+    new folder beside ``out``."""
+    adapter = adapter or (out if (out / "adapter_config.json").is_file() else checkpoint / "adapter")
     new = next(p for p in (out.with_name(f"{out.name}-continued" + (f"-{n}" if n > 1 else "")) for n in count(1))
                if not p.exists())
     return f"qlora train --adapter {shlex.quote(str(adapter))} --output {shlex.quote(str(new))}"
+
+
+def _no_checkpoint(out: Path) -> str:
+    """The refusal of a resume into a folder that holds no qlora checkpoint but is not empty: one of a run's
+    checkpoints given as --output, a transformers Trainer's output, an adapter alone (a PEFT folder, a run that saved
+    no checkpoint), checkpoints whose state file was deleted, or a run that stopped before its first checkpoint. Only
+    the last may start again with --overwrite: the others say how to go on without losing their adapter."""
+    if (out / STATE_FILE).is_file() and out.parent.name == CHECKPOINTS:
+        run = out.parent.parent
+        return (f"--resume: {out} is one of the checkpoints of the run in {run}; give the run's folder, --output "
+                f"{shlex.quote(str(run))}, and --resume continues it from its last checkpoint.")
+    trainer_checkpoints = sorted((p for p in out.glob("checkpoint-*") if p.name[11:].isdecimal()),
+                                 key=lambda p: int(p.name[11:]))
+    if (out / "trainer_state.json").is_file() or trainer_checkpoints:
+        adapters = [p for p in [out, *trainer_checkpoints] if (p / "adapter_config.json").is_file()]
+        go_on = ("; to train its adapter further, continue it in a new run: "
+                 f"{_continue_command(out, out, adapters[-1])} with the data and the steps to add (a fresh optimizer "
+                 "and schedule)" if adapters else "")
+        return (f"--resume: {out} holds a transformers Trainer's output, not a qlora run: qlora resumes from its own "
+                f"checkpoints only (their optimizer, schedule and data order are qlora's){go_on}.")
+    if (out / "adapter_config.json").is_file():
+        return (f"--resume: {out} holds an adapter but no qlora checkpoint (the optimizer state, schedule and step "
+                "a resume continues from: its run saved none, with --save-strategy no, they were deleted, or the "
+                f"adapter was saved by PEFT), so there is no run to continue; to train the adapter further, continue "
+                f"it in a new run: {_continue_command(out, out)} with the data and the steps to add (a fresh "
+                "optimizer and schedule).")
+    stateless = sorted((p.parent for p in (out / CHECKPOINTS).glob("step-*/adapter/adapter_config.json")
+                        if p.parent.parent.name[5:].isdecimal()), key=lambda p: int(p.parent.name[5:]))
+    if stateless:  # their trainer_state.pt deleted, as to save space once a run is done
+        return (f"--resume: the checkpoints of {out} hold adapters but not the {STATE_FILE} a resume continues from "
+                "(the optimizer state, schedule and step), so there is no run to continue; to train the newest "
+                f"one's adapter further, continue it in a new run: {_continue_command(out, out, stateless[-1])} with "
+                "the data and the steps to add (a fresh optimizer and schedule).")
+    return (f"--resume: {out} has no checkpoint to resume from (its run stopped before its first checkpoint, or "
+            "saved none: --save-strategy no); start the run again with --overwrite instead of --resume.")
 
 
 def _train_further(out: Path, checkpoint: Path, differ: list[str]) -> str:
     """For a resume asked to run longer: the command that continues the run's adapter into a new folder."""
     if not {"epochs", "max_steps", "max_steps_per_epoch"} & set(differ):
         return ""
-    return (f". --resume finishes a run as it was planned (its learning-rate schedule spans its steps), so it does "
-            f"not run longer; to train further, continue its adapter in a new run: {_continue_command(out, checkpoint)}"
+    return (f". To train further, continue its adapter in a new run: {_continue_command(out, checkpoint)}"
             " with the data and the steps or epochs to add (the adapter names its base model and brings its rank, "
             "targets and chat format; the optimizer state and the schedule start afresh)")
 
@@ -287,11 +325,13 @@ def _set_rng_state(state: dict[str, Any]) -> None:
 
 
 def list_checkpoints(out_dir: Path) -> list[Path]:
-    """Complete checkpoints of a run, oldest first."""
+    """Complete checkpoints of a run, oldest first: the ``step-N`` folders holding a state file (a copy a user made
+    beside them, ``step-N.bak``, is none: neither resumed from nor rotated away)."""
     root = out_dir / CHECKPOINTS
     if not root.is_dir():
         return []
-    return sorted((p for p in root.glob("step-*") if (p / STATE_FILE).is_file()), key=lambda p: int(p.name[5:]))
+    return sorted((p for p in root.glob("step-*") if p.name[5:].isdecimal() and (p / STATE_FILE).is_file()),
+                  key=lambda p: int(p.name[5:]))
 
 
 class Trainer:
@@ -327,6 +367,7 @@ class Trainer:
         self._input_grads = False  # the input embeddings' output requires grad (see _loss_reaching_adapters)
         self._graph_checked = False  # the first loss of this process was checked for a graph that reaches adapters
         self._decay_all = False  # resumed from a checkpoint whose optimizer decays biases and norm weights too
+        self._length_change: tuple[dict[str, Any], list[str]] | None = None  # resumed with another --max-steps/--epochs
 
     # ----------------------------------------------------------------- setup
     def setup(self) -> None:
@@ -379,6 +420,7 @@ class Trainer:
         self.steps_per_epoch = steps_per_epoch(len(self.train_units), self.global_batch, cfg.max_steps_per_epoch)
         self.total_steps = total_steps(len(self.train_units), self.global_batch, cfg.epochs, cfg.max_steps,
                                        cfg.max_steps_per_epoch)
+        planned = self._check_length(resume_from) if self._length_change else self.total_steps
         if cfg.adalora:
             self._add_adalora()
         if cfg.fused_kernels:  # shares every parameter and adapter, so it may follow their creation
@@ -430,7 +472,9 @@ class Trainer:
             self.metrics.write(f"--eval-steps {cfg.eval_steps:g}: no held-out data, so nothing is evaluated; give "
                                "--eval-data or --eval-split to evaluate")
         if resume_from is not None:  # said also without a progress bar, whose start would show it
-            self.metrics.write(f"resuming from {resume_from} at step {self.step}")
+            self.metrics.write(f"resuming from {resume_from} at step {self.step}" + (
+                f", for {self.total_steps} steps instead of the {planned} it was planned for" if planned
+                != self.total_steps else ""))
 
     def _param_groups(self) -> list[dict[str, Any]]:
         """The optimizer's parameter groups: the trained parameters (LoRA+: A's and B's groups), each split into
@@ -479,9 +523,10 @@ class Trainer:
                     state = "does not exist" if not self.out.exists() else "is an empty folder"
                     raise UsageError(f"--resume: {self.out} {state}, so there is no run to resume; check "
                                      "--output, or leave out --resume to start the run.")
-                raise UsageError(f"--resume: {self.out} has no checkpoint to resume from (its run stopped before "
-                                 "its first checkpoint, or saved none: --save-strategy no); start the run again with "
-                                 "--overwrite instead of --resume.")
+                raise UsageError(_no_checkpoint(self.out))
+            damage = checkpoint_damage(checkpoints[-1])
+            if damage:
+                raise UsageError(damaged_checkpoint_message(self.out, checkpoints, damage))
             saved = json.loads((checkpoints[-1] / "run_config.json").read_text())
             current = self._run_config()
             # A key the checkpoint lacks was added to qlora after it was written: that run used the default. The
@@ -491,7 +536,9 @@ class Trainer:
             recorded = as_used({k: saved[k] if k in saved else defaults.get(k) for k in current}, self._auto_precision)
             skipped = {*unbounded, *ignored(recorded, current), "source_files"}
             differ = [k for k, v in current.items() if k not in skipped and recorded[k] != v]
-            if differ:
+            if differ and set(differ) <= set(_LENGTH):  # checked once the run's steps are known (_check_length)
+                self._length_change = ({k: recorded[k] for k in _LENGTH}, differ)
+            elif differ:
                 # a key the checkpoint lacks shows the default its run used, not None
                 was = {k: repr(recorded[k]) if k in saved else f"{recorded[k]!r} (the default then)" if k in defaults
                        else "not recorded" for k in differ}
@@ -525,6 +572,48 @@ class Trainer:
                      alternative="--resume to continue its run",
                      inputs={"--model": cfg.model, "--data": cfg.data, "--eval-data": cfg.eval_data})
         return None
+
+    def _check_length(self, checkpoint: Path) -> int:
+        """The steps the checkpoint's run was planned for. A resume asked for another length (--max-steps, --epochs)
+        goes on where the run so far is the start of the run of that length, so that the resumed run is that run
+        uninterrupted: the checkpoint's step is within it, and every step trained so far, and the next (whose rate
+        the checkpoint's optimizer holds), has the same learning rate under the new length's schedule. AdaLoRA's
+        rank schedule and reduce_lr_on_plateau (whose rates follow the evaluation at the end of the run) depend on
+        the length all along.
+
+        Raises:
+            UsageError: naming the changed option and what the new length would change.
+        """
+        from qlora.optim import PLATEAU, lr_lambda, schedule_name
+
+        cfg, (recorded, differ) = self.config, self._length_change
+        done = int(checkpoint.name[5:])
+        planned = total_steps(len(self.train_units), self.global_batch, recorded["epochs"], recorded["max_steps"],
+                              cfg.max_steps_per_epoch)
+        if self.total_steps == planned:  # another --epochs that rounds to the same steps
+            return planned
+        why = ""
+        if self.total_steps < done:
+            why = f"its checkpoint is at step {done}, past the {self.total_steps} steps asked for"
+        elif cfg.adalora:
+            why = "--adalora's rank schedule spans the run's steps"
+        elif schedule_name(cfg.lr_scheduler) == PLATEAU:
+            why = f"--lr-scheduler {PLATEAU} follows the evaluations, one of them at the end of the run"
+        else:
+            kwargs = parse_schedule_kwargs(cfg.lr_scheduler_kwargs)
+            rates = [lr_lambda(cfg.lr_scheduler, cfg.warmup_steps or math.ceil(n * cfg.warmup_ratio), n, cfg.lr,
+                               kwargs) for n in (planned, self.total_steps)]
+            other = next((k for k in range(done + 1) if rates[0](k) != rates[1](k)), None)
+            if other is not None:
+                why = (f"--lr-scheduler {cfg.lr_scheduler} over {self.total_steps} steps instead of {planned} would "
+                       f"have given step {other + 1} another learning rate ({rates[1](other) * cfg.lr:.4g} instead of "
+                       f"{rates[0](other) * cfg.lr:.4g}), so the steps trained so far are not that run's")
+        if why:
+            shown = ", ".join(f"{k}: {recorded[k]!r} -> {getattr(cfg, k)!r}" for k in differ)
+            raise UsageError(f"--resume: the run in {self.out} was planned for {planned} steps and is asked for "
+                             f"{self.total_steps} ({shown}), but {why}. Resume with the original options"
+                             + _train_further(self.out, checkpoint, differ))
+        return planned
 
     @property
     def _auto_precision(self) -> str:
@@ -859,7 +948,7 @@ class Trainer:
         try:
             while self.step < self.total_steps:
                 if self._stop_requested():
-                    raise Interrupted(self.step, self.save_checkpoint())
+                    raise Interrupted(self.step, self._stop_checkpoint())
                 self._log_window.append(self.train_step())
                 self.step += 1
                 if cadence.logs(self.step):
@@ -875,12 +964,20 @@ class Trainer:
                     # evaluation or save fails, e.g. on a full disk, --resume finishes without retraining.
                     self.save_checkpoint()
             if self._stop_requested():
-                raise Interrupted(self.step, self.save_checkpoint())
+                raise Interrupted(self.step, self._stop_checkpoint())
         finally:
             for signum, handler in previous.items():
                 signal.signal(signum, handler)
         if self.eval_units and cadence.evaluates_at_end():
             self.evaluate()
+
+    def _stop_checkpoint(self) -> Path:
+        """The checkpoint a stop leaves: this step's, written now unless it was just written (the step's save, or the
+        checkpoint the run resumed from): writing it again would only lengthen the stop, which a job scheduler
+        bounds by its grace period before it kills the run (Kubernetes: 30 s)."""
+        if self._saved_step != self.step:
+            return self.save_checkpoint()
+        return self.out / CHECKPOINTS / f"step-{self.step:07d}"
 
     def _stop_requested(self) -> bool:
         """Whether any rank got Ctrl-C/SIGTERM: all ranks stop at the same step."""
@@ -1140,9 +1237,18 @@ class Trainer:
         from qlora.model.adapter_io import adapter_state_dict
         from qlora.model.residual_convert import first_half
         from qlora.nn.residual_init_names import is_residual_init
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
-        saved = load_file(str(path / "adapter" / "adapter_model.safetensors"))
+        name = ADAPTER_WEIGHTS
+        try:  # damage past the headers that checkpoint_damage read (other bytes inside the data)
+            saved = load_file(str(path / name))
+            name = STATE_FILE
+            state = torch.load(path / name, weights_only=True)
+        except (RuntimeError, SafetensorError, pickle.UnpicklingError) as exc:  # torch: 'weights only load failed'
+            first = str(exc).split(". ")[0]
+            raise UsageError(damaged_checkpoint_message(self.out, list_checkpoints(self.out),
+                                                        f"{name} does not read: {first}")) from None
         current = adapter_state_dict(self.model)
         with torch.no_grad():
             for key, tensor in current.items():
@@ -1151,7 +1257,6 @@ class Trainer:
                 # a PiSSA/OLoRA checkpoint holds the converted adapter [A; A0], [B, -B0]; this run's init has
                 # recomputed A0, B0 (and the residual base) from the original weights, so A and B are its first half
                 tensor.copy_(first_half(saved[key], tensor) if is_residual_init(self.config.init) else saved[key])
-        state = torch.load(path / STATE_FILE, weights_only=True)
         if self.adapter_hooks is not None:  # AdaLoRA: every triplet, the pruned ones too, and its schedule's state
             self.adapter_hooks.load_state_dict(state["adapter_hooks"])
         self.optimizer.load_state_dict(state["optimizer"])
