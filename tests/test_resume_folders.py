@@ -3,7 +3,8 @@ without touching the folder: a last checkpoint damaged after it was written (a c
 the file and the checkpoint before it, from which the run then resumes to the uninterrupted run's adapter; a
 checkpoint folder given as --output names the run's folder; an adapter without checkpoints (PEFT's, or a run that
 saved none), checkpoints whose state was deleted and a transformers Trainer's output name the command that continues
-their adapter, not --overwrite, which would delete it. A user's copy of a checkpoint beside the others is not taken for one."""
+their adapter, not --overwrite, which would delete it. A user's copy of a checkpoint beside the others is not taken
+for one."""
 
 from __future__ import annotations
 
