@@ -861,6 +861,28 @@ def test_granite_moe_experts_are_split_gate_rows_first(tmp_path, tiny_tokenizer)
     torch.testing.assert_close(tensors["blk.1.ffn_gate_inp.weight"], router.float(), rtol=0, atol=0)
 
 
+def test_lora_on_one_experts_layer_is_refused_as_expert_lora(tmp_path, tiny_tokenizer, capsys):
+    """A GGUF LoRA adapter: transformers 4.x's experts are linear layers, one per expert, which all-linear adapts;
+    the base GGUF holds each projection of every expert in one stack, to which no LoRA pair adds. 5's 3-D experts
+    are no linear layers: all-linear leaves them, and the adapter is written."""
+    from qlora.model.adapter_io import save_adapter
+
+    from tiny_moe import save_tiny_moe
+
+    model_dir = save_tiny_moe(tmp_path / "m", tiny_tokenizer, "qwen3_moe", norm_topk_prob=True)
+    model, _ = qlora.load_model(model_dir, compute_dtype=torch.float32, device="cpu")
+    qlora.add_lora(model, r=4, alpha=8, dropout=0.0, target_modules="all-linear", verbose=False)
+    save_adapter(model, tmp_path / "adapter")
+    per_expert = any(".experts.0." in name for name, _ in model.named_modules())
+    code = main(["export", "--format", "gguf-lora", "--model", str(model_dir), "--adapter", str(tmp_path / "adapter"),
+                 "--output", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    if per_expert:
+        assert code == 2 and "adapts the expert weights" in err and "export the merged model instead" in err, err
+    else:
+        assert code == 0, err
+
+
 def test_minicpm3_latent_attention_is_laid_out_as_llama_cpp_loads_it(tmp_path, tiny_tokenizer):
     """MiniCPM3's compressed queries and keys/values as llama.cpp's minicpm3 reads them: decompressed sizes per head
     (keys nope + rope wide, values v_head_dim), the ranks, RoPE over the RoPE part only; LongRoPE's tables."""

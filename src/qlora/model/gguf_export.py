@@ -245,7 +245,8 @@ def _expert_tensors(model: nn.Module, rows: list, spec: ArchSpec) -> list:
     return out
 
 
-_EXPERT_KEY = re.compile(r"(.+\.experts)\.(\d+)\.(.+)\.(weight|bias)")
+# a weight of one expert in a list of them (transformers 4.x): list, expert index, projection, kind
+PER_EXPERT_KEY = re.compile(r"(.+\.experts)\.(\d+)\.(.+)\.(weight|bias)")
 
 
 def _expert_lists(model: nn.Module, rows: list) -> list:
@@ -256,7 +257,7 @@ def _expert_lists(model: nn.Module, rows: list) -> list:
     out: list = []
     stacks: dict[str, list[tuple[int, Callable[[], torch.Tensor]]]] = {}
     for key, shape, make in rows:
-        found = _EXPERT_KEY.fullmatch(key)
+        found = PER_EXPERT_KEY.fullmatch(key)
         if found is None or not isinstance(model.get_submodule(found[1]), nn.ModuleList):
             out.append((key, shape, make))
             continue
