@@ -78,11 +78,17 @@ def test_tiny_tokenizer_equals_trl(tiny_tokenizer, train_on):
         assert ours.num_trainable > 0
 
 
+# transformers 5 drops a message's None-valued keys before rendering; 4.x hands the template the tool_calls=None that
+# Arrow gives every message of a row with a tool call, and Llama 3.1's template takes its length: TRL fails there
+_NONE_KEYS_DROPPED = __import__("importlib").util.find_spec("transformers.conversion_mapping") is not None
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_real_templates_equal_trl(family):
     tok = family_tokenizer(family)
-    rows = _same_columns([ROWS[k] for k in FAMILY_ROWS])
-    for name, row, theirs in zip(FAMILY_ROWS, rows, _trl(tok, rows)):
+    names = [k for k in FAMILY_ROWS if _NONE_KEYS_DROPPED or family != "llama-3.1" or k != "conversational, tools"]
+    rows = _same_columns([ROWS[k] for k in names])
+    for name, row, theirs in zip(names, rows, _trl(tok, rows)):
         ours = _ours(tok, {k: v for k, v in row.items() if v is not None})
         assert ours.input_ids == theirs["input_ids"], (family, name)
         assert ours.labels == theirs["labels"], (family, name)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
@@ -49,9 +50,12 @@ def test_multimodal_config_under_its_text_model_type_is_refused_then_counted_whe
     __init__ failed with an AttributeError traceback. It is refused by name; with the released top-level type
     (``mistral3``) it is counted as transformers builds it, the Pixtral tower and projector 16-bit."""
     from transformers import AutoModelForImageTextToText
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
 
     from qlora.cli.main import main
 
+    if "ministral3" not in CONFIG_MAPPING_NAMES:
+        pytest.skip("this transformers has no 'ministral3' (Ministral 3) models")
     source = CONFIGS / "ministral-3-3b-2512-mlc.json"
     assert main(["estimate", str(source)]) == 2
     assert "takes no text_config" in capsys.readouterr().err

@@ -443,6 +443,30 @@ def test_moe_experts_are_written_in_llama_cpps_layout(tmp_path, tiny_tokenizer):
     assert float((merged - experts.base_weight("gate_up_proj")).abs().max()) > 0.05
 
 
+@torch.no_grad()
+def test_moe_experts_read_back_as_the_merged_model(tmp_path, tiny_tokenizer):
+    """Qwen3-MoE through transformers' own GGUF reader, which splits llama.cpp's expert stacks back into experts:
+    the logits are the merged model's. transformers 4.x holds the experts as a list of per-expert linear layers
+    (adapted by all-linear LoRA here), 5 as 3-D stacks: both are written as the same stacks, experts in order."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from tiny_moe import save_tiny_moe
+
+    model_dir = save_tiny_moe(tmp_path / "qwen3_moe", tiny_tokenizer, "qwen3_moe", head_dim=128, norm_topk_prob=True)
+    model, tokenizer = _adapted(model_dir)
+    merged_model = merge(copy.deepcopy(model), dtype=torch.float32)
+    export_gguf(model, tokenizer, tmp_path / "m.gguf", "f32")
+    # the reader takes the expert count and routing from the config, which it does not read from the file
+    back = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="m.gguf", config=AutoConfig.from_pretrained(
+        model_dir), dtype=torch.float32).eval()
+    merged = merged_model(IDS).logits
+    assert _relative(back(IDS).logits, merged) < TOLERANCE["f32"]
+    if isinstance(model.model.layers[1].mlp.experts, torch.nn.ModuleList):  # 4.x: the experts' own LoRA is in it
+        expert = lambda m: m.model.layers[1].mlp.experts[3].up_proj  # noqa: E731
+        torch.testing.assert_close(expert(back).weight, expert(merged_model).weight, rtol=0, atol=0)
+        assert float((expert(merged_model).weight - expert(model).base_layer.dequantize()).abs().max()) > 1e-3
+
+
 @pytest.mark.parametrize("model_type,overrides,message", [
     ("qwen3_moe", dict(norm_topk_prob=False), "always renormalizes the top-k"),
     ("qwen2_moe", dict(norm_topk_prob=True), "never renormalizes the top-k"),
@@ -816,6 +840,47 @@ def test_moes_with_shared_experts_are_laid_out_as_llama_cpp_loads_them(tmp_path,
     assert "blk.0.ffn_gate.weight" in shapes or arch != "llama4"
     assert shapes["blk.1.ffn_gate_shexp.weight"] == shapes["blk.1.ffn_up_shexp.weight"] == (shared, 32)
     assert shapes["blk.1.ffn_down_shexp.weight"] == (32, shared)
+
+
+def test_granite_moe_experts_are_split_gate_rows_first(tmp_path, tiny_tokenizer):
+    """Granite MoE's experts hold gate and up rows in one stack (transformers 4.x's ``input_linear``, 5's
+    ``experts.gate_up_proj``), gate rows first as its forward chunks them; its router is 4.x's ``router.layer``,
+    5's ``router``: the GGUF's stacks and router are those rows, whichever transformers wrote them."""
+    model, tokenizer = _tiny_moe_model(tmp_path, tiny_tokenizer, "granitemoe")
+    export_gguf(model, tokenizer, tmp_path / "m.gguf", "f32")
+    tensors = {t.name: torch.from_numpy(t.data.copy()) for t in gguf.GGUFReader(tmp_path / "m.gguf").tensors}
+    moe = "model.layers.1.block_sparse_moe."
+    state = {key[len(moe):]: make() for key, _, make in merged_tensors(model) if key.startswith(moe)}
+    gate_up = state.get("input_linear.weight", state.get("experts.gate_up_proj"))
+    down = state.get("output_linear.weight", state.get("experts.down_proj"))
+    router = state.get("router.layer.weight", state.get("router.weight"))
+    ff = gate_up.shape[1] // 2
+    torch.testing.assert_close(tensors["blk.1.ffn_gate_exps.weight"], gate_up[:, :ff].float(), rtol=0, atol=0)
+    torch.testing.assert_close(tensors["blk.1.ffn_up_exps.weight"], gate_up[:, ff:].float(), rtol=0, atol=0)
+    torch.testing.assert_close(tensors["blk.1.ffn_down_exps.weight"], down.float(), rtol=0, atol=0)
+    torch.testing.assert_close(tensors["blk.1.ffn_gate_inp.weight"], router.float(), rtol=0, atol=0)
+
+
+def test_lora_on_one_experts_layer_is_refused_as_expert_lora(tmp_path, tiny_tokenizer, capsys):
+    """A GGUF LoRA adapter: transformers 4.x's experts are linear layers, one per expert, which all-linear adapts;
+    the base GGUF holds each projection of every expert in one stack, to which no LoRA pair adds. 5's 3-D experts
+    are no linear layers: all-linear leaves them, and the adapter is written."""
+    from qlora.model.adapter_io import save_adapter
+
+    from tiny_moe import save_tiny_moe
+
+    model_dir = save_tiny_moe(tmp_path / "m", tiny_tokenizer, "qwen3_moe", norm_topk_prob=True)
+    model, _ = qlora.load_model(model_dir, compute_dtype=torch.float32, device="cpu")
+    qlora.add_lora(model, r=4, alpha=8, dropout=0.0, target_modules="all-linear", verbose=False)
+    save_adapter(model, tmp_path / "adapter")
+    per_expert = any(".experts.0." in name for name, _ in model.named_modules())
+    code = main(["export", "--format", "gguf-lora", "--model", str(model_dir), "--adapter", str(tmp_path / "adapter"),
+                 "--output", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    if per_expert:
+        assert code == 2 and "adapts the expert weights" in err and "export the merged model instead" in err, err
+    else:
+        assert code == 0, err
 
 
 def test_minicpm3_latent_attention_is_laid_out_as_llama_cpp_loads_it(tmp_path, tiny_tokenizer):

@@ -169,10 +169,16 @@ def test_estimate_checks_a_cached_hub_config_as_a_local_one(tmp_path, monkeypatc
     snapshot.mkdir(parents=True)
     (cache / "models--org--music" / "refs").mkdir()
     (cache / "models--org--music" / "refs" / "main").write_text("0" * 40)
-    AutoConfig.for_model("musicgen").save_pretrained(snapshot)
+    # its three parts named (transformers 4.x has no defaults for them; 5's are these)
+    AutoConfig.for_model("musicgen", text_encoder={"model_type": "t5"}, audio_encoder={"model_type": "encodec"},
+                         decoder={"model_type": "musicgen_decoder"}).save_pretrained(snapshot)
     import huggingface_hub.constants
 
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))  # read at import, from the env
+    import transformers.utils.hub
+
+    if hasattr(transformers.utils.hub, "TRANSFORMERS_CACHE"):  # transformers 4.x's own copy, also read at import
+        monkeypatch.setattr(transformers.utils.hub, "TRANSFORMERS_CACHE", str(cache))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     assert main(["estimate", "--model", "org/music"]) == 2
     err = capsys.readouterr().err

@@ -8,7 +8,8 @@ as it starts is not the base and a reference taken from it instead of the adapte
 own
 tokenization, collator, reference pass (adapter disabled), ``precompute_ref_log_probs``, truncation
 (``max_length``, keep_start), accumulation, clipping, AdamW and schedule, on the rows in their order
-(``train_sampling_strategy="sequential"`` against ``--no-shuffle``). From an ``--adapter`` start, TRL gets the loaded
+(``train_sampling_strategy="sequential"``, on transformers 4.x a sequential train sampler, against
+``--no-shuffle``). From an ``--adapter`` start, TRL gets the loaded
 PEFT adapter and keeps its starting copy as the reference, as qlora does.
 
 Pairs differ in length, so a normalisation over tokens instead of pairs would show. TRL divides each micro-batch's
@@ -29,13 +30,30 @@ import torch
 peft = pytest.importorskip("peft")
 trl = pytest.importorskip("trl")
 from datasets import Dataset  # noqa: E402
-from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
+from torch.utils.data import SequentialSampler  # noqa: E402
+from transformers import AutoModelForCausalLM, AutoTokenizer, TrainingArguments  # noqa: E402
 
 from qlora.model.adapter_io import save_adapter  # noqa: E402
 from qlora.train.config import load_config  # noqa: E402
 from qlora.train.trainer import Trainer  # noqa: E402
 from random_adapters import randomize_lora_b  # noqa: E402
 from trainer_records import LoggedRecords  # noqa: E402
+
+# the rows in their order: transformers 5's train_sampling_strategy="sequential"; 4.x has no such argument, and
+# TRL's trainer's train sampler (the hook that argument picks in 5) is made sequential there instead
+_V5 = __import__("importlib").util.find_spec("transformers.conversion_mapping") is not None
+_IN_ORDER = ({"train_sampling_strategy": "sequential"}
+             if "train_sampling_strategy" in TrainingArguments.__dataclass_fields__ else {})
+
+
+def _in_order(trainer_class: type) -> type:
+    if _IN_ORDER:
+        return trainer_class
+
+    class InOrder(trainer_class):
+        def _get_train_sampler(self, train_dataset=None):
+            return SequentialSampler(self.train_dataset if train_dataset is None else train_dataset)
+    return InOrder
 
 WORDS = "alpha beta gamma delta fox dog lazy quick brown paged optimizer memory".split()
 
@@ -144,7 +162,7 @@ def _oracle(method: str, model, rows, tokenizer, args: dict, lora, callback):
         args.setdefault("remove_unused_columns", False)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return Cls(model=model, args=Config(**args), train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
+        return _in_order(Cls)(model=model, args=Config(**args), train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
                    peft_config=lora, callbacks=[callback])
 
 
@@ -188,7 +206,7 @@ def test_preference_run_equals_trl(tmp_path, tiny_model_dir, case):
                 gradient_accumulation_steps=trl_accum, learning_rate=opts["lr"], lr_scheduler_type="linear",
                 warmup_steps=opts["warmup_steps"], max_steps=opts["max_steps"], max_grad_norm=opts["max_grad_norm"],
                 weight_decay=0.0, adam_beta1=0.9, adam_beta2=0.999, adam_epsilon=1e-8, optim="adamw_torch",
-                train_sampling_strategy="sequential", logging_steps=opts.get("logging_steps", 1), save_strategy="no", report_to=[], seed=3,
+                **_IN_ORDER, logging_steps=opts.get("logging_steps", 1), save_strategy="no", report_to=[], seed=3,
                 use_cpu=True, bf16=False, fp16=False, disable_dropout=True, dataloader_num_workers=0,
                 disable_tqdm=True, beta=beta, max_length=opts["seq_len"]) | theirs
     callback = LoggedRecords()
@@ -221,7 +239,8 @@ def test_preference_run_equals_trl(tmp_path, tiny_model_dir, case):
         step = their["step"]
         own = train[step]
         assert own["lr"] == pytest.approx(their["learning_rate"], rel=1e-9, abs=1e-15), step
-        assert own["loss"] == pytest.approx(their["loss"], rel=loss_rel, abs=1e-7), step
+        # transformers 4.x's Trainer logs the loss rounded to 4 decimals (5 logs it whole)
+        assert own["loss"] == pytest.approx(their["loss"], rel=loss_rel, abs=1e-7 if _V5 else 5e-5), step
         assert own["grad_norm"] == pytest.approx(their["grad_norm"], rel=1e-4), step
         for key in (extra if rows is UNBALANCED else DPO_METRICS + extra):
             if key == "rewards/accuracies" and method == "kto":

@@ -34,6 +34,10 @@ FAMILIES = {
 }
 TOKENS = 128
 RANK = 16
+_V5 = __import__("importlib").util.find_spec("transformers.conversion_mapping") is not None
+# transformers 4.x's experts are a list of per-expert MLPs run by a loop over the routed tokens (torch.nonzero,
+# torch.where on the routing), which meta tensors cannot run: the estimate takes its formula there
+_PER_EXPERT_LOOPS = {"deepseek_v3", "mixtral"}
 
 
 def _config(model_type: str):
@@ -69,6 +73,9 @@ def test_measured_layers_save_what_autograd_saves(model_type):
     with QLoRA it overcounted frozen norms, Llama 1.15x, MoE loops up to 1.29x).
     Phi-3 and GPT-NeoX come out a few percent under: PyTorch's CPU flash kernel returns its output laid out
     ``(B, H, L, D)``, so the output projection saves a transposed copy, which the GPU kernels' layout avoids."""
+    if not _V5 and model_type in _PER_EXPERT_LOOPS:
+        pytest.skip("transformers 4.x runs these experts in a per-expert loop over the routed tokens, which has no "
+                    "meta forward")
     config = _config(model_type)
     targets = tuple(lin.name for lin in select_targets(count_parameters(config), None))
     saves = measure(config, model_type, targets, RANK)
@@ -99,18 +106,20 @@ def test_the_estimate_reads_the_measured_layers():
 
 
 def test_a_model_that_cannot_run_on_meta_falls_back_to_the_formula_and_says_so():
-    """JetMoE's parallel experts (inputs sorted by expert, sizes per expert) have no stand-in on meta."""
+    """JetMoE's parallel experts (inputs sorted by expert, sizes per expert) have no stand-in on meta (transformers
+    4.x's JetMoE does not even take an attention registered by name)."""
     config = AutoConfig.for_model("jetmoe", vocab_size=300, hidden_size=64, num_hidden_layers=2,
                                   num_key_value_heads=2, kv_channels=16, intermediate_size=128, num_local_experts=4,
                                   num_experts_per_tok=2)
-    with pytest.raises(NotMeasurable, match="layout of their own"):
+    why = "layout of their own" if _V5 else "not built with a swappable attention"
+    with pytest.raises(NotMeasurable, match=why):
         measure(config, "jetmoe", (), RANK)
     opts = TrainingOptions(seq_len=64, gradient_checkpointing=False)
     est = estimate(config, opts)
     targets = select_targets(count_parameters(config), None)
     per_layer = len(targets) / config.num_hidden_layers
     assert dict(est.rows)["activations (checkpointing off)"]["QLoRA"] == activation_bytes(config, opts, per_layer)
-    assert any("from a formula of a Llama block" in note and "layout of their own" in note for note in est.notes)
+    assert any("from a formula of a Llama block" in note and why in note for note in est.notes)
 
 
 def test_layers_a_text_forward_skips_count_as_the_largest():

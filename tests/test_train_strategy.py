@@ -19,6 +19,8 @@ QA = [("What is two plus two?", "four"), ("Name a red fruit.", "An apple is red.
       ("Count to three.", "one two three"), ("What is a fox?", "A quick brown animal."),
       ("Name a bird.", "A robin."), ("What is ice?", "Frozen water.")]
 
+_V5 = __import__("importlib").util.find_spec("transformers.conversion_mapping") is not None
+
 # (examples, batch, accumulation, epochs, max_steps, eval_strategy, save_strategy, eval_steps, save_steps, logging)
 CASES = [
     (10, 2, 2, 3, 0, "epoch", "epoch", 0, 0, 1),  # 3 steps an epoch, the last one short
@@ -62,6 +64,9 @@ def _transformers_steps(tmp_path, n, batch, accum, epochs, max_steps, eval_s, sa
     trainer = transformers.Trainer(model=_Regression(), args=args, train_dataset=rows, eval_dataset=rows[:2],
                                    callbacks=[Record()])
     trainer.train()
+    last = trainer.state.global_step
+    if not _V5 and eval_s == "steps" and evaluated[-1:] != [last] and eval_delay <= last:
+        evaluated.append(last)  # transformers 5 (qlora's reference) also evaluates after the last step; 4.x did not
     saved = sorted(int(p.name.split("-")[1]) for p in tmp_path.glob("checkpoint-*"))
     return evaluated, saved
 

@@ -110,7 +110,10 @@ model loaders), restated for the architectures qlora exports:
   epsilon 0 agrees to float precision); real checkpoints' 1e-6 is far below their activations' mean square.
 - transformers 5 names Granite MoE's router and experts
   ``block_sparse_moe.router``/``.experts``, which gguf's table knows under other
-  names: they are respelled before the lookup.
+  names: they are respelled before the lookup. transformers 4.x names the router ``router.layer`` and holds
+  the experts' gate and up rows in one ``input_linear`` stack (gate rows first, as 5's ``gate_up_proj``), split
+  as the fused shared MLP is. Its other MoE architectures keep experts as a list of per-expert MLPs, written as
+  the same ``[experts, out, in]`` stacks (:mod:`qlora.model.gguf_export`).
 """
 
 from __future__ import annotations
@@ -172,6 +175,12 @@ GELU_TANH = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")  # llama.cpp's GELU i
 GELU_ANY = GELU_TANH + ("gelu",)
 
 
+# Granite MoE's router and experts: transformers 5's ``block_sparse_moe.router``/``.experts`` respelled as gguf's table
+# knows them; 4.x's router is ``router.layer`` and its experts' gate and up rows one ``input_linear`` stack
+GRANITE_MOE_RENAME = ((".block_sparse_moe.router.layer.", ".mlp.gate."), (".block_sparse_moe.router.", ".mlp.gate."),
+                      (".block_sparse_moe.experts.", ".mlp.experts."))
+GRANITE_MOE_SPLIT = ((".block_sparse_moe.input_linear.weight", (".mlp.experts.gate_proj", ".mlp.experts.up_proj")),)
+
 SPECS: dict[str, ArchSpec] = {
     "llama": ArchSpec("llama", permute_qk=True),
     "mistral": ArchSpec("llama", permute_qk=True),
@@ -189,9 +198,8 @@ SPECS: dict[str, ArchSpec] = {
     "granite": ArchSpec("granite", permute_qk=True),
     "smollm3": ArchSpec("smollm3", permute_qk=True),
     "mixtral": ArchSpec("llama", permute_qk=True, norm_topk=True),
-    "granitemoe": ArchSpec("granitemoe", permute_qk=True, norm_topk=True,
-                           rename=((".block_sparse_moe.router.", ".mlp.gate."),
-                                   (".block_sparse_moe.experts.", ".mlp.experts."))),
+    "granitemoe": ArchSpec("granitemoe", permute_qk=True, norm_topk=True, rename=GRANITE_MOE_RENAME,
+                           split_rows=GRANITE_MOE_SPLIT),
     "qwen2_moe": ArchSpec("qwen2moe", output_required=True, norm_topk=False, full_attention=True),
     "qwen3_moe": ArchSpec("qwen3moe", norm_topk=True, full_attention=True),
     "olmoe": ArchSpec("olmoe", output_required=True, norm_topk=False),
@@ -237,8 +245,9 @@ SPECS: dict[str, ArchSpec] = {
     "deepseek_v2": ArchSpec("deepseek2", mla=True, acts=SILU, full_attention=True),
     "deepseek_v3": ArchSpec("deepseek2", mla=True, acts=SILU, full_attention=True, rename=gguf_deepseek.RENAME),
     # Hunyuan-A13B: Hunyuan's attention (Q/K norms after RoPE), softmax routing renormalized, a shared MLP
+    # (its config field is moe_topk: transformers 4.x has no num_experts_per_tok alias)
     "hunyuan_v1_moe": ArchSpec("hunyuan-moe", norm_topk=True, acts=SILU, requires=(("attention_bias", False),),
-                               full_attention=True),
+                               full_attention=True, top_k_key="moe_topk"),
     # Llama 4 (text): sigmoid of the top-k router logits (not renormalized) scaling each expert's input, a shared
     # expert, interleaved pair RoPE (as llama.cpp's), weightless Q/K L2 norms, RoPE-less every 4th layer
     "llama4_text": ArchSpec("llama4", norm_topk=False, acts=SILU, ff_key="intermediate_size_mlp",
@@ -248,7 +257,9 @@ SPECS: dict[str, ArchSpec] = {
     # ERNIE 4.5 MoE: softmax routing, top-k chosen by probability plus a selection bias, renormalized; shared experts
     "ernie4_5_moe": ArchSpec("ernie4_5-moe", norm_topk=True, acts=SILU, requires=(("use_bias", False),),
                              full_attention=True, rename=((".mlp.gate.moe_statics.e_score_correction_bias",
-                                                           ".mlp.moe_statics.e_score_correction.bias"),)),
+                                                           ".mlp.moe_statics.e_score_correction.bias"),
+                                                          (".mlp.moe_statics.e_score_correction_bias",  # 4.x
+                                                           ".mlp.moe_statics.e_score_correction.bias"))),
     # GLM-4.5/4.6: DeepSeek-V3's routing with GQA attention (Q/K/V biases, optional per-head Q/K norms), partial
     # NeoX RoPE; its multi-token-prediction layers are not in transformers' model, so not in the file either
     "glm4_moe": ArchSpec("glm4moe", deepseek_moe=True, partial_rotary=True, acts=SILU, full_attention=True,
@@ -260,12 +271,11 @@ SPECS: dict[str, ArchSpec] = {
                      top_k_key="ffn_config.moe_top_k", norm_topk_key="ffn_config.moe_normalize_expert_weights"),
     # Granite MoE with a shared expert whose fused ``input_linear`` (gate rows, then up) llama.cpp reads as two
     "granitemoeshared": ArchSpec("granitemoe", permute_qk=True, norm_topk=True, acts=SILU,
-                                 rename=((".block_sparse_moe.router.", ".mlp.gate."),
-                                         (".block_sparse_moe.experts.", ".mlp.experts."),
-                                         (".shared_mlp.output_linear.", ".mlp.shared_expert.down_proj.")),
-                                 split_rows=((".shared_mlp.input_linear.weight",
-                                              (".mlp.shared_expert.gate_proj.weight",
-                                               ".mlp.shared_expert.up_proj.weight")),)),
+                                 rename=GRANITE_MOE_RENAME + ((".shared_mlp.output_linear.",
+                                                               ".mlp.shared_expert.down_proj."),),
+                                 split_rows=GRANITE_MOE_SPLIT + ((".shared_mlp.input_linear.weight",
+                                                                  (".mlp.shared_expert.gate_proj.weight",
+                                                                   ".mlp.shared_expert.up_proj.weight")),)),
     # StarCoder 1 / SantaCoder: multi-query fused ``c_attn`` (all queries, the key, the value), learned positions
     "gpt_bigcode": ArchSpec("starcoder", layer_norm=True, acts=GELU_TANH, act_key="activation_function",
                             ff_key="n_inner", rope=False, full_attention=True,

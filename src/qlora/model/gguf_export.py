@@ -22,6 +22,7 @@ a separate projector file (``mmproj``, :mod:`qlora.model.gguf_mmproj`).
 from __future__ import annotations
 
 import os
+import re
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -148,7 +149,8 @@ def _plan(model: nn.Module, config, spec: ArchSpec, out_type: str,
     name_of = tensor_namer(config, spec)
     towers = tuple(t + "." for t in non_text_names(model))
     rename = _causal_lm_key(model) if towers else (lambda key: key)
-    rows = [(rename(key), shape, make) for key, shape, make in _expert_tensors(model, merged_tensors(model), spec)
+    rows = [(rename(key), shape, make)
+            for key, shape, make in _expert_lists(model, _expert_tensors(model, merged_tensors(model), spec))
             if not key.startswith(towers)]
     if spec.mla:
         rows = split_kv_b(rows, config)
@@ -243,8 +245,40 @@ def _expert_tensors(model: nn.Module, rows: list, spec: ArchSpec) -> list:
     return out
 
 
+# a weight of one expert in a list of them (transformers 4.x): list, expert index, projection, kind
+PER_EXPERT_KEY = re.compile(r"(.+\.experts)\.(\d+)\.(.+)\.(weight|bias)")
+
+
+def _expert_lists(model: nn.Module, rows: list) -> list:
+    """transformers 4.x's experts, a ``ModuleList`` of per-expert MLPs (``experts.0.gate_proj.weight``, ...), as
+    the stacks transformers 5 holds the same weights in and llama.cpp reads: ``experts.gate_proj`` ``[experts, out,
+    in]`` (biases ``experts.gate_proj.bias``), in the place of the first expert's row. A stack is made when it is
+    written, from its experts in order: one layer's experts at a time, as a 3-D stack is."""
+    out: list = []
+    stacks: dict[str, list[tuple[int, Callable[[], torch.Tensor]]]] = {}
+    for key, shape, make in rows:
+        found = PER_EXPERT_KEY.fullmatch(key)
+        if found is None or not isinstance(model.get_submodule(found[1]), nn.ModuleList):
+            out.append((key, shape, make))
+            continue
+        prefix, index, proj, kind = found.groups()
+        stacked = f"{prefix}.{proj}" + (".bias" if kind == "bias" else "")
+        if stacked not in stacks:
+            stacks[stacked] = []
+            out.append((stacked, shape, None))
+        stacks[stacked].append((int(index), make))
+    return [(key, shape, make) if make is not None else
+            (key, (len(stacks[key]), *shape), _stacker([m for _, m in sorted(stacks[key], key=lambda p: p[0])]))
+            for key, shape, make in out]
+
+
+def _stacker(makes: list[Callable[[], torch.Tensor]]) -> Callable[[], torch.Tensor]:
+    return lambda: torch.stack([make() for make in makes])
+
+
 def _split_rows(rows: list, spec: ArchSpec) -> list:
-    """Fused matrices (``spec.split_rows``) as their equal row chunks, each under its own key."""
+    """Fused matrices (``spec.split_rows``) as their equal row chunks, each under its own key (of an expert stack
+    ``[experts, rows, in]``, each expert's rows)."""
     out = []
     for key, shape, make in rows:
         end, parts = next(((e, p) for e, p in spec.split_rows if key.endswith(e)), ("", ()))
@@ -253,8 +287,8 @@ def _split_rows(rows: list, spec: ArchSpec) -> list:
             continue
         stem, n = key.removesuffix(end), len(parts)
         for i, part in enumerate(parts):
-            out.append((stem + part, (shape[0] // n, *shape[1:]),
-                        lambda make=make, i=i, n=n: make().chunk(n, dim=0)[i].contiguous()))
+            out.append((stem + part, (*shape[:-2], shape[-2] // n, shape[-1]),
+                        lambda make=make, i=i, n=n: make().chunk(n, dim=-2)[i].contiguous()))
     return out
 
 

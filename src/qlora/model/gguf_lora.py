@@ -29,7 +29,7 @@ from ..errors import UsageError
 from .adapter_io import drop_velora_projections, read_adapter_config, read_adapter_weights
 from .adapter_tensors import PEFT_PREFIX, lora_key
 from .gguf_arch import arch_spec, tensor_namer, to_llama_cpp
-from .gguf_export import encode_tensor, file_type, matrix_type, require_gguf, staged_writer
+from .gguf_export import PER_EXPERT_KEY, encode_tensor, file_type, matrix_type, require_gguf, staged_writer
 
 TYPES = ("f32", "f16", "bf16", "q8_0")
 MERGED = "export the merged model instead: qlora export --format gguf (merged)"
@@ -119,6 +119,10 @@ def adapter_matrices(config, adapter: dict, tensors: dict[str, torch.Tensor],
             raise UsageError(f"{source} adapts {module}, the output layer, but llama.cpp's {spec.gguf_arch} GGUF of "
                              f"this base has no output tensor to add it to: it reuses the embedding (this base shares "
                              f"the two, or llama.cpp always does). {MERGED}.")
+        if gguf_name is None and PER_EXPERT_KEY.fullmatch(key):  # transformers 4.x's per-expert linear layers
+            raise UsageError(f"{source} adapts the expert weights {module} (LoRA on one expert's layer, which the "
+                             f"GGUF holds in a stack of every expert's), which qlora does not write as a GGUF "
+                             f"adapter. {MERGED}.")
         if gguf_name is None:
             raise UsageError(f"{source} adapts {module}, which llama.cpp's {spec.gguf_arch} layout has no tensor for "
                              f"(or the adapter was made for another base model). {MERGED}.")

@@ -117,6 +117,31 @@ class _TopKRows(nn.Module):
         return out.view(hidden_states.shape)
 
 
+class _RotaryOffMeta(nn.Module):
+    """A rotary embedding that also runs where transformers 4.x's does not on ``meta``: its forward opens
+    ``torch.autocast(device_type="meta", enabled=False)``, which torch refuses (transformers 5 opens none where it
+    is disabled). Its cos/sin, saved by the layers, matter here by shape and dtype alone: where the module fails
+    on ``meta`` a CPU copy of it computes them from inputs of the same shapes, returned as ``meta`` tensors."""
+
+    def __init__(self, rotary: nn.Module) -> None:
+        super().__init__()
+        self.rotary = rotary
+        self._on_cpu: list[nn.Module] = []  # (a list: not a submodule, its buffers are not the model's)
+
+    def forward(self, x: torch.Tensor, position_ids: torch.Tensor, *args, **kwargs):
+        try:
+            return self.rotary(x, position_ids, *args, **kwargs)
+        except RuntimeError:
+            if not self._on_cpu:
+                self._on_cpu.append(copy.deepcopy(self.rotary).to_empty(device="cpu"))
+            out = self._on_cpu[0](torch.zeros(x.shape, dtype=x.dtype), torch.zeros(position_ids.shape,
+                                                                                    dtype=position_ids.dtype),
+                                  *args, **kwargs)
+            if isinstance(out, torch.Tensor):  # Llama 4's complex frequencies
+                return torch.empty_like(out, device="meta")
+            return tuple(torch.empty_like(t, device="meta") for t in out)
+
+
 def _decoder_layers(decoder: nn.Module, count: int) -> nn.ModuleList:
     lists = [m for m in decoder.modules() if isinstance(m, nn.ModuleList) and len(m) == count]
     if not lists:
@@ -145,6 +170,10 @@ def _build(config, source: str) -> tuple[nn.Module, nn.Module, nn.ModuleList]:
         raise NotMeasurable(f"the model was not built with a swappable attention ({_said(exc)})") from None
     decoder = model.get_submodule(text_decoder_path(model))
     layers = _decoder_layers(decoder, config.get_text_config().num_hidden_layers)
+    for name, module in list(model.named_modules()):
+        if type(module).__name__.endswith("RotaryEmbedding"):  # transformers' name for them in every model
+            parent, _, leaf = name.rpartition(".")
+            setattr(model.get_submodule(parent), leaf, _RotaryOffMeta(module))
     top_k = _top_k(config)
     for name, module in list(model.named_modules()):
         layout = experts_layout(module)
