@@ -162,8 +162,8 @@ def _oracle(method: str, model, rows, tokenizer, args: dict, lora, callback):
         args.setdefault("remove_unused_columns", False)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return _in_order(Cls)(model=model, args=Config(**args), train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
-                   peft_config=lora, callbacks=[callback])
+        return _in_order(Cls)(model=model, args=Config(**args), train_dataset=Dataset.from_list(rows),
+                              processing_class=tokenizer, peft_config=lora, callbacks=[callback])
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
