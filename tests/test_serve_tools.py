@@ -9,6 +9,7 @@ stream chunks, and the conversation it was trained on.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import sys
 
@@ -21,6 +22,8 @@ from qlora.model.chat_format import ChatFormat
 from qlora.model.tiny import CHATML_TEMPLATE
 
 from tool_model import ANSWER, ASK, RESULT, TOOLS
+
+_V5 = importlib.util.find_spec("transformers.initialization") is not None
 
 openai = pytest.importorskip("openai")
 pytest.importorskip("fastapi")
@@ -149,7 +152,9 @@ def test_a_forced_call_is_the_call_the_model_was_trained_to_make(served, choice,
      "messages.1.tool_calls.0.function.arguments"),
     (dict(tools=[{"type": "function", "function": TOOLS[0]["function"] | {"strict": "yes"}}]),
      "tools.0.function.strict"),  # was read as strict (a truthy string)
-    (dict(tools="nested past the recursion limit"), "tools"),
+    # transformers 5's template rendering recurses past the limit on it: a 400 naming tools; 4.x's renders it, and
+    # the prompt is then past the context: a 400 naming messages (neither a 500)
+    (dict(tools="nested past the recursion limit"), "tools" if _V5 else "messages"),
 ])
 def test_bad_tool_requests_are_400_naming_the_field(served, kw, param):
     _, _, client, _ = served
