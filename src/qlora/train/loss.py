@@ -20,6 +20,7 @@ from torch import nn
 
 from qlora.nn.chunked_ce import chunked_linear_cross_entropy
 from qlora.train.data import IGNORE_INDEX
+from qlora.train.data.prefix_lm import prefix_type, token_types
 
 
 # Batch entries that are not keyword arguments of the model's forward.
@@ -41,12 +42,19 @@ def _forward_inputs(model_class: type) -> frozenset[str]:
 def model_inputs(batch: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
     """``model``'s keyword arguments in ``batch``: without labels or reference log-probs, and with the
     :data:`TEXT_TOKEN_TYPES` its forward takes that a batch without images lacks (no processor ran for it), at the
-    value its processor gives text: 0, as a row without images beside rows with them already gets."""
+    value its processor gives text: 0, as a row without images beside rows with them already gets. A prefix-LM
+    (PaliGemma: :mod:`qlora.train.data.prefix_lm`) gets the ``token_type_ids`` that mark each row's prompt, unless the
+    batch's mask is already explicit (packed rows carry the prompt blocks in it)."""
     inputs = {k: v for k, v in batch.items() if k not in NON_MODEL_KEYS}
     takes = _forward_inputs(type(getattr(model, "module", model)))  # DDP's model inside
     for key in TEXT_TOKEN_TYPES:
         if key not in inputs and key in takes:
             inputs[key] = torch.zeros_like(batch["input_ids"])
+    prefix = prefix_type(model)
+    mask = inputs.get("attention_mask")
+    if prefix is not None and "token_type_ids" not in inputs and not isinstance(mask, dict) and (
+            mask is None or mask.dim() == 2):
+        inputs["token_type_ids"] = token_types(batch["labels"], prefix)
     return inputs
 
 
