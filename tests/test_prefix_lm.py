@@ -139,3 +139,24 @@ def test_prefix_tokens_end_at_each_examples_first_trained_token():
     assert prefix_tokens(labels).tolist() == [[True, True] + [False] * 8]
     assert prefix_tokens(labels, sequences).tolist() == [[True, True, False, False, False, False, True, True, False,
                                                           True]]
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_generation_reads_the_prompt_as_the_processor_marks_it(model_dir, attn):
+    """A prompt without a suffix is all prefix (the processor's token_type_ids are 0s); each generated token is
+    causal: qlora's greedy tokens and prefill logits are transformers' generate's with those inputs."""
+    from qlora.infer.generate import SamplingOptions, forward_cached, stream_tokens
+
+    _skip_unsupported(model_dir, attn)
+    model = AutoModelForImageTextToText.from_pretrained(model_dir, attn_implementation=attn, dtype=torch.float32)
+    model.eval()
+    ids = torch.randint(5, 200, (1, 10), generator=torch.Generator().manual_seed(0))
+    types = torch.zeros_like(ids)
+    with torch.no_grad():
+        expected = model(input_ids=ids, token_type_ids=types).logits[0, -1]
+        out, _ = forward_cached(model, ids, {}, 0)
+    torch.testing.assert_close(out.logits[0, -1], expected, rtol=1e-5, atol=1e-5)
+    oracle = model.generate(input_ids=ids, token_type_ids=types, attention_mask=torch.ones_like(ids),
+                            do_sample=False, max_new_tokens=8, min_new_tokens=8)[0, ids.shape[1]:].tolist()
+    ours = list(stream_tokens(model, ids, SamplingOptions(temperature=0, max_new_tokens=8)))
+    assert ours == oracle

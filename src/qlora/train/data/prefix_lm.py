@@ -51,6 +51,21 @@ def token_types(labels: torch.Tensor, prefix: int) -> torch.Tensor:
     return torch.where(prefix_tokens(labels), prefix, 1 - prefix)
 
 
+def prompt_types(model: nn.Module, ids: torch.Tensor, scored: bool = False, answer: int = 0) -> dict[str, torch.Tensor]:
+    """The ``token_type_ids`` keyword of a generation's prefill: the prompt is the prefix, as PaliGemma's
+    processor marks a prompt given without a suffix (its forward ignores them once the cache holds the prompt,
+    and each generated token is causal), the last ``answer`` tokens (forced ones of the reply) causal, all of it
+    causal where the prompt's own tokens are ``scored`` (their logprobs must not see later ones); ``{}`` for
+    other models."""
+    prefix = prefix_type(model)
+    if prefix is None:
+        return {}
+    types = torch.full_like(ids, 1 - prefix)
+    if not scored:
+        types[:, :ids.shape[1] - answer] = prefix
+    return {"token_type_ids": types}
+
+
 def packed_windows(model: nn.Module, windows: dict[str, int | None], seq_len: int) -> dict[str, int | None]:
     """The layer types a packed row's mask is built for: PaliGemma's forward takes one mask and builds the
     sliding layers' from it (a 4D mask it uses as given), so PaliGemma 2's full and sliding layers share one,
