@@ -34,6 +34,7 @@ def model_dir(request, tmp_path_factory):
     if request.param == "gemma2":
         config = AutoConfig.from_pretrained(out)
         text = dict(config.text_config.to_dict(), model_type="gemma2", sliding_window=4, query_pre_attn_scalar=16,
+                    hidden_activation="gelu_pytorch_tanh",
                     layer_types=["sliding_attention", "full_attention"])
         config = AutoConfig.for_model("paligemma", text_config=text, vision_config=config.vision_config.to_dict(),
                                       projection_dim=config.projection_dim, image_token_index=config.image_token_id)

@@ -12,6 +12,7 @@ Llama-3 at 8k tokens). Models whose logits are more than ``hidden @ W^T``
 from __future__ import annotations
 
 import functools
+import importlib.util
 import inspect
 
 import torch
@@ -31,6 +32,11 @@ NON_MODEL_KEYS = ("labels", "ref_logps", "desirable", "stand_in", "image_tokens"
 # modality in ``mm_token_type_ids``, 0 for a text token (create_mm_token_type_ids). Molmo2's forward requires it
 # when training.
 TEXT_TOKEN_TYPES = ("mm_token_type_ids",)
+
+
+# transformers 4.x's PaliGemma reads token_type_ids only given labels too ("is_training"); without them it reads
+# every token both ways.
+TOKEN_TYPES_NEED_LABELS = importlib.util.find_spec("transformers.initialization") is None
 
 
 @functools.cache
@@ -55,6 +61,8 @@ def model_inputs(batch: dict[str, torch.Tensor], model: nn.Module) -> dict[str, 
     if prefix is not None and "token_type_ids" not in inputs and not isinstance(mask, dict) and (
             mask is None or mask.dim() == 2):
         inputs["token_type_ids"] = token_types(batch["labels"], prefix)
+        if TOKEN_TYPES_NEED_LABELS and "labels" in takes:
+            inputs["labels"] = batch["labels"]
     return inputs
 
 
