@@ -49,8 +49,8 @@ import torch
 
 from ..model.inject import adapter_configs
 from ..model.multi_adapter import adapter_rows, delete_adapter
-from .batch_cache import add_row, attention_mask, cache_length, cache_problem, declared_problem, keep_rows, new_cache
 from ..train.data.prefix_lm import prompt_types
+from .batch_cache import add_row, attention_mask, cache_length, cache_problem, declared_problem, keep_rows, new_cache
 from .generate import SamplingOptions, cache_keyword, forward_cached, next_token, step_inputs, takes_positions
 from .images import media_rows
 from .logprobs import TokenLogprob, chosen_logprob, prompt_logprobs
