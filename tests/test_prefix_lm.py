@@ -15,6 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
+from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
 
 from qlora.errors import UsageError
 from qlora.train.config import load_config
@@ -161,3 +162,30 @@ def test_generation_reads_the_prompt_as_the_processor_marks_it(model_dir, attn):
                             do_sample=False, max_new_tokens=8, min_new_tokens=8)[0, ids.shape[1]:].tolist()
     ours = list(stream_tokens(model, ids, SamplingOptions(temperature=0, max_new_tokens=8)))
     assert ours == oracle
+
+
+@pytest.mark.skipif("hrm_text" not in CONFIG_MAPPING_NAMES, reason="this transformers has no HRM-Text")
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_hrm_text_marks_its_prefix_with_ones(attn):
+    """HRM-Text (``prefix_lm``) reads tokens of type 1 both ways: the prompt is 1, the answer 0 and causal."""
+    from transformers import AutoModelForCausalLM
+
+    from qlora.train.loss import model_inputs
+
+    config = AutoConfig.for_model("hrm_text", vocab_size=100, hidden_size=32, num_attention_heads=2,
+                                  num_key_value_heads=2, intermediate_size=64, num_layers_per_stack=1, H_cycles=1,
+                                  L_cycles=1, L_bp_cycles=[1])
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation=attn).eval()
+    ids = torch.randint(5, 100, (1, 12), generator=torch.Generator().manual_seed(0))
+    labels = ids.masked_fill(torch.arange(12) < 5, IGNORE_INDEX)
+    batch = {"input_ids": ids, "labels": labels, "attention_mask": torch.ones_like(ids)}
+    inputs = model_inputs(batch, model)
+    assert inputs["token_type_ids"].tolist() == [[1] * 5 + [0] * 7]
+    changed = dict(batch, input_ids=ids.clone())
+    changed["input_ids"][0, 9] += 1
+    with torch.no_grad():
+        ours = model(**inputs).logits
+        torch.testing.assert_close(ours, model(input_ids=ids, token_type_ids=(labels == IGNORE_INDEX).long()).logits)
+        assert not torch.allclose(ours, model(input_ids=ids).logits)  # the prompt does read later prompt tokens
+        torch.testing.assert_close(model(**model_inputs(changed, model)).logits[0, :9], ours[0, :9], rtol=0, atol=0)
