@@ -49,6 +49,7 @@ import torch
 
 from ..model.inject import adapter_configs
 from ..model.multi_adapter import adapter_rows, delete_adapter
+from ..train.data.prefix_lm import prompt_types
 from .batch_cache import add_row, attention_mask, cache_length, cache_problem, declared_problem, keep_rows, new_cache
 from .generate import SamplingOptions, cache_keyword, forward_cached, next_token, step_inputs, takes_positions
 from .images import media_rows
@@ -396,7 +397,8 @@ class ContinuousBatcher:
                 out, cache = forward_cached(self.model, ids, {}, 0, media)
             else:  # with images: positions left to the model, as stream_tokens' prefill leaves them
                 cache = new_cache()
-                out = self.model(input_ids=ids, **{self._cache_keyword: cache}, use_cache=True, **(media or {}))
+                out = self.model(input_ids=ids, **{self._cache_keyword: cache}, use_cache=True, **(media or {}),
+                                 **prompt_types(self.model, ids, request.prompt_logprobs is not None, len(prefix)))
         problem = None if self.unbatchable else cache_problem(cache, out)
         if problem:
             raise RuntimeError(f"this request's cache cannot join the batch: {problem}")

@@ -24,6 +24,7 @@ from transformers import DynamicCache, GenerationMixin
 
 from ..errors import UsageError
 from ..model.position_limit import position_room
+from ..train.data.prefix_lm import prompt_types
 from .model_rules import ModelRules
 from .penalties import Penalties
 from .sampling_options import SamplingOptions, model_defaults
@@ -165,6 +166,8 @@ def forward_cached(model, ids: torch.Tensor, cache: dict, seen: int, media: dict
         positions = _generation_positions(model, whole, cache, steps)
     if "cache_position" in params and seen and "cache_position" not in cache:
         positions["cache_position"] = steps
+    if not seen:
+        positions |= prompt_types(model, ids)
     out = model(input_ids=ids, use_cache=True, **cache, **positions, **(media or {}))
     returned = _cache_of(out, length, params)
     if returned or cache:

@@ -12,6 +12,7 @@ Llama-3 at 8k tokens). Models whose logits are more than ``hidden @ W^T``
 from __future__ import annotations
 
 import functools
+import importlib.util
 import inspect
 
 import torch
@@ -20,6 +21,7 @@ from torch import nn
 
 from qlora.nn.chunked_ce import chunked_linear_cross_entropy
 from qlora.train.data import IGNORE_INDEX
+from qlora.train.data.prefix_lm import prefix_type, token_types
 
 
 # Batch entries that are not keyword arguments of the model's forward.
@@ -32,6 +34,11 @@ NON_MODEL_KEYS = ("labels", "ref_logps", "desirable", "stand_in", "image_tokens"
 TEXT_TOKEN_TYPES = ("mm_token_type_ids",)
 
 
+# transformers 4.x's PaliGemma reads token_type_ids only given labels too ("is_training"); without them it reads
+# every token both ways.
+TOKEN_TYPES_NEED_LABELS = importlib.util.find_spec("transformers.initialization") is None
+
+
 @functools.cache
 def _forward_inputs(model_class: type) -> frozenset[str]:
     """The keyword inputs of ``model_class``'s forward, read once per class (model_inputs runs at every step)."""
@@ -41,12 +48,21 @@ def _forward_inputs(model_class: type) -> frozenset[str]:
 def model_inputs(batch: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
     """``model``'s keyword arguments in ``batch``: without labels or reference log-probs, and with the
     :data:`TEXT_TOKEN_TYPES` its forward takes that a batch without images lacks (no processor ran for it), at the
-    value its processor gives text: 0, as a row without images beside rows with them already gets."""
+    value its processor gives text: 0, as a row without images beside rows with them already gets. A prefix-LM
+    (PaliGemma: :mod:`qlora.train.data.prefix_lm`) gets the ``token_type_ids`` that mark each row's prompt, unless the
+    batch's mask is already explicit (packed rows carry the prompt blocks in it)."""
     inputs = {k: v for k, v in batch.items() if k not in NON_MODEL_KEYS}
     takes = _forward_inputs(type(getattr(model, "module", model)))  # DDP's model inside
     for key in TEXT_TOKEN_TYPES:
         if key not in inputs and key in takes:
             inputs[key] = torch.zeros_like(batch["input_ids"])
+    prefix = prefix_type(model)
+    mask = inputs.get("attention_mask")
+    if prefix is not None and "token_type_ids" not in inputs and not isinstance(mask, dict) and (
+            mask is None or mask.dim() == 2):
+        inputs["token_type_ids"] = token_types(batch["labels"], prefix)
+        if TOKEN_TYPES_NEED_LABELS and "labels" in takes:
+            inputs["labels"] = batch["labels"]
     return inputs
 
 

@@ -79,6 +79,7 @@ from qlora.train.data.tokenize import DataReport, NothingToTrain
 from qlora.train.file_fingerprint import changed_file, model_fingerprints
 from qlora.train.log_window import window_record
 from qlora.train.loss import chunked_loss_matches, model_inputs, token_loss_sum
+from qlora.train.data.prefix_lm import packed_windows, prefix_type
 from qlora.train.metrics import MetricsLogger, NullMetrics, gpu_memory_gib
 from qlora.train.neftune import add_neftune
 from qlora.train.run_identity import as_used, ignored
@@ -701,7 +702,7 @@ class Trainer:
             self.model.enable_input_require_grads()
         self.attn = getattr(self.model.config, "_attn_implementation", "eager") or "eager"
         if cfg.packing:
-            self.attn_windows = attention_windows(self.model.config)
+            self.attn_windows = packed_windows(self.model, attention_windows(self.model.config), cfg.seq_len)
             check_packing_supported(self.attn, self.attn_windows)
             self.positions, self.image_blocks = multimodal_positions(self.model), image_blocks_of(self.model)
             self.numbering = example_positions(self.model)
@@ -868,7 +869,7 @@ class Trainer:
         pad = pad_token_id(self.tokenizer)
         if self.config.packing:
             batch = packed_collate(units, pad, self.attn, self.dtype, self.attn_windows, self.positions,
-                                   self.image_blocks, self.numbering)
+                                   self.image_blocks, self.numbering, prefix_type(self.model) is not None)
         else:
             batch = pad_collate(units, pad)
         return {k: {t: m.to(self.device) for t, m in v.items()} if isinstance(v, dict)

@@ -24,6 +24,7 @@ from qlora.train.data.packing import (
     CHUNKED, MASK_ATTENTION, POSITION_ATTENTION, PackedRow, check_packing_supported, joined_rows, packed_attention_mask,
 )
 from qlora.train.data.tokenize import IGNORE_INDEX, TokenizedExample
+from qlora.train.data.prefix_lm import prefix_tokens
 
 
 def pad_token_id(tokenizer) -> int:
@@ -57,7 +58,7 @@ def packed_collate(
     rows: Sequence[PackedRow], pad_id: int, attn_implementation: str, dtype: torch.dtype = torch.float32,
     windows: dict[str, int | None] | None = None,
     positions: Callable[[list[int], dict[str, Any]], torch.Tensor] | None = None, blocks: ImageBlocks | None = None,
-    numbering: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    numbering: Callable[[torch.Tensor], torch.Tensor] | None = None, prefix_lm: bool = False,
 ) -> dict[str, Any]:
     """Batch packed rows: ``input_ids``, ``labels``, restarting ``position_ids`` (for flash attention, the rows end to
     end as one: :func:`~qlora.train.data.packing.joined_rows`) and, for eager/sdpa, a 4D mask
@@ -78,6 +79,8 @@ def packed_collate(
             ``mm_token_type_ids``) and how they group.
         numbering: :func:`~qlora.train.data.packing.example_positions` of the model: each example's positions as
             the model numbers them alone, where that is not from 0 (RoBERTa's start at ``padding_idx + 1``).
+        prefix_lm: the model reads each example's prompt both ways (PaliGemma: :mod:`qlora.train.data.prefix_lm`):
+            the tokens before its first trained one are one block in the mask.
 
     Raises:
         UsageError: an attention implementation that cannot isolate examples.
@@ -110,6 +113,8 @@ def packed_collate(
     if attn_implementation in MASK_ATTENTION:
         block_ids = (image_blocks(batch[blocks.key], sequence_ids, blocks.per_run)
                      if blocks is not None and blocks.key in batch else None)
+        if prefix_lm:
+            block_ids = torch.where(prefix_tokens(labels, sequence_ids) & (sequence_ids >= 0), sequence_ids, -1)
         masks = {kind: packed_attention_mask(sequence_ids, dtype, None if kind == CHUNKED else window, block_ids,
                                              window if kind == CHUNKED else None, places)
                  for kind, window in (windows or {"full_attention": None}).items()}
