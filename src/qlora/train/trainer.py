@@ -73,13 +73,13 @@ from qlora.train.data import (
 from qlora.train.data.dedupe import drop_duplicates
 from qlora.train.data.image_examples import tokenize_image_example
 from qlora.train.data.image_packing import check_image_packing, image_blocks_of, multimodal_positions
+from qlora.train.data.prefix_lm import packed_windows, prefix_type
 from qlora.train.data.selection import check_split_of_files, hold_out, read_sources, source_names
 from qlora.train.data.text_blocks import text_blocks
 from qlora.train.data.tokenize import DataReport, NothingToTrain
 from qlora.train.file_fingerprint import changed_file, model_fingerprints
 from qlora.train.log_window import window_record
 from qlora.train.loss import chunked_loss_matches, model_inputs, token_loss_sum
-from qlora.train.data.prefix_lm import packed_windows, prefix_type
 from qlora.train.metrics import MetricsLogger, NullMetrics, gpu_memory_gib
 from qlora.train.neftune import add_neftune
 from qlora.train.run_identity import as_used, ignored

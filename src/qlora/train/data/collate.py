@@ -23,8 +23,8 @@ from qlora.train.data.image_packing import ImageBlocks, image_blocks
 from qlora.train.data.packing import (
     CHUNKED, MASK_ATTENTION, POSITION_ATTENTION, PackedRow, check_packing_supported, joined_rows, packed_attention_mask,
 )
-from qlora.train.data.tokenize import IGNORE_INDEX, TokenizedExample
 from qlora.train.data.prefix_lm import prefix_tokens
+from qlora.train.data.tokenize import IGNORE_INDEX, TokenizedExample
 
 
 def pad_token_id(tokenizer) -> int:
