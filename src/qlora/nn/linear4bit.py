@@ -25,6 +25,7 @@ from torch import nn
 
 from ..float_dtype import float_dtype
 from ..quant import QuantState, dequantize_4bit, quantize_4bit
+from ..quant.fourbit import stored_sizes
 from ..quant.quant_state import NestedState
 
 class _StateDictPath:
@@ -157,12 +158,9 @@ class Linear4bit(nn.Module):
         if state.shape.numel() != n:
             raise ValueError(f"quantized weight of shape {tuple(state.shape)} does not fit a "
                              f"{self.out_features}x{self.in_features} Linear4bit")
-        n_blocks = -(-n // state.blocksize)
-        sizes = {"packed weight bytes": (packed.numel() * packed.element_size(), (n + 1) // 2),
-                 "absmax": (state.absmax.numel(), n_blocks)}
-        if state.nested is not None:
-            sizes["nested_absmax"] = (state.nested.absmax.numel(), -(-n_blocks // state.nested.blocksize))
-        wrong = [f"{name} has {got} elements, not {want}" for name, (got, want) in sizes.items() if got != want]
+        names = {"packed": "packed weight bytes"}
+        wrong = [f"{names.get(key, key)} has {got} elements, not {want}"
+                 for key, (got, want) in stored_sizes(packed, state).items() if got != want]
         if wrong:
             raise ValueError(f"quantized {tuple(state.shape)} weight with block size {state.blocksize}: "
                              + "; ".join(wrong))

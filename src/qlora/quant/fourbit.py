@@ -120,13 +120,25 @@ def _use_triton_quantize(w: torch.Tensor, quant_type: str) -> bool:
     return triton_quant.available()
 
 
+def stored_sizes(packed: torch.Tensor, state: QuantState) -> dict[str, tuple[int, int]]:
+    """``(held, needed)`` element counts of ``packed``'s bytes (``"packed"``), the block constants (``"absmax"``)
+    and, double-quantized, theirs (``"nested_absmax"``) for a tensor of ``state.shape``: unequal where the two do
+    not come from one :func:`quantize_4bit` call."""
+    n = state.shape.numel()
+    blocks = -(-n // state.blocksize)
+    sizes = {"packed": (packed.numel() * packed.element_size(), (n + 1) // 2),
+             "absmax": (state.absmax.numel(), blocks)}
+    if state.nested is not None:
+        sizes["nested_absmax"] = (state.nested.absmax.numel(), -(-blocks // state.nested.blocksize))
+    return sizes
+
+
 def _check_fits(packed: torch.Tensor, state: QuantState) -> None:
     """``packed`` and ``state`` come from one :func:`quantize_4bit` call: a pair of two calls would decode
     another tensor's codes with this one's scales (or read past its bytes)."""
-    n = state.shape.numel()
-    sizes = {"packed bytes": (packed.numel() * packed.element_size(), (n + 1) // 2),
-             "block constants (absmax)": (state.absmax.numel(), -(-n // state.blocksize))}
-    wrong = [f"{what}: {got}, not {want}" for what, (got, want) in sizes.items() if got != want]
+    labels = {"packed": "packed bytes", "absmax": "block constants (absmax)"}
+    wrong = [f"{labels[key]}: {got}, not {want}" for key, (got, want) in stored_sizes(packed, state).items()
+             if key in labels and got != want]
     if wrong:
         raise ValueError(f"packed data and quantization state do not belong together: a {tuple(state.shape)} "
                          f"tensor in blocks of {state.blocksize} has {'; '.join(wrong)}. Pass the two results of "
