@@ -30,30 +30,16 @@ import torch
 peft = pytest.importorskip("peft")
 trl = pytest.importorskip("trl")
 from datasets import Dataset  # noqa: E402
-from torch.utils.data import SequentialSampler  # noqa: E402
-from transformers import AutoModelForCausalLM, AutoTokenizer, TrainingArguments  # noqa: E402
+from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
 from qlora.model.adapter_io import save_adapter  # noqa: E402
 from qlora.train.config import load_config  # noqa: E402
 from qlora.train.trainer import Trainer  # noqa: E402
 from random_adapters import randomize_lora_b  # noqa: E402
-from trainer_records import LoggedRecords  # noqa: E402
+from trainer_records import IN_ORDER, LoggedRecords, in_order  # noqa: E402
 
-# the rows in their order: transformers 5's train_sampling_strategy="sequential"; 4.x has no such argument, and
-# TRL's trainer's train sampler (the hook that argument picks in 5) is made sequential there instead
 _V5 = __import__("importlib").util.find_spec("transformers.conversion_mapping") is not None
-_IN_ORDER = ({"train_sampling_strategy": "sequential"}
-             if "train_sampling_strategy" in TrainingArguments.__dataclass_fields__ else {})
 
-
-def _in_order(trainer_class: type) -> type:
-    if _IN_ORDER:
-        return trainer_class
-
-    class InOrder(trainer_class):
-        def _get_train_sampler(self, train_dataset=None):
-            return SequentialSampler(self.train_dataset if train_dataset is None else train_dataset)
-    return InOrder
 
 WORDS = "alpha beta gamma delta fox dog lazy quick brown paged optimizer memory".split()
 
@@ -162,8 +148,8 @@ def _oracle(method: str, model, rows, tokenizer, args: dict, lora, callback):
         args.setdefault("remove_unused_columns", False)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return _in_order(Cls)(model=model, args=Config(**args), train_dataset=Dataset.from_list(rows),
-                              processing_class=tokenizer, peft_config=lora, callbacks=[callback])
+        return in_order(Cls)(model=model, args=Config(**args), train_dataset=Dataset.from_list(rows),
+                             processing_class=tokenizer, peft_config=lora, callbacks=[callback])
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
@@ -206,7 +192,7 @@ def test_preference_run_equals_trl(tmp_path, tiny_model_dir, case):
                 gradient_accumulation_steps=trl_accum, learning_rate=opts["lr"], lr_scheduler_type="linear",
                 warmup_steps=opts["warmup_steps"], max_steps=opts["max_steps"], max_grad_norm=opts["max_grad_norm"],
                 weight_decay=0.0, adam_beta1=0.9, adam_beta2=0.999, adam_epsilon=1e-8, optim="adamw_torch",
-                **_IN_ORDER, logging_steps=opts.get("logging_steps", 1), save_strategy="no", report_to=[], seed=3,
+                **IN_ORDER, logging_steps=opts.get("logging_steps", 1), save_strategy="no", report_to=[], seed=3,
                 use_cpu=True, bf16=False, fp16=False, disable_dropout=True, dataloader_num_workers=0,
                 disable_tqdm=True, beta=beta, max_length=opts["seq_len"]) | theirs
     callback = LoggedRecords()

@@ -31,7 +31,6 @@ from transformers import (  # noqa: E402
     TrainingArguments,
 )
 
-from torch.utils.data import SequentialSampler  # noqa: E402
 from trl import SFTConfig, SFTTrainer  # noqa: E402
 
 from qlora.model.adapter_io import save_adapter  # noqa: E402
@@ -40,13 +39,9 @@ from qlora.train.config import load_config  # noqa: E402
 from qlora.train.trainer import Trainer  # noqa: E402
 from bnb_decoded import decode_quantized_layers  # noqa: E402
 from random_adapters import randomize_lora_b  # noqa: E402
-from trainer_records import LoggedRecords  # noqa: E402
+from trainer_records import IN_ORDER, LoggedRecords, in_order  # noqa: E402
 
-# the examples in their order: transformers 5's train_sampling_strategy="sequential"; 4.x has no such argument, and
-# the reference trainers' train sampler (the hook that argument picks in 5) is made sequential there instead
 _V5 = __import__("importlib").util.find_spec("transformers.conversion_mapping") is not None
-_IN_ORDER = ({"train_sampling_strategy": "sequential"}
-             if "train_sampling_strategy" in TrainingArguments.__dataclass_fields__ else {})
 
 
 def _warmup(steps_or_ratio: float) -> dict:
@@ -56,15 +51,6 @@ def _warmup(steps_or_ratio: float) -> dict:
         return {"warmup_steps": steps_or_ratio}
     return {"warmup_ratio": steps_or_ratio}
 
-
-def _in_order(trainer_class: type) -> type:
-    if _IN_ORDER:
-        return trainer_class
-
-    class InOrder(trainer_class):
-        def _get_train_sampler(self, train_dataset=None):
-            return SequentialSampler(self.train_dataset if train_dataset is None else train_dataset)
-    return InOrder
 
 
 WORDS = "alpha beta gamma delta fox dog lazy quick brown paged optimizer memory".split()
@@ -172,7 +158,7 @@ def test_whole_run_equals_transformers_trainer(tmp_path, tiny_tokenizer, case):
         **_warmup(opts.get("warmup_steps") or opts["warmup_ratio"]), max_steps=opts.get("max_steps", -1) or -1,
         num_train_epochs=opts.get("epochs", 1), max_grad_norm=opts["max_grad_norm"],
         weight_decay=opts.get("weight_decay", 0.0), adam_beta1=opts["adam_beta1"], adam_beta2=opts["adam_beta2"],
-        adam_epsilon=opts["adam_epsilon"], optim="adamw_torch", **_IN_ORDER,
+        adam_epsilon=opts["adam_epsilon"], optim="adamw_torch", **IN_ORDER,
         logging_steps=opts.get("logging_steps", 1), save_strategy="no", report_to=[], seed=opts["seed"], use_cpu=True, bf16=False,
         dataloader_num_workers=0, disable_tqdm=True)
     callback = LoggedRecords()
@@ -180,12 +166,12 @@ def test_whole_run_equals_transformers_trainer(tmp_path, tiny_tokenizer, case):
         rows = Dataset.from_list([dict(input_ids=u["input_ids"], completion_mask=[int(t != -100) for t in u["labels"]])
                                   for u in units])
         args = SFTConfig(max_length=None, completion_only_loss=True, **common)
-        _in_order(SFTTrainer)(model=model, args=args, train_dataset=rows, processing_class=tokenizer,
-                              callbacks=[callback]).train()
+        in_order(SFTTrainer)(model=model, args=args, train_dataset=rows, processing_class=tokenizer,
+                             callbacks=[callback]).train()
     else:
-        _in_order(HFTrainer)(model=model, args=TrainingArguments(remove_unused_columns=False, **common),
-                             train_dataset=units, callbacks=[callback], data_collator=DataCollatorForSeq2Seq(
-                                 tokenizer, padding=True, label_pad_token_id=-100)).train()
+        in_order(HFTrainer)(model=model, args=TrainingArguments(remove_unused_columns=False, **common),
+                            train_dataset=units, callbacks=[callback], data_collator=DataCollatorForSeq2Seq(
+                                tokenizer, padding=True, label_pad_token_id=-100)).train()
     reference = {n.removeprefix("base_model.model."): p.detach() for n, p in model.named_parameters()
                  if p.requires_grad}
 
@@ -242,10 +228,10 @@ def test_eval_on_start_and_eval_delay_evaluate_as_transformers_trainer(tmp_path,
         output_dir=str(tmp_path / "hf"), per_device_train_batch_size=2, gradient_accumulation_steps=4,
         per_device_eval_batch_size=len(held_units), learning_rate=opts["lr"], lr_scheduler_type="linear",
         warmup_steps=1, num_train_epochs=1.5, max_grad_norm=1.0, optim="adamw_torch", seed=3,
-        **_IN_ORDER, save_strategy="no", report_to=[], use_cpu=True, bf16=False,
+        **IN_ORDER, save_strategy="no", report_to=[], use_cpu=True, bf16=False,
         dataloader_num_workers=0, disable_tqdm=True, remove_unused_columns=False, eval_on_start=True, **strategy)
-    _in_order(HFTrainer)(model=model, args=args, train_dataset=units, eval_dataset=held_units, callbacks=[callback],
-                         data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100)).train()
+    in_order(HFTrainer)(model=model, args=args, train_dataset=units, eval_dataset=held_units, callbacks=[callback],
+                        data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100)).train()
 
     ours = [(r["step"], r["loss"]) for r in records if r["split"] == "eval"]
     assert [s for s, _ in ours] == [s for s, _ in callback.evals]
@@ -288,12 +274,12 @@ def test_several_eval_sources_are_each_recorded_as_transformers_logs_a_dict_of_e
     args = TrainingArguments(
         output_dir=str(tmp_path / "hf"), per_device_train_batch_size=2, gradient_accumulation_steps=2,
         per_device_eval_batch_size=3, learning_rate=opts["lr"], lr_scheduler_type="linear", warmup_steps=1,
-        max_steps=4, max_grad_norm=1.0, optim="adamw_torch", seed=3, **_IN_ORDER,
+        max_steps=4, max_grad_norm=1.0, optim="adamw_torch", seed=3, **IN_ORDER,
         save_strategy="no", report_to=[], use_cpu=True, bf16=False, dataloader_num_workers=0, disable_tqdm=True,
         remove_unused_columns=False, eval_strategy="steps", eval_steps=2)
-    _in_order(HFTrainer)(model=model, args=args, train_dataset=units, callbacks=[Evaluations()],
-                         eval_dataset={"news": held_units[:3], "chat": held_units[3:]},
-                         data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100)).train()
+    in_order(HFTrainer)(model=model, args=args, train_dataset=units, callbacks=[Evaluations()],
+                        eval_dataset={"news": held_units[:3], "chat": held_units[3:]},
+                        data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100)).train()
 
     evals = [r for r in records if r["split"] == "eval"]
     assert [r["step"] for r in evals] == [2, 4] == sorted({t["step"] for t in logged})
