@@ -19,6 +19,8 @@ from qlora.train.data.preference import normalize_preferences, preference_collat
 from qlora.train.data.tokenize import PROMPT_FILLS_SEQ_LEN
 from qlora.train.trainer import Trainer
 
+from cli_exit import cli_exit
+
 SRC = Path(__file__).resolve().parents[1] / "src"
 PAIRS = [("What is two plus two?", " four", " five"), ("Say hello.", " Hello there!", " Go away."),
          ("Name a red fruit.", " An apple is red.", " A banana."), ("What colour is the sky?", " Blue.", " Green."),
@@ -268,14 +270,6 @@ def test_pairs_whose_prompt_fills_seq_len_are_counted_in_the_run_log_and_all_of_
     assert "Traceback" not in err and not (tmp_path / "none").exists()
 
 
-def _run(argv, capsys):
-    try:
-        code = main(argv)
-    except SystemExit as exc:
-        code = exc.code
-    return code, capsys.readouterr().err
-
-
 def test_bad_preference_input_exits_2_with_file_and_line(tmp_path, tiny_model_dir, capsys):
     base = ["train", "--model", str(tiny_model_dir), "--method", "dpo", "--optim", "adamw", "--no-progress",
             "--max-steps", "1"]
@@ -296,7 +290,7 @@ def test_bad_preference_input_exits_2_with_file_and_line(tmp_path, tiny_model_di
         (["--data", str(missing), "--method", "sft", "--precompute-ref"], "applies to --method dpo"),
     ]
     for i, (extra, message) in enumerate(cases):
-        code, err = _run(base + ["--output", str(tmp_path / f"o{i}")] + extra, capsys)
+        code, err = cli_exit(base + ["--output", str(tmp_path / f"o{i}")] + extra, capsys)
         assert code == 2, (extra, err)
         assert message in err, (message, err)
         assert "Traceback" not in err
@@ -312,7 +306,7 @@ def test_cli_dpo_run_then_resume_with_another_method_is_refused(tmp_path, tiny_m
     assert "trained 2 steps" in capsys.readouterr().out
     saved = json.loads(next((tmp_path / "o" / "checkpoints").glob("step-*/run_config.json")).read_text())
     assert saved["method"] == "dpo" and saved["beta"] == 0.2
-    code, err = _run([a if a != "dpo" else "orpo" for a in argv] + ["--resume"], capsys)
+    code, err = cli_exit([a if a != "dpo" else "orpo" for a in argv] + ["--resume"], capsys)
     assert code == 2 and "method: 'dpo' -> 'orpo'" in err
 
 
@@ -411,7 +405,7 @@ def test_cli_preference_losses_train_and_record_their_options(tmp_path, tiny_mod
     trained = flags[3] if flags[2:3] == ["--loss-type"] else {"dpo": "sigmoid", "cpo": "sigmoid"}.get(flags[1], "")
     assert saved["method"] == flags[1] and saved["loss_type"] == trained  # recorded as the loss that trained
     capsys.readouterr()
-    code, err = _run(argv + ["--beta", "0.3", "--resume"], capsys)  # another beta: not this run
+    code, err = cli_exit(argv + ["--beta", "0.3", "--resume"], capsys)  # another beta: not this run
     assert code == 2 and "beta: " in err
 
 
@@ -426,7 +420,7 @@ def test_cli_preference_losses_train_and_record_their_options(tmp_path, tiny_mod
 ], ids=["ld-alpha-range", "f-divergence-loss", "f-divergence-name", "wpo-rpo", "alphapo-inf", "wpo-sft"])
 def test_cli_refuses_bad_preference_extras_with_exit_2(tmp_path, tiny_model_dir, capsys, flags, message):
     data = _write(tmp_path / "d.jsonl", ROWS)
-    code, err = _run(["train", "--model", str(tiny_model_dir), "--data", str(data), "--output", str(tmp_path / "o"),
+    code, err = cli_exit(["train", "--model", str(tiny_model_dir), "--data", str(data), "--output", str(tmp_path / "o"),
                       *flags], capsys)
     assert code == 2 and message in err and "Traceback" not in err
     assert not (tmp_path / "o").exists()
@@ -479,7 +473,7 @@ def test_cli_kto_on_unpaired_conversations_and_on_pairs(tmp_path, tiny_model_dir
     assert [(e.prompt, e.completion, e.desirable) for e in pairs] == [
         (PAIRS[0][0], PAIRS[0][1], True), (PAIRS[0][0], PAIRS[0][2], False)]
     bad = _write(tmp_path / "bad.jsonl", [{"prompt": "p", "completion": "c", "label": "maybe"}])
-    code, err = _run(["train", "--model", str(tiny_model_dir), "--data", str(bad), "--output", str(tmp_path / "x"),
+    code, err = cli_exit(["train", "--model", str(tiny_model_dir), "--data", str(bad), "--output", str(tmp_path / "x"),
                       "--method", "kto", "--batch-size", "2"], capsys)
     assert code == 2 and f'{bad} line 1: field "label" must be true or false' in err
     assert not (tmp_path / "x").exists()

@@ -17,15 +17,9 @@ import pytest
 from qlora.cli.main import main
 from qlora.train.trainer import list_checkpoints
 
+from cli_exit import cli_exit
+
 SFT = [{"instruction": "word " * (1 + 2 * i) + "?", "output": ("x y " * (1 + (5 * i) % 7)).strip()} for i in range(7)]
-
-
-def _cli(argv: list[str], capsys) -> tuple[int, str]:
-    try:
-        code = main(argv)
-    except SystemExit as exc:
-        code = exc.code
-    return code, capsys.readouterr().err
 
 
 @pytest.fixture(scope="module")
@@ -70,12 +64,12 @@ def test_a_damaged_last_checkpoint_is_named_and_the_one_before_resumes(tmp_path,
     else:
         (last / name).write_bytes(damage((last / name).read_bytes()))
     before = sorted((p.relative_to(out), p.stat().st_size) for p in out.rglob("*"))
-    code, err = _cli(argv + ["--output", str(out), "--resume"], capsys)
+    code, err = cli_exit(argv + ["--output", str(out), "--resume"], capsys)
     assert code == 2 and "Traceback" not in err, err
     assert f"{name} " in err and "step-0000004" in err and "step-0000002 (step 2)" in err, err
     assert sorted((p.relative_to(out), p.stat().st_size) for p in out.rglob("*")) == before  # nothing touched
     shutil.rmtree(last)  # as the refusal says
-    code, err = _cli(argv + ["--output", str(out), "--resume"], capsys)
+    code, err = cli_exit(argv + ["--output", str(out), "--resume"], capsys)
     assert code == 0, err
     assert (out / "adapter_model.safetensors").read_bytes() == (full / "adapter_model.safetensors").read_bytes()
 
@@ -87,7 +81,7 @@ def test_the_only_checkpoint_damaged_says_to_start_again(tmp_path, finished, cap
     (out / "adapter_model.safetensors").unlink()
     shutil.rmtree(list_checkpoints(out)[-1])
     (list_checkpoints(out)[-1] / "trainer_state.pt").write_bytes(b"PK\x03\x04")
-    code, err = _cli(argv + ["--output", str(out), "--resume"], capsys)
+    code, err = cli_exit(argv + ["--output", str(out), "--resume"], capsys)
     assert code == 2 and "trainer_state.pt" in err and "only checkpoint" in err and "--overwrite" in err, err
 
 
@@ -134,7 +128,7 @@ def test_a_folder_with_no_run_to_resume_says_how_to_go_on(tmp_path, finished, ca
     make, named = FOLDERS[kind]
     out = make(full, tmp_path)
     before = sorted(p.relative_to(out) for p in out.rglob("*"))
-    code, err = _cli(argv + ["--output", str(out), "--resume"], capsys)
+    code, err = cli_exit(argv + ["--output", str(out), "--resume"], capsys)
     assert code == 2 and "Traceback" not in err, err
     assert named(full, tmp_path) in " ".join(err.split()) and "--overwrite" not in err, err
     assert sorted(p.relative_to(out) for p in out.rglob("*")) == before
@@ -153,7 +147,7 @@ def test_a_copy_beside_the_checkpoints_is_neither_resumed_from_nor_rotated_away(
     shutil.rmtree(list_checkpoints(out)[-1])
     copy = out / "checkpoints" / "step-0000002.bak"
     shutil.copytree(list_checkpoints(out)[-1], copy)
-    code, err = _cli(argv + ["--output", str(out), "--resume", "--save-total-limit", "1"], capsys)
+    code, err = cli_exit(argv + ["--output", str(out), "--resume", "--save-total-limit", "1"], capsys)
     assert code == 0, err
     assert (out / "adapter_model.safetensors").read_bytes() == (full / "adapter_model.safetensors").read_bytes()
     assert [p.name for p in list_checkpoints(out)] == ["step-0000004"] and (copy / "trainer_state.pt").is_file()

@@ -14,6 +14,8 @@ from qlora.cli.main import main
 from qlora.train.config import load_config
 from qlora.train.trainer import Trainer, list_checkpoints
 
+from cli_exit import cli_exit
+
 SFT = [{"instruction": "word " * (1 + 2 * i) + "?", "output": ("x y " * (1 + (5 * i) % 7)).strip()} for i in range(7)]
 PAIRS = [{"prompt": f"Question {i}: " + "word " * i, "chosen": " good" * (1 + i % 3), "rejected": " bad" * (1 + i % 4)}
          for i in range(6)]
@@ -34,14 +36,6 @@ def _cut_after_first_checkpoint(full: Path, part: Path) -> None:
     for later in list_checkpoints(part)[1:]:
         shutil.rmtree(later)
     (part / "adapter_model.safetensors").unlink()
-
-
-def _cli(argv: list[str], capsys) -> tuple[int, str]:
-    try:
-        code = main(argv)
-    except SystemExit as exc:
-        code = exc.code
-    return code, capsys.readouterr().err
 
 
 def _copy_model(model: Path, to: Path) -> Path:
@@ -98,22 +92,22 @@ def test_real_changes_are_still_refused_by_name(tmp_path, tiny_model_dir, capsys
     argv, _, _, out = _checkpointed_run(tmp_path, tiny_model_dir)
     for flags, named in ((["--target-modules", "q_proj,k_proj"], "target_modules"),
                          (["--precision", "bf16"], "precision: 'fp32' -> 'bf16'")):
-        code, err = _cli(argv + ["--resume"] + flags, capsys)
+        code, err = cli_exit(argv + ["--resume"] + flags, capsys)
         assert code == 2 and "different config" in err and named in err and "Traceback" not in err, err
-    code, err = _cli(argv + ["--resume", "--max-steps", "1"], capsys)  # ends before the checkpoint
+    code, err = cli_exit(argv + ["--resume", "--max-steps", "1"], capsys)  # ends before the checkpoint
     assert code == 2 and "max_steps: 2 -> 1" in err and "Traceback" not in err, err
-    code, err = _cli(argv + ["--resume", "--warmup-steps", "1", "--epochs", "2"], capsys)
+    code, err = cli_exit(argv + ["--resume", "--warmup-steps", "1", "--epochs", "2"], capsys)
     assert code == 2 and "warmup_steps: 0 -> 1" in err and "epochs" not in err, err  # --max-steps sets the length
 
 
 def test_a_data_file_changed_under_the_same_path_is_refused_naming_it(tmp_path, tiny_model_dir, capsys):
     argv, data, _, out = _checkpointed_run(tmp_path, tiny_model_dir)
     _write(data, SFT[::-1])  # the same rows in another order: the same size, another run
-    code, err = _cli(argv + ["--resume"], capsys)
+    code, err = cli_exit(argv + ["--resume"], capsys)
     assert code == 2 and str(data) in err and "--data" in err and "Traceback" not in err, err
     assert f"qlora train --adapter {out}" in err, err
     _write(data, SFT)
-    code, err = _cli(argv + ["--resume"], capsys)
+    code, err = cli_exit(argv + ["--resume"], capsys)
     assert code == 0, err
 
 
@@ -124,10 +118,10 @@ def test_model_weights_changed_under_the_same_path_are_refused_naming_them(tmp_p
     weights = next(model.glob("*.safetensors"))
     tensors = load_file(str(weights))
     save_file({k: -v for k, v in tensors.items()}, str(weights), metadata={"format": "pt"})  # the same size
-    code, err = _cli(argv + ["--resume"], capsys)
+    code, err = cli_exit(argv + ["--resume"], capsys)
     assert code == 2 and str(weights) in err and "--model" in err and "Traceback" not in err, err
     save_file(tensors, str(weights), metadata={"format": "pt"})
-    code, err = _cli(argv + ["--resume"], capsys)
+    code, err = cli_exit(argv + ["--resume"], capsys)
     assert code == 0, err
 
 
@@ -142,7 +136,7 @@ def test_a_relative_data_path_resumed_from_another_folder_is_refused(tmp_path, t
     monkeypatch.chdir(here)
     assert main(argv) == 0
     monkeypatch.chdir(there)
-    code, err = _cli(argv + ["--resume"], capsys)
+    code, err = cli_exit(argv + ["--resume"], capsys)
     assert code == 2 and str(here / "d.jsonl") in err and str(there / "d.jsonl") in err, err
 
 
@@ -155,7 +149,7 @@ def test_a_checkpoint_from_before_fingerprints_resumes(tmp_path, tiny_model_dir,
         del saved["source_files"]
         (ckpt / "run_config.json").write_text(json.dumps(saved))
     _write(data, SFT[::-1])
-    code, err = _cli(argv + ["--resume"], capsys)
+    code, err = cli_exit(argv + ["--resume"], capsys)
     assert code == 0, err
 
 
@@ -196,7 +190,7 @@ def test_a_data_folder_with_other_rows_is_refused_naming_its_file(tmp_path, tiny
     assert main(argv) == 0
     shutil.rmtree(folder)
     datasets.Dataset.from_list(SFT[::-1]).save_to_disk(str(folder))
-    code, err = _cli(argv + ["--resume"], capsys)
+    code, err = cli_exit(argv + ["--resume"], capsys)
     assert code == 2 and f"{folder}/" in err and "(--data)" in err and "Traceback" not in err, err
 
 
@@ -223,11 +217,11 @@ def test_only_the_files_that_make_the_model_are_fingerprinted(tmp_path, tiny_mod
     assert main(argv) == 0
     for name in docs:
         (model / name).write_text("edited " * 9)
-    code, err = _cli(argv + ["--resume"], capsys)
+    code, err = cli_exit(argv + ["--resume"], capsys)
     assert code == 0, err
     template = model / "additional_chat_templates" / "tool_use.jinja"
     template.write_text("{{ messages | tojson }}")
-    code, err = _cli(argv + ["--resume"], capsys)
+    code, err = cli_exit(argv + ["--resume"], capsys)
     assert code == 2 and str(template.resolve()) in err and "(--model)" in err and "Traceback" not in err, err
 
 
@@ -255,8 +249,8 @@ def test_a_hub_model_at_another_cached_revision_is_refused_naming_both(tmp_path,
     saved = json.loads((list_checkpoints(out)[-1] / "run_config.json").read_text())
     assert saved["source_files"]["--model"] == {"org/tiny": {"revision": first}}
     (repo / "refs" / "main").write_text(second)
-    code, err = _cli(argv + ["--resume"], capsys)
+    code, err = cli_exit(argv + ["--resume"], capsys)
     assert code == 2 and "org/tiny (--model)" in err and first in err and second in err and "Traceback" not in err
     (repo / "refs" / "main").write_text(first)
-    code, err = _cli(argv + ["--resume"], capsys)
+    code, err = cli_exit(argv + ["--resume"], capsys)
     assert code == 0, err

@@ -15,6 +15,8 @@ from qlora.errors import UsageError
 from qlora.train.config import load_config
 from qlora.train.trainer import Interrupted, Trainer, list_checkpoints
 
+from cli_exit import cli_exit
+
 QA = [("What is two plus two?", "four"), ("Name a red fruit.", "An apple is red."),
       ("Say hello.", "Hello there!"), ("What colour is the sky?", "The sky is blue."),
       ("Count to three.", "one two three"), ("What is a fox?", "A quick brown animal.")]
@@ -37,14 +39,6 @@ def _config(model, data, out, **kw):
                 batch_size=2, progress=False, seq_len=64)
     base.update(kw)
     return load_config(None, base)
-
-
-def _run(argv, capsys):
-    try:
-        code = main(argv)
-    except SystemExit as exc:  # argparse's own errors (unknown flag) exit 2 the same way
-        code = exc.code
-    return code, capsys.readouterr().err
 
 
 @pytest.mark.parametrize("fmt", sorted(FORMATS))
@@ -194,7 +188,7 @@ def test_bad_inputs_exit_2_without_traceback(tmp_path, tiny_model_dir, capsys):
     ]
     (tmp_path / "o11").mkdir()
     for argv, expected in cases:
-        code, err = _run(argv, capsys)
+        code, err = cli_exit(argv, capsys)
         assert code == 2, (argv, err)
         assert expected.lower() in err.lower(), (expected, err)
         assert "Traceback" not in err
@@ -210,7 +204,7 @@ def test_resume_with_different_config_is_refused(tmp_path, tiny_model_dir, capsy
             "--max-steps", "2", "--save-steps", "1", "--no-progress"]
     assert main(argv) == 0
     before = sorted(p.name for p in out.rglob("*"))
-    code, err = _run(argv + ["--resume", "--lr", "0.1"], capsys)
+    code, err = cli_exit(argv + ["--resume", "--lr", "0.1"], capsys)
     assert code == 2 and "different config" in err and "lr" in err
     assert sorted(p.name for p in out.rglob("*")) == before
 
@@ -228,7 +222,7 @@ def test_resume_refusing_a_longer_run_says_how_to_train_further(tmp_path, tiny_m
             "--max-steps", "2", "--save-steps", "1", "--no-progress", "--lr-scheduler", "linear"]
     assert main(argv) == 0
     for longer in (["--max-steps", "4"], ["--max-steps", "0", "--epochs", "3"]):
-        code, err = _run(argv + ["--resume"] + longer, capsys)
+        code, err = cli_exit(argv + ["--resume"] + longer, capsys)
         assert code == 2 and "--lr-scheduler linear over" in err and "instead of 2" in err, err
         suggested = re.search(r"qlora train (--adapter \S+ --output \S+)", err)
         assert suggested, err
@@ -255,12 +249,12 @@ def test_resume_of_a_checkpoint_older_than_an_option_uses_its_default(tmp_path, 
                     "adam_epsilon", "epoch_steps", "quantize_experts"):
             del saved[key]
         run_config.write_text(json.dumps(saved))
-    code, err = _run(argv + ["--resume", "--data-fields", "output=answer"], capsys)
+    code, err = cli_exit(argv + ["--resume", "--data-fields", "output=answer"], capsys)
     assert code == 2 and "data_fields: '' (the default then) -> 'output=answer'" in err
-    code, err = _run(argv + ["--resume", "--adam-beta2", "0.95"], capsys)
+    code, err = cli_exit(argv + ["--resume", "--adam-beta2", "0.95"], capsys)
     assert code == 2 and "adam_beta2: 0.999 (the default then) -> 0.95" in err
     with caplog.at_level("WARNING", logger="qlora"):
-        code, err = _run(argv + ["--resume", "--lr-scheduler", "constant_with_warmup"], capsys)  # = constant
+        code, err = cli_exit(argv + ["--resume", "--lr-scheduler", "constant_with_warmup"], capsys)  # = constant
     assert code == 0, err
     assert any("written by an older qlora, whose warmup" in r.getMessage() for r in caplog.records)
     assert any("whose steps ran on across epochs' ends" in r.getMessage() for r in caplog.records)
@@ -285,11 +279,11 @@ def test_resume_of_a_checkpoint_older_than_quantize_experts_says_how(tmp_path, t
         del saved["quantize_experts"]
         (ckpt / "run_config.json").write_text(json.dumps(saved))
     axolotl.write_text(head)
-    code, err = _run(["train", str(axolotl), "--resume", "--no-progress", "--max-steps", "1"], capsys)
+    code, err = cli_exit(["train", str(axolotl), "--resume", "--no-progress", "--max-steps", "1"], capsys)
     assert code == 2, err
     assert "different config (quantize_experts: True (the default then) -> False)" in err, err
     assert "add quantize_moe_experts: true to the config file" in err and "pass --quantize-experts" in err
-    code, err = _run(["train", str(axolotl), "--resume", "--no-progress", "--max-steps", "1", "--quantize-experts"],
+    code, err = cli_exit(["train", str(axolotl), "--resume", "--no-progress", "--max-steps", "1", "--quantize-experts"],
                      capsys)
     assert code == 0, err
 
@@ -461,7 +455,7 @@ def test_model_with_nonfinite_logits_from_the_start_is_reported_not_crashed(tmp_
     weights["model.norm.weight"] = torch.full_like(weights["model.norm.weight"], float("nan"))
     save_file(weights, broken / "model.safetensors", metadata={"format": "pt"})
     data = _write(tmp_path / "d.jsonl", FORMATS["alpaca"])
-    code, err = _run(["train", "--model", str(broken), "--data", str(data), "--output", str(tmp_path / "o"),
+    code, err = cli_exit(["train", "--model", str(broken), "--data", str(data), "--output", str(tmp_path / "o"),
                       "--max-steps", "2", "--no-progress", "--chunked-ce"], capsys)
     assert code != 0 and "Traceback" not in err
     assert "non-finite loss at step 1" in err and "model.norm" in err
