@@ -254,15 +254,6 @@ def test_a_processor_that_needs_torchvision_is_named(kind, data, tmp_path, capsy
             "install torchvision" in " ".join(err.split()) and "Traceback" not in err), err
 
 
-def test_paligemma_is_refused_by_type(data, tmp_path):
-    """PaliGemma's processor builds, but its prefix-LM mask comes from a separate suffix: a whole conversation
-    would train answers that see their own later tokens."""
-    model = build_image_model(tmp_path / "paligemma", "paligemma")
-    with pytest.raises(UsageError, match=r"chat\.jsonl line 1: images are not supported for paligemma models: "
-                                         "PaliGemma reads its prompt bidirectionally"):
-        _trainer(model, data, tmp_path / "run")
-
-
 def test_rows_whose_images_do_not_fit_seq_len_are_skipped_and_counted(models, data, tmp_path):
     """A row is cut after its image like any text, but one whose image tokens would be cut is skipped and
     counted (its image placed after a long question)."""

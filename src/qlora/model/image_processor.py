@@ -23,9 +23,6 @@ from qlora.model.quantize import non_text_names
 REFUSED_TYPES = {
     "mllama": "Llama 3.2 Vision attends to images through cross-attention layers, whose masks (cross_attention_mask) "
               "qlora does not build",
-    "paligemma": "PaliGemma reads its prompt bidirectionally and only the answer causally, marked by token_type_ids "
-                 "its processor builds from a separate suffix; a conversation given whole would let the answer "
-                 "attend to its own later tokens",
 }
 
 
@@ -131,9 +128,9 @@ def image_token_id(processor) -> int | None:
 NOT_INPUT_ERRORS = (TypeError, AttributeError, NameError, ImportError)
 
 
-def process(processor, text: str, images: list, where: str = "", names: Sequence[str] = ()):
+def process(processor, text: str, images: list, where: str = "", names: Sequence[str] = (), **extra):
     """``processor``'s tensors (``return_tensors="pt"``) for one ``text`` with its ``images`` (PIL images, named
-    ``names`` in errors).
+    ``names`` in errors) and ``extra`` arguments (PaliGemma's ``suffix``).
 
     Raises:
         UsageError: the processor refuses or fails on the input (more images than places for them, an image it
@@ -142,7 +139,7 @@ def process(processor, text: str, images: list, where: str = "", names: Sequence
             :data:`NOT_INPUT_ERRORS`).
     """
     try:
-        return processor(text=[text], images=images, add_special_tokens=False, return_tensors="pt")
+        return processor(text=[text], images=images, add_special_tokens=False, return_tensors="pt", **extra)
     except NOT_INPUT_ERRORS:
         raise
     except Exception as exc:  # noqa: BLE001 - a processor raises many types for input it cannot take
