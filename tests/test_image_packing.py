@@ -72,8 +72,12 @@ def _lora(model_dir, attn):
     return get_peft_model(base, lora).eval()
 
 
+# Families whose packed image rows are refused (test_packing_refused_where_the_forward_takes_no_text_positions).
+PACKING_REFUSED = ("hunyuan_vl",)
+
+
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
-@pytest.mark.parametrize("kind", kind_params(KINDS))
+@pytest.mark.parametrize("kind", kind_params([k for k in KINDS if k not in PACKING_REFUSED]))
 def test_packed_images_are_each_example_alone(kind, attn, data, tmp_path):
     model_dir = build_image_model(tmp_path / kind, kind)
     units = _trainer(model_dir, data, tmp_path / "run").train_units
@@ -128,6 +132,19 @@ def test_llama_factory_neat_packing_trains_image_rows_as_the_examples(kind, data
     alone.train()
     assert packed.losses[0] == pytest.approx(alone.losses[0], rel=1e-5)
     assert packed.losses[-1] < packed.losses[0]
+
+
+@pytest.mark.parametrize("kind", kind_params(PACKING_REFUSED))
+def test_packing_refused_where_the_forward_takes_no_text_positions(kind, data, tmp_path):
+    """HunyuanVL's 4 rotary axes (position, width, height, image index): transformers 5.24's forward refuses the
+    extra row of text positions that packed rows carry (ValueError: expected 4 channels), so packing is refused
+    before the model runs, naming why, and the same rows train unpacked."""
+    model_dir = build_image_model(tmp_path / kind, kind)
+    with pytest.raises(UsageError, match=rf"rows\.jsonl line 1: this row holds images, and --packing is not "
+                                         rf"supported for {kind} models: .* takes only its 4 rotary axes .* Train "
+                                         "without --packing"):
+        _trainer(model_dir, data, tmp_path / "packed", packing=True)
+    assert len(_trainer(model_dir, data, tmp_path / "run").train_units) == 5
 
 
 def test_refused_where_the_model_masks_images_itself_and_with_group_texts(data, tmp_path):

@@ -10,7 +10,9 @@ the language model, and next-fit packing never splits an example, so its image t
   image's tokens 3-D (temporal, height, width) positions and continue the text after it from the image's extent,
   not its token count. The model's own ``get_rope_index`` computes them for each example alone; the rows are
   laid side by side under a leading row of restarting text positions, the ``(4, batch, length)`` form that
-  transformers (4.57 and 5.x) reads as rotary positions plus sequence boundaries (flash attention's packing);
+  transformers (4.57 and 5.x) reads as rotary positions plus sequence boundaries (flash attention's packing).
+  HunyuanVL's 4 axes (position, width, height, image index) take no such row (its 5.24 forward refuses it):
+  refused;
 - Gemma 3 lets each image's tokens see each other both ways, blocks its forward finds in the processor's
   ``token_type_ids`` (runs of 1) and ORs into the causal mask; Molmo2 makes all the image tokens of a sequence
   (``mm_token_type_ids`` 1: every image's start, patch, column and end tokens) one such block. An explicit mask
@@ -65,6 +67,24 @@ def check_image_packing(model: torch.nn.Module, where: str) -> None:
         raise UsageError(f"{head}: the model builds its attention mask itself from the processor's token types or "
                          "reads some tokens both ways, which the packed rows' mask (each example causal and alone) "
                          "would replace. Train without --packing.")
+    axes = _rotary_axes(model)
+    if axes not in (None, 3):
+        raise UsageError(f"{head}: a packed row's positions are its examples' text positions above each one's "
+                         f"multimodal rotary positions (transformers' packed form), and this model's forward takes "
+                         f"only its {axes} rotary axes (it refuses the extra row). Train without --packing.")
+
+
+def _rotary_axes(model: torch.nn.Module) -> int | None:
+    """How many multimodal rotary axes the model's ``get_rope_index`` gives (``mrope_section``'s length: Qwen2-VL's
+    3, HunyuanVL's 4), or None for a model without one."""
+    if not any(callable(getattr(m, "get_rope_index", None)) for m in model.modules()):
+        return None
+    text = _pretrained(model).config.get_text_config()
+    for name in ("rope_parameters", "rope_scaling"):
+        section = (getattr(text, name, None) or {}).get("mrope_section")
+        if section:
+            return len(section)
+    return None
 
 
 def image_blocks_of(model: torch.nn.Module) -> ImageBlocks | None:
