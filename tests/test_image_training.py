@@ -393,3 +393,21 @@ def test_a_processor_failing_on_a_training_row_names_the_row(models, data, tmp_p
     with pytest.raises(UsageError, match=rf"^{data} line 1: the model's processor \(Refusing\) cannot take 1 "
                                          r"image\(s\) with this text \(IndexError: index 3 is out of bounds\)"):
         _trainer(models["llava"], data, tmp_path / "run")
+
+
+@pytest.mark.parametrize("kind, how", [("fuyu", "embeds image patches with a linear layer of its decoder"),
+                                       ("chameleon", "turns images into tokens of its vocabulary with a VQ-VAE"),
+                                       ("emu3", "turns images into tokens of its vocabulary with a VQ-VAE")])
+def test_models_that_see_images_without_a_vision_tower_are_refused_saying_how(kind, how):
+    """Fuyu (patches through a decoder linear layer) and Chameleon and Emu3 (VQ image tokens) take images without a
+    vision tower: the refusal says how they see them, not that they cannot (their default configs, on the meta
+    device: nothing is allocated)."""
+    from transformers import AutoConfig
+
+    from qlora.model.image_processor import load_image_processor
+
+    extra = {} if kind == "fuyu" else {"vocabulary_map": {"<image>": 7}}
+    with torch.device("meta"):
+        model = AutoModelForImageTextToText.from_config(AutoConfig.for_model(kind, **extra))
+    with pytest.raises(UsageError, match=rf"^row 1: images are not supported for {kind} models: \w+ {how}"):
+        load_image_processor("folder", model, None, "row 1")
