@@ -148,13 +148,13 @@ def test_packing_refused_where_the_forward_takes_no_text_positions(kind, data, t
 
 
 def test_refused_where_the_model_masks_images_itself_and_with_group_texts(data, tmp_path):
-    """PaliGemma's forward builds its mask from token types (a prefix read both ways); Gemma 3's image blocks need
-    an explicit mask, which flash attention cannot take; --group-texts would cut images apart."""
+    """PaliGemma's prompts (read both ways) and Gemma 3's image blocks need an explicit mask, which flash attention
+    cannot take; --group-texts would cut images apart."""
     paligemma = build_image_model(tmp_path / "paligemma", "paligemma")
-    with pytest.raises(UsageError, match=r"rows\.jsonl line 1: this row holds images, and --packing is not "
-                                         "supported for paligemma models: the model builds its attention mask "
-                                         "itself from the processor's token types"):
-        _trainer(paligemma, data, tmp_path / "packed", packing=True)
+    model = AutoModelForImageTextToText.from_pretrained(paligemma, attn_implementation="flex_attention")
+    with pytest.raises(UsageError, match="not supported for paligemma models with attention implementation "
+                                         "'flex_attention': each example's prompt is read both ways"):
+        check_image_packing(model, "row 1")
     gemma3 = build_image_model(tmp_path / "gemma3", "gemma3")
     model = AutoModelForImageTextToText.from_pretrained(gemma3, attn_implementation="flex_attention")
     with pytest.raises(UsageError, match="not supported for gemma3 models with attention implementation "

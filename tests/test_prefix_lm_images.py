@@ -59,6 +59,7 @@ def _rows(images):
 
 
 def _trainer(model_dir, tmp_path, rows, **kw):
+    tmp_path.mkdir(exist_ok=True)
     data = tmp_path / "rows.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     cfg = dict(model=str(model_dir), data=str(data), output=str(tmp_path / "out"), max_steps=1, batch_size=len(rows),
@@ -176,3 +177,23 @@ def test_generate_with_an_image_is_transformers_generate(model_dir, images, tmp_
     eos = processor.tokenizer.eos_token_id
     tokens = tokens[:tokens.index(eos)] if eos in tokens else tokens
     assert ours == processor.tokenizer.decode(tokens, skip_special_tokens=True) + "\n"
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_packed_image_rows_are_each_row_alone(model_dir, images, attn, tmp_path):
+    """Packed, each example's images and prompt are one block read both ways in the packed mask, its answer causal:
+    the packed row's loss is the sum of the rows' own (PaliGemma 2 within its window)."""
+    if attn == "sdpa" and AutoConfig.from_pretrained(model_dir).text_config.model_type == "gemma2":
+        pytest.skip("transformers' Gemma 2 has no sdpa attention (its logits are soft-capped)")
+    rows = _rows(images) + [{"messages": [{"role": "user", "content": "say hello"},
+                                          {"role": "assistant", "content": "hello there"}]}]
+    alone = _trainer(model_dir, tmp_path / "alone", rows, seq_len=64)
+    alone.model.set_attn_implementation(attn)
+    packed = _trainer(model_dir, tmp_path / "packed", rows, seq_len=64, packing=True, batch_size=1)
+    packed.model.set_attn_implementation(attn)
+    packed.attn = attn
+    assert len(packed.train_units) < len(rows)
+    with torch.no_grad():
+        expected = sum(token_loss_sum(alone.model, alone._collate([u])).item() for u in alone.train_units)
+        got = sum(token_loss_sum(packed.model, packed._collate([u])).item() for u in packed.train_units)
+    assert got == pytest.approx(expected, rel=1e-5)

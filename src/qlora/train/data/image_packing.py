@@ -17,7 +17,8 @@ the language model, and next-fit packing never splits an example, so its image t
   ``token_type_ids`` (runs of 1) and ORs into the causal mask; Molmo2 makes all the image tokens of a sequence
   (``mm_token_type_ids`` 1: every image's start, patch, column and end tokens) one such block. An explicit mask
   replaces the model's, so the packed one carries those blocks (:func:`image_blocks`), each kept inside its
-  example. Flash attention takes no mask: refused there. Refused too: other models whose forward takes token
+  example. PaliGemma's prompts (images included) are such blocks too (:mod:`qlora.train.data.prefix_lm`). Flash
+  attention takes no mask: refused there. Refused too: other models whose forward takes token
   types (their meaning in the mask is not known here) or reads tokens bidirectionally by config (Gemma 4's
   ``use_bidirectional_attention``).
 """
@@ -32,6 +33,7 @@ from transformers import PreTrainedModel
 
 from qlora.errors import UsageError
 from qlora.train.data.packing import MASK_ATTENTION
+from qlora.train.data.prefix_lm import prefix_type
 
 
 class ImageBlocks(NamedTuple):
@@ -62,7 +64,12 @@ def check_image_packing(model: torch.nn.Module, where: str) -> None:
         raise UsageError(f"{head} with attention implementation {attn!r}: each image's tokens attend to each other "
                          "both ways, which only an explicit mask carries. Use eager or sdpa attention, or train "
                          "without --packing.")
-    if kind not in IMAGE_BLOCKS and ("token_type_ids" in inspect.signature(type(owner).forward).parameters or getattr(
+    if kind not in IMAGE_BLOCKS and prefix_type(owner) is not None and attn not in MASK_ATTENTION:
+        raise UsageError(f"{head} with attention implementation {attn!r}: each example's prompt is read both ways, "
+                         "which only an explicit mask carries. Use eager or sdpa attention, or train without "
+                         "--packing.")
+    if kind not in IMAGE_BLOCKS and prefix_type(owner) is None and (
+            "token_type_ids" in inspect.signature(type(owner).forward).parameters or getattr(
             owner.config.get_text_config(), "use_bidirectional_attention", None)):
         raise UsageError(f"{head}: the model builds its attention mask itself from the processor's token types or "
                          "reads some tokens both ways, which the packed rows' mask (each example causal and alone) "
