@@ -5,7 +5,8 @@ and turn tokens added (EOS is the family's end-of-turn token), a chat template t
 family's placeholder, and a processor (PIL image processor with small sizes) that ``AutoProcessor`` loads.
 Gemma 3's template is the real one (tests/data/chat_templates); Qwen2-VL's and SmolVLM's are written after
 the hub's (Qwen/Qwen2-VL-7B-Instruct, HuggingFaceTB/SmolVLM-Instruct); LLaVA's is a plain role-prefixed one.
-Aya Vision's is LLaVA's too; PaliGemma (refused for images by type) has none. Families whose processor takes a
+Aya Vision's is LLaVA's too (HunyuanVL's with its image placeholder between its start and end tokens); PaliGemma
+(its processor's prefix and suffix) has none. Families whose processor takes a
 video processor (Qwen2-VL, Qwen2.5-VL, Qwen3-VL, SmolVLM2, InternVL, LLaVA-OneVision) and Mistral 3 (whose
 PixtralProcessor needs torchvision) get the hub's files written as the hub has them (the image processor's
 ``preprocessor_config.json`` with the hub's class name, ``processor_config.json`` naming the processor class and
@@ -59,7 +60,7 @@ PROCESSORS = {"gemma3": "Gemma3Processor", "llava": "LlavaProcessor", "llava_nex
               "idefics3": "Idefics3Processor", "aya_vision": "AyaVisionProcessor", "paligemma": "PaliGemmaProcessor",
               "mistral3": "PixtralProcessor", "qwen2_vl": "Qwen2VLProcessor", "qwen2_5_vl": "Qwen2_5_VLProcessor",
               "qwen3_vl": "Qwen3VLProcessor", "smolvlm": "SmolVLMProcessor", "internvl": "InternVLProcessor",
-              "llava_onevision": "LlavaOnevisionProcessor"}
+              "llava_onevision": "LlavaOnevisionProcessor", "hunyuan_vl": "HunYuanVLProcessor"}
 
 
 def _importable(name: str) -> bool:
@@ -80,7 +81,8 @@ NEEDS_TORCHVISION = tuple(k for k, name in PROCESSORS.items() if k not in MISSIN
 # Families whose processor takes a video processor: built without torchvision by qlora for images alone.
 VIDEO_FAMILIES = tuple(k for k in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "smolvlm", "internvl", "llava_onevision")
                        if k not in NEEDS_TORCHVISION)
-FAMILIES = tuple(k for k in ("gemma3", "llava", "llava_next", "idefics3", "aya_vision", *VIDEO_FAMILIES, "mistral3")
+FAMILIES = tuple(k for k in ("gemma3", "llava", "llava_next", "idefics3", "aya_vision", *VIDEO_FAMILIES, "mistral3",
+                             "hunyuan_vl")
                  if k not in NEEDS_TORCHVISION)
 KINDS = tuple(k for k in FAMILIES if k not in MISSING)  # the families built here
 
@@ -252,6 +254,18 @@ def _family(kind: str):
             image_grid_pinpoints=pins, vision_feature_select_strategy="full", vision_feature_layer=-1,
             image_token_index=tok.convert_tokens_to_ids("<image>"),
             video_token_index=tok.convert_tokens_to_ids("<video>"))
+    if kind == "hunyuan_vl":  # 4-axis rotary positions (position, width, height, image index), as HunyuanOCR's
+        names = {"image_token": "<image>", "image_start_token": "<img>", "image_end_token": "</img>"}
+        tok = _tokenizer(kind, list(names.values()), "<|im_end|>", names)
+        images = _pil("HunYuanVLImageProcessor", min_pixels=32 * 32, max_pixels=64 * 64)
+        proc = transformers.HunYuanVLProcessor(images, tok, chat_template=LLAVA_TEMPLATE.replace("<image>\n",
+                                                                                                 "<img><image></img>"))
+        rope = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 2, 2, 2]}
+        ids = {k: tok.convert_tokens_to_ids(v) for k, v in names.items()}
+        return tok, proc, dict(model_type="hunyuan_vl_text", rope_parameters=rope), dict(
+            vision_config=dict(_VISION, model_type="hunyuan_vl_vision", patch_size=16, spatial_merge_size=2,
+                               out_hidden_size=_TEXT["hidden_size"]),
+            image_token_id=ids["image_token"], im_start_id=ids["image_start_token"], im_end_id=ids["image_end_token"])
     raise ValueError(kind)
 
 

@@ -72,8 +72,12 @@ def _lora(model_dir, attn):
     return get_peft_model(base, lora).eval()
 
 
+# Families whose packed image rows are refused (test_packing_refused_where_the_forward_takes_no_text_positions).
+PACKING_REFUSED = ("hunyuan_vl",)
+
+
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
-@pytest.mark.parametrize("kind", kind_params(KINDS))
+@pytest.mark.parametrize("kind", kind_params([k for k in KINDS if k not in PACKING_REFUSED]))
 def test_packed_images_are_each_example_alone(kind, attn, data, tmp_path):
     model_dir = build_image_model(tmp_path / kind, kind)
     units = _trainer(model_dir, data, tmp_path / "run").train_units
@@ -130,14 +134,27 @@ def test_llama_factory_neat_packing_trains_image_rows_as_the_examples(kind, data
     assert packed.losses[-1] < packed.losses[0]
 
 
+@pytest.mark.parametrize("kind", kind_params(PACKING_REFUSED))
+def test_packing_refused_where_the_forward_takes_no_text_positions(kind, data, tmp_path):
+    """HunyuanVL's 4 rotary axes (position, width, height, image index): transformers 5.24's forward refuses the
+    extra row of text positions that packed rows carry (ValueError: expected 4 channels), so packing is refused
+    before the model runs, naming why, and the same rows train unpacked."""
+    model_dir = build_image_model(tmp_path / kind, kind)
+    with pytest.raises(UsageError, match=rf"rows\.jsonl line 1: this row holds images, and --packing is not "
+                                         rf"supported for {kind} models: .* takes only its 4 rotary axes .* Train "
+                                         "without --packing"):
+        _trainer(model_dir, data, tmp_path / "packed", packing=True)
+    assert len(_trainer(model_dir, data, tmp_path / "run").train_units) == 5
+
+
 def test_refused_where_the_model_masks_images_itself_and_with_group_texts(data, tmp_path):
-    """PaliGemma's forward builds its mask from token types (a prefix read both ways); Gemma 3's image blocks need
-    an explicit mask, which flash attention cannot take; --group-texts would cut images apart."""
+    """PaliGemma's prompts (read both ways) and Gemma 3's image blocks need an explicit mask, which flash attention
+    cannot take; --group-texts would cut images apart."""
     paligemma = build_image_model(tmp_path / "paligemma", "paligemma")
-    with pytest.raises(UsageError, match=r"rows\.jsonl line 1: this row holds images, and --packing is not "
-                                         "supported for paligemma models: the model builds its attention mask "
-                                         "itself from the processor's token types"):
-        _trainer(paligemma, data, tmp_path / "packed", packing=True)
+    model = AutoModelForImageTextToText.from_pretrained(paligemma, attn_implementation="flex_attention")
+    with pytest.raises(UsageError, match="not supported for paligemma models with attention implementation "
+                                         "'flex_attention': each example's prompt is read both ways"):
+        check_image_packing(model, "row 1")
     gemma3 = build_image_model(tmp_path / "gemma3", "gemma3")
     model = AutoModelForImageTextToText.from_pretrained(gemma3, attn_implementation="flex_attention")
     with pytest.raises(UsageError, match="not supported for gemma3 models with attention implementation "

@@ -124,6 +124,44 @@ def test_first_step_loss_is_transformers_loss_and_adapter_loads_in_peft(kind, mo
     assert torch.allclose(ours, theirs, atol=1e-5)
 
 
+@pytest.mark.parametrize("kind", kind_params(("hunyuan_vl", "qwen2_vl")))
+def test_per_token_losses_of_a_padded_batch_are_the_models_on_the_processors_batch(kind, models, data, tmp_path):
+    """Two rows of different lengths in one padded batch: transformers' forward on the processor's own batch of them
+    (its padding, its multimodal positions from the attention mask: HunyuanVL's 4 rotary axes, Qwen2-VL's 3) gives
+    qlora's per-token losses, each row's tokens where the processor put them."""
+    from PIL import Image
+
+    from qlora.train.loss import model_inputs
+
+    questions = (QUESTION, "describe the image: " + QUESTION + " the cat sat on the mat")
+    messages = [[{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": q}]},
+                 {"role": "assistant", "content": [{"type": "text", "text": a}]}] for q, a in zip(questions, ANSWERS)]
+    rows = [{"messages": m, "images": [str(data.parent / "img" / name)]} for m, name in zip(messages, ("a.png", "b.png"))]
+    path = tmp_path / "rows.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    processor = oracle_processor(models[kind])
+    images = [[Image.open(data.parent / "img" / name).convert("RGB")] for name in ("a.png", "b.png")]
+    inputs = processor(text=[render(processor, m) for m in messages], images=images, padding=True,
+                       add_special_tokens=False, return_tensors="pt")
+    lengths = inputs["attention_mask"].sum(1).tolist()
+    assert lengths[0] != lengths[1]
+    trainer = _trainer(models[kind], path, tmp_path / "run", shuffle=False)
+    trainer.model.eval()
+    batch = trainer._collate(trainer.train_units)
+    ref = AutoModelForImageTextToText.from_pretrained(models[kind], dtype=torch.float32).eval()
+    with torch.no_grad():
+        theirs = ref(**inputs).logits
+        ours = trainer.model(**model_inputs(batch, trainer.model), use_cache=False).logits
+    for row, n in enumerate(lengths):
+        mask = inputs["attention_mask"][row].bool()
+        assert batch["input_ids"][row, :n].tolist() == inputs["input_ids"][row][mask].tolist()
+        labels = batch["labels"][row, 1:n]
+        expected = F.cross_entropy(theirs[row][mask][:-1], labels, ignore_index=-100, reduction="none")
+        got = F.cross_entropy(ours[row, :n - 1], labels, ignore_index=-100, reduction="none")
+        assert (labels != -100).sum() > 0
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("kind", kind_params(("gemma3", "llava", "idefics3", "qwen2_vl")))
 @pytest.mark.parametrize("train_on", ["all", "completion"])
 def test_a_conversation_trained_whole_trains_its_image_tokens(kind, train_on, models, data, tmp_path):
@@ -254,15 +292,6 @@ def test_a_processor_that_needs_torchvision_is_named(kind, data, tmp_path, capsy
             "install torchvision" in " ".join(err.split()) and "Traceback" not in err), err
 
 
-def test_paligemma_is_refused_by_type(data, tmp_path):
-    """PaliGemma's processor builds, but its prefix-LM mask comes from a separate suffix: a whole conversation
-    would train answers that see their own later tokens."""
-    model = build_image_model(tmp_path / "paligemma", "paligemma")
-    with pytest.raises(UsageError, match=r"chat\.jsonl line 1: images are not supported for paligemma models: "
-                                         "PaliGemma reads its prompt bidirectionally"):
-        _trainer(model, data, tmp_path / "run")
-
-
 def test_rows_whose_images_do_not_fit_seq_len_are_skipped_and_counted(models, data, tmp_path):
     """A row is cut after its image like any text, but one whose image tokens would be cut is skipped and
     counted (its image placed after a long question)."""
@@ -364,3 +393,21 @@ def test_a_processor_failing_on_a_training_row_names_the_row(models, data, tmp_p
     with pytest.raises(UsageError, match=rf"^{data} line 1: the model's processor \(Refusing\) cannot take 1 "
                                          r"image\(s\) with this text \(IndexError: index 3 is out of bounds\)"):
         _trainer(models["llava"], data, tmp_path / "run")
+
+
+@pytest.mark.parametrize("kind, how", [("fuyu", "embeds image patches with a linear layer of its decoder"),
+                                       ("chameleon", "turns images into tokens of its vocabulary with a VQ-VAE"),
+                                       ("emu3", "turns images into tokens of its vocabulary with a VQ-VAE")])
+def test_models_that_see_images_without_a_vision_tower_are_refused_saying_how(kind, how):
+    """Fuyu (patches through a decoder linear layer) and Chameleon and Emu3 (VQ image tokens) take images without a
+    vision tower: the refusal says how they see them, not that they cannot (their default configs, on the meta
+    device: nothing is allocated)."""
+    from transformers import AutoConfig
+
+    from qlora.model.image_processor import load_image_processor
+
+    extra = {} if kind == "fuyu" else {"vocabulary_map": {"<image>": 7}}
+    with torch.device("meta"):
+        model = AutoModelForImageTextToText.from_config(AutoConfig.for_model(kind, **extra))
+    with pytest.raises(UsageError, match=rf"^row 1: images are not supported for {kind} models: \w+ {how}"):
+        load_image_processor("folder", model, None, "row 1")

@@ -166,8 +166,8 @@ def forward_cached(model, ids: torch.Tensor, cache: dict, seen: int, media: dict
         positions = _generation_positions(model, whole, cache, steps)
     if "cache_position" in params and seen and "cache_position" not in cache:
         positions["cache_position"] = steps
-    if not seen:
-        positions |= prompt_types(model, ids)
+    if not seen:  # a processor's token types (PaliGemma's prompt with images) are the prefill's as given
+        positions |= {k: v for k, v in prompt_types(model, ids).items() if k not in (media or {})}
     out = model(input_ids=ids, use_cache=True, **cache, **positions, **(media or {}))
     returned = _cache_of(out, length, params)
     if returned or cache:

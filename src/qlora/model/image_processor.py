@@ -19,13 +19,16 @@ from qlora.errors import UsageError
 from qlora.model.image_pixels import PixelBounds
 from qlora.model.quantize import non_text_names
 
-# Model types whose images reach the language model other than as tokens in its sequence.
+# Model types whose images reach the language model other than through a vision tower feeding tokens of its sequence.
 REFUSED_TYPES = {
     "mllama": "Llama 3.2 Vision attends to images through cross-attention layers, whose masks (cross_attention_mask) "
               "qlora does not build",
-    "paligemma": "PaliGemma reads its prompt bidirectionally and only the answer causally, marked by token_type_ids "
-                 "its processor builds from a separate suffix; a conversation given whole would let the answer "
-                 "attend to its own later tokens",
+    "fuyu": "Fuyu embeds image patches with a linear layer of its decoder (vision_embed_tokens), from the list of "
+            "patch tensors its processor returns, which qlora neither batches nor keeps out of 4 bits and LoRA",
+    "chameleon": "Chameleon turns images into tokens of its vocabulary with a VQ-VAE inside the model, which qlora "
+                 "does not keep out of 4 bits and LoRA",
+    "emu3": "Emu3 turns images into tokens of its vocabulary with a VQ-VAE inside the model, which qlora does not "
+            "keep out of 4 bits and LoRA",
 }
 
 
@@ -54,14 +57,14 @@ def load_image_processor(model_dir: str | Path, model: nn.Module, tokenizer, whe
     """
     config = model.config
     kind = getattr(config, "model_type", "?")
+    if kind in REFUSED_TYPES:  # first: some of them see images without a vision tower
+        raise UsageError(f"{where}: images are not supported for {kind} models: {REFUSED_TYPES[kind]}. "
+                         "Use it with text only, or use a model whose images are tokens of its sequence "
+                         "(Qwen2-VL, Gemma 3, LLaVA, Idefics3/SmolVLM).")
     if getattr(config, "vision_config", None) is None or not non_text_names(model):
         raise UsageError(f"{where}: {subject}, but {model_dir} ({kind}) has no vision tower, so it cannot "
                          "see them. Train a vision-language model (Qwen2-VL, Gemma 3, LLaVA, SmolVLM, ...) or "
                          "remove the images.")
-    if kind in REFUSED_TYPES:
-        raise UsageError(f"{where}: images are not supported for {kind} models: {REFUSED_TYPES[kind]}. "
-                         "Use it with text only, or use a model whose images are tokens of its sequence "
-                         "(Qwen2-VL, Gemma 3, LLaVA, Idefics3/SmolVLM).")
     from transformers import AutoProcessor
 
     try:
@@ -131,9 +134,9 @@ def image_token_id(processor) -> int | None:
 NOT_INPUT_ERRORS = (TypeError, AttributeError, NameError, ImportError)
 
 
-def process(processor, text: str, images: list, where: str = "", names: Sequence[str] = ()):
+def process(processor, text: str, images: list, where: str = "", names: Sequence[str] = (), **extra):
     """``processor``'s tensors (``return_tensors="pt"``) for one ``text`` with its ``images`` (PIL images, named
-    ``names`` in errors).
+    ``names`` in errors) and ``extra`` arguments (PaliGemma's ``suffix``).
 
     Raises:
         UsageError: the processor refuses or fails on the input (more images than places for them, an image it
@@ -142,7 +145,7 @@ def process(processor, text: str, images: list, where: str = "", names: Sequence
             :data:`NOT_INPUT_ERRORS`).
     """
     try:
-        return processor(text=[text], images=images, add_special_tokens=False, return_tensors="pt")
+        return processor(text=[text], images=images, add_special_tokens=False, return_tensors="pt", **extra)
     except NOT_INPUT_ERRORS:
         raise
     except Exception as exc:  # noqa: BLE001 - a processor raises many types for input it cannot take

@@ -49,8 +49,9 @@ def model_inputs(batch: dict[str, torch.Tensor], model: nn.Module) -> dict[str, 
     """``model``'s keyword arguments in ``batch``: without labels or reference log-probs, and with the
     :data:`TEXT_TOKEN_TYPES` its forward takes that a batch without images lacks (no processor ran for it), at the
     value its processor gives text: 0, as a row without images beside rows with them already gets. A prefix-LM
-    (PaliGemma: :mod:`qlora.train.data.prefix_lm`) gets the ``token_type_ids`` that mark each row's prompt, unless the
-    batch's mask is already explicit (packed rows carry the prompt blocks in it)."""
+    (PaliGemma: :mod:`qlora.train.data.prefix_lm`) gets the ``token_type_ids`` that mark each row's prompt (rows with
+    images carry their processor's), unless the batch's mask is already explicit (packed rows carry the prompt
+    blocks in it)."""
     inputs = {k: v for k, v in batch.items() if k not in NON_MODEL_KEYS}
     takes = _forward_inputs(type(getattr(model, "module", model)))  # DDP's model inside
     for key in TEXT_TOKEN_TYPES:
@@ -58,9 +59,9 @@ def model_inputs(batch: dict[str, torch.Tensor], model: nn.Module) -> dict[str, 
             inputs[key] = torch.zeros_like(batch["input_ids"])
     prefix = prefix_type(model)
     mask = inputs.get("attention_mask")
-    if prefix is not None and "token_type_ids" not in inputs and not isinstance(mask, dict) and (
-            mask is None or mask.dim() == 2):
-        inputs["token_type_ids"] = token_types(batch["labels"], prefix)
+    if prefix is not None and not isinstance(mask, dict) and (mask is None or mask.dim() == 2):
+        if "token_type_ids" not in inputs:  # rows with images carry their processor's
+            inputs["token_type_ids"] = token_types(batch["labels"], prefix)
         if TOKEN_TYPES_NEED_LABELS and "labels" in takes:
             inputs["labels"] = batch["labels"]
     return inputs

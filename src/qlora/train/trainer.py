@@ -71,9 +71,9 @@ from qlora.train.data import (
     shuffled_indices, tokenize_dataset,
 )
 from qlora.train.data.dedupe import drop_duplicates
-from qlora.train.data.image_examples import tokenize_image_example
 from qlora.train.data.image_packing import check_image_packing, image_blocks_of, multimodal_positions
 from qlora.train.data.prefix_lm import packed_windows, prefix_type
+from qlora.train.data.prefix_suffix import image_row_tokenizer
 from qlora.train.data.selection import check_split_of_files, hold_out, read_sources, source_names
 from qlora.train.data.text_blocks import text_blocks
 from qlora.train.data.tokenize import DataReport, NothingToTrain
@@ -824,8 +824,7 @@ class Trainer:
             check_image_packing(self.model, first.where)
         processor = self._image_processor(first.where)
         stops = self._stop_ids()
-        return lambda example, index: tokenize_image_example(example, processor, self.chat_format, cfg.train_on,
-                                                             cfg.seq_len, index, stops)
+        return image_row_tokenizer(self.model, processor, self.chat_format, cfg.train_on, cfg.seq_len, stops)
 
     def _image_processor(self, where: str):
         """The model's processor (loaded once), for the rows with images; ``where``: the first such row."""

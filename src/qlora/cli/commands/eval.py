@@ -287,8 +287,7 @@ def _image_tokenizer(args: argparse.Namespace, examples, model, tokenizer, fmt, 
     if first is None:
         return None
     from ...model.image_processor import load_image_processor
-    from ...train.data.image_examples import tokenize_image_example
+    from ...train.data.prefix_suffix import image_row_tokenizer
 
     processor = load_image_processor(args.model, model, tokenizer, first.where, bounds=bounds)
-    return lambda example, index: tokenize_image_example(example, processor, fmt, args.train_on, args.seq_len, index,
-                                                         stops)
+    return image_row_tokenizer(model, processor, fmt, args.train_on, args.seq_len, stops)

@@ -179,6 +179,8 @@ def run(args: argparse.Namespace) -> int:
     from ...infer.reply_reading import ReplyReader, ReplyText
     from ...infer.template import chat_template, render_chat, stop_token_ids
     from ...infer.turn_end import turn_end_stops
+    from ...train.data.prefix_lm import prefix_type
+    from ...train.data.prefix_suffix import image_prompt
     from ..reasoning_echo import ReasoningEcho, show_answer
     from ..utf8_text import stdin_text
 
@@ -201,10 +203,12 @@ def run(args: argparse.Namespace) -> int:
         from ...infer.images import image_processor
 
         processor = image_processor(model, tokenizer, args.model, f"--image {args.image[0]}", bounds=bounds)
-    # images, and template variables, go into a user turn of the model's own template
-    chat = fmt is not None or bool(user.images) or args.chat_template_kwargs is not None
+    # images, and template variables, go into a user turn of the model's own template; a prefix-LM's (PaliGemma's)
+    # images go before the prompt as its processor takes them, as it trained on them
+    prefix_images = bool(user.images) and prefix_type(model) is not None
+    chat = not prefix_images and (fmt is not None or bool(user.images) or args.chat_template_kwargs is not None)
     prompt = render_chat(tokenizer, [user], chat_format=fmt, template_kwargs=args.chat_template_kwargs) if chat \
-        else args.prompt
+        else image_prompt(processor, args.prompt, len(user.images)) if prefix_images else args.prompt
     stops = stop_token_ids(model, tokenizer) if chat else default_stop_ids(model, tokenizer)
     # a turn end this vocabulary spells as text (ChatML without an <|im_end|> token) ends the reply as --stop would
     stop_strings = [*args.stop, *(turn_end_stops(tokenizer, stops, fmt, args.chat_template_kwargs) if chat else ())]

@@ -10,12 +10,15 @@ the language model, and next-fit packing never splits an example, so its image t
   image's tokens 3-D (temporal, height, width) positions and continue the text after it from the image's extent,
   not its token count. The model's own ``get_rope_index`` computes them for each example alone; the rows are
   laid side by side under a leading row of restarting text positions, the ``(4, batch, length)`` form that
-  transformers (4.57 and 5.x) reads as rotary positions plus sequence boundaries (flash attention's packing);
+  transformers (4.57 and 5.x) reads as rotary positions plus sequence boundaries (flash attention's packing).
+  HunyuanVL's 4 axes (position, width, height, image index) take no such row (its 5.24 forward refuses it):
+  refused;
 - Gemma 3 lets each image's tokens see each other both ways, blocks its forward finds in the processor's
   ``token_type_ids`` (runs of 1) and ORs into the causal mask; Molmo2 makes all the image tokens of a sequence
   (``mm_token_type_ids`` 1: every image's start, patch, column and end tokens) one such block. An explicit mask
   replaces the model's, so the packed one carries those blocks (:func:`image_blocks`), each kept inside its
-  example. Flash attention takes no mask: refused there. Refused too: other models whose forward takes token
+  example. PaliGemma's prompts (images included) are such blocks too (:mod:`qlora.train.data.prefix_lm`). Flash
+  attention takes no mask: refused there. Refused too: other models whose forward takes token
   types (their meaning in the mask is not known here) or reads tokens bidirectionally by config (Gemma 4's
   ``use_bidirectional_attention``).
 """
@@ -30,6 +33,7 @@ from transformers import PreTrainedModel
 
 from qlora.errors import UsageError
 from qlora.train.data.packing import MASK_ATTENTION
+from qlora.train.data.prefix_lm import prefix_type
 
 
 class ImageBlocks(NamedTuple):
@@ -60,11 +64,34 @@ def check_image_packing(model: torch.nn.Module, where: str) -> None:
         raise UsageError(f"{head} with attention implementation {attn!r}: each image's tokens attend to each other "
                          "both ways, which only an explicit mask carries. Use eager or sdpa attention, or train "
                          "without --packing.")
-    if kind not in IMAGE_BLOCKS and ("token_type_ids" in inspect.signature(type(owner).forward).parameters or getattr(
+    if kind not in IMAGE_BLOCKS and prefix_type(owner) is not None and attn not in MASK_ATTENTION:
+        raise UsageError(f"{head} with attention implementation {attn!r}: each example's prompt is read both ways, "
+                         "which only an explicit mask carries. Use eager or sdpa attention, or train without "
+                         "--packing.")
+    if kind not in IMAGE_BLOCKS and prefix_type(owner) is None and (
+            "token_type_ids" in inspect.signature(type(owner).forward).parameters or getattr(
             owner.config.get_text_config(), "use_bidirectional_attention", None)):
         raise UsageError(f"{head}: the model builds its attention mask itself from the processor's token types or "
                          "reads some tokens both ways, which the packed rows' mask (each example causal and alone) "
                          "would replace. Train without --packing.")
+    axes = _rotary_axes(model)
+    if axes not in (None, 3):
+        raise UsageError(f"{head}: a packed row's positions are its examples' text positions above each one's "
+                         f"multimodal rotary positions (transformers' packed form), and this model's forward takes "
+                         f"only its {axes} rotary axes (it refuses the extra row). Train without --packing.")
+
+
+def _rotary_axes(model: torch.nn.Module) -> int | None:
+    """How many multimodal rotary axes the model's ``get_rope_index`` gives (``mrope_section``'s length: Qwen2-VL's
+    3, HunyuanVL's 4), or None for a model without one."""
+    if not any(callable(getattr(m, "get_rope_index", None)) for m in model.modules()):
+        return None
+    text = _pretrained(model).config.get_text_config()
+    for name in ("rope_parameters", "rope_scaling"):
+        section = (getattr(text, name, None) or {}).get("mrope_section")
+        if section:
+            return len(section)
+    return None
 
 
 def image_blocks_of(model: torch.nn.Module) -> ImageBlocks | None:

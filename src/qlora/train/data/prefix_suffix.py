@@ -1,0 +1,115 @@
+"""PaliGemma's rows with images: its processor's prefix (the images and the prompt) and suffix (the answer).
+
+PaliGemma has no chat format. Its processor takes a prompt and, to train, a ``suffix``, and writes
+``<image>...<bos>prompt\\n`` (token type 0, read both ways) then ``answer<eos>`` (type 1, causal, the only labels):
+one prompt and one answer, the shape of every task it was trained on (captioning, VQA, detection). A row with
+images goes through that call, so its ids, token types, image tensors and labels are transformers'. The prompt is
+the text of the turns before the answer (a system message and the user's text, a line each); a conversation of
+several answers has no such form and is refused, naming the row. A row without images beside them is the same
+prefix and suffix without images, so its answer is causal too.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Iterable
+
+import torch
+
+from qlora.errors import UsageError
+from qlora.model.image_processor import image_tensors, pixel_bounds, process
+from qlora.train.data.formats import Example
+from qlora.train.data.image_examples import tokenize_image_example
+from qlora.train.data.prefix_lm import prefix_type
+from qlora.train.data.tokenize import IGNORE_INDEX, IMAGES_TOO_LONG, TokenizedExample
+
+IMAGE_TOKEN = "<image>"  # PaliGemma's processor's placeholder (its tokenizer's image_token)
+
+
+def prompt_and_answer(example: Example, train_on: str = "assistant") -> tuple[str, str]:
+    """The prompt (the text before the answer) and the answer of a one-answer conversation.
+
+    Raises:
+        UsageError: not exactly one assistant answer, one not at the end, an answer that is not text (tool calls,
+            reasoning), or ``train_on`` asking to train the prompt too.
+    """
+    where, messages = example.where, example.messages or ()
+    if train_on == "all" or (train_on == "completion" and example.prompt_turns is None):
+        raise UsageError(f"{where}: --train-on {train_on} trains the prompt, but PaliGemma reads its prompt both ways "
+                         "(its processor's prefix), so no prompt token can be trained without seeing the ones after "
+                         "it. Train the answers (--train-on assistant).")
+    answers = [i for i, m in enumerate(messages) if m.get("role") == "assistant"]
+    if len(answers) != 1 or answers[0] != len(messages) - 1:
+        last = "" if answers and answers[-1] == len(messages) - 1 else ", its last turn not one"
+        raise UsageError(f"{where}: PaliGemma trains on one prompt and one answer per row with images (its "
+                         "processor's prefix and suffix; it has no chat format for several turns), and this row has "
+                         f"{len(answers)} assistant answers{last}. Split the conversation into one row per answer, "
+                         "each ending with it, with the question it answers and its images.")
+    answer = messages[-1]
+    text = _text(answer.get("content"))
+    if text is None or answer.get("tool_calls") or any(answer.get(k) for k in ("reasoning_content", "reasoning",
+                                                                               "thinking")):
+        raise UsageError(f"{where}: PaliGemma's answer (its processor's suffix) is plain text; this row's answer holds "
+                         "tool calls, reasoning or other parts. Give the answer as text.")
+    return "\n".join(t for t in (_text(m.get("content")) for m in messages[:-1]) if t), text
+
+
+def _text(content: Any) -> str | None:
+    """A message's text: the string, or its text parts joined (image parts are the processor's); None for other
+    parts."""
+    if isinstance(content, str):
+        return content
+    if not isinstance(content, list):
+        return None if content is not None else ""
+    if any(not isinstance(p, dict) or p.get("type") not in ("text", "image", "image_url") for p in content):
+        return None
+    return "".join(p.get("text") or "" for p in content if p.get("type") == "text")
+
+
+def tokenize_prefix_suffix(example: Example, processor, train_on: str = "assistant", seq_len: int | None = None,
+                           index: int = 0) -> TokenizedExample | str:
+    """The ids, labels (the answer's tokens and EOS) and model inputs (``token_type_ids``, ``pixel_values``) of a
+    PaliGemma row, as its processor gives them for ``text=<image>...prompt, suffix=answer``; or
+    :data:`IMAGES_TOO_LONG` when the image tokens do not fit ``seq_len`` (the text is cut after them).
+
+    Raises:
+        UsageError: as :func:`prompt_and_answer`, or the processor refusing the images.
+    """
+    prompt, answer = prompt_and_answer(example, train_on)
+    tokenizer = processor.tokenizer
+    if example.images:
+        images = [ref.load(pixel_bounds(processor)) for ref in example.images]
+        token = getattr(processor, "image_token", None) or IMAGE_TOKEN
+        encoded = process(processor, token * len(images) + prompt, images, example.where,
+                          [ref.shown for ref in example.images], suffix=answer)
+    else:  # what the processor writes around a prompt without images: <bos>prompt\n, then the suffix
+        encoded = tokenizer([tokenizer.bos_token + prompt + "\n"], [answer + tokenizer.eos_token],
+                            add_special_tokens=False, return_token_type_ids=True, return_tensors="pt")
+    ids = encoded["input_ids"][0].tolist()
+    types = encoded["token_type_ids"][0]
+    labels = torch.where(types == 1, encoded["input_ids"][0], IGNORE_INDEX).tolist()
+    media = {k: v for k, v in image_tensors(encoded).items() if k != "labels"}
+    media["token_type_ids"] = types[None]
+    truncated = seq_len is not None and len(ids) > seq_len
+    if truncated:
+        image_id = tokenizer.convert_tokens_to_ids(getattr(processor, "image_token", None) or IMAGE_TOKEN)
+        if image_id in ids[seq_len:]:
+            return IMAGES_TOO_LONG
+        ids, labels, media["token_type_ids"] = ids[:seq_len], labels[:seq_len], media["token_type_ids"][:, :seq_len]
+    return TokenizedExample(ids, labels, index, truncated, 0, media)
+
+
+def image_row_tokenizer(model, processor, chat_template, train_on: str, seq_len: int | None,
+                        stop_ids: Iterable[int] | None) -> Callable[[Example, int], TokenizedExample | str]:
+    """What tokenizes a run's rows once some hold images (``(example, index)``): a prefix-LM's (PaliGemma's) prefix
+    and suffix, else the chat template's rendering through the processor
+    (:func:`~qlora.train.data.image_examples.tokenize_image_example`)."""
+    if prefix_type(model) is not None:
+        return lambda example, index: tokenize_prefix_suffix(example, processor, train_on, seq_len, index)
+    return lambda example, index: tokenize_image_example(example, processor, chat_template, train_on, seq_len, index,
+                                                         stop_ids)
+
+
+def image_prompt(processor, prompt: str, images: int) -> str:
+    """A prefix-LM's generation prompt with ``images``: its processor's text, one image token each then the prompt
+    (the prefix without a suffix, all of it read both ways), where other models render a chat turn."""
+    return (getattr(processor, "image_token", None) or IMAGE_TOKEN) * images + prompt

@@ -1,0 +1,199 @@
+"""PaliGemma (1 and 2) trains on images as its processor's prefix (the images and the prompt) and suffix (the answer).
+
+Oracle: PaliGemmaProcessor(images, text="<image>" + prompt, suffix=answer) gives the ids, token_type_ids (0 on the
+images and prompt, 1 on the answer), pixel_values and labels (the answer and EOS); transformers' forward on them
+gives the per-token losses qlora's batch of the same rows must give (two rows of different lengths, padded), and
+transformers' generate on the processor's prompt gives the tokens qlora's generation with that image writes.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
+
+from qlora.errors import UsageError
+from qlora.train.config import load_config
+from qlora.train.data import IGNORE_INDEX
+from qlora.train.loss import model_inputs, token_loss_sum
+from qlora.train.trainer import Trainer
+from image_models import build_image_model, write_png
+
+ROWS = (("caption en", "a red square on a blue field"), ("answer en what is in the picture?", "two circles"))
+
+
+@pytest.fixture(scope="module", params=["gemma", "gemma2"])
+def model_dir(request, tmp_path_factory):
+    """A tiny PaliGemma (Gemma text model) or PaliGemma 2 (Gemma 2, with sliding-window layers)."""
+    out = build_image_model(tmp_path_factory.mktemp("paligemma") / "model", "paligemma")
+    if request.param == "gemma2":
+        config = AutoConfig.from_pretrained(out)
+        text = dict(config.text_config.to_dict(), model_type="gemma2", sliding_window=64, query_pre_attn_scalar=16,
+                    hidden_activation="gelu_pytorch_tanh", layer_types=["sliding_attention", "full_attention"])
+        config = AutoConfig.for_model("paligemma", text_config=text, vision_config=config.vision_config.to_dict(),
+                                      projection_dim=config.projection_dim, image_token_index=config.image_token_id)
+        torch.manual_seed(0)
+        AutoModelForImageTextToText.from_config(config).save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    root = tmp_path_factory.mktemp("paligemma-images")
+    return [write_png(root / "a.png", 40, 30, 0), write_png(root / "b.png", 70, 60, 1)]
+
+
+def _rows(images):
+    """A conversation with an image part naming its file, and one whose bare part after the text is filled from the
+    "images" column (the processor puts images before the prompt wherever the row shows them)."""
+    (prompt_a, answer_a), (prompt_b, answer_b) = ROWS
+    return [{"messages": [{"role": "user", "content": [{"type": "image", "image": str(images[0])},
+                                                       {"type": "text", "text": prompt_a}]},
+                          {"role": "assistant", "content": answer_a}]},
+            {"messages": [{"role": "user", "content": [{"type": "text", "text": prompt_b}, {"type": "image"}]},
+                          {"role": "assistant", "content": [{"type": "text", "text": answer_b}]}],
+             "images": [str(images[1])]}]
+
+
+def _trainer(model_dir, tmp_path, rows, **kw):
+    tmp_path.mkdir(exist_ok=True)
+    data = tmp_path / "rows.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = dict(model=str(model_dir), data=str(data), output=str(tmp_path / "out"), max_steps=1, batch_size=len(rows),
+               progress=False, seq_len=256, quant="none", precision="fp32", dropout=0.0, warmup_ratio=0.0,
+               overwrite=True, shuffle=False)
+    trainer = Trainer(load_config(None, {**cfg, **kw}))
+    trainer.setup()
+    trainer.model.eval()
+    return trainer
+
+
+def _oracle(model_dir, images, attn):
+    """Each row's processor inputs (prefix and suffix) and transformers' per-token losses on them."""
+    from PIL import Image
+
+    processor = AutoProcessor.from_pretrained(model_dir)
+    model = AutoModelForImageTextToText.from_pretrained(model_dir, attn_implementation=attn, dtype=torch.float32)
+    out = []
+    for (prompt, answer), path in zip(ROWS, images):
+        inputs = processor(images=[Image.open(path).convert("RGB")], text="<image>" + prompt, suffix=answer,
+                           return_tensors="pt")
+        with torch.no_grad():
+            logits = model.eval()(**inputs).logits
+        losses = F.cross_entropy(logits[0, :-1], inputs["labels"][0, 1:], ignore_index=IGNORE_INDEX, reduction="none")
+        out.append((inputs, losses))
+    return out
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_image_rows_are_the_processors_prefix_and_suffix(model_dir, images, attn, tmp_path):
+    if attn == "sdpa" and AutoConfig.from_pretrained(model_dir).text_config.model_type == "gemma2":
+        pytest.skip("transformers' Gemma 2 has no sdpa attention (its logits are soft-capped)")
+    oracle = _oracle(model_dir, images, attn)
+    trainer = _trainer(model_dir, tmp_path, _rows(images))
+    trainer.model.set_attn_implementation(attn)
+    batch = trainer._collate(trainer.train_units)
+    assert batch["input_ids"].shape[0] == 2
+    with torch.no_grad():
+        logits = trainer.model(**model_inputs(batch, trainer.model), use_cache=False).logits
+    ours = F.cross_entropy(logits[:, :-1].transpose(1, 2), batch["labels"][:, 1:], ignore_index=IGNORE_INDEX,
+                           reduction="none")
+    for row, (inputs, losses) in enumerate(oracle):
+        n = inputs["input_ids"].shape[1]
+        assert batch["input_ids"][row, :n].tolist() == inputs["input_ids"][0].tolist()
+        assert batch["labels"][row, :n].tolist() == [IGNORE_INDEX] + inputs["labels"][0, 1:].tolist()
+        assert batch["token_type_ids"][row, :n].tolist() == inputs["token_type_ids"][0].tolist()
+        assert (batch["labels"][row, n:] == IGNORE_INDEX).all()
+        torch.testing.assert_close(batch["pixel_values"][row], inputs["pixel_values"][0])
+        torch.testing.assert_close(ours[row, :n - 1], losses, rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        total = sum(losses.sum().item() for _, losses in oracle)
+        assert token_loss_sum(trainer.model, batch).item() == pytest.approx(total, rel=1e-5)
+
+
+def test_a_row_without_images_beside_them_is_a_prefix_and_suffix_too(model_dir, images, tmp_path):
+    """Its answer is type 1 (causal) as the image rows' are: changing the last answer token leaves every earlier
+    token's loss as it was, and its ids are the image row's without the image tokens."""
+    rows = _rows(images)
+    rows.append({"messages": [{"role": "user", "content": ROWS[0][0]}, {"role": "assistant", "content": ROWS[0][1]}]})
+    trainer = _trainer(model_dir, tmp_path, rows)
+    batch = trainer._collate(trainer.train_units)
+    image_id = trainer.tokenizer.convert_tokens_to_ids("<image>")
+    with_image = [t for t in batch["input_ids"][0].tolist() if t != image_id]
+    n = len(with_image) - (batch["labels"][0] == IGNORE_INDEX).flip(0).long().cumprod(0).sum().item()
+    text_ids = batch["input_ids"][2, :n].tolist()
+    assert text_ids == with_image[:n]
+    assert batch["labels"][2, :n].tolist() == [t if k else IGNORE_INDEX for k, t in
+                                               zip(batch["token_type_ids"][0].tolist()[-len(with_image):], text_ids)]
+    changed = {k: v.clone() for k, v in batch.items()}
+    last = int((batch["labels"][2] != IGNORE_INDEX).nonzero()[-1]) - 1
+    changed["input_ids"][2, last] = (changed["input_ids"][2, last] + 1) % len(trainer.tokenizer)
+    with torch.no_grad():
+        before = trainer.model(**model_inputs(batch, trainer.model), use_cache=False).logits[2, :last]
+        after = trainer.model(**model_inputs(changed, trainer.model), use_cache=False).logits[2, :last]
+    torch.testing.assert_close(after, before, rtol=0, atol=1e-6)
+
+
+def test_a_conversation_of_several_answers_is_refused(model_dir, images, tmp_path):
+    row = {"messages": [{"role": "user", "content": [{"type": "image", "image": str(images[0])},
+                                                     {"type": "text", "text": "caption en"}]},
+                        {"role": "assistant", "content": "a square"},
+                        {"role": "user", "content": "and its colour?"},
+                        {"role": "assistant", "content": "red"}]}
+    with pytest.raises(UsageError, match=r"rows.jsonl line 1: PaliGemma trains on one prompt and one answer per row with images .* has 2 "
+                                         r"assistant answers.*Split the conversation"):
+        _trainer(model_dir, tmp_path, [row])
+    with pytest.raises(UsageError, match=r"--train-on all trains the prompt, but PaliGemma reads its prompt both ways"):
+        _trainer(model_dir, tmp_path, _rows(images), train_on="all")
+
+
+def test_generate_with_an_image_is_transformers_generate(model_dir, images, tmp_path, capsys):
+    """A run trained on the rows, then ``qlora generate --image``: the prompt with its image is the processor's prefix
+    without a suffix (all type 0), and the reply is transformers' greedy generate on the processor's inputs with
+    PEFT's merged adapter, up to EOS."""
+    from peft import PeftModel
+    from PIL import Image
+
+    from qlora.cli.main import main
+
+    data = tmp_path / "rows.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in _rows(images)))
+    assert main(["train", "--model", str(model_dir), "--data", str(data), "--output", str(tmp_path / "run"), "--quant",
+                 "none", "--precision", "fp32", "--max-steps", "2", "--batch-size", "2", "--lr", "1e-3",
+                 "--no-progress"]) == 0
+    capsys.readouterr()
+    assert main(["generate", "--model", str(model_dir), "--adapter", str(tmp_path / "run"), "--quant", "none",
+                 "--compute-dtype", "fp32", "--temperature", "0", "--max-new-tokens", "8", "--prompt", ROWS[0][0],
+                 "--image", str(images[0])]) == 0
+    ours = capsys.readouterr().out
+    processor = AutoProcessor.from_pretrained(model_dir)
+    base = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=torch.float32)
+    model = PeftModel.from_pretrained(base, tmp_path / "run").merge_and_unload().eval()
+    inputs = processor(images=[Image.open(images[0]).convert("RGB")], text="<image>" + ROWS[0][0], return_tensors="pt")
+    tokens = model.generate(**inputs, do_sample=False, max_new_tokens=8)[0, inputs["input_ids"].shape[1]:].tolist()
+    eos = processor.tokenizer.eos_token_id
+    tokens = tokens[:tokens.index(eos)] if eos in tokens else tokens
+    assert ours == processor.tokenizer.decode(tokens, skip_special_tokens=True) + "\n"
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_packed_image_rows_are_each_row_alone(model_dir, images, attn, tmp_path):
+    """Packed, each example's images and prompt are one block read both ways in the packed mask, its answer causal:
+    the packed row's loss is the sum of the rows' own (PaliGemma 2 within its window)."""
+    if attn == "sdpa" and AutoConfig.from_pretrained(model_dir).text_config.model_type == "gemma2":
+        pytest.skip("transformers' Gemma 2 has no sdpa attention (its logits are soft-capped)")
+    rows = _rows(images) + [{"messages": [{"role": "user", "content": "say hello"},
+                                          {"role": "assistant", "content": "hello there"}]}]
+    alone = _trainer(model_dir, tmp_path / "alone", rows, seq_len=64)
+    alone.model.set_attn_implementation(attn)
+    packed = _trainer(model_dir, tmp_path / "packed", rows, seq_len=64, packing=True, batch_size=1)
+    packed.model.set_attn_implementation(attn)
+    packed.attn = attn
+    assert len(packed.train_units) < len(rows)
+    with torch.no_grad():
+        expected = sum(token_loss_sum(alone.model, alone._collate([u])).item() for u in alone.train_units)
+        got = sum(token_loss_sum(packed.model, packed._collate([u])).item() for u in packed.train_units)
+    assert got == pytest.approx(expected, rel=1e-5)
