@@ -136,7 +136,8 @@ def test_per_token_losses_of_a_padded_batch_are_the_models_on_the_processors_bat
     questions = (QUESTION, "describe the image: " + QUESTION + " the cat sat on the mat")
     messages = [[{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": q}]},
                  {"role": "assistant", "content": [{"type": "text", "text": a}]}] for q, a in zip(questions, ANSWERS)]
-    rows = [{"messages": m, "images": [str(data.parent / "img" / name)]} for m, name in zip(messages, ("a.png", "b.png"))]
+    rows = [{"messages": m, "images": [str(data.parent / "img" / name)]}
+            for m, name in zip(messages, ("a.png", "b.png"))]
     path = tmp_path / "rows.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     processor = oracle_processor(models[kind])

@@ -143,7 +143,8 @@ def test_a_conversation_of_several_answers_is_refused(model_dir, images, tmp_pat
                         {"role": "assistant", "content": "a square"},
                         {"role": "user", "content": "and its colour?"},
                         {"role": "assistant", "content": "red"}]}
-    with pytest.raises(UsageError, match=r"rows.jsonl line 1: PaliGemma trains on one prompt and one answer per row with images .* has 2 "
+    with pytest.raises(UsageError, match=r"rows.jsonl line 1: PaliGemma trains on one prompt and one answer per row "
+                                         r"with images .* has 2 "
                                          r"assistant answers.*Split the conversation"):
         _trainer(model_dir, tmp_path, [row])
     with pytest.raises(UsageError, match=r"--train-on all trains the prompt, but PaliGemma reads its prompt both ways"):
