@@ -176,9 +176,9 @@ def build_app(batcher: ContinuousBatcher, base_id: str, adapters: list[str], api
     async def stats() -> dict[str, int]:
         return batcher.load()
 
-    def model_card(mid: str) -> dict[str, Any]:
+    def model_card(mid: str) -> dict[str, Any]:  # vLLM's card: its max_model_len is what clients size prompts by
         return {"id": mid, "object": "model", "created": created, "owned_by": "qlora", "root": base_id,
-                "parent": None if ids[mid] is None else base_id}
+                "parent": None if ids[mid] is None else base_id, "max_model_len": batcher.context_length}
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
