@@ -92,7 +92,7 @@ _ENFORCED = ("It enforces, at every depth, type, properties, required, additiona
              "exclusiveMinimum, exclusiveMaximum (draft 4's booleans too), multipleOf, enum, const, anyOf, oneOf of "
              "exclusive alternatives, allOf of one schema and local $ref (recursion included), pattern, format and "
              "the length bounds together; uniqueItems, not and the rest are not.")
-TEXT_PARTS = ("text", "input_text", "output_text")  # content parts read as text: OpenAI's, and the Responses API's
+TEXT_PARTS = ("text", "input_text", "output_text")  # content parts read as text: chat's and the Responses API's
 MAX_STOP_STRINGS = 32  # OpenAI takes 4; eval harnesses send their task's stops plus EOS, often more
 
 
