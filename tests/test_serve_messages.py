@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 
-from test_serve_vllm_extras import _serve
+from test_serve_vllm_extras import _serve, served  # noqa: F401 (the tiny model's fixture: its tokenizer adds BOS)
 from test_serve import KEY
 
 openai = pytest.importorskip("openai")
@@ -46,11 +46,11 @@ def test_a_name_reaches_the_template_as_vllm_passes_it(kimi):
     client, tokenizer = kimi
     named = [{"role": "system", "content": "Be brief.", "name": "rules"}, ASK | {"name": "alice"},
              {"role": "assistant", "content": "Four.", "name": "bot"}, {"role": "user", "content": "Thanks"}]
-    served = _prompt_ids(client, named)
-    assert served == _template_ids(tokenizer, named)
-    assert "alice" in tokenizer.decode(served) and "rules" in tokenizer.decode(served)
+    rendered = _prompt_ids(client, named)
+    assert rendered == _template_ids(tokenizer, named)
+    assert "alice" in tokenizer.decode(rendered) and "rules" in tokenizer.decode(rendered)
     unnamed = [{k: v for k, v in m.items() if k != "name"} for m in named]
-    assert _prompt_ids(client, unnamed) == _template_ids(tokenizer, unnamed) != served
+    assert _prompt_ids(client, unnamed) == _template_ids(tokenizer, unnamed) != rendered
 
 
 def test_text_parts_of_every_kind_read_as_their_text(kimi):
@@ -95,3 +95,20 @@ def test_models_give_vllm_s_max_model_len(kimi):
     cards = list(client.models.list())
     assert [card.model_extra["max_model_len"] for card in cards] == [256]  # _serve's context length
     assert client.models.retrieve("tiny").model_extra["max_model_len"] == 256
+
+
+
+def test_an_empty_text_prompt_is_its_special_tokens_alone_as_in_a_batch(served, kimi):  # noqa: F811
+    """``prompt: ""`` is what ``[""]`` is: the tokenizer's BOS alone (OpenAI takes it); with nothing to start
+    from (Kimi's tokenizer adds no BOS) both are a 400 naming the prompt, as vLLM answers."""
+    _, client, tokenizer, _ = served
+    assert tokenizer("").input_ids == [tokenizer.bos_token_id]
+    texts = [client.completions.create(model="tiny", prompt=prompt, max_tokens=4, temperature=0).choices[0].text
+             for prompt in ("", [""], [tokenizer.bos_token_id])]
+    assert texts[0] == texts[1] == texts[2]
+    client, tokenizer = kimi
+    assert tokenizer("").input_ids == []
+    for prompt in ("", [""], []):
+        with pytest.raises(openai.BadRequestError) as exc:
+            client.completions.create(model="tiny", prompt=prompt, max_tokens=4)
+        assert exc.value.body["param"] == "prompt"

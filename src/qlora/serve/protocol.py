@@ -592,7 +592,7 @@ class CompletionRequest(_Body):
             raise APIError(400, "'suffix' is not supported", "suffix")
         if self.best_of not in (None, 1):
             raise APIError(400, f"'best_of' must be 1, got {self.best_of}", "best_of")
-        if not self.prompt:
+        if isinstance(self.prompt, list) and not self.prompt:  # "" is a prompt: BOS alone, where the tokenizer adds one
             raise APIError(400, "'prompt' is empty", "prompt")
         if self.max_tokens == 0 and self.stream:
             raise APIError(400, "'max_tokens': 0 (scoring the prompt) cannot be streamed", "max_tokens")
