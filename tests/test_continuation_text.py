@@ -140,6 +140,13 @@ def test_completions_keep_the_leading_space_streamed_or_not_and_echo_joins(spm_m
             assert echoed.choices[0].text == tok.decode(ids + reply, skip_special_tokens=True)
             by_ids = client.completions.create(model="tiny", prompt=ids, max_tokens=6, temperature=0)
             assert by_ids.choices[0].text == expected
+            for sent in (prompt, ids):  # text_offset indexes the echoed text, whose first word has no space
+                scored = client.completions.create(model="tiny", prompt=sent, max_tokens=6, temperature=0,
+                                                   echo=True, logprobs=0).choices[0]
+                text, lp = scored.text, scored.logprobs
+                assert lp.text_offset[len(ids)] == len(text) - len(expected)  # the reply starts where the prompt ends
+                assert lp.text_offset[:2] == [0, 0] and text.startswith(lp.tokens[1].removeprefix(" "))
+                assert all(text[o:].startswith(t) for o, t in zip(lp.text_offset[2:len(ids)], lp.tokens[2:len(ids)]))
     finally:
         batcher.close()
 

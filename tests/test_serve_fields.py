@@ -212,6 +212,25 @@ def test_completions_echo_and_logprobs_of_the_generated_tokens(served, oracle):
         lp.token_logprobs
 
 
+def test_text_offset_counts_the_special_tokens_the_text_shows(served):
+    _, _, client, tokenizer = served
+    prompt = "<|im_start|>user\nHello<|im_end|>\n<|im_start|>assistant\n"  # written out: in the echoed text
+    start = tokenizer.convert_tokens_to_ids("<|im_start|>")
+    assert start in tokenizer.all_special_ids
+    kw = dict(model="a", prompt=prompt, max_tokens=3, temperature=0, echo=True, logprobs=0,
+              logit_bias={str(start): 100}, extra_body={"skip_special_tokens": False})  # shown in the reply too
+    choice = client.completions.create(**kw).choices[0]
+    text, lp = choice.text, choice.logprobs
+    assert text == prompt + "<|im_start|>" * 3
+    assert lp.tokens[0] == tokenizer.bos_token and lp.text_offset[:2] == [0, 0]  # BOS, added, is not in the text
+    assert all(text[o:].startswith(t) for o, t in zip(lp.text_offset[1:], lp.tokens[1:]))
+    assert lp.text_offset[-3:] == [len(prompt) + 12 * k for k in range(3)]
+    chunks = list(client.completions.create(stream=True, **kw))
+    assert [o for c in chunks if c.choices[0].logprobs for o in c.choices[0].logprobs.text_offset] == lp.text_offset
+    hidden = client.completions.create(**kw | {"extra_body": {}}).choices[0]  # special tokens left out of the text
+    assert hidden.text == prompt and hidden.logprobs.text_offset[-3:] == [len(prompt)] * 3
+
+
 def test_a_batch_of_prompts_gets_one_choice_each_in_order(served):
     _, _, client, tokenizer = served
     prompts = ["The quick brown fox", "Question: what is", "def add(a, b):"]

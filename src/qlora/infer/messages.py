@@ -29,7 +29,8 @@ class Message:
     {"name", "arguments": dict}}`` as Hugging Face chat templates take them; ``tool_call_id`` (tool)
     names the call a tool result answers. ``reasoning`` (assistant) is what it thought before its text or calls:
     templates show it where the model wrote it, gpt-oss's analysis before a call, Qwen3's ``<think>`` block within
-    the current turn, and drop it from earlier turns.
+    the current turn, and drop it from earlier turns. ``name`` is OpenAI's participant name, which some templates
+    show (Kimi K2's, in place of the role).
     """
 
     role: str
@@ -38,6 +39,7 @@ class Message:
     tool_call_id: str | None = None
     images: tuple[Any, ...] = ()  # ImageRefs (a user message's), at the <image> placeholders of the text or before it
     reasoning: str = ""
+    name: str | None = None
 
     def __post_init__(self) -> None:
         if self.role not in ROLES:
@@ -63,6 +65,8 @@ class Message:
             out["tool_calls"] = [dict(call) for call in self.tool_calls]
         if self.tool_call_id is not None:
             out["tool_call_id"] = self.tool_call_id
+        if self.name is not None:
+            out["name"] = self.name
         if self.reasoning:  # under every name a template reads it by (vLLM's, Qwen3's and DeepSeek's, gpt-oss's)
             out.update(dict.fromkeys(REASONING_KEYS, self.reasoning))
         return out

@@ -176,9 +176,9 @@ def build_app(batcher: ContinuousBatcher, base_id: str, adapters: list[str], api
     async def stats() -> dict[str, int]:
         return batcher.load()
 
-    def model_card(mid: str) -> dict[str, Any]:
+    def model_card(mid: str) -> dict[str, Any]:  # vLLM's card: its max_model_len is what clients size prompts by
         return {"id": mid, "object": "model", "created": created, "owned_by": "qlora", "root": base_id,
-                "parent": None if ids[mid] is None else base_id}
+                "parent": None if ids[mid] is None else base_id, "max_model_len": batcher.context_length}
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
@@ -984,7 +984,7 @@ async def _respond(batcher: ContinuousBatcher, choices: list[_Choice], body: _Bo
         if not chat:
             entry["text"] = choice.echo + text
             if body.logprob_count() is not None:
-                entry["logprobs"] = completion_logprobs(pieces, choice.logprobs, TextOffsets(pieces), as_ids)
+                entry["logprobs"] = completion_logprobs(pieces, choice.logprobs, _offsets(pieces, choice, body), as_ids)
             if body.prompt_logprobs is not None:  # vLLM's, in each choice
                 entry["prompt_logprobs"] = prompt_logprob_maps(pieces, choice.prompt_logprobs, body.prompt_logprobs)
         else:
@@ -1006,6 +1006,11 @@ async def _respond(batcher: ContinuousBatcher, choices: list[_Choice], body: _Bo
     return reply
 
 
+def _offsets(pieces: TokenPieces, choice: _Choice, body: _Body) -> TextOffsets:
+    """The text offsets of a completions choice's logprobs: its echoed prompt's tokens first, when it has them."""
+    return TextOffsets(pieces, choice.echo if choice.echo_logprobs is not None else "", not body.skip_special_tokens)
+
+
 def _emitter(loop: asyncio.AbstractEventLoop, queue: asyncio.Queue, k: int, generation: Generation):
     def emit(event: Event) -> None:  # called on the decode thread
         try:
@@ -1024,7 +1029,7 @@ async def _stream(queue: asyncio.Queue, choices: list[_Choice], body: _Body, rep
                   pieces: TokenPieces) -> AsyncIterator[str]:
     created, kind = int(time.time()), "chat.completion.chunk" if chat else "text_completion"
     splitters = [c.tools.splitter() if c.tools is not None else None for c in choices]
-    offsets = [TextOffsets(pieces) for _ in choices]
+    offsets = [_offsets(pieces, choice, body) for choice in choices]
     carried: list[list[TokenLogprob]] = [[] for _ in choices]  # logprobs whose text a splitter still holds
     want_logprobs, as_ids = body.logprob_count() is not None, bool(body.return_tokens_as_token_ids)
 

@@ -43,17 +43,31 @@ def prompt_logprob_maps(pieces: TokenPieces, entries: list[TokenLogprob], top: i
 
 class TextOffsets:
     """Character offsets of tokens in a completion's text, counted over the tokens' UTF-8 bytes
-    (a character split over several tokens counts at the token that completes it)."""
+    (a character split over several tokens counts at the token that completes it).
 
-    def __init__(self, pieces: TokenPieces) -> None:
-        self.pieces, self.chars = pieces, 0
+    An echoed prompt (``echo``, the text the choice opens with) is the prompt as written, so its tokens are
+    found in it: a special token counts where the text holds its literal (one the tokenizer added, such as
+    BOS, adds nothing), and a word's leading space that the text lacks (SentencePiece's first word, which a
+    decode drops) is not counted. Past it, a special token adds its literal only where the reply shows special
+    tokens (``shown``: vLLM's ``skip_special_tokens: false``)."""
+
+    def __init__(self, pieces: TokenPieces, echo: str = "", shown: bool = False) -> None:
+        self.pieces, self.chars, self.echo, self.shown = pieces, 0, echo, shown
         self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
 
     def take(self, token: int) -> int:
-        """The offset where ``token`` starts; moves past it (special tokens, not in the text, add nothing)."""
-        start = self.chars
-        if token not in self.pieces.specials:
-            self.chars += len(self.decoder.decode(self.pieces.bytes(token)))
+        """The offset where ``token`` starts; moves past its text."""
+        start, echoed = self.chars, self.chars < len(self.echo)
+        if token in self.pieces.specials:
+            literal = self.pieces.text(token)
+            if self.echo.startswith(literal, start) if echoed else self.shown:
+                self.chars += len(literal)
+            return start
+        piece = self.decoder.decode(self.pieces.bytes(token))
+        if echoed and piece[:1] == " " and not self.echo.startswith(piece, start) and \
+                self.echo.startswith(piece[1:], start):
+            piece = piece[1:]
+        self.chars += len(piece)
         return start
 
 

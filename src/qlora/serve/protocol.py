@@ -92,6 +92,7 @@ _ENFORCED = ("It enforces, at every depth, type, properties, required, additiona
              "exclusiveMinimum, exclusiveMaximum (draft 4's booleans too), multipleOf, enum, const, anyOf, oneOf of "
              "exclusive alternatives, allOf of one schema and local $ref (recursion included), pattern, format and "
              "the length bounds together; uniqueItems, not and the rest are not.")
+TEXT_PARTS = ("text", "input_text", "output_text")  # content parts read as text: chat's and the Responses API's
 MAX_STOP_STRINGS = 32  # OpenAI takes 4; eval harnesses send their task's stops plus EOS, often more
 
 
@@ -246,6 +247,8 @@ class _Body(KnownFields):
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         if len(stop) > MAX_STOP_STRINGS:
             raise APIError(400, f"'stop' takes at most {MAX_STOP_STRINGS} strings, got {len(stop)}", "stop")
+        if "" in stop:  # it would end every reply before its first token; vLLM's 400
+            raise APIError(400, "'stop' cannot contain an empty string; leave it out", "stop")
         return tuple(stop)
 
     def include_usage(self) -> bool:
@@ -284,6 +287,7 @@ class ChatMessage(BaseModel):
     content: Union[str, list[dict[str, Any]], None] = None
     tool_calls: list[dict[str, Any]] | None = None
     tool_call_id: str | None = None
+    name: str | None = None  # OpenAI's participant name: to the template, as vLLM and transformers pass it
     reasoning: str | None = None  # an assistant message's reasoning, as vLLM returns it (and its older name)
     reasoning_content: str | None = None
 
@@ -304,29 +308,38 @@ class ChatMessage(BaseModel):
                            f"{where}.content")
         try:
             return Message(role, text, calls, self.tool_call_id if self.role == "tool" else None, images=images,
-                           reasoning=(self.reasoning or self.reasoning_content or "") if role == "assistant" else "")
+                           reasoning=(self.reasoning or self.reasoning_content or "") if role == "assistant" else "",
+                           name=self.name)
         except UsageError as exc:  # more or fewer <image> written in its text than images
             raise APIError(400, f"{where}: {exc}", f"{where}.content") from None
 
     def text(self, index: int) -> tuple[str, tuple]:
         """The message's text and its images (``image_url`` parts holding data: URIs, at ``<image>`` marks in
-        the text); other parts are refused."""
+        the text). Text parts are OpenAI's ``text`` (and the Responses API's ``input_text``/``output_text``, which
+        vLLM reads as text too); an assistant's ``refusal`` part is its text, as vLLM renders it. Other parts are
+        refused."""
         if not isinstance(self.content, list):
             return self.content or "", ()
         pieces, images = [], []
         for k, part in enumerate(self.content):
             where = f"messages.{index}.content.{k}"
-            if part.get("type") == "image_url":
+            kind = part.get("type")
+            key = "refusal" if kind == "refusal" and self.role == "assistant" else "text" if kind in TEXT_PARTS \
+                else None
+            if kind == "image_url":
                 value = part.get("image_url")
                 url = value.get("url") if isinstance(value, dict) else value
                 images.append(_data_image(url, where))
                 pieces.append(IMAGE_PLACEHOLDER)
-            elif part.get("type") != "text" or not isinstance(part.get("text"), str):
-                raise APIError(400, f"messages[{index}] has a content part of type {part.get('type')!r}; only "
-                                    "text parts ({'type': 'text', 'text': ...}) and image_url parts are supported",
-                               f"messages.{index}.content")
+            elif key is None:
+                raise APIError(400, f"messages[{index}] has a content part of type {kind!r}; only text parts "
+                                    "({'type': 'text', 'text': ...}), image_url parts and, in assistant messages, "
+                                    "refusal parts are supported", f"messages.{index}.content")
+            elif not isinstance(part.get(key), str):
+                raise APIError(400, f"Missing required parameter: '{where}.{key}' (a {kind!r} part's text, as a "
+                                    "string)", f"{where}.{key}")
             else:
-                pieces.append(part["text"])
+                pieces.append(part[key])
         return "".join(pieces), tuple(images)
 
 
@@ -579,7 +592,7 @@ class CompletionRequest(_Body):
             raise APIError(400, "'suffix' is not supported", "suffix")
         if self.best_of not in (None, 1):
             raise APIError(400, f"'best_of' must be 1, got {self.best_of}", "best_of")
-        if not self.prompt:
+        if isinstance(self.prompt, list) and not self.prompt:  # "" is a prompt: BOS alone, where the tokenizer adds one
             raise APIError(400, "'prompt' is empty", "prompt")
         if self.max_tokens == 0 and self.stream:
             raise APIError(400, "'max_tokens': 0 (scoring the prompt) cannot be streamed", "max_tokens")

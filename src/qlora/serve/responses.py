@@ -39,9 +39,8 @@ from pydantic import Field
 
 from ..infer.logprobs import TokenLogprob, TokenPieces
 from .logprobs import chat_logprobs
-from .protocol import APIError, ChatCompletionRequest, ChatMessage, _Body, sse
+from .protocol import TEXT_PARTS, APIError, ChatCompletionRequest, ChatMessage, _Body, sse
 
-TEXT_PARTS = ("input_text", "output_text", "text")
 LOGPROBS = "message.output_text.logprobs"
 # the values OpenAI's ``include`` takes; only LOGPROBS adds anything here (the others name items of built-in
 # tools, image inputs or reasoning, which qlora never makes, so there is nothing of theirs to add)
