@@ -38,6 +38,7 @@ from .architecture import check_runs_on_text, text_model_from_config
 from .bnb_int8 import BnbInt8
 from .checkpoint_layout import CheckpointLayout
 from .compressed_tensors import CompressedTensors
+from .foreign_checkpoints import foreign_checkpoint, gguf_file_error, is_gguf
 from .gptq_awq import GroupedInt
 from .local_path import looks_like_path, near_local_path
 from .modelopt import ModelOpt
@@ -63,8 +64,10 @@ def resolve_model_dir(name_or_path: str | Path) -> Path:
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise UsageError(f"--model {name_or_path}: {path} has no config.json; point --model at a transformers "
-                             "model folder (one written by save_pretrained).")
+                             f"model folder (one written by save_pretrained).{foreign_checkpoint(path)}")
         return path
+    if path.is_file() and is_gguf(path):
+        raise UsageError(f"--model {name_or_path}: {gguf_file_error(path)}")
     if path.exists() or looks_like_path(str(name_or_path)):
         raise UsageError(f"--model {name_or_path}: the model path does not exist or is not a folder; give a local "
                          "model folder or a hub id such as meta-llama/Meta-Llama-3-8B.")
