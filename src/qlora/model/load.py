@@ -407,8 +407,11 @@ def load_model(
     device = _target_device(device)
     model_dir = resolve_model_dir(name_or_path)
     files = weight_files(model_dir)
-    keys = _read_weight_keys(files)  # headers only: a corrupt file fails here, before any tensor is read
     config = read_model_config(model_dir)
+    # a format qlora does not read is named before its files are opened: torchao's pickles hold objects
+    # that weights_only refuses, which would hide what the checkpoint is
+    check_quantization_readable(config, model_dir)
+    keys = _read_weight_keys(files)  # headers only: a corrupt file fails here, before any tensor is read
     stored = _stored_format(config, model_dir)
     plan = DecodePlan(stored, keys)
     if quant is not None and getattr(stored, "requantized", None):
