@@ -62,7 +62,8 @@ def foreign_checkpoint(folder: Path) -> str:
         return (f" It holds Mistral's own checkpoint layout ({mistral[0]}), which transformers "
                 "does not read: use the transformers files of the same hub repository (config.json and "
                 "model*.safetensors) where it has them, or convert these with transformers' "
-                "convert_mistral_weights_to_hf.py (in transformers' source repository, src/transformers/models/mistral).")
+                "convert_mistral_weights_to_hf.py (in transformers' source repository, "
+                "src/transformers/models/mistral).")
     gguf = [p.name for p in files if is_gguf(p)]
     if gguf:
         return f" It holds {_listed(gguf)}: " + _gguf_advice(gguf[0])

@@ -7,8 +7,8 @@ Several models are released mainly in a low-precision float format rather than i
   (``float8_e4m3fn``) and ``weight_scale_inv``, one float scale per block of the weight
   (``weight_block_size``, 128 x 128 in these models; a last, partial block has its own scale);
   ``w = q * scale``; other writers name a layer's scale ``weight_scale`` (AutoFP8, one a tensor) or
-  ``qscale_weight`` (Mistral), read alike. Some checkpoints put MoE experts in the same files as packed FP4 (two ``e2m1``
-  codes a byte) with one scale per 32 values.
+  ``qscale_weight`` (Mistral), read alike. Some checkpoints put MoE experts in the same files as
+  packed FP4 (two ``e2m1`` codes a byte) with one scale per 32 values.
 - MXFP4 (``quant_method: "mxfp4"``): OpenAI's gpt-oss stores its MoE experts as ``P_blocks``
   (two ``e2m1`` codes a byte, low nibble first) and ``P_scales`` (one power-of-two exponent,
   biased by 127, per 32 values), the weight transposed against the model's ``(E, in, out)``.
