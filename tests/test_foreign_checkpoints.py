@@ -71,6 +71,9 @@ def test_layouts_transformers_does_not_read_are_named_with_the_way_out(shape, ti
     assert "optimizer.pt" not in str(err.value)
     code, stderr = cli_exit(["generate", "--model", str(model), "--prompt", "hi", "--max-new-tokens", "1"], capsys)
     assert code == 2 and all(w in " ".join(stderr.split()) for w in words) and "Traceback" not in stderr, stderr
+    if not (model / "config.json").is_file():  # estimate needs only that, and reads one given alone
+        code, stderr = cli_exit(["estimate", "--model", str(model)], capsys)
+        assert code == 2 and words[0] in " ".join(stderr.split()) and "Traceback" not in stderr, stderr
 
 
 def test_pickled_weights_load_and_safetensors_beside_them_win(tiny_model_dir, tmp_path):

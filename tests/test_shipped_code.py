@@ -100,3 +100,30 @@ def test_tokenizer_only_its_shipped_code_implements_is_refused_with_the_way_out(
     (folder / "tokenizer_config.json").write_text(json.dumps(config))
     text = "The quick brown fox"
     assert load_tokenizer(folder)(text)["input_ids"] == load_tokenizer(tiny_model_dir)(text)["input_ids"]
+
+
+def test_a_cached_hub_config_naming_shipped_code_is_refused_by_estimate(tmp_path, monkeypatch, capsys, questions):
+    """``qlora estimate ORG/NAME`` reads the config from the hub (here its cache): the same refusal, no question."""
+    from transformers import LlamaConfig
+
+    cache = tmp_path / "hub"
+    snapshot = cache / "models--org--custom" / "snapshots" / ("0" * 40)
+    snapshot.mkdir(parents=True)
+    (cache / "models--org--custom" / "refs").mkdir()
+    (cache / "models--org--custom" / "refs" / "main").write_text("0" * 40)
+    LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                vocab_size=400).save_pretrained(snapshot)
+    _ship(snapshot, "config.json", {"AutoConfig": "configuration_my.MyConfig"},
+          {"configuration_my.py": "from transformers import LlamaConfig\nclass MyConfig(LlamaConfig):\n"
+                                  "    model_type = 'my_model'\n"}, model_type="my_model")
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))  # read at import, from the env
+    import transformers.utils.hub
+
+    if hasattr(transformers.utils.hub, "TRANSFORMERS_CACHE"):  # transformers 4.x's own copy, also read at import
+        monkeypatch.setattr(transformers.utils.hub, "TRANSFORMERS_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    code, stderr = cli_exit(["estimate", "--model", "org/custom"], capsys)
+    assert code == 2 and "--model org/custom: " in stderr and "configuration_my.py" in stderr, stderr
+    assert "Traceback" not in stderr and not (snapshot / _MARKER).exists() and not questions

@@ -44,7 +44,7 @@ def check_model_path(name: str, option: str = "--model", adapter_ok: bool = True
         raise UsageError(f"{option} {name}: {path.absolute()} has no config.json, so it is not {what}; qlora loads "
                          f"models in that form only.{foreign_checkpoint(where)}{hint} Point {option} at the model's "
                          "own folder, or give a hub id such as meta-llama/Meta-Llama-3-8B.")
-    if path.is_file() and not file_ok and is_gguf(path):
+    if path.is_file() and is_gguf(path):  # never a config.json either, which estimate reads given alone
         raise UsageError(f"{option} {name}: {gguf_file_error(path.absolute())}")
     if path.is_file() and not file_ok:
         parent = path.absolute().parent
