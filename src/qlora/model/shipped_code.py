@@ -32,7 +32,10 @@ def shipped_code(json_file: Path, auto_class: str | None = None) -> list[str]:
 
 def model_code_error(config_file: Path) -> UsageError | None:
     """Why the model of ``config_file`` cannot be built (its type exists only as code the folder ships), or None
-    when its ``auto_map`` names no code."""
+    when its ``auto_map`` names no code or transformers implements its type (then something else is wrong)."""
+    import transformers
+    from transformers import CONFIG_MAPPING
+
     files = shipped_code(config_file)
     if not files:
         return None
@@ -40,7 +43,8 @@ def model_code_error(config_file: Path) -> UsageError | None:
         model_type = json.loads(config_file.read_text()).get("model_type")
     except (OSError, ValueError, AttributeError):
         model_type = None
-    import transformers
+    if model_type in CONFIG_MAPPING:
+        return None
 
     return UsageError(f"{config_file}: model_type {model_type!r} is implemented only by the code shipped with "
                       f"the checkpoint ({', '.join(files)}, named by its auto_map), not by transformers "
