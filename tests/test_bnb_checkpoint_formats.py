@@ -151,6 +151,26 @@ def test_other_quantized_checkpoints_are_refused_with_what_to_do(tmp_path, tiny_
         assert str(folder / "config.json") in captured.err and "Traceback" not in captured.err
 
 
+class _QuantizedTensorStandIn:
+    """What torchao's pickles hold in place of tensors (its tensor subclasses): objects ``weights_only`` refuses."""
+
+
+def test_a_refused_format_is_named_before_its_pickled_weights_are_opened(tmp_path, tiny_tokenizer, capsys):
+    """torchao checkpoints are saved as pytorch_model.bin holding its tensor subclasses; the refusal must name the
+    format from config.json, not send the user to re-save pickles that would be torchao's again."""
+    base = build_tiny_model(tmp_path / "base", tokenizer=tiny_tokenizer, arch="llama")
+    folder = _with_quantization_config(base, tmp_path / "torchao", {
+        "quant_method": "torchao", "quant_type": {"default": {"_type": "Int4WeightOnlyConfig", "_data": {}}}})
+    (folder / "model.safetensors").unlink()
+    torch.save({"model.embed_tokens.weight": _QuantizedTensorStandIn()}, folder / "pytorch_model.bin")
+    with pytest.raises(UsageError) as err:
+        qlora.load_model(folder, device="cpu")
+    assert str(folder / "config.json") in str(err.value) and "'torchao'" in str(err.value)
+    assert main(["generate", "--model", str(folder), "--prompt", "hi", "--max-new-tokens", "1"]) == 2
+    captured = capsys.readouterr()
+    assert "'torchao'" in captured.err and "Traceback" not in captured.err
+
+
 @pytest.mark.parametrize("arch, quant_type, double_quant, blocksize, compute", [
     ("llama", "nf4", True, 64, "fp32"),
     ("qwen2", "fp4", False, 64, "fp16"),

@@ -215,6 +215,45 @@ def test_mxfp4_gpt_oss_experts(tmp_path, tiny_tokenizer):
     _assert_same_4bit(path, _save_dense(ref, path, tmp_path / "decoded"))
 
 
+def write_fp8_per_tensor(src: Path, out: Path, scale: str, activation: str) -> Path:
+    """``src``'s projection weights in FP8 with one scale each, under the layer's ``scale`` name and with a static
+    activation scale ``activation``, as writers other than transformers name them (``quant_method: fp8``, no block)."""
+    out.mkdir()
+    tensors = {}
+    for key, w in load_file(src / "model.safetensors").items():
+        if w.dim() == 2 and key.endswith("proj.weight") and ".layers." in key:
+            module = key.removesuffix(".weight")
+            q, s = fp8_encode(w, tuple(w.shape))
+            tensors |= {key: q, f"{module}.{scale}": s.reshape(()), f"{module}.{activation}": torch.tensor(0.02)}
+        else:
+            tensors[key] = w
+    save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
+    _copy_config(src, out, {"quant_method": "fp8", "activation_scheme": "static"})
+    return out
+
+
+def test_fp8_per_tensor_scales_as_autofp8_writes_them(tiny_model_dir, tmp_path):
+    """AutoFP8's checkpoints (neuralmagic's first -FP8 releases) store ``weight_scale`` and ``input_scale``; its
+    format description says ``w = q * weight_scale``. (transformers 5 reads no such scale and leaves the codes
+    unscaled, so the oracle is that formula.)"""
+    path = write_fp8_per_tensor(tiny_model_dir, tmp_path / "autofp8", "weight_scale", "input_scale")
+    stored = load_file(path / "model.safetensors")
+    expected = {k: v.float() * stored[k.removesuffix("weight") + "weight_scale"] if v.dtype == torch.float8_e4m3fn
+                else v for k, v in stored.items() if not k.endswith("_scale")}
+    ours, _ = load_model(path, quant=None, compute_dtype=torch.float32, device="cpu")
+    assert_same_tensors(ours.state_dict(), expected)
+    dense = _folder(tmp_path / "decoded", expected, json.loads((tiny_model_dir / "config.json").read_text()),
+                    tiny_model_dir)
+    _assert_same_4bit(path, dense)
+
+
+@pytest.mark.skipif(not _V5, reason="transformers 4.x dequantizes FP8 on a GPU only")
+def test_fp8_scales_under_mistrals_names_load_as_transformers_reads_them(tiny_model_dir, tmp_path):
+    """``qscale_weight`` and ``qscale_act`` (Mistral's names), which transformers reads as ``weight_scale_inv`` and
+    an activation scale."""
+    _assert_same_as_transformers(write_fp8_per_tensor(tiny_model_dir, tmp_path / "m", "qscale_weight", "qscale_act"))
+
+
 def test_stored_floats_train_and_merge_to_a_plain_checkpoint(fp8_llama, tmp_path):
     """An FP8 base trains like any other, and `qlora merge` writes a plain 16-bit checkpoint (no FP8
     quantization_config) that transformers loads as it is."""
@@ -256,6 +295,10 @@ def test_broken_stored_floats_are_named(fp8_llama, tmp_path, tiny_model_dir):
     orphan = _folder(tmp_path / "orphan", {k: v for k, v in files.items() if k != key}, config, fp8_llama)
     with pytest.raises(UsageError, match=rf"{key}_scale_inv has no weight {key} beside it"):
         load(orphan)
+    two = _folder(tmp_path / "two", files | {key.removesuffix("weight") + "weight_scale": torch.ones(())}, config,
+                  fp8_llama)
+    with pytest.raises(UsageError, match=rf"the FP8 weight {key} has several scales"):
+        load(two)
     grid = _folder(tmp_path / "grid", files | {key + "_scale_inv": torch.ones(3, 3)}, config, fp8_llama)
     with pytest.raises(UsageError, match=rf"FP8 tensor {key}: its scale grid \(3, 3\) does not tile"):
         load(grid)

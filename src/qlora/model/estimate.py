@@ -40,6 +40,7 @@ from .local_path import near_local_path
 from .quantize import (fp32_linear_names, is_linear_like, is_plain_linear, is_skipped, kept_dense_names, kept_in_fp32,
                        matches_any)
 from .saved_activations import LayerSaves, NotMeasurable, measure
+from .shipped_code import model_code_error
 from .target_hints import unmatched_hint, weight_modules
 
 GIB = 1024**3
@@ -178,9 +179,12 @@ def load_config(model: str, option: str = ""):
         from .. import hub
 
         cache_only = hub.cache_only()  # no minute of retries against a hub that is not there
-        try:
-            config = AutoConfig.from_pretrained(model, local_files_only=cache_only)
+        try:  # never transformers' question on the terminal, nor code from the repository (see shipped_code)
+            config = AutoConfig.from_pretrained(model, local_files_only=cache_only, trust_remote_code=False)
         except (OSError, ValueError) as exc:
+            custom = _model_code_error(model) if isinstance(exc, ValueError) else None
+            if custom is not None:
+                raise UsageError(f"{option} {model}: {custom}".strip()) from None
             if cache_only:
                 raise hub.unreachable_error(f"{option} {model}".strip(), "model config",
                                             f"a local path or {_KNOWN_NAMES}", cache_checked=True,
@@ -191,6 +195,14 @@ def load_config(model: str, option: str = ""):
         return check_model_config(config, model)
     raise UsageError(f"{option} {model!r}".strip() + ": unknown model, not a local path nor a hub id (org/name); "
                      f"pass a model folder, a config.json, a hub id, or {_KNOWN_NAMES}.")
+
+
+def _model_code_error(model: str) -> UsageError | None:
+    """:func:`~qlora.model.shipped_code.model_code_error` of hub id ``model``'s config.json, now in the cache."""
+    from huggingface_hub import try_to_load_from_cache
+
+    cached = try_to_load_from_cache(model, "config.json")
+    return model_code_error(Path(cached)) if isinstance(cached, str) else None
 
 
 def count_parameters(config) -> ModelCounts:

@@ -38,11 +38,13 @@ from .architecture import check_runs_on_text, text_model_from_config
 from .bnb_int8 import BnbInt8
 from .checkpoint_layout import CheckpointLayout
 from .compressed_tensors import CompressedTensors
+from .foreign_checkpoints import foreign_checkpoint, gguf_file_error, is_gguf
 from .gptq_awq import GroupedInt
 from .local_path import looks_like_path, near_local_path
 from .modelopt import ModelOpt
 from .quantize import (checked_format, fp32_linear_names, is_conv1d, is_plain_linear, is_skipped, kept_dense_names,
                        kept_in_fp32, non_text_names, output_embedding_names, replace_modules, tied_keys, weight_count)
+from .shipped_code import model_code_error, tokenizer_code_error
 from .stored_floats import DecodePlan, StoredFloats, StoredFormat
 from .weight_files import LAYOUTS, indexed_files, open_weights, weight_files
 
@@ -62,8 +64,10 @@ def resolve_model_dir(name_or_path: str | Path) -> Path:
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise UsageError(f"--model {name_or_path}: {path} has no config.json; point --model at a transformers "
-                             "model folder (one written by save_pretrained).")
+                             f"model folder (one written by save_pretrained).{foreign_checkpoint(path)}")
         return path
+    if path.is_file() and is_gguf(path):
+        raise UsageError(f"--model {name_or_path}: {gguf_file_error(path)}")
     if path.exists() or looks_like_path(str(name_or_path)):
         raise UsageError(f"--model {name_or_path}: the model path does not exist or is not a folder; give a local "
                          "model folder or a hub id such as meta-llama/Meta-Llama-3-8B.")
@@ -403,8 +407,11 @@ def load_model(
     device = _target_device(device)
     model_dir = resolve_model_dir(name_or_path)
     files = weight_files(model_dir)
-    keys = _read_weight_keys(files)  # headers only: a corrupt file fails here, before any tensor is read
     config = read_model_config(model_dir)
+    # a format qlora does not read is named before its files are opened: torchao's pickles hold objects
+    # that weights_only refuses, which would hide what the checkpoint is
+    check_quantization_readable(config, model_dir)
+    keys = _read_weight_keys(files)  # headers only: a corrupt file fails here, before any tensor is read
     stored = _stored_format(config, model_dir)
     plan = DecodePlan(stored, keys)
     if quant is not None and getattr(stored, "requantized", None):
@@ -683,9 +690,12 @@ def read_model_config(model_dir: str | Path):
     except ImportError:  # an older huggingface_hub, without typed configs
         StrictDataclassError = TypeError
     path = Path(model_dir) if Path(model_dir).is_file() else Path(model_dir) / "config.json"
-    try:
-        config = AutoConfig.from_pretrained(model_dir)
+    try:  # never transformers' question on the terminal, nor code from the folder (see shipped_code)
+        config = AutoConfig.from_pretrained(model_dir, trust_remote_code=False)
     except (OSError, ValueError, TypeError, StrictDataclassError) as exc:
+        custom = model_code_error(path) if isinstance(exc, ValueError) else None
+        if custom is not None:
+            raise custom from None
         raise UsageError(f"{path} could not be read as a transformers config "
                          f"({' '.join(str(exc).split())[:300] or type(exc).__name__}).") from None
     return check_model_config(config, path)
@@ -751,8 +761,11 @@ def load_tokenizer(folder: str | Path):
         raise UsageError(f"{folder} holds no tokenizer files (tokenizer.json, tokenizer_config.json, "
                          f"tokenizer.model, vocab.json...). {needs}")
     try:
-        tokenizer = AutoTokenizer.from_pretrained(folder)
+        tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
     except (OSError, ValueError, ImportError, TypeError) as exc:  # 4.x: TypeError for a vocabulary file missing
+        custom = tokenizer_code_error(folder) if isinstance(exc, ValueError) else None
+        if custom is not None:
+            raise custom from None
         raise UsageError(f"the tokenizer in {folder} could not be loaded ({type(exc).__name__}: "
                          f"{str(exc).strip().splitlines()[0] if str(exc).strip() else exc!r}). {needs}") from None
     # transformers 5 builds a GPT-2 or Qwen tokenizer with no vocabulary where its files are missing

@@ -13,6 +13,7 @@ import os
 from pathlib import Path
 
 from ..errors import UsageError
+from .foreign_checkpoints import foreign_checkpoint, gguf_file_error, is_gguf
 
 
 def looks_like_path(name: str) -> bool:
@@ -41,8 +42,10 @@ def check_model_path(name: str, option: str = "--model", adapter_ok: bool = True
         if adapter_ok:
             what += " nor a LoRA adapter folder (adapter_config.json)"
         raise UsageError(f"{option} {name}: {path.absolute()} has no config.json, so it is not {what}; qlora loads "
-                         f"models in that form only.{hint} Point {option} at the model's own folder, or give a hub id "
-                         "such as meta-llama/Meta-Llama-3-8B.")
+                         f"models in that form only.{foreign_checkpoint(where)}{hint} Point {option} at the model's "
+                         "own folder, or give a hub id such as meta-llama/Meta-Llama-3-8B.")
+    if path.is_file() and is_gguf(path):  # never a config.json either, which estimate reads given alone
+        raise UsageError(f"{option} {name}: {gguf_file_error(path.absolute())}")
     if path.is_file() and not file_ok:
         parent = path.absolute().parent
         hint = (f"; its folder {parent} is a model folder: give that" if (parent / "config.json").is_file() else

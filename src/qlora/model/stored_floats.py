@@ -6,8 +6,9 @@ Several models are released mainly in a low-precision float format rather than i
   Qwen3's ``-FP8`` releases, MiniMax-M2 and others. A linear weight is stored as ``weight``
   (``float8_e4m3fn``) and ``weight_scale_inv``, one float scale per block of the weight
   (``weight_block_size``, 128 x 128 in these models; a last, partial block has its own scale);
-  ``w = q * scale``. Some checkpoints put MoE experts in the same files as packed FP4 (two ``e2m1``
-  codes a byte) with one scale per 32 values.
+  ``w = q * scale``; other writers name a layer's scale ``weight_scale`` (AutoFP8, one a tensor) or
+  ``qscale_weight`` (Mistral), read alike. Some checkpoints put MoE experts in the same files as
+  packed FP4 (two ``e2m1`` codes a byte) with one scale per 32 values.
 - MXFP4 (``quant_method: "mxfp4"``): OpenAI's gpt-oss stores its MoE experts as ``P_blocks``
   (two ``e2m1`` codes a byte, low nibble first) and ``P_scales`` (one power-of-two exponent,
   biased by 127, per 32 values), the weight transposed against the model's ``(E, in, out)``.
@@ -35,7 +36,11 @@ FP8_METHODS = ("fp8",)
 MXFP4_METHODS = ("mxfp4",)
 FP4_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)  # e2m1 codes
 _FP8_SCALE = "_scale_inv"  # FineGrainedFP8: the scale of `X` is `X_scale_inv` (`weight_scale_inv`)
-_FP8_IGNORED = ("activation_scale", "input_scale")  # static activation scales: no role in a dequantized model
+# A linear layer's scale as other writers of `quant_method: fp8` name it, also `w = q * scale`: AutoFP8's per-tensor
+# `weight_scale` (neuralmagic's first -FP8 releases), Mistral's `qscale_weight` (transformers reads it as the former)
+_FP8_LAYER_SCALES = ("weight_scale", "qscale_weight")
+# static activation scales, by those writers' names too: no role in a dequantized model
+_FP8_IGNORED = ("activation_scale", "input_scale", "act_scale", "qscale_act")
 _MX_PAYLOAD, _MX_SCALES = "_blocks", "_scales"
 FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
 
@@ -96,7 +101,7 @@ class StoredFloats:
         """The float32 tensor ``key`` from its stored parts (keyed by their checkpoint names)."""
         if self.method in MXFP4_METHODS:
             return _mxfp4(parts[key + _MX_PAYLOAD], parts[key + _MX_SCALES], key)
-        return self._fp8(key, parts[key], parts[key + _FP8_SCALE])
+        return self._fp8(key, parts[key], next(parts[n] for n in _fp8_scales(key) if n in parts))
 
     def _fp8(self, key: str, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         values = unpack_fp4(q) if q.dtype in (torch.int8, torch.uint8) else q.to(torch.float32)
@@ -112,9 +117,13 @@ class StoredFloats:
                 missing = (names ^ {key + _MX_PAYLOAD, key + _MX_SCALES}).pop()
                 raise UsageError(f"{file}: the MXFP4 tensor {key} lacks its part {missing}; is the "
                                  "checkpoint complete?")
-        elif self.method in FP8_METHODS and key + _FP8_SCALE in names and key not in names:
-            raise UsageError(f"{file}: {key + _FP8_SCALE} has no weight {key} beside it; is the checkpoint "
-                             "complete?")
+        elif self.method in FP8_METHODS and names - {key}:
+            scales = sorted(names - {key})
+            if key not in names:
+                raise UsageError(f"{file}: {scales[0]} has no weight {key} beside it; is the checkpoint complete?")
+            if len(scales) > 1:
+                raise UsageError(f"{file}: the FP8 weight {key} has several scales ({', '.join(scales)}), so which "
+                                 "one applies is not known; the checkpoint mixes two writers' files.")
 
     def whole_error(self, key: str, tensor: torch.Tensor) -> str | None:
         """Why a tensor stored with no scale cannot be a model tensor (FP8 codes alone), or None."""
@@ -130,9 +139,9 @@ class StoredFloats:
                 if key.endswith(suffix):
                     return key[: -len(suffix)]
             return key
-        if key.rpartition(".")[2] in _FP8_IGNORED:
-            return None
-        return key[: -len(_FP8_SCALE)] if key.endswith(_FP8_SCALE) else key
+        if key.endswith(_FP8_SCALE):
+            return key[: -len(_FP8_SCALE)]
+        return layer_part_owner(key, _FP8_LAYER_SCALES, _FP8_IGNORED)
 
 
 class DecodePlan:
@@ -186,6 +195,13 @@ def layer_part_owner(key: str, parts: Collection[str], dropped: Collection[str] 
     if leaf in parts:
         return f"{module}.weight" if module else "weight"
     return key
+
+
+def _fp8_scales(key: str) -> tuple[str, ...]:
+    """The names the scale of FP8 tensor ``key`` may be stored under (its ``_scale_inv``; a layer's other names)."""
+    module, _, leaf = key.rpartition(".")
+    others = tuple(f"{module}.{s}" if module else s for s in _FP8_LAYER_SCALES) if leaf == "weight" else ()
+    return (key + _FP8_SCALE, *others)
 
 
 def expand_scale(scale: torch.Tensor, shape: torch.Size, block: tuple[int, int] | None) -> torch.Tensor | None:

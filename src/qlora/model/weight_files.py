@@ -18,6 +18,7 @@ from typing import Iterator, Protocol
 import torch
 
 from ..errors import UsageError
+from .foreign_checkpoints import foreign_checkpoint
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 PICKLE_INDEX = "pytorch_model.bin.index.json"
@@ -67,7 +68,7 @@ def weight_files(model_dir: Path) -> list[Path]:
         if (model_dir / single).is_file():
             return [model_dir / single]
     raise UsageError(f"{model_dir} has no weights transformers would read: no model.safetensors, "
-                     f"{SAFETENSORS_INDEX}, pytorch_model.bin or {PICKLE_INDEX}.")
+                     f"{SAFETENSORS_INDEX}, pytorch_model.bin or {PICKLE_INDEX}.{foreign_checkpoint(model_dir)}")
 
 
 @contextmanager
