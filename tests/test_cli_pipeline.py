@@ -127,7 +127,8 @@ def test_sigint_saves_a_checkpoint_and_exits_cleanly(tmp_path, tiny_model_dir, c
 def test_an_adapter_folder_without_its_adapter_names_the_newest_checkpoint(tmp_path):
     from qlora.model.adapter_io import read_adapter_config
 
-    for step in ("step-0000009", "step-0000012", "step-0000100"):
+    # by step number (not name length or letters), and a user's copy beside them (step-0000100.bak) is none
+    for step in ("step-0000009", "step-0000012", "step-0000100", "step-0000100.bak", "step-99"):
         (tmp_path / "run" / "checkpoints" / step / "adapter").mkdir(parents=True)
         (tmp_path / "run" / "checkpoints" / step / "adapter" / "adapter_config.json").write_text("{}")
     with pytest.raises(UsageError, match=r"without its final adapter.*--resume.*step-0000100/adapter\.$"):

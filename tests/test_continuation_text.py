@@ -168,3 +168,47 @@ def test_generate_per_adapter_prints_each_continuation_with_its_leading_space(sp
                  "--adapter", str(tmp_path / "a"), "--adapter", str(tmp_path / "b")]) == 0
     text = oracle(tok, ids, reply)
     assert capsys.readouterr().out.splitlines() == [f"[a] {text}", f"[b] {text}"]
+
+
+def test_a_continued_final_message_keeps_its_leading_space(spm_model):
+    """/v1/chat/completions with continue_final_message (the assistant's message left open and continued): the reply
+    goes on after the message's text, as a raw continuation does, so its first word keeps its space (vLLM decodes it
+    after the prompt), and echo joins the message and the reply to the text their tokens spell."""
+    openai = pytest.importorskip("openai")
+    pytest.importorskip("fastapi")
+    import qlora
+    from qlora.infer.batcher import ContinuousBatcher
+    from qlora.model.chat_format import ChatFormat
+    from qlora.serve.app import build_app
+    from qlora.serve.server import BackgroundServer
+
+    model, tok = qlora.load_model(spm_model, quant="none", compute_dtype=torch.float32, device="cpu")
+    started = word_start_prompt(spm_model, tok)
+    template = ("{% for m in messages %}{{ m.content }}{% if not (loop.last and continue_final_message) %}\n"
+                "{% endif %}{% endfor %}")
+    messages = [{"role": "user", "content": "x"}, {"role": "assistant", "content": started}]
+    rendered = tok.apply_chat_template(messages, chat_template=template, continue_final_message=True, tokenize=False)
+    assert rendered.endswith(started)
+    ids = tok(rendered, add_special_tokens=False).input_ids
+    with torch.no_grad():
+        out = model.generate(torch.tensor([ids]), max_new_tokens=6, do_sample=False, pad_token_id=tok.eos_token_id)
+    reply = out[0, len(ids):].tolist()
+    expected = oracle(tok, ids, reply)
+    assert expected.startswith(" ") and not tok.decode(reply, skip_special_tokens=True).startswith(" ")
+    batcher = ContinuousBatcher(model.eval(), tok, max_batch_size=4, context_length=256).start()
+    body = {"continue_final_message": True, "add_generation_prompt": False}
+    try:
+        app = build_app(batcher, "tiny", [], chat_formats={None: ChatFormat(template, "test template")})
+        with BackgroundServer(app) as server:
+            client = openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0, timeout=60)
+            whole = client.chat.completions.create(model="tiny", messages=messages, max_tokens=6, temperature=0,
+                                                   extra_body=body)
+            assert whole.choices[0].message.content == expected
+            chunks = client.chat.completions.create(model="tiny", messages=messages, max_tokens=6, temperature=0,
+                                                    stream=True, extra_body=body)
+            assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == expected
+            echoed = client.chat.completions.create(model="tiny", messages=messages, max_tokens=6, temperature=0,
+                                                    extra_body={**body, "echo": True})
+            assert echoed.choices[0].message.content == started + expected
+    finally:
+        batcher.close()

@@ -116,7 +116,8 @@ def test_a_dataset_of_empty_rows_is_refused_naming_them(tmp_path, qwen_tokenizer
 @pytest.mark.parametrize("row, error", [
     ({"messages": [{"role": "narrator", "content": "Hi"}]}, r"line 1, message 0: unknown role 'narrator'"),
     ({"messages": "hello"}, r'line 1: field "messages" must be a non-empty list'),
-    ({"messages": [{"role": "user", "content": 5}]}, r'line 1, message 0: "content" must be a string'),
+    ({"messages": [{"role": "user", "content": True}]}, r'line 1, message 0: "content" must be a string, a '
+                                                        r"number or a list of text parts, got true"),
     ({"messages": [{"role": "user", "content": [{"type": "text", "text": None}]}]},
      r'line 1, message 0: content part 0 is a text part whose "text" is null; it must be a string'),
     ({"messages": [{"role": None, "content": "Hi"}]}, r'line 1, message 0: "role" must be a string naming the '
@@ -130,6 +131,25 @@ def test_malformed_rows_are_still_refused_with_file_and_line(tmp_path, row, erro
     path = _write(tmp_path / "data.jsonl", [row])
     with pytest.raises(UsageError, match=rf"^{path} {error}"):
         normalize(load_records(path))
+
+
+def test_a_number_as_a_message_is_its_text_as_a_chat_template_renders_it(tmp_path, qwen_tokenizer):
+    """{"from": "gpt", "value": 42} (a numeric answer column turned into turns): transformers' apply_chat_template,
+    which TRL's SFTTrainer calls on such rows, renders the number's text where the template prints the content
+    ({{ message['content'] }}, as Llama 2's and Mistral's; one that adds strings, as Qwen's, fails on it instead);
+    qlora trains the same text, under every template."""
+    printing = "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}</s>{% endfor %}"
+    rows = [{"conversations": [{"from": "human", "value": "6*7?"}, {"from": "gpt", "value": 42}]},
+            {"messages": [{"role": "user", "content": 7}, {"role": "assistant", "content": -0.125}]},
+            {"messages": [{"role": "user", "content": "big?"}, {"role": "assistant", "content": 12345678901234567890}]}]
+    for k, row in enumerate(rows):  # a file a format
+        [example] = normalize(load_records(_write(tmp_path / f"numbers{k}.jsonl", [row])))
+        raw = [{"role": {"human": "user", "gpt": "assistant"}.get(m.get("from"), m.get("role")),
+                "content": m.get("value", m.get("content"))} for m in next(iter(row.values()))]
+        assert list(example.messages) == [{**m, "content": m["content"] if isinstance(m["content"], str) else
+                                           str(m["content"])} for m in raw]
+        assert qwen_tokenizer.apply_chat_template(list(example.messages), chat_template=printing, tokenize=False) \
+            == qwen_tokenizer.apply_chat_template(raw, chat_template=printing, tokenize=False)
 
 
 def test_cli_train_skips_empty_answers_and_refuses_all_empty(tmp_path, tiny_model_dir, capsys):

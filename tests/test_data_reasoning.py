@@ -194,9 +194,39 @@ def test_harmony_template_gets_thinking_and_trains_the_analysis_channel(harmony_
     tokenized = tokenize(tok, [U1, assistant("Four.", R1, "thinking"), U2, last])
     text = tok.decode(tokenized.input_ids)
     assert R1 not in text and "<think>" not in text
-    assert trained_text(tok, tokenized) == [
-        "Four.<|end|>",
+    assert trained_text(tok, tokenized) == [  # each turn from the end of the generation prompt <|start|>assistant
+        "<|channel|>final<|message|>Four.<|end|>",
         f"<|channel|>analysis<|message|>{R2}<|end|><|start|>assistant<|channel|>final<|message|>Six.<|return|>"]
+
+
+def test_gpt_oss_turns_train_what_trl_trains_but_the_generation_prompt(harmony_tokenizer):
+    """gpt-oss's real template (as TRL ships it) with TRL's assistant-only masks (its gptoss_training template's
+    {% generation %} blocks): each assistant turn is trained from its <|start|>assistant on. The model is given that
+    generation prompt and writes the rest, the channel header (<|channel|>final<|message|>) included, so qlora trains
+    the same turns without the prompt: a turn without reasoning too, not its answer alone."""
+    import os
+
+    import trl
+    from trl.chat_template_utils import get_training_chat_template
+
+    folder = os.path.join(os.path.dirname(trl.__file__), "chat_templates")
+    tok = copy.deepcopy(harmony_tokenizer)
+    tok.add_special_tokens({"additional_special_tokens": ["<|call|>"]})
+    with open(os.path.join(folder, "gptoss.jinja")) as fh:
+        tok.chat_template = fh.read()
+    training = get_training_chat_template(tok)
+    prompt = "<|start|>assistant"
+    for messages in ([U1, assistant("Four.", R1, "thinking")], [U1, {"role": "assistant", "content": "Four."}],
+                     [U1, {"role": "assistant", "content": "Four."}, U2, assistant("Six.", R2, "thinking")]):
+        marked = tok.apply_chat_template(messages, chat_template=training, return_dict=True, tokenize=True,
+                                         return_assistant_tokens_mask=True)
+        ids = marked["input_ids"]
+        theirs = [tok.decode(run) for run in trained_runs(ids, [t if m else IGNORE_INDEX for t, m in
+                                                                 zip(ids, marked["assistant_masks"])])]
+        tokenized = tokenize(tok, messages)
+        assert tokenized.input_ids == ids
+        assert all(run.startswith(prompt) for run in theirs)
+        assert trained_text(tok, tokenized) == [run[len(prompt):] for run in theirs]
 
 
 # ---------------------------------------------------------------- <think> markers: reasoning folded into the content

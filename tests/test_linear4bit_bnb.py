@@ -61,3 +61,32 @@ def test_forward_and_backward_match_bitsandbytes(in_f, out_f, compute, quant_typ
                 bound = _ULP[compute] * grad.to(compute).double().abs().reshape(-1, out_f).sum(0) + 1e-30
                 assert ((got.double() - exact).abs() <= bound).all(), f"bias gradient [{case}]"
                 ours.bias.grad = theirs.bias.grad = None
+
+
+def test_asking_the_4bit_weight_for_a_gradient_is_refused_as_bitsandbytes_refuses_it():
+    """bitsandbytes refuses requires_grad_(True) on its Linear4bit and on its Params4bit weight (uint8); qlora's
+    layer refuses too, with a message naming the layer and what trains it instead, never silently no gradient,
+    also where make_shardable (FSDP2) stores the codes as float parameters, which accept requires_grad."""
+    dense = torch.nn.Linear(64, 32)
+    theirs = _bnb_layer(dense, "nf4", True, torch.float32, 64)
+    for target in (theirs, theirs.weight):
+        with pytest.raises(RuntimeError):
+            target.requires_grad_(True)
+    ours = Linear4bit.from_linear(dense, compute_dtype=torch.float32)
+    with pytest.raises(RuntimeError, match=r"Linear4bit\(in_features=64, out_features=32.*frozen.*modules_to_save"):
+        ours.requires_grad_(True)
+    with pytest.raises(RuntimeError):
+        ours.weight.requires_grad_(True)
+    ours.requires_grad_(False)  # freezing is always fine
+    ours.bias.requires_grad_(True)  # and the bias trains (PEFT's bias="all")
+    ours(torch.randn(2, 64)).sum().backward()
+    assert ours.bias.grad is not None
+    sharded = Linear4bit.from_linear(dense, compute_dtype=torch.float32)
+    sharded.make_shardable(torch.bfloat16)
+    model = torch.nn.Sequential(sharded)
+    model.requires_grad_(True)  # the codes are parameters here: torch lets them require a gradient
+    assert sharded.weight.requires_grad
+    with pytest.raises(RuntimeError, match=r"Linear4bit\(in_features=64.*no gradient reaches"):
+        model(torch.randn(2, 64))
+    with torch.no_grad():  # inference is unaffected
+        assert torch.equal(model(torch.ones(2, 64)), ours(torch.ones(2, 64)))

@@ -464,3 +464,55 @@ def test_a_sharded_save_over_a_one_file_one_in_a_users_folder_loads_the_new_weig
     qlora.save_merged(plain, out, tokenizer)  # and back: no shard of the sharded save is left
     assert sorted(p.name for p in out.glob("model*")) == ["model.safetensors"]
     assert (out / "README.md").read_text() == "my model card"
+
+
+_KILLED_SAVE = """
+import os, signal, sys
+from pathlib import Path
+import qlora.atomic as atomic
+where, replace, rmtree = sys.argv[2], os.replace, atomic.shutil.rmtree
+renames = []
+def kill_at(point):
+    if point == where:
+        os.kill(os.getpid(), signal.SIGKILL)
+def renaming(src, dst):
+    renames.append(dst)
+    kill_at("between renames" if len(renames) == 2 else None)
+    replace(src, dst)
+def removing(path, **kw):
+    kill_at("removing the old" if ".old-" in str(path) else None)
+    rmtree(path, **kw)
+atomic.os.replace, atomic.shutil.rmtree = renaming, removing
+with atomic.atomic_dir(sys.argv[1]) as tmp:
+    (tmp / "config.json").write_text("2")
+    kill_at("writing")
+"""
+
+
+@pytest.mark.parametrize("where", ["writing", "between renames", "removing the old"])
+def test_a_killed_atomic_save_leaves_hidden_folders_the_next_save_clears_or_puts_back(tmp_path, where):
+    """kill -9 in an atomic save over a folder leaves its copy being written (.out.tmp-PID-...) or the previous
+    content set aside (.out.old-PID), as large as the folder; the next save clears them, and where the kill fell
+    between the two renames (no out at all), puts the previous content back. A running writer's are kept."""
+    from qlora.atomic import atomic_dir, clear_leftovers
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "config.json").write_text("1")
+    killed = subprocess.run([sys.executable, "-c", _KILLED_SAVE, str(out), where],
+                            env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src")})
+    assert killed.returncode == -9
+    hidden = sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("."))
+    assert hidden and all(n.startswith((".out.tmp-", ".out.old-")) for n in hidden), hidden
+    assert out.exists() == (where != "between renames")
+    running = tmp_path / f".out.old-{os.getppid()}"  # a save under way in a live process: never touched
+    running.mkdir()
+    clear_leftovers(tmp_path, "other")  # another target's: nothing changes
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == sorted([*hidden, running.name])
+    if where == "between renames":  # the previous content, put back whole
+        clear_leftovers(tmp_path)
+        assert (out / "config.json").read_text() == "1"
+    with atomic_dir(out) as tmp:
+        (tmp / "config.json").write_text("3")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["out", running.name])
+    assert (out / "config.json").read_text() == "3"

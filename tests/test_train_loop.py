@@ -70,9 +70,13 @@ def test_resume_reproduces_uninterrupted_losses(tmp_path, tiny_model_dir, optim)
     assert len(first.losses) == 4
     stale = tmp_path / "part" / "checkpoints" / ".step-0000005.tmp-killed"  # a checkpoint being written at a kill -9
     (stale / "adapter").mkdir(parents=True)
+    dead = subprocess.Popen([sys.executable, "-c", ""])
+    dead.wait()
+    replaced = tmp_path / "part" / "checkpoints" / f".step-0000004.old-{dead.pid}"  # killed as it replaced step 4
+    (replaced / "adapter").mkdir(parents=True)
     resumed = Trainer(_config(tiny_model_dir, data, tmp_path / "part", resume=True, **kw)).run()
     assert resumed == full  # bit-identical on CPU
-    assert not stale.exists()  # cleared by the next checkpoint's writer
+    assert not stale.exists() and not replaced.exists()  # cleared by the next checkpoint's writer
     steps = [json.loads(line)["step"] for line in (tmp_path / "part" / "metrics.jsonl").read_text().splitlines()]
     assert steps == list(range(1, 9))
 

@@ -58,9 +58,11 @@ def give_default_modes(root: Path) -> None:
 
 def temp_dir_beside(target: Path, tag: str = "tmp") -> Path:
     """A fresh hidden folder next to ``target`` (same filesystem, so it can be renamed onto it),
-    with normal permissions: ``mkdtemp`` alone makes it 0700, which the final folder would keep."""
+    with normal permissions: ``mkdtemp`` alone makes it 0700, which the final folder would keep.
+    Its name holds this process's id, so that a later write can tell a dead writer's leftover
+    (:func:`clear_leftovers`) from a running one's folder."""
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.{tag}-", dir=target.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.{tag}-{os.getpid()}-", dir=target.parent))
     tmp.chmod(default_dir_mode())
     return tmp
 
@@ -94,6 +96,41 @@ def _nearly_full(path: Path) -> bool:
         return False
 
 
+# what atomic_dir leaves beside NAME when killed: its copy being written, .NAME.tmp-PID-..., or NAME's previous
+# content set aside for the rename, .NAME.old-PID
+_LEFTOVER = re.compile(r"\.(?P<name>.+)\.(?P<kind>tmp|old)-(?P<pid>\d+)(-[^/]*)?")
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (OSError, OverflowError):  # another user's process; no process id at all: left alone
+        return True
+    return True
+
+
+def clear_leftovers(folder: Path, name: str | None = None) -> None:
+    """Tidy what :func:`atomic_dir` writes into ``folder`` (of target ``name``, or of any) left when their process
+    was killed (kill -9, out of memory, power loss) before it could: a half-written copy is removed, and so is a
+    previous content set aside once the new one has taken its place; one set aside when the kill fell between the
+    two renames, with no target now, is put back, as the atomic write promises the previous folder. A running
+    process's folders are left alone, and nothing else in ``folder`` is touched."""
+    if not folder.is_dir():
+        return
+    for path in sorted(folder.iterdir()):
+        found = _LEFTOVER.fullmatch(path.name)
+        if (not found or (name is not None and found["name"] != name) or _running(int(found["pid"]))
+                or not path.is_dir() or path.is_symlink()):
+            continue
+        target = folder / found["name"]
+        if found["kind"] == "old" and not (target.exists() or target.is_symlink()):
+            os.replace(path, target)
+        else:
+            shutil.rmtree(path, ignore_errors=True)
+
+
 LOADABLE_MARKERS = ("config.json", "adapter_config.json")  # what loaders look for in a folder
 # transformers' weight files: a loader reads model.safetensors before an index, so an earlier save's are removed
 _WEIGHT_FILES = re.compile(r"model(-\d{5}-of-\d{5})?\.safetensors|model\.safetensors\.index\.json")
@@ -112,6 +149,7 @@ def atomic_dir(target: str | Path, overwrite: bool = True) -> Iterator[Path]:
     """
     # "." and ".." named, to build a sibling of; a link's folder written through it, the link kept
     target = Path(os.path.realpath(Path(target).expanduser()))
+    clear_leftovers(target.parent, target.name)
     if target.exists() and not overwrite:
         raise FileExistsError(f"{target} already exists")
     tmp = temp_dir_beside(target)
@@ -131,7 +169,11 @@ def atomic_dir(target: str | Path, overwrite: bool = True) -> Iterator[Path]:
         else:
             old = target.with_name(f".{target.name}.old-{os.getpid()}")
             os.replace(target, old)
-            os.replace(tmp, target)
+            try:
+                os.replace(tmp, target)
+            except BaseException:
+                os.replace(old, target)
+                raise
             shutil.rmtree(old, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

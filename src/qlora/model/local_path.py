@@ -100,8 +100,9 @@ def adapter_folder_problem(folder: str | Path) -> str | None:
         return (f"{shown} holds several adapters, in its subfolders {', '.join(named)} (PEFT's folder of named "
                 f"adapters), and none of its own: give one of them, e.g. {folder / named[0]} (several --adapter "
                 "options load several).")
-    saved = sorted(folder.glob("checkpoints/step-*/adapter/adapter_config.json"),
-                   key=lambda p: (len(p.parent.parent.name), p.parent.parent.name))  # step-0000700 < step-12345678
+    # by step number, as a resume picks; a copy a user made beside them (step-0000700.bak) is no checkpoint
+    saved = sorted((p for p in folder.glob("checkpoints/step-*/adapter/adapter_config.json")
+                    if p.parent.parent.name[5:].isdecimal()), key=lambda p: int(p.parent.parent.name[5:]))
     if saved:  # a qlora train output whose run stopped before its end wrote the final adapter
         return (f"{shown} is a qlora train output without its final adapter: the run stopped before its end. Finish "
                 "it with the same qlora train command and --resume, or give its newest checkpoint's adapter, "

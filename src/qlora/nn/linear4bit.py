@@ -258,7 +258,20 @@ class Linear4bit(nn.Module):
                 and not (torch.is_grad_enabled() and x.requires_grad)
                 and triton_gemv.supports(self.in_features, self.blocksize) and triton_gemv.available())
 
+    def requires_grad_(self, requires_grad: bool = True) -> "Linear4bit":
+        """Refuse to train the layer: its 4-bit codes get no gradient (bitsandbytes' ``Linear4bit`` refuses too)."""
+        if requires_grad:
+            raise RuntimeError(self._frozen_message())
+        return super().requires_grad_(False)
+
+    def _frozen_message(self) -> str:
+        return (f"Linear4bit({self.extra_repr()}): its 4-bit weight is frozen storage, which no gradient reaches; "
+                "train LoRA adapters on it, or name the module in modules_to_save (PEFT's option) to train a dense "
+                "copy of it whole.")
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._storage and torch.is_grad_enabled() and any(getattr(self, n).requires_grad for n in self._storage):
+            raise RuntimeError(self._frozen_message())  # the byte storage of make_shardable was set to train
         # Under autocast the matmul runs in the autocast dtype and returns it,
         # as nn.Linear does; otherwise in compute_dtype, cast back to x's dtype.
         autocast = autocast_on(x)

@@ -395,6 +395,8 @@ def build_app(batcher: ContinuousBatcher, base_id: str, adapters: list[str], api
         choices = []
         for index in range(body.n):  # each choice is its own row, with its own constraint state and seed
             generation = _generation(batcher, body, adapter, prompt_ids, chat_stops, prompt_param, index)
+            # continuing the last message: its text goes on after the prompt's, its first word's space kept (vLLM)
+            generation.continues_prompt = template_options["continue_final_message"]
             generation.media = media
             generation.turn_ends = ends_turn
             generation.prompt_logprobs = body.prompt_logprobs

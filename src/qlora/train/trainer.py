@@ -51,7 +51,7 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
-from qlora.atomic import atomic_dir
+from qlora.atomic import atomic_dir, clear_leftovers
 from qlora.cpu_threads import apply_cpu_threads
 from qlora.errors import UsageError
 from qlora.float_dtype import float_dtype
@@ -1206,6 +1206,7 @@ class Trainer:
             return target
         for stale in target.parent.glob(".step-*.tmp-*"):  # half-written by a run killed mid-save (kill -9, OOM)
             shutil.rmtree(stale, ignore_errors=True)
+        clear_leftovers(target.parent)  # a checkpoint replaced or set aside by a killed save: removed or put back
         with atomic_dir(target) as tmp:
             save_adapter(self.model, tmp / "adapter", tokenizer=self._adapter_tokenizer(),
                          tokenization=self._tokenization())

@@ -544,10 +544,14 @@ def _twice_error(where: str, key: str, holder: str) -> UsageError:
 
 def _content(content: Any, where: str, role: str, key: str, fmt: str,
              has_calls: bool) -> str | list[dict[str, Any]] | None:
-    """A message's text: a string, text parts joined (OpenAI / HF multimodal style), a tool's JSON result; with
+    """A message's text: a string, text parts joined (OpenAI / HF multimodal style), a tool's JSON result, a number's
+    decimal text (``{"from": "gpt", "value": 42}``: what a chat template renders of it, so TRL trains "42" too); with
     image parts, the parts (text ones normalized), for :func:`~qlora.train.data.images.attach_images`."""
     if isinstance(content, str):
         return content
+    if isinstance(content, (int, float)) and not isinstance(content, bool) and role != "tool" and (
+            content == content and abs(content) != float("inf")):  # NaN, inf: no answer, refused below
+        return str(content)
     if content is None:
         if has_calls:
             return None  # an assistant turn that only calls tools: null, as OpenAI writes it and templates test
@@ -579,8 +583,9 @@ def _content(content: Any, where: str, role: str, key: str, fmt: str,
         return "\n".join(p["text"] for p in parts)
     if isinstance(content, (dict, int, float)) and not isinstance(content, bool) and role == "tool":
         return json.dumps(content, ensure_ascii=False)
-    raise UsageError(f'{where}: "{key}" must be a string or a list of text parts, got {type(content).__name__} '
-                     f"(format {fmt}).")
+    raise UsageError(f'{where}: "{key}" must be a string, a number or a list of text parts, got '
+                     f"{json.dumps(content) if isinstance(content, (bool, float)) else type(content).__name__} "
+                     f"(format {fmt}); write the text of the message there.")
 
 
 def _tool_calls(value: Any, where: str) -> list[dict[str, Any]]:

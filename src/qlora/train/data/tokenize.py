@@ -18,7 +18,10 @@ The rules (issues 11 and 20), each one a silent fine-tune killer elsewhere:
   rewrite earlier turns (Qwen3, DeepSeek-R1, Mistral, Phi-3) and on tokenizers
   that merge across a boundary. An answer is searched after the template opens the model's turn (its generation
   prompt) following the message before it; a message that does not appear there is refused, saying which (a
-  judge's template, Granite Guardian's, quotes the answer inside the prompt); ``--train-on all`` trains it whole;
+  judge's template, Granite Guardian's, quotes the answer inside the prompt); ``--train-on all`` trains it whole.
+  Markup tokens the template writes between the generation prompt and the answer are the model's to write, so
+  they are trained with it (gpt-oss's ``<|channel|>final<|message|>`` after ``<|start|>assistant``, Command A's
+  ``<|START_RESPONSE|>``; TRL's gpt-oss training template marks them too);
 - reasoning traces go where the template takes them (:mod:`qlora.train.data.reasoning`); a turn
   with reasoning is trained from the end of the template's generation prompt (so Qwen3's
   ``<think>``, gpt-oss's analysis channel header are learned), or else from the template's own opening
@@ -952,10 +955,30 @@ def _assistant_spans(text: str, messages: Sequence[dict], fmt: ChatFormat, where
                     "judges). Use a template that renders the answer as the assistant's turn, or train on the whole "
                     "text with --train-on all.")
         found = _past_prompt_think(text, found, opener)
+        if opener is not None:
+            found = _from_prompt_markup(text, found, prompt_end, opener, markup)
         if k - 1 not in skipped:
             spans.append(found)
         cursor = found[1]
     return spans
+
+
+def _from_prompt_markup(text: str, found: tuple[int, int], prompt_end: int, generation_prompt: str,
+                        markup: Sequence[tuple[int, int]]) -> tuple[int, int]:
+    """``found`` from the end of the generation prompt that opens its turn where markup tokens come between them: the
+    model writes them before its answer (gpt-oss's ``<|channel|>final<|message|>`` after ``<|start|>assistant``), as
+    it writes a reasoning turn's header; whitespace, or text with no markup token, is the answer's own. A reasoning
+    block there is left to the reasoning rules (an empty one the model writes is trained, a dropped one is not)."""
+    for prompt in dict.fromkeys((generation_prompt, generation_prompt.rstrip())):
+        at = text.rfind(prompt, prompt_end, found[0]) if prompt.strip() else -1
+        if at >= 0:
+            start = at + len(prompt)
+            gap = text[start:found[0]]
+            if (gap.strip() and THINK_OPEN not in gap and THINK_CLOSE not in gap
+                    and any(start <= b and e <= found[0] for b, e in markup)):
+                return start, found[1]
+            return found
+    return found
 
 
 def _continues_turn(text: str, messages: Sequence[dict], i: int, prompt_end: int, start: int,
