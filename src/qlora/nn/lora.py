@@ -20,7 +20,7 @@ from __future__ import annotations
 import contextlib
 import math
 from dataclasses import dataclass
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 import torch
 from torch import nn
@@ -29,6 +29,9 @@ from .linear4bit import Linear4bit, autocast_on
 from .loftq import loftq_factors
 from .residual_init import residual_split
 from .residual_init_names import is_residual_init
+
+if TYPE_CHECKING:
+    from .lora_embedding import LoraEmbedding
 
 
 @dataclass(frozen=True)
@@ -85,6 +88,37 @@ def check_new_adapter(specs: dict[str, LoraSpec], name: str, spec: LoraSpec) -> 
         raise ValueError(f"adapter {name!r} already exists on this layer")
     if spec.r <= 0:
         raise ValueError(f"LoRA rank must be positive, got {spec.r}")
+
+
+def folded(layer: LoraLinear | LoraEmbedding, w: torch.Tensor, names: list[str],
+           norm_dim: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """``w`` (float32) with ``layer``'s adapters ``names`` folded in (weighted as in its ``active``), and each DoRA
+    adapter's ratio ``r = m / ||W + delta||``, the norm over ``norm_dim`` (1: a linear weight's rows, 0: an
+    embedding table's columns), which :func:`unfolded` needs to take it out again."""
+    out, ratios = w.clone(), {}
+    for n in names:
+        weight, delta = layer.active.get(n, 1.0), layer.delta_weight(n)
+        if n in layer.lora_magnitude_vector:
+            norm = torch.linalg.norm(w + delta, dim=norm_dim)
+            ratio = (layer.lora_magnitude_vector[n].weight.float() / norm).unsqueeze(norm_dim)
+            out += weight * ((ratio - 1) * w + ratio * delta)
+            ratios[n] = ratio
+        else:
+            out += weight * delta
+    return out, ratios
+
+
+def unfolded(layer: LoraLinear | LoraEmbedding, w: torch.Tensor, norm_dim: int) -> torch.Tensor:
+    """``w`` (float32) with ``layer``'s merged adapters taken out: ``(W' - sum_a w_a r_a delta_a) / (1 + sum_a w_a
+    (r_a - 1))``, ``r_a`` the ratio :func:`folded` kept for a DoRA adapter, 1 for a plain one."""
+    shape = list(w.shape)
+    shape[norm_dim] = 1
+    scale = torch.ones(shape, device=w.device)
+    for n in layer.merged:
+        weight, ratio = layer.active.get(n, 1.0), layer._dora_scale.get(n, 1.0)
+        w = w - weight * ratio * layer.delta_weight(n)
+        scale = scale + weight * (ratio - 1)
+    return w / scale
 
 
 class AdapterSlots(nn.Module):
@@ -352,7 +386,8 @@ class LoraLinear(AdapterSlots):
     def merged_weight(self, names: list[str]) -> torch.Tensor:
         """The dense float32 ``[out, in]`` weight with adapters ``names`` (weighted
         as in :attr:`active`) folded in, equal to the forward pass with them."""
-        return self._fold(self.base_weight(torch.float32), names)[0]
+        with torch.no_grad():
+            return folded(self, self.base_weight(torch.float32), names, norm_dim=1)[0]
 
     @torch.no_grad()
     def bias_delta(self, names: list[str]) -> torch.Tensor | None:
@@ -367,19 +402,6 @@ class LoraLinear(AdapterSlots):
         return torch.stack(deltas).sum(0)
 
     @torch.no_grad()
-    def _fold(self, w: torch.Tensor, names: list[str]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        out, ratios = w.clone(), {}
-        for n in names:
-            weight, delta = self.active.get(n, 1.0), self.delta_weight(n)
-            if n in self.lora_magnitude_vector:
-                ratio = (self.lora_magnitude_vector[n].weight.float() / torch.linalg.norm(w + delta, dim=1))[:, None]
-                out += weight * ((ratio - 1) * w + ratio * delta)
-                ratios[n] = ratio
-            else:
-                out += weight * delta
-        return out, ratios
-
-    @torch.no_grad()
     def merge(self, names: list[str] | None = None) -> None:
         """Fold adapters into the base weight (re-quantized if the base is 4-bit)."""
         names = [n for n in (names or list(self.active)) if n not in self.merged]
@@ -388,7 +410,7 @@ class LoraLinear(AdapterSlots):
         if self.merged and any(n in self.lora_magnitude_vector for n in names + self.merged):
             raise ValueError("DoRA's norm is of the unmerged base: unmerge before merging more adapters")
         bias = self.bias_delta(names)
-        w, self._dora_scale = self._fold(self.base_weight(torch.float32), names)
+        w, self._dora_scale = folded(self, self.base_weight(torch.float32), names, norm_dim=1)
         self._write_base(w)
         if bias is not None:
             self.base_layer.bias.data += bias.to(self.base_layer.bias.dtype)
@@ -403,13 +425,7 @@ class LoraLinear(AdapterSlots):
         bias = self.bias_delta(self.merged)
         if bias is not None:
             self.base_layer.bias.data -= bias.to(self.base_layer.bias.dtype)
-        w = self.base_weight(torch.float32)
-        row_scale = torch.ones(w.shape[0], 1, device=w.device)
-        for n in self.merged:
-            weight, ratio = self.active.get(n, 1.0), self._dora_scale.get(n, 1.0)
-            w = w - weight * ratio * self.delta_weight(n)
-            row_scale = row_scale + weight * (ratio - 1)
-        self._write_base(w / row_scale)
+        self._write_base(unfolded(self, self.base_weight(torch.float32), norm_dim=1))
         self.merged, self._dora_scale = [], {}
 
     def _write_base(self, w: torch.Tensor) -> None:
