@@ -63,7 +63,7 @@ from qlora.train.data.images import ImageRef, as_parts, attach_images, has_image
 from qlora.train.data.pieces import is_written, piece_ids
 from qlora.train.data.sources import Record
 from qlora.train.data.tokenize import (IGNORE_INDEX, PROMPT_FILLS_SEQ_LEN, DataReport, first_places, for_template,
-                                      rendering_kwargs, tokenize_example)
+                                      rendering_kwargs, require_eos, tokenize_example)
 
 FIELDS = ("prompt", "chosen", "rejected")
 Messages = tuple[dict[str, str], ...]
@@ -444,8 +444,7 @@ def tokenize_pairs(examples: list[PreferenceExample], tokenizer, chat_template: 
     Raises:
         UsageError: no pair is left, each skipped for the reasons it names.
     """
-    if tokenizer.eos_token_id is None:
-        raise UsageError("the tokenizer has no EOS token; set eos_token so answers can teach the model to stop.")
+    require_eos(tokenizer)
     kept, report = [], DataReport(examples=len(examples))
     for i, example in enumerate(examples):
         if example.skip:

@@ -46,7 +46,7 @@ from qlora.train.data.preference import (Messages, PreferenceExample, full_ids, 
                                          missing_prompt_hint, pair_from_row, prompt_ids, prompt_with_images,
                                          refuse_answer_images, refuse_image_tokens, renamed_source, with_system)
 from qlora.train.data.sources import Record
-from qlora.train.data.tokenize import IGNORE_INDEX, PROMPT_FILLS_SEQ_LEN, DataReport, first_places
+from qlora.train.data.tokenize import IGNORE_INDEX, PROMPT_FILLS_SEQ_LEN, DataReport, first_places, require_eos
 
 _ROW_KEYS = ("input_ids", "attention_mask", "labels")
 
@@ -174,8 +174,7 @@ def tokenize_unpaired(examples: list[UnpairedExample], tokenizer, chat_template:
     Raises:
         UsageError: the tokenizer has no EOS, or no example keeps a completion token.
     """
-    if tokenizer.eos_token_id is None:
-        raise UsageError("the tokenizer has no EOS token; set eos_token so answers can teach the model to stop.")
+    require_eos(tokenizer)
     fmt = chat_template if isinstance(chat_template, ChatFormat) else ChatFormat(chat_template)
     kept, report = [], DataReport(examples=len(examples))
     for i, example in enumerate(examples):
