@@ -133,6 +133,8 @@ class LoraEmbedding(AdapterSlots):
 
     @torch.no_grad()
     def merge(self, names: list[str] | None = None) -> None:
+        """Fold adapters ``names`` (default: the active ones) into the base table, keeping each DoRA adapter's
+        column ratios for :meth:`unmerge`."""
         names = [n for n in (names or list(self.active)) if n not in self.merged]
         if not names:
             return
