@@ -90,6 +90,17 @@ def check_new_adapter(specs: dict[str, LoraSpec], name: str, spec: LoraSpec) -> 
         raise ValueError(f"LoRA rank must be positive, got {spec.r}")
 
 
+@torch.no_grad()
+def plain_init(a: torch.Tensor, b: torch.Tensor, spec: LoraSpec) -> None:
+    """PEFT's start of a factor pair: A Kaiming-uniform (``init="gaussian"``: N(0, 1/r)) and B zeros, so that the
+    adapter adds nothing until it is trained."""
+    if spec.init == "gaussian":
+        nn.init.normal_(a, std=1.0 / spec.r)
+    else:
+        nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+    nn.init.zeros_(b)
+
+
 def folded(layer: LoraLinear | LoraEmbedding, w: torch.Tensor, names: list[str],
            norm_dim: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """``w`` (float32) with ``layer``'s adapters ``names`` folded in (weighted as in its ``active``), and each DoRA
@@ -213,21 +224,16 @@ class LoraLinear(AdapterSlots):
     @torch.no_grad()
     def reset_adapter(self, name: str) -> None:
         spec = self.specs[name]
-        a, b = self.lora_A[name].weight, self.lora_B[name].weight
-        if spec.init == "gaussian":
-            nn.init.normal_(a, std=1.0 / spec.r)
-        elif spec.init == "kaiming":
-            nn.init.kaiming_uniform_(a, a=math.sqrt(5))
-        elif spec.init == "loftq":
+        if spec.init == "loftq":
             self._loftq_init(name)
             return
-        elif is_residual_init(spec.init):
+        if is_residual_init(spec.init):
             self._residual_init(name)
             return
-        else:
+        if spec.init not in ("gaussian", "kaiming"):
             raise ValueError(f"unknown LoRA init {spec.init!r}; use 'kaiming', 'gaussian', 'loftq', 'pissa', "
                              "'pissa_niter_K' or 'olora'")
-        nn.init.zeros_(b)
+        plain_init(self.lora_A[name].weight, self.lora_B[name].weight, spec)
         if self.lora_B[name].bias is not None:
             nn.init.zeros_(self.lora_B[name].bias)
 
