@@ -69,6 +69,7 @@ def add_load_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--compute-dtype", choices=("bf16", "fp16", "fp32"), default="bf16",
                         help="dtype of the matmuls and unquantized weights")
 
+
 def load_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     """``quant``/``blocksize``/``double_quant`` for :func:`qlora.model.load.load_model` (resolved here
     when ``args`` did not come through :func:`qlora.cli.main.main`); the adapters are checked once more, a name

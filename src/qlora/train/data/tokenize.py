@@ -191,7 +191,6 @@ class Unlocated(UsageError):
     inside the prompt): refused when only assistant tokens train; ``--train-on all`` trains the whole text."""
 
 
-
 def require_eos(tokenizer) -> None:
     """Refuse a tokenizer without an EOS token: every trained answer ends with it, or the model never learns to stop.
 
