@@ -101,6 +101,19 @@ def plain_init(a: torch.Tensor, b: torch.Tensor, spec: LoraSpec) -> None:
     nn.init.zeros_(b)
 
 
+def to_merge(layer: LoraLinear | LoraEmbedding, names: list[str] | None) -> list[str]:
+    """Those of ``names`` (default: the active adapters) that ``layer`` has not merged yet.
+
+    Raises:
+        ValueError: a DoRA adapter would be merged beside others merged before or after it (its norm is of the
+            unmerged base).
+    """
+    names = [n for n in (names or list(layer.active)) if n not in layer.merged]
+    if names and layer.merged and any(n in layer.lora_magnitude_vector for n in names + layer.merged):
+        raise ValueError("DoRA's norm is of the unmerged base: unmerge before merging more adapters")
+    return names
+
+
 def folded(layer: LoraLinear | LoraEmbedding, w: torch.Tensor, names: list[str],
            norm_dim: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """``w`` (float32) with ``layer``'s adapters ``names`` folded in (weighted as in its ``active``), and each DoRA
@@ -410,11 +423,9 @@ class LoraLinear(AdapterSlots):
     @torch.no_grad()
     def merge(self, names: list[str] | None = None) -> None:
         """Fold adapters into the base weight (re-quantized if the base is 4-bit)."""
-        names = [n for n in (names or list(self.active)) if n not in self.merged]
+        names = to_merge(self, names)
         if not names:
             return
-        if self.merged and any(n in self.lora_magnitude_vector for n in names + self.merged):
-            raise ValueError("DoRA's norm is of the unmerged base: unmerge before merging more adapters")
         bias = self.bias_delta(names)
         w, self._dora_scale = folded(self, self.base_weight(torch.float32), names, norm_dim=1)
         self._write_base(w)

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .lora import AdapterSlots, LoraSpec, Magnitude, check_new_adapter, folded, unfolded
+from .lora import AdapterSlots, LoraSpec, Magnitude, check_new_adapter, folded, to_merge, unfolded
 
 
 class LoraEmbedding(AdapterSlots):
@@ -135,11 +135,9 @@ class LoraEmbedding(AdapterSlots):
     def merge(self, names: list[str] | None = None) -> None:
         """Fold adapters ``names`` (default: the active ones) into the base table, keeping each DoRA adapter's
         column ratios for :meth:`unmerge`."""
-        names = [n for n in (names or list(self.active)) if n not in self.merged]
+        names = to_merge(self, names)
         if not names:
             return
-        if self.merged and any(n in self.lora_magnitude_vector for n in names + self.merged):
-            raise ValueError("DoRA's norm is of the unmerged base: unmerge before merging more adapters")
         w = self.base_layer.weight
         merged, self._dora_scale = folded(self, w.detach().float(), names, norm_dim=0)
         w.copy_(merged.to(w.dtype))
