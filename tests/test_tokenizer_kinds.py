@@ -352,6 +352,25 @@ def test_text_without_eos_token_is_a_clear_error():
         tokenize_example(Example(None, "Hello", "c.txt line 1"), tok, resolve_chat_format(tok, "auto"))
 
 
+def test_preference_and_unpaired_data_without_eos_token_are_refused_as_sft_data_is():
+    """DPO pairs and KTO rows say what SFT says: which file holds the EOS token to set."""
+    from qlora.errors import UsageError
+    from qlora.train.data.preference import PreferenceExample, tokenize_pairs
+    from qlora.train.data.unpaired import UnpairedExample, tokenize_unpaired
+
+    tok = train_tokenizer(TEXT, add_bos=False, chat_template=False)
+    tok.eos_token = None
+    fmt = resolve_chat_format(tok, "auto")
+    with pytest.raises(UsageError) as sft:
+        tokenize_example(Example("Hi", "Hello", "c.jsonl line 1"), tok, fmt)
+    with pytest.raises(UsageError) as pairs:
+        tokenize_pairs([PreferenceExample("Hi", "Hello", "Bye", "p.jsonl line 1")], tok, fmt)
+    with pytest.raises(UsageError) as unpaired:
+        tokenize_unpaired([UnpairedExample("Hi", "Hello", True, "k.jsonl line 1")], tok, fmt)
+    assert "tokenizer_config.json" in str(sft.value)
+    assert str(pairs.value) == str(unpaired.value) == str(sft.value)
+
+
 @pytest.mark.parametrize("family,arch,template", [("llama", "mistral", "mistral-v0.3"), ("gemma", "gemma2", "gemma-2")])
 def test_llama_cpp_runs_the_sentencepiece_gguf_like_transformers(tmp_path, family, arch, template):
     """The exported SentencePiece vocabulary (scores, byte tokens, space prefix) tokenizes as the HF tokenizer, and

@@ -28,7 +28,12 @@ def _fsync_tree(root: Path) -> None:
         if path.is_file():
             with open(path, "rb") as fh:
                 os.fsync(fh.fileno())
-    fd = os.open(root, os.O_RDONLY)
+    _fsync_dir(root)
+
+
+def _fsync_dir(path: Path) -> None:
+    """Flush a folder's entries, so that the names moved into it survive a crash as the files' bytes do."""
+    fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
@@ -213,8 +218,4 @@ def _move_into(tmp: Path, target: Path) -> None:
             dest.unlink()
         os.replace(tmp / name, dest)
     tmp.rmdir()
-    fd = os.open(target, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    _fsync_dir(target)

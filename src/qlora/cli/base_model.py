@@ -61,6 +61,15 @@ def adapter_dirs(args: argparse.Namespace) -> list[str]:
     return [args.adapter] if args.adapter else []
 
 
+def add_load_options(parser: argparse.ArgumentParser) -> None:
+    """``--quant`` and ``--compute-dtype``: how generate, chat and serve load the base they answer with."""
+    parser.add_argument("--quant", choices=("nf4", "fp4", "none"), default=None,
+                        help="4-bit format of the base weights on load, or none for 16/32-bit "
+                             "(default: the format the adapter was trained on, else nf4)")
+    parser.add_argument("--compute-dtype", choices=("bf16", "fp16", "fp32"), default="bf16",
+                        help="dtype of the matmuls and unquantized weights")
+
+
 def load_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     """``quant``/``blocksize``/``double_quant`` for :func:`qlora.model.load.load_model` (resolved here
     when ``args`` did not come through :func:`qlora.cli.main.main`); the adapters are checked once more, a name

@@ -30,7 +30,7 @@ import torch
 from ..errors import UsageError
 from ..nn import computed_experts, expert_matrix, expert_weight, experts_layout, is_router
 from ..nn.chunked_ce import CHUNK_ROWS
-from ..optim.optimizer_names import optimizer_name  # the names qlora train --optim takes, aliases included
+from ..optimizer_names import optimizer_name  # the names qlora train --optim takes, aliases included
 from ..quant import BLOCKSIZES
 from ..quant.double_quant import NESTED_BLOCKSIZE
 from .adapter_size import AdapterSize

@@ -54,6 +54,12 @@ def adapter_configs(model: nn.Module) -> dict[str, AdapterConfig]:
     return model.__dict__.setdefault("_qlora_adapters", {})
 
 
+def pending_modules_to_save(model: nn.Module) -> list[str]:
+    """Module paths the next :func:`add_lora` trains whole besides those it is given
+    (:func:`qlora.model.tokens.add_special_tokens` marks the embeddings it grew)."""
+    return model.__dict__.setdefault("_qlora_modules_to_save", [])
+
+
 def lora_layers(model: nn.Module) -> dict[str, LoraLinear]:
     return {name: m for name, m in model.named_modules() if isinstance(m, LoraLinear)}
 
@@ -244,8 +250,6 @@ def adaptable_router(module: nn.Module) -> bool:
 
 
 def _modules_to_save(model: nn.Module, names: list[str] | None) -> list[str]:
-    from .tokens import pending_modules_to_save
-
     if names is None:
         return list(pending_modules_to_save(model))
     paths = [n for n, m in model.named_modules() if n and matches_any(n, names) and not isinstance(m, LoraLinear)]

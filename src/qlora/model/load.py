@@ -25,7 +25,7 @@ import logging
 from collections import defaultdict
 from contextlib import ExitStack
 from pathlib import Path
-from typing import Iterable, Protocol
+from typing import Any, Iterable, Protocol
 
 import torch
 from torch import nn
@@ -366,7 +366,7 @@ def load_model(
     progress: bool | None = None,
     quantize_experts: bool = True,
     weight_hook: WeightHook | None = None,
-):
+) -> tuple[nn.Module, Any]:
     """Load a causal LM (4-bit unless ``quant=None``) and its tokenizer.
 
     Args:

@@ -21,6 +21,8 @@ import logging
 from torch import nn
 
 from ..errors import UsageError
+from ..nn import Linear4bit
+from .inject import adapter_configs, pending_modules_to_save
 
 log = logging.getLogger("qlora")
 
@@ -48,11 +50,6 @@ def vocabulary_grown(model: nn.Module) -> bool:
     return base is not None and base != model.config.get_text_config().vocab_size
 
 
-def pending_modules_to_save(model: nn.Module) -> list[str]:
-    """Module paths that :func:`add_special_tokens` marked for training with the next adapter."""
-    return model.__dict__.setdefault("_qlora_modules_to_save", [])
-
-
 def add_special_tokens(model: nn.Module, tokenizer, tokens: str | list[str]) -> int:
     """Add ``tokens`` (as special tokens; one string is one token) to the tokenizer and resize the model.
 
@@ -68,8 +65,6 @@ def add_special_tokens(model: nn.Module, tokenizer, tokens: str | list[str]) -> 
     Raises:
         UsageError: the output head is 4-bit (it must stay dense to be trained).
     """
-    from ..nn import Linear4bit
-
     tokens = [t for t in dict.fromkeys([tokens] if isinstance(tokens, str) else tokens) if t]
     vocab = tokenizer.get_vocab()
     new = [t for t in tokens if t not in vocab]
@@ -82,8 +77,6 @@ def add_special_tokens(model: nn.Module, tokenizer, tokens: str | list[str]) -> 
     size = len(tokenizer)
     if size > model.get_input_embeddings().weight.shape[0]:
         grow_vocabulary(model, size, mean_resizing=True)
-    from .inject import adapter_configs
-
     configs = adapter_configs(model)
     for name in embedding_module_names(model):
         # adapters attached already train the resized modules too; otherwise the next add_lora will

@@ -22,13 +22,11 @@ own 16-bit experts module. PEFT has no dropout for these adapters, nor DoRA.
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import nn
 
 from .experts4bit import Experts4bit, experts_layout, routing, routing_arg_names, run_experts, run_prerouted
-from .lora import AdapterSlots, LoraSpec, check_new_adapter
+from .lora import AdapterSlots, LoraSpec, check_new_adapter, plain_init
 
 
 def peft_transposed(experts: nn.Module) -> bool:
@@ -112,13 +110,7 @@ class ExpertsLora(AdapterSlots):
     def reset_adapter(self, name: str) -> None:
         """PEFT's init over the whole ``(r * E, in)`` A (Kaiming-uniform or N(0, 1/r)); B zeros."""
         for w in self.targets[name]:
-            spec = self.weight_specs[name][w]
-            a = self.lora_A[w][name].weight
-            if spec.init == "gaussian":
-                nn.init.normal_(a, std=1.0 / spec.r)
-            else:
-                nn.init.kaiming_uniform_(a, a=math.sqrt(5))
-            nn.init.zeros_(self.lora_B[w][name].weight)
+            plain_init(self.lora_A[w][name].weight, self.lora_B[w][name].weight, self.weight_specs[name][w])
 
     def delete_adapter(self, name: str) -> None:
         for w in self.targets.pop(name, []):

@@ -20,7 +20,7 @@ from __future__ import annotations
 import contextlib
 import math
 from dataclasses import dataclass
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 import torch
 from torch import nn
@@ -29,6 +29,9 @@ from .linear4bit import Linear4bit, autocast_on
 from .loftq import loftq_factors
 from .residual_init import residual_split
 from .residual_init_names import is_residual_init
+
+if TYPE_CHECKING:
+    from .lora_embedding import LoraEmbedding
 
 
 @dataclass(frozen=True)
@@ -85,6 +88,61 @@ def check_new_adapter(specs: dict[str, LoraSpec], name: str, spec: LoraSpec) -> 
         raise ValueError(f"adapter {name!r} already exists on this layer")
     if spec.r <= 0:
         raise ValueError(f"LoRA rank must be positive, got {spec.r}")
+
+
+@torch.no_grad()
+def plain_init(a: torch.Tensor, b: torch.Tensor, spec: LoraSpec) -> None:
+    """PEFT's start of a factor pair: A Kaiming-uniform (``init="gaussian"``: N(0, 1/r)) and B zeros, so that the
+    adapter adds nothing until it is trained."""
+    if spec.init == "gaussian":
+        nn.init.normal_(a, std=1.0 / spec.r)
+    else:
+        nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+    nn.init.zeros_(b)
+
+
+def to_merge(layer: LoraLinear | LoraEmbedding, names: list[str] | None) -> list[str]:
+    """Those of ``names`` (default: the active adapters) that ``layer`` has not merged yet.
+
+    Raises:
+        ValueError: a DoRA adapter would be merged beside others merged before or after it (its norm is of the
+            unmerged base).
+    """
+    names = [n for n in (names or list(layer.active)) if n not in layer.merged]
+    if names and layer.merged and any(n in layer.lora_magnitude_vector for n in names + layer.merged):
+        raise ValueError("DoRA's norm is of the unmerged base: unmerge before merging more adapters")
+    return names
+
+
+def folded(layer: LoraLinear | LoraEmbedding, w: torch.Tensor, names: list[str],
+           norm_dim: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """``w`` (float32) with ``layer``'s adapters ``names`` folded in (weighted as in its ``active``), and each DoRA
+    adapter's ratio ``r = m / ||W + delta||``, the norm over ``norm_dim`` (1: a linear weight's rows, 0: an
+    embedding table's columns), which :func:`unfolded` needs to take it out again."""
+    out, ratios = w.clone(), {}
+    for n in names:
+        weight, delta = layer.active.get(n, 1.0), layer.delta_weight(n)
+        if n in layer.lora_magnitude_vector:
+            norm = torch.linalg.norm(w + delta, dim=norm_dim)
+            ratio = (layer.lora_magnitude_vector[n].weight.float() / norm).unsqueeze(norm_dim)
+            out += weight * ((ratio - 1) * w + ratio * delta)
+            ratios[n] = ratio
+        else:
+            out += weight * delta
+    return out, ratios
+
+
+def unfolded(layer: LoraLinear | LoraEmbedding, w: torch.Tensor, norm_dim: int) -> torch.Tensor:
+    """``w`` (float32) with ``layer``'s merged adapters taken out: ``(W' - sum_a w_a r_a delta_a) / (1 + sum_a w_a
+    (r_a - 1))``, ``r_a`` the ratio :func:`folded` kept for a DoRA adapter, 1 for a plain one."""
+    shape = list(w.shape)
+    shape[norm_dim] = 1
+    scale = torch.ones(shape, device=w.device)
+    for n in layer.merged:
+        weight, ratio = layer.active.get(n, 1.0), layer._dora_scale.get(n, 1.0)
+        w = w - weight * ratio * layer.delta_weight(n)
+        scale = scale + weight * (ratio - 1)
+    return w / scale
 
 
 class AdapterSlots(nn.Module):
@@ -179,21 +237,16 @@ class LoraLinear(AdapterSlots):
     @torch.no_grad()
     def reset_adapter(self, name: str) -> None:
         spec = self.specs[name]
-        a, b = self.lora_A[name].weight, self.lora_B[name].weight
-        if spec.init == "gaussian":
-            nn.init.normal_(a, std=1.0 / spec.r)
-        elif spec.init == "kaiming":
-            nn.init.kaiming_uniform_(a, a=math.sqrt(5))
-        elif spec.init == "loftq":
+        if spec.init == "loftq":
             self._loftq_init(name)
             return
-        elif is_residual_init(spec.init):
+        if is_residual_init(spec.init):
             self._residual_init(name)
             return
-        else:
+        if spec.init not in ("gaussian", "kaiming"):
             raise ValueError(f"unknown LoRA init {spec.init!r}; use 'kaiming', 'gaussian', 'loftq', 'pissa', "
                              "'pissa_niter_K' or 'olora'")
-        nn.init.zeros_(b)
+        plain_init(self.lora_A[name].weight, self.lora_B[name].weight, spec)
         if self.lora_B[name].bias is not None:
             nn.init.zeros_(self.lora_B[name].bias)
 
@@ -352,7 +405,8 @@ class LoraLinear(AdapterSlots):
     def merged_weight(self, names: list[str]) -> torch.Tensor:
         """The dense float32 ``[out, in]`` weight with adapters ``names`` (weighted
         as in :attr:`active`) folded in, equal to the forward pass with them."""
-        return self._fold(self.base_weight(torch.float32), names)[0]
+        with torch.no_grad():
+            return folded(self, self.base_weight(torch.float32), names, norm_dim=1)[0]
 
     @torch.no_grad()
     def bias_delta(self, names: list[str]) -> torch.Tensor | None:
@@ -367,28 +421,13 @@ class LoraLinear(AdapterSlots):
         return torch.stack(deltas).sum(0)
 
     @torch.no_grad()
-    def _fold(self, w: torch.Tensor, names: list[str]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        out, ratios = w.clone(), {}
-        for n in names:
-            weight, delta = self.active.get(n, 1.0), self.delta_weight(n)
-            if n in self.lora_magnitude_vector:
-                ratio = (self.lora_magnitude_vector[n].weight.float() / torch.linalg.norm(w + delta, dim=1))[:, None]
-                out += weight * ((ratio - 1) * w + ratio * delta)
-                ratios[n] = ratio
-            else:
-                out += weight * delta
-        return out, ratios
-
-    @torch.no_grad()
     def merge(self, names: list[str] | None = None) -> None:
         """Fold adapters into the base weight (re-quantized if the base is 4-bit)."""
-        names = [n for n in (names or list(self.active)) if n not in self.merged]
+        names = to_merge(self, names)
         if not names:
             return
-        if self.merged and any(n in self.lora_magnitude_vector for n in names + self.merged):
-            raise ValueError("DoRA's norm is of the unmerged base: unmerge before merging more adapters")
         bias = self.bias_delta(names)
-        w, self._dora_scale = self._fold(self.base_weight(torch.float32), names)
+        w, self._dora_scale = folded(self, self.base_weight(torch.float32), names, norm_dim=1)
         self._write_base(w)
         if bias is not None:
             self.base_layer.bias.data += bias.to(self.base_layer.bias.dtype)
@@ -403,13 +442,7 @@ class LoraLinear(AdapterSlots):
         bias = self.bias_delta(self.merged)
         if bias is not None:
             self.base_layer.bias.data -= bias.to(self.base_layer.bias.dtype)
-        w = self.base_weight(torch.float32)
-        row_scale = torch.ones(w.shape[0], 1, device=w.device)
-        for n in self.merged:
-            weight, ratio = self.active.get(n, 1.0), self._dora_scale.get(n, 1.0)
-            w = w - weight * ratio * self.delta_weight(n)
-            row_scale = row_scale + weight * (ratio - 1)
-        self._write_base(w / row_scale)
+        self._write_base(unfolded(self, self.base_weight(torch.float32), norm_dim=1))
         self.merged, self._dora_scale = [], {}
 
     def _write_base(self, w: torch.Tensor) -> None:

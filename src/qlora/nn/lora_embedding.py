@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .lora import AdapterSlots, LoraSpec, Magnitude, check_new_adapter
+from .lora import AdapterSlots, LoraSpec, Magnitude, check_new_adapter, folded, to_merge, unfolded
 
 
 class LoraEmbedding(AdapterSlots):
@@ -126,33 +126,20 @@ class LoraEmbedding(AdapterSlots):
         return out
 
     # --- merge --------------------------------------------------------------
-    @torch.no_grad()
-    def _fold(self, w: torch.Tensor, names: list[str]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """``w`` (float32) with adapters ``names`` folded in, and the DoRA adapters' column ratios."""
-        out, ratios = w.clone(), {}
-        for n in names:
-            weight, delta = self.active.get(n, 1.0), self.delta_weight(n)
-            if n in self.lora_magnitude_vector:
-                ratio = self.lora_magnitude_vector[n].weight.float() / torch.linalg.norm(w + delta, dim=0)
-                out += weight * ((ratio - 1) * w + ratio * delta)
-                ratios[n] = ratio
-            else:
-                out += weight * delta
-        return out, ratios
-
     def merged_weight(self, names: list[str]) -> torch.Tensor:
         """The float32 table with adapters ``names`` (weighted as in :attr:`active`) folded in."""
-        return self._fold(self.base_layer.weight.detach().float(), names)[0]
+        with torch.no_grad():
+            return folded(self, self.base_layer.weight.detach().float(), names, norm_dim=0)[0]
 
     @torch.no_grad()
     def merge(self, names: list[str] | None = None) -> None:
-        names = [n for n in (names or list(self.active)) if n not in self.merged]
+        """Fold adapters ``names`` (default: the active ones) into the base table, keeping each DoRA adapter's
+        column ratios for :meth:`unmerge`."""
+        names = to_merge(self, names)
         if not names:
             return
-        if self.merged and any(n in self.lora_magnitude_vector for n in names + self.merged):
-            raise ValueError("DoRA's norm is of the unmerged base: unmerge before merging more adapters")
         w = self.base_layer.weight
-        merged, self._dora_scale = self._fold(w.detach().float(), names)
+        merged, self._dora_scale = folded(self, w.detach().float(), names, norm_dim=0)
         w.copy_(merged.to(w.dtype))
         self.merged += names
 
@@ -162,12 +149,7 @@ class LoraEmbedding(AdapterSlots):
         if not self.merged:
             return
         w = self.base_layer.weight
-        table, col_scale = w.float(), torch.ones(w.shape[1], device=w.device)
-        for n in self.merged:
-            weight, ratio = self.active.get(n, 1.0), self._dora_scale.get(n, 1.0)
-            table = table - weight * ratio * self.delta_weight(n)
-            col_scale = col_scale + weight * (ratio - 1)
-        w.copy_((table / col_scale).to(w.dtype))
+        w.copy_(unfolded(self, w.float(), norm_dim=0).to(w.dtype))
         self.merged, self._dora_scale = [], {}
 
     def extra_repr(self) -> str:

@@ -15,13 +15,11 @@ forward runs on the adapted weight, passed in with ``torch.func.functional_call`
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import nn
 
 from .linear4bit import Linear4bit
-from .lora import AdapterSlots, LoraSpec, check_new_adapter
+from .lora import AdapterSlots, LoraSpec, check_new_adapter, plain_init
 
 
 def is_router(module: nn.Module) -> bool:
@@ -69,12 +67,7 @@ class RouterLora(AdapterSlots):
     @torch.no_grad()
     def reset_adapter(self, name: str) -> None:
         """PEFT's init: A Kaiming-uniform (or N(0, 1/r)), B zeros."""
-        a = self.lora_A[name].weight
-        if self.specs[name].init == "gaussian":
-            nn.init.normal_(a, std=1.0 / self.specs[name].r)
-        else:
-            nn.init.kaiming_uniform_(a, a=math.sqrt(5))
-        nn.init.zeros_(self.lora_B[name].weight)
+        plain_init(self.lora_A[name].weight, self.lora_B[name].weight, self.specs[name])
 
     def delete_adapter(self, name: str) -> None:
         if name in self.specs:

@@ -6,8 +6,8 @@ from qlora.lazy_names import lazy_attributes, lazy_dir
 
 _LAZY = {
     "OPTIMIZERS": "qlora.optim.factory",
-    "OPTIMIZER_ALIASES": "qlora.optim.optimizer_names",
-    "OPTIMIZER_NAMES": "qlora.optim.optimizer_names",
+    "OPTIMIZER_ALIASES": "qlora.optimizer_names",
+    "OPTIMIZER_NAMES": "qlora.optimizer_names",
     "SCHEDULES": "qlora.optim.lr_schedules",
     "SCHEDULE_ALIASES": "qlora.optim.lr_schedules",
     "AdamW": "qlora.optim.adamw",
@@ -25,7 +25,7 @@ _LAZY = {
     "lr_lambda": "qlora.optim.lr_schedules",
     "make_scheduler": "qlora.optim.lr_schedules",
     "no_decay_names": "qlora.optim.weight_decay",
-    "optimizer_name": "qlora.optim.optimizer_names",
+    "optimizer_name": "qlora.optimizer_names",
     "schedule_kwargs": "qlora.optim.lr_schedules",
     "schedule_name": "qlora.optim.lr_schedules",
 }

@@ -11,7 +11,7 @@ import torch
 
 from ..errors import UsageError
 from .adamw import AdamW, AdamW8bit, ParamsT, PagedAdamW, PagedAdamW8bit
-from .optimizer_names import OPTIMIZER_NAMES, optimizer_name
+from ..optimizer_names import OPTIMIZER_NAMES, optimizer_name
 
 OPTIMIZERS: dict[str, type[AdamW]] = dict(zip(OPTIMIZER_NAMES, (AdamW, AdamW8bit, PagedAdamW, PagedAdamW8bit),
                                            strict=True))

@@ -25,7 +25,7 @@ from qlora.model.local_path import check_adapter_path, check_model_path
 from qlora.nn.residual_init_names import is_residual_init
 from qlora.option_range import AT_LEAST_1, NON_NEGATIVE, POSITIVE, Range
 from qlora.optim.lr_schedules import PLATEAU, SCHEDULE_ALIASES, SCHEDULES, check_schedule, schedule_name
-from qlora.optim.optimizer_names import OPTIMIZER_ALIASES, OPTIMIZER_NAMES, optimizer_name
+from qlora.optimizer_names import OPTIMIZER_ALIASES, OPTIMIZER_NAMES, optimizer_name
 from qlora.quant import BLOCKSIZES
 from qlora.template_file import is_custom, is_inline, read_template, template_digest
 from qlora.template_names import template_name

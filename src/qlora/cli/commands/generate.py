@@ -10,7 +10,7 @@ import argparse
 import sys
 
 from ...errors import UsageError
-from ..base_model import adapter_names
+from ..base_model import adapter_names, add_load_options
 
 NAME = "generate"
 HELP = "stream a model's continuation of a prompt, with sampling options"
@@ -36,11 +36,7 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
                         "and the raw --prompt for generate; tokenizer = the model's own; none = raw text (generate)")
     add_template_kwargs_option(parser, "--chat-template-kwargs", "variables the chat template is rendered with, over "
                                "those the adapter was trained with (its chat_format.json)")
-    parser.add_argument("--quant", choices=("nf4", "fp4", "none"), default=None,
-                        help="4-bit format of the base weights on load, or none for 16/32-bit "
-                             "(default: the format the adapter was trained on, else nf4)")
-    parser.add_argument("--compute-dtype", choices=("bf16", "fp16", "fp32"), default="bf16",
-                        help="dtype of the matmuls and unquantized weights")
+    add_load_options(parser)
     for f in cli_fields():
         kind = int if f.name in ("max_new_tokens", "top_k", "seed") else float
         shipped = f.name in GENERATE_FIELDS  # left out: the model's generation_config value, else qlora's default

@@ -26,6 +26,7 @@ INSTALL_HINT = "FastAPI and uvicorn are not installed; install them with: pip in
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from ...option_range import Range
     from ...template_names import TRAIN_TEMPLATE_NAMES
+    from ..base_model import add_load_options
     from ..image_pixels import add_pixel_arguments
     from ..options import add_template_kwargs_option, add_template_option, non_negative_int, number, positive_int
 
@@ -34,11 +35,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--adapter", action="append", default=[], metavar="[NAME=]DIR",
                         help="LoRA adapter directory (PEFT format), served as model id NAME (default: the folder "
                              "name); repeat for several adapters on the one base")
-    parser.add_argument("--quant", choices=("nf4", "fp4", "none"), default=None,
-                        help="4-bit format of the base weights on load, or none for 16/32-bit "
-                             "(default: the format the adapter was trained on, else nf4)")
-    parser.add_argument("--compute-dtype", choices=("bf16", "fp16", "fp32"), default="bf16",
-                        help="dtype of the matmuls and unquantized weights")
+    add_load_options(parser)
     add_template_option(parser, TRAIN_TEMPLATE_NAMES, "chat format of /v1/chat/completions: auto = each adapter's "
                         "own (its chat_format.json, the format it was trained with), else the model's own template; "
                         "or one format for all")

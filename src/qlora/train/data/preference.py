@@ -63,7 +63,7 @@ from qlora.train.data.images import ImageRef, as_parts, attach_images, has_image
 from qlora.train.data.pieces import is_written, piece_ids
 from qlora.train.data.sources import Record
 from qlora.train.data.tokenize import (IGNORE_INDEX, PROMPT_FILLS_SEQ_LEN, DataReport, first_places, for_template,
-                                      rendering_kwargs, tokenize_example)
+                                      rendering_kwargs, require_eos, tokenize_example)
 
 FIELDS = ("prompt", "chosen", "rejected")
 Messages = tuple[dict[str, str], ...]
@@ -368,6 +368,13 @@ def _whole(example: PreferenceExample, answer) -> Example:
                    template_kwargs=example.template_kwargs)
 
 
+def prompt_example(example: PreferenceExample) -> Example:
+    """A row's prompt alone, with its images, tools and template kwargs, as :func:`expanded_prompt` expands an SFT
+    prompt's image tokens (``example``: KTO's examples too)."""
+    return Example(example.prompt, None, example.where, images=example.images, tools=example.tools,
+                   template_kwargs=example.template_kwargs)
+
+
 def tokenize_pair(example: PreferenceExample, tokenizer, chat_template: str | ChatFormat, seq_len: int | None = None,
                   index: int = 0, stop_ids: Iterable[int] | None = None, processor=None) -> TokenizedPair | str:
     """Token ids of one pair; ``prompt + answer`` is cut to ``seq_len`` tokens (its start kept).
@@ -392,9 +399,7 @@ def tokenize_pair(example: PreferenceExample, tokenizer, chat_template: str | Ch
     prompt, chosen, rejected = chosen[:n], chosen[n:], rejected[n:]
     media, spans = {}, ()
     if example.images:
-        expanded = expanded_prompt(Example(example.prompt, None, example.where, images=example.images,
-                                           tools=example.tools, template_kwargs=example.template_kwargs), n,
-                                   processor, fmt, seq_len)
+        expanded = expanded_prompt(prompt_example(example), n, processor, fmt, seq_len)
         if isinstance(expanded, str):
             return expanded
         prompt, media, spans = expanded
@@ -444,8 +449,7 @@ def tokenize_pairs(examples: list[PreferenceExample], tokenizer, chat_template: 
     Raises:
         UsageError: no pair is left, each skipped for the reasons it names.
     """
-    if tokenizer.eos_token_id is None:
-        raise UsageError("the tokenizer has no EOS token; set eos_token so answers can teach the model to stop.")
+    require_eos(tokenizer)
     kept, report = [], DataReport(examples=len(examples))
     for i, example in enumerate(examples):
         if example.skip:

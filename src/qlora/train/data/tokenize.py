@@ -194,6 +194,18 @@ class Unlocated(UsageError):
     inside the prompt): refused when only assistant tokens train; ``--train-on all`` trains the whole text."""
 
 
+def require_eos(tokenizer) -> None:
+    """Refuse a tokenizer without an EOS token: every trained answer ends with it, or the model never learns to stop.
+
+    Raises:
+        UsageError: ``tokenizer.eos_token_id`` is None, saying where to set it.
+    """
+    if tokenizer.eos_token_id is None:
+        raise UsageError("the tokenizer has no EOS token, so examples cannot teach the model to stop: set "
+                         "\"eos_token\" in the model's tokenizer_config.json to the token that ends its text "
+                         "(the one generation_config.json's eos_token_id names).")
+
+
 def tokenize_example(
     example: Example,
     tokenizer,
@@ -223,10 +235,7 @@ def tokenize_example(
     """
     if train_on not in TRAIN_ON:
         raise UsageError(f"unknown train_on {train_on!r}; choose {' or '.join(TRAIN_ON)}.")
-    if tokenizer.eos_token_id is None:
-        raise UsageError("the tokenizer has no EOS token, so examples cannot teach the model to stop: set "
-                         "\"eos_token\" in the model's tokenizer_config.json to the token that ends its text "
-                         "(the one generation_config.json's eos_token_id names).")
+    require_eos(tokenizer)
     fmt = chat_template if isinstance(chat_template, ChatFormat) else ChatFormat(chat_template)
     stops = set(stop_ids) if stop_ids is not None else stop_token_ids(tokenizer)
     hidden, cut, dropped = 0, False, False  # cut: a limit of the row's own pieces dropped ids (torchtune's max_seq_len)

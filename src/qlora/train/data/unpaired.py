@@ -38,15 +38,14 @@ from qlora.errors import UsageError
 from qlora.model.chat_format import ChatFormat
 from qlora.train.data.common_ends import common_prefix
 from qlora.train.data.fields import FieldMap, pair_hint, unsupported_rows
-from qlora.train.data.formats import (EMPTY_ANSWER, Example, empty_answer, row_template_kwargs, row_tools,
-                                     unpaired_label)
+from qlora.train.data.formats import EMPTY_ANSWER, empty_answer, row_template_kwargs, row_tools, unpaired_label
 from qlora.train.data.image_examples import expanded_prompt, image_batch, token_aligned
 from qlora.train.data.images import ImageRef, as_parts, images_in
-from qlora.train.data.preference import (Messages, PreferenceExample, full_ids, message_tuple,
-                                         missing_prompt_hint, pair_from_row, prompt_ids, prompt_with_images,
+from qlora.train.data.preference import (Messages, PreferenceExample, full_ids, message_tuple, missing_prompt_hint,
+                                         pair_from_row, prompt_example, prompt_ids, prompt_with_images,
                                          refuse_answer_images, refuse_image_tokens, renamed_source, with_system)
 from qlora.train.data.sources import Record
-from qlora.train.data.tokenize import IGNORE_INDEX, PROMPT_FILLS_SEQ_LEN, DataReport, first_places
+from qlora.train.data.tokenize import IGNORE_INDEX, PROMPT_FILLS_SEQ_LEN, DataReport, first_places, require_eos
 
 _ROW_KEYS = ("input_ids", "attention_mask", "labels")
 
@@ -174,8 +173,7 @@ def tokenize_unpaired(examples: list[UnpairedExample], tokenizer, chat_template:
     Raises:
         UsageError: the tokenizer has no EOS, or no example keeps a completion token.
     """
-    if tokenizer.eos_token_id is None:
-        raise UsageError("the tokenizer has no EOS token; set eos_token so answers can teach the model to stop.")
+    require_eos(tokenizer)
     fmt = chat_template if isinstance(chat_template, ChatFormat) else ChatFormat(chat_template)
     kept, report = [], DataReport(examples=len(examples))
     for i, example in enumerate(examples):
@@ -194,9 +192,7 @@ def tokenize_unpaired(examples: list[UnpairedExample], tokenizer, chat_template:
         prompt, completion = full[:n], full[n:]
         media = {}
         if example.images:
-            expanded = expanded_prompt(Example(example.prompt, None, example.where, images=example.images,
-                                               tools=example.tools, template_kwargs=example.template_kwargs), n,
-                                       processor, fmt, seq_len)
+            expanded = expanded_prompt(prompt_example(example), n, processor, fmt, seq_len)
             if isinstance(expanded, str):
                 report.skip(expanded, example.where)
                 continue

@@ -1,11 +1,12 @@
 """The optimizer names ``--optim`` takes: qlora's, and other tools' names for the same maths.
 
-Apart from :mod:`qlora.optim.factory`, which builds them, so that checking a name does not import torch.
+Apart from :mod:`qlora.optim.factory`, which builds them, so that checking a name does not import torch; beside
+the layers, since the memory estimate (:mod:`qlora.model.estimate`) and the training config read them too.
 """
 
 from __future__ import annotations
 
-from ..errors import UsageError
+from .errors import UsageError
 
 # qlora's optimizers, in the order of :data:`qlora.optim.factory.OPTIMIZERS`.
 OPTIMIZER_NAMES = ("adamw", "adamw_8bit", "paged_adamw_32bit", "paged_adamw_8bit")
