@@ -198,3 +198,109 @@ def test_packed_image_rows_are_each_row_alone(model_dir, images, attn, tmp_path)
         expected = sum(token_loss_sum(alone.model, alone._collate([u])).item() for u in alone.train_units)
         got = sum(token_loss_sum(packed.model, packed._collate([u])).item() for u in packed.train_units)
     assert got == pytest.approx(expected, rel=1e-5)
+
+
+@pytest.fixture(scope="module")
+def trained(model_dir, images, tmp_path_factory):
+    """A run trained on the image rows (its adapter folder)."""
+    from qlora.cli.main import main
+
+    root = tmp_path_factory.mktemp("paligemma-run")
+    data = root / "rows.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in _rows(images)))
+    assert main(["train", "--model", str(model_dir), "--data", str(data), "--output", str(root / "run"), "--quant",
+                 "none", "--precision", "fp32", "--max-steps", "2", "--batch-size", "2", "--lr", "1e-3",
+                 "--no-progress"]) == 0
+    return root / "run"
+
+
+def _greedy(model_dir, adapter, image_paths, prompt, new=8):
+    """transformers' greedy reply on the processor's prompt (``"<image>" * n + prompt``) with PEFT's merged adapter,
+    up to EOS, decoded; and the processor's ids."""
+    from peft import PeftModel
+    from PIL import Image
+
+    processor = AutoProcessor.from_pretrained(model_dir)
+    base = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=torch.float32)
+    model = PeftModel.from_pretrained(base, adapter).merge_and_unload().eval()
+    inputs = processor(images=[Image.open(p).convert("RGB") for p in image_paths],
+                       text="<image>" * len(image_paths) + prompt, return_tensors="pt")
+    tokens = model.generate(**inputs, do_sample=False, max_new_tokens=new)[0, inputs["input_ids"].shape[1]:].tolist()
+    eos = processor.tokenizer.eos_token_id
+    tokens = tokens[:tokens.index(eos)] if eos in tokens else tokens
+    return processor.tokenizer.decode(tokens, skip_special_tokens=True), inputs["input_ids"][0].tolist()
+
+
+def test_chat_image_prompt_is_the_processors_and_its_reply_transformers(model_dir, images, trained, monkeypatch,
+                                                                         capsys):
+    """``/image`` in ``qlora chat``: the system message and the user's text, a line each after the image tokens, as
+    the rows trained (no chat turn around them); a second question about the images is refused (PaliGemma trains on
+    one prompt and one answer per row) and the chat goes on; after /reset the question is answered alike."""
+    import io
+
+    from qlora.cli.main import main
+
+    expected, _ = _greedy(model_dir, trained, [images[0]], "be brief\n" + ROWS[0][0])
+    lines = [f"/image {images[0]}", ROWS[0][0], "and its colour?", "/reset", f"/image {images[0]}", ROWS[0][0],
+             "/exit"]
+    monkeypatch.setattr("sys.stdin", io.StringIO("".join(line + "\n" for line in lines)))
+    capsys.readouterr()
+    assert main(["chat", "--model", str(model_dir), "--adapter", str(trained), "--quant", "none", "--compute-dtype",
+                 "fp32", "--temperature", "0", "--max-new-tokens", "8", "--system", "be brief"]) == 0
+    captured = capsys.readouterr()
+    replies = [line.split("assistant> ", 1)[1] for line in captured.out.splitlines() if "assistant> " in line]
+    assert [r.strip() for r in replies] == [expected.strip(), "", expected.strip()]
+    assert "PaliGemma answers one prompt with its images" in captured.err
+    assert "these messages go on after an answer" in captured.err and "/reset" in captured.err
+
+
+def test_generate_places_an_image_placeholder_as_the_processor(model_dir, images, trained, capsys):
+    """``--prompt "<image>..."`` with one ``--image``: one image, its placeholder not sent as a second one."""
+    from qlora.cli.main import main
+
+    expected, _ = _greedy(model_dir, trained, [images[1]], ROWS[1][0])
+    capsys.readouterr()
+    assert main(["generate", "--model", str(model_dir), "--adapter", str(trained), "--quant", "none",
+                 "--compute-dtype", "fp32", "--temperature", "0", "--max-new-tokens", "8", "--prompt",
+                 "<image>" + ROWS[1][0], "--image", str(images[1])]) == 0
+    assert capsys.readouterr().out == expected + "\n"
+
+
+def test_served_images_are_the_processors_prompt_and_transformers_reply(model_dir, images, trained):
+    """``qlora serve``'s chat completions (and the Responses API) with image parts: the processor's prompt, the system
+    message a line before the user's text, and transformers' greedy reply; a conversation going on after an answer,
+    and tools with the images, are a 400 naming the field."""
+    import base64
+
+    openai = pytest.importorskip("openai")
+    pytest.importorskip("fastapi")
+    import qlora
+    from qlora.infer.batcher import ContinuousBatcher
+    from qlora.serve.app import build_app
+    from qlora.serve.server import BackgroundServer
+
+    expected, _ = _greedy(model_dir, trained, [images[0]], "be brief\n" + ROWS[0][0])
+    uri = "data:image/png;base64," + base64.b64encode(images[0].read_bytes()).decode()
+    user = {"role": "user", "content": [{"type": "text", "text": ROWS[0][0]},
+                                        {"type": "image_url", "image_url": {"url": uri}}]}
+    messages = [{"role": "system", "content": "be brief"}, user]
+    model, tokenizer = qlora.load_model(model_dir, quant="none", compute_dtype=torch.float32, device="cpu")
+    qlora.load_adapter(model, trained, adapter_name="img")
+    batcher = ContinuousBatcher(model.eval(), tokenizer, context_length=512).start()
+    with BackgroundServer(build_app(batcher, "base", ["img"], model_dir=str(model_dir))) as server:
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0, timeout=60)
+        reply = client.chat.completions.create(model="img", messages=messages, max_tokens=8, temperature=0)
+        assert reply.choices[0].message.content == expected
+        response = client.responses.create(model="img", instructions="be brief", input=[{"role": "user", "content": [
+            {"type": "input_image", "image_url": uri}, {"type": "input_text", "text": ROWS[0][0]}]}],
+            max_output_tokens=8, temperature=0)
+        assert response.output_text == expected
+        later = [*messages, {"role": "assistant", "content": "a square"}, {"role": "user", "content": "its colour?"}]
+        with pytest.raises(openai.BadRequestError) as err:
+            client.chat.completions.create(model="img", messages=later, max_tokens=2)
+        assert err.value.body["param"] == "messages" and "PaliGemma answers one prompt" in err.value.body["message"]
+        tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {}}}}]
+        with pytest.raises(openai.BadRequestError) as err:
+            client.chat.completions.create(model="img", messages=messages, tools=tools, max_tokens=2)
+        assert err.value.body["param"] == "tools"
+    batcher.close()

@@ -397,8 +397,11 @@ class ContinuousBatcher:
                 out, cache = forward_cached(self.model, ids, {}, 0, media)
             else:  # with images: positions left to the model, as stream_tokens' prefill leaves them
                 cache = new_cache()
-                out = self.model(input_ids=ids, **{self._cache_keyword: cache}, use_cache=True, **(media or {}),
-                                 **prompt_types(self.model, ids, request.prompt_logprobs is not None, len(prefix)))
+                # a prefix-LM's token types over its processor's (PaliGemma's prompt, all prefix): a forced start of
+                # the reply, and a prompt whose logprobs are asked, causal
+                types = prompt_types(self.model, ids, request.prompt_logprobs is not None, len(prefix))
+                out = self.model(input_ids=ids, **{self._cache_keyword: cache}, use_cache=True,
+                                 **{k: v for k, v in (media or {}).items() if k not in types}, **types)
         problem = None if self.unbatchable else cache_problem(cache, out)
         if problem:
             raise RuntimeError(f"this request's cache cannot join the batch: {problem}")

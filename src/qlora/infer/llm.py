@@ -11,10 +11,11 @@ from dataclasses import replace
 from typing import Any, Iterator, Protocol, Sequence
 
 from qlora.errors import UsageError
-
 from qlora.model.chat_format import ChatFormat
+from qlora.train.data.prefix_lm import prefix_type
+from qlora.train.data.prefix_suffix import image_prompt
 
-from .generate import SamplingOptions, stream_text
+from .generate import SamplingOptions, default_stop_ids, stream_text
 from .sampling_options import merged, model_defaults
 from .messages import Message
 from .reply_reading import ReplyReader, ReplyText, Splitter
@@ -73,7 +74,26 @@ class ModelLLM:
         """Stream the assistant's reply to ``messages``: its decoded text (markup that tells calls, reasoning or
         harmony's channels kept) and what splits that into the answer a user reads, its reasoning and its calls
         (``push`` each piece, ``finish`` at the end; None: the text is the answer). The reply ends at its turn end
-        where the format spells that as text (:func:`~qlora.infer.turn_end.turn_end_stops`)."""
+        where the format spells that as text (:func:`~qlora.infer.turn_end.turn_end_stops`). A prefix-LM's
+        (PaliGemma's) messages with images are its processor's prompt instead (:func:`image_prompt`), as it trained
+        on them, and its reply ends at EOS.
+
+        Raises:
+            UsageError: images without a processor; a prefix-LM's images after an answer, or with ``tools``.
+        """
+        if "max_new_tokens" in options:  # in place of the model's max_length too
+            options = {**options, "max_length": None}
+        images = [ref for m in messages for ref in m.images]
+        if images and self.processor is None:
+            raise UsageError("these messages hold images, but no image processor was given for the model.")
+        if images and prefix_type(self.model) is not None:
+            if tools:
+                raise UsageError("--tools: PaliGemma's prompt with images (its processor's prefix) has no place for "
+                                 "tools; leave out --tools to ask about images.")
+            prompt = image_prompt(self.processor, [m.as_dict() for m in messages])
+            return stream_text(self.model, self.tokenizer, prompt, replace(self.options, **options),
+                               default_stop_ids(self.model, self.tokenizer), images=images,
+                               processor=self.processor), None
         prompt = render_chat(self.tokenizer, messages, chat_format=self.chat_format, tools=tools,
                              template_kwargs=self.template_kwargs)
         template = chat_template(self.tokenizer, self.chat_format, tools=bool(tools))
@@ -83,14 +103,9 @@ class ModelLLM:
         names = [t["function"]["name"] for t in tools] if tools else None
         split = self.reader.splitter(prompt, template, self.chat_format, self.template_kwargs,
                                      ToolCallStream(calls, names) if calls is not None else None, names)
-        images = [ref for m in messages for ref in m.images]
-        if images and self.processor is None:
-            raise UsageError("these messages hold images, but no image processor was given for the model.")
         if bool(tools) not in self._turn_ends:
             self._turn_ends[bool(tools)] = turn_end_stops(self.tokenizer, self.stop_ids, self.chat_format,
                                                           self.template_kwargs, tools)
-        if "max_new_tokens" in options:  # in place of the model's max_length too
-            options = {**options, "max_length": None}
         return stream_text(self.model, self.tokenizer, prompt, replace(self.options, **options), self.stop_ids,
                            keep=keep, stop_strings=self._turn_ends[bool(tools)], chat=True, images=images,
                            processor=self.processor), split

@@ -115,8 +115,10 @@ def _without_auto_processor(model_dir, kind: str, tokenizer, exc: Exception, whe
 
 def image_tensors(encoded) -> dict[str, torch.Tensor]:
     """The processor output's tensors for the model besides the text's ids and mask (``pixel_values``,
-    ``image_grid_thw``, ``token_type_ids``, ``image_sizes``, ...)."""
-    return {k: v for k, v in encoded.items() if k not in ("input_ids", "attention_mask") and isinstance(v, torch.Tensor)}
+    ``image_grid_thw``, ``token_type_ids``, ``image_sizes``, ...); not the ``labels`` PaliGemma's processor adds
+    (qlora labels its rows itself, and a prompt's all-ignored labels would only have the forward score it)."""
+    return {k: v for k, v in encoded.items()
+            if k not in ("input_ids", "attention_mask", "labels") and isinstance(v, torch.Tensor)}
 
 
 def image_token_id(processor) -> int | None:

@@ -65,6 +65,8 @@ from ..infer.turn_end import TurnEnds
 from ..model.chat_format import ChatFormat
 from ..model.image_pixels import PixelBounds
 from ..model.in_place_weights import in_place_adapter
+from ..train.data.prefix_lm import prefix_type
+from ..train.data.prefix_suffix import image_prompt as prefix_prompt
 from . import conversations as conv
 from .adapter_updates import (LoadAdapterRequest, UnloadAdapterRequest, adapter_folder, attach, check_lora_name,
                               detach)
@@ -325,6 +327,16 @@ def build_app(batcher: ContinuousBatcher, base_id: str, adapters: list[str], api
                                     "tokenizes a prompt with images; send the request without it",
                                "add_special_tokens")
         tools, plan, markup, forced = body.function_tools(), None, None, None
+        # a prefix-LM's (PaliGemma's) images and prompt are its processor's prefix, as it trained on them: no chat
+        # format, no tools, the reply ends at EOS
+        prefix = bool(images) and prefix_type(model) is not None
+        if prefix and (tools or body.chat_template is not None):
+            param = "tools" if tools else "chat_template"
+            raise APIError(400, f"'{param}' cannot be served with images for {body.model!r} "
+                                f"({model.config.model_type}): its prompt with images is its processor's prefix, the "
+                                f"images then the text, with no chat format; send the request without '{param}'",
+                           param)
+        stops = text_stops if prefix else chat_stops
         if tools:
             if body.chat_template is not None:  # the request's own template, asked each time
                 shows_tools = renders_tools(tokenizer, chat_format)
@@ -360,8 +372,10 @@ def build_app(batcher: ContinuousBatcher, base_id: str, adapters: list[str], api
                                 f"{body.tool_choice!r}): its call markup is written by fixed tokens, which the mask "
                                 "could not hold back; send 'tool_choice': 'auto', or the request without it", param)
         try:
-            prompt = render_chat(tokenizer, messages, chat_format=chat_format, tools=tools,
-                                 template_kwargs=template_options)
+            prompt = prefix_prompt(image_processor_for(body.model), [m.as_dict() for m in messages]) if prefix else \
+                render_chat(tokenizer, messages, chat_format=chat_format, tools=tools, template_kwargs=template_options)
+        except UsageError as exc:  # a prefix-LM's images after an answer
+            raise APIError(400, str(exc), "messages") from None
         except RecursionError:  # the template writes each nested value by recursing (tojson)
             raise APIError(400, "The chat template cannot write these messages or tools: they nest too deeply for "
                                 "it (a tool's parameters nested hundreds of levels, say); flatten them",
@@ -379,22 +393,22 @@ def build_app(batcher: ContinuousBatcher, base_id: str, adapters: list[str], api
             # none, the template writes them (apply_chat_template(tokenize=True)'s ids)
         template = chat_template(tokenizer, chat_format, tools=bool(tools))
         # constrained replies (a forced call, a JSON reply, a guide) are written from their first token: no reasoning
-        read = guide is None and json_reply is None and markup is None and reader.reads(template, chat_format,
-                                                                                        template_options)
+        read = not prefix and guide is None and json_reply is None and markup is None and reader.reads(
+            template, chat_format, template_options)
         if read:  # the reply's reasoning (or gpt-oss's channels) is read apart from its answer
             read_with = functools.partial(reader.splitter, prompt, template, chat_format, template_options)
             plan = replace(plan, read=read_with) if plan is not None else _ToolPlan(
                 tool_call_format(""), (), False, offered=False, read=read_with)
         # a turn end this vocabulary spells as text (ChatML without an <|im_end|> token) ends a reply as a 'stop'
         # string does; not one that goes on past its end of turn (ignore_eos) or ends where its constraint does
-        ends_turn = () if body.ignore_eos or guide is not None or json_reply is not None else turn_ends(
+        ends_turn = () if prefix or body.ignore_eos or guide is not None or json_reply is not None else turn_ends(
             chat_format, template_options, tools)
         role = body.reply_role(template_options)
         last = body.messages[-1]
         echo = last.text(len(body.messages) - 1)[0] if body.echo and last.role == role else ""
         choices = []
         for index in range(body.n):  # each choice is its own row, with its own constraint state and seed
-            generation = _generation(batcher, body, adapter, prompt_ids, chat_stops, prompt_param, index)
+            generation = _generation(batcher, body, adapter, prompt_ids, stops, prompt_param, index)
             # continuing the last message: its text goes on after the prompt's, its first word's space kept (vLLM)
             generation.continues_prompt = template_options["continue_final_message"]
             generation.media = media
@@ -410,9 +424,9 @@ def build_app(batcher: ContinuousBatcher, base_id: str, adapters: list[str], api
                 generation.constraint = ForcedCall(tokenizer, markup, tools, forced or None, generation.keep_tokens,
                                                    chat_stops)
             if json_reply is not None:
-                generation.constraint = JsonReply(tokenizer, json_reply[0], chat_stops, root_object=json_reply[1])
+                generation.constraint = JsonReply(tokenizer, json_reply[0], stops, root_object=json_reply[1])
             if guide is not None:
-                generation.constraint = _guided(guide, tokenizer, chat_stops)
+                generation.constraint = _guided(guide, tokenizer, stops)
             if index == 0:  # the same start for every choice
                 what = guide.param if guide is not None else \
                     "response_format" if json_reply is not None else "tool_choice"

@@ -204,7 +204,7 @@ def run(args: argparse.Namespace) -> int:
     prefix_images = bool(user.images) and prefix_type(model) is not None
     chat = not prefix_images and (fmt is not None or bool(user.images) or args.chat_template_kwargs is not None)
     prompt = render_chat(tokenizer, [user], chat_format=fmt, template_kwargs=args.chat_template_kwargs) if chat \
-        else image_prompt(processor, args.prompt, len(user.images)) if prefix_images else args.prompt
+        else image_prompt(processor, [user.as_dict()]) if prefix_images else args.prompt
     stops = stop_token_ids(model, tokenizer) if chat else default_stop_ids(model, tokenizer)
     # a turn end this vocabulary spells as text (ChatML without an <|im_end|> token) ends the reply as --stop would
     stop_strings = [*args.stop, *(turn_end_stops(tokenizer, stops, fmt, args.chat_template_kwargs) if chat else ())]

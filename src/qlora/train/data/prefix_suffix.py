@@ -11,7 +11,7 @@ prefix and suffix without images, so its answer is causal too.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Sequence
 
 import torch
 
@@ -50,7 +50,12 @@ def prompt_and_answer(example: Example, train_on: str = "assistant") -> tuple[st
                                                                                "thinking")):
         raise UsageError(f"{where}: PaliGemma's answer (its processor's suffix) is plain text; this row's answer holds "
                          "tool calls, reasoning or other parts. Give the answer as text.")
-    return "\n".join(t for t in (_text(m.get("content")) for m in messages[:-1]) if t), text
+    return _prompt(messages[:-1]), text
+
+
+def _prompt(messages: Sequence[dict]) -> str:
+    """The prompt of the turns before an answer: their texts (a system message, the user's), a line each."""
+    return "\n".join(t for t in (_text(m.get("content")) for m in messages) if t)
 
 
 def _text(content: Any) -> str | None:
@@ -87,7 +92,7 @@ def tokenize_prefix_suffix(example: Example, processor, train_on: str = "assista
     ids = encoded["input_ids"][0].tolist()
     types = encoded["token_type_ids"][0]
     labels = torch.where(types == 1, encoded["input_ids"][0], IGNORE_INDEX).tolist()
-    media = {k: v for k, v in image_tensors(encoded).items() if k != "labels"}
+    media = image_tensors(encoded)
     media["token_type_ids"] = types[None]
     truncated = seq_len is not None and len(ids) > seq_len
     if truncated:
@@ -109,7 +114,21 @@ def image_row_tokenizer(model, processor, chat_template, train_on: str, seq_len:
                                                          stop_ids)
 
 
-def image_prompt(processor, prompt: str, images: int) -> str:
-    """A prefix-LM's generation prompt with ``images``: its processor's text, one image token each then the prompt
-    (the prefix without a suffix, all of it read both ways), where other models render a chat turn."""
-    return (getattr(processor, "image_token", None) or IMAGE_TOKEN) * images + prompt
+def image_prompt(processor, messages: Sequence[dict]) -> str:
+    """A prefix-LM's generation prompt for chat ``messages`` (as templates take them) with images: its processor's
+    text, one image token per image part then the prompt :func:`prompt_and_answer` trains on (each message's
+    text, a line each; the prefix without a suffix, all of it read both ways), where other models render a chat
+    turn.
+
+    Raises:
+        UsageError: the messages hold an answer (an assistant or tool turn): PaliGemma trains on one prompt and one
+            answer per row, so a conversation that goes on after an answer has no prompt it was trained on.
+    """
+    if any(m.get("role") not in ("system", "user") for m in messages):
+        raise UsageError("PaliGemma answers one prompt with its images (its processor's prefix; it has no chat "
+                         "format for several turns, and trains on one prompt and one answer per row), and these "
+                         "messages go on after an answer. Ask about the images in a new conversation (/reset in "
+                         "qlora chat, or one user message per request), the images attached again.")
+    parts = [p for m in messages if isinstance(m.get("content"), list) for p in m["content"]]
+    images = sum(isinstance(p, dict) and p.get("type") in ("image", "image_url") for p in parts)
+    return (getattr(processor, "image_token", None) or IMAGE_TOKEN) * images + _prompt(messages)
