@@ -20,15 +20,17 @@ from transformers import AutoConfig
 
 from qlora.model.transformers4_compat import readable_by_transformers_4
 
-# Each case is transformers 5's save of the file (rope_parameters alone): transformers 4 writes no such file.
-pytestmark = pytest.mark.skipif(importlib.util.find_spec("transformers.initialization") is None,
-                                reason="the cases start from transformers 5's rope_parameters, which 4.x does not write")
+# Most cases are transformers 5's save of the file (rope_parameters alone): transformers 4 writes no such file.
+transformers_5_save = pytest.mark.skipif(importlib.util.find_spec("transformers.initialization") is None,
+                                         reason="the case starts from transformers 5's save (rope_parameters), "
+                                                "which 4.x does not write")
 
 _SMALL = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
               num_key_value_heads=2, vocab_size=128, max_position_embeddings=256)
 _SHORT, _LONG = [1.0 + i / 10 for i in range(6)], [2.0 + i / 10 for i in range(6)]
 
 
+@transformers_5_save
 @pytest.mark.parametrize("model_type, v4", [
     ("phi3", {"partial_rotary_factor": 0.75, "original_max_position_embeddings": 32,
               "rope_scaling": {"type": "longrope", "short_factor": _SHORT, "long_factor": _LONG}}),
@@ -49,6 +51,7 @@ def test_longrope_is_spelt_as_phi3s_own_files(tmp_path, model_type, v4):
     assert AutoConfig.from_pretrained(tmp_path).rope_parameters == config.rope_parameters
 
 
+@transformers_5_save
 def test_qwen2_vl_keeps_its_mrope_section_where_transformers_4_reads_it(tmp_path):
     text = {k: v for k, v in _SMALL.items() if k != "max_position_embeddings"}
     config = AutoConfig.for_model(
@@ -64,6 +67,7 @@ def test_qwen2_vl_keeps_its_mrope_section_where_transformers_4_reads_it(tmp_path
     assert AutoConfig.from_pretrained(tmp_path).text_config.rope_parameters == config.text_config.rope_parameters
 
 
+@transformers_5_save
 @pytest.mark.parametrize("rope", [{"rope_theta": 1e6}, {"rope_theta": 1e4, "partial_rotary_factor": 0.5}])
 def test_a_default_rope_has_no_rope_scaling(tmp_path, rope):
     AutoConfig.for_model("llama", **_SMALL, **rope).save_pretrained(tmp_path)
@@ -72,6 +76,7 @@ def test_a_default_rope_has_no_rope_scaling(tmp_path, rope):
     assert written.get("rope_scaling") is None and written["rope_theta"] == rope["rope_theta"]
 
 
+@transformers_5_save
 def test_a_models_named_special_tokens_are_listed_where_transformers_4_reads_them(tmp_path):
     """transformers 5 writes Gemma 3's image_token, boi_token and eoi_token at the top of tokenizer_config.json
     alone; 4.x reads named tokens from an ``extra_special_tokens`` dict only (its Gemma 3 processor then fails on
@@ -92,3 +97,50 @@ def test_a_models_named_special_tokens_are_listed_where_transformers_4_reads_the
     assert [again.image_token, again.boi_token] == [tokenizer.image_token, tokenizer.boi_token] == list(named.values())
     assert sorted(again.all_special_tokens) == sorted(tokenizer.all_special_tokens)
     assert again.extra_special_tokens == tokenizer.extra_special_tokens
+
+
+def _rotary(folder):
+    """(class, rope type, inverse frequencies, attention scaling) of the rotary embedding transformers builds from
+    ``folder``'s config.json (4.x's Chameleon: a class per scaling, no rope type)."""
+    import torch
+    from transformers import AutoModel
+
+    torch.manual_seed(0)
+    model = AutoModel.from_config(AutoConfig.from_pretrained(folder))
+    rotary = next(m for m in model.modules() if type(m).__name__.endswith("RotaryEmbedding"))
+    return (type(rotary).__name__, getattr(rotary, "rope_type", None), rotary.inv_freq.tolist(),
+            getattr(rotary, "attention_scaling", 1.0))
+
+
+# OLMo, OLMo 2 and Chameleon as their hub files spell a scaled rope (transformers 4's own spelling), and Llama,
+# whose 4.x config takes rope_type as 5's does
+_VQ = dict(embed_dim=8, num_embeddings=16, base_channels=32, channel_multiplier=[1], num_res_blocks=1,
+           attn_resolutions=[])
+
+
+@pytest.mark.parametrize("model_type, scaling, extra", [
+    ("olmo", {"type": "linear", "factor": 2.0}, {}),
+    ("olmo2", {"type": "dynamic", "factor": 4.0}, {}),
+    ("chameleon", {"type": "linear", "factor": 8.0}, {"vq_config": _VQ, "vocabulary_map": {"<image>": 3}}),
+    ("llama", {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64}, {}),
+])
+def test_a_scaled_rope_written_by_transformers_5_is_read_by_transformers_4(tmp_path, model_type, scaling, extra):
+    """A merged or quantized folder of a model with a scaled rope, written by transformers 5 (``rope_parameters``
+    alone) and rewritten, gives the rotary embedding of the model's own files in the transformers installed: on 4.x
+    OLMo's, OLMo 2's and Chameleon's configs take ``rope_scaling`` only as exactly ``{type, factor}`` (before, the
+    rewritten ``{rope_type, factor}`` was refused: "`rope_scaling`'s type field must be one of ['linear',
+    'dynamic']", and the ``type`` a 5 save keeps beside ``rope_type`` made three keys, refused too)."""
+    config = AutoConfig.for_model(model_type, **_SMALL, **extra, rope_theta=1e4, rope_scaling=dict(scaling))
+    config.save_pretrained(tmp_path / "hub")
+    saved = json.loads((tmp_path / "hub" / "config.json").read_text())
+    five = {k: v for k, v in saved.items() if k not in ("rope_theta", "rope_scaling")}
+    kind = scaling.get("rope_type", scaling.get("type"))
+    # transformers 5's save: rope_parameters alone, keeping the 4.x ``type`` key of the file it read
+    five["rope_parameters"] = {**scaling, "rope_type": kind, "rope_theta": 1e4}
+    (tmp_path / "five").mkdir()
+    (tmp_path / "five" / "config.json").write_text(json.dumps(five))
+    readable_by_transformers_4(tmp_path / "five")
+    assert _rotary(tmp_path / "five") == _rotary(tmp_path / "hub")
+    assert _rotary(tmp_path / "five")[1] in (kind, None)
+    if model_type != "llama":  # the model's own 4.x spelling, two keys (which 5 reads as the same rope)
+        assert json.loads((tmp_path / "five" / "config.json").read_text())["rope_scaling"] == scaling

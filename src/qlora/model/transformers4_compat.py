@@ -7,8 +7,8 @@ own scripts. transformers 5 writes four things 4.x misreads:
 - the rotary embedding's settings only under ``rope_parameters``, where 4.x reads ``rope_theta``, ``rope_scaling``
   and ``partial_rotary_factor`` (Gemma 3: and ``rope_local_base_freq``) at the top: it falls back to its defaults
   without a word (Qwen's base frequency 1e6 read as 1e4, Llama 3.1's ``llama3`` and Gemma 3's linear scaling
-  dropped), so every output is silently off (Phi-3's longrope and Qwen2-VL's mrope are spelt as their own 4.x
-  files are: 4.x refused or failed on a plain copy);
+  dropped), so every output is silently off (Phi-3's longrope, Qwen2-VL's mrope and OLMo's, OLMo 2's and
+  Chameleon's linear or dynamic scaling are spelt as their own 4.x files are: 4.x refused or failed on a plain copy);
 - the tokenizer class ``TokenizersBackend`` (a tokenizer whose folder named the generic
   ``PreTrainedTokenizerFast``, as Llama 3's does), which 4.x does not know;
 - the additional special tokens as a list under ``extra_special_tokens``, which 4.x reads as a dict of named
@@ -33,6 +33,9 @@ _V5_CLASS, _V4_CLASS = "TokenizersBackend", "PreTrainedTokenizerFast"
 # the special tokens every tokenizer names; transformers 5 takes any other ``*_token`` string of the file as a
 # model's own named token (Gemma 3's image_token, boi_token), 4.x only those listed in extra_special_tokens
 _STANDARD = {f"{name}_token" for name in ("bos", "eos", "unk", "sep", "pad", "cls", "mask")}
+# model types whose transformers 4 config takes a rope_scaling of exactly two keys, ``type`` (linear or dynamic) and
+# ``factor``, and refuses any other (a ``rope_type`` key, or both names): OLMo, OLMo 2 and Chameleon
+_TYPE_AND_FACTOR = frozenset({"olmo", "olmo2", "chameleon"})
 
 
 def readable_by_transformers_4(folder: str | Path) -> None:
@@ -55,20 +58,22 @@ def _config(config: dict[str, Any]) -> bool:
     for part in (config, config.get("text_config")):
         if not isinstance(part, dict) or not isinstance(part.get("rope_parameters"), dict):
             continue
-        for key, value in _v4_rope(part["rope_parameters"]).items():
+        for key, value in _v4_rope(part["rope_parameters"], part.get("model_type") in _TYPE_AND_FACTOR).items():
             if part.get(key) is None:
                 part[key] = value
                 changed = True
     return changed
 
 
-def _v4_rope(rope: dict[str, Any]) -> dict[str, Any]:
+def _v4_rope(rope: dict[str, Any], type_and_factor: bool = False) -> dict[str, Any]:
     """4.x's keys for ``rope_parameters``: one set for all layers, or Gemma 3's per layer type (the full-attention
-    layers' as the model's, the sliding ones' base frequency as ``rope_local_base_freq``)."""
+    layers' as the model's, the sliding ones' base frequency as ``rope_local_base_freq``); ``type_and_factor``: a
+    linear or dynamic scaling as the two keys alone that the model type's 4.x config accepts."""
     full, sliding = rope.get("full_attention"), rope.get("sliding_attention")
     if isinstance(full, dict) and isinstance(sliding, dict):
         local = sliding.get("rope_theta")
-        return {**_v4_rope(full), **({"rope_local_base_freq": local} if isinstance(local, (int, float)) else {})}
+        return {**_v4_rope(full, type_and_factor),
+                **({"rope_local_base_freq": local} if isinstance(local, (int, float)) else {})}
     if not isinstance(rope.get("rope_theta"), (int, float)):
         return {}
     keys = {"rope_theta": rope["rope_theta"]}
@@ -82,6 +87,9 @@ def _v4_rope(rope: dict[str, Any]) -> dict[str, Any]:
             keys["original_max_position_embeddings"] = scaling.pop("original_max_position_embeddings")
         scaling.pop("rope_type", None)
         scaling["type"] = "longrope"
+    kind = scaling.get("rope_type", scaling.get("type"))
+    if type_and_factor and kind in ("linear", "dynamic") and "factor" in scaling:
+        scaling = {"type": kind, "factor": scaling["factor"]}
     if scaling.get("rope_type", "default") != "default" or set(scaling) - {"rope_type", "type"}:
         keys["rope_scaling"] = scaling  # a default rope with settings of its own too: Qwen2-VL's mrope_section
     return keys
