@@ -31,16 +31,16 @@ _SIZES = dict(hidden_size=64, intermediate_size=128, moe_intermediate_size=128, 
               head_dim=16)
 
 
-def _write_4x(dense, out, quant_type: str, double_quant: bool, blocksize: int = 64):
+def _write_4x(dense, out, quant_type: str, double_quant: bool, blocksize: int = 64, skip: tuple[str, ...] = ()):
     """``dense`` (transformers' per-expert 16-bit files) as transformers 4.x + bitsandbytes stores it 4-bit:
-    every linear weight but the embeddings and head packed by bitsandbytes; beside it the dequantized pieces
-    (``out/deq``, 16-bit, the oracle's checkpoint)."""
+    every linear weight but the embeddings, head and ``skip`` packed by bitsandbytes; beside it the dequantized
+    pieces (``out/deq``, 16-bit, the oracle's checkpoint)."""
     from safetensors.torch import load_file, save_file
 
     tensors = load_file(dense / "model.safetensors")
     packed, deq = {}, {}
     for key, value in tensors.items():
-        if value.dim() == 2 and key.endswith(".weight") and "embed" not in key and "lm_head" not in key:
+        if value.dim() == 2 and key.endswith(".weight") and not any(s in key for s in ("embed", "lm_head", *skip)):
             codes, state = bnb_F.quantize_4bit(value.float(), blocksize=blocksize, quant_type=quant_type,
                                                compress_statistics=double_quant)
             packed[key] = codes
@@ -57,7 +57,8 @@ def _write_4x(dense, out, quant_type: str, double_quant: bool, blocksize: int = 
     config = json.loads((out / "config.json").read_text())
     config["quantization_config"] = {"quant_method": "bitsandbytes", "load_in_4bit": True,
                                      "bnb_4bit_quant_type": quant_type, "bnb_4bit_use_double_quant": double_quant,
-                                     "bnb_4bit_compute_dtype": "float32", "llm_int8_skip_modules": None}
+                                     "bnb_4bit_compute_dtype": "float32",
+                                     "llm_int8_skip_modules": ["lm_head", *skip] if skip else None}
     (out / "config.json").write_text(json.dumps(config))
     return packed
 
@@ -69,7 +70,10 @@ def written(tmp_path_factory, tiny_tokenizer):
     def get(model_type: str, quant_type: str = "nf4", double_quant: bool = True):
         key = (model_type, quant_type, double_quant)
         if key not in cache:
-            dense = save_tiny_moe(tmp_path_factory.mktemp(model_type), tiny_tokenizer, model_type, **_SIZES)
+            sizes = dict(_SIZES)
+            if model_type.startswith("deepseek"):  # latent attention: its ranks and value heads a block wide
+                sizes.update(head_dim=8, q_lora_rank=64, kv_lora_rank=64, v_head_dim=16)
+            dense = save_tiny_moe(tmp_path_factory.mktemp(model_type), tiny_tokenizer, model_type, **sizes)
             out = tmp_path_factory.mktemp("bnb4x") / "q"
             cache[key] = out, _write_4x(dense, out, quant_type, double_quant)
         return cache[key]
@@ -102,7 +106,7 @@ def _dequantized(packed: dict, key: str) -> torch.Tensor:
 
 @pytest.mark.parametrize("model_type,quant_type,double_quant", [
     ("mixtral", "nf4", True), ("mixtral", "fp4", False), ("qwen3_moe", "nf4", True), ("qwen2_moe", "fp4", True),
-    ("qwen2_moe", "nf4", False), ("olmoe", "nf4", True)])
+    ("qwen2_moe", "nf4", False), ("olmoe", "nf4", True), ("deepseek_v3", "nf4", True)])
 def test_experts_are_the_stored_pieces_joined(written, model_type, quant_type, double_quant):
     """Each expert's matrix is its pieces' bitsandbytes dequantization, row for row: exactly without double
     quantization and for single pieces (down_proj), within the second rounding of the block constants with it
@@ -205,3 +209,21 @@ def test_a_piece_without_its_absmax_is_named(tmp_path, written):
     save_file({k: v for k, v in packed.items() if k != key + ".absmax"}, broken / "model.safetensors")
     with pytest.raises(UsageError, match=rf"{key}.*absmax"):
         load_model(broken, compute_dtype=torch.float32, device="cpu")
+
+
+def test_an_expert_the_file_keeps_16bit(tmp_path, tiny_tokenizer):
+    """A skip list naming one expert's projection (as Unsloth's dynamic 4-bit releases name sensitive modules):
+    that layer's other pieces are decoded, the weight joined by transformers' converter and quantized in the
+    file's format; the decoded pieces quantize back to their own codes (whole blocks, no double quantization)."""
+    from qlora.quant import quantize_4bit
+
+    dense = save_tiny_moe(tmp_path / "dense", tiny_tokenizer, "qwen3_moe", **_SIZES)
+    kept = "model.layers.1.mlp.experts.2.down_proj"
+    packed = _write_4x(dense, tmp_path / "q", "nf4", False, skip=(kept,))
+    ours, _ = load_model(tmp_path / "q", compute_dtype=torch.float32, device="cpu")
+    down = ours.model.layers[1].mlp.experts.dequantize("down_proj", torch.float32)
+    for e in (0, 1, 3):
+        assert torch.equal(down[e], _bnb_dequantized(packed, _pieces("qwen3_moe", 1, e, "down_proj")[0]))
+    codes, state = quantize_4bit(packed[kept + ".weight"], "nf4", 64, False)
+    assert torch.equal(down[2], _dequantized({"w": codes, **{f"w.{k}": v for k, v in
+                                                             state.as_dict(packed=True).items()}}, "w"))

@@ -15,9 +15,10 @@ concatenated and its block absmax their absmax concatenated: nothing is quantize
 its own offset and nested blocks of 256), so the joined absmax is decoded to float32 and double-quantized
 again: the weights then differ from each piece's own decoding by a second rounding of its block constants
 (an 8-bit code step of the absmax, about 1e-3 of it), at the stored 0.127 bits a weight; keeping them float32
-would be exact but cost 0.373 bits a weight more on the joined matrices. Pieces that are not whole blocks,
-or a converter other than those two operations, are decoded and go through transformers' converter, then are
-quantized again with the checkpoint's format (the 16-bit path).
+would be exact but cost 0.373 bits a weight more on the joined matrices. Pieces that are not whole blocks
+are decoded, joined and quantized again in the checkpoint's format; a converter other than those two
+operations, or a weight some of whose pieces the file keeps 16-bit (a skip list naming single experts), has its
+packed pieces decoded for transformers' converter, then is quantized again (the 16-bit path).
 """
 
 from __future__ import annotations
@@ -78,11 +79,14 @@ class PackedExperts:
         stems = packed_stems(keys)
         by_target: dict[str, dict[str, list[str]]] = defaultdict(lambda: defaultdict(list))
         converters = {}
-        for raw in sorted(stems, key=dot_natural_key):
+        sources: dict[str, int] = defaultdict(int)  # target -> its source tensors, packed or not
+        for raw in sorted(keys, key=dot_natural_key):
             if layout.in_group(raw):
                 target, converter, pattern = layout.group(raw)
-                by_target[target][pattern].append(raw)
-                converters[target] = converter
+                sources[target] += 1
+                if raw in stems:
+                    by_target[target][pattern].append(raw)
+                    converters[target] = converter
         self._targets: dict[str, _Target] = {}
         self._joins: dict[str, bool] = {}  # target -> joined here (else decoded for the converter)
         self._modules: dict[str, Experts4bit] = {}
@@ -97,7 +101,9 @@ class PackedExperts:
             if found is not None:
                 module, owner, name = found
                 self._modules[owner] = module
-                joinable = (_joins_rows(converter) and not module.layout.applied_transposed(name)
+                # all pieces packed (a skip list may keep some 16-bit: then all go through the converter)
+                joinable = (sum(map(len, by_pattern.values())) == sources[target] and _joins_rows(converter)
+                            and not module.layout.applied_transposed(name)
                             and not module.layout.rows and len({len(by_pattern[p]) for p in patterns}) == 1
                             and len(module.layers(name)) == len(by_pattern[patterns[0]]))
             self._targets[target] = _Target(owner, name, joinable, [by_pattern[p] for p in patterns])
