@@ -534,9 +534,12 @@ def load_model(
         _set_tensor(model, key, tensor.to(device, copy=True), source)
         loaded.add(key)
 
-    # transformers 4.x's per-expert 4-bit layers, joined into the 3-D expert weights' 4-bit layers
-    joined = PackedExperts(layout, [k for ks in keys.values() for k in ks],
-                           lambda target: _experts_weight(model, target, experts_paths)) if prequant is not None else None
+    # transformers 4.x's per-expert 4-bit layers, joined into the 3-D expert weights' 4-bit layers (a layout
+    # transformers converts: never under 4.x itself, whose experts are the per-expert layers)
+    joined = None
+    if prequant is not None and layout.converts:
+        joined = PackedExperts(layout, [k for ks in keys.values() for k in ks],
+                               lambda target: _experts_weight(model, target, experts_paths))
     # One shard is open (memory-mapped) at a time: an open mapping keeps the pages read so far in RSS.
     current: dict[Path, object] = {}
 
