@@ -6,7 +6,8 @@ target device, and the safetensors shards are then read one tensor at a time
 (memory-mapped): a linear weight is quantized as soon as it is read and its
 16-bit copy dropped, every other tensor is placed directly. Neither host RAM
 nor GPU memory ever holds the whole model in 16 bits. Checkpoints already in
-bitsandbytes' 4-bit format load their packed codes as they are.
+bitsandbytes' 4-bit format load their packed codes as they are (transformers 4.x's
+per-expert 4-bit MoE layers joined into the experts' layers: :mod:`qlora.model.packed_experts`).
 
 Where transformers' module layout differs from the checkpoint's (v5 MoE
 experts as 3-D weights, renamed modules), keys are mapped and tensors
