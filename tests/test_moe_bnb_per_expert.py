@@ -227,3 +227,21 @@ def test_an_expert_the_file_keeps_16bit(tmp_path, tiny_tokenizer):
     codes, state = quantize_4bit(packed[kept + ".weight"], "nf4", 64, False)
     assert torch.equal(down[2], _dequantized({"w": codes, **{f"w.{k}": v for k, v in
                                                              state.as_dict(packed=True).items()}}, "w"))
+
+
+def test_a_missing_expert_is_named_before_reading(tmp_path, written):
+    from safetensors.torch import save_file
+
+    from qlora.errors import UsageError
+
+    path, packed = written("qwen3_moe", "fp4", False)
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for f in path.iterdir():
+        if f.is_file() and f.name != "model.safetensors":
+            (broken / f.name).write_bytes(f.read_bytes())
+    gone = _pieces("qwen3_moe", 1, 3, "gate_up_proj")[1]
+    save_file({k: v for k, v in packed.items() if not k.startswith(gone)}, broken / "model.safetensors")
+    with pytest.raises(UsageError, match=r"3 of mlp\.experts\.\*\.up_proj\.weight .*layers\.1\.mlp\.experts\."
+                                         r"gate_up_proj has 4 experts"):
+        load_model(broken, compute_dtype=torch.float32, device="cpu")

@@ -539,8 +539,12 @@ def load_model(
     # transformers converts: never under 4.x itself, whose experts are the per-expert layers)
     joined = None
     if prequant is not None and layout.converts:
-        joined = PackedExperts(layout, [k for ks in keys.values() for k in ks],
-                               lambda target: _experts_weight(model, target, experts_paths))
+        try:
+            joined = PackedExperts(layout, [k for ks in keys.values() for k in ks],
+                                   lambda target: _experts_weight(model, target, experts_paths))
+        except ValueError as exc:
+            raise UsageError(f"{model_dir}: the checkpoint lacks 4-bit expert layers: {exc}; is it complete, and "
+                             "the checkpoint of this config?") from None
     # One shard is open (memory-mapped) at a time: an open mapping keeps the pages read so far in RSS.
     current: dict[Path, object] = {}
 

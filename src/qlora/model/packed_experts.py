@@ -44,8 +44,9 @@ class _Target:
 
     owner: str  # the Experts4bit's path
     name: str  # its expert weight (gate_up_proj, down_proj)
-    joinable: bool  # the converter stacks experts and concatenates rows only
+    joinable: bool  # joined here: all packed, the converter stacks experts and concatenates rows only
     pieces: list[list[str]] = field(default_factory=list)
+    done: bool = False
 
 
 def packed_stems(keys: list[str]) -> set[str]:
@@ -69,6 +70,9 @@ class PackedExperts:
         keys: every key of every shard.
         experts_at: model key of a converted target -> ``(Experts4bit, its path, weight name)``, None when the
             target is no Experts4bit weight (experts kept dense: its pieces are decoded for the converter).
+
+    Raises:
+        ValueError: the file holds fewer experts' pieces of a weight than the model has experts.
     """
 
     def __init__(self, layout: CheckpointLayout, keys: list[str],
@@ -79,16 +83,16 @@ class PackedExperts:
         stems = packed_stems(keys)
         by_target: dict[str, dict[str, list[str]]] = defaultdict(lambda: defaultdict(list))
         converters = {}
-        sources: dict[str, int] = defaultdict(int)  # target -> its source tensors, packed or not
+        # target -> pattern -> its source tensors, packed or not
+        sources: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
         for raw in sorted(keys, key=dot_natural_key):
             if layout.in_group(raw):
                 target, converter, pattern = layout.group(raw)
-                sources[target] += 1
+                sources[target][pattern] += 1
                 if raw in stems:
                     by_target[target][pattern].append(raw)
                     converters[target] = converter
         self._targets: dict[str, _Target] = {}
-        self._joins: dict[str, bool] = {}  # target -> joined here (else decoded for the converter)
         self._modules: dict[str, Experts4bit] = {}
         self._parts: dict[str, set[str]] = defaultdict(set)  # piece stem -> its keys still to read
         self._target_of: dict[str, str] = {}  # piece stem -> target
@@ -101,13 +105,18 @@ class PackedExperts:
             if found is not None:
                 module, owner, name = found
                 self._modules[owner] = module
+                experts = len(module.layers(name))
+                short = {p: n for p, n in sources[target].items() if n < experts}
+                if short:
+                    raise ValueError(f"it holds {', '.join(f'{n} of {p}' for p, n in short.items())} where the "
+                                     f"model's {target} has {experts} experts")
                 # all pieces packed (a skip list may keep some 16-bit: then all go through the converter)
-                joinable = (sum(map(len, by_pattern.values())) == sources[target] and _joins_rows(converter)
+                joinable = (sum(map(len, by_pattern.values())) == sum(sources[target].values())
+                            and _joins_rows(converter)
                             and not module.layout.applied_transposed(name)
                             and not module.layout.rows and len({len(by_pattern[p]) for p in patterns}) == 1
                             and len(module.layers(name)) == len(by_pattern[patterns[0]]))
             self._targets[target] = _Target(owner, name, joinable, [by_pattern[p] for p in patterns])
-            self._joins[target] = joinable
             for raws in by_pattern.values():
                 for raw in raws:
                     self._target_of[raw] = target
@@ -124,7 +133,7 @@ class PackedExperts:
     def joinable(self, raw: str) -> bool:
         """Whether the piece ``raw`` (its ``weight`` key) is joined here (else it goes through the converter,
         decoded by :meth:`decoded`)."""
-        return bool(self._targets[self._target_of[raw]].owner) and self._joins[self._target_of[raw]]
+        return self._targets[self._target_of[raw]].joinable
 
     def add(self, raw: str, tensor: torch.Tensor) -> list[str]:
         """Keep one stored tensor of a piece (a copy: the shard is closed later). Returns the pieces (``weight``
@@ -149,8 +158,7 @@ class PackedExperts:
         """Load every joinable target whose pieces are all read now that ``stem`` is; their model keys."""
         target = self._target_of[stem]
         spec = self._targets[target]
-        if not spec.joinable or any(s in self._parts and self._parts[s] or s not in self._read
-                                    for ps in spec.pieces for s in ps):
+        if not spec.joinable or spec.done or any(self._parts[s] for ps in spec.pieces for s in ps):
             return []
         module = self._modules[spec.owner]
         for e, layer in enumerate(module.layers(spec.name)):
@@ -159,13 +167,13 @@ class PackedExperts:
                 layer.load_quant_state(packed, state)
             except ValueError as exc:
                 raise ValueError(f"expert {e} of {spec.name}: {exc}") from None
-        spec.joinable = False  # loaded: no longer awaited
+        spec.done = True
         self._layout.taken(target)
         return [target]
 
     def unread(self) -> list[str]:
         """Joined targets some of whose pieces never came (a truncated checkpoint)."""
-        return sorted(t for t, spec in self._targets.items() if spec.joinable)
+        return sorted(t for t, spec in self._targets.items() if spec.joinable and not spec.done)
 
 
 def _joined(pieces: list[tuple[torch.Tensor, QuantState]], double_quant: bool) -> tuple[torch.Tensor, QuantState]:
