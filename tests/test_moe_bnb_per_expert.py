@@ -245,3 +245,26 @@ def test_a_missing_expert_is_named_before_reading(tmp_path, written):
     with pytest.raises(UsageError, match=r"3 of mlp\.experts\.\*\.up_proj\.weight .*layers\.1\.mlp\.experts\."
                                          r"gate_up_proj has 4 experts"):
         load_model(broken, compute_dtype=torch.float32, device="cpu")
+
+
+def test_pieces_split_across_shards(tmp_path, written):
+    """A piece's packed bytes in one shard and its constants in the next (an index splits by size, not by layer)."""
+    from safetensors.torch import save_file
+
+    path, packed = written("mixtral", "nf4", True)
+    split = tmp_path / "split"
+    split.mkdir()
+    for f in path.iterdir():
+        if f.is_file() and f.name != "model.safetensors":
+            (split / f.name).write_bytes(f.read_bytes())
+    keys = sorted(packed)
+    cut = keys.index(_pieces("mixtral", 0, 1, "gate_up_proj")[0]) + 1  # its weight here, its absmax after
+    shards = {"model-00001-of-00002.safetensors": keys[:cut], "model-00002-of-00002.safetensors": keys[cut:]}
+    for name, names in shards.items():
+        save_file({k: packed[k] for k in names}, split / name, metadata={"format": "pt"})
+    (split / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {}, "weight_map": {k: name for name, names in shards.items() for k in names}}))
+    whole, _ = load_model(path, compute_dtype=torch.float32, device="cpu")
+    parts, _ = load_model(split, compute_dtype=torch.float32, device="cpu")
+    for (name, a), b in zip(whole.state_dict().items(), parts.state_dict().values()):
+        assert torch.equal(a, b), name
