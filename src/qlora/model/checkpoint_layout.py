@@ -185,6 +185,10 @@ class CheckpointLayout:
             raise _api_error(self.model, exc) from None
         return {name: (value[0] if isinstance(value, list) else value) for name, value in out.items()}
 
+    def taken(self, key: str) -> None:
+        """Target ``key`` was built without its converter (:mod:`qlora.model.packed_experts` joins 4-bit pieces)."""
+        self._groups.pop(key, None)
+
     def incomplete(self) -> list[str]:
         """Targets some of whose source tensors never came (a truncated or foreign checkpoint)."""
         return sorted(self._groups)

@@ -6,7 +6,8 @@ target device, and the safetensors shards are then read one tensor at a time
 (memory-mapped): a linear weight is quantized as soon as it is read and its
 16-bit copy dropped, every other tensor is placed directly. Neither host RAM
 nor GPU memory ever holds the whole model in 16 bits. Checkpoints already in
-bitsandbytes' 4-bit format load their packed codes as they are.
+bitsandbytes' 4-bit format load their packed codes as they are (transformers 4.x's
+per-expert 4-bit MoE layers joined into the experts' layers: :mod:`qlora.model.packed_experts`).
 
 Where transformers' module layout differs from the checkpoint's (v5 MoE
 experts as 3-D weights, renamed modules), keys are mapped and tensors
@@ -33,7 +34,7 @@ from torch import nn
 from ..errors import UsageError
 from ..float_dtype import float_dtype
 from ..nn import Experts4bit, Linear4bit, expert_weight_names
-from ..quant import NonFiniteError, QuantState
+from ..quant import NonFiniteError, QuantState, dequantize_4bit
 from .architecture import check_runs_on_text, text_model_from_config
 from .bnb_int8 import BnbInt8
 from .checkpoint_layout import CheckpointLayout
@@ -42,6 +43,7 @@ from .foreign_checkpoints import foreign_checkpoint, gguf_file_error, is_gguf
 from .gptq_awq import GroupedInt
 from .local_path import looks_like_path, near_local_path
 from .modelopt import ModelOpt
+from .packed_experts import PackedExperts
 from .quantize import (checked_format, fp32_linear_names, is_conv1d, is_plain_linear, is_skipped, kept_dense_names,
                        kept_in_fp32, non_text_names, output_embedding_names, replace_modules, tied_keys, weight_count)
 from .shipped_code import model_code_error, tokenizer_code_error
@@ -482,6 +484,9 @@ def load_model(
     bar = _progress(total, progress)
 
     aliases = _other_paths(model, quantized)
+    # packed in the file, a plain tensor in this model (4.x's nn.Linear MoE router, transformers 5's router
+    # parameter): decoded once its quant state is read
+    packed_dense = {p for p in packed - quantized if f"{p}.weight" in expected}
 
     def place(key: str, tensor: torch.Tensor, source: str) -> None:
         """Put one checkpoint tensor (already in model naming and layout) into the model."""
@@ -489,7 +494,8 @@ def load_model(
             alias = next((p for p in (key.rpartition(".")[0], key.rsplit(".weight.", 1)[0]) if p in aliases), None)
             key = aliases[alias] + key[len(alias):] if alias is not None else key
         module_path, _, leaf = key.rpartition(".")
-        owner = next((p for p in (module_path, key.rsplit(".weight.", 1)[0]) if p in quantized), None)
+        owner = next((p for p in (module_path, key.rsplit(".weight.", 1)[0]) if p in quantized or p in packed_dense),
+                     None)
         # an Experts4bit's weight may sit deeper in it (DBRX's experts.mlp.w1)
         parts = key.split(".")
         in_experts = next((p for p in (".".join(parts[:i]) for i in range(len(parts) - 1, 0, -1))
@@ -529,11 +535,16 @@ def load_model(
         _set_tensor(model, key, tensor.to(device, copy=True), source)
         loaded.add(key)
 
-    if prequant is not None and any(layout.needs_conversion(k) and ".weight." in k for ks in keys.values() for k in ks):
-        raise UsageError(f"{model_dir} is a bitsandbytes 4-bit checkpoint whose MoE experts are 4-bit per-expert "
-                         "linear layers (written with transformers 4.x); transformers 5 and qlora hold experts "
-                         "as 3-D weights and cannot join 4-bit experts without requantizing them. Load the "
-                         "original 16-bit checkpoint instead: qlora quantizes its experts to 4 bits while loading.")
+    # transformers 4.x's per-expert 4-bit layers, joined into the 3-D expert weights' 4-bit layers (a layout
+    # transformers converts: never under 4.x itself, whose experts are the per-expert layers)
+    joined = None
+    if prequant is not None and layout.converts:
+        try:
+            joined = PackedExperts(layout, [k for ks in keys.values() for k in ks],
+                                   lambda target: _experts_weight(model, target, experts_paths))
+        except ValueError as exc:
+            raise UsageError(f"{model_dir}: the checkpoint lacks 4-bit expert layers: {exc}; is it complete, and "
+                             "the checkpoint of this config?") from None
     # One shard is open (memory-mapped) at a time: an open mapping keeps the pages read so far in RSS.
     current: dict[Path, object] = {}
 
@@ -555,6 +566,20 @@ def load_model(
         with open_weights(file) as fh:
             current[file] = fh
             for raw_key, parts in plan.in_file(file):  # a tensor once its last stored part (scale) is here
+                if joined is not None and raw_key in joined:
+                    for stem in joined.add(raw_key, read(file, raw_key)):
+                        try:
+                            if not joined.joinable(stem):  # decoded, converted as a 16-bit file's, quantized again
+                                decoded = joined.decoded(stem, torch.float32)
+                                for key, tensor in layout.add(stem, lambda t=decoded: t).items():
+                                    place(key, tensor, f"{model_dir}: {key}")
+                                continue
+                            loaded.update(joined.loaded_targets(stem))
+                        except ValueError as exc:
+                            raise UsageError(f"{model_dir}: the 4-bit expert layer {stem} cannot be read: {exc}. "
+                                             "The checkpoint is incomplete or was not written by transformers + "
+                                             "bitsandbytes; copy or download it again.") from None
+                    continue
                 if layout.in_group(raw_key):  # read once its group is complete, then converted
                     converted = layout.add(raw_key, lambda r=raw_key, p=parts: _cast(plan.decode(r, p, read), cast))
                     for key, tensor in converted.items():
@@ -566,9 +591,9 @@ def load_model(
                     tensor = tensor.t()  # decoded as nn.Linear's [out, in]; GPT-2's Conv1D holds [in, out]
                 place(key, tensor, f"{file}: tensor {raw_key}")
             current.clear()
-    if layout.incomplete():
+    if layout.incomplete() or (joined is not None and joined.unread()):
         raise UsageError(f"{model_dir}: the checkpoint lacks some of the tensors that make "
-                         f"{', '.join(layout.incomplete()[:3])}; is it complete?")
+                         f"{', '.join((layout.incomplete() + (joined.unread() if joined else []))[:3])}; is it complete?")
     bar.close()
     for owner, parts in pending_qstate.items():
         layer = model.get_submodule(owner)
@@ -576,6 +601,12 @@ def load_model(
         try:
             if "weight" not in parts:
                 raise ValueError(f"its packed weight is missing; found only {', '.join(sorted(qs))}")
+            if owner in packed_dense:
+                key = f"{owner}.weight"
+                dtype = torch.float32 if fp32 is not None and fp32.search(key) else compute_dtype
+                weight = dequantize_4bit(parts["weight"], QuantState.from_dict(qs), torch.float32)
+                _set_tensor(model, key, weight.to(device, dtype), f"{model_dir}: {key}")
+                continue
             layer.load_quant_state(parts["weight"], QuantState.from_dict(qs, device=device))
         except ValueError as exc:
             raise UsageError(f"{model_dir}: the 4-bit layer {owner} cannot be read: {exc}. The checkpoint is "
@@ -811,6 +842,18 @@ def _packed_layers(keys: dict[Path, list[str]], layout: CheckpointLayout, dense_
             key = _model_key(stem + ".weight", dense_keys, model)
             paths.add(key[: -len(".weight")])
     return paths
+
+
+def _experts_weight(model: nn.Module, key: str, experts_paths: set[str]) -> tuple[Experts4bit, str, str] | None:
+    """The :class:`~qlora.nn.Experts4bit`, its path and weight name that model key ``key`` is, or None."""
+    path, _, name = key.rpartition(".")
+    while path and path not in experts_paths:
+        path, _, leaf = path.rpartition(".")
+        name = f"{leaf}.{name}"
+    if not path:
+        return None
+    module = model.get_submodule(path)
+    return (module, path, name) if name in module.weight_names else None
 
 
 def _is_conv1d_weight(model: nn.Module, key: str) -> bool:
