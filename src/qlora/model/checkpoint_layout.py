@@ -142,6 +142,11 @@ class CheckpointLayout:
         # ``Split`` of ``query_key_value`` into q/k/v) reads the shape of each, after earlier ones became 4-bit.
         self._shapes = {name: param.shape for name, param in model.named_parameters()}
 
+    @property
+    def converts(self) -> bool:
+        """True when some checkpoint tensors need a conversion (not only a rename)."""
+        return bool(self._groups)
+
     def target(self, raw: str) -> str:
         """The model key of a checkpoint key that needs no conversion (renamed or as is)."""
         return self._targets.get(raw, raw)
