@@ -170,6 +170,11 @@ def test_generate_with_an_image_is_transformers_generate(model_dir, images, tmp_
                  "--compute-dtype", "fp32", "--temperature", "0", "--max-new-tokens", "8", "--prompt", ROWS[0][0],
                  "--image", str(images[0])]) == 0
     ours = capsys.readouterr().out
+    marked = ["--prompt", "<image>" + ROWS[0][0]]  # a placeholder where the image goes: dropped, as in a training row
+    assert main(["generate", "--model", str(model_dir), "--adapter", str(tmp_path / "run"), "--quant", "none",
+                 "--compute-dtype", "fp32", "--temperature", "0", "--max-new-tokens", "8", *marked,
+                 "--image", str(images[0])]) == 0
+    assert capsys.readouterr().out == ours
     processor = AutoProcessor.from_pretrained(model_dir)
     base = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=torch.float32)
     model = PeftModel.from_pretrained(base, tmp_path / "run").merge_and_unload().eval()

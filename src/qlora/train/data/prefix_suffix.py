@@ -19,6 +19,7 @@ from qlora.errors import UsageError
 from qlora.model.image_processor import image_tensors, pixel_bounds, process
 from qlora.train.data.formats import Example
 from qlora.train.data.image_examples import tokenize_image_example
+from qlora.train.data.images import PLACEHOLDER
 from qlora.train.data.prefix_lm import prefix_type
 from qlora.train.data.tokenize import IGNORE_INDEX, IMAGES_TOO_LONG, TokenizedExample
 
@@ -111,5 +112,6 @@ def image_row_tokenizer(model, processor, chat_template, train_on: str, seq_len:
 
 def image_prompt(processor, prompt: str, images: int) -> str:
     """A prefix-LM's generation prompt with ``images``: its processor's text, one image token each then the prompt
-    (the prefix without a suffix, all of it read both ways), where other models render a chat turn."""
-    return (getattr(processor, "image_token", None) or IMAGE_TOKEN) * images + prompt
+    (the prefix without a suffix, all of it read both ways), where other models render a chat turn. The prompt's
+    ``<image>`` placeholders are dropped, as a training row's are: the images go before it."""
+    return (getattr(processor, "image_token", None) or IMAGE_TOKEN) * images + prompt.replace(PLACEHOLDER, "")
