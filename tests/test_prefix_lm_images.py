@@ -203,3 +203,58 @@ def test_packed_image_rows_are_each_row_alone(model_dir, images, attn, tmp_path)
         expected = sum(token_loss_sum(alone.model, alone._collate([u])).item() for u in alone.train_units)
         got = sum(token_loss_sum(packed.model, packed._collate([u])).item() for u in packed.train_units)
     assert got == pytest.approx(expected, rel=1e-5)
+
+
+def test_a_batched_row_with_an_image_is_transformers_generate_and_scores_causally(model_dir, images):
+    """The batcher's prefill (qlora serve's) of the processor's prompt with its image: its greedy tokens are
+    transformers' generate on the processor's inputs (type 0 on the whole prompt), and a scored prompt's logprobs are
+    transformers' with every token causal (type 1), as a prompt's are scored without its images."""
+    import threading
+
+    from PIL import Image
+
+    import qlora
+    from qlora.infer.batcher import ContinuousBatcher, Request
+    from qlora.infer.generate import SamplingOptions
+    from qlora.infer.images import encode_with_images, image_processor
+    from qlora.train.data.images import resolve_image
+    from qlora.train.data.prefix_suffix import image_prompt
+
+    prompt, new = ROWS[0][0], 6
+    model, tokenizer = qlora.load_model(model_dir, quant=None, compute_dtype=torch.float32, device="cpu")
+    processor = image_processor(model, tokenizer, model_dir, "test")
+    ref = resolve_image(str(images[0]), "test")
+    ids, media = encode_with_images(processor, model, image_prompt(processor, prompt, 1), (ref,))
+    inputs = AutoProcessor.from_pretrained(model_dir)(images=[Image.open(images[0]).convert("RGB")],
+                                                      text="<image>" + prompt, return_tensors="pt")
+    assert ids.tolist() == inputs["input_ids"].tolist()
+    oracle = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=torch.float32).eval()
+    expected = oracle.generate(**inputs, do_sample=False, max_new_tokens=new, min_new_tokens=new)[0, ids.shape[1]:]
+    with torch.no_grad():
+        causal = oracle(**inputs | {"token_type_ids": torch.ones_like(ids)}).logits[0].log_softmax(-1)
+    events, done = [[], []], [threading.Event(), threading.Event()]
+
+    def emitter(k):
+        def emit(event):
+            events[k].append(event)
+            if event.finish_reason is not None:
+                done[k].set()
+        return emit
+
+    options = SamplingOptions(max_new_tokens=new, temperature=0)
+    eos = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
+    requests = [Request(ids[0].tolist(), None, options, emitter(0), logprobs=0, media=media,
+                        token_filter=None, min_tokens=new, stop_ids=frozenset(eos)),
+                Request(ids[0].tolist(), None, options, emitter(1), prompt_logprobs=0, generate=False, media=media)]
+    batcher = ContinuousBatcher(model.eval(), tokenizer, context_length=512).start()
+    try:
+        batcher.submit_all(requests)
+        assert all(d.wait(120) for d in done)
+    finally:
+        batcher.close()
+    assert not any(e.error for e in events[0] + events[1])
+    assert [e.token for event in events[0] for e in event.logprobs] == expected.tolist()
+    scored = next(e.prompt_logprobs for e in events[1] if e.prompt_logprobs is not None)
+    assert [e.token for e in scored] == ids[0].tolist()
+    for k, entry in enumerate(scored[1:], 1):
+        assert entry.logprob == pytest.approx(float(causal[k - 1, ids[0, k]]), abs=1e-4)

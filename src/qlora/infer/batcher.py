@@ -395,10 +395,12 @@ class ContinuousBatcher:
         with adapter_rows(self.model, [request.adapter]):
             if self.unbatchable:  # the model's own cache, as a single run (stream_tokens) keeps it
                 out, cache = forward_cached(self.model, ids, {}, 0, media)
-            else:  # with images: positions left to the model, as stream_tokens' prefill leaves them
+            else:  # with images: positions left to the model, as stream_tokens' prefill leaves them; a prefix-LM's
+                # token types (scored or forced tokens causal) in place of its processor's (the whole prompt a prefix)
                 cache = new_cache()
-                out = self.model(input_ids=ids, **{self._cache_keyword: cache}, use_cache=True, **(media or {}),
-                                 **prompt_types(self.model, ids, request.prompt_logprobs is not None, len(prefix)))
+                types = prompt_types(self.model, ids, request.prompt_logprobs is not None, len(prefix))
+                out = self.model(input_ids=ids, **{self._cache_keyword: cache}, use_cache=True,
+                                 **(media or {}) | types)
         problem = None if self.unbatchable else cache_problem(cache, out)
         if problem:
             raise RuntimeError(f"this request's cache cannot join the batch: {problem}")
