@@ -137,6 +137,16 @@ def test_a_row_without_images_beside_them_is_a_prefix_and_suffix_too(model_dir, 
     torch.testing.assert_close(after, before, rtol=0, atol=1e-6)
 
 
+def test_an_answer_of_weight_0_is_not_trained(model_dir, images, tmp_path):
+    """OpenAI's fine-tuning ``weight`` 0 marks an answer as context: that row has nothing to train and is skipped,
+    as any model's, the other row trained."""
+    rows = _rows(images)
+    rows[0]["messages"][-1]["weight"] = 0
+    trainer = _trainer(model_dir, tmp_path, rows, batch_size=1)
+    assert [u.index for u in trainer.train_units] == [1]
+    assert any(label != IGNORE_INDEX for label in trainer.train_units[0].labels)
+
+
 def test_a_conversation_of_several_answers_is_refused(model_dir, images, tmp_path):
     row = {"messages": [{"role": "user", "content": [{"type": "image", "image": str(images[0])},
                                                      {"type": "text", "text": "caption en"}]},

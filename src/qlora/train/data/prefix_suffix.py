@@ -68,7 +68,7 @@ def _text(content: Any) -> str | None:
 
 def tokenize_prefix_suffix(example: Example, processor, train_on: str = "assistant", seq_len: int | None = None,
                            index: int = 0) -> TokenizedExample | str:
-    """The ids, labels (the answer's tokens and EOS) and model inputs (``token_type_ids``, ``pixel_values``) of a
+    """The ids, labels (the answer's tokens and EOS; none for an answer of OpenAI ``weight`` 0) and model inputs (``token_type_ids``, ``pixel_values``) of a
     PaliGemma row, as its processor gives them for ``text=<image>...prompt, suffix=answer``; or
     :data:`IMAGES_TOO_LONG` when the image tokens do not fit ``seq_len`` (the text is cut after them).
 
@@ -87,7 +87,8 @@ def tokenize_prefix_suffix(example: Example, processor, train_on: str = "assista
                             add_special_tokens=False, return_token_type_ids=True, return_tensors="pt")
     ids = encoded["input_ids"][0].tolist()
     types = encoded["token_type_ids"][0]
-    labels = torch.where(types == 1, encoded["input_ids"][0], IGNORE_INDEX).tolist()
+    trained = (types == 1) & (example.messages[-1].get("weight", 1) != 0)  # weight 0: context only, as elsewhere
+    labels = torch.where(trained, encoded["input_ids"][0], IGNORE_INDEX).tolist()
     media = {k: v for k, v in image_tensors(encoded).items() if k != "labels"}
     media["token_type_ids"] = types[None]
     truncated = seq_len is not None and len(ids) > seq_len
