@@ -161,6 +161,21 @@ def test_a_conversation_of_several_answers_is_refused(model_dir, images, tmp_pat
         _trainer(model_dir, tmp_path, _rows(images), train_on="all")
 
 
+@pytest.mark.parametrize("method", ["dpo", "kto"])
+def test_preference_rows_with_images_are_refused_naming_sft(model_dir, images, tmp_path, method):
+    """A preference pair's answers follow a chat prompt, which is not PaliGemma's prefix and suffix: refused naming
+    the row and the method that trains its images (before, the built-in template failed on the image parts and the
+    error said to fix the data)."""
+    user = [{"role": "user", "content": [{"type": "image", "image": str(images[0])}, {"type": "text", "text": "cap"}]}]
+    good, bad = [{"role": "assistant", "content": "a square"}], [{"role": "assistant", "content": "a circle"}]
+    rows = [{"prompt": user, "chosen": good, "rejected": bad}] if method == "dpo" else \
+        [{"prompt": user, "completion": good, "label": True}, {"prompt": user, "completion": bad, "label": False}]
+    with pytest.raises(UsageError, match=r"rows.jsonl line 1: this row holds images, and paligemma models train on "
+                                         rf"images only as their processor's prefix .* not --method {method}'s .*"
+                                         r"--method sft"):
+        _trainer(model_dir, tmp_path, rows, method=method)
+
+
 def test_generate_with_an_image_is_transformers_generate(model_dir, images, tmp_path, capsys):
     """A run trained on the rows, then ``qlora generate --image``: the prompt with its image is the processor's prefix
     without a suffix (all type 0), and the reply is transformers' greedy generate on the processor's inputs with
