@@ -161,6 +161,22 @@ def test_a_conversation_of_several_answers_is_refused(model_dir, images, tmp_pat
         _trainer(model_dir, tmp_path, _rows(images), train_on="all")
 
 
+@pytest.mark.parametrize("where", ["a row without images", "an answer"])
+def test_the_image_token_written_in_the_text_is_refused_naming_the_row(model_dir, images, tmp_path, where):
+    """``<image>`` is the token PaliGemma replaces by image features: written in a row without images, or in an
+    answer, it has none (before, the forward failed mid-run: image features and image tokens do not match)."""
+    rows = _rows(images)
+    if where == "an answer":
+        rows[1]["messages"][-1]["content"] = "see <image> here"
+    else:
+        rows.append({"messages": [{"role": "user", "content": "what does <image> mean?"},
+                                  {"role": "assistant", "content": "a tag"}]})
+    line = 2 if where == "an answer" else 3
+    with pytest.raises(UsageError, match=rf"rows.jsonl line {line}: the row's text holds PaliGemma's image token "
+                                         r"'<image>'.*Remove it from the text"):
+        _trainer(model_dir, tmp_path, rows)
+
+
 @pytest.mark.parametrize("method", ["dpo", "kto"])
 def test_preference_rows_with_images_are_refused_naming_sft(model_dir, images, tmp_path, method):
     """A preference pair's answers follow a chat prompt, which is not PaliGemma's prefix and suffix: refused naming

@@ -73,13 +73,18 @@ def tokenize_prefix_suffix(example: Example, processor, train_on: str = "assista
     :data:`IMAGES_TOO_LONG` when the image tokens do not fit ``seq_len`` (the text is cut after them).
 
     Raises:
-        UsageError: as :func:`prompt_and_answer`, or the processor refusing the images.
+        UsageError: as :func:`prompt_and_answer`, the processor refusing the images, or the image token written in
+            the text.
     """
     prompt, answer = prompt_and_answer(example, train_on)
     tokenizer = processor.tokenizer
+    token = getattr(processor, "image_token", None) or IMAGE_TOKEN
+    if token in prompt or token in answer:
+        raise UsageError(f"{example.where}: the row's text holds PaliGemma's image token {token!r}, which stands for "
+                         "an image's features where the row has none (its images, if any, go before the prompt). "
+                         "Remove it from the text, or give the row its image (an image part, or the images column).")
     if example.images:
         images = [ref.load(pixel_bounds(processor)) for ref in example.images]
-        token = getattr(processor, "image_token", None) or IMAGE_TOKEN
         encoded = process(processor, token * len(images) + prompt, images, example.where,
                           [ref.shown for ref in example.images], suffix=answer)
     else:  # what the processor writes around a prompt without images: <bos>prompt\n, then the suffix
@@ -93,8 +98,7 @@ def tokenize_prefix_suffix(example: Example, processor, train_on: str = "assista
     media["token_type_ids"] = types[None]
     truncated = seq_len is not None and len(ids) > seq_len
     if truncated:
-        image_id = tokenizer.convert_tokens_to_ids(getattr(processor, "image_token", None) or IMAGE_TOKEN)
-        if image_id in ids[seq_len:]:
+        if tokenizer.convert_tokens_to_ids(token) in ids[seq_len:]:
             return IMAGES_TOO_LONG
         ids, labels, media["token_type_ids"] = ids[:seq_len], labels[:seq_len], media["token_type_ids"][:, :seq_len]
     return TokenizedExample(ids, labels, index, truncated, 0, media)
