@@ -137,6 +137,16 @@ def test_a_row_without_images_beside_them_is_a_prefix_and_suffix_too(model_dir, 
     torch.testing.assert_close(after, before, rtol=0, atol=1e-6)
 
 
+def test_an_answer_of_weight_0_is_not_trained(model_dir, images, tmp_path):
+    """OpenAI's fine-tuning ``weight`` 0 marks an answer as context: that row has nothing to train and is skipped,
+    as any model's, the other row trained."""
+    rows = _rows(images)
+    rows[0]["messages"][-1]["weight"] = 0
+    trainer = _trainer(model_dir, tmp_path, rows, batch_size=1)
+    assert [u.index for u in trainer.train_units] == [1]
+    assert any(label != IGNORE_INDEX for label in trainer.train_units[0].labels)
+
+
 def test_a_conversation_of_several_answers_is_refused(model_dir, images, tmp_path):
     row = {"messages": [{"role": "user", "content": [{"type": "image", "image": str(images[0])},
                                                      {"type": "text", "text": "caption en"}]},
@@ -149,6 +159,37 @@ def test_a_conversation_of_several_answers_is_refused(model_dir, images, tmp_pat
         _trainer(model_dir, tmp_path, [row])
     with pytest.raises(UsageError, match=r"--train-on all trains the prompt, but PaliGemma reads its prompt both ways"):
         _trainer(model_dir, tmp_path, _rows(images), train_on="all")
+
+
+@pytest.mark.parametrize("where", ["a row without images", "an answer"])
+def test_the_image_token_written_in_the_text_is_refused_naming_the_row(model_dir, images, tmp_path, where):
+    """``<image>`` is the token PaliGemma replaces by image features: written in a row without images, or in an
+    answer, it has none (before, the forward failed mid-run: image features and image tokens do not match)."""
+    rows = _rows(images)
+    if where == "an answer":
+        rows[1]["messages"][-1]["content"] = "see <image> here"
+    else:
+        rows.append({"messages": [{"role": "user", "content": "what does <image> mean?"},
+                                  {"role": "assistant", "content": "a tag"}]})
+    line = 2 if where == "an answer" else 3
+    with pytest.raises(UsageError, match=rf"rows.jsonl line {line}: the row's text holds PaliGemma's image token "
+                                         r"'<image>'.*Remove it from the text"):
+        _trainer(model_dir, tmp_path, rows)
+
+
+@pytest.mark.parametrize("method", ["dpo", "kto"])
+def test_preference_rows_with_images_are_refused_naming_sft(model_dir, images, tmp_path, method):
+    """A preference pair's answers follow a chat prompt, which is not PaliGemma's prefix and suffix: refused naming
+    the row and the method that trains its images (before, the built-in template failed on the image parts and the
+    error said to fix the data)."""
+    user = [{"role": "user", "content": [{"type": "image", "image": str(images[0])}, {"type": "text", "text": "cap"}]}]
+    good, bad = [{"role": "assistant", "content": "a square"}], [{"role": "assistant", "content": "a circle"}]
+    rows = [{"prompt": user, "chosen": good, "rejected": bad}] if method == "dpo" else \
+        [{"prompt": user, "completion": good, "label": True}, {"prompt": user, "completion": bad, "label": False}]
+    with pytest.raises(UsageError, match=r"rows.jsonl line 1: this row holds images, and paligemma models train on "
+                                         rf"images only as their processor's prefix .* not --method {method}'s .*"
+                                         r"--method sft"):
+        _trainer(model_dir, tmp_path, rows, method=method)
 
 
 def test_generate_with_an_image_is_transformers_generate(model_dir, images, tmp_path, capsys):
@@ -170,6 +211,11 @@ def test_generate_with_an_image_is_transformers_generate(model_dir, images, tmp_
                  "--compute-dtype", "fp32", "--temperature", "0", "--max-new-tokens", "8", "--prompt", ROWS[0][0],
                  "--image", str(images[0])]) == 0
     ours = capsys.readouterr().out
+    marked = ["--prompt", "<image>" + ROWS[0][0]]  # a placeholder where the image goes: dropped, as in a training row
+    assert main(["generate", "--model", str(model_dir), "--adapter", str(tmp_path / "run"), "--quant", "none",
+                 "--compute-dtype", "fp32", "--temperature", "0", "--max-new-tokens", "8", *marked,
+                 "--image", str(images[0])]) == 0
+    assert capsys.readouterr().out == ours
     processor = AutoProcessor.from_pretrained(model_dir)
     base = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=torch.float32)
     model = PeftModel.from_pretrained(base, tmp_path / "run").merge_and_unload().eval()
@@ -304,3 +350,58 @@ def test_served_images_are_the_processors_prompt_and_transformers_reply(model_di
             client.chat.completions.create(model="img", messages=messages, tools=tools, max_tokens=2)
         assert err.value.body["param"] == "tools"
     batcher.close()
+
+
+def test_a_batched_row_with_an_image_is_transformers_generate_and_scores_causally(model_dir, images):
+    """The batcher's prefill (qlora serve's) of the processor's prompt with its image: its greedy tokens are
+    transformers' generate on the processor's inputs (type 0 on the whole prompt), and a scored prompt's logprobs are
+    transformers' with every token causal (type 1), as a prompt's are scored without its images."""
+    import threading
+
+    from PIL import Image
+
+    import qlora
+    from qlora.infer.batcher import ContinuousBatcher, Request
+    from qlora.infer.generate import SamplingOptions
+    from qlora.infer.images import encode_with_images, image_processor
+    from qlora.train.data.images import resolve_image
+    from qlora.train.data.prefix_suffix import image_prompt
+
+    prompt, new = ROWS[0][0], 6
+    model, tokenizer = qlora.load_model(model_dir, quant=None, compute_dtype=torch.float32, device="cpu")
+    processor = image_processor(model, tokenizer, model_dir, "test")
+    ref = resolve_image(str(images[0]), "test")
+    ids, media = encode_with_images(processor, model, image_prompt(processor, prompt, 1), (ref,))
+    inputs = AutoProcessor.from_pretrained(model_dir)(images=[Image.open(images[0]).convert("RGB")],
+                                                      text="<image>" + prompt, return_tensors="pt")
+    assert ids.tolist() == inputs["input_ids"].tolist()
+    oracle = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=torch.float32).eval()
+    expected = oracle.generate(**inputs, do_sample=False, max_new_tokens=new, min_new_tokens=new)[0, ids.shape[1]:]
+    with torch.no_grad():
+        causal = oracle(**inputs | {"token_type_ids": torch.ones_like(ids)}).logits[0].log_softmax(-1)
+    events, done = [[], []], [threading.Event(), threading.Event()]
+
+    def emitter(k):
+        def emit(event):
+            events[k].append(event)
+            if event.finish_reason is not None:
+                done[k].set()
+        return emit
+
+    options = SamplingOptions(max_new_tokens=new, temperature=0)
+    eos = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
+    requests = [Request(ids[0].tolist(), None, options, emitter(0), logprobs=0, media=media,
+                        token_filter=None, min_tokens=new, stop_ids=frozenset(eos)),
+                Request(ids[0].tolist(), None, options, emitter(1), prompt_logprobs=0, generate=False, media=media)]
+    batcher = ContinuousBatcher(model.eval(), tokenizer, context_length=512).start()
+    try:
+        batcher.submit_all(requests)
+        assert all(d.wait(120) for d in done)
+    finally:
+        batcher.close()
+    assert not any(e.error for e in events[0] + events[1])
+    assert [e.token for event in events[0] for e in event.logprobs] == expected.tolist()
+    scored = next(e.prompt_logprobs for e in events[1] if e.prompt_logprobs is not None)
+    assert [e.token for e in scored] == ids[0].tolist()
+    for k, entry in enumerate(scored[1:], 1):
+        assert entry.logprob == pytest.approx(float(causal[k - 1, ids[0, k]]), abs=1e-4)

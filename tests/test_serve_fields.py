@@ -231,6 +231,23 @@ def test_text_offset_counts_the_special_tokens_the_text_shows(served):
     assert hidden.text == prompt and hidden.logprobs.text_offset[-3:] == [len(prompt)] * 3
 
 
+def test_text_offset_of_a_reply_starts_where_the_echoed_prompt_ends(served):
+    """The prompt "" is BOS alone, which the echoed text does not hold even where the reply shows special tokens:
+    the reply's first offset is 0, streamed or not, for each of n choices."""
+    _, _, client, tokenizer = served
+    word = tokenizer.convert_tokens_to_ids("Hello")
+    kw = dict(model="a", prompt="", max_tokens=3, temperature=0, echo=True, logprobs=0, n=2,
+              logit_bias={str(word): 100}, extra_body={"skip_special_tokens": False})
+    for choice in client.completions.create(**kw).choices:
+        assert choice.text == "Hello" * 3
+        assert choice.logprobs.tokens == [tokenizer.bos_token] + ["Hello"] * 3
+        assert choice.logprobs.text_offset == [0, 0, 5, 10]
+    chunks = list(client.completions.create(stream=True, **kw))
+    for index in range(2):
+        assert [o for c in chunks if c.choices[0].index == index and c.choices[0].logprobs
+                for o in c.choices[0].logprobs.text_offset] == [0, 0, 5, 10]
+
+
 def test_a_batch_of_prompts_gets_one_choice_each_in_order(served):
     _, _, client, tokenizer = served
     prompts = ["The quick brown fox", "Question: what is", "def add(a, b):"]

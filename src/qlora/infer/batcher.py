@@ -395,10 +395,9 @@ class ContinuousBatcher:
         with adapter_rows(self.model, [request.adapter]):
             if self.unbatchable:  # the model's own cache, as a single run (stream_tokens) keeps it
                 out, cache = forward_cached(self.model, ids, {}, 0, media)
-            else:  # with images: positions left to the model, as stream_tokens' prefill leaves them
+            else:  # with images: positions left to the model, as stream_tokens' prefill leaves them; a prefix-LM's
+                # token types (scored or forced tokens causal) in place of its processor's (the whole prompt a prefix)
                 cache = new_cache()
-                # a prefix-LM's token types over its processor's (PaliGemma's prompt, all prefix): a forced start of
-                # the reply, and a prompt whose logprobs are asked, causal
                 types = prompt_types(self.model, ids, request.prompt_logprobs is not None, len(prefix))
                 out = self.model(input_ids=ids, **{self._cache_keyword: cache}, use_cache=True,
                                  **{k: v for k, v in (media or {}).items() if k not in types}, **types)

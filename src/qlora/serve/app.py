@@ -1024,7 +1024,9 @@ async def _respond(batcher: ContinuousBatcher, choices: list[_Choice], body: _Bo
 
 def _offsets(pieces: TokenPieces, choice: _Choice, body: _Body) -> TextOffsets:
     """The text offsets of a completions choice's logprobs: its echoed prompt's tokens first, when it has them."""
-    return TextOffsets(pieces, choice.echo if choice.echo_logprobs is not None else "", not body.skip_special_tokens)
+    echoed = choice.echo_logprobs is not None
+    return TextOffsets(pieces, choice.echo if echoed else "", not body.skip_special_tokens,
+                       len(choice.generation.prompt_ids) if echoed else 0)
 
 
 def _emitter(loop: asyncio.AbstractEventLoop, queue: asyncio.Queue, k: int, generation: Generation):

@@ -45,19 +45,25 @@ class TextOffsets:
     """Character offsets of tokens in a completion's text, counted over the tokens' UTF-8 bytes
     (a character split over several tokens counts at the token that completes it).
 
-    An echoed prompt (``echo``, the text the choice opens with) is the prompt as written, so its tokens are
-    found in it: a special token counts where the text holds its literal (one the tokenizer added, such as
-    BOS, adds nothing), and a word's leading space that the text lacks (SentencePiece's first word, which a
-    decode drops) is not counted. Past it, a special token adds its literal only where the reply shows special
-    tokens (``shown``: vLLM's ``skip_special_tokens: false``)."""
+    An echoed prompt (``echo``, the text the choice opens with, whose ``echo_tokens`` entries lead) is the prompt
+    as written, so its tokens are found in it: a special token counts where the text holds its literal (one the
+    tokenizer added, such as BOS, adds nothing), and a word's leading space that the text lacks (SentencePiece's
+    first word, which a decode drops) is not counted. The reply starts where the echo ends, whatever its tokens
+    spelled; in it a special token adds its literal only where the reply shows special tokens (``shown``: vLLM's
+    ``skip_special_tokens: false``)."""
 
-    def __init__(self, pieces: TokenPieces, echo: str = "", shown: bool = False) -> None:
+    def __init__(self, pieces: TokenPieces, echo: str = "", shown: bool = False, echo_tokens: int = 0) -> None:
         self.pieces, self.chars, self.echo, self.shown = pieces, 0, echo, shown
+        self.left = echo_tokens  # the echoed prompt's entries still to come
         self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
 
     def take(self, token: int) -> int:
         """The offset where ``token`` starts; moves past its text."""
-        start, echoed = self.chars, self.chars < len(self.echo)
+        echoed, self.left = self.left > 0, self.left - 1
+        if self.left == -1 and self.echo:  # the reply's first token: just after the echoed text
+            self.chars = len(self.echo)
+            self.decoder.reset()
+        start = self.chars
         if token in self.pieces.specials:
             literal = self.pieces.text(token)
             if self.echo.startswith(literal, start) if echoed else self.shown:

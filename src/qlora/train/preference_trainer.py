@@ -41,8 +41,10 @@ import torch
 
 from qlora.atomic import atomic_dir
 from qlora.model.inject import adapter_configs, adapters_disabled
+from qlora.errors import UsageError
 from qlora.train.data import IGNORE_INDEX, pad_token_id
 from qlora.train.data.preference import PreferenceExample, TokenizedPair, normalize_preferences, preference_collate, tokenize_pairs
+from qlora.train.data.prefix_lm import prefix_type
 from qlora.train.data.selection import read_sources
 from qlora.train.preference_loss import (
     alphapo_rewards, cpo_losses, dpo_losses, label_logps, ld_label_sets, orpo_odds_ratio, wpo_weights,
@@ -120,8 +122,20 @@ class PreferenceTrainer(Trainer):
         return self._deduped(pairs), report
 
     def _processor_for(self, examples: list) -> Any:
-        """The model's processor when some of ``examples`` hold images (loaded at the first), else None."""
+        """The model's processor when some of ``examples`` hold images (loaded at the first), else None.
+
+        Raises:
+            UsageError: images for a prefix-LM (PaliGemma), whose images train only as its processor's prefix and
+                suffix, a row's one answer.
+        """
         first = next((e for e in examples if e.images), None)
+        if first is not None and prefix_type(self.model) is not None:
+            kind = getattr(self.model.config, "model_type", "?")
+            raise UsageError(f"{first.where}: this row holds images, and {kind} models train on images only as "
+                             "their processor's prefix (the images and the prompt, read both ways) and suffix (one "
+                             f"answer), which is --method sft's form, not --method {self.config.method}'s answers "
+                             "after a chat prompt. Train it on these images with --method sft (a row per prompt and "
+                             "its good answer), or give the preference rows without images.")
         return self._image_processor(first.where) if first else None
 
     def _collate(self, units: list) -> dict[str, torch.Tensor]:

@@ -399,7 +399,7 @@ class Trainer:
         self.chat_format = self._chat_format(resume_from)
         # a model without a chat template: say which built-in format chat data are rendered in
         self.template_fallback = (cfg.template == "auto" and own_template(self.tokenizer) is None
-                                  and any(e.messages is not None for e in train_examples))
+                                  and any(e.conversational for e in train_examples))  # DPO's/KTO's rows too
         self.seen_rows: set[tuple] = set()  # --dedupe: the examples kept so far
         self.duplicates = 0
         self.train_units, self.report = self._tokenize(train_examples)

@@ -88,6 +88,11 @@ class Example:
     pieces: tuple[Piece, ...] | None = None  # a row written piece by piece (:mod:`qlora.train.data.pieces`)
     template_kwargs: dict[str, Any] | None = None
 
+    @property
+    def conversational(self) -> bool:
+        """Messages, which a chat template renders (as a preference pair's or unpaired row's are)."""
+        return self.messages is not None
+
 
 def unpaired_label(fields: dict[str, Any]) -> bool | None:
     """The true/false ``label`` of an unpaired preference row (TRL's KTO data: ``prompt``, ``completion``,

@@ -19,6 +19,7 @@ from qlora.errors import UsageError
 from qlora.model.image_processor import image_tensors, pixel_bounds, process
 from qlora.train.data.formats import Example
 from qlora.train.data.image_examples import tokenize_image_example
+from qlora.train.data.images import PLACEHOLDER
 from qlora.train.data.prefix_lm import prefix_type
 from qlora.train.data.tokenize import IGNORE_INDEX, IMAGES_TOO_LONG, TokenizedExample
 
@@ -72,18 +73,23 @@ def _text(content: Any) -> str | None:
 
 def tokenize_prefix_suffix(example: Example, processor, train_on: str = "assistant", seq_len: int | None = None,
                            index: int = 0) -> TokenizedExample | str:
-    """The ids, labels (the answer's tokens and EOS) and model inputs (``token_type_ids``, ``pixel_values``) of a
-    PaliGemma row, as its processor gives them for ``text=<image>...prompt, suffix=answer``; or
+    """The ids, labels (the answer's tokens and EOS; none for an answer of OpenAI ``weight`` 0) and model inputs
+    (``token_type_ids``, ``pixel_values``) of a PaliGemma row, as its processor gives them for ``text=<image>...prompt, suffix=answer``; or
     :data:`IMAGES_TOO_LONG` when the image tokens do not fit ``seq_len`` (the text is cut after them).
 
     Raises:
-        UsageError: as :func:`prompt_and_answer`, or the processor refusing the images.
+        UsageError: as :func:`prompt_and_answer`, the processor refusing the images, or the image token written in
+            the text.
     """
     prompt, answer = prompt_and_answer(example, train_on)
     tokenizer = processor.tokenizer
+    token = getattr(processor, "image_token", None) or IMAGE_TOKEN
+    if token in prompt or token in answer:
+        raise UsageError(f"{example.where}: the row's text holds PaliGemma's image token {token!r}, which stands for "
+                         "an image's features where the row has none (its images, if any, go before the prompt). "
+                         "Remove it from the text, or give the row its image (an image part, or the images column).")
     if example.images:
         images = [ref.load(pixel_bounds(processor)) for ref in example.images]
-        token = getattr(processor, "image_token", None) or IMAGE_TOKEN
         encoded = process(processor, token * len(images) + prompt, images, example.where,
                           [ref.shown for ref in example.images], suffix=answer)
     else:  # what the processor writes around a prompt without images: <bos>prompt\n, then the suffix
@@ -91,13 +97,13 @@ def tokenize_prefix_suffix(example: Example, processor, train_on: str = "assista
                             add_special_tokens=False, return_token_type_ids=True, return_tensors="pt")
     ids = encoded["input_ids"][0].tolist()
     types = encoded["token_type_ids"][0]
-    labels = torch.where(types == 1, encoded["input_ids"][0], IGNORE_INDEX).tolist()
+    trained = (types == 1) & (example.messages[-1].get("weight", 1) != 0)  # weight 0: context only, as elsewhere
+    labels = torch.where(trained, encoded["input_ids"][0], IGNORE_INDEX).tolist()
     media = image_tensors(encoded)
     media["token_type_ids"] = types[None]
     truncated = seq_len is not None and len(ids) > seq_len
     if truncated:
-        image_id = tokenizer.convert_tokens_to_ids(getattr(processor, "image_token", None) or IMAGE_TOKEN)
-        if image_id in ids[seq_len:]:
+        if tokenizer.convert_tokens_to_ids(token) in ids[seq_len:]:
             return IMAGES_TOO_LONG
         ids, labels, media["token_type_ids"] = ids[:seq_len], labels[:seq_len], media["token_type_ids"][:, :seq_len]
     return TokenizedExample(ids, labels, index, truncated, 0, media)
@@ -118,7 +124,7 @@ def image_prompt(processor, messages: Sequence[dict]) -> str:
     """A prefix-LM's generation prompt for chat ``messages`` (as templates take them) with images: its processor's
     text, one image token per image part then the prompt :func:`prompt_and_answer` trains on (each message's
     text, a line each; the prefix without a suffix, all of it read both ways), where other models render a chat
-    turn.
+    turn. A ``<image>`` placeholder in the text is dropped, as a training row's is: the images go before it.
 
     Raises:
         UsageError: the messages hold an answer (an assistant or tool turn): PaliGemma trains on one prompt and one
@@ -131,4 +137,5 @@ def image_prompt(processor, messages: Sequence[dict]) -> str:
                          "qlora chat, or one user message per request), the images attached again.")
     parts = [p for m in messages if isinstance(m.get("content"), list) for p in m["content"]]
     images = sum(isinstance(p, dict) and p.get("type") in ("image", "image_url") for p in parts)
-    return (getattr(processor, "image_token", None) or IMAGE_TOKEN) * images + _prompt(messages)
+    token = getattr(processor, "image_token", None) or IMAGE_TOKEN
+    return token * images + _prompt(messages).replace(PLACEHOLDER, "")
