@@ -22,8 +22,9 @@ from tiny_moe import save_tiny_moe
 
 transformers = pytest.importorskip("transformers")
 bnb_F = pytest.importorskip("bitsandbytes.functional")
-pytestmark = pytest.mark.skipif(not __import__("importlib").util.find_spec("transformers.conversion_mapping"),
-                                reason="transformers 4.x keeps experts as per-expert linear layers (loaded as they are)")
+pytestmark = pytest.mark.skipif(
+    not __import__("importlib").util.find_spec("transformers.conversion_mapping"),
+    reason="transformers 4.x keeps experts as per-expert linear layers (loaded as they are)")
 
 _IDS = torch.tensor([[5, 17, 42, 99, 7, 250, 31, 8, 64, 12], [3, 9, 27, 81, 200, 150, 11, 4, 66, 90]])
 # rows of whole blocks (bitsandbytes' CPU dequantization misreads other widths), so every piece is whole blocks

@@ -371,7 +371,8 @@ def test_a_batched_row_with_an_image_is_transformers_generate_and_scores_causall
     model, tokenizer = qlora.load_model(model_dir, quant=None, compute_dtype=torch.float32, device="cpu")
     processor = image_processor(model, tokenizer, model_dir, "test")
     ref = resolve_image(str(images[0]), "test")
-    ids, media = encode_with_images(processor, model, image_prompt(processor, prompt, 1), (ref,))
+    user = {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}
+    ids, media = encode_with_images(processor, model, image_prompt(processor, [user]), (ref,))
     inputs = AutoProcessor.from_pretrained(model_dir)(images=[Image.open(images[0]).convert("RGB")],
                                                       text="<image>" + prompt, return_tensors="pt")
     assert ids.tolist() == inputs["input_ids"].tolist()

@@ -591,9 +591,10 @@ def load_model(
                     tensor = tensor.t()  # decoded as nn.Linear's [out, in]; GPT-2's Conv1D holds [in, out]
                 place(key, tensor, f"{file}: tensor {raw_key}")
             current.clear()
-    if layout.incomplete() or (joined is not None and joined.unread()):
+    missing = layout.incomplete() + (joined.unread() if joined is not None else [])
+    if missing:
         raise UsageError(f"{model_dir}: the checkpoint lacks some of the tensors that make "
-                         f"{', '.join((layout.incomplete() + (joined.unread() if joined else []))[:3])}; is it complete?")
+                         f"{', '.join(missing[:3])}; is it complete?")
     bar.close()
     for owner, parts in pending_qstate.items():
         layer = model.get_submodule(owner)

@@ -74,8 +74,9 @@ def _text(content: Any) -> str | None:
 def tokenize_prefix_suffix(example: Example, processor, train_on: str = "assistant", seq_len: int | None = None,
                            index: int = 0) -> TokenizedExample | str:
     """The ids, labels (the answer's tokens and EOS; none for an answer of OpenAI ``weight`` 0) and model inputs
-    (``token_type_ids``, ``pixel_values``) of a PaliGemma row, as its processor gives them for ``text=<image>...prompt, suffix=answer``; or
-    :data:`IMAGES_TOO_LONG` when the image tokens do not fit ``seq_len`` (the text is cut after them).
+    (``token_type_ids``, ``pixel_values``) of a PaliGemma row, as its processor gives them for
+    ``text=<image>...prompt, suffix=answer``; or :data:`IMAGES_TOO_LONG` when the image tokens do not fit
+    ``seq_len`` (the text is cut after them).
 
     Raises:
         UsageError: as :func:`prompt_and_answer`, the processor refusing the images, or the image token written in
