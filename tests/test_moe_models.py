@@ -412,3 +412,50 @@ def test_merge_in_bf16_keeps_the_router_in_fp32_as_transformers_does(tmp_path, s
     assert {k: t.dtype for k, t in ours.items()} == {k: t.dtype for k, t in theirs.items()}
     kept = [k for k, t in theirs.items() if t.dtype == torch.float32]
     assert kept and all(torch.equal(ours[k], base[k]) for k in kept)
+
+
+@pytest.mark.parametrize("key, cut", [("model.layers.1.mlp.experts.down_proj", "column"),
+                                      ("model.layers.1.mlp.experts.gate_up_proj", "expert"),
+                                      ("model.layers.1.self_attn.q_proj.weight", "column")])
+def test_a_weight_of_the_wrong_shape_is_refused_naming_its_file_and_tensor(tmp_path, saved, capsys, key, cut):
+    """A stacked expert weight (or a 2-D linear weight) whose shape the model built from config.json does not have:
+    ``qlora train`` exits 2 with one paragraph naming the file, the tensor and both shapes, without a traceback."""
+    folder, tensors, expected, message = _train_damaged(tmp_path, saved("gpt_oss"), capsys, key, cut)
+    assert f"{folder / 'model.safetensors'}: tensor {key} " in message
+    assert str(tuple(tensors[key].shape)) in message and "config.json do not belong together" in message
+    assert str(expected) in message or "x".join(map(str, expected)) in message
+
+
+def test_one_expert_of_another_shape_in_a_per_expert_checkpoint_is_named(tmp_path, saved, capsys):
+    """Mixtral's and Qwen3-MoE's hub layout (one tensor per expert, stacked on load): the expert whose shape differs
+    from its siblings' is named with both shapes, not as a transformers version qlora does not support."""
+    key = "model.layers.1.mlp.experts.1.down_proj.weight"
+    _, tensors, expected, message = _train_damaged(tmp_path, saved("qwen3_moe"), capsys, key, "column")
+    assert f"checkpoint tensor {key} has shape {tuple(tensors[key].shape)}" in message
+    assert f"have {expected}" in message and "transformers version" not in message
+
+
+def _train_damaged(tmp_path, model, capsys, key: str, cut: str):
+    """``qlora train`` on a copy of ``model`` whose tensor ``key`` lost its last column or expert: the damaged
+    folder, its tensors, the shape ``key`` had and the one-paragraph error (exit 2, no traceback)."""
+    import json
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from cli_exit import cli_exit
+
+    folder = tmp_path / "damaged"
+    shutil.copytree(model, folder)
+    tensors = load_file(folder / "model.safetensors")
+    expected = tuple(tensors[key].shape)
+    tensors[key] = (tensors[key][..., :-1] if cut == "column" else tensors[key][:-1]).contiguous()
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"instruction": f"What is {a} plus 2?", "output": f"{a + 2}."}) + "\n"
+                            for a in range(4)))
+    code, stderr = cli_exit(["train", "--model", str(folder), "--data", str(data), "--output", str(tmp_path / "out"),
+                             "--seq-len", "32", "--max-steps", "1", "--no-progress"], capsys)
+    message = stderr.strip()
+    assert code == 2 and "Traceback" not in stderr and "\n" not in message, stderr
+    return folder, tensors, expected, message

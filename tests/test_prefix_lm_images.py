@@ -406,3 +406,85 @@ def test_a_batched_row_with_an_image_is_transformers_generate_and_scores_causall
     assert [e.token for e in scored] == ids[0].tolist()
     for k, entry in enumerate(scored[1:], 1):
         assert entry.logprob == pytest.approx(float(causal[k - 1, ids[0, k]]), abs=1e-4)
+
+
+class _Forced:
+    """A reply that starts with ``prefix_ids`` and goes on greedily (a forced tool call's fixed start)."""
+
+    complete = True
+
+    def __init__(self, prefix_ids: list[int]) -> None:
+        self.prefix_ids = prefix_ids
+
+    def accepts(self, token: int) -> bool:
+        return True
+
+    def choose(self, logits, options, generator, allows=None) -> int:
+        return int(logits.argmax())
+
+
+@pytest.mark.parametrize("alone", [False, True], ids=["batched", "unbatchable"])
+def test_a_forced_or_scored_prompt_has_the_same_token_types_batched_or_alone(model_dir, images, alone):
+    """A model served one request at a time (``unbatchable``) prefills as the batch does: a scored prompt all causal
+    (type 1), a forced reply start causal after the prompt's prefix (type 0 then 1); its forced tokens' logprobs are
+    transformers' forward's with those types and the rest of its reply transformers' generate from them."""
+    import threading
+
+    from PIL import Image
+
+    import qlora
+    from qlora.infer.batcher import ContinuousBatcher, Request
+    from qlora.infer.generate import SamplingOptions
+    from qlora.infer.images import encode_with_images, image_processor
+    from qlora.train.data.images import resolve_image
+    from qlora.train.data.prefix_suffix import image_prompt
+
+    prompt, new, forced = ROWS[0][0], 6, [17, 23]
+    model, tokenizer = qlora.load_model(model_dir, quant=None, compute_dtype=torch.float32, device="cpu")
+    processor = image_processor(model, tokenizer, model_dir, "test")
+    user = {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}
+    ids, media = encode_with_images(processor, model, image_prompt(processor, [user]),
+                                    (resolve_image(str(images[0]), "test"),))
+    inputs = AutoProcessor.from_pretrained(model_dir)(images=[Image.open(images[0]).convert("RGB")],
+                                                      text="<image>" + prompt, return_tensors="pt")
+    oracle = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=torch.float32).eval()
+    started = torch.cat([ids, torch.tensor([forced])], 1)
+    start = dict({k: v for k, v in inputs.items() if k != "labels"}, input_ids=started,  # labels: all -100
+                 attention_mask=torch.ones_like(started), token_type_ids=torch.tensor([[0] * ids.shape[1] + [1] * len(forced)]))
+    with torch.no_grad():
+        causal = oracle(**inputs | {"token_type_ids": torch.ones_like(ids)}).logits[0].log_softmax(-1)
+        after = oracle(**start).logits[0].log_softmax(-1)
+    rest = oracle.generate(**start, do_sample=False, max_new_tokens=new - len(forced),
+                           min_new_tokens=new - len(forced))[0, started.shape[1]:].tolist()
+    events, done = [[], []], [threading.Event(), threading.Event()]
+
+    def emitter(k):
+        def emit(event):
+            events[k].append(event)
+            if event.finish_reason is not None:
+                done[k].set()
+        return emit
+
+    options = SamplingOptions(max_new_tokens=new, temperature=0)
+    requests = [Request(ids[0].tolist(), None, options, emitter(0), logprobs=0, media=media, min_tokens=new,
+                        constraint=_Forced(forced)),
+                Request(ids[0].tolist(), None, options, emitter(1), prompt_logprobs=0, generate=False, media=media)]
+    batcher = ContinuousBatcher(model.eval(), tokenizer, context_length=512)
+    assert batcher.unbatchable is None
+    if alone:  # as a model whose cache cannot join a batch is served
+        batcher.unbatchable = "served one request at a time for this test"
+    batcher.start()
+    try:
+        batcher.submit_all(requests)
+        assert all(d.wait(120) for d in done)
+    finally:
+        batcher.close()
+    assert not any(e.error for e in events[0] + events[1])
+    reply = [e for event in events[0] for e in event.logprobs]
+    assert [e.token for e in reply] == forced + rest
+    for k, entry in enumerate(reply[:len(forced)]):
+        assert entry.logprob == pytest.approx(float(after[ids.shape[1] - 1 + k, forced[k]]), abs=1e-4)
+    scored = next(e.prompt_logprobs for e in events[1] if e.prompt_logprobs is not None)
+    assert [e.token for e in scored] == ids[0].tolist()
+    for k, entry in enumerate(scored[1:], 1):
+        assert entry.logprob == pytest.approx(float(causal[k - 1, ids[0, k]]), abs=1e-4)

@@ -127,3 +127,55 @@ def test_a_cached_hub_config_naming_shipped_code_is_refused_by_estimate(tmp_path
     code, stderr = cli_exit(["estimate", "--model", "org/custom"], capsys)
     assert code == 2 and "--model org/custom: " in stderr and "configuration_my.py" in stderr, stderr
     assert "Traceback" not in stderr and not (snapshot / _MARKER).exists() and not questions
+
+
+def _image_model(tmp_path, kind: str):
+    from image_models import build_image_model, write_png
+
+    return build_image_model(tmp_path / kind, kind), write_png(tmp_path / "a.png", 40, 30, 0)
+
+
+@pytest.mark.parametrize("kind, json_name, auto_class, field, parent, own", [
+    ("llava", "processor_config.json", "AutoProcessor", "processor_class", "LlavaProcessor", "LlavaProcessor"),
+    ("qwen2_vl", "preprocessor_config.json", "AutoImageProcessor", "image_processor_type", "Qwen2VLImageProcessor",
+     "Qwen2VLProcessor")])
+def test_processor_only_its_shipped_code_implements_is_refused_naming_it(tmp_path, capsys, questions, kind,
+                                                                         json_name, auto_class, field, parent, own):
+    """A processor (LLaVA's, in processor_config.json) or image processor (Qwen2-VL's, in the hub's
+    preprocessor_config.json) whose class only the folder's code implements: refused naming the file, the code and
+    transformers' own processor, never asked about nor run; the CLI exits 2."""
+    from qlora.model.image_processor import load_image_processor
+
+    folder, image = _image_model(tmp_path, kind)
+    module, mine = ("processing_my", "MyProcessor") if auto_class == "AutoProcessor" else \
+        ("image_processing_my", "MyImageProcessor")
+    _ship(folder, json_name, {auto_class: f"{module}.{mine}"},
+          {f"{module}.py": f"import transformers\nbase = getattr(transformers, '{parent}Pil', None) or "
+                           f"transformers.{parent}\nclass {mine}(base):\n    pass\n"}, **{field: mine})
+    model, tokenizer = qlora.load_model(folder, quant=None, compute_dtype=torch.float32, device="cpu")
+    with pytest.raises(UsageError) as err:
+        load_image_processor(folder, model, tokenizer, "row 1")
+    message = str(err.value)
+    assert message.startswith(f"row 1: {folder / json_name}: ") and f"{module}.py" in message
+    assert "trust_remote_code" in message and f'"processor_class": "{own}"' in message
+    code, stderr = cli_exit(["generate", "--model", str(folder), "--quant", "none", "--prompt", "hi", "--image",
+                             str(image), "--max-new-tokens", "1"], capsys)
+    assert code == 2 and f"{module}.py" in stderr and "Traceback" not in stderr, stderr
+    assert not (folder / _MARKER).exists() and not questions
+
+
+def test_a_processor_transformers_implements_is_its_own_despite_a_shipped_auto_map(tmp_path, questions):
+    """A folder that keeps an auto_map to processor code beside transformers' own processor class: transformers'
+    class, as ``AutoProcessor.from_pretrained`` without trust_remote_code builds it; no question, no code run."""
+    from transformers import AutoProcessor
+
+    from qlora.model.image_processor import load_image_processor
+
+    folder, _ = _image_model(tmp_path, "llava")
+    _ship(folder, "processor_config.json", {"AutoProcessor": "processing_my.MyProcessor"},
+          {"processing_my.py": "import transformers\nclass MyProcessor(transformers.LlavaProcessor):\n    pass\n"})
+    model, tokenizer = qlora.load_model(folder, quant=None, compute_dtype=torch.float32, device="cpu")
+    ours = load_image_processor(folder, model, tokenizer, "row 1")
+    assert type(ours) is type(AutoProcessor.from_pretrained(folder, trust_remote_code=False))
+    assert type(ours).__name__ == "LlavaProcessor"
+    assert not (folder / _MARKER).exists() and not questions

@@ -393,12 +393,14 @@ class ContinuousBatcher:
         ids = torch.tensor([request.prompt_ids + prefix], device=self.device)
         media = None if images is None else media_rows(images, 1, ids.shape[1])
         with adapter_rows(self.model, [request.adapter]):
+            # a prefix-LM's token types (scored or forced tokens causal) in place of its processor's (the whole
+            # prompt a prefix), on either path
+            scored = request.prompt_logprobs is not None
             if self.unbatchable:  # the model's own cache, as a single run (stream_tokens) keeps it
-                out, cache = forward_cached(self.model, ids, {}, 0, media)
-            else:  # with images: positions left to the model, as stream_tokens' prefill leaves them; a prefix-LM's
-                # token types (scored or forced tokens causal) in place of its processor's (the whole prompt a prefix)
+                out, cache = forward_cached(self.model, ids, {}, 0, media, scored=scored, answer=len(prefix))
+            else:  # with images: positions left to the model, as stream_tokens' prefill leaves them
                 cache = new_cache()
-                types = prompt_types(self.model, ids, request.prompt_logprobs is not None, len(prefix))
+                types = prompt_types(self.model, ids, scored, len(prefix))
                 out = self.model(input_ids=ids, **{self._cache_keyword: cache}, use_cache=True,
                                  **{k: v for k, v in (media or {}).items() if k not in types}, **types)
         problem = None if self.unbatchable else cache_problem(cache, out)

@@ -131,7 +131,8 @@ def stream_tokens(model, input_ids: torch.Tensor, options: SamplingOptions | Non
         ids = torch.cat([ids, torch.tensor([[token]], device=device)], 1)
 
 
-def forward_cached(model, ids: torch.Tensor, cache: dict, seen: int, media: dict | None = None):
+def forward_cached(model, ids: torch.Tensor, cache: dict, seen: int, media: dict | None = None, *,
+                   scored: bool = False, answer: int = 0):
     """Run the tokens of ``ids`` (the whole sequence so far, ``(rows, length)``) after the first ``seen``, which
     ``cache`` (keywords from the previous call, ``{}`` at first) holds; returns the model's output and the cache
     keywords for the next call.
@@ -150,6 +151,10 @@ def forward_cached(model, ids: torch.Tensor, cache: dict, seen: int, media: dict
     position ids are left to the model; the steps after it get those of its ``prepare_inputs_for_generation``, as
     ``generate`` gives them (Qwen2-VL adds the rope deltas of its images' positions, kept from the prefill), and
     their cache positions (without which transformers 4.x's Qwen2-VL family counts each step from 0).
+
+    A prefix-LM's prefill (PaliGemma's) gets :func:`~qlora.train.data.prefix_lm.prompt_types` in place of its
+    processor's token types: the prompt a prefix, its last ``answer`` tokens (a reply's forced start) causal, all of it
+    causal where the prompt is ``scored`` (its logprobs asked), as the batcher's batched prefill gives them.
     """
     params = _forward_params(getattr(model.forward, "__func__", model.forward))
     length, whole = ids.shape[1], ids
@@ -166,8 +171,10 @@ def forward_cached(model, ids: torch.Tensor, cache: dict, seen: int, media: dict
         positions = _generation_positions(model, whole, cache, steps)
     if "cache_position" in params and seen and "cache_position" not in cache:
         positions["cache_position"] = steps
-    if not seen:  # a processor's token types (PaliGemma's prompt with images) are the prefill's as given
-        positions |= {k: v for k, v in prompt_types(model, ids).items() if k not in (media or {})}
+    if not seen:  # a prefix-LM's token types (PaliGemma's), in place of its processor's (all the prompt a prefix)
+        types = prompt_types(model, ids, scored, answer)
+        positions |= types
+        media = None if media is None else {k: v for k, v in media.items() if k not in types}
     out = model(input_ids=ids, use_cache=True, **cache, **positions, **(media or {}))
     returned = _cache_of(out, length, params)
     if returned or cache:

@@ -23,6 +23,7 @@ which is applied here the same way.
 from __future__ import annotations
 
 import re
+from collections import Counter
 from copy import deepcopy
 from dataclasses import dataclass, field
 from typing import Callable
@@ -64,6 +65,25 @@ def _api_error(model, exc: Exception) -> UsageError:
                       "checkpoint conversion mapping; install a transformers version qlora supports (>=4.56, <=5.x "
                       "as tested), or convert the checkpoint once with transformers (from_pretrained then "
                       "save_pretrained).")
+
+
+def _odd_shape(key: str, group: _Group) -> UsageError | None:
+    """Why ``group``'s tensors cannot be stacked into ``key`` where one of them (one expert's) has a shape the others
+    of its pattern do not (a damaged checkpoint, or a tensor of another model), else None. Read again: an error
+    path only."""
+    try:
+        shapes = {raw: tuple(read().shape) for raw, read in group.readers.items()}
+    except Exception:  # noqa: BLE001 - a tensor that cannot be read: the conversion's own error says so
+        return None
+    for pattern in set(group.pattern_of.values()):
+        mine = {raw: shape for raw, shape in shapes.items() if group.pattern_of[raw] == pattern}
+        common = Counter(mine.values()).most_common(1)[0][0]
+        odd = next((raw for raw, shape in mine.items() if shape != common), None)
+        if odd is not None:
+            return UsageError(f"checkpoint tensor {odd} has shape {mine[odd]}, while the other {len(mine) - 1} "
+                              f"tensors stacked with it into {key} have {common}: the checkpoint is damaged, or the "
+                              "tensor is another model's.")
+    return None
 
 
 def _legacy_renames(model) -> dict[str, str]:
@@ -187,7 +207,7 @@ class CheckpointLayout:
                 converter.add_tensor(key, raw, group.pattern_of[raw], group.readers[raw])
             out = converter.convert(key, model=_AsBuilt(self.model, self._shapes), config=self.model.config)
         except Exception as exc:
-            raise _api_error(self.model, exc) from None
+            raise _odd_shape(key, group) or _api_error(self.model, exc) from None
         return {name: (value[0] if isinstance(value, list) else value) for name, value in out.items()}
 
     def taken(self, key: str) -> None:

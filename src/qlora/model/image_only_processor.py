@@ -73,7 +73,7 @@ def image_only_processor(model_dir: str | Path, model_type: str, tokenizer):
     accepted = {n for n, p in inspect.signature(base.__init__).parameters.items()
                 if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)} - set(attributes) - {"self"}
     try:
-        images = AutoImageProcessor.from_pretrained(model_dir)
+        images = AutoImageProcessor.from_pretrained(model_dir, trust_remote_code=False)  # no code from the folder
     except (ImportError, ValueError) as exc:  # 5 raises ImportError, 4.x ValueError
         if "torchvision" not in str(exc).lower():
             raise

@@ -67,8 +67,8 @@ def load_image_processor(model_dir: str | Path, model: nn.Module, tokenizer, whe
                          "remove the images.")
     from transformers import AutoProcessor
 
-    try:
-        processor = AutoProcessor.from_pretrained(model_dir)
+    try:  # never transformers' question on the terminal, nor code from the folder (see shipped_code)
+        processor = AutoProcessor.from_pretrained(model_dir, trust_remote_code=False)
     except Exception as exc:  # transformers raises many types for a folder it cannot build a processor from
         processor = _without_auto_processor(model_dir, kind, tokenizer, exc, where)
     if not hasattr(processor, "image_processor") or not hasattr(processor, "tokenizer"):
@@ -88,7 +88,11 @@ def _without_auto_processor(model_dir, kind: str, tokenizer, exc: Exception, whe
     """The processor for images alone when ``AutoProcessor`` failed with ``exc`` for want of torchvision (see
     :mod:`qlora.model.image_only_processor`), else the error naming what is missing."""
     from qlora.model.image_only_processor import NeedsTorchvision, for_want_of_torchvision, image_only_processor
+    from qlora.model.shipped_code import processor_code_error
 
+    custom = processor_code_error(model_dir, kind) if isinstance(exc, ValueError) else None
+    if custom is not None:
+        raise UsageError(f"{where}: {custom}") from None
     missing = getattr(exc, "name", None) if isinstance(exc, ImportError) else None
     if for_want_of_torchvision(exc):
         try:

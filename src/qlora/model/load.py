@@ -252,6 +252,9 @@ def _prequantized(config, model_dir: Path, keys: dict[Path, list[str]] | None = 
                      "(BitsAndBytesConfig(load_in_4bit=True) then save_pretrained).")
 
 
+_NOT_TOGETHER = "the weights and config.json do not belong together (one of them is damaged, or of another model)."
+
+
 def _set_tensor(model: nn.Module, key: str, value: torch.Tensor, source: str) -> None:
     path, _, name = key.rpartition(".")
     module = model.get_submodule(path) if path else model
@@ -508,6 +511,8 @@ def load_model(
                     experts.set_weight(leaf, tensor.to(device, compute_dtype))
                 except NonFiniteError as exc:
                     raise UsageError(f"{source} (module {owner}): {exc}") from None
+                except ValueError as exc:  # a shape the experts built from config.json do not have
+                    raise UsageError(f"{source} (module {owner}): {exc}; {_NOT_TOGETHER}") from None
                 loaded.add(key)
                 return
             owner = None  # biases, norms: ordinary tensors below
@@ -524,6 +529,8 @@ def load_model(
                     layer.set_weight(w)
                 except NonFiniteError as exc:
                     raise UsageError(f"{source} (module {owner}): {exc}") from None
+                except ValueError as exc:  # a shape the layer built from config.json does not have
+                    raise UsageError(f"{source} (module {owner}): {exc}; {_NOT_TOGETHER}") from None
             loaded.add(owner + ".weight")
             return
         if key not in expected:

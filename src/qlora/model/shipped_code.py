@@ -1,4 +1,5 @@
-"""Model folders that ship their own Python code (``auto_map`` in config.json or tokenizer_config.json).
+"""Model folders that ship their own Python code (``auto_map`` in config.json, tokenizer_config.json or the
+processor's files).
 
 transformers runs such code only with ``trust_remote_code=True``, and asks on the terminal when it is not
 given. qlora runs no code from a model folder (as it unpickles no weights), so it passes
@@ -69,3 +70,40 @@ def tokenizer_code_error(folder: Path) -> UsageError | None:
                       "(transformers' trust_remote_code). Where the folder holds a tokenizer.json, set "
                       "\"tokenizer_class\": \"PreTrainedTokenizerFast\" in tokenizer_config.json and remove its "
                       "auto_map: transformers then reads tokenizer.json without that code.")
+
+
+def processor_code_error(model_dir: str | Path, model_type: str) -> UsageError | None:
+    """Why the processor of ``model_dir`` (a folder, or a hub id in the cache) cannot be built (a class of it exists
+    only as code the folder ships), or None when neither processor_config.json nor preprocessor_config.json names
+    code."""
+    from transformers.models.auto.processing_auto import PROCESSOR_MAPPING_NAMES
+
+    for name in ("processor_config.json", "preprocessor_config.json"):
+        source = _folder_file(model_dir, name)
+        files = shipped_code(source) if source is not None else []
+        if files:
+            break
+    else:
+        return None
+    own = PROCESSOR_MAPPING_NAMES.get(model_type)
+    way_out = (f"transformers implements the processor of {model_type} models ({own}): where the shipped classes "
+               f"take images as transformers' do, remove the auto_map from {source.name} and name transformers' "
+               f"classes there (\"processor_class\": \"{own}\", and its image_processor_type); otherwise use the "
+               "model with text only." if isinstance(own, str) else
+               f"transformers implements no processor for {model_type} models: use the model with text only.")
+    return UsageError(f"{source}: the model's processor is implemented only by the code shipped with the model "
+                      f"({', '.join(files)}, named by its auto_map), and qlora runs no code from a model folder "
+                      f"(transformers' trust_remote_code). {way_out}")
+
+
+def _folder_file(model_dir: str | Path, name: str) -> Path | None:
+    """``model_dir``'s file ``name``: in the folder, or in the hub cache for a hub id; None where it has none."""
+    if Path(model_dir).is_dir():
+        return Path(model_dir) / name
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        cached = try_to_load_from_cache(str(model_dir), name)
+    except ValueError:  # not a hub id
+        return None
+    return Path(cached) if isinstance(cached, str) else None
