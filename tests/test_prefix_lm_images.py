@@ -449,8 +449,9 @@ def test_a_forced_or_scored_prompt_has_the_same_token_types_batched_or_alone(mod
                                                       text="<image>" + prompt, return_tensors="pt")
     oracle = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=torch.float32).eval()
     started = torch.cat([ids, torch.tensor([forced])], 1)
+    types = torch.tensor([[0] * ids.shape[1] + [1] * len(forced)])
     start = dict({k: v for k, v in inputs.items() if k != "labels"}, input_ids=started,  # labels: all -100
-                 attention_mask=torch.ones_like(started), token_type_ids=torch.tensor([[0] * ids.shape[1] + [1] * len(forced)]))
+                 attention_mask=torch.ones_like(started), token_type_ids=types)
     with torch.no_grad():
         causal = oracle(**inputs | {"token_type_ids": torch.ones_like(ids)}).logits[0].log_softmax(-1)
         after = oracle(**start).logits[0].log_softmax(-1)
