@@ -83,6 +83,14 @@ TYPE_TAGS = {"str", "int", "float", "bool", "dict", "list", "none"}
 DISCONNECT_POLL_S = 0.5  # how often a non-streaming request checks that its client is still there
 
 
+def _template_failure(exc: Exception, own_template: bool) -> APIError:
+    """The 400 of a chat template that failed on a request's messages: the request's ``chat_template`` named where
+    it sent one, else the messages."""
+    if own_template:
+        return APIError(400, f"The request's 'chat_template' failed on these messages: {exc}", "chat_template")
+    return APIError(400, f"The model's chat template rejected these messages: {exc}", "messages")
+
+
 def build_app(batcher: ContinuousBatcher, base_id: str, adapters: list[str], api_key: str | None = None,
               chat_formats: dict[str | None, ChatFormat | None] | None = None,
               stored_responses: int = DEFAULT_CAPACITY, stored_conversations: int = conv.DEFAULT_CAPACITY,
@@ -374,17 +382,16 @@ def build_app(batcher: ContinuousBatcher, base_id: str, adapters: list[str], api
         try:
             prompt = prefix_prompt(image_processor_for(body.model), [m.as_dict() for m in messages]) if prefix else \
                 render_chat(tokenizer, messages, chat_format=chat_format, tools=tools, template_kwargs=template_options)
-        except UsageError as exc:  # a prefix-LM's images after an answer
-            raise APIError(400, str(exc), "messages") from None
+        except UsageError as exc:  # a prefix-LM's images after an answer; else a template's failure, as below
+            if prefix:
+                raise APIError(400, str(exc), "messages") from None
+            raise _template_failure(exc, body.chat_template is not None) from None
         except RecursionError:  # the template writes each nested value by recursing (tojson)
             raise APIError(400, "The chat template cannot write these messages or tools: they nest too deeply for "
                                 "it (a tool's parameters nested hundreds of levels, say); flatten them",
                            "tools" if tools else "messages") from None
         except Exception as exc:  # e.g. a template that allows no system turn, or needs alternating roles
-            if body.chat_template is not None:
-                raise APIError(400, f"The request's 'chat_template' failed on these messages: {exc}",
-                               "chat_template") from None
-            raise APIError(400, f"The model's chat template rejected these messages: {exc}", "messages") from None
+            raise _template_failure(exc, body.chat_template is not None) from None
         media = None
         if images:
             prompt_ids, media = image_prompt(body.model, adapter, prompt, images)
