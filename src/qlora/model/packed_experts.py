@@ -30,8 +30,8 @@ from typing import Callable
 import torch
 
 from ..nn import Experts4bit
-from ..quant import QuantState, dequantize_4bit
-from ..quant.double_quant import compress_absmax, decompress_absmax
+from ..quant import QuantState, dequantize_4bit, quantize_4bit
+from ..quant.double_quant import block_absmax, compress_absmax
 from .checkpoint_layout import CheckpointLayout
 
 _STATE_MARK = ".quant_state.bitsandbytes__"
@@ -121,13 +121,17 @@ class PackedExperts:
                 for raw in raws:
                     self._target_of[raw] = target
         for key in keys:
-            stem = key if key in self._target_of else key.split(".weight.")[0] + ".weight"
+            stem = self._stem(key)
             if stem in self._target_of:
                 self._parts[stem].add(key)
         self._read: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)
 
+    def _stem(self, raw: str) -> str:
+        """The ``....weight`` key of the piece a stored tensor (``weight`` or ``weight.absmax``, ...) belongs to."""
+        return raw if raw in self._target_of else raw.split(".weight.")[0] + ".weight"
+
     def __contains__(self, raw: str) -> bool:
-        stem = raw if raw in self._target_of else raw.split(".weight.")[0] + ".weight"
+        stem = self._stem(raw)
         return stem in self._target_of and raw in self._parts[stem]
 
     def joinable(self, raw: str) -> bool:
@@ -138,7 +142,7 @@ class PackedExperts:
     def add(self, raw: str, tensor: torch.Tensor) -> list[str]:
         """Keep one stored tensor of a piece (a copy: the shard is closed later). Returns the pieces (``weight``
         keys) this completed."""
-        stem = raw if raw in self._target_of else raw.split(".weight.")[0] + ".weight"
+        stem = self._stem(raw)
         self._read[stem][raw[len(stem):].lstrip(".") or "weight"] = tensor.clone()
         self._parts[stem].discard(raw)
         return [stem] if not self._parts[stem] else []
@@ -187,15 +191,12 @@ def _joined(pieces: list[tuple[torch.Tensor, QuantState]], double_quant: bool) -
         raise ValueError(f"its pieces differ in format or width ({', '.join(map(str, shapes))})")
     shape = torch.Size((sum(s[0] for s in shapes), *shapes[0][1:]))
     if any(state.shape.numel() % state.blocksize for _, state in pieces[:-1]):
-        from ..quant import quantize_4bit
-
         dense = torch.cat([dequantize_4bit(p, s, torch.float32) for p, s in pieces])
         packed, state = quantize_4bit(dense, first.quant_type, first.blocksize, double_quant)
         state.dtype = first.dtype
         return packed, state
     packed = torch.cat([p.reshape(-1).view(torch.uint8) for p, _ in pieces]).reshape(-1, 1)
-    absmax = torch.cat([decompress_absmax(s.absmax, s.offset, s.nested) if s.nested is not None else s.absmax
-                        for _, s in pieces])
+    absmax = torch.cat([block_absmax(s) for _, s in pieces])
     offset = nested = None
     if double_quant:
         absmax, offset, nested = compress_absmax(absmax)

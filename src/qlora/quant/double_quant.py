@@ -19,7 +19,7 @@ import torch
 
 from .blockwise import dequantize_blockwise, quantize_blockwise
 from .codebook import dynamic_code
-from .quant_state import NestedState
+from .quant_state import NestedState, QuantState
 
 NESTED_BLOCKSIZE = 256
 
@@ -44,3 +44,11 @@ def decompress_absmax(codes: torch.Tensor, offset: torch.Tensor, nested: NestedS
     """The float32 absmax vector back from its 8-bit form."""
     absmax = dequantize_blockwise(codes, nested.absmax, nested.code, nested.blocksize, torch.float32)
     return absmax + offset.to(absmax.device)
+
+
+def block_absmax(state: QuantState) -> torch.Tensor:
+    """A 4-bit state's per-block absmax as float32 values: decoded where it is double-quantized."""
+    if state.nested is None:
+        return state.absmax
+    assert state.offset is not None
+    return decompress_absmax(state.absmax, state.offset, state.nested)

@@ -15,7 +15,7 @@ import torch
 
 from .blocksizes import BLOCKSIZES
 from .codebook import QUANT_TYPES_4BIT, code_4bit
-from .double_quant import compress_absmax, decompress_absmax
+from .double_quant import block_absmax, compress_absmax, decompress_absmax
 from .kernels import compiled_cpu, torch_ref
 from .quant_state import QuantState
 
@@ -178,8 +178,4 @@ def dequantize_4bit(
         out = compiled_cpu.dequantize(packed, state, dtype)
         if out is not None:
             return out
-    absmax = state.absmax
-    if state.nested is not None:
-        assert state.offset is not None
-        absmax = decompress_absmax(absmax, state.offset, state.nested)
-    return torch_ref.dequantize_4bit_ref(packed, absmax, state.blocksize, state.quant_type, state.shape, dtype)
+    return torch_ref.dequantize_4bit_ref(packed, block_absmax(state), state.blocksize, state.quant_type, state.shape, dtype)
