@@ -341,3 +341,21 @@ def render(processor, messages: list, **kwargs) -> str:
     video processor, which an image-only processor lacks)."""
     return processor.tokenizer.apply_chat_template(messages, chat_template=processor.chat_template, tokenize=False,
                                                    **kwargs)
+
+
+def build_paligemma(out_dir: str | Path, text_model: str, sliding_window: int) -> Path:
+    """A tiny PaliGemma (``text_model`` "gemma") or PaliGemma 2 ("gemma2": Gemma 2 text layers, one of them
+    sliding-window of ``sliding_window`` tokens) in ``out_dir``."""
+    from transformers import AutoConfig, AutoModelForImageTextToText
+
+    out = build_image_model(out_dir, "paligemma")
+    if text_model == "gemma2":
+        config = AutoConfig.from_pretrained(out)
+        text = dict(config.text_config.to_dict(), model_type="gemma2", sliding_window=sliding_window,
+                    query_pre_attn_scalar=16, hidden_activation="gelu_pytorch_tanh",
+                    layer_types=["sliding_attention", "full_attention"])
+        config = AutoConfig.for_model("paligemma", text_config=text, vision_config=config.vision_config.to_dict(),
+                                      projection_dim=config.projection_dim, image_token_index=config.image_token_id)
+        torch.manual_seed(0)
+        AutoModelForImageTextToText.from_config(config).save_pretrained(out)
+    return out

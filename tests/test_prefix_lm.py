@@ -23,7 +23,7 @@ from qlora.train.data import IGNORE_INDEX
 from qlora.train.loss import token_loss_sum
 from qlora.train.data.prefix_lm import prefix_tokens
 from qlora.train.trainer import Trainer
-from image_models import build_image_model
+from image_models import build_paligemma
 
 PROMPT, ANSWER = "what is in the picture?", "a red square on a blue field"
 
@@ -31,17 +31,7 @@ PROMPT, ANSWER = "what is in the picture?", "a red square on a blue field"
 @pytest.fixture(scope="module", params=["gemma", "gemma2"])
 def model_dir(request, tmp_path_factory):
     """A tiny PaliGemma (Gemma text model) or PaliGemma 2 (Gemma 2, with sliding-window layers)."""
-    out = build_image_model(tmp_path_factory.mktemp("paligemma") / "model", "paligemma")
-    if request.param == "gemma2":
-        config = AutoConfig.from_pretrained(out)
-        text = dict(config.text_config.to_dict(), model_type="gemma2", sliding_window=4, query_pre_attn_scalar=16,
-                    hidden_activation="gelu_pytorch_tanh",
-                    layer_types=["sliding_attention", "full_attention"])
-        config = AutoConfig.for_model("paligemma", text_config=text, vision_config=config.vision_config.to_dict(),
-                                      projection_dim=config.projection_dim, image_token_index=config.image_token_id)
-        torch.manual_seed(0)
-        AutoModelForImageTextToText.from_config(config).save_pretrained(out)
-    return out
+    return build_paligemma(tmp_path_factory.mktemp("paligemma") / "model", request.param, sliding_window=4)
 
 
 def _skip_unsupported(model_dir, attn):

@@ -20,7 +20,7 @@ from qlora.train.config import load_config
 from qlora.train.data import IGNORE_INDEX
 from qlora.train.loss import model_inputs, token_loss_sum
 from qlora.train.trainer import Trainer
-from image_models import build_image_model, write_png
+from image_models import build_paligemma, write_png
 
 ROWS = (("caption en", "a red square on a blue field"), ("answer en what is in the picture?", "two circles"))
 
@@ -28,16 +28,7 @@ ROWS = (("caption en", "a red square on a blue field"), ("answer en what is in t
 @pytest.fixture(scope="module", params=["gemma", "gemma2"])
 def model_dir(request, tmp_path_factory):
     """A tiny PaliGemma (Gemma text model) or PaliGemma 2 (Gemma 2, with sliding-window layers)."""
-    out = build_image_model(tmp_path_factory.mktemp("paligemma") / "model", "paligemma")
-    if request.param == "gemma2":
-        config = AutoConfig.from_pretrained(out)
-        text = dict(config.text_config.to_dict(), model_type="gemma2", sliding_window=64, query_pre_attn_scalar=16,
-                    hidden_activation="gelu_pytorch_tanh", layer_types=["sliding_attention", "full_attention"])
-        config = AutoConfig.for_model("paligemma", text_config=text, vision_config=config.vision_config.to_dict(),
-                                      projection_dim=config.projection_dim, image_token_index=config.image_token_id)
-        torch.manual_seed(0)
-        AutoModelForImageTextToText.from_config(config).save_pretrained(out)
-    return out
+    return build_paligemma(tmp_path_factory.mktemp("paligemma") / "model", request.param, sliding_window=64)
 
 
 @pytest.fixture(scope="module")
