@@ -668,7 +668,7 @@ def _read_folder(path: Path, split: str, subset: str | None, text_lines: bool = 
         files = {str(name): found for name, found in (datasets.load_dataset_builder(str(path), subset).config
                                                       .data_files or {}).items()}
     except ValueError as exc:  # unknown subset: datasets' message lists the existing ones
-        raise UsageError(f"{path}: {exc} (--data-subset)") from None
+        raise _subset_error(str(path), subset, exc, "--data-subset") from None
     except Exception as exc:  # no data files, a dataset script, a README whose YAML header is broken
         raise UsageError(f"{path}: a folder given as --data must be written by save_to_disk or hold data files "
                          f"that datasets reads (json, csv, parquet, arrow, text): {type(exc).__name__}: {exc}") from None
@@ -705,7 +705,7 @@ def _read_hub(name: str, split: str, subset: str | None) -> list[Record]:
     try:
         data = datasets.load_dataset(name, subset, split=split)
     except ValueError as exc:  # unknown split or subset: datasets' message lists the existing ones
-        raise UsageError(f"{name}: {exc} (--data-split, --data-subset)") from None
+        raise _subset_error(name, subset, exc, "--data-split, --data-subset") from None
     except Exception as exc:  # the hub raises many unrelated types; the user needs the message
         if hub.offline_mode():
             raise hub.unreachable_error(name, "dataset", f"a local data file ({', '.join(LOCAL_SUFFIXES)}) "
@@ -715,6 +715,25 @@ def _read_hub(name: str, split: str, subset: str | None) -> list[Record]:
                          f"{f', subset {subset!r}' if subset else ''}) from the hub: {type(exc).__name__}: {said}"
                          f"{'.' if near and not said.endswith('.') else ''}{near}") from None
     return _rows(data, f"{name}[{split}]")
+
+
+def _subset_error(source: str, subset: str | None, exc: ValueError, options: str) -> UsageError:
+    """``datasets``' refusal of a source's subset as one paragraph. Without a subset, of a source whose README
+    defines several configurations and no default, ``datasets`` asks for one over several lines, with a Python
+    ``load_dataset`` call to copy: the subsets are named here with the option that picks one."""
+    import datasets
+
+    names: list[str] = []
+    if subset is None:
+        try:  # with a default subset (or one alone), the error is of something else
+            names = (datasets.get_dataset_config_names(source)
+                     if datasets.get_dataset_default_config_name(source) is None else [])
+        except Exception:  # the reason is already in hand: datasets' own message says it
+            names = []
+    if len(names) > 1:
+        return UsageError(f"{source}: the dataset has several subsets (configurations) and no default: "
+                          f"{', '.join(names)}. Choose one with --data-subset (e.g. --data-subset {names[0]}).")
+    return UsageError(f"{source}: {' '.join(str(exc).split())} ({options})")
 
 
 def _pick_split(data: Any, split: str, where: str) -> Any:
