@@ -131,7 +131,8 @@ def test_a_repository_of_several_subsets_names_them_and_the_option(tmp_path, tin
     assert main(["train", "--model", str(tiny_model_dir), "--data", str(folder), "--output", str(tmp_path / "run"),
                  "--max-steps", "1", "--no-progress"]) == 2
     err = capsys.readouterr().err
-    assert "Choose one with --data-subset" in err and "load_dataset(" not in err and err.count("\n") == 1
+    error = err[err.index("qlora train: error:"):]
+    assert "Choose one with --data-subset" in error and "load_dataset(" not in error and error.count("\n") == 1
 
     example = normalize(load_records(folder, subset="func_calling"))[0]
     assert [m["role"] for m in example.messages] == ["system", "user", "assistant", "tool", "assistant"]
@@ -140,3 +141,27 @@ def test_a_repository_of_several_subsets_names_them_and_the_option(tmp_path, tin
     trained = tok.decode([t for t in tokenized.labels if t != IGNORE_INDEX])
     assert trained == ("<tool_call>\n{'arguments': {'city': 'Paris'}, 'name': 'get_weather'}\n</tool_call><|im_end|>"
                        "It is 21 degrees in Paris.<|im_end|>")
+
+
+@pytest.mark.parametrize("method", ["sft", "dpo"])
+def test_an_eval_split_not_there_names_the_eval_split_option(tmp_path, tiny_model_dir, capsys, method):
+    """--eval-data of a repository without a ``test`` split (ultrachat_200k's test_sft, ultrafeedback_binarized's
+    test_prefs): the refusal named --data-split, which chooses the training split and leaves the eval one as it was."""
+    if method == "sft":
+        folder = _hub_folder(tmp_path / "ultrachat_200k", {s: [_ultrachat(i)] for i, s in enumerate(
+            ["train_sft", "test_sft"])})
+        train_split, eval_split = "train_sft", "test_sft"
+    else:
+        pair = {"prompt": TURNS[0]["content"], "prompt_id": "0" * 64, "chosen": TURNS[:2], "messages": TURNS[:2],
+                "rejected": [TURNS[0], {"content": "It is 5.", "role": "assistant"}], "score_chosen": 8.0,
+                "score_rejected": 2.0}
+        folder = _hub_folder(tmp_path / "ultrafeedback_binarized", {s: [pair] for s in ["train_prefs", "test_prefs"]})
+        train_split, eval_split = "train_prefs", "test_prefs"
+    args = ["train", "--method", method, "--model", str(tiny_model_dir), "--data", str(folder), "--data-split",
+            train_split, "--eval-data", str(folder), "--output", str(tmp_path / "run"), "--max-steps", "1",
+            "--no-progress"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert f"{folder}: no split 'test'; it has {train_split}, {eval_split}. Choose one with --eval-data-split." in err
+    assert main(args + ["--eval-data-split", eval_split]) == 0
+    assert "eval loss" in capsys.readouterr().out
