@@ -4,7 +4,6 @@ on the tiny tokenizer and on real chat templates; preference rows stay DPO data.
 from __future__ import annotations
 
 import json
-import types
 
 import pytest
 
@@ -15,6 +14,7 @@ from qlora.train.data.preference import normalize_preferences
 from qlora.train.data.unpaired import normalize_unpaired
 
 from chat_families import family_tokenizer
+from trl_sft import trl_sft
 
 trl = pytest.importorskip("trl")
 
@@ -43,18 +43,6 @@ FAMILY_ROWS = ["conversational", "conversational, system, two turns", "conversat
 FAMILIES = ["qwen2.5", "qwen3", "llama-3.1"]
 
 
-def _trl(tokenizer, rows: list[dict], completion_only_loss: bool = True) -> list[dict]:
-    """TRL's SFTTrainer dataset preparation (tokenization, completion mask, labels) on ``rows``."""
-    from datasets import Dataset
-    from trl import SFTConfig, SFTTrainer
-
-    args = SFTConfig(output_dir="unused", report_to=[], bf16=False, use_cpu=True,
-                     completion_only_loss=completion_only_loss, dataset_num_proc=None)
-    trainer = types.SimpleNamespace(_tokenizer=tokenizer, chat_template=None, completion_only_loss=completion_only_loss)
-    out = SFTTrainer._prepare_dataset(trainer, Dataset.from_list(rows), tokenizer, args, False, None, "train")
-    return [{"input_ids": list(r["input_ids"]), "labels": list(r["labels"])} for r in out]
-
-
 def _ours(tokenizer, row: dict, train_on: str = "assistant"):
     example = normalize([Record(row, "d.jsonl line 1")])[0]
     return tokenize_example(example, tokenizer, ChatFormat(tokenizer.chat_template), train_on)
@@ -69,8 +57,8 @@ def _same_columns(rows: list[dict]) -> list[dict]:
 def test_tiny_tokenizer_equals_trl(tiny_tokenizer, train_on):
     plain = [ROWS[k] for k in TINY_ROWS if isinstance(ROWS[k]["prompt"], str)]
     chat = [ROWS[k] for k in TINY_ROWS if not isinstance(ROWS[k]["prompt"], str)]
-    expected = (_trl(tiny_tokenizer, plain, train_on == "assistant")
-                + _trl(tiny_tokenizer, chat, train_on == "assistant"))
+    expected = (trl_sft(tiny_tokenizer, plain, train_on == "assistant")
+                + trl_sft(tiny_tokenizer, chat, train_on == "assistant"))
     for row, theirs in zip(plain + chat, expected):
         ours = _ours(tiny_tokenizer, row, train_on)
         assert ours.input_ids == theirs["input_ids"], row
@@ -88,7 +76,7 @@ def test_real_templates_equal_trl(family):
     tok = family_tokenizer(family)
     names = [k for k in FAMILY_ROWS if _NONE_KEYS_DROPPED or family != "llama-3.1" or k != "conversational, tools"]
     rows = _same_columns([ROWS[k] for k in names])
-    for name, row, theirs in zip(names, rows, _trl(tok, rows)):
+    for name, row, theirs in zip(names, rows, trl_sft(tok, rows)):
         ours = _ours(tok, {k: v for k, v in row.items() if v is not None})
         assert ours.input_ids == theirs["input_ids"], (family, name)
         assert ours.labels == theirs["labels"], (family, name)
@@ -101,7 +89,7 @@ def test_chat_rows_with_tools_tokenize_as_trl():
     tok = family_tokenizer("qwen2.5")
     row = {"messages": ROWS["conversational, tools"]["prompt"] + ROWS["conversational, tools"]["completion"],
            "tools": json.dumps(TOOLS)}
-    theirs = _trl(tok, [row])[0]
+    theirs = trl_sft(tok, [row])[0]
     ours = _ours(tok, row)
     assert ours.input_ids == theirs["input_ids"]
     assert "Weather of a city" in tok.decode(ours.input_ids)  # the tool definitions are rendered
@@ -205,7 +193,7 @@ def test_eval_counts_the_tokens_trl_trains_under_train_on_completion(tmp_path, t
     for name, row in (("chat", chat), ("plain", plain)):
         paths.append(tmp_path / f"{name}.jsonl")
         paths[-1].write_text(json.dumps(row) + "\n")
-    expected = sum(sum(label != IGNORE_INDEX for label in _trl(tokenizer, [row])[0]["labels"][1:])
+    expected = sum(sum(label != IGNORE_INDEX for label in trl_sft(tokenizer, [row])[0]["labels"][1:])
                    for row in (chat, plain))
     counts = {}
     for train_on in ("completion", "assistant", "all"):
@@ -227,7 +215,7 @@ def test_a_json_answer_is_trained_as_its_text_as_trl_does(tiny_tokenizer):
     """A prompt or completion that is a JSON list of records (a model taught to answer in JSON), or code that starts
     as a Python list of messages, is text, as TRL reads it; only a list of messages (a CSV cell's conversation) is
     read as messages."""
-    theirs = _trl(tiny_tokenizer, JSON_ANSWERS)
+    theirs = trl_sft(tiny_tokenizer, JSON_ANSWERS)
     for row, expected in zip(JSON_ANSWERS, theirs):
         ours = _ours(tiny_tokenizer, row)
         assert ours.input_ids == expected["input_ids"], row

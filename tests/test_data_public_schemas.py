@@ -404,3 +404,23 @@ def test_preference_refusals_name_the_exact_columns_and_the_mapping_trains_the_p
     example = normalize(load_records(orca), "auto", sft)[0]
     assert example.messages == (*system_user, {"role": "assistant", "content": "Hi!"})
     assert _trained(orca, qwen_tokenizer, sft)[0] == ["Hi!<|im_end|>"]
+
+
+def test_arena_model_names_are_no_answer_column(tmp_path):
+    """lmsys/chatbot_arena_conversations: two models' whole conversations (``conversation_a``, ``conversation_b``)
+    beside their names (``model_a``, ``model_b``) and the ``winner``. The suggestion took ``model_a`` for the reply
+    (its last part "a" read as an answer column's name), so --data-fields prompt=conversation_a,completion=model_a
+    would have trained a model's name after a finished conversation."""
+    row = {"question_id": "58210e39b3fd4441a2bd4a518bb44c2d", "model_a": "chatglm-6b", "model_b": "koala-13b",
+           "winner": "model_b", "judge": "arena_user_973", "conversation_a": CHOSEN, "conversation_b": REJECTED,
+           "turn": 1, "anony": True, "language": "English", "tstamp": 1682351591.1322,
+           "openai_moderation": {"categories": {"harassment": False}, "category_scores": {"harassment": 0.01},
+                                 "flagged": False},
+           "toxic_chat_tag": {"roberta-large": {"flagged": False, "probability": 0.008},
+                              "t5-large": {"flagged": False, "score": 0.0001}}}
+    with pytest.raises(UsageError, match="cannot tell the data format") as error:
+        normalize(load_records(_jsonl(tmp_path / "arena.jsonl", [row])))
+    assert "model_a" not in str(error.value).split("Expected")[1]
+    assert "--data-fields messages=conversation_a" in str(error.value)
+    with pytest.raises(UsageError, match="--data-fields instruction=q,output=a "):  # "a" named whole still is one
+        normalize(load_records(_jsonl(tmp_path / "qa.jsonl", [{"q": "Hi?", "a": "Hello!"}])))

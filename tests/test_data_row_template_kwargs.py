@@ -5,7 +5,6 @@ row with them too, in SFT, eval and preference prompts alike, and its mask stays
 from __future__ import annotations
 
 import json
-import types
 
 import pytest
 
@@ -17,6 +16,7 @@ from qlora.train.data.unpaired import normalize_unpaired, tokenize_unpaired
 
 from chat_families import DATE, FAMILIES, U1, family_tokenizer
 from trained_runs import trained_runs
+from trl_sft import trl_sft
 
 trl = pytest.importorskip("trl")
 
@@ -27,18 +27,6 @@ OFF = {"enable_thinking": False}
 
 def _stops(tok, name: str) -> set[int]:
     return stop_token_ids(tok, [tok.convert_tokens_to_ids(t) for t in FAMILIES[name]["generation_eos"]])
-
-
-def _trl_sft(tokenizer, rows: list[dict]) -> list[dict]:
-    """TRL's SFTTrainer dataset preparation (tokenization, completion mask, labels) on ``rows``."""
-    from datasets import Dataset
-    from trl import SFTConfig, SFTTrainer
-
-    args = SFTConfig(output_dir="unused", report_to=[], bf16=False, use_cpu=True, completion_only_loss=True,
-                     dataset_num_proc=None)
-    trainer = types.SimpleNamespace(_tokenizer=tokenizer, chat_template=None, completion_only_loss=True)
-    out = SFTTrainer._prepare_dataset(trainer, Dataset.from_list(rows), tokenizer, args, False, None, "train")
-    return [{"input_ids": list(r["input_ids"]), "labels": list(r["labels"])} for r in out]
 
 
 def _ours(tok, row: dict, where: str = "d.jsonl line 1"):
@@ -52,7 +40,7 @@ def test_prompt_completion_rows_render_with_their_kwargs_as_trl_sft(kwargs):
     model learns starts after it (TRL's completion mask), not at it."""
     tok = family_tokenizer("qwen3")
     row = {"prompt": HELLO, "completion": HI, "chat_template_kwargs": kwargs}
-    (theirs,) = _trl_sft(tok, [row])
+    (theirs,) = trl_sft(tok, [row])
     ours = _ours(tok, row)
     assert ours.input_ids == theirs["input_ids"]
     assert ours.labels == theirs["labels"]
@@ -64,7 +52,7 @@ def test_kwargs_as_a_json_string_cell_are_read_as_the_object():
     """A CSV (or parquet string) column holds the object as JSON text."""
     tok = family_tokenizer("qwen3")
     row = {"prompt": HELLO, "completion": HI, "chat_template_kwargs": OFF}
-    (theirs,) = _trl_sft(tok, [row])
+    (theirs,) = trl_sft(tok, [row])
     assert _ours(tok, {**row, "chat_template_kwargs": json.dumps(OFF)}).labels == theirs["labels"]
 
 

@@ -57,11 +57,11 @@ class KTOTrainer(PreferenceTrainer):
     def _kl_rows(self) -> bool:
         return self.config.preference_losses()[0][0] == "kto"
 
-    def _read_data(self, source: str, split: str) -> list:
+    def _read_data(self, source: str, split: str, split_option: str = "--data-split") -> list:
         cfg = self.config
         return read_sources(source, split, cfg.data_subset, cfg.max_samples,
                             lambda records: normalize_unpaired(records, cfg.data_fields, cfg.media_folder),
-                            cfg.dataset_dir, self.sample_rng, "kto")
+                            cfg.dataset_dir, self.sample_rng, "kto", split_option)
 
     def _hold_out(self, examples: list) -> tuple[list, list]:
         """``--eval-split`` over rows: a preference pair's two answers, examples side by side from one row, are

@@ -387,7 +387,8 @@ class Trainer:
         if cfg.eval_data:
             check_split_of_files(cfg.eval_data, cfg.eval_data_split, None, cfg.dataset_dir,  # --data's subset
                                  ("--eval-data-split", "--data-subset"), "test")
-        eval_examples = self._read_data(cfg.eval_data, cfg.eval_data_split) if cfg.eval_data else None
+        eval_examples = (self._read_data(cfg.eval_data, cfg.eval_data_split, "--eval-data-split") if cfg.eval_data
+                         else None)
         eval_ends = list(self._source_ends) if cfg.eval_data and cfg.method == "sft" else []
         if cfg.eval_split:
             train_examples, eval_examples = self._hold_out(train_examples)
@@ -742,8 +743,9 @@ class Trainer:
         cfg = self.config
         return hold_out(examples, cfg.eval_split, cfg.seed, cfg.eval_split_order, cfg.shuffle, what)
 
-    def _read_data(self, source: str, split: str):
-        """The examples of ``source``; ``_source_ends`` holds where each of its sources' examples end."""
+    def _read_data(self, source: str, split: str, split_option: str = "--data-split"):
+        """The examples of ``source`` (``split`` given by ``split_option``); ``_source_ends`` holds where each of its
+        sources' examples end."""
         cfg = self.config
         self._source_ends: list[int] = []
 
@@ -752,7 +754,8 @@ class Trainer:
             self._source_ends.append((self._source_ends[-1] if self._source_ends else 0) + len(examples))
             return examples
 
-        return read_sources(source, split, cfg.data_subset, cfg.max_samples, read, cfg.dataset_dir, self.sample_rng)
+        return read_sources(source, split, cfg.data_subset, cfg.max_samples, read, cfg.dataset_dir, self.sample_rng,
+                            split_option=split_option)
 
     def _eval_parts(self, ends: list[int]) -> list[tuple[str, int, int]]:
         """``(name, start, end)`` of each --eval-data source's eval units, evaluated apart (its batches its own)

@@ -152,11 +152,13 @@ def prompt_column(fields: dict[str, Any]) -> str | None:
 
 def _named_column(fields: dict[str, Any], names: tuple[str, ...], skip: tuple[str | None, ...] = ()) -> str | None:
     """The row's column named one of ``names`` (in their order), else the first whose last ``_`` part is one of
-    them (``generated_solution``, ``deepseek_solution``), or None."""
+    them (``generated_solution``, ``deepseek_solution``), or None. A one-letter name (``q``, ``a``) is matched
+    whole only: as a last part it tells which of two things a column is (Chatbot Arena's ``model_a``, a model's
+    name, beside ``conversation_a``), not that it is an answer."""
     lowered = {k.lower(): k for k in fields if k not in skip}
     exact = next((lowered[n] for n in names if n in lowered), None)
-    return exact or next((k for k in fields if k not in skip and k.lower().rsplit("_", 1)[-1] in names
-                          and "_" in k), None)
+    return exact or next((k for k in fields if k not in skip and "_" in k
+                          and len(last := k.lower().rsplit("_", 1)[-1]) > 1 and last in names), None)
 
 
 def _reasoning_column(fields: dict[str, Any]) -> str | None:

@@ -92,7 +92,7 @@ def demo_data_path() -> Path:
 
 
 def load_records(source: str | Path, split: str = "train", subset: str | None = None, *,
-                 text_lines: bool = False, as_text: bool = False) -> list[Record]:
+                 text_lines: bool = False, as_text: bool = False, split_option: str = "--data-split") -> list[Record]:
     """Read every record of a local file or folder, or of a hub dataset.
 
     Args:
@@ -107,6 +107,8 @@ def load_records(source: str | Path, split: str = "train", subset: str | None = 
         text_lines: read a ``.txt`` file one record a non-blank line, even where blank lines separate
             paragraphs (as ``datasets``' text loader, which LLaMA-Factory uses, reads it).
         as_text: read a file as plain text whatever its suffix (axolotl's ``ds_type: text``).
+        split_option: the option that gave ``split``, named where the split is not there (``--eval-data-split``
+            for --eval-data).
 
     Raises:
         UsageError: unreadable or malformed file, unknown format, unknown
@@ -122,12 +124,12 @@ def load_records(source: str | Path, split: str = "train", subset: str | None = 
     elif path.is_file():
         records = _read_file(path, text_lines, as_text)
     elif path.is_dir():
-        records = _read_folder(path, split, subset, text_lines, as_text)
+        records = _read_folder(path, split, subset, text_lines, as_text, split_option)
     elif _format_suffix(path) in LOCAL_SUFFIXES or path.exists() or str(source).startswith((".", "/", "~")):
         raise UsageError(f"{path}: data file not found (or not a regular file). Check the path given (--data or "
                          f"--eval-data).{near_local_path(path)}")
     else:
-        records = _read_hub(str(source), split, subset)
+        records = _read_hub(str(source), split, subset, split_option)
     if not records:
         raise UsageError(f"{source}: the dataset is empty; it needs at least one example.")
     if path.exists():
@@ -637,7 +639,7 @@ def _read_arrow(path: Path) -> list[Record]:
 
 
 def _read_folder(path: Path, split: str, subset: str | None, text_lines: bool = False,
-                 as_text: bool = False) -> list[Record]:
+                 as_text: bool = False, split_option: str = "--data-split") -> list[Record]:
     """A ``save_to_disk`` folder (a Dataset or a DatasetDict), else a folder of data files: the split's files as
     ``datasets`` picks them (by their names, or a README's ``configs``), each read as qlora reads that file alone
     (its bad line, repeated key or odd row named by file and line, which ``datasets`` reports as "An error occurred
@@ -650,7 +652,7 @@ def _read_folder(path: Path, split: str, subset: str | None, text_lines: bool = 
         try:
             if (path / "dataset_dict.json").is_file():  # a DatasetDict: the split's folder alone, as datasets reads it
                 splits = json.loads((path / "dataset_dict.json").read_text(encoding="utf-8"))["splits"]
-                folder = path / _pick_split(dict.fromkeys(splits, split), split, str(path))
+                folder = path / _pick_split(dict.fromkeys(splits, split), split, str(path), split_option)
                 where = f"{path}[{split}]"
             state = json.loads((folder / "state.json").read_text(encoding="utf-8"))
             if state.get("_data_files") == []:
@@ -668,11 +670,11 @@ def _read_folder(path: Path, split: str, subset: str | None, text_lines: bool = 
         files = {str(name): found for name, found in (datasets.load_dataset_builder(str(path), subset).config
                                                       .data_files or {}).items()}
     except ValueError as exc:  # unknown subset: datasets' message lists the existing ones
-        raise UsageError(f"{path}: {exc} (--data-subset)") from None
+        raise _subset_error(str(path), subset, exc, "--data-subset") from None
     except Exception as exc:  # no data files, a dataset script, a README whose YAML header is broken
         raise UsageError(f"{path}: a folder given as --data must be written by save_to_disk or hold data files "
                          f"that datasets reads (json, csv, parquet, arrow, text): {type(exc).__name__}: {exc}") from None
-    ours = [Path(f) for f in _pick_split(files, split, str(path))]
+    ours = [Path(f) for f in _pick_split(files, split, str(path), split_option)]
     # a text file compressed other than by gzip, bz2, xz, zstd (lz4) is refused by _read_file, saying what to do
     if ours and all(p.is_file() and (as_text or _format_suffix(p) in LOCAL_SUFFIXES or _decompress_hint(p))
                     for p in ours):
@@ -693,7 +695,7 @@ def _cause(exc: BaseException) -> str:
     return f"; {type(cause).__name__}: {cause}" if cause is not None else ""
 
 
-def _read_hub(name: str, split: str, subset: str | None) -> list[Record]:
+def _read_hub(name: str, split: str, subset: str | None, split_option: str = "--data-split") -> list[Record]:
     from qlora import hub
 
     near = near_local_path(name)
@@ -705,7 +707,7 @@ def _read_hub(name: str, split: str, subset: str | None) -> list[Record]:
     try:
         data = datasets.load_dataset(name, subset, split=split)
     except ValueError as exc:  # unknown split or subset: datasets' message lists the existing ones
-        raise UsageError(f"{name}: {exc} (--data-split, --data-subset)") from None
+        raise _subset_error(name, subset, exc, f"{split_option}, --data-subset") from None
     except Exception as exc:  # the hub raises many unrelated types; the user needs the message
         if hub.offline_mode():
             raise hub.unreachable_error(name, "dataset", f"a local data file ({', '.join(LOCAL_SUFFIXES)}) "
@@ -717,9 +719,28 @@ def _read_hub(name: str, split: str, subset: str | None) -> list[Record]:
     return _rows(data, f"{name}[{split}]")
 
 
-def _pick_split(data: Any, split: str, where: str) -> Any:
+def _subset_error(source: str, subset: str | None, exc: ValueError, options: str) -> UsageError:
+    """``datasets``' refusal of a source's subset as one paragraph. Without a subset, of a source whose README
+    defines several configurations and no default, ``datasets`` asks for one over several lines, with a Python
+    ``load_dataset`` call to copy: the subsets are named here with the option that picks one."""
+    import datasets
+
+    names: list[str] = []
+    if subset is None:
+        try:  # with a default subset (or one alone), the error is of something else
+            names = (datasets.get_dataset_config_names(source)
+                     if datasets.get_dataset_default_config_name(source) is None else [])
+        except Exception:  # the reason is already in hand: datasets' own message says it
+            names = []
+    if len(names) > 1:
+        return UsageError(f"{source}: the dataset has several subsets (configurations) and no default: "
+                          f"{', '.join(names)}. Choose one with --data-subset (e.g. --data-subset {names[0]}).")
+    return UsageError(f"{source}: {' '.join(str(exc).split())} ({options})")
+
+
+def _pick_split(data: Any, split: str, where: str, option: str = "--data-split") -> Any:
     if split not in data:
-        raise UsageError(f"{where}: no split {split!r}; it has {', '.join(data)}. Choose one with --data-split.")
+        raise UsageError(f"{where}: no split {split!r}; it has {', '.join(data)}. Choose one with {option}.")
     return data[split]
 
 
