@@ -72,10 +72,10 @@ def test_image_tensors_are_freed_after_the_prefill(tmp_path, kind):
     import weakref
 
     from image_models import build_image_model, write_png
+    from qlora.chat.images import resolve_image
     from qlora.infer.images import encode_with_images, image_processor
     from qlora.infer.messages import Message
     from qlora.infer.template import render_chat
-    from qlora.train.data.images import resolve_image
 
     folder = build_image_model(tmp_path / kind, kind)
     model, tokenizer = qlora.load_model(folder, compute_dtype=torch.float32, device="cpu")

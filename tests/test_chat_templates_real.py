@@ -16,10 +16,10 @@ import re
 
 import pytest
 
+from qlora.chat.tokenize import has_generation_markers
 from qlora.errors import UsageError
 from qlora.model.chat_format import ChatFormat, stop_token_ids
 from qlora.train.data import IGNORE_INDEX, Example, tokenize_example
-from qlora.train.data.tokenize import has_generation_markers
 
 from chat_families import A1, CONVERSATIONS, DATA, DATE, FAMILIES, SYSTEM, U1, family_tokenizer
 from trained_runs import trained_runs

@@ -280,7 +280,7 @@ def test_rows_whose_images_do_not_fit_are_refused_with_the_seq_len_to_raise(tmp_
     """Image rows skipped for --seq-len are not missing answers: the refusal says to raise --seq-len, and names them
     beside text rows truncated to nothing rather than counting every row as truncated."""
     from image_models import write_png
-    from qlora.train.data.tokenize import IMAGES_TOO_LONG, tokenize_example
+    from qlora.chat.tokenize import IMAGES_TOO_LONG, tokenize_example
 
     write_png(tmp_path / "a.png", 8, 8, 0)
     image_row = {"messages": [{"role": "user", "content": [{"type": "image", "image": "a.png"}]}, ASSISTANT]}

@@ -13,12 +13,12 @@ import json
 
 import pytest
 
+from qlora.chat.reasoning import template_reasoning_keys
 from qlora.cli.main import main
 from qlora.errors import UsageError
 from qlora.model.chat_format import ChatFormat
 from qlora.train.data import IGNORE_INDEX, Record, normalize, tokenize_example
 from qlora.train.data.preference import normalize_preferences, tokenize_pair
-from qlora.train.data.reasoning import template_reasoning_keys
 
 from chat_families import family_tokenizer, model_for
 from trained_runs import trained_runs

@@ -75,7 +75,7 @@ def test_tool_call_turn_trained_tool_result_not(family):
     stops = stop_token_ids(tok, [tok.convert_tokens_to_ids(t) for t in FAMILIES[family]["generation_eos"]])
     example = _example()
     tokenized = tokenize_example(example, tok, fmt, stop_ids=stops)
-    from qlora.train.data.tokenize import for_template
+    from qlora.chat.tokenize import for_template
 
     expected = fmt.render(tok, for_template(example.messages, fmt.template), tokenize=True, return_dict=True,
                           tools=TOOLS)["input_ids"]

@@ -88,13 +88,13 @@ def test_generate_with_an_image_gives_transformers_greedy_tokens(kind, trained, 
 @pytest.mark.parametrize("kind", kind_params(FAMILIES))
 def test_decoding_loop_tokens_past_the_end_of_turn_equal_transformers(kind, trained):
     """The image tensors go into the prefill only; every later step runs on the cache, as generate's."""
+    from qlora.chat.images import resolve_image
     from qlora.infer.generate import SamplingOptions, stream_tokens
     from qlora.infer.images import encode_with_images, image_processor
     from qlora.infer.messages import Message
     from qlora.infer.template import render_chat
     from qlora.model.adapter_io import load_adapter
     from qlora.model.load import load_model
-    from qlora.train.data.images import resolve_image
 
     models, img = trained
     model_dir, adapter = models[kind]

@@ -202,7 +202,7 @@ def test_molmo2_image_rows_batched_and_packed_are_each_example_alone(tiny_tokeni
     from transformers import AutoConfig
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
 
-    from qlora.train.data.tokenize import TokenizedExample
+    from qlora.chat.tokenize import TokenizedExample
 
     if "molmo2" not in CONFIG_MAPPING_NAMES:
         pytest.skip("this transformers has no Molmo2 models")

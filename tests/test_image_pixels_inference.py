@@ -72,7 +72,7 @@ def qwen_run(tmp_path_factory):
 def seen(monkeypatch):
     """The images (sizes) and ids each processor call of inference and eval got, recorded around the real call."""
     import qlora.infer.images
-    import qlora.train.data.image_examples
+    import qlora.chat.image_examples
     from qlora.model.image_processor import process
 
     calls = []
@@ -83,7 +83,7 @@ def seen(monkeypatch):
         return encoded
 
     monkeypatch.setattr(qlora.infer.images, "process", spy)
-    monkeypatch.setattr(qlora.train.data.image_examples, "process", spy)
+    monkeypatch.setattr(qlora.chat.image_examples, "process", spy)
     return calls
 
 

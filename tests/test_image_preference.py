@@ -265,8 +265,8 @@ def test_kto_trains_on_images_and_its_kl_rows_keep_their_prompts_images(models, 
     """KTO on rows with images: each example's prompt through the processor once, its image tensors given to its
     row and to its KL row (its prompt with the previous example's completion), the reference pass too. As on text:
     the reference is the starting policy (first step: rewards and KL 0), and the loss falls."""
+    from qlora.chat.image_examples import image_batch
     from qlora.train.data import IGNORE_INDEX
-    from qlora.train.data.image_examples import image_batch
     from qlora.train.data.unpaired import kl_halves
     from qlora.train.preference_loss import label_logps
 

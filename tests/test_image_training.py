@@ -390,7 +390,7 @@ def test_a_processor_failing_on_a_training_row_names_the_row(models, data, tmp_p
 
         return real(Refusing(), text, images, where, names)
 
-    monkeypatch.setattr("qlora.train.data.image_examples.process", failing)
+    monkeypatch.setattr("qlora.chat.image_examples.process", failing)
     with pytest.raises(UsageError, match=rf"^{data} line 1: the model's processor \(Refusing\) cannot take 1 "
                                          r"image\(s\) with this text \(IndexError: index 3 is out of bounds\)"):
         _trainer(models["llava"], data, tmp_path / "run")

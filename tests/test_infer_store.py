@@ -461,7 +461,7 @@ def test_a_user_message_s_images_are_stored_as_data_and_come_back_after_the_file
     session sends the model the same image, wherever the file went since."""
     pytest.importorskip("PIL")
     from image_models import write_png
-    from qlora.train.data.images import resolve_image
+    from qlora.chat.images import resolve_image
 
     first, second = write_png(tmp_path / "a.png", 12, 9, 0), write_png(tmp_path / "b.png", 7, 5, 1)
     refs = (resolve_image(str(first), "/image"), resolve_image(str(second), "/image"))
@@ -487,7 +487,7 @@ def _session_with_a_damaged_image(tmp_path, text: str, count: int, damaged: int)
     (from 0) of them no longer decoding (a damaged file), read back in a new store."""
     pytest.importorskip("PIL")
     from image_models import write_png
-    from qlora.train.data.images import resolve_image
+    from qlora.chat.images import resolve_image
 
     good = write_png(tmp_path / "a.png", 12, 9, 0)
     refs = tuple(resolve_image(str(good), "/image") for _ in range(count))

@@ -15,10 +15,10 @@ import re
 import pytest
 import torch
 
+from qlora.chat.images import resolve_image
 from qlora.cli.main import main
 from qlora.errors import UsageError
 from qlora.train.config import load_config
-from qlora.train.data.images import resolve_image
 from image_models import build_image_model, oracle_processor, render, write_png
 
 LF_HEAD = "model_name_or_path: m\ndataset: d\noutput_dir: o\nstage: sft\n"

@@ -11,12 +11,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from qlora.chat.tokenize import PROMPT_FILLS_SEQ_LEN
 from qlora.cli.main import main
 from qlora.errors import UsageError
 from qlora.train.config import load_config
 from qlora.train.data import load_records, resolve_chat_template
 from qlora.train.data.preference import normalize_preferences, preference_collate, tokenize_pairs
-from qlora.train.data.tokenize import PROMPT_FILLS_SEQ_LEN
 from qlora.train.trainer import Trainer
 
 from cli_exit import cli_exit

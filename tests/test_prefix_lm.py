@@ -21,7 +21,7 @@ from qlora.errors import UsageError
 from qlora.train.config import load_config
 from qlora.train.data import IGNORE_INDEX
 from qlora.train.loss import token_loss_sum
-from qlora.train.data.prefix_lm import prefix_tokens
+from qlora.chat.prefix_lm import prefix_tokens
 from qlora.train.trainer import Trainer
 from image_models import build_paligemma
 

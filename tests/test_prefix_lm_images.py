@@ -352,11 +352,11 @@ def test_a_batched_row_with_an_image_is_transformers_generate_and_scores_causall
     from PIL import Image
 
     import qlora
+    from qlora.chat.images import resolve_image
+    from qlora.chat.prefix_suffix import image_prompt
     from qlora.infer.batcher import ContinuousBatcher, Request
     from qlora.infer.generate import SamplingOptions
     from qlora.infer.images import encode_with_images, image_processor
-    from qlora.train.data.images import resolve_image
-    from qlora.train.data.prefix_suffix import image_prompt
 
     prompt, new = ROWS[0][0], 6
     model, tokenizer = qlora.load_model(model_dir, quant=None, compute_dtype=torch.float32, device="cpu")
@@ -424,11 +424,11 @@ def test_a_forced_or_scored_prompt_has_the_same_token_types_batched_or_alone(mod
     from PIL import Image
 
     import qlora
+    from qlora.chat.images import resolve_image
+    from qlora.chat.prefix_suffix import image_prompt
     from qlora.infer.batcher import ContinuousBatcher, Request
     from qlora.infer.generate import SamplingOptions
     from qlora.infer.images import encode_with_images, image_processor
-    from qlora.train.data.images import resolve_image
-    from qlora.train.data.prefix_suffix import image_prompt
 
     prompt, new, forced = ROWS[0][0], 6, [17, 23]
     model, tokenizer = qlora.load_model(model_dir, quant=None, compute_dtype=torch.float32, device="cpu")

@@ -15,10 +15,10 @@ from itertools import chain
 
 import pytest
 
+from qlora.chat.example import Example
 from qlora.errors import UsageError
 from qlora.model.tiny import train_sentencepiece_tokenizer, train_tokenizer
 from qlora.train.config import TrainConfig, load_config
-from qlora.train.data.formats import Example
 from qlora.train.data.text_blocks import group_bounds, text_blocks
 from qlora.train.data.torchtune_tokenizers import text_pieces
 

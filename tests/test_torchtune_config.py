@@ -11,12 +11,12 @@ from pathlib import Path
 import pytest
 
 from chat_families import model_for
+from qlora.chat.tokenize import IGNORE_INDEX, tokenize_example
 from qlora.cli.main import main
 from qlora.errors import UsageError
 from qlora.train.config import load_config
 from qlora.train.data import normalize
 from qlora.train.data.selection import read_sources
-from qlora.train.data.tokenize import IGNORE_INDEX, tokenize_example
 
 DATA = Path(__file__).parent / "data" / "torchtune"
 # Llama 3's split rule (its tokenizer.json's pre-tokenizer regex, tiktoken's cl100k-style pat_str): "\n\n" is a

@@ -31,7 +31,7 @@ _LAZY = {
     "Chat": "qlora.infer.chat",
 }
 # Subpackages reachable as attributes after a plain ``import qlora`` (``qlora.optim.PagedAdamW``), also lazily.
-_SUBPACKAGES = ("infer", "model", "nn", "optim", "quant", "serve", "train")
+_SUBPACKAGES = ("chat", "infer", "model", "nn", "optim", "quant", "serve", "train")
 
 
 def __getattr__(name: str) -> Any:

@@ -47,9 +47,9 @@ from typing import Callable, Iterator, Protocol, Sequence
 
 import torch
 
+from ..chat.prefix_lm import prompt_types
 from ..model.inject import adapter_configs
 from ..model.multi_adapter import adapter_rows, delete_adapter
-from ..train.data.prefix_lm import prompt_types
 from .batch_cache import add_row, attention_mask, cache_length, cache_problem, declared_problem, keep_rows, new_cache
 from .generate import SamplingOptions, cache_keyword, forward_cached, next_token, step_inputs, takes_positions
 from .images import media_rows

@@ -22,9 +22,9 @@ from typing import Iterable, Iterator, Mapping, Sequence
 import torch
 from transformers import DynamicCache, GenerationMixin
 
+from ..chat.prefix_lm import prompt_types
 from ..errors import UsageError
 from ..model.position_limit import position_room
-from ..train.data.prefix_lm import prompt_types
 from .model_rules import ModelRules
 from .penalties import Penalties
 from .sampling_options import SamplingOptions, model_defaults
@@ -152,7 +152,7 @@ def forward_cached(model, ids: torch.Tensor, cache: dict, seen: int, media: dict
     ``generate`` gives them (Qwen2-VL adds the rope deltas of its images' positions, kept from the prefill), and
     their cache positions (without which transformers 4.x's Qwen2-VL family counts each step from 0).
 
-    A prefix-LM's prefill (PaliGemma's) gets :func:`~qlora.train.data.prefix_lm.prompt_types` in place of its
+    A prefix-LM's prefill (PaliGemma's) gets :func:`~qlora.chat.prefix_lm.prompt_types` in place of its
     processor's token types: the prompt a prefix, its last ``answer`` tokens (a reply's forced start) causal, all of it
     causal where the prompt is ``scored`` (its logprobs asked), as the batcher's batched prefill gives them.
     """

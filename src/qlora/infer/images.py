@@ -15,9 +15,9 @@ from typing import Sequence
 
 import torch
 
+from qlora.chat.images import ImageRef
 from qlora.model.image_pixels import PixelBounds
 from qlora.model.image_processor import image_tensors, pixel_bounds, process
-from qlora.train.data.images import ImageRef
 
 
 def image_processor(model, tokenizer, model_dir: str | Path, where: str, subject: str = "images were given",
@@ -67,7 +67,7 @@ def encode_with_images(processor, model, prompt: str, images: Sequence[ImageRef]
 def media_rows(media: dict, rows: int, length: int) -> dict:
     """``media`` of one prompt for ``rows`` copies of it: per-token tensors (Gemma 3's ``token_type_ids``)
     right-padded with 0 to ``length`` (tokens after the prompt are text), every tensor repeated per row."""
-    from qlora.train.data.image_examples import token_aligned
+    from qlora.chat.image_examples import token_aligned
 
     out = {}
     for key, value in media.items():

@@ -10,10 +10,10 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Any, Iterator, Protocol, Sequence
 
+from qlora.chat.prefix_lm import prefix_type
+from qlora.chat.prefix_suffix import image_prompt
 from qlora.errors import UsageError
 from qlora.model.chat_format import ChatFormat
-from qlora.train.data.prefix_lm import prefix_type
-from qlora.train.data.prefix_suffix import image_prompt
 
 from .generate import SamplingOptions, default_stop_ids, stream_text
 from .sampling_options import merged, model_defaults

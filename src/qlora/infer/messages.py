@@ -14,9 +14,9 @@ import json
 from dataclasses import dataclass
 from typing import Any, Iterable
 
+from qlora.chat.images import PLACEHOLDER as IMAGE_PLACEHOLDER  # LLaMA-Factory's, as training reads it
+from qlora.chat.reasoning import REASONING_KEYS
 from qlora.errors import UsageError
-from qlora.train.data.images import PLACEHOLDER as IMAGE_PLACEHOLDER  # LLaMA-Factory's, as training reads it
-from qlora.train.data.reasoning import REASONING_KEYS
 
 ROLES = ("system", "user", "assistant", "tool")
 
@@ -55,7 +55,7 @@ class Message:
         parts, ``{"type": "image"}`` where each image goes (what templates of vision-language models render)."""
         out: dict[str, Any] = {"role": self.role, "content": self.content}
         if self.images:
-            from qlora.train.data.images import split_placeholders
+            from qlora.chat.images import split_placeholders
 
             text = self.content
             if IMAGE_PLACEHOLDER not in text:

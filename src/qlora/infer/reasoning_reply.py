@@ -6,7 +6,7 @@ Reasoning models write their chain of thought before the answer, inside markup t
 itself (DeepSeek-R1, QwQ, Qwen3.5 thinking). Where that markup is special tokens, a plain decode drops it and runs the
 reasoning into the answer (``Two and two.Four.``), which a conversation's memory then keeps as the answer; where it
 is text, the reply shows template markup. The markup is not guessed from model names: it is what training teaches
-the model to write after the generation prompt (:func:`~qlora.train.data.tokenize.tokenize_example` on an answer with
+the model to write after the generation prompt (:func:`~qlora.chat.tokenize.tokenize_example` on an answer with
 reasoning, which the template places its own way), read around the reasoning and the answer. The reply's text is
 then its answer, and the reasoning is kept apart, as vLLM's reasoning parsers split them: a reply that opens no
 block (and follows a prompt that opened none) is all answer; a block that never closes (cut by the token limit), the
@@ -41,8 +41,9 @@ class ReasoningMarkup:
 def reasoning_markup(tokenizer, chat_format: ChatFormat) -> ReasoningMarkup | None:
     """The markup training puts around an answer's reasoning in ``chat_format``, or None when the template has no
     place for reasoning (or no markup tells it from the answer)."""
+    from qlora.chat.example import Example
+    from qlora.chat.tokenize import IGNORE_INDEX, tokenize_example
     from qlora.errors import UsageError
-    from qlora.train.data import IGNORE_INDEX, Example, tokenize_example
 
     answer = {"role": "assistant", "content": _ANSWER, "reasoning_content": _REASONING}
     try:

@@ -338,7 +338,7 @@ class StoredSession:
         return message_id, Message(role, content, tuple(json.loads(calls)) if calls else (), call_id, images=refs)
 
     def _read_images(self, message_id: int, images: str) -> tuple:
-        from ..train.data.images import ImageRef, checked_image
+        from ..chat.images import ImageRef, checked_image
 
         refs = []
         for k, image in enumerate(json.loads(images)):

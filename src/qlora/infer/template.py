@@ -72,7 +72,7 @@ def render_chat(tokenizer, messages: Sequence[Message], add_generation_prompt: b
 
         dicts = for_template([m.as_dict() for m in msgs], template)
         if any(m.images for m in msgs):  # every content as parts, as training renders rows with images
-            from qlora.train.data.images import as_parts
+            from qlora.chat.images import as_parts
 
             dicts = as_parts(dicts)
         if chat_format is not None:

@@ -2,7 +2,7 @@
 
 ChatML trained on a base vocabulary without an ``<|im_end|>`` token (Llama 2, Mistral, Gemma) spells its
 turn end in ordinary pieces, and training follows the last answer's text turn end with an EOS
-(:mod:`qlora.train.data.tokenize`): the model writes ``answer<|im_end|>\\n`` and then EOS, or runs on into
+(:mod:`qlora.chat.tokenize`): the model writes ``answer<|im_end|>\\n`` and then EOS, or runs on into
 a turn of its own, and no stop token ends the reply at the turn end. Chat-mode inference stops at that
 text as at a ``stop`` string, so a reply ends where its turn does and never shows the marker.
 
@@ -23,9 +23,9 @@ import json
 from collections import OrderedDict
 from typing import Any, Collection, Sequence
 
+from qlora.chat.common_ends import common_prefix
+from qlora.chat.tokenize import markup_ids
 from qlora.model.chat_format import ChatFormat
-from qlora.train.data.common_ends import common_prefix
-from qlora.train.data.tokenize import markup_ids
 
 from .messages import Message
 from .template import render_chat

@@ -49,6 +49,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.exceptions import HTTPException
 
+from ..chat.prefix_lm import prefix_type
+from ..chat.prefix_suffix import image_prompt as prefix_prompt
 from ..errors import UsageError
 from ..infer.batcher import BatcherClosed, ContinuousBatcher, Event, UnknownAdapter
 from ..infer.batcher import Request as Generation
@@ -65,8 +67,6 @@ from ..infer.turn_end import TurnEnds
 from ..model.chat_format import ChatFormat
 from ..model.image_pixels import PixelBounds
 from ..model.in_place_weights import in_place_adapter
-from ..train.data.prefix_lm import prefix_type
-from ..train.data.prefix_suffix import image_prompt as prefix_prompt
 from . import conversations as conv
 from .adapter_updates import (LoadAdapterRequest, UnloadAdapterRequest, adapter_folder, attach, check_lora_name,
                               detach)

@@ -345,7 +345,7 @@ class ChatMessage(BaseModel):
 
 def _data_image(url: Any, where: str):
     """The image of an ``image_url`` part: a base64 ``data:`` URI, checked; URLs are refused (nothing is fetched)."""
-    from ..train.data.images import resolve_image
+    from ..chat.images import resolve_image
 
     if not isinstance(url, str) or not url.startswith("data:"):
         shown = url[:60] if isinstance(url, str) else type(url).__name__

@@ -19,9 +19,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from qlora.chat.prefix_lm import prefix_type, token_types
 from qlora.nn.chunked_ce import chunked_linear_cross_entropy
 from qlora.train.data import IGNORE_INDEX
-from qlora.train.data.prefix_lm import prefix_type, token_types
 
 
 # Batch entries that are not keyword arguments of the model's forward.
@@ -49,7 +49,7 @@ def model_inputs(batch: dict[str, torch.Tensor], model: nn.Module) -> dict[str, 
     """``model``'s keyword arguments in ``batch``: without labels or reference log-probs, and with the
     :data:`TEXT_TOKEN_TYPES` its forward takes that a batch without images lacks (no processor ran for it), at the
     value its processor gives text: 0, as a row without images beside rows with them already gets. A prefix-LM
-    (PaliGemma: :mod:`qlora.train.data.prefix_lm`) gets the ``token_type_ids`` that mark each row's prompt (rows with
+    (PaliGemma: :mod:`qlora.chat.prefix_lm`) gets the ``token_type_ids`` that mark each row's prompt (rows with
     images carry their processor's), unless the batch's mask is already explicit (packed rows carry the prompt
     blocks in it)."""
     inputs = {k: v for k, v in batch.items() if k not in NON_MODEL_KEYS}

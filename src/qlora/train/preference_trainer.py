@@ -44,7 +44,7 @@ from qlora.model.inject import adapter_configs, adapters_disabled
 from qlora.errors import UsageError
 from qlora.train.data import IGNORE_INDEX, pad_token_id
 from qlora.train.data.preference import PreferenceExample, TokenizedPair, normalize_preferences, preference_collate, tokenize_pairs
-from qlora.train.data.prefix_lm import prefix_type
+from qlora.chat.prefix_lm import prefix_type
 from qlora.train.data.selection import read_sources
 from qlora.train.preference_loss import (
     alphapo_rewards, cpo_losses, dpo_losses, label_logps, ld_label_sets, orpo_odds_ratio, wpo_weights,

@@ -182,9 +182,9 @@ def _command(chat, args: argparse.Namespace, line: str, images: list) -> bool:
 
 def _attach(chat, args: argparse.Namespace, source: str, images: list) -> str:
     """Attach the image ``source`` to the next message; the line shown (a bad image is said, not fatal)."""
+    from ...chat.images import resolve_image
     from ...errors import UsageError
     from ...infer.images import image_processor
-    from ...train.data.images import resolve_image
 
     if not source:
         return "(give an image: /image PATH, a file or a data: URI)"

@@ -103,7 +103,7 @@ def run(args: argparse.Namespace) -> int:
     from ...model.trained_tokens import turn_end_ids
     from ...errors import UsageError
     from ...train.data.text_blocks import text_blocks
-    from ...train.data.tokenize import NothingToTrain
+    from ...chat.tokenize import NothingToTrain
     from ...train.trainer import compute_dtype_for, token_loss_sum
 
     fields = parse_data_fields(args.data_fields)  # checked before the model loads
@@ -286,8 +286,8 @@ def _image_tokenizer(args: argparse.Namespace, examples, model, tokenizer, fmt, 
     first = next((e for e in examples if e.images), None)
     if first is None:
         return None
+    from ...chat.prefix_suffix import image_row_tokenizer
     from ...model.image_processor import load_image_processor
-    from ...train.data.prefix_suffix import image_row_tokenizer
 
     processor = load_image_processor(args.model, model, tokenizer, first.where, bounds=bounds)
     return image_row_tokenizer(model, processor, fmt, args.train_on, args.seq_len, stops)

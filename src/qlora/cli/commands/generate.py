@@ -171,12 +171,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ...chat.prefix_lm import prefix_type
+    from ...chat.prefix_suffix import image_prompt
     from ...infer.generate import default_stop_ids, generate_per_adapter, stream_text
     from ...infer.reply_reading import ReplyReader, ReplyText
     from ...infer.template import chat_template, render_chat, stop_token_ids
     from ...infer.turn_end import turn_end_stops
-    from ...train.data.prefix_lm import prefix_type
-    from ...train.data.prefix_suffix import image_prompt
     from ..reasoning_echo import ReasoningEcho, show_answer
     from ..utf8_text import stdin_text
 
@@ -235,8 +235,8 @@ def run(args: argparse.Namespace) -> int:
 
 def _user_message(args: argparse.Namespace):
     """--prompt as a user message, with the --image files (each resolved and checked)."""
+    from ...chat.images import resolve_image
     from ...infer.messages import Message
-    from ...train.data.images import resolve_image
 
     images = tuple(resolve_image(source, "--image") for source in args.image)
     if images and args.template == "none":

@@ -4,7 +4,7 @@ The training loop needs only this pipeline::
 
     records = load_records(path)                      # sources.py
     examples = normalize(records, fmt="auto", fields="")  # formats.py (+ fields.py: --data-fields)
-    # reasoning traces are placed for the template by reasoning.py, inside tokenize_dataset
+    # reasoning traces are placed for the template by chat/reasoning.py, inside tokenize_dataset
     fmt = resolve_chat_format(tokenizer, "auto", date="2026-01-31")  # templates.py (+ model/chat_format.py)
     tokenized, report = tokenize_dataset(examples, tokenizer, fmt, "assistant", seq_len)
     order = shuffled_indices(len(tokenized), seed, epoch)  # collate.py
@@ -14,6 +14,9 @@ The training loop needs only this pipeline::
     #                   batch = packed_collate(rows[:8], pad_token_id(tokenizer), attn, dtype, windows)
     loss_denominator = count_trainable_tokens(batch)  # summed over the accumulated batch
 
+``Example``, ``tokenize_example`` and ``tokenize_dataset`` are :mod:`qlora.chat`'s (inference tokenizes a
+conversation as training does); they are named here as steps of this pipeline.
+
 Names are imported lazily, so that a light module of this package (``fields``, ``sources``: what
 ``qlora train`` checks its options with) does not import torch and transformers with the collators.
 """
@@ -22,15 +25,15 @@ from qlora.lazy_names import lazy_attributes, lazy_dir
 
 _LAZY = {
     "FORMATS": "qlora.train.data.formats",
-    "IGNORE_INDEX": "qlora.train.data.tokenize",
+    "IGNORE_INDEX": "qlora.chat.tokenize",
     "TEMPLATES": "qlora.train.data.templates",
-    "TRAIN_ON": "qlora.train.data.tokenize",
-    "DataReport": "qlora.train.data.tokenize",
-    "Example": "qlora.train.data.formats",
+    "TRAIN_ON": "qlora.chat.tokenize",
+    "DataReport": "qlora.chat.tokenize",
+    "Example": "qlora.chat.example",
     "FieldMap": "qlora.train.data.fields",
     "PackedRow": "qlora.train.data.packing",
     "Record": "qlora.train.data.sources",
-    "TokenizedExample": "qlora.train.data.tokenize",
+    "TokenizedExample": "qlora.chat.tokenize",
     "attention_windows": "qlora.train.data.packing",
     "check_packing_supported": "qlora.train.data.packing",
     "count_trainable_tokens": "qlora.train.data.collate",
@@ -50,8 +53,8 @@ _LAZY = {
     "resolve_chat_format": "qlora.train.data.templates",
     "resolve_chat_template": "qlora.train.data.templates",
     "shuffled_indices": "qlora.train.data.collate",
-    "tokenize_dataset": "qlora.train.data.tokenize",
-    "tokenize_example": "qlora.train.data.tokenize",
+    "tokenize_dataset": "qlora.chat.tokenize",
+    "tokenize_example": "qlora.chat.tokenize",
 }
 __getattr__ = lazy_attributes(__name__, _LAZY)
 __dir__ = lazy_dir(globals(), _LAZY)

@@ -18,13 +18,13 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
-from qlora.train.data.image_examples import image_batch, segment_image_batch
+from qlora.chat.image_examples import image_batch, segment_image_batch
+from qlora.chat.prefix_lm import prefix_tokens
+from qlora.chat.tokenize import IGNORE_INDEX, TokenizedExample
 from qlora.train.data.image_packing import ImageBlocks, image_blocks
 from qlora.train.data.packing import (
     CHUNKED, MASK_ATTENTION, POSITION_ATTENTION, PackedRow, check_packing_supported, joined_rows, packed_attention_mask,
 )
-from qlora.train.data.prefix_lm import prefix_tokens
-from qlora.train.data.tokenize import IGNORE_INDEX, TokenizedExample
 
 
 def pad_token_id(tokenizer) -> int:
@@ -38,7 +38,7 @@ def pad_token_id(tokenizer) -> int:
 
 def pad_collate(examples: Sequence[TokenizedExample], pad_id: int) -> dict[str, torch.Tensor]:
     """Right-pad to the longest example: ``input_ids``, ``labels`` (-100 on pads), 2D ``attention_mask``, and
-    the image tensors of rows with images (:func:`~qlora.train.data.image_examples.image_batch`)."""
+    the image tensors of rows with images (:func:`~qlora.chat.image_examples.image_batch`)."""
     length = max(len(e.input_ids) for e in examples)
     input_ids = torch.full((len(examples), length), pad_id, dtype=torch.long)
     labels = torch.full((len(examples), length), IGNORE_INDEX, dtype=torch.long)
@@ -79,7 +79,7 @@ def packed_collate(
             ``mm_token_type_ids``) and how they group.
         numbering: :func:`~qlora.train.data.packing.example_positions` of the model: each example's positions as
             the model numbers them alone, where that is not from 0 (RoBERTa's start at ``padding_idx + 1``).
-        prefix_lm: the model reads each example's prompt both ways (PaliGemma: :mod:`qlora.train.data.prefix_lm`):
+        prefix_lm: the model reads each example's prompt both ways (PaliGemma: :mod:`qlora.chat.prefix_lm`):
             the tokens before its first trained one are one block in the mask.
 
     Raises:

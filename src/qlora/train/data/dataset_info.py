@@ -39,15 +39,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from qlora.chat.images import IMAGES_COLUMN
 from qlora.errors import UsageError
 from qlora.train.data.declared import DeclaredDataset
-from qlora.train.data.images import IMAGES_COLUMN
 
 INFO_FILE = "dataset_info.json"
 DEFAULT_DIR = "data"  # LLaMA-Factory's default dataset_dir (and --dataset-dir's): a registry there is optional
 _ALPACA_COLUMNS = {"prompt": "instruction", "query": "input", "response": "output", "history": None}
 _COMMON_COLUMNS = ("system", "tools", "chosen", "rejected", "kto_tag")
-_MEDIA_COLUMNS = ("videos", "audios")  # images are read (qlora.train.data.images); these are not
+_MEDIA_COLUMNS = ("videos", "audios")  # images are read (qlora.chat.images); these are not
 _TAGS = {"role_tag": "from", "content_tag": "value", "user_tag": "human", "assistant_tag": "gpt",
          "observation_tag": "observation", "function_tag": "function_call", "system_tag": "system"}
 # Our ShareGPT speakers for LLaMA-Factory's roles (what formats.py reads as user, assistant, tool result, tool call).

@@ -24,7 +24,7 @@ quirks are handled here and nowhere else:
 
 Reasoning traces (an assistant message's ``reasoning_content``/``reasoning``/``thinking``, or such a
 column beside an alpaca or prompt-completion answer) are kept under their own name; where they go
-depends on the chat template (:mod:`qlora.train.data.reasoning`).
+depends on the chat template (:mod:`qlora.chat.reasoning`).
 
 Field names that differ are mapped by :mod:`qlora.train.data.fields` (``--data-fields``).
 """
@@ -34,19 +34,20 @@ from __future__ import annotations
 import json
 import re
 from collections import Counter
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from functools import partial
 from typing import Any, Callable, Sequence
 
+from qlora.chat.example import Example
+from qlora.chat.images import IMAGE_PART_TYPES, attach_images
+from qlora.chat.pieces import is_written
+from qlora.chat.reasoning import REASONING_KEYS, THINK_CLOSE, message_reasoning, split_think
 from qlora.errors import UsageError
 from qlora.template_kwargs import render_parameter
 from qlora.train.data.fields import (ROLE_NAMES, FieldMap, named_prompt, pair_hint, parse_data_fields,
                                      speaker_name, suggest_fields, tool_calls, unsupported_rows)
 from qlora.train.data.glaive import is_transcript, transcript, transcript_column
-from qlora.train.data.images import IMAGE_PART_TYPES, ImageRef, attach_images
 from qlora.train.data.message_trees import is_message_tree, top_threads
-from qlora.train.data.pieces import Piece, is_written
-from qlora.train.data.reasoning import REASONING_KEYS, THINK_CLOSE, message_reasoning, split_think
 from qlora.train.data.sources import Record
 
 FORMATS = ("alpaca", "chat", "sharegpt", "prompt-completion", "text")
@@ -58,40 +59,6 @@ _TOOL_CALL_SPEAKERS = ("function_call",)
 # One user turn and the assistant's reply in one entry: LDJnr/Capybara's, the_cauldron's (and FineVision's).
 _EXCHANGE_KEYS = (("input", "output"), ("user", "assistant"))
 EXCHANGES_COLUMN = "texts"  # the_cauldron's conversation: {"user", "assistant", "source"} exchanges
-
-
-@dataclass(frozen=True)
-class Example:
-    """A normalized example: ``messages`` (chat) or ``text`` (plain), never both.
-
-    Prompt-completion rows keep where the prompt ends, because only the completion is trained:
-    ``prompt`` is the prompt text of a plain row (``text`` is then the completion), and
-    ``prompt_turns`` the number of leading ``messages`` that form the prompt of a conversational one.
-    ``tools`` are the tool definitions the chat template renders (``apply_chat_template(tools=...)``), and
-    ``template_kwargs`` the row's own template variables (its ``chat_template_kwargs`` column, as TRL reads it).
-    ``reasoning`` is ``(column, text)``: the reasoning trace of a plain prompt-completion row's completion.
-    ``images`` are the row's images in the order its messages' ``{"type": "image"}`` parts place them
-    (:mod:`qlora.train.data.images`).
-    ``skip`` says why the row holds nothing to train (``"an empty answer"``, ``"no messages"``): such rows are
-    skipped and counted when tokenized, as blank texts are, rather than refusing a dataset for a few of them.
-    """
-
-    messages: tuple[dict[str, Any], ...] | None
-    text: str | None
-    where: str
-    prompt: str | None = None
-    prompt_turns: int | None = None
-    tools: tuple[dict[str, Any], ...] | None = None
-    reasoning: tuple[str, str] | None = None
-    skip: str | None = None
-    images: tuple[ImageRef, ...] = ()
-    pieces: tuple[Piece, ...] | None = None  # a row written piece by piece (:mod:`qlora.train.data.pieces`)
-    template_kwargs: dict[str, Any] | None = None
-
-    @property
-    def conversational(self) -> bool:
-        """Messages, which a chat template renders (as a preference pair's or unpaired row's are)."""
-        return self.messages is not None
 
 
 def unpaired_label(fields: dict[str, Any]) -> bool | None:
@@ -465,12 +432,6 @@ def empty_answer(answer: str | Sequence[dict[str, Any]]) -> bool:
         isinstance(m.get(key), str) and m[key].strip() for key in ("content", *REASONING_KEYS)) for m in turns)
 
 
-def blank_text(example: Example) -> bool:
-    """A plain text with nothing in it (a blank line of a corpus such as wikitext): nothing to learn."""
-    return (example.messages is None and example.prompt is None and example.pieces is None
-            and not (example.text or "").strip())
-
-
 def _pieces(fields: dict[str, Any], where: str, names: FieldMap) -> Example:
     if not is_written(fields.get("pieces")):
         raise UsageError(f"{where}: this row is not in the pieces shape of the other rows.")
@@ -551,7 +512,7 @@ def _content(content: Any, where: str, role: str, key: str, fmt: str,
              has_calls: bool) -> str | list[dict[str, Any]] | None:
     """A message's text: a string, text parts joined (OpenAI / HF multimodal style), a tool's JSON result, a number's
     decimal text (``{"from": "gpt", "value": 42}``: what a chat template renders of it, so TRL trains "42" too); with
-    image parts, the parts (text ones normalized), for :func:`~qlora.train.data.images.attach_images`."""
+    image parts, the parts (text ones normalized), for :func:`~qlora.chat.images.attach_images`."""
     if isinstance(content, str):
         return content
     if isinstance(content, (int, float)) and not isinstance(content, bool) and role != "tool" and (
@@ -573,7 +534,7 @@ def _content(content: Any, where: str, role: str, key: str, fmt: str,
             elif isinstance(part, str):
                 parts.append({"type": "text", "text": part})
             elif isinstance(part, dict) and kind in IMAGE_PART_TYPES:
-                parts.append(part)  # resolved with the row's images (qlora.train.data.images)
+                parts.append(part)  # resolved with the row's images (qlora.chat.images)
             elif isinstance(part, dict) and kind == "text":
                 found = "missing" if "text" not in part else "null" if part["text"] is None else (
                     f'a {type(part["text"]).__name__}')
@@ -662,14 +623,6 @@ def row_template_kwargs(fields: dict[str, Any], where: str) -> dict[str, Any] | 
 
 # apply_chat_template's prompt options, which serve takes among a request's variables (as vLLM) but training sets
 _PLACED_PROMPT = ("add_generation_prompt", "continue_final_message")
-
-
-def render_kwargs(row: Any) -> dict[str, Any]:
-    """What a row's conversation is rendered with beyond its messages: its tools and its own template variables
-    (``row``: an :class:`Example`, or a preference or KTO example, which carry both), as TRL passes
-    ``tools=..., **chat_template_kwargs``."""
-    tools = {"tools": [dict(t) for t in row.tools]} if row.tools else {}
-    return {**tools, **(row.template_kwargs or {})}
 
 
 def _legacy_functions(value: Any) -> tuple[dict[str, Any], ...] | None:

@@ -5,7 +5,7 @@ the language model, and next-fit packing never splits an example, so its image t
 
 - the image tensors of a pack's examples go in as one batch: per-image ones concatenated in token order (the
   order in which the model scatters image features into its image tokens), per-token ones at each example's
-  place in its row (:func:`~qlora.train.data.image_examples.segment_image_batch`);
+  place in its row (:func:`~qlora.chat.image_examples.segment_image_batch`);
 - models with multimodal rotary positions (Qwen2-VL, Qwen2.5-VL, Qwen3-VL, GLM-4V: a ``get_rope_index``) give an
   image's tokens 3-D (temporal, height, width) positions and continue the text after it from the image's extent,
   not its token count. The model's own ``get_rope_index`` computes them for each example alone; the rows are
@@ -17,7 +17,7 @@ the language model, and next-fit packing never splits an example, so its image t
   ``token_type_ids`` (runs of 1) and ORs into the causal mask; Molmo2 makes all the image tokens of a sequence
   (``mm_token_type_ids`` 1: every image's start, patch, column and end tokens) one such block. An explicit mask
   replaces the model's, so the packed one carries those blocks (:func:`image_blocks`), each kept inside its
-  example. PaliGemma's prompts (images included) are such blocks too (:mod:`qlora.train.data.prefix_lm`). Flash
+  example. PaliGemma's prompts (images included) are such blocks too (:mod:`qlora.chat.prefix_lm`). Flash
   attention takes no mask: refused there. Refused too: other models whose forward takes token
   types (their meaning in the mask is not known here) or reads tokens bidirectionally by config (Gemma 4's
   ``use_bidirectional_attention``).
@@ -31,9 +31,9 @@ from typing import Any, Callable, NamedTuple
 import torch
 from transformers import PreTrainedModel
 
+from qlora.chat.prefix_lm import prefix_type
 from qlora.errors import UsageError
 from qlora.train.data.packing import MASK_ATTENTION
-from qlora.train.data.prefix_lm import prefix_type
 
 
 class ImageBlocks(NamedTuple):

@@ -46,8 +46,8 @@ from typing import Any, Callable
 
 import torch
 
+from qlora.chat.tokenize import TokenizedExample
 from qlora.errors import UsageError
-from qlora.train.data.tokenize import TokenizedExample
 
 MASK_ATTENTION = ("eager", "sdpa")
 # transformers' layer types whose attention a block-diagonal mask (with the layer's window or chunks) keeps per example

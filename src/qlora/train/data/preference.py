@@ -20,7 +20,7 @@ prompt (TRL's DPOTrainer leaves the column unused). Columns named otherwise are 
 
 A row with images (an ``images`` column with image parts in the prompt, as TRL's vision preference data; one
 ``image`` a row beside a string prompt, as openbmb/RLAIF-V-Dataset) is a conversation whose prompt holds them,
-placed as SFT places a row's (:mod:`qlora.train.data.images`); its prompt goes through the model's processor once
+placed as SFT places a row's (:mod:`qlora.chat.images`); its prompt goes through the model's processor once
 and both answers' rows get its image tensors.
 
 Assistant messages may carry reasoning (``reasoning_content``/``reasoning``/``thinking``, or a
@@ -50,20 +50,21 @@ from typing import Any, Iterable, Sequence
 
 import torch
 
+from qlora.chat.common_ends import common_prefix
+from qlora.chat.example import Example, render_kwargs
+from qlora.chat.image_examples import expanded_prompt, image_batch
+from qlora.chat.images import ImageRef, as_parts, attach_images, has_image_parts, images_in
+from qlora.chat.pieces import is_written, piece_ids
+from qlora.chat.tokenize import (IGNORE_INDEX, PROMPT_FILLS_SEQ_LEN, DataReport, first_places, for_template,
+                                 rendering_kwargs, require_eos, tokenize_example)
 from qlora.errors import UsageError
 from qlora.model.chat_format import ChatFormat
 from qlora.model.image_processor import image_token_id
-from qlora.train.data.common_ends import common_prefix
 from qlora.train.data.fields import (FieldMap, message_like, pair_hint, parse_data_fields, prompt_column,
                                      unsupported_rows)
-from qlora.train.data.formats import (EMPTY_ANSWER, Example, empty_answer, listed_messages, normalize, render_kwargs,
-                                     row_template_kwargs, row_tools, unpaired_error, unpaired_label)
-from qlora.train.data.image_examples import expanded_prompt, image_batch
-from qlora.train.data.images import ImageRef, as_parts, attach_images, has_image_parts, images_in
-from qlora.train.data.pieces import is_written, piece_ids
+from qlora.train.data.formats import (EMPTY_ANSWER, empty_answer, listed_messages, normalize, row_template_kwargs,
+                                     row_tools, unpaired_error, unpaired_label)
 from qlora.train.data.sources import Record
-from qlora.train.data.tokenize import (IGNORE_INDEX, PROMPT_FILLS_SEQ_LEN, DataReport, first_places, for_template,
-                                      rendering_kwargs, require_eos, tokenize_example)
 
 FIELDS = ("prompt", "chosen", "rejected")
 Messages = tuple[dict[str, str], ...]
@@ -222,11 +223,11 @@ def _answered_pair(fields: dict[str, Any], where: str, names: FieldMap, chat: bo
 def with_images(pair: PreferenceExample, fields: dict[str, Any], where: str,
                 folders: Sequence[str]) -> PreferenceExample:
     """``pair`` (read as a conversation) with the row's images placed in its prompt as SFT places a row's
-    (:func:`~qlora.train.data.images.attach_images`: image parts, ``<image>`` placeholders, else before the first
+    (:func:`~qlora.chat.images.attach_images`: image parts, ``<image>`` placeholders, else before the first
     user text) and each image resolved and checked; both answers see them (TRL's vision DPO, RLAIF-V).
 
     Raises:
-        UsageError: an image in an answer, or as :func:`~qlora.train.data.images.attach_images`.
+        UsageError: an image in an answer, or as :func:`~qlora.chat.images.attach_images`.
     """
     if pair.skip:
         refuse_answer_images({"chosen": pair.chosen, "rejected": pair.rejected}, where)
@@ -242,7 +243,7 @@ def prompt_with_images(prompt: Messages, answers: dict[str, Any], fields: dict[s
     ``answers`` (by column name) must hold none: they are text about the prompt's images (DPO's, KTO's).
 
     Raises:
-        UsageError: an image in an answer, or as :func:`~qlora.train.data.images.attach_images`.
+        UsageError: an image in an answer, or as :func:`~qlora.chat.images.attach_images`.
     """
     refuse_answer_images(answers, where)
     placed = attach_images(Example(tuple(prompt), None, where), fields, folders)
@@ -333,7 +334,7 @@ def _implicit_text_prompt(chosen: str, rejected: str, where: str, need: str, hin
 
 def prompt_ids(example: PreferenceExample, tokenizer, fmt: ChatFormat, answers: Sequence = ()) -> list[int]:
     """The prompt's ids: as the chat format renders it for generation (it decides BOS), in the template mode its
-    ``answers`` are rendered in (:func:`~qlora.train.data.tokenize.rendering_kwargs`: thinking mode for an answer whose
+    ``answers`` are rendered in (:func:`~qlora.chat.tokenize.rendering_kwargs`: thinking mode for an answer whose
     reasoning only that mode shows), or plain text with the tokenizer's own BOS setting (as :func:`tokenize_example`
     reads text). ``example``: anything with ``prompt``, ``where`` and ``conversational`` (KTO's examples too).
 
@@ -381,8 +382,8 @@ def tokenize_pair(example: PreferenceExample, tokenizer, chat_template: str | Ch
 
     ``stop_ids`` are the end-of-turn ids (as for :func:`tokenize_example`): an EOS follows an answer only
     when none of them ends it. A pair with images goes through ``processor`` (the model's): its prompt once,
-    placeholders expanded (:func:`~qlora.train.data.image_examples.expanded_prompt`), the answers as text; it is
-    :data:`~qlora.train.data.image_examples.IMAGES_TOO_LONG` when its image tokens do not fit ``seq_len``.
+    placeholders expanded (:func:`~qlora.chat.image_examples.expanded_prompt`), the answers as text; it is
+    :data:`~qlora.chat.image_examples.IMAGES_TOO_LONG` when its image tokens do not fit ``seq_len``.
 
     Raises:
         UsageError: an answer holding the processor's image token, or as ``expanded_prompt``.
@@ -483,7 +484,7 @@ def preference_collate(pairs: Sequence[TokenizedPair], pad_id: int) -> dict[str,
     answer tokens; -100 on prompt and padding), when every pair has them,
     ``ref_logps`` ``[2B]`` (float64) in the same row order, and with images each
     pair's image tensors for both its rows
-    (:func:`~qlora.train.data.image_examples.image_batch`) and ``image_tokens``
+    (:func:`~qlora.chat.image_examples.image_batch`) and ``image_tokens``
     ``[2B, T]``, true on the tokens the processor put in for them.
     """
     rows = [p.prompt_ids + p.chosen_ids for p in pairs] + [p.prompt_ids + p.rejected_ids for p in pairs]

@@ -29,10 +29,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Sequence
 
+from qlora.chat.example import Example
+from qlora.chat.tokenize import IGNORE_INDEX, TokenizedExample
 from qlora.errors import UsageError
 from qlora.train.data.collate import pad_token_id
-from qlora.train.data.formats import Example
-from qlora.train.data.tokenize import IGNORE_INDEX, TokenizedExample
 
 # LLaMA-Factory's templates that replace the tokenizer's EOS (its ``replace_eos``; src/llamafactory/data/template.py),
 # by qlora's name of the template: (the text stage pt appends to each text, the EOS it puts in place, which is also

@@ -1,5 +1,5 @@
 """How torchtune's model tokenizers write a conversation (``tokenize_messages``) and a text (``encode``), as pieces
-(:mod:`qlora.train.data.pieces`) that tokenize to torchtune's ids, each piece trained where torchtune's mask is
+(:mod:`qlora.chat.pieces`) that tokenize to torchtune's ids, each piece trained where torchtune's mask is
 False (a message's masked flag covers its header, content and end tokens alike):
 
 - ``llama3`` (``llama3_tokenizer``): ``<|begin_of_text|>``, then each message ``<|start_header_id|>ROLE
@@ -21,8 +21,8 @@ False (a message's masked flag covers its header, content and end tokens alike):
 
 from __future__ import annotations
 
+from qlora.chat.pieces import Piece
 from qlora.errors import UsageError
-from qlora.train.data.pieces import Piece
 
 # torchtune's tokenizer builder -> its format
 FAMILIES = {"llama3_tokenizer": "llama3", "qwen2_tokenizer": "qwen2", "qwen2_5_tokenizer": "qwen2",

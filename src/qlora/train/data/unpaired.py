@@ -34,18 +34,18 @@ from typing import Any, Iterable, Sequence
 
 import torch
 
+from qlora.chat.common_ends import common_prefix
+from qlora.chat.image_examples import expanded_prompt, image_batch, token_aligned
+from qlora.chat.images import ImageRef, as_parts, images_in
+from qlora.chat.tokenize import IGNORE_INDEX, PROMPT_FILLS_SEQ_LEN, DataReport, first_places, require_eos
 from qlora.errors import UsageError
 from qlora.model.chat_format import ChatFormat
-from qlora.train.data.common_ends import common_prefix
 from qlora.train.data.fields import FieldMap, pair_hint, unsupported_rows
 from qlora.train.data.formats import EMPTY_ANSWER, empty_answer, row_template_kwargs, row_tools, unpaired_label
-from qlora.train.data.image_examples import expanded_prompt, image_batch, token_aligned
-from qlora.train.data.images import ImageRef, as_parts, images_in
 from qlora.train.data.preference import (Messages, PreferenceExample, full_ids, message_tuple, missing_prompt_hint,
                                          pair_from_row, prompt_example, prompt_ids, prompt_with_images,
                                          refuse_answer_images, refuse_image_tokens, renamed_source, with_system)
 from qlora.train.data.sources import Record
-from qlora.train.data.tokenize import IGNORE_INDEX, PROMPT_FILLS_SEQ_LEN, DataReport, first_places, require_eos
 
 _ROW_KEYS = ("input_ids", "attention_mask", "labels")
 
@@ -225,7 +225,7 @@ def unpaired_collate(units: Sequence[TokenizedUnpaired], pad_id: int, kl_rows: b
     Returns ``input_ids``, ``attention_mask``, ``labels`` (completion tokens; -100 on prompt and padding),
     ``[B or 2B, T]``, ``desirable`` ``[B]`` (bool), when every unit has them ``ref_logps`` ``[B or 2B]`` (float64)
     in the same row order, and with images each row's prompt's image tensors
-    (:func:`~qlora.train.data.image_examples.image_batch`). A KL row is cut to ``seq_len`` tokens, its start kept.
+    (:func:`~qlora.chat.image_examples.image_batch`). A KL row is cut to ``seq_len`` tokens, its start kept.
     The ``i``-th KL row pairs ``units[i]``'s prompt (and its images) with its fixed partner's completion
     (``kl_pair_ids``) where the units have one, else with ``kl_completions[i]``'s, by default its predecessor's
     in ``units`` (cyclically); a rank's share of a global micro-batch passes the predecessors in the global one.

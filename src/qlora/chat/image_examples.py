@@ -20,13 +20,13 @@ from typing import Any, Iterable, Sequence
 
 import torch
 
+from qlora.chat.example import Example, render_kwargs
+from qlora.chat.images import as_parts
+from qlora.chat.tokenize import (IGNORE_INDEX, IMAGES_TOO_LONG, TokenizedExample, for_template, rendered_text,
+                                 tokenize_example)
 from qlora.errors import UsageError
 from qlora.model.chat_format import ChatFormat
 from qlora.model.image_processor import image_tensors, image_token_id, pixel_bounds, process
-from qlora.train.data.formats import Example, render_kwargs
-from qlora.train.data.images import as_parts
-from qlora.train.data.tokenize import (IGNORE_INDEX, IMAGES_TOO_LONG, TokenizedExample, for_template, rendered_text,
-                                       tokenize_example)
 
 
 def token_aligned(key: str) -> bool:
@@ -52,7 +52,7 @@ def tokenize_image_example(
     Args:
         example: a normalized conversation with ``images``.
         processor: the model's ``AutoProcessor`` (its ``tokenizer`` the run's tokenizer).
-        chat_template, train_on, stop_ids: as for :func:`~qlora.train.data.tokenize.tokenize_example`.
+        chat_template, train_on, stop_ids: as for :func:`~qlora.chat.tokenize.tokenize_example`.
         seq_len: keep at most this many tokens, never cutting an image.
         index: the example's position in the dataset.
 

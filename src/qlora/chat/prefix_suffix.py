@@ -15,13 +15,13 @@ from typing import Any, Callable, Iterable, Sequence
 
 import torch
 
+from qlora.chat.example import Example
+from qlora.chat.image_examples import tokenize_image_example
+from qlora.chat.images import PLACEHOLDER
+from qlora.chat.prefix_lm import prefix_type
+from qlora.chat.tokenize import IGNORE_INDEX, IMAGES_TOO_LONG, TokenizedExample
 from qlora.errors import UsageError
 from qlora.model.image_processor import image_tensors, pixel_bounds, process
-from qlora.train.data.formats import Example
-from qlora.train.data.image_examples import tokenize_image_example
-from qlora.train.data.images import PLACEHOLDER
-from qlora.train.data.prefix_lm import prefix_type
-from qlora.train.data.tokenize import IGNORE_INDEX, IMAGES_TOO_LONG, TokenizedExample
 
 IMAGE_TOKEN = "<image>"  # PaliGemma's processor's placeholder (its tokenizer's image_token)
 
@@ -114,7 +114,7 @@ def image_row_tokenizer(model, processor, chat_template, train_on: str, seq_len:
                         stop_ids: Iterable[int] | None) -> Callable[[Example, int], TokenizedExample | str]:
     """What tokenizes a run's rows once some hold images (``(example, index)``): a prefix-LM's (PaliGemma's) prefix
     and suffix, else the chat template's rendering through the processor
-    (:func:`~qlora.train.data.image_examples.tokenize_image_example`)."""
+    (:func:`~qlora.chat.image_examples.tokenize_image_example`)."""
     if prefix_type(model) is not None:
         return lambda example, index: tokenize_prefix_suffix(example, processor, train_on, seq_len, index)
     return lambda example, index: tokenize_image_example(example, processor, chat_template, train_on, seq_len, index,

@@ -1,7 +1,7 @@
 """A final answer's reasoning that the chat template hides, written as the model writes it in thinking mode.
 
 Some templates never show a finished answer's reasoning and write no ``<think>`` markup before it for
-:func:`~qlora.train.data.tokenize.restore_final_reasoning` to fill (Gemma 4 shows reasoning only before tool calls).
+:func:`~qlora.chat.tokenize.restore_final_reasoning` to fill (Gemma 4 shows reasoning only before tool calls).
 Their generation prompt closes an empty reasoning block when thinking is off (Gemma 4's
 ``<|channel>thought\\n<channel|>``) and leaves the block to the model when a switch (``enable_thinking``,
 ``thinking``) turns thinking on. A conversation whose final answer has reasoning is then rendered in thinking mode,
@@ -13,9 +13,9 @@ from __future__ import annotations
 
 from typing import Sequence
 
+from qlora.chat.common_ends import common_prefix
+from qlora.chat.reasoning import chunk_reasoning, reasoning_of, split_think
 from qlora.model.chat_format import ChatFormat
-from qlora.train.data.common_ends import common_prefix
-from qlora.train.data.reasoning import chunk_reasoning, reasoning_of, split_think
 
 # The variables templates test to turn thinking on (Qwen3 and Gemma 4 ``enable_thinking``, DeepSeek-V3.1 ``thinking``)
 THINKING_ON = {"enable_thinking": True, "thinking": True}

@@ -22,7 +22,7 @@ The rules (issues 11 and 20), each one a silent fine-tune killer elsewhere:
   Markup tokens the template writes between the generation prompt and the answer are the model's to write, so
   they are trained with it (gpt-oss's ``<|channel|>final<|message|>`` after ``<|start|>assistant``, Command A's
   ``<|START_RESPONSE|>``; TRL's gpt-oss training template marks them too);
-- reasoning traces go where the template takes them (:mod:`qlora.train.data.reasoning`); a turn
+- reasoning traces go where the template takes them (:mod:`qlora.chat.reasoning`); a turn
   with reasoning is trained from the end of the template's generation prompt (so Qwen3's
   ``<think>``, gpt-oss's analysis channel header are learned), or else from the template's own opening
   of the reasoning (Mistral's ``[THINK]``), through its answer. Reasoning a
@@ -50,17 +50,17 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
+from qlora.chat.common_ends import common_prefix, common_suffix
+from qlora.chat.example import Example, blank_text, render_kwargs
+from qlora.chat.pieces import piece_ids
+from qlora.chat.reasoning import (REASONING_KEYS, THINK_CLOSE, THINK_OPEN, chunk_reasoning, fold, has_reasoning,
+                                  knows_think_markers, no_place_error, place_reasoning, placement, reasoning_of,
+                                  split_think)
+from qlora.chat.thinking_mode import (final_reasoning_in_thinking_mode, own_switch, thinking_switch,
+                                      without_switch)
 from qlora.errors import UsageError
 from qlora.model import chat_format
 from qlora.model.chat_format import END_OF_TURN_TOKENS, ChatFormat, stop_token_ids
-from qlora.train.data.common_ends import common_prefix, common_suffix
-from qlora.train.data.formats import Example, blank_text, render_kwargs
-from qlora.train.data.pieces import piece_ids
-from qlora.train.data.reasoning import (REASONING_KEYS, THINK_CLOSE, THINK_OPEN, chunk_reasoning, fold, has_reasoning,
-                                        knows_think_markers, no_place_error, place_reasoning, placement, reasoning_of,
-                                        split_think)
-from qlora.train.data.thinking_mode import (final_reasoning_in_thinking_mode, own_switch, thinking_switch,
-                                           without_switch)
 
 IGNORE_INDEX = -100
 IMAGES_TOO_LONG = "images that do not fit --seq-len"  # why a row with images is skipped: truncation never cuts an image
@@ -83,7 +83,7 @@ class TokenizedExample:
     counts its assistant turns whose reasoning the chat template does not show (so it is not trained);
     ``system_dropped``: the template does not render the row's system message (Phi-4-reasoning's writes its own);
     ``media`` holds a row with images' other model inputs, one entry per tensor the processor returns
-    (:mod:`qlora.train.data.image_examples`)."""
+    (:mod:`qlora.chat.image_examples`)."""
 
     input_ids: list[int]
     labels: list[int]
@@ -294,7 +294,7 @@ def tokenize_dataset(
     truncation cut away under :data:`PROMPT_FILLS_SEQ_LEN`).
 
     ``with_images(example, index)`` tokenizes a row with images (the model's processor:
-    :func:`~qlora.train.data.image_examples.tokenize_image_example`), or says why the row is skipped; when
+    :func:`~qlora.chat.image_examples.tokenize_image_example`), or says why the row is skipped; when
     given (the data hold images), it also tokenizes the conversations without images, whose contents a
     vision-language template reads as parts as in the rows with images.
 
@@ -368,7 +368,7 @@ def rendered_text(example: Example, tokenizer, fmt: ChatFormat) -> str:
 
 def rendering_kwargs(example: Example, tokenizer, fmt: ChatFormat) -> dict:
     """The template kwargs a conversation is rendered with: its tools, and the thinking switch when its final answer's
-    reasoning is written in the template's thinking mode (:mod:`~qlora.train.data.thinking_mode`), so a prompt
+    reasoning is written in the template's thinking mode (:mod:`~qlora.chat.thinking_mode`), so a prompt
     rendered apart (a preference pair's) is the one its answers follow."""
     return _placed(example, tokenizer, fmt)[1]
 
@@ -384,7 +384,7 @@ def _final_reasoning_placed(rendered: str, messages: Sequence[dict], tokenizer, 
                             extra: dict) -> tuple[str, dict]:
     """``(text, template kwargs)``: the rendering with the final turns' reasoning put back where the template drops
     it (:func:`restore_final_reasoning`), else, for a template that hides it and has a thinking mode, the conversation
-    in that mode with the reasoning where the model writes it (:mod:`~qlora.train.data.thinking_mode`)."""
+    in that mode with the reasoning where the model writes it (:mod:`~qlora.chat.thinking_mode`)."""
     text = restore_final_reasoning(rendered, messages)
     default = text
     switch = own_switch(extra)
@@ -512,7 +512,7 @@ def for_template(messages: Sequence[dict], template: str, tokenizer=None, where:
                  origin: str = "the chat template") -> list[dict]:
     """Messages as ``template`` can take them (:func:`qlora.model.chat_format.for_template`: roles,
     tool calls), with reasoning where the template (or ``tokenizer``'s ``<think>`` markers) takes it
-    (:func:`~qlora.train.data.reasoning.place_reasoning`).
+    (:func:`~qlora.chat.reasoning.place_reasoning`).
 
     Raises:
         UsageError: an assistant turn has reasoning the template has no place for (naming ``where``).

@@ -16,8 +16,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from qlora.chat.tokenize import IGNORE_INDEX
 from qlora.errors import UsageError
-from qlora.train.data.tokenize import IGNORE_INDEX
 
 
 def prefix_type(model: nn.Module) -> int | None:

@@ -96,7 +96,7 @@ class ImageRef:
 
 
 def attach_images(example, fields: dict[str, Any], folders: Sequence[str | Path]):
-    """``example`` (a :class:`~qlora.train.data.formats.Example`) with its images: message parts and
+    """``example`` (a :class:`~qlora.chat.example.Example`) with its images: message parts and
     ``<image>`` placeholders filled from the row's ``images`` column, each image resolved and checked.
 
     Args:
