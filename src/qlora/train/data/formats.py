@@ -43,7 +43,7 @@ from qlora.template_kwargs import render_parameter
 from qlora.train.data.fields import (ROLE_NAMES, FieldMap, named_prompt, pair_hint, parse_data_fields,
                                      speaker_name, suggest_fields, tool_calls, unsupported_rows)
 from qlora.train.data.glaive import is_transcript, transcript, transcript_column
-from qlora.train.data.images import IMAGE_PART_TYPES, ImageRef, attach_images
+from qlora.train.data.images import IMAGE_PART_TYPES, ImageRef, attach_images, refuse_media
 from qlora.train.data.message_trees import is_message_tree, top_threads
 from qlora.train.data.pieces import Piece, is_written
 from qlora.train.data.reasoning import REASONING_KEYS, THINK_CLOSE, message_reasoning, split_think
@@ -266,6 +266,7 @@ def normalize(records: list[Record], fmt: str = "auto", fields: FieldMap | str |
         convert = partial(_prompt_completion, chat=True)  # plain text has no place for a system prompt
     examples = []
     for r in records:
+        refuse_media(r.fields, r.where)
         try:
             example = convert(r.fields, r.where, names)
             variables = row_template_kwargs(r.fields, r.where)

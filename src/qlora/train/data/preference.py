@@ -59,7 +59,8 @@ from qlora.train.data.fields import (FieldMap, message_like, pair_hint, parse_da
 from qlora.train.data.formats import (EMPTY_ANSWER, Example, empty_answer, listed_messages, normalize, render_kwargs,
                                      row_template_kwargs, row_tools, unpaired_error, unpaired_label)
 from qlora.train.data.image_examples import expanded_prompt, image_batch
-from qlora.train.data.images import ImageRef, as_parts, attach_images, has_image_parts, images_in
+from qlora.train.data.images import (ImageRef, as_parts, attach_images, has_image_parts, images_in,
+                                     refuse_media)
 from qlora.train.data.pieces import is_written, piece_ids
 from qlora.train.data.sources import Record
 from qlora.train.data.tokenize import (IGNORE_INDEX, PROMPT_FILLS_SEQ_LEN, DataReport, first_places, for_template,
@@ -191,8 +192,9 @@ def pair_from_row(fields: dict[str, Any], where: str, names: FieldMap, chat: boo
     a conversation whose prompt holds them (:func:`with_images`); ``folders``: where their relative paths start.
 
     Raises:
-        UsageError: a malformed row, or images outside the prompt's user turns or not readable.
+        UsageError: a malformed row, images outside the prompt's user turns or not readable, videos or audios.
     """
+    refuse_media(fields, where)
     if all(is_written(fields.get(key)) for key in ("chosen", "rejected")):
         return PreferenceExample("", fields["chosen"], fields["rejected"], where, pieces=True)
     if images_in(fields):

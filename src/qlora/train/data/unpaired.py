@@ -40,7 +40,7 @@ from qlora.train.data.common_ends import common_prefix
 from qlora.train.data.fields import FieldMap, pair_hint, unsupported_rows
 from qlora.train.data.formats import EMPTY_ANSWER, empty_answer, row_template_kwargs, row_tools, unpaired_label
 from qlora.train.data.image_examples import expanded_prompt, image_batch, token_aligned
-from qlora.train.data.images import ImageRef, as_parts, images_in
+from qlora.train.data.images import ImageRef, as_parts, images_in, refuse_media
 from qlora.train.data.preference import (Messages, PreferenceExample, full_ids, message_tuple, missing_prompt_hint,
                                          pair_from_row, prompt_example, prompt_ids, prompt_with_images,
                                          refuse_answer_images, refuse_image_tokens, renamed_source, with_system)
@@ -101,6 +101,7 @@ def normalize_unpaired(records: list[Record], fields: FieldMap | str | dict | No
     records, names, chat = renamed_source(records, fields)
     out: list[UnpairedExample] = []
     for r in records:
+        refuse_media(r.fields, r.where)
         folders = r.image_folders(dataset_dir)
         if "chosen" in r.fields and "rejected" in r.fields:
             pair: PreferenceExample = pair_from_row(r.fields, r.where, names, chat, folders)
