@@ -138,6 +138,31 @@ def test_a_row_without_images_beside_them_is_the_chat_turns_generation_prompts_w
     assert (unit.input_ids, unit.labels) == (ids, batch["labels"][2, :n].tolist())
 
 
+def test_a_plain_text_row_beside_image_rows_reads_its_completion_causally(model_dir, images, tmp_path):
+    """A prompt-completion row of another source beside the image rows (a text-only run's form: ids and labels those
+    of the same row trained alone) gets its own token types, the prompt 0 and the completion 1, not the zeros that
+    would read all of it both ways: changing its last completion token leaves every earlier logit as it was."""
+    plain = tmp_path / "plain.jsonl"
+    tmp_path.mkdir(exist_ok=True)
+    plain.write_text(json.dumps({"prompt": "the capital of France is", "completion": " Paris, a city"}) + "\n")
+    mixed = tmp_path / "mixed"
+    trainer = _trainer(model_dir, mixed, _rows(images), data=f"{mixed / 'rows.jsonl'},{plain}", batch_size=3)
+    alone = Trainer(load_config(None, dict(model=str(model_dir), data=str(plain), output=str(tmp_path / "alone"),
+                                           quant="none", precision="fp32", seq_len=256, progress=False)))
+    alone.setup()
+    (unit,) = alone.train_units
+    batch = trainer._collate(trainer.train_units)
+    n, first = len(unit.input_ids), next(k for k, t in enumerate(unit.labels) if t != IGNORE_INDEX)
+    assert batch["input_ids"][2, :n].tolist() == unit.input_ids and batch["labels"][2, :n].tolist() == unit.labels
+    assert batch["token_type_ids"][2, :n].tolist() == [0] * first + [1] * (n - first)
+    changed = {k: v.clone() for k, v in batch.items()}
+    changed["input_ids"][2, n - 1] = (changed["input_ids"][2, n - 1] + 1) % len(trainer.tokenizer)
+    with torch.no_grad():
+        before = trainer.model(**model_inputs(batch, trainer.model), use_cache=False).logits[2, :n - 1]
+        after = trainer.model(**model_inputs(changed, trainer.model), use_cache=False).logits[2, :n - 1]
+    torch.testing.assert_close(after, before, rtol=0, atol=1e-6)
+
+
 def test_an_answer_of_weight_0_is_not_trained(model_dir, images, tmp_path):
     """OpenAI's fine-tuning ``weight`` 0 marks an answer as context: that row has nothing to train and is skipped,
     as any model's, the other row trained."""

@@ -118,10 +118,11 @@ def tokenize_prefix_suffix(example: Example, processor, train_on: str = "assista
 
 def tokenize_text_row(example: Example, processor, chat_template, train_on: str, seq_len: int | None,
                       index: int, stop_ids: Iterable[int] | None, prefix: int) -> TokenizedExample:
-    """A PaliGemma row without images beside rows with them: the chat turns a text-only run trains (and generation
-    writes for a question without images), its ``token_type_ids`` ``prefix`` before its first trained token, as a
-    text-only run's batch gets them (:func:`~qlora.train.data.prefix_lm.token_types`); the batch's image rows carry
-    their processor's, so this row carries its own.
+    """A PaliGemma row without images beside rows with them (a conversation, a plain text): as a text-only run trains
+    it (a conversation's chat turns, what generation writes for a question without images), its
+    ``token_type_ids`` ``prefix`` before its first trained token, as a text-only run's batch gets them
+    (:func:`~qlora.train.data.prefix_lm.token_types`); the batch's image rows carry their processor's, so this row
+    carries its own (else the batch's zeros would read all of it both ways).
 
     Raises:
         UsageError: the image token written in the text, or as :func:`~qlora.train.data.tokenize.tokenize_example`.
@@ -145,17 +146,19 @@ def _refuse_image_token(where: str, token: str, texts: Iterable[str]) -> None:
 
 
 def image_row_tokenizer(model, processor, chat_template, train_on: str, seq_len: int | None,
-                        stop_ids: Iterable[int] | None) -> Callable[[Example, int], TokenizedExample | str]:
+                        stop_ids: Iterable[int] | None) -> Callable[[Example, int], TokenizedExample | str | None]:
     """What tokenizes a run's rows once some hold images (``(example, index)``): a prefix-LM's (PaliGemma's) prefix
-    and suffix for a row with images and chat turns for one without (:func:`tokenize_text_row`), else the chat
-    template's rendering through the processor (:func:`~qlora.train.data.image_examples.tokenize_image_example`)."""
+    and suffix for a row with images and a text-only run's form for any other (:func:`tokenize_text_row`), else
+    the chat template's rendering through the processor of conversations
+    (:func:`~qlora.train.data.image_examples.tokenize_image_example`) and None for plain texts (tokenized as
+    text)."""
     prefix = prefix_type(model)
     if prefix is not None:
         return lambda example, index: (
             tokenize_prefix_suffix(example, processor, train_on, seq_len, index) if example.images else
             tokenize_text_row(example, processor, chat_template, train_on, seq_len, index, stop_ids, prefix))
-    return lambda example, index: tokenize_image_example(example, processor, chat_template, train_on, seq_len, index,
-                                                         stop_ids)
+    return lambda example, index: None if example.messages is None and not example.images else tokenize_image_example(
+        example, processor, chat_template, train_on, seq_len, index, stop_ids)
 
 
 def image_prompt(processor, messages: Sequence[dict]) -> str:
