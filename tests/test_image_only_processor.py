@@ -26,7 +26,8 @@ from qlora_processes import train_records
 
 no_torchvision = pytest.mark.skipif(importlib.util.find_spec("torchvision") is not None,
                                     reason="AutoProcessor builds these processors")
-PLACEHOLDER = {"internvl": "<IMG_CONTEXT>", "llava_onevision": "<image>", "smolvlm": "<image>"}
+PLACEHOLDER = {"internvl": "<IMG_CONTEXT>", "llava_onevision": "<image>", "smolvlm": "<image>",
+               "glm4v": "<|begin_of_image|><|image|><|end_of_image|>"}
 
 
 @pytest.fixture(scope="module")
@@ -89,7 +90,7 @@ def test_outputs_are_the_image_processors_and_the_familys_token_counts(kind, bui
             image_ids = {getattr(processor, f"{a}_token_id", None) for a in ("image", "start_image", "end_image")}
             count = processor._get_num_multimodal_tokens(image_sizes=[(image.height, image.width)]).num_image_tokens[0]
         assert sum(i in image_ids for i in ids) == count
-        if kind.startswith("qwen"):  # one token for each merged 2 x 2 block of patches
+        if kind.startswith(("qwen", "glm4v")):  # one token for each merged 2 x 2 block of patches
             assert count == int(expected["image_grid_thw"].prod()) // 4
         before, after = (tok(t, add_special_tokens=False)["input_ids"] for t in ("look: ", " what is it?"))
         assert ids[:len(before)] == before and ids[-len(after):] == after
