@@ -5,9 +5,10 @@ and turn tokens added (EOS is the family's end-of-turn token), a chat template t
 family's placeholder, and a processor (PIL image processor with small sizes) that ``AutoProcessor`` loads.
 Gemma 3's template is the real one (tests/data/chat_templates); Qwen2-VL's and SmolVLM's are written after
 the hub's (Qwen/Qwen2-VL-7B-Instruct, HuggingFaceTB/SmolVLM-Instruct); LLaVA's is a plain role-prefixed one.
-Aya Vision's is LLaVA's too (HunyuanVL's with its image placeholder between its start and end tokens); PaliGemma
-(its processor's prefix and suffix) has none. Families whose processor takes a
-video processor (Qwen2-VL, Qwen2.5-VL, Qwen3-VL, SmolVLM2, InternVL, LLaVA-OneVision) and Mistral 3 (whose
+Aya Vision's and ViP-LLaVA's are LLaVA's too (HunyuanVL's with its image placeholder between its start and end
+tokens), Idefics2's SmolVLM's, GLM-4.1V's Qwen2-VL's with GLM's image markers; PaliGemma (its processor's prefix
+and suffix) has none. Families whose processor takes a video processor (Qwen2-VL, Qwen2.5-VL, Qwen3-VL, GLM-4.1V,
+SmolVLM2, InternVL, LLaVA-OneVision) and Mistral 3 (whose
 PixtralProcessor needs torchvision) get the hub's files written as the hub has them (the image processor's
 ``preprocessor_config.json`` with the hub's class name, ``processor_config.json`` naming the processor class and
 its settings, the tokenizer and ``chat_template.jinja``): their processors cannot be built without torchvision.
@@ -57,6 +58,7 @@ INTERNVL_TEMPLATE = LLAVA_TEMPLATE.replace("<image>", "<IMG_CONTEXT>")  # the hu
 
 # Each family's processor class.
 PROCESSORS = {"gemma3": "Gemma3Processor", "llava": "LlavaProcessor", "llava_next": "LlavaNextProcessor",
+              "vipllava": "LlavaProcessor", "idefics2": "Idefics2Processor", "glm4v": "Glm4vProcessor",
               "idefics3": "Idefics3Processor", "aya_vision": "AyaVisionProcessor", "paligemma": "PaliGemmaProcessor",
               "mistral3": "PixtralProcessor", "qwen2_vl": "Qwen2VLProcessor", "qwen2_5_vl": "Qwen2_5_VLProcessor",
               "qwen3_vl": "Qwen3VLProcessor", "smolvlm": "SmolVLMProcessor", "internvl": "InternVLProcessor",
@@ -79,9 +81,10 @@ MISSING = tuple(k for k in PROCESSORS if k not in CONFIG_MAPPING_NAMES)
 # for images, naming it.
 NEEDS_TORCHVISION = tuple(k for k, name in PROCESSORS.items() if k not in MISSING and not _importable(name))
 # Families whose processor takes a video processor: built without torchvision by qlora for images alone.
-VIDEO_FAMILIES = tuple(k for k in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "smolvlm", "internvl", "llava_onevision")
+VIDEO_FAMILIES = tuple(k for k in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "glm4v", "smolvlm", "internvl",
+                                    "llava_onevision")
                        if k not in NEEDS_TORCHVISION)
-FAMILIES = tuple(k for k in ("gemma3", "llava", "llava_next", "idefics3", "aya_vision", *VIDEO_FAMILIES, "mistral3",
+FAMILIES = tuple(k for k in ("gemma3", "llava", "llava_next", "vipllava", "idefics2", "idefics3", "aya_vision", *VIDEO_FAMILIES, "mistral3",
                              "hunyuan_vl")
                  if k not in NEEDS_TORCHVISION)
 KINDS = tuple(k for k in FAMILIES if k not in MISSING)  # the families built here
@@ -144,7 +147,7 @@ def _family(kind: str):
             vision_config=dict(_VISION, model_type="siglip_vision_model", image_size=56, patch_size=14),
             mm_tokens_per_image=4, image_token_index=ids["image_token"], boi_token_index=ids["boi_token"],
             eoi_token_index=ids["eoi_token"])
-    if kind in ("llava", "llava_next"):
+    if kind in ("llava", "llava_next", "vipllava"):
         from transformers import LlavaNextProcessor, LlavaProcessor
 
         tok = _tokenizer(kind, ["<image>"], "<|im_end|>", {"image_token": "<image>"})
@@ -154,7 +157,10 @@ def _family(kind: str):
                     vision_feature_layer=-1)
         common = dict(chat_template=LLAVA_TEMPLATE, patch_size=14, vision_feature_select_strategy="default",
                       num_additional_image_tokens=1)
-        if kind == "llava":
+        if kind == "vipllava":  # its projector reads several vision layers, each without its CLS token
+            spec = dict(spec, vision_feature_layers=[-1, 0])
+            del spec["vision_feature_layer"]
+        if kind in ("llava", "vipllava"):
             proc = LlavaProcessor(_pil("CLIPImageProcessor", **sizes), tok, **common)
         else:
             pins = [[28, 28], [28, 56], [56, 28]]
@@ -162,6 +168,17 @@ def _family(kind: str):
                                       **common)
             spec["image_grid_pinpoints"] = pins
         return tok, proc, dict(model_type="llama"), spec
+    if kind == "idefics2":  # a perceiver resampler turns each image into image_seq_len latents
+        from transformers import Idefics2Processor
+
+        tok = _tokenizer(kind, ["<fake_token_around_image>", "<image>", "<end_of_utterance>"], "<end_of_utterance>")
+        images = _pil("Idefics2ImageProcessor", size={"shortest_edge": 28, "longest_edge": 56})
+        proc = Idefics2Processor(images, tok, image_seq_len=4, chat_template=SMOLVLM_TEMPLATE)
+        return tok, proc, dict(model_type="mistral"), dict(
+            vision_config=dict(_VISION, model_type="idefics2_vision", image_size=56, patch_size=14),
+            perceiver_config=dict(hidden_size=_TEXT["hidden_size"], resampler_n_latents=4, resampler_depth=1,
+                                  resampler_n_heads=2, resampler_head_dim=16, num_key_value_heads=1),
+            image_token_id=tok.convert_tokens_to_ids("<image>"))
     if kind == "idefics3":
         from transformers import Idefics3Processor
 
@@ -223,6 +240,22 @@ def _family(kind: str):
         text = dict(model_type=f"{kind}_text", rope_scaling=rope)
         return tok, proc, text, dict(vision_config=vision, image_token_id=ids["<|image_pad|>"],
                                      video_token_id=ids["<|video_pad|>"], vision_start_token_id=ids["<|vision_start|>"])
+    if kind == "glm4v":  # GLM-4.1V: Qwen2-VL's patches and 3-axis rotary positions, its own image markers
+        names = ["<|begin_of_image|>", "<|end_of_image|>", "<|image|>", "<|begin_of_video|>", "<|end_of_video|>",
+                 "<|video|>"]
+        tok = _tokenizer(kind, names, "<|im_end|>")
+        size = dict(size={"shortest_edge": 28 * 28 * 4, "longest_edge": 56 * 56 * 4}, patch_size=14)
+        template = QWEN2_VL_TEMPLATE.replace("<|vision_start|><|image_pad|><|vision_end|>",
+                                             "<|begin_of_image|><|image|><|end_of_image|>")
+        proc = HubFiles(PROCESSORS[kind], _pil("Glm4vImageProcessor", **size), "Glm4vImageProcessor", {}, template)
+        ids = {t: tok.convert_tokens_to_ids(t) for t in names}
+        rope = {"rope_type": "default", "mrope_section": [2, 3, 3]}  # 4.x's name; 5 reads it as rope_parameters
+        vision = dict(depth=1, hidden_size=32, num_heads=2, patch_size=14, image_size=56, spatial_merge_size=2,
+                      temporal_patch_size=2, intermediate_size=64, out_hidden_size=64)
+        return tok, proc, dict(model_type="glm4v_text", rope_scaling=rope, rope_theta=10000.0), dict(
+            vision_config=vision, image_token_id=ids["<|image|>"], video_token_id=ids["<|video|>"],
+            image_start_token_id=ids["<|begin_of_image|>"], image_end_token_id=ids["<|end_of_image|>"],
+            video_start_token_id=ids["<|begin_of_video|>"], video_end_token_id=ids["<|end_of_video|>"])
     if kind == "smolvlm":
         tok = _tokenizer(kind, ["<fake_token_around_image>", "<image>", "<global-img>", "<end_of_utterance>"],
                          "<end_of_utterance>")

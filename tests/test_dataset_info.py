@@ -334,3 +334,39 @@ def test_the_registry_folder_given_as_data_says_to_name_its_datasets(registry, t
     Dataset.from_list(_ALPACA).save_to_disk(str(saved))
     assert (saved / "dataset_info.json").is_file()
     assert len(_sft(str(saved), tmp_path / "elsewhere")) == 3
+
+
+@pytest.mark.parametrize("column, value", [("videos", ["clips/a.mp4"]), ("audios", ["talk.wav"]),
+                                           ("video", "clips/a.mp4")])
+def test_rows_with_videos_or_audios_are_refused_naming_the_row(column, value, tmp_path):
+    """LLaMA-Factory's video and audio rows (mllm_video_demo.json: a "videos" column, "<video>" in the text) and
+    LLaVA-Video's ("video" beside the conversation): trained without their media, their answers would be about
+    clips the model never saw; each reader (SFT, DPO, KTO) names the row and the column. An empty column is no
+    media. (A registered entry reads only the columns its mapping names, as LLaMA-Factory does, and refuses a
+    mapped "videos": test_unusable_entries_are_named.)"""
+    from qlora.train.data.unpaired import normalize_unpaired
+
+    refusal = rf'line 2: a "{column}" column; qlora trains on text and images, not video or audio'
+    rows = [{"instruction": "Say hi.", "output": "Hi!", column: []},
+            {"instruction": "<video>What happens?", "output": "A cat runs.", column: value}]
+    with pytest.raises(UsageError, match=refusal):
+        _direct(rows, tmp_path)
+    sharegpt = [{"conversations": [{"from": "human", "value": "<video>What happens?"},
+                                   {"from": "gpt", "value": "A cat runs."}], column: v} for v in ("", value)]
+    with pytest.raises(UsageError, match=refusal):
+        _direct(sharegpt, tmp_path)
+    pairs = [{"prompt": "<video>What happens?", "chosen": "A cat runs.", "rejected": "Nothing.", column: v}
+             for v in (None, value)]
+    with pytest.raises(UsageError, match=refusal):
+        normalize_preferences(read_sources(str(_jsonl(tmp_path / "dpo.jsonl", pairs)), "train", None, 0,
+                                           lambda r: r))
+    kto = [{"prompt": [{"role": "user", "content": "<video>What happens?"}],
+            "completion": [{"role": "assistant", "content": "A cat runs."}], "label": True, column: v}
+           for v in ([], value)]
+    with pytest.raises(UsageError, match=refusal):
+        normalize_unpaired(read_sources(str(_jsonl(tmp_path / "kto.jsonl", kto)), "train", None, 0, lambda r: r))
+
+
+def _jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path

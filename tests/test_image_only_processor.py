@@ -26,7 +26,8 @@ from qlora_processes import train_records
 
 no_torchvision = pytest.mark.skipif(importlib.util.find_spec("torchvision") is not None,
                                     reason="AutoProcessor builds these processors")
-PLACEHOLDER = {"internvl": "<IMG_CONTEXT>", "llava_onevision": "<image>", "smolvlm": "<image>"}
+PLACEHOLDER = {"internvl": "<IMG_CONTEXT>", "llava_onevision": "<image>", "smolvlm": "<image>",
+               "glm4v": "<|begin_of_image|><|image|><|end_of_image|>"}
 
 
 @pytest.fixture(scope="module")
@@ -85,6 +86,9 @@ def test_outputs_are_the_image_processors_and_the_familys_token_counts(kind, bui
         if kind == "smolvlm":  # image_seq_len <image> tokens for each tile and the whole image
             image_ids = {processor.image_token_id}
             count = expected["pixel_values"].shape[1] * processor.image_seq_len
+        elif kind == "glm4v":  # one <|image|> for each merged 2 x 2 block (4.57's _get_num_multimodal_tokens miscounts)
+            image_ids = {tok.convert_tokens_to_ids("<|image|>")}
+            count = int(expected["image_grid_thw"].prod()) // 4
         else:  # InternVL counts the <img> and </img> around the image's tokens
             image_ids = {getattr(processor, f"{a}_token_id", None) for a in ("image", "start_image", "end_image")}
             count = processor._get_num_multimodal_tokens(image_sizes=[(image.height, image.width)]).num_image_tokens[0]

@@ -105,26 +105,61 @@ def test_image_rows_are_the_processors_prefix_and_suffix(model_dir, images, attn
         assert token_loss_sum(trainer.model, batch).item() == pytest.approx(total, rel=1e-5)
 
 
-def test_a_row_without_images_beside_them_is_a_prefix_and_suffix_too(model_dir, images, tmp_path):
-    """Its answer is type 1 (causal) as the image rows' are: changing the last answer token leaves every earlier
-    token's loss as it was, and its ids are the image row's without the image tokens."""
+def test_a_row_without_images_beside_them_is_the_chat_turns_generation_prompts_without_images(model_dir, images,
+                                                                                               tmp_path):
+    """The processor takes no prompt without images, and generation (generate, chat, serve) prompts a question without
+    images with the run's chat format: such a row trains as those chat turns (transformers' apply_chat_template with
+    the run's template; its prompt what a generation prompt renders), its prompt the prefix, its answer type 1 and
+    causal (changing the last answer token leaves every earlier logit as it was), as a text-only run's."""
     rows = _rows(images)
-    rows.append({"messages": [{"role": "user", "content": ROWS[0][0]}, {"role": "assistant", "content": ROWS[0][1]}]})
+    user, answer = {"role": "user", "content": ROWS[0][0]}, {"role": "assistant", "content": ROWS[0][1]}
+    rows.append({"messages": [user, answer]})
     trainer = _trainer(model_dir, tmp_path, rows)
     batch = trainer._collate(trainer.train_units)
-    image_id = trainer.tokenizer.convert_tokens_to_ids("<image>")
-    with_image = [t for t in batch["input_ids"][0].tolist() if t != image_id]
-    n = len(with_image) - (batch["labels"][0] == IGNORE_INDEX).flip(0).long().cumprod(0).sum().item()
-    text_ids = batch["input_ids"][2, :n].tolist()
-    assert text_ids == with_image[:n]
-    assert batch["labels"][2, :n].tolist() == [t if k else IGNORE_INDEX for k, t in
-                                               zip(batch["token_type_ids"][0].tolist()[-len(with_image):], text_ids)]
+    tok, template = trainer.tokenizer, trainer.chat_format.template
+    prompt = tok.apply_chat_template([user], chat_template=template, add_generation_prompt=True, tokenize=False)
+    whole = tok.apply_chat_template([user, answer], chat_template=template, tokenize=False)
+    prompt_ids, ids = (tok(t, add_special_tokens=False)["input_ids"] for t in (prompt, whole))
+    assert ids[:len(prompt_ids)] == prompt_ids
+    n = len(ids)
+    assert batch["input_ids"][2, :n].tolist() == ids
+    assert (batch["labels"][2, :len(prompt_ids)] == IGNORE_INDEX).all()
+    assert batch["labels"][2, len(prompt_ids)].item() == ids[len(prompt_ids)]
+    assert batch["token_type_ids"][2, :n].tolist() == [0] * len(prompt_ids) + [1] * (n - len(prompt_ids))
     changed = {k: v.clone() for k, v in batch.items()}
     last = int((batch["labels"][2] != IGNORE_INDEX).nonzero()[-1]) - 1
     changed["input_ids"][2, last] = (changed["input_ids"][2, last] + 1) % len(trainer.tokenizer)
     with torch.no_grad():
         before = trainer.model(**model_inputs(batch, trainer.model), use_cache=False).logits[2, :last]
         after = trainer.model(**model_inputs(changed, trainer.model), use_cache=False).logits[2, :last]
+    torch.testing.assert_close(after, before, rtol=0, atol=1e-6)
+    text_only = _trainer(model_dir, tmp_path / "text", rows[2:])
+    (unit,) = text_only.train_units
+    assert (unit.input_ids, unit.labels) == (ids, batch["labels"][2, :n].tolist())
+
+
+def test_a_plain_text_row_beside_image_rows_reads_its_completion_causally(model_dir, images, tmp_path):
+    """A prompt-completion row of another source beside the image rows (a text-only run's form: ids and labels those
+    of the same row trained alone) gets its own token types, the prompt 0 and the completion 1, not the zeros that
+    would read all of it both ways: changing its last completion token leaves every earlier logit as it was."""
+    plain = tmp_path / "plain.jsonl"
+    tmp_path.mkdir(exist_ok=True)
+    plain.write_text(json.dumps({"prompt": "the capital of France is", "completion": " Paris, a city"}) + "\n")
+    mixed = tmp_path / "mixed"
+    trainer = _trainer(model_dir, mixed, _rows(images), data=f"{mixed / 'rows.jsonl'},{plain}", batch_size=3)
+    alone = Trainer(load_config(None, dict(model=str(model_dir), data=str(plain), output=str(tmp_path / "alone"),
+                                           quant="none", precision="fp32", seq_len=256, progress=False)))
+    alone.setup()
+    (unit,) = alone.train_units
+    batch = trainer._collate(trainer.train_units)
+    n, first = len(unit.input_ids), next(k for k, t in enumerate(unit.labels) if t != IGNORE_INDEX)
+    assert batch["input_ids"][2, :n].tolist() == unit.input_ids and batch["labels"][2, :n].tolist() == unit.labels
+    assert batch["token_type_ids"][2, :n].tolist() == [0] * first + [1] * (n - first)
+    changed = {k: v.clone() for k, v in batch.items()}
+    changed["input_ids"][2, n - 1] = (changed["input_ids"][2, n - 1] + 1) % len(trainer.tokenizer)
+    with torch.no_grad():
+        before = trainer.model(**model_inputs(batch, trainer.model), use_cache=False).logits[2, :n - 1]
+        after = trainer.model(**model_inputs(changed, trainer.model), use_cache=False).logits[2, :n - 1]
     torch.testing.assert_close(after, before, rtol=0, atol=1e-6)
 
 
@@ -138,16 +173,45 @@ def test_an_answer_of_weight_0_is_not_trained(model_dir, images, tmp_path):
     assert any(label != IGNORE_INDEX for label in trainer.train_units[0].labels)
 
 
-def test_a_conversation_of_several_answers_is_refused(model_dir, images, tmp_path):
-    row = {"messages": [{"role": "user", "content": [{"type": "image", "image": str(images[0])},
-                                                     {"type": "text", "text": "caption en"}]},
-                        {"role": "assistant", "content": "a square"},
-                        {"role": "user", "content": "and its colour?"},
-                        {"role": "assistant", "content": "red"}]}
+def _two_answers(images) -> dict:
+    return {"messages": [{"role": "user", "content": [{"type": "image", "image": str(images[0])},
+                                                      {"type": "text", "text": "caption en"}]},
+                         {"role": "assistant", "content": "a square"},
+                         {"role": "user", "content": "and its colour?"},
+                         {"role": "assistant", "content": "red"}]}
+
+
+def test_a_conversation_of_several_trained_answers_is_refused(model_dir, images, tmp_path):
     with pytest.raises(UsageError, match=r"rows.jsonl line 1: PaliGemma trains on one prompt and one answer per row "
-                                         r"with images .* has 2 "
-                                         r"assistant answers.*Split the conversation"):
+                                         r"with images .* has 2 assistant answers \(1 trained before the last: no "
+                                         r"\"weight\": 0\).*Split the conversation.*\"weight\": 0, which puts them in "
+                                         r"the prompt"):
+        _trainer(model_dir, tmp_path, [_two_answers(images)])
+    row = _two_answers(images)
+    row["messages"][1]["tool_calls"] = [{"type": "function", "function": {"name": "look", "arguments": {}}}]
+    row["messages"][1]["weight"] = 0
+    with pytest.raises(UsageError, match=r"line 1: PaliGemma reads plain text; message 1, an earlier answer in its "
+                                         r"prompt \(its processor's prefix\), holds tool calls"):
         _trainer(model_dir, tmp_path, [row])
+
+
+def test_an_earlier_answer_of_weight_0_is_context_in_the_processors_prefix(model_dir, images, tmp_path):
+    """OpenAI's ``weight`` 0 marks an answer as context, and the processor takes one prompt before its suffix: the
+    earlier turns, that answer among them, are that prompt, a line each (the processor's ids, token types, pixels
+    and labels for ``text="<image>caption en\\na square\\nand its colour?", suffix="red"``)."""
+    from PIL import Image
+
+    row = _two_answers(images)
+    row["messages"][1]["weight"] = 0
+    trainer = _trainer(model_dir, tmp_path, [row])
+    batch = trainer._collate(trainer.train_units)
+    processor = AutoProcessor.from_pretrained(model_dir)
+    inputs = processor(images=[Image.open(images[0]).convert("RGB")], text="<image>caption en\na square\nand its "
+                       "colour?", suffix="red", return_tensors="pt")
+    assert batch["input_ids"].tolist() == inputs["input_ids"].tolist()
+    assert batch["token_type_ids"].tolist() == inputs["token_type_ids"].tolist()
+    assert batch["labels"][0, 1:].tolist() == inputs["labels"][0, 1:].tolist()
+    torch.testing.assert_close(batch["pixel_values"], inputs["pixel_values"])
     with pytest.raises(UsageError, match=r"--train-on all trains the prompt, but PaliGemma reads its prompt both ways"):
         _trainer(model_dir, tmp_path, _rows(images), train_on="all")
 

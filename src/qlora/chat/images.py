@@ -37,6 +37,8 @@ IMAGE_PART_TYPES = ("image", "image_url")
 PLACEHOLDER = "<image>"  # LLaMA-Factory's
 IMAGES_COLUMN = "images"
 IMAGE_COLUMN = "image"  # a single image a row
+MEDIA_COLUMNS = ("videos", "audios")  # LLaMA-Factory's other media columns, which qlora does not read
+VIDEO_COLUMN = "video"  # a single video a row (LLaVA-Video-178K's rows)
 _SOURCE_KEYS = ("image", "path", "url")
 
 
@@ -167,6 +169,22 @@ def attach_images(example, fields: dict[str, Any], folders: Sequence[str | Path]
         raise UsageError(f'{where}: the "{IMAGES_COLUMN}" column has {len(column)} images but the messages place '
                          f"{len(column) - left}; give one image part or {PLACEHOLDER} placeholder per image.")
     return replace(example, messages=tuple(messages), images=tuple(refs))
+
+
+def refuse_media(fields: dict[str, Any], where: str) -> None:
+    """Stop at a row holding videos or audios (LLaMA-Factory's ``videos`` and ``audios`` columns, a ``video``
+    column): trained without them, its answer would be about media the model never saw, its ``<video>``
+    placeholders plain text. A single ``audio`` column is left alone: speech datasets' transcripts are text to
+    train on.
+
+    Raises:
+        UsageError: naming the row and the column.
+    """
+    for name in (*MEDIA_COLUMNS, VIDEO_COLUMN):
+        if fields.get(name) not in (None, [], ""):
+            raise UsageError(f'{where}: a "{name}" column; qlora trains on text and images, not video or audio, and '
+                             f'would train this row without them. Remove the row or its "{name}" (a video\'s frames '
+                             "can be given as images).")
 
 
 def images_in(fields: dict[str, Any]) -> str | None:

@@ -288,15 +288,15 @@ def tokenize_dataset(
     train_on: str = "assistant",
     seq_len: int | None = None,
     stop_ids: Iterable[int] | None = None,
-    with_images: Callable[[Example, int], TokenizedExample | str] | None = None,
+    with_images: Callable[[Example, int], TokenizedExample | str | None] | None = None,
 ) -> tuple[list[TokenizedExample], DataReport]:
     """Tokenize every example; drop and report those left with no trainable token (those whose answers
     truncation cut away under :data:`PROMPT_FILLS_SEQ_LEN`).
 
     ``with_images(example, index)`` tokenizes a row with images (the model's processor:
-    :func:`~qlora.chat.image_examples.tokenize_image_example`), or says why the row is skipped; when
-    given (the data hold images), it also tokenizes the conversations without images, whose contents a
-    vision-language template reads as parts as in the rows with images.
+    :func:`~qlora.chat.prefix_suffix.image_row_tokenizer`), or says why the row is skipped; when given (the
+    data hold images), every row goes to it first, so the conversations without images are read as parts as in the
+    rows with images; it gives None for a row it leaves to :func:`tokenize_example`.
 
     Raises:
         UsageError: every example is left with no trainable token (e.g. all
@@ -310,12 +310,11 @@ def tokenize_dataset(
         if example.skip:
             report.skip(example.skip, example.where)
             continue
-        if with_images is not None and (example.images or example.messages is not None):
-            tokenized = with_images(example, i)
-            if isinstance(tokenized, str):
-                report.skip(tokenized, example.where)
-                continue
-        else:
+        tokenized = with_images(example, i) if with_images is not None else None
+        if isinstance(tokenized, str):
+            report.skip(tokenized, example.where)
+            continue
+        if tokenized is None:
             tokenized = tokenize_example(example, tokenizer, chat_template, train_on, seq_len, index=i,
                                          stop_ids=stops)
         report.truncated += tokenized.truncated

@@ -39,7 +39,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from qlora.chat.images import IMAGES_COLUMN
+from qlora.chat.images import IMAGES_COLUMN, MEDIA_COLUMNS
 from qlora.errors import UsageError
 from qlora.train.data.declared import DeclaredDataset
 
@@ -47,7 +47,6 @@ INFO_FILE = "dataset_info.json"
 DEFAULT_DIR = "data"  # LLaMA-Factory's default dataset_dir (and --dataset-dir's): a registry there is optional
 _ALPACA_COLUMNS = {"prompt": "instruction", "query": "input", "response": "output", "history": None}
 _COMMON_COLUMNS = ("system", "tools", "chosen", "rejected", "kto_tag")
-_MEDIA_COLUMNS = ("videos", "audios")  # images are read (qlora.chat.images); these are not
 _TAGS = {"role_tag": "from", "content_tag": "value", "user_tag": "human", "assistant_tag": "gpt",
          "observation_tag": "observation", "function_tag": "function_call", "system_tag": "system"}
 # Our ShareGPT speakers for LLaMA-Factory's roles (what formats.py reads as user, assistant, tool result, tool call).
@@ -184,7 +183,7 @@ def _entry(name: str, entry: Any, info_path: Path) -> RegisteredDataset:
     if given is not None and not (isinstance(given, dict) and all(isinstance(v, (str, type(None)))
                                                                  for v in given.values())):
         raise UsageError(f"{where}: columns must map names to column names.")
-    media = [c for c in _MEDIA_COLUMNS if (given or {}).get(c)]
+    media = [c for c in MEDIA_COLUMNS if (given or {}).get(c)]
     if media:
         raise UsageError(f"{where}: {', '.join(media)} columns: qlora trains on text and images, not video or "
                          "audio; give a dataset without them.")

@@ -39,7 +39,7 @@ from functools import partial
 from typing import Any, Callable, Sequence
 
 from qlora.chat.example import Example
-from qlora.chat.images import IMAGE_PART_TYPES, attach_images
+from qlora.chat.images import IMAGE_PART_TYPES, attach_images, refuse_media
 from qlora.chat.pieces import is_written
 from qlora.chat.reasoning import REASONING_KEYS, THINK_CLOSE, message_reasoning, split_think
 from qlora.errors import UsageError
@@ -233,6 +233,7 @@ def normalize(records: list[Record], fmt: str = "auto", fields: FieldMap | str |
         convert = partial(_prompt_completion, chat=True)  # plain text has no place for a system prompt
     examples = []
     for r in records:
+        refuse_media(r.fields, r.where)
         try:
             example = convert(r.fields, r.where, names)
             variables = row_template_kwargs(r.fields, r.where)

@@ -11,8 +11,8 @@ the language model, and next-fit packing never splits an example, so its image t
   not its token count. The model's own ``get_rope_index`` computes them for each example alone; the rows are
   laid side by side under a leading row of restarting text positions, the ``(4, batch, length)`` form that
   transformers (4.57 and 5.x) reads as rotary positions plus sequence boundaries (flash attention's packing).
-  HunyuanVL's 4 axes (position, width, height, image index) take no such row (its 5.24 forward refuses it):
-  refused;
+  HunyuanVL's 4 axes (position, width, height, image index) take no such row (its 5.24 forward refuses it), nor
+  do GLM-4.1V's and GLM-4.5V's decoders in transformers 4.x (5's take it): refused;
 - Gemma 3 lets each image's tokens see each other both ways, blocks its forward finds in the processor's
   ``token_type_ids`` (runs of 1) and ORs into the causal mask; Molmo2 makes all the image tokens of a sequence
   (``mm_token_type_ids`` 1: every image's start, patch, column and end tokens) one such block. An explicit mask
@@ -29,6 +29,7 @@ import inspect
 from typing import Any, Callable, NamedTuple
 
 import torch
+import transformers
 from transformers import PreTrainedModel
 
 from qlora.chat.prefix_lm import prefix_type
@@ -43,6 +44,9 @@ class ImageBlocks(NamedTuple):
     key: str
     per_run: bool
 
+
+# Model types whose decoder in transformers 4.x takes only its 3 rotary rows, not the packed text row above them.
+THREE_ROWS_BEFORE_5 = ("glm4v", "glm4v_moe")
 
 # Model types whose forward lets image tokens attend to each other both ways.
 IMAGE_BLOCKS = {"gemma3": ImageBlocks("token_type_ids", per_run=True),
@@ -75,10 +79,12 @@ def check_image_packing(model: torch.nn.Module, where: str) -> None:
                          "reads some tokens both ways, which the packed rows' mask (each example causal and alone) "
                          "would replace. Train without --packing.")
     axes = _rotary_axes(model)
-    if axes not in (None, 3):
+    old = kind in THREE_ROWS_BEFORE_5 and int(transformers.__version__.split(".")[0]) < 5
+    if axes not in (None, 3) or old:
+        which = f" in transformers {transformers.__version__} (5 takes it: upgrade transformers)" if old else ""
         raise UsageError(f"{head}: a packed row's positions are its examples' text positions above each one's "
-                         f"multimodal rotary positions (transformers' packed form), and this model's forward takes "
-                         f"only its {axes} rotary axes (it refuses the extra row). Train without --packing.")
+                         f"multimodal rotary positions (transformers' packed form), and this model's forward{which} "
+                         f"takes only its {axes} rotary axes (it refuses the extra row). Train without --packing.")
 
 
 def _rotary_axes(model: torch.nn.Module) -> int | None:

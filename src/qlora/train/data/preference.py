@@ -53,7 +53,7 @@ import torch
 from qlora.chat.common_ends import common_prefix
 from qlora.chat.example import Example, render_kwargs
 from qlora.chat.image_examples import expanded_prompt, image_batch
-from qlora.chat.images import ImageRef, as_parts, attach_images, has_image_parts, images_in
+from qlora.chat.images import ImageRef, as_parts, attach_images, has_image_parts, images_in, refuse_media
 from qlora.chat.pieces import is_written, piece_ids
 from qlora.chat.tokenize import (IGNORE_INDEX, PROMPT_FILLS_SEQ_LEN, DataReport, first_places, for_template,
                                  rendering_kwargs, require_eos, tokenize_example)
@@ -192,8 +192,9 @@ def pair_from_row(fields: dict[str, Any], where: str, names: FieldMap, chat: boo
     a conversation whose prompt holds them (:func:`with_images`); ``folders``: where their relative paths start.
 
     Raises:
-        UsageError: a malformed row, or images outside the prompt's user turns or not readable.
+        UsageError: a malformed row, images outside the prompt's user turns or not readable, videos or audios.
     """
+    refuse_media(fields, where)
     if all(is_written(fields.get(key)) for key in ("chosen", "rejected")):
         return PreferenceExample("", fields["chosen"], fields["rejected"], where, pieces=True)
     if images_in(fields):

@@ -36,7 +36,7 @@ import torch
 
 from qlora.chat.common_ends import common_prefix
 from qlora.chat.image_examples import expanded_prompt, image_batch, token_aligned
-from qlora.chat.images import ImageRef, as_parts, images_in
+from qlora.chat.images import ImageRef, as_parts, images_in, refuse_media
 from qlora.chat.tokenize import IGNORE_INDEX, PROMPT_FILLS_SEQ_LEN, DataReport, first_places, require_eos
 from qlora.errors import UsageError
 from qlora.model.chat_format import ChatFormat
@@ -101,6 +101,7 @@ def normalize_unpaired(records: list[Record], fields: FieldMap | str | dict | No
     records, names, chat = renamed_source(records, fields)
     out: list[UnpairedExample] = []
     for r in records:
+        refuse_media(r.fields, r.where)
         folders = r.image_folders(dataset_dir)
         if "chosen" in r.fields and "rejected" in r.fields:
             pair: PreferenceExample = pair_from_row(r.fields, r.where, names, chat, folders)
