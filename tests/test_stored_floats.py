@@ -318,6 +318,7 @@ def write_fbgemm_fp8(src: Path, out: Path, keep: tuple[str, ...]) -> Path:
         module = key.removesuffix(".weight")
         if key.endswith("proj.weight") and ".mlp." in key and module not in keep:
             tensors[key], tensors[module + ".weight_scale"] = fp8_encode(w, (1, w.shape[1]))
+            tensors[module + ".input_scale_ub"] = torch.tensor([1200.0])  # the layer's bound, were it saved
         else:
             tensors[key] = w
     save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
@@ -335,7 +336,7 @@ def test_fbgemm_fp8_rows_as_meta_stores_them(tiny_model_dir, tmp_path):
     stored = load_file(path / "model.safetensors")
     assert stored["model.layers.1.mlp.up_proj.weight_scale"].shape[1] == 1
     expected = {k: v.float() * stored[k + "_scale"] if v.dtype == torch.float8_e4m3fn else v
-                for k, v in stored.items() if not k.endswith("_scale")}
+                for k, v in stored.items() if not k.endswith(("_scale", "_ub"))}
     ours, _ = load_model(path, quant=None, compute_dtype=torch.float32, device="cpu")
     assert_same_tensors(ours.state_dict(), expected)
     dense = _folder(tmp_path / "decoded", expected, json.loads((tiny_model_dir / "config.json").read_text()),

@@ -151,6 +151,8 @@ class StoredFloats:
                     return key[: -len(suffix)]
             return key
         if self.method in FBGEMM_METHODS:
+            if key.rpartition(".")[2] == "input_scale_ub":  # the activation bound, should a writer keep it
+                return None
             owner = key.removesuffix(_FBGEMM_SCALE)
             return owner if owner != key and owner.rpartition(".")[2] in _FBGEMM_SCALED else key
         if key.endswith(_FP8_SCALE):
