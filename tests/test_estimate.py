@@ -193,8 +193,9 @@ def test_options_change_the_right_rows():
         select_targets(counts, ("qkv",))
 
 
-def test_preference_methods_double_the_sequences_and_count_the_dpo_reference(capsys):
-    config = load_config("llama-3-8b")
+def test_preference_methods_double_the_sequences_and_count_the_dpo_reference(capsys, tiny_model_dir):
+    # relations between rows, which any model shows: a 2-layer one measures its activations in a fraction of the time
+    config = load_config(str(tiny_model_dir))
     sft = dict(estimate(config, TrainingOptions(seq_len=1024, batch_size=2)).rows)
     doubled = dict(estimate(config, TrainingOptions(seq_len=1024, batch_size=4)).rows)
     counts = count_parameters(config)
@@ -215,15 +216,15 @@ def test_preference_methods_double_the_sequences_and_count_the_dpo_reference(cap
     assert kto["KTO reference model"]["full fine-tuning"] == 0
     with pytest.raises(UsageError, match="--precompute-ref applies to --method dpo and kto"):
         TrainingOptions(method="orpo", precompute_ref=True)
-    assert main(["estimate", "--model", "llama-3-8b", "--method", "dpo", "--batch-size", "2"]) == 0
+    assert main(["estimate", "--model", str(tiny_model_dir), "--method", "dpo", "--batch-size", "2"]) == 0
     out = capsys.readouterr().out
     assert "batch 2 pairs (DPO)" in out and "DPO reference model" in out and "4 sequences" in out
-    assert main(["estimate", "--model", "llama-3-8b", "--method", "simpo", "--batch-size", "2"]) == 0
+    assert main(["estimate", "--model", str(tiny_model_dir), "--method", "simpo", "--batch-size", "2"]) == 0
     out = capsys.readouterr().out
     assert "batch 2 pairs (SIMPO)" in out and "DPO reference model" not in out and "4 sequences" in out
     kto = dict(estimate(config, TrainingOptions(seq_len=1024, batch_size=2, method="kto")).rows)
     assert kto[act] == sft[act] and kto["KTO reference model"]["QLoRA"] == 0  # one sequence an example
-    assert main(["estimate", "--model", "llama-3-8b", "--method", "kto", "--batch-size", "2"]) == 0
+    assert main(["estimate", "--model", str(tiny_model_dir), "--method", "kto", "--batch-size", "2"]) == 0
     assert "batch 2 examples (KTO)" in capsys.readouterr().out
 
 
@@ -298,7 +299,7 @@ def test_cli_bad_input_exits_2(argv, message, capsys):
     assert message in err and "Traceback" not in err
 
 
-def test_cli_defaults_are_train_defaults_and_the_model_is_positional(capsys):
+def test_cli_defaults_are_train_defaults_and_the_model_is_positional(capsys, tiny_model_dir):
     """`qlora estimate MODEL` estimates what `qlora train --model MODEL` would run: same defaults, same names."""
     import argparse
     from dataclasses import fields
@@ -316,13 +317,14 @@ def test_cli_defaults_are_train_defaults_and_the_model_is_positional(capsys):
     assert {"seq_len", "gradient_checkpointing", "optim", "chunked_ce", "rank", "blocksize"} <= set(shared)
     for dest in shared:
         assert est[dest].default == train[dest], dest
-    assert main(["estimate", "llama-3-8b"]) == 0
+    model = str(tiny_model_dir)  # any model shows the defaults; a 2-layer one is measured in a fraction of the time
+    assert main(["estimate", model]) == 0
     positional = capsys.readouterr().out
-    assert main(["estimate", "--model", "llama-3-8b", "--seq-len", "512", "--no-gradient-checkpointing",
+    assert main(["estimate", "--model", model, "--seq-len", "512", "--no-gradient-checkpointing",
                  "--optim", "paged_adamw_32bit", "--chunked-ce"]) == 0
     assert capsys.readouterr().out == positional
     assert "checkpointing off" in positional and "chunked" in positional
-    assert main(["estimate", "llama-3-8b", "--optim", "adamw", "--seq-len", "8192"]) == 0
+    assert main(["estimate", model, "--optim", "adamw", "--seq-len", "8192"]) == 0
     out = capsys.readouterr().out
     assert "optimizer states (adamw)" in out
     # the chunked loss holds one chunk of 4096 rows of float32 logits instead of all 8192

@@ -74,6 +74,8 @@ def written(tmp_path_factory, tiny_tokenizer):
             sizes = dict(_SIZES)
             if model_type.startswith("deepseek"):  # latent attention: its ranks and value heads a block wide
                 sizes.update(head_dim=8, q_lora_rank=64, kv_lora_rank=64, v_head_dim=16)
+            if model_type == "jamba":  # a Mamba layer (no kernels on CPU; dt_proj rows a block wide), an attention one
+                sizes.update(use_mamba_kernels=False, mamba_dt_rank=64, attn_layer_offset=1, attn_layer_period=2)
             dense = save_tiny_moe(tmp_path_factory.mktemp(model_type), tiny_tokenizer, model_type, **sizes)
             out = tmp_path_factory.mktemp("bnb4x") / "q"
             cache[key] = out, _write_4x(dense, out, quant_type, double_quant)
@@ -83,11 +85,12 @@ def written(tmp_path_factory, tiny_tokenizer):
 
 def _pieces(model_type: str, layer: int, expert: int, weight: str) -> list[str]:
     """The 4.x keys whose rows make expert ``expert``'s ``weight`` (gate rows, then up rows)."""
-    if model_type == "mixtral":
+    if model_type in ("mixtral", "phimoe"):
         names = ["w1", "w3"] if weight == "gate_up_proj" else ["w2"]
         return [f"model.layers.{layer}.block_sparse_moe.experts.{expert}.{n}.weight" for n in names]
     names = ["gate_proj", "up_proj"] if weight == "gate_up_proj" else ["down_proj"]
-    return [f"model.layers.{layer}.mlp.experts.{expert}.{n}.weight" for n in names]
+    block = "feed_forward" if model_type == "jamba" else "mlp"
+    return [f"model.layers.{layer}.{block}.experts.{expert}.{n}.weight" for n in names]
 
 
 def _bnb_dequantized(packed: dict, key: str) -> torch.Tensor:
@@ -107,7 +110,8 @@ def _dequantized(packed: dict, key: str) -> torch.Tensor:
 
 @pytest.mark.parametrize("model_type,quant_type,double_quant", [
     ("mixtral", "nf4", True), ("mixtral", "fp4", False), ("qwen3_moe", "nf4", True), ("qwen2_moe", "fp4", True),
-    ("qwen2_moe", "nf4", False), ("olmoe", "nf4", True), ("deepseek_v3", "nf4", True)])
+    ("qwen2_moe", "nf4", False), ("olmoe", "nf4", True), ("deepseek_v3", "nf4", True), ("jamba", "nf4", True),
+    ("phimoe", "fp4", False)])
 def test_experts_are_the_stored_pieces_joined(written, model_type, quant_type, double_quant):
     """Each expert's matrix is its pieces' bitsandbytes dequantization, row for row: exactly without double
     quantization and for single pieces (down_proj), within the second rounding of the block constants with it
@@ -134,6 +138,20 @@ def test_experts_are_the_stored_pieces_joined(written, model_type, quant_type, d
         theirs, mine = ref_model(_IDS).logits, ours(_IDS).logits
     tol = 2e-2 if double_quant else 1e-5  # measured: 0.8% of the largest logit with double quantization
     torch.testing.assert_close(mine, theirs, rtol=0, atol=tol * theirs.abs().max().item())
+
+
+def test_experts_4x_kept_16bit(written):
+    """GraniteMoE's 4.x experts are 3-D parameters (``input_linear``, ``output_linear``), which bitsandbytes leaves
+    16-bit beside its packed layers: quantized while loading, they and the adopted packed layers are those of a
+    load of the dequantized checkpoint, bit for bit (NF4 codes of NF4-decoded blocks are the same codes)."""
+    path, packed = written("granitemoe", "nf4", False)
+    assert packed["model.layers.0.block_sparse_moe.input_linear.weight"].dtype == torch.float32
+    ours, _ = load_model(path, compute_dtype=torch.float32, device="cpu")
+    assert any(isinstance(m, Experts4bit) for m in ours.modules())
+    again, _ = load_model(path / "deq", quant="nf4", double_quant=False, compute_dtype=torch.float32, device="cpu")
+    theirs = again.state_dict()
+    for name, t in ours.state_dict().items():
+        assert torch.equal(t, theirs[name]), name
 
 
 def test_double_quantized_join_error_is_that_of_the_constants(written):
@@ -195,19 +213,26 @@ def test_experts_kept_dense_are_the_pieces_decoded(written):
                                                                                              "gate_up_proj")]))
 
 
-def test_a_piece_without_its_absmax_is_named(tmp_path, written):
+def _with_weights(path, out, shards: dict[str, dict]):
+    """A copy of the checkpoint ``path`` at ``out`` whose weight files are ``shards`` (file name: its tensors)."""
     from safetensors.torch import save_file
 
+    out.mkdir()
+    for f in path.iterdir():
+        if f.is_file() and f.name != "model.safetensors":
+            (out / f.name).write_bytes(f.read_bytes())
+    for name, tensors in shards.items():
+        save_file(tensors, out / name, metadata={"format": "pt"})
+    return out
+
+
+def test_a_piece_without_its_absmax_is_named(tmp_path, written):
     from qlora.errors import UsageError
 
     path, packed = written("qwen3_moe", "fp4", False)
-    broken = tmp_path / "broken"
-    broken.mkdir()
-    for f in path.iterdir():
-        if f.is_file() and f.name != "model.safetensors":
-            (broken / f.name).write_bytes(f.read_bytes())
     key = _pieces("qwen3_moe", 1, 3, "gate_up_proj")[1]
-    save_file({k: v for k, v in packed.items() if k != key + ".absmax"}, broken / "model.safetensors")
+    broken = _with_weights(path, tmp_path / "broken",
+                           {"model.safetensors": {k: v for k, v in packed.items() if k != key + ".absmax"}})
     with pytest.raises(UsageError, match=rf"{key}.*absmax"):
         load_model(broken, compute_dtype=torch.float32, device="cpu")
 
@@ -231,18 +256,12 @@ def test_an_expert_the_file_keeps_16bit(tmp_path, tiny_tokenizer):
 
 
 def test_a_missing_expert_is_named_before_reading(tmp_path, written):
-    from safetensors.torch import save_file
-
     from qlora.errors import UsageError
 
     path, packed = written("qwen3_moe", "fp4", False)
-    broken = tmp_path / "broken"
-    broken.mkdir()
-    for f in path.iterdir():
-        if f.is_file() and f.name != "model.safetensors":
-            (broken / f.name).write_bytes(f.read_bytes())
     gone = _pieces("qwen3_moe", 1, 3, "gate_up_proj")[1]
-    save_file({k: v for k, v in packed.items() if not k.startswith(gone)}, broken / "model.safetensors")
+    broken = _with_weights(path, tmp_path / "broken",
+                           {"model.safetensors": {k: v for k, v in packed.items() if not k.startswith(gone)}})
     with pytest.raises(UsageError, match=r"3 of mlp\.experts\.\*\.up_proj\.weight .*layers\.1\.mlp\.experts\."
                                          r"gate_up_proj has 4 experts"):
         load_model(broken, compute_dtype=torch.float32, device="cpu")
@@ -250,19 +269,12 @@ def test_a_missing_expert_is_named_before_reading(tmp_path, written):
 
 def test_pieces_split_across_shards(tmp_path, written):
     """A piece's packed bytes in one shard and its constants in the next (an index splits by size, not by layer)."""
-    from safetensors.torch import save_file
-
     path, packed = written("mixtral", "nf4", True)
-    split = tmp_path / "split"
-    split.mkdir()
-    for f in path.iterdir():
-        if f.is_file() and f.name != "model.safetensors":
-            (split / f.name).write_bytes(f.read_bytes())
     keys = sorted(packed)
     cut = keys.index(_pieces("mixtral", 0, 1, "gate_up_proj")[0]) + 1  # its weight here, its absmax after
     shards = {"model-00001-of-00002.safetensors": keys[:cut], "model-00002-of-00002.safetensors": keys[cut:]}
-    for name, names in shards.items():
-        save_file({k: packed[k] for k in names}, split / name, metadata={"format": "pt"})
+    split = _with_weights(path, tmp_path / "split",
+                          {name: {k: packed[k] for k in names} for name, names in shards.items()})
     (split / "model.safetensors.index.json").write_text(json.dumps(
         {"metadata": {}, "weight_map": {k: name for name, names in shards.items() for k in names}}))
     whole, _ = load_model(path, compute_dtype=torch.float32, device="cpu")

@@ -516,3 +516,31 @@ def test_a_killed_atomic_save_leaves_hidden_folders_the_next_save_clears_or_puts
         (tmp / "config.json").write_text("3")
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["out", running.name])
     assert (out / "config.json").read_text() == "3"
+
+
+def test_a_checkpoint_set_aside_by_a_killed_save_is_found_at_once(tmp_path):
+    """A checkpoint replaced by a save killed between its two renames is only ``.step-N.old-PID``: a resume, and the
+    hint naming a stopped run's newest checkpoint, put it back and find it then, not after the next save."""
+    from qlora.model.local_path import adapter_folder_problem
+    from qlora.train.trainer import STATE_FILE, list_checkpoints
+
+    run = tmp_path / "run"
+    for step in (2, 4):
+        (run / "checkpoints" / f"step-000000{step}" / "adapter").mkdir(parents=True)
+        (run / "checkpoints" / f"step-000000{step}" / "adapter" / "adapter_config.json").write_text("{}")
+        (run / "checkpoints" / f"step-000000{step}" / STATE_FILE).write_text(str(step))
+    newest = run / "checkpoints" / "step-0000004"
+
+    def killed_save() -> None:
+        # the save writes what a checkpoint holds, so that it replaces the folder whole (two renames)
+        script = _KILLED_SAVE.replace('(tmp / "config.json").write_text("2")',
+                                      f'(tmp / "{STATE_FILE}").write_text("5"); (tmp / "adapter").mkdir()')
+        killed = subprocess.run([sys.executable, "-c", script, str(newest), "between renames"],
+                                env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src")})
+        assert killed.returncode == -9 and not newest.exists()
+
+    killed_save()
+    assert f"{newest / 'adapter'}." in adapter_folder_problem(run)
+    killed_save()
+    assert list_checkpoints(run)[-1] == newest and (newest / STATE_FILE).read_text() == "4"
+    assert not [p for p in (run / "checkpoints").iterdir() if p.name.startswith(".")]

@@ -407,34 +407,34 @@ def test_served_images_are_the_processors_prompt_and_transformers_reply(model_di
     batcher.close()
 
 
-def test_a_batched_row_with_an_image_is_transformers_generate_and_scores_causally(model_dir, images):
-    """The batcher's prefill (qlora serve's) of the processor's prompt with its image: its greedy tokens are
-    transformers' generate on the processor's inputs (type 0 on the whole prompt), and a scored prompt's logprobs are
-    transformers' with every token causal (type 1), as a prompt's are scored without its images."""
-    import threading
-
+def _image_prompt(model_dir, images):
+    """qlora's model and its encoding of the first row's prompt with its image, the processor's inputs of it, the
+    oracle and its log-probabilities of that prompt with every token causal (type 1, as a scored prompt's)."""
     from PIL import Image
 
     import qlora
     from qlora.chat.images import resolve_image
     from qlora.chat.prefix_suffix import image_prompt
-    from qlora.infer.batcher import ContinuousBatcher, Request
-    from qlora.infer.generate import SamplingOptions
     from qlora.infer.images import encode_with_images, image_processor
 
-    prompt, new = ROWS[0][0], 6
     model, tokenizer = qlora.load_model(model_dir, quant=None, compute_dtype=torch.float32, device="cpu")
     processor = image_processor(model, tokenizer, model_dir, "test")
-    ref = resolve_image(str(images[0]), "test")
-    user = {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}
-    ids, media = encode_with_images(processor, model, image_prompt(processor, [user]), (ref,))
+    user = {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": ROWS[0][0]}]}
+    ids, media = encode_with_images(processor, model, image_prompt(processor, [user]),
+                                    (resolve_image(str(images[0]), "test"),))
     inputs = AutoProcessor.from_pretrained(model_dir)(images=[Image.open(images[0]).convert("RGB")],
-                                                      text="<image>" + prompt, return_tensors="pt")
-    assert ids.tolist() == inputs["input_ids"].tolist()
+                                                      text="<image>" + ROWS[0][0], return_tensors="pt")
     oracle = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=torch.float32).eval()
-    expected = oracle.generate(**inputs, do_sample=False, max_new_tokens=new, min_new_tokens=new)[0, ids.shape[1]:]
     with torch.no_grad():
         causal = oracle(**inputs | {"token_type_ids": torch.ones_like(ids)}).logits[0].log_softmax(-1)
+    return model, tokenizer, ids, media, inputs, oracle, causal
+
+
+def _serve(batcher, requests) -> list[list]:
+    """The events of ``requests(emitter)`` (``emitter(k)``: request ``k``'s callback) served by ``batcher``, started
+    here; none an error."""
+    import threading
+
     events, done = [[], []], [threading.Event(), threading.Event()]
 
     def emitter(k):
@@ -444,23 +444,42 @@ def test_a_batched_row_with_an_image_is_transformers_generate_and_scores_causall
                 done[k].set()
         return emit
 
-    options = SamplingOptions(max_new_tokens=new, temperature=0)
-    eos = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
-    requests = [Request(ids[0].tolist(), None, options, emitter(0), logprobs=0, media=media,
-                        token_filter=None, min_tokens=new, stop_ids=frozenset(eos)),
-                Request(ids[0].tolist(), None, options, emitter(1), prompt_logprobs=0, generate=False, media=media)]
-    batcher = ContinuousBatcher(model.eval(), tokenizer, context_length=512).start()
+    batcher.start()
     try:
-        batcher.submit_all(requests)
+        batcher.submit_all(requests(emitter))
         assert all(d.wait(120) for d in done)
     finally:
         batcher.close()
     assert not any(e.error for e in events[0] + events[1])
-    assert [e.token for event in events[0] for e in event.logprobs] == expected.tolist()
-    scored = next(e.prompt_logprobs for e in events[1] if e.prompt_logprobs is not None)
+    return events
+
+
+def _assert_scored_causally(events, ids, causal) -> None:
+    scored = next(e.prompt_logprobs for e in events if e.prompt_logprobs is not None)
     assert [e.token for e in scored] == ids[0].tolist()
     for k, entry in enumerate(scored[1:], 1):
         assert entry.logprob == pytest.approx(float(causal[k - 1, ids[0, k]]), abs=1e-4)
+
+
+def test_a_batched_row_with_an_image_is_transformers_generate_and_scores_causally(model_dir, images):
+    """The batcher's prefill (qlora serve's) of the processor's prompt with its image: its greedy tokens are
+    transformers' generate on the processor's inputs (type 0 on the whole prompt), and a scored prompt's logprobs are
+    transformers' with every token causal (type 1), as a prompt's are scored without its images."""
+    from qlora.infer.batcher import ContinuousBatcher, Request
+    from qlora.infer.generate import SamplingOptions
+
+    new = 6
+    model, tokenizer, ids, media, inputs, oracle, causal = _image_prompt(model_dir, images)
+    assert ids.tolist() == inputs["input_ids"].tolist()
+    expected = oracle.generate(**inputs, do_sample=False, max_new_tokens=new, min_new_tokens=new)[0, ids.shape[1]:]
+    options = SamplingOptions(max_new_tokens=new, temperature=0)
+    eos = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
+    events = _serve(ContinuousBatcher(model.eval(), tokenizer, context_length=512), lambda emitter: [
+        Request(ids[0].tolist(), None, options, emitter(0), logprobs=0, media=media, token_filter=None,
+                min_tokens=new, stop_ids=frozenset(eos)),
+        Request(ids[0].tolist(), None, options, emitter(1), prompt_logprobs=0, generate=False, media=media)])
+    assert [e.token for event in events[0] for e in event.logprobs] == expected.tolist()
+    _assert_scored_causally(events[1], ids, causal)
 
 
 class _Forced:
@@ -483,64 +502,30 @@ def test_a_forced_or_scored_prompt_has_the_same_token_types_batched_or_alone(mod
     """A model served one request at a time (``unbatchable``) prefills as the batch does: a scored prompt all causal
     (type 1), a forced reply start causal after the prompt's prefix (type 0 then 1); its forced tokens' logprobs are
     transformers' forward's with those types and the rest of its reply transformers' generate from them."""
-    import threading
-
-    from PIL import Image
-
-    import qlora
-    from qlora.chat.images import resolve_image
-    from qlora.chat.prefix_suffix import image_prompt
     from qlora.infer.batcher import ContinuousBatcher, Request
     from qlora.infer.generate import SamplingOptions
-    from qlora.infer.images import encode_with_images, image_processor
 
-    prompt, new, forced = ROWS[0][0], 6, [17, 23]
-    model, tokenizer = qlora.load_model(model_dir, quant=None, compute_dtype=torch.float32, device="cpu")
-    processor = image_processor(model, tokenizer, model_dir, "test")
-    user = {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}
-    ids, media = encode_with_images(processor, model, image_prompt(processor, [user]),
-                                    (resolve_image(str(images[0]), "test"),))
-    inputs = AutoProcessor.from_pretrained(model_dir)(images=[Image.open(images[0]).convert("RGB")],
-                                                      text="<image>" + prompt, return_tensors="pt")
-    oracle = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=torch.float32).eval()
+    new, forced = 6, [17, 23]
+    model, tokenizer, ids, media, inputs, oracle, causal = _image_prompt(model_dir, images)
     started = torch.cat([ids, torch.tensor([forced])], 1)
     types = torch.tensor([[0] * ids.shape[1] + [1] * len(forced)])
     start = dict({k: v for k, v in inputs.items() if k != "labels"}, input_ids=started,  # labels: all -100
                  attention_mask=torch.ones_like(started), token_type_ids=types)
     with torch.no_grad():
-        causal = oracle(**inputs | {"token_type_ids": torch.ones_like(ids)}).logits[0].log_softmax(-1)
         after = oracle(**start).logits[0].log_softmax(-1)
     rest = oracle.generate(**start, do_sample=False, max_new_tokens=new - len(forced),
                            min_new_tokens=new - len(forced))[0, started.shape[1]:].tolist()
-    events, done = [[], []], [threading.Event(), threading.Event()]
-
-    def emitter(k):
-        def emit(event):
-            events[k].append(event)
-            if event.finish_reason is not None:
-                done[k].set()
-        return emit
-
     options = SamplingOptions(max_new_tokens=new, temperature=0)
-    requests = [Request(ids[0].tolist(), None, options, emitter(0), logprobs=0, media=media, min_tokens=new,
-                        constraint=_Forced(forced)),
-                Request(ids[0].tolist(), None, options, emitter(1), prompt_logprobs=0, generate=False, media=media)]
     batcher = ContinuousBatcher(model.eval(), tokenizer, context_length=512)
     assert batcher.unbatchable is None
     if alone:  # as a model whose cache cannot join a batch is served
         batcher.unbatchable = "served one request at a time for this test"
-    batcher.start()
-    try:
-        batcher.submit_all(requests)
-        assert all(d.wait(120) for d in done)
-    finally:
-        batcher.close()
-    assert not any(e.error for e in events[0] + events[1])
+    events = _serve(batcher, lambda emitter: [
+        Request(ids[0].tolist(), None, options, emitter(0), logprobs=0, media=media, min_tokens=new,
+                constraint=_Forced(forced)),
+        Request(ids[0].tolist(), None, options, emitter(1), prompt_logprobs=0, generate=False, media=media)])
     reply = [e for event in events[0] for e in event.logprobs]
     assert [e.token for e in reply] == forced + rest
     for k, entry in enumerate(reply[:len(forced)]):
         assert entry.logprob == pytest.approx(float(after[ids.shape[1] - 1 + k, forced[k]]), abs=1e-4)
-    scored = next(e.prompt_logprobs for e in events[1] if e.prompt_logprobs is not None)
-    assert [e.token for e in scored] == ids[0].tolist()
-    for k, entry in enumerate(scored[1:], 1):
-        assert entry.logprob == pytest.approx(float(causal[k - 1, ids[0, k]]), abs=1e-4)
+    _assert_scored_causally(events[1], ids, causal)

@@ -306,3 +306,72 @@ def test_broken_stored_floats_are_named(fp8_llama, tmp_path, tiny_model_dir):
                    fp8_llama)
     with pytest.raises(UsageError, match=r"proj.weight is stored in FP8 without a scale .* names no FP8 format"):
         load(gptq)
+
+
+def write_fbgemm_fp8(src: Path, out: Path, keep: tuple[str, ...]) -> Path:
+    """``src`` as Meta's Llama-3.1-405B-Instruct-FP8 stores it (``quant_method: fbgemm_fp8``): each MLP projection an
+    e4m3 ``weight`` and a float32 ``weight_scale`` ``[out, 1]`` (one per output row), the modules in ``keep``
+    (``modules_to_not_convert``) and the rest as they are."""
+    out.mkdir()
+    tensors = {}
+    for key, w in load_file(src / "model.safetensors").items():
+        module = key.removesuffix(".weight")
+        if key.endswith("proj.weight") and ".mlp." in key and module not in keep:
+            tensors[key], tensors[module + ".weight_scale"] = fp8_encode(w, (1, w.shape[1]))
+            tensors[module + ".input_scale_ub"] = torch.tensor([1200.0])  # the layer's bound, were it saved
+        else:
+            tensors[key] = w
+    save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
+    _copy_config(src, out, {"quant_method": "fbgemm_fp8", "activation_scale_ub": 1200.0,
+                            "modules_to_not_convert": [*keep, "lm_head"]})
+    return out
+
+
+def test_fbgemm_fp8_rows_as_meta_stores_them(tiny_model_dir, tmp_path):
+    """fbgemm_fp8 (Meta's Llama-3.1-405B-Instruct-FP8): ``w = q * weight_scale`` row by row, the layers in
+    ``modules_to_not_convert`` read as stored; transformers reads the format only with fbgemm-gpu's CUDA kernels,
+    so the oracle is that formula, and the 4-bit load is the one of its result saved in 32 bits."""
+    keep = tuple(f"model.layers.0.mlp.{p}_proj" for p in ("gate", "up", "down"))
+    path = write_fbgemm_fp8(tiny_model_dir, tmp_path / "fbgemm", keep)
+    stored = load_file(path / "model.safetensors")
+    assert stored["model.layers.1.mlp.up_proj.weight_scale"].shape[1] == 1
+    expected = {k: v.float() * stored[k + "_scale"] if v.dtype == torch.float8_e4m3fn else v
+                for k, v in stored.items() if not k.endswith(("_scale", "_ub"))}
+    ours, _ = load_model(path, quant=None, compute_dtype=torch.float32, device="cpu")
+    assert_same_tensors(ours.state_dict(), expected)
+    dense = _folder(tmp_path / "decoded", expected, json.loads((tiny_model_dir / "config.json").read_text()),
+                    tiny_model_dir)
+    _assert_same_4bit(path, dense)
+    key = "model.layers.1.mlp.up_proj.weight"
+    config = json.loads((path / "config.json").read_text())
+    with pytest.raises(UsageError, match=rf"{key} is stored in FP8 without a scale .* lacks its scale {key}_scale,"):
+        load_model(_folder(tmp_path / "no-scale", {k: v for k, v in stored.items() if k != key + "_scale"}, config,
+                           path), quant=None, device="cpu")
+    with pytest.raises(UsageError, match=rf"fbgemm_fp8 tensor {key}: .* the scale \(3, 3\)"):
+        load_model(_folder(tmp_path / "grid", stored | {key + "_scale": torch.ones(3, 3)}, config, path), quant=None,
+                   device="cpu")
+
+
+@pytest.mark.skipif(not _V5, reason="transformers 4.x's Llama 4 experts are stored alike but not tested here")
+def test_fbgemm_fp8_llama4_experts(tmp_path, tiny_tokenizer):
+    """Llama 4's expert stacks under fbgemm_fp8, as transformers' FbgemmFp8Llama4TextExperts holds them: one scale
+    per expert and output column, ``gate_up_proj_scale`` ``(E, 1, 2 I)`` and ``down_proj_scale`` ``(E, H, 1)``."""
+    dense = save_tiny_moe(tmp_path / "dense", tiny_tokenizer, "llama4_text", intermediate_size=64)
+    out = tmp_path / "fbgemm"
+    out.mkdir()
+    tensors, expected = {}, {}
+    for key, w in load_file(dense / "model.safetensors").items():
+        if key.endswith(("experts.gate_up_proj", "experts.down_proj")):
+            q, s = fp8_encode(w.transpose(1, 2).reshape(-1, w.shape[1]), (1, w.shape[1]))
+            tensors[key] = q.reshape(w.shape[0], w.shape[2], w.shape[1]).transpose(1, 2).contiguous()
+            tensors[key + "_scale"] = s.reshape(w.shape[0], 1, -1) if "gate_up" in key else s.reshape(w.shape[0], -1, 1)
+            expected[key] = tensors[key].float() * s.reshape(w.shape[0], 1, -1)
+        else:
+            tensors[key] = expected[key] = w
+    save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
+    _copy_config(dense, out, {"quant_method": "fbgemm_fp8", "activation_scale_ub": 1200.0})
+    ours, _ = load_model(out, quant=None, compute_dtype=torch.float32, device="cpu")
+    theirs = {k: v for k, v in ours.state_dict().items() if k in expected}
+    assert theirs.keys() == expected.keys()
+    for name, t in theirs.items():
+        assert torch.equal(t, expected[name]), name

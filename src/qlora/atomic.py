@@ -121,7 +121,8 @@ def clear_leftovers(folder: Path, name: str | None = None) -> None:
     was killed (kill -9, out of memory, power loss) before it could: a half-written copy is removed, and so is a
     previous content set aside once the new one has taken its place; one set aside when the kill fell between the
     two renames, with no target now, is put back, as the atomic write promises the previous folder. A running
-    process's folders are left alone, and nothing else in ``folder`` is touched."""
+    process's folders are left alone, and nothing else in ``folder`` is touched. Readers call it too (a resume, the
+    newest-checkpoint hint), so several processes may tidy at once: what another moved meanwhile is skipped."""
     if not folder.is_dir():
         return
     for path in sorted(folder.iterdir()):
@@ -131,7 +132,8 @@ def clear_leftovers(folder: Path, name: str | None = None) -> None:
             continue
         target = folder / found["name"]
         if found["kind"] == "old" and not (target.exists() or target.is_symlink()):
-            os.replace(path, target)
+            with contextlib.suppress(FileNotFoundError):  # put back by another process's tidy a moment ago
+                os.replace(path, target)
         else:
             shutil.rmtree(path, ignore_errors=True)
 

@@ -45,7 +45,8 @@ from .local_path import looks_like_path, near_local_path
 from .modelopt import ModelOpt
 from .packed_experts import PackedExperts
 from .quantize import (checked_format, fp32_linear_names, is_conv1d, is_plain_linear, is_skipped, kept_dense_names,
-                       kept_in_fp32, non_text_names, output_embedding_names, replace_modules, tied_keys, weight_count)
+                       kept_in_fp32, non_text_names, output_embedding_names, read_as_tensors_names, replace_modules,
+                       tied_keys, weight_count)
 from .shipped_code import model_code_error, tokenizer_code_error
 from .stored_floats import DecodePlan, StoredFloats, StoredFormat
 from .weight_files import LAYOUTS, indexed_files, open_weights, weight_files
@@ -245,9 +246,9 @@ def _prequantized(config, model_dir: Path, keys: dict[Path, list[str]] | None = 
         bits = qc.get("bits") or qc.get("w_bit")
         kind = f"{method!r}" + (f" ({bits}-bit)" if bits else "")
     raise UsageError(f"{model_dir / 'config.json'} describes a {kind} quantized checkpoint; qlora reads 16/32-bit "
-                     "checkpoints and those in FP8 (quant_method fp8), MXFP4, compressed-tensors, ModelOpt "
-                     "(NVFP4, FP8), GPTQ, AWQ and bitsandbytes (4- and 8-bit) formats only, and would misread these "
-                     "weights. Give it the model's original 16/32-bit checkpoint instead (qlora quantizes it to 4 "
+                     "checkpoints and those in FP8 (quant_method fp8, fbgemm_fp8), MXFP4, compressed-tensors, "
+                     "ModelOpt (NVFP4, FP8), GPTQ, AWQ and bitsandbytes (4- and 8-bit) formats only, and would misread "
+                     "these weights. Give it the model's original 16/32-bit checkpoint instead (qlora quantizes it to 4 "
                      "bits while loading, or once with `qlora quantize`), or a bitsandbytes 4-bit checkpoint of it "
                      "(BitsAndBytesConfig(load_in_4bit=True) then save_pretrained).")
 
@@ -454,6 +455,7 @@ def load_model(
     # FalconLinear: transformers + bitsandbytes packs exact nn.Linear and Conv1D layers only). Either way
     # quantized while loading as transformers + bitsandbytes quantizes with that config.
     as_transformers = prequant is not None and not packed
+    read_directly = read_as_tensors_names(model)
     if as_transformers:
         prequant = None
 
@@ -469,8 +471,8 @@ def load_model(
             return None
         if as_transformers and not (type(module) is nn.Linear or is_conv1d(module)):
             return None
-        if path not in packed if prequant is not None else is_skipped(path, skip):
-            return None
+        if path not in packed or path in read_directly if prequant is not None else is_skipped(path, skip):
+            return None  # packed but read by the model as a tensor (4.x Jamba's dt_proj): decoded (packed_dense)
         in_f, out_f = (module.weight.shape if is_conv1d(module) else (module.in_features, module.out_features))
         layer = Linear4bit(in_f, out_f, bias=module.bias is not None, compute_dtype=compute_dtype,
                            quant_type=quant, blocksize=blocksize, double_quant=double_quant, device=device)

@@ -12,6 +12,7 @@ import difflib
 import os
 from pathlib import Path
 
+from ..atomic import clear_leftovers
 from ..errors import UsageError
 from .foreign_checkpoints import foreign_checkpoint, gguf_file_error, is_gguf
 
@@ -100,7 +101,9 @@ def adapter_folder_problem(folder: str | Path) -> str | None:
         return (f"{shown} holds several adapters, in its subfolders {', '.join(named)} (PEFT's folder of named "
                 f"adapters), and none of its own: give one of them, e.g. {folder / named[0]} (several --adapter "
                 "options load several).")
-    # by step number, as a resume picks; a copy a user made beside them (step-0000700.bak) is no checkpoint
+    # by step number, as a resume picks; a copy a user made beside them (step-0000700.bak) is no checkpoint; one set
+    # aside by a save killed between its renames put back first, as a resume does
+    clear_leftovers(folder / "checkpoints")
     saved = sorted((p for p in folder.glob("checkpoints/step-*/adapter/adapter_config.json")
                     if p.parent.parent.name[5:].isdecimal()), key=lambda p: int(p.parent.parent.name[5:]))
     if saved:  # a qlora train output whose run stopped before its end wrote the final adapter

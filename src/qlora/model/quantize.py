@@ -367,6 +367,13 @@ def kept_dense_names(model: nn.Module) -> set[str]:
     # own (dots3-note's vision tower), kept 16-bit as its linear layers are
     kept.update(n for n, m in model.named_modules()
                 if f"{n}.".startswith(towers) and (is_linear_like(m) or expert_weight_names(m)))
+    return kept | read_as_tensors_names(model)
+
+
+def read_as_tensors_names(model: nn.Module) -> set[str]:
+    """The linear layers whose weight the model's code reads directly (Mamba mixers' ``out_proj``, Jamba's
+    ``dt_proj``) or rescales in place, which no 4-bit layer can stand in for, whatever a checkpoint stores."""
+    kept: set[str] = set()
     settings = _config_settings(model)
     for path, module in model.named_modules():
         prefix = f"{path}." if path else ""

@@ -9,6 +9,11 @@ Several models are released mainly in a low-precision float format rather than i
   ``w = q * scale``; other writers name a layer's scale ``weight_scale`` (AutoFP8, one a tensor) or
   ``qscale_weight`` (Mistral), read alike. Some checkpoints put MoE experts in the same files as
   packed FP4 (two ``e2m1`` codes a byte) with one scale per 32 values.
+- row-scaled FP8 (``quant_method: "fbgemm_fp8"``): Meta's Llama-3.1-405B-Instruct-FP8. The scale of
+  ``X`` is ``X_scale``: a linear ``weight`` ``[out, in]`` has one per output row (``[out, 1]``), an
+  expert stack ``(E, in, out)`` (Llama 4) one per expert and output column; ``w = q * scale``. Layers in
+  ``modules_to_not_convert`` are stored in 16 bits; the activation bound (``activation_scale_ub``)
+  only matters to the FP8 matmul.
 - MXFP4 (``quant_method: "mxfp4"``): OpenAI's gpt-oss stores its MoE experts as ``P_blocks``
   (two ``e2m1`` codes a byte, low nibble first) and ``P_scales`` (one power-of-two exponent,
   biased by 127, per 32 values), the weight transposed against the model's ``(E, in, out)``.
@@ -33,6 +38,7 @@ import torch
 from ..errors import UsageError
 
 FP8_METHODS = ("fp8",)
+FBGEMM_METHODS = ("fbgemm_fp8",)
 MXFP4_METHODS = ("mxfp4",)
 FP4_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)  # e2m1 codes
 _FP8_SCALE = "_scale_inv"  # FineGrainedFP8: the scale of `X` is `X_scale_inv` (`weight_scale_inv`)
@@ -42,6 +48,8 @@ _FP8_LAYER_SCALES = ("weight_scale", "qscale_weight")
 # static activation scales, by those writers' names too: no role in a dequantized model
 _FP8_IGNORED = ("activation_scale", "input_scale", "act_scale", "qscale_act")
 _MX_PAYLOAD, _MX_SCALES = "_blocks", "_scales"
+_FBGEMM_SCALE = "_scale"  # fbgemm_fp8: the scale of `X` is `X_scale`, for the tensors its layers hold in FP8
+_FBGEMM_SCALED = ("weight", "gate_up_proj", "down_proj")
 FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
 
 GIVE_ORIGINAL = ("Give it the model's original 16/32-bit checkpoint instead (qlora quantizes it to 4 bits while "
@@ -82,7 +90,7 @@ class StoredFloats:
     def from_config(cls, qc: dict, source: str) -> "StoredFloats | None":
         """The format a ``quantization_config`` names, or None when it is not one qlora decodes."""
         method = qc.get("quant_method")
-        if method in MXFP4_METHODS:
+        if method in MXFP4_METHODS or method in FBGEMM_METHODS:
             return cls(method, None, source)
         if method not in FP8_METHODS:
             return None
@@ -101,6 +109,8 @@ class StoredFloats:
         """The float32 tensor ``key`` from its stored parts (keyed by their checkpoint names)."""
         if self.method in MXFP4_METHODS:
             return _mxfp4(parts[key + _MX_PAYLOAD], parts[key + _MX_SCALES], key)
+        if self.method in FBGEMM_METHODS:
+            return _fbgemm(key, parts[key], parts[key + _FBGEMM_SCALE])
         return self._fp8(key, parts[key], next(parts[n] for n in _fp8_scales(key) if n in parts))
 
     def _fp8(self, key: str, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -117,7 +127,7 @@ class StoredFloats:
                 missing = (names ^ {key + _MX_PAYLOAD, key + _MX_SCALES}).pop()
                 raise UsageError(f"{file}: the MXFP4 tensor {key} lacks its part {missing}; is the "
                                  "checkpoint complete?")
-        elif self.method in FP8_METHODS and names - {key}:
+        elif self.method in (*FP8_METHODS, *FBGEMM_METHODS) and names - {key}:
             scales = sorted(names - {key})
             if key not in names:
                 raise UsageError(f"{file}: {scales[0]} has no weight {key} beside it; is the checkpoint complete?")
@@ -127,8 +137,9 @@ class StoredFloats:
 
     def whole_error(self, key: str, tensor: torch.Tensor) -> str | None:
         """Why a tensor stored with no scale cannot be a model tensor (FP8 codes alone), or None."""
-        if self.method in FP8_METHODS and tensor.dtype in FP8_DTYPES:
-            return (f"is stored in FP8 without a scale beside it: it lacks its scale {key}{_FP8_SCALE}, which is in "
+        if self.method in (*FP8_METHODS, *FBGEMM_METHODS) and tensor.dtype in FP8_DTYPES:
+            scale = _FBGEMM_SCALE if self.method in FBGEMM_METHODS else _FP8_SCALE
+            return (f"is stored in FP8 without a scale beside it: it lacks its scale {key}{scale}, which is in "
                     "no weight file; is the checkpoint complete?")
         return _unscaled_fp8(key, tensor)
 
@@ -139,6 +150,11 @@ class StoredFloats:
                 if key.endswith(suffix):
                     return key[: -len(suffix)]
             return key
+        if self.method in FBGEMM_METHODS:
+            if key.rpartition(".")[2] == "input_scale_ub":  # the activation bound, should a writer keep it
+                return None
+            owner = key.removesuffix(_FBGEMM_SCALE)
+            return owner if owner != key and owner.rpartition(".")[2] in _FBGEMM_SCALED else key
         if key.endswith(_FP8_SCALE):
             return key[: -len(_FP8_SCALE)]
         return layer_part_owner(key, _FP8_LAYER_SCALES, _FP8_IGNORED)
@@ -258,6 +274,19 @@ def _mxfp4(blocks: torch.Tensor, scales: torch.Tensor, key: str) -> torch.Tensor
     values = unpack_fp4(blocks) * _scale_values(scales).unsqueeze(-1)
     values = values.reshape(*blocks.shape[:-2], -1)
     return (values.transpose(-2, -1) if values.dim() == 3 else values).contiguous()
+
+
+def _fbgemm(key: str, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """fbgemm_fp8's ``q * scale``: one scale per row of a linear weight ``[out, in]``, per expert and output column
+    of an expert stack ``(E, in, out)`` (stored ``(E, 1, out)`` for ``gate_up_proj``, ``(E, out, 1)`` for
+    ``down_proj``, as transformers' FbgemmFp8Llama4TextExperts holds them)."""
+    values, scale = q.to(torch.float32), _scale_values(scale)
+    grid = (values.shape[0], 1) if values.dim() == 2 else (values.shape[0], 1, values.shape[-1])
+    if q.dtype not in FP8_DTYPES or values.dim() not in (2, 3) or scale.numel() != grid[0] * grid[-1]:
+        raise UsageError(f"fbgemm_fp8 tensor {key}: {tuple(q.shape)} ({q.dtype}) with the scale {tuple(scale.shape)} "
+                         "is not the format's layout (FP8 codes and one scale per output row, or per expert and "
+                         "output column); the scales and weights do not belong together.")
+    return values * scale.reshape(grid)
 
 
 def _grid_error(key: str, values: torch.Tensor, scale: torch.Tensor, source: str) -> UsageError:

@@ -327,10 +327,12 @@ def _set_rng_state(state: dict[str, Any]) -> None:
 
 def list_checkpoints(out_dir: Path) -> list[Path]:
     """Complete checkpoints of a run, oldest first: the ``step-N`` folders holding a state file (a copy a user made
-    beside them, ``step-N.bak``, is none: neither resumed from nor rotated away)."""
+    beside them, ``step-N.bak``, is none: neither resumed from nor rotated away). One a save killed between its two
+    renames set aside (``.step-N.old-PID``, no ``step-N``) is put back first, so that a resume finds it at once."""
     root = out_dir / CHECKPOINTS
     if not root.is_dir():
         return []
+    clear_leftovers(root)
     return sorted((p for p in root.glob("step-*") if p.name[5:].isdecimal() and (p / STATE_FILE).is_file()),
                   key=lambda p: int(p.name[5:]))
 
