@@ -247,9 +247,10 @@ def _prequantized(config, model_dir: Path, keys: dict[Path, list[str]] | None = 
         kind = f"{method!r}" + (f" ({bits}-bit)" if bits else "")
     raise UsageError(f"{model_dir / 'config.json'} describes a {kind} quantized checkpoint; qlora reads 16/32-bit "
                      "checkpoints and those in FP8 (quant_method fp8, fbgemm_fp8), MXFP4, compressed-tensors, "
-                     "ModelOpt (NVFP4, FP8), GPTQ, AWQ and bitsandbytes (4- and 8-bit) formats only, and would misread "
-                     "these weights. Give it the model's original 16/32-bit checkpoint instead (qlora quantizes it to 4 "
-                     "bits while loading, or once with `qlora quantize`), or a bitsandbytes 4-bit checkpoint of it "
+                     "ModelOpt (NVFP4, FP8), GPTQ, AWQ and bitsandbytes (4- and 8-bit) formats only, and would "
+                     "misread these weights. Give it the model's original 16/32-bit checkpoint instead (qlora "
+                     "quantizes it to 4 bits while loading, or once with `qlora quantize`), or a bitsandbytes 4-bit "
+                     "checkpoint of it "
                      "(BitsAndBytesConfig(load_in_4bit=True) then save_pretrained).")
 
 
