@@ -635,3 +635,41 @@ class CompletionRequest(_Body):
 
     def token_limit(self) -> int | None:
         return self.max_tokens
+
+
+class TokenizeRequest(KnownFields):
+    """vLLM's ``POST /tokenize``: a ``prompt`` tokenized as ``/v1/completions`` tokenizes it, or ``messages``
+    rendered and tokenized as ``/v1/chat/completions`` does (its template fields too); ``model`` left out: the
+    base's."""
+
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = Field(default=None, min_length=1)
+    add_special_tokens: bool | None = None  # vLLM's defaults: true for a prompt, false for messages
+    return_token_strs: bool = False
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    chat_template: str | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
+    tools: list[Any] | None = None
+    documents: list[dict[str, Any]] | None = None
+
+    @model_validator(mode="after")
+    def _one_input(self) -> "TokenizeRequest":
+        if (self.prompt is None) == (self.messages is None):
+            raise APIError(400, "Send either 'prompt' (a text) or 'messages' (a chat), one of them", "prompt")
+        return self
+
+    def chat(self, model: str) -> ChatCompletionRequest:
+        """The chat request whose prompt this one asks for."""
+        fields = {"messages", "add_generation_prompt", "continue_final_message", "chat_template",
+                  "chat_template_kwargs", "tools", "documents"}
+        return ChatCompletionRequest(model=model, add_special_tokens=bool(self.add_special_tokens),
+                                     **self.model_dump(include=fields, exclude_unset=True))
+
+
+class DetokenizeRequest(KnownFields):
+    """vLLM's ``POST /detokenize``: token ids back to their text."""
+
+    model: str | None = None
+    tokens: list[int]
