@@ -7,8 +7,6 @@ Oracles: the Fetch standard's reading of the answers (the page may read a reply 
 
 from __future__ import annotations
 
-import argparse
-
 import httpx
 import pytest
 import torch
@@ -95,7 +93,8 @@ def test_the_options_take_vllm_s_json_lists_and_comma_lists():
     assert cors.origins('["http://a.example", "https://b.example:8443"]') == ("http://a.example",
                                                                               "https://b.example:8443")
     assert cors.origins("http://a.example, http://b.example") == ("http://a.example", "http://b.example")
-    assert cors.tokens("--allowed-methods")("GET,POST") == ("GET", "POST")
+    assert cors.origins(None) == ()
+    assert cors.tokens("GET,POST", "--allowed-methods") == ("GET", "POST")
 
 
 @pytest.mark.parametrize("option, value, shown", [
@@ -104,14 +103,15 @@ def test_the_options_take_vllm_s_json_lists_and_comma_lists():
     ("--allowed-origins", '["http://a.example"', "not a JSON list"),
     ("--allowed-origins", "http://a.example,", "empty entry"),
     ("--allowed-headers", "x header", "not an HTTP method or header name"),
+    ("--allowed-methods", '[1]', "must be a JSON list of strings"),
 ])
-def test_a_bad_value_exits_2_naming_the_option(capsys, option, value, shown):
-    from qlora.cli.commands import serve
+def test_a_bad_value_exits_2_naming_the_option_before_the_model_loads(capsys, monkeypatch, tiny_model_dir, option,
+                                                                     value, shown):
+    from qlora.cli.commands import generate
+    from qlora.cli.main import main
 
-    parser = argparse.ArgumentParser()
-    serve.add_arguments(parser)
-    with pytest.raises(SystemExit) as exc:
-        parser.parse_args([option, value])
-    assert exc.value.code == 2
+    monkeypatch.setattr(generate, "load_model_from_args", lambda *a, **k: pytest.fail("the model was loaded"))
+    code = main(["serve", "--model", str(tiny_model_dir), option, value])
     err = capsys.readouterr().err
-    assert f"argument {option}: " in err and shown in err
+    assert code == 2 and "Traceback" not in err
+    assert option in err and shown in err

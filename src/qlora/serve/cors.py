@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import re
-from typing import Callable, Sequence
+from typing import Sequence
 
 from ..errors import UsageError
 
@@ -28,43 +28,48 @@ def _items(text: str, option: str) -> list[str]:
         try:
             items = json.loads(text)
         except json.JSONDecodeError as exc:
-            raise UsageError(f"{text!r} is not a JSON list ({exc.msg}); write "
+            raise UsageError(f"{option} {text!r} is not a JSON list ({exc.msg}); write "
                              f"{option} 'a,b' or {option} '[\"a\", \"b\"]'") from None
         if not isinstance(items, list) or not all(isinstance(i, str) for i in items):
-            raise UsageError(f"{text!r} must be a JSON list of strings")
+            raise UsageError(f"{option} {text!r} must be a JSON list of strings")
     else:
         items = text.split(",")
     items = [i.strip() for i in items]
     if not all(items):
-        raise UsageError(f"{text!r} has an empty entry; list the values separated by commas")
+        raise UsageError(f"{option} {text!r} has an empty entry; list the values separated by commas")
     return items
 
 
-def origins(text: str) -> tuple[str, ...]:
-    """``--allowed-origins``: ``*`` or origins written as browsers send them, ``scheme://host[:port]``.
+def origins(text: str | None) -> tuple[str, ...]:
+    """``--allowed-origins``: ``*`` or origins written as browsers send them, ``scheme://host[:port]``; none
+    when not given.
 
     Raises:
         UsageError: an entry with a path or a trailing slash (a browser's ``Origin`` never has one, so it would
             never match), or without a scheme.
     """
+    if text is None:
+        return ()
     items = _items(text, "--allowed-origins")
     for item in items:
         if item != "*" and not _ORIGIN.fullmatch(item):
             shown = item.rstrip("/") if _ORIGIN.fullmatch(item.rstrip("/")) else "http://localhost:3000"
-            raise UsageError(f"{item!r} is not an origin; write it as a browser sends it, "
+            raise UsageError(f"--allowed-origins: {item!r} is not an origin; write it as a browser sends it, "
                              f"scheme://host[:port] without a path or trailing slash (e.g. {shown}), or * for any")
     return tuple(items)
 
 
-def tokens(option: str) -> Callable[[str], tuple[str, ...]]:
-    """The argparse type of ``option`` (``--allowed-methods``, ``--allowed-headers``): ``*`` or HTTP tokens."""
-    def parse(text: str) -> tuple[str, ...]:
-        items = _items(text, option)
-        for item in items:
-            if item != "*" and not _TOKEN.fullmatch(item):
-                raise UsageError(f"{item!r} is not an HTTP method or header name")
-        return tuple(items)
-    return parse
+def tokens(text: str, option: str) -> tuple[str, ...]:
+    """``option``'s value (``--allowed-methods``, ``--allowed-headers``): ``*`` or HTTP methods or header names.
+
+    Raises:
+        UsageError: an entry that is no HTTP token.
+    """
+    items = _items(text, option)
+    for item in items:
+        if item != "*" and not _TOKEN.fullmatch(item):
+            raise UsageError(f"{option}: {item!r} is not an HTTP method or header name")
+    return tuple(items)
 
 
 def allow(app, allowed_origins: Sequence[str], methods: Sequence[str] = ("*",), headers: Sequence[str] = ("*",),
