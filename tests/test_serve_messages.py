@@ -53,15 +53,44 @@ def test_a_name_reaches_the_template_as_vllm_passes_it(kimi):
     assert _prompt_ids(client, unnamed) == _template_ids(tokenizer, unnamed) != rendered
 
 
-def test_text_parts_of_every_kind_read_as_their_text(kimi):
+PARTS = [{"role": "user", "content": [{"type": "input_text", "text": "What is two"},
+                                      {"type": "text", "text": " plus two?"}]},
+         {"role": "assistant", "content": [{"type": "output_text", "text": "I would rather"},
+                                           {"type": "refusal", "refusal": "not say."}]},
+         {"role": "user", "content": [{"type": "text", "text": "Hi"}]}]
+
+
+def _texts(message: dict) -> list[str]:
+    return [part.get("text", part.get("refusal")) for part in message["content"]]
+
+
+def test_text_parts_of_every_kind_read_as_their_text_joined_by_newlines(kimi):
+    """Kimi K2 Thinking's template reads a content as a string (it loops over none): the parts' texts joined with
+    newlines, vLLM's join."""
     client, tokenizer = kimi
-    plain = [ASK, {"role": "assistant", "content": "I would rather not say."}, {"role": "user", "content": "Hi"}]
-    parts = [{"role": "user", "content": [{"type": "input_text", "text": "What is two"},
-                                          {"type": "text", "text": " plus two?"}]},
-             {"role": "assistant", "content": [{"type": "output_text", "text": "I would rather "},
-                                               {"type": "refusal", "refusal": "not say."}]},
-             {"role": "user", "content": [{"type": "text", "text": "Hi"}]}]
-    assert _prompt_ids(client, parts) == _prompt_ids(client, plain) == _template_ids(tokenizer, plain)
+    joined = [m | {"content": "\n".join(_texts(m))} for m in PARTS]
+    assert joined[0]["content"] == "What is two\n plus two?"
+    assert _prompt_ids(client, PARTS) == _template_ids(tokenizer, joined)
+    assert _prompt_ids(client, [{"role": "user", "content": [{"type": "text", "text": "Hi"}]}]) == \
+        _template_ids(tokenizer, [{"role": "user", "content": "Hi"}])
+
+
+@pytest.mark.parametrize("family", ["gemma-3", "llama-4"])
+def test_a_template_reading_parts_gets_the_parts_as_vllm_hands_them(tmp_path_factory, family):
+    """Gemma 3's and Llama 4's templates loop over a message's content: they get its parts (each a text part, as
+    vLLM normalizes them), which Gemma 3 trims one by one; a content sent as a string stays a string."""
+    from chat_families import model_for
+
+    batcher, server, tokenizer, _ = _serve(model_for(family, tmp_path_factory.mktemp(family)))
+    as_parts = [m | {"content": [{"type": "text", "text": t} for t in _texts(m)]} for m in PARTS]
+    with server:
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=0, timeout=60)
+        rendered = _prompt_ids(client, PARTS)
+        plain = _prompt_ids(client, [ASK])
+    batcher.close()
+    assert rendered == _template_ids(tokenizer, as_parts)
+    assert rendered != _template_ids(tokenizer, [m | {"content": "\n".join(_texts(m))} for m in PARTS])
+    assert plain == _template_ids(tokenizer, [ASK])
 
 
 @pytest.mark.parametrize("part, param", [
@@ -112,3 +141,25 @@ def test_an_empty_text_prompt_is_its_special_tokens_alone_as_in_a_batch(served, 
         with pytest.raises(openai.BadRequestError) as exc:
             client.completions.create(model="tiny", prompt=prompt, max_tokens=4)
         assert exc.value.body["param"] == "prompt"
+
+
+@pytest.mark.parametrize("message", [{"role": "user"}, {"role": "user", "content": None},
+                                     {"role": "system"}, {"role": "developer", "content": None},
+                                     {"role": "tool", "tool_call_id": "call_1"}])
+def test_a_message_without_content_is_a_400_naming_it_as_openai_answers(kimi, message):
+    """OpenAI requires the content of every message but an assistant's (which may only call tools)."""
+    client, _ = kimi
+    messages = [ASK, {"role": "assistant", "content": None, "tool_calls": [
+        {"id": "call_1", "type": "function", "function": {"name": "add", "arguments": "{}"}}]}, message]
+    with pytest.raises(openai.BadRequestError) as exc:
+        client.chat.completions.create(model="tiny", messages=messages, max_tokens=1)
+    assert exc.value.body["param"] == "messages.2.content"
+    assert exc.value.body["type"] == "invalid_request_error"
+    assert ("null" in exc.value.body["message"]) == ("content" in message)
+
+
+def test_an_assistant_message_may_have_no_content(kimi):
+    client, tokenizer = kimi
+    for said in ({"role": "assistant"}, {"role": "assistant", "content": None}):
+        assert _prompt_ids(client, [ASK, said, {"role": "user", "content": "Hi"}]) == _template_ids(
+            tokenizer, [ASK, {"role": "assistant", "content": ""}, {"role": "user", "content": "Hi"}])

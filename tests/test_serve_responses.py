@@ -106,8 +106,10 @@ def test_instructions_and_message_items_equal_chat_messages(served):
     assert by_instructions.instructions == system
     items = _respond(client, "a", input=[
         {"role": "developer", "content": system},
-        {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "Hello "},
+        {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "Hello"},
                                                         {"type": "input_text", "text": "there"}]}])
+    # the parts are read as the chat route reads them: for this template, which reads a string, joined with newlines
+    chat = _chat(client, "a", [{"role": "system", "content": system}, {"role": "user", "content": "Hello\nthere"}])
     assert items.output_text == chat.choices[0].message.content
     assert items.usage.input_tokens == chat.usage.prompt_tokens
     # an earlier assistant turn (output_text parts), as a client replays a conversation

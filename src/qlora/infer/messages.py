@@ -30,7 +30,9 @@ class Message:
     names the call a tool result answers. ``reasoning`` (assistant) is what it thought before its text or calls:
     templates show it where the model wrote it, gpt-oss's analysis before a call, Qwen3's ``<think>`` block within
     the current turn, and drop it from earlier turns. ``name`` is OpenAI's participant name, which some templates
-    show (Kimi K2's, in place of the role).
+    show (Kimi K2's, in place of the role). ``parts`` are the texts of a content a client sent as a list of parts
+    (an image's the ``<image>`` placeholder), which ``content`` joins with newlines between texts: a template that
+    reads a content as a list gets them as parts, as vLLM hands them (:mod:`qlora.infer.content_parts`).
     """
 
     role: str
@@ -40,6 +42,7 @@ class Message:
     images: tuple[Any, ...] = ()  # ImageRefs (a user message's), at the <image> placeholders of the text or before it
     reasoning: str = ""
     name: str | None = None
+    parts: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.role not in ROLES:
@@ -50,11 +53,18 @@ class Message:
                              f"write one {IMAGE_PLACEHOLDER} where each image goes, or none (the images then go "
                              "before the text).")
 
-    def as_dict(self) -> dict[str, Any]:
+    def as_dict(self, parts: bool = False) -> dict[str, Any]:
         """The message as chat templates receive it (only the keys it has); one with images has a content of
-        parts, ``{"type": "image"}`` where each image goes (what templates of vision-language models render)."""
+        parts, ``{"type": "image"}`` where each image goes (what templates of vision-language models render).
+        ``parts``: the template reads a content as a list, so a content sent in parts is given as its parts."""
         out: dict[str, Any] = {"role": self.role, "content": self.content}
-        if self.images:
+        if parts and self.parts:
+            from qlora.chat.images import split_placeholders
+
+            out["content"] = [q for piece in self.parts for q in (
+                split_placeholders(piece) if self.images and IMAGE_PLACEHOLDER in piece else
+                [{"type": "text", "text": piece}])]
+        elif self.images:
             from qlora.chat.images import split_placeholders
 
             text = self.content

@@ -18,6 +18,7 @@ from qlora.model.chat_format import ChatFormat, for_template
 from qlora.model.chat_format import stop_token_ids as _stop_token_ids
 from qlora.errors import UsageError
 
+from .content_parts import reads_parts
 from .messages import Message
 
 
@@ -54,6 +55,8 @@ def render_chat(tokenizer, messages: Sequence[Message], add_generation_prompt: b
     ``template_kwargs`` (the thinking mode it trained in) apply unless ``template_kwargs`` set them.
     Templates without a system role (Gemma's, Mistral's first) raise on one; the
     system text then goes before the first user message, separated by a blank line.
+    A content sent as several parts is handed over as its parts or its texts joined with newlines, as the
+    template reads it (:mod:`qlora.infer.content_parts`, vLLM's rule).
     ``tools`` (OpenAI function definitions) are passed to the template as ``tools``;
     ``template_kwargs`` go to ``apply_chat_template`` as its keyword arguments (template variables
     such as Qwen3's ``enable_thinking``, or ``continue_final_message``, ``documents``, and
@@ -67,10 +70,12 @@ def render_chat(tokenizer, messages: Sequence[Message], add_generation_prompt: b
     if tools:
         extra["tools"] = [dict(t) for t in tools]
 
+    parts = reads_parts(template)
+
     def apply(msgs: Sequence[Message]) -> str:
         from jinja2.exceptions import TemplateSyntaxError
 
-        dicts = for_template([m.as_dict() for m in msgs], template)
+        dicts = for_template([m.as_dict(parts) for m in msgs], template)
         if any(m.images for m in msgs):  # every content as parts, as training renders rows with images
             from qlora.chat.images import as_parts
 

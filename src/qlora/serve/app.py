@@ -4,7 +4,9 @@ Routes: ``POST /v1/chat/completions``, ``POST /v1/responses`` (and ``GET``/``DEL
 /v1/responses/{id}``, ``GET /v1/responses/{id}/input_items`` for kept responses, ``POST
 /v1/responses/{id}/cancel`` for background ones), the Conversations API (``/v1/conversations``,
 its ``items``), ``POST /v1/completions``, ``GET /v1/models`` (the base model and each adapter, by id), plus
-``GET /health`` (no key needed), ``GET /stats`` (the batcher's counters) and, when allowed, vLLM's ``POST
+``GET /health`` (no key needed), ``GET /stats`` (the batcher's counters), vLLM's ``POST /tokenize`` and
+``/detokenize`` (a prompt's or a chat's token ids, as the completions and chat routes make them, and back) and
+``GET /version``, and, when allowed, vLLM's ``POST
 /v1/load_lora_adapter`` and ``/v1/unload_lora_adapter`` (:mod:`qlora.serve.adapter_updates`). The request's
 ``model`` picks the adapter; every choice of a request (``n`` of them, for each
 prompt of a completions batch) becomes one row of the shared
@@ -49,6 +51,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.exceptions import HTTPException
 
+from .. import __version__
 from ..chat.prefix_lm import prefix_type
 from ..chat.prefix_suffix import image_prompt as prefix_prompt
 from ..errors import UsageError
@@ -72,7 +75,8 @@ from .adapter_updates import (LoadAdapterRequest, UnloadAdapterRequest, adapter_
                               detach)
 from .background import BackgroundRun
 from .logprobs import TextOffsets, chat_logprobs, completion_logprobs, prompt_logprob_maps
-from .protocol import APIError, ChatCompletionRequest, CompletionRequest, _Body, sse
+from .protocol import (APIError, ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest,
+                       _Body, sse)
 from .response_store import DEFAULT_CAPACITY, RUNNING, ResponseStore, list_page, with_ids
 from .responses import (FINISHED, ResponsesRequest, ResponseWriter, StreamedMessage, checked_include,
                         drop_oldest_turn, partial_output, shown)
@@ -170,7 +174,8 @@ def build_app(batcher: ContinuousBatcher, base_id: str, adapters: list[str], api
     async def invalid_body(request: Request, exc: RequestValidationError) -> JSONResponse:
         return JSONResponse(_validation_error(exc, request.headers.get("content-type", "")).body(), status_code=400)
 
-    routes = ["/v1/chat/completions", "/v1/responses", "/v1/conversations", "/v1/completions", "/v1/models"]
+    routes = ["/v1/chat/completions", "/v1/responses", "/v1/conversations", "/v1/completions", "/v1/models",
+              "/tokenize", "/detokenize"]
     if adapter_settings is not None:
         routes += ["/v1/load_lora_adapter", "/v1/unload_lora_adapter"]
 
@@ -178,9 +183,13 @@ def build_app(batcher: ContinuousBatcher, base_id: str, adapters: list[str], api
     async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
         return JSONResponse(_http_error(request, exc, routes).body(), status_code=exc.status_code, headers=exc.headers)
 
-    @app.get("/health")
+    @app.api_route("/health", methods=["GET", "HEAD"])  # HEAD too: what some uptime monitors send
     async def health() -> dict[str, str]:
         return {"status": "ok"}
+
+    @app.get("/version")  # vLLM's
+    async def version() -> dict[str, str]:
+        return {"version": __version__}
 
     @app.get("/stats")
     async def stats() -> dict[str, int]:
@@ -648,6 +657,30 @@ def build_app(batcher: ContinuousBatcher, base_id: str, adapters: list[str], api
         body.refuse_unsupported()
         choices = await off_loop(completion_choices, body, served_adapter(body.model))
         return await _respond(batcher, choices, body, request, chat=False)
+
+    def token_ids(body: TokenizeRequest, model_id: str, adapter: str | None) -> list[int]:
+        if body.prompt is not None and body.add_special_tokens is False:
+            return tokenizer(body.prompt, add_special_tokens=False).input_ids
+        if body.prompt is not None:
+            return _encode(model, tokenizer, body.prompt)
+        return chat_choices(body.chat(model_id), adapter)[0].generation.prompt_ids
+
+    @app.post("/tokenize")  # vLLM's: what a prompt or a chat costs, in the tokens the model reads
+    async def tokenize(body: TokenizeRequest) -> dict[str, Any]:
+        model_id = body.model if body.model is not None else next(iter(ids))
+        found = await off_loop(token_ids, body, model_id, served_adapter(model_id))
+        return {"count": len(found), "max_model_len": batcher.context_length, "tokens": found,
+                "token_strs": tokenizer.convert_ids_to_tokens(found) if body.return_token_strs else None}
+
+    @app.post("/detokenize")
+    async def detokenize(body: DetokenizeRequest) -> dict[str, str]:
+        if body.model is not None:
+            served_adapter(body.model)
+        for k, token in enumerate(body.tokens):
+            if not 0 <= token < len(tokenizer):
+                raise APIError(400, f"'tokens.{k}' is {token}, not a token id of this model's vocabulary (integers 0 "
+                                    f"to {len(tokenizer) - 1})", f"tokens.{k}")
+        return {"prompt": tokenizer.decode(body.tokens)}
 
     return app
 

@@ -81,6 +81,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from ..infer.forced_call import tool_arguments
 from ..infer.json_schema import Node, SchemaError, compile_schema, unenforced_keywords
 from ..errors import UsageError
+from ..infer.content_parts import PART_SEPARATOR
 from ..infer.messages import IMAGE_PLACEHOLDER, Message
 from ..infer.tool_calls import tool_definition_problem
 from ..template_kwargs import render_parameter
@@ -300,26 +301,41 @@ class ChatMessage(BaseModel):
         if self.role == "tool" and not self.tool_call_id:
             raise APIError(400, f"{where} is a tool message without 'tool_call_id'; give the id of the call it "
                                 "answers (from the assistant message's tool_calls)", f"{where}.tool_call_id")
+        if self.content is None and self.role != "assistant":  # OpenAI's 400; only an assistant may say nothing
+            if "content" in self.model_fields_set:
+                raise APIError(400, f"Invalid type for '{where}.content': expected a string or an array of content "
+                                    f"parts, but got null instead. A {self.role} message needs its text.",
+                               f"{where}.content")
+            raise APIError(400, f"Missing required parameter: '{where}.content'. A {self.role} message needs its "
+                                "text: a string or an array of content parts.", f"{where}.content")
         calls = tuple(_history_call(call, f"{where}.tool_calls.{k}") for k, call in enumerate(self.tool_calls or ()))
         role = "system" if self.role == "developer" else self.role
-        text, images = self.text(index)
+        pieces, images = self._pieces(index)
+        text = _joined(pieces)
+        # a tool's text parts are one string for every template, as vLLM joins them
+        parts = tuple(pieces) if isinstance(self.content, list) and role != "tool" else ()
         if images and role != "user":
             raise APIError(400, f"{where} is a {self.role} message with images; images go in user messages",
                            f"{where}.content")
         try:
             return Message(role, text, calls, self.tool_call_id if self.role == "tool" else None, images=images,
                            reasoning=(self.reasoning or self.reasoning_content or "") if role == "assistant" else "",
-                           name=self.name)
+                           name=self.name, parts=parts)
         except UsageError as exc:  # more or fewer <image> written in its text than images
             raise APIError(400, f"{where}: {exc}", f"{where}.content") from None
 
     def text(self, index: int) -> tuple[str, tuple]:
-        """The message's text and its images (``image_url`` parts holding data: URIs, at ``<image>`` marks in
-        the text). Text parts are OpenAI's ``text`` (and the Responses API's ``input_text``/``output_text``, which
-        vLLM reads as text too); an assistant's ``refusal`` part is its text, as vLLM renders it. Other parts are
-        refused."""
+        """The message's text (its parts' texts joined with newlines, as vLLM joins them for a template reading a
+        string) and its images (``image_url`` parts holding data: URIs, at ``<image>`` marks in the text)."""
+        pieces, images = self._pieces(index)
+        return _joined(pieces), images
+
+    def _pieces(self, index: int) -> tuple[list[str], tuple]:
+        """The texts of the message's parts (an image's the ``<image>`` placeholder) and its images. Text parts are
+        OpenAI's ``text`` (and the Responses API's ``input_text``/``output_text``, which vLLM reads as text too); an
+        assistant's ``refusal`` part is its text, as vLLM renders it. Other parts are refused."""
         if not isinstance(self.content, list):
-            return self.content or "", ()
+            return [self.content or ""], ()
         pieces, images = [], []
         for k, part in enumerate(self.content):
             where = f"messages.{index}.content.{k}"
@@ -340,7 +356,17 @@ class ChatMessage(BaseModel):
                                     "string)", f"{where}.{key}")
             else:
                 pieces.append(part[key])
-        return "".join(pieces), tuple(images)
+        return pieces, tuple(images)
+
+
+def _joined(pieces: list[str]) -> str:
+    """Part texts as one string: a newline between two texts (vLLM's join), none beside an image's placeholder."""
+    out = ""
+    for k, piece in enumerate(pieces):
+        if k and piece != IMAGE_PLACEHOLDER and pieces[k - 1] != IMAGE_PLACEHOLDER:
+            out += PART_SEPARATOR
+        out += piece
+    return out
 
 
 def _data_image(url: Any, where: str):
@@ -609,3 +635,41 @@ class CompletionRequest(_Body):
 
     def token_limit(self) -> int | None:
         return self.max_tokens
+
+
+class TokenizeRequest(KnownFields):
+    """vLLM's ``POST /tokenize``: a ``prompt`` tokenized as ``/v1/completions`` tokenizes it, or ``messages``
+    rendered and tokenized as ``/v1/chat/completions`` does (its template fields too); ``model`` left out: the
+    base's."""
+
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = Field(default=None, min_length=1)
+    add_special_tokens: bool | None = None  # vLLM's defaults: true for a prompt, false for messages
+    return_token_strs: bool = False
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    chat_template: str | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
+    tools: list[Any] | None = None
+    documents: list[dict[str, Any]] | None = None
+
+    @model_validator(mode="after")
+    def _one_input(self) -> "TokenizeRequest":
+        if (self.prompt is None) == (self.messages is None):
+            raise APIError(400, "Send either 'prompt' (a text) or 'messages' (a chat), one of them", "prompt")
+        return self
+
+    def chat(self, model: str) -> ChatCompletionRequest:
+        """The chat request whose prompt this one asks for."""
+        fields = {"messages", "add_generation_prompt", "continue_final_message", "chat_template",
+                  "chat_template_kwargs", "tools", "documents"}
+        return ChatCompletionRequest(model=model, add_special_tokens=bool(self.add_special_tokens),
+                                     **self.model_dump(include=fields, exclude_unset=True))
+
+
+class DetokenizeRequest(KnownFields):
+    """vLLM's ``POST /detokenize``: token ids back to their text."""
+
+    model: str | None = None
+    tokens: list[int]

@@ -287,8 +287,8 @@ def shown(items: list[dict[str, Any]], include: set[str]) -> list[dict[str, Any]
 
 
 def _text(content: Any, where: str) -> str | list[dict[str, Any]]:
-    """A message's content as the chat route takes it: a string, text parts joined, or, with ``input_image``
-    parts (their ``image_url`` a data: URI), a list of chat text and ``image_url`` parts."""
+    """A message's content as the chat route takes it: a string, or a list of chat text parts and, for
+    ``input_image`` parts (their ``image_url`` a data: URI), ``image_url`` parts."""
     if isinstance(content, str):
         return content
     if not isinstance(content, list):
@@ -310,9 +310,7 @@ def _text(content: Any, where: str) -> str | list[dict[str, Any]]:
                                 "'input_text', 'text': ...}) and input_image parts", f"{where}.{k}")
         else:
             parts.append({"type": "text", "text": part["text"]})
-    if any(p["type"] == "image_url" for p in parts):
-        return parts
-    return "".join(p["text"] for p in parts)
+    return parts
 
 
 def _history_call(item: dict[str, Any], where: str) -> dict[str, Any]:

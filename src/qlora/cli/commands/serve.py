@@ -67,6 +67,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="serve vLLM's POST /v1/load_lora_adapter and /v1/unload_lora_adapter, which load and "
                              "unload adapters while serving (any folder this process can read, by its path: keep "
                              "the server private or set --api-key); off: both answer 404")
+    parser.add_argument("--allowed-origins", metavar="ORIGINS",
+                        help="web pages allowed to call the server from a browser (CORS), as vLLM's option: origins "
+                             "as browsers send them, comma-separated or a JSON list, e.g. http://localhost:3000, or "
+                             "* for any page (default: none, so no website the browser opens can use the model; vLLM "
+                             "allows *)")
+    parser.add_argument("--allowed-methods", default="*", metavar="METHODS",
+                        help="HTTP methods those pages may use, comma-separated or a JSON list (default: *)")
+    parser.add_argument("--allowed-headers", default="*", metavar="HEADERS",
+                        help="request headers those pages may send, comma-separated or a JSON list (default: *)")
+    parser.add_argument("--allow-credentials", action="store_true",
+                        help="let those pages send cookies and HTTP authentication (the API key is a header, "
+                             "allowed by --allowed-headers, and needs no credentials)")
     add_pixel_arguments(parser)
     parser.add_argument("--log-level", choices=("critical", "error", "warning", "info", "debug"), default="info",
                         help="uvicorn's log level (info logs each request)")
@@ -143,6 +155,7 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(INSTALL_HINT)
     from ...infer.batcher import ContinuousBatcher
     from ...model.in_place_weights import in_place_adapter
+    from ...serve import cors
     from ...serve.app import build_app
     from ...serve.server import LOOPBACK, bind, make_server
     from ..base_model import adapter_names
@@ -150,6 +163,9 @@ def run(args: argparse.Namespace) -> int:
 
     if args.api_key is None:  # an empty $QLORA_API_KEY means no key, as if unset
         args.api_key = os.environ.get("QLORA_API_KEY") or None
+    origins = cors.origins(args.allowed_origins)  # checked before the (slow) model load
+    methods, headers = (cors.tokens(args.allowed_methods, "--allowed-methods"),
+                        cors.tokens(args.allowed_headers, "--allowed-headers"))
     names = list(adapter_names(args))
     base_id = args.served_model_name or Path(args.model.rstrip("/")).name
     if base_id in names:
@@ -173,6 +189,7 @@ def run(args: argparse.Namespace) -> int:
                     trust_request_chat_template=args.trust_request_chat_template,
                     template_kwargs=args.default_chat_template_kwargs,
                     adapter_settings=adapter_settings(args, tokenizer) if args.allow_adapter_updates else None)
+    cors.allow(app, origins, methods, headers, args.allow_credentials)
     try:
         sock = bind(args.host, args.port)
     except OSError as exc:
